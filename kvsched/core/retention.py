@@ -1,0 +1,269 @@
+"""The retention policy: which idle sessions keep their KV pinned, and which lose it first.
+
+Events in (a turn started or finished, a session ended, time passed, memory is short), decisions out (Pin, Release).
+The policy updates its own bookkeeping as it decides; the adapter (vLLM scheduler, simulator) must apply every
+decision it receives. No engine types and no wall clock: time comes from the injected `clock`, so tests and the
+simulator replay exact decisions.
+
+"May it be released?" and "in what order?" are separate: a session with a request in flight is never a victim (its
+blocks are in use, releasing frees nothing); among the others the order is `kvsched.core.scoring.retention_value`,
+lowest first.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+
+from kvsched.core.config import RetentionConfig
+from kvsched.core.scoring import Candidate, retention_value
+from kvsched.core.sessions import SessionKey, TurnHints
+
+Clock = Callable[[], float]
+
+
+class ReleaseReason(str, Enum):
+    TURN = "turn"  # the session's next turn started: its request now holds the blocks itself
+    TTL = "ttl"
+    END = "end"
+    PRESSURE = "pressure"  # a live request needed the blocks
+    BUDGET = "budget"  # pins exceeded the pin budget
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    key: SessionKey
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    key: SessionKey
+    reason: ReleaseReason
+
+
+Decision = Pin | Release
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    key: SessionKey
+    role: str | None = None
+    ttl_s: float = 0.0
+    turns: int = 0
+    active_requests: int = 0
+    last_finished: float | None = None
+    expected_gap_s: float = 0.0
+    gaps_seen: int = 0
+    pinned_blocks: int = 0
+    pinned_tokens: int = 0
+    hits: int = 0
+    hit_tokens: int = 0
+
+    @property
+    def pinned(self) -> bool:
+        return self.pinned_blocks > 0
+
+    @property
+    def expires_at(self) -> float:
+        return (self.last_finished or 0.0) + self.ttl_s
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """A read-only row for `GET /kvsched/sessions` and metrics."""
+
+    session_id: str
+    cache_salted: bool
+    role: str | None
+    pinned_blocks: int
+    pinned_tokens: int
+    idle_s: float
+    ttl_s: float
+    turns: int
+    hits: int
+    hit_tokens: int
+    active_requests: int
+
+
+class RetentionPolicy:
+    """Session table + pin decisions for one KV block pool of `total_blocks` blocks."""
+
+    def __init__(self, config: RetentionConfig, clock: Clock, total_blocks: int, bytes_per_token: float) -> None:
+        if total_blocks <= 0:
+            raise ValueError("total_blocks must be positive")
+        self.config = config
+        self.clock = clock
+        self.total_blocks = total_blocks
+        self.bytes_per_token = bytes_per_token
+        self.sessions: OrderedDict[SessionKey, SessionRecord] = OrderedDict()  # least recently active first
+        self.pinned_blocks_total = 0
+        self._expiry: list[tuple[float, SessionKey]] = []  # lazy heap of (expires_at, key)
+        self.counters: Counter[str] = Counter()
+
+    # ---- events -------------------------------------------------------------------------------------------------
+    def request_arrived(self, key: SessionKey, hints: TurnHints) -> None:
+        """A request of the session reached the engine (counted; its hints refresh the session's role)."""
+        rec = self.sessions.get(key)
+        if rec is None:
+            rec = self._new_record(key)
+            self.counters["sessions_seen"] += 1
+        self.counters["requests_with_session"] += 1
+        if hints.role:
+            rec.role = hints.role
+        self.sessions.move_to_end(key)
+
+    def turn_started(self, key: SessionKey, cached_tokens: int) -> list[Decision]:
+        """The session's request was scheduled with `cached_tokens` from the prefix cache; its pin is handed over."""
+        rec = self.sessions.get(key) or self._new_record(key)
+        now = self.clock()
+        rec.active_requests += 1
+        if rec.last_finished is not None:
+            self._observe_gap(rec, max(now - rec.last_finished, 0.0))
+        if rec.pinned and cached_tokens > 0:
+            self.counters["retained_hits"] += 1
+            self.counters["retained_hit_tokens"] += min(cached_tokens, rec.pinned_tokens)
+        if cached_tokens > 0:
+            rec.hits += 1
+            rec.hit_tokens += cached_tokens
+        self.sessions.move_to_end(key)
+        return [self._release(rec, ReleaseReason.TURN)] if rec.pinned else []
+
+    def turn_finished(self, key: SessionKey, hints: TurnHints, tokens: int, blocks: int) -> list[Decision]:
+        """A turn ended holding `blocks` full blocks (`tokens` tokens) of reusable prefix: pin it, within budget."""
+        rec = self.sessions.get(key) or self._new_record(key)
+        now = self.clock()
+        rec.active_requests = max(rec.active_requests - 1, 0)
+        rec.turns += 1
+        rec.last_finished = now
+        if hints.role:
+            rec.role = hints.role
+        rec.ttl_s = self.config.ttl_for(hints.ttl_s)
+        self.sessions.move_to_end(key)
+        decisions: list[Decision] = []
+        if rec.pinned:  # e.g. two concurrent turns of one session: the newer prefix replaces the older
+            decisions.append(self._release(rec, ReleaseReason.TURN))
+        if hints.end:
+            decisions.extend(self.end(key))
+            return decisions
+        if blocks <= 0 or rec.ttl_s <= 0 or rec.active_requests > 0:
+            return decisions
+        budget = int(self.config.pin_budget_fraction * self.total_blocks)
+        if blocks > budget:
+            return decisions
+        rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
+        self.pinned_blocks_total += blocks
+        decisions.append(Pin(key))
+        self.counters["pins"] += 1
+        heapq.heappush(self._expiry, (rec.expires_at, key))
+        while self.pinned_blocks_total > budget:
+            victim = self.next_victim(exclude=())
+            if victim is None:  # pragma: no cover - the new pin itself is always a candidate
+                break
+            decisions.append(self._release(self.sessions[victim], ReleaseReason.BUDGET))
+        self._trim_table()
+        return decisions
+
+    def end(self, key: SessionKey) -> list[Decision]:
+        """The client ended the session: release its pin and forget it."""
+        rec = self.sessions.get(key)
+        if rec is None:
+            return []
+        decisions: list[Decision] = [self._release(rec, ReleaseReason.END)] if rec.pinned else []
+        if rec.active_requests == 0:
+            del self.sessions[key]
+        self.counters["sessions_ended"] += 1
+        return decisions
+
+    def expire(self) -> list[Decision]:
+        """Release every pin whose TTL has run out."""
+        now = self.clock()
+        decisions: list[Decision] = []
+        while self._expiry and self._expiry[0][0] <= now:
+            _, key = heapq.heappop(self._expiry)
+            rec = self.sessions.get(key)
+            if rec is not None and rec.pinned and rec.expires_at <= now:
+                decisions.append(self._release(rec, ReleaseReason.TTL))
+        return decisions
+
+    def release_for_pressure(self, exclude: Iterable[SessionKey] = ()) -> Release | None:
+        """Release the lowest-value pin (not one of `exclude`) because a live request needs blocks."""
+        victim = self.next_victim(exclude)
+        return None if victim is None else self._release(self.sessions[victim], ReleaseReason.PRESSURE)
+
+    # ---- ordering -----------------------------------------------------------------------------------------------
+    def candidate(self, rec: SessionRecord, now: float) -> Candidate:
+        idle = max(now - (rec.last_finished or now), 0.0)
+        return Candidate(
+            tokens=rec.pinned_tokens,
+            bytes_per_token=self.bytes_per_token,
+            idle_s=idle,
+            next_use_s=rec.expected_gap_s,
+            role_weight=self.config.role_weight(rec.role),
+            reuse_count=rec.hits,
+            pinned=rec.active_requests > 0,
+        )
+
+    def release_order(self, exclude: Iterable[SessionKey] = ()) -> list[SessionKey]:
+        """Pinned sessions in the order they would be released, lowest retention value first."""
+        now = self.clock()
+        skip = set(exclude)
+        scored = []
+        for i, (key, rec) in enumerate(self.sessions.items()):
+            if not rec.pinned or key in skip:
+                continue
+            cand = self.candidate(rec, now)
+            if cand.pinned:
+                continue
+            scored.append((retention_value(cand), i, key))
+        scored.sort()
+        return [key for _, _, key in scored]
+
+    def next_victim(self, exclude: Iterable[SessionKey]) -> SessionKey | None:
+        order = self.release_order(exclude)
+        return order[0] if order else None
+
+    # ---- views --------------------------------------------------------------------------------------------------
+    def views(self) -> list[SessionView]:
+        now = self.clock()
+        return [
+            SessionView(
+                session_id=str(r.key.session_id), cache_salted=r.key.cache_salt is not None, role=r.role,
+                pinned_blocks=r.pinned_blocks, pinned_tokens=r.pinned_tokens,
+                idle_s=0.0 if r.last_finished is None or r.active_requests else max(now - r.last_finished, 0.0),
+                ttl_s=r.ttl_s, turns=r.turns, hits=r.hits, hit_tokens=r.hit_tokens, active_requests=r.active_requests,
+            )
+            for r in self.sessions.values()
+        ]
+
+    @property
+    def pinned_sessions(self) -> int:
+        return sum(1 for r in self.sessions.values() if r.pinned)
+
+    # ---- internals ----------------------------------------------------------------------------------------------
+    def _new_record(self, key: SessionKey) -> SessionRecord:
+        rec = SessionRecord(key=key, ttl_s=self.config.default_ttl_s,
+                            expected_gap_s=min(self.config.default_next_use_s, self.config.default_ttl_s))
+        self.sessions[key] = rec
+        return rec
+
+    def _observe_gap(self, rec: SessionRecord, gap: float) -> None:
+        a = self.config.gap_ewma_alpha if rec.gaps_seen else 1.0
+        rec.expected_gap_s = a * gap + (1.0 - a) * rec.expected_gap_s
+        rec.gaps_seen += 1
+
+    def _release(self, rec: SessionRecord, reason: ReleaseReason) -> Release:
+        self.pinned_blocks_total -= rec.pinned_blocks
+        rec.pinned_blocks = rec.pinned_tokens = 0
+        self.counters[f"released_{reason.value}"] += 1
+        return Release(rec.key, reason)
+
+    def _trim_table(self) -> None:
+        """Drop the least recently active idle, unpinned records past max_sessions."""
+        excess = len(self.sessions) - self.config.max_sessions
+        if excess <= 0:
+            return
+        for key in [k for k, r in self.sessions.items() if not r.pinned and not r.active_requests][:excess]:
+            del self.sessions[key]

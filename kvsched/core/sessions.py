@@ -1,0 +1,77 @@
+"""Session identity: ids, keys, per-request hints, and the validation every entry point applies."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NewType
+
+SessionId = NewType("SessionId", str)
+
+MAX_SESSION_ID_LEN = 128
+KNOWN_ROLES = ("orchestrator", "worker", "planner", "critic", "summarizer")
+
+
+class InvalidSessionInput(ValueError):
+    """A request carried a malformed session id, role, TTL or end flag (the API answers HTTP 400)."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class SessionKey:
+    """A session as the KV cache sees it: the same id under another cache salt is another session,
+    because vLLM never lets blocks hashed under one salt serve another."""
+
+    session_id: SessionId
+    cache_salt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnHints:
+    """What a request says about its session, validated."""
+
+    role: str | None = None
+    ttl_s: float | None = None
+    end: bool = False
+
+
+def validate_session_id(raw: object) -> SessionId:
+    """Return `raw` as a SessionId, or raise InvalidSessionInput saying what is wrong with it."""
+    if not isinstance(raw, str):
+        raise InvalidSessionInput(f"session id must be a string, got {type(raw).__name__}")
+    if not raw:
+        raise InvalidSessionInput("session id must not be empty")
+    if len(raw) > MAX_SESSION_ID_LEN:
+        raise InvalidSessionInput(f"session id is {len(raw)} characters long; the limit is {MAX_SESSION_ID_LEN}")
+    for ch in raw:
+        if ord(ch) < 0x20 or ord(ch) == 0x7F or 0x80 <= ord(ch) < 0xA0:
+            raise InvalidSessionInput(f"session id contains a control character (U+{ord(ch):04X})")
+    if raw != raw.strip():
+        raise InvalidSessionInput("session id must not start or end with white space")
+    return SessionId(raw)
+
+
+def validate_role(raw: object) -> str:
+    if not isinstance(raw, str) or not raw or len(raw) > 64 or not raw.replace("-", "").replace("_", "").isalnum():
+        raise InvalidSessionInput(f"agent_role must be a short word (letters, digits, - or _), got {raw!r}")
+    return raw.lower()
+
+
+def validate_ttl(raw: object) -> float:
+    """A TTL hint in seconds: a finite number >= 0 (strings from headers are parsed)."""
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidSessionInput(f"ttl_s must be a number of seconds, got {raw!r}") from None
+    if isinstance(raw, bool) or not math.isfinite(value) or value < 0:
+        raise InvalidSessionInput(f"ttl_s must be a finite number of seconds >= 0, got {raw!r}")
+    return value
+
+
+def validate_end_flag(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str) and raw.strip().lower() in ("0", "1", "true", "false", "yes", "no"):
+        return raw.strip().lower() in ("1", "true", "yes")
+    raise InvalidSessionInput(f"session end flag must be 0/1 or true/false, got {raw!r}")
