@@ -13,10 +13,11 @@ lowest first.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from kvsched.core.config import RetentionConfig
 from kvsched.core.scoring import Candidate, retention_value
@@ -25,7 +26,7 @@ from kvsched.core.sessions import SessionKey, TurnHints
 Clock = Callable[[], float]
 
 
-class ReleaseReason(str, Enum):
+class ReleaseReason(StrEnum):
     TURN = "turn"  # the session's next turn started: its request now holds the blocks itself
     TTL = "ttl"
     END = "end"
@@ -100,7 +101,8 @@ class RetentionPolicy:
         self.bytes_per_token = bytes_per_token
         self.sessions: OrderedDict[SessionKey, SessionRecord] = OrderedDict()  # least recently active first
         self.pinned_blocks_total = 0
-        self._expiry: list[tuple[float, SessionKey]] = []  # lazy heap of (expires_at, key)
+        self._expiry: list[tuple[float, int, SessionKey]] = []  # lazy heap of (expires_at, seq, key)
+        self._seq = itertools.count()
         self.counters: Counter[str] = Counter()
 
     # ---- events -------------------------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ class RetentionPolicy:
         self.pinned_blocks_total += blocks
         decisions.append(Pin(key))
         self.counters["pins"] += 1
-        heapq.heappush(self._expiry, (rec.expires_at, key))
+        heapq.heappush(self._expiry, (rec.expires_at, next(self._seq), key))
         while self.pinned_blocks_total > budget:
             victim = self.next_victim(exclude=())
             if victim is None:  # pragma: no cover - the new pin itself is always a candidate
@@ -182,7 +184,7 @@ class RetentionPolicy:
         now = self.clock()
         decisions: list[Decision] = []
         while self._expiry and self._expiry[0][0] <= now:
-            _, key = heapq.heappop(self._expiry)
+            _, _, key = heapq.heappop(self._expiry)
             rec = self.sessions.get(key)
             if rec is not None and rec.pinned and rec.expires_at <= now:
                 decisions.append(self._release(rec, ReleaseReason.TTL))

@@ -16,7 +16,7 @@ class InvalidSessionInput(ValueError):
     """A request carried a malformed session id, role, TTL or end flag (the API answers HTTP 400)."""
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class SessionKey:
     """A session as the KV cache sees it: the same id under another cache salt is another session,
     because vLLM never lets blocks hashed under one salt serve another."""

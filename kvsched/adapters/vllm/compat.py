@@ -57,10 +57,6 @@ def request_session(request: Any) -> tuple[SessionKey | None, TurnHints]:
     return SessionKey(sid, getattr(request, "cache_salt", None)), hints
 
 
-def num_cached_tokens(request: Any) -> int:
-    return max(int(getattr(request, "num_cached_tokens", 0) or 0), 0)
-
-
 # ---- blocks -----------------------------------------------------------------------------------------------------
 def reusable_prefix_blocks(scheduler: Any, request_id: str) -> list[list[Any]]:
     """Per KV-cache group, the leading run of hashed (prefix-cacheable) blocks a request holds.

@@ -6,8 +6,8 @@ Lives in the engine-core process, driven by KVSchedScheduler's hooks; every call
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from kvsched.adapters.vllm import compat
@@ -66,10 +66,13 @@ class SessionPins:
 
     def on_shortage(self, request: Any) -> bool:
         """vLLM could not allocate blocks for a live request: release the lowest-value pin. True if one was released."""
-        exclude = {entry[0]} if (entry := self.requests.get(request.request_id)) else set()
+        own = {entry[0]} if (entry := self.requests.get(request.request_id)) else set()
         before = compat.num_free_blocks(self.scheduler)
         while True:
-            release = self.policy.release_for_pressure(exclude)
+            # Other sessions first. The request's own session last: releasing it frees nothing the request will hit
+            # (hit blocks are taken back out of the free queue), but keeping it when nothing else is left would
+            # leave a request waiting on its own session's pin forever.
+            release = self.policy.release_for_pressure(own) or self.policy.release_for_pressure()
             if release is None:
                 return False
             self.apply([release])

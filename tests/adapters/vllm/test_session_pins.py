@@ -1,0 +1,198 @@
+"""kvsched's scheduler on vLLM's real scheduler, KV cache manager and block pool (no model: see harness.py)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("vllm")
+
+from kvsched.adapters.vllm.harness import (  # noqa: E402
+    KVSCHED_SCHEDULER,
+    STOCK_SCHEDULER,
+    HarnessConfig,
+    PrefillCounts,
+    RequestFactory,
+    build_scheduler,
+    free_blocks,
+    run_until_idle,
+    usable_blocks,
+)
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def harness_cfg(tiny_model_dir):
+    return HarnessConfig(model_dir=tiny_model_dir, num_blocks=64, block_size=BLOCK, max_model_len=1024)
+
+
+def _sched(cfg, cls=KVSCHED_SCHEDULER, clock=None):
+    s = build_scheduler(cls, cfg)
+    if clock is not None and hasattr(s, "kvsched"):
+        s.kvsched.policy.clock = clock
+    return s
+
+
+def _pinned_block_ids(s) -> set[int]:
+    return {b.block_id for groups in s.kvsched.pinned.values() for g in groups for b in g}
+
+
+def _flood(s, f, counts, n=3, tokens=300):
+    for i in range(n):
+        s.add_request(f.make([5000 + i] * tokens, 4))
+        run_until_idle(s, counts=counts)
+
+
+def test_next_turn_hits_the_whole_retained_prefix_where_stock_recomputes(harness_cfg, clock):
+    history = list(range(100, 260))  # 160 tokens = 10 full blocks
+    results = {}
+    for cls in (STOCK_SCHEDULER, KVSCHED_SCHEDULER):
+        s, f, first = _sched(harness_cfg, cls, clock), RequestFactory(BLOCK), PrefillCounts()
+        s.add_request(f.make(history, 4, session_id="agent-1"))
+        run_until_idle(s, counts=first)
+        _flood(s, f, PrefillCounts(), n=4, tokens=330)  # 4 x 21 blocks through a 63-block pool
+        turn2 = PrefillCounts()
+        s.add_request(f.make(history + [4] * 3 + list(range(900, 940)), 4, session_id="agent-1"))
+        run_until_idle(s, counts=turn2)
+        results[cls] = turn2.cached_tokens
+    assert results[STOCK_SCHEDULER] == 0  # LRU evicted the idle session
+    assert results[KVSCHED_SCHEDULER] == 160  # the whole retained prefix (10 blocks) was hit
+
+
+def test_pins_hold_blocks_and_release_on_the_next_turn(harness_cfg, clock):
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    s.add_request(f.make(list(range(100)), 5, session_id="a"))
+    run_until_idle(s)
+    # 100 prompt + 5 output - 1 (last token has no KV yet) = 104 tokens -> 6 full blocks pinned
+    assert len(_pinned_block_ids(s)) == 6
+    assert free_blocks(s) == usable_blocks(s) - 6
+    stats = s.kvsched.stats()
+    assert stats["pinned_sessions"] == 1 and stats["pins"] == 1
+    s.add_request(f.make(list(range(100)) + [1] * 20, 5, session_id="a"))
+    run_until_idle(s)
+    assert s.kvsched.stats()["released_turn"] == 1 and s.kvsched.stats()["retained_hits"] == 1
+
+
+def test_pressure_releases_pins_before_anything_is_preempted(harness_cfg, clock):
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    for i in range(3):
+        s.add_request(f.make([100 + i] * 300, 4, session_id=f"s{i}"))  # 303 tokens with KV -> 18 full blocks pinned each
+        run_until_idle(s)
+    assert len(_pinned_block_ids(s)) == 54
+    big = f.make([7] * 900, 4)  # needs 57 blocks: only possible if pins yield
+    s.add_request(big)
+    run_until_idle(s)
+    assert big.num_preemptions == 0
+    assert s.kvsched.stats()["released_pressure"] >= 2
+    assert free_blocks(s) + len(_pinned_block_ids(s)) == usable_blocks(s)
+
+
+def test_a_request_never_waits_on_its_own_sessions_pin(harness_cfg, clock):
+    """Found by the invariant test: the only pin left belongs to the waiting request's own session and blocks it."""
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    s.add_request(f.make([1] * 740, 2, session_id="s0"))
+    run_until_idle(s)
+    assert len(_pinned_block_ids(s)) == 46
+    other_prefix = f.make([2] * 900, 3, session_id="s0")  # same session, a prompt that shares nothing with the pin
+    s.add_request(other_prefix)
+    run_until_idle(s, max_steps=50)
+    assert other_prefix.is_finished() and other_prefix.num_preemptions == 0
+
+
+def test_ttl_expiry_and_end_return_every_block(harness_cfg, clock):
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    s.add_request(f.make([1] * 64, 2, session_id="short", xargs={"ttl_s": 2.0}))
+    s.add_request(f.make([2] * 64, 2, session_id="long"))
+    run_until_idle(s)
+    assert len(s.kvsched.pinned) == 2
+    clock.advance(2.0)
+    s.kvsched.expire()
+    assert [k.session_id for k in s.kvsched.pinned] == ["long"]
+    assert s("end", "long") == {"ended": 1}
+    assert free_blocks(s) == usable_blocks(s)
+    assert s("end", "") == {"error": "session id must not be empty"}
+
+
+def test_end_flag_on_last_turn_and_salted_sessions_are_separate(harness_cfg, clock):
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    s.add_request(f.make([3] * 64, 2, session_id="x", cache_salt="tenant-a"))
+    s.add_request(f.make([3] * 64, 2, session_id="x", cache_salt="tenant-b"))
+    run_until_idle(s)
+    assert len(s.kvsched.pinned) == 2
+    s.add_request(f.make([3] * 64, 2, session_id="x", cache_salt="tenant-a", xargs={"session_end": 1}))
+    run_until_idle(s)
+    assert [k.cache_salt for k in s.kvsched.pinned] == ["tenant-b"]
+
+
+def test_reset_prefix_cache_releases_pins_first(harness_cfg, clock):
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    s.add_request(f.make([3] * 64, 2, session_id="x"))
+    run_until_idle(s)
+    assert s.reset_prefix_cache() is True
+    assert free_blocks(s) == usable_blocks(s)
+
+
+def test_admin_list_and_unknown_operation(harness_cfg, clock):
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    s.add_request(f.make([3] * 64, 2, session_id="x", xargs={"agent_role": "orchestrator"}))
+    run_until_idle(s)
+    clock.advance(1.5)
+    [row] = s("list")
+    assert row["session_id"] == "x" and row["role"] == "orchestrator" and row["pinned_blocks"] == 4
+    assert row["idle_s"] == pytest.approx(1.5)
+    assert "error" in s("frobnicate")
+
+
+# ---- the invariant: pins never leak blocks, whatever happens --------------------------------------------------
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("turn"), st.integers(0, 4), st.integers(1, 400), st.sampled_from([None, 0.0, 1.0, 30.0])),
+        st.tuples(st.just("anon"), st.integers(1, 700)),
+        st.tuples(st.just("end"), st.integers(0, 4)),
+        st.tuples(st.just("end_flag"), st.integers(0, 4), st.integers(1, 300)),
+        st.tuples(st.just("tick"), st.floats(0.0, 40.0)),
+        st.tuples(st.just("batch"), st.lists(st.tuples(st.integers(0, 4), st.integers(1, 300)), min_size=2, max_size=5)),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_free_blocks_return_to_total_when_every_session_ends(harness_cfg, ops):
+    from tests.conftest import FakeClock
+
+    clock = FakeClock()
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    histories: dict[int, list[int]] = {}
+
+    def turn(i: int, n: int, xargs: dict) -> None:
+        histories[i] = histories.get(i, [1000 * (i + 1)]) + [i + 2] * n
+        histories[i] = histories[i][-900:]
+        s.add_request(f.make(histories[i], 3, session_id=f"s{i}", xargs=xargs))
+
+    for op in ops:
+        if op[0] == "turn":
+            turn(op[1], op[2], {} if op[3] is None else {"ttl_s": op[3]})
+        elif op[0] == "anon":
+            s.add_request(f.make([9] * op[1], 3))
+        elif op[0] == "end":
+            s("end", f"s{op[1]}")
+        elif op[0] == "end_flag":
+            turn(op[1], op[2], {"session_end": 1})
+        elif op[0] == "tick":
+            clock.advance(op[1])
+            s.kvsched.expire()
+        else:
+            for i, n in op[1]:
+                turn(i, n, {})
+        run_until_idle(s)
+        # between steps nothing runs: every block is either free or held by a pin
+        assert free_blocks(s) + len(_pinned_block_ids(s)) == usable_blocks(s)
+        assert s.kvsched.policy.pinned_blocks_total == sum(r.pinned_blocks for r in s.kvsched.policy.sessions.values())
+    for i in range(5):
+        s("end", f"s{i}")
+    assert free_blocks(s) == usable_blocks(s)
+    assert not s.kvsched.pinned

@@ -1,0 +1,148 @@
+"""Exact decisions of the retention policy, driven by a hand-moved clock."""
+
+from dataclasses import replace
+
+import pytest
+
+from kvsched.core.config import RetentionConfig
+from kvsched.core.retention import Pin, Release, ReleaseReason, RetentionPolicy
+from kvsched.core.sessions import SessionId, SessionKey, TurnHints
+
+A, B, C = (SessionKey(SessionId(s)) for s in "abc")
+NO_HINTS = TurnHints()
+
+
+def make(clock, total_blocks=100, **overrides):
+    return RetentionPolicy(replace(RetentionConfig(), **overrides), clock, total_blocks, bytes_per_token=1024.0)
+
+
+def finish(policy, key, tokens, blocks=None, hints=NO_HINTS):
+    policy.request_arrived(key, hints)
+    policy.turn_started(key, cached_tokens=0)
+    return policy.turn_finished(key, hints, tokens, tokens // 16 if blocks is None else blocks)
+
+
+def test_finished_turn_is_pinned_and_handed_over_when_the_next_turn_starts(clock):
+    p = make(clock)
+    assert finish(p, A, 320) == [Pin(A)]
+    assert p.pinned_blocks_total == 20
+    clock.advance(2.0)
+    p.request_arrived(A, NO_HINTS)
+    assert p.turn_started(A, cached_tokens=320) == [Release(A, ReleaseReason.TURN)]
+    assert p.pinned_blocks_total == 0
+    assert p.counters["retained_hits"] == 1 and p.counters["retained_hit_tokens"] == 320
+    assert p.sessions[A].expected_gap_s == pytest.approx(2.0)  # first observed gap replaces the prior
+
+
+def test_ttl_expiry_is_exact_and_hints_are_capped(clock):
+    p = make(clock, default_ttl_s=30.0, max_ttl_s=60.0)
+    finish(p, A, 160, hints=TurnHints(ttl_s=5.0))
+    finish(p, B, 160, hints=TurnHints(ttl_s=3600.0))  # capped to 60
+    finish(p, C, 160)  # default 30
+    clock.advance(4.999)
+    assert p.expire() == []
+    clock.advance(0.001)
+    assert p.expire() == [Release(A, ReleaseReason.TTL)]
+    clock.advance(25.0)
+    assert p.expire() == [Release(C, ReleaseReason.TTL)]
+    clock.advance(30.0)
+    assert p.expire() == [Release(B, ReleaseReason.TTL)]
+    assert p.pinned_blocks_total == 0
+
+
+def test_zero_ttl_hint_means_do_not_retain(clock):
+    p = make(clock)
+    assert finish(p, A, 160, hints=TurnHints(ttl_s=0.0)) == []
+
+
+def test_end_releases_and_forgets_the_session(clock):
+    p = make(clock)
+    finish(p, A, 160)
+    assert p.end(A) == [Release(A, ReleaseReason.END)]
+    assert A not in p.sessions
+    assert p.end(A) == []  # unknown session: nothing to do
+
+
+def test_end_flag_on_the_last_turn_releases_instead_of_pinning(clock):
+    p = make(clock)
+    finish(p, A, 160)
+    p.request_arrived(A, NO_HINTS)
+    p.turn_started(A, 160)
+    assert p.turn_finished(A, TurnHints(end=True), 320, 20) == []
+    assert A not in p.sessions and p.pinned_blocks_total == 0
+
+
+def test_budget_overflow_releases_the_lowest_value_pin(clock):
+    p = make(clock, total_blocks=100, pin_budget_fraction=0.5)
+    assert finish(p, A, 480) == [Pin(A)]  # 30 blocks
+    clock.advance(3.0)  # A is 3 s into its expected 5 s gap: it will be back sooner than B
+    assert finish(p, B, 480) == [Pin(B), Release(B, ReleaseReason.BUDGET)]
+    assert p.sessions[A].pinned and not p.sessions[B].pinned
+
+
+def test_prefix_larger_than_the_budget_is_not_pinned(clock):
+    p = make(clock, total_blocks=100, pin_budget_fraction=0.1)
+    assert finish(p, A, 16 * 11) == []
+
+
+def test_pressure_order_prefers_big_soon_needed_orchestrators(clock):
+    p = make(clock, total_blocks=10_000)
+    worker, orch, big = (SessionKey(SessionId(s)) for s in ("worker", "orch", "big"))
+    finish(p, worker, 2000, hints=TurnHints(role="worker"))
+    finish(p, orch, 2000, hints=TurnHints(role="orchestrator"))
+    finish(p, big, 30_000, blocks=1875, hints=TurnHints(role="worker"))
+    # the big session comes back every second; the small worker has been idle for a minute
+    p.sessions[big].expected_gap_s = 1.0
+    p.sessions[worker].last_finished = clock() - 60.0
+    assert p.release_order() == [worker, orch, big]
+    assert p.release_for_pressure() == Release(worker, ReleaseReason.PRESSURE)
+    assert p.release_for_pressure(exclude=[orch]) == Release(big, ReleaseReason.PRESSURE)
+
+
+def test_sessions_with_a_request_in_flight_are_never_victims(clock):
+    p = make(clock)
+    finish(p, A, 160)
+    finish(p, B, 160)
+    p.request_arrived(B, NO_HINTS)
+    p.sessions[B].active_requests = 1  # e.g. a second request of B running while B's pin is held
+    assert p.release_order() == [A]
+    p.release_for_pressure()
+    assert p.release_for_pressure() is None
+
+
+def test_cache_salt_separates_sessions(clock):
+    p = make(clock)
+    salted = SessionKey(SessionId("a"), cache_salt="tenant-2")
+    finish(p, A, 160)
+    finish(p, salted, 320)
+    assert p.sessions[A].pinned_blocks == 10 and p.sessions[salted].pinned_blocks == 20
+    assert p.end(A) == [Release(A, ReleaseReason.END)]
+    assert p.sessions[salted].pinned
+
+
+def test_expected_gap_is_an_ewma_of_observed_gaps(clock):
+    p = make(clock, gap_ewma_alpha=0.5)
+    finish(p, A, 160)
+    for gap in (2.0, 4.0):
+        clock.advance(gap)
+        p.request_arrived(A, NO_HINTS)
+        p.turn_started(A, 160)
+        p.turn_finished(A, NO_HINTS, 160, 10)
+    assert p.sessions[A].expected_gap_s == pytest.approx(0.5 * 4.0 + 0.5 * 2.0)
+
+
+def test_session_table_is_bounded(clock):
+    p = make(clock, max_sessions=3)
+    keys = [SessionKey(SessionId(f"s{i}")) for i in range(5)]
+    for k in keys:
+        finish(p, k, 0, blocks=0)  # nothing to pin: records only
+    finish(p, A, 160)
+    assert len(p.sessions) == 3 and A in p.sessions
+
+
+def test_config_from_env():
+    cfg = RetentionConfig.from_env({"KVSCHED_DEFAULT_TTL_S": "12", "KVSCHED_ROLE_WEIGHTS": "orchestrator:4,critic:2"})
+    assert cfg.default_ttl_s == 12.0
+    assert cfg.role_weight("orchestrator") == 4.0 and cfg.role_weight("critic") == 2.0 and cfg.role_weight(None) == 1.0
+    with pytest.raises(ValueError):
+        RetentionConfig(pin_budget_fraction=1.5)
