@@ -1,0 +1,137 @@
+"""Start and stop a real `vllm serve` process on loopback (used by the demo, the benchmarks and the tests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def vllm_command() -> list[str]:
+    """The `vllm` console script of this interpreter's environment."""
+    exe = Path(sys.executable).with_name("vllm")
+    return [str(exe)] if exe.exists() else [shutil.which("vllm") or "vllm"]
+
+
+@dataclass
+class ServerSpec:
+    model: Path
+    scheduler: str | None = "kvsched"  # None: stock vLLM (no --scheduler flag at all)
+    max_model_len: int = 2048
+    block_size: int = 32
+    num_blocks: int | None = None  # --num-gpu-blocks-override
+    kv_cache_gib: float = 1.0
+    api_key: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    served_model_name: str = "tiny"
+
+    def argv(self, port: int) -> list[str]:
+        args = [*vllm_command(), "serve", str(self.model), "--host", "127.0.0.1", "--port", str(port),
+                "--served-model-name", self.served_model_name, "--enforce-eager",
+                "--max-model-len", str(self.max_model_len), "--block-size", str(self.block_size),
+                "--disable-uvicorn-access-log"]
+        if self.scheduler:
+            args += ["--scheduler", self.scheduler]
+        if self.num_blocks is not None:
+            args += ["--num-gpu-blocks-override", str(self.num_blocks)]
+        if self.api_key:
+            args += ["--api-key", self.api_key]
+        return args + list(self.extra_args)
+
+
+class VllmServer:
+    """A `vllm serve` child process. Use as a context manager; `url` is its OpenAI base URL."""
+
+    def __init__(self, spec: ServerSpec, log_path: Path | None = None, startup_timeout_s: float = 300.0) -> None:
+        self.spec = spec
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = self.base + "/v1"
+        self.startup_timeout_s = startup_timeout_s
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> VllmServer:
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.spec.kv_cache_gib))
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env.update(self.spec.env)
+        log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process lifetime
+        self.proc = subprocess.Popen(self.spec.argv(self.port), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"vllm serve not ready after {self.startup_timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            self.proc.wait(timeout=timeout_s)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def metrics(self) -> dict[str, float]:
+        """vLLM's and kvsched's Prometheus samples, summed over labels (name -> value)."""
+        with urllib.request.urlopen(self.base + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return parse_prometheus(text)
+
+    def __enter__(self) -> VllmServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out

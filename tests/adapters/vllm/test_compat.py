@@ -1,0 +1,60 @@
+"""The parser hook that makes `vllm serve MODEL --scheduler kvsched` work."""
+
+import argparse
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvsched.adapters.vllm import compat  # noqa: E402
+
+
+def _parser():
+    p = argparse.ArgumentParser(exit_on_error=False)
+    p.add_argument("--scheduler-cls", dest="scheduler_cls", default=None)
+    p.add_argument("--scheduler-reserve-full-isl", action="store_true")
+    p.add_argument("--middleware", action="append", default=[])
+    compat.extend_engine_parser(p)
+    compat.extend_engine_parser(p)  # idempotent
+    return p
+
+
+def test_short_name_selects_the_class_and_the_middleware_is_added():
+    ns = _parser().parse_args(["--scheduler", "kvsched", "--middleware", "user.mw"])
+    assert ns.scheduler_cls == "kvsched.adapters.vllm.scheduler.KVSchedScheduler"
+    assert ns.middleware == [compat.MIDDLEWARE_PATH, "user.mw"]
+    assert _parser().parse_args(["--scheduler", "default"]).scheduler_cls is None
+    assert _parser().parse_args([]).scheduler_cls is None
+
+
+def test_scheduler_cls_accepts_paths_and_short_names():
+    p = _parser()
+    assert p.parse_args(["--scheduler-cls", "kvsched"]).scheduler_cls.endswith("KVSchedScheduler")
+    assert p.parse_args(["--scheduler-cls", "a.b.C"]).scheduler_cls == "a.b.C"
+    with pytest.raises(argparse.ArgumentError):
+        p.parse_args(["--scheduler-cls", "nodots"])
+
+
+def test_unknown_name_lists_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--scheduler", "nonsense"])
+    assert "choose one of: kvsched, default" in capsys.readouterr().err
+
+
+def test_is_kvsched_scheduler():
+    from kvsched.adapters.vllm.scheduler import KVSchedScheduler
+
+    assert compat.is_kvsched_scheduler(KVSchedScheduler)
+    assert compat.is_kvsched_scheduler("kvsched.adapters.vllm.scheduler.KVSchedScheduler")
+    assert not compat.is_kvsched_scheduler(None) and not compat.is_kvsched_scheduler("vllm.x.Y")
+
+
+def test_plugin_register_is_idempotent():
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kvsched.adapters.vllm import plugin
+
+    plugin.register()
+    plugin.register()
+    compat.install_parser_hook()
+    assert getattr(EngineArgs.__dict__["add_cli_args"].__func__, "__kvsched_wrapped__", False)

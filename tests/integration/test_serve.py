@@ -1,0 +1,164 @@
+"""A real `vllm serve --scheduler kvsched` (and a stock one) on the tiny model, driven with the openai client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.error
+import urllib.request
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from kvsched.serving import ServerSpec, VllmServer, vllm_command  # noqa: E402
+
+pytestmark = pytest.mark.integration
+KEY = "test-key"
+SYSTEM = "You are a careful research agent. Use the tools. " * 8
+
+
+@pytest.fixture(scope="module")
+def kvsched_server(tiny_model_dir):
+    spec = ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=48, api_key=KEY)
+    with VllmServer(spec) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stock_server(tiny_model_dir):
+    with VllmServer(ServerSpec(model=tiny_model_dir, scheduler=None, max_model_len=1024, num_blocks=48)) as server:
+        yield server
+
+
+def client(server, key=KEY):
+    return openai.OpenAI(base_url=server.url, api_key=key or "none", max_retries=0, timeout=60)
+
+
+def chat(server, messages, session=None, headers=None, xargs=None, key=KEY, max_tokens=4):
+    extra_headers = dict(headers or {})
+    if session is not None:
+        extra_headers["X-Session-Id"] = session
+    return client(server, key).chat.completions.create(
+        model="tiny", messages=messages, max_tokens=max_tokens, extra_headers=extra_headers,
+        extra_body={"vllm_xargs": xargs} if xargs else None)
+
+
+def admin(server, method="GET", path="/kvsched/sessions", key=KEY):
+    req = urllib.request.Request(server.base + path, method=method,
+                                 headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def sessions(server):
+    status, body = admin(server)
+    assert status == 200, body
+    return {row["session_id"]: row for row in body["sessions"]}, body["stats"]
+
+
+def test_session_header_is_retained_and_listed(kvsched_server):
+    reply = chat(kvsched_server, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "plan"}],
+                 session="wf1/orchestrator", headers={"X-Agent-Role": "orchestrator", "X-Session-TTL": "120"})
+    assert reply.choices[0].message.content is not None
+    rows, stats = sessions(kvsched_server)
+    row = rows["wf1/orchestrator"]
+    assert row["role"] == "orchestrator" and row["ttl_s"] == 120.0 and row["pinned_blocks"] >= 1
+    assert stats["pinned_blocks"] >= row["pinned_blocks"]
+
+
+def test_vllm_xargs_session_reaches_the_scheduler(kvsched_server):
+    chat(kvsched_server, [{"role": "user", "content": "tool result " * 40}],
+         xargs={"session_id": "wf1/worker-2", "agent_role": "worker"})
+    rows, _ = sessions(kvsched_server)
+    assert rows["wf1/worker-2"]["role"] == "worker" and rows["wf1/worker-2"]["turns"] == 1
+
+
+@pytest.mark.parametrize("session, xargs, message", [
+    ("x" * 129, None, "limit is 128"),
+    (None, {"session_id": "bad\u0007id"}, "control character"),
+    (None, {"session_id": ""}, "must not be empty"),
+    ("a", {"session_id": "b"}, "conflicting session ids"),
+])
+def test_malformed_session_input_is_a_400_with_a_message(kvsched_server, session, xargs, message):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(kvsched_server, [{"role": "user", "content": "hi"}], session=session, xargs=xargs)
+    assert message in str(info.value)
+
+
+def test_bad_ttl_and_role_headers_are_400(kvsched_server):
+    for headers in ({"X-Session-TTL": "soon"}, {"X-Agent-Role": "a b"}, {"X-Session-End": "perhaps"}):
+        with pytest.raises(openai.BadRequestError):
+            chat(kvsched_server, [{"role": "user", "content": "hi"}], session="s-bad", headers=headers)
+    # the engine is still healthy afterwards
+    assert chat(kvsched_server, [{"role": "user", "content": "hi"}], session="s-ok").choices
+
+
+def test_retained_prefix_survives_a_flood_and_is_hit(kvsched_server):
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "read page 1 " * 40}]
+    first = chat(kvsched_server, history, session="retained")
+    before = kvsched_server.metrics()
+    for i in range(4):  # each fills over a quarter of the 48-block pool
+        chat(kvsched_server, [{"role": "user", "content": f"search result {i} " * 150}])
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "tool output " * 20}]
+    chat(kvsched_server, history, session="retained")
+    after = kvsched_server.metrics()
+    saved = after["kvsched_retained_hit_tokens_total"] - before["kvsched_retained_hit_tokens_total"]
+    assert saved >= first.usage.prompt_tokens - 32  # every full block of the first turn's prompt
+
+
+def test_session_end_header_and_delete(kvsched_server):
+    chat(kvsched_server, [{"role": "user", "content": "done soon"}], session="ending")
+    chat(kvsched_server, [{"role": "user", "content": "done soon"}], session="ending", headers={"X-Session-End": "1"})
+    rows, _ = sessions(kvsched_server)
+    assert "ending" not in rows
+    chat(kvsched_server, [{"role": "user", "content": "delete me"}], session="deleted")
+    assert admin(kvsched_server, "DELETE", "/kvsched/sessions/deleted") == (200, {"session_id": "deleted",
+                                                                                 "ended": True})
+    status, body = admin(kvsched_server, "DELETE", "/kvsched/sessions/deleted")
+    assert status == 404 and "no session" in body["error"]["message"]
+    status, body = admin(kvsched_server, "DELETE", "/kvsched/sessions/%20x")
+    assert status == 400
+
+
+def test_admin_routes_honour_the_api_key(kvsched_server):
+    assert admin(kvsched_server, key=None)[0] == 401
+    assert admin(kvsched_server, key="wrong")[0] == 401
+    with pytest.raises(openai.AuthenticationError):
+        chat(kvsched_server, [{"role": "user", "content": "hi"}], session="s", key="wrong")
+
+
+def test_kvsched_metrics_on_vllms_metrics(kvsched_server):
+    m = kvsched_server.metrics()
+    for name in ("kvsched_sessions_seen_total", "kvsched_requests_with_session_total", "kvsched_pinned_blocks",
+                 "kvsched_active_sessions", "kvsched_retained_hit_tokens_total", "kvsched_pin_releases_total",
+                 "vllm:prefix_cache_hits_total"):
+        assert name in m, name
+    assert m["kvsched_sessions_seen_total"] >= 3 and m["kvsched_rejected_requests_total"] >= 4
+
+
+def test_every_block_comes_back_when_all_sessions_end(kvsched_server):
+    rows, _ = sessions(kvsched_server)
+    for sid in rows:
+        admin(kvsched_server, "DELETE", "/kvsched/sessions/" + urllib.request.quote(sid, safe=""))
+    _, stats = sessions(kvsched_server)
+    assert stats["pinned_blocks"] == 0 and stats["free_blocks"] == stats["total_blocks"]
+
+
+def test_stock_vllm_without_the_flag_is_untouched(stock_server):
+    # stock vLLM ignores what kvsched would reject, has no kvsched routes and no kvsched metrics
+    assert chat(stock_server, [{"role": "user", "content": "hi"}], session="x" * 200, key=None).choices
+    assert admin(stock_server, key=None)[0] == 404
+    assert not any(name.startswith("kvsched_") for name in stock_server.metrics())
+
+
+def test_unknown_scheduler_fails_at_start_with_the_choices(tiny_model_dir):
+    proc = subprocess.run([*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "nonsense"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "unknown scheduler 'nonsense'; choose one of: kvsched, default" in proc.stderr
