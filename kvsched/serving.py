@@ -35,7 +35,7 @@ class ServerSpec:
     max_model_len: int = 2048
     block_size: int = 32
     num_blocks: int | None = None  # --num-gpu-blocks-override
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
     api_key: str | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)

@@ -41,8 +41,12 @@ class Pin:
 
 @dataclass(frozen=True, slots=True)
 class Release:
+    """Drop the session's pin: all of it (`blocks` None), or only its last `blocks` blocks (the tail goes first;
+    the head, which the next turn will hit first and which other sessions may share, stays)."""
+
     key: SessionKey
     reason: ReleaseReason
+    blocks: int | None = None
 
 
 Decision = Pin | Release
@@ -164,7 +168,8 @@ class RetentionPolicy:
             victim = self.next_victim(exclude=())
             if victim is None:  # pragma: no cover - the new pin itself is always a candidate
                 break
-            decisions.append(self._release(self.sessions[victim], ReleaseReason.BUDGET))
+            overflow = self.pinned_blocks_total - budget
+            decisions.append(self._release(self.sessions[victim], ReleaseReason.BUDGET, blocks=overflow))
         self._trim_table()
         return decisions
 
@@ -190,10 +195,11 @@ class RetentionPolicy:
                 decisions.append(self._release(rec, ReleaseReason.TTL))
         return decisions
 
-    def release_for_pressure(self, exclude: Iterable[SessionKey] = ()) -> Release | None:
-        """Release the lowest-value pin (not one of `exclude`) because a live request needs blocks."""
+    def release_for_pressure(self, exclude: Iterable[SessionKey] = (), blocks: int | None = None) -> Release | None:
+        """Release (the tail `blocks` of) the lowest-value pin, not one of `exclude`, because a live request needs
+        blocks. The adapter asks again, and retries its allocation, until the request fits."""
         victim = self.next_victim(exclude)
-        return None if victim is None else self._release(self.sessions[victim], ReleaseReason.PRESSURE)
+        return None if victim is None else self._release(self.sessions[victim], ReleaseReason.PRESSURE, blocks)
 
     # ---- ordering -----------------------------------------------------------------------------------------------
     def candidate(self, rec: SessionRecord, now: float) -> Candidate:
@@ -256,7 +262,14 @@ class RetentionPolicy:
         rec.expected_gap_s = a * gap + (1.0 - a) * rec.expected_gap_s
         rec.gaps_seen += 1
 
-    def _release(self, rec: SessionRecord, reason: ReleaseReason) -> Release:
+    def _release(self, rec: SessionRecord, reason: ReleaseReason, blocks: int | None = None) -> Release:
+        if blocks is not None and 0 < blocks < rec.pinned_blocks:
+            kept = rec.pinned_blocks - blocks
+            rec.pinned_tokens = rec.pinned_tokens * kept // rec.pinned_blocks
+            rec.pinned_blocks = kept
+            self.pinned_blocks_total -= blocks
+            self.counters[f"released_{reason.value}_partial"] += 1
+            return Release(rec.key, reason, blocks)
         self.pinned_blocks_total -= rec.pinned_blocks
         rec.pinned_blocks = rec.pinned_tokens = 0
         self.counters[f"released_{reason.value}"] += 1

@@ -76,8 +76,10 @@ def test_budget_overflow_releases_the_lowest_value_pin(clock):
     p = make(clock, total_blocks=100, pin_budget_fraction=0.5)
     assert finish(p, A, 480) == [Pin(A)]  # 30 blocks
     clock.advance(3.0)  # A is 3 s into its expected 5 s gap: it will be back sooner than B
-    assert finish(p, B, 480) == [Pin(B), Release(B, ReleaseReason.BUDGET)]
-    assert p.sessions[A].pinned and not p.sessions[B].pinned
+    # 60 pinned blocks against a budget of 50: B gives up its last 10 blocks and keeps its head
+    assert finish(p, B, 480) == [Pin(B), Release(B, ReleaseReason.BUDGET, blocks=10)]
+    assert p.sessions[A].pinned_blocks == 30 and p.sessions[B].pinned_blocks == 20
+    assert p.sessions[B].pinned_tokens == 320 and p.pinned_blocks_total == 50
 
 
 def test_prefix_larger_than_the_budget_is_not_pinned(clock):
@@ -96,7 +98,8 @@ def test_pressure_order_prefers_big_soon_needed_orchestrators(clock):
     p.sessions[worker].last_finished = clock() - 60.0
     assert p.release_order() == [worker, orch, big]
     assert p.release_for_pressure() == Release(worker, ReleaseReason.PRESSURE)
-    assert p.release_for_pressure(exclude=[orch]) == Release(big, ReleaseReason.PRESSURE)
+    assert p.release_for_pressure(exclude=[orch], blocks=100) == Release(big, ReleaseReason.PRESSURE, 100)
+    assert p.sessions[big].pinned_blocks == 1775
 
 
 def test_sessions_with_a_request_in_flight_are_never_victims(clock):

@@ -19,6 +19,8 @@ from kvsched.core.sessions import InvalidSessionInput, SessionKey, TurnHints, va
 class SessionPins:
     """Session table (policy) + the blocks each pin holds (adapter state)."""
 
+    PRESSURE_CHUNK = 4  # blocks released per try when a live request is short; the allocation is retried after each
+
     def __init__(self, scheduler: Any, config: RetentionConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.scheduler = scheduler
         self.block_size = int(scheduler.cache_config.block_size)
@@ -72,7 +74,8 @@ class SessionPins:
             # Other sessions first. The request's own session last: releasing it frees nothing the request will hit
             # (hit blocks are taken back out of the free queue), but keeping it when nothing else is left would
             # leave a request waiting on its own session's pin forever.
-            release = self.policy.release_for_pressure(own) or self.policy.release_for_pressure()
+            release = self.policy.release_for_pressure(own, self.PRESSURE_CHUNK) or \
+                self.policy.release_for_pressure(blocks=self.PRESSURE_CHUNK)
             if release is None:
                 return False
             self.apply([release])
@@ -99,13 +102,25 @@ class SessionPins:
                 compat.hold_blocks(self.scheduler, [b for g in groups for b in g])
                 self.pinned[d.key] = groups
             elif isinstance(d, Release):
-                self._unpin(d.key)
+                self._unpin(d.key, d.blocks)
 
-    def _unpin(self, key: SessionKey) -> None:
-        groups = self.pinned.pop(key, None)
-        if groups:
-            # Tail blocks first: they are evicted before the shared head (system prompt) of the session.
-            compat.return_blocks(self.scheduler, [b for g in groups for b in reversed(g)])
+    def _unpin(self, key: SessionKey, blocks: int | None = None) -> None:
+        groups = self.pinned.get(key)
+        if not groups:
+            self.pinned.pop(key, None)
+            return
+        total = sum(len(g) for g in groups)
+        if blocks is None or blocks >= total:
+            del self.pinned[key]
+            released = [b for g in groups for b in reversed(g)]
+        else:  # drop the tail of each KV-cache group, in proportion
+            released = []
+            for i, g in enumerate(groups):
+                n = min(len(g), -(-blocks * len(g) // total))
+                released.extend(reversed(g[len(g) - n:]))
+                groups[i] = g[: len(g) - n]
+        # Tail blocks first: they are evicted before the session's head (which other sessions may share).
+        compat.return_blocks(self.scheduler, released)
 
     # ---- admin / metrics (called through the engine-core utility) -------------------------------------------------
     def handle(self, op: str, *args: Any) -> Any:
@@ -141,4 +156,5 @@ class SessionPins:
             "retained_hit_tokens": c["retained_hit_tokens"],
             "pins": c["pins"],
             **{f"released_{r.value}": c[f"released_{r.value}"] for r in ReleaseReason},
+            **{f"released_{r.value}_partial": c[f"released_{r.value}_partial"] for r in ReleaseReason},
         }

@@ -192,6 +192,8 @@ def test_free_blocks_return_to_total_when_every_session_ends(harness_cfg, ops):
         # between steps nothing runs: every block is either free or held by a pin
         assert free_blocks(s) + len(_pinned_block_ids(s)) == usable_blocks(s)
         assert s.kvsched.policy.pinned_blocks_total == sum(r.pinned_blocks for r in s.kvsched.policy.sessions.values())
+        for key, rec in s.kvsched.policy.sessions.items():  # the adapter holds exactly what the policy decided
+            assert rec.pinned_blocks == sum(len(g) for g in s.kvsched.pinned.get(key, []))
     for i in range(5):
         s("end", f"s{i}")
     assert free_blocks(s) == usable_blocks(s)

@@ -1,0 +1,222 @@
+"""`kvsched bench agents`: the same seeded multi-agent workload through stock vLLM and through kvsched.
+
+Both sides get the same model files, the same KV pool (`--num-gpu-blocks-override`), block size, max_model_len and
+requests; only `--scheduler kvsched` differs. The pool is sized so the sessions' working set (every agent's final
+context) is `--pressure` times the pool. Counts come from vLLM's own /metrics; TTFT is measured client-side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+import urllib.request
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from kvsched.bench.agents_driver import AgentDriver, RunRecord
+from kvsched.bench.common import RESULTS_DIR, percentile, provenance, ratios, table, write_json
+from kvsched.serving import ServerSpec, VllmServer
+from kvsched.sim.workload import Topology, WorkloadConfig, Workflow, generate
+from kvsched.tiny_model import SIZES, ensure_tiny_model
+
+QUICK = WorkloadConfig(workflows=3, topology=Topology.HIERARCHICAL, workers=3, rounds=3, worker_turns=3, tool_words=60)
+FULL = WorkloadConfig(workflows=6, topology=Topology.HIERARCHICAL, workers=4, rounds=4, worker_turns=3, tool_words=60)
+SIDES = {"stock": None, "kvsched": "kvsched"}
+BLOCK_SIZE = 32
+METRIC_KEYS = ("vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
+               "vllm:num_preemptions_total", "vllm:generation_tokens_total")
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser("agents", help="multi-agent workload: stock vLLM vs kvsched")
+    p.add_argument("--quick", action="store_true", help="small workload for CI-speed trend checks (< 5 min)")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    p.add_argument("--topology", choices=[t.value for t in Topology], default=None)
+    p.add_argument("--workflows", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--pressure", type=float, default=1.5, help="working set / KV pool (default 1.5)")
+    p.add_argument("--model-size", choices=sorted(SIZES), default="bench")
+    p.add_argument("--sides", default="stock,kvsched", help="comma list of: " + ",".join(SIDES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def workload_config(args: argparse.Namespace) -> WorkloadConfig:
+    cfg = QUICK if args.quick else FULL
+    overrides: dict[str, Any] = {"seed": args.seed}
+    if args.topology:
+        overrides["topology"] = Topology(args.topology)
+    for name in ("workflows", "workers", "rounds"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    return replace(cfg, **overrides)
+
+
+def count_tokens(model_dir: Path, workflows: list[Workflow]) -> tuple[int, int]:
+    """(working set, longest context) in tokens: every agent's final request rendered with the chat template, the
+    shared system prompt counted once (prefix caching stores it once)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    total = longest = sessions = 0
+    system = ""
+    for wf in workflows:
+        for agent in wf.agents():
+            msgs = [{"role": "system", "content": agent.system}]
+            for t in agent.turns:
+                msgs += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant}]
+            text = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
+            n = len(tok(text, add_special_tokens=False)["input_ids"])
+            total += n
+            longest = max(longest, n)
+            sessions += 1
+            system = agent.system
+    shared = len(tok(tok.apply_chat_template([{"role": "system", "content": system}], tokenize=False),
+                     add_special_tokens=False)["input_ids"])
+    return total - max(sessions - 1, 0) * shared, longest
+
+
+def prefill_throughput(server: VllmServer, model: str, max_model_len: int) -> float:
+    """Tokens/s of an uncached prefill of up to 1k tokens (a non-session request), best of 3 (the first warms up)."""
+    n = min(1024, max_model_len - 16)
+    best = 0.0
+    for i in range(3):
+        ids = [10 + i] + [(j * 37 + i) % 2000 + 10 for j in range(n - 1)]
+        body = json.dumps({"model": model, "prompt": ids, "max_tokens": 1}).encode()
+        req = urllib.request.Request(server.url + "/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=120) as r:
+            usage = json.loads(r.read())["usage"]
+        best = max(best, usage["prompt_tokens"] / (time.perf_counter() - t0))
+    return best
+
+
+def summarize(record: RunRecord, before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in METRIC_KEYS}
+    prompt, hits, queries = d["vllm:prompt_tokens_total"], d["vllm:prefix_cache_hits_total"], \
+        d["vllm:prefix_cache_queries_total"]
+    ok = [t for t in record.turns if not t.error]
+    ttfts = [t.ttft_s for t in ok if t.ttft_s is not None]
+    follow = [t.ttft_s for t in ok if t.ttft_s is not None and t.turn_index > 0]
+    tokens = sum(t.prompt_tokens + t.completion_tokens for t in ok)
+    out: dict[str, Any] = {
+        "prefill_tokens_computed": int(prompt - hits),
+        "prompt_tokens_total": int(prompt),
+        "prefix_hit_rate": hits / queries if queries else 0.0,
+        "ttft_p50_s": percentile(ttfts, 0.5),
+        "ttft_p95_s": percentile(ttfts, 0.95),
+        "followup_ttft_p50_s": percentile(follow, 0.5),
+        "followup_ttft_p95_s": percentile(follow, 0.95),
+        "throughput_tok_s": tokens / record.wall_s if record.wall_s else 0.0,
+        "wall_s": record.wall_s,
+        "turns": len(record.turns),
+        "errors": record.errors,
+        "preemptions": int(d["vllm:num_preemptions_total"]),
+    }
+    if "kvsched_retained_hit_tokens_total" in after:
+        out["retained_hit_tokens"] = int(after["kvsched_retained_hit_tokens_total"]
+                                         - before.get("kvsched_retained_hit_tokens_total", 0.0))
+        out["pressure_releases"] = int(after.get("kvsched_pin_releases_total", 0.0)
+                                       - before.get("kvsched_pin_releases_total", 0.0))
+    errors = [t.error for t in record.turns if t.error]
+    if errors:
+        out["first_errors"] = errors[:3]
+    return out
+
+
+def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool) -> tuple[dict[str, Any], float]:
+    workflows = generate(cfg)
+    n_turns = sum(len(a.turns) for wf in workflows for a in wf.agents())
+    with VllmServer(spec) as server:
+        prefill_tok_s = prefill_throughput(server, spec.served_model_name, spec.max_model_len)
+        before = server.metrics()
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_turns, desc=f"{name:>8}", unit="turn", leave=True)
+        driver = AgentDriver(server.url, spec.served_model_name, cfg.max_tokens,
+                             on_turn=(lambda _r: bar.update(1)) if bar else None)
+        record = asyncio.run(driver.run(workflows))
+        if bar:
+            bar.close()
+        after = server.metrics()
+    return summarize(record, before, after), prefill_tok_s
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_benchmark(args)
+    print_report(result)
+    write_json(args.out, result)
+    gates = result.get("gates", {})
+    return 0 if all(gates.values()) or not gates else 0  # gates are reported, not enforced here
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = workload_config(args)
+    model_dir = ensure_tiny_model(args.model_size)
+    working_set, longest = count_tokens(model_dir, generate(cfg))
+    pool_tokens = working_set / args.pressure
+    num_blocks = max(math.ceil(pool_tokens / BLOCK_SIZE), math.ceil((longest + 64) / BLOCK_SIZE) + 4)
+    max_model_len = int(math.ceil((longest + cfg.max_tokens + 64) / 256) * 256)
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    result: dict[str, Any] = {}
+    prefill_rates = {}
+    for name in sides:
+        spec = ServerSpec(model=model_dir, scheduler=SIDES[name], max_model_len=max_model_len,
+                          block_size=BLOCK_SIZE, num_blocks=num_blocks, served_model_name="agents")
+        result[name], prefill_rates[name] = run_side(name, spec, cfg, progress=not args.no_progress)
+    if "stock" in result:
+        result["ratio"] = {s: ratios(result[s], result["stock"]) for s in result if s != "stock"}
+        if "kvsched" in result["ratio"]:
+            result["ratio"].update(result["ratio"]["kvsched"])  # kvsched/stock at the top level, as documented
+    shape = SIZES[args.model_size]
+    result["config"] = {
+        "workload": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(cfg).items()},
+        "model": {"size": args.model_size, "parameters": shape.num_parameters(), **asdict(shape)},
+        "measured_prefill_tok_s": prefill_rates,
+        "working_set_tokens": working_set, "kv_pool_tokens": num_blocks * BLOCK_SIZE,
+        "pressure": working_set / (num_blocks * BLOCK_SIZE), "num_blocks": num_blocks, "block_size": BLOCK_SIZE,
+        "max_model_len": max_model_len, "sessions": sum(len(w.agents()) for w in generate(cfg)),
+        "provenance": provenance(),
+    }
+    if "kvsched" in result and "stock" in result:
+        k, s = result["kvsched"], result["stock"]
+        result["gates"] = {
+            "prefill_tokens_le_0.5x": k["prefill_tokens_computed"] <= 0.5 * s["prefill_tokens_computed"],
+            "followup_ttft_p95_le_0.7x": (k["followup_ttft_p95_s"] or 0) <= 0.7 * (s["followup_ttft_p95_s"] or 0),
+            "zero_errors": k["errors"] == 0 and s["errors"] == 0,
+            "throughput_not_lower": k["throughput_tok_s"] >= 0.97 * s["throughput_tok_s"],
+        }
+    return result
+
+
+ROWS = ("prefill_tokens_computed", "prefix_hit_rate", "ttft_p50_s", "ttft_p95_s", "followup_ttft_p95_s",
+        "throughput_tok_s", "wall_s", "errors", "preemptions")
+
+
+def print_report(result: dict[str, Any]) -> None:
+    sides = [s for s in ("stock", "kvsched", "kvsched+fp8tier") if s in result]
+    rows = []
+    for key in ROWS:
+        row: list[Any] = [key] + [result[s].get(key) for s in sides]
+        if "stock" in result and "kvsched" in result:
+            row.append(result["ratio"].get(key))
+        rows.append(row)
+    header = ["metric", *sides] + (["kvsched/stock"] if "ratio" in result else [])
+    print(table(rows, header))
+    cfg = result["config"]
+    print(f"sessions={cfg['sessions']} working_set={cfg['working_set_tokens']} tok, pool={cfg['kv_pool_tokens']} tok "
+          f"(pressure {cfg['pressure']:.2f}x), prefill {cfg['measured_prefill_tok_s']} tok/s")
+    for gate, ok in result.get("gates", {}).items():
+        print(f"  [{'PASS' if ok else 'FAIL'}] {gate}")
+
+
+__all__ = ["register", "run", "run_benchmark", "print_report", "RESULTS_DIR"]

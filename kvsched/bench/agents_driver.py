@@ -1,0 +1,100 @@
+"""Plays a multi-agent workload against an OpenAI-compatible server with the real `openai` client, streaming.
+
+Each agent is a session (`X-Session-Id`); each turn appends a tool result to the agent's history and waits the
+tool's latency first. TTFT is client-side: from sending the request to the first streamed content chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvsched.sim.workload import AgentScript, Phase, Workflow
+
+
+@dataclass(slots=True)
+class TurnRecord:
+    session_id: str
+    turn_index: int
+    ttft_s: float | None
+    latency_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class RunRecord:
+    turns: list[TurnRecord] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for t in self.turns if t.error)
+
+
+class AgentDriver:
+    def __init__(self, base_url: str, model: str, max_tokens: int, api_key: str = "none", ttl_hint_s: float = 60.0,
+                 on_turn: Callable[[TurnRecord], None] | None = None, request_timeout_s: float = 300.0) -> None:
+        from openai import AsyncOpenAI
+
+        self.client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=request_timeout_s)
+        self.model = model
+        self.max_tokens = max_tokens
+        self.ttl_hint_s = ttl_hint_s
+        self.on_turn = on_turn
+        self.histories: dict[str, list[dict[str, str]]] = {}
+        self.turns_done: dict[str, int] = {}
+
+    async def run(self, workflows: list[Workflow]) -> RunRecord:
+        record = RunRecord()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(self._workflow(w, record) for w in workflows))
+        record.wall_s = time.perf_counter() - t0
+        await self.client.close()
+        return record
+
+    async def _workflow(self, wf: Workflow, record: RunRecord) -> None:
+        await asyncio.sleep(wf.start_s)
+        for phase in wf.phases:
+            await asyncio.gather(*(self._agent(a, phase, record) for a in phase.agents))
+
+    async def _agent(self, agent: AgentScript, phase: Phase, record: RunRecord) -> None:
+        history = self.histories.setdefault(agent.session_id, [{"role": "system", "content": agent.system}])
+        lo, hi = phase.turn_slice or (0, len(agent.turns))
+        for idx in range(lo, min(hi, len(agent.turns))):
+            turn = agent.turns[idx]
+            await asyncio.sleep(turn.delay_s)
+            history.append({"role": "user", "content": turn.user})
+            last = idx == len(agent.turns) - 1
+            rec = await self._send(agent, idx, list(history), last)
+            record.turns.append(rec)
+            if self.on_turn:
+                self.on_turn(rec)
+            history.append({"role": "assistant", "content": turn.assistant})
+
+    async def _send(self, agent: AgentScript, idx: int, messages: list[dict[str, str]], last: bool) -> TurnRecord:
+        headers = {"X-Session-Id": agent.session_id, "X-Agent-Role": agent.role,
+                   "X-Session-TTL": str(self.ttl_hint_s)}
+        if last:
+            headers["X-Session-End"] = "1"
+        start = time.perf_counter()
+        ttft: float | None = None
+        prompt_tokens = completion_tokens = 0
+        try:
+            stream = await self.client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=0.0, stream=True,
+                stream_options={"include_usage": True}, extra_headers=headers,
+                extra_body={"ignore_eos": True})
+            async for chunk in stream:
+                if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+                    ttft = time.perf_counter() - start
+                if chunk.usage is not None:
+                    prompt_tokens = chunk.usage.prompt_tokens
+                    completion_tokens = chunk.usage.completion_tokens
+        except Exception as exc:  # counted, reported; the workflow goes on
+            return TurnRecord(agent.session_id, idx, None, time.perf_counter() - start, 0, 0,
+                              error=f"{type(exc).__name__}: {exc}"[:300])
+        return TurnRecord(agent.session_id, idx, ttft, time.perf_counter() - start, prompt_tokens, completion_tokens)

