@@ -156,20 +156,13 @@ class RetentionPolicy:
             return decisions
         if blocks <= 0 or rec.ttl_s <= 0 or rec.active_requests > 0:
             return decisions
-        budget = int(self.config.pin_budget_fraction * self.total_blocks)
-        if blocks > budget:
+        if blocks > self.budget_blocks:
             return decisions
         rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
         self.pinned_blocks_total += blocks
         decisions.append(Pin(key))
         self.counters["pins"] += 1
         heapq.heappush(self._expiry, (rec.expires_at, next(self._seq), key))
-        while self.pinned_blocks_total > budget:
-            victim = self.next_victim(exclude=())
-            if victim is None:  # pragma: no cover - the new pin itself is always a candidate
-                break
-            overflow = self.pinned_blocks_total - budget
-            decisions.append(self._release(self.sessions[victim], ReleaseReason.BUDGET, blocks=overflow))
         self._trim_table()
         return decisions
 
@@ -194,6 +187,19 @@ class RetentionPolicy:
             if rec is not None and rec.pinned and rec.expires_at <= now:
                 decisions.append(self._release(rec, ReleaseReason.TTL))
         return decisions
+
+    @property
+    def budget_blocks(self) -> int:
+        return int(self.config.pin_budget_fraction * self.total_blocks)
+
+    def release_over_budget(self, distinct_pinned_blocks: int) -> Release | None:
+        """Pins hold `distinct_pinned_blocks` blocks (shared prefixes counted once, as the adapter sees them); if that
+        is over the budget, release the overflow from the tail of the lowest-value pin. The caller loops."""
+        overflow = distinct_pinned_blocks - self.budget_blocks
+        if overflow <= 0:
+            return None
+        victim = self.next_victim(exclude=())
+        return None if victim is None else self._release(self.sessions[victim], ReleaseReason.BUDGET, overflow)
 
     def release_for_pressure(self, exclude: Iterable[SessionKey] = (), blocks: int | None = None) -> Release | None:
         """Release (the tail `blocks` of) the lowest-value pin, not one of `exclude`, because a live request needs

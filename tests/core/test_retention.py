@@ -76,8 +76,10 @@ def test_budget_overflow_releases_the_lowest_value_pin(clock):
     p = make(clock, total_blocks=100, pin_budget_fraction=0.5)
     assert finish(p, A, 480) == [Pin(A)]  # 30 blocks
     clock.advance(3.0)  # A is 3 s into its expected 5 s gap: it will be back sooner than B
-    # 60 pinned blocks against a budget of 50: B gives up its last 10 blocks and keeps its head
-    assert finish(p, B, 480) == [Pin(B), Release(B, ReleaseReason.BUDGET, blocks=10)]
+    assert finish(p, B, 480) == [Pin(B)]
+    assert p.release_over_budget(50) is None
+    # 60 distinct pinned blocks against a budget of 50: B gives up its last 10 blocks and keeps its head
+    assert p.release_over_budget(60) == Release(B, ReleaseReason.BUDGET, blocks=10)
     assert p.sessions[A].pinned_blocks == 30 and p.sessions[B].pinned_blocks == 20
     assert p.sessions[B].pinned_tokens == 320 and p.pinned_blocks_total == 50
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
@@ -29,6 +30,7 @@ class SessionPins:
             bytes_per_token=compat.kv_bytes_per_token(scheduler),
         )
         self.pinned: dict[SessionKey, list[list[Any]]] = {}  # per KV-cache group, in prefix order
+        self.block_refs: Counter[int] = Counter()  # block id -> pins holding it (shared prefixes count once)
         self.requests: dict[str, tuple[SessionKey, TurnHints]] = {}
         self.started: set[str] = set()
         self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
@@ -65,6 +67,8 @@ class SessionPins:
         nblocks = sum(len(g) for g in groups)
         tokens = compat.block_tokens(groups[0], self.block_size) if groups else 0
         self.apply(self.policy.turn_finished(key, hints, tokens, nblocks), pending={key: groups})
+        while (release := self.policy.release_over_budget(len(self.block_refs))) is not None:
+            self.apply([release])
 
     def on_shortage(self, request: Any) -> bool:
         """vLLM could not allocate blocks for a live request: release the lowest-value pin. True if one was released."""
@@ -99,7 +103,9 @@ class SessionPins:
         for d in decisions:
             if isinstance(d, Pin):
                 groups = (pending or {}).get(d.key, [])
-                compat.hold_blocks(self.scheduler, [b for g in groups for b in g])
+                blocks = [b for g in groups for b in g]
+                compat.hold_blocks(self.scheduler, blocks)
+                self.block_refs.update(b.block_id for b in blocks)
                 self.pinned[d.key] = groups
             elif isinstance(d, Release):
                 self._unpin(d.key, d.blocks)
@@ -120,6 +126,10 @@ class SessionPins:
                 released.extend(reversed(g[len(g) - n:]))
                 groups[i] = g[: len(g) - n]
         # Tail blocks first: they are evicted before the session's head (which other sessions may share).
+        self.block_refs.subtract(b.block_id for b in released)
+        for b in released:
+            if self.block_refs[b.block_id] <= 0:
+                del self.block_refs[b.block_id]
         compat.return_blocks(self.scheduler, released)
 
     # ---- admin / metrics (called through the engine-core utility) -------------------------------------------------
@@ -142,14 +152,13 @@ class SessionPins:
 
     def stats(self) -> dict[str, float]:
         c = self.policy.counters
-        held = {id(b) for groups in self.pinned.values() for g in groups for b in g}
         return {
             "sessions_seen": c["sessions_seen"],
             "requests_with_session": c["requests_with_session"],
             "active_sessions": len(self.policy.sessions),
             "pinned_sessions": len(self.pinned),
-            "pinned_blocks": len(held),
-            "pin_budget_blocks": int(self.policy.config.pin_budget_fraction * self.policy.total_blocks),
+            "pinned_blocks": len(self.block_refs),
+            "pin_budget_blocks": self.policy.budget_blocks,
             "total_blocks": self.policy.total_blocks,
             "free_blocks": compat.num_free_blocks(self.scheduler),
             "retained_hits": c["retained_hits"],
