@@ -124,6 +124,7 @@ class VllmServer:
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
+    """Samples by bare name (summed over labels) and, for labelled samples, also by `name{labels}`."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line.startswith("#"):
@@ -131,7 +132,10 @@ def parse_prometheus(text: str) -> dict[str, float]:
         name_labels, _, value = line.rpartition(" ")
         name = name_labels.split("{", 1)[0]
         try:
-            out[name] = out.get(name, 0.0) + float(value)
+            v = float(value)
         except ValueError:
             continue
+        out[name] = out.get(name, 0.0) + v
+        if name != name_labels:
+            out[name_labels] = v
     return out

@@ -20,7 +20,7 @@ from typing import Any
 from kvsched.bench.agents_driver import AgentDriver, RunRecord
 from kvsched.bench.common import RESULTS_DIR, percentile, provenance, ratios, table, write_json
 from kvsched.serving import ServerSpec, VllmServer
-from kvsched.sim.workload import Topology, WorkloadConfig, Workflow, generate
+from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
 from kvsched.tiny_model import SIZES, ensure_tiny_model
 
 QUICK = WorkloadConfig(workflows=3, topology=Topology.HIERARCHICAL, workers=3, rounds=3, worker_turns=3, tool_words=60)
@@ -123,8 +123,10 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
     if "kvsched_retained_hit_tokens_total" in after:
         out["retained_hit_tokens"] = int(after["kvsched_retained_hit_tokens_total"]
                                          - before.get("kvsched_retained_hit_tokens_total", 0.0))
-        out["pressure_releases"] = int(after.get("kvsched_pin_releases_total", 0.0)
-                                       - before.get("kvsched_pin_releases_total", 0.0))
+        out["pin_releases"] = {
+            reason: int(after.get(f'kvsched_pin_releases_total{{reason="{reason}"}}', 0.0)
+                        - before.get(f'kvsched_pin_releases_total{{reason="{reason}"}}', 0.0))
+            for reason in ("turn", "ttl", "end", "pressure", "budget")}
     errors = [t.error for t in record.turns if t.error]
     if errors:
         out["first_errors"] = errors[:3]

@@ -122,7 +122,10 @@ class RetentionPolicy:
         self.sessions.move_to_end(key)
 
     def turn_started(self, key: SessionKey, cached_tokens: int) -> list[Decision]:
-        """The session's request was scheduled with `cached_tokens` from the prefix cache; its pin is handed over."""
+        """The session's request was scheduled with `cached_tokens` from the prefix cache.
+
+        The pin stays while the turn runs (the request holds the same blocks, so it costs nothing) and is extended
+        when the turn finishes; whatever part of the pin the request did not hit is released now."""
         rec = self.sessions.get(key) or self._new_record(key)
         now = self.clock()
         rec.active_requests += 1
@@ -135,7 +138,10 @@ class RetentionPolicy:
             rec.hits += 1
             rec.hit_tokens += cached_tokens
         self.sessions.move_to_end(key)
-        return [self._release(rec, ReleaseReason.TURN)] if rec.pinned else []
+        if not rec.pinned or cached_tokens >= rec.pinned_tokens:
+            return []
+        keep = rec.pinned_blocks * max(cached_tokens, 0) // max(rec.pinned_tokens, 1)
+        return [self._release(rec, ReleaseReason.TURN, rec.pinned_blocks - keep if keep else None)]
 
     def turn_finished(self, key: SessionKey, hints: TurnHints, tokens: int, blocks: int) -> list[Decision]:
         """A turn ended holding `blocks` full blocks (`tokens` tokens) of reusable prefix: pin it, within budget."""
@@ -148,19 +154,14 @@ class RetentionPolicy:
             rec.role = hints.role
         rec.ttl_s = self.config.ttl_for(hints.ttl_s)
         self.sessions.move_to_end(key)
-        decisions: list[Decision] = []
-        if rec.pinned:  # e.g. two concurrent turns of one session: the newer prefix replaces the older
-            decisions.append(self._release(rec, ReleaseReason.TURN))
         if hints.end:
-            decisions.extend(self.end(key))
-            return decisions
-        if blocks <= 0 or rec.ttl_s <= 0 or rec.active_requests > 0:
-            return decisions
-        if blocks > self.budget_blocks:
-            return decisions
+            return self.end(key)
+        if blocks <= 0 or rec.ttl_s <= 0 or blocks > self.budget_blocks:
+            return [self._release(rec, ReleaseReason.TURN)] if rec.pinned else []
+        # The new prefix replaces the old pin (the adapter only touches the difference).
+        self.pinned_blocks_total += blocks - rec.pinned_blocks
         rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
-        self.pinned_blocks_total += blocks
-        decisions.append(Pin(key))
+        decisions: list[Decision] = [Pin(key)]
         self.counters["pins"] += 1
         heapq.heappush(self._expiry, (rec.expires_at, next(self._seq), key))
         self._trim_table()
@@ -192,20 +193,29 @@ class RetentionPolicy:
     def budget_blocks(self) -> int:
         return int(self.config.pin_budget_fraction * self.total_blocks)
 
-    def release_over_budget(self, distinct_pinned_blocks: int) -> Release | None:
+    def release_over_budget(self, distinct_pinned_blocks: int) -> list[Release]:
         """Pins hold `distinct_pinned_blocks` blocks (shared prefixes counted once, as the adapter sees them); if that
-        is over the budget, release the overflow from the tail of the lowest-value pin. The caller loops."""
-        overflow = distinct_pinned_blocks - self.budget_blocks
-        if overflow <= 0:
-            return None
-        victim = self.next_victim(exclude=())
-        return None if victim is None else self._release(self.sessions[victim], ReleaseReason.BUDGET, overflow)
+        is over the budget, release the overflow, lowest-value pins first, tail blocks first."""
+        return self.release_blocks(distinct_pinned_blocks - self.budget_blocks, ReleaseReason.BUDGET)
 
-    def release_for_pressure(self, exclude: Iterable[SessionKey] = (), blocks: int | None = None) -> Release | None:
-        """Release (the tail `blocks` of) the lowest-value pin, not one of `exclude`, because a live request needs
-        blocks. The adapter asks again, and retries its allocation, until the request fits."""
-        victim = self.next_victim(exclude)
-        return None if victim is None else self._release(self.sessions[victim], ReleaseReason.PRESSURE, blocks)
+    def release_for_pressure(self, blocks: int, exclude: Iterable[SessionKey] = ()) -> list[Release]:
+        """A live request is short of blocks: release about `blocks` blocks of pins (not of `exclude`), lowest-value
+        pins first. The adapter retries the allocation and asks again if that was not enough."""
+        return self.release_blocks(blocks, ReleaseReason.PRESSURE, exclude)
+
+    def release_blocks(self, blocks: int, reason: ReleaseReason, exclude: Iterable[SessionKey] = ()) -> list[Release]:
+        """One pass over the release order: whole pins, then the tail of the last one, until `blocks` are released."""
+        out: list[Release] = []
+        if blocks <= 0:
+            return out
+        for key in self.release_order(exclude):
+            rec = self.sessions[key]
+            take = min(blocks, rec.pinned_blocks)
+            out.append(self._release(rec, reason, take))
+            blocks -= take
+            if blocks <= 0:
+                break
+        return out
 
     # ---- ordering -----------------------------------------------------------------------------------------------
     def candidate(self, rec: SessionRecord, now: float) -> Candidate:

@@ -22,16 +22,29 @@ def finish(policy, key, tokens, blocks=None, hints=NO_HINTS):
     return policy.turn_finished(key, hints, tokens, tokens // 16 if blocks is None else blocks)
 
 
-def test_finished_turn_is_pinned_and_handed_over_when_the_next_turn_starts(clock):
+def test_finished_turn_is_pinned_kept_through_the_next_turn_and_extended(clock):
     p = make(clock)
     assert finish(p, A, 320) == [Pin(A)]
     assert p.pinned_blocks_total == 20
     clock.advance(2.0)
     p.request_arrived(A, NO_HINTS)
-    assert p.turn_started(A, cached_tokens=320) == [Release(A, ReleaseReason.TURN)]
-    assert p.pinned_blocks_total == 0
+    assert p.turn_started(A, cached_tokens=320) == []  # whole pin hit: the request shares its blocks
     assert p.counters["retained_hits"] == 1 and p.counters["retained_hit_tokens"] == 320
+    assert p.sessions[A].active_requests == 1 and p.release_order() == []  # in use: never a victim
+    assert p.turn_finished(A, NO_HINTS, 480, 30) == [Pin(A)]  # the pin grows to the new prefix
+    assert p.pinned_blocks_total == 30
     assert p.sessions[A].expected_gap_s == pytest.approx(2.0)  # first observed gap replaces the prior
+
+
+def test_the_part_of_a_pin_the_next_turn_does_not_hit_is_released_at_once(clock):
+    p = make(clock)
+    finish(p, A, 320)
+    p.request_arrived(A, NO_HINTS)
+    assert p.turn_started(A, cached_tokens=80) == [Release(A, ReleaseReason.TURN, blocks=15)]
+    assert p.sessions[A].pinned_blocks == 5
+    finish(p, B, 320)
+    p.request_arrived(B, NO_HINTS)
+    assert p.turn_started(B, cached_tokens=0) == [Release(B, ReleaseReason.TURN)]
 
 
 def test_ttl_expiry_is_exact_and_hints_are_capped(clock):
@@ -68,7 +81,7 @@ def test_end_flag_on_the_last_turn_releases_instead_of_pinning(clock):
     finish(p, A, 160)
     p.request_arrived(A, NO_HINTS)
     p.turn_started(A, 160)
-    assert p.turn_finished(A, TurnHints(end=True), 320, 20) == []
+    assert p.turn_finished(A, TurnHints(end=True), 320, 20) == [Release(A, ReleaseReason.END)]
     assert A not in p.sessions and p.pinned_blocks_total == 0
 
 
@@ -77,9 +90,9 @@ def test_budget_overflow_releases_the_lowest_value_pin(clock):
     assert finish(p, A, 480) == [Pin(A)]  # 30 blocks
     clock.advance(3.0)  # A is 3 s into its expected 5 s gap: it will be back sooner than B
     assert finish(p, B, 480) == [Pin(B)]
-    assert p.release_over_budget(50) is None
+    assert p.release_over_budget(50) == []
     # 60 distinct pinned blocks against a budget of 50: B gives up its last 10 blocks and keeps its head
-    assert p.release_over_budget(60) == Release(B, ReleaseReason.BUDGET, blocks=10)
+    assert p.release_over_budget(60) == [Release(B, ReleaseReason.BUDGET, blocks=10)]
     assert p.sessions[A].pinned_blocks == 30 and p.sessions[B].pinned_blocks == 20
     assert p.sessions[B].pinned_tokens == 320 and p.pinned_blocks_total == 50
 
@@ -99,9 +112,11 @@ def test_pressure_order_prefers_big_soon_needed_orchestrators(clock):
     p.sessions[big].expected_gap_s = 1.0
     p.sessions[worker].last_finished = clock() - 60.0
     assert p.release_order() == [worker, orch, big]
-    assert p.release_for_pressure() == Release(worker, ReleaseReason.PRESSURE)
-    assert p.release_for_pressure(exclude=[orch], blocks=100) == Release(big, ReleaseReason.PRESSURE, 100)
+    assert p.release_for_pressure(125) == [Release(worker, ReleaseReason.PRESSURE)]
+    assert p.release_for_pressure(100, exclude=[orch]) == [Release(big, ReleaseReason.PRESSURE, 100)]
     assert p.sessions[big].pinned_blocks == 1775
+    # one pass releases across victims: all of orch (125), then the tail of big
+    assert p.release_for_pressure(200) == [Release(orch, ReleaseReason.PRESSURE), Release(big, ReleaseReason.PRESSURE, 75)]
 
 
 def test_sessions_with_a_request_in_flight_are_never_victims(clock):
@@ -111,8 +126,8 @@ def test_sessions_with_a_request_in_flight_are_never_victims(clock):
     p.request_arrived(B, NO_HINTS)
     p.sessions[B].active_requests = 1  # e.g. a second request of B running while B's pin is held
     assert p.release_order() == [A]
-    p.release_for_pressure()
-    assert p.release_for_pressure() is None
+    assert p.release_for_pressure(100) == [Release(A, ReleaseReason.PRESSURE)]
+    assert p.release_for_pressure(100) == []
 
 
 def test_cache_salt_separates_sessions(clock):

@@ -66,11 +66,12 @@ def reusable_prefix_blocks(scheduler: Any, request_id: str) -> list[list[Any]]:
     groups = scheduler.kv_cache_manager.get_blocks(request_id).blocks
     out: list[list[Any]] = []
     for blocks in groups:
-        run = []
-        for block in blocks:
-            if block.is_null or block.block_hash is None:
-                break
-            run.append(block)
+        end = len(blocks)  # hashed blocks form a prefix: usually only the last block is partial (unhashed)
+        while end and (blocks[end - 1].block_hash is None or blocks[end - 1].is_null):
+            end -= 1
+        run = list(blocks[:end])
+        if any(b.is_null or b.block_hash is None for b in run):  # a gap (e.g. sliding-window nulls): cut there
+            run = run[: next(i for i, b in enumerate(run) if b.is_null or b.block_hash is None)]
         out.append(run)
     return out
 
@@ -115,8 +116,9 @@ def kv_bytes_per_token(scheduler: Any) -> float:
     return total
 
 
-def wrap_allocate_slots(scheduler: Any, on_shortage: Callable[[Any], bool]) -> None:
-    """Make the KV cache manager call `on_shortage(request)` when it cannot allocate, and retry while it returns True.
+def wrap_allocate_slots(scheduler: Any, on_shortage: Callable[[Any, int], bool]) -> None:
+    """Make the KV cache manager call `on_shortage(request, num_new_tokens)` when it cannot allocate, and retry while
+    it returns True.
 
     This is how pins yield to live requests before vLLM preempts or queues anything: vLLM's scheduler preempts (or
     stops admitting) exactly when `allocate_slots` returns None."""
@@ -125,10 +127,10 @@ def wrap_allocate_slots(scheduler: Any, on_shortage: Callable[[Any], bool]) -> N
         return
     original = manager.allocate_slots
 
-    def allocate_slots(request: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(request, *args, **kwargs)
-        while result is None and on_shortage(request):
-            result = original(request, *args, **kwargs)
+    def allocate_slots(request: Any, num_new_tokens: int, *args: Any, **kwargs: Any) -> Any:
+        result = original(request, num_new_tokens, *args, **kwargs)
+        while result is None and on_shortage(request, num_new_tokens):
+            result = original(request, num_new_tokens, *args, **kwargs)
         return result
 
     allocate_slots.__kvsched_wrapped__ = True  # type: ignore[attr-defined]

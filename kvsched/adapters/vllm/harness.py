@@ -85,9 +85,8 @@ def step(scheduler: Any) -> tuple[Any, Any]:
     req_ids = list(out.num_scheduled_tokens)
     sampled = []
     for rid in req_ids:
-        req = scheduler.requests[rid]
-        done_prefill = req.num_computed_tokens + out.num_scheduled_tokens[rid] >= req.num_prompt_tokens
-        sampled.append([FAKE_TOKEN] if done_prefill else [])
+        # the scheduler itself marks whether this step completes the request's prefill (and so samples a token)
+        sampled.append([] if scheduler.requests[rid].is_prefill_chunk else [FAKE_TOKEN])
     runner_out = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                    sampled_token_ids=sampled)
     return out, scheduler.update_from_output(out, runner_out)

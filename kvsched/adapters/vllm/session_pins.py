@@ -6,8 +6,8 @@ Lives in the engine-core process, driven by KVSchedScheduler's hooks; every call
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -67,22 +67,23 @@ class SessionPins:
         nblocks = sum(len(g) for g in groups)
         tokens = compat.block_tokens(groups[0], self.block_size) if groups else 0
         self.apply(self.policy.turn_finished(key, hints, tokens, nblocks), pending={key: groups})
-        while (release := self.policy.release_over_budget(len(self.block_refs))) is not None:
-            self.apply([release])
+        while releases := self.policy.release_over_budget(len(self.block_refs)):
+            self.apply(releases)
 
-    def on_shortage(self, request: Any) -> bool:
-        """vLLM could not allocate blocks for a live request: release the lowest-value pin. True if one was released."""
+    def on_shortage(self, request: Any, num_new_tokens: int = 0) -> bool:
+        """vLLM could not allocate blocks for a live request: release pins, lowest value first, before vLLM preempts
+        or queues anything. True if blocks were freed (the allocation is then retried)."""
         own = {entry[0]} if (entry := self.requests.get(request.request_id)) else set()
+        need = max(self.PRESSURE_CHUNK, -(-num_new_tokens // self.block_size) + 1)
         before = compat.num_free_blocks(self.scheduler)
         while True:
             # Other sessions first. The request's own session last: releasing it frees nothing the request will hit
             # (hit blocks are taken back out of the free queue), but keeping it when nothing else is left would
             # leave a request waiting on its own session's pin forever.
-            release = self.policy.release_for_pressure(own, self.PRESSURE_CHUNK) or \
-                self.policy.release_for_pressure(blocks=self.PRESSURE_CHUNK)
-            if release is None:
+            releases = self.policy.release_for_pressure(need, exclude=own) or self.policy.release_for_pressure(need)
+            if not releases:
                 return False
-            self.apply([release])
+            self.apply(releases)
             if compat.num_free_blocks(self.scheduler) > before:
                 return True  # retry the allocation; pins that freed nothing (shared blocks) don't count
 
@@ -102,13 +103,42 @@ class SessionPins:
     def apply(self, decisions: list[Decision], pending: dict[SessionKey, list[list[Any]]] | None = None) -> None:
         for d in decisions:
             if isinstance(d, Pin):
-                groups = (pending or {}).get(d.key, [])
-                blocks = [b for g in groups for b in g]
-                compat.hold_blocks(self.scheduler, blocks)
-                self.block_refs.update(b.block_id for b in blocks)
-                self.pinned[d.key] = groups
+                self._repin(d.key, (pending or {}).get(d.key, []))
             elif isinstance(d, Release):
                 self._unpin(d.key, d.blocks)
+
+    def _repin(self, key: SessionKey, groups: list[list[Any]]) -> None:
+        """Make `groups` the session's pin, touching only blocks it did not hold and freeing only those it drops
+        (a session's next turn usually extends its prefix, so this is O(new blocks), not O(history))."""
+        old = self.pinned.get(key) or [[] for _ in groups]
+        added: list[Any] = []
+        dropped: list[Any] = []
+        for old_g, new_g in zip(old, groups, strict=False):
+            n = len(old_g)
+            if len(new_g) >= n and new_g[:n] == old_g:  # identity-first C comparison: the usual case
+                common = n
+            else:
+                common = 0
+                for a, b in zip(old_g, new_g, strict=False):
+                    if a is not b:
+                        break
+                    common += 1
+            added.extend(new_g[common:])
+            dropped.extend(reversed(old_g[common:]))
+        compat.hold_blocks(self.scheduler, added)
+        self.block_refs.update(b.block_id for b in added)
+        self.pinned[key] = groups
+        self._return(dropped)
+
+    def _return(self, released: list[Any]) -> None:
+        refs = self.block_refs
+        for b in released:
+            n = refs[b.block_id] - 1
+            if n > 0:
+                refs[b.block_id] = n
+            else:
+                del refs[b.block_id]
+        compat.return_blocks(self.scheduler, released)
 
     def _unpin(self, key: SessionKey, blocks: int | None = None) -> None:
         groups = self.pinned.get(key)
@@ -126,11 +156,7 @@ class SessionPins:
                 released.extend(reversed(g[len(g) - n:]))
                 groups[i] = g[: len(g) - n]
         # Tail blocks first: they are evicted before the session's head (which other sessions may share).
-        self.block_refs.subtract(b.block_id for b in released)
-        for b in released:
-            if self.block_refs[b.block_id] <= 0:
-                del self.block_refs[b.block_id]
-        compat.return_blocks(self.scheduler, released)
+        self._return(released)
 
     # ---- admin / metrics (called through the engine-core utility) -------------------------------------------------
     def handle(self, op: str, *args: Any) -> Any:

@@ -61,7 +61,7 @@ def test_next_turn_hits_the_whole_retained_prefix_where_stock_recomputes(harness
     assert results[KVSCHED_SCHEDULER] == 160  # the whole retained prefix (10 blocks) was hit
 
 
-def test_pins_hold_blocks_and_release_on_the_next_turn(harness_cfg, clock):
+def test_pins_hold_blocks_and_grow_with_the_next_turn(harness_cfg, clock):
     s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
     s.add_request(f.make(list(range(100)), 5, session_id="a"))
     run_until_idle(s)
@@ -72,7 +72,13 @@ def test_pins_hold_blocks_and_release_on_the_next_turn(harness_cfg, clock):
     assert stats["pinned_sessions"] == 1 and stats["pins"] == 1
     s.add_request(f.make(list(range(100)) + [1] * 20, 5, session_id="a"))
     run_until_idle(s)
-    assert s.kvsched.stats()["released_turn"] == 1 and s.kvsched.stats()["retained_hits"] == 1
+    stats = s.kvsched.stats()
+    assert stats["retained_hits"] == 1 and stats["retained_hit_tokens"] == 96 and stats["released_turn"] == 0
+    assert len(_pinned_block_ids(s)) == 7  # 120 + 5 - 1 tokens
+    s.add_request(f.make([9] * 50, 5, session_id="a"))  # a turn that shares nothing with the pin
+    run_until_idle(s)
+    assert s.kvsched.stats()["released_turn"] == 1 and len(_pinned_block_ids(s)) == 3
+    assert free_blocks(s) == usable_blocks(s) - 3
 
 
 def test_pressure_releases_pins_before_anything_is_preempted(harness_cfg, clock):
