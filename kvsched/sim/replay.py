@@ -1,0 +1,191 @@
+"""Replay a trace against the block pool under one policy, and count what prefix caching saved.
+
+Time model (simple on purpose, the same for every policy):
+- a request arrives at its trace time `t`; it is admitted when its blocks can be allocated (FCFS: a request that
+  cannot be allocated waits, and so does everything behind it, until a finishing request frees blocks);
+- on admission it looks up its prompt's leading cached blocks (at most `prompt_tokens - 1` tokens, as vLLM), and holds
+  all its blocks (prompt and output) until it finishes;
+- it runs alone at the given speeds: prefill of the tokens not hit at `prefill_tps`, then `output_tokens` decode steps
+  of `tpot_s`; no batching slowdown, no preemption;
+- TTFT = wait for memory + prefill time of the tokens not hit.
+Requests larger than the whole pool are rejected (counted, not replayed).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvsched.core.config import RetentionConfig
+from kvsched.sim.policies import KVSchedPolicy, OptPolicy, SimPolicy
+from kvsched.sim.pool import BlockPool
+from kvsched.sim.trace import Trace
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    capacity_blocks: int
+    prefill_tps: float = 10_000.0  # tokens/s of prefill (the user's figure for their GPU and model)
+    tpot_s: float = 0.02  # seconds per output token
+    bytes_per_token: float = 65_536.0  # KV bytes per token (Llama 3.1 8B FP8); used for memory figures and scoring
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    check: bool = False  # assert pool invariants after every event (tests)
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    policy: str
+    requests: int = 0
+    rejected: int = 0
+    prompt_tokens_total: int = 0
+    hit_tokens: int = 0
+    ttft_s: np.ndarray = field(default_factory=lambda: np.empty(0))
+    wait_s: np.ndarray = field(default_factory=lambda: np.empty(0))
+    peak_held_blocks: int = 0
+    evictions: int = 0
+    wall_s: float = 0.0
+    policy_stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prefill_tokens_computed(self) -> int:
+        return self.prompt_tokens_total - self.hit_tokens
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.prompt_tokens_total if self.prompt_tokens_total else 0.0
+
+    def summary(self, cfg: ReplayConfig, block_size: int) -> dict[str, Any]:
+        def pct(a: np.ndarray, q: float) -> float | None:
+            return round(float(np.percentile(a, q)), 6) if len(a) else None
+
+        return {
+            "requests": self.requests, "rejected": self.rejected,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "prefill_tokens_computed": self.prefill_tokens_computed,
+            "tokens_saved": self.hit_tokens,
+            "hit_rate": round(self.hit_rate, 6),
+            "ttft_s": {"mean": round(float(self.ttft_s.mean()), 6) if len(self.ttft_s) else None,
+                       "p50": pct(self.ttft_s, 50), "p90": pct(self.ttft_s, 90), "p99": pct(self.ttft_s, 99),
+                       "max": pct(self.ttft_s, 100)},
+            "memory_wait_s": {"p50": pct(self.wait_s, 50), "p99": pct(self.wait_s, 99),
+                              "waited": int(np.count_nonzero(self.wait_s > 0))},
+            "peak_held_blocks": self.peak_held_blocks,
+            "peak_held_bytes": int(self.peak_held_blocks * block_size * cfg.bytes_per_token),
+            "evicted_blocks": self.evictions,
+            "wall_s": round(self.wall_s, 3),
+            **self.policy_stats,
+        }
+
+
+class _Clock:
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_policy(name: str, trace: Trace, pool: BlockPool, cfg: ReplayConfig, clock: _Clock) -> SimPolicy:
+    if name == "lru":
+        return SimPolicy(trace, pool)
+    if name == "opt":
+        return OptPolicy(trace, pool)
+    if name == "kvsched":
+        return KVSchedPolicy(trace, pool, cfg.retention, clock, cfg.bytes_per_token)
+    raise ValueError(f"unknown policy {name!r}")
+
+
+def replay(trace: Trace, policy: str, cfg: ReplayConfig) -> ReplayResult:
+    """Replay `trace` under `policy` ("lru", "kvsched", "opt")."""
+    wall0 = time.perf_counter()
+    pool = BlockPool(trace.n_ids, cfg.capacity_blocks)
+    clock = _Clock()
+    pol = make_policy(policy, trace, pool, cfg, clock)
+    res = ReplayResult(policy=policy)
+    bs = trace.block_size
+    n = len(trace)
+    t_arr, prompt, output = trace.t, trace.prompt_tokens, trace.output_tokens
+    ttft = np.full(n, np.nan)
+    wait = np.full(n, np.nan)
+    finishes: list[tuple[float, int]] = []
+    waiting: deque[int] = deque()
+    peak = 0
+
+    def try_admit(now: float) -> None:
+        nonlocal peak
+        while waiting:
+            i = waiting[0]
+            ids = trace.blocks(i)
+            p = int(prompt[i])
+            full = p // bs
+            held = -(-(p + int(output[i])) // bs)
+            prompt_ids = ids[:full]
+            hit = pool.hit_blocks(prompt_ids[: min((p - 1) // bs, full)])
+            while not pool.can_admit(prompt_ids, held - full):
+                if not pol.on_shortage(i, p - hit * bs):
+                    return
+            waiting.popleft()
+            pool.admit(prompt_ids, held - full)
+            pol.on_admitted(i, prompt_ids, hit)
+            peak = max(peak, pool.num_held)
+            computed = p - hit * bs
+            res.hit_tokens += hit * bs
+            res.prompt_tokens_total += p
+            res.requests += 1
+            prefill = computed / cfg.prefill_tps
+            wait[i] = now - t_arr[i]
+            ttft[i] = wait[i] + prefill
+            heapq.heappush(finishes, (now + prefill + int(output[i]) * cfg.tpot_s, i))
+            if cfg.check:
+                pool.check()
+
+    def finish(i: int) -> None:
+        ids = trace.blocks(i)
+        p = int(prompt[i])
+        full = p // bs
+        held = -(-(p + int(output[i])) // bs)
+        pool.register(ids[full:])
+        pol.on_finished(i, ids)
+        pool.free(ids[::-1], held - len(ids))
+        if cfg.check:
+            pool.check()
+
+    i = 0
+    while i < n or finishes:
+        if finishes and (i >= n or finishes[0][0] <= t_arr[i]):
+            now, j = heapq.heappop(finishes)
+            clock.now = now
+            pol.tick()
+            finish(j)
+        else:
+            now = clock.now = float(t_arr[i])
+            pol.tick()
+            p = int(prompt[i])
+            pol.on_arrival(i)
+            if -(-(p + int(output[i])) // bs) > pool.capacity:
+                res.rejected += 1
+            else:
+                waiting.append(i)
+            i += 1
+        try_admit(now)
+    if waiting:
+        raise RuntimeError(f"{len(waiting)} requests never admitted (pool of {pool.capacity} blocks)")
+    done = ~np.isnan(ttft)
+    res.ttft_s, res.wait_s = ttft[done], wait[done]
+    res.peak_held_blocks = peak
+    res.evictions = pool.evictions
+    res.policy_stats = pol.stats()
+    res.wall_s = time.perf_counter() - wall0
+    return res
+
+
+def replay_all(trace: Trace, cfg: ReplayConfig, policies: tuple[str, ...] = ("lru", "kvsched", "opt")
+               ) -> dict[str, ReplayResult]:
+    return {p: replay(trace, p, cfg) for p in policies}

@@ -1,0 +1,268 @@
+"""Traces in token-block space: what every request sent, as chained prefix-block ids, and when.
+
+A trace is JSONL (schema in docs/trace_schema.md): a header line, then one request per line in any order (replay sorts
+by `t`). Each request names its session and lists the ids of its full KV blocks (prompt, then the blocks its output
+completes). Block ids are chained prefix hashes: two requests share a cached block exactly when they carry the same id,
+and an id always sits at the same position (block index) in any request. To keep multi-turn traces small, a request may
+start with `reuse`: that many leading blocks are the same as its session's previous request's.
+
+In memory (`Trace`), ids are dense ints 0..n_ids-1 and each request's block list is a view into an append-only tape
+shared with the session's earlier turns, so a 50-turn, 50k-token session costs its distinct blocks, not the sum of its
+requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+FORMAT_VERSION = 1
+ID_DTYPE = np.int32
+
+
+@dataclass(slots=True)
+class TraceRequest:
+    """One request as written in a trace line (block ids are the raw ids of the file, or dense ints when generated)."""
+
+    t: float
+    session: str
+    prompt_tokens: int
+    output_tokens: int
+    blocks: Sequence[Any]  # ids of full blocks after the `reuse` leading ones
+    reuse: int = 0
+    role: str | None = None
+    ttl_s: float | None = None
+    end: bool = False
+    salt: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"t": round(self.t, 6), "session": self.session, "prompt_tokens": self.prompt_tokens,
+                               "output_tokens": self.output_tokens}
+        if self.reuse:
+            out["reuse"] = self.reuse
+        out["blocks"] = [int(b) if isinstance(b, np.integer) else b for b in self.blocks]
+        for name in ("role", "ttl_s", "salt"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        if self.end:
+            out["end"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TraceRequest:
+        try:
+            return cls(t=float(d["t"]), session=str(d["session"]), prompt_tokens=int(d["prompt_tokens"]),
+                       output_tokens=int(d.get("output_tokens", 0)), blocks=d.get("blocks", []),
+                       reuse=int(d.get("reuse", 0)), role=d.get("role"),
+                       ttl_s=None if d.get("ttl_s") is None else float(d["ttl_s"]), end=bool(d.get("end", False)),
+                       salt=d.get("salt"))
+        except KeyError as exc:
+            raise ValueError(f"trace request lacks field {exc.args[0]!r}: {d}") from None
+
+
+def chain_hashes(token_ids: Sequence[int], block_size: int, salt: str | None = None) -> list[str]:
+    """Chained prefix hashes (16 hex digits) of the full blocks of `token_ids`, for turning agent logs into traces.
+
+    Block i's id hashes block i-1's id and the block's own tokens, as vLLM's prefix cache does, so equal ids mean equal
+    prefixes."""
+    out: list[str] = []
+    prev = (salt or "").encode()
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        h = hashlib.blake2b(prev, digest_size=8)
+        h.update(np.asarray(token_ids[start:start + block_size], dtype=np.int64).tobytes())
+        prev = h.digest()
+        out.append(prev.hex())
+    return out
+
+
+class TraceWriter:
+    """Writes a trace; given each request's full block list, it fills `reuse` against the session's previous one."""
+
+    def __init__(self, stream: TextIO, block_size: int, meta: dict[str, Any] | None = None) -> None:
+        self.stream = stream
+        self.previous: dict[tuple[str, str | None], Sequence[Any]] = {}
+        header = {"kvsched_trace": FORMAT_VERSION, "block_size": block_size, "meta": meta or {}}
+        stream.write(json.dumps(header) + "\n")
+
+    def write(self, req: TraceRequest, full_blocks: Sequence[Any] | None = None) -> None:
+        """Write `req`; pass `full_blocks` (all of the request's block ids) to have the delta computed here."""
+        if full_blocks is not None:
+            prev = self.previous.get((req.session, req.salt), ())
+            n = 0
+            for a, b in zip(prev, full_blocks, strict=False):
+                if a != b:
+                    break
+                n += 1
+            req.reuse, req.blocks = n, list(full_blocks[n:])
+            self.previous[(req.session, req.salt)] = full_blocks
+        self.stream.write(json.dumps(req.to_json(), separators=(",", ":")) + "\n")
+
+
+def write_jsonl(path: Path, block_size: int, requests: Iterable[TraceRequest], meta: dict[str, Any] | None = None
+                ) -> None:
+    with open(path, "w") as f:
+        w = TraceWriter(f, block_size, meta)
+        for r in requests:
+            w.write(r)
+
+
+def read_jsonl(path: Path) -> tuple[dict[str, Any], Iterator[TraceRequest]]:
+    """(header, requests) of a trace file; requests are read lazily."""
+    f = open(path)  # noqa: SIM115 - closed by the generator below
+    first = f.readline()
+    header = json.loads(first) if first.strip() else {}
+    if header.get("kvsched_trace") != FORMAT_VERSION or "block_size" not in header:
+        f.close()
+        raise ValueError(f"{path}: first line must be a header {{\"kvsched_trace\": 1, \"block_size\": N, ...}}")
+
+    def requests() -> Iterator[TraceRequest]:
+        with f:
+            for lineno, line in enumerate(f, start=2):
+                if line.strip():
+                    try:
+                        yield TraceRequest.from_json(json.loads(line))
+                    except (ValueError, TypeError) as exc:
+                        raise ValueError(f"{path}:{lineno}: {exc}") from None
+
+    return header, requests()
+
+
+class _Tape:
+    """An append-only int array; requests hold (tape, length) and read `buf[:length]`."""
+
+    __slots__ = ("buf", "n")
+
+    def __init__(self, initial: np.ndarray) -> None:
+        self.buf = np.empty(max(64, 2 * len(initial)), dtype=ID_DTYPE)
+        self.buf[: len(initial)] = initial
+        self.n = len(initial)
+
+    def extend(self, more: np.ndarray) -> None:
+        need = self.n + len(more)
+        if need > len(self.buf):
+            buf = np.empty(max(need, 2 * len(self.buf)), dtype=ID_DTYPE)
+            buf[: self.n] = self.buf[: self.n]
+            self.buf = buf
+        self.buf[self.n:need] = more
+        self.n = need
+
+
+@dataclass(slots=True)
+class Trace:
+    """A trace loaded for replay: per-request columns sorted by arrival, dense block ids, per-session keys."""
+
+    block_size: int
+    t: np.ndarray  # float64 arrival times, non-decreasing
+    prompt_tokens: np.ndarray  # int64
+    output_tokens: np.ndarray  # int64
+    session: np.ndarray  # int32 index into `sessions`
+    end: np.ndarray  # bool
+    ttl_s: np.ndarray  # float64, NaN = no hint
+    role: list[str | None]
+    sessions: list[tuple[str, str | None]]  # (session id, cache salt)
+    n_ids: int
+    depth: np.ndarray  # block index every id sits at
+    _tape: list[_Tape] = field(repr=False)
+    _where: np.ndarray = field(repr=False)  # (n, 2): tape index, number of blocks
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def blocks(self, i: int) -> np.ndarray:
+        """Dense ids of request i's full blocks (prompt blocks first, then those its output completes)."""
+        tape, n = self._where[i]
+        return self._tape[tape].buf[:n]
+
+    def working_set_blocks(self) -> int:
+        """Distinct blocks over the whole trace (shared prefixes counted once): the KV every session would hold."""
+        return self.n_ids
+
+    @classmethod
+    def from_requests(cls, block_size: int, requests: Iterable[TraceRequest], meta: dict[str, Any] | None = None,
+                      dense_ids: bool = False) -> Trace:
+        """Build from requests in session order (a session's turns in the order it sent them).
+
+        `dense_ids`: the ids are already 0..n-1 ints (the generator's); otherwise any hashable ids are mapped."""
+        reqs = list(requests)
+        ids: dict[Any, int] = {}
+        depth = np.full(1024, -1, dtype=np.int64)
+        n_ids = 0
+        tapes: list[_Tape] = []
+        where = np.zeros((len(reqs), 2), dtype=np.int64)
+        last: dict[tuple[str, str | None], tuple[int, int]] = {}  # session -> (tape, n) of its previous request
+        sess_index: dict[tuple[str, str | None], int] = {}
+        for i, r in enumerate(reqs):
+            key = (r.session, r.salt)
+            sess_index.setdefault(key, len(sess_index))
+            if dense_ids:
+                new = np.asarray(r.blocks, dtype=ID_DTYPE)
+                n_ids = max(n_ids, int(new.max()) + 1) if len(new) else n_ids
+            else:
+                out = []
+                for b in r.blocks:
+                    j = ids.get(b)
+                    if j is None:
+                        j = ids[b] = len(ids)
+                    out.append(j)
+                new = np.asarray(out, dtype=ID_DTYPE)
+                n_ids = len(ids)
+            prev = last.get(key)
+            if r.reuse:
+                if prev is None or r.reuse > prev[1]:
+                    raise ValueError(f"request {i} of session {r.session!r} reuses {r.reuse} blocks; "
+                                     f"its previous request has {0 if prev is None else prev[1]}")
+                tape = tapes[prev[0]]
+                if prev[1] == r.reuse == tape.n:
+                    tape.extend(new)
+                    ti = prev[0]
+                else:
+                    tapes.append(_Tape(np.concatenate([tape.buf[: r.reuse], new])))
+                    ti = len(tapes) - 1
+            else:
+                tapes.append(_Tape(new))
+                ti = len(tapes) - 1
+            n = r.reuse + len(new)
+            if n < r.prompt_tokens // block_size or n > (r.prompt_tokens + r.output_tokens) // block_size:
+                raise ValueError(f"request {i} of session {r.session!r}: {n} blocks, but prompt_tokens "
+                                 f"{r.prompt_tokens} and output_tokens {r.output_tokens} make "
+                                 f"{r.prompt_tokens // block_size}..{(r.prompt_tokens + r.output_tokens) // block_size}")
+            where[i] = (ti, n)
+            last[key] = (ti, n)
+            # Chained ids sit at one position: check the new ones (reused ones were checked when first seen).
+            if len(depth) < n_ids:
+                depth = np.concatenate([depth, np.full(max(n_ids, 2 * len(depth)) - len(depth), -1, np.int64)])
+            pos = np.arange(r.reuse, n)
+            d = depth[new]
+            fresh = d < 0
+            depth[new[fresh]] = pos[fresh]
+            if np.any(d[~fresh] != pos[~fresh]):
+                raise ValueError(f"request {i} of session {r.session!r}: a block id appears at two positions; "
+                                 "ids must be chained prefix hashes")
+        order = np.argsort(np.array([r.t for r in reqs], dtype=np.float64), kind="stable")
+        sessions = [k for k, _ in sorted(sess_index.items(), key=lambda kv: kv[1])]
+        return cls(
+            block_size=block_size,
+            t=np.array([reqs[i].t for i in order], dtype=np.float64),
+            prompt_tokens=np.array([reqs[i].prompt_tokens for i in order], dtype=np.int64),
+            output_tokens=np.array([reqs[i].output_tokens for i in order], dtype=np.int64),
+            session=np.array([sess_index[(reqs[i].session, reqs[i].salt)] for i in order], dtype=np.int32),
+            end=np.array([reqs[i].end for i in order], dtype=bool),
+            ttl_s=np.array([np.nan if reqs[i].ttl_s is None else reqs[i].ttl_s for i in order], dtype=np.float64),
+            role=[reqs[i].role for i in order],
+            sessions=sessions, n_ids=n_ids, depth=depth[:n_ids].copy(), _tape=tapes, _where=where[order],
+            meta=dict(meta or {}),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Trace:
+        header, requests = read_jsonl(path)
+        reqs = list(requests)
+        reqs.sort(key=lambda r: r.t)  # a session's own order (by t, then file order) is what `reuse` refers to
+        return cls.from_requests(int(header["block_size"]), reqs, meta=header.get("meta", {}))
