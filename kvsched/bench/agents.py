@@ -39,6 +39,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--workflows", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--worker-turns", type=int, default=None, help="turns (tool calls) per worker per round")
+    p.add_argument("--tool-words", type=int, default=None, help="words per tool result")
     p.add_argument("--pressure", type=float, default=1.5, help="working set / KV pool (default 1.5)")
     p.add_argument("--model-size", choices=sorted(SIZES), default="bench")
     p.add_argument("--sides", default="stock,kvsched", help="comma list of: " + ",".join(SIDES))
@@ -52,7 +54,7 @@ def workload_config(args: argparse.Namespace) -> WorkloadConfig:
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.topology:
         overrides["topology"] = Topology(args.topology)
-    for name in ("workflows", "workers", "rounds"):
+    for name in ("workflows", "workers", "rounds", "worker_turns", "tool_words"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     return replace(cfg, **overrides)
@@ -123,10 +125,13 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
     if "kvsched_retained_hit_tokens_total" in after:
         out["retained_hit_tokens"] = int(after["kvsched_retained_hit_tokens_total"]
                                          - before.get("kvsched_retained_hit_tokens_total", 0.0))
-        out["pin_releases"] = {
-            reason: int(after.get(f'kvsched_pin_releases_total{{reason="{reason}"}}', 0.0)
-                        - before.get(f'kvsched_pin_releases_total{{reason="{reason}"}}', 0.0))
-            for reason in ("turn", "ttl", "end", "pressure", "budget")}
+        for field, metric in (("pin_releases", "kvsched_pin_releases_total"),
+                              ("pin_partial_releases", "kvsched_pin_partial_releases_total"),
+                              ("pin_released_blocks", "kvsched_pin_released_blocks_total")):
+            out[field] = {
+                reason: int(after.get(f'{metric}{{reason="{reason}"}}', 0.0)
+                            - before.get(f'{metric}{{reason="{reason}"}}', 0.0))
+                for reason in ("turn", "ttl", "end", "pressure", "budget")}
     errors = [t.error for t in record.turns if t.error]
     if errors:
         out["first_errors"] = errors[:3]

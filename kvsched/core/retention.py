@@ -285,8 +285,10 @@ class RetentionPolicy:
             rec.pinned_blocks = kept
             self.pinned_blocks_total -= blocks
             self.counters[f"released_{reason.value}_partial"] += 1
+            self.counters[f"released_blocks_{reason.value}"] += blocks
             return Release(rec.key, reason, blocks)
         self.pinned_blocks_total -= rec.pinned_blocks
+        self.counters[f"released_blocks_{reason.value}"] += rec.pinned_blocks
         rec.pinned_blocks = rec.pinned_tokens = 0
         self.counters[f"released_{reason.value}"] += 1
         return Release(rec.key, reason)

@@ -35,10 +35,19 @@ class _StatsCollector:
             yield GaugeMetricFamily(f"kvsched_{name}", doc, value=float(self.stats.get(name, 0)))
         for name, doc in COUNTERS.items():
             yield CounterMetricFamily(f"kvsched_{name}", doc, value=float(self.stats.get(name, 0)))
-        released = CounterMetricFamily("kvsched_pin_releases", "Session pins released, by reason", labels=["reason"])
+        released = CounterMetricFamily("kvsched_pin_releases", "Session pins released whole, by reason",
+                                       labels=["reason"])
+        partial = CounterMetricFamily("kvsched_pin_partial_releases", "Session pins shortened (tail blocks released), "
+                                      "by reason", labels=["reason"])
+        blocks = CounterMetricFamily("kvsched_pin_released_blocks", "KV blocks released from session pins, by reason",
+                                     labels=["reason"])
         for reason in RELEASE_REASONS:
             released.add_metric([reason], float(self.stats.get(f"released_{reason}", 0)))
+            partial.add_metric([reason], float(self.stats.get(f"released_{reason}_partial", 0)))
+            blocks.add_metric([reason], float(self.stats.get(f"released_blocks_{reason}", 0)))
         yield released
+        yield partial
+        yield blocks
 
 
 def render_metrics(stats: Mapping[str, Any], openmetrics: bool = False) -> bytes:

@@ -5,6 +5,8 @@ Lives in the engine-core process, driven by KVSchedScheduler's hooks; every call
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,6 +36,9 @@ class SessionPins:
         self.requests: dict[str, tuple[SessionKey, TurnHints]] = {}
         self.started: set[str] = set()
         self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
+        # KVSCHED_TRACE=FILE: one JSON line per applied decision, for replaying what the policy did.
+        trace = os.environ.get("KVSCHED_TRACE")
+        self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - lives as long as the engine
         compat.wrap_allocate_slots(scheduler, self.on_shortage)
 
     # ---- hooks from the scheduler -------------------------------------------------------------------------------
@@ -50,6 +55,10 @@ class SessionPins:
             if entry is None or new.req_id in self.started:
                 continue
             self.started.add(new.req_id)
+            if self._trace is not None:
+                self._trace.write(json.dumps({"t": round(self.policy.clock(), 4), "session": str(entry[0].session_id),
+                                              "op": "start", "cached": int(new.num_computed_tokens),
+                                              "prompt": len(new.prompt_token_ids or ())}) + "\n")
             self.apply(self.policy.turn_started(entry[0], int(new.num_computed_tokens)))
 
     def on_request_finished(self, request: Any) -> None:
@@ -101,11 +110,31 @@ class SessionPins:
 
     # ---- decisions ----------------------------------------------------------------------------------------------
     def apply(self, decisions: list[Decision], pending: dict[SessionKey, list[list[Any]]] | None = None) -> None:
+        if self._trace is not None:
+            self._write_trace(decisions, pending)
         for d in decisions:
             if isinstance(d, Pin):
                 self._repin(d.key, (pending or {}).get(d.key, []))
             elif isinstance(d, Release):
                 self._unpin(d.key, d.blocks)
+
+    def _write_trace(self, decisions: list[Decision], pending: dict[SessionKey, list[list[Any]]] | None) -> None:
+        assert self._trace is not None
+        now, free = self.policy.clock(), compat.num_free_blocks(self.scheduler)
+        for d in decisions:
+            row: dict[str, Any] = {"t": round(now, 4), "session": str(d.key.session_id), "free": free}
+            if isinstance(d, Pin):
+                row.update(op="pin", blocks=sum(len(g) for g in (pending or {}).get(d.key, [])))
+            else:
+                row.update(op="release", reason=d.reason.value, blocks=d.blocks)
+                if os.environ.get("KVSCHED_TRACE_SCORES"):
+                    from kvsched.core.scoring import retention_value
+                    row["scores"] = sorted(
+                        (round(retention_value(self.policy.candidate(r, now)) * 1e12, 4), str(k.session_id),
+                         r.pinned_blocks, round(r.expected_gap_s, 2), round(now - (r.last_finished or now), 2),
+                         r.active_requests)
+                        for k, r in self.policy.sessions.items() if r.pinned_blocks)
+            self._trace.write(json.dumps(row) + "\n")
 
     def _repin(self, key: SessionKey, groups: list[list[Any]]) -> None:
         """Make `groups` the session's pin, touching only blocks it did not hold and freeing only those it drops
@@ -192,4 +221,5 @@ class SessionPins:
             "pins": c["pins"],
             **{f"released_{r.value}": c[f"released_{r.value}"] for r in ReleaseReason},
             **{f"released_{r.value}_partial": c[f"released_{r.value}_partial"] for r in ReleaseReason},
+            **{f"released_blocks_{r.value}": c[f"released_blocks_{r.value}"] for r in ReleaseReason},
         }
