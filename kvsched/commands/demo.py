@@ -26,7 +26,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     bench_args = argparse.Namespace(
         quick=True, out=None, topology=None, workflows=args.workflows, workers=None, rounds=None,
-        worker_turns=None, tool_words=None, pressure=1.5, model_size="bench", sides="stock,kvsched", seed=0,
+        worker_turns=None, tool_words=None, brief_words=None, pressure=1.5, model_size="bench", sides="stock,kvsched", seed=0,
         no_progress=args.no_progress)
     print("kvsched demo: the same multi-agent workload (orchestrator + workers, ~2 s tool calls) through stock vLLM "
           "and through `vllm serve --scheduler kvsched`, with the same KV memory (1.5x oversubscribed).\n")
