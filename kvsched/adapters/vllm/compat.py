@@ -69,10 +69,9 @@ def reusable_prefix_blocks(scheduler: Any, request_id: str) -> list[list[Any]]:
         end = len(blocks)  # hashed blocks form a prefix: usually only the last block is partial (unhashed)
         while end and (blocks[end - 1].block_hash is None or blocks[end - 1].is_null):
             end -= 1
-        run = list(blocks[:end])
-        if any(b.is_null or b.block_hash is None for b in run):  # a gap (e.g. sliding-window nulls): cut there
-            run = run[: next(i for i, b in enumerate(run) if b.is_null or b.block_hash is None)]
-        out.append(run)
+        # Null blocks only ever lead a group (sliding-window layers null out blocks that left the window), and hashes
+        # form a prefix, so checking the first block is enough to know the run has no gap: O(1), not O(history).
+        out.append(list(blocks[:end]) if end and not (blocks[0].is_null or blocks[0].block_hash is None) else [])
     return out
 
 
