@@ -166,3 +166,18 @@ def test_config_from_env():
     assert cfg.role_weight("orchestrator") == 4.0 and cfg.role_weight("critic") == 2.0 and cfg.role_weight(None) == 1.0
     with pytest.raises(ValueError):
         RetentionConfig(pin_budget_fraction=1.5)
+
+
+def test_released_blocks_are_counted_per_reason_whole_and_partial(clock):
+    p = make(clock, total_blocks=100, pin_budget_fraction=0.5)
+    finish(p, A, 480)  # 30 blocks
+    clock.advance(3.0)
+    finish(p, B, 480)
+    p.release_over_budget(60)  # B loses a 10-block tail
+    p.release_for_pressure(25, exclude=[A])  # then the rest of B (20 blocks) and nothing of A
+    p.end(A)  # A's whole 30-block pin
+    c = p.counters
+    assert (c["released_blocks_budget"], c["released_budget_partial"], c["released_budget"]) == (10, 1, 0)
+    assert (c["released_blocks_pressure"], c["released_pressure"]) == (20, 1)
+    assert (c["released_blocks_end"], c["released_end"]) == (30, 1)
+    assert p.pinned_blocks_total == 0

@@ -1,0 +1,39 @@
+"""`kvsched bench agents` argument handling (no server started)."""
+
+import argparse
+
+import pytest
+
+from kvsched.bench.agents import attainable, parse_sides
+from kvsched.cli import build_parser
+
+
+def test_sides_are_validated_and_deduplicated():
+    assert parse_sides("stock, kvsched,stock") == ["stock", "kvsched"]
+    with pytest.raises(argparse.ArgumentTypeError, match="bogus"):
+        parse_sides("stock,bogus")
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_sides(" , ")
+
+
+def test_unknown_side_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["bench", "agents", "--sides", "stock,nonsense"])
+    assert exc.value.code == 2
+    assert "nonsense" in capsys.readouterr().err
+
+
+def test_workload_shape_options_reach_the_workload():
+    from kvsched.bench.agents import workload_config
+
+    args = build_parser().parse_args(["bench", "agents", "--quick", "--worker-turns", "5", "--tool-words", "40",
+                                      "--brief-words", "90"])
+    cfg = workload_config(args)
+    assert (cfg.worker_turns, cfg.tool_words, cfg.brief_words) == (5, 40, 90)
+
+
+def test_attainable_share_of_the_floor():
+    side = lambda n: {"prefill_tokens_computed": n}  # noqa: E731
+    b = attainable({"stock": side(1000), "kvsched": side(700), "unbounded": side(400)})
+    assert b["floor_over_stock"] == pytest.approx(0.4)
+    assert b["kvsched_share_of_attainable_saving"] == pytest.approx(0.5)
