@@ -15,6 +15,8 @@ GAUGES = {
     "pinned_sessions": "Sessions whose KV is pinned between turns",
     "pinned_blocks": "KV blocks held by session pins",
     "pin_budget_blocks": "Most KV blocks pins may hold",
+    "kv_bytes_per_token": "KV bytes per token across layers, from the engine's KV cache spec (follows --kv-cache-dtype); "
+                          "the byte cost eviction scores use",
 }
 COUNTERS = {
     "sessions_seen": "Distinct sessions seen",

@@ -1,0 +1,72 @@
+"""kvsched with vLLM's FP8 KV cache (`--kv-cache-dtype fp8`, CPU backend: AVX-512, head_dim 64, block size 32)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx512f" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def fp8_server(tiny_model_dir):
+    if not _cpu_has_avx512():
+        pytest.skip("vLLM's CPU backend needs AVX-512 or AMX for an fp8 KV cache")
+    spec = ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=48,
+                      extra_args=["--kv-cache-dtype", "fp8"])
+    with VllmServer(spec) as server:
+        yield server
+
+
+def _sessions(server):
+    import urllib.request
+
+    with urllib.request.urlopen(server.base + "/kvsched/sessions", timeout=30) as r:
+        body = json.loads(r.read())
+    return {row["session_id"]: row for row in body["sessions"]}, body["stats"]
+
+
+def test_byte_costs_follow_the_fp8_cache_dtype(fp8_server, tiny_model_dir):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    expected = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * 1  # one byte per fp8 element
+    _, stats = _sessions(fp8_server)
+    assert stats["kv_bytes_per_token"] == expected
+    assert fp8_server.metrics()["kvsched_kv_bytes_per_token"] == expected
+
+
+def test_retained_fp8_prefix_survives_a_flood_and_is_hit(fp8_server):
+    client = openai.OpenAI(base_url=fp8_server.url, api_key="none", max_retries=0, timeout=60)
+
+    def chat(messages, session=None):
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=4,
+                                              extra_headers={"X-Session-Id": session} if session else None)
+
+    history = [{"role": "system", "content": "You are a careful agent. " * 10},
+               {"role": "user", "content": "read page 1 " * 40}]
+    first = chat(history, session="fp8-worker")
+    before = fp8_server.metrics()
+    for i in range(4):  # each fills over a quarter of the 48-block pool
+        chat([{"role": "user", "content": f"search result {i} " * 150}])
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "tool output " * 20}]
+    chat(history, session="fp8-worker")
+    after = fp8_server.metrics()
+    saved = after["kvsched_retained_hit_tokens_total"] - before["kvsched_retained_hit_tokens_total"]
+    assert saved >= first.usage.prompt_tokens - 32
+    rows, stats = _sessions(fp8_server)
+    assert rows["fp8-worker"]["hits"] >= 1 and stats["free_blocks"] + stats["pinned_blocks"] <= stats["total_blocks"]
