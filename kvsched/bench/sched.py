@@ -4,11 +4,15 @@
 see adapters/vllm/harness.py). When a turn finishes, the session's next turn arrives with its history plus a tool
 result, so pins, hits, finishes and new turns all happen at steady state. We time `schedule()` +
 `update_from_output()` per step; the fake model runner is outside the timed region. Rounds alternate stock/kvsched.
+As in vLLM's engine core (`EngineCore.__init__` calls `freeze_gc_heap()`), the start-up heap -- above all the block
+pool's KVCacheBlock objects -- is frozen out of the garbage collector before the timed steps, for both schedulers;
+without that, full collections walk every block and their cost lands on whichever scheduler allocates more.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import time
@@ -36,7 +40,10 @@ def _load_round(scheduler_cls: str, model_dir: Path, steps: int, seed: int) -> l
 
     cfg = HarnessConfig(model_dir=model_dir, num_blocks=120_000, block_size=16, max_num_seqs=CONCURRENCY,
                         max_num_batched_tokens=16_384, max_model_len=8192)
+    from vllm.utils.gc_utils import freeze_gc_heap
+
     s = build_scheduler(scheduler_cls, cfg)
+    freeze_gc_heap()  # as EngineCore does after start-up; undone at the end of the round
     f = RequestFactory(cfg.block_size)
     rng = random.Random(seed)
     history: dict[str, list[int]] = {}
@@ -72,6 +79,7 @@ def _load_round(scheduler_cls: str, model_dir: Path, steps: int, seed: int) -> l
             for o in outputs.outputs:
                 if o.finish_reason is not None and o.request_id in owner:
                     new_turn(owner.pop(o.request_id))
+    gc.unfreeze()
     return times
 
 

@@ -139,10 +139,12 @@ class SessionPins:
     def _repin(self, key: SessionKey, groups: list[list[Any]]) -> None:
         """Make `groups` the session's pin, touching only blocks it did not hold and freeing only those it drops
         (a session's next turn usually extends its prefix, so this is O(new blocks), not O(history))."""
-        old = self.pinned.get(key) or [[] for _ in groups]
+        old = self.pinned.get(key)
+        if old is None or len(old) != len(groups):
+            old = [[] for _ in groups]
         added: list[Any] = []
         dropped: list[Any] = []
-        for old_g, new_g in zip(old, groups, strict=False):
+        for old_g, new_g in zip(old, groups, strict=True):
             n = len(old_g)
             if len(new_g) >= n and new_g[:n] == old_g:  # identity-first C comparison: the usual case
                 common = n
@@ -152,11 +154,16 @@ class SessionPins:
                     if a is not b:
                         break
                     common += 1
-            added.extend(new_g[common:])
-            dropped.extend(reversed(old_g[common:]))
+                dropped.extend(reversed(old_g[common:]))
+                del old_g[common:]
+            tail = new_g[common:]
+            added.extend(tail)
+            # Extended in place: the pin's list is long-lived, and a fresh copy per turn would be young garbage-
+            # collector work (every young list of block refs is traversed until it is promoted).
+            old_g.extend(tail)
         compat.hold_blocks(self.scheduler, added)
         self.block_refs.update(b.block_id for b in added)
-        self.pinned[key] = groups
+        self.pinned[key] = old
         self._return(dropped)
 
     def _return(self, released: list[Any]) -> None:
