@@ -1,0 +1,299 @@
+// FP8 e4m3 quantization of KV pages: one pass for the page's amax, one to scale, round and store.
+//
+// Pages are (block, head) planes of rows x cols elements (4096 for block 16, head_dim 128), small enough that the
+// second pass reads from L1. OpenMP splits the pages across threads. On CPUs with AVX-512 (checked at run time) the
+// rounding is done 16 lanes at a time with integer arithmetic on the float bits; the result is bit-identical to the
+// scalar c10 algorithm in e4m3.h, which handles pages holding NaN/inf and every other CPU.
+#include "kvsched/fp8_quant.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "kvsched/e4m3.h"
+#include "kvsched/half.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define KVSCHED_X86 1
+#include <immintrin.h>
+#define KV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags the self-initialised `_mm512_undefined_*` placeholders inside its own intrinsics (false positive).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#endif
+
+namespace kvsched {
+namespace {
+
+constexpr float kFp8Max = 448.0f;
+constexpr float kScaleMin = 0x1p-126f;  // keeps 1/scale finite
+
+bool g_simd_enabled = true;
+
+inline float page_scale(float amax) { return std::max(amax / kFp8Max, kScaleMin); }
+
+template <KvDtype D>
+struct Elem;
+template <>
+struct Elem<KvDtype::kFloat32> {
+  using T = float;
+  static float load(const T* p) { return *p; }
+  static void store(T* p, float v) { *p = v; }
+};
+template <>
+struct Elem<KvDtype::kFloat16> {
+  using T = uint16_t;
+  static float load(const T* p) { return fp16_to_fp32(*p); }
+  static void store(T* p, float v) { *p = fp32_to_fp16(v); }
+};
+template <>
+struct Elem<KvDtype::kBFloat16> {
+  using T = uint16_t;
+  static float load(const T* p) { return bf16_to_fp32(*p); }
+  static void store(T* p, float v) { *p = fp32_to_bf16(v); }
+};
+
+// A page: `rows` runs of `cols` contiguous elements, `stride_row` apart.
+template <typename T>
+struct Page {
+  T* base;
+  int64_t rows, cols, stride_row;
+  T* row(int64_t r) const { return base + r * stride_row; }
+};
+
+// ---------------------------------------------------------------------------------------------------- scalar
+template <KvDtype D>
+float quantize_page_scalar(const Page<const typename Elem<D>::T>& p, uint8_t* q) {
+  float amax = 0.0f;
+  for (int64_t r = 0; r < p.rows; ++r)
+    for (int64_t c = 0; c < p.cols; ++c) {
+      const float a = std::fabs(Elem<D>::load(p.row(r) + c));
+      if (a < INFINITY) amax = std::max(amax, a);  // false for NaN and inf
+    }
+  const float scale = page_scale(amax), inv = 1.0f / scale;
+  for (int64_t r = 0; r < p.rows; ++r)
+    for (int64_t c = 0; c < p.cols; ++c) {
+      float v = Elem<D>::load(p.row(r) + c) * inv;
+      v = v > kFp8Max ? kFp8Max : (v < -kFp8Max ? -kFp8Max : v);  // NaN passes through
+      *q++ = fp32_to_e4m3(v);
+    }
+  return scale;
+}
+
+template <KvDtype D>
+void dequantize_page_scalar(const uint8_t* q, float scale, const Page<typename Elem<D>::T>& p) {
+  for (int64_t r = 0; r < p.rows; ++r)
+    for (int64_t c = 0; c < p.cols; ++c) Elem<D>::store(p.row(r) + c, e4m3_to_fp32(*q++) * scale);
+}
+
+// ---------------------------------------------------------------------------------------------------- AVX-512
+#ifdef KVSCHED_X86
+template <KvDtype D>
+KV_AVX512 inline __m512 load16(const typename Elem<D>::T* p, __mmask16 m) {
+  if constexpr (D == KvDtype::kFloat32) {
+    return _mm512_maskz_loadu_ps(m, p);
+  } else if constexpr (D == KvDtype::kFloat16) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  } else {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+}
+
+template <KvDtype D>
+KV_AVX512 inline void store16(typename Elem<D>::T* p, __m512 v, __mmask16 m) {
+  if constexpr (D == KvDtype::kFloat32) {
+    _mm512_mask_storeu_ps(p, m, v);
+  } else if constexpr (D == KvDtype::kFloat16) {
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {  // bf16, round to nearest even, NaN -> 0x7FC0 (as c10::BFloat16)
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+  }
+}
+
+// e4m3 codes of 16 finite floats with |v| < 464 (so no clamp is needed; see quantize_page_avx512). Rounds |v| to
+// e4m3 precision by adding c = 2^(e+20), whose float32 ulp is e4m3's ulp 2^(e-3) at v's exponent e (e >= -6 covers
+// subnormals): the hardware add rounds to nearest even with a correct sticky bit. The code is then
+// mantissa steps (s - c) plus the biased exponent ((e + 6) << 3).
+KV_AVX512 inline __m512i e4m3_codes(__m512 v) {
+  const __m512i vb = _mm512_castps_si512(v);
+  const __m512i a = _mm512_and_si512(vb, _mm512_set1_epi32(0x7FFFFFFF));
+  __m512i e = _mm512_and_si512(vb, _mm512_set1_epi32(0x7F800000));
+  e = _mm512_max_epu32(e, _mm512_set1_epi32(121 << 23));
+  const __m512i c = _mm512_add_epi32(e, _mm512_set1_epi32(20 << 23));
+  const __m512i s = _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(c)));
+  __m512i code = _mm512_add_epi32(_mm512_sub_epi32(s, c), _mm512_srli_epi32(e, 20));
+  code = _mm512_sub_epi32(code, _mm512_set1_epi32(121 << 3));
+  // code | (sign bit >> 24)
+  return _mm512_ternarylogic_epi32(code, _mm512_srli_epi32(vb, 24), _mm512_set1_epi32(0x80), 0xF8);
+}
+
+// float32 values of 16 e4m3 codes (exact; NaN for 0x7F/0xFF).
+KV_AVX512 inline __m512 e4m3_values(__m128i bytes) {
+  const __m512i b = _mm512_cvtepu8_epi32(bytes);
+  const __m512i em = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
+  const __m512 normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(em, 20), _mm512_set1_epi32(120 << 23)));
+  const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(em), _mm512_set1_ps(1.0f / 512.0f));
+  __m512 v = _mm512_mask_mov_ps(normal, _mm512_cmplt_epi32_mask(em, _mm512_set1_epi32(8)), sub);
+  v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(em, _mm512_set1_epi32(0x7F)),
+                         _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
+  const __m512i sign = _mm512_slli_epi32(b, 24);
+  return _mm512_castsi512_ps(
+      _mm512_ternarylogic_epi32(_mm512_castps_si512(v), sign, _mm512_set1_epi32(INT32_MIN), 0xF8));
+}
+
+KV_AVX512 inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// Returns false (and writes nothing) when the page holds NaN or inf: the caller then uses the scalar path.
+template <KvDtype D>
+KV_AVX512 bool quantize_page_avx512(const Page<const typename Elem<D>::T>& p, uint8_t* q, float* scale_out) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), inf = _mm512_set1_epi32(0x7F800000);
+  __m512i amax = _mm512_setzero_si512();
+  __mmask16 nonfinite = 0;
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const auto* row = p.row(r);
+    for (int64_t c = 0; c < p.cols; c += 16) {
+      const __mmask16 m = tail_mask(p.cols - c);
+      const __m512i a = _mm512_and_si512(_mm512_castps_si512(load16<D>(row + c, m)), abs_mask);
+      nonfinite |= _mm512_mask_cmpge_epu32_mask(m, a, inf);
+      amax = _mm512_max_epu32(amax, a);  // float order == integer order for non-negative floats
+    }
+  }
+  if (nonfinite) return false;
+  const float scale = page_scale(f32_from_bits(static_cast<uint32_t>(_mm512_reduce_max_epu32(amax))));
+  // |x| <= amax, scale >= RN(amax/448), inv <= RN(1/scale): x * inv <= 448 * (1 + 2^-24)^3 / (1 - 2^-24) < 464,
+  // and with the 2^-126 floor x * inv < 448; e4m3 rounding then never leaves [-448, 448], so no clamp is needed.
+  const __m512 inv = _mm512_set1_ps(1.0f / scale);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const auto* row = p.row(r);
+    for (int64_t c = 0; c < p.cols; c += 16) {
+      const __mmask16 m = tail_mask(p.cols - c);
+      const __m512i code = e4m3_codes(_mm512_mul_ps(load16<D>(row + c, m), inv));
+      _mm_mask_storeu_epi8(q + c, m, _mm512_cvtepi32_epi8(code));
+    }
+    q += p.cols;
+  }
+  *scale_out = scale;
+  return true;
+}
+
+template <KvDtype D>
+KV_AVX512 void dequantize_page_avx512(const uint8_t* q, float scale, const Page<typename Elem<D>::T>& p) {
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    auto* row = p.row(r);
+    for (int64_t c = 0; c < p.cols; c += 16) {
+      const __mmask16 m = tail_mask(p.cols - c);
+      store16<D>(row + c, _mm512_mul_ps(e4m3_values(_mm_maskz_loadu_epi8(m, q + c)), s), m);
+    }
+    q += p.cols;
+  }
+}
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+#else
+bool cpu_has_avx512() { return false; }
+#endif
+
+bool use_avx512() { return g_simd_enabled && cpu_has_avx512(); }
+
+void check_ids(const KvView& cache, const int64_t* ids, int64_t num_ids) {
+  for (int64_t i = 0; i < num_ids; ++i)
+    if (ids[i] < 0 || ids[i] >= cache.num_blocks)
+      throw std::out_of_range("block id " + std::to_string(ids[i]) + " outside [0, " +
+                              std::to_string(cache.num_blocks) + ")");
+}
+
+template <KvDtype D>
+void gather_quantize_impl(const KvView& cache, const int64_t* ids, int64_t num_ids, uint8_t* q, float* scales) {
+  using T = typename Elem<D>::T;
+  const int64_t heads = cache.num_heads, page = cache.rows * cache.cols, pages = num_ids * heads;
+  const bool simd = use_avx512();
+  const T* data = static_cast<const T*>(cache.data);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < pages; ++i) {
+    const int64_t blk = ids[i / heads], h = i % heads;
+    const Page<const T> p{data + blk * cache.stride_block + h * cache.stride_head, cache.rows, cache.cols,
+                          cache.stride_row};
+    uint8_t* out = q + i * page;
+#ifdef KVSCHED_X86
+    if (simd && quantize_page_avx512<D>(p, out, &scales[i])) continue;
+#else
+    (void)simd;
+#endif
+    scales[i] = quantize_page_scalar<D>(p, out);
+  }
+}
+
+template <KvDtype D>
+void scatter_dequantize_impl(const uint8_t* q, const float* scales, const KvView& cache, const int64_t* ids,
+                             int64_t num_ids) {
+  using T = typename Elem<D>::T;
+  const int64_t heads = cache.num_heads, page = cache.rows * cache.cols, pages = num_ids * heads;
+  const bool simd = use_avx512();
+  T* data = static_cast<T*>(cache.data);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < pages; ++i) {
+    const int64_t blk = ids[i / heads], h = i % heads;
+    const Page<T> p{data + blk * cache.stride_block + h * cache.stride_head, cache.rows, cache.cols, cache.stride_row};
+#ifdef KVSCHED_X86
+    if (simd) {
+      dequantize_page_avx512<D>(q + i * page, scales[i], p);
+      continue;
+    }
+#else
+    (void)simd;
+#endif
+    dequantize_page_scalar<D>(q + i * page, scales[i], p);
+  }
+}
+
+}  // namespace
+
+void gather_quantize_fp8(const KvView& cache, const int64_t* block_ids, int64_t num_ids, uint8_t* q, float* scales) {
+  check_ids(cache, block_ids, num_ids);
+  switch (cache.dtype) {
+    case KvDtype::kFloat32: return gather_quantize_impl<KvDtype::kFloat32>(cache, block_ids, num_ids, q, scales);
+    case KvDtype::kFloat16: return gather_quantize_impl<KvDtype::kFloat16>(cache, block_ids, num_ids, q, scales);
+    case KvDtype::kBFloat16: return gather_quantize_impl<KvDtype::kBFloat16>(cache, block_ids, num_ids, q, scales);
+  }
+  throw std::invalid_argument("unknown KV dtype code");
+}
+
+void scatter_dequantize_fp8(const uint8_t* q, const float* scales, const KvView& cache, const int64_t* block_ids,
+                            int64_t num_ids) {
+  check_ids(cache, block_ids, num_ids);
+  switch (cache.dtype) {
+    case KvDtype::kFloat32: return scatter_dequantize_impl<KvDtype::kFloat32>(q, scales, cache, block_ids, num_ids);
+    case KvDtype::kFloat16: return scatter_dequantize_impl<KvDtype::kFloat16>(q, scales, cache, block_ids, num_ids);
+    case KvDtype::kBFloat16: return scatter_dequantize_impl<KvDtype::kBFloat16>(q, scales, cache, block_ids, num_ids);
+  }
+  throw std::invalid_argument("unknown KV dtype code");
+}
+
+void fp32_to_e4m3_array(const float* src, uint8_t* dst, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) dst[i] = fp32_to_e4m3(src[i]);
+}
+
+void e4m3_to_fp32_array(const uint8_t* src, float* dst, int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) dst[i] = e4m3_to_fp32(src[i]);
+}
+
+bool fp8_uses_avx512() { return use_avx512(); }
+
+void fp8_set_simd(bool enabled) { g_simd_enabled = enabled; }
+
+}  // namespace kvsched

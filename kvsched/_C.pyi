@@ -1,0 +1,52 @@
+"""Type stub of kvsched._C (csrc/bindings.cpp). Arrays cross as data pointers (`tensor.data_ptr()`); kvsched.ops
+validates dtypes, shapes and devices before calling in, so call these through kvsched.ops."""
+
+def retention_values(
+    tokens: int, bytes_per_token: int, idle_s: int, next_use_s: int, role_weight: int, reuse_count: int, n: int, out: int
+) -> None: ...
+def score_select(
+    tokens: int,
+    bytes_per_token: int,
+    idle_s: int,
+    next_use_s: int,
+    role_weight: int,
+    reuse_count: int,
+    pinned: int,
+    n: int,
+    k: int,
+    out: int,
+) -> int: ...
+def gather_quantize_fp8(
+    cache: int,
+    dtype: int,
+    num_blocks: int,
+    num_heads: int,
+    rows: int,
+    cols: int,
+    stride_block: int,
+    stride_head: int,
+    stride_row: int,
+    block_ids: int,
+    num_ids: int,
+    q: int,
+    scales: int,
+) -> None: ...
+def scatter_dequantize_fp8(
+    q: int,
+    scales: int,
+    cache: int,
+    dtype: int,
+    num_blocks: int,
+    num_heads: int,
+    rows: int,
+    cols: int,
+    stride_block: int,
+    stride_head: int,
+    stride_row: int,
+    block_ids: int,
+    num_ids: int,
+) -> None: ...
+def fp32_to_e4m3(src: int, dst: int, n: int) -> None: ...
+def e4m3_to_fp32(src: int, dst: int, n: int) -> None: ...
+def fp8_uses_avx512() -> bool: ...
+def fp8_set_simd(enabled: bool) -> None: ...

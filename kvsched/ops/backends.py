@@ -1,0 +1,52 @@
+"""Which optional backends this process has: the C++ extension `kvsched._C` and Triton (`kvsched_kernels`).
+
+Both are looked up lazily and may be missing; then the ops fall back to their torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+CXX_FUNCTIONS = ("retention_values", "score_select", "gather_quantize_fp8", "scatter_dequantize_fp8")
+
+
+@functools.cache
+def cxx() -> ModuleType | None:
+    """`kvsched._C` when it is built and carries the kernels, else None."""
+    try:
+        mod = importlib.import_module("kvsched._C")
+    except ImportError:
+        return None
+    return mod if all(hasattr(mod, f) for f in CXX_FUNCTIONS) else None
+
+
+def has_cxx() -> bool:
+    return cxx() is not None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`, read when triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_kernels() -> ModuleType | None:
+    """The `kvsched_kernels` package when triton imports, else None."""
+    try:
+        importlib.import_module("triton")
+        return importlib.import_module("kvsched_kernels")
+    except ImportError:
+        return None
+
+
+def has_triton_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and triton_kernels() is not None
+
+
+def has_triton_interpreter() -> bool:
+    return triton_interpreted() and triton_kernels() is not None

@@ -1,0 +1,105 @@
+"""FP8 e4m3 KV block quantization: implementations are bit-identical to the torch reference, the round trip stays
+within e4m3's error bound, gather/scatter move exactly the named blocks, bad input is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvsched.ops import fp8
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(5, 1, 16, 64), (9, 3, 32, 128), (4, 2, 16, 96), (3, 8, 1, 256)]  # [blocks, kv_heads, block_size, 2*head]
+
+
+def cache_of(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 2, shape[1])[None, :, None, None]  # heads differ in scale
+    return x.to(dtype)
+
+
+def bits(q):
+    return q.view(torch.uint8)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_matches_reference_bit_for_bit(impl, shape, dtype):
+    x = cache_of(shape, dtype)
+    q_ref, s_ref = fp8.quantize_kv_fp8(x, impl="torch")
+    q, s = fp8.quantize_kv_fp8(x, impl=impl)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == shape[:2]
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+    assert torch.equal(fp8.dequantize_kv_fp8(q, s, dtype, impl=impl), fp8.dequantize_kv_fp8(q_ref, s_ref, dtype,
+                                                                                            impl="torch"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trip_error_is_within_the_e4m3_bound(impl, dtype):
+    x = cache_of((6, 4, 32, 128), dtype, seed=3)
+    q, s = fp8.quantize_kv_fp8(x, impl=impl)
+    y = fp8.dequantize_kv_fp8(q, s, dtype, impl=impl).float()
+    xf = x.float()
+    amax = xf.abs().amax(dim=(2, 3), keepdim=True)
+    out_ulp = {torch.float32: 0.0, torch.float16: 2**-11, torch.bfloat16: 2**-8}[dtype]
+    bound = amax * 2**-4 + s[:, :, None, None] * 2**-10 + xf.abs() * out_ulp
+    assert bool(((y - xf).abs() <= bound).all())
+    rel_rms = ((y - xf).pow(2).mean() / xf.pow(2).mean()).sqrt().item()
+    assert rel_rms <= 0.07  # the bound the FP8 tier is held to
+
+
+def test_special_values(impl):
+    x = torch.zeros(2, 1, 16, 64)
+    x[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0])
+    q, s = fp8.quantize_kv_fp8(x, impl=impl)
+    y = fp8.dequantize_kv_fp8(q, s, torch.float32, impl=impl)
+    assert torch.isnan(y[0, 0, 0, 0]) and y[0, 0, 0, 1] == 3.0 and y[0, 0, 0, 2] == -3.0  # inf saturates to amax
+    assert s[1, 0].item() == 2.0**-126 and torch.equal(y[1], x[1])  # an all-zero page survives exactly
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_and_scatter_move_exactly_the_named_blocks(impl, dtype):
+    cache = cache_of((12, 2, 16, 64), dtype, seed=5)
+    ids = torch.tensor([7, 0, 11, 3])
+    q, s = fp8.gather_quantize_blocks(cache, ids, impl=impl)
+    q_ref, s_ref = fp8.quantize_kv_fp8(cache[ids], impl="torch")
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+    target = torch.zeros_like(cache)
+    dest = torch.tensor([1, 2, 9, 4])
+    fp8.scatter_dequantize_blocks(q, s, target, dest, impl=impl)
+    assert torch.equal(target[dest], fp8.dequantize_kv_fp8(q_ref, s_ref, dtype, impl="torch"))
+    untouched = torch.ones(12, dtype=torch.bool)
+    untouched[dest] = False
+    assert not target[untouched].any()
+
+
+def test_strided_cache_views(impl):
+    # vLLM's NHD layout keeps the logical [B, H, N, C] view with H and N swapped in memory
+    physical = cache_of((6, 16, 3, 64), torch.bfloat16, seed=7)
+    view = physical.permute(0, 2, 1, 3)
+    assert not view.is_contiguous()
+    ids = torch.tensor([5, 1])
+    q, s = fp8.gather_quantize_blocks(view, ids, impl=impl)
+    q_ref, s_ref = fp8.quantize_kv_fp8(view[ids].contiguous(), impl="torch")
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+    fp8.scatter_dequantize_blocks(q, s, view, torch.tensor([0, 2]), impl=impl)
+    assert torch.equal(view[torch.tensor([0, 2])], fp8.dequantize_kv_fp8(q_ref, s_ref, torch.bfloat16, impl="torch"))
+
+
+def test_bad_input_is_refused(impl):
+    cache = cache_of((4, 2, 16, 64), torch.float16)
+    with pytest.raises(IndexError, match="out of range"):
+        fp8.gather_quantize_blocks(cache, torch.tensor([0, 4]), impl=impl)
+    with pytest.raises(IndexError):
+        fp8.gather_quantize_blocks(cache, torch.tensor([-1]), impl=impl)
+    q, s = fp8.gather_quantize_blocks(cache, torch.tensor([0, 1]), impl=impl)
+    with pytest.raises(ValueError, match="unique"):
+        fp8.scatter_dequantize_blocks(q, s, cache, torch.tensor([2, 2]), impl=impl)
+    with pytest.raises(ValueError, match="does not match"):
+        fp8.scatter_dequantize_blocks(q, s, cache, torch.tensor([3]), impl=impl)
+    with pytest.raises(ValueError, match="4-D"):
+        fp8.quantize_kv_fp8(cache[0], impl=impl)
+    with pytest.raises(ValueError, match="scales"):
+        fp8.dequantize_kv_fp8(q, s[:, :1].contiguous(), torch.float16, impl=impl)
+    with pytest.raises(ValueError):
+        fp8.quantize_kv_fp8(cache.to(torch.float64), impl="torch")

@@ -1,0 +1,89 @@
+"""score_and_select / retention_values: every implementation against the torch reference, and the reference against
+the scalar formula of kvsched.core.scoring that the policy core uses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvsched.core.scoring import Candidate, retention_value, select_lowest
+from kvsched.ops import score
+
+RTOL = 1e-12  # exp differs by a few ulps between libm, Sleef and CUDA; everything else is the same float64 arithmetic
+
+
+def candidates(n: int, seed: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 60_000, (n,), generator=g).to(dtype)
+    bpt = torch.full((n,), 4096.0, dtype=dtype)  # representable in float16
+    idle = (torch.rand(n, generator=g, dtype=torch.float64) * 40).to(dtype)
+    nxt = (torch.rand(n, generator=g, dtype=torch.float64) * 12).to(dtype)
+    role = torch.where(torch.rand(n, generator=g) < 0.2, 2.0, 1.0).to(dtype)
+    reuse = torch.randint(0, 9, (n,), generator=g).to(dtype)
+    return tokens, bpt, idle, nxt, role, reuse
+
+
+def test_reference_is_the_policy_cores_formula():
+    cols = candidates(500, seed=1)
+    pinned = torch.rand(500, generator=torch.Generator().manual_seed(2)) < 0.3
+    cands = [Candidate(int(t), float(b), float(i), float(x), float(r), int(u), bool(p))
+             for t, b, i, x, r, u, p in zip(*(c.tolist() for c in cols), pinned.tolist(), strict=True)]
+    values = score.retention_values(*cols, impl="torch")
+    for v, c in zip(values.tolist(), cands, strict=True):
+        assert math.isclose(v, retention_value(c), rel_tol=RTOL, abs_tol=1e-300)
+    assert score.score_and_select(*cols, pinned, 40, impl="torch").tolist() == select_lowest(cands, 40)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1023, 4097])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_implementations_match_the_reference(impl, n, dtype):
+    cols = candidates(n, seed=n, dtype=dtype)
+    pinned = torch.rand(n, generator=torch.Generator().manual_seed(3)) < 0.25
+    ref = score.retention_values(*cols, impl="torch")
+    got = score.retention_values(*cols, impl=impl)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=RTOL, atol=0.0)
+    for k in (0, 1, 5, n):
+        assert score.score_and_select(*cols, pinned, k, impl=impl).tolist() == \
+            score.score_and_select(*cols, pinned, k, impl="torch").tolist()
+
+
+def test_ties_break_by_index_and_pinned_are_never_selected(impl):
+    n = 10
+    cols = tuple(torch.full((n,), v, dtype=torch.float64) for v in (1000.0, 1024.0, 1.0, 2.0, 1.0, 0.0))
+    pinned = torch.tensor([i % 3 == 0 for i in range(n)])
+    assert score.score_and_select(*cols, pinned, 4, impl=impl).tolist() == [1, 2, 4, 5]
+    assert score.score_and_select(*cols, pinned, 100, impl=impl).tolist() == [1, 2, 4, 5, 7, 8]
+    assert score.score_and_select(*cols, torch.ones(n, dtype=torch.bool), 3, impl=impl).numel() == 0
+
+
+def test_integer_and_mixed_columns(impl):
+    tokens = torch.tensor([100, 50_000, 3_000], dtype=torch.int64)
+    rest = [torch.tensor(v, dtype=torch.float32) for v in ([2048.0] * 3, [0.0, 1.0, 30.0], [2.0, 2.0, 2.0],
+                                                          [1.0, 2.0, 1.0], [0.0, 4.0, 1.0])]
+    ref = score.retention_values(tokens, *rest, impl="torch")
+    torch.testing.assert_close(score.retention_values(tokens, *rest, impl=impl), ref, rtol=RTOL, atol=0.0)
+
+
+def test_bad_input_is_a_value_error(impl):
+    cols = candidates(8, seed=0)
+    with pytest.raises(ValueError, match="k must be"):
+        score.score_and_select(*cols, None, -1, impl=impl)
+    with pytest.raises(ValueError, match="one length"):
+        score.score_and_select(cols[0][:5], *cols[1:], None, 2, impl=impl)
+    with pytest.raises(ValueError, match="pinned"):
+        score.score_and_select(*cols, torch.zeros(3, dtype=torch.bool), 2, impl=impl)
+
+
+def test_dispatch_defaults_and_explicit_choices():
+    from kvsched.ops import backends
+
+    chosen = score.SCORE_AND_SELECT.resolve("cpu", torch.float64)
+    assert chosen.name == ("cxx" if backends.has_cxx() else "torch")  # Triton is never the CPU default
+    assert score.SCORE_AND_SELECT.resolve("cpu", torch.float64, impl="torch").name == "torch"
+    with pytest.raises(ValueError, match="unknown implementation"):
+        score.SCORE_AND_SELECT.resolve("cpu", torch.float64, impl="cuda-magic")
+    with pytest.raises(ValueError, match="does not support"):
+        score.SCORE_AND_SELECT.resolve("meta", torch.float64, impl="cxx")

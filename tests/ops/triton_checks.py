@@ -1,0 +1,47 @@
+"""Run in a subprocess with TRITON_INTERPRET=1 (set before triton is imported) by test_triton_interpreter.py: the
+Triton kernels against the torch reference on small odd shapes, every supported dtype. Prints one line per check."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+
+def main() -> int:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    from kvsched.ops import backends, fp8, score
+
+    if not backends.has_triton_interpreter():
+        print("SKIP triton not importable")
+        return 0
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 37, 1500):
+        cols = (torch.randint(0, 60_000, (n,), generator=g).double(), torch.full((n,), 4096.0, dtype=torch.float64),
+                torch.rand(n, generator=g, dtype=torch.float64) * 40, torch.rand(n, generator=g, dtype=torch.float64) * 9,
+                torch.where(torch.rand(n, generator=g) < 0.3, 2.0, 1.0).double(),
+                torch.randint(0, 6, (n,), generator=g).to(torch.float32))
+        pinned = torch.rand(n, generator=g) < 0.2
+        torch.testing.assert_close(score.retention_values(*cols, impl="triton"),
+                                   score.retention_values(*cols, impl="torch"), rtol=1e-12, atol=0.0)
+        assert score.score_and_select(*cols, pinned, 9, impl="triton").tolist() == \
+            score.score_and_select(*cols, pinned, 9, impl="torch").tolist()
+        print(f"ok score n={n}")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape in ((5, 1, 16, 64), (4, 3, 32, 96)):
+            cache = (torch.randn(shape, generator=g) * 3).to(dtype)
+            ids = torch.tensor([shape[0] - 1, 0, 2])
+            q_ref, s_ref = fp8.gather_quantize_blocks(cache, ids, impl="torch")
+            q, s = fp8.gather_quantize_blocks(cache, ids, impl="triton")
+            assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref), (dtype, shape)
+            a, b = cache.clone(), cache.clone()
+            fp8.scatter_dequantize_blocks(q_ref, s_ref, a, torch.tensor([1, 3, 0]), impl="triton")
+            fp8.scatter_dequantize_blocks(q_ref, s_ref, b, torch.tensor([1, 3, 0]), impl="torch")
+            assert torch.equal(a, b), (dtype, shape)
+            print(f"ok fp8 {dtype} {shape}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
