@@ -102,6 +102,18 @@ def scatter_dequantize_blocks_torch(
     cache.index_copy_(0, ids, dequantize_kv_fp8_torch(q, scales, cache.dtype))
 
 
+def _empty_compact(cache: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty((n, *cache.shape[1:]), dtype=FP8, device=cache.device),
+            torch.empty((n, cache.shape[1]), dtype=torch.float32, device=cache.device))
+
+
+def _check_out(out: tuple[torch.Tensor, torch.Tensor], cache: torch.Tensor, n: int) -> None:
+    q, scales = out
+    check_compact(q, scales)
+    if tuple(q.shape) != (n, *cache.shape[1:]) or q.device != cache.device:
+        raise ValueError(f"out q must have shape {(n, *cache.shape[1:])} on {cache.device}, got {tuple(q.shape)}")
+
+
 def _check_pair(q: torch.Tensor, cache: torch.Tensor, ids: torch.Tensor) -> None:
     if tuple(q.shape) != (ids.numel(), *cache.shape[1:]):
         raise ValueError(f"q shape {tuple(q.shape)} does not match {ids.numel()} blocks of {tuple(cache.shape[1:])}")
@@ -113,15 +125,16 @@ def _cache_args(cache: torch.Tensor) -> tuple[int, ...]:
     return (cache.data_ptr(), _DTYPE_CODE[cache.dtype], b, h, n, c, cache.stride(0), cache.stride(1), cache.stride(2))
 
 
-def gather_quantize_blocks_cxx(cache: torch.Tensor, block_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_quantize_blocks_cxx(
+    cache: torch.Tensor, block_ids: torch.Tensor | None, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     check_cache(cache)
     ids = (
         torch.arange(cache.shape[0], dtype=torch.int64)
         if block_ids is None
         else check_block_ids(block_ids, cache.shape[0], unique=False).cpu()
     )
-    q = torch.empty((ids.numel(), *cache.shape[1:]), dtype=FP8)
-    scales = torch.empty((ids.numel(), cache.shape[1]), dtype=torch.float32)
+    q, scales = out if out is not None else _empty_compact(cache, ids.numel())
     backends.cxx().gather_quantize_fp8(  # type: ignore[union-attr]
         *_cache_args(cache), ids.data_ptr(), ids.numel(), q.data_ptr(), scales.data_ptr()
     )
@@ -233,12 +246,27 @@ def dequantize_kv_fp8(
 
 
 def gather_quantize_blocks(
-    cache: torch.Tensor, block_ids: torch.Tensor, *, impl: str | None = None
+    cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize the blocks `block_ids` of one layer's KV cache view into a compact (q, scales) buffer, in one call.
 
-    Equals `quantize_kv_fp8(cache[block_ids])`; block ids may repeat."""
-    return GATHER.resolve(cache.device, cache.dtype, impl).fn(cache, block_ids)
+    Equals `quantize_kv_fp8(cache[block_ids])`; block ids may repeat. `out=(q, scales)` writes into preallocated
+    buffers (a tier's host pool) instead of allocating: first-touch page faults of fresh buffers cost more than the
+    quantization itself at these sizes."""
+    chosen = GATHER.resolve(cache.device, cache.dtype, impl)
+    if out is None:
+        return chosen.fn(cache, block_ids)  # type: ignore[no-any-return]
+    _check_out(out, cache, block_ids.numel())
+    if chosen.name == "cxx":
+        return chosen.fn(cache, block_ids, out)  # type: ignore[no-any-return]
+    q, scales = chosen.fn(cache, block_ids)
+    out[0].copy_(q)
+    out[1].copy_(scales)
+    return out
 
 
 def scatter_dequantize_blocks(

@@ -103,3 +103,15 @@ def test_bad_input_is_refused(impl):
         fp8.dequantize_kv_fp8(q, s[:, :1].contiguous(), torch.float16, impl=impl)
     with pytest.raises(ValueError):
         fp8.quantize_kv_fp8(cache.to(torch.float64), impl="torch")
+
+
+def test_gather_into_a_preallocated_buffer(impl):
+    cache = cache_of((10, 2, 16, 64), torch.bfloat16, seed=9)
+    ids = torch.tensor([9, 4, 4, 0])  # ids may repeat for a gather
+    q_ref, s_ref = fp8.gather_quantize_blocks(cache, ids, impl="torch")
+    buf = (torch.empty_like(q_ref), torch.empty_like(s_ref))
+    q, s = fp8.gather_quantize_blocks(cache, ids, out=buf, impl=impl)
+    assert q.data_ptr() == buf[0].data_ptr() and s.data_ptr() == buf[1].data_ptr()
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+    with pytest.raises(ValueError, match="out q"):
+        fp8.gather_quantize_blocks(cache, ids[:2], out=buf, impl=impl)

@@ -1,0 +1,20 @@
+"""`kvsched bench kernels`: the done-when gates read the largest C++ rows (no timing here)."""
+
+from kvsched.bench.kernels import gates
+
+
+def row(op, impl, n, speedup, bw):
+    return {"op": op, "impl": impl, "n": n, "speedup_vs_torch": speedup, "bw_fraction": bw}
+
+
+def test_gates_use_the_largest_size_of_the_cxx_rows():
+    rows = [row("quantize_kv_fp8 (gather)", "cxx", 8192, 40.0, 0.6), row("quantize_kv_fp8 (gather)", "cxx", 32768,
+                                                                          1.5, 0.3),
+            row("quantize_kv_fp8 (gather)", "torch", 32768, 1.0, 0.01),
+            row("score_and_select", "cxx", 1_000_000, 2.5, 0.2)]
+    assert gates(rows) == {"cxx_fp8_quantize_bw_fraction_ge_0.5": False, "cxx_fp8_quantize_speedup_ge_2x": False,
+                           "cxx_score_and_select_1M_speedup_ge_2x": True}
+
+
+def test_no_cxx_rows_no_gates():
+    assert gates([row("score_and_select", "torch", 1_000_000, 1.0, 0.02)]) == {}
