@@ -1,0 +1,160 @@
+"""`kvsched simulate`: replay an agent trace against a model of the paged KV pool under stock vLLM's LRU prefix
+caching, kvsched's retention policy (the same `kvsched.core` code the vLLM scheduler runs), and a clairvoyant
+Belady eviction that bounds what any policy could hit at that capacity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from kvsched.bench.common import provenance, table, write_json
+
+POLICIES = ("lru", "kvsched", "opt")
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser("simulate", help="trace simulator: LRU vs kvsched vs optimal",
+                                                       description=__doc__)
+    p.add_argument("trace", nargs="?", type=Path, help="a JSONL trace (schema: docs/trace_schema.md)")
+    p.add_argument("--generate", action="store_true", help="generate a seeded multi-agent trace instead")
+    p.add_argument("--quick", action="store_true", help="with --generate: a small workload (seconds)")
+    p.add_argument("--fleet", action="store_true", help="with --generate: 1,000 sessions x 50 turns")
+    p.add_argument("--topology", choices=["flat", "hierarchical", "pipeline"], default=None)
+    p.add_argument("--workflows", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-trace", type=Path, default=None, help="also write the generated trace as JSONL")
+    cap = p.add_mutually_exclusive_group()
+    cap.add_argument("--capacity-blocks", type=int, help="KV pool size in blocks")
+    cap.add_argument("--pressure", type=float, default=2.0, help="working set / pool (default 2.0)")
+    cap.add_argument("--kv-gib", type=float, help="KV memory in GiB; blocks follow from --preset and --kv-dtype")
+    p.add_argument("--preset", default="llama-3.1-8b", help="model shape for --kv-gib and byte figures")
+    p.add_argument("--kv-dtype", default="fp8")
+    p.add_argument("--prefill-tok-s", type=float, default=10_000.0, help="prefill throughput for the TTFT estimate")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma list of " + ", ".join(POLICIES))
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="directory for PNGs: hit rate and prefill vs capacity")
+    p.set_defaults(func=run)
+
+
+def load_trace(args: argparse.Namespace) -> Any:
+    from kvsched.sim.generator import FLEET, QUICK, TraceConfig, generate, generate_requests
+    from kvsched.sim.trace import Trace, write_jsonl
+    from kvsched.sim.workload import Topology
+
+    if args.trace is not None and args.generate:
+        raise ValueError("give a TRACE file or --generate, not both")
+    if args.trace is not None:
+        return Trace.load(args.trace)
+    if not args.generate:
+        raise ValueError("give a TRACE file or --generate")
+    cfg = QUICK if args.quick else FLEET if args.fleet else TraceConfig()
+    overrides: dict[str, Any] = {"seed": args.seed}
+    if args.topology:
+        overrides["topology"] = Topology(args.topology)
+    if args.workflows:
+        overrides["workflows"] = args.workflows
+    cfg = replace(cfg, **overrides)
+    if args.write_trace:
+        write_jsonl(args.write_trace, cfg.block_size, generate_requests(cfg), meta={"generator": cfg.as_dict()})
+    return generate(cfg)
+
+
+def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) -> int:
+    if args.capacity_blocks is not None:
+        if args.capacity_blocks <= 0:
+            raise ValueError("--capacity-blocks must be positive")
+        return int(args.capacity_blocks)
+    if args.kv_gib is not None:
+        from kvsched.core.planner import GIB, ModelShape, kv_capacity_tokens
+
+        tokens = kv_capacity_tokens(ModelShape.from_preset(args.preset), args.kv_dtype, int(args.kv_gib * GIB),
+                                    trace.block_size)
+        return max(tokens // trace.block_size, 1)
+    if args.pressure <= 0:
+        raise ValueError("--pressure must be positive")
+    return max(math.ceil(trace.working_set_blocks() / args.pressure), 1)
+
+
+def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: float, bytes_per_token: int
+             ) -> dict[str, Any]:
+    from kvsched.sim.replay import ReplayConfig, replay
+
+    cfg = ReplayConfig(capacity_blocks=capacity, prefill_tps=prefill_tok_s, bytes_per_token=float(bytes_per_token))
+    out: dict[str, Any] = {p: replay(trace, p, cfg).summary(cfg, trace.block_size) for p in policies}
+    if "opt" in out:
+        best = out["opt"]["tokens_saved"]
+        out["bound"] = {f"{p}_share_of_opt_saving": (out[p]["tokens_saved"] / best if best else None)
+                        for p in policies if p != "opt"}
+    return out
+
+
+def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token: int, directory: Path
+         ) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ws = trace.working_set_blocks()
+    fractions = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
+    runs = [simulate(trace, max(int(ws * f), 1), policies, prefill_tok_s, bytes_per_token) for f in fractions]
+    written = []
+    for metric, label in (("hit_rate", "prefix hit rate"), ("prefill_tokens_computed", "prefill tokens computed")):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for p in policies:
+            ax.plot([f * 100 for f in fractions], [r[p][metric] for r in runs], marker="o", label=p)
+        ax.set_xlabel("KV pool, % of the working set")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = directory / f"simulate_{metric}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvsched.core.planner import ModelShape, PlanError, kv_bytes_per_token
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    try:
+        unknown = [p for p in policies if p not in POLICIES]
+        if unknown or not policies:
+            raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+        bpt = kv_bytes_per_token(ModelShape.from_preset(args.preset), args.kv_dtype)
+        trace = load_trace(args)
+        capacity = capacity_blocks(args, trace, bpt)
+        result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt)
+        if args.plot:
+            result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot)
+    except (ValueError, PlanError, OSError) as exc:
+        print(f"kvsched simulate: error: {exc}", file=sys.stderr)
+        return 2
+    sessions = len(trace.sessions)
+    result["config"] = {"requests": len(trace), "sessions": sessions, "block_size": trace.block_size,
+                        "working_set_blocks": trace.working_set_blocks(), "capacity_blocks": capacity,
+                        "pressure": trace.working_set_blocks() / capacity, "kv_bytes_per_token": bpt,
+                        "prefill_tok_s": args.prefill_tok_s, "trace_meta": trace.meta, "provenance": provenance()}
+    rows = [[p, result[p]["prompt_tokens_total"], result[p]["prefill_tokens_computed"], result[p]["hit_rate"],
+             result[p]["ttft_s"]["p50"], result[p]["ttft_s"]["p99"], result[p]["peak_held_bytes"] / 2**30,
+             result[p]["wall_s"]] for p in policies]
+    print(table(rows, ["policy", "prompt tokens", "prefill computed", "hit rate", "TTFT p50 s", "TTFT p99 s",
+                       "peak KV GiB", "sim s"]))
+    c = result["config"]
+    print(f"{c['requests']} requests, {sessions} sessions, working set {c['working_set_blocks']} blocks, "
+          f"pool {capacity} blocks (pressure {c['pressure']:.2f}x)")
+    for name, share in result.get("bound", {}).items():
+        print(f"  {name}: {share:.3f}" if share is not None else f"  {name}: -")
+    if args.out:
+        write_json(args.out, result)
+    else:
+        json.dumps(result, default=str)  # fail here, not later, if the result is not serialisable
+    return 0
