@@ -53,6 +53,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--compaction-trigger", type=int, default=5000)
     p.add_argument("--summary-tokens", type=int, default=500)
     p.add_argument("--recent-tokens", type=int, default=2000)
+    p.add_argument("--pin-budget", type=float, default=1.0,
+                   help="kvsched's retention budget: largest share of the KV pool idle sessions may keep pinned")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--plot", type=Path, default=None, help="PNG: sessions per GPU against context length")
     p.set_defaults(func=run)
@@ -85,8 +87,15 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         compacted = with_levers(workload, levers)
         comp = plan(shape, compacted, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
         both = plan(shape, compacted, "fp8", args.weight_dtype, args.overhead, args.ceiling, gpus)
+        if not 0.0 <= args.pin_budget <= 1.0:
+            raise PlanError("--pin-budget must be within [0, 1]")
         out["with_kvsched"] = {"fp8_kv": fp8.as_dict(), "compaction": comp.as_dict(), "fp8_kv+compaction": both.as_dict(),
-                               "levers": asdict(levers), "compacted_session_tokens": compacted.session_tokens}
+                               "levers": asdict(levers), "compacted_session_tokens": compacted.session_tokens,
+                               "pin_budget": args.pin_budget}
+        for q in out["with_kvsched"].values():
+            if isinstance(q, dict) and "fits" in q:
+                for f in q["fits"]:  # idle sessions a replica keeps resident between turns within the budget
+                    f["retained_idle_sessions_per_replica"] = int(f["sessions_per_replica"] * args.pin_budget)
     return out
 
 
@@ -126,9 +135,12 @@ def render(result: dict[str, Any]) -> str:
             best = max(q["fits"], key=lambda f: f["sessions_per_replica"] / f["tensor_parallel"], default=None)
             rows.append([label, _gib(q["kv_per_session_bytes"]), _gib(q["kv_total_bytes"]),
                          min((f["gpus"] for f in q["fits"]), default="-"),
-                         f"{best['sessions_per_replica']} on {best['tensor_parallel']}x {best['gpu']}" if best else "-"])
-        lines += ["", f"with kvsched (compaction leaves <= {k['compacted_session_tokens']:,} tokens per session):",
-                  table(rows, ["plan", "KV/session", "KV total", "fewest GPUs", "densest replica"])]
+                         f"{best['sessions_per_replica']} on {best['tensor_parallel']}x {best['gpu']}" if best else "-",
+                         best.get("retained_idle_sessions_per_replica", "-") if best else "-"])
+        lines += ["", f"with kvsched (compaction leaves <= {k['compacted_session_tokens']:,} tokens per session; "
+                      f"pin budget {k['pin_budget']:.0%} of the KV pool):",
+                  table(rows, ["plan", "KV/session", "KV total", "fewest GPUs", "densest replica",
+                               "idle sessions kept/replica"])]
     return "\n".join(lines)
 
 

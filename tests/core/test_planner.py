@@ -140,3 +140,15 @@ def test_cli_plot_writes_a_png(tmp_path, capsys):
     out = tmp_path / "plan.png"
     assert main(["plan", "--preset", "llama-3.1-8b", "--kv-dtype", "fp8", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_with_kvsched_levers(capsys):
+    from kvsched.cli import main
+
+    assert main(["plan", "--preset", "llama-3.1-8b", "--context", "32768", "--sessions", "50", "--with-kvsched",
+                 "--pin-budget", "0.5", "--json"]) == 0
+    k = json.loads(capsys.readouterr().out)["with_kvsched"]
+    assert k["fp8_kv"]["kv_per_session_bytes"] * 2 == k["compaction"]["kv_per_session_bytes"] * 32768 // 7500
+    fit = k["fp8_kv+compaction"]["fits"][0]
+    assert fit["retained_idle_sessions_per_replica"] == fit["sessions_per_replica"] // 2
+    assert main(["plan", "--with-kvsched", "--pin-budget", "2"]) == 2
