@@ -15,6 +15,8 @@ and CUDA); a selection equals the reference's except where two candidates' refer
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kvsched.core.scoring import ATTN_KNEE_TOKENS, PREFILL_TOK_S
@@ -82,18 +84,26 @@ def select_lowest(values: torch.Tensor, pinned: torch.Tensor, k: int) -> torch.T
     return free[cand[order]]
 
 
-def score_and_select_torch(
-    tokens: torch.Tensor,
-    bytes_per_token: torch.Tensor,
-    idle_s: torch.Tensor,
-    next_use_s: torch.Tensor,
-    role_weight: torch.Tensor,
-    reuse_count: torch.Tensor,
-    pinned: torch.Tensor | None,
-    k: int,
-) -> torch.Tensor:
-    values = retention_values_torch(tokens, bytes_per_token, idle_s, next_use_s, role_weight, reuse_count)
-    return select_lowest(values, _pinned(pinned, values.shape[0], values.device), k)
+def values_then_select(values_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """score_and_select from a retention-values implementation and torch's selection (`select_lowest`)."""
+
+    def score_and_select(
+        tokens: torch.Tensor,
+        bytes_per_token: torch.Tensor,
+        idle_s: torch.Tensor,
+        next_use_s: torch.Tensor,
+        role_weight: torch.Tensor,
+        reuse_count: torch.Tensor,
+        pinned: torch.Tensor | None,
+        k: int,
+    ) -> torch.Tensor:
+        values = values_fn(tokens, bytes_per_token, idle_s, next_use_s, role_weight, reuse_count)
+        return select_lowest(values, _pinned(pinned, values.shape[0], values.device), k)
+
+    return score_and_select
+
+
+score_and_select_torch = values_then_select(retention_values_torch)
 
 
 # ----------------------------------------------------------------------------------------------- C++ (kvsched._C)
@@ -134,19 +144,8 @@ def retention_values_triton(*cols: torch.Tensor) -> torch.Tensor:
     return backends.triton_kernels().score.retention_values(*cols)  # type: ignore[union-attr]
 
 
-def score_and_select_triton(
-    tokens: torch.Tensor,
-    bytes_per_token: torch.Tensor,
-    idle_s: torch.Tensor,
-    next_use_s: torch.Tensor,
-    role_weight: torch.Tensor,
-    reuse_count: torch.Tensor,
-    pinned: torch.Tensor | None,
-    k: int,
-) -> torch.Tensor:
-    """Triton computes the values (one fused kernel); the selection is torch's (`select_lowest`: topk + stable sort)."""
-    values = retention_values_triton(tokens, bytes_per_token, idle_s, next_use_s, role_weight, reuse_count)
-    return select_lowest(values, _pinned(pinned, values.shape[0], values.device), k)
+# Triton computes the values (one fused kernel); the selection is torch's (`select_lowest`: topk + stable sort).
+score_and_select_triton = values_then_select(retention_values_triton)
 
 
 _TRITON_OK = on_devices(("cuda",), FLOAT_DTYPES, backends.has_triton_cuda)
