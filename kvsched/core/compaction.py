@@ -1,0 +1,246 @@
+"""Context compaction as pure policy: per-session checkpoints of a conversation's older messages.
+
+OpenAI chat is stateless: a client sends its whole history with every request. kvsched keeps, per session, a few
+*checkpoints*: "the first `replaced` messages, whose exact content hashes to `digest`, stand for `summary`" (or, for
+the sliding window, for nothing). A request whose messages begin with exactly those messages is served on
+`system prompt + summary + the remaining messages`; any other request is served as sent. When the older part of what
+would be served (everything but the system prompt and the newest turns) passes the trigger, the plan carries a
+`SummaryJob`; the adapter makes the one summarization call and reports the text back with `commit` (or `failed`).
+A job is only handed out once per session at a time, so concurrent requests never double-summarise.
+
+No vLLM, no I/O: token counts per message are computed by the adapter (with the served tokenizer) and passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvsched.core.compaction_config import CompactionConfig, Strategy
+
+Message = Mapping[str, Any]
+Clock = Callable[[], float]
+SYSTEM_ROLES = ("system", "developer")
+
+
+def message_digest(message: Message) -> bytes:
+    """SHA-256 of a message's canonical JSON: any change in role, content, name or tool calls changes it."""
+    text = json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).digest()
+
+
+def prefix_digests(messages: Sequence[Message]) -> list[str]:
+    """`out[k]` identifies exactly `messages[:k]` (a hash chain, so equal digests mean equal prefixes)."""
+    h = hashlib.sha256(b"kvsched-compaction-v1").digest()
+    out = [h.hex()]
+    for m in messages:
+        h = hashlib.sha256(h + message_digest(m)).digest()
+        out.append(h.hex())
+    return out
+
+
+def leading_system_messages(messages: Sequence[Message]) -> int:
+    n = 0
+    while n < len(messages) and messages[n].get("role") in SYSTEM_ROLES:
+        n += 1
+    return n
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The client's messages `[0, replaced)` (exactly those hashing to `digest`) stand for `summary` after the
+    `system_count` leading system messages; `summary is None` means they were dropped (sliding window)."""
+
+    digest: str
+    replaced: int
+    system_count: int
+    summary: str | None
+    summary_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryJob:
+    """One summarization call to make: `prompt` is the conversation as served up to the cut, plus the instruction
+    (so its prefix is the session's own cached prefix); the result replaces the client's messages `[0, cut)`."""
+
+    session: str
+    digest: str
+    cut: int
+    system_count: int
+    prompt: tuple[Message, ...]
+    older_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How to serve one request: `messages` (the rewrite, or the request's own), how many of the client's messages
+    were replaced, the estimated prompt tokens before and after, an optional job and an optional refusal."""
+
+    strategy: Strategy
+    messages: tuple[Message, ...]
+    replaced: int
+    tokens: int
+    original_tokens: int
+    job: SummaryJob | None = None
+    refusal: str | None = None
+
+
+@dataclass(slots=True)
+class _Session:
+    checkpoints: list[Checkpoint] = field(default_factory=list)  # newest last
+    pending: str | None = None  # digest of the job handed out and not yet reported
+    failed_at: float | None = None
+    last_tokens: int = 0
+    peak_served_tokens: int = 0
+
+
+class CompactionStore:
+    """Per-session checkpoints and the compaction decisions drawn from them (bounded, least recently used first)."""
+
+    def __init__(self, config: CompactionConfig, clock: Clock = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.sessions: OrderedDict[str, _Session] = OrderedDict()
+        self.counters: Counter[str] = Counter()
+
+    # ---- planning ---------------------------------------------------------------------------------------------
+    def plan(self, session: str, messages: Sequence[Message], token_counts: Sequence[int],
+             strategy: Strategy | None = None) -> Plan:
+        """Decide how to serve `messages` (one chat request of `session`); `token_counts[i]` is message i's tokens."""
+        if len(token_counts) != len(messages):
+            raise ValueError(f"{len(token_counts)} token counts for {len(messages)} messages")
+        strategy = self.config.strategy if strategy is None else strategy
+        msgs = tuple(messages)
+        total = sum(token_counts) + self.config.message_overhead_tokens * len(msgs)
+        unchanged = Plan(strategy, msgs, 0, total, total)
+        if strategy is Strategy.OFF or not msgs:
+            return unchanged
+        if strategy is Strategy.CAP:
+            if total > self.config.cap_tokens:
+                self.counters["refused"] += 1
+                return Plan(strategy, msgs, 0, total, total, refusal=(
+                    f"this session's context is about {total} tokens, over the context cap of "
+                    f"{self.config.cap_tokens} tokens (kvsched compaction strategy 'cap'); shorten the conversation, "
+                    f"start a new session, or choose X-KVSched-Compaction: summarize or sliding_window"))
+            return unchanged
+        state = self._session(session)
+        digests = prefix_digests(msgs)
+        plan = self._rewrite(strategy, msgs, token_counts, digests, state, total)
+        job = self._maybe_job(session, strategy, msgs, token_counts, digests, state, plan)
+        if job is not None and strategy is Strategy.SLIDING_WINDOW:  # nothing to call: drop the older turns now
+            self._store(state, Checkpoint(job.digest, job.cut, job.system_count, None))
+            self.counters["windows"] += 1
+            plan = self._rewrite(strategy, msgs, token_counts, digests, state, total)
+        elif job is not None:
+            state.pending = job.digest
+            self.counters["jobs"] += 1
+            plan = Plan(plan.strategy, plan.messages, plan.replaced, plan.tokens, total, job=job)
+        state.last_tokens = total
+        state.peak_served_tokens = max(state.peak_served_tokens, plan.tokens)
+        if plan.replaced:
+            self.counters["rewritten"] += 1
+            self.counters["replaced_messages"] += plan.replaced
+            self.counters["saved_tokens"] += max(total - plan.tokens, 0)
+        return plan
+
+    def _rewrite(self, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int], digests: list[str],
+                 state: _Session, total: int) -> Plan:
+        cp = self._matching(strategy, msgs, digests, state)
+        if cp is None:
+            return Plan(strategy, msgs, 0, total, total)
+        overhead = self.config.message_overhead_tokens
+        head = list(msgs[: cp.system_count])
+        tokens = sum(counts[: cp.system_count]) + overhead * cp.system_count
+        if cp.summary is not None:
+            head.append(self.summary_message(cp.summary))
+            tokens += cp.summary_tokens + overhead
+        rest = msgs[cp.replaced:]
+        tokens += sum(counts[cp.replaced:]) + overhead * len(rest)
+        return Plan(strategy, (*head, *rest), cp.replaced, tokens, total)
+
+    def _matching(self, strategy: Strategy, msgs: tuple[Message, ...], digests: list[str],
+                  state: _Session) -> Checkpoint | None:
+        """The checkpoint covering the longest exact prefix of `msgs` (never the whole request: the newest message
+        is always served verbatim)."""
+        want_summary = strategy is Strategy.SUMMARIZE
+        best: Checkpoint | None = None
+        for cp in state.checkpoints:
+            if (cp.summary is not None) != want_summary or cp.replaced >= len(msgs):
+                continue
+            if digests[cp.replaced] == cp.digest and (best is None or cp.replaced > best.replaced):
+                best = cp
+        return best
+
+    def _maybe_job(self, session: str, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int],
+                   digests: list[str], state: _Session, plan: Plan) -> SummaryJob | None:
+        cfg = self.config
+        if state.pending is not None:
+            return None
+        if state.failed_at is not None and self.clock() - state.failed_at < cfg.retry_after_s:
+            return None
+        system_count = leading_system_messages(msgs)
+        cp = self._matching(strategy, msgs, digests, state)
+        start = cp.replaced if cp is not None else system_count
+        cut = len(msgs) - cfg.keep_recent_messages
+        while cut > start and msgs[cut].get("role") != "user":  # the kept part starts at a user turn
+            cut -= 1
+        if cut <= start:
+            return None
+        older = sum(counts[start:cut]) + cfg.message_overhead_tokens * (cut - start)
+        if cp is not None and cp.summary is not None:
+            older += cp.summary_tokens + cfg.message_overhead_tokens
+        if older < cfg.trigger_tokens:
+            return None
+        served_through_cut = plan.messages[: len(plan.messages) - (len(msgs) - cut)]
+        prompt = (*served_through_cut, {"role": "user", "content": cfg.instruction()})
+        return SummaryJob(session, digests[cut], cut, system_count, prompt, older)
+
+    # ---- outcomes of summary calls -----------------------------------------------------------------------------
+    def commit(self, job: SummaryJob, summary: str, summary_tokens: int) -> Checkpoint:
+        """Store the summary a job produced: from now on, requests beginning with the job's exact messages use it."""
+        state = self._session(job.session)
+        if state.pending == job.digest:
+            state.pending = None
+        state.failed_at = None
+        cp = Checkpoint(job.digest, job.cut, job.system_count, summary, summary_tokens)
+        self._store(state, cp)
+        self.counters["summaries"] += 1
+        return cp
+
+    def failed(self, job: SummaryJob, reason: str = "error") -> None:
+        """The job's call failed or timed out: its requests stay uncompacted; retry after `retry_after_s`."""
+        state = self._session(job.session)
+        if state.pending == job.digest:
+            state.pending = None
+        state.failed_at = self.clock()
+        self.counters[f"failed_{reason}"] += 1
+
+    def summary_message(self, summary: str) -> dict[str, str]:
+        return {"role": self.config.summary_role, "content": self.config.summary_prefix + summary}
+
+    # ---- views ------------------------------------------------------------------------------------------------
+    def checkpoints(self, session: str) -> list[Checkpoint]:
+        state = self.sessions.get(session)
+        return list(state.checkpoints) if state else []
+
+    def pending(self) -> int:
+        return sum(1 for s in self.sessions.values() if s.pending is not None)
+
+    # ---- bookkeeping ------------------------------------------------------------------------------------------
+    def _session(self, session: str) -> _Session:
+        state = self.sessions.get(session)
+        if state is None:
+            state = self.sessions[session] = _Session()
+            while len(self.sessions) > self.config.max_sessions:
+                self.sessions.popitem(last=False)
+        self.sessions.move_to_end(session)
+        return state
+
+    def _store(self, state: _Session, cp: Checkpoint) -> None:
+        state.checkpoints = [c for c in state.checkpoints if c.digest != cp.digest] + [cp]
+        del state.checkpoints[: -self.config.checkpoints_per_session]

@@ -1,0 +1,139 @@
+"""Configuration of context compaction (one frozen dataclass, read from `KVSCHED_COMPACTION*` environment variables).
+
+Environment variables are how kvsched settings reach vLLM's processes: the plugin cannot add flags to the API server
+without owning its parser, and `vllm serve` passes its environment to every process it starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields, replace
+from enum import StrEnum
+from typing import Any
+
+DEFAULT_SUMMARY_PROMPT = (
+    "Summarize the conversation above for your own later use. Keep every fact, decision, name, number and open task "
+    "that later turns may need; drop chatter. Write at most {target_tokens} tokens."
+)
+DEFAULT_SUMMARY_PREFIX = "Summary of the earlier conversation (written by kvsched compaction):\n"
+
+
+class Strategy(StrEnum):
+    """What kvsched does when a session's context grows (the sizing guide's three context strategies, and off)."""
+
+    SUMMARIZE = "summarize"  # older turns -> one summary (one extra inference call per checkpoint)
+    SLIDING_WINDOW = "sliding_window"  # older turns dropped, system prompt kept
+    CAP = "cap"  # refuse past a context cap (HTTP 4xx)
+    OFF = "off"
+
+
+class InvalidCompactionInput(ValueError):
+    """A request or the environment named an unknown strategy or a malformed compaction setting (HTTP 400)."""
+
+
+def parse_strategy(raw: object) -> Strategy:
+    try:
+        return Strategy(str(raw).strip().lower())
+    except ValueError:
+        raise InvalidCompactionInput(
+            f"unknown compaction strategy {raw!r}; choose one of: {', '.join(s.value for s in Strategy)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionConfig:
+    """How kvsched keeps long sessions' contexts bounded (server-wide; a request can pick another strategy).
+
+    strategy: the server default (`KVSCHED_COMPACTION`); `off` unless set.
+    trigger_tokens: compact when the part of a session's context older than its `keep_recent_messages` newest
+        messages (system prompt excluded, an earlier summary included) reaches this many tokens. 5,000 by default, as
+        in the sizing guide ("every 5K tokens of older context into a 500-token summary").
+    keep_recent_messages: newest messages always kept verbatim (the cut then moves back to a user message).
+    summary_target_tokens: max_tokens of the summarization call (~500 in the sizing guide).
+    summary_prompt: the instruction appended to the conversation for the summarization call; `{target_tokens}` is
+        filled in.
+    summary_prefix / summary_role: how the summary is put back into the conversation, right after the system prompt.
+    summary_timeout_s: a summary call slower than this is abandoned (counted; the request is served uncompacted).
+    summary_priority: vLLM request priority of the summary call (higher = later). It only has an effect when the
+        server runs `--scheduling-policy priority`; under the default FCFS policy vLLM ignores it.
+    wait_for_summary: the request that triggers a summary waits for it (bounded by the timeout) and is served
+        compacted; by default it is served at once on its uncompacted (cached) prefix while the summary is made in
+        the background, and the next request of the session uses it.
+    retry_after_s: after a failed summary call, a session is not summarised again for this long.
+    cap_tokens: the `cap` strategy refuses requests whose context exceeds this many tokens.
+    message_overhead_tokens: template tokens counted per message on top of its content (role markers, separators).
+    max_sessions / checkpoints_per_session: bounds on the summary store (least recently used sessions go first).
+    """
+
+    strategy: Strategy = Strategy.OFF
+    trigger_tokens: int = 5000
+    keep_recent_messages: int = 4
+    summary_target_tokens: int = 500
+    summary_prompt: str = DEFAULT_SUMMARY_PROMPT
+    summary_prefix: str = DEFAULT_SUMMARY_PREFIX
+    summary_role: str = "system"
+    summary_timeout_s: float = 120.0
+    summary_priority: int = 10
+    wait_for_summary: bool = False
+    retry_after_s: float = 30.0
+    cap_tokens: int = 8192
+    message_overhead_tokens: int = 4
+    max_sessions: int = 10_000
+    checkpoints_per_session: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("trigger_tokens", "summary_target_tokens", "cap_tokens", "max_sessions",
+                     "checkpoints_per_session"):
+            if getattr(self, name) < 1:
+                raise InvalidCompactionInput(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_recent_messages < 1:
+            raise InvalidCompactionInput("keep_recent_messages must be >= 1 (the newest message is always kept)")
+        if self.message_overhead_tokens < 0:
+            raise InvalidCompactionInput("message_overhead_tokens must be >= 0")
+        if not (math.isfinite(self.summary_timeout_s) and self.summary_timeout_s > 0):
+            raise InvalidCompactionInput(f"summary_timeout_s must be a finite number > 0, got {self.summary_timeout_s}")
+        if not (math.isfinite(self.retry_after_s) and self.retry_after_s >= 0):
+            raise InvalidCompactionInput(f"retry_after_s must be a finite number >= 0, got {self.retry_after_s}")
+        if self.summary_role not in ("system", "user", "assistant"):
+            raise InvalidCompactionInput(f"summary_role must be system, user or assistant, got {self.summary_role!r}")
+
+    def instruction(self) -> str:
+        return self.summary_prompt.replace("{target_tokens}", str(self.summary_target_tokens))
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> CompactionConfig:
+        """`KVSCHED_COMPACTION` = strategy; every other field is `KVSCHED_COMPACTION_<FIELD>` (e.g.
+        KVSCHED_COMPACTION_TRIGGER_TOKENS=5000, KVSCHED_COMPACTION_WAIT_FOR_SUMMARY=1)."""
+        env = os.environ if environ is None else environ
+        updates: dict[str, Any] = {}
+        if (raw := env.get("KVSCHED_COMPACTION")) is not None:
+            updates["strategy"] = parse_strategy(raw)
+        for f in fields(cls):
+            if f.name == "strategy":
+                continue
+            var = f"KVSCHED_COMPACTION_{f.name.upper()}"
+            raw = env.get(var)
+            if raw is None:
+                continue
+            default = getattr(cls(), f.name)
+            try:
+                if isinstance(default, bool):
+                    updates[f.name] = _parse_bool(raw)
+                elif isinstance(default, int):
+                    updates[f.name] = int(raw)
+                elif isinstance(default, float):
+                    updates[f.name] = float(raw)
+                else:
+                    updates[f.name] = raw
+            except ValueError:
+                raise InvalidCompactionInput(f"{var}={raw!r} is not a valid {type(default).__name__}") from None
+        return replace(cls(), **updates)
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)

@@ -1,0 +1,174 @@
+"""The compaction policy core: trigger, exact-prefix matching, summary of summary, sliding window, cap, config."""
+
+import pytest
+
+from kvsched.core.compaction import CompactionStore, leading_system_messages, prefix_digests
+from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy, parse_strategy
+
+SYSTEM = {"role": "system", "content": "you are an agent"}
+
+
+def conversation(turns: int) -> list[dict[str, str]]:
+    msgs = [SYSTEM]
+    for i in range(turns):
+        msgs.append({"role": "user", "content": f"tool result {i}"})
+        msgs.append({"role": "assistant", "content": f"noted {i}"})
+    return msgs
+
+
+def counts(msgs, per_message=10):
+    return [per_message] * len(msgs)
+
+
+def store(clock, **kw):
+    cfg = CompactionConfig(strategy=Strategy.SUMMARIZE, trigger_tokens=100, keep_recent_messages=2,
+                           message_overhead_tokens=0, **kw)
+    return CompactionStore(cfg, clock)
+
+
+def ask(s, msgs, session="s1", strategy=None, per_message=10):
+    return s.plan(session, msgs, counts(msgs, per_message), strategy)
+
+
+def test_no_job_below_the_trigger_and_one_at_it(clock):
+    s = store(clock)
+    below = conversation(5) + [{"role": "user", "content": "next"}]  # older part: 8 messages, 80 tokens
+    plan = ask(s, below)
+    assert plan.job is None and plan.replaced == 0 and plan.messages == tuple(below)
+    at = conversation(6) + [{"role": "user", "content": "next"}]
+    plan = ask(s, at)
+    job = plan.job
+    assert job is not None and plan.replaced == 0
+    # The kept part starts at a user turn; the older part is everything after the system prompt before the cut.
+    assert at[job.cut]["role"] == "user" and len(at) - job.cut >= 2
+    assert job.older_tokens == 10 * (job.cut - 1) >= 100
+    assert job.prompt[: job.cut] == tuple(at[: job.cut]) and job.prompt[-1]["role"] == "user"
+    assert "500 tokens" in job.prompt[-1]["content"]
+
+
+def test_summary_applies_only_to_the_exact_prefix(clock):
+    s = store(clock)
+    msgs = conversation(6) + [{"role": "user", "content": "next"}]
+    job = ask(s, msgs).job
+    s.commit(job, "SUMMARY", 7)
+    later = msgs + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
+    plan = ask(s, later)
+    assert plan.replaced == job.cut
+    assert plan.messages[0] == SYSTEM and plan.messages[1]["content"].endswith("SUMMARY")
+    assert plan.messages[2:] == tuple(later[job.cut:])
+    assert plan.tokens == 10 + 7 + 10 * (len(later) - job.cut) < plan.original_tokens
+    edited = [dict(m) for m in later]
+    edited[3]["content"] += " (edited)"
+    assert ask(s, edited).replaced == 0  # one changed message inside the summarised part: served as sent
+    other_system = [{"role": "system", "content": "another prompt"}] + later[1:]
+    assert ask(s, other_system).replaced == 0
+    assert ask(s, later, session="s2").replaced == 0  # summaries belong to their session
+
+
+def test_one_job_at_a_time_per_session(clock):
+    s = store(clock)
+    msgs = conversation(6) + [{"role": "user", "content": "next"}]
+    first = ask(s, msgs).job
+    assert first is not None
+    assert ask(s, msgs).job is None and ask(s, msgs + [{"role": "user", "content": "x"}]).job is None
+    assert ask(s, msgs, session="other").job is not None  # other sessions are independent
+    s.commit(first, "S", 3)
+    assert s.pending() == 1  # only "other" is still pending
+
+
+def test_failure_backs_off_then_retries(clock):
+    s = store(clock, retry_after_s=30.0)
+    msgs = conversation(6) + [{"role": "user", "content": "next"}]
+    job = ask(s, msgs).job
+    s.failed(job, "timeout")
+    assert s.counters["failed_timeout"] == 1
+    plan = ask(s, msgs)
+    assert plan.job is None and plan.replaced == 0 and plan.messages == tuple(msgs)
+    clock.advance(31)
+    assert ask(s, msgs).job is not None
+
+
+def test_repeat_compaction_summarises_the_summary(clock):
+    s = store(clock)
+    msgs = conversation(6) + [{"role": "user", "content": "next"}]
+    first = ask(s, msgs).job
+    s.commit(first, "FIRST", 10)
+    grown = msgs + [m for i in range(10, 20) for m in ({"role": "assistant", "content": f"a{i}"},
+                                                      {"role": "user", "content": f"u{i}"})]
+    plan = ask(s, grown)
+    second = plan.job
+    assert second is not None and second.cut > first.cut
+    # The summariser sees the earlier summary plus the newer turns, exactly as the session is served.
+    assert second.prompt[1]["content"].endswith("FIRST") and second.prompt[2] == grown[first.cut]
+    assert second.older_tokens == 10 + 10 * (second.cut - first.cut)
+    s.commit(second, "SECOND", 10)
+    again = ask(s, grown + [{"role": "assistant", "content": "z"}, {"role": "user", "content": "zz"}])
+    assert again.replaced == second.cut and again.messages[1]["content"].endswith("SECOND")
+    assert ask(s, msgs).replaced == first.cut  # the older checkpoint still serves a request that stopped earlier
+
+
+def test_sliding_window_drops_older_turns_and_keeps_the_system_prompt(clock):
+    s = store(clock)
+    msgs = conversation(6) + [{"role": "user", "content": "next"}]
+    plan = ask(s, msgs, strategy=Strategy.SLIDING_WINDOW)
+    assert plan.job is None and plan.replaced > 0
+    assert plan.messages[0] == SYSTEM and plan.messages[1] == msgs[plan.replaced]
+    assert plan.messages[1:] == tuple(msgs[plan.replaced:])
+    # The window is stable: the next turn keeps the same cut (prefix-cache friendly) until the trigger is hit again.
+    nxt = msgs + [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]
+    assert ask(s, nxt, strategy=Strategy.SLIDING_WINDOW).replaced == plan.replaced
+    # A summarize request of the same session does not use a window checkpoint.
+    assert ask(s, nxt).replaced == 0
+
+
+def test_cap_refuses_past_the_cap_only(clock):
+    s = CompactionStore(CompactionConfig(strategy=Strategy.CAP, cap_tokens=100, message_overhead_tokens=1), clock)
+    ok = s.plan("s", [SYSTEM, {"role": "user", "content": "x"}], [40, 40])
+    assert ok.refusal is None and ok.tokens == 82
+    refused = s.plan("s", [SYSTEM, {"role": "user", "content": "x"}], [60, 40])
+    assert refused.refusal is not None and "102 tokens" in refused.refusal and "100" in refused.refusal
+
+
+def test_off_changes_nothing(clock):
+    s = store(clock)
+    msgs = conversation(20)
+    plan = ask(s, msgs, strategy=Strategy.OFF)
+    assert plan.job is None and plan.replaced == 0 and plan.messages == tuple(msgs) and not s.sessions
+
+
+def test_token_counts_must_match_messages(clock):
+    with pytest.raises(ValueError, match="token counts"):
+        store(clock).plan("s", [SYSTEM], [1, 2])
+
+
+def test_store_is_bounded(clock):
+    s = store(clock, max_sessions=2, checkpoints_per_session=1)
+    for sid in ("a", "b", "c"):
+        ask(s, [SYSTEM, {"role": "user", "content": "x"}], session=sid)
+    assert list(s.sessions) == ["b", "c"]
+
+
+def test_digests_identify_exact_prefixes():
+    a = conversation(2)
+    b = [dict(m) for m in a]
+    assert prefix_digests(a) == prefix_digests(b)
+    b[2]["content"] += "!"
+    da, db = prefix_digests(a), prefix_digests(b)
+    assert da[:3] == db[:3] and all(x != y for x, y in zip(da[3:], db[3:], strict=True))
+    assert leading_system_messages(a) == 1 and leading_system_messages(a[1:]) == 0
+
+
+def test_config_from_env_and_bad_values():
+    cfg = CompactionConfig.from_env({"KVSCHED_COMPACTION": "Sliding_Window", "KVSCHED_COMPACTION_TRIGGER_TOKENS": "300",
+                                     "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1",
+                                     "KVSCHED_COMPACTION_SUMMARY_TIMEOUT_S": "2.5"})
+    assert cfg.strategy is Strategy.SLIDING_WINDOW and cfg.trigger_tokens == 300 and cfg.wait_for_summary
+    assert cfg.summary_timeout_s == 2.5 and CompactionConfig.from_env({}).strategy is Strategy.OFF
+    with pytest.raises(InvalidCompactionInput, match="unknown compaction strategy"):
+        CompactionConfig.from_env({"KVSCHED_COMPACTION": "shrink"})
+    with pytest.raises(InvalidCompactionInput, match="TRIGGER_TOKENS"):
+        CompactionConfig.from_env({"KVSCHED_COMPACTION_TRIGGER_TOKENS": "many"})
+    with pytest.raises(InvalidCompactionInput, match="trigger_tokens"):
+        CompactionConfig(trigger_tokens=0)
+    with pytest.raises(InvalidCompactionInput):
+        parse_strategy("")
