@@ -142,10 +142,6 @@ class CompactionStore:
             plan = Plan(plan.strategy, plan.messages, plan.replaced, plan.tokens, total, job=job)
         state.last_tokens = total
         state.peak_served_tokens = max(state.peak_served_tokens, plan.tokens)
-        if plan.replaced:
-            self.counters["rewritten"] += 1
-            self.counters["replaced_messages"] += plan.replaced
-            self.counters["saved_tokens"] += max(total - plan.tokens, 0)
         return plan
 
     def _rewrite(self, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int], digests: list[str],

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.compaction import Compactor
 from kvsched.adapters.vllm.metrics import render_metrics
 from kvsched.core.sessions import (
     InvalidSessionInput,
@@ -38,6 +39,7 @@ class KVSchedMiddleware:
         self.app = app
         self._active: bool | None = None
         self.rejected = 0  # requests refused for malformed session input (exported as a metric)
+        self.compaction = Compactor(app)  # context compaction (KVSCHED_COMPACTION*), see compaction.py
 
     def _is_active(self, scope: Scope) -> bool:
         if self._active is None:
@@ -78,10 +80,14 @@ class KVSchedMiddleware:
             self.rejected += 1
             await _json(send, 400, _error(str(exc), param="session"))
             return
-        if changed:
+        compacted = await self.compaction.prepare(scope, payload, headers)
+        if compacted.error is not None:
+            await _json(send, compacted.status, compacted.error)
+            return
+        if changed or compacted.changed:
             body = json.dumps(payload).encode()
             scope = dict(scope, headers=_replace_header(scope["headers"], b"content-length", str(len(body)).encode()))
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, _replay(body, receive), compacted.wrap(send))
 
     # ---- admin routes -------------------------------------------------------------------------------------------
     async def _admin(self, scope: Scope, receive: Any, send: Any, path: str, method: str) -> None:
@@ -135,7 +141,9 @@ class KVSchedMiddleware:
                 if not message.get("more_body", False):
                     body = b"".join(chunks)
                     content_type = dict(start.get("headers", [])).get(b"content-type", b"").decode()
-                    body = append_metrics(body, render_metrics(stats, openmetrics="openmetrics" in content_type))
+                    openmetrics = "openmetrics" in content_type
+                    body = append_metrics(body, render_metrics(stats, openmetrics=openmetrics)
+                                          + self.compaction.render_metrics(openmetrics=openmetrics))
                     hdrs = _replace_header(start.get("headers", []), b"content-length", str(len(body)).encode())
                     await send(dict(start, headers=hdrs))
                     await send({"type": "http.response.body", "body": body})

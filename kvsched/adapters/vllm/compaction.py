@@ -1,0 +1,362 @@
+"""Context compaction on vLLM's API-server side: plans each session's chat request with the compaction core, makes
+the summarization call through the same server, rewrites the request, and reports it.
+
+The summarization call goes in-process through the ASGI app below kvsched's middleware (vLLM's own
+/v1/chat/completions: chat template, tokenizer, auth and engine exactly as for user traffic; no socket, no host/port).
+It carries no session id, so the scheduler never pins it, and the request's `cache_salt`, so its prompt (the session's
+own served prefix plus an instruction) is a prefix-cache hit. It is sent with vLLM `priority` = summary_priority
+(later than user traffic) — honoured only when the server runs `--scheduling-policy priority`; under the default FCFS
+policy vLLM ignores the field. By default it also never delays a user request: the triggering request is served at
+once and the summary is used from the next request on (`KVSCHED_COMPACTION_WAIT_FOR_SUMMARY=1` makes it wait).
+Failure or timeout of the call never fails a request: it is served uncompacted and the failure is counted.
+
+Per request: header `X-KVSched-Compaction: summarize|sliding_window|cap|off` (or `vllm_xargs.compaction`) picks the
+strategy; `off` opts out. Responses that were rewritten carry `X-KVSched-Compacted: <client messages replaced>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kvsched.core.compaction import CompactionStore, Message, Plan, SummaryJob, message_digest
+from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy, parse_strategy
+
+logger = logging.getLogger(__name__)
+
+CHAT_PATH = "/v1/chat/completions"
+STRATEGY_HEADER = "x-kvsched-compaction"
+XARG_STRATEGY = "compaction"
+COMPACTED_HEADER = b"x-kvsched-compacted"
+TOKEN_CACHE_ENTRIES = 65_536
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Tokenizer = Callable[[str], int]
+
+
+class SummaryCallFailed(RuntimeError):
+    """The summarization request was answered with an error."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the middleware does with one request after compaction: forward it (rewritten or not), or refuse it."""
+
+    changed: bool = False
+    replaced: int = 0
+    status: int = 200
+    error: dict[str, Any] | None = None
+
+    def wrap(self, send: Send) -> Send:
+        """`send` with `X-KVSched-Compacted` added to the response headers when messages were replaced."""
+        if not self.replaced:
+            return send
+        value = str(self.replaced).encode()
+
+        async def send_with_header(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != COMPACTED_HEADER]
+                message = dict(message, headers=[*headers, (COMPACTED_HEADER, value)])
+            await send(message)
+
+        return send_with_header
+
+
+UNCHANGED = Outcome()
+
+
+class Compactor:
+    """One per API server: the summary store, in-flight summary calls (one per session) and counters."""
+
+    def __init__(self, app: Any, config: CompactionConfig | None = None, clock: Callable[[], float] = time.monotonic,
+                 tokenizer: Tokenizer | None = None) -> None:
+        self.app = app  # the ASGI app below kvsched's middleware: where summary calls go
+        self.config = config or _config_from_env()
+        self.store = CompactionStore(self.config, clock)
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.counters: Counter[str] = Counter()
+        self.summary_seconds = 0.0
+        self._tokenizer = tokenizer
+        self._token_cache: OrderedDict[bytes, int] = OrderedDict()
+
+    # ---- the request path ---------------------------------------------------------------------------------------
+    async def prepare(self, scope: Mapping[str, Any], payload: dict[str, Any], headers: Mapping[str, str]) -> Outcome:
+        """Plan one request (session fields already applied); rewrites `payload["messages"]` in place if compacted."""
+        if scope.get("path") != CHAT_PATH:
+            return UNCHANGED
+        xargs = payload.get("vllm_xargs") if isinstance(payload.get("vllm_xargs"), dict) else {}
+        raw = headers.get(STRATEGY_HEADER, xargs.get(XARG_STRATEGY))
+        try:
+            strategy = parse_strategy(raw) if raw is not None else self.config.strategy
+        except InvalidCompactionInput as exc:
+            self.counters["bad_input"] += 1
+            return Outcome(status=400, error=_error(str(exc), "X-KVSched-Compaction"))
+        session = xargs.get("session_id")
+        messages = payload.get("messages")
+        if not isinstance(session, str) or not _is_message_list(messages):
+            return UNCHANGED  # compaction is per session; vLLM validates malformed messages itself
+        if strategy is Strategy.OFF:
+            if raw is not None:
+                self.counters["opt_outs"] += 1
+            return UNCHANGED
+        try:
+            counts = [self._message_tokens(m, scope) for m in messages]
+        except Exception:  # no tokenizer (e.g. a server without one): serve as sent
+            logger.exception("kvsched compaction: token counting failed; serving uncompacted")
+            self.counters["token_count_errors"] += 1
+            return UNCHANGED
+        key = json.dumps([payload.get("model"), payload.get("cache_salt"), session])
+        if self.config.wait_for_summary and key in self.tasks:
+            await self._wait(key)  # a summary of this session is being made: use it
+        plan = self.store.plan(key, messages, counts, strategy)
+        if plan.refusal is not None:
+            return Outcome(status=400, error=_error(plan.refusal, "messages", code="context_cap_exceeded"))
+        if plan.job is not None:
+            self._start(plan.job, scope, payload)
+            if self.config.wait_for_summary:
+                await self._wait(key)
+                plan = self.store.plan(key, messages, counts, strategy)
+        return self._apply(plan, payload)
+
+    def _apply(self, plan: Plan, payload: dict[str, Any]) -> Outcome:
+        if not plan.replaced:
+            return UNCHANGED
+        payload["messages"] = [dict(m) for m in plan.messages]
+        self.counters[f"rewritten_{plan.strategy.value}"] += 1
+        self.counters["replaced_messages"] += plan.replaced
+        self.counters["saved_tokens"] += max(plan.original_tokens - plan.tokens, 0)
+        return Outcome(changed=True, replaced=plan.replaced)
+
+    # ---- summary calls ------------------------------------------------------------------------------------------
+    def _start(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._summarize(job, scope, payload))
+        self.tasks[job.session] = task
+        task.add_done_callback(lambda t: self.tasks.pop(job.session, None) if self.tasks.get(job.session) is t
+                               else None)
+
+    async def _wait(self, key: str) -> None:
+        task = self.tasks.get(key)
+        if task is not None:
+            await asyncio.shield(task)  # a cancelled client request must not cancel the session's summary
+
+    async def _summarize(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
+        self.counters["summary_calls"] += 1
+        t0 = time.perf_counter()
+        try:
+            text = await asyncio.wait_for(self._call(job, scope, payload), self.config.summary_timeout_s)
+        except TimeoutError:
+            self.store.failed(job, "timeout")
+            logger.warning("kvsched compaction: summary call timed out after %.1fs; serving uncompacted",
+                           self.config.summary_timeout_s)
+            return
+        except Exception as exc:
+            self.store.failed(job, "error")
+            logger.warning("kvsched compaction: summary call failed (%s); serving uncompacted", exc)
+            return
+        finally:
+            self.summary_seconds += time.perf_counter() - t0
+        if not text.strip():
+            self.store.failed(job, "empty")
+            return
+        summary = text.strip()
+        try:
+            tokens = self._message_tokens(self.store.summary_message(summary), scope)
+        except Exception:
+            tokens = self.config.summary_target_tokens
+        self.store.commit(job, summary, tokens)
+
+    async def _call(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
+        body: dict[str, Any] = {
+            "model": payload.get("model"), "messages": list(job.prompt), "stream": False, "temperature": 0.0,
+            "max_tokens": self.config.summary_target_tokens, "priority": self.config.summary_priority,
+        }
+        if payload.get("cache_salt") is not None:
+            body["cache_salt"] = payload["cache_salt"]
+        status, data = await call_asgi(self.app, scope, CHAT_PATH, json.dumps(body).encode(),
+                                       _auth_headers(scope) + [(STRATEGY_HEADER.encode(), b"off")])
+        if status != 200:
+            raise SummaryCallFailed(f"HTTP {status}: {data[:300].decode(errors='replace')}")
+        reply = json.loads(data)
+        return str(reply["choices"][0]["message"].get("content") or "")
+
+    # ---- token counting -----------------------------------------------------------------------------------------
+    def _message_tokens(self, message: Message, scope: Mapping[str, Any]) -> int:
+        """Tokens of a message's content with the served tokenizer (template markers are added by the core)."""
+        digest = message_digest(message)
+        cached = self._token_cache.get(digest)
+        if cached is not None:
+            self._token_cache.move_to_end(digest)
+            return cached
+        count = self._tokenize(scope)(_message_text(message))
+        self._token_cache[digest] = count
+        if len(self._token_cache) > TOKEN_CACHE_ENTRIES:
+            self._token_cache.popitem(last=False)
+        return count
+
+    def _tokenize(self, scope: Mapping[str, Any]) -> Tokenizer:
+        if self._tokenizer is None:
+            tok = served_tokenizer(scope["app"])
+            self._tokenizer = lambda text: len(tok.encode(text, add_special_tokens=False))
+        return self._tokenizer
+
+    # ---- metrics ------------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        c, s = self.counters, self.store.counters
+        return {
+            "trigger_tokens": float(self.config.trigger_tokens),
+            "sessions": float(len(self.store.sessions)),
+            "summaries_in_flight": float(len(self.tasks)),
+            "summary_calls": float(c["summary_calls"]),
+            "summaries": float(s["summaries"]),
+            "summary_seconds": self.summary_seconds,
+            "windows": float(s["windows"]),
+            "refused_requests": float(s["refused"]),
+            "opt_outs": float(c["opt_outs"]),
+            "replaced_messages": float(c["replaced_messages"]),
+            "saved_tokens": float(c["saved_tokens"]),
+            **{f"rewritten_{st.value}": float(c[f"rewritten_{st.value}"]) for st in Strategy},
+            **{f"failed_{r}": float(s[f"failed_{r}"]) for r in FAILURE_REASONS},
+        }
+
+    def render_metrics(self, openmetrics: bool = False) -> bytes:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.exposition import generate_latest
+        from prometheus_client.openmetrics.exposition import generate_latest as generate_latest_openmetrics
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self.stats()))  # type: ignore[arg-type]
+        if openmetrics:
+            text = generate_latest_openmetrics(registry)
+            return text[: -len(b"# EOF\n")] if text.endswith(b"# EOF\n") else text
+        return bytes(generate_latest(registry))
+
+
+FAILURE_REASONS = ("timeout", "error", "empty")
+GAUGES = {
+    "sessions": "Sessions with compaction state on this API server",
+    "summaries_in_flight": "Summarization calls under way",
+    "trigger_tokens": "Older-context tokens that trigger a compaction",
+}
+COUNTERS = {
+    "summary_calls": "Summarization calls made (one per trigger)",
+    "summaries": "Summaries stored",
+    "summary_seconds": "Time spent in summarization calls",
+    "windows": "Sliding-window cuts made",
+    "refused_requests": "Requests refused past the context cap (HTTP 400)",
+    "opt_outs": "Requests that opted out of compaction (X-KVSched-Compaction: off)",
+    "replaced_messages": "Client messages replaced by a summary or dropped, over all rewritten requests",
+    "saved_tokens": "Prompt tokens removed by compaction (estimated with the served tokenizer)",
+}
+
+
+class _Collector:
+    def __init__(self, stats: Mapping[str, float]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for name, doc in GAUGES.items():
+            yield GaugeMetricFamily(f"kvsched_compaction_{name}", doc, value=self.stats.get(name, 0.0))
+        for name, doc in COUNTERS.items():
+            yield CounterMetricFamily(f"kvsched_compaction_{name}", doc, value=self.stats.get(name, 0.0))
+        rewritten = CounterMetricFamily("kvsched_compaction_rewritten_requests", "Requests served compacted, by "
+                                        "strategy", labels=["strategy"])
+        for st in (Strategy.SUMMARIZE, Strategy.SLIDING_WINDOW):
+            rewritten.add_metric([st.value], self.stats.get(f"rewritten_{st.value}", 0.0))
+        yield rewritten
+        failures = CounterMetricFamily("kvsched_compaction_summary_failures", "Summarization calls that failed "
+                                       "(the request was served uncompacted), by reason", labels=["reason"])
+        for reason in FAILURE_REASONS:
+            failures.add_metric([reason], self.stats.get(f"failed_{reason}", 0.0))
+        yield failures
+
+
+# ---- vLLM / ASGI plumbing ---------------------------------------------------------------------------------------
+def _config_from_env() -> CompactionConfig:
+    """The server's compaction settings; a malformed variable is logged and turns compaction off (the middleware is
+    built for every `vllm serve`, and a typo must not take a server down)."""
+    try:
+        return CompactionConfig.from_env()
+    except InvalidCompactionInput as exc:
+        logger.error("kvsched compaction disabled: %s", exc)
+        return CompactionConfig(strategy=Strategy.OFF)
+
+
+def served_tokenizer(app: Any) -> Any:
+    """The tokenizer vLLM's API server serves with (`AsyncLLM.get_tokenizer()`, vLLM 0.32)."""
+    return app.state.engine_client.get_tokenizer()
+
+
+def _auth_headers(scope: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
+    """The server's own API key, for the in-process call (vLLM's auth middleware sits below kvsched's)."""
+    from kvsched.adapters.vllm import compat
+
+    keys = compat.api_keys(scope["app"]) if "app" in scope else []
+    return [(b"authorization", f"Bearer {keys[0]}".encode())] if keys else []
+
+
+async def call_asgi(app: Any, template: Mapping[str, Any], path: str, body: bytes,
+                    headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+    """POST `body` (JSON) to `path` of an ASGI app in-process; returns (status, response body)."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": template.get("root_path", ""),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        "client": ("127.0.0.1", 0), "server": template.get("server"),
+    }
+    for key in ("app", "state"):
+        if key in template:
+            scope[key] = dict(template[key]) if key == "state" else template[key]
+    done = asyncio.Event()
+    sent = False
+    status = 500
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()  # vLLM polls for a client disconnect; there is none until the response is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                done.set()
+
+    try:
+        await app(scope, receive, send)
+    finally:
+        done.set()
+    return status, b"".join(chunks)
+
+
+def _is_message_list(messages: object) -> bool:
+    return isinstance(messages, list) and bool(messages) and all(isinstance(m, dict) for m in messages)
+
+
+def _message_text(message: Message) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        text = "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    else:
+        text = "" if content is None else str(content)
+    if message.get("tool_calls"):
+        text += json.dumps(message["tool_calls"], default=str)
+    return text
+
+
+def _error(message: str, param: str, code: str | int = 400) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "BadRequestError", "param": param, "code": code}}

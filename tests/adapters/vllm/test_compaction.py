@@ -1,0 +1,160 @@
+"""The API-server side of compaction against a fake inner ASGI app: the summary call, fallback, concurrency, headers."""
+
+import asyncio
+import json
+
+import pytest
+
+from kvsched.adapters.vllm.compaction import Compactor, Outcome
+from kvsched.core.compaction_config import CompactionConfig, Strategy
+
+SCOPE = {"type": "http", "path": "/v1/chat/completions", "method": "POST"}
+SYSTEM = {"role": "system", "content": "you are an agent"}
+
+
+class FakeVllm:
+    """Answers chat completions like vLLM; records what it was sent. `mode`: ok, hang, reject, empty."""
+
+    def __init__(self, mode="ok"):
+        self.mode = mode
+        self.calls = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope, receive, send):
+        message = await receive()
+        self.calls.append((scope, json.loads(message["body"])))
+        if self.mode == "hang":
+            await asyncio.Event().wait()
+        if self.mode == "slow":
+            await self.release.wait()
+        status = 400 if self.mode == "reject" else 200
+        content = "" if self.mode == "empty" else "short summary of it all"
+        body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}
+                          if status == 200 else {"error": {"message": "max_tokens too large"}}).encode()
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+
+def compactor(app, **kw):
+    cfg = CompactionConfig(**{"strategy": Strategy.SUMMARIZE, "trigger_tokens": 40, "keep_recent_messages": 2,
+                              "message_overhead_tokens": 0, "summary_target_tokens": 32, **kw})
+    return Compactor(app, cfg, tokenizer=lambda text: len(text.split()))
+
+
+def request(turns, session="wf/1", **extra):
+    msgs = [SYSTEM]
+    for i in range(turns):
+        msgs += [{"role": "user", "content": f"tool result number {i} with words"},
+                 {"role": "assistant", "content": f"noted {i}"}]
+    msgs.append({"role": "user", "content": "what next"})
+    return {"model": "tiny", "messages": msgs, "vllm_xargs": {"session_id": session}, **extra}
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_background_summary_is_used_from_the_next_request():
+    app = FakeVllm()
+    comp = compactor(app)
+
+    async def scenario():
+        first = request(8, cache_salt="tenant-a")
+        out = await comp.prepare(SCOPE, first, {})
+        assert out == Outcome() and first["messages"] == request(8)["messages"]  # served at once, as sent
+        await asyncio.gather(*comp.tasks.values())
+        second = request(9, cache_salt="tenant-a")
+        out2 = await comp.prepare(SCOPE, second, {})
+        return out2, second
+
+    out, second = run(scenario())
+    assert len(app.calls) == 1
+    scope, body = app.calls[0]
+    # The summary call: the session's own prefix + the instruction, no session id (never pinned), same cache salt,
+    # lower priority, the configured target length, and opted out of compaction itself.
+    assert "vllm_xargs" not in body and body["cache_salt"] == "tenant-a" and body["priority"] == 10
+    assert body["max_tokens"] == 32 and body["messages"][0] == SYSTEM and body["messages"][-1]["role"] == "user"
+    assert (b"x-kvsched-compaction", b"off") in scope["headers"]
+    assert out.changed and out.replaced > 0
+    assert second["messages"][1]["content"].endswith("short summary of it all")
+    assert second["messages"][2:] == request(9)["messages"][out.replaced:]
+    stats = comp.stats()
+    assert stats["summaries"] == 1 and stats["rewritten_summarize"] == 1 and stats["replaced_messages"] == out.replaced
+
+
+@pytest.mark.parametrize("mode, reason", [("hang", "timeout"), ("reject", "error"), ("empty", "empty")])
+def test_failed_summary_call_serves_uncompacted_and_counts(mode, reason):
+    app = FakeVllm(mode)
+    comp = compactor(app, summary_timeout_s=0.05, wait_for_summary=True)
+    payload = request(8)
+    out = run(comp.prepare(SCOPE, payload, {}))
+    assert out == Outcome() and payload["messages"] == request(8)["messages"]
+    stats = comp.stats()
+    assert stats[f"failed_{reason}"] == 1 and stats["summaries"] == 0 and stats["summaries_in_flight"] == 0
+    # No retry storm: the next request of the session within retry_after_s makes no new call.
+    run(comp.prepare(SCOPE, request(9), {}))
+    assert len(app.calls) == 1
+
+
+def test_concurrent_requests_of_one_session_make_one_summary_call():
+    app = FakeVllm("slow")
+    comp = compactor(app, wait_for_summary=True)
+
+    async def scenario():
+        a, b = request(8), request(8)
+        pending = asyncio.gather(comp.prepare(SCOPE, a, {}), comp.prepare(SCOPE, b, {}))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        app.release.set()
+        return await pending, a, b
+
+    (out_a, out_b), a, b = run(scenario())
+    assert len(app.calls) == 1 and comp.stats()["summary_calls"] == 1
+    assert out_a.replaced == out_b.replaced > 0 and a["messages"] == b["messages"]
+
+
+def test_opt_out_and_bad_strategy():
+    app = FakeVllm()
+    comp = compactor(app, wait_for_summary=True)
+    payload = request(8)
+    assert run(comp.prepare(SCOPE, payload, {"x-kvsched-compaction": "off"})) == Outcome()
+    xargs_off = request(8)
+    xargs_off["vllm_xargs"]["compaction"] = "off"
+    assert run(comp.prepare(SCOPE, xargs_off, {})) == Outcome()
+    assert app.calls == [] and comp.stats()["opt_outs"] == 2
+    bad = run(comp.prepare(SCOPE, request(1), {"x-kvsched-compaction": "squeeze"}))
+    assert bad.status == 400 and "unknown compaction strategy" in bad.error["error"]["message"]
+
+
+def test_cap_refuses_with_a_message_and_sliding_window_needs_no_call():
+    app = FakeVllm()
+    comp = compactor(app, cap_tokens=30)
+    refused = run(comp.prepare(SCOPE, request(8), {"x-kvsched-compaction": "cap"}))
+    assert refused.status == 400 and "context cap of 30 tokens" in refused.error["error"]["message"]
+    payload = request(8)
+    out = run(comp.prepare(SCOPE, payload, {"x-kvsched-compaction": "sliding_window"}))
+    assert out.replaced > 0 and app.calls == [] and payload["messages"][0] == SYSTEM
+    assert payload["messages"][1:] == request(8)["messages"][out.replaced:]
+
+
+def test_requests_without_a_session_or_on_completions_pass():
+    comp = compactor(FakeVllm(), wait_for_summary=True)
+    no_session = request(8)
+    del no_session["vllm_xargs"]
+    assert run(comp.prepare(SCOPE, no_session, {})) == Outcome()
+    assert run(comp.prepare(dict(SCOPE, path="/v1/completions"), request(8), {})) == Outcome()
+
+
+def test_response_header_and_metrics():
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    wrapped = Outcome(changed=True, replaced=7).wrap(send)
+    run(wrapped({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"x")]}))
+    assert (b"x-kvsched-compacted", b"7") in sent[0]["headers"]
+    assert Outcome().wrap(send) is send
+    text = compactor(FakeVllm()).render_metrics().decode()
+    assert "kvsched_compaction_summary_calls_total 0.0" in text
+    assert 'kvsched_compaction_summary_failures_total{reason="timeout"} 0.0' in text
