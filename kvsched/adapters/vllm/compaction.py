@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kvsched.adapters.vllm import compat
 from kvsched.core.compaction import CompactionStore, Message, Plan, SummaryJob, message_digest
 from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy, parse_strategy
 
@@ -97,7 +98,7 @@ class Compactor:
         except InvalidCompactionInput as exc:
             self.counters["bad_input"] += 1
             return Outcome(status=400, error=_error(str(exc), "X-KVSched-Compaction"))
-        session = xargs.get("session_id")
+        session = xargs.get(compat.XARG_SESSION_ID)
         messages = payload.get("messages")
         if not isinstance(session, str) or not _is_message_list(messages):
             return UNCHANGED  # compaction is per session; vLLM validates malformed messages itself
@@ -296,8 +297,6 @@ def served_tokenizer(app: Any) -> Any:
 
 def _auth_headers(scope: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
     """The server's own API key, for the in-process call (vLLM's auth middleware sits below kvsched's)."""
-    from kvsched.adapters.vllm import compat
-
     keys = compat.api_keys(scope["app"]) if "app" in scope else []
     return [(b"authorization", f"Bearer {keys[0]}".encode())] if keys else []
 
