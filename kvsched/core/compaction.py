@@ -219,6 +219,10 @@ class CompactionStore:
     def summary_message(self, summary: str) -> dict[str, str]:
         return {"role": self.config.summary_role, "content": self.config.summary_prefix + summary}
 
+    def forget(self, session: str) -> None:
+        """The session ended: drop its checkpoints (a job still in flight may store one more; the LRU bound holds)."""
+        self.sessions.pop(session, None)
+
     # ---- views ------------------------------------------------------------------------------------------------
     def checkpoints(self, session: str) -> list[Checkpoint]:
         state = self.sessions.get(session)

@@ -172,3 +172,11 @@ def test_config_from_env_and_bad_values():
         CompactionConfig(trigger_tokens=0)
     with pytest.raises(InvalidCompactionInput):
         parse_strategy("")
+
+
+def test_forget_drops_a_session(clock):
+    s = store(clock)
+    msgs = conversation(6) + [{"role": "user", "content": "next"}]
+    s.commit(ask(s, msgs).job, "S", 3)
+    s.forget("s1")
+    assert s.checkpoints("s1") == [] and ask(s, msgs + [{"role": "assistant", "content": "a"}]).replaced == 0

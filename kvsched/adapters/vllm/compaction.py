@@ -118,11 +118,13 @@ class Compactor:
         plan = self.store.plan(key, messages, counts, strategy)
         if plan.refusal is not None:
             return Outcome(status=400, error=_error(plan.refusal, "messages", code="context_cap_exceeded"))
-        if plan.job is not None:
+        if plan.job is not None and not xargs.get(compat.XARG_END):  # no summary for a session's last turn
             self._start(plan.job, scope, payload)
             if self.config.wait_for_summary:
                 await self._wait(key)
                 plan = self.store.plan(key, messages, counts, strategy)
+        if xargs.get(compat.XARG_END):
+            self.store.forget(key)
         return self._apply(plan, payload)
 
     def _apply(self, plan: Plan, payload: dict[str, Any]) -> Outcome:

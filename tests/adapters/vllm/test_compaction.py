@@ -158,3 +158,14 @@ def test_response_header_and_metrics():
     text = compactor(FakeVllm()).render_metrics().decode()
     assert "kvsched_compaction_summary_calls_total 0.0" in text
     assert 'kvsched_compaction_summary_failures_total{reason="timeout"} 0.0' in text
+
+
+def test_a_sessions_last_turn_makes_no_summary_and_ends_its_state():
+    app = FakeVllm()
+    comp = compactor(app, wait_for_summary=True)
+    run(comp.prepare(SCOPE, request(2), {}))
+    assert comp.store.sessions
+    last = request(8)
+    last["vllm_xargs"]["session_end"] = 1
+    assert run(comp.prepare(SCOPE, last, {})) == Outcome()
+    assert app.calls == [] and not comp.store.sessions
