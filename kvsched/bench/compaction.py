@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kvsched.bench.agents import prefill_throughput
 from kvsched.bench.agents import summarize as summarize_run
 from kvsched.bench.agents_driver import AgentDriver, RunRecord
 from kvsched.bench.common import percentile, provenance, ratios, table, write_json
@@ -34,7 +35,7 @@ SIDES: dict[str, tuple[str | None, str | None]] = {  # side -> (--scheduler, KVS
     "summarize": ("kvsched", "summarize"),
     "sliding_window": ("kvsched", "sliding_window"),
 }
-QUICK = dict(sessions=6, trigger_tokens=384, summary_tokens=48, model_size="test")
+QUICK = dict(sessions=4, trigger_tokens=384, summary_tokens=48, model_size="bench")
 FULL = dict(sessions=8, trigger_tokens=512, summary_tokens=64, model_size="bench")
 COMPACTION_METRICS = ("kvsched_compaction_summary_calls_total", "kvsched_compaction_summaries_total",
                       "kvsched_compaction_summary_failures_total", "kvsched_compaction_windows_total",
@@ -56,6 +57,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sides", type=parse_sides, default=list(SIDES), help="comma list of: " + ",".join(SIDES))
     p.add_argument("--wait-for-summary", action="store_true",
                    help="the triggering request waits for its summary (KVSCHED_COMPACTION_WAIT_FOR_SUMMARY=1)")
+    p.add_argument("--scheduling-policy", choices=("priority", "fcfs"), default="priority",
+                   help="vLLM --scheduling-policy on every side (default priority: the summary calls' lower priority "
+                        "is honoured; all user requests have the same priority, so their order is FCFS as in stock)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -176,6 +180,8 @@ def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, pool_tokens: int,
     workflows = generate(cfg)
     n_turns = sum(len(a.turns) for wf in workflows for a in wf.agents())
     with VllmServer(spec) as server:
+        # Warm-up (and the engine's uncached prefill rate): first long prompts of a fresh engine are slow on CPU.
+        prefill_tok_s = prefill_throughput(server, spec.served_model_name, spec.max_model_len)
         before = server.metrics()
         bar = None
         if progress:
@@ -193,7 +199,9 @@ def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, pool_tokens: int,
         if bar:
             bar.close()
         after = server.metrics()
-    return side_result(record, before, after, pool_tokens, pins)
+    out = side_result(record, before, after, pool_tokens, pins)
+    out["measured_prefill_tok_s"] = prefill_tok_s
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,14 +230,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         scheduler, strategy = SIDES[name]
         env = dict(env_common, KVSCHED_COMPACTION=strategy) if strategy else {"KVSCHED_COMPACTION": "off"}
         spec = ServerSpec(model=model_dir, scheduler=scheduler, max_model_len=max_model_len, block_size=BLOCK_SIZE,
-                          num_blocks=num_blocks, served_model_name="compaction", env=env)
+                          num_blocks=num_blocks, served_model_name="compaction", env=env,
+                          extra_args=["--scheduling-policy", args.scheduling_policy])
         result[name] = run_side(name, spec, cfg, pool_tokens, progress=not args.no_progress)
     if "stock" in result:
         result["ratio"] = {k: ratios(v, result["stock"]) for k, v in result.items() if k != "stock"}
     shape = SIZES[s["model_size"]]
     result["config"] = {
         **s, "growth": args.growth, "pressure": working_set / pool_tokens, "keep_recent_messages": 2,
-        "wait_for_summary": bool(args.wait_for_summary),
+        "wait_for_summary": bool(args.wait_for_summary), "scheduling_policy": args.scheduling_policy,
         "workload": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(cfg).items()},
         "session_final_history_tokens": finals, "working_set_tokens": working_set, "kv_pool_tokens": pool_tokens,
         "num_blocks": num_blocks, "block_size": BLOCK_SIZE, "max_model_len": max_model_len,
