@@ -167,6 +167,11 @@ def side_result(record: RunRecord, before: dict[str, float], after: dict[str, fl
     if pin_peaks is not None:
         pins = [pin_peaks.get(s, 0) for s in peaks]
         out["peak_pinned_tokens_per_session"] = sum(pins) / len(pins) if pins else 0.0
+    failures = {reason: after.get(f'kvsched_compaction_summary_failures_total{{reason="{reason}"}}', 0.0)
+                - before.get(f'kvsched_compaction_summary_failures_total{{reason="{reason}"}}', 0.0)
+                for reason in ("timeout", "error", "empty")}
+    if any(failures.values()):
+        out["summary_failures_by_reason"] = failures
     worst = out["peak_kv_tokens_max_session"]
     out["sessions_pool_holds_at_peak"] = pool_tokens // worst if worst else None
     for name in COMPACTION_METRICS:
