@@ -10,93 +10,99 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.core.gpu_catalog import load_catalog
-from kvsched.core.planner import (
-    GIB,
-    PRESETS,
-    Levers,
-    ModelShape,
-    PlanError,
-    Topology,
-    Workload,
-    cost,
-    plan,
-    with_levers,
-)
+from kvsched.core.planner import GIB, PRESETS, ModelShape, PlanError
+from kvsched.core.planner_cost import cost
+from kvsched.core.planner_fleet import Levers, Plan, Topology, Workload, plan, summary_calls, with_levers
+
+DEFAULT_PRESET = "llama-3.1-8b"
 
 
 def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
-        "plan", help="capacity planner: KV bytes, sessions per GPU, cost vs a managed API",
-        description=__doc__)
+        "plan", help="capacity planner: KV bytes, sessions per GPU, cost vs a managed API", description=__doc__)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", choices=sorted(PRESETS), help="a built-in model shape (default llama-3.1-8b)")
-    src.add_argument("--model", type=Path, help="a local HF model directory or config.json")
-    p.add_argument("--kv-dtype", default="fp16", help="fp16 | bf16 | fp8 (default fp16)")
-    p.add_argument("--weight-dtype", default=None, help="default: fp8 with an fp8 KV cache, else bf16")
-    p.add_argument("--context", type=int, default=8192, help="tokens per session, p95 (sizes memory)")
-    p.add_argument("--context-p50", type=int, default=None, help="typical session length (reported beside p95)")
+    src.add_argument("--preset", help=f"a built-in model shape: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
+    src.add_argument("--model", type=Path, help="a local HF model directory or its config.json")
+    p.add_argument("--kv-dtype", default="fp16", help="KV cache dtype: fp16 | bf16 | fp8 (default fp16)")
+    p.add_argument("--weight-dtype", default=None, help="default: fp8 beside an fp8 KV cache, else bf16")
+    p.add_argument("--context", type=int, default=8192, help="tokens per session at p95 (sizes memory)")
+    p.add_argument("--context-p50", type=int, default=None, help="typical tokens per session (reported beside p95)")
     p.add_argument("--sessions", type=int, default=100, help="concurrent workflows")
     p.add_argument("--topology", choices=[t.value for t in Topology], default="flat")
     p.add_argument("--agents", type=int, default=1,
                    help="flat: agents per workflow; hierarchical: workers per orchestrator; pipeline: stages")
-    p.add_argument("--tool-calls", type=int, default=0, help="tool calls per session (each stays in the KV cache)")
+    p.add_argument("--tool-calls", type=int, default=0, help="tool calls per session (each result stays in KV)")
     p.add_argument("--tool-tokens", type=int, default=500, help="tokens per tool result")
-    p.add_argument("--overhead", type=float, default=0.15, help="runtime, CUDA context, OS (default 0.15)")
+    p.add_argument("--overhead", type=float, default=0.15, help="runtime, CUDA context, OS share (default 0.15)")
     p.add_argument("--ceiling", type=float, default=0.90, help="largest share of VRAM to plan on (default 0.90)")
-    p.add_argument("--gpu-catalog", type=Path, default=None, help="TOML catalogue (default: kvsched/assets/gpus.toml)")
-    cost_g = p.add_argument_group("cost")
-    cost_g.add_argument("--tokens-per-interaction", type=float, default=950.0)
-    cost_g.add_argument("--interactions-per-hour", type=float, default=500.0)
-    cost_g.add_argument("--api-price", type=float, default=0.40, help="managed API $ per million tokens")
-    cost_g.add_argument("--cost-gpu", default="H100-SXM5-80GB", help="catalogue GPU to price against the API")
-    p.add_argument("--with-kvsched", action="store_true", help="also plan with kvsched's levers (FP8 KV, compaction)")
-    p.add_argument("--compaction-trigger", type=int, default=5000)
-    p.add_argument("--summary-tokens", type=int, default=500)
-    p.add_argument("--recent-tokens", type=int, default=2000)
-    p.add_argument("--pin-budget", type=float, default=1.0,
-                   help="kvsched's retention budget: largest share of the KV pool idle sessions may keep pinned")
+    p.add_argument("--gpu-catalog", type=Path, default=None, help="TOML catalogue (default kvsched/assets/gpus.toml)")
+    c = p.add_argument_group("cost")
+    c.add_argument("--tokens-per-interaction", type=float, default=950.0)
+    c.add_argument("--interactions-per-hour", type=float, default=500.0)
+    c.add_argument("--api-price", type=float, default=0.40, help="managed API $ per million tokens")
+    c.add_argument("--cost-gpu", default="H100-SXM5-80GB", help="catalogue GPU to price against the API")
+    k = p.add_argument_group("kvsched levers")
+    k.add_argument("--with-kvsched", action="store_true", help="also plan with FP8 KV, compaction, retention budget")
+    k.add_argument("--compaction-trigger", type=int, default=5000, help="older tokens that trigger a summary (0 off)")
+    k.add_argument("--summary-tokens", type=int, default=500)
+    k.add_argument("--recent-tokens", type=int, default=2000, help="recent turns kept verbatim beside the summary")
+    k.add_argument("--pin-budget", type=float, default=1.0,
+                   help="retention budget: largest share of the KV pool idle sessions may keep pinned")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--plot", type=Path, default=None, help="PNG: sessions per GPU against context length")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG: sessions per GPU against context length")
     p.set_defaults(func=run)
 
 
+def model_of(args: argparse.Namespace) -> ModelShape:
+    return ModelShape.from_hf_config(args.model) if args.model else ModelShape.from_preset(args.preset or DEFAULT_PRESET)
+
+
 def build(args: argparse.Namespace) -> dict[str, Any]:
-    shape = ModelShape.from_hf_config(args.model) if args.model else ModelShape.from_preset(args.preset or
-                                                                                            "llama-3.1-8b")
+    shape = model_of(args)
     workload = Workload(workflows=args.sessions, topology=Topology(args.topology), agents=args.agents,
                         context=args.context, context_p50=args.context_p50, tool_calls=args.tool_calls,
                         tool_tokens=args.tool_tokens)
     gpus = load_catalog(args.gpu_catalog)
-    base = plan(shape, workload, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
     by_name = {g.name: g for g in gpus}
     if args.cost_gpu not in by_name:
         raise PlanError(f"--cost-gpu {args.cost_gpu!r} is not in the catalogue ({', '.join(by_name)})")
+    base = plan(shape, workload, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
     g = by_name[args.cost_gpu]
     out: dict[str, Any] = {
-        "model": asdict(shape), "workload": {**asdict(workload), "topology": workload.topology.value,
-                                             "kv_slots": workload.kv_slots, "session_tokens": workload.session_tokens},
+        "model": asdict(shape),
+        "workload": {**asdict(workload), "topology": workload.topology.value, "kv_slots": workload.kv_slots,
+                     "session_tokens": workload.session_tokens},
         "plan": base.as_dict(),
-        "cost": {"gpu": g.name, **asdict(cost(args.tokens_per_interaction, args.interactions_per_hour, args.api_price,
-                                              g.price_per_hour, g.interactions_per_hour))},
+        "cost": {"gpu": g.name, "tokens_per_interaction": args.tokens_per_interaction,
+                 "interactions_per_hour": args.interactions_per_hour, "api_price_per_m": args.api_price,
+                 "gpu_price_per_hour": g.price_per_hour, "gpu_interactions_per_hour": g.interactions_per_hour,
+                 **asdict(cost(args.tokens_per_interaction, args.interactions_per_hour, args.api_price,
+                               g.price_per_hour, g.interactions_per_hour))},
     }
     if args.with_kvsched:
-        out["with_kvsched"] = {}
-        levers = Levers(fp8=True, compaction_trigger=args.compaction_trigger, summary_tokens=args.summary_tokens,
-                        recent_tokens=args.recent_tokens)
-        fp8 = plan(shape, workload, "fp8", args.weight_dtype, args.overhead, args.ceiling, gpus)
-        compacted = with_levers(workload, levers)
-        comp = plan(shape, compacted, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
-        both = plan(shape, compacted, "fp8", args.weight_dtype, args.overhead, args.ceiling, gpus)
-        if not 0.0 <= args.pin_budget <= 1.0:
-            raise PlanError("--pin-budget must be within [0, 1]")
-        out["with_kvsched"] = {"fp8_kv": fp8.as_dict(), "compaction": comp.as_dict(), "fp8_kv+compaction": both.as_dict(),
-                               "levers": asdict(levers), "compacted_session_tokens": compacted.session_tokens,
-                               "pin_budget": args.pin_budget}
-        for q in out["with_kvsched"].values():
-            if isinstance(q, dict) and "fits" in q:
-                for f in q["fits"]:  # idle sessions a replica keeps resident between turns within the budget
-                    f["retained_idle_sessions_per_replica"] = int(f["sessions_per_replica"] * args.pin_budget)
+        out["with_kvsched"] = levers_effect(args, shape, workload, gpus)
     return out
+
+
+def levers_effect(args: argparse.Namespace, shape: ModelShape, workload: Workload, gpus: list[Any]) -> dict[str, Any]:
+    """The same fleet under kvsched's levers: FP8 KV, compaction, both; the retention budget bounds idle pins."""
+    levers = Levers(fp8=True, compaction_trigger=args.compaction_trigger, summary_tokens=args.summary_tokens,
+                    recent_tokens=args.recent_tokens, pin_budget=args.pin_budget)
+    compacted = with_levers(workload, levers)
+    plans = {"fp8_kv": plan(shape, workload, "fp8", args.weight_dtype, args.overhead, args.ceiling, gpus),
+             "compaction": plan(shape, compacted, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus),
+             "fp8_kv+compaction": plan(shape, compacted, "fp8", args.weight_dtype, args.overhead, args.ceiling, gpus)}
+    out: dict[str, Any] = {name: _with_retention(q, levers.pin_budget) for name, q in plans.items()}
+    out.update(levers=asdict(levers), compacted_session_tokens=compacted.session_tokens,
+               summary_calls_per_session=summary_calls(workload.session_tokens, levers), pin_budget=levers.pin_budget)
+    return out
+
+
+def _with_retention(q: Plan, pin_budget: float) -> dict[str, Any]:
+    d = q.as_dict()
+    for f in d["fits"]:  # idle sessions a replica keeps resident between turns within the budget
+        f["retained_idle_sessions_per_replica"] = int(f["sessions_per_replica"] * pin_budget)
+    return d
 
 
 def _gib(b: float) -> str:
@@ -108,72 +114,88 @@ def render(result: dict[str, Any]) -> str:
 
     p, w, c = result["plan"], result["workload"], result["cost"]
     lines = [
-        f"model {p['model']}: KV {p['kv_dtype']}, weights {p['weight_dtype']}",
+        f"model {p['model']} ({p['attention']}): KV {p['kv_dtype']}, weights {p['weight_dtype']}",
         f"  KV bytes per token      {p['bytes_per_token']:,} B",
-        f"  KV per session          {_gib(p['kv_per_session_bytes'])} ({w['session_tokens']:,} tokens p95; "
-        f"p50 {_gib(p['kv_per_session_p50_bytes'])})",
-        f"  concurrent KV slots     {p['kv_slots']:,} ({w['topology']}, {w['workflows']} workflows)",
-        f"  KV total                {_gib(p['kv_total_bytes'])}",
+        f"  KV per session          {_gib(p['kv_per_session_bytes'])} at p95 ({w['session_tokens']:,} tokens incl. "
+        f"{w['tool_calls']} tool results); p50 {_gib(p['kv_per_session_p50_bytes'])}",
+        f"  concurrent KV slots     {p['kv_slots']:,} ({w['topology']}, {w['workflows']:,} workflows, "
+        f"agents/stages {w['agents']})",
+        f"  KV total                {_gib(p['kv_total_bytes'])} (all slots at p50: {_gib(p['kv_total_p50_bytes'])})",
         f"  weights                 {_gib(p['weights_bytes'])}",
-        f"  total (+{p['overhead']:.0%} runtime)    {_gib(p['total_bytes'])}",
+        f"  total                   {_gib(p['total_before_overhead_bytes'])}; +{p['overhead']:.0%} runtime "
+        f"{_gib(p['total_bytes'])}",
+        *[f"  note: {n}" for n in p["notes"]],
         "",
-        table([[f["gpu"], f["tensor_parallel"], f["sessions_per_replica"], f["replicas"], f["gpus"],
-                f"${f['cost_per_hour']:,.2f}"] for f in p["fits"]],
-              ["GPU", "TP", "sessions/replica", "replicas", "GPUs", "$/h"]),
+        f"GPUs (planned at {p['ceiling']:.0%} of VRAM):",
+        table([[f["gpu"], f["tensor_parallel"], f["sessions_per_replica"], round(f["sessions_per_gpu"], 1),
+                f["replicas"], f["gpus"], f"${f['cost_per_hour']:,.2f}", f["note"] or "-"] for f in p["fits"]],
+              ["GPU", "TP", "sessions/replica", "sessions/GPU", "replicas", "GPUs", "fleet $/h", "note"]),
         "",
-        (f"cost on {c['gpu']}: API ${c['api_per_hour']:.3f}/h vs GPU prorated ${c['gpu_prorated_per_hour']:.3f}/h; "
-                 f"per 1,000 interactions API ${c['api_per_1k_interactions']:.3f} vs GPU "
-                 f"${c['gpu_per_1k_interactions']:.3f} -> {'GPU' if c['gpu_wins'] else 'API'} wins per interaction; "
-                 f"a dedicated GPU beats the API above {c['breakeven_interactions_per_hour']:,.0f} interactions/h "
-                 f"({c['breakeven_utilisation']:.0%} of its capacity)"),
+        f"cost on {c['gpu']} ({c['interactions_per_hour']:,.0f} interactions/h x {c['tokens_per_interaction']:,.0f} "
+        f"tokens, API ${c['api_price_per_m']}/M):",
+        f"  per hour                API ${c['api_per_hour']:.3f} vs GPU prorated ${c['gpu_prorated_per_hour']:.3f} "
+        f"(dedicated ${c['gpu_dedicated_per_hour']:.2f})",
+        f"  per 1,000 interactions  API ${c['api_per_1k_interactions']:.3f} vs GPU ${c['gpu_per_1k_interactions']:.3f}"
+        f" -> {'GPU' if c['gpu_wins'] else 'API'} wins per interaction",
+        f"  crossover               a dedicated GPU beats the API above "
+        f"{c['breakeven_interactions_per_hour']:,.0f} interactions/h; below {c['breakeven_utilisation']:.0%} "
+        "utilisation the API is cheaper",
     ]
     if "with_kvsched" in result:
-        k = result["with_kvsched"]
-        rows = []
-        for label, q in (("baseline", p), ("fp8 KV", k["fp8_kv"]), ("compaction", k["compaction"]),
-                         ("fp8 KV + compaction", k["fp8_kv+compaction"])):
-            best = max(q["fits"], key=lambda f: f["sessions_per_replica"] / f["tensor_parallel"], default=None)
-            rows.append([label, _gib(q["kv_per_session_bytes"]), _gib(q["kv_total_bytes"]),
-                         min((f["gpus"] for f in q["fits"]), default="-"),
-                         f"{best['sessions_per_replica']} on {best['tensor_parallel']}x {best['gpu']}" if best else "-",
-                         best.get("retained_idle_sessions_per_replica", "-") if best else "-"])
-        lines += ["", f"with kvsched (compaction leaves <= {k['compacted_session_tokens']:,} tokens per session; "
-                      f"pin budget {k['pin_budget']:.0%} of the KV pool):",
-                  table(rows, ["plan", "KV/session", "KV total", "fewest GPUs", "densest replica",
-                               "idle sessions kept/replica"])]
+        lines += ["", render_levers(result["plan"], result["with_kvsched"])]
     return "\n".join(lines)
 
 
+def render_levers(base: dict[str, Any], k: dict[str, Any]) -> str:
+    from kvsched.bench.common import table
+
+    rows = []
+    for label, q in (("baseline", base), ("fp8 KV", k["fp8_kv"]), ("compaction", k["compaction"]),
+                     ("fp8 KV + compaction", k["fp8_kv+compaction"])):
+        best = max(q["fits"], key=lambda f: f["sessions_per_gpu"], default=None)
+        rows.append([label, _gib(q["kv_per_session_bytes"]), _gib(q["kv_total_bytes"]),
+                     min((f["gpus"] for f in q["fits"]), default="-"),
+                     f"{best['sessions_per_replica']} on {best['tensor_parallel']}x {best['gpu']}" if best else "-",
+                     best.get("retained_idle_sessions_per_replica", "-") if best else "-"])
+    lv = k["levers"]
+    head = (f"with kvsched: compaction at {lv['compaction_trigger']:,} older tokens -> {lv['summary_tokens']:,}-token "
+            f"summary keeps <= {k['compacted_session_tokens']:,} tokens per session "
+            f"({k['summary_calls_per_session']} summary call(s) per p95 session); retention budget {k['pin_budget']:.0%} of the KV pool")
+    return head + "\n" + table(rows, ["plan", "KV/session", "KV total", "fewest GPUs", "densest replica",
+                                      "idle sessions kept/replica"])
+
+
+PLOT_CONTEXTS = tuple(2048 * 2**i for i in range(7))  # 2K .. 128K
+
+
 def plot(args: argparse.Namespace, path: Path) -> None:
+    """Sessions per GPU (at the smallest TP degree that fits) against context length, one line per catalogue GPU."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    contexts = [2048 * 2**i for i in range(7)]  # 2k .. 128k
+    shape = model_of(args)
+    gpus = load_catalog(args.gpu_catalog)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for gpu in load_catalog(args.gpu_catalog):
+    for gpu in gpus:
         ys = []
-        for ctx in contexts:
-            q = build(replace_ns(args, context=ctx, context_p50=None, with_kvsched=False))
-            fit = next((f for f in q["plan"]["fits"] if f["gpu"] == gpu.name), None)
-            ys.append(fit["sessions_per_replica"] / fit["tensor_parallel"] if fit else float("nan"))
-        ax.plot(contexts, ys, marker="o", label=gpu.name)
+        for ctx in PLOT_CONTEXTS:
+            w = Workload(workflows=args.sessions, topology=Topology(args.topology), agents=args.agents, context=ctx,
+                         tool_calls=args.tool_calls, tool_tokens=args.tool_tokens)
+            fits = plan(shape, w, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, [gpu]).fits
+            ys.append(fits[0].sessions_per_gpu if fits else float("nan"))
+        ax.plot(PLOT_CONTEXTS, ys, marker="o", label=gpu.name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_ylim(bottom=0.1)
     ax.set_xlabel("context per session (tokens)")
     ax.set_ylabel("sessions per GPU")
-    ax.set_title(f"{args.preset or args.model or 'llama-3.1-8b'}, KV {args.kv_dtype}")
+    ax.set_title(f"{shape.name}, KV {args.kv_dtype}, {args.overhead:.0%} overhead, {args.ceiling:.0%} ceiling")
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def replace_ns(ns: argparse.Namespace, **changes: Any) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(ns), **changes})
 
 
 def run(args: argparse.Namespace) -> int:

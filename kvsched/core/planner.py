@@ -1,12 +1,19 @@
-"""KV-cache arithmetic of agent fleets: bytes per token, per session, per fleet, and what fits on which GPU.
+"""KV-cache arithmetic of one model: bytes per token, per session, and how many tokens fit in a KV memory size.
+
+The stable API other modules import: `ModelShape` (`from_preset`, `from_hf_config`), `kv_bytes_per_token`,
+`kv_bytes_for_context`, `kv_capacity_tokens`, `PlanError`, `GIB`. Fleet sizing lives in `planner_fleet`, the API
+cost crossover in `planner_cost`.
 
 The sizing guide's formula is `KV bytes/token = layers x 2 (K and V) x KV heads x head_dim x dtype bytes` (GQA: KV
 heads, not attention heads). Two architectures need more than that and are handled explicitly:
 - MLA (DeepSeek-V2/V3 style, `kv_lora_rank` in the config): one compressed latent plus the rope key per token and
-  layer, `layers x (kv_lora_rank + qk_rope_head_dim) x dtype bytes`, no factor 2 and no heads.
-- sliding-window layers (`sliding_window`, and `layer_types` marking which layers slide): a sliding layer holds at most
-  `window` tokens, so a session's KV is `full layers x per-layer bytes x tokens + sliding layers x per-layer bytes x
-  min(tokens, window)`; `bytes_per_token` then reports the full-context rate (all layers), the session figures are exact.
+  layer, `layers x (kv_lora_rank + qk_rope_head_dim) x dtype bytes`, no factor 2 and no heads (vLLM's MLA cache).
+- sliding-window layers (`sliding_window` with `layer_types`, Qwen2's `max_window_layers`, Gemma's alternation or
+  `sliding_window_pattern`, or Mistral-style all-layer windows): a sliding layer holds at most `window` tokens, so a
+  session's KV is `per-layer bytes x (full layers x tokens + sliding layers x min(tokens, window))`.
+  `kv_bytes_per_token` reports the full-context rate (all layers), `kv_bytes_for_context` is exact.
+Out of scope, rejected with a `PlanError`: linear-attention / state-space layers (Mamba, Jamba, Qwen3-Next's
+`linear_attention`) and chunked local attention (Llama 4): their memory is not tokens x a per-token rate.
 Units: bytes, and GiB (2**30) where the guide says GB (its "512 MB per 8K session" is 512 MiB).
 """
 
@@ -14,14 +21,20 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 GIB = 2**30
-DTYPE_BYTES: dict[str, float] = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2,
-                                 "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1, "fp4": 0.5, "int4": 0.5}
+MIB = 2**20
+DTYPE_BYTES: dict[str, float] = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "half": 2, "bf16": 2,
+                                 "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1, "fp4": 0.5,
+                                 "int4": 0.5}
+LAYER_KINDS = ("full_attention", "sliding_attention")
+# Config keys of layer kinds whose memory is not tokens x a per-token rate (see the module docstring).
+OUT_OF_SCOPE_KEYS = {"attn_layer_period": "Jamba-style attention/Mamba hybrid", "ssm_cfg": "state-space (Mamba)",
+                     "hybrid_override_pattern": "attention/Mamba hybrid", "layers_block_type": "attention/Mamba hybrid",
+                     "attention_chunk_size": "chunked local attention (Llama 4)"}
 
 
 class PlanError(ValueError):
@@ -29,6 +42,7 @@ class PlanError(ValueError):
 
 
 def dtype_bytes(name: str) -> float:
+    """Bytes per element of a dtype name as vLLM's flags spell it (`--kv-cache-dtype fp8`, `--dtype bfloat16`)."""
     try:
         return DTYPE_BYTES[name.lower()]
     except KeyError:
@@ -37,27 +51,42 @@ def dtype_bytes(name: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class ModelShape:
-    """What the KV arithmetic needs of a model. `params` counts weights (for their memory)."""
+    """What the KV arithmetic needs of a model. `params` counts weights (their memory); `hidden` and `vocab` are
+    informational (0: unknown). MLA models set `kv_lora_rank`; sliding-window models `sliding_window` and how many
+    of `layers` slide."""
 
-    name: str
     layers: int
     kv_heads: int
     head_dim: int
-    params: float
+    hidden: int = 0
+    vocab: int = 0
+    params: float = 0.0
+    name: str = "model"
     kv_lora_rank: int = 0  # MLA latent size (0: standard attention)
     qk_rope_head_dim: int = 0  # MLA: the rope key stored beside the latent
     sliding_window: int = 0  # tokens a sliding layer keeps (0: none)
     sliding_layers: int = 0  # how many of `layers` slide
 
     def __post_init__(self) -> None:
-        if self.layers <= 0 or self.params < 0 or (self.kv_lora_rank <= 0 and (self.kv_heads <= 0 or self.head_dim <= 0)):
-            raise PlanError(f"model {self.name!r}: layers, KV heads and head_dim must be positive")
-        if not 0 <= self.sliding_layers <= self.layers:
-            raise PlanError(f"model {self.name!r}: sliding_layers must be within 0..layers")
+        if self.layers <= 0 or self.params < 0 or self.hidden < 0 or self.vocab < 0:
+            raise PlanError(f"model {self.name!r}: layers must be positive, hidden/vocab/params >= 0")
+        if self.kv_lora_rank <= 0 and (self.kv_heads <= 0 or self.head_dim <= 0):
+            raise PlanError(f"model {self.name!r}: KV heads and head_dim must be positive")
+        if not 0 <= self.sliding_layers <= self.layers or (self.sliding_layers and self.sliding_window <= 0):
+            raise PlanError(f"model {self.name!r}: sliding_layers must be within 0..layers, with a positive window")
 
     @property
     def is_mla(self) -> bool:
         return self.kv_lora_rank > 0
+
+    @property
+    def attention_kind(self) -> str:
+        """A label for reports: which KV formula applies."""
+        if self.is_mla:
+            return "MLA (latent + rope key per layer)"
+        if self.sliding_layers:
+            return f"GQA, {self.sliding_layers}/{self.layers} layers sliding (window {self.sliding_window:,})"
+        return f"GQA/MHA: {self.kv_heads} KV heads x head_dim {self.head_dim}"
 
     @classmethod
     def from_preset(cls, name: str) -> ModelShape:
@@ -70,64 +99,115 @@ class ModelShape:
     def from_hf_config(cls, source: str | Path | dict[str, Any], name: str | None = None) -> ModelShape:
         """From a Hugging Face `config.json` (a dict, the file, or the model directory holding it)."""
         if isinstance(source, dict):
-            cfg, label = source, name or str(source.get("_name_or_path") or source.get("model_type") or "model")
+            raw, label = source, name or str(source.get("_name_or_path") or source.get("model_type") or "model")
         else:
             path = Path(source)
             path = path / "config.json" if path.is_dir() else path
             try:
-                cfg = json.loads(path.read_text())
+                raw = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
                 raise PlanError(f"cannot read a model config at {path}: {exc}") from None
+            if not isinstance(raw, dict):
+                raise PlanError(f"{path} does not hold a JSON object")
             label = name or path.parent.name
-        cfg = {**cfg.get("text_config", {}), **{k: v for k, v in cfg.items() if k != "text_config"}}
+        # multimodal configs keep the language model under text_config
+        cfg: dict[str, Any] = {**raw.get("text_config", {}), **{k: v for k, v in raw.items() if k != "text_config"}}
+        for key, what in OUT_OF_SCOPE_KEYS.items():
+            if cfg.get(key):
+                raise PlanError(f"model {label!r}: {what} layers ({key}) are out of scope for the planner")
         try:
-            layers = int(cfg["num_hidden_layers"])
-            heads = int(cfg["num_attention_heads"])
-            hidden = int(cfg["hidden_size"])
+            layers = _positive_int(cfg, "num_hidden_layers")
+            heads = _positive_int(cfg, "num_attention_heads")
+            hidden = _positive_int(cfg, "hidden_size")
         except KeyError as exc:
             raise PlanError(f"model config lacks {exc.args[0]!r} (needs num_hidden_layers, num_attention_heads, "
                             "hidden_size)") from None
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         head_dim = int(cfg.get("head_dim") or hidden // heads)
-        window = int(cfg.get("sliding_window") or 0)
-        types = cfg.get("layer_types")
-        if window and isinstance(types, list):
-            sliding = sum(1 for t in types if "sliding" in str(t))
-        elif window and cfg.get("use_sliding_window", True) and not cfg.get("max_window_layers"):
-            sliding = layers
-        else:
-            sliding = 0
-        return cls(name=label, layers=layers, kv_heads=kv_heads, head_dim=head_dim,
-                   params=float(cfg.get("num_parameters") or estimate_params(cfg)),
+        window, sliding = sliding_layers_of(cfg, layers, label)
+        return cls(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden,
+                   vocab=int(cfg.get("vocab_size") or 0),
+                   params=float(cfg.get("num_parameters") or estimate_params(cfg)), name=label,
                    kv_lora_rank=int(cfg.get("kv_lora_rank") or 0),
                    qk_rope_head_dim=int(cfg.get("qk_rope_head_dim") or 0),
-                   sliding_window=window if sliding else 0, sliding_layers=sliding)
+                   sliding_window=window, sliding_layers=sliding)
+
+
+def _positive_int(cfg: dict[str, Any], key: str) -> int:
+    value = cfg[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise PlanError(f"model config field {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def sliding_layers_of(cfg: dict[str, Any], layers: int, label: str = "model") -> tuple[int, int]:
+    """(window, number of sliding layers) of a HF config, following each family's convention."""
+    window = int(cfg.get("sliding_window") or 0)
+    types = cfg.get("layer_types")
+    if isinstance(types, list):
+        unknown = sorted({str(t) for t in types} - set(LAYER_KINDS))
+        if unknown:
+            raise PlanError(f"model {label!r}: layer types {unknown} are out of scope for the planner "
+                            f"(it handles {', '.join(LAYER_KINDS)})")
+        if len(types) != layers:
+            raise PlanError(f"model {label!r}: {len(types)} layer_types for {layers} layers")
+        sliding = sum(1 for t in types if t == "sliding_attention")
+        if sliding and not window:
+            raise PlanError(f"model {label!r}: sliding layers but no sliding_window")
+        return (window, sliding) if sliding else (0, 0)
+    if not window:
+        return 0, 0
+    if "use_sliding_window" in cfg:  # Qwen2/3: layers from max_window_layers on slide, if enabled at all
+        if not cfg["use_sliding_window"]:
+            return 0, 0
+        sliding = max(0, layers - int(cfg.get("max_window_layers") or 0))
+    elif cfg.get("sliding_window_pattern"):  # Gemma 3, Cohere 2: every pattern-th layer is global
+        sliding = layers - layers // int(cfg["sliding_window_pattern"])
+    elif cfg.get("model_type") == "gemma2":  # alternating, the even layers slide
+        sliding = math.ceil(layers / 2)
+    else:  # Mistral v0.1 style: every layer slides
+        sliding = layers
+    return (window, sliding) if sliding else (0, 0)
 
 
 def estimate_params(cfg: dict[str, Any]) -> float:
-    """Dense decoder parameters from a config (embeddings + attention + gated MLP), for configs that do not say."""
+    """Decoder parameters from a config (embeddings + attention + gated MLP, MoE experts counted), for configs that
+    do not state them. An estimate: norms and biases are ignored, MLA projections counted as plain attention."""
     h, layers = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
     heads = int(cfg["num_attention_heads"])
     kv = int(cfg.get("num_key_value_heads") or heads)
     hd = int(cfg.get("head_dim") or h // heads)
     inter = int(cfg.get("intermediate_size") or 4 * h)
     vocab = int(cfg.get("vocab_size") or 32_000)
+    experts = int(cfg.get("num_local_experts") or cfg.get("n_routed_experts") or cfg.get("num_experts") or 0)
+    if experts:
+        moe_inter = int(cfg.get("moe_intermediate_size") or inter)
+        mlp = 3 * h * moe_inter * (experts + int(cfg.get("n_shared_experts") or 0))
+    else:
+        mlp = 3 * h * inter
     attn = h * heads * hd * 2 + h * kv * hd * 2
     emb = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return float(emb + layers * (attn + 3 * h * inter))
+    return float(emb + layers * (attn + mlp))
 
 
-PRESETS: dict[str, ModelShape] = {
-    "llama-3.1-8b": ModelShape("llama-3.1-8b", layers=32, kv_heads=8, head_dim=128, params=8.03e9),
-    "llama-3.1-70b": ModelShape("llama-3.1-70b", layers=80, kv_heads=8, head_dim=128, params=70.6e9),
-    "llama-3.2-3b": ModelShape("llama-3.2-3b", layers=28, kv_heads=8, head_dim=128, params=3.21e9),
-    "qwen2.5-7b": ModelShape("qwen2.5-7b", layers=28, kv_heads=4, head_dim=128, params=7.62e9),
-    "qwen2.5-72b": ModelShape("qwen2.5-72b", layers=80, kv_heads=8, head_dim=128, params=72.7e9),
-    "mistral-7b-v0.1": ModelShape("mistral-7b-v0.1", layers=32, kv_heads=8, head_dim=128, params=7.24e9,
-                                  sliding_window=4096, sliding_layers=32),
-    "deepseek-v2-lite": ModelShape("deepseek-v2-lite", layers=27, kv_heads=16, head_dim=128, params=15.7e9,
-                                   kv_lora_rank=512, qk_rope_head_dim=64),
-}
+def _preset(name: str, layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, params: float,
+            **extra: int) -> ModelShape:
+    return ModelShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, vocab=vocab, params=params,
+                      name=name, **extra)
+
+
+# Shapes from each model's published config.json; params from its model card.
+PRESETS: dict[str, ModelShape] = {p.name: p for p in (
+    _preset("llama-3.1-8b", 32, 8, 128, 4096, 128_256, 8.03e9),
+    _preset("llama-3.1-70b", 80, 8, 128, 8192, 128_256, 70.6e9),
+    _preset("llama-3.2-3b", 28, 8, 128, 3072, 128_256, 3.21e9),
+    _preset("qwen2.5-7b", 28, 4, 128, 3584, 152_064, 7.62e9),
+    _preset("qwen2.5-72b", 80, 8, 128, 8192, 152_064, 72.7e9),
+    _preset("qwen3-8b", 36, 8, 128, 4096, 151_936, 8.19e9),
+    _preset("mistral-7b-v0.1", 32, 8, 128, 4096, 32_000, 7.24e9, sliding_window=4096, sliding_layers=32),
+    _preset("gemma-2-9b", 42, 8, 256, 3584, 256_000, 9.24e9, sliding_window=4096, sliding_layers=21),
+    _preset("deepseek-v2-lite", 27, 16, 128, 2048, 102_400, 15.7e9, kv_lora_rank=512, qk_rope_head_dim=64),
+)}
 
 
 def layer_bytes_per_token(shape: ModelShape, kv_dtype: str) -> float:
@@ -154,171 +234,23 @@ def kv_bytes_for_context(shape: ModelShape, kv_dtype: str, tokens: int) -> int:
 
 
 def kv_capacity_tokens(shape: ModelShape, kv_dtype: str, kv_bytes: int, block_size: int = 16) -> int:
-    """Tokens of KV that fit in `kv_bytes`, in whole blocks (what vLLM reports as its KV cache size in tokens)."""
+    """Tokens of KV that fit in `kv_bytes`, in whole blocks of `block_size` tokens across all layers.
+
+    For full-attention models (GQA/MHA/MLA) this is what vLLM logs as "KV cache size: N tokens" for a KV memory of
+    `kv_bytes` (`VLLM_CPU_KVCACHE_SPACE`, `--kv-cache-memory-bytes`). For sliding-window models it is the pool's
+    full-rate token slots; vLLM's hybrid allocator reports its size differently (out of scope here).
+    """
     if block_size <= 0 or kv_bytes < 0:
         raise PlanError("block_size must be positive and kv_bytes >= 0")
     per_block = kv_bytes_per_token(shape, kv_dtype) * block_size
     return int(kv_bytes // per_block) * block_size
 
 
-class Topology(StrEnum):
-    FLAT = "flat"
-    HIERARCHICAL = "hierarchical"
-    PIPELINE = "pipeline"
-
-
-@dataclass(frozen=True, slots=True)
-class Workload:
-    """A fleet: `workflows` concurrent workflows of a topology, each session `context` tokens (p95 sizes memory)."""
-
-    workflows: int
-    topology: Topology = Topology.FLAT
-    agents: int = 1  # flat: agents per workflow; hierarchical: workers besides the orchestrator; pipeline: stages
-    context: int = 8192
-    context_p50: int | None = None
-    tool_calls: int = 0  # per session, each appending `tool_tokens` that stay in the KV cache
-    tool_tokens: int = 500
-
-    def __post_init__(self) -> None:
-        if self.workflows <= 0 or self.agents <= 0:
-            raise PlanError("workflows and agents must be positive")
-        if self.context <= 0 or self.tool_calls < 0 or self.tool_tokens < 0:
-            raise PlanError("context must be positive; tool calls and tool tokens >= 0")
-        if self.context_p50 is not None and not 0 < self.context_p50 <= self.context:
-            raise PlanError("context_p50 must be positive and at most the p95 context")
-
-    @property
-    def kv_slots(self) -> int:
-        """Concurrent KV slots (live sessions) the topology implies."""
-        if self.topology is Topology.FLAT:
-            return self.workflows * self.agents
-        if self.topology is Topology.HIERARCHICAL:
-            return self.workflows * (1 + self.agents)
-        return self.workflows  # pipeline: one active stage per workflow
-
-    @property
-    def session_tokens(self) -> int:
-        return self.context + self.tool_calls * self.tool_tokens
-
-    @property
-    def session_tokens_p50(self) -> int:
-        return (self.context_p50 or self.context) + self.tool_calls * self.tool_tokens
-
-
-@dataclass(frozen=True, slots=True)
-class Gpu:
-    name: str
-    vram_gib: float
-    price_per_hour: float
-    interactions_per_hour: float = 22_000.0  # sustained, one 8B-class replica (the guide's H100 SXM figure)
-
-
-@dataclass(frozen=True, slots=True)
-class Fit:
-    gpu: str
-    tensor_parallel: int
-    sessions_per_replica: int
-    replicas: int
-    gpus: int
-    cost_per_hour: float
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    model: str
-    kv_dtype: str
-    weight_dtype: str
-    bytes_per_token: int
-    kv_per_session_bytes: int
-    kv_per_session_p50_bytes: int
-    kv_slots: int
-    kv_total_bytes: int
-    weights_bytes: int
-    total_bytes: int  # KV + weights, plus the runtime overhead
-    overhead: float
-    fits: list[Fit] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "fits"}
-        d.update(kv_per_session_gib=self.kv_per_session_bytes / GIB, kv_total_gib=self.kv_total_bytes / GIB,
-                 weights_gib=self.weights_bytes / GIB, total_gib=self.total_bytes / GIB,
-                 fits=[{f: getattr(x, f) for f in x.__dataclass_fields__} for x in self.fits])
-        return d
-
-
-TP_DEGREES = (1, 2, 4, 8)
-
-
-def fit_on(gpu: Gpu, weights: int, kv_session: int, slots: int, overhead: float, ceiling: float) -> Fit | None:
-    """Smallest tensor-parallel degree whose replica holds the weights and at least one session, and how many
-    replicas the fleet's sessions then need. Usable memory is VRAM x ceiling; overhead multiplies weights + KV."""
-    for tp in TP_DEGREES:
-        usable = tp * gpu.vram_gib * GIB * ceiling / (1.0 + overhead)
-        per_replica = math.floor((usable - weights) / kv_session) if kv_session else 0
-        if per_replica >= 1:
-            replicas = math.ceil(slots / per_replica)
-            return Fit(gpu.name, tp, per_replica, replicas, replicas * tp, replicas * tp * gpu.price_per_hour)
-    return None
-
-
-def plan(shape: ModelShape, workload: Workload, kv_dtype: str = "fp16", weight_dtype: str | None = None,
-         overhead: float = 0.15, ceiling: float = 0.90, gpus: list[Gpu] | None = None) -> Plan:
-    if not 0 <= overhead < 1 or not 0 < ceiling <= 1:
-        raise PlanError("overhead must be in [0, 1) and the utilisation ceiling in (0, 1]")
-    weight_dtype = weight_dtype or ("fp8" if dtype_bytes(kv_dtype) <= 1 else "bf16")
-    kv_session = kv_bytes_for_context(shape, kv_dtype, workload.session_tokens)
-    kv_total = kv_session * workload.kv_slots
-    weights = int(shape.params * dtype_bytes(weight_dtype))
-    fits = [f for g in (gpus or []) if (f := fit_on(g, weights, kv_session, workload.kv_slots, overhead, ceiling))]
-    return Plan(model=shape.name, kv_dtype=kv_dtype, weight_dtype=weight_dtype,
-                bytes_per_token=kv_bytes_per_token(shape, kv_dtype), kv_per_session_bytes=kv_session,
-                kv_per_session_p50_bytes=kv_bytes_for_context(shape, kv_dtype, workload.session_tokens_p50),
-                kv_slots=workload.kv_slots, kv_total_bytes=kv_total, weights_bytes=weights,
-                total_bytes=int((kv_total + weights) * (1.0 + overhead)), overhead=overhead, fits=fits)
-
-
-# ---- cost -------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Cost:
-    """Managed API versus GPUs for `interactions_per_hour` interactions of `tokens_per_interaction` tokens."""
-
-    api_per_hour: float
-    gpu_prorated_per_hour: float  # the GPU's price times the share of its capacity the load uses
-    api_per_1k_interactions: float
-    gpu_per_1k_interactions: float
-    gpu_wins: bool  # P_api x T / 1e6 > P_gpu / I_gpu
-    breakeven_interactions_per_hour: float  # above this, a dedicated GPU costs less than the API
-    breakeven_utilisation: float  # the same as a share of the GPU's capacity
-
-
-def cost(tokens_per_interaction: float, interactions_per_hour: float, api_price_per_m: float, gpu_price_per_hour: float,
-         gpu_interactions_per_hour: float) -> Cost:
-    if min(tokens_per_interaction, api_price_per_m, gpu_price_per_hour, gpu_interactions_per_hour) <= 0 \
-            or interactions_per_hour < 0:
-        raise PlanError("token counts, prices and GPU capacity must be positive")
-    api_each = api_price_per_m * tokens_per_interaction / 1e6
-    gpu_each = gpu_price_per_hour / gpu_interactions_per_hour
-    breakeven = gpu_price_per_hour / api_each
-    return Cost(api_per_hour=interactions_per_hour * api_each, gpu_prorated_per_hour=interactions_per_hour * gpu_each,
-                api_per_1k_interactions=1000 * api_each, gpu_per_1k_interactions=1000 * gpu_each,
-                gpu_wins=api_each > gpu_each, breakeven_interactions_per_hour=breakeven,
-                breakeven_utilisation=breakeven / gpu_interactions_per_hour)
-
-
-# ---- kvsched's levers -----------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Levers:
-    fp8: bool = True
-    compaction_trigger: int = 5_000  # older context past this is summarised (0: off)
-    summary_tokens: int = 500
-    recent_tokens: int = 2_000  # the recent turns kept verbatim beside the summary
-
-
-def with_levers(workload: Workload, levers: Levers) -> Workload:
-    """The workload as kvsched's compaction leaves it: a session holds at most recent + trigger + summary tokens
-    (compaction fires when the older part passes the trigger, leaving summary + recent)."""
-    if levers.compaction_trigger <= 0:
-        return workload
-    cap = levers.recent_tokens + levers.compaction_trigger + levers.summary_tokens
-    cap_p50 = None if workload.context_p50 is None else min(workload.session_tokens_p50, cap)
-    return replace(workload, context=min(workload.session_tokens, cap), context_p50=cap_p50, tool_calls=0)
+def kv_replication(shape: ModelShape, tensor_parallel: int) -> float:
+    """How many times a replica of `tensor_parallel` GPUs stores each token's KV: MLA's latent is replicated on
+    every rank; GQA heads are split across ranks, and replicated when there are fewer KV heads than ranks."""
+    if tensor_parallel <= 0:
+        raise PlanError("tensor_parallel must be positive")
+    if shape.is_mla:
+        return float(tensor_parallel)
+    return max(shape.kv_heads, tensor_parallel) / shape.kv_heads

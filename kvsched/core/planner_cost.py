@@ -1,0 +1,43 @@
+"""Managed API versus GPUs: the sizing guide's cost crossover.
+
+With T tokens per interaction, P_api $ per million tokens, P_gpu $ per GPU-hour and I_gpu interactions a GPU serves
+per hour at sustained load, the GPU wins per interaction when `P_api x T / 1e6 > P_gpu / I_gpu`. A dedicated GPU is
+paid for every hour, so it only beats the API above `P_gpu / (P_api x T / 1e6)` interactions per hour: that load as a
+share of I_gpu is the utilisation below which the API is cheaper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvsched.core.planner import PlanError
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """Managed API versus GPUs for `interactions_per_hour` interactions of `tokens_per_interaction` tokens."""
+
+    api_per_hour: float
+    gpu_prorated_per_hour: float  # the GPU's price times the share of its capacity the load uses
+    gpu_dedicated_per_hour: float  # whole GPUs, paid whether busy or not
+    api_per_1k_interactions: float
+    gpu_per_1k_interactions: float  # at sustained load
+    gpu_wins: bool  # P_api x T / 1e6 > P_gpu / I_gpu
+    breakeven_interactions_per_hour: float  # above this, a dedicated GPU costs less than the API
+    breakeven_utilisation: float  # the same as a share of the GPU's capacity: below it the API is cheaper
+
+
+def cost(tokens_per_interaction: float, interactions_per_hour: float, api_price_per_m: float, gpu_price_per_hour: float,
+         gpu_interactions_per_hour: float) -> Cost:
+    if min(tokens_per_interaction, api_price_per_m, gpu_price_per_hour, gpu_interactions_per_hour) <= 0 \
+            or interactions_per_hour < 0:
+        raise PlanError("token counts, prices and GPU capacity must be positive, interactions per hour >= 0")
+    api_each = api_price_per_m * tokens_per_interaction / 1e6
+    gpu_each = gpu_price_per_hour / gpu_interactions_per_hour
+    breakeven = gpu_price_per_hour / api_each
+    gpus_needed = max(1, -(-interactions_per_hour // gpu_interactions_per_hour))
+    return Cost(api_per_hour=interactions_per_hour * api_each, gpu_prorated_per_hour=interactions_per_hour * gpu_each,
+                gpu_dedicated_per_hour=gpus_needed * gpu_price_per_hour,
+                api_per_1k_interactions=1000 * api_each, gpu_per_1k_interactions=1000 * gpu_each,
+                gpu_wins=api_each > gpu_each, breakeven_interactions_per_hour=breakeven,
+                breakeven_utilisation=breakeven / gpu_interactions_per_hour)

@@ -1,0 +1,83 @@
+"""`kvsched plan`: the done-when command, the table, the plot, the kvsched levers and exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvsched.cli import main
+from kvsched.core.planner import GIB, MIB
+
+DONE_WHEN = ["plan", "--preset", "llama-3.1-8b", "--kv-dtype", "fp8", "--context", "8192", "--sessions", "100"]
+
+
+def run_json(capsys, argv):
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_done_when_command_reports_the_guide_figures(capsys):
+    out = run_json(capsys, DONE_WHEN)
+    p = out["plan"]
+    assert p["bytes_per_token"] == 65_536
+    assert p["kv_per_session_bytes"] == 512 * MIB and p["kv_total_bytes"] == 50 * GIB
+    assert p["total_before_overhead_bytes"] / 1e9 == pytest.approx(60, rel=0.05)
+    assert next(f for f in p["fits"] if f["gpu"] == "H100-PCIe-80GB")["gpus"] == 1
+    c = out["cost"]
+    assert c["api_per_hour"] == pytest.approx(0.19) and c["gpu_prorated_per_hour"] == pytest.approx(0.055, abs=5e-4)
+
+
+def test_table_output_names_every_figure(capsys):
+    assert main([*DONE_WHEN, "--topology", "hierarchical", "--agents", "4", "--tool-calls", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "65,536 B" in text and "500 (hierarchical" in text and "H200-SXM-141GB" in text
+    assert "crossover" in text and "per 1,000 interactions" in text
+
+
+def test_model_dir_input(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 4,
+                                                      "num_key_value_heads": 2, "hidden_size": 256}))
+    out = run_json(capsys, ["plan", "--model", str(tmp_path), "--kv-dtype", "bf16"])
+    assert out["plan"]["bytes_per_token"] == 2 * 2 * 2 * 64 * 2
+
+
+def test_with_kvsched_levers(capsys):
+    out = run_json(capsys, ["plan", "--preset", "llama-3.1-8b", "--context", "32768", "--sessions", "50",
+                            "--with-kvsched", "--pin-budget", "0.5"])
+    base, k = out["plan"], out["with_kvsched"]
+    assert k["fp8_kv"]["kv_per_session_bytes"] * 2 == base["kv_per_session_bytes"]
+    assert k["compacted_session_tokens"] == 7000
+    assert k["compaction"]["kv_per_session_bytes"] == base["kv_per_session_bytes"] * 7000 // 32768
+    fit = k["fp8_kv+compaction"]["fits"][0]
+    assert fit["retained_idle_sessions_per_replica"] == fit["sessions_per_replica"] // 2
+    assert main(["plan", "--with-kvsched"]) == 0 and "with kvsched" in capsys.readouterr().out
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "plan.png"
+    assert main([*DONE_WHEN, "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--preset", "gpt-9"], "unknown preset"),
+    (["--sessions", "-3"], "positive"),
+    (["--kv-dtype", "fp7"], "unknown dtype"),
+    (["--context", "0"], "context"),
+    (["--with-kvsched", "--pin-budget", "2"], "budget"),
+    (["--cost-gpu", "TPU"], "catalogue"),
+    (["--gpu-catalog", "/nonexistent/gpus.toml"], "catalogue"),
+])
+def test_bad_input_exits_2_with_a_message(capsys, argv, message):
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched plan: error:") and message in err
+
+
+def test_config_missing_fields_exits_2(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "hidden_size": 256}))
+    assert main(["plan", "--model", str(tmp_path)]) == 2
+    assert "num_attention_heads" in capsys.readouterr().err
+    assert main(["plan", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "cannot read" in capsys.readouterr().err
