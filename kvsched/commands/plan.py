@@ -23,6 +23,9 @@ def register(subparsers: Any) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help=f"a built-in model shape: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
     src.add_argument("--model", type=Path, help="a local HF model directory or its config.json")
+    orch = p.add_mutually_exclusive_group()
+    orch.add_argument("--orchestrator-preset", help="hierarchical: the orchestrator runs this model in its own pool")
+    orch.add_argument("--orchestrator-model", type=Path, help="hierarchical: the orchestrator's HF model dir/config")
     p.add_argument("--kv-dtype", default="fp16", help="KV cache dtype: fp16 | bf16 | fp8 (default fp16)")
     p.add_argument("--weight-dtype", default=None, help="default: fp8 beside an fp8 KV cache, else bf16")
     p.add_argument("--context", type=int, default=8192, help="tokens per session at p95 (sizes memory)")
@@ -57,8 +60,14 @@ def model_of(args: argparse.Namespace) -> ModelShape:
     return ModelShape.from_hf_config(args.model) if args.model else ModelShape.from_preset(args.preset or DEFAULT_PRESET)
 
 
+def orchestrator_of(args: argparse.Namespace) -> ModelShape | None:
+    if args.orchestrator_model:
+        return ModelShape.from_hf_config(args.orchestrator_model)
+    return ModelShape.from_preset(args.orchestrator_preset) if args.orchestrator_preset else None
+
+
 def build(args: argparse.Namespace) -> dict[str, Any]:
-    shape = model_of(args)
+    shape, orchestrator = model_of(args), orchestrator_of(args)
     workload = Workload(workflows=args.sessions, topology=Topology(args.topology), agents=args.agents,
                         context=args.context, context_p50=args.context_p50, tool_calls=args.tool_calls,
                         tool_tokens=args.tool_tokens)
@@ -66,10 +75,15 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     by_name = {g.name: g for g in gpus}
     if args.cost_gpu not in by_name:
         raise PlanError(f"--cost-gpu {args.cost_gpu!r} is not in the catalogue ({', '.join(by_name)})")
-    base = plan(shape, workload, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
+    pool = workload
+    out: dict[str, Any] = {"model": asdict(shape)}
+    if orchestrator is not None:  # two pools: the orchestrators' model and the workers' (this plan)
+        orchestrators, pool = workload.tiers()
+        o = plan(orchestrator, orchestrators, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
+        out["orchestrator"] = {"model": asdict(orchestrator), "plan": o.as_dict()}
+    base = plan(shape, pool, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
     g = by_name[args.cost_gpu]
-    out: dict[str, Any] = {
-        "model": asdict(shape),
+    out.update({
         "workload": {**asdict(workload), "topology": workload.topology.value, "kv_slots": workload.kv_slots,
                      "session_tokens": workload.session_tokens},
         "plan": base.as_dict(),
@@ -78,9 +92,11 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                  "gpu_price_per_hour": g.price_per_hour, "gpu_interactions_per_hour": g.interactions_per_hour,
                  **asdict(cost(args.tokens_per_interaction, args.interactions_per_hour, args.api_price,
                                g.price_per_hour, g.interactions_per_hour))},
-    }
+    })
+    if orchestrator is not None:
+        out["fleet_total_bytes"] = base.total_bytes + out["orchestrator"]["plan"]["total_bytes"]
     if args.with_kvsched:
-        out["with_kvsched"] = levers_effect(args, shape, workload, gpus)
+        out["with_kvsched"] = levers_effect(args, shape, pool, gpus)
     return out
 
 
@@ -109,27 +125,38 @@ def _gib(b: float) -> str:
     return f"{b / GIB:,.2f} GiB"
 
 
-def render(result: dict[str, Any]) -> str:
+def render_plan(p: dict[str, Any], w: dict[str, Any]) -> list[str]:
     from kvsched.bench.common import table
 
-    p, w, c = result["plan"], result["workload"], result["cost"]
-    lines = [
+    return [
         f"model {p['model']} ({p['attention']}): KV {p['kv_dtype']}, weights {p['weight_dtype']}",
         f"  KV bytes per token      {p['bytes_per_token']:,} B",
-        f"  KV per session          {_gib(p['kv_per_session_bytes'])} at p95 ({w['session_tokens']:,} tokens incl. "
+        f"  KV per session          {_gib(p['kv_per_session_bytes'])} at p95 ({p['session_tokens']:,} tokens incl. "
         f"{w['tool_calls']} tool results); p50 {_gib(p['kv_per_session_p50_bytes'])}",
-        f"  concurrent KV slots     {p['kv_slots']:,} ({w['topology']}, {w['workflows']:,} workflows, "
-        f"agents/stages {w['agents']})",
+        f"  concurrent KV slots     {p['kv_slots']:,}",
         f"  KV total                {_gib(p['kv_total_bytes'])} (all slots at p50: {_gib(p['kv_total_p50_bytes'])})",
         f"  weights                 {_gib(p['weights_bytes'])}",
         f"  total                   {_gib(p['total_before_overhead_bytes'])}; +{p['overhead']:.0%} runtime "
         f"{_gib(p['total_bytes'])}",
         *[f"  note: {n}" for n in p["notes"]],
         "",
-        f"GPUs (planned at {p['ceiling']:.0%} of VRAM):",
+        f"GPUs (planned at {p['ceiling']:.0%} of VRAM; TP degree for the fewest GPUs):",
         table([[f["gpu"], f["tensor_parallel"], f["sessions_per_replica"], round(f["sessions_per_gpu"], 1),
                 f["replicas"], f["gpus"], f"${f['cost_per_hour']:,.2f}", f["note"] or "-"] for f in p["fits"]],
               ["GPU", "TP", "sessions/replica", "sessions/GPU", "replicas", "GPUs", "fleet $/h", "note"]),
+    ]
+
+
+def render(result: dict[str, Any]) -> str:
+    p, w, c = result["plan"], result["workload"], result["cost"]
+    lines = [f"{w['workflows']:,} {w['topology']} workflows (agents/stages {w['agents']}): {w['kv_slots']:,} "
+             "concurrent KV slots", ""]
+    if "orchestrator" in result:
+        lines += ["orchestrator pool:", *render_plan(result["orchestrator"]["plan"], w), "", "worker pool:"]
+    lines += render_plan(p, w)
+    if "fleet_total_bytes" in result:
+        lines.append(f"both pools: {_gib(result['fleet_total_bytes'])} with runtime overhead")
+    lines += [
         "",
         f"cost on {c['gpu']} ({c['interactions_per_hour']:,.0f} interactions/h x {c['tokens_per_interaction']:,.0f} "
         f"tokens, API ${c['api_price_per_m']}/M):",
@@ -142,27 +169,31 @@ def render(result: dict[str, Any]) -> str:
         "utilisation the API is cheaper",
     ]
     if "with_kvsched" in result:
-        lines += ["", render_levers(result["plan"], result["with_kvsched"])]
+        lines += ["", render_levers(result["plan"], result["with_kvsched"], c["gpu"])]
     return "\n".join(lines)
 
 
-def render_levers(base: dict[str, Any], k: dict[str, Any]) -> str:
+def render_levers(base: dict[str, Any], k: dict[str, Any], gpu: str) -> str:
     from kvsched.bench.common import table
 
     rows = []
     for label, q in (("baseline", base), ("fp8 KV", k["fp8_kv"]), ("compaction", k["compaction"]),
                      ("fp8 KV + compaction", k["fp8_kv+compaction"])):
-        best = max(q["fits"], key=lambda f: f["sessions_per_gpu"], default=None)
+        on = next((f for f in q["fits"] if f["gpu"] == gpu), None)
+        native = [f for f in q["fits"] if not f["note"]]  # e.g. no FP8 KV fleet on Ampere
+        cheapest = min(native, key=lambda f: f["cost_per_hour"], default=None)
         rows.append([label, _gib(q["kv_per_session_bytes"]), _gib(q["kv_total_bytes"]),
-                     min((f["gpus"] for f in q["fits"]), default="-"),
-                     f"{best['sessions_per_replica']} on {best['tensor_parallel']}x {best['gpu']}" if best else "-",
-                     best.get("retained_idle_sessions_per_replica", "-") if best else "-"])
+                     round(on["sessions_per_gpu"], 1) if on else "-", on["gpus"] if on else "-",
+                     f"${on['cost_per_hour']:,.2f}" if on else "-",
+                     f"{cheapest['gpus']}x {cheapest['gpu']} ${cheapest['cost_per_hour']:,.2f}" if cheapest else "-",
+                     on.get("retained_idle_sessions_per_replica", "-") if on else "-"])
     lv = k["levers"]
     head = (f"with kvsched: compaction at {lv['compaction_trigger']:,} older tokens -> {lv['summary_tokens']:,}-token "
             f"summary keeps <= {k['compacted_session_tokens']:,} tokens per session "
-            f"({k['summary_calls_per_session']} summary call(s) per p95 session); retention budget {k['pin_budget']:.0%} of the KV pool")
-    return head + "\n" + table(rows, ["plan", "KV/session", "KV total", "fewest GPUs", "densest replica",
-                                      "idle sessions kept/replica"])
+            f"({k['summary_calls_per_session']} summary call(s) per p95 session); retention budget "
+            f"{k['pin_budget']:.0%} of the KV pool for idle sessions")
+    return head + "\n" + table(rows, ["plan", "KV/session", "KV total", f"sessions/GPU {gpu}", "GPUs", "$/h",
+                                      "cheapest fleet", "idle sessions kept/replica"])
 
 
 PLOT_CONTEXTS = tuple(2048 * 2**i for i in range(7))  # 2K .. 128K

@@ -60,6 +60,13 @@ class Workload:
             return self.workflows * (1 + self.agents)
         return self.workflows  # pipeline: one active stage per workflow (100 workflows x 5 stages -> ~100 live)
 
+    def tiers(self) -> tuple[Workload, Workload]:
+        """A hierarchical fleet whose orchestrator runs another model, as two pools that cannot share VRAM:
+        (orchestrators: one slot per workflow, workers: N per workflow), each a flat workload."""
+        if self.topology is not Topology.HIERARCHICAL:
+            raise PlanError("a separate orchestrator model needs the hierarchical topology")
+        return (replace(self, topology=Topology.FLAT, agents=1), replace(self, topology=Topology.FLAT))
+
     @property
     def session_tokens(self) -> int:
         return self.context + self.tool_calls * self.tool_tokens

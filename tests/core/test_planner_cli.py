@@ -31,7 +31,7 @@ def test_done_when_command_reports_the_guide_figures(capsys):
 def test_table_output_names_every_figure(capsys):
     assert main([*DONE_WHEN, "--topology", "hierarchical", "--agents", "4", "--tool-calls", "5"]) == 0
     text = capsys.readouterr().out
-    assert "65,536 B" in text and "500 (hierarchical" in text and "H200-SXM-141GB" in text
+    assert "65,536 B" in text and "hierarchical workflows (agents/stages 4): 500 concurrent KV slots" in text and "H200-SXM-141GB" in text
     assert "crossover" in text and "per 1,000 interactions" in text
 
 
@@ -81,3 +81,15 @@ def test_config_missing_fields_exits_2(capsys, tmp_path):
     assert "num_attention_heads" in capsys.readouterr().err
     assert main(["plan", "--model", str(tmp_path / "nowhere")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_orchestrator_in_its_own_pool(capsys):
+    out = run_json(capsys, [*DONE_WHEN, "--topology", "hierarchical", "--agents", "4",
+                            "--orchestrator-preset", "llama-3.1-70b"])
+    orch, workers = out["orchestrator"]["plan"], out["plan"]
+    assert orch["model"] == "llama-3.1-70b" and orch["kv_slots"] == 100
+    assert workers["model"] == "llama-3.1-8b" and workers["kv_slots"] == 400
+    assert orch["bytes_per_token"] == 80 * 2 * 8 * 128  # fp8
+    assert out["fleet_total_bytes"] == orch["total_bytes"] + workers["total_bytes"]
+    assert main([*DONE_WHEN, "--orchestrator-preset", "llama-3.1-70b"]) == 2  # flat: no separate pool
+    assert "hierarchical" in capsys.readouterr().err
