@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from kvsched.core.gpu_catalog import load_catalog
 from kvsched.core.planner import GIB, PRESETS, ModelShape, PlanError
-from kvsched.core.planner_cost import cost
+from kvsched.core.planner_cost import cost, fleet_cost
 from kvsched.core.planner_fleet import Levers, Plan, Topology, Workload, plan, summary_calls, with_levers
 
 DEFAULT_PRESET = "llama-3.1-8b"
@@ -93,11 +94,26 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                  **asdict(cost(args.tokens_per_interaction, args.interactions_per_hour, args.api_price,
                                g.price_per_hour, g.interactions_per_hour))},
     })
+    out["fleet_cost"] = fleet_vs_api(args, g, base, out.get("orchestrator"))
     if orchestrator is not None:
         out["fleet_total_bytes"] = base.total_bytes + out["orchestrator"]["plan"]["total_bytes"]
     if args.with_kvsched:
         out["with_kvsched"] = levers_effect(args, shape, pool, gpus)
     return out
+
+
+def fleet_vs_api(args: argparse.Namespace, gpu: Any, base: Plan, orchestrator: dict[str, Any] | None
+                 ) -> dict[str, Any] | None:
+    """The fleet the plan sized on the cost GPU (memory-bound; at least the throughput-bound count), paid every
+    hour, against the API serving the same interactions."""
+    fits = [next((f.gpus for f in base.fits if f.gpu == gpu.name), None)]
+    if orchestrator is not None:
+        fits.append(next((f["gpus"] for f in orchestrator["plan"]["fits"] if f["gpu"] == gpu.name), None))
+    if None in fits:
+        return None  # the model does not fit this GPU at any TP degree
+    gpus = max(sum(int(n) for n in fits if n), math.ceil(args.interactions_per_hour / gpu.interactions_per_hour))
+    return {"gpu": gpu.name, **asdict(fleet_cost(gpus, gpu.price_per_hour, args.interactions_per_hour,
+                                                 args.tokens_per_interaction, args.api_price))}
 
 
 def levers_effect(args: argparse.Namespace, shape: ModelShape, workload: Workload, gpus: list[Any]) -> dict[str, Any]:
@@ -165,9 +181,15 @@ def render(result: dict[str, Any]) -> str:
         f"  per 1,000 interactions  API ${c['api_per_1k_interactions']:.3f} vs GPU ${c['gpu_per_1k_interactions']:.3f}"
         f" -> {'GPU' if c['gpu_wins'] else 'API'} wins per interaction",
         f"  crossover               a dedicated GPU beats the API above "
-        f"{c['breakeven_interactions_per_hour']:,.0f} interactions/h; below {c['breakeven_utilisation']:.0%} "
-        "utilisation the API is cheaper",
+        f"{c['breakeven_interactions_per_hour']:,.0f} interactions/h; " + (
+            f"below {c['breakeven_utilisation']:.0%} utilisation the API is cheaper" if c["breakeven_utilisation"] <= 1
+            else f"that is {c['breakeven_utilisation']:.0%} of its capacity: the API is always cheaper"),
     ]
+    f = result.get("fleet_cost")
+    if f:
+        lines.append(f"  sized fleet             {f['gpus']}x {f['gpu']} ${f['fleet_per_hour']:,.2f}/h vs API "
+                     f"${f['api_per_hour']:,.2f}/h for the same interactions -> "
+                     f"{'fleet' if f['fleet_wins'] else 'API'} wins (API/fleet cost {f['api_over_fleet']:.2f}x)")
     if "with_kvsched" in result:
         lines += ["", render_levers(result["plan"], result["with_kvsched"], c["gpu"])]
     return "\n".join(lines)
@@ -209,15 +231,18 @@ def plot(args: argparse.Namespace, path: Path) -> None:
     shape = model_of(args)
     gpus = load_catalog(args.gpu_catalog)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for gpu in gpus:
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-"), ("P", "--")]
+    for i, gpu in enumerate(gpus):
         ys = []
         for ctx in PLOT_CONTEXTS:
             w = Workload(workflows=args.sessions, topology=Topology(args.topology), agents=args.agents, context=ctx,
                          tool_calls=args.tool_calls, tool_tokens=args.tool_tokens)
             fits = plan(shape, w, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, [gpu]).fits
             ys.append(fits[0].sessions_per_gpu if fits else float("nan"))
-        ax.plot(PLOT_CONTEXTS, ys, marker="o", label=gpu.name)
+        marker, line = styles[i % len(styles)]  # GPUs of equal VRAM overlap: tell them apart
+        ax.plot(PLOT_CONTEXTS, ys, marker=marker, linestyle=line, label=gpu.name)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(PLOT_CONTEXTS, [f"{c // 1024}K" for c in PLOT_CONTEXTS])
     ax.set_yscale("log")
     ax.set_xlabel("context per session (tokens)")
     ax.set_ylabel("sessions per GPU")

@@ -41,3 +41,31 @@ def cost(tokens_per_interaction: float, interactions_per_hour: float, api_price_
                 api_per_1k_interactions=1000 * api_each, gpu_per_1k_interactions=1000 * gpu_each,
                 gpu_wins=api_each > gpu_each, breakeven_interactions_per_hour=breakeven,
                 breakeven_utilisation=breakeven / gpu_interactions_per_hour)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetCost:
+    """A sized fleet (whole GPUs, paid every hour) against the API serving the same tokens."""
+
+    gpus: int
+    fleet_per_hour: float
+    api_per_hour: float
+    fleet_per_1k_interactions: float | None  # None without traffic
+    api_per_1k_interactions: float
+    fleet_wins: bool
+    api_over_fleet: float  # > 1: the fleet is that many times cheaper
+
+
+def fleet_cost(gpus: int, gpu_price_per_hour: float, interactions_per_hour: float, tokens_per_interaction: float,
+               api_price_per_m: float) -> FleetCost:
+    """E.g. the guide's 1,000 sessions x 200 tokens/min on 4 H100s: API $4.80/h vs $9.60/h (the API wins)."""
+    if gpus <= 0 or gpu_price_per_hour < 0 or interactions_per_hour < 0 or tokens_per_interaction <= 0 \
+            or api_price_per_m <= 0:
+        raise PlanError("fleet cost needs a positive GPU count, token count and API price")
+    fleet = gpus * gpu_price_per_hour
+    api_each = api_price_per_m * tokens_per_interaction / 1e6
+    api = interactions_per_hour * api_each
+    return FleetCost(gpus=gpus, fleet_per_hour=fleet, api_per_hour=api,
+                     fleet_per_1k_interactions=1000 * fleet / interactions_per_hour if interactions_per_hour else None,
+                     api_per_1k_interactions=1000 * api_each, fleet_wins=fleet < api,
+                     api_over_fleet=api / fleet if fleet else float("inf"))

@@ -18,7 +18,7 @@ from kvsched.core.planner import (
     kv_capacity_tokens,
     kv_replication,
 )
-from kvsched.core.planner_cost import cost
+from kvsched.core.planner_cost import cost, fleet_cost
 from kvsched.core.planner_fleet import Gpu, Levers, Topology, Workload, plan, summary_calls, with_levers
 
 L8, L70 = ModelShape.from_preset("llama-3.1-8b"), ModelShape.from_preset("llama-3.1-70b")
@@ -63,6 +63,11 @@ def test_guide_gpu_picks():
     # 70B FP8, 32K, 50 sessions (~330 GB): 2x B200 at TP=2 without headroom
     fit = _fit(L70, Workload(workflows=50, context=32_768), "B200-192GB", ceiling=1.0, overhead=0.0)
     assert (fit.tensor_parallel, fit.gpus) == (2, 2)
+    # 1,000 sessions of 8B FP8 at 4K: ~250 per H100 SXM -> 4 GPUs, $9.60/h (at 100% of VRAM, +10%); 5 with headroom
+    fit = _fit(L8, Workload(workflows=1000, context=4096), "H100-SXM5-80GB", ceiling=1.0, overhead=0.10)
+    assert fit.sessions_per_gpu == pytest.approx(250, rel=0.06) and fit.gpus == 4
+    assert fit.cost_per_hour == pytest.approx(9.60)
+    assert _fit(L8, Workload(workflows=1000, context=4096), "H100-SXM5-80GB").gpus == 5
 
 
 def test_cost_crossover_examples():
@@ -80,6 +85,17 @@ def test_cost_crossover_examples():
     assert not cost(950, 500, 0.01, 2.40, 22_000).gpu_wins  # a cheap enough API wins per interaction
     with pytest.raises(PlanError):
         cost(950, 500, -0.4, 2.40, 22_000)
+
+
+def test_fleet_cost_examples():
+    # 1,000 sessions x 200 tokens/min = 12M tokens/h: $4.80/h on the API vs $9.60/h on 4 GPUs, the API wins
+    f = fleet_cost(4, 2.40, 1000 * 60, 200, 0.40)
+    assert f.api_per_hour == pytest.approx(4.80) and f.fleet_per_hour == pytest.approx(9.60) and not f.fleet_wins
+    # at 5,000 tokens per session per minute the API costs $120/h and bare metal wins ~12x
+    f = fleet_cost(4, 2.40, 1000 * 60, 5000, 0.40)
+    assert f.api_per_hour == pytest.approx(120) and f.fleet_wins and f.api_over_fleet == pytest.approx(12.5)
+    with pytest.raises(PlanError):
+        fleet_cost(0, 2.40, 100, 200, 0.40)
 
 
 def test_topologies_set_the_live_slots():
