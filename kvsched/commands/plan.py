@@ -95,11 +95,26 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                                g.price_per_hour, g.interactions_per_hour))},
     })
     out["fleet_cost"] = fleet_vs_api(args, g, base, out.get("orchestrator"))
+    out["vllm_args"] = vllm_args(base, g.name)
     if orchestrator is not None:
         out["fleet_total_bytes"] = base.total_bytes + out["orchestrator"]["plan"]["total_bytes"]
     if args.with_kvsched:
         out["with_kvsched"] = levers_effect(args, shape, pool, gpus)
     return out
+
+
+def vllm_args(base: Plan, gpu: str) -> str | None:
+    """`vllm serve` flags for one replica of the plan on `gpu`, per the sizing guide: --max-model-len at the p95
+    session, --max-num-seqs at 1.5x the replica's peak sessions, the planned memory ceiling and TP degree."""
+    fit = next((f for f in base.fits if f.gpu == gpu), None)
+    if fit is None:
+        return None
+    peak = math.ceil(base.kv_slots / fit.replicas)
+    args = [f"--max-model-len {base.session_tokens}", f"--max-num-seqs {math.ceil(1.5 * peak)}",
+            f"--gpu-memory-utilization {base.ceiling:.2f}", f"--tensor-parallel-size {fit.tensor_parallel}"]
+    if base.kv_dtype.startswith("fp8"):
+        args.append("--kv-cache-dtype fp8")
+    return " ".join([*args, "--enable-prefix-caching"])
 
 
 def fleet_vs_api(args: argparse.Namespace, gpu: Any, base: Plan, orchestrator: dict[str, Any] | None
@@ -190,6 +205,8 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"  sized fleet             {f['gpus']}x {f['gpu']} ${f['fleet_per_hour']:,.2f}/h vs API "
                      f"${f['api_per_hour']:,.2f}/h for the same interactions -> "
                      f"{'fleet' if f['fleet_wins'] else 'API'} wins (API/fleet cost {f['api_over_fleet']:.2f}x)")
+    if result.get("vllm_args"):
+        lines += ["", f"vllm serve flags per replica on {c['gpu']}: {result['vllm_args']}"]
     if "with_kvsched" in result:
         lines += ["", render_levers(result["plan"], result["with_kvsched"], c["gpu"])]
     return "\n".join(lines)

@@ -24,6 +24,8 @@ def test_done_when_command_reports_the_guide_figures(capsys):
     assert p["kv_per_session_bytes"] == 512 * MIB and p["kv_total_bytes"] == 50 * GIB
     assert p["total_before_overhead_bytes"] / 1e9 == pytest.approx(60, rel=0.05)
     assert next(f for f in p["fits"] if f["gpu"] == "H100-PCIe-80GB")["gpus"] == 1
+    assert "--max-model-len 8192 --max-num-seqs 150" in out["vllm_args"]  # p95 context, 1.5x peak sessions
+    assert "--kv-cache-dtype fp8" in out["vllm_args"]
     f = out["fleet_cost"]
     assert f["gpus"] == 1 and f["fleet_per_hour"] == pytest.approx(2.40)  # 100 sessions fit one H100 SXM
     c = out["cost"]
