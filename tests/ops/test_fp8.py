@@ -115,3 +115,93 @@ def test_gather_into_a_preallocated_buffer(impl):
     assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
     with pytest.raises(ValueError, match="out q"):
         fp8.gather_quantize_blocks(cache, ids[:2], out=buf, impl=impl)
+
+
+# ----------------------------------------------------------------------------------------------- C++ code paths
+# The C++ kernels have a vector path (AVX-512: full-width body, masked tail, 16-bit amax scan for bf16/fp16) and a
+# scalar path (pages with NaN/inf, CPUs without AVX-512). Both must equal the reference on shapes that exercise every
+# tail: runs shorter than a vector, runs of 16k + r elements, strided rows that cannot merge into one run.
+TAIL_SHAPES = [(3, 2, 1, 1), (4, 3, 5, 37), (2, 2, 16, 200), (3, 1, 7, 16), (2, 5, 3, 33)]
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+@pytest.fixture(params=["simd", "scalar"])
+def cxx_path(request):
+    from kvsched.ops import backends
+    from tests.ops.conftest import require_cxx
+
+    require_cxx()
+    mod = backends.cxx()
+    mod.fp8_set_simd(request.param == "simd")
+    try:
+        yield request.param
+    finally:
+        mod.fp8_set_simd(True)
+
+
+def e4m3_edge_values() -> torch.Tensor:
+    """Every finite e4m3 value, the midpoints between neighbours and the floats just either side of each midpoint
+    (ties round to even; a single ulp decides), signed zeros, values below half the smallest subnormal and 448."""
+    codes = torch.arange(0, 0x7F, dtype=torch.uint8)  # 0x00..0x7E: every finite non-negative code
+    vals = codes.view(FP8_DTYPE).float()
+    mids = (vals[:-1] + vals[1:]) / 2  # exact in float32
+    up, down = torch.nextafter(mids, torch.full_like(mids, 1e9)), torch.nextafter(mids, torch.zeros_like(mids))
+    tiny = torch.tensor([2.0**-10, 2.0**-11, 2.0**-20, 1e-45, 0.0, 447.0, 448.0])
+    pos = torch.cat([vals, mids, up, down, tiny])
+    return torch.cat([pos, -pos])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TAIL_SHAPES)
+def test_cxx_paths_match_reference_on_every_tail(cxx_path, shape, dtype):
+    x = cache_of(shape, dtype, seed=sum(shape))
+    q_ref, s_ref = fp8.quantize_kv_fp8(x, impl="torch")
+    q, s = fp8.quantize_kv_fp8(x, impl="cxx")
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+    y_ref = fp8.dequantize_kv_fp8(q_ref, s_ref, dtype, impl="torch")
+    assert torch.equal(fp8.dequantize_kv_fp8(q, s, dtype, impl="cxx"), y_ref)
+    # the same pages seen through a strided view whose rows do not follow each other in memory
+    physical = torch.zeros(shape[0], shape[2], shape[1], shape[3] + 3, dtype=dtype)
+    view = physical.permute(0, 2, 1, 3)[..., : shape[3]]
+    view.copy_(x)
+    q2, s2 = fp8.quantize_kv_fp8(view, impl="cxx")
+    assert torch.equal(bits(q2), bits(q_ref)) and torch.equal(s2, s_ref)
+    fp8.scatter_dequantize_blocks(q, s, view, torch.arange(shape[0]), impl="cxx")
+    assert torch.equal(view, y_ref) and not physical[..., shape[3]:].any()  # padding columns untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cxx_paths_round_ties_and_subnormals_like_the_reference(cxx_path, dtype):
+    edges = e4m3_edge_values()
+    cols = 64
+    n = -(-edges.numel() // cols) * cols
+    page = torch.zeros(n)
+    page[: edges.numel()] = edges
+    x = torch.stack([page.view(-1, cols),  # amax 448: scale 1, so the page is rounded as is
+                     page.view(-1, cols) * 0.75,  # a scale that is not a power of two
+                     page.view(-1, cols) * 2.0**-120]).unsqueeze(0).to(dtype)  # tiny scale, float32 subnormals
+    if dtype == torch.float32:
+        assert x[0, 0].abs().amax().item() == 448.0
+    q_ref, s_ref = fp8.quantize_kv_fp8(x, impl="torch")
+    q, s = fp8.quantize_kv_fp8(x, impl="cxx")
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1.0, 2.0**-126, 2.0**-117 * 3, 1e-3, 7.5, 2.0**100])
+def test_cxx_paths_dequantize_every_code_like_the_reference(cxx_path, dtype, scale):
+    q = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).reshape(1, 2, 4, 32).contiguous()
+    s = torch.full((1, 2), scale, dtype=torch.float32)
+    ref = fp8.dequantize_kv_fp8(q, s, dtype, impl="torch")
+    out = fp8.dequantize_kv_fp8(q, s, dtype, impl="cxx")
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref))
+
+
+def test_cxx_paths_quantize_pages_near_the_float_range(cxx_path):
+    x = cache_of((2, 2, 16, 48), torch.float32, seed=11)
+    x = x / x.abs().amax() * 3.0e38  # amax close to float32's largest value: 1/scale is near its smallest normal
+    x[1, 1] *= 2.0**-140  # a page of float32 subnormals
+    q_ref, s_ref = fp8.quantize_kv_fp8(x, impl="torch")
+    q, s = fp8.quantize_kv_fp8(x, impl="cxx")
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
