@@ -82,6 +82,22 @@ def block_tokens(blocks: Sequence[Any], block_size: int) -> int:
     return int(blocks[-1].block_hash_num_tokens or len(blocks) * block_size)
 
 
+def block_content_key(block: Any) -> bytes:
+    """The content hash of a cached block as requests carry it (`Request.block_hashes`): vLLM stores a block's hash
+    with its KV-cache group id appended (`make_block_hash_with_group_id`)."""
+    from vllm.v1.core.kv_cache_utils import get_block_hash
+
+    return bytes(get_block_hash(block.block_hash))
+
+
+def fp8_tier(scheduler: Any) -> Any:
+    """kvsched's FP8 tier connector, if the engine runs with it (`--kvsched-fp8-tier-gb` / `--kv-transfer-config`)."""
+    connector = getattr(scheduler, "connector", None)
+    from kvsched.adapters.vllm.fp8_tier_connector import KVSchedFP8TierConnector
+
+    return connector if isinstance(connector, KVSchedFP8TierConnector) else None
+
+
 def block_pool(scheduler: Any) -> Any:
     return scheduler.kv_cache_manager.block_pool
 
@@ -180,6 +196,24 @@ def _scheduler_cls_type(value: str) -> str:
     return value
 
 
+class _TierAction(argparse.Action):
+    """`--kvsched-fp8-tier-gb GIB` sets vLLM's kv_transfer_config to kvsched's FP8 tier connector."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from vllm.config import KVTransferConfig
+
+        from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+        from kvsched.core.tier import TierConfigError
+
+        if getattr(namespace, "kv_transfer_config", None) is not None:
+            parser.error("--kvsched-fp8-tier-gb sets --kv-transfer-config; pass only one of them")
+        try:
+            namespace.kv_transfer_config = KVTransferConfig(**kv_transfer_config(float(values)))
+        except (TierConfigError, ValueError) as exc:
+            parser.error(f"argument --kvsched-fp8-tier-gb: {exc}")
+
+
 def extend_engine_parser(parser: Any) -> None:
     """Add `--scheduler NAME` (dest scheduler_cls) and kvsched's API-server middleware to vLLM's argument parser.
 
@@ -195,6 +229,13 @@ def extend_engine_parser(parser: Any) -> None:
     for action in parser._actions:
         if action.dest == "scheduler_cls" and "--scheduler-cls" in action.option_strings:
             action.type = _scheduler_cls_type
+    parser.add_argument(
+        "--kvsched-fp8-tier-gb", dest="kv_transfer_config", action=_TierAction, default=argparse.SUPPRESS,
+        metavar="GIB",
+        help="Host memory (GiB) for kvsched's FP8 tier: KV that --scheduler kvsched releases under memory pressure is "
+             "quantized to FP8 there and restored on the session's next turn instead of recomputed (added by the "
+             "kvsched plugin; sets --kv-transfer-config).",
+    )
     parser.set_defaults(middleware=[MIDDLEWARE_PATH])
 
 

@@ -25,12 +25,13 @@ class HarnessConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 4096
+    kv_transfer_config: dict[str, Any] | None = None  # e.g. kvsched's FP8 tier (scheduler side only: no worker here)
 
 
 def build_scheduler(scheduler_cls: str | type, cfg: HarnessConfig) -> Any:
     """A vLLM scheduler over a KV pool of `cfg.num_blocks` blocks shaped like the model's layers."""
     import torch
-    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.utils.import_utils import resolve_obj_by_qualname
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
@@ -43,7 +44,9 @@ def build_scheduler(scheduler_cls: str | type, cfg: HarnessConfig) -> Any:
         max_model_len=cfg.max_model_len, enable_chunked_prefill=True, is_encoder_decoder=False,
     )
     cache_config = CacheConfig(block_size=cfg.block_size, cache_dtype="auto", enable_prefix_caching=True)
-    vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config)
+    kv_transfer = KVTransferConfig(**cfg.kv_transfer_config) if cfg.kv_transfer_config else None
+    vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config,
+                             kv_transfer_config=kv_transfer)
     hf = model_config.hf_config
     layers = [f"model.layers.{i}.self_attn.attn" for i in range(hf.num_hidden_layers)]
     spec = FullAttentionSpec(block_size=cfg.block_size, num_kv_heads=hf.num_key_value_heads,

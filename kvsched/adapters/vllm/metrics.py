@@ -17,6 +17,11 @@ GAUGES = {
     "pin_budget_blocks": "Most KV blocks pins may hold",
     "kv_bytes_per_token": "KV bytes per token across layers, from the engine's KV cache spec (follows --kv-cache-dtype); "
                           "the byte cost eviction scores use",
+    "tier_bytes": "Bytes the FP8 tier holds (quantized KV of sessions released under pressure)",
+    "tier_capacity_bytes": "The FP8 tier's byte budget (--kvsched-fp8-tier-gb)",
+    "tier_blocks": "KV blocks the FP8 tier holds",
+    "tier_kv_rel_rms_error": "Relative RMS error of FP8-tiered KV against the original, sampled at demotion "
+                             "(-1: nothing measured; 0 when the cache is already FP8 and stored as is)",
 }
 COUNTERS = {
     "sessions_seen": "Distinct sessions seen",
@@ -24,7 +29,15 @@ COUNTERS = {
     "retained_hits": "Turns that started on KV kvsched had retained",
     "retained_hit_tokens": "Prompt tokens served from KV kvsched had retained (prefill saved)",
     "rejected_requests": "Requests refused for malformed session input (HTTP 400)",
+    "tier_demotions": "Pin releases whose blocks were copied to the FP8 tier",
+    "tier_demoted_blocks": "KV blocks copied (quantized) to the FP8 tier",
+    "tier_evicted_blocks": "KV blocks the FP8 tier dropped for lack of room (lowest retention value first)",
+    "tier_restores": "Requests whose prefix was restored from the FP8 tier instead of recomputed",
+    "tier_restored_blocks": "KV blocks restored (dequantized) from the FP8 tier",
+    "tier_restore_misses": "Requests whose next prefix block had been in the FP8 tier but was evicted",
+    "tier_load_failures": "Tier blocks that failed their checksum at restore (recomputed instead)",
 }
+TIER_ONLY = frozenset(k for k in (*GAUGES, *COUNTERS) if k.startswith("tier_"))
 RELEASE_REASONS = ("turn", "ttl", "end", "pressure", "budget")
 
 
@@ -33,9 +46,13 @@ class _StatsCollector:
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
+        tier = "tier_capacity_bytes" in self.stats  # tier series only when the server runs the FP8 tier
         for name, doc in GAUGES.items():
-            yield GaugeMetricFamily(f"kvsched_{name}", doc, value=float(self.stats.get(name, 0)))
+            if tier or name not in TIER_ONLY:
+                yield GaugeMetricFamily(f"kvsched_{name}", doc, value=float(self.stats.get(name, 0)))
         for name, doc in COUNTERS.items():
+            if not tier and name in TIER_ONLY:
+                continue
             yield CounterMetricFamily(f"kvsched_{name}", doc, value=float(self.stats.get(name, 0)))
         released = CounterMetricFamily("kvsched_pin_releases", "Session pins released whole, by reason",
                                        labels=["reason"])

@@ -16,7 +16,12 @@ from typing import Any
 from kvsched.adapters.vllm import compat
 from kvsched.core.config import RetentionConfig
 from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
+from kvsched.core.scoring import Candidate, retention_value
 from kvsched.core.sessions import InvalidSessionInput, SessionKey, TurnHints, validate_session_id
+
+# Releases whose blocks go to the FP8 tier (when it is on): the session is still live and comes back. TTL and end mean
+# it will not; a turn release drops blocks its own request did not hit.
+DEMOTE_REASONS = frozenset({ReleaseReason.PRESSURE, ReleaseReason.BUDGET})
 
 
 class SessionPins:
@@ -40,6 +45,10 @@ class SessionPins:
         trace = os.environ.get("KVSCHED_TRACE")
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - lives as long as the engine
         compat.wrap_allocate_slots(scheduler, self.on_shortage)
+        # The FP8 tier (if configured): pins released for pressure or budget are demoted there, not dropped.
+        self.tier = compat.fp8_tier(scheduler)
+        if self.tier is not None:
+            self.tier.attach(self._tier_value)
 
     # ---- hooks from the scheduler -------------------------------------------------------------------------------
     def on_request_added(self, request: Any) -> None:
@@ -69,13 +78,15 @@ class SessionPins:
         key, hints = entry
         if request.request_id not in self.started:  # finished (aborted) before it ever ran
             if hints.end:
-                self.apply(self.policy.end(key))
+                self._end(key)
             return
         self.started.discard(request.request_id)
         groups = compat.reusable_prefix_blocks(self.scheduler, request.request_id) if self.enabled else []
         nblocks = sum(len(g) for g in groups)
         tokens = compat.block_tokens(groups[0], self.block_size) if groups else 0
         self.apply(self.policy.turn_finished(key, hints, tokens, nblocks), pending={key: groups})
+        if hints.end and self.tier is not None:
+            self.tier.directory.drop_owner(key)
         while releases := self.policy.release_over_budget(len(self.block_refs)):
             self.apply(releases)
 
@@ -106,7 +117,15 @@ class SessionPins:
         for key in keys:
             self.policy.end(key)
             self._unpin(key)
+        if self.tier is not None:
+            for owner in list(self.tier.directory.keys_of):
+                self.tier.directory.drop_owner(owner)
         return len(keys)
+
+    def _end(self, key: SessionKey) -> None:
+        self.apply(self.policy.end(key))
+        if self.tier is not None:
+            self.tier.directory.drop_owner(key)
 
     # ---- decisions ----------------------------------------------------------------------------------------------
     def apply(self, decisions: list[Decision], pending: dict[SessionKey, list[list[Any]]] | None = None) -> None:
@@ -116,7 +135,7 @@ class SessionPins:
             if isinstance(d, Pin):
                 self._repin(d.key, (pending or {}).get(d.key, []))
             elif isinstance(d, Release):
-                self._unpin(d.key, d.blocks)
+                self._unpin(d.key, d.blocks, demote=self.tier is not None and d.reason in DEMOTE_REASONS)
 
     def _write_trace(self, decisions: list[Decision], pending: dict[SessionKey, list[list[Any]]] | None) -> None:
         assert self._trace is not None
@@ -176,7 +195,20 @@ class SessionPins:
                 del refs[b.block_id]
         compat.return_blocks(self.scheduler, released)
 
-    def _unpin(self, key: SessionKey, blocks: int | None = None) -> None:
+    def _tier_value(self, key: SessionKey) -> float:
+        """Retention value of a session's tier blocks (the pins' formula, at the tier's bytes per token); 0 for a
+        session kvsched no longer tracks."""
+        rec = self.policy.sessions.get(key)
+        if rec is None or self.tier is None:
+            return 0.0
+        d = self.tier.directory
+        now = self.policy.clock()
+        return retention_value(Candidate(
+            tokens=d.blocks_of(key) * self.block_size, bytes_per_token=d.block_bytes / self.block_size,
+            idle_s=max(now - (rec.last_finished or now), 0.0), next_use_s=rec.expected_gap_s,
+            role_weight=self.policy.config.role_weight(rec.role), reuse_count=rec.hits))
+
+    def _unpin(self, key: SessionKey, blocks: int | None = None, demote: bool = False) -> None:
         groups = self.pinned.get(key)
         if not groups:
             self.pinned.pop(key, None)
@@ -191,6 +223,9 @@ class SessionPins:
                 n = min(len(g), -(-blocks * len(g) // total))
                 released.extend(reversed(g[len(g) - n:]))
                 groups[i] = g[: len(g) - n]
+        if demote and self.tier is not None:  # copied to the tier before vLLM can reuse them (this step's metadata)
+            self.tier.demote(key, [(compat.block_content_key(b), b.block_id) for b in reversed(released)
+                                   if b.block_hash is not None])
         # Tail blocks first: they are evicted before the session's head (which other sessions may share).
         self._return(released)
 
@@ -206,7 +241,7 @@ class SessionPins:
                 return {"error": str(exc)}
             keys = [k for k in self.policy.sessions if k.session_id == sid]
             for key in keys:
-                self.apply(self.policy.end(key))
+                self._end(key)
             return {"ended": len(keys)}
         if op == "stats":
             return self.stats()
@@ -230,4 +265,5 @@ class SessionPins:
             **{f"released_{r.value}": c[f"released_{r.value}"] for r in ReleaseReason},
             **{f"released_{r.value}_partial": c[f"released_{r.value}_partial"] for r in ReleaseReason},
             **{f"released_blocks_{r.value}": c[f"released_blocks_{r.value}"] for r in ReleaseReason},
+            **(self.tier.tier_stats() if self.tier is not None else {}),
         }

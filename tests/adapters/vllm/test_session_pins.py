@@ -17,6 +17,7 @@ from kvsched.adapters.vllm.harness import (  # noqa: E402
     build_scheduler,
     free_blocks,
     run_until_idle,
+    step,
     usable_blocks,
 )
 
@@ -204,3 +205,43 @@ def test_free_blocks_return_to_total_when_every_session_ends(harness_cfg, ops):
         s("end", f"s{i}")
     assert free_blocks(s) == usable_blocks(s)
     assert not s.kvsched.pinned
+
+
+def test_fp8_tier_demotes_pressure_releases_and_the_next_turn_restores_them(harness_cfg, clock):
+    """With the tier, the blocks pressure takes from a session are planned for a copy in the same step, and the
+    session's next turn gets them back as external tokens where kvsched alone recomputes them."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    history = list(range(100, 260))  # 10 full blocks
+    cached, stores, loads = {}, {}, {}
+    for tier in (False, True):
+        cfg = replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01) if tier else None)
+        s, f = _sched(cfg, clock=clock), RequestFactory(BLOCK)
+        s.add_request(f.make(history, 4, session_id="agent-1"))
+        run_until_idle(s)
+        n_stores = n_loads = 0
+        for i in range(4):  # 4 x 21 blocks through a 63-block pool: the pin must yield
+            s.add_request(f.make([5000 + i] * 330, 4))
+        while s.has_requests():
+            out, _ = step(s)
+            meta = out.kv_connector_metadata
+            n_stores += len(meta.stores) if meta is not None else 0
+        turn2 = PrefillCounts()
+        s.add_request(f.make(history + [4] * 3 + list(range(900, 940)), 4, session_id="agent-1"))
+        while s.has_requests():
+            out, _ = step(s)
+            turn2.record(out, s)
+            meta = out.kv_connector_metadata
+            n_loads += len(meta.loads) if meta is not None else 0
+        cached[tier], stores[tier], loads[tier] = turn2.cached_tokens, n_stores, n_loads
+        # every pin and request gone: the pool is whole again, and the tier's directory holds only whole slots
+        s.kvsched.handle("end", "agent-1")
+        assert free_blocks(s) == usable_blocks(s)
+        if tier:
+            d = s.kvsched.tier.directory
+            assert len(set(d.slot_of.values())) == d.used_slots == 0  # the session ended: its tier blocks went
+    assert stores[False] == loads[False] == 0
+    assert stores[True] >= 10 and loads[True] >= 9
+    assert cached[True] >= cached[False] + 9 * BLOCK

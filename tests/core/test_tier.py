@@ -1,0 +1,126 @@
+"""The FP8 tier's directory: content-addressed slots, per-session owners, the byte budget and the eviction order."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvsched.core.tier import Load, Store, TierConfig, TierConfigError, TierDirectory
+
+BLOCK_BYTES = 100
+
+
+def directory(slots: int, values: dict[str, float] | None = None) -> TierDirectory:
+    vals = values if values is not None else {}
+    return TierDirectory(TierConfig(budget_bytes=slots * BLOCK_BYTES), BLOCK_BYTES, lambda o: vals.get(o, 0.0))
+
+
+def blocks(prefix: str, n: int, first_id: int = 0) -> list[tuple[str, int]]:
+    return [(f"{prefix}{i}", first_id + i) for i in range(n)]
+
+
+def test_demote_assigns_slots_and_a_restore_matches_the_unbroken_run():
+    d = directory(8)
+    stores = d.demote("a", blocks("a", 3, first_id=10))
+    assert [s.block_id for s in stores] == [10, 11, 12]
+    assert len({s.slot for s in stores}) == 3
+    keys = ["a0", "a1", "a2", "other"]
+    assert d.match(keys, 0, 10) == [s.slot for s in stores]
+    assert d.match(keys, 1, 10) == [s.slot for s in stores[1:]]
+    assert d.match(keys, 0, 2) == [s.slot for s in stores[:2]]  # the limit (last prompt token) is respected
+    assert d.match(["x", "a1"], 0, 10) == []  # a run must start where the local hit ends
+    assert d.used_bytes == 3 * BLOCK_BYTES
+
+
+def test_a_shared_block_is_stored_once_and_kept_while_an_owner_remains():
+    d = directory(8)
+    d.demote("a", [("sys", 1), ("a1", 2)])
+    assert d.demote("b", [("sys", 5), ("b1", 6)]) == [Store(6, d.slot_of["b1"])]  # "sys" not copied again
+    d.drop_owner("a")
+    assert "sys" in d.slot_of and "a1" not in d.slot_of
+    d.drop_owner("b")
+    assert d.used_slots == 0
+
+
+def test_full_tier_evicts_the_lowest_value_session_tail_first():
+    values = {"low": 1.0, "mid": 2.0, "new": 3.0}
+    d = directory(4, values)
+    d.demote("low", blocks("l", 2))
+    d.demote("mid", blocks("m", 2))
+    stores = d.demote("new", blocks("n", 1))
+    assert len(stores) == 1
+    assert "l1" not in d.slot_of and "l0" in d.slot_of  # the low session lost its tail block only
+    assert d.was_evicted("l1") and not d.was_evicted("n0")
+    assert d.counters["evicted_blocks"] == 1
+
+
+def test_a_session_worth_less_than_every_resident_is_not_admitted():
+    d = directory(2, {"a": 5.0, "b": 1.0})
+    d.demote("a", blocks("a", 2))
+    assert d.demote("b", blocks("b", 2)) == []
+    assert d.counters["demotions_cut_short"] == 1 and d.used_slots == 2
+
+
+def test_locked_slots_are_not_reused_until_unlocked():
+    d = directory(2, {"a": 1.0, "b": 9.0})
+    d.demote("a", blocks("a", 2))
+    d.lock(d.match(["a0", "a1"], 0, 2))  # a load reads them this step
+    assert d.demote("b", blocks("b", 1)) == []  # nothing free that is not locked
+    d.unlock_all()
+    assert len(d.demote("b", blocks("b", 1))) == 1
+
+
+def test_forget_drops_a_corrupt_key_for_good():
+    d = directory(4)
+    d.demote("a", blocks("a", 3))
+    assert d.forget(["a1", "zz"]) == 1
+    assert d.match(["a0", "a1", "a2"], 0, 3) == [d.slot_of["a0"]]
+
+
+def test_zero_budget_tier_stores_nothing():
+    d = directory(0)
+    assert d.demote("a", blocks("a", 3)) == [] and d.match(["a0"], 0, 1) == []
+
+
+@pytest.mark.parametrize("bad", ["-1", "x", None, "inf", "nan"])
+def test_bad_sizes_are_typed_errors(bad):
+    with pytest.raises(TierConfigError):
+        TierConfig.from_gib(bad)
+
+
+def test_block_bytes_must_be_positive():
+    with pytest.raises(TierConfigError):
+        TierDirectory(TierConfig(budget_bytes=10), 0, lambda o: 0.0)
+
+
+def test_load_and_store_are_plain_records():
+    assert Load(1, 2) == Load(slot=1, block_id=2) and Store(3, 4).slot == 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("demote drop forget match".split()), st.integers(0, 5), st.integers(1, 6),
+                          st.integers(0, 4)), max_size=60),
+       st.integers(0, 10))
+def test_slots_are_never_shared_and_the_budget_holds(ops, slots):
+    """Any sequence of demotions, ends, forgets and lookups: a slot holds one key, the budget is never exceeded, and
+    every key's owners list it."""
+    values = {f"s{i}": float(i) for i in range(6)}
+    d = directory(slots, values)
+    for op, sess, n, start in ops:
+        owner = f"s{sess}"
+        if op == "demote":
+            d.demote(owner, [(f"k{start + i}", i) for i in range(n)])  # overlapping keys across sessions
+        elif op == "drop":
+            d.drop_owner(owner)
+        elif op == "forget":
+            d.forget([f"k{start}"])
+        else:
+            d.lock(d.match([f"k{i}" for i in range(10)], start, n))
+            d.unlock_all()
+        assert d.used_slots <= d.num_slots
+        assert len(set(d.slot_of.values())) == len(d.slot_of)
+        assert len(d._free) + d.used_slots == d.num_slots
+        for owner_, keys in d.keys_of.items():
+            for key in keys:
+                assert key in d.slot_of and owner_ in d.owners[key]
