@@ -28,11 +28,16 @@ FULL = WorkloadConfig(workflows=6, topology=Topology.HIERARCHICAL, workers=4, ro
 # side -> --scheduler value. "unbounded" is stock vLLM with a pool that holds the whole working set: the prefill no
 # eviction policy can go below at any pressure (new tokens, and what the chat template forces to recompute), measured in
 # the same run so the gates can be read against what is attainable at all.
-SIDES = {"stock": None, "kvsched": "kvsched", "unbounded": None}
+# "kvsched+fp8tier" is kvsched with its FP8 demotion tier (issue 5): pins released under pressure are quantized into a
+# host-memory tier (by default as many bytes as the KV pool itself) and restored on the session's next turn.
+SIDES = {"stock": None, "kvsched": "kvsched", "kvsched+fp8tier": "kvsched", "unbounded": None}
+TIER_SIDE = "kvsched+fp8tier"
 UNBOUNDED_HEADROOM = 1.25
 BLOCK_SIZE = 32
 METRIC_KEYS = ("vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
-               "vllm:num_preemptions_total", "vllm:generation_tokens_total")
+               "vllm:num_preemptions_total", "vllm:generation_tokens_total", "vllm:external_prefix_cache_hits_total")
+TIER_COUNTERS = ("demotions", "demoted_blocks", "evicted_blocks", "restores", "restored_blocks", "restore_misses",
+                 "load_failures")
 
 
 def register(subparsers: Any) -> None:
@@ -48,7 +53,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--brief-words", type=int, default=None, help="words of each agent's first-turn brief/documents")
     p.add_argument("--pressure", type=float, default=1.5, help="working set / KV pool (default 1.5)")
     p.add_argument("--model-size", choices=sorted(SIZES), default="bench")
-    p.add_argument("--sides", type=parse_sides, default="stock,kvsched,unbounded",
+    p.add_argument("--fp8-tier-gb", type=float, default=None,
+                   help="host memory of the kvsched+fp8tier side's tier (default: the KV pool's own bytes)")
+    p.add_argument("--fidelity-probes", type=int, default=4,
+                   help="restored-vs-recomputed greedy probes on the kvsched+fp8tier server after its run (0: none)")
+    p.add_argument("--sides", type=parse_sides, default="stock,kvsched,kvsched+fp8tier,unbounded",
                    help="comma list of: " + ",".join(SIDES) + " (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -116,7 +125,9 @@ def prefill_throughput(server: VllmServer, model: str, max_model_len: int) -> fl
 
 def summarize(record: RunRecord, before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in METRIC_KEYS}
-    prompt, hits, queries = d["vllm:prompt_tokens_total"], d["vllm:prefix_cache_hits_total"], \
+    # Tokens restored by a KV connector (the FP8 tier) are not computed either: vLLM counts them as external hits.
+    prompt, hits, queries = d["vllm:prompt_tokens_total"], \
+        d["vllm:prefix_cache_hits_total"] + d["vllm:external_prefix_cache_hits_total"], \
         d["vllm:prefix_cache_queries_total"]
     ok = [t for t in record.turns if not t.error]
     ttfts = [t.ttft_s for t in ok if t.ttft_s is not None]
@@ -146,13 +157,22 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
                 reason: int(after.get(f'{metric}{{reason="{reason}"}}', 0.0)
                             - before.get(f'{metric}{{reason="{reason}"}}', 0.0))
                 for reason in ("turn", "ttl", "end", "pressure", "budget")}
+    if "kvsched_tier_capacity_bytes" in after:
+        out["tier"] = {name: int(after.get(f"kvsched_tier_{name}_total", 0.0)
+                                 - before.get(f"kvsched_tier_{name}_total", 0.0)) for name in TIER_COUNTERS}
+        out["tier"]["restored_tokens"] = int(d["vllm:external_prefix_cache_hits_total"])
+        out["tier"]["capacity_bytes"] = int(after["kvsched_tier_capacity_bytes"])
+        out["tier"]["peak_bytes_at_end"] = int(after.get("kvsched_tier_bytes", 0.0))
+        rms = after.get("kvsched_tier_kv_rel_rms_error", -1.0)
+        out["tier"]["kv_rel_rms_error"] = rms if rms >= 0 else None
     errors = [t.error for t in record.turns if t.error]
     if errors:
         out["first_errors"] = errors[:3]
     return out
 
 
-def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool) -> tuple[dict[str, Any], float]:
+def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool,
+             fidelity_probes: int = 0) -> tuple[dict[str, Any], float]:
     workflows = generate(cfg)
     n_turns = sum(len(a.turns) for wf in workflows for a in wf.agents())
     with VllmServer(spec) as server:
@@ -169,7 +189,14 @@ def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool) -
         if bar:
             bar.close()
         after = server.metrics()
-    return summarize(record, before, after), prefill_tok_s
+        summary = summarize(record, before, after)
+        if fidelity_probes > 0:  # after the measured run: the probes' own traffic is not in the figures above
+            from kvsched.bench.tier_fidelity import ProbeConfig, probe
+
+            pool = (spec.num_blocks or 0) * spec.block_size
+            summary["fidelity"] = probe(server, spec.served_model_name, pool, spec.max_model_len,
+                                        ProbeConfig(probes=fidelity_probes))
+    return summary, prefill_tok_s
 
 
 def run(args: argparse.Namespace) -> int:
@@ -191,18 +218,25 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     unbounded_blocks = max(num_blocks, math.ceil(working_set * UNBOUNDED_HEADROOM / BLOCK_SIZE))
     result: dict[str, Any] = {}
     prefill_rates = {}
+    shape = SIZES[args.model_size]
+    pool_bytes = num_blocks * BLOCK_SIZE * kv_bytes_per_token(shape)
+    tier_gb = args.fp8_tier_gb if args.fp8_tier_gb is not None else pool_bytes / 2**30
     for name in sides:
+        extra = ["--kvsched-fp8-tier-gb", f"{tier_gb:.6f}"] if name == TIER_SIDE else []
         spec = ServerSpec(model=model_dir, scheduler=SIDES[name], max_model_len=max_model_len, block_size=BLOCK_SIZE,
                           num_blocks=unbounded_blocks if name == "unbounded" else num_blocks,
-                          served_model_name="agents")
-        result[name], prefill_rates[name] = run_side(name, spec, cfg, progress=not args.no_progress)
+                          served_model_name="agents", extra_args=extra)
+        result[name], prefill_rates[name] = run_side(
+            name, spec, cfg, progress=not args.no_progress,
+            fidelity_probes=args.fidelity_probes if name == TIER_SIDE else 0)
     if "stock" in result:
         result["ratio"] = {s: ratios(result[s], result["stock"]) for s in result if s != "stock"}
         if "kvsched" in result["ratio"]:
             result["ratio"].update(result["ratio"]["kvsched"])  # kvsched/stock at the top level, as documented
     if {"stock", "kvsched", "unbounded"} <= result.keys():
         result["bound"] = attainable(result)
-    shape = SIZES[args.model_size]
+    if {"kvsched", TIER_SIDE} <= result.keys():
+        result["ratio_tier_over_kvsched"] = ratios(result[TIER_SIDE], result["kvsched"])
     result["config"] = {
         "workload": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(cfg).items()},
         "model": {"size": args.model_size, "parameters": shape.num_parameters(), **asdict(shape)},
@@ -211,6 +245,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "unbounded_pool_tokens": unbounded_blocks * BLOCK_SIZE,
         "pressure": working_set / (num_blocks * BLOCK_SIZE), "num_blocks": num_blocks, "block_size": BLOCK_SIZE,
         "max_model_len": max_model_len, "sessions": sum(len(w.agents()) for w in generate(cfg)),
+        "kv_pool_bytes": int(pool_bytes), "fp8_tier_gb": tier_gb if TIER_SIDE in sides else None,
         "provenance": provenance(),
     }
     if "kvsched" in result and "stock" in result:
@@ -221,7 +256,20 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "zero_errors": k["errors"] == 0 and s["errors"] == 0,
             "throughput_not_lower": k["throughput_tok_s"] >= 0.97 * s["throughput_tok_s"],
         }
+    if {"kvsched", TIER_SIDE} <= result.keys():
+        k, t = result["kvsched"], result[TIER_SIDE]
+        tier = t.get("tier", {})
+        result.setdefault("gates", {}).update({
+            "fp8tier_prefill_le_0.7x_kvsched": t["prefill_tokens_computed"] <= 0.7 * k["prefill_tokens_computed"],
+            "fp8tier_zero_errors": t["errors"] == 0,
+            "fp8tier_kv_rel_rms_le_0.07": tier.get("kv_rel_rms_error") is not None and tier["kv_rel_rms_error"] <= 0.07,
+        })
     return result
+
+
+def kv_bytes_per_token(shape: Any) -> int:
+    """bf16 KV bytes per token of the tiny model (K and V, every layer)."""
+    return 2 * 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim
 
 
 def attainable(result: dict[str, Any]) -> dict[str, float]:
@@ -256,6 +304,16 @@ def print_report(result: dict[str, Any]) -> None:
         b = result["bound"]
         print(f"unbounded-memory floor = {b['floor_over_stock']:.3f}x stock prefill (no policy goes below it); "
               f"kvsched realises {b['kvsched_share_of_attainable_saving']:.0%} of the saving it allows")
+    if TIER_SIDE in result and "tier" in result[TIER_SIDE]:
+        t = result[TIER_SIDE]["tier"]
+        print(f"fp8 tier: {t['demoted_blocks']} blocks demoted, {t['restored_blocks']} restored ({t['restores']} turns, "
+              f"{t['restored_tokens']} tokens), {t['evicted_blocks']} evicted, {t['restore_misses']} misses, "
+              f"{t['load_failures']} checksum failures; KV relative RMS error {t['kv_rel_rms_error']}")
+        if "ratio_tier_over_kvsched" in result:
+            print(f"kvsched+fp8tier / kvsched prefill = "
+                  f"{result['ratio_tier_over_kvsched'].get('prefill_tokens_computed'):.3f}")
+        if "fidelity" in result[TIER_SIDE]:
+            print(f"fidelity (restored vs recomputed, greedy): {result[TIER_SIDE]['fidelity']}")
     for gate, ok in result.get("gates", {}).items():
         print(f"  [{'PASS' if ok else 'FAIL'}] {gate}")
 

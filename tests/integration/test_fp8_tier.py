@@ -1,0 +1,114 @@
+"""kvsched's FP8 tier on a real `vllm serve --scheduler kvsched --kvsched-fp8-tier-gb` (bf16 and fp8 KV caches)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import urllib.request
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from kvsched.serving import ServerSpec, VllmServer, vllm_command  # noqa: E402
+
+pytestmark = pytest.mark.integration
+SYSTEM = "You are a careful research agent. Use the tools. " * 8
+POOL_BLOCKS = 48
+
+
+def serve(model, *extra):
+    return VllmServer(ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=POOL_BLOCKS,
+                                 extra_args=["--kvsched-fp8-tier-gb", "0.05", *extra]))
+
+
+@pytest.fixture(scope="module")
+def tier_server(tiny_model_dir):
+    with serve(tiny_model_dir) as server:
+        yield server
+
+
+def chat(server, messages, session=None, salt=None, max_tokens=8):
+    client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+    return client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=max_tokens, temperature=0,
+        extra_headers={"X-Session-Id": session} if session else None,
+        extra_body={"cache_salt": salt} if salt else None)
+
+
+def flood(server, n=3, words=220):
+    """Concurrent unsessioned prompts that need more blocks than the pool has free: pins must yield."""
+    threads = [threading.Thread(target=chat, args=(server, [{"role": "user", "content": f"search result {i} " * words}]))
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def sessions(server):
+    with urllib.request.urlopen(server.base + "/kvsched/sessions", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def turn_after_flood(server, session, salt=None):
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"read page of {session} " * 40}]
+    first = chat(server, history, session=session, salt=salt)
+    flood(server)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "tool output " * 20}]
+    before = server.metrics()
+    second = chat(server, history, session=session, salt=salt, max_tokens=16)
+    return first, second, before, server.metrics(), history
+
+
+def test_a_session_released_under_pressure_is_restored_from_the_tier(tier_server):
+    first, second, before, after, _ = turn_after_flood(tier_server, "restored")
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    assert after["kvsched_tier_demoted_blocks_total"] >= first.usage.prompt_tokens // 32
+    assert d["kvsched_tier_restores_total"] == 1
+    restored = d["vllm:external_prefix_cache_hits_total"]
+    assert restored >= (first.usage.prompt_tokens // 32) * 32 - 32  # the whole released prefix, block for block
+    assert d["kvsched_tier_restored_blocks_total"] * 32 == restored
+    assert d["kvsched_tier_load_failures_total"] == 0
+    assert 0 < after["kvsched_tier_kv_rel_rms_error"] <= 0.07  # e4m3 with a scale per (block, head)
+    assert after["kvsched_tier_bytes"] <= after["kvsched_tier_capacity_bytes"]
+
+
+def test_the_tier_never_serves_kv_across_cache_salts(tier_server):
+    _, _, before, _, history = turn_after_flood(tier_server, "salted", salt="tenant-a")
+    mid = tier_server.metrics()
+    chat(tier_server, history, session="salted-b", salt="tenant-b")  # same messages, other salt: nothing to share
+    after = tier_server.metrics()
+    assert after["vllm:external_prefix_cache_hits_total"] == mid["vllm:external_prefix_cache_hits_total"]
+
+
+def test_ending_every_session_returns_the_pool_and_empties_the_tier(tier_server):
+    for sid in {row["session_id"] for row in sessions(tier_server)["sessions"]}:
+        req = urllib.request.Request(tier_server.base + "/kvsched/sessions/" + urllib.request.quote(sid, safe=""),
+                                     method="DELETE")
+        urllib.request.urlopen(req, timeout=30).close()
+    stats = sessions(tier_server)["stats"]
+    assert stats["pinned_blocks"] == 0 and stats["free_blocks"] == stats["total_blocks"]
+    assert stats["tier_blocks"] == 0  # ended sessions' tier blocks are dropped at once
+
+
+def test_an_fp8_kv_cache_is_tiered_as_is(tiny_model_dir):
+    with serve(tiny_model_dir, "--kv-cache-dtype", "fp8") as server:
+        first, second, before, after, _ = turn_after_flood(server, "fp8-cache")
+        assert after["kvsched_tier_restored_blocks_total"] > before["kvsched_tier_restored_blocks_total"]
+        assert after["kvsched_tier_kv_rel_rms_error"] == 0  # copied bit for bit, no second quantization
+        stats = sessions(server)["stats"]
+        assert stats["tier_raw_fp8"] == 1
+        # one byte per element and no scales: half of the bf16 tier's bytes per block
+        assert stats["tier_block_bytes"] == stats["kv_bytes_per_token"] * 32
+
+
+@pytest.mark.parametrize("value", ["-1", "lots"])
+def test_a_bad_tier_size_fails_at_start_with_a_message(tiny_model_dir, value):
+    proc = subprocess.run([*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched",
+                           "--kvsched-fp8-tier-gb", value], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--kvsched-fp8-tier-gb" in proc.stderr
