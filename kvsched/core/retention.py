@@ -15,15 +15,19 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from kvsched.core.config import RetentionConfig
-from kvsched.core.scoring import Candidate, retention_value
+from kvsched.core.scoring import Candidate, select_lowest
 from kvsched.core.sessions import SessionKey, TurnHints
 
 Clock = Callable[[], float]
+# (candidates, k) -> indices of the k lowest-value unpinned candidates, lowest first, ties by index. The pure default is
+# `kvsched.core.scoring.select_lowest`; the vLLM adapter passes `kvsched.ops.score.select_candidates` (the
+# score_and_select kernels: C++ on CPU, Triton on CUDA), which computes the same order.
+Selector = Callable[[Sequence[Candidate], int], list[int]]
 
 
 class ReleaseReason(StrEnum):
@@ -96,13 +100,15 @@ class SessionView:
 class RetentionPolicy:
     """Session table + pin decisions for one KV block pool of `total_blocks` blocks."""
 
-    def __init__(self, config: RetentionConfig, clock: Clock, total_blocks: int, bytes_per_token: float) -> None:
+    def __init__(self, config: RetentionConfig, clock: Clock, total_blocks: int, bytes_per_token: float,
+                 selector: Selector = select_lowest) -> None:
         if total_blocks <= 0:
             raise ValueError("total_blocks must be positive")
         self.config = config
         self.clock = clock
         self.total_blocks = total_blocks
         self.bytes_per_token = bytes_per_token
+        self.selector = selector
         self.sessions: OrderedDict[SessionKey, SessionRecord] = OrderedDict()  # least recently active first
         self.pinned_blocks_total = 0
         self._expiry: list[tuple[float, int, SessionKey]] = []  # lazy heap of (expires_at, seq, key)
@@ -234,16 +240,14 @@ class RetentionPolicy:
         """Pinned sessions in the order they would be released, lowest retention value first."""
         now = self.clock()
         skip = set(exclude)
-        scored = []
-        for i, (key, rec) in enumerate(self.sessions.items()):
-            if not rec.pinned or key in skip:
+        keys: list[SessionKey] = []
+        cands: list[Candidate] = []
+        for key, rec in self.sessions.items():
+            if not rec.pinned or key in skip or rec.active_requests > 0:
                 continue
-            cand = self.candidate(rec, now)
-            if cand.pinned:
-                continue
-            scored.append((retention_value(cand), i, key))
-        scored.sort()
-        return [key for _, _, key in scored]
+            keys.append(key)
+            cands.append(self.candidate(rec, now))
+        return [keys[i] for i in self.selector(cands, len(cands))] if cands else []
 
     def next_victim(self, exclude: Iterable[SessionKey]) -> SessionKey | None:
         order = self.release_order(exclude)

@@ -22,6 +22,7 @@ same formula over arrays (torch reference, C++, Triton); this module is its scal
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 PREFILL_TOK_S = 10_000.0
@@ -53,7 +54,7 @@ def retention_value(c: Candidate) -> float:
     return c.role_weight * p_reuse * recompute_cost_s(c.tokens) / (nbytes * wait_s)
 
 
-def select_lowest(candidates: list[Candidate], k: int) -> list[int]:
+def select_lowest(candidates: Sequence[Candidate], k: int) -> list[int]:
     """Indices of the k lowest-value unpinned candidates, lowest first, ties by index."""
     scored = [(retention_value(c), i) for i, c in enumerate(candidates) if not c.pinned]
     scored.sort()

@@ -15,11 +15,11 @@ and CUDA); a selection equals the reference's except where two candidates' refer
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-from kvsched.core.scoring import ATTN_KNEE_TOKENS, PREFILL_TOK_S
+from kvsched.core.scoring import ATTN_KNEE_TOKENS, PREFILL_TOK_S, Candidate
 from kvsched.ops import backends
 from kvsched.ops.registry import Impl, Op, any_device, on_devices
 
@@ -215,3 +215,14 @@ def score_and_select(
     cols = (tokens, bytes_per_token, idle_s, next_use_s, role_weight, reuse_count)
     chosen = SCORE_AND_SELECT.resolve(tokens.device, _dtype_of(*cols), impl)
     return chosen.fn(*cols, pinned, k)
+
+
+def select_candidates(candidates: Sequence[Candidate], k: int, *, impl: str | None = None) -> list[int]:
+    """`kvsched.core.scoring.select_lowest` through `score_and_select`: the retention policy's release order computed
+    by the kernels (the policy core stays free of torch; the vLLM adapter injects this)."""
+    if not candidates:
+        return []
+    cols = torch.tensor([(c.tokens, c.bytes_per_token, c.idle_s, c.next_use_s, c.role_weight, c.reuse_count)
+                         for c in candidates], dtype=torch.float64).T.contiguous()
+    pinned = torch.tensor([c.pinned for c in candidates], dtype=torch.bool)
+    return score_and_select(*cols, pinned, k, impl=impl).tolist()  # type: ignore[no-any-return]

@@ -87,3 +87,18 @@ def test_dispatch_defaults_and_explicit_choices():
         score.SCORE_AND_SELECT.resolve("cpu", torch.float64, impl="cuda-magic")
     with pytest.raises(ValueError, match="does not support"):
         score.SCORE_AND_SELECT.resolve("meta", torch.float64, impl="cxx")
+
+
+def test_select_candidates_gives_the_policy_cores_order(impl):
+    """The vLLM adapter's release order (kernels) equals the pure policy core's on the same candidates."""
+    import random
+
+    from kvsched.ops.score import select_candidates
+
+    rng = random.Random(5)
+    for n in (0, 1, 7, 300):
+        cands = [Candidate(tokens=rng.choice([0, 16, 512, 30_000]), bytes_per_token=rng.choice([1.0, 65536.0]),
+                           idle_s=rng.uniform(0, 60), next_use_s=rng.uniform(0, 10),
+                           role_weight=rng.choice([1.0, 2.0]), reuse_count=rng.randint(0, 5),
+                           pinned=rng.random() < 0.2) for _ in range(n)]
+        assert select_candidates(cands, n, impl=impl) == select_lowest(cands, n)

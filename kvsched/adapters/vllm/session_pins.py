@@ -18,6 +18,7 @@ from kvsched.core.config import RetentionConfig
 from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
 from kvsched.core.scoring import Candidate, retention_value
 from kvsched.core.sessions import InvalidSessionInput, SessionKey, TurnHints, validate_session_id
+from kvsched.ops.score import select_candidates
 
 # Releases whose blocks go to the FP8 tier (when it is on): the session is still live and comes back. TTL and end mean
 # it will not; a turn release drops blocks its own request did not hit.
@@ -34,7 +35,7 @@ class SessionPins:
         self.block_size = int(scheduler.cache_config.block_size)
         self.policy = RetentionPolicy(
             config, clock, total_blocks=compat.num_total_blocks(scheduler),
-            bytes_per_token=compat.kv_bytes_per_token(scheduler),
+            bytes_per_token=compat.kv_bytes_per_token(scheduler), selector=select_candidates,
         )
         self.pinned: dict[SessionKey, list[list[Any]]] = {}  # per KV-cache group, in prefix order
         self.block_refs: Counter[int] = Counter()  # block id -> pins holding it (shared prefixes count once)
