@@ -1,0 +1,87 @@
+"""How many engine replicas a pool wants, from queue depth and P95 time-to-first-token.
+
+The sizing guide says to scale agent fleets on queue depth or P95 TTFT, not on GPU utilisation: a queue growing by
+ten requests a minute overwhelms a fleet in twenty minutes even at 70% utilisation. Scale up when either signal is
+above its target (proportionally, like Ray Serve's default policy does for ongoing requests); scale down one replica
+at a time, only when both are well below target and the last change is older than the cool-down.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kvsched.core.routing import RoutingConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscaleTargets:
+    """`queue_per_replica`: waiting requests per replica (engine queue, not running batch); `ttft_p95_s`: seconds;
+    `downscale_below`: share of both targets under which a replica may go; delays in seconds."""
+
+    min_replicas: int = 1
+    max_replicas: int = 4
+    queue_per_replica: float = 4.0
+    ttft_p95_s: float = 2.0
+    downscale_below: float = 0.5
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_replicas, int) or self.min_replicas < 0:
+            raise RoutingConfigError(f"min_replicas must be an integer >= 0, got {self.min_replicas!r}")
+        if not isinstance(self.max_replicas, int) or self.max_replicas < max(1, self.min_replicas):
+            raise RoutingConfigError(f"max_replicas must be an integer >= max(1, min_replicas), got "
+                                     f"{self.max_replicas!r}")
+        for name in ("queue_per_replica", "ttft_p95_s"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+                raise RoutingConfigError(f"{name} must be a positive number, got {v!r}")
+        if not 0 < self.downscale_below < 1:
+            raise RoutingConfigError(f"downscale_below must be in (0, 1), got {self.downscale_below!r}")
+        if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
+            raise RoutingConfigError("upscale_delay_s and downscale_delay_s must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaLoad:
+    """One replica's own report: requests waiting in its engine queue and its recent P95 TTFT (None: no samples)."""
+
+    queue_depth: float
+    ttft_p95_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleDecision:
+    replicas: int
+    reason: str
+
+
+def desired_replicas(current: int, loads: Iterable[ReplicaLoad], targets: AutoscaleTargets, now_s: float,
+                     last_change_s: float | None) -> ScaleDecision:
+    """The replica count to ask for. `last_change_s`: when the count last changed (None: never)."""
+    rows = list(loads)
+    clamp = min(max(current, targets.min_replicas), targets.max_replicas)
+    if clamp != current:
+        return ScaleDecision(clamp, "bounds")
+    if not rows:
+        return ScaleDecision(current, "no reports")
+    queue = sum(max(0.0, r.queue_depth) for r in rows)
+    ttfts = [r.ttft_p95_s for r in rows if r.ttft_p95_s is not None]
+    ttft = max(ttfts) if ttfts else 0.0
+    queue_ratio = queue / (targets.queue_per_replica * max(current, 1))
+    ttft_ratio = ttft / targets.ttft_p95_s
+    since = math.inf if last_change_s is None else now_s - last_change_s
+    pressure = max(queue_ratio, ttft_ratio)
+    if pressure > 1.0 and current < targets.max_replicas:
+        if since < targets.upscale_delay_s:
+            return ScaleDecision(current, "up: waiting for upscale delay")
+        want = min(targets.max_replicas, max(current + 1, math.ceil(current * pressure)))
+        signal = "queue depth" if queue_ratio >= ttft_ratio else "p95 ttft"
+        return ScaleDecision(want, f"up: {signal} at {pressure:.2f}x target")
+    if pressure < targets.downscale_below and current > targets.min_replicas:
+        if since < targets.downscale_delay_s:
+            return ScaleDecision(current, "down: waiting for downscale delay")
+        return ScaleDecision(current - 1, f"down: load at {pressure:.2f}x target")
+    return ScaleDecision(current, "steady")

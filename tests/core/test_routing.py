@@ -1,0 +1,192 @@
+"""The session router's policy with fake replicas: ring stability, bounded load, slots, KV preference, failover."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from kvsched.core.routing import (
+    NoLiveReplicas,
+    RouterConfig,
+    RouteReason,
+    RoutingConfigError,
+    SessionRouter,
+    load_bound,
+)
+from kvsched.core.routing_ring import HashRing, SlotName, slot_name
+
+SLOTS = [slot_name(i) for i in range(8)]
+SESSIONS = [f"wf{i}/agent-{i % 5}" for i in range(2000)]
+
+
+def router(slots: list[SlotName] = SLOTS, **kw: object) -> SessionRouter:
+    r = SessionRouter(RouterConfig(**kw))  # type: ignore[arg-type]
+    r.set_live(slots)
+    return r
+
+
+def idle_assignment(r: SessionRouter) -> dict[str, SlotName]:
+    return {s: r.route(s, {}).slot for s in SESSIONS}
+
+
+def test_ring_is_the_same_whatever_the_insertion_order() -> None:
+    a, b = HashRing(SLOTS), HashRing(reversed(SLOTS))
+    assert [a.owner(s) for s in SESSIONS] == [b.owner(s) for s in SESSIONS]
+    assert set(Counter(a.owner(s) for s in SESSIONS)) == set(SLOTS)  # every slot owns something
+
+
+def test_removing_a_slot_moves_only_its_keys_and_adding_one_takes_only_keys_for_it() -> None:
+    ring = HashRing(SLOTS)
+    before = {s: ring.owner(s) for s in SESSIONS}
+    ring.remove(SLOTS[3])
+    after = {s: ring.owner(s) for s in SESSIONS}
+    assert {s for s in SESSIONS if before[s] != after[s]} == {s for s in SESSIONS if before[s] == SLOTS[3]}
+    ring.add(SLOTS[3])
+    ring.add(slot_name(8))
+    grown = {s: ring.owner(s) for s in SESSIONS}
+    moved = {s for s in SESSIONS if grown[s] != before[s]}
+    assert moved and all(grown[s] == slot_name(8) for s in moved)
+
+
+def test_walk_visits_every_slot_once_owner_first() -> None:
+    ring = HashRing(SLOTS)
+    for s in SESSIONS[:50]:
+        order = list(ring.walk(s))
+        assert sorted(order) == sorted(SLOTS) and order[0] == ring.owner(s)
+
+
+def test_idle_router_sends_each_session_home() -> None:
+    r = router()
+    assert all(r.route(s, {}).slot == r.home(s) for s in SESSIONS)
+    assert {r.route(s, {}).reason for s in SESSIONS} == {RouteReason.HOME}
+
+
+def test_bounded_load_under_skew_never_exceeds_the_bound() -> None:
+    """Heavy-tailed sessions, requests held in flight: after every placement no replica is above the bound."""
+    r = router(load_factor=1.25)
+    rng = random.Random(7)
+    weights = [1.0 / (i + 1) ** 1.2 for i in range(len(SESSIONS))]
+    loads: Counter[SlotName] = Counter()
+    in_flight: list[SlotName] = []
+    for _ in range(5000):
+        if in_flight and rng.random() < 0.48:
+            loads[in_flight.pop(rng.randrange(len(in_flight)))] -= 1
+        sid = rng.choices(SESSIONS, weights)[0]
+        total = sum(loads.values())
+        d = r.route(sid, loads)
+        r.record(d)
+        loads[d.slot] += 1
+        in_flight.append(d.slot)
+        assert loads[d.slot] <= load_bound(total, len(SLOTS), 1.25)
+    assert sum(loads.values()) > 50  # the bound was exercised at a real load
+
+
+def test_overflow_goes_to_the_next_slot_on_the_ring() -> None:
+    r = router()
+    sid = SESSIONS[0]
+    home, successor = list(r._ring.walk(sid))[:2]
+    loads = {s: 10 for s in SLOTS} | {home: 13}  # bound = ceil(1.25 * 84 / 8) = 14: home would go to 14... fits
+    assert r.route(sid, loads).slot == home
+    loads[home] = 14
+    d = r.route(sid, loads)
+    assert (d.slot, d.reason, d.home) == (successor, RouteReason.OVERFLOW, home)
+
+
+def test_kv_preference_keeps_a_session_where_its_kv_is_while_within_bound() -> None:
+    r = router()
+    sid = SESSIONS[1]
+    home = r.home(sid)
+    holder = next(s for s in SLOTS if s != home)
+    d = r.route(sid, {}, kv_slots=[holder])
+    assert (d.slot, d.reason) == (holder, RouteReason.KV)
+    busy = {s: 4 for s in SLOTS} | {holder: 6}  # bound = ceil(1.25 * 35 / 8) = 6: holder is full
+    assert r.route(sid, busy, kv_slots=[holder]).slot == home
+    assert router(kv_preference=False).route(sid, {}, kv_slots=[holder]).slot == home
+
+
+def test_kv_report_from_a_dead_or_unknown_slot_is_ignored() -> None:
+    r = router()
+    sid = SESSIONS[2]
+    other = next(s for s in SLOTS if s != r.home(sid))
+    r.mark_down(other)
+    assert r.route(sid, {}, kv_slots=[other, SlotName("slot-99")]).slot == r.home(sid)
+
+
+def test_dead_slot_sessions_fail_over_to_ring_successors_and_nobody_else_moves() -> None:
+    r = router()
+    before = idle_assignment(r)
+    dead = SLOTS[5]
+    r.mark_down(dead)
+    after = {}
+    for s in SESSIONS:
+        d = r.route(s, {})
+        r.record(d)
+        after[s] = d
+    for s in SESSIONS:
+        if before[s] == dead:
+            walk = list(r._ring.walk(s))
+            assert after[s].slot == next(x for x in walk if x != dead) and after[s].reason == RouteReason.FAILOVER
+        else:
+            assert after[s].slot == before[s]
+
+
+def test_replacement_in_the_same_slot_takes_its_sessions_back_even_with_kv_elsewhere() -> None:
+    r = router()
+    before = idle_assignment(r)
+    dead = SLOTS[2]
+    live = [s for s in SLOTS if s != dead]
+    r.set_live(live)
+    during = {}
+    for s in SESSIONS:
+        d = r.route(s, {})
+        r.record(d)
+        during[s] = d.slot
+    r.set_live(SLOTS)  # the replacement replica reports the same slot
+    # The successors now hold the failed-over sessions' KV; the sessions still go home.
+    back = {}
+    for s in SESSIONS:
+        d = r.route(s, {}, kv_slots=[during[s]])
+        r.record(d)
+        back[s] = d.slot
+    assert back == before
+    # Replicas' KV reports lag: the successor still reports the session, the home not yet. It stays home.
+    assert all(r.route(s, {}, kv_slots=[during[s]]).slot == before[s] for s in SESSIONS)
+
+
+def test_scale_up_moves_only_sessions_without_kv_elsewhere_to_the_new_slot() -> None:
+    r = router()
+    before = idle_assignment(r)
+    r.set_live([*SLOTS, slot_name(8)])
+    held = {s: r.route(s, {}, kv_slots=[before[s]]).slot for s in SESSIONS}
+    assert held == before  # KV preference: nobody leaves KV behind on scale-up
+    fresh = {s: r.route(s, {}).slot for s in SESSIONS}
+    assert {fresh[s] for s in SESSIONS if fresh[s] != before[s]} == {slot_name(8)}
+
+
+def test_forgotten_slot_rehomes_its_sessions() -> None:
+    r = router()
+    gone = SLOTS[0]
+    r.forget(gone)
+    assert gone not in r.known and all(r.route(s, {}).reason == RouteReason.HOME for s in SESSIONS)
+
+
+def test_sessionless_requests_go_to_the_least_loaded_replica() -> None:
+    r = router(SLOTS[:3])
+    d = r.route(None, {SLOTS[0]: 3, SLOTS[1]: 1, SLOTS[2]: 2})
+    assert (d.slot, d.reason) == (SLOTS[1], RouteReason.LEAST_LOADED)
+
+
+def test_no_live_replica_is_a_typed_error() -> None:
+    r = router()
+    r.set_live([])
+    with pytest.raises(NoLiveReplicas):
+        r.route("s", {})
+
+
+@pytest.mark.parametrize("kw", [{"load_factor": 1.0}, {"load_factor": float("nan")}, {"load_factor": "2"},
+                                {"virtual_nodes": 0}, {"virtual_nodes": 2.5}, {"session_memory": -1}])
+def test_bad_router_config_is_a_typed_error(kw: dict[str, object]) -> None:
+    with pytest.raises(RoutingConfigError):
+        RouterConfig(**kw)  # type: ignore[arg-type]
