@@ -29,7 +29,7 @@ class ProbeConfig:
     prompt_tokens: int = 320
     follow_tokens: int = 24
     max_tokens: int = 24
-    flood_requests: int = 4
+    flood_factor: float = 1.5  # the flood's tokens / the pool's
 
 
 def _complete(server: VllmServer, model: str, prompt: list[int], max_tokens: int, session: str | None = None,
@@ -48,9 +48,11 @@ def _complete(server: VllmServer, model: str, prompt: list[int], max_tokens: int
     return list(ids) if ids is not None else [hash(ch) for ch in choice["text"]]  # text chars if ids are absent
 
 
-def _flood(server: VllmServer, model: str, pool_tokens: int, max_model_len: int, n: int, seed: int) -> None:
-    """`n` concurrent unsessioned prompts that together exceed the pool: pins must yield (and are demoted)."""
-    per = min(max_model_len - 16, max(pool_tokens // max(n - 1, 1), 64))
+def _flood(server: VllmServer, model: str, pool_tokens: int, max_model_len: int, factor: float, seed: int) -> None:
+    """Concurrent unsessioned prompts that together exceed the pool `factor` times: pins must yield (and are
+    demoted)."""
+    per = max(min(max_model_len - 16, pool_tokens // 4), 64)
+    n = max(int(pool_tokens * factor) // per + 1, 2)
     threads = [threading.Thread(target=_complete, args=(server, model,
                                                         [7 + (seed * 131 + i * 17 + j * 7) % 1900 for j in range(per)],
                                                         1))
@@ -71,7 +73,7 @@ def probe(server: VllmServer, model: str, pool_tokens: int, max_model_len: int,
         prompt = [11 + (i * 997 + j * 13) % 1900 for j in range(cfg.prompt_tokens)]
         session = f"fidelity-probe-{i}"
         first = _complete(server, model, prompt, cfg.max_tokens, session=session)
-        _flood(server, model, pool_tokens, max_model_len, cfg.flood_requests, seed=i)
+        _flood(server, model, pool_tokens, max_model_len, cfg.flood_factor, seed=i)
         follow = prompt + first + [13 + (i * 31 + j) % 1900 for j in range(cfg.follow_tokens)]
         before = server.metrics().get(RESTORED, 0.0)
         got = _complete(server, model, follow, cfg.max_tokens, session=session)
