@@ -205,3 +205,24 @@ def test_cxx_paths_quantize_pages_near_the_float_range(cxx_path):
     q_ref, s_ref = fp8.quantize_kv_fp8(x, impl="torch")
     q, s = fp8.quantize_kv_fp8(x, impl="cxx")
     assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_cxx_paths_on_outputs_large_enough_to_stream(cxx_path, aligned):
+    # >= 8 MiB of output switches the C++ kernels to non-temporal stores (64-byte aligned runs only)
+    shape = (264, 8, 16, 256)
+    physical = cache_of((shape[0], shape[1], shape[2], shape[3] + 1), torch.bfloat16, seed=13)
+    x = physical[..., :-1] if aligned else physical[..., 1:]
+    ids = torch.randperm(shape[0], generator=torch.Generator().manual_seed(1))[:-3]
+    q_ref, s_ref = fp8.gather_quantize_blocks(x, ids, impl="torch")
+    q, s = fp8.gather_quantize_blocks(x.contiguous() if aligned else x, ids, impl="cxx")
+    assert q.numel() >= 8 << 20
+    assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
+    target = torch.zeros_like(physical)
+    view = target[..., :-1] if aligned else target[..., 1:]
+    view = view.contiguous() if aligned else view
+    fp8.scatter_dequantize_blocks(q, s, view, ids, impl="cxx")
+    assert torch.equal(view[ids], fp8.dequantize_kv_fp8(q_ref, s_ref, torch.bfloat16, impl="torch"))
+    untouched = torch.ones(shape[0], dtype=torch.bool)
+    untouched[ids] = False
+    assert not view[untouched].any()
