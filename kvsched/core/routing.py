@@ -2,7 +2,7 @@
 
 A session's *home* is its owner on a ring of every slot the router knows (`routing_ring.HashRing`), dead or alive, so
 homes never change while slots come and go. A turn goes to, in order:
-1. its home, when the session was moved off it by a failure and the home is back and within the bound;
+1. the replica it was failed over from, when that replica is back (same slot) and within the bound;
 2. a live replica that reports holding the session's KV, while within the bound (KV preference: no re-prefill);
 3. the first live slot clockwise from the session's hash that is within the bound (home, else successors).
 The bound is `ceil(c * (L + 1) / n)` requests per replica for `L` requests in flight on `n` live replicas
@@ -55,9 +55,9 @@ class RouterConfig:
 class RouteReason(StrEnum):
     HOME = "home"  # the session's ring owner, within the bound
     KV = "kv"  # a replica off the home that holds the session's KV
-    RETURN_HOME = "return_home"  # back home after a failover
+    RETURN = "return"  # back on the replica it was failed over from, now live again
     OVERFLOW = "overflow"  # the home is over the bound: a ring successor
-    FAILOVER = "failover"  # the home is dead: a ring successor
+    FAILOVER = "failover"  # the replica it ran on (or its home) is dead: a ring successor
     LEAST_LOADED = "least_loaded"  # no session
 
 
@@ -67,6 +67,7 @@ class RouteDecision:
     reason: RouteReason
     session_id: str | None = None
     home: SlotName | None = None
+    failed_over_from: SlotName | None = None  # the dead replica the session left (it returns there when back)
 
 
 def load_bound(in_flight: int, live: int, load_factor: float) -> int:
@@ -79,7 +80,7 @@ class SessionRouter:
         self.config = config or RouterConfig()
         self._ring = HashRing(virtual_nodes=self.config.virtual_nodes)
         self._live: set[SlotName] = set()
-        self._displaced: OrderedDict[str, SlotName] = OrderedDict()  # session -> home it was failed over from
+        self._displaced: OrderedDict[str, SlotName] = OrderedDict()  # session -> dead slot it was failed over from
         self._last: OrderedDict[str, SlotName] = OrderedDict()  # session -> slot it was last sent to
 
     # ---- membership ---------------------------------------------------------------------------------------------
@@ -130,22 +131,28 @@ class SessionRouter:
 
         walk = self._ring.walk(session_id)
         home = next(walk)
-        if self._displaced.get(session_id) == home and fits(home):
-            return RouteDecision(home, RouteReason.RETURN_HOME, session_id, home)
         last = self._last.get(session_id)
-        if last is not None and last not in kv_slots:
+        back = self._displaced.get(session_id)
+        if back is not None and fits(back):
+            return RouteDecision(back, RouteReason.RETURN, session_id, home)
+        # A session whose replica died (its last one, or its home before it ever ran) is failing over.
+        lost = last if last is not None and last not in self._live else None
+        if last is None and home not in self._live:
+            lost = home
+        if last is not None and last not in kv_slots and lost is None:
             kv_slots = [*kv_slots, last]
         if self.config.kv_preference and kv_slots:
             holders = [s for s in kv_slots if fits(s)]
             if holders:
                 slot = holders[0] if len(holders) == 1 else self._first_in_ring(session_id, holders)
-                return RouteDecision(slot, RouteReason.HOME if slot == home else RouteReason.KV, session_id, home)
+                reason = RouteReason.HOME if slot == home else RouteReason.KV
+                return RouteDecision(slot, RouteReason.FAILOVER if lost else reason, session_id, home, lost)
         if fits(home):
-            return RouteDecision(home, RouteReason.HOME, session_id, home)
-        reason = RouteReason.OVERFLOW if home in self._live else RouteReason.FAILOVER
+            return RouteDecision(home, RouteReason.FAILOVER if lost else RouteReason.HOME, session_id, home, lost)
+        reason = RouteReason.FAILOVER if lost is not None else RouteReason.OVERFLOW
         for s in walk:
             if fits(s):
-                return RouteDecision(s, reason, session_id, home)
+                return RouteDecision(s, reason, session_id, home, lost)
         raise AssertionError("the load bound always leaves room on some live replica")  # pragma: no cover
 
     def record(self, decision: RouteDecision) -> None:
@@ -155,10 +162,10 @@ class SessionRouter:
         if sid is None or cap == 0:
             return
         _remember(self._last, sid, decision.slot, cap)
-        if decision.reason is RouteReason.FAILOVER and decision.home is not None:
-            _remember(self._displaced, sid, decision.home, cap)
-        elif decision.slot == decision.home:
-            self._displaced.pop(sid, None)
+        if decision.failed_over_from is not None:
+            _remember(self._displaced, sid, decision.failed_over_from, cap)
+        elif self._displaced.get(sid) == decision.slot:
+            del self._displaced[sid]
 
     def forget_session(self, session_id: str) -> None:
         self._last.pop(session_id, None)
