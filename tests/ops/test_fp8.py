@@ -121,7 +121,7 @@ def test_gather_into_a_preallocated_buffer(impl):
 # The C++ kernels have a vector path (AVX-512: full-width body, masked tail, 16-bit amax scan for bf16/fp16) and a
 # scalar path (pages with NaN/inf, CPUs without AVX-512). Both must equal the reference on shapes that exercise every
 # tail: runs shorter than a vector, runs of 16k + r elements, strided rows that cannot merge into one run.
-TAIL_SHAPES = [(3, 2, 1, 1), (4, 3, 5, 37), (2, 2, 16, 200), (3, 1, 7, 16), (2, 5, 3, 33)]
+TAIL_SHAPES = [(3, 2, 1, 1), (4, 3, 5, 37), (2, 2, 16, 200), (3, 1, 7, 16), (2, 5, 3, 33), (2, 2, 9, 201)]
 FP8_DTYPE = torch.float8_e4m3fn
 
 
@@ -187,10 +187,13 @@ def test_cxx_paths_round_ties_and_subnormals_like_the_reference(cxx_path, dtype)
     assert torch.equal(bits(q), bits(q_ref)) and torch.equal(s, s_ref)
 
 
+@pytest.mark.parametrize("page", [(4, 32), (16, 256), (9, 201)])  # small pages convert each code; large use a table
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", [1.0, 2.0**-126, 2.0**-117 * 3, 1e-3, 7.5, 2.0**100])
-def test_cxx_paths_dequantize_every_code_like_the_reference(cxx_path, dtype, scale):
-    q = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_DTYPE).reshape(1, 2, 4, 32).contiguous()
+def test_cxx_paths_dequantize_every_code_like_the_reference(cxx_path, dtype, scale, page):
+    n = 2 * page[0] * page[1]
+    codes = torch.randperm(n, generator=torch.Generator().manual_seed(n)) % 256  # every code, shuffled
+    q = codes.to(torch.uint8).view(FP8_DTYPE).reshape(1, 2, *page).contiguous()
     s = torch.full((1, 2), scale, dtype=torch.float32)
     ref = fp8.dequantize_kv_fp8(q, s, dtype, impl="torch")
     out = fp8.dequantize_kv_fp8(q, s, dtype, impl="cxx")
