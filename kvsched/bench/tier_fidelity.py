@@ -13,7 +13,7 @@ are wide. The KV relative RMS error (measured by the tier at demotion) is the mo
 from __future__ import annotations
 
 import json
-import threading
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -48,19 +48,23 @@ def _complete(server: VllmServer, model: str, prompt: list[int], max_tokens: int
     return list(ids) if ids is not None else [hash(ch) for ch in choice["text"]]  # text chars if ids are absent
 
 
-def _flood(server: VllmServer, model: str, pool_tokens: int, max_model_len: int, factor: float, seed: int) -> None:
-    """Concurrent unsessioned prompts that together exceed the pool `factor` times: pins must yield (and are
-    demoted)."""
+def _flood(server: VllmServer, model: str, pool_tokens: int, max_model_len: int, factor: float, seed: int) -> list[str]:
+    """Sessioned prompts that together exceed the pool `factor` times. Each is pinned when it finishes, so the pins
+    pile up until pressure must release older ones (the probe's, demoted to the tier). Returns the flood's sessions."""
     per = max(min(max_model_len - 16, pool_tokens // 4), 64)
     n = max(int(pool_tokens * factor) // per + 1, 2)
-    threads = [threading.Thread(target=_complete, args=(server, model,
-                                                        [7 + (seed * 131 + i * 17 + j * 7) % 1900 for j in range(per)],
-                                                        1))
-               for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    sessions = [f"fidelity-flood-{seed}-{i}" for i in range(n)]
+    for i, sid in enumerate(sessions):
+        _complete(server, model, [7 + (seed * 131 + i * 17 + j * 7) % 1900 for j in range(per)], 1, session=sid)
+    return sessions
+
+
+def _end(server: VllmServer, session: str) -> None:
+    req = urllib.request.Request(f"{server.base}/kvsched/sessions/{session}", method="DELETE")
+    try:
+        urllib.request.urlopen(req, timeout=60).close()
+    except urllib.error.HTTPError:
+        pass  # already gone (404)
 
 
 def probe(server: VllmServer, model: str, pool_tokens: int, max_model_len: int,
@@ -73,10 +77,12 @@ def probe(server: VllmServer, model: str, pool_tokens: int, max_model_len: int,
         prompt = [11 + (i * 997 + j * 13) % 1900 for j in range(cfg.prompt_tokens)]
         session = f"fidelity-probe-{i}"
         first = _complete(server, model, prompt, cfg.max_tokens, session=session)
-        _flood(server, model, pool_tokens, max_model_len, cfg.flood_factor, seed=i)
+        flood = _flood(server, model, pool_tokens, max_model_len, cfg.flood_factor, seed=i)
         follow = prompt + first + [13 + (i * 31 + j) % 1900 for j in range(cfg.follow_tokens)]
         before = server.metrics().get(RESTORED, 0.0)
         got = _complete(server, model, follow, cfg.max_tokens, session=session)
+        for sid in [*flood, session]:
+            _end(server, sid)
         if server.metrics().get(RESTORED, 0.0) <= before:
             continue  # not restored from the tier (still pinned, or evicted): says nothing about FP8
         restored += 1

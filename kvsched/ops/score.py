@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from kvsched.core import scoring
 from kvsched.core.scoring import ATTN_KNEE_TOKENS, PREFILL_TOK_S, Candidate
 from kvsched.ops import backends
 from kvsched.ops.registry import Impl, Op, any_device, on_devices
@@ -216,10 +217,16 @@ def score_and_select(
     chosen = SCORE_AND_SELECT.resolve(tokens.device, _dtype_of(*cols), impl)
     return chosen.fn(*cols, pinned, k)
 
+KERNEL_MIN_CANDIDATES = 4096
+
 
 def select_candidates(candidates: Sequence[Candidate], k: int, *, impl: str | None = None) -> list[int]:
     """`kvsched.core.scoring.select_lowest` through `score_and_select`: the retention policy's release order computed
     by the kernels (the policy core stays free of torch; the vLLM adapter injects this)."""
+    if len(candidates) < KERNEL_MIN_CANDIDATES and impl is None:
+        # Same order, no tensors: below a few thousand candidates building the columns costs more than sorting them,
+        # and the engine-core process must not wake an OpenMP team that would spin on the worker's cores.
+        return scoring.select_lowest(candidates, k)
     if not candidates:
         return []
     cols = torch.tensor([(c.tokens, c.bytes_per_token, c.idle_s, c.next_use_s, c.role_weight, c.reuse_count)
