@@ -1,0 +1,66 @@
+"""The Ray Serve application: one engine deployment per pool (kvsched's router, its autoscaling policy) behind the
+OpenAI ingress. `build_app(config)` for Python, `app_builder` for Ray's own CLI:
+
+    serve run kvsched.adapters.ray.app:app_builder config=examples/ray/tiny-cpu.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
+
+from kvsched.adapters.ray.autoscaling import POLICY_PATH
+from kvsched.adapters.ray.config import PoolConfig, RayServeConfig, load_config
+from kvsched.adapters.ray.engine import EngineReplica
+from kvsched.adapters.ray.ingress import OpenAIIngress
+
+ROUTER_PATH = "kvsched.adapters.ray.router:KVSchedRequestRouter"
+
+
+def engine_options(pool: PoolConfig, cfg: RayServeConfig) -> dict[str, Any]:
+    """Ray Serve deployment options of one pool's engine replicas."""
+    opts: dict[str, Any] = {
+        "name": f"engine-{pool.name}",
+        "max_ongoing_requests": pool.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
+        "request_router_config": RequestRouterConfig(
+            request_router_class=ROUTER_PATH,
+            request_router_kwargs={"load_factor": cfg.router.load_factor,
+                                   "virtual_nodes": cfg.router.virtual_nodes,
+                                   "kv_preference": cfg.router.kv_preference},
+            request_routing_stats_period_s=cfg.stats_period_s,
+            request_routing_stats_timeout_s=max(5.0, cfg.stats_period_s * 2)),
+        "health_check_period_s": cfg.health_check_period_s,
+        "health_check_timeout_s": cfg.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": 30.0,
+    }
+    t = pool.autoscaling
+    if t is None:
+        opts["num_replicas"] = pool.replicas
+    else:
+        opts["autoscaling_config"] = AutoscalingConfig(
+            min_replicas=t.min_replicas, max_replicas=t.max_replicas,
+            initial_replicas=min(max(pool.replicas, t.min_replicas), t.max_replicas),
+            upscale_delay_s=t.upscale_delay_s, downscale_delay_s=t.downscale_delay_s,
+            policy=AutoscalingPolicy(policy_function=POLICY_PATH, policy_kwargs=dataclasses.asdict(t)))
+    return opts
+
+
+def build_app(cfg: RayServeConfig) -> Application:
+    engines = {p.name: serve.deployment(EngineReplica).options(**engine_options(p, cfg)).bind(
+        p.name, dataclasses.asdict(p.engine)) for p in cfg.pools}
+    ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
+                                                      ray_actor_options={"num_cpus": 0})
+    return ingress.bind(cfg.to_dict(), engines)
+
+
+def app_builder(args: dict[str, str]) -> Application:
+    """For `serve run kvsched.adapters.ray.app:app_builder config=PATH.yaml`."""
+    if "config" not in args:
+        raise ValueError("pass config=PATH.yaml")
+    return build_app(load_config(Path(args["config"])))

@@ -1,0 +1,150 @@
+"""One engine replica: a real `vllm serve --scheduler kvsched` child on a free loopback port, proxied over HTTP.
+
+Running vLLM as a child process (not in the Ray worker) keeps vLLM's own process tree, signal handling and
+OpenAI server exactly as in a plain deployment; the replica only forwards requests, reports its stats and owns the
+child's life: `__del__` stops it on graceful shutdown, a reaper process stops it if the replica is killed outright,
+and `check_health` fails when the child dies so Ray replaces the replica.
+
+Reported to the router: `slot` (the replica's Ray Serve rank, reused by a replacement), `kv_sessions` (sessions
+kvsched keeps pinned blocks for), queue depth and recent P95 TTFT; the same numbers feed autoscaling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from ray import serve
+
+from kvsched.adapters.ray.config import EngineConfig
+from kvsched.adapters.ray.stats import ReplicaStats
+from kvsched.serving import ServerSpec, VllmServer
+
+logger = logging.getLogger("ray.serve")
+FORWARD_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction",
+                   "content-type", "accept")
+
+
+def replica_rank() -> int:
+    """This replica's rank (Ray hands a dead replica's rank to its replacement); 0 outside Serve."""
+    try:
+        rank: Any = serve.get_replica_context().rank
+    except Exception:
+        return 0
+    value = getattr(rank, "rank", rank)
+    return int(value) if isinstance(value, int) else 0
+
+
+def server_spec(cfg: EngineConfig) -> ServerSpec:
+    return ServerSpec(model=cfg.model_path(), scheduler=cfg.scheduler, max_model_len=cfg.max_model_len,
+                      block_size=cfg.block_size, num_blocks=cfg.num_blocks, kv_cache_gib=cfg.kv_cache_gib,
+                      extra_args=list(cfg.vllm_args), env=dict(cfg.env), served_model_name=cfg.served_model_name)
+
+
+def start_with_reaper(server: VllmServer) -> subprocess.Popen[bytes]:
+    """Start `server` (blocking until healthy) with a reaper watching this process for the child's group."""
+    reaper: list[subprocess.Popen[bytes]] = []
+    error: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            error.append(exc)
+
+    t = threading.Thread(target=start, name="vllm-start", daemon=True)
+    t.start()
+    while t.is_alive() and server.proc is None:
+        time.sleep(0.05)
+    if server.proc is not None:
+        reaper.append(subprocess.Popen([sys.executable, "-m", "kvsched.adapters.ray.reaper", str(server.proc.pid)],
+                                       start_new_session=True, stdin=subprocess.DEVNULL))
+    t.join()
+    if error:
+        if reaper:
+            reaper[0].wait(timeout=30)
+        raise error[0]
+    return reaper[0]
+
+
+class EngineReplica:
+    """The Ray Serve deployment class of one engine pool (wrapped by `serve.deployment` in app.py)."""
+
+    def __init__(self, pool: str, engine: dict[str, Any]) -> None:
+        cfg = EngineConfig(**dict(engine, vllm_args=tuple(engine["vllm_args"]),
+                                  env=tuple(tuple(kv) for kv in engine["env"])))
+        self.pool = pool
+        self.slot = replica_rank()
+        self.server = VllmServer(server_spec(cfg), startup_timeout_s=cfg.startup_timeout_s)
+        self.reaper = start_with_reaper(self.server)
+        self.client = httpx.AsyncClient(base_url=self.server.base, timeout=httpx.Timeout(None, connect=10.0))
+        self.stats = ReplicaStats(self.server.base)
+        self._stats_lock = asyncio.Lock()
+        self._polled_at = 0.0
+        logger.info(f"kvsched engine {pool}/slot-{self.slot} serving at {self.server.base}")
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+    async def complete(self, path: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        """A non-streaming request: status, content type and body of vLLM's answer."""
+        r = await self.client.post(path, content=body, headers=_forward(headers))
+        return {"status": r.status_code, "content_type": r.headers.get("content-type", "application/json"),
+                "body": r.content, "slot": self.slot}
+
+    async def stream(self, path: str, body: bytes, headers: dict[str, str]) -> AsyncIterator[Any]:
+        """A streaming request: first a dict (status, content type, slot), then the raw SSE bytes."""
+        async with self.client.stream("POST", path, content=body, headers=_forward(headers)) as r:
+            yield {"status": r.status_code, "content_type": r.headers.get("content-type", "text/event-stream"),
+                   "slot": self.slot}
+            async for chunk in r.aiter_raw():
+                yield chunk
+
+    async def admin(self, method: str, path: str) -> dict[str, Any]:
+        r = await self.client.request(method, path)
+        return {"status": r.status_code, "body": r.content, "slot": self.slot}
+
+    # ---- what Ray polls -----------------------------------------------------------------------------------------
+    async def _fresh_stats(self, max_age_s: float = 1.0) -> dict[str, Any]:
+        async with self._stats_lock:
+            if time.monotonic() - self._polled_at > max_age_s:
+                try:
+                    await asyncio.to_thread(self.stats.poll)
+                except OSError as exc:
+                    logger.warning(f"kvsched engine slot-{self.slot}: stats poll failed: {exc}")
+                self._polled_at = time.monotonic()
+        return self.stats.snapshot()
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        return {"slot": self.slot, "pool": self.pool, **(await self._fresh_stats())}
+
+    def record_replica_metadata(self) -> dict[str, Any]:
+        return {"slot": self.slot, "pool": self.pool}
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        s = await self._fresh_stats()
+        return {"queue_depth": float(s["queue_depth"]),
+                "ttft_p95_s": float(s["ttft_p95_s"]) if s["ttft_p95_s"] is not None else -1.0}
+
+    def check_health(self) -> None:
+        proc = self.server.proc
+        if proc is None or proc.poll() is not None:
+            raise RuntimeError(f"vllm serve for slot-{self.slot} exited ({proc.returncode if proc else None}):\n"
+                               f"{self.server.log_tail(20)}")
+
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop(timeout_s=20)
+        reaper = getattr(self, "reaper", None)
+        if reaper is not None and reaper.poll() is None:
+            reaper.terminate()
+
+
+def _forward(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}

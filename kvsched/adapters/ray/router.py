@@ -1,0 +1,137 @@
+"""kvsched's Ray Serve request router: the pure `SessionRouter` fed with Ray's replica set, the replicas' own
+routing stats (slot, sessions whose KV they hold) and the requests this router has in flight.
+
+Slots: each engine replica reports `slot` (its Ray Serve rank, which Ray hands to the replica that replaces a dead
+one) in `record_replica_metadata` and `record_routing_stats`; a replica that has not reported yet gets the lowest free
+slot, which is where Ray's rank allocator puts it too. Loads: requests this router routed and not yet completed (one
+router per ingress replica, so with several ingress replicas each bounds its own share). Ray calls `choose_replicas`
+again with backoff when every rank returned is full, and re-routes requests a replica rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from typing import Any
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from kvsched.core.routing import NoLiveReplicas, RouteDecision, RouterConfig, SessionRouter
+from kvsched.core.routing_ring import SlotName, slot_name
+
+logger = logging.getLogger("ray.serve")
+MAX_UNDISPATCHED = 10_000
+
+
+def reported_slot(replica: RunningReplica) -> int | None:
+    for source in (replica.routing_stats, replica.replica_metadata):
+        slot = source.get("slot") if isinstance(source, dict) else None
+        if isinstance(slot, int) and slot >= 0:
+            return slot
+    return None
+
+
+class KVSchedRequestRouter(RequestRouter):
+    """Kwargs (`RequestRouterConfig.request_router_kwargs`): `load_factor` (default 1.25), `virtual_nodes` (100),
+    `kv_preference` (true)."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        self._core = SessionRouter(RouterConfig(**kwargs))
+        self._slot_of: dict[ReplicaID, SlotName] = {}
+        self._replica_of: dict[SlotName, RunningReplica] = {}
+        self._kv_index: dict[str, list[SlotName]] = {}
+        self._loads: Counter[SlotName] = Counter()
+        self._in_flight: dict[str, SlotName] = {}  # internal request id -> slot
+        self._decisions: dict[str, RouteDecision] = {}  # internal request id -> decision awaiting dispatch
+
+    def _state(self) -> None:
+        if not hasattr(self, "_core"):  # initialize_state is only called when kwargs are configured
+            self.initialize_state()
+
+    # ---- replica set ------------------------------------------------------------------------------------------
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self._state()
+        slot_of: dict[ReplicaID, SlotName] = {}
+        taken: set[SlotName] = set()
+        for r in replicas:  # reported slots first, then keep known assignments, then the lowest free slot
+            n = reported_slot(r)
+            if n is not None and slot_name(n) not in taken:
+                slot_of[r.replica_id] = slot_name(n)
+                taken.add(slot_name(n))
+        for r in replicas:
+            known = self._slot_of.get(r.replica_id)
+            if r.replica_id not in slot_of and known is not None and known not in taken:
+                slot_of[r.replica_id] = known
+                taken.add(known)
+        free = (slot_name(i) for i in range(10_000) if slot_name(i) not in taken)
+        for r in replicas:
+            if r.replica_id not in slot_of:
+                slot_of[r.replica_id] = next(free)
+        self._slot_of = slot_of
+        self._replica_of = {slot_of[r.replica_id]: r for r in replicas}
+        kv: dict[str, list[SlotName]] = {}
+        for r in replicas:
+            stats = r.routing_stats if isinstance(r.routing_stats, dict) else {}
+            for sid in stats.get("kv_sessions", ()) or ():
+                kv.setdefault(str(sid), []).append(slot_of[r.replica_id])
+        self._kv_index = kv
+        self._core.set_live(self._replica_of)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._state()
+        slot = self._slot_of.get(replica_id)
+        if slot is not None:
+            self._core.mark_down(slot)
+            self._replica_of.pop(slot, None)
+            self._loads.pop(slot, None)
+            logger.warning(f"kvsched router: {slot} ({replica_id}) died; its sessions go to ring successors")
+
+    # ---- routing ----------------------------------------------------------------------------------------------
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        self._state()
+        if not candidate_replicas:
+            return []
+        if pending_request is None:
+            return [candidate_replicas]
+        pending_request.routing_context.should_backoff = True
+        sid = pending_request.metadata.session_id or None
+        try:
+            decision = self._core.route(sid, self._loads, self._kv_index.get(sid, ()) if sid else ())
+        except NoLiveReplicas:
+            return [candidate_replicas]
+        self._decisions[pending_request.metadata.internal_request_id] = decision
+        while len(self._decisions) > MAX_UNDISPATCHED:  # cancelled before dispatch: drop the oldest
+            self._decisions.pop(next(iter(self._decisions)))
+        first = self._replica_of.get(decision.slot)
+        # Later ranks: the ring successors (least loaded first for requests without a session), used by Ray only
+        # when the chosen replica refuses at max_ongoing_requests.
+        rest = [r for r in candidate_replicas if r is not first]
+        rest.sort(key=lambda r: self._loads.get(self._slot_of.get(r.replica_id, SlotName("")), 0))
+        ranks = [[first]] if first is not None else []
+        return ranks + ([rest] if rest else [])
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        self._state()
+        rid = pending_request.metadata.internal_request_id
+        slot = self._slot_of.get(replica_id)
+        decision = self._decisions.pop(rid, None)
+        if slot is None:
+            return
+        if decision is not None:
+            self._core.record(decision if decision.slot == slot else dataclasses.replace(decision, slot=slot))
+        self._in_flight[rid] = slot
+        self._loads[slot] += 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._state()
+        self._decisions.pop(internal_request_id, None)
+        slot = self._in_flight.pop(internal_request_id, None)
+        if slot is not None and self._loads.get(slot, 0) > 0:
+            self._loads[slot] -= 1
+
+    def slot_of(self, replica_id: ReplicaID) -> SlotName | None:
+        return self._slot_of.get(replica_id)

@@ -1,0 +1,69 @@
+"""`kvsched ray-serve CONFIG.yaml`: serve pools of `vllm serve --scheduler kvsched` engines on Ray Serve behind one
+OpenAI-compatible endpoint, with session-affine, load-bounded, KV-aware routing (see kvsched/adapters/ray)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "ray-serve", help="serve kvsched engine pools on Ray Serve (one OpenAI endpoint)", description=__doc__)
+    p.add_argument("config", type=Path, help="YAML config (see examples/ray/)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local one)")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs for a local Ray cluster")
+    p.add_argument("--dry-run", action="store_true", help="check the config and print the deployments; start nothing")
+    p.set_defaults(func=run)
+
+
+def describe(cfg: Any) -> str:
+    lines = [f"app {cfg.app_name!r} on http://{cfg.host}:{cfg.port}{cfg.route_prefix} "
+             f"(router c={cfg.router.load_factor}, {cfg.router.virtual_nodes} virtual nodes, "
+             f"stats every {cfg.stats_period_s}s)"]
+    for p in cfg.pools:
+        scale = (f"autoscaling {p.autoscaling.min_replicas}-{p.autoscaling.max_replicas} on queue depth "
+                 f"{p.autoscaling.queue_per_replica}/replica and p95 TTFT {p.autoscaling.ttft_p95_s}s"
+                 if p.autoscaling else f"{p.replicas} replica(s)")
+        lines.append(f"  pool {p.name}: models {', '.join(p.models)}; roles {', '.join(p.roles) or '-'}; "
+                     f"{'long-context; ' if p.long_context else ''}{p.device}; {scale}; engine {p.engine.model} "
+                     f"--max-model-len {p.engine.max_model_len} --scheduler {p.engine.scheduler}")
+    if cfg.long_context_tokens:
+        lines.append(f"  sessions past {cfg.long_context_tokens} tokens go to the long-context pool")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvsched.adapters.ray.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"kvsched ray-serve: {exc}", file=sys.stderr)
+        return 2
+    print(describe(cfg))
+    if args.dry_run:
+        return 0
+
+    import ray
+    from ray import serve
+
+    from kvsched.adapters.ray.app import build_app
+
+    if not ray.is_initialized():
+        ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    print(f"kvsched ray-serve: ready on http://{cfg.host}:{cfg.port}{cfg.route_prefix}v1 (Ctrl-C stops it)")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("kvsched ray-serve: shutting down")
+    serve.shutdown()
+    ray.shutdown()
+    return 0
