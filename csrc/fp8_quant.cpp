@@ -5,9 +5,11 @@
 // rounding is done 16 lanes at a time with integer arithmetic on the float bits; the result is bit-identical to the
 // scalar c10 algorithm in e4m3.h, which handles pages holding NaN/inf and every other CPU.
 //
-// Speed (Zen 5, 2 threads, 128 MiB bf16): the vector loops use full-width loads and stores and keep masked ones for
-// the tail of a run only (masked loads in the body made the kernel 2.4x slower: ~8 GB/s per thread, far below the
-// memory); contiguous rows form one run; bf16/fp16 amax is an integer max over 32 half-width lanes, unconverted.
+// Speed (Zen 5, 128 MiB bf16, measured with kvsched bench kernels): the vector loops use full-width loads and stores
+// and keep masked ones for the tail of a run only (masked loads in the body made the kernel 2.4x slower: ~8 GB/s per
+// thread, far below the memory); contiguous rows form one run; bf16/fp16 amax is an integer max over 32 half-width
+// lanes, unconverted; the next page is prefetched while this one converts; outputs of 8 MiB or more are written with
+// non-temporal stores; bf16/fp16 dequantization looks its 256 possible outputs up in a per-page table.
 #include "kvsched/fp8_quant.h"
 
 #include <algorithm>
