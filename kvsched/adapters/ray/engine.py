@@ -42,6 +42,13 @@ def replica_rank() -> int:
     return int(value) if isinstance(value, int) else 0
 
 
+def replica_unique_id() -> str:
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:
+        return ""
+
+
 def server_spec(cfg: EngineConfig) -> ServerSpec:
     return ServerSpec(model=cfg.model_path(), scheduler=cfg.scheduler, max_model_len=cfg.max_model_len,
                       block_size=cfg.block_size, num_blocks=cfg.num_blocks, kv_cache_gib=cfg.kv_cache_gib,
@@ -82,6 +89,7 @@ class EngineReplica:
                                   env=tuple(tuple(kv) for kv in engine["env"])))
         self.pool = pool
         self.slot = replica_rank()
+        self.replica_id = replica_unique_id()
         self.server = VllmServer(server_spec(cfg), startup_timeout_s=cfg.startup_timeout_s)
         self.reaper = start_with_reaper(self.server)
         self.client = httpx.AsyncClient(base_url=self.server.base, timeout=httpx.Timeout(None, connect=10.0))
@@ -95,13 +103,13 @@ class EngineReplica:
         """A non-streaming request: status, content type and body of vLLM's answer."""
         r = await self.client.post(path, content=body, headers=_forward(headers))
         return {"status": r.status_code, "content_type": r.headers.get("content-type", "application/json"),
-                "body": r.content, "slot": self.slot}
+                "body": r.content, "slot": self.slot, "replica_id": self.replica_id}
 
     async def stream(self, path: str, body: bytes, headers: dict[str, str]) -> AsyncIterator[Any]:
         """A streaming request: first a dict (status, content type, slot), then the raw SSE bytes."""
         async with self.client.stream("POST", path, content=body, headers=_forward(headers)) as r:
             yield {"status": r.status_code, "content_type": r.headers.get("content-type", "text/event-stream"),
-                   "slot": self.slot}
+                   "slot": self.slot, "replica_id": self.replica_id}
             async for chunk in r.aiter_raw():
                 yield chunk
 
@@ -121,6 +129,7 @@ class EngineReplica:
         return self.stats.snapshot()
 
     async def record_routing_stats(self) -> dict[str, Any]:
+        self.slot = replica_rank()  # Ray may renumber ranks after a scale-down
         return {"slot": self.slot, "pool": self.pool, **(await self._fresh_stats())}
 
     def record_replica_metadata(self) -> dict[str, Any]:

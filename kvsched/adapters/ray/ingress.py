@@ -2,7 +2,8 @@
 that pool's engine deployment with the session id (so kvsched's router sees it), retries requests whose replica
 died before answering, and ends a stream that fails midway with an OpenAI error event instead of hanging.
 
-Answers carry `X-KVSched-Pool` and `X-KVSched-Replica` (the slot that served it).
+Answers carry `X-KVSched-Pool`, `X-KVSched-Replica` (the slot that served it) and `X-KVSched-Replica-Id` (Ray's
+replica id, for operators).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def retryable(exc: BaseException) -> bool:
         text = str(exc)
         return any(name in text for name in ("ConnectError", "RemoteProtocolError", "ReadError", "ConnectTimeout"))
     return False
+
+
+def served_by(answer: dict[str, Any]) -> dict[str, str]:
+    """Response headers naming the slot and the Ray replica that served a request."""
+    return {"x-kvsched-replica": f"slot-{answer['slot']}", "x-kvsched-replica-id": str(answer.get("replica_id", ""))}
 
 
 def estimate_tokens(payload: dict[str, Any]) -> int:
@@ -133,7 +139,7 @@ class OpenAIIngress:
         if sid is not None and res["status"] == 200:
             self._remember_usage(sid, res["body"])
         return Response(res["body"], res["status"], media_type=res["content_type"],
-                        headers=extra | {"x-kvsched-replica": f"slot-{res['slot']}"})
+                        headers=extra | served_by(res))
 
     async def _stream(self, handle: Any, path: str, body: bytes, headers: dict[str, str],
                       extra: dict[str, str]) -> Response:
@@ -167,7 +173,7 @@ class OpenAIIngress:
                                 f"({type(exc).__name__}); retry the turn")
 
         return StreamingResponse(relay(), head["status"], media_type=head["content_type"],
-                                 headers=extra | {"x-kvsched-replica": f"slot-{slot}"})
+                                 headers=extra | served_by(head))
 
     def _remember_usage(self, sid: str, body: bytes) -> None:
         try:
