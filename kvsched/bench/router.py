@@ -52,6 +52,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--in-flight-per-replica", type=float, default=64.0,
                    help="turns in flight per replica on average (a GPU replica batches 64-256)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real", action="store_true",
+                   help="also a real run: a local Ray cluster, 2 CPU replicas of the tiny model, each router in turn")
+    p.add_argument("--real-sessions", type=int, default=12)
+    p.add_argument("--real-turns", type=int, default=4)
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=run)
 
@@ -164,6 +168,8 @@ class PowerOfTwoPolicy:
         self.live = list(slots)
 
     def route(self, session: str, loads: dict[SlotName, int], holder: SlotName | None) -> SlotName:
+        if len(self.live) < 2:
+            return self.live[0]
         a, b = self.rng.sample(self.live, 2)
         la, lb = loads.get(a, 0), loads.get(b, 0)
         return a if la < lb or (la == lb and self.rng.random() < 0.5) else b
@@ -328,8 +334,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         work = Workload.build(cfg)
         by_size[str(n)] = {"config": asdict(cfg)} | {p: simulate(make_policy(p, cfg), cfg, work) for p in POLICIES}
     headline = by_size[str(max(sizes))]
-    return {**{p: headline[p] for p in POLICIES}, "headline_replicas": max(sizes), "by_replicas": by_size,
-            "gates": gates(by_size, args.load_factor), "provenance": provenance()}
+    out = {**{p: headline[p] for p in POLICIES}, "headline_replicas": max(sizes), "by_replicas": by_size,
+           "gates": gates(by_size, args.load_factor), "provenance": provenance()}
+    if args.real:
+        from kvsched.adapters.ray.loadtest import real_run
+
+        out["real_2_replicas"] = real_run(args.real_sessions, args.real_turns, args.seed)
+    return out
 
 
 def gates(by_size: dict[str, dict[str, Any]], load_factor: float) -> dict[str, bool]:
@@ -360,6 +371,12 @@ def run(args: argparse.Namespace) -> int:
                          r["moved_on_scale_up"], r["route_us_p50"]])
     print(table(rows, ["replicas", "policy", "affinity", "max/mean work", "max/mean in-flight p99", "moved on kill",
                        "others moved", "back home", "moved on scale-up", "route us p50"]))
+    if "real_2_replicas" in result:
+        real = result["real_2_replicas"]
+        print(f"real run: {real['config']}")
+        print(table([[p, r["affinity"], r["max_over_mean_load"], r["follow_up_ttft_ms_p50"],
+                      r["follow_up_ttft_ms_p95"], r["errors"]] for p, r in real["policies"].items()],
+                    ["policy", "affinity", "max/mean requests", "follow-up TTFT ms p50", "p95", "errors"]))
     for gate, ok in result["gates"].items():
         print(f"  [{'PASS' if ok else 'FAIL'}] {gate}")
     write_json(args.out, result)

@@ -182,7 +182,7 @@ def test_router_sends_sessions_to_the_replica_in_their_reported_slot_even_after_
         for sid in homes[slot_name(1)]:
             ranks = await r.choose_replicas([a], pending(sid, sid + "-2"))
             assert ranks[0][0] is a
-            r.on_request_routed(pending(sid, sid + "-2"), a.replica_id, None)
+            r._assigned(pending(sid, sid + "-2"), a.replica_id)
             r.on_request_completed(a.replica_id, sid + "-2")
         # a replacement with a NEW unique id reports slot 1 (its rank) and takes them back
         c = fake_replica("ccc", metadata={"slot": 1})
@@ -201,8 +201,12 @@ def test_router_prefers_the_replica_reporting_the_sessions_kv_and_bounds_load() 
         r.update_replicas([a, b])
         assert (await r.choose_replicas([a, b], pending(sid, "r0")))[0][0] is b
         for i in range(3):  # three requests in flight on b, none on a: b is over the bound for one more
-            r.on_request_routed(pending(f"x{i}", f"x{i}"), b.replica_id, None)
+            r._assigned(pending(f"x{i}", f"x{i}"), b.replica_id)
+        assert r.loads() == {slot_name(1): 3}
         assert (await r.choose_replicas([a, b], pending(sid, "r1")))[0][0] is a
+        for i in range(3):
+            r.on_request_completed(b.replica_id, f"x{i}")
+        assert (await r.choose_replicas([a, b], pending(sid, "r2")))[0][0] is b
 
     asyncio.run(run())
 
@@ -213,8 +217,20 @@ def test_router_without_slot_reports_assigns_lowest_free_slots_and_sessionless_g
         a, b = fake_replica("aaa"), fake_replica("bbb")
         r.update_replicas([a, b])
         assert {r.slot_of(a.replica_id), r.slot_of(b.replica_id)} == {slot_name(0), slot_name(1)}
-        r.on_request_routed(pending("", "q"), a.replica_id, None)
+        r._assigned(pending("", "q"), a.replica_id)
         assert (await r.choose_replicas([a, b], pending("", "n")))[0][0] is b
+
+
+def test_router_offers_other_replicas_only_after_the_first_try() -> None:
+    async def run() -> None:
+        r = new_router()
+        a, b = fake_replica("aaa", {"slot": 0}), fake_replica("bbb", {"slot": 1})
+        r.update_replicas([a, b])
+        sid = sessions_by_home()[slot_name(0)][0]
+        assert await r.choose_replicas([a, b], pending(sid, "t")) == [[a]]
+        assert await r.choose_replicas([a, b], pending(sid, "t")) == [[a], [b]]
+        r._assigned(pending(sid, "t"), b.replica_id)  # Ray sent it to b: the session's KV is there now
+        assert (await r.choose_replicas([a, b], pending(sid, "t2")))[0] == [b]
 
     asyncio.run(run())
 

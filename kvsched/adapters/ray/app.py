@@ -20,19 +20,25 @@ from kvsched.adapters.ray.engine import EngineReplica
 from kvsched.adapters.ray.ingress import OpenAIIngress
 
 ROUTER_PATH = "kvsched.adapters.ray.router:KVSchedRequestRouter"
+# Ray's own routers, for comparisons in the same cluster (`kvsched bench router --real`).
+BASELINE_ROUTERS = {
+    "consistent_hash": "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter",
+    "pow2": "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter",
+}
 
 
-def engine_options(pool: PoolConfig, cfg: RayServeConfig) -> dict[str, Any]:
-    """Ray Serve deployment options of one pool's engine replicas."""
+def engine_options(pool: PoolConfig, cfg: RayServeConfig, router_path: str = ROUTER_PATH) -> dict[str, Any]:
+    """Ray Serve deployment options of one pool's engine replicas (`router_path`: another RequestRouter, for
+    baselines; kvsched's router settings apply to kvsched's router only)."""
+    kwargs = ({"load_factor": cfg.router.load_factor, "virtual_nodes": cfg.router.virtual_nodes,
+               "kv_preference": cfg.router.kv_preference} if router_path == ROUTER_PATH else {})
     opts: dict[str, Any] = {
         "name": f"engine-{pool.name}",
         "max_ongoing_requests": pool.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
         "request_router_config": RequestRouterConfig(
-            request_router_class=ROUTER_PATH,
-            request_router_kwargs={"load_factor": cfg.router.load_factor,
-                                   "virtual_nodes": cfg.router.virtual_nodes,
-                                   "kv_preference": cfg.router.kv_preference},
+            request_router_class=router_path,
+            request_router_kwargs=kwargs,
             request_routing_stats_period_s=cfg.stats_period_s,
             request_routing_stats_timeout_s=max(5.0, cfg.stats_period_s * 2)),
         "health_check_period_s": cfg.health_check_period_s,
@@ -51,8 +57,8 @@ def engine_options(pool: PoolConfig, cfg: RayServeConfig) -> dict[str, Any]:
     return opts
 
 
-def build_app(cfg: RayServeConfig) -> Application:
-    engines = {p.name: serve.deployment(EngineReplica).options(**engine_options(p, cfg)).bind(
+def build_app(cfg: RayServeConfig, router_path: str = ROUTER_PATH) -> Application:
+    engines = {p.name: serve.deployment(EngineReplica).options(**engine_options(p, cfg, router_path)).bind(
         p.name, dataclasses.asdict(p.engine)) for p in cfg.pools}
     ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
                                                       ray_actor_options={"num_cpus": 0})

@@ -28,8 +28,7 @@ from kvsched.adapters.ray.stats import ReplicaStats
 from kvsched.serving import ServerSpec, VllmServer
 
 logger = logging.getLogger("ray.serve")
-FORWARD_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction",
-                   "content-type", "accept")
+FORWARD_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction", "accept")
 
 
 def replica_rank() -> int:
@@ -103,13 +102,13 @@ class EngineReplica:
         """A non-streaming request: status, content type and body of vLLM's answer."""
         r = await self.client.post(path, content=body, headers=_forward(headers))
         return {"status": r.status_code, "content_type": r.headers.get("content-type", "application/json"),
-                "body": r.content, "slot": self.slot, "replica_id": self.replica_id}
+                "body": r.content, "slot": self.slot, "replica_id": self.replica_id, "headers": _kvsched_headers(r)}
 
     async def stream(self, path: str, body: bytes, headers: dict[str, str]) -> AsyncIterator[Any]:
         """A streaming request: first a dict (status, content type, slot), then the raw SSE bytes."""
         async with self.client.stream("POST", path, content=body, headers=_forward(headers)) as r:
             yield {"status": r.status_code, "content_type": r.headers.get("content-type", "text/event-stream"),
-                   "slot": self.slot, "replica_id": self.replica_id}
+                   "slot": self.slot, "replica_id": self.replica_id, "headers": _kvsched_headers(r)}
             async for chunk in r.aiter_raw():
                 yield chunk
 
@@ -156,4 +155,12 @@ class EngineReplica:
 
 
 def _forward(headers: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
+    """The session headers kvsched reads, and a JSON content type (the ingress always sends JSON)."""
+    out = {k.lower(): v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
+    out["content-type"] = "application/json"
+    return out
+
+
+def _kvsched_headers(r: httpx.Response) -> dict[str, str]:
+    """kvsched's own response headers from the engine (e.g. X-KVSched-Compacted), passed back to the client."""
+    return {k.lower(): v for k, v in r.headers.items() if k.lower().startswith("x-kvsched-")}

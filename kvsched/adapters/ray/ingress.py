@@ -53,7 +53,8 @@ def retryable(exc: BaseException) -> bool:
 
 def served_by(answer: dict[str, Any]) -> dict[str, str]:
     """Response headers naming the slot and the Ray replica that served a request."""
-    return {"x-kvsched-replica": f"slot-{answer['slot']}", "x-kvsched-replica-id": str(answer.get("replica_id", ""))}
+    return dict(answer.get("headers") or {}) | {"x-kvsched-replica": f"slot-{answer['slot']}",
+                                                 "x-kvsched-replica-id": str(answer.get("replica_id", ""))}
 
 
 def estimate_tokens(payload: dict[str, Any]) -> int:

@@ -4,8 +4,9 @@ routing stats (slot, sessions whose KV they hold) and the requests this router h
 Slots: each engine replica reports `slot` (its Ray Serve rank, which Ray hands to the replica that replaces a dead
 one) in `record_replica_metadata` and `record_routing_stats`; a replica that has not reported yet gets the lowest free
 slot, which is where Ray's rank allocator puts it too. Loads: requests this router routed and not yet completed (one
-router per ingress replica, so with several ingress replicas each bounds its own share). Ray calls `choose_replicas`
-again with backoff when every rank returned is full, and re-routes requests a replica rejected.
+router per ingress replica, so with several ingress replicas each bounds its own share). The first try offers only
+the chosen replica; Ray calls `choose_replicas` again with backoff when it refuses or misses the queue-length probe
+deadline, and from then on the other replicas are a fallback rank (so a busy moment does not move a session).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class KVSchedRequestRouter(RequestRouter):
         self._loads: Counter[SlotName] = Counter()
         self._in_flight: dict[str, SlotName] = {}  # internal request id -> slot
         self._decisions: dict[str, RouteDecision] = {}  # internal request id -> decision awaiting dispatch
+        self._attempts: dict[str, int] = {}  # internal request id -> choose_replicas calls so far
 
     def _state(self) -> None:
         if not hasattr(self, "_core"):  # initialize_state is only called when kwargs are configured
@@ -98,40 +100,63 @@ class KVSchedRequestRouter(RequestRouter):
         if pending_request is None:
             return [candidate_replicas]
         pending_request.routing_context.should_backoff = True
+        rid = pending_request.metadata.internal_request_id
         sid = pending_request.metadata.session_id or None
         try:
             decision = self._core.route(sid, self._loads, self._kv_index.get(sid, ()) if sid else ())
         except NoLiveReplicas:
             return [candidate_replicas]
-        self._decisions[pending_request.metadata.internal_request_id] = decision
-        while len(self._decisions) > MAX_UNDISPATCHED:  # cancelled before dispatch: drop the oldest
+        attempts = self._attempts.get(rid, 0) + 1
+        self._attempts[rid] = attempts
+        while len(self._attempts) > MAX_UNDISPATCHED:  # cancelled before dispatch: drop the oldest
+            self._attempts.pop(next(iter(self._attempts)))
+        self._decisions[rid] = decision
+        while len(self._decisions) > MAX_UNDISPATCHED:
             self._decisions.pop(next(iter(self._decisions)))
         first = self._replica_of.get(decision.slot)
-        # Later ranks: the ring successors (least loaded first for requests without a session), used by Ray only
-        # when the chosen replica refuses at max_ongoing_requests.
-        rest = [r for r in candidate_replicas if r is not first]
-        rest.sort(key=lambda r: self._loads.get(self._slot_of.get(r.replica_id, SlotName("")), 0))
-        ranks = [[first]] if first is not None else []
-        return ranks + ([rest] if rest else [])
+        if first is None:
+            return [candidate_replicas]
+        if attempts == 1 or sid is None:
+            return [[first]]
+        # The chosen replica refused (max_ongoing_requests) or did not answer the queue-length probe in time on
+        # the first try: from the second try on, the others are a fallback rank, least loaded first.
+        rest = sorted((r for r in candidate_replicas if r is not first),
+                      key=lambda r: self._loads.get(self._slot_of.get(r.replica_id, SlotName("")), 0))
+        return [[first], rest] if rest else [[first]]
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+    async def _choose_replica_for_request(self, pending_request: PendingRequest, *,
+                                          is_retry: bool = False) -> RunningReplica:
+        """Ray's entry point that returns the replica a request goes to: the one place that sees every assignment
+        (Ray calls `on_request_routed` only when replicas may reject requests)."""
+        replica: RunningReplica = await super()._choose_replica_for_request(pending_request, is_retry=is_retry)
+        self._assigned(pending_request, replica.replica_id)
+        return replica
+
+    def _assigned(self, pending_request: PendingRequest, replica_id: ReplicaID) -> None:
         self._state()
         rid = pending_request.metadata.internal_request_id
-        slot = self._slot_of.get(replica_id)
+        self._attempts.pop(rid, None)
         decision = self._decisions.pop(rid, None)
+        slot = self._slot_of.get(replica_id)
         if slot is None:
             return
         if decision is not None:
             self._core.record(decision if decision.slot == slot else dataclasses.replace(decision, slot=slot))
+        previous = self._in_flight.get(rid)  # a rejected request routed again
+        if previous is not None and self._loads.get(previous, 0) > 0:
+            self._loads[previous] -= 1
         self._in_flight[rid] = slot
         self._loads[slot] += 1
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._state()
-        self._decisions.pop(internal_request_id, None)
         slot = self._in_flight.pop(internal_request_id, None)
         if slot is not None and self._loads.get(slot, 0) > 0:
             self._loads[slot] -= 1
+
+    def loads(self) -> dict[SlotName, int]:
+        """Requests this router has in flight per slot."""
+        return dict(self._loads)
 
     def slot_of(self, replica_id: ReplicaID) -> SlotName | None:
         return self._slot_of.get(replica_id)

@@ -1,0 +1,47 @@
+"""One engine replica outside Ray: its vLLM child serves, and the stats it reports to the router name the sessions
+whose KV kvsched pinned there, with queue depth and a recent P95 TTFT."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from kvsched.adapters.ray.config import EngineConfig
+from kvsched.adapters.ray.engine import EngineReplica
+
+pytestmark = pytest.mark.integration
+
+
+def test_engine_replica_proxies_and_reports_pinned_sessions(tiny_model_dir: Path) -> None:
+    cfg = EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", max_model_len=512, block_size=32)
+    replica = EngineReplica("tiny", dataclasses.asdict(cfg))
+    pid = replica.server.proc.pid if replica.server.proc else None
+    try:
+        async def run() -> None:
+            body = json.dumps({"model": "tiny", "max_tokens": 4,
+                               "messages": [{"role": "user", "content": "tool result " * 30}]}).encode()
+            res = await replica.complete("/v1/chat/completions", body, {"X-Session-Id": "wf9/worker",
+                                                                        "Content-Type": "application/json",
+                                                                        "Authorization": "Bearer dropped"})
+            assert res["status"] == 200 and json.loads(res["body"])["choices"]
+            chunks = [c async for c in replica.stream("/v1/chat/completions",
+                                                      body.replace(b'"max_tokens": 4', b'"stream": true, '
+                                                                   b'"max_tokens": 4'), {})]
+            assert chunks[0]["status"] == 200 and b"data:" in b"".join(chunks[1:])
+            stats = await replica.record_routing_stats()
+            assert stats["slot"] == 0 and "wf9/worker" in stats["kv_sessions"]
+            assert stats["queue_depth"] == 0 and stats["ttft_p95_s"] is not None and stats["ttft_p95_s"] > 0
+            auto = await replica.record_autoscaling_stats()
+            assert set(auto) == {"queue_depth", "ttft_p95_s"}
+            replica.check_health()
+
+        asyncio.run(run())
+    finally:
+        replica.__del__()
+    assert pid is not None and replica.server.proc is not None and replica.server.proc.poll() is not None
+    with pytest.raises(RuntimeError, match="exited"):
+        replica.check_health()
