@@ -190,3 +190,29 @@ def test_no_live_replica_is_a_typed_error() -> None:
 def test_bad_router_config_is_a_typed_error(kw: dict[str, object]) -> None:
     with pytest.raises(RoutingConfigError):
         RouterConfig(**kw)  # type: ignore[arg-type]
+
+
+def test_session_failed_over_from_an_overflow_replica_returns_there_when_it_is_back() -> None:
+    """A session living off its home (overflow, KV kept there) whose replica dies moves, and moves back on return."""
+    r = router()
+    sid = SESSIONS[3]
+    home = r.home(sid)
+    holder = next(s for s in SLOTS if s != home)
+    r.record(r.route(sid, {}, kv_slots=[holder]))  # lives on `holder` now
+    r.set_live([s for s in SLOTS if s != holder])
+    d = r.route(sid, {})
+    assert (d.reason, d.failed_over_from) == (RouteReason.FAILOVER, holder) and d.slot != holder
+    r.record(d)
+    assert r.route(sid, {}).slot == d.slot  # stays where its KV now is
+    r.set_live(SLOTS)
+    back = r.route(sid, {}, kv_slots=[d.slot])
+    assert (back.slot, back.reason) == (holder, RouteReason.RETURN)
+    r.record(back)
+    assert r.route(sid, {}).slot == holder and r.route(sid, {}).reason == RouteReason.KV
+
+
+def test_session_memory_is_bounded() -> None:
+    r = router(session_memory=10)
+    for s in SESSIONS[:50]:
+        r.record(r.route(s, {}))
+    assert len(r._last) == 10
