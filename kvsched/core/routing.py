@@ -3,7 +3,8 @@
 A session's *home* is its owner on a ring of every slot the router knows (`routing_ring.HashRing`), dead or alive, so
 homes never change while slots come and go. A turn goes to, in order:
 1. the replica it was failed over from, when that replica is back (same slot) and within the bound;
-2. a live replica that reports holding the session's KV, while within the bound (KV preference: no re-prefill);
+2. the replica this router last sent it to, else a live replica reporting the session's KV, while within the bound
+   (KV preference: no re-prefill; the last one holds the newest KV, earlier ones may still report an older pin);
 3. the first live slot clockwise from the session's hash that is within the bound (home, else successors).
 The bound is `ceil(c * (L + 1) / n)` requests per replica for `L` requests in flight on `n` live replicas
 ("Consistent Hashing with Bounded Loads", Mirrokni, Thorup and Zadimoghaddam, SODA 2018): no replica exceeds `c`
@@ -139,8 +140,11 @@ class SessionRouter:
         lost = last if last is not None and last not in self._live else None
         if last is None and home not in self._live:
             lost = home
-        if last is not None and last not in kv_slots and lost is None:
-            kv_slots = [*kv_slots, last]
+        if self.config.kv_preference and last is not None and lost is None and fits(last):
+            # Where this router last sent the session holds its newest KV; a replica that served an earlier turn
+            # may still report (older, shorter) pinned KV for it until the pin expires.
+            reason = RouteReason.HOME if last == home else RouteReason.KV
+            return RouteDecision(last, reason, session_id, home, lost)
         if self.config.kv_preference and kv_slots:
             holders = [s for s in kv_slots if fits(s)]
             if holders:

@@ -216,3 +216,16 @@ def test_session_memory_is_bounded() -> None:
     for s in SESSIONS[:50]:
         r.record(r.route(s, {}))
     assert len(r._last) == 10
+
+
+def test_the_newest_placement_beats_an_older_pin_still_reported_elsewhere() -> None:
+    r = router()
+    sid = SESSIONS[4]
+    home = r.home(sid)
+    full = {s: 4 for s in SLOTS} | {home: 6}  # bound = ceil(1.25 * 35 / 8) = 6: home is full
+    d = r.route(sid, full, kv_slots=[home])
+    assert d.slot != home
+    r.record(d)
+    # home has room again and still reports its (older) pin; the newer KV is where the last turn ran
+    assert r.route(sid, {}, kv_slots=[home, d.slot]).slot == d.slot
+    assert r.route(sid, {}, kv_slots=[home]).slot == d.slot
