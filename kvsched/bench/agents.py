@@ -8,7 +8,6 @@ context) is `--pressure` times the pool. Counts come from vLLM's own /metrics; T
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import time
@@ -17,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from kvsched.bench.agents_driver import AgentDriver, RunRecord
+from kvsched.bench.agents_driver import RunRecord, run_with_progress
 from kvsched.bench.common import RESULTS_DIR, percentile, provenance, ratios, table, write_json
 from kvsched.serving import ServerSpec, VllmServer
 from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
@@ -174,20 +173,10 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
 def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool,
              fidelity_probes: int = 0) -> tuple[dict[str, Any], float]:
     workflows = generate(cfg)
-    n_turns = sum(len(a.turns) for wf in workflows for a in wf.agents())
     with VllmServer(spec) as server:
         prefill_tok_s = prefill_throughput(server, spec.served_model_name, spec.max_model_len)
         before = server.metrics()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n_turns, desc=f"{name:>8}", unit="turn", leave=True)
-        driver = AgentDriver(server.url, spec.served_model_name, cfg.max_tokens,
-                             on_turn=(lambda _r: bar.update(1)) if bar else None)
-        record = asyncio.run(driver.run(workflows))
-        if bar:
-            bar.close()
+        record = run_with_progress(server.url, spec.served_model_name, cfg.max_tokens, workflows, name, progress)
         after = server.metrics()
         summary = summarize(record, before, after)
         if fidelity_probes > 0:  # after the measured run: the probes' own traffic is not in the figures above

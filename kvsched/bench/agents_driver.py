@@ -98,3 +98,20 @@ class AgentDriver:
             return TurnRecord(agent.session_id, idx, None, time.perf_counter() - start, 0, 0,
                               error=f"{type(exc).__name__}: {exc}"[:300])
         return TurnRecord(agent.session_id, idx, ttft, time.perf_counter() - start, prompt_tokens, completion_tokens)
+
+
+def run_with_progress(url: str, model: str, max_tokens: int, workflows: list[Workflow], label: str,
+                      progress: bool) -> RunRecord:
+    """Drive `workflows` through the server at `url`, with a per-turn progress bar when `progress` is set."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(a.turns) for wf in workflows for a in wf.agents()), desc=f"{label:>14}", unit="turn",
+                   leave=True)
+    driver = AgentDriver(url, model, max_tokens, on_turn=(lambda _r: bar.update(1)) if bar else None)
+    try:
+        return asyncio.run(driver.run(workflows))
+    finally:
+        if bar:
+            bar.close()

@@ -12,7 +12,7 @@ preemptions, and how many sessions the pool holds at each side's per-session pea
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import json
 import math
 import threading
@@ -23,7 +23,7 @@ from typing import Any
 
 from kvsched.bench.agents import prefill_throughput
 from kvsched.bench.agents import summarize as summarize_run
-from kvsched.bench.agents_driver import AgentDriver, RunRecord
+from kvsched.bench.agents_driver import RunRecord, run_with_progress
 from kvsched.bench.common import percentile, provenance, ratios, table, write_json
 from kvsched.serving import ServerSpec, VllmServer
 from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
@@ -183,26 +183,18 @@ def side_result(record: RunRecord, before: dict[str, float], after: dict[str, fl
 
 def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, pool_tokens: int, progress: bool) -> dict[str, Any]:
     workflows = generate(cfg)
-    n_turns = sum(len(a.turns) for wf in workflows for a in wf.agents())
     with VllmServer(spec) as server:
         # Warm-up (and the engine's uncached prefill rate): first long prompts of a fresh engine are slow on CPU.
         prefill_tok_s = prefill_throughput(server, spec.served_model_name, spec.max_model_len)
         before = server.metrics()
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=n_turns, desc=f"{name:>14}", unit="turn", leave=True)
-        driver = AgentDriver(server.url, spec.served_model_name, cfg.max_tokens,
-                             on_turn=(lambda _r: bar.update(1)) if bar else None)
+        drive = functools.partial(run_with_progress, server.url, spec.served_model_name, cfg.max_tokens, workflows,
+                                  name, progress)
         if spec.scheduler:
             with PinSampler(server.base) as sampler:
-                record = asyncio.run(driver.run(workflows))
+                record = drive()
             pins: dict[str, int] | None = sampler.peaks
         else:
-            record, pins = asyncio.run(driver.run(workflows)), None
-        if bar:
-            bar.close()
+            record, pins = drive(), None
         after = server.metrics()
     out = side_result(record, before, after, pool_tokens, pins)
     out["measured_prefill_tok_s"] = prefill_tok_s
