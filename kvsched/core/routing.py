@@ -36,12 +36,16 @@ class NoLiveReplicas(RuntimeError):
 class RouterConfig:
     """`load_factor` is c in the bound above (> 1; 1.25 is the sizing guide's tolerance); `virtual_nodes` per slot;
     `kv_preference` honours replicas' KV reports and the router's own memory of where each session last went (reports
-    lag by a stats period); `session_memory` caps the sessions remembered (least recently routed forgotten first)."""
+    lag by a stats period); `session_memory` caps the sessions remembered (least recently routed forgotten first);
+    `load_floor`: requests any replica may hold whatever the average (0: the bound alone). At low load the bound is
+    tight (with 2 requests in flight on one of 2 replicas, a third may not join them) and moves sessions off their KV for no gain;
+    a floor near the engine's comfortable batch keeps them home until a replica is really busy."""
 
     load_factor: float = 1.25
     virtual_nodes: int = 100
     kv_preference: bool = True
     session_memory: int = 1_000_000
+    load_floor: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.load_factor, int | float) or not math.isfinite(self.load_factor) \
@@ -49,6 +53,8 @@ class RouterConfig:
             raise RoutingConfigError(f"load_factor must be a finite number > 1, got {self.load_factor!r}")
         if not isinstance(self.virtual_nodes, int) or not 1 <= self.virtual_nodes <= 10_000:
             raise RoutingConfigError(f"virtual_nodes must be an integer in 1..10000, got {self.virtual_nodes!r}")
+        if not isinstance(self.load_floor, int) or self.load_floor < 0:
+            raise RoutingConfigError(f"load_floor must be an integer >= 0, got {self.load_floor!r}")
         if not isinstance(self.session_memory, int) or self.session_memory < 0:
             raise RoutingConfigError(f"session_memory must be an integer >= 0, got {self.session_memory!r}")
 
@@ -124,8 +130,8 @@ class SessionRouter:
         if session_id is None:
             slot = min(self._live, key=lambda s: (loads.get(s, 0), s))
             return RouteDecision(slot, RouteReason.LEAST_LOADED)
-        bound = load_bound(sum(max(0, loads.get(s, 0)) for s in self._live), len(self._live),
-                           self.config.load_factor)
+        bound = max(self.config.load_floor, load_bound(sum(max(0, loads.get(s, 0)) for s in self._live),
+                                                       len(self._live), self.config.load_factor))
 
         def fits(s: SlotName) -> bool:
             return s in self._live and loads.get(s, 0) + 1 <= bound

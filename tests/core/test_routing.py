@@ -94,6 +94,15 @@ def test_overflow_goes_to_the_next_slot_on_the_ring() -> None:
     assert (d.slot, d.reason, d.home) == (successor, RouteReason.OVERFLOW, home)
 
 
+def test_load_floor_lets_a_replica_hold_that_many_whatever_the_average() -> None:
+    sid = SESSIONS[0]
+    home = router().home(sid)
+    loads = {home: 2}  # bound = ceil(1.25 * 3 / 8) = 1: a third request spills without a floor
+    assert router().route(sid, loads).slot != home
+    assert router(load_floor=3).route(sid, loads).slot == home
+    assert router(load_floor=3).route(sid, {home: 3}).slot != home
+
+
 def test_kv_preference_keeps_a_session_where_its_kv_is_while_within_bound() -> None:
     r = router()
     sid = SESSIONS[1]
@@ -186,7 +195,8 @@ def test_no_live_replica_is_a_typed_error() -> None:
 
 
 @pytest.mark.parametrize("kw", [{"load_factor": 1.0}, {"load_factor": float("nan")}, {"load_factor": "2"},
-                                {"virtual_nodes": 0}, {"virtual_nodes": 2.5}, {"session_memory": -1}])
+                                {"virtual_nodes": 0}, {"virtual_nodes": 2.5}, {"session_memory": -1},
+                                {"load_floor": -1}, {"load_floor": 1.5}])
 def test_bad_router_config_is_a_typed_error(kw: dict[str, object]) -> None:
     with pytest.raises(RoutingConfigError):
         RouterConfig(**kw)  # type: ignore[arg-type]

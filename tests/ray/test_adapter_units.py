@@ -83,6 +83,7 @@ def test_app_builder_wires_the_router_and_autoscaling_policy() -> None:
     opts = engine_options(workers, cfg)
     assert opts["request_router_config"].request_router_class == ROUTER_PATH
     assert opts["request_router_config"].request_router_kwargs["load_factor"] == 1.25
+    assert opts["request_router_config"].request_router_kwargs["load_floor"] == 16
     auto = opts["autoscaling_config"]
     assert (auto.min_replicas, auto.max_replicas) == (2, 8) and "num_replicas" not in opts
     assert auto.policy.policy_kwargs["queue_per_replica"] == 4

@@ -31,7 +31,8 @@ def engine_options(pool: PoolConfig, cfg: RayServeConfig, router_path: str = ROU
     """Ray Serve deployment options of one pool's engine replicas (`router_path`: another RequestRouter, for
     baselines; kvsched's router settings apply to kvsched's router only)."""
     kwargs = ({"load_factor": cfg.router.load_factor, "virtual_nodes": cfg.router.virtual_nodes,
-               "kv_preference": cfg.router.kv_preference} if router_path == ROUTER_PATH else {})
+               "kv_preference": cfg.router.kv_preference, "load_floor": cfg.router.load_floor}
+              if router_path == ROUTER_PATH else {})
     opts: dict[str, Any] = {
         "name": f"engine-{pool.name}",
         "max_ongoing_requests": pool.max_ongoing_requests,

@@ -3,7 +3,7 @@ the router, autoscaling targets and the HTTP address. Every problem is a `Config
 
 ```yaml
 http: {host: 127.0.0.1, port: 8000}
-router: {load_factor: 1.25, virtual_nodes: 100, stats_period_s: 2}
+router: {load_factor: 1.25, virtual_nodes: 100, load_floor: 0, stats_period_s: 2}
 long_context_tokens: 12000          # sessions past this go to the pool with long_context: true
 pools:
   - name: workers
@@ -183,7 +183,8 @@ def parse_config(raw: Any) -> RayServeConfig:
         raise ConfigError("config.pools must be a non-empty list")
     pools = tuple(parse_pool(i, p) for i, p in enumerate(pools_raw))
     router_raw = _mapping("router", raw.get("router"))
-    _check_keys("router", router_raw, {"load_factor", "virtual_nodes", "kv_preference", "stats_period_s"})
+    _check_keys("router", router_raw, {"load_factor", "virtual_nodes", "kv_preference", "load_floor",
+                                       "stats_period_s"})
     http = _mapping("http", raw.get("http"))
     _check_keys("http", http, {"host", "port"})
     try:

@@ -1,6 +1,7 @@
 """A real routing comparison on this machine: a local Ray cluster, two CPU engine replicas of the tiny model
 (`vllm serve --scheduler kvsched` each), the same seeded agent sessions sent through the OpenAI ingress once per
-router: kvsched's, Ray's experimental ConsistentHashRouter, Ray's default power-of-two-choices.
+router: kvsched's (default, and with `load_floor: 8`), Ray's experimental ConsistentHashRouter, Ray's default
+power-of-two-choices.
 
 Each session is a conversation whose history grows by a tool result every turn (the KV worth keeping); all sessions
 run at once, one thread each, turns in order within a session. Reported per router: `affinity` (follow-up turns served by the replica that served the session's previous turn, where its KV is),
@@ -19,7 +20,8 @@ from typing import Any
 
 from kvsched.bench.common import percentile
 
-ROUTERS = ("kvsched", "consistent_hash", "pow2")
+# kvsched as configured by default (the bound alone), kvsched with a floor of 8 requests per replica, Ray's two.
+ROUTERS = ("kvsched", "kvsched_floor8", "consistent_hash", "pow2")
 
 
 def _tool_result(rng: random.Random, turn: int) -> str:
@@ -108,9 +110,11 @@ def real_run(sessions: int = 8, turns: int = 4, seed: int = 0) -> dict[str, Any]
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for name in ROUTERS:
-            path = ROUTER_PATH if name == "kvsched" else BASELINE_ROUTERS[name]
+            path = ROUTER_PATH if name.startswith("kvsched") else BASELINE_ROUTERS[name]
+            run_cfg = cfg if name != "kvsched_floor8" else dataclasses.replace(
+                cfg, router=dataclasses.replace(cfg.router, load_floor=8))
             t0 = time.perf_counter()
-            serve.run(build_app(cfg, router_path=path), name="bench", route_prefix="/")
+            serve.run(build_app(run_cfg, router_path=path), name="bench", route_prefix="/")
             ready_s = time.perf_counter() - t0
             row = _drive(f"http://127.0.0.1:{port}/v1", sessions, turns, seed)
             out["policies"][name] = row | {"startup_s": ready_s}

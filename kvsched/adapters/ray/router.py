@@ -35,7 +35,7 @@ def reported_slot(replica: RunningReplica) -> int | None:
 
 class KVSchedRequestRouter(RequestRouter):
     """Kwargs (`RequestRouterConfig.request_router_kwargs`): `load_factor` (default 1.25), `virtual_nodes` (100),
-    `kv_preference` (true)."""
+    `kv_preference` (true), `load_floor` (0); see `kvsched.core.routing.RouterConfig`."""
 
     def initialize_state(self, **kwargs: Any) -> None:
         self._core = SessionRouter(RouterConfig(**kwargs))
