@@ -250,41 +250,43 @@ def test_autoscaling_policy_reads_replica_reported_queue_and_ttft() -> None:
 
 
 # ---- reaper ----------------------------------------------------------------------------------------------------
-def test_reaper_stops_the_group_when_its_parent_dies(tmp_path: Path) -> None:
-    """parent (a shell) starts a sleeper group and the reaper, then is killed: the sleeper must go."""
+def test_reaper_stops_the_whole_group_when_its_parent_dies(tmp_path: Path) -> None:
+    """A parent (a shell) starts a group of two sleepers (leader and a grandchild, like vLLM's API server and engine
+    core) and the reaper, then is SIGKILLed together with the leader: the orphaned grandchild must go too."""
+    from kvsched.adapters.ray.reaper import group_alive
+
     script = tmp_path / "parent.sh"
-    pidfile = tmp_path / "child.pid"
-    script.write_text(f"setsid sleep 300 & echo $! > {pidfile}\n"
+    pidfile = tmp_path / "group.pid"
+    script.write_text(f"setsid bash -c 'sleep 300 & sleep 300' & echo $! > {pidfile}\n"
                       f"while [ ! -s {pidfile} ]; do sleep 0.05; done\n"
-                      f"{sys.executable} -m kvsched.adapters.ray.reaper $(cat {pidfile}) &\n"
+                      f"{sys.executable} -m kvsched.adapters.ray.reaper $(cat {pidfile}) $$\n"
                       "sleep 300\n")
     parent = subprocess.Popen(["bash", str(script)], start_new_session=True)
+    pgid = 0
     try:
         deadline = time.monotonic() + 10
         while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        child = int(pidfile.read_text())
+        pgid = int(pidfile.read_text())
         time.sleep(1.0)  # the reaper is watching
-        os.kill(parent.pid, signal.SIGKILL)
+        os.killpg(parent.pid, signal.SIGKILL)  # like Ray: the worker and its direct children
+        os.kill(pgid, signal.SIGKILL)  # the group leader (vLLM's API server) dies; its child is orphaned
         parent.wait()
+        assert group_alive(pgid)
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(child, 0)
-            except ProcessLookupError:
-                break
+        while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        else:
-            os.killpg(child, signal.SIGKILL)
-            pytest.fail("the reaper left the child group running")
+        assert not group_alive(pgid), "the reaper left the orphaned group member running"
     finally:
-        try:
-            os.killpg(parent.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for target in (parent.pid, pgid):
+            try:
+                if target:
+                    os.killpg(target, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_reaper_rejects_bad_arguments() -> None:
     from kvsched.adapters.ray.reaper import main as reaper_main
 
-    assert reaper_main(["reaper"]) == 2 and reaper_main(["reaper", "x"]) == 2
+    assert reaper_main(["reaper"]) == 2 and reaper_main(["reaper", "1", "x"]) == 2

@@ -32,8 +32,28 @@ def command_lines() -> dict[int, str]:
 
 
 def our_vllm_pids() -> list[int]:
-    """This run's `vllm serve` API servers (their served-model-name is MARK)."""
-    return [pid for pid, cmd in command_lines().items() if MARK in cmd and " serve " in cmd]
+    """This run's `vllm serve` API servers (their served-model-name is MARK); each leads its own process group."""
+    pids = [pid for pid, cmd in command_lines().items() if MARK in cmd and " serve " in cmd]
+    GROUPS.update(pids)
+    return pids
+
+
+GROUPS: set[int] = set()  # every vLLM process group this run has seen
+
+
+def group_members(pgids: set[int]) -> list[int]:
+    """Processes still in any of these groups: the API servers and their engine cores and workers."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[2]) in pgids:
+                out.append(int(entry))
+    return out
 
 
 def wait_until(cond: Any, timeout_s: float, what: str) -> Any:
@@ -75,16 +95,17 @@ def cluster(tiny_model_dir: Any) -> Iterator[dict[str, Any]]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        our_vllm_pids()
         left = []
         deadline = time.monotonic() + 45
-        while time.monotonic() < deadline and (left := our_vllm_pids()):
+        while time.monotonic() < deadline and (left := group_members(GROUPS)):
             time.sleep(0.5)
-        for pid in left:  # do not leak into the rest of the session, but fail (as a teardown error)
+        for pgid in GROUPS:  # do not leak into the rest of the session, but fail (as a teardown error)
             try:
-                os.killpg(pid, signal.SIGKILL)
+                os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        assert not left, f"vllm children left running after serve.shutdown: {left}"
+        assert not left, f"vLLM processes left running after serve.shutdown: {left}"
 
 
 def client(cluster: dict[str, Any]) -> Any:
@@ -162,14 +183,17 @@ def test_killed_replica_fails_its_stream_clearly_then_its_sessions_move_and_come
     # the dead replica's session works at once on the survivor; the survivor's session did not move
     assert turn(cluster, victim_sid)[0] == "slot-1"
     assert turn(cluster, other_sid) == survivor
-    # the killed replica's vLLM child is reaped
-    wait_until(lambda: len(before - set(our_vllm_pids())) >= 1, 60, "the dead replica's vllm to exit")
+    # the killed replica's vLLM processes (API server, engine core, worker) are reaped
+    wait_until(lambda: (gone := before - set(our_vllm_pids())) and not group_members(gone), 60,
+               "the dead replica's vllm process group to exit")
     # Ray replaces the replica in the same slot (its rank): the session goes home again
     wait_until(lambda: turn(cluster, victim_sid)[0] == "slot-0", 240, "the replacement to take slot-0 back")
     assert turn(cluster, other_sid)[0] == "slot-1"
 
 
 def test_one_vllm_child_per_live_replica(cluster: dict[str, Any]) -> None:
-    """After the kill and replacement: two replicas, two vLLM children (none left behind). The fixture's teardown
-    then checks that none is left after the app shuts down."""
+    """After the kill and replacement: two replicas, two vLLM process groups (none left behind). The fixture's
+    teardown then checks that no process of any group this run saw is left after the app shuts down."""
     wait_until(lambda: len(our_vllm_pids()) == 2, 30, "exactly two vllm children")
+    live = set(our_vllm_pids())
+    assert not group_members(GROUPS - live)

@@ -2,8 +2,8 @@
 
 Running vLLM as a child process (not in the Ray worker) keeps vLLM's own process tree, signal handling and
 OpenAI server exactly as in a plain deployment; the replica only forwards requests, reports its stats and owns the
-child's life: `__del__` stops it on graceful shutdown, a reaper process stops it if the replica is killed outright,
-and `check_health` fails when the child dies so Ray replaces the replica.
+child's life: `__del__` stops its whole process group on graceful shutdown, a detached reaper stops the group if the
+replica is killed outright, and `check_health` fails when the child dies so Ray replaces the replica.
 
 Reported to the router: `slot` (the replica's Ray Serve rank, reused by a replacement), `kv_sessions` (sessions
 kvsched keeps pinned blocks for), queue depth and recent P95 TTFT; the same numbers feed autoscaling.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ import httpx
 from ray import serve
 
 from kvsched.adapters.ray.config import EngineConfig
+from kvsched.adapters.ray.reaper import stop_group
 from kvsched.adapters.ray.stats import ReplicaStats
 from kvsched.serving import ServerSpec, VllmServer
 
@@ -54,9 +56,8 @@ def server_spec(cfg: EngineConfig) -> ServerSpec:
                       extra_args=list(cfg.vllm_args), env=dict(cfg.env), served_model_name=cfg.served_model_name)
 
 
-def start_with_reaper(server: VllmServer) -> subprocess.Popen[bytes]:
-    """Start `server` (blocking until healthy) with a reaper watching this process for the child's group."""
-    reaper: list[subprocess.Popen[bytes]] = []
+def start_with_reaper(server: VllmServer) -> None:
+    """Start `server` (blocking until healthy) with a detached reaper watching this process for the child's group."""
     error: list[BaseException] = []
 
     def start() -> None:
@@ -69,15 +70,12 @@ def start_with_reaper(server: VllmServer) -> subprocess.Popen[bytes]:
     t.start()
     while t.is_alive() and server.proc is None:
         time.sleep(0.05)
-    if server.proc is not None:
-        reaper.append(subprocess.Popen([sys.executable, "-m", "kvsched.adapters.ray.reaper", str(server.proc.pid)],
-                                       start_new_session=True, stdin=subprocess.DEVNULL))
+    if server.proc is not None:  # the reaper forks away and its first process exits at once
+        subprocess.run([sys.executable, "-m", "kvsched.adapters.ray.reaper", str(server.proc.pid), str(os.getpid())],
+                       start_new_session=True, stdin=subprocess.DEVNULL, check=False, timeout=30)
     t.join()
     if error:
-        if reaper:
-            reaper[0].wait(timeout=30)
         raise error[0]
-    return reaper[0]
 
 
 class EngineReplica:
@@ -90,7 +88,7 @@ class EngineReplica:
         self.slot = replica_rank()
         self.replica_id = replica_unique_id()
         self.server = VllmServer(server_spec(cfg), startup_timeout_s=cfg.startup_timeout_s)
-        self.reaper = start_with_reaper(self.server)
+        start_with_reaper(self.server)
         self.client = httpx.AsyncClient(base_url=self.server.base, timeout=httpx.Timeout(None, connect=10.0))
         self.stats = ReplicaStats(self.server.base)
         self._stats_lock = asyncio.Lock()
@@ -147,11 +145,10 @@ class EngineReplica:
 
     def __del__(self) -> None:
         server = getattr(self, "server", None)
-        if server is not None:
-            server.stop(timeout_s=20)
-        reaper = getattr(self, "reaper", None)
-        if reaper is not None and reaper.poll() is None:
-            reaper.terminate()
+        if server is None or server.proc is None:
+            return
+        server.stop(timeout_s=20)
+        stop_group(server.proc.pid)  # the engine core and workers too, should any outlive the API server
 
 
 def _forward(headers: dict[str, str]) -> dict[str, str]:

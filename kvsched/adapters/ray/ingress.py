@@ -151,6 +151,7 @@ class OpenAIIngress:
                 head = await asyncio.wait_for(gen.__anext__(), STREAM_IDLE_TIMEOUT_S)
                 break
             except Exception as exc:  # noqa: BLE001 - nothing was sent yet: safe to retry elsewhere
+                gen.cancel()
                 if not retryable(exc):
                     raise
                 last = exc
@@ -161,17 +162,23 @@ class OpenAIIngress:
         slot = head["slot"]
 
         async def relay() -> AsyncIterator[bytes]:
+            done = False
             try:
                 while True:
                     try:
                         chunk = await asyncio.wait_for(gen.__anext__(), STREAM_IDLE_TIMEOUT_S)
                     except StopAsyncIteration:
+                        done = True
                         return
                     yield chunk
             except Exception as exc:  # noqa: BLE001 - the client gets a clear error, never a hang
+                done = True
                 logger.warning(f"kvsched ingress: stream from slot-{slot} failed midway: {exc!r}")
                 yield sse_error(f"the engine replica (slot-{slot}) failed during the stream "
                                 f"({type(exc).__name__}); retry the turn")
+            finally:
+                if not done:  # the client went away: stop the generation on the engine
+                    gen.cancel()
 
         return StreamingResponse(relay(), head["status"], media_type=head["content_type"],
                                  headers=extra | served_by(head))

@@ -1,10 +1,12 @@
 """A watchdog that takes a replica's `vllm serve` process group down when the replica process dies.
 
-`VllmServer` starts vLLM in its own session (so it can signal the whole group: API server plus engine core), which
-also means a replica killed with SIGKILL would leave vLLM running. This small process, started by the replica in its
-own session, notices its parent is gone (its parent pid changes) and stops the group: SIGINT, then SIGKILL.
+`VllmServer` starts vLLM in its own session, so the API server and its engine-core and worker processes share one
+process group that can be signalled as a whole. When Ray kills a replica it also SIGKILLs the replica's direct
+children (`RAY_kill_child_processes_on_worker_exit`), which would leave vLLM's engine core and workers orphaned.
+So the reaper detaches itself (double fork: not a child of the replica, not killed with it), watches the replica's
+pid (with its start time, so a reused pid does not fool it) and stops the group: SIGINT, then SIGKILL.
 
-Usage: python -m kvsched.adapters.ray.reaper PGID
+Usage: python -m kvsched.adapters.ray.reaper PGID PARENT_PID
 """
 
 from __future__ import annotations
@@ -13,6 +15,16 @@ import os
 import signal
 import sys
 import time
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def group_alive(pgid: int) -> bool:
@@ -26,6 +38,7 @@ def group_alive(pgid: int) -> bool:
 
 
 def stop_group(pgid: int, grace_s: float = 10.0) -> None:
+    """SIGINT the whole group, SIGKILL whatever is left after `grace_s`."""
     for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pgid, sig)
@@ -38,21 +51,28 @@ def stop_group(pgid: int, grace_s: float = 10.0) -> None:
             time.sleep(0.2)
 
 
-def watch(pgid: int, parent: int, period_s: float = 0.5) -> None:
+def watch(pgid: int, parent: int, parent_started: str | None, period_s: float = 0.5) -> None:
     while group_alive(pgid):
-        if os.getppid() != parent:
+        if parent_started is None or start_time(parent) != parent_started:
             stop_group(pgid)
             return
         time.sleep(period_s)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or not argv[1].isdigit():
-        print("usage: python -m kvsched.adapters.ray.reaper PGID", file=sys.stderr)
+    if len(argv) != 3 or not argv[1].isdigit() or not argv[2].isdigit():
+        print("usage: python -m kvsched.adapters.ray.reaper PGID PARENT_PID", file=sys.stderr)
         return 2
-    watch(int(argv[1]), os.getppid())
+    pgid, parent = int(argv[1]), int(argv[2])
+    parent_started = start_time(parent)
+    if os.fork() != 0:  # detach: the first child exits, the grandchild (re-parented to init) watches
+        return 0
+    os.setsid()
+    watch(pgid, parent, parent_started)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    code = main(sys.argv)
+    sys.stdout.flush()
+    os._exit(code)
