@@ -268,8 +268,14 @@ def attainable(result: dict[str, Any]) -> dict[str, float]:
     stock = result["stock"]["prefill_tokens_computed"]
     floor = result["unbounded"]["prefill_tokens_computed"]
     ours = result["kvsched"]["prefill_tokens_computed"]
-    return {"floor_over_stock": floor / stock if stock else 0.0,
-            "kvsched_share_of_attainable_saving": (stock - ours) / (stock - floor) if stock > floor else 0.0}
+    out = {"floor_over_stock": floor / stock if stock else 0.0,
+           "kvsched_share_of_attainable_saving": (stock - ours) / (stock - floor) if stock > floor else 0.0}
+    if TIER_SIDE in result:  # the tier cannot go below the floor either: the lowest tier/kvsched ratio this run allows
+        tier = result[TIER_SIDE]["prefill_tokens_computed"]
+        out["fp8tier_over_stock"] = tier / stock if stock else 0.0
+        out["fp8tier_share_of_attainable_saving"] = (stock - tier) / (stock - floor) if stock > floor else 0.0
+        out["floor_over_kvsched"] = floor / ours if ours else 0.0
+    return out
 
 
 ROWS = ("prefill_tokens_computed", "prefix_hit_rate", "ttft_p50_s", "ttft_p95_s", "followup_ttft_p95_s",
@@ -299,8 +305,12 @@ def print_report(result: dict[str, Any]) -> None:
               f"{t['restored_tokens']} tokens), {t['evicted_blocks']} evicted, {t['restore_misses']} misses, "
               f"{t['load_failures']} checksum failures; KV relative RMS error {t['kv_rel_rms_error']}")
         if "ratio_tier_over_kvsched" in result:
+            b = result.get("bound", {})
+            floor_note = (f" (the floor allows {b['floor_over_kvsched']:.3f}; the tier realises "
+                          f"{b['fp8tier_share_of_attainable_saving']:.0%} of the saving over stock, "
+                          f"{b['fp8tier_over_stock']:.3f}x stock)" if "floor_over_kvsched" in b else "")
             print(f"kvsched+fp8tier / kvsched prefill = "
-                  f"{result['ratio_tier_over_kvsched'].get('prefill_tokens_computed'):.3f}")
+                  f"{result['ratio_tier_over_kvsched'].get('prefill_tokens_computed'):.3f}{floor_note}")
         if "fidelity" in result[TIER_SIDE]:
             print(f"fidelity (restored vs recomputed, greedy): {result[TIER_SIDE]['fidelity']}")
     for gate, ok in result.get("gates", {}).items():

@@ -13,6 +13,7 @@ are wide. The KV relative RMS error (measured by the tier at demotion) is the mo
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -59,6 +60,29 @@ def _flood(server: VllmServer, model: str, pool_tokens: int, max_model_len: int,
     return sessions
 
 
+def _pinned(server: VllmServer, session: str) -> bool:
+    """Whether kvsched still pins KV for `session` (GET /kvsched/sessions)."""
+    with urllib.request.urlopen(f"{server.base}/kvsched/sessions", timeout=60) as r:
+        listed = json.loads(r.read())
+    rows = listed.get("sessions", listed) if isinstance(listed, dict) else listed
+    return any(row.get("session_id") == session and row.get("pinned_blocks", 0) > 0 for row in rows)
+
+
+def _live_flood(server: VllmServer, model: str, pool_tokens: int, max_model_len: int, seed: int) -> None:
+    """Concurrent unsessioned prompts that need the whole pool at once (each decodes long enough that all are
+    admitted while the first still run): pins must yield to live requests and are demoted to the tier, whatever
+    their retention value, and every free block is overwritten."""
+    decode = 32
+    per = max(min(max_model_len - decode - 16, pool_tokens // 3), 64)
+    n = max(pool_tokens // per + 1, 2)
+    threads = [threading.Thread(target=_complete, args=(
+        server, model, [5 + (seed * 257 + i * 29 + j * 11) % 1900 for j in range(per)], decode)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _end(server: VllmServer, session: str) -> None:
     req = urllib.request.Request(f"{server.base}/kvsched/sessions/{session}", method="DELETE")
     try:
@@ -78,6 +102,8 @@ def probe(server: VllmServer, model: str, pool_tokens: int, max_model_len: int,
         session = f"fidelity-probe-{i}"
         first = _complete(server, model, prompt, cfg.max_tokens, session=session)
         flood = _flood(server, model, pool_tokens, max_model_len, cfg.flood_factor, seed=i)
+        if _pinned(server, session):  # the flood's own pins scored lower: make live requests take the pool
+            _live_flood(server, model, pool_tokens, max_model_len, seed=i)
         follow = prompt + first + [13 + (i * 31 + j) % 1900 for j in range(cfg.follow_tokens)]
         before = server.metrics().get(RESTORED, 0.0)
         got = _complete(server, model, follow, cfg.max_tokens, session=session)

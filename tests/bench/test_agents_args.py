@@ -37,3 +37,12 @@ def test_attainable_share_of_the_floor():
     b = attainable({"stock": side(1000), "kvsched": side(700), "unbounded": side(400)})
     assert b["floor_over_stock"] == pytest.approx(0.4)
     assert b["kvsched_share_of_attainable_saving"] == pytest.approx(0.5)
+
+
+def test_attainable_bounds_the_tier_by_the_same_floor():
+    side = lambda n: {"prefill_tokens_computed": n}  # noqa: E731
+    b = attainable({"stock": side(1000), "kvsched": side(500), "kvsched+fp8tier": side(450), "unbounded": side(400)})
+    assert b["floor_over_kvsched"] == pytest.approx(0.8)  # no tier can be below 0.8x kvsched in this run
+    assert b["fp8tier_share_of_attainable_saving"] == pytest.approx(550 / 600)
+    assert b["fp8tier_over_stock"] == pytest.approx(0.45)
+    assert "floor_over_kvsched" not in attainable({"stock": side(1000), "kvsched": side(500), "unbounded": side(400)})
