@@ -23,14 +23,22 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def bench_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The demo's `kvsched bench agents` options, parsed by that benchmark's own parser so that every option it has
+    gets its default (a hand-built namespace broke when the benchmark gained one)."""
+    from kvsched.bench import agents
+
+    parser = argparse.ArgumentParser(prog="kvsched bench")
+    agents.register(parser.add_subparsers(dest="bench"))
+    argv = ["agents", "--quick", "--sides", "stock,kvsched", "--workflows", str(args.workflows), "--seed", "0",
+            "--pressure", "1.5", "--fidelity-probes", "0"]
+    return parser.parse_args(argv + (["--no-progress"] if args.no_progress else []))
+
+
 def run(args: argparse.Namespace) -> int:
-    bench_args = argparse.Namespace(
-        quick=True, out=None, topology=None, workflows=args.workflows, workers=None, rounds=None,
-        worker_turns=None, tool_words=None, brief_words=None, pressure=1.5, model_size="bench", sides="stock,kvsched", seed=0,
-        no_progress=args.no_progress)
     print("kvsched demo: the same multi-agent workload (orchestrator + workers, ~2 s tool calls) through stock vLLM "
           "and through `vllm serve --scheduler kvsched`, with the same KV memory (1.5x oversubscribed).\n")
-    result = run_benchmark(bench_args)
+    result = run_benchmark(bench_args(args))
     print()
     print(headline(result))
     print()
