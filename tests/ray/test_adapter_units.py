@@ -222,13 +222,16 @@ def test_router_without_slot_reports_assigns_lowest_free_slots_and_sessionless_g
         assert (await r.choose_replicas([a, b], pending("", "n")))[0][0] is b
 
 
-def test_router_offers_other_replicas_only_after_the_first_try() -> None:
+def test_router_offers_other_replicas_only_after_the_home_only_tries() -> None:
+    from kvsched.adapters.ray.router import HOME_ONLY_ATTEMPTS
+
     async def run() -> None:
         r = new_router()
         a, b = fake_replica("aaa", {"slot": 0}), fake_replica("bbb", {"slot": 1})
         r.update_replicas([a, b])
         sid = sessions_by_home()[slot_name(0)][0]
-        assert await r.choose_replicas([a, b], pending(sid, "t")) == [[a]]
+        for _ in range(HOME_ONLY_ATTEMPTS):  # a slow queue-length probe does not move the session at once
+            assert await r.choose_replicas([a, b], pending(sid, "t")) == [[a]]
         assert await r.choose_replicas([a, b], pending(sid, "t")) == [[a], [b]]
         r._assigned(pending(sid, "t"), b.replica_id)  # Ray sent it to b: the session's KV is there now
         assert (await r.choose_replicas([a, b], pending(sid, "t2")))[0] == [b]
@@ -290,3 +293,67 @@ def test_reaper_rejects_bad_arguments() -> None:
     from kvsched.adapters.ray.reaper import main as reaper_main
 
     assert reaper_main(["reaper"]) == 2 and reaper_main(["reaper", "1", "x"]) == 2
+
+
+# ---- ingress stream relay --------------------------------------------------------------------------------------
+class FakeEngineStream:
+    """An engine replica's streaming generator: yields `chunks`, then raises `fail` (or ends, or hangs)."""
+
+    def __init__(self, chunks: list[bytes], fail: BaseException | None = None, hang: bool = False) -> None:
+        self.chunks, self.fail, self.hang, self.cancelled = list(chunks), fail, hang, False
+
+    def __aiter__(self) -> FakeEngineStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.chunks:
+            return self.chunks.pop(0)
+        if self.hang:
+            await asyncio.sleep(3600)
+        if self.fail is not None:
+            raise self.fail
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+async def collect(gen: FakeEngineStream, idle_timeout_s: float = 5.0) -> list[bytes]:
+    from kvsched.adapters.ray.ingress import relay
+
+    return [c async for c in relay(gen, 0, idle_timeout_s)]
+
+
+@pytest.mark.parametrize("fail", [RuntimeError("actor died"), asyncio.CancelledError()])
+def test_relay_ends_a_stream_whose_engine_fails_midway_with_an_error_event(fail: BaseException) -> None:
+    gen = FakeEngineStream([b"data: 1\n\n"], fail=fail)
+    out = asyncio.run(collect(gen))
+    assert out[0] == b"data: 1\n\n" and len(out) == 2
+    assert b"failed during the stream" in out[1] and type(fail).__name__.encode() in out[1]
+    assert not gen.cancelled  # the engine side is already gone
+
+
+def test_relay_passes_a_whole_stream_on_and_an_idle_engine_times_out_with_an_error() -> None:
+    assert asyncio.run(collect(FakeEngineStream([b"a", b"b"]))) == [b"a", b"b"]
+    out = asyncio.run(collect(FakeEngineStream([b"a"], hang=True), idle_timeout_s=0.05))
+    assert out[0] == b"a" and b"TimeoutError" in out[1]
+
+
+def test_relay_cancelled_by_the_client_cancels_the_engine_generation() -> None:
+    gen = FakeEngineStream([b"a"], hang=True)
+
+    async def consume_then_cancel() -> None:
+        from kvsched.adapters.ray.ingress import relay
+
+        async def consume() -> None:
+            async for _ in relay(gen, 0, 3600):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(consume_then_cancel())
+    assert gen.cancelled

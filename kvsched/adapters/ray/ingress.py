@@ -51,6 +51,32 @@ def retryable(exc: BaseException) -> bool:
     return False
 
 
+async def relay(gen: Any, slot: Any, idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S) -> AsyncIterator[bytes]:
+    """Pass an engine replica's stream on; if the engine side fails midway (a dead replica's generator raises, or ends
+    in CancelledError, or goes silent), end with an OpenAI error event instead of dropping the connection. If the
+    relay itself is cancelled (the client went away), the generation on the engine is cancelled too."""
+    done = False
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(gen.__anext__(), idle_timeout_s)
+            except StopAsyncIteration:
+                done = True
+                return
+            yield chunk
+    except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - a clear error, never a hang
+        task = asyncio.current_task()
+        if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+            raise  # this relay itself is being cancelled: `finally` stops the engine
+        done = True
+        logger.warning(f"kvsched ingress: stream from slot-{slot} failed midway: {exc!r}")
+        yield sse_error(f"the engine replica (slot-{slot}) failed during the stream "
+                        f"({type(exc).__name__}); retry the turn")
+    finally:
+        if not done:
+            gen.cancel()
+
+
 def served_by(answer: dict[str, Any]) -> dict[str, str]:
     """Response headers naming the slot and the Ray replica that served a request."""
     return dict(answer.get("headers") or {}) | {"x-kvsched-replica": f"slot-{answer['slot']}",
@@ -161,26 +187,7 @@ class OpenAIIngress:
                               f"{type(last).__name__}", kind="server_error")
         slot = head["slot"]
 
-        async def relay() -> AsyncIterator[bytes]:
-            done = False
-            try:
-                while True:
-                    try:
-                        chunk = await asyncio.wait_for(gen.__anext__(), STREAM_IDLE_TIMEOUT_S)
-                    except StopAsyncIteration:
-                        done = True
-                        return
-                    yield chunk
-            except Exception as exc:  # noqa: BLE001 - the client gets a clear error, never a hang
-                done = True
-                logger.warning(f"kvsched ingress: stream from slot-{slot} failed midway: {exc!r}")
-                yield sse_error(f"the engine replica (slot-{slot}) failed during the stream "
-                                f"({type(exc).__name__}); retry the turn")
-            finally:
-                if not done:  # the client went away: stop the generation on the engine
-                    gen.cancel()
-
-        return StreamingResponse(relay(), head["status"], media_type=head["content_type"],
+        return StreamingResponse(relay(gen, slot), head["status"], media_type=head["content_type"],
                                  headers=extra | served_by(head))
 
     def _remember_usage(self, sid: str, body: bytes) -> None:

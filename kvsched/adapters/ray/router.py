@@ -4,9 +4,10 @@ routing stats (slot, sessions whose KV they hold) and the requests this router h
 Slots: each engine replica reports `slot` (its Ray Serve rank, which Ray hands to the replica that replaces a dead
 one) in `record_replica_metadata` and `record_routing_stats`; a replica that has not reported yet gets the lowest free
 slot, which is where Ray's rank allocator puts it too. Loads: requests this router routed and not yet completed (one
-router per ingress replica, so with several ingress replicas each bounds its own share). The first try offers only
-the chosen replica; Ray calls `choose_replicas` again with backoff when it refuses or misses the queue-length probe
-deadline, and from then on the other replicas are a fallback rank (so a busy moment does not move a session).
+router per ingress replica, so with several ingress replicas each bounds its own share). The first tries offer only
+the chosen replica (`HOME_ONLY_ATTEMPTS`); Ray calls `choose_replicas` again with backoff when it refuses or misses
+the queue-length probe deadline, and after those tries the other replicas are a fallback rank (so a busy moment does
+not move a session).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from kvsched.core.routing_ring import SlotName, slot_name
 
 logger = logging.getLogger("ray.serve")
 MAX_UNDISPATCHED = 10_000
+# Tries on which a session's request is offered to its chosen replica alone. Ray asks again when that replica refuses
+# (max_ongoing_requests) or misses the queue-length probe deadline (0.1 s, doubling per try up to 1 s); on a busy
+# host a probe can miss 0.1 s and 0.2 s while the replica is healthy, and moving the session then costs a re-prefill
+# of its whole context. Three tries wait out ~0.7 s of probes; a dead replica leaves the set at once anyway.
+HOME_ONLY_ATTEMPTS = 3
 
 
 def reported_slot(replica: RunningReplica) -> int | None:
@@ -116,10 +122,10 @@ class KVSchedRequestRouter(RequestRouter):
         first = self._replica_of.get(decision.slot)
         if first is None:
             return [candidate_replicas]
-        if attempts == 1 or sid is None:
+        if attempts <= HOME_ONLY_ATTEMPTS or sid is None:
             return [[first]]
         # The chosen replica refused (max_ongoing_requests) or did not answer the queue-length probe in time on
-        # the first try: from the second try on, the others are a fallback rank, least loaded first.
+        # every home-only try: from then on the others are a fallback rank, least loaded first.
         rest = sorted((r for r in candidate_replicas if r is not first),
                       key=lambda r: self._loads.get(self._slot_of.get(r.replica_id, SlotName("")), 0))
         return [[first], rest] if rest else [[first]]
