@@ -70,6 +70,7 @@ class SessionRecord:
     pinned_tokens: int = 0
     hits: int = 0
     hit_tokens: int = 0
+    expiry_queued: float | None = None  # earliest time of this session's entries in the policy's expiry heap
 
     @property
     def pinned(self) -> bool:
@@ -111,7 +112,9 @@ class RetentionPolicy:
         self.selector = selector
         self.sessions: OrderedDict[SessionKey, SessionRecord] = OrderedDict()  # least recently active first
         self.pinned_blocks_total = 0
-        self._expiry: list[tuple[float, int, SessionKey]] = []  # lazy heap of (expires_at, seq, key)
+        # Lazy heap of (time, seq, key): every pinned session has an entry no later than its expiry. One entry per
+        # session, not one per finished turn (a busy engine finishes thousands of turns per TTL).
+        self._expiry: list[tuple[float, int, SessionKey]] = []
         self._seq = itertools.count()
         self.counters: Counter[str] = Counter()
 
@@ -169,7 +172,8 @@ class RetentionPolicy:
         rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
         decisions: list[Decision] = [Pin(key)]
         self.counters["pins"] += 1
-        heapq.heappush(self._expiry, (rec.expires_at, next(self._seq), key))
+        if rec.expiry_queued is None or rec.expires_at < rec.expiry_queued:
+            self._queue_expiry(rec)
         self._trim_table()
         return decisions
 
@@ -189,10 +193,18 @@ class RetentionPolicy:
         now = self.clock()
         decisions: list[Decision] = []
         while self._expiry and self._expiry[0][0] <= now:
-            _, _, key = heapq.heappop(self._expiry)
+            t, _, key = heapq.heappop(self._expiry)
             rec = self.sessions.get(key)
-            if rec is not None and rec.pinned and rec.expires_at <= now:
+            if rec is None:
+                continue
+            if rec.expiry_queued == t:
+                rec.expiry_queued = None
+            if not rec.pinned:
+                continue
+            if rec.expires_at <= now:
                 decisions.append(self._release(rec, ReleaseReason.TTL))
+            elif rec.expiry_queued is None:  # a later turn extended the pin: look again when it runs out
+                self._queue_expiry(rec)
         return decisions
 
     @property
@@ -276,6 +288,10 @@ class RetentionPolicy:
                             expected_gap_s=min(self.config.default_next_use_s, self.config.default_ttl_s))
         self.sessions[key] = rec
         return rec
+
+    def _queue_expiry(self, rec: SessionRecord) -> None:
+        rec.expiry_queued = rec.expires_at
+        heapq.heappush(self._expiry, (rec.expires_at, next(self._seq), rec.key))
 
     def _observe_gap(self, rec: SessionRecord, gap: float) -> None:
         a = self.config.gap_ewma_alpha if rec.gaps_seen else 1.0

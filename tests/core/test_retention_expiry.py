@@ -1,0 +1,90 @@
+"""TTL expiry with one expiry-heap entry per session (not one per finished turn)."""
+
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvsched.core.config import RetentionConfig
+from kvsched.core.retention import Release, ReleaseReason, RetentionPolicy
+from kvsched.core.sessions import SessionId, SessionKey, TurnHints
+
+from ..conftest import FakeClock
+
+A, B = SessionKey(SessionId("a")), SessionKey(SessionId("b"))
+
+
+def make(clock, **overrides):
+    return RetentionPolicy(replace(RetentionConfig(), **overrides), clock, 1000, bytes_per_token=1024.0)
+
+
+def finish(policy, key, hints=TurnHints()):
+    policy.request_arrived(key, hints)
+    policy.turn_started(key, cached_tokens=0)
+    return policy.turn_finished(key, hints, 160, 10)
+
+
+def test_many_turns_keep_one_heap_entry_and_expire_a_ttl_after_the_last(clock):
+    p = make(clock, default_ttl_s=30.0)
+    for _ in range(100):
+        finish(p, A)
+        clock.advance(1.0)
+        assert p.expire() == []
+    assert len(p._expiry) == 1  # the first turn's entry: re-queued when it comes due, not pushed per turn
+    clock.advance(28.999)  # the last turn finished 29.999 s ago
+    assert p.expire() == []
+    assert len(p._expiry) == 1
+    clock.advance(0.001)
+    assert p.expire() == [Release(A, ReleaseReason.TTL)]
+    assert p._expiry == []
+
+
+def test_a_shorter_ttl_hint_on_a_later_turn_expires_at_the_earlier_time(clock):
+    p = make(clock, default_ttl_s=30.0)
+    finish(p, A)
+    clock.advance(1.0)
+    finish(p, A, TurnHints(ttl_s=5.0))
+    finish(p, B)
+    clock.advance(4.999)
+    assert p.expire() == []
+    clock.advance(0.001)
+    assert p.expire() == [Release(A, ReleaseReason.TTL)]
+    clock.advance(30.0)  # A's first entry (t=30) finds nothing pinned; B goes at t=30 (clock 1000 + 30)
+    assert p.expire() == [Release(B, ReleaseReason.TTL)]
+    assert p._expiry == []
+
+
+def test_a_pin_released_early_and_pinned_again_expires_exactly(clock):
+    p = make(clock, default_ttl_s=10.0)
+    finish(p, A)
+    p.request_arrived(A, TurnHints())
+    assert p.turn_started(A, cached_tokens=0) == [Release(A, ReleaseReason.TURN)]
+    clock.advance(8.0)
+    p.turn_finished(A, TurnHints(), 160, 10)  # pinned again, expires at +18
+    clock.advance(2.0)
+    assert p.expire() == []  # the first turn's entry came due: requeued for the new expiry
+    clock.advance(7.999)
+    assert p.expire() == []
+    clock.advance(0.001)
+    assert p.expire() == [Release(A, ReleaseReason.TTL)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.sampled_from([None, 0.5, 2.0, 5.0, 20.0]),
+                          st.sampled_from([0.0, 0.3, 1.0, 4.0, 10.0])), max_size=60))
+def test_expire_releases_exactly_the_pins_past_their_expiry(events):
+    """Against the definition: each expire() releases every pinned session with last finish + TTL <= now."""
+    clock = FakeClock()
+    p = make(clock, default_ttl_s=3.0)
+    for n, (sid, ttl, advance) in enumerate(events, start=1):
+        key = SessionKey(SessionId(sid))
+        finish(p, key, TurnHints(ttl_s=ttl))
+        clock.advance(advance)
+        due = {k for k, r in p.sessions.items() if r.pinned and r.expires_at <= clock.now}
+        released = p.expire()
+        assert all(d.reason is ReleaseReason.TTL and d.blocks is None for d in released)
+        assert {d.key for d in released} == due
+        assert len(p._expiry) <= n  # never more entries than finished turns (the old one-per-turn heap)
+    clock.advance(100.0)
+    p.expire()
+    assert p.pinned_blocks_total == 0
