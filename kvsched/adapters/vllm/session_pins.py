@@ -56,8 +56,11 @@ class SessionPins:
         key, hints = compat.request_session(request)
         if key is None:
             return
-        self.requests[request.request_id] = (key, hints)
         self.policy.request_arrived(key, hints)
+        # One key object per session (the policy record's): the policy's expiry heap keeps the key of every finished
+        # turn until its TTL runs out, and a fresh key per request would be that many more objects for the GC.
+        key = self.policy.sessions[key].key
+        self.requests[request.request_id] = (key, hints)
 
     def on_scheduled(self, scheduler_output: Any) -> None:
         for new in scheduler_output.scheduled_new_reqs:
