@@ -3,10 +3,15 @@
 256 sessions run concurrently on the tiny model's config (vLLM's real scheduler, KV cache manager and block pool;
 see adapters/vllm/harness.py). When a turn finishes, the session's next turn arrives with its history plus a tool
 result, so pins, hits, finishes and new turns all happen at steady state. We time `schedule()` +
-`update_from_output()` per step; the fake model runner is outside the timed region. Rounds alternate stock/kvsched.
-As in vLLM's engine core (`EngineCore.__init__` calls `freeze_gc_heap()`), the start-up heap -- above all the block
-pool's KVCacheBlock objects -- is frozen out of the garbage collector before the timed steps, for both schedulers;
-without that, full collections walk every block and their cost lands on whichever scheduler allocates more.
+`update_from_output()` per step; the fake model runner is outside the timed region.
+
+Fairness (BENCH_PROTOCOL): both sides run one untimed warm-up round first; then rounds come in pairs on the same seed
+(stock then kvsched, kvsched then stock, ...), so noise from a shared machine hits both alike, and every pair checks that
+both sides did the same work (scheduled tokens, finished turns, prefix-cache hits). The headline is the ratio of mean
+step times over all steps; the median of the per-pair ratios is reported beside it. As in vLLM's engine core
+(`EngineCore.__init__` calls `freeze_gc_heap()`), the start-up heap -- above all the block pool's KVCacheBlock
+objects -- is frozen out of the garbage collector before the timed steps, for both schedulers alike; the collector
+stays on for both.
 """
 
 from __future__ import annotations
@@ -22,18 +27,20 @@ from typing import Any
 from kvsched.bench.common import provenance, table, write_json
 
 CONCURRENCY = 256
+SIDES = ("stock", "kvsched")
 
 
 def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser("sched", help="scheduler step overhead: stock vs kvsched")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="4 pairs of 300-step rounds (default: 6 pairs of 2,000)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=None, help="alternating stock/kvsched rounds")
+    p.add_argument("--rounds", type=int, default=None, help="pairs of rounds (stock and kvsched, order alternating)")
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=run)
 
 
-def _load_round(scheduler_cls: str, model_dir: Path, steps: int, seed: int) -> list[float]:
+def _load_round(scheduler_cls: str, model_dir: Path, steps: int, seed: int) -> tuple[list[float], dict[str, int]]:
+    """Step times (s) of one round, and the work done: tokens scheduled, turns finished, prompt tokens hit."""
     from vllm.v1.outputs import ModelRunnerOutput
 
     from kvsched.adapters.vllm.harness import FAKE_TOKEN, HarnessConfig, RequestFactory, build_scheduler
@@ -48,6 +55,7 @@ def _load_round(scheduler_cls: str, model_dir: Path, steps: int, seed: int) -> l
     rng = random.Random(seed)
     history: dict[str, list[int]] = {}
     owner: dict[str, str] = {}
+    work = {"scheduled_tokens": 0, "finished_turns": 0, "cached_prompt_tokens": 0}
 
     def new_turn(sid: str) -> None:
         h = history.setdefault(sid, [1, 2, 3] * 60)  # shared system prompt
@@ -75,12 +83,31 @@ def _load_round(scheduler_cls: str, model_dir: Path, steps: int, seed: int) -> l
         engine_out = s.update_from_output(out, mro)
         t3 = time.perf_counter()
         times.append((t1 - t0) + (t3 - t2))
+        work["scheduled_tokens"] += out.total_num_scheduled_tokens
+        work["cached_prompt_tokens"] += sum(int(n.num_computed_tokens) for n in out.scheduled_new_reqs)
         for outputs in engine_out.values():
             for o in outputs.outputs:
                 if o.finish_reason is not None and o.request_id in owner:
+                    work["finished_turns"] += 1
                     new_turn(owner.pop(o.request_id))
     gc.unfreeze()
-    return times
+    return times, work
+
+
+def summarize(pairs: list[dict[str, list[float]]]) -> dict[str, Any]:
+    """Per side: mean and median step time (us) over every step of every round; the ratio of the means (the gate's
+    figure), and the kvsched/stock ratio of each pair's mean step times with their median and range."""
+    out: dict[str, Any] = {}
+    for side in SIDES:
+        ts = [t for pair in pairs for t in pair[side]]
+        out[side] = {"step_us": statistics.fmean(ts) * 1e6, "step_us_median": statistics.median(ts) * 1e6,
+                     "steps": len(ts), "round_step_us": [statistics.fmean(p[side]) * 1e6 for p in pairs]}
+    out["ratio"] = out["kvsched"]["step_us"] / out["stock"]["step_us"]
+    pair_ratios = [statistics.fmean(p["kvsched"]) / statistics.fmean(p["stock"]) for p in pairs]
+    out["pair_ratios"] = pair_ratios
+    out["pair_ratio_median"] = statistics.median(pair_ratios)
+    out["pair_ratio_range"] = [min(pair_ratios), max(pair_ratios)]
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,24 +115,31 @@ def run(args: argparse.Namespace) -> int:
     from kvsched.tiny_model import ensure_tiny_model
 
     steps = args.steps or (300 if args.quick else 2000)
-    rounds = args.rounds or (2 if args.quick else 4)
+    rounds = args.rounds or (4 if args.quick else 6)
     model_dir = ensure_tiny_model("test")
-    samples: dict[str, list[float]] = {"stock": [], "kvsched": []}
-    _load_round(STOCK_SCHEDULER, model_dir, 20, seed=99)  # warm imports and caches for both
+    classes = {"stock": STOCK_SCHEDULER, "kvsched": KVSCHED_SCHEDULER}
+    for side in SIDES:  # untimed warm-up of both: imports, first calls, caches
+        _load_round(classes[side], model_dir, 50, seed=99)
+    pairs: list[dict[str, list[float]]] = []
+    same_load = True
     for r in range(rounds):
-        order = [("stock", STOCK_SCHEDULER), ("kvsched", KVSCHED_SCHEDULER)]
-        for name, cls in order if r % 2 == 0 else order[::-1]:
-            samples[name].extend(_load_round(cls, model_dir, steps, seed=r))
-    result: dict[str, Any] = {
-        name: {"step_us": statistics.fmean(ts) * 1e6, "step_us_median": statistics.median(ts) * 1e6,
-               "steps": len(ts)}
-        for name, ts in samples.items()
-    }
-    result["ratio"] = result["kvsched"]["step_us"] / result["stock"]["step_us"]
+        times: dict[str, list[float]] = {}
+        work: dict[str, dict[str, int]] = {}
+        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
+            times[side], work[side] = _load_round(classes[side], model_dir, steps, seed=r)
+        same_load = same_load and work["stock"] == work["kvsched"]
+        pairs.append(times)
+        print(f"pair {r + 1}/{rounds}: kvsched/stock {statistics.fmean(times['kvsched']) / statistics.fmean(times['stock']):.3f}"
+              f" ({work['kvsched']['finished_turns']} turns per side)", flush=True)
+    result = summarize(pairs)
+    result["same_load"] = same_load
     result["config"] = {"concurrency": CONCURRENCY, "steps_per_round": steps, "rounds": rounds,
+                        "order": "pairs on one seed each, stock first in even pairs, kvsched first in odd ones",
                         "provenance": provenance()}
-    print(table([[n, result[n]["step_us"], result[n]["step_us_median"], result[n]["steps"]]
-                 for n in ("stock", "kvsched")], ["scheduler", "mean step us", "median step us", "steps"]))
-    print(f"kvsched/stock mean step time: {result['ratio']:.3f} (gate: <= 1.10)")
+    print(table([[n, result[n]["step_us"], result[n]["step_us_median"], result[n]["steps"]] for n in SIDES],
+                ["scheduler", "mean step us", "median step us", "steps"]))
+    lo, hi = result["pair_ratio_range"]
+    print(f"kvsched/stock mean step time: {result['ratio']:.3f} (gate: <= 1.10); per-pair median "
+          f"{result['pair_ratio_median']:.3f}, range {lo:.3f}-{hi:.3f}; same load per pair: {same_load}")
     write_json(args.out, result)
-    return 0
+    return 0 if same_load else 1
