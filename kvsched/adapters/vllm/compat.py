@@ -36,6 +36,28 @@ SCHEDULER_UTILITY = "scheduler"
 
 
 # ---- requests ---------------------------------------------------------------------------------------------------
+_NO_HINTS = TurnHints()
+_ROLE_HINTS: dict[str, TurnHints] = {}  # shared per role (hints are frozen); bounded below
+_ROLE_HINTS_MAX = 256
+
+
+def _hints(extra: dict[str, Any]) -> TurnHints:
+    role = validate_role(extra[XARG_ROLE]) if extra.get(XARG_ROLE) else None
+    ttl = extra.get(XARG_TTL)
+    end = extra.get(XARG_END)
+    if ttl is None and end is None:  # the usual request: no hint or a role only, one shared object per role
+        if role is None:
+            return _NO_HINTS
+        hints = _ROLE_HINTS.get(role)
+        if hints is None:
+            hints = TurnHints(role=role)
+            if len(_ROLE_HINTS) < _ROLE_HINTS_MAX:
+                _ROLE_HINTS[role] = hints
+        return hints
+    return TurnHints(role=role, ttl_s=validate_ttl(ttl) if ttl is not None else None,
+                     end=validate_end_flag(end) if end is not None else False)
+
+
 def request_session(request: Any) -> tuple[SessionKey | None, TurnHints]:
     """The session a vLLM `Request` belongs to and its hints; (None, default) for a request without a session.
 
@@ -44,16 +66,12 @@ def request_session(request: Any) -> tuple[SessionKey | None, TurnHints]:
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
     raw_id = getattr(request, "session_id", None) or extra.get(XARG_SESSION_ID)
     if not raw_id:
-        return None, TurnHints()
+        return None, _NO_HINTS
     try:
         sid = validate_session_id(raw_id)
-        hints = TurnHints(
-            role=validate_role(extra[XARG_ROLE]) if extra.get(XARG_ROLE) else None,
-            ttl_s=validate_ttl(extra[XARG_TTL]) if extra.get(XARG_TTL) is not None else None,
-            end=validate_end_flag(extra[XARG_END]) if extra.get(XARG_END) is not None else False,
-        )
+        hints = _hints(extra)
     except InvalidSessionInput:
-        return None, TurnHints()
+        return None, _NO_HINTS
     return SessionKey(sid, getattr(request, "cache_salt", None)), hints
 
 
@@ -63,7 +81,7 @@ def reusable_prefix_blocks(scheduler: Any, request_id: str) -> list[list[Any]]:
 
     A later request can only hit a block whose whole hash chain from token 0 is cached, so blocks past the first
     unhashed one are of no use to a pin."""
-    groups = scheduler.kv_cache_manager.get_blocks(request_id).blocks
+    groups = scheduler.kv_cache_manager.coordinator.get_blocks(request_id)  # one list per group, no wrapper object
     out: list[list[Any]] = []
     for blocks in groups:
         end = len(blocks)  # hashed blocks form a prefix: usually only the last block is partial (unhashed)
@@ -71,7 +89,7 @@ def reusable_prefix_blocks(scheduler: Any, request_id: str) -> list[list[Any]]:
             end -= 1
         # Null blocks only ever lead a group (sliding-window layers null out blocks that left the window), and hashes
         # form a prefix, so checking the first block is enough to know the run has no gap: O(1), not O(history).
-        out.append(list(blocks[:end]) if end and not (blocks[0].is_null or blocks[0].block_hash is None) else [])
+        out.append(blocks[:end] if end and not (blocks[0].is_null or blocks[0].block_hash is None) else [])
     return out
 
 
@@ -142,10 +160,15 @@ def wrap_allocate_slots(scheduler: Any, on_shortage: Callable[[Any, int], bool])
         return
     original = manager.allocate_slots
 
-    def allocate_slots(request: Any, num_new_tokens: int, *args: Any, **kwargs: Any) -> Any:
-        result = original(request, num_new_tokens, *args, **kwargs)
-        while result is None and on_shortage(request, num_new_tokens):
-            result = original(request, num_new_tokens, *args, **kwargs)
+    def allocate_slots(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)  # called for every scheduled request every step: keep this path short
+        if result is None:
+            request = args[0] if args else kwargs["request"]
+            num_new_tokens = args[1] if len(args) > 1 else kwargs.get("num_new_tokens", 0)
+            while on_shortage(request, num_new_tokens):
+                result = original(*args, **kwargs)
+                if result is not None:
+                    break
         return result
 
     allocate_slots.__kvsched_wrapped__ = True  # type: ignore[attr-defined]

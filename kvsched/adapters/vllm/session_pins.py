@@ -86,13 +86,14 @@ class SessionPins:
             return
         self.started.discard(request.request_id)
         groups = compat.reusable_prefix_blocks(self.scheduler, request.request_id) if self.enabled else []
-        nblocks = sum(len(g) for g in groups)
+        nblocks = sum(map(len, groups))
         tokens = compat.block_tokens(groups[0], self.block_size) if groups else 0
         self.apply(self.policy.turn_finished(key, hints, tokens, nblocks), pending={key: groups})
         if hints.end and self.tier is not None:
             self.tier.directory.drop_owner(key)
-        while releases := self.policy.release_over_budget(len(self.block_refs)):
-            self.apply(releases)
+        if len(self.block_refs) > self.policy.budget_blocks:  # never, with the default budget (the whole pool)
+            while releases := self.policy.release_over_budget(len(self.block_refs)):
+                self.apply(releases)
 
     def on_shortage(self, request: Any, num_new_tokens: int = 0) -> bool:
         """vLLM could not allocate blocks for a live request: release pins, lowest value first, before vLLM preempts
@@ -184,12 +185,15 @@ class SessionPins:
             # Extended in place: the pin's list is long-lived, and a fresh copy per turn would be young garbage-
             # collector work (every young list of block refs is traversed until it is promoted).
             old_g.extend(tail)
-        compat.hold_blocks(self.scheduler, added)
-        self.block_refs.update(b.block_id for b in added)
+        if added:
+            compat.hold_blocks(self.scheduler, added)
+            self.block_refs.update(b.block_id for b in added)
         self.pinned[key] = old
         self._return(dropped)
 
     def _return(self, released: list[Any]) -> None:
+        if not released:
+            return
         refs = self.block_refs
         for b in released:
             n = refs[b.block_id] - 1
@@ -217,16 +221,18 @@ class SessionPins:
         if not groups:
             self.pinned.pop(key, None)
             return
-        total = sum(len(g) for g in groups)
+        total = sum(map(len, groups))
+        released: list[Any] = []
         if blocks is None or blocks >= total:
             del self.pinned[key]
-            released = [b for g in groups for b in reversed(g)]
-        else:  # drop the tail of each KV-cache group, in proportion
-            released = []
-            for i, g in enumerate(groups):
+            for g in groups:
+                released.extend(reversed(g))
+        else:  # drop the tail of each KV-cache group, in proportion; in place (the pin's lists are long-lived)
+            for g in groups:
                 n = min(len(g), -(-blocks * len(g) // total))
-                released.extend(reversed(g[len(g) - n:]))
-                groups[i] = g[: len(g) - n]
+                if n:
+                    released.extend(reversed(g[len(g) - n:]))
+                    del g[len(g) - n:]
         if demote and self.tier is not None:  # copied to the tier before vLLM can reuse them (this step's metadata)
             self.tier.demote(key, [(compat.block_content_key(b), b.block_id) for b in reversed(released)
                                    if b.block_hash is not None])

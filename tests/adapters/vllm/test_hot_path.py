@@ -1,0 +1,72 @@
+"""The per-step paths kvsched adds to vLLM's scheduler: shared objects instead of per-request ones, in-place pins, and
+the allocation wrapper's retry whichever way vLLM passes its arguments."""
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvsched.adapters.vllm import compat  # noqa: E402
+from kvsched.adapters.vllm.harness import (  # noqa: E402
+    KVSCHED_SCHEDULER,
+    HarnessConfig,
+    RequestFactory,
+    build_scheduler,
+    run_until_idle,
+)
+from kvsched.core.sessions import TurnHints  # noqa: E402
+
+BLOCK = 16
+
+
+def _req(session_id="s", salt=None, **extra):
+    return SimpleNamespace(session_id=session_id, cache_salt=salt,
+                           sampling_params=SimpleNamespace(extra_args=extra or None))
+
+
+def test_hints_are_shared_per_role_and_fresh_when_a_turn_carries_ttl_or_end():
+    _, a = compat.request_session(_req(agent_role="worker"))
+    _, b = compat.request_session(_req(session_id="t", agent_role="Worker"))
+    assert a is b and a == TurnHints(role="worker")
+    _, none1 = compat.request_session(_req())
+    _, none2 = compat.request_session(_req(session_id=None))
+    assert none1 is none2 == TurnHints()
+    key, c = compat.request_session(_req(agent_role="worker", ttl_s="2.5", session_end="1"))
+    assert c == TurnHints(role="worker", ttl_s=2.5, end=True) and key.session_id == "s"
+    assert compat.request_session(_req(agent_role="not a role!")) == (None, TurnHints())
+
+
+def test_allocation_retries_on_shortage_with_positional_or_keyword_arguments():
+    calls, shortages = [], []
+    results = iter([None, "blocks", None, "blocks2"])
+
+    def allocate(request, num_new_tokens, num_lookahead_tokens=0):
+        calls.append((request, num_new_tokens, num_lookahead_tokens))
+        return next(results)
+
+    sched = SimpleNamespace(kv_cache_manager=SimpleNamespace(allocate_slots=allocate))
+    compat.wrap_allocate_slots(sched, lambda r, n: shortages.append((r, n)) or True)
+    compat.wrap_allocate_slots(sched, lambda r, n: False)  # idempotent: the first wrapper stays
+    assert sched.kv_cache_manager.allocate_slots("r1", 5, num_lookahead_tokens=1) == "blocks"
+    assert sched.kv_cache_manager.allocate_slots(request="r2", num_new_tokens=7) == "blocks2"
+    assert shortages == [("r1", 5), ("r2", 7)]
+    assert calls == [("r1", 5, 1), ("r1", 5, 1), ("r2", 7, 0), ("r2", 7, 0)]
+
+
+def test_one_key_object_per_session_and_partial_releases_trim_the_pin_in_place(tiny_model_dir, clock):
+    s = build_scheduler(KVSCHED_SCHEDULER, HarnessConfig(model_dir=tiny_model_dir, num_blocks=64, block_size=BLOCK,
+                                                         max_model_len=1024))
+    s.kvsched.policy.clock = clock
+    f = RequestFactory(BLOCK)
+    s.add_request(f.make(list(range(100)), 5, session_id="a"))
+    run_until_idle(s)
+    [key] = s.kvsched.pinned
+    [pin] = s.kvsched.pinned[key]
+    assert len(pin) == 6  # 104 tokens with KV
+    second = f.make(list(range(40)) + [9] * 30, 5, session_id="a")  # hits 2 of the 6 pinned blocks
+    s.add_request(second)
+    assert s.kvsched.requests[second.request_id][0] is key  # the session's key object, not a new one per request
+    s.schedule()
+    assert s.kvsched.pinned[key][0] is pin and len(pin) == 2  # the unhit tail went; the same list, trimmed
+    assert set(s.kvsched.block_refs) == {b.block_id for b in pin}
