@@ -13,6 +13,7 @@ from typing import Any
 
 from kvsched.core.sessions import (
     InvalidSessionInput,
+    SessionId,
     SessionKey,
     TurnHints,
     validate_end_flag,
@@ -58,21 +59,26 @@ def _hints(extra: dict[str, Any]) -> TurnHints:
                      end=validate_end_flag(end) if end is not None else False)
 
 
-def request_session(request: Any) -> tuple[SessionKey | None, TurnHints]:
+def request_session(request: Any, known: Callable[[SessionKey], SessionKey | None] | None = None,
+                    ) -> tuple[SessionKey | None, TurnHints]:
     """The session a vLLM `Request` belongs to and its hints; (None, default) for a request without a session.
 
     The API server already validated these; an invalid value reaching the engine some other way (the offline API)
-    is treated as no session rather than crashing the engine."""
+    is treated as no session rather than crashing the engine. `known(key)` returns the key object of a session
+    already seen (its id was validated then), which is returned instead of validating the id again."""
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
     raw_id = getattr(request, "session_id", None) or extra.get(XARG_SESSION_ID)
     if not raw_id:
         return None, _NO_HINTS
+    salt = getattr(request, "cache_salt", None)
     try:
+        if known is not None and type(raw_id) is str and (seen := known(SessionKey(SessionId(raw_id), salt))):
+            return seen, _hints(extra)
         sid = validate_session_id(raw_id)
         hints = _hints(extra)
     except InvalidSessionInput:
         return None, _NO_HINTS
-    return SessionKey(sid, getattr(request, "cache_salt", None)), hints
+    return SessionKey(sid, salt), hints
 
 
 # ---- blocks -----------------------------------------------------------------------------------------------------

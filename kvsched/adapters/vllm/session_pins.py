@@ -53,14 +53,18 @@ class SessionPins:
 
     # ---- hooks from the scheduler -------------------------------------------------------------------------------
     def on_request_added(self, request: Any) -> None:
-        key, hints = compat.request_session(request)
+        key, hints = compat.request_session(request, self._known_key)
         if key is None:
             return
         self.policy.request_arrived(key, hints)
-        # One key object per session (the policy record's): the policy's expiry heap keeps the key of every finished
-        # turn until its TTL runs out, and a fresh key per request would be that many more objects for the GC.
+        # One key object per session (the policy record's), not one per request: fewer objects for the GC, and
+        # dict lookups by the very object the tables hold skip the dataclass __eq__.
         key = self.policy.sessions[key].key
         self.requests[request.request_id] = (key, hints)
+
+    def _known_key(self, key: SessionKey) -> SessionKey | None:
+        rec = self.policy.sessions.get(key)
+        return None if rec is None else rec.key
 
     def on_scheduled(self, scheduler_output: Any) -> None:
         for new in scheduler_output.scheduled_new_reqs:

@@ -70,3 +70,17 @@ def test_one_key_object_per_session_and_partial_releases_trim_the_pin_in_place(t
     s.schedule()
     assert s.kvsched.pinned[key][0] is pin and len(pin) == 2  # the unhit tail went; the same list, trimmed
     assert set(s.kvsched.block_refs) == {b.block_id for b in pin}
+
+
+def test_a_known_session_returns_its_key_object_and_hints_are_still_checked():
+    from kvsched.core.sessions import SessionId, SessionKey
+
+    seen = SessionKey(SessionId("s"), "salt")
+    known = {seen: seen}.get
+    key, hints = compat.request_session(_req(salt="salt", agent_role="planner"), known)
+    assert key is seen and hints == TurnHints(role="planner")
+    key, _ = compat.request_session(_req(session_id="other", salt="salt"), known)
+    assert key == SessionKey(SessionId("other"), "salt") and key is not seen
+    assert compat.request_session(_req(salt="salt", ttl_s=-1), known) == (None, TurnHints())
+    assert compat.request_session(_req(session_id=" s", salt="salt"), known) == (None, TurnHints())
+    assert compat.request_session(_req(session_id=7), known) == (None, TurnHints())
