@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import threading
@@ -38,14 +39,42 @@ def chat(server, messages, session=None, salt=None, max_tokens=8):
         extra_body={"cache_salt": salt} if salt else None)
 
 
-def flood(server, n=3, words=220):
-    """Concurrent unsessioned prompts that need more blocks than the pool has free: pins must yield."""
-    threads = [threading.Thread(target=chat, args=(server, [{"role": "user", "content": f"search result {i} " * words}]))
-               for i in range(n)]
+FLOODS = itertools.count()
+
+
+def flood(server, n=3, words=140, decode=48):
+    """Concurrent unsessioned prompts (new text each time, so none hits the cache) that need more blocks than the pool
+    has free: pins must yield. Each decodes long enough that all are admitted while the first still runs (on a busy
+    host their arrivals spread out)."""
+    k = next(FLOODS)
+    errors = []
+
+    def one(i):
+        try:
+            chat(server, [{"role": "user", "content": f"search {k} result {i} " * words}], max_tokens=decode)
+        except Exception as exc:  # noqa: BLE001 - reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors, errors
+
+
+def pinned_blocks(server, session):
+    return sum(r["pinned_blocks"] for r in sessions(server)["sessions"] if r["session_id"] == session)
+
+
+def flood_until_released(server, session, tries=4):
+    """Flood until pressure has released `session`'s pins (what the tests below are about); fail if it never does."""
+    for _ in range(tries):
+        flood(server)
+        if pinned_blocks(server, session) == 0:
+            flood(server)  # and its released blocks are reused: the next turn must come from the tier, not the pool
+            return
+    raise AssertionError(f"{tries} floods did not release {session}'s pins: {sessions(server)}")
 
 
 def sessions(server):
@@ -56,7 +85,8 @@ def sessions(server):
 def turn_after_flood(server, session, salt=None):
     history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"read page of {session} " * 40}]
     first = chat(server, history, session=session, salt=salt)
-    flood(server)
+    assert pinned_blocks(server, session) > 0
+    flood_until_released(server, session)
     history += [{"role": "assistant", "content": first.choices[0].message.content},
                 {"role": "user", "content": "tool output " * 20}]
     before = server.metrics()
