@@ -1,6 +1,7 @@
 """`kvsched simulate`: replay an agent trace against a model of the paged KV pool under stock vLLM's LRU prefix
-caching, kvsched's retention policy (the same `kvsched.core` code the vLLM scheduler runs), and a clairvoyant
-Belady eviction that bounds what any policy could hit at that capacity."""
+caching, kvsched's retention policy (the same `kvsched.core` code the vLLM scheduler runs; with `--fp8-tier-gib` its
+FP8 demotion tier too, `kvsched.core.tier`), and a clairvoyant Belady eviction that bounds what any policy could hit
+at that capacity (on the GPU pool alone: the tier's loads can take kvsched past it)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def register(subparsers: Any) -> None:
     cap.add_argument("--kv-gib", type=float, help="KV memory in GiB; blocks follow from --preset and --kv-dtype")
     p.add_argument("--preset", default="llama-3.1-8b", help="model shape for --kv-gib and byte figures")
     p.add_argument("--kv-dtype", default="fp8")
+    tier = p.add_mutually_exclusive_group()
+    tier.add_argument("--fp8-tier-gib", type=float, default=0.0,
+                      help="kvsched side: FP8 demotion tier of this many GiB of host memory (0: off)")
+    tier.add_argument("--fp8-tier-blocks", type=int, default=None, help="kvsched side: FP8 tier of this many blocks")
     p.add_argument("--prefill-tok-s", type=float, default=10_000.0, help="prefill throughput for the TTFT estimate")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma list of " + ", ".join(POLICIES))
     p.add_argument("--out", type=Path, default=None)
@@ -80,11 +85,35 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
     return max(math.ceil(trace.working_set_blocks() / args.pressure), 1)
 
 
-def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: float, bytes_per_token: int
-             ) -> dict[str, Any]:
+def tier_block_bytes(args: argparse.Namespace, block_size: int) -> int:
+    """Tier bytes per KV block, as the FP8 tier connector sizes a slot: one byte per element of every layer's K and V,
+    plus a float32 scale per (layer, KV head) unless the KV cache is already 8-bit (then its pages are copied raw)."""
+    from kvsched.core.planner import ModelShape, dtype_bytes
+
+    shape = ModelShape.from_preset(args.preset)
+    if shape.kv_lora_rank or shape.sliding_layers:
+        raise ValueError(f"the FP8 tier supports full-attention models; {args.preset} is not one")
+    raw = dtype_bytes(args.kv_dtype) == 1
+    return shape.layers * shape.kv_heads * (block_size * 2 * shape.head_dim + (0 if raw else 4))
+
+
+def tier_bytes(args: argparse.Namespace, block_bytes: int) -> int:
+    if args.fp8_tier_blocks is not None:
+        if args.fp8_tier_blocks < 0:
+            raise ValueError("--fp8-tier-blocks must be >= 0")
+        return args.fp8_tier_blocks * block_bytes
+    if not args.fp8_tier_gib >= 0 or math.isinf(args.fp8_tier_gib):
+        raise ValueError("--fp8-tier-gib must be a finite number >= 0")
+    return int(args.fp8_tier_gib * 2**30)
+
+
+def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: float, bytes_per_token: int,
+             tier: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """`tier`: (bytes, bytes per block) of kvsched's FP8 tier; (0, 0) = off."""
     from kvsched.sim.replay import ReplayConfig, replay
 
-    cfg = ReplayConfig(capacity_blocks=capacity, prefill_tps=prefill_tok_s, bytes_per_token=float(bytes_per_token))
+    cfg = ReplayConfig(capacity_blocks=capacity, prefill_tps=prefill_tok_s, bytes_per_token=float(bytes_per_token),
+                       tier_bytes=tier[0], tier_block_bytes=tier[1])
     out: dict[str, Any] = {p: replay(trace, p, cfg).summary(cfg, trace.block_size) for p in policies}
     if "opt" in out:
         best = out["opt"]["tokens_saved"]
@@ -93,8 +122,8 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
     return out
 
 
-def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token: int, directory: Path
-         ) -> list[str]:
+def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token: int, directory: Path,
+         tier: tuple[int, int] = (0, 0)) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,7 +132,7 @@ def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token:
     directory.mkdir(parents=True, exist_ok=True)
     ws = trace.working_set_blocks()
     fractions = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
-    runs = [simulate(trace, max(int(ws * f), 1), policies, prefill_tok_s, bytes_per_token) for f in fractions]
+    runs = [simulate(trace, max(int(ws * f), 1), policies, prefill_tok_s, bytes_per_token, tier) for f in fractions]
     written = []
     for metric, label in (("hit_rate", "prefix hit rate"), ("prefill_tokens_computed", "prefill tokens computed")):
         fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -132,9 +161,12 @@ def run(args: argparse.Namespace) -> int:
         bpt = kv_bytes_per_token(ModelShape.from_preset(args.preset), args.kv_dtype)
         trace = load_trace(args)
         capacity = capacity_blocks(args, trace, bpt)
-        result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt)
+        block_bytes = tier_block_bytes(args, trace.block_size)
+        tier = (tier_bytes(args, block_bytes), block_bytes)
+        tier = tier if tier[0] > 0 else (0, 0)
+        result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt, tier)
         if args.plot:
-            result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot)
+            result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot, tier)
     except (ValueError, PlanError, OSError) as exc:
         print(f"kvsched simulate: error: {exc}", file=sys.stderr)
         return 2
@@ -142,12 +174,13 @@ def run(args: argparse.Namespace) -> int:
     result["config"] = {"requests": len(trace), "sessions": sessions, "block_size": trace.block_size,
                         "working_set_blocks": trace.working_set_blocks(), "capacity_blocks": capacity,
                         "pressure": trace.working_set_blocks() / capacity, "kv_bytes_per_token": bpt,
-                        "prefill_tok_s": args.prefill_tok_s, "trace_meta": trace.meta, "provenance": provenance()}
+                        "prefill_tok_s": args.prefill_tok_s, "fp8_tier_bytes": tier[0],
+                        "fp8_tier_blocks": tier[0] // tier[1] if tier[1] else 0, "trace_meta": trace.meta, "provenance": provenance()}
     rows = [[p, result[p]["prompt_tokens_total"], result[p]["prefill_tokens_computed"], result[p]["hit_rate"],
-             result[p]["ttft_s"]["p50"], result[p]["ttft_s"]["p99"], result[p]["peak_held_bytes"] / 2**30,
-             result[p]["wall_s"]] for p in policies]
-    print(table(rows, ["policy", "prompt tokens", "prefill computed", "hit rate", "TTFT p50 s", "TTFT p99 s",
-                       "peak KV GiB", "sim s"]))
+             result[p]["restored_tokens"], result[p]["ttft_s"]["p50"], result[p]["ttft_s"]["p99"],
+             result[p]["peak_held_bytes"] / 2**30, result[p]["wall_s"]] for p in policies]
+    print(table(rows, ["policy", "prompt tokens", "prefill computed", "hit rate", "tier loaded", "TTFT p50 s",
+                       "TTFT p99 s", "peak KV GiB", "sim s"]))
     c = result["config"]
     print(f"{c['requests']} requests, {sessions} sessions, working set {c['working_set_blocks']} blocks, "
           f"pool {capacity} blocks (pressure {c['pressure']:.2f}x)")

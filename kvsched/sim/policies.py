@@ -13,8 +13,10 @@ from collections.abc import Callable
 import numpy as np
 
 from kvsched.core.config import RetentionConfig
-from kvsched.core.retention import Decision, Pin, Release, RetentionPolicy
+from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
+from kvsched.core.scoring import Candidate, retention_value
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
+from kvsched.core.tier import TierConfig, TierDirectory
 from kvsched.sim.evictors import BeladyEvictor, LRUEvictor, NextUse
 from kvsched.sim.pool import BlockPool
 from kvsched.sim.trace import Trace
@@ -39,6 +41,14 @@ class SimPolicy:
     def on_shortage(self, i: int, num_new_tokens: int) -> bool:
         """Request i cannot be allocated; free something and return True to have the allocation retried."""
         return False
+
+    def match_external(self, i: int, prompt_ids: np.ndarray, start: int, limit: int) -> int:
+        """Blocks `prompt_ids[start:]` (at most `limit`) request i can load instead of computing (vLLM's KV connector
+        `get_num_new_matched_tokens`); they are held for the request until `external_done`."""
+        return 0
+
+    def external_done(self) -> None:
+        """The admission attempt is over (admitted or left waiting): matched blocks may be reused again."""
 
     def on_admitted(self, i: int, prompt_ids: np.ndarray, hit_blocks: int) -> None:
         pass
@@ -67,14 +77,23 @@ class OptPolicy(SimPolicy):
         self.next_use.used(i, ids)
 
 
+# = kvsched.adapters.vllm.session_pins.DEMOTE_REASONS (asserted in tests/sim): releases whose blocks go to the tier
+DEMOTE_REASONS = frozenset({ReleaseReason.PRESSURE, ReleaseReason.BUDGET})
+
+
 class KVSchedPolicy(SimPolicy):
-    """vLLM's LRU pool plus kvsched's session pins: each pin holds a reference on the session's prefix blocks."""
+    """vLLM's LRU pool plus kvsched's session pins: each pin holds a reference on the session's prefix blocks.
+
+    With `tier_bytes` > 0, the FP8 demotion tier too, as `KVSchedFP8TierConnector` runs it: blocks released for
+    pressure or budget are demoted into `kvsched.core.tier.TierDirectory` (content key = block id, which is the
+    chained prefix hash), a request loads the run of its prompt after its GPU prefix hit that the tier holds, and a
+    session's last turn drops its tier blocks."""
 
     name = "kvsched"
     PRESSURE_CHUNK = 4  # = SessionPins.PRESSURE_CHUNK (asserted in tests/sim)
 
     def __init__(self, trace: Trace, pool: BlockPool, config: RetentionConfig, clock: Callable[[], float],
-                 bytes_per_token: float) -> None:
+                 bytes_per_token: float, tier_bytes: int = 0, tier_block_bytes: int = 0) -> None:
         super().__init__(trace, pool)
         self.policy = RetentionPolicy(config, clock, total_blocks=pool.capacity, bytes_per_token=bytes_per_token)
         self.keys = [SessionKey(SessionId(s), salt) for s, salt in trace.sessions]
@@ -82,6 +101,12 @@ class KVSchedPolicy(SimPolicy):
         self.pin_refs = np.zeros(trace.n_ids, dtype=np.int32)
         self.pinned_distinct = 0  # SessionPins: len(block_refs)
         self.peak_pinned = 0
+        self.tier: TierDirectory | None = None
+        if tier_bytes > 0:
+            if tier_block_bytes <= 0:
+                raise ValueError("the tier needs its bytes per block")
+            self.tier = TierDirectory(TierConfig(budget_bytes=tier_bytes), tier_block_bytes, self._tier_value)
+        self.peak_tier_blocks = 0
 
     def _key_hints(self, i: int) -> tuple[SessionKey, TurnHints]:
         tr = self.trace
@@ -98,6 +123,7 @@ class KVSchedPolicy(SimPolicy):
         self.policy.request_arrived(*self._key_hints(i))
 
     def on_admitted(self, i: int, prompt_ids: np.ndarray, hit_blocks: int) -> None:
+        # hit_blocks counts loaded (tier) blocks too: vLLM reports them in the request's num_computed_tokens
         key, _ = self._key_hints(i)
         self.apply(self.policy.turn_started(key, hit_blocks * self.trace.block_size))
 
@@ -105,8 +131,35 @@ class KVSchedPolicy(SimPolicy):
         key, hints = self._key_hints(i)
         self.apply(self.policy.turn_finished(key, hints, len(ids) * self.trace.block_size, len(ids)),
                    pending={key: ids})
-        while releases := self.policy.release_over_budget(self.pinned_distinct):
-            self.apply(releases)
+        if hints.end and self.tier is not None:
+            self.tier.drop_owner(key)
+        if self.pinned_distinct > self.policy.budget_blocks:
+            while releases := self.policy.release_over_budget(self.pinned_distinct):
+                self.apply(releases)
+
+    def match_external(self, i: int, prompt_ids: np.ndarray, start: int, limit: int) -> int:
+        if self.tier is None or self.tier.num_slots == 0 or limit <= 0:
+            return 0
+        slots = self.tier.match(prompt_ids.tolist(), start, limit)
+        self.tier.lock(slots)  # a demotion during this admission must not reuse a slot it is about to load
+        return len(slots)
+
+    def external_done(self) -> None:
+        if self.tier is not None:
+            self.tier.unlock_all()
+
+    def _tier_value(self, key: object) -> float:
+        """= SessionPins._tier_value: the pins' formula at the tier's bytes per token."""
+        assert isinstance(key, SessionKey) and self.tier is not None
+        rec = self.policy.sessions.get(key)
+        if rec is None:
+            return 0.0
+        d, bs = self.tier, self.trace.block_size
+        now = self.policy.clock()
+        return retention_value(Candidate(
+            tokens=d.blocks_of(key) * bs, bytes_per_token=d.block_bytes / bs,
+            idle_s=max(now - (rec.last_finished or now), 0.0), next_use_s=rec.expected_gap_s,
+            role_weight=self.policy.config.role_weight(rec.role), reuse_count=rec.hits))
 
     def on_shortage(self, i: int, num_new_tokens: int) -> bool:
         key, _ = self._key_hints(i)
@@ -127,7 +180,7 @@ class KVSchedPolicy(SimPolicy):
             if isinstance(d, Pin):
                 self._repin(d.key, (pending or {}).get(d.key, np.empty(0, dtype=np.int32)))
             elif isinstance(d, Release):
-                self._unpin(d.key, d.blocks)
+                self._unpin(d.key, d.blocks, demote=self.tier is not None and d.reason in DEMOTE_REASONS)
 
     def _repin(self, key: SessionKey, ids: np.ndarray) -> None:
         old = self.pinned.get(key)
@@ -155,23 +208,33 @@ class KVSchedPolicy(SimPolicy):
         self.pinned_distinct -= int(np.count_nonzero(r == 0))
         self.pool.free(released)
 
-    def _unpin(self, key: SessionKey, blocks: int | None = None) -> None:
+    def _unpin(self, key: SessionKey, blocks: int | None = None, demote: bool = False) -> None:
         ids = self.pinned.get(key)
         if ids is None or not len(ids):
             self.pinned.pop(key, None)
             return
         if blocks is None or blocks >= len(ids):
             del self.pinned[key]
-            self._return(ids[::-1])
+            released = ids
         else:  # the tail goes first; the head, which the next turn hits first, stays
             self.pinned[key] = ids[: len(ids) - blocks]
-            self._return(ids[len(ids) - blocks:][::-1])
+            released = ids[len(ids) - blocks:]
+        if demote and self.tier is not None:  # copied to the tier before the pool can reuse them, in prefix order
+            self.tier.demote(key, [(b, b) for b in released.tolist()])
+            self.peak_tier_blocks = max(self.peak_tier_blocks, self.tier.used_slots)
+        self._return(released[::-1])
 
     def stats(self) -> dict[str, float]:
         c = self.policy.counters
-        return {"peak_pinned_blocks": self.peak_pinned, "pins": c["pins"],
-                "retained_hit_tokens": c["retained_hit_tokens"],
-                **{k: v for k, v in sorted(c.items()) if k.startswith("released_")}}
+        out = {"peak_pinned_blocks": self.peak_pinned, "pins": c["pins"],
+               "retained_hit_tokens": c["retained_hit_tokens"],
+               **{k: v for k, v in sorted(c.items()) if k.startswith("released_")}}
+        if self.tier is not None:
+            t = self.tier
+            out.update(tier_capacity_blocks=t.num_slots, tier_block_bytes=t.block_bytes,
+                       peak_tier_blocks=self.peak_tier_blocks, peak_tier_bytes=self.peak_tier_blocks * t.block_bytes,
+                       tier_demoted_blocks=t.counters["demoted_blocks"], tier_evicted_blocks=t.counters["evicted_blocks"])
+        return out
 
 
 POLICY_NAMES = ("lru", "kvsched", "opt")

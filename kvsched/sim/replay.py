@@ -3,11 +3,12 @@
 Time model (simple on purpose, the same for every policy):
 - a request arrives at its trace time `t`; it is admitted when its blocks can be allocated (FCFS: a request that
   cannot be allocated waits, and so does everything behind it, until a finishing request frees blocks);
-- on admission it looks up its prompt's leading cached blocks (at most `prompt_tokens - 1` tokens, as vLLM), and holds
-  all its blocks (prompt and output) until it finishes;
+- on admission it looks up its prompt's leading cached blocks (at most `prompt_tokens - 1` tokens, as vLLM), then the
+  run after them the policy can load (kvsched's FP8 tier; loaded blocks take pool blocks like computed ones), and
+  holds all its blocks (prompt and output) until it finishes;
 - it runs alone at the given speeds: prefill of the tokens not hit at `prefill_tps`, then `output_tokens` decode steps
   of `tpot_s`; no batching slowdown, no preemption;
-- TTFT = wait for memory + prefill time of the tokens not hit.
+- TTFT = wait for memory + prefill time of the tokens neither hit nor loaded (a load's copy time is not modelled).
 Requests larger than the whole pool are rejected (counted, not replayed).
 """
 
@@ -34,6 +35,8 @@ class ReplayConfig:
     tpot_s: float = 0.02  # seconds per output token
     bytes_per_token: float = 65_536.0  # KV bytes per token (Llama 3.1 8B FP8); used for memory figures and scoring
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    tier_bytes: int = 0  # kvsched's FP8 demotion tier (host memory); 0 = off
+    tier_block_bytes: int = 0  # tier bytes per block (FP8 pages + scales; `kvsched simulate` derives it from the model)
     check: bool = False  # assert pool invariants after every event (tests)
 
 
@@ -43,7 +46,8 @@ class ReplayResult:
     requests: int = 0
     rejected: int = 0
     prompt_tokens_total: int = 0
-    hit_tokens: int = 0
+    hit_tokens: int = 0  # served by the GPU prefix cache
+    restored_tokens: int = 0  # loaded from the tier instead of computed
     ttft_s: np.ndarray = field(default_factory=lambda: np.empty(0))
     wait_s: np.ndarray = field(default_factory=lambda: np.empty(0))
     peak_held_blocks: int = 0
@@ -52,8 +56,13 @@ class ReplayResult:
     policy_stats: dict[str, float] = field(default_factory=dict)
 
     @property
+    def tokens_saved(self) -> int:
+        """Prompt tokens not prefilled: prefix-cache hits plus tier loads."""
+        return self.hit_tokens + self.restored_tokens
+
+    @property
     def prefill_tokens_computed(self) -> int:
-        return self.prompt_tokens_total - self.hit_tokens
+        return self.prompt_tokens_total - self.tokens_saved
 
     @property
     def hit_rate(self) -> float:
@@ -67,8 +76,9 @@ class ReplayResult:
             "requests": self.requests, "rejected": self.rejected,
             "prompt_tokens_total": self.prompt_tokens_total,
             "prefill_tokens_computed": self.prefill_tokens_computed,
-            "tokens_saved": self.hit_tokens,
+            "tokens_saved": self.tokens_saved,
             "hit_rate": round(self.hit_rate, 6),
+            "restored_tokens": self.restored_tokens,
             "ttft_s": {"mean": round(float(self.ttft_s.mean()), 6) if len(self.ttft_s) else None,
                        "p50": pct(self.ttft_s, 50), "p90": pct(self.ttft_s, 90), "p99": pct(self.ttft_s, 99),
                        "max": pct(self.ttft_s, 100)},
@@ -98,7 +108,8 @@ def make_policy(name: str, trace: Trace, pool: BlockPool, cfg: ReplayConfig, clo
     if name == "opt":
         return OptPolicy(trace, pool)
     if name == "kvsched":
-        return KVSchedPolicy(trace, pool, cfg.retention, clock, cfg.bytes_per_token)
+        return KVSchedPolicy(trace, pool, cfg.retention, clock, cfg.bytes_per_token, cfg.tier_bytes,
+                             cfg.tier_block_bytes)
     raise ValueError(f"unknown policy {name!r}")
 
 
@@ -127,16 +138,21 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig) -> ReplayResult:
             full = p // bs
             held = -(-(p + int(output[i])) // bs)
             prompt_ids = ids[:full]
-            hit = pool.hit_blocks(prompt_ids[: min((p - 1) // bs, full)])
+            hittable = min((p - 1) // bs, full)
+            hit = pool.hit_blocks(prompt_ids[:hittable])
+            loaded = pol.match_external(i, prompt_ids, hit, hittable - hit)
             while not pool.can_admit(prompt_ids, held - full):
-                if not pol.on_shortage(i, p - hit * bs):
+                if not pol.on_shortage(i, p - (hit + loaded) * bs):
+                    pol.external_done()
                     return
             waiting.popleft()
             pool.admit(prompt_ids, held - full)
-            pol.on_admitted(i, prompt_ids, hit)
+            pol.external_done()
+            pol.on_admitted(i, prompt_ids, hit + loaded)
             peak = max(peak, pool.num_held)
-            computed = p - hit * bs
+            computed = p - (hit + loaded) * bs
             res.hit_tokens += hit * bs
+            res.restored_tokens += loaded * bs
             res.prompt_tokens_total += p
             res.requests += 1
             prefill = computed / cfg.prefill_tps

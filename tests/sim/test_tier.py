@@ -1,0 +1,76 @@
+"""kvsched's FP8 tier in the simulator: off at 0 bytes, and with room for everything the pool drops it serves every
+reusable prefix the trace has."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from kvsched.sim.generator import QUICK, generate
+from kvsched.sim.replay import ReplayConfig, replay
+
+SMALL = replace(QUICK, workflows=3, rounds=2, worker_turns=3, session_tokens=(3000, 6000), brief_tokens=(500, 900))
+BLOCK_BYTES = 16 * 1024  # any positive slot size; the tier's budget is counted in slots of it
+
+
+def test_a_tier_of_zero_bytes_is_plain_kvsched():
+    trace = generate(SMALL)
+    cfg = ReplayConfig(capacity_blocks=math.ceil(trace.working_set_blocks() / 2), check=True)
+    plain = replay(trace, "kvsched", cfg)
+    off = replay(trace, "kvsched", replace(cfg, tier_bytes=0, tier_block_bytes=BLOCK_BYTES))
+    tiny = replay(trace, "kvsched", replace(cfg, tier_bytes=BLOCK_BYTES - 1, tier_block_bytes=BLOCK_BYTES))  # 0 slots
+    for r in (off, tiny):
+        assert (r.hit_tokens, r.restored_tokens, r.evictions) == (plain.hit_tokens, 0, plain.evictions)
+        assert r.prefill_tokens_computed == plain.prefill_tokens_computed
+
+
+def test_a_tier_with_room_for_everything_saves_what_an_unbounded_pool_would():
+    trace = generate(SMALL)
+    cfg = ReplayConfig(capacity_blocks=math.ceil(trace.working_set_blocks() / 2), check=True)
+    unbounded = replay(trace, "opt", replace(cfg, capacity_blocks=trace.working_set_blocks() + 1024)).tokens_saved
+    gpu_only = replay(trace, "opt", cfg).tokens_saved
+    plain = replay(trace, "kvsched", cfg)
+    big = replay(trace, "kvsched", replace(cfg, tier_bytes=trace.working_set_blocks() * BLOCK_BYTES,
+                                           tier_block_bytes=BLOCK_BYTES))
+    assert plain.tokens_saved < gpu_only < unbounded  # the pool is short: there is something for the tier to do
+    assert big.restored_tokens > 0 and big.tokens_saved == big.hit_tokens + big.restored_tokens
+    # everything a pressure release dropped is loaded back (all of it on this trace; only blocks the pool evicts
+    # without a release, e.g. a turn's unpinned tail, could still be lost)
+    assert big.tokens_saved >= 0.99 * unbounded
+    assert big.prefill_tokens_computed == big.prompt_tokens_total - big.tokens_saved
+
+
+def test_a_middle_sized_tier_is_in_between_and_bounded_by_its_slots():
+    trace = generate(SMALL)
+    cfg = ReplayConfig(capacity_blocks=math.ceil(trace.working_set_blocks() / 2), check=True)
+    plain = replay(trace, "kvsched", cfg).tokens_saved
+    slots = trace.working_set_blocks() // 10
+    mid = replay(trace, "kvsched", replace(cfg, tier_bytes=slots * BLOCK_BYTES, tier_block_bytes=BLOCK_BYTES))
+    assert mid.tokens_saved > plain
+    assert 0 < mid.policy_stats["peak_tier_blocks"] <= slots
+
+
+def test_the_simulated_adapter_constants_match_the_vllm_adapter():
+    pytest.importorskip("vllm")
+    from kvsched.adapters.vllm import session_pins
+    from kvsched.sim import policies
+
+    assert policies.DEMOTE_REASONS == session_pins.DEMOTE_REASONS
+    assert policies.KVSchedPolicy.PRESSURE_CHUNK == session_pins.SessionPins.PRESSURE_CHUNK
+
+
+def test_simulate_cli_tier_flags(tmp_path):
+    import json
+
+    from kvsched.cli import main
+
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--generate", "--quick", "--workflows", "2", "--fp8-tier-blocks", "5000",
+                 "--policies", "kvsched", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["fp8_tier_blocks"] == 5000 and result["kvsched"]["tier_capacity_blocks"] == 5000
+    assert result["kvsched"]["tokens_saved"] == result["kvsched"]["prompt_tokens_total"] - \
+        result["kvsched"]["prefill_tokens_computed"]
+    assert main(["simulate", "--generate", "--quick", "--fp8-tier-gib", "-1"]) == 2
