@@ -5,13 +5,14 @@ see adapters/vllm/harness.py). When a turn finishes, the session's next turn arr
 result, so pins, hits, finishes and new turns all happen at steady state. We time `schedule()` +
 `update_from_output()` per step; the fake model runner is outside the timed region.
 
-Fairness (BENCH_PROTOCOL): both sides run one untimed warm-up round first; then rounds come in pairs on the same seed
-(stock then kvsched, kvsched then stock, ...), so noise from a shared machine hits both alike, and every pair checks that
-both sides did the same work (scheduled tokens, finished turns, prefix-cache hits). The headline is the ratio of mean
-step times over all steps; the median of the per-pair ratios is reported beside it. As in vLLM's engine core
+Fairness (BENCH_PROTOCOL): each side runs in its own process (its own heap and garbage collector, so each pays for
+the collections its own allocations cause), and the two step in lockstep: stock's step i, then kvsched's step i (the
+order alternates by step), one process running at a time, so whatever else a shared machine is doing hits both alike.
+A pair of rounds runs one seed on both sides, and every pair checks that both did the same work (tokens scheduled,
+turns finished, prefix-cache hits); an untimed warm-up pair comes first. The headline is the ratio of mean step times
+over all steps; the median and range of the per-pair ratios are reported beside it. As in vLLM's engine core
 (`EngineCore.__init__` calls `freeze_gc_heap()`), the start-up heap -- above all the block pool's KVCacheBlock
-objects -- is frozen out of the garbage collector before the timed steps, for both schedulers alike; the collector
-stays on for both.
+objects -- is frozen out of the garbage collector before the timed steps, on both sides; the collector stays on.
 """
 
 from __future__ import annotations
@@ -39,58 +40,103 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _load_round(scheduler_cls: str, model_dir: Path, steps: int, seed: int) -> tuple[list[float], dict[str, int]]:
-    """Step times (s) of one round, and the work done: tokens scheduled, turns finished, prompt tokens hit."""
-    from vllm.v1.outputs import ModelRunnerOutput
+class _Round:
+    """One round of the synthetic load on one scheduler: `step()` runs one engine step and returns the seconds spent
+    in `schedule()` + `update_from_output()`; `work` counts tokens scheduled, turns finished and prompt tokens hit."""
 
-    from kvsched.adapters.vllm.harness import FAKE_TOKEN, HarnessConfig, RequestFactory, build_scheduler
+    def __init__(self, scheduler_cls: str, model_dir: Path, seed: int) -> None:
+        from vllm.utils.gc_utils import freeze_gc_heap
 
-    cfg = HarnessConfig(model_dir=model_dir, num_blocks=120_000, block_size=16, max_num_seqs=CONCURRENCY,
-                        max_num_batched_tokens=16_384, max_model_len=8192)
-    from vllm.utils.gc_utils import freeze_gc_heap
+        from kvsched.adapters.vllm.harness import HarnessConfig, RequestFactory, build_scheduler
 
-    s = build_scheduler(scheduler_cls, cfg)
-    freeze_gc_heap()  # as EngineCore does after start-up; undone at the end of the round
-    f = RequestFactory(cfg.block_size)
-    rng = random.Random(seed)
-    history: dict[str, list[int]] = {}
-    owner: dict[str, str] = {}
-    work = {"scheduled_tokens": 0, "finished_turns": 0, "cached_prompt_tokens": 0}
+        cfg = HarnessConfig(model_dir=model_dir, num_blocks=120_000, block_size=16, max_num_seqs=CONCURRENCY,
+                            max_num_batched_tokens=16_384, max_model_len=8192)
+        self.s = build_scheduler(scheduler_cls, cfg)
+        freeze_gc_heap()  # as EngineCore does after start-up; undone by close()
+        self.f = RequestFactory(cfg.block_size)
+        self.rng = random.Random(seed)
+        self.history: dict[str, list[int]] = {}
+        self.owner: dict[str, str] = {}
+        self.work = {"scheduled_tokens": 0, "finished_turns": 0, "cached_prompt_tokens": 0}
+        for i in range(CONCURRENCY):
+            self._new_turn(f"s{i}")
 
-    def new_turn(sid: str) -> None:
-        h = history.setdefault(sid, [1, 2, 3] * 60)  # shared system prompt
+    def _new_turn(self, sid: str) -> None:
+        rng = self.rng
+        h = self.history.setdefault(sid, [1, 2, 3] * 60)  # shared system prompt
         h.extend(rng.randrange(10, 2000) for _ in range(rng.randint(40, 120)))  # tool result
         if len(h) > 6000:
             h[:] = h[:180]  # the session starts over, as if compacted
-        req = f.make(h, rng.randint(8, 32), session_id=sid, xargs={"agent_role": rng.choice(["worker", "orch"])})
-        owner[req.request_id] = sid
-        s.add_request(req)
+        req = self.f.make(h, rng.randint(8, 32), session_id=sid, xargs={"agent_role": rng.choice(["worker", "orch"])})
+        self.owner[req.request_id] = sid
+        self.s.add_request(req)
 
-    for i in range(CONCURRENCY):
-        new_turn(f"s{i}")
-    times: list[float] = []
-    for _ in range(steps):
+    def step(self) -> float:
+        from vllm.v1.outputs import ModelRunnerOutput
+
+        from kvsched.adapters.vllm.harness import FAKE_TOKEN
+
+        s = self.s
         t0 = time.perf_counter()
         out = s.schedule()
         t1 = time.perf_counter()
         req_ids = list(out.num_scheduled_tokens)
-        sampled = []
-        for rid in req_ids:
-            sampled.append([] if s.requests[rid].is_prefill_chunk else [FAKE_TOKEN])
+        sampled = [[] if s.requests[rid].is_prefill_chunk else [FAKE_TOKEN] for rid in req_ids]
         mro = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                 sampled_token_ids=sampled)
         t2 = time.perf_counter()
         engine_out = s.update_from_output(out, mro)
         t3 = time.perf_counter()
-        times.append((t1 - t0) + (t3 - t2))
-        work["scheduled_tokens"] += out.total_num_scheduled_tokens
-        work["cached_prompt_tokens"] += sum(int(n.num_computed_tokens) for n in out.scheduled_new_reqs)
+        self.work["scheduled_tokens"] += out.total_num_scheduled_tokens
+        self.work["cached_prompt_tokens"] += sum(int(n.num_computed_tokens) for n in out.scheduled_new_reqs)
         for outputs in engine_out.values():
             for o in outputs.outputs:
-                if o.finish_reason is not None and o.request_id in owner:
-                    work["finished_turns"] += 1
-                    new_turn(owner.pop(o.request_id))
-    gc.unfreeze()
+                if o.finish_reason is not None and o.request_id in self.owner:
+                    self.work["finished_turns"] += 1
+                    self._new_turn(self.owner.pop(o.request_id))
+        return (t1 - t0) + (t3 - t2)
+
+    def close(self) -> dict[str, int]:
+        del self.s
+        gc.unfreeze()
+        return self.work
+
+
+def _worker(conn: Any, scheduler_cls: str, model_dir: Path) -> None:
+    """One side of the bench in its own process (its own heap and garbage collector), stepping when told to."""
+    rnd: _Round | None = None
+    while True:
+        cmd, arg = conn.recv()
+        if cmd == "round":
+            rnd = _Round(scheduler_cls, model_dir, arg)
+            conn.send(None)
+        elif cmd == "step":
+            assert rnd is not None
+            conn.send(rnd.step())
+        elif cmd == "end":
+            assert rnd is not None
+            conn.send(rnd.close())
+            rnd = None
+        else:
+            return
+
+
+def _lockstep(conns: dict[str, Any], steps: int, seed: int) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
+    """One pair of rounds on `seed`: the two sides take turns step by step (which goes first alternates), so that
+    whatever else the machine is doing hits both alike; only one side runs at a time."""
+    for c in conns.values():
+        c.send(("round", seed))
+    for c in conns.values():
+        c.recv()
+    times: dict[str, list[float]] = {side: [] for side in conns}
+    for i in range(steps):
+        for side in SIDES if (i + seed) % 2 == 0 else SIDES[::-1]:
+            conns[side].send(("step", None))
+            times[side].append(conns[side].recv())
+    work = {}
+    for side, c in conns.items():
+        c.send(("end", None))
+        work[side] = c.recv()
     return times, work
 
 
@@ -111,6 +157,8 @@ def summarize(pairs: list[dict[str, list[float]]]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import multiprocessing as mp
+
     from kvsched.adapters.vllm.harness import KVSCHED_SCHEDULER, STOCK_SCHEDULER
     from kvsched.tiny_model import ensure_tiny_model
 
@@ -118,23 +166,36 @@ def run(args: argparse.Namespace) -> int:
     rounds = args.rounds or (4 if args.quick else 6)
     model_dir = ensure_tiny_model("test")
     classes = {"stock": STOCK_SCHEDULER, "kvsched": KVSCHED_SCHEDULER}
-    for side in SIDES:  # untimed warm-up of both: imports, first calls, caches
-        _load_round(classes[side], model_dir, 50, seed=99)
-    pairs: list[dict[str, list[float]]] = []
-    same_load = True
-    for r in range(rounds):
-        times: dict[str, list[float]] = {}
-        work: dict[str, dict[str, int]] = {}
-        for side in SIDES if r % 2 == 0 else SIDES[::-1]:
-            times[side], work[side] = _load_round(classes[side], model_dir, steps, seed=r)
-        same_load = same_load and work["stock"] == work["kvsched"]
-        pairs.append(times)
-        print(f"pair {r + 1}/{rounds}: kvsched/stock {statistics.fmean(times['kvsched']) / statistics.fmean(times['stock']):.3f}"
-              f" ({work['kvsched']['finished_turns']} turns per side)", flush=True)
+    ctx = mp.get_context("spawn")  # vLLM and torch are not fork-safe once imported
+    conns: dict[str, Any] = {}
+    procs = []
+    for side in SIDES:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(child, classes[side], model_dir), daemon=True)
+        proc.start()
+        conns[side] = parent
+        procs.append(proc)
+    try:
+        _lockstep(conns, 50, seed=99)  # untimed warm-up of both: imports, first calls, caches
+        pairs: list[dict[str, list[float]]] = []
+        same_load = True
+        for r in range(rounds):
+            times, work = _lockstep(conns, steps, seed=r)
+            same_load = same_load and work["stock"] == work["kvsched"]
+            pairs.append(times)
+            print(f"pair {r + 1}/{rounds}: kvsched/stock "
+                  f"{statistics.fmean(times['kvsched']) / statistics.fmean(times['stock']):.3f} "
+                  f"({work['kvsched']['finished_turns']} turns per side)", flush=True)
+    finally:
+        for c in conns.values():
+            c.send(("quit", None))
+        for proc in procs:
+            proc.join(timeout=30)
     result = summarize(pairs)
     result["same_load"] = same_load
     result["config"] = {"concurrency": CONCURRENCY, "steps_per_round": steps, "rounds": rounds,
-                        "order": "pairs on one seed each, stock first in even pairs, kvsched first in odd ones",
+                        "order": "each side in its own process; a pair's rounds run in lockstep, one step each in "
+                                 "turn, which side goes first alternating by step",
                         "provenance": provenance()}
     print(table([[n, result[n]["step_us"], result[n]["step_us_median"], result[n]["steps"]] for n in SIDES],
                 ["scheduler", "mean step us", "median step us", "steps"]))
