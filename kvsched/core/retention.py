@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from kvsched.core.config import RetentionConfig
-from kvsched.core.scoring import Candidate, select_lowest
+from kvsched.core.scoring import Candidate, retention_value, select_lowest
 from kvsched.core.sessions import SessionKey, TurnHints
 
 Clock = Callable[[], float]
@@ -292,6 +292,20 @@ class RetentionPolicy:
         if residual is None:
             residual = max(rec.expected_gap_s - idle_s, idle_s)
         return idle_s + residual
+
+    def value_of(self, key: SessionKey, tokens: int, bytes_per_token: float) -> float:
+        """Retention value of `tokens` of the session's KV held at `bytes_per_token` elsewhere than in its pins (the
+        FP8 tier orders and evicts by it): the pins' formula and next-use estimate; 0 for a session no longer
+        tracked."""
+        rec = self.sessions.get(key)
+        if rec is None:
+            return 0.0
+        now = self.clock()
+        idle = max(now - (rec.last_finished or now), 0.0)
+        return retention_value(Candidate(
+            tokens=tokens, bytes_per_token=bytes_per_token, idle_s=idle,
+            next_use_s=self.expected_next_use_s(rec, idle), role_weight=self.config.role_weight(rec.role),
+            reuse_count=rec.hits))
 
     def candidate(self, rec: SessionRecord, now: float) -> Candidate:
         idle = max(now - (rec.last_finished or now), 0.0)

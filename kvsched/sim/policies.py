@@ -14,7 +14,6 @@ import numpy as np
 
 from kvsched.core.config import RetentionConfig
 from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
-from kvsched.core.scoring import Candidate, retention_value
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
 from kvsched.core.tier import TierConfig, TierDirectory
 from kvsched.sim.evictors import BeladyEvictor, LRUEvictor, NextUse
@@ -149,17 +148,10 @@ class KVSchedPolicy(SimPolicy):
             self.tier.unlock_all()
 
     def _tier_value(self, key: object) -> float:
-        """= SessionPins._tier_value: the pins' formula at the tier's bytes per token."""
+        """As SessionPins._tier_value: the pins' formula at the tier's bytes per token (`RetentionPolicy.value_of`)."""
         assert isinstance(key, SessionKey) and self.tier is not None
-        rec = self.policy.sessions.get(key)
-        if rec is None:
-            return 0.0
-        d, bs = self.tier, self.trace.block_size
-        now = self.policy.clock()
-        return retention_value(Candidate(
-            tokens=d.blocks_of(key) * bs, bytes_per_token=d.block_bytes / bs,
-            idle_s=max(now - (rec.last_finished or now), 0.0), next_use_s=rec.expected_gap_s,
-            role_weight=self.policy.config.role_weight(rec.role), reuse_count=rec.hits))
+        bs = self.trace.block_size
+        return self.policy.value_of(key, self.tier.blocks_of(key) * bs, self.tier.block_bytes / bs)
 
     def on_shortage(self, i: int, num_new_tokens: int) -> bool:
         key, _ = self._key_hints(i)

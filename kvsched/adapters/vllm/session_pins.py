@@ -16,7 +16,6 @@ from typing import Any
 from kvsched.adapters.vllm import compat
 from kvsched.core.config import RetentionConfig
 from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
-from kvsched.core.scoring import Candidate, retention_value
 from kvsched.core.sessions import InvalidSessionInput, SessionKey, TurnHints, validate_session_id
 from kvsched.ops.score import select_candidates
 
@@ -208,17 +207,11 @@ class SessionPins:
         compat.return_blocks(self.scheduler, released)
 
     def _tier_value(self, key: SessionKey) -> float:
-        """Retention value of a session's tier blocks (the pins' formula, at the tier's bytes per token); 0 for a
-        session kvsched no longer tracks."""
-        rec = self.policy.sessions.get(key)
-        if rec is None or self.tier is None:
+        """Retention value of a session's tier blocks (the pins' formula at the tier's bytes per token)."""
+        if self.tier is None:
             return 0.0
         d = self.tier.directory
-        now = self.policy.clock()
-        return retention_value(Candidate(
-            tokens=d.blocks_of(key) * self.block_size, bytes_per_token=d.block_bytes / self.block_size,
-            idle_s=max(now - (rec.last_finished or now), 0.0), next_use_s=rec.expected_gap_s,
-            role_weight=self.policy.config.role_weight(rec.role), reuse_count=rec.hits))
+        return self.policy.value_of(key, d.blocks_of(key) * self.block_size, d.block_bytes / self.block_size)
 
     def _unpin(self, key: SessionKey, blocks: int | None = None, demote: bool = False) -> None:
         groups = self.pinned.get(key)

@@ -1,6 +1,6 @@
 """The next-use estimate the release order is fed (`RetentionPolicy.expected_next_use_s`), driven by a hand-moved clock.
 
-It lives beside the simulator because it is what the simulator's diagnosis found: with the raw inter-turn EWMA, a
+The simulator's diagnosis found why it matters: with the raw inter-turn EWMA, a
 worker waiting on its orchestrator was "overdue", decayed to no value and was released just before it came back."""
 
 from __future__ import annotations
@@ -77,3 +77,23 @@ def test_a_late_worker_outlasts_a_fresh_orchestrator_pin_that_is_not_needed_for_
     # With the raw EWMA (1.5 s) the worker was "overdue" from 3 s and worth ~4% of its value at 8 s: it went first.
     assert p.release_order() == [o, w]
     assert p.release_for_pressure(50) == [Release(o, ReleaseReason.PRESSURE, 50)]
+
+
+def test_value_of_kv_held_elsewhere_uses_the_same_estimate_and_is_zero_once_the_session_is_gone():
+    """The FP8 tier's order (`value_of`) and the pins' order must agree: same formula, same next-use estimate."""
+    from kvsched.core.scoring import retention_value
+
+    clock = Clock()
+    p = RetentionPolicy(RetentionConfig(), clock, 10_000, bytes_per_token=1024.0)
+    a = SessionKey(SessionId("a"))
+    turn(p, a, WORKER)
+    for gap in (1.0, 10.0, 12.0, 14.0):
+        clock.now += gap
+        turn(p, a, WORKER)
+    clock.now += 4.0
+    rec = p.sessions[a]
+    pin = p.candidate(rec, clock.now)
+    assert p.value_of(a, pin.tokens, 1024.0) == pytest.approx(retention_value(pin))
+    assert p.value_of(a, pin.tokens, 512.0) == pytest.approx(2 * retention_value(pin))  # half the bytes: twice per byte
+    p.end(a)
+    assert p.value_of(a, 100, 512.0) == 0.0
