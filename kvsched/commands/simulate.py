@@ -39,6 +39,13 @@ def register(subparsers: Any) -> None:
     tier.add_argument("--fp8-tier-gib", type=float, default=0.0,
                       help="kvsched side: FP8 demotion tier of this many GiB of host memory (0: off)")
     tier.add_argument("--fp8-tier-blocks", type=int, default=None, help="kvsched side: FP8 tier of this many blocks")
+    comp = p.add_argument_group("compaction (an extra side, kvsched on the trace as compaction serves it)")
+    comp.add_argument("--compaction", choices=["summarize", "sliding_window"], default=None)
+    comp.add_argument("--compaction-trigger-tokens", type=int, default=5000)
+    comp.add_argument("--compaction-summary-tokens", type=int, default=500)
+    comp.add_argument("--compaction-keep-recent", type=int, default=4, help="newest turns kept verbatim")
+    comp.add_argument("--system-tokens", type=int, default=None,
+                      help="shared prefix kept by compaction (default: a generated trace's system + role prompt)")
     p.add_argument("--prefill-tok-s", type=float, default=10_000.0, help="prefill throughput for the TTFT estimate")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma list of " + ", ".join(POLICIES))
     p.add_argument("--out", type=Path, default=None)
@@ -107,9 +114,26 @@ def tier_bytes(args: argparse.Namespace, block_bytes: int) -> int:
     return int(args.fp8_tier_gib * 2**30)
 
 
+def compaction_config(args: argparse.Namespace) -> Any:
+    """The `--compaction*` options as the server's CompactionConfig (None without `--compaction`)."""
+    if not getattr(args, "compaction", None):
+        return None
+    from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy
+
+    try:
+        return CompactionConfig(strategy=Strategy(args.compaction), trigger_tokens=args.compaction_trigger_tokens,
+                                summary_target_tokens=args.compaction_summary_tokens,
+                                keep_recent_messages=args.compaction_keep_recent)
+    except InvalidCompactionInput as exc:
+        raise ValueError(f"--compaction: {exc}") from None
+
+
 def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: float, bytes_per_token: int,
-             tier: tuple[int, int] = (0, 0)) -> dict[str, Any]:
-    """`tier`: (bytes, bytes per block) of kvsched's FP8 tier; (0, 0) = off."""
+             tier: tuple[int, int] = (0, 0), compaction: Any = None, system_tokens: int | None = None
+             ) -> dict[str, Any]:
+    """`tier`: (bytes, bytes per block) of kvsched's FP8 tier; (0, 0) = off. `compaction` (a CompactionConfig): also
+    replay kvsched on the trace as compaction serves it, as the side `kvsched+compaction` (its prompts differ, so it
+    is compared on prefill computed and prompt size, not on a share of OPT's saving)."""
     from kvsched.sim.replay import ReplayConfig, replay
 
     cfg = ReplayConfig(capacity_blocks=capacity, prefill_tps=prefill_tok_s, bytes_per_token=float(bytes_per_token),
@@ -119,6 +143,12 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
         best = out["opt"]["tokens_saved"]
         out["bound"] = {f"{p}_share_of_opt_saving": (out[p]["tokens_saved"] / best if best else None)
                         for p in policies if p != "opt"}
+    if compaction is not None:
+        from kvsched.sim.compaction import compact_trace
+
+        compacted, stats = compact_trace(trace, compaction, system_tokens)
+        side = replay(compacted, "kvsched", cfg).summary(cfg, trace.block_size)
+        out["kvsched+compaction"] = side | {"compaction": stats.as_dict()}
     return out
 
 
@@ -164,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
         block_bytes = tier_block_bytes(args, trace.block_size)
         tier = (tier_bytes(args, block_bytes), block_bytes)
         tier = tier if tier[0] > 0 else (0, 0)
-        result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt, tier)
+        result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt, tier, compaction_config(args),
+                          args.system_tokens)
         if args.plot:
             result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot, tier)
     except (ValueError, PlanError, OSError) as exc:
@@ -178,12 +209,19 @@ def run(args: argparse.Namespace) -> int:
                         "fp8_tier_blocks": tier[0] // tier[1] if tier[1] else 0, "trace_meta": trace.meta, "provenance": provenance()}
     rows = [[p, result[p]["prompt_tokens_total"], result[p]["prefill_tokens_computed"], result[p]["hit_rate"],
              result[p]["restored_tokens"], result[p]["ttft_s"]["p50"], result[p]["ttft_s"]["p99"],
-             result[p]["peak_held_bytes"] / 2**30, result[p]["wall_s"]] for p in policies]
+             result[p]["peak_held_bytes"] / 2**30, result[p]["wall_s"]]
+            for p in [*policies, *(["kvsched+compaction"] if "kvsched+compaction" in result else [])]]
     print(table(rows, ["policy", "prompt tokens", "prefill computed", "hit rate", "tier loaded", "TTFT p50 s",
                        "TTFT p99 s", "peak KV GiB", "sim s"]))
     c = result["config"]
     print(f"{c['requests']} requests, {sessions} sessions, working set {c['working_set_blocks']} blocks, "
           f"pool {capacity} blocks (pressure {c['pressure']:.2f}x)")
+    if "kvsched+compaction" in result:
+        k, c = result["kvsched+compaction"], result["kvsched+compaction"]["compaction"]
+        print(f"compaction ({args.compaction}, trigger {args.compaction_trigger_tokens}): {c['summaries']} summary "
+              f"calls, {c['rewritten_requests']} requests rewritten, largest prompt per session "
+              f"{c['peak_prompt_tokens_per_session_max']} tokens; prefill computed {k['prefill_tokens_computed']} "
+              f"(the summary calls' included)")
     for name, share in result.get("bound", {}).items():
         print(f"  {name}: {share:.3f}" if share is not None else f"  {name}: -")
     if args.out:
