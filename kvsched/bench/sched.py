@@ -8,6 +8,7 @@ result, so pins, hits, finishes and new turns all happen at steady state. We tim
 Fairness (BENCH_PROTOCOL): each side runs in its own process (its own heap and garbage collector, so each pays for
 the collections its own allocations cause), and the two step in lockstep: stock's step i, then kvsched's step i (the
 order alternates by step), one process running at a time, so whatever else a shared machine is doing hits both alike.
+The two processes swap sides every pair, which cancels anything particular to one process.
 A pair of rounds runs one seed on both sides, and every pair checks that both did the same work (tokens scheduled,
 turns finished, prefix-cache hits); an untimed warm-up pair comes first. The headline is the ratio of mean step times
 over all steps; the median and range of the per-pair ratios are reported beside it. As in vLLM's engine core
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import random
 import statistics
 import time
@@ -36,6 +38,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quick", action="store_true", help="4 pairs of 300-step rounds (default: 6 pairs of 2,000)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=None, help="pairs of rounds (stock and kvsched, order alternating)")
+    p.add_argument("--cpu", type=int, default=None,
+                   help="CPU both worker processes are pinned to (they never run at once; default: the highest CPU "
+                        "this process may use; -1: no pinning)")
+    p.add_argument("--aa", action="store_true",
+                   help="A/A check of the harness: stock vLLM on both sides (the ratio should be 1)")
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=run)
 
@@ -102,13 +109,15 @@ class _Round:
         return self.work
 
 
-def _worker(conn: Any, scheduler_cls: str, model_dir: Path) -> None:
-    """One side of the bench in its own process (its own heap and garbage collector), stepping when told to."""
+def _worker(conn: Any, model_dir: Path, cpu: int | None = None) -> None:
+    """A process that runs rounds (its own heap and garbage collector), one step whenever it is told to."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     rnd: _Round | None = None
     while True:
         cmd, arg = conn.recv()
         if cmd == "round":
-            rnd = _Round(scheduler_cls, model_dir, arg)
+            rnd = _Round(arg[0], model_dir, arg[1])
             conn.send(None)
         elif cmd == "step":
             assert rnd is not None
@@ -121,11 +130,12 @@ def _worker(conn: Any, scheduler_cls: str, model_dir: Path) -> None:
             return
 
 
-def _lockstep(conns: dict[str, Any], steps: int, seed: int) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
-    """One pair of rounds on `seed`: the two sides take turns step by step (which goes first alternates), so that
-    whatever else the machine is doing hits both alike; only one side runs at a time."""
-    for c in conns.values():
-        c.send(("round", seed))
+def _lockstep(conns: dict[str, Any], classes: dict[str, str], steps: int,
+              seed: int) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
+    """One pair of rounds on `seed`, side -> worker as `conns` says: the two sides take turns step by step (which
+    goes first alternates), so that whatever else the machine is doing hits both alike; one side runs at a time."""
+    for side, c in conns.items():
+        c.send(("round", (classes[side], seed)))
     for c in conns.values():
         c.recv()
     times: dict[str, list[float]] = {side: [] for side in conns}
@@ -165,37 +175,45 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or (300 if args.quick else 2000)
     rounds = args.rounds or (4 if args.quick else 6)
     model_dir = ensure_tiny_model("test")
-    classes = {"stock": STOCK_SCHEDULER, "kvsched": KVSCHED_SCHEDULER}
+    classes = {"stock": STOCK_SCHEDULER, "kvsched": STOCK_SCHEDULER if args.aa else KVSCHED_SCHEDULER}
+    # Both processes on one CPU: they take turns anyway, and neither can be the one that wakes up next to other work.
+    # (Measured A/A with pinning: 0.997-1.003 per pair; unpinned: 0.87-1.05 on a shared 2-core machine.)
+    cpu = max(os.sched_getaffinity(0)) if args.cpu is None else (None if args.cpu < 0 else args.cpu)
     ctx = mp.get_context("spawn")  # vLLM and torch are not fork-safe once imported
-    conns: dict[str, Any] = {}
+    workers: list[Any] = []
     procs = []
-    for side in SIDES:
+    for _ in SIDES:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, classes[side], model_dir), daemon=True)
+        proc = ctx.Process(target=_worker, args=(child, model_dir, cpu), daemon=True)
         proc.start()
-        conns[side] = parent
+        workers.append(parent)
         procs.append(proc)
+    # The two processes swap sides every pair, so that anything particular to one process (where its memory lies,
+    # which core it wakes on next to other work) falls on both sides equally.
+    placements = [dict(zip(SIDES, workers, strict=True)), dict(zip(SIDES, workers[::-1], strict=True))]
     try:
-        _lockstep(conns, 50, seed=99)  # untimed warm-up of both: imports, first calls, caches
+        for conns in placements:  # untimed warm-up of both sides in both processes: imports, first calls, caches
+            _lockstep(conns, classes, 50, seed=99)
         pairs: list[dict[str, list[float]]] = []
         same_load = True
         for r in range(rounds):
-            times, work = _lockstep(conns, steps, seed=r)
+            times, work = _lockstep(placements[r % 2], classes, steps, seed=r)
             same_load = same_load and work["stock"] == work["kvsched"]
             pairs.append(times)
             print(f"pair {r + 1}/{rounds}: kvsched/stock "
                   f"{statistics.fmean(times['kvsched']) / statistics.fmean(times['stock']):.3f} "
                   f"({work['kvsched']['finished_turns']} turns per side)", flush=True)
     finally:
-        for c in conns.values():
+        for c in workers:
             c.send(("quit", None))
         for proc in procs:
             proc.join(timeout=30)
     result = summarize(pairs)
     result["same_load"] = same_load
-    result["config"] = {"concurrency": CONCURRENCY, "steps_per_round": steps, "rounds": rounds,
-                        "order": "each side in its own process; a pair's rounds run in lockstep, one step each in "
-                                 "turn, which side goes first alternating by step",
+    result["config"] = {"concurrency": CONCURRENCY, "steps_per_round": steps, "rounds": rounds, "cpu": cpu,
+                        "aa_check": args.aa, "kvsched_side": classes["kvsched"],
+                        "order": "two processes, sides swapped every pair; a pair's rounds run in lockstep, one step "
+                                 "each in turn, which side goes first alternating by step",
                         "provenance": provenance()}
     print(table([[n, result[n]["step_us"], result[n]["step_us_median"], result[n]["steps"]] for n in SIDES],
                 ["scheduler", "mean step us", "median step us", "steps"]))

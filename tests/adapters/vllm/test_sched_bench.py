@@ -24,3 +24,6 @@ def test_headline_is_the_ratio_of_mean_step_times_and_pairs_are_reported_beside_
 def test_options():
     args = build_parser().parse_args(["bench", "sched", "--quick", "--rounds", "3", "--steps", "10"])
     assert args.quick and args.rounds == 3 and args.steps == 10
+    assert args.cpu is None and not args.aa  # pinned to the highest usable CPU by default; kvsched on the other side
+    args = build_parser().parse_args(["bench", "sched", "--cpu", "-1", "--aa"])
+    assert args.cpu == -1 and args.aa
