@@ -19,6 +19,7 @@ objects -- is frozen out of the garbage collector before the timed steps, on bot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import random
@@ -186,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, args=(child, model_dir, cpu), daemon=True)
         proc.start()
+        child.close()  # the worker's end lives in the worker: if it dies, recv() here raises instead of hanging
         workers.append(parent)
         procs.append(proc)
     # The two processes swap sides every pair, so that anything particular to one process (where its memory lies,
@@ -205,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
                   f"({work['kvsched']['finished_turns']} turns per side)", flush=True)
     finally:
         for c in workers:
-            c.send(("quit", None))
+            with contextlib.suppress(OSError):  # a worker that died already
+                c.send(("quit", None))
         for proc in procs:
             proc.join(timeout=30)
     result = summarize(pairs)
