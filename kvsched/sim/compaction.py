@@ -25,7 +25,7 @@ from typing import Any
 
 from kvsched.core.compaction import CompactionStore
 from kvsched.core.compaction_config import CompactionConfig, Strategy
-from kvsched.sim.trace import Trace, TraceRequest
+from kvsched.sim.trace import Trace, TraceRequest, shared_prefix_len
 
 INSTRUCTION_TOKENS = 48  # the summarization instruction appended to the served prefix (about the default prompt)
 
@@ -67,6 +67,8 @@ def compact_trace(trace: Trace, config: CompactionConfig, system_tokens: int | N
     cfg = dataclasses.replace(config, message_overhead_tokens=0)
     store = CompactionStore(cfg, clock=lambda: 0.0)
     sys_tokens = system_tokens_of(trace) if system_tokens is None else system_tokens
+    if sys_tokens < 0:
+        raise ValueError(f"system_tokens must be >= 0, got {sys_tokens}")
     bs = trace.block_size
     sys_blocks = sys_tokens // bs
     conversations: dict[int, _Conversation] = {}
@@ -126,10 +128,6 @@ def compact_trace(trace: Trace, config: CompactionConfig, system_tokens: int | N
 def _request(t: float, sid: str, salt: str | None, prompt: int, output: int, ids: Sequence[Hashable],
              previous: Sequence[Hashable], role: str | None, ttl: float, end: bool) -> TraceRequest:
     """A trace request whose `reuse` is counted against the session's previous request as served."""
-    n = 0
-    for a, b in zip(previous, ids, strict=False):
-        if a != b:
-            break
-        n += 1
+    n = shared_prefix_len(previous, ids)
     return TraceRequest(t=t, session=sid, prompt_tokens=prompt, output_tokens=output, blocks=list(ids[n:]), reuse=n,
                         role=role, ttl_s=None if ttl != ttl else float(ttl), end=end, salt=salt)

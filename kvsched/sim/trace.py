@@ -81,6 +81,16 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, salt: str | None = N
     return out
 
 
+def shared_prefix_len(previous: Sequence[Any], blocks: Sequence[Any]) -> int:
+    """How many leading block ids `blocks` shares with `previous` (a request's `reuse` against its session's last)."""
+    n = 0
+    for a, b in zip(previous, blocks, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 class TraceWriter:
     """Writes a trace; given each request's full block list, it fills `reuse` against the session's previous one."""
 
@@ -93,12 +103,7 @@ class TraceWriter:
     def write(self, req: TraceRequest, full_blocks: Sequence[Any] | None = None) -> None:
         """Write `req`; pass `full_blocks` (all of the request's block ids) to have the delta computed here."""
         if full_blocks is not None:
-            prev = self.previous.get((req.session, req.salt), ())
-            n = 0
-            for a, b in zip(prev, full_blocks, strict=False):
-                if a != b:
-                    break
-                n += 1
+            n = shared_prefix_len(self.previous.get((req.session, req.salt), ()), full_blocks)
             req.reuse, req.blocks = n, list(full_blocks[n:])
             self.previous[(req.session, req.salt)] = full_blocks
         self.stream.write(json.dumps(req.to_json(), separators=(",", ":")) + "\n")

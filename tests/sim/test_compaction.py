@@ -82,9 +82,11 @@ def test_compaction_replayed_computes_less_than_kvsched_on_the_full_histories():
     assert replay(out, "kvsched", cfg).prefill_tokens_computed < replay(trace, "kvsched", cfg).prefill_tokens_computed
 
 
-def test_compaction_needs_a_strategy_that_rewrites():
+def test_compaction_needs_a_strategy_that_rewrites_and_a_sane_system_prompt():
     with pytest.raises(ValueError, match="summarize or sliding_window"):
         compact_trace(generate(SMALL), CompactionConfig(strategy=Strategy.CAP))
+    with pytest.raises(ValueError, match="system_tokens must be >= 0"):
+        compact_trace(generate(SMALL), CompactionConfig(strategy=Strategy.SUMMARIZE), system_tokens=-1)
 
 
 def test_simulate_cli_compaction_flags(tmp_path):
@@ -97,5 +99,5 @@ def test_simulate_cli_compaction_flags(tmp_path):
     side = result["kvsched+compaction"]
     assert side["compaction"]["summaries"] > 0
     assert side["prompt_tokens_total"] < result["kvsched"]["prompt_tokens_total"]
-    assert main(["simulate", "--generate", "--quick", "--compaction", "summarize",
-                 "--compaction-trigger-tokens", "0"]) == 2
+    for bad in (["--compaction-trigger-tokens", "0"], ["--compaction-keep-recent", "0"], ["--system-tokens", "-5"]):
+        assert main(["simulate", "--generate", "--quick", "--compaction", "summarize", *bad]) == 2
