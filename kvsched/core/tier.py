@@ -6,6 +6,12 @@ is content-addressed: a block is keyed by vLLM's prefix hash of its tokens (whic
 `cache_salt`), so a restore can only ever hand a request KV that vLLM's own prefix cache would have let it share, and
 a block shared by several sessions (a system prompt) is stored once.
 
+The tier also keeps each live session's partial last block (`TailKey`: the tokens past its last full block, keyed by
+the hash of the full block before them and the tokens themselves). vLLM's prefix cache only ever shares full blocks,
+so without it every turn recomputes up to a block of the previous turn's tokens, pinned or not; LMCache saves such
+"unfull chunks" for the same reason. A tail costs a whole slot for less than a block of tokens, so tails yield first:
+a full block's demotion evicts tails before any other session's blocks, and a tail never evicts a full block.
+
 This module is the bookkeeping only (slots, owners, byte budget, eviction order); the bytes live with the workers, which
 execute the stores and loads the directory plans. When the tier is full, whole sessions go first in the order of the
 same retention value the pins use (`value_of`, lowest first, tail blocks before head blocks), and only for a session
@@ -52,11 +58,22 @@ class TierConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TailKey:
+    """A partial block: `tokens` (fewer than a block) following the full block whose content hash is `parent`. The
+    parent's hash covers every earlier token and the `cache_salt`, so a match is exactly a vLLM prefix match."""
+
+    parent: Key
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Store:
-    """Copy (quantize) the block now in KV-pool block `block_id` into tier slot `slot`."""
+    """Copy (quantize) the block now in KV-pool block `block_id` into tier slot `slot`; `tokens` > 0: only its first
+    `tokens` rows hold KV (a session's partial last block), the rest is stale and must not be stored."""
 
     block_id: int
     slot: int
+    tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +101,8 @@ class TierDirectory:
         self._locked: set[int] = set()  # slots a planned load reads this step
         self._orphans: list[Key] = []  # evicted while locked: freed at unlock_all
         self._evicted: OrderedDict[Key, None] = OrderedDict()
+        self.tail_of: dict[Owner, TailKey] = {}  # one partial last block per session
+        self._tails: dict[Key, set[TailKey]] = {}  # parent key -> tails stored after it
         self.counters: Counter[str] = Counter()
 
     # ---- demotion ---------------------------------------------------------------------------------------------
@@ -120,6 +139,50 @@ class TierDirectory:
             self.counters["demotions"] += 1
             self.counters["demoted_blocks"] += len(stores)
         return stores
+
+    def put_tail(self, owner: Owner, parent: Key, tokens: Sequence[int], block_id: int) -> Store | None:
+        """`owner` finished a turn whose KV ends in `tokens` (fewer than a block) after the full block `parent`, held
+        in pool block `block_id`: the store that keeps them, or None (already held, or no slot without evicting a
+        full block or a tail worth more). The session's previous tail goes: its next turn extends past it."""
+        key = TailKey(parent, tuple(tokens))
+        old = self.tail_of.get(owner)
+        if old == key or self.num_slots == 0 or not key.tokens:
+            return None
+        if old is not None:
+            self._disown_tail(owner, old)
+        if key in self.slot_of:  # another session finished on the very same tokens
+            self.owners[key].add(owner)
+            self.tail_of[owner] = key
+            return None
+        self.tail_of[owner] = key  # counted in the owner's value while it competes for a slot
+        if not self._free and not self._evict_tail(exclude=owner, below=self.value_of(owner)):
+            del self.tail_of[owner]
+            self.counters["tails_refused"] += 1
+            return None
+        slot = self._free.pop()
+        self.slot_of[key] = slot
+        self.owners[key] = {owner}
+        self._tails.setdefault(parent, set()).add(key)
+        self.counters["tails_stored"] += 1
+        return Store(block_id, slot, tokens=len(key.tokens))
+
+    def match_tail(self, parent: Key, tokens: Sequence[int]) -> tuple[int, int, TailKey] | None:
+        """The stored tail after `parent` sharing the longest prefix with `tokens`: (slot, matched tokens, key), or
+        None. A partial match is still exact: a token's KV depends only on the tokens before it."""
+        best: tuple[int, int, TailKey] | None = None
+        for key in self._tails.get(parent, ()):
+            n = 0
+            for a, b in zip(key.tokens, tokens, strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n and (best is None or n > best[1]):
+                best = (self.slot_of[key], n, key)
+        return best
+
+    def tail_tokens(self, owner: Owner) -> int:
+        key = self.tail_of.get(owner)
+        return len(key.tokens) if key is not None else 0
 
     # ---- restore ----------------------------------------------------------------------------------------------
     def match(self, keys: Sequence[Key], start: int, limit: int) -> list[int]:
@@ -162,6 +225,9 @@ class TierDirectory:
         """The session ended: its blocks no other session shares leave the tier. Returns the blocks freed."""
         keys = self.keys_of.pop(owner, [])
         freed = 0
+        tail = self.tail_of.get(owner)
+        if tail is not None:
+            freed += self._disown_tail(owner, tail)
         for key in reversed(keys):
             owners = self.owners.get(key)
             if owners is None:
@@ -187,9 +253,41 @@ class TierDirectory:
     # ---- internals ----------------------------------------------------------------------------------------------
     def _take_slot(self, owner: Owner) -> int | None:
         while not self._free:
-            if not self._evict_one(exclude=owner):
+            if not self._evict_tail(exclude=owner, below=float("inf")) and not self._evict_one(exclude=owner):
                 return None
         return self._free.pop()
+
+    def _evict_tail(self, exclude: Owner, below: float) -> bool:
+        """Free the slot of the lowest-value other session's tail, if one is worth less than `below` and no load
+        reads it this step."""
+        best: tuple[float, TailKey] | None = None
+        for owner, key in self.tail_of.items():
+            if owner == exclude or self.slot_of[key] in self._locked:
+                continue
+            value = self.value_of(owner)
+            if value < below and (best is None or value < best[0]):
+                best = (value, key)
+        if best is None:
+            return False
+        self._free_key(best[1])
+        self.counters["evicted_tails"] += 1
+        return True
+
+    def _disown_tail(self, owner: Owner, key: TailKey) -> int:
+        """`owner` no longer needs `key`: freed when nobody else does (after this step if a load reads it)."""
+        if self.tail_of.get(owner) == key:
+            del self.tail_of[owner]
+        owners = self.owners.get(key)
+        if owners is None:
+            return 0
+        owners.discard(owner)
+        if owners:
+            return 0
+        if self.slot_of[key] in self._locked:
+            self._orphans.append(key)
+            return 0
+        self._free_key(key)
+        return 1
 
     def _evict_one(self, exclude: Owner) -> bool:
         """Free at least one slot: the lowest-value other session loses its tail block(s). False if none may go."""
@@ -226,7 +324,16 @@ class TierDirectory:
 
     def _free_key(self, key: Key) -> None:
         slot = self.slot_of.pop(key)
-        self.owners.pop(key, None)
+        owners = self.owners.pop(key, None)
+        if isinstance(key, TailKey):
+            for owner in owners or ():
+                if self.tail_of.get(owner) == key:
+                    del self.tail_of[owner]
+            siblings = self._tails.get(key.parent)
+            if siblings is not None:
+                siblings.discard(key)
+                if not siblings:
+                    del self._tails[key.parent]
         self._free.append(slot)
         if self.config.remember_evicted:
             self._evicted[key] = None
@@ -234,6 +341,9 @@ class TierDirectory:
                 self._evicted.popitem(last=False)
 
     def _drop_key(self, key: Key) -> None:
+        if isinstance(key, TailKey):
+            self._free_key(key)
+            return
         for owner in self.owners.get(key, ()):
             keys = self.keys_of.get(owner)
             if keys is not None and key in keys:

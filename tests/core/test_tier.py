@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvsched.core.tier import Load, Store, TierConfig, TierConfigError, TierDirectory
+from kvsched.core.tier import Load, Store, TailKey, TierConfig, TierConfigError, TierDirectory
 
 BLOCK_BYTES = 100
 
@@ -99,7 +99,7 @@ def test_load_and_store_are_plain_records():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("demote drop forget match".split()), st.integers(0, 5), st.integers(1, 6),
+@given(st.lists(st.tuples(st.sampled_from("demote drop forget match tail".split()), st.integers(0, 5), st.integers(1, 6),
                           st.integers(0, 4)), max_size=60),
        st.integers(0, 10))
 def test_slots_are_never_shared_and_the_budget_holds(ops, slots):
@@ -115,6 +115,8 @@ def test_slots_are_never_shared_and_the_budget_holds(ops, slots):
             d.drop_owner(owner)
         elif op == "forget":
             d.forget([f"k{start}"])
+        elif op == "tail":
+            d.put_tail(owner, f"k{start}", list(range(n)), 0)
         else:
             d.lock(d.match([f"k{i}" for i in range(10)], start, n))
             d.unlock_all()
@@ -124,3 +126,45 @@ def test_slots_are_never_shared_and_the_budget_holds(ops, slots):
         for owner_, keys in d.keys_of.items():
             for key in keys:
                 assert key in d.slot_of and owner_ in d.owners[key]
+        for owner_, tail in d.tail_of.items():
+            assert tail in d.slot_of and owner_ in d.owners[tail] and tail in d._tails[tail.parent]
+        assert sum(map(len, d._tails.values())) == sum(isinstance(k, TailKey) for k in d.slot_of)
+
+
+def test_a_tail_is_stored_once_per_session_and_matches_the_shared_tokens_only():
+    d = directory(4)
+    first = d.put_tail("a", "a9", [5, 6, 7], block_id=3)
+    assert first == Store(3, first.slot, tokens=3)
+    assert d.put_tail("a", "a9", [5, 6, 7], block_id=8) is None  # the same tail again: nothing to copy
+    assert d.match_tail("a9", [5, 6, 7, 1]) == (first.slot, 3, TailKey("a9", (5, 6, 7)))
+    assert d.match_tail("a9", [5, 9]) == (first.slot, 1, TailKey("a9", (5, 6, 7)))  # diverges inside the tail
+    assert d.match_tail("a9", [9]) is None and d.match_tail("b9", [5, 6, 7]) is None  # other tokens, other parent
+    second = d.put_tail("a", "a12", [1], block_id=4)  # the next turn's tail replaces it
+    assert second is not None and d.match_tail("a9", [5, 6, 7]) is None and d.used_slots == 1
+    assert d.tail_tokens("a") == 1
+    d.drop_owner("a")
+    assert d.used_slots == 0 and d.tail_of == {}
+
+
+def test_tails_yield_to_full_blocks_and_to_worthier_tails():
+    values = {"low": 1.0, "mid": 2.0, "high": 3.0}
+    d = directory(2, values)
+    assert d.put_tail("low", "l", [1], 0) is not None
+    assert d.put_tail("mid", "m", [1], 0) is not None
+    assert d.put_tail("high", "h", [1], 0) is not None  # evicts the lowest-value tail
+    assert set(d.tail_of) == {"mid", "high"} and d.counters["evicted_tails"] == 1
+    assert len(d.demote("low", blocks("l", 1))) == 1  # a full block evicts a tail, even of a worthier session
+    assert set(d.tail_of) == {"high"}
+    assert d.put_tail("mid", "m", [1], 0) is None  # a tail never evicts a full block
+    assert d.counters["tails_refused"] == 1 and "mid" not in d.tail_of
+
+
+def test_a_tail_a_load_reads_this_step_is_not_reused_before_the_step_is_built():
+    d = directory(1, {"a": 1.0, "b": 2.0})
+    slot = d.put_tail("a", "p", [1, 2], 0).slot
+    d.lock([slot])
+    assert d.put_tail("b", "q", [3], 0) is None  # the only slot is being read
+    assert d.put_tail("a", "p2", [4], 0) is None  # a's next tail: no slot until the locked old one is freed
+    assert d.used_slots == 1 and d._free == [] and d.counters["tails_refused"] == 2
+    d.unlock_all()
+    assert d.used_slots == 0 and d._free == [slot] and d.tail_of == {}

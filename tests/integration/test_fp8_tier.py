@@ -101,10 +101,34 @@ def test_a_session_released_under_pressure_is_restored_from_the_tier(tier_server
     assert d["kvsched_tier_restores_total"] == 1
     restored = d["vllm:external_prefix_cache_hits_total"]
     assert restored >= (first.usage.prompt_tokens // 32) * 32 - 32  # the whole released prefix, block for block
-    assert d["kvsched_tier_restored_blocks_total"] * 32 == restored
+    # block for block, plus the partial last block of the first turn (its KV past the last full block)
+    assert d["kvsched_tier_restored_blocks_total"] * 32 + d["kvsched_tier_restored_tail_tokens_total"] == restored
     assert d["kvsched_tier_load_failures_total"] == 0
     assert 0 < after["kvsched_tier_kv_rel_rms_error"] <= 0.07  # e4m3 with a scale per (block, head)
     assert after["kvsched_tier_bytes"] <= after["kvsched_tier_capacity_bytes"]
+
+
+def test_a_turn_resumes_from_the_partial_last_block_and_decodes_as_if_recomputed(tier_server, tiny_model_dir):
+    """Without any pressure, the next turn loads the tokens past the previous turn's last full block from the tier
+    (vLLM alone recomputes them: it shares full blocks only), and greedy decoding gives the same tokens as a server
+    without the tier."""
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "read page of tails " * 30}]
+    first = chat(tier_server, history, session="tails")
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "tool output " * 10}]
+    before = tier_server.metrics()
+    second = chat(tier_server, history, session="tails", max_tokens=16)
+    after = tier_server.metrics()
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    tail = (first.usage.prompt_tokens + first.usage.completion_tokens - 1) % 32
+    assert after["kvsched_tier_tails_stored_total"] >= 1
+    if tail:  # the re-rendered history repeats the first turn's tokens up to its last one
+        assert 0 < d["kvsched_tier_restored_tail_tokens_total"] <= tail
+        assert d["vllm:external_prefix_cache_hits_total"] == d["kvsched_tier_restored_tail_tokens_total"]
+    with VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024,
+                               num_blocks=POOL_BLOCKS)) as plain:
+        again = chat(plain, history, session="tails", max_tokens=16)
+    assert again.choices[0].message.content == second.choices[0].message.content
 
 
 def test_the_tier_never_serves_kv_across_cache_salts(tier_server):

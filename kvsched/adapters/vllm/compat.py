@@ -99,6 +99,24 @@ def reusable_prefix_blocks(scheduler: Any, request_id: str) -> list[list[Any]]:
     return out
 
 
+def partial_tail(scheduler: Any, request: Any, prefix: Sequence[Any], block_size: int) -> tuple[bytes, list[int],
+                                                                                             int] | None:
+    """The finished request's KV past its hashed `prefix` (first KV-cache group), when it is less than one block:
+    (content key of the last prefix block, the tokens, the block holding them); None otherwise.
+
+    Only tokens whose KV a completed forward pass wrote count: every token but the last sampled one (which was never
+    fed back). With async scheduling a further step may still be in flight for the request, but it only writes past
+    them."""
+    k = len(prefix)
+    kv_end = request.num_tokens - 1
+    if not k or not k * block_size < kv_end < (k + 1) * block_size:
+        return None
+    blocks = scheduler.kv_cache_manager.coordinator.get_blocks(request.request_id)[0]
+    if len(blocks) <= k or blocks[k].is_null or int(prefix[-1].block_hash_num_tokens or k * block_size) != k * block_size:
+        return None
+    return block_content_key(prefix[-1]), list(request.all_token_ids[k * block_size:kv_end]), blocks[k].block_id
+
+
 def block_tokens(blocks: Sequence[Any], block_size: int) -> int:
     """Tokens covered by a prefix run of blocks (a block's hash records the tokens from position 0 it covers)."""
     if not blocks:

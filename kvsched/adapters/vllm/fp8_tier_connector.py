@@ -3,7 +3,9 @@
 Scheduler side (engine-core process): a `TierDirectory` (kvsched.core.tier). kvsched's scheduler calls `demote` when
 memory pressure releases a session's pins; vLLM calls `get_num_new_matched_tokens` for each new request, and the
 connector offers the unbroken run of the request's prefix (by vLLM's block hashes) the tier holds past the local
-prefix-cache hit. Each step's stores and loads travel to the workers in the connector metadata.
+prefix-cache hit, then the session's partial last block if the tier kept it (`save_tail`: vLLM's prefix cache only
+shares full blocks, so the tokens past the last one are otherwise recomputed every turn). Each step's stores and loads
+travel to the workers in the connector metadata.
 
 Worker side: a `TierStore` (fp8_tier_store). Stores run in `handle_preemptions`, which vLLM calls before anything of the
 step runs, so a released block is copied before a new request can overwrite it; loads run in `start_load_kv`,
@@ -31,7 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvsched.adapters.vllm.fp8_tier_store import TierLayoutError, TierStore, block_bytes, block_views
-from kvsched.core.tier import Load, Store, TierConfig, TierConfigError, TierDirectory
+from kvsched.core.tier import Load, Store, TailKey, TierConfig, TierConfigError, TierDirectory
 
 logger = logging.getLogger(__name__)
 CONNECTOR_NAME = "KVSchedFP8TierConnector"
@@ -97,11 +99,12 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         # scheduler side
         self.directory: TierDirectory | None = None
         self._step = TierStepMeta()
-        self._matched: dict[str, tuple[int, list[int], list[Any]]] = {}  # req id -> (first block, slots, keys)
+        # req id -> (first block, slots, keys, matched tail (slot, tokens, key) or None)
+        self._matched: dict[str, tuple[int, list[int], list[Any], tuple[int, int, TailKey] | None]] = {}
         self._step_loads: dict[int, Any] = {}  # this step's loads: block id -> key
         self._loading: deque[dict[int, Any]] = deque(maxlen=4)  # recent steps' loads (outputs may lag a step)
-        self.stats: dict[str, float] = {"restores": 0, "restored_blocks": 0, "restore_misses": 0,
-                                        "load_failures": 0, "err_sq": 0.0, "ref_sq": 0.0}
+        self.stats: dict[str, float] = {"restores": 0, "restored_blocks": 0, "restored_tail_tokens": 0,
+                                        "restore_misses": 0, "load_failures": 0, "err_sq": 0.0, "ref_sq": 0.0}
         # worker side
         self.store: TierStore | None = None
         self._errors: set[int] = set()
@@ -123,33 +126,53 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self._step.stores.extend(stores)
         return len(stores)
 
+    def save_tail(self, owner: Any, parent: Any, tokens: list[int], block_id: int) -> bool:
+        """`owner`'s turn finished with `tokens` of KV (fewer than a block) in pool block `block_id`, after the full
+        block whose content key is `parent`: plan their copy into the tier (this step, before vLLM reuses the block)."""
+        assert self.directory is not None
+        store = self.directory.put_tail(owner, parent, tokens, block_id)
+        if store is not None:
+            self._step.stores.append(store)
+        return store is not None
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         if self.directory is None or self.num_slots == 0:
             return 0, False
-        start = num_computed_tokens // self.block_size
-        limit = (request.num_tokens - 1) // self.block_size - start  # vLLM always computes the last prompt token
-        keys = list(request.block_hashes)
-        slots = self.directory.match(keys, start, limit)
+        bs = self.block_size
+        start = num_computed_tokens // bs
+        last = request.num_tokens - 1  # vLLM always computes the last prompt token
+        keys = request.block_hashes
+        slots = self.directory.match(keys, start, last // bs - start)
         # Locked until this step's metadata is built: a demotion later in this step (this very request's allocation
         # may release pins) must not evict and reuse a slot this request is about to load.
         self.directory.lock(slots)
-        self._matched[request.request_id] = (start, slots, keys[start:start + len(slots)])
-        return len(slots) * self.block_size, False
+        end = start + len(slots)
+        tail = None
+        if end and self.directory.tail_of and end * bs < last and end - 1 < len(keys):
+            tail = self.directory.match_tail(keys[end - 1], request.all_token_ids[end * bs:min(last, (end + 1) * bs)])
+            if tail is not None:
+                self.directory.lock([tail[0]])
+        self._matched[request.request_id] = (start, slots, list(keys[start:end]), tail)
+        return len(slots) * bs + (tail[1] if tail else 0), False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         assert self.directory is not None
-        start, slots, keys = self._matched.pop(request.request_id, (0, [], []))
-        n = num_external_tokens // self.block_size
-        if n <= 0:
+        start, slots, keys, tail = self._matched.pop(request.request_id, (0, [], [], None))
+        n = min(num_external_tokens // self.block_size, len(slots))
+        rest = num_external_tokens - n * self.block_size
+        if n <= 0 and rest <= 0:
             nxt = start + len(slots)
             hashes = request.block_hashes
             if nxt < len(hashes) and self.directory.was_evicted(hashes[nxt]):
                 self.stats["restore_misses"] += 1
             return
-        block_ids = blocks.get_block_ids()[0][start:start + n]
-        slots, keys = slots[:n], keys[:n]
-        self._step.loads.extend(Load(s, b) for s, b in zip(slots, block_ids, strict=True))
-        self._step_loads.update(zip(block_ids, keys, strict=True))
+        block_ids = blocks.get_block_ids()[0]
+        loads = [(s, b, k) for s, b, k in zip(slots[:n], block_ids[start:start + n], keys[:n], strict=True)]
+        if rest > 0 and tail is not None and tail[1] == rest and n == len(slots):
+            loads.append((tail[0], block_ids[start + n], tail[2]))
+            self.stats["restored_tail_tokens"] += rest
+        self._step.loads.extend(Load(s, b) for s, b, _ in loads)
+        self._step_loads.update((b, k) for _, b, k in loads)
         self.stats["restores"] += 1
         self.stats["restored_blocks"] += n
 
@@ -189,6 +212,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             "tier_demotions": d.counters["demotions"], "tier_demoted_blocks": d.counters["demoted_blocks"],
             "tier_evicted_blocks": d.counters["evicted_blocks"], "tier_restores": self.stats["restores"],
             "tier_restored_blocks": self.stats["restored_blocks"], "tier_restore_misses": self.stats["restore_misses"],
+            "tier_tails": len(d.tail_of), "tier_tails_stored": d.counters["tails_stored"],
+            "tier_restored_tail_tokens": self.stats["restored_tail_tokens"],
             "tier_load_failures": self.stats["load_failures"],
             "tier_kv_rel_rms_error": 0.0 if self.layers["raw"] else (self.stats["err_sq"] / ref) ** 0.5 if ref > 0
             else -1.0,
@@ -209,7 +234,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         stores = kv_connector_metadata.stores
         before = (self.store.err_sq, self.store.ref_sq)
         try:
-            self.store.store([s.block_id for s in stores], [s.slot for s in stores])
+            self.store.store([s.block_id for s in stores], [s.slot for s in stores], [s.tokens for s in stores])
         except Exception:  # never take the engine down for a cache: the slots fail their checksum and are recomputed
             logger.exception("kvsched FP8 tier: storing %d blocks failed", len(stores))
             self.store.invalidate([s.slot for s in stores])

@@ -77,21 +77,30 @@ class TierStore:
         self.ref_sq = 0.0
 
     # ---- store (demotion) ---------------------------------------------------------------------------------------
-    def store(self, block_ids: Sequence[int], slots: Sequence[int]) -> None:
+    def store(self, block_ids: Sequence[int], slots: Sequence[int], tokens: Sequence[int] | None = None) -> None:
+        """Copy blocks into slots. `tokens[i]` > 0: only the first tokens[i] rows of block i hold KV (a partial last
+        block); the rest is stored as zeros, so stale KV neither sets the block's scale nor reaches a restore."""
         if not block_ids:
             return
         ids = torch.tensor(block_ids, dtype=torch.int64)
         dst = torch.tensor(slots, dtype=torch.int64)
+        n = self.views[0].cache.shape[2]
+        partial = [(i, t) for i, t in enumerate(tokens or ()) if 0 < t < n]
         crcs = [0] * len(slots)
         for li, view in enumerate(self.views):
+            cache, sel = view.cache, ids
+            if partial:  # a gathered copy with the stale rows zeroed
+                cache, sel = view.cache.index_select(0, ids), torch.arange(len(block_ids))
+                for i, t in partial:
+                    cache[i, :, t:, :] = 0
             if self.raw:
-                rows = view.cache.index_select(0, ids).view(torch.uint8)
+                rows = cache.index_select(0, sel).view(torch.uint8)
             else:
-                q, s = gather_quantize_blocks(view.cache, ids)
+                q, s = gather_quantize_blocks(cache, sel)
                 rows = q.view(torch.uint8)
                 self.scales[li].index_copy_(0, dst, s)
                 if self.measure_error:
-                    self._sample_error(view.cache[int(ids[0])], q[0:1], s[0:1])
+                    self._sample_error(cache[int(sel[0])], q[0:1], s[0:1])
                 crcs = [zlib.crc32(s[i].numpy().tobytes(), c) for i, c in enumerate(crcs)]
             self.q[li].index_copy_(0, dst, rows)
             crcs = [zlib.crc32(rows[i].numpy().data, c) for i, c in enumerate(crcs)]

@@ -20,6 +20,7 @@ GAUGES = {
     "tier_bytes": "Bytes the FP8 tier holds (quantized KV of sessions released under pressure)",
     "tier_capacity_bytes": "The FP8 tier's byte budget (--kvsched-fp8-tier-gb)",
     "tier_blocks": "KV blocks the FP8 tier holds",
+    "tier_tails": "Sessions whose partial last block (KV past their last full block) the FP8 tier holds",
     "tier_kv_rel_rms_error": "Relative RMS error of FP8-tiered KV against the original, sampled at demotion "
                              "(-1: nothing measured; 0 when the cache is already FP8 and stored as is)",
 }
@@ -34,6 +35,8 @@ COUNTERS = {
     "tier_evicted_blocks": "KV blocks the FP8 tier dropped for lack of room (lowest retention value first)",
     "tier_restores": "Requests whose prefix was restored from the FP8 tier instead of recomputed",
     "tier_restored_blocks": "KV blocks restored (dequantized) from the FP8 tier",
+    "tier_tails_stored": "Partial last blocks of finished turns copied to the FP8 tier (vLLM shares full blocks only)",
+    "tier_restored_tail_tokens": "Prompt tokens restored from a session's partial last block in the FP8 tier",
     "tier_restore_misses": "Requests whose next prefix block had been in the FP8 tier but was evicted",
     "tier_load_failures": "Tier blocks that failed their checksum at restore (recomputed instead)",
 }

@@ -92,8 +92,11 @@ class SessionPins:
         nblocks = sum(map(len, groups))
         tokens = compat.block_tokens(groups[0], self.block_size) if groups else 0
         self.apply(self.policy.turn_finished(key, hints, tokens, nblocks), pending={key: groups})
-        if hints.end and self.tier is not None:
-            self.tier.directory.drop_owner(key)
+        if self.tier is not None:
+            if hints.end:
+                self.tier.directory.drop_owner(key)
+            elif groups and (tail := compat.partial_tail(self.scheduler, request, groups[0], self.block_size)):
+                self.tier.save_tail(key, *tail)
         if len(self.block_refs) > self.policy.budget_blocks:  # never, with the default budget (the whole pool)
             while releases := self.policy.release_over_budget(len(self.block_refs)):
                 self.apply(releases)
@@ -211,7 +214,8 @@ class SessionPins:
         if self.tier is None:
             return 0.0
         d = self.tier.directory
-        return self.policy.value_of(key, d.blocks_of(key) * self.block_size, d.block_bytes / self.block_size)
+        return self.policy.value_of(key, d.blocks_of(key) * self.block_size + d.tail_tokens(key),
+                                    d.block_bytes / self.block_size)
 
     def _unpin(self, key: SessionKey, blocks: int | None = None, demote: bool = False) -> None:
         groups = self.pinned.get(key)

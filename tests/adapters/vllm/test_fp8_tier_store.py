@@ -39,6 +39,27 @@ def test_store_then_load_restores_every_layer_within_the_e4m3_bound():
     assert store.relative_rms_error is not None and 0 < store.relative_rms_error < 0.07
 
 
+def test_a_partial_block_stores_its_rows_and_zeros_for_the_stale_rest():
+    """A session's last block holds KV in its first rows only; the rest is stale (another request's): stored as zeros,
+    so it neither sets the scale nor comes back."""
+    kv = caches()
+    for v in kv.values():
+        v[5, :, 10:, :] = 1000.0  # stale rows far larger than the KV: they would set the block's scale
+    original = {k: v.clone() for k, v in kv.items()}
+    store = TierStore(block_views(kv, BLOCKS), num_slots=2)
+    store.store([5, 6], [0, 1], [10, 0])
+    assert all(torch.equal(v, original[k]) for k, v in kv.items())  # a store never writes the pool
+    for v in kv.values():
+        v.fill_(3.0)
+    assert store.load([0, 1], [2, 3]) == []
+    for name, v in kv.items():
+        x, y = original[name][5, :, :10].float(), v[2, :, :10].float()
+        assert float((x - y).norm() / x.norm()) < 0.07, name
+        assert torch.count_nonzero(v[2, :, 10:]) == 0
+        full = original[name][6].float()
+        assert float((full - v[3].float()).norm() / full.norm()) < 0.07  # a whole block in the same call is whole
+
+
 def test_a_corrupt_slot_fails_its_checksum_and_is_not_written():
     kv = caches(layers=2)
     store = TierStore(block_views(kv, BLOCKS), num_slots=4)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 pytest.importorskip("vllm")
 
 from kvsched.adapters.vllm.harness import (  # noqa: E402
+    FAKE_TOKEN,
     KVSCHED_SCHEDULER,
     STOCK_SCHEDULER,
     HarnessConfig,
@@ -245,3 +246,56 @@ def test_fp8_tier_demotes_pressure_releases_and_the_next_turn_restores_them(harn
     assert stores[False] == loads[False] == 0
     assert stores[True] >= 10 and loads[True] >= 9
     assert cached[True] >= cached[False] + 9 * BLOCK
+
+
+def _tier_run(cfg, clock, turn2_tail):
+    """Turn 1 of a 10-block history (decoding 4 tokens), then turn 2 re-sending it plus `turn2_tail`: the tier's stores
+    after turn 1, the loads of turn 2, and turn 2's cached tokens."""
+    s, f = _sched(cfg, clock=clock), RequestFactory(BLOCK)
+    history = list(range(100, 260))
+    s.add_request(f.make(history, 4, session_id="agent-1"))
+    stores = []
+    while s.has_requests():
+        out, _ = step(s)
+        stores += out.kv_connector_metadata.stores if out.kv_connector_metadata is not None else []
+    out, _ = step(s)  # the step after the finish carries the tail's copy
+    stores += out.kv_connector_metadata.stores if out.kv_connector_metadata is not None else []
+    turn2, loads = PrefillCounts(), []
+    s.add_request(f.make(history + turn2_tail, 4, session_id="agent-1"))
+    while s.has_requests():
+        out, _ = step(s)
+        turn2.record(out, s)
+        loads += out.kv_connector_metadata.loads if out.kv_connector_metadata is not None else []
+    return s, stores, loads, turn2.cached_tokens
+
+
+def test_fp8_tier_keeps_the_partial_last_block_and_the_next_turn_loads_it(harness_cfg, clock):
+    """vLLM's prefix cache shares full blocks only: the 3 tokens of KV past turn 1's last full block (4 decoded, the
+    last never fed back) are recomputed by kvsched alone and loaded from the tier with it."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    follow = [FAKE_TOKEN] * 3 + list(range(900, 940))  # turn 1's decoded tokens, re-sent
+    plain = _tier_run(replace(harness_cfg, kv_transfer_config=None), clock, follow)
+    s, stores, loads, cached = _tier_run(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock,
+                                         follow)
+    assert plain[3] == 160
+    assert [st.tokens for st in stores] == [3]  # one partial store, of exactly the tokens that have KV
+    assert cached == 163 and len(loads) == 1  # the pinned 10 blocks from the pool, the tail from the tier
+    assert s.kvsched.stats()["tier_restored_tail_tokens"] == 3
+    s.kvsched.handle("end", "agent-1")
+    assert s.kvsched.tier.directory.used_slots == 0 and free_blocks(s) == usable_blocks(s)
+
+
+def test_fp8_tier_tail_serves_only_the_tokens_the_next_turn_shares(harness_cfg, clock):
+    """A next turn that diverges inside the tail gets the common tokens only; one that diverges at once, nothing."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    cfg = replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01))
+    _, _, loads, cached = _tier_run(cfg, clock, [FAKE_TOKEN, 4, 4] + list(range(900, 940)))
+    assert cached == 161 and len(loads) == 1
+    _, _, loads, cached = _tier_run(cfg, clock, [4, 4, 4] + list(range(900, 940)))
+    assert cached == 160 and loads == []
