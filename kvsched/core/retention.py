@@ -13,15 +13,15 @@ lowest first, fed with the session's expected time to its next turn given how lo
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import itertools
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from kvsched.core.config import RetentionConfig
+from kvsched.core.next_use import GapModel
 from kvsched.core.scoring import Candidate, retention_value, select_lowest
 from kvsched.core.sessions import SessionKey, TurnHints
 
@@ -68,6 +68,7 @@ class SessionRecord:
     last_finished: float | None = None
     expected_gap_s: float = 0.0
     gaps_seen: int = 0
+    burst_turns: int = 0  # turns finished since its current burst began (`kvsched.core.next_use`)
     pinned_blocks: int = 0
     pinned_tokens: int = 0
     hits: int = 0
@@ -100,42 +101,6 @@ class SessionView:
     active_requests: int
 
 
-class GapHistory:
-    """The latest `window` inter-turn gaps (seconds) observed across the sessions of one role, and the mean residual
-    wait they imply: E[gap - idle | gap > idle], the expected time left before a session idle for `idle` seconds
-    returns.
-
-    Conditioning on the age is what lets the order tell a session that is merely late from one that is gone: a worker
-    waiting on its orchestrator is past its usual gap but comes back, and the role's long gaps say when. The estimate
-    is empirical, like the age-conditioned hit statistics of EVA (Beckmann and Sanchez, "Maximizing Cache Performance
-    Under Uncertainty", HPCA 2017), classed by role as EVA classes by reuse. Sorted gaps and suffix sums are rebuilt
-    lazily (at most once per release decision), so a query is one bisection."""
-
-    def __init__(self, window: int) -> None:
-        self.recent: deque[float] = deque(maxlen=window)
-        self._sorted: list[float] = []
-        self._suffix: list[float] = [0.0]
-        self._stale = False
-
-    def add(self, gap: float) -> None:
-        self.recent.append(gap)
-        self._stale = True
-
-    def mean_residual(self, idle_s: float, min_samples: int) -> float | None:
-        """Mean of `gap - idle_s` over the gaps longer than `idle_s`; None if fewer than `min_samples` are."""
-        if self._stale:
-            self._sorted = sorted(self.recent)
-            suffix = [0.0] * (len(self._sorted) + 1)
-            for i in range(len(self._sorted) - 1, -1, -1):
-                suffix[i] = suffix[i + 1] + self._sorted[i]
-            self._suffix, self._stale = suffix, False
-        i = bisect.bisect_right(self._sorted, idle_s)
-        n = len(self._sorted) - i
-        if n < min_samples:
-            return None
-        return self._suffix[i] / n - idle_s
-
-
 class RetentionPolicy:
     """Session table + pin decisions for one KV block pool of `total_blocks` blocks."""
 
@@ -155,7 +120,7 @@ class RetentionPolicy:
         self._expiry: list[tuple[float, int, SessionKey]] = []
         self._seq = itertools.count()
         self.counters: Counter[str] = Counter()
-        self.role_gaps: dict[str | None, GapHistory] = {}
+        self.gaps = GapModel(self.GAP_WINDOW, self.MIN_TAIL_SAMPLES)
 
     # ---- events -------------------------------------------------------------------------------------------------
     def request_arrived(self, key: SessionKey, hints: TurnHints) -> None:
@@ -197,6 +162,7 @@ class RetentionPolicy:
         now = self.clock()
         rec.active_requests = max(rec.active_requests - 1, 0)
         rec.turns += 1
+        rec.burst_turns += 1
         rec.last_finished = now
         if hints.role:
             rec.role = hints.role
@@ -275,20 +241,21 @@ class RetentionPolicy:
         return out
 
     # ---- ordering -----------------------------------------------------------------------------------------------
-    GAP_WINDOW = 256  # gaps remembered per role
-    MIN_TAIL_SAMPLES = 3  # gaps longer than the idle time needed to trust the role's mean residual wait
+    GAP_WINDOW = 256  # gaps remembered per class (role; role and burst phase)
+    MIN_TAIL_SAMPLES = 3  # gaps longer than the idle time needed to trust a class's mean residual wait
 
     def expected_next_use_s(self, rec: SessionRecord, idle_s: float) -> float:
         """Expected seconds from the session's last finished turn to its next one, given it has been idle `idle_s`.
 
-        idle + the mean residual wait of the role's recent gaps longer than `idle_s` (`GapHistory`); without enough of
-        those: the session's own expected gap while it is not yet overdue, and past it twice the idle time (a wait
-        that has lasted t is expected to last about as long again: the median estimate for a duration of unknown
-        scale, J. R. Gott, Nature 363, 1993), so a session that is not coming back sinks in the order until its TTL
-        releases it. The result is never below `idle_s`: the formula's "overdue" decay does not apply, the estimate
-        already holds what the idle time says."""
-        history = self.role_gaps.get(rec.role)
-        residual = history.mean_residual(idle_s, self.MIN_TAIL_SAMPLES) if history is not None else None
+        idle + the mean residual wait of the recent gaps longer than `idle_s` that followed turns of the same role at
+        the same burst phase, else of the role (`kvsched.core.next_use.GapModel`): a worker that just ended its round
+        waits like the workers that ended theirs, not like one between two tool calls. Without enough of those: the
+        session's own expected gap while it is not yet overdue, and past it twice the idle time (a wait that has
+        lasted t is expected to last about as long again: the median estimate for a duration of unknown scale,
+        J. R. Gott, Nature 363, 1993), so a session that is not coming back sinks in the order until its TTL releases
+        it. The result is never below `idle_s`: the formula's "overdue" decay does not apply, the estimate already
+        holds what the idle time says."""
+        residual = self.gaps.mean_residual(rec.role, rec.burst_turns, idle_s)
         if residual is None:
             residual = max(rec.expected_gap_s - idle_s, idle_s)
         return idle_s + residual
@@ -368,10 +335,8 @@ class RetentionPolicy:
         a = self.config.gap_ewma_alpha if rec.gaps_seen else 1.0
         rec.expected_gap_s = a * gap + (1.0 - a) * rec.expected_gap_s
         rec.gaps_seen += 1
-        history = self.role_gaps.get(rec.role)
-        if history is None:
-            history = self.role_gaps[rec.role] = GapHistory(self.GAP_WINDOW)
-        history.add(gap)
+        if self.gaps.observe(rec.role, rec.burst_turns, gap):
+            rec.burst_turns = 0  # the turn starting now opens a new burst
 
     def _release(self, rec: SessionRecord, reason: ReleaseReason, blocks: int | None = None) -> Release:
         if blocks is not None and 0 < blocks < rec.pinned_blocks:

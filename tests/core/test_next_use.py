@@ -1,7 +1,9 @@
 """The next-use estimate the release order is fed (`RetentionPolicy.expected_next_use_s`), driven by a hand-moved clock.
 
 The simulator's diagnosis found why it matters: with the raw inter-turn EWMA, a
-worker waiting on its orchestrator was "overdue", decayed to no value and was released just before it came back."""
+worker waiting on its orchestrator was "overdue", decayed to no value and was released just before it came back; with
+the role's gaps alone, a worker that had just ended its round looked as due as one between two tool calls (the burst
+phase tests below)."""
 
 from __future__ import annotations
 
@@ -97,3 +99,81 @@ def test_value_of_kv_held_elsewhere_uses_the_same_estimate_and_is_zero_once_the_
     assert p.value_of(a, pin.tokens, 512.0) == pytest.approx(2 * retention_value(pin))  # half the bytes: twice per byte
     p.end(a)
     assert p.value_of(a, 100, 512.0) == 0.0
+
+
+# ---- burst phase (`kvsched.core.next_use`) ----------------------------------------------------------------------------
+def test_gap_history_keeps_the_latest_window_sorted_as_gaps_come_and_go():
+    from kvsched.core.next_use import GapHistory
+
+    h = GapHistory(window=4)
+    for g in (5.0, 1.0, 3.0, 2.0):
+        h.add(g)
+    assert h.median() == 3.0  # upper median of 1 2 3 5
+    assert h.mean_residual(1.5, 1) == pytest.approx((2 + 3 + 5) / 3 - 1.5)
+    h.add(4.0)  # 5 leaves the window (the oldest), not the largest by accident
+    assert h.mean_residual(3.5, 1) == pytest.approx(0.5)
+    h.add(1.0)  # the first 1 leaves: one copy of a repeated value
+    h.add(6.0)  # 3 leaves: window 2 4 1 6
+    assert h.median() == 4.0
+    assert h.mean_residual(0.0, 4) == pytest.approx(13 / 4)
+    assert h.mean_residual(3.0, 3) is None  # only 4 and 6 are longer
+
+
+def run_worker(p: RetentionPolicy, clock: Clock, key: SessionKey, gaps: tuple[float, ...]) -> None:
+    """One turn, then one more after each gap."""
+    turn(p, key, WORKER)
+    for gap in gaps:
+        clock.now += gap
+        turn(p, key, WORKER)
+
+
+def test_a_gap_over_twice_the_roles_median_ends_the_burst():
+    clock = Clock()
+    p = RetentionPolicy(RetentionConfig(), clock, 10_000, bytes_per_token=1024.0)
+    a = SessionKey(SessionId("a"))
+    phases = []
+    turn(p, a, WORKER)
+    for gap in (1.0, 1.0, 1.0, 10.0, 1.0, 2.0, 1.0, 10.0):  # 2.0 is exactly twice the median: not long
+        phases.append(p.sessions[a].burst_turns)
+        clock.now += gap
+        turn(p, a, WORKER)
+    assert phases == [1, 2, 3, 4, 1, 2, 3, 4]
+    assert p.sessions[a].burst_turns == 1
+    assert list(p.gaps.by_phase[("worker", 4)].recent) == [10.0, 10.0]
+    assert list(p.gaps.by_phase[("worker", 1)].recent) == [1.0, 1.0]
+
+
+def test_a_worker_that_ended_its_round_waits_like_the_others_that_did_and_goes_first():
+    """Workers run four tool turns ~1.5 s apart, then wait ~10 s for the next round. X has just ended its round (idle
+    1 s); Y is between two tool calls (idle 0.5 s). By role alone both were due at 3.1 s and Y, with the longer wait
+    left, went first; by burst phase X is back at 10 s and Y at 1.5 s."""
+    clock = Clock()
+    p = RetentionPolicy(RetentionConfig(), clock, 10_000, bytes_per_token=1024.0)
+    for i, wait in enumerate((9.0, 10.0, 11.0)):
+        run_worker(p, clock, SessionKey(SessionId(f"seen-{i}")), (1.5, 1.5, 1.5, wait))
+    x, y = SessionKey(SessionId("x")), SessionKey(SessionId("y"))
+    run_worker(p, clock, x, (1.5, 1.5, 1.5))
+    run_worker(p, clock, y, (1.5,))
+    for i in range(3):
+        p.end(SessionKey(SessionId(f"seen-{i}")))
+    p.sessions[x].last_finished = clock.now - 1.0
+    p.sessions[y].last_finished = clock.now - 0.5
+    assert p.expected_next_use_s(p.sessions[x], 1.0) == pytest.approx(10.0)  # mean of 9, 10, 11 after a 4th turn
+    assert p.expected_next_use_s(p.sessions[y], 0.5) == pytest.approx(1.5)  # after a 2nd turn: 1.5 every time
+    assert p.release_order() == [x, y]
+    assert p.release_for_pressure(150) == [Release(x, ReleaseReason.PRESSURE), Release(y, ReleaseReason.PRESSURE, 50)]
+    # Past every gap its phase has seen, Y falls back to the role's gaps: only the round waits are that long.
+    assert p.expected_next_use_s(p.sessions[y], 1.6) == pytest.approx(10.0)
+
+
+def test_phases_past_the_cap_share_one_class():
+    from kvsched.core.next_use import GapModel
+
+    m = GapModel(window=8, min_samples=2, max_phase=3)
+    m.observe("w", 3, 4.0)
+    m.observe("w", 7, 6.0)
+    m.observe("w", 1, 100.0)
+    assert m.mean_residual("w", 12, 1.0) == pytest.approx(4.0)  # phases 3 and 7: mean 5, minus the idle time
+    assert m.mean_residual("w", 2, 1.0) == pytest.approx((4 + 6 + 100) / 3 - 1.0)  # phase 2 unseen: the role's
+    assert m.mean_residual("w", 1, 1.0) == pytest.approx((4 + 6 + 100) / 3 - 1.0)  # one phase-1 gap is too few
+    assert m.mean_residual("other", 1, 1.0) is None
