@@ -78,21 +78,23 @@ class TierStore:
 
     # ---- store (demotion) ---------------------------------------------------------------------------------------
     def store(self, block_ids: Sequence[int], slots: Sequence[int], tokens: Sequence[int] | None = None) -> None:
-        """Copy blocks into slots. `tokens[i]` > 0: only the first tokens[i] rows of block i hold KV (a partial last
-        block); the rest is stored as zeros, so stale KV neither sets the block's scale nor reaches a restore."""
+        """Copy blocks into slots. `tokens[i]` > 0: block i is a session's partial last block, whose positions past
+        `tokens[i]` hold whatever the block held before (never-written memory included). Where those positions sit in
+        the block's bytes is the attention backend's business (vLLM's CPU backend keeps all K rows, then all V rows,
+        in its own tiling), so the block is stored whole; only non-finite values are zeroed, in a gathered copy,
+        so garbage cannot poison the scale of the (block, head) the real tokens share. A restore writes the stale
+        positions back, where the next prefill overwrites them or attention never reads them."""
         if not block_ids:
             return
         ids = torch.tensor(block_ids, dtype=torch.int64)
         dst = torch.tensor(slots, dtype=torch.int64)
-        n = self.views[0].cache.shape[2]
-        partial = [(i, t) for i, t in enumerate(tokens or ()) if 0 < t < n]
+        partial = not self.raw and any(t > 0 for t in tokens or ())
         crcs = [0] * len(slots)
         for li, view in enumerate(self.views):
             cache, sel = view.cache, ids
-            if partial:  # a gathered copy with the stale rows zeroed
-                cache, sel = view.cache.index_select(0, ids), torch.arange(len(block_ids))
-                for i, t in partial:
-                    cache[i, :, t:, :] = 0
+            if partial:
+                cache, sel = torch.nan_to_num(view.cache.index_select(0, ids), 0.0, 0.0, 0.0), \
+                    torch.arange(len(block_ids))
             if self.raw:
                 rows = cache.index_select(0, sel).view(torch.uint8)
             else:
