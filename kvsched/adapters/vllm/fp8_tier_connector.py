@@ -171,6 +171,10 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         if rest > 0 and tail is not None and tail[1] == rest and n == len(slots):
             loads.append((tail[0], block_ids[start + n], tail[2]))
             self.stats["restored_tail_tokens"] += rest
+        elif rest > 0:  # vLLM passes back exactly what get_num_new_matched_tokens offered: never expected
+            logger.error("kvsched FP8 tier: vLLM took %d external tokens for request %s, not the %d offered",
+                         num_external_tokens, request.request_id,
+                         len(slots) * self.block_size + (tail[1] if tail else 0))
         self._step.loads.extend(Load(s, b) for s, b, _ in loads)
         self._step_loads.update((b, k) for _, b, k in loads)
         self.stats["restores"] += 1
