@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from kvsched.bench.agents_driver import RunRecord, run_with_progress
+from kvsched.bench.agents_driver import TTL_HINT_S, RunRecord, run_with_progress
 from kvsched.bench.common import RESULTS_DIR, percentile, provenance, ratios, table, write_json
 from kvsched.serving import ServerSpec, VllmServer
 from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
@@ -32,6 +32,7 @@ FULL = WorkloadConfig(workflows=6, topology=Topology.HIERARCHICAL, workers=4, ro
 # host-memory tier (by default as many bytes as the KV pool itself) and restored on the session's next turn.
 SIDES = {"stock": None, "kvsched": "kvsched", "kvsched+fp8tier": "kvsched", "unbounded": None}
 TIER_SIDE = "kvsched+fp8tier"
+REPLAY_SIDES = ("stock", "kvsched")  # replayed at their pool under LRU / kvsched / Belady (kvsched.bench.agents_replay)
 UNBOUNDED_HEADROOM = 1.25
 BLOCK_SIZE = 32
 METRIC_KEYS = ("vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
@@ -172,7 +173,8 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
 
 
 def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool,
-             fidelity_probes: int = 0) -> tuple[dict[str, Any], float]:
+             fidelity_probes: int = 0, replay_bytes_per_token: float | None = None) -> tuple[dict[str, Any], float]:
+    """One side's run; with `replay_bytes_per_token`, also its clairvoyant replay (`agents_replay`)."""
     workflows = generate(cfg)
     with VllmServer(spec) as server:
         prefill_tok_s = prefill_throughput(server, spec.served_model_name, spec.max_model_len)
@@ -180,6 +182,12 @@ def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool,
         record = run_with_progress(server.url, spec.served_model_name, cfg.max_tokens, workflows, name, progress)
         after = server.metrics()
         summary = summarize(record, before, after)
+        if replay_bytes_per_token is not None:  # this run's arrivals at this pool: LRU, kvsched's policy, Belady
+            from kvsched.bench.agents_replay import clairvoyant_replay
+
+            summary["replay"] = clairvoyant_replay(
+                spec.model, workflows, record, spec.block_size, (spec.num_blocks or 1) - 1,  # vLLM's null block
+                prefill_tok_s, replay_bytes_per_token, TTL_HINT_S)
         if fidelity_probes > 0:  # after the measured run: the probes' own traffic is not in the figures above
             from kvsched.bench.tier_fidelity import ProbeConfig, probe
 
@@ -218,13 +226,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                           served_model_name="agents", extra_args=extra)
         result[name], prefill_rates[name] = run_side(
             name, spec, cfg, progress=not args.no_progress,
-            fidelity_probes=args.fidelity_probes if name == TIER_SIDE else 0)
+            fidelity_probes=args.fidelity_probes if name == TIER_SIDE else 0,
+            replay_bytes_per_token=kv_bytes_per_token(shape) if name in REPLAY_SIDES else None)
     if "stock" in result:
         result["ratio"] = {s: ratios(result[s], result["stock"]) for s in result if s != "stock"}
         if "kvsched" in result["ratio"]:
             result["ratio"].update(result["ratio"]["kvsched"])  # kvsched/stock at the top level, as documented
     if {"stock", "kvsched", "unbounded"} <= result.keys():
         result["bound"] = attainable(result)
+    if {"stock", "kvsched"} <= result.keys():
+        result.setdefault("bound", {}).update(clairvoyant_bound(result))
     if {"kvsched", TIER_SIDE} <= result.keys():
         result["ratio_tier_over_kvsched"] = ratios(result[TIER_SIDE], result["kvsched"])
     result["config"] = {
@@ -279,6 +290,21 @@ def attainable(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def clairvoyant_bound(result: dict[str, Any]) -> dict[str, float]:
+    """The replays against stock's measured prefill: Belady at this pool on the kvsched side's own arrivals (what no
+    eviction order could have beaten in this run), on stock's, and the simulated LRU on stock's arrivals (the model's
+    check: near 1.0 when the simulator's pool behaves like vLLM's)."""
+    stock = result["stock"]["prefill_tokens_computed"]
+    ours = result["kvsched"]["prefill_tokens_computed"]
+    rk, rs = result["kvsched"].get("replay"), result["stock"].get("replay")
+    if not stock or rk is None or rs is None:
+        return {}
+    opt = rk["opt"]
+    return {"opt_over_stock": opt / stock, "opt_on_stock_arrivals_over_stock": rs["opt"] / stock,
+            "sim_lru_over_stock": rs["lru"] / stock, "sim_kvsched_over_stock": rk["kvsched"] / stock,
+            "kvsched_share_of_clairvoyant_saving": (stock - ours) / (stock - opt) if stock > opt else 0.0}
+
+
 ROWS = ("prefill_tokens_computed", "prefix_hit_rate", "ttft_p50_s", "ttft_p95_s", "followup_ttft_p95_s",
         "throughput_tok_s", "wall_s", "errors", "preemptions")
 
@@ -296,8 +322,13 @@ def print_report(result: dict[str, Any]) -> None:
     cfg = result["config"]
     print(f"sessions={cfg['sessions']} working_set={cfg['working_set_tokens']} tok, pool={cfg['kv_pool_tokens']} tok "
           f"(pressure {cfg['pressure']:.2f}x), prefill {cfg['measured_prefill_tok_s']} tok/s")
-    if "bound" in result:
-        b = result["bound"]
+    b = result.get("bound", {})
+    if "opt_over_stock" in b:
+        print(f"clairvoyant replay of this run's arrivals at this pool (kvsched.sim): Belady {b['opt_over_stock']:.3f}x "
+              f"stock's prefill (no eviction order goes below it at this memory), kvsched realises "
+              f"{b['kvsched_share_of_clairvoyant_saving']:.0%} of its saving; simulated LRU on stock's arrivals "
+              f"{b['sim_lru_over_stock']:.3f}x stock's measured count (the model's check)")
+    if "floor_over_stock" in b:
         print(f"unbounded-memory floor = {b['floor_over_stock']:.3f}x stock prefill (no eviction policy goes below it); "
               f"kvsched realises {b['kvsched_share_of_attainable_saving']:.0%} of the saving it allows")
     if TIER_SIDE in result and "tier" in result[TIER_SIDE]:

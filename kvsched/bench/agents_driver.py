@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from kvsched.sim.workload import AgentScript, Phase, Workflow
+from kvsched.sim.workload import AgentScript, Phase, Turn, Workflow
+
+TTL_HINT_S = 60.0  # the X-Session-TTL every turn carries: longer than any tool call of the workloads
 
 
 @dataclass(slots=True)
@@ -23,6 +25,7 @@ class TurnRecord:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    sent_s: float = 0.0  # when the request was sent, seconds after the run started (for replaying the arrivals)
 
 
 @dataclass(slots=True)
@@ -35,8 +38,18 @@ class RunRecord:
         return sum(1 for t in self.turns if t.error)
 
 
+def prompt_messages(system: str, turns: Sequence[Turn], idx: int) -> list[dict[str, str]]:
+    """What turn `idx` of an agent sends: the system prompt, every earlier turn's user message and the canned
+    assistant reply the client recorded for it (identical on every side), then this turn's user message."""
+    msgs = [{"role": "system", "content": system}]
+    for t in turns[:idx]:
+        msgs += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant}]
+    msgs.append({"role": "user", "content": turns[idx].user})
+    return msgs
+
+
 class AgentDriver:
-    def __init__(self, base_url: str, model: str, max_tokens: int, api_key: str = "none", ttl_hint_s: float = 60.0,
+    def __init__(self, base_url: str, model: str, max_tokens: int, api_key: str = "none", ttl_hint_s: float = TTL_HINT_S,
                  on_turn: Callable[[TurnRecord], None] | None = None, request_timeout_s: float = 300.0) -> None:
         from openai import AsyncOpenAI
 
@@ -45,12 +58,11 @@ class AgentDriver:
         self.max_tokens = max_tokens
         self.ttl_hint_s = ttl_hint_s
         self.on_turn = on_turn
-        self.histories: dict[str, list[dict[str, str]]] = {}
-        self.turns_done: dict[str, int] = {}
+        self.t0 = time.perf_counter()
 
     async def run(self, workflows: list[Workflow]) -> RunRecord:
         record = RunRecord()
-        t0 = time.perf_counter()
+        self.t0 = t0 = time.perf_counter()
         await asyncio.gather(*(self._workflow(w, record) for w in workflows))
         record.wall_s = time.perf_counter() - t0
         await self.client.close()
@@ -62,18 +74,14 @@ class AgentDriver:
             await asyncio.gather(*(self._agent(a, phase, record) for a in phase.agents))
 
     async def _agent(self, agent: AgentScript, phase: Phase, record: RunRecord) -> None:
-        history = self.histories.setdefault(agent.session_id, [{"role": "system", "content": agent.system}])
         lo, hi = phase.turn_slice or (0, len(agent.turns))
         for idx in range(lo, min(hi, len(agent.turns))):
-            turn = agent.turns[idx]
-            await asyncio.sleep(turn.delay_s)
-            history.append({"role": "user", "content": turn.user})
+            await asyncio.sleep(agent.turns[idx].delay_s)
             last = idx == len(agent.turns) - 1
-            rec = await self._send(agent, idx, list(history), last)
+            rec = await self._send(agent, idx, prompt_messages(agent.system, agent.turns, idx), last)
             record.turns.append(rec)
             if self.on_turn:
                 self.on_turn(rec)
-            history.append({"role": "assistant", "content": turn.assistant})
 
     async def _send(self, agent: AgentScript, idx: int, messages: list[dict[str, str]], last: bool) -> TurnRecord:
         headers = {"X-Session-Id": agent.session_id, "X-Agent-Role": agent.role,
@@ -96,8 +104,9 @@ class AgentDriver:
                     completion_tokens = chunk.usage.completion_tokens
         except Exception as exc:  # counted, reported; the workflow goes on
             return TurnRecord(agent.session_id, idx, None, time.perf_counter() - start, 0, 0,
-                              error=f"{type(exc).__name__}: {exc}"[:300])
-        return TurnRecord(agent.session_id, idx, ttft, time.perf_counter() - start, prompt_tokens, completion_tokens)
+                              error=f"{type(exc).__name__}: {exc}"[:300], sent_s=start - self.t0)
+        return TurnRecord(agent.session_id, idx, ttft, time.perf_counter() - start, prompt_tokens, completion_tokens,
+                          sent_s=start - self.t0)
 
 
 def run_with_progress(url: str, model: str, max_tokens: int, workflows: list[Workflow], label: str,
