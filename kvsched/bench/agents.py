@@ -61,6 +61,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sides", type=parse_sides, default="stock,kvsched,kvsched+fp8tier,unbounded",
                    help="comma list of: " + ",".join(SIDES) + " (default: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace-dir", type=Path, default=None,
+                   help="write each replayed side's requests as a trace (docs/trace_schema.md) for kvsched simulate")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -151,6 +153,8 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
     if "kvsched_retained_hit_tokens_total" in after:
         out["retained_hit_tokens"] = int(after["kvsched_retained_hit_tokens_total"]
                                          - before.get("kvsched_retained_hit_tokens_total", 0.0))
+        out["released_queued_blocks"] = int(after.get("kvsched_released_queued_blocks_total", 0.0)
+                                            - before.get("kvsched_released_queued_blocks_total", 0.0))
         for field, metric in (("pin_releases", "kvsched_pin_releases_total"),
                               ("pin_partial_releases", "kvsched_pin_partial_releases_total"),
                               ("pin_released_blocks", "kvsched_pin_released_blocks_total")):
@@ -173,7 +177,8 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
 
 
 def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool,
-             fidelity_probes: int = 0, replay_bytes_per_token: float | None = None) -> tuple[dict[str, Any], float]:
+             fidelity_probes: int = 0, replay_bytes_per_token: float | None = None,
+             trace_dir: Path | None = None) -> tuple[dict[str, Any], float]:
     """One side's run; with `replay_bytes_per_token`, also its clairvoyant replay (`agents_replay`)."""
     workflows = generate(cfg)
     with VllmServer(spec) as server:
@@ -187,7 +192,8 @@ def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool,
 
             summary["replay"] = clairvoyant_replay(
                 spec.model, workflows, record, spec.block_size, (spec.num_blocks or 1) - 1,  # vLLM's null block
-                prefill_tok_s, replay_bytes_per_token, TTL_HINT_S)
+                prefill_tok_s, replay_bytes_per_token, TTL_HINT_S,
+                trace_out=trace_dir / f"{name}.jsonl" if trace_dir else None)
         if fidelity_probes > 0:  # after the measured run: the probes' own traffic is not in the figures above
             from kvsched.bench.tier_fidelity import ProbeConfig, probe
 
@@ -227,7 +233,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         result[name], prefill_rates[name] = run_side(
             name, spec, cfg, progress=not args.no_progress,
             fidelity_probes=args.fidelity_probes if name == TIER_SIDE else 0,
-            replay_bytes_per_token=kv_bytes_per_token(shape) if name in REPLAY_SIDES else None)
+            replay_bytes_per_token=kv_bytes_per_token(shape) if name in REPLAY_SIDES else None,
+            trace_dir=getattr(args, "trace_dir", None))
     if "stock" in result:
         result["ratio"] = {s: ratios(result[s], result["stock"]) for s in result if s != "stock"}
         if "kvsched" in result["ratio"]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from kvsched.bench.agents_driver import RunRecord, prompt_messages
 from kvsched.sim.replay import ReplayConfig, replay
-from kvsched.sim.trace import Trace, TraceRequest, chain_hashes
+from kvsched.sim.trace import Trace, TraceRequest, TraceWriter, chain_hashes
 from kvsched.sim.workload import Workflow
 
 POLICIES = ("lru", "kvsched", "opt")
@@ -26,6 +26,13 @@ def build_trace(model_dir: Path, workflows: list[Workflow], record: RunRecord, b
     """The run's served requests as a trace (prompt token ids through the model's own chat template, chained block
     hashes as vLLM computes them), and how many prompts' token counts differ from what the server reported (0 when
     the tokenization matches vLLM's)."""
+    requests, mismatches = trace_requests(model_dir, workflows, record, block_size, ttl_s)
+    return Trace.from_requests(block_size, requests, meta={"source": "kvsched bench agents"}), mismatches
+
+
+def trace_requests(model_dir: Path, workflows: list[Workflow], record: RunRecord, block_size: int,
+                   ttl_s: float | None) -> tuple[list[TraceRequest], int]:
+    """`build_trace`'s requests, in send order, each with its full block list (reuse 0)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -41,8 +48,9 @@ def build_trace(model_dir: Path, workflows: list[Workflow], record: RunRecord, b
         out = [OUTPUT_ID_BASE + n * 4096 + k for k in range(rec.completion_tokens)]
         requests.append(TraceRequest(t=rec.sent_s, session=rec.session_id, prompt_tokens=len(ids),
                                      output_tokens=rec.completion_tokens, blocks=chain_hashes(ids + out, block_size),
-                                     role=agent.role, ttl_s=ttl_s, end=rec.turn_index == len(agent.turns) - 1))
-    return Trace.from_requests(block_size, requests, meta={"source": "kvsched bench agents"}), mismatches
+                                     role=agent.role, ttl_s=ttl_s, end=rec.turn_index == len(agent.turns) - 1,
+                                     duration_s=rec.latency_s))
+    return requests, mismatches
 
 
 def decode_s_per_token(record: RunRecord) -> float:
@@ -54,12 +62,28 @@ def decode_s_per_token(record: RunRecord) -> float:
 
 def clairvoyant_replay(model_dir: Path, workflows: list[Workflow], record: RunRecord, block_size: int,
                        capacity_blocks: int, prefill_tok_s: float, bytes_per_token: float,
-                       ttl_s: float | None = None) -> dict[str, Any]:
-    """Prefill tokens each policy computes on this run's arrivals at this pool, in the simulator's time model."""
-    trace, mismatches = build_trace(model_dir, workflows, record, block_size, ttl_s)
+                       ttl_s: float | None = None, trace_out: Path | None = None) -> dict[str, Any]:
+    """Prefill tokens each policy computes on this run's arrivals at this pool. Each request holds its blocks for as
+    long as it really ran (the run's own batching and queueing); `time_model` repeats the replay with the simulator's
+    timing instead (every request alone at the measured prefill speed: less overlap, so less pressure)."""
+    requests, mismatches = trace_requests(model_dir, workflows, record, block_size, ttl_s)
+    trace = Trace.from_requests(block_size, requests, meta={"source": "kvsched bench agents"})
     cfg = ReplayConfig(capacity_blocks=capacity_blocks, prefill_tps=prefill_tok_s,
                        tpot_s=decode_s_per_token(record), bytes_per_token=bytes_per_token)
     out: dict[str, Any] = {p: replay(trace, p, cfg).prefill_tokens_computed for p in POLICIES}
+    trace.duration_s = None
+    out["time_model"] = {p: replay(trace, p, cfg).prefill_tokens_computed for p in POLICIES}
     out.update(requests=len(trace), capacity_blocks=capacity_blocks, prompt_length_mismatches=mismatches,
                prefill_tok_s=prefill_tok_s, tpot_s=cfg.tpot_s)
+    if trace_out is not None:
+        write_trace(trace_out, requests, block_size)
     return out
+
+
+def write_trace(path: Path, requests: list[TraceRequest], block_size: int) -> None:
+    """The run as a trace file (docs/trace_schema.md) for `kvsched simulate`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        w = TraceWriter(f, block_size, meta={"source": "kvsched bench agents"})
+        for r in requests:
+            w.write(r, full_blocks=list(r.blocks))

@@ -8,7 +8,9 @@ simulator replay exact decisions.
 "May it be released?" and "in what order?" are separate: a session with a request in flight is never a victim (its
 blocks are in use, releasing frees nothing); among the others the order is `kvsched.core.scoring.retention_value`,
 lowest first, fed with the session's expected time to its next turn given how long it has been idle
-(`RetentionPolicy.expected_next_use_s`).
+(`RetentionPolicy.expected_next_use_s`). Sessions whose next request has already arrived and waits to be scheduled
+come last, latest arrival first: their next use is now (in a burst, releasing one to admit another only swaps whose
+history is prefilled again), and the engine serves its queue in arrival order.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class SessionRecord:
     ttl_s: float = 0.0
     turns: int = 0
     active_requests: int = 0
+    waiting: int = 0  # requests that arrived and are not scheduled yet
+    waiting_since: float | None = None  # arrival of the oldest of them
     last_finished: float | None = None
     expected_gap_s: float = 0.0
     gaps_seen: int = 0
@@ -132,7 +136,16 @@ class RetentionPolicy:
         self.counters["requests_with_session"] += 1
         if hints.role:
             rec.role = hints.role
+        rec.waiting += 1
+        if rec.waiting_since is None:
+            rec.waiting_since = self.clock()
         self.sessions.move_to_end(key)
+
+    def request_abandoned(self, key: SessionKey) -> None:
+        """A request of the session left the engine before it was ever scheduled (aborted, rejected)."""
+        rec = self.sessions.get(key)
+        if rec is not None:
+            self._not_waiting(rec)
 
     def turn_started(self, key: SessionKey, cached_tokens: int) -> list[Decision]:
         """The session's request was scheduled with `cached_tokens` from the prefix cache.
@@ -142,6 +155,7 @@ class RetentionPolicy:
         rec = self.sessions.get(key) or self._new_record(key)
         now = self.clock()
         rec.active_requests += 1
+        self._not_waiting(rec)
         if rec.last_finished is not None:
             self._observe_gap(rec, max(now - rec.last_finished, 0.0))
         if rec.pinned and cached_tokens > 0:
@@ -188,7 +202,7 @@ class RetentionPolicy:
         if rec is None:
             return []
         decisions: list[Decision] = [self._release(rec, ReleaseReason.END)] if rec.pinned else []
-        if rec.active_requests == 0:
+        if rec.active_requests == 0 and rec.waiting == 0:
             del self.sessions[key]
         self.counters["sessions_ended"] += 1
         return decisions
@@ -234,6 +248,8 @@ class RetentionPolicy:
         for key in self.release_order(exclude):
             rec = self.sessions[key]
             take = min(blocks, rec.pinned_blocks)
+            if rec.waiting:  # nothing idle was left: a queued request will prefill this part again
+                self.counters[f"released_blocks_{reason.value}_waiting"] += take
             out.append(self._release(rec, reason, take))
             blocks -= take
             if blocks <= 0:
@@ -287,17 +303,23 @@ class RetentionPolicy:
         )
 
     def release_order(self, exclude: Iterable[SessionKey] = ()) -> list[SessionKey]:
-        """Pinned sessions in the order they would be released, lowest retention value first."""
+        """Pinned sessions in the order they would be released: lowest retention value first, then those with a
+        request waiting to be scheduled, the latest arrival first."""
         now = self.clock()
         skip = set(exclude)
         keys: list[SessionKey] = []
         cands: list[Candidate] = []
+        queued: list[tuple[float, int, SessionKey]] = []
         for key, rec in self.sessions.items():
             if not rec.pinned or key in skip or rec.active_requests > 0:
                 continue
+            if rec.waiting:
+                queued.append((-(rec.waiting_since or now), len(queued), key))
+                continue
             keys.append(key)
             cands.append(self.candidate(rec, now))
-        return [keys[i] for i in self.selector(cands, len(cands))] if cands else []
+        order = [keys[i] for i in self.selector(cands, len(cands))] if cands else []
+        return order + [key for *_, key in sorted(queued)]
 
     def next_victim(self, exclude: Iterable[SessionKey]) -> SessionKey | None:
         order = self.release_order(exclude)
@@ -331,6 +353,12 @@ class RetentionPolicy:
         rec.expiry_queued = rec.expires_at
         heapq.heappush(self._expiry, (rec.expires_at, next(self._seq), rec.key))
 
+    @staticmethod
+    def _not_waiting(rec: SessionRecord) -> None:
+        rec.waiting = max(rec.waiting - 1, 0)
+        if not rec.waiting:
+            rec.waiting_since = None
+
     def _observe_gap(self, rec: SessionRecord, gap: float) -> None:
         a = self.config.gap_ewma_alpha if rec.gaps_seen else 1.0
         rec.expected_gap_s = a * gap + (1.0 - a) * rec.expected_gap_s
@@ -358,5 +386,6 @@ class RetentionPolicy:
         excess = len(self.sessions) - self.config.max_sessions
         if excess <= 0:
             return
-        for key in [k for k, r in self.sessions.items() if not r.pinned and not r.active_requests][:excess]:
+        for key in [k for k, r in self.sessions.items()
+                    if not r.pinned and not r.active_requests and not r.waiting][:excess]:
             del self.sessions[key]

@@ -155,8 +155,8 @@ class KVSchedPolicy(SimPolicy):
 
     def on_shortage(self, i: int, num_new_tokens: int) -> bool:
         key, _ = self._key_hints(i)
-        need = max(self.PRESSURE_CHUNK, -(-num_new_tokens // self.trace.block_size) + 1)
         before = self.pool.num_free
+        need = max(self.PRESSURE_CHUNK, -(-num_new_tokens // self.trace.block_size) + 1 - before)  # as SessionPins
         while True:
             releases = (self.policy.release_for_pressure(need, exclude={key})
                         or self.policy.release_for_pressure(need))

@@ -7,7 +7,9 @@ Time model (simple on purpose, the same for every policy):
   run after them the policy can load (kvsched's FP8 tier; loaded blocks take pool blocks like computed ones), and
   holds all its blocks (prompt and output) until it finishes;
 - it runs alone at the given speeds: prefill of the tokens not hit at `prefill_tps`, then `output_tokens` decode steps
-  of `tpot_s`; no batching slowdown, no preemption;
+  of `tpot_s`; no batching slowdown, no preemption; a request whose trace line gives `duration_s` (a measured
+  arrival-to-finish time, e.g. from `kvsched bench agents`) instead holds its blocks until arrival + that duration (or
+  until its own prefill is done, if later), which replays a real engine's batching and queueing;
 - TTFT = wait for memory + prefill time of the tokens neither hit nor loaded (a load's copy time is not modelled).
 Requests larger than the whole pool are rejected (counted, not replayed).
 """
@@ -122,7 +124,7 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig) -> ReplayResult:
     res = ReplayResult(policy=policy)
     bs = trace.block_size
     n = len(trace)
-    t_arr, prompt, output = trace.t, trace.prompt_tokens, trace.output_tokens
+    t_arr, prompt, output, measured = trace.t, trace.prompt_tokens, trace.output_tokens, trace.duration_s
     ttft = np.full(n, np.nan)
     wait = np.full(n, np.nan)
     finishes: list[tuple[float, int]] = []
@@ -158,7 +160,10 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig) -> ReplayResult:
             prefill = computed / cfg.prefill_tps
             wait[i] = now - t_arr[i]
             ttft[i] = wait[i] + prefill
-            heapq.heappush(finishes, (now + prefill + int(output[i]) * cfg.tpot_s, i))
+            done = now + prefill + int(output[i]) * cfg.tpot_s
+            if measured is not None and not np.isnan(measured[i]):  # the trace says how long it really ran
+                done = max(float(t_arr[i] + measured[i]), now + prefill)
+            heapq.heappush(finishes, (done, i))
             if cfg.check:
                 pool.check()
 
@@ -184,10 +189,10 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig) -> ReplayResult:
             now = clock.now = float(t_arr[i])
             pol.tick()
             p = int(prompt[i])
-            pol.on_arrival(i)
             if -(-(p + int(output[i])) // bs) > pool.capacity:
-                res.rejected += 1
+                res.rejected += 1  # as vLLM's 400: the request never reaches the scheduler
             else:
+                pol.on_arrival(i)
                 waiting.append(i)
             i += 1
         try_admit(now)

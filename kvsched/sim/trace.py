@@ -40,6 +40,7 @@ class TraceRequest:
     ttl_s: float | None = None
     end: bool = False
     salt: str | None = None
+    duration_s: float | None = None  # measured arrival-to-finish time; replay then holds the blocks that long
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": round(self.t, 6), "session": self.session, "prompt_tokens": self.prompt_tokens,
@@ -47,7 +48,7 @@ class TraceRequest:
         if self.reuse:
             out["reuse"] = self.reuse
         out["blocks"] = [int(b) if isinstance(b, np.integer) else b for b in self.blocks]
-        for name in ("role", "ttl_s", "salt"):
+        for name in ("role", "ttl_s", "salt", "duration_s"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.end:
@@ -61,7 +62,8 @@ class TraceRequest:
                        output_tokens=int(d.get("output_tokens", 0)), blocks=d.get("blocks", []),
                        reuse=int(d.get("reuse", 0)), role=d.get("role"),
                        ttl_s=None if d.get("ttl_s") is None else float(d["ttl_s"]), end=bool(d.get("end", False)),
-                       salt=d.get("salt"))
+                       salt=d.get("salt"),
+                       duration_s=None if d.get("duration_s") is None else float(d["duration_s"]))
         except KeyError as exc:
             raise ValueError(f"trace request lacks field {exc.args[0]!r}: {d}") from None
 
@@ -176,6 +178,7 @@ class Trace:
     _tape: list[_Tape] = field(repr=False)
     _where: np.ndarray = field(repr=False)  # (n, 2): tape index, number of blocks
     meta: dict[str, Any] = field(default_factory=dict)
+    duration_s: np.ndarray | None = None  # float64 measured arrival-to-finish seconds, NaN = use the time model
 
     def __len__(self) -> int:
         return len(self.t)
@@ -263,6 +266,8 @@ class Trace:
             role=[reqs[i].role for i in order],
             sessions=sessions, n_ids=n_ids, depth=depth[:n_ids].copy(), _tape=tapes, _where=where[order],
             meta=dict(meta or {}),
+            duration_s=(np.array([np.nan if reqs[i].duration_s is None else reqs[i].duration_s for i in order],
+                                 dtype=np.float64) if any(r.duration_s is not None for r in reqs) else None),
         )
 
     @classmethod

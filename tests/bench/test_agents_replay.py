@@ -101,3 +101,22 @@ def test_clairvoyant_bound_against_stock():
     assert b["sim_lru_over_stock"] == pytest.approx(0.95)
     assert b["kvsched_share_of_clairvoyant_saving"] == pytest.approx(350 / 440)
     assert clairvoyant_bound({"stock": side(1000), "kvsched": side(650)}) == {}
+
+
+def test_measured_durations_hold_blocks_longer_and_the_trace_file_replays_the_same(model_dir, tmp_path):
+    from kvsched.sim.replay import ReplayConfig, replay
+    from kvsched.sim.trace import Trace
+
+    workflows = generate(CFG)
+    trace, _ = build_trace(model_dir, workflows, played(workflows), 16)
+    cap = trace.working_set_blocks() // 2
+    quick = clairvoyant_replay(model_dir, workflows, played(workflows, run_s=0.05), 16, cap, 5000.0, 1024.0)
+    slow = clairvoyant_replay(model_dir, workflows, played(workflows, run_s=1.5), 16, cap, 5000.0, 1024.0,
+                              trace_out=tmp_path / "run.jsonl")
+    # Same arrivals' order within a session, but requests that ran 1.5 s overlap more: less room for pins.
+    assert slow["opt"] > quick["opt"]
+    assert set(slow["time_model"]) == {"lru", "kvsched", "opt"}
+    loaded = Trace.load(tmp_path / "run.jsonl")
+    assert loaded.duration_s is not None and len(loaded) == slow["requests"]
+    cfg = ReplayConfig(capacity_blocks=cap, prefill_tps=5000.0, tpot_s=slow["tpot_s"], bytes_per_token=1024.0)
+    assert replay(loaded, "opt", cfg).prefill_tokens_computed == slow["opt"]

@@ -130,6 +130,38 @@ def test_sessions_with_a_request_in_flight_are_never_victims(clock):
     assert p.release_for_pressure(100) == []
 
 
+def test_sessions_whose_next_request_is_queued_are_released_last_latest_arrival_first(clock):
+    p = make(clock, total_blocks=1000)
+    worker = TurnHints(role="worker")
+    for key in (A, B, C):
+        finish(p, key, 320, hints=worker)
+    p.sessions[C].last_finished = clock() - 120.0  # C has been idle for two minutes: the lowest value of the three
+    assert p.release_order()[0] == C
+    clock.advance(1.0)
+    p.request_arrived(C, worker)  # ...but its next turn has arrived and waits to be scheduled
+    clock.advance(0.1)
+    p.request_arrived(A, worker)
+    assert p.release_order() == [B, A, C]  # idle first; then the queue from its back (A arrived after C)
+    assert p.release_for_pressure(30) == [Release(B, ReleaseReason.PRESSURE), Release(A, ReleaseReason.PRESSURE, 10)]
+    assert p.counters["released_blocks_pressure_waiting"] == 10  # only A's part was queued KV
+    p.request_abandoned(A)  # A's request was aborted before it ran: A is an ordinary idle session again
+    assert p.sessions[A].waiting == 0 and p.sessions[A].waiting_since is None
+    assert p.release_order() == [A, C]
+    p.turn_started(C, cached_tokens=320)  # scheduled: in use, not queued, never a victim
+    assert p.sessions[C].waiting == 0 and p.release_order() == [A]
+
+
+def test_a_queued_session_keeps_its_record_through_end_and_table_trimming(clock):
+    p = make(clock, max_sessions=1)
+    finish(p, A, 0)  # nothing to pin: an idle, unpinned record, the first the table would drop
+    p.request_arrived(A, NO_HINTS)
+    finish(p, B, 160)  # the table is over its bound; A's request waits, so A's record stays
+    assert A in p.sessions and p.sessions[A].waiting == 1
+    p.request_arrived(B, TurnHints(end=True))
+    p.end(B)  # ended while its last request is queued: the record stays until that request is done
+    assert B in p.sessions and not p.sessions[B].pinned
+
+
 def test_cache_salt_separates_sessions(clock):
     p = make(clock)
     salted = SessionKey(SessionId("a"), cache_salt="tenant-2")

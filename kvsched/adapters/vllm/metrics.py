@@ -30,6 +30,8 @@ COUNTERS = {
     "retained_hits": "Turns that started on KV kvsched had retained",
     "retained_hit_tokens": "Prompt tokens served from KV kvsched had retained (prefill saved)",
     "rejected_requests": "Requests refused for malformed session input (HTTP 400)",
+    "released_queued_blocks": "KV blocks released for pressure from sessions whose next request was already queued "
+                              "(no idle pin was left: the pool is short of the burst's working set)",
     "tier_demotions": "Pin releases whose blocks were copied to the FP8 tier",
     "tier_demoted_blocks": "KV blocks copied (quantized) to the FP8 tier",
     "tier_evicted_blocks": "KV blocks the FP8 tier dropped for lack of room (lowest retention value first)",

@@ -84,6 +84,7 @@ class SessionPins:
             return
         key, hints = entry
         if request.request_id not in self.started:  # finished (aborted) before it ever ran
+            self.policy.request_abandoned(key)
             if hints.end:
                 self._end(key)
             return
@@ -105,8 +106,11 @@ class SessionPins:
         """vLLM could not allocate blocks for a live request: release pins, lowest value first, before vLLM preempts
         or queues anything. True if blocks were freed (the allocation is then retried)."""
         own = {entry[0]} if (entry := self.requests.get(request.request_id)) else set()
-        need = max(self.PRESSURE_CHUNK, -(-num_new_tokens // self.block_size) + 1)
         before = compat.num_free_blocks(self.scheduler)
+        # About the shortfall, not the request's whole size: free blocks still count (released pins stay cached in
+        # the free queue only until reused, and the order past the shortfall may change before they are needed, e.g.
+        # when a released session's next turn arrives). If it was not enough, vLLM fails again and we come back.
+        need = max(self.PRESSURE_CHUNK, -(-num_new_tokens // self.block_size) + 1 - before)
         while True:
             # Other sessions first. The request's own session last: releasing it frees nothing the request will hit
             # (hit blocks are taken back out of the free queue), but keeping it when nothing else is left would
@@ -273,6 +277,7 @@ class SessionPins:
             "retained_hits": c["retained_hits"],
             "retained_hit_tokens": c["retained_hit_tokens"],
             "pins": c["pins"],
+            "released_queued_blocks": c["released_blocks_pressure_waiting"],
             **{f"released_{r.value}": c[f"released_{r.value}"] for r in ReleaseReason},
             **{f"released_{r.value}_partial": c[f"released_{r.value}_partial"] for r in ReleaseReason},
             **{f"released_blocks_{r.value}": c[f"released_blocks_{r.value}"] for r in ReleaseReason},

@@ -109,6 +109,33 @@ def test_a_request_never_waits_on_its_own_sessions_pin(harness_cfg, clock):
     assert other_prefix.is_finished() and other_prefix.num_preemptions == 0
 
 
+def test_a_burst_releases_idle_pins_before_the_pin_of_a_queued_turn(harness_cfg, clock):
+    """Two requests arrive in one step: one with no session that needs a pin's blocks, then the next turn of the
+    session that has been idle longest (the lowest-value pin). The idle pin yields, the queued turn hits its prefix."""
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    history = [300 + i % 50 for i in range(300)]
+    s.add_request(f.make(history, 4, session_id="queued"))
+    run_until_idle(s)
+    clock.advance(20.0)  # within the 30 s TTL
+    s.add_request(f.make([200] * 300, 4, session_id="idle"))
+    run_until_idle(s)
+    assert [str(k.session_id) for k in s.kvsched.policy.release_order()] == ["queued", "idle"]
+    assert free_blocks(s) == usable_blocks(s) - 36
+    big = f.make([9] * 600, 4)  # 38 blocks of 27 free: one pin must go
+    next_turn = f.make(history + [FAKE_TOKEN] * 3 + list(range(900, 940)), 4, session_id="queued")
+    s.add_request(big)
+    s.add_request(next_turn)
+    counts = PrefillCounts()
+    run_until_idle(s, counts=counts)
+    assert big.num_preemptions == 0 and next_turn.num_preemptions == 0
+    assert counts.cached_tokens == 288  # all 18 retained blocks of the queued turn's session
+    stats = s.kvsched.stats()
+    # Only the idle pin's tail was released, about the shortfall each time: big's (38 + 1 - 27 free = 12 blocks),
+    # then the queued turn's (4 new blocks + 1 - 1 free = 4); nothing of the queued session.
+    assert stats["released_blocks_pressure"] == 16 and stats["released_queued_blocks"] == 0
+    assert {str(k.session_id) for k in s.kvsched.pinned} == {"queued", "idle"}
+
+
 def test_ttl_expiry_and_end_return_every_block(harness_cfg, clock):
     s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
     s.add_request(f.make([1] * 64, 2, session_id="short", xargs={"ttl_s": 2.0}))
