@@ -37,8 +37,9 @@ class SimPolicy:
     def on_arrival(self, i: int) -> None:
         pass
 
-    def on_shortage(self, i: int, num_new_tokens: int) -> bool:
-        """Request i cannot be allocated; free something and return True to have the allocation retried."""
+    def on_shortage(self, i: int, num_new_tokens: int, own_free_hits: int = 0) -> bool:
+        """Request i cannot be allocated (`own_free_hits`: its hit blocks that sit in the free list); free something
+        and return True to have the allocation retried."""
         return False
 
     def match_external(self, i: int, prompt_ids: np.ndarray, start: int, limit: int) -> int:
@@ -153,10 +154,11 @@ class KVSchedPolicy(SimPolicy):
         bs = self.trace.block_size
         return self.policy.value_of(key, self.tier.blocks_of(key) * bs, self.tier.block_bytes / bs)
 
-    def on_shortage(self, i: int, num_new_tokens: int) -> bool:
+    def on_shortage(self, i: int, num_new_tokens: int, own_free_hits: int = 0) -> bool:
         key, _ = self._key_hints(i)
         before = self.pool.num_free
-        need = max(self.PRESSURE_CHUNK, -(-num_new_tokens // self.trace.block_size) + 1 - before)  # as SessionPins
+        need = max(self.PRESSURE_CHUNK,
+                   -(-num_new_tokens // self.trace.block_size) + 1 + own_free_hits - before)  # as SessionPins
         while True:
             releases = (self.policy.release_for_pressure(need, exclude={key})
                         or self.policy.release_for_pressure(need))

@@ -72,6 +72,11 @@ class BlockPool:
         need = len(ids) - int(np.count_nonzero(res)) + anon
         return need <= self.num_free - own_evictable
 
+    def own_evictable(self, ids: np.ndarray) -> int:
+        """How many of `ids` are cached with no holder (in the free list): a request hitting them takes them out."""
+        res = self.resident[ids]
+        return int(np.count_nonzero(self.ref[ids[res]] == 0))
+
     def admit(self, ids: np.ndarray, anon: int) -> None:
         """Take `ids` (cached ones are touched, the rest allocated, evicting as needed) and `anon` uncached blocks."""
         res = self.resident[ids]

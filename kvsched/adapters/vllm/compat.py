@@ -173,9 +173,10 @@ def kv_bytes_per_token(scheduler: Any) -> float:
     return total
 
 
-def wrap_allocate_slots(scheduler: Any, on_shortage: Callable[[Any, int], bool]) -> None:
-    """Make the KV cache manager call `on_shortage(request, num_new_tokens)` when it cannot allocate, and retry while
-    it returns True.
+def wrap_allocate_slots(scheduler: Any, on_shortage: Callable[[Any, int, int], bool]) -> None:
+    """Make the KV cache manager call `on_shortage(request, num_new_tokens, own_free_hits)` when it cannot allocate,
+    and retry while it returns True. `own_free_hits`: the request's prefix-cache hits that sit in the free queue (they
+    count as free blocks, but the request takes them out of the queue, so they cannot serve its new tokens).
 
     This is how pins yield to live requests before vLLM preempts or queues anything: vLLM's scheduler preempts (or
     stops admitting) exactly when `allocate_slots` returns None."""
@@ -189,7 +190,9 @@ def wrap_allocate_slots(scheduler: Any, on_shortage: Callable[[Any, int], bool])
         if result is None:
             request = args[0] if args else kwargs["request"]
             num_new_tokens = args[1] if len(args) > 1 else kwargs.get("num_new_tokens", 0)
-            while on_shortage(request, num_new_tokens):
+            hits = args[3] if len(args) > 3 else kwargs.get("new_computed_blocks")
+            own_free = sum(b.ref_cnt == 0 for g in hits.blocks for b in g) if hits is not None else 0
+            while on_shortage(request, num_new_tokens, own_free):
                 result = original(*args, **kwargs)
                 if result is not None:
                     break

@@ -102,7 +102,7 @@ class SessionPins:
             while releases := self.policy.release_over_budget(len(self.block_refs)):
                 self.apply(releases)
 
-    def on_shortage(self, request: Any, num_new_tokens: int = 0) -> bool:
+    def on_shortage(self, request: Any, num_new_tokens: int = 0, own_free_hits: int = 0) -> bool:
         """vLLM could not allocate blocks for a live request: release pins, lowest value first, before vLLM preempts
         or queues anything. True if blocks were freed (the allocation is then retried)."""
         own = {entry[0]} if (entry := self.requests.get(request.request_id)) else set()
@@ -110,7 +110,7 @@ class SessionPins:
         # About the shortfall, not the request's whole size: free blocks still count (released pins stay cached in
         # the free queue only until reused, and the order past the shortfall may change before they are needed, e.g.
         # when a released session's next turn arrives). If it was not enough, vLLM fails again and we come back.
-        need = max(self.PRESSURE_CHUNK, -(-num_new_tokens // self.block_size) + 1 - before)
+        need = max(self.PRESSURE_CHUNK, -(-num_new_tokens // self.block_size) + 1 + own_free_hits - before)
         while True:
             # Other sessions first. The request's own session last: releasing it frees nothing the request will hit
             # (hit blocks are taken back out of the free queue), but keeping it when nothing else is left would

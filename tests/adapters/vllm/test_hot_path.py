@@ -40,17 +40,20 @@ def test_hints_are_shared_per_role_and_fresh_when_a_turn_carries_ttl_or_end():
 def test_allocation_retries_on_shortage_with_positional_or_keyword_arguments():
     calls, shortages = [], []
     results = iter([None, "blocks", None, "blocks2"])
+    block = lambda ref_cnt: SimpleNamespace(ref_cnt=ref_cnt)  # noqa: E731
+    hits = SimpleNamespace(blocks=([block(0), block(2), block(0)],))  # two of its hits sit in the free queue
 
-    def allocate(request, num_new_tokens, num_lookahead_tokens=0):
+    def allocate(request, num_new_tokens, num_new_computed_tokens=0, new_computed_blocks=None,
+                 num_lookahead_tokens=0):
         calls.append((request, num_new_tokens, num_lookahead_tokens))
         return next(results)
 
     sched = SimpleNamespace(kv_cache_manager=SimpleNamespace(allocate_slots=allocate))
-    compat.wrap_allocate_slots(sched, lambda r, n: shortages.append((r, n)) or True)
-    compat.wrap_allocate_slots(sched, lambda r, n: False)  # idempotent: the first wrapper stays
-    assert sched.kv_cache_manager.allocate_slots("r1", 5, num_lookahead_tokens=1) == "blocks"
+    compat.wrap_allocate_slots(sched, lambda r, n, free_hits: shortages.append((r, n, free_hits)) or True)
+    compat.wrap_allocate_slots(sched, lambda r, n, free_hits: False)  # idempotent: the first wrapper stays
+    assert sched.kv_cache_manager.allocate_slots("r1", 5, 48, hits, num_lookahead_tokens=1) == "blocks"
     assert sched.kv_cache_manager.allocate_slots(request="r2", num_new_tokens=7) == "blocks2"
-    assert shortages == [("r1", 5), ("r2", 7)]
+    assert shortages == [("r1", 5, 2), ("r2", 7, 0)]
     assert calls == [("r1", 5, 1), ("r1", 5, 1), ("r2", 7, 0), ("r2", 7, 0)]
 
 
