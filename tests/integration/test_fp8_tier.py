@@ -42,16 +42,19 @@ def chat(server, messages, session=None, salt=None, max_tokens=8):
 FLOODS = itertools.count()
 
 
-def flood(server, n=3, words=140, decode=48):
-    """Concurrent unsessioned prompts (new text each time, so none hits the cache) that need more blocks than the pool
-    has free: pins must yield. Each decodes long enough that all are admitted while the first still runs (on a busy
-    host their arrivals spread out)."""
+def flood(server, n=3, words=420, decode=48):
+    """Concurrent unsessioned prompts (new text each time, so none hits the cache) of ~30 blocks each in a 47-block
+    pool: the second one's shortfall alone exceeds any pin here, so pins must yield whole (pressure releases only the
+    shortfall). Each decodes long enough that all are admitted while the first still runs (on a busy host their
+    arrivals spread out)."""
     k = next(FLOODS)
     errors = []
 
     def one(i):
         try:
-            chat(server, [{"role": "user", "content": f"search {k} result {i} " * words}], max_tokens=decode)
+            # a unique head (so nothing hits the cache), then text of a known length: ~855 tokens
+            chat(server, [{"role": "user", "content": f"flood {k} {i} " + "search result " * words}],
+                 max_tokens=decode)
         except Exception as exc:  # noqa: BLE001 - reported below, in the test's thread
             errors.append(exc)
 
