@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from kvsched.bench.agents_driver import TTL_HINT_S, RunRecord, run_with_progress
+from kvsched.bench.agents_driver import TTL_HINT_S, RunRecord, prompt_messages, run_with_progress
 from kvsched.bench.common import RESULTS_DIR, percentile, provenance, ratios, table, write_json
 from kvsched.serving import ServerSpec, VllmServer
 from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
@@ -61,7 +61,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sides", type=parse_sides, default="stock,kvsched,kvsched+fp8tier,unbounded",
                    help="comma list of: " + ",".join(SIDES) + " (default: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trace-dir", type=Path, default=None,
+    p.add_argument("--trace-dir", type=trace_dir_arg, default=None,
                    help="write each replayed side's requests as a trace (docs/trace_schema.md) for kvsched simulate")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -73,6 +73,14 @@ def parse_sides(text: str) -> list[str]:
     if unknown or not sides:
         raise argparse.ArgumentTypeError(f"unknown side(s) {unknown or text!r}; choose from {', '.join(SIDES)}")
     return list(dict.fromkeys(sides))
+
+
+def trace_dir_arg(text: str) -> Path:
+    """`--trace-dir`: checked before any server starts, not after a side's run."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return path
 
 
 def workload_config(args: argparse.Namespace) -> WorkloadConfig:
@@ -96,10 +104,8 @@ def count_tokens(model_dir: Path, workflows: list[Workflow]) -> tuple[int, int]:
     system = ""
     for wf in workflows:
         for agent in wf.agents():
-            msgs = [{"role": "system", "content": agent.system}]
-            for t in agent.turns:
-                msgs += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant}]
-            text = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=False)
+            last = prompt_messages(agent.system, agent.turns, len(agent.turns) - 1)
+            text = tok.apply_chat_template(last, add_generation_prompt=True, tokenize=False)
             n = len(tok(text, add_special_tokens=False)["input_ids"])
             total += n
             longest = max(longest, n)

@@ -9,6 +9,7 @@ simulated LRU on the stock side's arrivals is reported next to stock's measured 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from kvsched.sim.trace import Trace, TraceRequest, TraceWriter, chain_hashes
 from kvsched.sim.workload import Workflow
 
 POLICIES = ("lru", "kvsched", "opt")
+TRACE_META = {"source": "kvsched bench agents"}
 OUTPUT_ID_BASE = 1 << 30  # generated tokens are never part of a later prompt (the client sends canned replies)
 
 
@@ -27,7 +29,7 @@ def build_trace(model_dir: Path, workflows: list[Workflow], record: RunRecord, b
     hashes as vLLM computes them), and how many prompts' token counts differ from what the server reported (0 when
     the tokenization matches vLLM's)."""
     requests, mismatches = trace_requests(model_dir, workflows, record, block_size, ttl_s)
-    return Trace.from_requests(block_size, requests, meta={"source": "kvsched bench agents"}), mismatches
+    return Trace.from_requests(block_size, requests, meta=TRACE_META), mismatches
 
 
 def trace_requests(model_dir: Path, workflows: list[Workflow], record: RunRecord, block_size: int,
@@ -67,12 +69,12 @@ def clairvoyant_replay(model_dir: Path, workflows: list[Workflow], record: RunRe
     long as it really ran (the run's own batching and queueing); `time_model` repeats the replay with the simulator's
     timing instead (every request alone at the measured prefill speed: less overlap, so less pressure)."""
     requests, mismatches = trace_requests(model_dir, workflows, record, block_size, ttl_s)
-    trace = Trace.from_requests(block_size, requests, meta={"source": "kvsched bench agents"})
+    trace = Trace.from_requests(block_size, requests, meta=TRACE_META)  # before write_trace rewrites their blocks
     cfg = ReplayConfig(capacity_blocks=capacity_blocks, prefill_tps=prefill_tok_s,
                        tpot_s=decode_s_per_token(record), bytes_per_token=bytes_per_token)
     out: dict[str, Any] = {p: replay(trace, p, cfg).prefill_tokens_computed for p in POLICIES}
-    trace.duration_s = None
-    out["time_model"] = {p: replay(trace, p, cfg).prefill_tokens_computed for p in POLICIES}
+    timed_by_model = dataclasses.replace(trace, duration_s=None)
+    out["time_model"] = {p: replay(timed_by_model, p, cfg).prefill_tokens_computed for p in POLICIES}
     out.update(requests=len(trace), capacity_blocks=capacity_blocks, prompt_length_mismatches=mismatches,
                prefill_tok_s=prefill_tok_s, tpot_s=cfg.tpot_s)
     if trace_out is not None:
@@ -84,6 +86,6 @@ def write_trace(path: Path, requests: list[TraceRequest], block_size: int) -> No
     """The run as a trace file (docs/trace_schema.md) for `kvsched simulate`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        w = TraceWriter(f, block_size, meta={"source": "kvsched bench agents"})
+        w = TraceWriter(f, block_size, meta=TRACE_META)
         for r in requests:
             w.write(r, full_blocks=list(r.blocks))

@@ -46,3 +46,14 @@ def test_attainable_bounds_the_tier_by_the_same_floor():
     assert b["fp8tier_share_of_attainable_saving"] == pytest.approx(550 / 600)
     assert b["fp8tier_over_stock"] == pytest.approx(0.45)
     assert "floor_over_kvsched" not in attainable({"stock": side(1000), "kvsched": side(500), "unbounded": side(400)})
+
+
+def test_trace_dir_that_is_a_file_is_a_usage_error_before_any_server_starts(tmp_path, capsys):
+    not_a_dir = tmp_path / "traces"
+    not_a_dir.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["bench", "agents", "--quick", "--trace-dir", str(not_a_dir)])
+    assert exc.value.code == 2
+    assert "not a directory" in capsys.readouterr().err
+    args = build_parser().parse_args(["bench", "agents", "--trace-dir", str(tmp_path / "new")])
+    assert args.trace_dir == tmp_path / "new"
