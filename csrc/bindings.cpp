@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 #include "kvsched/fp8_quant.h"
 #include "kvsched/score_select.h"
@@ -30,6 +31,16 @@ kvsched::KvView kv_view(std::uintptr_t data, int dtype, int64_t num_blocks, int6
   if (dtype < 0 || dtype > 2) throw py::value_error("dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)");
   return {ptr<void>(data), static_cast<kvsched::KvDtype>(dtype), num_blocks, num_heads, rows, cols,
           stride_block,    stride_head,                          stride_row};
+}
+
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+const char* isa_name(kvsched::Isa isa) { return kIsaNames[static_cast<int>(isa)]; }
+
+kvsched::Isa isa_of(const std::string& name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kIsaNames[i]) return static_cast<kvsched::Isa>(i);
+  throw py::value_error("unknown instruction set '" + name + "'; choose scalar, avx2 or avx512");
 }
 
 }  // namespace
@@ -113,8 +124,14 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("src"), py::arg("dst"), py::arg("n"), "Convert n e4m3fn bytes to float32 (exact).");
 
-  m.def("fp8_uses_avx512", &kvsched::fp8_uses_avx512,
-        "True when the FP8 kernels run their AVX-512 path (enabled and supported by this CPU).");
-  m.def("fp8_set_simd", &kvsched::fp8_set_simd, py::arg("enabled"),
-        "Enable (default) or disable the AVX-512 FP8 path; disabled, the scalar reference path runs (for tests).");
+  m.def(
+      "fp8_best_isa", [] { return isa_name(kvsched::fp8_best_isa()); },
+      "The best FP8 kernel path this CPU supports: 'avx512', 'avx2' or 'scalar'.");
+  m.def(
+      "fp8_active_isa", [] { return isa_name(kvsched::fp8_active_isa()); },
+      "The FP8 kernel path that runs now: the CPU's best, at most the cap set by fp8_set_max_isa.");
+  m.def(
+      "fp8_set_max_isa", [](const std::string& name) { kvsched::fp8_set_max_isa(isa_of(name)); }, py::arg("name"),
+      "Cap the FP8 kernel path at 'avx512' (default: the CPU's best), 'avx2' or 'scalar' (process-wide; for tests and "
+      "benchmarks of the slower paths). Raises ValueError on another name.");
 }

@@ -10,17 +10,28 @@ import importlib
 import os
 from types import ModuleType
 
-CXX_FUNCTIONS = ("retention_values", "score_select", "gather_quantize_fp8", "scatter_dequantize_fp8")
+from kvsched.ops.cpu_features import isa_cap_from_env
+
+CXX_FUNCTIONS = (
+    "retention_values", "score_select", "gather_quantize_fp8", "scatter_dequantize_fp8", "fp8_set_max_isa",
+    "fp8_active_isa",
+)
 
 
 @functools.cache
 def cxx() -> ModuleType | None:
-    """`kvsched._C` when it is built and carries the kernels, else None."""
+    """`kvsched._C` when it is built and carries the kernels, else None. Its FP8 kernels are capped at
+    `KVSCHED_CPU_ISA` when that is set (a bad value raises ValueError naming the variable)."""
     try:
         mod = importlib.import_module("kvsched._C")
     except ImportError:
         return None
-    return mod if all(hasattr(mod, f) for f in CXX_FUNCTIONS) else None
+    if not all(hasattr(mod, f) for f in CXX_FUNCTIONS):
+        return None
+    cap = isa_cap_from_env()
+    if cap is not None:
+        mod.fp8_set_max_isa(cap)
+    return mod
 
 
 def has_cxx() -> bool:

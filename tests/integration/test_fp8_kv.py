@@ -10,22 +10,14 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
+from tests.cpu import require_fp8_kv_cache  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
-def _cpu_has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "avx512f" in f.read()
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def fp8_server(tiny_model_dir):
-    if not _cpu_has_avx512():
-        pytest.skip("vLLM's CPU backend needs AVX-512 or AMX for an fp8 KV cache")
+    require_fp8_kv_cache()
     spec = ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=48,
                       extra_args=["--kv-cache-dtype", "fp8"])
     with VllmServer(spec) as server:
@@ -70,3 +62,19 @@ def test_retained_fp8_prefix_survives_a_flood_and_is_hit(fp8_server):
     assert saved >= first.usage.prompt_tokens - 32
     rows, stats = _sessions(fp8_server)
     assert rows["fp8-worker"]["hits"] >= 1 and stats["free_blocks"] + stats["pinned_blocks"] <= stats["total_blocks"]
+
+
+def test_an_fp8_cache_on_a_cpu_that_cannot_hold_one_fails_at_start_in_one_line(tiny_model_dir):
+    """On a CPU without AVX-512/AMX (skipped elsewhere: tests/adapters/vllm/test_compat.py covers the rule there)."""
+    import subprocess
+
+    from kvsched.ops.cpu_features import cpu_features
+    from kvsched.serving import vllm_command
+
+    reason = cpu_features().fp8_kv_cache_refusal()
+    if reason is None:
+        pytest.skip("this CPU can hold an fp8 KV cache (AVX-512 or AMX), so nothing is refused")
+    proc = subprocess.run([*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched",
+                           "--kv-cache-dtype", "fp8"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"kvsched: {reason}" in proc.stderr.splitlines()

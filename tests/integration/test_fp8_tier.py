@@ -14,6 +14,7 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 from kvsched.serving import ServerSpec, VllmServer, vllm_command  # noqa: E402
+from tests.cpu import require_fp8_kv_cache  # noqa: E402
 
 pytestmark = pytest.mark.integration
 SYSTEM = "You are a careful research agent. Use the tools. " * 8
@@ -153,6 +154,7 @@ def test_ending_every_session_returns_the_pool_and_empties_the_tier(tier_server)
 
 
 def test_an_fp8_kv_cache_is_tiered_as_is(tiny_model_dir):
+    require_fp8_kv_cache()
     with serve(tiny_model_dir, "--kv-cache-dtype", "fp8") as server:
         first, second, before, after, _ = turn_after_flood(server, "fp8-cache")
         assert after["kvsched_tier_restored_blocks_total"] > before["kvsched_tier_restored_blocks_total"]

@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvsched.core.planner import GIB, ModelShape, kv_capacity_tokens  # noqa: E402
+from kvsched.ops.cpu_features import cpu_features  # noqa: E402
 from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -29,7 +30,7 @@ def vllm_kv_tokens(model_dir: Path, kv_gib: int, extra_args: list[str]) -> tuple
     """(tokens from the start-up log, blocks x block size from /metrics) of a vLLM engine on `model_dir`."""
     spec = ServerSpec(model=model_dir, scheduler=None, max_model_len=512, block_size=BLOCK, kv_cache_gib=kv_gib,
                       env={"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)},
-                      extra_args=["--dtype", "bfloat16", *extra_args])
+                      dtype="bfloat16", extra_args=extra_args)
     with VllmServer(spec) as server:
         infos = [k for k in server.metrics() if k.startswith("vllm:cache_config_info{")]
     log = server.log_path.read_text(errors="replace")
@@ -53,16 +54,9 @@ def test_tiny_model_capacity_matches_vllm(tiny_model_dir):
     check(shape, "bf16", 1, *vllm_kv_tokens(tiny_model_dir, 1, []))
 
 
-def _has_avx512() -> bool:
-    try:
-        return "avx512f" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def test_config_only_llama_capacity_matches_vllm(tiny_model_dir, tmp_path):
     """A Llama shape vLLM has never seen, with no weights (`--load-format dummy` fills them), and an FP8 KV cache
-    where the CPU backend supports one (AVX-512)."""
+    where the CPU backend supports one (AVX-512 or AMX, as vLLM checks)."""
     for f in tiny_model_dir.iterdir():
         if f.suffix != ".safetensors" and f.name != "config.json":
             shutil.copy(f, tmp_path / f.name)
@@ -73,6 +67,6 @@ def test_config_only_llama_capacity_matches_vllm(tiny_model_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     shape = ModelShape.from_hf_config(tmp_path, name="config-only-llama")
     assert (shape.layers, shape.kv_heads, shape.head_dim) == (6, 4, 64)
-    kv_dtype = "fp8" if _has_avx512() else "bf16"
+    kv_dtype = "fp8" if cpu_features().fp8_kv_cache else "bf16"
     extra = ["--load-format", "dummy", "--kv-cache-dtype", "fp8"] if kv_dtype == "fp8" else ["--load-format", "dummy"]
     check(shape, kv_dtype, 2, *vllm_kv_tokens(tmp_path, 2, extra))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvsched.ops import fp8
+from kvsched.ops.cpu_features import ISAS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(5, 1, 16, 64), (9, 3, 32, 128), (4, 2, 16, 96), (3, 8, 1, 256)]  # [blocks, kv_heads, block_size, 2*head]
@@ -118,25 +119,30 @@ def test_gather_into_a_preallocated_buffer(impl):
 
 
 # ----------------------------------------------------------------------------------------------- C++ code paths
-# The C++ kernels have a vector path (AVX-512: full-width body, masked tail, 16-bit amax scan for bf16/fp16) and a
-# scalar path (pages with NaN/inf, CPUs without AVX-512). Both must equal the reference on shapes that exercise every
-# tail: runs shorter than a vector, runs of 16k + r elements, strided rows that cannot merge into one run.
+# The C++ kernels have two vector paths (AVX-512: full-width body, masked tail; AVX2: 8 lanes, scalar tail; both scan
+# bf16/fp16 amax in 16-bit lanes) and a scalar path (pages with NaN/inf, CPUs without AVX2). Every path this CPU can
+# run must equal the reference on shapes that exercise every tail: runs shorter than a vector, runs of 16k + r
+# elements, strided rows that cannot merge into one run. The scalar path is tested on every machine.
 TAIL_SHAPES = [(3, 2, 1, 1), (4, 3, 5, 37), (2, 2, 16, 200), (3, 1, 7, 16), (2, 5, 3, 33), (2, 2, 9, 201)]
 FP8_DTYPE = torch.float8_e4m3fn
 
 
-@pytest.fixture(params=["simd", "scalar"])
+@pytest.fixture(params=ISAS)
 def cxx_path(request):
     from kvsched.ops import backends
+    from tests.cpu import require_isa
     from tests.ops.conftest import require_cxx
 
     require_cxx()
+    require_isa(request.param)
     mod = backends.cxx()
-    mod.fp8_set_simd(request.param == "simd")
+    before = mod.fp8_active_isa()
+    mod.fp8_set_max_isa(request.param)
     try:
+        assert mod.fp8_active_isa() == request.param
         yield request.param
     finally:
-        mod.fp8_set_simd(True)
+        mod.fp8_set_max_isa(before)
 
 
 def e4m3_edge_values() -> torch.Tensor:
@@ -229,3 +235,34 @@ def test_cxx_paths_on_outputs_large_enough_to_stream(cxx_path, aligned):
     untouched = torch.ones(shape[0], dtype=torch.bool)
     untouched[ids] = False
     assert not view[untouched].any()
+
+
+@pytest.mark.parametrize("value,expect", [("scalar", "scalar"), (" AVX2 ", "avx2"), ("", None)])
+def test_the_isa_cap_comes_from_the_environment(monkeypatch, value, expect):
+    from kvsched.ops.cpu_features import isa_cap_from_env
+
+    monkeypatch.setenv("KVSCHED_CPU_ISA", value)
+    assert isa_cap_from_env() == expect
+
+
+def test_a_bad_isa_cap_names_the_variable(monkeypatch):
+    from kvsched.ops.cpu_features import isa_cap_from_env
+
+    monkeypatch.setenv("KVSCHED_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="KVSCHED_CPU_ISA='sse9': choose one of scalar, avx2, avx512"):
+        isa_cap_from_env()
+
+
+def test_the_isa_cap_reaches_the_kernels_of_a_new_process():
+    """What `KVSCHED_CPU_ISA=scalar make test` relies on: the cap is applied when kvsched._C is first used."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.ops.conftest import require_cxx
+
+    require_cxx()
+    code = "from kvsched.ops import backends; print(backends.cxx().fp8_active_isa())"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, KVSCHED_CPU_ISA="scalar"),
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "scalar"

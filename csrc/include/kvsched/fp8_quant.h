@@ -9,6 +9,10 @@ namespace kvsched {
 
 enum class KvDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Instruction sets of the page kernels, ordered: a cap of kAvx2 runs AVX2 on an AVX-512 CPU (tests and benchmarks
+// of the slower paths), a cap of kScalar runs the reference loops everywhere.
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
 // One layer's KV cache view [num_blocks, num_heads, rows, cols]; strides in elements, cols contiguous.
 struct KvView {
   void* data;
@@ -30,9 +34,10 @@ void scatter_dequantize_fp8(const uint8_t* q, const float* scales, const KvView&
 void fp32_to_e4m3_array(const float* src, uint8_t* dst, int64_t n);
 void e4m3_to_fp32_array(const uint8_t* src, float* dst, int64_t n);
 
-// True when the AVX-512 code path is enabled and this CPU has it; fp8_set_simd(false) forces the scalar path
-// (tests run both).
-bool fp8_uses_avx512();
-void fp8_set_simd(bool enabled);
+// The best path this CPU supports, the path that runs now (the better of the two, at most the cap), and the cap
+// (process-wide; default kAvx512, i.e. the best the CPU has).
+Isa fp8_best_isa();
+Isa fp8_active_isa();
+void fp8_set_max_isa(Isa isa);
 
 }  // namespace kvsched

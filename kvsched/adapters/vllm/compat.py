@@ -287,6 +287,38 @@ def extend_engine_parser(parser: Any) -> None:
              "kvsched plugin; sets --kv-transfer-config).",
     )
     parser.set_defaults(middleware=[MIDDLEWARE_PATH])
+    _check_after_parsing(parser)
+
+
+def cpu_refusal(args: argparse.Namespace) -> str | None:
+    """Why this machine cannot serve `args` with kvsched, in one line, or None. Today: an FP8 KV cache on vLLM's CPU
+    backend without AVX-512/AMX, which the engine core would otherwise die on after loading the model, with a
+    traceback naming none of this."""
+    if not is_kvsched_scheduler(getattr(args, "scheduler_cls", None)):
+        return None
+    if not str(getattr(args, "kv_cache_dtype", "auto")).startswith("fp8"):
+        return None
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from kvsched.ops.cpu_features import cpu_features
+
+    return cpu_features().fp8_kv_cache_refusal()
+
+
+def _check_after_parsing(parser: Any) -> None:
+    """Run `cpu_refusal` on the parsed arguments (whatever their order on the command line) and exit with its one
+    line, before vLLM starts an engine."""
+    parse_known_args = parser.parse_known_args
+
+    def checked(args: Any = None, namespace: Any = None) -> Any:
+        ns, rest = parse_known_args(args, namespace)
+        if (reason := cpu_refusal(ns)) is not None:
+            parser.exit(2, f"kvsched: {reason}\n")
+        return ns, rest
+
+    parser.parse_known_args = checked
 
 
 def install_parser_hook() -> None:

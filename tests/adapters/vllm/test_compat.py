@@ -14,6 +14,7 @@ def _parser():
     p.add_argument("--scheduler-cls", dest="scheduler_cls", default=None)
     p.add_argument("--scheduler-reserve-full-isl", action="store_true")
     p.add_argument("--middleware", action="append", default=[])
+    p.add_argument("--kv-cache-dtype", default="auto")
     compat.extend_engine_parser(p)
     compat.extend_engine_parser(p)  # idempotent
     return p
@@ -58,3 +59,22 @@ def test_plugin_register_is_idempotent():
     plugin.register()
     compat.install_parser_hook()
     assert getattr(EngineArgs.__dict__["add_cli_args"].__func__, "__kvsched_wrapped__", False)
+
+
+@pytest.mark.parametrize("argv", [["--scheduler", "kvsched", "--kv-cache-dtype", "fp8"],
+                                  ["--kv-cache-dtype", "fp8_e4m3", "--scheduler", "kvsched"]])
+def test_an_fp8_cache_on_a_cpu_without_avx512_is_refused_in_one_line(monkeypatch, capsys, argv):
+    from kvsched.ops import cpu_features as cf
+
+    avx2_only = cf.CpuFeatures(arch="x86_64", avx2=True, avx512=False, avx512_bf16=False, amx=False)
+    monkeypatch.setattr(cf, "cpu_features", lambda: avx2_only)
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "AVX-512 or AMX" in err and "fp8" in err
+    # stock vLLM's behaviour is not kvsched's to change; kvsched without fp8 and fp8 on a capable CPU start
+    assert _parser().parse_args(["--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
+    assert _parser().parse_args(["--scheduler", "kvsched"]).kv_cache_dtype == "auto"
+    monkeypatch.setattr(cf, "cpu_features", lambda: cf.CpuFeatures("x86_64", True, True, False, False))
+    assert _parser().parse_args(argv).scheduler_cls.endswith("KVSchedScheduler")
