@@ -28,7 +28,7 @@ $(STAMP): $(VENV)/bin/python pyproject.toml setup.py tools/vllm-dist/pyproject.t
 	$(BIN)/python -c "import vllm.config, vllm.v1.core.sched.async_scheduler, importlib.metadata as m; print('vllm', m.version('vllm'), 'ok')"
 	touch $@
 
-$(EXT_STAMP): $(STAMP) $(wildcard csrc/*.cpp csrc/include/*.h)
+$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/include/kvsched/*.h)
 	KVSCHED_REQUIRE_EXT=1 $(BIN)/python setup.py -q build_ext --inplace
 	$(BIN)/python -c "import kvsched._C"
 	touch $@

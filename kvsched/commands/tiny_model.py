@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kvsched.tiny_model import SIZES, build_model, ensure_tiny_model
+from kvsched.tiny_model import DTYPES, SIZES, build_model, ensure_tiny_model, resolve_dtype
 
 
 def register(subparsers: Any) -> None:
@@ -15,10 +15,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, default=None, help="model directory to write (default: the shared cache)")
     p.add_argument("--size", choices=sorted(SIZES), default="test", help="test: ~2M params; bench: ~50M params")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="weights and config dtype; auto: the one this CPU computes fastest (bfloat16 with AVX512-BF16 "
+                        "or AMX, else float32). Serve a float32 model with --dtype float32 (vLLM's auto downcasts it)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    path = build_model(args.out, SIZES[args.size], args.seed) if args.out else ensure_tiny_model(args.size, seed=args.seed)
+    dtype = resolve_dtype(args.dtype)
+    if args.out:
+        path = build_model(args.out, SIZES[args.size], args.seed, dtype)
+    else:
+        path = ensure_tiny_model(args.size, seed=args.seed, dtype=dtype)
     print(path)
     return 0

@@ -18,10 +18,16 @@ def test_demo_serves_both_sides_and_prints_what_kvsched_changed(tmp_path: Path) 
     proc = subprocess.run([sys.executable, "-m", "kvsched.cli", "demo", "--workflows", "1", "--no-progress",
                            "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "What kvsched changed:" in proc.stdout and "prefill tokens computed" in proc.stdout
+    assert "What kvsched changed" in proc.stdout and "Prompt tokens the engine had to compute" in proc.stdout
+    assert "FAIL" not in proc.stdout and "PASS" not in proc.stdout  # a demonstration, not a gate run
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(out.read_text())
     assert set(result) >= {"stock", "kvsched", "ratio", "config"}
     for side in ("stock", "kvsched"):
         assert result[side]["errors"] == 0 and result[side]["turns"] > 0
         assert result[side]["prefill_tokens_computed"] > 0
     assert result["stock"]["prompt_tokens_total"] == result["kvsched"]["prompt_tokens_total"]  # the same workload
+    assert len(result["stock"]["turn_ttfts"]) == len(result["kvsched"]["turn_ttfts"]) == result["stock"]["turns"]
+    assert result["config"]["model"]["dtype"] == result["config"]["provenance"]["machine"]["cpu_capabilities"][
+        "fastest_dtype"]

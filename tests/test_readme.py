@@ -1,0 +1,37 @@
+"""README's settings table names every setting the code reads: each `KVSCHED_*` variable (the literal ones and those
+derived from the retention and compaction config fields) and each `--kvsched-*` flag."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+from kvsched.core.compaction_config import CompactionConfig
+from kvsched.core.config import RetentionConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def settings_in_code() -> set[str]:
+    names: set[str] = set()
+    for path in (ROOT / "kvsched").rglob("*.py"):
+        text = path.read_text()
+        names |= set(re.findall(r'"(KVSCHED_[A-Z0-9_]*[A-Z0-9])"', text))
+        names |= set(re.findall(r'"(--kvsched-[a-z0-9-]+)"', text))
+    names |= {f"KVSCHED_{f.name.upper()}" for f in fields(RetentionConfig)}
+    names |= {f"KVSCHED_COMPACTION_{f.name.upper()}" for f in fields(CompactionConfig) if f.name != "strategy"}
+    return names
+
+
+def settings_table() -> str:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("### Settings")
+    return readme[start:readme.index("\n## ", start)]
+
+
+def test_every_setting_the_code_reads_is_in_the_readme_table() -> None:
+    table = settings_table()
+    missing = sorted(n for n in settings_in_code() if f"`{n}" not in table)
+    assert not missing, f"README's settings table lacks {missing}"
+    assert len(settings_in_code()) > 20  # the scan itself found the settings
