@@ -77,6 +77,7 @@ class SessionRecord:
     pinned_tokens: int = 0
     hits: int = 0
     hit_tokens: int = 0
+    prefetched_tokens: int = 0  # the pin's last tokens, restored from the FP8 tier ahead of the next turn
     expiry_queued: float | None = None  # earliest time of this session's entries in the policy's expiry heap
 
     @property
@@ -159,8 +160,11 @@ class RetentionPolicy:
         if rec.last_finished is not None:
             self._observe_gap(rec, max(now - rec.last_finished, 0.0))
         if rec.pinned and cached_tokens > 0:
+            kept = rec.pinned_tokens - rec.prefetched_tokens  # retained between turns; the rest came from the tier
             self.counters["retained_hits"] += 1
-            self.counters["retained_hit_tokens"] += min(cached_tokens, rec.pinned_tokens)
+            self.counters["retained_hit_tokens"] += min(cached_tokens, kept)
+            self.counters["prefetch_hit_tokens"] += min(max(cached_tokens - kept, 0), rec.prefetched_tokens)
+        rec.prefetched_tokens = 0
         if cached_tokens > 0:
             rec.hits += 1
             rec.hit_tokens += cached_tokens
@@ -195,6 +199,20 @@ class RetentionPolicy:
             self._queue_expiry(rec)
         self._trim_table()
         return decisions
+
+    def prefetched(self, key: SessionKey, tokens: int, blocks: int) -> list[Decision]:
+        """The adapter restored the session's prefix from the FP8 tier ahead of its next turn: its pin grows to
+        `blocks` full blocks (`tokens` tokens). The TTL still runs from the session's last turn."""
+        rec = self.sessions.get(key)
+        if rec is None or blocks <= rec.pinned_blocks or blocks > self.budget_blocks:
+            return []
+        self.pinned_blocks_total += blocks - rec.pinned_blocks
+        rec.prefetched_tokens += tokens - rec.pinned_tokens
+        rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
+        if rec.expiry_queued is None or rec.expires_at < rec.expiry_queued:
+            self._queue_expiry(rec)
+        self.counters["prefetches"] += 1
+        return [Pin(key)]
 
     def end(self, key: SessionKey) -> list[Decision]:
         """The client ended the session: release its pin and forget it."""
@@ -369,7 +387,9 @@ class RetentionPolicy:
     def _release(self, rec: SessionRecord, reason: ReleaseReason, blocks: int | None = None) -> Release:
         if blocks is not None and 0 < blocks < rec.pinned_blocks:
             kept = rec.pinned_blocks - blocks
-            rec.pinned_tokens = rec.pinned_tokens * kept // rec.pinned_blocks
+            tokens = rec.pinned_tokens * kept // rec.pinned_blocks
+            rec.prefetched_tokens = max(0, rec.prefetched_tokens - (rec.pinned_tokens - tokens))  # tail goes first
+            rec.pinned_tokens = tokens
             rec.pinned_blocks = kept
             self.pinned_blocks_total -= blocks
             self.counters[f"released_{reason.value}_partial"] += 1
@@ -377,7 +397,7 @@ class RetentionPolicy:
             return Release(rec.key, reason, blocks)
         self.pinned_blocks_total -= rec.pinned_blocks
         self.counters[f"released_blocks_{reason.value}"] += rec.pinned_blocks
-        rec.pinned_blocks = rec.pinned_tokens = 0
+        rec.pinned_blocks = rec.pinned_tokens = rec.prefetched_tokens = 0
         self.counters[f"released_{reason.value}"] += 1
         return Release(rec.key, reason)
 

@@ -32,6 +32,14 @@ def tier_server(tiny_model_dir):
         yield server
 
 
+@pytest.fixture(scope="module")
+def plain_server(tiny_model_dir):
+    """kvsched with its tier turned off: what a restored turn must decode exactly like."""
+    with VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=POOL_BLOCKS,
+                               extra_args=["--kvsched-fp8-tier-gb", "0"])) as server:
+        yield server
+
+
 def chat(server, messages, session=None, salt=None, max_tokens=8):
     client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
     return client.chat.completions.create(
@@ -103,16 +111,19 @@ def test_a_session_released_under_pressure_is_restored_from_the_tier(tier_server
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     assert after["kvsched_tier_demoted_blocks_total"] >= first.usage.prompt_tokens // 32
     assert d["kvsched_tier_restores_total"] == 1
-    restored = d["vllm:external_prefix_cache_hits_total"]
+    # queued before it was scheduled: its full blocks were prefetched into the prefix cache (local hits), the partial
+    # last block of the first turn came with its admission (an external hit)
+    assert d["kvsched_tier_prefetched_restores_total"] == 1 and d["kvsched_tier_wasted_prefetches_total"] == 0
+    restored = d["vllm:external_prefix_cache_hits_total"] + d["kvsched_tier_prefetch_hit_tokens_total"]
     assert restored >= (first.usage.prompt_tokens // 32) * 32 - 32  # the whole released prefix, block for block
-    # block for block, plus the partial last block of the first turn (its KV past the last full block)
-    assert d["kvsched_tier_restored_blocks_total"] * 32 + d["kvsched_tier_restored_tail_tokens_total"] == restored
+    full = d["kvsched_tier_restored_blocks_total"] + d["kvsched_tier_prefetched_blocks_total"]
+    assert full * 32 + d["kvsched_tier_restored_tail_tokens_total"] == restored
     assert d["kvsched_tier_load_failures_total"] == 0
     assert 0 < after["kvsched_tier_kv_rel_rms_error"] <= 0.07  # e4m3 with a scale per (block, head)
     assert after["kvsched_tier_bytes"] <= after["kvsched_tier_capacity_bytes"]
 
 
-def test_a_turn_resumes_from_the_partial_last_block_and_decodes_as_if_recomputed(tier_server, tiny_model_dir):
+def test_a_turn_resumes_from_the_partial_last_block_and_decodes_as_if_recomputed(tier_server, plain_server):
     """Without any pressure, the next turn loads the tokens past the previous turn's last full block from the tier
     (vLLM alone recomputes them: it shares full blocks only), and greedy decoding gives the same tokens as a server
     without the tier."""
@@ -129,9 +140,24 @@ def test_a_turn_resumes_from_the_partial_last_block_and_decodes_as_if_recomputed
     if tail:  # the re-rendered history repeats the first turn's tokens up to its last one
         assert 0 < d["kvsched_tier_restored_tail_tokens_total"] <= tail
         assert d["vllm:external_prefix_cache_hits_total"] == d["kvsched_tier_restored_tail_tokens_total"]
-    with VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024,
-                               num_blocks=POOL_BLOCKS)) as plain:
-        again = chat(plain, history, session="tails", max_tokens=16)
+    again = chat(plain_server, history, session="tails", max_tokens=16)
+    assert again.choices[0].message.content == second.choices[0].message.content
+    assert "kvsched_tier_enabled" not in plain_server.metrics()  # --kvsched-fp8-tier-gb 0: no tier at all
+
+
+def test_corrupt_slots_are_recomputed_never_served(tiny_model_dir, plain_server):
+    """Fault injection: every slot's bytes change after its checksum was taken (a torn or overwritten host copy).
+    The turn after the flood restores nothing (its prefetch and its own restore both fail their checks), recomputes,
+    and decodes exactly what a server without the tier decodes."""
+    with VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=POOL_BLOCKS,
+                               env={"KVSCHED_TIER_FAULT_EVERY": "1"},
+                               extra_args=["--kvsched-fp8-tier-gb", "0.05"])) as faulty:
+        first, second, before, after, history = turn_after_flood(faulty, "corrupt")
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    restored = d["kvsched_tier_restored_blocks_total"] + d["kvsched_tier_prefetched_blocks_total"]
+    assert after["kvsched_tier_demoted_blocks_total"] > 0 and restored > 0
+    assert d["kvsched_tier_load_failures_total"] >= restored  # every one failed its check (and the tail too)
+    again = chat(plain_server, history, session="corrupt", max_tokens=16)
     assert again.choices[0].message.content == second.choices[0].message.content
 
 
@@ -157,7 +183,9 @@ def test_an_fp8_kv_cache_is_tiered_as_is(tiny_model_dir):
     require_fp8_kv_cache()
     with serve(tiny_model_dir, "--kv-cache-dtype", "fp8") as server:
         first, second, before, after, _ = turn_after_flood(server, "fp8-cache")
-        assert after["kvsched_tier_restored_blocks_total"] > before["kvsched_tier_restored_blocks_total"]
+        restored = [after[f"kvsched_tier_{n}_blocks_total"] - before[f"kvsched_tier_{n}_blocks_total"]
+                    for n in ("restored", "prefetched")]
+        assert sum(restored) > 0
         assert after["kvsched_tier_kv_rel_rms_error"] == 0  # copied bit for bit, no second quantization
         stats = sessions(server)["stats"]
         assert stats["tier_raw_fp8"] == 1
@@ -165,9 +193,10 @@ def test_an_fp8_kv_cache_is_tiered_as_is(tiny_model_dir):
         assert stats["tier_block_bytes"] == stats["kv_bytes_per_token"] * 32
 
 
-@pytest.mark.parametrize("value", ["-1", "lots"])
-def test_a_bad_tier_size_fails_at_start_with_a_message(tiny_model_dir, value):
+@pytest.mark.parametrize("value,message", [("-1", "finite number of GiB >= 0"), ("lots", "must be a number of GiB"),
+                                           ("1000000", "exceeds this machine's host memory")])
+def test_a_bad_tier_size_fails_at_start_with_a_message(tiny_model_dir, value, message):
     proc = subprocess.run([*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched",
                            "--kvsched-fp8-tier-gb", value], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "--kvsched-fp8-tier-gb" in proc.stderr
+    assert "--kvsched-fp8-tier-gb" in proc.stderr and message in proc.stderr

@@ -21,7 +21,8 @@ SYSTEM = "You are a careful research agent. Use the tools. " * 8
 
 @pytest.fixture(scope="module")
 def kvsched_server(tiny_model_dir):
-    spec = ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=48, api_key=KEY)
+    spec = ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=48, api_key=KEY,
+                      env={"VLLM_LOGGING_LEVEL": "INFO"})  # the tier's start-up line is checked below
     with VllmServer(spec) as server:
         yield server
 
@@ -162,3 +163,23 @@ def test_unknown_scheduler_fails_at_start_with_the_choices(tiny_model_dir):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "unknown scheduler 'nonsense'; choose one of: kvsched, default" in proc.stderr
+
+
+def test_the_fp8_tier_is_on_by_default_and_sized_by_the_rule_it_logs(kvsched_server, tiny_model_dir):
+    """`--scheduler kvsched` alone runs the tier: min(2x the KV pool's bytes, 1/4 of available host memory), and the
+    start-up log says how it was sized."""
+    import re
+
+    from kvsched.core.tier import AUTO_POOL_MULTIPLE
+
+    m = kvsched_server.metrics()
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    element = 4 if cfg["torch_dtype"] == "float32" else 2
+    pool = 48 * 32 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * 2 * head_dim * element
+    assert m["kvsched_tier_enabled"] == 1
+    assert 0 < m["kvsched_tier_capacity_bytes"] <= AUTO_POOL_MULTIPLE * pool
+    slot = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (32 * 2 * head_dim + 4)  # FP8 + a scale per head
+    assert m["kvsched_tier_capacity_bytes"] > AUTO_POOL_MULTIPLE * pool - slot  # a 2x pool: the host share is larger
+    log = kvsched_server.log_path.read_text(errors="replace")
+    assert re.search(r"kvsched FP8 tier: [\d.]+ GiB of host memory \(auto: min\(2 x the KV pool's bytes", log)

@@ -173,6 +173,89 @@ def kv_bytes_per_token(scheduler: Any) -> float:
     return total
 
 
+def cached_prefix(scheduler: Any, chain: Sequence[Any], limit: int) -> list[Any]:
+    """The blocks of the leading run of `chain` (a request's block hashes) vLLM's prefix cache holds now (group 0),
+    at most `limit` of them."""
+    pool = block_pool(scheduler)
+    out: list[Any] = []
+    for block_hash in chain[:limit]:
+        found = pool.get_cached_block(block_hash, [0])
+        if not found:
+            break
+        out.append(found[0])
+    return out
+
+
+def new_blocks(scheduler: Any, n: int) -> list[Any]:
+    """`n` blocks taken from the free queue (evicting its least recent cached blocks), referenced once by the caller."""
+    return list(block_pool(scheduler).get_new_blocks(n))
+
+
+def can_cache_without_request(scheduler: Any) -> bool:
+    """True when blocks can be entered into the prefix cache from their hashes alone: with KV cache events on, vLLM
+    derives each event's extra keys from the request that computed the block."""
+    return not getattr(block_pool(scheduler), "enable_kv_cache_events", False)
+
+
+def cache_restored_blocks(scheduler: Any, blocks: Sequence[Any], chain: Sequence[Any], first: int,
+                          request: Any = None) -> None:
+    """Enter `blocks`, which hold the KV of `chain[first:first + len(blocks)]`, into vLLM's prefix cache under those
+    hashes (as vLLM caches a request's full blocks), so that a request whose prefix matches hits them."""
+    from types import SimpleNamespace
+
+    owner = request if request is not None else SimpleNamespace(block_hashes=list(chain))
+    padded = [None] * first + list(blocks)
+    block_size = int(scheduler.cache_config.block_size)
+    block_pool(scheduler).cache_full_blocks(owner, padded, first, first + len(blocks), block_size, 0)
+
+
+def evict_from_prefix_cache(scheduler: Any, block_ids: set[int]) -> None:
+    """Remove blocks from the prefix cache (their KV must not be hit); referenced blocks stay allocated."""
+    scheduler.kv_cache_manager.evict_blocks(block_ids)
+
+
+def async_scheduling(scheduler: Any) -> bool:
+    """True when the engine schedules a step before the previous step's output is processed (GPU async scheduling)."""
+    return bool(getattr(getattr(scheduler, "scheduler_config", None), "async_scheduling", False))
+
+
+def fix_load_failure_recovery(scheduler: Any) -> None:
+    """Work around vLLM 0.32's AsyncScheduler losing a request after a KV load failure (found by kvsched's
+    fault-injection test): `_handle_invalid_blocks` rolls the request back and `update_from_output` then skips its
+    output, so the output placeholder the step added is never consumed and the scheduler never runs the request again
+    (`num_computed_tokens + 2 - placeholders >= prompt + max_tokens`). The rolled-back requests get back the placeholders
+    of the step whose output was discarded. Idempotent."""
+    if getattr(scheduler._handle_invalid_blocks, "__kvsched_wrapped__", False):
+        return
+    handle, update = scheduler._handle_invalid_blocks, scheduler.update_from_output
+    current: list[Any] = [None]
+
+    def update_from_output(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        current[0] = scheduler_output
+        try:
+            return update(scheduler_output, *args, **kwargs)
+        finally:
+            current[0] = None
+
+    def handle_invalid_blocks(*args: Any, **kwargs: Any) -> set[str]:
+        affected: set[str] = handle(*args, **kwargs)
+        out = current[0]
+        if out is None or not hasattr(scheduler, "_spec_token_placeholders"):  # not an AsyncScheduler
+            return affected
+        spec = getattr(out, "scheduled_spec_decode_tokens", None) or {}
+        for req_id in affected:
+            request = scheduler.requests.get(req_id)
+            if request is None or req_id not in out.num_scheduled_tokens or request.is_prefill_chunk:
+                continue
+            added = int(getattr(scheduler, "num_sampled_tokens_per_step", 1)) + len(spec.get(req_id, ()))
+            request.num_output_placeholders = max(0, request.num_output_placeholders - added)
+        return affected
+
+    handle_invalid_blocks.__kvsched_wrapped__ = True  # type: ignore[attr-defined]
+    scheduler._handle_invalid_blocks = handle_invalid_blocks
+    scheduler.update_from_output = update_from_output
+
+
 def wrap_allocate_slots(scheduler: Any, on_shortage: Callable[[Any, int, int], bool]) -> None:
     """Make the KV cache manager call `on_shortage(request, num_new_tokens, own_free_hits)` when it cannot allocate,
     and retry while it returns True. `own_free_hits`: the request's prefix-cache hits that sit in the free queue (they
@@ -246,22 +329,56 @@ def _scheduler_cls_type(value: str) -> str:
     return value
 
 
+TIER_DEST = "kvsched_fp8_tier_gb"  # where the parser keeps --kvsched-fp8-tier-gb until the arguments are complete
+
+
 class _TierAction(argparse.Action):
-    """`--kvsched-fp8-tier-gb GIB` sets vLLM's kv_transfer_config to kvsched's FP8 tier connector."""
+    """`--kvsched-fp8-tier-gb GIB|auto`: the FP8 tier's size (0 turns it off), checked against this host's memory."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        from vllm.config import KVTransferConfig
+        from kvsched.adapters.vllm.tier_host import host_memory
+        from kvsched.core.tier import TierConfigError, check_fits_host, parse_tier_gib
 
-        from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
-        from kvsched.core.tier import TierConfigError
-
-        if getattr(namespace, "kv_transfer_config", None) is not None:
-            parser.error("--kvsched-fp8-tier-gb sets --kv-transfer-config; pass only one of them")
         try:
-            namespace.kv_transfer_config = KVTransferConfig(**kv_transfer_config(float(values)))
-        except (TierConfigError, ValueError) as exc:
+            gib = parse_tier_gib(values)
+            if gib:
+                check_fits_host(int(gib * 2**30), host_memory()[0])
+        except TierConfigError as exc:
             parser.error(f"argument --kvsched-fp8-tier-gb: {exc}")
+        setattr(namespace, TIER_DEST, "auto" if gib is None else gib)
+
+
+def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
+    """With `--scheduler kvsched` the FP8 tier is on unless told otherwise: set vLLM's kv_transfer_config to it (size
+    from --kvsched-fp8-tier-gb, else KVSCHED_FP8_TIER_GB, else the default rule), unless the size is 0 or the command
+    names another KV connector (then kvsched runs without its tier, and says so)."""
+    import os
+
+    from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB, kv_transfer_config
+    from kvsched.core.tier import TierConfigError, parse_tier_gib
+
+    asked = getattr(ns, TIER_DEST, None)
+    if asked is not None:
+        delattr(ns, TIER_DEST)
+    if not is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):
+        if asked is not None:
+            parser.error("--kvsched-fp8-tier-gb needs --scheduler kvsched (the tier holds KV kvsched releases)")
+        return
+    if getattr(ns, "kv_transfer_config", None) is not None:
+        if asked is not None:
+            parser.error("--kvsched-fp8-tier-gb sets --kv-transfer-config; pass only one of them")
+        return  # the user's own connector (the tier's JSON, or another one): kvsched runs without adding its tier
+    size: Any = asked if asked is not None else os.environ.get(ENV_TIER_GB, "auto")
+    try:
+        gib = parse_tier_gib(size)
+    except TierConfigError as exc:
+        parser.error(f"{ENV_TIER_GB}: {exc}")
+    if gib == 0:
+        return
+    from vllm.config import KVTransferConfig
+
+    ns.kv_transfer_config = KVTransferConfig(**kv_transfer_config("auto" if gib is None else gib))
 
 
 def extend_engine_parser(parser: Any) -> None:
@@ -280,11 +397,12 @@ def extend_engine_parser(parser: Any) -> None:
         if action.dest == "scheduler_cls" and "--scheduler-cls" in action.option_strings:
             action.type = _scheduler_cls_type
     parser.add_argument(
-        "--kvsched-fp8-tier-gb", dest="kv_transfer_config", action=_TierAction, default=argparse.SUPPRESS,
-        metavar="GIB",
+        "--kvsched-fp8-tier-gb", dest=TIER_DEST, action=_TierAction, default=argparse.SUPPRESS,
+        metavar="GIB|auto",
         help="Host memory (GiB) for kvsched's FP8 tier: KV that --scheduler kvsched releases under memory pressure is "
-             "quantized to FP8 there and restored on the session's next turn instead of recomputed (added by the "
-             "kvsched plugin; sets --kv-transfer-config).",
+             "quantized to FP8 there and restored (prefetched when the session's next request is queued) instead of "
+             "recomputed. Default auto: min(2x the KV pool's bytes, 1/4 of available host memory / GPUs); 0 turns it "
+             "off (added by the kvsched plugin; sets --kv-transfer-config).",
     )
     parser.set_defaults(middleware=[MIDDLEWARE_PATH])
     _check_after_parsing(parser)
@@ -308,14 +426,15 @@ def cpu_refusal(args: argparse.Namespace) -> str | None:
 
 
 def _check_after_parsing(parser: Any) -> None:
-    """Run `cpu_refusal` on the parsed arguments (whatever their order on the command line) and exit with its one
-    line, before vLLM starts an engine."""
+    """Once the arguments are complete (whatever their order on the command line): exit with `cpu_refusal`'s one line
+    before vLLM starts an engine, and turn the FP8 tier on (`_apply_tier`)."""
     parse_known_args = parser.parse_known_args
 
     def checked(args: Any = None, namespace: Any = None) -> Any:
         ns, rest = parse_known_args(args, namespace)
         if (reason := cpu_refusal(ns)) is not None:
             parser.exit(2, f"kvsched: {reason}\n")
+        _apply_tier(parser, ns)
         return ns, rest
 
     parser.parse_known_args = checked

@@ -1,19 +1,27 @@
 """kvsched's FP8 demotion tier as a vLLM KV connector (`KVConnectorBase_V1`): no fork, the way offloading connectors plug in.
 
+On by default: `vllm serve MODEL --scheduler kvsched` runs it, sized by `kvsched.core.tier.auto_budget_bytes` (at most
+2x the KV pool's bytes and a quarter of the host memory available at start-up, split between the machine's GPUs);
+`--kvsched-fp8-tier-gb N` sets the size, 0 turns it off. The size and the layout are logged once at start-up.
+
 Scheduler side (engine-core process): a `TierDirectory` (kvsched.core.tier). kvsched's scheduler calls `demote` when
 memory pressure releases a session's pins; vLLM calls `get_num_new_matched_tokens` for each new request, and the
 connector offers the unbroken run of the request's prefix (by vLLM's block hashes) the tier holds past the local
 prefix-cache hit, then the session's partial last block if the tier kept it (`save_tail`: vLLM's prefix cache only
-shares full blocks, so the tokens past the last one are otherwise recomputed every turn). Each step's stores and loads
-travel to the workers in the connector metadata.
+shares full blocks, so the tokens past the last one are otherwise recomputed every turn). kvsched's scheduler also
+prefetches: when a session's request is queued (or its next turn is due) and its prefix sits in the tier, the blocks
+are restored into the pool ahead of scheduling (`add_prefetch`, see tier_prefetch). Each step's stores and loads travel
+to the workers in the connector metadata.
 
-Worker side: a `TierStore` (fp8_tier_store). Stores run in `handle_preemptions`, which vLLM calls before anything of the
-step runs, so a released block is copied before a new request can overwrite it; loads run in `start_load_kv`,
-synchronously before the forward pass. A slot that fails its checksum is reported through
-`get_block_ids_with_load_errors` and vLLM recomputes those tokens (`kv_load_failure_policy: recompute`, required).
+Worker side: a `TierStore` (fp8_tier_store) over each layer's views (tier_layout, from vLLM's own spec and layout).
+Stores and prefetches run in `handle_preemptions`, which vLLM calls before anything of the step runs, so a released
+block is copied before a new request can overwrite it; a request's restores run in `start_load_kv` before the forward
+pass; on a GPU the copies run on their own stream and each layer's attention waits only for its own layer
+(`wait_for_layer_load`). A slot that fails its checksum is reported through `get_block_ids_with_load_errors` and vLLM
+recomputes those tokens (`kv_load_failure_policy: recompute`, required).
 
-Enable with `vllm serve ... --scheduler kvsched --kvsched-fp8-tier-gb 2` (the plugin turns it into the
-`--kv-transfer-config` below), or pass `--kv-transfer-config` yourself with `kv_transfer_config(2.0)`'s JSON.
+If the tier cannot hold this engine's cache (tier_layout.TierUnsupported: e.g. hybrid or MLA-bf16 models), it says why
+once in the log, `kvsched_tier_enabled` is 0 and the engine serves as it would without it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import logging
 import os
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,32 +41,38 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvsched.adapters.vllm.fp8_tier_store import TierLayoutError, TierStore, block_bytes, block_views
-from kvsched.core.tier import Load, Store, TailKey, TierConfig, TierConfigError, TierDirectory
+from kvsched.adapters.vllm import tier_host
+from kvsched.adapters.vllm.fp8_tier_store import TierStore
+from kvsched.adapters.vllm.tier_layout import TierGeometry, TierUnsupported, geometry_of, layer_views
+from kvsched.adapters.vllm.tier_link import link_for
+from kvsched.core.tier import Load, Store, TailKey, TierConfig, TierConfigError, TierDirectory, parse_tier_gib
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.kvsched.fp8_tier")  # vLLM's handlers and VLLM_LOGGING_LEVEL apply
 CONNECTOR_NAME = "KVSchedFP8TierConnector"
 MODULE_PATH = __name__
 ENV_TIER_GB = "KVSCHED_FP8_TIER_GB"
+ENV_FAULT_EVERY = "KVSCHED_TIER_FAULT_EVERY"  # tests: corrupt every n-th stored slot (restores must recompute)
 
 
-def kv_transfer_config(tier_gb: float, measure_error: bool = True) -> dict[str, Any]:
-    """The `--kv-transfer-config` that enables kvsched's FP8 tier with `tier_gb` GiB of host memory."""
-    TierConfig.from_gib(tier_gb)  # validate early
+def kv_transfer_config(tier_gb: float | str = "auto", measure_error: bool = True) -> dict[str, Any]:
+    """The `--kv-transfer-config` that enables kvsched's FP8 tier with `tier_gb` GiB of host memory (or "auto")."""
+    parse_tier_gib(tier_gb)  # validate early
     return {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": MODULE_PATH, "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": {"tier_gb": tier_gb, "measure_error": measure_error}}
 
 
-def kv_transfer_config_json(tier_gb: float) -> str:
+def kv_transfer_config_json(tier_gb: float | str = "auto") -> str:
     return json.dumps(kv_transfer_config(tier_gb))
 
 
 @dataclass
 class TierStepMeta(KVConnectorMetadata):
-    """One step's tier work, scheduler -> workers: stores run first (before the step), then loads."""
+    """One step's tier work, scheduler -> workers: stores, then prefetches (both before the step), then the
+    scheduled requests' loads."""
 
     stores: list[Store] = field(default_factory=list)
+    prefetches: list[Load] = field(default_factory=list)
     loads: list[Load] = field(default_factory=list)
 
 
@@ -69,11 +84,12 @@ class TierWorkerMeta(KVConnectorWorkerMetadata):
     failed_blocks: int = 0
     err_sq: float = 0.0
     ref_sq: float = 0.0
+    disabled: str = ""  # why this worker cannot run the tier (reported once)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, TierWorkerMeta)
         return TierWorkerMeta(self.loaded_blocks + other.loaded_blocks, self.failed_blocks + other.failed_blocks,
-                              self.err_sq + other.err_sq, self.ref_sq + other.ref_sq)
+                              self.err_sq + other.err_sq, self.ref_sq + other.ref_sq, self.disabled or other.disabled)
 
 
 class KVSchedFP8TierConnector(KVConnectorBase_V1):
@@ -86,7 +102,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        self.config = TierConfig.from_gib(extra.get("tier_gb", os.environ.get(ENV_TIER_GB, "0")))
+        requested = parse_tier_gib(extra.get("tier_gb", os.environ.get(ENV_TIER_GB)))
         self.measure_error = bool(extra.get("measure_error", True))
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             raise TierConfigError("kvsched's FP8 tier needs kv_load_failure_policy 'recompute' in --kv-transfer-config "
@@ -94,23 +110,53 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         if not vllm_config.cache_config.enable_prefix_caching:
             raise TierConfigError("kvsched's FP8 tier needs prefix caching (it is keyed by vLLM's block hashes)")
         self.block_size = int(vllm_config.cache_config.block_size)
-        self.num_blocks, self.block_bytes, self.layers = _pool_shape(kv_cache_config)
-        self.num_slots = self.config.budget_bytes // self.block_bytes
+        self.num_blocks = int(kv_cache_config.num_blocks) if kv_cache_config is not None else 0
+        self.disabled_reason = ""
+        self.geometry: TierGeometry | None = None
+        try:
+            self.geometry = geometry_of(kv_cache_config, tier_host.layout_name(vllm_config, kv_cache_config))
+        except TierUnsupported as exc:
+            self.disabled_reason = str(exc)
+        block_bytes = self.geometry.block_bytes if self.geometry else 1
         # scheduler side
         self.directory: TierDirectory | None = None
+        self.num_slots = 0
         self._step = TierStepMeta()
         # req id -> (first block, slots, keys, matched tail (slot, tokens, key) or None)
         self._matched: dict[str, tuple[int, list[int], list[Any], tuple[int, int, TailKey] | None]] = {}
         self._step_loads: dict[int, Any] = {}  # this step's loads: block id -> key
         self._loading: deque[dict[int, Any]] = deque(maxlen=4)  # recent steps' loads (outputs may lag a step)
+        self.on_load_failures: Callable[[set[int]], None] = lambda block_ids: None  # kvsched's prefetch cleanup
+        self.steps_built = self.steps_done = 0  # connector metadata built / step outputs seen (prefetch ordering)
+        self._prefetched_for: set[str] = set()  # queued requests whose restore a prefetch started
         self.stats: dict[str, float] = {"restores": 0, "restored_blocks": 0, "restored_tail_tokens": 0,
-                                        "restore_misses": 0, "load_failures": 0, "err_sq": 0.0, "ref_sq": 0.0}
+                                        "restore_misses": 0, "load_failures": 0, "err_sq": 0.0, "ref_sq": 0.0,
+                                        "prefetched_blocks": 0}
         # worker side
         self.store: TierStore | None = None
         self._errors: set[int] = set()
         self._worker_meta = TierWorkerMeta()
+        self._fault_every = int(os.environ.get(ENV_FAULT_EVERY, "0") or 0)
         if role == KVConnectorRole.SCHEDULER:
-            self.directory = TierDirectory(self.config, self.block_bytes, value_of=lambda owner: 0.0)
+            budget = 0
+            if self.geometry is not None:
+                budget = tier_host.budget_bytes(requested, self.geometry, self.num_blocks)
+            self.directory = TierDirectory(TierConfig(budget), block_bytes, value_of=lambda owner: 0.0)
+            self.num_slots = self.directory.num_slots
+            if self.disabled_reason:
+                logger.warning("kvsched FP8 tier disabled: %s", self.disabled_reason)
+            else:
+                assert self.geometry is not None
+                logger.info("kvsched FP8 tier: %.2f GiB of host memory (%s), %d slots of %d bytes; %s layout, %s "
+                            "(%d layers, %d heads x %d x %d %s per block)", budget / 2**30,
+                            "auto: " + tier_host.AUTO_RULE if requested is None else "--kvsched-fp8-tier-gb",
+                            self.num_slots, block_bytes, self.geometry.layout, self.geometry.mode,
+                            len(self.geometry.layers), self.geometry.heads, self.geometry.rows, self.geometry.content,
+                            self.geometry.dtype)
+
+    @property
+    def enabled(self) -> bool:
+        return not self.disabled_reason and self.num_slots > 0
 
     # ==== scheduler side =============================================================================================
     def attach(self, value_of: Any) -> TierDirectory:
@@ -122,6 +168,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
     def demote(self, owner: Any, blocks: list[tuple[Any, int]]) -> int:
         """`owner` lost the pins on `blocks` ((content key, block id), prefix order): plan their copy into the tier."""
         assert self.directory is not None
+        if not self.enabled:
+            return 0
         stores = self.directory.demote(owner, blocks)
         self._step.stores.extend(stores)
         return len(stores)
@@ -130,13 +178,30 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         """`owner`'s turn finished with `tokens` of KV (fewer than a block) in pool block `block_id`, after the full
         block whose content key is `parent`: plan their copy into the tier (this step, before vLLM reuses the block)."""
         assert self.directory is not None
-        store = self.directory.put_tail(owner, parent, tokens, block_id)
+        store = self.directory.put_tail(owner, parent, tokens, block_id) if self.enabled else None
         if store is not None:
             self._step.stores.append(store)
         return store is not None
 
+    def match_prefetch(self, keys: Sequence[Any], start: int, limit: int) -> list[int]:
+        """Slots of the run of `keys[start:]` the tier holds (at most `limit`), locked for a prefetch this step."""
+        if not self.enabled or self.directory is None:
+            return []
+        slots = self.directory.match(keys, start, limit)
+        self.directory.lock(slots)
+        return slots
+
+    def add_prefetch(self, loads: Sequence[tuple[int, int, Any]], request_id: str | None = None) -> None:
+        """Restore `(slot, block id, key)` into blocks kvsched allocated and cached ahead of scheduling (for the queued
+        request `request_id`, whose own restore then only adds what the prefetch did not cover: one restore)."""
+        if request_id is not None:
+            self._prefetched_for.add(request_id)
+        self._step.prefetches.extend(Load(s, b) for s, b, _ in loads)
+        self._step_loads.update((b, k) for _, b, k in loads)
+        self.stats["prefetched_blocks"] += len(loads)
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
-        if self.directory is None or self.num_slots == 0:
+        if self.directory is None or not self.enabled:
             return 0, False
         bs = self.block_size
         start = num_computed_tokens // bs
@@ -163,26 +228,30 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         if n <= 0 and rest <= 0:
             nxt = start + len(slots)
             hashes = request.block_hashes
-            if nxt < len(hashes) and self.directory.was_evicted(hashes[nxt]):
+            if self.enabled and nxt < len(hashes) and self.directory.was_evicted(hashes[nxt]):
                 self.stats["restore_misses"] += 1
             return
         block_ids = blocks.get_block_ids()[0]
-        loads = [(s, b, k) for s, b, k in zip(slots[:n], block_ids[start:start + n], keys[:n], strict=True)]
+        loads = [Load(s, b) for s, b in zip(slots[:n], block_ids[start:start + n], strict=True)]
+        load_keys = list(keys[:n])
         if rest > 0 and tail is not None and tail[1] == rest and n == len(slots):
-            loads.append((tail[0], block_ids[start + n], tail[2]))
+            loads.append(Load(tail[0], block_ids[start + n], whole_before_forward=True))
+            load_keys.append(tail[2])
             self.stats["restored_tail_tokens"] += rest
         elif rest > 0:  # vLLM passes back exactly what get_num_new_matched_tokens offered: never expected
             logger.error("kvsched FP8 tier: vLLM took %d external tokens for request %s, not the %d offered",
                          num_external_tokens, request.request_id,
                          len(slots) * self.block_size + (tail[1] if tail else 0))
-        self._step.loads.extend(Load(s, b) for s, b, _ in loads)
-        self._step_loads.update((b, k) for _, b, k in loads)
-        self.stats["restores"] += 1
+        self._step.loads.extend(loads)
+        self._step_loads.update((ld.block_id, k) for ld, k in zip(loads, load_keys, strict=True))
+        if request.request_id not in self._prefetched_for:  # else counted as the prefetch's restore
+            self.stats["restores"] += 1
         self.stats["restored_blocks"] += n
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         assert self.directory is not None
         meta, self._step = self._step, TierStepMeta()
+        self.steps_built += 1
         if self._step_loads:
             self._loading.append(self._step_loads)
             self._step_loads = {}
@@ -192,26 +261,34 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: Any) -> None:
         assert self.directory is not None
-        bad = connector_output.invalid_block_ids or set()
+        self.steps_done += 1
+        bad = set(connector_output.invalid_block_ids or ())
         if bad:  # those slots did not verify: forget them so they are recomputed, never read again
             keys = [step[b] for step in self._loading for b in bad if b in step]
             self.directory.forget(keys)
             self.stats["load_failures"] += len(bad)
+            self.on_load_failures(bad)
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, TierWorkerMeta):
             self.stats["err_sq"] += meta.err_sq
             self.stats["ref_sq"] += meta.ref_sq
+            if meta.disabled and not self.disabled_reason:
+                self.disabled_reason = meta.disabled
+                logger.warning("kvsched FP8 tier disabled by the worker: %s", meta.disabled)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._matched.pop(request.request_id, None)
+        self._prefetched_for.discard(request.request_id)
         return False, None
 
-    def tier_stats(self) -> dict[str, float]:
+    def tier_stats(self) -> dict[str, Any]:
         d = self.directory
         assert d is not None
         ref = self.stats["ref_sq"]
-        return {
-            "tier_capacity_bytes": d.num_slots * d.block_bytes, "tier_bytes": d.used_bytes,
+        raw = self.geometry is not None and self.geometry.mode == "raw"
+        out: dict[str, Any] = {
+            "tier_enabled": float(self.enabled),
+            "tier_capacity_bytes": d.num_slots * d.block_bytes if self.enabled else 0, "tier_bytes": d.used_bytes,
             "tier_blocks": d.used_slots, "tier_block_bytes": d.block_bytes,
             "tier_demotions": d.counters["demotions"], "tier_demoted_blocks": d.counters["demoted_blocks"],
             "tier_evicted_blocks": d.counters["evicted_blocks"], "tier_restores": self.stats["restores"],
@@ -219,53 +296,75 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             "tier_tails": len(d.tail_of), "tier_tails_stored": d.counters["tails_stored"],
             "tier_restored_tail_tokens": self.stats["restored_tail_tokens"],
             "tier_load_failures": self.stats["load_failures"],
-            "tier_kv_rel_rms_error": 0.0 if self.layers["raw"] else (self.stats["err_sq"] / ref) ** 0.5 if ref > 0
-            else -1.0,
-            "tier_raw_fp8": float(self.layers["raw"]),
+            "tier_prefetched_blocks": self.stats["prefetched_blocks"],
+            "tier_kv_rel_rms_error": 0.0 if raw else (self.stats["err_sq"] / ref) ** 0.5 if ref > 0 else -1.0,
+            "tier_raw_fp8": float(raw),
         }
+        if self.disabled_reason:
+            out["tier_disabled_reason"] = self.disabled_reason
+        return out
 
     # ==== worker side ================================================================================================
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        views = block_views(kv_caches, self.num_blocks)
-        if block_bytes(views) != self.block_bytes:
-            raise TierLayoutError(f"KV cache tensors give {block_bytes(views)} tier bytes per block, the KV cache spec "
-                                  f"{self.block_bytes}: layout not supported by the FP8 tier")
-        self.store = TierStore(views, self.num_slots, measure_error=self.measure_error)
+        if self.geometry is None:
+            return  # the scheduler side logged why
+        try:
+            views = layer_views(kv_caches, self.geometry, self.num_blocks)
+            link = link_for(views[0].cache.device)
+        except (TierUnsupported, ValueError) as exc:
+            logger.warning("kvsched FP8 tier disabled on this worker: %s", exc)
+            self._worker_meta.disabled = str(exc)
+            return
+        self.store = TierStore(views, self.geometry.mode, link, measure_error=self.measure_error)
+        self.store.corrupt_every = self._fault_every
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
-        if self.store is None or not isinstance(kv_connector_metadata, TierStepMeta) or not kv_connector_metadata.stores:
+        meta = kv_connector_metadata
+        if self.store is None or not isinstance(meta, TierStepMeta):
             return
-        stores = kv_connector_metadata.stores
-        before = (self.store.err_sq, self.store.ref_sq)
-        try:
-            self.store.store([s.block_id for s in stores], [s.slot for s in stores], [s.tokens for s in stores])
-        except Exception:  # never take the engine down for a cache: the slots fail their checksum and are recomputed
-            logger.exception("kvsched FP8 tier: storing %d blocks failed", len(stores))
-            self.store.invalidate([s.slot for s in stores])
-        self._worker_meta.err_sq += self.store.err_sq - before[0]
-        self._worker_meta.ref_sq += self.store.ref_sq - before[1]
+        if meta.stores:
+            stores = meta.stores
+            try:
+                self.store.store([s.block_id for s in stores], [s.slot for s in stores], [s.tokens for s in stores])
+            except Exception:  # never take the engine down for a cache: the slots fail their checksum, recomputed
+                logger.exception("kvsched FP8 tier: storing %d blocks failed", len(stores))
+                self.store.invalidate([s.slot for s in stores])
+        if meta.prefetches:  # into cached blocks a request of this very step may hit: ordered before its layers
+            self._load(meta.prefetches)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         if self.store is None or not isinstance(meta, TierStepMeta) or not meta.loads:
             return
+        whole = [ld for ld in meta.loads if ld.whole_before_forward]
+        if whole:  # written by this step's forward too: complete before it starts
+            self._load(whole)
+            self.store.fence_all()
+        self._load([ld for ld in meta.loads if not ld.whole_before_forward])
+
+    def _load(self, loads: Sequence[Load]) -> None:
+        assert self.store is not None
+        if not loads:
+            return
         try:
-            failed = self.store.load([ld.slot for ld in meta.loads], [ld.block_id for ld in meta.loads])
+            failed = self.store.load([ld.slot for ld in loads], [ld.block_id for ld in loads])
         except Exception:  # report every block of the step as not loaded: vLLM recomputes them
-            logger.exception("kvsched FP8 tier: loading %d blocks failed", len(meta.loads))
-            failed = [ld.block_id for ld in meta.loads]
+            logger.exception("kvsched FP8 tier: loading %d blocks failed", len(loads))
+            failed = [ld.block_id for ld in loads]
         self._errors.update(failed)
-        self._worker_meta.loaded_blocks += len(meta.loads) - len(failed)
+        self._worker_meta.loaded_blocks += len(loads) - len(failed)
         self._worker_meta.failed_blocks += len(failed)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return
+        if self.store is not None:
+            self.store.fence_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
         return
 
     def wait_for_save(self) -> None:
-        return
+        if self.store is not None:
+            self.store.seal_ready()  # check in the stores whose copies completed during the step
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()
@@ -273,23 +372,9 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         meta, self._worker_meta = self._worker_meta, TierWorkerMeta()
-        if not (meta.loaded_blocks or meta.failed_blocks or meta.ref_sq):
+        if self.store is not None:
+            meta.err_sq, meta.ref_sq = self.store.err_sq, self.store.ref_sq
+            self.store.err_sq = self.store.ref_sq = 0.0
+        if not (meta.loaded_blocks or meta.failed_blocks or meta.ref_sq or meta.disabled):
             return None
         return meta
-
-
-def _pool_shape(kv_cache_config: Any) -> tuple[int, int, dict[str, Any]]:
-    """(num_blocks, tier bytes per block, layer facts) from vLLM's KV cache config: one full-attention group only."""
-    if kv_cache_config is None:
-        raise TierConfigError("the FP8 tier needs vLLM's KV cache config")
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        raise TierConfigError(f"the FP8 tier supports models with one KV cache group (full attention); this one has "
-                              f"{len(groups)}")
-    spec = groups[0].kv_cache_spec
-    heads, head_size = int(getattr(spec, "num_kv_heads", 0)), int(getattr(spec, "head_size", 0))
-    if not heads or not head_size or getattr(spec, "sliding_window", None):
-        raise TierConfigError(f"the FP8 tier supports full-attention KV caches, not {type(spec).__name__}")
-    raw = spec.dtype.itemsize == 1
-    per_block = len(groups[0].layer_names) * heads * (spec.block_size * 2 * head_size + (0 if raw else 4))
-    return int(kv_cache_config.num_blocks), per_block, {"raw": raw, "heads": heads, "head_size": head_size}

@@ -1,9 +1,15 @@
-"""The FP8 tier's bytes, on the worker: slots of quantized KV blocks in host memory, filled and read with kvsched.ops.
+"""The FP8 tier's bytes, on the worker: slots of KV blocks in host memory, filled and read with kvsched.ops.
 
-One slot holds one KV block of every attention layer: float8_e4m3fn pages plus one float32 scale per (block, head)
-(`kvsched.ops.gather_quantize_blocks`); when the KV cache itself is already FP8, the bytes are copied as they are (no
-second quantization, no scales). Each slot carries a CRC32 of its bytes, written at store time and checked before a
-load: a slot that does not verify is reported, and vLLM recomputes those tokens instead of reading wrong KV.
+One slot holds one KV block of every attention layer (`tier_layout.LayerView`s): float8_e4m3fn pages plus one float32
+scale per (block, head) (`kvsched.ops.gather_quantize_blocks`: Triton on a CUDA cache, C++ on a CPU one), or the
+block's bytes as they are when vLLM already quantized the cache. Host memory is taken in chunks when a slot in them is
+first written (pinned for a CUDA cache), so a large tier costs nothing at start-up.
+
+Integrity: every slot carries a CRC32 of its bytes, computed on the host copy once the copy has completed (the store's
+event; at once on the CPU), and checked before a load. A slot whose store has not completed, or was never sealed, or
+whose bytes changed since, fails the check: the load skips it, reports its block, and vLLM recomputes those tokens.
+A CRC rather than a cheaper check (a generation number, a flag) because it also catches bytes that changed in host
+memory, not only stores that did not finish; it costs ~0.1 ms per MiB on the host, off the device's critical path.
 """
 
 from __future__ import annotations
@@ -15,142 +21,255 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsched.ops.fp8 import FP8, KV_DTYPES, dequantize_kv_fp8, gather_quantize_blocks, scatter_dequantize_blocks
+from kvsched.adapters.vllm.tier_layout import QUANTIZE, LayerView, view_bytes
+from kvsched.adapters.vllm.tier_link import Event, SyncLink, host_empty
+from kvsched.ops.fp8 import FP8, dequantize_kv_fp8, gather_quantize_blocks, scatter_dequantize_blocks
 
-RAW_DTYPES = (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)  # an fp8 KV cache (vLLM CPU keeps it as uint8)
-
-
-class TierLayoutError(ValueError):
-    """The KV cache tensors are not in a layout the tier can copy (the message names the layer and its shape)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LayerView:
-    name: str
-    cache: torch.Tensor  # [num_blocks, kv_heads, block_size, 2 * head_size], last dim contiguous
+CHUNK_BYTES = 64 << 20  # host memory is taken this much at a time
+UNSEALED = -1  # a CRC32 is never negative: a slot with this CRC fails every check
 
 
-def block_views(kv_caches: dict[str, torch.Tensor], num_blocks: int) -> list[LayerView]:
-    """Each layer's cache as the 4-D view the ops take. vLLM's attention backends document one logical shape,
-    `[num_blocks, num_kv_heads, block_size, 2 * head_size]`; anything else is refused with its shape."""
-    views = []
-    seen: set[int] = set()
-    for name, t in kv_caches.items():
-        if t.data_ptr() in seen:  # layers sharing one cache (KV sharing) are copied once
-            continue
-        seen.add(t.data_ptr())
-        if t.dim() != 4 or t.shape[0] != num_blocks or (t.stride(3) != 1 and t.shape[3] > 1):
-            raise TierLayoutError(f"layer {name}: KV cache of shape {tuple(t.shape)} (strides {t.stride()}) is not "
-                                  f"[{num_blocks} blocks, kv_heads, block_size, 2*head_size] with a contiguous last dim")
-        if t.dtype not in KV_DTYPES + RAW_DTYPES:
-            raise TierLayoutError(f"layer {name}: KV cache dtype {t.dtype} is not supported by the FP8 tier")
-        views.append(LayerView(name, t))
-    if not views:
-        raise TierLayoutError("no KV cache tensors to tier")
-    if len({v.cache.dtype for v in views}) != 1 or len({tuple(v.cache.shape[1:]) for v in views}) != 1:
-        raise TierLayoutError("the FP8 tier needs every layer's KV cache to have one dtype and page shape")
-    return views
+class HostSlots:
+    """Slot rows per view, `[slots, heads, rows, content]` bytes (+ `[slots, heads]` float32 scales), in chunks
+    allocated on first write."""
+
+    def __init__(self, views: Sequence[LayerView], quantize: bool, pin: bool, slot_bytes: int,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.shapes = [tuple(v.cache.shape[1:]) for v in views]
+        self.row_bytes = [v.cache.shape[3] * (1 if quantize else v.cache.element_size()) for v in views]
+        self.quantize, self.pin = quantize, pin
+        self.per_chunk = max(1, chunk_bytes // max(slot_bytes, 1))
+        self.chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self.allocated_bytes = 0
+
+    def _chunk(self, c: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        chunk = self.chunks.get(c)
+        if chunk is None:
+            chunk = []
+            for (heads, rows, _content), row_bytes in zip(self.shapes, self.row_bytes, strict=True):
+                q = host_empty((self.per_chunk, heads, rows, row_bytes), torch.uint8, self.pin)
+                s = host_empty((self.per_chunk, heads), torch.float32, self.pin) if self.quantize else None
+                chunk.append((q, s))
+                self.allocated_bytes += q.numel() + (s.numel() * 4 if s is not None else 0)
+            self.chunks[c] = chunk
+        return chunk
+
+    def _by_chunk(self, slots: Sequence[int]) -> dict[int, tuple[list[int], list[int]]]:
+        out: dict[int, tuple[list[int], list[int]]] = {}
+        for i, s in enumerate(slots):
+            pos, local = out.setdefault(s // self.per_chunk, ([], []))
+            pos.append(i)
+            local.append(s % self.per_chunk)
+        return out
+
+    def write(self, v: int, slots: Sequence[int], q: torch.Tensor, s: torch.Tensor | None) -> None:
+        for c, (pos, local) in self._by_chunk(slots).items():
+            cq, cs = self._chunk(c)[v]
+            p, loc = torch.tensor(pos), torch.tensor(local)
+            cq.index_copy_(0, loc, q.index_select(0, p))
+            if cs is not None and s is not None:
+                cs.index_copy_(0, loc, s.index_select(0, p))
+
+    def read(self, v: int, slots: Sequence[int], q: torch.Tensor, s: torch.Tensor | None) -> None:
+        for c, (pos, local) in self._by_chunk(slots).items():
+            cq, cs = self._chunk(c)[v]
+            p, loc = torch.tensor(pos), torch.tensor(local)
+            q.index_copy_(0, p, cq.index_select(0, loc))
+            if cs is not None and s is not None:
+                s.index_copy_(0, p, cs.index_select(0, loc))
+
+    def checksum(self, slot: int) -> int:
+        """CRC32 of the slot's bytes, view by view (scales, then pages)."""
+        crc = 0
+        for cq, cs in self._chunk(slot // self.per_chunk):
+            local = slot % self.per_chunk
+            if cs is not None:
+                crc = zlib.crc32(cs[local].numpy().tobytes(), crc)
+            crc = zlib.crc32(cq[local].numpy().data, crc)
+        return crc
 
 
-def block_bytes(views: Sequence[LayerView]) -> int:
-    """Tier bytes per KV block, all layers: one byte per element, plus a float32 scale per head when quantizing."""
-    _, heads, n, c = views[0].cache.shape
-    raw = views[0].cache.dtype in RAW_DTYPES
-    return len(views) * heads * (n * c + (0 if raw else 4))
+@dataclass(eq=False)
+class PendingStore:
+    """A store whose device-to-host copy may still be running: sealed into its slots once `event` completes."""
+
+    event: Event
+    slots: list[int]
+    staged: list[tuple[torch.Tensor, torch.Tensor | None]]  # per view: host rows (+ scales)
+    error: torch.Tensor | None = None  # sampled (|x - x'|^2, |x|^2) of the first block, on the host
+
+
+def _error_sample(page: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(|x - x'|^2, |x|^2) of one quantized block against the original, on the cache's device (no host sync)."""
+    x = page.float()
+    x_hat = dequantize_kv_fp8(q, s, torch.float32)
+    return torch.stack(((x - x_hat).pow(2).sum(), x.pow(2).sum()))
 
 
 class TierStore:
-    """`num_slots` slots for the layers in `views` (the tier's host memory, allocated lazily by the OS)."""
+    """Slots for `views` (the tier's host memory) and the copies in and out of the KV cache."""
 
-    def __init__(self, views: Sequence[LayerView], num_slots: int, measure_error: bool = True) -> None:
+    def __init__(self, views: Sequence[LayerView], mode: str, link: object | None = None, measure_error: bool = True,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
         self.views = list(views)
-        self.num_slots = num_slots
-        _, heads, n, c = self.views[0].cache.shape
-        self.raw = self.views[0].cache.dtype in RAW_DTYPES
-        self.q = [torch.empty((num_slots, heads, n, c), dtype=torch.uint8) for _ in self.views]
-        self.scales = [torch.empty((num_slots, heads), dtype=torch.float32) for _ in self.views] if not self.raw \
-            else []
-        self.crc = torch.zeros(num_slots, dtype=torch.int64)
-        self.measure_error = measure_error and not self.raw
+        self.quantize = mode == QUANTIZE
+        self.device = self.views[0].cache.device
+        self.link = link if link is not None else SyncLink(self.device)
+        self.slot_bytes = view_bytes(self.views, mode)
+        self.slots = HostSlots(self.views, self.quantize, self.link.pin, self.slot_bytes, chunk_bytes)
+        self.crc: dict[int, int] = {}
+        self.pending: list[PendingStore] = []
+        self.latest: dict[int, PendingStore] = {}  # slot -> the newest store writing it (only that one may seal it)
+        self.layer_events: dict[str, Event] = {}
+        self.measure_error = measure_error and self.quantize
         self.counters: Counter[str] = Counter()
         self.err_sq = 0.0  # sum over sampled blocks of |x - x'|^2 and |x|^2 (relative RMS = sqrt(err_sq / ref_sq))
         self.ref_sq = 0.0
+        self.corrupt_every = 0  # fault injection (tests): flip a byte of every n-th slot after it is sealed
 
     # ---- store (demotion) ---------------------------------------------------------------------------------------
     def store(self, block_ids: Sequence[int], slots: Sequence[int], tokens: Sequence[int] | None = None) -> None:
         """Copy blocks into slots. `tokens[i]` > 0: block i is a session's partial last block, whose positions past
         `tokens[i]` hold whatever the block held before (never-written memory included). Where those positions sit in
-        the block's bytes is the attention backend's business (vLLM's CPU backend keeps all K rows, then all V rows,
-        in its own tiling), so the block is stored whole; only non-finite values are zeroed, in a gathered copy,
-        so garbage cannot poison the scale of the (block, head) the real tokens share. A restore writes the stale
-        positions back, where the next prefill overwrites them or attention never reads them."""
+        the block's bytes is the attention backend's business, so the block is stored whole; only non-finite values
+        are zeroed, in a gathered copy, so garbage cannot poison the scale of the (block, head) the real tokens share.
+        A restore writes the stale positions back, where the next prefill overwrites them or attention never reads
+        them."""
         if not block_ids:
             return
-        ids = torch.tensor(block_ids, dtype=torch.int64)
-        dst = torch.tensor(slots, dtype=torch.int64)
-        partial = not self.raw and any(t > 0 for t in tokens or ())
-        crcs = [0] * len(slots)
-        for li, view in enumerate(self.views):
-            cache, sel = view.cache, ids
-            if partial:
-                cache, sel = torch.nan_to_num(view.cache.index_select(0, ids), 0.0, 0.0, 0.0), \
-                    torch.arange(len(block_ids))
-            if self.raw:
-                rows = cache.index_select(0, sel).view(torch.uint8)
-            else:
-                q, s = gather_quantize_blocks(cache, sel)
-                rows = q.view(torch.uint8)
-                self.scales[li].index_copy_(0, dst, s)
-                if self.measure_error:
-                    self._sample_error(cache[int(sel[0])], q[0:1], s[0:1])
-                crcs = [zlib.crc32(s[i].numpy().tobytes(), c) for i, c in enumerate(crcs)]
-            self.q[li].index_copy_(0, dst, rows)
-            crcs = [zlib.crc32(rows[i].numpy().data, c) for i, c in enumerate(crcs)]
-        self.crc.index_copy_(0, dst, torch.tensor(crcs, dtype=torch.int64))
+        self.seal_ready()
+        link = self.link
+        partial = self.quantize and any(t > 0 for t in tokens or ())
+        staged: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        errors: list[torch.Tensor] = []
+        with link.side():
+            link.after_compute()
+            ids = torch.tensor(block_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+            for view in self.views:
+                cache, sel = view.cache, ids
+                if partial:
+                    cache = torch.nan_to_num(cache.index_select(0, ids), 0.0, 0.0, 0.0)
+                    sel = torch.arange(len(block_ids), device=self.device)
+                if self.quantize:
+                    q, s = gather_quantize_blocks(cache, sel)
+                    rows: torch.Tensor = q.view(torch.uint8)
+                    if self.measure_error:
+                        errors.append(_error_sample(cache.index_select(0, sel[:1]), q[:1], s[:1]))
+                else:
+                    rows, s = cache.index_select(0, sel).view(torch.uint8), None
+                staged.append((self._to_host(rows), self._to_host(s) if s is not None else None))
+            error = self._to_host(torch.stack(errors).sum(0)) if errors else None
+            event = link.record()
+        link.fence_compute(event)  # the blocks may be reused by this very step: not before the copy has read them
+        pending = PendingStore(event, list(slots), staged, error)
+        for slot in slots:
+            self.crc[slot] = UNSEALED  # until its copy has completed and been checked in
+            self.latest[slot] = pending
+        self.pending.append(pending)
         self.counters["stored_blocks"] += len(block_ids)
+        self.seal_ready()
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu":
+            return t
+        out = host_empty(tuple(t.shape), t.dtype, self.link.pin)
+        out.copy_(t, non_blocking=True)
+        return out
+
+    def seal_ready(self, wait_for: set[int] | None = None) -> int:
+        """Check in the stores whose copies have completed (and, first, wait for those writing `wait_for` slots):
+        their rows go into their slots and their CRCs are computed. Returns how many stores were sealed."""
+        if not self.pending:
+            return 0
+        keep: list[PendingStore] = []
+        sealed = 0
+        for p in self.pending:
+            if wait_for and wait_for.intersection(p.slots):
+                p.event.synchronize()
+            if not p.event.query():
+                keep.append(p)
+                continue
+            # a slot stored again (or invalidated) while this copy was in flight is not this store's to seal
+            mine = [i for i, slot in enumerate(p.slots) if self.latest.get(slot) is p]
+            if mine:
+                rows = torch.tensor(mine)
+                slots = [p.slots[i] for i in mine]
+                for v, (q, s) in enumerate(p.staged):
+                    self.slots.write(v, slots, q.index_select(0, rows), s.index_select(0, rows) if s is not None else None)
+                for slot in slots:
+                    del self.latest[slot]
+                    self.crc[slot] = self.slots.checksum(slot)
+                    self._maybe_corrupt(slot)
+            if p.error is not None:
+                self.err_sq += float(p.error[0])
+                self.ref_sq += float(p.error[1])
+            sealed += 1
+        self.pending = keep
+        return sealed
 
     # ---- load (restore) -----------------------------------------------------------------------------------------
     def load(self, slots: Sequence[int], block_ids: Sequence[int]) -> list[int]:
-        """Restore `slots` into `block_ids`; returns the block ids whose slot failed its checksum (not written)."""
+        """Restore `slots` into `block_ids`; returns the block ids whose slot failed its checksum (not written).
+        Each layer's copies are ordered before that layer's attention (`fence_layer`); call `fence_all` when the
+        forward pass must find every block written before it starts."""
         if not slots:
             return []
-        bad = [i for i, s in enumerate(slots) if self.checksum(s) != int(self.crc[s])]
+        self.seal_ready(wait_for=set(slots))
+        bad = [i for i, s in enumerate(slots) if self.crc.get(s, UNSEALED) in (UNSEALED, None)
+               or self.crc[s] != self.slots.checksum(s)]
         bad_set = set(bad)
         good = [i for i in range(len(slots)) if i not in bad_set]
         if good:
-            src = torch.tensor([slots[i] for i in good], dtype=torch.int64)
-            ids = torch.tensor([block_ids[i] for i in good], dtype=torch.int64)
-            for li, view in enumerate(self.views):
-                rows = self.q[li].index_select(0, src)
-                if self.raw:
-                    view.cache.index_copy_(0, ids, rows.view(view.cache.dtype))
-                else:
-                    scatter_dequantize_blocks(rows.view(FP8), self.scales[li].index_select(0, src).contiguous(),
-                                                  view.cache, ids)
+            src = [slots[i] for i in good]
+            n = len(src)
+            link = self.link
+            with link.side():
+                ids = torch.tensor([block_ids[i] for i in good], dtype=torch.int64).to(self.device, non_blocking=True)
+                for v, view in enumerate(self.views):
+                    heads, rows, row_bytes = self.slots.shapes[v][0], self.slots.shapes[v][1], self.slots.row_bytes[v]
+                    q = host_empty((n, heads, rows, row_bytes), torch.uint8, link.pin)
+                    s = host_empty((n, heads), torch.float32, link.pin) if self.quantize else None
+                    self.slots.read(v, src, q, s)
+                    q_dev = q.to(self.device, non_blocking=True)
+                    if self.quantize:
+                        assert s is not None
+                        scatter_dequantize_blocks(q_dev.view(FP8), s.to(self.device, non_blocking=True), view.cache,
+                                                  ids)
+                    else:
+                        view.cache.index_copy_(0, ids, q_dev.view(view.cache.dtype))
+                    self.layer_events[view.name] = link.record()
         self.counters["loaded_blocks"] += len(good)
         self.counters["checksum_failures"] += len(bad)
         return [block_ids[i] for i in bad]
 
+    def fence_layer(self, name: str) -> None:
+        """The compute stream waits for the restores into layer `name` (vLLM's `wait_for_layer_load`)."""
+        event = self.layer_events.pop(name, None)
+        if event is not None:
+            self.link.fence_compute(event)
+
+    def fence_all(self) -> None:
+        for name in list(self.layer_events):
+            self.fence_layer(name)
+
     def invalidate(self, slots: Sequence[int]) -> None:
         """Make `slots` fail their checksum (a store that did not complete must never be read)."""
         for slot in slots:
-            self.crc[slot] = -1  # a CRC32 is never negative
-
-    def checksum(self, slot: int) -> int:
-        """CRC32 of the slot's bytes, layer by layer (scales, then pages), as `store` computed it."""
-        crc = 0
-        for li, q in enumerate(self.q):
-            if not self.raw:
-                crc = zlib.crc32(self.scales[li][slot].numpy().tobytes(), crc)
-            crc = zlib.crc32(q[slot].numpy().data, crc)
-        return crc
+            self.crc[slot] = UNSEALED
+            self.latest.pop(slot, None)
 
     @property
     def relative_rms_error(self) -> float | None:
         return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq > 0 else None
 
-    def _sample_error(self, page: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
-        x = page.float()
-        x_hat = dequantize_kv_fp8(q, s, torch.float32)[0]
-        self.err_sq += float((x - x_hat).pow(2).sum())
-        self.ref_sq += float(x.pow(2).sum())
+
+    def _maybe_corrupt(self, slot: int) -> None:
+        """Fault injection for tests (`KVSCHED_TIER_FAULT_EVERY=n`): the n-th sealed slot's bytes change afterwards,
+        as a torn or overwritten host copy would."""
+        if not self.corrupt_every:
+            return
+        self.counters["sealed_slots"] += 1
+        if self.counters["sealed_slots"] % self.corrupt_every == 0:
+            cq, _ = self.slots._chunk(slot // self.slots.per_chunk)[0]
+            cq[slot % self.slots.per_chunk].view(-1)[0] ^= 0x5A
+            self.counters["corrupted_slots"] += 1

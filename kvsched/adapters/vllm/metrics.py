@@ -17,8 +17,10 @@ GAUGES = {
     "pin_budget_blocks": "Most KV blocks pins may hold",
     "kv_bytes_per_token": "KV bytes per token across layers, from the engine's KV cache spec (follows --kv-cache-dtype); "
                           "the byte cost eviction scores use",
+    "tier_enabled": "1 when the FP8 tier runs, 0 when it is off or cannot hold this engine's cache (see "
+                    "kvsched_tier_disabled for the reason)",
     "tier_bytes": "Bytes the FP8 tier holds (quantized KV of sessions released under pressure)",
-    "tier_capacity_bytes": "The FP8 tier's byte budget (--kvsched-fp8-tier-gb)",
+    "tier_capacity_bytes": "The FP8 tier's byte budget (--kvsched-fp8-tier-gb, or the default rule)",
     "tier_blocks": "KV blocks the FP8 tier holds",
     "tier_tails": "Sessions whose partial last block (KV past their last full block) the FP8 tier holds",
     "tier_kv_rel_rms_error": "Relative RMS error of FP8-tiered KV against the original, sampled at demotion "
@@ -35,7 +37,17 @@ COUNTERS = {
     "tier_demotions": "Pin releases whose blocks were copied to the FP8 tier",
     "tier_demoted_blocks": "KV blocks copied (quantized) to the FP8 tier",
     "tier_evicted_blocks": "KV blocks the FP8 tier dropped for lack of room (lowest retention value first)",
-    "tier_restores": "Requests whose prefix was restored from the FP8 tier instead of recomputed",
+    "tier_restores": "Restores from the FP8 tier instead of recomputes: requests admitted with tier blocks plus "
+                     "prefetches",
+    "tier_prefetched_restores": "Restores started ahead of scheduling (a prefetch: the session's request was queued, "
+                                "or its next turn was due)",
+    "tier_prefetches_queued": "Prefetches started when a session's request was queued",
+    "tier_prefetches_due": "Prefetches started before a session's request arrived (its next turn was due)",
+    "tier_prefetched_blocks": "KV blocks restored from the FP8 tier by prefetches",
+    "tier_prefetch_useful_blocks": "Prefetched blocks the session's next turn hit",
+    "tier_prefetch_wasted_blocks": "Prefetched blocks released or missed before a turn used them",
+    "tier_wasted_prefetches": "Prefetches of which the session's next turn did not use every block",
+    "tier_prefetch_hit_tokens": "Prompt tokens served from prefetched blocks",
     "tier_restored_blocks": "KV blocks restored (dequantized) from the FP8 tier",
     "tier_tails_stored": "Partial last blocks of finished turns copied to the FP8 tier (vLLM shares full blocks only)",
     "tier_restored_tail_tokens": "Prompt tokens restored from a session's partial last block in the FP8 tier",
@@ -59,6 +71,11 @@ class _StatsCollector:
             if not tier and name in TIER_ONLY:
                 continue
             yield CounterMetricFamily(f"kvsched_{name}", doc, value=float(self.stats.get(name, 0)))
+        if reason := self.stats.get("tier_disabled_reason"):
+            disabled = GaugeMetricFamily("kvsched_tier_disabled", "Why the FP8 tier cannot hold this engine's cache",
+                                         labels=["reason"])
+            disabled.add_metric([str(reason)[:200]], 1.0)
+            yield disabled
         released = CounterMetricFamily("kvsched_pin_releases", "Session pins released whole, by reason",
                                        labels=["reason"])
         partial = CounterMetricFamily("kvsched_pin_partial_releases", "Session pins shortened (tail blocks released), "

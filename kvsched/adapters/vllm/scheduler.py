@@ -10,6 +10,7 @@ from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
+from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.session_pins import SessionPins
 from kvsched.core.config import RetentionConfig
 
@@ -20,13 +21,14 @@ class KVSchedScheduler(AsyncScheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.kvsched = SessionPins(self, RetentionConfig.from_env())
+        compat.fix_load_failure_recovery(self)
 
     def add_request(self, request: Any) -> None:
         super().add_request(request)
         self.kvsched.on_request_added(request)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        self.kvsched.expire()
+        self.kvsched.before_schedule()
         output = super().schedule(*args, **kwargs)
         self.kvsched.on_scheduled(output)
         return output

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.tier_prefetch import TierPrefetcher
 from kvsched.core.config import RetentionConfig
 from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import InvalidSessionInput, SessionKey, TurnHints, validate_session_id
@@ -47,8 +48,12 @@ class SessionPins:
         compat.wrap_allocate_slots(scheduler, self.on_shortage)
         # The FP8 tier (if configured): pins released for pressure or budget are demoted there, not dropped.
         self.tier = compat.fp8_tier(scheduler)
+        self.prefetcher: TierPrefetcher | None = None
         if self.tier is not None:
             self.tier.attach(self._tier_value)
+            if self.tier.enabled and self.enabled:
+                self.prefetcher = TierPrefetcher(self)
+                self.tier.on_load_failures = self.prefetcher.on_load_failures
 
     # ---- hooks from the scheduler -------------------------------------------------------------------------------
     def on_request_added(self, request: Any) -> None:
@@ -60,6 +65,8 @@ class SessionPins:
         # dict lookups by the very object the tables hold skip the dataclass __eq__.
         key = self.policy.sessions[key].key
         self.requests[request.request_id] = (key, hints)
+        if self.prefetcher is not None:
+            self.prefetcher.on_request_added(request, key)
 
     def _known_key(self, key: SessionKey) -> SessionKey | None:
         rec = self.policy.sessions.get(key)
@@ -75,6 +82,8 @@ class SessionPins:
                 self._trace.write(json.dumps({"t": round(self.policy.clock(), 4), "session": str(entry[0].session_id),
                                               "op": "start", "cached": int(new.num_computed_tokens),
                                               "prompt": len(new.prompt_token_ids or ())}) + "\n")
+            if self.prefetcher is not None:
+                self.prefetcher.on_turn_started(entry[0], int(new.num_computed_tokens))
             self.apply(self.policy.turn_started(entry[0], int(new.num_computed_tokens)))
 
     def on_request_finished(self, request: Any) -> None:
@@ -98,6 +107,8 @@ class SessionPins:
                 self.tier.directory.drop_owner(key)
             elif groups and (tail := compat.partial_tail(self.scheduler, request, groups[0], self.block_size)):
                 self.tier.save_tail(key, *tail)
+            if self.prefetcher is not None and not hints.end:
+                self.prefetcher.on_turn_finished(request, key)
         if len(self.block_refs) > self.policy.budget_blocks:  # never, with the default budget (the whole pool)
             while releases := self.policy.release_over_budget(len(self.block_refs)):
                 self.apply(releases)
@@ -126,6 +137,34 @@ class SessionPins:
         if self.pinned:
             self.apply(self.policy.expire())
 
+    def before_schedule(self) -> None:
+        """Each scheduler step, before vLLM schedules: TTL expiry, then the tier's due prefetches."""
+        self.expire()
+        if self.prefetcher is not None:
+            self.prefetcher.on_step()
+
+    def extends_pin(self, key: SessionKey, head: list[Any]) -> bool:
+        """True if the session's pin is a prefix of `head` (blocks of a request's cached prefix, in order)."""
+        pin = self.pinned.get(key)
+        if not pin:
+            return True
+        old = pin[0] if len(pin) == 1 else []
+        return len(pin) == 1 and len(old) <= len(head) and all(a is b for a, b in zip(old, head, strict=False))
+
+    def adopt_prefetch(self, key: SessionKey, head: list[Any], new: list[Any]) -> None:
+        """The session's pin becomes `head` (cached blocks, referenced here as a pin's blocks are) followed by `new`
+        (blocks a tier prefetch allocated: they come with the one reference the allocation took)."""
+        blocks = len(head) + len(new)
+        if not self.policy.prefetched(key, blocks * self.block_size, blocks):
+            compat.return_blocks(self.scheduler, list(reversed(new)))  # over the budget: not kept
+            return
+        self._repin(key, [head])
+        self.pinned[key][0].extend(new)
+        self.block_refs.update(b.block_id for b in new)
+        if self._trace is not None:
+            self._trace.write(json.dumps({"t": round(self.policy.clock(), 4), "session": str(key.session_id),
+                                          "op": "prefetch", "blocks": len(new)}) + "\n")
+
     def release_all(self, reason: ReleaseReason = ReleaseReason.END) -> int:
         """Drop every pin (e.g. before vLLM resets the prefix cache). Returns how many were released."""
         keys = list(self.pinned)
@@ -141,6 +180,8 @@ class SessionPins:
         self.apply(self.policy.end(key))
         if self.tier is not None:
             self.tier.directory.drop_owner(key)
+        if self.prefetcher is not None:
+            self.prefetcher.on_ended(key)
 
     # ---- decisions ----------------------------------------------------------------------------------------------
     def apply(self, decisions: list[Decision], pending: dict[SessionKey, list[list[Any]]] | None = None) -> None:
@@ -232,6 +273,8 @@ class SessionPins:
             del self.pinned[key]
             for g in groups:
                 released.extend(reversed(g))
+            if self.prefetcher is not None:
+                self.prefetcher.on_released(key)
         else:  # drop the tail of each KV-cache group, in proportion; in place (the pin's lists are long-lived)
             for g in groups:
                 n = min(len(g), -(-blocks * len(g) // total))
@@ -282,4 +325,15 @@ class SessionPins:
             **{f"released_{r.value}_partial": c[f"released_{r.value}_partial"] for r in ReleaseReason},
             **{f"released_blocks_{r.value}": c[f"released_blocks_{r.value}"] for r in ReleaseReason},
             **(self.tier.tier_stats() if self.tier is not None else {}),
+            **(self._prefetch_stats() if self.prefetcher is not None else {}),
         }
+
+    def _prefetch_stats(self) -> dict[str, float]:
+        assert self.prefetcher is not None and self.tier is not None
+        c, t = self.prefetcher.counters, self.tier.stats
+        prefetches = c["prefetches_queued"] + c["prefetches_due"]
+        return {"tier_restores": t["restores"] + prefetches, "tier_prefetched_restores": prefetches,
+                "tier_prefetches_queued": c["prefetches_queued"], "tier_prefetches_due": c["prefetches_due"],
+                "tier_prefetch_useful_blocks": c["useful_blocks"], "tier_prefetch_wasted_blocks": c["wasted_blocks"],
+                "tier_wasted_prefetches": c["wasted_prefetches"],
+                "tier_prefetch_hit_tokens": self.policy.counters["prefetch_hit_tokens"]}

@@ -1,11 +1,13 @@
-"""The FP8 tier's worker-side bytes on real KV-shaped tensors: round trip, checksums, FP8 caches stored as they are."""
+"""The FP8 tier's worker-side bytes on real KV-shaped tensors: round trip, checksums, FP8 caches stored as they are,
+host memory taken in chunks, and copies that complete later (a GPU's side stream) sealed only once they have."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from kvsched.adapters.vllm.fp8_tier_store import TierLayoutError, TierStore, block_bytes, block_views
+from kvsched.adapters.vllm.fp8_tier_store import TierStore
+from kvsched.adapters.vllm.tier_layout import QUANTIZE, RAW, LayerView, view_bytes
+from kvsched.adapters.vllm.tier_link import SyncLink
 
 BLOCKS, HEADS, N, C = 12, 2, 32, 128
 
@@ -20,10 +22,17 @@ def caches(dtype=torch.bfloat16, layers=3, seed=0):
     return out
 
 
+def views_of(kv):
+    return [LayerView(name, t) for name, t in kv.items()]
+
+
+def tier(kv, mode=QUANTIZE, **kw):
+    return TierStore(views_of(kv), mode, **kw)
+
+
 def test_store_then_load_restores_every_layer_within_the_e4m3_bound():
     kv = caches()
-    views = block_views(kv, BLOCKS)
-    store = TierStore(views, num_slots=5)
+    store = tier(kv)
     original = {k: v.clone() for k, v in kv.items()}
     store.store([3, 7, 1], [4, 0, 2])
     for v in kv.values():
@@ -48,7 +57,7 @@ def test_a_partial_last_block_is_stored_whole_and_garbage_cannot_poison_its_scal
         v[5, :, 10, :3] = float("nan")
         v[5, :, 11, :3] = float("inf")
     original = {k: v.clone() for k, v in kv.items()}
-    store = TierStore(block_views(kv, BLOCKS), num_slots=2)
+    store = tier(kv)
     store.store([5, 6], [0, 1], [10, 0])
     assert all(torch.equal(v.view(torch.int16), original[k].view(torch.int16)) for k, v in kv.items())  # pool untouched
     for v in kv.values():
@@ -66,9 +75,9 @@ def test_a_partial_last_block_is_stored_whole_and_garbage_cannot_poison_its_scal
 
 def test_a_corrupt_slot_fails_its_checksum_and_is_not_written():
     kv = caches(layers=2)
-    store = TierStore(block_views(kv, BLOCKS), num_slots=4)
+    store = tier(kv)
     store.store([1, 2], [0, 1])
-    store.q[1][1, 0, 0, 0] ^= 0x5A  # one byte of layer 1, slot 1
+    store.slots.chunks[0][1][0][1, 0, 0, 0] ^= 0x5A  # one byte of layer 1, slot 1
     before = kv["layer.0"][5].clone()
     failed = store.load([0, 1], [4, 5])
     assert failed == [5]
@@ -78,7 +87,7 @@ def test_a_corrupt_slot_fails_its_checksum_and_is_not_written():
 
 def test_an_invalidated_slot_is_never_read():
     kv = caches(layers=1)
-    store = TierStore(block_views(kv, BLOCKS), num_slots=2)
+    store = tier(kv)
     store.store([1], [0])
     store.invalidate([0])
     assert store.load([0], [3]) == [3]
@@ -86,9 +95,8 @@ def test_an_invalidated_slot_is_never_read():
 
 def test_an_fp8_cache_is_copied_as_is_without_scales():
     kv = caches(dtype=torch.uint8)
-    views = block_views(kv, BLOCKS)
-    assert block_bytes(views) == 3 * HEADS * N * C  # one byte per element, no scales
-    store = TierStore(views, num_slots=3)
+    assert view_bytes(views_of(kv), RAW) == 3 * HEADS * N * C  # one byte per element, no scales
+    store = tier(kv, RAW)
     original = {k: v.clone() for k, v in kv.items()}
     store.store([2, 5], [1, 2])
     assert store.load([2, 1], [8, 9]) == []
@@ -98,17 +106,116 @@ def test_an_fp8_cache_is_copied_as_is_without_scales():
 
 
 def test_bf16_block_bytes_count_fp8_pages_and_scales():
-    views = block_views(caches(layers=2), BLOCKS)
-    assert block_bytes(views) == 2 * HEADS * (N * C + 4)
+    assert view_bytes(views_of(caches(layers=2)), QUANTIZE) == 2 * HEADS * (N * C + 4)
 
 
-@pytest.mark.parametrize("bad", [
-    {"l": torch.zeros(BLOCKS, HEADS, N)},  # 3-D
-    {"l": torch.zeros(BLOCKS + 1, HEADS, N, C)},  # wrong block count
-    {"l": torch.zeros(BLOCKS, HEADS, N, C, dtype=torch.int32)},  # dtype
-    {"a": torch.zeros(BLOCKS, HEADS, N, C), "b": torch.zeros(BLOCKS, HEADS, N, 64)},  # mixed page shapes
-    {},
-])
-def test_unsupported_layouts_are_typed_errors(bad):
-    with pytest.raises(TierLayoutError):
-        block_views(bad, BLOCKS)
+def test_host_memory_is_taken_a_chunk_at_a_time_as_slots_fill():
+    kv = caches(layers=1)
+    slot = view_bytes(views_of(kv), QUANTIZE)
+    store = tier(kv, chunk_bytes=4 * slot)  # 4 slots per chunk
+    assert store.slots.allocated_bytes == 0  # nothing at start-up
+    store.store([1], [0])
+    assert len(store.slots.chunks) == 1 and store.slots.allocated_bytes == 4 * slot
+    store.store([2, 3], [9, 1000])  # slots in two more chunks, far apart
+    assert sorted(store.slots.chunks) == [0, 2, 250]
+    original = kv["layer.0"].clone()
+    kv["layer.0"].zero_()
+    assert store.load([1000, 9, 0], [5, 6, 7]) == []
+    for src, dst in ((3, 5), (2, 6), (1, 7)):
+        x, y = original[src].float(), kv["layer.0"][dst].float()
+        assert float((x - y).norm() / x.norm()) < 0.07
+
+
+class LaterEvent:
+    """A copy that completes when the test says (a CUDA event on a side stream, as the store sees one)."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.waited = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = True
+        self.done = True
+
+
+class LaterLink(SyncLink):
+    """The store's device link with copies that complete later; records what the compute stream was told to wait on."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.events: list[LaterEvent] = []
+        self.fenced: list[LaterEvent] = []
+
+    def record(self):
+        self.events.append(LaterEvent())
+        return self.events[-1]
+
+    def fence_compute(self, event) -> None:
+        self.fenced.append(event)
+
+
+def test_a_store_is_sealed_only_once_its_copy_completed_and_the_compute_stream_waits_for_it():
+    kv = caches(layers=2)
+    link = LaterLink()
+    store = tier(kv, link=link)
+    store.store([1, 2], [0, 1])
+    assert link.fenced == link.events  # the step that may reuse the blocks runs after the copy
+    assert store.seal_ready() == 0 and store.crc == {0: -1, 1: -1}  # not yet: those slots fail any check
+    link.events[0].done = True
+    assert store.seal_ready() == 1 and all(c >= 0 for c in store.crc.values())
+    assert store.load([1, 0], [5, 6]) == []
+
+
+def test_a_load_of_a_slot_whose_store_is_in_flight_waits_for_that_copy():
+    kv = caches(layers=1)
+    original = kv["layer.0"][2].clone()
+    link = LaterLink()
+    store = tier(kv, link=link)
+    store.store([2], [0])
+    kv["layer.0"].zero_()
+    assert store.load([0], [7]) == []
+    assert link.events[0].waited  # synchronized, then sealed, then read
+    assert float((original.float() - kv["layer.0"][7].float()).norm() / original.float().norm()) < 0.07
+    assert "layer.0" in store.layer_events  # the layer's attention waits for this restore
+    store.fence_layer("layer.0")
+    assert link.fenced[-1] is link.events[-1] and "layer.0" not in store.layer_events
+
+
+def test_only_the_newest_of_two_in_flight_stores_of_a_slot_seals_it():
+    kv = caches(layers=1)
+    link = LaterLink()
+    store = tier(kv, link=link)
+    store.store([1], [0])
+    store.store([2], [0])  # the slot was reused before the first copy completed
+    link.events[0].done = True
+    store.seal_ready()
+    assert store.crc[0] == -1  # the first copy must not seal the slot the second one now owns
+    link.events[1].done = True
+    store.seal_ready()
+    kv_before = kv["layer.0"][2].clone()
+    kv["layer.0"].zero_()
+    assert store.load([0], [5]) == []
+    assert float((kv_before.float() - kv["layer.0"][5].float()).norm() / kv_before.float().norm()) < 0.07
+
+
+def test_an_invalidated_store_in_flight_never_seals():
+    kv = caches(layers=1)
+    link = LaterLink()
+    store = tier(kv, link=link)
+    store.store([1], [0])
+    store.invalidate([0])
+    link.events[0].done = True
+    store.seal_ready()
+    assert store.load([0], [3]) == [3]
+
+
+def test_fault_injection_corrupts_every_nth_sealed_slot_and_those_are_never_restored():
+    kv = caches(layers=1)
+    store = tier(kv)
+    store.corrupt_every = 2
+    store.store([1, 2, 3, 4], [0, 1, 2, 3])
+    failed = store.load([0, 1, 2, 3], [5, 6, 7, 8])
+    assert failed == [6, 8] and store.counters["corrupted_slots"] == 2

@@ -249,7 +249,7 @@ def test_fp8_tier_demotes_pressure_releases_and_the_next_turn_restores_them(harn
         s, f = _sched(cfg, clock=clock), RequestFactory(BLOCK)
         s.add_request(f.make(history, 4, session_id="agent-1"))
         run_until_idle(s)
-        n_stores = n_loads = 0
+        n_stores = n_loads = n_prefetched = 0
         for i in range(4):  # 4 x 21 blocks through a 63-block pool: the pin must yield
             s.add_request(f.make([5000 + i] * 330, 4))
         while s.has_requests():
@@ -262,8 +262,14 @@ def test_fp8_tier_demotes_pressure_releases_and_the_next_turn_restores_them(harn
             out, _ = step(s)
             turn2.record(out, s)
             meta = out.kv_connector_metadata
-            n_loads += len(meta.loads) if meta is not None else 0
+            n_loads += len(meta.loads) + len(meta.prefetches) if meta is not None else 0
+            n_prefetched += len(meta.prefetches) if meta is not None else 0
         cached[tier], stores[tier], loads[tier] = turn2.cached_tokens, n_stores, n_loads
+        if tier:  # queued before it was scheduled: restored ahead of scheduling, and its turn hit every block
+            stats = s.kvsched.stats()
+            assert n_prefetched == n_loads and stats["tier_prefetched_restores"] == stats["tier_restores"] == 1
+            assert stats["tier_prefetch_useful_blocks"] == n_prefetched and stats["tier_wasted_prefetches"] == 0
+            assert stats["tier_prefetch_hit_tokens"] == n_prefetched * BLOCK
         # every pin and request gone: the pool is whole again, and the tier's directory holds only whole slots
         s.kvsched.handle("end", "agent-1")
         assert free_blocks(s) == usable_blocks(s)
@@ -326,3 +332,43 @@ def test_fp8_tier_tail_serves_only_the_tokens_the_next_turn_shares(harness_cfg, 
     assert cached == 161 and len(loads) == 1
     _, _, loads, cached = _tier_run(cfg, clock, [4, 4, 4] + list(range(900, 940)))
     assert cached == 160 and loads == []
+
+
+def test_a_restore_that_fails_its_checksum_is_recomputed_and_the_request_finishes(harness_cfg, clock):
+    """The worker reports every block the tier restored for turn 2 as failed (a corrupt slot): vLLM rolls the request
+    back and recomputes them, and the request still runs to its end (vLLM 0.32's AsyncScheduler lost such a request:
+    its output placeholder was never given back; compat.fix_load_failure_recovery)."""
+    from dataclasses import replace
+
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    s, f = _sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock=clock), RequestFactory(BLOCK)
+    history = list(range(100, 260))
+    s.add_request(f.make(history, 4, session_id="agent-1"))
+    run_until_idle(s)
+    for i in range(4):  # 4 x 21 blocks at once through a 63-block pool: the pin must yield (to the tier)
+        s.add_request(f.make([5000 + i] * 330, 4))
+    run_until_idle(s)
+    s.add_request(f.make(history + [4] * 3 + list(range(900, 940)), 4, session_id="agent-1"))
+    failed, computed, steps = set(), 0, 0
+    while s.has_requests():
+        steps += 1
+        assert steps < 50, "the request never finished"
+        out = s.schedule()
+        meta = out.kv_connector_metadata
+        bad = {ld.block_id for ld in meta.prefetches + meta.loads} if meta is not None and not failed else set()
+        failed |= bad
+        computed += sum(out.num_scheduled_tokens.values())
+        ids = list(out.num_scheduled_tokens)
+        sampled = [[] if s.requests[r].is_prefill_chunk else [FAKE_TOKEN] for r in ids]
+        s.update_from_output(out, ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled,
+            kv_connector_output=KVConnectorOutput(invalid_block_ids=bad) if bad else None))
+    assert len(failed) >= 10  # the restored prefix (10 blocks, prefetched) and its partial last block
+    assert computed >= len(history) + 3 + 40  # the whole prompt was computed again
+    stats = s.kvsched.stats()
+    assert stats["tier_load_failures"] == len(failed)
+    s.kvsched.handle("end", "agent-1")
+    assert free_blocks(s) == usable_blocks(s)

@@ -1,0 +1,67 @@
+"""The FP8 tier's footing on this machine: its size (the default rule applied to this host's memory and KV pool, or the
+size asked for, refused when the machine cannot hold it) and the engine's KV cache layout name for the start-up log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvsched.adapters.vllm.tier_layout import TierGeometry
+from kvsched.core.tier import AUTO_HOST_FRACTION, AUTO_POOL_MULTIPLE, auto_budget_bytes, check_fits_host
+
+AUTO_RULE = (f"min({AUTO_POOL_MULTIPLE:g} x the KV pool's bytes, {AUTO_HOST_FRACTION:g} x available host memory / "
+             f"GPUs on the host)")
+
+
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes of host memory."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return int(vm.total), int(vm.available)
+
+
+def engines_per_host() -> int:
+    """How many engines (one per GPU) may share this host's memory: the machine's GPU count, 1 on a CPU host."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return max(1, int(pynvml.nvmlDeviceGetCount()))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVIDIA driver or library: a CPU host, or a GPU the library cannot see
+        pass
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except Exception:
+        return 1
+
+
+def pool_bytes(geometry: TierGeometry, num_blocks: int) -> int:
+    """Bytes the engine's KV pool holds (every layer, in the cache's own dtype)."""
+    per_block = len(geometry.layers) * geometry.heads * geometry.rows * geometry.content * geometry.dtype.itemsize
+    return per_block * num_blocks
+
+
+def budget_bytes(requested_gib: float | None, geometry: TierGeometry, num_blocks: int) -> int:
+    """The tier's budget: `requested_gib` (refused with TierConfigError beyond the host's memory) or the default rule."""
+    total, available = host_memory()
+    if requested_gib is not None:
+        budget = int(requested_gib * 2**30)
+        check_fits_host(budget, total)
+        return budget
+    return auto_budget_bytes(pool_bytes(geometry, num_blocks), available, engines_per_host())
+
+
+def layout_name(vllm_config: Any, kv_cache_config: Any) -> str | None:
+    """The engine's resolved KV cache layout (vLLM 0.32's `KVCacheLayout` name), when it says."""
+    name = getattr(kv_cache_config, "kv_cache_layout", None)
+    if name:
+        return str(getattr(name, "name", name))
+    try:
+        return str(vllm_config.cache_config.get_resolved_kv_cache_layout().name)
+    except Exception:  # an older config object: the name is for the log only
+        return None

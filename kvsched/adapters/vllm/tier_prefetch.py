@@ -1,0 +1,180 @@
+"""Session-aware prefetch from the FP8 tier: a session's KV is restored into the pool before its turn is scheduled.
+
+Two triggers, both for sessions whose prefix continues into blocks the tier holds:
+- queued: a request of the session arrives (kvsched's `add_request` hook runs before vLLM schedules anything), so its
+  restore is planned at once instead of when the scheduler admits the request, however long it waits in the queue;
+- due: the policy's next-use estimate (kvsched.core.next_use via `RetentionPolicy.expected_next_use_s`) says the
+  session's next turn arrives within the time a restore takes (or one scheduler step), so its blocks are restored
+  before its request exists. This one only takes free blocks beyond a reserve (it must not evict what live requests
+  will need) and only when the engine can cache blocks without their request (no KV events).
+
+A prefetch takes free blocks, enters them into vLLM's prefix cache under the session's block hashes and pins them to
+the session, with the loads in this step's connector metadata; the worker runs them before the step's forward pass
+(`handle_preemptions`, each layer fenced before its attention on a GPU), so the session's request finds them as
+ordinary prefix-cache hits. On an engine that schedules a step ahead (GPU async scheduling) the blocks are entered into
+the prefix cache only after the worker has reported the step that loaded them; a block whose slot failed its checksum
+is taken out of the prefix cache (vLLM recomputes a request that already used it in that step).
+
+Counters: prefetches by trigger, prefetched blocks, blocks the session's turn then hit (useful) and blocks released or
+missed before any turn used them (wasted).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvsched.adapters.vllm import compat
+from kvsched.core.sessions import SessionKey
+
+RESTORE_BYTES_PER_S = 10e9  # host -> device (PCIe gen4 x16 effective, conservatively): sets the "due" horizon
+DUE_RESERVE_FRACTION = 0.125  # a due prefetch leaves at least this share of the pool free
+
+
+@dataclass(slots=True)
+class Prefetch:
+    key: SessionKey
+    blocks: list[Any]
+    chain: list[Any]
+    first: int  # chain index of blocks[0]
+    due_step: int  # entered into the prefix cache once the connector has seen this many step outputs
+    request: Any = None
+    cached: bool = False
+
+
+@dataclass(slots=True)
+class StepClock:
+    """Seconds per scheduler step (EWMA), for the smallest useful prefetch horizon."""
+
+    last: float | None = None
+    step_s: float = 0.05
+
+    def tick(self, now: float) -> None:
+        if self.last is not None:
+            self.step_s = 0.8 * self.step_s + 0.2 * min(max(now - self.last, 0.0), 10.0)
+        self.last = now
+
+
+@dataclass
+class TierPrefetcher:
+    """Owned by SessionPins (engine-core thread); `pins.tier` is the connector."""
+
+    pins: Any
+    counters: Counter[str] = field(default_factory=Counter)
+    pending: dict[SessionKey, Prefetch] = field(default_factory=dict)
+    chains: dict[SessionKey, list[Any]] = field(default_factory=dict)  # each session's last request's block hashes
+    _due: list[tuple[float, int, SessionKey]] = field(default_factory=list)
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
+    clock: StepClock = field(default_factory=StepClock)
+
+    @property
+    def tier(self) -> Any:
+        return self.pins.tier
+
+    # ---- triggers ---------------------------------------------------------------------------------------------------
+    def on_request_added(self, request: Any, key: SessionKey) -> None:
+        if self._holds(key):
+            limit = (int(request.num_tokens) - 1) // self.pins.block_size
+            self._prefetch(key, list(request.block_hashes), limit, reserve=0, request=request, trigger="queued")
+
+    def on_turn_finished(self, request: Any, key: SessionKey) -> None:
+        """Remember the session's hash chain and when its next turn is due (a due prefetch may then run)."""
+        self.chains[key] = list(request.block_hashes)
+        rec = self.pins.policy.sessions.get(key)
+        if rec is not None:
+            horizon = self._horizon(len(self.chains[key]))
+            due = self.pins.policy.clock() + self.pins.policy.expected_next_use_s(rec, 0.0) - horizon
+            heapq.heappush(self._due, (due, next(self._seq), key))
+
+    def on_step(self) -> None:
+        """Before each schedule(): enter confirmed prefetches into the prefix cache, run the due ones."""
+        now = self.pins.policy.clock()
+        self.clock.tick(now)
+        if self.pending:
+            done = getattr(self.tier, "steps_done", 0)
+            for p in self.pending.values():
+                if not p.cached and p.due_step <= done:
+                    self._cache(p)
+        while self._due and self._due[0][0] <= now:
+            _, _, key = heapq.heappop(self._due)
+            rec = self.pins.policy.sessions.get(key)
+            chain = self.chains.get(key)
+            if rec is None or chain is None or rec.active_requests or rec.waiting or not self._holds(key):
+                continue
+            if compat.can_cache_without_request(self.pins.scheduler):
+                reserve = int(self.pins.policy.total_blocks * DUE_RESERVE_FRACTION)
+                self._prefetch(key, chain, len(chain), reserve=reserve, request=None, trigger="due")
+
+    def on_turn_started(self, key: SessionKey, cached_tokens: int) -> None:
+        p = self.pending.pop(key, None)
+        if p is None:
+            return
+        hit = min(max(cached_tokens // self.pins.block_size - p.first, 0), len(p.blocks))
+        self.counters["useful_blocks"] += hit
+        self.counters["wasted_blocks"] += len(p.blocks) - hit
+        if hit < len(p.blocks):
+            self.counters["wasted_prefetches"] += 1
+
+    def on_released(self, key: SessionKey) -> None:
+        """The session's pin went before its turn used the prefetched blocks."""
+        p = self.pending.pop(key, None)
+        if p is not None:
+            self.counters["wasted_blocks"] += len(p.blocks)
+            self.counters["wasted_prefetches"] += 1
+
+    def on_ended(self, key: SessionKey) -> None:
+        self.on_released(key)
+        self.chains.pop(key, None)
+
+    def on_load_failures(self, block_ids: set[int]) -> None:
+        """Slots that failed their checksum: the blocks they were restored into (and every later block of the same
+        prefetch, which a request could only reach through them) leave the prefix cache."""
+        for p in self.pending.values():
+            idx = [i for i, b in enumerate(p.blocks) if b.block_id in block_ids]
+            if idx:
+                compat.evict_from_prefix_cache(self.pins.scheduler, {b.block_id for b in p.blocks[min(idx):]})
+                self.counters["failed_prefetch_blocks"] += len(p.blocks) - min(idx)
+
+    # ---- the prefetch -----------------------------------------------------------------------------------------------
+    def _holds(self, key: SessionKey) -> bool:
+        tier = self.tier
+        return tier is not None and tier.enabled and bool(tier.directory.keys_of.get(key))
+
+    def _horizon(self, blocks: int) -> float:
+        tier = self.tier
+        restore_s = blocks * (tier.directory.block_bytes if tier is not None else 0) / RESTORE_BYTES_PER_S
+        return max(restore_s, self.clock.step_s)
+
+    def _prefetch(self, key: SessionKey, chain: list[Any], limit: int, reserve: int, request: Any,
+                  trigger: str) -> None:
+        if key in self.pending or limit <= 0:
+            return
+        scheduler = self.pins.scheduler
+        head = compat.cached_prefix(scheduler, chain, limit)
+        if not self.pins.extends_pin(key, head):
+            return  # the request branches off the session's pinned prefix: the turn itself decides what stays
+        slots = self.tier.match_prefetch(chain, len(head), limit - len(head))
+        n = len(slots)
+        if not n or compat.num_free_blocks(scheduler) - n < reserve:
+            return
+        blocks = compat.new_blocks(scheduler, n)
+        first = len(head)
+        self.tier.add_prefetch([(s, b.block_id, chain[first + i]) for i, (s, b) in enumerate(
+            zip(slots, blocks, strict=True))], request.request_id if request is not None else None)
+        p = Prefetch(key, blocks, chain, first, getattr(self.tier, "steps_built", 0) + 1, request)
+        if not compat.async_scheduling(scheduler):
+            self._cache(p)  # this step's forward runs after the load; a failed slot is handled by vLLM's recompute
+        self.pending[key] = p
+        self.pins.adopt_prefetch(key, head, blocks)
+        self.counters[f"prefetches_{trigger}"] += 1
+        self.counters["prefetched_blocks"] += n
+
+    def _cache(self, p: Prefetch) -> None:
+        held = [b for b in p.blocks if b.ref_cnt > 0 and b.block_hash is None]
+        if len(held) == len(p.blocks):
+            compat.cache_restored_blocks(self.pins.scheduler, p.blocks, p.chain, p.first, p.request)
+        p.cached = True
+        p.request = None
