@@ -9,7 +9,7 @@ FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP := $(VENV)/.kvsched-installed
 EXT_STAMP := $(VENV)/.kvsched-ext
 
-.PHONY: install ext test test-fast lint demo bench clean
+.PHONY: install ext test test-fast lint demo bench clean gpu-check
 
 install: $(STAMP)
 
@@ -47,6 +47,15 @@ test-fast: $(EXT_STAMP)
 
 demo: $(EXT_STAMP)
 	$(BIN)/kvsched demo
+
+# The one command for a machine with a GPU (and vLLM's CUDA build: pip install -e '.[gpu,dev]'): the GPU tests (FP8
+# tier on CUDA caches of every backend layout, Triton vs the torch reference, a real GPU vllm serve) and the kernel
+# benchmark on CUDA, written to benchmarks/results/kernels_gpu.json. Without CUDA the tests skip, saying why.
+gpu-check: $(EXT_STAMP)
+	$(BIN)/python -m pytest -q -rs tests/gpu
+	@if $(BIN)/python -c "import torch; exit(0 if torch.cuda.is_available() else 1)"; then \
+	  $(BIN)/kvsched bench kernels --device cuda --out benchmarks/results/kernels_gpu.json; \
+	else echo "gpu-check: no CUDA device here: the GPU tests skipped and the CUDA kernel benchmark did not run"; fi
 
 clean:
 	rm -rf build kvsched/*.so $(EXT_STAMP)

@@ -17,28 +17,32 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.bench.agents_driver import TTL_HINT_S, RunRecord, prompt_messages, run_with_progress
-from kvsched.bench.common import RESULTS_DIR, percentile, provenance, ratios, table, write_json
+from kvsched.bench.agents_report import NO_TIER_SIDE, TIER_SIDE, attainable, clairvoyant_bound, gates, print_report
+from kvsched.bench.common import percentile, provenance, ratios, write_json
 from kvsched.serving import ServerSpec, VllmServer
 from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
 from kvsched.tiny_model import SIZES, ensure_tiny_model, tiny_model_dtype
 
 QUICK = WorkloadConfig(workflows=3, topology=Topology.HIERARCHICAL, workers=3, rounds=3, worker_turns=3, tool_words=60)
 FULL = WorkloadConfig(workflows=6, topology=Topology.HIERARCHICAL, workers=4, rounds=4, worker_turns=3, tool_words=60)
-# side -> --scheduler value. "unbounded" is stock vLLM with a pool that holds the whole working set: the prefill no
-# eviction policy can go below at any pressure (new tokens, what the chat template forces to recompute, and the partial
-# last block of every turn, since vLLM's prefix cache shares full blocks only), measured in the same run so the gates can
-# be read against what is attainable at all. Only the FP8 tier's partial-block restores go below it.
-# "kvsched+fp8tier" is kvsched with its FP8 demotion tier (issue 5): pins released under pressure are quantized into a
-# host-memory tier (by default as many bytes as the KV pool itself) and restored on the session's next turn.
-SIDES = {"stock": None, "kvsched": "kvsched", "kvsched+fp8tier": "kvsched", "unbounded": None}
-TIER_SIDE = "kvsched+fp8tier"
-REPLAY_SIDES = ("stock", "kvsched")  # replayed at their pool under LRU / kvsched / Belady (kvsched.bench.agents_replay)
+# side -> --scheduler value. "kvsched" is `vllm serve --scheduler kvsched` as shipped: its FP8 tier on (host memory by
+# the default rule, or --fp8-tier-gb), so pins released under pressure are quantized into host memory and restored
+# (prefetched when the session's request is queued) instead of recomputed. "kvsched-no-tier" is kvsched with
+# `--kvsched-fp8-tier-gb 0`: retention and release order alone, at the same pool. "unbounded" is stock vLLM with a pool
+# that holds the whole working set: the prefill no eviction policy can go below at any pressure (new tokens, what the
+# chat template forces to recompute, and the partial last block of every turn, since vLLM's prefix cache shares full
+# blocks only), measured in the same run. Only the tier (KV beyond the pool) and its partial-block restores go below it.
+SIDES = {"stock": None, "kvsched-no-tier": "kvsched", "kvsched": "kvsched", "unbounded": None}
+REPLAY_SIDES = ("stock", NO_TIER_SIDE)  # replayed at their pool under LRU / kvsched / Belady (agents_replay)
 UNBOUNDED_HEADROOM = 1.25
 BLOCK_SIZE = 32
 METRIC_KEYS = ("vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
                "vllm:num_preemptions_total", "vllm:generation_tokens_total", "vllm:external_prefix_cache_hits_total")
 TIER_COUNTERS = ("demotions", "demoted_blocks", "evicted_blocks", "restores", "restored_blocks", "restore_misses",
-                 "load_failures", "tails_stored", "restored_tail_tokens")
+                 "load_failures", "tails_stored", "restored_tail_tokens", "prefetched_restores", "prefetches_queued",
+                 "prefetches_due", "prefetched_blocks", "prefetch_useful_blocks", "prefetch_wasted_blocks",
+                 "wasted_prefetches", "prefetch_hit_tokens", "tail_restores")
+SWEEP_PRESSURES = (1.5, 3.0, 6.0)
 
 
 def register(subparsers: Any) -> None:
@@ -53,12 +57,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tool-words", type=int, default=None, help="words per tool result")
     p.add_argument("--brief-words", type=int, default=None, help="words of each agent's first-turn brief/documents")
     p.add_argument("--pressure", type=float, default=1.5, help="working set / KV pool (default 1.5)")
+    p.add_argument("--sweep", action="store_true",
+                   help=f"run every side at pressures {', '.join(map(str, SWEEP_PRESSURES))} in one invocation and plot "
+                        "prefill and follow-up P95 TTFT against stock (JSON and PNG)")
     p.add_argument("--model-size", choices=sorted(SIZES), default="bench")
     p.add_argument("--fp8-tier-gb", type=float, default=None,
-                   help="host memory of the kvsched+fp8tier side's tier (default: the KV pool's own bytes)")
+                   help="host memory of the kvsched side's tier (default: the server's own rule, 2x the KV pool)")
     p.add_argument("--fidelity-probes", type=int, default=4,
-                   help="restored-vs-recomputed greedy probes on the kvsched+fp8tier server after its run (0: none)")
-    p.add_argument("--sides", type=parse_sides, default="stock,kvsched,kvsched+fp8tier,unbounded",
+                   help="restored-vs-recomputed greedy probes on the kvsched server after its run (0: none)")
+    p.add_argument("--sides", type=parse_sides, default=",".join(SIDES),
                    help="comma list of: " + ",".join(SIDES) + " (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace-dir", type=trace_dir_arg, default=None,
@@ -173,10 +180,12 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
                 reason: int(after.get(f'{metric}{{reason="{reason}"}}', 0.0)
                             - before.get(f'{metric}{{reason="{reason}"}}', 0.0))
                 for reason in ("turn", "ttl", "end", "pressure", "budget")}
-    if "kvsched_tier_capacity_bytes" in after:
+    if after.get("kvsched_tier_enabled"):
         out["tier"] = {name: int(after.get(f"kvsched_tier_{name}_total", 0.0)
                                  - before.get(f"kvsched_tier_{name}_total", 0.0)) for name in TIER_COUNTERS}
-        out["tier"]["restored_tokens"] = int(d["vllm:external_prefix_cache_hits_total"])
+        # restored instead of recomputed: at admission (external hits) and ahead of it (prefetched blocks hit)
+        out["tier"]["restored_tokens"] = int(d["vllm:external_prefix_cache_hits_total"]) + out["tier"][
+            "prefetch_hit_tokens"]
         out["tier"]["capacity_bytes"] = int(after["kvsched_tier_capacity_bytes"])
         out["tier"]["peak_bytes_at_end"] = int(after.get("kvsched_tier_bytes", 0.0))
         rms = after.get("kvsched_tier_kv_rel_rms_error", -1.0)
@@ -215,11 +224,14 @@ def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool,
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sweep:
+        from kvsched.bench.agents_sweep import run_sweep
+
+        return run_sweep(args)
     result = run_benchmark(args)
     print_report(result)
     write_json(args.out, result)
-    gates = result.get("gates", {})
-    return 0 if all(gates.values()) or not gates else 0  # gates are reported, not enforced here
+    return 0  # gates are reported, not enforced here
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -237,9 +249,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     dtype = tiny_model_dtype(model_dir) or "bfloat16"
     bytes_per_token = kv_bytes_per_token(shape, dtype)
     pool_bytes = num_blocks * BLOCK_SIZE * bytes_per_token
-    tier_gb = args.fp8_tier_gb if args.fp8_tier_gb is not None else pool_bytes / 2**30
+    tier_gb = args.fp8_tier_gb
     for name in sides:
-        extra = ["--kvsched-fp8-tier-gb", f"{tier_gb:.6f}"] if name == TIER_SIDE else []
+        extra = {TIER_SIDE: ["--kvsched-fp8-tier-gb", f"{tier_gb:.6f}"] if tier_gb is not None else [],
+                 NO_TIER_SIDE: ["--kvsched-fp8-tier-gb", "0"]}.get(name, [])
         spec = ServerSpec(model=model_dir, scheduler=SIDES[name], max_model_len=max_model_len, block_size=BLOCK_SIZE,
                           num_blocks=unbounded_blocks if name == "unbounded" else num_blocks,
                           served_model_name="agents", extra_args=extra)
@@ -250,14 +263,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             trace_dir=getattr(args, "trace_dir", None))
     if "stock" in result:
         result["ratio"] = {s: ratios(result[s], result["stock"]) for s in result if s != "stock"}
-        if "kvsched" in result["ratio"]:
-            result["ratio"].update(result["ratio"]["kvsched"])  # kvsched/stock at the top level, as documented
-    if {"stock", "kvsched", "unbounded"} <= result.keys():
+        if TIER_SIDE in result["ratio"]:
+            result["ratio"].update(result["ratio"][TIER_SIDE])  # kvsched/stock at the top level, as documented
+    if {"stock", "unbounded"} <= result.keys():
         result["bound"] = attainable(result)
-    if {"stock", "kvsched"} <= result.keys():
+    if {"stock", NO_TIER_SIDE} <= result.keys():
         result.setdefault("bound", {}).update(clairvoyant_bound(result))
-    if {"kvsched", TIER_SIDE} <= result.keys():
-        result["ratio_tier_over_kvsched"] = ratios(result[TIER_SIDE], result["kvsched"])
+    if {NO_TIER_SIDE, TIER_SIDE} <= result.keys():
+        result["ratio_tier_over_no_tier"] = ratios(result[TIER_SIDE], result[NO_TIER_SIDE])
     result["config"] = {
         "workload": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(cfg).items()},
         "model": {"size": args.model_size, "dtype": dtype, "parameters": shape.num_parameters(), **asdict(shape)},
@@ -267,24 +280,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "pressure": working_set / (num_blocks * BLOCK_SIZE), "num_blocks": num_blocks, "block_size": BLOCK_SIZE,
         "max_model_len": max_model_len, "sessions": sum(len(w.agents()) for w in generate(cfg)),
         "kv_pool_bytes": int(pool_bytes), "fp8_tier_gb": tier_gb if TIER_SIDE in sides else None,
+        "fp8_tier_capacity_bytes": result.get(TIER_SIDE, {}).get("tier", {}).get("capacity_bytes"),
         "provenance": provenance(),
     }
-    if "kvsched" in result and "stock" in result:
-        k, s = result["kvsched"], result["stock"]
-        result["gates"] = {
-            "prefill_tokens_le_0.5x": k["prefill_tokens_computed"] <= 0.5 * s["prefill_tokens_computed"],
-            "followup_ttft_p95_le_0.7x": (k["followup_ttft_p95_s"] or 0) <= 0.7 * (s["followup_ttft_p95_s"] or 0),
-            "zero_errors": k["errors"] == 0 and s["errors"] == 0,
-            "throughput_not_lower": k["throughput_tok_s"] >= 0.97 * s["throughput_tok_s"],
-        }
-    if {"kvsched", TIER_SIDE} <= result.keys():
-        k, t = result["kvsched"], result[TIER_SIDE]
-        tier = t.get("tier", {})
-        result.setdefault("gates", {}).update({
-            "fp8tier_prefill_le_0.7x_kvsched": t["prefill_tokens_computed"] <= 0.7 * k["prefill_tokens_computed"],
-            "fp8tier_zero_errors": t["errors"] == 0,
-            "fp8tier_kv_rel_rms_le_0.07": tier.get("kv_rel_rms_error") is not None and tier["kv_rel_rms_error"] <= 0.07,
-        })
+    result["gates"] = gates(result)
     return result
 
 
@@ -294,81 +293,3 @@ def kv_bytes_per_token(shape: Any, dtype: str) -> int:
     return element * 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim
 
 
-def attainable(result: dict[str, Any]) -> dict[str, float]:
-    """How the kvsched side compares with what any policy could reach: the unbounded-memory floor over stock (no
-    policy at this pressure computes fewer prefill tokens than the floor), and kvsched's share of the saving that the
-    floor makes possible."""
-    stock = result["stock"]["prefill_tokens_computed"]
-    floor = result["unbounded"]["prefill_tokens_computed"]
-    ours = result["kvsched"]["prefill_tokens_computed"]
-    out = {"floor_over_stock": floor / stock if stock else 0.0,
-           "kvsched_share_of_attainable_saving": (stock - ours) / (stock - floor) if stock > floor else 0.0}
-    if TIER_SIDE in result:  # the tier goes below the floor only by its partial-block restores
-        tier = result[TIER_SIDE]["prefill_tokens_computed"]
-        out["fp8tier_over_stock"] = tier / stock if stock else 0.0
-        out["fp8tier_share_of_attainable_saving"] = (stock - tier) / (stock - floor) if stock > floor else 0.0
-        out["floor_over_kvsched"] = floor / ours if ours else 0.0
-    return out
-
-
-def clairvoyant_bound(result: dict[str, Any]) -> dict[str, float]:
-    """The replays against stock's measured prefill: Belady at this pool on the kvsched side's own arrivals (what no
-    eviction order could have beaten in this run), on stock's, and the simulated LRU on stock's arrivals (the model's
-    check: near 1.0 when the simulator's pool behaves like vLLM's)."""
-    stock = result["stock"]["prefill_tokens_computed"]
-    ours = result["kvsched"]["prefill_tokens_computed"]
-    rk, rs = result["kvsched"].get("replay"), result["stock"].get("replay")
-    if not stock or rk is None or rs is None:
-        return {}
-    opt = rk["opt"]
-    return {"opt_over_stock": opt / stock, "opt_on_stock_arrivals_over_stock": rs["opt"] / stock,
-            "sim_lru_over_stock": rs["lru"] / stock, "sim_kvsched_over_stock": rk["kvsched"] / stock,
-            "kvsched_share_of_clairvoyant_saving": (stock - ours) / (stock - opt) if stock > opt else 0.0}
-
-
-ROWS = ("prefill_tokens_computed", "prefix_hit_rate", "ttft_p50_s", "ttft_p95_s", "followup_ttft_p95_s",
-        "throughput_tok_s", "wall_s", "errors", "preemptions")
-
-
-def print_report(result: dict[str, Any], gates: bool = True) -> None:
-    sides = [s for s in ("stock", "kvsched", "kvsched+fp8tier", "unbounded") if s in result]
-    rows = []
-    for key in ROWS:
-        row: list[Any] = [key] + [result[s].get(key) for s in sides]
-        if "stock" in result and "kvsched" in result:
-            row.append(result["ratio"].get(key))
-        rows.append(row)
-    header = ["metric", *sides] + (["kvsched/stock"] if "ratio" in result else [])
-    print(table(rows, header))
-    cfg = result["config"]
-    print(f"sessions={cfg['sessions']} working_set={cfg['working_set_tokens']} tok, pool={cfg['kv_pool_tokens']} tok "
-          f"(pressure {cfg['pressure']:.2f}x), prefill {cfg['measured_prefill_tok_s']} tok/s")
-    b = result.get("bound", {})
-    if "opt_over_stock" in b:
-        print(f"clairvoyant replay of this run's arrivals at this pool (kvsched.sim): Belady {b['opt_over_stock']:.3f}x "
-              f"stock's prefill (no eviction order goes below it at this memory), kvsched realises "
-              f"{b['kvsched_share_of_clairvoyant_saving']:.0%} of its saving; simulated LRU on stock's arrivals "
-              f"{b['sim_lru_over_stock']:.3f}x stock's measured count (the model's check)")
-    if "floor_over_stock" in b:
-        print(f"unbounded-memory floor = {b['floor_over_stock']:.3f}x stock prefill (no eviction policy goes below it); "
-              f"kvsched realises {b['kvsched_share_of_attainable_saving']:.0%} of the saving it allows")
-    if TIER_SIDE in result and "tier" in result[TIER_SIDE]:
-        t = result[TIER_SIDE]["tier"]
-        print(f"fp8 tier: {t['demoted_blocks']} blocks demoted, {t['restored_blocks']} restored ({t['restores']} turns, "
-              f"{t['restored_tokens']} tokens, {t.get('restored_tail_tokens', 0)} of them from partial last blocks), "
-              f"{t['evicted_blocks']} evicted, {t['restore_misses']} misses, "
-              f"{t['load_failures']} checksum failures; KV relative RMS error {t['kv_rel_rms_error']}")
-        if "ratio_tier_over_kvsched" in result:
-            b = result.get("bound", {})
-            floor_note = (f" (the floor allows {b['floor_over_kvsched']:.3f}; the tier realises "
-                          f"{b['fp8tier_share_of_attainable_saving']:.0%} of the saving over stock, "
-                          f"{b['fp8tier_over_stock']:.3f}x stock)" if "floor_over_kvsched" in b else "")
-            print(f"kvsched+fp8tier / kvsched prefill = "
-                  f"{result['ratio_tier_over_kvsched'].get('prefill_tokens_computed'):.3f}{floor_note}")
-        if "fidelity" in result[TIER_SIDE]:
-            print(f"fidelity (restored vs recomputed, greedy): {result[TIER_SIDE]['fidelity']}")
-    for gate, ok in (result.get("gates", {}) if gates else {}).items():
-        print(f"  [{'PASS' if ok else 'FAIL'}] {gate}")
-
-
-__all__ = ["register", "run", "run_benchmark", "print_report", "RESULTS_DIR"]

@@ -38,17 +38,32 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (< 2 min)")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and OpenMP (default: all cores)")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton (interpreter) rows")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: torch vs C++ (and Triton's interpreter); cuda: torch vs Triton on the GPU")
     p.add_argument("--isa", choices=("all", "avx512", "avx2", "scalar"), default="all",
                    help="C++ FP8 paths to time: every one this CPU can run (default) or the one named")
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=run)
 
 
+DEVICE = "cpu"  # `--device`: where the tensors live (cuda: the Triton kernels against torch on the GPU)
+
+
+def _sync() -> None:
+    """Wait for the device: GPU kernels return before they finish."""
+    if DEVICE != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def median_time(fn: Callable[[], Any], repeats: int, min_time_s: float = 0.05) -> float:
     """Median wall time of `fn` over `repeats` timed runs after one warm-up; fast calls are batched to min_time_s."""
     fn()
+    _sync()
     t0 = time.perf_counter()
     fn()
+    _sync()
     once = max(time.perf_counter() - t0, 1e-9)
     inner = max(1, int(min_time_s / once))
     samples = []
@@ -56,6 +71,7 @@ def median_time(fn: Callable[[], Any], repeats: int, min_time_s: float = 0.05) -
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
+        _sync()
         samples.append((time.perf_counter() - t0) / inner)
     return statistics.median(samples)
 
@@ -69,7 +85,7 @@ def copy_bandwidth(repeats: int) -> float:
     """GB/s of a large torch copy, counting bytes read plus bytes written."""
     import torch
 
-    src = torch.empty(256 * 2**20, dtype=torch.uint8).random_()
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device=DEVICE).random_()
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), repeats)
     return 2 * src.numel() / t / 1e9
@@ -81,13 +97,15 @@ class CopyReference:
     def __init__(self) -> None:
         import torch
 
-        self.src = torch.empty(256 * 2**20, dtype=torch.uint8).random_()
+        self.src = torch.empty(256 * 2**20, dtype=torch.uint8, device=DEVICE).random_()
         self.dst = torch.empty_like(self.src)
         self.dst.copy_(self.src)  # first touch
+        _sync()
 
     def sample_gbps(self) -> float:
         t0 = time.perf_counter()
         self.dst.copy_(self.src)
+        _sync()
         return 2 * self.src.numel() / (time.perf_counter() - t0) / 1e9
 
 
@@ -106,6 +124,7 @@ def paired_bw_fraction(fn: Callable[[], Any], nbytes: int, ref: CopyReference, p
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
+        _sync()
         op = nbytes * inner / (time.perf_counter() - t0) / 1e9
         ratios.append(op / copy)
     return statistics.median(ratios)
@@ -126,7 +145,7 @@ def bench_score(sizes: tuple[int, ...], impls: list[str], repeats: int, k: int =
 
     rows = []
     for n in sizes:
-        cols = _candidates(n)
+        cols = tuple(c.to(DEVICE) for c in _candidates(n))
         nbytes = n * (6 * 8 + 1)  # six float64 columns and the pinned flags read
         times = time_impls(functools.partial(score.score_and_select, *cols, k), impls, repeats)
         for impl, t in times.items():
@@ -184,8 +203,8 @@ def bench_fp8(sessions: tuple[int, ...], impls: list[str], repeats: int, isas: l
         nblocks = tokens // shape["block_size"]
         # one layer's cache with room for other sessions; the session's blocks are scattered through it
         cache = torch.randn(int(nblocks * 1.5), shape["kv_heads"], shape["block_size"], 2 * shape["head_dim"],
-                            dtype=torch.bfloat16)
-        ids = torch.randperm(cache.shape[0], generator=torch.Generator().manual_seed(tokens))[:nblocks]
+                            dtype=torch.bfloat16, device=DEVICE)
+        ids = torch.randperm(cache.shape[0], generator=torch.Generator().manual_seed(tokens))[:nblocks].to(DEVICE)
         elems = nblocks * shape["kv_heads"] * shape["block_size"] * 2 * shape["head_dim"]
         scale_bytes = nblocks * shape["kv_heads"] * 4
         q, s = fp8.gather_quantize_blocks(cache, ids, impl="torch")
@@ -243,10 +262,17 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     from kvsched.ops import backends
 
+    global DEVICE
+    DEVICE = getattr(args, "device", "cpu")
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("kvsched bench kernels --device cuda: no CUDA device here")
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # read by kvsched._C's OpenMP runtime at first use
-    impls = ["torch"] + (["cxx"] if backends.has_cxx() else [])
+    if DEVICE == "cuda":
+        impls = ["torch"] + (["triton"] if backends.has_triton_cuda() else [])
+    else:
+        impls = ["torch"] + (["cxx"] if backends.has_cxx() else [])
     repeats = 5 if args.quick else 15
     copy_gbps = copy_bandwidth(repeats)
     rows = bench_score(CANDIDATES_QUICK if args.quick else CANDIDATES_FULL, impls, repeats)
@@ -256,13 +282,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         # FP8 rows: the median of per-pair ratios against copies interleaved with the op's own samples (fair under
         # load); the run-level copy figure stays in the JSON as `copy_gbps`.
         r["bw_fraction"] = r.pop("bw_fraction_paired", None) or r["gbps"] / copy_gbps
-    if not args.no_triton and backends.triton_kernels() is not None:
+    if DEVICE == "cpu" and not args.no_triton and backends.triton_kernels() is not None:
         rows += bench_triton_interpreter()
     cxx = backends.cxx()
     return {
         "rows": rows,
         "copy_gbps": copy_gbps,
-        "config": {"threads": threads, "torch_threads": torch.get_num_threads(), "impls": impls,
+        "config": {"device": DEVICE, "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else None,
+                   "threads": threads, "torch_threads": torch.get_num_threads(), "impls": impls,
                    "llama_3_1_8b_kv": LLAMA_8B, "kv_dtype": "bfloat16",
                    "cxx_best_isa": cxx.fp8_best_isa() if cxx is not None else None, "cxx_isas_timed": isas,
                    "provenance": provenance()},

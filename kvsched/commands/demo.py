@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     print(plain_words(result))
     print(chart_line)
     print(f"\nThe figures behind it ({args.out}; `kvsched bench agents` runs the full comparison):")
-    print_report(result, gates=False)
+    print_report(result, show_gates=False)
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
     return 0 if result["kvsched"]["errors"] == 0 and result["stock"]["errors"] == 0 else 1
 

@@ -16,6 +16,11 @@ from typing import Any
 from kvsched.bench.common import provenance, table, write_json
 
 POLICIES = ("lru", "kvsched", "opt")
+# The fleet's default host and link: an 8-GPU H100 node with 2 TiB of host memory (256 GiB per GPU), ~60 GiB of KV per
+# 80 GB GPU after an 8B model's weights and activations, and PCIe Gen5 x16 at half its 64 GB/s peak for host copies.
+FLEET_HOST_GIB_PER_GPU = 256.0
+FLEET_GPU_KV_GIB = 60.0
+FLEET_H2D_GBPS = 32.0
 
 
 def register(subparsers: Any) -> None:
@@ -39,6 +44,15 @@ def register(subparsers: Any) -> None:
     tier.add_argument("--fp8-tier-gib", type=float, default=0.0,
                       help="kvsched side: FP8 demotion tier of this many GiB of host memory (0: off)")
     tier.add_argument("--fp8-tier-blocks", type=int, default=None, help="kvsched side: FP8 tier of this many blocks")
+    tier.add_argument("--host-gib-per-gpu", type=float, default=None,
+                      help="kvsched side: the FP8 tier as `vllm serve --scheduler kvsched` sizes it by default on GPUs "
+                           "with this much host memory each (min(2x the GPU's KV pool, 1/4 of its host memory)); "
+                           f"--fleet defaults to {FLEET_HOST_GIB_PER_GPU:g} (an 8-GPU node with 2 TiB)")
+    p.add_argument("--gpu-kv-gib", type=float, default=FLEET_GPU_KV_GIB,
+                   help="KV pool per GPU, to count the fleet's GPUs for --host-gib-per-gpu (default: an 80 GB GPU "
+                        "serving an 8B model)")
+    p.add_argument("--h2d-gbps", type=float, default=FLEET_H2D_GBPS,
+                   help="host-to-device GB/s: each tier restore adds its bytes / this to the request's TTFT")
     comp = p.add_argument_group("compaction (an extra side, kvsched on the trace as compaction serves it)")
     comp.add_argument("--compaction", choices=["summarize", "sliding_window"], default=None)
     comp.add_argument("--compaction-trigger-tokens", type=int, default=5000)
@@ -104,7 +118,18 @@ def tier_block_bytes(args: argparse.Namespace, block_size: int) -> int:
     return shape.layers * shape.kv_heads * (block_size * 2 * shape.head_dim + (0 if raw else 4))
 
 
-def tier_bytes(args: argparse.Namespace, block_bytes: int) -> int:
+def tier_bytes(args: argparse.Namespace, block_bytes: int, pool_bytes: int = 0) -> int:
+    host = args.host_gib_per_gpu
+    if host is None and args.fleet and args.fp8_tier_blocks is None and not args.fp8_tier_gib:
+        host = FLEET_HOST_GIB_PER_GPU
+    if host is not None:
+        from kvsched.core.tier import auto_budget_bytes
+
+        if not host >= 0 or not args.gpu_kv_gib > 0 or math.isinf(host):
+            raise ValueError("--host-gib-per-gpu must be >= 0 and --gpu-kv-gib > 0")
+        gpu_pool = int(args.gpu_kv_gib * 2**30)
+        gpus = max(1, math.ceil(pool_bytes / gpu_pool))
+        return gpus * auto_budget_bytes(min(gpu_pool, pool_bytes), int(host * 2**30))
     if args.fp8_tier_blocks is not None:
         if args.fp8_tier_blocks < 0:
             raise ValueError("--fp8-tier-blocks must be >= 0")
@@ -129,16 +154,19 @@ def compaction_config(args: argparse.Namespace) -> Any:
 
 
 def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: float, bytes_per_token: int,
-             tier: tuple[int, int] = (0, 0), compaction: Any = None, system_tokens: int | None = None
-             ) -> dict[str, Any]:
+             tier: tuple[int, int] = (0, 0), compaction: Any = None, system_tokens: int | None = None,
+             restore_bytes_per_s: float = 0.0) -> dict[str, Any]:
     """`tier`: (bytes, bytes per block) of kvsched's FP8 tier; (0, 0) = off. `compaction` (a CompactionConfig): also
     replay kvsched on the trace as compaction serves it, as the side `kvsched+compaction` (its prompts differ, so it
     is compared on prefill computed and prompt size, not on a share of OPT's saving)."""
     from kvsched.sim.replay import ReplayConfig, replay
 
     cfg = ReplayConfig(capacity_blocks=capacity, prefill_tps=prefill_tok_s, bytes_per_token=float(bytes_per_token),
-                       tier_bytes=tier[0], tier_block_bytes=tier[1])
+                       tier_bytes=tier[0], tier_block_bytes=tier[1], restore_bytes_per_s=restore_bytes_per_s)
     out: dict[str, Any] = {p: replay(trace, p, cfg).summary(cfg, trace.block_size) for p in policies}
+    if "lru" in out and out["lru"]["prefill_tokens_computed"]:
+        base = out["lru"]["prefill_tokens_computed"]
+        out["prefill_over_lru"] = {p: out[p]["prefill_tokens_computed"] / base for p in policies}
     if "opt" in out:
         best = out["opt"]["tokens_saved"]
         out["bound"] = {f"{p}_share_of_opt_saving": (out[p]["tokens_saved"] / best if best else None)
@@ -192,10 +220,12 @@ def run(args: argparse.Namespace) -> int:
         trace = load_trace(args)
         capacity = capacity_blocks(args, trace, bpt)
         block_bytes = tier_block_bytes(args, trace.block_size)
-        tier = (tier_bytes(args, block_bytes), block_bytes)
+        tier = (tier_bytes(args, block_bytes, capacity * trace.block_size * bpt), block_bytes)
         tier = tier if tier[0] > 0 else (0, 0)
+        if not args.h2d_gbps > 0:
+            raise ValueError("--h2d-gbps must be positive")
         result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt, tier, compaction_config(args),
-                          args.system_tokens)
+                          args.system_tokens, restore_bytes_per_s=args.h2d_gbps * 1e9)
         if args.plot:
             result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot, tier)
     except (ValueError, PlanError, OSError) as exc:
@@ -206,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
                         "working_set_blocks": trace.working_set_blocks(), "capacity_blocks": capacity,
                         "pressure": trace.working_set_blocks() / capacity, "kv_bytes_per_token": bpt,
                         "prefill_tok_s": args.prefill_tok_s, "fp8_tier_bytes": tier[0],
+                        "host_gib_per_gpu": args.host_gib_per_gpu, "gpu_kv_gib": args.gpu_kv_gib,
+                        "h2d_gbps": args.h2d_gbps,
                         "fp8_tier_blocks": tier[0] // tier[1] if tier[1] else 0, "trace_meta": trace.meta, "provenance": provenance()}
     rows = [[p, result[p]["prompt_tokens_total"], result[p]["prefill_tokens_computed"], result[p]["hit_rate"],
              result[p]["restored_tokens"], result[p]["ttft_s"]["p50"], result[p]["ttft_s"]["p99"],
@@ -222,6 +254,12 @@ def run(args: argparse.Namespace) -> int:
               f"calls, {c['rewritten_requests']} requests rewritten, largest prompt per session "
               f"{c['peak_prompt_tokens_per_session_max']} tokens; prefill computed {k['prefill_tokens_computed']} "
               f"(the summary calls' included)")
+    if tier[0]:
+        print(f"kvsched's FP8 tier: {tier[0] / 2**30:.0f} GiB of host memory ({tier[0] // tier[1]} blocks; "
+              f"{'host ' + str(args.host_gib_per_gpu or FLEET_HOST_GIB_PER_GPU) + ' GiB per GPU of ' + str(args.gpu_kv_gib) + ' GiB KV' if args.fp8_tier_blocks is None and not args.fp8_tier_gib else 'as given'}), "
+              f"restores at {args.h2d_gbps:g} GB/s in TTFT")
+    for name, ratio in result.get("prefill_over_lru", {}).items():
+        print(f"  {name} prefill / lru: {ratio:.3f}")
     for name, share in result.get("bound", {}).items():
         print(f"  {name}: {share:.3f}" if share is not None else f"  {name}: -")
     if args.out:

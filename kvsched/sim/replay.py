@@ -39,6 +39,7 @@ class ReplayConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     tier_bytes: int = 0  # kvsched's FP8 demotion tier (host memory); 0 = off
     tier_block_bytes: int = 0  # tier bytes per block (FP8 pages + scales; `kvsched simulate` derives it from the model)
+    restore_bytes_per_s: float = 0.0  # host -> device bandwidth: a restore adds its bytes / this to TTFT (0: free)
     check: bool = False  # assert pool invariants after every event (tests)
 
 
@@ -158,6 +159,8 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig) -> ReplayResult:
             res.prompt_tokens_total += p
             res.requests += 1
             prefill = computed / cfg.prefill_tps
+            if loaded and cfg.restore_bytes_per_s > 0:  # the restore's copy precedes the prefill of what is left
+                prefill += loaded * cfg.tier_block_bytes / cfg.restore_bytes_per_s
             wait[i] = now - t_arr[i]
             ttft[i] = wait[i] + prefill
             done = now + prefill + int(output[i]) * cfg.tpot_s

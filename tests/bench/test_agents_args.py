@@ -10,6 +10,7 @@ from kvsched.cli import build_parser
 
 def test_sides_are_validated_and_deduplicated():
     assert parse_sides("stock, kvsched,stock") == ["stock", "kvsched"]
+    assert parse_sides("kvsched-no-tier,unbounded") == ["kvsched-no-tier", "unbounded"]
     with pytest.raises(argparse.ArgumentTypeError, match="bogus"):
         parse_sides("stock,bogus")
     with pytest.raises(argparse.ArgumentTypeError):
@@ -32,20 +33,32 @@ def test_workload_shape_options_reach_the_workload():
     assert (cfg.worker_turns, cfg.tool_words, cfg.brief_words) == (5, 40, 90)
 
 
-def test_attainable_share_of_the_floor():
+def test_attainable_share_of_the_floor_for_each_kvsched_side():
     side = lambda n: {"prefill_tokens_computed": n}  # noqa: E731
-    b = attainable({"stock": side(1000), "kvsched": side(700), "unbounded": side(400)})
+    b = attainable({"stock": side(1000), "kvsched-no-tier": side(700), "kvsched": side(350), "unbounded": side(400)})
     assert b["floor_over_stock"] == pytest.approx(0.4)
-    assert b["kvsched_share_of_attainable_saving"] == pytest.approx(0.5)
+    assert b["kvsched_no_tier_share_of_attainable_saving"] == pytest.approx(0.5)
+    assert b["kvsched_over_stock"] == pytest.approx(0.35)  # the tier holds KV beyond the pool: below the floor
+    assert b["kvsched_share_of_attainable_saving"] == pytest.approx(650 / 600)
+    assert "kvsched_over_stock" not in attainable({"stock": side(1000), "unbounded": side(400)})
 
 
-def test_attainable_bounds_the_tier_by_the_same_floor():
-    side = lambda n: {"prefill_tokens_computed": n}  # noqa: E731
-    b = attainable({"stock": side(1000), "kvsched": side(500), "kvsched+fp8tier": side(450), "unbounded": side(400)})
-    assert b["floor_over_kvsched"] == pytest.approx(0.8)  # no tier can be below 0.8x kvsched in this run
-    assert b["fp8tier_share_of_attainable_saving"] == pytest.approx(550 / 600)
-    assert b["fp8tier_over_stock"] == pytest.approx(0.45)
-    assert "floor_over_kvsched" not in attainable({"stock": side(1000), "kvsched": side(500), "unbounded": side(400)})
+def test_gates_read_the_tier_side_against_stock_and_the_prefetched_share():
+    from kvsched.bench.agents_report import gates
+
+    def side(prefill, ttft, tput, errors=0, restores=0, prefetched=0):
+        return {"prefill_tokens_computed": prefill, "followup_ttft_p95_s": ttft, "throughput_tok_s": tput,
+                "errors": errors, "tier": {"restores": restores, "prefetched_restores": prefetched}}
+
+    good = {"stock": side(1000, 1.0, 100), "kvsched": side(400, 0.25, 130, restores=10, prefetched=6),
+            "kvsched-no-tier": side(900, 0.9, 100)}
+    assert all(gates(good).values()) and len(gates(good)) == 6
+    bad = dict(good, kvsched=side(460, 0.35, 110, restores=10, prefetched=4), unbounded=side(300, 0.1, 200, errors=1))
+    g = gates(bad)
+    assert not any(g[k] for k in ("prefill_le_0.45x_stock", "followup_ttft_p95_le_0.3x_stock",
+                                  "throughput_ge_1.2x_stock", "half_of_restores_prefetched", "zero_errors"))
+    assert g["no_tier_prefill_le_stock"]
+    assert not gates(dict(good, **{"kvsched-no-tier": side(1001, 1, 1)}))["no_tier_prefill_le_stock"]
 
 
 def test_trace_dir_that_is_a_file_is_a_usage_error_before_any_server_starts(tmp_path, capsys):
@@ -57,3 +70,24 @@ def test_trace_dir_that_is_a_file_is_a_usage_error_before_any_server_starts(tmp_
     assert "not a directory" in capsys.readouterr().err
     args = build_parser().parse_args(["bench", "agents", "--trace-dir", str(tmp_path / "new")])
     assert args.trace_dir == tmp_path / "new"
+
+
+def test_a_sweep_summary_and_plot_from_per_pressure_ratios(tmp_path):
+    from kvsched.bench.agents_sweep import plot, summary, sweep_gates
+
+    def run(tier_prefill, tier_ttft):
+        stock = {"prefill_tokens_computed": 1000, "followup_ttft_p95_s": 1.0, "throughput_tok_s": 10.0, "errors": 0}
+        tier = dict(stock, prefill_tokens_computed=1000 * tier_prefill, followup_ttft_p95_s=tier_ttft,
+                    tier={"restores": 4, "prefetched_restores": 4})
+        return {"stock": stock, "kvsched": tier,
+                "ratio": {"kvsched": {"prefill_tokens_computed": tier_prefill, "followup_ttft_p95_s": tier_ttft,
+                                      "throughput_tok_s": 1.0}}}
+
+    runs = {"1.5": run(0.3, 0.2), "3.0": run(0.45, 0.3), "6.0": run(0.7, 0.6)}
+    s = summary(runs)
+    assert s["3.0"]["kvsched"] == {"prefill": 0.45, "followup_ttft_p95": 0.3, "throughput": 1.0}
+    g = sweep_gates(runs)
+    assert g["3.0x_prefill_le_0.5x_stock"] and g["3.0x_followup_ttft_p95_le_0.35x_stock"]
+    assert not sweep_gates({"3.0": run(0.55, 0.3)})["3.0x_prefill_le_0.5x_stock"]
+    png = plot(s, tmp_path / "sweep.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -95,12 +95,12 @@ def test_belady_bounds_lru_and_kvsched_under_pressure_and_all_meet_with_room(mod
 def test_clairvoyant_bound_against_stock():
     side = lambda n, **replay: {"prefill_tokens_computed": n, **({"replay": replay} if replay else {})}  # noqa: E731
     b = clairvoyant_bound({"stock": side(1000, lru=950, kvsched=700, opt=580),
-                           "kvsched": side(650, lru=900, kvsched=640, opt=560)})
+                           "kvsched-no-tier": side(650, lru=900, kvsched=640, opt=560)})
     assert b["opt_over_stock"] == pytest.approx(0.56)
     assert b["opt_on_stock_arrivals_over_stock"] == pytest.approx(0.58)
     assert b["sim_lru_over_stock"] == pytest.approx(0.95)
-    assert b["kvsched_share_of_clairvoyant_saving"] == pytest.approx(350 / 440)
-    assert clairvoyant_bound({"stock": side(1000), "kvsched": side(650)}) == {}
+    assert b["no_tier_share_of_clairvoyant_saving"] == pytest.approx(350 / 440)
+    assert clairvoyant_bound({"stock": side(1000), "kvsched-no-tier": side(650)}) == {}
 
 
 def test_measured_durations_hold_blocks_longer_and_the_trace_file_replays_the_same(model_dir, tmp_path):

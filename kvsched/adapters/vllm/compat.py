@@ -158,6 +158,11 @@ def num_free_blocks(scheduler: Any) -> int:
     return int(block_pool(scheduler).get_num_free_blocks())
 
 
+def num_waiting(scheduler: Any) -> int:
+    """Requests waiting to be scheduled."""
+    return len(scheduler.waiting)
+
+
 def num_total_blocks(scheduler: Any) -> int:
     """Usable blocks (vLLM reserves one null block)."""
     return int(block_pool(scheduler).num_gpu_blocks) - 1

@@ -129,7 +129,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self.on_load_failures: Callable[[set[int]], None] = lambda block_ids: None  # kvsched's prefetch cleanup
         self.steps_built = self.steps_done = 0  # connector metadata built / step outputs seen (prefetch ordering)
         self._prefetched_for: set[str] = set()  # queued requests whose restore a prefetch started
-        self.stats: dict[str, float] = {"restores": 0, "restored_blocks": 0, "restored_tail_tokens": 0,
+        self.stats: dict[str, float] = {"restores": 0, "tail_restores": 0, "restored_blocks": 0,
+                                        "restored_tail_tokens": 0,
                                         "restore_misses": 0, "load_failures": 0, "err_sq": 0.0, "ref_sq": 0.0,
                                         "prefetched_blocks": 0}
         # worker side
@@ -244,7 +245,9 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
                          len(slots) * self.block_size + (tail[1] if tail else 0))
         self._step.loads.extend(loads)
         self._step_loads.update((ld.block_id, k) for ld, k in zip(loads, load_keys, strict=True))
-        if request.request_id not in self._prefetched_for:  # else counted as the prefetch's restore
+        if n == 0:  # only the partial last block: at admission by design (the prefix cache holds full blocks only)
+            self.stats["tail_restores"] += 1
+        elif request.request_id not in self._prefetched_for:  # else counted as the prefetch's restore
             self.stats["restores"] += 1
         self.stats["restored_blocks"] += n
 
@@ -295,6 +298,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             "tier_restored_blocks": self.stats["restored_blocks"], "tier_restore_misses": self.stats["restore_misses"],
             "tier_tails": len(d.tail_of), "tier_tails_stored": d.counters["tails_stored"],
             "tier_restored_tail_tokens": self.stats["restored_tail_tokens"],
+            "tier_tail_restores": self.stats["tail_restores"],
             "tier_load_failures": self.stats["load_failures"],
             "tier_prefetched_blocks": self.stats["prefetched_blocks"],
             "tier_kv_rel_rms_error": 0.0 if raw else (self.stats["err_sq"] / ref) ** 0.5 if ref > 0 else -1.0,

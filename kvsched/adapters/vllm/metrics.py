@@ -37,8 +37,10 @@ COUNTERS = {
     "tier_demotions": "Pin releases whose blocks were copied to the FP8 tier",
     "tier_demoted_blocks": "KV blocks copied (quantized) to the FP8 tier",
     "tier_evicted_blocks": "KV blocks the FP8 tier dropped for lack of room (lowest retention value first)",
-    "tier_restores": "Restores from the FP8 tier instead of recomputes: requests admitted with tier blocks plus "
-                     "prefetches",
+    "tier_restores": "Restores of full blocks from the FP8 tier instead of recomputes: requests admitted with tier "
+                     "blocks plus prefetches",
+    "tier_tail_restores": "Requests that got only their session's partial last block from the FP8 tier (at admission: "
+                          "vLLM's prefix cache holds full blocks only, so a tail cannot be prefetched)",
     "tier_prefetched_restores": "Restores started ahead of scheduling (a prefetch: the session's request was queued, "
                                 "or its next turn was due)",
     "tier_prefetches_queued": "Prefetches started when a session's request was queued",

@@ -133,6 +133,17 @@ class SessionPins:
             if compat.num_free_blocks(self.scheduler) > before:
                 return True  # retry the allocation; pins that freed nothing (shared blocks) don't count
 
+    def make_room(self, blocks: int, exclude: SessionKey) -> None:
+        """Release other sessions' pins, lowest value first, until `blocks` more blocks are free (a queued request's
+        prefetch: its admission would release them a moment later)."""
+        target = compat.num_free_blocks(self.scheduler) + blocks
+        while blocks > 0 and compat.num_free_blocks(self.scheduler) < target:
+            releases = self.policy.release_for_pressure(target - compat.num_free_blocks(self.scheduler),
+                                                        exclude={exclude})
+            if not releases:
+                return
+            self.apply(releases)
+
     def expire(self) -> None:
         if self.pinned:
             self.apply(self.policy.expire())

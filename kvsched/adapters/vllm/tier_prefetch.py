@@ -31,7 +31,7 @@ from kvsched.adapters.vllm import compat
 from kvsched.core.sessions import SessionKey
 
 RESTORE_BYTES_PER_S = 10e9  # host -> device (PCIe gen4 x16 effective, conservatively): sets the "due" horizon
-DUE_RESERVE_FRACTION = 0.125  # a due prefetch leaves at least this share of the pool free
+DUE_RESERVE_FRACTION = 0.0625  # a due prefetch leaves at least this share of the pool free
 
 
 @dataclass(slots=True)
@@ -104,7 +104,8 @@ class TierPrefetcher:
             chain = self.chains.get(key)
             if rec is None or chain is None or rec.active_requests or rec.waiting or not self._holds(key):
                 continue
-            if compat.can_cache_without_request(self.pins.scheduler):
+            if compat.can_cache_without_request(self.pins.scheduler) and not compat.num_waiting(self.pins.scheduler):
+                # free blocks only (no pin yields for a guess), and a share left for the requests that will come
                 reserve = int(self.pins.policy.total_blocks * DUE_RESERVE_FRACTION)
                 self._prefetch(key, chain, len(chain), reserve=reserve, request=None, trigger="due")
 
@@ -158,7 +159,12 @@ class TierPrefetcher:
             return  # the request branches off the session's pinned prefix: the turn itself decides what stays
         slots = self.tier.match_prefetch(chain, len(head), limit - len(head))
         n = len(slots)
-        if not n or compat.num_free_blocks(scheduler) - n < reserve:
+        if not n:
+            return
+        if request is not None:  # queued: its admission needs these blocks anyway, so other pins yield now as then
+            self.pins.make_room(n - compat.num_free_blocks(scheduler), exclude=key)
+        if compat.num_free_blocks(scheduler) - n < reserve:
+            self.counters["prefetches_without_room"] += 1
             return
         blocks = compat.new_blocks(scheduler, n)
         first = len(head)

@@ -372,3 +372,37 @@ def test_a_restore_that_fails_its_checksum_is_recomputed_and_the_request_finishe
     assert stats["tier_load_failures"] == len(failed)
     s.kvsched.handle("end", "agent-1")
     assert free_blocks(s) == usable_blocks(s)
+
+
+def test_a_session_due_soon_is_prefetched_before_its_request_arrives(harness_cfg, clock):
+    """The policy expects the session back `expected_next_use_s` after its last turn: that much later (less the
+    restore's horizon) its tier blocks are restored into the pool and pinned, before any request exists, and its next
+    turn hits them; a session not yet due is left in the tier."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    s, f = _sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock=clock), RequestFactory(BLOCK)
+    history = list(range(100, 260))
+    s.add_request(f.make(history, 4, session_id="agent-1"))
+    run_until_idle(s)
+    for i in range(4):  # pressure: the pin goes to the tier
+        s.add_request(f.make([5000 + i] * 330, 4))
+    run_until_idle(s)
+    assert s.kvsched.tier.directory.blocks_of(next(iter(s.kvsched.policy.sessions))) >= 9
+    rec = next(iter(s.kvsched.policy.sessions.values()))
+    due_in = s.kvsched.policy.expected_next_use_s(rec, 0.0)
+    out, _ = step(s)
+    assert out.kv_connector_metadata.prefetches == []  # not due yet
+    clock.advance(due_in)
+    out, _ = step(s)
+    prefetched = len(out.kv_connector_metadata.prefetches)
+    assert prefetched >= 9 and s.kvsched.stats()["tier_prefetches_due"] == 1
+    turn2 = PrefillCounts()
+    s.add_request(f.make(history + [4] * 3 + list(range(900, 940)), 4, session_id="agent-1"))
+    run_until_idle(s, counts=turn2)
+    stats = s.kvsched.stats()
+    assert turn2.cached_tokens >= prefetched * BLOCK and stats["tier_prefetch_useful_blocks"] == prefetched
+    assert stats["tier_wasted_prefetches"] == 0 and stats["tier_prefetches_queued"] == 0
+    s.kvsched.handle("end", "agent-1")
+    assert free_blocks(s) == usable_blocks(s)

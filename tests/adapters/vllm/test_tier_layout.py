@@ -26,15 +26,20 @@ def manager_block(t: torch.Tensor, b: int) -> torch.Tensor:
     return t[b * ratio:(b + 1) * ratio]
 
 
-def round_trip(config, caches) -> None:
+def round_trip(config, caches, link=None) -> TierStore:
+    """Store three blocks, overwrite the pool, restore them elsewhere: exactly those blocks come back (device-agnostic:
+    tests/gpu runs it on CUDA caches with the CUDA link)."""
     geometry = geometry_of(config, config.kv_cache_layout)
     fill(caches)
     original = {name: t.clone() for name, t in caches.items()}
-    store = TierStore(layer_views(caches, geometry, NUM_BLOCKS), geometry.mode)
+    store = TierStore(layer_views(caches, geometry, NUM_BLOCKS), geometry.mode, link)
     store.store(STORED, SLOTS)
     for t in caches.values():  # the blocks are reused by other requests meanwhile
         t.zero_()
     assert store.load([5, 0, 2], TARGETS) == []
+    store.fence_all()
+    if link is not None and hasattr(link, "stream"):
+        torch.cuda.synchronize()
     for name, t in caches.items():
         for src, dst in zip(STORED, TARGETS, strict=True):
             x, y = manager_block(original[name], src), manager_block(t, dst)
@@ -45,6 +50,7 @@ def round_trip(config, caches) -> None:
                 assert 0 < rel < 0.07, (name, rel)
         untouched = [b for b in range(NUM_BLOCKS) if b not in TARGETS]
         assert all(torch.count_nonzero(manager_block(t, b)) == 0 for b in untouched), name
+    return store
 
 
 @pytest.mark.parametrize("layout", list(KVCacheLayout), ids=lambda lay: lay.name)

@@ -35,7 +35,8 @@ BACKEND_SPECS = {
 
 
 def engine_caches(spec, layout: KVCacheLayout, num_blocks: int = 12, layers: int = 2,
-                  kernel_block_size: int | None = None) -> tuple[KVCacheConfig, dict[str, torch.Tensor]]:
+                  kernel_block_size: int | None = None, device: str = "cpu",
+                  ) -> tuple[KVCacheConfig, dict[str, torch.Tensor]]:
     names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
     interleaved = spec.page_size_bytes * layers if layout.is_block_outermost else None
     layer_stride, block_stride, *_ = compute_layout_strides(spec, num_blocks, layers, layout,
@@ -45,7 +46,7 @@ def engine_caches(spec, layout: KVCacheLayout, num_blocks: int = 12, layers: int
                            kv_cache_tensors=[KVCacheTensor(size=size, layers=names, layer_stride=layer_stride,
                                                            block_stride=block_stride)],
                            kv_cache_groups=[KVCacheGroupSpec(names, spec)], kv_cache_layout=layout.name)
-    caches = allocate_kv_cache(config, torch.device("cpu"), layout,
+    caches = allocate_kv_cache(config, torch.device(device), layout,
                                [kernel_block_size] if kernel_block_size else None)
     return config, caches
 
@@ -55,6 +56,7 @@ def fill(caches: dict[str, torch.Tensor], seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for t in caches.values():
         if t.dtype.is_floating_point:
-            t.copy_(torch.randn(t.shape, generator=g) * torch.logspace(-2, 1, t.shape[1])[None, :, None, None])
+            x = torch.randn(t.shape, generator=g) * torch.logspace(-2, 1, t.shape[1])[None, :, None, None]
         else:
-            t.copy_(torch.randint(0, 255, t.shape, generator=g, dtype=torch.uint8))
+            x = torch.randint(0, 255, t.shape, generator=g, dtype=torch.uint8)
+        t.copy_(x.to(t.device))

@@ -1,0 +1,110 @@
+"""`kvsched bench agents`' reading of a run: what is attainable at all (the unbounded-memory floor, the clairvoyant
+replay), the done-when gates, and the printed table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvsched.bench.common import table
+
+TIER_SIDE, NO_TIER_SIDE = "kvsched", "kvsched-no-tier"
+KVSCHED_SIDES = (NO_TIER_SIDE, TIER_SIDE)
+
+
+def attainable(result: dict[str, Any]) -> dict[str, float]:
+    """The unbounded-memory floor over stock (no eviction order at this pressure computes fewer prefill tokens than
+    the floor), and each kvsched side's prefill over stock and share of the saving the floor makes possible. The tier
+    holds KV beyond the pool, so the tier side may go below the floor."""
+    stock = result["stock"]["prefill_tokens_computed"]
+    floor = result["unbounded"]["prefill_tokens_computed"]
+    out = {"floor_over_stock": floor / stock if stock else 0.0}
+    for side in KVSCHED_SIDES:
+        if side in result:
+            ours, tag = result[side]["prefill_tokens_computed"], side.replace("-", "_")
+            out[f"{tag}_over_stock"] = ours / stock if stock else 0.0
+            out[f"{tag}_share_of_attainable_saving"] = (stock - ours) / (stock - floor) if stock > floor else 0.0
+    return out
+
+
+def clairvoyant_bound(result: dict[str, Any]) -> dict[str, float]:
+    """The replays against stock's measured prefill: Belady at this pool on the kvsched-no-tier side's own arrivals
+    (what no eviction order could have beaten in this run), on stock's, and the simulated LRU on stock's arrivals (the
+    model's check: near 1.0 when the simulator's pool behaves like vLLM's)."""
+    stock = result["stock"]["prefill_tokens_computed"]
+    ours = result[NO_TIER_SIDE]["prefill_tokens_computed"]
+    rk, rs = result[NO_TIER_SIDE].get("replay"), result["stock"].get("replay")
+    if not stock or rk is None or rs is None:
+        return {}
+    opt = rk["opt"]
+    return {"opt_over_stock": opt / stock, "opt_on_stock_arrivals_over_stock": rs["opt"] / stock,
+            "sim_lru_over_stock": rs["lru"] / stock, "sim_kvsched_over_stock": rk["kvsched"] / stock,
+            "no_tier_share_of_clairvoyant_saving": (stock - ours) / (stock - opt) if stock > opt else 0.0}
+
+
+def prefetched_share(side: dict[str, Any]) -> float | None:
+    """Of the tier's restores of full blocks, the share a prefetch started (before the request was scheduled). A
+    session's partial last block (`tail_restores`, reported apart) is restored at admission by design: vLLM's prefix
+    cache holds full blocks only, so a tail has nowhere to go before its request owns a block."""
+    tier = side.get("tier") or {}
+    return tier["prefetched_restores"] / tier["restores"] if tier.get("restores") else None
+
+
+def gates(result: dict[str, Any], prefill: float = 0.45, ttft: float = 0.3, throughput: float = 1.2) -> dict[str, bool]:
+    """The done-when checks of the FP8-tier issue on the kvsched side (as shipped: tier on) against stock, and the
+    standing promise that kvsched without its tier never computes more than stock."""
+    if "stock" not in result:
+        return {}
+    s = result["stock"]
+    sides = [k for k in ("stock", NO_TIER_SIDE, TIER_SIDE, "unbounded") if k in result]
+    out: dict[str, bool] = {"zero_errors": all(result[k]["errors"] == 0 for k in sides)}
+    if TIER_SIDE in result:
+        k = result[TIER_SIDE]
+        out[f"prefill_le_{prefill}x_stock"] = k["prefill_tokens_computed"] <= prefill * s["prefill_tokens_computed"]
+        out[f"followup_ttft_p95_le_{ttft}x_stock"] = (k["followup_ttft_p95_s"] or 0) <= ttft * (
+            s["followup_ttft_p95_s"] or 0)
+        out[f"throughput_ge_{throughput}x_stock"] = k["throughput_tok_s"] >= throughput * s["throughput_tok_s"]
+        share = prefetched_share(k)
+        out["half_of_restores_prefetched"] = share is not None and share >= 0.5
+    if NO_TIER_SIDE in result:
+        out["no_tier_prefill_le_stock"] = result[NO_TIER_SIDE]["prefill_tokens_computed"] <= s["prefill_tokens_computed"]
+    return out
+
+
+ROWS = ("prefill_tokens_computed", "prefix_hit_rate", "ttft_p50_s", "ttft_p95_s", "followup_ttft_p95_s",
+        "throughput_tok_s", "wall_s", "errors", "preemptions")
+
+
+def print_report(result: dict[str, Any], show_gates: bool = True) -> None:
+    sides = [s for s in ("stock", NO_TIER_SIDE, TIER_SIDE, "unbounded") if s in result]
+    ratio_sides = [s for s in (NO_TIER_SIDE, TIER_SIDE) if s in result.get("ratio", {})]
+    rows = []
+    for key in ROWS:
+        rows.append([key] + [result[s].get(key) for s in sides] + [result["ratio"][s].get(key) for s in ratio_sides])
+    print(table(rows, ["metric", *sides] + [f"{s}/stock" for s in ratio_sides]))
+    cfg = result["config"]
+    print(f"sessions={cfg['sessions']} working_set={cfg['working_set_tokens']} tok, pool={cfg['kv_pool_tokens']} tok "
+          f"(pressure {cfg['pressure']:.2f}x), model {cfg['model']['size']} {cfg['model']['dtype']}, prefill "
+          f"{ {k: round(v) for k, v in cfg['measured_prefill_tok_s'].items()} } tok/s")
+    b = result.get("bound", {})
+    if "opt_over_stock" in b:
+        print(f"clairvoyant replay of the no-tier side's arrivals at this pool (kvsched.sim): Belady "
+              f"{b['opt_over_stock']:.3f}x stock's prefill (no eviction order goes below it at this memory), kvsched "
+              f"without its tier realises {b['no_tier_share_of_clairvoyant_saving']:.0%} of its saving; simulated LRU "
+              f"on stock's arrivals {b['sim_lru_over_stock']:.3f}x stock's measured count (the model's check)")
+    if "floor_over_stock" in b:
+        print(f"unbounded-memory floor = {b['floor_over_stock']:.3f}x stock prefill (no eviction order goes below it; "
+              f"only KV beyond the pool, the tier, does)")
+    if TIER_SIDE in result and "tier" in result[TIER_SIDE]:
+        t = result[TIER_SIDE]["tier"]
+        share = prefetched_share(result[TIER_SIDE])
+        print(f"fp8 tier ({t['capacity_bytes'] / 2**20:.0f} MiB): {t['demoted_blocks']} blocks demoted, "
+              f"{t['restores']} restores of full blocks ({t['prefetched_restores']} prefetched"
+              f"{f', {share:.0%}' if share is not None else ''}; {t['wasted_prefetches']} wasted) and "
+              f"{t.get('tail_restores', 0)} of partial last blocks only, "
+              f"{t['restored_tokens']} tokens restored ({t.get('restored_tail_tokens', 0)} from partial last blocks), "
+              f"{t['evicted_blocks']} evicted, {t['restore_misses']} misses, {t['load_failures']} checksum failures; "
+              f"KV relative RMS error {t['kv_rel_rms_error']}")
+        if "fidelity" in result[TIER_SIDE]:
+            print(f"fidelity (restored vs recomputed, greedy): {result[TIER_SIDE]['fidelity']}")
+    for gate, ok in (result.get("gates", {}) if show_gates else {}).items():
+        print(f"  [{'PASS' if ok else 'FAIL'}] {gate}")

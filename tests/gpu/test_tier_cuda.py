@@ -1,0 +1,63 @@
+"""The FP8 tier on CUDA caches laid out by vLLM's own allocator: quantized on the device (Triton, the dispatch layer's
+CUDA default), copied to pinned host slots on a side stream, sealed once the copy's event completed, restored through
+a staging copy and the Triton dequantize-scatter, each layer fenced before its attention. The store before this change
+failed here: it filled slots with `index_copy_` of CUDA rows into host tensors, took `.numpy()` of CUDA tensors for
+its CRCs (TypeError: can't convert cuda:0 device type tensor to numpy) and indexed with CPU ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytest.importorskip("triton")
+
+from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
+
+from kvsched.adapters.vllm.tier_link import CudaLink  # noqa: E402
+from tests.adapters.vllm.test_tier_layout import NUM_BLOCKS, round_trip  # noqa: E402
+from tests.adapters.vllm.tier_engine_caches import BACKEND_SPECS, engine_caches  # noqa: E402
+
+GPU_BACKENDS = ("flash_attn", "flashinfer", "triton_attn", "fp8_cache", "triton_int8_per_token_head", "mla_fp8")
+
+
+@pytest.mark.parametrize("layout", list(KVCacheLayout), ids=lambda lay: lay.name)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_round_trip_on_a_cuda_cache_of_every_backend_layout(backend, layout):
+    config, caches = engine_caches(BACKEND_SPECS[backend], layout, NUM_BLOCKS, device="cuda")
+    link = CudaLink(torch.device("cuda"))
+    store = round_trip(config, caches, link)
+    for chunk in store.slots.chunks.values():
+        assert all(q.is_pinned() for q, _ in chunk)  # the end of an asynchronous device copy
+    assert store.pending == [] and all(c >= 0 for c in store.crc.values())
+
+
+def test_a_kernel_block_split_on_cuda():
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    spec = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.float16)
+    config, caches = engine_caches(spec, KVCacheLayout.LBNHC, NUM_BLOCKS, kernel_block_size=16, device="cuda")
+    round_trip(config, caches, CudaLink(torch.device("cuda")))
+
+
+def test_the_compute_stream_waits_for_a_store_before_reusing_its_blocks():
+    """A store is read on the side stream; work enqueued on the compute stream afterwards (the next step overwriting
+    the very blocks) must not overtake it."""
+    from kvsched.adapters.vllm.fp8_tier_store import TierStore
+    from kvsched.adapters.vllm.tier_layout import geometry_of, layer_views
+    from tests.adapters.vllm.tier_engine_caches import fill
+
+    config, caches = engine_caches(BACKEND_SPECS["flash_attn"], KVCacheLayout.LBNHC, NUM_BLOCKS, device="cuda")
+    fill(caches)
+    original = {n: t[3].clone() for n, t in caches.items()}
+    store = TierStore(layer_views(caches, geometry_of(config, None), NUM_BLOCKS), "quantize",
+                      CudaLink(torch.device("cuda")))
+    store.store([3], [0])
+    for t in caches.values():
+        t[3].fill_(1000.0)  # enqueued on the compute stream right after the store
+    assert store.load([0], [5]) == []
+    store.fence_all()
+    torch.cuda.synchronize()
+    for name, t in caches.items():
+        x, y = original[name].float(), t[5].float()
+        assert float((x - y).norm() / x.norm()) < 0.07, name
