@@ -132,18 +132,20 @@ class VllmServer:
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
-    """Samples by bare name (summed over labels) and, for labelled samples, also by `name{labels}`."""
+    """Samples by bare name (summed over labels) and, for labelled samples, also by `name{labels}` (labels in the
+    order the exposition gives them), read with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        try:
-            v = float(value)
-        except ValueError:
-            continue
-        out[name] = out.get(name, 0.0) + v
-        if name != name_labels:
-            out[name_labels] = v
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, value = sample.name, float(sample.value)
+            out[name] = out.get(name, 0.0) + value
+            if sample.labels:
+                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sample.labels.items())
+                out[f"{name}{{{labels}}}"] = value
     return out
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

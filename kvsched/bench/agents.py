@@ -19,6 +19,7 @@ from typing import Any
 from kvsched.bench.agents_driver import TTL_HINT_S, RunRecord, prompt_messages, run_with_progress
 from kvsched.bench.agents_report import NO_TIER_SIDE, TIER_SIDE, attainable, clairvoyant_bound, gates, print_report
 from kvsched.bench.common import percentile, provenance, ratios, write_json
+from kvsched.bench.plots import grouped_bars, save_beside, side_ratios, ttft_chart
 from kvsched.serving import ServerSpec, VllmServer
 from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
 from kvsched.tiny_model import SIZES, ensure_tiny_model, tiny_model_dtype
@@ -43,6 +44,7 @@ TIER_COUNTERS = ("demotions", "demoted_blocks", "evicted_blocks", "restores", "r
                  "prefetches_due", "prefetched_blocks", "prefetch_useful_blocks", "prefetch_wasted_blocks",
                  "wasted_prefetches", "prefetch_hit_tokens", "tail_restores")
 SWEEP_PRESSURES = (1.5, 3.0, 6.0)
+RATIO_METRICS = ("prefill_tokens_computed", "followup_ttft_p95_s", "ttft_p50_s", "throughput_tok_s")
 
 
 def register(subparsers: Any) -> None:
@@ -231,7 +233,17 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmark(args)
     print_report(result)
     write_json(args.out, result)
+    save_beside(args.out, lambda path: plot_run(result, path))
     return 0  # gates are reported, not enforced here
+
+
+def plot_run(result: dict[str, Any], path: Path) -> Path:
+    """Every turn's TTFT by its index in the session, for every side (the demo's chart), and the ratios to stock."""
+    sides = [s for s in SIDES if s in result]
+    ttft_chart({s: result[s]["turn_ttfts"] for s in sides}, path, "kvsched bench agents: time to first token by turn")
+    grouped_bars(side_ratios(result, [s for s in sides if s != "stock"], list(RATIO_METRICS)),
+                 path.with_name(path.stem + "_ratios.png"), "kvsched bench agents: each side over stock", "x stock")
+    return path
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:

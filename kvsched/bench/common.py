@@ -77,13 +77,29 @@ def provenance(argv: Sequence[str] | None = None, **extra: Any) -> dict[str, Any
     }
 
 
-def percentile(values: Iterable[float], q: float) -> float | None:
-    xs = sorted(values)
-    if not xs:
+class _NoBar:
+    def update(self, n: int = 1) -> None:
         return None
-    k = (len(xs) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+    def close(self) -> None:
+        return None
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "it") -> Any:
+    """A tqdm bar on stderr (long commands say where they are), or a silent stand-in."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr)
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The q-quantile (0..1) with linear interpolation (numpy's default), None for no values."""
+    import numpy as np
+
+    xs = list(values)
+    return float(np.quantile(xs, q)) if xs else None
 
 
 def ratios(side: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, float | None]:

@@ -25,6 +25,7 @@ from kvsched.bench.agents import prefill_throughput
 from kvsched.bench.agents import summarize as summarize_run
 from kvsched.bench.agents_driver import RunRecord, run_with_progress
 from kvsched.bench.common import percentile, provenance, ratios, table, write_json
+from kvsched.bench.plots import grouped_bars, save_beside, side_ratios
 from kvsched.serving import ServerSpec, VllmServer
 from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
 from kvsched.tiny_model import SIZES, ensure_tiny_model
@@ -205,6 +206,10 @@ def run(args: argparse.Namespace) -> int:
     result = run_benchmark(args)
     print_report(result)
     write_json(args.out, result)
+    sides = [s for s in ("summarize", "sliding_window") if s in result]
+    save_beside(args.out, lambda path: grouped_bars(
+        side_ratios(result, sides, ["prefill_tokens_computed", "followup_ttft_p95_s", "throughput_tok_s"]), path,
+        "kvsched bench compaction: each strategy over stock", "x stock"))
     return 0  # gates are reported, not enforced here
 
 

@@ -24,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvsched.bench.common import provenance, table, write_json
+from kvsched.bench.common import progress_bar, provenance, table, write_json
+from kvsched.bench.plots import grouped_bars, save_beside
 
 LLAMA_8B = {"layers": 32, "kv_heads": 8, "head_dim": 128, "block_size": 16}
 CANDIDATES_FULL = (1_000, 10_000, 100_000, 1_000_000)
@@ -43,6 +44,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--isa", choices=("all", "avx512", "avx2", "scalar"), default="all",
                    help="C++ FP8 paths to time: every one this CPU can run (default) or the one named")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
 
 
@@ -140,7 +142,8 @@ def _candidates(n: int) -> tuple[Any, ...]:
             torch.randint(0, 8, (n,), generator=g).double(), torch.rand(n, generator=g) < 0.1)
 
 
-def bench_score(sizes: tuple[int, ...], impls: list[str], repeats: int, k: int = 64) -> list[dict[str, Any]]:
+def bench_score(sizes: tuple[int, ...], impls: list[str], repeats: int, k: int = 64,
+                on_size: Callable[[int], Any] = lambda n: None) -> list[dict[str, Any]]:
     from kvsched.ops import score
 
     rows = []
@@ -151,6 +154,7 @@ def bench_score(sizes: tuple[int, ...], impls: list[str], repeats: int, k: int =
         for impl, t in times.items():
             rows.append({"op": "score_and_select", "impl": impl, "size": f"{n} candidates, k={k}", "n": n,
                          "median_s": t, "gbps": nbytes / t / 1e9, "speedup_vs_torch": times["torch"] / t})
+        on_size(1)
     return rows
 
 
@@ -191,7 +195,8 @@ def timed_variants(call: Callable[..., Any], impls: list[str], isas: list[str],
     return out
 
 
-def bench_fp8(sessions: tuple[int, ...], impls: list[str], repeats: int, isas: list[str]) -> list[dict[str, Any]]:
+def bench_fp8(sessions: tuple[int, ...], impls: list[str], repeats: int, isas: list[str],
+              on_size: Callable[[int], Any] = lambda n: None) -> list[dict[str, Any]]:
     import torch
 
     ref = CopyReference()
@@ -225,6 +230,7 @@ def bench_fp8(sessions: tuple[int, ...], impls: list[str], repeats: int, isas: l
             for impl, isa, (t, paired) in timed:
                 rows.append({"op": op, "impl": impl, "isa": isa, "size": size, "n": tokens, "median_s": t,
                              "gbps": nbytes / t / 1e9, "speedup_vs_torch": torch_s / t, "bw_fraction_paired": paired})
+        on_size(1)
     return rows
 
 
@@ -275,9 +281,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         impls = ["torch"] + (["cxx"] if backends.has_cxx() else [])
     repeats = 5 if args.quick else 15
     copy_gbps = copy_bandwidth(repeats)
-    rows = bench_score(CANDIDATES_QUICK if args.quick else CANDIDATES_FULL, impls, repeats)
     isas = isa_paths(args.isa) if "cxx" in impls else []
-    rows += bench_fp8(SESSIONS_QUICK if args.quick else SESSIONS_FULL, impls, repeats, isas)
+    candidates, sessions = (CANDIDATES_QUICK, SESSIONS_QUICK) if args.quick else (CANDIDATES_FULL, SESSIONS_FULL)
+    bar = progress_bar(len(candidates) + len(sessions), "kernels", not getattr(args, "no_progress", False), "size")
+    rows = bench_score(candidates, impls, repeats, on_size=bar.update)
+    rows += bench_fp8(sessions, impls, repeats, isas, on_size=bar.update)
+    bar.close()
     for r in rows:
         # FP8 rows: the median of per-pair ratios against copies interleaved with the op's own samples (fair under
         # load); the run-level copy figure stays in the JSON as `copy_gbps`.
@@ -324,4 +333,8 @@ def run(args: argparse.Namespace) -> int:
     for gate, ok in result["gates"].items():
         print(f"  [{'PASS' if ok else 'FAIL'}] {gate}")
     write_json(args.out, result)
+    save_beside(args.out, lambda path: grouped_bars(
+        {f"{r['op']} {r['n']}": {r["impl"] + (f" {r['isa']}" if r.get("isa") else ""): r["speedup_vs_torch"]}
+         for r in result["rows"] if r.get("speedup_vs_torch") and r["impl"] != "torch"}, path,
+        "kvsched bench kernels: speed over the torch reference (same run)", "x torch", log=True))
     return 0

@@ -58,3 +58,55 @@ def ttft_chart(sides: Mapping[str, Sequence[Sequence[Any]]], path: Path, title: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_beside(json_path: Path | None, draw: Any) -> Path | None:
+    """Draw the benchmark's chart beside its JSON (same name, .png); without matplotlib say so in one line."""
+    if json_path is None:
+        return None
+    try:
+        path = draw(json_path.with_suffix(".png"))
+    except PlotUnavailable as exc:
+        print(exc)
+        return None
+    print(f"wrote {path}")
+    return Path(path)
+
+
+def grouped_bars(groups: Mapping[str, Mapping[str, float | None]], path: Path, title: str, ylabel: str,
+                 reference: float | None = 1.0, log: bool = False) -> Path:
+    """One group of bars per key of `groups` (e.g. a metric), one bar per inner key (e.g. a side); a dashed line at
+    `reference` (the baseline's own value when bars are ratios to it)."""
+    plt = pyplot()
+    names = list(dict.fromkeys(k for g in groups.values() for k in g))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(len(names), 1) / 2 + 2), 4.2))
+    width = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
+        ys = [float(g.get(name) or 0.0) for g in groups.values()]
+        ax.bar(xs, ys, width=width, label=name, color=f"C{j}")
+    if reference is not None:
+        ax.axhline(reference, color="grey", lw=1, ls="--")
+    ax.set_xticks(range(len(groups)), list(groups), rotation=15, ha="right")
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def side_ratios(result: Mapping[str, Any], sides: list[str], metrics: list[str], base: str = "stock"
+                ) -> dict[str, dict[str, float | None]]:
+    """metric -> side -> side's value over `base`'s (the bench JSON's shape: result[side][metric])."""
+    out: dict[str, dict[str, float | None]] = {}
+    for m in metrics:
+        b = result.get(base, {}).get(m)
+        out[m] = {s: (result[s].get(m) / b if b and result[s].get(m) is not None else None)
+                  for s in sides if s in result}
+    return out

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.bench.common import provenance, table, write_json
+from kvsched.bench.plots import grouped_bars, save_beside
 
 CONCURRENCY = 256
 SIDES = ("stock", "kvsched")
@@ -224,4 +225,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"kvsched/stock mean step time: {result['ratio']:.3f} (gate: <= 1.10); per-pair median "
           f"{result['pair_ratio_median']:.3f}, range {lo:.3f}-{hi:.3f}; same load per pair: {same_load}")
     write_json(args.out, result)
+    save_beside(args.out, lambda path: grouped_bars(
+        {f"pair {i}": {"kvsched / stock": r} for i, r in enumerate(result["pair_ratios"])}, path,
+        "kvsched bench sched: mean scheduler step time, kvsched over stock, per lockstep pair", "x stock"))
     return 0 if same_load else 1

@@ -240,10 +240,9 @@ PLOT_CONTEXTS = tuple(2048 * 2**i for i in range(7))  # 2K .. 128K
 
 def plot(args: argparse.Namespace, path: Path) -> None:
     """Sessions per GPU (at the smallest TP degree that fits) against context length, one line per catalogue GPU."""
-    import matplotlib
+    from kvsched.bench.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # PlotUnavailable (one line, the install hint) without matplotlib
 
     shape = model_of(args)
     gpus = load_catalog(args.gpu_catalog)
@@ -272,12 +271,14 @@ def plot(args: argparse.Namespace, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvsched.bench.plots import PlotUnavailable
+
     try:
         result = build(args)
         if args.plot:
             plot(args, args.plot)
             result["plot"] = str(args.plot)
-    except PlanError as exc:
+    except (PlanError, PlotUnavailable) as exc:
         print(f"kvsched plan: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else render(result))

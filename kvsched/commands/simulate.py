@@ -64,6 +64,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--policies", default=",".join(POLICIES), help="comma list of " + ", ".join(POLICIES))
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="directory for PNGs: hit rate and prefill vs capacity")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=run)
 
 
@@ -155,7 +156,7 @@ def compaction_config(args: argparse.Namespace) -> Any:
 
 def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: float, bytes_per_token: int,
              tier: tuple[int, int] = (0, 0), compaction: Any = None, system_tokens: int | None = None,
-             restore_bytes_per_s: float = 0.0) -> dict[str, Any]:
+             restore_bytes_per_s: float = 0.0, progress: bool = False) -> dict[str, Any]:
     """`tier`: (bytes, bytes per block) of kvsched's FP8 tier; (0, 0) = off. `compaction` (a CompactionConfig): also
     replay kvsched on the trace as compaction serves it, as the side `kvsched+compaction` (its prompts differ, so it
     is compared on prefill computed and prompt size, not on a share of OPT's saving)."""
@@ -163,7 +164,13 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
 
     cfg = ReplayConfig(capacity_blocks=capacity, prefill_tps=prefill_tok_s, bytes_per_token=float(bytes_per_token),
                        tier_bytes=tier[0], tier_block_bytes=tier[1], restore_bytes_per_s=restore_bytes_per_s)
-    out: dict[str, Any] = {p: replay(trace, p, cfg).summary(cfg, trace.block_size) for p in policies}
+    from kvsched.bench.common import progress_bar
+
+    out: dict[str, Any] = {}
+    for p in policies:
+        bar = progress_bar(len(trace), f"{p:>8}", progress, unit="req")
+        out[p] = replay(trace, p, cfg, bar.update).summary(cfg, trace.block_size)
+        bar.close()
     if "lru" in out and out["lru"]["prefill_tokens_computed"]:
         base = out["lru"]["prefill_tokens_computed"]
         out["prefill_over_lru"] = {p: out[p]["prefill_tokens_computed"] / base for p in policies}
@@ -182,10 +189,9 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
 
 def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token: int, directory: Path,
          tier: tuple[int, int] = (0, 0)) -> list[str]:
-    import matplotlib
+    from kvsched.bench.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # PlotUnavailable (one line, the install hint) without matplotlib
 
     directory.mkdir(parents=True, exist_ok=True)
     ws = trace.working_set_blocks()
@@ -209,6 +215,7 @@ def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvsched.bench.plots import PlotUnavailable
     from kvsched.core.planner import ModelShape, PlanError, kv_bytes_per_token
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -225,10 +232,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.h2d_gbps > 0:
             raise ValueError("--h2d-gbps must be positive")
         result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt, tier, compaction_config(args),
-                          args.system_tokens, restore_bytes_per_s=args.h2d_gbps * 1e9)
+                          args.system_tokens, restore_bytes_per_s=args.h2d_gbps * 1e9,
+                          progress=not args.no_progress)
         if args.plot:
             result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot, tier)
-    except (ValueError, PlanError, OSError) as exc:
+    except (ValueError, PlanError, OSError, PlotUnavailable) as exc:
         print(f"kvsched simulate: error: {exc}", file=sys.stderr)
         return 2
     sessions = len(trace.sessions)
@@ -263,7 +271,13 @@ def run(args: argparse.Namespace) -> int:
     for name, share in result.get("bound", {}).items():
         print(f"  {name}: {share:.3f}" if share is not None else f"  {name}: -")
     if args.out:
+        from kvsched.bench.plots import grouped_bars, save_beside
+
         write_json(args.out, result)
+        save_beside(args.out, lambda path: grouped_bars(
+            {"prefill computed / lru": result.get("prefill_over_lru", {}),
+             "hit rate": {p: result[p]["hit_rate"] for p in policies}}, path,
+            f"kvsched simulate: {len(trace)} requests, pressure {result['config']['pressure']:.2f}x", "", None))
     else:
         json.dumps(result, default=str)  # fail here, not later, if the result is not serialisable
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,8 +117,9 @@ def make_policy(name: str, trace: Trace, pool: BlockPool, cfg: ReplayConfig, clo
     raise ValueError(f"unknown policy {name!r}")
 
 
-def replay(trace: Trace, policy: str, cfg: ReplayConfig) -> ReplayResult:
-    """Replay `trace` under `policy` ("lru", "kvsched", "opt")."""
+def replay(trace: Trace, policy: str, cfg: ReplayConfig,
+           progress: Callable[[int], None] | None = None) -> ReplayResult:
+    """Replay `trace` under `policy` ("lru", "kvsched", "opt"); `progress(n)` is told of every ~1% of arrivals."""
     wall0 = time.perf_counter()
     pool = BlockPool(trace.n_ids, cfg.capacity_blocks)
     clock = _Clock()
@@ -182,6 +184,7 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig) -> ReplayResult:
             pool.check()
 
     i = 0
+    report_every = max(1, n // 100)
     while i < n or finishes:
         if finishes and (i >= n or finishes[0][0] <= t_arr[i]):
             now, j = heapq.heappop(finishes)
@@ -198,6 +201,8 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig) -> ReplayResult:
                 pol.on_arrival(i)
                 waiting.append(i)
             i += 1
+            if progress is not None and i % report_every == 0:
+                progress(report_every)
         try_admit(now)
     if waiting:
         raise RuntimeError(f"{len(waiting)} requests never admitted (pool of {pool.capacity} blocks)")

@@ -40,3 +40,25 @@ def test_plain_words_say_what_changed_without_gates() -> None:
     assert "Errors: none" in text and "FAIL" not in text
     worse = plain_words({"stock": side, "kvsched": side | {"prefill_tokens_computed": 1100, "errors": 2}, "config": cfg})
     assert "(10% more)" in worse and "kvsched 2" in worse  # said as it is when kvsched does worse
+
+
+def test_a_plot_without_matplotlib_is_one_clear_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    import builtins
+
+    from kvsched.cli import main
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    code = main(["plan", "--preset", "llama-3.1-8b", "--sessions", "10", "--plot", str(tmp_path / "p.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "matplotlib is not installed" in err and "Traceback" not in err
+    from kvsched.bench.plots import save_beside
+
+    assert save_beside(tmp_path / "r.json", lambda path: __import__("kvsched.bench.plots").bench.plots.pyplot()) is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
