@@ -19,6 +19,8 @@ class KVSchedScheduler(AsyncScheduler):
     """Keeps each session's prefix blocks referenced between turns; pins yield to live requests first."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if refusal := compat.unsupported_vllm():  # --scheduler-cls and the offline API skip the parser's check
+            raise RuntimeError(refusal)
         super().__init__(*args, **kwargs)
         self.kvsched = SessionPins(self, RetentionConfig.from_env())
         compat.fix_load_failure_recovery(self)
