@@ -333,8 +333,16 @@ def run(args: argparse.Namespace) -> int:
     for gate, ok in result["gates"].items():
         print(f"  [{'PASS' if ok else 'FAIL'}] {gate}")
     write_json(args.out, result)
-    save_beside(args.out, lambda path: grouped_bars(
-        {f"{r['op']} {r['n']}": {r["impl"] + (f" {r['isa']}" if r.get("isa") else ""): r["speedup_vs_torch"]}
-         for r in result["rows"] if r.get("speedup_vs_torch") and r["impl"] != "torch"}, path,
-        "kvsched bench kernels: speed over the torch reference (same run)", "x torch", log=True))
+    save_beside(args.out, lambda path: chart(result, path))
     return 0
+
+
+def chart(result: dict[str, Any], path: Path) -> Path:
+    """Each op and size: every implementation's (and C++ path's) speed over the torch reference of the same run."""
+    groups: dict[str, dict[str, float | None]] = {}
+    for r in result["rows"]:
+        if r.get("speedup_vs_torch") and r["impl"] != "torch":
+            name = r["impl"] + (f" {r['isa']}" if r.get("isa") else "")
+            groups.setdefault(f"{r['op'].split(' ')[0]} {r['n']}", {})[name] = r["speedup_vs_torch"]
+    return grouped_bars(groups, path, "kvsched bench kernels: speed over the torch reference (same run)", "x torch",
+                        log=True)
