@@ -147,7 +147,7 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig,
             hit = pool.hit_blocks(prompt_ids[:hittable])
             loaded = pol.match_external(i, prompt_ids, hit, hittable - hit)
             while not pool.can_admit(prompt_ids, held - full):
-                if not pol.on_shortage(i, p - (hit + loaded) * bs, pool.own_evictable(prompt_ids)):
+                if not pol.on_shortage(i, p - hit * bs, pool.own_evictable(prompt_ids)):  # loaded blocks too
                     pol.external_done()
                     return
             waiting.popleft()
