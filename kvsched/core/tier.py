@@ -148,6 +148,7 @@ class TierDirectory:
             return stores
         mine = self.keys_of.setdefault(owner, [])
         mine_set = set(mine)
+        self._make_room(sum(1 for key, _ in blocks if key not in self.slot_of), owner)
         for key, block_id in blocks:
             if key in self.slot_of:
                 if key not in mine_set:
@@ -283,6 +284,15 @@ class TierDirectory:
         return len(self.keys_of.get(owner, ()))
 
     # ---- internals ----------------------------------------------------------------------------------------------
+    def _make_room(self, slots: int, owner: Owner) -> None:
+        """Free up to `slots` slots for `owner` in one pass per victim (tails first, then the lowest-value other
+        sessions' tail blocks): a scan of the owners per victim, not per block."""
+        while len(self._free) < slots:
+            if self._evict_tail(exclude=owner, below=float("inf")):
+                continue
+            if not self._evict_one(exclude=owner, want=slots - len(self._free)):
+                return
+
     def _take_slot(self, owner: Owner) -> int | None:
         while not self._free:
             if not self._evict_tail(exclude=owner, below=float("inf")) and not self._evict_one(exclude=owner):
@@ -321,8 +331,9 @@ class TierDirectory:
         self._free_key(key)
         return 1
 
-    def _evict_one(self, exclude: Owner) -> bool:
-        """Free at least one slot: the lowest-value other session loses its tail block(s). False if none may go."""
+    def _evict_one(self, exclude: Owner, want: int = 1) -> bool:
+        """Free at least one slot (up to `want`): the lowest-value other session loses its tail block(s). False if
+        none may go."""
         mine = self.value_of(exclude)
         best: tuple[float, int, Owner] | None = None
         for i, (owner, keys) in enumerate(self.keys_of.items()):
@@ -346,9 +357,13 @@ class TierDirectory:
             if not owners and self.slot_of[key] not in self._locked:
                 self._free_key(key)
                 self.counters["evicted_blocks"] += 1
+                want -= 1
                 if not keys:
                     del self.keys_of[victim]
-                return True
+                    return True
+                if want <= 0:
+                    return True
+                continue
             if not owners:  # a load reads it this step: freed once the step's metadata is built
                 self._orphans.append(key)
         del self.keys_of[victim]
