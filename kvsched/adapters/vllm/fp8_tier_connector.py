@@ -95,9 +95,7 @@ class TierWorkerMeta(KVConnectorWorkerMetadata):
 class KVSchedFP8TierConnector(KVConnectorBase_V1):
     """Host-memory FP8 tier for KV blocks kvsched releases under pressure (see module docstring)."""
 
-    @property
-    def requires_kv_delivery(self) -> bool:
-        return False  # a best-effort cache: a lost store is a future recompute, never an error
+    requires_kv_delivery = property(lambda self: False)  # best effort: a lost store is a later recompute, not an error
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
@@ -129,7 +127,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self.on_load_failures: Callable[[set[int]], None] = lambda block_ids: None  # kvsched's prefetch cleanup
         self.steps_built = self.steps_done = 0  # connector metadata built / step outputs seen (prefetch ordering)
         self._prefetched_for: set[str] = set()  # queued requests whose restore a prefetch started
-        self.stats: dict[str, float] = {"restores": 0, "tail_restores": 0, "restored_blocks": 0,
+        self.stats: dict[str, float] = {"restores": 0, "tail_restores": 0, "restored_blocks": 0, "superseded_loads": 0,
                                         "restored_tail_tokens": 0,
                                         "restore_misses": 0, "load_failures": 0, "err_sq": 0.0, "ref_sq": 0.0,
                                         "prefetched_blocks": 0}
@@ -254,6 +252,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         assert self.directory is not None
         meta, self._step = self._step, TierStepMeta()
+        self._drop_superseded(meta)
         self.steps_built += 1
         if self._step_loads:
             self._loading.append(self._step_loads)
@@ -261,6 +260,21 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self.directory.unlock_all()
         self._matched.clear()
         return meta
+
+    def _drop_superseded(self, meta: TierStepMeta) -> None:
+        """A block planned for a load may be released and handed out again later in the same step (a prefetched pin
+        yields to pressure and another prefetch or admission takes the block): only the last load planned into a
+        block is current. Prefetches run before admissions' loads, in planning order."""
+        last: dict[int, int] = {}
+        planned = [*meta.prefetches, *meta.loads]
+        for i, ld in enumerate(planned):
+            last[ld.block_id] = i
+        if len(last) == len(planned):
+            return
+        self.stats["superseded_loads"] += len(planned) - len(last)
+        n = len(meta.prefetches)
+        meta.prefetches = [ld for i, ld in enumerate(meta.prefetches) if last[ld.block_id] == i]
+        meta.loads = [ld for i, ld in enumerate(meta.loads) if last[ld.block_id] == n + i]
 
     def update_connector_output(self, connector_output: Any) -> None:
         assert self.directory is not None
@@ -299,6 +313,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             "tier_tails": len(d.tail_of), "tier_tails_stored": d.counters["tails_stored"],
             "tier_restored_tail_tokens": self.stats["restored_tail_tokens"],
             "tier_tail_restores": self.stats["tail_restores"],
+            "tier_superseded_loads": self.stats["superseded_loads"],
             "tier_load_failures": self.stats["load_failures"],
             "tier_prefetched_blocks": self.stats["prefetched_blocks"],
             "tier_kv_rel_rms_error": 0.0 if raw else (self.stats["err_sq"] / ref) ** 0.5 if ref > 0 else -1.0,

@@ -214,6 +214,10 @@ class TierStore:
         forward pass must find every block written before it starts."""
         if not slots:
             return []
+        if len(set(block_ids)) < len(block_ids):  # the connector keeps only a block's last load; never scatter twice
+            last = {b: i for i, b in enumerate(block_ids)}
+            keep = sorted(last.values())
+            slots, block_ids = [slots[i] for i in keep], [block_ids[i] for i in keep]
         self.seal_ready(wait_for=set(slots))
         bad = [i for i, s in enumerate(slots) if self.crc.get(s, UNSEALED) in (UNSEALED, None)
                or self.crc[s] != self.slots.checksum(s)]

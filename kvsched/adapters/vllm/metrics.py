@@ -46,6 +46,8 @@ COUNTERS = {
     "tier_prefetches_queued": "Prefetches started when a session's request was queued",
     "tier_prefetches_due": "Prefetches started before a session's request arrived (its next turn was due)",
     "tier_prefetched_blocks": "KV blocks restored from the FP8 tier by prefetches",
+    "tier_superseded_loads": "Planned restores dropped because their block was released and handed out again in the "
+                             "same step (only the last load into a block runs)",
     "tier_prefetch_useful_blocks": "Prefetched blocks the session's next turn hit",
     "tier_prefetch_wasted_blocks": "Prefetched blocks released or missed before a turn used them",
     "tier_wasted_prefetches": "Prefetches of which the session's next turn did not use every block",

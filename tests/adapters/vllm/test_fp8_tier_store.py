@@ -219,3 +219,27 @@ def test_fault_injection_corrupts_every_nth_sealed_slot_and_those_are_never_rest
     store.store([1, 2, 3, 4], [0, 1, 2, 3])
     failed = store.load([0, 1, 2, 3], [5, 6, 7, 8])
     assert failed == [6, 8] and store.counters["corrupted_slots"] == 2
+
+
+def test_a_block_loaded_twice_in_one_call_gets_the_last_load():
+    kv = caches(layers=1)
+    original = kv["layer.0"].clone()
+    store = tier(kv)
+    store.store([1, 2], [0, 1])
+    kv["layer.0"].zero_()
+    assert store.load([0, 1], [5, 5]) == []  # slot 1 (block 2's KV) is the last planned into block 5
+    x, y = original[2].float(), kv["layer.0"][5].float()
+    assert float((x - y).norm() / x.norm()) < 0.07
+
+
+def test_the_connector_runs_only_the_last_load_planned_into_a_block():
+    from kvsched.adapters.vllm.fp8_tier_connector import KVSchedFP8TierConnector, TierStepMeta
+    from kvsched.core.tier import Load
+
+    class Planner:
+        stats = {"superseded_loads": 0}
+
+    meta = TierStepMeta(prefetches=[Load(0, 7), Load(1, 8), Load(2, 7)], loads=[Load(3, 8), Load(4, 9)])
+    KVSchedFP8TierConnector._drop_superseded(Planner, meta)
+    assert meta.prefetches == [Load(2, 7)] and meta.loads == [Load(3, 8), Load(4, 9)]
+    assert Planner.stats["superseded_loads"] == 2
