@@ -332,42 +332,33 @@ class TierDirectory:
         return 1
 
     def _evict_one(self, exclude: Owner, want: int = 1) -> bool:
-        """Free at least one slot (up to `want`): the lowest-value other session loses its tail block(s). False if
-        none may go."""
+        """Free up to `want` slots from the other sessions worth less than `exclude`, lowest value first, tail blocks
+        first (one scan of the owners per call: a victim whose blocks are all shared, e.g. a system prompt, frees
+        nothing and the next one is tried without scanning again). False if no session may lose blocks."""
         mine = self.value_of(exclude)
-        best: tuple[float, int, Owner] | None = None
-        for i, (owner, keys) in enumerate(self.keys_of.items()):
-            if owner == exclude or not keys:
-                continue
-            value = self.value_of(owner)
-            if value >= mine:
-                continue
-            if best is None or (value, i) < best[:2]:
-                best = (value, i, owner)
-        if best is None:
-            return False
-        victim = best[2]
-        keys = self.keys_of[victim]
-        while keys:
-            key = keys.pop()  # tail first
-            owners = self.owners.get(key)
-            if owners is None:
-                continue
-            owners.discard(victim)
-            if not owners and self.slot_of[key] not in self._locked:
+        victims = sorted((value, i, owner) for i, (owner, keys) in enumerate(self.keys_of.items())
+                         if owner != exclude and keys and (value := self.value_of(owner)) < mine)
+        for _, _, victim in victims:
+            keys = self.keys_of[victim]
+            while keys and want > 0:
+                key = keys.pop()  # tail first
+                owners = self.owners.get(key)
+                if owners is None:
+                    continue
+                owners.discard(victim)
+                if owners:
+                    continue  # shared with another session: stays
+                if self.slot_of[key] in self._locked:  # a load reads it this step: freed once the metadata is built
+                    self._orphans.append(key)
+                    continue
                 self._free_key(key)
                 self.counters["evicted_blocks"] += 1
                 want -= 1
-                if not keys:
-                    del self.keys_of[victim]
-                    return True
-                if want <= 0:
-                    return True
-                continue
-            if not owners:  # a load reads it this step: freed once the step's metadata is built
-                self._orphans.append(key)
-        del self.keys_of[victim]
-        return True  # the victim's keys were all shared or locked; it no longer holds any, try the next one
+            if not keys:
+                del self.keys_of[victim]
+            if want <= 0:
+                break
+        return bool(victims)
 
     def _free_key(self, key: Key) -> None:
         slot = self.slot_of.pop(key)
