@@ -20,6 +20,7 @@ worth more than the victim.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -117,7 +118,14 @@ class Load:
 
 
 class TierDirectory:
-    """Slots of `block_bytes` bytes within `config.budget_bytes`; content keys -> slots; sessions -> their keys."""
+    """Slots of `block_bytes` bytes within `config.budget_bytes`; content keys -> slots; sessions -> their keys.
+
+    Eviction ranks the `EVICTION_SAMPLE` sessions that have held tier blocks longest (owners in demotion order), not
+    every session: exact below that many sessions, O(sample) per demotion at fleet scale (a full scan of 1,000 owners
+    per demotion made the fleet replay crawl, and would cost an engine's scheduler as much), the way Redis samples
+    keys for its approximated LRU."""
+
+    EVICTION_SAMPLE = 64
 
     def __init__(self, config: TierConfig, block_bytes: int, value_of: Callable[[Owner], float]) -> None:
         if block_bytes <= 0:
@@ -146,7 +154,8 @@ class TierDirectory:
         stores: list[Store] = []
         if not blocks or self.num_slots == 0:
             return stores
-        mine = self.keys_of.setdefault(owner, [])
+        mine = self.keys_of.pop(owner, [])
+        self.keys_of[owner] = mine  # most recently demoted last: the eviction sample takes the others first
         mine_set = set(mine)
         self._make_room(sum(1 for key, _ in blocks if key not in self.slot_of), owner)
         for key, block_id in blocks:
@@ -288,7 +297,7 @@ class TierDirectory:
         """Free up to `slots` slots for `owner` in one pass per victim (tails first, then the lowest-value other
         sessions' tail blocks): a scan of the owners per victim, not per block."""
         while len(self._free) < slots:
-            if self._evict_tail(exclude=owner, below=float("inf")):
+            if self._evict_tail(exclude=owner, below=float("inf"), want=slots - len(self._free)):
                 continue
             if not self._evict_one(exclude=owner, want=slots - len(self._free)):
                 return
@@ -299,21 +308,17 @@ class TierDirectory:
                 return None
         return self._free.pop()
 
-    def _evict_tail(self, exclude: Owner, below: float) -> bool:
-        """Free the slot of the lowest-value other session's tail, if one is worth less than `below` and no load
-        reads it this step."""
-        best: tuple[float, TailKey] | None = None
-        for owner, key in self.tail_of.items():
-            if owner == exclude or self.slot_of[key] in self._locked:
-                continue
-            value = self.value_of(owner)
-            if value < below and (best is None or value < best[0]):
-                best = (value, key)
-        if best is None:
-            return False
-        self._free_key(best[1])
-        self.counters["evicted_tails"] += 1
-        return True
+    def _evict_tail(self, exclude: Owner, below: float, want: int = 1) -> bool:
+        """Free the slots of up to `want` other sessions' tails, lowest value first, each worth less than `below` and
+        read by no load this step (from the `EVICTION_SAMPLE` oldest tails). False if none could go."""
+        sample = itertools.islice(self.tail_of.items(), self.EVICTION_SAMPLE)
+        cands = sorted((value, i, key) for i, (owner, key) in enumerate(sample)
+                       if owner != exclude and self.slot_of[key] not in self._locked
+                       and (value := self.value_of(owner)) < below)
+        for _, _, key in cands[:want]:
+            self._free_key(key)
+            self.counters["evicted_tails"] += 1
+        return bool(cands)
 
     def _disown_tail(self, owner: Owner, key: TailKey) -> int:
         """`owner` no longer needs `key`: freed when nobody else does (after this step if a load reads it)."""
@@ -336,7 +341,8 @@ class TierDirectory:
         first (one scan of the owners per call: a victim whose blocks are all shared, e.g. a system prompt, frees
         nothing and the next one is tried without scanning again). False if no session may lose blocks."""
         mine = self.value_of(exclude)
-        victims = sorted((value, i, owner) for i, (owner, keys) in enumerate(self.keys_of.items())
+        sample = itertools.islice(self.keys_of.items(), self.EVICTION_SAMPLE)  # the longest-standing owners first
+        victims = sorted((value, i, owner) for i, (owner, keys) in enumerate(sample)
                          if owner != exclude and keys and (value := self.value_of(owner)) < mine)
         for _, _, victim in victims:
             keys = self.keys_of[victim]
