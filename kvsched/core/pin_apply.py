@@ -6,13 +6,13 @@ A pin is one reference held on each of a session's cached prefix blocks, per KV-
 release gives blocks back tail first (the head, which the next turn hits first and other sessions may share, is evicted
 last); blocks released for pressure or budget are first demoted to the FP8 tier when there is one
 (`kvsched.core.tier`). The pool is anything that satisfies `PinPool`, generic over its block handle: vLLM's block pool
-(KVCacheBlock objects, through compat) and the simulator's numpy pool (int block ids).
+(KVCacheBlock objects, through compat) and the simulator's numpy pool (int block ids). The pool also counts the pins'
+references per block (a Counter in the engine, an array in the simulator, which stays vectorised).
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -36,17 +36,20 @@ class PinPool(Protocol[B]):
     """What applying pins needs of a block pool. Blocks passed are distinct and cached (prefix-cache hits)."""
 
     def hold(self, blocks: list[B]) -> None:
-        """Take one more reference on each block: the pool cannot evict it (vLLM: `BlockPool.touch`)."""
+        """Take a pin's reference on each block: the pool cannot evict it (vLLM: `BlockPool.touch`)."""
+
+    def hold_allocated(self, blocks: list[B]) -> None:
+        """Count blocks the caller has just allocated (they carry one reference) as held by a pin."""
 
     def give_back(self, blocks: list[B]) -> None:
-        """Drop one reference on each; blocks left unreferenced become evictable in this order, the first evicted
+        """Drop a pin's reference on each; blocks left unreferenced become evictable in this order, the first evicted
         first (vLLM: `BlockPool.free_blocks`)."""
 
     def num_free(self) -> int:
         """Blocks an allocation may take now: never used + evictable."""
 
-    def block_ids(self, blocks: list[B]) -> Iterable[int]:
-        """Each block's id in the pool, in order."""
+    def num_pinned(self) -> int:
+        """Distinct blocks at least one pin holds (a prefix shared by several sessions counts once)."""
 
     def cached_keys(self, blocks: list[B]) -> list[tuple[Hashable, int]]:
         """(content key, block id) of the blocks that are in the prefix cache, in order: what the tier stores."""
@@ -73,7 +76,6 @@ class PinApplier(Generic[B]):
         self.pool = pool
         self.block_size = block_size
         self.pinned: dict[SessionKey, list[list[B]]] = {}  # per KV-cache group, in prefix order
-        self.refs: Counter[int] = Counter()  # block id -> pins holding it (shared prefixes count once)
         self.directory: TierDirectory | None = None
         self.demote: Demote | None = None
         self.on_dropped: Callable[[SessionKey], None] | None = None  # a session's whole pin went
@@ -100,8 +102,8 @@ class PinApplier(Generic[B]):
 
     def enforce_budget(self) -> None:
         """Release pins past the pin budget (never, with the default budget: the whole pool)."""
-        if len(self.refs) > self.policy.budget_blocks:
-            while releases := self.policy.release_over_budget(len(self.refs)):
+        if self.pool.num_pinned() > self.policy.budget_blocks:
+            while releases := self.policy.release_over_budget(self.pool.num_pinned()):
                 self.apply(releases)
 
     def expire(self) -> None:
@@ -150,7 +152,7 @@ class PinApplier(Generic[B]):
             return False
         self.repin(key, [head])
         self.pinned[key][0].extend(new)
-        self.refs.update(self.pool.block_ids(new))
+        self.pool.hold_allocated(new)
         if self.log is not None:
             self.log.append(Applied("prefetch", str(key.session_id), blocks=len(new)))
         return True
@@ -201,9 +203,9 @@ class PinApplier(Generic[B]):
             old_g.extend(tail)
         if added:
             self.pool.hold(added)
-            self.refs.update(self.pool.block_ids(added))
         self.pinned[key] = old
-        self._give_back(dropped)
+        if dropped:
+            self.pool.give_back(dropped)
 
     def unpin(self, key: SessionKey, blocks: int | None = None, demote: bool = False) -> tuple[int, int]:
         """Release the session's whole pin (`blocks` None) or its last `blocks` blocks (each KV-cache group's tail, in
@@ -230,20 +232,8 @@ class PinApplier(Generic[B]):
         if demote and self.demote is not None:  # copied to the tier before the pool can reuse them, prefix order
             demoted = self.demote(key, self.pool.cached_keys(released[::-1]))
         # Tail blocks first: they are evicted before the session's head (which other sessions may share).
-        self._give_back(released)
-        return len(released), demoted
-
-    def _give_back(self, released: list[B]) -> None:
-        if not released:
-            return
-        refs = self.refs
-        for i in self.pool.block_ids(released):
-            n = refs[i] - 1
-            if n > 0:
-                refs[i] = n
-            else:
-                del refs[i]
         self.pool.give_back(released)
+        return len(released), demoted
 
     def tier_value(self, key: Hashable) -> float:
         """Retention value of a session's tier blocks and tail: the pins' formula at the tier's bytes per token."""

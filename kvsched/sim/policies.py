@@ -80,24 +80,43 @@ class OptPolicy(SimPolicy):
 
 class SimPinPool:
     """The simulator's pool as `kvsched.core.pin_apply.PinPool`: a block is its int id (the chained prefix hash, so
-    also its content key)."""
+    also its content key); the pins' references per block are an array, counted a pin change at a time."""
 
-    __slots__ = ("pool",)
+    __slots__ = ("pool", "refs", "pinned", "peak")
 
-    def __init__(self, pool: BlockPool) -> None:
+    def __init__(self, pool: BlockPool, n_ids: int) -> None:
         self.pool = pool
+        self.refs = np.zeros(n_ids, dtype=np.int32)
+        self.pinned = 0  # distinct blocks with refs > 0
+        self.peak = 0
 
     def hold(self, blocks: list[int]) -> None:
-        self.pool.touch(np.array(blocks, dtype=ID_DTYPE))
+        ids = np.array(blocks, dtype=ID_DTYPE)
+        self.pool.touch(ids)
+        self._count(ids, 1)
+
+    def hold_allocated(self, blocks: list[int]) -> None:
+        self._count(np.array(blocks, dtype=ID_DTYPE), 1)
 
     def give_back(self, blocks: list[int]) -> None:
-        self.pool.free(np.array(blocks, dtype=ID_DTYPE))
+        ids = np.array(blocks, dtype=ID_DTYPE)
+        self._count(ids, -1)
+        self.pool.free(ids)
+
+    def _count(self, ids: np.ndarray, by: int) -> None:
+        r = self.refs[ids] + by
+        self.refs[ids] = r
+        if by > 0:
+            self.pinned += int(np.count_nonzero(r == 1))
+            self.peak = max(self.peak, self.pinned)
+        else:
+            self.pinned -= int(np.count_nonzero(r == 0))
 
     def num_free(self) -> int:
         return self.pool.num_free
 
-    def block_ids(self, blocks: list[int]) -> list[int]:
-        return blocks
+    def num_pinned(self) -> int:
+        return self.pinned
 
     def cached_keys(self, blocks: list[int]) -> list[tuple[Hashable, int]]:
         return [(b, b) for b in blocks]
@@ -119,9 +138,9 @@ class KVSchedPolicy(SimPolicy):
                  bytes_per_token: float, tier_bytes: int = 0, tier_block_bytes: int = 0) -> None:
         super().__init__(trace, pool)
         self.policy = RetentionPolicy(config, clock, total_blocks=pool.capacity, bytes_per_token=bytes_per_token)
-        self.pins: PinApplier[int] = PinApplier(self.policy, SimPinPool(pool), trace.block_size)
+        self.pin_pool = SimPinPool(pool, trace.n_ids)
+        self.pins: PinApplier[int] = PinApplier(self.policy, self.pin_pool, trace.block_size)
         self.keys = [SessionKey(SessionId(s), salt) for s, salt in trace.sessions]
-        self.peak_pinned = 0
         self.tier: TierDirectory | None = None
         if tier_bytes > 0:
             if tier_block_bytes <= 0:
@@ -150,7 +169,6 @@ class KVSchedPolicy(SimPolicy):
     def on_finished(self, i: int, ids: np.ndarray) -> None:
         key, hints = self._key_hints(i)
         self.pins.turn_finished(key, hints, [ids.tolist()], len(ids) * self.trace.block_size)
-        self.peak_pinned = max(self.peak_pinned, len(self.pins.refs))
         self.pins.enforce_budget()
 
     def match_external(self, i: int, prompt_ids: np.ndarray, start: int, limit: int) -> int:
@@ -175,7 +193,7 @@ class KVSchedPolicy(SimPolicy):
 
     def stats(self) -> dict[str, float]:
         c = self.policy.counters
-        out = {"peak_pinned_blocks": self.peak_pinned, "pins": c["pins"],
+        out = {"peak_pinned_blocks": self.pin_pool.peak, "pins": c["pins"],
                "retained_hit_tokens": c["retained_hit_tokens"],
                **{k: v for k, v in sorted(c.items()) if k.startswith("released_")}}
         if self.tier is not None:

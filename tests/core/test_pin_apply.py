@@ -19,15 +19,22 @@ NO_HINTS = TurnHints()
 
 
 class ListPool:
-    """Blocks are ints; `capacity` blocks, of which those not referenced are free. Odd ids above 1000 are uncached."""
+    """Blocks are ints; `capacity` blocks, of which those not referenced are free. Odd ids above 1000 are uncached.
+    Nothing but the pins holds blocks here, so the pool's references are the pins'."""
 
     def __init__(self, capacity: int = 100) -> None:
         self.capacity = capacity
         self.ref: Counter[int] = Counter()
         self.freed: list[list[int]] = []  # every give_back, in the order given
 
+    def allocate(self, blocks: list[int]) -> None:
+        self.ref.update(blocks)
+
     def hold(self, blocks: list[int]) -> None:
         self.ref.update(blocks)
+
+    def hold_allocated(self, blocks: list[int]) -> None:
+        assert all(self.ref[b] for b in blocks)
 
     def give_back(self, blocks: list[int]) -> None:
         self.freed.append(list(blocks))
@@ -37,8 +44,8 @@ class ListPool:
     def num_free(self) -> int:
         return self.capacity - len(self.ref)
 
-    def block_ids(self, blocks: list[int]) -> list[int]:
-        return blocks
+    def num_pinned(self) -> int:
+        return len(self.ref)
 
     def cached_keys(self, blocks: list[int]) -> list[tuple[Hashable, int]]:
         return [(f"k{b}", b) for b in blocks if not (b > 1000 and b % 2)]
@@ -67,23 +74,24 @@ def test_a_pin_extends_in_place_holding_only_new_blocks_and_a_branch_gives_back_
                                                                                               5: 1})
     turn(pins, A, [[1, 2, 7, 8]], cached=2 * BS)  # branches after block 2: the partial hit released 3..5 already
     assert pins.pool.freed == [[5, 4, 3]] and pin == [1, 2, 7, 8]
-    assert set(pins.refs) == {1, 2, 7, 8} and pins.log[-1] == Applied("pin", "a", blocks=4)
+    assert set(pins.pool.ref) == {1, 2, 7, 8} and pins.log[-1] == Applied("pin", "a", blocks=4)
 
 
 def test_a_repin_over_a_different_prefix_drops_what_it_no_longer_holds_tail_first(clock):
     pins = make(clock)
     turn(pins, A, [[1, 2, 3, 4]])
     pins.repin(A, [[1, 9]])
-    assert pins.pool.freed == [[4, 3, 2]] and pins.pinned[A] == [[1, 9]] and set(pins.refs) == {1, 9}
+    assert pins.pool.freed == [[4, 3, 2]] and pins.pinned[A] == [[1, 9]] and set(pins.pool.ref) == {1, 9}
 
 
 def test_shared_blocks_are_counted_once_and_stay_held_until_the_last_pin_goes(clock):
     pins = make(clock)
     turn(pins, A, [[1, 2, 3]])
     turn(pins, B, [[1, 2, 4]])
-    assert len(pins.refs) == 4 and pins.refs[1] == 2 and pins.pool.ref[1] == 2
+    assert len(pins.pool.ref) == 4 and pins.pool.ref[1] == 2 and pins.pool.num_pinned() == 4
     pins.apply(pins.policy.end(A))
-    assert pins.pool.freed == [[3, 2, 1]] and set(pins.refs) == {1, 2, 4} and pins.pool.ref[1] == 1
+    assert pins.pool.freed == [[3, 2, 1]] and set(pins.pool.ref) == {1, 2, 4} and pins.pool.ref[1] == 1
+    assert pins.pool.num_free() == 97
     assert pins.log[-1] == Applied("release", "a", "end", 3, 0)
 
 
@@ -132,12 +140,13 @@ def test_make_room_never_takes_the_excluded_session(clock):
 def test_an_adopted_prefetch_extends_the_pin_and_one_over_budget_is_given_back(clock):
     pins = make(clock, capacity=20, pin_budget_fraction=0.5)
     turn(pins, A, [[1, 2]])
-    pins.pool.hold([3, 4])  # a prefetch's new blocks come with their allocation's reference
+    pins.pool.allocate([3, 4])  # a prefetch's new blocks come with their allocation's reference
     assert pins.adopt(A, [1, 2], [3, 4]) is True
-    assert pins.pinned[A] == [[1, 2, 3, 4]] and set(pins.refs) == {1, 2, 3, 4} and pins.log[-1].op == "prefetch"
-    pins.pool.hold(list(range(5, 12)))
+    assert pins.pinned[A] == [[1, 2, 3, 4]] and set(pins.pool.ref) == {1, 2, 3, 4} and pins.log[-1].op == "prefetch"
+    pins.pool.allocate(list(range(5, 12)))
     assert pins.adopt(A, [1, 2, 3, 4], list(range(5, 12))) is False  # 11 blocks > the budget of 10
     assert pins.pool.freed[-1] == list(range(11, 4, -1)) and pins.pinned[A] == [[1, 2, 3, 4]]
+    assert set(pins.pool.ref) == {1, 2, 3, 4}
 
 
 def test_the_budget_releases_the_overflow_and_the_last_turn_drops_the_sessions_tier_blocks(clock):
@@ -147,7 +156,7 @@ def test_the_budget_releases_the_overflow_and_the_last_turn_drops_the_sessions_t
     turn(pins, A, [list(range(1, 9))])
     turn(pins, B, [list(range(21, 29))], hints=TurnHints(role="orchestrator"))
     pins.enforce_budget()  # 16 pinned, budget 10: A's tail (a worker's: the lower value) goes to the tier
-    assert len(pins.refs) == 10 and pins.log[-1] == Applied("release", "a", "budget", 6, 6)
+    assert len(pins.pool.ref) == 10 and pins.log[-1] == Applied("release", "a", "budget", 6, 6)
     assert directory.blocks_of(A) == 6
     turn(pins, A, [list(range(1, 3))], hints=TurnHints(end=True), cached=2 * BS)
     assert directory.blocks_of(A) == 0 and A not in pins.pinned

@@ -33,9 +33,10 @@ class SessionPins:
             config, clock, total_blocks=compat.num_total_blocks(scheduler),
             bytes_per_token=compat.kv_bytes_per_token(scheduler), selector=select_candidates,
         )
-        self.pins: PinApplier[Any] = PinApplier(self.policy, VllmPinPool(scheduler), self.block_size)
+        pool = VllmPinPool(scheduler)
+        self.pins: PinApplier[Any] = PinApplier(self.policy, pool, self.block_size)
         self.pinned = self.pins.pinned  # per KV-cache group, in prefix order
-        self.block_refs = self.pins.refs  # block id -> pins holding it (shared prefixes count once)
+        self.block_refs = pool.refs  # block id -> pins holding it (shared prefixes count once)
         self.requests: dict[str, tuple[SessionKey, TurnHints]] = {}
         self.started: set[str] = set()
         self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
