@@ -146,21 +146,18 @@ def test_the_simulator_applies_the_same_decisions_as_vllm(name, tiny_model_dir):
 
 
 def test_a_change_to_either_sides_apply_glue_alone_is_caught(tiny_model_dir):
-    """Pins given back head first instead of tail first, on one side only: the decisions part ways."""
-    import numpy as np
-
-    from kvsched.adapters.vllm import pin_pool
-    from kvsched.sim import policies
+    """Pins given back head first instead of tail first, on one side only: the two part ways."""
+    from kvsched.adapters.vllm.pin_pool import VllmPinPool
+    from kvsched.sim.policies import SimPinPool
 
     trace, capacity, engine, applied, prefill = scenario("pressure", tiny_model_dir)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(policies.SimPinPool, "give_back",
-                   lambda self, blocks: self.pool.free(np.array(blocks[::-1], dtype=np.int32)))
-        assert differences(engine, applied, prefill, run_sim(trace, capacity, engine)) != []
     sim = run_sim(trace, capacity, engine)
     assert differences(engine, applied, prefill, sim) == []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pin_pool.VllmPinPool, "give_back",
-                   lambda self, blocks: pin_pool.compat.return_blocks(self.scheduler, blocks[::-1]))
-        changed = run_engine(trace, capacity, tiny_model_dir)
-    assert differences(*changed, sim) != []
+    for side in (SimPinPool, VllmPinPool):
+        give_back = side.give_back
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(side, "give_back", lambda self, blocks, give_back=give_back: give_back(self, blocks[::-1]))
+            if side is SimPinPool:
+                assert differences(engine, applied, prefill, run_sim(trace, capacity, engine)) != []
+            else:
+                assert differences(*run_engine(trace, capacity, tiny_model_dir), sim) != []
