@@ -33,7 +33,7 @@ Demote = Callable[[SessionKey, list[tuple[Hashable, int]]], int]
 
 
 class PinPool(Protocol[B]):
-    """What applying pins needs of a block pool. Blocks passed are distinct and cached (prefix-cache hits)."""
+    """What applying pins needs of a block pool (every list of blocks passed holds distinct blocks)."""
 
     def hold(self, blocks: list[B]) -> None:
         """Take a pin's reference on each block: the pool cannot evict it (vLLM: `BlockPool.touch`)."""
