@@ -316,8 +316,9 @@ class TierDirectory:
                        if owner != exclude and self.slot_of[key] not in self._locked
                        and (value := self.value_of(owner)) < below)
         for _, _, key in cands[:want]:
-            self._free_key(key)
-            self.counters["evicted_tails"] += 1
+            if key in self.slot_of:  # sessions that finished on the same tokens share one tail: freed once
+                self._free_key(key)
+                self.counters["evicted_tails"] += 1
         return bool(cands)
 
     def _disown_tail(self, owner: Owner, key: TailKey) -> int:

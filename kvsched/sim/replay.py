@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from kvsched.core.config import RetentionConfig
+from kvsched.core.pin_apply import Applied
 from kvsched.sim.policies import KVSchedPolicy, OptPolicy, SimPolicy
 from kvsched.sim.pool import BlockPool
 from kvsched.sim.trace import Trace
@@ -42,6 +43,7 @@ class ReplayConfig:
     tier_block_bytes: int = 0  # tier bytes per block (FP8 pages + scales; `kvsched simulate` derives it from the model)
     restore_bytes_per_s: float = 0.0  # host -> device bandwidth: a restore adds its bytes / this to TTFT (0: free)
     check: bool = False  # assert pool invariants after every event (tests)
+    record_applied: bool = False  # keep kvsched's applied decisions in ReplayResult.applied (tests)
 
 
 @dataclass(slots=True)
@@ -58,6 +60,7 @@ class ReplayResult:
     evictions: int = 0
     wall_s: float = 0.0
     policy_stats: dict[str, float] = field(default_factory=dict)
+    applied: list[Applied] = field(default_factory=list)  # with `record_applied`: every pin decision, as applied
 
     @property
     def tokens_saved(self) -> int:
@@ -125,6 +128,8 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig,
     clock = _Clock()
     pol = make_policy(policy, trace, pool, cfg, clock)
     res = ReplayResult(policy=policy)
+    if cfg.record_applied and isinstance(pol, KVSchedPolicy):
+        pol.pins.log = res.applied
     bs = trace.block_size
     n = len(trace)
     t_arr, prompt, output, measured = trace.t, trace.prompt_tokens, trace.output_tokens, trace.duration_s

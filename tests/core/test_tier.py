@@ -131,6 +131,17 @@ def test_slots_are_never_shared_and_the_budget_holds(ops, slots):
         assert sum(map(len, d._tails.values())) == sum(isinstance(k, TailKey) for k in d.slot_of)
 
 
+def test_a_tail_two_sessions_share_is_evicted_once():
+    """Found by the property test below: evicting tails for a demotion listed a shared tail once per owner and freed
+    it twice (KeyError in the engine's scheduler)."""
+    d = directory(2, {"s0": 0.0, "s1": 1.0, "s2": 2.0})
+    d.demote("s0", [("k0", 0)])
+    d.put_tail("s0", "k0", [0], 0)
+    d.put_tail("s2", "k0", [0], 0)  # the same tokens after the same block: one slot, two owners
+    assert len(d.demote("s1", [("k1", 0), ("k2", 1)])) == 2  # the tail went to make room (once), then s0's block
+    assert d.tail_of == {} and set(d.slot_of) == {"k1", "k2"} and d.counters["evicted_tails"] == 1
+
+
 def test_a_tail_is_stored_once_per_session_and_matches_the_shared_tokens_only():
     d = directory(4)
     first = d.put_tail("a", "a9", [5, 6, 7], block_id=3)

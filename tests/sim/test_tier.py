@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import pytest
-
 from kvsched.sim.generator import QUICK, generate
 from kvsched.sim.replay import ReplayConfig, replay
 
@@ -50,15 +48,6 @@ def test_a_middle_sized_tier_is_in_between_and_bounded_by_its_slots():
     mid = replay(trace, "kvsched", replace(cfg, tier_bytes=slots * BLOCK_BYTES, tier_block_bytes=BLOCK_BYTES))
     assert mid.tokens_saved > plain
     assert 0 < mid.policy_stats["peak_tier_blocks"] <= slots
-
-
-def test_the_simulated_adapter_constants_match_the_vllm_adapter():
-    pytest.importorskip("vllm")
-    from kvsched.adapters.vllm import session_pins
-    from kvsched.sim import policies
-
-    assert policies.DEMOTE_REASONS == session_pins.DEMOTE_REASONS
-    assert policies.KVSchedPolicy.PRESSURE_CHUNK == session_pins.SessionPins.PRESSURE_CHUNK
 
 
 def test_simulate_cli_tier_flags(tmp_path):

@@ -310,8 +310,9 @@ def wrap_allocate_slots(scheduler: Any, on_shortage: Callable[[Any, int, int], b
             # tokens a KV connector (the FP8 tier) loads need new blocks too
             num_new_tokens += args[5] if len(args) > 5 else kwargs.get("num_external_computed_tokens", 0)
             hits = args[3] if len(args) > 3 else kwargs.get("new_computed_blocks")
-            own_free = sum(b.ref_cnt == 0 for g in hits.blocks for b in g) if hits is not None else 0
-            while on_shortage(request, num_new_tokens, own_free):
+            # counted before every try (as vLLM does): a release of the request's own session's pin frees its hits
+            while on_shortage(request, num_new_tokens,
+                              sum(b.ref_cnt == 0 for g in hits.blocks for b in g) if hits is not None else 0):
                 result = original(*args, **kwargs)
                 if result is not None:
                     break

@@ -8,27 +8,23 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.pin_pool import VllmPinPool
 from kvsched.adapters.vllm.tier_prefetch import TierPrefetcher
 from kvsched.core.config import RetentionConfig
-from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
+from kvsched.core.pin_apply import PinApplier
+from kvsched.core.retention import Decision, Pin, ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import InvalidSessionInput, SessionKey, TurnHints, validate_session_id
 from kvsched.ops.score import select_candidates
 
-# Releases whose blocks go to the FP8 tier (when it is on): the session is still live and comes back. TTL and end mean
-# it will not; a turn release drops blocks its own request did not hit.
-DEMOTE_REASONS = frozenset({ReleaseReason.PRESSURE, ReleaseReason.BUDGET})
-
 
 class SessionPins:
-    """Session table (policy) + the blocks each pin holds (adapter state)."""
-
-    PRESSURE_CHUNK = 4  # blocks released per try when a live request is short; the allocation is retried after each
+    """Session table (policy) + the blocks each pin holds (`kvsched.core.pin_apply.PinApplier`, which the simulator
+    runs too) + vLLM's hooks into both."""
 
     def __init__(self, scheduler: Any, config: RetentionConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.scheduler = scheduler
@@ -37,23 +33,28 @@ class SessionPins:
             config, clock, total_blocks=compat.num_total_blocks(scheduler),
             bytes_per_token=compat.kv_bytes_per_token(scheduler), selector=select_candidates,
         )
-        self.pinned: dict[SessionKey, list[list[Any]]] = {}  # per KV-cache group, in prefix order
-        self.block_refs: Counter[int] = Counter()  # block id -> pins holding it (shared prefixes count once)
+        pool = VllmPinPool(scheduler)
+        self.pins: PinApplier[Any] = PinApplier(self.policy, pool, self.block_size)
+        self.pinned = self.pins.pinned  # per KV-cache group, in prefix order
+        self.block_refs = pool.refs  # block id -> pins holding it (shared prefixes count once)
         self.requests: dict[str, tuple[SessionKey, TurnHints]] = {}
         self.started: set[str] = set()
         self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
         # KVSCHED_TRACE=FILE: one JSON line per applied decision, for replaying what the policy did.
         trace = os.environ.get("KVSCHED_TRACE")
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - lives as long as the engine
+        if self._trace is not None:
+            self.pins.before_apply = self._write_trace
         compat.wrap_allocate_slots(scheduler, self.on_shortage)
         # The FP8 tier (if configured): pins released for pressure or budget are demoted there, not dropped.
         self.tier = compat.fp8_tier(scheduler)
         self.prefetcher: TierPrefetcher | None = None
         if self.tier is not None:
-            self.tier.attach(self._tier_value)
+            self.pins.attach_tier(self.tier.attach(self.pins.tier_value), self.tier.demote)
             if self.tier.enabled and self.enabled:
                 self.prefetcher = TierPrefetcher(self)
                 self.tier.on_load_failures = self.prefetcher.on_load_failures
+                self.pins.on_dropped = self.prefetcher.on_released
 
     # ---- hooks from the scheduler -------------------------------------------------------------------------------
     def on_request_added(self, request: Any) -> None:
@@ -84,7 +85,7 @@ class SessionPins:
                                               "prompt": len(new.prompt_token_ids or ())}) + "\n")
             if self.prefetcher is not None:
                 self.prefetcher.on_turn_started(entry[0], int(new.num_computed_tokens))
-            self.apply(self.policy.turn_started(entry[0], int(new.num_computed_tokens)))
+            self.pins.turn_started(entry[0], int(new.num_computed_tokens))
 
     def on_request_finished(self, request: Any) -> None:
         """Called before vLLM frees a finished request's blocks: pin its reusable prefix for the next turn."""
@@ -99,54 +100,28 @@ class SessionPins:
             return
         self.started.discard(request.request_id)
         groups = compat.reusable_prefix_blocks(self.scheduler, request.request_id) if self.enabled else []
-        nblocks = sum(map(len, groups))
         tokens = compat.block_tokens(groups[0], self.block_size) if groups else 0
-        self.apply(self.policy.turn_finished(key, hints, tokens, nblocks), pending={key: groups})
-        if self.tier is not None:
-            if hints.end:
-                self.tier.directory.drop_owner(key)
-            elif groups and (tail := compat.partial_tail(self.scheduler, request, groups[0], self.block_size)):
+        self.pins.turn_finished(key, hints, groups, tokens)  # a last turn's tier blocks go too
+        if self.tier is not None and not hints.end:
+            if groups and (tail := compat.partial_tail(self.scheduler, request, groups[0], self.block_size)):
                 self.tier.save_tail(key, *tail)
-            if self.prefetcher is not None and not hints.end:
+            if self.prefetcher is not None:
                 self.prefetcher.on_turn_finished(request, key)
-        if len(self.block_refs) > self.policy.budget_blocks:  # never, with the default budget (the whole pool)
-            while releases := self.policy.release_over_budget(len(self.block_refs)):
-                self.apply(releases)
+        self.pins.enforce_budget()
 
     def on_shortage(self, request: Any, num_new_tokens: int = 0, own_free_hits: int = 0) -> bool:
         """vLLM could not allocate blocks for a live request: release pins, lowest value first, before vLLM preempts
         or queues anything. True if blocks were freed (the allocation is then retried)."""
-        own = {entry[0]} if (entry := self.requests.get(request.request_id)) else set()
-        before = compat.num_free_blocks(self.scheduler)
-        # About the shortfall, not the request's whole size: free blocks still count (released pins stay cached in
-        # the free queue only until reused, and the order past the shortfall may change before they are needed, e.g.
-        # when a released session's next turn arrives). If it was not enough, vLLM fails again and we come back.
-        need = max(self.PRESSURE_CHUNK, -(-num_new_tokens // self.block_size) + 1 + own_free_hits - before)
-        while True:
-            # Other sessions first. The request's own session last: releasing it frees nothing the request will hit
-            # (hit blocks are taken back out of the free queue), but keeping it when nothing else is left would
-            # leave a request waiting on its own session's pin forever.
-            releases = self.policy.release_for_pressure(need, exclude=own) or self.policy.release_for_pressure(need)
-            if not releases:
-                return False
-            self.apply(releases)
-            if compat.num_free_blocks(self.scheduler) > before:
-                return True  # retry the allocation; pins that freed nothing (shared blocks) don't count
+        entry = self.requests.get(request.request_id)
+        return self.pins.on_shortage(entry[0] if entry else None, num_new_tokens, own_free_hits)
 
     def make_room(self, blocks: int, exclude: SessionKey) -> None:
         """Release other sessions' pins, lowest value first, until `blocks` more blocks are free (a queued request's
         prefetch: its admission would release them a moment later)."""
-        target = compat.num_free_blocks(self.scheduler) + blocks
-        while blocks > 0 and compat.num_free_blocks(self.scheduler) < target:
-            releases = self.policy.release_for_pressure(target - compat.num_free_blocks(self.scheduler),
-                                                        exclude={exclude})
-            if not releases:
-                return
-            self.apply(releases)
+        self.pins.make_room(blocks, exclude)
 
     def expire(self) -> None:
-        if self.pinned:
-            self.apply(self.policy.expire())
+        self.pins.expire()
 
     def before_schedule(self) -> None:
         """Each scheduler step, before vLLM schedules: TTL expiry, then the tier's due prefetches."""
@@ -165,13 +140,8 @@ class SessionPins:
     def adopt_prefetch(self, key: SessionKey, head: list[Any], new: list[Any]) -> None:
         """The session's pin becomes `head` (cached blocks, referenced here as a pin's blocks are) followed by `new`
         (blocks a tier prefetch allocated: they come with the one reference the allocation took)."""
-        blocks = len(head) + len(new)
-        if not self.policy.prefetched(key, blocks * self.block_size, blocks):
-            compat.return_blocks(self.scheduler, list(reversed(new)))  # over the budget: not kept
-            return
-        self._repin(key, [head])
-        self.pinned[key][0].extend(new)
-        self.block_refs.update(b.block_id for b in new)
+        if not self.pins.adopt(key, head, new):
+            return  # over the budget: not kept
         if self._trace is not None:
             self._trace.write(json.dumps({"t": round(self.policy.clock(), 4), "session": str(key.session_id),
                                           "op": "prefetch", "blocks": len(new)}) + "\n")
@@ -196,13 +166,7 @@ class SessionPins:
 
     # ---- decisions ----------------------------------------------------------------------------------------------
     def apply(self, decisions: list[Decision], pending: dict[SessionKey, list[list[Any]]] | None = None) -> None:
-        if self._trace is not None:
-            self._write_trace(decisions, pending)
-        for d in decisions:
-            if isinstance(d, Pin):
-                self._repin(d.key, (pending or {}).get(d.key, []))
-            elif isinstance(d, Release):
-                self._unpin(d.key, d.blocks, demote=self.tier is not None and d.reason in DEMOTE_REASONS)
+        self.pins.apply(decisions, pending)
 
     def _write_trace(self, decisions: list[Decision], pending: dict[SessionKey, list[list[Any]]] | None) -> None:
         assert self._trace is not None
@@ -222,81 +186,8 @@ class SessionPins:
                         for k, r in self.policy.sessions.items() if r.pinned_blocks)
             self._trace.write(json.dumps(row) + "\n")
 
-    def _repin(self, key: SessionKey, groups: list[list[Any]]) -> None:
-        """Make `groups` the session's pin, touching only blocks it did not hold and freeing only those it drops
-        (a session's next turn usually extends its prefix, so this is O(new blocks), not O(history))."""
-        old = self.pinned.get(key)
-        if old is None or len(old) != len(groups):
-            old = [[] for _ in groups]
-        added: list[Any] = []
-        dropped: list[Any] = []
-        for old_g, new_g in zip(old, groups, strict=True):
-            n = len(old_g)
-            if len(new_g) >= n and new_g[:n] == old_g:  # identity-first C comparison: the usual case
-                common = n
-            else:
-                common = 0
-                for a, b in zip(old_g, new_g, strict=False):
-                    if a is not b:
-                        break
-                    common += 1
-                dropped.extend(reversed(old_g[common:]))
-                del old_g[common:]
-            tail = new_g[common:]
-            added.extend(tail)
-            # Extended in place: the pin's list is long-lived, and a fresh copy per turn would be young garbage-
-            # collector work (every young list of block refs is traversed until it is promoted).
-            old_g.extend(tail)
-        if added:
-            compat.hold_blocks(self.scheduler, added)
-            self.block_refs.update(b.block_id for b in added)
-        self.pinned[key] = old
-        self._return(dropped)
-
-    def _return(self, released: list[Any]) -> None:
-        if not released:
-            return
-        refs = self.block_refs
-        for b in released:
-            n = refs[b.block_id] - 1
-            if n > 0:
-                refs[b.block_id] = n
-            else:
-                del refs[b.block_id]
-        compat.return_blocks(self.scheduler, released)
-
-    def _tier_value(self, key: SessionKey) -> float:
-        """Retention value of a session's tier blocks (the pins' formula at the tier's bytes per token)."""
-        if self.tier is None:
-            return 0.0
-        d = self.tier.directory
-        return self.policy.value_of(key, d.blocks_of(key) * self.block_size + d.tail_tokens(key),
-                                    d.block_bytes / self.block_size)
-
     def _unpin(self, key: SessionKey, blocks: int | None = None, demote: bool = False) -> None:
-        groups = self.pinned.get(key)
-        if not groups:
-            self.pinned.pop(key, None)
-            return
-        total = sum(map(len, groups))
-        released: list[Any] = []
-        if blocks is None or blocks >= total:
-            del self.pinned[key]
-            for g in groups:
-                released.extend(reversed(g))
-            if self.prefetcher is not None:
-                self.prefetcher.on_released(key)
-        else:  # drop the tail of each KV-cache group, in proportion; in place (the pin's lists are long-lived)
-            for g in groups:
-                n = min(len(g), -(-blocks * len(g) // total))
-                if n:
-                    released.extend(reversed(g[len(g) - n:]))
-                    del g[len(g) - n:]
-        if demote and self.tier is not None:  # copied to the tier before vLLM can reuse them (this step's metadata)
-            self.tier.demote(key, [(compat.block_content_key(b), b.block_id) for b in reversed(released)
-                                   if b.block_hash is not None])
-        # Tail blocks first: they are evicted before the session's head (which other sessions may share).
-        self._return(released)
+        self.pins.unpin(key, blocks, demote)
 
     # ---- admin / metrics (called through the engine-core utility) -------------------------------------------------
     def handle(self, op: str, *args: Any) -> Any:

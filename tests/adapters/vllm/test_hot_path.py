@@ -57,6 +57,27 @@ def test_allocation_retries_on_shortage_with_positional_or_keyword_arguments():
     assert calls == [("r1", 5, 1), ("r1", 5, 1), ("r2", 7, 0), ("r2", 7, 0)]
 
 
+def test_free_hits_are_counted_again_before_every_retry():
+    """A shortage that releases the request's own session's pin puts its prefix-cache hits in the free queue; vLLM
+    counts them against the free blocks on the retry, so the hook must be told (the simulator always was; found by
+    tests/sim/test_apply_equivalence.py)."""
+    hit = SimpleNamespace(ref_cnt=1)  # held by the session's pin
+    results, seen = iter([None, None, "blocks"]), []
+
+    def allocate(request, num_new_tokens, num_new_computed_tokens=0, new_computed_blocks=None):
+        return next(results)
+
+    def on_shortage(request, num_new_tokens, free_hits):
+        seen.append(free_hits)
+        hit.ref_cnt = 0  # the pin went
+        return True
+
+    sched = SimpleNamespace(kv_cache_manager=SimpleNamespace(allocate_slots=allocate))
+    compat.wrap_allocate_slots(sched, on_shortage)
+    assert sched.kv_cache_manager.allocate_slots("r", 5, 16, SimpleNamespace(blocks=([hit],))) == "blocks"
+    assert seen == [0, 1]
+
+
 def test_one_key_object_per_session_and_partial_releases_trim_the_pin_in_place(tiny_model_dir, clock):
     s = build_scheduler(KVSCHED_SCHEDULER, HarnessConfig(model_dir=tiny_model_dir, num_blocks=64, block_size=BLOCK,
                                                          max_model_len=1024))

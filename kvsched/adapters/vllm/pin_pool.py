@@ -1,0 +1,46 @@
+"""vLLM's block pool as the pool `kvsched.core.pin_apply.PinApplier` applies pins to (blocks are vLLM's
+KVCacheBlock objects; every access to the pool goes through compat)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable
+from typing import Any
+
+from kvsched.adapters.vllm import compat
+
+
+class VllmPinPool:
+    """`kvsched.core.pin_apply.PinPool` over the scheduler's KV cache manager, counting the pins' references."""
+
+    __slots__ = ("scheduler", "refs")
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.refs: Counter[int] = Counter()  # block id -> pins holding it
+
+    def hold(self, blocks: list[Any]) -> None:
+        compat.hold_blocks(self.scheduler, blocks)
+        self.refs.update(b.block_id for b in blocks)
+
+    def hold_allocated(self, blocks: list[Any]) -> None:
+        self.refs.update(b.block_id for b in blocks)
+
+    def give_back(self, blocks: list[Any]) -> None:
+        refs = self.refs
+        for b in blocks:
+            n = refs[b.block_id] - 1
+            if n > 0:
+                refs[b.block_id] = n
+            else:
+                del refs[b.block_id]
+        compat.return_blocks(self.scheduler, blocks)
+
+    def num_free(self) -> int:
+        return compat.num_free_blocks(self.scheduler)
+
+    def num_pinned(self) -> int:
+        return len(self.refs)
+
+    def cached_keys(self, blocks: list[Any]) -> list[tuple[Hashable, int]]:
+        return [(compat.block_content_key(b), b.block_id) for b in blocks if b.block_hash is not None]

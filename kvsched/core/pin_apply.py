@@ -1,0 +1,244 @@
+"""Applies `RetentionPolicy`'s decisions to a KV block pool: the one copy the vLLM adapter
+(`kvsched.adapters.vllm.session_pins`) and the simulator (`kvsched.sim.policies`) both run, so every simulator figure
+stands on the code the engine runs (tests/sim/test_apply_equivalence.py replays one trace through both).
+
+A pin is one reference held on each of a session's cached prefix blocks, per KV-cache group, in prefix order. A
+release gives blocks back tail first (the head, which the next turn hits first and other sessions may share, is evicted
+last); blocks released for pressure or budget are first demoted to the FP8 tier when there is one
+(`kvsched.core.tier`). The pool is anything that satisfies `PinPool`, generic over its block handle: vLLM's block pool
+(KVCacheBlock objects, through compat) and the simulator's numpy pool (int block ids). The pool also counts the pins'
+references per block (a Counter in the engine, an array in the simulator, which stays vectorised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from kvsched.core.retention import Decision, Pin, ReleaseReason, RetentionPolicy
+from kvsched.core.sessions import SessionKey, TurnHints
+from kvsched.core.tier import TierDirectory
+
+B = TypeVar("B")  # a block handle
+
+# Releases whose blocks go to the FP8 tier (when it is on): the session is still live and comes back. TTL and end mean
+# it will not; a turn release drops blocks its own request did not hit.
+DEMOTE_REASONS = frozenset({ReleaseReason.PRESSURE, ReleaseReason.BUDGET})
+PRESSURE_CHUNK = 4  # blocks released per try when a live request is short; the allocation is retried after each
+
+# Plan the copy of `blocks` ((content key, block id), prefix order) released by a session into the tier; returns the
+# number of blocks copied (blocks the tier already held only gain an owner).
+Demote = Callable[[SessionKey, list[tuple[Hashable, int]]], int]
+
+
+class PinPool(Protocol[B]):
+    """What applying pins needs of a block pool (every list of blocks passed holds distinct blocks)."""
+
+    def hold(self, blocks: list[B]) -> None:
+        """Take a pin's reference on each block: the pool cannot evict it (vLLM: `BlockPool.touch`)."""
+
+    def hold_allocated(self, blocks: list[B]) -> None:
+        """Count blocks the caller has just allocated (they carry one reference) as held by a pin."""
+
+    def give_back(self, blocks: list[B]) -> None:
+        """Drop a pin's reference on each; blocks left unreferenced become evictable in this order, the first evicted
+        first (vLLM: `BlockPool.free_blocks`)."""
+
+    def num_free(self) -> int:
+        """Blocks an allocation may take now: never used + evictable."""
+
+    def num_pinned(self) -> int:
+        """Distinct blocks at least one pin holds (a prefix shared by several sessions counts once)."""
+
+    def cached_keys(self, blocks: list[B]) -> list[tuple[Hashable, int]]:
+        """(content key, block id) of the blocks that are in the prefix cache, in order: what the tier stores."""
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """One decision as applied, for tests and traces: `op` pin (`blocks`: the pin's size after), release (`blocks`
+    given back, `demoted` of them copied to the tier) or prefetch (`blocks` restored into the pin)."""
+
+    op: str
+    session: str
+    reason: str = ""
+    blocks: int = 0
+    demoted: int = 0
+
+
+class PinApplier(Generic[B]):
+    """The blocks each session's pin holds, and the calls that change them. Every decision the policy returns must be
+    applied here (the policy already counted it)."""
+
+    def __init__(self, policy: RetentionPolicy, pool: PinPool[B], block_size: int) -> None:
+        self.policy = policy
+        self.pool = pool
+        self.block_size = block_size
+        self.pinned: dict[SessionKey, list[list[B]]] = {}  # per KV-cache group, in prefix order
+        self.directory: TierDirectory | None = None
+        self.demote: Demote | None = None
+        self.on_dropped: Callable[[SessionKey], None] | None = None  # a session's whole pin went
+        # Observers: called with every batch of decisions before it is applied (the engine's KVSCHED_TRACE), and a
+        # list that records each decision as applied (tests).
+        self.before_apply: Callable[[Sequence[Decision], dict[SessionKey, list[list[B]]] | None], None] | None = None
+        self.log: list[Applied] | None = None
+
+    def attach_tier(self, directory: TierDirectory, demote: Demote) -> None:
+        """Demote pressure and budget releases through `demote`; `directory` orders its evictions by `tier_value`."""
+        directory.value_of = self.tier_value
+        self.directory, self.demote = directory, demote
+
+    # ---- events (the adapters' hooks call these) ----------------------------------------------------------------
+    def turn_started(self, key: SessionKey, cached_tokens: int) -> None:
+        self.apply(self.policy.turn_started(key, cached_tokens))
+
+    def turn_finished(self, key: SessionKey, hints: TurnHints, groups: list[list[B]], tokens: int) -> None:
+        """A turn ended holding `groups` (per KV-cache group, the reusable prefix's blocks covering `tokens` tokens):
+        pin them; a session's last turn also drops its tier blocks."""
+        self.apply(self.policy.turn_finished(key, hints, tokens, sum(map(len, groups))), {key: groups})
+        if hints.end and self.directory is not None:
+            self.directory.drop_owner(key)
+
+    def enforce_budget(self) -> None:
+        """Release pins past the pin budget (never, with the default budget: the whole pool)."""
+        if self.pool.num_pinned() > self.policy.budget_blocks:
+            while releases := self.policy.release_over_budget(self.pool.num_pinned()):
+                self.apply(releases)
+
+    def expire(self) -> None:
+        if self.pinned:
+            self.apply(self.policy.expire())
+
+    def on_shortage(self, own: SessionKey | None, num_new_tokens: int, own_free_hits: int = 0) -> bool:
+        """A live request (of session `own`) could not be allocated `num_new_tokens` new tokens' blocks
+        (`own_free_hits`: its prefix-cache hits that sit in the free queue: they count as free but the request takes
+        them). Release pins, lowest value first; True if blocks were freed (the allocation is then retried)."""
+        pool = self.pool
+        before = pool.num_free()
+        # About the shortfall, not the request's whole size: free blocks still count (released pins stay cached in
+        # the free queue only until reused, and the order past the shortfall may change before they are needed, e.g.
+        # when a released session's next turn arrives). If it was not enough, the caller fails again and comes back.
+        need = max(PRESSURE_CHUNK, -(-num_new_tokens // self.block_size) + 1 + own_free_hits - before)
+        exclude = (own,) if own is not None else ()
+        while True:
+            # Other sessions first. The request's own session last: releasing it frees nothing the request will hit
+            # (hit blocks are taken back out of the free queue), but keeping it when nothing else is left would
+            # leave a request waiting on its own session's pin forever.
+            releases = self.policy.release_for_pressure(need, exclude=exclude) or self.policy.release_for_pressure(need)
+            if not releases:
+                return False
+            self.apply(releases)
+            if pool.num_free() > before:
+                return True  # pins that freed nothing (shared blocks) don't count
+
+    def make_room(self, blocks: int, exclude: SessionKey) -> None:
+        """Release other sessions' pins, lowest value first, until `blocks` more blocks are free."""
+        pool = self.pool
+        target = pool.num_free() + blocks
+        while blocks > 0 and pool.num_free() < target:
+            releases = self.policy.release_for_pressure(target - pool.num_free(), exclude=(exclude,))
+            if not releases:
+                return
+            self.apply(releases)
+
+    def adopt(self, key: SessionKey, head: list[B], new: list[B]) -> bool:
+        """The session's pin becomes `head` (cached blocks) followed by `new` (blocks restored from the tier ahead of
+        its turn, which come with the one reference their allocation took). False if the policy refused them (over
+        the budget): `new` is given back."""
+        n = len(head) + len(new)
+        if not self.policy.prefetched(key, n * self.block_size, n):
+            self.pool.give_back(new[::-1])
+            return False
+        self.repin(key, [head])
+        self.pinned[key][0].extend(new)
+        self.pool.hold_allocated(new)
+        if self.log is not None:
+            self.log.append(Applied("prefetch", str(key.session_id), blocks=len(new)))
+        return True
+
+    # ---- decisions ----------------------------------------------------------------------------------------------
+    def apply(self, decisions: Sequence[Decision], pending: dict[SessionKey, list[list[B]]] | None = None) -> None:
+        """Apply the policy's decisions in order; a Pin takes the session's blocks from `pending`."""
+        if self.before_apply is not None:
+            self.before_apply(decisions, pending)
+        log = self.log
+        for d in decisions:
+            if isinstance(d, Pin):
+                self.repin(d.key, pending.get(d.key, []) if pending else [])
+                if log is not None:
+                    log.append(Applied("pin", str(d.key.session_id), blocks=sum(map(len, self.pinned[d.key]))))
+            else:
+                released, demoted = self.unpin(d.key, d.blocks, self.demote is not None and d.reason in DEMOTE_REASONS)
+                if log is not None:
+                    log.append(Applied("release", str(d.key.session_id), d.reason.value, released, demoted))
+
+    def repin(self, key: SessionKey, groups: list[list[B]]) -> None:
+        """Make `groups` the session's pin, holding only blocks it did not hold and giving back only those it drops
+        (a session's next turn usually extends its prefix, so this is O(new blocks), not O(history))."""
+        old = self.pinned.get(key)
+        if old is not None and len(old) != len(groups):
+            self.unpin(key)
+            old = None
+        if old is None:
+            old = [[] for _ in groups]
+        added: list[B] = []
+        dropped: list[B] = []
+        for old_g, new_g in zip(old, groups, strict=True):
+            n = len(old_g)
+            if len(new_g) >= n and new_g[:n] == old_g:  # identity-first C comparison: the usual case
+                common = n
+            else:
+                common = 0
+                for a, b in zip(old_g, new_g, strict=False):
+                    if a is not b and a != b:
+                        break
+                    common += 1
+                dropped.extend(reversed(old_g[common:]))
+                del old_g[common:]
+            tail = new_g[common:]
+            added.extend(tail)
+            # Extended in place: the pin's list is long-lived, and a fresh copy per turn would be young garbage-
+            # collector work (every young list of block refs is traversed until it is promoted).
+            old_g.extend(tail)
+        if added:
+            self.pool.hold(added)
+        self.pinned[key] = old
+        if dropped:
+            self.pool.give_back(dropped)
+
+    def unpin(self, key: SessionKey, blocks: int | None = None, demote: bool = False) -> tuple[int, int]:
+        """Release the session's whole pin (`blocks` None) or its last `blocks` blocks (each KV-cache group's tail, in
+        proportion), demoting them to the tier first if `demote`. Returns (blocks given back, blocks demoted)."""
+        groups = self.pinned.get(key)
+        if not groups:
+            self.pinned.pop(key, None)
+            return 0, 0
+        total = sum(map(len, groups))
+        released: list[B] = []
+        if blocks is None or blocks >= total:
+            del self.pinned[key]
+            for g in groups:
+                released.extend(reversed(g))
+            if self.on_dropped is not None:
+                self.on_dropped(key)
+        else:  # in place (the pin's lists are long-lived)
+            for g in groups:
+                n = min(len(g), -(-blocks * len(g) // total))
+                if n:
+                    released.extend(reversed(g[len(g) - n:]))
+                    del g[len(g) - n:]
+        demoted = 0
+        if demote and self.demote is not None:  # copied to the tier before the pool can reuse them, prefix order
+            demoted = self.demote(key, self.pool.cached_keys(released[::-1]))
+        # Tail blocks first: they are evicted before the session's head (which other sessions may share).
+        self.pool.give_back(released)
+        return len(released), demoted
+
+    def tier_value(self, key: Hashable) -> float:
+        """Retention value of a session's tier blocks and tail: the pins' formula at the tier's bytes per token."""
+        d = self.directory
+        if d is None or not isinstance(key, SessionKey):
+            return 0.0
+        bs = self.block_size
+        return self.policy.value_of(key, d.blocks_of(key) * bs + d.tail_tokens(key), d.block_bytes / bs)

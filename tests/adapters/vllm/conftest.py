@@ -1,0 +1,23 @@
+"""Shared by the tests that drive vLLM's real scheduler and block pool through kvsched/adapters/vllm/harness.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvsched.adapters.vllm.harness import KVSCHED_SCHEDULER, HarnessConfig, build_scheduler
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def harness_cfg(tiny_model_dir):
+    """A 64-block pool (63 usable) of 16-token blocks on the tiny model."""
+    return HarnessConfig(model_dir=tiny_model_dir, num_blocks=64, block_size=BLOCK, max_model_len=1024)
+
+
+def sched(cfg, cls=KVSCHED_SCHEDULER, clock=None):
+    """A scheduler over `cfg`, kvsched's policy on `clock` when it is kvsched's."""
+    s = build_scheduler(cls, cfg)
+    if clock is not None and hasattr(s, "kvsched"):
+        s.kvsched.policy.clock = clock
+    return s

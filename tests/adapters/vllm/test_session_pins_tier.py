@@ -1,0 +1,193 @@
+"""kvsched's FP8 tier on vLLM's real scheduler, KV cache manager and block pool (no model, no worker: the connector's
+scheduler side plans the stores and loads; see harness.py): demotion of pressure releases, partial last blocks,
+checksum failures and prefetch."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvsched.adapters.vllm.harness import (  # noqa: E402
+    FAKE_TOKEN,
+    PrefillCounts,
+    RequestFactory,
+    free_blocks,
+    run_until_idle,
+    step,
+    usable_blocks,
+)
+from tests.adapters.vllm.conftest import BLOCK, sched  # noqa: E402
+
+
+def test_fp8_tier_demotes_pressure_releases_and_the_next_turn_restores_them(harness_cfg, clock):
+    """With the tier, the blocks pressure takes from a session are planned for a copy in the same step, and the
+    session's next turn gets them back as external tokens where kvsched alone recomputes them."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    history = list(range(100, 260))  # 10 full blocks
+    cached, stores, loads = {}, {}, {}
+    for tier in (False, True):
+        cfg = replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01) if tier else None)
+        s, f = sched(cfg, clock=clock), RequestFactory(BLOCK)
+        s.add_request(f.make(history, 4, session_id="agent-1"))
+        run_until_idle(s)
+        n_stores = n_loads = n_prefetched = 0
+        for i in range(4):  # 4 x 21 blocks through a 63-block pool: the pin must yield
+            s.add_request(f.make([5000 + i] * 330, 4))
+        while s.has_requests():
+            out, _ = step(s)
+            meta = out.kv_connector_metadata
+            n_stores += len(meta.stores) if meta is not None else 0
+        turn2 = PrefillCounts()
+        s.add_request(f.make(history + [4] * 3 + list(range(900, 940)), 4, session_id="agent-1"))
+        while s.has_requests():
+            out, _ = step(s)
+            turn2.record(out, s)
+            meta = out.kv_connector_metadata
+            n_loads += len(meta.loads) + len(meta.prefetches) if meta is not None else 0
+            n_prefetched += len(meta.prefetches) if meta is not None else 0
+        cached[tier], stores[tier], loads[tier] = turn2.cached_tokens, n_stores, n_loads
+        if tier:  # queued before it was scheduled: restored ahead of scheduling, and its turn hit every block
+            stats = s.kvsched.stats()
+            assert n_prefetched == n_loads and stats["tier_prefetched_restores"] == stats["tier_restores"] == 1
+            assert stats["tier_prefetch_useful_blocks"] == n_prefetched and stats["tier_wasted_prefetches"] == 0
+            assert stats["tier_prefetch_hit_tokens"] == n_prefetched * BLOCK
+        # every pin and request gone: the pool is whole again, and the tier's directory holds only whole slots
+        s.kvsched.handle("end", "agent-1")
+        assert free_blocks(s) == usable_blocks(s)
+        if tier:
+            d = s.kvsched.tier.directory
+            assert len(set(d.slot_of.values())) == d.used_slots == 0  # the session ended: its tier blocks went
+    assert stores[False] == loads[False] == 0
+    assert stores[True] >= 10 and loads[True] >= 9
+    assert cached[True] >= cached[False] + 9 * BLOCK
+
+
+def _tier_run(cfg, clock, turn2_tail):
+    """Turn 1 of a 10-block history (decoding 4 tokens), then turn 2 re-sending it plus `turn2_tail`: the tier's stores
+    after turn 1, the loads of turn 2, and turn 2's cached tokens."""
+    s, f = sched(cfg, clock=clock), RequestFactory(BLOCK)
+    history = list(range(100, 260))
+    s.add_request(f.make(history, 4, session_id="agent-1"))
+    stores = []
+    while s.has_requests():
+        out, _ = step(s)
+        stores += out.kv_connector_metadata.stores if out.kv_connector_metadata is not None else []
+    out, _ = step(s)  # the step after the finish carries the tail's copy
+    stores += out.kv_connector_metadata.stores if out.kv_connector_metadata is not None else []
+    turn2, loads = PrefillCounts(), []
+    s.add_request(f.make(history + turn2_tail, 4, session_id="agent-1"))
+    while s.has_requests():
+        out, _ = step(s)
+        turn2.record(out, s)
+        loads += out.kv_connector_metadata.loads if out.kv_connector_metadata is not None else []
+    return s, stores, loads, turn2.cached_tokens
+
+
+def test_fp8_tier_keeps_the_partial_last_block_and_the_next_turn_loads_it(harness_cfg, clock):
+    """vLLM's prefix cache shares full blocks only: the 3 tokens of KV past turn 1's last full block (4 decoded, the
+    last never fed back) are recomputed by kvsched alone and loaded from the tier with it."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    follow = [FAKE_TOKEN] * 3 + list(range(900, 940))  # turn 1's decoded tokens, re-sent
+    plain = _tier_run(replace(harness_cfg, kv_transfer_config=None), clock, follow)
+    s, stores, loads, cached = _tier_run(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock,
+                                         follow)
+    assert plain[3] == 160
+    assert [st.tokens for st in stores] == [3]  # one partial store, of exactly the tokens that have KV
+    assert cached == 163 and len(loads) == 1  # the pinned 10 blocks from the pool, the tail from the tier
+    assert s.kvsched.stats()["tier_restored_tail_tokens"] == 3
+    s.kvsched.handle("end", "agent-1")
+    assert s.kvsched.tier.directory.used_slots == 0 and free_blocks(s) == usable_blocks(s)
+
+
+def test_fp8_tier_tail_serves_only_the_tokens_the_next_turn_shares(harness_cfg, clock):
+    """A next turn that diverges inside the tail gets the common tokens only; one that diverges at once, nothing."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    cfg = replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01))
+    _, _, loads, cached = _tier_run(cfg, clock, [FAKE_TOKEN, 4, 4] + list(range(900, 940)))
+    assert cached == 161 and len(loads) == 1
+    _, _, loads, cached = _tier_run(cfg, clock, [4, 4, 4] + list(range(900, 940)))
+    assert cached == 160 and loads == []
+
+
+def test_a_restore_that_fails_its_checksum_is_recomputed_and_the_request_finishes(harness_cfg, clock):
+    """The worker reports every block the tier restored for turn 2 as failed (a corrupt slot): vLLM rolls the request
+    back and recomputes them, and the request still runs to its end (vLLM 0.32's AsyncScheduler lost such a request:
+    its output placeholder was never given back; compat.fix_load_failure_recovery)."""
+    from dataclasses import replace
+
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    s, f = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock=clock), RequestFactory(BLOCK)
+    history = list(range(100, 260))
+    s.add_request(f.make(history, 4, session_id="agent-1"))
+    run_until_idle(s)
+    for i in range(4):  # 4 x 21 blocks at once through a 63-block pool: the pin must yield (to the tier)
+        s.add_request(f.make([5000 + i] * 330, 4))
+    run_until_idle(s)
+    s.add_request(f.make(history + [4] * 3 + list(range(900, 940)), 4, session_id="agent-1"))
+    failed, computed, steps = set(), 0, 0
+    while s.has_requests():
+        steps += 1
+        assert steps < 50, "the request never finished"
+        out = s.schedule()
+        meta = out.kv_connector_metadata
+        bad = {ld.block_id for ld in meta.prefetches + meta.loads} if meta is not None and not failed else set()
+        failed |= bad
+        computed += sum(out.num_scheduled_tokens.values())
+        ids = list(out.num_scheduled_tokens)
+        sampled = [[] if s.requests[r].is_prefill_chunk else [FAKE_TOKEN] for r in ids]
+        s.update_from_output(out, ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled,
+            kv_connector_output=KVConnectorOutput(invalid_block_ids=bad) if bad else None))
+    assert len(failed) >= 10  # the restored prefix (10 blocks, prefetched) and its partial last block
+    assert computed >= len(history) + 3 + 40  # the whole prompt was computed again
+    stats = s.kvsched.stats()
+    assert stats["tier_load_failures"] == len(failed)
+    s.kvsched.handle("end", "agent-1")
+    assert free_blocks(s) == usable_blocks(s)
+
+
+def test_a_session_due_soon_is_prefetched_before_its_request_arrives(harness_cfg, clock):
+    """The policy expects the session back `expected_next_use_s` after its last turn: that much later (less the
+    restore's horizon) its tier blocks are restored into the pool and pinned, before any request exists, and its next
+    turn hits them; a session not yet due is left in the tier."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    s, f = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock=clock), RequestFactory(BLOCK)
+    history = list(range(100, 260))
+    s.add_request(f.make(history, 4, session_id="agent-1"))
+    run_until_idle(s)
+    for i in range(4):  # pressure: the pin goes to the tier
+        s.add_request(f.make([5000 + i] * 330, 4))
+    run_until_idle(s)
+    assert s.kvsched.tier.directory.blocks_of(next(iter(s.kvsched.policy.sessions))) >= 9
+    rec = next(iter(s.kvsched.policy.sessions.values()))
+    due_in = s.kvsched.policy.expected_next_use_s(rec, 0.0)
+    out, _ = step(s)
+    assert out.kv_connector_metadata.prefetches == []  # not due yet
+    clock.advance(due_in)
+    out, _ = step(s)
+    prefetched = len(out.kv_connector_metadata.prefetches)
+    assert prefetched >= 9 and s.kvsched.stats()["tier_prefetches_due"] == 1
+    turn2 = PrefillCounts()
+    s.add_request(f.make(history + [4] * 3 + list(range(900, 940)), 4, session_id="agent-1"))
+    run_until_idle(s, counts=turn2)
+    stats = s.kvsched.stats()
+    assert turn2.cached_tokens >= prefetched * BLOCK and stats["tier_prefetch_useful_blocks"] == prefetched
+    assert stats["tier_wasted_prefetches"] == 0 and stats["tier_prefetches_queued"] == 0
+    s.kvsched.handle("end", "agent-1")
+    assert free_blocks(s) == usable_blocks(s)

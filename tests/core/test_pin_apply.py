@@ -1,0 +1,174 @@
+"""Exact block-level outcomes of applying the retention policy's decisions, on a list-backed pool that records every
+call (the vLLM adapter and the simulator run this code; tests/sim/test_apply_equivalence.py compares them)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable
+from dataclasses import replace
+
+from kvsched.core.config import RetentionConfig
+from kvsched.core.pin_apply import Applied, PinApplier
+from kvsched.core.retention import Release, ReleaseReason, RetentionPolicy
+from kvsched.core.sessions import SessionId, SessionKey, TurnHints
+from kvsched.core.tier import TierConfig, TierDirectory
+
+A, B, C = (SessionKey(SessionId(s)) for s in "abc")
+BS = 16
+NO_HINTS = TurnHints()
+
+
+class ListPool:
+    """Blocks are ints; `capacity` blocks, of which those not referenced are free. Odd ids above 1000 are uncached.
+    Nothing but the pins holds blocks here, so the pool's references are the pins'."""
+
+    def __init__(self, capacity: int = 100) -> None:
+        self.capacity = capacity
+        self.ref: Counter[int] = Counter()
+        self.freed: list[list[int]] = []  # every give_back, in the order given
+
+    def allocate(self, blocks: list[int]) -> None:
+        self.ref.update(blocks)
+
+    def hold(self, blocks: list[int]) -> None:
+        self.ref.update(blocks)
+
+    def hold_allocated(self, blocks: list[int]) -> None:
+        assert all(self.ref[b] for b in blocks)
+
+    def give_back(self, blocks: list[int]) -> None:
+        self.freed.append(list(blocks))
+        self.ref.subtract(blocks)
+        self.ref += Counter()  # drop zeros
+
+    def num_free(self) -> int:
+        return self.capacity - len(self.ref)
+
+    def num_pinned(self) -> int:
+        return len(self.ref)
+
+    def cached_keys(self, blocks: list[int]) -> list[tuple[Hashable, int]]:
+        return [(f"k{b}", b) for b in blocks if not (b > 1000 and b % 2)]
+
+
+def make(clock, capacity=100, **config):
+    policy = RetentionPolicy(replace(RetentionConfig(), **config), clock, capacity, bytes_per_token=1024.0)
+    pins: PinApplier[int] = PinApplier(policy, ListPool(capacity), BS)
+    pins.log = []
+    return pins
+
+
+def turn(pins, key, groups, hints=NO_HINTS, cached=0):
+    """One whole turn of `key` that ends holding `groups`."""
+    pins.policy.request_arrived(key, hints)
+    pins.turn_started(key, cached)
+    pins.turn_finished(key, hints, groups, len(groups[0]) * BS)
+
+
+def test_a_pin_extends_in_place_holding_only_new_blocks_and_a_branch_gives_back_the_old_tail_first(clock):
+    pins = make(clock)
+    turn(pins, A, [[1, 2, 3]])
+    pin = pins.pinned[A][0]
+    turn(pins, A, [[1, 2, 3, 4, 5]], cached=3 * BS)
+    assert pins.pinned[A][0] is pin and pin == [1, 2, 3, 4, 5] and pins.pool.ref == Counter({1: 1, 2: 1, 3: 1, 4: 1,
+                                                                                              5: 1})
+    turn(pins, A, [[1, 2, 7, 8]], cached=2 * BS)  # branches after block 2: the partial hit released 3..5 already
+    assert pins.pool.freed == [[5, 4, 3]] and pin == [1, 2, 7, 8]
+    assert set(pins.pool.ref) == {1, 2, 7, 8} and pins.log[-1] == Applied("pin", "a", blocks=4)
+
+
+def test_a_repin_over_a_different_prefix_drops_what_it_no_longer_holds_tail_first(clock):
+    pins = make(clock)
+    turn(pins, A, [[1, 2, 3, 4]])
+    pins.repin(A, [[1, 9]])
+    assert pins.pool.freed == [[4, 3, 2]] and pins.pinned[A] == [[1, 9]] and set(pins.pool.ref) == {1, 9}
+
+
+def test_shared_blocks_are_counted_once_and_stay_held_until_the_last_pin_goes(clock):
+    pins = make(clock)
+    turn(pins, A, [[1, 2, 3]])
+    turn(pins, B, [[1, 2, 4]])
+    assert len(pins.pool.ref) == 4 and pins.pool.ref[1] == 2 and pins.pool.num_pinned() == 4
+    pins.apply(pins.policy.end(A))
+    assert pins.pool.freed == [[3, 2, 1]] and set(pins.pool.ref) == {1, 2, 4} and pins.pool.ref[1] == 1
+    assert pins.pool.num_free() == 97
+    assert pins.log[-1] == Applied("release", "a", "end", 3, 0)
+
+
+def test_a_partial_release_takes_each_groups_tail_in_proportion_and_demotes_cached_blocks_in_prefix_order(clock):
+    pins = make(clock)
+    demoted: list[tuple[SessionKey, list[tuple[Hashable, int]]]] = []
+    dropped: list[SessionKey] = []
+    directory = TierDirectory(TierConfig(budget_bytes=10 * 1024), 1024, lambda owner: 0.0)
+    pins.attach_tier(directory, lambda key, blocks: demoted.append((key, blocks)) or len(blocks))
+    pins.on_dropped = dropped.append
+    turn(pins, A, [[1, 2, 3, 4], [11, 12, 1003, 1005]])  # two KV-cache groups; 1003 and 1005 are not cached
+    assert pins.policy.sessions[A].pinned_blocks == 8
+    pins.apply([Release(A, ReleaseReason.PRESSURE, 4)])  # ceil(4 * 4/8) = 2 from each group
+    assert pins.pool.freed == [[4, 3, 1005, 1003]] and pins.pinned[A] == [[1, 2], [11, 12]]
+    assert demoted == [(A, [("k3", 3), ("k4", 4)])]
+    assert pins.log[-1] == Applied("release", "a", "pressure", 4, 2) and dropped == []
+    pins.apply([Release(A, ReleaseReason.TTL)])  # not a demoting reason; the whole pin: on_dropped hears it
+    assert pins.pool.freed[-1] == [2, 1, 12, 11] and len(demoted) == 1 and dropped == [A] and A not in pins.pinned
+    assert directory.value_of == pins.tier_value
+
+
+def test_a_shortage_releases_other_sessions_first_about_the_shortfall_and_the_own_session_last(clock):
+    pins = make(clock, capacity=20)
+    turn(pins, A, [list(range(1, 9))])  # 8 blocks
+    clock.advance(1.0)
+    turn(pins, B, [list(range(21, 29))])  # 8 blocks, more recent: worth more
+    pins.policy.request_arrived(B, NO_HINTS)
+    # B's request needs 10 new tokens' blocks and 4 free: at least PRESSURE_CHUNK (4) blocks are released, from A
+    assert pins.on_shortage(B, 10 * BS, own_free_hits=0) is True
+    assert pins.log[-1] == Applied("release", "a", "pressure", 7) and pins.pool.num_free() == 11
+    # nothing else to release but B's own pin: it goes rather than leave B's request waiting on it forever
+    assert pins.on_shortage(B, 10 * BS) is True and pins.log[-1].session == "a"
+    for _ in range(2):  # now the shortfall is covered by free blocks: a chunk at a time
+        assert pins.on_shortage(B, 10 * BS) is True and pins.log[-1] == Applied("release", "b", "pressure", 4)
+    assert pins.on_shortage(B, 10 * BS) is False and not pins.pinned
+
+
+def test_make_room_never_takes_the_excluded_session(clock):
+    pins = make(clock, capacity=20)
+    turn(pins, A, [list(range(1, 9))])
+    turn(pins, B, [list(range(21, 29))])
+    pins.make_room(12, exclude=B)
+    assert pins.pinned == {B: [list(range(21, 29))]} and pins.pool.num_free() == 12
+
+
+def test_an_adopted_prefetch_extends_the_pin_and_one_over_budget_is_given_back(clock):
+    pins = make(clock, capacity=20, pin_budget_fraction=0.5)
+    turn(pins, A, [[1, 2]])
+    pins.pool.allocate([3, 4])  # a prefetch's new blocks come with their allocation's reference
+    assert pins.adopt(A, [1, 2], [3, 4]) is True
+    assert pins.pinned[A] == [[1, 2, 3, 4]] and set(pins.pool.ref) == {1, 2, 3, 4} and pins.log[-1].op == "prefetch"
+    pins.pool.allocate(list(range(5, 12)))
+    assert pins.adopt(A, [1, 2, 3, 4], list(range(5, 12))) is False  # 11 blocks > the budget of 10
+    assert pins.pool.freed[-1] == list(range(11, 4, -1)) and pins.pinned[A] == [[1, 2, 3, 4]]
+    assert set(pins.pool.ref) == {1, 2, 3, 4}
+
+
+def test_the_budget_releases_the_overflow_and_the_last_turn_drops_the_sessions_tier_blocks(clock):
+    pins = make(clock, capacity=20, pin_budget_fraction=0.5)
+    directory = TierDirectory(TierConfig(budget_bytes=10 * 1024), 1024, lambda owner: 0.0)
+    pins.attach_tier(directory, lambda key, blocks: len(directory.demote(key, blocks)))
+    turn(pins, A, [list(range(1, 9))])
+    turn(pins, B, [list(range(21, 29))], hints=TurnHints(role="orchestrator"))
+    pins.enforce_budget()  # 16 pinned, budget 10: A's tail (a worker's: the lower value) goes to the tier
+    assert len(pins.pool.ref) == 10 and pins.log[-1] == Applied("release", "a", "budget", 6, 6)
+    assert directory.blocks_of(A) == 6
+    turn(pins, A, [list(range(1, 3))], hints=TurnHints(end=True), cached=2 * BS)
+    assert directory.blocks_of(A) == 0 and A not in pins.pinned
+
+
+def test_the_tier_value_counts_the_sessions_tail_tokens(clock):
+    pins = make(clock)
+    directory = TierDirectory(TierConfig(budget_bytes=10 * 1024), 1024, lambda owner: 0.0)
+    pins.attach_tier(directory, lambda key, blocks: len(directory.demote(key, blocks)))
+    turn(pins, A, [[1, 2]])
+    directory.demote(A, [("k1", 1)])
+    blocks_only = pins.tier_value(A)
+    directory.put_tail(A, "k1", [5, 6, 7], 9)
+    assert pins.tier_value(A) > blocks_only > 0
+    assert pins.tier_value(B) == 0.0 and pins.tier_value("not a session") == 0.0

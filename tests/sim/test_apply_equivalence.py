@@ -1,0 +1,163 @@
+"""The simulator applies kvsched's decisions as the engine does: one seeded trace, replayed by the simulator and run
+through vLLM's own scheduler, KV cache manager and block pool (kvsched/adapters/vllm/harness.py: no model), yields the
+same pins and releases (reason, blocks, blocks demoted to the FP8 tier) in the same order, and the same prefill.
+
+Both sides run `kvsched.core.pin_apply.PinApplier`; what this test guards is everything around it on each side: the
+hooks that feed it events (SessionPins / KVSchedPolicy), the pool adapters (VllmPinPool / SimPinPool), the tier, and
+the two pools. What differs between the two by design is kept out of the trace, so any difference left is a bug:
+- Concurrency: the simulator allocates a request whole on admission while vLLM schedules prefill chunks and decode
+  steps, so requests are sent one at a time in trace order; each finishes at its own arrival time (the replay runs
+  with zero prefill and decode time), before the next arrives.
+- Prompts are whole blocks and generate one token (the trace's output is 0 tokens; vLLM's one sampled token never
+  gets KV): no partial last block (the tier's `save_tail`, which the simulator does not model), no block completed
+  by decode, and every turn adds a block, so the prompt's last block, which vLLM always computes into a new block, is
+  never already cached.
+- The tier's prefetch ahead of a turn (not modelled by the simulator) is off on the vLLM side: both sides restore
+  from the tier when the request is admitted.
+Token ids are derived from the trace's block ids, so vLLM's block-hash chains share exactly what the trace shares.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+
+from kvsched.core.pin_apply import Applied
+from kvsched.sim.generator import TraceConfig, generate_requests
+from kvsched.sim.replay import ReplayConfig, ReplayResult, replay
+from kvsched.sim.trace import Trace
+from kvsched.sim.workload import Topology
+from tests.conftest import FakeClock
+
+pytest.importorskip("vllm")
+
+BS = 16
+# 3 workflows x (an orchestrator and 2 workers): 9 sessions, 42 turns of up to ~2,300 tokens; an 8 s TTL (tool calls
+# take ~2 s) so that some pins expire.
+TRACE = TraceConfig(topology=Topology.HIERARCHICAL, workflows=3, workers=2, rounds=2, worker_turns=3, block_size=BS,
+                    system_tokens=256, role_prompt_tokens=64, brief_tokens=(100, 400), session_tokens=(1200, 2400),
+                    tool_sigma=0.0, output_tokens=(0, 0), arrival_window_s=5.0, ttl_s=8.0)
+TIER_GIB = 0.001  # ~130 slots of the tiny model's 8 KiB blocks: smaller than what pressure demotes, so it evicts too
+
+
+def whole_block_trace(seed: int) -> Trace:
+    reqs = list(generate_requests(replace(TRACE, seed=seed)))
+    last: dict[str, int] = {}
+    for r in reqs:
+        n = r.reuse + len(r.blocks)
+        assert n > last.get(r.session, 0), "every turn must add a block (see the module docstring)"
+        last[r.session] = n
+        r.prompt_tokens = n * BS
+    return Trace.from_requests(BS, reqs, dense_ids=True)
+
+
+def run_engine(trace: Trace, capacity: int, model_dir):
+    """The trace through vLLM's scheduler with kvsched (and its FP8 tier): (scheduler, applied decisions, prompt tokens
+    computed)."""
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+    from kvsched.adapters.vllm.harness import (
+        KVSCHED_SCHEDULER,
+        HarnessConfig,
+        PrefillCounts,
+        RequestFactory,
+        build_scheduler,
+        run_until_idle,
+    )
+
+    cfg = HarnessConfig(model_dir=model_dir, num_blocks=capacity + 1, block_size=BS, max_model_len=4096,
+                        max_num_batched_tokens=4096, kv_transfer_config=kv_transfer_config(TIER_GIB))
+    s = build_scheduler(KVSCHED_SCHEDULER, cfg)
+    clock = FakeClock(0.0)
+    s.kvsched.policy.clock = clock
+    s.kvsched.prefetcher = None  # not modelled by the simulator (module docstring)
+    s.kvsched.pins.on_dropped = None
+    s.kvsched.pins.log = applied = []
+    factory, counts = RequestFactory(BS), PrefillCounts()
+    for i in range(len(trace)):
+        clock.now = float(trace.t[i])
+        session, salt = trace.sessions[trace.session[i]]
+        prompt = [100 + int(b) for b in trace.blocks(i) for _ in range(BS)]
+        xargs = {"agent_role": trace.role[i], "ttl_s": float(trace.ttl_s[i])} | ({"session_end": 1} if trace.end[i]
+                                                                                 else {})
+        s.add_request(factory.make(prompt, 1, session_id=session, xargs=xargs, cache_salt=salt))
+        run_until_idle(s, counts=counts)
+    return s, applied, counts.prompt_tokens - counts.cached_tokens
+
+
+def run_sim(trace: Trace, capacity: int, engine) -> ReplayResult:
+    """The trace through the simulator, configured as the engine was (pool, tier slots, KV bytes, retention)."""
+    d = engine.kvsched.tier.directory
+    cfg = ReplayConfig(capacity_blocks=capacity, prefill_tps=math.inf, tpot_s=0.0,
+                       bytes_per_token=engine.kvsched.policy.bytes_per_token, retention=engine.kvsched.policy.config,
+                       tier_bytes=d.num_slots * d.block_bytes, tier_block_bytes=d.block_bytes, check=True,
+                       record_applied=True)
+    return replay(trace, "kvsched", cfg)
+
+
+def differences(engine, applied: list[Applied], prefill: int, sim: ReplayResult) -> list[str]:
+    """What the engine's run and the simulator's did differently: the first differing decision, prefill, restores."""
+    out = []
+    for k, (a, b) in enumerate(zip(applied, sim.applied, strict=False)):
+        if a != b:
+            out.append(f"decision {k}: engine {a}, simulator {b}")
+            break
+    if len(applied) != len(sim.applied):
+        out.append(f"engine applied {len(applied)} decisions, simulator {len(sim.applied)}")
+    if prefill != sim.prefill_tokens_computed:
+        out.append(f"prefill tokens: engine {prefill}, simulator {sim.prefill_tokens_computed}")
+    if (restored := engine.kvsched.tier.stats["restored_blocks"] * BS) != sim.restored_tokens:
+        out.append(f"tokens restored from the tier: engine {restored}, simulator {sim.restored_tokens}")
+    return out
+
+
+SCENARIOS = {  # name: (seed, KVSCHED_PIN_BUDGET_FRACTION or None, the release reasons the run must include)
+    "pressure": (0, None, {"pressure", "ttl", "end"}),
+    "budget": (2, "0.8", {"budget", "pressure", "end"}),
+}
+
+
+@functools.cache
+def scenario(name: str, model_dir):
+    """(trace, pool capacity, the engine's scheduler, its applied decisions, its prefill), once per test session."""
+    seed, budget, _ = SCENARIOS[name]
+    trace = whole_block_trace(seed)
+    capacity = trace.working_set_blocks() // 3
+    with pytest.MonkeyPatch.context() as mp:
+        if budget is not None:
+            mp.setenv("KVSCHED_PIN_BUDGET_FRACTION", budget)  # the engine reads RetentionConfig from the environment
+        return (trace, capacity, *run_engine(trace, capacity, model_dir))
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_the_simulator_applies_the_same_decisions_as_vllm(name, tiny_model_dir):
+    trace, capacity, engine, applied, prefill = scenario(name, tiny_model_dir)
+    sim = run_sim(trace, capacity, engine)
+    # the scenario exercises what it is meant to: releases of each reason, demotions, tier evictions and restores
+    seen = Counter(a.reason for a in applied if a.op == "release")
+    assert SCENARIOS[name][2] <= set(seen), seen
+    tier = engine.kvsched.tier
+    assert sum(a.demoted for a in applied) > 0 and tier.directory.counters["evicted_blocks"] > 0
+    assert tier.stats["restored_blocks"] > 0 and not tier.directory.tail_of
+    assert differences(engine, applied, prefill, sim) == []
+
+
+def test_a_change_to_either_sides_apply_glue_alone_is_caught(tiny_model_dir):
+    """Pins given back head first instead of tail first, on one side only: the two part ways."""
+    from kvsched.adapters.vllm.pin_pool import VllmPinPool
+    from kvsched.sim.policies import SimPinPool
+
+    trace, capacity, engine, applied, prefill = scenario("pressure", tiny_model_dir)
+    sim = run_sim(trace, capacity, engine)
+    assert differences(engine, applied, prefill, sim) == []
+    for side in (SimPinPool, VllmPinPool):
+        give_back = side.give_back
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(side, "give_back", lambda self, blocks, give_back=give_back: give_back(self, blocks[::-1]))
+            if side is SimPinPool:
+                assert differences(engine, applied, prefill, run_sim(trace, capacity, engine)) != []
+            else:
+                assert differences(*run_engine(trace, capacity, tiny_model_dir), sim) != []
