@@ -29,6 +29,8 @@ XARG_SESSION_ID = "session_id"
 XARG_ROLE = "agent_role"
 XARG_TTL = "ttl_s"
 XARG_END = "session_end"
+XARG_TENANT = "kvsched_tenant"  # set by kvsched's API-server middleware only (a client's own value is replaced)
+XARG_INFER = "kvsched_infer"  # 0: keep this request out of session inference (e.g. kvsched's own summary calls)
 
 # Engine-core utility calls: vLLM's EngineCore dispatches a utility request by `getattr(engine_core, name)(*args)`.
 # The engine core's attribute `scheduler` is kvsched's scheduler object, which is callable, so the API server reaches
@@ -61,24 +63,51 @@ def _hints(extra: dict[str, Any]) -> TurnHints:
 
 def request_session(request: Any, known: Callable[[SessionKey], SessionKey | None] | None = None,
                     ) -> tuple[SessionKey | None, TurnHints]:
-    """The session a vLLM `Request` belongs to and its hints; (None, default) for a request without a session.
+    """The named session a vLLM `Request` belongs to (branch 0 of its id, under its salt and tenant) and its hints;
+    (None, hints) for a request without a session id (hints still apply to an inferred session).
 
-    The API server already validated these; an invalid value reaching the engine some other way (the offline API)
-    is treated as no session rather than crashing the engine. `known(key)` returns the key object of a session
-    already seen (its id was validated then), which is returned instead of validating the id again."""
+    The API server's middleware writes the canonical id into `vllm_xargs` (read first: vLLM's own `session_id` is the
+    header decoded as Latin-1); the offline API sets `Request.session_id`. An invalid value reaching the engine some
+    other way is treated as no session rather than crashing the engine. `known(key)` returns the key object of a
+    session already seen (its id was validated then), which is returned instead of validating the id again."""
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
-    raw_id = getattr(request, "session_id", None) or extra.get(XARG_SESSION_ID)
-    if not raw_id:
-        return None, _NO_HINTS
-    salt = getattr(request, "cache_salt", None)
+    raw_id = extra.get(XARG_SESSION_ID) or getattr(request, "session_id", None)
     try:
-        if known is not None and type(raw_id) is str and (seen := known(SessionKey(SessionId(raw_id), salt))):
-            return seen, _hints(extra)
-        sid = validate_session_id(raw_id)
-        hints = _hints(extra)
+        hints = _hints(extra) if extra else _NO_HINTS
     except InvalidSessionInput:
         return None, _NO_HINTS
-    return SessionKey(sid, salt), hints
+    if not raw_id:
+        return None, hints
+    salt = getattr(request, "cache_salt", None)
+    tenant = request_tenant(request)
+    try:
+        if known is not None and type(raw_id) is str and (seen := known(SessionKey(SessionId(raw_id), salt, tenant))):
+            return seen, hints
+        sid = validate_session_id(raw_id)
+    except InvalidSessionInput:
+        return None, _NO_HINTS
+    return SessionKey(sid, salt, tenant), hints
+
+
+def request_tenant(request: Any) -> str | None:
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    tenant = extra.get(XARG_TENANT)
+    return tenant if type(tenant) is str and tenant else None
+
+
+def request_cache_salt(request: Any) -> str | None:
+    return getattr(request, "cache_salt", None)
+
+
+def wants_inference(request: Any) -> bool:
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    return extra.get(XARG_INFER, 1) not in (0, "0", False)
+
+
+def prompt_block_hashes(request: Any) -> list[Any]:
+    """The chained hashes of the request's full blocks (`Request.block_hashes`; only the prompt's when the request is
+    added). Empty without prefix caching."""
+    return getattr(request, "block_hashes", None) or []
 
 
 # ---- blocks -----------------------------------------------------------------------------------------------------
