@@ -337,14 +337,19 @@ def cpu_refusal(args: argparse.Namespace) -> str | None:
 
 
 def _check_after_parsing(parser: Any) -> None:
-    """Run `cpu_refusal` on the parsed arguments (whatever their order on the command line) and exit with its one
-    line, before vLLM starts an engine."""
+    """Run `cpu_refusal` and the KVSCHED_* settings check on the parsed arguments (whatever their order on the command
+    line) and exit with one line each, before vLLM starts an engine."""
     parse_known_args = parser.parse_known_args
 
     def checked(args: Any = None, namespace: Any = None) -> Any:
         ns, rest = parse_known_args(args, namespace)
         if (reason := cpu_refusal(ns)) is not None:
             parser.exit(2, f"kvsched: {reason}\n")
+        if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):  # KVSCHED_* settings: refused now, by name
+            from kvsched.core.settings_check import setting_errors
+
+            if errors := setting_errors():
+                parser.exit(2, "".join(f"kvsched: {e}\n" for e in errors))
         return ns, rest
 
     parser.parse_known_args = checked
