@@ -133,6 +133,16 @@ def test_admin_routes_honour_the_api_key(kvsched_server):
         chat(kvsched_server, [{"role": "user", "content": "hi"}], session="s", key="wrong")
 
 
+def test_a_client_cannot_switch_on_compaction_the_operator_left_off(kvsched_server):
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hello " * 50}]
+    for choice in ("summarize", "sliding_window", "cap"):
+        with pytest.raises(openai.PermissionDeniedError) as info:
+            chat(kvsched_server, history, session="policy", headers={"X-KVSched-Compaction": choice})
+        assert "KVSCHED_COMPACTION_CLIENT_STRATEGIES allows off" in str(info.value)
+    assert chat(kvsched_server, history, session="policy", headers={"X-KVSched-Compaction": "off"}).choices
+    assert kvsched_server.metrics()["kvsched_compaction_summary_calls_total"] == 0
+
+
 def test_kvsched_metrics_on_vllms_metrics(kvsched_server):
     m = kvsched_server.metrics()
     for name in ("kvsched_sessions_seen_total", "kvsched_requests_with_session_total", "kvsched_pinned_blocks",

@@ -382,9 +382,11 @@ def server_args(app: Any) -> Any:
 
 
 async def call_scheduler(app: Any, op: str, *args: Any) -> Any:
-    """Run `scheduler(op, *args)` on the engine-core thread and return its (msgpack-able) result."""
+    """Run `scheduler(op, [args...])` on the engine-core thread and return its (msgpack-able) result. The arguments
+    travel as one list: vLLM's utility dispatch refuses more arguments than the callee's signature names."""
     engine_client = app.state.engine_client
-    return await engine_client.engine_core.call_utility_async(SCHEDULER_UTILITY, op, *args)
+    packed = (list(args),) if args else ()
+    return await engine_client.engine_core.call_utility_async(SCHEDULER_UTILITY, op, *packed)
 
 
 def api_keys(app: Any) -> list[str]:

@@ -23,8 +23,10 @@ class Pins(Protocol):
 def handle_admin(pins: Pins, op: str, args: tuple[Any, ...]) -> dict[str, Any] | None:
     """`list(caller, limit, cursor, summary)`, `end(session_id, caller)`, `end_all(caller)`; None for another op.
 
-    The API server always passes the caller; a call without one comes from inside the engine process (tests, the
-    offline API) and acts as an admin."""
+    The API server always passes the caller, all arguments packed in one list (see `compat.call_scheduler`); a call
+    without one comes from inside the engine process (tests, the offline API) and acts as an admin."""
+    if len(args) == 1 and isinstance(args[0], list | tuple):
+        args = tuple(args[0])
     try:
         if op == "list":
             caller, limit, cursor, summary = args if args else (None, DEFAULT_PAGE, None, False)
