@@ -107,7 +107,8 @@ class KVSchedMiddleware:
         except Disconnected:
             return
         except HttpError as exc:
-            await send_json(send, exc.status, exc.body)
+            # Anthropic's clients read {"type": "error", "error": {...}}; the OpenAI shape otherwise.
+            await send_json(send, exc.status, {"type": "error", **exc.body} if path == "/v1/messages" else exc.body)
             return
         await self.app(scope, replay(body, receive), send)
 
