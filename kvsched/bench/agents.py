@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.bench.agents_driver import TTL_HINT_S, RunRecord, prompt_messages, run_with_progress
+from kvsched.bench.agents_naming import add_naming_gates, naming_of, parse_namings, print_naming, with_naming_sides
 from kvsched.bench.common import RESULTS_DIR, percentile, provenance, ratios, table, write_json
 from kvsched.serving import ServerSpec, VllmServer
 from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
@@ -60,6 +61,9 @@ def register(subparsers: Any) -> None:
                    help="restored-vs-recomputed greedy probes on the kvsched+fp8tier server after its run (0: none)")
     p.add_argument("--sides", type=parse_sides, default="stock,kvsched,kvsched+fp8tier,unbounded",
                    help="comma list of: " + ",".join(SIDES) + " (default: all)")
+    p.add_argument("--session-header", type=parse_namings, default="header", metavar="none|header|prompt_cache_key",
+                   help="how the kvsched sides name sessions (comma list): header (the kvsched side), "
+                        "prompt_cache_key or none (session inference); each adds a side kvsched:<naming>")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace-dir", type=trace_dir_arg, default=None,
                    help="write each replayed side's requests as a trace (docs/trace_schema.md) for kvsched simulate")
@@ -195,7 +199,8 @@ def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool,
     with VllmServer(spec) as server:
         prefill_tok_s = prefill_throughput(server, spec.served_model_name, spec.max_model_len)
         before = server.metrics()
-        record = run_with_progress(server.url, spec.served_model_name, cfg.max_tokens, workflows, name, progress)
+        record = run_with_progress(server.url, spec.served_model_name, cfg.max_tokens, workflows, name, progress,
+                                   naming_of(name))
         after = server.metrics()
         summary = summarize(record, before, after)
         if replay_bytes_per_token is not None:  # this run's arrivals at this pool: LRU, kvsched's policy, Belady
@@ -230,6 +235,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     num_blocks = max(math.ceil(pool_tokens / BLOCK_SIZE), math.ceil((longest + 64) / BLOCK_SIZE) + 4)
     max_model_len = int(math.ceil((longest + cfg.max_tokens + 64) / 256) * 256)
     sides = parse_sides(args.sides) if isinstance(args.sides, str) else list(args.sides)
+    namings = getattr(args, "session_header", "header")
+    sides = with_naming_sides(sides, parse_namings(namings) if isinstance(namings, str) else list(namings))
     unbounded_blocks = max(num_blocks, math.ceil(working_set * UNBOUNDED_HEADROOM / BLOCK_SIZE))
     result: dict[str, Any] = {}
     prefill_rates = {}
@@ -240,7 +247,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     tier_gb = args.fp8_tier_gb if args.fp8_tier_gb is not None else pool_bytes / 2**30
     for name in sides:
         extra = ["--kvsched-fp8-tier-gb", f"{tier_gb:.6f}"] if name == TIER_SIDE else []
-        spec = ServerSpec(model=model_dir, scheduler=SIDES[name], max_model_len=max_model_len, block_size=BLOCK_SIZE,
+        spec = ServerSpec(model=model_dir, scheduler=SIDES.get(name, "kvsched"), max_model_len=max_model_len,
+                          block_size=BLOCK_SIZE,
                           num_blocks=unbounded_blocks if name == "unbounded" else num_blocks,
                           served_model_name="agents", extra_args=extra)
         result[name], prefill_rates[name] = run_side(
@@ -277,6 +285,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "zero_errors": k["errors"] == 0 and s["errors"] == 0,
             "throughput_not_lower": k["throughput_tok_s"] >= 0.97 * s["throughput_tok_s"],
         }
+    add_naming_gates(result)
     if {"kvsched", TIER_SIDE} <= result.keys():
         k, t = result["kvsched"], result[TIER_SIDE]
         tier = t.get("tier", {})
@@ -332,6 +341,7 @@ ROWS = ("prefill_tokens_computed", "prefix_hit_rate", "ttft_p50_s", "ttft_p95_s"
 
 def print_report(result: dict[str, Any], gates: bool = True) -> None:
     sides = [s for s in ("stock", "kvsched", "kvsched+fp8tier", "unbounded") if s in result]
+    sides += [s for s in result if s.startswith("kvsched:")]
     rows = []
     for key in ROWS:
         row: list[Any] = [key] + [result[s].get(key) for s in sides]
@@ -343,6 +353,7 @@ def print_report(result: dict[str, Any], gates: bool = True) -> None:
     cfg = result["config"]
     print(f"sessions={cfg['sessions']} working_set={cfg['working_set_tokens']} tok, pool={cfg['kv_pool_tokens']} tok "
           f"(pressure {cfg['pressure']:.2f}x), prefill {cfg['measured_prefill_tok_s']} tok/s")
+    print_naming(result)
     b = result.get("bound", {})
     if "opt_over_stock" in b:
         print(f"clairvoyant replay of this run's arrivals at this pool (kvsched.sim): Belady {b['opt_over_stock']:.3f}x "
