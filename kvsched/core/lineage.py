@@ -10,7 +10,8 @@ the new prompt's hash at the position of the earlier prompt's last full block eq
   It never shrinks, re-times or ends the branch it did not continue, so a second client sending a different prompt
   under a victim's id cannot take the victim's pin. (Refusing such turns instead would break honest clients that edit
   or compact their own history, and a refusal would tell a prober which ids exist.) An id has at most `MAX_BRANCHES`
-  branches; a further non-continuing turn is served without a session (no pin), so it cannot crowd out a branch.
+  branches; when they are all taken, those holding no pin (expired, released) make room, and a non-continuing turn
+  that still finds no room is served without a session (no pin), so it cannot crowd out a branch that holds one.
 - **Inference.** A request without any session field whose prompt extends an earlier unnamed request's prompt joins
   that request's inferred session: a dictionary lookup per block hash, scanned from the prompt's end back at most
   `INFER_SCAN_BLOCKS` blocks (a turn usually adds a few blocks to its predecessor). Never across `cache_salt` or tenant.
@@ -29,7 +30,7 @@ import itertools
 import os
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from kvsched.core.sessions import SessionId, SessionKey
 
@@ -64,21 +65,34 @@ class LineageConfig:
         return cls(infer_sessions=value in ("1", "true", "yes", "on"), max_entries=max_entries)
 
 
+class _Entry:
+    """One session's lineage state: its key, anchor, and how many joined turns are in flight (never forgotten)."""
+
+    __slots__ = ("key", "anchor", "busy")
+
+    def __init__(self, key: SessionKey, anchor: Anchor | None) -> None:
+        self.key = key
+        self.anchor = anchor
+        self.busy = 0
+
+
 class Lineage:
     """Branch and inference bookkeeping for one engine. `is_pinned(key)` says whether a session holds a pin (such
-    entries are never forgotten to make room: forgetting one would let a stranger's turn take its place)."""
+    entries are never forgotten to make room: forgetting one would let a stranger's turn take its place).
+
+    Per request: `named` is one lookup of the id plus one anchor comparison per branch, `infer` one lookup per block
+    hash scanned; `finished` one lookup. Entries are ordered by their last finished turn (the forgetting order)."""
 
     TRIM_SCAN = 1024  # entries looked past the excess when making room
 
     def __init__(self, config: LineageConfig, is_pinned: Callable[[SessionKey], bool] = lambda _k: False) -> None:
         self.config = config
         self.is_pinned = is_pinned
-        self.anchors: OrderedDict[SessionKey, Anchor | None] = OrderedDict()  # least recently used first
-        self.branches: dict[SessionKey, list[SessionKey]] = {}  # an id's branch 0 key -> its branches, oldest first
+        self.entries: OrderedDict[SessionKey, _Entry] = OrderedDict()  # least recently finished first
+        self.branches: dict[SessionKey, list[_Entry]] = {}  # an id's branch 0 key -> its branches, oldest first
         # inferred sessions, per tenant: anchor hash -> session (the salt is in the hash; a tenant's identical prompt
         # never displaces another tenant's entry)
-        self.index: dict[str | None, dict[Hashable, SessionKey]] = {}
-        self.busy: Counter[SessionKey] = Counter()  # sessions with a joined turn in flight (never forgotten)
+        self.index: dict[str | None, dict[Hashable, _Entry]] = {}
         self.counters: Counter[str] = Counter()
         self._ids = itertools.count(1)
 
@@ -88,32 +102,36 @@ class Lineage:
         one whose anchor it continues (the deepest, if several), else a new branch; None past MAX_BRANCHES."""
         branches = self.branches.get(base)
         if branches is None:
-            self.branches[base] = [base]
-            self._arrived(base, hashes)
-            return base
-        best: SessionKey | None = None
+            branches = self.branches[base] = []
+        best: _Entry | None = None
         best_idx = -2
-        for key in branches:
-            anchor = self.anchors.get(key)
+        n = len(hashes)
+        for e in branches:
+            anchor = e.anchor
             if anchor is None:
                 idx = -1  # nothing to continue (a prompt shorter than one block): any turn does
             else:
-                idx, h = anchor
-                if idx >= len(hashes) or hashes[idx] != h:
+                idx = anchor[0]
+                if idx >= n or hashes[idx] != anchor[1]:
                     continue
             if idx > best_idx:
-                best, best_idx = key, idx
+                best, best_idx = e, idx
         if best is not None:
-            self.anchors.move_to_end(best)
-            self.busy[best] += 1
-            return best
+            best.busy += 1
+            return best.key
+        if len(branches) >= MAX_BRANCHES:  # make room from branches that hold nothing (no pin, no turn running)
+            for e in [e for e in branches if not e.busy and not self.is_pinned(e.key)]:
+                self.forget(e.key)
+            branches = self.branches.setdefault(base, [])
         if len(branches) >= MAX_BRANCHES:
             self.counters["branch_overflows"] += 1
             return None
-        key = replace(base, branch=max(k.branch for k in branches) + 1 if branches else 0)
-        branches.append(key)
-        self.counters["branches"] += 1
-        self._arrived(key, hashes)
+        if branches:
+            key = base._replace(branch=max(e.key.branch for e in branches) + 1)
+            self.counters["branches"] += 1
+        else:
+            key = base
+        self._add(key, (n - 1, hashes[-1]) if hashes else None, branches)
         return key
 
     # ---- inferred sessions ------------------------------------------------------------------------------------------
@@ -123,64 +141,65 @@ class Lineage:
         n = len(hashes)
         index = self.index.get(tenant) or {}
         for i in range(n - 1, max(n - 1 - INFER_SCAN_BLOCKS, -1), -1) if index else ():
-            key = index.get(hashes[i])
-            if key is None or key.cache_salt != cache_salt:
+            e = index.get(hashes[i])
+            if e is None or e.key.cache_salt != cache_salt:
                 continue
-            anchor = self.anchors.get(key)
-            if not self.busy[key] and anchor is not None and anchor[0] == i:
-                self.busy[key] += 1
-                self.anchors.move_to_end(key)
+            if not e.busy and e.anchor is not None and e.anchor[0] == i:
+                e.busy += 1
                 self.counters["inference_hits"] += 1
                 self.counters["inferred_turns"] += 1
-                return key
+                return e.key
             break  # the newest turn this prompt extends is taken (a branch): a session of its own
         key = SessionKey(SessionId(f"{INFERRED_PREFIX}{next(self._ids)}"), cache_salt, tenant, inferred=True)
-        self.busy[key] += 1
-        self.anchors[key] = None  # indexed when its turn finishes
+        self._add(key, None)  # indexed when its turn finishes
         self.counters["inferred_sessions"] += 1
         self.counters["inferred_turns"] += 1
-        self._trim()
         return key
 
     # ---- turn outcomes ------------------------------------------------------------------------------------------
     def finished(self, key: SessionKey, anchor: Anchor | None) -> None:
         """A turn of `key` finished; `anchor` is its prompt's last full block (None: shorter than a block). The
         session's anchor moves there (a session ended while the turn ran is registered again, as its pin is)."""
-        self._release_busy(key)
+        e = self.entries.get(key)
+        if e is None:
+            branches = None if key.inferred else self.branches.setdefault(
+                key if key.branch == 0 else key._replace(branch=0), [])
+            e = self._add(key, anchor, branches)
+        else:
+            self.entries.move_to_end(key)
+        e.busy = max(e.busy - 1, 0)
         if key.inferred:
             index = self.index.setdefault(key.tenant, {})
-            old = self.anchors.get(key)
-            if old is not None and index.get(old[1]) is key:
-                del index[old[1]]
+            if e.anchor is not None and index.get(e.anchor[1]) is e:
+                del index[e.anchor[1]]
             if anchor is not None:
-                index[anchor[1]] = key
-        else:
-            branches = self.branches.setdefault(key if key.branch == 0 else replace(key, branch=0), [])
-            if key not in branches:
-                branches.append(key)
-        if anchor is not None or key not in self.anchors:
-            self.anchors[key] = anchor
-        self.anchors.move_to_end(key)
+                index[anchor[1]] = e
+        if anchor is not None:
+            e.anchor = anchor
         self._trim()
 
     def abandoned(self, key: SessionKey) -> None:
         """A joined turn left before it ran (aborted): an inferred session can be joined again."""
-        self._release_busy(key)
+        e = self.entries.get(key)
+        if e is not None:
+            e.busy = max(e.busy - 1, 0)
 
     def forget(self, key: SessionKey) -> None:
         """The session ended: its anchor and branch slot go (a turn still in flight registers it again when it
         finishes)."""
-        anchor = self.anchors.pop(key, None)
+        e = self.entries.pop(key, None)
+        if e is None:
+            return
         index = self.index.get(key.tenant) if key.inferred else None
-        if anchor is not None and index is not None and index.get(anchor[1]) is key:
-            del index[anchor[1]]
+        if e.anchor is not None and index is not None and index.get(e.anchor[1]) is e:
+            del index[e.anchor[1]]
             if not index:
                 del self.index[key.tenant]
         if not key.inferred:
-            base = replace(key, branch=0)
+            base = key._replace(branch=0)
             branches = self.branches.get(base)
-            if branches is not None and key in branches:
-                branches.remove(key)
+            if branches is not None and e in branches:
+                branches.remove(e)
                 if not branches:
                     del self.branches[base]
 
@@ -192,28 +211,24 @@ class Lineage:
                 "inference_table_entries": sum(map(len, self.index.values()))}
 
     # ---- internals ----------------------------------------------------------------------------------------------
-    def _arrived(self, key: SessionKey, hashes: Sequence[Hashable]) -> None:
-        self.anchors[key] = (len(hashes) - 1, hashes[-1]) if hashes else None
-        self.busy[key] += 1
+    def _add(self, key: SessionKey, anchor: Anchor | None, branches: list[_Entry] | None = None) -> _Entry:
+        e = self.entries[key] = _Entry(key, anchor)
+        e.busy = 1  # its turn is running: never forgotten by the trim below
+        if branches is not None:
+            branches.append(e)
         self._trim()
-
-    def _release_busy(self, key: SessionKey) -> None:
-        n = self.busy[key] - 1
-        if n > 0:
-            self.busy[key] = n
-        else:
-            self.busy.pop(key, None)
+        return e
 
     def _trim(self) -> None:
-        excess = len(self.anchors) - self.config.max_entries
+        excess = len(self.entries) - self.config.max_entries
         if excess <= 0:
             return
         drop: list[SessionKey] = []
         # Bounded scan: entries with pins are skipped, and pins are bounded by the KV pool, not by traffic.
-        for key in itertools.islice(self.anchors, excess + self.TRIM_SCAN):
+        for key, e in itertools.islice(self.entries.items(), excess + self.TRIM_SCAN):
             if len(drop) >= excess:
                 break
-            if not self.busy.get(key) and not self.is_pinned(key):
+            if not e.busy and not self.is_pinned(key):
                 drop.append(key)
         for key in drop:
             self.forget(key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NewType
+from typing import NamedTuple, NewType
 
 SessionId = NewType("SessionId", str)
 
@@ -22,8 +22,7 @@ class InvalidSessionInput(ValueError):
         self.field = field
 
 
-@dataclass(frozen=True, slots=True)
-class SessionKey:
+class SessionKey(NamedTuple):
     """A session as the KV cache sees it: the same id under another cache salt is another session,
     because vLLM never lets blocks hashed under one salt serve another.
 
@@ -32,7 +31,10 @@ class SessionKey:
     branch: a turn under an existing id whose prompt does not continue the session's prefix starts a branch of its
         own (`kvsched.core.lineage`) instead of replacing the session's pin.
     inferred: named by kvsched for a request that named none (session inference); such ids never collide with
-        client ids."""
+        client ids.
+
+    A named tuple, not a dataclass: keys are built and hashed on the engine's per-request path, and a tuple's are
+    done in C (a frozen dataclass's `__init__` and `__hash__` run Python code per field)."""
 
     session_id: SessionId
     cache_salt: str | None = None

@@ -50,11 +50,19 @@ def test_the_deepest_continued_anchor_wins_and_a_prompt_shorter_than_a_block_has
 
 
 def test_branches_are_capped_and_an_overflowing_turn_gets_no_session():
-    lin = Lineage(LineageConfig())
-    keys = {lin.named(BASE, chain(f"p{i}")) for i in range(MAX_BRANCHES)}
-    assert len(keys) == MAX_BRANCHES
+    pinned: set[SessionKey] = set()
+    lin = Lineage(LineageConfig(), is_pinned=lambda k: k in pinned)
+    keys = [lin.named(BASE, chain(f"p{i}")) for i in range(MAX_BRANCHES)]
+    assert len(set(keys)) == MAX_BRANCHES
+    pinned.update(keys)
+    for i, k in enumerate(keys):
+        lin.finished(k, (0, chain(f"p{i}")[0]))
     assert lin.named(BASE, chain("one-too-many")) is None
     assert lin.stats()["branch_overflows"] == 1
+    pinned.discard(keys[3])  # its pin expired: its slot can be taken, the pinned branches stay
+    new = lin.named(BASE, chain("now-there-is-room"))
+    assert new is not None and new not in keys and keys[3] not in lin.entries
+    assert lin.named(BASE, chain("p5", "more")) is keys[5]
 
 
 def test_tenants_and_salts_are_separate_sessions_and_never_share_branches():
@@ -148,9 +156,9 @@ def test_the_table_is_capped_oldest_first_but_never_forgets_a_pinned_or_running_
     pinned.add(keys[0])
     t = chain("p3")
     k3 = lin.infer(None, None, t)  # running: kept; room is made from the oldest unpinned (keys[1])
-    assert keys[0] in lin.anchors and keys[1] not in lin.anchors and k3 in lin.anchors
+    assert keys[0] in lin.entries and keys[1] not in lin.entries and k3 in lin.entries
     assert lin.infer(None, None, chain("p1", "x")) != keys[1]  # forgotten
-    assert len(lin.anchors) <= 4 and lin.stats()["inference_table_entries"] <= 3
+    assert len(lin.entries) <= 4 and lin.stats()["inference_table_entries"] <= 3
 
 
 def test_forget_frees_the_branch_slot_and_the_index_entry():

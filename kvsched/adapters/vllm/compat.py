@@ -36,6 +36,7 @@ XARG_INFER = "kvsched_infer"  # 0: keep this request out of session inference (e
 # The engine core's attribute `scheduler` is kvsched's scheduler object, which is callable, so the API server reaches
 # it with `call_utility_async("scheduler", op, *args)`, executed on the engine-core thread between steps.
 SCHEDULER_UTILITY = "scheduler"
+PACKED_ARGS = "kvsched_args"  # call_scheduler's arguments travel as {PACKED_ARGS: [...]}
 
 
 # ---- requests ---------------------------------------------------------------------------------------------------
@@ -385,7 +386,7 @@ async def call_scheduler(app: Any, op: str, *args: Any) -> Any:
     """Run `scheduler(op, [args...])` on the engine-core thread and return its (msgpack-able) result. The arguments
     travel as one list: vLLM's utility dispatch refuses more arguments than the callee's signature names."""
     engine_client = app.state.engine_client
-    packed = (list(args),) if args else ()
+    packed = ({PACKED_ARGS: list(args)},) if args else ()
     return await engine_client.engine_core.call_utility_async(SCHEDULER_UTILITY, op, *packed)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Protocol
 
+from kvsched.adapters.vllm import compat
 from kvsched.core.retention import RetentionPolicy
 from kvsched.core.sessions import InvalidSessionInput, SessionKey, validate_session_id
 from kvsched.core.tenancy import DEFAULT_PAGE, Caller, InvalidQuery, PageQuery, decode_cursor, page
@@ -25,8 +26,8 @@ def handle_admin(pins: Pins, op: str, args: tuple[Any, ...]) -> dict[str, Any] |
 
     The API server always passes the caller, all arguments packed in one list (see `compat.call_scheduler`); a call
     without one comes from inside the engine process (tests, the offline API) and acts as an admin."""
-    if len(args) == 1 and isinstance(args[0], list | tuple):
-        args = tuple(args[0])
+    if len(args) == 1 and isinstance(args[0], dict) and isinstance(args[0].get(compat.PACKED_ARGS), list):
+        args = tuple(args[0][compat.PACKED_ARGS])
     try:
         if op == "list":
             caller, limit, cursor, summary = args if args else (None, DEFAULT_PAGE, None, False)

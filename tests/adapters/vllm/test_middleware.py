@@ -67,6 +67,7 @@ class FakeVllm:
 
         async def call_utility_async(name, op, *args):
             self.utility.append((op, args))
+            assert len(args) <= 1  # vLLM refuses more arguments than the scheduler's __call__(op, *args) names
             return {"ended": 0} if op.startswith("end") else {"sessions": [], "next_cursor": None, "total": 0}
 
         self.state = SimpleNamespace(args=SimpleNamespace(scheduler_cls="kvsched.adapters.vllm.scheduler.X",
@@ -184,7 +185,8 @@ def test_admin_routes_decode_the_path_once_and_scope_the_caller():
     mw = KVSchedMiddleware(app)
     auth = [("Authorization", "Bearer secret"), ("X-KVSched-Cache-Salt", "pepper")]
     assert call(mw, app, "DELETE", "/kvsched/sessions/x%41", headers=auth)[0] == 404  # ASGI path: decoded once
-    op, (sid, caller) = app.utility[-1]
+    op, (packed,) = app.utility[-1]
+    sid, caller = packed["kvsched_args"]
     assert op == "end" and sid == "x%41" and caller[0] is False and caller[2] == "pepper" and caller[3] is True
     assert call(mw, app, "GET", "/kvsched/sessions", headers=auth)[0] == 200
     assert call(mw, app, "PUT", "/kvsched/sessions", headers=auth)[0] == 405
