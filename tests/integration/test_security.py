@@ -84,7 +84,7 @@ def test_a_stranger_under_the_victims_id_changes_nothing_of_its_session(secure_s
         history = history + [{"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]},
                              {"role": "user", "content": "next"}]
         hits0 = s.metrics()["kvsched_retained_hit_tokens_total"]
-        chat(s, history, name)
+        chat(s, history, name, headers={"X-Session-End": "1"})  # the last turn (its TTL-3600 pin must not linger)
         assert s.metrics()["kvsched_retained_hit_tokens_total"] - hits0 >= row["pinned_tokens"] - 32, name
 
 

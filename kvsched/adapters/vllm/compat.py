@@ -80,7 +80,7 @@ def request_session(request: Any, known: Callable[[SessionKey], SessionKey | Non
     if not raw_id:
         return None, hints
     salt = getattr(request, "cache_salt", None)
-    tenant = request_tenant(request)
+    tenant = _tenant(extra)
     try:
         if known is not None and type(raw_id) is str and (seen := known(SessionKey(SessionId(raw_id), salt, tenant))):
             return seen, hints
@@ -90,19 +90,15 @@ def request_session(request: Any, known: Callable[[SessionKey], SessionKey | Non
     return SessionKey(sid, salt, tenant), hints
 
 
-def request_tenant(request: Any) -> str | None:
-    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+def _tenant(extra: dict[str, Any]) -> str | None:
     tenant = extra.get(XARG_TENANT)
     return tenant if type(tenant) is str and tenant else None
 
 
-def request_cache_salt(request: Any) -> str | None:
-    return getattr(request, "cache_salt", None)
-
-
-def wants_inference(request: Any) -> bool:
+def request_scope(request: Any) -> tuple[str | None, str | None, bool]:
+    """(cache salt, tenant, may join an inferred session) of a request: where session inference may look."""
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
-    return extra.get(XARG_INFER, 1) not in (0, "0", False)
+    return getattr(request, "cache_salt", None), _tenant(extra), extra.get(XARG_INFER, 1) not in (0, "0", False)
 
 
 def prompt_block_hashes(request: Any) -> list[Any]:

@@ -41,8 +41,9 @@ class SessionResolver:
             hashes = compat.prompt_block_hashes(request)
             if key is not None:
                 key = self.lineage.named(key, hashes)
-            elif self.enabled and self.config.infer_sessions and compat.wants_inference(request):
-                key = self.lineage.infer(compat.request_cache_salt(request), compat.request_tenant(request), hashes)
+            elif self.enabled and self.config.infer_sessions:
+                salt, tenant, may_infer = compat.request_scope(request)
+                key = self.lineage.infer(salt, tenant, hashes) if may_infer else None
             if key is None:
                 return _NO_SESSION
             self.anchors[request.request_id] = (len(hashes) - 1, hashes[-1]) if hashes else None

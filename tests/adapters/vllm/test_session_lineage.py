@@ -6,31 +6,26 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from kvsched.adapters.vllm.harness import (  # noqa: E402
-    FAKE_TOKEN,
-    KVSCHED_SCHEDULER,
-    STOCK_SCHEDULER,
-    HarnessConfig,
-    PrefillCounts,
-    RequestFactory,
-    build_scheduler,
-    free_blocks,
-    run_until_idle,
-    usable_blocks,
-)
+from kvsched.adapters.vllm import harness as h  # noqa: E402
 from kvsched.core.lineage import LineageConfig  # noqa: E402
 from kvsched.core.tenancy import Caller  # noqa: E402
 
 BLOCK = 16
+FAKE_TOKEN, KVSCHED, STOCK = h.FAKE_TOKEN, h.KVSCHED_SCHEDULER, h.STOCK_SCHEDULER
+PrefillCounts, RequestFactory, run_until_idle = h.PrefillCounts, h.RequestFactory, h.run_until_idle
 
 
 @pytest.fixture(scope="module")
 def cfg(tiny_model_dir):
-    return HarnessConfig(model_dir=tiny_model_dir, num_blocks=64, block_size=BLOCK, max_model_len=1024)
+    return h.HarnessConfig(model_dir=tiny_model_dir, num_blocks=64, block_size=BLOCK, max_model_len=1024)
 
 
-def _sched(cfg, clock, cls=KVSCHED_SCHEDULER, infer=True):
-    s = build_scheduler(cls, cfg)
+def pool_is_whole(s) -> bool:
+    return h.free_blocks(s) == h.usable_blocks(s)
+
+
+def _sched(cfg, clock, cls=KVSCHED, infer=True):
+    s = h.build_scheduler(cls, cfg)
     if hasattr(s, "kvsched"):
         s.kvsched.policy.clock = clock
         s.kvsched.resolver.config = LineageConfig(infer_sessions=infer)
@@ -76,8 +71,8 @@ def test_a_headerless_conversation_is_retained_like_a_named_one(cfg, clock):
     t2 = t1 + [FAKE_TOKEN] * 3 + list(range(900, 933))  # 10 full blocks
     t3 = t2 + [FAKE_TOKEN] * 3 + list(range(950, 980))
     cached = {}
-    for name, cls, infer in (("stock", STOCK_SCHEDULER, True), ("off", KVSCHED_SCHEDULER, False),
-                             ("inferred", KVSCHED_SCHEDULER, True)):
+    for name, cls, infer in (("stock", STOCK, True), ("off", KVSCHED, False),
+                             ("inferred", KVSCHED, True)):
         s, f = _sched(cfg, clock, cls, infer), RequestFactory(BLOCK)
         for prompt in (t1, t2):
             s.add_request(f.make(prompt, 4))
@@ -91,7 +86,7 @@ def test_a_headerless_conversation_is_retained_like_a_named_one(cfg, clock):
             stats = s.kvsched.stats()
             assert stats["inference_hits"] == 2 and stats["inferred_sessions"] == 5  # the conversation + 4 floods
             s("end_all")
-            assert free_blocks(s) == usable_blocks(s)
+            assert pool_is_whole(s)
     assert cached == {"stock": 0, "off": 0, "inferred": 160}
 
 
@@ -137,7 +132,7 @@ def test_tenants_are_separate_sessions_and_end_only_their_own(cfg, clock):
     assert s("end", "same", Caller(tenant="key-a", cache_salt="salt-1", salt_given=True).as_args()) == {"ended": 1}
     assert s("list", Caller(admin=True).as_args(), 100, None, True)["summary"]["sessions"] == 1
     assert s("end_all", Caller(admin=True).as_args()) == {"ended": 1}
-    assert free_blocks(s) == usable_blocks(s)
+    assert pool_is_whole(s)
 
 
 def test_the_list_pages_in_a_stable_order(cfg, clock):
