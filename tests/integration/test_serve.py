@@ -167,6 +167,17 @@ def test_stock_vllm_without_the_flag_is_untouched(stock_server):
     assert not any(name.startswith("kvsched_") for name in stock_server.metrics())
 
 
+def test_a_malformed_kvsched_setting_stops_the_server_at_start_naming_it(tiny_model_dir):
+    import os
+
+    env = dict(os.environ, KVSCHED_INFER_SESSIONS="maybe", KVSCHED_COMPACTION_CLIENT_STRATEGIES="shrink")
+    proc = subprocess.run([*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert "kvsched: KVSCHED_INFER_SESSIONS='maybe'" in proc.stderr
+    assert "kvsched: KVSCHED_COMPACTION_CLIENT_STRATEGIES='shrink'" in proc.stderr
+
+
 def test_unknown_scheduler_fails_at_start_with_the_choices(tiny_model_dir):
     proc = subprocess.run([*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "nonsense"],
                           capture_output=True, text=True, timeout=120)

@@ -55,11 +55,19 @@ class SessionResolver:
             return _NO_SESSION
 
     def finished(self, request_id: str, key: SessionKey) -> None:
-        self.lineage.finished(key, self.anchors.pop(request_id, None))
+        self._safely(self.lineage.finished, key, self.anchors.pop(request_id, None))
 
     def abandoned(self, request_id: str, key: SessionKey) -> None:
         self.anchors.pop(request_id, None)
-        self.lineage.abandoned(key)
+        self._safely(self.lineage.abandoned, key)
 
     def forget(self, key: SessionKey) -> None:
-        self.lineage.forget(key)
+        self._safely(self.lineage.forget, key)
+
+    def _safely(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:  # a bookkeeping bug costs inference accuracy, never the engine
+            if not self._failed:
+                self._failed = True
+                logger.exception("kvsched: session lineage failed; sessions may be inferred less well")

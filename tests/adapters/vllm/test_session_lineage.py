@@ -151,3 +151,24 @@ def test_the_list_pages_in_a_stable_order(cfg, clock):
             break
     assert seen == [f"s{i}" for i in range(7)]
     assert "error" in s("list", admin, 3, "not-a-cursor", False)
+
+
+def test_a_failure_in_session_bookkeeping_never_reaches_the_engine(cfg, clock, monkeypatch):
+    from types import SimpleNamespace
+
+    from kvsched.core.sessions import SessionId, SessionKey, TurnHints
+
+    s = _sched(cfg, clock)
+    odd = SimpleNamespace(request_id="odd", session_id="s", cache_salt=None, block_hashes=7,
+                          sampling_params=SimpleNamespace(extra_args=None))
+    assert s.kvsched.resolver.resolve(odd) == (None, TurnHints())  # served without a session
+
+    def broken(*_a):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(s.kvsched.resolver.lineage, "finished", broken)
+    s.kvsched.resolver.finished("r", SessionKey(SessionId("s")))  # logged once, not raised
+    f = RequestFactory(BLOCK)
+    s.add_request(f.make(list(range(64)), 2, session_id="s"))
+    run_until_idle(s)  # the engine loop goes on
+    assert s.kvsched.pinned
