@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.bench.agents_driver import TTL_HINT_S, RunRecord, prompt_messages, run_with_progress
+from kvsched.bench.agents_naming import add_naming_gates, naming_of, parse_namings, with_naming_sides
 from kvsched.bench.agents_report import NO_TIER_SIDE, TIER_SIDE, attainable, clairvoyant_bound, gates, print_report
 from kvsched.bench.common import percentile, provenance, ratios, write_json
 from kvsched.bench.plots import grouped_bars, save_beside, side_ratios, ttft_chart
@@ -69,6 +70,9 @@ def register(subparsers: Any) -> None:
                    help="restored-vs-recomputed greedy probes on the kvsched server after its run (0: none)")
     p.add_argument("--sides", type=parse_sides, default=",".join(SIDES),
                    help="comma list of: " + ",".join(SIDES) + " (default: all)")
+    p.add_argument("--session-header", type=parse_namings, default="header", metavar="none|header|prompt_cache_key",
+                   help="how the kvsched sides name sessions (comma list): header (the kvsched side), "
+                        "prompt_cache_key or none (session inference); each adds a side kvsched:<naming>")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace-dir", type=trace_dir_arg, default=None,
                    help="write each replayed side's requests as a trace (docs/trace_schema.md) for kvsched simulate")
@@ -206,7 +210,8 @@ def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool,
     with VllmServer(spec) as server:
         prefill_tok_s = prefill_throughput(server, spec.served_model_name, spec.max_model_len)
         before = server.metrics()
-        record = run_with_progress(server.url, spec.served_model_name, cfg.max_tokens, workflows, name, progress)
+        record = run_with_progress(server.url, spec.served_model_name, cfg.max_tokens, workflows, name, progress,
+                                   naming_of(name))
         after = server.metrics()
         summary = summarize(record, before, after)
         if replay_bytes_per_token is not None:  # this run's arrivals at this pool: LRU, kvsched's policy, Belady
@@ -254,6 +259,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     num_blocks = max(math.ceil(pool_tokens / BLOCK_SIZE), math.ceil((longest + 64) / BLOCK_SIZE) + 4)
     max_model_len = int(math.ceil((longest + cfg.max_tokens + 64) / 256) * 256)
     sides = parse_sides(args.sides) if isinstance(args.sides, str) else list(args.sides)
+    namings = getattr(args, "session_header", "header")
+    sides = with_naming_sides(sides, parse_namings(namings) if isinstance(namings, str) else list(namings))
     unbounded_blocks = max(num_blocks, math.ceil(working_set * UNBOUNDED_HEADROOM / BLOCK_SIZE))
     result: dict[str, Any] = {}
     prefill_rates = {}
@@ -265,7 +272,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for name in sides:
         extra = {TIER_SIDE: ["--kvsched-fp8-tier-gb", f"{tier_gb:.6f}"] if tier_gb is not None else [],
                  NO_TIER_SIDE: ["--kvsched-fp8-tier-gb", "0"]}.get(name, [])
-        spec = ServerSpec(model=model_dir, scheduler=SIDES[name], max_model_len=max_model_len, block_size=BLOCK_SIZE,
+        spec = ServerSpec(model=model_dir, scheduler=SIDES.get(name, "kvsched"), max_model_len=max_model_len,
+                          block_size=BLOCK_SIZE,
                           num_blocks=unbounded_blocks if name == "unbounded" else num_blocks,
                           served_model_name="agents", extra_args=extra)
         result[name], prefill_rates[name] = run_side(
@@ -296,6 +304,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "provenance": provenance(),
     }
     result["gates"] = gates(result)
+    add_naming_gates(result)
     return result
 
 

@@ -1,7 +1,7 @@
 """Plays a multi-agent workload against an OpenAI-compatible server with the real `openai` client, streaming.
 
-Each agent is a session (`X-Session-Id`); each turn appends a tool result to the agent's history and waits the
-tool's latency first. TTFT is client-side: from sending the request to the first streamed content chunk.
+Each agent is a session (named as `--session-header` says: kvsched.bench.agents_naming); each turn appends a tool
+result to the agent's history and waits the tool's latency first. TTFT is client-side: from sending the request to the first streamed content chunk.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kvsched.bench.agents_naming import session_fields
 from kvsched.sim.workload import AgentScript, Phase, Turn, Workflow
 
 TTL_HINT_S = 60.0  # the X-Session-TTL every turn carries: longer than any tool call of the workloads
@@ -50,7 +51,8 @@ def prompt_messages(system: str, turns: Sequence[Turn], idx: int) -> list[dict[s
 
 class AgentDriver:
     def __init__(self, base_url: str, model: str, max_tokens: int, api_key: str = "none", ttl_hint_s: float = TTL_HINT_S,
-                 on_turn: Callable[[TurnRecord], None] | None = None, request_timeout_s: float = 300.0) -> None:
+                 on_turn: Callable[[TurnRecord], None] | None = None, request_timeout_s: float = 300.0,
+                 naming: str = "header") -> None:
         from openai import AsyncOpenAI
 
         self.client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=request_timeout_s)
@@ -58,6 +60,7 @@ class AgentDriver:
         self.max_tokens = max_tokens
         self.ttl_hint_s = ttl_hint_s
         self.on_turn = on_turn
+        self.naming = naming  # how sessions are named (kvsched.bench.agents_naming)
         self.t0 = time.perf_counter()
 
     async def run(self, workflows: list[Workflow]) -> RunRecord:
@@ -84,10 +87,7 @@ class AgentDriver:
                 self.on_turn(rec)
 
     async def _send(self, agent: AgentScript, idx: int, messages: list[dict[str, str]], last: bool) -> TurnRecord:
-        headers = {"X-Session-Id": agent.session_id, "X-Agent-Role": agent.role,
-                   "X-Session-TTL": str(self.ttl_hint_s)}
-        if last:
-            headers["X-Session-End"] = "1"
+        headers, fields = session_fields(self.naming, agent.session_id, agent.role, self.ttl_hint_s, last)
         start = time.perf_counter()
         ttft: float | None = None
         prompt_tokens = completion_tokens = 0
@@ -95,7 +95,7 @@ class AgentDriver:
             stream = await self.client.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=self.max_tokens, temperature=0.0, stream=True,
                 stream_options={"include_usage": True}, extra_headers=headers,
-                extra_body={"ignore_eos": True})
+                extra_body={"ignore_eos": True, **fields})
             async for chunk in stream:
                 if ttft is None and chunk.choices and chunk.choices[0].delta.content:
                     ttft = time.perf_counter() - start
@@ -110,7 +110,7 @@ class AgentDriver:
 
 
 def run_with_progress(url: str, model: str, max_tokens: int, workflows: list[Workflow], label: str,
-                      progress: bool) -> RunRecord:
+                      progress: bool, naming: str = "header") -> RunRecord:
     """Drive `workflows` through the server at `url`, with a per-turn progress bar when `progress` is set."""
     bar = None
     if progress:
@@ -118,7 +118,7 @@ def run_with_progress(url: str, model: str, max_tokens: int, workflows: list[Wor
 
         bar = tqdm(total=sum(len(a.turns) for wf in workflows for a in wf.agents()), desc=f"{label:>14}", unit="turn",
                    leave=True)
-    driver = AgentDriver(url, model, max_tokens, on_turn=(lambda _r: bar.update(1)) if bar else None)
+    driver = AgentDriver(url, model, max_tokens, on_turn=(lambda _r: bar.update(1)) if bar else None, naming=naming)
     try:
         return asyncio.run(driver.run(workflows))
     finally:

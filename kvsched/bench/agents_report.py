@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvsched.bench.agents_naming import print_naming
 from kvsched.bench.common import table
 
 TIER_SIDE, NO_TIER_SIDE = "kvsched", "kvsched-no-tier"
@@ -76,6 +77,7 @@ ROWS = ("prefill_tokens_computed", "prefix_hit_rate", "ttft_p50_s", "ttft_p95_s"
 
 def print_report(result: dict[str, Any], show_gates: bool = True) -> None:
     sides = [s for s in ("stock", NO_TIER_SIDE, TIER_SIDE, "unbounded") if s in result]
+    sides += [s for s in result if s.startswith("kvsched:")]  # the session-naming sides (agents_naming)
     ratio_sides = [s for s in (NO_TIER_SIDE, TIER_SIDE) if s in result.get("ratio", {})]
     rows = []
     for key in ROWS:
@@ -85,6 +87,7 @@ def print_report(result: dict[str, Any], show_gates: bool = True) -> None:
     print(f"sessions={cfg['sessions']} working_set={cfg['working_set_tokens']} tok, pool={cfg['kv_pool_tokens']} tok "
           f"(pressure {cfg['pressure']:.2f}x), model {cfg['model']['size']} {cfg['model']['dtype']}, prefill "
           f"{ {k: round(v) for k, v in cfg['measured_prefill_tok_s'].items()} } tok/s")
+    print_naming(result)
     b = result.get("bound", {})
     if "opt_over_stock" in b:
         print(f"clairvoyant replay of the no-tier side's arrivals at this pool (kvsched.sim): Belady "

@@ -43,6 +43,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cpu", type=int, default=None,
                    help="CPU both worker processes are pinned to (they never run at once; default: the highest CPU "
                         "this process may use; -1: no pinning)")
+    p.add_argument("--unnamed", action="store_true",
+                   help="requests carry no session field: kvsched finds each turn's session by session inference "
+                        "(block-hash lookups per request) instead of by its id")
     p.add_argument("--aa", action="store_true",
                    help="A/A check of the harness: stock vLLM on both sides (the ratio should be 1)")
     p.add_argument("--out", type=Path, default=None)
@@ -53,7 +56,7 @@ class _Round:
     """One round of the synthetic load on one scheduler: `step()` runs one engine step and returns the seconds spent
     in `schedule()` + `update_from_output()`; `work` counts tokens scheduled, turns finished and prompt tokens hit."""
 
-    def __init__(self, scheduler_cls: str, model_dir: Path, seed: int) -> None:
+    def __init__(self, scheduler_cls: str, model_dir: Path, seed: int, named: bool = True) -> None:
         from vllm.utils.gc_utils import freeze_gc_heap
 
         from kvsched.adapters.vllm.harness import HarnessConfig, RequestFactory, build_scheduler
@@ -64,6 +67,7 @@ class _Round:
         freeze_gc_heap()  # as EngineCore does after start-up; undone by close()
         self.f = RequestFactory(cfg.block_size)
         self.rng = random.Random(seed)
+        self.named = named
         self.history: dict[str, list[int]] = {}
         self.owner: dict[str, str] = {}
         self.work = {"scheduled_tokens": 0, "finished_turns": 0, "cached_prompt_tokens": 0}
@@ -76,7 +80,8 @@ class _Round:
         h.extend(rng.randrange(10, 2000) for _ in range(rng.randint(40, 120)))  # tool result
         if len(h) > 6000:
             h[:] = h[:180]  # the session starts over, as if compacted
-        req = self.f.make(h, rng.randint(8, 32), session_id=sid, xargs={"agent_role": rng.choice(["worker", "orch"])})
+        req = self.f.make(h, rng.randint(8, 32), session_id=sid if self.named else None,
+                          xargs={"agent_role": rng.choice(["worker", "orch"])})
         self.owner[req.request_id] = sid
         self.s.add_request(req)
 
@@ -119,7 +124,7 @@ def _worker(conn: Any, model_dir: Path, cpu: int | None = None) -> None:
     while True:
         cmd, arg = conn.recv()
         if cmd == "round":
-            rnd = _Round(arg[0], model_dir, arg[1])
+            rnd = _Round(arg[0], model_dir, arg[1], arg[2])
             conn.send(None)
         elif cmd == "step":
             assert rnd is not None
@@ -132,12 +137,12 @@ def _worker(conn: Any, model_dir: Path, cpu: int | None = None) -> None:
             return
 
 
-def _lockstep(conns: dict[str, Any], classes: dict[str, str], steps: int,
-              seed: int) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
+def _lockstep(conns: dict[str, Any], classes: dict[str, str], steps: int, seed: int,
+              named: bool = True) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
     """One pair of rounds on `seed`, side -> worker as `conns` says: the two sides take turns step by step (which
     goes first alternates), so that whatever else the machine is doing hits both alike; one side runs at a time."""
     for side, c in conns.items():
-        c.send(("round", (classes[side], seed)))
+        c.send(("round", (classes[side], seed, named)))
     for c in conns.values():
         c.recv()
     times: dict[str, list[float]] = {side: [] for side in conns}
@@ -196,11 +201,11 @@ def run(args: argparse.Namespace) -> int:
     placements = [dict(zip(SIDES, workers, strict=True)), dict(zip(SIDES, workers[::-1], strict=True))]
     try:
         for conns in placements:  # untimed warm-up of both sides in both processes: imports, first calls, caches
-            _lockstep(conns, classes, 50, seed=99)
+            _lockstep(conns, classes, 50, seed=99, named=not args.unnamed)
         pairs: list[dict[str, list[float]]] = []
         same_load = True
         for r in range(rounds):
-            times, work = _lockstep(placements[r % 2], classes, steps, seed=r)
+            times, work = _lockstep(placements[r % 2], classes, steps, seed=r, named=not args.unnamed)
             same_load = same_load and work["stock"] == work["kvsched"]
             pairs.append(times)
             print(f"pair {r + 1}/{rounds}: kvsched/stock "
@@ -215,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     result = summarize(pairs)
     result["same_load"] = same_load
     result["config"] = {"concurrency": CONCURRENCY, "steps_per_round": steps, "rounds": rounds, "cpu": cpu,
-                        "aa_check": args.aa, "kvsched_side": classes["kvsched"],
+                        "aa_check": args.aa, "kvsched_side": classes["kvsched"], "unnamed": args.unnamed,
                         "order": "two processes, sides swapped every pair; a pair's rounds run in lockstep, one step "
                                  "each in turn, which side goes first alternating by step",
                         "provenance": provenance()}

@@ -63,6 +63,10 @@ class CompactionConfig:
     cap_tokens: the `cap` strategy refuses requests whose context exceeds this many tokens.
     message_overhead_tokens: template tokens counted per message on top of its content (role markers, separators).
     max_sessions / checkpoints_per_session: bounds on the summary store (least recently used sessions go first).
+    client_strategies: the strategies a request may select with `X-KVSched-Compaction` / `vllm_xargs.compaction`
+        (`KVSCHED_COMPACTION_CLIENT_STRATEGIES=summarize,cap`). Empty (the default): only the server's own strategy.
+        `off` is always allowed (a client may always opt out); anything else is refused with HTTP 403, because a
+        summary is an extra inference call and a window or cap changes what the model sees: the operator decides.
     """
 
     strategy: Strategy = Strategy.OFF
@@ -80,6 +84,7 @@ class CompactionConfig:
     message_overhead_tokens: int = 4
     max_sessions: int = 10_000
     checkpoints_per_session: int = 4
+    client_strategies: tuple[Strategy, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("trigger_tokens", "summary_target_tokens", "cap_tokens", "max_sessions",
@@ -97,6 +102,14 @@ class CompactionConfig:
         if self.summary_role not in ("system", "user", "assistant"):
             raise InvalidCompactionInput(f"summary_role must be system, user or assistant, got {self.summary_role!r}")
 
+    def client_may_select(self, strategy: Strategy) -> bool:
+        """May a request pick `strategy`? Opting out always; otherwise one the operator enabled."""
+        return strategy is Strategy.OFF or strategy is self.strategy or strategy in self.client_strategies
+
+    def client_choices(self) -> list[str]:
+        allowed = {Strategy.OFF, self.strategy, *self.client_strategies}
+        return [s.value for s in Strategy if s in allowed]
+
     def instruction(self) -> str:
         return self.summary_prompt.replace("{target_tokens}", str(self.summary_target_tokens))
 
@@ -107,7 +120,10 @@ class CompactionConfig:
         env = os.environ if environ is None else environ
         updates: dict[str, Any] = {}
         if (raw := env.get("KVSCHED_COMPACTION")) is not None:
-            updates["strategy"] = parse_strategy(raw)
+            try:
+                updates["strategy"] = parse_strategy(raw)
+            except InvalidCompactionInput as exc:
+                raise InvalidCompactionInput(f"KVSCHED_COMPACTION={raw!r}: {exc}") from None
         for f in fields(cls):
             if f.name == "strategy":
                 continue
@@ -117,7 +133,9 @@ class CompactionConfig:
                 continue
             default = getattr(cls(), f.name)
             try:
-                if isinstance(default, bool):
+                if f.name == "client_strategies":
+                    updates[f.name] = tuple(parse_strategy(p) for p in raw.split(",") if p.strip())
+                elif isinstance(default, bool):
                     updates[f.name] = _parse_bool(raw)
                 elif isinstance(default, int):
                     updates[f.name] = int(raw)
@@ -125,9 +143,16 @@ class CompactionConfig:
                     updates[f.name] = float(raw)
                 else:
                     updates[f.name] = raw
+            except InvalidCompactionInput as exc:
+                raise InvalidCompactionInput(f"{var}={raw!r}: {exc}") from None
             except ValueError:
                 raise InvalidCompactionInput(f"{var}={raw!r} is not a valid {type(default).__name__}") from None
-        return replace(cls(), **updates)
+        try:
+            return replace(cls(), **updates)
+        except InvalidCompactionInput as exc:  # a value out of range: name the variable that set it
+            names = [n for n in updates if str(exc).startswith(n)]
+            var = f"KVSCHED_COMPACTION_{names[0].upper()}" if names else "KVSCHED_COMPACTION_*"
+            raise InvalidCompactionInput(f"{var}: {exc}") from None
 
 
 def _parse_bool(raw: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
@@ -24,6 +25,8 @@ class RetentionConfig:
     gap_ewma_alpha: weight of the newest observed inter-turn gap in the expected next-use estimate.
     role_weights: value multiplier per agent role (orchestrators are worth more: every worker waits on them).
     max_sessions: bound on the session table (idle, unpinned records are dropped oldest first).
+    inferred_first_turn_weight: value multiplier of an inferred session's pin until a later request continues it
+        (kvsched.core.lineage): a request without a session field may be a one-shot.
     """
 
     default_ttl_s: float = 30.0
@@ -33,12 +36,20 @@ class RetentionConfig:
     gap_ewma_alpha: float = 0.3
     role_weights: MappingProxyType[str, float] = field(default_factory=lambda: DEFAULT_ROLE_WEIGHTS)
     max_sessions: int = 100_000
+    inferred_first_turn_weight: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.pin_budget_fraction <= 1.0:
             raise ValueError(f"pin_budget_fraction must be in [0, 1], got {self.pin_budget_fraction}")
-        if self.default_ttl_s < 0 or self.max_ttl_s < 0:
-            raise ValueError("TTLs must be >= 0")
+        for name in ("default_ttl_s", "max_ttl_s", "default_next_use_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.inferred_first_turn_weight) and self.inferred_first_turn_weight >= 0):
+            raise ValueError(f"inferred_first_turn_weight must be a finite number >= 0, got "
+                             f"{self.inferred_first_turn_weight}")
+        if not all(math.isfinite(w) and w >= 0 for w in self.role_weights.values()):
+            raise ValueError(f"role_weights must be finite numbers >= 0, got {dict(self.role_weights)}")
         if not 0.0 < self.gap_ewma_alpha <= 1.0:
             raise ValueError("gap_ewma_alpha must be in (0, 1]")
         if self.max_sessions < 1:
@@ -58,17 +69,27 @@ class RetentionConfig:
         env = os.environ if environ is None else environ
         updates: dict[str, Any] = {}
         for f in fields(cls):
-            raw = env.get(f"KVSCHED_{f.name.upper()}")
+            var = f"KVSCHED_{f.name.upper()}"
+            raw = env.get(var)
             if raw is None:
                 continue
-            if f.name == "role_weights":
-                weights = dict(DEFAULT_ROLE_WEIGHTS)
-                for part in raw.split(","):
-                    role, _, w = part.partition(":")
-                    weights[role.strip()] = float(w)
-                updates[f.name] = MappingProxyType(weights)
-            elif f.name == "max_sessions":
-                updates[f.name] = int(raw)
-            else:
-                updates[f.name] = float(raw)
-        return replace(cls(), **updates)
+            try:
+                if f.name == "role_weights":
+                    weights = dict(DEFAULT_ROLE_WEIGHTS)
+                    for part in raw.split(","):
+                        role, sep, w = part.partition(":")
+                        if not sep or not role.strip():
+                            raise ValueError(f"expected role:weight, got {part!r}")
+                        weights[role.strip()] = float(w)
+                    updates[f.name] = MappingProxyType(weights)
+                elif f.name == "max_sessions":
+                    updates[f.name] = int(raw)
+                else:
+                    updates[f.name] = float(raw)
+            except ValueError as exc:
+                raise ValueError(f"{var}={raw!r}: {exc}") from None
+        try:
+            return replace(cls(), **updates)
+        except ValueError as exc:  # out of range: name the variable that set it
+            names = [n for n in updates if n in str(exc)]
+            raise ValueError(f"KVSCHED_{names[0].upper() if names else '*'}: {exc}") from None

@@ -104,6 +104,8 @@ class SessionView:
     hits: int
     hit_tokens: int
     active_requests: int
+    branch: int = 0
+    inferred: bool = False
 
 
 class RetentionPolicy:
@@ -305,8 +307,13 @@ class RetentionPolicy:
         idle = max(now - (rec.last_finished or now), 0.0)
         return retention_value(Candidate(
             tokens=tokens, bytes_per_token=bytes_per_token, idle_s=idle,
-            next_use_s=self.expected_next_use_s(rec, idle), role_weight=self.config.role_weight(rec.role),
+            next_use_s=self.expected_next_use_s(rec, idle), role_weight=self.weight_of(rec),
             reuse_count=rec.hits))
+
+    def weight_of(self, rec: SessionRecord) -> float:
+        """Role weight; x inferred_first_turn_weight for an inferred session nothing has continued yet (a one-shot?)."""
+        w = self.config.role_weight(rec.role)
+        return w * self.config.inferred_first_turn_weight if rec.key.inferred and rec.turns <= 1 else w
 
     def candidate(self, rec: SessionRecord, now: float) -> Candidate:
         idle = max(now - (rec.last_finished or now), 0.0)
@@ -315,7 +322,7 @@ class RetentionPolicy:
             bytes_per_token=self.bytes_per_token,
             idle_s=idle,
             next_use_s=self.expected_next_use_s(rec, idle),
-            role_weight=self.config.role_weight(rec.role),
+            role_weight=self.weight_of(rec),
             reuse_count=rec.hits,
             pinned=rec.active_requests > 0,
         )
@@ -340,21 +347,22 @@ class RetentionPolicy:
         return order + [key for *_, key in sorted(queued)]
 
     def next_victim(self, exclude: Iterable[SessionKey]) -> SessionKey | None:
-        order = self.release_order(exclude)
-        return order[0] if order else None
+        return next(iter(self.release_order(exclude)), None)
 
     # ---- views --------------------------------------------------------------------------------------------------
     def views(self) -> list[SessionView]:
         now = self.clock()
-        return [
-            SessionView(
-                session_id=str(r.key.session_id), cache_salted=r.key.cache_salt is not None, role=r.role,
-                pinned_blocks=r.pinned_blocks, pinned_tokens=r.pinned_tokens,
-                idle_s=0.0 if r.last_finished is None or r.active_requests else max(now - r.last_finished, 0.0),
-                ttl_s=r.ttl_s, turns=r.turns, hits=r.hits, hit_tokens=r.hit_tokens, active_requests=r.active_requests,
-            )
-            for r in self.sessions.values()
-        ]
+        return [self.view_of(r, now) for r in self.sessions.values()]
+
+    @staticmethod
+    def view_of(r: SessionRecord, now: float) -> SessionView:
+        return SessionView(
+            session_id=str(r.key.session_id), cache_salted=r.key.cache_salt is not None, role=r.role,
+            pinned_blocks=r.pinned_blocks, pinned_tokens=r.pinned_tokens,
+            idle_s=0.0 if r.last_finished is None or r.active_requests else max(now - r.last_finished, 0.0),
+            ttl_s=r.ttl_s, turns=r.turns, hits=r.hits, hit_tokens=r.hit_tokens, active_requests=r.active_requests,
+            branch=r.key.branch, inferred=r.key.inferred,
+        )
 
     @property
     def pinned_sessions(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NewType
+from typing import NamedTuple, NewType
 
 SessionId = NewType("SessionId", str)
 
@@ -13,16 +13,34 @@ KNOWN_ROLES = ("orchestrator", "worker", "planner", "critic", "summarizer")
 
 
 class InvalidSessionInput(ValueError):
-    """A request carried a malformed session id, role, TTL or end flag (the API answers HTTP 400)."""
+    """A request carried a malformed session id, role, TTL or end flag (the API answers HTTP 400).
+
+    `field` names what was wrong (a header, a body field such as `prompt_cache_key`), for the error's `param`."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
-@dataclass(frozen=True, slots=True)
-class SessionKey:
+class SessionKey(NamedTuple):
     """A session as the KV cache sees it: the same id under another cache salt is another session,
-    because vLLM never lets blocks hashed under one salt serve another."""
+    because vLLM never lets blocks hashed under one salt serve another.
+
+    tenant: who created it (an opaque fingerprint of the API key that sent it; None on a server without keys). The
+        same id under another key is another session: a tenant can neither use nor end another's.
+    branch: a turn under an existing id whose prompt does not continue the session's prefix starts a branch of its
+        own (`kvsched.core.lineage`) instead of replacing the session's pin.
+    inferred: named by kvsched for a request that named none (session inference); such ids never collide with
+        client ids.
+
+    A named tuple, not a dataclass: keys are built and hashed on the engine's per-request path, and a tuple's are
+    done in C (a frozen dataclass's `__init__` and `__hash__` run Python code per field)."""
 
     session_id: SessionId
     cache_salt: str | None = None
+    tenant: str | None = None
+    branch: int = 0
+    inferred: bool = False
 
 
 @dataclass(frozen=True, slots=True)

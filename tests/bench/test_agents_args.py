@@ -91,3 +91,33 @@ def test_a_sweep_summary_and_plot_from_per_pressure_ratios(tmp_path):
     assert not sweep_gates({"3.0": run(0.55, 0.3)})["3.0x_prefill_le_0.5x_stock"]
     png = plot(s, tmp_path / "sweep.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_session_naming_adds_a_kvsched_side_per_naming_and_names_fields():
+    from kvsched.bench.agents_naming import parse_namings, session_fields, with_naming_sides
+
+    args = build_parser().parse_args(["bench", "agents", "--quick", "--sides", "stock,kvsched",
+                                      "--session-header", "none,prompt_cache_key"])
+    assert args.session_header == ["none", "prompt_cache_key"]
+    assert with_naming_sides(["stock", "kvsched"], args.session_header) == \
+        ["stock", "kvsched", "kvsched:none", "kvsched:prompt_cache_key"]
+    assert with_naming_sides(["stock", "kvsched"], parse_namings("header")) == ["stock", "kvsched"]
+    assert session_fields("none", "wf/1", "worker", 60.0, True) == ({}, {})
+    assert session_fields("prompt_cache_key", "wf/1", "worker", 60.0, True) == ({}, {"prompt_cache_key": "wf/1"})
+    headers, body = session_fields("header", "wf/1", "worker", 60.0, True)
+    assert headers["X-Session-Id"] == "wf/1" and headers["X-Session-End"] == "1" and body == {}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "agents", "--session-header", "cookie"])
+
+
+def test_naming_gate_is_the_share_of_the_header_sides_saving():
+    from kvsched.bench.agents_naming import add_naming_gates
+
+    side = lambda n, errors=0: {"prefill_tokens_computed": n, "errors": errors}  # noqa: E731
+    result = {"stock": side(1000), "kvsched": side(600), "kvsched:none": side(630),
+              "kvsched:prompt_cache_key": side(700, errors=1)}
+    add_naming_gates(result)
+    assert result["naming_saving_share"] == {"kvsched:none": pytest.approx(0.925),
+                                             "kvsched:prompt_cache_key": pytest.approx(0.75)}
+    assert result["gates"] == {"kvsched:none_saving_ge_0.9x_header": True,
+                               "kvsched:prompt_cache_key_saving_ge_0.9x_header": False}

@@ -19,11 +19,13 @@ from tests.cpu import require_fp8_kv_cache  # noqa: E402
 pytestmark = pytest.mark.integration
 SYSTEM = "You are a careful research agent. Use the tools. " * 8
 POOL_BLOCKS = 48
+ADMIN = {"Authorization": "Bearer tier-admin"}  # sees and ends every session, salted or inferred too
 
 
 def serve(model, *extra):
     return VllmServer(ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=POOL_BLOCKS,
-                                 extra_args=["--kvsched-fp8-tier-gb", "0.05", *extra]))
+                                 extra_args=["--kvsched-fp8-tier-gb", "0.05", *extra],
+                                 env={"KVSCHED_ADMIN_KEYS": "tier-admin"}))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,8 @@ def flood_until_released(server, session, tries=4):
 
 
 def sessions(server):
-    with urllib.request.urlopen(server.base + "/kvsched/sessions", timeout=30) as r:
+    req = urllib.request.Request(server.base + "/kvsched/sessions?limit=1000", headers=ADMIN)
+    with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
 
@@ -170,10 +173,8 @@ def test_the_tier_never_serves_kv_across_cache_salts(tier_server):
 
 
 def test_ending_every_session_returns_the_pool_and_empties_the_tier(tier_server):
-    for sid in {row["session_id"] for row in sessions(tier_server)["sessions"]}:
-        req = urllib.request.Request(tier_server.base + "/kvsched/sessions/" + urllib.request.quote(sid, safe=""),
-                                     method="DELETE")
-        urllib.request.urlopen(req, timeout=30).close()
+    req = urllib.request.Request(tier_server.base + "/kvsched/sessions", method="DELETE", headers=ADMIN)
+    urllib.request.urlopen(req, timeout=30).close()  # named, salted and inferred sessions alike
     stats = sessions(tier_server)["stats"]
     assert stats["pinned_blocks"] == 0 and stats["free_blocks"] == stats["total_blocks"]
     assert stats["tier_blocks"] == 0  # ended sessions' tier blocks are dropped at once

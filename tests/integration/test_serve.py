@@ -134,6 +134,16 @@ def test_admin_routes_honour_the_api_key(kvsched_server):
         chat(kvsched_server, [{"role": "user", "content": "hi"}], session="s", key="wrong")
 
 
+def test_a_client_cannot_switch_on_compaction_the_operator_left_off(kvsched_server):
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hello " * 50}]
+    for choice in ("summarize", "sliding_window", "cap"):
+        with pytest.raises(openai.PermissionDeniedError) as info:
+            chat(kvsched_server, history, session="policy", headers={"X-KVSched-Compaction": choice})
+        assert "KVSCHED_COMPACTION_CLIENT_STRATEGIES allows off" in str(info.value)
+    assert chat(kvsched_server, history, session="policy", headers={"X-KVSched-Compaction": "off"}).choices
+    assert kvsched_server.metrics()["kvsched_compaction_summary_calls_total"] == 0
+
+
 def test_kvsched_metrics_on_vllms_metrics(kvsched_server):
     m = kvsched_server.metrics()
     for name in ("kvsched_sessions_seen_total", "kvsched_requests_with_session_total", "kvsched_pinned_blocks",
@@ -156,6 +166,17 @@ def test_stock_vllm_without_the_flag_is_untouched(stock_server):
     assert chat(stock_server, [{"role": "user", "content": "hi"}], session="x" * 200, key=None).choices
     assert admin(stock_server, key=None)[0] == 404
     assert not any(name.startswith("kvsched_") for name in stock_server.metrics())
+
+
+def test_a_malformed_kvsched_setting_stops_the_server_at_start_naming_it(tiny_model_dir):
+    import os
+
+    env = dict(os.environ, KVSCHED_INFER_SESSIONS="maybe", KVSCHED_COMPACTION_CLIENT_STRATEGIES="shrink")
+    proc = subprocess.run([*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert "kvsched: KVSCHED_INFER_SESSIONS='maybe'" in proc.stderr
+    assert "kvsched: KVSCHED_COMPACTION_CLIENT_STRATEGIES='shrink'" in proc.stderr
 
 
 def test_unknown_scheduler_fails_at_start_with_the_choices(tiny_model_dir):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.http_io import error_body
 from kvsched.core.compaction import CompactionStore, Message, Plan, SummaryJob, message_digest
 from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy, parse_strategy
 
@@ -87,8 +88,10 @@ class Compactor:
         self._token_cache: OrderedDict[bytes, int] = OrderedDict()
 
     # ---- the request path ---------------------------------------------------------------------------------------
-    async def prepare(self, scope: Mapping[str, Any], payload: dict[str, Any], headers: Mapping[str, str]) -> Outcome:
-        """Plan one request (session fields already applied); rewrites `payload["messages"]` in place if compacted."""
+    async def prepare(self, scope: Mapping[str, Any], payload: dict[str, Any], headers: Mapping[str, str],
+                      tenant: str | None = None) -> Outcome:
+        """Plan one request (session fields already applied); rewrites `payload["messages"]` in place if compacted.
+        A strategy the operator did not enable for clients (KVSCHED_COMPACTION_CLIENT_STRATEGIES) is refused: 403."""
         if scope.get("path") != CHAT_PATH:
             return UNCHANGED
         xargs = payload.get("vllm_xargs") if isinstance(payload.get("vllm_xargs"), dict) else {}
@@ -97,7 +100,13 @@ class Compactor:
             strategy = parse_strategy(raw) if raw is not None else self.config.strategy
         except InvalidCompactionInput as exc:
             self.counters["bad_input"] += 1
-            return Outcome(status=400, error=_error(str(exc), "X-KVSched-Compaction"))
+            return Outcome(status=400, error=error_body(str(exc), "X-KVSched-Compaction"))
+        if raw is not None and not self.config.client_may_select(strategy):
+            self.counters["refused_choices"] += 1
+            return Outcome(status=403, error=error_body(
+                f"compaction strategy {strategy.value!r} is not enabled for clients on this server: "
+                f"KVSCHED_COMPACTION_CLIENT_STRATEGIES allows {', '.join(self.config.client_choices())}",
+                "X-KVSched-Compaction", code=403))
         session = xargs.get(compat.XARG_SESSION_ID)
         messages = payload.get("messages")
         if not isinstance(session, str) or not _is_message_list(messages):
@@ -112,12 +121,12 @@ class Compactor:
             logger.exception("kvsched compaction: token counting failed; serving uncompacted")
             self.counters["token_count_errors"] += 1
             return UNCHANGED
-        key = json.dumps([payload.get("model"), payload.get("cache_salt"), session])
+        key = json.dumps([payload.get("model"), payload.get("cache_salt"), tenant, session])
         if self.config.wait_for_summary and key in self.tasks:
             await self._wait(key)  # a summary of this session is being made: use it
         plan = self.store.plan(key, messages, counts, strategy)
         if plan.refusal is not None:
-            return Outcome(status=400, error=_error(plan.refusal, "messages", code="context_cap_exceeded"))
+            return Outcome(status=400, error=error_body(plan.refusal, "messages", code="context_cap_exceeded"))
         if plan.job is not None and not xargs.get(compat.XARG_END):  # no summary for a session's last turn
             self._start(plan.job, scope, payload)
             if self.config.wait_for_summary:
@@ -178,6 +187,7 @@ class Compactor:
         body: dict[str, Any] = {
             "model": payload.get("model"), "messages": list(job.prompt), "stream": False, "temperature": 0.0,
             "max_tokens": self.config.summary_target_tokens, "priority": self.config.summary_priority,
+            "vllm_xargs": {compat.XARG_INFER: 0},  # not a session turn: never pinned, never an inferred session
         }
         if payload.get("cache_salt") is not None:
             body["cache_salt"] = payload["cache_salt"]
@@ -221,6 +231,7 @@ class Compactor:
             "windows": float(s["windows"]),
             "refused_requests": float(s["refused"]),
             "opt_outs": float(c["opt_outs"]),
+            "refused_choices": float(c["refused_choices"]),
             "replaced_messages": float(c["replaced_messages"]),
             "saved_tokens": float(c["saved_tokens"]),
             **{f"rewritten_{st.value}": float(c[f"rewritten_{st.value}"]) for st in Strategy},
@@ -253,6 +264,7 @@ COUNTERS = {
     "windows": "Sliding-window cuts made",
     "refused_requests": "Requests refused past the context cap (HTTP 400)",
     "opt_outs": "Requests that opted out of compaction (X-KVSched-Compaction: off)",
+    "refused_choices": "Requests refused (HTTP 403) for a strategy the operator did not enable for clients",
     "replaced_messages": "Client messages replaced by a summary or dropped, over all rewritten requests",
     "saved_tokens": "Prompt tokens removed by compaction (estimated with the served tokenizer)",
 }
@@ -358,6 +370,3 @@ def _message_text(message: Message) -> str:
         text += json.dumps(message["tool_calls"], default=str)
     return text
 
-
-def _error(message: str, param: str, code: str | int = 400) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "BadRequestError", "param": param, "code": code}}

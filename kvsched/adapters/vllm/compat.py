@@ -58,11 +58,14 @@ XARG_SESSION_ID = "session_id"
 XARG_ROLE = "agent_role"
 XARG_TTL = "ttl_s"
 XARG_END = "session_end"
+XARG_TENANT = "kvsched_tenant"  # set by kvsched's API-server middleware only (a client's own value is replaced)
+XARG_INFER = "kvsched_infer"  # 0: keep this request out of session inference (e.g. kvsched's own summary calls)
 
 # Engine-core utility calls: vLLM's EngineCore dispatches a utility request by `getattr(engine_core, name)(*args)`.
 # The engine core's attribute `scheduler` is kvsched's scheduler object, which is callable, so the API server reaches
 # it with `call_utility_async("scheduler", op, *args)`, executed on the engine-core thread between steps.
 SCHEDULER_UTILITY = "scheduler"
+PACKED_ARGS = "kvsched_args"  # call_scheduler's arguments travel as {PACKED_ARGS: [...]}
 
 
 # ---- requests ---------------------------------------------------------------------------------------------------
@@ -90,24 +93,47 @@ def _hints(extra: dict[str, Any]) -> TurnHints:
 
 def request_session(request: Any, known: Callable[[SessionKey], SessionKey | None] | None = None,
                     ) -> tuple[SessionKey | None, TurnHints]:
-    """The session a vLLM `Request` belongs to and its hints; (None, default) for a request without a session.
+    """The named session a vLLM `Request` belongs to (branch 0 of its id, under its salt and tenant) and its hints;
+    (None, hints) for a request without a session id (hints still apply to an inferred session).
 
-    The API server already validated these; an invalid value reaching the engine some other way (the offline API)
-    is treated as no session rather than crashing the engine. `known(key)` returns the key object of a session
-    already seen (its id was validated then), which is returned instead of validating the id again."""
+    The API server's middleware writes the canonical id into `vllm_xargs` (read first: vLLM's own `session_id` is the
+    header decoded as Latin-1); the offline API sets `Request.session_id`. An invalid value reaching the engine some
+    other way is treated as no session rather than crashing the engine. `known(key)` returns the key object of a
+    session already seen (its id was validated then), which is returned instead of validating the id again."""
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
-    raw_id = getattr(request, "session_id", None) or extra.get(XARG_SESSION_ID)
-    if not raw_id:
-        return None, _NO_HINTS
-    salt = getattr(request, "cache_salt", None)
+    raw_id = extra.get(XARG_SESSION_ID) or getattr(request, "session_id", None)
     try:
-        if known is not None and type(raw_id) is str and (seen := known(SessionKey(SessionId(raw_id), salt))):
-            return seen, _hints(extra)
-        sid = validate_session_id(raw_id)
-        hints = _hints(extra)
+        hints = _hints(extra) if extra else _NO_HINTS
     except InvalidSessionInput:
         return None, _NO_HINTS
-    return SessionKey(sid, salt), hints
+    if not raw_id:
+        return None, hints
+    salt = getattr(request, "cache_salt", None)
+    tenant = _tenant(extra)
+    try:
+        if known is not None and type(raw_id) is str and (seen := known(SessionKey(SessionId(raw_id), salt, tenant))):
+            return seen, hints
+        sid = validate_session_id(raw_id)
+    except InvalidSessionInput:
+        return None, _NO_HINTS
+    return SessionKey(sid, salt, tenant), hints
+
+
+def _tenant(extra: dict[str, Any]) -> str | None:
+    tenant = extra.get(XARG_TENANT)
+    return tenant if type(tenant) is str and tenant else None
+
+
+def request_scope(request: Any) -> tuple[str | None, str | None, bool]:
+    """(cache salt, tenant, may join an inferred session) of a request: where session inference may look."""
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    return getattr(request, "cache_salt", None), _tenant(extra), extra.get(XARG_INFER, 1) not in (0, "0", False)
+
+
+def prompt_block_hashes(request: Any) -> list[Any]:
+    """The chained hashes of the request's full blocks (`Request.block_hashes`; only the prompt's when the request is
+    added). Empty without prefix caching."""
+    return getattr(request, "block_hashes", None) or []
 
 
 # ---- blocks -----------------------------------------------------------------------------------------------------
@@ -466,13 +492,19 @@ def cpu_refusal(args: argparse.Namespace) -> str | None:
 
 def _check_after_parsing(parser: Any) -> None:
     """Once the arguments are complete (whatever their order on the command line): exit with `cpu_refusal`'s one line
-    before vLLM starts an engine, and turn the FP8 tier on (`_apply_tier`)."""
+    or the KVSCHED_* settings errors (one line each) before vLLM starts an engine, and turn the FP8 tier on
+    (`_apply_tier`)."""
     parse_known_args = parser.parse_known_args
 
     def checked(args: Any = None, namespace: Any = None) -> Any:
         ns, rest = parse_known_args(args, namespace)
         if (reason := cpu_refusal(ns)) is not None:
             parser.exit(2, f"kvsched: {reason}\n")
+        if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):  # KVSCHED_* settings: refused now, by name
+            from kvsched.core.settings_check import setting_errors
+
+            if errors := setting_errors():
+                parser.exit(2, "".join(f"kvsched: {e}\n" for e in errors))
         _apply_tier(parser, ns)
         return ns, rest
 
@@ -506,9 +538,11 @@ def server_args(app: Any) -> Any:
 
 
 async def call_scheduler(app: Any, op: str, *args: Any) -> Any:
-    """Run `scheduler(op, *args)` on the engine-core thread and return its (msgpack-able) result."""
+    """Run `scheduler(op, [args...])` on the engine-core thread and return its (msgpack-able) result. The arguments
+    travel as one list: vLLM's utility dispatch refuses more arguments than the callee's signature names."""
     engine_client = app.state.engine_client
-    return await engine_client.engine_core.call_utility_async(SCHEDULER_UTILITY, op, *args)
+    packed = ({PACKED_ARGS: list(args)},) if args else ()
+    return await engine_client.engine_core.call_utility_async(SCHEDULER_UTILITY, op, *packed)
 
 
 def api_keys(app: Any) -> list[str]:

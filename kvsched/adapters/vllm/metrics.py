@@ -17,6 +17,7 @@ GAUGES = {
     "pin_budget_blocks": "Most KV blocks pins may hold",
     "kv_bytes_per_token": "KV bytes per token across layers, from the engine's KV cache spec (follows --kv-cache-dtype); "
                           "the byte cost eviction scores use",
+    "inference_table_entries": "Inferred sessions findable by their last prompt's block hash",
     "tier_enabled": "1 when the FP8 tier runs, 0 when it is off or cannot hold this engine's cache (see "
                     "kvsched_tier_disabled for the reason)",
     "tier_bytes": "Bytes the FP8 tier holds (quantized KV of sessions released under pressure)",
@@ -32,6 +33,11 @@ COUNTERS = {
     "retained_hits": "Turns that started on KV kvsched had retained",
     "retained_hit_tokens": "Prompt tokens served from KV kvsched had retained (prefill saved)",
     "rejected_requests": "Requests refused for malformed session input (HTTP 400)",
+    "inferred_sessions": "Sessions inferred for requests without a session field (session inference)",
+    "inferred_turns": "Turns served in inferred sessions (the first turn included)",
+    "inference_hits": "Requests found (by block hash) to extend an inferred session's last turn, and joined to it",
+    "branches": "Turns under an existing session id that did not continue its prompt: a branch of their own",
+    "branch_overflows": "Such turns past the branch limit of an id: served without a session",
     "released_queued_blocks": "KV blocks released for pressure from sessions whose next request was already queued "
                               "(no idle pin was left: the pool is short of the burst's working set)",
     "tier_demotions": "Pin releases whose blocks were copied to the FP8 tier",

@@ -1,37 +1,44 @@
 """kvsched's ASGI middleware for vLLM's OpenAI API server.
 
 Added to every `vllm serve` by the plugin; a strict pass-through unless the server runs kvsched's scheduler. With it:
-- generation requests get their session fields validated (HTTP 400 with a message for a malformed id, role, TTL or end
-  flag) and the session headers (`X-Session-Id`, `X-Agent-Role`, `X-Session-TTL`, `X-Session-End`) copied into
-  `vllm_xargs`, which is how they reach the engine-core scheduler;
-- `GET /kvsched/sessions` and `DELETE /kvsched/sessions/{id}` are served (honouring `--api-key`);
+- **authentication first** (`auth.py`): vLLM puts plugin middleware outside its own key check, so kvsched checks the
+  key itself before doing anything; a request vLLM will refuse is passed on untouched (vLLM answers 401);
+- generation requests (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/messages`) get their session
+  fields validated (HTTP 400 naming the field) and written canonically into `vllm_xargs`, which is how they reach the
+  engine-core scheduler (`request_fields.py`; precedence in `kvsched.core.client_fields`), plus the caller's tenant;
+  bodies over 64 MiB get 413 and JSON nested too deep 400 (`http_io.py`);
+- chat requests may be compacted (`compaction.py`), as the operator's settings allow;
+- `GET /kvsched/sessions` and `DELETE /kvsched/sessions[/{id}]` are served, scoped to the caller (`admin_routes.py`);
 - `/metrics` gains the `kvsched_*` metrics, read from the scheduler at scrape time.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
 from typing import Any
-from urllib.parse import unquote
 
-from kvsched.adapters.vllm import compat
-from kvsched.adapters.vllm.compaction import Compactor
-from kvsched.adapters.vllm.metrics import render_metrics
-from kvsched.core.sessions import (
-    InvalidSessionInput,
-    validate_end_flag,
-    validate_role,
-    validate_session_id,
-    validate_ttl,
+from kvsched.adapters.vllm import admin_routes, compat
+from kvsched.adapters.vllm.auth import Auth
+from kvsched.adapters.vllm.compaction import STRATEGY_HEADER, Compactor
+from kvsched.adapters.vllm.http_io import (
+    Disconnected,
+    HttpError,
+    Scope,
+    error_body,
+    first_headers,
+    parse_json,
+    read_body,
+    replace_header,
+    replay,
+    send_json,
+    utf8_headers,
 )
+from kvsched.adapters.vllm.metrics import render_metrics
+from kvsched.adapters.vllm.request_fields import SESSION_HEADERS, ResponseSessions, apply_session_fields
+from kvsched.core.sessions import InvalidSessionInput
 
-GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions")
-ADMIN_PREFIX = "/kvsched/sessions"
-MAX_BODY_BYTES = 64 * 1024 * 1024
-
-Scope = dict[str, Any]
+GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+ADMIN_PREFIX = admin_routes.ADMIN_PREFIX
 
 
 class KVSchedMiddleware:
@@ -39,6 +46,8 @@ class KVSchedMiddleware:
         self.app = app
         self._active: bool | None = None
         self.rejected = 0  # requests refused for malformed session input (exported as a metric)
+        self.auth = Auth()
+        self.responses = ResponseSessions()  # /v1/responses ids -> sessions, for previous_response_id
         self.compaction = Compactor(app)  # context compaction (KVSCHED_COMPACTION*), see compaction.py
 
     def _is_active(self, scope: Scope) -> bool:
@@ -53,70 +62,55 @@ class KVSchedMiddleware:
         if scope["type"] != "http" or not self._is_active(scope):
             await self.app(scope, receive, send)
             return
-        path, method = scope["path"], scope.get("method", "GET")
-        if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
-            await self._admin(scope, receive, send, path, method)
-        elif path == "/metrics" and method == "GET":
-            await self._metrics(scope, receive, send)
-        elif method == "POST" and path in GENERATE_PATHS:
-            await self._generate(scope, receive, send)
-        else:
+        path, method = scope["path"].removeprefix(scope.get("root_path", "")), scope.get("method", "GET")
+        is_admin = path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
+        if not is_admin and not (method == "POST" and path in GENERATE_PATHS):
+            if path == "/metrics" and method == "GET":
+                await self._metrics(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        raw = first_headers(scope)
+        ident = self.auth.identify(scope["app"], raw.get("authorization"))
+        if is_admin:
+            if not (ident.authenticated or ident.admin):
+                await send_json(send, 401, {"error": "Unauthorized"})
+            else:
+                await admin_routes.handle(scope["app"], scope, send, path, ident, raw)
+        elif not ident.authenticated:  # vLLM refuses it: nothing of kvsched runs for it
             await self.app(scope, receive, send)
+        else:
+            await self._generate(scope, receive, send, path, raw, ident.tenant)
 
     # ---- generation requests ------------------------------------------------------------------------------------
-    async def _generate(self, scope: Scope, receive: Any, send: Any) -> None:
-        body = await _read_body(receive)
-        headers = _headers(scope)
+    async def _generate(self, scope: Scope, receive: Any, send: Any, path: str, raw: dict[str, bytes],
+                        tenant: str | None) -> None:
         try:
-            payload = json.loads(body) if body else None
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):  # not ours to judge: vLLM answers malformed JSON itself
-            await self.app(scope, _replay(body, receive), send)
-            return
-        try:
-            changed = apply_session_fields(payload, headers)
-        except InvalidSessionInput as exc:
-            self.rejected += 1
-            await _json(send, 400, _error(str(exc), param="session"))
-            return
-        compacted = await self.compaction.prepare(scope, payload, headers)
-        if compacted.error is not None:
-            await _json(send, compacted.status, compacted.error)
-            return
-        if changed or compacted.changed:
-            body = json.dumps(payload).encode()
-            scope = dict(scope, headers=_replace_header(scope["headers"], b"content-length", str(len(body)).encode()))
-        await self.app(scope, _replay(body, receive), compacted.wrap(send))
-
-    # ---- admin routes -------------------------------------------------------------------------------------------
-    async def _admin(self, scope: Scope, receive: Any, send: Any, path: str, method: str) -> None:
-        app = scope["app"]
-        if not _authorized(app, _headers(scope)):
-            await _json(send, 401, {"error": "Unauthorized"})
-            return
-        rest = path[len(ADMIN_PREFIX):].lstrip("/")
-        try:
-            if not rest and method == "GET":
-                sessions = await compat.call_scheduler(app, "list")
-                stats = await compat.call_scheduler(app, "stats")
-                await _json(send, 200, {"sessions": sessions, "stats": stats})
-            elif rest and method == "DELETE":
+            body = await read_body(scope, receive)
+            payload = parse_json(body)
+            if isinstance(payload, dict):  # anything else is not ours to judge: vLLM answers malformed JSON itself
+                headers = utf8_headers(raw, (*SESSION_HEADERS, STRATEGY_HEADER))
                 try:
-                    sid = validate_session_id(unquote(rest))
+                    changed = apply_session_fields(payload, headers, tenant, path, self.responses)
                 except InvalidSessionInput as exc:
-                    await _json(send, 400, _error(str(exc), param="session_id"))
+                    self.rejected += 1
+                    raise HttpError(400, str(exc), param=exc.field or "session") from None
+                compacted = await self.compaction.prepare(scope, payload, headers, tenant)
+                if compacted.error is not None:
+                    await send_json(send, compacted.status, compacted.error)
                     return
-                result = await compat.call_scheduler(app, "end", sid)
-                if result.get("ended"):
-                    await _json(send, 200, {"session_id": sid, "ended": True})
-                else:
-                    await _json(send, 404, _error(f"no session {sid!r}", param="session_id", code=404))
-            else:
-                await _json(send, 405, _error(f"{method} {path} is not supported; use GET {ADMIN_PREFIX} or "
-                                              f"DELETE {ADMIN_PREFIX}/{{id}}", code=405))
-        except Exception as exc:  # the engine is gone or busy shutting down
-            await _json(send, 503, _error(f"scheduler unavailable: {exc}", code=503))
+                if changed or compacted.changed:
+                    body = json.dumps(payload).encode()
+                    scope = dict(scope, headers=replace_header(scope["headers"], b"content-length",
+                                                               str(len(body)).encode()))
+                send = compacted.wrap(send)
+        except Disconnected:
+            return
+        except HttpError as exc:
+            # Anthropic's clients read {"type": "error", "error": {...}}; the OpenAI shape otherwise.
+            await send_json(send, exc.status, {"type": "error", **exc.body} if path == "/v1/messages" else exc.body)
+            return
+        await self.app(scope, replay(body, receive), send)
 
     # ---- metrics ------------------------------------------------------------------------------------------------
     async def _metrics(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -144,44 +138,11 @@ class KVSchedMiddleware:
                     openmetrics = "openmetrics" in content_type
                     body = append_metrics(body, render_metrics(stats, openmetrics=openmetrics)
                                           + self.compaction.render_metrics(openmetrics=openmetrics))
-                    hdrs = _replace_header(start.get("headers", []), b"content-length", str(len(body)).encode())
+                    hdrs = replace_header(start.get("headers", []), b"content-length", str(len(body)).encode())
                     await send(dict(start, headers=hdrs))
                     await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, capture)
-
-
-def apply_session_fields(payload: dict[str, Any], headers: dict[str, str]) -> bool:
-    """Validate the session fields of a request body + headers and copy them into `vllm_xargs`.
-
-    Returns True if the payload changed. Raises InvalidSessionInput for any malformed field."""
-    xargs = payload.get("vllm_xargs")
-    if xargs is not None and not isinstance(xargs, dict):
-        return False  # vLLM rejects a non-dict vllm_xargs with its own 400
-    xargs = dict(xargs or {})
-    before = dict(xargs)
-    sources = [("session_id" in payload, payload.get("session_id")),
-               ("x-session-id" in headers, headers.get("x-session-id")),
-               (compat.XARG_SESSION_ID in xargs, xargs.get(compat.XARG_SESSION_ID))]
-    ids = {validate_session_id(v) for present, v in sources if present and v is not None}
-    if len(ids) > 1:
-        raise InvalidSessionInput(f"conflicting session ids in one request: {sorted(ids)}")
-    if ids:
-        xargs[compat.XARG_SESSION_ID] = ids.pop()
-    for header, key, check in (("x-agent-role", compat.XARG_ROLE, validate_role),
-                               ("x-session-ttl", compat.XARG_TTL, validate_ttl),
-                               ("x-session-end", compat.XARG_END, validate_end_flag)):
-        raw = headers[header] if header in headers else xargs.get(key)
-        if raw is None:
-            continue
-        value = check(raw)
-        xargs[key] = int(value) if isinstance(value, bool) else value
-    if xargs.get(compat.XARG_SESSION_ID) is None and any(k in xargs for k in (compat.XARG_TTL, compat.XARG_END)):
-        raise InvalidSessionInput("ttl_s / session_end need a session id (X-Session-Id or vllm_xargs.session_id)")
-    if xargs == before:
-        return False
-    payload["vllm_xargs"] = xargs
-    return True
 
 
 def append_metrics(body: bytes, extra: bytes) -> bytes:
@@ -191,64 +152,4 @@ def append_metrics(body: bytes, extra: bytes) -> bytes:
     return body + (b"" if body.endswith(b"\n") or not body else b"\n") + extra
 
 
-def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-
-
-def _replace_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
-    out = [(k, v) for k, v in headers if k.lower() != name]
-    out.append((name, value))
-    return out
-
-
-def _authorized(app: Any, headers: dict[str, str]) -> bool:
-    keys = compat.api_keys(app)
-    if not keys:
-        return True
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    digest = hashlib.sha256(token.encode()).digest()
-    return any(secrets.compare_digest(digest, hashlib.sha256(k.encode()).digest()) for k in keys)
-
-
-def _error(message: str, param: str | None = None, code: int = 400) -> dict[str, Any]:
-    kind = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowed"}.get(code, "ServiceUnavailable")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-async def _read_body(receive: Any) -> bytes:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ValueError("request body too large")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Any) -> Any:
-    """A receive channel that yields the already-read body, then defers to the client's (disconnect detection)."""
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-async def _json(send: Any, status: int, content: Any) -> None:
-    body = json.dumps(content).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+__all__ = ["KVSchedMiddleware", "append_metrics", "apply_session_fields", "error_body"]

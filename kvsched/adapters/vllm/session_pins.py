@@ -9,16 +9,17 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.pin_pool import VllmPinPool
+from kvsched.adapters.vllm.session_admin import handle_admin
+from kvsched.adapters.vllm.session_lineage import SessionResolver
 from kvsched.adapters.vllm.tier_prefetch import TierPrefetcher
 from kvsched.core.config import RetentionConfig
 from kvsched.core.pin_apply import PinApplier
 from kvsched.core.retention import Decision, Pin, ReleaseReason, RetentionPolicy
-from kvsched.core.sessions import InvalidSessionInput, SessionKey, TurnHints, validate_session_id
+from kvsched.core.sessions import SessionKey, TurnHints
 from kvsched.ops.score import select_candidates
 
 
@@ -40,6 +41,7 @@ class SessionPins:
         self.requests: dict[str, tuple[SessionKey, TurnHints]] = {}
         self.started: set[str] = set()
         self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
+        self.resolver = SessionResolver(self.policy, self.enabled)  # branches and inferred sessions (lineage)
         # KVSCHED_TRACE=FILE: one JSON line per applied decision, for replaying what the policy did.
         trace = os.environ.get("KVSCHED_TRACE")
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - lives as long as the engine
@@ -58,7 +60,7 @@ class SessionPins:
 
     # ---- hooks from the scheduler -------------------------------------------------------------------------------
     def on_request_added(self, request: Any) -> None:
-        key, hints = compat.request_session(request, self._known_key)
+        key, hints = self.resolver.resolve(request)
         if key is None:
             return
         self.policy.request_arrived(key, hints)
@@ -68,10 +70,6 @@ class SessionPins:
         self.requests[request.request_id] = (key, hints)
         if self.prefetcher is not None:
             self.prefetcher.on_request_added(request, key)
-
-    def _known_key(self, key: SessionKey) -> SessionKey | None:
-        rec = self.policy.sessions.get(key)
-        return None if rec is None else rec.key
 
     def on_scheduled(self, scheduler_output: Any) -> None:
         for new in scheduler_output.scheduled_new_reqs:
@@ -95,6 +93,7 @@ class SessionPins:
         key, hints = entry
         if request.request_id not in self.started:  # finished (aborted) before it ever ran
             self.policy.request_abandoned(key)
+            self.resolver.abandoned(request.request_id, key)
             if hints.end:
                 self._end(key)
             return
@@ -102,6 +101,10 @@ class SessionPins:
         groups = compat.reusable_prefix_blocks(self.scheduler, request.request_id) if self.enabled else []
         tokens = compat.block_tokens(groups[0], self.block_size) if groups else 0
         self.pins.turn_finished(key, hints, groups, tokens)  # a last turn's tier blocks go too
+        if hints.end:
+            self.resolver.forget(key)
+        else:
+            self.resolver.finished(request.request_id, key)
         if self.tier is not None and not hints.end:
             if groups and (tail := compat.partial_tail(self.scheduler, request, groups[0], self.block_size)):
                 self.tier.save_tail(key, *tail)
@@ -151,6 +154,7 @@ class SessionPins:
         keys = list(self.pinned)
         for key in keys:
             self.policy.end(key)
+            self.resolver.forget(key)
             self._unpin(key)
         if self.tier is not None:
             for owner in list(self.tier.directory.keys_of):
@@ -159,6 +163,7 @@ class SessionPins:
 
     def _end(self, key: SessionKey) -> None:
         self.apply(self.policy.end(key))
+        self.resolver.forget(key)
         if self.tier is not None:
             self.tier.directory.drop_owner(key)
         if self.prefetcher is not None:
@@ -192,20 +197,10 @@ class SessionPins:
     # ---- admin / metrics (called through the engine-core utility) -------------------------------------------------
     def handle(self, op: str, *args: Any) -> Any:
         self.expire()
-        if op == "list":
-            return [asdict(v) for v in self.policy.views()]
-        if op == "end":
-            try:
-                sid = validate_session_id(args[0])
-            except (IndexError, InvalidSessionInput) as exc:
-                return {"error": str(exc)}
-            keys = [k for k in self.policy.sessions if k.session_id == sid]
-            for key in keys:
-                self._end(key)
-            return {"ended": len(keys)}
         if op == "stats":
             return self.stats()
-        return {"error": f"unknown kvsched operation {op!r}"}
+        result = handle_admin(self, op, args)  # list / end / end_all, scoped to the caller (session_admin.py)
+        return result if result is not None else {"error": f"unknown kvsched operation {op!r}"}
 
     def stats(self) -> dict[str, float]:
         c = self.policy.counters
@@ -226,6 +221,7 @@ class SessionPins:
             **{f"released_{r.value}": c[f"released_{r.value}"] for r in ReleaseReason},
             **{f"released_{r.value}_partial": c[f"released_{r.value}_partial"] for r in ReleaseReason},
             **{f"released_blocks_{r.value}": c[f"released_blocks_{r.value}"] for r in ReleaseReason},
+            **self.resolver.lineage.stats(),
             **(self.tier.tier_stats() if self.tier is not None else {}),
             **(self._prefetch_stats() if self.prefetcher is not None else {}),
         }

@@ -70,9 +70,10 @@ def test_background_summary_is_used_from_the_next_request():
     out, second = run(scenario())
     assert len(app.calls) == 1
     scope, body = app.calls[0]
-    # The summary call: the session's own prefix + the instruction, no session id (never pinned), same cache salt,
+    # The summary call: the session's own prefix + the instruction, no session id and out of session inference (never
+    # pinned), same cache salt,
     # lower priority, the configured target length, and opted out of compaction itself.
-    assert "vllm_xargs" not in body and body["cache_salt"] == "tenant-a" and body["priority"] == 10
+    assert body["vllm_xargs"] == {"kvsched_infer": 0} and body["cache_salt"] == "tenant-a" and body["priority"] == 10
     assert body["max_tokens"] == 32 and body["messages"][0] == SYSTEM and body["messages"][-1]["role"] == "user"
     assert (b"x-kvsched-compaction", b"off") in scope["headers"]
     assert out.changed and out.replaced > 0
@@ -126,9 +127,27 @@ def test_opt_out_and_bad_strategy():
     assert bad.status == 400 and "unknown compaction strategy" in bad.error["error"]["message"]
 
 
-def test_cap_refuses_with_a_message_and_sliding_window_needs_no_call():
+def test_a_client_may_only_opt_out_or_pick_what_the_operator_enabled():
+    from kvsched.core.compaction_config import Strategy
+
     app = FakeVllm()
-    comp = compactor(app, cap_tokens=30)
+    comp = compactor(app, strategy=Strategy.OFF)
+    for choice in ("summarize", "cap", "sliding_window"):
+        refused = run(comp.prepare(SCOPE, request(8), {"x-kvsched-compaction": choice}))
+        assert refused.status == 403 and "KVSCHED_COMPACTION_CLIENT_STRATEGIES allows off" in \
+            refused.error["error"]["message"]
+    xargs = request(8)
+    xargs["vllm_xargs"]["compaction"] = "summarize"
+    assert run(comp.prepare(SCOPE, xargs, {})).status == 403
+    assert run(comp.prepare(SCOPE, request(8), {"x-kvsched-compaction": "off"})) == Outcome()
+    assert app.calls == [] and comp.stats()["refused_choices"] == 4
+
+
+def test_cap_refuses_with_a_message_and_sliding_window_needs_no_call():
+    from kvsched.core.compaction_config import Strategy
+
+    app = FakeVllm()
+    comp = compactor(app, cap_tokens=30, client_strategies=(Strategy.CAP, Strategy.SLIDING_WINDOW))
     refused = run(comp.prepare(SCOPE, request(8), {"x-kvsched-compaction": "cap"}))
     assert refused.status == 400 and "context cap of 30 tokens" in refused.error["error"]["message"]
     payload = request(8)

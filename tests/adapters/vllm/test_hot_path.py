@@ -83,23 +83,24 @@ def test_one_key_object_per_session_and_partial_releases_trim_the_pin_in_place(t
                                                          max_model_len=1024))
     s.kvsched.policy.clock = clock
     f = RequestFactory(BLOCK)
-    s.add_request(f.make(list(range(100)), 5, session_id="a"))
+    s.add_request(f.make(list(range(90)), 20, session_id="a"))
     run_until_idle(s)
     [key] = s.kvsched.pinned
     [pin] = s.kvsched.pinned[key]
-    assert len(pin) == 6  # 104 tokens with KV
-    second = f.make(list(range(40)) + [9] * 30, 5, session_id="a")  # hits 2 of the 6 pinned blocks
+    assert len(pin) == 6  # 90 prompt + 19 generated tokens with KV
+    # continues the prompt (its 5 full blocks), not the generated tokens: hits 5 of the 6 pinned blocks
+    second = f.make(list(range(90)) + [9] * 30, 5, session_id="a")
     s.add_request(second)
     assert s.kvsched.requests[second.request_id][0] is key  # the session's key object, not a new one per request
     s.schedule()
-    assert s.kvsched.pinned[key][0] is pin and len(pin) == 2  # the unhit tail went; the same list, trimmed
+    assert s.kvsched.pinned[key][0] is pin and len(pin) == 5  # the unhit tail went; the same list, trimmed
     assert set(s.kvsched.block_refs) == {b.block_id for b in pin}
 
 
 def test_a_known_session_returns_its_key_object_and_hints_are_still_checked():
     from kvsched.core.sessions import SessionId, SessionKey
 
-    seen = SessionKey(SessionId("s"), "salt")
+    seen = SessionKey(SessionId("s"), "salt")  # no tenant: a request without kvsched_tenant
     known = {seen: seen}.get
     key, hints = compat.request_session(_req(salt="salt", agent_role="planner"), known)
     assert key is seen and hints == TurnHints(role="planner")

@@ -45,3 +45,165 @@ def test_metrics_are_spliced_before_openmetrics_eof():
     assert b"kvsched_pinned_blocks 3.0" in body and b'kvsched_pin_releases_total{reason="ttl"} 2.0' in body
     plain = append_metrics(b"vllm:x 1", render_metrics({"sessions_seen": 4}))
     assert b"vllm:x 1\n" in plain and b"kvsched_sessions_seen_total 4.0" in plain
+
+
+# ---- the middleware as an ASGI app over a fake vLLM (no engine) ---------------------------------------------------
+import asyncio  # noqa: E402
+import json  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from kvsched.adapters.vllm.http_io import MAX_JSON_DEPTH, HttpError, parse_json, read_body, utf8_headers  # noqa: E402
+from kvsched.adapters.vllm.middleware import KVSchedMiddleware  # noqa: E402
+from kvsched.adapters.vllm.request_fields import ResponseSessions  # noqa: E402
+
+
+class FakeVllm:
+    """Answers like vLLM's auth middleware + a handler: 401 without the key, else 200 echoing the body it got."""
+
+    def __init__(self, keys=("secret",)):
+        self.keys = list(keys)
+        self.calls = []
+        self.utility = []
+
+        async def call_utility_async(name, op, *args):
+            self.utility.append((op, args))
+            assert len(args) <= 1  # vLLM refuses more arguments than the scheduler's __call__(op, *args) names
+            return {"ended": 0} if op.startswith("end") else {"sessions": [], "next_cursor": None, "total": 0}
+
+        self.state = SimpleNamespace(args=SimpleNamespace(scheduler_cls="kvsched.adapters.vllm.scheduler.X",
+                                                          api_key=self.keys),
+                                     engine_client=SimpleNamespace(engine_core=SimpleNamespace(
+                                         call_utility_async=call_utility_async)))
+
+    async def __call__(self, scope, receive, send):
+        body = b""
+        while True:
+            m = await receive()
+            body += m.get("body", b"")
+            if not m.get("more_body"):
+                break
+        headers = dict(scope["headers"])
+        ok = not self.keys or headers.get(b"authorization") in [f"Bearer {k}".encode() for k in self.keys]
+        self.calls.append((scope["path"], body))
+        out = json.dumps({"error": "Unauthorized"} if not ok else {"echo": body.decode()}).encode()
+        await send({"type": "http.response.start", "status": 200 if ok else 401, "headers": []})
+        await send({"type": "http.response.body", "body": out})
+
+
+def call(mw, app, method, path, body=b"", headers=(), chunks=None):
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "query_string": b"", "app": app,
+             "headers": [(k.lower().encode(), v if isinstance(v, bytes) else v.encode()) for k, v in headers]}
+    parts = chunks or [body]
+    messages = [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(m):
+        sent.append(m)
+
+    asyncio.run(mw(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+
+
+KV_HEADERS = [("X-Session-Id", "bad\u0001".encode()), ("X-KVSched-Compaction", "summarize"), ("X-Session-TTL", "x")]
+
+
+def test_nothing_of_kvsched_runs_before_authentication():
+    app = FakeVllm()
+    mw = KVSchedMiddleware(app)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "session_id": "s"}).encode()
+    for key in (None, "wrong"):
+        auth = [("Authorization", f"Bearer {key}")] if key else []
+        assert call(mw, app, "POST", "/v1/chat/completions", body, [*KV_HEADERS, *auth])[0] == 401  # vLLM's answer
+        assert call(mw, app, "GET", "/kvsched/sessions", headers=auth)[0] == 401
+        assert call(mw, app, "DELETE", "/kvsched/sessions/s", headers=auth)[0] == 401
+        assert call(mw, app, "POST", "/v1/responses", b"[" * 100_000, auth)[0] == 401
+    # passed on byte for byte, no engine call, no compaction
+    assert all(b == body or b == b"[" * 100_000 for _, b in app.calls) and app.utility == []
+    assert mw.compaction.stats()["summary_calls"] == 0 and mw.rejected == 0
+
+
+def test_with_the_key_kvsched_validates_and_writes_the_tenant():
+    app = FakeVllm(keys=("secret", "other"))
+    mw = KVSchedMiddleware(app)
+    auth = ("Authorization", "Bearer secret")
+    status, err = call(mw, app, "POST", "/v1/chat/completions", b'{"messages": []}', [KV_HEADERS[0], auth])
+    assert status == 400 and err["error"]["param"] == "X-Session-Id"
+    body = {"model": "m", "messages": [], "vllm_xargs": {"kvsched_tenant": "forged"}, "prompt_cache_key": "café"}
+    status, echo = call(mw, app, "POST", "/v1/chat/completions", json.dumps(body).encode(), [auth])
+    xargs = json.loads(echo["echo"])["vllm_xargs"]
+    assert status == 200 and xargs["session_id"] == "café" and xargs["kvsched_tenant"] not in ("forged", "secret")
+    _, echo2 = call(mw, app, "POST", "/v1/completions", b'{"prompt": "x"}', [("Authorization", "Bearer other")])
+    assert json.loads(echo2["echo"])["vllm_xargs"]["kvsched_tenant"] != xargs["kvsched_tenant"]
+
+
+def test_operator_policy_is_a_403_naming_the_setting():
+    app = FakeVllm(keys=())
+    mw = KVSchedMiddleware(app)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "session_id": "s"}).encode()
+    status, err = call(mw, app, "POST", "/v1/chat/completions", body, [("X-KVSched-Compaction", "summarize")])
+    assert status == 403 and "KVSCHED_COMPACTION_CLIENT_STRATEGIES" in err["error"]["message"]
+
+
+def test_size_and_depth_limits():
+    app = FakeVllm(keys=())
+    mw = KVSchedMiddleware(app)
+    deep = b"[" * 100_000
+    assert call(mw, app, "POST", "/v1/chat/completions", deep)[0] == 400
+    nested = json.dumps({"messages": [], "x": json.loads("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH)}).encode()
+    assert call(mw, app, "POST", "/v1/chat/completions", nested)[0] == 400
+    big = [("Content-Length", str(64 * 2**20 + 1))]
+    status, err = call(mw, app, "POST", "/v1/chat/completions", b"{}", big)
+    assert status == 413 and "over the limit" in err["error"]["message"]
+    chunks = [b"x" * (16 * 2**20)] * 5  # no Content-Length: counted as it arrives
+    assert call(mw, app, "POST", "/v1/completions", chunks=chunks)[0] == 413
+    assert call(mw, app, "POST", "/v1/completions", b"not json")[0] == 200  # vLLM judges non-JSON itself
+
+
+def test_parse_json_and_headers():
+    assert parse_json(b'{"a": [1, {"b": 2}]}') == {"a": [1, {"b": 2}]} and parse_json(b"{nope") is None
+    with pytest.raises(HttpError) as info:
+        parse_json(b"[" * 5000 + b"]" * 5000)
+    assert info.value.status == 400
+    assert utf8_headers({"x-session-id": "café ☕".encode()}, ["x-session-id"]) == {"x-session-id": "café ☕"}
+    with pytest.raises(HttpError) as info:
+        utf8_headers({"x-session-id": b"\xff\xfe"}, ["x-session-id"])
+    assert info.value.status == 400 and info.value.body["error"]["param"] == "x-session-id"
+
+    async def receive():
+        return {"type": "http.request", "body": b"12345", "more_body": False}
+
+    with pytest.raises(HttpError):
+        asyncio.run(read_body({"headers": []}, receive, limit=4))
+
+
+def test_admin_routes_decode_the_path_once_and_scope_the_caller():
+    app = FakeVllm(keys=("secret",))
+    mw = KVSchedMiddleware(app)
+    auth = [("Authorization", "Bearer secret"), ("X-KVSched-Cache-Salt", "pepper")]
+    assert call(mw, app, "DELETE", "/kvsched/sessions/x%41", headers=auth)[0] == 404  # ASGI path: decoded once
+    op, (packed,) = app.utility[-1]
+    sid, caller = packed["kvsched_args"]
+    assert op == "end" and sid == "x%41" and caller[0] is False and caller[2] == "pepper" and caller[3] is True
+    assert call(mw, app, "GET", "/kvsched/sessions", headers=auth)[0] == 200
+    assert call(mw, app, "PUT", "/kvsched/sessions", headers=auth)[0] == 405
+
+
+def test_previous_response_id_finds_the_session_of_this_tenant_only():
+    responses = ResponseSessions(capacity=2)
+    first = {"input": "hi", "prompt_cache_key": "conv-1"}
+    assert apply_session_fields(first, {}, "t1", "/v1/responses", responses)
+    rid = first["request_id"]
+    assert rid.startswith("resp_")
+    follow = {"input": "more", "previous_response_id": rid}
+    apply_session_fields(follow, {}, "t1", "/v1/responses", responses)
+    assert follow["vllm_xargs"]["session_id"] == "conv-1"
+    stranger = {"input": "more", "previous_response_id": rid}
+    apply_session_fields(stranger, {}, "t2", "/v1/responses", responses)
+    assert "session_id" not in stranger.get("vllm_xargs", {})
+    for i in range(3):  # bounded, oldest first
+        responses.put("t1", None, f"r{i}", "s")
+    assert responses.get("t1", None, rid) is None

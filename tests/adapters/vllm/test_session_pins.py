@@ -62,10 +62,15 @@ def test_pins_hold_blocks_and_grow_with_the_next_turn(harness_cfg, clock):
     stats = s.kvsched.stats()
     assert stats["retained_hits"] == 1 and stats["retained_hit_tokens"] == 96 and stats["released_turn"] == 0
     assert len(_pinned_block_ids(s)) == 7  # 120 + 5 - 1 tokens
-    s.add_request(f.make([9] * 50, 5, session_id="a"))  # a turn that shares nothing with the pin
+    # A turn under the same id that does not continue the pinned prompt (another client, or an edited history) is a
+    # branch of its own: the session's pin, TTL and end are untouched by it.
+    s.add_request(f.make([9] * 50, 5, session_id="a", xargs={"ttl_s": 0.0, "session_end": 1}))
     run_until_idle(s)
-    assert s.kvsched.stats()["released_turn"] == 1 and len(_pinned_block_ids(s)) == 3
-    assert free_blocks(s) == usable_blocks(s) - 3
+    stats = s.kvsched.stats()
+    assert stats["released_turn"] == 0 and stats["branches"] == 1 and len(_pinned_block_ids(s)) == 7
+    [(key, rec)] = s.kvsched.policy.sessions.items()
+    assert key.branch == 0 and rec.pinned_blocks == 7 and rec.ttl_s == 30.0
+    assert free_blocks(s) == usable_blocks(s) - 7
 
 
 def test_pressure_releases_pins_before_anything_is_preempted(harness_cfg, clock):
@@ -118,7 +123,7 @@ def test_a_burst_releases_idle_pins_before_the_pin_of_a_queued_turn(harness_cfg,
     # Only the idle pin's tail was released, about the shortfall each time: big's (38 + 1 - 27 free = 12 blocks),
     # then the queued turn's (4 new blocks + 1 - 1 free = 4); nothing of the queued session.
     assert stats["released_blocks_pressure"] == 16 and stats["released_queued_blocks"] == 0
-    assert {str(k.session_id) for k in s.kvsched.pinned} == {"queued", "idle"}
+    assert {str(k.session_id) for k in s.kvsched.pinned if not k.inferred} == {"queued", "idle"}
 
 
 def test_ttl_expiry_and_end_return_every_block(harness_cfg, clock):
@@ -159,7 +164,7 @@ def test_admin_list_and_unknown_operation(harness_cfg, clock):
     s.add_request(f.make([3] * 64, 2, session_id="x", xargs={"agent_role": "orchestrator"}))
     run_until_idle(s)
     clock.advance(1.5)
-    [row] = s("list")
+    [row] = s("list")["sessions"]
     assert row["session_id"] == "x" and row["role"] == "orchestrator" and row["pinned_blocks"] == 4
     assert row["idle_s"] == pytest.approx(1.5)
     assert "error" in s("frobnicate")
@@ -216,5 +221,7 @@ def test_free_blocks_return_to_total_when_every_session_ends(harness_cfg, ops):
             assert rec.pinned_blocks == sum(len(g) for g in s.kvsched.pinned.get(key, []))
     for i in range(5):
         s("end", f"s{i}")
+    assert not any(not k.inferred for k in s.kvsched.pinned)
+    s("end_all")  # inferred sessions (the anonymous requests) too
     assert free_blocks(s) == usable_blocks(s)
     assert not s.kvsched.pinned

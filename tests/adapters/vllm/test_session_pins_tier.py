@@ -57,6 +57,7 @@ def test_fp8_tier_demotes_pressure_releases_and_the_next_turn_restores_them(harn
             assert stats["tier_prefetch_hit_tokens"] == n_prefetched * BLOCK
         # every pin and request gone: the pool is whole again, and the tier's directory holds only whole slots
         s.kvsched.handle("end", "agent-1")
+        s.kvsched.handle("end_all")  # the flood's inferred sessions
         assert free_blocks(s) == usable_blocks(s)
         if tier:
             d = s.kvsched.tier.directory

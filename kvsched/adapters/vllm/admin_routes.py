@@ -1,0 +1,84 @@
+"""kvsched's session routes on vLLM's API server, after authentication:
+
+- `GET /kvsched/sessions?limit=&cursor=&summary=1`: the caller's sessions, paged in a stable order (default 100, at
+  most 1,000 per page; `next_cursor` continues), or counts only;
+- `DELETE /kvsched/sessions/{id}`: end the caller's sessions with that id (every branch); `DELETE /kvsched/sessions`:
+  end all of the caller's sessions.
+
+The caller's scope (`kvsched.core.tenancy.Caller`) is its API key's tenant and the salt it names with the
+`X-KVSched-Cache-Salt` header (none: unsalted sessions); an admin key (KVSCHED_ADMIN_KEYS) reaches every tenant. The
+path is decoded exactly once (by the server: `scope["path"]`), so `%2541` is the id `%41`, never `A`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.auth import Identity
+from kvsched.adapters.vllm.http_io import HttpError, Scope, error_body, send_json, utf8_headers
+from kvsched.core.sessions import InvalidSessionInput, validate_session_id
+from kvsched.core.tenancy import Caller, InvalidQuery, parse_page_query
+
+ADMIN_PREFIX = "/kvsched/sessions"
+SALT_HEADER = "x-kvsched-cache-salt"
+MAX_QUERY_FIELDS = 8
+
+
+async def handle(app: Any, scope: Scope, send: Any, path: str, ident: Identity, raw_headers: dict[str, bytes]) -> None:
+    method = scope.get("method", "GET")
+    try:
+        caller = _caller(ident, raw_headers)
+        rest = path[len(ADMIN_PREFIX) + 1:] if path.startswith(ADMIN_PREFIX + "/") else None
+        if rest is None and method == "GET":
+            await _list(app, scope, send, caller)
+        elif rest is None and method == "DELETE":
+            result = await compat.call_scheduler(app, "end_all", caller.as_args())
+            await send_json(send, 200, {"ended": int(result.get("ended", 0))})
+        elif rest is not None and method == "DELETE":
+            await _end(app, send, rest, caller)
+        else:
+            raise HttpError(405, f"{method} {path[:200]} is not supported; use GET {ADMIN_PREFIX}, DELETE "
+                                 f"{ADMIN_PREFIX}/{{id}} or DELETE {ADMIN_PREFIX}")
+    except HttpError as exc:
+        await send_json(send, exc.status, exc.body)
+    except Exception as exc:  # the engine is gone or busy shutting down
+        await send_json(send, 503, error_body(f"scheduler unavailable: {type(exc).__name__}", code=503))
+
+
+def _caller(ident: Identity, raw_headers: dict[str, bytes]) -> Caller:
+    salt = utf8_headers(raw_headers, (SALT_HEADER,)).get(SALT_HEADER)
+    if salt is not None and not 1 <= len(salt) <= 1024:
+        raise HttpError(400, "X-KVSched-Cache-Salt must be 1 to 1024 characters", param=SALT_HEADER)
+    return Caller(admin=ident.admin, tenant=ident.tenant, cache_salt=salt, salt_given=salt is not None)
+
+
+async def _list(app: Any, scope: Scope, send: Any, caller: Caller) -> None:
+    try:
+        params = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True,
+                                max_num_fields=MAX_QUERY_FIELDS))
+        query = parse_page_query(params)
+    except InvalidQuery as exc:
+        raise HttpError(400, str(exc), param=exc.param) from None
+    except ValueError:
+        raise HttpError(400, f"at most {MAX_QUERY_FIELDS} query parameters", param="query") from None
+    cursor = params.get("cursor") or None  # checked by parse_page_query; the engine decodes it again
+    result = await compat.call_scheduler(app, "list", caller.as_args(), query.limit, cursor, query.summary)
+    if "error" in result:
+        raise HttpError(400, str(result["error"]), param="cursor")
+    if not query.summary:
+        result["stats"] = await compat.call_scheduler(app, "stats")
+    await send_json(send, 200, result)
+
+
+async def _end(app: Any, send: Any, raw_id: str, caller: Caller) -> None:
+    try:
+        sid = validate_session_id(raw_id)
+    except InvalidSessionInput as exc:
+        raise HttpError(400, str(exc), param="session_id") from None
+    result = await compat.call_scheduler(app, "end", sid, caller.as_args())
+    if result.get("ended"):
+        await send_json(send, 200, {"session_id": sid, "ended": True})
+    else:  # none of the caller's: another tenant's session is indistinguishable from none
+        raise HttpError(404, f"no session {sid!r}", param="session_id")

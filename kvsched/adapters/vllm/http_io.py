@@ -1,0 +1,140 @@
+"""ASGI plumbing for kvsched's middleware: bounded body reading, bounded JSON parsing, header decoding, JSON answers.
+
+Limits are what a hostile client meets first: a body over MAX_BODY_BYTES gets 413 (never read past the limit), JSON
+nested deeper than MAX_JSON_DEPTH gets 400 (Python's parser would otherwise raise RecursionError, a 500).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_JSON_DEPTH = 128
+
+Scope = dict[str, Any]
+
+
+class HttpError(Exception):
+    """An answer to send instead of forwarding the request: status + OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(message, param, status if code is None else code)
+
+
+ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+               405: "MethodNotAllowed", 413: "RequestTooLarge", 503: "ServiceUnavailable"}
+
+
+def error_body(message: str, param: str | None = None, code: str | int = 400) -> dict[str, Any]:
+    status = code if isinstance(code, int) else 400
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "BadRequestError"), "param": param,
+                      "code": code}}
+
+
+class Disconnected(Exception):
+    """The client went away while its body was being read: nothing to answer."""
+
+
+def declared_length(scope: Scope) -> int | None:
+    for k, v in scope.get("headers", []):
+        if k.lower() == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+async def read_body(scope: Scope, receive: Any, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The whole request body, refusing (413) as soon as the declared or received size passes `limit`."""
+    declared = declared_length(scope)
+    if declared is not None and declared > limit:
+        raise HttpError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON, or None when it is not JSON at all (vLLM answers that itself). Too deep: HttpError 400."""
+    try:
+        value = json.loads(body) if body else None
+    except RecursionError:
+        raise HttpError(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:  # includes UnicodeDecodeError
+        return None
+    if too_deep(value, MAX_JSON_DEPTH):
+        raise HttpError(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Is any container nested more than `limit` levels deep? Iterative: no recursion of its own."""
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        obj, depth = stack.pop()
+        if depth > limit:
+            return True
+        children: Iterable[Any] = obj.values() if isinstance(obj, dict) else obj
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def first_headers(scope: Scope) -> dict[str, bytes]:
+    """Header name (lower case) -> raw value of its first occurrence (as Starlette's `Headers.get` reads it)."""
+    out: dict[str, bytes] = {}
+    for k, v in scope.get("headers", []):
+        out.setdefault(k.decode("latin-1").lower(), v)
+    return out
+
+
+def utf8_headers(raw: dict[str, bytes], names: Iterable[str]) -> dict[str, str]:
+    """The named headers decoded as UTF-8 (so `café` by header is `café` by body); invalid UTF-8 is a 400."""
+    out: dict[str, str] = {}
+    for name in names:
+        if name in raw:
+            try:
+                out[name] = raw[name].decode("utf-8")
+            except UnicodeDecodeError:
+                raise HttpError(400, f"header {name} is not valid UTF-8", param=name) from None
+    return out
+
+
+def replace_header(headers: list[tuple[bytes, bytes]], name: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+    out = [(k, v) for k, v in headers if k.lower() != name]
+    out.append((name, value))
+    return out
+
+
+def replay(body: bytes, receive: Any) -> Any:
+    """A receive channel that yields the already-read body, then defers to the client's (disconnect detection)."""
+    sent = False
+
+    async def replayed() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def send_json(send: Any, status: int, content: Any) -> None:
+    body = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

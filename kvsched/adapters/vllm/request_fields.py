@@ -1,0 +1,81 @@
+"""API-server side of the session fields: reads them from a generation request (`kvsched.core.client_fields` holds
+the precedence) and writes the canonical values into `vllm_xargs`, which is how they reach the engine-core scheduler.
+
+The server's own values are authoritative: `kvsched_tenant` is always set from the authenticated key (a client's
+value is dropped), and on `/v1/responses` the response id is fixed before the request runs so that a later
+`previous_response_id` finds this request's session.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from kvsched.adapters.vllm import compat
+from kvsched.core.client_fields import SessionFields, read_session_fields
+from kvsched.core.sessions import SessionId
+
+RESPONSES_PATH = "/v1/responses"
+SESSION_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end")
+
+
+class ResponseSessions:
+    """(tenant, cache_salt, response id) -> session id of the `/v1/responses` requests this server ran; bounded,
+    oldest first. Scoped so that naming another tenant's response id finds nothing."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._map: OrderedDict[tuple[str | None, str | None, str], SessionId] = OrderedDict()
+
+    def get(self, tenant: str | None, salt: str | None, response_id: str) -> SessionId | None:
+        return self._map.get((tenant, salt, response_id))
+
+    def put(self, tenant: str | None, salt: str | None, response_id: str, session: SessionId) -> None:
+        self._map[(tenant, salt, response_id)] = session
+        self._map.move_to_end((tenant, salt, response_id))
+        while len(self._map) > self.capacity:
+            self._map.popitem(last=False)
+
+
+def apply_session_fields(payload: dict[str, Any], headers: Mapping[str, str], tenant: str | None = None,
+                         path: str = "", responses: ResponseSessions | None = None) -> bool:
+    """Validate every session field of a request body + (UTF-8 decoded, lower-cased) headers and write the canonical
+    values into `vllm_xargs`. Returns True if the payload changed. Raises InvalidSessionInput (with the field)."""
+    xargs = payload.get("vllm_xargs")
+    if xargs is not None and not isinstance(xargs, dict):
+        return False  # vLLM rejects a non-dict vllm_xargs with its own 400
+    salt = payload.get("cache_salt") if isinstance(payload.get("cache_salt"), str) else None
+
+    def previous(response_id: str) -> SessionId | None:
+        return responses.get(tenant, salt, response_id) if responses is not None else None
+
+    fields = read_session_fields(payload, headers, previous if path == RESPONSES_PATH else lambda _r: None)
+    before = dict(xargs or {})
+    out = dict(before)
+    out.pop(compat.XARG_TENANT, None)
+    _write(out, fields, tenant)
+    changed = out != before
+    if changed:
+        payload["vllm_xargs"] = out
+    if path == RESPONSES_PATH and fields.session_id is not None and responses is not None:
+        rid = payload.get("request_id")
+        if not isinstance(rid, str) or not rid:
+            rid = payload["request_id"] = f"resp_{uuid.uuid4().hex}"
+            changed = True
+        responses.put(tenant, salt, rid, fields.session_id)
+    return changed
+
+
+def _write(xargs: dict[str, Any], fields: SessionFields, tenant: str | None) -> None:
+    if fields.session_id is not None:
+        xargs[compat.XARG_SESSION_ID] = fields.session_id
+    if fields.ttl_s is not None:
+        xargs[compat.XARG_TTL] = fields.ttl_s
+    if fields.role is not None:
+        xargs[compat.XARG_ROLE] = fields.role
+    if fields.end is not None:
+        xargs[compat.XARG_END] = int(fields.end)
+    if tenant is not None:
+        xargs[compat.XARG_TENANT] = tenant

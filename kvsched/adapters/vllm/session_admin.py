@@ -1,0 +1,71 @@
+"""Engine side of the session routes: list (paged) and end sessions, within the caller's tenant scope.
+
+Called through the engine-core utility (`SessionPins.handle`) with msgpack-able arguments that kvsched's API-server
+middleware built after authenticating the caller (`kvsched.core.tenancy.Caller`). Returns plain dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Protocol
+
+from kvsched.adapters.vllm import compat
+from kvsched.core.retention import RetentionPolicy
+from kvsched.core.sessions import InvalidSessionInput, SessionKey, validate_session_id
+from kvsched.core.tenancy import DEFAULT_PAGE, Caller, InvalidQuery, PageQuery, decode_cursor, page
+
+
+class Pins(Protocol):
+    policy: RetentionPolicy
+
+    def _end(self, key: SessionKey) -> None: ...
+
+
+def handle_admin(pins: Pins, op: str, args: tuple[Any, ...]) -> dict[str, Any] | None:
+    """`list(caller, limit, cursor, summary)`, `end(session_id, caller)`, `end_all(caller)`; None for another op.
+
+    The API server always passes the caller, all arguments packed in one list (see `compat.call_scheduler`); a call
+    without one comes from inside the engine process (tests, the offline API) and acts as an admin."""
+    if len(args) == 1 and isinstance(args[0], dict) and isinstance(args[0].get(compat.PACKED_ARGS), list):
+        args = tuple(args[0][compat.PACKED_ARGS])
+    try:
+        if op == "list":
+            caller, limit, cursor, summary = args if args else (None, DEFAULT_PAGE, None, False)
+            return list_sessions(pins.policy, _caller(caller), PageQuery(
+                int(limit), decode_cursor(cursor) if cursor else None, bool(summary)))
+        if op == "end":
+            sid = validate_session_id(args[0])
+            return end_sessions(pins, _caller(args[1] if len(args) > 1 else None), lambda k: k.session_id == sid)
+        if op == "end_all":
+            return end_sessions(pins, _caller(args[0] if args else None), lambda _k: True)
+    except (IndexError, TypeError, ValueError, InvalidSessionInput, InvalidQuery) as exc:
+        return {"error": str(exc)}
+    return None
+
+
+def _caller(args: Any) -> Caller:
+    return Caller(admin=True) if args is None else Caller.from_args(args)
+
+
+def list_sessions(policy: RetentionPolicy, caller: Caller, query: PageQuery) -> dict[str, Any]:
+    mine = [(k, r) for k, r in policy.sessions.items() if caller.owns(k)]
+    if query.summary:
+        return {"summary": {"sessions": len(mine), "pinned_sessions": sum(1 for _, r in mine if r.pinned),
+                            "pinned_blocks": sum(r.pinned_blocks for _, r in mine),
+                            "inferred_sessions": sum(1 for k, _ in mine if k.inferred)}}
+    now = policy.clock()
+    rows, cursor = page(mine, query)
+    out = []
+    for rec in rows:
+        row = asdict(policy.view_of(rec, now))
+        if caller.admin:
+            row["tenant"] = rec.key.tenant
+        out.append(row)
+    return {"sessions": out, "next_cursor": cursor, "total": len(mine)}
+
+
+def end_sessions(pins: Pins, caller: Caller, match: Any) -> dict[str, Any]:
+    keys = [k for k in pins.policy.sessions if caller.owns(k) and match(k)]
+    for key in keys:
+        pins._end(key)
+    return {"ended": len(keys)}

@@ -1,0 +1,73 @@
+"""Engine side of session lineage: which session (branch of a named one, or an inferred one) a vLLM request joins,
+decided on the request's own block hashes (`kvsched.core.lineage` holds the rules and says why).
+
+Runs in `SessionPins`' hooks on the engine-core thread. Per request it costs a few dictionary lookups: the named
+session's branch anchors are compared at one position each; inference looks up block hashes from the prompt's end.
+A failure here never reaches vLLM: the request is then served without a session (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kvsched.adapters.vllm import compat
+from kvsched.core.lineage import Anchor, Lineage, LineageConfig
+from kvsched.core.retention import RetentionPolicy
+from kvsched.core.sessions import SessionKey, TurnHints
+
+logger = logging.getLogger(__name__)
+_NO_SESSION: tuple[None, TurnHints] = (None, TurnHints())
+
+
+class SessionResolver:
+    def __init__(self, policy: RetentionPolicy, enabled: bool = True, config: LineageConfig | None = None) -> None:
+        self.policy = policy
+        self.enabled = enabled  # prefix caching on: without it there is no hash chain to follow
+        self.config = config or LineageConfig.from_env(max_entries=policy.config.max_sessions)
+        sessions = policy.sessions
+        self.lineage = Lineage(self.config, is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned)
+        self.anchors: dict[str, Anchor | None] = {}  # request id -> its prompt's last full block
+        self._failed = False
+
+    def _known(self, key: SessionKey) -> SessionKey | None:
+        rec = self.policy.sessions.get(key)
+        return None if rec is None else rec.key
+
+    def resolve(self, request: Any) -> tuple[SessionKey | None, TurnHints]:
+        """The session `request` joins and its hints; (None, default) for none."""
+        try:
+            key, hints = compat.request_session(request, self._known)
+            hashes = compat.prompt_block_hashes(request)
+            if key is not None:
+                key = self.lineage.named(key, hashes)
+            elif self.enabled and self.config.infer_sessions:
+                salt, tenant, may_infer = compat.request_scope(request)
+                key = self.lineage.infer(salt, tenant, hashes) if may_infer else None
+            if key is None:
+                return _NO_SESSION
+            self.anchors[request.request_id] = (len(hashes) - 1, hashes[-1]) if hashes else None
+            return key, hints
+        except Exception:  # never take the engine down over session bookkeeping
+            if not self._failed:
+                self._failed = True
+                logger.exception("kvsched: session lineage failed; the request is served without a session")
+            return _NO_SESSION
+
+    def finished(self, request_id: str, key: SessionKey) -> None:
+        self._safely(self.lineage.finished, key, self.anchors.pop(request_id, None))
+
+    def abandoned(self, request_id: str, key: SessionKey) -> None:
+        self.anchors.pop(request_id, None)
+        self._safely(self.lineage.abandoned, key)
+
+    def forget(self, key: SessionKey) -> None:
+        self._safely(self.lineage.forget, key)
+
+    def _safely(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:  # a bookkeeping bug costs inference accuracy, never the engine
+            if not self._failed:
+                self._failed = True
+                logger.exception("kvsched: session lineage failed; sessions may be inferred less well")

@@ -1,0 +1,234 @@
+"""Which session a turn belongs to, decided on the engine's block hash chain: branches of named sessions, and
+sessions inferred for requests that name none.
+
+Why on the hash chain: a session id is only a name, which any client can send. vLLM hashes every full block of a
+prompt chained from token 0 (and the `cache_salt`), so "this prompt continues that turn's prompt" is one comparison:
+the new prompt's hash at the position of the earlier prompt's last full block equals that block's hash. That gives:
+
+- **Branches.** A turn under an existing id joins the branch whose anchor (its last turn's prompt, last full block) it
+  continues. A turn that continues none starts a new branch of that id: its own session, with its own pin, TTL and end.
+  It never shrinks, re-times or ends the branch it did not continue, so a second client sending a different prompt
+  under a victim's id cannot take the victim's pin. (Refusing such turns instead would break honest clients that edit
+  or compact their own history, and a refusal would tell a prober which ids exist.) An id has at most `MAX_BRANCHES`
+  branches; when they are all taken, those holding no pin (expired, released) make room, and a non-continuing turn
+  that still finds no room is served without a session (no pin), so it cannot crowd out a branch that holds one.
+- **Inference.** A request without any session field whose prompt extends an earlier unnamed request's prompt joins
+  that request's inferred session: a dictionary lookup per block hash, scanned from the prompt's end back at most
+  `INFER_SCAN_BLOCKS` blocks (a turn usually adds a few blocks to its predecessor). Never across `cache_salt` or tenant.
+  A branch (two requests extending the same turn): the first to arrive continues the session; any other that arrives
+  while it is in flight, or extends a turn the session has moved past, becomes a session of its own (sharing the common
+  prefix's blocks, which are held once).
+
+Hashes are opaque here (bytes in vLLM). Anchors are set when a new branch's first turn arrives (so a concurrent stranger
+cannot slip into a branch that has no anchor yet) and moved when a turn finishes. The table is bounded: the least
+recently used entries whose session holds no pin are forgotten first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+from kvsched.core.sessions import SessionId, SessionKey
+
+Anchor = tuple[int, Hashable]  # (index of the last full block of a turn's prompt, that block's chained hash)
+
+MAX_BRANCHES = 8
+INFER_SCAN_BLOCKS = 1024
+INFERRED_PREFIX = "inferred-"
+
+
+class InvalidLineageSetting(ValueError):
+    """A KVSCHED_* setting of session lineage is malformed (reported at start-up, naming the variable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LineageConfig:
+    """infer_sessions: give requests without a session field the session their prompt continues
+    (`KVSCHED_INFER_SESSIONS`, on by default). max_entries: sessions whose anchors are remembered."""
+
+    infer_sessions: bool = True
+    max_entries: int = 100_000
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, max_entries: int = 100_000) -> LineageConfig:
+        env = os.environ if environ is None else environ
+        raw = env.get("KVSCHED_INFER_SESSIONS")
+        if raw is None:
+            return cls(max_entries=max_entries)
+        value = raw.strip().lower()
+        if value not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+            raise InvalidLineageSetting(f"KVSCHED_INFER_SESSIONS={raw!r}: use 1 (on, the default) or 0 (off)")
+        return cls(infer_sessions=value in ("1", "true", "yes", "on"), max_entries=max_entries)
+
+
+class _Entry:
+    """One session's lineage state: its key, anchor, and how many joined turns are in flight (never forgotten)."""
+
+    __slots__ = ("key", "anchor", "busy")
+
+    def __init__(self, key: SessionKey, anchor: Anchor | None) -> None:
+        self.key = key
+        self.anchor = anchor
+        self.busy = 0
+
+
+class Lineage:
+    """Branch and inference bookkeeping for one engine. `is_pinned(key)` says whether a session holds a pin (such
+    entries are never forgotten to make room: forgetting one would let a stranger's turn take its place).
+
+    Per request: `named` is one lookup of the id plus one anchor comparison per branch, `infer` one lookup per block
+    hash scanned; `finished` one lookup. Entries are ordered by their last finished turn (the forgetting order)."""
+
+    TRIM_SCAN = 1024  # entries looked past the excess when making room
+
+    def __init__(self, config: LineageConfig, is_pinned: Callable[[SessionKey], bool] = lambda _k: False) -> None:
+        self.config = config
+        self.is_pinned = is_pinned
+        self.entries: OrderedDict[SessionKey, _Entry] = OrderedDict()  # least recently finished first
+        self.branches: dict[SessionKey, list[_Entry]] = {}  # an id's branch 0 key -> its branches, oldest first
+        # inferred sessions, per tenant: anchor hash -> session (the salt is in the hash; a tenant's identical prompt
+        # never displaces another tenant's entry)
+        self.index: dict[str | None, dict[Hashable, _Entry]] = {}
+        self.counters: Counter[str] = Counter()
+        self._ids = itertools.count(1)
+
+    # ---- named sessions -------------------------------------------------------------------------------------------
+    def named(self, base: SessionKey, hashes: Sequence[Hashable]) -> SessionKey | None:
+        """The branch of the named session `base` (branch 0) that a turn with prompt block hashes `hashes` joins: the
+        one whose anchor it continues (the deepest, if several), else a new branch; None past MAX_BRANCHES."""
+        branches = self.branches.get(base)
+        if branches is None:
+            branches = self.branches[base] = []
+        best: _Entry | None = None
+        best_idx = -2
+        n = len(hashes)
+        for e in branches:
+            anchor = e.anchor
+            if anchor is None:
+                idx = -1  # nothing to continue (a prompt shorter than one block): any turn does
+            else:
+                idx = anchor[0]
+                if idx >= n or hashes[idx] != anchor[1]:
+                    continue
+            if idx > best_idx:
+                best, best_idx = e, idx
+        if best is not None:
+            best.busy += 1
+            return best.key
+        if len(branches) >= MAX_BRANCHES:  # make room from branches that hold nothing (no pin, no turn running)
+            for e in [e for e in branches if not e.busy and not self.is_pinned(e.key)]:
+                self.forget(e.key)
+            branches = self.branches.setdefault(base, [])
+        if len(branches) >= MAX_BRANCHES:
+            self.counters["branch_overflows"] += 1
+            return None
+        if branches:
+            key = base._replace(branch=max(e.key.branch for e in branches) + 1)
+            self.counters["branches"] += 1
+        else:
+            key = base
+        self._add(key, (n - 1, hashes[-1]) if hashes else None, branches)
+        return key
+
+    # ---- inferred sessions ------------------------------------------------------------------------------------------
+    def infer(self, cache_salt: str | None, tenant: str | None, hashes: Sequence[Hashable]) -> SessionKey:
+        """The inferred session a request without a session field joins: the one whose last turn's prompt its prompt
+        extends (found by block hash, newest position first), else a new one."""
+        n = len(hashes)
+        index = self.index.get(tenant) or {}
+        for i in range(n - 1, max(n - 1 - INFER_SCAN_BLOCKS, -1), -1) if index else ():
+            e = index.get(hashes[i])
+            if e is None or e.key.cache_salt != cache_salt:
+                continue
+            if not e.busy and e.anchor is not None and e.anchor[0] == i:
+                e.busy += 1
+                self.counters["inference_hits"] += 1
+                self.counters["inferred_turns"] += 1
+                return e.key
+            break  # the newest turn this prompt extends is taken (a branch): a session of its own
+        key = SessionKey(SessionId(f"{INFERRED_PREFIX}{next(self._ids)}"), cache_salt, tenant, inferred=True)
+        self._add(key, None)  # indexed when its turn finishes
+        self.counters["inferred_sessions"] += 1
+        self.counters["inferred_turns"] += 1
+        return key
+
+    # ---- turn outcomes ------------------------------------------------------------------------------------------
+    def finished(self, key: SessionKey, anchor: Anchor | None) -> None:
+        """A turn of `key` finished; `anchor` is its prompt's last full block (None: shorter than a block). The
+        session's anchor moves there (a session ended while the turn ran is registered again, as its pin is)."""
+        e = self.entries.get(key)
+        if e is None:
+            branches = None if key.inferred else self.branches.setdefault(
+                key if key.branch == 0 else key._replace(branch=0), [])
+            e = self._add(key, anchor, branches)
+        else:
+            self.entries.move_to_end(key)
+        e.busy = max(e.busy - 1, 0)
+        if key.inferred:
+            index = self.index.setdefault(key.tenant, {})
+            if e.anchor is not None and index.get(e.anchor[1]) is e:
+                del index[e.anchor[1]]
+            if anchor is not None:
+                index[anchor[1]] = e
+        if anchor is not None:
+            e.anchor = anchor
+        self._trim()
+
+    def abandoned(self, key: SessionKey) -> None:
+        """A joined turn left before it ran (aborted): an inferred session can be joined again."""
+        e = self.entries.get(key)
+        if e is not None:
+            e.busy = max(e.busy - 1, 0)
+
+    def forget(self, key: SessionKey) -> None:
+        """The session ended: its anchor and branch slot go (a turn still in flight registers it again when it
+        finishes)."""
+        e = self.entries.pop(key, None)
+        if e is None:
+            return
+        index = self.index.get(key.tenant) if key.inferred else None
+        if e.anchor is not None and index is not None and index.get(e.anchor[1]) is e:
+            del index[e.anchor[1]]
+            if not index:
+                del self.index[key.tenant]
+        if not key.inferred:
+            base = key._replace(branch=0)
+            branches = self.branches.get(base)
+            if branches is not None and e in branches:
+                branches.remove(e)
+                if not branches:
+                    del self.branches[base]
+
+    def stats(self) -> dict[str, float]:
+        c = self.counters
+        return {"inferred_sessions": c["inferred_sessions"], "inferred_turns": c["inferred_turns"],
+                "inference_hits": c["inference_hits"], "branches": c["branches"],
+                "branch_overflows": c["branch_overflows"],
+                "inference_table_entries": sum(map(len, self.index.values()))}
+
+    # ---- internals ----------------------------------------------------------------------------------------------
+    def _add(self, key: SessionKey, anchor: Anchor | None, branches: list[_Entry] | None = None) -> _Entry:
+        e = self.entries[key] = _Entry(key, anchor)
+        e.busy = 1  # its turn is running: never forgotten by the trim below
+        if branches is not None:
+            branches.append(e)
+        self._trim()
+        return e
+
+    def _trim(self) -> None:
+        excess = len(self.entries) - self.config.max_entries
+        if excess <= 0:
+            return
+        drop: list[SessionKey] = []
+        # Bounded scan: entries with pins are skipped, and pins are bounded by the KV pool, not by traffic.
+        for key, e in itertools.islice(self.entries.items(), excess + self.TRIM_SCAN):
+            if len(drop) >= excess:
+                break
+            if not e.busy and not self.is_pinned(key):
+                drop.append(key)
+        for key in drop:
+            self.forget(key)

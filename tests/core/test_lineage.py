@@ -1,0 +1,185 @@
+"""Branches of named sessions and inferred sessions, decided on block hash chains (pure: hashes are tuples here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvsched.core.lineage import INFER_SCAN_BLOCKS, MAX_BRANCHES, InvalidLineageSetting, Lineage, LineageConfig
+from kvsched.core.sessions import SessionId, SessionKey
+
+
+def chain(*tokens: str) -> list[tuple[str, ...]]:
+    """Chained 'hashes' of full blocks: block i's hash names every block up to i (as vLLM's chained hash does)."""
+    return [tuple(tokens[: i + 1]) for i in range(len(tokens))]
+
+
+BASE = SessionKey(SessionId("victim"))
+
+
+def test_a_turn_that_continues_the_prefix_joins_the_branch_and_one_that_does_not_starts_its_own():
+    lin = Lineage(LineageConfig())
+    first = lin.named(BASE, chain("sys", "a1"))
+    assert first == BASE and first.branch == 0
+    lin.finished(first, (1, chain("sys", "a1")[1]))
+    assert lin.named(BASE, chain("sys", "a1", "ans", "a2")) is first  # continues: the same key object
+    stranger = lin.named(BASE, chain("sys", "evil"))
+    assert stranger is not None and stranger.branch == 1 and stranger.session_id == "victim"
+    lin.finished(stranger, (1, chain("sys", "evil")[1]))
+    # each goes on joining its own branch
+    assert lin.named(BASE, chain("sys", "evil", "more")) is stranger
+    assert lin.named(BASE, chain("sys", "a1", "ans", "a2", "x")) is first
+    assert lin.stats()["branches"] == 1
+
+
+def test_a_new_branch_is_anchored_on_arrival_so_a_concurrent_stranger_cannot_join_it():
+    lin = Lineage(LineageConfig())
+    owner = lin.named(BASE, chain("sys", "a1"))  # still running: no finish yet
+    other = lin.named(BASE, chain("sys", "b1"))
+    assert other is not None and other != owner
+
+
+def test_the_deepest_continued_anchor_wins_and_a_prompt_shorter_than_a_block_has_none():
+    lin = Lineage(LineageConfig())
+    short = lin.named(BASE, [])  # no full block: nothing to continue, any later turn does
+    lin.finished(short, None)
+    assert lin.named(BASE, chain("p")) is short
+    lin.finished(short, (0, chain("p")[0]))
+    deep = lin.named(BASE, chain("q"))  # branch 1 anchored at ("q",)
+    lin.finished(deep, (0, chain("q")[0]))
+    assert lin.named(BASE, chain("q", "r")) is deep
+
+
+def test_branches_are_capped_and_an_overflowing_turn_gets_no_session():
+    pinned: set[SessionKey] = set()
+    lin = Lineage(LineageConfig(), is_pinned=lambda k: k in pinned)
+    keys = [lin.named(BASE, chain(f"p{i}")) for i in range(MAX_BRANCHES)]
+    assert len(set(keys)) == MAX_BRANCHES
+    pinned.update(keys)
+    for i, k in enumerate(keys):
+        lin.finished(k, (0, chain(f"p{i}")[0]))
+    assert lin.named(BASE, chain("one-too-many")) is None
+    assert lin.stats()["branch_overflows"] == 1
+    pinned.discard(keys[3])  # its pin expired: its slot can be taken, the pinned branches stay
+    new = lin.named(BASE, chain("now-there-is-room"))
+    assert new is not None and new not in keys and keys[3] not in lin.entries
+    assert lin.named(BASE, chain("p5", "more")) is keys[5]
+
+
+def test_tenants_and_salts_are_separate_sessions_and_never_share_branches():
+    lin = Lineage(LineageConfig())
+    a = lin.named(SessionKey(SessionId("s"), tenant="key-a"), chain("x"))
+    b = lin.named(SessionKey(SessionId("s"), tenant="key-b"), chain("y"))
+    c = lin.named(SessionKey(SessionId("s"), cache_salt="salt"), chain("z"))
+    assert len({a, b, c}) == 3 and {k.branch for k in (a, b, c)} == {0}  # each is its own id's first branch
+
+
+def test_inference_joins_the_request_whose_prompt_this_one_extends():
+    lin = Lineage(LineageConfig())
+    t1 = chain("sys", "doc", "q1")
+    s = lin.infer(None, None, t1)
+    assert s.inferred and s.session_id.startswith("inferred-")
+    lin.finished(s, (2, t1[2]))
+    t2 = chain("sys", "doc", "q1", "a1", "q2")
+    assert lin.infer(None, None, t2) is s
+    lin.finished(s, (4, t2[4]))
+    assert lin.infer(None, None, chain("sys", "doc", "q1", "a1", "q2", "a2", "q3")) is s
+    st = lin.stats()
+    assert st["inferred_sessions"] == 1 and st["inference_hits"] == 2 and st["inferred_turns"] == 3
+
+
+def test_a_tenants_identical_prompt_never_displaces_anothers_entry():
+    lin = Lineage(LineageConfig())
+    t1 = chain("sys", "q1")
+    mine = lin.infer(None, "a", t1)
+    lin.finished(mine, (1, t1[1]))
+    theirs = lin.infer(None, "b", t1)
+    lin.finished(theirs, (1, t1[1]))
+    assert lin.infer(None, "a", chain("sys", "q1", "x")) is mine
+    assert lin.infer(None, "b", chain("sys", "q1", "y")) is theirs
+
+
+def test_inference_never_joins_across_salt_or_tenant():
+    lin = Lineage(LineageConfig())
+    t1 = chain("sys", "q1")
+    s = lin.infer("salt-a", None, t1)
+    lin.finished(s, (1, t1[1]))
+    assert lin.infer("salt-b", None, t1 + chain("sys", "q1", "x")[2:]) != s
+    assert lin.infer("salt-a", "other-key", chain("sys", "q1", "y")) != s
+    assert lin.infer("salt-a", None, chain("sys", "q1", "z")) is s
+
+
+def test_a_branch_of_an_inferred_session_the_first_continues_later_ones_fork():
+    lin = Lineage(LineageConfig())
+    t1 = chain("sys", "q")
+    s = lin.infer(None, None, t1)
+    lin.finished(s, (1, t1[1]))
+    first = lin.infer(None, None, chain("sys", "q", "x"))
+    second = lin.infer(None, None, chain("sys", "q", "y"))  # arrives while the first is in flight
+    assert first is s and second != s
+    lin.finished(first, (2, chain("sys", "q", "x")[2]))
+    third = lin.infer(None, None, chain("sys", "q", "z"))  # extends a turn the session has moved past
+    assert third not in (s, second)
+    assert lin.infer(None, None, chain("sys", "q", "x", "more")) is s
+
+
+def test_an_aborted_joined_turn_frees_the_session_to_be_joined_again():
+    lin = Lineage(LineageConfig())
+    t1 = chain("a")
+    s = lin.infer(None, None, t1)
+    lin.finished(s, (0, t1[0]))
+    assert lin.infer(None, None, chain("a", "b")) is s
+    lin.abandoned(s)
+    assert lin.infer(None, None, chain("a", "c")) is s
+
+
+def test_inference_scans_a_bounded_number_of_blocks_back():
+    lin = Lineage(LineageConfig())
+    t1 = chain("a")
+    s = lin.infer(None, None, t1)
+    lin.finished(s, (0, t1[0]))
+    near = chain("a", *[f"n{i}" for i in range(INFER_SCAN_BLOCKS - 1)])
+    assert lin.infer(None, None, near) is s
+    lin.finished(s, (0, t1[0]))
+    far = chain("a", *[f"f{i}" for i in range(INFER_SCAN_BLOCKS)])
+    assert lin.infer(None, None, far) != s
+
+
+def test_the_table_is_capped_oldest_first_but_never_forgets_a_pinned_or_running_session():
+    pinned: set[SessionKey] = set()
+    lin = Lineage(LineageConfig(max_entries=3), is_pinned=lambda k: k in pinned)
+    keys = []
+    for i in range(3):
+        t = chain(f"p{i}")
+        k = lin.infer(None, None, t)
+        lin.finished(k, (0, t[0]))
+        keys.append(k)
+    pinned.add(keys[0])
+    t = chain("p3")
+    k3 = lin.infer(None, None, t)  # running: kept; room is made from the oldest unpinned (keys[1])
+    assert keys[0] in lin.entries and keys[1] not in lin.entries and k3 in lin.entries
+    assert lin.infer(None, None, chain("p1", "x")) != keys[1]  # forgotten
+    assert len(lin.entries) <= 4 and lin.stats()["inference_table_entries"] <= 3
+
+
+def test_forget_frees_the_branch_slot_and_the_index_entry():
+    lin = Lineage(LineageConfig())
+    k = lin.named(BASE, chain("a"))
+    lin.finished(k, (0, chain("a")[0]))
+    lin.forget(k)
+    assert lin.named(BASE, chain("b")) == BASE  # the id starts over
+    t = chain("c")
+    s = lin.infer(None, None, t)
+    lin.finished(s, (0, t[0]))
+    lin.forget(s)
+    assert not lin.index
+
+
+@pytest.mark.parametrize("raw, on", [("0", False), ("off", False), ("1", True), ("TRUE", True)])
+def test_the_setting(raw, on):
+    assert LineageConfig.from_env({"KVSCHED_INFER_SESSIONS": raw}).infer_sessions is on
+    assert LineageConfig.from_env({}).infer_sessions is True
+
+
+def test_a_malformed_setting_names_the_variable():
+    with pytest.raises(InvalidLineageSetting, match="KVSCHED_INFER_SESSIONS='maybe'"):
+        LineageConfig.from_env({"KVSCHED_INFER_SESSIONS": "maybe"})
