@@ -157,14 +157,18 @@ def test_a_restore_that_fails_its_checksum_is_recomputed_and_the_request_finishe
     stats = s.kvsched.stats()
     assert stats["tier_load_failures"] == len(failed)
     s.kvsched.handle("end", "agent-1")
+    s.kvsched.handle("end_all")  # the flood's inferred sessions
     assert free_blocks(s) == usable_blocks(s)
 
 
-def test_a_session_due_soon_is_prefetched_before_its_request_arrives(harness_cfg, clock):
+def test_a_session_due_soon_is_prefetched_before_its_request_arrives(harness_cfg, clock, monkeypatch):
     """The policy expects the session back `expected_next_use_s` after its last turn: that much later (less the
     restore's horizon) its tier blocks are restored into the pool and pinned, before any request exists, and its next
-    turn hits them; a session not yet due is left in the tier."""
+    turn hits them; a session not yet due is left in the tier. (A due prefetch takes free blocks only: the flood runs
+    without session inference so that its blocks are free, not pinned as inferred sessions, once it is done.)"""
     from dataclasses import replace
+
+    monkeypatch.setenv("KVSCHED_INFER_SESSIONS", "0")
 
     from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
 
