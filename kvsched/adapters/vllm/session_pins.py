@@ -105,8 +105,11 @@ class SessionPins:
         if self.tier is not None:
             if hints.end:
                 self.tier.directory.drop_owner(key)
+                self.tier.end_session(key)
             elif groups and (tail := compat.partial_tail(self.scheduler, request, groups[0], self.block_size)):
                 self.tier.save_tail(key, *tail)
+            if groups and not hints.end:  # the disk and shared levels keep a copy (when configured)
+                self.tier.publish_turn(key, groups[0], self.policy.sessions.get(key))
             if self.prefetcher is not None and not hints.end:
                 self.prefetcher.on_turn_finished(request, key)
         if len(self.block_refs) > self.policy.budget_blocks:  # never, with the default budget (the whole pool)
@@ -191,6 +194,7 @@ class SessionPins:
         self.apply(self.policy.end(key))
         if self.tier is not None:
             self.tier.directory.drop_owner(key)
+            self.tier.end_session(key)
         if self.prefetcher is not None:
             self.prefetcher.on_ended(key)
 
