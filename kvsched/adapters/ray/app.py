@@ -70,4 +70,10 @@ def app_builder(args: dict[str, str]) -> Application:
     """For `serve run kvsched.adapters.ray.app:app_builder config=PATH.yaml`."""
     if "config" not in args:
         raise ValueError("pass config=PATH.yaml")
-    return build_app(load_config(Path(args["config"])))
+    from kvsched.adapters.ray.store import read_store_section, with_store
+
+    cfg = load_config(Path(args["config"]))
+    store = read_store_section(args["config"])
+    if store is not None and store.local:
+        raise ValueError("store.url local needs `kvsched ray-serve` (it starts the redis-server); give a redis:// URL")
+    return build_app(with_store(cfg, store.url, store) if store is not None else cfg)
