@@ -309,32 +309,9 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         return False, None
 
     def tier_stats(self) -> dict[str, Any]:
-        d = self.directory
-        assert d is not None
-        ref = self.stats["ref_sq"]
-        raw = self.geometry is not None and self.geometry.mode == "raw"
-        out: dict[str, Any] = {
-            "tier_enabled": float(self.enabled),
-            "tier_capacity_bytes": d.num_slots * d.block_bytes if self.enabled else 0, "tier_bytes": d.used_bytes,
-            "tier_blocks": d.used_slots, "tier_block_bytes": d.block_bytes,
-            "tier_demotions": d.counters["demotions"], "tier_demoted_blocks": d.counters["demoted_blocks"],
-            "tier_evicted_blocks": d.counters["evicted_blocks"], "tier_restores": self.stats["restores"],
-            "tier_restored_blocks": self.stats["restored_blocks"], "tier_restore_misses": self.stats["restore_misses"],
-            "tier_tails": len(d.tail_of), "tier_tails_stored": d.counters["tails_stored"],
-            "tier_restored_tail_tokens": self.stats["restored_tail_tokens"],
-            "tier_tail_restores": self.stats["tail_restores"],
-            "tier_load_failures": self.stats["load_failures"],
-            "tier_prefetched_blocks": self.stats["prefetched_blocks"],
-            "tier_kv_rel_rms_error": 0.0 if raw else (self.stats["err_sq"] / ref) ** 0.5 if ref > 0 else -1.0,
-            "tier_raw_fp8": float(raw),
-        }
-        if self.disabled_reason:
-            out["tier_disabled_reason"] = self.disabled_reason
-        if self.levels is not None:
-            out.update(self.levels.stats())
-            out.update({f"{level}_tier_restored_blocks": float(self.level_fetched.get(level, 0))
-                        for level in ("disk", "shared") if f"{level}_tier_read_failures" in out})
-        return out
+        from kvsched.adapters.vllm.tier_stats import tier_stats
+
+        return tier_stats(self)
 
     # ==== worker side ================================================================================================
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
