@@ -26,7 +26,6 @@ once in the log, `kvsched_tier_enabled` is 0 and the engine serves as it would w
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import deque
@@ -42,6 +41,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvsched.adapters.vllm import tier_blob, tier_host
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
+from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, MODULE_PATH, kv_transfer_config, kv_transfer_config_json
 from kvsched.adapters.vllm.tier_layout import TierGeometry, TierUnsupported, geometry_of, layer_views
 from kvsched.adapters.vllm.tier_levels import LevelsConfig, TierLevels
 from kvsched.adapters.vllm.tier_link import link_for
@@ -49,24 +49,10 @@ from kvsched.adapters.vllm.tier_meta import TierStepMeta, TierWorkerMeta
 from kvsched.core.tier import Load, TailKey, TierConfig, TierConfigError, TierDirectory, parse_tier_gib
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")  # vLLM's handlers and VLLM_LOGGING_LEVEL apply
-CONNECTOR_NAME = "KVSchedFP8TierConnector"
-MODULE_PATH = __name__
+
 ENV_TIER_GB = "KVSCHED_FP8_TIER_GB"
 ENV_FAULT_EVERY = "KVSCHED_TIER_FAULT_EVERY"  # tests: corrupt every n-th stored slot (restores must recompute)
-
-
-def kv_transfer_config(tier_gb: float | str = "auto", measure_error: bool = True, **levels: Any) -> dict[str, Any]:
-    """The `--kv-transfer-config` that enables kvsched's FP8 tier with `tier_gb` GiB of host memory (or "auto");
-    `levels`: the disk and shared levels under it (disk_dir, disk_gb, store_url; see tier_levels.LevelsConfig)."""
-    parse_tier_gib(tier_gb)  # validate early
-    extra = {"tier_gb": tier_gb, "measure_error": measure_error, **{k: v for k, v in levels.items() if v is not None}}
-    LevelsConfig.from_extra(extra)
-    return {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": MODULE_PATH, "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
-
-
-def kv_transfer_config_json(tier_gb: float | str = "auto") -> str:
-    return json.dumps(kv_transfer_config(tier_gb))
+__all__ = ["CONNECTOR_NAME", "MODULE_PATH", "KVSchedFP8TierConnector", "kv_transfer_config", "kv_transfer_config_json"]
 
 
 class KVSchedFP8TierConnector(KVConnectorBase_V1):
@@ -186,7 +172,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             self.levels.session_ended(owner)
 
     def _busy_slots(self) -> set[int]:
-        """Slots this step's stores and fetches write (their old bytes are gone before a spill could read them)."""
+        """Slots this step's stores and fetches write (a spill there would read bytes of another key)."""
         busy = {st.slot for st in self._step.stores}
         if self.levels is not None:
             busy.update(f.slot for f in self.levels.ops.fetches)
@@ -386,6 +372,11 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         if self.store is not None:
             self.store.seal_ready()  # check in the stores whose copies completed during the step
+
+    def shutdown(self) -> None:
+        """Writes still queued for the disk and shared levels get a few seconds (a restart then finds them)."""
+        if self.levels_worker is not None and not self.levels_worker.writer.flush(timeout_s=10.0):
+            logger.warning("kvsched disk/shared tier: writes still queued at shutdown were dropped")
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()

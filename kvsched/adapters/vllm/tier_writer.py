@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
@@ -39,9 +40,15 @@ class BackgroundWriter:
             out.append(self.results.popleft())
         return out
 
-    def flush(self) -> None:
-        """Wait until every queued job ran (tests, shutdown)."""
-        self._q.join()
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued job ran (tests, shutdown), at most `timeout_s`; True if the queue drained."""
+        if timeout_s is None:
+            self._q.join()
+            return True
+        deadline = time.monotonic() + timeout_s
+        while self._q.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._q.unfinished_tasks
 
     @property
     def backlog(self) -> int:
