@@ -15,6 +15,7 @@ A candidate that does not install or start is reported with the reason, not skip
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,31 @@ def measure(put: Callable[[str, bytes], Any], get: Callable[[str], bytes | None]
             "put_ms_per_value": round(1000 * t_put / n, 3), "get_ms_per_value": round(1000 * t_get / n, 3)}
 
 
+@contextlib.contextmanager
+def running(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def missing(exc: BaseException) -> dict[str, Any]:
+    return {"installed": False, "reason": f"{type(exc).__name__}: {exc}"}
+
+
+def each_size(out: dict[str, Any], put: Callable[[str, bytes], Any], get: Callable[[str], bytes | None],
+              clear: Callable[[], Any], total_bytes: int) -> dict[str, Any]:
+    for size in SIZES:
+        try:
+            out[f"{size >> 10}KiB"] = measure(put, get, size, total_bytes)
+        except RuntimeError as exc:
+            out[f"{size >> 10}KiB"] = {"error": str(exc)}
+        clear()
+    return out
+
+
 def probe_redis(total_bytes: int) -> dict[str, Any]:
     exe = shutil.which("redis-server")
     if exe is None:
@@ -74,23 +100,16 @@ def probe_redis(total_bytes: int) -> dict[str, Any]:
     import redis
 
     port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with running([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]) as proc:
         wait_port(port)
         r = redis.Redis(host="127.0.0.1", port=port)
         out: dict[str, Any] = {"installed": True, "version": r.info()["redis_version"],
                                "client": f"redis-py {redis.__version__}"}
-        for size in SIZES:
-            out[f"{size >> 10}KiB"] = measure(lambda k, v: r.set(k, v, ex=600), r.get, size, total_bytes)
-            r.flushall()
+        each_size(out, lambda k, v: r.set(k, v, ex=600), r.get, r.flushall, total_bytes)
         rss = int(subprocess.run(["ps", "-o", "rss=", "-p", str(proc.pid)], capture_output=True, text=True)
                   .stdout.strip() or 0)
         out["server_rss_mib_idle"] = round(rss / 1024, 1)
         return out
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def probe_mooncake(total_bytes: int) -> dict[str, Any]:
@@ -98,13 +117,12 @@ def probe_mooncake(total_bytes: int) -> dict[str, Any]:
         import mooncake
         from mooncake.store import MooncakeDistributedStore
     except Exception as exc:  # noqa: BLE001 - reported
-        return {"installed": False, "reason": f"{type(exc).__name__}: {exc}"}
-    master = Path(mooncake.__file__).with_name("mooncake_master")
+        return missing(exc)
     rpc, meta = free_port(), free_port()
-    proc = subprocess.Popen([str(master), f"--rpc_port={rpc}", "--rpc_address=127.0.0.1",
-                             "--enable_http_metadata_server=true", f"--http_metadata_server_port={meta}",
-                             "--default_kv_lease_ttl=600000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    argv = [str(Path(mooncake.__file__).with_name("mooncake_master")), f"--rpc_port={rpc}", "--rpc_address=127.0.0.1",
+            "--enable_http_metadata_server=true", f"--http_metadata_server_port={meta}",
+            "--default_kv_lease_ttl=600000"]
+    with running(argv):
         wait_port(rpc)
         wait_port(meta)
         store = MooncakeDistributedStore()
@@ -112,7 +130,6 @@ def probe_mooncake(total_bytes: int) -> dict[str, Any]:
                          f"127.0.0.1:{rpc}")
         if rc != 0:
             return {"installed": True, "started": False, "reason": f"setup returned {rc}"}
-        out: dict[str, Any] = {"installed": True, "started": True, "client": "mooncake.store (TCP)"}
 
         def put(k: str, v: bytes) -> None:
             if store.put(k, v) != 0:
@@ -122,19 +139,10 @@ def probe_mooncake(total_bytes: int) -> dict[str, Any]:
             got = store.get(k)
             return bytes(got) if got else None
 
-        for size in SIZES:
-            try:
-                out[f"{size >> 10}KiB"] = measure(put, get, size, total_bytes)
-            except RuntimeError as exc:
-                out[f"{size >> 10}KiB"] = {"error": str(exc)}
-            store.remove_all()
+        out = each_size({"installed": True, "started": True, "client": "mooncake.store (TCP)"}, put, get,
+                        store.remove_all, total_bytes)
         store.close()
         return out
-    except Exception as exc:  # noqa: BLE001 - reported
-        return {"installed": True, "started": False, "reason": f"{type(exc).__name__}: {exc}"}
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def probe_lmcache(total_bytes: int) -> dict[str, Any]:
@@ -143,7 +151,7 @@ def probe_lmcache(total_bytes: int) -> dict[str, Any]:
         import lmcache.v1.storage_backend.connector as connectors
         import torch
     except Exception as exc:  # noqa: BLE001 - reported
-        return {"installed": False, "reason": f"{type(exc).__name__}: {exc}"}
+        return missing(exc)
     import pkgutil
 
     remote = sorted(m.name[:-len("_connector")] for m in pkgutil.iter_modules(connectors.__path__)
