@@ -137,7 +137,7 @@ def _side(cfg: Any, port: int, sessions_n: int, warm_turns: int, seed: int, stor
         errors["warmup"] += _round(client, sessions, turn, None)
         turn += 1
     serve.run(build_app(two), name="migration", route_prefix="/")  # scale-up: the existing replica stays
-    _wait(lambda: len(_replica_actors()) >= 2, 300, "the second replica")
+    _wait(lambda: _running() >= 2, 300, "the second replica")
     time.sleep(3.0)  # the router's stats period: the new slot is on the ring
     errors["scale_up"] += _round(client, sessions, turn, moves["scale_up"])
     turn += 1
@@ -147,7 +147,7 @@ def _side(cfg: Any, port: int, sessions_n: int, warm_turns: int, seed: int, stor
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
     errors["kill"] += _round(client, by_victim, turn, moves["kill"])
     turn += 1
-    _wait(lambda: len(_replica_actors()) >= 2 and victim not in " ".join(a["name"] for a in _replica_actors()),
+    _wait(lambda: _running() >= 2 and victim not in " ".join(a["name"] for a in _replica_actors()),
           300, "the replacement replica")
     time.sleep(3.0)
     for _ in range(3):  # the replacement takes its slot back once the router sees it; its sessions return
@@ -161,6 +161,17 @@ def _side(cfg: Any, port: int, sessions_n: int, warm_turns: int, seed: int, stor
     return _summary(all_moves, sum(errors.values())) | {
         "by_event": {e: _summary(moves[e], errors[e]) for e in EVENTS}, "warmup_errors": errors["warmup"],
         "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _running() -> int:
+    """Engine replicas of the migration app that are RUNNING (started and healthy)."""
+    from ray import serve
+
+    app = serve.status().applications.get("migration")
+    if app is None:
+        return 0
+    return sum(int(n) for d in app.deployments.values() for state, n in d.replica_states.items()
+               if str(getattr(state, "value", state)) == "RUNNING" and d is app.deployments.get("engine-tiny"))
 
 
 def _replica_actors() -> list[dict[str, Any]]:

@@ -91,11 +91,15 @@ def test_a_restarted_engine_serves_its_sessions_next_turns_from_disk_and_never_a
     disk = str(tmp_path / "kv")
     sessions = {f"disk-{i}": history(f"disk-{i}") for i in range(4)}
     reference = {}
+    damaged = list(sessions)[-1]
     with VllmServer(spec(tiny_model_dir, "--kvsched-disk-tier-dir", disk)) as a:
         for sid, msgs in sessions.items():
             first, _ = chat(a, msgs, sid)
+            # the damaged session's next turn adds several blocks, the others' at most one: its reference turn runs
+            # last, so the newest files on disk are its last blocks
+            more = "next " + ("value " * 120 if sid == damaged else "")
             msgs += [{"role": "assistant", "content": first.choices[0].message.content},
-                     {"role": "user", "content": "next"}]
+                     {"role": "user", "content": more}]
         for sid, msgs in sessions.items():  # the next turn as this engine answers it, from its own exact KV
             reference[sid] = chat(a, msgs, sid, max_tokens=12)[0]
         written = wait_stable(a, "kvsched_disk_tier_written_blocks_total")
@@ -108,7 +112,6 @@ def test_a_restarted_engine_serves_its_sessions_next_turns_from_disk_and_never_a
     data = bytearray(flipped.read_bytes())
     data[-1] ^= 0x41
     flipped.write_bytes(bytes(data))
-    damaged = list(sessions)[-1]
     with VllmServer(spec(tiny_model_dir, "--kvsched-disk-tier-dir", disk)) as b:
         start = b.metrics()
         assert start["kvsched_disk_tier_indexed_blocks_total"] == written
@@ -116,16 +119,18 @@ def test_a_restarted_engine_serves_its_sessions_next_turns_from_disk_and_never_a
         mid = b.metrics()
         replies[damaged] = chat(b, sessions[damaged], damaged, max_tokens=12)[0]
         end = b.metrics()
-    # the engine's own metrics: the intact sessions' next turns came from the disk level
-    prompt = sum(r.usage.prompt_tokens for sid, r in replies.items() if sid != damaged)
-    from_disk = (mid["kvsched_disk_tier_restored_blocks_total"] - start["kvsched_disk_tier_restored_blocks_total"])
-    assert from_disk * BLOCK >= 0.9 * prompt, (from_disk * BLOCK, prompt)
+    # the engine's own metrics: a fresh engine, so every prompt token it did not compute came from the disk level
+    d = {k: mid.get(k, 0.0) - start.get(k, 0.0) for k in mid}
+    prompt = d["vllm:prompt_tokens_total"]
+    hits = d["vllm:prefix_cache_hits_total"] + d.get("vllm:external_prefix_cache_hits_total", 0.0)
+    assert prompt == sum(r.usage.prompt_tokens for sid, r in replies.items() if sid != damaged)
+    assert hits >= 0.9 * prompt, (hits, prompt)
+    assert d["kvsched_disk_tier_restored_blocks_total"] * BLOCK >= 0.85 * prompt  # shared system blocks read once
     for sid, r in replies.items():
-        share = cached(r) / r.usage.prompt_tokens
-        assert share >= 0.9 if sid != damaged else share < 0.97, (sid, cached(r), r.usage.prompt_tokens)
+        if sid != damaged:
+            assert cached(r) >= 0.9 * r.usage.prompt_tokens, (sid, cached(r), r.usage.prompt_tokens)
     # the torn and the flipped block were skipped, not served: that session recomputed from the first bad block on
     assert end["kvsched_disk_tier_read_failures_total"] == 2
-    assert cached(replies[damaged]) <= replies[damaged].usage.prompt_tokens - BLOCK
     for sid, reply in replies.items():  # restored (FP8) or recomputed: the greedy continuation is the same
         assert reply.choices[0].message.content == reference[sid].choices[0].message.content, sid
 
