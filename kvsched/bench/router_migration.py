@@ -181,7 +181,7 @@ def _replica_actors() -> list[dict[str, Any]]:
             if "SERVE_REPLICA" in a["name"] and "engine-" in a["name"]]
 
 
-def migration_run(sessions: int = 8, warm_turns: int = 4, seed: int = 0) -> dict[str, Any]:
+def migration_run(sessions: int = 8, warm_turns: int = 6, seed: int = 0) -> dict[str, Any]:
     """Both sides in one Ray cluster, one after the other (the shared side's redis-server started here)."""
     import ray
     from ray import serve

@@ -70,7 +70,7 @@ def wait_stable(server, name, quiet_s=1.0, timeout_s=30.0) -> float:
     return last
 
 
-def history(sid, words=330):
+def history(sid, words=170):
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"tool output of {sid}: " + " ".join(
         f"row{i}={(i * 7919 + len(sid)) % 1000}" for i in range(words))}]
 
@@ -205,7 +205,7 @@ def test_store_killed_mid_run_every_turn_is_answered_and_it_reconnects(replicas,
 def test_a_replica_killed_with_sessions_in_flight_loses_no_session(replicas):
     b, c = replicas
     sids = ["inflight-1", "inflight-2"]
-    msgs = {s: history(s, words=200) for s in sids}
+    msgs = {s: history(s, words=150) for s in sids}
     for sid in sids:
         reply, _ = chat(b, msgs[sid], sid)
         msgs[sid] += [{"role": "assistant", "content": reply.choices[0].message.content},
