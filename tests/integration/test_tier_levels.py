@@ -157,7 +157,7 @@ def test_a_moved_session_keeps_its_kv_and_is_served_compacted_at_once(replicas):
     compacted = 0
     for turn in range(6):
         reply, headers = chat(b, msgs, "moved", compaction="summarize")
-        compacted = int(headers.get("x-kvsched-compacted", 0))
+        compacted, last_prompt = int(headers.get("x-kvsched-compacted", 0)), reply.usage.prompt_tokens
         msgs += [{"role": "assistant", "content": reply.choices[0].message.content},
                  {"role": "user", "content": f"tool result {turn}: " + "value " * 40}]
         if compacted and turn >= 2:
@@ -172,8 +172,8 @@ def test_a_moved_session_keeps_its_kv_and_is_served_compacted_at_once(replicas):
     assert after["kvsched_compaction_summary_calls_total"] == before.get("kvsched_compaction_summary_calls_total", 0)
     assert after["kvsched_moved_sessions_total"] - before.get("kvsched_moved_sessions_total", 0) == 1
     restored = after["kvsched_shared_tier_restored_blocks_total"] - before["kvsched_shared_tier_restored_blocks_total"]
-    assert restored >= 1 and cached(reply) >= 0.8 * reply.usage.prompt_tokens, (restored, cached(reply),
-                                                                                 reply.usage.prompt_tokens)
+    # every full block of what the first replica computed last turn came back: only the new turn's text is prefilled
+    assert restored >= 1 and cached(reply) >= last_prompt // BLOCK * BLOCK, (restored, cached(reply), last_prompt)
 
 
 def test_store_killed_mid_run_every_turn_is_answered_and_it_reconnects(replicas, redis):
@@ -206,9 +206,10 @@ def test_a_replica_killed_with_sessions_in_flight_loses_no_session(replicas):
     b, c = replicas
     sids = ["inflight-1", "inflight-2"]
     msgs = {s: history(s, words=150) for s in sids}
+    first = {}
     for sid in sids:
-        reply, _ = chat(b, msgs[sid], sid)
-        msgs[sid] += [{"role": "assistant", "content": reply.choices[0].message.content},
+        first[sid], _ = chat(b, msgs[sid], sid)
+        msgs[sid] += [{"role": "assistant", "content": first[sid].choices[0].message.content},
                       {"role": "user", "content": "continue"}]
     time.sleep(0.5)  # written behind
     errors: list[BaseException] = []
@@ -231,7 +232,7 @@ def test_a_replica_killed_with_sessions_in_flight_loses_no_session(replicas):
     before = c.metrics()
     for sid in sids:  # the client retries each turn on the ring successor
         reply, _ = chat(c, msgs[sid], sid)
-        assert cached(reply) >= 0.8 * reply.usage.prompt_tokens, (sid, cached(reply), reply.usage.prompt_tokens)
+        assert cached(reply) >= first[sid].usage.prompt_tokens // BLOCK * BLOCK, (sid, cached(reply))
     after = c.metrics()
     assert after["kvsched_moved_sessions_total"] - before["kvsched_moved_sessions_total"] == 2
     assert after["kvsched_shared_tier_read_failures_total"] == before["kvsched_shared_tier_read_failures_total"]
