@@ -2,8 +2,9 @@
 the shared level (a local redis-server every replica reads and writes), in one run.
 
 One pool of the tiny model behind kvsched's router on a local Ray cluster, at most two replicas (2 cores). Per side:
-- warm-up: one replica (slot-0); every session runs a few turns with `X-KVSched-Compaction: summarize` and a low
-  trigger, so most of them are compacted before any move;
+- warm-up: one replica (slot-0); every session (an agent with its own ~500-token instructions and tool schema, a
+  ~110-token tool result per turn) runs 8 turns with `X-KVSched-Compaction: summarize` and a 600-token trigger, so
+  they are compacted before any move;
 - scale-up: a second replica is added (slot-1); the sessions the ring now maps there move;
 - kill and restart: slot-0's replica actor is killed; its sessions move to slot-1; Ray starts a replacement in slot-0
   and they move back to it (a fresh engine: its KV and compaction state are empty).
@@ -27,8 +28,9 @@ from typing import Any
 
 from kvsched.bench.common import percentile
 
-COMPACTION_ENV = {"KVSCHED_COMPACTION_TRIGGER_TOKENS": "300", "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2",
+COMPACTION_ENV = {"KVSCHED_COMPACTION_TRIGGER_TOKENS": "600", "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2",
                   "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "24"}
+TOOLS = 24  # tool descriptions in each agent's system prompt (~500 tokens: an agent's instructions and tool schema)
 EVENTS = ("scale_up", "kill", "restart")
 
 
@@ -42,7 +44,14 @@ class Session:
 
 
 def _tool_result(rng: random.Random, turn: int) -> str:
-    return f"tool result {turn}: " + " ".join(f"r{rng.randrange(1000)}={rng.randrange(10**6)}" for _ in range(28))
+    return f"tool result {turn}: " + " ".join(f"r{rng.randrange(1000)}={rng.randrange(10**6)}" for _ in range(16))
+
+
+def _system(i: int, rng: random.Random) -> str:
+    """Agent i's own instructions and tool schema (each session a different agent: no prefix shared across them)."""
+    tools = "\n".join(f"- tool_{i}_{k}(query: str, limit: int = {rng.randrange(5, 50)}): returns rows of "
+                      f"table_{rng.randrange(100)}" for k in range(TOOLS))
+    return f"You are agent {i} of workflow {i // 3}. Keep every number you read. Tools:\n{tools}"
 
 
 def _turn(client: Any, s: Session, turn: int) -> dict[str, Any]:
@@ -125,9 +134,8 @@ def _side(cfg: Any, port: int, sessions_n: int, warm_turns: int, seed: int, stor
     one = dataclasses.replace(cfg, pools=(dataclasses.replace(pool, replicas=1),))
     two = dataclasses.replace(cfg, pools=(dataclasses.replace(pool, replicas=2),))
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=180)
-    sessions = [Session(f"mig{i}/worker-{i % 3}", random.Random(f"{seed}/{i}"),
-                        [{"role": "system", "content": f"You are agent {i}. Keep every number you read."}])
-                for i in range(sessions_n)]
+    sessions = [Session(f"mig{i}/worker-{i % 3}", rng := random.Random(f"{seed}/{i}"),
+                        [{"role": "system", "content": _system(i, rng)}]) for i in range(sessions_n)]
     moves: dict[str, list[dict[str, Any]]] = {e: [] for e in EVENTS}
     errors: dict[str, int] = dict.fromkeys(("warmup", *EVENTS), 0)
     t0 = time.perf_counter()
@@ -181,7 +189,7 @@ def _replica_actors() -> list[dict[str, Any]]:
             if "SERVE_REPLICA" in a["name"] and "engine-" in a["name"]]
 
 
-def migration_run(sessions: int = 8, warm_turns: int = 6, seed: int = 0) -> dict[str, Any]:
+def migration_run(sessions: int = 8, warm_turns: int = 8, seed: int = 0) -> dict[str, Any]:
     """Both sides in one Ray cluster, one after the other (the shared side's redis-server started here)."""
     import ray
     from ray import serve
