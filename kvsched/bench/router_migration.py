@@ -139,19 +139,25 @@ def _side(cfg: Any, port: int, sessions_n: int, warm_turns: int, seed: int, stor
     moves: dict[str, list[dict[str, Any]]] = {e: [] for e in EVENTS}
     errors: dict[str, int] = dict.fromkeys(("warmup", *EVENTS), 0)
     t0 = time.perf_counter()
-    serve.run(build_app(one), name="migration", route_prefix="/")
+    version = f"migration-{'shared' if store_url else 'local'}"
+    serve.run(build_app(one, version=version), name="migration", route_prefix="/")
     turn = 0
     for _ in range(warm_turns):
         errors["warmup"] += _round(client, sessions, turn, None)
         turn += 1
-    serve.run(build_app(two), name="migration", route_prefix="/")  # scale-up: the existing replica stays
+    serve.run(build_app(two, version=version), name="migration", route_prefix="/")  # scale-up: the replica stays
+    if not any(s.replica and s.replica in " ".join(a["name"] for a in _replica_actors()) for s in sessions):
+        raise RuntimeError("migration bench: the scale-up replaced the serving replica instead of adding one")
     _wait(lambda: _running() >= 2, 300, "the second replica")
     time.sleep(3.0)  # the router's stats period: the new slot is on the ring
     errors["scale_up"] += _round(client, sessions, turn, moves["scale_up"])
     turn += 1
     victim = next(iter({s.replica for s in sessions} - {None}))  # a replica serving sessions now
     by_victim = [s for s in sessions if s.replica == victim]
-    actor = next(a for a in _replica_actors() if victim in a["name"])
+    actors = _replica_actors()
+    actor = next((a for a in actors if victim in a["name"]), None)
+    if actor is None:
+        raise RuntimeError(f"migration bench: no replica actor named after {victim!r}: {[a['name'] for a in actors]}")
     ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
     errors["kill"] += _round(client, by_victim, turn, moves["kill"])
     turn += 1
@@ -185,8 +191,7 @@ def _running() -> int:
 def _replica_actors() -> list[dict[str, Any]]:
     import ray
 
-    return [a for a in ray.util.list_named_actors(all_namespaces=True)
-            if "SERVE_REPLICA" in a["name"] and "engine-" in a["name"]]
+    return [a for a in ray.util.list_named_actors(all_namespaces=True) if "engine-" in a["name"]]
 
 
 def migration_run(sessions: int = 8, warm_turns: int = 8, seed: int = 0) -> dict[str, Any]:

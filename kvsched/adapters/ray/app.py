@@ -58,8 +58,11 @@ def engine_options(pool: PoolConfig, cfg: RayServeConfig, router_path: str = ROU
     return opts
 
 
-def build_app(cfg: RayServeConfig, router_path: str = ROUTER_PATH) -> Application:
-    engines = {p.name: serve.deployment(EngineReplica).options(**engine_options(p, cfg, router_path)).bind(
+def build_app(cfg: RayServeConfig, router_path: str = ROUTER_PATH, version: str | None = None) -> Application:
+    """`version`: a fixed deployment version, so that redeploying with only `replicas` changed scales the pools in
+    place instead of replacing every replica (what Ray does to a deployment without one)."""
+    extra = {"version": version} if version is not None else {}
+    engines = {p.name: serve.deployment(EngineReplica).options(**engine_options(p, cfg, router_path), **extra).bind(
         p.name, dataclasses.asdict(p.engine)) for p in cfg.pools}
     ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
                                                       ray_actor_options={"num_cpus": 0})
