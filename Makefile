@@ -9,7 +9,7 @@ FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP := $(VENV)/.kvsched-installed
 EXT_STAMP := $(VENV)/.kvsched-ext
 
-.PHONY: install ext test test-fast lint demo bench clean gpu-check
+.PHONY: install ext test test-fast lint demo bench clean gpu-check redis
 
 install: $(STAMP)
 
@@ -39,7 +39,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check kvsched kernels tests benchmarks
 	$(BIN)/mypy kvsched/core
 
-test: $(EXT_STAMP) lint
+# The shared level's tests run against a real redis-server (Debian's package), started on a random loopback port.
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
+	  || echo "make: could not install redis-server; the shared-store tests will be skipped"
+
+test: $(EXT_STAMP) lint redis
 	KVSCHED_REQUIRE_EXT=1 $(BIN)/python -m pytest -q tests
 
 test-fast: $(EXT_STAMP)

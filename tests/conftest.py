@@ -32,3 +32,16 @@ def tiny_model_dir() -> Path:
     from kvsched.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model("test")
+
+
+@pytest.fixture
+def redis_server():
+    """A real redis-server on a random loopback port (apt package redis-server; `make test` installs it)."""
+    from kvsched.adapters.store.local_redis import LocalRedis, RedisUnavailable
+
+    try:
+        server = LocalRedis()
+    except RedisUnavailable as exc:
+        pytest.skip(str(exc))
+    with server as s:
+        yield s

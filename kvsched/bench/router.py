@@ -56,6 +56,8 @@ def register(subparsers: Any) -> None:
                    help="also a real run: a local Ray cluster, 2 CPU replicas of the tiny model, each router in turn")
     p.add_argument("--real-sessions", type=int, default=12)
     p.add_argument("--real-turns", type=int, default=4)
+    p.add_argument("--migration-only", action="store_true",
+                   help="with --real: only the migration scenario (kvsched.bench.router_migration), not the routers")
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=run)
 
@@ -338,8 +340,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
            "gates": gates(by_size, args.load_factor), "provenance": provenance()}
     if args.real:
         from kvsched.adapters.ray.loadtest import real_run
+        from kvsched.bench.router_migration import migration_run
 
-        out["real_2_replicas"] = real_run(args.real_sessions, args.real_turns, args.seed)
+        if not args.migration_only:
+            out["real_2_replicas"] = real_run(args.real_sessions, args.real_turns, args.seed)
+        out["migration"] = migration_run(seed=args.seed)
+        out["gates"].update({f"migration_{k}": v for k, v in out["migration"]["gates"].items()})
     return out
 
 
@@ -377,6 +383,10 @@ def run(args: argparse.Namespace) -> int:
         print(table([[p, r["affinity"], r["max_over_mean_load"], r["follow_up_ttft_ms_p50"],
                       r["follow_up_ttft_ms_p95"], r["errors"]] for p, r in real["policies"].items()],
                     ["policy", "affinity", "max/mean requests", "follow-up TTFT ms p50", "p95", "errors"]))
+    if "migration" in result:
+        from kvsched.bench.router_migration import print_migration
+
+        print_migration(result["migration"])
     for gate, ok in result["gates"].items():
         print(f"  [{'PASS' if ok else 'FAIL'}] {gate}")
     write_json(args.out, result)

@@ -45,9 +45,33 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"kvsched ray-serve: {exc}", file=sys.stderr)
         return 2
+    from kvsched.adapters.ray.store import read_store_section
+
+    try:
+        store = read_store_section(args.config)
+    except ConfigError as exc:
+        print(f"kvsched ray-serve: {exc}", file=sys.stderr)
+        return 2
     print(describe(cfg))
+    if store is not None:
+        print(f"  shared store: {'a local redis-server (started here)' if store.local else store.url} "
+              f"(KV blocks, session metadata, compaction summaries)")
     if args.dry_run:
         return 0
+    local = None
+    if store is not None:
+        from kvsched.adapters.ray.store import with_store
+
+        if store.local:
+            from kvsched.adapters.store.local_redis import LocalRedis, RedisUnavailable
+
+            try:
+                local = LocalRedis(maxmemory_mb=store.maxmemory_mb).start()
+            except RedisUnavailable as exc:
+                print(f"kvsched ray-serve: store.url local: {exc}", file=sys.stderr)
+                return 2
+            print(f"kvsched ray-serve: shared store {local.url}")
+        cfg = with_store(cfg, local.url if local is not None else store.url, store)
 
     import ray
     from ray import serve
@@ -66,4 +90,6 @@ def run(args: argparse.Namespace) -> int:
     print("kvsched ray-serve: shutting down")
     serve.shutdown()
     ray.shutdown()
+    if local is not None:
+        local.stop()
     return 0

@@ -219,6 +219,12 @@ class CompactionStore:
     def summary_message(self, summary: str) -> dict[str, str]:
         return {"role": self.config.summary_role, "content": self.config.summary_prefix + summary}
 
+    def adopt(self, session: str, checkpoints: Sequence[Checkpoint]) -> None:
+        """Take checkpoints another replica made for `session` (from the shared store), as if committed here."""
+        state = self._session(session)
+        for cp in checkpoints:
+            self._store(state, cp)
+
     def forget(self, session: str) -> None:
         """The session ended: drop its checkpoints (a job still in flight may store one more; the LRU bound holds)."""
         self.sessions.pop(session, None)

@@ -144,6 +144,9 @@ class TierDirectory:
         self.tail_of: dict[Owner, TailKey] = {}  # one partial last block per session
         self._tails: dict[Key, set[TailKey]] = {}  # parent key -> tails stored after it
         self.counters: Counter[str] = Counter()
+        # Called with (key, slot, owner) when pressure evicts a full block, before its slot is reused: a lower level
+        # (the disk, kvsched.core.disk_tier) may keep it. Not called for blocks dropped because their session ended.
+        self.on_evict: Callable[[Key, int, Owner | None], None] | None = None
 
     # ---- demotion ---------------------------------------------------------------------------------------------
     def demote(self, owner: Owner, blocks: Sequence[tuple[Key, int]]) -> list[Store]:
@@ -151,14 +154,25 @@ class TierDirectory:
 
         Keys already held only gain the owner (no copy). A key that finds no slot ends the demotion: a restore needs
         an unbroken run of the prefix, so a later block without its predecessor would be useless."""
-        stores: list[Store] = []
-        if not blocks or self.num_slots == 0:
-            return stores
+        ids = dict(blocks)
+        stores = [Store(ids[key], slot) for key, slot in self.admit(owner, [key for key, _ in blocks])]
+        if stores:
+            self.counters["demotions"] += 1
+            self.counters["demoted_blocks"] += len(stores)
+        return stores
+
+    def admit(self, owner: Owner, keys: Sequence[Key]) -> list[tuple[Key, int]]:
+        """Slots for `owner`'s `keys` (prefix order) the tier does not hold yet: (key, slot) of each new one, whose
+        bytes the caller then puts there (a demotion from the pool, or a fetch from a lower level). Keys already held
+        only gain the owner; a key that finds no slot ends the run."""
+        placed: list[tuple[Key, int]] = []
+        if not keys or self.num_slots == 0:
+            return placed
         mine = self.keys_of.pop(owner, [])
-        self.keys_of[owner] = mine  # most recently demoted last: the eviction sample takes the others first
+        self.keys_of[owner] = mine  # most recently admitted last: the eviction sample takes the others first
         mine_set = set(mine)
-        self._make_room(sum(1 for key, _ in blocks if key not in self.slot_of), owner)
-        for key, block_id in blocks:
+        self._make_room(sum(1 for key in keys if key not in self.slot_of), owner)
+        for key in keys:
             if key in self.slot_of:
                 if key not in mine_set:
                     self.owners[key].add(owner)
@@ -174,13 +188,10 @@ class TierDirectory:
             mine.append(key)
             mine_set.add(key)
             self._evicted.pop(key, None)
-            stores.append(Store(block_id, slot))
+            placed.append((key, slot))
         if not mine:
             del self.keys_of[owner]
-        if stores:
-            self.counters["demotions"] += 1
-            self.counters["demoted_blocks"] += len(stores)
-        return stores
+        return placed
 
     def put_tail(self, owner: Owner, parent: Key, tokens: Sequence[int], block_id: int) -> Store | None:
         """`owner` finished a turn whose KV ends in `tokens` (fewer than a block) after the full block `parent`, held
@@ -249,6 +260,8 @@ class TierDirectory:
         self._locked.clear()
         for key in self._orphans:
             if key in self.slot_of and not self.owners.get(key):
+                if self.on_evict is not None and not isinstance(key, TailKey):
+                    self.on_evict(key, self.slot_of[key], None)
                 self._free_key(key)
                 self.counters["evicted_blocks"] += 1
         self._orphans.clear()
@@ -358,6 +371,8 @@ class TierDirectory:
                 if self.slot_of[key] in self._locked:  # a load reads it this step: freed once the metadata is built
                     self._orphans.append(key)
                     continue
+                if self.on_evict is not None:  # the disk/shared levels may keep a copy (spill)
+                    self.on_evict(key, self.slot_of[key], victim)
                 self._free_key(key)
                 self.counters["evicted_blocks"] += 1
                 want -= 1

@@ -179,3 +179,20 @@ def test_a_tail_a_load_reads_this_step_is_not_reused_before_the_step_is_built():
     assert d.used_slots == 1 and d._free == [] and d.counters["tails_refused"] == 2
     d.unlock_all()
     assert d.used_slots == 0 and d._free == [slot] and d.tail_of == {}
+
+
+def test_admit_places_keys_and_evictions_are_reported_for_the_disk_level() -> None:
+    from kvsched.core.tier import TierConfig, TierDirectory
+
+    values = {"low": 1.0, "high": 2.0}
+    d = TierDirectory(TierConfig(budget_bytes=300), block_bytes=100, value_of=lambda o: values.get(o, 0.0))
+    spilled: list[tuple[object, int, object]] = []
+    d.on_evict = lambda key, slot, owner: spilled.append((key, slot, owner))
+    assert d.admit("low", ["a", "b"]) == [("a", 0), ("b", 1)]
+    assert d.admit("low", ["a"]) == []  # held: no new slot
+    placed = d.admit("high", ["c", "d"])
+    assert [k for k, _ in placed] == ["c", "d"]
+    assert spilled == [("b", 1, "low")]  # the lower-value session's tail block, before its slot is reused
+    d.lock([placed[0][1]])
+    d.drop_owner("high")  # a session's end is not an eviction
+    assert len(spilled) == 1

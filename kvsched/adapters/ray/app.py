@@ -58,8 +58,11 @@ def engine_options(pool: PoolConfig, cfg: RayServeConfig, router_path: str = ROU
     return opts
 
 
-def build_app(cfg: RayServeConfig, router_path: str = ROUTER_PATH) -> Application:
-    engines = {p.name: serve.deployment(EngineReplica).options(**engine_options(p, cfg, router_path)).bind(
+def build_app(cfg: RayServeConfig, router_path: str = ROUTER_PATH, version: str | None = None) -> Application:
+    """`version`: a fixed deployment version, so that redeploying with only `replicas` changed scales the pools in
+    place instead of replacing every replica (what Ray does to a deployment without one)."""
+    extra = {"version": version} if version is not None else {}
+    engines = {p.name: serve.deployment(EngineReplica).options(**engine_options(p, cfg, router_path), **extra).bind(
         p.name, dataclasses.asdict(p.engine)) for p in cfg.pools}
     ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
                                                       ray_actor_options={"num_cpus": 0})
@@ -70,4 +73,10 @@ def app_builder(args: dict[str, str]) -> Application:
     """For `serve run kvsched.adapters.ray.app:app_builder config=PATH.yaml`."""
     if "config" not in args:
         raise ValueError("pass config=PATH.yaml")
-    return build_app(load_config(Path(args["config"])))
+    from kvsched.adapters.ray.store import read_store_section, with_store
+
+    cfg = load_config(Path(args["config"]))
+    store = read_store_section(args["config"])
+    if store is not None and store.local:
+        raise ValueError("store.url local needs `kvsched ray-serve` (it starts the redis-server); give a redis:// URL")
+    return build_app(with_store(cfg, store.url, store) if store is not None else cfg)

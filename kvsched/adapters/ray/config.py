@@ -126,7 +126,8 @@ ENGINE_KEYS = {"model", "served_model_name", "scheduler", "max_model_len", "bloc
 POOL_KEYS = {"name", "models", "roles", "long_context", "device", "replicas", "num_cpus", "num_gpus",
              "max_ongoing_requests", "autoscaling"} | ENGINE_KEYS
 TOP_KEYS = {"pools", "router", "long_context_tokens", "default_pool", "http", "app_name", "route_prefix",
-            "health_check_period_s", "health_check_timeout_s", "request_retries"}
+            "health_check_period_s", "health_check_timeout_s", "request_retries",
+            "store"}  # read by kvsched.adapters.ray.store
 
 
 def parse_pool(i: int, raw: Any) -> PoolConfig:

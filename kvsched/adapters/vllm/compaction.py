@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
 from kvsched.adapters.vllm.http_io import error_body
 from kvsched.core.compaction import CompactionStore, Message, Plan, SummaryJob, message_digest
 from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy, parse_strategy
@@ -86,6 +87,7 @@ class Compactor:
         self.summary_seconds = 0.0
         self._tokenizer = tokenizer
         self._token_cache: OrderedDict[bytes, int] = OrderedDict()
+        self.shared = SharedCheckpoints.from_env()  # checkpoints in the shared store (KVSCHED_STORE_URL), if any
 
     # ---- the request path ---------------------------------------------------------------------------------------
     async def prepare(self, scope: Mapping[str, Any], payload: dict[str, Any], headers: Mapping[str, str],
@@ -122,6 +124,8 @@ class Compactor:
             self.counters["token_count_errors"] += 1
             return UNCHANGED
         key = json.dumps([payload.get("model"), payload.get("cache_salt"), tenant, session])
+        if self.shared is not None and key not in self.store.sessions:  # moved here: its summaries come along
+            await self.shared.load_into(self.store, key)
         if self.config.wait_for_summary and key in self.tasks:
             await self._wait(key)  # a summary of this session is being made: use it
         plan = self.store.plan(key, messages, counts, strategy)
@@ -134,6 +138,8 @@ class Compactor:
                 plan = self.store.plan(key, messages, counts, strategy)
         if xargs.get(compat.XARG_END):
             self.store.forget(key)
+            if self.shared is not None:
+                self.shared.forget(key)
         return self._apply(plan, payload)
 
     def _apply(self, plan: Plan, payload: dict[str, Any]) -> Outcome:
@@ -182,6 +188,8 @@ class Compactor:
         except Exception:
             tokens = self.config.summary_target_tokens
         self.store.commit(job, summary, tokens)
+        if self.shared is not None:
+            self.shared.save(self.store, job.session)
 
     async def _call(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
         body: dict[str, Any] = {
@@ -236,6 +244,7 @@ class Compactor:
             "saved_tokens": float(c["saved_tokens"]),
             **{f"rewritten_{st.value}": float(c[f"rewritten_{st.value}"]) for st in Strategy},
             **{f"failed_{r}": float(s[f"failed_{r}"]) for r in FAILURE_REASONS},
+            **({k: float(v) for k, v in self.shared.counters.items()} if self.shared is not None else {}),
         }
 
     def render_metrics(self, openmetrics: bool = False) -> bytes:
@@ -267,6 +276,8 @@ COUNTERS = {
     "refused_choices": "Requests refused (HTTP 403) for a strategy the operator did not enable for clients",
     "replaced_messages": "Client messages replaced by a summary or dropped, over all rewritten requests",
     "saved_tokens": "Prompt tokens removed by compaction (estimated with the served tokenizer)",
+    "shared_checkpoints_loaded": "Summaries taken from the shared store for sessions new to this server (moved)",
+    "shared_checkpoints_saved": "Times a session's summaries were written to the shared store",
 }
 
 

@@ -195,6 +195,17 @@ def fp8_tier(scheduler: Any) -> Any:
     return connector if isinstance(connector, KVSchedFP8TierConnector) else None
 
 
+def worker_rank() -> int:
+    """This worker's rank in the tensor-parallel group (0 without one): the disk and shared levels keep a file/entry
+    per rank."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # not initialised (a single process): rank 0
+        return 0
+
+
 def block_pool(scheduler: Any) -> Any:
     return scheduler.kv_cache_manager.block_pool
 
@@ -395,6 +406,10 @@ def _scheduler_cls_type(value: str) -> str:
 
 
 TIER_DEST = "kvsched_fp8_tier_gb"  # where the parser keeps --kvsched-fp8-tier-gb until the arguments are complete
+# --kvsched-disk-tier-dir / -gb and --kvsched-store-url: the levels under the tier (kept here until parsing is done)
+LEVEL_FLAGS = {"--kvsched-disk-tier-dir": "disk_dir", "--kvsched-disk-tier-gb": "disk_gb",
+               "--kvsched-store-url": "store_url"}
+LEVELS_DEST = "kvsched_tier_levels"
 
 
 class _TierAction(argparse.Action):
@@ -426,13 +441,15 @@ def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
     asked = getattr(ns, TIER_DEST, None)
     if asked is not None:
         delattr(ns, TIER_DEST)
+    levels = _take_levels(parser, ns)
     if not is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):
         if asked is not None:
             parser.error("--kvsched-fp8-tier-gb needs --scheduler kvsched (the tier holds KV kvsched releases)")
         return
     if getattr(ns, "kv_transfer_config", None) is not None:
-        if asked is not None:
-            parser.error("--kvsched-fp8-tier-gb sets --kv-transfer-config; pass only one of them")
+        if asked is not None or levels:
+            parser.error("--kvsched-fp8-tier-gb / --kvsched-disk-tier-* / --kvsched-store-url set "
+                         "--kv-transfer-config; pass only one of them")
         return  # the user's own connector (the tier's JSON, or another one): kvsched runs without adding its tier
     size: Any = asked if asked is not None else os.environ.get(ENV_TIER_GB, "auto")
     try:
@@ -440,10 +457,40 @@ def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
     except TierConfigError as exc:
         parser.error(f"{ENV_TIER_GB}: {exc}")
     if gib == 0:
+        if levels:
+            parser.error("the disk and shared levels restore through the FP8 tier: they need it on "
+                         "(--kvsched-fp8-tier-gb > 0 or auto)")
         return
     from vllm.config import KVTransferConfig
 
-    ns.kv_transfer_config = KVTransferConfig(**kv_transfer_config("auto" if gib is None else gib))
+    from kvsched.core.disk_tier import DiskConfigError
+
+    try:
+        cfg = kv_transfer_config("auto" if gib is None else gib, **levels)
+    except (DiskConfigError, ValueError) as exc:
+        parser.error(str(exc))
+    if levels.get("store_url"):  # the API server's compaction reads the same store (kvsched.adapters.store)
+        os.environ.setdefault("KVSCHED_STORE_URL", str(levels["store_url"]))
+    ns.kv_transfer_config = KVTransferConfig(**cfg)
+
+
+def _take_levels(parser: Any, ns: argparse.Namespace) -> dict[str, Any]:
+    """The --kvsched-disk-tier-* / --kvsched-store-url values given, removed from the namespace (vLLM never sees
+    them); an error if given without --scheduler kvsched."""
+    levels = getattr(ns, LEVELS_DEST, None) or {}
+    if hasattr(ns, LEVELS_DEST):
+        delattr(ns, LEVELS_DEST)
+    if levels and not is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):
+        parser.error(f"{', '.join(f for f, k in LEVEL_FLAGS.items() if k in levels)} need --scheduler kvsched")
+    return dict(levels)
+
+
+class _LevelAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        levels = dict(getattr(namespace, LEVELS_DEST, None) or {})
+        levels[LEVEL_FLAGS[str(option_string)]] = values
+        setattr(namespace, LEVELS_DEST, levels)
 
 
 def extend_engine_parser(parser: Any) -> None:
@@ -469,6 +516,16 @@ def extend_engine_parser(parser: Any) -> None:
              "recomputed. Default auto: min(2x the KV pool's bytes, 1/4 of available host memory / GPUs); 0 turns it "
              "off (added by the kvsched plugin; sets --kv-transfer-config).",
     )
+    for flag, metavar, text in (
+            ("--kvsched-disk-tier-dir", "DIR", "Local-disk level under the FP8 tier: each turn's KV blocks are written "
+             "behind to DIR (and what the tier evicts), and restored from there, e.g. after a restart on the same "
+             "DIR (added by the kvsched plugin)."),
+            ("--kvsched-disk-tier-gb", "GIB", "Size of the disk level (default: half the free space of DIR's file "
+             "system)."),
+            ("--kvsched-store-url", "redis://HOST:PORT", "Shared level: a Redis every replica of the pool reads and "
+             "writes (KV blocks, session metadata, compaction summaries), so a session served elsewhere next turn "
+             "keeps its KV and its summary (also KVSCHED_STORE_URL).")):
+        parser.add_argument(flag, action=_LevelAction, default=argparse.SUPPRESS, metavar=metavar, help=text)
     parser.set_defaults(middleware=[MIDDLEWARE_PATH])
     _check_after_parsing(parser)
 

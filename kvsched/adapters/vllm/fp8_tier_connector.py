@@ -26,12 +26,10 @@ once in the log, `kvsched_tier_enabled` is 0 and the engine serves as it would w
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -41,55 +39,20 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvsched.adapters.vllm import tier_host
+from kvsched.adapters.vllm import tier_blob, tier_host
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
+from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, MODULE_PATH, kv_transfer_config, kv_transfer_config_json
 from kvsched.adapters.vllm.tier_layout import TierGeometry, TierUnsupported, geometry_of, layer_views
+from kvsched.adapters.vllm.tier_levels import LevelsConfig, TierLevels
 from kvsched.adapters.vllm.tier_link import link_for
-from kvsched.core.tier import Load, Store, TailKey, TierConfig, TierConfigError, TierDirectory, parse_tier_gib
+from kvsched.adapters.vllm.tier_meta import TierStepMeta, TierWorkerMeta
+from kvsched.core.tier import Load, TailKey, TierConfig, TierConfigError, TierDirectory, parse_tier_gib
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")  # vLLM's handlers and VLLM_LOGGING_LEVEL apply
-CONNECTOR_NAME = "KVSchedFP8TierConnector"
-MODULE_PATH = __name__
+
 ENV_TIER_GB = "KVSCHED_FP8_TIER_GB"
 ENV_FAULT_EVERY = "KVSCHED_TIER_FAULT_EVERY"  # tests: corrupt every n-th stored slot (restores must recompute)
-
-
-def kv_transfer_config(tier_gb: float | str = "auto", measure_error: bool = True) -> dict[str, Any]:
-    """The `--kv-transfer-config` that enables kvsched's FP8 tier with `tier_gb` GiB of host memory (or "auto")."""
-    parse_tier_gib(tier_gb)  # validate early
-    return {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": MODULE_PATH, "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"tier_gb": tier_gb, "measure_error": measure_error}}
-
-
-def kv_transfer_config_json(tier_gb: float | str = "auto") -> str:
-    return json.dumps(kv_transfer_config(tier_gb))
-
-
-@dataclass
-class TierStepMeta(KVConnectorMetadata):
-    """One step's tier work, scheduler -> workers: stores, then prefetches (both before the step), then the
-    scheduled requests' loads."""
-
-    stores: list[Store] = field(default_factory=list)
-    prefetches: list[Load] = field(default_factory=list)
-    loads: list[Load] = field(default_factory=list)
-
-
-@dataclass
-class TierWorkerMeta(KVConnectorWorkerMetadata):
-    """Worker -> scheduler, per step: what the store did (summed over workers)."""
-
-    loaded_blocks: int = 0
-    failed_blocks: int = 0
-    err_sq: float = 0.0
-    ref_sq: float = 0.0
-    disabled: str = ""  # why this worker cannot run the tier (reported once)
-
-    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
-        assert isinstance(other, TierWorkerMeta)
-        return TierWorkerMeta(self.loaded_blocks + other.loaded_blocks, self.failed_blocks + other.failed_blocks,
-                              self.err_sq + other.err_sq, self.ref_sq + other.ref_sq, self.disabled or other.disabled)
+__all__ = ["CONNECTOR_NAME", "MODULE_PATH", "KVSchedFP8TierConnector", "kv_transfer_config", "kv_transfer_config_json"]
 
 
 class KVSchedFP8TierConnector(KVConnectorBase_V1):
@@ -102,6 +65,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         requested = parse_tier_gib(extra.get("tier_gb", os.environ.get(ENV_TIER_GB)))
         self.measure_error = bool(extra.get("measure_error", True))
+        self.levels_cfg = LevelsConfig.from_extra(extra)  # the disk and shared levels under the tier (optional)
+        self.world_size = int(getattr(vllm_config.parallel_config, "world_size", 1) or 1)
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             raise TierConfigError("kvsched's FP8 tier needs kv_load_failure_policy 'recompute' in --kv-transfer-config "
                                   "(a slot that fails its checksum must be recomputed, not fail the request)")
@@ -131,7 +96,10 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
                                         "restored_tail_tokens": 0,
                                         "restore_misses": 0, "load_failures": 0, "err_sq": 0.0, "ref_sq": 0.0,
                                         "prefetched_blocks": 0}
+        self.levels: TierLevels | None = None
+        self.level_fetched: dict[str, int] = {}
         # worker side
+        self.levels_worker: Any = None
         self.store: TierStore | None = None
         self._errors: set[int] = set()
         self._worker_meta = TierWorkerMeta()
@@ -142,6 +110,15 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
                 budget = tier_host.budget_bytes(requested, self.geometry, self.num_blocks)
             self.directory = TierDirectory(TierConfig(budget), block_bytes, value_of=lambda owner: 0.0)
             self.num_slots = self.directory.num_slots
+            if self.levels_cfg.enabled and self.geometry is not None and self.num_slots > 0:
+                ident, desc = tier_blob.identity_of(vllm_config, self.geometry, self.world_size)
+                self.levels = TierLevels(self.levels_cfg, ident, desc, block_bytes, self.world_size,
+                                         value_of=lambda owner: self.directory.value_of(owner)
+                                         if self.directory is not None else 0.0)
+                self.levels._busy_slots = self._busy_slots
+                self.directory.on_evict = self.levels.on_host_evict
+            elif self.levels_cfg.enabled:
+                logger.warning("kvsched disk/shared tier levels need the FP8 tier (they restore through it); off")
             if self.disabled_reason:
                 logger.warning("kvsched FP8 tier disabled: %s", self.disabled_reason)
             else:
@@ -172,6 +149,32 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         stores = self.directory.demote(owner, blocks)
         self._step.stores.extend(stores)
         return len(stores)
+
+    def publish_turn(self, owner: Any, blocks: Sequence[Any], rec: Any) -> None:
+        """`owner`'s turn finished holding `blocks` (vLLM's cached full blocks, prefix order): the disk and shared
+        levels keep a copy, written behind (tier_levels)."""
+        if self.levels is not None and self.enabled:
+            from kvsched.adapters.vllm.compat import block_content_key
+
+            self.levels.turn_finished(owner, [(block_content_key(b), b.block_id) for b in blocks], rec)
+
+    def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int) -> int:
+        """A request of `owner` arrived: blocks of its prefix past `start` that only the disk or shared level holds
+        get host slots and are fetched at the start of the step (then prefetched like any tier block)."""
+        if self.levels is None or not self.enabled or self.directory is None:
+            return 0
+        return self.levels.promote(owner, chain, start, limit, self.directory)
+
+    def end_session(self, owner: Any) -> None:
+        if self.levels is not None:
+            self.levels.session_ended(owner)
+
+    def _busy_slots(self) -> set[int]:
+        """Slots this step's stores and fetches write (a spill there would read bytes of another key)."""
+        busy = {st.slot for st in self._step.stores}
+        if self.levels is not None:
+            busy.update(f.slot for f in self.levels.ops.fetches)
+        return busy
 
     def save_tail(self, owner: Any, parent: Any, tokens: list[int], block_id: int) -> bool:
         """`owner`'s turn finished with `tokens` of KV (fewer than a block) in pool block `block_id`, after the full
@@ -253,6 +256,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         assert self.directory is not None
         meta, self._step = self._step, TierStepMeta()
         self._drop_superseded(meta)
+        if self.levels is not None:
+            meta.levels = self.levels.take_ops()  # before unlock_all: spills of slots it frees go to the next step
         self.steps_built += 1
         if self._step_loads:
             self._loading.append(self._step_loads)
@@ -286,6 +291,11 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             self.stats["load_failures"] += len(bad)
             self.on_load_failures(bad)
         meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, TierWorkerMeta) and self.levels is not None:
+            self.levels.written(meta.disk_done, meta.disk_full)
+            self.levels.fetch_failed(meta.fetch_failures)
+            for level, n in meta.fetched.items():
+                self.level_fetched[level] = self.level_fetched.get(level, 0) + n
         if isinstance(meta, TierWorkerMeta):
             self.stats["err_sq"] += meta.err_sq
             self.stats["ref_sq"] += meta.ref_sq
@@ -299,29 +309,9 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         return False, None
 
     def tier_stats(self) -> dict[str, Any]:
-        d = self.directory
-        assert d is not None
-        ref = self.stats["ref_sq"]
-        raw = self.geometry is not None and self.geometry.mode == "raw"
-        out: dict[str, Any] = {
-            "tier_enabled": float(self.enabled),
-            "tier_capacity_bytes": d.num_slots * d.block_bytes if self.enabled else 0, "tier_bytes": d.used_bytes,
-            "tier_blocks": d.used_slots, "tier_block_bytes": d.block_bytes,
-            "tier_demotions": d.counters["demotions"], "tier_demoted_blocks": d.counters["demoted_blocks"],
-            "tier_evicted_blocks": d.counters["evicted_blocks"], "tier_restores": self.stats["restores"],
-            "tier_restored_blocks": self.stats["restored_blocks"], "tier_restore_misses": self.stats["restore_misses"],
-            "tier_tails": len(d.tail_of), "tier_tails_stored": d.counters["tails_stored"],
-            "tier_restored_tail_tokens": self.stats["restored_tail_tokens"],
-            "tier_tail_restores": self.stats["tail_restores"],
-            "tier_superseded_loads": self.stats["superseded_loads"],
-            "tier_load_failures": self.stats["load_failures"],
-            "tier_prefetched_blocks": self.stats["prefetched_blocks"],
-            "tier_kv_rel_rms_error": 0.0 if raw else (self.stats["err_sq"] / ref) ** 0.5 if ref > 0 else -1.0,
-            "tier_raw_fp8": float(raw),
-        }
-        if self.disabled_reason:
-            out["tier_disabled_reason"] = self.disabled_reason
-        return out
+        from kvsched.adapters.vllm.tier_stats import tier_stats
+
+        return tier_stats(self)
 
     # ==== worker side ================================================================================================
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -336,11 +326,21 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             return
         self.store = TierStore(views, self.geometry.mode, link, measure_error=self.measure_error)
         self.store.corrupt_every = self._fault_every
+        if self.levels_cfg.enabled:
+            from kvsched.adapters.vllm.compat import worker_rank
+            from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker
+
+            ident, desc = tier_blob.identity_of(self._vllm_config, self.geometry, self.world_size)
+            self.levels_worker = TierLevelsWorker(self.levels_cfg, ident, desc, worker_rank(), self.world_size,
+                                                  self.store)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         meta = kv_connector_metadata
         if self.store is None or not isinstance(meta, TierStepMeta):
             return
+        levels = meta.levels if self.levels_worker is not None else None
+        if levels:  # spills read slots the stores below may overwrite; publishes read blocks loads may overwrite
+            self.levels_worker.before_stores(levels)
         if meta.stores:
             stores = meta.stores
             try:
@@ -348,6 +348,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             except Exception:  # never take the engine down for a cache: the slots fail their checksum, recomputed
                 logger.exception("kvsched FP8 tier: storing %d blocks failed", len(stores))
                 self.store.invalidate([s.slot for s in stores])
+        if levels and levels.fetches:  # host slots filled from disk or the shared store, before loads read them
+            self.levels_worker.fetch(levels)
         if meta.prefetches:  # into cached blocks a request of this very step may hit: ordered before its layers
             self._load(meta.prefetches)
 
@@ -385,6 +387,11 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         if self.store is not None:
             self.store.seal_ready()  # check in the stores whose copies completed during the step
 
+    def shutdown(self) -> None:
+        """Writes still queued for the disk and shared levels get a few seconds (a restart then finds them)."""
+        if self.levels_worker is not None and not self.levels_worker.writer.flush(timeout_s=10.0):
+            logger.warning("kvsched disk/shared tier: writes still queued at shutdown were dropped")
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()
         return errors
@@ -394,6 +401,9 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         if self.store is not None:
             meta.err_sq, meta.ref_sq = self.store.err_sq, self.store.ref_sq
             self.store.err_sq = self.store.ref_sq = 0.0
-        if not (meta.loaded_blocks or meta.failed_blocks or meta.ref_sq or meta.disabled):
-            return None
-        return meta
+        if self.levels_worker is not None:
+            meta.disk_done, meta.disk_full, meta.fetch_failures = self.levels_worker.report()
+            c = self.levels_worker.counters
+            meta.fetched = {level: c.pop(f"{level}_fetched_blocks") for level in ("disk", "shared")
+                            if c.get(f"{level}_fetched_blocks")}
+        return meta if meta else None

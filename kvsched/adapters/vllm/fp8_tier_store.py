@@ -78,6 +78,30 @@ class HostSlots:
             if cs is not None and s is not None:
                 s.index_copy_(0, p, cs.index_select(0, loc))
 
+    def payload(self, slot: int) -> bytes:
+        """The slot's bytes, view by view (scales, then pages): what the disk and shared levels keep."""
+        parts: list[bytes] = []
+        for cq, cs in self._chunk(slot // self.per_chunk):
+            local = slot % self.per_chunk
+            if cs is not None:
+                parts.append(cs[local].numpy().tobytes())
+            parts.append(cq[local].numpy().tobytes())
+        return b"".join(parts)
+
+    def put_payload(self, slot: int, payload: bytes) -> None:
+        """Write `payload` (as `payload` returns it; its length already checked) into the slot."""
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        at = 0
+        for cq, cs in self._chunk(slot // self.per_chunk):
+            local = slot % self.per_chunk
+            if cs is not None:
+                n = cs[local].numel() * 4
+                cs[local].view(torch.uint8).view(-1).copy_(data[at:at + n])
+                at += n
+            n = cq[local].numel()
+            cq[local].view(-1).copy_(data[at:at + n])
+            at += n
+
     def checksum(self, slot: int) -> int:
         """CRC32 of the slot's bytes, view by view (scales, then pages)."""
         crc = 0
@@ -97,6 +121,23 @@ class PendingStore:
     slots: list[int]
     staged: list[tuple[torch.Tensor, torch.Tensor | None]]  # per view: host rows (+ scales)
     error: torch.Tensor | None = None  # sampled (|x - x'|^2, |x|^2) of the first block, on the host
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """Blocks copied out of the KV cache for a lower level: payload(i) once `event` has completed."""
+
+    event: Event
+    staged: list[tuple[torch.Tensor, torch.Tensor | None]]
+
+    def payload(self, i: int) -> bytes:
+        self.event.synchronize()
+        parts: list[bytes] = []
+        for q, s in self.staged:
+            if s is not None:
+                parts.append(s[i].contiguous().numpy().tobytes())
+            parts.append(q[i].contiguous().numpy().tobytes())
+        return b"".join(parts)
 
 
 def _error_sample(page: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -138,8 +179,29 @@ class TierStore:
         if not block_ids:
             return
         self.seal_ready()
-        link = self.link
         partial = self.quantize and any(t > 0 for t in tokens or ())
+        event, staged, error = self._gather(block_ids, partial)
+        self.link.fence_compute(event)  # the blocks may be reused by this very step: not before the copy has read them
+        pending = PendingStore(event, list(slots), staged, error)
+        for slot in slots:
+            self.crc[slot] = UNSEALED  # until its copy has completed and been checked in
+            self.latest[slot] = pending
+        self.pending.append(pending)
+        self.counters["stored_blocks"] += len(block_ids)
+        self.seal_ready()
+
+    def snapshot(self, block_ids: Sequence[int]) -> Snapshot:
+        """Copy (quantize) blocks out of the KV cache for the disk or shared level, without taking tier slots: the
+        returned `Snapshot` yields each block's payload (as `HostSlots.payload` lays it out) once its copy completed,
+        on any thread (the worker's background writer serializes it, off the engine step)."""
+        event, staged, _ = self._gather(block_ids, False, measure=False)
+        self.link.fence_compute(event)
+        self.counters["snapshot_blocks"] += len(block_ids)
+        return Snapshot(event, staged)
+
+    def _gather(self, block_ids: Sequence[int], partial: bool, measure: bool = True,
+                ) -> tuple[Event, list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor | None]:
+        link = self.link
         staged: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         errors: list[torch.Tensor] = []
         with link.side():
@@ -153,21 +215,14 @@ class TierStore:
                 if self.quantize:
                     q, s = gather_quantize_blocks(cache, sel)
                     rows: torch.Tensor = q.view(torch.uint8)
-                    if self.measure_error:
+                    if self.measure_error and measure:
                         errors.append(_error_sample(cache.index_select(0, sel[:1]), q[:1], s[:1]))
                 else:
                     rows, s = cache.index_select(0, sel).view(torch.uint8), None
                 staged.append((self._to_host(rows), self._to_host(s) if s is not None else None))
             error = self._to_host(torch.stack(errors).sum(0)) if errors else None
             event = link.record()
-        link.fence_compute(event)  # the blocks may be reused by this very step: not before the copy has read them
-        pending = PendingStore(event, list(slots), staged, error)
-        for slot in slots:
-            self.crc[slot] = UNSEALED  # until its copy has completed and been checked in
-            self.latest[slot] = pending
-        self.pending.append(pending)
-        self.counters["stored_blocks"] += len(block_ids)
-        self.seal_ready()
+        return event, staged, error
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type == "cpu":
@@ -245,6 +300,33 @@ class TierStore:
         self.counters["loaded_blocks"] += len(good)
         self.counters["checksum_failures"] += len(bad)
         return [block_ids[i] for i in bad]
+
+    # ---- lower levels (disk, shared store) -------------------------------------------------------------------
+    @property
+    def payload_len(self) -> int:
+        """Bytes of one slot's payload (`HostSlots.payload`)."""
+        return sum(h * r * b + (h * 4 if self.quantize else 0)
+                   for (h, r, _), b in zip(self.slots.shapes, self.slots.row_bytes, strict=True))
+
+    def slot_payload(self, slot: int) -> bytes | None:
+        """The bytes of a sealed slot that still passes its checksum (for a lower level), else None."""
+        self.seal_ready(wait_for={slot})
+        crc = self.crc.get(slot, UNSEALED)
+        if crc == UNSEALED or crc != self.slots.checksum(slot):
+            return None
+        return self.slots.payload(slot)
+
+    def fill(self, slot: int, payload: bytes) -> bool:
+        """Put a payload a lower level returned (already verified there) into `slot` and seal it; a payload of the
+        wrong size leaves the slot failing its checksum (the load then recomputes)."""
+        self.latest.pop(slot, None)
+        if len(payload) != self.payload_len:
+            self.crc[slot] = UNSEALED
+            return False
+        self.slots.put_payload(slot, payload)
+        self.crc[slot] = self.slots.checksum(slot)
+        self.counters["filled_slots"] += 1
+        return True
 
     def fence_layer(self, name: str) -> None:
         """The compute stream waits for the restores into layer `name` (vLLM's `wait_for_layer_load`)."""

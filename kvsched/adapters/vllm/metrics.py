@@ -24,6 +24,11 @@ GAUGES = {
     "tier_capacity_bytes": "The FP8 tier's byte budget (--kvsched-fp8-tier-gb, or the default rule)",
     "tier_blocks": "KV blocks the FP8 tier holds",
     "tier_tails": "Sessions whose partial last block (KV past their last full block) the FP8 tier holds",
+    "disk_tier_bytes": "Bytes of KV blocks the disk level holds (--kvsched-disk-tier-dir)",
+    "disk_tier_capacity_bytes": "The disk level's byte budget (--kvsched-disk-tier-gb, or half the free space; shrunk "
+                                "to what it holds when the disk fills up)",
+    "disk_tier_blocks": "KV blocks the disk level holds",
+    "store_up": "1 while the shared store (--kvsched-store-url) answers, 0 during an outage (requests recompute)",
     "tier_kv_rel_rms_error": "Relative RMS error of FP8-tiered KV against the original, sampled at demotion "
                              "(-1: nothing measured; 0 when the cache is already FP8 and stored as is)",
 }
@@ -63,8 +68,24 @@ COUNTERS = {
     "tier_restored_tail_tokens": "Prompt tokens restored from a session's partial last block in the FP8 tier",
     "tier_restore_misses": "Requests whose next prefix block had been in the FP8 tier but was evicted",
     "tier_load_failures": "Tier blocks that failed their checksum at restore (recomputed instead)",
+    "disk_tier_written_blocks": "KV blocks written to the disk level (behind, by the worker's background thread)",
+    "disk_tier_write_failures": "Disk-level writes that failed (e.g. a full disk); those blocks are recomputed if needed",
+    "disk_tier_evicted_blocks": "Disk-level blocks deleted for room (unclaimed first, then lowest retention value)",
+    "disk_tier_indexed_blocks": "KV blocks found in the disk level's directory at start-up",
+    "disk_tier_restored_blocks": "KV blocks read back from the disk level into the FP8 tier (then into the pool)",
+    "disk_tier_read_failures": "Disk-level blocks not served: torn, truncated, corrupted, another model's or missing "
+                               "(recomputed)",
+    "shared_tier_restored_blocks": "KV blocks read from the shared store into the FP8 tier (then into the pool)",
+    "shared_tier_read_failures": "Shared-store blocks not served: missing (expired, store down) or failing their "
+                                 "checks (recomputed)",
+    "store_outages": "Times the shared store became unreachable (each logged once)",
+    "store_failed_calls": "Shared-store calls that failed (the request went on without the store)",
+    "store_skipped_calls": "Shared-store calls skipped while waiting out the reconnect backoff",
+    "moved_sessions": "Sessions whose first request here had last been served by another replica (per the store)",
+    "moved_sessions_restored": "Moved sessions whose KV was restored from the shared store",
 }
 TIER_ONLY = frozenset(k for k in (*GAUGES, *COUNTERS) if k.startswith("tier_"))
+LEVEL_PREFIXES = ("disk_tier_", "shared_tier_", "store_", "moved_")  # only when that level is configured
 RELEASE_REASONS = ("turn", "ttl", "end", "pressure", "budget")
 
 
@@ -75,10 +96,12 @@ class _StatsCollector:
     def collect(self) -> Iterator[Metric]:
         tier = "tier_capacity_bytes" in self.stats  # tier series only when the server runs the FP8 tier
         for name, doc in GAUGES.items():
+            if name.startswith(LEVEL_PREFIXES) and name not in self.stats:
+                continue
             if tier or name not in TIER_ONLY:
                 yield GaugeMetricFamily(f"kvsched_{name}", doc, value=float(self.stats.get(name, 0)))
         for name, doc in COUNTERS.items():
-            if not tier and name in TIER_ONLY:
+            if (not tier and name in TIER_ONLY) or (name.startswith(LEVEL_PREFIXES) and name not in self.stats):
                 continue
             yield CounterMetricFamily(f"kvsched_{name}", doc, value=float(self.stats.get(name, 0)))
         if reason := self.stats.get("tier_disabled_reason"):

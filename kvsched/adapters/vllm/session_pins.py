@@ -105,9 +105,13 @@ class SessionPins:
             self.resolver.forget(key)
         else:
             self.resolver.finished(request.request_id, key)
-        if self.tier is not None and not hints.end:
+        if self.tier is not None and hints.end:
+            self.tier.end_session(key)  # the disk and shared levels forget it too
+        elif self.tier is not None:
             if groups and (tail := compat.partial_tail(self.scheduler, request, groups[0], self.block_size)):
                 self.tier.save_tail(key, *tail)
+            if groups:  # the disk and shared levels keep a copy (when configured)
+                self.tier.publish_turn(key, groups[0], self.policy.sessions.get(key))
             if self.prefetcher is not None:
                 self.prefetcher.on_turn_finished(request, key)
         self.pins.enforce_budget()
@@ -166,6 +170,7 @@ class SessionPins:
         self.resolver.forget(key)
         if self.tier is not None:
             self.tier.directory.drop_owner(key)
+            self.tier.end_session(key)
         if self.prefetcher is not None:
             self.prefetcher.on_ended(key)
 

@@ -76,8 +76,11 @@ class TierPrefetcher:
 
     # ---- triggers ---------------------------------------------------------------------------------------------------
     def on_request_added(self, request: Any, key: SessionKey) -> None:
+        limit = (int(request.num_tokens) - 1) // self.pins.block_size
+        if getattr(self.tier, "levels", None) is not None:  # blocks only the disk or shared level holds: fetched
+            chain = request.block_hashes  # into the tier this step, then prefetched below like any tier block
+            self.tier.promote(key, chain, len(compat.cached_prefix(self.pins.scheduler, chain, limit)), limit)
         if self._holds(key):
-            limit = (int(request.num_tokens) - 1) // self.pins.block_size
             self._prefetch(key, list(request.block_hashes), limit, reserve=0, request=request, trigger="queued")
 
     def on_turn_finished(self, request: Any, key: SessionKey) -> None:

@@ -1,0 +1,85 @@
+"""How one FP8-tier block leaves the engine for the disk or shared level: a framed payload that says what it is.
+
+    magic "KVSBLK01" | identity (16 bytes) | rank u16 | key length u16 | payload length u64 | CRC32 u32 | key | payload
+
+`identity` is a digest of the model and the cache geometry (`identity_of`): another model, dtype, block size,
+tensor-parallel size or tier mode gives another identity, so its blocks are never served here, even from a directory
+or store shared by mistake. `key` is vLLM's content hash of the block (it covers every earlier token and the
+`cache_salt`). The CRC covers identity, rank, key and payload: a torn or truncated file, a flipped byte, a block of
+another key or rank all fail `decode`, which says why; the caller then recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+MAGIC = b"KVSBLK01"
+HEAD = struct.Struct("<8s16sHHQI")
+
+
+class BlobError(ValueError):
+    """A framed block that must not be served; the message says why (counted, then recomputed)."""
+
+
+def encode(identity: str, rank: int, key: bytes, payload: bytes) -> bytes:
+    ident = bytes.fromhex(identity)
+    crc = zlib.crc32(payload, zlib.crc32(key, zlib.crc32(struct.pack("<16sH", ident, rank))))
+    return HEAD.pack(MAGIC, ident, rank, len(key), len(payload), crc) + key + payload
+
+
+def decode(blob: bytes | memoryview, identity: str, rank: int, key: bytes, payload_len: int) -> bytes:
+    """The payload of `blob` if it is exactly the block (`identity`, `rank`, `key`) of `payload_len` bytes, intact."""
+    if len(blob) < HEAD.size:
+        raise BlobError(f"truncated: {len(blob)} bytes, shorter than the header")
+    magic, ident, r, key_len, plen, crc = HEAD.unpack_from(blob)
+    if magic != MAGIC:
+        raise BlobError("not a kvsched block (bad magic)")
+    if ident != bytes.fromhex(identity):
+        raise BlobError("written for another model or cache geometry")
+    if r != rank:
+        raise BlobError(f"written by tensor-parallel rank {r}, not {rank}")
+    if len(blob) != HEAD.size + key_len + plen:
+        raise BlobError(f"torn: {len(blob)} bytes, the header says {HEAD.size + key_len + plen}")
+    got_key = bytes(blob[HEAD.size:HEAD.size + key_len])
+    if got_key != key:
+        raise BlobError("holds another block (key mismatch)")
+    if plen != payload_len:
+        raise BlobError(f"payload of {plen} bytes, expected {payload_len}")
+    payload = bytes(blob[HEAD.size + key_len:])
+    if zlib.crc32(payload, zlib.crc32(key, zlib.crc32(struct.pack("<16sH", ident, r)))) != crc:
+        raise BlobError("checksum mismatch (torn or corrupted bytes)")
+    return payload
+
+
+def framed_len(key_len: int, payload_len: int) -> int:
+    return HEAD.size + key_len + payload_len
+
+
+def identity_of(vllm_config: Any, geometry: Any, world_size: int) -> tuple[str, dict[str, Any]]:
+    """(digest, description) of what a block's bytes mean: the model (name, its config, and for a local directory
+    its weight files' names, sizes and modification times), the tier geometry and mode, the block size and the
+    tensor-parallel size. The description is written next to the disk level's files for people to read."""
+    model = vllm_config.model_config
+    try:
+        hf = model.hf_config.to_json_string(use_diff=False)
+    except Exception:  # a config object without it: its repr still distinguishes models
+        hf = repr(model.hf_config)
+    weights: list[tuple[str, int, int]] = []
+    path = Path(str(model.model))
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file():
+                st = f.stat()
+                weights.append((f.name, st.st_size, st.st_mtime_ns))
+    desc = {"format": MAGIC.decode(), "model": str(model.model), "revision": getattr(model, "revision", None),
+            "hf_config_sha256": hashlib.sha256(hf.encode()).hexdigest(), "weights": weights,
+            "layers": list(geometry.layers), "heads": geometry.heads, "rows": geometry.rows,
+            "content": geometry.content, "dtype": str(geometry.dtype), "mode": geometry.mode,
+            "block_size": int(vllm_config.cache_config.block_size), "world_size": world_size}
+    digest = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return digest, desc

@@ -1,0 +1,94 @@
+"""The disk level's files: one file per (block, tensor-parallel rank) under `DIR/<identity>/`, written whole and
+renamed into place, so a reader sees a complete file or none (a crash mid-write leaves a `.tmp` file, removed at the
+next start). Each file is a framed block (tier_blob): a file of another model, a truncated or corrupted file, fails
+its checks when read and is skipped, never served.
+
+`DIR/<identity>/IDENTITY.json` says in words which model and geometry the files belong to; an engine of another
+model or geometry uses another subdirectory of the same DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from kvsched.adapters.vllm import tier_blob
+
+SUFFIX = ".kv"
+
+
+class DiskFiles:
+    def __init__(self, root: Path | str, identity: str, description: dict[str, Any], rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.dir = Path(root) / identity
+        self.identity = identity
+        self.rank = rank
+        self.world_size = world_size
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ident = self.dir / "IDENTITY.json"
+        if not ident.exists():
+            tmp = self.dir / f".IDENTITY.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(description, indent=1, default=str))
+            os.replace(tmp, ident)
+        self._n = 0
+
+    def path(self, key: bytes, rank: int | None = None) -> Path:
+        h = key.hex()
+        return self.dir / h[:2] / f"{h}.r{self.rank if rank is None else rank}{SUFFIX}"
+
+    def write(self, key: bytes, blob: bytes) -> None:
+        """Write a framed block atomically (temporary file, then rename); OSError (a full disk) leaves nothing."""
+        path = self.path(key)
+        path.parent.mkdir(exist_ok=True)
+        self._n += 1
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{self._n}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def read(self, key: bytes) -> bytes | None:
+        try:
+            return self.path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def delete(self, key: bytes) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    def scan(self) -> list[bytes]:
+        """Keys whose files exist for every rank, oldest first (by modification time); stale temporary files are
+        removed. Files are checked when read, not here: a start-up reads no block."""
+        found: dict[bytes, list[float]] = {}
+        for sub in self.dir.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                name = f.name
+                if name.endswith(".tmp"):
+                    f.unlink(missing_ok=True)
+                    continue
+                if not name.endswith(SUFFIX):
+                    continue
+                stem, _, rank = name[:-len(SUFFIX)].rpartition(".r")
+                try:
+                    key = bytes.fromhex(stem)
+                    int(rank)
+                    mtime = f.stat().st_mtime
+                except (ValueError, OSError):
+                    continue
+                found.setdefault(key, []).append(mtime)
+        full = [(max(t), k) for k, t in found.items() if len(t) >= self.world_size]
+        return [k for _, k in sorted(full)]
+
+    def free_bytes(self) -> int:
+        return int(shutil.disk_usage(self.dir).free)
+
+    def decode(self, key: bytes, blob: bytes, payload_len: int) -> bytes:
+        return tier_blob.decode(blob, self.identity, self.rank, key, payload_len)

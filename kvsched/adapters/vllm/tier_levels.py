@@ -1,0 +1,325 @@
+"""The levels under the FP8 host tier, scheduler side: a local-disk level and a shared store every replica of a pool
+reads and writes (Redis). Both hold framed FP8 blocks (tier_blob) keyed by the model's identity and vLLM's content
+hash; the bytes move on the workers (tier_levels_worker), this side plans and keeps the books.
+
+Writes (written behind by the worker's background thread, never in the engine step):
+- at the end of each turn, the turn's new full blocks go to the disk level (within its budget, kvsched.core.disk_tier)
+  and to the shared store (with a TTL), so a restarted engine, or the replica a session moves to, finds them;
+- a block the host tier evicts that the disk does not hold yet is spilled from its host slot.
+Restores go through the host tier: when a session's request arrives (before vLLM schedules anything) and its prefix
+continues past what the pool and the host tier hold, the run the disk level holds, then the run the shared store
+holds, get host slots (`TierDirectory.admit`), the worker fills them at the start of the step (disk read or one MGET,
+each block's frame and CRC checked) and kvsched's prefetch restores them into the pool as for any tier block. A
+block that fails its checks leaves its slot failing the host checksum: vLLM recomputes it, it is never served.
+
+Session metadata (role, TTL, turns, the replica that served the last turn) goes to the store at each turn's end; a
+request of a session whose metadata names another replica counts as a moved session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvsched.adapters.vllm.tier_blob import framed_len
+from kvsched.adapters.vllm.tier_disk import DiskFiles
+from kvsched.adapters.vllm.tier_writer import BackgroundWriter
+from kvsched.core.disk_tier import DiskConfigError, DiskDirectory, parse_disk_gib
+from kvsched.core.shared_state import (
+    DEFAULT_KV_TTL_S,
+    DEFAULT_STATE_TTL_S,
+    SessionMeta,
+    block_key,
+    session_key,
+)
+
+logger = logging.getLogger("vllm.kvsched.fp8_tier")
+ENV_DISK_DIR = "KVSCHED_DISK_TIER_DIR"
+ENV_DISK_GB = "KVSCHED_DISK_TIER_GB"
+ENV_STORE_URL = "KVSCHED_STORE_URL"
+ENV_KV_TTL = "KVSCHED_STORE_KV_TTL_S"
+ENV_STATE_TTL = "KVSCHED_STORE_STATE_TTL_S"
+ENV_REPLICA = "KVSCHED_REPLICA_NAME"
+DISK_DEFAULT_FREE_FRACTION = 0.5  # no --kvsched-disk-tier-gb: half the free space of the directory's file system
+PUBLISHED_MEMORY = 1_000_000  # keys remembered as already in the shared store (a TTL'd cache: an LRU is enough)
+DISK, SHARED = "disk", "shared"
+
+
+@dataclass(frozen=True, slots=True)
+class LevelsConfig:
+    disk_dir: str | None = None
+    disk_gb: float | None = None
+    store_url: str | None = None
+    kv_ttl_s: float = DEFAULT_KV_TTL_S
+    state_ttl_s: float = DEFAULT_STATE_TTL_S
+    replica: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.disk_dir or self.store_url)
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> LevelsConfig:
+        """From kv_connector_extra_config (set by --kvsched-disk-tier-dir/-gb, --kvsched-store-url), else the
+        environment. DiskConfigError names a bad value."""
+        disk_dir = extra.get("disk_dir") or os.environ.get(ENV_DISK_DIR) or None
+        gb_raw = extra.get("disk_gb", os.environ.get(ENV_DISK_GB))
+        gb = parse_disk_gib(gb_raw) if gb_raw not in (None, "", "auto") else None
+        if gb is not None and not disk_dir:
+            raise DiskConfigError("--kvsched-disk-tier-gb needs --kvsched-disk-tier-dir")
+        url = extra.get("store_url") or os.environ.get(ENV_STORE_URL) or None
+        if url:
+            from kvsched.adapters.store.redis_store import check_url
+
+            check_url(str(url))
+        return cls(disk_dir=str(disk_dir) if disk_dir else None, disk_gb=gb, store_url=str(url) if url else None,
+                   kv_ttl_s=_positive(ENV_KV_TTL, extra.get("kv_ttl_s"), DEFAULT_KV_TTL_S),
+                   state_ttl_s=_positive(ENV_STATE_TTL, extra.get("state_ttl_s"), DEFAULT_STATE_TTL_S),
+                   replica=str(extra.get("replica") or os.environ.get(ENV_REPLICA)
+                               or f"{socket.gethostname()}/{os.getpid()}"))
+
+
+def _positive(env: str, given: Any, default: float) -> float:
+    raw = given if given is not None else os.environ.get(env)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise DiskConfigError(f"{env} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise DiskConfigError(f"{env} must be > 0, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Copy pool block `block_id` (content key `key`) to the disk level and/or the shared store."""
+
+    key: bytes
+    block_id: int
+    disk: bool
+    shared: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Spill:
+    """Copy host slot `slot` (holding `key`, evicted from the host tier this step) to the disk level."""
+
+    key: bytes
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Fill host slot `slot` with block `key` from `source` (DISK or SHARED)."""
+
+    key: bytes
+    slot: int
+    source: str
+
+
+@dataclass
+class LevelOps:
+    """One step's lower-level work, scheduler -> workers. Workers run spills first (they read slots this step's
+    stores and fetches may overwrite), then publishes, then (after the tier's stores) fetches."""
+
+    spills: list[Spill] = field(default_factory=list)
+    publishes: list[Publish] = field(default_factory=list)
+    fetches: list[Fetch] = field(default_factory=list)
+    deletes: list[bytes] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.spills or self.publishes or self.fetches or self.deletes)
+
+
+class TierLevels:
+    """Scheduler side of the disk and shared levels (owned by the FP8 tier connector)."""
+
+    def __init__(self, cfg: LevelsConfig, identity: str, description: dict[str, Any], block_bytes: int,
+                 world_size: int, value_of: Callable[[Any], float]) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.world_size = world_size
+        self.ops = LevelOps()
+        self.counters: Counter[str] = Counter()
+        self.disk: DiskDirectory | None = None
+        self._acks: Counter[bytes] = Counter()
+        self._busy_slots: Callable[[], set[int]] = set  # slots this step's stores/fetches write (set by the connector)
+        if cfg.disk_dir:
+            files = DiskFiles(cfg.disk_dir, identity, description, 0, world_size)
+            budget = int(cfg.disk_gb * 2**30) if cfg.disk_gb else int(files.free_bytes() * DISK_DEFAULT_FREE_FRACTION)
+            self.disk = DiskDirectory(budget, framed_len(32, block_bytes) * world_size, value_of)
+            excess = self.disk.load_index(files.scan())
+            self.ops.deletes.extend(excess)
+            logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk", files.dir, budget / 2**30,
+                        "--kvsched-disk-tier-gb" if cfg.disk_gb else "auto: half the free space",
+                        len(self.disk.written))
+        self.store: Any = None
+        self.meta_writer: BackgroundWriter | None = None
+        self._published: OrderedDict[bytes, None] = OrderedDict()
+        self._seen_sessions: OrderedDict[Any, None] = OrderedDict()
+        if cfg.store_url:
+            from kvsched.adapters.store.redis_store import open_store, redacted
+
+            self.store = open_store(cfg.store_url)
+            self.meta_writer = BackgroundWriter("kvsched-session-meta")
+            logger.info("kvsched shared store: %s (replica %s; blocks kept %.0f s, session state %.0f s)",
+                        redacted(cfg.store_url), cfg.replica, cfg.kv_ttl_s, cfg.state_ttl_s)
+
+    # ---- writes -------------------------------------------------------------------------------------------------
+    def turn_finished(self, owner: Any, blocks: Sequence[tuple[bytes, int]], rec: Any) -> None:
+        """`owner`'s turn ended holding `blocks` ((content key, pool block id), prefix order): write the new ones
+        behind, and its metadata to the store."""
+        to_disk: set[bytes] = set()
+        if self.disk is not None and blocks:
+            plan = self.disk.plan_writes(owner, [k for k, _ in blocks])
+            to_disk.update(plan.write)
+            self.ops.deletes.extend(plan.delete)
+        shared = self.store is not None and self.store.up
+        for key, block_id in blocks:
+            s = shared and key not in self._published
+            if s:
+                self._remember_published(key)
+            if s or key in to_disk:
+                self.ops.publishes.append(Publish(key, block_id, key in to_disk, s))
+        if self.store is not None and self.meta_writer is not None:
+            meta = SessionMeta(role=getattr(rec, "role", None), ttl_s=getattr(rec, "ttl_s", None),
+                               turns=int(getattr(rec, "turns", 0)), replica=self.cfg.replica, blocks=len(blocks))
+            key = self._session_key(owner)
+            self.meta_writer.submit(lambda: self.store.put_state(key, meta.encode(), self.cfg.state_ttl_s) and None)
+
+    def on_host_evict(self, key: Any, slot: int, owner: Any) -> None:
+        """The host tier evicts `key` from `slot`: spill it to disk unless the disk holds it (or the slot's bytes
+        are not this key's yet: stored or fetched this very step, before the worker ran)."""
+        if self.disk is None or not isinstance(key, bytes) or self.disk.holds(key):
+            return
+        if slot in self._busy_slots():
+            self.counters["spills_skipped"] += 1
+            return
+        plan = self.disk.plan_writes(owner, [key])
+        self.ops.deletes.extend(plan.delete)
+        if plan.write:
+            self.ops.spills.append(Spill(key, slot))
+
+    def session_ended(self, owner: Any) -> None:
+        if self.disk is not None:
+            self.ops.deletes.extend(self.disk.drop_owner(owner))
+        if self.store is not None and self.meta_writer is not None:
+            key = self._session_key(owner)
+            self.meta_writer.submit(lambda: self.store.delete_state(key) and None)
+
+    # ---- restores ---------------------------------------------------------------------------------------------------
+    def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int, host: Any) -> int:
+        """A request of `owner` arrived whose prefix `chain` (vLLM block hashes) is cached up to block `start`: give
+        host slots to the run past what the host tier holds that the disk, then the shared store, hold (at most
+        `limit` blocks in all). Returns the blocks planned."""
+        end = start + max(limit, 0)
+        pos = start + len(host.match(chain, start, end - start))
+        moved = self._note_arrival(owner)
+        if pos >= end:
+            return 0
+        keys: list[tuple[bytes, str]] = []
+        if self.disk is not None:
+            n = self.disk.match(chain, pos, end - pos)
+            keys += [(bytes(k), DISK) for k in chain[pos:pos + n]]
+            pos += n
+        if self.store is not None and pos < end and self.store.up:
+            want = [bytes(k) for k in chain[pos:end]]
+            names = [block_key(self.identity, k, r) for k in want for r in range(self.world_size)]
+            present = self.store.has_blocks(names)
+            run = 0
+            while run < len(want) and all(present[run * self.world_size:(run + 1) * self.world_size]):
+                run += 1
+            keys += [(k, SHARED) for k in want[:run]]
+        if not keys:
+            return 0
+        source = dict(keys)
+        placed = host.admit(owner, [k for k, _ in keys])
+        host.lock([slot for _, slot in placed])  # no eviction may hand these slots to another key this step
+        self.ops.fetches.extend(Fetch(k, slot, source[k]) for k, slot in placed)
+        if self.disk is not None:
+            self.disk.claim(owner, [k for k, _ in placed if source[k] == DISK])
+        for _, src in ((k, source[k]) for k, _ in placed):
+            self.counters[f"{src}_planned_fetches"] += 1
+        if moved and any(source[k] == SHARED for k, _ in placed):
+            self.counters["moved_sessions_restored"] += 1
+        return len(placed)
+
+    def _note_arrival(self, owner: Any) -> bool:
+        """First request of `owner` on this engine: read its metadata from the store; True if another replica
+        served its last turn (a moved session)."""
+        if owner in self._seen_sessions:
+            self._seen_sessions.move_to_end(owner)
+            return False
+        self._seen_sessions[owner] = None
+        while len(self._seen_sessions) > PUBLISHED_MEMORY:
+            self._seen_sessions.popitem(last=False)
+        if self.store is None or not self.store.up:
+            return False
+        meta = SessionMeta.decode(self.store.get_state(self._session_key(owner)))
+        if meta is not None and meta.replica and meta.replica != self.cfg.replica:
+            self.counters["moved_sessions"] += 1
+            return True
+        return False
+
+    # ---- worker reports -----------------------------------------------------------------------------------------
+    def written(self, results: Sequence[tuple[bytes, bool]], disk_full: bool) -> None:
+        if self.disk is None:
+            return
+        for key, ok in results:
+            if not ok:
+                self._acks.pop(key, None)
+                self.disk.done(key, False)
+                continue
+            self._acks[key] += 1
+            if self._acks[key] >= self.world_size:
+                del self._acks[key]
+                self.disk.done(key, True)
+        if disk_full:
+            cap = self.disk.shrink_to_size()
+            logger.warning("kvsched disk tier: the disk is full; the budget is now what it holds (%d blocks, "
+                           "%.2f GiB): older blocks make room from now on", cap, self.disk.used_bytes / 2**30)
+
+    def fetch_failed(self, failures: Sequence[tuple[bytes, str]]) -> None:
+        for key, source in failures:
+            self.counters[f"{source}_read_failures"] += 1
+            if source == DISK and self.disk is not None:
+                self.ops.deletes.extend(self.disk.forget([key]))
+            elif source == SHARED:
+                self._published.pop(key, None)
+
+    def take_ops(self) -> LevelOps:
+        ops, self.ops = self.ops, LevelOps()
+        return ops
+
+    def stats(self) -> dict[str, float]:
+        c = self.counters
+        out: dict[str, float] = {}
+        if self.disk is not None:
+            d = self.disk
+            out.update(disk_tier_capacity_bytes=d.capacity * d.block_bytes, disk_tier_bytes=d.used_bytes,
+                       disk_tier_blocks=len(d.written), disk_tier_written_blocks=d.counters["written_blocks"],
+                       disk_tier_write_failures=d.counters["failed_writes"],
+                       disk_tier_evicted_blocks=d.counters["evicted_blocks"],
+                       disk_tier_indexed_blocks=d.counters["indexed_blocks"],
+                       disk_tier_read_failures=c["disk_read_failures"])
+        if self.store is not None:
+            out.update(self.store.stats())
+            out.update(shared_tier_read_failures=c["shared_read_failures"], moved_sessions=c["moved_sessions"],
+                       moved_sessions_restored=c["moved_sessions_restored"])
+        return out
+
+    # ---- internals ----------------------------------------------------------------------------------------------
+    def _session_key(self, owner: Any) -> str:
+        return session_key(self.identity, str(getattr(owner, "session_id", owner)), getattr(owner, "cache_salt", None))
+
+    def _remember_published(self, key: bytes) -> None:
+        self._published[key] = None
+        if len(self._published) > PUBLISHED_MEMORY:
+            self._published.popitem(last=False)

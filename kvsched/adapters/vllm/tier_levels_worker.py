@@ -1,0 +1,131 @@
+"""The levels under the FP8 host tier, worker side: runs the disk and shared-store work the scheduler planned
+(tier_levels) against this worker's host slots and KV cache.
+
+In the engine step the worker only copies: a spill takes a host slot's bytes, a publish quantizes pool blocks into a
+snapshot (the same kernels as a demotion). Framing, file writes and store puts run on a background thread
+(tier_writer), which reports each disk write back to the scheduler. Fetches run in the step, before the loads that
+need them: a disk read per block or one MGET for the step's shared blocks; every block is checked (tier_blob:
+identity, rank, key, size, CRC) before it enters a slot, and a block that fails leaves its slot failing the host
+checksum, so the load reports it and vLLM recomputes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections import Counter
+from typing import Any
+
+from kvsched.adapters.vllm import tier_blob
+from kvsched.adapters.vllm.fp8_tier_store import TierStore
+from kvsched.adapters.vllm.tier_disk import DiskFiles
+from kvsched.adapters.vllm.tier_levels import DISK, SHARED, LevelOps, LevelsConfig
+from kvsched.adapters.vllm.tier_writer import BackgroundWriter
+from kvsched.core.shared_state import block_key
+
+logger = logging.getLogger("vllm.kvsched.fp8_tier")
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class TierLevelsWorker:
+    def __init__(self, cfg: LevelsConfig, identity: str, description: dict[str, Any], rank: int, world_size: int,
+                 store: TierStore) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.rank = rank
+        self.tier = store
+        self.files = DiskFiles(cfg.disk_dir, identity, description, rank, world_size) if cfg.disk_dir else None
+        self.shared: Any = None
+        if cfg.store_url:
+            from kvsched.adapters.store.redis_store import open_store
+
+            self.shared = open_store(cfg.store_url)
+        self.writer = BackgroundWriter(f"kvsched-tier-writer-{rank}")
+        self.counters: Counter[str] = Counter()
+        self.failures: list[tuple[bytes, str]] = []
+        self._disk_full_logged = False
+
+    # ---- in the step, before the tier's stores ------------------------------------------------------------------
+    def before_stores(self, ops: LevelOps) -> None:
+        for sp in ops.spills:
+            payload = self.tier.slot_payload(sp.slot)
+            if payload is None:  # the slot did not verify: nothing trustworthy to keep
+                self.writer.results.append([(sp.key, False)])
+                continue
+            key = sp.key
+            self.writer.submit(lambda key=key, payload=payload: self._write(
+                [(key, payload, True, False)]))
+        if ops.publishes:
+            snap = self.tier.snapshot([p.block_id for p in ops.publishes])
+            pubs = [(p.key, p.disk, p.shared) for p in ops.publishes]
+            self.writer.submit(lambda: self._write([(k, snap.payload(i), d, s) for i, (k, d, s) in enumerate(pubs)]))
+        if ops.deletes and self.files is not None:
+            files, keys = self.files, list(ops.deletes)
+            self.writer.submit(lambda: [files.delete(k) for k in keys] and None)
+
+    # ---- in the step, after the tier's stores ---------------------------------------------------------------------
+    def fetch(self, ops: LevelOps) -> None:
+        disk = [f for f in ops.fetches if f.source == DISK]
+        shared = [f for f in ops.fetches if f.source == SHARED]
+        n = self.tier.payload_len
+        for f in disk:
+            blob = self.files.read(f.key) if self.files is not None else None
+            self._fill(f.key, f.slot, blob, DISK, n)
+        if shared:
+            blobs = self.shared.get_blocks([block_key(self.identity, f.key, self.rank) for f in shared]) \
+                if self.shared is not None else [None] * len(shared)
+            for f, blob in zip(shared, blobs, strict=True):
+                self._fill(f.key, f.slot, blob, SHARED, n)
+
+    def _fill(self, key: bytes, slot: int, blob: bytes | None, source: str, payload_len: int) -> None:
+        try:
+            if blob is None:
+                raise tier_blob.BlobError("missing")
+            payload = tier_blob.decode(blob, self.identity, self.rank, key, payload_len)
+        except tier_blob.BlobError as exc:
+            self.tier.invalidate([slot])
+            self.failures.append((key, source))
+            self.counters[f"{source}_read_failures"] += 1
+            if self.counters[f"{source}_read_failures"] <= 3:
+                logger.warning("kvsched %s tier: block %s not served (%s); recomputed", source, key.hex()[:16], exc)
+            return
+        if self.tier.fill(slot, payload):
+            self.counters[f"{source}_fetched_blocks"] += 1
+
+    # ---- background ---------------------------------------------------------------------------------------------
+    def _write(self, items: list[tuple[bytes, bytes, bool, bool]]) -> list[tuple[bytes, bool]]:
+        """Frame each (key, payload, to disk, to shared); returns the disk writes' outcomes."""
+        done: list[tuple[bytes, bool]] = []
+        puts: dict[str, bytes] = {}
+        for key, payload, to_disk, to_shared in items:
+            blob = tier_blob.encode(self.identity, self.rank, key, payload)
+            if to_disk and self.files is not None:
+                try:
+                    self.files.write(key, blob)
+                    done.append((key, True))
+                    self.counters["disk_written_blocks"] += 1
+                except OSError as exc:
+                    done.append((key, False))
+                    self.counters["disk_write_failures"] += 1
+                    if exc.errno in FULL_ERRNOS:
+                        self.counters["disk_full"] += 1
+                        if not self._disk_full_logged:
+                            self._disk_full_logged = True
+                            logger.warning("kvsched disk tier: write failed, disk full (%s)", exc)
+                    else:
+                        logger.warning("kvsched disk tier: write failed (%s)", exc)
+            if to_shared and self.shared is not None:
+                puts[block_key(self.identity, key, self.rank)] = blob
+        if puts:
+            if self.shared.put_blocks(puts, self.cfg.kv_ttl_s):
+                self.counters["shared_published_blocks"] += len(puts)
+            else:
+                self.counters["shared_put_failures"] += len(puts)
+        return done
+
+    def report(self) -> tuple[list[tuple[bytes, bool]], bool, list[tuple[bytes, str]]]:
+        """(disk writes done since the last report, whether the disk filled up, blocks that failed their checks)."""
+        done = [r for batch in self.writer.drain() for r in batch]
+        full = self.counters.pop("disk_full", 0) > 0
+        failures, self.failures = self.failures, []
+        return done, full, failures

@@ -1,0 +1,51 @@
+"""What the FP8 tier's connector sends between its scheduler and worker sides each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+from kvsched.adapters.vllm.tier_levels import LevelOps
+from kvsched.core.tier import Load, Store
+
+
+@dataclass
+class TierStepMeta(KVConnectorMetadata):
+    """One step's tier work, scheduler -> workers: the disk/shared levels' spills and publishes, the tier's stores,
+    the levels' fetches, then prefetches (all before the step), then the scheduled requests' loads."""
+
+    stores: list[Store] = field(default_factory=list)
+    prefetches: list[Load] = field(default_factory=list)
+    loads: list[Load] = field(default_factory=list)
+    levels: LevelOps | None = None
+
+
+@dataclass
+class TierWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, per step: what the store did (summed over workers)."""
+
+    loaded_blocks: int = 0
+    failed_blocks: int = 0
+    err_sq: float = 0.0
+    ref_sq: float = 0.0
+    disabled: str = ""  # why this worker cannot run the tier (reported once)
+    disk_done: list[tuple[Any, bool]] = field(default_factory=list)  # disk writes completed: (key, ok)
+    disk_full: bool = False
+    fetch_failures: list[tuple[Any, str]] = field(default_factory=list)  # (key, level) that failed their checks
+    fetched: dict[str, int] = field(default_factory=dict)  # blocks filled from each level
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, TierWorkerMeta)
+        fetched = dict(self.fetched)
+        for k, v in other.fetched.items():
+            fetched[k] = fetched.get(k, 0) + v
+        return TierWorkerMeta(self.loaded_blocks + other.loaded_blocks, self.failed_blocks + other.failed_blocks,
+                              self.err_sq + other.err_sq, self.ref_sq + other.ref_sq, self.disabled or other.disabled,
+                              self.disk_done + other.disk_done, self.disk_full or other.disk_full,
+                              self.fetch_failures + other.fetch_failures, fetched)
+
+    def __bool__(self) -> bool:
+        return bool(self.loaded_blocks or self.failed_blocks or self.ref_sq or self.disabled or self.disk_done
+                    or self.disk_full or self.fetch_failures or self.fetched)

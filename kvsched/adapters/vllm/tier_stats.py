@@ -1,0 +1,37 @@
+"""The FP8 tier's statistics (and its disk and shared levels'), as kvsched's `/metrics` and `/kvsched/sessions` show
+them (kvsched.adapters.vllm.metrics names and documents each one)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def tier_stats(conn: Any) -> dict[str, Any]:
+    d = conn.directory
+    assert d is not None
+    ref = conn.stats["ref_sq"]
+    raw = conn.geometry is not None and conn.geometry.mode == "raw"
+    out: dict[str, Any] = {
+        "tier_enabled": float(conn.enabled),
+        "tier_capacity_bytes": d.num_slots * d.block_bytes if conn.enabled else 0, "tier_bytes": d.used_bytes,
+        "tier_blocks": d.used_slots, "tier_block_bytes": d.block_bytes,
+        "tier_demotions": d.counters["demotions"], "tier_demoted_blocks": d.counters["demoted_blocks"],
+        "tier_evicted_blocks": d.counters["evicted_blocks"], "tier_restores": conn.stats["restores"],
+        "tier_restored_blocks": conn.stats["restored_blocks"], "tier_restore_misses": conn.stats["restore_misses"],
+        "tier_tails": len(d.tail_of), "tier_tails_stored": d.counters["tails_stored"],
+        "tier_restored_tail_tokens": conn.stats["restored_tail_tokens"],
+        "tier_tail_restores": conn.stats["tail_restores"],
+        "tier_superseded_loads": conn.stats["superseded_loads"],
+        "tier_load_failures": conn.stats["load_failures"],
+        "tier_prefetched_blocks": conn.stats["prefetched_blocks"],
+        "tier_kv_rel_rms_error": 0.0 if raw else (conn.stats["err_sq"] / ref) ** 0.5 if ref > 0 else -1.0,
+        "tier_raw_fp8": float(raw),
+    }
+    if conn.disabled_reason:
+        out["tier_disabled_reason"] = conn.disabled_reason
+    if conn.levels is not None:
+        out.update(conn.levels.stats())
+        out.update({f"{level}_tier_restored_blocks": float(conn.level_fetched.get(level, 0))
+                    for level in ("disk", "shared") if f"{level}_tier_read_failures" in out})
+    return out
+

@@ -1,0 +1,232 @@
+"""The disk level's directory: which KV blocks a local directory holds under the FP8 host tier, for whom, within its
+byte budget.
+
+Blocks reach the disk two ways, both written behind by the worker (never in the engine step): each finished turn's
+new full blocks (so a restarted engine finds its sessions' KV), and blocks the host tier evicts that the disk does
+not hold yet. A block is `pending` from the moment its write is planned until the worker reports it written; only
+written blocks are matched, so a restore never asks for a file that is not complete. Keys are vLLM's content hashes
+(they cover every earlier token and the `cache_salt`), the same keys as the host tier's.
+
+When the budget is full, blocks go in the same order as the host tier's: blocks nobody claims (found on disk at
+start-up, not yet asked for again) oldest first, then the lowest-value session's tail blocks, and only for a session
+worth more than the victim. A write that fails (disk full) shrinks the budget to what is on disk, so the next writes
+evict instead of failing again.
+
+Bookkeeping only: the adapter writes, reads and deletes the files (kvsched/adapters/vllm/tier_disk.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+Key = Hashable
+Owner = Hashable
+
+
+class DiskConfigError(ValueError):
+    """The disk level was configured with an impossible size or no directory (raised at start-up)."""
+
+
+def parse_disk_gib(value: object) -> float:
+    """A disk budget in GiB as given on the command line (> 0)."""
+    try:
+        gib = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DiskConfigError(f"disk tier size must be a number of GiB, got {value!r}") from None
+    if not gib > 0 or gib == float("inf"):
+        raise DiskConfigError(f"disk tier size must be a finite number of GiB > 0, got {value!r}")
+    return gib
+
+
+@dataclass(frozen=True, slots=True)
+class WritePlan:
+    """Blocks to write (each now `pending`) and blocks evicted to make room (their files are to be deleted)."""
+
+    write: list[Key] = field(default_factory=list)
+    delete: list[Key] = field(default_factory=list)
+
+
+class DiskDirectory:
+    """`capacity` blocks of `block_bytes` each; written and pending keys; owners per key; keys per owner."""
+
+    def __init__(self, budget_bytes: int, block_bytes: int, value_of: Callable[[Owner], float]) -> None:
+        if block_bytes <= 0 or budget_bytes < 0:
+            raise DiskConfigError(f"need block_bytes > 0 and budget_bytes >= 0, got {block_bytes}, {budget_bytes}")
+        self.block_bytes = block_bytes
+        self.capacity = budget_bytes // block_bytes
+        self.value_of = value_of
+        self.written: dict[Key, None] = {}  # insertion order = age (oldest first)
+        self.pending: set[Key] = set()
+        self.owners: dict[Key, set[Owner]] = {}
+        self.keys_of: dict[Owner, list[Key]] = {}  # prefix order
+        self.counters: Counter[str] = Counter()
+
+    # ---- start-up ---------------------------------------------------------------------------------------------------
+    def load_index(self, keys: Iterable[Key]) -> list[Key]:
+        """Blocks found on disk at start-up (oldest first), unclaimed until a session asks for them. Returns those past
+        the budget (oldest go), whose files are to be deleted."""
+        for key in keys:
+            self.written[key] = None
+        excess: list[Key] = []
+        while len(self.written) > self.capacity:
+            key = next(iter(self.written))
+            del self.written[key]
+            excess.append(key)
+        self.counters["indexed_blocks"] += len(self.written)
+        return excess
+
+    # ---- writes -------------------------------------------------------------------------------------------------
+    def plan_writes(self, owner: Owner, keys: Sequence[Key]) -> WritePlan:
+        """`owner`'s blocks (prefix order) should be on disk: the writes of those not there yet. A block that finds
+        no room ends the plan (a restore needs an unbroken run; a later block alone is of no use)."""
+        plan = WritePlan()
+        mine = self.keys_of.setdefault(owner, [])
+        mine_set = set(mine)
+        for key in keys:
+            if key in self.written or key in self.pending:
+                self._claim(owner, key, mine, mine_set)
+                continue
+            if self.size >= self.capacity and not self._evict(owner, plan.delete):
+                self.counters["writes_cut_short"] += 1
+                break
+            self.pending.add(key)
+            self._claim(owner, key, mine, mine_set)
+            plan.write.append(key)
+        if not mine:
+            del self.keys_of[owner]
+        self.counters["planned_writes"] += len(plan.write)
+        return plan
+
+    def done(self, key: Key, ok: bool) -> None:
+        """The worker reports a planned write: on disk, or failed (then the key is dropped)."""
+        if key not in self.pending:
+            return
+        self.pending.discard(key)
+        if ok:
+            self.written[key] = None
+            self.counters["written_blocks"] += 1
+        else:
+            self._unlink(key)
+            self.counters["failed_writes"] += 1
+
+    def shrink_to_size(self) -> int:
+        """The disk ran out of space before the budget did: the budget becomes what is on disk now. Returns it."""
+        self.capacity = max(0, len(self.written))
+        self.counters["budget_shrinks"] += 1
+        return self.capacity
+
+    # ---- restores ---------------------------------------------------------------------------------------------------
+    def match(self, keys: Sequence[Key], start: int, limit: int) -> int:
+        """Length of the unbroken run of written blocks `keys[start:]` (at most `limit`)."""
+        n = 0
+        for key in keys[start:start + max(limit, 0)]:
+            if key not in self.written:
+                break
+            n += 1
+        return n
+
+    def claim(self, owner: Owner, keys: Sequence[Key]) -> None:
+        """`owner` restored `keys` from disk: they are its blocks now (an index entry found at start-up gains an
+        owner and a value)."""
+        mine = self.keys_of.setdefault(owner, [])
+        mine_set = set(mine)
+        for key in keys:
+            if key in self.written:
+                self._claim(owner, key, mine, mine_set)
+        if not mine:
+            del self.keys_of[owner]
+
+    def forget(self, keys: Iterable[Key]) -> list[Key]:
+        """The worker found these files bad (torn, wrong checksum, missing): never matched again; returns the keys
+        whose files are to be deleted."""
+        out: list[Key] = []
+        for key in keys:
+            if key in self.written:
+                del self.written[key]
+                self._unlink(key)
+                out.append(key)
+        self.counters["forgotten_blocks"] += len(out)
+        return out
+
+    def drop_owner(self, owner: Owner) -> list[Key]:
+        """The session ended: its blocks no other session shares go. Returns the keys whose files are to be deleted."""
+        out: list[Key] = []
+        for key in self.keys_of.pop(owner, []):
+            owners = self.owners.get(key)
+            if owners is None:
+                continue
+            owners.discard(owner)
+            if not owners and key in self.written:
+                del self.written[key]
+                del self.owners[key]
+                out.append(key)
+        return out
+
+    # ---- views --------------------------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return len(self.written) + len(self.pending)
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self.written) * self.block_bytes
+
+    def holds(self, key: Key) -> bool:
+        return key in self.written or key in self.pending
+
+    # ---- internals ----------------------------------------------------------------------------------------------
+    def _claim(self, owner: Owner, key: Key, mine: list[Key], mine_set: set[Key]) -> None:
+        self.owners.setdefault(key, set()).add(owner)
+        if key not in mine_set:
+            mine.append(key)
+            mine_set.add(key)
+
+    def _evict(self, exclude: Owner, deleted: list[Key]) -> bool:
+        """Free one written block: an unclaimed one (oldest first), else the tail block of the lowest-value other
+        session worth less than `exclude`. False if nothing may go."""
+        for key in self.written:
+            if not self.owners.get(key):
+                del self.written[key]
+                self.owners.pop(key, None)
+                deleted.append(key)
+                self.counters["evicted_blocks"] += 1
+                return True
+        mine = self.value_of(exclude)
+        best: tuple[float, int, Owner] | None = None
+        for i, (owner, keys) in enumerate(self.keys_of.items()):
+            if owner == exclude or not any(k in self.written for k in keys):
+                continue
+            value = self.value_of(owner)
+            if value < mine and (best is None or (value, i) < best[:2]):
+                best = (value, i, owner)
+        if best is None:
+            return False
+        victim = best[2]
+        keys = self.keys_of[victim]
+        for j in range(len(keys) - 1, -1, -1):  # tail first
+            key = keys[j]
+            if key not in self.written:
+                continue
+            del keys[j]
+            owners = self.owners.get(key, set())
+            owners.discard(victim)
+            if not keys:
+                del self.keys_of[victim]
+            if not owners:  # shared with nobody else: the file goes
+                del self.written[key]
+                self.owners.pop(key, None)
+                deleted.append(key)
+                self.counters["evicted_blocks"] += 1
+                return True
+            return self._evict(exclude, deleted)  # still another session's: the victim no longer holds it
+        return False
+
+    def _unlink(self, key: Key) -> None:
+        for owner in self.owners.pop(key, set()):
+            keys = self.keys_of.get(owner)
+            if keys is not None and key in keys:
+                keys.remove(key)
+                if not keys:
+                    del self.keys_of[owner]

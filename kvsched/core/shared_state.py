@@ -1,0 +1,126 @@
+"""What kvsched keeps in the shared store (when one is configured), and the one small interface every store backend
+implements.
+
+Three kinds of entries, each with a TTL so an abandoned session's state goes by itself:
+- block payloads: one KV block (FP8 bytes + scales + CRC, framed by the adapter), keyed by the model's identity and
+  vLLM's content hash of the block (which covers every earlier token and the `cache_salt`), so nothing is served
+  across models or tenants;
+- session metadata (`SessionMeta`): role, TTL, turns and the replica that served the last turn, so a replica that
+  receives a moved session knows it moved and what it is;
+- compaction checkpoints: the summaries that stand for a session's older messages, each with the digest of the exact
+  message prefix it replaces (`kvsched.core.compaction.Checkpoint`), so a moved session is served compacted at once.
+
+Pure: names, encodings and the interface; the Redis client lives in kvsched/adapters/store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from kvsched.core.compaction import Checkpoint
+
+PREFIX = "kvsched"
+DEFAULT_KV_TTL_S = 3600.0
+DEFAULT_STATE_TTL_S = 86400.0
+
+
+class SharedStore(Protocol):
+    """put/get/delete of block payloads and of session state, with TTLs. Calls never raise for an unreachable store:
+    a put returns False, a get returns None (a miss), and the caller recomputes."""
+
+    def put_blocks(self, items: Mapping[str, bytes], ttl_s: float) -> bool: ...
+
+    def get_blocks(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
+    def has_blocks(self, keys: Sequence[str]) -> list[bool]: ...
+
+    def delete_blocks(self, keys: Sequence[str]) -> bool: ...
+
+    def put_state(self, key: str, value: str, ttl_s: float) -> bool: ...
+
+    def get_state(self, key: str) -> str | None: ...
+
+    def delete_state(self, key: str) -> bool: ...
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, separators=(",", ":"), default=str).encode()).hexdigest()[:32]
+
+
+def block_key(identity: str, content_key: bytes, rank: int = 0) -> str:
+    """A block payload's store key: the model/geometry identity, vLLM's content hash, the tensor-parallel rank."""
+    return f"{PREFIX}:kv:{identity}:{content_key.hex()}:r{rank}"
+
+
+def session_key(identity: str, session_id: str, cache_salt: str | None) -> str:
+    """Session metadata's store key (hashed: session ids may hold any printable character)."""
+    return f"{PREFIX}:session:{identity}:{_digest(session_id, cache_salt)}"
+
+
+def compaction_key(session: str) -> str:
+    """Compaction checkpoints' store key; `session` is the compactor's own session key (model, salt, id)."""
+    return f"{PREFIX}:compaction:{_digest(session)}"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMeta:
+    """A session as the last replica that served it left it."""
+
+    role: str | None = None
+    ttl_s: float | None = None
+    turns: int = 0
+    replica: str = ""
+    blocks: int = 0  # full KV blocks the session's last turn published to the shared level
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str | bytes | None) -> SessionMeta | None:
+        """The metadata in `raw`, or None when it is missing or malformed (another version wrote it: ignored)."""
+        if raw is None:
+            return None
+        try:
+            d = json.loads(raw)
+            role = d.get("role")
+            ttl = d.get("ttl_s")
+            meta = cls(role=str(role) if role is not None else None,
+                       ttl_s=float(ttl) if ttl is not None else None, turns=int(d.get("turns", 0)),
+                       replica=str(d.get("replica", "")), blocks=int(d.get("blocks", 0)))
+        except (ValueError, TypeError, AttributeError):
+            return None
+        if meta.ttl_s is not None and not (math.isfinite(meta.ttl_s) and meta.ttl_s >= 0):
+            return None
+        return meta
+
+
+def encode_checkpoints(checkpoints: Sequence[Checkpoint]) -> str:
+    return json.dumps([asdict(c) for c in checkpoints], separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_checkpoints(raw: str | bytes | None) -> list[Checkpoint]:
+    """Checkpoints from the store; an entry that is malformed is dropped (never served)."""
+    if raw is None:
+        return []
+    try:
+        rows: Any = json.loads(raw)
+    except ValueError:
+        return []
+    out: list[Checkpoint] = []
+    for row in rows if isinstance(rows, list) else []:
+        try:
+            summary = row["summary"]
+            cp = Checkpoint(digest=str(row["digest"]), replaced=int(row["replaced"]),
+                            system_count=int(row["system_count"]),
+                            summary=str(summary) if summary is not None else None,
+                            summary_tokens=int(row.get("summary_tokens", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            continue
+        if cp.replaced > cp.system_count >= 0 and len(cp.digest) == 64:
+            out.append(cp)
+    return out

@@ -1,0 +1,52 @@
+"""`--kvsched-disk-tier-dir/-gb` and `--kvsched-store-url` on vLLM's parser: into the tier's kv_transfer_config, bad
+values refused with the flag named."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvsched.adapters.vllm import compat  # noqa: E402
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("--scheduler-cls", dest="scheduler_cls", default=None)
+    p.add_argument("--middleware", action="append", default=[])
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--kv-transfer-config", dest="kv_transfer_config", default=None)
+    compat.extend_engine_parser(p)
+    return p
+
+
+def test_the_levels_reach_the_tier_connector(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("KVSCHED_STORE_URL", raising=False)
+    ns = parser().parse_args(["--scheduler", "kvsched", "--kvsched-disk-tier-dir", str(tmp_path),
+                              "--kvsched-disk-tier-gb", "2", "--kvsched-store-url", "redis://127.0.0.1:7/0"])
+    extra = ns.kv_transfer_config.kv_connector_extra_config
+    assert extra["disk_dir"] == str(tmp_path) and extra["disk_gb"] == "2"
+    assert extra["store_url"] == "redis://127.0.0.1:7/0"
+    assert os.environ["KVSCHED_STORE_URL"] == "redis://127.0.0.1:7/0"  # the API server's compaction reads it
+    assert not hasattr(ns, compat.LEVELS_DEST)  # vLLM never sees kvsched's own options
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--kvsched-disk-tier-gb", "2"], "needs --kvsched-disk-tier-dir"),
+    (["--kvsched-disk-tier-dir", "/tmp/x", "--kvsched-disk-tier-gb", "lots"], "GiB"),
+    (["--kvsched-store-url", "http://x"], "redis://"),
+    (["--kvsched-disk-tier-dir", "/tmp/x", "--kvsched-fp8-tier-gb", "0"], "need it on"),
+])
+def test_bad_levels_are_refused_at_the_command_line(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--scheduler", "kvsched", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_the_levels_need_kvsched(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--kvsched-disk-tier-dir", "/tmp/x"])
+    assert "need --scheduler kvsched" in capsys.readouterr().err

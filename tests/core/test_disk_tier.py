@@ -1,0 +1,78 @@
+"""The disk level's directory (kvsched.core.disk_tier): budget, write confirmation, eviction order, restart index."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvsched.core.disk_tier import DiskConfigError, DiskDirectory, parse_disk_gib
+
+
+def directory(blocks: int, values: dict[str, float] | None = None) -> DiskDirectory:
+    vals = values or {}
+    return DiskDirectory(blocks * 100, 100, value_of=lambda owner: vals.get(owner, 0.0))
+
+
+def write_all(d: DiskDirectory, owner: str, keys: list[str]) -> list[str]:
+    plan = d.plan_writes(owner, keys)
+    for k in plan.write:
+        d.done(k, True)
+    return plan.delete
+
+
+def test_only_written_blocks_match_and_a_failed_write_is_dropped() -> None:
+    d = directory(8)
+    plan = d.plan_writes("a", ["k0", "k1", "k2"])
+    assert plan.write == ["k0", "k1", "k2"] and plan.delete == []
+    assert d.match(["k0", "k1", "k2"], 0, 3) == 0  # pending: a restore would find no complete file
+    d.done("k0", True)
+    d.done("k1", False)
+    d.done("k2", True)
+    assert d.match(["k0", "k1", "k2"], 0, 3) == 1  # the run stops at the block whose write failed
+    assert d.plan_writes("a", ["k0", "k1"]).write == ["k1"]  # written again next turn
+
+
+def test_full_budget_evicts_unclaimed_then_the_lowest_value_sessions_tail_first() -> None:
+    d = directory(4, {"low": 1.0, "high": 5.0, "mid": 3.0})
+    assert d.load_index(["old0"]) == []  # found at start-up: nobody claims it
+    write_all(d, "low", ["l0", "l1"])
+    assert write_all(d, "high", ["h0", "h1"]) == ["old0"]  # unclaimed goes first
+    assert write_all(d, "mid", ["m0"]) == ["l1"]  # then the lowest-value session's tail block
+    assert d.match(["l0", "l1"], 0, 2) == 1
+    assert write_all(d, "low", ["l0", "l1"]) == []  # a session worth less than every other evicts nobody
+    assert d.counters["writes_cut_short"] == 1
+
+
+def test_index_past_the_budget_drops_the_oldest_and_claim_gives_an_owner() -> None:
+    d = directory(2)
+    assert d.load_index(["a", "b", "c"]) == ["a"]
+    assert d.match(["b", "c"], 0, 5) == 2
+    d.claim("s", ["b", "c", "zzz"])
+    assert d.keys_of["s"] == ["b", "c"]
+    assert d.drop_owner("s") == ["b", "c"] and d.size == 0
+
+
+def test_forget_and_shrink_on_a_full_disk() -> None:
+    d = directory(10)
+    write_all(d, "s", ["a", "b", "c"])
+    assert d.forget(["b", "nope"]) == ["b"]
+    assert d.match(["a", "b", "c"], 0, 3) == 1
+    assert d.shrink_to_size() == 2  # what is written now
+    assert d.plan_writes("t", ["x"]).write == []  # no room, and t is worth no more than s
+
+
+def test_shared_blocks_survive_one_owner_ending() -> None:
+    d = directory(10)
+    write_all(d, "a", ["sys", "a1"])
+    write_all(d, "b", ["sys", "b1"])
+    assert sorted(d.drop_owner("a")) == ["a1"]
+    assert d.match(["sys", "b1"], 0, 2) == 2
+
+
+def test_sizes_are_checked() -> None:
+    with pytest.raises(DiskConfigError, match="GiB"):
+        parse_disk_gib("lots")
+    with pytest.raises(DiskConfigError):
+        parse_disk_gib(0)
+    assert parse_disk_gib("1.5") == 1.5
+    with pytest.raises(DiskConfigError):
+        DiskDirectory(100, 0, value_of=lambda o: 0.0)

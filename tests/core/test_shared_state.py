@@ -1,0 +1,58 @@
+"""Shared-store state (kvsched.core.shared_state) and the store's outage backoff (kvsched.core.store_health)."""
+
+from __future__ import annotations
+
+from kvsched.core.compaction import Checkpoint
+from kvsched.core.shared_state import (
+    SessionMeta,
+    block_key,
+    compaction_key,
+    decode_checkpoints,
+    encode_checkpoints,
+    session_key,
+)
+from kvsched.core.store_health import StoreHealth
+from tests.conftest import FakeClock
+
+
+def test_keys_separate_models_ranks_salts_and_sessions() -> None:
+    k = bytes(range(32))
+    assert block_key("m1", k) != block_key("m2", k) != block_key("m1", k, rank=1)
+    assert session_key("m", "s", None) != session_key("m", "s", "salt") != session_key("m", "t", None)
+    assert session_key("m", "a b\u00e9", None).isascii()
+    assert compaction_key('["tiny", null, "s"]') != compaction_key('["tiny", "x", "s"]')
+
+
+def test_session_meta_round_trip_and_junk_is_ignored() -> None:
+    meta = SessionMeta(role="worker", ttl_s=30.0, turns=4, replica="r1", blocks=12)
+    assert SessionMeta.decode(meta.encode()) == meta
+    for junk in (None, "not json", "[]", '{"ttl_s": "x"}', '{"ttl_s": -1}', '{"turns": "many"}'):
+        assert SessionMeta.decode(junk) is None
+
+
+def test_checkpoints_round_trip_and_malformed_entries_are_dropped() -> None:
+    cp = Checkpoint(digest="a" * 64, replaced=5, system_count=1, summary="the plan so far", summary_tokens=9)
+    window = Checkpoint(digest="b" * 64, replaced=3, system_count=1, summary=None)
+    assert decode_checkpoints(encode_checkpoints([cp, window])) == [cp, window]
+    bad = '[{"digest": "short", "replaced": 5, "system_count": 1, "summary": "x"}, {"replaced": 2}, 7]'
+    assert decode_checkpoints(bad) == []
+    assert decode_checkpoints("{") == [] and decode_checkpoints(None) == []
+
+
+def test_outage_is_reported_once_and_retries_back_off() -> None:
+    clock = FakeClock()
+    h = StoreHealth(clock, base_s=0.5, max_s=4.0)
+    assert h.may_try() and not h.succeeded()
+    assert h.failed() is True  # went down: log once
+    assert not h.may_try()
+    clock.advance(0.5)
+    assert h.may_try()
+    assert h.failed() is False  # still down: no second log
+    assert h.retry_in_s == 1.0
+    for _ in range(5):
+        clock.advance(h.retry_in_s)
+        h.failed()
+    assert h.retry_in_s == 4.0  # capped
+    clock.advance(4.0)
+    assert h.succeeded() is True and h.up and h.outages == 1
+    assert h.failed() is True and h.retry_in_s == 0.5  # a new outage starts from the base delay

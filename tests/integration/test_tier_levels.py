@@ -1,0 +1,238 @@
+"""The disk and shared levels on real `vllm serve --scheduler kvsched` engines and a real redis-server: an engine
+restarted on its disk directory serves its sessions' next turns from disk (torn and corrupted files recomputed, never
+served); a session moved to another replica keeps its KV and its compaction summary through the store; the store
+killed mid-run costs no request and is reconnected; a replica killed mid-stream loses no session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from kvsched.adapters.store.local_redis import LocalRedis, RedisUnavailable  # noqa: E402
+from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
+
+pytestmark = pytest.mark.integration
+BLOCK = 32
+SYSTEM = "You are a careful research agent. Use the tools and report every number you find. " * 4
+COMPACTION_ENV = {"KVSCHED_COMPACTION_TRIGGER_TOKENS": "150", "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2",
+                  "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "16", "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1"}
+
+
+def spec(model, *levels, env=None):
+    return ServerSpec(model=model, scheduler="kvsched", max_model_len=2048, num_blocks=160,
+                      extra_args=["--kvsched-fp8-tier-gb", "0.05", "--enable-prompt-tokens-details", *levels],
+                      env=dict(env or {}))
+
+
+def chat(server, messages, session, max_tokens=8, compaction=None, stream=False):
+    client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+    headers = {"X-Session-Id": session} | ({"X-KVSched-Compaction": compaction} if compaction else {})
+    if stream:
+        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens, temperature=0,
+                                              extra_headers=headers, stream=True)
+    raw = client.chat.completions.with_raw_response.create(model="tiny", messages=messages, max_tokens=max_tokens,
+                                                           temperature=0, extra_headers=headers)
+    return raw.parse(), raw.headers
+
+
+def cached(reply) -> int:
+    details = reply.usage.prompt_tokens_details
+    return int(details.cached_tokens or 0) if details is not None else 0
+
+
+def wait_metric(server, name, at_least, timeout_s=30.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = server.metrics().get(name, 0.0)
+        if value >= at_least or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
+
+
+def wait_stable(server, name, quiet_s=1.0, timeout_s=30.0) -> float:
+    """Wait until a counter stops moving (the background writer has caught up)."""
+    deadline = time.monotonic() + timeout_s
+    last, since = -1.0, time.monotonic()
+    while time.monotonic() < deadline:
+        value = server.metrics().get(name, 0.0)
+        if value != last:
+            last, since = value, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+        time.sleep(0.2)
+    return last
+
+
+def history(sid, words=170):
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"tool output of {sid}: " + " ".join(
+        f"row{i}={(i * 7919 + len(sid)) % 1000}" for i in range(words))}]
+
+
+@pytest.fixture(scope="module")
+def redis():
+    try:
+        server = LocalRedis()
+    except RedisUnavailable as exc:
+        pytest.skip(str(exc))
+    with server:
+        yield server
+
+
+# ---- the disk level ---------------------------------------------------------------------------------------------
+def test_a_restarted_engine_serves_its_sessions_next_turns_from_disk_and_never_a_torn_block(tiny_model_dir,
+                                                                                            tmp_path):
+    disk = str(tmp_path / "kv")
+    sessions = {f"disk-{i}": history(f"disk-{i}") for i in range(4)}
+    reference = {}
+    damaged = list(sessions)[-1]
+    with VllmServer(spec(tiny_model_dir, "--kvsched-disk-tier-dir", disk)) as a:
+        for sid, msgs in sessions.items():
+            first, _ = chat(a, msgs, sid)
+            # the damaged session's next turn adds several blocks, the others' at most one: its reference turn runs
+            # last, so the newest files on disk are its last blocks
+            more = "next " + ("value " * 120 if sid == damaged else "")
+            msgs += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": more}]
+        for sid, msgs in sessions.items():  # the next turn as this engine answers it, from its own exact KV
+            reference[sid] = chat(a, msgs, sid, max_tokens=12)[0]
+        written = wait_stable(a, "kvsched_disk_tier_written_blocks_total")
+        assert written >= max(r.usage.prompt_tokens for r in reference.values()) // BLOCK, a.log_tail()
+    # fault injection between the runs: the newest two files (the last session's last blocks) torn and flipped
+    files = sorted((p for p in (tmp_path / "kv").rglob("*.kv")), key=lambda p: p.stat().st_mtime)
+    assert len(files) >= written
+    torn, flipped = files[-1], files[-2]
+    torn.write_bytes(torn.read_bytes()[:-64])
+    data = bytearray(flipped.read_bytes())
+    data[-1] ^= 0x41
+    flipped.write_bytes(bytes(data))
+    with VllmServer(spec(tiny_model_dir, "--kvsched-disk-tier-dir", disk)) as b:
+        start = b.metrics()
+        assert start["kvsched_disk_tier_indexed_blocks_total"] == written
+        replies = {sid: chat(b, msgs, sid, max_tokens=12)[0] for sid, msgs in sessions.items() if sid != damaged}
+        mid = b.metrics()
+        replies[damaged] = chat(b, sessions[damaged], damaged, max_tokens=12)[0]
+        end = b.metrics()
+    # the engine's own metrics: a fresh engine, so every prompt token it did not compute came from the disk level
+    d = {k: mid.get(k, 0.0) - start.get(k, 0.0) for k in mid}
+    prompt = d["vllm:prompt_tokens_total"]
+    hits = d["vllm:prefix_cache_hits_total"] + d.get("vllm:external_prefix_cache_hits_total", 0.0)
+    assert prompt == sum(r.usage.prompt_tokens for sid, r in replies.items() if sid != damaged)
+    assert hits >= 0.9 * prompt, (hits, prompt)
+    assert d["kvsched_disk_tier_restored_blocks_total"] * BLOCK >= 0.85 * prompt  # shared system blocks read once
+    for sid, r in replies.items():
+        if sid != damaged:
+            assert cached(r) >= 0.9 * r.usage.prompt_tokens, (sid, cached(r), r.usage.prompt_tokens)
+    # the torn and the flipped block were skipped, not served: that session recomputed from the first bad block on
+    assert end["kvsched_disk_tier_read_failures_total"] == 2
+    for sid, reply in replies.items():  # restored (FP8) or recomputed: the greedy continuation is the same
+        assert reply.choices[0].message.content == reference[sid].choices[0].message.content, sid
+
+
+# ---- the shared level -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def replicas(tiny_model_dir, redis):
+    env = COMPACTION_ENV | {"KVSCHED_REPLICA_NAME": "b"}
+    b = VllmServer(spec(tiny_model_dir, "--kvsched-store-url", redis.url, env=env)).start()
+    try:
+        c = VllmServer(spec(tiny_model_dir, "--kvsched-store-url", redis.url,
+                            env=COMPACTION_ENV | {"KVSCHED_REPLICA_NAME": "c"})).start()
+        try:
+            yield b, c
+        finally:
+            c.stop()
+    finally:
+        b.stop()
+
+
+def test_a_moved_session_keeps_its_kv_and_is_served_compacted_at_once(replicas):
+    b, c = replicas
+    msgs = history("moved", words=120)
+    compacted = 0
+    for turn in range(6):
+        reply, headers = chat(b, msgs, "moved", compaction="summarize")
+        compacted, last_prompt = int(headers.get("x-kvsched-compacted", 0)), reply.usage.prompt_tokens
+        msgs += [{"role": "assistant", "content": reply.choices[0].message.content},
+                 {"role": "user", "content": f"tool result {turn}: " + "value " * 40}]
+        if compacted and turn >= 2:
+            break
+    assert compacted, "the session never got compacted on its first replica"
+    wait_metric(b, "kvsched_compaction_shared_checkpoints_saved_total", 1)
+    time.sleep(0.5)  # the turn's blocks are written behind
+    before = c.metrics()
+    reply, headers = chat(c, msgs, "moved", compaction="summarize")
+    after = c.metrics()
+    assert int(headers.get("x-kvsched-compacted", 0)) >= compacted  # compacted on its first turn here
+    assert after["kvsched_compaction_summary_calls_total"] == before.get("kvsched_compaction_summary_calls_total", 0)
+    assert after["kvsched_moved_sessions_total"] - before.get("kvsched_moved_sessions_total", 0) == 1
+    restored = after["kvsched_shared_tier_restored_blocks_total"] - before["kvsched_shared_tier_restored_blocks_total"]
+    # every full block of what the first replica computed last turn came back: only the new turn's text is prefilled
+    assert restored >= 1 and cached(reply) >= last_prompt // BLOCK * BLOCK, (restored, cached(reply), last_prompt)
+
+
+def test_store_killed_mid_run_every_turn_is_answered_and_it_reconnects(replicas, redis):
+    b, c = replicas
+    msgs = {s: history(s, words=60) for s in ("outage-1", "outage-2")}
+    for sid, m in msgs.items():
+        chat(b, m, sid)
+    redis.kill()
+    try:
+        for turn in range(3):
+            for server in (b, c):  # a moved session too: nothing to restore, recomputed
+                for sid, m in msgs.items():
+                    reply, _ = chat(server, m + [{"role": "user", "content": f"turn {turn}"}], sid)
+                    assert reply.choices[0].message.content is not None
+        for server in (b, c):
+            m = server.metrics()
+            assert m["kvsched_store_up"] == 0 and m["kvsched_store_outages_total"] == 1
+    finally:
+        redis.start()
+    time.sleep(1.5)  # past the first backoff
+    for server in (b, c):
+        for sid, m in msgs.items():
+            chat(server, m + [{"role": "user", "content": "back"}], sid)
+        assert server.metrics()["kvsched_store_up"] == 1
+        log = server.log_path.read_text(errors="replace")
+        assert log.count("unreachable") == 1 and log.count("reachable again") == 1, server.log_tail(30)
+
+
+def test_a_replica_killed_with_sessions_in_flight_loses_no_session(replicas):
+    b, c = replicas
+    sids = ["inflight-1", "inflight-2"]
+    msgs = {s: history(s, words=150) for s in sids}
+    first = {}
+    for sid in sids:
+        first[sid], _ = chat(b, msgs[sid], sid)
+        msgs[sid] += [{"role": "assistant", "content": first[sid].choices[0].message.content},
+                      {"role": "user", "content": "continue"}]
+    time.sleep(0.5)  # written behind
+    errors: list[BaseException] = []
+
+    def stream(sid):
+        try:
+            for _ in chat(b, msgs[sid], sid, max_tokens=400, stream=True):
+                pass
+        except Exception as exc:  # noqa: BLE001 - expected: the replica dies mid-stream
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(s,)) for s in sids]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.killpg(b.proc.pid, signal.SIGKILL)
+    for t in threads:
+        t.join(60)
+    b.proc.wait(10)
+    before = c.metrics()
+    for sid in sids:  # the client retries each turn on the ring successor
+        reply, _ = chat(c, msgs[sid], sid)
+        assert cached(reply) >= first[sid].usage.prompt_tokens // BLOCK * BLOCK, (sid, cached(reply))
+    after = c.metrics()
+    assert after["kvsched_moved_sessions_total"] - before["kvsched_moved_sessions_total"] == 2
+    assert after["kvsched_shared_tier_read_failures_total"] == before["kvsched_shared_tier_read_failures_total"]

@@ -1,0 +1,50 @@
+"""The `store:` section of kvsched ray-serve's YAML: validated with the key named, applied to every pool's engines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvsched.adapters.ray.config import ConfigError, parse_config
+from kvsched.adapters.ray.store import read_store_section, store_section, with_store
+
+POOLS = [{"name": "a", "model": "kvsched-tiny:test"}, {"name": "b", "model": "kvsched-tiny:test", "models": ["b"],
+                                                         "env": {"KVSCHED_STORE_URL": "redis://old:1"}}]
+
+
+def test_a_store_section_reaches_every_pools_engine_environment() -> None:
+    cfg = parse_config({"pools": POOLS, "store": {"url": "redis://10.0.0.5:6379/0", "kv_ttl_s": 600}})
+    section = store_section({"url": "redis://10.0.0.5:6379/0", "kv_ttl_s": 600})
+    assert section is not None and not section.local
+    out = with_store(cfg, section.url, section)
+    for pool in out.pools:
+        env = dict(pool.engine.env)
+        assert env["KVSCHED_STORE_URL"] == "redis://10.0.0.5:6379/0" and env["KVSCHED_STORE_KV_TTL_S"] == "600.0"
+        assert [k for k, _ in pool.engine.env].count("KVSCHED_STORE_URL") == 1
+    assert store_section(None) is None and store_section({"url": "local"}).local  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"url": "http://x"}, "store.url"), ({}, "store.url is required"), ({"url": "local", "ttl": 3}, "unknown key"),
+    ({"url": "local", "kv_ttl_s": 0}, "store.kv_ttl_s"), ({"url": "local", "maxmemory_mb": True}, "maxmemory_mb"),
+    ("redis://x", "mapping")])
+def test_bad_store_sections_name_the_key(raw: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        store_section(raw)
+
+
+def test_ray_serve_dry_run_describes_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("store: {url: local}\npools:\n  - {name: a, model: kvsched-tiny:test}\n")
+    assert read_store_section(path) is not None
+    r = subprocess.run([sys.executable, "-m", "kvsched.cli", "ray-serve", str(path), "--dry-run"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "shared store: a local redis-server" in r.stdout
+    path.write_text("store: {url: ftp://x}\npools:\n  - {name: a, model: kvsched-tiny:test}\n")
+    r = subprocess.run([sys.executable, "-m", "kvsched.cli", "ray-serve", str(path), "--dry-run"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "store.url" in r.stderr
