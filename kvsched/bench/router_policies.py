@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 from typing import Any, Protocol
 
@@ -100,7 +101,13 @@ class RayRouterPolicy:
         async def update() -> None:
             self.router.update_replicas(live)
 
-        self.loop.run_until_complete(update())
+        serve_log = logging.getLogger("ray.serve")
+        level = serve_log.level
+        serve_log.setLevel(logging.WARNING)  # Ray logs every ring rebuild and replica-set change at INFO
+        try:
+            self.loop.run_until_complete(update())
+        finally:
+            serve_log.setLevel(level)
 
     def _ranks(self, session: str) -> list[list[Any]]:
         from ray.serve._private.common import RequestMetadata

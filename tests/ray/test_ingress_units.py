@@ -119,3 +119,20 @@ def test_fuzzed_bodies_and_headers_are_parsed_or_refused_with_a_4xx(raw: bytes, 
         session_fields(parse_body(raw, max_bytes=2000), headers)
     except BadRequest as exc:
         assert 400 <= exc.status < 500 and exc.message
+
+
+def test_failures_of_a_replica_are_retried_and_name_it_failures_of_the_request_are_not() -> None:
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from kvsched.adapters.ray.hints import EngineUnavailable
+    from kvsched.adapters.ray.ingress import failed_replica
+
+    gone = EngineUnavailable(0, "abc", True, "ConnectError")
+    wrapped = RayTaskError("complete", "traceback", gone).as_instanceof_cause()
+    assert failed_replica(wrapped) == ("abc", True)
+    assert failed_replica(EngineUnavailable(1, "def", False, "ReadError")) == ("def", False)
+    died = ActorDiedError()
+    died.actor_id = "a1b2"
+    assert failed_replica(died) == ("a1b2", True)
+    assert failed_replica(RayTaskError("complete", "traceback", ValueError("bad body"))) is None
+    assert failed_replica(KeyError("x")) is None

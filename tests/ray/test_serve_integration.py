@@ -229,37 +229,44 @@ def sessions_living_on(cluster: dict[str, Any], slot: str, n: int) -> list[str]:
     return out
 
 
+def kill_while_busy(cluster: dict[str, Any], slot: int, victims: list[str], kill: Any) -> tuple[int, float]:
+    """Stream a long answer for victims[0] and generate long ones for the others, all on `slot`; once its engine
+    runs all of them, `kill(replica)`. Asserts the stream ends with the OpenAI error event and the others are
+    answered by the other slot after a retry; returns the dead engine's process group and the kill time."""
+    import openai
+
+    from kvsched.bench.router_real import replicas
+
+    victim = next(r for r in replicas(cluster["base"]) if r["slot"] == slot)
+    stream = client(cluster).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "go"}], max_tokens=4000, stream=True,
+        extra_headers={"X-Session-Id": victims[0]}, extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    next(chunks)
+    with ThreadPoolExecutor(len(victims) - 1) as pool:
+        pending = [pool.submit(turn, cluster, sid, "long answer", 3800, extra_body={"ignore_eos": True})
+                   for sid in victims[1:]]
+        wait_until(lambda: running_requests(victim["engine_url"]) >= len(victims), 30,
+                   f"slot-{slot} to run all {len(victims)} requests", period_s=0.05)
+        kill(victim)
+        t_kill = time.monotonic()
+        answered = [f.result(timeout=120) for f in pending]
+    assert all(s == f"slot-{1 - slot}" and attempts >= 2 for s, _, attempts in answered), answered
+    with pytest.raises(openai.APIError, match="failed during the stream"):
+        for _ in chunks:
+            pass
+    return int(victim["engine_pid"]), t_kill
+
+
 def test_killed_engine_its_accepted_requests_are_retried_elsewhere_and_its_processes_reaped(
         cluster: dict[str, Any]) -> None:
     """SIGKILL slot-0's `vllm serve` (as a crashed engine dies) while it streams one answer and generates three
     non-streaming ones: the stream ends with the OpenAI error event; the three are answered by slot-1 (retried, never
     back to the dead replica); the dead server's engine core and workers are gone within 10 s; the sessions live on
     slot-1 until the replacement takes slot-0 again, then go back."""
-    import openai
-
-    from kvsched.bench.router_real import replicas
-
     victims = sessions_living_on(cluster, "slot-0", 4)
     bystander = sessions_living_on(cluster, "slot-1", 1)[0]
-    victim = next(r for r in replicas(cluster["base"]) if r["slot"] == 0)
-    pgid = int(victim["engine_pid"])
-    stream = client(cluster).chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "go"}], max_tokens=4000, stream=True,
-        extra_headers={"X-Session-Id": victims[0]}, extra_body={"ignore_eos": True})
-    chunks = iter(stream)
-    next(chunks)
-    with ThreadPoolExecutor(3) as pool:
-        pending = [pool.submit(turn, cluster, sid, "long answer", 3800, extra_body={"ignore_eos": True})
-                   for sid in victims[1:]]
-        wait_until(lambda: running_requests(victim["engine_url"]) >= 4, 30, "slot-0 to run all four requests",
-                   period_s=0.05)
-        os.kill(pgid, signal.SIGKILL)
-        t_kill = time.monotonic()
-        answered = [f.result(timeout=120) for f in pending]
-    assert all(slot == "slot-1" and attempts >= 2 for slot, _, attempts in answered), answered
-    with pytest.raises(openai.APIError, match="failed during the stream"):
-        for _ in chunks:
-            pass
+    pgid, t_kill = kill_while_busy(cluster, 0, victims, lambda r: os.kill(int(r["engine_pid"]), signal.SIGKILL))
     wait_until(lambda: not group_members({pgid}), max(0.5, t_kill + 10 - time.monotonic()),
                "the killed server's engine core and workers to exit")
     assert turn(cluster, victims[0])[0] == "slot-1" and turn(cluster, bystander)[0] == "slot-1"
@@ -282,29 +289,7 @@ def test_killed_replica_actor_its_requests_are_retried_and_the_reaper_takes_its_
     generates two others: the stream ends with the OpenAI error event, the two are answered by slot-0 (Ray reports
     the actor died), and the detached reaper takes the dead replica's vLLM process group down within 10 s. (Last:
     the replacement is left to the fixture's shutdown.)"""
-    import openai
-
-    from kvsched.bench.router_real import replicas
-
     victims = sessions_living_on(cluster, "slot-1", 3)
-    victim = next(r for r in replicas(cluster["base"]) if r["slot"] == 1)
-    pgid = int(victim["engine_pid"])
-    stream = client(cluster).chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "go"}], max_tokens=4000, stream=True,
-        extra_headers={"X-Session-Id": victims[0]}, extra_body={"ignore_eos": True})
-    chunks = iter(stream)
-    next(chunks)
-    with ThreadPoolExecutor(2) as pool:
-        pending = [pool.submit(turn, cluster, sid, "long answer", 3800, extra_body={"ignore_eos": True})
-                   for sid in victims[1:]]
-        wait_until(lambda: running_requests(victim["engine_url"]) >= 3, 30, "slot-1 to run all three requests",
-                   period_s=0.05)
-        os.kill(int(victim["replica_pid"]), signal.SIGKILL)
-        t_kill = time.monotonic()
-        answered = [f.result(timeout=120) for f in pending]
-    assert all(slot == "slot-0" and attempts >= 2 for slot, _, attempts in answered), answered
-    with pytest.raises(openai.APIError, match="failed during the stream"):
-        for _ in chunks:
-            pass
+    pgid, t_kill = kill_while_busy(cluster, 1, victims, lambda r: os.kill(int(r["replica_pid"]), signal.SIGKILL))
     wait_until(lambda: not group_members({pgid}), max(0.5, t_kill + 10 - time.monotonic()),
                "the reaper to take the dead replica's vLLM processes down")

@@ -30,25 +30,13 @@ import httpx
 from ray import serve
 
 from kvsched.adapters.ray.config import EngineConfig
-from kvsched.adapters.ray.hints import RouteHints
+from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.reaper import stop_group
 from kvsched.adapters.ray.stats import ReplicaStats
 from kvsched.serving import ServerSpec, VllmServer
 
 logger = logging.getLogger("ray.serve")
 FORWARD_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction", "accept")
-
-
-class EngineUnavailable(RuntimeError):
-    """This replica's vLLM server could not take or answer the request; nothing of the answer was sent. `gone`: the
-    server process has exited (the replica is useless until Ray replaces it)."""
-
-    def __init__(self, slot: int, replica_id: str, gone: bool, detail: str) -> None:
-        super().__init__(f"engine replica slot-{slot} ({replica_id}) {'is gone' if gone else 'failed'}: {detail}")
-        self.slot, self.replica_id, self.gone, self.detail = slot, replica_id, gone, detail
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (EngineUnavailable, (self.slot, self.replica_id, self.gone, self.detail))
 
 
 def replica_rank() -> int:

@@ -1,4 +1,5 @@
-"""What the ingress tells the engines' request router about one request, beyond its session id.
+"""What the ingress and the engines' request router tell each other about one request: the hints the ingress passes
+with it, and the error an engine replica raises when it cannot answer it.
 
 Passed as the `route` keyword of the engine replica's methods: Ray hands the router the call's arguments
 (`PendingRequest.kwargs`), which is how Ray's own routers read a request (its prompt, for prefix affinity); the
@@ -8,6 +9,7 @@ replica ignores it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,3 +22,15 @@ class RouteHints:
     exclude: tuple[str, ...] = ()
     gone: tuple[str, ...] = ()
     end_session: bool = False
+
+
+class EngineUnavailable(RuntimeError):
+    """This replica's vLLM server could not take or answer the request; nothing of the answer was sent. `gone`: the
+    server process has exited (the replica is useless until Ray replaces it)."""
+
+    def __init__(self, slot: int, replica_id: str, gone: bool, detail: str) -> None:
+        super().__init__(f"engine replica slot-{slot} ({replica_id}) {'is gone' if gone else 'failed'}: {detail}")
+        self.slot, self.replica_id, self.gone, self.detail = slot, replica_id, gone, detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (EngineUnavailable, (self.slot, self.replica_id, self.gone, self.detail))

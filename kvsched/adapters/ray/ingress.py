@@ -31,7 +31,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from kvsched.adapters.ray.config import config_from_dict
-from kvsched.adapters.ray.hints import RouteHints
+from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.requests import BadRequest, check_length, parse_body, session_fields
 from kvsched.core.routing_pools import PoolSelector, UnknownModel
 from kvsched.core.sessions import InvalidSessionInput, validate_session_id
@@ -63,8 +63,8 @@ def failed_replica(exc: BaseException) -> tuple[str | None, bool] | None:
     """For a failure of the replica or its engine (not of the request itself): the failed replica's id (Ray
     replica unique id or actor id, None if unknown) and whether its engine is gone. None: not retryable."""
     cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-    if type(cause).__name__ == "EngineUnavailable":  # raised by EngineReplica (kvsched.adapters.ray.engine)
-        return getattr(cause, "replica_id", None) or None, bool(getattr(cause, "gone", False))
+    if isinstance(cause, EngineUnavailable):
+        return cause.replica_id or None, cause.gone
     if isinstance(cause, RayActorError | ActorUnavailableError):
         return getattr(cause, "actor_id", None), isinstance(cause, RayActorError)
     return None
