@@ -112,8 +112,17 @@ class Killer:
         self.reaped_s: float | None = None
         self.orphans_after_10s: list[int] | None = None
         self.replaced_s: float | None = None
+        self.error: str | None = None
 
     def __call__(self, t0: float, stopper: Any) -> None:
+        try:
+            self._run(t0, stopper)
+        except Exception as exc:  # noqa: BLE001 - recorded in the result; the sessions stop
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            stopper.stop_at = min(stopper.stop_at, time.monotonic() + self.after_s)
+
+    def _run(self, t0: float, stopper: Any) -> None:
         time.sleep(max(0.0, t0 + self.kill_at_s - time.monotonic()))
         self.victim = next(r for r in replicas(self.base) if r["slot"] == 0)
         pgid = int(self.victim["engine_pid"])  # vLLM runs in its own session: its pid is the group id
@@ -135,13 +144,12 @@ class Killer:
                 self.replaced_s = time.monotonic() - t_kill
                 break
             time.sleep(1.0)
-        stopper.stop_at = time.monotonic() + self.after_s
 
     def report(self, turns: list[Turn]) -> dict[str, Any]:
         kill = self.kill_s if self.kill_s is not None else float("inf")
         back = [t.sent_s for t in turns if t.outcome == "ok" and t.slot == "slot-0" and t.sent_s > kill
                 and t.replica_id != self.victim.get("replica_id")]
-        return {"kill_at_s": self.kill_s, "killed": {k: self.victim.get(k) for k in ("slot", "replica_id")},
+        return {"kill_at_s": self.kill_s, "error": self.error, "killed": {k: self.victim.get(k) for k in ("slot", "replica_id")},
                 "recovery_s": min(back) - kill if back else None, "replacement_ready_s": self.replaced_s,
                 "reaped_s": self.reaped_s, "orphans_after_10s": self.orphans_after_10s,
                 "failed_turns": [dataclasses.asdict(t) for t in turns if t.outcome != "ok"][:20],
@@ -161,7 +169,8 @@ def real_run(load: LoadConfig, routers: tuple[str, ...] = ROUTERS, kill_at_s: fl
     out: dict[str, Any] = {"config": {"replicas": 2, "model": "kvsched-tiny:test", "max_model_len": 512,
                                       **dataclasses.asdict(load)}, "policies": {}}
     with local_cluster(port):
-        for name in routers:
+        # kvsched's router last: the kill scenario runs on its deployment
+        for name in sorted(routers, key=lambda r: r == "kvsched"):
             startup_s = deploy(cfg, name)
             turns, _ = drive(base + "/v1", load)
             row = summarize(turns) | {"startup_s": startup_s}
