@@ -166,8 +166,8 @@ def real_run(load: LoadConfig, routers: tuple[str, ...] = ROUTERS, kill_at_s: fl
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cfg = cluster_config(port, f"tiny-bench-{uuid.uuid4().hex[:8]}")
-    out: dict[str, Any] = {"config": {"replicas": 2, "model": "kvsched-tiny:test", "max_model_len": 512,
-                                      **dataclasses.asdict(load)}, "policies": {}}
+    out: dict[str, Any] = {"config": {"replicas": 2, "engine_model": "kvsched-tiny:test", "max_model_len": 512,
+                                      "load": dataclasses.asdict(load)}, "policies": {}}
     with local_cluster(port):
         # kvsched's router last: the kill scenario runs on its deployment
         for name in sorted(routers, key=lambda r: r == "kvsched"):
