@@ -76,9 +76,14 @@ class RayRouterPolicy:
         self.name = name
         self.max_ongoing = max_ongoing
         self.loop = asyncio.new_event_loop()
-        self.router: Any = getattr(importlib.import_module(module), cls)(
-            deployment_id=FAKE_REPLICA_DEPLOYMENT_ID, handle_source=DeploymentHandleSource.UNKNOWN)
-        self.router.initialize_state()
+
+        async def build() -> Any:  # on its loop: Ray's router and replicas look for the running loop
+            router = getattr(importlib.import_module(module), cls)(
+                deployment_id=FAKE_REPLICA_DEPLOYMENT_ID, handle_source=DeploymentHandleSource.UNKNOWN)
+            router.initialize_state()
+            return router
+
+        self.router: Any = self.loop.run_until_complete(build())
         self.replicas: dict[SlotName, Any] = {}
         self.slot_of: dict[Any, SlotName] = {}
         self.rng = random.Random(seed)
@@ -90,16 +95,14 @@ class RayRouterPolicy:
     def set_live(self, slots: list[SlotName], revived: SlotName | None = None) -> None:
         from ray.serve._private.test_utils import FakeRunningReplica
 
-        for s in slots:
-            if s not in self.replicas or s == revived:  # a replacement is a new actor, a new unique id
-                r = FakeRunningReplica(f"{self.rng.getrandbits(32):08x}", max_ongoing_requests=self.max_ongoing)
-                r.set_queue_len_response(0)
-                self.replicas[s] = r
-                self.slot_of[r.replica_id] = s
-        live = [self.replicas[s] for s in slots]
-
         async def update() -> None:
-            self.router.update_replicas(live)
+            for s in slots:
+                if s not in self.replicas or s == revived:  # a replacement is a new actor, a new unique id
+                    r = FakeRunningReplica(f"{self.rng.getrandbits(32):08x}", max_ongoing_requests=self.max_ongoing)
+                    r.set_queue_len_response(0)
+                    self.replicas[s] = r
+                    self.slot_of[r.replica_id] = s
+            self.router.update_replicas([self.replicas[s] for s in slots])
 
         serve_log = logging.getLogger("ray.serve")
         level = serve_log.level
@@ -114,11 +117,14 @@ class RayRouterPolicy:
         from ray.serve._private.request_router.common import PendingRequest
 
         rid = f"r{next(self.ids)}"
-        pr = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(request_id=rid, internal_request_id=rid,
-                                                                           session_id=session))
-        ranks: list[list[Any]] = self.loop.run_until_complete(
-            self.router.choose_replicas(list(self.router.curr_replicas.values()), pr))
-        return ranks
+
+        async def choose() -> list[list[Any]]:  # a PendingRequest makes its future on the running loop
+            pr = PendingRequest(args=[], kwargs={}, metadata=RequestMetadata(
+                request_id=rid, internal_request_id=rid, session_id=session))
+            ranks: list[list[Any]] = await self.router.choose_replicas(list(self.router.curr_replicas.values()), pr)
+            return ranks
+
+        return self.loop.run_until_complete(choose())
 
     def route(self, session: str, loads: dict[SlotName, int], holder: SlotName | None) -> SlotName:
         ranks = self._ranks(session)

@@ -204,3 +204,17 @@ def test_in_flight_counts_follow_each_attempt_of_one_ingress_request() -> None:
         assert sum(r.loads().values()) == 0
 
     asyncio.run(run())
+
+
+def test_slots_follow_ranks_through_an_outage_and_a_replacement_that_starts_past_the_end() -> None:
+    async def run() -> None:
+        r, a, b = await two_replicas()
+        r.update_replicas([b])  # slot-0's replica is gone: the survivor keeps slot-1 although 1 >= one replica
+        assert r.slot_of(b.replica_id) == slot_name(1)
+        c = fake_replica("ccc", {"slot": 2})  # the replacement started while the dead one still held rank 0
+        r.update_replicas([b, c])
+        assert (r.slot_of(b.replica_id), r.slot_of(c.replica_id)) == (slot_name(1), slot_name(0))
+        r.update_replicas([b, c])  # still rank 2 on its next report: it keeps the slot it took
+        assert r.slot_of(c.replica_id) == slot_name(0)
+
+    asyncio.run(run())

@@ -78,7 +78,9 @@ class KVSchedRequestRouter(RequestRouter):
             n = reported_slot(r)
             # A replacement can start while its predecessor still holds its rank, so it gets a rank past the end;
             # Ray moves it into the free rank below once the predecessor is gone, and so does this router at once.
-            if n is not None and n < len(replicas) and slot_name(n) not in taken:
+            # (A replica already known under its rank keeps it: a survivor's rank is past the end during an outage.)
+            past_end = n is not None and n >= len(replicas) and self._slot_of.get(r.replica_id) != slot_name(n)
+            if n is not None and not past_end and slot_name(n) not in taken:
                 slot_of[r.replica_id] = slot_name(n)
                 taken.add(slot_name(n))
         for r in replicas:
