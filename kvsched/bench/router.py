@@ -14,31 +14,34 @@ as in Ray), then one replica added.
 - `moved_on_kill` / `moved_on_scale_up`: share of all sessions whose next turn would land elsewhere after the event,
   read on an idle fleet (no load bound in play) so that it shows the mapping, not a momentary overflow.
 - `kill_return`: sessions moved by the kill that were not the dead replica's, dead replica's sessions back home after
-  its return, and other sessions moved by the return.
+  its return, and other sessions moved by the return (of those served at least once: a session never served has no
+  KV to move away from, and is placed when it first runs).
 - `route_us_p50`: wall time of one routing decision in this process (policy code only, no RPC).
 
-Baselines as Ray 2.60 ships them: `consistent_hash` is `serve/experimental/consistent_hash_router.py` (mmh3 ring, 100
-virtual nodes on the replica's unique id, two fallbacks only when the primary is at `max_ongoing_requests`, here 4x the
-mean in flight); `pow2` is Ray's default: the less loaded of two random replicas.
+Baselines are Ray 2.60's own router classes, driven directly (`kvsched.bench.router_policies`): `consistent_hash` is
+`ray.serve.experimental.consistent_hash_router.ConsistentHashRouter` (mmh3 ring, 100 virtual nodes on the replica's
+unique id, two fallbacks only when the primary is at `max_ongoing_requests`, here 4x the mean in flight); `pow2` is
+Ray's default `PowerOfTwoChoicesRequestRouter`: the less loaded of two random replicas.
+
+`--real` adds the same comparison on a real deployment (`kvsched.bench.router_real`: a local Ray cluster, two CPU
+replicas of the tiny model, paced agent sessions over HTTP) and a kill scenario on kvsched's router; its gates are
+the real run's affinity and load and the kill scenario's failed requests and orphaned processes.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import heapq
 import random
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from kvsched.bench import router_policies as policies
 from kvsched.bench.common import percentile, provenance, table, write_json
-from kvsched.core.routing import RouterConfig, SessionRouter
+from kvsched.bench.router_policies import POLICIES, Policy
 from kvsched.core.routing_ring import SlotName, slot_name
-
-POLICIES = ("kvsched", "consistent_hash", "pow2")
 
 
 def register(subparsers: Any) -> None:
@@ -53,9 +56,13 @@ def register(subparsers: Any) -> None:
                    help="turns in flight per replica on average (a GPU replica batches 64-256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real", action="store_true",
-                   help="also a real run: a local Ray cluster, 2 CPU replicas of the tiny model, each router in turn")
-    p.add_argument("--real-sessions", type=int, default=12)
-    p.add_argument("--real-turns", type=int, default=4)
+                   help="also a real run: a local Ray cluster, 2 CPU replicas of the tiny model, each router in turn, "
+                        "then a kill scenario (minutes)")
+    p.add_argument("--real-sessions", type=int, default=16, help="agent sessions of the real run")
+    p.add_argument("--real-duration", type=float, default=60.0, help="seconds each router is driven")
+    p.add_argument("--real-period", type=float, default=1.0, help="seconds between a session's turns")
+    p.add_argument("--kill-at", type=float, default=20.0,
+                   help="seconds into the kill scenario when slot-0's vllm serve is killed (0: no kill scenario)")
     p.add_argument("--migration-only", action="store_true",
                    help="with --real: only the migration scenario (kvsched.bench.router_migration), not the routers")
     p.add_argument("--out", type=Path, default=None)
@@ -78,117 +85,9 @@ class SimConfig:
             raise ValueError("need replicas >= 2, sessions >= 1 and turns >= 100")
 
 
-# ---- policies under test -------------------------------------------------------------------------------------
-class Policy(Protocol):
-    name: str
-
-    def set_live(self, slots: list[SlotName], revived: SlotName | None = None) -> None: ...
-    def route(self, session: str, loads: dict[SlotName, int], holder: SlotName | None) -> SlotName: ...
-
-
-class KVSchedPolicy:
-    name = "kvsched"
-
-    def __init__(self, load_factor: float) -> None:
-        self.router = SessionRouter(RouterConfig(load_factor=load_factor))
-
-    def set_live(self, slots: list[SlotName], revived: SlotName | None = None) -> None:
-        self.router.set_live(slots)
-
-    def route(self, session: str, loads: dict[SlotName, int], holder: SlotName | None) -> SlotName:
-        d = self.router.route(session, loads, (holder,) if holder is not None else ())
-        self.router.record(d)
-        return d.slot
-
-    def peek(self, session: str, holder: SlotName | None) -> SlotName:
-        return self.router.route(session, {}, (holder,) if holder is not None else ()).slot
-
-
-def _mmh3_64() -> Callable[[bytes], int]:
-    try:
-        import mmh3
-
-        return lambda b: int(mmh3.hash64(b, seed=0xF9B4CA77, signed=False)[0])
-    except ImportError:  # ray[serve] brings mmh3; without it the ring is the same shape on another hash
-        from kvsched.core.routing_ring import hash64
-
-        return lambda b: hash64(b.decode())
-
-
-class ConsistentHashPolicy:
-    """Ray's experimental ConsistentHashRouter: ring on unique ids, no load bound, fallbacks only at the cap."""
-
-    name = "consistent_hash"
-
-    def __init__(self, max_ongoing: int, rng: random.Random) -> None:
-        self.hash = _mmh3_64()
-        self.max_ongoing = max_ongoing
-        self.rng = rng
-        self.unique: dict[SlotName, str] = {}
-        self._points: list[int] = []
-        self._owners: list[SlotName] = []
-
-    def set_live(self, slots: list[SlotName], revived: SlotName | None = None) -> None:
-        for s in slots:
-            if s not in self.unique or s == revived:
-                self.unique[s] = f"{self.rng.getrandbits(32):08x}"  # a replacement is a new actor, a new id
-        pairs = sorted((self.hash(f"{self.unique[s]}:{i}".encode()), s) for s in slots for i in range(100))
-        self._points = [p for p, _ in pairs]
-        self._owners = [s for _, s in pairs]
-
-    def _ranked(self, session: str) -> list[SlotName]:
-        n = len(self._points)
-        start = bisect.bisect_right(self._points, self.hash(session.encode())) % n
-        out: list[SlotName] = []
-        for k in range(n):
-            s = self._owners[(start + k) % n]
-            if s not in out:
-                out.append(s)
-                if len(out) == 3:
-                    break
-        return out
-
-    def route(self, session: str, loads: dict[SlotName, int], holder: SlotName | None) -> SlotName:
-        ranked = self._ranked(session)
-        for s in ranked:
-            if loads.get(s, 0) < self.max_ongoing:
-                return s
-        return ranked[0]  # every candidate full: Ray backs off and retries the primary
-
-    def peek(self, session: str, holder: SlotName | None) -> SlotName:
-        return self._ranked(session)[0]
-
-
-class PowerOfTwoPolicy:
-    name = "pow2"
-
-    def __init__(self, rng: random.Random) -> None:
-        self.rng = rng
-        self.live: list[SlotName] = []
-
-    def set_live(self, slots: list[SlotName], revived: SlotName | None = None) -> None:
-        self.live = list(slots)
-
-    def route(self, session: str, loads: dict[SlotName, int], holder: SlotName | None) -> SlotName:
-        if len(self.live) < 2:
-            return self.live[0]
-        a, b = self.rng.sample(self.live, 2)
-        la, lb = loads.get(a, 0), loads.get(b, 0)
-        return a if la < lb or (la == lb and self.rng.random() < 0.5) else b
-
-    def peek(self, session: str, holder: SlotName | None) -> SlotName:
-        return self.rng.choice(self.live)
-
-
-def make_policy(name: str, cfg: SimConfig) -> Any:
-    rng = random.Random(cfg.seed + 1)
-    if name == "kvsched":
-        return KVSchedPolicy(cfg.load_factor)
-    if name == "consistent_hash":
-        return ConsistentHashPolicy(max(1, round(4 * cfg.in_flight_per_replica)), rng)
-    if name == "pow2":
-        return PowerOfTwoPolicy(rng)
-    raise ValueError(f"unknown policy {name!r}")
+def make_policy(name: str, cfg: SimConfig) -> Policy:
+    """`consistent_hash` rejects at `max_ongoing_requests`, here 4x the mean in flight per replica."""
+    return policies.make_policy(name, cfg.load_factor, max(1, round(4 * cfg.in_flight_per_replica)), cfg.seed)
 
 
 # ---- the fleet simulation -------------------------------------------------------------------------------------
@@ -211,7 +110,7 @@ class Workload:
         return cls(ids, [w * scale for w in weights], cfg.seed)
 
 
-def simulate(policy: Any, cfg: SimConfig, work: Workload) -> dict[str, Any]:
+def simulate(policy: Policy, cfg: SimConfig, work: Workload) -> dict[str, Any]:
     rng = random.Random(cfg.seed + 7)  # the same arrivals and turn lengths for every policy
     n = cfg.replicas
     slots = [slot_name(i) for i in range(n)]
@@ -219,6 +118,7 @@ def simulate(policy: Any, cfg: SimConfig, work: Workload) -> dict[str, Any]:
     live = set(slots)
     loads: dict[SlotName, int] = {s: 0 for s in slots}
     holder: dict[int, SlotName] = {}  # session index -> replica holding its KV
+    ever_served: set[int] = set()
     incarnation = {s: 0 for s in slots}
     in_flight: dict[int, tuple[SlotName, int]] = {}
     events: list[tuple[float, int, int, int]] = []  # (time, seq, kind 0=arrive 1=done, session)
@@ -242,11 +142,17 @@ def simulate(policy: Any, cfg: SimConfig, work: Workload) -> dict[str, Any]:
         at = in_flight[i][0] if i in in_flight else holder.get(i)
         return at if at in live else None
 
+    def served_once(i: int) -> bool:
+        """A session with KV somewhere (served, or being served): only such a session can be moved off its KV. One
+        never served is placed when it first runs, within the placement bound."""
+        return i in holder or i in in_flight or i in ever_served
+
     def snapshot() -> list[SlotName]:
         return [policy.peek(work.ids[i], kv_at(i)) for i in range(len(work.ids))]
 
     while served < cfg.turns and events:
         now, _, kind, i = heapq.heappop(events)
+        policy.tick(now)
         if kind == 1:
             at = in_flight.get(i)
             if at is None or at[1] != incarnation[at[0]]:
@@ -254,6 +160,7 @@ def simulate(policy: Any, cfg: SimConfig, work: Workload) -> dict[str, Any]:
             del in_flight[i]
             loads[at[0]] -= 1
             holder[i] = at[0]
+            ever_served.add(i)
             heapq.heappush(events, (now + rng.expovariate(work.rates[i]), seq, 0, i))
             seq += 1
             continue
@@ -292,7 +199,7 @@ def simulate(policy: Any, cfg: SimConfig, work: Workload) -> dict[str, Any]:
             after = snapshot()
             moved = [j for j in range(len(before)) if before[j] != after[j]]
             moves.update(before_kill=before, moved_on_kill=len(moved) / len(before),
-                         kill_moved_others=sum(before[j] != victim for j in moved))
+                         kill_moved_others=sum(before[j] != victim and served_once(j) for j in moved))
         if served == phase_ends["outage"]:  # the replica returns (kvsched: same slot; Ray: a new unique id)
             before = snapshot()
             live.add(victim)
@@ -302,7 +209,7 @@ def simulate(policy: Any, cfg: SimConfig, work: Workload) -> dict[str, Any]:
             owned = [j for j in range(len(before)) if moves["before_kill"][j] == victim]
             moves.update(returned_home=sum(after[j] == victim for j in owned) / max(1, len(owned)),
                          return_moved_others=sum(1 for j in range(len(before)) if before[j] != after[j]
-                                                 and moves["before_kill"][j] != victim))
+                                                 and served_once(j) and moves["before_kill"][j] != victim))
     before = snapshot()
     grown = slot_name(n)
     live.add(grown)
@@ -334,18 +241,43 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         cfg = SimConfig(replicas=n, sessions=args.sessions, turns=turns, load_factor=args.load_factor,
                         in_flight_per_replica=args.in_flight_per_replica, seed=args.seed)
         work = Workload.build(cfg)
-        by_size[str(n)] = {"config": asdict(cfg)} | {p: simulate(make_policy(p, cfg), cfg, work) for p in POLICIES}
+        row: dict[str, Any] = {"config": asdict(cfg)}
+        for p in POLICIES:
+            policy = make_policy(p, cfg)
+            try:
+                row[p] = simulate(policy, cfg, work)
+            finally:
+                policy.close()
+        by_size[str(n)] = row
     headline = by_size[str(max(sizes))]
     out = {**{p: headline[p] for p in POLICIES}, "headline_replicas": max(sizes), "by_replicas": by_size,
            "gates": gates(by_size, args.load_factor), "provenance": provenance()}
     if args.real:
-        from kvsched.adapters.ray.loadtest import real_run
+        from kvsched.bench.loadgen import LoadConfig
         from kvsched.bench.router_migration import migration_run
+        from kvsched.bench.router_real import real_run
 
         if not args.migration_only:
-            out["real_2_replicas"] = real_run(args.real_sessions, args.real_turns, args.seed)
+            load = LoadConfig(sessions=args.real_sessions, duration_s=args.real_duration,
+                              turn_period_s=args.real_period, seed=args.seed)
+            real = real_run(load, kill_at_s=args.kill_at or None)
+            out["real_2_replicas"] = real
+            out["gates"] |= real_gates(real, args.load_factor)
         out["migration"] = migration_run(seed=args.seed)
         out["gates"].update({f"migration_{k}": v for k, v in out["migration"]["gates"].items()})
+    return out
+
+
+def real_gates(real: dict[str, Any], load_factor: float) -> dict[str, bool]:
+    """Issue 23's done-when checks on the real deployment."""
+    k = real["policies"].get("kvsched", {})
+    out = {"real_kvsched_affinity_ge_0.95": (k.get("affinity") or 0.0) >= 0.95,
+           f"real_kvsched_max_over_mean_le_{load_factor}": (k.get("max_over_mean_load") or 99.0) <= load_factor}
+    kill = real.get("kill")
+    if kill is not None:
+        out["kill_no_failed_requests"] = kill["failed"] == 0
+        out["kill_no_orphaned_process_after_10s"] = kill["orphans_after_10s"] == []
+        out["kill_replacement_serves_its_slot_again"] = kill["recovery_s"] is not None
     return out
 
 
@@ -380,9 +312,18 @@ def run(args: argparse.Namespace) -> int:
     if "real_2_replicas" in result:
         real = result["real_2_replicas"]
         print(f"real run: {real['config']}")
-        print(table([[p, r["affinity"], r["max_over_mean_load"], r["follow_up_ttft_ms_p50"],
-                      r["follow_up_ttft_ms_p95"], r["errors"]] for p, r in real["policies"].items()],
-                    ["policy", "affinity", "max/mean requests", "follow-up TTFT ms p50", "p95", "errors"]))
+        print(table([[p, r["affinity"], r["max_over_mean_load"], r["requests"], r["follow_up_ttft_ms_p50"],
+                      r["follow_up_ttft_ms_p95"], r["failed"],
+                      " ".join(f"{k}={v}" for k, v in (r["moves"].get("reasons") or r["moves"]).items())]
+                     for p, r in real["policies"].items()],
+                    ["policy", "affinity", "max/mean requests", "requests", "follow-up TTFT ms p50", "p95", "failed",
+                     "moves by reason"]))
+        if "kill" in real:
+            k = real["kill"]
+            print(table([[k["requests"], k["failed"], k["cut_streams"], k["retried"], k["recovery_s"], k["reaped_s"],
+                          len(k["orphans_after_10s"] or [])]],
+                        ["kill: requests", "failed", "cut streams", "retried", "recovery s", "reaped s",
+                         "orphans after 10 s"]))
     if "migration" in result:
         from kvsched.bench.router_migration import print_migration
 
@@ -390,4 +331,12 @@ def run(args: argparse.Namespace) -> int:
     for gate, ok in result["gates"].items():
         print(f"  [{'PASS' if ok else 'FAIL'}] {gate}")
     write_json(args.out, result)
+    if args.out is not None:
+        from kvsched.bench.plots import PlotUnavailable
+        from kvsched.bench.router_plot import router_chart
+
+        try:
+            print(f"wrote {router_chart(result, args.out.with_suffix('.png'))}")
+        except PlotUnavailable as exc:
+            print(exc)
     return 0 if all(result["gates"].values()) else 1

@@ -23,7 +23,7 @@ def register(subparsers: Any) -> None:
 
 def describe(cfg: Any) -> str:
     lines = [f"app {cfg.app_name!r} on http://{cfg.host}:{cfg.port}{cfg.route_prefix} "
-             f"(router c={cfg.router.load_factor}, {cfg.router.virtual_nodes} virtual nodes, "
+             f"(router c={cfg.router.load_factor}, load floor {cfg.router.load_floor}, {cfg.router.virtual_nodes} virtual nodes, "
              f"stats every {cfg.stats_period_s}s)"]
     for p in cfg.pools:
         scale = (f"autoscaling {p.autoscaling.min_replicas}-{p.autoscaling.max_replicas} on queue depth "

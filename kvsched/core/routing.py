@@ -1,23 +1,40 @@
-"""Session routing across engine replicas: consistent hashing with bounded loads, KV preference and failover.
+"""Session routing across engine replicas: sessions placed by consistent hashing with bounded loads, then kept on the
+replica that holds their KV; failover and return by stable slots.
 
 A session's *home* is its owner on a ring of every slot the router knows (`routing_ring.HashRing`), dead or alive, so
-homes never change while slots come and go. A turn goes to, in order:
-1. the replica it was failed over from, when that replica is back (same slot) and within the bound;
-2. the replica this router last sent it to, else a live replica reporting the session's KV, while within the bound
-   (KV preference: no re-prefill; the last one holds the newest KV, earlier ones may still report an older pin);
-3. the first live slot clockwise from the session's hash that is within the bound (home, else successors).
-The bound is `ceil(c * (L + 1) / n)` requests per replica for `L` requests in flight on `n` live replicas
-("Consistent Hashing with Bounded Loads", Mirrokni, Thorup and Zadimoghaddam, SODA 2018): no replica exceeds `c`
-times the average, and overflow spills to ring successors. Requests without a session go to the least-loaded replica.
+homes never change while slots come and go. Two loads are kept apart:
+- *residents*: the sessions living on each replica (routed there within `session_idle_s`). A session that lives
+  nowhere (new, forgotten, or its replica died) is *placed* on the first slot clockwise from its hash whose residents
+  are within the bound: no replica holds more than `c` times the average number of sessions, so as long as sessions
+  keep it, no replica serves much more than `c` times the average of the work. Placement costs nothing: the session
+  has no KV anywhere yet.
+- *in flight*: requests now on each replica, passed in by the adapter. A session leaves the replica where it lives
+  only when that replica is over `max(load_floor, ceil(c * (L + 1) / n))` requests in flight (`L` in flight on `n`
+  live replicas). Below the floor a replica batches an extra request at little cost, while moving the session costs a
+  prefill of its whole context elsewhere; at a handful of requests in flight the bound alone is one request above
+  the average and moved sessions back and forth between two replicas (measured: BENCHMARKS.md, router section).
 
-Pure policy: loads and KV holders come in as arguments, a frozen decision comes out, `record()` updates the state.
+A turn goes to, in order:
+1. the replica it was failed over from, when that replica is back (same slot) and within the in-flight bound;
+2. the replica it lives on (where this router last sent it), within the in-flight bound;
+3. a live replica reporting the session's KV, within the in-flight bound (a router that does not know the session:
+   restarted, or the session idled out);
+4. the first live slot clockwise from its hash within both bounds (home, else successors), else within the
+   in-flight bound alone.
+Both bounds are "Consistent Hashing with Bounded Loads" (Mirrokni, Thorup and Zadimoghaddam, SODA 2018), with sessions
+as the balls of the first and requests as the balls of the second. Requests without a session go to the least-loaded
+replica.
+
+Pure policy: loads and KV holders come in as arguments, time from an injected clock, a frozen decision comes out,
+`record()` updates the state.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from collections.abc import Collection, Iterable, Mapping
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -37,15 +54,18 @@ class RouterConfig:
     """`load_factor` is c in the bound above (> 1; 1.25 is the sizing guide's tolerance); `virtual_nodes` per slot;
     `kv_preference` honours replicas' KV reports and the router's own memory of where each session last went (reports
     lag by a stats period); `session_memory` caps the sessions remembered (least recently routed forgotten first);
-    `load_floor`: requests any replica may hold whatever the average (0: the bound alone). At low load the bound is
-    tight (with 2 requests in flight on one of 2 replicas, a third may not join them) and moves sessions off their KV for no gain;
-    a floor near the engine's comfortable batch keeps them home until a replica is really busy."""
+    `load_floor`: requests any replica may hold in flight whatever the average before a session living there is moved
+    (0: the bound alone). At low load the bound is tight (with 2 requests in flight on one of 2 replicas, a third may
+    not join them) and moves sessions off their KV for no gain; a floor near the engine's comfortable batch keeps them
+    home until a replica is really busy. `session_idle_s`: a session not routed for this long no longer counts as
+    living on its replica (nor is remembered there; kvsched's longest pin TTL is 600 s)."""
 
     load_factor: float = 1.25
     virtual_nodes: int = 100
     kv_preference: bool = True
     session_memory: int = 1_000_000
     load_floor: int = 0
+    session_idle_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.load_factor, int | float) or not math.isfinite(self.load_factor) \
@@ -57,6 +77,8 @@ class RouterConfig:
             raise RoutingConfigError(f"load_floor must be an integer >= 0, got {self.load_floor!r}")
         if not isinstance(self.session_memory, int) or self.session_memory < 0:
             raise RoutingConfigError(f"session_memory must be an integer >= 0, got {self.session_memory!r}")
+        if not isinstance(self.session_idle_s, int | float) or not self.session_idle_s > 0:
+            raise RoutingConfigError(f"session_idle_s must be a number > 0, got {self.session_idle_s!r}")
 
 
 class RouteReason(StrEnum):
@@ -83,12 +105,15 @@ def load_bound(in_flight: int, live: int, load_factor: float) -> int:
 
 
 class SessionRouter:
-    def __init__(self, config: RouterConfig | None = None) -> None:
+    def __init__(self, config: RouterConfig | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config or RouterConfig()
+        self._clock = clock
         self._ring = HashRing(virtual_nodes=self.config.virtual_nodes)
         self._live: set[SlotName] = set()
         self._displaced: OrderedDict[str, SlotName] = OrderedDict()  # session -> dead slot it was failed over from
-        self._last: OrderedDict[str, SlotName] = OrderedDict()  # session -> slot it was last sent to
+        self._last: OrderedDict[str, SlotName] = OrderedDict()  # session -> slot it lives on, least recent first
+        self._seen: dict[str, float] = {}  # session -> when it was last routed
+        self._residents: Counter[SlotName] = Counter()  # slot -> sessions in `_last` living there
 
     # ---- membership ---------------------------------------------------------------------------------------------
     @property
@@ -113,28 +138,37 @@ class SessionRouter:
         """Drop a slot from the ring for good (scaled down and not coming back): its sessions re-home."""
         self._live.discard(slot)
         self._ring.remove(slot)
-        for table in (self._displaced, self._last):
-            for sid in [s for s, h in table.items() if h == slot]:
-                del table[sid]
+        for sid in [s for s, h in self._displaced.items() if h == slot]:
+            del self._displaced[sid]
+        for sid in [s for s, h in self._last.items() if h == slot]:
+            self._drop(sid)
 
     # ---- routing ------------------------------------------------------------------------------------------------
     def home(self, session_id: str) -> SlotName | None:
         return self._ring.owner(session_id)
 
+    def residents(self) -> dict[SlotName, int]:
+        """Sessions living on each slot (routed there within `session_idle_s`)."""
+        self._expire()
+        return {s: n for s, n in self._residents.items() if n > 0}
+
     def route(self, session_id: str | None, loads: Mapping[SlotName, int],
-              kv_slots: Collection[SlotName] = ()) -> RouteDecision:
+              kv_slots: Collection[SlotName] = (), unavailable: Collection[SlotName] = ()) -> RouteDecision:
         """Where the next request goes. `loads`: requests in flight per slot; `kv_slots`: slots reporting the
-        session's KV. Raises NoLiveReplicas when no slot is live."""
-        if not self._live:
+        session's KV; `unavailable`: live slots this request must avoid (they failed it: the session fails over as
+        from a dead slot). Raises NoLiveReplicas when no slot is left."""
+        live = self._live - set(unavailable) if unavailable else self._live
+        if not live:
             raise NoLiveReplicas("no live replica")
         if session_id is None:
-            slot = min(self._live, key=lambda s: (loads.get(s, 0), s))
+            slot = min(live, key=lambda s: (loads.get(s, 0), s))
             return RouteDecision(slot, RouteReason.LEAST_LOADED)
-        bound = max(self.config.load_floor, load_bound(sum(max(0, loads.get(s, 0)) for s in self._live),
-                                                       len(self._live), self.config.load_factor))
+        self._expire()
+        bound = max(self.config.load_floor, load_bound(sum(max(0, loads.get(s, 0)) for s in live),
+                                                       len(live), self.config.load_factor))
 
         def fits(s: SlotName) -> bool:
-            return s in self._live and loads.get(s, 0) + 1 <= bound
+            return s in live and loads.get(s, 0) + 1 <= bound
 
         walk = self._ring.walk(session_id)
         home = next(walk)
@@ -142,13 +176,13 @@ class SessionRouter:
         back = self._displaced.get(session_id)
         if back is not None and fits(back):
             return RouteDecision(back, RouteReason.RETURN, session_id, home)
-        # A session whose replica died (its last one, or its home before it ever ran) is failing over.
-        lost = last if last is not None and last not in self._live else None
-        if last is None and home not in self._live:
+        # A session whose replica died (the one it lived on, or its home before it ever ran) is failing over.
+        lost = last if last is not None and last not in live else None
+        if last is None and home not in live:
             lost = home
         if self.config.kv_preference and last is not None and lost is None and fits(last):
-            # Where this router last sent the session holds its newest KV; a replica that served an earlier turn
-            # may still report (older, shorter) pinned KV for it until the pin expires.
+            # Where the session lives holds its newest KV; a replica that served an earlier turn may still report
+            # (older, shorter) pinned KV for it until the pin expires.
             reason = RouteReason.HOME if last == home else RouteReason.KV
             return RouteDecision(last, reason, session_id, home, lost)
         if self.config.kv_preference and kv_slots:
@@ -157,29 +191,68 @@ class SessionRouter:
                 slot = holders[0] if len(holders) == 1 else self._first_in_ring(session_id, holders)
                 reason = RouteReason.HOME if slot == home else RouteReason.KV
                 return RouteDecision(slot, RouteReason.FAILOVER if lost else reason, session_id, home, lost)
-        if fits(home):
-            return RouteDecision(home, RouteReason.FAILOVER if lost else RouteReason.HOME, session_id, home, lost)
-        reason = RouteReason.FAILOVER if lost is not None else RouteReason.OVERFLOW
-        for s in walk:
-            if fits(s):
-                return RouteDecision(s, reason, session_id, home, lost)
-        raise AssertionError("the load bound always leaves room on some live replica")  # pragma: no cover
+        room = self._room(session_id, live)
+        ranked = [home, *walk]
+        placed = next((s for s in ranked if fits(s) and room(s)), None) or next((s for s in ranked if fits(s)), None)
+        if placed is None:  # pragma: no cover - the in-flight bound always leaves room on some live replica
+            raise AssertionError("the load bound always leaves room on some live replica")
+        if lost is not None:
+            reason = RouteReason.FAILOVER
+        else:
+            reason = RouteReason.HOME if placed == home else RouteReason.OVERFLOW
+        return RouteDecision(placed, reason, session_id, home, lost)
+
+    def _room(self, session_id: str, live: set[SlotName]) -> Callable[[SlotName], bool]:
+        """Whether a slot may take the session as a resident: within ceil(c * (S + 1) / n) sessions, S living on the
+        live slots without this one."""
+        current = self._last.get(session_id)
+        others = sum(n for s, n in self._residents.items() if s in live) - (current in live)
+        cap = load_bound(others, len(live), self.config.load_factor)
+        return lambda s: self._residents.get(s, 0) - (s == current) + 1 <= cap
 
     def record(self, decision: RouteDecision) -> None:
-        """Apply a decision the adapter acted on: where the session's KV now is, and whether it failed over."""
+        """Apply a decision the adapter acted on: where the session lives now, and whether it failed over."""
         sid = decision.session_id
         cap = self.config.session_memory
         if sid is None or cap == 0:
             return
-        _remember(self._last, sid, decision.slot, cap)
+        previous = self._last.get(sid)
+        if previous is not None:
+            self._residents[previous] -= 1
+        self._last[sid] = decision.slot
+        self._last.move_to_end(sid)
+        self._seen[sid] = self._clock()
+        self._residents[decision.slot] += 1
+        while len(self._last) > cap:
+            self._drop(next(iter(self._last)))
         if decision.failed_over_from is not None:
             _remember(self._displaced, sid, decision.failed_over_from, cap)
         elif self._displaced.get(sid) == decision.slot:
             del self._displaced[sid]
 
+    def last_slot(self, session_id: str) -> SlotName | None:
+        """Where the session lives (None: never routed, idled out or forgotten)."""
+        return self._last.get(session_id)
+
     def forget_session(self, session_id: str) -> None:
-        self._last.pop(session_id, None)
+        """The session ended (`X-Session-End`, `DELETE /kvsched/sessions/{id}`): it lives nowhere now."""
+        self._drop(session_id)
         self._displaced.pop(session_id, None)
+
+    def _drop(self, session_id: str) -> None:
+        slot = self._last.pop(session_id, None)
+        self._seen.pop(session_id, None)
+        if slot is not None:
+            self._residents[slot] -= 1
+
+    def _expire(self) -> None:
+        """Sessions not routed for `session_idle_s` (the least recent come first in `_last`) live nowhere now."""
+        horizon = self._clock() - self.config.session_idle_s
+        while self._last:
+            sid = next(iter(self._last))
+            if self._seen.get(sid, horizon) > horizon:
+                return
+            self._drop(sid)
 
     def _first_in_ring(self, session_id: str, candidates: Collection[SlotName]) -> SlotName:
         wanted = set(candidates)

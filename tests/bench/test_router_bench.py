@@ -60,3 +60,42 @@ def test_simulation_is_deterministic_for_a_seed() -> None:
 def test_bad_sim_config_is_rejected() -> None:
     with pytest.raises(ValueError):
         SimConfig(replicas=1)
+
+
+def test_real_run_summary_counts_affinity_load_and_failures_from_turns() -> None:
+    from kvsched.bench.loadgen import Turn, summarize
+    from kvsched.bench.router import real_gates
+
+    turns = [Turn("a", 0, 0.0, "ok", "slot-0"), Turn("a", 1, 1.0, "ok", "slot-0"), Turn("a", 2, 2.0, "ok", "slot-1"),
+             Turn("b", 0, 0.1, "ok", "slot-1"), Turn("b", 1, 1.1, "failed"), Turn("b", 2, 2.1, "ok", "slot-1", attempts=2),
+             Turn("b", 3, 3.1, "cut", "slot-1")]
+    s = summarize(turns)
+    assert (s["follow_ups"], s["affinity"], s["moves"]) == (3, 2 / 3, {"total": 1})
+    assert s["requests_per_replica"] == {"slot-0": 2, "slot-1": 3} and s["max_over_mean_load"] == 3 / 2.5
+    assert (s["requests"], s["failed"], s["cut_streams"], s["retried"]) == (7, 1, 1, 1)
+    gates = real_gates({"policies": {"kvsched": s}, "kill": s | {"orphans_after_10s": [], "recovery_s": 80.0}}, 1.25)
+    assert gates == {"real_kvsched_affinity_ge_0.95": False, "real_kvsched_max_over_mean_le_1.25": True,
+                     "kill_no_failed_requests": False, "kill_no_orphaned_process_after_10s": True,
+                     "kill_replacement_serves_its_slot_again": True}
+
+
+def test_ray_routers_are_driven_as_ray_ships_them() -> None:
+    """The baselines are Ray's own classes: the consistent-hash ring is keyed on replica unique ids (a returning
+    replica is a new id, so its sessions mostly do not come back), pow2 samples two replicas per request."""
+    from kvsched.bench.router_policies import RayRouterPolicy
+    from kvsched.core.routing_ring import slot_name
+
+    slots = [slot_name(i) for i in range(4)]
+    ch = RayRouterPolicy("consistent_hash", max_ongoing=8, seed=0)
+    try:
+        ch.set_live(slots)
+        sessions = [f"s{i}" for i in range(400)]
+        before = {s: ch.peek(s, None) for s in sessions}
+        assert len(set(before.values())) == 4 and all(ch.peek(s, None) == before[s] for s in sessions)
+        assert ch.route("s0", {before["s0"]: 8}, None) != before["s0"]  # the primary is full: a fallback
+        ch.set_live(slots, revived=slots[1])
+        after = {s: ch.peek(s, None) for s in sessions}
+        owned = [s for s in sessions if before[s] == slots[1]]
+        assert sum(after[s] == slots[1] for s in owned) < len(owned) / 2
+    finally:
+        ch.close()

@@ -31,6 +31,16 @@ def idle_assignment(r: SessionRouter) -> dict[str, SlotName]:
     return {s: r.route(s, {}).slot for s in SESSIONS}
 
 
+def settled(r: SessionRouter, kv: dict[str, SlotName] | None = None) -> dict[str, SlotName]:
+    """Every session routed once and recorded (it lives where it went)."""
+    out = {}
+    for s in SESSIONS:
+        d = r.route(s, {}, kv_slots=[kv[s]] if kv else ())
+        r.record(d)
+        out[s] = d.slot
+    return out
+
+
 def test_ring_is_the_same_whatever_the_insertion_order() -> None:
     a, b = HashRing(SLOTS), HashRing(reversed(SLOTS))
     assert [a.owner(s) for s in SESSIONS] == [b.owner(s) for s in SESSIONS]
@@ -125,7 +135,7 @@ def test_kv_report_from_a_dead_or_unknown_slot_is_ignored() -> None:
 
 def test_dead_slot_sessions_fail_over_to_ring_successors_and_nobody_else_moves() -> None:
     r = router()
-    before = idle_assignment(r)
+    before = settled(r)
     dead = SLOTS[5]
     r.mark_down(dead)
     after = {}
@@ -143,22 +153,15 @@ def test_dead_slot_sessions_fail_over_to_ring_successors_and_nobody_else_moves()
 
 def test_replacement_in_the_same_slot_takes_its_sessions_back_even_with_kv_elsewhere() -> None:
     r = router()
-    before = idle_assignment(r)
+    before = settled(r)
     dead = SLOTS[2]
     live = [s for s in SLOTS if s != dead]
     r.set_live(live)
-    during = {}
-    for s in SESSIONS:
-        d = r.route(s, {})
-        r.record(d)
-        during[s] = d.slot
+    during = settled(r)
+    assert {s for s in SESSIONS if during[s] != before[s]} == {s for s in SESSIONS if before[s] == dead}
     r.set_live(SLOTS)  # the replacement replica reports the same slot
-    # The successors now hold the failed-over sessions' KV; the sessions still go home.
-    back = {}
-    for s in SESSIONS:
-        d = r.route(s, {}, kv_slots=[during[s]])
-        r.record(d)
-        back[s] = d.slot
+    # The successors now hold the failed-over sessions' KV; the sessions still go back.
+    back = settled(r, kv=during)
     assert back == before
     # Replicas' KV reports lag: the successor still reports the session, the home not yet. It stays home.
     assert all(r.route(s, {}, kv_slots=[during[s]]).slot == before[s] for s in SESSIONS)
@@ -239,3 +242,95 @@ def test_the_newest_placement_beats_an_older_pin_still_reported_elsewhere() -> N
     # home has room again and still reports its (older) pin; the newer KV is where the last turn ran
     assert r.route(sid, {}, kv_slots=[home, d.slot]).slot == d.slot
     assert r.route(sid, {}, kv_slots=[home]).slot == d.slot
+
+
+# ---- sessions as residents: placement bound, floor, idle expiry, session end -------------------------------------
+TWO = [slot_name(0), slot_name(1)]
+
+
+def test_placement_bounds_the_sessions_living_on_each_replica() -> None:
+    """Sessions are placed within ceil(c * (S + 1) / n) residents per replica, whatever their hashes: 16 sessions
+    homed on one of two replicas, at most 10 stay there (max/mean 1.25)."""
+    r = router(TWO)
+    sessions = [s for s in SESSIONS if r.home(s) == TWO[0]][:16]  # all homed on one replica
+    for n, sid in enumerate(sessions, start=1):
+        r.record(r.route(sid, {}))
+        assert max(r.residents().values()) <= load_bound(n - 1, 2, 1.25)
+    assert sum(r.residents().values()) == 16 and max(r.residents().values()) <= 10
+
+
+def burst_affinity(**kw: object) -> float:
+    """16 sessions on two replicas, requests held in flight in small random bursts (a handful at a time, as a
+    lightly loaded real deployment sees them): the share of follow-up turns that stay where the session lives."""
+    r = router(TWO, **kw)
+    rng = random.Random(3)
+    sessions = [f"wf{i}/worker-{i % 3}" for i in range(16)]
+    where: dict[str, SlotName] = {}
+    hits = follow_ups = 0
+    for _ in range(400):
+        loads: Counter[SlotName] = Counter()
+        for sid in rng.sample(sessions, rng.randint(1, 6)):
+            d = r.route(sid, loads)
+            r.record(d)
+            loads[d.slot] += 1
+            if sid in where:
+                follow_ups += 1
+                hits += d.slot == where[sid]
+            where[sid] = d.slot
+    return hits / follow_ups
+
+
+def test_at_a_handful_of_requests_the_bound_alone_moves_sessions_and_the_floor_keeps_them() -> None:
+    assert burst_affinity() < 0.97  # the real 2-replica failure mode, in the policy alone (0.949)
+    assert burst_affinity(load_floor=8) == 1.0
+
+
+def test_a_replica_over_the_floor_and_the_bound_still_sheds_a_session() -> None:
+    sid = "wf1/worker"
+    for floor, stays, moves in ((4, 3, 4), (0, 1, 2)):  # the bound alone: ceil(1.25 * (L + 1) / 2) with L in flight
+        r = router(TWO, load_floor=floor)
+        d = r.route(sid, {})
+        r.record(d)
+        other = next(s for s in TWO if s != d.slot)
+        assert r.route(sid, {d.slot: stays}).slot == d.slot
+        assert r.route(sid, {d.slot: moves}).slot == other
+
+
+def test_idle_sessions_stop_living_on_their_replica(clock: object) -> None:
+    r = SessionRouter(RouterConfig(session_idle_s=60), clock=clock)  # type: ignore[arg-type]
+    r.set_live(TWO)
+    r.record(r.route("a", {}))
+    clock.advance(30)  # type: ignore[attr-defined]
+    r.record(r.route("b", {}))
+    assert sum(r.residents().values()) == 2
+    clock.advance(45)  # type: ignore[attr-defined]
+    assert sum(r.residents().values()) == 1 and r.last_slot("a") is None and r.last_slot("b") is not None
+
+
+def test_an_ended_session_lives_nowhere() -> None:
+    r = router(TWO)
+    r.record(r.route("a", {}))
+    r.forget_session("a")
+    assert r.residents() == {} and r.last_slot("a") is None
+
+
+def test_session_memory_cap_keeps_the_resident_counts_exact() -> None:
+    r = router(session_memory=10)
+    for s in SESSIONS[:50]:
+        r.record(r.route(s, {}))
+    assert sum(r.residents().values()) == 10
+
+
+def test_a_slot_that_failed_a_request_is_avoided_for_it_and_the_session_returns_after() -> None:
+    r = router(TWO)
+    sid = "wf2/worker"
+    first = r.route(sid, {})
+    r.record(first)
+    other = next(s for s in TWO if s != first.slot)
+    retry = r.route(sid, {}, unavailable=[first.slot])
+    assert (retry.slot, retry.reason, retry.failed_over_from) == (other, RouteReason.FAILOVER, first.slot)
+    r.record(retry)
+    back = r.route(sid, {})
+    assert (back.slot, back.reason) == (first.slot, RouteReason.RETURN)
+    with pytest.raises(NoLiveReplicas):
+        r.route(sid, {}, unavailable=TWO)

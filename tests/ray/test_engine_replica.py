@@ -4,7 +4,6 @@ whose KV kvsched pinned there, with queue depth and a recent P95 TTFT."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 def test_engine_replica_proxies_and_reports_pinned_sessions(tiny_model_dir: Path) -> None:
     cfg = EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", max_model_len=512, block_size=32)
-    replica = EngineReplica("tiny", dataclasses.asdict(cfg))
+    replica = EngineReplica("tiny", cfg.model_dump())
     pid = replica.server.proc.pid if replica.server.proc else None
     try:
         async def run() -> None:

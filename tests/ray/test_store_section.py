@@ -23,7 +23,7 @@ def test_a_store_section_reaches_every_pools_engine_environment() -> None:
     for pool in out.pools:
         env = dict(pool.engine.env)
         assert env["KVSCHED_STORE_URL"] == "redis://10.0.0.5:6379/0" and env["KVSCHED_STORE_KV_TTL_S"] == "600.0"
-        assert [k for k, _ in pool.engine.env].count("KVSCHED_STORE_URL") == 1
+        assert list(pool.engine.env).count("KVSCHED_STORE_URL") == 1
     assert store_section(None) is None and store_section({"url": "local"}).local  # type: ignore[union-attr]
 
 
@@ -34,6 +34,11 @@ def test_a_store_section_reaches_every_pools_engine_environment() -> None:
 def test_bad_store_sections_name_the_key(raw: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         store_section(raw)
+
+
+def test_the_config_refuses_a_bad_store_section_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="store.*kv_ttl_s"):
+        parse_config({"pools": POOLS, "store": {"url": "local", "kv_ttl_s": -1}})
 
 
 def test_ray_serve_dry_run_describes_the_store(tmp_path: Path) -> None:

@@ -30,9 +30,7 @@ BASELINE_ROUTERS = {
 def engine_options(pool: PoolConfig, cfg: RayServeConfig, router_path: str = ROUTER_PATH) -> dict[str, Any]:
     """Ray Serve deployment options of one pool's engine replicas (`router_path`: another RequestRouter, for
     baselines; kvsched's router settings apply to kvsched's router only)."""
-    kwargs = ({"load_factor": cfg.router.load_factor, "virtual_nodes": cfg.router.virtual_nodes,
-               "kv_preference": cfg.router.kv_preference, "load_floor": cfg.router.load_floor}
-              if router_path == ROUTER_PATH else {})
+    kwargs = dataclasses.asdict(cfg.router.core(pool.max_ongoing_requests)) if router_path == ROUTER_PATH else {}
     opts: dict[str, Any] = {
         "name": f"engine-{pool.name}",
         "max_ongoing_requests": pool.max_ongoing_requests,
@@ -58,13 +56,22 @@ def engine_options(pool: PoolConfig, cfg: RayServeConfig, router_path: str = ROU
     return opts
 
 
+def ingress_max_ongoing(cfg: RayServeConfig) -> int:
+    """Requests the ingress replica takes at once: every engine replica's share at its largest. The ingress only
+    relays; left at Ray's default (5) it queued requests at the HTTP proxy, and the engines' router saw at most 5 in
+    flight, where the load bound is tightest."""
+    return max(100, sum(p.max_ongoing_requests * (p.autoscaling.max_replicas if p.autoscaling else p.replicas)
+                        for p in cfg.pools))
+
+
 def build_app(cfg: RayServeConfig, router_path: str = ROUTER_PATH, version: str | None = None) -> Application:
     """`version`: a fixed deployment version, so that redeploying with only `replicas` changed scales the pools in
     place instead of replacing every replica (what Ray does to a deployment without one)."""
     extra = {"version": version} if version is not None else {}
     engines = {p.name: serve.deployment(EngineReplica).options(**engine_options(p, cfg, router_path), **extra).bind(
-        p.name, dataclasses.asdict(p.engine)) for p in cfg.pools}
+        p.name, p.engine.model_dump()) for p in cfg.pools}
     ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
+                                                      max_ongoing_requests=ingress_max_ongoing(cfg),
                                                       ray_actor_options={"num_cpus": 0})
     return ingress.bind(cfg.to_dict(), engines)
 

@@ -1,9 +1,10 @@
 """The YAML file behind `kvsched ray-serve`: pools of vLLM engine replicas (each `vllm serve --scheduler kvsched`),
-the router, autoscaling targets and the HTTP address. Every problem is a `ConfigError` naming the key.
+the router, autoscaling targets and the HTTP address. Pydantic models, strict (no "8k" for an integer, no `true` for
+a count) and closed (an unknown key is an error); every problem is one `ConfigError` naming the key.
 
 ```yaml
 http: {host: 127.0.0.1, port: 8000}
-router: {load_factor: 1.25, virtual_nodes: 100, load_floor: 0, stats_period_s: 2}
+router: {load_factor: 1.25, virtual_nodes: 100, load_floor: auto, stats_period_s: 2}
 long_context_tokens: 12000          # sessions past this go to the pool with long_context: true
 pools:
   - name: workers
@@ -20,9 +21,10 @@ pools:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvsched.core.routing import RouterConfig, RoutingConfigError
 from kvsched.core.routing_autoscale import AutoscaleTargets
@@ -35,20 +37,33 @@ class ConfigError(ValueError):
     """The kvsched Ray config is malformed; the message names the offending key."""
 
 
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
+def _as_str(v: Any) -> Any:
+    """Command-line words and environment values: YAML may read `192` or `true` where a string is meant."""
+    return str(v).lower() if isinstance(v, bool) else str(v) if isinstance(v, int | float) else v
+
+
+Word = Annotated[str, BeforeValidator(_as_str)]
+PositiveInt = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class EngineConfig(_Strict):
     """One replica's `vllm serve` (see kvsched.serving.ServerSpec)."""
 
     model: str
     served_model_name: str
     scheduler: str | None = "kvsched"
-    max_model_len: int = 2048
-    block_size: int = 32
-    kv_cache_gib: int = 1
-    num_blocks: int | None = None
-    vllm_args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    startup_timeout_s: float = 600.0
+    max_model_len: PositiveInt = 2048
+    block_size: PositiveInt = 32
+    kv_cache_gib: PositiveInt = 1
+    num_blocks: PositiveInt | None = None
+    vllm_args: list[Word] = []
+    env: dict[str, Word] = {}
+    startup_timeout_s: PositiveFloat = 600.0
 
     def model_path(self) -> Path:
         if self.model.startswith(TINY_PREFIX):
@@ -58,154 +73,194 @@ class EngineConfig:
         return Path(self.model)
 
 
-@dataclass(frozen=True, slots=True)
-class PoolConfig:
+ENGINE_KEYS = frozenset(EngineConfig.model_fields)
+AUTOSCALING_KEYS = frozenset(f.name for f in dataclasses.fields(AutoscaleTargets))
+
+
+class PoolConfig(_Strict):
+    """One pool; in YAML the engine's keys (model, max_model_len, vllm_args, ...) sit beside the pool's."""
+
     name: str
     engine: EngineConfig
-    models: tuple[str, ...]
-    roles: tuple[str, ...] = ()
+    models: list[str] = []
+    roles: list[str] = []
     long_context: bool = False
-    device: str = "cpu"
+    device: Literal["cpu", "gpu"] = "cpu"
     replicas: int = 1
-    num_cpus: float = 0.0
-    num_gpus: float = 0.0
-    max_ongoing_requests: int = 64
+    num_cpus: Annotated[float, Field(ge=0)] = 0.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    max_ongoing_requests: PositiveInt = 64
     autoscaling: AutoscaleTargets | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_yaml(cls, raw: Any) -> Any:
+        """The YAML layout (engine keys beside the pool's) to the nested one, with the defaults that depend on
+        other keys: models (the pool name), served_model_name (the first model), num_gpus (1 on a GPU pool),
+        replicas (autoscaling's minimum)."""
+        if not isinstance(raw, dict) or "engine" in raw:
+            return raw
+        if "model" not in raw or "name" not in raw:
+            raise ValueError("'name' and 'model' are required")
+        out = {k: v for k, v in raw.items() if k not in ENGINE_KEYS}
+        engine = {k: v for k, v in raw.items() if k in ENGINE_KEYS}
+        out.setdefault("models", [raw["name"]])
+        models = out["models"]
+        first = models[0] if isinstance(models, list) and models else None
+        engine.setdefault("served_model_name", first if isinstance(first, str) else raw["name"])
+        out["engine"] = engine
+        out.setdefault("num_gpus", 1.0 if raw.get("device") == "gpu" else 0.0)
+        auto = raw.get("autoscaling")
+        if "replicas" not in out and isinstance(auto, dict) and isinstance(auto.get("min_replicas"), int):
+            out["replicas"] = auto["min_replicas"]
+        return out
+
+    @field_validator("autoscaling", mode="before")
+    @classmethod
+    def _targets(cls, raw: Any) -> Any:
+        if raw is None or isinstance(raw, AutoscaleTargets):
+            return raw
+        if not isinstance(raw, dict):
+            raise ValueError(f"must be a mapping, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - AUTOSCALING_KEYS)
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(AUTOSCALING_KEYS))}")
+        try:
+            return AutoscaleTargets(**raw)
+        except (RoutingConfigError, TypeError) as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoolConfig:
+        if self.replicas < (0 if self.autoscaling else 1):
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.device == "cpu" and self.num_gpus:
+            raise ValueError(f"device cpu with num_gpus {self.num_gpus}")
+        return self
+
     def rule(self) -> PoolRule:
-        return PoolRule(self.name, models=self.models, roles=self.roles, long_context=self.long_context)
+        return PoolRule(self.name, models=tuple(self.models), roles=tuple(self.roles), long_context=self.long_context)
 
 
-@dataclass(frozen=True, slots=True)
-class RayServeConfig:
-    pools: tuple[PoolConfig, ...]
-    router: RouterConfig = field(default_factory=RouterConfig)
-    stats_period_s: float = 2.0
-    long_context_tokens: int | None = None
-    default_pool: str | None = None
+class RouterSettings(_Strict):
+    """kvsched.core.routing.RouterConfig's settings, `stats_period_s` (how often replicas report) and `load_floor`
+    `auto`: half of each pool's `max_ongoing_requests` (measured reason: BENCHMARKS.md, router section)."""
+
+    load_factor: float = 1.25
+    virtual_nodes: int = 100
+    kv_preference: bool = True
+    load_floor: int | Literal["auto"] = "auto"
+    session_idle_s: float = 600.0
+    stats_period_s: PositiveFloat = 2.0
+
+    @model_validator(mode="after")
+    def _core_checks(self) -> RouterSettings:
+        self.core(64)
+        return self
+
+    def core(self, max_ongoing_requests: int) -> RouterConfig:
+        """The routing core's config for a pool whose replicas take `max_ongoing_requests` each."""
+        floor = max_ongoing_requests // 2 if self.load_floor == "auto" else self.load_floor
+        try:
+            return RouterConfig(load_factor=self.load_factor, virtual_nodes=self.virtual_nodes,
+                                kv_preference=self.kv_preference, load_floor=floor,
+                                session_idle_s=self.session_idle_s)
+        except RoutingConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class HttpConfig(_Strict):
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+
+
+class RayServeConfig(_Strict):
+    pools: Annotated[list[PoolConfig], Field(min_length=1)]
+    router: RouterSettings = RouterSettings()
+    http: HttpConfig = HttpConfig()
+    long_context_tokens: PositiveInt | None = None
+    default_pool: str | None = None
     app_name: str = "kvsched"
     route_prefix: str = "/"
-    health_check_period_s: float = 2.0
-    health_check_timeout_s: float = 30.0
-    request_retries: int = 2
+    health_check_period_s: PositiveFloat = 2.0
+    health_check_timeout_s: PositiveFloat = 30.0
+    request_retries: Annotated[int, Field(ge=0)] = 2
+    request_deadline_s: PositiveFloat = 300.0  # arrival to answer (or first streamed bytes), retries included
+    max_body_bytes: PositiveInt = 64 * 1024 * 1024
+    max_json_depth: PositiveInt = 64
+    store: dict[str, Any] | None = None  # the shared level; checked and applied by kvsched.adapters.ray.store
+
+    @model_validator(mode="after")
+    def _store(self) -> RayServeConfig:
+        from kvsched.adapters.ray.store import store_section
+
+        try:
+            store_section(self.store)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("store: ").removeprefix("store.")) from None
+        return self
+
+    @model_validator(mode="after")
+    def _routable(self) -> RayServeConfig:
+        try:
+            self.routing()
+        except RoutingConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def host(self) -> str:
+        return self.http.host
+
+    @property
+    def port(self) -> int:
+        return self.http.port
+
+    @property
+    def stats_period_s(self) -> float:
+        return self.router.stats_period_s
 
     def routing(self) -> PoolRouting:
         return PoolRouting(tuple(p.rule() for p in self.pools), long_context_tokens=self.long_context_tokens,
                            default_pool=self.default_pool)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="python")
 
 
-def _check_keys(where: str, raw: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+UNION_TAGS = frozenset({"engine", "int", "float", "str", "bool", "none", "list", "dict"})  # not keys: nesting, union arms
 
 
-def _mapping(where: str, raw: Any) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
-    return raw
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in UNION_TAGS and "[" not in part and not part.startswith("function-"):
+            out += f".{part}" if out else part
+    return out or "config"
 
 
-def _typed(where: str, value: Any, kind: type | tuple[type, ...]) -> Any:
-    if isinstance(value, bool) and kind is not bool and (kind is int or (isinstance(kind, tuple) and bool not in kind)):
-        raise ConfigError(f"{where} must be {getattr(kind, '__name__', kind)}, got a boolean")
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
-
-
-ENGINE_KEYS = {"model", "served_model_name", "scheduler", "max_model_len", "block_size", "kv_cache_gib", "num_blocks",
-               "vllm_args", "env", "startup_timeout_s"}
-POOL_KEYS = {"name", "models", "roles", "long_context", "device", "replicas", "num_cpus", "num_gpus",
-             "max_ongoing_requests", "autoscaling"} | ENGINE_KEYS
-TOP_KEYS = {"pools", "router", "long_context_tokens", "default_pool", "http", "app_name", "route_prefix",
-            "health_check_period_s", "health_check_timeout_s", "request_retries",
-            "store"}  # read by kvsched.adapters.ray.store
-
-
-def parse_pool(i: int, raw: Any) -> PoolConfig:
-    where = f"pools[{i}]"
-    raw = _mapping(where, raw)
-    _check_keys(where, raw, POOL_KEYS)
-    if "model" not in raw or "name" not in raw:
-        raise ConfigError(f"{where}: 'name' and 'model' are required")
-    name = _typed(f"{where}.name", raw["name"], str)
-    models = tuple(_typed(f"{where}.models", raw.get("models", [name]), list))
-    roles = tuple(_typed(f"{where}.roles", raw.get("roles", []), list))
-    for m in (*models, *roles):
-        _typed(f"{where}.models/roles entries", m, str)
-    device = raw.get("device", "cpu")
-    if device not in ("cpu", "gpu"):
-        raise ConfigError(f"{where}.device must be cpu or gpu, got {device!r}")
-    engine_kw: dict[str, Any] = {k: raw[k] for k in ENGINE_KEYS & set(raw)}
-    engine_kw["model"] = str(_typed(f"{where}.model", raw["model"], str))
-    engine_kw.setdefault("served_model_name", models[0] if models else name)
-    engine_kw["vllm_args"] = tuple(str(a) for a in _typed(f"{where}.vllm_args", raw.get("vllm_args", []), list))
-    engine_kw["env"] = tuple((str(k), str(v)) for k, v in _mapping(f"{where}.env", raw.get("env")).items())
-    for key in ("max_model_len", "block_size", "kv_cache_gib"):
-        if key in engine_kw and (_typed(f"{where}.{key}", engine_kw[key], int) < 1):
-            raise ConfigError(f"{where}.{key} must be >= 1")
-    auto = None
-    if raw.get("autoscaling") is not None:
-        a = _mapping(f"{where}.autoscaling", raw["autoscaling"])
-        allowed = {f.name for f in dataclasses.fields(AutoscaleTargets)}
-        _check_keys(f"{where}.autoscaling", a, allowed)
-        try:
-            auto = AutoscaleTargets(**a)
-        except (RoutingConfigError, TypeError) as exc:
-            raise ConfigError(f"{where}.autoscaling: {exc}") from exc
-    replicas = _typed(f"{where}.replicas", raw.get("replicas", auto.min_replicas if auto else 1), int)
-    if replicas < (0 if auto else 1):
-        raise ConfigError(f"{where}.replicas must be >= 1, got {replicas}")
-    num_gpus = float(_typed(f"{where}.num_gpus", raw.get("num_gpus", 1 if device == "gpu" else 0), (int, float)))
-    if device == "cpu" and num_gpus:
-        raise ConfigError(f"{where}: device cpu with num_gpus {num_gpus}")
-    max_ongoing = _typed(f"{where}.max_ongoing_requests", raw.get("max_ongoing_requests", 64), int)
-    if max_ongoing < 1:
-        raise ConfigError(f"{where}.max_ongoing_requests must be >= 1")
-    return PoolConfig(name=name, engine=EngineConfig(**engine_kw), models=models, roles=roles,
-                      long_context=bool(raw.get("long_context", False)), device=device, replicas=replicas,
-                      num_cpus=float(_typed(f"{where}.num_cpus", raw.get("num_cpus", 0.0), (int, float))),
-                      num_gpus=num_gpus, max_ongoing_requests=max_ongoing, autoscaling=auto)
+def _message(exc: ValidationError) -> str:
+    msgs = []
+    for e in exc.errors(include_url=False):
+        where = _where(tuple(e["loc"]))
+        if e["type"] == "extra_forbidden":
+            msgs.append(f"{where}: unknown key")
+        else:
+            msgs.append(f"{where}: {str(e['msg']).removeprefix('Value error, ')}")
+    return "; ".join(dict.fromkeys(msgs))
 
 
 def parse_config(raw: Any) -> RayServeConfig:
-    raw = _mapping("config", raw)
-    _check_keys("config", raw, TOP_KEYS)
-    pools_raw = raw.get("pools")
-    if not isinstance(pools_raw, list) or not pools_raw:
-        raise ConfigError("config.pools must be a non-empty list")
-    pools = tuple(parse_pool(i, p) for i, p in enumerate(pools_raw))
-    router_raw = _mapping("router", raw.get("router"))
-    _check_keys("router", router_raw, {"load_factor", "virtual_nodes", "kv_preference", "load_floor",
-                                       "stats_period_s"})
-    http = _mapping("http", raw.get("http"))
-    _check_keys("http", http, {"host", "port"})
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping, got {type(raw).__name__}")
     try:
-        router = RouterConfig(**{k: v for k, v in router_raw.items() if k != "stats_period_s"})
-        cfg = RayServeConfig(
-            pools=pools, router=router,
-            stats_period_s=float(_typed("router.stats_period_s", router_raw.get("stats_period_s", 2.0),
-                                        (int, float))),
-            long_context_tokens=raw.get("long_context_tokens"), default_pool=raw.get("default_pool"),
-            host=str(http.get("host", "127.0.0.1")), port=_typed("http.port", http.get("port", 8000), int),
-            app_name=str(raw.get("app_name", "kvsched")), route_prefix=str(raw.get("route_prefix", "/")),
-            health_check_period_s=float(raw.get("health_check_period_s", 2.0)),
-            health_check_timeout_s=float(raw.get("health_check_timeout_s", 30.0)),
-            request_retries=_typed("request_retries", raw.get("request_retries", 2), int))
-        cfg.routing()  # pool names, long-context pool, default pool
-    except RoutingConfigError as exc:
-        raise ConfigError(str(exc)) from exc
-    if cfg.stats_period_s <= 0:
-        raise ConfigError("router.stats_period_s must be > 0")
-    return cfg
+        return RayServeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_message(exc)) from None
 
 
 def load_config(path: Path | str) -> RayServeConfig:
@@ -224,11 +279,4 @@ def load_config(path: Path | str) -> RayServeConfig:
 
 def config_from_dict(data: dict[str, Any]) -> RayServeConfig:
     """Rebuild a config from `RayServeConfig.to_dict()` (how it travels to Ray replicas)."""
-    pools = []
-    for p in data["pools"]:
-        eng = dict(p["engine"], vllm_args=tuple(p["engine"]["vllm_args"]),
-                   env=tuple(tuple(kv) for kv in p["engine"]["env"]))
-        auto = AutoscaleTargets(**p["autoscaling"]) if p.get("autoscaling") else None
-        pools.append(PoolConfig(**dict(p, engine=EngineConfig(**eng), models=tuple(p["models"]),
-                                       roles=tuple(p["roles"]), autoscaling=auto)))
-    return RayServeConfig(**dict(data, pools=tuple(pools), router=RouterConfig(**data["router"])))
+    return RayServeConfig.model_validate(data, strict=False)

@@ -3,7 +3,11 @@
 Running vLLM as a child process (not in the Ray worker) keeps vLLM's own process tree, signal handling and
 OpenAI server exactly as in a plain deployment; the replica only forwards requests, reports its stats and owns the
 child's life: `__del__` stops its whole process group on graceful shutdown, a detached reaper stops the group if the
-replica is killed outright, and `check_health` fails when the child dies so Ray replaces the replica.
+replica is killed outright, a watcher thread kills what is left of the group the moment the server process dies (its
+engine core would otherwise live on, orphaned), and `check_health` fails then so Ray replaces the replica.
+
+A request the engine cannot take or finish before any byte of the answer left raises `EngineUnavailable` (naming
+this replica, and whether its engine is gone), so the ingress retries it on another replica.
 
 Reported to the router: `slot` (the replica's Ray Serve rank, reused by a replacement), `kv_sessions` (sessions
 kvsched keeps pinned blocks for), queue depth and recent P95 TTFT; the same numbers feed autoscaling.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +30,7 @@ import httpx
 from ray import serve
 
 from kvsched.adapters.ray.config import EngineConfig
+from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.reaper import stop_group
 from kvsched.adapters.ray.stats import ReplicaStats
 from kvsched.serving import ServerSpec, VllmServer
@@ -82,37 +88,87 @@ class EngineReplica:
     """The Ray Serve deployment class of one engine pool (wrapped by `serve.deployment` in app.py)."""
 
     def __init__(self, pool: str, engine: dict[str, Any]) -> None:
-        cfg = EngineConfig(**dict(engine, vllm_args=tuple(engine["vllm_args"]),
-                                  env=tuple(tuple(kv) for kv in engine["env"])))
+        cfg = EngineConfig.model_validate(engine, strict=False)
         self.pool = pool
-        self.slot = replica_rank()
         self.replica_id = replica_unique_id()
         self.server = VllmServer(server_spec(cfg), startup_timeout_s=cfg.startup_timeout_s)
         start_with_reaper(self.server)
+        self._stopping = False
+        threading.Thread(target=self._watch_engine, name="vllm-watch", daemon=True).start()
         self.client = httpx.AsyncClient(base_url=self.server.base, timeout=httpx.Timeout(None, connect=10.0))
         self.stats = ReplicaStats(self.server.base)
         self._stats_lock = asyncio.Lock()
         self._polled_at = 0.0
         logger.info(f"kvsched engine {pool}/slot-{self.slot} serving at {self.server.base}")
 
+    @property
+    def slot(self) -> int:
+        """This replica's rank now: a replacement can start under a new rank while its predecessor still holds the
+        old one, and Ray hands the old rank over once the predecessor is gone."""
+        return replica_rank()
+
+    def _watch_engine(self) -> None:
+        proc = self.server.proc
+        if proc is None:
+            return
+        code = proc.wait()
+        if self._stopping:
+            return
+        logger.error(f"kvsched engine slot-{self.slot}: vllm serve exited ({code}); stopping what is left of its "
+                     f"process group, failing health checks so Ray replaces this replica")
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the engine core and workers: useless without their API server
+        except ProcessLookupError:
+            pass
+
+    def _unavailable(self, exc: BaseException) -> EngineUnavailable:
+        proc = self.server.proc
+        gone = proc is None or proc.poll() is not None
+        return EngineUnavailable(self.slot, self.replica_id, gone, f"{type(exc).__name__}: {exc}"[:300])
+
     # ---- requests -----------------------------------------------------------------------------------------------
-    async def complete(self, path: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
-        """A non-streaming request: status, content type and body of vLLM's answer."""
-        r = await self.client.post(path, content=body, headers=_forward(headers))
+    async def complete(self, path: str, body: bytes, headers: dict[str, str],
+                       route: RouteHints | None = None) -> dict[str, Any]:
+        """A non-streaming request: status, content type and body of vLLM's answer. (`route` is for the router.)"""
+        try:
+            r = await self.client.post(path, content=body, headers=_forward(headers))
+        except httpx.TransportError as exc:  # refused, reset or cut before the whole answer arrived
+            raise self._unavailable(exc) from None
         return {"status": r.status_code, "content_type": r.headers.get("content-type", "application/json"),
                 "body": r.content, "slot": self.slot, "replica_id": self.replica_id, "headers": _kvsched_headers(r)}
 
-    async def stream(self, path: str, body: bytes, headers: dict[str, str]) -> AsyncIterator[Any]:
-        """A streaming request: first a dict (status, content type, slot), then the raw SSE bytes."""
-        async with self.client.stream("POST", path, content=body, headers=_forward(headers)) as r:
-            yield {"status": r.status_code, "content_type": r.headers.get("content-type", "text/event-stream"),
-                   "slot": self.slot, "replica_id": self.replica_id, "headers": _kvsched_headers(r)}
-            async for chunk in r.aiter_raw():
-                yield chunk
+    async def stream(self, path: str, body: bytes, headers: dict[str, str],
+                     route: RouteHints | None = None) -> AsyncIterator[Any]:
+        """A streaming request: first a dict (status, content type, slot), then the raw SSE bytes. A failure before
+        the first SSE bytes is `EngineUnavailable` (the ingress has sent nothing yet); later ones propagate."""
+        sent = False
+        try:
+            async with self.client.stream("POST", path, content=body, headers=_forward(headers)) as r:
+                yield {"status": r.status_code, "content_type": r.headers.get("content-type", "text/event-stream"),
+                       "slot": self.slot, "replica_id": self.replica_id, "headers": _kvsched_headers(r)}
+                async for chunk in r.aiter_raw():
+                    sent = True
+                    yield chunk
+        except httpx.TransportError as exc:
+            if sent:
+                raise
+            raise self._unavailable(exc) from None
 
-    async def admin(self, method: str, path: str) -> dict[str, Any]:
-        r = await self.client.request(method, path)
-        return {"status": r.status_code, "body": r.content, "slot": self.slot}
+    async def admin(self, method: str, path: str, route: RouteHints | None = None) -> dict[str, Any]:
+        """kvsched's session admin routes of this replica's server (`GET /kvsched/sessions`, `DELETE .../{id}`)."""
+        try:
+            r = await self.client.request(method, path)
+        except httpx.TransportError as exc:
+            raise self._unavailable(exc) from None
+        return {"status": r.status_code, "body": r.content, "slot": self.slot, "replica_id": self.replica_id}
+
+    def describe(self) -> dict[str, Any]:
+        """Where this replica's engine runs (for operators, the benchmark's kill scenario and tests)."""
+        proc = self.server.proc
+        return {"pool": self.pool, "slot": self.slot, "replica_id": self.replica_id, "replica_pid": os.getpid(),
+                "engine_url": self.server.base,
+                "engine_pid": proc.pid if proc is not None else None,
+                "engine_alive": proc is not None and proc.poll() is None}
 
     # ---- what Ray polls -----------------------------------------------------------------------------------------
     async def _fresh_stats(self, max_age_s: float = 1.0) -> dict[str, Any]:
@@ -120,13 +176,12 @@ class EngineReplica:
             if time.monotonic() - self._polled_at > max_age_s:
                 try:
                     await asyncio.to_thread(self.stats.poll)
-                except OSError as exc:
+                except (OSError, ValueError) as exc:  # unreachable, or a scrape the parser refuses
                     logger.warning(f"kvsched engine slot-{self.slot}: stats poll failed: {exc}")
                 self._polled_at = time.monotonic()
         return self.stats.snapshot()
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        self.slot = replica_rank()  # Ray may renumber ranks after a scale-down
         return {"slot": self.slot, "pool": self.pool, **(await self._fresh_stats())}
 
     def record_replica_metadata(self) -> dict[str, Any]:
@@ -147,6 +202,7 @@ class EngineReplica:
         server = getattr(self, "server", None)
         if server is None or server.proc is None:
             return
+        self._stopping = True
         server.stop(timeout_s=20)
         stop_group(server.proc.pid)  # the engine core and workers too, should any outlive the API server
 

@@ -1,9 +1,18 @@
-"""The OpenAI-compatible HTTP ingress: picks the pool (model, `X-Agent-Role`, session length), hands the request to
-that pool's engine deployment with the session id (so kvsched's router sees it), retries requests whose replica
-died before answering, and ends a stream that fails midway with an OpenAI error event instead of hanging.
+"""The OpenAI-compatible HTTP ingress: reads the body within size and depth limits (413/400), picks the pool (model,
+`X-Agent-Role`, session length), hands the request to that pool's engine deployment with the session id (so kvsched's
+router sees it), and ends a stream that fails midway with an OpenAI error event instead of hanging.
 
-Answers carry `X-KVSched-Pool`, `X-KVSched-Replica` (the slot that served it) and `X-KVSched-Replica-Id` (Ray's
-replica id, for operators).
+Failures: a request whose replica fails before any byte of the answer reached the client (its engine died, the
+replica actor died, the connection was refused or cut) is retried on another replica: the router never sends it back
+to the one that failed it, so the session goes to its ring successor. Retries back off (0.2 s doubling, at most 2 s)
+and stop at the request's deadline (`request_deadline_s` after arrival) or after `request_retries`; a streamed
+answer is only committed to the client once its first bytes arrived. A stream that fails after that ends with the
+OpenAI error event.
+
+Answers carry `X-KVSched-Pool`, `X-KVSched-Replica` (the slot that served it), `X-KVSched-Replica-Id` (Ray's replica
+id, for operators) and `X-KVSched-Attempts`. `DELETE /kvsched/sessions/{id}` ends a session on the replica it lives
+on (and in the router's table), `GET /kvsched/sessions` lists every replica's pinned sessions, `GET /kvsched/replicas`
+the replicas.
 """
 
 from __future__ import annotations
@@ -12,8 +21,9 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -21,15 +31,23 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from kvsched.adapters.ray.config import config_from_dict
+from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
+from kvsched.adapters.ray.requests import BadRequest, check_length, parse_body, session_fields
 from kvsched.core.routing_pools import PoolSelector, UnknownModel
-from kvsched.core.sessions import InvalidSessionInput, validate_role, validate_session_id
+from kvsched.core.sessions import InvalidSessionInput, validate_session_id
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="kvsched on Ray Serve")
 GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions")
 STREAM_IDLE_TIMEOUT_S = 600.0
 CHARS_PER_TOKEN = 4  # prompt size estimate before any usage is known
-REPLICA_GONE = (RayActorError, ActorUnavailableError)
+T = TypeVar("T")
+
+
+class NoReplicaAnswered(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
@@ -41,22 +59,27 @@ def sse_error(message: str) -> bytes:
         + b"\n\n"
 
 
-def retryable(exc: BaseException) -> bool:
-    """A failure of the replica or its vLLM child, not of the request itself."""
-    if isinstance(exc, REPLICA_GONE):
-        return True
-    if isinstance(exc, RayTaskError):
-        text = str(exc)
-        return any(name in text for name in ("ConnectError", "RemoteProtocolError", "ReadError", "ConnectTimeout"))
-    return False
+def failed_replica(exc: BaseException) -> tuple[str | None, bool] | None:
+    """For a failure of the replica or its engine (not of the request itself): the failed replica's id (Ray
+    replica unique id or actor id, None if unknown) and whether its engine is gone. None: not retryable."""
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    if isinstance(cause, EngineUnavailable):
+        return cause.replica_id or None, cause.gone
+    if isinstance(cause, RayActorError | ActorUnavailableError):
+        return getattr(cause, "actor_id", None), isinstance(cause, RayActorError)
+    return None
 
 
-async def relay(gen: Any, slot: Any, idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S) -> AsyncIterator[bytes]:
-    """Pass an engine replica's stream on; if the engine side fails midway (a dead replica's generator raises, or ends
-    in CancelledError, or goes silent), end with an OpenAI error event instead of dropping the connection. If the
-    relay itself is cancelled (the client went away), the generation on the engine is cancelled too."""
+async def relay(gen: Any, slot: Any, first: bytes | None = None,
+                idle_timeout_s: float = STREAM_IDLE_TIMEOUT_S) -> AsyncIterator[bytes]:
+    """Pass an engine replica's stream on (after `first`, already read); if the engine side fails midway (a dead
+    replica's generator raises, or ends in CancelledError, or goes silent), end with an OpenAI error event instead
+    of dropping the connection. If the relay itself is cancelled (the client went away), the generation on the
+    engine is cancelled too."""
     done = False
     try:
+        if first is not None:
+            yield first
         while True:
             try:
                 chunk = await asyncio.wait_for(gen.__anext__(), idle_timeout_s)
@@ -77,15 +100,28 @@ async def relay(gen: Any, slot: Any, idle_timeout_s: float = STREAM_IDLE_TIMEOUT
             gen.cancel()
 
 
-def served_by(answer: dict[str, Any]) -> dict[str, str]:
+def served_by(answer: dict[str, Any], attempts: int) -> dict[str, str]:
     """Response headers naming the slot and the Ray replica that served a request."""
     return dict(answer.get("headers") or {}) | {"x-kvsched-replica": f"slot-{answer['slot']}",
-                                                 "x-kvsched-replica-id": str(answer.get("replica_id", ""))}
+                                                 "x-kvsched-replica-id": str(answer.get("replica_id", "")),
+                                                 "x-kvsched-attempts": str(attempts)}
 
 
 def estimate_tokens(payload: dict[str, Any]) -> int:
     text = payload.get("messages") if "messages" in payload else payload.get("prompt")
     return len(json.dumps(text)) // CHARS_PER_TOKEN if text is not None else 0
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused (413) as soon as it is over `max_bytes`, declared or not."""
+    check_length(request.headers.get("content-length"), max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise BadRequest(413, f"request body is over {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @serve.ingress(api)
@@ -106,6 +142,47 @@ class OpenAIIngress:
         names = sorted({m for p in self.config.pools for m in p.models})
         return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "kvsched"} for m in names]}
 
+    @api.get("/kvsched/replicas")
+    async def replicas(self) -> dict[str, Any]:
+        """Every engine replica of every pool: slot, Ray replica id, engine URL and pid."""
+        return {"replicas": sorted(await self._broadcast("describe"), key=lambda r: (r["pool"], r["slot"]))}
+
+    @api.get("/kvsched/sessions")
+    async def sessions(self) -> dict[str, Any]:
+        """Every replica's pinned sessions, each row naming its pool and slot."""
+        rows: list[dict[str, Any]] = []
+        for r in await self._broadcast("admin", "GET", "/kvsched/sessions"):
+            if r["status"] == 200:
+                rows += [dict(s, slot=r["slot"]) for s in json.loads(r["body"]).get("sessions", [])]
+        return {"sessions": rows}
+
+    @api.delete("/kvsched/sessions/{session_id:path}")
+    async def end_session(self, session_id: str) -> Response:
+        """End a session where it lives: its pins there are released and the router forgets it."""
+        try:
+            sid = validate_session_id(session_id)
+        except InvalidSessionInput as exc:
+            return error(400, str(exc), param="session_id")
+        path = f"/kvsched/sessions/{quote(sid, safe='')}"
+        answers = []
+        for name, handle in self.engines.items():
+            admin = handle.options(session_id=sid).admin
+
+            def call(h: RouteHints, admin: Any = admin) -> Any:
+                return admin.remote("DELETE", path, route=h)
+
+            try:
+                res, _ = await self._attempts(call, RouteHints(end_session=True))
+            except NoReplicaAnswered as exc:
+                return error(exc.status, str(exc), kind="server_error")
+            answers.append((name, res))
+        self.session_tokens.pop(sid, None)
+        found = [(name, r) for name, r in answers if r["status"] == 200]
+        if not found:
+            return error(404, f"no session {sid!r}", param="session_id")
+        return JSONResponse({"session_id": sid, "ended": True, "pools": [n for n, _ in found]},
+                            headers=served_by(found[0][1], 1))
+
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
         return await self.generate(request, "/v1/chat/completions")
@@ -116,24 +193,20 @@ class OpenAIIngress:
 
     # ---- one generation request ---------------------------------------------------------------------------------
     async def generate(self, request: Request, path: str) -> Response:
-        try:
-            payload = json.loads(await request.body())
-        except ValueError:
-            return error(400, "request body is not valid JSON")
-        if not isinstance(payload, dict):
-            return error(400, "request body must be a JSON object")
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
-            sid = validate_session_id(headers["x-session-id"]) if "x-session-id" in headers else None
-            role = validate_role(headers["x-agent-role"]) if "x-agent-role" in headers else None
-        except InvalidSessionInput as exc:
-            return error(400, str(exc), param="session")
+            payload = parse_body(await read_body(request, self.config.max_body_bytes),
+                                 self.config.max_body_bytes, self.config.max_json_depth)
+            session = session_fields(payload, headers)
+        except BadRequest as exc:
+            return error(exc.status, exc.message, param=exc.param)
         model = payload.get("model")
         if model is not None and not isinstance(model, str):
             return error(400, "model must be a string", param="model")
+        sid = session.session_id
         tokens = max(estimate_tokens(payload), self.session_tokens.get(sid, 0) if sid else 0)
         try:
-            pool = self.selector.select(model, role, sid, tokens)
+            pool = self.selector.select(model, session.role, sid, tokens)
         except UnknownModel as exc:
             return error(404, str(exc), kind="NotFoundError", param="model")
         payload["model"] = self.pools[pool.name].engine.served_model_name
@@ -141,54 +214,86 @@ class OpenAIIngress:
         handle = self.engines[pool.name]
         if sid is not None:
             handle = handle.options(session_id=sid)
+            headers["x-session-id"] = sid
+        if session.end and sid is not None:
+            self.session_tokens.pop(sid, None)
         extra = {"x-kvsched-pool": pool.name}
-        if payload.get("stream") is True:
-            return await self._stream(handle, path, body, headers, extra)
-        return await self._complete(handle, path, body, headers, extra, sid)
+        hints = RouteHints(end_session=session.end)
+        try:
+            if payload.get("stream") is True:
+                return await self._stream(handle, path, body, headers, extra, hints)
+            return await self._complete(handle, path, body, headers, extra, sid, hints)
+        except NoReplicaAnswered as exc:
+            return error(exc.status, str(exc), kind="server_error")
 
-    async def _complete(self, handle: Any, path: str, body: bytes, headers: dict[str, str], extra: dict[str, str],
-                        sid: str | None) -> Response:
+    async def _attempts(self, call: Callable[[RouteHints], Awaitable[T]], hints: RouteHints) -> tuple[T, int]:
+        """`call` until it succeeds, each retry avoiding the replicas that failed before, within the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_deadline_s
+        exclude: list[str] = []
+        gone: list[str] = []
         last: BaseException | None = None
-        for attempt in range(self.config.request_retries + 1):
-            try:
-                res = await handle.complete.remote(path, body, headers)
+        for attempt in range(1, self.config.request_retries + 2):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 break
+            try:
+                h = RouteHints(tuple(exclude), tuple(gone), hints.end_session)
+                return await asyncio.wait_for(call(h), remaining), attempt
+            except TimeoutError:
+                raise NoReplicaAnswered(504, f"no engine replica answered within the request deadline "
+                                             f"({self.config.request_deadline_s:g} s)") from None
             except Exception as exc:  # noqa: BLE001 - classified below
-                if not retryable(exc):
+                failed = failed_replica(exc)
+                if failed is None:
                     raise
                 last = exc
-                logger.warning(f"kvsched ingress: replica failed before answering ({type(exc).__name__}); "
-                               f"retry {attempt + 1}/{self.config.request_retries}")
-                await asyncio.sleep(0.5 * (attempt + 1))
-        else:
-            return error(503, f"no engine replica answered after {self.config.request_retries + 1} attempts: "
-                              f"{type(last).__name__}", kind="server_error")
+                key, is_gone = failed
+                if key is not None:
+                    exclude.append(key)
+                    if is_gone:
+                        gone.append(key)
+                logger.warning(f"kvsched ingress: replica {key} failed before answering ({type(exc).__name__}"
+                               f"{', engine gone' if is_gone else ''}); attempt {attempt}, retrying elsewhere")
+                await asyncio.sleep(min(2.0, 0.2 * 2 ** (attempt - 1), max(0.0, deadline - loop.time())))
+        raise NoReplicaAnswered(503, f"no engine replica answered after {len(exclude) or 1} failed attempt(s): "
+                                     f"{type(last).__name__ if last else 'deadline passed'}")
+
+    async def _complete(self, handle: Any, path: str, body: bytes, headers: dict[str, str], extra: dict[str, str],
+                        sid: str | None, hints: RouteHints) -> Response:
+        res, attempts = await self._attempts(lambda h: handle.complete.remote(path, body, headers, route=h), hints)
         if sid is not None and res["status"] == 200:
             self._remember_usage(sid, res["body"])
         return Response(res["body"], res["status"], media_type=res["content_type"],
-                        headers=extra | served_by(res))
+                        headers=extra | served_by(res, attempts))
 
-    async def _stream(self, handle: Any, path: str, body: bytes, headers: dict[str, str],
-                      extra: dict[str, str]) -> Response:
-        last: BaseException | None = None
-        for attempt in range(self.config.request_retries + 1):
-            gen = handle.options(stream=True).stream.remote(path, body, headers)
-            try:
-                head = await asyncio.wait_for(gen.__anext__(), STREAM_IDLE_TIMEOUT_S)
-                break
-            except Exception as exc:  # noqa: BLE001 - nothing was sent yet: safe to retry elsewhere
+    async def _stream(self, handle: Any, path: str, body: bytes, headers: dict[str, str], extra: dict[str, str],
+                      hints: RouteHints) -> Response:
+        streaming = handle.options(stream=True)
+
+        async def start(h: RouteHints) -> tuple[Any, dict[str, Any], bytes | None]:
+            gen = streaming.stream.remote(path, body, headers, route=h)
+            try:  # nothing reaches the client before the head and the first bytes: until then a retry is safe
+                head = await gen.__anext__()
+                try:
+                    first = await gen.__anext__()
+                except StopAsyncIteration:
+                    first = None
+            except BaseException:
                 gen.cancel()
-                if not retryable(exc):
-                    raise
-                last = exc
-                await asyncio.sleep(0.5 * (attempt + 1))
-        else:
-            return error(503, f"no engine replica answered after {self.config.request_retries + 1} attempts: "
-                              f"{type(last).__name__}", kind="server_error")
-        slot = head["slot"]
+                raise
+            return gen, head, first
 
-        return StreamingResponse(relay(gen, slot), head["status"], media_type=head["content_type"],
-                                 headers=extra | served_by(head))
+        (gen, head, first), attempts = await self._attempts(start, hints)
+        return StreamingResponse(relay(gen, head["slot"], first), head["status"], media_type=head["content_type"],
+                                 headers=extra | served_by(head, attempts))
+
+    async def _broadcast(self, method: str, *args: Any) -> list[Any]:
+        out: list[Any] = []
+        for handle in self.engines.values():
+            results = await handle.broadcast(method, *args).results_async(return_exceptions=True)
+            out += [r for r in results if isinstance(r, dict)]
+        return out
 
     def _remember_usage(self, sid: str, body: bytes) -> None:
         try:

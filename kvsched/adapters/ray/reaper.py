@@ -4,7 +4,9 @@
 process group that can be signalled as a whole. When Ray kills a replica it also SIGKILLs the replica's direct
 children (`RAY_kill_child_processes_on_worker_exit`), which would leave vLLM's engine core and workers orphaned.
 So the reaper detaches itself (double fork: not a child of the replica, not killed with it), watches the replica's
-pid (with its start time, so a reused pid does not fool it) and stops the group: SIGINT, then SIGKILL.
+pid (with its start time, so a reused pid does not fool it) and stops the group: SIGKILL at once when the API server
+is already gone (nothing is left to shut down cleanly; Ray kills the replica's direct children with it), else SIGINT,
+then SIGKILL after 5 s. Either way the group is gone well within 10 s of the replica's death.
 
 Usage: python -m kvsched.adapters.ray.reaper PGID PARENT_PID
 """
@@ -38,8 +40,9 @@ def group_alive(pgid: int) -> bool:
 
 
 def stop_group(pgid: int, grace_s: float = 10.0) -> None:
-    """SIGINT the whole group, SIGKILL whatever is left after `grace_s`."""
-    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, 5.0)):
+    """SIGINT the whole group, SIGKILL whatever is left after `grace_s` (at once when it is 0)."""
+    steps = ((signal.SIGINT, grace_s), (signal.SIGKILL, 5.0)) if grace_s > 0 else ((signal.SIGKILL, 5.0),)
+    for sig, wait_s in steps:
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
@@ -51,10 +54,19 @@ def stop_group(pgid: int, grace_s: float = 10.0) -> None:
             time.sleep(0.2)
 
 
+def leader_alive(pgid: int) -> bool:
+    """Whether the group's leader (vLLM's API server, pid == pgid) is running (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pgid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def watch(pgid: int, parent: int, parent_started: str | None, period_s: float = 0.5) -> None:
     while group_alive(pgid):
         if parent_started is None or start_time(parent) != parent_started:
-            stop_group(pgid)
+            stop_group(pgid, grace_s=5.0 if leader_alive(pgid) else 0.0)
             return
         time.sleep(period_s)
 

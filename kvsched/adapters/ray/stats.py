@@ -16,32 +16,31 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvsched.serving import parse_prometheus
+from prometheus_client.parser import text_string_to_metric_families
 
 TTFT_BUCKET = "vllm:time_to_first_token_seconds_bucket"
+GAUGES = ("vllm:num_requests_waiting", "vllm:num_requests_running")
 
 
-def ttft_buckets(samples: Mapping[str, float]) -> dict[float, float]:
-    """Cumulative TTFT histogram counts by upper bound (summed over label sets)."""
-    out: dict[float, float] = {}
-    for key, value in samples.items():
-        if not key.startswith(TTFT_BUCKET + "{"):
-            continue
-        le = _label(key, "le")
-        if le is None:
-            continue
-        bound = math.inf if le in ("+Inf", "inf") else float(le)
-        out[bound] = out.get(bound, 0.0) + value
-    return out
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    """The samples a replica reports, summed over label sets (engines): gauges by name, TTFT buckets by bound."""
+
+    gauges: dict[str, float]
+    ttft_buckets: dict[float, float]
 
 
-def _label(key: str, name: str) -> str | None:
-    marker = f'{name}="'
-    at = key.find(marker)
-    if at < 0:
-        return None
-    rest = key[at + len(marker):]
-    return rest[: rest.find('"')]
+def read_metrics(text: str) -> Scrape:
+    gauges: dict[str, float] = {}
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in GAUGES:
+                gauges[sample.name] = gauges.get(sample.name, 0.0) + sample.value
+            elif sample.name == TTFT_BUCKET and "le" in sample.labels:
+                bound = float(sample.labels["le"])  # "+Inf" parses as inf
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return Scrape(gauges, buckets)
 
 
 def histogram_quantile(buckets: Mapping[float, float], q: float) -> float | None:
@@ -77,10 +76,10 @@ class ReplicaStats:
     _ttft_at: float = -math.inf
 
     def update(self, metrics_text: str, sessions: Mapping[str, Any] | None) -> None:
-        samples = parse_prometheus(metrics_text)
-        self.queue_depth = samples.get("vllm:num_requests_waiting", 0.0)
-        self.running = samples.get("vllm:num_requests_running", 0.0)
-        buckets = ttft_buckets(samples)
+        scrape = read_metrics(metrics_text)
+        self.queue_depth = scrape.gauges.get("vllm:num_requests_waiting", 0.0)
+        self.running = scrape.gauges.get("vllm:num_requests_running", 0.0)
+        buckets = scrape.ttft_buckets
         delta = {b: c - self._last_buckets.get(b, 0.0) for b, c in buckets.items()}
         self._last_buckets = buckets
         p95 = histogram_quantile(delta, 0.95)

@@ -8,13 +8,12 @@ store:
   state_ttl_s: 86400                # session metadata and compaction summaries
 ```
 
-Read by its own function so the config parser only has to allow the key; applied by putting the settings into each
+Checked by its own function (the config's `store` field calls it); applied by putting the settings into each
 pool's engine environment (`KVSCHED_STORE_URL`, ...), which `vllm serve` hands to its API server and engine.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +84,6 @@ def with_store(cfg: RayServeConfig, url: str, section: StoreSection | None = Non
         env["KVSCHED_STORE_KV_TTL_S"] = str(section.kv_ttl_s)
     if section is not None and section.state_ttl_s:
         env["KVSCHED_STORE_STATE_TTL_S"] = str(section.state_ttl_s)
-    pools = tuple(dataclasses.replace(p, engine=dataclasses.replace(
-        p.engine, env=tuple((k, v) for k, v in p.engine.env if k not in env) + tuple(env.items())))
-        for p in cfg.pools)
-    return dataclasses.replace(cfg, pools=pools)
+    pools = [p.model_copy(update={"engine": p.engine.model_copy(update={"env": {**p.engine.env, **env}})})
+             for p in cfg.pools]
+    return cfg.model_copy(update={"pools": pools})

@@ -1,0 +1,36 @@
+"""What the ingress and the engines' request router tell each other about one request: the hints the ingress passes
+with it, and the error an engine replica raises when it cannot answer it.
+
+Passed as the `route` keyword of the engine replica's methods: Ray hands the router the call's arguments
+(`PendingRequest.kwargs`), which is how Ray's own routers read a request (its prompt, for prefix affinity); the
+replica ignores it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class RouteHints:
+    """`exclude`: replicas (Ray replica unique ids, or actor ids) that failed this request before any byte of the
+    answer was sent, so a retry must go elsewhere; `gone`: those of them whose engine is gone (its process exited, or
+    the replica actor died), which no request may use until Ray replaces them; `end_session`: the session ends with
+    this request (`X-Session-End`, `DELETE /kvsched/sessions/{id}`), the router forgets it once it is done."""
+
+    exclude: tuple[str, ...] = ()
+    gone: tuple[str, ...] = ()
+    end_session: bool = False
+
+
+class EngineUnavailable(RuntimeError):
+    """This replica's vLLM server could not take or answer the request; nothing of the answer was sent. `gone`: the
+    server process has exited (the replica is useless until Ray replaces it)."""
+
+    def __init__(self, slot: int, replica_id: str, gone: bool, detail: str) -> None:
+        super().__init__(f"engine replica slot-{slot} ({replica_id}) {'is gone' if gone else 'failed'}: {detail}")
+        self.slot, self.replica_id, self.gone, self.detail = slot, replica_id, gone, detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (EngineUnavailable, (self.slot, self.replica_id, self.gone, self.detail))

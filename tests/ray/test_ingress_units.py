@@ -1,0 +1,138 @@
+"""The OpenAI ingress without a cluster: the stream relay and the request parsing (body limits, session fields)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+# ---- ingress stream relay --------------------------------------------------------------------------------------
+class FakeEngineStream:
+    """An engine replica's streaming generator: yields `chunks`, then raises `fail` (or ends, or hangs)."""
+
+    def __init__(self, chunks: list[bytes], fail: BaseException | None = None, hang: bool = False) -> None:
+        self.chunks, self.fail, self.hang, self.cancelled = list(chunks), fail, hang, False
+
+    def __aiter__(self) -> FakeEngineStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.chunks:
+            return self.chunks.pop(0)
+        if self.hang:
+            await asyncio.sleep(3600)
+        if self.fail is not None:
+            raise self.fail
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+async def collect(gen: FakeEngineStream, idle_timeout_s: float = 5.0) -> list[bytes]:
+    from kvsched.adapters.ray.ingress import relay
+
+    return [c async for c in relay(gen, 0, idle_timeout_s=idle_timeout_s)]
+
+
+@pytest.mark.parametrize("fail", [RuntimeError("actor died"), asyncio.CancelledError()])
+def test_relay_ends_a_stream_whose_engine_fails_midway_with_an_error_event(fail: BaseException) -> None:
+    gen = FakeEngineStream([b"data: 1\n\n"], fail=fail)
+    out = asyncio.run(collect(gen))
+    assert out[0] == b"data: 1\n\n" and len(out) == 2
+    assert b"failed during the stream" in out[1] and type(fail).__name__.encode() in out[1]
+    assert not gen.cancelled  # the engine side is already gone
+
+
+def test_relay_passes_a_whole_stream_on_and_an_idle_engine_times_out_with_an_error() -> None:
+    assert asyncio.run(collect(FakeEngineStream([b"a", b"b"]))) == [b"a", b"b"]
+    out = asyncio.run(collect(FakeEngineStream([b"a"], hang=True), idle_timeout_s=0.05))
+    assert out[0] == b"a" and b"TimeoutError" in out[1]
+
+
+def test_relay_cancelled_by_the_client_cancels_the_engine_generation() -> None:
+    gen = FakeEngineStream([b"a"], hang=True)
+
+    async def consume_then_cancel() -> None:
+        from kvsched.adapters.ray.ingress import relay
+
+        async def consume() -> None:
+            async for _ in relay(gen, 0, idle_timeout_s=3600):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(consume_then_cancel())
+    assert gen.cancelled
+
+
+# ---- ingress request parsing (pure; the integration test fuzzes the same over HTTP) -------------------------------
+def test_body_limits_are_400_and_413_with_a_message() -> None:
+    from kvsched.adapters.ray.requests import BadRequest, check_length, parse_body
+
+    for raw, status, text in [(b"[" * 100_000 + b"]" * 100_000, 400, "nests deeper"),
+                              (b'{"a":' * 65 + b"1" + b"}" * 65, 400, "nests deeper"),
+                              (b"\xff\xfe", 400, "not valid JSON"), (b"[1]", 400, "JSON object"),
+                              (b'{"x": "' + b"y" * 300_000 + b'"}', 413, "over")]:
+        with pytest.raises(BadRequest, match=text) as err:
+            parse_body(raw, max_bytes=250_000)
+        assert err.value.status == status
+    assert parse_body(b'{"a":' * 63 + b"1" + b"}" * 63) is not None  # 63 deep is fine
+    with pytest.raises(BadRequest) as err:
+        check_length("5000", max_bytes=1000)
+    assert err.value.status == 413
+    with pytest.raises(BadRequest, match="not a number"):
+        check_length("lots")
+
+
+def test_session_fields_come_from_headers_or_body_and_conflicts_are_refused() -> None:
+    from kvsched.adapters.ray.requests import BadRequest, SessionFields, session_fields
+
+    assert session_fields({}, {"x-session-id": "a/1", "x-session-end": "1"}) == SessionFields("a/1", None, True)
+    assert session_fields({"vllm_xargs": {"session_id": "b", "session_end": 1}}, {}) == SessionFields("b", None, True)
+    assert session_fields({"session_id": "c"}, {"x-agent-role": "worker"}) == SessionFields("c", "worker", False)
+    for payload, headers in [({"session_id": "a"}, {"x-session-id": "b"}), ({}, {"x-session-end": "1"}),
+                             ({"session_id": 3}, {}), ({}, {"x-session-id": "a", "x-session-end": "maybe"})]:
+        with pytest.raises(BadRequest) as err:
+            session_fields(payload, headers)
+        assert err.value.status == 400
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.one_of(st.binary(max_size=300), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=40).map(lambda v: json.dumps(v).encode()), st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * n)),
+    headers=st.dictionaries(st.sampled_from(["x-session-id", "x-session-end", "x-agent-role"]), st.text(max_size=12)))
+def test_fuzzed_bodies_and_headers_are_parsed_or_refused_with_a_4xx(raw: bytes, headers: dict[str, str]) -> None:
+    from kvsched.adapters.ray.requests import BadRequest, parse_body, session_fields
+
+    try:
+        session_fields(parse_body(raw, max_bytes=2000), headers)
+    except BadRequest as exc:
+        assert 400 <= exc.status < 500 and exc.message
+
+
+def test_failures_of_a_replica_are_retried_and_name_it_failures_of_the_request_are_not() -> None:
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from kvsched.adapters.ray.hints import EngineUnavailable
+    from kvsched.adapters.ray.ingress import failed_replica
+
+    gone = EngineUnavailable(0, "abc", True, "ConnectError")
+    wrapped = RayTaskError("complete", "traceback", gone).as_instanceof_cause()
+    assert failed_replica(wrapped) == ("abc", True)
+    assert failed_replica(EngineUnavailable(1, "def", False, "ReadError")) == ("def", False)
+    died = ActorDiedError()
+    died.actor_id = "a1b2"
+    assert failed_replica(died) == ("a1b2", True)
+    assert failed_replica(RayTaskError("complete", "traceback", ValueError("bad body"))) is None
+    assert failed_replica(KeyError("x")) is None
