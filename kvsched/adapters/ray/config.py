@@ -197,7 +197,7 @@ class RayServeConfig(_Strict):
         try:
             store_section(self.store)
         except ConfigError as exc:
-            raise ValueError(str(exc).removeprefix("store: ").removeprefix("store.")) from None
+            raise ValueError(str(exc)) from None
         return self
 
     @model_validator(mode="after")
