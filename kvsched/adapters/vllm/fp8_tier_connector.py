@@ -39,7 +39,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvsched.adapters.vllm import tier_blob, tier_host
+from kvsched.adapters.vllm import compat, tier_blob, tier_host
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, MODULE_PATH, kv_transfer_config, kv_transfer_config_json
 from kvsched.adapters.vllm.tier_layout import TierGeometry, TierUnsupported, geometry_of, layer_views
@@ -62,12 +62,14 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.engine_config = vllm_config
+        transfer = vllm_config.kv_transfer_config
+        extra = dict(transfer.kv_connector_extra_config or {})
         requested = parse_tier_gib(extra.get("tier_gb", os.environ.get(ENV_TIER_GB)))
         self.measure_error = bool(extra.get("measure_error", True))
         self.levels_cfg = LevelsConfig.from_extra(extra)  # the disk and shared levels under the tier (optional)
         self.world_size = int(getattr(vllm_config.parallel_config, "world_size", 1) or 1)
-        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+        if transfer.kv_load_failure_policy != "recompute":
             raise TierConfigError("kvsched's FP8 tier needs kv_load_failure_policy 'recompute' in --kv-transfer-config "
                                   "(a slot that fails its checksum must be recomputed, not fail the request)")
         if not vllm_config.cache_config.enable_prefix_caching:
@@ -330,7 +332,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             from kvsched.adapters.vllm.compat import worker_rank
             from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker
 
-            ident, desc = tier_blob.identity_of(self._vllm_config, self.geometry, self.world_size)
+            ident, desc = tier_blob.identity_of(self.engine_config, self.geometry, self.world_size)
             self.levels_worker = TierLevelsWorker(self.levels_cfg, ident, desc, worker_rank(), self.world_size,
                                                   self.store)
 
@@ -354,7 +356,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             self._load(meta.prefetches)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        meta = self._get_connector_metadata()
+        meta = compat.connector_metadata(self)
         if self.store is None or not isinstance(meta, TierStepMeta) or not meta.loads:
             return
         whole = [ld for ld in meta.loads if ld.whole_before_forward]

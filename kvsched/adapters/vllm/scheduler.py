@@ -24,6 +24,7 @@ class KVSchedScheduler(AsyncScheduler):
         super().__init__(*args, **kwargs)
         self.kvsched = SessionPins(self, RetentionConfig.from_env())
         compat.fix_load_failure_recovery(self)
+        compat.on_free_blocks(self, self.kvsched.on_request_finished)
 
     def add_request(self, request: Any) -> None:
         super().add_request(request)
@@ -34,10 +35,6 @@ class KVSchedScheduler(AsyncScheduler):
         output = super().schedule(*args, **kwargs)
         self.kvsched.on_scheduled(output)
         return output
-
-    def _free_blocks(self, request: Any) -> None:
-        self.kvsched.on_request_finished(request)
-        super()._free_blocks(request)
 
     def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
         self.kvsched.release_all()

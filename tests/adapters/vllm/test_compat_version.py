@@ -1,4 +1,4 @@
-"""kvsched refuses a vLLM outside the version range compat.py was written against, in one line naming the range."""
+"""kvsched refuses a vLLM outside the version range compat was written against, in one line naming the range."""
 
 import argparse
 
@@ -23,7 +23,7 @@ def test_the_installed_vllm_is_supported():
 
 @pytest.mark.parametrize("version", ["0.33.1", "0.31.9", "1.0.0+cpu", "not-a-version"])
 def test_an_unsupported_vllm_is_refused_in_one_line(monkeypatch, capsys, version):
-    monkeypatch.setattr(compat, "installed_vllm_version", lambda: version)
+    monkeypatch.setattr(compat.version, "installed_vllm_version", lambda: version)
     with pytest.raises(SystemExit) as exc:
         parser().parse_args(["--scheduler", "kvsched"])
     assert exc.value.code == 2
@@ -35,5 +35,5 @@ def test_an_unsupported_vllm_is_refused_in_one_line(monkeypatch, capsys, version
 
 def test_a_cpu_build_and_patch_releases_are_supported(monkeypatch):
     for version in ("0.32.0+cpu", "0.32.7"):
-        monkeypatch.setattr(compat, "installed_vllm_version", lambda v=version: v)
+        monkeypatch.setattr(compat.version, "installed_vllm_version", lambda v=version: v)
         assert compat.unsupported_vllm() is None

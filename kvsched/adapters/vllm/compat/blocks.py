@@ -1,0 +1,247 @@
+"""vLLM's block pool, KV cache manager and scheduler internals kvsched reads or hooks (the scheduler side)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+# ---- blocks -----------------------------------------------------------------------------------------------------
+def reusable_prefix_blocks(scheduler: Any, request_id: str) -> list[list[Any]]:
+    """Per KV-cache group, the leading run of hashed (prefix-cacheable) blocks a request holds.
+
+    A later request can only hit a block whose whole hash chain from token 0 is cached, so blocks past the first
+    unhashed one are of no use to a pin."""
+    groups = scheduler.kv_cache_manager.coordinator.get_blocks(request_id)  # one list per group, no wrapper object
+    out: list[list[Any]] = []
+    for blocks in groups:
+        end = len(blocks)  # hashed blocks form a prefix: usually only the last block is partial (unhashed)
+        while end and (blocks[end - 1].block_hash is None or blocks[end - 1].is_null):
+            end -= 1
+        # Null blocks only ever lead a group (sliding-window layers null out blocks that left the window), and hashes
+        # form a prefix, so checking the first block is enough to know the run has no gap: O(1), not O(history).
+        out.append(blocks[:end] if end and not (blocks[0].is_null or blocks[0].block_hash is None) else [])
+    return out
+
+
+def partial_tail(scheduler: Any, request: Any, prefix: Sequence[Any], block_size: int) -> tuple[bytes, list[int],
+                                                                                             int] | None:
+    """The finished request's KV past its hashed `prefix` (first KV-cache group), when it is less than one block:
+    (content key of the last prefix block, the tokens, the block holding them); None otherwise.
+
+    Only tokens whose KV a completed forward pass wrote count: every token but the last sampled one (which was never
+    fed back). With async scheduling a further step may still be in flight for the request, but it only writes past
+    them."""
+    k = len(prefix)
+    kv_end = request.num_tokens - 1
+    if not k or not k * block_size < kv_end < (k + 1) * block_size:
+        return None
+    blocks = scheduler.kv_cache_manager.coordinator.get_blocks(request.request_id)[0]
+    if len(blocks) <= k or blocks[k].is_null or int(prefix[-1].block_hash_num_tokens or k * block_size) != k * block_size:
+        return None
+    return block_content_key(prefix[-1]), list(request.all_token_ids[k * block_size:kv_end]), blocks[k].block_id
+
+
+def block_tokens(blocks: Sequence[Any], block_size: int) -> int:
+    """Tokens covered by a prefix run of blocks (a block's hash records the tokens from position 0 it covers)."""
+    if not blocks:
+        return 0
+    return int(blocks[-1].block_hash_num_tokens or len(blocks) * block_size)
+
+
+def block_content_key(block: Any) -> bytes:
+    """The content hash of a cached block as requests carry it (`Request.block_hashes`): vLLM stores a block's hash
+    with its KV-cache group id appended (`make_block_hash_with_group_id`)."""
+    from vllm.v1.core.kv_cache_utils import get_block_hash
+
+    return bytes(get_block_hash(block.block_hash))
+
+
+def fp8_tier(scheduler: Any) -> Any:
+    """kvsched's FP8 tier connector, if the engine runs with it (`--kvsched-fp8-tier-gb` / `--kv-transfer-config`)."""
+    connector = getattr(scheduler, "connector", None)
+    from kvsched.adapters.vllm.fp8_tier_connector import KVSchedFP8TierConnector
+
+    return connector if isinstance(connector, KVSchedFP8TierConnector) else None
+
+
+def worker_rank() -> int:
+    """This worker's rank in the tensor-parallel group (0 without one): the disk and shared levels keep a file/entry
+    per rank."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # not initialised (a single process): rank 0
+        return 0
+
+
+def block_pool(scheduler: Any) -> Any:
+    return scheduler.kv_cache_manager.block_pool
+
+
+def hold_blocks(scheduler: Any, blocks: Sequence[Any]) -> None:
+    """Take a reference on blocks (out of the free queue if they were there): vLLM cannot evict them."""
+    block_pool(scheduler).touch(blocks)
+
+
+def return_blocks(scheduler: Any, blocks_evict_first_first: Sequence[Any]) -> None:
+    """Drop references; blocks that reach zero join the free queue in this order (the first is evicted first)."""
+    block_pool(scheduler).free_blocks(blocks_evict_first_first)
+
+
+def num_free_blocks(scheduler: Any) -> int:
+    return int(block_pool(scheduler).get_num_free_blocks())
+
+
+def num_waiting(scheduler: Any) -> int:
+    """Requests waiting to be scheduled."""
+    return len(scheduler.waiting)
+
+
+def num_total_blocks(scheduler: Any) -> int:
+    """Usable blocks (vLLM reserves one null block)."""
+    return int(block_pool(scheduler).num_gpu_blocks) - 1
+
+
+def kv_bytes_per_token(scheduler: Any) -> float:
+    """KV bytes one token occupies across all layers, from the engine's own KV cache spec (follows the cache dtype)."""
+    cfg = scheduler.kv_cache_config
+    total = 0.0
+    for group in cfg.kv_cache_groups:
+        spec = group.kv_cache_spec
+        total += len(group.layer_names) * spec.page_size_bytes / spec.block_size
+    return total
+
+
+def cached_prefix(scheduler: Any, chain: Sequence[Any], limit: int) -> list[Any]:
+    """The blocks of the leading run of `chain` (a request's block hashes) vLLM's prefix cache holds now (group 0),
+    at most `limit` of them."""
+    pool = block_pool(scheduler)
+    out: list[Any] = []
+    for block_hash in chain[:limit]:
+        found = pool.get_cached_block(block_hash, [0])
+        if not found:
+            break
+        out.append(found[0])
+    return out
+
+
+def new_blocks(scheduler: Any, n: int) -> list[Any]:
+    """`n` blocks taken from the free queue (evicting its least recent cached blocks), referenced once by the caller."""
+    return list(block_pool(scheduler).get_new_blocks(n))
+
+
+def can_cache_without_request(scheduler: Any) -> bool:
+    """True when blocks can be entered into the prefix cache from their hashes alone: with KV cache events on, vLLM
+    derives each event's extra keys from the request that computed the block."""
+    return not getattr(block_pool(scheduler), "enable_kv_cache_events", False)
+
+
+def cache_restored_blocks(scheduler: Any, blocks: Sequence[Any], chain: Sequence[Any], first: int,
+                          request: Any = None) -> None:
+    """Enter `blocks`, which hold the KV of `chain[first:first + len(blocks)]`, into vLLM's prefix cache under those
+    hashes (as vLLM caches a request's full blocks), so that a request whose prefix matches hits them."""
+    from types import SimpleNamespace
+
+    owner = request if request is not None else SimpleNamespace(block_hashes=list(chain))
+    padded = [None] * first + list(blocks)
+    block_size = int(scheduler.cache_config.block_size)
+    block_pool(scheduler).cache_full_blocks(owner, padded, first, first + len(blocks), block_size, 0)
+
+
+def evict_from_prefix_cache(scheduler: Any, block_ids: set[int]) -> None:
+    """Remove blocks from the prefix cache (their KV must not be hit); referenced blocks stay allocated."""
+    scheduler.kv_cache_manager.evict_blocks(block_ids)
+
+
+def async_scheduling(scheduler: Any) -> bool:
+    """True when the engine schedules a step before the previous step's output is processed (GPU async scheduling)."""
+    return bool(getattr(getattr(scheduler, "scheduler_config", None), "async_scheduling", False))
+
+
+def fix_load_failure_recovery(scheduler: Any) -> None:
+    """Work around vLLM 0.32's AsyncScheduler losing a request after a KV load failure (found by kvsched's
+    fault-injection test): `_handle_invalid_blocks` rolls the request back and `update_from_output` then skips its
+    output, so the output placeholder the step added is never consumed and the scheduler never runs the request again
+    (`num_computed_tokens + 2 - placeholders >= prompt + max_tokens`). The rolled-back requests get back the placeholders
+    of the step whose output was discarded. Idempotent."""
+    if getattr(scheduler._handle_invalid_blocks, "__kvsched_wrapped__", False):
+        return
+    handle, update = scheduler._handle_invalid_blocks, scheduler.update_from_output
+    current: list[Any] = [None]
+
+    def update_from_output(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        current[0] = scheduler_output
+        try:
+            return update(scheduler_output, *args, **kwargs)
+        finally:
+            current[0] = None
+
+    def handle_invalid_blocks(*args: Any, **kwargs: Any) -> set[str]:
+        affected: set[str] = handle(*args, **kwargs)
+        out = current[0]
+        if out is None or not hasattr(scheduler, "_spec_token_placeholders"):  # not an AsyncScheduler
+            return affected
+        spec = getattr(out, "scheduled_spec_decode_tokens", None) or {}
+        for req_id in affected:
+            request = scheduler.requests.get(req_id)
+            if request is None or req_id not in out.num_scheduled_tokens or request.is_prefill_chunk:
+                continue
+            added = int(getattr(scheduler, "num_sampled_tokens_per_step", 1)) + len(spec.get(req_id, ()))
+            request.num_output_placeholders = max(0, request.num_output_placeholders - added)
+        return affected
+
+    handle_invalid_blocks.__kvsched_wrapped__ = True  # type: ignore[attr-defined]
+    scheduler._handle_invalid_blocks = handle_invalid_blocks
+    scheduler.update_from_output = update_from_output
+
+
+def on_free_blocks(scheduler: Any, before: Callable[[Any], None]) -> None:
+    """Call `before(request)` each time vLLM's scheduler is about to free a finished request's blocks
+    (`Scheduler._free_blocks`, private in vLLM 0.32: every path that ends a request goes through it, aborts included),
+    while they are still the request's: the moment to pin its reusable prefix."""
+    original = scheduler._free_blocks
+
+    def _free_blocks(request: Any) -> Any:
+        before(request)
+        return original(request)
+
+    scheduler._free_blocks = _free_blocks
+
+
+def connector_metadata(connector: Any) -> Any:
+    """This step's metadata on a worker-side KV connector (`KVConnectorBase_V1._get_connector_metadata`)."""
+    return connector._get_connector_metadata()
+
+
+def wrap_allocate_slots(scheduler: Any, on_shortage: Callable[[Any, int, int], bool]) -> None:
+    """Make the KV cache manager call `on_shortage(request, num_new_tokens, own_free_hits)` when it cannot allocate,
+    and retry while it returns True. `own_free_hits`: the request's prefix-cache hits that sit in the free queue (they
+    count as free blocks, but the request takes them out of the queue, so they cannot serve its new tokens).
+
+    This is how pins yield to live requests before vLLM preempts or queues anything: vLLM's scheduler preempts (or
+    stops admitting) exactly when `allocate_slots` returns None."""
+    manager = scheduler.kv_cache_manager
+    if getattr(manager.allocate_slots, "__kvsched_wrapped__", False):
+        return
+    original = manager.allocate_slots
+
+    def allocate_slots(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)  # called for every scheduled request every step: keep this path short
+        if result is None:
+            request = args[0] if args else kwargs["request"]
+            num_new_tokens = args[1] if len(args) > 1 else kwargs.get("num_new_tokens", 0)
+            # tokens a KV connector (the FP8 tier) loads need new blocks too
+            num_new_tokens += args[5] if len(args) > 5 else kwargs.get("num_external_computed_tokens", 0)
+            hits = args[3] if len(args) > 3 else kwargs.get("new_computed_blocks")
+            # counted before every try (as vLLM does): a release of the request's own session's pin frees its hits
+            while on_shortage(request, num_new_tokens,
+                              sum(b.ref_cnt == 0 for g in hits.blocks for b in g) if hits is not None else 0):
+                result = original(*args, **kwargs)
+                if result is not None:
+                    break
+        return result
+
+    allocate_slots.__kvsched_wrapped__ = True  # type: ignore[attr-defined]
+    manager.allocate_slots = allocate_slots

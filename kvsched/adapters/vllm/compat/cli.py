@@ -1,0 +1,237 @@
+"""`vllm serve` arguments: --scheduler kvsched, the FP8 tier's flags and the checks run once parsing is done."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from kvsched.adapters.vllm.compat.version import unsupported_vllm
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+SCHEDULERS: dict[str, str | None] = {
+    "kvsched": "kvsched.adapters.vllm.scheduler.KVSchedScheduler",
+    "default": None,  # vLLM's own choice (AsyncScheduler when async scheduling is on)
+}
+MIDDLEWARE_PATH = "kvsched.adapters.vllm.middleware.KVSchedMiddleware"
+
+
+def resolve_scheduler_name(value: str) -> str | None:
+    """Map `--scheduler NAME` to a class path, rejecting unknown names with the list of choices."""
+    if value in SCHEDULERS:
+        return SCHEDULERS[value]
+    raise argparse.ArgumentTypeError(
+        f"unknown scheduler {value!r}; choose one of: {', '.join(SCHEDULERS)} "
+        f"(or pass a class path with --scheduler-cls module.Class)"
+    )
+
+
+def is_kvsched_scheduler(scheduler_cls: object) -> bool:
+    name = scheduler_cls if isinstance(scheduler_cls, str) else getattr(scheduler_cls, "__module__", "")
+    return isinstance(name, str) and name.startswith("kvsched.")
+
+
+class _SchedulerAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        try:
+            setattr(namespace, self.dest, resolve_scheduler_name(str(values)))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --scheduler: {exc}")
+        if is_kvsched_scheduler(getattr(namespace, self.dest)) and (refusal := unsupported_vllm()):
+            parser.exit(2, f"{refusal}\n")
+
+
+def _scheduler_cls_type(value: str) -> str:
+    """`--scheduler-cls` accepts vLLM's dotted class paths and kvsched's short names."""
+    if value in SCHEDULERS and SCHEDULERS[value] is not None:
+        return SCHEDULERS[value]  # type: ignore[return-value]
+    if "." not in value:
+        raise argparse.ArgumentTypeError(
+            f"--scheduler-cls needs a dotted 'module.Class' path or one of: "
+            f"{', '.join(k for k, v in SCHEDULERS.items() if v)}; got {value!r}"
+        )
+    return value
+
+
+TIER_DEST = "kvsched_fp8_tier_gb"  # where the parser keeps --kvsched-fp8-tier-gb until the arguments are complete
+# --kvsched-disk-tier-dir / -gb and --kvsched-store-url: the levels under the tier (kept here until parsing is done)
+LEVEL_FLAGS = {"--kvsched-disk-tier-dir": "disk_dir", "--kvsched-disk-tier-gb": "disk_gb",
+               "--kvsched-store-url": "store_url"}
+LEVELS_DEST = "kvsched_tier_levels"
+
+
+class _TierAction(argparse.Action):
+    """`--kvsched-fp8-tier-gb GIB|auto`: the FP8 tier's size (0 turns it off), checked against this host's memory."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from kvsched.adapters.vllm.tier_host import host_memory
+        from kvsched.core.tier import TierConfigError, check_fits_host, parse_tier_gib
+
+        try:
+            gib = parse_tier_gib(values)
+            if gib:
+                check_fits_host(int(gib * 2**30), host_memory()[0])
+        except TierConfigError as exc:
+            parser.error(f"argument --kvsched-fp8-tier-gb: {exc}")
+        setattr(namespace, TIER_DEST, "auto" if gib is None else gib)
+
+
+def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
+    """With `--scheduler kvsched` the FP8 tier is on unless told otherwise: set vLLM's kv_transfer_config to it (size
+    from --kvsched-fp8-tier-gb, else KVSCHED_FP8_TIER_GB, else the default rule), unless the size is 0 or the command
+    names another KV connector (then kvsched runs without its tier, and says so)."""
+    import os
+
+    from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB, kv_transfer_config
+    from kvsched.core.tier import TierConfigError, parse_tier_gib
+
+    asked = getattr(ns, TIER_DEST, None)
+    if asked is not None:
+        delattr(ns, TIER_DEST)
+    levels = _take_levels(parser, ns)
+    if not is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):
+        if asked is not None:
+            parser.error("--kvsched-fp8-tier-gb needs --scheduler kvsched (the tier holds KV kvsched releases)")
+        return
+    if getattr(ns, "kv_transfer_config", None) is not None:
+        if asked is not None or levels:
+            parser.error("--kvsched-fp8-tier-gb / --kvsched-disk-tier-* / --kvsched-store-url set "
+                         "--kv-transfer-config; pass only one of them")
+        return  # the user's own connector (the tier's JSON, or another one): kvsched runs without adding its tier
+    size: Any = asked if asked is not None else os.environ.get(ENV_TIER_GB, "auto")
+    try:
+        gib = parse_tier_gib(size)
+    except TierConfigError as exc:
+        parser.error(f"{ENV_TIER_GB}: {exc}")
+    if gib == 0:
+        if levels:
+            parser.error("the disk and shared levels restore through the FP8 tier: they need it on "
+                         "(--kvsched-fp8-tier-gb > 0 or auto)")
+        return
+    from vllm.config import KVTransferConfig
+
+    from kvsched.core.disk_tier import DiskConfigError
+
+    try:
+        cfg = kv_transfer_config("auto" if gib is None else gib, **levels)
+    except (DiskConfigError, ValueError) as exc:
+        parser.error(str(exc))
+    if levels.get("store_url"):  # the API server's compaction reads the same store (kvsched.adapters.store)
+        os.environ.setdefault("KVSCHED_STORE_URL", str(levels["store_url"]))
+    ns.kv_transfer_config = KVTransferConfig(**cfg)
+
+
+def _take_levels(parser: Any, ns: argparse.Namespace) -> dict[str, Any]:
+    """The --kvsched-disk-tier-* / --kvsched-store-url values given, removed from the namespace (vLLM never sees
+    them); an error if given without --scheduler kvsched."""
+    levels = getattr(ns, LEVELS_DEST, None) or {}
+    if hasattr(ns, LEVELS_DEST):
+        delattr(ns, LEVELS_DEST)
+    if levels and not is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):
+        parser.error(f"{', '.join(f for f, k in LEVEL_FLAGS.items() if k in levels)} need --scheduler kvsched")
+    return dict(levels)
+
+
+class _LevelAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        levels = dict(getattr(namespace, LEVELS_DEST, None) or {})
+        levels[LEVEL_FLAGS[str(option_string)]] = values
+        setattr(namespace, LEVELS_DEST, levels)
+
+
+def extend_engine_parser(parser: Any) -> None:
+    """Add `--scheduler NAME` (dest scheduler_cls) and kvsched's API-server middleware to vLLM's argument parser.
+
+    The middleware is a strict pass-through unless the server's scheduler is kvsched's, so `vllm serve MODEL`
+    without `--scheduler` behaves exactly like stock vLLM."""
+    if any("--scheduler" in a.option_strings for a in parser._actions):
+        return
+    parser.add_argument(
+        "--scheduler", dest="scheduler_cls", action=_SchedulerAction, metavar="{" + ",".join(SCHEDULERS) + "}",
+        help="Scheduler by short name (added by the kvsched plugin). 'kvsched' keeps each session's KV "
+             "resident between turns; 'default' is vLLM's own scheduler.",
+    )
+    for action in parser._actions:
+        if action.dest == "scheduler_cls" and "--scheduler-cls" in action.option_strings:
+            action.type = _scheduler_cls_type
+    parser.add_argument(
+        "--kvsched-fp8-tier-gb", dest=TIER_DEST, action=_TierAction, default=argparse.SUPPRESS,
+        metavar="GIB|auto",
+        help="Host memory (GiB) for kvsched's FP8 tier: KV that --scheduler kvsched releases under memory pressure is "
+             "quantized to FP8 there and restored (prefetched when the session's next request is queued) instead of "
+             "recomputed. Default auto: min(2x the KV pool's bytes, 1/4 of available host memory / GPUs); 0 turns it "
+             "off (added by the kvsched plugin; sets --kv-transfer-config).",
+    )
+    for flag, metavar, text in (
+            ("--kvsched-disk-tier-dir", "DIR", "Local-disk level under the FP8 tier: each turn's KV blocks are written "
+             "behind to DIR (and what the tier evicts), and restored from there, e.g. after a restart on the same "
+             "DIR (added by the kvsched plugin)."),
+            ("--kvsched-disk-tier-gb", "GIB", "Size of the disk level (default: half the free space of DIR's file "
+             "system)."),
+            ("--kvsched-store-url", "redis://HOST:PORT", "Shared level: a Redis every replica of the pool reads and "
+             "writes (KV blocks, session metadata, compaction summaries), so a session served elsewhere next turn "
+             "keeps its KV and its summary (also KVSCHED_STORE_URL).")):
+        parser.add_argument(flag, action=_LevelAction, default=argparse.SUPPRESS, metavar=metavar, help=text)
+    parser.set_defaults(middleware=[MIDDLEWARE_PATH])
+    _check_after_parsing(parser)
+
+
+def cpu_refusal(args: argparse.Namespace) -> str | None:
+    """Why this machine cannot serve `args` with kvsched, in one line, or None. Today: an FP8 KV cache on vLLM's CPU
+    backend without AVX-512/AMX, which the engine core would otherwise die on after loading the model, with a
+    traceback naming none of this."""
+    if not is_kvsched_scheduler(getattr(args, "scheduler_cls", None)):
+        return None
+    if not str(getattr(args, "kv_cache_dtype", "auto")).startswith("fp8"):
+        return None
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from kvsched.ops.cpu_features import cpu_features
+
+    return cpu_features().fp8_kv_cache_refusal()
+
+
+def _check_after_parsing(parser: Any) -> None:
+    """Once the arguments are complete (whatever their order on the command line): exit with `cpu_refusal`'s one line
+    or the KVSCHED_* settings errors (one line each) before vLLM starts an engine, and turn the FP8 tier on
+    (`_apply_tier`)."""
+    parse_known_args = parser.parse_known_args
+
+    def checked(args: Any = None, namespace: Any = None) -> Any:
+        ns, rest = parse_known_args(args, namespace)
+        if (reason := cpu_refusal(ns)) is not None:
+            parser.exit(2, f"kvsched: {reason}\n")
+        if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):  # KVSCHED_* settings: refused now, by name
+            from kvsched.core.settings_check import setting_errors
+
+            if errors := setting_errors():
+                parser.exit(2, "".join(f"kvsched: {e}\n" for e in errors))
+        _apply_tier(parser, ns)
+        return ns, rest
+
+    parser.parse_known_args = checked
+
+
+def install_parser_hook() -> None:
+    """Wrap `EngineArgs.add_cli_args` so the parser vLLM builds gets kvsched's options (idempotent).
+
+    vLLM loads general plugins at the start of `AsyncEngineArgs.add_cli_args`, before the engine arguments are
+    added, precisely so that a plugin can extend the parser this way."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    current = EngineArgs.__dict__["add_cli_args"].__func__
+    if getattr(current, "__kvsched_wrapped__", False):
+        return
+
+    def add_cli_args(parser: Any) -> Any:
+        parser = current(parser)
+        extend_engine_parser(parser)
+        return parser
+
+    add_cli_args.__kvsched_wrapped__ = True  # type: ignore[attr-defined]
+    add_cli_args.__doc__ = current.__doc__
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]

@@ -1,0 +1,99 @@
+"""A vLLM request's session: the vllm_xargs keys kvsched reads, and the engine-core utility call it answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kvsched.core.sessions import (
+    InvalidSessionInput,
+    SessionId,
+    SessionKey,
+    TurnHints,
+    validate_end_flag,
+    validate_role,
+    validate_session_id,
+    validate_ttl,
+)
+
+# vllm_xargs keys kvsched reads (they reach the engine as SamplingParams.extra_args).
+XARG_SESSION_ID = "session_id"
+XARG_ROLE = "agent_role"
+XARG_TTL = "ttl_s"
+XARG_END = "session_end"
+XARG_TENANT = "kvsched_tenant"  # set by kvsched's API-server middleware only (a client's own value is replaced)
+XARG_INFER = "kvsched_infer"  # 0: keep this request out of session inference (e.g. kvsched's own summary calls)
+
+# Engine-core utility calls: vLLM's EngineCore dispatches a utility request by `getattr(engine_core, name)(*args)`.
+# The engine core's attribute `scheduler` is kvsched's scheduler object, which is callable, so the API server reaches
+# it with `call_utility_async("scheduler", op, *args)`, executed on the engine-core thread between steps.
+SCHEDULER_UTILITY = "scheduler"
+PACKED_ARGS = "kvsched_args"  # call_scheduler's arguments travel as {PACKED_ARGS: [...]}
+
+
+# ---- requests ---------------------------------------------------------------------------------------------------
+_NO_HINTS = TurnHints()
+_ROLE_HINTS: dict[str, TurnHints] = {}  # shared per role (hints are frozen); bounded below
+_ROLE_HINTS_MAX = 256
+
+
+def _hints(extra: dict[str, Any]) -> TurnHints:
+    role = validate_role(extra[XARG_ROLE]) if extra.get(XARG_ROLE) else None
+    ttl = extra.get(XARG_TTL)
+    end = extra.get(XARG_END)
+    if ttl is None and end is None:  # the usual request: no hint or a role only, one shared object per role
+        if role is None:
+            return _NO_HINTS
+        hints = _ROLE_HINTS.get(role)
+        if hints is None:
+            hints = TurnHints(role=role)
+            if len(_ROLE_HINTS) < _ROLE_HINTS_MAX:
+                _ROLE_HINTS[role] = hints
+        return hints
+    return TurnHints(role=role, ttl_s=validate_ttl(ttl) if ttl is not None else None,
+                     end=validate_end_flag(end) if end is not None else False)
+
+
+def request_session(request: Any, known: Callable[[SessionKey], SessionKey | None] | None = None,
+                    ) -> tuple[SessionKey | None, TurnHints]:
+    """The named session a vLLM `Request` belongs to (branch 0 of its id, under its salt and tenant) and its hints;
+    (None, hints) for a request without a session id (hints still apply to an inferred session).
+
+    The API server's middleware writes the canonical id into `vllm_xargs` (read first: vLLM's own `session_id` is the
+    header decoded as Latin-1); the offline API sets `Request.session_id`. An invalid value reaching the engine some
+    other way is treated as no session rather than crashing the engine. `known(key)` returns the key object of a
+    session already seen (its id was validated then), which is returned instead of validating the id again."""
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    raw_id = extra.get(XARG_SESSION_ID) or getattr(request, "session_id", None)
+    try:
+        hints = _hints(extra) if extra else _NO_HINTS
+    except InvalidSessionInput:
+        return None, _NO_HINTS
+    if not raw_id:
+        return None, hints
+    salt = getattr(request, "cache_salt", None)
+    tenant = _tenant(extra)
+    try:
+        if known is not None and type(raw_id) is str and (seen := known(SessionKey(SessionId(raw_id), salt, tenant))):
+            return seen, hints
+        sid = validate_session_id(raw_id)
+    except InvalidSessionInput:
+        return None, _NO_HINTS
+    return SessionKey(sid, salt, tenant), hints
+
+
+def _tenant(extra: dict[str, Any]) -> str | None:
+    tenant = extra.get(XARG_TENANT)
+    return tenant if type(tenant) is str and tenant else None
+
+
+def request_scope(request: Any) -> tuple[str | None, str | None, bool]:
+    """(cache salt, tenant, may join an inferred session) of a request: where session inference may look."""
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    return getattr(request, "cache_salt", None), _tenant(extra), extra.get(XARG_INFER, 1) not in (0, "0", False)
+
+
+def prompt_block_hashes(request: Any) -> list[Any]:
+    """The chained hashes of the request's full blocks (`Request.block_hashes`; only the prompt's when the request is
+    added). Empty without prefix caching."""
+    return getattr(request, "block_hashes", None) or []

@@ -1,0 +1,28 @@
+"""vLLM's API server internals kvsched's middleware reads (server args, API keys, engine-core utility calls)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvsched.adapters.vllm.compat.requests import PACKED_ARGS, SCHEDULER_UTILITY
+
+
+# ---- API server -------------------------------------------------------------------------------------------------
+def server_args(app: Any) -> Any:
+    return getattr(app.state, "args", None)
+
+
+async def call_scheduler(app: Any, op: str, *args: Any) -> Any:
+    """Run `scheduler(op, [args...])` on the engine-core thread and return its (msgpack-able) result. The arguments
+    travel as one list: vLLM's utility dispatch refuses more arguments than the callee's signature names."""
+    engine_client = app.state.engine_client
+    packed = ({PACKED_ARGS: list(args)},) if args else ()
+    return await engine_client.engine_core.call_utility_async(SCHEDULER_UTILITY, op, *packed)
+
+
+def api_keys(app: Any) -> list[str]:
+    import vllm.envs as envs
+
+    args = server_args(app)
+    keys = list(getattr(args, "api_key", None) or [envs.VLLM_API_KEY])
+    return [k for k in keys if k]
