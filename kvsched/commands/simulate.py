@@ -124,7 +124,7 @@ def tier_bytes(args: argparse.Namespace, block_bytes: int, pool_bytes: int = 0) 
     if host is None and args.fleet and args.fp8_tier_blocks is None and not args.fp8_tier_gib:
         host = FLEET_HOST_GIB_PER_GPU
     if host is not None:
-        from kvsched.core.tier import auto_budget_bytes
+        from kvsched.core.tier_config import auto_budget_bytes
 
         if not host >= 0 or not args.gpu_kv_gib > 0 or math.isinf(host):
             raise ValueError("--host-gib-per-gpu must be >= 0 and --gpu-kv-gib > 0")

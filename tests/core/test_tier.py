@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvsched.core.tier import Load, Store, TailKey, TierConfig, TierConfigError, TierDirectory
+from kvsched.core.tier import Load, Store, TailKey, TierConfig, TierDirectory
+from kvsched.core.tier_config import TierConfigError
 
 BLOCK_BYTES = 100
 

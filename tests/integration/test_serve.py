@@ -191,7 +191,7 @@ def test_the_fp8_tier_is_on_by_default_and_sized_by_the_rule_it_logs(kvsched_ser
     start-up log says how it was sized."""
     import re
 
-    from kvsched.core.tier import AUTO_POOL_MULTIPLE
+    from kvsched.core.tier_config import AUTO_POOL_MULTIPLE
 
     m = kvsched_server.metrics()
     cfg = json.loads((tiny_model_dir / "config.json").read_text())

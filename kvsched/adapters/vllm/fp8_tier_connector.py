@@ -46,7 +46,8 @@ from kvsched.adapters.vllm.tier_layout import TierGeometry, TierUnsupported, geo
 from kvsched.adapters.vllm.tier_levels import LevelsConfig, TierLevels
 from kvsched.adapters.vllm.tier_link import link_for
 from kvsched.adapters.vllm.tier_meta import TierStepMeta, TierWorkerMeta
-from kvsched.core.tier import Load, TailKey, TierConfig, TierConfigError, TierDirectory, parse_tier_gib
+from kvsched.core.tier import Load, TailKey, TierDirectory
+from kvsched.core.tier_config import TierConfig, TierConfigError, parse_tier_gib
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")  # vLLM's handlers and VLLM_LOGGING_LEVEL apply
 
@@ -257,7 +258,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         assert self.directory is not None
         meta, self._step = self._step, TierStepMeta()
-        self._drop_superseded(meta)
+        self.stats["superseded_loads"] += meta.drop_superseded()
         if self.levels is not None:
             meta.levels = self.levels.take_ops()  # before unlock_all: spills of slots it frees go to the next step
         self.steps_built += 1
@@ -267,21 +268,6 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self.directory.unlock_all()
         self._matched.clear()
         return meta
-
-    def _drop_superseded(self, meta: TierStepMeta) -> None:
-        """A block planned for a load may be released and handed out again later in the same step (a prefetched pin
-        yields to pressure and another prefetch or admission takes the block): only the last load planned into a
-        block is current. Prefetches run before admissions' loads, in planning order."""
-        last: dict[int, int] = {}
-        planned = [*meta.prefetches, *meta.loads]
-        for i, ld in enumerate(planned):
-            last[ld.block_id] = i
-        if len(last) == len(planned):
-            return
-        self.stats["superseded_loads"] += len(planned) - len(last)
-        n = len(meta.prefetches)
-        meta.prefetches = [ld for i, ld in enumerate(meta.prefetches) if last[ld.block_id] == i]
-        meta.loads = [ld for i, ld in enumerate(meta.loads) if last[ld.block_id] == n + i]
 
     def update_connector_output(self, connector_output: Any) -> None:
         assert self.directory is not None

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from kvsched.adapters.vllm.tier_levels import LevelsConfig
-from kvsched.core.tier import parse_tier_gib
+from kvsched.core.tier_config import parse_tier_gib
 
 CONNECTOR_NAME = "KVSchedFP8TierConnector"
 MODULE_PATH = "kvsched.adapters.vllm.fp8_tier_connector"

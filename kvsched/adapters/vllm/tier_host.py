@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvsched.adapters.vllm.tier_layout import TierGeometry
-from kvsched.core.tier import AUTO_HOST_FRACTION, AUTO_POOL_MULTIPLE, auto_budget_bytes, check_fits_host
+from kvsched.core.tier_config import AUTO_HOST_FRACTION, AUTO_POOL_MULTIPLE, auto_budget_bytes, check_fits_host
 
 AUTO_RULE = (f"min({AUTO_POOL_MULTIPLE:g} x the KV pool's bytes, {AUTO_HOST_FRACTION:g} x available host memory / "
              f"GPUs on the host)")

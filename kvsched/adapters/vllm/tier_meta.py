@@ -21,6 +21,22 @@ class TierStepMeta(KVConnectorMetadata):
     loads: list[Load] = field(default_factory=list)
     levels: LevelOps | None = None
 
+    def drop_superseded(self) -> int:
+        """Keep only the last load planned into each block; returns how many were dropped. A block planned for a load
+        may be released and handed out again later in the same step (a prefetched pin yields to pressure and another
+        prefetch or admission takes the block): only the last is current. Prefetches run before admissions' loads,
+        in planning order."""
+        last: dict[int, int] = {}
+        planned = [*self.prefetches, *self.loads]
+        for i, ld in enumerate(planned):
+            last[ld.block_id] = i
+        if len(last) == len(planned):
+            return 0
+        n = len(self.prefetches)
+        self.prefetches = [ld for i, ld in enumerate(self.prefetches) if last[ld.block_id] == i]
+        self.loads = [ld for i, ld in enumerate(self.loads) if last[ld.block_id] == n + i]
+        return len(planned) - len(last)
+
 
 @dataclass
 class TierWorkerMeta(KVConnectorWorkerMetadata):

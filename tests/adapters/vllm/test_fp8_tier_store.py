@@ -233,13 +233,10 @@ def test_a_block_loaded_twice_in_one_call_gets_the_last_load():
 
 
 def test_the_connector_runs_only_the_last_load_planned_into_a_block():
-    from kvsched.adapters.vllm.fp8_tier_connector import KVSchedFP8TierConnector, TierStepMeta
+    from kvsched.adapters.vllm.tier_meta import TierStepMeta
     from kvsched.core.tier import Load
 
-    class Planner:
-        stats = {"superseded_loads": 0}
-
     meta = TierStepMeta(prefetches=[Load(0, 7), Load(1, 8), Load(2, 7)], loads=[Load(3, 8), Load(4, 9)])
-    KVSchedFP8TierConnector._drop_superseded(Planner, meta)
+    assert meta.drop_superseded() == 2
     assert meta.prefetches == [Load(2, 7)] and meta.loads == [Load(3, 8), Load(4, 9)]
-    assert Planner.stats["superseded_loads"] == 2
+    assert meta.drop_superseded() == 0

@@ -66,7 +66,7 @@ class _TierAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
         from kvsched.adapters.vllm.tier_host import host_memory
-        from kvsched.core.tier import TierConfigError, check_fits_host, parse_tier_gib
+        from kvsched.core.tier_config import TierConfigError, check_fits_host, parse_tier_gib
 
         try:
             gib = parse_tier_gib(values)
@@ -84,7 +84,7 @@ def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
     import os
 
     from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB, kv_transfer_config
-    from kvsched.core.tier import TierConfigError, parse_tier_gib
+    from kvsched.core.tier_config import TierConfigError, parse_tier_gib
 
     asked = getattr(ns, TIER_DEST, None)
     if asked is not None:
