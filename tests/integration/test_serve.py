@@ -171,12 +171,15 @@ def test_stock_vllm_without_the_flag_is_untouched(stock_server):
 def test_a_malformed_kvsched_setting_stops_the_server_at_start_naming_it(tiny_model_dir):
     import os
 
-    env = dict(os.environ, KVSCHED_INFER_SESSIONS="maybe", KVSCHED_COMPACTION_CLIENT_STRATEGIES="shrink")
+    env = dict(os.environ, KVSCHED_INFER_SESSIONS="maybe", KVSCHED_COMPACTION_CLIENT_STRATEGIES="shrink",
+               KVSCHED_CPU_ISA="sse9", KVSCHED_STORE_KV_TTL_S="-1")
     proc = subprocess.run([*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
     assert "kvsched: KVSCHED_INFER_SESSIONS='maybe'" in proc.stderr
     assert "kvsched: KVSCHED_COMPACTION_CLIENT_STRATEGIES='shrink'" in proc.stderr
+    assert "kvsched: KVSCHED_CPU_ISA='sse9'" in proc.stderr  # the engine side's settings, the same way
+    assert "kvsched: KVSCHED_STORE_KV_TTL_S must be > 0" in proc.stderr
 
 
 def test_unknown_scheduler_fails_at_start_with_the_choices(tiny_model_dir):

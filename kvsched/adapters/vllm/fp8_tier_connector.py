@@ -41,6 +41,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvsched.adapters.vllm import compat, tier_blob, tier_host
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
+from kvsched.adapters.vllm.settings_check import ENV_FAULT_EVERY  # tests: corrupt every n-th stored slot
 from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, MODULE_PATH, kv_transfer_config, kv_transfer_config_json
 from kvsched.adapters.vllm.tier_layout import TierGeometry, TierUnsupported, geometry_of, layer_views
 from kvsched.adapters.vllm.tier_levels import LevelsConfig, TierLevels
@@ -52,7 +53,6 @@ from kvsched.core.tier_config import TierConfig, TierConfigError, parse_tier_gib
 logger = logging.getLogger("vllm.kvsched.fp8_tier")  # vLLM's handlers and VLLM_LOGGING_LEVEL apply
 
 ENV_TIER_GB = "KVSCHED_FP8_TIER_GB"
-ENV_FAULT_EVERY = "KVSCHED_TIER_FAULT_EVERY"  # tests: corrupt every n-th stored slot (restores must recompute)
 __all__ = ["CONNECTOR_NAME", "MODULE_PATH", "KVSchedFP8TierConnector", "kv_transfer_config", "kv_transfer_config_json"]
 
 

@@ -206,9 +206,9 @@ def _check_after_parsing(parser: Any) -> None:
         if (reason := cpu_refusal(ns)) is not None:
             parser.exit(2, f"kvsched: {reason}\n")
         if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):  # KVSCHED_* settings: refused now, by name
-            from kvsched.core.settings_check import setting_errors
+            from kvsched.adapters.vllm.settings_check import engine_setting_errors
 
-            if errors := setting_errors():
+            if errors := engine_setting_errors():
                 parser.exit(2, "".join(f"kvsched: {e}\n" for e in errors))
         _apply_tier(parser, ns)
         return ns, rest

@@ -1,0 +1,41 @@
+"""The engine side's KVSCHED_* settings are refused at start-up like the policy core's: one line naming each."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvsched.adapters.vllm.settings_check import engine_setting_errors
+
+ENGINE_VARS = ("KVSCHED_CPU_ISA", "KVSCHED_TIER_FAULT_EVERY", "KVSCHED_DISK_TIER_DIR", "KVSCHED_DISK_TIER_GB",
+               "KVSCHED_STORE_URL", "KVSCHED_STORE_KV_TTL_S", "KVSCHED_STORE_STATE_TTL_S", "KVSCHED_INFER_SESSIONS")
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch):
+    for var in ENGINE_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_well_formed_settings_give_no_error(monkeypatch, tmp_path):
+    assert engine_setting_errors() == []
+    for var, value in (("KVSCHED_CPU_ISA", "avx2"), ("KVSCHED_TIER_FAULT_EVERY", "5"),
+                       ("KVSCHED_DISK_TIER_DIR", str(tmp_path)), ("KVSCHED_DISK_TIER_GB", "1"),
+                       ("KVSCHED_STORE_URL", "redis://127.0.0.1:6379/0"), ("KVSCHED_STORE_KV_TTL_S", "60")):
+        monkeypatch.setenv(var, value)
+    assert engine_setting_errors() == []
+
+
+@pytest.mark.parametrize(("var", "value", "named"), [
+    ("KVSCHED_CPU_ISA", "sse9", "KVSCHED_CPU_ISA"),
+    ("KVSCHED_TIER_FAULT_EVERY", "-2", "KVSCHED_TIER_FAULT_EVERY"),
+    ("KVSCHED_TIER_FAULT_EVERY", "often", "KVSCHED_TIER_FAULT_EVERY"),
+    ("KVSCHED_DISK_TIER_GB", "2", "--kvsched-disk-tier-dir"),  # a size without a directory
+    ("KVSCHED_STORE_URL", "http://x", "http://x"),
+    ("KVSCHED_STORE_KV_TTL_S", "0", "KVSCHED_STORE_KV_TTL_S"),
+    ("KVSCHED_STORE_STATE_TTL_S", "soon", "KVSCHED_STORE_STATE_TTL_S"),
+    ("KVSCHED_INFER_SESSIONS", "maybe", "KVSCHED_INFER_SESSIONS"),  # the policy core's, in the same list
+])
+def test_each_malformed_setting_is_one_error_naming_it(monkeypatch, var, value, named):
+    monkeypatch.setenv(var, value)
+    errors = engine_setting_errors()
+    assert len(errors) == 1 and named in errors[0], errors
