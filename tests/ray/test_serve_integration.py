@@ -230,29 +230,31 @@ def sessions_living_on(cluster: dict[str, Any], slot: str, n: int) -> list[str]:
 
 
 def kill_while_busy(cluster: dict[str, Any], slot: int, victims: list[str], kill: Any) -> tuple[int, float]:
-    """Stream a long answer for victims[0] and generate long ones for the others, all on `slot`; once its engine
-    runs all of them, `kill(replica)`. Asserts the stream ends with the OpenAI error event and the others are
-    answered by the other slot after a retry; returns the dead engine's process group and the kill time."""
+    """Generate long answers for victims[1:] on `slot`; once its engine runs them, stream a long answer for
+    victims[0] there too and `kill(replica)` at its first chunk. Asserts the stream ends with the OpenAI error event
+    and the others are answered by the other slot after a retry; returns the dead engine's process group and the
+    kill time. (The stream starts last: a replica relaying a fast stream answers Ray's queue-length probes late,
+    which held the other requests back for seconds on a loaded host.)"""
     import openai
 
     from kvsched.bench.router_real import replicas
 
     victim = next(r for r in replicas(cluster["base"]) if r["slot"] == slot)
-    stream = client(cluster).chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "go"}], max_tokens=4000, stream=True,
-        extra_headers={"X-Session-Id": victims[0]}, extra_body={"ignore_eos": True})
-    chunks = iter(stream)
-    next(chunks)
     with ThreadPoolExecutor(len(victims) - 1) as pool:
         pending = [pool.submit(turn, cluster, sid, "long answer", 3800, extra_body={"ignore_eos": True})
                    for sid in victims[1:]]
-        submitted, seen = time.monotonic(), []
+        seen: list[float] = []
 
-        def busy() -> bool:  # all of them running, or a long answer well under way (a loaded host is slow)
+        def busy() -> bool:
             seen.append(running_requests(victim["engine_url"]))
-            return seen[-1] >= len(victims) or (seen[-1] >= 2 and time.monotonic() - submitted > 3)
+            return seen[-1] >= len(victims) - 1
 
         wait_until(busy, 60, f"slot-{slot} to run the requests", period_s=0.05)
+        stream = client(cluster).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "go"}], max_tokens=4000, stream=True,
+            extra_headers={"X-Session-Id": victims[0]}, extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        next(chunks)
         kill(victim)
         t_kill = time.monotonic()
         answered = [f.result(timeout=180) for f in pending]

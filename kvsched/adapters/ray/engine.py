@@ -31,7 +31,7 @@ from ray import serve
 
 from kvsched.adapters.ray.config import EngineConfig
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
-from kvsched.adapters.ray.reaper import stop_group
+from kvsched.adapters.ray.reaper import leader_alive, stop_group
 from kvsched.adapters.ray.stats import ReplicaStats
 from kvsched.serving import ServerSpec, VllmServer
 
@@ -121,9 +121,14 @@ class EngineReplica:
         except ProcessLookupError:
             pass
 
-    def _unavailable(self, exc: BaseException) -> EngineUnavailable:
+    def engine_alive(self) -> bool:
+        """Whether `vllm serve` runs. Read from /proc: while the watcher thread waits on the process, Popen.poll()
+        in another thread answers None whatever the state."""
         proc = self.server.proc
-        gone = proc is None or proc.poll() is not None
+        return proc is not None and proc.returncode is None and leader_alive(proc.pid)
+
+    def _unavailable(self, exc: BaseException) -> EngineUnavailable:
+        gone = not self.engine_alive()
         return EngineUnavailable(self.slot, self.replica_id, gone, f"{type(exc).__name__}: {exc}"[:300])
 
     # ---- requests -----------------------------------------------------------------------------------------------
@@ -167,8 +172,7 @@ class EngineReplica:
         proc = self.server.proc
         return {"pool": self.pool, "slot": self.slot, "replica_id": self.replica_id, "replica_pid": os.getpid(),
                 "engine_url": self.server.base,
-                "engine_pid": proc.pid if proc is not None else None,
-                "engine_alive": proc is not None and proc.poll() is None}
+                "engine_pid": proc.pid if proc is not None else None, "engine_alive": self.engine_alive()}
 
     # ---- what Ray polls -----------------------------------------------------------------------------------------
     async def _fresh_stats(self, max_age_s: float = 1.0) -> dict[str, Any]:
@@ -193,8 +197,8 @@ class EngineReplica:
                 "ttft_p95_s": float(s["ttft_p95_s"]) if s["ttft_p95_s"] is not None else -1.0}
 
     def check_health(self) -> None:
-        proc = self.server.proc
-        if proc is None or proc.poll() is not None:
+        if not self.engine_alive():
+            proc = self.server.proc
             raise RuntimeError(f"vllm serve for slot-{self.slot} exited ({proc.returncode if proc else None}):\n"
                                f"{self.server.log_tail(20)}")
 
