@@ -57,9 +57,11 @@ def block_key(identity: str, content_key: bytes, rank: int = 0) -> str:
     return f"{PREFIX}:kv:{identity}:{content_key.hex()}:r{rank}"
 
 
-def session_key(identity: str, session_id: str, cache_salt: str | None) -> str:
-    """Session metadata's store key (hashed: session ids may hold any printable character)."""
-    return f"{PREFIX}:session:{identity}:{_digest(session_id, cache_salt)}"
+def session_key(identity: str, session_id: str, cache_salt: str | None, tenant: str | None = None) -> str:
+    """Session metadata's store key (hashed: session ids may hold any printable character). Sessions belong to their
+    API key's tenant and `cache_salt`: another tenant's session of the same id is another key."""
+    parts = (session_id, cache_salt) if tenant is None else (session_id, cache_salt, tenant)
+    return f"{PREFIX}:session:{identity}:{_digest(*parts)}"
 
 
 def compaction_key(session: str) -> str:

@@ -20,6 +20,7 @@ def test_keys_separate_models_ranks_salts_and_sessions() -> None:
     assert block_key("m1", k) != block_key("m2", k) != block_key("m1", k, rank=1)
     assert session_key("m", "s", None) != session_key("m", "s", "salt") != session_key("m", "t", None)
     assert session_key("m", "a b\u00e9", None).isascii()
+    assert session_key("m", "s", None, "tenant-a") not in {session_key("m", "s", None), session_key("m", "s", None, "b")}
     assert compaction_key('["tiny", null, "s"]') != compaction_key('["tiny", "x", "s"]')
 
 

@@ -42,11 +42,11 @@ def plain_server(tiny_model_dir):
         yield server
 
 
-def chat(server, messages, session=None, salt=None, max_tokens=8):
+def chat(server, messages, session=None, salt=None, max_tokens=8, end=False):
     client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
+    headers = {"X-Session-Id": session, **({"X-Session-End": "1"} if end else {})} if session else None
     return client.chat.completions.create(
-        model="tiny", messages=messages, max_tokens=max_tokens, temperature=0,
-        extra_headers={"X-Session-Id": session} if session else None,
+        model="tiny", messages=messages, max_tokens=max_tokens, temperature=0, extra_headers=headers,
         extra_body={"cache_salt": salt} if salt else None)
 
 
@@ -54,7 +54,8 @@ FLOODS = itertools.count()
 
 
 def flood(server, n=3, words=420, decode=48):
-    """Concurrent unsessioned prompts (new text each time, so none hits the cache) of ~30 blocks each in a 47-block
+    """Concurrent one-turn sessions (new text each time, so none hits the cache; each ends with its turn, so none holds
+    a pin afterwards; unnamed, each would be an inferred session holding one) of ~30 blocks each in a 47-block
     pool: the second one's shortfall alone exceeds any pin here, so pins must yield whole (pressure releases only the
     shortfall). Each decodes long enough that all are admitted while the first still runs (on a busy host their
     arrivals spread out)."""
@@ -65,7 +66,7 @@ def flood(server, n=3, words=420, decode=48):
         try:
             # a unique head (so nothing hits the cache), then text of a known length: ~855 tokens
             chat(server, [{"role": "user", "content": f"flood {k} {i} " + "search result " * words}],
-                 max_tokens=decode)
+                 max_tokens=decode, session=f"flood-{k}-{i}", end=True)
         except Exception as exc:  # noqa: BLE001 - reported below, in the test's thread
             errors.append(exc)
 

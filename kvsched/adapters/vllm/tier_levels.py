@@ -317,7 +317,8 @@ class TierLevels:
 
     # ---- internals ----------------------------------------------------------------------------------------------
     def _session_key(self, owner: Any) -> str:
-        return session_key(self.identity, str(getattr(owner, "session_id", owner)), getattr(owner, "cache_salt", None))
+        return session_key(self.identity, str(getattr(owner, "session_id", owner)), getattr(owner, "cache_salt", None),
+                           getattr(owner, "tenant", None))
 
     def _remember_published(self, key: bytes) -> None:
         self._published[key] = None
