@@ -11,6 +11,24 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+def _kvsched_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("KVSCHED_")}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_kvsched_setting():
+    """A test that leaves a KVSCHED_* variable behind changes every server later tests start (they inherit this
+    process's environment): fail it, and put the environment back."""
+    before = _kvsched_env()
+    yield
+    after = _kvsched_env()
+    if after != before:
+        for k in after.keys() - before.keys():
+            del os.environ[k]
+        os.environ.update(before)
+        pytest.fail(f"the test left KVSCHED_* settings changed: {sorted(set(after.items()) ^ set(before.items()))}")
+
+
 class FakeClock:
     def __init__(self, start: float = 1000.0) -> None:
         self.now = start

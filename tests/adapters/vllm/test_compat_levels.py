@@ -24,7 +24,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def test_the_levels_reach_the_tier_connector(tmp_path, monkeypatch) -> None:
-    monkeypatch.delenv("KVSCHED_STORE_URL", raising=False)
+    # set, then removed: monkeypatch restores it (unset) afterwards, so the URL the parser sets does not leak into the
+    # servers later tests start (a delenv of an unset variable records nothing to undo)
+    monkeypatch.setenv("KVSCHED_STORE_URL", "")
+    monkeypatch.delenv("KVSCHED_STORE_URL")
     ns = parser().parse_args(["--scheduler", "kvsched", "--kvsched-disk-tier-dir", str(tmp_path),
                               "--kvsched-disk-tier-gb", "2", "--kvsched-store-url", "redis://127.0.0.1:7/0"])
     extra = ns.kv_transfer_config.kv_connector_extra_config
