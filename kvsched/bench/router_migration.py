@@ -29,7 +29,8 @@ from typing import Any
 from kvsched.bench.common import percentile
 
 COMPACTION_ENV = {"KVSCHED_COMPACTION_TRIGGER_TOKENS": "600", "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2",
-                  "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "24"}
+                  "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "24",
+                  "KVSCHED_COMPACTION_CLIENT_STRATEGIES": "summarize"}  # the agents ask for it (X-KVSched-Compaction)
 TOOLS = 24  # tool descriptions in each agent's system prompt (~500 tokens: an agent's instructions and tool schema)
 EVENTS = ("scale_up", "kill", "restart")
 
@@ -121,6 +122,16 @@ def _wait(cond: Any, timeout_s: float, what: str) -> None:
     raise TimeoutError(f"migration bench: timed out after {timeout_s:.0f}s waiting for {what}")
 
 
+def side_configs(cfg: Any, store_url: str | None) -> tuple[Any, Any]:
+    """The side's deployment at one and at two replicas: compaction on (the agents pick summarize), prompt-token
+    details on (cached tokens per answer), and the shared store when the side has one."""
+    env = dict(COMPACTION_ENV) | ({"KVSCHED_STORE_URL": store_url} if store_url else {})
+    pool = cfg.pools[0].model_copy(update={"engine": cfg.pools[0].engine.model_copy(
+        update={"env": env, "vllm_args": ["--enable-prompt-tokens-details"]})})
+    return (cfg.model_copy(update={"pools": [pool.model_copy(update={"replicas": 1})]}),
+            cfg.model_copy(update={"pools": [pool.model_copy(update={"replicas": 2})]}))
+
+
 def _side(cfg: Any, port: int, sessions_n: int, warm_turns: int, seed: int, store_url: str | None) -> dict[str, Any]:
     import openai
     import ray
@@ -128,11 +139,7 @@ def _side(cfg: Any, port: int, sessions_n: int, warm_turns: int, seed: int, stor
 
     from kvsched.adapters.ray.app import build_app
 
-    env = dict(COMPACTION_ENV) | ({"KVSCHED_STORE_URL": store_url} if store_url else {})
-    pool = dataclasses.replace(cfg.pools[0], engine=dataclasses.replace(
-        cfg.pools[0].engine, env=tuple(env.items()), vllm_args=("--enable-prompt-tokens-details",)))
-    one = dataclasses.replace(cfg, pools=(dataclasses.replace(pool, replicas=1),))
-    two = dataclasses.replace(cfg, pools=(dataclasses.replace(pool, replicas=2),))
+    one, two = side_configs(cfg, store_url)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=180)
     sessions = [Session(f"mig{i}/worker-{i % 3}", rng := random.Random(f"{seed}/{i}"),
                         [{"role": "system", "content": _system(i, rng)}]) for i in range(sessions_n)]
@@ -208,7 +215,7 @@ def migration_run(sessions: int = 8, warm_turns: int = 8, seed: int = 0) -> dict
         "http": {"host": "127.0.0.1", "port": port}, "router": {"stats_period_s": 1}, "health_check_period_s": 1,
         "pools": [{"name": "tiny", "model": "kvsched-tiny:test", "models": ["tiny"], "replicas": 1, "num_cpus": 0,
                    "max_model_len": 2048, "block_size": 32, "kv_cache_gib": 1, "max_ongoing_requests": 16}]})
-    cfg = dataclasses.replace(cfg, request_retries=3)
+    cfg = cfg.model_copy(update={"request_retries": 3})
     out: dict[str, Any] = {"config": {"max_replicas": 2, "sessions": sessions, "warm_turns": warm_turns,
                                       "model": "kvsched-tiny:test", "seed": seed, "compaction": COMPACTION_ENV,
                                       "events": list(EVENTS), "store": "redis-server on loopback"}}

@@ -99,3 +99,18 @@ def test_ray_routers_are_driven_as_ray_ships_them() -> None:
         assert sum(after[s] == slots[1] for s in owned) < len(owned) / 2
     finally:
         ch.close()
+
+
+def test_the_migration_sides_deploy_with_compaction_and_their_store():
+    from kvsched.adapters.ray.config import parse_config
+    from kvsched.bench.router_migration import side_configs
+
+    cfg = parse_config({"pools": [{"name": "tiny", "model": "kvsched-tiny:test", "replicas": 1}]})
+    one, two = side_configs(cfg, "redis://127.0.0.1:6379/0")
+    assert [p.replicas for p in one.pools] == [1] and [p.replicas for p in two.pools] == [2]
+    env = two.pools[0].engine.env
+    assert env["KVSCHED_STORE_URL"] == "redis://127.0.0.1:6379/0"
+    assert env["KVSCHED_COMPACTION_CLIENT_STRATEGIES"] == "summarize"  # the agents' X-KVSched-Compaction is allowed
+    assert "--enable-prompt-tokens-details" in two.pools[0].engine.vllm_args
+    assert "KVSCHED_STORE_URL" not in side_configs(cfg, None)[0].pools[0].engine.env
+    assert cfg.pools[0].engine.env == {}  # the parsed config is left as it was

@@ -229,6 +229,9 @@ def sessions_living_on(cluster: dict[str, Any], slot: str, n: int) -> list[str]:
     return out
 
 
+FAN_OUT = 3
+
+
 def kill_while_busy(cluster: dict[str, Any], slot: int, victims: list[str], kill: Any) -> tuple[int, float]:
     """Generate long answers for victims[1:] on `slot`; once its engine runs them, stream a long answer for
     victims[0] there too and `kill(replica)` at its first chunk. Asserts the stream ends with the OpenAI error event
@@ -241,13 +244,15 @@ def kill_while_busy(cluster: dict[str, Any], slot: int, victims: list[str], kill
 
     victim = next(r for r in replicas(cluster["base"]) if r["slot"] == slot)
     with ThreadPoolExecutor(len(victims) - 1) as pool:
-        pending = [pool.submit(turn, cluster, sid, "long answer", 3800, extra_body={"ignore_eos": True})
+        # n answers each (vLLM runs each as its own request): long enough that none finishes while the stream below
+        # is set up through Ray on a loaded host, so every one of them is in flight at the kill
+        pending = [pool.submit(turn, cluster, sid, "long answer", 3800, extra_body={"ignore_eos": True}, n=FAN_OUT)
                    for sid in victims[1:]]
         seen: list[float] = []
 
         def busy() -> bool:
             seen.append(running_requests(victim["engine_url"]))
-            return seen[-1] >= len(victims) - 1
+            return seen[-1] >= (len(victims) - 1) * FAN_OUT
 
         wait_until(busy, 60, f"slot-{slot} to run the requests", period_s=0.05)
         stream = client(cluster).chat.completions.create(
