@@ -133,11 +133,15 @@ class PinApplier(Generic[B]):
                 return True  # pins that freed nothing (shared blocks) don't count
 
     def make_room(self, blocks: int, exclude: SessionKey) -> None:
-        """Release other sessions' pins, lowest value first, until `blocks` more blocks are free."""
+        """Release idle sessions' pins, lowest value first, until `blocks` more blocks are free. Sessions with a request
+        queued or running keep theirs (in a fan-out burst every arrival's prefetch would otherwise evict the next's)."""
+        if blocks <= 0:
+            return
         pool = self.pool
+        busy = {k for k, r in self.policy.sessions.items() if r.waiting or r.active_requests} | {exclude}
         target = pool.num_free() + blocks
-        while blocks > 0 and pool.num_free() < target:
-            releases = self.policy.release_for_pressure(target - pool.num_free(), exclude=(exclude,))
+        while pool.num_free() < target:
+            releases = self.policy.release_for_pressure(target - pool.num_free(), exclude=busy)
             if not releases:
                 return
             self.apply(releases)

@@ -137,6 +137,22 @@ def test_make_room_never_takes_the_excluded_session(clock):
     assert pins.pinned == {B: [list(range(21, 29))]} and pins.pool.num_free() == 12
 
 
+def test_make_room_spares_sessions_with_a_request_queued_or_running(clock):
+    """A queued request's prefetch makes room from idle sessions only: in a fan-out burst, taking the pin of the next
+    queued turn would only make that turn's own prefetch (or recompute) take it back."""
+    pins = make(clock, capacity=24)
+    turn(pins, A, [list(range(1, 9))])
+    turn(pins, B, [list(range(21, 29))])
+    turn(pins, C, [list(range(41, 45))])
+    clock.advance(5.0)  # B is the oldest-used pin but has a request waiting now
+    pins.policy.request_arrived(B, NO_HINTS)
+    pins.make_room(12, exclude=C)
+    assert B in pins.pinned and pins.pinned[B] == [list(range(21, 29))]
+    assert A not in pins.pinned and pins.pool.num_free() == 12  # A's 8 blocks + the 4 free: not B's
+    pins.make_room(0, exclude=C)  # nothing asked: nothing released
+    assert set(pins.pinned) == {B, C}
+
+
 def test_an_adopted_prefetch_extends_the_pin_and_one_over_budget_is_given_back(clock):
     pins = make(clock, capacity=20, pin_budget_fraction=0.5)
     turn(pins, A, [[1, 2]])
