@@ -328,43 +328,23 @@ def _auth_headers(scope: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
 
 async def call_asgi(app: Any, template: Mapping[str, Any], path: str, body: bytes,
                     headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
-    """POST `body` (JSON) to `path` of an ASGI app in-process; returns (status, response body)."""
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": template.get("root_path", ""),
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
-        "client": ("127.0.0.1", 0), "server": template.get("server"),
-    }
-    for key in ("app", "state"):
-        if key in template:
-            scope[key] = dict(template[key]) if key == "state" else template[key]
-    done = asyncio.Event()
-    sent = False
-    status = 500
-    chunks: list[bytes] = []
+    """POST `body` (JSON) to `path` of an ASGI app in-process, through httpx's ASGI transport; returns (status,
+    response body). The call carries the calling request's lifespan state (`scope["state"]`) and root path, as the
+    server would give them."""
+    import httpx
 
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await done.wait()  # vLLM polls for a client disconnect; there is none until the response is complete
-        return {"type": "http.disconnect"}
+    state = template.get("state")
 
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = int(message["status"])
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                done.set()
-
-    try:
+    async def with_state(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if state is not None:
+            scope["state"] = dict(state)
         await app(scope, receive, send)
-    finally:
-        done.set()
-    return status, b"".join(chunks)
+
+    transport = httpx.ASGITransport(app=with_state, root_path=template.get("root_path", ""))
+    async with httpx.AsyncClient(transport=transport, base_url="http://kvsched.local", timeout=None) as client:
+        reply = await client.post(path, content=body, headers=[
+            ("content-type", "application/json"), *((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)])
+    return reply.status_code, reply.content
 
 
 def _is_message_list(messages: object) -> bool:

@@ -188,3 +188,25 @@ def test_a_sessions_last_turn_makes_no_summary_and_ends_its_state():
     last["vllm_xargs"]["session_end"] = 1
     assert run(comp.prepare(SCOPE, last, {})) == Outcome()
     assert app.calls == [] and not comp.store.sessions
+
+
+def test_the_in_process_call_reaches_the_app_with_body_headers_and_state():
+    import asyncio
+
+    from fastapi import FastAPI, Request
+
+    from kvsched.adapters.vllm.compaction import call_asgi
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        assert not await request.is_disconnected()  # no disconnect until the answer is complete
+        return {"echo": body["x"], "auth": request.headers.get("authorization"), "state": request.state.tag}
+
+    status, data = asyncio.run(call_asgi(app, {"state": {"tag": "lifespan"}}, "/v1/chat/completions", b'{"x": 7}',
+                                         [(b"authorization", b"Bearer k")]))
+    assert status == 200 and json.loads(data) == {"echo": 7, "auth": "Bearer k", "state": "lifespan"}
+    status, _ = asyncio.run(call_asgi(app, {}, "/v1/nowhere", b"{}", []))
+    assert status == 404
