@@ -81,6 +81,9 @@ class _NoBar:
     def update(self, n: int = 1) -> None:
         return None
 
+    def set_postfix_str(self, s: str = "") -> None:
+        return None
+
     def close(self) -> None:
         return None
 

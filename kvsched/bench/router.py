@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.bench import router_policies as policies
-from kvsched.bench.common import percentile, provenance, table, write_json
+from kvsched.bench.common import percentile, progress_bar, provenance, table, write_json
 from kvsched.bench.router_policies import POLICIES, Policy
 from kvsched.core.routing_ring import SlotName, slot_name
 
@@ -65,6 +65,7 @@ def register(subparsers: Any) -> None:
                    help="seconds into the kill scenario when slot-0's vllm serve is killed (0: no kill scenario)")
     p.add_argument("--migration-only", action="store_true",
                    help="with --real: only the migration scenario (kvsched.bench.router_migration), not the routers")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=run)
 
@@ -237,6 +238,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     sizes = args.replicas or ([8, 32] if args.quick else [8, 16, 32, 64])
     turns = args.turns or (40_000 if args.quick else 200_000)
     by_size: dict[str, dict[str, Any]] = {}
+    bar = progress_bar(len(sizes) * len(POLICIES), "simulated fleets", enabled=not getattr(args, "no_progress", False),
+                       unit="run")
     for n in sizes:
         cfg = SimConfig(replicas=n, sessions=args.sessions, turns=turns, load_factor=args.load_factor,
                         in_flight_per_replica=args.in_flight_per_replica, seed=args.seed)
@@ -244,11 +247,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         row: dict[str, Any] = {"config": asdict(cfg)}
         for p in POLICIES:
             policy = make_policy(p, cfg)
+            bar.set_postfix_str(f"{n} replicas, {p}")
             try:
                 row[p] = simulate(policy, cfg, work)
             finally:
                 policy.close()
+            bar.update(1)
         by_size[str(n)] = row
+    bar.close()
     headline = by_size[str(max(sizes))]
     out = {**{p: headline[p] for p in POLICIES}, "headline_replicas": max(sizes), "by_replicas": by_size,
            "gates": gates(by_size, args.load_factor), "provenance": provenance()}
