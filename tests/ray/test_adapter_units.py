@@ -219,3 +219,17 @@ def test_reaper_rejects_bad_arguments() -> None:
     from kvsched.adapters.ray.reaper import main as reaper_main
 
     assert reaper_main(["reaper"]) == 2 and reaper_main(["reaper", "1", "x"]) == 2
+
+
+def test_a_fixed_version_reaches_the_engine_deployments_so_a_replica_change_scales_in_place():
+    from kvsched.adapters.ray.app import build_app
+    from kvsched.adapters.ray.config import parse_config
+
+    cfg = parse_config({"pools": [{"name": "tiny", "model": "kvsched-tiny:test", "replicas": 2}]})
+
+    def engine(app):
+        return app._bound_deployment.init_args[1]["tiny"]._bound_deployment
+
+    assert engine(build_app(cfg, version="v1")).version == "v1"
+    assert engine(build_app(cfg, version="v1")).num_replicas == 2
+    assert engine(build_app(cfg)).version is None  # serve.run gives it a random one: new code, replicas replaced

@@ -65,9 +65,12 @@ def ingress_max_ongoing(cfg: RayServeConfig) -> int:
 
 
 def build_app(cfg: RayServeConfig, router_path: str = ROUTER_PATH, version: str | None = None) -> Application:
-    """`version`: a fixed deployment version, so that redeploying with only `replicas` changed scales the pools in
-    place instead of replacing every replica (what Ray does to a deployment without one)."""
-    extra = {"version": version} if version is not None else {}
+    """`version`: a fixed version of the engine deployments, so that redeploying with only `replicas` changed scales
+    the pools in place instead of replacing every replica (serve.run gives a deployment without one a random version,
+    i.e. new code). Ray 2.60 took `version` out of the public `Deployment.options()` ("Serve manages deployment
+    versions internally") but still honours it on its internal path, which this uses; the stateless ingress is
+    replaced as usual."""
+    extra: dict[str, Any] = {"version": version, "_internal": True} if version is not None else {}
     engines = {p.name: serve.deployment(EngineReplica).options(**engine_options(p, cfg, router_path), **extra).bind(
         p.name, p.engine.model_dump()) for p in cfg.pools}
     ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
