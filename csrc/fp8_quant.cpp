@@ -28,6 +28,11 @@ using pages::PageIo;
 // share of a 32 MiB L3), and skipping the read-for-ownership of every output line saves a third of a quantize's
 // memory traffic.
 constexpr int64_t kStreamMinBytes = int64_t{8} << 20;
+// Below this many bytes of KV a call runs on the calling thread. A vLLM CPU worker's cores are busy with the model's
+// own threads (another OpenMP runtime): an OpenMP team for a few blocks then waits for cores and spins against them,
+// measured at 30-60 ms for a one-block store with 2 threads on 2 busy cores against 0.9 ms on one thread. The tier
+// moves a turn's blocks per layer per step (tens to hundreds of KiB), far below this; large copies still fan out.
+constexpr int64_t kParallelMinBytes = int64_t{4} << 20;
 
 Isa best_supported_isa() {
 #ifdef KVSCHED_X86
@@ -101,8 +106,9 @@ void gather_quantize_impl(const KvView& cache, const int64_t* ids, int64_t num_i
   const int64_t heads = cache.num_heads, page = cache.rows * cache.cols, pages = num_ids * heads;
   const Isa isa = active();
   const bool stream = pages * page >= kStreamMinBytes;
+  const bool parallel = pages * page * int64_t{sizeof(T)} >= kParallelMinBytes;
   const T* data = static_cast<const T*>(cache.data);
-#pragma omp parallel
+#pragma omp parallel if (parallel)
   {
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < pages; ++i) {
@@ -127,8 +133,9 @@ void scatter_dequantize_impl(const uint8_t* q, const float* scales, const KvView
   const int64_t heads = cache.num_heads, page = cache.rows * cache.cols, pages = num_ids * heads;
   const Isa isa = active();
   const bool stream = pages * page * int64_t{sizeof(T)} >= kStreamMinBytes;
+  const bool parallel = pages * page * int64_t{sizeof(T)} >= kParallelMinBytes;
   T* data = static_cast<T*>(cache.data);
-#pragma omp parallel
+#pragma omp parallel if (parallel)
   {
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < pages; ++i) {
@@ -162,12 +169,12 @@ void scatter_dequantize_fp8(const uint8_t* q, const float* scales, const KvView&
 }
 
 void fp32_to_e4m3_array(const float* src, uint8_t* dst, int64_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * int64_t{sizeof(float)} >= kParallelMinBytes)
   for (int64_t i = 0; i < n; ++i) dst[i] = fp32_to_e4m3(src[i]);
 }
 
 void e4m3_to_fp32_array(const uint8_t* src, float* dst, int64_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * int64_t{sizeof(float)} >= kParallelMinBytes)
   for (int64_t i = 0; i < n; ++i) dst[i] = e4m3_to_fp32(src[i]);
 }
 

@@ -84,7 +84,7 @@ void scan_slice(const CandidateColumns& c, const uint8_t* pinned, int64_t lo, in
 }  // namespace
 
 void retention_values(const CandidateColumns& c, int64_t n, double* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= 4 * kChunk)  // a team for a few sessions costs more than it saves
   for (int64_t i = 0; i < n; ++i) out[i] = value_of(c, i);
 }
 
