@@ -235,6 +235,12 @@ def simulate(policy: Policy, cfg: SimConfig, work: Workload) -> dict[str, Any]:
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    if args.real and args.migration_only:  # the migration scenario alone: no simulated fleets, no router runs
+        from kvsched.bench.router_migration import migration_run
+
+        migration = migration_run(seed=args.seed)
+        return {"migration": migration, "gates": {f"migration_{k}": v for k, v in migration["gates"].items()},
+                "provenance": provenance()}
     sizes = args.replicas or ([8, 32] if args.quick else [8, 16, 32, 64])
     turns = args.turns or (40_000 if args.quick else 200_000)
     by_size: dict[str, dict[str, Any]] = {}
@@ -306,15 +312,16 @@ def gates(by_size: dict[str, dict[str, Any]], load_factor: float) -> dict[str, b
 def run(args: argparse.Namespace) -> int:
     result = run_benchmark(args)
     rows = []
-    for n, row in result["by_replicas"].items():
+    for n, row in result.get("by_replicas", {}).items():
         for p in POLICIES:
             r = row[p]
             kr = r["kill_return"]
             rows.append([n, p, r["affinity"], r["max_over_mean_load"], r["max_over_mean_in_flight_p99"],
                          r["moved_on_kill"], kr["others_moved_on_kill"], kr["dead_replica_sessions_back_home"],
                          r["moved_on_scale_up"], r["route_us_p50"]])
-    print(table(rows, ["replicas", "policy", "affinity", "max/mean work", "max/mean in-flight p99", "moved on kill",
-                       "others moved", "back home", "moved on scale-up", "route us p50"]))
+    if rows:
+        print(table(rows, ["replicas", "policy", "affinity", "max/mean work", "max/mean in-flight p99",
+                           "moved on kill", "others moved", "back home", "moved on scale-up", "route us p50"]))
     if "real_2_replicas" in result:
         real = result["real_2_replicas"]
         print(f"real run: {real['config']}")
@@ -342,7 +349,12 @@ def run(args: argparse.Namespace) -> int:
         from kvsched.bench.router_plot import router_chart
 
         try:
-            print(f"wrote {router_chart(result, args.out.with_suffix('.png'))}")
+            if "by_replicas" in result:
+                print(f"wrote {router_chart(result, args.out.with_suffix('.png'))}")
+            if "migration" in result:
+                from kvsched.bench.router_migration import migration_chart
+
+                print(f"wrote {migration_chart(result['migration'], args.out.with_name(args.out.stem + '_migration.png'))}")
         except PlotUnavailable as exc:
             print(exc)
     return 0 if all(result["gates"].values()) else 1

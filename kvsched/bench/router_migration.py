@@ -87,6 +87,9 @@ def _turn(client: Any, s: Session, turn: int) -> dict[str, Any]:
             "ttft_s": (first - t0) if first is not None else None}
 
 
+ERROR_SAMPLES: list[str] = []  # the first distinct errors of a run, reported with its figures
+
+
 def _round(client: Any, sessions: list[Session], turn: int, moves: list[dict[str, Any]] | None) -> int:
     """Every session's next turn, all at once; moves (and what they cost) appended to `moves`. Returns errors."""
     with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
@@ -95,6 +98,8 @@ def _round(client: Any, sessions: list[Session], turn: int, moves: list[dict[str
     for s, row in zip(sessions, rows, strict=True):
         if "error" in row:
             errors += 1
+            if row["error"] not in ERROR_SAMPLES and len(ERROR_SAMPLES) < 5:
+                ERROR_SAMPLES.append(row["error"])
             continue
         if moves is not None and s.replica is not None and row["replica"] != s.replica:
             moves.append({"sid": s.sid, "prefill": row["prompt"] - row["cached"], "prompt": row["prompt"],
@@ -145,6 +150,7 @@ def _side(cfg: Any, port: int, sessions_n: int, warm_turns: int, seed: int, stor
                         [{"role": "system", "content": _system(i, rng)}]) for i in range(sessions_n)]
     moves: dict[str, list[dict[str, Any]]] = {e: [] for e in EVENTS}
     errors: dict[str, int] = dict.fromkeys(("warmup", *EVENTS), 0)
+    ERROR_SAMPLES.clear()
     t0 = time.perf_counter()
     version = f"migration-{'shared' if store_url else 'local'}"
     serve.run(build_app(one, version=version), name="migration", route_prefix="/")
@@ -181,7 +187,7 @@ def _side(cfg: Any, port: int, sessions_n: int, warm_turns: int, seed: int, stor
     all_moves = [m for e in EVENTS for m in moves[e]]
     return _summary(all_moves, sum(errors.values())) | {
         "by_event": {e: _summary(moves[e], errors[e]) for e in EVENTS}, "warmup_errors": errors["warmup"],
-        "seconds": round(time.perf_counter() - t0, 1)}
+        "error_samples": list(ERROR_SAMPLES), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _running() -> int:
@@ -255,3 +261,14 @@ def print_migration(m: dict[str, Any]) -> None:
     print("migration (sessions forced to move: scale-up, kill, restart):")
     print(table(rows, ["side", "event", "moved", "next-turn prefill tokens", "TTFT p95 s", "compacted",
                        "compacted after move", "errors"]))
+
+
+def migration_chart(migration: dict[str, Any], path: Any) -> Any:
+    """Moved sessions' next-turn prefill tokens per event, without and with the shared level (bars)."""
+    from kvsched.bench.plots import grouped_bars
+
+    groups = {event: {side: float(migration[side]["by_event"][event]["next_turn_prefill_tokens"])
+                      for side in ("without_shared", "with_shared") if side in migration}
+              for event in EVENTS}
+    return grouped_bars(groups, path, "sessions forced to move: next-turn prefill tokens", "prefill tokens",
+                        reference=None)

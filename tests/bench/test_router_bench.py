@@ -114,3 +114,12 @@ def test_the_migration_sides_deploy_with_compaction_and_their_store():
     assert "--enable-prompt-tokens-details" in two.pools[0].engine.vllm_args
     assert "KVSCHED_STORE_URL" not in side_configs(cfg, None)[0].pools[0].engine.env
     assert cfg.pools[0].engine.env == {}  # the parsed config is left as it was
+
+
+def test_the_migration_chart_is_written_from_the_result(tmp_path):
+    from kvsched.bench.router_migration import EVENTS, migration_chart
+
+    side = lambda scale: {"by_event": {e: {"next_turn_prefill_tokens": scale * (i + 1)}  # noqa: E731
+                                       for i, e in enumerate(EVENTS)}}
+    png = migration_chart({"without_shared": side(1000), "with_shared": side(100)}, tmp_path / "m.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
