@@ -192,6 +192,8 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
         # restored instead of recomputed: at admission (external hits) and ahead of it (prefetched blocks hit)
         out["tier"]["restored_tokens"] = int(d["vllm:external_prefix_cache_hits_total"]) + out["tier"][
             "prefetch_hit_tokens"]
+        out["tier"]["worker_seconds"] = round(after.get("kvsched_tier_worker_seconds_total", 0.0)
+                                              - before.get("kvsched_tier_worker_seconds_total", 0.0), 3)
         out["tier"]["capacity_bytes"] = int(after["kvsched_tier_capacity_bytes"])
         out["tier"]["peak_bytes_at_end"] = int(after.get("kvsched_tier_bytes", 0.0))
         rms = after.get("kvsched_tier_kv_rel_rms_error", -1.0)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -98,7 +99,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self.stats: dict[str, float] = {"restores": 0, "tail_restores": 0, "restored_blocks": 0, "superseded_loads": 0,
                                         "restored_tail_tokens": 0,
                                         "restore_misses": 0, "load_failures": 0, "err_sq": 0.0, "ref_sq": 0.0,
-                                        "prefetched_blocks": 0}
+                                        "prefetched_blocks": 0, "worker_seconds": 0.0}
         self.levels: TierLevels | None = None
         self.level_fetched: dict[str, int] = {}
         # worker side
@@ -285,6 +286,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             for level, n in meta.fetched.items():
                 self.level_fetched[level] = self.level_fetched.get(level, 0) + n
         if isinstance(meta, TierWorkerMeta):
+            self.stats["worker_seconds"] += meta.busy_s
             self.stats["err_sq"] += meta.err_sq
             self.stats["ref_sq"] += meta.ref_sq
             if meta.disabled and not self.disabled_reason:
@@ -326,6 +328,14 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         meta = kv_connector_metadata
         if self.store is None or not isinstance(meta, TierStepMeta):
             return
+        t0 = time.perf_counter()
+        try:
+            self._before_step(meta)
+        finally:
+            self._worker_meta.busy_s += time.perf_counter() - t0
+
+    def _before_step(self, meta: TierStepMeta) -> None:
+        assert self.store is not None
         levels = meta.levels if self.levels_worker is not None else None
         if levels:  # spills read slots the stores below may overwrite; publishes read blocks loads may overwrite
             self.levels_worker.before_stores(levels)
@@ -345,11 +355,13 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         meta = compat.connector_metadata(self)
         if self.store is None or not isinstance(meta, TierStepMeta) or not meta.loads:
             return
+        t0 = time.perf_counter()
         whole = [ld for ld in meta.loads if ld.whole_before_forward]
         if whole:  # written by this step's forward too: complete before it starts
             self._load(whole)
             self.store.fence_all()
         self._load([ld for ld in meta.loads if not ld.whole_before_forward])
+        self._worker_meta.busy_s += time.perf_counter() - t0
 
     def _load(self, loads: Sequence[Load]) -> None:
         assert self.store is not None

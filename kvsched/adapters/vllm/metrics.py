@@ -59,6 +59,8 @@ COUNTERS = {
     "tier_prefetched_blocks": "KV blocks restored from the FP8 tier by prefetches",
     "tier_superseded_loads": "Planned restores dropped because their block was released and handed out again in the "
                              "same step (only the last load into a block runs)",
+    "tier_worker_seconds": "Seconds the worker spent in the FP8 tier's copies (stores, restores, checksums) on the step's "
+                           "critical path, before or during its forward pass",
     "tier_prefetch_useful_blocks": "Prefetched blocks the session's next turn hit",
     "tier_prefetch_wasted_blocks": "Prefetched blocks released or missed before a turn used them",
     "tier_wasted_prefetches": "Prefetches of which the session's next turn did not use every block",

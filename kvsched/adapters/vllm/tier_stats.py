@@ -22,6 +22,7 @@ def tier_stats(conn: Any) -> dict[str, Any]:
         "tier_restored_tail_tokens": conn.stats["restored_tail_tokens"],
         "tier_tail_restores": conn.stats["tail_restores"],
         "tier_superseded_loads": conn.stats["superseded_loads"],
+        "tier_worker_seconds": conn.stats["worker_seconds"],
         "tier_load_failures": conn.stats["load_failures"],
         "tier_prefetched_blocks": conn.stats["prefetched_blocks"],
         "tier_kv_rel_rms_error": 0.0 if raw else (conn.stats["err_sq"] / ref) ** 0.5 if ref > 0 else -1.0,
