@@ -61,14 +61,22 @@ class RetentionConfig:
             raw = env.get(f"KVSCHED_{f.name.upper()}")
             if raw is None:
                 continue
-            if f.name == "role_weights":
-                weights = dict(DEFAULT_ROLE_WEIGHTS)
-                for part in raw.split(","):
-                    role, _, w = part.partition(":")
-                    weights[role.strip()] = float(w)
-                updates[f.name] = MappingProxyType(weights)
-            elif f.name == "max_sessions":
-                updates[f.name] = int(raw)
-            else:
-                updates[f.name] = float(raw)
+            try:
+                if f.name == "role_weights":
+                    weights = dict(DEFAULT_ROLE_WEIGHTS)
+                    for part in raw.split(","):
+                        role, _, w = part.partition(":")
+                        weights[role.strip()] = float(w)
+                    updates[f.name] = MappingProxyType(weights)
+                elif f.name == "max_sessions":
+                    updates[f.name] = int(raw)
+                else:
+                    updates[f.name] = float(raw)
+            except ValueError as exc:
+                raise ValueError(f"KVSCHED_{f.name.upper()}={raw!r}: {exc}") from None
         return replace(cls(), **updates)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (for result files and logs)."""
+        return {f.name: dict(v) if isinstance(v := getattr(self, f.name), MappingProxyType) else v
+                for f in fields(self)}
