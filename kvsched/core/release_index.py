@@ -3,8 +3,10 @@
 The retention policy's session table holds every session it has seen (up to `max_sessions`, 100,000 by default), most
 of them without a pin; the order only concerns the pinned ones. This index keeps them apart, and keeps a heap of
 (value, activity, version, key) entries, one pushed whenever a session's value may have changed (its pin, a hit, a
-partial release, any event of its own: `changed`). An entry whose version is not the session's is stale and dropped
-when it reaches the top (lazy invalidation); the heap is rebuilt when stale entries outnumber live ones.
+partial release, any event of its own: `changed` marks it, O(1); it is keyed when a decision next needs the heap, at
+that decision's time). An entry whose version is not the session's is stale and dropped when it reaches the top (lazy
+invalidation); the heap is rebuilt when stale entries outnumber live ones. Sessions with a request running are not in
+the heap (never victims); those with one waiting are kept apart (released last, latest arrival first).
 
 Up to `exact_limit` pinned sessions, the order is the exact scan: every candidate scored at the decision's time,
 through the policy's selector (the C++/Triton kernels in the engine). Beyond it a decision takes entries off the heap
@@ -16,6 +18,7 @@ paths give the same order (tests/core/test_release_index.py checks it against th
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 from collections.abc import Callable, Iterator, Sequence
@@ -43,27 +46,25 @@ class ReleaseIndex:
         self.selector = selector
         self.exact_limit = exact_limit
         self.pinned: dict[SessionKey, SessionRecord] = {}
-        self._heap: list[Entry] = []
+        self._heap: list[Entry] = []  # idle pinned sessions (no request running or waiting), keyed when last seen
+        self._queued: dict[SessionKey, SessionRecord] = {}  # pinned, a request waiting, none running
+        self._dirty: dict[SessionKey, SessionRecord] = {}  # changed since the heap last looked: keyed at the next one
         self._versions = itertools.count(1)
         self.counters = {"heap_pops": 0, "rescored": 0, "rebuilds": 0}
 
     def __len__(self) -> int:
         return len(self.pinned)
 
-    def changed(self, rec: SessionRecord, now: float) -> None:
-        """The session's pin, value inputs or activity changed (call after every event of the session)."""
+    def changed(self, rec: SessionRecord) -> None:
+        """The session's pin, requests, value inputs or activity changed (call after every event of the session).
+        O(1): the session is scored when a decision next needs the heap."""
         rec.version = next(self._versions)
-        if not rec.pinned:
-            self.pinned.pop(rec.key, None)
-            return
-        self.pinned[rec.key] = rec
-        if len(self._heap) > 2 * len(self.pinned) + 64:
-            self._rebuild(now)
+        if rec.pinned:
+            self.pinned[rec.key] = self._dirty[rec.key] = rec
         else:
-            heapq.heappush(self._heap, (self.score(rec, now), rec.activity, rec.version, rec.key))
-
-    def forget(self, key: SessionKey) -> None:
-        self.pinned.pop(key, None)
+            self.pinned.pop(rec.key, None)
+            self._dirty.pop(rec.key, None)
+            self._queued.pop(rec.key, None)
 
     def order(self, now: float, skip: set[SessionKey]) -> Iterator[SessionKey]:
         """Pinned sessions not in `skip` and with no request running, lowest value first (ties: least recently
@@ -89,24 +90,40 @@ class ReleaseIndex:
         order = [keys[i] for i in self.selector(cands, len(cands))] if cands else []
         return order + [key for *_, key in sorted(queued)]
 
+    def _flush(self, now: float) -> None:
+        """Key the sessions changed since the last decision (all of them again when stale entries pile up)."""
+        rebuild = len(self._heap) + len(self._dirty) > 2 * len(self.pinned) + 64
+        if rebuild:
+            self.counters["rebuilds"] += 1
+            self._heap, self._queued, self._dirty = [], {}, dict(self.pinned)
+        push = self._heap.append if rebuild else functools.partial(heapq.heappush, self._heap)
+        for rec in self._dirty.values():
+            self._queued.pop(rec.key, None)
+            if rec.active_requests:
+                continue  # in use: never a victim; its next event (the turn's end) keys it again
+            if rec.waiting:
+                self._queued[rec.key] = rec
+            else:
+                push((self.score(rec, now), rec.activity, rec.version, rec.key))
+        if rebuild:
+            heapq.heapify(self._heap)
+        self._dirty.clear()
+
     def _from_heap(self, now: float, skip: set[SessionKey]) -> Iterator[SessionKey]:
+        self._flush(now)
         heap = self._heap
-        aside: list[Entry] = []  # valid entries of sessions not releasable now: pushed back when the caller is done
-        queued: list[tuple[float, int, SessionKey]] = []
+        aside: list[Entry] = []  # valid entries not taken now (excluded): pushed back when the caller is done
         taken: set[SessionKey] = set()
         try:
             while heap:
-                entry = heap[0]
-                value, activity, version, key = entry
+                value, activity, version, key = heap[0]
                 rec = self.pinned.get(key)
                 self.counters["heap_pops"] += 1
                 if rec is None or rec.version != version:
                     heapq.heappop(heap)  # stale
                     continue
-                if key in taken or key in skip or rec.active_requests > 0 or rec.waiting:
+                if key in taken or key in skip:
                     aside.append(heapq.heappop(heap))
-                    if rec.waiting and key not in taken and key not in skip and not rec.active_requests:
-                        queued.append((-(rec.waiting_since or now), activity, key))
                     continue
                 fresh = self.score(rec, now)
                 if fresh > value:  # its value rose since it was keyed: take its place again
@@ -116,15 +133,10 @@ class ReleaseIndex:
                 aside.append(heapq.heappop(heap))
                 taken.add(key)
                 yield key
-            for *_, key in sorted(queued):
-                rec = self.pinned.get(key)
-                if rec is not None and key not in taken:
-                    yield key
+            queued = sorted((-(r.waiting_since or now), r.activity, k) for k, r in self._queued.items()
+                            if k not in skip and k not in taken and k not in self._dirty)
+            for *_, key in queued:
+                yield key
         finally:
             for entry in aside:
                 heapq.heappush(heap, entry)
-
-    def _rebuild(self, now: float) -> None:
-        self.counters["rebuilds"] += 1
-        self._heap = [(self.score(r, now), r.activity, r.version, r.key) for r in self.pinned.values()]
-        heapq.heapify(self._heap)

@@ -72,13 +72,14 @@ class RetentionPolicy:
         if rec.waiting_since is None:
             rec.waiting_since = self.clock()
         self._touch(rec)
-        self.index.changed(rec, self.clock())
+        self.index.changed(rec)
 
     def request_abandoned(self, key: SessionKey) -> None:
         """A request of the session left the engine before it was ever scheduled (aborted, rejected)."""
         rec = self.sessions.get(key)
         if rec is not None:
             self._not_waiting(rec)
+            self.index.changed(rec)
 
     def turn_started(self, key: SessionKey, cached_tokens: int) -> list[Decision]:
         """The session's request was scheduled with `cached_tokens` from the prefix cache.
@@ -105,7 +106,7 @@ class RetentionPolicy:
         if rec.pinned and cached_tokens < rec.pinned_tokens:
             keep = rec.pinned_blocks * max(cached_tokens, 0) // max(rec.pinned_tokens, 1)
             decisions.append(self._release(rec, ReleaseReason.TURN, rec.pinned_blocks - keep if keep else None))
-        self.index.changed(rec, now)
+        self.index.changed(rec)
         return decisions
 
     def turn_finished(self, key: SessionKey, hints: TurnHints, tokens: int, blocks: int) -> list[Decision]:
@@ -124,7 +125,7 @@ class RetentionPolicy:
             return self.end(key)
         if blocks <= 0 or rec.ttl_s <= 0 or blocks > self.budget_blocks:
             released: list[Decision] = [self._release(rec, ReleaseReason.TURN)] if rec.pinned else []
-            self.index.changed(rec, now)
+            self.index.changed(rec)
             return released
         # The new prefix replaces the old pin (the adapter only touches the difference).
         self.pinned_blocks_total += blocks - rec.pinned_blocks
@@ -133,7 +134,7 @@ class RetentionPolicy:
         self.counters["pins"] += 1
         if rec.expiry_queued is None or rec.expires_at < rec.expiry_queued:
             self._queue_expiry(rec)
-        self.index.changed(rec, now)
+        self.index.changed(rec)
         self._trim_table()
         return decisions
 
@@ -148,7 +149,7 @@ class RetentionPolicy:
         rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
         if rec.expiry_queued is None or rec.expires_at < rec.expiry_queued:
             self._queue_expiry(rec)
-        self.index.changed(rec, self.clock())
+        self.index.changed(rec)
         self.counters["prefetches"] += 1
         return [Pin(key)]
 
@@ -158,7 +159,7 @@ class RetentionPolicy:
         if rec is None:
             return []
         decisions: list[Decision] = [self._release(rec, ReleaseReason.END)] if rec.pinned else []
-        self.index.changed(rec, self.clock())
+        self.index.changed(rec)
         if rec.active_requests == 0 and rec.waiting == 0:
             del self.sessions[key]
         self.counters["sessions_ended"] += 1
@@ -179,7 +180,7 @@ class RetentionPolicy:
                 continue
             if rec.expires_at <= now:
                 decisions.append(self._release(rec, ReleaseReason.TTL))
-                self.index.changed(rec, now)
+                self.index.changed(rec)
             elif rec.expiry_queued is None:  # a later turn extended the pin: look again when it runs out
                 self._queue_expiry(rec)
         return decisions
@@ -212,7 +213,7 @@ class RetentionPolicy:
                 if rec.waiting:  # nothing idle was left: a queued request will prefill this part again
                     self.counters[f"released_blocks_{reason.value}_waiting"] += take
                 out.append(self._release(rec, reason, take))
-                self.index.changed(rec, now)
+                self.index.changed(rec)
                 blocks -= take
                 if blocks <= 0:
                     break

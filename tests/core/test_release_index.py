@@ -124,3 +124,19 @@ def test_the_scan_serves_small_tables_and_the_heap_large_ones(clock):
     pops = p.index.counters["heap_pops"]
     p.release_for_pressure(5)  # below the limit again: scanned
     assert p.pinned_sessions <= EXACT_LIMIT and p.index.counters["heap_pops"] == pops
+
+
+def test_equal_values_go_least_recently_active_first_as_in_the_scan(clock):
+    heap, scan = make(clock, exact_limit=0), make(clock, exact_limit=10**9)
+    keys = [SessionKey(SessionId(f"s{i}")) for i in range(40)]
+    for p in (heap, scan):
+        for k in keys:  # equal pins: equal values
+            p.request_arrived(k, TurnHints())
+            p.turn_started(k, 0)
+            p.turn_finished(k, TurnHints(), 320, 20)
+        for k in keys[::3]:  # a request that arrived and left again makes these the most recently active
+            p.request_arrived(k, TurnHints())
+            p.request_abandoned(k)
+    expected = [k for k in keys if k not in keys[::3]] + keys[::3]
+    assert heap.release_order() == scan.release_order() == scan_order(scan, set()) == expected
+    assert [r.key for r in heap.release_for_pressure(50)] == expected[:3]
