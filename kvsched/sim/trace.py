@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -209,6 +209,15 @@ class Trace:
         np.add.at(delta, first[reused], 1)
         np.add.at(delta, last[reused] + 1, -1)
         return int(np.cumsum(delta).max()) if n else 0
+
+    def subset(self, keep: np.ndarray) -> Trace:
+        """The requests where `keep` (a bool mask over requests) is set, in the same order; ids, tapes and the session
+        table are shared (a replica's share of the trace)."""
+        idx = np.flatnonzero(keep)
+        return replace(self, t=self.t[idx], prompt_tokens=self.prompt_tokens[idx],
+                       output_tokens=self.output_tokens[idx], session=self.session[idx], end=self.end[idx],
+                       ttl_s=self.ttl_s[idx], role=[self.role[i] for i in idx], _where=self._where[idx],
+                       duration_s=None if self.duration_s is None else self.duration_s[idx])
 
     @classmethod
     def from_requests(cls, block_size: int, requests: Iterable[TraceRequest], meta: dict[str, Any] | None = None,

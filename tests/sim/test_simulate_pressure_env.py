@@ -61,3 +61,37 @@ def test_a_bad_variable_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KVSCHED_PIN_BUDGET_FRACTION", "lots")
     assert main(["simulate", str(tmp_path / "t.jsonl"), "--no-progress"]) == 2
     assert "KVSCHED_PIN_BUDGET_FRACTION" in capsys.readouterr().err
+
+
+def test_replicas_keep_each_session_on_one_replica_and_sum_their_sides(tmp_path):
+    import numpy as np
+
+    from kvsched.sim.generator import generate
+    from kvsched.sim.replay import ReplayConfig, replay
+    from kvsched.sim.replicas import replay_replicas, replica_of_sessions
+
+    trace = generate(SMALL)
+    owner = replica_of_sessions(trace, 3)
+    assert set(owner.tolist()) <= {0, 1, 2} and len(set(owner.tolist())) > 1
+    assert np.array_equal(owner, replica_of_sessions(trace, 3))  # the ring is deterministic across calls
+    cfg = ReplayConfig(capacity_blocks=400)
+    total, served = replay_replicas(trace, "lru", cfg, 3)
+    assert sum(served) == len(trace) == total.requests + total.rejected
+    parts = [replay(trace.subset(owner[trace.session] == r), "lru", cfg) for r in range(3)]
+    assert total.hit_tokens == sum(p.hit_tokens for p in parts)
+    assert total.prompt_tokens_total == int(trace.prompt_tokens.sum())
+    # one replica is the plain replay
+    one, _ = replay_replicas(trace, "kvsched", cfg, 1)
+    assert one.hit_tokens == replay(trace, "kvsched", cfg).hit_tokens
+    with pytest.raises(ValueError, match="replicas"):
+        replica_of_sessions(trace, 0)
+
+
+def test_simulate_replicas_splits_the_pool(tmp_path):
+    r = run_sim(tmp_path, "--capacity-blocks", "900", "--replicas", "3")
+    c = r["config"]
+    assert c["replicas"] == 3 and c["capacity_blocks_per_replica"] == 300 and c["capacity_blocks"] == 900
+    assert sum(r["lru"]["replica_requests"]) == c["requests"]
+    assert r["opt"]["tokens_saved"] >= r["lru"]["tokens_saved"]
+    single = run_sim(tmp_path, "--capacity-blocks", "900")
+    assert single["lru"]["tokens_saved"] >= r["lru"]["tokens_saved"]  # one 900-block pool shares what 3 of 300 cannot
