@@ -218,9 +218,7 @@ class RetentionPolicy:
                 if blocks <= 0:
                     break
         finally:
-            close = getattr(order, "close", None)
-            if close is not None:
-                close()
+            order.close()  # entries the heap set aside go back
         return out
 
     # ---- ordering -----------------------------------------------------------------------------------------------
@@ -276,12 +274,7 @@ class RetentionPolicy:
     def release_order(self, exclude: Iterable[SessionKey] = ()) -> list[SessionKey]:
         """Pinned sessions in the order they would be released: lowest retention value first, then those with a
         request waiting to be scheduled, the latest arrival first (`kvsched.core.release_index`)."""
-        order = self.index.order(self.clock(), set(exclude))
-        out = list(order)
-        close = getattr(order, "close", None)
-        if close is not None:
-            close()
-        return out
+        return list(self.index.order(self.clock(), set(exclude)))
 
     def next_victim(self, exclude: Iterable[SessionKey]) -> SessionKey | None:
         order = self.release_order(exclude)
