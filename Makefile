@@ -9,7 +9,7 @@ FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 STAMP := $(VENV)/.kvsched-installed
 EXT_STAMP := $(VENV)/.kvsched-ext
 
-.PHONY: install ext test test-fast lint demo bench clean gpu-check redis
+.PHONY: install ext test test-fast lint demo bench clean gpu-check redis traces
 
 install: $(STAMP)
 
@@ -61,6 +61,10 @@ gpu-check: $(EXT_STAMP)
 	@if $(BIN)/python -c "import torch; exit(0 if torch.cuda.is_available() else 1)"; then \
 	  $(BIN)/kvsched bench kernels --device cuda --out benchmarks/results/kernels_gpu.json; \
 	else echo "gpu-check: no CUDA device here: the GPU tests skipped and the CUDA kernel benchmark did not run"; fi
+
+# Public production traces (Mooncake FAST'25, Apache-2.0) into ~/.cache/kvsched/traces, converted to the trace schema.
+traces: $(STAMP)
+	$(BIN)/kvsched trace fetch mooncake
 
 clean:
 	rm -rf build kvsched/*.so $(EXT_STAMP)

@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "kvsched.bench",
     "kvsched.commands.plan",
     "kvsched.commands.simulate",
+    "kvsched.commands.trace",
     "kvsched.commands.ray_serve",
 )
 

@@ -12,6 +12,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "kvsched.bench.kernels",
     "kvsched.bench.compaction",
     "kvsched.bench.router",
+    "kvsched.bench.traces",
 )
 
 

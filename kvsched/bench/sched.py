@@ -9,6 +9,12 @@ Fairness (BENCH_PROTOCOL): each side runs in its own process (its own heap and g
 the collections its own allocations cause), and the two step in lockstep: stock's step i, then kvsched's step i (the
 order alternates by step), one process running at a time, so whatever else a shared machine is doing hits both alike.
 The two processes swap sides every pair, which cancels anything particular to one process.
+
+The 10,000-session tier (`--sessions 10000`; `--quick` runs both) keeps 256 requests in flight over 10,000 sessions
+taken in turn, so ~9,700 sit idle with their prefixes pinned. Its pool holds every session's prefix on both sides (so
+both compute the same tokens: the loads must match), and the pin budget (KVSCHED_PIN_BUDGET_FRACTION=0.2 on the kvsched
+side) is exceeded from the start: every finished turn makes a release decision among thousands of pinned sessions. An
+untimed warm-up gives every session its first turn before the timed steps.
 A pair of rounds runs one seed on both sides, and every pair checks that both did the same work (tokens scheduled,
 turns finished, prefix-cache hits); an untimed warm-up pair comes first. The headline is the ratio of mean step times
 over all steps; the median and range of the per-pair ratios are reported beside it. As in vLLM's engine core
@@ -25,6 +31,7 @@ import os
 import random
 import statistics
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,9 @@ from kvsched.bench.common import provenance, table, write_json
 from kvsched.bench.plots import grouped_bars, save_beside
 
 CONCURRENCY = 256
+TIER_SESSIONS = 10_000
+TIER_BLOCKS = 240_000  # every prefix of the 10,000 sessions stays cached on both sides
+TIER_PIN_BUDGET = "0.2"  # of TIER_BLOCKS: ~48,000 blocks, fewer than the sessions' pins after their first turn
 SIDES = ("stock", "kvsched")
 
 
@@ -39,6 +49,9 @@ def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser("sched", help="scheduler step overhead: stock vs kvsched")
     p.add_argument("--quick", action="store_true", help="4 pairs of 300-step rounds (default: 6 pairs of 2,000)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per round")
+    p.add_argument("--sessions", type=int, action="append", default=None,
+                   help=f"sessions taken in turn, {CONCURRENCY} in flight (repeatable; default {CONCURRENCY}, "
+                        f"--quick: {CONCURRENCY} and {TIER_SESSIONS})")
     p.add_argument("--rounds", type=int, default=None, help="pairs of rounds (stock and kvsched, order alternating)")
     p.add_argument("--cpu", type=int, default=None,
                    help="CPU both worker processes are pinned to (they never run at once; default: the highest CPU "
@@ -56,13 +69,18 @@ class _Round:
     """One round of the synthetic load on one scheduler: `step()` runs one engine step and returns the seconds spent
     in `schedule()` + `update_from_output()`; `work` counts tokens scheduled, turns finished and prompt tokens hit."""
 
-    def __init__(self, scheduler_cls: str, model_dir: Path, seed: int, named: bool = True) -> None:
+    def __init__(self, scheduler_cls: str, model_dir: Path, seed: int, sessions: int = CONCURRENCY,
+                 named: bool = True) -> None:
         from vllm.utils.gc_utils import freeze_gc_heap
 
         from kvsched.adapters.vllm.harness import HarnessConfig, RequestFactory, build_scheduler
 
-        cfg = HarnessConfig(model_dir=model_dir, num_blocks=120_000, block_size=16, max_num_seqs=CONCURRENCY,
-                            max_num_batched_tokens=16_384, max_model_len=8192)
+        tier = sessions > CONCURRENCY
+        self._budget_env = os.environ.get("KVSCHED_PIN_BUDGET_FRACTION")
+        if tier:
+            os.environ["KVSCHED_PIN_BUDGET_FRACTION"] = TIER_PIN_BUDGET  # read when the scheduler is built
+        cfg = HarnessConfig(model_dir=model_dir, num_blocks=TIER_BLOCKS if tier else 120_000, block_size=16,
+                            max_num_seqs=CONCURRENCY, max_num_batched_tokens=16_384, max_model_len=8192)
         self.s = build_scheduler(scheduler_cls, cfg)
         freeze_gc_heap()  # as EngineCore does after start-up; undone by close()
         self.f = RequestFactory(cfg.block_size)
@@ -71,8 +89,13 @@ class _Round:
         self.history: dict[str, list[int]] = {}
         self.owner: dict[str, str] = {}
         self.work = {"scheduled_tokens": 0, "finished_turns": 0, "cached_prompt_tokens": 0}
-        for i in range(CONCURRENCY):
+        self.idle = deque(f"s{i}" for i in range(CONCURRENCY, sessions))  # next turn: the longest-idle session
+        for i in range(min(CONCURRENCY, sessions)):
             self._new_turn(f"s{i}")
+        if tier:  # untimed: every session finishes its first turn (and holds a pin) before the timed steps
+            while self.work["finished_turns"] < sessions:
+                self.step()
+            self.work = dict.fromkeys(self.work, 0)
 
     def _new_turn(self, sid: str) -> None:
         rng = self.rng
@@ -107,13 +130,23 @@ class _Round:
             for o in outputs.outputs:
                 if o.finish_reason is not None and o.request_id in self.owner:
                     self.work["finished_turns"] += 1
-                    self._new_turn(self.owner.pop(o.request_id))
+                    sid = self.owner.pop(o.request_id)
+                    if self.idle:
+                        self.idle.append(sid)
+                        sid = self.idle.popleft()
+                    self._new_turn(sid)
         return (t1 - t0) + (t3 - t2)
 
     def close(self) -> dict[str, int]:
+        policy = getattr(getattr(self.s, "kvsched", None), "policy", None)
+        pinned = policy.pinned_sessions if policy is not None else 0
         del self.s
         gc.unfreeze()
-        return self.work
+        if self._budget_env is None:
+            os.environ.pop("KVSCHED_PIN_BUDGET_FRACTION", None)
+        else:
+            os.environ["KVSCHED_PIN_BUDGET_FRACTION"] = self._budget_env
+        return self.work | {"pinned_sessions_at_end": pinned}
 
 
 def _worker(conn: Any, model_dir: Path, cpu: int | None = None) -> None:
@@ -124,7 +157,7 @@ def _worker(conn: Any, model_dir: Path, cpu: int | None = None) -> None:
     while True:
         cmd, arg = conn.recv()
         if cmd == "round":
-            rnd = _Round(arg[0], model_dir, arg[1], arg[2])
+            rnd = _Round(arg[0], model_dir, arg[1], arg[2], arg[3])
             conn.send(None)
         elif cmd == "step":
             assert rnd is not None
@@ -138,11 +171,11 @@ def _worker(conn: Any, model_dir: Path, cpu: int | None = None) -> None:
 
 
 def _lockstep(conns: dict[str, Any], classes: dict[str, str], steps: int, seed: int,
-              named: bool = True) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
+              sessions: int = CONCURRENCY, named: bool = True) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
     """One pair of rounds on `seed`, side -> worker as `conns` says: the two sides take turns step by step (which
     goes first alternates), so that whatever else the machine is doing hits both alike; one side runs at a time."""
     for side, c in conns.items():
-        c.send(("round", (classes[side], seed, named)))
+        c.send(("round", (classes[side], seed, sessions, named)))
     for c in conns.values():
         c.recv()
     times: dict[str, list[float]] = {side: [] for side in conns}
@@ -199,38 +232,52 @@ def run(args: argparse.Namespace) -> int:
     # The two processes swap sides every pair, so that anything particular to one process (where its memory lies,
     # which core it wakes on next to other work) falls on both sides equally.
     placements = [dict(zip(SIDES, workers, strict=True)), dict(zip(SIDES, workers[::-1], strict=True))]
+    tiers = args.sessions or ([CONCURRENCY, TIER_SESSIONS] if args.quick else [CONCURRENCY])
+    if any(n < 1 for n in tiers):
+        raise SystemExit("kvsched bench sched: --sessions must be positive")
+    results: dict[str, Any] = {}
     try:
         for conns in placements:  # untimed warm-up of both sides in both processes: imports, first calls, caches
             _lockstep(conns, classes, 50, seed=99, named=not args.unnamed)
-        pairs: list[dict[str, list[float]]] = []
-        same_load = True
-        for r in range(rounds):
-            times, work = _lockstep(placements[r % 2], classes, steps, seed=r, named=not args.unnamed)
-            same_load = same_load and work["stock"] == work["kvsched"]
-            pairs.append(times)
-            print(f"pair {r + 1}/{rounds}: kvsched/stock "
-                  f"{statistics.fmean(times['kvsched']) / statistics.fmean(times['stock']):.3f} "
-                  f"({work['kvsched']['finished_turns']} turns per side)", flush=True)
+        for sessions in tiers:
+            pairs: list[dict[str, list[float]]] = []
+            same_load, pinned = True, 0
+            for r in range(rounds):
+                times, work = _lockstep(placements[r % 2], classes, steps, seed=r, sessions=sessions,
+                                          named=not args.unnamed)
+                pinned = work["kvsched"].pop("pinned_sessions_at_end")
+                work["stock"].pop("pinned_sessions_at_end")
+                same_load = same_load and work["stock"] == work["kvsched"]
+                pairs.append(times)
+                print(f"{sessions} sessions, pair {r + 1}/{rounds}: kvsched/stock "
+                      f"{statistics.fmean(times['kvsched']) / statistics.fmean(times['stock']):.3f} "
+                      f"({work['kvsched']['finished_turns']} turns per side, {pinned} sessions pinned at the end)",
+                      flush=True)
+            results[str(sessions)] = summarize(pairs) | {"same_load": same_load, "pinned_sessions_at_end": pinned}
     finally:
         for c in workers:
             with contextlib.suppress(OSError):  # a worker that died already
                 c.send(("quit", None))
         for proc in procs:
             proc.join(timeout=30)
-    result = summarize(pairs)
-    result["same_load"] = same_load
-    result["config"] = {"concurrency": CONCURRENCY, "steps_per_round": steps, "rounds": rounds, "cpu": cpu,
-                        "aa_check": args.aa, "kvsched_side": classes["kvsched"], "unnamed": args.unnamed,
+    result = dict(results[str(tiers[0])])  # the first tier's figures at the top, as before tiers existed
+    result["tiers"] = results
+    same_load = all(r["same_load"] for r in results.values())
+    result["config"] = {"concurrency": CONCURRENCY, "sessions": tiers, "steps_per_round": steps, "rounds": rounds,
+                        "cpu": cpu, "aa_check": args.aa, "kvsched_side": classes["kvsched"], "unnamed": args.unnamed,
+                        "tier_blocks": TIER_BLOCKS, "tier_pin_budget_fraction": float(TIER_PIN_BUDGET),
                         "order": "two processes, sides swapped every pair; a pair's rounds run in lockstep, one step "
                                  "each in turn, which side goes first alternating by step",
                         "provenance": provenance()}
-    print(table([[n, result[n]["step_us"], result[n]["step_us_median"], result[n]["steps"]] for n in SIDES],
-                ["scheduler", "mean step us", "median step us", "steps"]))
-    lo, hi = result["pair_ratio_range"]
-    print(f"kvsched/stock mean step time: {result['ratio']:.3f} (gate: <= 1.10); per-pair median "
-          f"{result['pair_ratio_median']:.3f}, range {lo:.3f}-{hi:.3f}; same load per pair: {same_load}")
+    for n, r in results.items():
+        print(f"{n} sessions:")
+        print(table([[side, r[side]["step_us"], r[side]["step_us_median"], r[side]["steps"]] for side in SIDES],
+                    ["scheduler", "mean step us", "median step us", "steps"]))
+        lo, hi = r["pair_ratio_range"]
+        print(f"kvsched/stock mean step time: {r['ratio']:.3f} (gate: <= 1.10); per-pair median "
+              f"{r['pair_ratio_median']:.3f}, range {lo:.3f}-{hi:.3f}; same load per pair: {r['same_load']}")
     write_json(args.out, result)
     save_beside(args.out, lambda path: grouped_bars(
-        {f"pair {i}": {"kvsched / stock": r} for i, r in enumerate(result["pair_ratios"])}, path,
-        "kvsched bench sched: mean scheduler step time, kvsched over stock, per lockstep pair", "x stock"))
+        {f"{n} sessions": {f"pair {i}": x for i, x in enumerate(r["pair_ratios"])} for n, r in results.items()},
+        path, "kvsched bench sched: mean scheduler step time, kvsched over stock, per lockstep pair", "x stock"))
     return 0 if same_load else 1

@@ -37,7 +37,13 @@ def register(subparsers: Any) -> None:
     cap = p.add_mutually_exclusive_group()
     cap.add_argument("--capacity-blocks", type=int, help="KV pool size in blocks")
     cap.add_argument("--pressure", type=float, default=2.0, help="working set / pool (default 2.0)")
+    p.add_argument("--pressure-basis", choices=["distinct", "live"], default="distinct",
+                   help="what --pressure divides: the trace's distinct blocks (default), or its peak live blocks "
+                        "(used before and again later; 3-20x fewer on production traces); the JSON reports both")
     cap.add_argument("--kv-gib", type=float, help="KV memory in GiB; blocks follow from --preset and --kv-dtype")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="replay across N session-affine replicas (sessions placed by the router's hash ring), each "
+                        "with 1/N of the pool; every side sums its replicas (OPT: Belady per replica)")
     p.add_argument("--preset", default="llama-3.1-8b", help="model shape for --kv-gib and byte figures")
     p.add_argument("--kv-dtype", default="fp8")
     tier = p.add_mutually_exclusive_group()
@@ -104,7 +110,8 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
         return max(tokens // trace.block_size, 1)
     if args.pressure <= 0:
         raise ValueError("--pressure must be positive")
-    return max(math.ceil(trace.working_set_blocks() / args.pressure), 1)
+    basis = trace.peak_live_blocks() if args.pressure_basis == "live" else trace.working_set_blocks()
+    return max(math.ceil(basis / args.pressure), 1)
 
 
 def tier_block_bytes(args: argparse.Namespace, block_size: int) -> int:
@@ -156,20 +163,30 @@ def compaction_config(args: argparse.Namespace) -> Any:
 
 def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: float, bytes_per_token: int,
              tier: tuple[int, int] = (0, 0), compaction: Any = None, system_tokens: int | None = None,
-             restore_bytes_per_s: float = 0.0, progress: bool = False) -> dict[str, Any]:
-    """`tier`: (bytes, bytes per block) of kvsched's FP8 tier; (0, 0) = off. `compaction` (a CompactionConfig): also
+             restore_bytes_per_s: float = 0.0, progress: bool = False, retention: Any = None,
+             replicas: int = 1) -> dict[str, Any]:
+    """`retention`: the kvsched side's RetentionConfig (default: its defaults; `kvsched simulate` reads the engine's
+    `KVSCHED_*` variables). `replicas` > 1: session-affine replay, `capacity` blocks per replica. `tier`: (bytes, bytes per block) of kvsched's FP8 tier; (0, 0) = off. `compaction` (a CompactionConfig): also
     replay kvsched on the trace as compaction serves it, as the side `kvsched+compaction` (its prompts differ, so it
     is compared on prefill computed and prompt size, not on a share of OPT's saving)."""
+    from kvsched.core.config import RetentionConfig
     from kvsched.sim.replay import ReplayConfig, replay
 
     cfg = ReplayConfig(capacity_blocks=capacity, prefill_tps=prefill_tok_s, bytes_per_token=float(bytes_per_token),
-                       tier_bytes=tier[0], tier_block_bytes=tier[1], restore_bytes_per_s=restore_bytes_per_s)
+                       retention=retention or RetentionConfig(), tier_bytes=tier[0], tier_block_bytes=tier[1],
+                       restore_bytes_per_s=restore_bytes_per_s)
     from kvsched.bench.common import progress_bar
 
     out: dict[str, Any] = {}
     for p in policies:
         bar = progress_bar(len(trace), f"{p:>8}", progress, unit="req")
-        out[p] = replay(trace, p, cfg, bar.update).summary(cfg, trace.block_size)
+        if replicas > 1:
+            from kvsched.sim.replicas import replay_replicas
+
+            res, served = replay_replicas(trace, p, cfg, replicas, bar.update)
+            out[p] = res.summary(cfg, trace.block_size) | {"replica_requests": served}
+        else:
+            out[p] = replay(trace, p, cfg, bar.update).summary(cfg, trace.block_size)
         bar.close()
     if "lru" in out and out["lru"]["prefill_tokens_computed"]:
         base = out["lru"]["prefill_tokens_computed"]
@@ -216,6 +233,7 @@ def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token:
 
 def run(args: argparse.Namespace) -> int:
     from kvsched.bench.plots import PlotUnavailable
+    from kvsched.core.config import RetentionConfig
     from kvsched.core.planner import ModelShape, PlanError, kv_bytes_per_token
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -224,8 +242,11 @@ def run(args: argparse.Namespace) -> int:
         if unknown or not policies:
             raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
         bpt = kv_bytes_per_token(ModelShape.from_preset(args.preset), args.kv_dtype)
+        retention = RetentionConfig.from_env()  # the engine's parser: the same KVSCHED_* variables, same checks
         trace = load_trace(args)
-        capacity = capacity_blocks(args, trace, bpt)
+        if args.replicas < 1:
+            raise ValueError("--replicas must be >= 1")
+        capacity = max(capacity_blocks(args, trace, bpt) // args.replicas, 1)
         block_bytes = tier_block_bytes(args, trace.block_size)
         tier = (tier_bytes(args, block_bytes, capacity * trace.block_size * bpt), block_bytes)
         tier = tier if tier[0] > 0 else (0, 0)
@@ -233,16 +254,23 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--h2d-gbps must be positive")
         result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt, tier, compaction_config(args),
                           args.system_tokens, restore_bytes_per_s=args.h2d_gbps * 1e9,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, retention=retention, replicas=args.replicas)
         if args.plot:
             result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot, tier)
     except (ValueError, PlanError, OSError, PlotUnavailable) as exc:
         print(f"kvsched simulate: error: {exc}", file=sys.stderr)
         return 2
     sessions = len(trace.sessions)
+    live = trace.peak_live_blocks()
     result["config"] = {"requests": len(trace), "sessions": sessions, "block_size": trace.block_size,
-                        "working_set_blocks": trace.working_set_blocks(), "capacity_blocks": capacity,
-                        "pressure": trace.working_set_blocks() / capacity, "kv_bytes_per_token": bpt,
+                        "working_set_blocks": trace.working_set_blocks(), "peak_live_blocks": live,
+                        "capacity_blocks": capacity * args.replicas, "replicas": args.replicas,
+                        "capacity_blocks_per_replica": capacity, "pressure_basis": args.pressure_basis,
+                        "pressure": (live if args.pressure_basis == "live" else trace.working_set_blocks())
+                        / (capacity * args.replicas),
+                        "pressure_distinct": trace.working_set_blocks() / (capacity * args.replicas),
+                        "pressure_live": live / (capacity * args.replicas),
+                        "retention": retention.as_dict(), "kv_bytes_per_token": bpt,
                         "prefill_tok_s": args.prefill_tok_s, "fp8_tier_bytes": tier[0],
                         "host_gib_per_gpu": args.host_gib_per_gpu, "gpu_kv_gib": args.gpu_kv_gib,
                         "h2d_gbps": args.h2d_gbps,
@@ -254,8 +282,9 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows, ["policy", "prompt tokens", "prefill computed", "hit rate", "tier loaded", "TTFT p50 s",
                        "TTFT p99 s", "peak KV GiB", "sim s"]))
     c = result["config"]
-    print(f"{c['requests']} requests, {sessions} sessions, working set {c['working_set_blocks']} blocks, "
-          f"pool {capacity} blocks (pressure {c['pressure']:.2f}x)")
+    print(f"{c['requests']} requests, {sessions} sessions, working set {c['working_set_blocks']} blocks "
+          f"(peak live {live}), pool {capacity} blocks{f' x {args.replicas} replicas' if args.replicas > 1 else ''} (pressure {c['pressure_distinct']:.2f}x distinct, "
+          f"{c['pressure_live']:.2f}x live)")
     if "kvsched+compaction" in result:
         k, c = result["kvsched+compaction"], result["kvsched+compaction"]["compaction"]
         print(f"compaction ({args.compaction}, trigger {args.compaction_trigger_tokens}): {c['summaries']} summary "

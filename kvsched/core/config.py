@@ -93,3 +93,8 @@ class RetentionConfig:
         except ValueError as exc:  # out of range: name the variable that set it
             names = [n for n in updates if n in str(exc)]
             raise ValueError(f"KVSCHED_{names[0].upper() if names else '*'}: {exc}") from None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (for result files and logs)."""
+        return {f.name: dict(v) if isinstance(v := getattr(self, f.name), MappingProxyType) else v
+                for f in fields(self)}

@@ -18,94 +18,21 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Callable, Iterable
 
 from kvsched.core.config import RetentionConfig
 from kvsched.core.next_use import GapModel
+from kvsched.core.release_index import ReleaseIndex, Selector
+from kvsched.core.retention_records import Decision, Pin, Release, ReleaseReason, SessionRecord, SessionView
 from kvsched.core.scoring import Candidate, retention_value, select_lowest
 from kvsched.core.sessions import SessionKey, TurnHints
 
+__all__ = ["Clock", "Decision", "Pin", "Release", "ReleaseReason", "RetentionPolicy", "SessionRecord", "SessionView"]
+
 Clock = Callable[[], float]
-# (candidates, k) -> indices of the k lowest-value unpinned candidates, lowest first, ties by index. The pure default is
-# `kvsched.core.scoring.select_lowest`; the vLLM adapter passes `kvsched.ops.score.select_candidates` (the
+# Selector: (candidates, k) -> indices of the k lowest-value unpinned candidates, lowest first, ties by index. The pure
+# default is `kvsched.core.scoring.select_lowest`; the vLLM adapter passes `kvsched.ops.score.select_candidates` (the
 # score_and_select kernels: C++ on CPU, Triton on CUDA), which computes the same order.
-Selector = Callable[[Sequence[Candidate], int], list[int]]
-
-
-class ReleaseReason(StrEnum):
-    TURN = "turn"  # the session's next turn started: its request now holds the blocks itself
-    TTL = "ttl"
-    END = "end"
-    PRESSURE = "pressure"  # a live request needed the blocks
-    BUDGET = "budget"  # pins exceeded the pin budget
-
-
-@dataclass(frozen=True, slots=True)
-class Pin:
-    key: SessionKey
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    """Drop the session's pin: all of it (`blocks` None), or only its last `blocks` blocks (the tail goes first;
-    the head, which the next turn will hit first and which other sessions may share, stays)."""
-
-    key: SessionKey
-    reason: ReleaseReason
-    blocks: int | None = None
-
-
-Decision = Pin | Release
-
-
-@dataclass(slots=True)
-class SessionRecord:
-    key: SessionKey
-    role: str | None = None
-    ttl_s: float = 0.0
-    turns: int = 0
-    active_requests: int = 0
-    waiting: int = 0  # requests that arrived and are not scheduled yet
-    waiting_since: float | None = None  # arrival of the oldest of them
-    last_finished: float | None = None
-    expected_gap_s: float = 0.0
-    gaps_seen: int = 0
-    burst_turns: int = 0  # turns finished since its current burst began (`kvsched.core.next_use`)
-    pinned_blocks: int = 0
-    pinned_tokens: int = 0
-    hits: int = 0
-    hit_tokens: int = 0
-    prefetched_tokens: int = 0  # the pin's last tokens, restored from the FP8 tier ahead of the next turn
-    expiry_queued: float | None = None  # earliest time of this session's entries in the policy's expiry heap
-
-    @property
-    def pinned(self) -> bool:
-        return self.pinned_blocks > 0
-
-    @property
-    def expires_at(self) -> float:
-        return (self.last_finished or 0.0) + self.ttl_s
-
-
-@dataclass(frozen=True, slots=True)
-class SessionView:
-    """A read-only row for `GET /kvsched/sessions` and metrics."""
-
-    session_id: str
-    cache_salted: bool
-    role: str | None
-    pinned_blocks: int
-    pinned_tokens: int
-    idle_s: float
-    ttl_s: float
-    turns: int
-    hits: int
-    hit_tokens: int
-    active_requests: int
-    branch: int = 0
-    inferred: bool = False
 
 
 class RetentionPolicy:
@@ -128,6 +55,8 @@ class RetentionPolicy:
         self._seq = itertools.count()
         self.counters: Counter[str] = Counter()
         self.gaps = GapModel(self.GAP_WINDOW, self.MIN_TAIL_SAMPLES)
+        self._activity = itertools.count(1)
+        self.index = ReleaseIndex(self.candidate, self.score, selector)  # the pinned sessions and their order
 
     # ---- events -------------------------------------------------------------------------------------------------
     def request_arrived(self, key: SessionKey, hints: TurnHints) -> None:
@@ -142,13 +71,15 @@ class RetentionPolicy:
         rec.waiting += 1
         if rec.waiting_since is None:
             rec.waiting_since = self.clock()
-        self.sessions.move_to_end(key)
+        self._touch(rec)
+        self.index.changed(rec)
 
     def request_abandoned(self, key: SessionKey) -> None:
         """A request of the session left the engine before it was ever scheduled (aborted, rejected)."""
         rec = self.sessions.get(key)
         if rec is not None:
             self._not_waiting(rec)
+            self.index.changed(rec)
 
     def turn_started(self, key: SessionKey, cached_tokens: int) -> list[Decision]:
         """The session's request was scheduled with `cached_tokens` from the prefix cache.
@@ -170,11 +101,13 @@ class RetentionPolicy:
         if cached_tokens > 0:
             rec.hits += 1
             rec.hit_tokens += cached_tokens
-        self.sessions.move_to_end(key)
-        if not rec.pinned or cached_tokens >= rec.pinned_tokens:
-            return []
-        keep = rec.pinned_blocks * max(cached_tokens, 0) // max(rec.pinned_tokens, 1)
-        return [self._release(rec, ReleaseReason.TURN, rec.pinned_blocks - keep if keep else None)]
+        self._touch(rec)
+        decisions: list[Decision] = []
+        if rec.pinned and cached_tokens < rec.pinned_tokens:
+            keep = rec.pinned_blocks * max(cached_tokens, 0) // max(rec.pinned_tokens, 1)
+            decisions.append(self._release(rec, ReleaseReason.TURN, rec.pinned_blocks - keep if keep else None))
+        self.index.changed(rec)
+        return decisions
 
     def turn_finished(self, key: SessionKey, hints: TurnHints, tokens: int, blocks: int) -> list[Decision]:
         """A turn ended holding `blocks` full blocks (`tokens` tokens) of reusable prefix: pin it, within budget."""
@@ -187,11 +120,13 @@ class RetentionPolicy:
         if hints.role:
             rec.role = hints.role
         rec.ttl_s = self.config.ttl_for(hints.ttl_s)
-        self.sessions.move_to_end(key)
+        self._touch(rec)
         if hints.end:
             return self.end(key)
         if blocks <= 0 or rec.ttl_s <= 0 or blocks > self.budget_blocks:
-            return [self._release(rec, ReleaseReason.TURN)] if rec.pinned else []
+            released: list[Decision] = [self._release(rec, ReleaseReason.TURN)] if rec.pinned else []
+            self.index.changed(rec)
+            return released
         # The new prefix replaces the old pin (the adapter only touches the difference).
         self.pinned_blocks_total += blocks - rec.pinned_blocks
         rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
@@ -199,6 +134,7 @@ class RetentionPolicy:
         self.counters["pins"] += 1
         if rec.expiry_queued is None or rec.expires_at < rec.expiry_queued:
             self._queue_expiry(rec)
+        self.index.changed(rec)
         self._trim_table()
         return decisions
 
@@ -213,6 +149,7 @@ class RetentionPolicy:
         rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
         if rec.expiry_queued is None or rec.expires_at < rec.expiry_queued:
             self._queue_expiry(rec)
+        self.index.changed(rec)
         self.counters["prefetches"] += 1
         return [Pin(key)]
 
@@ -222,6 +159,7 @@ class RetentionPolicy:
         if rec is None:
             return []
         decisions: list[Decision] = [self._release(rec, ReleaseReason.END)] if rec.pinned else []
+        self.index.changed(rec)
         if rec.active_requests == 0 and rec.waiting == 0:
             del self.sessions[key]
         self.counters["sessions_ended"] += 1
@@ -242,6 +180,7 @@ class RetentionPolicy:
                 continue
             if rec.expires_at <= now:
                 decisions.append(self._release(rec, ReleaseReason.TTL))
+                self.index.changed(rec)
             elif rec.expiry_queued is None:  # a later turn extended the pin: look again when it runs out
                 self._queue_expiry(rec)
         return decisions
@@ -265,15 +204,21 @@ class RetentionPolicy:
         out: list[Release] = []
         if blocks <= 0:
             return out
-        for key in self.release_order(exclude):
-            rec = self.sessions[key]
-            take = min(blocks, rec.pinned_blocks)
-            if rec.waiting:  # nothing idle was left: a queued request will prefill this part again
-                self.counters[f"released_blocks_{reason.value}_waiting"] += take
-            out.append(self._release(rec, reason, take))
-            blocks -= take
-            if blocks <= 0:
-                break
+        now = self.clock()
+        order = self.index.order(now, set(exclude))
+        try:
+            for key in order:
+                rec = self.sessions[key]
+                take = min(blocks, rec.pinned_blocks)
+                if rec.waiting:  # nothing idle was left: a queued request will prefill this part again
+                    self.counters[f"released_blocks_{reason.value}_waiting"] += take
+                out.append(self._release(rec, reason, take))
+                self.index.changed(rec)
+                blocks -= take
+                if blocks <= 0:
+                    break
+        finally:
+            order.close()  # entries the heap set aside go back
         return out
 
     # ---- ordering -----------------------------------------------------------------------------------------------
@@ -327,24 +272,14 @@ class RetentionPolicy:
             pinned=rec.active_requests > 0,
         )
 
+    def score(self, rec: SessionRecord, now: float) -> float:
+        """The session's retention value now (the release order's key, lowest released first)."""
+        return retention_value(self.candidate(rec, now))
+
     def release_order(self, exclude: Iterable[SessionKey] = ()) -> list[SessionKey]:
         """Pinned sessions in the order they would be released: lowest retention value first, then those with a
-        request waiting to be scheduled, the latest arrival first."""
-        now = self.clock()
-        skip = set(exclude)
-        keys: list[SessionKey] = []
-        cands: list[Candidate] = []
-        queued: list[tuple[float, int, SessionKey]] = []
-        for key, rec in self.sessions.items():
-            if not rec.pinned or key in skip or rec.active_requests > 0:
-                continue
-            if rec.waiting:
-                queued.append((-(rec.waiting_since or now), len(queued), key))
-                continue
-            keys.append(key)
-            cands.append(self.candidate(rec, now))
-        order = [keys[i] for i in self.selector(cands, len(cands))] if cands else []
-        return order + [key for *_, key in sorted(queued)]
+        request waiting to be scheduled, the latest arrival first (`kvsched.core.release_index`)."""
+        return list(self.index.order(self.clock(), set(exclude)))
 
     def next_victim(self, exclude: Iterable[SessionKey]) -> SessionKey | None:
         return next(iter(self.release_order(exclude)), None)
@@ -366,14 +301,20 @@ class RetentionPolicy:
 
     @property
     def pinned_sessions(self) -> int:
-        return sum(1 for r in self.sessions.values() if r.pinned)
+        return len(self.index)
 
     # ---- internals ----------------------------------------------------------------------------------------------
     def _new_record(self, key: SessionKey) -> SessionRecord:
         rec = SessionRecord(key=key, ttl_s=self.config.default_ttl_s,
                             expected_gap_s=min(self.config.default_next_use_s, self.config.default_ttl_s))
         self.sessions[key] = rec
+        rec.activity = next(self._activity)
         return rec
+
+    def _touch(self, rec: SessionRecord) -> None:
+        """The session was active: it moves to the end of the table (and of the release order's ties)."""
+        self.sessions.move_to_end(rec.key)
+        rec.activity = next(self._activity)
 
     def _queue_expiry(self, rec: SessionRecord) -> None:
         rec.expiry_queued = rec.expires_at

@@ -198,6 +198,9 @@ def test_config_from_env():
     assert cfg.role_weight("orchestrator") == 4.0 and cfg.role_weight("critic") == 2.0 and cfg.role_weight(None) == 1.0
     with pytest.raises(ValueError):
         RetentionConfig(pin_budget_fraction=1.5)
+    with pytest.raises(ValueError, match="KVSCHED_MAX_TTL_S='ten'"):
+        RetentionConfig.from_env({"KVSCHED_MAX_TTL_S": "ten"})
+    assert cfg.as_dict()["role_weights"]["critic"] == 2.0 and cfg.as_dict()["default_ttl_s"] == 12.0
 
 
 def test_released_blocks_are_counted_per_reason_whole_and_partial(clock):

@@ -96,10 +96,9 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self.on_load_failures: Callable[[set[int]], None] = lambda block_ids: None  # kvsched's prefetch cleanup
         self.steps_built = self.steps_done = 0  # connector metadata built / step outputs seen (prefetch ordering)
         self._prefetched_for: set[str] = set()  # queued requests whose restore a prefetch started
-        self.stats: dict[str, float] = {"restores": 0, "tail_restores": 0, "restored_blocks": 0, "superseded_loads": 0,
-                                        "restored_tail_tokens": 0,
-                                        "restore_misses": 0, "load_failures": 0, "err_sq": 0.0, "ref_sq": 0.0,
-                                        "prefetched_blocks": 0, "worker_seconds": 0.0}
+        self.stats: dict[str, float] = dict.fromkeys((
+            "restores", "tail_restores", "restored_blocks", "superseded_loads", "restored_tail_tokens", "restore_misses",
+            "load_failures", "err_sq", "ref_sq", "prefetched_blocks", "worker_seconds"), 0.0)
         self.levels: TierLevels | None = None
         self.level_fetched: dict[str, int] = {}
         # worker side
@@ -280,18 +279,10 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             self.stats["load_failures"] += len(bad)
             self.on_load_failures(bad)
         meta = connector_output.kv_connector_worker_meta
-        if isinstance(meta, TierWorkerMeta) and self.levels is not None:
-            self.levels.written(meta.disk_done, meta.disk_full)
-            self.levels.fetch_failed(meta.fetch_failures)
-            for level, n in meta.fetched.items():
-                self.level_fetched[level] = self.level_fetched.get(level, 0) + n
         if isinstance(meta, TierWorkerMeta):
-            self.stats["worker_seconds"] += meta.busy_s
-            self.stats["err_sq"] += meta.err_sq
-            self.stats["ref_sq"] += meta.ref_sq
-            if meta.disabled and not self.disabled_reason:
-                self.disabled_reason = meta.disabled
-                logger.warning("kvsched FP8 tier disabled by the worker: %s", meta.disabled)
+            from kvsched.adapters.vllm.tier_stats import absorb_worker_meta
+
+            absorb_worker_meta(self, meta)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._matched.pop(request.request_id, None)

@@ -3,7 +3,25 @@ them (kvsched.adapters.vllm.metrics names and documents each one)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+logger = logging.getLogger("vllm.kvsched.fp8_tier")
+
+
+def absorb_worker_meta(conn: Any, meta: Any) -> None:
+    """The scheduler side takes in what the workers did this step (`TierWorkerMeta`, summed over workers)."""
+    if conn.levels is not None:
+        conn.levels.written(meta.disk_done, meta.disk_full)
+        conn.levels.fetch_failed(meta.fetch_failures)
+        for level, n in meta.fetched.items():
+            conn.level_fetched[level] = conn.level_fetched.get(level, 0) + n
+    conn.stats["worker_seconds"] += meta.busy_s
+    conn.stats["err_sq"] += meta.err_sq
+    conn.stats["ref_sq"] += meta.ref_sq
+    if meta.disabled and not conn.disabled_reason:
+        conn.disabled_reason = meta.disabled
+        logger.warning("kvsched FP8 tier disabled by the worker: %s", meta.disabled)
 
 
 def tier_stats(conn: Any) -> dict[str, Any]:

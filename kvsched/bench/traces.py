@@ -1,0 +1,126 @@
+"""`kvsched bench traces`: kvsched against LRU and OPT on imported production traces, pools sized from the peak live
+block set, and how much a return predictor could add.
+
+For every trace (default: the Mooncake traces `kvsched trace fetch mooncake` caches) and live-basis pressure (1.5x and
+3x), the simulator's sides: `lru`, `kvsched` (its settings from the `KVSCHED_*` variables, as the engine) and `opt`
+(Belady, the bound on the pool alone), each as its share of OPT's saving, and the issue-24 gate: kvsched closes 30% of
+the gap between LRU's share and 1. Then the headroom, on the same pool, with long TTLs (`--ttl`, default 600 s):
+- `kvsched, long TTL`: every finished turn pinned that long (the engine's value order decides under pressure);
+- `first turns unpinned`: no pin after a session's first turn (what a return model learned per turn index would do
+  where first turns rarely return; online-knowable);
+- `end oracle`: each session's last turn says it is the last (clairvoyant: pins only for sessions that return).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvsched.bench.common import provenance, table, write_json
+from kvsched.bench.plots import grouped_bars, save_beside
+
+PRESSURES = (1.5, 3.0)
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser("traces", help="kvsched vs LRU vs OPT on imported traces",
+                                                       description=__doc__)
+    p.add_argument("traces", nargs="*", type=Path,
+                   help="kvsched-schema traces (default: the fetched Mooncake ones, `kvsched trace fetch mooncake`)")
+    p.add_argument("--pressure", type=float, action="append", default=None,
+                   help="live-basis pressure (repeatable; default 1.5 and 3)")
+    p.add_argument("--ttl", type=float, default=600.0, help="TTL of the headroom sides, seconds (default 600)")
+    p.add_argument("--no-headroom", action="store_true", help="only lru, kvsched and opt")
+    p.add_argument("--out", type=Path, default=None)
+    p.set_defaults(func=run)
+
+
+def first_turns(trace: Any) -> np.ndarray:
+    seen: set[int] = set()
+    first = np.zeros(len(trace), dtype=bool)
+    for i, s in enumerate(trace.session.tolist()):
+        if s not in seen:
+            first[i] = True
+            seen.add(s)
+    return first
+
+
+def last_turns(trace: Any) -> np.ndarray:
+    last: dict[int, int] = {}
+    for i, s in enumerate(trace.session.tolist()):
+        last[s] = i
+    end = np.zeros(len(trace), dtype=bool)
+    end[list(last.values())] = True
+    return end
+
+
+def measure(trace: Any, pressure: float, retention: Any, ttl: float, headroom: bool = True) -> dict[str, Any]:
+    """Shares of OPT's saving at live-basis `pressure` (see the module docstring for the sides)."""
+    from kvsched.sim.replay import ReplayConfig, replay
+
+    live = trace.peak_live_blocks()
+    cfg = ReplayConfig(capacity_blocks=max(int(np.ceil(live / pressure)), 1), retention=retention)
+    runs = {p: replay(trace, p, cfg) for p in ("lru", "kvsched", "opt")}
+    if headroom:
+        long_ttl = replace(cfg, retention=replace(retention, default_ttl_s=ttl, max_ttl_s=max(ttl, retention.max_ttl_s)))
+        runs["kvsched, long TTL"] = replay(trace, "kvsched", long_ttl)
+        runs["first turns unpinned"] = replay(replace(trace, ttl_s=np.where(first_turns(trace), 0.0, ttl)),
+                                              "kvsched", long_ttl)
+        runs["end oracle"] = replay(replace(trace, end=last_turns(trace) | trace.end), "kvsched", long_ttl)
+    best = runs["opt"].tokens_saved
+    share = {k: (r.tokens_saved / best if best else None) for k, r in runs.items()}
+    lru = share["lru"] or 0.0
+    gate = lru + 0.3 * (1.0 - lru)
+    return {"peak_live_blocks": live, "distinct_blocks": trace.working_set_blocks(), "capacity_blocks": cfg.capacity_blocks,
+            "share_of_opt_saving": share, "gate_share": gate, "gate_met": (share["kvsched"] or 0.0) >= gate,
+            "prefill_over_lru": {k: r.prefill_tokens_computed / runs["lru"].prefill_tokens_computed
+                                 for k, r in runs.items()},
+            "wall_s": {k: round(r.wall_s, 3) for k, r in runs.items()}}
+
+
+def default_traces() -> list[Path]:
+    from kvsched.sim.mooncake import MOONCAKE_FILES, traces_dir
+
+    return [traces_dir() / "mooncake" / n.replace("_trace.jsonl", ".kvsched.jsonl") for n in MOONCAKE_FILES]
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvsched.core.config import RetentionConfig
+    from kvsched.sim.trace import Trace
+
+    paths = args.traces or default_traces()
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        print(f"kvsched bench traces: error: missing {missing} (run `kvsched trace fetch mooncake`)")
+        return 2
+    try:
+        retention = RetentionConfig.from_env()
+    except ValueError as exc:
+        print(f"kvsched bench traces: error: {exc}")
+        return 2
+    pressures = args.pressure or list(PRESSURES)
+    result: dict[str, Any] = {"traces": {}}
+    rows = []
+    for path in paths:
+        trace = Trace.load(path)
+        per = result["traces"][path.name] = {"requests": len(trace), "sessions": len(trace.sessions),
+                                             "meta": trace.meta, "pressures": {}}
+        for p in pressures:
+            m = per["pressures"][f"{p:g}"] = measure(trace, p, retention, args.ttl, not args.no_headroom)
+            s = m["share_of_opt_saving"]
+            rows.append([path.name, f"{p:g}x", *(round(v, 3) if v is not None else "-" for v in s.values()),
+                         round(m["gate_share"], 3)])
+            header = ["trace", "live pressure", *s.keys(), "gate"]
+            print(table(rows[-1:], header), flush=True)
+    print(table(rows, header))
+    result["config"] = {"pressures_live": pressures, "headroom_ttl_s": args.ttl, "retention": retention.as_dict(),
+                        "provenance": provenance()}
+    write_json(args.out, result)
+    save_beside(args.out, lambda path: grouped_bars(
+        {f"{name.split('.')[0]} {p}x": m["share_of_opt_saving"] for name, t in result["traces"].items()
+         for p, m in t["pressures"].items()}, path, "share of OPT's saving (live-basis pressure)", "share", None))
+    return 0

@@ -1,0 +1,85 @@
+"""What the retention policy decides and remembers: its decisions (Pin, Release and their reasons), the per-session
+record it keeps, and the read-only view of it for the API and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from kvsched.core.sessions import SessionKey
+
+
+class ReleaseReason(StrEnum):
+    TURN = "turn"  # the session's next turn started: its request now holds the blocks itself
+    TTL = "ttl"
+    END = "end"
+    PRESSURE = "pressure"  # a live request needed the blocks
+    BUDGET = "budget"  # pins exceeded the pin budget
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    key: SessionKey
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Drop the session's pin: all of it (`blocks` None), or only its last `blocks` blocks (the tail goes first;
+    the head, which the next turn will hit first and which other sessions may share, stays)."""
+
+    key: SessionKey
+    reason: ReleaseReason
+    blocks: int | None = None
+
+
+Decision = Pin | Release
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    key: SessionKey
+    role: str | None = None
+    ttl_s: float = 0.0
+    turns: int = 0
+    active_requests: int = 0
+    waiting: int = 0  # requests that arrived and are not scheduled yet
+    waiting_since: float | None = None  # arrival of the oldest of them
+    last_finished: float | None = None
+    expected_gap_s: float = 0.0
+    gaps_seen: int = 0
+    burst_turns: int = 0  # turns finished since its current burst began (`kvsched.core.next_use`)
+    pinned_blocks: int = 0
+    pinned_tokens: int = 0
+    hits: int = 0
+    hit_tokens: int = 0
+    prefetched_tokens: int = 0  # the pin's last tokens, restored from the FP8 tier ahead of the next turn
+    expiry_queued: float | None = None  # earliest time of this session's entries in the policy's expiry heap
+    activity: int = 0  # when it was last active, as a sequence number: the release order's tie-break (oldest first)
+    version: int = 0  # changes whenever its release value may have: older entries in the release heap are stale
+
+    @property
+    def pinned(self) -> bool:
+        return self.pinned_blocks > 0
+
+    @property
+    def expires_at(self) -> float:
+        return (self.last_finished or 0.0) + self.ttl_s
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """A read-only row for `GET /kvsched/sessions` and metrics."""
+
+    session_id: str
+    cache_salted: bool
+    role: str | None
+    pinned_blocks: int
+    pinned_tokens: int
+    idle_s: float
+    ttl_s: float
+    turns: int
+    hits: int
+    hit_tokens: int
+    active_requests: int
+    branch: int = 0
+    inferred: bool = False

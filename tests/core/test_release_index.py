@@ -1,0 +1,142 @@
+"""The release index against the scan it replaces: the same order and the same decisions while values are unchanged
+(a frozen clock), and only ever releasable sessions (no pin in use, none excluded) while they change."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from kvsched.core.config import RetentionConfig
+from kvsched.core.release_index import EXACT_LIMIT
+from kvsched.core.retention import RetentionPolicy
+from kvsched.core.scoring import retention_value
+from kvsched.core.sessions import SessionId, SessionKey, TurnHints
+from tests.conftest import FakeClock
+
+ROLES = (None, "worker", "orchestrator", "planner")
+
+
+def make(clock: FakeClock, exact_limit: int, total_blocks: int = 4000) -> RetentionPolicy:
+    p = RetentionPolicy(replace(RetentionConfig(), default_ttl_s=1e6, max_ttl_s=1e6), clock, total_blocks,
+                        bytes_per_token=1024.0)
+    p.index.exact_limit = exact_limit
+    return p
+
+
+def scan_order(p: RetentionPolicy, exclude: set[SessionKey]) -> list[SessionKey]:
+    """The release order as the policy computed it before the index: every session of the table scanned, scored now,
+    lowest value first with ties in table order, then the queued ones, latest arrival first."""
+    now = p.clock()
+    idle: list[tuple[float, int, SessionKey]] = []
+    queued: list[tuple[float, int, SessionKey]] = []
+    for i, (key, rec) in enumerate(p.sessions.items()):
+        if not rec.pinned or key in exclude or rec.active_requests > 0:
+            continue
+        if rec.waiting:
+            queued.append((-(rec.waiting_since or now), i, key))
+        else:
+            idle.append((retention_value(p.candidate(rec, now)), i, key))
+    return [k for *_, k in sorted(idle)] + [k for *_, k in sorted(queued)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_heap_and_scan_take_the_same_decisions_while_values_are_unchanged(seed):
+    clock = FakeClock()
+    heap, scan = make(clock, exact_limit=0), make(clock, exact_limit=10**9)
+    rng = random.Random(seed)
+    keys = [SessionKey(SessionId(f"s{i}")) for i in range(120)]
+    pinned_seen = 0
+    for _ in range(1500):
+        k, op, role = rng.choice(keys), rng.random(), rng.choice(ROLES)
+        hints = TurnHints(role=role)
+        tokens = rng.randrange(16, 4000)
+        need, exclude, cut = rng.randrange(1, 80), rng.choice(keys), rng.choice([0, 1, 2])
+        out = []
+        for p in (heap, scan):
+            rec = p.sessions.get(k)
+            if op < 0.35:
+                p.request_arrived(k, hints)
+                out.append(None)
+            elif op < 0.6 and rec is not None and rec.waiting:
+                out.append(p.turn_started(k, [0, rec.pinned_tokens, rec.pinned_tokens // 2][cut]))
+            elif op < 0.9 and rec is not None and rec.active_requests:
+                out.append(p.turn_finished(k, hints, tokens, tokens // 16))
+            elif op < 0.95:
+                out.append(p.release_for_pressure(need, exclude=[exclude]))
+            elif op < 0.97:
+                out.append(p.release_over_budget(p.pinned_blocks_total - need // 2))
+            elif op < 0.985:
+                out.append(p.end(k))
+            elif rec is not None and rec.waiting:
+                p.request_abandoned(k)
+                out.append(None)
+            else:
+                out.append(None)
+        assert out[0] == out[1]
+        assert heap.release_order() == scan.release_order() == scan_order(scan, set())
+        assert heap.release_order([exclude]) == scan_order(heap, {exclude})
+        assert set(heap.index.pinned) == {key for key, r in heap.sessions.items() if r.pinned}
+        pinned_seen = max(pinned_seen, heap.pinned_sessions)
+    assert pinned_seen > 20  # the heap path ran on a real population
+    assert heap.index.counters["heap_pops"] > 0 and scan.index.counters["heap_pops"] == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_heap_releases_only_releasable_sessions_while_values_change(seed):
+    clock = FakeClock()
+    p = make(clock, exact_limit=0, total_blocks=2000)
+    rng = random.Random(seed)
+    keys = [SessionKey(SessionId(f"s{i}")) for i in range(80)]
+    for _ in range(1500):
+        clock.advance(rng.random() * 3)
+        k = rng.choice(keys)
+        rec = p.sessions.get(k)
+        if rec is not None and rec.waiting:
+            p.turn_started(k, rng.choice([0, rec.pinned_tokens]))
+        elif rec is not None and rec.active_requests:
+            p.turn_finished(k, TurnHints(role=rng.choice(ROLES)), rng.randrange(16, 4000), rng.randrange(1, 250))
+        else:
+            p.request_arrived(k, TurnHints())
+        if rng.random() < 0.2:
+            ex = set(rng.sample(keys, 5))
+            order = p.release_order(ex)
+            assert sorted(order, key=str) == sorted(scan_order(p, ex), key=str)  # the same sessions, maybe reordered
+            before = {key: r.pinned_blocks for key, r in p.sessions.items()}
+            for rel in p.release_for_pressure(rng.randrange(1, 400), exclude=ex):
+                r = p.sessions[rel.key]
+                assert rel.key not in ex and r.active_requests == 0 and before[rel.key] > 0
+    assert p.counters["pins"] > 100
+
+
+def test_the_scan_serves_small_tables_and_the_heap_large_ones(clock):
+    p = make(clock, exact_limit=EXACT_LIMIT)
+    hints = TurnHints()
+    for i in range(EXACT_LIMIT + 10):
+        k = SessionKey(SessionId(f"s{i}"))
+        p.request_arrived(k, hints)
+        p.turn_started(k, 0)
+        p.turn_finished(k, hints, 160 + 16 * (i % 7), 10 + i % 7)
+    p.release_for_pressure(5)
+    assert p.index.counters["heap_pops"] > 0
+    p.release_for_pressure(2000)
+    pops = p.index.counters["heap_pops"]
+    p.release_for_pressure(5)  # below the limit again: scanned
+    assert p.pinned_sessions <= EXACT_LIMIT and p.index.counters["heap_pops"] == pops
+
+
+def test_equal_values_go_least_recently_active_first_as_in_the_scan(clock):
+    heap, scan = make(clock, exact_limit=0), make(clock, exact_limit=10**9)
+    keys = [SessionKey(SessionId(f"s{i}")) for i in range(40)]
+    for p in (heap, scan):
+        for k in keys:  # equal pins: equal values
+            p.request_arrived(k, TurnHints())
+            p.turn_started(k, 0)
+            p.turn_finished(k, TurnHints(), 320, 20)
+        for k in keys[::3]:  # a request that arrived and left again makes these the most recently active
+            p.request_arrived(k, TurnHints())
+            p.request_abandoned(k)
+    expected = [k for k in keys if k not in keys[::3]] + keys[::3]
+    assert heap.release_order() == scan.release_order() == scan_order(scan, set()) == expected
+    assert [r.key for r in heap.release_for_pressure(50)] == expected[:3]

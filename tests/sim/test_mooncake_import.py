@@ -1,0 +1,127 @@
+"""`kvsched trace import --format mooncake`: sessions from hash chains, output blocks, bad lines, and the committed
+slices of the real traces (tests/sim/data/NOTICE.md) through the importer and the simulator."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvsched.cli import main
+from kvsched.commands.trace import fetch_file
+from kvsched.sim.mooncake import BLOCK_SIZE, assign_sessions, convert, full_blocks, parse
+from kvsched.sim.trace import Trace
+
+DATA = Path(__file__).parent / "data"
+SLICES = sorted(DATA.glob("mooncake_*_slice.jsonl"))
+
+
+def line(t_ms: int, n: int, m: int, ids: list[int]) -> str:
+    return json.dumps({"timestamp": t_ms, "input_length": n, "output_length": m, "hash_ids": ids})
+
+
+# A: a first turn (2 full blocks + a partial one). B: another user sharing only A's first block (a system prompt).
+# C: A's next turn: A's prompt, its 100 output tokens, a new message (it repeats A's full blocks, not the partial one).
+# D: B's next turn, which is shorter than B's prompt plus output: B's output blocks cannot be taken from it.
+CHAT = [line(0, 1100, 100, [1, 2, 3]), line(1000, 2000, 600, [1, 10, 11, 12]),
+        line(5000, 1600, 50, [1, 2, 20, 21]), line(9000, 2100, 10, [1, 10, 11, 13, 30])]
+
+
+def test_sessions_follow_the_chains_not_a_shared_system_block():
+    reqs = list(parse(CHAT))
+    assert assign_sessions(reqs) == [0, 1, 0, 1]
+    # requiring more than C repeats of A's full blocks (2 of 2) is impossible: 1.0 still links them
+    assert assign_sessions(reqs, min_shared=1.0) == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="min_shared"):
+        assign_sessions(reqs, min_shared=0.0)
+
+
+def test_output_blocks_come_from_the_next_turn_when_it_holds_them():
+    reqs = list(parse(CHAT))
+    blocks = full_blocks(reqs, assign_sessions(reqs))
+    assert blocks[0] == [1, 2]  # (1100 + 100) // 512 = 2: the output completes no block
+    assert blocks[1] == [1, 10, 11, "out1.3", "out1.4"]  # D (2100 tokens) does not hold B's 2600
+    assert blocks[2] == [1, 2, 20]  # C's 1650 tokens: 3 full blocks, the third completed by its output
+    assert blocks[3] == [1, 10, 11, 13]
+    # A's output completes no block here; give it enough output and C's block 2 is the one it completes
+    long_a = list(parse([line(0, 1100, 436, [1, 2, 3]), line(5000, 1600, 50, [1, 2, 20, 21])]))
+    assert full_blocks(long_a, [0, 0])[0] == [1, 2, 20]
+
+
+def test_converted_trace_loads_with_times_in_seconds_and_reuse_filled():
+    out = io.StringIO()
+    meta = convert(io.StringIO("\n".join(CHAT) + "\n"), out)
+    assert meta["sessions"] == 2 and meta["single_turn_sessions"] == 0
+    lines = out.getvalue().splitlines()
+    header, rows = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    assert header["block_size"] == BLOCK_SIZE
+    assert [r["t"] for r in rows] == [0.0, 1.0, 5.0, 9.0]
+    assert rows[2]["reuse"] == 2 and rows[2]["blocks"] == [20]  # C repeats A's two blocks
+    assert rows[3]["reuse"] == 3 and rows[3]["blocks"] == [13]
+    assert all("role" not in r and "end" not in r for r in rows)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ('{"timestamp": 0, "input_length": 600}', "lacks field 'hash_ids'"),
+    ('{"timestamp": 0, "input_length": 600, "hash_ids": [1]}', "2 hash_ids|1 hash_ids"),
+    ('{"timestamp": 0, "input_length": 600, "hash_ids": [1, "x"]}', "list of integers"),
+    ('{"timestamp": -5, "input_length": 600, "hash_ids": [1, 2]}', "timestamp"),
+    ("not json", "t.jsonl:2"),
+])
+def test_bad_lines_are_reported_with_their_line_number(bad, message):
+    with pytest.raises(ValueError, match=message) as info:
+        list(parse([CHAT[0], bad], "t.jsonl"))
+    assert "t.jsonl:2" in str(info.value)
+
+
+@pytest.mark.parametrize("path", SLICES, ids=lambda p: p.stem)
+def test_real_slices_convert_and_keep_every_request_and_block(tmp_path, path):
+    out = tmp_path / "t.jsonl"
+    assert main(["trace", "import", "--format", "mooncake", str(path), str(out)]) == 0
+    raw = [json.loads(x) for x in path.read_text().splitlines()]
+    trace = Trace.load(out)
+    assert len(trace) == len(raw)
+    assert int(trace.prompt_tokens.sum()) == sum(r["input_length"] for r in raw)
+    assert np.allclose(np.sort(trace.t), np.sort([r["timestamp"] / 1000 for r in raw]))
+    # two requests' prompts share exactly the full blocks their Mooncake hash ids share (no id merged or split)
+    order = sorted(range(len(raw)), key=lambda j: raw[j]["timestamp"])
+    full = [raw[j]["hash_ids"][: raw[j]["input_length"] // BLOCK_SIZE] for j in order]
+    for a in range(len(raw)):
+        assert len(trace.blocks(a)) >= len(full[a])
+        for b in range(a):
+            n = min(len(full[a]), len(full[b]))
+            same = [x == y for x, y in zip(full[a][:n], full[b][:n], strict=True)]
+            assert same == list(trace.blocks(a)[:n] == trace.blocks(b)[:n])
+    assert len(trace.sessions) == json.loads(out.read_text().splitlines()[0])["meta"]["sessions"] < len(raw)
+
+
+def test_real_slice_replays_and_lru_never_beats_opt(tmp_path):
+    out, res = tmp_path / "t.jsonl", tmp_path / "r.json"
+    assert main(["trace", "import", "--format", "mooncake", str(SLICES[0]), str(out)]) == 0
+    assert main(["simulate", str(out), "--pressure", "1.5", "--no-progress", "--out", str(res)]) == 0
+    r = json.loads(res.read_text())
+    assert r["opt"]["tokens_saved"] >= r["lru"]["tokens_saved"] > 0
+
+
+def test_import_errors_exit_2_with_a_message(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(CHAT[0] + "\n{}\n")
+    assert main(["trace", "import", "--format", "mooncake", str(bad), str(tmp_path / "o.jsonl")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert main(["trace", "import", "--format", "mooncake", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
+
+
+def test_fetch_checks_the_digest(tmp_path):
+    src = tmp_path / "src.jsonl"
+    src.write_text(CHAT[0] + "\n")
+    import hashlib
+
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    fetch_file(src.as_uri(), tmp_path / "got.jsonl", src.stat().st_size, sha)
+    assert (tmp_path / "got.jsonl").read_text() == src.read_text()
+    with pytest.raises(ValueError, match="SHA-256"):
+        fetch_file(src.as_uri(), tmp_path / "other.jsonl", src.stat().st_size, "0" * 64)
+    assert not (tmp_path / "other.jsonl").exists()

@@ -1,0 +1,97 @@
+"""`kvsched simulate`: pools sized from the peak live blocks (`--pressure-basis live`), and the kvsched side's
+retention settings from the engine's `KVSCHED_*` variables."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from kvsched.cli import main
+from kvsched.sim.generator import QUICK, generate_requests
+from kvsched.sim.trace import Trace, TraceRequest, write_jsonl
+
+SMALL = replace(QUICK, workflows=3, rounds=2, worker_turns=2, session_tokens=(3000, 5000), brief_tokens=(500, 900))
+
+
+def test_peak_live_blocks_counts_blocks_between_their_first_and_last_use():
+    # a: blocks 1,2 (then used again by c); b: blocks 3,4,5 used once; c: 1,2,6; d: 7 once; e: 6 again.
+    reqs = [TraceRequest(0, "a", 32, 0, [1, 2]), TraceRequest(1, "b", 48, 0, [3, 4, 5]),
+            TraceRequest(2, "c", 48, 0, [1, 2, 6]), TraceRequest(3, "d", 16, 0, [7]),
+            TraceRequest(4, "e", 48, 0, [1, 2, 6])]
+    trace = Trace.from_requests(16, reqs)
+    assert trace.working_set_blocks() == 7
+    # live at c: 1, 2 (used at a and again at e) and 6 (c to e): 3; blocks 3, 4, 5 and 7 are never reused
+    assert trace.peak_live_blocks() == 3
+    assert Trace.from_requests(16, reqs[:2]).peak_live_blocks() == 0
+
+
+def run_sim(tmp_path, *extra: str) -> dict:
+    path, out = tmp_path / "t.jsonl", tmp_path / "r.json"
+    if not path.exists():
+        write_jsonl(path, SMALL.block_size, generate_requests(SMALL))
+    assert main(["simulate", str(path), "--no-progress", "--out", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_pressure_basis_live_sizes_the_pool_from_the_peak_live_set(tmp_path):
+    distinct = run_sim(tmp_path, "--pressure", "1.5", "--policies", "lru")["config"]
+    live = run_sim(tmp_path, "--pressure", "1.5", "--pressure-basis", "live", "--policies", "lru")["config"]
+    assert distinct["peak_live_blocks"] == live["peak_live_blocks"] < live["working_set_blocks"]
+    assert live["capacity_blocks"] == -(-live["peak_live_blocks"] * 2 // 3)
+    assert live["pressure"] == live["pressure_live"] == pytest.approx(1.5, rel=0.01)
+    assert distinct["pressure"] == distinct["pressure_distinct"] == pytest.approx(1.5, rel=0.01)
+    assert live["pressure_distinct"] > live["pressure_live"]
+
+
+def test_retention_settings_come_from_the_engine_variables(tmp_path, monkeypatch):
+    base = run_sim(tmp_path, "--pressure", "2", "--policies", "lru,kvsched")
+    assert base["config"]["retention"]["default_ttl_s"] == 30.0
+    assert base["kvsched"]["pins"] > 0
+    monkeypatch.setenv("KVSCHED_MAX_TTL_S", "0")  # caps every TTL (hints too): no pins, kvsched is LRU block for block
+    off = run_sim(tmp_path, "--pressure", "2", "--policies", "lru,kvsched")
+    assert off["config"]["retention"]["max_ttl_s"] == 0.0 and off["kvsched"]["pins"] == 0
+    assert off["kvsched"]["prefill_tokens_computed"] == off["lru"]["prefill_tokens_computed"]
+    assert base["kvsched"]["prefill_tokens_computed"] != off["kvsched"]["prefill_tokens_computed"]
+
+
+def test_a_bad_variable_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    write_jsonl(tmp_path / "t.jsonl", SMALL.block_size, generate_requests(SMALL))
+    monkeypatch.setenv("KVSCHED_PIN_BUDGET_FRACTION", "lots")
+    assert main(["simulate", str(tmp_path / "t.jsonl"), "--no-progress"]) == 2
+    assert "KVSCHED_PIN_BUDGET_FRACTION" in capsys.readouterr().err
+
+
+def test_replicas_keep_each_session_on_one_replica_and_sum_their_sides(tmp_path):
+    import numpy as np
+
+    from kvsched.sim.generator import generate
+    from kvsched.sim.replay import ReplayConfig, replay
+    from kvsched.sim.replicas import replay_replicas, replica_of_sessions
+
+    trace = generate(SMALL)
+    owner = replica_of_sessions(trace, 3)
+    assert set(owner.tolist()) <= {0, 1, 2} and len(set(owner.tolist())) > 1
+    assert np.array_equal(owner, replica_of_sessions(trace, 3))  # the ring is deterministic across calls
+    cfg = ReplayConfig(capacity_blocks=400)
+    total, served = replay_replicas(trace, "lru", cfg, 3)
+    assert sum(served) == len(trace) == total.requests + total.rejected
+    parts = [replay(trace.subset(owner[trace.session] == r), "lru", cfg) for r in range(3)]
+    assert total.hit_tokens == sum(p.hit_tokens for p in parts)
+    assert total.prompt_tokens_total == int(trace.prompt_tokens.sum())
+    # one replica is the plain replay
+    one, _ = replay_replicas(trace, "kvsched", cfg, 1)
+    assert one.hit_tokens == replay(trace, "kvsched", cfg).hit_tokens
+    with pytest.raises(ValueError, match="replicas"):
+        replica_of_sessions(trace, 0)
+
+
+def test_simulate_replicas_splits_the_pool(tmp_path):
+    r = run_sim(tmp_path, "--capacity-blocks", "900", "--replicas", "3")
+    c = r["config"]
+    assert c["replicas"] == 3 and c["capacity_blocks_per_replica"] == 300 and c["capacity_blocks"] == 900
+    assert sum(r["lru"]["replica_requests"]) == c["requests"]
+    assert r["opt"]["tokens_saved"] >= r["lru"]["tokens_saved"]
+    single = run_sim(tmp_path, "--capacity-blocks", "900")
+    assert single["lru"]["tokens_saved"] >= r["lru"]["tokens_saved"]  # one 900-block pool shares what 3 of 300 cannot
