@@ -220,7 +220,7 @@ def migration_run(sessions: int = 8, warm_turns: int = 8, seed: int = 0) -> dict
     cfg = parse_config({
         "http": {"host": "127.0.0.1", "port": port}, "router": {"stats_period_s": 1}, "health_check_period_s": 1,
         "pools": [{"name": "tiny", "model": "kvsched-tiny:test", "models": ["tiny"], "replicas": 1, "num_cpus": 0,
-                   "max_model_len": 2048, "block_size": 32, "kv_cache_gib": 1, "max_ongoing_requests": 16}]})
+                   "max_model_len": 4096, "block_size": 32, "kv_cache_gib": 1, "max_ongoing_requests": 16}]})
     cfg = cfg.model_copy(update={"request_retries": 3})
     out: dict[str, Any] = {"config": {"max_replicas": 2, "sessions": sessions, "warm_turns": warm_turns,
                                       "model": "kvsched-tiny:test", "seed": seed, "compaction": COMPACTION_ENV,

@@ -329,15 +329,17 @@ def _auth_headers(scope: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
 async def call_asgi(app: Any, template: Mapping[str, Any], path: str, body: bytes,
                     headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
     """POST `body` (JSON) to `path` of an ASGI app in-process, through httpx's ASGI transport; returns (status,
-    response body). The call carries the calling request's lifespan state (`scope["state"]`) and root path, as the
-    server would give them."""
+    response body). The call carries the calling request's lifespan state (`scope["state"]`), root path and
+    application object (`scope["app"]`, which vLLM's handlers read and the stack below the middleware does not set)."""
     import httpx
 
-    state = template.get("state")
+    state, outer = template.get("state"), template.get("app")
 
     async def with_state(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if state is not None:
             scope["state"] = dict(state)
+        if outer is not None:  # `app` is the stack below kvsched's middleware: vLLM's handlers read the FastAPI app
+            scope["app"] = outer
         await app(scope, receive, send)
 
     transport = httpx.ASGITransport(app=with_state, root_path=template.get("root_path", ""))

@@ -210,3 +210,21 @@ def test_the_in_process_call_reaches_the_app_with_body_headers_and_state():
     assert status == 200 and json.loads(data) == {"echo": 7, "auth": "Bearer k", "state": "lifespan"}
     status, _ = asyncio.run(call_asgi(app, {}, "/v1/nowhere", b"{}", []))
     assert status == 404
+
+
+def test_the_in_process_call_carries_the_outer_app_to_a_stack_that_does_not_set_it():
+    import asyncio
+
+    from kvsched.adapters.vllm.compaction import call_asgi
+
+    seen = {}
+    outer = object()
+
+    async def inner(scope, receive, send):  # the app stack below kvsched's middleware: nothing sets scope["app"]
+        seen["app"] = scope.get("app")
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    assert asyncio.run(call_asgi(inner, {"app": outer}, "/v1/chat/completions", b"{}", [])) == (200, b"{}")
+    assert seen["app"] is outer
