@@ -12,7 +12,7 @@ from typing import Any
 
 from kvsched.bench.agents_report import NO_TIER_SIDE, TIER_SIDE, gates, print_report
 from kvsched.bench.common import RESULTS_DIR, provenance, write_json
-from kvsched.bench.plots import PlotUnavailable, pyplot
+from kvsched.bench.plots import PlotUnavailable, pyplot, save_figure
 
 SWEEP_GATE_PRESSURE = 3.0  # the FP8-tier issue's sweep gate: at 3x, <= 0.5x stock prefill and <= 0.35x TTFT
 
@@ -88,8 +88,4 @@ def plot(s: dict[str, dict[str, dict[str, float | None]]], path: Path) -> Path:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle("kvsched bench agents --sweep: kvsched (FP8 tier on) and without its tier, against stock vLLM")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

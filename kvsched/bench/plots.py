@@ -26,6 +26,15 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write (creating the folder) and close `fig`; returns `path`."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
 def ttft_by_turn(turns: Sequence[Sequence[Any]]) -> dict[int, list[float]]:
     """TTFTs grouped by the turn's index within its session, from `[session, turn_index, sent_s, ttft_s]` rows."""
     out: dict[int, list[float]] = {}
@@ -53,11 +62,7 @@ def ttft_chart(sides: Mapping[str, Sequence[Sequence[Any]]], path: Path, title: 
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_beside(json_path: Path | None, draw: Any) -> Path | None:
@@ -94,11 +99,7 @@ def grouped_bars(groups: Mapping[str, Mapping[str, float | None]], path: Path, t
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def side_ratios(result: Mapping[str, Any], sides: list[str], metrics: list[str], base: str = "stock"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kvsched.bench.plots import pyplot
+from kvsched.bench.plots import pyplot, save_figure
 
 OUTCOME_COLOURS = {"ok": "C0", "failed": "C3", "cut": "C1"}
 
@@ -53,8 +53,4 @@ def router_chart(result: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("seconds into the kill scenario (turn sent)")
         ax.set_title("kill scenario: where each turn was answered")
         ax.legend(fontsize=7, loc="center right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -28,9 +28,9 @@ def test_a_store_section_reaches_every_pools_engine_environment() -> None:
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    ({"url": "http://x"}, "store.url"), ({}, "store.url is required"), ({"url": "local", "ttl": 3}, "unknown key"),
+    ({"url": "http://x"}, "store.url"), ({}, "store.url: Field required"), ({"url": "local", "ttl": 3}, "unknown key"),
     ({"url": "local", "kv_ttl_s": 0}, "store.kv_ttl_s"), ({"url": "local", "maxmemory_mb": True}, "maxmemory_mb"),
-    ("redis://x", "mapping")])
+    ("redis://x", "store: Input should be a valid dictionary")])
 def test_bad_store_sections_name_the_key(raw: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         store_section(raw)

@@ -174,6 +174,32 @@ class HttpConfig(_Strict):
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
 
 
+class StoreSettings(_Strict):
+    """The `store:` section: the shared level every replica of every pool reads and writes (kvsched.adapters.ray.store
+    applies it; docs/shared_store.md)."""
+
+    url: str  # redis://HOST:PORT[/DB], or `local`: kvsched ray-serve starts a redis-server on loopback
+    kv_ttl_s: PositiveFloat | None = None  # how long a KV block stays in the store after it was written
+    state_ttl_s: PositiveFloat | None = None  # session metadata and compaction summaries
+    maxmemory_mb: Annotated[int, Field(ge=16)] = 1024
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        if url == "local":
+            return url
+        from kvsched.adapters.store.redis_store import StoreConfigError, check_url
+
+        try:
+            return check_url(url)
+        except StoreConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def local(self) -> bool:
+        return self.url == "local"
+
+
 class RayServeConfig(_Strict):
     pools: Annotated[list[PoolConfig], Field(min_length=1)]
     router: RouterSettings = RouterSettings()
@@ -188,17 +214,7 @@ class RayServeConfig(_Strict):
     request_deadline_s: PositiveFloat = 300.0  # arrival to answer (or first streamed bytes), retries included
     max_body_bytes: PositiveInt = 64 * 1024 * 1024
     max_json_depth: PositiveInt = 64
-    store: dict[str, Any] | None = None  # the shared level; checked and applied by kvsched.adapters.ray.store
-
-    @model_validator(mode="after")
-    def _store(self) -> RayServeConfig:
-        from kvsched.adapters.ray.store import store_section
-
-        try:
-            store_section(self.store)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return self
+    store: StoreSettings | None = None
 
     @model_validator(mode="after")
     def _routable(self) -> RayServeConfig:
@@ -241,7 +257,7 @@ def _where(loc: tuple[int | str, ...]) -> str:
     return out or "config"
 
 
-def _message(exc: ValidationError) -> str:
+def validation_message(exc: ValidationError) -> str:
     msgs = []
     for e in exc.errors(include_url=False):
         where = _where(tuple(e["loc"]))
@@ -260,7 +276,7 @@ def parse_config(raw: Any) -> RayServeConfig:
     try:
         return RayServeConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_message(exc)) from None
+        raise ConfigError(validation_message(exc)) from None
 
 
 def load_config(path: Path | str) -> RayServeConfig:

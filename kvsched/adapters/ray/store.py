@@ -8,63 +8,32 @@ store:
   state_ttl_s: 86400                # session metadata and compaction summaries
 ```
 
-Checked by its own function (the config's `store` field calls it); applied by putting the settings into each
+Checked by the config's `StoreSettings` model (kvsched.adapters.ray.config); applied by putting the settings into each
 pool's engine environment (`KVSCHED_STORE_URL`, ...), which `vllm serve` hands to its API server and engine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvsched.adapters.ray.config import ConfigError, RayServeConfig
+from pydantic import ValidationError
+
+from kvsched.adapters.ray.config import ConfigError, RayServeConfig, StoreSettings, validation_message
 
 LOCAL = "local"
-KEYS = {"url", "kv_ttl_s", "state_ttl_s", "maxmemory_mb"}
-
-
-@dataclass(frozen=True, slots=True)
-class StoreSection:
-    url: str
-    kv_ttl_s: float | None = None
-    state_ttl_s: float | None = None
-    maxmemory_mb: int = 1024
-
-    @property
-    def local(self) -> bool:
-        return self.url == LOCAL
+StoreSection = StoreSettings  # the section as kvsched ray-serve and the app builder read it
 
 
 def store_section(raw: Any) -> StoreSection | None:
-    """The validated `store:` mapping, or None when absent; ConfigError names the bad key."""
+    """The validated `store:` mapping, or None when absent; ConfigError names the bad key (store.<key>)."""
     if raw is None:
         return None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"store must be a mapping, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - KEYS)
-    if unknown:
-        raise ConfigError(f"store: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(KEYS))}")
-    url = raw.get("url")
-    if not isinstance(url, str) or not url:
-        raise ConfigError("store.url is required: redis://HOST:PORT[/DB] or local")
-    if url != LOCAL:
-        from kvsched.adapters.store.redis_store import StoreConfigError, check_url
-
-        try:
-            check_url(url)
-        except StoreConfigError as exc:
-            raise ConfigError(f"store.url: {exc}") from exc
-    ttls: dict[str, float | None] = {}
-    for key in ("kv_ttl_s", "state_ttl_s"):
-        value = raw.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
-            raise ConfigError(f"store.{key} must be a number of seconds > 0, got {value!r}")
-        ttls[key] = float(value) if value is not None else None
-    mem = raw.get("maxmemory_mb", 1024)
-    if isinstance(mem, bool) or not isinstance(mem, int) or mem < 16:
-        raise ConfigError(f"store.maxmemory_mb must be an integer >= 16, got {mem!r}")
-    return StoreSection(url, ttls["kv_ttl_s"], ttls["state_ttl_s"], mem)
+    try:
+        return StoreSettings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(f"store.{m}" if not m.startswith("config:") else "store" + m[6:]
+                                    for m in validation_message(exc).split("; "))) from None
 
 
 def read_store_section(path: Path | str) -> StoreSection | None:
