@@ -354,7 +354,9 @@ def run(args: argparse.Namespace) -> int:
             if "migration" in result:
                 from kvsched.bench.router_migration import migration_chart
 
-                print(f"wrote {migration_chart(result['migration'], args.out.with_name(args.out.stem + '_migration.png'))}")
+                png = args.out.with_name(args.out.stem + "_migration.png") if "by_replicas" in result \
+                    else args.out.with_suffix(".png")
+                print(f"wrote {migration_chart(result['migration'], png)}")
         except PlotUnavailable as exc:
             print(exc)
     return 0 if all(result["gates"].values()) else 1
