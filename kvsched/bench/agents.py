@@ -18,7 +18,15 @@ from typing import Any
 
 from kvsched.bench.agents_driver import TTL_HINT_S, RunRecord, prompt_messages, run_with_progress
 from kvsched.bench.agents_naming import add_naming_gates, naming_of, parse_namings, with_naming_sides
-from kvsched.bench.agents_report import NO_TIER_SIDE, TIER_SIDE, attainable, clairvoyant_bound, gates, print_report
+from kvsched.bench.agents_report import (
+    NO_TIER_SIDE,
+    TIER_SIDE,
+    attainable,
+    clairvoyant_bound,
+    gates,
+    print_report,
+    unbounded_reach,
+)
 from kvsched.bench.common import percentile, provenance, ratios, write_json
 from kvsched.bench.plots import grouped_bars, save_beside, side_ratios, ttft_chart
 from kvsched.serving import ServerSpec, VllmServer
@@ -306,6 +314,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "provenance": provenance(),
     }
     result["gates"] = gates(result)
+    result["unbounded_reach"] = unbounded_reach(result)
     add_naming_gates(result)
     return result
 

@@ -121,3 +121,15 @@ def test_naming_gate_is_the_share_of_the_header_sides_saving():
                                              "kvsched:prompt_cache_key": pytest.approx(0.75)}
     assert result["gates"] == {"kvsched:none_saving_ge_0.9x_header": True,
                                "kvsched:prompt_cache_key_saving_ge_0.9x_header": False}
+
+
+def test_the_unbounded_sides_reach_says_which_latency_gates_any_policy_could_pass():
+    from kvsched.bench.agents_report import unbounded_reach
+
+    side = lambda ttft, thr: {"followup_ttft_p95_s": ttft, "throughput_tok_s": thr}  # noqa: E731
+    r = unbounded_reach({"stock": side(0.5, 2400), "unbounded": side(0.19, 2650)})
+    assert r["followup_ttft_p95_over_stock"] == pytest.approx(0.38) and r["throughput_over_stock"] == pytest.approx(2650 / 2400)
+    assert not r["followup_ttft_p95_le_0.3x_reachable"] and not r["throughput_ge_1.2x_reachable"]
+    r = unbounded_reach({"stock": side(2.0, 1000), "unbounded": side(0.2, 1500)})
+    assert r["followup_ttft_p95_le_0.3x_reachable"] and r["throughput_ge_1.2x_reachable"]
+    assert unbounded_reach({"stock": side(1, 1)}) == {}
