@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any
 
+from kvsched.core.pin_payback import PaybackConfig
+
+INT_FIELDS = frozenset({"max_sessions", "payback_sampling", "payback_window", "payback_cooldown"})
 DEFAULT_ROLE_WEIGHTS = MappingProxyType({"orchestrator": 2.0, "planner": 1.5, "worker": 1.0})
 
 
@@ -27,6 +30,10 @@ class RetentionConfig:
     max_sessions: bound on the session table (idle, unpinned records are dropped oldest first).
     inferred_first_turn_weight: value multiplier of an inferred session's pin until a later request continues it
         (kvsched.core.lineage): a request without a session field may be a one-shot.
+    payback_sampling, payback_window, payback_cooldown, payback_margin: the online fallback to LRU
+        (`kvsched.core.pin_payback`): 1 block key in `payback_sampling` feeds a ghost LRU pool (0: off, pins always
+        on); pins are suspended for `payback_cooldown` requests when, over a window of `payback_window` requests, the
+        pool hit fewer than (1 - `payback_margin`) x the ghost's hits.
     """
 
     default_ttl_s: float = 30.0
@@ -37,6 +44,10 @@ class RetentionConfig:
     role_weights: MappingProxyType[str, float] = field(default_factory=lambda: DEFAULT_ROLE_WEIGHTS)
     max_sessions: int = 100_000
     inferred_first_turn_weight: float = 0.5
+    payback_sampling: int = 8
+    payback_window: int = 1000
+    payback_cooldown: int = 2000
+    payback_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.pin_budget_fraction <= 1.0:
@@ -54,6 +65,17 @@ class RetentionConfig:
             raise ValueError("gap_ewma_alpha must be in (0, 1]")
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
+        for name in ("payback_sampling", "payback_cooldown"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.payback_window < 1:
+            raise ValueError("payback_window must be >= 1")
+        if not -1.0 < self.payback_margin < 1.0:
+            raise ValueError("payback_margin must be in (-1, 1)")
+
+    def payback(self) -> PaybackConfig:
+        return PaybackConfig(sampling=self.payback_sampling, window=self.payback_window,
+                             cooldown=self.payback_cooldown, margin=self.payback_margin)
 
     def role_weight(self, role: str | None) -> float:
         return float(self.role_weights.get(role or "worker", 1.0))
@@ -82,7 +104,7 @@ class RetentionConfig:
                             raise ValueError(f"expected role:weight, got {part!r}")
                         weights[role.strip()] = float(w)
                     updates[f.name] = MappingProxyType(weights)
-                elif f.name == "max_sessions":
+                elif f.name in INT_FIELDS:
                     updates[f.name] = int(raw)
                 else:
                     updates[f.name] = float(raw)

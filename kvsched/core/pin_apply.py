@@ -12,7 +12,7 @@ references per block (a Counter in the engine, an array in the simulator, which 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -90,12 +90,20 @@ class PinApplier(Generic[B]):
         self.directory, self.demote = directory, demote
 
     # ---- events (the adapters' hooks call these) ----------------------------------------------------------------
-    def turn_started(self, key: SessionKey, cached_tokens: int) -> None:
+    def turn_started(self, key: SessionKey, cached_tokens: int, prompt_keys: Iterable[Hashable] | None = None) -> None:
+        """The session's request was scheduled with `cached_tokens` from the cache; `prompt_keys`, its prompt's full
+        block keys in prefix order (vLLM's block hashes, the trace's ids), feed the pins' payback tracker."""
+        if prompt_keys is not None and self.policy.payback.enabled:
+            self.apply(self.policy.prompt_seen(prompt_keys, cached_tokens // self.block_size))
         self.apply(self.policy.turn_started(key, cached_tokens))
 
-    def turn_finished(self, key: SessionKey, hints: TurnHints, groups: list[list[B]], tokens: int) -> None:
+    def turn_finished(self, key: SessionKey, hints: TurnHints, groups: list[list[B]], tokens: int,
+                      cached_keys: Iterable[Hashable] | None = None) -> None:
         """A turn ended holding `groups` (per KV-cache group, the reusable prefix's blocks covering `tokens` tokens):
-        pin them; a session's last turn also drops its tier blocks."""
+        pin them; a session's last turn also drops its tier blocks. `cached_keys`: the blocks' keys (prefix order),
+        which a plain LRU pool would now hold too (the payback tracker's ghost)."""
+        if cached_keys is not None and self.policy.payback.enabled:
+            self.policy.payback.cached(cached_keys)
         self.apply(self.policy.turn_finished(key, hints, tokens, sum(map(len, groups))), {key: groups})
         if hints.end and self.directory is not None:
             self.directory.drop_owner(key)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 from kvsched.core.config import RetentionConfig
 from kvsched.core.next_use import GapModel
+from kvsched.core.pin_payback import PinPayback
 from kvsched.core.release_index import ReleaseIndex, Selector
 from kvsched.core.retention_records import Decision, Pin, Release, ReleaseReason, SessionRecord, SessionView
 from kvsched.core.scoring import Candidate, retention_value, select_lowest
@@ -57,6 +58,7 @@ class RetentionPolicy:
         self.gaps = GapModel(self.GAP_WINDOW, self.MIN_TAIL_SAMPLES)
         self._activity = itertools.count(1)
         self.index = ReleaseIndex(self.candidate, self.score, selector)  # the pinned sessions and their order
+        self.payback = PinPayback(config.payback(), total_blocks)  # the online fallback to LRU
 
     # ---- events -------------------------------------------------------------------------------------------------
     def request_arrived(self, key: SessionKey, hints: TurnHints) -> None:
@@ -109,6 +111,19 @@ class RetentionPolicy:
         self.index.changed(rec)
         return decisions
 
+    def prompt_seen(self, keys: Iterable[Hashable], cached_blocks: int) -> list[Decision]:
+        """A request started with prompt block keys `keys` (prefix order), the first `cached_blocks` hit: the pin
+        payback tracker compares that with a ghost LRU pool; if pins stop paying, every pin is released now."""
+        if self.payback.observe(keys, cached_blocks) is not False:
+            return []
+        self.counters["payback_suspended"] += 1
+        out: list[Decision] = []
+        for key in self.release_order():  # lowest value first: its blocks are evicted first
+            rec = self.sessions[key]
+            out.append(self._release(rec, ReleaseReason.PAYBACK))
+            self.index.changed(rec)
+        return out
+
     def turn_finished(self, key: SessionKey, hints: TurnHints, tokens: int, blocks: int) -> list[Decision]:
         """A turn ended holding `blocks` full blocks (`tokens` tokens) of reusable prefix: pin it, within budget."""
         rec = self.sessions.get(key) or self._new_record(key)
@@ -123,7 +138,7 @@ class RetentionPolicy:
         self._touch(rec)
         if hints.end:
             return self.end(key)
-        if blocks <= 0 or rec.ttl_s <= 0 or blocks > self.budget_blocks:
+        if blocks <= 0 or rec.ttl_s <= 0 or blocks > self.budget_blocks or not self.payback.pinning:
             released: list[Decision] = [self._release(rec, ReleaseReason.TURN)] if rec.pinned else []
             self.index.changed(rec)
             return released

@@ -15,6 +15,7 @@ class ReleaseReason(StrEnum):
     END = "end"
     PRESSURE = "pressure"  # a live request needed the blocks
     BUDGET = "budget"  # pins exceeded the pin budget
+    PAYBACK = "payback"  # pins were not paying against a plain LRU pool: suspended (kvsched.core.pin_payback)
 
 
 @dataclass(frozen=True, slots=True)

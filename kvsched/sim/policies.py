@@ -155,6 +155,12 @@ class KVSchedPolicy(SimPolicy):
         return self.keys[tr.session[i]], TurnHints(role=tr.role[i], ttl_s=None if math.isnan(ttl) else ttl,
                                                     end=bool(tr.end[i]))
 
+    def _beyond_prompt(self, i: int) -> int:
+        """Blocks request i holds while it runs beyond its prompt's full blocks (the replay allocates them up front)."""
+        tr, bs = self.trace, self.trace.block_size
+        p = int(tr.prompt_tokens[i])
+        return -(-(p + int(tr.output_tokens[i])) // bs) - p // bs
+
     # ---- the SessionPins hooks ----------------------------------------------------------------------------------
     def tick(self) -> None:
         self.pins.expire()
@@ -164,11 +170,14 @@ class KVSchedPolicy(SimPolicy):
 
     def on_admitted(self, i: int, prompt_ids: np.ndarray, hit_blocks: int) -> None:
         # hit_blocks counts loaded (tier) blocks too: vLLM reports them in the request's num_computed_tokens
-        self.pins.turn_started(self._key_hints(i)[0], hit_blocks * self.trace.block_size)
+        self.policy.payback.reserve(self._beyond_prompt(i))
+        self.pins.turn_started(self._key_hints(i)[0], hit_blocks * self.trace.block_size, prompt_ids.tolist())
 
     def on_finished(self, i: int, ids: np.ndarray) -> None:
         key, hints = self._key_hints(i)
-        self.pins.turn_finished(key, hints, [ids.tolist()], len(ids) * self.trace.block_size)
+        self.policy.payback.reserve(-self._beyond_prompt(i))
+        blocks = ids.tolist()
+        self.pins.turn_finished(key, hints, [blocks], len(ids) * self.trace.block_size, blocks)
         self.pins.enforce_budget()
 
     def match_external(self, i: int, prompt_ids: np.ndarray, start: int, limit: int) -> int:
@@ -194,7 +203,7 @@ class KVSchedPolicy(SimPolicy):
     def stats(self) -> dict[str, float]:
         c = self.policy.counters
         out = {"peak_pinned_blocks": self.pin_pool.peak, "pins": c["pins"],
-               "retained_hit_tokens": c["retained_hit_tokens"],
+               "retained_hit_tokens": c["retained_hit_tokens"], "payback_switches": self.policy.payback.switches,
                **{k: v for k, v in sorted(c.items()) if k.startswith("released_")}}
         if self.tier is not None:
             t = self.tier
