@@ -31,8 +31,9 @@ class RetentionConfig:
     inferred_first_turn_weight: value multiplier of an inferred session's pin until a later request continues it
         (kvsched.core.lineage): a request without a session field may be a one-shot.
     payback_sampling, payback_window, payback_cooldown, payback_margin: the online fallback to LRU
-        (`kvsched.core.pin_payback`): 1 block key in `payback_sampling` feeds a ghost LRU pool (0: off, pins always
-        on); pins are suspended for `payback_cooldown` requests when, over a window of `payback_window` requests, the
+        (`kvsched.core.pin_payback`): 1 block key in `payback_sampling` feeds a ghost LRU pool (0, the default: off,
+        pins always on; off until it holds the LRU floor on Mooncake conversation without costing the generated
+        fleet, see BENCHMARKS.md); pins are suspended for `payback_cooldown` requests when, over a window of `payback_window` requests, the
         pool hit fewer than (1 - `payback_margin`) x the ghost's hits.
     """
 
@@ -44,7 +45,7 @@ class RetentionConfig:
     role_weights: MappingProxyType[str, float] = field(default_factory=lambda: DEFAULT_ROLE_WEIGHTS)
     max_sessions: int = 100_000
     inferred_first_turn_weight: float = 0.5
-    payback_sampling: int = 8
+    payback_sampling: int = 0
     payback_window: int = 1000
     payback_cooldown: int = 2000
     payback_margin: float = 0.0

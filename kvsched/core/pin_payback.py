@@ -44,8 +44,9 @@ class PaybackConfig:
 class PinPayback:
     """The ghost LRU and the decaying hit counts; `pinning` says whether pins are on now."""
 
-    __slots__ = ("config", "rate", "threshold", "total", "capacity", "reserved", "ghost", "decay", "real", "lru", "pinning",
-                 "since_switch", "switches")
+    __slots__ = ("config", "rate", "threshold", "total", "capacity", "reserved", "ghost", "running", "decay", "real", "lru", "pinning",
+                 "since_switch", "switches",
+                 "real_hits", "lru_hits")
 
     def __init__(self, config: PaybackConfig, total_blocks: int) -> None:
         self.config = config
@@ -55,43 +56,56 @@ class PinPayback:
         self.total = total_blocks
         self.capacity = max(total_blocks // rate, 1) if rate else 0
         self.reserved = 0  # blocks running requests hold beyond their prompt's (decode, partial): not cacheable now
-        self.ghost: OrderedDict[Hashable, None] = OrderedDict()  # least recently used first
+        self.ghost: OrderedDict[Hashable, None] = OrderedDict()  # evictable blocks, least recently used first
+        self.running: dict[Hashable, int] = {}  # sampled blocks running requests hold (not evictable): references
         self.decay = 1.0 - 1.0 / config.window
         self.real = 0.0  # decayed sampled hits of the real pool
         self.lru = 0.0  # decayed sampled hits of the ghost LRU
         self.pinning = True
         self.since_switch = 0  # requests observed since pins were last suspended or resumed
         self.switches = 0
+        self.real_hits = self.lru_hits = 0  # sampled hits since the start, undecayed (stats, tests)
 
     @property
     def enabled(self) -> bool:
         return self.rate > 0
 
     def reserve(self, blocks: int) -> None:
-        """Running requests took (`blocks` > 0) or gave back (< 0) blocks outside their prompts' full blocks: a plain
-        LRU pool of the same size holds that many fewer cached blocks meanwhile (measured on the generated agent
-        trace: without it the ghost over-counted LRU's hits by 25%, with 1.43x live pressure)."""
+        """Running requests took (`blocks` > 0) or gave back (< 0) blocks outside their prompts' full blocks (decode,
+        partial blocks): a plain LRU pool of the same size has that many fewer blocks for its cache meanwhile."""
         if self.rate:
             self.reserved = max(self.reserved + blocks, 0)
-            self.capacity = max((self.total - self.reserved) // self.rate, 1)
+
+    def _room(self) -> int:
+        """Evictable blocks the ghost may keep: the pool less what running requests hold (sampled scale)."""
+        return max(self.capacity - len(self.running) - self.reserved // self.rate, 1)
 
     def cached(self, keys: Iterable[Hashable]) -> None:
-        """A finished request left blocks `keys` (prefix order) in the pool, its output too: they enter the ghost as most
-        recent, tail first (vLLM frees a request's blocks tail first, so its head is evicted last)."""
-        t, ghost, cap = self.threshold, self.ghost, self.capacity
+        """A request finished: its full blocks `keys` (prefix order, output included) become evictable, most recent,
+        tail first (vLLM frees a request's blocks tail first, so its head is evicted last)."""
+        if not self.rate:
+            return
+        t, ghost, running = self.threshold, self.ghost, self.running
         for k in reversed(list(keys)):
             if (hash(k) * _MIX) & _MASK < t:
+                n = running.get(k, 0)
+                if n > 1:
+                    running[k] = n - 1
+                    continue
+                running.pop(k, None)
                 ghost[k] = None
                 ghost.move_to_end(k)
-        while len(ghost) > cap:
+        room = self._room()
+        while len(ghost) > room:
             ghost.popitem(last=False)
 
     def observe(self, keys: Iterable[Hashable], cached_blocks: int) -> bool | None:
         """A request started with prompt blocks `keys` (prefix order) of which the first `cached_blocks` were hits in
-        the real pool. Updates both sides; returns the new `pinning` when it changed, else None."""
+        the real pool; it holds them until `cached` is called with them. Updates both sides; returns the new
+        `pinning` when it changed, else None."""
         if not self.rate:
             return None
-        t, ghost, cap = self.threshold, self.ghost, self.capacity
+        t, ghost, running = self.threshold, self.ghost, self.running
         real = lru = 0
         prefix = True
         for pos, k in enumerate(keys):
@@ -99,15 +113,19 @@ class PinPayback:
                 continue
             if pos < cached_blocks:
                 real += 1
-            if k in ghost:
-                ghost.move_to_end(k)
+            n = running.get(k, 0)
+            if n or k in ghost:
                 if prefix:
                     lru += 1
+                ghost.pop(k, None)
             else:
                 prefix = False
-                ghost[k] = None
-                while len(ghost) > cap:
-                    ghost.popitem(last=False)
+            running[k] = n + 1
+        room = self._room()
+        while len(ghost) > room:
+            ghost.popitem(last=False)
+        self.real_hits += real
+        self.lru_hits += lru
         d = self.decay
         self.real = self.real * d + real
         self.lru = self.lru * d + lru

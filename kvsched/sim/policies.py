@@ -204,6 +204,7 @@ class KVSchedPolicy(SimPolicy):
         c = self.policy.counters
         out = {"peak_pinned_blocks": self.pin_pool.peak, "pins": c["pins"],
                "retained_hit_tokens": c["retained_hit_tokens"], "payback_switches": self.policy.payback.switches,
+               "payback_real_hits": self.policy.payback.real_hits, "payback_lru_hits": self.policy.payback.lru_hits,
                **{k: v for k, v in sorted(c.items()) if k.startswith("released_")}}
         if self.tier is not None:
             t = self.tier

@@ -14,18 +14,32 @@ def exact(total: int = 8, window: int = 4, cooldown: int = 3, margin: float = 0.
     return PinPayback(PaybackConfig(sampling=1, window=window, cooldown=cooldown, margin=margin), total)
 
 
-def test_ghost_is_an_lru_of_the_pool_size_and_counts_prefix_hits_only() -> None:
-    p = exact(total=3)
+def test_ghost_is_an_lru_of_what_running_requests_leave_and_counts_prefix_hits_only() -> None:
+    p = exact(total=4)
     p.observe([1, 2, 3], 0)
-    assert list(p.ghost) == [1, 2, 3] and p.lru == 0
-    p.observe([1, 2], 0)  # both hit: most recent now 1, 2
+    assert p.running == {1: 1, 2: 1, 3: 1} and not p.ghost and p.lru == 0  # held by the request: not evictable
+    p.observe([1, 2], 0)  # shared with the running request: hits
     assert p.lru == pytest.approx(2.0)
-    assert list(p.ghost) == [3, 1, 2]
-    p.observe([4], 0)  # evicts the least recently used: 3
-    assert list(p.ghost) == [1, 2, 4]
+    p.cached([1, 2, 3])
+    assert list(p.ghost) == [3] and p.running == {1: 1, 2: 1}  # tail first: the head is the most recent
+    p.cached([1, 2])
+    assert list(p.ghost) == [3, 2, 1] and not p.running
+    p.observe([4, 5], 0)  # two blocks held: room for 2 cached, the least recently used (3) goes
+    assert list(p.ghost) == [2, 1]
     before = p.lru * p.decay
-    p.observe([3, 1, 2], 0)  # 3 misses, so 1 and 2 are no prefix hit (vLLM's hits are a prefix)
+    p.observe([3, 1], 0)  # 3 misses, so 1 is no prefix hit (vLLM's hits are a prefix)
     assert p.lru == pytest.approx(before)
+
+
+def test_blocks_reserved_beyond_prompts_shrink_the_ghost() -> None:
+    p = exact(total=4)
+    p.cached([1, 2, 3, 4])
+    p.reserve(3)
+    p.cached([])
+    assert list(p.ghost) == [1]
+    p.reserve(-3)
+    p.cached([5])
+    assert list(p.ghost) == [1, 5]
 
 
 def test_real_hits_are_the_sampled_blocks_before_the_cached_count() -> None:
@@ -34,14 +48,9 @@ def test_real_hits_are_the_sampled_blocks_before_the_cached_count() -> None:
     assert p.real == pytest.approx(3.0)
 
 
-def test_cached_blocks_enter_the_ghost_as_most_recent() -> None:
-    p = exact(total=2)
-    p.cached([5, 6, 7])
-    assert list(p.ghost) == [6, 5]  # tail first: the head is the most recent
-
-
 def test_pins_are_suspended_when_they_hit_less_than_lru_then_probed_again() -> None:
     p = exact(window=4, cooldown=3)
+    p.cached([1, 2])
     changes = [p.observe([1, 2], 0) for _ in range(4)]  # the ghost hits 1 and 2, the real pool nothing
     assert changes == [None, None, None, False] and not p.pinning
     assert [p.observe([1, 2], 0) for _ in range(3)] == [None, None, True] and p.pinning
@@ -55,6 +64,7 @@ def test_pins_that_hit_at_least_as_much_as_lru_stay() -> None:
 
 def test_margin_asks_pins_to_beat_lru() -> None:
     p = exact(window=2, margin=-0.6)  # pins must hit 1.6x what LRU hits
+    p.cached([1, 2])
     p.observe([1, 2], 2)
     assert p.observe([1, 2], 2) is False
 
@@ -94,6 +104,7 @@ def test_policy_releases_every_pin_and_pins_nothing_while_suspended() -> None:
     for k in (a, b):
         pol.turn_started(k, 0)
         assert pol.turn_finished(k, TurnHints(), tokens=32, blocks=2) == [Pin(k)]
+    pol.payback.cached([1, 2])
     assert pol.prompt_seen([1, 2], 0) == []  # not yet a window
     out = pol.prompt_seen([1, 2], 0)  # the ghost hit 1 and 2, the pool nothing
     assert sorted(out, key=lambda d: str(d.key.session_id)) == [Release(a, ReleaseReason.PAYBACK),
