@@ -146,10 +146,9 @@ class PinApplier(Generic[B]):
         if blocks <= 0:
             return
         pool = self.pool
-        busy = {k for k, r in self.policy.sessions.items() if r.waiting or r.active_requests} | {exclude}
         target = pool.num_free() + blocks
-        while pool.num_free() < target:
-            releases = self.policy.release_for_pressure(target - pool.num_free(), exclude=busy)
+        while pool.num_free() < target:  # the release order never holds running sessions and puts waiting ones last
+            releases = self.policy.release_for_pressure(target - pool.num_free(), exclude=(exclude,), idle_only=True)
             if not releases:
                 return
             self.apply(releases)

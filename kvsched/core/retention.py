@@ -209,12 +209,15 @@ class RetentionPolicy:
         is over the budget, release the overflow, lowest-value pins first, tail blocks first."""
         return self.release_blocks(distinct_pinned_blocks - self.budget_blocks, ReleaseReason.BUDGET)
 
-    def release_for_pressure(self, blocks: int, exclude: Iterable[SessionKey] = ()) -> list[Release]:
+    def release_for_pressure(self, blocks: int, exclude: Iterable[SessionKey] = (),
+                             idle_only: bool = False) -> list[Release]:
         """A live request is short of blocks: release about `blocks` blocks of pins (not of `exclude`), lowest-value
-        pins first. The adapter retries the allocation and asks again if that was not enough."""
-        return self.release_blocks(blocks, ReleaseReason.PRESSURE, exclude)
+        pins first. The adapter retries the allocation and asks again if that was not enough. `idle_only`: stop at the
+        first session with a request waiting (the order puts them last; running ones are never in it)."""
+        return self.release_blocks(blocks, ReleaseReason.PRESSURE, exclude, idle_only)
 
-    def release_blocks(self, blocks: int, reason: ReleaseReason, exclude: Iterable[SessionKey] = ()) -> list[Release]:
+    def release_blocks(self, blocks: int, reason: ReleaseReason, exclude: Iterable[SessionKey] = (),
+                       idle_only: bool = False) -> list[Release]:
         """One pass over the release order: whole pins, then the tail of the last one, until `blocks` are released."""
         out: list[Release] = []
         if blocks <= 0:
@@ -224,6 +227,8 @@ class RetentionPolicy:
         try:
             for key in order:
                 rec = self.sessions[key]
+                if idle_only and rec.waiting:
+                    break
                 take = min(blocks, rec.pinned_blocks)
                 if rec.waiting:  # nothing idle was left: a queued request will prefill this part again
                     self.counters[f"released_blocks_{reason.value}_waiting"] += take
