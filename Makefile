@@ -45,7 +45,7 @@ redis:
 	  || echo "make: could not install redis-server; the shared-store tests will be skipped"
 
 test: $(EXT_STAMP) lint redis
-	KVSCHED_REQUIRE_EXT=1 $(BIN)/python -m pytest -q tests
+	KVSCHED_REQUIRE_EXT=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: $(EXT_STAMP)
 	$(BIN)/python -m pytest -q tests -m "not integration"

@@ -13,6 +13,7 @@ The tiny model's outputs are noise; its timings are CPU timings of a 2-layer mod
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -34,6 +35,10 @@ class LoadConfig:
     prompt_budget_tokens: int = 384  # compact the history past this many prompt tokens
     seed: int = 0
     model: str = "tiny"
+    # Past `duration_s`, go on until this many turns are answered (a slow or loaded engine answers fewer per second,
+    # and a measurement needs its weight), but never past `max_duration_s`.
+    min_answered: int = 0
+    max_duration_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +64,24 @@ def tool_result(rng: random.Random, turn: int) -> str:
 
 
 class Stopper:
-    """When the sessions stop (`stop_at`, time.monotonic()); a side task may move it."""
+    """When the sessions stop (`stop_at`, time.monotonic()); a side task may move it. Past it, sessions go on while
+    fewer than `min_answered` turns were answered, until `hard_stop_at`."""
 
-    def __init__(self, stop_at: float) -> None:
+    def __init__(self, stop_at: float, min_answered: int = 0, hard_stop_at: float | None = None) -> None:
         self.stop_at = stop_at
+        self.min_answered = min_answered
+        self.hard_stop_at = stop_at if hard_stop_at is None else max(stop_at, hard_stop_at)
+        self._answered = itertools.count()
+        self.answered = 0
+
+    def count_answered(self) -> None:
+        self.answered = next(self._answered) + 1  # itertools.count: one atomic step under the GIL
+
+    def over(self, t: float) -> bool:
+        """Should a turn due at `t` not be sent?"""
+        if t < self.stop_at:
+            return False
+        return self.answered >= self.min_answered or t >= max(self.hard_stop_at, self.stop_at)
 
 
 def run_session(client: Any, sid: str, cfg: LoadConfig, t0: float, stopper: Stopper) -> list[Turn]:
@@ -77,7 +96,7 @@ def run_session(client: Any, sid: str, cfg: LoadConfig, t0: float, stopper: Stop
     i = 0
     while True:
         now = time.monotonic()
-        if next_at >= stopper.stop_at:
+        if stopper.over(next_at):
             return out
         if next_at > now:
             time.sleep(next_at - now)
@@ -87,6 +106,7 @@ def run_session(client: Any, sid: str, cfg: LoadConfig, t0: float, stopper: Stop
         row, text, prompt_tokens = _turn(client, sid, msgs, cfg, sent - t0, i, openai)
         out.append(row)
         if row.outcome == "ok":
+            stopper.count_answered()
             msgs.append({"role": "assistant", "content": text})
             if prompt_tokens > cfg.prompt_budget_tokens:
                 msgs = [system, {"role": "user", "content": f"summary of turns up to {i}: rows noted."}]
@@ -129,7 +149,8 @@ def drive(base_url: str, cfg: LoadConfig, on_started: Any = None) -> tuple[list[
 
     client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
     t0 = time.monotonic()
-    stopper = Stopper(t0 + cfg.duration_s)
+    hard = t0 + cfg.max_duration_s if cfg.max_duration_s is not None else None
+    stopper = Stopper(t0 + cfg.duration_s, cfg.min_answered, hard)
     side = threading.Thread(target=on_started, args=(t0, stopper), daemon=True) if on_started else None
     if side:
         side.start()

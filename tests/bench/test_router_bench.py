@@ -79,6 +79,22 @@ def test_real_run_summary_counts_affinity_load_and_failures_from_turns() -> None
                      "kill_replacement_serves_its_slot_again": True}
 
 
+def test_load_runs_past_their_duration_until_enough_turns_are_answered_but_not_past_the_hard_stop() -> None:
+    from kvsched.bench.loadgen import Stopper
+
+    s = Stopper(stop_at=10.0, min_answered=3, hard_stop_at=30.0)
+    assert not s.over(9.9)
+    assert s.over(10.0) is False  # 0 of 3 answered: go on
+    for _ in range(3):
+        s.count_answered()
+    assert s.answered == 3 and s.over(10.0)
+    slow = Stopper(stop_at=10.0, min_answered=100, hard_stop_at=30.0)
+    assert not slow.over(29.9) and slow.over(30.0)
+    assert Stopper(stop_at=10.0).over(10.0)  # no minimum: the duration alone
+    moved = Stopper(stop_at=10.0, min_answered=100, hard_stop_at=5.0)  # a hard stop never cuts the duration short
+    assert not moved.over(9.0) and moved.over(10.0)
+
+
 def test_ray_routers_are_driven_as_ray_ships_them() -> None:
     """The baselines are Ray's own classes: the consistent-hash ring is keyed on replica unique ids (a returning
     replica is a new id, so its sessions mostly do not come back), pow2 samples two replicas per request."""

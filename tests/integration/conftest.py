@@ -9,7 +9,7 @@ import pytest
 from tests.integration.secure import ENV, KEYS, ServerSpec, VllmServer
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped when tests/integration ends: later packages get its memory back
 def secure_server(tiny_model_dir):
     pytest.importorskip("vllm")
     spec = ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=48,

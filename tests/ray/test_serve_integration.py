@@ -145,7 +145,9 @@ def test_paced_agent_sessions_stay_on_their_replica_and_the_load_stays_bounded(c
     sessions back and forth between the two replicas)."""
     from kvsched.bench.loadgen import LoadConfig, drive, summarize
 
-    turns, _ = drive(cluster["url"], LoadConfig(sessions=16, duration_s=20, seed=1))
+    # 20 s, longer on a slow or loaded host until the follow-ups have weight (CI once answered 142 in 20 s)
+    turns, _ = drive(cluster["url"], LoadConfig(sessions=16, duration_s=20, seed=1, min_answered=16 + 150,
+                                                max_duration_s=90))
     s = summarize(turns)
     assert s["failed"] == 0 and s["cut_streams"] == 0, s
     assert s["follow_ups"] >= 150, s  # the measurement has weight
@@ -210,12 +212,14 @@ def test_session_end_and_delete_reach_the_router(cluster: dict[str, Any]) -> Non
 
 
 # ---- a replica's engine dies (issue 23) ---------------------------------------------------------------------------
-def running_requests(engine_url: str) -> float:
-    """Requests the engine is running now (vLLM's own gauge)."""
+def engine_requests(engine_url: str) -> float:
+    """Requests the engine holds now, running or waiting to be scheduled (vLLM's own gauges): either way in flight
+    there, so a kill fails them over."""
     from kvsched.adapters.ray.stats import read_metrics
 
     with urllib.request.urlopen(engine_url + "/metrics", timeout=10) as r:
-        return read_metrics(r.read().decode()).gauges.get("vllm:num_requests_running", 0.0)
+        gauges = read_metrics(r.read().decode()).gauges
+    return gauges.get("vllm:num_requests_running", 0.0) + gauges.get("vllm:num_requests_waiting", 0.0)
 
 
 def sessions_living_on(cluster: dict[str, Any], slot: str, n: int) -> list[str]:
@@ -251,10 +255,17 @@ def kill_while_busy(cluster: dict[str, Any], slot: int, victims: list[str], kill
         seen: list[float] = []
 
         def busy() -> bool:
-            seen.append(running_requests(victim["engine_url"]))
+            seen.append(engine_requests(victim["engine_url"]))
+            ended = [f.exception() or f.result() for f in pending if f.done()]
+            if ended:  # answered (or failed) before the kill: say where, and what the router knows of the replicas
+                raise AssertionError(f"requests ended before the kill: {ended}; replicas {replicas(cluster['base'])}")
             return seen[-1] >= (len(victims) - 1) * FAN_OUT
 
-        wait_until(busy, 60, f"slot-{slot} to run the requests", period_s=0.05)
+        try:
+            wait_until(busy, 120, f"slot-{slot} to hold the requests", period_s=0.05)
+        except AssertionError as exc:  # what the engine held, and what the router knows of the replicas
+            raise AssertionError(f"{exc}\nrequests held by slot-{slot}'s engine (last 20 polls): {seen[-20:]}\n"
+                                 f"replicas: {replicas(cluster['base'])}") from None
         stream = client(cluster).chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "go"}], max_tokens=4000, stream=True,
             extra_headers={"X-Session-Id": victims[0]}, extra_body={"ignore_eos": True})
