@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from kvsched.core.retention import Decision, Pin, ReleaseReason, RetentionPolicy
+from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import SessionKey, TurnHints
 from kvsched.core.tier import TierDirectory
 
@@ -109,10 +109,17 @@ class PinApplier(Generic[B]):
             self.directory.drop_owner(key)
 
     def enforce_budget(self) -> None:
-        """Release pins past the pin budget (never, with the default budget: the whole pool)."""
-        if self.pool.num_pinned() > self.policy.budget_blocks:
-            while releases := self.policy.release_over_budget(self.pool.num_pinned()):
-                self.apply(releases)
+        """Release pins past the pin budget (never, with the default budget: the whole pool), down to the policy's
+        low-water mark, in one pass: each release is applied as it is decided and counted by the distinct blocks it
+        freed (a pin's shared head frees nothing while another pin holds it)."""
+        pool = self.pool
+
+        def applied(release: Release) -> int:
+            before = pool.num_pinned()
+            self.apply((release,))
+            return before - pool.num_pinned()
+
+        self.policy.release_over_budget(pool.num_pinned(), applied)
 
     def expire(self) -> None:
         if self.pinned:

@@ -25,12 +25,14 @@ from kvsched.core.next_use import GapModel
 from kvsched.core.pin_payback import PinPayback
 from kvsched.core.release_index import ReleaseIndex, Selector
 from kvsched.core.retention_records import Decision, Pin, Release, ReleaseReason, SessionRecord, SessionView
-from kvsched.core.scoring import Candidate, retention_value, select_lowest
+from kvsched.core.scoring import Candidate, retention_value, select_lowest, value_of
 from kvsched.core.sessions import SessionKey, TurnHints
 
 __all__ = ["Clock", "Decision", "Pin", "Release", "ReleaseReason", "RetentionPolicy", "SessionRecord", "SessionView"]
 
 Clock = Callable[[], float]
+Applied = Callable[[Release], int]  # applies a release at once; returns the distinct blocks it freed
+BUDGET_SLACK_DIVISOR = 128  # a budget release goes 1/128 of the budget below it (see budget_low_water_blocks)
 # Selector: (candidates, k) -> indices of the k lowest-value unpinned candidates, lowest first, ties by index. The pure
 # default is `kvsched.core.scoring.select_lowest`; the vLLM adapter passes `kvsched.ops.score.select_candidates` (the
 # score_and_select kernels: C++ on CPU, Triton on CUDA), which computes the same order.
@@ -204,10 +206,23 @@ class RetentionPolicy:
     def budget_blocks(self) -> int:
         return int(self.config.pin_budget_fraction * self.total_blocks)
 
-    def release_over_budget(self, distinct_pinned_blocks: int) -> list[Release]:
+    @property
+    def budget_low_water_blocks(self) -> int:
+        """Where a release for the budget stops: the budget less 1/128 of it (nothing less below 128 blocks). Past
+        the budget, every finished turn's new pin would otherwise cost a release pass of its own; with thousands of
+        sessions pinned that cost more than vLLM's whole scheduler step (`kvsched bench sched`, 10,000 sessions)."""
+        budget = self.budget_blocks
+        return budget - budget // BUDGET_SLACK_DIVISOR
+
+    def release_over_budget(self, distinct_pinned_blocks: int, applied: Applied | None = None) -> list[Release]:
         """Pins hold `distinct_pinned_blocks` blocks (shared prefixes counted once, as the adapter sees them); if that
-        is over the budget, release the overflow, lowest-value pins first, tail blocks first."""
-        return self.release_blocks(distinct_pinned_blocks - self.budget_blocks, ReleaseReason.BUDGET)
+        is over the budget, release down to the low-water mark, lowest-value pins first, tail blocks first.
+        `applied(release)`: the adapter applies each release as it is decided and says how many distinct blocks it
+        freed (a pin's shared head frees none), so one pass reaches the mark."""
+        if distinct_pinned_blocks <= self.budget_blocks:
+            return []
+        return self.release_blocks(distinct_pinned_blocks - self.budget_low_water_blocks, ReleaseReason.BUDGET,
+                                   applied=applied)
 
     def release_for_pressure(self, blocks: int, exclude: Iterable[SessionKey] = (),
                              idle_only: bool = False) -> list[Release]:
@@ -217,8 +232,9 @@ class RetentionPolicy:
         return self.release_blocks(blocks, ReleaseReason.PRESSURE, exclude, idle_only)
 
     def release_blocks(self, blocks: int, reason: ReleaseReason, exclude: Iterable[SessionKey] = (),
-                       idle_only: bool = False) -> list[Release]:
-        """One pass over the release order: whole pins, then the tail of the last one, until `blocks` are released."""
+                       idle_only: bool = False, applied: Applied | None = None) -> list[Release]:
+        """One pass over the release order: whole pins, then the tail of the last one, until `blocks` are released
+        (as `applied` counts them, when given: it applies each release at once and returns the blocks it freed)."""
         out: list[Release] = []
         if blocks <= 0:
             return out
@@ -232,9 +248,10 @@ class RetentionPolicy:
                 take = min(blocks, rec.pinned_blocks)
                 if rec.waiting:  # nothing idle was left: a queued request will prefill this part again
                     self.counters[f"released_blocks_{reason.value}_waiting"] += take
-                out.append(self._release(rec, reason, take))
+                release = self._release(rec, reason, take)
+                out.append(release)
                 self.index.changed(rec)
-                blocks -= take
+                blocks -= take if applied is None else applied(release)
                 if blocks <= 0:
                     break
         finally:
@@ -293,8 +310,11 @@ class RetentionPolicy:
         )
 
     def score(self, rec: SessionRecord, now: float) -> float:
-        """The session's retention value now (the release order's key, lowest released first)."""
-        return retention_value(self.candidate(rec, now))
+        """The session's retention value now (the release order's key, lowest released first): `candidate`'s value,
+        computed without building it."""
+        idle = max(now - (rec.last_finished or now), 0.0)
+        return value_of(rec.pinned_tokens, self.bytes_per_token, idle, self.expected_next_use_s(rec, idle),
+                        self.weight_of(rec), rec.hits)
 
     def release_order(self, exclude: Iterable[SessionKey] = ()) -> list[SessionKey]:
         """Pinned sessions in the order they would be released: lowest retention value first, then those with a

@@ -6,6 +6,7 @@ import pytest
 
 from kvsched.core.config import RetentionConfig
 from kvsched.core.retention import Pin, Release, ReleaseReason, RetentionPolicy
+from kvsched.core.scoring import retention_value
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
 
 A, B, C = (SessionKey(SessionId(s)) for s in "abc")
@@ -95,6 +96,25 @@ def test_budget_overflow_releases_the_lowest_value_pin(clock):
     assert p.release_over_budget(60) == [Release(B, ReleaseReason.BUDGET, blocks=10)]
     assert p.sessions[A].pinned_blocks == 30 and p.sessions[B].pinned_blocks == 20
     assert p.sessions[B].pinned_tokens == 320 and p.pinned_blocks_total == 50
+
+
+def test_a_budget_release_goes_down_to_the_low_water_mark_so_the_next_pins_need_no_pass_of_their_own(clock):
+    p = make(clock, total_blocks=2560, pin_budget_fraction=0.5)  # budget 1280, low water 1270
+    assert (p.budget_blocks, p.budget_low_water_blocks) == (1280, 1270)
+    finish(p, A, 600 * 16)
+    clock.advance(3.0)
+    finish(p, B, 681 * 16)  # 1281 pinned: one over
+    assert p.release_over_budget(1280) == []
+    assert p.release_over_budget(1281) == [Release(B, ReleaseReason.BUDGET, blocks=11)]
+    assert p.pinned_blocks_total == 1270
+    # applied at once by the adapter, the releases count the distinct blocks they freed: a pin whose blocks are all
+    # shared (freeing none) does not end the pass, the next one goes too
+    clock.advance(3.0)
+    finish(p, C, 11 * 16)  # 1281 again
+    freed = iter([0, 11])
+    out = p.release_over_budget(1281, applied=lambda r: next(freed))
+    assert out[0] == Release(C, ReleaseReason.BUDGET)  # the lowest value (smallest pin): all of it, freeing nothing
+    assert len(out) == 2 and out[1].key != C and out[1].blocks == 11  # so the next pin's tail goes too
 
 
 def test_prefix_larger_than_the_budget_is_not_pinned(clock):
@@ -216,3 +236,17 @@ def test_released_blocks_are_counted_per_reason_whole_and_partial(clock):
     assert (c["released_blocks_pressure"], c["released_pressure"]) == (20, 1)
     assert (c["released_blocks_end"], c["released_end"]) == (30, 1)
     assert p.pinned_blocks_total == 0
+
+
+def test_the_release_orders_key_is_the_candidates_value(clock):
+    """`score` computes `candidate`'s value without building it: the two must agree in every state."""
+    p = make(clock, total_blocks=1000)
+    for i, (key, role) in enumerate([(A, "worker"), (B, "orchestrator"), (C, None)]):
+        finish(p, key, 160 * (i + 1), hints=TurnHints(role=role))
+        clock.advance(1.5 * (i + 1))
+    finish(p, A, 640)  # a second turn: a gap observed and a hit count
+    for dt in (0.0, 2.0, 30.0, 600.0):  # fresh, waiting, overdue, long overdue
+        clock.advance(dt)
+        for key in (A, B, C):
+            rec = p.sessions[key]
+            assert p.score(rec, clock()) == pytest.approx(retention_value(p.candidate(rec, clock())), rel=1e-12)
