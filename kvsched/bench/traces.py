@@ -8,7 +8,11 @@ the gap between LRU's share and 1. Then the headroom, on the same pool, with lon
 - `kvsched, long TTL`: every finished turn pinned that long (the engine's value order decides under pressure);
 - `first turns unpinned`: no pin after a session's first turn (what a return model learned per turn index would do
   where first turns rarely return; online-knowable);
-- `end oracle`: each session's last turn says it is the last (clairvoyant: pins only for sessions that return).
+- `end oracle`: each session's last turn says it is the last (clairvoyant: pins only for sessions that return);
+- `class oracle`, `class weights`: pins chosen from hindsight return rates of engine-visible turn classes (turn index,
+  prompt and output length, gap since the previous turn): what an online return model of those classes could reach at
+  best with this TTL (kvsched.bench.traces_classes; the class table, the AUC and the whole theta curve are in the
+  JSON; `class_oracle_gate_met`: the better of the two reaches the gate).
 """
 
 from __future__ import annotations
@@ -58,8 +62,11 @@ def last_turns(trace: Any) -> np.ndarray:
     return end
 
 
-def measure(trace: Any, pressure: float, retention: Any, ttl: float, headroom: bool = True) -> dict[str, Any]:
-    """Shares of OPT's saving at live-basis `pressure` (see the module docstring for the sides)."""
+def measure(trace: Any, pressure: float, retention: Any, ttl: float, headroom: bool = True,
+            model: Any = None) -> dict[str, Any]:
+    """Shares of OPT's saving at live-basis `pressure` (see the module docstring for the sides); the class sides when
+    `headroom` and a `model` (kvsched.bench.traces_classes.fit, with the same `ttl`) are given."""
+    from kvsched.bench.traces_classes import SIDES, class_sides, curve_summary
     from kvsched.sim.replay import ReplayConfig, replay
 
     live = trace.peak_live_blocks()
@@ -71,15 +78,22 @@ def measure(trace: Any, pressure: float, retention: Any, ttl: float, headroom: b
         runs["first turns unpinned"] = replay(replace(trace, ttl_s=np.where(first_turns(trace), 0.0, ttl)),
                                               "kvsched", long_ttl)
         runs["end oracle"] = replay(replace(trace, end=last_turns(trace) | trace.end), "kvsched", long_ttl)
+        if model is not None:
+            sides, curve = class_sides(trace, model, long_ttl)
+            runs.update(sides)
     best = runs["opt"].tokens_saved
     share = {k: (r.tokens_saved / best if best else None) for k, r in runs.items()}
     lru = share["lru"] or 0.0
     gate = lru + 0.3 * (1.0 - lru)
+    extra: dict[str, Any] = {}
+    if headroom and model is not None:
+        bound = max(share[k] or 0.0 for k in SIDES)
+        extra = {"class_oracle": curve_summary(model, curve, best), "class_oracle_gate_met": bound >= gate}
     return {"peak_live_blocks": live, "distinct_blocks": trace.working_set_blocks(), "capacity_blocks": cfg.capacity_blocks,
             "share_of_opt_saving": share, "gate_share": gate, "gate_met": (share["kvsched"] or 0.0) >= gate,
             "prefill_over_lru": {k: r.prefill_tokens_computed / runs["lru"].prefill_tokens_computed
                                  for k, r in runs.items()},
-            "wall_s": {k: round(r.wall_s, 3) for k, r in runs.items()}}
+            "wall_s": {k: round(r.wall_s, 3) for k, r in runs.items()}, **extra}
 
 
 def default_traces() -> list[Path]:
@@ -89,7 +103,9 @@ def default_traces() -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvsched.bench.traces_classes import fit, summary
     from kvsched.core.config import RetentionConfig
+    from kvsched.sim.replay import ReplayConfig
     from kvsched.sim.trace import Trace
 
     paths = args.traces or default_traces()
@@ -107,14 +123,22 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for path in paths:
         trace = Trace.load(path)
-        per = result["traces"][path.name] = {"requests": len(trace), "sessions": len(trace.sessions),
-                                             "meta": trace.meta, "pressures": {}}
+        per: dict[str, Any] = {"requests": len(trace), "sessions": len(trace.sessions), "meta": trace.meta,
+                               "pressures": {}}
+        result["traces"][path.name] = per
+        model = None
+        if not args.no_headroom:
+            model = fit(trace, args.ttl, ReplayConfig(capacity_blocks=1))  # the replay's time model (its defaults)
+            per["return_classes"] = summary(trace, model)
+            print(f"{path.name}: {per['return_classes']['classes']} return classes, AUC "
+                  f"{per['return_classes']['auc']:.3f} (hindsight rates)", flush=True)
         for p in pressures:
-            m = per["pressures"][f"{p:g}"] = measure(trace, p, retention, args.ttl, not args.no_headroom)
+            m = per["pressures"][f"{p:g}"] = measure(trace, p, retention, args.ttl, not args.no_headroom, model)
             s = m["share_of_opt_saving"]
+            c = m.get("class_oracle")
             rows.append([path.name, f"{p:g}x", *(round(v, 3) if v is not None else "-" for v in s.values()),
-                         round(m["gate_share"], 3)])
-            header = ["trace", "live pressure", *s.keys(), "gate"]
+                         round(m["gate_share"], 3), *([c["best_theta"], m["class_oracle_gate_met"]] if c else [])])
+            header = ["trace", "live pressure", *s.keys(), "gate", *(["best theta", "class gate met"] if c else [])]
             print(table(rows[-1:], header), flush=True)
     print(table(rows, header))
     result["config"] = {"pressures_live": pressures, "headroom_ttl_s": args.ttl, "retention": retention.as_dict(),

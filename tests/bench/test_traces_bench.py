@@ -1,5 +1,6 @@
 """`kvsched bench traces` on the committed Mooncake slices: every side reported as a share of OPT's saving on a pool
-sized from the peak live blocks, and the headroom sides' flags on each session's first and last turn."""
+sized from the peak live blocks, the headroom sides' flags on each session's first and last turn, and the hindsight
+class sides' inputs (TTLs and weights from class return rates) and theta choice."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from kvsched.bench.traces import first_turns, last_turns
+from kvsched.bench.traces_classes import best_theta, fit, with_class_ttls, with_class_weights
 from kvsched.cli import main
 from kvsched.sim.mooncake import convert_file
-from kvsched.sim.trace import Trace
+from kvsched.sim.replay import ReplayConfig, ReplayResult
+from kvsched.sim.trace import Trace, TraceRequest
 
 DATA = Path(__file__).parents[1] / "sim" / "data"
 
@@ -23,10 +26,17 @@ def test_bench_traces_on_a_slice(tmp_path, capsys):
     assert main(["bench", "traces", str(trace), "--pressure", "1.5", "--out", str(out)]) == 0
     r = json.loads(out.read_text())["traces"]["conv.jsonl"]["pressures"]["1.5"]
     s = r["share_of_opt_saving"]
-    assert set(s) == {"lru", "kvsched", "opt", "kvsched, long TTL", "first turns unpinned", "end oracle"}
+    assert set(s) == {"lru", "kvsched", "opt", "kvsched, long TTL", "first turns unpinned", "end oracle",
+                      "class oracle", "class weights"}
     assert s["opt"] == 1.0 and 0 < s["lru"] <= 1.0
     assert r["gate_share"] == s["lru"] + 0.3 * (1 - s["lru"])
     assert r["capacity_blocks"] == -(-r["peak_live_blocks"] * 2 // 3) and r["peak_live_blocks"] < r["distinct_blocks"]
+    c = r["class_oracle"]
+    assert c["theta_curve"]["0"] == s["kvsched, long TTL"]  # theta 0 pins every turn for the long TTL
+    assert s["class oracle"] == max(c["theta_curve"].values()) == c["theta_curve"][f"{c['best_theta']:g}"]
+    assert r["class_oracle_gate_met"] == (max(s["class oracle"], s["class weights"]) >= r["gate_share"])
+    rc = json.loads(out.read_text())["traces"]["conv.jsonl"]["return_classes"]
+    assert sum(row["turns"] for row in rc["table"]) == rc["turns"] and 0.5 <= rc["auc"] <= 1.0
     assert "gate" in capsys.readouterr().out
 
 
@@ -46,3 +56,31 @@ def test_missing_default_traces_are_a_clear_error(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("KVSCHED_CACHE_DIR", str(tmp_path))
     assert main(["bench", "traces"]) == 2
     assert "kvsched trace fetch mooncake" in capsys.readouterr().out
+
+
+def tiny_trace() -> Trace:
+    """a: 2 blocks, back 100 s later with 3; b: 8 blocks, never back (block size 4, no output)."""
+    reqs = [TraceRequest(0.0, "a", 8, 0, ["a1", "a2"]), TraceRequest(1.0, "b", 32, 0, [f"b{k}" for k in range(8)]),
+            TraceRequest(100.0, "a", 12, 0, ["a1", "a2", "a3"])]
+    return Trace.from_requests(4, reqs)
+
+
+def test_class_ttls_and_weights_come_from_hindsight_rates():
+    trace = tiny_trace()
+    model = fit(trace, 600.0, ReplayConfig(capacity_blocks=1))
+    assert model.returned.tolist() == [True, False, False] and model.turn_rate.tolist() == [1.0, 0.0, 0.0]
+    assert with_class_ttls(trace, model, 0.5, 600.0).ttl_s.tolist() == [600.0, 0.0, 0.0]
+    assert with_class_ttls(trace, model, 0.0, 600.0).ttl_s.tolist() == [600.0] * 3
+    weighted, cfg = with_class_weights(trace, model, ReplayConfig(capacity_blocks=8))
+    assert weighted.role == ["return 1.00", "return 0.00", "return 0.00"]
+    assert [cfg.retention.role_weight(r) for r in weighted.role] == [1.0, 0.0, 0.0]
+    assert cfg.retention.role_weight("orchestrator") == 2.0  # the configured roles keep their weights
+    assert fit(trace, 50.0, ReplayConfig(capacity_blocks=1)).returned.tolist() == [False] * 3  # 100 s > 50 s
+
+
+def test_the_best_theta_is_the_run_that_saved_most_and_the_smallest_of_equals():
+    def run(saved: int) -> ReplayResult:
+        return ReplayResult(policy="kvsched", hit_tokens=saved)
+
+    assert best_theta({0.0: run(5), 0.5: run(9), 0.9: run(7)}) == 0.5
+    assert best_theta({0.9: run(9), 0.2: run(9), 0.0: run(1)}) == 0.2
