@@ -35,6 +35,9 @@ class RetentionConfig:
         pins always on; off until it holds the LRU floor on Mooncake conversation without costing the generated
         fleet, see BENCHMARKS.md); pins are suspended for `payback_cooldown` requests when, over a window of `payback_window` requests, the
         pool hit fewer than (1 - `payback_margin`) x the ghost's hits.
+    return_threshold: pin a finished turn only when the online return model (`kvsched.core.return_model`) gives its
+        class at least this chance of the session's next turn arriving within `default_ttl_s`; its blocks otherwise go
+        to the LRU as in stock vLLM. None (the default): off, every turn is pinned.
     """
 
     default_ttl_s: float = 30.0
@@ -49,6 +52,7 @@ class RetentionConfig:
     payback_window: int = 1000
     payback_cooldown: int = 2000
     payback_margin: float = 0.0
+    return_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.pin_budget_fraction <= 1.0:
@@ -73,6 +77,8 @@ class RetentionConfig:
             raise ValueError("payback_window must be >= 1")
         if not -1.0 < self.payback_margin < 1.0:
             raise ValueError("payback_margin must be in (-1, 1)")
+        if self.return_threshold is not None and not 0.0 <= self.return_threshold <= 1.0:
+            raise ValueError(f"return_threshold must be in [0, 1], got {self.return_threshold}")
 
     def payback(self) -> PaybackConfig:
         return PaybackConfig(sampling=self.payback_sampling, window=self.payback_window,

@@ -24,7 +24,8 @@ from kvsched.core.config import RetentionConfig
 from kvsched.core.next_use import GapModel
 from kvsched.core.pin_payback import PinPayback
 from kvsched.core.release_index import ReleaseIndex, Selector
-from kvsched.core.retention_records import Decision, Pin, Release, ReleaseReason, SessionRecord, SessionView
+from kvsched.core.retention_records import Decision, Pin, Release, ReleaseReason, SessionRecord, SessionView, view_of
+from kvsched.core.return_model import ReturnModel
 from kvsched.core.scoring import Candidate, retention_value, select_lowest, value_of
 from kvsched.core.sessions import SessionKey, TurnHints
 
@@ -61,6 +62,8 @@ class RetentionPolicy:
         self._activity = itertools.count(1)
         self.index = ReleaseIndex(self.candidate, self.score, selector)  # the pinned sessions and their order
         self.payback = PinPayback(config.payback(), total_blocks)  # the online fallback to LRU
+        self.returns = None if config.return_threshold is None else ReturnModel(config.return_threshold,
+                                                                                config.default_ttl_s)
 
     # ---- events -------------------------------------------------------------------------------------------------
     def request_arrived(self, key: SessionKey, hints: TurnHints) -> None:
@@ -75,6 +78,8 @@ class RetentionPolicy:
         rec.waiting += 1
         if rec.waiting_since is None:
             rec.waiting_since = self.clock()
+        if self.returns is not None:  # the outcome of the session's last turn is known
+            self.returns.arrived(key, self.clock())
         self._touch(rec)
         self.index.changed(rec)
 
@@ -133,6 +138,8 @@ class RetentionPolicy:
         rec.active_requests = max(rec.active_requests - 1, 0)
         rec.turns += 1
         rec.burst_turns += 1
+        likely = self.returns is None or hints.end or self.returns.turn_finished(key, rec.turns, blocks,
+                                                                                 rec.last_finished, now)
         rec.last_finished = now
         if hints.role:
             rec.role = hints.role
@@ -140,7 +147,7 @@ class RetentionPolicy:
         self._touch(rec)
         if hints.end:
             return self.end(key)
-        if blocks <= 0 or rec.ttl_s <= 0 or blocks > self.budget_blocks or not self.payback.pinning:
+        if blocks <= 0 or rec.ttl_s <= 0 or blocks > self.budget_blocks or not self.payback.pinning or not likely:
             released: list[Decision] = [self._release(rec, ReleaseReason.TURN)] if rec.pinned else []
             self.index.changed(rec)
             return released
@@ -329,15 +336,7 @@ class RetentionPolicy:
         now = self.clock()
         return [self.view_of(r, now) for r in self.sessions.values()]
 
-    @staticmethod
-    def view_of(r: SessionRecord, now: float) -> SessionView:
-        return SessionView(
-            session_id=str(r.key.session_id), cache_salted=r.key.cache_salt is not None, role=r.role,
-            pinned_blocks=r.pinned_blocks, pinned_tokens=r.pinned_tokens,
-            idle_s=0.0 if r.last_finished is None or r.active_requests else max(now - r.last_finished, 0.0),
-            ttl_s=r.ttl_s, turns=r.turns, hits=r.hits, hit_tokens=r.hit_tokens, active_requests=r.active_requests,
-            branch=r.key.branch, inferred=r.key.inferred,
-        )
+    view_of = staticmethod(view_of)
 
     @property
     def pinned_sessions(self) -> int:

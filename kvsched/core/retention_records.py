@@ -84,3 +84,13 @@ class SessionView:
     active_requests: int
     branch: int = 0
     inferred: bool = False
+
+
+def view_of(r: SessionRecord, now: float) -> SessionView:
+    return SessionView(
+        session_id=str(r.key.session_id), cache_salted=r.key.cache_salt is not None, role=r.role,
+        pinned_blocks=r.pinned_blocks, pinned_tokens=r.pinned_tokens,
+        idle_s=0.0 if r.last_finished is None or r.active_requests else max(now - r.last_finished, 0.0),
+        ttl_s=r.ttl_s, turns=r.turns, hits=r.hits, hit_tokens=r.hit_tokens, active_requests=r.active_requests,
+        branch=r.key.branch, inferred=r.key.inferred,
+    )

@@ -1,0 +1,144 @@
+"""Will this session come back within the horizon? An online estimate per class of finished turn, to skip pins that
+would not pay.
+
+On production traces most sessions never return (Mooncake conversation: most turns are a session's last), so pinning
+every finished turn for its TTL holds blocks LRU would have put to better use. `kvsched.sim.return_classes` measured,
+in hindsight, how well classes of what the engine sees at a turn's end separate returning turns; this is the online
+version of that model, learned only from outcomes already known:
+
+- a turn's class: its index in the session (1, 2, 3, 4+), the octave of its reusable prefix in blocks (the engine
+  knows the prefix it would pin, prompt and output together; the output length alone is not passed to the policy, so
+  that feature of the hindsight classes is dropped) and the bucket of the time since the session's previous turn ended
+  (none / < 30 s / < 120 s / < 600 s / more);
+- its outcome: returned when the session's next request arrives at most `horizon_s` after the turn ended, not when
+  `horizon_s` passes without one (settled lazily, at the next event). Counted when the horizon ends, either way
+  (`at_horizon`): a return is known as soon as it arrives but a miss only a horizon later, so counting returns at
+  once overstates every class while misses are still pending (with a 600 s horizon on Mooncake synthetic, eager
+  counting read first turns at ~0.5 for the first 10 minutes and pinned nearly all of them; they return ~20%). A
+  Kaplan-Meier split of the horizon (an early interval learned sooner, then the rest) measured no better there;
+- the estimate: Beta-binomial shrinkage along class -> turn index -> all turns. Each level's mean is its own returns
+  plus `prior_strength` pseudo-outcomes at its parent's mean (the global one starts from Beta(1, 1)), so a class with
+  few outcomes reads like its turn index, and a fresh model reads 0.5 (it pins while it knows nothing, at any
+  threshold <= 0.5). Empirical Bayes in the sense of Efron & Morris (JASA 70, 1975), with a fixed prior strength.
+
+Stdlib only, no clock: time comes from the caller (the retention policy's injected clock).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+TURN_CAP = 4  # turn indices 1, 2, 3, 4+ (as kvsched.sim.return_classes)
+GAP_EDGES_S = (30.0, 120.0, 600.0)  # time since the previous turn ended: none / < 30 s / < 120 s / < 600 s / more
+PRIOR_STRENGTH = 10.0  # pseudo-outcomes a level borrows from its parent's mean
+
+ReturnClass = tuple[int, int, int]  # (turn index capped, prefix block octave, gap bucket)
+
+
+def return_class(turns: int, blocks: int, gap_s: float | None) -> ReturnClass:
+    """The class of a turn that ended as the session's `turns`-th, holding `blocks` full blocks of reusable prefix,
+    `gap_s` seconds after the session's previous turn ended (None: its first turn)."""
+    octave = int(math.log2(blocks)) if blocks > 0 else -1
+    gap = 0 if gap_s is None else 1 + sum(gap_s >= e for e in GAP_EDGES_S)
+    return min(max(turns, 1), TURN_CAP), octave, gap
+
+
+@dataclass(slots=True)
+class Tally:
+    """Outcomes counted for one level of one class."""
+
+    returns: int = 0
+    outcomes: int = 0
+
+    def mean(self, prior: float, strength: float) -> float:
+        return (self.returns + strength * prior) / (self.outcomes + strength)
+
+
+@dataclass(slots=True)
+class Pending:
+    """A finished turn whose outcome is not known yet."""
+
+    cls: ReturnClass
+    deadline: float  # the turn's end + the horizon: no return by then is a miss
+    returned: bool | None = None  # None until known
+
+
+@dataclass(slots=True)
+class ReturnModel:
+    """P(the session's next turn arrives within `horizon_s` of this one's end), per return class, learned online.
+
+    `threshold`: `turn_finished` says no below it. `at_horizon`: count every outcome when its horizon ends (False:
+    a return as soon as it arrives; biased upward, see the module docstring). The policy calls `turn_finished` at
+    every turn end (pinned or not: the outcome does not depend on the pin, so what the model learns is not biased by
+    what it decided) and `arrived` at every request arrival."""
+
+    threshold: float
+    horizon_s: float
+    prior_strength: float = PRIOR_STRENGTH
+    at_horizon: bool = True
+    total: Tally = field(default_factory=Tally)
+    by_turn: dict[int, Tally] = field(default_factory=dict)
+    by_class: dict[ReturnClass, Tally] = field(default_factory=dict)
+    skipped: int = 0  # finished turns the model said not to pin
+    _pending: dict[Hashable, Pending] = field(default_factory=dict)
+    _deadlines: deque[tuple[float, Hashable, Pending]] = field(default_factory=deque)
+
+    def estimate(self, cls: ReturnClass) -> float:
+        """The shrunk return probability of class `cls` from the outcomes settled so far."""
+        p = self.total.mean(0.5, 2.0)  # Beta(1, 1)
+        turn = self.by_turn.get(cls[0])
+        if turn is not None:
+            p = turn.mean(p, self.prior_strength)
+        full = self.by_class.get(cls)
+        return full.mean(p, self.prior_strength) if full is not None else p
+
+    def turn_finished(self, key: Hashable, turns: int, blocks: int, previous_end: float | None, now: float) -> bool:
+        """The `turns`-th turn of session `key` ended at `now` holding `blocks` blocks, its previous one at
+        `previous_end` (None: none): True if it is worth pinning, i.e. its class's estimate is at least the threshold.
+        Its outcome is then awaited."""
+        earlier = self._pending.pop(key, None)
+        if earlier is not None:  # a turn that arrived before the previous one ended: the session did come back
+            self._known(earlier, True)
+        self.settle(now)
+        cls = return_class(turns, blocks, None if previous_end is None else max(now - previous_end, 0.0))
+        pin = self.estimate(cls) >= self.threshold
+        self.skipped += not pin
+        entry = Pending(cls, now + self.horizon_s)
+        self._pending[key] = entry
+        self._deadlines.append((entry.deadline, key, entry))
+        return pin
+
+    def arrived(self, key: Hashable, now: float) -> None:
+        """A request of session `key` arrived at `now`: its last turn's outcome, if awaited, is known."""
+        entry = self._pending.pop(key, None)
+        if entry is not None:
+            self._known(entry, now <= entry.deadline)
+        self.settle(now)
+
+    def settle(self, now: float) -> None:
+        """Count as misses the awaited turns whose horizon ended before `now` (deadlines are appended in order: the
+        horizon is fixed and the clock monotone)."""
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, key, entry = self._deadlines.popleft()
+            if self._pending.get(key) is entry:
+                del self._pending[key]
+                self._count(entry.cls, False)
+            elif self.at_horizon:
+                self._count(entry.cls, bool(entry.returned))
+
+    @property
+    def awaited(self) -> int:
+        return len(self._pending)
+
+    def _known(self, entry: Pending, returned: bool) -> None:
+        entry.returned = returned
+        if not self.at_horizon:
+            self._count(entry.cls, returned)
+
+    def _count(self, cls: ReturnClass, returned: bool) -> None:
+        for tally in (self.total, self.by_turn.setdefault(cls[0], Tally()), self.by_class.setdefault(cls, Tally())):
+            tally.returns += returned
+            tally.outcomes += 1
