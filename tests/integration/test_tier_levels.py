@@ -170,7 +170,7 @@ def replicas(tiny_model_dir, redis):
         b.stop()
 
 
-def test_a_moved_session_keeps_its_kv_and_is_served_compacted_at_once(replicas):
+def test_a_moved_session_keeps_its_kv_and_is_served_compacted_at_once(replicas, redis):
     b, c = replicas
     msgs = history("moved", words=120)
     compacted = 0
@@ -183,7 +183,7 @@ def test_a_moved_session_keeps_its_kv_and_is_served_compacted_at_once(replicas):
             break
     assert compacted, "the session never got compacted on its first replica"
     wait_metric(b, "kvsched_compaction_shared_checkpoints_saved_total", 1)
-    time.sleep(0.5)  # the turn's blocks are written behind
+    wait_store_stable(redis.url)  # the turn's blocks are written behind (a fixed wait was a bet on the host's speed)
     before = c.metrics()
     reply, headers = chat(c, msgs, "moved", compaction="summarize")
     after = c.metrics()

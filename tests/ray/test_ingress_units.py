@@ -121,6 +121,21 @@ def test_fuzzed_bodies_and_headers_are_parsed_or_refused_with_a_4xx(raw: bytes, 
         assert 400 <= exc.status < 500 and exc.message
 
 
+def test_session_ids_any_character_reach_the_engine_headers_as_latin1_bytes_or_stay_in_the_body() -> None:
+    """A session id like "¡" or "日本" (valid: not a control character) once made every call raise in httpx, which
+    encodes str header values as ASCII: the Ray fuzz test got a 500."""
+    import httpx
+
+    from kvsched.adapters.ray.engine import _forward
+    from kvsched.adapters.ray.requests import is_header_safe
+
+    assert is_header_safe("wf-1/worker") and is_header_safe("\u00a1") and not is_header_safe("\u65e5\u672c")
+    out = _forward({"X-Session-Id": "\u00a1", "X-Agent-Role": "worker", "Authorization": "secret"})
+    assert out == {"x-session-id": b"\xa1", "x-agent-role": b"worker", "content-type": b"application/json"}
+    request = httpx.Request("POST", "http://engine/v1/chat/completions", headers=out)  # what raised before
+    assert request.headers["x-session-id"] == "\u00a1"  # httpx decodes header bytes as latin-1, as servers do
+
+
 def test_failures_of_a_replica_are_retried_and_name_it_failures_of_the_request_are_not() -> None:
     from ray.exceptions import ActorDiedError, RayTaskError
 

@@ -211,10 +211,12 @@ class EngineReplica:
         stop_group(server.proc.pid)  # the engine core and workers too, should any outlive the API server
 
 
-def _forward(headers: dict[str, str]) -> dict[str, str]:
-    """The session headers kvsched reads, and a JSON content type (the ingress always sends JSON)."""
-    out = {k.lower(): v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
-    out["content-type"] = "application/json"
+def _forward(headers: dict[str, str]) -> dict[str, bytes]:
+    """The session headers kvsched reads, and a JSON content type (the ingress always sends JSON). As bytes in
+    latin-1, the codec the ingress's server decoded them with: httpx encodes str values as ASCII, so a session id
+    like "¡" in X-Session-Id made every call raise (a 500 the Ray fuzz test found)."""
+    out = {k.lower(): v.encode("latin-1") for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
+    out["content-type"] = b"application/json"
     return out
 
 

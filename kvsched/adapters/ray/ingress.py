@@ -32,7 +32,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from kvsched.adapters.ray.config import config_from_dict
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
-from kvsched.adapters.ray.requests import BadRequest, check_length, parse_body, session_fields
+from kvsched.adapters.ray.requests import BadRequest, check_length, is_header_safe, parse_body, session_fields
 from kvsched.core.routing_pools import PoolSelector, UnknownModel
 from kvsched.core.sessions import InvalidSessionInput, validate_session_id
 
@@ -214,7 +214,9 @@ class OpenAIIngress:
         handle = self.engines[pool.name]
         if sid is not None:
             handle = handle.options(session_id=sid)
-            headers["x-session-id"] = sid
+            if is_header_safe(sid):
+                headers["x-session-id"] = sid
+            # else it came in the body (a header is latin-1 by construction), which the engine reads it from too
         if session.end and sid is not None:
             self.session_tokens.pop(sid, None)
         extra = {"x-kvsched-pool": pool.name}

@@ -75,6 +75,16 @@ def parse_body(raw: bytes, max_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX
     return payload
 
 
+def is_header_safe(value: str) -> bool:
+    """Can `value` travel as an HTTP header value? Servers decode header bytes as latin-1, so a value that arrived as
+    a header always can; a session id from the JSON body may hold any character (it then stays in the body)."""
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def session_fields(payload: Mapping[str, Any], headers: Mapping[str, str]) -> SessionFields:
     """The request's session, from lower-cased `headers` or the body; conflicting ids are refused."""
     xargs = payload.get("vllm_xargs")
