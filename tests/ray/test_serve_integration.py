@@ -251,32 +251,45 @@ def kill_while_busy(cluster: dict[str, Any], slot: int, victims: list[str], kill
     from kvsched.bench.router_real import replicas
 
     victim = next(r for r in replicas(cluster["base"]) if r["slot"] == slot)
+    held_needed = (len(victims) - 1) * FAN_OUT
+    seen: list[float] = []
     with ThreadPoolExecutor(len(victims) - 1) as pool:
-        # n answers each (vLLM runs each as its own request): long enough that none finishes while the stream below
-        # is set up through Ray on a loaded host, so every one of them is in flight at the kill
-        pending = [pool.submit(turn, cluster, sid, "long answer", 3800, extra_body={"ignore_eos": True}, n=FAN_OUT)
-                   for sid in victims[1:]]
-        seen: list[float] = []
+        for _ in range(3):  # a set-up whose generations ended before the stream got through is done again, unkilled
+            # n answers each (vLLM runs each as its own request): long enough that none finishes while the stream
+            # below is set up through Ray on a loaded host, so every one of them is in flight at the kill
+            pending = [pool.submit(turn, cluster, sid, "long answer", 3800, extra_body={"ignore_eos": True},
+                                   n=FAN_OUT) for sid in victims[1:]]
 
-        def busy() -> bool:
+            def busy(pending: list[Any] = pending) -> bool:
+                seen.append(engine_requests(victim["engine_url"]))
+                ended = [f.exception() or f.result() for f in pending if f.done()]
+                if ended:  # answered (or failed) before the kill: say where, and the router's replica table
+                    raise AssertionError(f"requests ended before the kill: {ended}; "
+                                         f"replicas {replicas(cluster['base'])}")
+                return seen[-1] >= held_needed
+
+            try:
+                wait_until(busy, 120, f"slot-{slot} to hold the requests", period_s=0.05)
+            except AssertionError as exc:  # what the engine held, and what the router knows of the replicas
+                raise AssertionError(f"{exc}\nrequests held by slot-{slot}'s engine (last 20 polls): {seen[-20:]}\n"
+                                     f"replicas: {replicas(cluster['base'])}") from None
+            stream = client(cluster).chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "go"}], max_tokens=4000, stream=True,
+                extra_headers={"X-Session-Id": victims[0]}, extra_body={"ignore_eos": True})
+            chunks = iter(stream)
+            next(chunks)
+            # Kill only if every request is still held there (the stream's first chunk can take seconds through Ray
+            # on a loaded host, as long as the generations: once, in a fresh clone, they all ended first)
             seen.append(engine_requests(victim["engine_url"]))
-            ended = [f.exception() or f.result() for f in pending if f.done()]
-            if ended:  # answered (or failed) before the kill: say where, and what the router knows of the replicas
-                raise AssertionError(f"requests ended before the kill: {ended}; replicas {replicas(cluster['base'])}")
-            return seen[-1] >= (len(victims) - 1) * FAN_OUT
-
-        try:
-            wait_until(busy, 120, f"slot-{slot} to hold the requests", period_s=0.05)
-        except AssertionError as exc:  # what the engine held, and what the router knows of the replicas
-            raise AssertionError(f"{exc}\nrequests held by slot-{slot}'s engine (last 20 polls): {seen[-20:]}\n"
-                                 f"replicas: {replicas(cluster['base'])}") from None
-        stream = client(cluster).chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "go"}], max_tokens=4000, stream=True,
-            extra_headers={"X-Session-Id": victims[0]}, extra_body={"ignore_eos": True})
-        chunks = iter(stream)
-        next(chunks)
-        kill(victim)
-        t_kill = time.monotonic()
+            if seen[-1] >= held_needed and not any(f.done() for f in pending):
+                kill(victim)
+                t_kill = time.monotonic()
+                break
+            for f in pending:
+                f.result(timeout=180)
+            stream.close()
+        else:
+            raise AssertionError(f"slot-{slot}'s generations ended before the stream got through, 3 times: {seen[-20:]}")
         answered = [f.result(timeout=180) for f in pending]
     assert all(s == f"slot-{1 - slot}" and attempts >= 2 for s, _, attempts in answered), (answered, seen[-20:])
     with pytest.raises(openai.APIError, match="failed during the stream"):
