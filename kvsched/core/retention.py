@@ -26,7 +26,7 @@ from kvsched.core.pin_payback import PinPayback
 from kvsched.core.release_index import ReleaseIndex, Selector
 from kvsched.core.retention_records import Decision, Pin, Release, ReleaseReason, SessionRecord, SessionView, view_of
 from kvsched.core.return_model import ReturnModel
-from kvsched.core.scoring import Candidate, retention_value, select_lowest, value_of
+from kvsched.core.scoring import Candidate, select_lowest, value_of
 from kvsched.core.sessions import SessionKey, TurnHints
 
 __all__ = ["Clock", "Decision", "Pin", "Release", "ReleaseReason", "RetentionPolicy", "SessionRecord", "SessionView"]
@@ -292,12 +292,14 @@ class RetentionPolicy:
         rec = self.sessions.get(key)
         if rec is None:
             return 0.0
-        now = self.clock()
+        return self._value(rec, self.clock(), tokens, bytes_per_token)
+
+    def _value(self, rec: SessionRecord, now: float, tokens: int, bytes_per_token: float) -> float:
+        """`candidate`'s value for `tokens` at `bytes_per_token`, computed without building it (the release order keys
+        every pinned session with it)."""
         idle = max(now - (rec.last_finished or now), 0.0)
-        return retention_value(Candidate(
-            tokens=tokens, bytes_per_token=bytes_per_token, idle_s=idle,
-            next_use_s=self.expected_next_use_s(rec, idle), role_weight=self.weight_of(rec),
-            reuse_count=rec.hits))
+        return value_of(tokens, bytes_per_token, idle, self.expected_next_use_s(rec, idle), self.weight_of(rec),
+                        rec.hits)
 
     def weight_of(self, rec: SessionRecord) -> float:
         """Role weight; x inferred_first_turn_weight for an inferred session nothing has continued yet (a one-shot?)."""
@@ -317,11 +319,8 @@ class RetentionPolicy:
         )
 
     def score(self, rec: SessionRecord, now: float) -> float:
-        """The session's retention value now (the release order's key, lowest released first): `candidate`'s value,
-        computed without building it."""
-        idle = max(now - (rec.last_finished or now), 0.0)
-        return value_of(rec.pinned_tokens, self.bytes_per_token, idle, self.expected_next_use_s(rec, idle),
-                        self.weight_of(rec), rec.hits)
+        """The session's retention value now (the release order's key, lowest released first)."""
+        return self._value(rec, now, rec.pinned_tokens, self.bytes_per_token)
 
     def release_order(self, exclude: Iterable[SessionKey] = ()) -> list[SessionKey]:
         """Pinned sessions in the order they would be released: lowest retention value first, then those with a
