@@ -4,7 +4,11 @@ block set, and how much a return predictor could add.
 For every trace (default: the Mooncake traces `kvsched trace fetch mooncake` caches) and live-basis pressure (1.5x and
 3x), the simulator's sides: `lru`, `kvsched` (its settings from the `KVSCHED_*` variables, as the engine) and `opt`
 (Belady, the bound on the pool alone), each as its share of OPT's saving, and the issue-24 gate: kvsched closes 30% of
-the gap between LRU's share and 1. Then the headroom, on the same pool, with long TTLs (`--ttl`, default 600 s):
+the gap between LRU's share and 1. Then `kvsched + FP8 tier`: kvsched as shipped with its host tier at the engine's
+default size (2x the pool's bytes, here a Llama 3.1 8B FP8 pool: 2x its blocks) and restores timed at `--h2d-gbps`;
+the tier holds KV beyond the pool, so its share can pass 1 (OPT is the bound on the pool alone). Its baseline on the
+same host memory is `LRU + CPU offload`: stock vLLM with its own CPU offloading connector (every computed block stored
+to host, LRU there; kvsched.sim.offload). Then the headroom, on the same pool, with long TTLs (`--ttl`, default 600 s):
 - `kvsched, long TTL`: every finished turn pinned that long (the engine's value order decides under pressure);
 - `first turns unpinned`: no pin after a session's first turn (what a return model learned per turn index would do
   where first turns rarely return; online-knowable);
@@ -26,6 +30,7 @@ import numpy as np
 
 from kvsched.bench.common import provenance, table, write_json
 from kvsched.bench.plots import grouped_bars, save_beside
+from kvsched.core.tier_config import TIER_EVICTION_ORDERS
 
 PRESSURES = (1.5, 3.0)
 
@@ -38,7 +43,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pressure", type=float, action="append", default=None,
                    help="live-basis pressure (repeatable; default 1.5 and 3)")
     p.add_argument("--ttl", type=float, default=600.0, help="TTL of the headroom sides, seconds (default 600)")
-    p.add_argument("--no-headroom", action="store_true", help="only lru, kvsched and opt")
+    p.add_argument("--no-headroom", action="store_true", help="only lru, kvsched, opt and the tier side")
+    p.add_argument("--no-tier", action="store_true", help="without the host-memory sides (FP8 tier, CPU offload)")
+    p.add_argument("--h2d-gbps", type=float, default=32.0, help="the tier side's host-to-device bandwidth (GB/s)")
+    p.add_argument("--tier-eviction", choices=TIER_EVICTION_ORDERS, default="recency",
+                   help="the tier side's eviction order (default recency, as the engine)")
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=run)
 
@@ -62,16 +71,43 @@ def last_turns(trace: Any) -> np.ndarray:
     return end
 
 
+TIER_SIDE = "kvsched + FP8 tier"
+OFFLOAD_SIDE = "LRU + CPU offload"  # stock vLLM's OffloadingConnector on the same host bytes (kvsched.sim.offload)
+
+
+def tier_config(cfg: Any, block_size: int, h2d_gbps: float, eviction: str = "recency") -> Any:
+    """`cfg` with kvsched's FP8 tier as the engine sizes it by default (`auto_budget_bytes`: 2x the pool's bytes; the
+    host's quarter does not bind for a pool this size) in slots of the replay's model (an FP8 pool: pages copied raw)."""
+    from kvsched.core.planner import ModelShape, fp8_tier_block_bytes
+    from kvsched.core.tier_config import auto_budget_bytes
+
+    block_bytes = fp8_tier_block_bytes(ModelShape.from_preset("llama-3.1-8b"), "fp8", block_size)
+    if block_bytes != int(cfg.bytes_per_token) * block_size:
+        raise ValueError("the replay's bytes per token are not the tier model's")
+    pool_bytes = cfg.capacity_blocks * block_bytes
+    return replace(cfg, tier_bytes=auto_budget_bytes(pool_bytes, 8 * pool_bytes), tier_block_bytes=block_bytes,
+                   restore_bytes_per_s=h2d_gbps * 1e9, tier_eviction=eviction)
+
+
 def measure(trace: Any, pressure: float, retention: Any, ttl: float, headroom: bool = True,
-            model: Any = None) -> dict[str, Any]:
+            model: Any = None, tier_h2d_gbps: float | None = 32.0, tier_eviction: str = "recency") -> dict[str, Any]:
     """Shares of OPT's saving at live-basis `pressure` (see the module docstring for the sides); the class sides when
-    `headroom` and a `model` (kvsched.bench.traces_classes.fit, with the same `ttl`) are given."""
+    `headroom` and a `model` (kvsched.bench.traces_classes.fit, with the same `ttl`) are given; the tier side unless
+    `tier_h2d_gbps` is None."""
     from kvsched.bench.traces_classes import SIDES, class_sides, curve_summary
     from kvsched.sim.replay import ReplayConfig, replay
 
     live = trace.peak_live_blocks()
     cfg = ReplayConfig(capacity_blocks=max(int(np.ceil(live / pressure)), 1), retention=retention)
     runs = {p: replay(trace, p, cfg) for p in ("lru", "kvsched", "opt")}
+    tier: dict[str, Any] = {}
+    if tier_h2d_gbps is not None:
+        tcfg = tier_config(cfg, trace.block_size, tier_h2d_gbps, tier_eviction)
+        runs[TIER_SIDE] = replay(trace, "kvsched", tcfg)
+        runs[OFFLOAD_SIDE] = replay(trace, "lru+offload", tcfg)
+        tier = {"tier": {"slots": tcfg.tier_bytes // tcfg.tier_block_bytes, "bytes": tcfg.tier_bytes,
+                         "h2d_gbps": tier_h2d_gbps, "eviction": tier_eviction,
+                         "restored_tokens": runs[TIER_SIDE].restored_tokens}}
     if headroom:
         long_ttl = replace(cfg, retention=replace(retention, default_ttl_s=ttl, max_ttl_s=max(ttl, retention.max_ttl_s)))
         runs["kvsched, long TTL"] = replay(trace, "kvsched", long_ttl)
@@ -93,7 +129,7 @@ def measure(trace: Any, pressure: float, retention: Any, ttl: float, headroom: b
             "share_of_opt_saving": share, "gate_share": gate, "gate_met": (share["kvsched"] or 0.0) >= gate,
             "prefill_over_lru": {k: r.prefill_tokens_computed / runs["lru"].prefill_tokens_computed
                                  for k, r in runs.items()},
-            "wall_s": {k: round(r.wall_s, 3) for k, r in runs.items()}, **extra}
+            "wall_s": {k: round(r.wall_s, 3) for k, r in runs.items()}, **tier, **extra}
 
 
 def default_traces() -> list[Path]:
@@ -119,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvsched bench traces: error: {exc}")
         return 2
     pressures = args.pressure or list(PRESSURES)
+    if not args.h2d_gbps > 0:
+        print("kvsched bench traces: error: --h2d-gbps must be positive")
+        return 2
     result: dict[str, Any] = {"traces": {}}
     rows = []
     for path in paths:
@@ -133,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{path.name}: {per['return_classes']['classes']} return classes, AUC "
                   f"{per['return_classes']['auc']:.3f} (hindsight rates)", flush=True)
         for p in pressures:
-            m = per["pressures"][f"{p:g}"] = measure(trace, p, retention, args.ttl, not args.no_headroom, model)
+            m = per["pressures"][f"{p:g}"] = measure(trace, p, retention, args.ttl, not args.no_headroom, model,
+                                                     None if args.no_tier else args.h2d_gbps, args.tier_eviction)
             s = m["share_of_opt_saving"]
             c = m.get("class_oracle")
             rows.append([path.name, f"{p:g}x", *(round(v, 3) if v is not None else "-" for v in s.values()),

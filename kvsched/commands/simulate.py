@@ -15,7 +15,7 @@ from typing import Any
 
 from kvsched.bench.common import provenance, table, write_json
 
-POLICIES = ("lru", "kvsched", "opt")
+POLICIES = ("lru", "kvsched", "opt", "lru+offload")  # lru+offload: stock vLLM CPU offloading on the tier's bytes
 # The fleet's default host and link: an 8-GPU H100 node with 2 TiB of host memory (256 GiB per GPU), ~60 GiB of KV per
 # 80 GB GPU after an 8B model's weights and activations, and PCIe Gen5 x16 at half its 64 GB/s peak for host copies.
 FLEET_HOST_GIB_PER_GPU = 256.0
@@ -67,7 +67,7 @@ def register(subparsers: Any) -> None:
     comp.add_argument("--system-tokens", type=int, default=None,
                       help="shared prefix kept by compaction (default: a generated trace's system + role prompt)")
     p.add_argument("--prefill-tok-s", type=float, default=10_000.0, help="prefill throughput for the TTFT estimate")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma list of " + ", ".join(POLICIES))
+    p.add_argument("--policies", default="lru,kvsched,opt", help="comma list of " + ", ".join(POLICIES))
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="directory for PNGs: hit rate and prefill vs capacity")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -112,18 +112,6 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
         raise ValueError("--pressure must be positive")
     basis = trace.peak_live_blocks() if args.pressure_basis == "live" else trace.working_set_blocks()
     return max(math.ceil(basis / args.pressure), 1)
-
-
-def tier_block_bytes(args: argparse.Namespace, block_size: int) -> int:
-    """Tier bytes per KV block, as the FP8 tier connector sizes a slot: one byte per element of every layer's K and V,
-    plus a float32 scale per (layer, KV head) unless the KV cache is already 8-bit (then its pages are copied raw)."""
-    from kvsched.core.planner import ModelShape, dtype_bytes
-
-    shape = ModelShape.from_preset(args.preset)
-    if shape.kv_lora_rank or shape.sliding_layers:
-        raise ValueError(f"the FP8 tier supports full-attention models; {args.preset} is not one")
-    raw = dtype_bytes(args.kv_dtype) == 1
-    return shape.layers * shape.kv_heads * (block_size * 2 * shape.head_dim + (0 if raw else 4))
 
 
 def tier_bytes(args: argparse.Namespace, block_bytes: int, pool_bytes: int = 0) -> int:
@@ -234,7 +222,7 @@ def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token:
 def run(args: argparse.Namespace) -> int:
     from kvsched.bench.plots import PlotUnavailable
     from kvsched.core.config import RetentionConfig
-    from kvsched.core.planner import ModelShape, PlanError, kv_bytes_per_token
+    from kvsched.core.planner import ModelShape, PlanError, fp8_tier_block_bytes, kv_bytes_per_token
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     try:
@@ -247,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
         if args.replicas < 1:
             raise ValueError("--replicas must be >= 1")
         capacity = max(capacity_blocks(args, trace, bpt) // args.replicas, 1)
-        block_bytes = tier_block_bytes(args, trace.block_size)
+        block_bytes = fp8_tier_block_bytes(ModelShape.from_preset(args.preset), args.kv_dtype, trace.block_size)
         tier = (tier_bytes(args, block_bytes, capacity * trace.block_size * bpt), block_bytes)
         tier = tier if tier[0] > 0 else (0, 0)
         if not args.h2d_gbps > 0:

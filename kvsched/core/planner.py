@@ -233,6 +233,15 @@ def kv_bytes_for_context(shape: ModelShape, kv_dtype: str, tokens: int) -> int:
     return int(round(per_layer * (full * tokens + shape.sliding_layers * capped)))
 
 
+def fp8_tier_block_bytes(shape: ModelShape, kv_dtype: str, block_size: int) -> int:
+    """FP8 tier bytes per KV block, as the tier connector sizes a slot: one byte per element of every layer's K and V,
+    plus a float32 scale per (layer, KV head) unless the KV cache is already 8-bit (then its pages are copied raw)."""
+    if shape.kv_lora_rank or shape.sliding_layers:
+        raise PlanError(f"the FP8 tier supports full-attention models; {shape.name} is not one")
+    raw = dtype_bytes(kv_dtype) == 1
+    return shape.layers * shape.kv_heads * (block_size * 2 * shape.head_dim + (0 if raw else 4))
+
+
 def kv_capacity_tokens(shape: ModelShape, kv_dtype: str, kv_bytes: int, block_size: int = 16) -> int:
     """Tokens of KV that fit in `kv_bytes`, in whole blocks of `block_size` tokens across all layers.
 

@@ -39,17 +39,26 @@ def check_fits_host(budget_bytes: int, host_total_bytes: int) -> None:
                               f"({host_total_bytes / 2**30:.1f} GiB); give --kvsched-fp8-tier-gb a smaller size")
 
 
+TIER_EVICTION_ORDERS = ("recency", "value")
+
+
 @dataclass(frozen=True, slots=True)
 class TierConfig:
     """budget_bytes: host memory the tier may hold (slots x bytes per block); 0 disables the tier.
-    remember_evicted: how many evicted block keys are remembered to count restore misses (bounded)."""
+    remember_evicted: how many evicted block keys are remembered to count restore misses (bounded).
+    eviction: which session's blocks leave a full tier first: `recency` (the session whose blocks entered the tier
+    longest ago) or `value` (the pins' retention value, lowest first, and never for a session worth less). Recency
+    is the default: it kept more of what came back on every trace measured (BENCHMARKS, issue 24's trace table)."""
 
     budget_bytes: int
     remember_evicted: int = 100_000
+    eviction: str = "recency"
 
     def __post_init__(self) -> None:
         if self.budget_bytes < 0:
             raise TierConfigError(f"tier budget must be >= 0 bytes, got {self.budget_bytes}")
+        if self.eviction not in TIER_EVICTION_ORDERS:
+            raise TierConfigError(f"tier eviction must be one of {', '.join(TIER_EVICTION_ORDERS)}, got {self.eviction!r}")
         if self.remember_evicted < 0:
             raise TierConfigError("remember_evicted must be >= 0")
 

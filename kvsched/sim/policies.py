@@ -127,7 +127,7 @@ class KVSchedPolicy(SimPolicy):
     by `kvsched.core.pin_apply.PinApplier` as in the vLLM adapter.
 
     With `tier_bytes` > 0, the FP8 demotion tier too, as `KVSchedFP8TierConnector` runs it: blocks released for
-    pressure or budget are demoted into `kvsched.core.tier.TierDirectory` (content key = block id, which is the
+    pressure, budget or TTL are demoted into `kvsched.core.tier.TierDirectory` (content key = block id, which is the
     chained prefix hash), a request loads the run of its prompt after its GPU prefix hit that the tier holds, and a
     session's last turn drops its tier blocks. Not modelled: the tier's prefetch ahead of a turn and its partial last
     blocks (the engine's `tier_prefetch` and `save_tail`)."""
@@ -135,7 +135,8 @@ class KVSchedPolicy(SimPolicy):
     name = "kvsched"
 
     def __init__(self, trace: Trace, pool: BlockPool, config: RetentionConfig, clock: Callable[[], float],
-                 bytes_per_token: float, tier_bytes: int = 0, tier_block_bytes: int = 0) -> None:
+                 bytes_per_token: float, tier_bytes: int = 0, tier_block_bytes: int = 0,
+                 tier_eviction: str = "recency") -> None:
         super().__init__(trace, pool)
         self.policy = RetentionPolicy(config, clock, total_blocks=pool.capacity, bytes_per_token=bytes_per_token)
         self.pin_pool = SimPinPool(pool, trace.n_ids)
@@ -145,7 +146,8 @@ class KVSchedPolicy(SimPolicy):
         if tier_bytes > 0:
             if tier_block_bytes <= 0:
                 raise ValueError("the tier needs its bytes per block")
-            self.tier = TierDirectory(TierConfig(budget_bytes=tier_bytes), tier_block_bytes, self.pins.tier_value)
+            self.tier = TierDirectory(TierConfig(budget_bytes=tier_bytes, eviction=tier_eviction), tier_block_bytes,
+                                      self.pins.tier_value)
             self.pins.attach_tier(self.tier, self._demote)
         self.peak_tier_blocks = 0
 

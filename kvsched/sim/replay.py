@@ -41,6 +41,7 @@ class ReplayConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     tier_bytes: int = 0  # kvsched's FP8 demotion tier (host memory); 0 = off
     tier_block_bytes: int = 0  # tier bytes per block (FP8 pages + scales; `kvsched simulate` derives it from the model)
+    tier_eviction: str = "recency"  # the tier's eviction order (kvsched.core.tier_config.TierConfig.eviction)
     restore_bytes_per_s: float = 0.0  # host -> device bandwidth: a restore adds its bytes / this to TTFT (0: free)
     check: bool = False  # assert pool invariants after every event (tests)
     record_applied: bool = False  # keep kvsched's applied decisions in ReplayResult.applied (tests)
@@ -116,13 +117,17 @@ def make_policy(name: str, trace: Trace, pool: BlockPool, cfg: ReplayConfig, clo
         return OptPolicy(trace, pool)
     if name == "kvsched":
         return KVSchedPolicy(trace, pool, cfg.retention, clock, cfg.bytes_per_token, cfg.tier_bytes,
-                             cfg.tier_block_bytes)
+                             cfg.tier_block_bytes, cfg.tier_eviction)
+    if name == "lru+offload":  # stock vLLM with its CPU offloading connector, on the tier's host bytes
+        from kvsched.sim.offload import OffloadLRUPolicy
+
+        return OffloadLRUPolicy(trace, pool, cfg.tier_bytes // cfg.tier_block_bytes if cfg.tier_block_bytes else 0)
     raise ValueError(f"unknown policy {name!r}")
 
 
 def replay(trace: Trace, policy: str, cfg: ReplayConfig,
            progress: Callable[[int], None] | None = None) -> ReplayResult:
-    """Replay `trace` under `policy` ("lru", "kvsched", "opt"); `progress(n)` is told of every ~1% of arrivals."""
+    """Replay `trace` under `policy` ("lru", "kvsched", "opt", "lru+offload"); `progress(n)` is told of every ~1% of arrivals."""
     wall0 = time.perf_counter()
     pool = BlockPool(trace.n_ids, cfg.capacity_blocks)
     clock = _Clock()

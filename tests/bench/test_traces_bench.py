@@ -27,7 +27,9 @@ def test_bench_traces_on_a_slice(tmp_path, capsys):
     r = json.loads(out.read_text())["traces"]["conv.jsonl"]["pressures"]["1.5"]
     s = r["share_of_opt_saving"]
     assert set(s) == {"lru", "kvsched", "opt", "kvsched, long TTL", "first turns unpinned", "end oracle",
-                      "class oracle", "class weights"}
+                      "class oracle", "class weights", "kvsched + FP8 tier", "LRU + CPU offload"}
+    # the host sides: the engine's default tier size (2x the pool's bytes; an FP8 pool, so 2x its blocks)
+    assert r["tier"]["slots"] == 2 * r["capacity_blocks"] and r["tier"]["h2d_gbps"] == 32.0
     assert s["opt"] == 1.0 and 0 < s["lru"] <= 1.0
     assert r["gate_share"] == s["lru"] + 0.3 * (1 - s["lru"])
     assert r["capacity_blocks"] == -(-r["peak_live_blocks"] * 2 // 3) and r["peak_live_blocks"] < r["distinct_blocks"]
@@ -38,6 +40,16 @@ def test_bench_traces_on_a_slice(tmp_path, capsys):
     rc = json.loads(out.read_text())["traces"]["conv.jsonl"]["return_classes"]
     assert sum(row["turns"] for row in rc["table"]) == rc["turns"] and 0.5 <= rc["auc"] <= 1.0
     assert "gate" in capsys.readouterr().out
+
+
+def test_no_tier_leaves_the_host_sides_out(tmp_path):
+    trace = tmp_path / "syn.jsonl"
+    convert_file(DATA / "mooncake_synthetic_slice.jsonl", trace)
+    out = tmp_path / "r.json"
+    assert main(["bench", "traces", str(trace), "--pressure", "3", "--no-headroom", "--no-tier", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["traces"]["syn.jsonl"]["pressures"]["3"]
+    assert set(r["share_of_opt_saving"]) == {"lru", "kvsched", "opt"} and "tier" not in r
+    assert main(["bench", "traces", str(trace), "--h2d-gbps", "0", "--out", str(out)]) == 2
 
 
 def test_headroom_flags_mark_each_sessions_first_and_last_turn(tmp_path):

@@ -108,8 +108,12 @@ def test_a_partial_release_takes_each_groups_tail_in_proportion_and_demotes_cach
     assert pins.pool.freed == [[4, 3, 1005, 1003]] and pins.pinned[A] == [[1, 2], [11, 12]]
     assert demoted == [(A, [("k3", 3), ("k4", 4)])]
     assert pins.log[-1] == Applied("release", "a", "pressure", 4, 2) and dropped == []
-    pins.apply([Release(A, ReleaseReason.TTL)])  # not a demoting reason; the whole pin: on_dropped hears it
-    assert pins.pool.freed[-1] == [2, 1, 12, 11] and len(demoted) == 1 and dropped == [A] and A not in pins.pinned
+    pins.apply([Release(A, ReleaseReason.TTL)])  # sessions return after their TTL: demoted too; the whole pin
+    assert pins.pool.freed[-1] == [2, 1, 12, 11] and dropped == [A] and A not in pins.pinned
+    assert len(demoted) == 2 and sorted(demoted[1][1]) == [("k1", 1), ("k11", 11), ("k12", 12), ("k2", 2)]
+    turn(pins, B, [[21, 22]])
+    pins.apply([Release(B, ReleaseReason.END)])  # an ended session will not come back: not demoted
+    assert pins.pool.freed[-1] == [22, 21] and len(demoted) == 2 and dropped == [A, B]
     assert directory.value_of == pins.tier_value
 
 

@@ -12,9 +12,12 @@ from kvsched.core.tier_config import TierConfigError
 BLOCK_BYTES = 100
 
 
-def directory(slots: int, values: dict[str, float] | None = None) -> TierDirectory:
+def directory(slots: int, values: dict[str, float] | None = None, eviction: str | None = None) -> TierDirectory:
+    """A tier of `slots` blocks; given `values`, in the value order (the tests of that order), else as configured."""
     vals = values if values is not None else {}
-    return TierDirectory(TierConfig(budget_bytes=slots * BLOCK_BYTES), BLOCK_BYTES, lambda o: vals.get(o, 0.0))
+    order = eviction or ("value" if values is not None else "recency")
+    return TierDirectory(TierConfig(budget_bytes=slots * BLOCK_BYTES, eviction=order), BLOCK_BYTES,
+                         lambda o: vals.get(o, 0.0))
 
 
 def blocks(prefix: str, n: int, first_id: int = 0) -> list[tuple[str, int]]:
@@ -61,6 +64,29 @@ def test_a_session_worth_less_than_every_resident_is_not_admitted():
     d.demote("a", blocks("a", 2))
     assert d.demote("b", blocks("b", 2)) == []
     assert d.counters["demotions_cut_short"] == 1 and d.used_slots == 2
+
+
+def test_recency_order_evicts_the_session_that_wrote_longest_ago_whatever_its_value():
+    d = directory(4, {"old": 9.0, "mid": 5.0, "new": 1.0}, eviction="recency")
+    assert TierConfig(budget_bytes=1).eviction == "recency"  # the default
+    d.demote("old", blocks("o", 2))
+    d.demote("mid", blocks("m", 2))
+    assert len(d.demote("new", blocks("n", 1))) == 1  # the value order would refuse it: worth less than both
+    assert "o1" not in d.slot_of and "o0" in d.slot_of and "m1" in d.slot_of  # the oldest writer's tail block
+    d.demote("old", blocks("o", 1))  # writing again (a block it already holds) makes it the most recent
+    assert len(d.demote("new", [("n1", 5)])) == 1  # so "mid" is the oldest writer now
+    assert "m1" not in d.slot_of and {"o0", "m0", "n0", "n1"} == set(d.slot_of)
+    d.drop_owner("mid")
+    assert d.put_tail("mid", "m0", [7], 0) is not None  # a tail write makes "mid" the most recent again
+    assert len(d.demote("new", [("n2", 6)])) == 1  # the tail yields first (tails go before full blocks)
+    assert d.tail_of == {} and {"o0", "n0", "n1", "n2"} == set(d.slot_of)
+    assert len(d.demote("mid", [("m5", 7)])) == 1  # then the oldest writer, "old", whatever its value
+    assert "o0" not in d.slot_of
+
+
+def test_an_unknown_eviction_order_is_a_typed_error():
+    with pytest.raises(TierConfigError, match="recency, value"):
+        TierConfig(budget_bytes=1, eviction="lru")
 
 
 def test_locked_slots_are_not_reused_until_unlocked():

@@ -1,0 +1,50 @@
+"""The baseline for the host tier: stock vLLM LRU with its CPU offloading connector (`lru+offload`) on the same host
+slots. Off at 0 slots, a host with room for everything serves what an unbounded pool would, a small host keeps the
+most recently stored blocks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from kvsched.sim.generator import QUICK, generate
+from kvsched.sim.offload import OffloadLRUPolicy
+from kvsched.sim.pool import BlockPool
+from kvsched.sim.replay import ReplayConfig, replay
+
+SMALL = replace(QUICK, workflows=3, rounds=2, worker_turns=3, session_tokens=(3000, 6000), brief_tokens=(500, 900))
+BLOCK_BYTES = 16 * 1024
+
+
+def test_no_host_slots_is_plain_lru():
+    trace = generate(SMALL)
+    cfg = ReplayConfig(capacity_blocks=math.ceil(trace.working_set_blocks() / 2), check=True)
+    lru = replay(trace, "lru", cfg)
+    off = replay(trace, "lru+offload", replace(cfg, tier_bytes=BLOCK_BYTES - 1, tier_block_bytes=BLOCK_BYTES))
+    assert (off.hit_tokens, off.restored_tokens, off.evictions) == (lru.hit_tokens, 0, lru.evictions)
+
+
+def test_a_host_with_room_for_everything_saves_what_an_unbounded_pool_would():
+    trace = generate(SMALL)
+    cfg = ReplayConfig(capacity_blocks=math.ceil(trace.working_set_blocks() / 2), check=True)
+    unbounded = replay(trace, "lru", replace(cfg, capacity_blocks=trace.working_set_blocks() + 1024)).tokens_saved
+    lru = replay(trace, "lru", cfg).tokens_saved
+    big = replay(trace, "lru+offload", replace(cfg, tier_bytes=trace.working_set_blocks() * BLOCK_BYTES,
+                                               tier_block_bytes=BLOCK_BYTES))
+    assert lru < unbounded and big.restored_tokens > 0
+    assert big.tokens_saved == unbounded  # every block a finished request held is on the host when it is asked for
+    assert big.policy_stats["host_evicted_blocks"] == 0
+
+
+def test_the_host_keeps_the_most_recently_stored_or_loaded_blocks():
+    trace = generate(SMALL)
+    p = OffloadLRUPolicy(trace, BlockPool(trace.n_ids, 8), slots=3)
+    p.on_finished(0, np.array([1, 2, 3]))
+    assert p.match_external(0, np.array([1, 2, 9]), 0, 3) == 2  # the unbroken run after the device hit
+    p.on_finished(0, np.array([4]))  # 3 was least recently used (1 and 2 were just loaded): it goes
+    assert list(p.host) == [1, 2, 4] and p.match_external(0, np.array([0, 3]), 1, 1) == 0
+    assert p.match_external(0, np.array([1, 2, 4]), 0, 2) == 2  # the limit (the prompt's last token) holds
+    p.on_finished(0, np.array([5, 6]))
+    assert list(p.host) == [2, 5, 6] and p.stats()["host_evicted_blocks"] == 3
