@@ -16,31 +16,36 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from itertools import accumulate
+from itertools import accumulate, islice
 
 
 class GapHistory:
     """The latest `window` inter-turn gaps (seconds) of one class, and the mean residual wait they imply:
     E[gap - idle | gap > idle], the expected time left before a session idle for `idle` seconds returns.
 
-    The gaps are kept sorted as they arrive (one insertion and at most one deletion, O(log n) search plus a memmove);
-    the suffix sums are rebuilt lazily (at most once per release decision), so a query is one bisection."""
+    The gaps are kept sorted as they arrive (one insertion and at most one deletion, O(log n) search plus a memmove).
+    `_top[k]` is the sum of the k largest gaps, added largest first; a change to the window keeps the sums above it
+    (their terms and order of addition are unchanged) and the rest is added back lazily, only as far as a query needs:
+    a query is one bisection, and the sums are those a full rebuild would give, bit for bit."""
 
     def __init__(self, window: int) -> None:
         self.recent: deque[float] = deque(maxlen=window)
         self._sorted: list[float] = []
-        self._suffix: list[float] = [0.0]
-        self._stale = False
+        self._top: list[float] = [0.0]  # only the entries still exact: sums of the 0, 1, ... largest gaps
 
     def __len__(self) -> int:
         return len(self.recent)
 
     def add(self, gap: float) -> None:
+        s, top = self._sorted, self._top
         if len(self.recent) == self.recent.maxlen:
-            del self._sorted[bisect.bisect_left(self._sorted, self.recent[0])]
+            i = bisect.bisect_left(s, self.recent[0])
+            del s[i]
+            del top[len(s) - i + 1:]  # the sums of the len(s) - i gaps above it stand
         self.recent.append(gap)
-        bisect.insort(self._sorted, gap)
-        self._stale = True
+        i = bisect.bisect_right(s, gap)  # where bisect.insort puts it
+        s.insert(i, gap)
+        del top[len(s) - i:]
 
     def median(self) -> float | None:
         """The upper median of the window (None while it is empty)."""
@@ -48,14 +53,16 @@ class GapHistory:
 
     def mean_residual(self, idle_s: float, min_samples: int) -> float | None:
         """Mean of `gap - idle_s` over the gaps longer than `idle_s`; None if fewer than `min_samples` are."""
-        if self._stale:
-            self._suffix = list(accumulate(reversed(self._sorted), initial=0.0))[::-1]
-            self._stale = False
-        i = bisect.bisect_right(self._sorted, idle_s)
-        n = len(self._sorted) - i
+        s = self._sorted
+        end = len(s)
+        n = end - bisect.bisect_right(s, idle_s)
         if n < min_samples:
             return None
-        return self._suffix[i] / n - idle_s
+        top = self._top
+        k = len(top)
+        if k <= n:  # add the k-th to the n-th largest gap, largest first, to the sums still exact
+            top.extend(islice(accumulate(reversed(s[end - n:end - k + 1]), initial=top[-1]), 1, None))
+        return top[n] / n - idle_s
 
 
 class GapModel:

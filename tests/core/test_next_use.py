@@ -119,6 +119,28 @@ def test_gap_history_keeps_the_latest_window_sorted_as_gaps_come_and_go():
     assert h.mean_residual(3.0, 3) is None  # only 4 and 6 are longer
 
 
+def test_gap_history_sums_are_a_full_rebuilds_bit_for_bit_whatever_was_added_and_asked_in_between():
+    """The sums of the largest gaps are kept across adds and extended only as far as a query needs; every answer must
+    equal the one from summing the window's gaps above the idle time afresh, largest first, to the last bit (the
+    release order compares these values: an ulp's difference could reorder two sessions)."""
+    import random
+    from itertools import accumulate
+
+    from kvsched.core.next_use import GapHistory
+
+    rng = random.Random(7)
+    for window in (1, 5, 64):
+        h = GapHistory(window)
+        for _ in range(600):
+            h.add(rng.choice((rng.uniform(0, 50), rng.expovariate(0.1), float(rng.randint(0, 5)))))
+            for _ in range(rng.randint(0, 3)):
+                idle = rng.uniform(-1, 60)
+                longer = sorted(g for g in h.recent if g > idle)
+                expected = (list(accumulate(reversed(longer), initial=0.0))[-1] / len(longer) - idle
+                            if longer else None)
+                assert h.mean_residual(idle, 1) == expected
+
+
 def run_worker(p: RetentionPolicy, clock: Clock, key: SessionKey, gaps: tuple[float, ...]) -> None:
     """One turn, then one more after each gap."""
     turn(p, key, WORKER)
