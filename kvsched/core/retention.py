@@ -24,6 +24,7 @@ from kvsched.core.config import RetentionConfig
 from kvsched.core.next_use import GapModel
 from kvsched.core.pin_payback import PinPayback
 from kvsched.core.release_index import ReleaseIndex, Selector
+from kvsched.core.retention_records import RELEASE_COUNTERS as COUNTER_NAMES
 from kvsched.core.retention_records import Decision, Pin, Release, ReleaseReason, SessionRecord, SessionView, view_of
 from kvsched.core.return_model import ReturnModel
 from kvsched.core.scoring import Candidate, select_lowest, value_of
@@ -254,7 +255,7 @@ class RetentionPolicy:
                     break
                 take = min(blocks, rec.pinned_blocks)
                 if rec.waiting:  # nothing idle was left: a queued request will prefill this part again
-                    self.counters[f"released_blocks_{reason.value}_waiting"] += take
+                    self.counters[COUNTER_NAMES[reason][3]] += take
                 release = self._release(rec, reason, take)
                 out.append(release)
                 self.index.changed(rec)
@@ -372,6 +373,7 @@ class RetentionPolicy:
             rec.burst_turns = 0  # the turn starting now opens a new burst
 
     def _release(self, rec: SessionRecord, reason: ReleaseReason, blocks: int | None = None) -> Release:
+        whole, partial, released_blocks, _ = COUNTER_NAMES[reason]
         if blocks is not None and 0 < blocks < rec.pinned_blocks:
             kept = rec.pinned_blocks - blocks
             tokens = rec.pinned_tokens * kept // rec.pinned_blocks
@@ -379,13 +381,13 @@ class RetentionPolicy:
             rec.pinned_tokens = tokens
             rec.pinned_blocks = kept
             self.pinned_blocks_total -= blocks
-            self.counters[f"released_{reason.value}_partial"] += 1
-            self.counters[f"released_blocks_{reason.value}"] += blocks
+            self.counters[partial] += 1
+            self.counters[released_blocks] += blocks
             return Release(rec.key, reason, blocks)
         self.pinned_blocks_total -= rec.pinned_blocks
-        self.counters[f"released_blocks_{reason.value}"] += rec.pinned_blocks
+        self.counters[released_blocks] += rec.pinned_blocks
         rec.pinned_blocks = rec.pinned_tokens = rec.prefetched_tokens = 0
-        self.counters[f"released_{reason.value}"] += 1
+        self.counters[whole] += 1
         return Release(rec.key, reason)
 
     def _trim_table(self) -> None:

@@ -18,6 +18,12 @@ class ReleaseReason(StrEnum):
     PAYBACK = "payback"  # pins were not paying against a plain LRU pool: suspended (kvsched.core.pin_payback)
 
 
+# The policy's counter names per reason (whole releases, partial ones, blocks released, blocks of queued sessions),
+# formatted once: a release happens several times per engine step.
+RELEASE_COUNTERS = {r: (f"released_{r.value}", f"released_{r.value}_partial", f"released_blocks_{r.value}",
+                        f"released_blocks_{r.value}_waiting") for r in ReleaseReason}
+
+
 @dataclass(frozen=True, slots=True)
 class Pin:
     key: SessionKey

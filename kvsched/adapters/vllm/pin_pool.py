@@ -13,15 +13,19 @@ from kvsched.adapters.vllm import compat
 class VllmPinPool:
     """`kvsched.core.pin_apply.PinPool` over the scheduler's KV cache manager, counting the pins' references."""
 
-    __slots__ = ("scheduler", "refs")
+    __slots__ = ("scheduler", "refs", "_hold", "_return", "_num_free")
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         self.refs: Counter[int] = Counter()  # block id -> pins holding it
+        self._hold, self._return, self._num_free = compat.block_pool_calls(scheduler)
 
     def hold(self, blocks: list[Any]) -> None:
-        compat.hold_blocks(self.scheduler, blocks)
-        self.refs.update(b.block_id for b in blocks)
+        self._hold(blocks)
+        refs = self.refs
+        for b in blocks:
+            i = b.block_id
+            refs[i] = refs.get(i, 0) + 1
 
     def hold_allocated(self, blocks: list[Any]) -> None:
         self.refs.update(b.block_id for b in blocks)
@@ -29,15 +33,16 @@ class VllmPinPool:
     def give_back(self, blocks: list[Any]) -> None:
         refs = self.refs
         for b in blocks:
-            n = refs[b.block_id] - 1
+            i = b.block_id
+            n = refs[i] - 1
             if n > 0:
-                refs[b.block_id] = n
+                refs[i] = n
             else:
-                del refs[b.block_id]
-        compat.return_blocks(self.scheduler, blocks)
+                refs.pop(i, None)  # dict's own: Counter's `del` is a Python method
+        self._return(blocks)
 
     def num_free(self) -> int:
-        return compat.num_free_blocks(self.scheduler)
+        return int(self._num_free())
 
     def num_pinned(self) -> int:
         return len(self.refs)
