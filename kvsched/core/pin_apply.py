@@ -115,13 +115,19 @@ class PinApplier(Generic[B]):
         low-water mark, in one pass: each release is applied as it is decided and counted by the distinct blocks it
         freed (a pin's shared head frees nothing while another pin holds it)."""
         pool = self.pool
+        pinned = pool.num_pinned()
+        if pinned <= self.policy.budget_blocks:  # the usual case: no closure, no call
+            return
 
         def applied(release: Release) -> int:
             before = pool.num_pinned()
-            self.apply((release,))
+            if self.before_apply is None and self.log is None:  # no observer: straight to the blocks
+                self.unpin(release.key, release.blocks, self.demote is not None and release.reason in DEMOTE_REASONS)
+            else:
+                self.apply((release,))
             return before - pool.num_pinned()
 
-        self.policy.release_over_budget(pool.num_pinned(), applied)
+        self.policy.release_over_budget(pinned, applied)
 
     def expire(self) -> None:
         if self.pinned:
@@ -206,7 +212,7 @@ class PinApplier(Generic[B]):
         dropped: list[B] = []
         for old_g, new_g in zip(old, groups, strict=True):
             n = len(old_g)
-            if len(new_g) >= n and new_g[:n] == old_g:  # identity-first C comparison: the usual case
+            if len(new_g) >= n and (new_g if len(new_g) == n else new_g[:n]) == old_g:  # identity-first, in C
                 common = n
             else:
                 common = 0
