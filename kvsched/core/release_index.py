@@ -62,7 +62,7 @@ class ReleaseIndex:
         """The session's pin, requests, value inputs or activity changed (call after every event of the session).
         O(1): the session is scored when a decision next needs the heap."""
         rec.version = next(self._versions)
-        if rec.pinned:
+        if rec.pinned_blocks > 0:  # `pinned`, without the property call (every event of every session)
             self.pinned[rec.key] = self._dirty[rec.key] = rec
         else:
             self.pinned.pop(rec.key, None)

@@ -102,7 +102,7 @@ class RetentionPolicy:
         self._not_waiting(rec)
         if rec.last_finished is not None:
             self._observe_gap(rec, max(now - rec.last_finished, 0.0))
-        if rec.pinned and cached_tokens > 0:
+        if rec.pinned_blocks > 0 and cached_tokens > 0:
             kept = rec.pinned_tokens - rec.prefetched_tokens  # retained between turns; the rest came from the tier
             self.counters["retained_hits"] += 1
             self.counters["retained_hit_tokens"] += min(cached_tokens, kept)
@@ -113,7 +113,7 @@ class RetentionPolicy:
             rec.hit_tokens += cached_tokens
         self._touch(rec)
         decisions: list[Decision] = []
-        if rec.pinned and cached_tokens < rec.pinned_tokens:
+        if rec.pinned_blocks > 0 and cached_tokens < rec.pinned_tokens:
             keep = rec.pinned_blocks * max(cached_tokens, 0) // max(rec.pinned_tokens, 1)
             decisions.append(self._release(rec, ReleaseReason.TURN, rec.pinned_blocks - keep if keep else None))
         self.index.changed(rec)
