@@ -109,3 +109,37 @@ def test_a_known_session_returns_its_key_object_and_hints_are_still_checked():
     assert compat.request_session(_req(salt="salt", ttl_s=-1), known) == (None, TurnHints())
     assert compat.request_session(_req(session_id=" s", salt="salt"), known) == (None, TurnHints())
     assert compat.request_session(_req(session_id=7), known) == (None, TurnHints())
+
+
+def test_with_vllm_0_32s_signature_the_wrapper_passes_arguments_by_position_and_still_retries():
+    """The fast wrapper (taken only for allocate_slots' exact 0.32 parameters) must pass every argument on, in place,
+    and count the connector's external tokens and the free hits on a shortage like the generic one."""
+    calls, shortages = [], []
+    results = iter([None, "blocks"])
+    hits = SimpleNamespace(blocks=([SimpleNamespace(ref_cnt=0), SimpleNamespace(ref_cnt=1)],))
+
+    def allocate(request, num_new_tokens, num_new_computed_tokens=0, new_computed_blocks=None, num_lookahead_tokens=0,
+                 num_external_computed_tokens=0, delay_cache_blocks=False, num_encoder_tokens=0,
+                 full_sequence_must_fit=False, reserved_blocks=0, has_scheduled_reqs=True, skip_zeroing_group_ids=()):
+        calls.append((request, num_new_tokens, num_new_computed_tokens, new_computed_blocks, num_lookahead_tokens,
+                      num_external_computed_tokens, delay_cache_blocks, num_encoder_tokens, full_sequence_must_fit,
+                      reserved_blocks, has_scheduled_reqs, skip_zeroing_group_ids))
+        return next(results)
+
+    sched = SimpleNamespace(kv_cache_manager=SimpleNamespace(allocate_slots=allocate))
+    compat.wrap_allocate_slots(sched, lambda r, n, free_hits: shortages.append((r, n, free_hits)) or True)
+    wrapped = sched.kv_cache_manager.allocate_slots
+    assert wrapped.__name__ == "allocate_slots_032"
+    assert wrapped("r", 5, num_new_computed_tokens=32, new_computed_blocks=hits, num_lookahead_tokens=2,
+                   num_external_computed_tokens=16, delay_cache_blocks=True, num_encoder_tokens=7,
+                   full_sequence_must_fit=True, reserved_blocks=3, has_scheduled_reqs=False,
+                   skip_zeroing_group_ids=(1,)) == "blocks"
+    assert shortages == [("r", 21, 1)]
+    assert calls == [("r", 5, 32, hits, 2, 16, True, 7, True, 3, False, (1,))] * 2
+
+
+def test_the_engines_allocate_slots_gets_the_positional_wrapper(tiny_model_dir):
+    """vLLM 0.32's KVCacheManager.allocate_slots has the parameters the fast wrapper names (else the generic one)."""
+    s = build_scheduler(KVSCHED_SCHEDULER, HarnessConfig(model_dir=tiny_model_dir, num_blocks=64, block_size=BLOCK,
+                                                         max_model_len=1024))
+    assert s.kv_cache_manager.allocate_slots.__name__ == "allocate_slots_032"
