@@ -31,21 +31,24 @@ class GapHistory:
     def __init__(self, window: int) -> None:
         self.recent: deque[float] = deque(maxlen=window)
         self._sorted: list[float] = []
-        self._top: list[float] = [0.0]  # only the entries still exact: sums of the 0, 1, ... largest gaps
+        self._top: list[float] = [0.0]  # sums of the 0, 1, ... largest gaps; the first `_exact` still are
+        self._exact = 1
 
     def __len__(self) -> int:
         return len(self.recent)
 
     def add(self, gap: float) -> None:
-        s, top = self._sorted, self._top
+        s = self._sorted
         if len(self.recent) == self.recent.maxlen:
             i = bisect.bisect_left(s, self.recent[0])
             del s[i]
-            del top[len(s) - i + 1:]  # the sums of the len(s) - i gaps above it stand
+            if len(s) - i + 1 < self._exact:  # the sums of the len(s) - i gaps above it stand
+                self._exact = len(s) - i + 1
         self.recent.append(gap)
         i = bisect.bisect_right(s, gap)  # where bisect.insort puts it
         s.insert(i, gap)
-        del top[len(s) - i:]
+        if len(s) - i < self._exact:
+            self._exact = len(s) - i
 
     def median(self) -> float | None:
         """The upper median of the window (None while it is empty)."""
@@ -59,9 +62,12 @@ class GapHistory:
         if n < min_samples:
             return None
         top = self._top
+        if self._exact < len(top):
+            del top[self._exact:]
         k = len(top)
         if k <= n:  # add the k-th to the n-th largest gap, largest first, to the sums still exact
             top.extend(islice(accumulate(reversed(s[end - n:end - k + 1]), initial=top[-1]), 1, None))
+        self._exact = len(top)
         return top[n] / n - idle_s
 
 
