@@ -35,6 +35,7 @@ __all__ = ["Clock", "Decision", "Pin", "Release", "ReleaseReason", "RetentionPol
 Clock = Callable[[], float]
 Applied = Callable[[Release], int]  # applies a release at once; returns the distinct blocks it freed
 BUDGET_SLACK_DIVISOR = 128  # a budget release goes 1/128 of the budget below it (see budget_low_water_blocks)
+MIN_RECHECK_S = 1.0  # an expired pin whose session has a request queued is looked at again after its TTL, at least this
 # Selector: (candidates, k) -> indices of the k lowest-value unpinned candidates, lowest first, ties by index. The pure
 # default is `kvsched.core.scoring.select_lowest`; the vLLM adapter passes `kvsched.ops.score.select_candidates` (the
 # score_and_select kernels: C++ on CPU, Triton on CUDA), which computes the same order.
@@ -191,9 +192,12 @@ class RetentionPolicy:
         return decisions
 
     def expire(self) -> list[Decision]:
-        """Release every pin whose TTL has run out."""
+        """Release every pin whose TTL has run out, except those of sessions whose next request is already queued:
+        the session is back (its turn's start hands the blocks to the request; a prefetch from the tier made that pin
+        after the TTL ran out, and releasing it would waste the restore). They are looked at again a TTL later."""
         now = self.clock()
         decisions: list[Decision] = []
+        back: list[SessionRecord] = []
         while self._expiry and self._expiry[0][0] <= now:
             t, _, key = heapq.heappop(self._expiry)
             rec = self.sessions.get(key)
@@ -201,13 +205,20 @@ class RetentionPolicy:
                 continue
             if rec.expiry_queued == t:
                 rec.expiry_queued = None
-            if not rec.pinned:
+            if not rec.pinned_blocks:
                 continue
-            if rec.expires_at <= now:
+            if rec.expires_at > now:
+                if rec.expiry_queued is None:  # a later turn extended the pin: look again when it runs out
+                    self._queue_expiry(rec)
+            elif rec.waiting:
+                back.append(rec)
+            else:
                 decisions.append(self._release(rec, ReleaseReason.TTL))
                 self.index.changed(rec)
-            elif rec.expiry_queued is None:  # a later turn extended the pin: look again when it runs out
-                self._queue_expiry(rec)
+        for rec in back:  # if its request is aborted instead, the pin still expires
+            if rec.expiry_queued is None:
+                rec.expiry_queued = now + max(rec.ttl_s, MIN_RECHECK_S)
+                heapq.heappush(self._expiry, (rec.expiry_queued, next(self._seq), rec.key))
         return decisions
 
     @property

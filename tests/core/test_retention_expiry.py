@@ -88,3 +88,26 @@ def test_expire_releases_exactly_the_pins_past_their_expiry(events):
     clock.advance(100.0)
     p.expire()
     assert p.pinned_blocks_total == 0
+
+
+def test_a_session_with_a_request_queued_keeps_its_expired_pin_until_the_turn_starts(clock):
+    """Its request is back (e.g. the tier restored its prefix into a pin while it queued): a TTL release now would
+    hand the restored blocks to the free queue just before the turn needs them. A request that is abandoned instead
+    does not keep the pin forever: it is looked at again a TTL later."""
+    p = make(clock, default_ttl_s=5.0)
+    finish(p, A)
+    finish(p, B)
+    clock.advance(6.0)
+    p.request_arrived(A, TurnHints())  # A's next turn is queued, B's is not
+    assert p.expire() == [Release(B, ReleaseReason.TTL)]
+    assert p.sessions[A].pinned_blocks == 10
+    assert p.turn_started(A, cached_tokens=160) == []  # the request holds the whole pin: nothing released
+    p.turn_finished(A, TurnHints(), 160, 10)
+    p.request_arrived(A, TurnHints())
+    clock.advance(6.0)
+    assert p.expire() == []
+    p.request_abandoned(A)  # aborted before it was scheduled
+    clock.advance(4.999)
+    assert p.expire() == []
+    clock.advance(0.001)  # a TTL after the look that kept it
+    assert p.expire() == [Release(A, ReleaseReason.TTL)] and p.pinned_blocks_total == 0

@@ -6,6 +6,7 @@ import itertools
 import json
 import subprocess
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -42,9 +43,10 @@ def plain_server(tiny_model_dir):
         yield server
 
 
-def chat(server, messages, session=None, salt=None, max_tokens=8, end=False):
+def chat(server, messages, session=None, salt=None, max_tokens=8, end=False, ttl=None):
     client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=120)
-    headers = {"X-Session-Id": session, **({"X-Session-End": "1"} if end else {})} if session else None
+    headers = {"X-Session-Id": session, **({"X-Session-End": "1"} if end else {}),
+               **({"X-Session-TTL": str(ttl)} if ttl else {})} if session else None
     return client.chat.completions.create(
         model="tiny", messages=messages, max_tokens=max_tokens, temperature=0, extra_headers=headers,
         extra_body={"cache_salt": salt} if salt else None)
@@ -125,6 +127,36 @@ def test_a_session_released_under_pressure_is_restored_from_the_tier(tier_server
     assert d["kvsched_tier_load_failures_total"] == 0
     assert 0 < after["kvsched_tier_kv_rel_rms_error"] <= 0.07  # e4m3 with a scale per (block, head)
     assert after["kvsched_tier_bytes"] <= after["kvsched_tier_capacity_bytes"]
+
+
+def test_a_session_whose_pin_expired_is_restored_from_the_tier(tier_server):
+    """A pin's TTL running out demotes its blocks too (real sessions come back long after any TTL: issue 24): when a
+    flood later takes the pool, the session's KV is already in the tier and its next turn restores it. Before, an
+    expired pin's blocks went to vLLM's free queue only, and the flood's evictions lost them."""
+    session = "expired"
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"read page of {session} " * 40}]
+    first = chat(tier_server, history, session=session, ttl=1)
+    assert pinned_blocks(tier_server, session) > 0
+    before = tier_server.metrics()
+    time.sleep(1.5)
+    flood(tier_server)  # the engine's first step after the TTL releases the pin (reason ttl), before any pressure
+    mid = tier_server.metrics()
+    assert pinned_blocks(tier_server, session) == 0
+    ttl = 'kvsched_pin_releases_total{reason="ttl"}'
+    assert mid[ttl] - before.get(ttl, 0.0) >= 1
+    assert mid["kvsched_tier_demoted_blocks_total"] > before["kvsched_tier_demoted_blocks_total"]
+    flood(tier_server)  # and the pool's copies of its blocks are reused: the next turn must come from the tier
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "tool output " * 20}]
+    start = tier_server.metrics()
+    chat(tier_server, history, session=session, max_tokens=16)
+    after = tier_server.metrics()
+    d = {k: after.get(k, 0.0) - start.get(k, 0.0) for k in after}
+    restored = d["vllm:external_prefix_cache_hits_total"] + d["kvsched_tier_prefetch_hit_tokens_total"]
+    assert restored >= (first.usage.prompt_tokens // 32) * 32 - 32  # its whole prefix, block for block
+    # restored while its request queued, into a pin its expired TTL no longer releases before the turn starts
+    assert d["kvsched_tier_prefetched_restores_total"] == 1 and d["kvsched_tier_wasted_prefetches_total"] == 0
+    assert d["kvsched_tier_load_failures_total"] == 0
 
 
 def test_a_turn_resumes_from_the_partial_last_block_and_decodes_as_if_recomputed(tier_server, plain_server):
