@@ -15,12 +15,12 @@ history is prefilled again), and the engine serves its queue in arrival order.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 
 from kvsched.core.config import RetentionConfig
+from kvsched.core.expiry import ExpiryQueue
 from kvsched.core.next_use import GapModel
 from kvsched.core.pin_payback import PinPayback
 from kvsched.core.release_index import ReleaseIndex, Selector
@@ -35,7 +35,6 @@ __all__ = ["Clock", "Decision", "Pin", "Release", "ReleaseReason", "RetentionPol
 Clock = Callable[[], float]
 Applied = Callable[[Release], int]  # applies a release at once; returns the distinct blocks it freed
 BUDGET_SLACK_DIVISOR = 128  # a budget release goes 1/128 of the budget below it (see budget_low_water_blocks)
-MIN_RECHECK_S = 1.0  # an expired pin whose session has a request queued is looked at again after its TTL, at least this
 # Selector: (candidates, k) -> indices of the k lowest-value unpinned candidates, lowest first, ties by index. The pure
 # default is `kvsched.core.scoring.select_lowest`; the vLLM adapter passes `kvsched.ops.score.select_candidates` (the
 # score_and_select kernels: C++ on CPU, Triton on CUDA), which computes the same order.
@@ -57,8 +56,7 @@ class RetentionPolicy:
         self.pinned_blocks_total = 0
         # Lazy heap of (time, seq, key): every pinned session has an entry no later than its expiry. One entry per
         # session, not one per finished turn (a busy engine finishes thousands of turns per TTL).
-        self._expiry: list[tuple[float, int, SessionKey]] = []
-        self._seq = itertools.count()
+        self.expiry = ExpiryQueue()
         self.counters: Counter[str] = Counter()
         self.gaps = GapModel(self.GAP_WINDOW, self.MIN_TAIL_SAMPLES)
         self._activity = itertools.count(1)
@@ -158,8 +156,7 @@ class RetentionPolicy:
         rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
         decisions: list[Decision] = [Pin(key)]
         self.counters["pins"] += 1
-        if rec.expiry_queued is None or rec.expires_at < rec.expiry_queued:
-            self._queue_expiry(rec)
+        self.expiry.queue(rec)
         self.index.changed(rec)
         self._trim_table()
         return decisions
@@ -173,8 +170,7 @@ class RetentionPolicy:
         self.pinned_blocks_total += blocks - rec.pinned_blocks
         rec.prefetched_tokens += tokens - rec.pinned_tokens
         rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
-        if rec.expiry_queued is None or rec.expires_at < rec.expiry_queued:
-            self._queue_expiry(rec)
+        self.expiry.queue(rec)
         self.index.changed(rec)
         self.counters["prefetches"] += 1
         return [Pin(key)]
@@ -192,33 +188,11 @@ class RetentionPolicy:
         return decisions
 
     def expire(self) -> list[Decision]:
-        """Release every pin whose TTL has run out, except those of sessions whose next request is already queued:
-        the session is back (its turn's start hands the blocks to the request; a prefetch from the tier made that pin
-        after the TTL ran out, and releasing it would waste the restore). They are looked at again a TTL later."""
-        now = self.clock()
+        """Release every pin whose TTL has run out (`ExpiryQueue.due`: not those of sessions already back)."""
         decisions: list[Decision] = []
-        back: list[SessionRecord] = []
-        while self._expiry and self._expiry[0][0] <= now:
-            t, _, key = heapq.heappop(self._expiry)
-            rec = self.sessions.get(key)
-            if rec is None:
-                continue
-            if rec.expiry_queued == t:
-                rec.expiry_queued = None
-            if not rec.pinned_blocks:
-                continue
-            if rec.expires_at > now:
-                if rec.expiry_queued is None:  # a later turn extended the pin: look again when it runs out
-                    self._queue_expiry(rec)
-            elif rec.waiting:
-                back.append(rec)
-            else:
-                decisions.append(self._release(rec, ReleaseReason.TTL))
-                self.index.changed(rec)
-        for rec in back:  # if its request is aborted instead, the pin still expires
-            if rec.expiry_queued is None:
-                rec.expiry_queued = now + max(rec.ttl_s, MIN_RECHECK_S)
-                heapq.heappush(self._expiry, (rec.expiry_queued, next(self._seq), rec.key))
+        for rec in self.expiry.due(self.sessions, self.clock()):
+            decisions.append(self._release(rec, ReleaseReason.TTL))
+            self.index.changed(rec)
         return decisions
 
     @property
@@ -365,10 +339,6 @@ class RetentionPolicy:
         """The session was active: it moves to the end of the table (and of the release order's ties)."""
         self.sessions.move_to_end(rec.key)
         rec.activity = next(self._activity)
-
-    def _queue_expiry(self, rec: SessionRecord) -> None:
-        rec.expiry_queued = rec.expires_at
-        heapq.heappush(self._expiry, (rec.expires_at, next(self._seq), rec.key))
 
     @staticmethod
     def _not_waiting(rec: SessionRecord) -> None:

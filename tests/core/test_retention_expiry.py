@@ -30,13 +30,13 @@ def test_many_turns_keep_one_heap_entry_and_expire_a_ttl_after_the_last(clock):
         finish(p, A)
         clock.advance(1.0)
         assert p.expire() == []
-    assert len(p._expiry) == 1  # the first turn's entry: re-queued when it comes due, not pushed per turn
+    assert len(p.expiry.heap) == 1  # the first turn's entry: re-queued when it comes due, not pushed per turn
     clock.advance(28.999)  # the last turn finished 29.999 s ago
     assert p.expire() == []
-    assert len(p._expiry) == 1
+    assert len(p.expiry.heap) == 1
     clock.advance(0.001)
     assert p.expire() == [Release(A, ReleaseReason.TTL)]
-    assert p._expiry == []
+    assert p.expiry.heap == []
 
 
 def test_a_shorter_ttl_hint_on_a_later_turn_expires_at_the_earlier_time(clock):
@@ -51,7 +51,7 @@ def test_a_shorter_ttl_hint_on_a_later_turn_expires_at_the_earlier_time(clock):
     assert p.expire() == [Release(A, ReleaseReason.TTL)]
     clock.advance(30.0)  # A's first entry (t=30) finds nothing pinned; B goes at t=30 (clock 1000 + 30)
     assert p.expire() == [Release(B, ReleaseReason.TTL)]
-    assert p._expiry == []
+    assert p.expiry.heap == []
 
 
 def test_a_pin_released_early_and_pinned_again_expires_exactly(clock):
@@ -84,7 +84,7 @@ def test_expire_releases_exactly_the_pins_past_their_expiry(events):
         released = p.expire()
         assert all(d.reason is ReleaseReason.TTL and d.blocks is None for d in released)
         assert {d.key for d in released} == due
-        assert len(p._expiry) <= n  # never more entries than finished turns (the old one-per-turn heap)
+        assert len(p.expiry.heap) <= n  # never more entries than finished turns (the old one-per-turn heap)
     clock.advance(100.0)
     p.expire()
     assert p.pinned_blocks_total == 0
