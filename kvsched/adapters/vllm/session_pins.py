@@ -40,6 +40,7 @@ class SessionPins:
         self.block_refs = pool.refs  # block id -> pins holding it (shared prefixes count once)
         self.requests: dict[str, tuple[SessionKey, TurnHints]] = {}
         self.started: set[str] = set()
+        self._reserved: dict[str, int] = {}  # request -> blocks it holds beyond its prompt's (the payback tracker's)
         self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
         self.resolver = SessionResolver(self.policy, self.enabled)  # branches and inferred sessions (lineage)
         # KVSCHED_TRACE=FILE: one JSON line per applied decision, for replaying what the policy did.
@@ -83,7 +84,10 @@ class SessionPins:
                                               "prompt": len(new.prompt_token_ids or ())}) + "\n")
             if self.prefetcher is not None:
                 self.prefetcher.on_turn_started(entry[0], int(new.num_computed_tokens))
-            self.pins.turn_started(entry[0], int(new.num_computed_tokens))
+            if self.policy.payback.enabled:
+                self._payback_started(new, entry[0])
+            else:
+                self.pins.turn_started(entry[0], int(new.num_computed_tokens))
 
     def on_request_finished(self, request: Any) -> None:
         """Called before vLLM frees a finished request's blocks: pin its reusable prefix for the next turn."""
@@ -100,7 +104,11 @@ class SessionPins:
         self.started.discard(request.request_id)
         groups = compat.reusable_prefix_blocks(self.scheduler, request.request_id) if self.enabled else []
         tokens = compat.block_tokens(groups[0], self.block_size) if groups else 0
-        self.pins.turn_finished(key, hints, groups, tokens)  # a last turn's tier blocks go too
+        if self.policy.payback.enabled:  # the ghost LRU caches what stock vLLM would: the request's full blocks
+            self.policy.payback.reserve(-self._reserved.pop(request.request_id, 0))
+            self.pins.turn_finished(key, hints, groups, tokens, compat.prompt_block_hashes(request))
+        else:
+            self.pins.turn_finished(key, hints, groups, tokens)  # a last turn's tier blocks go too
         if hints.end:
             self.resolver.forget(key)
         else:
@@ -115,6 +123,20 @@ class SessionPins:
             if self.prefetcher is not None:
                 self.prefetcher.on_turn_finished(request, key)
         self.pins.enforce_budget()
+
+    def _payback_started(self, new: Any, key: SessionKey) -> None:
+        """The pins' payback tracker (`KVSCHED_PAYBACK_SAMPLING`) hears the turn's prompt blocks and its cached part;
+        the blocks the request will hold beyond its prompt's full blocks (decode, a partial last block) are not
+        cacheable while it runs, in a stock pool as in ours."""
+        request = self.scheduler.requests.get(new.req_id)
+        prompt = len(new.prompt_token_ids or ())
+        full = prompt // self.block_size
+        keys = compat.prompt_block_hashes(request)[:full] if request is not None else []
+        kv_tokens = prompt + max(int(getattr(request, "max_tokens", 1) or 1) - 1, 0)  # the last sampled token has no KV
+        beyond = -(-kv_tokens // self.block_size) - full
+        self._reserved[new.req_id] = beyond
+        self.policy.payback.reserve(beyond)
+        self.pins.turn_started(key, int(new.num_computed_tokens), keys)
 
     def on_shortage(self, request: Any, num_new_tokens: int = 0, own_free_hits: int = 0) -> bool:
         """vLLM could not allocate blocks for a live request: release pins, lowest value first, before vLLM preempts
