@@ -154,8 +154,10 @@ def test_a_session_whose_pin_expired_is_restored_from_the_tier(tier_server):
     d = {k: after.get(k, 0.0) - start.get(k, 0.0) for k in after}
     restored = d["vllm:external_prefix_cache_hits_total"] + d["kvsched_tier_prefetch_hit_tokens_total"]
     assert restored >= (first.usage.prompt_tokens // 32) * 32 - 32  # its whole prefix, block for block
-    # restored while its request queued, into a pin its expired TTL no longer releases before the turn starts
-    assert d["kvsched_tier_prefetched_restores_total"] == 1 and d["kvsched_tier_wasted_prefetches_total"] == 0
+    # restored while its request queued, into a pin its expired TTL no longer releases before the turn starts: the
+    # turn hits the prefetched blocks themselves (before 05ef1b3 that pin was released at once, the prefetch counted
+    # wasted, and the turn's hits were plain prefix hits). Other sessions' prefetches may run meanwhile: not counted.
+    assert d["kvsched_tier_prefetch_hit_tokens_total"] >= (first.usage.prompt_tokens // 32) * 32 - 32
     assert d["kvsched_tier_load_failures_total"] == 0
 
 
