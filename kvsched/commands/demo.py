@@ -94,8 +94,8 @@ def plain_words(result: dict[str, Any]) -> str:
                      f"recomputed).")
     tier = k.get("tier")
     if tier:
-        lines.append(f"  - FP8 tier (host memory): {tier['demoted_blocks']} KV blocks moved there under memory "
-                     f"pressure instead of being dropped; {tier['restores']} turns restored {tier['restored_tokens']:,} "
+        lines.append(f"  - FP8 tier (host memory): {tier['demoted_blocks']} KV blocks moved there when memory pressure or a "
+                     f"TTL released them, instead of being dropped; {tier['restores']} turns restored {tier['restored_tokens']:,} "
                      f"prompt tokens from it instead of recomputing them.")
     errors = s["errors"] + k["errors"]
     lines.append("  - Errors: none." if not errors else f"  - Errors: stock {s['errors']}, kvsched {k['errors']}.")
