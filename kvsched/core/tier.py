@@ -14,8 +14,8 @@ a full block's demotion evicts tails before any other session's blocks, and a ta
 
 This module is the bookkeeping only (slots, owners, byte budget, eviction order); the bytes live with the workers, which
 execute the stores and loads the directory plans. When the tier is full, whole sessions go, tail blocks before head
-blocks, in one of two orders (`TierConfig.eviction`): by default the session whose blocks entered the tier longest ago
-first (recency of its last demotion, restore-from-a-lower-level or tail); or by the retention value the pins use
+blocks, in one of two orders (`TierConfig.eviction`): by default the session that wrote into the tier longest ago first
+(its last demotion, restore from a lower level or tail; tails among themselves in the order they were written); or by the retention value the pins use
 (`value_of`, lowest first, and only for a session worth more than the victim). The value order was the first design;
 on the Mooncake production traces and on the project's own fleet trace it kept less of what came back than recency
 (it refused demotions of sessions that looked cheap and then returned), so recency is the default.
@@ -81,9 +81,7 @@ class TierDirectory:
         self.block_bytes = block_bytes
         self.num_slots = config.budget_bytes // block_bytes
         self.value_of = value_of
-        self._by_value = config.eviction == "value"
-        self._stamp: dict[Owner, int] = {}  # owner -> sequence number of its last write into the tier (recency order)
-        self._seq = 0
+        self._by_value = config.eviction == "value"  # else recency: `keys_of` and `tail_of` are in the order of writes
         self._free: list[int] = list(range(self.num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self.slot_of: dict[Key, int] = {}
         self.owners: dict[Key, set[Owner]] = {}
@@ -118,7 +116,6 @@ class TierDirectory:
         placed: list[tuple[Key, int]] = []
         if not keys or self.num_slots == 0:
             return placed
-        self._touch(owner)
         mine = self.keys_of.pop(owner, [])
         self.keys_of[owner] = mine  # most recently admitted last: the eviction sample takes the others first
         mine_set = set(mine)
@@ -159,8 +156,9 @@ class TierDirectory:
             self.tail_of[owner] = key
             return None
         self.tail_of[owner] = key  # counted in the owner's value while it competes for a slot
-        self._touch(owner)
-        if not self._free and not self._evict_tail(exclude=owner, below=self._rank(owner)):
+        if not self._by_value and owner in self.keys_of:  # a write: the owner's full blocks become the most recent too
+            self.keys_of[owner] = self.keys_of.pop(owner)
+        if not self._free and not self._evict_tail(exclude=owner, below=self._rank_of_writer(owner)):
             del self.tail_of[owner]
             self.counters["tails_refused"] += 1
             return None
@@ -258,16 +256,15 @@ class TierDirectory:
         return len(self.keys_of.get(owner, ()))
 
     # ---- internals ----------------------------------------------------------------------------------------------
-    def _touch(self, owner: Owner) -> None:
-        """`owner` wrote into the tier: it becomes the most recent (the recency order's key)."""
-        self._seq += 1
-        self._stamp[owner] = self._seq
-        if len(self._stamp) > 2 * (len(self.keys_of) + len(self.tail_of)) + 1024:  # forget owners with nothing here
-            self._stamp = {o: n for o, n in self._stamp.items() if o in self.keys_of or o in self.tail_of or o == owner}
+    def _rank(self, owner: Owner, position: int) -> float:
+        """Eviction rank, lowest goes first: the retention value, or (recency) the owner's position in the sample,
+        which is taken in the order of the owners' last writes."""
+        return self.value_of(owner) if self._by_value else position
 
-    def _rank(self, owner: Owner) -> float:
-        """Eviction rank, lowest goes first: the retention value, or the owner's last write (recency)."""
-        return self.value_of(owner) if self._by_value else self._stamp.get(owner, 0)
+    def _rank_of_writer(self, owner: Owner) -> float:
+        """The rank a victim must be below to give way to `owner`, who is writing now: in the recency order the writer
+        is the most recent, so every other owner may give way."""
+        return self.value_of(owner) if self._by_value else float("inf")
 
     def _make_room(self, slots: int, owner: Owner) -> None:
         """Free up to `slots` slots for `owner` in one pass per victim (tails first, then the lowest-value other
@@ -290,7 +287,7 @@ class TierDirectory:
         sample = itertools.islice(self.tail_of.items(), self.EVICTION_SAMPLE)
         cands = sorted((value, i, key) for i, (owner, key) in enumerate(sample)
                        if owner != exclude and self.slot_of[key] not in self._locked
-                       and (value := self._rank(owner)) < below)
+                       and (value := self._rank(owner, i)) < below)
         for _, _, key in cands[:want]:
             if key in self.slot_of:  # sessions that finished on the same tokens share one tail: freed once
                 self._free_key(key)
@@ -317,10 +314,10 @@ class TierDirectory:
         """Free up to `want` slots from the other sessions worth less than `exclude`, lowest value first, tail blocks
         first (one scan of the owners per call: a victim whose blocks are all shared, e.g. a system prompt, frees
         nothing and the next one is tried without scanning again). False if no session may lose blocks."""
-        mine = self._rank(exclude)
+        mine = self._rank_of_writer(exclude)
         sample = itertools.islice(self.keys_of.items(), self.EVICTION_SAMPLE)  # the longest-standing owners first
         victims = sorted((value, i, owner) for i, (owner, keys) in enumerate(sample)
-                         if owner != exclude and keys and (value := self._rank(owner)) < mine)
+                         if owner != exclude and keys and (value := self._rank(owner, i)) < mine)
         for _, _, victim in victims:
             keys = self.keys_of[victim]
             while keys and want > 0:

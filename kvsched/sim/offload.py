@@ -44,10 +44,6 @@ class OffloadLRUPolicy(SimPolicy):
             host.move_to_end(b)
         return n
 
-    def on_admitted(self, i: int, prompt_ids: np.ndarray, hit_blocks: int) -> None:
-        # blocks loaded in `match_external` are counted there; an admission that waited re-matches on its next try
-        pass
-
     def on_finished(self, i: int, ids: np.ndarray) -> None:
         if not self.slots:
             return

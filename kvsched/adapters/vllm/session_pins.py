@@ -41,6 +41,7 @@ class SessionPins:
         self.requests: dict[str, tuple[SessionKey, TurnHints]] = {}
         self.started: set[str] = set()
         self._reserved: dict[str, int] = {}  # request -> blocks it holds beyond its prompt's (the payback tracker's)
+        self._payback = self.policy.payback.enabled  # fixed by the configuration: read once, not per turn
         self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
         self.resolver = SessionResolver(self.policy, self.enabled)  # branches and inferred sessions (lineage)
         # KVSCHED_TRACE=FILE: one JSON line per applied decision, for replaying what the policy did.
@@ -84,7 +85,7 @@ class SessionPins:
                                               "prompt": len(new.prompt_token_ids or ())}) + "\n")
             if self.prefetcher is not None:
                 self.prefetcher.on_turn_started(entry[0], int(new.num_computed_tokens))
-            if self.policy.payback.enabled:
+            if self._payback:
                 self._payback_started(new, entry[0])
             else:
                 self.pins.turn_started(entry[0], int(new.num_computed_tokens))
@@ -104,7 +105,7 @@ class SessionPins:
         self.started.discard(request.request_id)
         groups = compat.reusable_prefix_blocks(self.scheduler, request.request_id) if self.enabled else []
         tokens = compat.block_tokens(groups[0], self.block_size) if groups else 0
-        if self.policy.payback.enabled:  # the ghost LRU caches what stock vLLM would: the request's full blocks
+        if self._payback:  # the ghost LRU caches what stock vLLM would: the request's full blocks
             self.policy.payback.reserve(-self._reserved.pop(request.request_id, 0))
             self.pins.turn_finished(key, hints, groups, tokens, compat.prompt_block_hashes(request))
         else:
