@@ -29,7 +29,7 @@ from kvsched.bench.agents_report import (
 )
 from kvsched.bench.common import percentile, provenance, ratios, write_json
 from kvsched.bench.plots import grouped_bars, save_beside, side_ratios, ttft_chart
-from kvsched.serving import ServerSpec, VllmServer
+from kvsched.serving import ServerSpec, VllmServer, start_all
 from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
 from kvsched.tiny_model import SIZES, ensure_tiny_model, tiny_model_dtype
 
@@ -212,12 +212,14 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
     return out
 
 
-def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, progress: bool,
+def run_side(name: str, server: VllmServer, cfg: WorkloadConfig, progress: bool,
              fidelity_probes: int = 0, replay_bytes_per_token: float | None = None,
              trace_dir: Path | None = None) -> tuple[dict[str, Any], float]:
-    """One side's run; with `replay_bytes_per_token`, also its clairvoyant replay (`agents_replay`)."""
+    """One side's run on its started `server`, which is stopped after it; with `replay_bytes_per_token`, also its
+    clairvoyant replay (`agents_replay`)."""
     workflows = generate(cfg)
-    with VllmServer(spec) as server:
+    spec = server.spec
+    with server:
         prefill_tok_s = prefill_throughput(server, spec.served_model_name, spec.max_model_len)
         before = server.metrics()
         record = run_with_progress(server.url, spec.served_model_name, cfg.max_tokens, workflows, name, progress,
@@ -279,18 +281,27 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     bytes_per_token = kv_bytes_per_token(shape, dtype)
     pool_bytes = num_blocks * BLOCK_SIZE * bytes_per_token
     tier_gb = args.fp8_tier_gb
+    specs = {}
     for name in sides:
         extra = {TIER_SIDE: ["--kvsched-fp8-tier-gb", f"{tier_gb:.6f}"] if tier_gb is not None else [],
                  NO_TIER_SIDE: ["--kvsched-fp8-tier-gb", "0"]}.get(name, [])
-        spec = ServerSpec(model=model_dir, scheduler=SIDES.get(name, "kvsched"), max_model_len=max_model_len,
-                          block_size=BLOCK_SIZE,
-                          num_blocks=unbounded_blocks if name == "unbounded" else num_blocks,
-                          served_model_name="agents", extra_args=extra)
-        result[name], prefill_rates[name] = run_side(
-            name, spec, cfg, progress=not args.no_progress,
-            fidelity_probes=args.fidelity_probes if name == TIER_SIDE else 0,
-            replay_bytes_per_token=bytes_per_token if name in REPLAY_SIDES and not args.no_replay else None,
-            trace_dir=getattr(args, "trace_dir", None))
+        specs[name] = ServerSpec(model=model_dir, scheduler=SIDES.get(name, "kvsched"), max_model_len=max_model_len,
+                                 block_size=BLOCK_SIZE,
+                                 num_blocks=unbounded_blocks if name == "unbounded" else num_blocks,
+                                 served_model_name="agents", extra_args=extra)
+    # Every side's server starts at once (their start-ups overlap); the sides then run one after another, each on
+    # its own server while the others wait idle (no CPU), and each server stops after its side.
+    servers = start_all([VllmServer(specs[name]) for name in sides])
+    try:
+        for name, server in zip(sides, servers, strict=True):
+            result[name], prefill_rates[name] = run_side(
+                name, server, cfg, progress=not args.no_progress,
+                fidelity_probes=args.fidelity_probes if name == TIER_SIDE else 0,
+                replay_bytes_per_token=bytes_per_token if name in REPLAY_SIDES and not args.no_replay else None,
+                trace_dir=getattr(args, "trace_dir", None))
+    finally:
+        for server in servers:
+            server.stop()
     if "stock" in result:
         result["ratio"] = {s: ratios(result[s], result["stock"]) for s in result if s != "stock"}
         if TIER_SIDE in result["ratio"]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
 import threading
 import time
 import urllib.request
@@ -14,8 +13,9 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from kvsched.serving import ServerSpec, VllmServer, vllm_command  # noqa: E402
-from tests.cpu import require_fp8_kv_cache  # noqa: E402
+from kvsched.serving import ServerSpec, VllmServer, start_all, vllm_command  # noqa: E402
+from tests.cpu import cpu_features, require_fp8_kv_cache  # noqa: E402
+from tests.integration.procs import run_together  # noqa: E402
 
 pytestmark = pytest.mark.integration
 SYSTEM = "You are a careful research agent. Use the tools. " * 8
@@ -30,17 +30,35 @@ def serve(model, *extra):
 
 
 @pytest.fixture(scope="module")
-def tier_server(tiny_model_dir):
-    with serve(tiny_model_dir) as server:
-        yield server
+def servers(tiny_model_dir):
+    """Every server of this module, started at once (their start-ups overlap; one waiting idle takes no CPU): the
+    tier, kvsched with its tier off (what a restored turn must decode exactly like), a tier whose every slot is
+    corrupted after its checksum, and, where the CPU can hold one, a tier over an fp8 KV cache."""
+    named = {"tier": serve(tiny_model_dir),
+             "plain": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024,
+                                            num_blocks=POOL_BLOCKS, extra_args=["--kvsched-fp8-tier-gb", "0"])),
+             "faulty": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024,
+                                             num_blocks=POOL_BLOCKS, env={"KVSCHED_TIER_FAULT_EVERY": "1"},
+                                             extra_args=["--kvsched-fp8-tier-gb", "0.05"]))}
+    if not cpu_features().fp8_kv_cache_refusal():
+        named["fp8"] = serve(tiny_model_dir, "--kv-cache-dtype", "fp8")
+    start_all(list(named.values()))
+    try:
+        yield named
+    finally:
+        for server in named.values():
+            server.stop()
 
 
 @pytest.fixture(scope="module")
-def plain_server(tiny_model_dir):
+def tier_server(servers):
+    return servers["tier"]
+
+
+@pytest.fixture(scope="module")
+def plain_server(servers):
     """kvsched with its tier turned off: what a restored turn must decode exactly like."""
-    with VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=POOL_BLOCKS,
-                               extra_args=["--kvsched-fp8-tier-gb", "0"])) as server:
-        yield server
+    return servers["plain"]
 
 
 def chat(server, messages, session=None, salt=None, max_tokens=8, end=False, ttl=None):
@@ -183,14 +201,11 @@ def test_a_turn_resumes_from_the_partial_last_block_and_decodes_as_if_recomputed
     assert "kvsched_tier_enabled" not in plain_server.metrics()  # --kvsched-fp8-tier-gb 0: no tier at all
 
 
-def test_corrupt_slots_are_recomputed_never_served(tiny_model_dir, plain_server):
+def test_corrupt_slots_are_recomputed_never_served(servers, plain_server):
     """Fault injection: every slot's bytes change after its checksum was taken (a torn or overwritten host copy).
     The turn after the flood restores nothing (its prefetch and its own restore both fail their checks), recomputes,
     and decodes exactly what a server without the tier decodes."""
-    with VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=POOL_BLOCKS,
-                               env={"KVSCHED_TIER_FAULT_EVERY": "1"},
-                               extra_args=["--kvsched-fp8-tier-gb", "0.05"])) as faulty:
-        first, second, before, after, history = turn_after_flood(faulty, "corrupt")
+    first, second, before, after, history = turn_after_flood(servers["faulty"], "corrupt")
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     restored = d["kvsched_tier_restored_blocks_total"] + d["kvsched_tier_prefetched_blocks_total"]
     assert after["kvsched_tier_demoted_blocks_total"] > 0 and restored > 0
@@ -215,24 +230,28 @@ def test_ending_every_session_returns_the_pool_and_empties_the_tier(tier_server)
     assert stats["tier_blocks"] == 0  # ended sessions' tier blocks are dropped at once
 
 
-def test_an_fp8_kv_cache_is_tiered_as_is(tiny_model_dir):
+def test_an_fp8_kv_cache_is_tiered_as_is(servers):
     require_fp8_kv_cache()
-    with serve(tiny_model_dir, "--kv-cache-dtype", "fp8") as server:
-        first, second, before, after, _ = turn_after_flood(server, "fp8-cache")
-        restored = [after[f"kvsched_tier_{n}_blocks_total"] - before[f"kvsched_tier_{n}_blocks_total"]
-                    for n in ("restored", "prefetched")]
-        assert sum(restored) > 0
-        assert after["kvsched_tier_kv_rel_rms_error"] == 0  # copied bit for bit, no second quantization
-        stats = sessions(server)["stats"]
-        assert stats["tier_raw_fp8"] == 1
-        # one byte per element and no scales: half of the bf16 tier's bytes per block
-        assert stats["tier_block_bytes"] == stats["kv_bytes_per_token"] * 32
+    server = servers["fp8"]
+    first, second, before, after, _ = turn_after_flood(server, "fp8-cache")
+    restored = [after[f"kvsched_tier_{n}_blocks_total"] - before[f"kvsched_tier_{n}_blocks_total"]
+                for n in ("restored", "prefetched")]
+    assert sum(restored) > 0
+    assert after["kvsched_tier_kv_rel_rms_error"] == 0  # copied bit for bit, no second quantization
+    stats = sessions(server)["stats"]
+    assert stats["tier_raw_fp8"] == 1
+    # one byte per element and no scales: half of the bf16 tier's bytes per block
+    assert stats["tier_block_bytes"] == stats["kv_bytes_per_token"] * 32
 
 
-@pytest.mark.parametrize("value,message", [("-1", "finite number of GiB >= 0"), ("lots", "must be a number of GiB"),
-                                           ("1000000", "exceeds this machine's host memory")])
-def test_a_bad_tier_size_fails_at_start_with_a_message(tiny_model_dir, value, message):
-    proc = subprocess.run([*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched",
-                           "--kvsched-fp8-tier-gb", value], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "--kvsched-fp8-tier-gb" in proc.stderr and message in proc.stderr
+BAD_TIER_SIZES = [("-1", "finite number of GiB >= 0"), ("lots", "must be a number of GiB"),
+                  ("1000000", "exceeds this machine's host memory")]
+
+
+def test_a_bad_tier_size_fails_at_start_with_a_message(tiny_model_dir):
+    """Each bad value stops `vllm serve` at start with a message naming the flag (the three run at once)."""
+    done = run_together([[*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched",
+                          "--kvsched-fp8-tier-gb", value] for value, _ in BAD_TIER_SIZES])
+    for (value, message), proc in zip(BAD_TIER_SIZES, done, strict=True):
+        assert proc.returncode != 0, value
+        assert "--kvsched-fp8-tier-gb" in proc.stderr and message in proc.stderr, (value, proc.stderr[-2000:])

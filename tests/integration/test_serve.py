@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import urllib.error
 import urllib.request
 
@@ -12,7 +11,8 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from kvsched.serving import ServerSpec, VllmServer, vllm_command  # noqa: E402
+from kvsched.serving import ServerSpec, VllmServer, start_all, vllm_command  # noqa: E402
+from tests.integration.procs import run_together  # noqa: E402
 
 pytestmark = pytest.mark.integration
 KEY = "test-key"
@@ -20,17 +20,27 @@ SYSTEM = "You are a careful research agent. Use the tools. " * 8
 
 
 @pytest.fixture(scope="module")
-def kvsched_server(tiny_model_dir):
-    spec = ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=48, api_key=KEY,
-                      env={"VLLM_LOGGING_LEVEL": "INFO"})  # the tier's start-up line is checked below
-    with VllmServer(spec) as server:
-        yield server
+def servers(tiny_model_dir):
+    """kvsched's server and stock vLLM's, started at once (their start-ups overlap; one waiting takes no CPU)."""
+    kvsched = VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=48,
+                                    api_key=KEY, env={"VLLM_LOGGING_LEVEL": "INFO"}))  # the tier's start-up line is checked below
+    stock = VllmServer(ServerSpec(model=tiny_model_dir, scheduler=None, max_model_len=1024, num_blocks=48))
+    start_all([kvsched, stock])
+    try:
+        yield {"kvsched": kvsched, "stock": stock}
+    finally:
+        kvsched.stop()
+        stock.stop()
 
 
 @pytest.fixture(scope="module")
-def stock_server(tiny_model_dir):
-    with VllmServer(ServerSpec(model=tiny_model_dir, scheduler=None, max_model_len=1024, num_blocks=48)) as server:
-        yield server
+def kvsched_server(servers):
+    return servers["kvsched"]
+
+
+@pytest.fixture(scope="module")
+def stock_server(servers):
+    return servers["stock"]
 
 
 def client(server, key=KEY):
@@ -168,13 +178,21 @@ def test_stock_vllm_without_the_flag_is_untouched(stock_server):
     assert not any(name.startswith("kvsched_") for name in stock_server.metrics())
 
 
-def test_a_malformed_kvsched_setting_stops_the_server_at_start_naming_it(tiny_model_dir):
+@pytest.fixture(scope="module")
+def failed_starts(tiny_model_dir):
+    """The two start-ups that must fail, run at once: malformed kvsched settings, and an unknown scheduler."""
     import os
 
     env = dict(os.environ, KVSCHED_INFER_SESSIONS="maybe", KVSCHED_COMPACTION_CLIENT_STRATEGIES="shrink",
                KVSCHED_CPU_ISA="sse9", KVSCHED_STORE_KV_TTL_S="-1")
-    proc = subprocess.run([*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    malformed, unknown = run_together([[*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched"],
+                                       [*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "nonsense"]],
+                                      timeout_s=120, envs=[env, None])
+    return {"malformed": malformed, "unknown": unknown}
+
+
+def test_a_malformed_kvsched_setting_stops_the_server_at_start_naming_it(failed_starts):
+    proc = failed_starts["malformed"]
     assert proc.returncode == 2
     assert "kvsched: KVSCHED_INFER_SESSIONS='maybe'" in proc.stderr
     assert "kvsched: KVSCHED_COMPACTION_CLIENT_STRATEGIES='shrink'" in proc.stderr
@@ -182,9 +200,8 @@ def test_a_malformed_kvsched_setting_stops_the_server_at_start_naming_it(tiny_mo
     assert "kvsched: KVSCHED_STORE_KV_TTL_S must be > 0" in proc.stderr
 
 
-def test_unknown_scheduler_fails_at_start_with_the_choices(tiny_model_dir):
-    proc = subprocess.run([*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "nonsense"],
-                          capture_output=True, text=True, timeout=120)
+def test_unknown_scheduler_fails_at_start_with_the_choices(failed_starts):
+    proc = failed_starts["unknown"]
     assert proc.returncode != 0
     assert "unknown scheduler 'nonsense'; choose one of: kvsched, default" in proc.stderr
 

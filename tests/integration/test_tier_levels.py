@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 from kvsched.adapters.store.local_redis import LocalRedis, RedisUnavailable  # noqa: E402
-from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
+from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
 
 pytestmark = pytest.mark.integration
 BLOCK = 32
@@ -157,16 +157,13 @@ def test_a_restarted_engine_serves_its_sessions_next_turns_from_disk_and_never_a
 # ---- the shared level -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def replicas(tiny_model_dir, redis):
-    env = COMPACTION_ENV | {"KVSCHED_REPLICA_NAME": "b"}
-    b = VllmServer(spec(tiny_model_dir, "--kvsched-store-url", redis.url, env=env)).start()
+    b, c = (VllmServer(spec(tiny_model_dir, "--kvsched-store-url", redis.url,
+                            env=COMPACTION_ENV | {"KVSCHED_REPLICA_NAME": name})) for name in ("b", "c"))
+    start_all([b, c])  # their start-ups overlap
     try:
-        c = VllmServer(spec(tiny_model_dir, "--kvsched-store-url", redis.url,
-                            env=COMPACTION_ENV | {"KVSCHED_REPLICA_NAME": "c"})).start()
-        try:
-            yield b, c
-        finally:
-            c.stop()
+        yield b, c
     finally:
+        c.stop()
         b.stop()
 
 
