@@ -12,25 +12,20 @@ import pytest
 pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 
-from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
+from tests.integration.servers import COMPACTION_ENV, COMPACTION_MAX_MODEL_LEN, COMPACTION_TRIGGER  # noqa: E402
 
 pytestmark = pytest.mark.integration
-TRIGGER = 300
-MAX_MODEL_LEN = 4096
+TRIGGER = COMPACTION_TRIGGER
+MAX_MODEL_LEN = COMPACTION_MAX_MODEL_LEN
 SYSTEM = {"role": "system", "content": "You are a careful research agent. Use the tools. " * 4}
-ENV = {"KVSCHED_COMPACTION": "summarize", "KVSCHED_COMPACTION_TRIGGER_TOKENS": str(TRIGGER),
-       "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2", "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "48",
-       "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1", "KVSCHED_COMPACTION_CAP_TOKENS": "1000",
-       "KVSCHED_COMPACTION_RETRY_AFTER_S": "600", "KVSCHED_COMPACTION_CLIENT_STRATEGIES": "sliding_window,cap"}
+ENV = COMPACTION_ENV
 WORDS = "agent tool result page document query answer search cache block token prefix session memory".split()
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    spec = ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=MAX_MODEL_LEN, num_blocks=400,
-                      env=ENV)
-    with VllmServer(spec) as s:
-        yield s
+def server(compaction_server):
+    """Started with the package's other shared servers (conftest.launched; spec in servers.py)."""
+    return compaction_server
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,14 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
-from tests.cpu import require_fp8_kv_cache  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def fp8_server(tiny_model_dir):
-    require_fp8_kv_cache()
-    spec = ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=48,
-                      extra_args=["--kv-cache-dtype", "fp8"])
-    with VllmServer(spec) as server:
-        yield server
+def fp8_server(fp8_kv_server):
+    """Started with the package's other shared servers (conftest.launched; spec in servers.py)."""
+    return fp8_kv_server
 
 
 def _sessions(server):

@@ -18,7 +18,7 @@ pytest.importorskip("vllm")
 
 from kvsched.core.planner import GIB, ModelShape, kv_capacity_tokens  # noqa: E402
 from kvsched.ops.cpu_features import cpu_features  # noqa: E402
-from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
+from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
 
 pytestmark = pytest.mark.integration
 BLOCK = 32
@@ -26,19 +26,50 @@ LOG_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
 INFO_BLOCKS = re.compile(r'num_gpu_blocks="(\d+)"')
 
 
-def vllm_kv_tokens(model_dir: Path, kv_gib: int, extra_args: list[str]) -> tuple[int, int]:
-    """(tokens from the start-up log, blocks x block size from /metrics) of a vLLM engine on `model_dir`."""
-    spec = ServerSpec(model=model_dir, scheduler=None, max_model_len=512, block_size=BLOCK, kv_cache_gib=kv_gib,
+def kv_spec(model_dir: Path, kv_gib: int, extra_args: list[str]) -> ServerSpec:
+    return ServerSpec(model=model_dir, scheduler=None, max_model_len=512, block_size=BLOCK, kv_cache_gib=kv_gib,
                       env={"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)},
                       dtype="bfloat16", extra_args=extra_args)
-    with VllmServer(spec) as server:
-        infos = [k for k in server.metrics() if k.startswith("vllm:cache_config_info{")]
+
+
+def kv_tokens(server: VllmServer) -> tuple[int, int]:
+    """(tokens from the start-up log, blocks x block size from /metrics) of a started vLLM engine."""
+    infos = [k for k in server.metrics() if k.startswith("vllm:cache_config_info{")]
     log = server.log_path.read_text(errors="replace")
     match = LOG_LINE.search(log)
     assert match, server.log_tail()
     blocks = {int(m.group(1)) for k in infos if (m := INFO_BLOCKS.search(k))}
     assert len(blocks) == 1, infos
     return int(match.group(1).replace(",", "")), blocks.pop() * BLOCK
+
+
+def config_only_llama(tiny_model_dir: Path, out: Path) -> Path:
+    """A Llama shape vLLM has never seen, with no weights (`--load-format dummy` fills them)."""
+    for f in tiny_model_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg.update(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, num_hidden_layers=6,
+               intermediate_size=2048)
+    cfg.pop("head_dim", None)  # derived: hidden / heads = 64
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir, tmp_path_factory):
+    """Both engines, started at once (their start-ups overlap): the tiny model with 1 GiB of bf16 KV cache, and the
+    config-only Llama with 2 GiB of FP8 KV cache where the CPU backend supports one (AVX-512 or AMX), else bf16."""
+    config_only = config_only_llama(tiny_model_dir, tmp_path_factory.mktemp("config-only-llama"))
+    kv_dtype = "fp8" if cpu_features().fp8_kv_cache else "bf16"
+    extra = ["--load-format", "dummy", "--kv-cache-dtype", "fp8"] if kv_dtype == "fp8" else ["--load-format", "dummy"]
+    tiny, other = VllmServer(kv_spec(tiny_model_dir, 1, [])), VllmServer(kv_spec(config_only, 2, extra))
+    start_all([tiny, other])
+    try:
+        yield {"tiny": kv_tokens(tiny), "config-only": (config_only, kv_dtype, kv_tokens(other))}
+    finally:
+        tiny.stop()
+        other.stop()
 
 
 def check(shape: ModelShape, kv_dtype: str, kv_gib: int, logged: int, from_metrics: int) -> None:
@@ -49,24 +80,14 @@ def check(shape: ModelShape, kv_dtype: str, kv_gib: int, logged: int, from_metri
     assert abs(predicted - logged) <= 0.02 * predicted, (predicted, logged)
 
 
-def test_tiny_model_capacity_matches_vllm(tiny_model_dir):
+def test_tiny_model_capacity_matches_vllm(tiny_model_dir, engines):
     shape = ModelShape.from_hf_config(tiny_model_dir, name="tiny-test")
-    check(shape, "bf16", 1, *vllm_kv_tokens(tiny_model_dir, 1, []))
+    check(shape, "bf16", 1, *engines["tiny"])
 
 
-def test_config_only_llama_capacity_matches_vllm(tiny_model_dir, tmp_path):
-    """A Llama shape vLLM has never seen, with no weights (`--load-format dummy` fills them), and an FP8 KV cache
-    where the CPU backend supports one (AVX-512 or AMX, as vLLM checks)."""
-    for f in tiny_model_dir.iterdir():
-        if f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, tmp_path / f.name)
-    cfg = json.loads((tiny_model_dir / "config.json").read_text())
-    cfg.update(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, num_hidden_layers=6,
-               intermediate_size=2048)
-    cfg.pop("head_dim", None)  # derived: hidden / heads = 64
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    shape = ModelShape.from_hf_config(tmp_path, name="config-only-llama")
+def test_config_only_llama_capacity_matches_vllm(engines):
+    """A Llama shape vLLM has never seen, with no weights, and an FP8 KV cache where the CPU backend supports one."""
+    model_dir, kv_dtype, tokens = engines["config-only"]
+    shape = ModelShape.from_hf_config(model_dir, name="config-only-llama")
     assert (shape.layers, shape.kv_heads, shape.head_dim) == (6, 4, 64)
-    kv_dtype = "fp8" if cpu_features().fp8_kv_cache else "bf16"
-    extra = ["--load-format", "dummy", "--kv-cache-dtype", "fp8"] if kv_dtype == "fp8" else ["--load-format", "dummy"]
-    check(shape, kv_dtype, 2, *vllm_kv_tokens(tmp_path, 2, extra))
+    check(shape, kv_dtype, 2, *tokens)

@@ -1,0 +1,33 @@
+"""The package's servers that several modules each start once: the hardened shared one (security, zero-change
+clients, fuzz), compaction's and the fp8 KV cache's. `conftest.launched` spawns them together when the first is
+needed, so their start-ups overlap (three single-threaded Python imports each); a server waiting idle takes no CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvsched.ops.cpu_features import cpu_features
+from kvsched.serving import ServerSpec
+from tests.integration.secure import ENV as SECURE_ENV
+from tests.integration.secure import KEYS
+
+COMPACTION_TRIGGER = 300
+COMPACTION_MAX_MODEL_LEN = 4096
+COMPACTION_ENV = {
+    "KVSCHED_COMPACTION": "summarize", "KVSCHED_COMPACTION_TRIGGER_TOKENS": str(COMPACTION_TRIGGER),
+    "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2", "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "48",
+    "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1", "KVSCHED_COMPACTION_CAP_TOKENS": "1000",
+    "KVSCHED_COMPACTION_RETRY_AFTER_S": "600", "KVSCHED_COMPACTION_CLIENT_STRATEGIES": "sliding_window,cap"}
+
+
+def package_specs(model: Path) -> dict[str, ServerSpec]:
+    specs = {
+        "secure": ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48,
+                             extra_args=["--api-key", *KEYS], env=SECURE_ENV),
+        "compaction": ServerSpec(model=model, scheduler="kvsched", max_model_len=COMPACTION_MAX_MODEL_LEN,
+                                 num_blocks=400, env=COMPACTION_ENV),
+    }
+    if not cpu_features().fp8_kv_cache_refusal():  # test_fp8_kv skips without it
+        specs["fp8_kv"] = ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48,
+                                     extra_args=["--kv-cache-dtype", "fp8"])
+    return specs
