@@ -96,9 +96,11 @@ class VllmServer:
         return self
 
     def wait_ready(self) -> VllmServer:
-        """Wait until /health answers; a process that exits or outlasts the start-up timeout raises with its log."""
+        """Wait until /health answers; a process that exits or outlasts the start-up timeout (counted from its launch)
+        raises with its log. A server launched long before (see `start_all`, tests' shared servers) that serves is
+        ready at once, whenever this is called."""
         assert self.proc is not None, "launch() first"
-        while time.monotonic() < self._deadline:
+        while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
@@ -107,6 +109,8 @@ class VllmServer:
                         return self
             except OSError:
                 pass
+            if time.monotonic() >= self._deadline:
+                break
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"vllm serve not ready after {self.startup_timeout_s:.0f}s:\n{self.log_tail()}")

@@ -1,0 +1,61 @@
+"""`VllmServer.wait_ready` on a server launched long before it is asked (the integration package's shared servers are
+launched together and waited for by the module that first needs each): one that serves is ready at once, one that
+never serves fails with the start-up timeout. A small HTTP process stands in for `vllm serve`'s /health."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kvsched.serving import ServerSpec, VllmServer
+
+HEALTH = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def stand_in(tmp_path: Path, serves: bool) -> VllmServer:
+    server = VllmServer(ServerSpec(model=tmp_path), log_path=tmp_path / "log", startup_timeout_s=1.0)
+    code = HEALTH if serves else "import time; time.sleep(60)"
+    server.proc = subprocess.Popen([sys.executable, "-c", code, str(server.port)], start_new_session=True)
+    return server
+
+
+def test_a_server_launched_longer_ago_than_the_timeout_that_serves_is_ready(tmp_path: Path) -> None:
+    server = stand_in(tmp_path, serves=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not serving(server):  # the stand-in is up
+            assert time.monotonic() < deadline, "the stand-in never served"
+            time.sleep(0.1)
+        server._deadline = time.monotonic() - 60  # launched "long ago": its start-up timeout ran out a minute ago
+        assert server.wait_ready() is server  # before the fix: TimeoutError, and the server stopped
+        assert server.proc is not None and server.proc.poll() is None
+    finally:
+        server.stop()
+
+
+def serving(server: VllmServer) -> bool:
+    try:
+        with urllib.request.urlopen(server.base + "/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_a_server_that_never_serves_times_out_and_is_stopped(tmp_path: Path) -> None:
+    server = stand_in(tmp_path, serves=False)
+    server._deadline = time.monotonic() + 1.0
+    with pytest.raises(TimeoutError, match="not ready after 1s"):
+        server.wait_ready()
+    assert server.proc is not None and server.proc.poll() is not None  # stopped, not left running
