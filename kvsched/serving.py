@@ -77,8 +77,9 @@ class VllmServer:
         self._deadline = 0.0
 
     def start(self) -> VllmServer:
-        """Launch (unless `launch` already did) and wait until it serves."""
-        if self.proc is None or self.proc.poll() is not None:
+        """Launch (unless `launch` already did) and wait until it serves. A launched process that has exited is not
+        launched again: `wait_ready` raises with its log."""
+        if self.proc is None:
             self.launch()
         return self.wait_ready()
 

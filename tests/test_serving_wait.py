@@ -59,3 +59,11 @@ def test_a_server_that_never_serves_times_out_and_is_stopped(tmp_path: Path) -> 
     with pytest.raises(TimeoutError, match="not ready after 1s"):
         server.wait_ready()
     assert server.proc is not None and server.proc.poll() is not None  # stopped, not left running
+
+
+def test_start_on_a_launched_server_that_died_raises_instead_of_launching_again(tmp_path: Path) -> None:
+    server = VllmServer(ServerSpec(model=tmp_path), log_path=tmp_path / "log", startup_timeout_s=5.0)
+    server.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], start_new_session=True)
+    server.proc.wait()
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        server.start()

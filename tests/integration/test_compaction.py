@@ -12,13 +12,11 @@ import pytest
 pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 
-from tests.integration.servers import COMPACTION_ENV, COMPACTION_MAX_MODEL_LEN, COMPACTION_TRIGGER  # noqa: E402
+from tests.integration.servers import COMPACTION_MAX_MODEL_LEN as MAX_MODEL_LEN  # noqa: E402
+from tests.integration.servers import COMPACTION_TRIGGER as TRIGGER  # noqa: E402
 
 pytestmark = pytest.mark.integration
-TRIGGER = COMPACTION_TRIGGER
-MAX_MODEL_LEN = COMPACTION_MAX_MODEL_LEN
 SYSTEM = {"role": "system", "content": "You are a careful research agent. Use the tools. " * 4}
-ENV = COMPACTION_ENV
 WORDS = "agent tool result page document query answer search cache block token prefix session memory".split()
 
 
