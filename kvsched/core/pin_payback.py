@@ -10,7 +10,8 @@ hit only while every earlier sampled block of the prompt hit too.
 
 Both counts decay per observed request (an exponential window of `window` requests). When the pins have been on for a
 whole window and the real pool hit fewer than (1 - margin) x the ghost's hits, pins are suspended for `cooldown`
-requests, then probed again for a window.
+requests, then probed again for a window. With `start` > 0 that switch is off and `kvsched.core.pin_ledger` judges
+the pins instead, on their balance over the whole run, which caps new pins' TTL.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+
+from kvsched.core.pin_ledger import LedgerConfig, PinLedger
 
 _MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads sequential ids (the simulator's) over the key space
 _MASK = (1 << 64) - 1
@@ -29,16 +32,27 @@ class PaybackConfig:
     """sampling: track 1 block key in `sampling` (0: the tracker is off, pins always on).
     window: requests in the decaying window the hits are compared over (also the length of a probe).
     cooldown: requests pins stay suspended before they are probed again.
-    margin: pins are suspended when real hits < (1 - margin) x the ghost LRU's hits."""
+    margin: pins are suspended when real hits < (1 - margin) x the ghost LRU's hits.
+    start, gain, floor, ceiling: `start` > 0: no switch; the pin ledger (`kvsched.core.pin_ledger.LedgerConfig`)
+        caps new pins' TTL instead, at `start` seconds while the balance is even."""
 
     sampling: int = 8
     window: int = 1000
     cooldown: int = 2000
     margin: float = 0.0
+    start: float = 0.0
+    gain: float = 0.5
+    floor: float = 1.0 / 32
+    ceiling: float = 600.0
 
     def __post_init__(self) -> None:
-        if self.sampling < 0 or self.window < 1 or self.cooldown < 0 or not -1.0 < self.margin < 1.0:
+        if self.sampling < 0 or self.window < 1 or self.cooldown < 0 or not -1.0 < self.margin < 1.0 or not self.start >= 0:
             raise ValueError(f"invalid payback settings {self}")
+        if self.start:
+            self.ledger()  # raises if invalid
+
+    def ledger(self) -> LedgerConfig:
+        return LedgerConfig(self.start, self.gain, self.floor, self.ceiling)
 
 
 class PinPayback:
@@ -46,7 +60,7 @@ class PinPayback:
 
     __slots__ = ("config", "rate", "threshold", "total", "capacity", "reserved", "ghost", "running", "decay", "real", "lru", "pinning",
                  "since_switch", "switches",
-                 "real_hits", "lru_hits")
+                 "real_hits", "lru_hits", "ledger")
 
     def __init__(self, config: PaybackConfig, total_blocks: int) -> None:
         self.config = config
@@ -65,6 +79,11 @@ class PinPayback:
         self.since_switch = 0  # requests observed since pins were last suspended or resumed
         self.switches = 0
         self.real_hits = self.lru_hits = 0  # sampled hits since the start, undecayed (stats, tests)
+        self.ledger = PinLedger(config.ledger()) if rate and config.start else None
+
+    def ttl(self, ttl_s: float) -> float:
+        """A new pin's TTL: `ttl_s` (hinted or configured), capped by the pin ledger when it is on."""
+        return ttl_s if self.ledger is None else self.ledger.ttl(ttl_s)
 
     @property
     def enabled(self) -> bool:
@@ -101,8 +120,8 @@ class PinPayback:
 
     def observe(self, keys: Iterable[Hashable], cached_blocks: int) -> bool | None:
         """A request started with prompt blocks `keys` (prefix order) of which the first `cached_blocks` were hits in
-        the real pool; it holds them until `cached` is called with them. Updates both sides; returns the new
-        `pinning` when it changed, else None."""
+        the real pool; it holds them until `cached` is called with them. Updates both sides (and the pin ledger, when
+        on); returns the new `pinning` when it changed, else None."""
         if not self.rate:
             return None
         t, ghost, running = self.threshold, self.ghost, self.running
@@ -130,6 +149,9 @@ class PinPayback:
         self.real = self.real * d + real
         self.lru = self.lru * d + lru
         self.since_switch += 1
+        if self.ledger is not None:
+            self.ledger.observe(real, lru)
+            return None
         return self._judge()
 
     def _judge(self) -> bool | None:

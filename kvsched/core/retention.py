@@ -120,7 +120,8 @@ class RetentionPolicy:
 
     def prompt_seen(self, keys: Iterable[Hashable], cached_blocks: int) -> list[Decision]:
         """A request started with prompt block keys `keys` (prefix order), the first `cached_blocks` hit: the pin
-        payback tracker compares that with a ghost LRU pool; if pins stop paying, every pin is released now."""
+        payback tracker compares that with a ghost LRU pool; if pins stop paying, every pin is released now (with its
+        pin ledger on, new pins' TTLs are capped instead: `PinPayback.ttl`)."""
         if self.payback.observe(keys, cached_blocks) is not False:
             return []
         self.counters["payback_suspended"] += 1
@@ -143,7 +144,7 @@ class RetentionPolicy:
         rec.last_finished = now
         if hints.role:
             rec.role = hints.role
-        rec.ttl_s = self.config.ttl_for(hints.ttl_s)
+        rec.ttl_s = self.payback.ttl(self.config.ttl_for(hints.ttl_s))  # capped while pins have not paid
         self._touch(rec)
         if hints.end:
             return self.end(key)

@@ -202,11 +202,16 @@ class KVSchedPolicy(SimPolicy):
         self.peak_tier_blocks = max(self.peak_tier_blocks, self.tier.used_slots)
         return len(stores)
 
+    def _ledger_stats(self) -> dict[str, float]:
+        ledger = self.policy.payback.ledger
+        return {} if ledger is None else {"payback_balance": ledger.balance, "payback_ttl_cap_s": ledger.cap}
+
     def stats(self) -> dict[str, float]:
         c = self.policy.counters
         out = {"peak_pinned_blocks": self.pin_pool.peak, "pins": c["pins"],
                "retained_hit_tokens": c["retained_hit_tokens"], "payback_switches": self.policy.payback.switches,
                "payback_real_hits": self.policy.payback.real_hits, "payback_lru_hits": self.policy.payback.lru_hits,
+               **self._ledger_stats(),
                **{k: v for k, v in sorted(c.items()) if k.startswith("released_")}}
         if self.tier is not None:
             t = self.tier

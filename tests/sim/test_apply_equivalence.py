@@ -116,6 +116,11 @@ def differences(engine, applied: list[Applied], prefill: int, sim: ReplayResult)
     theirs = tuple(sim.policy_stats[f"payback_{k}"] for k in ("real_hits", "lru_hits", "switches"))
     if mine != theirs:
         out.append(f"payback tracker (real hits, ghost LRU hits, switches): engine {mine}, simulator {theirs}")
+    if pb.ledger is not None:
+        mine_l = (pb.ledger.balance, pb.ledger.cap)
+        theirs_l = (sim.policy_stats["payback_balance"], sim.policy_stats["payback_ttl_cap_s"])
+        if mine_l != theirs_l:
+            out.append(f"pin ledger (balance, TTL cap): engine {mine_l}, simulator {theirs_l}")
     return out
 
 
@@ -125,6 +130,9 @@ SCENARIOS = {  # name: (seed, KVSCHED_* settings, the release reasons the run mu
     # the pins' payback tracker fed by both sides (every block key sampled; windows short enough to switch)
     "payback": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_WINDOW": "4", "KVSCHED_PAYBACK_COOLDOWN": "4",
                     "KVSCHED_PAYBACK_MARGIN": "-0.5"}, {"payback", "pressure", "end"}),
+    # the pin ledger instead of the switch: every key sampled, pins start capped at 4 s (the trace hints 8 s)
+    "ledger": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_START_TTL_S": "4", "KVSCHED_PAYBACK_GAIN": "1"},
+               {"ttl", "pressure", "end"}),
 }
 
 
@@ -153,6 +161,9 @@ def test_the_simulator_applies_the_same_decisions_as_vllm(name, tiny_model_dir):
         assert tier.directory.counters["evicted_blocks"] > 0 and tier.stats["restored_blocks"] > 0
     else:
         assert engine.kvsched.policy.payback.lru_hits > 0
+    if name == "ledger":  # the cap moved with a balance both sides count
+        ledger = engine.kvsched.policy.payback.ledger
+        assert ledger.balance != 0 and ledger.cap != 4.0
     assert differences(engine, applied, prefill, sim) == []
 
 

@@ -1,0 +1,98 @@
+"""The pin ledger: the run's hit balance against the ghost LRU and the TTL cap it sets on new pins."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from kvsched.core.config import RetentionConfig
+from kvsched.core.pin_ledger import LedgerConfig, PinLedger
+from kvsched.core.pin_payback import PaybackConfig, PinPayback
+from kvsched.core.retention import Pin, RetentionPolicy
+from kvsched.core.sessions import SessionId, SessionKey, TurnHints
+from tests.conftest import FakeClock
+
+
+def ledger(start: float = 30.0, gain: float = 0.5, floor: float = 1 / 32, ceiling: float = 600.0) -> PinLedger:
+    return PinLedger(LedgerConfig(start, gain, floor, ceiling))
+
+
+def test_an_even_balance_caps_pins_at_the_start_ttl() -> None:
+    led = ledger()
+    for _ in range(10):
+        led.observe(3, 3)  # as many hits as LRU: no evidence
+    assert led.balance == 0 and led.cap == 30.0
+    assert led.ttl(600.0) == 30.0 and led.ttl(5.0) == 5.0
+
+
+def test_the_cap_follows_the_evidence_exactly() -> None:
+    led = ledger(gain=0.5)
+    led.observe(0, 2)
+    led.observe(1, 0)
+    z = -1 / math.sqrt(4 + 1 + 1)  # C = -2 + 1, V = 4 + 1
+    assert led.evidence == pytest.approx(z)
+    assert led.cap == pytest.approx(30.0 * math.exp(0.5 * z))
+
+
+def test_losses_shrink_the_cap_to_its_floor_and_earnings_grow_it_to_the_ceiling() -> None:
+    led = ledger(floor=0.25, ceiling=100.0)
+    caps = []
+    for _ in range(200):
+        led.observe(0, 1)
+        caps.append(led.cap)
+    assert caps == sorted(caps, reverse=True) and caps[-1] == 7.5
+    for _ in range(2000):
+        led.observe(2, 0)
+    assert led.cap == 100.0 and led.balance == 4000 - 200
+
+
+def test_evidence_is_consistency_not_size() -> None:
+    one_big, four_small = ledger(), ledger()
+    one_big.observe(4, 0)
+    for _ in range(4):
+        four_small.observe(1, 0)
+    assert one_big.balance == four_small.balance == 4
+    assert four_small.cap > one_big.cap > 30.0
+
+
+def test_invalid_settings_are_refused() -> None:
+    for bad in ({"start": 0.0}, {"gain": 0.0}, {"floor": 1.5}, {"ceiling": math.inf}, {"start": math.nan}):
+        with pytest.raises(ValueError):
+            LedgerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_settings_come_from_env_and_are_checked() -> None:
+    cfg = RetentionConfig.from_env({"KVSCHED_PAYBACK_SAMPLING": "8", "KVSCHED_PAYBACK_START_TTL_S": "20",
+                                    "KVSCHED_PAYBACK_GAIN": "2", "KVSCHED_PAYBACK_FLOOR": "0.5",
+                                    "KVSCHED_MAX_TTL_S": "300"})
+    assert cfg.payback().ledger() == LedgerConfig(start=20.0, gain=2.0, floor=0.5, ceiling=300.0)
+    for var, raw in (("KVSCHED_PAYBACK_START_TTL_S", "-1"), ("KVSCHED_PAYBACK_START_TTL_S", "nan"),
+                     ("KVSCHED_PAYBACK_GAIN", "0"), ("KVSCHED_PAYBACK_FLOOR", "2")):
+        with pytest.raises(ValueError, match=var):
+            RetentionConfig.from_env({var: raw})
+
+
+def test_the_tracker_caps_ttls_and_never_switches_with_the_ledger_on() -> None:
+    p = PinPayback(PaybackConfig(sampling=1, window=2, cooldown=2, start=10.0), total_blocks=8)
+    assert p.ledger is not None and p.ttl(600.0) == 10.0
+    p.cached([1, 2])
+    for _ in range(20):  # the ghost hits, the pool never: the windowed switch would have suspended pins
+        assert p.observe([1, 2], 0) is None
+    assert p.pinning and p.switches == 0 and p.ttl(600.0) < 10.0
+    off = PinPayback(PaybackConfig(sampling=1), total_blocks=8)
+    assert off.ledger is None and off.ttl(600.0) == 600.0
+
+
+def test_the_policy_pins_for_the_capped_ttl() -> None:
+    clock = FakeClock(0.0)
+    cfg = RetentionConfig(default_ttl_s=600.0, payback_sampling=1, payback_start_ttl_s=10.0)
+    pol = RetentionPolicy(cfg, clock=clock, total_blocks=100, bytes_per_token=1.0)
+    a = SessionKey(SessionId("a"))
+    pol.turn_started(a, 0)
+    assert pol.turn_finished(a, TurnHints(), tokens=32, blocks=2) == [Pin(a)]
+    assert pol.sessions[a].ttl_s == 10.0
+    clock.now = 9.0
+    assert pol.expire() == []
+    clock.now = 10.5
+    assert [d.key for d in pol.expire()] == [a]  # at the cap, not at the configured 600 s
