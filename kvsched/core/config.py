@@ -35,10 +35,11 @@ class RetentionConfig:
         pins always on; off until it holds the LRU floor on Mooncake conversation without costing the generated
         fleet, see BENCHMARKS.md); pins are suspended for `payback_cooldown` requests when, over a window of `payback_window` requests, the
         pool hit fewer than (1 - `payback_margin`) x the ghost's hits.
-    payback_start_ttl_s, payback_gain, payback_floor: with `payback_start_ttl_s` > 0 (and sampling on), the pin
-        ledger (`kvsched.core.pin_ledger`) replaces that switch: new pins' TTLs are capped at `payback_start_ttl_s` x
-        exp(`payback_gain` x z), z the run's hit balance against the ghost LRU in units of its noise, clamped to
-        [`payback_floor` x `payback_start_ttl_s`, `max_ttl_s`].
+    payback_start_ttl_s, payback_gain, payback_floor, payback_deadband: with `payback_start_ttl_s` > 0 (the
+        default: whenever sampling is on), the pin ledger (`kvsched.core.pin_ledger`) replaces that switch: new pins' TTLs are capped at
+        `payback_start_ttl_s` x exp(`payback_gain` x (z -/+ `payback_deadband`)), z the run's hit balance against the
+        ghost LRU in units of its noise (the start while |z| <= the dead band), clamped to
+        [`payback_floor` x `payback_start_ttl_s`, `max_ttl_s`]. `payback_start_ttl_s` 0: the windowed switch.
     return_threshold: pin a finished turn only when the online return model (`kvsched.core.return_model`) gives its
         class at least this chance of the session's next turn arriving within `default_ttl_s`; its blocks otherwise go
         to the LRU as in stock vLLM. None (the default): off, every turn is pinned.
@@ -56,9 +57,10 @@ class RetentionConfig:
     payback_window: int = 1000
     payback_cooldown: int = 2000
     payback_margin: float = 0.0
-    payback_start_ttl_s: float = 0.0
+    payback_start_ttl_s: float = 30.0
     payback_gain: float = 0.5
     payback_floor: float = 1.0 / 32
+    payback_deadband: float = 2.0
     return_threshold: float | None = None
 
     def __post_init__(self) -> None:
@@ -90,6 +92,8 @@ class RetentionConfig:
             raise ValueError(f"payback_gain must be a finite number > 0, got {self.payback_gain}")
         if not 0.0 <= self.payback_floor <= 1.0:
             raise ValueError(f"payback_floor must be in [0, 1], got {self.payback_floor}")
+        if not (math.isfinite(self.payback_deadband) and self.payback_deadband >= 0):
+            raise ValueError(f"payback_deadband must be a finite number >= 0, got {self.payback_deadband}")
         if self.return_threshold is not None and not 0.0 <= self.return_threshold <= 1.0:
             raise ValueError(f"return_threshold must be in [0, 1], got {self.return_threshold}")
 
@@ -97,7 +101,7 @@ class RetentionConfig:
         return PaybackConfig(sampling=self.payback_sampling, window=self.payback_window,
                              cooldown=self.payback_cooldown, margin=self.payback_margin,
                              start=self.payback_start_ttl_s, gain=self.payback_gain, floor=self.payback_floor,
-                             ceiling=self.max_ttl_s)
+                             ceiling=self.max_ttl_s, deadband=self.payback_deadband)
 
     def role_weight(self, role: str | None) -> float:
         return float(self.role_weights.get(role or "worker", 1.0))

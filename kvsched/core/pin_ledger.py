@@ -8,13 +8,16 @@ evidence z = C / sqrt(V + 1), V = sum((r - g)^2) (a balance of a few noisy reque
 The control is continuous, not an on/off switch (a switch's own divergence is as large as the pins' whole effect on
 some traces, BENCHMARKS.md "Online fallback to LRU"): every new pin's TTL is capped at
 
-    cap = start x exp(gain x z), clamped to [floor x start, ceiling]
+    cap = start x exp(gain x (z - deadband)) when z > deadband, start x exp(gain x (z + deadband)) when
+          z < -deadband, start in between; clamped to [floor x start, ceiling]
 
 so pins start at `start` seconds whatever the configured TTL (a longer TTL is a bet the ledger must see paying first:
 on Mooncake's traces 600 s pins cost up to 11.6% more prefill than LRU while 30 s pins were within 0.05% of it), grow
 towards the configured TTL while they earn, and shrink towards LRU (pins of a fraction of a second) while they lose.
 Comparing windows instead suspended pins that lose hits in the short run and pay them back later (the generated
 fleet); the cumulative balance keeps what they paid back. The cap is a function of (C, V) alone: no state to wind up.
+The dead band keeps pins as configured while the balance is within noise: there the pins' whole effect is smaller
+than what acting on noise costs (a cap cut on an early dip loses the pins' later gain).
 """
 
 from __future__ import annotations
@@ -28,16 +31,19 @@ class LedgerConfig:
     """start: TTL cap in seconds while the balance is even (no evidence either way).
     gain: how far one unit of evidence z moves the log of the cap.
     floor: the smallest cap as a fraction of `start` (0 would let it reach 0: no pins).
-    ceiling: the largest cap in seconds (the policy's max TTL: a hint never exceeds it anyway)."""
+    ceiling: the largest cap in seconds (the policy's max TTL: a hint never exceeds it anyway).
+    deadband: |z| the cap ignores (evidence within it is taken for noise)."""
 
     start: float = 30.0
     gain: float = 0.5
     floor: float = 1.0 / 32
     ceiling: float = 600.0
+    deadband: float = 2.0
 
     def __post_init__(self) -> None:
         ok = (math.isfinite(self.start) and self.start > 0 and math.isfinite(self.gain) and self.gain > 0
-              and 0.0 <= self.floor <= 1.0 and math.isfinite(self.ceiling) and self.ceiling >= 0)
+              and 0.0 <= self.floor <= 1.0 and math.isfinite(self.ceiling) and self.ceiling >= 0
+              and math.isfinite(self.deadband) and self.deadband >= 0)
         if not ok:
             raise ValueError(f"invalid pin ledger settings {self}")
 
@@ -65,6 +71,7 @@ class PinLedger:
             self.variance += d * d
             z = self.balance / math.sqrt(self.variance + 1)
             c = self.config
+            z = z - c.deadband if z > c.deadband else z + c.deadband if z < -c.deadband else 0.0
             self._cap = min(max(c.start * math.exp(min(c.gain * z, 700.0)), self._lo), self._hi)
 
     @property

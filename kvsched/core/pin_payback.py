@@ -33,7 +33,7 @@ class PaybackConfig:
     window: requests in the decaying window the hits are compared over (also the length of a probe).
     cooldown: requests pins stay suspended before they are probed again.
     margin: pins are suspended when real hits < (1 - margin) x the ghost LRU's hits.
-    start, gain, floor, ceiling: `start` > 0: no switch; the pin ledger (`kvsched.core.pin_ledger.LedgerConfig`)
+    start, gain, floor, ceiling, deadband: `start` > 0: no switch; the pin ledger (`kvsched.core.pin_ledger.LedgerConfig`)
         caps new pins' TTL instead, at `start` seconds while the balance is even."""
 
     sampling: int = 8
@@ -44,6 +44,7 @@ class PaybackConfig:
     gain: float = 0.5
     floor: float = 1.0 / 32
     ceiling: float = 600.0
+    deadband: float = 2.0
 
     def __post_init__(self) -> None:
         if self.sampling < 0 or self.window < 1 or self.cooldown < 0 or not -1.0 < self.margin < 1.0 or not self.start >= 0:
@@ -52,7 +53,7 @@ class PaybackConfig:
             self.ledger()  # raises if invalid
 
     def ledger(self) -> LedgerConfig:
-        return LedgerConfig(self.start, self.gain, self.floor, self.ceiling)
+        return LedgerConfig(self.start, self.gain, self.floor, self.ceiling, self.deadband)
 
 
 class PinPayback:

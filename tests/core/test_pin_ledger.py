@@ -14,8 +14,9 @@ from kvsched.core.sessions import SessionId, SessionKey, TurnHints
 from tests.conftest import FakeClock
 
 
-def ledger(start: float = 30.0, gain: float = 0.5, floor: float = 1 / 32, ceiling: float = 600.0) -> PinLedger:
-    return PinLedger(LedgerConfig(start, gain, floor, ceiling))
+def ledger(start: float = 30.0, gain: float = 0.5, floor: float = 1 / 32, ceiling: float = 600.0,
+           deadband: float = 0.0) -> PinLedger:
+    return PinLedger(LedgerConfig(start, gain, floor, ceiling, deadband))
 
 
 def test_an_even_balance_caps_pins_at_the_start_ttl() -> None:
@@ -33,6 +34,19 @@ def test_the_cap_follows_the_evidence_exactly() -> None:
     z = -1 / math.sqrt(4 + 1 + 1)  # C = -2 + 1, V = 4 + 1
     assert led.evidence == pytest.approx(z)
     assert led.cap == pytest.approx(30.0 * math.exp(0.5 * z))
+
+
+def test_evidence_within_the_dead_band_leaves_the_cap_at_its_start() -> None:
+    led = ledger(deadband=1.5)
+    led.observe(1, 0)
+    led.observe(1, 0)  # z = 2 / sqrt(3) = 1.15: noise
+    assert led.cap == 30.0
+    led.observe(1, 0)  # z = 3 / 2
+    led.observe(1, 0)  # z = 4 / sqrt(5) = 1.79
+    assert led.cap == pytest.approx(30.0 * math.exp(0.5 * (4 / math.sqrt(5) - 1.5)))
+    for _ in range(12):
+        led.observe(0, 1)  # z = -8 / sqrt(17) = -1.94
+    assert led.cap == pytest.approx(30.0 * math.exp(0.5 * (-8 / math.sqrt(17) + 1.5)))
 
 
 def test_losses_shrink_the_cap_to_its_floor_and_earnings_grow_it_to_the_ceiling() -> None:
@@ -57,7 +71,8 @@ def test_evidence_is_consistency_not_size() -> None:
 
 
 def test_invalid_settings_are_refused() -> None:
-    for bad in ({"start": 0.0}, {"gain": 0.0}, {"floor": 1.5}, {"ceiling": math.inf}, {"start": math.nan}):
+    for bad in ({"start": 0.0}, {"gain": 0.0}, {"floor": 1.5}, {"ceiling": math.inf}, {"start": math.nan},
+                {"deadband": -1.0}):
         with pytest.raises(ValueError):
             LedgerConfig(**bad)  # type: ignore[arg-type]
 
@@ -65,10 +80,11 @@ def test_invalid_settings_are_refused() -> None:
 def test_settings_come_from_env_and_are_checked() -> None:
     cfg = RetentionConfig.from_env({"KVSCHED_PAYBACK_SAMPLING": "8", "KVSCHED_PAYBACK_START_TTL_S": "20",
                                     "KVSCHED_PAYBACK_GAIN": "2", "KVSCHED_PAYBACK_FLOOR": "0.5",
-                                    "KVSCHED_MAX_TTL_S": "300"})
-    assert cfg.payback().ledger() == LedgerConfig(start=20.0, gain=2.0, floor=0.5, ceiling=300.0)
+                                    "KVSCHED_MAX_TTL_S": "300", "KVSCHED_PAYBACK_DEADBAND": "0"})
+    assert cfg.payback().ledger() == LedgerConfig(start=20.0, gain=2.0, floor=0.5, ceiling=300.0, deadband=0.0)
     for var, raw in (("KVSCHED_PAYBACK_START_TTL_S", "-1"), ("KVSCHED_PAYBACK_START_TTL_S", "nan"),
-                     ("KVSCHED_PAYBACK_GAIN", "0"), ("KVSCHED_PAYBACK_FLOOR", "2")):
+                     ("KVSCHED_PAYBACK_GAIN", "0"), ("KVSCHED_PAYBACK_FLOOR", "2"),
+                     ("KVSCHED_PAYBACK_DEADBAND", "-0.5")):
         with pytest.raises(ValueError, match=var):
             RetentionConfig.from_env({var: raw})
 

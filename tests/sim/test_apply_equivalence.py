@@ -14,6 +14,9 @@ the two pools. What differs between the two by design is kept out of the trace, 
   never already cached.
 - The tier's prefetch ahead of a turn (not modelled by the simulator) is off on the vLLM side: both sides restore
   from the tier when the request is admitted.
+- The engine here steps only when a request is sent, so pins due to expire by then expire before it is added, as a
+  busy engine's steps and the replay (which expires at every event, before handling it) would do: else a pin that
+  expired while the engine was idle survives when its own session is the next to arrive (the queued-session rule).
 Token ids are derived from the trace's block ids, so vLLM's block-hash chains share exactly what the trace shares.
 """
 
@@ -79,6 +82,7 @@ def run_engine(trace: Trace, capacity: int, model_dir):
     factory, counts = RequestFactory(BS), PrefillCounts()
     for i in range(len(trace)):
         clock.now = float(trace.t[i])
+        s.kvsched.expire()  # what is due by now, before the request arrives, as a busy engine's step (and the replay)
         session, salt = trace.sessions[trace.session[i]]
         prompt = [100 + int(b) for b in trace.blocks(i) for _ in range(BS)]
         xargs = {"agent_role": trace.role[i], "ttl_s": float(trace.ttl_s[i])} | ({"session_end": 1} if trace.end[i]
@@ -129,9 +133,10 @@ SCENARIOS = {  # name: (seed, KVSCHED_* settings, the release reasons the run mu
     "budget": (2, {"KVSCHED_PIN_BUDGET_FRACTION": "0.8"}, {"budget", "pressure", "end"}),
     # the pins' payback tracker fed by both sides (every block key sampled; windows short enough to switch)
     "payback": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_WINDOW": "4", "KVSCHED_PAYBACK_COOLDOWN": "4",
-                    "KVSCHED_PAYBACK_MARGIN": "-0.5"}, {"payback", "pressure", "end"}),
+                    "KVSCHED_PAYBACK_MARGIN": "-0.5", "KVSCHED_PAYBACK_START_TTL_S": "0"}, {"payback", "pressure", "end"}),
     # the pin ledger instead of the switch: every key sampled, pins start capped at 4 s (the trace hints 8 s)
-    "ledger": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_START_TTL_S": "4", "KVSCHED_PAYBACK_GAIN": "1"},
+    "ledger": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_START_TTL_S": "4", "KVSCHED_PAYBACK_GAIN": "1",
+                   "KVSCHED_PAYBACK_DEADBAND": "1"},
                {"ttl", "pressure", "end"}),
 }
 
