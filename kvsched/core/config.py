@@ -40,6 +40,8 @@ class RetentionConfig:
         `payback_start_ttl_s` x exp(`payback_gain` x (z -/+ `payback_deadband`)), z the run's hit balance against the
         ghost LRU in units of its noise (the start while |z| <= the dead band), clamped to
         [`payback_floor` x `payback_start_ttl_s`, `max_ttl_s`]. `payback_start_ttl_s` 0: the windowed switch.
+    payback_tier_start_ttl_s: the ledger's start when the pool has an FP8 tier (0, the default: `max_ttl_s`, pins as
+        configured until the balance says they lose).
     return_threshold: pin a finished turn only when the online return model (`kvsched.core.return_model`) gives its
         class at least this chance of the session's next turn arriving within `default_ttl_s`; its blocks otherwise go
         to the LRU as in stock vLLM. None (the default): off, every turn is pinned.
@@ -61,6 +63,7 @@ class RetentionConfig:
     payback_gain: float = 0.5
     payback_floor: float = 1.0 / 32
     payback_deadband: float = 2.0
+    payback_tier_start_ttl_s: float = 0.0
     return_threshold: float | None = None
 
     def __post_init__(self) -> None:
@@ -92,6 +95,8 @@ class RetentionConfig:
             raise ValueError(f"payback_gain must be a finite number > 0, got {self.payback_gain}")
         if not 0.0 <= self.payback_floor <= 1.0:
             raise ValueError(f"payback_floor must be in [0, 1], got {self.payback_floor}")
+        if not (math.isfinite(self.payback_tier_start_ttl_s) and self.payback_tier_start_ttl_s >= 0):
+            raise ValueError(f"payback_tier_start_ttl_s must be a finite number >= 0, got {self.payback_tier_start_ttl_s}")
         if not (math.isfinite(self.payback_deadband) and self.payback_deadband >= 0):
             raise ValueError(f"payback_deadband must be a finite number >= 0, got {self.payback_deadband}")
         if self.return_threshold is not None and not 0.0 <= self.return_threshold <= 1.0:
@@ -101,7 +106,8 @@ class RetentionConfig:
         return PaybackConfig(sampling=self.payback_sampling, window=self.payback_window,
                              cooldown=self.payback_cooldown, margin=self.payback_margin,
                              start=self.payback_start_ttl_s, gain=self.payback_gain, floor=self.payback_floor,
-                             ceiling=self.max_ttl_s, deadband=self.payback_deadband)
+                             ceiling=self.max_ttl_s, deadband=self.payback_deadband,
+                             tier_start=self.payback_tier_start_ttl_s)
 
     def role_weight(self, role: str | None) -> float:
         return float(self.role_weights.get(role or "worker", 1.0))

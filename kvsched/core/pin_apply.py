@@ -90,6 +90,8 @@ class PinApplier(Generic[B]):
         """Demote pressure and budget releases through `demote`; `directory` orders its evictions by `tier_value`."""
         directory.value_of = self.tier_value
         self.directory, self.demote = directory, demote
+        if directory.num_slots > 0:  # the pins' payback ledger starts from its tier start
+            self.policy.payback.tier_attached()
 
     # ---- events (the adapters' hooks call these) ----------------------------------------------------------------
     def turn_started(self, key: SessionKey, cached_tokens: int, prompt_keys: Iterable[Hashable] | None = None) -> None:

@@ -18,6 +18,11 @@ Comparing windows instead suspended pins that lose hits in the short run and pay
 fleet); the cumulative balance keeps what they paid back. The cap is a function of (C, V) alone: no state to wind up.
 The dead band keeps pins as configured while the balance is within noise: there the pins' whole effect is smaller
 than what acting on noise costs (a cap cut on an early dip loses the pins' later gain).
+
+With the FP8 tier the adapter restarts the cap from another start (`restart`; by default the ceiling: pins as
+configured until the balance says they lose): a released or expired pin's blocks go to the tier and come back from it,
+the pool with its tier computes 0.65-0.95x LRU's prefill on Mooncake's traces, and a 30 s start only moved those
+results by noise either way (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -51,16 +56,23 @@ class LedgerConfig:
 class PinLedger:
     """The run's hit balance against the ghost LRU and the TTL cap it sets."""
 
-    __slots__ = ("config", "balance", "variance", "requests", "_cap", "_lo", "_hi")
+    __slots__ = ("config", "balance", "variance", "requests", "start", "_cap", "_lo", "_hi")
 
     def __init__(self, config: LedgerConfig) -> None:
         self.config = config
         self.balance = 0  # C: sampled hits, real pool - ghost LRU, since the start
         self.variance = 0  # V: the sum of the squared per-request differences
         self.requests = 0
+        self.start = config.start  # the cap while the balance is even
         self._lo = config.floor * config.start
         self._hi = max(config.ceiling, self._lo)
         self._cap = min(max(config.start, self._lo), self._hi)
+
+    def restart(self, start: float) -> None:
+        """Take `start` seconds as the cap while the balance is even from now on (the floor stays the configured
+        start's fraction)."""
+        self.start = start
+        self._update()
 
     def observe(self, real: int, lru: int) -> None:
         """A request started with `real` sampled hits in the pool and `lru` in the ghost LRU."""
@@ -69,10 +81,13 @@ class PinLedger:
         if d:
             self.balance += d
             self.variance += d * d
-            z = self.balance / math.sqrt(self.variance + 1)
-            c = self.config
-            z = z - c.deadband if z > c.deadband else z + c.deadband if z < -c.deadband else 0.0
-            self._cap = min(max(c.start * math.exp(min(c.gain * z, 700.0)), self._lo), self._hi)
+            self._update()
+
+    def _update(self) -> None:
+        z = self.balance / math.sqrt(self.variance + 1)
+        c = self.config
+        z = z - c.deadband if z > c.deadband else z + c.deadband if z < -c.deadband else 0.0
+        self._cap = min(max(self.start * math.exp(min(c.gain * z, 700.0)), self._lo), self._hi)
 
     @property
     def evidence(self) -> float:

@@ -34,7 +34,8 @@ class PaybackConfig:
     cooldown: requests pins stay suspended before they are probed again.
     margin: pins are suspended when real hits < (1 - margin) x the ghost LRU's hits.
     start, gain, floor, ceiling, deadband: `start` > 0: no switch; the pin ledger (`kvsched.core.pin_ledger.LedgerConfig`)
-        caps new pins' TTL instead, at `start` seconds while the balance is even."""
+        caps new pins' TTL instead, at `start` seconds while the balance is even.
+    tier_start: the ledger's start once an FP8 tier is attached (0: the ceiling)."""
 
     sampling: int = 8
     window: int = 1000
@@ -45,9 +46,11 @@ class PaybackConfig:
     floor: float = 1.0 / 32
     ceiling: float = 600.0
     deadband: float = 2.0
+    tier_start: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.sampling < 0 or self.window < 1 or self.cooldown < 0 or not -1.0 < self.margin < 1.0 or not self.start >= 0:
+        if (self.sampling < 0 or self.window < 1 or self.cooldown < 0 or not -1.0 < self.margin < 1.0
+                or not self.start >= 0 or not self.tier_start >= 0):
             raise ValueError(f"invalid payback settings {self}")
         if self.start:
             self.ledger()  # raises if invalid
@@ -81,6 +84,11 @@ class PinPayback:
         self.switches = 0
         self.real_hits = self.lru_hits = 0  # sampled hits since the start, undecayed (stats, tests)
         self.ledger = PinLedger(config.ledger()) if rate and config.start else None
+
+    def tier_attached(self) -> None:
+        """The pool has an FP8 tier: the ledger restarts from `tier_start` (the ceiling by default)."""
+        if self.ledger is not None:
+            self.ledger.restart(self.config.tier_start or self.config.ceiling)
 
     def ttl(self, ttl_s: float) -> float:
         """A new pin's TTL: `ttl_s` (hinted or configured), capped by the pin ledger when it is on."""

@@ -7,10 +7,12 @@ import math
 import pytest
 
 from kvsched.core.config import RetentionConfig
+from kvsched.core.pin_apply import PinApplier
 from kvsched.core.pin_ledger import LedgerConfig, PinLedger
 from kvsched.core.pin_payback import PaybackConfig, PinPayback
 from kvsched.core.retention import Pin, RetentionPolicy
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
+from kvsched.core.tier import TierConfig, TierDirectory
 from tests.conftest import FakeClock
 
 
@@ -84,7 +86,7 @@ def test_settings_come_from_env_and_are_checked() -> None:
     assert cfg.payback().ledger() == LedgerConfig(start=20.0, gain=2.0, floor=0.5, ceiling=300.0, deadband=0.0)
     for var, raw in (("KVSCHED_PAYBACK_START_TTL_S", "-1"), ("KVSCHED_PAYBACK_START_TTL_S", "nan"),
                      ("KVSCHED_PAYBACK_GAIN", "0"), ("KVSCHED_PAYBACK_FLOOR", "2"),
-                     ("KVSCHED_PAYBACK_DEADBAND", "-0.5")):
+                     ("KVSCHED_PAYBACK_DEADBAND", "-0.5"), ("KVSCHED_PAYBACK_TIER_START_TTL_S", "-1")):
         with pytest.raises(ValueError, match=var):
             RetentionConfig.from_env({var: raw})
 
@@ -112,3 +114,27 @@ def test_the_policy_pins_for_the_capped_ttl() -> None:
     assert pol.expire() == []
     clock.now = 10.5
     assert [d.key for d in pol.expire()] == [a]  # at the cap, not at the configured 600 s
+
+
+def test_a_restart_moves_the_start_and_keeps_the_floor() -> None:
+    led = ledger(start=30.0, floor=0.5, ceiling=1000.0, deadband=0.0)
+    led.observe(1, 0)
+    led.restart(600.0)
+    assert led.cap == pytest.approx(600.0 * math.exp(0.5 / math.sqrt(2)))
+    for _ in range(500):
+        led.observe(0, 1)
+    assert led.cap == 15.0  # the floor is still half the configured start
+
+
+def test_with_an_fp8_tier_the_ledger_starts_from_its_tier_start() -> None:
+    def applier(tier_slots: int, **settings: float) -> PinApplier[int]:
+        cfg = RetentionConfig(payback_sampling=1, max_ttl_s=300.0, **settings)  # type: ignore[arg-type]
+        pins: PinApplier[int] = PinApplier(RetentionPolicy(cfg, clock=lambda: 0.0, total_blocks=64,
+                                                           bytes_per_token=1.0), pool=None, block_size=16)  # type: ignore[arg-type]
+        pins.attach_tier(TierDirectory(TierConfig(budget_bytes=tier_slots * 8), 8, lambda _: 0.0), lambda k, b: 0)
+        return pins
+
+    assert applier(0).policy.payback.ttl(600.0) == 30.0  # no slots: no tier, the configured start
+    assert applier(4).policy.payback.ttl(600.0) == 300.0  # the ceiling: pins as configured
+    assert applier(4, payback_tier_start_ttl_s=5.0).policy.payback.ttl(600.0) == 5.0
+    assert applier(4, payback_start_ttl_s=0.0).policy.payback.ledger is None  # the switch: nothing to restart

@@ -134,8 +134,8 @@ SCENARIOS = {  # name: (seed, KVSCHED_* settings, the release reasons the run mu
     # the pins' payback tracker fed by both sides (every block key sampled; windows short enough to switch)
     "payback": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_WINDOW": "4", "KVSCHED_PAYBACK_COOLDOWN": "4",
                     "KVSCHED_PAYBACK_MARGIN": "-0.5", "KVSCHED_PAYBACK_START_TTL_S": "0"}, {"payback", "pressure", "end"}),
-    # the pin ledger instead of the switch: every key sampled, pins start capped at 4 s (the trace hints 8 s)
-    "ledger": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_START_TTL_S": "4", "KVSCHED_PAYBACK_GAIN": "1",
+    # the pin ledger instead of the switch: every key sampled, pins start capped at 4 s with the tier (the trace hints 8 s)
+    "ledger": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_TIER_START_TTL_S": "4", "KVSCHED_PAYBACK_GAIN": "1",
                    "KVSCHED_PAYBACK_DEADBAND": "1"},
                {"ttl", "pressure", "end"}),
 }
