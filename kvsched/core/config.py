@@ -11,6 +11,12 @@ from typing import Any
 from kvsched.core.pin_payback import PaybackConfig
 
 INT_FIELDS = frozenset({"max_sessions", "payback_sampling", "payback_window", "payback_cooldown"})
+# KVSCHED_PAYBACK_SAMPLING=auto (the default): the pins' fallback to LRU is on, at this sampling, when the pool has no
+# FP8 tier and pins outlive the default TTL: the one configuration where pins were measured to cost more than LRU
+# (Mooncake traces at 120-600 s without the tier: up to 1.116x LRU's prefill; with the tier, or at 30 s, at most
+# 1.0005x). Off elsewhere: its ghost costs the scheduler ~7% of a step (`kvsched bench sched`, 256 sessions).
+AUTO_PAYBACK_SAMPLING = 8
+AUTO_PAYBACK_ABOVE_TTL_S = 30.0
 DEFAULT_ROLE_WEIGHTS = MappingProxyType({"orchestrator": 2.0, "planner": 1.5, "worker": 1.0})
 
 
@@ -31,9 +37,10 @@ class RetentionConfig:
     inferred_first_turn_weight: value multiplier of an inferred session's pin until a later request continues it
         (kvsched.core.lineage): a request without a session field may be a one-shot.
     payback_sampling, payback_window, payback_cooldown, payback_margin: the online fallback to LRU
-        (`kvsched.core.pin_payback`): 1 block key in `payback_sampling` feeds a ghost LRU pool (0, the default: off,
-        pins always on; off until it holds the LRU floor on Mooncake conversation without costing the generated
-        fleet, see BENCHMARKS.md); pins are suspended for `payback_cooldown` requests when, over a window of `payback_window` requests, the
+        (`kvsched.core.pin_payback`): 1 block key in `payback_sampling` feeds a ghost LRU pool (0: off, pins always
+        on; None, the default, is "auto": `for_pool` turns it on at `AUTO_PAYBACK_SAMPLING` for a pool without the FP8
+        tier whose default TTL exceeds `AUTO_PAYBACK_ABOVE_TTL_S`, off otherwise); with `payback_start_ttl_s` 0,
+        pins are suspended for `payback_cooldown` requests when, over a window of `payback_window` requests, the
         pool hit fewer than (1 - `payback_margin`) x the ghost's hits.
     payback_start_ttl_s, payback_gain, payback_floor, payback_deadband: with `payback_start_ttl_s` > 0 (the
         default: whenever sampling is on), the pin ledger (`kvsched.core.pin_ledger`) replaces that switch: new pins' TTLs are capped at
@@ -55,7 +62,7 @@ class RetentionConfig:
     role_weights: MappingProxyType[str, float] = field(default_factory=lambda: DEFAULT_ROLE_WEIGHTS)
     max_sessions: int = 100_000
     inferred_first_turn_weight: float = 0.5
-    payback_sampling: int = 0
+    payback_sampling: int | None = None
     payback_window: int = 1000
     payback_cooldown: int = 2000
     payback_margin: float = 0.0
@@ -83,7 +90,7 @@ class RetentionConfig:
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         for name in ("payback_sampling", "payback_cooldown"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.payback_window < 1:
             raise ValueError("payback_window must be >= 1")
@@ -102,8 +109,17 @@ class RetentionConfig:
         if self.return_threshold is not None and not 0.0 <= self.return_threshold <= 1.0:
             raise ValueError(f"return_threshold must be in [0, 1], got {self.return_threshold}")
 
+    def for_pool(self, tier: bool) -> RetentionConfig:
+        """This configuration for a pool with (`tier`) or without the FP8 tier: an "auto" payback sampling resolved
+        (see `AUTO_PAYBACK_SAMPLING`). The engine and the simulator call it before building the policy."""
+        if self.payback_sampling is not None:
+            return self
+        on = not tier and self.default_ttl_s > AUTO_PAYBACK_ABOVE_TTL_S
+        return replace(self, payback_sampling=AUTO_PAYBACK_SAMPLING if on else 0)
+
     def payback(self) -> PaybackConfig:
-        return PaybackConfig(sampling=self.payback_sampling, window=self.payback_window,
+        """The payback tracker's settings (an unresolved "auto" sampling is off: see `for_pool`)."""
+        return PaybackConfig(sampling=self.payback_sampling or 0, window=self.payback_window,
                              cooldown=self.payback_cooldown, margin=self.payback_margin,
                              start=self.payback_start_ttl_s, gain=self.payback_gain, floor=self.payback_floor,
                              ceiling=self.max_ttl_s, deadband=self.payback_deadband,
@@ -136,6 +152,8 @@ class RetentionConfig:
                             raise ValueError(f"expected role:weight, got {part!r}")
                         weights[role.strip()] = float(w)
                     updates[f.name] = MappingProxyType(weights)
+                elif f.name == "payback_sampling" and raw.strip().lower() == "auto":
+                    updates[f.name] = None
                 elif f.name in INT_FIELDS:
                     updates[f.name] = int(raw)
                 else:

@@ -138,6 +138,7 @@ class KVSchedPolicy(SimPolicy):
                  bytes_per_token: float, tier_bytes: int = 0, tier_block_bytes: int = 0,
                  tier_eviction: str = "recency") -> None:
         super().__init__(trace, pool)
+        config = config.for_pool(tier=tier_bytes > 0)
         self.policy = RetentionPolicy(config, clock, total_blocks=pool.capacity, bytes_per_token=bytes_per_token)
         self.pin_pool = SimPinPool(pool, trace.n_ids)
         self.pins: PinApplier[int] = PinApplier(self.policy, self.pin_pool, trace.block_size)

@@ -27,3 +27,14 @@ def test_ghost_lru_counts_the_hits_of_a_real_lru_replay(pressure: float) -> None
     assert stats["payback_lru_hits"] == pytest.approx(stats["payback_real_hits"], rel=0.01)
     assert stats["payback_switches"] == 0
     assert stats["payback_balance"] == 0  # the pin ledger sees no pins' effect where there are none: its cap stays put
+
+
+@pytest.mark.parametrize(("ttl", "tier", "on"), [(600.0, False, True), (30.0, False, False), (600.0, True, False)])
+def test_the_replay_resolves_auto_sampling_by_its_pool(ttl: float, tier: bool, on: bool) -> None:
+    """KVSCHED_PAYBACK_SAMPLING=auto, as the engine resolves it: the ghost runs for long pins without the FP8 tier."""
+    trace = generate(replace(QUICK, workflows=2))
+    cfg = ReplayConfig(capacity_blocks=int(trace.peak_live_blocks() / 1.5),
+                       retention=RetentionConfig(default_ttl_s=ttl, max_ttl_s=600.0),
+                       tier_bytes=4096 * 64 if tier else 0, tier_block_bytes=4096 if tier else 0)
+    stats = replay(trace, "kvsched", cfg).policy_stats
+    assert (stats["payback_real_hits"] + stats["payback_lru_hits"] > 0) is on

@@ -6,6 +6,7 @@ Lives in the engine-core process, driven by KVSchedScheduler's hooks; every call
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from kvsched.core.retention import Decision, Pin, ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import SessionKey, TurnHints
 from kvsched.ops.score import select_candidates
 
+logger = logging.getLogger("vllm.kvsched.pins")  # vLLM's handlers and VLLM_LOGGING_LEVEL apply
+
 
 class SessionPins:
     """Session table (policy) + the blocks each pin holds (`kvsched.core.pin_apply.PinApplier`, which the simulator
@@ -30,6 +33,13 @@ class SessionPins:
     def __init__(self, scheduler: Any, config: RetentionConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.scheduler = scheduler
         self.block_size = int(scheduler.cache_config.block_size)
+        tier = compat.fp8_tier(scheduler)  # the FP8 tier (if configured): pins released for pressure or budget go there
+        auto = config.payback_sampling is None
+        config = config.for_pool(tier=tier is not None and tier.enabled)
+        if auto and config.payback_sampling:
+            logger.info("kvsched: pins of %.0f s without the FP8 tier: the fallback to LRU is on (1 block in %d "
+                        "sampled; KVSCHED_PAYBACK_SAMPLING=0 turns it off)", config.default_ttl_s,
+                        config.payback_sampling)
         self.policy = RetentionPolicy(
             config, clock, total_blocks=compat.num_total_blocks(scheduler),
             bytes_per_token=compat.kv_bytes_per_token(scheduler), selector=select_candidates,
@@ -50,8 +60,7 @@ class SessionPins:
         if self._trace is not None:
             self.pins.before_apply = self._write_trace
         compat.wrap_allocate_slots(scheduler, self.on_shortage)
-        # The FP8 tier (if configured): pins released for pressure or budget are demoted there, not dropped.
-        self.tier = compat.fp8_tier(scheduler)
+        self.tier = tier  # pins released for pressure, budget or TTL are demoted there, not dropped
         self.prefetcher: TierPrefetcher | None = None
         if self.tier is not None:
             self.pins.attach_tier(self.tier.attach(self.pins.tier_value), self.tier.demote)

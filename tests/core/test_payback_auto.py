@@ -1,0 +1,41 @@
+"""KVSCHED_PAYBACK_SAMPLING=auto (the default): the fallback to LRU comes on only where pins were measured to cost more
+than LRU (no FP8 tier, pins longer than the default TTL)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvsched.core.config import AUTO_PAYBACK_ABOVE_TTL_S, AUTO_PAYBACK_SAMPLING, RetentionConfig
+
+
+def test_auto_is_the_default_and_reads_from_the_environment() -> None:
+    assert RetentionConfig().payback_sampling is None
+    assert RetentionConfig.from_env({}).payback_sampling is None
+    assert RetentionConfig.from_env({"KVSCHED_PAYBACK_SAMPLING": " Auto "}).payback_sampling is None
+    assert RetentionConfig.from_env({"KVSCHED_PAYBACK_SAMPLING": "0"}).payback_sampling == 0
+    with pytest.raises(ValueError, match="KVSCHED_PAYBACK_SAMPLING"):
+        RetentionConfig.from_env({"KVSCHED_PAYBACK_SAMPLING": "sometimes"})
+    with pytest.raises(ValueError, match="KVSCHED_PAYBACK_SAMPLING"):
+        RetentionConfig.from_env({"KVSCHED_PAYBACK_SAMPLING": "-8"})
+
+
+@pytest.mark.parametrize(("ttl", "tier", "expected"), [
+    (600.0, False, AUTO_PAYBACK_SAMPLING),  # long pins, nothing to demote them to: the measured risk
+    (AUTO_PAYBACK_ABOVE_TTL_S + 1, False, AUTO_PAYBACK_SAMPLING),
+    (AUTO_PAYBACK_ABOVE_TTL_S, False, 0),  # the default TTL: the ghost's cost is not worth it
+    (600.0, True, 0),  # the tier holds what pins give up
+])
+def test_auto_resolves_by_the_pool_and_the_ttl(ttl: float, tier: bool, expected: int) -> None:
+    cfg = RetentionConfig(default_ttl_s=ttl).for_pool(tier=tier)
+    assert cfg.payback_sampling == expected
+    assert cfg.payback().sampling == expected
+
+
+@pytest.mark.parametrize("sampling", [0, 3])
+def test_an_explicit_sampling_is_kept_whatever_the_pool(sampling: int) -> None:
+    for tier in (False, True):
+        assert RetentionConfig(default_ttl_s=600.0, payback_sampling=sampling).for_pool(tier).payback_sampling == sampling
+
+
+def test_an_unresolved_auto_is_off() -> None:
+    assert RetentionConfig(default_ttl_s=600.0).payback().sampling == 0
