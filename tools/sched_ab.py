@@ -19,38 +19,26 @@ from typing import Any
 
 
 def _worker(conn: Any, tree: str, cpu: int) -> None:
+    """The bench's own worker, importing kvsched from `tree`."""
     sys.path.insert(0, tree)
-    os.sched_setaffinity(0, {cpu})
     import kvsched
 
     if not kvsched.__file__.startswith(tree):
         raise SystemExit(f"{tree}: imported kvsched from {kvsched.__file__}")
-    from kvsched.adapters.vllm.harness import KVSCHED_SCHEDULER
-    from kvsched.bench.sched import _Round
+    from kvsched.bench.sched import _worker as bench_worker
     from kvsched.tiny_model import ensure_tiny_model
 
-    model_dir = ensure_tiny_model("test")
-    rnd = None
-    while True:
-        cmd, arg = conn.recv()
-        if cmd == "round":
-            rnd = _Round(KVSCHED_SCHEDULER, model_dir, arg, 10_000, True)
-            conn.send(None)
-        elif cmd == "step":
-            conn.send(rnd.step())
-        elif cmd == "end":
-            work = rnd.work
-            rnd.close()
-            conn.send(work)
-        else:
-            return
+    bench_worker(conn, ensure_tiny_model("test"), cpu)
 
 
 def main() -> int:
     if len(sys.argv) < 3:
         print(__doc__)
         return 2
-    trees = {"A": os.path.abspath(sys.argv[1]), "B": os.path.abspath(sys.argv[2])}
+    from kvsched.adapters.vllm.harness import KVSCHED_SCHEDULER
+    from kvsched.bench.sched import SIDES, _lockstep
+
+    trees = dict(zip(SIDES, (os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])), strict=True))  # A, B
     pairs = int(sys.argv[3]) if len(sys.argv) > 3 else 4
     steps = int(sys.argv[4]) if len(sys.argv) > 4 else 300
     cpu = max(os.sched_getaffinity(0))
@@ -61,25 +49,14 @@ def main() -> int:
         ctx.Process(target=_worker, args=(child, tree, cpu), daemon=True).start()
         child.close()
         conns[side] = parent
+    a_side, b_side = SIDES
     ratios = []
     for seed in range(pairs):
-        for c in conns.values():
-            c.send(("round", seed))
-        for c in conns.values():
-            c.recv()
-        times: dict[str, list[float]] = {"A": [], "B": []}
-        for i in range(steps):
-            for side in ("A", "B") if (i + seed) % 2 == 0 else ("B", "A"):
-                conns[side].send(("step", None))
-                times[side].append(conns[side].recv())
-        work = {}
-        for side, c in conns.items():
-            c.send(("end", None))
-            work[side] = c.recv()
-        a, b = statistics.fmean(times["A"]), statistics.fmean(times["B"])
+        times, work = _lockstep(conns, dict.fromkeys(SIDES, KVSCHED_SCHEDULER), steps, seed, 10_000)
+        a, b = statistics.fmean(times[a_side]), statistics.fmean(times[b_side])
         ratios.append(b / a)
         print(f"pair {seed}: A {a * 1e6:.0f} us, B {b * 1e6:.0f} us a step; B/A {b / a:.4f}; same work: "
-              f"{work['A'] == work['B']}", flush=True)
+              f"{work[a_side] == work[b_side]}", flush=True)
     print(f"B/A mean {statistics.fmean(ratios):.4f}, range {min(ratios):.4f}-{max(ratios):.4f}")
     for c in conns.values():
         c.send(("quit", None))
