@@ -14,7 +14,7 @@ INT_FIELDS = frozenset({"max_sessions", "payback_sampling", "payback_window", "p
 # KVSCHED_PAYBACK_SAMPLING=auto (the default): the pins' fallback to LRU is on, at this sampling, when the pool has no
 # FP8 tier and pins outlive the default TTL: the one configuration where pins were measured to cost more than LRU
 # (Mooncake traces at 120-600 s without the tier: up to 1.116x LRU's prefill; with the tier, or at 30 s, at most
-# 1.0005x). Off elsewhere: its ghost costs the scheduler ~7% of a step (`kvsched bench sched`, 256 sessions).
+# 1.0005x). Off elsewhere: its ghost costs the scheduler ~5% of a step (`kvsched bench sched`, 256 sessions).
 AUTO_PAYBACK_SAMPLING = 8
 AUTO_PAYBACK_ABOVE_TTL_S = 30.0
 DEFAULT_ROLE_WEIGHTS = MappingProxyType({"orchestrator": 2.0, "planner": 1.5, "worker": 1.0})
