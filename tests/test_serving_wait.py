@@ -14,7 +14,10 @@ import pytest
 
 from kvsched.serving import ServerSpec, VllmServer
 
-HEALTH = """
+# Stand-ins take SIGINT as vllm serve does (it installs its own handler): a shell that runs the suite in the background
+# starts it with SIGINT ignored, which Python would inherit, and `stop()` would then wait its 30 s for the SIGKILL.
+SIGINT = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+HEALTH = SIGINT + """
 import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -26,7 +29,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
 def stand_in(tmp_path: Path, serves: bool) -> VllmServer:
     server = VllmServer(ServerSpec(model=tmp_path), log_path=tmp_path / "log", startup_timeout_s=1.0)
-    code = HEALTH if serves else "import time; time.sleep(60)"
+    code = HEALTH if serves else SIGINT + "import time; time.sleep(60)"
     server.proc = subprocess.Popen([sys.executable, "-c", code, str(server.port)], start_new_session=True)
     return server
 
@@ -42,7 +45,9 @@ def test_a_server_launched_longer_ago_than_the_timeout_that_serves_is_ready(tmp_
         assert server.wait_ready() is server  # before the fix: TimeoutError, and the server stopped
         assert server.proc is not None and server.proc.poll() is None
     finally:
+        began = time.monotonic()
         server.stop()
+    assert time.monotonic() - began < 10  # stopped by its SIGINT, not by the SIGKILL after stop's timeout
 
 
 def serving(server: VllmServer) -> bool:
