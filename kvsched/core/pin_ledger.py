@@ -84,7 +84,7 @@ class PinLedger:
             self._update()
 
     def _update(self) -> None:
-        z = self.balance / math.sqrt(self.variance + 1)
+        z = self.evidence
         c = self.config
         z = z - c.deadband if z > c.deadband else z + c.deadband if z < -c.deadband else 0.0
         self._cap = min(max(self.start * math.exp(min(c.gain * z, 700.0)), self._lo), self._hi)
