@@ -136,6 +136,7 @@ class RetentionPolicy:
         """A turn ended holding `blocks` full blocks (`tokens` tokens) of reusable prefix: pin it, within budget."""
         rec = self.sessions.get(key) or self._new_record(key)
         now = self.clock()
+        overlapped = rec.active_requests > 1 or rec.pin_overlapped
         rec.active_requests = max(rec.active_requests - 1, 0)
         rec.turns += 1
         rec.burst_turns += 1
@@ -148,6 +149,14 @@ class RetentionPolicy:
         self._touch(rec)
         if hints.end:
             return self.end(key)
+        if overlapped and tokens < rec.pinned_tokens and rec.ttl_s > 0 and self.payback.pinning and likely:
+            # A turn that ran beside another of the session (a title or side request sent with the conversation's
+            # turn) does not replace a longer pin: the session's next turn continues the longer prefix as likely.
+            rec.pin_overlapped = rec.active_requests > 0
+            self.counters["pins_kept_over_overlapping_turn"] += 1
+            self.expiry.queue(rec)
+            self.index.changed(rec)
+            return []
         if blocks <= 0 or rec.ttl_s <= 0 or blocks > self.budget_blocks or not self.payback.pinning or not likely:
             released: list[Decision] = [self._release(rec, ReleaseReason.TURN)] if rec.pinned else []
             self.index.changed(rec)
@@ -155,6 +164,7 @@ class RetentionPolicy:
         # The new prefix replaces the old pin (the adapter only touches the difference).
         self.pinned_blocks_total += blocks - rec.pinned_blocks
         rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
+        rec.pin_overlapped = rec.active_requests > 0
         decisions: list[Decision] = [Pin(key)]
         self.counters["pins"] += 1
         self.expiry.queue(rec)

@@ -57,6 +57,7 @@ class SessionRecord:
     burst_turns: int = 0  # turns finished since its current burst began (`kvsched.core.next_use`)
     pinned_blocks: int = 0
     pinned_tokens: int = 0
+    pin_overlapped: bool = False  # another turn of the session was still running when the pin was made or kept
     hits: int = 0
     hit_tokens: int = 0
     prefetched_tokens: int = 0  # the pin's last tokens, restored from the FP8 tier ahead of the next turn

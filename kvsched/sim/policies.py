@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable
 import numpy as np
 
 from kvsched.core.config import RetentionConfig
+from kvsched.core.lineage import Anchor, Lineage, LineageConfig
 from kvsched.core.pin_apply import PinApplier
 from kvsched.core.retention import RetentionPolicy
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
@@ -124,7 +125,8 @@ class SimPinPool:
 
 class KVSchedPolicy(SimPolicy):
     """vLLM's LRU pool plus kvsched's session pins: each pin holds a reference on the session's prefix blocks, applied
-    by `kvsched.core.pin_apply.PinApplier` as in the vLLM adapter.
+    by `kvsched.core.pin_apply.PinApplier` as in the vLLM adapter. A trace's session is a named session: its turns
+    join branches by the engine's lineage rules (`kvsched.core.lineage`), on the prompt's full block ids.
 
     With `tier_bytes` > 0, the FP8 demotion tier too, as `KVSchedFP8TierConnector` runs it: blocks released for
     pressure, budget or TTL are demoted into `kvsched.core.tier.TierDirectory` (content key = block id, which is the
@@ -143,6 +145,13 @@ class KVSchedPolicy(SimPolicy):
         self.pin_pool = SimPinPool(pool, trace.n_ids)
         self.pins: PinApplier[int] = PinApplier(self.policy, self.pin_pool, trace.block_size)
         self.keys = [SessionKey(SessionId(s), salt) for s, salt in trace.sessions]
+        # The engine's session lineage (`kvsched.adapters.vllm.session_lineage`): a turn joins the branch of its named
+        # session whose last prompt it continues; one that continues none is a branch of its own, with its own pin.
+        sessions = self.policy.sessions
+        self.lineage = Lineage(LineageConfig(max_entries=config.max_sessions),
+                               is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned)
+        self.joined: dict[int, SessionKey | None] = {}  # request -> its branch (None: served without a session)
+        self.anchors: dict[int, Anchor | None] = {}
         self.tier: TierDirectory | None = None
         if tier_bytes > 0:
             if tier_block_bytes <= 0:
@@ -155,8 +164,17 @@ class KVSchedPolicy(SimPolicy):
     def _key_hints(self, i: int) -> tuple[SessionKey, TurnHints]:
         tr = self.trace
         ttl = float(tr.ttl_s[i])
-        return self.keys[tr.session[i]], TurnHints(role=tr.role[i], ttl_s=None if math.isnan(ttl) else ttl,
-                                                    end=bool(tr.end[i]))
+        key = self.joined.get(i) or self.keys[tr.session[i]]
+        return key, TurnHints(role=tr.role[i], ttl_s=None if math.isnan(ttl) else ttl, end=bool(tr.end[i]))
+
+    def _join(self, i: int) -> SessionKey | None:
+        """The branch request i joins, as the engine's resolver decides it on the prompt's full blocks."""
+        tr = self.trace
+        prompt = tr.blocks(i)[: int(tr.prompt_tokens[i]) // tr.block_size].tolist()
+        key = self.lineage.named(self.keys[tr.session[i]], prompt)
+        self.joined[i] = key
+        self.anchors[i] = (len(prompt) - 1, prompt[-1]) if prompt else None
+        return key
 
     def _beyond_prompt(self, i: int) -> int:
         """Blocks request i holds while it runs beyond its prompt's full blocks (the replay allocates them up front)."""
@@ -169,18 +187,29 @@ class KVSchedPolicy(SimPolicy):
         self.pins.expire()
 
     def on_arrival(self, i: int) -> None:
+        if self._join(i) is None:  # past the id's branch limit: served without a session, as the engine does
+            return
         self.policy.request_arrived(*self._key_hints(i))
 
     def on_admitted(self, i: int, prompt_ids: np.ndarray, hit_blocks: int) -> None:
         # hit_blocks counts loaded (tier) blocks too: vLLM reports them in the request's num_computed_tokens
+        if self.joined.get(i) is None:  # no session: the engine's hooks skip it (the payback tracker too)
+            return
         self.policy.payback.reserve(self._beyond_prompt(i))
         self.pins.turn_started(self._key_hints(i)[0], hit_blocks * self.trace.block_size, prompt_ids.tolist())
 
     def on_finished(self, i: int, ids: np.ndarray) -> None:
         key, hints = self._key_hints(i)
+        anchor = self.anchors.pop(i, None)
+        if self.joined.pop(i, None) is None:
+            return
         self.policy.payback.reserve(-self._beyond_prompt(i))
         blocks = ids.tolist()
         self.pins.turn_finished(key, hints, [blocks], len(ids) * self.trace.block_size, blocks)
+        if hints.end:
+            self.lineage.forget(key)
+        else:
+            self.lineage.finished(key, anchor)
         self.pins.enforce_budget()
 
     def match_external(self, i: int, prompt_ids: np.ndarray, start: int, limit: int) -> int:
@@ -195,7 +224,7 @@ class KVSchedPolicy(SimPolicy):
             self.tier.unlock_all()
 
     def on_shortage(self, i: int, num_new_tokens: int, own_free_hits: int = 0) -> bool:
-        return self.pins.on_shortage(self._key_hints(i)[0], num_new_tokens, own_free_hits)
+        return self.pins.on_shortage(self.joined.get(i), num_new_tokens, own_free_hits)
 
     def _demote(self, key: SessionKey, blocks: list[tuple[Hashable, int]]) -> int:
         assert self.tier is not None

@@ -192,3 +192,48 @@ def test_the_tier_value_counts_the_sessions_tail_tokens(clock):
     directory.put_tail(A, "k1", [5, 6, 7], 9)
     assert pins.tier_value(A) > blocks_only > 0
     assert pins.tier_value(B) == 0.0 and pins.tier_value("not a session") == 0.0
+
+
+def two_turns_at_once(pins, key, first, second, cached=0):
+    """Two requests of `key` run at once (a conversation's turn and a side request sent with it, e.g. for a title);
+    `first` finishes first. Each is (blocks,)."""
+    for _ in range(2):
+        pins.policy.request_arrived(key, NO_HINTS)
+    pins.turn_started(key, cached)
+    pins.turn_started(key, cached)
+    pins.turn_finished(key, NO_HINTS, [first], len(first) * BS)
+    pins.turn_finished(key, NO_HINTS, [second], len(second) * BS)
+
+
+def test_a_shorter_turn_that_ran_beside_the_pinned_one_keeps_the_longer_pin(clock):
+    """Mooncake's conversation trace: a one-block side request beside a session's long turn, finishing after it, used
+    to replace the session's pin and give back the long prefix the next turn continued (conversation at live 1.5x:
+    0.054% more prefill than LRU)."""
+    pins = make(clock)
+    long = [1, 2, 3, 4, 5]
+    two_turns_at_once(pins, A, long, [1, 9])
+    assert pins.pinned[A] == [long] and pins.pool.freed == [] and set(pins.pool.ref) == set(long)
+    rec = pins.policy.sessions[A]
+    assert rec.pinned_blocks == 5 and rec.pinned_tokens == 5 * BS and not rec.pin_overlapped
+    assert pins.policy.counters["pins_kept_over_overlapping_turn"] == 1
+    clock.advance(rec.ttl_s - 1)
+    pins.expire()
+    assert pins.pinned[A] == [long]  # its TTL runs from the later turn's end
+
+
+def test_a_longer_turn_that_ran_beside_the_pinned_one_takes_the_pin(clock):
+    pins = make(clock)
+    two_turns_at_once(pins, A, [1, 9], [1, 2, 3, 4, 5])
+    assert pins.pinned[A] == [[1, 2, 3, 4, 5]] and pins.pool.freed == [[9]]
+    assert pins.policy.counters["pins_kept_over_overlapping_turn"] == 0
+
+
+def test_a_shorter_turn_after_the_session_ran_alone_again_replaces_the_pin(clock):
+    """Only turns that overlapped keep the longer pin: a later turn on a shorter prefix (an edited or compacted
+    history) is what the session continues."""
+    pins = make(clock)
+    two_turns_at_once(pins, A, [1, 2, 3, 4, 5], [1, 9])
+    turn(pins, A, [[1, 2, 3, 4, 5, 6]], cached=5 * BS)  # alone: extends
+    turn(pins, A, [[1, 7]], cached=BS)  # alone, shorter: replaces
+    assert pins.pinned[A] == [[1, 7]] and set(pins.pool.ref) == {1, 7}
+    assert pins.policy.counters["pins_kept_over_overlapping_turn"] == 1

@@ -188,3 +188,32 @@ def test_a_change_to_either_sides_apply_glue_alone_is_caught(tiny_model_dir):
                 assert differences(engine, applied, prefill, run_sim(trace, capacity, engine)) != []
             else:
                 assert differences(*run_engine(trace, capacity, tiny_model_dir), sim) != []
+
+
+def branching_trace() -> Trace:
+    """Session a: three turns on one line, then one that branches off after two blocks, then one on each line again
+    (the engine's lineage makes the branch a session of its own, whose pin leaves the first line's alone); session b
+    runs beside it. Whole blocks, each turn adds one (module docstring); ids name their whole prefix."""
+    from kvsched.sim.trace import TraceRequest
+
+    line = [f"a{k}" for k in range(9)]
+    branch = ["a0", "a1", "b2", "b3"]
+    turns = [("a", line[:3]), ("b", ["x0", "x1"]), ("a", line[:5]), ("a", branch), ("b", ["x0", "x1", "x2"]),
+             ("a", line[:7]), ("a", [*branch, "b4"]), ("a", line[:9])]
+    reqs = [TraceRequest(t=float(k), session=s, prompt_tokens=len(b) * BS, output_tokens=0, blocks=b, role="worker",
+                         ttl_s=30.0) for k, (s, b) in enumerate(turns)]
+    return Trace.from_requests(BS, reqs)
+
+
+def test_a_branch_gets_a_pin_of_its_own_in_both(tiny_model_dir):
+    """The simulator runs the engine's session lineage: the branching turn is pinned as a branch of its own, so the
+    first line's pin stays and its next turn hits all of it, on both sides alike."""
+    trace = branching_trace()
+    capacity = 4 * trace.working_set_blocks()  # no pressure: only lineage decides what stays
+    engine, applied, prefill = run_engine(trace, capacity, tiny_model_dir)
+    sim = run_sim(trace, capacity, engine)
+    assert differences(engine, applied, prefill, sim) == []
+    assert engine.kvsched.resolver.lineage.stats()["branches"] == 1
+    assert [a.op for a in applied].count("release") == 0  # no turn gave back the other line's blocks
+    # every turn computes only the blocks it adds (3 and 2 first, then 2, 2, 1, 2, 1, 2): each line's pin held
+    assert prefill == 15 * BS

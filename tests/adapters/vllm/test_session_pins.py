@@ -225,3 +225,21 @@ def test_free_blocks_return_to_total_when_every_session_ends(harness_cfg, ops):
     s("end_all")  # inferred sessions (the anonymous requests) too
     assert free_blocks(s) == usable_blocks(s)
     assert not s.kvsched.pinned
+
+
+def test_a_short_side_request_beside_a_long_turn_does_not_replace_its_pin(harness_cfg, clock):
+    """A chat client's title request runs beside the conversation's turn under the same id, continues its one-block
+    system prompt and ends last: the session keeps the long turn's pin, and its next turn hits all of it."""
+    s, f, counts = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK), PrefillCounts()
+    system = list(range(100, 100 + BLOCK))  # one block
+    history = system + list(range(300, 300 + 9 * BLOCK))  # 10 blocks
+    s.add_request(f.make(system + [7] * 3, 12, session_id="chat"))  # the title: arrives first, ends last
+    s.add_request(f.make(history, 2, session_id="chat"))
+    run_until_idle(s)
+    stats = s.kvsched.stats()
+    assert stats["branches"] == 0  # the long turn continues the title's one-block anchor: one session
+    [rec] = s.kvsched.policy.sessions.values()
+    assert rec.pinned_blocks == 10 and s.kvsched.policy.counters["pins_kept_over_overlapping_turn"] == 1
+    s.add_request(f.make(history + [4] * 20, 2, session_id="chat"))
+    run_until_idle(s, counts=counts)
+    assert counts.cached_tokens == 10 * BLOCK and s.kvsched.stats()["retained_hits"] == 1
