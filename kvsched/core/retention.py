@@ -137,6 +137,7 @@ class RetentionPolicy:
         rec = self.sessions.get(key) or self._new_record(key)
         now = self.clock()
         overlapped = rec.active_requests > 1 or rec.pin_overlapped
+        rec.kept_over = False
         rec.active_requests = max(rec.active_requests - 1, 0)
         rec.turns += 1
         rec.burst_turns += 1
@@ -153,6 +154,7 @@ class RetentionPolicy:
             # A turn that ran beside another of the session (a title or side request sent with the conversation's
             # turn) does not replace a longer pin: the session's next turn continues the longer prefix as likely.
             rec.pin_overlapped = rec.active_requests > 0
+            rec.kept_over = True
             self.counters["pins_kept_over_overlapping_turn"] += 1
             self.expiry.queue(rec)
             self.index.changed(rec)

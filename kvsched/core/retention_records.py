@@ -58,6 +58,7 @@ class SessionRecord:
     pinned_blocks: int = 0
     pinned_tokens: int = 0
     pin_overlapped: bool = False  # another turn of the session was still running when the pin was made or kept
+    kept_over: bool = False  # its last finished turn left the session's longer pin in place (they overlapped)
     hits: int = 0
     hit_tokens: int = 0
     prefetched_tokens: int = 0  # the pin's last tokens, restored from the FP8 tier ahead of the next turn

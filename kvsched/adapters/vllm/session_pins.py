@@ -126,10 +126,13 @@ class SessionPins:
         if self.tier is not None and hints.end:
             self.tier.end_session(key)  # the disk and shared levels forget it too
         elif self.tier is not None:
+            rec = self.policy.sessions.get(key)
+            if rec is not None and rec.kept_over:  # a side turn: the session's tail and copies stay the pin's
+                groups = []
             if groups and (tail := compat.partial_tail(self.scheduler, request, groups[0], self.block_size)):
                 self.tier.save_tail(key, *tail)
             if groups:  # the disk and shared levels keep a copy (when configured)
-                self.tier.publish_turn(key, groups[0], self.policy.sessions.get(key))
+                self.tier.publish_turn(key, groups[0], rec)
             if self.prefetcher is not None:
                 self.prefetcher.on_turn_finished(request, key)
         self.pins.enforce_budget()

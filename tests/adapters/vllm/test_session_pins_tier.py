@@ -196,3 +196,22 @@ def test_a_session_due_soon_is_prefetched_before_its_request_arrives(harness_cfg
     assert stats["tier_wasted_prefetches"] == 0 and stats["tier_prefetches_queued"] == 0
     s.kvsched.handle("end", "agent-1")
     assert free_blocks(s) == usable_blocks(s)
+
+
+def test_a_side_turn_that_keeps_the_sessions_longer_pin_leaves_its_tier_tail_alone(harness_cfg, clock):
+    """The title request beside a session's turn ends last and the session keeps the long turn's pin: the tier keeps
+    the long turn's partial last block as the session's tail too (not the side request's)."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    s = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock=clock)
+    f = RequestFactory(BLOCK)
+    system = list(range(100, 100 + BLOCK))
+    s.add_request(f.make(system + [5] * 3, 12, session_id="chat"))  # 1 block + 14 tokens with KV: a tail of its own
+    s.add_request(f.make(system + list(range(300, 300 + 9 * BLOCK)), 4, session_id="chat"))  # 10 blocks + 3 tokens
+    run_until_idle(s)
+    [(key, rec)] = s.kvsched.policy.sessions.items()
+    assert rec.pinned_blocks == 10 and rec.kept_over
+    tail = s.kvsched.tier.directory.tail_of[key]
+    assert tail.tokens == (FAKE_TOKEN,) * 3  # the long turn's: its 4 decoded tokens but the last
