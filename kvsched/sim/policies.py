@@ -241,7 +241,8 @@ class KVSchedPolicy(SimPolicy):
         out = {"peak_pinned_blocks": self.pin_pool.peak, "pins": c["pins"],
                "retained_hit_tokens": c["retained_hit_tokens"], "payback_switches": self.policy.payback.switches,
                "payback_real_hits": self.policy.payback.real_hits, "payback_lru_hits": self.policy.payback.lru_hits,
-               **self._ledger_stats(),
+               **self._ledger_stats(), "branches": self.lineage.counters["branches"],
+               "branch_overflows": self.lineage.counters["branch_overflows"],
                **{k: v for k, v in sorted(c.items()) if k.startswith("released_")}}
         if self.tier is not None:
             t = self.tier

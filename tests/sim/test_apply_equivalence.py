@@ -213,7 +213,7 @@ def test_a_branch_gets_a_pin_of_its_own_in_both(tiny_model_dir):
     engine, applied, prefill = run_engine(trace, capacity, tiny_model_dir)
     sim = run_sim(trace, capacity, engine)
     assert differences(engine, applied, prefill, sim) == []
-    assert engine.kvsched.resolver.lineage.stats()["branches"] == 1
+    assert engine.kvsched.resolver.lineage.stats()["branches"] == sim.policy_stats["branches"] == 1
     assert [a.op for a in applied].count("release") == 0  # no turn gave back the other line's blocks
     # every turn computes only the blocks it adds (3 and 2 first, then 2, 2, 1, 2, 1, 2): each line's pin held
     assert prefill == 15 * BS
