@@ -150,7 +150,8 @@ class KVSchedPolicy(SimPolicy):
         sessions = self.policy.sessions
         self.lineage = Lineage(LineageConfig(max_entries=config.max_sessions),
                                is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned)
-        self.joined: dict[int, SessionKey | None] = {}  # request -> its branch (None: served without a session)
+        self.joined: dict[int, tuple[SessionKey, TurnHints] | None] = {}  # request -> its branch and hints
+        # (None: served without a session)
         self.anchors: dict[int, Anchor | None] = {}
         self.tier: TierDirectory | None = None
         if tier_bytes > 0:
@@ -161,20 +162,20 @@ class KVSchedPolicy(SimPolicy):
             self.pins.attach_tier(self.tier, self._demote)
         self.peak_tier_blocks = 0
 
-    def _key_hints(self, i: int) -> tuple[SessionKey, TurnHints]:
+    def _hints(self, i: int) -> TurnHints:
         tr = self.trace
         ttl = float(tr.ttl_s[i])
-        key = self.joined.get(i) or self.keys[tr.session[i]]
-        return key, TurnHints(role=tr.role[i], ttl_s=None if math.isnan(ttl) else ttl, end=bool(tr.end[i]))
+        return TurnHints(role=tr.role[i], ttl_s=None if math.isnan(ttl) else ttl, end=bool(tr.end[i]))
 
-    def _join(self, i: int) -> SessionKey | None:
-        """The branch request i joins, as the engine's resolver decides it on the prompt's full blocks."""
+    def _join(self, i: int) -> tuple[SessionKey, TurnHints] | None:
+        """The branch request i joins, as the engine's resolver decides it on the prompt's full blocks, and its hints
+        (kept until it finishes); None past the id's branch limit."""
         tr = self.trace
         prompt = tr.blocks(i)[: int(tr.prompt_tokens[i]) // tr.block_size].tolist()
         key = self.lineage.named(self.keys[tr.session[i]], prompt)
-        self.joined[i] = key
+        entry = self.joined[i] = None if key is None else (key, self._hints(i))
         self.anchors[i] = (len(prompt) - 1, prompt[-1]) if prompt else None
-        return key
+        return entry
 
     def _beyond_prompt(self, i: int) -> int:
         """Blocks request i holds while it runs beyond its prompt's full blocks (the replay allocates them up front)."""
@@ -187,22 +188,25 @@ class KVSchedPolicy(SimPolicy):
         self.pins.expire()
 
     def on_arrival(self, i: int) -> None:
-        if self._join(i) is None:  # past the id's branch limit: served without a session, as the engine does
+        entry = self._join(i)
+        if entry is None:  # past the id's branch limit: served without a session, as the engine does
             return
-        self.policy.request_arrived(*self._key_hints(i))
+        self.policy.request_arrived(*entry)
 
     def on_admitted(self, i: int, prompt_ids: np.ndarray, hit_blocks: int) -> None:
         # hit_blocks counts loaded (tier) blocks too: vLLM reports them in the request's num_computed_tokens
-        if self.joined.get(i) is None:  # no session: the engine's hooks skip it (the payback tracker too)
+        entry = self.joined.get(i)
+        if entry is None:  # no session: the engine's hooks skip it (the payback tracker too)
             return
         self.policy.payback.reserve(self._beyond_prompt(i))
-        self.pins.turn_started(self._key_hints(i)[0], hit_blocks * self.trace.block_size, prompt_ids.tolist())
+        self.pins.turn_started(entry[0], hit_blocks * self.trace.block_size, prompt_ids.tolist())
 
     def on_finished(self, i: int, ids: np.ndarray) -> None:
-        key, hints = self._key_hints(i)
         anchor = self.anchors.pop(i, None)
-        if self.joined.pop(i, None) is None:
+        entry = self.joined.pop(i, None)
+        if entry is None:
             return
+        key, hints = entry
         self.policy.payback.reserve(-self._beyond_prompt(i))
         blocks = ids.tolist()
         self.pins.turn_finished(key, hints, [blocks], len(ids) * self.trace.block_size, blocks)
@@ -224,7 +228,8 @@ class KVSchedPolicy(SimPolicy):
             self.tier.unlock_all()
 
     def on_shortage(self, i: int, num_new_tokens: int, own_free_hits: int = 0) -> bool:
-        return self.pins.on_shortage(self.joined.get(i), num_new_tokens, own_free_hits)
+        entry = self.joined.get(i)
+        return self.pins.on_shortage(entry[0] if entry else None, num_new_tokens, own_free_hits)
 
     def _demote(self, key: SessionKey, blocks: list[tuple[Hashable, int]]) -> int:
         assert self.tier is not None
