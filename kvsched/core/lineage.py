@@ -66,14 +66,16 @@ class LineageConfig:
 
 
 class _Entry:
-    """One session's lineage state: its key, anchor, and how many joined turns are in flight (never forgotten)."""
+    """One session's lineage state: its key, anchor, how many joined turns are in flight (never forgotten) and when
+    its last turn finished (a sequence number)."""
 
-    __slots__ = ("key", "anchor", "busy")
+    __slots__ = ("key", "anchor", "busy", "finished")
 
     def __init__(self, key: SessionKey, anchor: Anchor | None) -> None:
         self.key = key
         self.anchor = anchor
         self.busy = 0
+        self.finished = 0
 
 
 class Lineage:
@@ -95,11 +97,14 @@ class Lineage:
         self.index: dict[str | None, dict[Hashable, _Entry]] = {}
         self.counters: Counter[str] = Counter()
         self._ids = itertools.count(1)
+        self._finished = itertools.count(1)
+        self.created: SessionKey | None = None  # the branch the last `named` call started (None: it joined one)
 
     # ---- named sessions -------------------------------------------------------------------------------------------
     def named(self, base: SessionKey, hashes: Sequence[Hashable]) -> SessionKey | None:
         """The branch of the named session `base` (branch 0) that a turn with prompt block hashes `hashes` joins: the
         one whose anchor it continues (the deepest, if several), else a new branch; None past MAX_BRANCHES."""
+        self.created = None
         branches = self.branches.get(base)
         if branches is None:
             branches = self.branches[base] = []
@@ -132,12 +137,27 @@ class Lineage:
         else:
             key = base
         self._add(key, (n - 1, hashes[-1]) if hashes else None, branches)
+        self.created = key
         return key
+
+    def superseded(self, key: SessionKey) -> SessionKey | None:
+        """The branch that a turn rewritten by kvsched's own compaction leaves behind when it starts branch `key`: the
+        idle branch of the same id whose turn finished last (the conversation the rewrite summarised; the rewritten
+        prompt no longer continues it, and no later turn will). None if there is none. Only the server's compaction
+        may ask this: a client's turn that continues no branch never ends another (module docstring)."""
+        if key.inferred:
+            return None
+        best: _Entry | None = None
+        for e in self.branches.get(key._replace(branch=0), ()):
+            if e.key != key and not e.busy and e.finished and (best is None or e.finished > best.finished):
+                best = e
+        return None if best is None else best.key
 
     # ---- inferred sessions ------------------------------------------------------------------------------------------
     def infer(self, cache_salt: str | None, tenant: str | None, hashes: Sequence[Hashable]) -> SessionKey:
         """The inferred session a request without a session field joins: the one whose last turn's prompt its prompt
         extends (found by block hash, newest position first), else a new one."""
+        self.created = None
         n = len(hashes)
         index = self.index.get(tenant) or {}
         for i in range(n - 1, max(n - 1 - INFER_SCAN_BLOCKS, -1), -1) if index else ():
@@ -168,6 +188,7 @@ class Lineage:
         else:
             self.entries.move_to_end(key)
         e.busy = max(e.busy - 1, 0)
+        e.finished = next(self._finished)
         if key.inferred:
             index = self.index.setdefault(key.tenant, {})
             if e.anchor is not None and index.get(e.anchor[1]) is e:

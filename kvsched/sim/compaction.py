@@ -100,7 +100,7 @@ def compact_trace(trace: Trace, config: CompactionConfig, system_tokens: int | N
                                                        served_prompt)
         t = float(trace.t[i])
         out.append(_request(t, sid, salt, served_prompt, output, ids, conv.served, trace.role[i],
-                            trace.ttl_s[i], bool(trace.end[i])))
+                            trace.ttl_s[i], bool(trace.end[i]), plan.replaced > 0))
         conv.served = ids
         if plan.job is not None:  # the one summary call of this checkpoint
             job = plan.job
@@ -126,8 +126,9 @@ def compact_trace(trace: Trace, config: CompactionConfig, system_tokens: int | N
 
 
 def _request(t: float, sid: str, salt: str | None, prompt: int, output: int, ids: Sequence[Hashable],
-             previous: Sequence[Hashable], role: str | None, ttl: float, end: bool) -> TraceRequest:
+             previous: Sequence[Hashable], role: str | None, ttl: float, end: bool, compacted: bool = False
+             ) -> TraceRequest:
     """A trace request whose `reuse` is counted against the session's previous request as served."""
     n = shared_prefix_len(previous, ids)
     return TraceRequest(t=t, session=sid, prompt_tokens=prompt, output_tokens=output, blocks=list(ids[n:]), reuse=n,
-                        role=role, ttl_s=None if ttl != ttl else float(ttl), end=end, salt=salt)
+                        role=role, ttl_s=None if ttl != ttl else float(ttl), end=end, salt=salt, compacted=compacted)

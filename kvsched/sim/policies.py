@@ -191,6 +191,15 @@ class KVSchedPolicy(SimPolicy):
         entry = self._join(i)
         if entry is None:  # past the id's branch limit: served without a session, as the engine does
             return
+        compacted = self.trace.compacted
+        if compacted is not None and compacted[i] and self.lineage.created == entry[0]:
+            old = self.lineage.superseded(entry[0])  # the conversation the compaction rewrote, as the engine ends it
+            if old is not None:
+                self.policy.counters["branches_superseded"] += 1
+                self.pins.apply(self.policy.end(old))
+                self.lineage.forget(old)
+                if self.tier is not None:
+                    self.tier.drop_owner(old)
         self.policy.request_arrived(*entry)
 
     def on_admitted(self, i: int, prompt_ids: np.ndarray, hit_blocks: int) -> None:
@@ -247,6 +256,7 @@ class KVSchedPolicy(SimPolicy):
                "retained_hit_tokens": c["retained_hit_tokens"], "payback_switches": self.policy.payback.switches,
                "payback_real_hits": self.policy.payback.real_hits, "payback_lru_hits": self.policy.payback.lru_hits,
                **self._ledger_stats(), "branches": self.lineage.counters["branches"],
+               "branches_superseded": c["branches_superseded"],
                "branch_overflows": self.lineage.counters["branch_overflows"],
                **{k: v for k, v in sorted(c.items()) if k.startswith("released_")}}
         if self.tier is not None:

@@ -41,6 +41,7 @@ class TraceRequest:
     end: bool = False
     salt: str | None = None
     duration_s: float | None = None  # measured arrival-to-finish time; replay then holds the blocks that long
+    compacted: bool = False  # served rewritten by kvsched's compaction (the engine then ends the branch it leaves)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": round(self.t, 6), "session": self.session, "prompt_tokens": self.prompt_tokens,
@@ -53,6 +54,8 @@ class TraceRequest:
                 out[name] = getattr(self, name)
         if self.end:
             out["end"] = True
+        if self.compacted:
+            out["compacted"] = True
         return out
 
     @classmethod
@@ -63,7 +66,8 @@ class TraceRequest:
                        reuse=int(d.get("reuse", 0)), role=d.get("role"),
                        ttl_s=None if d.get("ttl_s") is None else float(d["ttl_s"]), end=bool(d.get("end", False)),
                        salt=d.get("salt"),
-                       duration_s=None if d.get("duration_s") is None else float(d["duration_s"]))
+                       duration_s=None if d.get("duration_s") is None else float(d["duration_s"]),
+                       compacted=bool(d.get("compacted", False)))
         except KeyError as exc:
             raise ValueError(f"trace request lacks field {exc.args[0]!r}: {d}") from None
 
@@ -179,6 +183,7 @@ class Trace:
     _where: np.ndarray = field(repr=False)  # (n, 2): tape index, number of blocks
     meta: dict[str, Any] = field(default_factory=dict)
     duration_s: np.ndarray | None = None  # float64 measured arrival-to-finish seconds, NaN = use the time model
+    compacted: np.ndarray | None = None  # bool: served rewritten by kvsched's compaction (None: none was)
 
     def __len__(self) -> int:
         return len(self.t)
@@ -217,7 +222,8 @@ class Trace:
         return replace(self, t=self.t[idx], prompt_tokens=self.prompt_tokens[idx],
                        output_tokens=self.output_tokens[idx], session=self.session[idx], end=self.end[idx],
                        ttl_s=self.ttl_s[idx], role=[self.role[i] for i in idx], _where=self._where[idx],
-                       duration_s=None if self.duration_s is None else self.duration_s[idx])
+                       duration_s=None if self.duration_s is None else self.duration_s[idx],
+                       compacted=None if self.compacted is None else self.compacted[idx])
 
     @classmethod
     def from_requests(cls, block_size: int, requests: Iterable[TraceRequest], meta: dict[str, Any] | None = None,
@@ -295,6 +301,8 @@ class Trace:
             meta=dict(meta or {}),
             duration_s=(np.array([np.nan if reqs[i].duration_s is None else reqs[i].duration_s for i in order],
                                  dtype=np.float64) if any(r.duration_s is not None for r in reqs) else None),
+            compacted=(np.array([reqs[i].compacted for i in order], dtype=bool)
+                       if any(r.compacted for r in reqs) else None),
         )
 
     @classmethod

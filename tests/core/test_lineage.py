@@ -183,3 +183,26 @@ def test_the_setting(raw, on):
 def test_a_malformed_setting_names_the_variable():
     with pytest.raises(InvalidLineageSetting, match="KVSCHED_INFER_SESSIONS='maybe'"):
         LineageConfig.from_env({"KVSCHED_INFER_SESSIONS": "maybe"})
+
+
+def test_a_compacted_turns_new_branch_supersedes_the_idle_branch_that_finished_last():
+    """`superseded` names what kvsched's own compaction leaves behind: the idle branch of the id whose turn finished
+    last. Nothing for a turn that joined a branch, a branch still running, or an inferred session."""
+    lin = Lineage(LineageConfig())
+    a = lin.named(BASE, chain("sys", "a1"))
+    assert lin.created == a  # the id's first branch
+    lin.finished(a, (1, chain("sys", "a1")[1]))
+    assert lin.named(BASE, chain("sys", "a1", "a2")) is a and lin.created is None  # joined: nothing created
+    lin.finished(a, (2, chain("sys", "a1", "a2")[2]))
+    b = lin.named(BASE, chain("sys", "b1"))  # another conversation under the id, finished before the rewrite
+    lin.finished(b, (1, chain("sys", "b1")[1]))
+    assert lin.named(BASE, chain("sys", "a1", "a2", "a3")) is a  # the conversation goes on: a finished last
+    lin.finished(a, (3, chain("sys", "a1", "a2", "a3")[3]))
+    rewritten = lin.named(BASE, chain("sys", "summary"))
+    assert lin.created == rewritten and lin.superseded(rewritten) == a
+    busy = lin.named(BASE, chain("sys", "a1", "a2", "a3", "a4"))  # a turn of a in flight: a is not idle
+    assert busy is a and lin.superseded(rewritten) == b
+    lin.finished(a, (4, chain("sys", "a1", "a2", "a3", "a4")[4]))
+    assert lin.superseded(rewritten) == a  # idle again, and the last to finish
+    inferred = lin.infer(None, None, chain("x", "y"))
+    assert lin.created is None and lin.superseded(inferred) is None

@@ -53,12 +53,16 @@ def metric(server, name):
     return server.metrics().get(name, 0.0)
 
 
+def session_rows(server, session):
+    with urllib.request.urlopen(server.base + "/kvsched/sessions?limit=1000", timeout=30) as r:
+        return [row for row in json.loads(r.read())["sessions"] if row["session_id"] == session]
+
+
 def pinned_tokens(server, session):
     """Pinned tokens of the session's newest branch: a compacted turn does not continue the pinned prompt, so it
-    starts a branch of its own (kvsched.core.lineage); the branch it left is never hit again and keeps its pin only
-    until its TTL or memory pressure."""
-    with urllib.request.urlopen(server.base + "/kvsched/sessions?limit=1000", timeout=30) as r:
-        rows = [row for row in json.loads(r.read())["sessions"] if row["session_id"] == session]
+    starts a branch of its own (kvsched.core.lineage), and the scheduler ends the branch it left (the middleware marks
+    the rewritten request)."""
+    rows = session_rows(server, session)
     return max(rows, key=lambda row: row["branch"])["pinned_tokens"] if rows else 0
 
 
@@ -86,6 +90,8 @@ def older_tokens(history, tokens):
 
 def test_triggers_at_the_threshold_and_bounds_pinned_kv(server, tokens):
     calls0 = metric(server, "kvsched_compaction_summary_calls_total")
+    summaries0 = metric(server, "kvsched_compaction_summaries_total")
+    superseded0 = metric(server, "kvsched_branches_superseded_total")
     history = [SYSTEM]
     first = None
     for i in range(8):
@@ -114,7 +120,12 @@ def test_triggers_at_the_threshold_and_bounds_pinned_kv(server, tokens):
         peak = max(peak, pinned_tokens(server, "grow"))
         i += 1
     final = sum(tokens(m["content"]) for m in history)
-    assert metric(server, "kvsched_compaction_summaries_total") >= 2  # repeated
+    summaries = metric(server, "kvsched_compaction_summaries_total") - summaries0
+    assert summaries >= 2  # repeated
+    # Each summary's first rewritten turn started a branch and ended the one it left: only the current branch is
+    # left, holding the session's only pinned KV (before, every left branch kept its pin until its TTL).
+    assert len(session_rows(server, "grow")) == 1
+    assert metric(server, "kvsched_branches_superseded_total") - superseded0 == summaries
     assert 0 < peak < 0.35 * final and peak < 2.5 * TRIGGER
 
 

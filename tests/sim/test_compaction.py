@@ -101,3 +101,33 @@ def test_simulate_cli_compaction_flags(tmp_path):
     assert side["prompt_tokens_total"] < result["kvsched"]["prompt_tokens_total"]
     for bad in (["--compaction-trigger-tokens", "0"], ["--compaction-keep-recent", "0"], ["--system-tokens", "-5"]):
         assert main(["simulate", "--generate", "--quick", "--compaction", "summarize", *bad]) == 2
+
+
+@pytest.mark.parametrize("strategy", [Strategy.SUMMARIZE, Strategy.SLIDING_WINDOW])
+def test_a_rewritten_turn_ends_the_branch_it_leaves_in_the_replay_as_in_the_engine(strategy):
+    """Rewritten requests are marked in the trace (`compacted`, kept through a JSONL round trip); each that starts a
+    branch ends the session's branch it left, so no pin is held for a conversation no turn will continue again: those
+    pins go at once (released for the end), where the same replay with the marks cleared holds them to their TTLs."""
+    trace = generate(SMALL)
+    out, stats = compact_trace(trace, CompactionConfig(strategy=strategy, trigger_tokens=1500))
+    assert out.compacted is not None and int(out.compacted.sum()) == stats.rewritten_requests > 0
+    cfg = ReplayConfig(capacity_blocks=4 * trace.working_set_blocks(), check=True)  # no pressure: only pins decide
+    marked = replay(out, "kvsched", cfg)
+    unmarked = replay(replace(out, compacted=None), "kvsched", cfg)
+    superseded = marked.policy_stats["branches_superseded"]
+    m, u = marked.policy_stats, unmarked.policy_stats
+    assert superseded == m["branches"] == u["branches"]  # every branch here is a rewrite's, and each left one
+    assert u["branches_superseded"] == 0
+    assert m["released_end"] == u["released_end"] + superseded  # each left branch's pin goes at once, whole
+    assert m["released_blocks_end"] > u["released_blocks_end"]
+    assert marked.prefill_tokens_computed == unmarked.prefill_tokens_computed  # nothing continued a left branch
+
+
+def test_the_compacted_mark_survives_a_jsonl_round_trip(tmp_path):
+    from kvsched.sim.trace import TraceRequest, read_jsonl, write_jsonl
+
+    reqs = [TraceRequest(t=0.0, session="s", prompt_tokens=32, output_tokens=0, blocks=["a", "b"], compacted=True),
+            TraceRequest(t=1.0, session="s", prompt_tokens=32, output_tokens=0, blocks=["a", "b"])]
+    write_jsonl(tmp_path / "t.jsonl", 16, reqs)
+    _, back = read_jsonl(tmp_path / "t.jsonl")
+    assert [r.compacted for r in back] == [True, False]

@@ -146,6 +146,9 @@ class Compactor:
         if not plan.replaced:
             return UNCHANGED
         payload["messages"] = [dict(m) for m in plan.messages]
+        # The scheduler ends the branch this rewrite leaves behind (its prompt no longer continues it): its KV is freed
+        # now, not at its TTL (kvsched.core.lineage.Lineage.superseded).
+        payload["vllm_xargs"] = {**payload.get("vllm_xargs", {}), compat.XARG_COMPACTED: 1}
         self.counters[f"rewritten_{plan.strategy.value}"] += 1
         self.counters["replaced_messages"] += plan.replaced
         self.counters["saved_tokens"] += max(plan.original_tokens - plan.tokens, 0)

@@ -43,6 +43,10 @@ COUNTERS = {
     "inference_hits": "Requests found (by block hash) to extend an inferred session's last turn, and joined to it",
     "branches": "Turns under an existing session id that did not continue its prompt: a branch of their own",
     "branch_overflows": "Such turns past the branch limit of an id: served without a session",
+    "branches_superseded": "Branches ended when kvsched's compaction rewrote their conversation into a new branch (their "
+                           "KV freed at once, not at their TTL)",
+    "side_turns_kept_pin": "Turns that ran beside another of their session and left its longer pin in place (e.g. a "
+                           "title request sent with a conversation's turn)",
     "released_queued_blocks": "KV blocks released for pressure from sessions whose next request was already queued "
                               "(no idle pin was left: the pool is short of the burst's working set)",
     "tier_demotions": "Pin releases whose blocks were copied to the FP8 tier",

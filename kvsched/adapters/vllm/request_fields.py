@@ -55,6 +55,7 @@ def apply_session_fields(payload: dict[str, Any], headers: Mapping[str, str], te
     before = dict(xargs or {})
     out = dict(before)
     out.pop(compat.XARG_TENANT, None)
+    out.pop(compat.XARG_COMPACTED, None)  # only kvsched's compaction sets it (below, in compaction.py)
     _write(out, fields, tenant)
     changed = out != before
     if changed:

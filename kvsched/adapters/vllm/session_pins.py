@@ -74,6 +74,11 @@ class SessionPins:
         key, hints = self.resolver.resolve(request)
         if key is None:
             return
+        if self.resolver.lineage.created == key and compat.request_compacted(request):
+            old = self.resolver.lineage.superseded(key)  # the conversation the compaction rewrote: never continued
+            if old is not None:
+                self.policy.counters["branches_superseded"] += 1
+                self._end(old)
         self.policy.request_arrived(key, hints)
         # One key object per session (the policy record's), not one per request: fewer objects for the GC, and
         # dict lookups by the very object the tables hold skip the dataclass __eq__.
@@ -257,6 +262,8 @@ class SessionPins:
             "retained_hits": c["retained_hits"],
             "retained_hit_tokens": c["retained_hit_tokens"],
             "pins": c["pins"],
+            "branches_superseded": c["branches_superseded"],
+            "side_turns_kept_pin": c["pins_kept_over_overlapping_turn"],
             "released_queued_blocks": c["released_blocks_pressure_waiting"],
             **{f"released_{r.value}": c[f"released_{r.value}"] for r in ReleaseReason},
             **{f"released_{r.value}_partial": c[f"released_{r.value}_partial"] for r in ReleaseReason},

@@ -65,9 +65,9 @@ def test_background_summary_is_used_from_the_next_request():
         await asyncio.gather(*comp.tasks.values())
         second = request(9, cache_salt="tenant-a")
         out2 = await comp.prepare(SCOPE, second, {})
-        return out2, second
+        return out2, second, first
 
-    out, second = run(scenario())
+    out, second, first = run(scenario())
     assert len(app.calls) == 1
     scope, body = app.calls[0]
     # The summary call: the session's own prefix + the instruction, no session id and out of session inference (never
@@ -79,6 +79,9 @@ def test_background_summary_is_used_from_the_next_request():
     assert out.changed and out.replaced > 0
     assert second["messages"][1]["content"].endswith("short summary of it all")
     assert second["messages"][2:] == request(9)["messages"][out.replaced:]
+    # marked for the scheduler, which ends the branch the rewrite leaves (the first request was served as sent: unmarked)
+    assert second["vllm_xargs"] == {"session_id": "wf/1", "kvsched_compacted": 1}
+    assert first["vllm_xargs"] == {"session_id": "wf/1"}
     stats = comp.stats()
     assert stats["summaries"] == 1 and stats["rewritten_summarize"] == 1 and stats["replaced_messages"] == out.replaced
 

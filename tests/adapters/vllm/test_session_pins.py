@@ -243,3 +243,29 @@ def test_a_short_side_request_beside_a_long_turn_does_not_replace_its_pin(harnes
     s.add_request(f.make(history + [4] * 20, 2, session_id="chat"))
     run_until_idle(s, counts=counts)
     assert counts.cached_tokens == 10 * BLOCK and s.kvsched.stats()["retained_hits"] == 1
+
+
+def test_a_turn_rewritten_by_compaction_ends_the_branch_it_leaves_and_a_clients_branch_does_not(harness_cfg, clock):
+    """The compaction middleware marks a request it rewrote (`kvsched_compacted`): its prompt (system + summary + recent
+    turns) continues no branch, so it starts one, and the conversation it summarised is ended at once (its KV freed, not
+    held to its TTL). A turn that continues no branch without the mark leaves the other branch alone."""
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    system = list(range(100, 100 + BLOCK))
+    history = system + list(range(300, 300 + 9 * BLOCK))
+    s.add_request(f.make(history, 2, session_id="c"))
+    run_until_idle(s)
+    assert len(_pinned_block_ids(s)) == 10
+    s.add_request(f.make(system + [9] * (3 * BLOCK), 2, session_id="c"))  # a client's other branch: both kept
+    run_until_idle(s)
+    assert s.kvsched.stats()["branches"] == 1 and len(_pinned_block_ids(s)) == 10 + 3
+    s.add_request(f.make(history + [4] * BLOCK, 2, session_id="c"))  # the conversation goes on: branch 0 finished last
+    run_until_idle(s)
+    rewritten = system + [5] * (2 * BLOCK)  # system + summary + the newest turn
+    s.add_request(f.make(rewritten, 2, session_id="c", xargs={"kvsched_compacted": 1}))
+    run_until_idle(s)
+    stats = s.kvsched.stats()
+    assert stats["branches"] == 2 and stats["branches_superseded"] == 1
+    keys = sorted(k.branch for k in s.kvsched.policy.sessions)
+    assert keys == [1, 2]  # branch 0, the summarised conversation, is gone; the client's branch 1 stays
+    assert len(_pinned_block_ids(s)) == 4 + 3 - 1  # branch 1 (system + 3) and the new one (system + 2), system once
+    assert free_blocks(s) == usable_blocks(s) - len(_pinned_block_ids(s))

@@ -22,6 +22,7 @@ XARG_ROLE = "agent_role"
 XARG_TTL = "ttl_s"
 XARG_END = "session_end"
 XARG_TENANT = "kvsched_tenant"  # set by kvsched's API-server middleware only (a client's own value is replaced)
+XARG_COMPACTED = "kvsched_compacted"  # set by kvsched's compaction middleware only, on a request it rewrote
 XARG_INFER = "kvsched_infer"  # 0: keep this request out of session inference (e.g. kvsched's own summary calls)
 
 # Engine-core utility calls: vLLM's EngineCore dispatches a utility request by `getattr(engine_core, name)(*args)`.
@@ -97,3 +98,10 @@ def prompt_block_hashes(request: Any) -> list[Any]:
     """The chained hashes of the request's full blocks (`Request.block_hashes`; only the prompt's when the request is
     added). Empty without prefix caching."""
     return getattr(request, "block_hashes", None) or []
+
+
+def request_compacted(request: Any) -> bool:
+    """True if kvsched's compaction middleware rewrote the request (`XARG_COMPACTED`; a client's own value is dropped
+    by the middleware)."""
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    return extra.get(XARG_COMPACTED) == 1
