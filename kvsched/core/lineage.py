@@ -136,7 +136,7 @@ class Lineage:
             self.counters["branches"] += 1
         else:
             key = base
-        self._add(key, (n - 1, hashes[-1]) if hashes else None, branches)
+        self._add(key, (n - 1, hashes[-1]) if n else None, branches)
         self.created = key
         return key
 

@@ -132,7 +132,8 @@ class PinApplier(Generic[B]):
         self.policy.release_over_budget(pinned, applied)
 
     def expire(self) -> None:
-        if self.pinned:
+        heap = self.policy.expiry.heap  # called at every event (the replay) or step (the engine): nothing due, no call
+        if self.pinned and heap and heap[0][0] <= self.policy.clock():
             self.apply(self.policy.expire())
 
     def on_shortage(self, own: SessionKey | None, num_new_tokens: int, own_free_hits: int = 0) -> bool:

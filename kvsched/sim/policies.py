@@ -150,6 +150,7 @@ class KVSchedPolicy(SimPolicy):
         sessions = self.policy.sessions
         self.lineage = Lineage(LineageConfig(max_entries=config.max_sessions),
                                is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned)
+        self._payback = self.policy.payback.enabled  # fixed by the configuration
         self.joined: dict[int, tuple[SessionKey, TurnHints] | None] = {}  # request -> its branch and hints
         # (None: served without a session)
         self.anchors: dict[int, Anchor | None] = {}
@@ -171,10 +172,10 @@ class KVSchedPolicy(SimPolicy):
         """The branch request i joins, as the engine's resolver decides it on the prompt's full blocks, and its hints
         (kept until it finishes); None past the id's branch limit."""
         tr = self.trace
-        prompt = tr.blocks(i)[: int(tr.prompt_tokens[i]) // tr.block_size].tolist()
+        prompt = tr.blocks(i)[: int(tr.prompt_tokens[i]) // tr.block_size]  # an array: the lineage reads 1-2 ids
         key = self.lineage.named(self.keys[tr.session[i]], prompt)
         entry = self.joined[i] = None if key is None else (key, self._hints(i))
-        self.anchors[i] = (len(prompt) - 1, prompt[-1]) if prompt else None
+        self.anchors[i] = (len(prompt) - 1, int(prompt[-1])) if len(prompt) else None
         return entry
 
     def _beyond_prompt(self, i: int) -> int:
@@ -208,7 +209,8 @@ class KVSchedPolicy(SimPolicy):
         if entry is None:  # no session: the engine's hooks skip it (the payback tracker too)
             return
         self.policy.payback.reserve(self._beyond_prompt(i))
-        self.pins.turn_started(entry[0], hit_blocks * self.trace.block_size, prompt_ids.tolist())
+        self.pins.turn_started(entry[0], hit_blocks * self.trace.block_size,
+                               prompt_ids.tolist() if self._payback else None)  # the payback tracker's keys
 
     def on_finished(self, i: int, ids: np.ndarray) -> None:
         anchor = self.anchors.pop(i, None)
