@@ -193,7 +193,7 @@ class KVSchedPolicy(SimPolicy):
         if entry is None:  # past the id's branch limit: served without a session, as the engine does
             return
         compacted = self.trace.compacted
-        if compacted is not None and compacted[i] and self.lineage.created == entry[0]:
+        if compacted is not None and compacted[i]:
             old = self.lineage.superseded(entry[0])  # the conversation the compaction rewrote, as the engine ends it
             if old is not None:
                 self.policy.counters["branches_superseded"] += 1

@@ -193,16 +193,19 @@ def test_a_compacted_turns_new_branch_supersedes_the_idle_branch_that_finished_l
     assert lin.created == a  # the id's first branch
     lin.finished(a, (1, chain("sys", "a1")[1]))
     assert lin.named(BASE, chain("sys", "a1", "a2")) is a and lin.created is None  # joined: nothing created
+    assert lin.superseded(a) is None  # a rewrite that joined a branch leaves nothing behind
     lin.finished(a, (2, chain("sys", "a1", "a2")[2]))
     b = lin.named(BASE, chain("sys", "b1"))  # another conversation under the id, finished before the rewrite
     lin.finished(b, (1, chain("sys", "b1")[1]))
     assert lin.named(BASE, chain("sys", "a1", "a2", "a3")) is a  # the conversation goes on: a finished last
     lin.finished(a, (3, chain("sys", "a1", "a2", "a3")[3]))
-    rewritten = lin.named(BASE, chain("sys", "summary"))
-    assert lin.created == rewritten and lin.superseded(rewritten) == a
     busy = lin.named(BASE, chain("sys", "a1", "a2", "a3", "a4"))  # a turn of a in flight: a is not idle
-    assert busy is a and lin.superseded(rewritten) == b
+    assert busy is a
+    rewritten = lin.named(BASE, chain("sys", "summary"))
+    assert lin.created == rewritten and lin.superseded(rewritten) == b
     lin.finished(a, (4, chain("sys", "a1", "a2", "a3", "a4")[4]))
-    assert lin.superseded(rewritten) == a  # idle again, and the last to finish
+    again = lin.named(BASE, chain("sys", "summary 2"))  # rewritten still runs; a is idle again and finished last
+    assert lin.superseded(again) == a
+    assert lin.superseded(rewritten) is None  # asked for a branch the last call did not create
     inferred = lin.infer(None, None, chain("x", "y"))
     assert lin.created is None and lin.superseded(inferred) is None

@@ -74,7 +74,7 @@ class SessionPins:
         key, hints = self.resolver.resolve(request)
         if key is None:
             return
-        if self.resolver.lineage.created == key and compat.request_compacted(request):
+        if compat.request_compacted(request):
             old = self.resolver.lineage.superseded(key)  # the conversation the compaction rewrote: never continued
             if old is not None:
                 self.policy.counters["branches_superseded"] += 1
