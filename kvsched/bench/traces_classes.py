@@ -8,11 +8,14 @@ both on the bench's long-TTL pool:
   swept over THETAS and the best one chosen in hindsight per trace and pressure (theta 0 pins every turn);
 - `class weights`: pin every turn, with its class's rate (rounded to WEIGHT_STEP) as the pin's role weight, so the
   release order lets turns unlikely to return go first. The rate reaches the policy as the turn's role, which also
-  keys the policy's gap model (its gaps are then learned per rate step instead of per agent role).
-If neither reaches the gate, a learner of these classes that pins or weights by them cannot either, short of better
-features. What the bound leaves out: TTLs other than the bench's one (run it with another `--ttl`; per-class TTLs),
-subsets of classes no threshold selects, and rates that drift over the trace (a learner of recent rates could follow
-them).
+  keys the policy's gap model (its gaps are then learned per rate step instead of per agent role);
+- `class TTLs`: a TTL per class (`kvsched.sim.return_classes.class_ttls`: the one of 0-600 s at which the class's
+  returns caught best outweigh the block-seconds its pins hold, at a price of LAMBDAS per block-second, the best price
+  chosen in hindsight per trace and pressure): what a model of each class's return-time distribution, not only its
+  rate within one horizon, could at best do.
+If none reaches the gate, a learner of these classes that pins, weights or times pins by them cannot either, short of
+better features. What the bound leaves out: subsets of classes no threshold or price selects, and rates that drift
+over the trace (a learner of recent rates could follow them).
 """
 
 from __future__ import annotations
@@ -24,12 +27,26 @@ from typing import Any
 import numpy as np
 
 from kvsched.sim.replay import ReplayConfig, ReplayResult, replay
-from kvsched.sim.return_classes import FEATURES, ClassRates, auc, class_rates, classify, pinned_classes, returns_within
+from kvsched.sim.return_classes import (
+    CLASS_TTLS_S,
+    FEATURES,
+    ClassRates,
+    auc,
+    class_rates,
+    class_ttls,
+    classify,
+    gap_after,
+    pinned_classes,
+)
 from kvsched.sim.trace import Trace
 
 THETAS = tuple(round(0.05 * k, 2) for k in range(21))
 WEIGHT_STEP = 0.05
-SIDES = ("class oracle", "class weights")
+# Prices of a block-second of pool, in blocks of prefill (`class TTLs`): the best on the Mooncake traces at live 1.5x
+# and 3x lay between 0.001 and 0.007, about the LRU pool's marginal hits per block-second on synthetic, not on
+# conversation (BENCHMARKS.md).
+LAMBDAS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.007, 0.01)
+SIDES = ("class oracle", "class weights", "class TTLs")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +57,8 @@ class ReturnModel:
     rates: ClassRates
     returned: np.ndarray  # bool per request: its session's next request came within ttl_s of its end
     ttl_s: float
+    gap: np.ndarray  # seconds from each request's end to its session's next arrival (inf: none)
+    blocks: np.ndarray  # full blocks of each request's prompt and output: what a pin at its end would hold
 
     @property
     def turn_rate(self) -> np.ndarray:
@@ -54,8 +73,10 @@ def fit(trace: Trace, ttl_s: float, cfg: ReplayConfig) -> ReturnModel:
     and earlier by any prefix hit, seconds either way against a TTL of minutes."""
     cls, labels = classify(trace.session, trace.t, trace.prompt_tokens // trace.block_size, trace.output_tokens)
     finish = trace.t + trace.prompt_tokens / cfg.prefill_tps + trace.output_tokens * cfg.tpot_s
-    returned = returns_within(trace.session, trace.t, finish, ttl_s)
-    return ReturnModel(cls, class_rates(cls, labels, returned), returned, ttl_s)
+    gap = gap_after(trace.session, trace.t, finish)
+    returned = gap <= ttl_s
+    blocks = (trace.prompt_tokens + trace.output_tokens) // trace.block_size
+    return ReturnModel(cls, class_rates(cls, labels, returned), returned, ttl_s, gap, blocks)
 
 
 def summary(trace: Trace, model: ReturnModel) -> dict[str, Any]:
@@ -78,6 +99,12 @@ def with_class_ttls(trace: Trace, model: ReturnModel, theta: float, ttl_s: float
     return replace(trace, ttl_s=np.where(pin, ttl_s, 0.0))
 
 
+def with_ttls_per_class(trace: Trace, model: ReturnModel, lam: float) -> Trace:
+    """`trace` with every turn's TTL hint its class's `class_ttls` at price `lam` (0: no pin)."""
+    ttl = class_ttls(model.cls, len(model.rates.labels), model.gap, model.blocks, lam)
+    return replace(trace, ttl_s=ttl[model.cls])
+
+
 def with_class_weights(trace: Trace, model: ReturnModel, cfg: ReplayConfig) -> tuple[Trace, ReplayConfig]:
     """`trace` with each turn's class rate (rounded to WEIGHT_STEP) as its role (replacing any agent role the trace
     has), and `cfg` weighting each such role by that rate."""
@@ -89,31 +116,54 @@ def with_class_weights(trace: Trace, model: ReturnModel, cfg: ReplayConfig) -> t
 
 
 def best_theta(curve: dict[float, ReplayResult]) -> float:
-    """The theta whose run saved the most prompt tokens (the smallest of equals)."""
+    """The theta (or price) whose run saved the most prompt tokens (the smallest of equals)."""
     return max(sorted(curve), key=lambda th: curve[th].tokens_saved)  # max() keeps the first of equals
 
 
+@dataclass(frozen=True, slots=True)
+class ClassCurves:
+    """The class sides' sweeps: {theta: run} over THETAS (`class oracle`) and {price: run} over LAMBDAS (`class
+    TTLs`); settings that pin alike share one replay."""
+
+    theta: dict[float, ReplayResult]
+    lam: dict[float, ReplayResult]
+
+
 def class_sides(trace: Trace, model: ReturnModel, long_ttl: ReplayConfig
-                ) -> tuple[dict[str, ReplayResult], dict[float, ReplayResult]]:
-    """({side: run} for SIDES, {theta: run} over THETAS): thetas that pin the same classes share one replay, and the
-    class oracle is the theta whose run saved the most (the first such theta)."""
-    rates = model.rates.rate
-    by_mask: dict[bytes, ReplayResult] = {}
-    curve: dict[float, ReplayResult] = {}
-    for theta in THETAS:
-        key = pinned_classes(rates, theta).tobytes()
-        if key not in by_mask:
-            by_mask[key] = replay(with_class_ttls(trace, model, theta, model.ttl_s), "kvsched", long_ttl)
-        curve[theta] = by_mask[key]
-    best = best_theta(curve)
+                ) -> tuple[dict[str, ReplayResult], ClassCurves]:
+    """({side: run} for SIDES, the sweeps): each swept side is the setting whose run saved the most (the first such)."""
+    by_ttls: dict[bytes, ReplayResult] = {}
+
+    def run(t: Trace, cfg: ReplayConfig) -> ReplayResult:
+        key = t.ttl_s.tobytes() if t.ttl_s is not None else b""
+        if key not in by_ttls:
+            by_ttls[key] = replay(t, "kvsched", cfg)
+        return by_ttls[key]
+
+    curve = {theta: run(with_class_ttls(trace, model, theta, model.ttl_s), long_ttl) for theta in THETAS}
+    by_ttls.clear()  # the price sweep's TTLs may reach past the long TTL's cap: its own config
+    upto = max(CLASS_TTLS_S)
+    timed = replace(long_ttl, retention=replace(long_ttl.retention, max_ttl_s=max(upto, long_ttl.retention.max_ttl_s)))
+    lam = {p: run(with_ttls_per_class(trace, model, p), timed) for p in LAMBDAS}
     weighted_trace, weighted_cfg = with_class_weights(trace, model, long_ttl)
-    return {"class oracle": curve[best], "class weights": replay(weighted_trace, "kvsched", weighted_cfg)}, curve
+    sides = {"class oracle": curve[best_theta(curve)], "class weights": replay(weighted_trace, "kvsched", weighted_cfg),
+             "class TTLs": lam[best_theta(lam)]}
+    return sides, ClassCurves(curve, lam)
 
 
-def curve_summary(model: ReturnModel, curve: dict[float, ReplayResult], best_tokens: int) -> dict[str, Any]:
-    """The JSON's per-pressure block: share of OPT's saving per theta, the best theta and the turns it pins."""
-    share = {f"{th:g}": (r.tokens_saved / best_tokens if best_tokens else None) for th, r in curve.items()}
-    best = best_theta(curve)
+def curve_summary(model: ReturnModel, curves: ClassCurves, best_tokens: int) -> dict[str, Any]:
+    """The JSON's per-pressure block: share of OPT's saving per theta, the best theta and the turns it pins; the same
+    per price for the class TTLs, with the mean TTL the best price gives a turn."""
+    def share(curve: dict[float, ReplayResult]) -> dict[str, float | None]:
+        return {f"{k:g}": (r.tokens_saved / best_tokens if best_tokens else None) for k, r in curve.items()}
+
+    best = best_theta(curves.theta)
     pinned = pinned_classes(model.rates.rate, best)[model.cls]
-    return {"theta_curve": share, "best_theta": best, "pinned_turn_fraction": float(pinned.mean()) if len(pinned) else 0.0,
-            "distinct_replays": len({id(r) for r in curve.values()})}
+    price = best_theta(curves.lam)
+    ttl = class_ttls(model.cls, len(model.rates.labels), model.gap, model.blocks, price)[model.cls]
+    return {"theta_curve": share(curves.theta), "best_theta": best,
+            "pinned_turn_fraction": float(pinned.mean()) if len(pinned) else 0.0,
+            "distinct_replays": len({id(r) for r in curves.theta.values()}),
+            "price_curve": share(curves.lam), "best_price": price,
+            "class_ttl_pinned_turn_fraction": float((ttl > 0).mean()) if len(ttl) else 0.0,
+            "class_ttl_mean_s": float(ttl.mean()) if len(ttl) else 0.0}

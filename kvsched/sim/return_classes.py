@@ -19,6 +19,7 @@ import numpy as np
 FEATURES = ("turn", "prompt", "output", "gap")
 TURN_CAP = 4  # turn indices 1, 2, 3, 4+
 GAP_EDGES_S = (30.0, 120.0, 600.0)  # gap since the previous turn: none / <30 s / <120 s / <600 s / more
+CLASS_TTLS_S = (0.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)  # what `class_ttls` chooses from
 
 
 def turn_index(session: np.ndarray) -> np.ndarray:
@@ -84,17 +85,46 @@ def classify(session: np.ndarray, t: np.ndarray, prompt_blocks: np.ndarray, outp
     return cls, labels
 
 
-def returns_within(session: np.ndarray, t: np.ndarray, finish: np.ndarray, ttl_s: float) -> np.ndarray:
-    """Whether the session's next request arrives at most `ttl_s` after this one finishes (a pin made at this turn's
-    end with that TTL would still hold its prefix)."""
+def gap_after(session: np.ndarray, t: np.ndarray, finish: np.ndarray) -> np.ndarray:
+    """Seconds from each request's end to its session's next arrival (negative: the next one arrived while it ran;
+    inf: the session's last request)."""
     nxt: dict[int, float] = {}
-    out = np.zeros(len(session), dtype=bool)
+    out = np.full(len(session), np.inf)
     for i in range(len(session) - 1, -1, -1):
         s = int(session[i])
         if s in nxt:
-            out[i] = nxt[s] - float(finish[i]) <= ttl_s
+            out[i] = nxt[s] - float(finish[i])
         nxt[s] = float(t[i])
     return out
+
+
+def returns_within(session: np.ndarray, t: np.ndarray, finish: np.ndarray, ttl_s: float) -> np.ndarray:
+    """Whether the session's next request arrives at most `ttl_s` after this one finishes (a pin made at this turn's
+    end with that TTL would still hold its prefix)."""
+    returned: np.ndarray = gap_after(session, t, finish) <= ttl_s
+    return returned
+
+
+def class_ttls(cls: np.ndarray, n_classes: int, gap: np.ndarray, blocks: np.ndarray, lam: float,
+               ttls: tuple[float, ...] = CLASS_TTLS_S) -> np.ndarray:
+    """Per class, the TTL of `ttls` (0: no pin) that a pin pays best at when a block-second of pool is worth `lam`
+    blocks of prefill: the one maximising  sum_i blocks_i [0 < gap_i <= T]  -  lam sum_i blocks_i min(gap_i, T)  over
+    the class's turns (`gap`: `gap_after`; a turn whose next one arrived while it ran needs no pin and costs none).
+    With the gaps of the whole trace this is hindsight: the per-class TTLs no single-TTL threshold policy can choose,
+    and what a model of each class's return-time distribution could at best learn."""
+    held = np.clip(gap, 0.0, None)
+    best = np.zeros(n_classes)
+    best_ttl = np.zeros(n_classes)
+    for ttl in ttls:
+        if ttl <= 0:
+            continue
+        caught = np.bincount(cls, weights=blocks * ((gap > 0) & (gap <= ttl)), minlength=n_classes)
+        cost = np.bincount(cls, weights=blocks * np.minimum(held, ttl), minlength=n_classes)
+        net = caught - lam * cost
+        better = net > best
+        best = np.where(better, net, best)
+        best_ttl = np.where(better, ttl, best_ttl)
+    return best_ttl
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from kvsched.bench.traces import first_turns, last_turns
-from kvsched.bench.traces_classes import best_theta, fit, with_class_ttls, with_class_weights
+from kvsched.bench.traces_classes import best_theta, fit, with_class_ttls, with_class_weights, with_ttls_per_class
 from kvsched.cli import main
 from kvsched.sim.mooncake import convert_file
 from kvsched.sim.replay import ReplayConfig, ReplayResult
@@ -27,7 +27,7 @@ def test_bench_traces_on_a_slice(tmp_path, capsys):
     r = json.loads(out.read_text())["traces"]["conv.jsonl"]["pressures"]["1.5"]
     s = r["share_of_opt_saving"]
     assert set(s) == {"lru", "kvsched", "opt", "kvsched, long TTL", "first turns unpinned", "end oracle",
-                      "class oracle", "class weights", "kvsched + FP8 tier", "LRU + CPU offload"}
+                      "class oracle", "class weights", "class TTLs", "kvsched + FP8 tier", "LRU + CPU offload"}
     # the host sides: the engine's default tier size (2x the pool's bytes; an FP8 pool, so 2x its blocks)
     assert r["tier"]["slots"] == 2 * r["capacity_blocks"] and r["tier"]["h2d_gbps"] == 32.0
     assert s["opt"] == 1.0 and 0 < s["lru"] <= 1.0
@@ -36,7 +36,9 @@ def test_bench_traces_on_a_slice(tmp_path, capsys):
     c = r["class_oracle"]
     assert c["theta_curve"]["0"] == s["kvsched, long TTL"]  # theta 0 pins every turn for the long TTL
     assert s["class oracle"] == max(c["theta_curve"].values()) == c["theta_curve"][f"{c['best_theta']:g}"]
-    assert r["class_oracle_gate_met"] == (max(s["class oracle"], s["class weights"]) >= r["gate_share"])
+    assert s["class TTLs"] == max(c["price_curve"].values()) == c["price_curve"][f"{c['best_price']:g}"]
+    assert 0.0 <= c["class_ttl_pinned_turn_fraction"] <= 1.0 and 0.0 <= c["class_ttl_mean_s"] <= 600.0
+    assert r["class_oracle_gate_met"] == (max(s["class oracle"], s["class weights"], s["class TTLs"]) >= r["gate_share"])
     rc = json.loads(out.read_text())["traces"]["conv.jsonl"]["return_classes"]
     assert sum(row["turns"] for row in rc["table"]) == rc["turns"] and 0.5 <= rc["auc"] <= 1.0
     assert "gate" in capsys.readouterr().out
@@ -88,6 +90,11 @@ def test_class_ttls_and_weights_come_from_hindsight_rates():
     assert [cfg.retention.role_weight(r) for r in weighted.role] == [1.0, 0.0, 0.0]
     assert cfg.retention.role_weight("orchestrator") == 2.0  # the configured roles keep their weights
     assert fit(trace, 50.0, ReplayConfig(capacity_blocks=1)).returned.tolist() == [False] * 3  # 100 s > 50 s
+    # a's first turn (2 blocks) comes back ~100 s after its end: worth 120 s at a price of 0.001 per block-second
+    # (2 - 0.001 x 2 x 100 > 0), not at 0.02 (2 - 0.02 x 2 x 100 < 0); b's and a's last turns never return
+    assert model.blocks.tolist() == [2, 8, 3] and np.isinf(model.gap[1:]).all()
+    assert with_ttls_per_class(trace, model, 0.001).ttl_s.tolist() == [120.0, 0.0, 0.0]
+    assert with_ttls_per_class(trace, model, 0.02).ttl_s.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_the_best_theta_is_the_run_that_saved_most_and_the_smallest_of_equals():

@@ -58,6 +58,29 @@ def test_a_return_counts_when_the_next_turn_comes_within_the_ttl_of_this_turns_e
     assert returns_within(session, t, finish, 700.0).tolist() == [True, False, True, False]
 
 
+def test_gap_after_is_the_time_from_a_turns_end_to_its_sessions_next_arrival():
+    session = np.array([0, 1, 0, 0])
+    t = np.array([0.0, 5.0, 610.0, 612.0])
+    finish = t + np.array([10.0, 1.0, 10.0, 1.0])
+    gap = rc.gap_after(session, t, finish)
+    assert gap[0] == 600.0 and gap[2] == -8.0  # the third arrived while the second ran
+    assert np.isinf(gap[1]) and np.isinf(gap[3])
+
+
+def test_class_ttls_time_each_class_by_what_its_returns_earn_against_the_block_seconds_they_hold():
+    # class 0: two turns of 4 blocks back after 20 s and 200 s; class 1: never back; class 2: back while it ran.
+    cls = np.array([0, 0, 1, 2])
+    gap = np.array([20.0, 200.0, np.inf, -3.0])
+    blocks = np.array([4, 4, 10, 5])
+    # price 0.001: T=300 catches 8 blocks for 4 x 20 + 4 x 200 = 880 block-seconds (8 - 0.88 = 7.12), T=30 catches 4
+    # for 4 x 20 + 4 x 30 = 200 (4 - 0.2): 300 s. Price 0.02: 8 - 17.6 < 0 and 4 - 4 = 0: T=30 is not better than none,
+    # T=15 catches nothing: no pin. A class that never returns and one whose turns overlap get none at any price.
+    assert rc.class_ttls(cls, 3, gap, blocks, 0.001).tolist() == [300.0, 0.0, 0.0]
+    assert rc.class_ttls(cls, 3, gap, blocks, 0.01).tolist() == [30.0, 0.0, 0.0]  # 4 - 2 = 2 > 8 - 8.8
+    assert rc.class_ttls(cls, 3, gap, blocks, 0.02).tolist() == [0.0, 0.0, 0.0]
+    assert rc.class_ttls(cls, 3, gap, blocks, 0.0).tolist() == [300.0, 0.0, 0.0]  # free: the shortest that catches all
+
+
 def test_hindsight_rates_are_one_where_every_turn_returns_and_zero_where_none_does():
     cls = np.array([0, 1, 0, 2, 1, 0, 2])
     returned = np.array([True, False, True, True, False, True, False])
