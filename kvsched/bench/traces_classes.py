@@ -16,6 +16,15 @@ both on the bench's long-TTL pool:
 If none reaches the gate, a learner of these classes that pins, weights or times pins by them cannot either, short of
 better features. What the bound leaves out: subsets of classes no threshold or price selects, and rates that drift
 over the trace (a learner of recent rates could follow them).
+
+Those three fit each class on the very turns they are scored on: a class of a few turns is pinned exactly when its
+turns return, which no learner can do (it memorises outcomes; 1,510 of conversation's 12,031 turns sit in classes of
+under 10 turns). The cross-fitted sides remove that: the sessions are split in two folds, and each fold's turns get the
+rates or TTLs fitted on the other fold's sessions (still the whole trace's time span: more than an online learner,
+which has only the past), shrunk toward the turn index's by CROSS_STRENGTHS pseudo-turns, the strength and the
+threshold or price chosen in hindsight:
+- `class oracle, cross-fitted`: as `class oracle`, over CROSS_THETAS;
+- `class TTLs, cross-fitted`: as `class TTLs`.
 """
 
 from __future__ import annotations
@@ -37,7 +46,11 @@ from kvsched.sim.return_classes import (
     classify,
     gap_after,
     pinned_classes,
+    session_folds,
+    shrunk_rates,
+    turn_index,
 )
+from kvsched.sim.return_classes import TURN_CAP as RETURN_TURN_CAP
 from kvsched.sim.trace import Trace
 
 THETAS = tuple(round(0.05 * k, 2) for k in range(21))
@@ -46,7 +59,11 @@ WEIGHT_STEP = 0.05
 # and 3x lay between 0.001 and 0.007, about the LRU pool's marginal hits per block-second on synthetic, not on
 # conversation (BENCHMARKS.md).
 LAMBDAS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.007, 0.01)
-SIDES = ("class oracle", "class weights", "class TTLs")
+CROSS_STRENGTHS = (0.0, 10.0, 100.0)  # pseudo-turns a class borrows from its turn index (cross-fitted sides)
+CROSS_THETAS = tuple(round(0.05 * k, 2) for k in range(2, 11))  # 0.1 ... 0.5: where the in-sample best thetas lay
+IN_SAMPLE_SIDES = ("class oracle", "class weights", "class TTLs")
+CROSS_SIDES = ("class oracle, cross-fitted", "class TTLs, cross-fitted")
+SIDES = IN_SAMPLE_SIDES + CROSS_SIDES
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +76,8 @@ class ReturnModel:
     ttl_s: float
     gap: np.ndarray  # seconds from each request's end to its session's next arrival (inf: none)
     blocks: np.ndarray  # full blocks of each request's prompt and output: what a pin at its end would hold
+    parent_of: np.ndarray  # class -> its turn index class (0 ... TURN_CAP - 1): what the cross-fitted sides shrink to
+    folds: np.ndarray  # bool per request: its session's fold (`session_folds`)
 
     @property
     def turn_rate(self) -> np.ndarray:
@@ -76,7 +95,10 @@ def fit(trace: Trace, ttl_s: float, cfg: ReplayConfig) -> ReturnModel:
     gap = gap_after(trace.session, trace.t, finish)
     returned = gap <= ttl_s
     blocks = (trace.prompt_tokens + trace.output_tokens) // trace.block_size
-    return ReturnModel(cls, class_rates(cls, labels, returned), returned, ttl_s, gap, blocks)
+    parent_of = np.zeros(len(labels), dtype=np.int64)
+    parent_of[cls] = np.minimum(turn_index(trace.session), RETURN_TURN_CAP) - 1
+    return ReturnModel(cls, class_rates(cls, labels, returned), returned, ttl_s, gap, blocks, parent_of,
+                       session_folds(trace.session))
 
 
 def summary(trace: Trace, model: ReturnModel) -> dict[str, Any]:
@@ -105,6 +127,31 @@ def with_ttls_per_class(trace: Trace, model: ReturnModel, lam: float) -> Trace:
     return replace(trace, ttl_s=ttl[model.cls])
 
 
+def cross_fitted_pins(trace: Trace, model: ReturnModel, theta: float, strength: float) -> Trace:
+    """`trace` with every turn's TTL hint: the long TTL if its class's rate fitted on the other fold's sessions
+    (shrunk by `strength`) is at least theta, 0 otherwise."""
+    n = len(model.rates.labels)
+    pin = np.zeros(len(trace), dtype=bool)
+    for fold in (False, True):
+        train, test = model.folds != fold, model.folds == fold
+        rate = shrunk_rates(model.cls[train], n, model.returned[train], model.parent_of, strength)
+        pin[test] = rate[model.cls[test]] >= theta
+    return replace(trace, ttl_s=np.where(pin, model.ttl_s, 0.0))
+
+
+def cross_fitted_ttls(trace: Trace, model: ReturnModel, lam: float, strength: float) -> Trace:
+    """`trace` with every turn's TTL hint its class's `class_ttls` at price `lam`, fitted on the other fold's
+    sessions (shrunk by `strength`)."""
+    n = len(model.rates.labels)
+    ttl = np.zeros(len(trace))
+    for fold in (False, True):
+        train, test = model.folds != fold, model.folds == fold
+        per_class = class_ttls(model.cls[train], n, model.gap[train], model.blocks[train], lam,
+                               parent_of=model.parent_of, strength=strength)
+        ttl[test] = per_class[model.cls[test]]
+    return replace(trace, ttl_s=ttl)
+
+
 def with_class_weights(trace: Trace, model: ReturnModel, cfg: ReplayConfig) -> tuple[Trace, ReplayConfig]:
     """`trace` with each turn's class rate (rounded to WEIGHT_STEP) as its role (replacing any agent role the trace
     has), and `cfg` weighting each such role by that rate."""
@@ -127,6 +174,8 @@ class ClassCurves:
 
     theta: dict[float, ReplayResult]
     lam: dict[float, ReplayResult]
+    cross_theta: dict[tuple[float, float], ReplayResult]  # (strength, theta)
+    cross_lam: dict[tuple[float, float], ReplayResult]  # (strength, price)
 
 
 def class_sides(trace: Trace, model: ReturnModel, long_ttl: ReplayConfig
@@ -145,10 +194,21 @@ def class_sides(trace: Trace, model: ReturnModel, long_ttl: ReplayConfig
     upto = max(CLASS_TTLS_S)
     timed = replace(long_ttl, retention=replace(long_ttl.retention, max_ttl_s=max(upto, long_ttl.retention.max_ttl_s)))
     lam = {p: run(with_ttls_per_class(trace, model, p), timed) for p in LAMBDAS}
+    cross_lam = {(st, p): run(cross_fitted_ttls(trace, model, p, st), timed) for st in CROSS_STRENGTHS for p in LAMBDAS}
+    by_ttls.clear()
+    cross_theta = {(st, th): run(cross_fitted_pins(trace, model, th, st), long_ttl)
+                   for st in CROSS_STRENGTHS for th in CROSS_THETAS}
     weighted_trace, weighted_cfg = with_class_weights(trace, model, long_ttl)
     sides = {"class oracle": curve[best_theta(curve)], "class weights": replay(weighted_trace, "kvsched", weighted_cfg),
-             "class TTLs": lam[best_theta(lam)]}
-    return sides, ClassCurves(curve, lam)
+             "class TTLs": lam[best_theta(lam)],
+             "class oracle, cross-fitted": cross_theta[best_setting(cross_theta)],
+             "class TTLs, cross-fitted": cross_lam[best_setting(cross_lam)]}
+    return sides, ClassCurves(curve, lam, cross_theta, cross_lam)
+
+
+def best_setting(runs: dict[tuple[float, float], ReplayResult]) -> tuple[float, float]:
+    """The (strength, threshold or price) whose run saved the most prompt tokens (the first of equals in sorted order)."""
+    return max(sorted(runs), key=lambda k: runs[k].tokens_saved)
 
 
 def curve_summary(model: ReturnModel, curves: ClassCurves, best_tokens: int) -> dict[str, Any]:
@@ -166,4 +226,10 @@ def curve_summary(model: ReturnModel, curves: ClassCurves, best_tokens: int) -> 
             "distinct_replays": len({id(r) for r in curves.theta.values()}),
             "price_curve": share(curves.lam), "best_price": price,
             "class_ttl_pinned_turn_fraction": float((ttl > 0).mean()) if len(ttl) else 0.0,
-            "class_ttl_mean_s": float(ttl.mean()) if len(ttl) else 0.0}
+            "class_ttl_mean_s": float(ttl.mean()) if len(ttl) else 0.0,
+            "cross_fitted": {
+                "oracle_best": list(best_setting(curves.cross_theta)), "ttls_best": list(best_setting(curves.cross_lam)),
+                "oracle_curve": {f"{st:g}/{th:g}": (r.tokens_saved / best_tokens if best_tokens else None)
+                                 for (st, th), r in curves.cross_theta.items()},
+                "ttls_curve": {f"{st:g}/{p:g}": (r.tokens_saved / best_tokens if best_tokens else None)
+                               for (st, p), r in curves.cross_lam.items()}}}

@@ -106,25 +106,63 @@ def returns_within(session: np.ndarray, t: np.ndarray, finish: np.ndarray, ttl_s
 
 
 def class_ttls(cls: np.ndarray, n_classes: int, gap: np.ndarray, blocks: np.ndarray, lam: float,
-               ttls: tuple[float, ...] = CLASS_TTLS_S) -> np.ndarray:
+               ttls: tuple[float, ...] = CLASS_TTLS_S, parent_of: np.ndarray | None = None,
+               strength: float = 0.0) -> np.ndarray:
     """Per class, the TTL of `ttls` (0: no pin) that a pin pays best at when a block-second of pool is worth `lam`
     blocks of prefill: the one maximising  sum_i blocks_i [0 < gap_i <= T]  -  lam sum_i blocks_i min(gap_i, T)  over
     the class's turns (`gap`: `gap_after`; a turn whose next one arrived while it ran needs no pin and costs none).
     With the gaps of the whole trace this is hindsight: the per-class TTLs no single-TTL threshold policy can choose,
-    and what a model of each class's return-time distribution could at best learn."""
+    and what a model of each class's return-time distribution could at best learn.
+
+    `parent_of` (class -> parent class) and `strength` > 0: each class's sums also count `strength` turns of the mean
+    blocks at its parent's per-block averages (shrinkage: a class seen a few times reads like its parent; one never
+    seen in these rows, as its parent)."""
+    pos = [t for t in ttls if t > 0]
+    if not pos:
+        return np.zeros(n_classes)
     held = np.clip(gap, 0.0, None)
-    best = np.zeros(n_classes)
-    best_ttl = np.zeros(n_classes)
-    for ttl in ttls:
-        if ttl <= 0:
-            continue
-        caught = np.bincount(cls, weights=blocks * ((gap > 0) & (gap <= ttl)), minlength=n_classes)
-        cost = np.bincount(cls, weights=blocks * np.minimum(held, ttl), minlength=n_classes)
-        net = caught - lam * cost
-        better = net > best
-        best = np.where(better, net, best)
-        best_ttl = np.where(better, ttl, best_ttl)
-    return best_ttl
+    caught = np.stack([np.bincount(cls, weights=blocks * ((gap > 0) & (gap <= t)), minlength=n_classes)
+                       for t in pos], axis=1)
+    cost = np.stack([np.bincount(cls, weights=blocks * np.minimum(held, t), minlength=n_classes) for t in pos], axis=1)
+    if parent_of is not None and strength > 0:
+        parent = parent_of[cls]
+        n_par = int(parent_of.max()) + 1
+        weight = np.bincount(parent, weights=blocks, minlength=n_par)[:, None]
+        pc = np.stack([np.bincount(parent, weights=blocks * ((gap > 0) & (gap <= t)), minlength=n_par)
+                       for t in pos], axis=1) / np.maximum(weight, 1e-12)
+        pk = np.stack([np.bincount(parent, weights=blocks * np.minimum(held, t), minlength=n_par) for t in pos],
+                      axis=1) / np.maximum(weight, 1e-12)
+        pseudo = strength * (float(np.mean(blocks)) if len(blocks) else 0.0)
+        caught = caught + pseudo * pc[parent_of]
+        cost = cost + pseudo * pk[parent_of]
+    net = caught - lam * cost
+    best = net.argmax(axis=1)  # the shortest of equals
+    return np.where(net[np.arange(n_classes), best] > 0, np.asarray(pos)[best], 0.0)
+
+
+def shrunk_rates(cls: np.ndarray, n_classes: int, returned: np.ndarray, parent_of: np.ndarray | None = None,
+                 strength: float = 0.0) -> np.ndarray:
+    """Return rate per class over these rows; with `parent_of` and `strength` > 0, shrunk toward the parent class's
+    rate by `strength` pseudo-turns (Beta-binomial, as the online return model). A class with no rows: 0, or its
+    parent's rate."""
+    n = np.bincount(cls, minlength=n_classes).astype(np.float64)
+    r = np.bincount(cls, weights=returned.astype(np.float64), minlength=n_classes)
+    if parent_of is None or strength <= 0:
+        raw: np.ndarray = r / np.maximum(n, 1)
+        return raw
+    parent = parent_of[cls]
+    n_par = int(parent_of.max()) + 1
+    pn = np.bincount(parent, minlength=n_par)
+    prate = np.bincount(parent, weights=returned.astype(np.float64), minlength=n_par) / np.maximum(pn, 1)
+    shrunk: np.ndarray = (r + strength * prate[parent_of]) / (n + strength)
+    return shrunk
+
+
+def session_folds(session: np.ndarray) -> np.ndarray:
+    """Two folds of whole sessions (by the parity of the session index): a cross-fitted bound fits each fold's
+    classes on the other fold's sessions, so no turn's own outcome is in the rate or TTL applied to it."""
+    folds: np.ndarray = (np.asarray(session) % 2).astype(bool)
+    return folds
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from kvsched.bench.traces import first_turns, last_turns
-from kvsched.bench.traces_classes import best_theta, fit, with_class_ttls, with_class_weights, with_ttls_per_class
+from kvsched.bench.traces_classes import (
+    best_theta,
+    cross_fitted_pins,
+    cross_fitted_ttls,
+    fit,
+    with_class_ttls,
+    with_class_weights,
+    with_ttls_per_class,
+)
 from kvsched.cli import main
 from kvsched.sim.mooncake import convert_file
 from kvsched.sim.replay import ReplayConfig, ReplayResult
@@ -27,7 +35,8 @@ def test_bench_traces_on_a_slice(tmp_path, capsys):
     r = json.loads(out.read_text())["traces"]["conv.jsonl"]["pressures"]["1.5"]
     s = r["share_of_opt_saving"]
     assert set(s) == {"lru", "kvsched", "opt", "kvsched, long TTL", "first turns unpinned", "end oracle",
-                      "class oracle", "class weights", "class TTLs", "kvsched + FP8 tier", "LRU + CPU offload"}
+                      "class oracle", "class weights", "class TTLs", "class oracle, cross-fitted",
+                      "class TTLs, cross-fitted", "kvsched + FP8 tier", "LRU + CPU offload"}
     # the host sides: the engine's default tier size (2x the pool's bytes; an FP8 pool, so 2x its blocks)
     assert r["tier"]["slots"] == 2 * r["capacity_blocks"] and r["tier"]["h2d_gbps"] == 32.0
     assert s["opt"] == 1.0 and 0 < s["lru"] <= 1.0
@@ -39,6 +48,12 @@ def test_bench_traces_on_a_slice(tmp_path, capsys):
     assert s["class TTLs"] == max(c["price_curve"].values()) == c["price_curve"][f"{c['best_price']:g}"]
     assert 0.0 <= c["class_ttl_pinned_turn_fraction"] <= 1.0 and 0.0 <= c["class_ttl_mean_s"] <= 600.0
     assert r["class_oracle_gate_met"] == (max(s["class oracle"], s["class weights"], s["class TTLs"]) >= r["gate_share"])
+    x = c["cross_fitted"]
+    assert s["class oracle, cross-fitted"] == max(x["oracle_curve"].values()) == x["oracle_curve"][
+        "{:g}/{:g}".format(*x["oracle_best"])]
+    assert s["class TTLs, cross-fitted"] == max(x["ttls_curve"].values())
+    assert r["cross_fitted_gate_met"] == (max(s["class oracle, cross-fitted"], s["class TTLs, cross-fitted"])
+                                          >= r["gate_share"])
     rc = json.loads(out.read_text())["traces"]["conv.jsonl"]["return_classes"]
     assert sum(row["turns"] for row in rc["table"]) == rc["turns"] and 0.5 <= rc["auc"] <= 1.0
     assert "gate" in capsys.readouterr().out
@@ -95,6 +110,22 @@ def test_class_ttls_and_weights_come_from_hindsight_rates():
     assert model.blocks.tolist() == [2, 8, 3] and np.isinf(model.gap[1:]).all()
     assert with_ttls_per_class(trace, model, 0.001).ttl_s.tolist() == [120.0, 0.0, 0.0]
     assert with_ttls_per_class(trace, model, 0.02).ttl_s.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_cross_fitted_sides_act_on_the_other_sessions_outcomes_never_a_turns_own():
+    """a's and b's first turns share a class; a (fold 0) comes back, b (fold 1) does not. In-sample, the class rate
+    0.5 pins both; cross-fitted, a's turn acts on b's outcome (no pin) and b's on a's (pinned)."""
+    trace = tiny_trace()
+    model = fit(trace, 600.0, ReplayConfig(capacity_blocks=1))
+    assert model.folds.tolist() == [False, True, False] and model.cls[0] != model.cls[1]  # 2 vs 8 blocks: two classes
+    same = Trace.from_requests(4, [TraceRequest(0.0, "a", 8, 0, ["a1", "a2"]), TraceRequest(1.0, "b", 8, 0, ["b1", "b2"]),
+                                   TraceRequest(100.0, "a", 12, 0, ["a1", "a2", "a3"])])
+    model = fit(same, 600.0, ReplayConfig(capacity_blocks=1))
+    assert model.cls[0] == model.cls[1] and model.returned.tolist() == [True, False, False]
+    assert with_class_ttls(same, model, 0.5, 600.0).ttl_s.tolist() == [600.0, 600.0, 0.0]
+    for strength in (0.0, 10.0):  # a's second turn: no turn-2 outcome in fold 1, at any strength
+        assert cross_fitted_pins(same, model, 0.5, strength).ttl_s.tolist() == [0.0, 600.0, 0.0]
+    assert cross_fitted_ttls(same, model, 0.001, 0.0).ttl_s.tolist() == [0.0, 120.0, 0.0]
 
 
 def test_the_best_theta_is_the_run_that_saved_most_and_the_smallest_of_equals():

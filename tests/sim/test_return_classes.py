@@ -81,6 +81,20 @@ def test_class_ttls_time_each_class_by_what_its_returns_earn_against_the_block_s
     assert rc.class_ttls(cls, 3, gap, blocks, 0.0).tolist() == [300.0, 0.0, 0.0]  # free: the shortest that catches all
 
 
+def test_shrinkage_pulls_a_class_seen_rarely_toward_its_parent():
+    cls, parent_of = np.array([0, 1, 1]), np.array([0, 0])
+    gap, blocks = np.array([np.inf, 20.0, 20.0]), np.array([4, 4, 4])
+    assert rc.class_ttls(cls, 2, gap, blocks, 0.001, parent_of=parent_of).tolist() == [0.0, 30.0]
+    # 10 pseudo-turns of 4 blocks at the parent's averages (2/3 of its blocks back within 30 s, 70/3 s held at 30):
+    # class 0's one turn that never came back now reads like its parent
+    assert rc.class_ttls(cls, 2, gap, blocks, 0.001, parent_of=parent_of, strength=10.0).tolist() == [30.0, 30.0]
+    returned = np.array([True, False, True])
+    assert rc.shrunk_rates(np.array([0, 0, 1]), 2, returned).tolist() == [0.5, 1.0]
+    assert np.allclose(rc.shrunk_rates(np.array([0, 0, 1]), 3, returned, np.array([0, 0, 0]), 2.0),
+                       [(1 + 2 * 2 / 3) / 4, (1 + 2 * 2 / 3) / 3, 2 / 3])  # class 2, never seen: its parent's rate
+    assert rc.session_folds(np.array([0, 1, 2, 3, 0])).tolist() == [False, True, False, True, False]
+
+
 def test_hindsight_rates_are_one_where_every_turn_returns_and_zero_where_none_does():
     cls = np.array([0, 1, 0, 2, 1, 0, 2])
     returned = np.array([True, False, True, True, False, True, False])
