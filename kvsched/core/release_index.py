@@ -27,7 +27,7 @@ import itertools
 from collections.abc import Callable, Generator, Iterator, Sequence
 
 from kvsched.core.retention_records import SessionRecord
-from kvsched.core.scoring import Candidate
+from kvsched.core.scoring import Candidate, select_lowest
 from kvsched.core.sessions import SessionKey
 
 EXACT_LIMIT = 32  # pinned sessions up to which a decision scans them all (~5 us per session, with the value)
@@ -80,8 +80,7 @@ class ReleaseIndex:
 
     # ---- internals ----------------------------------------------------------------------------------------------
     def _scan(self, now: float, skip: set[SessionKey]) -> list[SessionKey]:
-        keys: list[SessionKey] = []
-        cands: list[Candidate] = []
+        recs: list[SessionRecord] = []
         queued: list[tuple[float, int, SessionKey]] = []
         for rec in sorted(self.pinned.values(), key=lambda r: r.activity):
             if rec.key in skip or rec.active_requests > 0:
@@ -89,9 +88,14 @@ class ReleaseIndex:
             if rec.waiting:
                 queued.append((-(rec.waiting_since or now), len(queued), rec.key))
                 continue
-            keys.append(rec.key)
-            cands.append(self.candidate(rec, now))
-        order = [keys[i] for i in self.selector(cands, len(cands))] if cands else []
+            recs.append(rec)
+        if not recs:
+            order: list[SessionKey] = []
+        elif self.selector is select_lowest:  # the scalar reference sorts by the score itself: no Candidate needed
+            score = self.score
+            order = [recs[i].key for _, i in sorted((score(rec, now), i) for i, rec in enumerate(recs))]
+        else:
+            order = [recs[i].key for i in self.selector([self.candidate(rec, now) for rec in recs], len(recs))]
         return order + [key for *_, key in sorted(queued)]
 
     def _flush(self, now: float) -> None:

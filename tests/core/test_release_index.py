@@ -11,7 +11,7 @@ import pytest
 from kvsched.core.config import RetentionConfig
 from kvsched.core.release_index import EXACT_LIMIT
 from kvsched.core.retention import RetentionPolicy
-from kvsched.core.scoring import retention_value
+from kvsched.core.scoring import retention_value, select_lowest
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
 from tests.conftest import FakeClock
 
@@ -140,3 +140,35 @@ def test_equal_values_go_least_recently_active_first_as_in_the_scan(clock):
     expected = [k for k in keys if k not in keys[::3]] + keys[::3]
     assert heap.release_order() == scan.release_order() == scan_order(scan, set()) == expected
     assert [r.key for r in heap.release_for_pressure(50)] == expected[:3]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_scans_shortcut_for_the_reference_selector_orders_as_the_selector_does(seed):
+    """With the scalar reference selector the scan sorts by the policy's score and builds no Candidate; any other
+    selector (the engine's kernels) gets the candidates. Same order and decisions, values changing with the clock."""
+    clock = FakeClock()
+    cfg = replace(RetentionConfig(), default_ttl_s=1e6, max_ttl_s=1e6)
+    short = RetentionPolicy(cfg, clock, 4000, bytes_per_token=1024.0)
+    full = RetentionPolicy(cfg, clock, 4000, bytes_per_token=1024.0, selector=lambda c, k: select_lowest(c, k))
+    for p in (short, full):
+        p.index.exact_limit = 10**9
+    rng = random.Random(seed)
+    keys = [SessionKey(SessionId(f"s{i}")) for i in range(40)]
+    released = 0
+    for _ in range(800):
+        clock.advance(rng.random() * 2)
+        k, hints, tokens = rng.choice(keys), TurnHints(role=rng.choice(ROLES)), rng.randrange(16, 4000)
+        hit, need = rng.choice([0, 1]), rng.randrange(1, 80) if rng.random() < 0.1 else 0
+        out: list[list] = [[], []]
+        for p, o in zip((short, full), out, strict=True):
+            rec = p.sessions.get(k)
+            if rec is not None and rec.waiting:
+                o.append(p.turn_started(k, rec.pinned_tokens * hit))
+            elif rec is not None and rec.active_requests:
+                o.append(p.turn_finished(k, hints, tokens, tokens // 16))
+            else:
+                p.request_arrived(k, hints)
+            o.append(p.release_for_pressure(need) if need else [])
+        assert out[0] == out[1] and short.release_order() == full.release_order()
+        released += len(out[1][-1])
+    assert released > 50
