@@ -59,8 +59,8 @@ WEIGHT_STEP = 0.05
 # and 3x lay between 0.001 and 0.007, about the LRU pool's marginal hits per block-second on synthetic, not on
 # conversation (BENCHMARKS.md).
 LAMBDAS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.007, 0.01)
-CROSS_STRENGTHS = (0.0, 10.0, 100.0)  # pseudo-turns a class borrows from its turn index (cross-fitted sides)
-CROSS_THETAS = tuple(round(0.05 * k, 2) for k in range(2, 11))  # 0.1 ... 0.5: where the in-sample best thetas lay
+CROSS_STRENGTHS = (0.0, 10.0, 100.0, 1000.0)  # pseudo-turns a class borrows from its turn index (cross-fitted)
+CROSS_THETAS = tuple(round(0.05 * k, 2) for k in range(1, 13))  # 0.05 ... 0.6 (theta 0 is `kvsched, long TTL`)
 IN_SAMPLE_SIDES = ("class oracle", "class weights", "class TTLs")
 CROSS_SIDES = ("class oracle, cross-fitted", "class TTLs, cross-fitted")
 SIDES = IN_SAMPLE_SIDES + CROSS_SIDES
