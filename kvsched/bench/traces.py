@@ -51,6 +51,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--h2d-gbps", type=float, default=32.0, help="the tier side's host-to-device bandwidth (GB/s)")
     p.add_argument("--tier-eviction", choices=TIER_EVICTION_ORDERS, default="recency",
                    help="the tier side's eviction order (default recency, as the engine)")
+    p.add_argument("--timing", type=int, default=0, metavar="N",
+                   help="also replay LRU and kvsched N more times each, alternating, and report their CPU times "
+                        "(min and median) and kvsched/LRU: the replay's cost (issue 24: within 3x LRU's)")
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=run)
 
@@ -137,6 +140,29 @@ def measure(trace: Any, pressure: float, retention: Any, ttl: float, headroom: b
             "wall_s": {k: round(r.wall_s, 3) for k, r in runs.items()}, **tier, **extra}
 
 
+def replay_cost(trace: Any, pressure: float, retention: Any, reps: int) -> dict[str, Any]:
+    """CPU seconds of `reps` replays of each of LRU and kvsched (as shipped), alternating so that a machine's drift hits
+    both alike: min and median per side and kvsched/LRU of each. Process time, not wall: another process on the machine
+    does not count (wall times on a shared 2-core VM varied by +-30% from minute to minute)."""
+    import statistics
+    import time
+
+    from kvsched.sim.replay import ReplayConfig, replay
+
+    cfg = ReplayConfig(capacity_blocks=max(int(np.ceil(trace.peak_live_blocks() / pressure)), 1), retention=retention)
+    cpu: dict[str, list[float]] = {"lru": [], "kvsched": []}
+    for _ in range(reps):
+        for side in cpu:
+            t0 = time.process_time()
+            replay(trace, side, cfg)
+            cpu[side].append(time.process_time() - t0)
+    mins = {k: min(v) for k, v in cpu.items()}
+    medians = {k: statistics.median(v) for k, v in cpu.items()}
+    return {"reps": reps, "cpu_s": {k: [round(x, 4) for x in v] for k, v in cpu.items()},
+            "min_s": mins, "median_s": medians, "kvsched_over_lru_min": mins["kvsched"] / mins["lru"],
+            "kvsched_over_lru_median": medians["kvsched"] / medians["lru"]}
+
+
 def default_traces() -> list[Path]:
     from kvsched.sim.mooncake import MOONCAKE_FILES, traces_dir
 
@@ -163,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.h2d_gbps > 0:
         print("kvsched bench traces: error: --h2d-gbps must be positive")
         return 2
+    if args.timing < 0:
+        print("kvsched bench traces: error: --timing must be >= 0")
+        return 2
     result: dict[str, Any] = {"traces": {}}
     rows = []
     for path in paths:
@@ -187,6 +216,10 @@ def run(args: argparse.Namespace) -> int:
             header = ["trace", "live pressure", *s.keys(), "gate",
                       *(["best theta", "class gate met", "cross-fitted gate met"] if c else [])]
             print(table(rows[-1:], header), flush=True)
+            if args.timing:
+                cost = m["replay_cost"] = replay_cost(trace, p, retention, args.timing)
+                print(f"replay cost, {path.name} {p:g}x: kvsched/LRU CPU time {cost['kvsched_over_lru_median']:.2f} "
+                      f"(median of {args.timing}), {cost['kvsched_over_lru_min']:.2f} (min)", flush=True)
     print(table(rows, header))
     result["config"] = {"pressures_live": pressures, "headroom_ttl_s": args.ttl, "retention": retention.as_dict(),
                         "provenance": provenance()}

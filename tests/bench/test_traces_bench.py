@@ -67,6 +67,18 @@ def test_no_tier_leaves_the_host_sides_out(tmp_path):
     r = json.loads(out.read_text())["traces"]["syn.jsonl"]["pressures"]["3"]
     assert set(r["share_of_opt_saving"]) == {"lru", "kvsched", "opt"} and "tier" not in r
     assert main(["bench", "traces", str(trace), "--h2d-gbps", "0", "--out", str(out)]) == 2
+    assert main(["bench", "traces", str(trace), "--timing", "-1", "--out", str(out)]) == 2
+
+
+def test_timing_reports_both_sides_cpu_time_per_rep(tmp_path):
+    trace = tmp_path / "syn.jsonl"
+    convert_file(DATA / "mooncake_synthetic_slice.jsonl", trace)
+    out = tmp_path / "r.json"
+    assert main(["bench", "traces", str(trace), "--pressure", "3", "--no-headroom", "--no-tier", "--timing", "2",
+                 "--out", str(out)]) == 0
+    cost = json.loads(out.read_text())["traces"]["syn.jsonl"]["pressures"]["3"]["replay_cost"]
+    assert cost["reps"] == 2 and all(len(v) == 2 for v in cost["cpu_s"].values())
+    assert cost["kvsched_over_lru_min"] == cost["min_s"]["kvsched"] / cost["min_s"]["lru"] > 0
 
 
 def test_headroom_flags_mark_each_sessions_first_and_last_turn(tmp_path):
