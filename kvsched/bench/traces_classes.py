@@ -29,6 +29,7 @@ threshold or price chosen in hindsight:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
@@ -127,29 +128,31 @@ def with_ttls_per_class(trace: Trace, model: ReturnModel, lam: float) -> Trace:
     return replace(trace, ttl_s=ttl[model.cls])
 
 
+def cross_fitted(model: ReturnModel, fitted: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Per request, the value `fitted(train)` gives its class (an array over classes), `train` the rows of the other
+    fold's sessions: no request's own outcome is in what it gets."""
+    out = np.zeros(len(model.cls))
+    for fold in (False, True):
+        test = model.folds == fold
+        out[test] = fitted(~test)[model.cls[test]]
+    return out
+
+
 def cross_fitted_pins(trace: Trace, model: ReturnModel, theta: float, strength: float) -> Trace:
     """`trace` with every turn's TTL hint: the long TTL if its class's rate fitted on the other fold's sessions
     (shrunk by `strength`) is at least theta, 0 otherwise."""
     n = len(model.rates.labels)
-    pin = np.zeros(len(trace), dtype=bool)
-    for fold in (False, True):
-        train, test = model.folds != fold, model.folds == fold
-        rate = shrunk_rates(model.cls[train], n, model.returned[train], model.parent_of, strength)
-        pin[test] = rate[model.cls[test]] >= theta
-    return replace(trace, ttl_s=np.where(pin, model.ttl_s, 0.0))
+    rate = cross_fitted(model, lambda train: shrunk_rates(model.cls[train], n, model.returned[train], model.parent_of,
+                                                          strength))
+    return replace(trace, ttl_s=np.where(rate >= theta, model.ttl_s, 0.0))
 
 
 def cross_fitted_ttls(trace: Trace, model: ReturnModel, lam: float, strength: float) -> Trace:
     """`trace` with every turn's TTL hint its class's `class_ttls` at price `lam`, fitted on the other fold's
     sessions (shrunk by `strength`)."""
     n = len(model.rates.labels)
-    ttl = np.zeros(len(trace))
-    for fold in (False, True):
-        train, test = model.folds != fold, model.folds == fold
-        per_class = class_ttls(model.cls[train], n, model.gap[train], model.blocks[train], lam,
-                               parent_of=model.parent_of, strength=strength)
-        ttl[test] = per_class[model.cls[test]]
-    return replace(trace, ttl_s=ttl)
+    return replace(trace, ttl_s=cross_fitted(model, lambda train: class_ttls(
+        model.cls[train], n, model.gap[train], model.blocks[train], lam, parent_of=model.parent_of, strength=strength)))
 
 
 def with_class_weights(trace: Trace, model: ReturnModel, cfg: ReplayConfig) -> tuple[Trace, ReplayConfig]:
