@@ -144,8 +144,9 @@ class Lineage:
         """The branch that a turn rewritten by kvsched's own compaction leaves behind when it starts branch `key`: the
         idle branch of the same id whose turn finished last (the conversation the rewrite summarised; the rewritten
         prompt no longer continues it, and no later turn will). None if there is none, or if `key` is not the branch
-        the last `named` call created (a rewrite that joined a branch leaves nothing behind). Only the server's
-        compaction may ask this: a client's turn that continues no branch never ends another (module docstring)."""
+        the last `named` call created (a rewrite that joined a branch leaves nothing behind). Only a turn the server's
+        compaction rewrote may end the branch named here: a client's turn that continues no branch never ends another
+        (module docstring)."""
         if key.inferred or key != self.created:
             return None
         best: _Entry | None = None

@@ -98,19 +98,12 @@ def gap_after(session: np.ndarray, t: np.ndarray, finish: np.ndarray) -> np.ndar
     return out
 
 
-def returns_within(session: np.ndarray, t: np.ndarray, finish: np.ndarray, ttl_s: float) -> np.ndarray:
-    """Whether the session's next request arrives at most `ttl_s` after this one finishes (a pin made at this turn's
-    end with that TTL would still hold its prefix)."""
-    returned: np.ndarray = gap_after(session, t, finish) <= ttl_s
-    return returned
-
-
 def class_ttls(cls: np.ndarray, n_classes: int, gap: np.ndarray, blocks: np.ndarray, lam: float,
                ttls: tuple[float, ...] = CLASS_TTLS_S, parent_of: np.ndarray | None = None,
                strength: float = 0.0) -> np.ndarray:
     """Per class, the TTL of `ttls` (0: no pin) that a pin pays best at when a block-second of pool is worth `lam`
     blocks of prefill: the one maximising  sum_i blocks_i [0 < gap_i <= T]  -  lam sum_i blocks_i min(gap_i, T)  over
-    the class's turns (`gap`: `gap_after`; a turn whose next one arrived while it ran needs no pin and costs none).
+    the class's turns (`gap`: `gap_after`, so a turn returns within T when its gap is at most T; a turn whose next one arrived while it ran needs no pin and costs none).
     With the gaps of the whole trace this is hindsight: the per-class TTLs no single-TTL threshold policy can choose,
     and what a model of each class's return-time distribution could at best learn.
 
@@ -121,20 +114,22 @@ def class_ttls(cls: np.ndarray, n_classes: int, gap: np.ndarray, blocks: np.ndar
     if not pos:
         return np.zeros(n_classes)
     held = np.clip(gap, 0.0, None)
-    caught = np.stack([np.bincount(cls, weights=blocks * ((gap > 0) & (gap <= t)), minlength=n_classes)
-                       for t in pos], axis=1)
-    cost = np.stack([np.bincount(cls, weights=blocks * np.minimum(held, t), minlength=n_classes) for t in pos], axis=1)
+
+    def sums(group: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per group and TTL: blocks of the returns a pin catches, block-seconds it holds."""
+        caught = np.stack([np.bincount(group, weights=blocks * ((gap > 0) & (gap <= t)), minlength=n) for t in pos], 1)
+        cost = np.stack([np.bincount(group, weights=blocks * np.minimum(held, t), minlength=n) for t in pos], 1)
+        return caught, cost
+
+    caught, cost = sums(cls, n_classes)
     if parent_of is not None and strength > 0:
         parent = parent_of[cls]
         n_par = int(parent_of.max()) + 1
-        weight = np.bincount(parent, weights=blocks, minlength=n_par)[:, None]
-        pc = np.stack([np.bincount(parent, weights=blocks * ((gap > 0) & (gap <= t)), minlength=n_par)
-                       for t in pos], axis=1) / np.maximum(weight, 1e-12)
-        pk = np.stack([np.bincount(parent, weights=blocks * np.minimum(held, t), minlength=n_par) for t in pos],
-                      axis=1) / np.maximum(weight, 1e-12)
+        weight = np.maximum(np.bincount(parent, weights=blocks, minlength=n_par), 1e-12)[:, None]
+        parent_caught, parent_cost = sums(parent, n_par)
         pseudo = strength * (float(np.mean(blocks)) if len(blocks) else 0.0)
-        caught = caught + pseudo * pc[parent_of]
-        cost = cost + pseudo * pk[parent_of]
+        caught = caught + pseudo * (parent_caught / weight)[parent_of]
+        cost = cost + pseudo * (parent_cost / weight)[parent_of]
     net = caught - lam * cost
     best = net.argmax(axis=1)  # the shortest of equals
     return np.where(net[np.arange(n_classes), best] > 0, np.asarray(pos)[best], 0.0)

@@ -74,11 +74,12 @@ class SessionPins:
         key, hints = self.resolver.resolve(request)
         if key is None:
             return
-        if compat.request_compacted(request):
-            old = self.resolver.lineage.superseded(key)  # the conversation the compaction rewrote: never continued
-            if old is not None:
-                self.policy.counters["branches_superseded"] += 1
-                self._end(old)
+        # The conversation kvsched's compaction rewrote is never continued: end it. `superseded` answers None at once
+        # for a turn that joined a branch (most turns), so the request's fields are read only when a branch began.
+        old = self.resolver.lineage.superseded(key)
+        if old is not None and compat.request_compacted(request):
+            self.policy.counters["branches_superseded"] += 1
+            self._end(old)
         self.policy.request_arrived(key, hints)
         # One key object per session (the policy record's), not one per request: fewer objects for the GC, and
         # dict lookups by the very object the tables hold skip the dataclass __eq__.
