@@ -86,6 +86,7 @@ class GapModel:
         self.max_phase = max_phase
         self.by_role: dict[str | None, GapHistory] = {}
         self.by_phase: dict[tuple[str | None, int], GapHistory] = {}
+        self.epoch = 0  # counts observed gaps: an estimate made at the same epoch (and idle time) still stands
 
     def observe(self, role: str | None, phase: int, gap: float) -> bool:
         """Record a gap that followed a turn at burst phase `phase`; True if it was long (the next turn opens a new
@@ -93,6 +94,7 @@ class GapModel:
         history = self.by_role.get(role)
         if history is None:
             history = self.by_role[role] = GapHistory(self.window)
+        self.epoch += 1
         median = history.median() if len(history) >= self.min_samples else None
         history.add(gap)
         key = (role, min(phase, self.max_phase))

@@ -318,8 +318,17 @@ class RetentionPolicy:
         )
 
     def score(self, rec: SessionRecord, now: float) -> float:
-        """The session's retention value now (the release order's key, lowest released first)."""
-        return self._value(rec, now, rec.pinned_tokens, self.bytes_per_token)
+        """The session's retention value now (the release order's key, lowest released first). Kept on the record:
+        a decision keys the sessions changed since the last one and then scores the heap's top again at the same
+        time, and the simulator's consecutive decisions often share their time; nothing the value depends on has
+        changed while the session's version and the gap model's epoch have not."""
+        epoch = self.gaps.epoch
+        last = rec.scored
+        if last is not None and last[1] == now and last[0] == rec.version and last[2] == epoch:
+            return last[3]
+        value = self._value(rec, now, rec.pinned_tokens, self.bytes_per_token)
+        rec.scored = (rec.version, now, epoch, value)
+        return value
 
     def release_order(self, exclude: Iterable[SessionKey] = ()) -> list[SessionKey]:
         """Pinned sessions in the order they would be released: lowest retention value first, then those with a

@@ -65,6 +65,7 @@ class SessionRecord:
     expiry_queued: float | None = None  # earliest time of this session's entries in the policy's expiry heap
     activity: int = 0  # when it was last active, as a sequence number: the release order's tie-break (oldest first)
     version: int = 0  # changes whenever its release value may have: older entries in the release heap are stale
+    scored: tuple[int, float, int, float] | None = None  # (version, time, gap epoch, value) of its last score
 
     @property
     def pinned(self) -> bool:

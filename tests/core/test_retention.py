@@ -250,3 +250,30 @@ def test_the_release_orders_key_is_the_candidates_value(clock):
         for key in (A, B, C):
             rec = p.sessions[key]
             assert p.score(rec, clock()) == pytest.approx(retention_value(p.candidate(rec, clock())), rel=1e-12)
+
+
+def test_a_score_is_reused_only_at_the_same_time_version_and_gap_epoch(clock):
+    p = make(clock, max_sessions=1000)
+    finish(p, A, 320, hints=TurnHints(role="worker"))
+    clock.advance(5.0)
+    rec, now = p.sessions[A], clock()
+    first = p.score(rec, now)
+    calls = []
+    value = p._value
+    p._value = lambda *args: calls.append(args) or value(*args)
+    assert p.score(rec, now) == first and calls == []  # nothing it depends on moved
+    later = p.score(rec, now + 1.0)
+    assert len(calls) == 1 and later != first  # another time: computed again (an idle session's value moves)
+    for gap in (200.0, 300.0, 400.0, 500.0):  # other workers' gaps change what the role's idle sessions expect
+        other = SessionKey(SessionId(f"w{gap}"))
+        finish(p, other, 160, hints=TurnHints(role="worker"))
+        clock.advance(gap)
+        p.request_arrived(other, TurnHints(role="worker"))
+        p.turn_started(other, cached_tokens=0)
+    calls.clear()
+    fresh = p.score(rec, now + 1.0)
+    assert len(calls) == 1 and fresh == value(rec, now + 1.0, rec.pinned_tokens, p.bytes_per_token) != later
+    p.request_arrived(A, NO_HINTS)  # the session's own event: a new version
+    calls.clear()
+    p.score(rec, now + 1.0)
+    assert len(calls) == 1
