@@ -256,7 +256,10 @@ class KVSchedPolicy(SimPolicy):
 
     def _ledger_stats(self) -> dict[str, float]:
         ledger = self.policy.payback.ledger
-        return {} if ledger is None else {"payback_balance": ledger.balance, "payback_ttl_cap_s": ledger.cap}
+        # The balance and its variance (sums over requests: replicas add up) give the ledger's evidence,
+        # balance / sqrt(variance + 1), in units of the per-request differences' own noise.
+        return {} if ledger is None else {"payback_balance": ledger.balance, "payback_variance": ledger.variance,
+                                          "payback_ttl_cap_s": ledger.cap}
 
     def stats(self) -> dict[str, float]:
         c = self.policy.counters

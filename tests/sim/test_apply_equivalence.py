@@ -121,10 +121,10 @@ def differences(engine, applied: list[Applied], prefill: int, sim: ReplayResult)
     if mine != theirs:
         out.append(f"payback tracker (real hits, ghost LRU hits, switches): engine {mine}, simulator {theirs}")
     if pb.ledger is not None:
-        mine_l = (pb.ledger.balance, pb.ledger.cap)
-        theirs_l = (sim.policy_stats["payback_balance"], sim.policy_stats["payback_ttl_cap_s"])
+        mine_l = (pb.ledger.balance, pb.ledger.variance, pb.ledger.cap)
+        theirs_l = tuple(sim.policy_stats[f"payback_{k}"] for k in ("balance", "variance", "ttl_cap_s"))
         if mine_l != theirs_l:
-            out.append(f"pin ledger (balance, TTL cap): engine {mine_l}, simulator {theirs_l}")
+            out.append(f"pin ledger (balance, variance, TTL cap): engine {mine_l}, simulator {theirs_l}")
     return out
 
 
