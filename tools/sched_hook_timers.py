@@ -51,6 +51,10 @@ def main() -> int:
     timed(pins.pins, "enforce_budget", "  pins.enforce_budget")
     timed(pins.pins, "unpin", "    pins.unpin")
     timed(pins.resolver, "finished", "  resolver.finished (lineage)")
+    timed(policy, "turn_started", "    policy.turn_started")
+    timed(policy, "turn_finished", "    policy.turn_finished")
+    timed(pins, "on_request_added", "on_request_added (turn arrives)")
+    timed(policy, "request_arrived", "  policy.request_arrived")
     timed(policy.index, "_flush", "    release_index._flush")
     if policy.payback.enabled:
         timed(policy.payback, "observe", "    payback.observe")
