@@ -37,7 +37,7 @@ ext: $(EXT_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvsched kernels tests benchmarks
-	$(BIN)/mypy kvsched/core
+	$(BIN)/mypy kvsched/core kvsched/sim
 
 # The shared level's tests run against a real redis-server (Debian's package), started on a random loopback port.
 redis:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from kvsched.sim.trace import Trace
 NEVER = np.iinfo(np.int64).max  # next use of a block no later request hits
 
 
-def _take(pool: BlockPool, entry: list, need: int) -> tuple[np.ndarray, int]:
+def _take(pool: BlockPool, entry: list[Any], need: int) -> tuple[np.ndarray, int]:
     """Up to `need` valid blocks from the front of `entry` = [ids, stamps, pos]; returns them and how many remain
     to be taken. Advances `pos` past everything looked at."""
     ids, stamps, pos = entry
@@ -45,7 +46,7 @@ class LRUEvictor:
 
     def __init__(self, pool: BlockPool) -> None:
         self.pool = pool
-        self.batches: deque[list] = deque()
+        self.batches: deque[list[Any]] = deque()  # [ids, stamps, position of the next to look at]
 
     def push(self, ids: np.ndarray, stamps: np.ndarray) -> None:
         self.batches.append([ids, stamps, 0])
@@ -113,7 +114,7 @@ class BeladyEvictor:
     def __init__(self, pool: BlockPool, next_use: NextUse) -> None:
         self.pool = pool
         self.next_use = next_use
-        self.heap: list[tuple[int, int, list]] = []
+        self.heap: list[tuple[int, int, list[Any]]] = []
         self.seq = itertools.count()
 
     def push(self, ids: np.ndarray, stamps: np.ndarray) -> None:

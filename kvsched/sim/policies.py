@@ -8,7 +8,8 @@ A policy owns the pool's evictor and hears the request events the vLLM adapter h
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -17,7 +18,8 @@ from kvsched.core.lineage import Anchor, Lineage, LineageConfig
 from kvsched.core.pin_apply import PinApplier
 from kvsched.core.retention import RetentionPolicy
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
-from kvsched.core.tier import TierConfig, TierDirectory
+from kvsched.core.tier import TierDirectory
+from kvsched.core.tier_config import TierConfig
 from kvsched.sim.evictors import BeladyEvictor, LRUEvictor, NextUse
 from kvsched.sim.pool import BlockPool
 from kvsched.sim.trace import ID_DTYPE, Trace
@@ -178,8 +180,9 @@ class KVSchedPolicy(SimPolicy):
         """The branch request i joins, as the engine's resolver decides it on the prompt's full blocks, and its hints
         (kept until it finishes); None past the id's branch limit."""
         tr = self.trace
-        prompt = tr.blocks(i)[: int(tr.prompt_tokens[i]) // tr.block_size]  # an array: the lineage reads 1-2 ids
-        key = self.lineage.named(self.keys[tr.session[i]], prompt)
+        prompt = tr.blocks(i)[: int(tr.prompt_tokens[i]) // tr.block_size]
+        # An array, not a list: the lineage reads 1-2 ids (len and indexing), and a numpy int hashes as the int does.
+        key = self.lineage.named(self.keys[tr.session[i]], cast(Sequence[Hashable], prompt))
         entry = self.joined[i] = None if key is None else (key, self._hints(i))
         self.anchors[i] = (len(prompt) - 1, int(prompt[-1])) if len(prompt) else None
         return entry
@@ -263,7 +266,7 @@ class KVSchedPolicy(SimPolicy):
 
     def stats(self) -> dict[str, float]:
         c = self.policy.counters
-        out = {"peak_pinned_blocks": self.pin_pool.peak, "pins": c["pins"],
+        out: dict[str, float] = {"peak_pinned_blocks": self.pin_pool.peak, "pins": c["pins"],
                "retained_hit_tokens": c["retained_hit_tokens"], "payback_switches": self.policy.payback.switches,
                "payback_real_hits": self.policy.payback.real_hits, "payback_lru_hits": self.policy.payback.lru_hits,
                **self._ledger_stats(), "branches": self.lineage.counters["branches"],

@@ -191,7 +191,8 @@ class Trace:
     def blocks(self, i: int) -> np.ndarray:
         """Dense ids of request i's full blocks (prompt blocks first, then those its output completes)."""
         tape, n = self._where[i]
-        return self._tape[tape].buf[:n]
+        ids: np.ndarray = self._tape[tape].buf[:n]
+        return ids
 
     def working_set_blocks(self) -> int:
         """Distinct blocks over the whole trace (shared prefixes counted once): the KV every session would hold."""
