@@ -307,21 +307,14 @@ class RetentionPolicy:
 
     def candidate(self, rec: SessionRecord, now: float) -> Candidate:
         idle = max(now - (rec.last_finished or now), 0.0)
-        return Candidate(
-            tokens=rec.pinned_tokens,
-            bytes_per_token=self.bytes_per_token,
-            idle_s=idle,
-            next_use_s=self.expected_next_use_s(rec, idle),
-            role_weight=self.weight_of(rec),
-            reuse_count=rec.hits,
-            pinned=rec.active_requests > 0,
-        )
+        return Candidate(tokens=rec.pinned_tokens, bytes_per_token=self.bytes_per_token, idle_s=idle,
+                         next_use_s=self.expected_next_use_s(rec, idle), role_weight=self.weight_of(rec),
+                         reuse_count=rec.hits, pinned=rec.active_requests > 0)
 
     def score(self, rec: SessionRecord, now: float) -> float:
-        """The session's retention value now (the release order's key, lowest released first). Kept on the record:
-        a decision keys the sessions changed since the last one and then scores the heap's top again at the same
-        time, and the simulator's consecutive decisions often share their time; nothing the value depends on has
-        changed while the session's version and the gap model's epoch have not."""
+        """The session's retention value now (the release order's key, lowest released first). Kept on the record
+        while its version, the time and the gap model's epoch stay: a decision keys the changed sessions, then scores
+        the heap's top again at the same time (and the simulator's consecutive decisions often share their time)."""
         epoch = self.gaps.epoch
         last = rec.scored
         if last is not None and last[1] == now and last[0] == rec.version and last[2] == epoch:
