@@ -41,8 +41,8 @@ def main() -> int:
         return sum(other[j][0] for j in range(0, len(other), 10))
 
     hooks = (("request_arrived", lambda k: policy.request_arrived(k, hints)),
-             ("turn_started", lambda k: policy.turn_started(k, 400)),  # its whole pin hit
-             ("turn_finished", lambda k: policy.turn_finished(k, hints, 416, 26)))  # one more block pinned
+             ("turn_started", lambda k: policy.turn_started(k, 320)),  # its whole pin hit
+             ("turn_finished", lambda k: policy.turn_finished(k, hints, 320, 20)))  # pinned again (same size)
 
     def turns(cold: bool) -> list[float]:
         """Each picked session's turn, hook by hook (arrives, starts, finishes); seconds per hook."""
