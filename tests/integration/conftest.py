@@ -10,14 +10,20 @@ import pytest
 from tests.integration.servers import package_specs
 
 
+@pytest.fixture(scope="package")
+def secure_recording(tmp_path_factory):
+    """The trace file the shared hardened server records its requests to."""
+    return tmp_path_factory.mktemp("recording") / "secure.jsonl"
+
+
 @pytest.fixture(scope="package")  # stopped when tests/integration ends: later packages get their memory back
-def launched(tiny_model_dir):
+def launched(tiny_model_dir, secure_recording):
     """The package's shared servers, spawned together when the first is needed (each fixture below waits for its
     own); a module's server is stopped when that module ends, the rest when the package does."""
     pytest.importorskip("vllm")
     from kvsched.serving import VllmServer
 
-    servers = {name: VllmServer(spec) for name, spec in package_specs(tiny_model_dir).items()}
+    servers = {name: VllmServer(spec) for name, spec in package_specs(tiny_model_dir, secure_recording).items()}
     try:
         for server in servers.values():
             server.launch()

@@ -20,10 +20,12 @@ COMPACTION_ENV = {
     "KVSCHED_COMPACTION_RETRY_AFTER_S": "600", "KVSCHED_COMPACTION_CLIENT_STRATEGIES": "sliding_window,cap"}
 
 
-def package_specs(model: Path) -> dict[str, ServerSpec]:
+def package_specs(model: Path, recording: Path) -> dict[str, ServerSpec]:
+    """`recording`: where the shared server records the requests it serves (KVSCHED_RECORD_TRACE; test_trace_recording
+    reads its own requests back)."""
     specs = {
         "secure": ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48,
-                             extra_args=["--api-key", *KEYS], env=SECURE_ENV),
+                             extra_args=["--api-key", *KEYS], env={**SECURE_ENV, "KVSCHED_RECORD_TRACE": str(recording)}),
         "compaction": ServerSpec(model=model, scheduler="kvsched", max_model_len=COMPACTION_MAX_MODEL_LEN,
                                  num_blocks=400, env=COMPACTION_ENV),
     }

@@ -17,6 +17,7 @@ from kvsched.adapters.vllm.pin_pool import VllmPinPool
 from kvsched.adapters.vllm.session_admin import handle_admin
 from kvsched.adapters.vllm.session_lineage import SessionResolver
 from kvsched.adapters.vllm.tier_prefetch import TierPrefetcher
+from kvsched.adapters.vllm.trace_recorder import TraceRecorder
 from kvsched.core.config import RetentionConfig
 from kvsched.core.pin_apply import PinApplier
 from kvsched.core.retention import Decision, Pin, ReleaseReason, RetentionPolicy
@@ -54,6 +55,7 @@ class SessionPins:
         self._payback = self.policy.payback.enabled  # fixed by the configuration: read once, not per turn
         self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
         self.resolver = SessionResolver(self.policy, self.enabled)  # branches and inferred sessions (lineage)
+        self.recorder = TraceRecorder.from_env(scheduler, self.enabled)  # KVSCHED_RECORD_TRACE: this engine's traffic
         # KVSCHED_TRACE=FILE: one JSON line per applied decision, for replaying what the policy did.
         trace = os.environ.get("KVSCHED_TRACE")
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - lives as long as the engine
@@ -72,6 +74,8 @@ class SessionPins:
     # ---- hooks from the scheduler -------------------------------------------------------------------------------
     def on_request_added(self, request: Any) -> None:
         key, hints = self.resolver.resolve(request)
+        if self.recorder is not None:
+            self.recorder.arrived(request, key)
         if key is None:
             return
         # The conversation kvsched's compaction rewrote is never continued: end it. `superseded` answers None at once
@@ -108,6 +112,8 @@ class SessionPins:
     def on_request_finished(self, request: Any) -> None:
         """Called before vLLM frees a finished request's blocks: pin its reusable prefix for the next turn."""
         entry = self.requests.pop(request.request_id, None)
+        if self.recorder is not None:
+            self.recorder.finished(request, entry[1] if entry is not None else None)
         if entry is None:
             return
         key, hints = entry

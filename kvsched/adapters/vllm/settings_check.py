@@ -1,6 +1,6 @@
 """Every KVSCHED_* setting `vllm serve --scheduler kvsched` reads, checked once before an engine starts: the policy
 core's (kvsched.core.settings_check) and the engine side's (the kernels' instruction-set cap, the FP8 tier's fault
-injection, the disk and shared levels). A malformed one is refused at start-up with a line naming the variable, the
+injection, the disk and shared levels, the trace recording's file). A malformed one is refused at start-up with a line naming the variable, the
 same way for each, never later in a running engine."""
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ def _levels() -> None:
     LevelsConfig.from_extra({})
 
 
-ENGINE_CHECKS = (_cpu_isa, _fault_every, _levels)
+def _record_trace() -> None:
+    from kvsched.adapters.vllm.trace_recorder import record_path_error
+
+    if error := record_path_error():
+        raise ValueError(error)
+
+
+ENGINE_CHECKS = (_cpu_isa, _fault_every, _levels, _record_trace)
 
 
 def engine_setting_errors() -> list[str]:

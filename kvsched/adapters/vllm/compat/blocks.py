@@ -112,6 +112,12 @@ def num_total_blocks(scheduler: Any) -> int:
     return int(block_pool(scheduler).num_gpu_blocks) - 1
 
 
+def hash_block_size(scheduler: Any) -> int:
+    """Tokens per entry of a request's `block_hashes` (vLLM's `hash_block_size`; the block size unless a hybrid
+    model's groups hash at a finer grain)."""
+    return int(getattr(scheduler, "hash_block_size", None) or scheduler.cache_config.block_size)
+
+
 def kv_bytes_per_token(scheduler: Any) -> float:
     """KV bytes one token occupies across all layers, from the engine's own KV cache spec (follows the cache dtype)."""
     cfg = scheduler.kv_cache_config

@@ -1,0 +1,116 @@
+"""`KVSCHED_RECORD_TRACE=FILE`: the engine records the requests it serves in kvsched's trace schema, so that
+`kvsched simulate FILE` replays this deployment's own traffic (LRU, kvsched and OPT; pools, TTLs, the tier) instead of
+a public trace or a generated one. What is written, and what is not (no text, no tokens, ids under a key made per
+recording): `kvsched.sim.trace_record`.
+
+Runs in SessionPins' hooks on the engine-core thread: per finished request a keyed hash of each block the session's
+previous request did not have and one line, written through at once (a write call of a few microseconds, so that a
+trace read while the engine runs is whole up to its last request). An existing file is never overwritten: the recording goes to FILE.1, FILE.2, ... (an engine restarted, or data-parallel
+engines given the same path), and the engine logs where.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from kvsched.adapters.vllm import compat
+from kvsched.core.sessions import SessionKey, TurnHints
+from kvsched.sim.trace_record import Finished, TraceRecording
+
+ENV_RECORD = "KVSCHED_RECORD_TRACE"
+logger = logging.getLogger("vllm.kvsched.record")
+
+
+def record_path_error(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why KVSCHED_RECORD_TRACE cannot be recorded to (checked before the engine starts); None if it can or is unset."""
+    raw = (os.environ if environ is None else environ).get(ENV_RECORD, "").strip()
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if path.is_dir():
+        return f"{ENV_RECORD}={raw!r}: a directory; name a file to write the trace to"
+    parent = path.parent
+    if not parent.is_dir():
+        return f"{ENV_RECORD}={raw!r}: directory {str(parent)!r} does not exist"
+    if not os.access(parent, os.W_OK):
+        return f"{ENV_RECORD}={raw!r}: directory {str(parent)!r} is not writable"
+    return None
+
+
+def open_new(path: Path) -> tuple[TextIO, Path]:
+    """`path` created for writing, or the first of path.1, path.2, ... (before the suffix) that does not exist."""
+    for i in range(10_000):
+        candidate = path if i == 0 else path.with_name(f"{path.stem}.{i}{path.suffix}")
+        try:
+            return open(candidate, "x", buffering=1), candidate  # noqa: SIM115 - lives as long as the engine
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: 10,000 recordings beside it already")
+
+
+class TraceRecorder:
+    """The engine's side of a recording: reads each request's session, lengths and block hashes."""
+
+    def __init__(self, scheduler: Any, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        block_size = compat.hash_block_size(scheduler)
+        engine_block = int(scheduler.cache_config.block_size)
+        self.stream, self.path = open_new(path)
+        self.clock = clock
+        self.block_size = block_size
+        meta = {"source": "kvsched engine recording", "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "vllm": compat.installed_vllm_version(),
+                # the engine's pool in the trace's blocks: `kvsched simulate FILE --capacity-blocks N` replays at it
+                "capacity_blocks": compat.num_total_blocks(scheduler) * engine_block // block_size,
+                "kv_bytes_per_token": compat.kv_bytes_per_token(scheduler)}
+        self.recording = TraceRecording(self.stream, block_size, meta)
+        self.failed = False
+        atexit.register(self.close)
+        logger.info("kvsched: recording the requests this engine serves to %s (%s)", self.path, ENV_RECORD)
+
+    @classmethod
+    def from_env(cls, scheduler: Any, prefix_caching: bool) -> TraceRecorder | None:
+        raw = os.environ.get(ENV_RECORD, "").strip()
+        if not raw:
+            return None
+        if not prefix_caching:  # no block hashes: a trace without block ids replays nothing
+            logger.error("kvsched: %s is set but prefix caching is off: nothing is recorded", ENV_RECORD)
+            return None
+        return cls(scheduler, Path(raw).expanduser())
+
+    def arrived(self, request: Any, key: SessionKey | None) -> None:
+        """A request was added. Its session is recorded without the branch (the replay applies the lineage itself)."""
+        if self.failed:
+            return
+        try:
+            session = key._replace(branch=0) if key is not None else None
+            self.recording.arrived(request.request_id, self.clock(), session, getattr(request, "cache_salt", None))
+        except Exception:  # a recording never takes the engine down
+            self._fail()
+
+    def finished(self, request: Any, hints: TurnHints | None) -> None:
+        if self.failed:
+            return
+        try:
+            prompt, output, blocks = compat.finished_request_shape(request, self.block_size)
+            h = hints or TurnHints()
+            self.recording.finished(request.request_id, self.clock(), Finished(
+                prompt, output, blocks, role=h.role, ttl_s=h.ttl_s, end=h.end,
+                compacted=compat.request_compacted(request)))
+        except Exception:
+            self._fail()
+
+    def _fail(self) -> None:
+        self.failed = True
+        logger.exception("kvsched: recording to %s failed; the engine goes on without it", self.path)
+        self.close()
+
+    def close(self) -> None:
+        if not self.stream.closed:
+            self.stream.close()

@@ -1,0 +1,126 @@
+"""Recording the requests an engine serves as a trace (docs/trace_schema.md), so that `kvsched simulate` can replay a
+deployment's own traffic: LRU, kvsched and OPT on the pools and settings it is considering, with or without the tier.
+
+Engine-agnostic: the vLLM adapter (`kvsched.adapters.vllm.trace_recorder`) feeds it arrivals and finishes. Nothing of a
+prompt is written: a block's id is a keyed hash of the engine's own chained block hash, a session's a keyed hash of its
+identity (id, cache salt, tenant), under a random key made per recording and never written, so ids can be matched
+within one file and not against anything else. Lengths, times, roles and TTL hints are written as they were.
+
+Lines are written when requests finish, which is not always in arrival order (a session's side request may finish
+after its next turn started). `reuse` refers to the session's previous request *by arrival*, so a request is written
+as a delta only when that previous one is known: already written, and no earlier request of the session still running;
+otherwise with all its block ids (`reuse` 0), which is always right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from kvsched.sim.trace import TraceRequest, TraceWriter, shared_prefix_len
+
+MAX_SESSIONS = 100_000  # sessions whose last request's block ids are kept to write the next one as a delta
+
+
+@dataclass(slots=True)
+class _Last:
+    t: float
+    raw: Sequence[Hashable]  # the engine's block hashes
+    ids: list[str]  # their keyed ids
+
+
+@dataclass(slots=True)
+class _Live:
+    t: float
+    session: str
+    salt: str | None
+
+
+@dataclass(slots=True)
+class Finished:
+    """What a finished request adds to the recording (the adapter reads it off the engine's request)."""
+
+    prompt_tokens: int
+    output_tokens: int
+    blocks: Sequence[Hashable]  # the engine's hashes of the request's full KV blocks, prefix order
+    role: str | None = None
+    ttl_s: float | None = None
+    end: bool = False
+    compacted: bool = False
+
+
+@dataclass
+class TraceRecording:
+    """Requests written as they finish; `arrived` must see each before `finished` (same clock)."""
+
+    stream: TextIO
+    block_size: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    key: bytes = field(default_factory=lambda: os.urandom(16))
+    max_sessions: int = MAX_SESSIONS
+    written: int = 0
+
+    def __post_init__(self) -> None:
+        self._writer = TraceWriter(self.stream, self.block_size, {**self.meta, "anonymized": True})
+        self._t0: float | None = None
+        self._live: dict[str, _Live] = {}  # request id -> its arrival
+        self._running: dict[str, list[float]] = {}  # session -> arrivals of its requests not yet written
+        self._last: OrderedDict[str, _Last] = OrderedDict()  # session -> its latest-arriving written request
+
+    def token(self, value: object) -> str:
+        """A keyed 64-bit hash of `value` (bytes as they are, anything else by its repr), in hex."""
+        raw = value if isinstance(value, bytes) else repr(value).encode()
+        return hashlib.blake2b(raw, key=self.key, digest_size=8).hexdigest()
+
+    def arrived(self, request_id: str, now: float, session: object | None, salt: str | None) -> None:
+        """A request arrived for `session` (any hashable identity; None: a request of no session, written as a
+        session of its own) under cache salt `salt`."""
+        if self._t0 is None:
+            self._t0 = now
+        token = self.token(("session", session)) if session is not None else "r" + self.token(("request", request_id))
+        self._live[request_id] = _Live(now, token, None if salt is None else self.token(("salt", salt)))
+        self._running.setdefault(token, []).append(now)
+
+    def finished(self, request_id: str, now: float, req: Finished) -> bool:
+        """Write the request's line; False if its arrival was never seen (it is then left out)."""
+        live = self._live.pop(request_id, None)
+        if live is None or self._t0 is None:
+            return False
+        session, t = live.session, live.t
+        running = self._running.get(session, [])
+        if t in running:
+            running.remove(t)
+        if not running:
+            self._running.pop(session, None)
+        prev = self._last.get(session)
+        n = _shared(prev.raw, req.blocks) if prev is not None else 0
+        ids = prev.ids[:n] if prev is not None else []
+        ids += [self.token(b) for b in req.blocks[n:]]
+        delta = prev is not None and prev.t < t and not any(a < t for a in running)
+        reuse = n if delta else 0
+        self._writer.write(TraceRequest(
+            t=t - self._t0, session=session, prompt_tokens=req.prompt_tokens, output_tokens=req.output_tokens,
+            blocks=ids[reuse:], reuse=reuse, role=req.role, ttl_s=req.ttl_s, end=req.end, salt=live.salt,
+            duration_s=round(max(now - t, 0.0), 6), compacted=req.compacted))
+        self.written += 1
+        if req.end:
+            self._last.pop(session, None)
+        elif prev is None or t > prev.t:
+            self._last[session] = _Last(t, list(req.blocks), ids)
+            self._last.move_to_end(session)
+            if len(self._last) > self.max_sessions:
+                self._last.popitem(last=False)
+        return True
+
+
+def _shared(previous: Sequence[Hashable], blocks: Sequence[Hashable]) -> int:
+    """Leading blocks `blocks` shares with `previous`: a turn usually extends its session's last prompt, which one
+    list comparison (in C) confirms before any element-wise walk."""
+    k = len(previous)
+    if len(blocks) >= k and list(blocks[:k]) == previous:
+        return k
+    return shared_prefix_len(previous, blocks)
