@@ -5,12 +5,19 @@ starts."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
 pytest.importorskip("vllm")
 
-from kvsched.adapters.vllm.harness import RequestFactory, run_until_idle  # noqa: E402
+from kvsched.adapters.vllm.harness import (  # noqa: E402
+    FAKE_TOKEN,
+    STOCK_SCHEDULER,
+    PrefillCounts,
+    RequestFactory,
+    run_until_idle,
+)
 from kvsched.adapters.vllm.settings_check import engine_setting_errors  # noqa: E402
 from kvsched.adapters.vllm.trace_recorder import ENV_RECORD  # noqa: E402
 from kvsched.cli import main  # noqa: E402
@@ -69,3 +76,31 @@ def test_a_missing_directory_is_refused_before_the_engine_starts(monkeypatch, tm
     assert any(ENV_RECORD in e and "directory" in e for e in engine_setting_errors())
     monkeypatch.setenv(ENV_RECORD, str(tmp_path / "ok.jsonl"))
     assert not [e for e in engine_setting_errors() if ENV_RECORD in e]
+
+
+def _random_sessions(s, f, counts, n=60):
+    rng, hist = random.Random(0), {}
+    for _ in range(n):
+        sid = f"a{rng.randrange(6)}"
+        h = hist.setdefault(sid, [rng.randrange(10, 2000) for _ in range(40)])
+        h.extend(rng.randrange(10, 2000) for _ in range(rng.randint(5, 40)))
+        if len(h) > 400:
+            h[:] = h[:40]
+        s.add_request(f.make(h, 4, session_id=sid, xargs={"ttl_s": 600}))
+        run_until_idle(s, counts=counts)
+        h.extend([FAKE_TOKEN] * 3)
+
+
+def test_recording_with_pins_off_serves_exactly_what_stock_vllm_serves(harness_cfg, tmp_path, monkeypatch):
+    """The documented way to record a deployment before switching: kvsched's scheduler with every TTL capped at 0
+    (and the tier off) holds no pin, so the recording is of stock vLLM's behaviour, hit for hit."""
+    stock = PrefillCounts()
+    _random_sessions(_sched(harness_cfg, STOCK_SCHEDULER), RequestFactory(BLOCK), stock)
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "stock.jsonl"))
+    monkeypatch.setenv("KVSCHED_MAX_TTL_S", "0")
+    recorded = PrefillCounts()
+    s = _sched(harness_cfg)
+    _random_sessions(s, RequestFactory(BLOCK), recorded)
+    assert (recorded.prompt_tokens, recorded.cached_tokens) == (stock.prompt_tokens, stock.cached_tokens)
+    assert stock.cached_tokens > 0 and s.kvsched.stats()["pins"] == 0
+    assert len(Trace.load(s.kvsched.recorder.path).t) == 60
