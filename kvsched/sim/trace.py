@@ -106,13 +106,14 @@ class TraceWriter:
         header = {"kvsched_trace": FORMAT_VERSION, "block_size": block_size, "meta": meta or {}}
         stream.write(json.dumps(header) + "\n")
 
-    def write(self, req: TraceRequest, full_blocks: Sequence[Any] | None = None) -> None:
-        """Write `req`; pass `full_blocks` (all of the request's block ids) to have the delta computed here."""
+    def write(self, req: TraceRequest, full_blocks: Sequence[Any] | None = None) -> int:
+        """Write `req`; pass `full_blocks` (all of the request's block ids) to have the delta computed here. Returns
+        the characters written."""
         if full_blocks is not None:
             n = shared_prefix_len(self.previous.get((req.session, req.salt), ()), full_blocks)
             req.reuse, req.blocks = n, list(full_blocks[n:])
             self.previous[(req.session, req.salt)] = full_blocks
-        self.stream.write(json.dumps(req.to_json(), separators=(",", ":")) + "\n")
+        return self.stream.write(json.dumps(req.to_json(), separators=(",", ":")) + "\n")
 
 
 def write_jsonl(path: Path, block_size: int, requests: Iterable[TraceRequest], meta: dict[str, Any] | None = None

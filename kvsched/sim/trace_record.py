@@ -62,7 +62,10 @@ class TraceRecording:
     meta: dict[str, Any] = field(default_factory=dict)
     key: bytes = field(default_factory=lambda: os.urandom(16))
     max_sessions: int = MAX_SESSIONS
+    max_chars: int | None = None  # the recording stops (`full`) once its lines reach this size
     written: int = 0
+    chars: int = 0
+    full: bool = False
 
     def __post_init__(self) -> None:
         self._writer = TraceWriter(self.stream, self.block_size, {**self.meta, "anonymized": True})
@@ -79,6 +82,8 @@ class TraceRecording:
     def arrived(self, request_id: str, now: float, session: object | None, salt: str | None) -> None:
         """A request arrived for `session` (any hashable identity; None: a request of no session, written as a
         session of its own) under cache salt `salt`."""
+        if self.full:
+            return
         if self._t0 is None:
             self._t0 = now
         token = self.token(("session", session)) if session is not None else "r" + self.token(("request", request_id))
@@ -86,9 +91,10 @@ class TraceRecording:
         self._running.setdefault(token, []).append(now)
 
     def finished(self, request_id: str, now: float, req: Finished) -> bool:
-        """Write the request's line; False if its arrival was never seen (it is then left out)."""
+        """Write the request's line; False if its arrival was never seen (it is then left out) or the recording is
+        full (nothing more is written)."""
         live = self._live.pop(request_id, None)
-        if live is None or self._t0 is None:
+        if live is None or self._t0 is None or self.full:
             return False
         session, t = live.session, live.t
         running = self._running.get(session, [])
@@ -102,11 +108,13 @@ class TraceRecording:
         ids += [self.token(b) for b in req.blocks[n:]]
         delta = prev is not None and prev.t < t and not any(a < t for a in running)
         reuse = n if delta else 0
-        self._writer.write(TraceRequest(
+        self.chars += self._writer.write(TraceRequest(
             t=t - self._t0, session=session, prompt_tokens=req.prompt_tokens, output_tokens=req.output_tokens,
             blocks=ids[reuse:], reuse=reuse, role=req.role, ttl_s=req.ttl_s, end=req.end, salt=live.salt,
             duration_s=round(max(now - t, 0.0), 6), compacted=req.compacted))
         self.written += 1
+        if self.max_chars is not None and self.chars >= self.max_chars:
+            self.full = True
         if req.end:
             self._last.pop(session, None)
         elif prev is None or t > prev.t:

@@ -124,3 +124,16 @@ def test_a_finish_without_its_arrival_is_left_out_and_sessions_kept_are_bounded(
     rec.finished("again", 9.5, Finished(2 * BS, 1, [b"s0", b"s0+"]))
     last = json.loads(buf.getvalue().splitlines()[-1])
     assert last.get("reuse", 0) == 0 and len(last["blocks"]) == 2
+
+
+def test_a_full_recording_stops_whole_at_its_last_line(tmp_path):
+    buf = io.StringIO()
+    rec = TraceRecording(buf, BS, max_chars=600)
+    for i in range(20):
+        rec.arrived(f"r{i}", float(i), "s", None)
+        rec.finished(f"r{i}", i + 0.5, Finished((i + 1) * BS, 1, blocks("s", i + 1)))
+    assert rec.full and 600 <= rec.chars < 600 + 400 and 1 < rec.written < 20
+    assert not rec._live  # later arrivals are not even kept
+    trace = load(buf, tmp_path)
+    assert len(trace.t) == rec.written and [len(trace.blocks(i)) for i in range(rec.written)] == list(
+        range(1, rec.written + 1))

@@ -25,14 +25,35 @@ from kvsched.core.sessions import SessionKey, TurnHints
 from kvsched.sim.trace_record import Finished, TraceRecording
 
 ENV_RECORD = "KVSCHED_RECORD_TRACE"
+ENV_MAX_MB = "KVSCHED_RECORD_TRACE_MAX_MB"
+DEFAULT_MAX_MB = 1024.0  # an agent turn is ~1 KB of trace: a million turns, then the recording stops (logged)
 logger = logging.getLogger("vllm.kvsched.record")
+
+
+def max_mb(environ: Mapping[str, str] | None = None) -> float:
+    """KVSCHED_RECORD_TRACE_MAX_MB: the recording's size limit in MB (ValueError naming the variable if malformed)."""
+    raw = (os.environ if environ is None else environ).get(ENV_MAX_MB, "").strip()
+    if not raw:
+        return DEFAULT_MAX_MB
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{ENV_MAX_MB}={raw!r}: a size in MB above 0 (default {DEFAULT_MAX_MB:g})")
+    return value
 
 
 def record_path_error(environ: Mapping[str, str] | None = None) -> str | None:
     """Why KVSCHED_RECORD_TRACE cannot be recorded to (checked before the engine starts); None if it can or is unset."""
-    raw = (os.environ if environ is None else environ).get(ENV_RECORD, "").strip()
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_RECORD, "").strip()
     if not raw:
         return None
+    try:
+        max_mb(env)
+    except ValueError as exc:
+        return str(exc)
     path = Path(raw).expanduser()
     if path.is_dir():
         return f"{ENV_RECORD}={raw!r}: a directory; name a file to write the trace to"
@@ -69,8 +90,8 @@ class TraceRecorder:
                 # the engine's pool in the trace's blocks: `kvsched simulate FILE --capacity-blocks N` replays at it
                 "capacity_blocks": compat.num_total_blocks(scheduler) * engine_block // block_size,
                 "kv_bytes_per_token": compat.kv_bytes_per_token(scheduler)}
-        self.recording = TraceRecording(self.stream, block_size, meta)
-        self.failed = False
+        self.recording = TraceRecording(self.stream, block_size, meta, max_chars=int(max_mb() * 1e6))
+        self.stopped = False
         atexit.register(self.close)
         logger.info("kvsched: recording the requests this engine serves to %s (%s)", self.path, ENV_RECORD)
 
@@ -86,7 +107,7 @@ class TraceRecorder:
 
     def arrived(self, request: Any, key: SessionKey | None) -> None:
         """A request was added. Its session is recorded without the branch (the replay applies the lineage itself)."""
-        if self.failed:
+        if self.stopped:
             return
         try:
             session = key._replace(branch=0) if key is not None else None
@@ -95,19 +116,25 @@ class TraceRecorder:
             self._fail()
 
     def finished(self, request: Any, hints: TurnHints | None) -> None:
-        if self.failed:
+        if self.stopped:
             return
         try:
             prompt, output, blocks = compat.finished_request_shape(request, self.block_size)
             h = hints or TurnHints()
-            self.recording.finished(request.request_id, self.clock(), Finished(
+            rec = self.recording
+            rec.finished(request.request_id, self.clock(), Finished(
                 prompt, output, blocks, role=h.role, ttl_s=h.ttl_s, end=h.end,
                 compacted=compat.request_compacted(request)))
+            if rec.full:
+                logger.warning("kvsched: the recording %s reached %s (%.0f MB, %d requests): it stops here, whole "
+                               "up to that request", self.path, ENV_MAX_MB, rec.chars / 1e6, rec.written)
+                self.stopped = True
+                self.close()
         except Exception:
             self._fail()
 
     def _fail(self) -> None:
-        self.failed = True
+        self.stopped = True
         logger.exception("kvsched: recording to %s failed; the engine goes on without it", self.path)
         self.close()
 

@@ -19,7 +19,7 @@ from kvsched.adapters.vllm.harness import (  # noqa: E402
     run_until_idle,
 )
 from kvsched.adapters.vllm.settings_check import engine_setting_errors  # noqa: E402
-from kvsched.adapters.vllm.trace_recorder import ENV_RECORD  # noqa: E402
+from kvsched.adapters.vllm.trace_recorder import ENV_MAX_MB, ENV_RECORD  # noqa: E402
 from kvsched.cli import main  # noqa: E402
 from kvsched.sim.trace import Trace  # noqa: E402
 from tests.adapters.vllm.conftest import BLOCK  # noqa: E402
@@ -76,6 +76,11 @@ def test_a_missing_directory_is_refused_before_the_engine_starts(monkeypatch, tm
     assert any(ENV_RECORD in e and "directory" in e for e in engine_setting_errors())
     monkeypatch.setenv(ENV_RECORD, str(tmp_path / "ok.jsonl"))
     assert not [e for e in engine_setting_errors() if ENV_RECORD in e]
+    for bad in ("0", "-5", "lots", "inf", "nan"):
+        monkeypatch.setenv(ENV_MAX_MB, bad)
+        assert any(ENV_MAX_MB in e for e in engine_setting_errors()), bad
+    monkeypatch.setenv(ENV_MAX_MB, "0.5")
+    assert not [e for e in engine_setting_errors() if "RECORD" in e]
 
 
 def _random_sessions(s, f, counts, n=60):
