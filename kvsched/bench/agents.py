@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, replace
@@ -18,6 +19,13 @@ from typing import Any
 
 from kvsched.bench.agents_driver import TTL_HINT_S, RunRecord, prompt_messages, run_with_progress
 from kvsched.bench.agents_naming import add_naming_gates, naming_of, parse_namings, with_naming_sides
+from kvsched.bench.agents_recorded import (
+    RECORDER_SIDE,
+    prediction_check,
+    recorded_lines,
+    recorder_env,
+    replay_recording,
+)
 from kvsched.bench.agents_report import (
     NO_TIER_SIDE,
     TIER_SIDE,
@@ -42,7 +50,10 @@ FULL = WorkloadConfig(workflows=6, topology=Topology.HIERARCHICAL, workers=4, ro
 # that holds the whole working set: the prefill no eviction policy can go below at any pressure (new tokens, what the
 # chat template forces to recompute, and the partial last block of every turn, since vLLM's prefix cache shares full
 # blocks only), measured in the same run. Only the tier (KV beyond the pool) and its partial-block restores go below it.
-SIDES = {"stock": None, "kvsched-no-tier": "kvsched", "kvsched": "kvsched", "unbounded": None}
+# "recorder" (not in the default sides) is kvsched's scheduler holding no pin while the engine records the run; the
+# recording's replay predicts the other sides' prefill (agents_recorded).
+SIDES = {"stock": None, "kvsched-no-tier": "kvsched", "kvsched": "kvsched", "unbounded": None, RECORDER_SIDE: "kvsched"}
+DEFAULT_SIDES = ("stock", "kvsched-no-tier", "kvsched", "unbounded")
 REPLAY_SIDES = ("stock", NO_TIER_SIDE)  # replayed at their pool under LRU / kvsched / Belady (agents_replay)
 UNBOUNDED_HEADROOM = 1.25
 BLOCK_SIZE = 32
@@ -76,8 +87,8 @@ def register(subparsers: Any) -> None:
                    help="host memory of the kvsched side's tier (default: the server's own rule, 2x the KV pool)")
     p.add_argument("--fidelity-probes", type=int, default=4,
                    help="restored-vs-recomputed greedy probes on the kvsched server after its run (0: none)")
-    p.add_argument("--sides", type=parse_sides, default=",".join(SIDES),
-                   help="comma list of: " + ",".join(SIDES) + " (default: all)")
+    p.add_argument("--sides", type=parse_sides, default=",".join(DEFAULT_SIDES),
+                   help="comma list of: " + ",".join(SIDES) + " (default: all but recorder)")
     p.add_argument("--session-header", type=parse_namings, default="header", metavar="none|header|prompt_cache_key",
                    help="how the kvsched sides name sessions (comma list): header (the kvsched side), "
                         "prompt_cache_key or none (session inference); each adds a side kvsched:<naming>")
@@ -214,18 +225,25 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
 
 def run_side(name: str, server: VllmServer, cfg: WorkloadConfig, progress: bool,
              fidelity_probes: int = 0, replay_bytes_per_token: float | None = None,
-             trace_dir: Path | None = None) -> tuple[dict[str, Any], float]:
+             trace_dir: Path | None = None, recording: tuple[Path, float] | None = None) -> tuple[dict[str, Any], float]:
     """One side's run on its started `server`, which is stopped after it; with `replay_bytes_per_token`, also its
-    clairvoyant replay (`agents_replay`)."""
+    clairvoyant replay (`agents_replay`); with `recording` (the engine's trace file, KV bytes per token), the replay
+    of what the engine recorded during the run (`agents_recorded`)."""
     workflows = generate(cfg)
     spec = server.spec
     with server:
         prefill_tok_s = prefill_throughput(server, spec.served_model_name, spec.max_model_len)
         before = server.metrics()
+        skip = recorded_lines(recording[0]) if recording else 0  # the throughput probes above are not the run's
         record = run_with_progress(server.url, spec.served_model_name, cfg.max_tokens, workflows, name, progress,
                                    naming_of(name))
         after = server.metrics()
         summary = summarize(record, before, after)
+        if recording is not None:
+            from kvsched.bench.agents_replay import decode_s_per_token
+
+            summary["recorded_replay"] = replay_recording(recording[0], skip, prefill_tok_s,
+                                                          decode_s_per_token(record), recording[1])
         if replay_bytes_per_token is not None:  # this run's arrivals at this pool: LRU, kvsched's policy, Belady
             from kvsched.bench.agents_replay import clairvoyant_replay
 
@@ -282,13 +300,21 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     pool_bytes = num_blocks * BLOCK_SIZE * bytes_per_token
     tier_gb = args.fp8_tier_gb
     specs = {}
+    recording = None
+    if RECORDER_SIDE in sides:  # kept with the other traces under --trace-dir, else in a temporary directory
+        trace_dir = getattr(args, "trace_dir", None)
+        if trace_dir is not None:
+            trace_dir.mkdir(parents=True, exist_ok=True)
+        recording = (trace_dir or Path(tempfile.mkdtemp(prefix="kvsched-recorder-"))) / "recorder.recorded.jsonl"
+        recording.unlink(missing_ok=True)  # a previous run's: the engine would record beside it, not over it
     for name in sides:
         extra = {TIER_SIDE: ["--kvsched-fp8-tier-gb", f"{tier_gb:.6f}"] if tier_gb is not None else [],
-                 NO_TIER_SIDE: ["--kvsched-fp8-tier-gb", "0"]}.get(name, [])
+                 NO_TIER_SIDE: ["--kvsched-fp8-tier-gb", "0"], RECORDER_SIDE: ["--kvsched-fp8-tier-gb", "0"]}.get(name, [])
         specs[name] = ServerSpec(model=model_dir, scheduler=SIDES.get(name, "kvsched"), max_model_len=max_model_len,
                                  block_size=BLOCK_SIZE,
                                  num_blocks=unbounded_blocks if name == "unbounded" else num_blocks,
-                                 served_model_name="agents", extra_args=extra)
+                                 served_model_name="agents", extra_args=extra,
+                                 env=recorder_env(recording) if recording and name == RECORDER_SIDE else {})
     # Every side's server starts at once (their start-ups overlap); the sides then run one after another, each on
     # its own server while the others wait idle (no CPU), and each server stops after its side.
     servers = start_all([VllmServer(specs[name]) for name in sides])
@@ -298,7 +324,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 name, server, cfg, progress=not args.no_progress,
                 fidelity_probes=args.fidelity_probes if name == TIER_SIDE else 0,
                 replay_bytes_per_token=bytes_per_token if name in REPLAY_SIDES and not args.no_replay else None,
-                trace_dir=getattr(args, "trace_dir", None))
+                trace_dir=getattr(args, "trace_dir", None),
+                recording=(recording, bytes_per_token) if recording and name == RECORDER_SIDE else None)
     finally:
         for server in servers:
             server.stop()
@@ -306,6 +333,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         result["ratio"] = {s: ratios(result[s], result["stock"]) for s in result if s != "stock"}
         if TIER_SIDE in result["ratio"]:
             result["ratio"].update(result["ratio"][TIER_SIDE])  # kvsched/stock at the top level, as documented
+    if RECORDER_SIDE in result:
+        result["recorded_prediction"] = prediction_check(result)
     if {"stock", "unbounded"} <= result.keys():
         result["bound"] = attainable(result)
     if {"stock", NO_TIER_SIDE} <= result.keys():

@@ -123,6 +123,7 @@ def print_report(result: dict[str, Any], show_gates: bool = True) -> None:
               f"KV relative RMS error {t['kv_rel_rms_error']}")
         if "fidelity" in result[TIER_SIDE]:
             print(f"fidelity (restored vs recomputed, greedy): {result[TIER_SIDE]['fidelity']}")
+    print_prediction(result.get("recorded_prediction") or {})
     reach = result.get("unbounded_reach") or {}
     if reach.get("throughput_over_stock") is not None:
         print(f"unbounded memory against stock in this run: follow-up P95 TTFT {reach['followup_ttft_p95_over_stock']:.3f}x, "
@@ -130,3 +131,14 @@ def print_report(result: dict[str, Any], show_gates: bool = True) -> None:
               f"are out of reach at this pressure on this engine)")
     for gate, ok in (result.get("gates", {}) if show_gates else {}).items():
         print(f"  [{'PASS' if ok else 'FAIL'}] {gate}")
+
+
+def print_prediction(check: dict[str, Any]) -> None:
+    """The recorder side's replay (agents_recorded): each measured side's prefill next to what the recording
+    predicted for it."""
+    rows = [[side, c["policy"], c["measured"], c["predicted"], c["predicted_over_measured"]]
+            for side, c in check.items() if isinstance(c, dict)]
+    if rows:
+        print("predicted from the engine's recording of the recorder side (kvsched simulate at its pool) vs measured; "
+              f"OPT predicted {check['opt_predicted']} tokens:")
+        print(table(rows, ["side", "simulated as", "measured prefill", "predicted", "predicted/measured"]))
