@@ -1,9 +1,10 @@
-"""`kvsched trace`: bring public production traces into the kvsched trace schema.
+"""`kvsched trace`: bring public production traces into the kvsched trace schema, and describe any trace.
 
 `kvsched trace fetch mooncake` downloads Mooncake's FAST'25 traces (kvcache-ai/Mooncake, Apache-2.0; 1-3 MB each) at a
 pinned commit into `$KVSCHED_CACHE_DIR/traces/mooncake` (default `~/.cache/kvsched`), checks their SHA-256, and
 converts each to `<name>.kvsched.jsonl` beside it. They stay out of the repository: tests use small committed slices.
-`kvsched trace import --format mooncake IN OUT` converts one file (assumptions: docs/trace_schema.md)."""
+`kvsched trace import --format mooncake IN OUT` converts one file (assumptions: docs/trace_schema.md). `kvsched trace
+stats FILE` describes a trace (an engine's recording, an imported or a generated one) before any replay."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ FORMATS = ("mooncake",)
 
 
 def register(subparsers: Any) -> None:
-    p: argparse.ArgumentParser = subparsers.add_parser("trace", help="import public traces to the trace schema",
+    p: argparse.ArgumentParser = subparsers.add_parser("trace", help="import public traces to the trace schema; describe a trace",
                                                        description=__doc__)
     sub = p.add_subparsers(dest="trace_command", metavar="ACTION")
     sub.required = True
@@ -38,6 +39,12 @@ def register(subparsers: Any) -> None:
     fetch.add_argument("--dir", type=Path, default=None, help="default: $KVSCHED_CACHE_DIR/traces/<source>")
     fetch.add_argument("--base-url", default=MOONCAKE_URL, help="where the files are (a mirror, or file:// URL)")
     fetch.set_defaults(func=run_fetch)
+    stats = sub.add_parser("stats", help="sessions, turns, idle gaps, repeated prompt share and KV of a trace file")
+    stats.add_argument("trace", type=Path, help="a trace in the kvsched schema (recorded, imported or generated)")
+    stats.add_argument("--ttl", type=float, action="append", default=None,
+                       help="report the share of gaps within this many seconds (repeatable; default 30, 120, 600)")
+    stats.add_argument("--json", action="store_true", help="print the figures as JSON")
+    stats.set_defaults(func=run_stats)
 
 
 def run_import(args: argparse.Namespace) -> int:
@@ -52,6 +59,23 @@ def run_import(args: argparse.Namespace) -> int:
         return 2
     print(f"{args.output}: {meta['requests']} requests, {meta['sessions']} sessions "
           f"({meta['single_turn_sessions']} single-turn)")
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from kvsched.sim.trace import Trace
+    from kvsched.sim.trace_stats import DEFAULT_TTLS, describe, trace_stats
+
+    try:
+        if args.ttl is not None and any(not 0 <= t < float("inf") for t in args.ttl):
+            raise ValueError("--ttl takes seconds >= 0")
+        stats = trace_stats(Trace.load(args.trace), tuple(args.ttl) if args.ttl else DEFAULT_TTLS)
+    except (ValueError, OSError) as exc:
+        print(f"kvsched trace stats: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(stats, indent=1) if args.json else f"{args.trace}:\n{describe(stats)}")
     return 0
 
 
