@@ -109,3 +109,19 @@ def test_recording_with_pins_off_serves_exactly_what_stock_vllm_serves(harness_c
     assert (recorded.prompt_tokens, recorded.cached_tokens) == (stock.prompt_tokens, stock.cached_tokens)
     assert stock.cached_tokens > 0 and s.kvsched.stats()["pins"] == 0
     assert len(Trace.load(s.kvsched.recorder.path).t) == 60
+
+
+def test_a_failing_or_full_recording_stops_and_the_engine_serves_on(harness_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "a.jsonl"))
+    s, f = _sched(harness_cfg), RequestFactory(BLOCK)
+    _run(s, f, [list(range(100, 180))], session_id="x")
+    s.kvsched.recorder.stream.close()  # the disk went away under it: every later write raises
+    counts = PrefillCounts()
+    s.add_request(f.make(list(range(100, 200)), 4, session_id="x"))
+    run_until_idle(s, counts=counts)
+    assert s.kvsched.recorder.stopped and counts.cached_tokens == 80  # served, and from the session's pin
+    monkeypatch.setenv(ENV_MAX_MB, "0.0001")  # 100 characters: full after the first line
+    s2 = _sched(harness_cfg)
+    _run(s2, f, [list(range(100, 180)), list(range(400, 480))])
+    rec = s2.kvsched.recorder
+    assert rec.stopped and rec.recording.written == 1 and len(Trace.load(rec.path).t) == 1
