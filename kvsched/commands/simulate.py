@@ -21,6 +21,7 @@ POLICIES = ("lru", "kvsched", "opt", "lru+offload")  # lru+offload: stock vLLM C
 FLEET_HOST_GIB_PER_GPU = 256.0
 FLEET_GPU_KV_GIB = 60.0
 FLEET_H2D_GBPS = 32.0
+DEFAULT_PRESSURE = 2.0
 
 
 def register(subparsers: Any) -> None:
@@ -36,7 +37,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--write-trace", type=Path, default=None, help="also write the generated trace as JSONL")
     cap = p.add_mutually_exclusive_group()
     cap.add_argument("--capacity-blocks", type=int, help="KV pool size in blocks")
-    cap.add_argument("--pressure", type=float, default=2.0, help="working set / pool (default 2.0)")
+    cap.add_argument("--pressure", type=float, default=None,
+                     help="working set / pool (default 2.0; an engine's recording, whose header names its pool: "
+                          "that pool)")
     p.add_argument("--pressure-basis", choices=["distinct", "live"], default="distinct",
                    help="what --pressure divides: the trace's distinct blocks (default), or its peak live blocks "
                         "(used before and again later; 3-20x fewer on production traces); the JSON reports both")
@@ -108,10 +111,14 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
         tokens = kv_capacity_tokens(ModelShape.from_preset(args.preset), args.kv_dtype, int(args.kv_gib * GIB),
                                     trace.block_size)
         return max(tokens // trace.block_size, 1)
-    if args.pressure <= 0:
+    recorded = trace.meta.get("capacity_blocks")  # KVSCHED_RECORD_TRACE: the recording engine's own pool
+    if args.pressure is None and isinstance(recorded, int) and recorded > 0:
+        return recorded
+    pressure = DEFAULT_PRESSURE if args.pressure is None else args.pressure
+    if pressure <= 0:
         raise ValueError("--pressure must be positive")
     basis = trace.peak_live_blocks() if args.pressure_basis == "live" else trace.working_set_blocks()
-    return max(math.ceil(basis / args.pressure), 1)
+    return max(math.ceil(basis / pressure), 1)
 
 
 def tier_bytes(args: argparse.Namespace, block_bytes: int, pool_bytes: int = 0) -> int:

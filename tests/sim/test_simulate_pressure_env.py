@@ -95,3 +95,17 @@ def test_simulate_replicas_splits_the_pool(tmp_path):
     assert r["opt"]["tokens_saved"] >= r["lru"]["tokens_saved"]
     single = run_sim(tmp_path, "--capacity-blocks", "900")
     assert single["lru"]["tokens_saved"] >= r["lru"]["tokens_saved"]  # one 900-block pool shares what 3 of 300 cannot
+
+
+def test_a_recordings_own_pool_is_the_default_and_pressure_still_overrides_it(tmp_path):
+    path, out = tmp_path / "rec.jsonl", tmp_path / "r.json"
+    write_jsonl(path, SMALL.block_size, generate_requests(SMALL), meta={"capacity_blocks": 77})
+    at_pressure_2 = -(-Trace.load(path).working_set_blocks() // 2)
+    for extra, expect in (((), 77), (("--pressure", "2"), at_pressure_2)):
+        assert main(["simulate", str(path), "--no-progress", "--policies", "lru", "--out", str(out), *extra]) == 0
+        assert json.loads(out.read_text())["config"]["capacity_blocks_per_replica"] == expect
+    plain = tmp_path / "plain.jsonl"
+    write_jsonl(plain, SMALL.block_size, generate_requests(SMALL))
+    assert main(["simulate", str(plain), "--no-progress", "--policies", "lru", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["capacity_blocks_per_replica"] == -(
+        -Trace.load(plain).working_set_blocks() // 2)  # no recorded pool: pressure 2 as before
