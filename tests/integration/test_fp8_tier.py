@@ -204,13 +204,25 @@ def test_a_turn_resumes_from_the_partial_last_block_and_decodes_as_if_recomputed
 def test_corrupt_slots_are_recomputed_never_served(servers, plain_server):
     """Fault injection: every slot's bytes change after its checksum was taken (a torn or overwritten host copy).
     The turn after the flood restores nothing (its prefetch and its own restore both fail their checks), recomputes,
-    and decodes exactly what a server without the tier decodes."""
-    first, second, before, after, history = turn_after_flood(servers["faulty"], "corrupt")
-    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    restored = d["kvsched_tier_restored_blocks_total"] + d["kvsched_tier_prefetched_blocks_total"]
-    assert after["kvsched_tier_demoted_blocks_total"] > 0 and restored > 0
+    and decodes exactly what a server without the tier decodes.
+
+    The set-up is redone with a new session (up to 3 times) when the turn tried no restore: once, in a full run on a
+    host loaded by other work, 17 blocks were demoted and the turn restored and prefetched none (it was served, but
+    the checks were not exercised); the figures of each set-up are in the failure message."""
+    tried = []
+    for attempt in range(3):
+        session = f"corrupt-{attempt}"
+        first, second, before, after, history = turn_after_flood(servers["faulty"], session)
+        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        restored = d["kvsched_tier_restored_blocks_total"] + d["kvsched_tier_prefetched_blocks_total"]
+        tried.append({k: v for k, v in d.items() if v and ("tier" in k or "prefix_cache" in k)})
+        if restored > 0:
+            break
+    else:
+        raise AssertionError(f"3 set-ups never reached the tier: {tried}")
+    assert after["kvsched_tier_demoted_blocks_total"] > 0
     assert d["kvsched_tier_load_failures_total"] >= restored  # every one failed its check (and the tail too)
-    again = chat(plain_server, history, session="corrupt", max_tokens=16)
+    again = chat(plain_server, history, session=session, max_tokens=16)
     assert again.choices[0].message.content == second.choices[0].message.content
 
 
