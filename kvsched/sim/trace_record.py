@@ -16,21 +16,28 @@ from __future__ import annotations
 
 import hashlib
 import os
+from array import array
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from kvsched.sim.trace import TraceRequest, TraceWriter, shared_prefix_len
+from kvsched.sim.trace import TraceRequest, TraceWriter
 
-MAX_SESSIONS = 100_000  # sessions whose last request's block ids are kept to write the next one as a delta
+# Block ids kept (8 bytes each) to write a session's next request as a delta; past it the least recently active
+# sessions are forgotten (their next request is then written with all its ids). 4M: 32 MB, e.g. 1,000 sessions of
+# 64k tokens in 16-token blocks.
+MAX_KEPT_BLOCKS = 4_000_000
 
 
 @dataclass(slots=True)
 class _Last:
+    """A session's latest-arriving written request: when it arrived, its blocks' keyed ids and its last raw hash (the
+    engine's hashes are chained: a request whose block k-1 equals it repeats all k blocks)."""
+
     t: float
-    raw: Sequence[Hashable]  # the engine's block hashes
-    ids: list[str]  # their keyed ids
+    ids: array[int]  # keyed 64-bit ids ('Q')
+    last_raw: Hashable | None
 
 
 @dataclass(slots=True)
@@ -61,7 +68,7 @@ class TraceRecording:
     block_size: int
     meta: dict[str, Any] = field(default_factory=dict)
     key: bytes = field(default_factory=lambda: os.urandom(16))
-    max_sessions: int = MAX_SESSIONS
+    max_kept_blocks: int = MAX_KEPT_BLOCKS
     max_chars: int | None = None  # the recording stops (`full`) once its lines reach this size
     written: int = 0
     chars: int = 0
@@ -73,11 +80,16 @@ class TraceRecording:
         self._live: dict[str, _Live] = {}  # request id -> its arrival
         self._running: dict[str, list[float]] = {}  # session -> arrivals of its requests not yet written
         self._last: OrderedDict[str, _Last] = OrderedDict()  # session -> its latest-arriving written request
+        self._kept = 0  # ids held in `_last`
+
+    def _id(self, value: object) -> int:
+        """A keyed 64-bit hash of `value` (bytes as they are, anything else by its repr)."""
+        raw = value if isinstance(value, bytes) else repr(value).encode()
+        return int.from_bytes(hashlib.blake2b(raw, key=self.key, digest_size=8).digest(), "little")
 
     def token(self, value: object) -> str:
-        """A keyed 64-bit hash of `value` (bytes as they are, anything else by its repr), in hex."""
-        raw = value if isinstance(value, bytes) else repr(value).encode()
-        return hashlib.blake2b(raw, key=self.key, digest_size=8).hexdigest()
+        """`_id` in hex, as the file writes ids."""
+        return f"{self._id(value):016x}"
 
     def arrived(self, request_id: str, now: float, session: object | None, salt: str | None) -> None:
         """A request arrived for `session` (any hashable identity; None: a request of no session, written as a
@@ -103,32 +115,49 @@ class TraceRecording:
         if not running:
             self._running.pop(session, None)
         prev = self._last.get(session)
-        n = _shared(prev.raw, req.blocks) if prev is not None else 0
-        ids = prev.ids[:n] if prev is not None else []
-        ids += [self.token(b) for b in req.blocks[n:]]
+        ids, n = self._ids(prev, req.blocks)
         delta = prev is not None and prev.t < t and not any(a < t for a in running)
         reuse = n if delta else 0
         self.chars += self._writer.write(TraceRequest(
             t=t - self._t0, session=session, prompt_tokens=req.prompt_tokens, output_tokens=req.output_tokens,
-            blocks=ids[reuse:], reuse=reuse, role=req.role, ttl_s=req.ttl_s, end=req.end, salt=live.salt,
-            duration_s=round(max(now - t, 0.0), 6), compacted=req.compacted))
+            blocks=[f"{x:016x}" for x in ids[reuse:]], reuse=reuse, role=req.role, ttl_s=req.ttl_s, end=req.end,
+            salt=live.salt, duration_s=round(max(now - t, 0.0), 6), compacted=req.compacted))
         self.written += 1
         if self.max_chars is not None and self.chars >= self.max_chars:
             self.full = True
         if req.end:
-            self._last.pop(session, None)
+            self._forget(session)
         elif prev is None or t > prev.t:
-            self._last[session] = _Last(t, list(req.blocks), ids)
-            self._last.move_to_end(session)
-            if len(self._last) > self.max_sessions:
-                self._last.popitem(last=False)
+            self._forget(session)
+            self._last[session] = _Last(t, ids, req.blocks[-1] if req.blocks else None)
+            self._kept += len(ids)
+            while self._kept > self.max_kept_blocks and len(self._last) > 1:
+                self._forget(next(iter(self._last)))
         return True
 
+    def _ids(self, prev: _Last | None, blocks: Sequence[Hashable]) -> tuple[array[int], int]:
+        """The request's keyed ids and how many lead it in common with `prev`. A turn that extends its session's last
+        request (block k-1 equal to its last) hashes only its new blocks; any other computes all of them and finds
+        the common prefix by bisection (chained ids: equal at i means equal before i)."""
+        if prev is not None and prev.last_raw is not None:
+            k = len(prev.ids)
+            if len(blocks) >= k and blocks[k - 1] == prev.last_raw:
+                ids = array("Q", prev.ids)
+                ids.extend(self._id(b) for b in blocks[k:])
+                return ids, k
+        ids = array("Q", (self._id(b) for b in blocks))
+        if prev is None:
+            return ids, 0
+        lo, hi = 0, min(len(ids), len(prev.ids))  # the common prefix's length is in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if ids[mid - 1] == prev.ids[mid - 1]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return ids, lo
 
-def _shared(previous: Sequence[Hashable], blocks: Sequence[Hashable]) -> int:
-    """Leading blocks `blocks` shares with `previous`: a turn usually extends its session's last prompt, which one
-    list comparison (in C) confirms before any element-wise walk."""
-    k = len(previous)
-    if len(blocks) >= k and list(blocks[:k]) == previous:
-        return k
-    return shared_prefix_len(previous, blocks)
+    def _forget(self, session: str) -> None:
+        gone = self._last.pop(session, None)
+        if gone is not None:
+            self._kept -= len(gone.ids)

@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 from kvsched.sim.trace import Trace
-from kvsched.sim.trace_record import MAX_SESSIONS, Finished, TraceRecording
+from kvsched.sim.trace_record import MAX_KEPT_BLOCKS, Finished, TraceRecording
 
 BS = 4
 
@@ -112,18 +112,38 @@ def test_nothing_the_engine_named_is_written_and_keys_differ_per_recording(tmp_p
     assert a[0]["end"] is True and a[0]["session"] != a[1]["session"]
 
 
-def test_a_finish_without_its_arrival_is_left_out_and_sessions_kept_are_bounded():
+def test_a_finish_without_its_arrival_is_left_out_and_the_ids_kept_are_bounded():
     buf = io.StringIO()
-    rec = TraceRecording(buf, BS, max_sessions=3)
+    rec = TraceRecording(buf, BS, max_kept_blocks=7)
     assert not rec.finished("never-arrived", 1.0, Finished(BS, 1, [b"x"]))
-    for i in range(5):
+    for i in range(5):  # 2 blocks a session: three sessions' ids fit in 7, the oldest are forgotten
         rec.arrived(f"r{i}", float(i), f"s{i}", None)
-        rec.finished(f"r{i}", float(i) + 0.1, Finished(BS, 1, [f"s{i}".encode()]))
-    assert rec.written == 5 and len(rec._last) == 3 and MAX_SESSIONS >= 10_000
+        rec.finished(f"r{i}", float(i) + 0.1, Finished(2 * BS, 1, [f"s{i}".encode(), f"s{i}+".encode()]))
+    assert rec.written == 5 and list(rec._last) == [rec.token(("session", f"s{i}")) for i in (2, 3, 4)]
+    assert rec._kept == 6 and MAX_KEPT_BLOCKS * 8 <= 64 * 2**20  # the default keeps at most 64 MB of ids
     rec.arrived("again", 9.0, "s0", None)  # its last request was forgotten: written whole, still right
-    rec.finished("again", 9.5, Finished(2 * BS, 1, [b"s0", b"s0+"]))
+    rec.finished("again", 9.5, Finished(3 * BS, 1, [b"s0", b"s0+", b"s0++"]))
     last = json.loads(buf.getvalue().splitlines()[-1])
-    assert last.get("reuse", 0) == 0 and len(last["blocks"]) == 2
+    assert last.get("reuse", 0) == 0 and len(last["blocks"]) == 3
+    rec.arrived("next", 10.0, "s0", None)  # and its next one is a delta again
+    rec.finished("next", 10.5, Finished(4 * BS, 1, [b"s0", b"s0+", b"s0++", b"s0+++"]))
+    last = json.loads(buf.getvalue().splitlines()[-1])
+    assert last["reuse"] == 3 and len(last["blocks"]) == 1
+
+
+def test_a_turn_that_leaves_its_sessions_last_prompt_shares_only_the_common_head(tmp_path):
+    buf = io.StringIO()
+    rec = TraceRecording(buf, BS)
+    chain = blocks("s", 10)
+    branch = chain[:6] + [b"other:6", b"other:7"]  # chained ids: a branch never meets the chain again
+    for i, b in enumerate((chain, branch, chain[:3])):
+        rec.arrived(f"r{i}", float(i), "s", None)
+        rec.finished(f"r{i}", i + 0.5, Finished(len(b) * BS, 1, b))
+    lines = [json.loads(x) for x in buf.getvalue().splitlines()[1:]]
+    assert [x.get("reuse", 0) for x in lines] == [0, 6, 3] and [len(x["blocks"]) for x in lines] == [10, 2, 0]
+    assert lines[1]["blocks"][0] != lines[0]["blocks"][6]
+    trace = load(buf, tmp_path)
+    assert [len(trace.blocks(i)) for i in range(3)] == [10, 8, 3]
 
 
 def test_a_full_recording_stops_whole_at_its_last_line(tmp_path):
