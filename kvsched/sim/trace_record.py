@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from array import array
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, TextIO
 
 from kvsched.sim.trace import TraceRequest, TraceWriter
 
+ID_BYTES = 8
 # Block ids kept (8 bytes each) to write a session's next request as a delta; past it the least recently active
 # sessions are forgotten (their next request is then written with all its ids). 4M: 32 MB, e.g. 1,000 sessions of
 # 64k tokens in 16-token blocks.
@@ -36,7 +36,7 @@ class _Last:
     engine's hashes are chained: a request whose block k-1 equals it repeats all k blocks)."""
 
     t: float
-    ids: array[int]  # keyed 64-bit ids ('Q')
+    ids: bytes  # keyed 64-bit ids, 8 bytes each
     last_raw: Hashable | None
 
 
@@ -81,15 +81,22 @@ class TraceRecording:
         self._running: dict[str, list[float]] = {}  # session -> arrivals of its requests not yet written
         self._last: OrderedDict[str, _Last] = OrderedDict()  # session -> its latest-arriving written request
         self._kept = 0  # ids held in `_last`
+        self._keyed = hashlib.blake2b(key=self.key, digest_size=ID_BYTES)
 
-    def _id(self, value: object) -> int:
-        """A keyed 64-bit hash of `value` (bytes as they are, anything else by its repr)."""
-        raw = value if isinstance(value, bytes) else repr(value).encode()
-        return int.from_bytes(hashlib.blake2b(raw, key=self.key, digest_size=8).digest(), "little")
+    def _hashed(self, values: Sequence[object]) -> bytes:
+        """The keyed 64-bit hashes of `values` (bytes as they are, the engine's block hashes; anything else by its
+        repr), concatenated."""
+        keyed = self._keyed  # the key's block compressed once: a copy per value
+        out = []
+        for v in values:
+            h = keyed.copy()
+            h.update(v if type(v) is bytes else repr(v).encode())
+            out.append(h.digest())
+        return b"".join(out)
 
     def token(self, value: object) -> str:
-        """`_id` in hex, as the file writes ids."""
-        return f"{self._id(value):016x}"
+        """A keyed 64-bit hash of `value` in hex, as the file writes ids."""
+        return self._hashed((value,)).hex()
 
     def arrived(self, request_id: str, now: float, session: object | None, salt: str | None) -> None:
         """A request arrived for `session` (any hashable identity; None: a request of no session, written as a
@@ -120,7 +127,7 @@ class TraceRecording:
         reuse = n if delta else 0
         self.chars += self._writer.write(TraceRequest(
             t=t - self._t0, session=session, prompt_tokens=req.prompt_tokens, output_tokens=req.output_tokens,
-            blocks=[f"{x:016x}" for x in ids[reuse:]], reuse=reuse, role=req.role, ttl_s=req.ttl_s, end=req.end,
+            blocks=_hex_ids(ids[reuse * ID_BYTES:]), reuse=reuse, role=req.role, ttl_s=req.ttl_s, end=req.end,
             salt=live.salt, duration_s=round(max(now - t, 0.0), 6), compacted=req.compacted))
         self.written += 1
         if self.max_chars is not None and self.chars >= self.max_chars:
@@ -130,28 +137,28 @@ class TraceRecording:
         elif prev is None or t > prev.t:
             self._forget(session)
             self._last[session] = _Last(t, ids, req.blocks[-1] if req.blocks else None)
-            self._kept += len(ids)
+            self._kept += len(ids) // ID_BYTES
             while self._kept > self.max_kept_blocks and len(self._last) > 1:
                 self._forget(next(iter(self._last)))
         return True
 
-    def _ids(self, prev: _Last | None, blocks: Sequence[Hashable]) -> tuple[array[int], int]:
+    def _ids(self, prev: _Last | None, blocks: Sequence[Hashable]) -> tuple[bytes, int]:
         """The request's keyed ids and how many lead it in common with `prev`. A turn that extends its session's last
-        request (block k-1 equal to its last) hashes only its new blocks; any other computes all of them and finds
-        the common prefix by bisection (chained ids: equal at i means equal before i)."""
+        request (block k-1 equal to its last) hashes only its new blocks; any other hashes all of them and finds the
+        common prefix by bisection (chained ids: equal at i means equal before i)."""
         if prev is not None and prev.last_raw is not None:
-            k = len(prev.ids)
+            k = len(prev.ids) // ID_BYTES
             if len(blocks) >= k and blocks[k - 1] == prev.last_raw:
-                ids = array("Q", prev.ids)
-                ids.extend(self._id(b) for b in blocks[k:])
-                return ids, k
-        ids = array("Q", (self._id(b) for b in blocks))
+                return prev.ids + self._hashed(blocks[k:]), k
+        ids = self._hashed(blocks)
         if prev is None:
             return ids, 0
-        lo, hi = 0, min(len(ids), len(prev.ids))  # the common prefix's length is in [lo, hi]
+        a, b = memoryview(ids), memoryview(prev.ids)
+        lo, hi = 0, min(len(a), len(b)) // ID_BYTES  # the common prefix's length is in [lo, hi]
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if ids[mid - 1] == prev.ids[mid - 1]:
+            at = (mid - 1) * ID_BYTES
+            if a[at:at + ID_BYTES] == b[at:at + ID_BYTES]:
                 lo = mid
             else:
                 hi = mid - 1
@@ -160,4 +167,10 @@ class TraceRecording:
     def _forget(self, session: str) -> None:
         gone = self._last.pop(session, None)
         if gone is not None:
-            self._kept -= len(gone.ids)
+            self._kept -= len(gone.ids) // ID_BYTES
+
+
+def _hex_ids(ids: bytes) -> list[str]:
+    h = ids.hex()
+    n = 2 * ID_BYTES
+    return [h[i:i + n] for i in range(0, len(h), n)]
