@@ -23,6 +23,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "demo.json",
                    help="result JSON; the TTFT chart is written beside it (same name, .png)")
     p.add_argument("--workflows", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="orchestrator rounds per workflow (default: the quick workload's 3); fewer: a shorter demo")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -36,6 +38,8 @@ def bench_args(args: argparse.Namespace) -> argparse.Namespace:
     agents.register(parser.add_subparsers(dest="bench"))
     argv = ["agents", "--quick", "--sides", "stock,kvsched", "--workflows", str(args.workflows), "--seed", "0",
             "--pressure", "1.5", "--fidelity-probes", "0", "--no-replay"]
+    rounds = getattr(args, "rounds", None)
+    argv += ["--rounds", str(rounds)] if rounds is not None else []
     return parser.parse_args(argv + (["--no-progress"] if args.no_progress else []))
 
 

@@ -22,6 +22,9 @@ def test_demo_passes_every_option_the_agents_benchmark_reads() -> None:
     assert got.sides == ["stock", "kvsched"] and got.quick and got.workflows == 2 and got.no_progress
     assert got.fidelity_probes == 0 and got.fp8_tier_gb is None and got.no_replay
     assert agents.workload_config(got).workflows == 2  # the workload the benchmark will build reads them
+    assert agents.workload_config(got).rounds == agents.QUICK.rounds
+    shorter = bench_args(argparse.Namespace(workflows=1, rounds=1, no_progress=True))
+    assert agents.workload_config(shorter).rounds == 1
 
 
 def test_plain_words_say_what_changed_without_gates() -> None:

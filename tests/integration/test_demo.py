@@ -15,8 +15,9 @@ pytestmark = pytest.mark.integration
 
 def test_demo_serves_both_sides_and_prints_what_kvsched_changed(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
-    proc = subprocess.run([sys.executable, "-m", "kvsched.cli", "demo", "--workflows", "1", "--no-progress",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    # one workflow of one round (10 turns a side): the command end to end, not the demo's figures (`make demo`)
+    proc = subprocess.run([sys.executable, "-m", "kvsched.cli", "demo", "--workflows", "1", "--rounds", "1",
+                           "--no-progress", "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "What kvsched changed" in proc.stdout and "Prompt tokens the engine had to compute" in proc.stdout
     assert "FAIL" not in proc.stdout and "PASS" not in proc.stdout  # a demonstration, not a gate run
