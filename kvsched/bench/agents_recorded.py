@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kvsched.adapters.vllm.trace_recorder import ENV_RECORD
 from kvsched.sim.replay import ReplayConfig, replay
 from kvsched.sim.trace import Trace, read_jsonl
 
 RECORDER_SIDE = "recorder"
 PREDICTED = ("lru", "kvsched", "opt")
-ENV_RECORD = "KVSCHED_RECORD_TRACE"  # kvsched.adapters.vllm.trace_recorder's variable (read by the engine)
 # measured side -> the policy whose prediction it checks
 CHECKS = {RECORDER_SIDE: "lru", "stock": "lru", "kvsched-no-tier": "kvsched"}
 
@@ -43,7 +43,9 @@ def replay_recording(path: Path, skip: int, prefill_tok_s: float, tpot_s: float,
     header, requests = read_jsonl(path)
     reqs = sorted(list(requests)[skip:], key=lambda r: r.t)
     trace = Trace.from_requests(int(header["block_size"]), reqs, meta=header.get("meta", {}))
-    capacity = int(trace.meta["capacity_blocks"])
+    capacity = trace.recorded_capacity_blocks
+    if capacity is None:
+        raise ValueError(f"{path}: the recording's header names no pool (meta.capacity_blocks)")
     cfg = ReplayConfig(capacity_blocks=capacity, prefill_tps=prefill_tok_s, tpot_s=tpot_s,
                        bytes_per_token=bytes_per_token, retention=RetentionConfig.from_env())
     out: dict[str, Any] = {p: replay(trace, p, cfg).prefill_tokens_computed for p in PREDICTED}

@@ -111,8 +111,8 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
         tokens = kv_capacity_tokens(ModelShape.from_preset(args.preset), args.kv_dtype, int(args.kv_gib * GIB),
                                     trace.block_size)
         return max(tokens // trace.block_size, 1)
-    recorded = trace.meta.get("capacity_blocks")  # KVSCHED_RECORD_TRACE: the recording engine's own pool
-    if args.pressure is None and isinstance(recorded, int) and recorded > 0:
+    recorded = trace.recorded_capacity_blocks  # KVSCHED_RECORD_TRACE: the recording engine's own pool
+    if args.pressure is None and recorded is not None:
         return recorded
     pressure = DEFAULT_PRESSURE if args.pressure is None else args.pressure
     if pressure <= 0:

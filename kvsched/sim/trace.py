@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import numpy as np
 
 FORMAT_VERSION = 1
+CAPACITY_META = "capacity_blocks"  # header meta of an engine's recording: its KV pool, in the trace's blocks
 ID_DTYPE = np.int32
 
 
@@ -194,6 +195,12 @@ class Trace:
         tape, n = self._where[i]
         ids: np.ndarray = self._tape[tape].buf[:n]
         return ids
+
+    @property
+    def recorded_capacity_blocks(self) -> int | None:
+        """The pool of the engine that recorded this trace (`KVSCHED_RECORD_TRACE`), if its header says one."""
+        value = self.meta.get(CAPACITY_META)
+        return value if isinstance(value, int) and value > 0 else None
 
     def working_set_blocks(self) -> int:
         """Distinct blocks over the whole trace (shared prefixes counted once): the KV every session would hold."""

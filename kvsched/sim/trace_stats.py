@@ -50,7 +50,7 @@ def trace_stats(trace: Trace, ttls: tuple[float, ...] = DEFAULT_TTLS) -> dict[st
     gap = np.asarray(gaps, dtype=np.float64)
     prompt = int(trace.prompt_tokens.sum())
     live = trace.peak_live_blocks()
-    capacity = trace.meta.get("capacity_blocks")
+    capacity = trace.recorded_capacity_blocks
     return {
         "requests": n, "sessions": int(len(turns)), "single_turn_sessions": int((turns == 1).sum()),
         "span_s": float(trace.t[-1] - trace.t[0]) if n else 0.0,

@@ -62,3 +62,15 @@ def test_the_prediction_check_puts_each_measured_side_next_to_its_policys_predic
     assert check["opt_predicted"] == 60 and "kvsched" not in check
     assert prediction_check({"stock": {"prefill_tokens_computed": 1}}) == {}
     json.dumps(check)  # written into the result JSON as is
+
+
+def test_a_recording_whose_header_names_no_pool_is_refused_with_its_path(tmp_path):
+    import pytest
+
+    path = tmp_path / "nopool.jsonl"
+    with open(path, "w") as f:
+        rec = TraceRecording(f, BS, {"capacity_blocks": "lots"})
+        rec.arrived("r", 0.0, "s", None)
+        rec.finished("r", 1.0, Finished(BS, 1, [b"x"]))
+    with pytest.raises(ValueError, match="nopool.jsonl.*names no pool"):
+        replay_recording(path, 0, 1000.0, 0.01, 1024.0)

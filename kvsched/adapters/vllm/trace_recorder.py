@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from kvsched.adapters.vllm import compat
 from kvsched.core.sessions import SessionKey, TurnHints
+from kvsched.sim.trace import CAPACITY_META
 from kvsched.sim.trace_record import Finished, TraceRecording
 
 ENV_RECORD = "KVSCHED_RECORD_TRACE"
@@ -88,7 +89,7 @@ class TraceRecorder:
         meta = {"source": "kvsched engine recording", "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "vllm": compat.installed_vllm_version(),
                 # the engine's pool in the trace's blocks: `kvsched simulate FILE --capacity-blocks N` replays at it
-                "capacity_blocks": compat.num_total_blocks(scheduler) * engine_block // block_size,
+                CAPACITY_META: compat.num_total_blocks(scheduler) * engine_block // block_size,
                 "kv_bytes_per_token": compat.kv_bytes_per_token(scheduler)}
         self.recording = TraceRecording(self.stream, block_size, meta, max_chars=int(max_mb() * 1e6))
         self.stopped = False
