@@ -25,6 +25,7 @@ from kvsched.bench.agents_recorded import (
     recorded_lines,
     recorder_env,
     replay_recording,
+    replay_with_tier,
 )
 from kvsched.bench.agents_report import (
     NO_TIER_SIDE,
@@ -334,6 +335,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if TIER_SIDE in result["ratio"]:
             result["ratio"].update(result["ratio"][TIER_SIDE])  # kvsched/stock at the top level, as documented
     if RECORDER_SIDE in result:
+        recorded, capacity = result[RECORDER_SIDE].get("recorded_replay"), result.get(TIER_SIDE, {}).get("tier", {})
+        if recorded and capacity.get("capacity_bytes"):  # the recording's prediction of the tier side, at its tier
+            replay_with_tier(recorded, capacity["capacity_bytes"])
         result["recorded_prediction"] = prediction_check(result)
     if {"stock", "unbounded"} <= result.keys():
         result["bound"] = attainable(result)

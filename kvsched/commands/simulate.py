@@ -22,6 +22,7 @@ FLEET_HOST_GIB_PER_GPU = 256.0
 FLEET_GPU_KV_GIB = 60.0
 FLEET_H2D_GBPS = 32.0
 DEFAULT_PRESSURE = 2.0
+DEFAULT_PRESET = "llama-3.1-8b"
 
 
 def register(subparsers: Any) -> None:
@@ -43,12 +44,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pressure-basis", choices=["distinct", "live"], default="distinct",
                    help="what --pressure divides: the trace's distinct blocks (default), or its peak live blocks "
                         "(used before and again later; 3-20x fewer on production traces); the JSON reports both")
-    cap.add_argument("--kv-gib", type=float, help="KV memory in GiB; blocks follow from --preset and --kv-dtype")
+    cap.add_argument("--kv-gib", type=float, help="KV memory in GiB; blocks follow from --preset and --kv-dtype "
+                     "(a recording: its engine's bytes per token)")
     p.add_argument("--replicas", type=int, default=1,
                    help="replay across N session-affine replicas (sessions placed by the router's hash ring), each "
                         "with 1/N of the pool; every side sums its replicas (OPT: Belady per replica)")
-    p.add_argument("--preset", default="llama-3.1-8b", help="model shape for --kv-gib and byte figures")
-    p.add_argument("--kv-dtype", default="fp8")
+    p.add_argument("--preset", default=None,
+                   help=f"model shape for --kv-gib, byte figures and the tier's block size (default {DEFAULT_PRESET}; "
+                        "an engine's recording: that engine's own bytes per token and per tier block)")
+    p.add_argument("--kv-dtype", default="fp8", help="with --preset: the KV cache's dtype")
     tier = p.add_mutually_exclusive_group()
     tier.add_argument("--fp8-tier-gib", type=float, default=0.0,
                       help="kvsched side: FP8 demotion tier of this many GiB of host memory (0: off)")
@@ -108,8 +112,10 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
     if args.kv_gib is not None:
         from kvsched.core.planner import GIB, ModelShape, kv_capacity_tokens
 
-        tokens = kv_capacity_tokens(ModelShape.from_preset(args.preset), args.kv_dtype, int(args.kv_gib * GIB),
-                                    trace.block_size)
+        if args.preset is None and trace.recorded_bytes is not None:  # the recording engine's bytes per token
+            return max(int(args.kv_gib * GIB) // (bytes_per_token * trace.block_size), 1)
+        tokens = kv_capacity_tokens(ModelShape.from_preset(args.preset or DEFAULT_PRESET), args.kv_dtype,
+                                    int(args.kv_gib * GIB), trace.block_size)
         return max(tokens // trace.block_size, 1)
     recorded = trace.recorded_capacity_blocks  # KVSCHED_RECORD_TRACE: the recording engine's own pool
     if args.pressure is None and recorded is not None:
@@ -119,6 +125,18 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
         raise ValueError("--pressure must be positive")
     basis = trace.peak_live_blocks() if args.pressure_basis == "live" else trace.working_set_blocks()
     return max(math.ceil(basis / pressure), 1)
+
+
+def engine_bytes(args: argparse.Namespace, trace: Any) -> tuple[int, int]:
+    """(KV bytes per token, FP8-tier bytes per block) the replay sizes pools and tiers by: an engine's recording's own
+    unless --preset names a model, else the preset's."""
+    from kvsched.core.planner import ModelShape, fp8_tier_block_bytes, kv_bytes_per_token
+
+    recorded = trace.recorded_bytes
+    if args.preset is None and recorded is not None:
+        return recorded
+    shape = ModelShape.from_preset(args.preset or DEFAULT_PRESET)
+    return kv_bytes_per_token(shape, args.kv_dtype), fp8_tier_block_bytes(shape, args.kv_dtype, trace.block_size)
 
 
 def tier_bytes(args: argparse.Namespace, block_bytes: int, pool_bytes: int = 0) -> int:
@@ -229,20 +247,19 @@ def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token:
 def run(args: argparse.Namespace) -> int:
     from kvsched.bench.plots import PlotUnavailable
     from kvsched.core.config import RetentionConfig
-    from kvsched.core.planner import ModelShape, PlanError, fp8_tier_block_bytes, kv_bytes_per_token
+    from kvsched.core.planner import PlanError
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     try:
         unknown = [p for p in policies if p not in POLICIES]
         if unknown or not policies:
             raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
-        bpt = kv_bytes_per_token(ModelShape.from_preset(args.preset), args.kv_dtype)
         retention = RetentionConfig.from_env()  # the engine's parser: the same KVSCHED_* variables, same checks
         trace = load_trace(args)
+        bpt, block_bytes = engine_bytes(args, trace)
         if args.replicas < 1:
             raise ValueError("--replicas must be >= 1")
         capacity = max(capacity_blocks(args, trace, bpt) // args.replicas, 1)
-        block_bytes = fp8_tier_block_bytes(ModelShape.from_preset(args.preset), args.kv_dtype, trace.block_size)
         tier = (tier_bytes(args, block_bytes, capacity * trace.block_size * bpt), block_bytes)
         tier = tier if tier[0] > 0 else (0, 0)
         if not args.h2d_gbps > 0:

@@ -51,6 +51,11 @@ class SimPolicy:
         `get_num_new_matched_tokens`); they are held for the request until `external_done`."""
         return 0
 
+    def match_tail(self, i: int, prompt_ids: np.ndarray, end: int) -> int:
+        """Tokens of request i past its first `end` full blocks (hit or loaded) it can load rather than compute: a
+        partial last block the connector kept (kvsched's tier); held like `match_external`'s blocks."""
+        return 0
+
     def external_done(self) -> None:
         """The admission attempt is over (admitted or left waiting): matched blocks may be reused again."""
 
@@ -230,6 +235,8 @@ class KVSchedPolicy(SimPolicy):
         self.policy.payback.reserve(-self._beyond_prompt(i))
         blocks = ids.tolist()
         self.pins.turn_finished(key, hints, [blocks], len(ids) * self.trace.block_size, blocks)
+        if self.tier is not None and not hints.end:
+            self._save_tail(i, key, blocks)
         if hints.end:
             self.lineage.forget(key)
         else:
@@ -242,6 +249,34 @@ class KVSchedPolicy(SimPolicy):
         slots = self.tier.match(prompt_ids.tolist(), start, limit)
         self.tier.lock(slots)  # a demotion during this admission must not reuse a slot it is about to load
         return len(slots)
+
+    def match_tail(self, i: int, prompt_ids: np.ndarray, end: int) -> int:
+        entry = self.joined.get(i)
+        if self.tier is None or entry is None or not end or not self.tier.tail_of:
+            return 0
+        tail = self.tier.tail_of.get(entry[0])
+        room = int(self.trace.prompt_tokens[i]) - 1 - end * self.trace.block_size  # vLLM computes the last token
+        if self.trace.tail_reuse is not None and self.trace.tail_reuse[i] >= 0:  # recorded: what the prompt repeats
+            room = min(room, int(self.trace.tail_reuse[i]))
+        if tail is None or room <= 0 or tail.parent != int(prompt_ids[end - 1]):
+            return 0
+        found = self.tier.match_tail(tail.parent, tail.tokens[:room])
+        if found is None:
+            return 0
+        self.tier.lock([found[0]])
+        return found[1]
+
+    def _save_tail(self, i: int, key: SessionKey, blocks: list[int]) -> None:
+        """The engine's `save_tail`: the KV past the request's full blocks (all its tokens but the last sampled one),
+        when less than a block, unless the turn was a side turn (the session's tail stays its main line's)."""
+        tr, bs = self.trace, self.trace.block_size
+        rest = int(tr.prompt_tokens[i]) + int(tr.output_tokens[i]) - 1 - len(blocks) * bs
+        rec = self.policy.sessions.get(key)
+        if not blocks or not 0 < rest < bs or (rec is not None and rec.kept_over):
+            return
+        assert self.tier is not None
+        if self.tier.put_tail(key, blocks[-1], (-1 - i, *range(1, rest)), -1) is not None:  # tokens: unique to i
+            self.peak_tier_blocks = max(self.peak_tier_blocks, self.tier.used_slots)
 
     def external_done(self) -> None:
         if self.tier is not None:

@@ -4,8 +4,8 @@ Time model (simple on purpose, the same for every policy):
 - a request arrives at its trace time `t`; it is admitted when its blocks can be allocated (FCFS: a request that
   cannot be allocated waits, and so does everything behind it, until a finishing request frees blocks);
 - on admission it looks up its prompt's leading cached blocks (at most `prompt_tokens - 1` tokens, as vLLM), then the
-  run after them the policy can load (kvsched's FP8 tier; loaded blocks take pool blocks like computed ones), and
-  holds all its blocks (prompt and output) until it finishes;
+  run after them the policy can load (kvsched's FP8 tier; loaded blocks take pool blocks like computed ones) and the
+  partial block after that run the tier kept (a previous turn's tail), and holds all its blocks (prompt and output) until it finishes;
 - it runs alone at the given speeds: prefill of the tokens not hit at `prefill_tps`, then `output_tokens` decode steps
   of `tpot_s`; no batching slowdown, no preemption; a request whose trace line gives `duration_s` (a measured
   arrival-to-finish time, e.g. from `kvsched bench agents`) instead holds its blocks until arrival + that duration (or
@@ -156,6 +156,7 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig,
             hittable = min((p - 1) // bs, full)
             hit = pool.hit_blocks(prompt_ids[:hittable])
             loaded = pol.match_external(i, prompt_ids, hit, hittable - hit)
+            tail = pol.match_tail(i, prompt_ids, hit + loaded)  # a partial block the tier kept after that run
             while not pool.can_admit(prompt_ids, held - full):
                 if not pol.on_shortage(i, p - hit * bs, pool.own_evictable(prompt_ids)):  # loaded blocks too
                     pol.external_done()
@@ -165,14 +166,14 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig,
             pol.external_done()
             pol.on_admitted(i, prompt_ids, hit + loaded)
             peak = max(peak, pool.num_held)
-            computed = p - (hit + loaded) * bs
+            computed = p - (hit + loaded) * bs - tail
             res.hit_tokens += hit * bs
-            res.restored_tokens += loaded * bs
+            res.restored_tokens += loaded * bs + tail
             res.prompt_tokens_total += p
             res.requests += 1
             prefill = computed / cfg.prefill_tps
-            if loaded and cfg.restore_bytes_per_s > 0:  # the restore's copy precedes the prefill of what is left
-                prefill += loaded * cfg.tier_block_bytes / cfg.restore_bytes_per_s
+            if (loaded or tail) and cfg.restore_bytes_per_s > 0:  # the restore's copy precedes the rest's prefill
+                prefill += (loaded + (tail > 0)) * cfg.tier_block_bytes / cfg.restore_bytes_per_s
             wait[i] = now - t_arr[i]
             ttft[i] = wait[i] + prefill
             done = now + prefill + int(output[i]) * cfg.tpot_s

@@ -18,12 +18,14 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeGuard
 
 import numpy as np
 
 FORMAT_VERSION = 1
 CAPACITY_META = "capacity_blocks"  # header meta of an engine's recording: its KV pool, in the trace's blocks
+BYTES_META = "kv_bytes_per_token"  # ... its KV bytes per token (all layers, the cache's dtype)
+TIER_BLOCK_META = "fp8_tier_block_bytes"  # ... what one of the trace's blocks takes in kvsched's FP8 tier on it
 ID_DTYPE = np.int32
 
 
@@ -43,6 +45,9 @@ class TraceRequest:
     salt: str | None = None
     duration_s: float | None = None  # measured arrival-to-finish time; replay then holds the blocks that long
     compacted: bool = False  # served rewritten by kvsched's compaction (the engine then ends the branch it leaves)
+    # tokens of its session's previous request's partial last block this prompt repeats (recorded: the tier's tail
+    # restore; None: not known, the replay assumes the turn appends to that request)
+    tail_reuse: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": round(self.t, 6), "session": self.session, "prompt_tokens": self.prompt_tokens,
@@ -50,7 +55,7 @@ class TraceRequest:
         if self.reuse:
             out["reuse"] = self.reuse
         out["blocks"] = [int(b) if isinstance(b, np.integer) else b for b in self.blocks]
-        for name in ("role", "ttl_s", "salt", "duration_s"):
+        for name in ("role", "ttl_s", "salt", "duration_s", "tail_reuse"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.end:
@@ -68,9 +73,15 @@ class TraceRequest:
                        ttl_s=None if d.get("ttl_s") is None else float(d["ttl_s"]), end=bool(d.get("end", False)),
                        salt=d.get("salt"),
                        duration_s=None if d.get("duration_s") is None else float(d["duration_s"]),
-                       compacted=bool(d.get("compacted", False)))
+                       compacted=bool(d.get("compacted", False)),
+                       tail_reuse=None if d.get("tail_reuse") is None else int(d["tail_reuse"]))
         except KeyError as exc:
             raise ValueError(f"trace request lacks field {exc.args[0]!r}: {d}") from None
+
+
+def _positive(value: Any) -> TypeGuard[float]:
+    """A positive number as a header's meta writes it (not a bool, not a string)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 def chain_hashes(token_ids: Sequence[int], block_size: int, salt: str | None = None) -> list[str]:
@@ -186,6 +197,7 @@ class Trace:
     meta: dict[str, Any] = field(default_factory=dict)
     duration_s: np.ndarray | None = None  # float64 measured arrival-to-finish seconds, NaN = use the time model
     compacted: np.ndarray | None = None  # bool: served rewritten by kvsched's compaction (None: none was)
+    tail_reuse: np.ndarray | None = None  # int64 TraceRequest.tail_reuse, -1 = not known (None: none is)
 
     def __len__(self) -> int:
         return len(self.t)
@@ -201,6 +213,15 @@ class Trace:
         """The pool of the engine that recorded this trace (`KVSCHED_RECORD_TRACE`), if its header says one."""
         value = self.meta.get(CAPACITY_META)
         return value if isinstance(value, int) and value > 0 else None
+
+    @property
+    def recorded_bytes(self) -> tuple[int, int] | None:
+        """(KV bytes per token, FP8-tier bytes per block) of the engine that recorded this trace, if its header says
+        both: the byte figures and tier sizes of a replay follow that engine rather than a preset model."""
+        per_token, per_block = self.meta.get(BYTES_META), self.meta.get(TIER_BLOCK_META)
+        if not (_positive(per_token) and _positive(per_block)):
+            return None
+        return round(per_token), int(per_block)
 
     def working_set_blocks(self) -> int:
         """Distinct blocks over the whole trace (shared prefixes counted once): the KV every session would hold."""
@@ -232,7 +253,8 @@ class Trace:
                        output_tokens=self.output_tokens[idx], session=self.session[idx], end=self.end[idx],
                        ttl_s=self.ttl_s[idx], role=[self.role[i] for i in idx], _where=self._where[idx],
                        duration_s=None if self.duration_s is None else self.duration_s[idx],
-                       compacted=None if self.compacted is None else self.compacted[idx])
+                       compacted=None if self.compacted is None else self.compacted[idx],
+                       tail_reuse=None if self.tail_reuse is None else self.tail_reuse[idx])
 
     @classmethod
     def from_requests(cls, block_size: int, requests: Iterable[TraceRequest], meta: dict[str, Any] | None = None,
@@ -312,6 +334,8 @@ class Trace:
                                  dtype=np.float64) if any(r.duration_s is not None for r in reqs) else None),
             compacted=(np.array([reqs[i].compacted for i in order], dtype=bool)
                        if any(r.compacted for r in reqs) else None),
+            tail_reuse=(np.array([-1 if (n := reqs[i].tail_reuse) is None else n for i in order], dtype=np.int64)
+                        if any(r.tail_reuse is not None for r in reqs) else None),
         )
 
     @classmethod

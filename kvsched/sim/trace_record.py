@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from array import array
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +25,10 @@ from typing import Any, TextIO
 from kvsched.sim.trace import TraceRequest, TraceWriter
 
 ID_BYTES = 8
-# Block ids kept (8 bytes each) to write a session's next request as a delta; past it the least recently active
-# sessions are forgotten (their next request is then written with all its ids). 4M: 32 MB, e.g. 1,000 sessions of
-# 64k tokens in 16-token blocks.
+# Block ids kept (8 bytes each) to write a session's next request as a delta, and the tokens of its partial last block
+# (8 bytes each, to count how many its next request repeats); past it the least recently active sessions are
+# forgotten (their next request is then written with all its ids). 4M: 32 MB, e.g. 1,000 sessions of 64k tokens in
+# 16-token blocks.
 MAX_KEPT_BLOCKS = 4_000_000
 
 
@@ -38,6 +40,12 @@ class _Last:
     t: float
     ids: bytes  # keyed 64-bit ids, 8 bytes each
     last_raw: Hashable | None
+    tail: bytes = b""  # the tokens of its partial last block (its KV past its full blocks), int64: never written
+
+    @property
+    def kept(self) -> int:
+        """8-byte units it holds (ids and tail tokens), counted against MAX_KEPT_BLOCKS."""
+        return (len(self.ids) + len(self.tail)) // ID_BYTES
 
 
 @dataclass(slots=True)
@@ -58,6 +66,7 @@ class Finished:
     ttl_s: float | None = None
     end: bool = False
     compacted: bool = False
+    tokens: Sequence[int] | None = None  # every token (prompt, then output): the tail's, compared, never written
 
 
 @dataclass
@@ -128,7 +137,8 @@ class TraceRecording:
         self.chars += self._writer.write(TraceRequest(
             t=t - self._t0, session=session, prompt_tokens=req.prompt_tokens, output_tokens=req.output_tokens,
             blocks=_hex_ids(ids[reuse * ID_BYTES:]), reuse=reuse, role=req.role, ttl_s=req.ttl_s, end=req.end,
-            salt=live.salt, duration_s=round(max(now - t, 0.0), 6), compacted=req.compacted))
+            salt=live.salt, duration_s=round(max(now - t, 0.0), 6), compacted=req.compacted,
+            tail_reuse=self._tail_reuse(prev, n, req)))
         self.written += 1
         if self.max_chars is not None and self.chars >= self.max_chars:
             self.full = True
@@ -136,8 +146,8 @@ class TraceRecording:
             self._forget(session)
         elif prev is None or t > prev.t:
             self._forget(session)
-            self._last[session] = _Last(t, ids, req.blocks[-1] if req.blocks else None)
-            self._kept += len(ids) // ID_BYTES
+            self._last[session] = _Last(t, ids, req.blocks[-1] if req.blocks else None, self._tail(req))
+            self._kept += self._last[session].kept
             while self._kept > self.max_kept_blocks and len(self._last) > 1:
                 self._forget(next(iter(self._last)))
         return True
@@ -164,10 +174,31 @@ class TraceRecording:
                 hi = mid - 1
         return ids, lo
 
+    def _tail(self, req: Finished) -> bytes:
+        """The request's KV past its full blocks, when less than a block after at least one (the tier's tail)."""
+        start, end = len(req.blocks) * self.block_size, req.prompt_tokens + req.output_tokens - 1
+        if req.tokens is None or not req.blocks or not 0 < end - start < self.block_size:
+            return b""
+        return array("q", req.tokens[start:end]).tobytes()
+
+    def _tail_reuse(self, prev: _Last | None, shared: int, req: Finished) -> int | None:
+        """How many tokens of `prev`'s tail the request's prompt repeats right after all of `prev`'s full blocks
+        (`shared` of them lead the request); None when it does not continue them or either has no tokens known."""
+        if prev is None or not prev.tail or req.tokens is None or shared * ID_BYTES != len(prev.ids):
+            return None
+        start = shared * self.block_size
+        n = 0
+        for a, b in zip(array("q", prev.tail), req.tokens[start:req.prompt_tokens - 1], strict=False):  # (the last
+            # prompt token is always computed)
+            if a != b:
+                break
+            n += 1
+        return n
+
     def _forget(self, session: str) -> None:
         gone = self._last.pop(session, None)
         if gone is not None:
-            self._kept -= len(gone.ids) // ID_BYTES
+            self._kept -= gone.kept
 
 
 def _hex_ids(ids: bytes) -> list[str]:

@@ -12,6 +12,7 @@ from kvsched.bench.agents_recorded import (
     recorded_lines,
     recorder_env,
     replay_recording,
+    replay_with_tier,
 )
 from kvsched.cli import build_parser
 from kvsched.sim.trace_record import Finished, TraceRecording
@@ -62,6 +63,41 @@ def test_the_prediction_check_puts_each_measured_side_next_to_its_policys_predic
     assert check["opt_predicted"] == 60 and "kvsched" not in check
     assert prediction_check({"stock": {"prefill_tokens_computed": 1}}) == {}
     json.dumps(check)  # written into the result JSON as is
+
+
+def _crowded(path, meta, sessions=4, turns=5):
+    """Sessions taking turns in a pool of 16 blocks that holds about one of them: they push each other out."""
+    with open(path, "w") as f:
+        rec = TraceRecording(f, BS, meta)
+        for t in range(turns):
+            for s in range(sessions):
+                rid, at, n = f"s{s}t{t}", 10.0 * t + s, 6 + t
+                rec.arrived(rid, at, f"agent{s}", None)
+                rec.finished(rid, at + 0.5, Finished(n * BS, 1, [f"a{s}:{k}".encode() for k in range(n)]))
+
+
+def test_the_tier_sides_prediction_replays_with_its_capacity_in_the_recorded_block_size(tmp_path):
+    path = tmp_path / "r.jsonl"
+    _crowded(path, {"capacity_blocks": 16, "kv_bytes_per_token": 1024.0, "fp8_tier_block_bytes": 1000})
+    recorded = replay_recording(path, 0, 1000.0, 0.01, 1024.0)
+    replay_with_tier(recorded, tier_bytes=100 * 1000 + 999)
+    assert recorded["tier"]["slots"] == 100 and recorded["tier"]["block_bytes"] == 1000
+    assert recorded["tier"]["restored_tokens"] > 0 and recorded["kvsched+tier"] < recorded["kvsched"]
+    tiny = replay_with_tier(replay_recording(path, 0, 1000.0, 0.01, 1024.0), tier_bytes=999)  # not one slot
+    assert tiny["tier"]["restored_tokens"] == 0 and tiny["kvsched+tier"] == tiny["kvsched"]
+    check = prediction_check({RECORDER_SIDE: {"prefill_tokens_computed": 1, "recorded_replay": recorded},
+                              "kvsched": {"prefill_tokens_computed": recorded["kvsched+tier"]}})
+    assert check["kvsched"]["policy"] == "kvsched+tier" and check["kvsched"]["predicted_over_measured"] == 1.0
+    json.dumps(recorded)
+
+
+def test_a_tier_prediction_needs_the_recorded_tier_block_size(tmp_path):
+    import pytest
+
+    path = tmp_path / "old.jsonl"
+    _crowded(path, {"capacity_blocks": 16, "kv_bytes_per_token": 1024.0})
+    with pytest.raises(ValueError, match="old.jsonl.*no FP8-tier block size"):
+        replay_with_tier(replay_recording(path, 0, 1000.0, 0.01, 1024.0), tier_bytes=10**6)
 
 
 def test_a_recording_whose_header_names_no_pool_is_refused_with_its_path(tmp_path):

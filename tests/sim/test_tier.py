@@ -63,3 +63,26 @@ def test_simulate_cli_tier_flags(tmp_path):
     assert result["kvsched"]["tokens_saved"] == result["kvsched"]["prompt_tokens_total"] - \
         result["kvsched"]["prefill_tokens_computed"]
     assert main(["simulate", "--generate", "--quick", "--fp8-tier-gib", "-1"]) == 2
+
+
+def _two_turns(tail_reuse=None):
+    """Block size 4. Turn 0: 6 prompt + 2 output tokens, KV for 7: one full block and a tail of 3 tokens. Turn 1, 10 s
+    later, continues it: 12 prompt tokens (vLLM computes the last one itself)."""
+    from kvsched.sim.trace import Trace, TraceRequest
+
+    return Trace.from_requests(4, [TraceRequest(0.0, "s", 6, 2, ["a0"]),
+                                   TraceRequest(10.0, "s", 12, 1, ["a0", "a1", "a2"], tail_reuse=tail_reuse)])
+
+
+def test_a_turns_partial_last_block_is_kept_and_loaded_as_much_as_the_next_prompt_repeats():
+    cfg = ReplayConfig(capacity_blocks=64, check=True)
+    tier = replace(cfg, tier_bytes=64 * BLOCK_BYTES, tier_block_bytes=BLOCK_BYTES)
+    plain = replay(_two_turns(), "kvsched", cfg)
+    assert plain.prefill_tokens_computed == 6 + (12 - 4)  # the second turn hits its first block only
+    full = replay(_two_turns(), "kvsched", tier)
+    assert full.restored_tokens == 3 and full.prefill_tokens_computed == 6 + (12 - 4 - 3)
+    assert replay(_two_turns(tail_reuse=3), "kvsched", tier).prefill_tokens_computed == full.prefill_tokens_computed
+    one = replay(_two_turns(tail_reuse=1), "kvsched", tier)  # the recording says the prompt repeated one of them
+    assert one.restored_tokens == 1 and one.prefill_tokens_computed == 6 + (12 - 4 - 1)
+    assert replay(_two_turns(tail_reuse=0), "kvsched", tier).restored_tokens == 0
+    assert replay(_two_turns(), "lru", tier).prefill_tokens_computed == plain.prefill_tokens_computed  # kvsched's own

@@ -157,3 +157,28 @@ def test_a_full_recording_stops_whole_at_its_last_line(tmp_path):
     trace = load(buf, tmp_path)
     assert len(trace.t) == rec.written and [len(trace.blocks(i)) for i in range(rec.written)] == list(
         range(1, rec.written + 1))
+
+
+def test_how_much_of_the_last_turns_partial_block_a_prompt_repeats_is_recorded_not_its_tokens(tmp_path):
+    """BS 4. Turn 1: prompt 1..6, output 7, 8 (KV of 7 tokens: block [1-4], tail [5, 6, 7]). Turn 2 repeats 5, 6 but
+    re-tokenized the output (70): 2 of the tail. Turn 3 appends exactly: all 3 of turn 2's tail. Turn 4 leaves the
+    history: not a continuation, nothing said."""
+    buf = io.StringIO()
+    rec = TraceRecording(buf, BS)
+    turns = [([1, 2, 3, 4, 5, 6], [7, 8]),
+             ([1, 2, 3, 4, 5, 6, 70, 9], [10, 11, 12, 13]),  # KV: 11 tokens, blocks [1-4] [5 6 70 9], tail [10 11 12]
+             ([1, 2, 3, 4, 5, 6, 70, 9, 10, 11, 12, 13, 14], [15]),
+             ([99, 98, 97, 96, 95], [1])]
+    for i, (prompt, out) in enumerate(turns):
+        tokens = prompt + out
+        n = (len(tokens) - 1) // BS
+        raw = [f"h{tokens[:BS * (k + 1)]}".encode() for k in range(n)]  # chained: a hash of the whole prefix
+        rec.arrived(f"r{i}", float(i), "s", None)
+        rec.finished(f"r{i}", i + 0.5, Finished(len(prompt), len(out), raw, tokens=tokens))
+    lines = [json.loads(x) for x in buf.getvalue().splitlines()[1:]]
+    assert [x.get("tail_reuse") for x in lines] == [None, 2, 3, None]
+    fields = {"t", "session", "prompt_tokens", "output_tokens", "reuse", "blocks", "duration_s", "tail_reuse"}
+    assert all(set(x) <= fields and all(isinstance(b, str) for b in x["blocks"]) for x in lines)  # a count, no token
+    trace = load(buf, tmp_path)
+    assert list(trace.tail_reuse) == [-1, 2, 3, -1]
+    assert rec._kept == sum(x.kept for x in rec._last.values()) == 1 + 1  # turn 4's: a block and a tail of one token

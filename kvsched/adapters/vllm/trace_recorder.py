@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from kvsched.adapters.vllm import compat
 from kvsched.core.sessions import SessionKey, TurnHints
-from kvsched.sim.trace import CAPACITY_META
+from kvsched.sim.trace import BYTES_META, CAPACITY_META, TIER_BLOCK_META
 from kvsched.sim.trace_record import Finished, TraceRecording
 
 ENV_RECORD = "KVSCHED_RECORD_TRACE"
@@ -90,7 +90,10 @@ class TraceRecorder:
                 "vllm": compat.installed_vllm_version(),
                 # the engine's pool in the trace's blocks: `kvsched simulate FILE --capacity-blocks N` replays at it
                 CAPACITY_META: compat.num_total_blocks(scheduler) * engine_block // block_size,
-                "kv_bytes_per_token": compat.kv_bytes_per_token(scheduler)}
+                BYTES_META: compat.kv_bytes_per_token(scheduler)}
+        tier_block = tier_block_bytes(scheduler)
+        if tier_block:  # what the FP8 tier would take per block: `kvsched simulate FILE --fp8-tier-gib G` sizes by it
+            meta[TIER_BLOCK_META] = tier_block * block_size // engine_block
         self.recording = TraceRecording(self.stream, block_size, meta, max_chars=int(max_mb() * 1e6))
         self.stopped = False
         atexit.register(self.close)
@@ -120,12 +123,12 @@ class TraceRecorder:
         if self.stopped:
             return
         try:
-            prompt, output, blocks = compat.finished_request_shape(request, self.block_size)
+            prompt, output, blocks, tokens = compat.finished_request_shape(request, self.block_size)
             h = hints or TurnHints()
             rec = self.recording
             rec.finished(request.request_id, self.clock(), Finished(
                 prompt, output, blocks, role=h.role, ttl_s=h.ttl_s, end=h.end,
-                compacted=compat.request_compacted(request)))
+                compacted=compat.request_compacted(request), tokens=tokens))
             if rec.full:
                 logger.warning("kvsched: the recording %s reached %s (%.0f MB, %d requests): it stops here, whole "
                                "up to that request", self.path, ENV_MAX_MB, rec.chars / 1e6, rec.written)
@@ -142,3 +145,15 @@ class TraceRecorder:
     def close(self) -> None:
         if not self.stream.closed:
             self.stream.close()
+
+
+def tier_block_bytes(scheduler: Any) -> int:
+    """Bytes one engine block takes in kvsched's FP8 tier on this engine (its own KV layout and dtype), 0 when the
+    tier could not hold this model's KV."""
+    from kvsched.adapters.vllm.tier_layout import TierUnsupported, geometry_of
+
+    try:
+        return geometry_of(scheduler.kv_cache_config, None).block_bytes
+    except (TierUnsupported, AttributeError, ImportError) as exc:
+        logger.info("kvsched: the recording names no FP8-tier block size (%s)", exc)
+        return 0

@@ -34,6 +34,13 @@ def _run(s, f, prompts, **kw):
     return reqs
 
 
+def _tier_block_bytes(model_dir):
+    """What the FP8 tier takes per block of the model, from its config: a byte per K and V element of every layer's
+    KV heads, and one float32 scale per (layer, KV head) as the cache is bf16."""
+    c = json.loads((model_dir / "config.json").read_text())
+    return c["num_hidden_layers"] * c["num_key_value_heads"] * (BLOCK * 2 * c["head_dim"] + 4)
+
+
 def test_a_recorded_session_replays_with_the_engines_blocks(harness_cfg, clock, tmp_path, monkeypatch):
     path = tmp_path / "rec.jsonl"
     path.write_text("someone else's file\n")
@@ -52,10 +59,14 @@ def test_a_recorded_session_replays_with_the_engines_blocks(harness_cfg, clock, 
     lines = [json.loads(x) for x in rec.read_text().splitlines()]
     header, body = lines[0], lines[1:]
     assert header["block_size"] == BLOCK and header["meta"]["capacity_blocks"] == 63
+    assert header["meta"]["fp8_tier_block_bytes"] == _tier_block_bytes(harness_cfg.model_dir)
     assert len(body) == 4 and "agent-1" not in rec.read_text() and "tenant-salt" not in rec.read_text()
     turns = [x for x in body if x.get("role") == "worker"]
     assert [x["prompt_tokens"] for x in turns] == [80, 104, 128] and all(x["output_tokens"] == 5 for x in turns)
     assert [x.get("reuse", 0) for x in turns] == [0, 5, 6]  # each turn repeats the last prompt's full blocks
+    # ... and the tokens past them with KV (the tier's tail): the outputs (FAKE_TOKEN, 7) but the last, which the next
+    # prompt repeats ([7] * 4), after turn 1's 8 prompt tokens past its 6th block
+    assert [x.get("tail_reuse") for x in turns] == [None, 4, 12]
     assert [x["t"] for x in turns] == [0.0, 2.0, 4.0] and len({x["session"] for x in turns}) == 1
     trace = Trace.load(rec)
     # every request's full blocks with KV: prompt + output - 1 tokens (the last sampled token was never fed back)

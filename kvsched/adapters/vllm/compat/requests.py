@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvsched.core.sessions import (
@@ -100,13 +100,14 @@ def prompt_block_hashes(request: Any) -> list[Any]:
     return getattr(request, "block_hashes", None) or []
 
 
-def finished_request_shape(request: Any, hash_block_size: int) -> tuple[int, int, list[Any]]:
-    """(prompt tokens, output tokens, hashes of the full blocks whose KV was computed) of a finished request. Every
-    token but the last sampled one has KV (it was never fed back); a prompt's own full blocks always count."""
+def finished_request_shape(request: Any, hash_block_size: int) -> tuple[int, int, list[Any], Sequence[int]]:
+    """(prompt tokens, output tokens, hashes of the full blocks whose KV was computed, every token id) of a finished
+    request. Every token but the last sampled one has KV (it was never fed back); a prompt's own full blocks always
+    count."""
     prompt = int(request.num_prompt_tokens)
     output = int(request.num_output_tokens)
     full = max(prompt // hash_block_size, (prompt + output - 1) // hash_block_size)
-    return prompt, output, list(prompt_block_hashes(request)[:full])
+    return prompt, output, list(prompt_block_hashes(request)[:full]), request.all_token_ids
 
 
 def request_compacted(request: Any) -> bool:
