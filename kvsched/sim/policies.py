@@ -136,6 +136,13 @@ class SimPinPool:
         return [(b, b) for b in blocks]
 
 
+# The largest block an engine's partial last block is kept for (vLLM's block sizes go to 128 tokens). A trace in
+# coarser blocks hashes at its own granularity (Mooncake's 512-token ids): an engine's partial block is a fraction of
+# one, the rest of it full blocks that LRU caches too, which such a trace cannot show; keeping its partial blocks in
+# the tier would credit the tier with KV that the other sides could not hit.
+TAIL_MAX_BLOCK_TOKENS = 128
+
+
 class KVSchedPolicy(SimPolicy):
     """vLLM's LRU pool plus kvsched's session pins: each pin holds a reference on the session's prefix blocks, applied
     by `kvsched.core.pin_apply.PinApplier` as in the vLLM adapter. A trace's session is a named session: its turns
@@ -144,8 +151,11 @@ class KVSchedPolicy(SimPolicy):
     With `tier_bytes` > 0, the FP8 demotion tier too, as `KVSchedFP8TierConnector` runs it: blocks released for
     pressure, budget or TTL are demoted into `kvsched.core.tier.TierDirectory` (content key = block id, which is the
     chained prefix hash), a request loads the run of its prompt after its GPU prefix hit that the tier holds, and a
-    session's last turn drops its tier blocks. Not modelled: the tier's prefetch ahead of a turn and its partial last
-    blocks (the engine's `tier_prefetch` and `save_tail`)."""
+    session's last turn drops its tier blocks. A turn's partial last block (its KV past its full blocks) is stored as
+    the engine's `save_tail` stores it, and the session's next turn loads it after a prefix that reaches it: as many of
+    its tokens as that prompt repeats, which an engine's recording says (`tail_reuse`: a re-tokenized output often
+    differs) and is otherwise taken as all of them (agent turns append); only in traces whose blocks could be an
+    engine's (TAIL_MAX_BLOCK_TOKENS). Not modelled: the tier's prefetch ahead of a turn (`tier_prefetch`)."""
 
     name = "kvsched"
 
@@ -175,6 +185,7 @@ class KVSchedPolicy(SimPolicy):
                                       self.pins.tier_value)
             self.pins.attach_tier(self.tier, self._demote)
         self.peak_tier_blocks = 0
+        self.tails = self.tier is not None and trace.block_size <= TAIL_MAX_BLOCK_TOKENS
 
     def _hints(self, i: int) -> TurnHints:
         tr = self.trace
@@ -235,7 +246,7 @@ class KVSchedPolicy(SimPolicy):
         self.policy.payback.reserve(-self._beyond_prompt(i))
         blocks = ids.tolist()
         self.pins.turn_finished(key, hints, [blocks], len(ids) * self.trace.block_size, blocks)
-        if self.tier is not None and not hints.end:
+        if self.tails and not hints.end:
             self._save_tail(i, key, blocks)
         if hints.end:
             self.lineage.forget(key)
@@ -252,7 +263,7 @@ class KVSchedPolicy(SimPolicy):
 
     def match_tail(self, i: int, prompt_ids: np.ndarray, end: int) -> int:
         entry = self.joined.get(i)
-        if self.tier is None or entry is None or not end or not self.tier.tail_of:
+        if self.tier is None or not self.tails or entry is None or not end or not self.tier.tail_of:
             return 0
         tail = self.tier.tail_of.get(entry[0])
         room = int(self.trace.prompt_tokens[i]) - 1 - end * self.trace.block_size  # vLLM computes the last token

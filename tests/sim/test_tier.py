@@ -86,3 +86,19 @@ def test_a_turns_partial_last_block_is_kept_and_loaded_as_much_as_the_next_promp
     assert one.restored_tokens == 1 and one.prefill_tokens_computed == 6 + (12 - 4 - 1)
     assert replay(_two_turns(tail_reuse=0), "kvsched", tier).restored_tokens == 0
     assert replay(_two_turns(), "lru", tier).prefill_tokens_computed == plain.prefill_tokens_computed  # kvsched's own
+
+
+def test_a_trace_in_blocks_coarser_than_an_engines_keeps_no_partial_blocks():
+    """Mooncake's 512-token ids are a hashing granularity: most of what lies past a request's last full id is full
+    engine blocks that LRU would cache too, so the tier is not credited with it. At 128 tokens (an engine's) it is."""
+    from kvsched.sim.policies import TAIL_MAX_BLOCK_TOKENS
+    from kvsched.sim.trace import Trace, TraceRequest
+
+    def restored(bs):
+        trace = Trace.from_requests(bs, [TraceRequest(0.0, "s", bs + bs // 2, 2, ["a0"]),
+                                         TraceRequest(10.0, "s", 3 * bs, 1, ["a0", "a1", "a2"])])
+        cfg = ReplayConfig(capacity_blocks=64, tier_bytes=64 * BLOCK_BYTES, tier_block_bytes=BLOCK_BYTES)
+        return replay(trace, "kvsched", cfg).restored_tokens
+
+    assert restored(TAIL_MAX_BLOCK_TOKENS) == TAIL_MAX_BLOCK_TOKENS // 2 + 1  # half a block of prompt, 1 output
+    assert restored(2 * TAIL_MAX_BLOCK_TOKENS) == 0
