@@ -15,7 +15,7 @@ a full block's demotion evicts tails before any other session's blocks, and a ta
 This module is the bookkeeping only (slots, owners, byte budget, eviction order); the bytes live with the workers, which
 execute the stores and loads the directory plans. When the tier is full, whole sessions go, tail blocks before head
 blocks, in one of two orders (`TierConfig.eviction`): by default the session that wrote into the tier longest ago first
-(its last demotion, restore from a lower level or tail; tails among themselves in the order they were written); or by the retention value the pins use
+(its last demotion or restore from a lower level, not its tail; tails among themselves in the order they were written); or by the retention value the pins use
 (`value_of`, lowest first, and only for a session worth more than the victim). The value order was the first design;
 on the Mooncake production traces and on the project's own fleet trace it kept less of what came back than recency
 (it refused demotions of sessions that looked cheap and then returned), so recency is the default.
@@ -156,8 +156,9 @@ class TierDirectory:
             self.tail_of[owner] = key
             return None
         self.tail_of[owner] = key  # counted in the owner's value while it competes for a slot
-        if not self._by_value and owner in self.keys_of:  # a write: the owner's full blocks become the most recent too
-            self.keys_of[owner] = self.keys_of.pop(owner)
+        # Not a write of the owner's full blocks: they keep their place in the recency order. A turn that ends holds
+        # its prefix pinned in the pool, so its tier copies are the ones least needed soon (the fleet trace: refreshing
+        # them on every tail cost 2% more prefill, BENCHMARKS.md).
         if not self._free and not self._evict_tail(exclude=owner, below=self._rank_of_writer(owner)):
             del self.tail_of[owner]
             self.counters["tails_refused"] += 1

@@ -77,11 +77,22 @@ def test_recency_order_evicts_the_session_that_wrote_longest_ago_whatever_its_va
     assert len(d.demote("new", [("n1", 5)])) == 1  # so "mid" is the oldest writer now
     assert "m1" not in d.slot_of and {"o0", "m0", "n0", "n1"} == set(d.slot_of)
     d.drop_owner("mid")
-    assert d.put_tail("mid", "m0", [7], 0) is not None  # a tail write makes "mid" the most recent again
+    assert d.put_tail("mid", "m0", [7], 0) is not None  # a tail of a session without full blocks here
     assert len(d.demote("new", [("n2", 6)])) == 1  # the tail yields first (tails go before full blocks)
     assert d.tail_of == {} and {"o0", "n0", "n1", "n2"} == set(d.slot_of)
     assert len(d.demote("mid", [("m5", 7)])) == 1  # then the oldest writer, "old", whatever its value
     assert "o0" not in d.slot_of
+
+
+def test_a_tail_write_leaves_its_sessions_full_blocks_where_they_were_in_the_recency_order():
+    """A turn that ends stores its tail but keeps its prefix pinned in the pool: its tier copies are the ones least
+    needed soon, so the tail does not make them the most recent (the generated fleet: 2% less prefill)."""
+    d = directory(6)
+    d.demote("a", blocks("a", 2))
+    d.demote("b", blocks("b", 2))
+    assert d.put_tail("a", "a1", [7], 9) is not None  # 5 of 6 slots
+    assert len(d.demote("c", blocks("c", 3, first_id=20))) == 3  # the free slot, the tail, then the oldest writer
+    assert d.tail_of == {} and "a1" not in d.slot_of and {"a0", "b0", "b1"} <= set(d.slot_of)
 
 
 def test_an_unknown_eviction_order_is_a_typed_error():

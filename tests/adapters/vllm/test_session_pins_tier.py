@@ -215,3 +215,43 @@ def test_a_side_turn_that_keeps_the_sessions_longer_pin_leaves_its_tier_tail_alo
     assert rec.pinned_blocks == 10 and rec.kept_over
     tail = s.kvsched.tier.directory.tail_of[key]
     assert tail.tokens == (FAKE_TOKEN,) * 3  # the long turn's: its 4 decoded tokens but the last
+
+
+@pytest.mark.parametrize("tier_slots", [11, 200])
+def test_a_queued_prefetch_releases_other_pins_only_into_free_tier_slots(harness_cfg, clock, monkeypatch, tier_slots):
+    """Session A's 10 blocks sit in the tier; B and C pin 54 of the 63 blocks. A's next request arrives: its prefetch
+    needs one block more than is free. With tier slots to spare, B's pin yields it (demoted) and the prefetch runs;
+    with the tier full (11 slots: A's blocks and a tail), the release would evict KV from it, so no pin yields and A's
+    turn restores its blocks when it is scheduled instead. Either way the turn gets its 10 blocks back."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    monkeypatch.setenv("KVSCHED_INFER_SESSIONS", "0")  # the flood's blocks are free, not pinned, once it is done
+    tier = kv_transfer_config((tier_slots * 8208 + 100) / 2**30)  # the test model: 8,208 tier bytes a block
+    s, f = sched(replace(harness_cfg, kv_transfer_config=tier), clock=clock), RequestFactory(BLOCK)
+    d = s.kvsched.tier.directory
+    assert d.num_slots == tier_slots
+    history = list(range(100, 260))  # 10 blocks
+    s.add_request(f.make(history, 4, session_id="A"))
+    run_until_idle(s)
+    for i in range(4):  # pressure: A's pin goes to the tier
+        s.add_request(f.make([5000 + i] * 330, 4))
+    run_until_idle(s)
+    for name, base in (("B", 20000), ("C", 30000)):  # 27 blocks pinned each: 9 of 63 left free
+        s.add_request(f.make(list(range(base, base + 27 * BLOCK + 8)), 4, session_id=name))
+        run_until_idle(s)
+    pinned = {k.session_id: r.pinned_blocks for k, r in s.kvsched.policy.sessions.items()}
+    assert pinned == {"A": 0, "B": 27, "C": 27} and free_blocks(s) == 9
+    full = d.used_slots == d.num_slots
+    assert full == (tier_slots == 11)
+    turn2 = PrefillCounts()
+    s.add_request(f.make(history + [4] * 3 + list(range(900, 940)), 4, session_id="A"))
+    counters = s.kvsched.prefetcher.counters
+    released = 54 - sum(r.pinned_blocks for k, r in s.kvsched.policy.sessions.items() if k.session_id != "A")
+    if full:
+        assert released == 0 and counters["prefetches_without_room"] == 1 and counters["prefetches_queued"] == 0
+    else:
+        assert released == 1 and counters["prefetches_queued"] == 1 and counters["prefetched_blocks"] == 10
+    run_until_idle(s, counts=turn2)
+    assert turn2.cached_tokens >= 10 * BLOCK
