@@ -88,6 +88,7 @@ class TierDirectory:
         self.keys_of: dict[Owner, list[Key]] = {}  # prefix order
         self._locked: set[int] = set()  # slots a planned load reads this step
         self._orphans: list[Key] = []  # evicted while locked: freed at unlock_all
+        self._ended: list[Key] = []  # left by an ended session while locked: freed at unlock_all (not an eviction)
         self._evicted: OrderedDict[Key, None] = OrderedDict()
         self.tail_of: dict[Owner, TailKey] = {}  # one partial last block per session
         self._tails: dict[Key, set[TailKey]] = {}  # parent key -> tails stored after it
@@ -216,6 +217,10 @@ class TierDirectory:
                 self._free_key(key)
                 self.counters["evicted_blocks"] += 1
         self._orphans.clear()
+        for key in self._ended:
+            if key in self.slot_of and not self.owners.get(key):
+                self._free_key(key)
+        self._ended.clear()
 
     def forget(self, keys: Sequence[Key]) -> int:
         """Drop `keys` (e.g. the worker found a slot corrupt): they are recomputed from now on. Returns how many."""
@@ -228,7 +233,9 @@ class TierDirectory:
 
     # ---- sessions ---------------------------------------------------------------------------------------------
     def drop_owner(self, owner: Owner) -> int:
-        """The session ended: its blocks no other session shares leave the tier. Returns the blocks freed."""
+        """The session ended: its blocks no other session shares leave the tier (one a load reads this step, e.g.
+        another session's restore of a shared prefix, once the step's metadata is built: the worker runs a step's
+        stores before its loads). Returns the blocks freed now."""
         keys = self.keys_of.pop(owner, [])
         freed = 0
         tail = self.tail_of.get(owner)
@@ -239,9 +246,13 @@ class TierDirectory:
             if owners is None:
                 continue
             owners.discard(owner)
-            if not owners:
-                self._free_key(key)
-                freed += 1
+            if owners:
+                continue
+            if self.slot_of[key] in self._locked:
+                self._ended.append(key)
+                continue
+            self._free_key(key)
+            freed += 1
         return freed
 
     # ---- views --------------------------------------------------------------------------------------------------

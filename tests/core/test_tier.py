@@ -109,6 +109,23 @@ def test_locked_slots_are_not_reused_until_unlocked():
     assert len(d.demote("b", blocks("b", 1))) == 1
 
 
+def test_a_session_that_ends_while_a_load_reads_its_blocks_frees_them_only_after_the_step():
+    """Session "a" demoted a block another session is loading this step (a shared prefix: content-addressed), then
+    ends. Its slot must not be handed to a store of this same step, which the worker runs before the load: the load
+    would read another block's KV under a valid checksum."""
+    d = directory(2)
+    d.demote("a", blocks("a", 2))
+    loading = d.match(["a0"], 0, 1)
+    d.lock(loading)  # "b" restores a0 this step
+    assert d.drop_owner("a") == 1  # a1 freed at once; a0 only once the step's metadata is built
+    stores = d.demote("c", blocks("c", 2, first_id=20))
+    assert [s.slot for s in stores] != loading and loading[0] not in [s.slot for s in stores]
+    assert d.slot_of.get("a0") == loading[0]  # still there for this step's load
+    d.unlock_all()
+    assert "a0" not in d.slot_of and d.used_slots == len(stores)
+    assert len(d.demote("c", [("c9", 29)])) == 1  # and free for the next step
+
+
 def test_forget_drops_a_corrupt_key_for_good():
     d = directory(4)
     d.demote("a", blocks("a", 3))
