@@ -5,7 +5,8 @@ Two triggers, both for sessions whose prefix continues into blocks the tier hold
   restore is planned at once instead of when the scheduler admits the request, however long it waits in the queue.
   Other sessions' pins yield blocks for it only as far as the tier has free slots for them: releasing into a full
   tier evicts KV whose owners may return before this request runs (a tier of half the pool, `kvsched bench agents
-  --fp8-tier-gb 0.015`: 15,744 prefill tokens with the release, 12,224 without, 11,935 with no prefetch at all);
+  --quick --fp8-tier-gb 0.015`: 15,744 and 13,216 prefill tokens with the release, 12,224 and 12,164 without, 11,935
+  with no prefetch at all; BENCHMARKS.md, "The tier, predicted from a recording");
 - due: the policy's next-use estimate (kvsched.core.next_use via `RetentionPolicy.expected_next_use_s`) says the
   session's next turn arrives within the time a restore takes (or one scheduler step), so its blocks are restored
   before its request exists. This one only takes free blocks beyond a reserve (it must not evict what live requests
