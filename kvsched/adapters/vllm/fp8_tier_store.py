@@ -178,6 +178,10 @@ class TierStore:
         them."""
         if not block_ids:
             return
+        if len(set(slots)) < len(slots):  # a slot evicted and given again within the step: its last store counts
+            keep = sorted({slot: i for i, slot in enumerate(slots)}.values())
+            block_ids, slots = [block_ids[i] for i in keep], [slots[i] for i in keep]
+            tokens = [tokens[i] for i in keep] if tokens else None
         self.seal_ready()
         partial = self.quantize and any(t > 0 for t in tokens or ())
         event, staged, error = self._gather(block_ids, partial)

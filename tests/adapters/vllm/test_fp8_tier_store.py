@@ -232,6 +232,24 @@ def test_a_block_loaded_twice_in_one_call_gets_the_last_load():
     assert float((x - y).norm() / x.norm()) < 0.07
 
 
+def test_a_slot_stored_twice_in_one_step_keeps_only_the_last_store():
+    """The directory can evict a block it planned to store this very step and give its slot to another (a tier much
+    smaller than the pool): only the last store of a slot is copied, so the slot never mixes two blocks' rows (an
+    `index_copy_` with a repeated index leaves which row lands undefined) under a checksum that would pass."""
+    kv = caches(layers=2)
+    original = {k: v.clone() for k, v in kv.items()}
+    store = tier(kv)
+    store.store([1, 2, 3], [0, 1, 0])  # slot 0: block 1, then (evicted, given again) block 3
+    assert store.counters["stored_blocks"] == 2
+    for v in kv.values():
+        v.zero_()
+    assert store.load([0, 1], [5, 6]) == []
+    for name, v in kv.items():
+        for src, dst in ((3, 5), (2, 6)):
+            x, y = original[name][src].float(), v[dst].float()
+            assert float((x - y).norm() / x.norm()) < 0.07, (name, src)
+
+
 def test_the_connector_runs_only_the_last_load_planned_into_a_block():
     from kvsched.adapters.vllm.tier_meta import TierStepMeta
     from kvsched.core.tier import Load
