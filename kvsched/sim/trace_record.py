@@ -187,11 +187,12 @@ class TraceRecording:
         if prev is None or not prev.tail or req.tokens is None or shared * ID_BYTES != len(prev.ids):
             return None
         start = shared * self.block_size
+        end = min(req.prompt_tokens - 1, start + len(prev.tail) // 8)  # (the last prompt token is always computed)
+        cur = array("q", req.tokens[start:end]).tobytes() if end > start else b""
+        if prev.tail.startswith(cur):  # the usual case: all of it (compared as bytes, no loop)
+            return len(cur) // 8
         n = 0
-        for a, b in zip(array("q", prev.tail), req.tokens[start:req.prompt_tokens - 1], strict=False):  # (the last
-            # prompt token is always computed)
-            if a != b:
-                break
+        while cur[8 * n:8 * n + 8] == prev.tail[8 * n:8 * n + 8]:
             n += 1
         return n
 
