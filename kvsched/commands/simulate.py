@@ -112,6 +112,8 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
     if args.kv_gib is not None:
         from kvsched.core.planner import GIB, ModelShape, kv_capacity_tokens
 
+        if not args.kv_gib > 0 or math.isinf(args.kv_gib):
+            raise ValueError(f"--kv-gib must be a positive number of GiB, not {args.kv_gib}")
         if args.preset is None and trace.recorded_bytes is not None:  # the recording engine's bytes per token
             return max(int(args.kv_gib * GIB) // (bytes_per_token * trace.block_size), 1)
         tokens = kv_capacity_tokens(ModelShape.from_preset(args.preset or DEFAULT_PRESET), args.kv_dtype,

@@ -66,6 +66,8 @@ class TraceRequest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TraceRequest:
+        if d.get("tail_reuse") is not None and not int(d["tail_reuse"]) >= 0:
+            raise ValueError(f"tail_reuse must be a count of tokens >= 0: {d['tail_reuse']!r}")
         try:
             return cls(t=float(d["t"]), session=str(d["session"]), prompt_tokens=int(d["prompt_tokens"]),
                        output_tokens=int(d.get("output_tokens", 0)), blocks=d.get("blocks", []),

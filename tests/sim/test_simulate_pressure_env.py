@@ -128,3 +128,23 @@ def test_a_recordings_own_bytes_size_its_tier_and_a_preset_overrides_them(tmp_pa
     del meta["fp8_tier_block_bytes"]  # a header without both: the default preset, as for any trace
     write_jsonl(path, SMALL.block_size, generate_requests(SMALL), meta=meta)
     assert main(args) == 0 and json.loads(out.read_text())["config"]["kv_bytes_per_token"] == 65536
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+@pytest.mark.parametrize("gib", ["0", "-1", "nan", "inf"])
+def test_a_kv_size_that_is_not_a_positive_number_is_a_clear_error(tmp_path, capsys, recorded, gib):
+    """Both ways of sizing the pool from --kv-gib (a preset's shape; a recording's own bytes per token) refuse it."""
+    path = tmp_path / "t.jsonl"
+    meta = {"kv_bytes_per_token": 1024.0, "fp8_tier_block_bytes": 8208} if recorded else {}
+    write_jsonl(path, SMALL.block_size, generate_requests(SMALL), meta=meta)
+    assert main(["simulate", str(path), "--no-progress", "--policies", "lru", "--kv-gib", gib]) == 2
+    assert "--kv-gib must be a positive number of GiB" in capsys.readouterr().err
+
+
+def test_a_negative_tail_reuse_is_refused_with_its_line(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kvsched_trace": 1, "block_size": 4}\n{"t": 0, "session": "s", "prompt_tokens": 8, '
+                    '"blocks": ["a", "b"]}\n{"t": 1, "session": "s", "prompt_tokens": 8, "blocks": ["a", "b"], '
+                    '"tail_reuse": -2}\n')
+    assert main(["simulate", str(path), "--no-progress", "--policies", "lru"]) == 2
+    assert "t.jsonl:3" in (err := capsys.readouterr().err) and "tail_reuse must be a count of tokens >= 0" in err
