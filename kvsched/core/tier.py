@@ -87,8 +87,9 @@ class TierDirectory:
         self.owners: dict[Key, set[Owner]] = {}
         self.keys_of: dict[Owner, list[Key]] = {}  # prefix order
         self._locked: set[int] = set()  # slots a planned load reads this step
-        self._orphans: list[Key] = []  # evicted while locked: freed at unlock_all
-        self._ended: list[Key] = []  # left by an ended session while locked: freed at unlock_all (not an eviction)
+        # Keys a planned load still reads, freed at unlock_all: (key, True) evicted, (key, False) left by an ended
+        # session or a replaced tail (not an eviction: not counted, not spilled).
+        self._deferred: list[tuple[Key, bool]] = []
         self._evicted: OrderedDict[Key, None] = OrderedDict()
         self.tail_of: dict[Owner, TailKey] = {}  # one partial last block per session
         self._tails: dict[Key, set[TailKey]] = {}  # parent key -> tails stored after it
@@ -210,17 +211,15 @@ class TierDirectory:
 
     def unlock_all(self) -> None:
         self._locked.clear()
-        for key in self._orphans:
-            if key in self.slot_of and not self.owners.get(key):
-                if self.on_evict is not None and not isinstance(key, TailKey):
+        for key, evicted in self._deferred:
+            if key not in self.slot_of or self.owners.get(key):
+                continue
+            if evicted:  # a full block (tails are never deferred as evicted): the disk and shared levels may keep it
+                if self.on_evict is not None:
                     self.on_evict(key, self.slot_of[key], None)
-                self._free_key(key)
                 self.counters["evicted_blocks"] += 1
-        self._orphans.clear()
-        for key in self._ended:
-            if key in self.slot_of and not self.owners.get(key):
-                self._free_key(key)
-        self._ended.clear()
+            self._free_key(key)
+        self._deferred.clear()
 
     def forget(self, keys: Sequence[Key]) -> int:
         """Drop `keys` (e.g. the worker found a slot corrupt): they are recomputed from now on. Returns how many."""
@@ -249,7 +248,7 @@ class TierDirectory:
             if owners:
                 continue
             if self.slot_of[key] in self._locked:
-                self._ended.append(key)
+                self._deferred.append((key, False))
                 continue
             self._free_key(key)
             freed += 1
@@ -317,7 +316,7 @@ class TierDirectory:
         if owners:
             return 0
         if self.slot_of[key] in self._locked:
-            self._orphans.append(key)
+            self._deferred.append((key, False))  # as when not locked: not an eviction
             return 0
         self._free_key(key)
         return 1
@@ -341,7 +340,7 @@ class TierDirectory:
                 if owners:
                     continue  # shared with another session: stays
                 if self.slot_of[key] in self._locked:  # a load reads it this step: freed once the metadata is built
-                    self._orphans.append(key)
+                    self._deferred.append((key, True))
                     continue
                 if self.on_evict is not None:  # the disk/shared levels may keep a copy (spill)
                     self.on_evict(key, self.slot_of[key], victim)

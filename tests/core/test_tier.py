@@ -234,6 +234,28 @@ def test_a_tail_a_load_reads_this_step_is_not_reused_before_the_step_is_built():
     assert d.used_slots == 1 and d._free == [] and d.counters["tails_refused"] == 2
     d.unlock_all()
     assert d.used_slots == 0 and d._free == [slot] and d.tail_of == {}
+    assert d.counters["evicted_blocks"] == 0  # a replaced tail is not an eviction, locked or not
+
+
+def test_every_block_a_load_held_back_is_freed_at_unlock_and_only_evictions_are_spilled():
+    """One step reads all three slots: "gone" ends, "t" replaces its tail, and "high" evicts "low"'s block. None of
+    them is reused this step; after it every slot is free again, and only the evicted block is counted and reported
+    to the disk level."""
+    d = directory(3, {"low": 1.0, "gone": 2.0, "t": 2.5, "high": 3.0})
+    spilled: list[object] = []
+    d.on_evict = lambda key, slot, owner: spilled.append(key)
+    d.demote("low", blocks("l", 1))
+    d.demote("gone", blocks("g", 1))
+    tail = d.put_tail("t", "p", [1], 0)
+    assert tail is not None
+    d.lock([d.slot_of["l0"], d.slot_of["g0"], tail.slot])
+    assert d.drop_owner("gone") == 0  # read this step: held back
+    assert d.put_tail("t", "p2", [2], 0) is None  # no slot; the old tail is held back
+    assert d.demote("high", blocks("h", 1)) == []  # "low"'s block is evicted but read this step: no slot yet
+    assert "low" not in d.keys_of and d.used_slots == 3
+    d.unlock_all()
+    assert d.used_slots == 0 and d.slot_of == {}
+    assert spilled == ["l0"] and d.counters["evicted_blocks"] == 1
 
 
 def test_admit_places_keys_and_evictions_are_reported_for_the_disk_level() -> None:
