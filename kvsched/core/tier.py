@@ -90,6 +90,7 @@ class TierDirectory:
         # Keys a planned load still reads, freed at unlock_all: (key, True) evicted, (key, False) left by an ended
         # session or a replaced tail (not an eviction: not counted, not spilled).
         self._deferred: list[tuple[Key, bool]] = []
+        self._held: list[int] = []  # slots of keys dropped while locked: free at unlock_all
         self._evicted: OrderedDict[Key, None] = OrderedDict()
         self.tail_of: dict[Owner, TailKey] = {}  # one partial last block per session
         self._tails: dict[Key, set[TailKey]] = {}  # parent key -> tails stored after it
@@ -211,6 +212,8 @@ class TierDirectory:
 
     def unlock_all(self) -> None:
         self._locked.clear()
+        self._free.extend(self._held)
+        self._held.clear()
         for key, evicted in self._deferred:
             if key not in self.slot_of or self.owners.get(key):
                 continue
@@ -222,7 +225,8 @@ class TierDirectory:
         self._deferred.clear()
 
     def forget(self, keys: Sequence[Key]) -> int:
-        """Drop `keys` (e.g. the worker found a slot corrupt): they are recomputed from now on. Returns how many."""
+        """Drop `keys` (e.g. the worker found a slot corrupt): they are recomputed from now on, and a slot a load of this
+        step reads is reused only after it. Returns how many."""
         n = 0
         for key in keys:
             if key in self.slot_of:
@@ -365,7 +369,8 @@ class TierDirectory:
                 siblings.discard(key)
                 if not siblings:
                     del self._tails[key.parent]
-        self._free.append(slot)
+        # A slot a load planned this step reads is handed out again only after the step (a `forget` of its key)
+        (self._held if slot in self._locked else self._free).append(slot)
         if self.config.remember_evicted:
             self._evicted[key] = None
             if len(self._evicted) > self.config.remember_evicted:

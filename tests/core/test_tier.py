@@ -273,3 +273,17 @@ def test_admit_places_keys_and_evictions_are_reported_for_the_disk_level() -> No
     d.lock([placed[0][1]])
     d.drop_owner("high")  # a session's end is not an eviction
     assert len(spilled) == 1
+
+
+def test_a_forgotten_key_whose_slot_a_load_reads_this_step_is_not_reused_before_the_step_ends():
+    """A store of the same step would be run before the load (the worker's order) and the load would read the other
+    block's KV under a valid checksum."""
+    d = directory(1)
+    d.demote("a", blocks("k", 1))
+    d.unlock_all()
+    loading = d.match(["k0"], 0, 1)
+    d.lock(loading)
+    assert d.forget(["k0"]) == 1 and d.match(["k0"], 0, 1) == []  # gone for good
+    assert d.demote("b", blocks("x", 1)) == []  # no slot this step
+    d.unlock_all()
+    assert [s.slot for s in d.demote("b", blocks("x", 1))] == loading  # the next step's
