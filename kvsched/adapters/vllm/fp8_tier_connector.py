@@ -216,9 +216,9 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         # Locked until this step's metadata is built: a demotion later in this step (this very request's allocation
         # may release pins) must not evict and reuse a slot this request is about to load.
         self.directory.lock(slots)
-        end = start + len(slots)
-        tail = None
-        if end and self.directory.tail_of and end * bs < last and end - 1 < len(keys):
+        end, tail = start + len(slots), None
+        if (end and self.directory.tail_of and end * bs < last and end - 1 < len(keys)
+                and compat.tail_keyed_by_tokens(request)):
             tail = self.directory.match_tail(keys[end - 1], request.all_token_ids[end * bs:min(last, (end + 1) * bs)])
             if tail is not None:
                 self.directory.lock([tail[0]])

@@ -255,3 +255,59 @@ def test_a_queued_prefetch_releases_other_pins_only_into_free_tier_slots(harness
         assert released == 1 and counters["prefetches_queued"] == 1 and counters["prefetched_blocks"] == 10
     run_until_idle(s, counts=turn2)
     assert turn2.cached_tokens >= 10 * BLOCK
+
+
+def test_a_turn_aborted_inside_its_prefill_keeps_only_the_tail_tokens_a_chunk_computed(harness_cfg, clock):
+    """A 170-token prompt prefilled in chunks of 168: after the first chunk vLLM has hashed 10 full blocks and computed
+    8 tokens of the 11th. Aborted there, the session's tail in the tier is those 8 tokens, not the 9 up to the prompt's
+    last (the 9th has no KV: a later turn loading it would read a row nothing wrote)."""
+    from dataclasses import replace
+
+    from vllm.v1.request import RequestStatus
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    cfg = replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01), max_num_batched_tokens=168,
+                  max_num_seqs=4)
+    s, f = sched(cfg, clock=clock), RequestFactory(BLOCK)
+    req = f.make(list(range(100, 270)), 4, session_id="agent-1")
+    s.add_request(req)
+    step(s)
+    assert req.num_computed_tokens == 168 and len(req.block_hashes) == 10
+    s.finish_requests(req.request_id, RequestStatus.FINISHED_ABORTED)
+    out, _ = step(s)  # the step after the finish carries the tail's copy
+    assert [st.tokens for st in out.kv_connector_metadata.stores] == [8]
+    tail = s.kvsched.tier.directory.tail_of[next(iter(s.kvsched.policy.sessions))]
+    assert tail.tokens == tuple(range(260, 268))
+
+
+def test_a_request_with_prompt_embeddings_neither_keeps_nor_loads_a_tail(harness_cfg, clock):
+    """A tail is keyed by token ids; vLLM's KV at an embedded position depends on the embedding (its token id is 0), so
+    such a request must not match a tail stored by a text request with the same ids, nor store one."""
+    from dataclasses import replace
+
+    import torch
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    follow = [FAKE_TOKEN] * 3 + list(range(900, 940))
+    cfg = replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01))
+    s, stores, loads, cached = _tier_run(cfg, clock, follow)  # the text run: its tail is stored and loaded
+    assert [st.tokens for st in stores] == [3] and len(loads) == 1
+    s2, f = sched(cfg, clock=clock), RequestFactory(BLOCK)
+    history = list(range(100, 260))
+    s2.add_request(f.make(history, 4, session_id="agent-1"))
+    run_until_idle(s2)
+    step(s2)
+    d = s2.kvsched.tier.directory
+    assert len(d.tail_of) == 1  # the text turn's tail
+    embedded = f.make(history + follow, 4, session_id="agent-1")
+    embedded.prompt_embeds = torch.zeros(len(history + follow), 8)
+    loads2 = []
+    s2.add_request(embedded)
+    while s2.has_requests():
+        out, _ = step(s2)
+        loads2 += out.kv_connector_metadata.loads if out.kv_connector_metadata is not None else []
+    assert loads2 == [] and s2.kvsched.stats()["tier_restored_tail_tokens"] == 0
+    out, _ = step(s2)
+    assert out.kv_connector_metadata is None or out.kv_connector_metadata.stores == []  # and stores no tail

@@ -29,17 +29,31 @@ def partial_tail(scheduler: Any, request: Any, prefix: Sequence[Any], block_size
     """The finished request's KV past its hashed `prefix` (first KV-cache group), when it is less than one block:
     (content key of the last prefix block, the tokens, the block holding them); None otherwise.
 
-    Only tokens whose KV a completed forward pass wrote count: every token but the last sampled one (which was never
-    fed back). With async scheduling a further step may still be in flight for the request, but it only writes past
-    them."""
+    Only tokens whose KV a forward pass wrote count: every token but the last sampled one (which was never fed back),
+    and, for a request aborted in the middle of its prefill, none past the last scheduled chunk (vLLM hashes full
+    blocks when it schedules them, so `prefix` may end inside the prompt). With async scheduling a further step may
+    still be in flight for the request, but it only writes past them. None as well for a request whose KV at a
+    position depends on more than the token id there (prompt embeddings, multimodal inputs): a tail is keyed by its
+    token ids alone (see `tail_keyed_by_tokens`)."""
     k = len(prefix)
-    kv_end = request.num_tokens - 1
+    kv_end = min(request.num_tokens - 1, request.num_computed_tokens)
+    if not tail_keyed_by_tokens(request):
+        return None
     if not k or not k * block_size < kv_end < (k + 1) * block_size:
         return None
     blocks = scheduler.kv_cache_manager.coordinator.get_blocks(request.request_id)[0]
     if len(blocks) <= k or blocks[k].is_null or int(prefix[-1].block_hash_num_tokens or k * block_size) != k * block_size:
         return None
     return block_content_key(prefix[-1]), list(request.all_token_ids[k * block_size:kv_end]), blocks[k].block_id
+
+
+def tail_keyed_by_tokens(request: Any) -> bool:
+    """True if the request's KV past a full block is fixed by that block's hash and the token ids after it, so a
+    partial block may be stored and matched by them (`kvsched.core.tier.TailKey`). vLLM's block hashes also cover
+    prompt embeddings and multimodal inputs (`generate_block_hash_extra_keys`; an embedded position's token id is 0,
+    an image's placeholders are the same ids for every image): such a request neither stores nor loads a tail. (LoRA
+    and the cache salt are in the parent block's hash chain already.)"""
+    return getattr(request, "prompt_embeds", None) is None and not getattr(request, "mm_features", None)
 
 
 def block_tokens(blocks: Sequence[Any], block_size: int) -> int:
