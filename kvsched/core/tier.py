@@ -234,6 +234,17 @@ class TierDirectory:
                 n += 1
         return n
 
+    def clear(self) -> int:
+        """Drop every block and tail (vLLM reset its caches, e.g. for new weights: the KV here is stale); a slot a load
+        of this step reads is reused only after it. Returns how many were held."""
+        n = len(self.slot_of)
+        for key in list(self.slot_of):
+            self._free_key(key)
+        self.keys_of.clear()
+        self._deferred.clear()
+        self._evicted.clear()
+        return n
+
     # ---- sessions ---------------------------------------------------------------------------------------------
     def drop_owner(self, owner: Owner) -> int:
         """The session ended: its blocks no other session shares leave the tier (one a load reads this step, e.g.

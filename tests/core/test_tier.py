@@ -287,3 +287,19 @@ def test_a_forgotten_key_whose_slot_a_load_reads_this_step_is_not_reused_before_
     assert d.demote("b", blocks("x", 1)) == []  # no slot this step
     d.unlock_all()
     assert [s.slot for s in d.demote("b", blocks("x", 1))] == loading  # the next step's
+
+
+def test_clear_drops_every_block_and_tail_and_holds_back_a_slot_a_load_reads():
+    d = directory(3)
+    d.demote("a", blocks("a", 2))
+    assert d.put_tail("a", "a1", [1, 2], 0) is not None
+    d.unlock_all()
+    loading = d.match(["a0"], 0, 1)
+    d.lock(loading)
+    assert d.clear() == 3
+    assert d.match(["a0", "a1"], 0, 2) == [] and d.match_tail("a1", [1, 2]) is None
+    assert d.keys_of == {} and d.tail_of == {} and d.used_slots == 0
+    stores = d.demote("b", blocks("b", 3))
+    assert len(stores) == 2 and loading[0] not in [s.slot for s in stores]  # not the slot this step's load reads
+    d.unlock_all()
+    assert len(d.demote("c", blocks("c", 1))) == 1

@@ -1,27 +1,20 @@
 """kvsched's FP8 demotion tier as a vLLM KV connector (`KVConnectorBase_V1`): no fork, the way offloading connectors plug in.
 
-On by default: `vllm serve MODEL --scheduler kvsched` runs it, sized by `kvsched.core.tier.auto_budget_bytes` (at most
-2x the KV pool's bytes and a quarter of the host memory available at start-up, split between the machine's GPUs);
-`--kvsched-fp8-tier-gb N` sets the size, 0 turns it off. The size and the layout are logged once at start-up.
+On by default with `--scheduler kvsched`, sized by `kvsched.core.tier.auto_budget_bytes` (at most 2x the KV pool's bytes
+and a quarter of the host memory at start-up, split between GPUs); `--kvsched-fp8-tier-gb N` sets it, 0 turns it off.
 
-Scheduler side (engine-core process): a `TierDirectory` (kvsched.core.tier). kvsched's scheduler calls `demote` when
-memory pressure releases a session's pins; vLLM calls `get_num_new_matched_tokens` for each new request, and the
-connector offers the unbroken run of the request's prefix (by vLLM's block hashes) the tier holds past the local
-prefix-cache hit, then the session's partial last block if the tier kept it (`save_tail`: vLLM's prefix cache only
-shares full blocks, so the tokens past the last one are otherwise recomputed every turn). kvsched's scheduler also
-prefetches: when a session's request is queued (or its next turn is due) and its prefix sits in the tier, the blocks
-are restored into the pool ahead of scheduling (`add_prefetch`, see tier_prefetch). Each step's stores and loads travel
-to the workers in the connector metadata.
+Scheduler side (engine-core process): a `TierDirectory` (kvsched.core.tier). kvsched's scheduler `demote`s the blocks
+of released pins; for each new request (`get_num_new_matched_tokens`) the connector offers the run of its prefix (by
+vLLM's block hashes) the tier holds past the local hit, then the session's partial last block (`save_tail`: vLLM
+shares full blocks only). A queued request's prefix is restored ahead of scheduling (`add_prefetch`, tier_prefetch).
+Each step's stores and loads travel to the workers in the connector metadata.
 
-Worker side: a `TierStore` (fp8_tier_store) over each layer's views (tier_layout, from vLLM's own spec and layout).
-Stores and prefetches run in `handle_preemptions`, which vLLM calls before anything of the step runs, so a released
-block is copied before a new request can overwrite it; a request's restores run in `start_load_kv` before the forward
-pass; on a GPU the copies run on their own stream and each layer's attention waits only for its own layer
-(`wait_for_layer_load`). A slot that fails its checksum is reported through `get_block_ids_with_load_errors` and vLLM
-recomputes those tokens (`kv_load_failure_policy: recompute`, required).
-
-If the tier cannot hold this engine's cache (tier_layout.TierUnsupported: e.g. hybrid or MLA-bf16 models), it says why
-once in the log, `kvsched_tier_enabled` is 0 and the engine serves as it would without it.
+Worker side: a `TierStore` (fp8_tier_store) over each layer's views (tier_layout). Stores and prefetches run in
+`handle_preemptions`, before anything of the step runs (a released block is copied before a new request can overwrite
+it); restores in `start_load_kv`, before the forward pass; on a GPU on their own stream, each layer's attention waiting
+for its own layer only. A slot failing its checksum goes to `get_block_ids_with_load_errors`: vLLM recomputes it
+(`kv_load_failure_policy: recompute`, required). If the tier cannot hold this engine's cache (TierUnsupported: e.g.
+hybrid or MLA-bf16 models), it says why once in the log and the engine serves as without it.
 """
 
 from __future__ import annotations
@@ -31,7 +24,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -78,10 +71,10 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             raise TierConfigError("kvsched's FP8 tier needs prefix caching (it is keyed by vLLM's block hashes)")
         self.block_size = int(vllm_config.cache_config.block_size)
         self.num_blocks = int(kv_cache_config.num_blocks) if kv_cache_config is not None else 0
-        self.disabled_reason = ""
-        self.geometry: TierGeometry | None = None
+        self.disabled_reason, self.geometry = "", cast("TierGeometry | None", None)
         try:
-            self.geometry = geometry_of(kv_cache_config, tier_host.layout_name(vllm_config, kv_cache_config))
+            self.geometry = geometry_of(kv_cache_config, tier_host.layout_name(vllm_config, kv_cache_config),
+                                        vllm_config.parallel_config)
         except TierUnsupported as exc:
             self.disabled_reason = str(exc)
         block_bytes = self.geometry.block_bytes if self.geometry else 1
@@ -167,6 +160,13 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         if self.levels is None or not self.enabled or self.directory is None:
             return 0
         return self.levels.promote(owner, chain, start, limit, self.directory)
+
+    def reset_cache(self) -> bool:
+        """vLLM's `reset_prefix_cache(reset_connector=True)` (e.g. after a weight update): the tier's KV is stale too.
+        False while a disk or shared level is configured: their blocks outlive this engine's reset."""
+        if self.directory is not None:
+            self.directory.clear()
+        return self.levels is None
 
     def end_session(self, owner: Any) -> None:
         if self.levels is not None:

@@ -207,9 +207,8 @@ class SessionPins:
             self.policy.end(key)
             self.resolver.forget(key)
             self._unpin(key)
-        if self.tier is not None:
-            for owner in list(self.tier.directory.keys_of):
-                self.tier.directory.drop_owner(owner)
+        if self.tier is not None:  # the tier's blocks and partial last blocks too: vLLM's reset may mean new weights
+            self.tier.directory.clear()
         return len(keys)
 
     def _end(self, key: SessionKey) -> None:

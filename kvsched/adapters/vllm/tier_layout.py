@@ -68,10 +68,15 @@ class LayerView:
     part: int = 0
 
 
-def geometry_of(kv_cache_config: Any, layout: str | None) -> TierGeometry:
+def geometry_of(kv_cache_config: Any, layout: str | None, parallel_config: Any = None) -> TierGeometry:
     """The tier geometry of an engine's KV cache config; TierUnsupported with the reason otherwise."""
     if kv_cache_config is None:
         raise TierUnsupported("the FP8 tier needs vLLM's KV cache config")
+    # Context parallelism shards a block's tokens over ranks and hashes blocks of block_size x ranks tokens: the tier's
+    # block arithmetic (one pool block = one hashed block) would misplace them.
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if int(getattr(parallel_config, name, 1) or 1) > 1:
+            raise TierUnsupported(f"the FP8 tier does not support context parallelism ({name} > 1)")
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         raise TierUnsupported(f"the FP8 tier supports models with one KV cache group (full attention); this one has "

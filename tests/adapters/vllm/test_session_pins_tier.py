@@ -311,3 +311,42 @@ def test_a_request_with_prompt_embeddings_neither_keeps_nor_loads_a_tail(harness
     assert loads2 == [] and s2.kvsched.stats()["tier_restored_tail_tokens"] == 0
     out, _ = step(s2)
     assert out.kv_connector_metadata is None or out.kv_connector_metadata.stores == []  # and stores no tail
+
+
+@pytest.mark.parametrize("reset_connector", [False, True])
+def test_a_prefix_cache_reset_empties_the_tier_tails_included(harness_cfg, clock, reset_connector):
+    """vLLM resets its caches when weights change (`reset_connector=True` resets connectors too): KV kept from before
+    would be stale. Turn 1 leaves a partial last block in the tier; after the reset the next turn loads nothing."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    s, f = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock=clock), RequestFactory(BLOCK)
+    history = list(range(100, 260))
+    s.add_request(f.make(history, 4, session_id="agent-1"))
+    run_until_idle(s)
+    step(s)
+    d = s.kvsched.tier.directory
+    assert d.tail_of and d.used_slots == 1
+    assert s.reset_prefix_cache(reset_connector=reset_connector) is True
+    assert d.used_slots == 0 and d.tail_of == {} and free_blocks(s) == usable_blocks(s)
+    s.add_request(f.make(history + [FAKE_TOKEN] * 3 + [5] * 20, 4, session_id="agent-1"))
+    loads, counts = [], PrefillCounts()
+    while s.has_requests():
+        out, _ = step(s)
+        counts.record(out, s)
+        loads += out.kv_connector_metadata.loads if out.kv_connector_metadata is not None else []
+    assert loads == [] and counts.cached_tokens == 0
+
+
+def test_the_connectors_own_reset_empties_the_tier(harness_cfg, clock):
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    s, f = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock=clock), RequestFactory(BLOCK)
+    s.add_request(f.make(list(range(100, 260)), 4, session_id="agent-1"))
+    run_until_idle(s)
+    step(s)
+    assert s.connector.directory.used_slots == 1
+    assert s.connector.reset_cache() is True and s.connector.directory.used_slots == 0

@@ -99,3 +99,15 @@ def test_a_tensor_that_disagrees_with_the_spec_is_refused_naming_the_layer():
         layer_views({name: caches[name][:7]}, geometry, NUM_BLOCKS)
     with pytest.raises(TierUnsupported, match="the spec says"):
         layer_views({name: caches[name].float()}, geometry, NUM_BLOCKS)
+
+
+@pytest.mark.parametrize("name", ["decode_context_parallel_size", "prefill_context_parallel_size"])
+def test_context_parallelism_is_refused_with_the_reason(name):
+    """Its blocks hash block_size x ranks tokens, sharded over ranks: the tier's one-block-one-hash arithmetic would
+    misplace them."""
+    from types import SimpleNamespace
+
+    config, _ = engine_caches(BACKEND_SPECS["cpu_attn"], KVCacheLayout.LBHNC, NUM_BLOCKS)
+    assert geometry_of(config, None, SimpleNamespace(**{name: 1})).block_bytes > 0
+    with pytest.raises(TierUnsupported, match=name):
+        geometry_of(config, None, SimpleNamespace(**{name: 2}))
