@@ -87,10 +87,8 @@ class TierDirectory:
         self.owners: dict[Key, set[Owner]] = {}
         self.keys_of: dict[Owner, list[Key]] = {}  # prefix order
         self._locked: set[int] = set()  # slots a planned load reads this step
-        # Keys a planned load still reads, freed at unlock_all: (key, True) evicted, (key, False) left by an ended
-        # session or a replaced tail (not an eviction: not counted, not spilled).
-        self._deferred: list[tuple[Key, bool]] = []
-        self._held: list[int] = []  # slots of keys dropped while locked: free at unlock_all
+        self._orphans: list[Key] = []  # evicted while a load reads them: spilled and freed at unlock_all
+        self._held: list[int] = []  # slots a load reads whose key left the tier: free at unlock_all
         self._evicted: OrderedDict[Key, None] = OrderedDict()
         self.tail_of: dict[Owner, TailKey] = {}  # one partial last block per session
         self._tails: dict[Key, set[TailKey]] = {}  # parent key -> tails stored after it
@@ -214,15 +212,13 @@ class TierDirectory:
         self._locked.clear()
         self._free.extend(self._held)
         self._held.clear()
-        for key, evicted in self._deferred:
-            if key not in self.slot_of or self.owners.get(key):
-                continue
-            if evicted:  # a full block (tails are never deferred as evicted): the disk and shared levels may keep it
+        for key in self._orphans:  # full blocks (tails are never evicted while locked): the lower levels may keep them
+            if key in self.slot_of and not self.owners.get(key):
                 if self.on_evict is not None:
                     self.on_evict(key, self.slot_of[key], None)
+                self._free_key(key)
                 self.counters["evicted_blocks"] += 1
-            self._free_key(key)
-        self._deferred.clear()
+        self._orphans.clear()
 
     def forget(self, keys: Sequence[Key]) -> int:
         """Drop `keys` (e.g. the worker found a slot corrupt): they are recomputed from now on, and a slot a load of this
@@ -241,15 +237,15 @@ class TierDirectory:
         for key in list(self.slot_of):
             self._free_key(key)
         self.keys_of.clear()
-        self._deferred.clear()
+        self._orphans.clear()
         self._evicted.clear()
         return n
 
     # ---- sessions ---------------------------------------------------------------------------------------------
     def drop_owner(self, owner: Owner) -> int:
-        """The session ended: its blocks no other session shares leave the tier (one a load reads this step, e.g.
-        another session's restore of a shared prefix, once the step's metadata is built: the worker runs a step's
-        stores before its loads). Returns the blocks freed now."""
+        """The session ended: its blocks no other session shares leave the tier (the slot of one a load reads this step,
+        e.g. another session's restore of a shared prefix, is reused only after the step: the worker runs a step's
+        stores before its loads). Returns how many left."""
         keys = self.keys_of.pop(owner, [])
         freed = 0
         tail = self.tail_of.get(owner)
@@ -262,10 +258,7 @@ class TierDirectory:
             owners.discard(owner)
             if owners:
                 continue
-            if self.slot_of[key] in self._locked:
-                self._deferred.append((key, False))
-                continue
-            self._free_key(key)
+            self._free_key(key)  # a slot a load reads this step is held until unlock_all
             freed += 1
         return freed
 
@@ -330,10 +323,7 @@ class TierDirectory:
         owners.discard(owner)
         if owners:
             return 0
-        if self.slot_of[key] in self._locked:
-            self._deferred.append((key, False))  # as when not locked: not an eviction
-            return 0
-        self._free_key(key)
+        self._free_key(key)  # a slot a load reads this step is held until unlock_all
         return 1
 
     def _evict_one(self, exclude: Owner, want: int = 1) -> bool:
@@ -355,7 +345,7 @@ class TierDirectory:
                 if owners:
                     continue  # shared with another session: stays
                 if self.slot_of[key] in self._locked:  # a load reads it this step: freed once the metadata is built
-                    self._deferred.append((key, True))
+                    self._orphans.append(key)
                     continue
                 if self.on_evict is not None:  # the disk/shared levels may keep a copy (spill)
                     self.on_evict(key, self.slot_of[key], victim)
@@ -380,7 +370,8 @@ class TierDirectory:
                 siblings.discard(key)
                 if not siblings:
                     del self._tails[key.parent]
-        # A slot a load planned this step reads is handed out again only after the step (a `forget` of its key)
+        # A slot a load planned this step reads is handed out again only after the step (the load runs after this
+        # step's stores): its key leaves the tier now, the slot waits in `_held`.
         (self._held if slot in self._locked else self._free).append(slot)
         if self.config.remember_evicted:
             self._evicted[key] = None

@@ -117,12 +117,11 @@ def test_a_session_that_ends_while_a_load_reads_its_blocks_frees_them_only_after
     d.demote("a", blocks("a", 2))
     loading = d.match(["a0"], 0, 1)
     d.lock(loading)  # "b" restores a0 this step
-    assert d.drop_owner("a") == 1  # a1 freed at once; a0 only once the step's metadata is built
+    assert d.drop_owner("a") == 2 and "a0" not in d.slot_of  # both leave; a0's slot waits for the step's load
     stores = d.demote("c", blocks("c", 2, first_id=20))
-    assert [s.slot for s in stores] != loading and loading[0] not in [s.slot for s in stores]
-    assert d.slot_of.get("a0") == loading[0]  # still there for this step's load
+    assert len(stores) == 1 and loading[0] not in [s.slot for s in stores]
     d.unlock_all()
-    assert "a0" not in d.slot_of and d.used_slots == len(stores)
+    assert d.used_slots == len(stores)
     assert len(d.demote("c", [("c9", 29)])) == 1  # and free for the next step
 
 
@@ -231,7 +230,7 @@ def test_a_tail_a_load_reads_this_step_is_not_reused_before_the_step_is_built():
     d.lock([slot])
     assert d.put_tail("b", "q", [3], 0) is None  # the only slot is being read
     assert d.put_tail("a", "p2", [4], 0) is None  # a's next tail: no slot until the locked old one is freed
-    assert d.used_slots == 1 and d._free == [] and d.counters["tails_refused"] == 2
+    assert d._held == [slot] and d._free == [] and d.counters["tails_refused"] == 2  # replaced: its slot waits
     d.unlock_all()
     assert d.used_slots == 0 and d._free == [slot] and d.tail_of == {}
     assert d.counters["evicted_blocks"] == 0  # a replaced tail is not an eviction, locked or not
@@ -249,10 +248,10 @@ def test_every_block_a_load_held_back_is_freed_at_unlock_and_only_evictions_are_
     tail = d.put_tail("t", "p", [1], 0)
     assert tail is not None
     d.lock([d.slot_of["l0"], d.slot_of["g0"], tail.slot])
-    assert d.drop_owner("gone") == 0  # read this step: held back
-    assert d.put_tail("t", "p2", [2], 0) is None  # no slot; the old tail is held back
+    assert d.drop_owner("gone") == 1 and "g0" not in d.slot_of  # its slot is read this step: held back
+    assert d.put_tail("t", "p2", [2], 0) is None  # no slot; the old tail's is held back
     assert d.demote("high", blocks("h", 1)) == []  # "low"'s block is evicted but read this step: no slot yet
-    assert "low" not in d.keys_of and d.used_slots == 3
+    assert "low" not in d.keys_of and d.used_slots == 1 and d._free == []  # l0 stays mapped until its spill
     d.unlock_all()
     assert d.used_slots == 0 and d.slot_of == {}
     assert spilled == ["l0"] and d.counters["evicted_blocks"] == 1
