@@ -70,19 +70,20 @@ class RequestFactory:
         self._ids = itertools.count()
 
     def make(self, prompt: list[int], max_tokens: int, session_id: str | None = None,
-             xargs: dict[str, Any] | None = None, cache_salt: str | None = None) -> Any:
+             xargs: dict[str, Any] | None = None, cache_salt: str | None = None, request_id: str | None = None,
+             resumable: bool = False) -> Any:
         from vllm.sampling_params import SamplingParams
         from vllm.v1.request import Request
 
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, extra_args=dict(xargs or {}) or None)
-        return Request(request_id=f"r{next(self._ids)}", prompt_token_ids=list(prompt), sampling_params=params,
-                       pooling_params=None, block_hasher=self._hasher,
-                       cache_salt=cache_salt, session_id=session_id)
+        return Request(request_id=request_id or f"r{next(self._ids)}", prompt_token_ids=list(prompt),
+                       sampling_params=params, pooling_params=None, block_hasher=self._hasher,
+                       cache_salt=cache_salt, session_id=session_id, resumable=resumable)
 
 
 def step(scheduler: Any) -> tuple[Any, Any]:
     """One engine step: schedule, 'run' the model (token 7 for every request that finished its prefill chunk)."""
-    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
     out = scheduler.schedule()
     req_ids = list(out.num_scheduled_tokens)
@@ -91,7 +92,9 @@ def step(scheduler: Any) -> tuple[Any, Any]:
         # the scheduler itself marks whether this step completes the request's prefill (and so samples a token)
         sampled.append([] if scheduler.requests[rid].is_prefill_chunk else [FAKE_TOKEN])
     runner_out = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                                   sampled_token_ids=sampled)
+                                   sampled_token_ids=sampled,
+                                   # the step's worker report, as a worker with a KV connector sends every step
+                                   kv_connector_output=KVConnectorOutput() if scheduler.connector else None)
     return out, scheduler.update_from_output(out, runner_out)
 
 

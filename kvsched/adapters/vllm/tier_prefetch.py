@@ -182,15 +182,28 @@ class TierPrefetcher:
             zip(slots, blocks, strict=True))], request.request_id if request is not None else None)
         p = Prefetch(key, blocks, chain, first, getattr(self.tier, "steps_built", 0) + 1, request)
         if not compat.async_scheduling(scheduler):
-            self._cache(p)  # this step's forward runs after the load; a failed slot is handled by vLLM's recompute
+            self._cache(p, fresh=True)  # this step's forward runs after the load; vLLM recomputes a failed slot
         self.pending[key] = p
         self.pins.adopt_prefetch(key, head, blocks)
         self.counters[f"prefetches_{trigger}"] += 1
         self.counters["prefetched_blocks"] += n
 
-    def _cache(self, p: Prefetch) -> None:
-        held = [b for b in p.blocks if b.ref_cnt > 0 and b.block_hash is None]
-        if len(held) == len(p.blocks):
-            compat.cache_restored_blocks(self.pins.scheduler, p.blocks, p.chain, p.first, p.request)
+    def _cache(self, p: Prefetch, fresh: bool = False) -> None:
+        """Enter the prefetch's blocks into the prefix cache: all of them when `fresh` (just allocated for it), else
+        the leading run the session's pin still holds. A block a release gave back since (pressure, `make_room` for
+        another session's prefetch, a refused adoption) may already hold another request's KV: a reference count
+        says nothing about whose, the pin does."""
+        n = len(p.blocks) if fresh else 0
+        if not fresh:
+            pin = self.pins.pinned.get(p.key)
+            held = {id(b) for b in pin[0]} if pin and len(pin) == 1 else set()
+            for b in p.blocks:
+                if id(b) not in held or b.block_hash is not None:
+                    break
+                n += 1
+        if n:
+            compat.cache_restored_blocks(self.pins.scheduler, p.blocks[:n], p.chain, p.first, p.request)
+        if n < len(p.blocks):
+            self.counters["released_before_cached_blocks"] += len(p.blocks) - n
         p.cached = True
         p.request = None

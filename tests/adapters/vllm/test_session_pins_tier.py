@@ -350,3 +350,50 @@ def test_the_connectors_own_reset_empties_the_tier(harness_cfg, clock):
     step(s)
     assert s.connector.directory.used_slots == 1
     assert s.connector.reset_cache() is True and s.connector.directory.used_slots == 0
+
+
+def test_a_prefetch_released_before_it_is_cached_leaves_the_other_sessions_blocks_alone(harness_cfg, clock,
+                                                                                         monkeypatch):
+    """Async scheduling enters a prefetch into the prefix cache a step late. Meanwhile A's turn is aborted and C's
+    prefetch makes room by releasing 6 of A's 10 prefetched blocks, then takes them for C's own KV. A's late caching
+    must cover only the 4 blocks A's pin still holds: C's 6 under A's hashes would serve C's KV to A's next turn."""
+    from dataclasses import replace
+
+    from vllm.v1.request import RequestStatus
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    monkeypatch.setenv("KVSCHED_INFER_SESSIONS", "0")
+    tier = kv_transfer_config((200 * 8208 + 100) / 2**30)  # room to spare: make_room may release into it
+    s, f = sched(replace(harness_cfg, kv_transfer_config=tier), clock=clock), RequestFactory(BLOCK)
+    s.scheduler_config.async_scheduling = True  # the engine's flag (GPU); the harness's steps stay in order
+    ha, hc = list(range(100, 260)), list(range(3000, 3160))  # 10 blocks each
+    for name, h in (("A", ha), ("C", hc)):
+        s.add_request(f.make(h, 4, session_id=name))
+        run_until_idle(s)
+        clock.advance(1)
+    for i in range(4):  # pressure: both pins go to the tier
+        s.add_request(f.make([5000 + i] * 330, 4))
+    run_until_idle(s)
+    s.max_num_scheduled_tokens = 800
+    s.add_request(f.make(list(range(20000, 20000 + 49 * BLOCK - 8)), 200, session_id="B"))
+    step(s)
+    step(s)  # B decodes, holding 49 blocks; a one-token step budget from now on keeps C's request waiting
+    s.max_num_scheduled_tokens = 1
+    assert free_blocks(s) == 14
+    ra = f.make(ha + [4] * 3 + list(range(900, 940)), 4, session_id="A")
+    s.add_request(ra)  # prefetched into 10 blocks, not yet cached
+    s.finish_requests(ra.request_id, RequestStatus.FINISHED_ABORTED)
+    keys = {k.session_id: k for k in s.kvsched.policy.sessions}
+    pa = s.kvsched.prefetcher.pending[keys["A"]]
+    s.add_request(f.make(hc + [4] * 3 + list(range(900, 940)), 4, session_id="C"))
+    pc = s.kvsched.prefetcher.pending[keys["C"]]
+    taken = {b.block_id for b in pa.blocks} & {b.block_id for b in pc.blocks}
+    assert len(taken) == 6 and s.kvsched.policy.sessions[keys["A"]].pinned_blocks == 4
+    pool = s.kv_cache_manager.block_pool
+    for _ in range(4):
+        step(s)
+        hits = [(pool.get_cached_block(h, [0]) or [None])[0] for h in pa.chain[:10]]
+        assert not {b.block_id for b in hits if b is not None} & taken
+    assert [b is not None for b in hits] == [True] * 4 + [False] * 6  # the blocks A's pin kept are hits
+    assert s.kvsched.prefetcher.counters["released_before_cached_blocks"] == 6
