@@ -27,8 +27,12 @@ class KVSchedScheduler(AsyncScheduler):
         compat.on_free_blocks(self, self.kvsched.on_request_finished)
 
     def add_request(self, request: Any) -> None:
+        # A streaming-input request's next chunk (or its end marker) comes with the id of a request vLLM already
+        # holds: still one request of one turn, which kvsched counted when it arrived and settles when it finishes.
+        known = request.request_id in self.requests
         super().add_request(request)
-        self.kvsched.on_request_added(request)
+        if not known:
+            self.kvsched.on_request_added(request)
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         self.kvsched.before_schedule()

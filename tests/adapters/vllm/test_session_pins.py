@@ -16,6 +16,7 @@ from kvsched.adapters.vllm.harness import (  # noqa: E402
     RequestFactory,
     free_blocks,
     run_until_idle,
+    step,
     usable_blocks,
 )
 from tests.adapters.vllm.conftest import BLOCK  # noqa: E402
@@ -269,3 +270,49 @@ def test_a_turn_rewritten_by_compaction_ends_the_branch_it_leaves_and_a_clients_
     assert keys == [1, 2]  # branch 0, the summarised conversation, is gone; the client's branch 1 stays
     assert len(_pinned_block_ids(s)) == 4 + 3 - 1  # branch 1 (system + 3) and the new one (system + 2), system once
     assert free_blocks(s) == usable_blocks(s) - len(_pinned_block_ids(s))
+
+
+def test_a_streaming_input_request_is_one_turn_of_its_session(harness_cfg, clock):
+    """A streaming-input request's next chunk and its end marker reach add_request under the request's own id. They
+    are not new turns: the session must not count them as waiting (it would never expire, never be released as idle)
+    and the request's entry must go when it finishes."""
+    from vllm.v1.request import RequestStatus
+
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    first = f.make(list(range(100, 140)), 3, session_id="stream", resumable=True)
+    s.add_request(first)
+
+    def run_chunk() -> None:
+        for _ in range(20):
+            step(s)
+            if first.status == RequestStatus.WAITING_FOR_STREAMING_REQ:
+                return
+        raise AssertionError("the chunk did not finish")
+
+    run_chunk()
+    s.add_request(f.make(list(range(200, 240)), 3, session_id="stream", request_id=first.request_id, resumable=True))
+    run_chunk()
+    s.add_request(f.make([1], 1, session_id="stream", request_id=first.request_id))  # the end of the input
+    run_until_idle(s)
+    (key, rec), = s.kvsched.policy.sessions.items()
+    assert rec.waiting == 0 and rec.active_requests == 0 and rec.pinned_blocks >= 5
+    assert s.kvsched.requests == {} and s.kvsched.started == set()
+    assert s.kvsched.policy.counters["requests_with_session"] == 1
+    clock.advance(s.kvsched.policy.config.default_ttl_s)
+    s.kvsched.expire()  # idle: its pin expires like any other
+    assert rec.pinned_blocks == 0 and free_blocks(s) == usable_blocks(s)
+
+
+def test_a_preempted_request_is_not_held_up_by_its_running_sessions_other_pin(harness_cfg, clock):
+    """Two requests of one session with unrelated prompts: the short one finishes and pins 19 blocks the long one
+    never hits; the long one, preempted meanwhile, needs them back. Its session runs, so no release order offers the
+    pin: without the last resort the request waited until the pin's TTL (forever while turns kept coming)."""
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    short = f.make(list(range(10, 20)), 300, session_id="a")
+    long = f.make(list(range(1000, 1500)), 400, session_id="a")  # 57 blocks with its output, of 63
+    s.add_request(short)
+    s.add_request(long)
+    run_until_idle(s, max_steps=2000)  # the clock stands still: no TTL can fire
+    assert short.is_finished() and long.is_finished() and long.num_preemptions >= 1
+    assert s.kvsched.stats()["released_pressure"] >= 1
+    assert free_blocks(s) + len(_pinned_block_ids(s)) == usable_blocks(s)
