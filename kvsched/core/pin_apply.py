@@ -148,10 +148,11 @@ class PinApplier(Generic[B]):
         need = max(PRESSURE_CHUNK, -(-num_new_tokens // self.block_size) + 1 + own_free_hits - before)
         exclude = (own,) if own is not None else ()
         while True:
-            # Other sessions first. The request's own session last: releasing it frees nothing the request will hit
-            # (hit blocks are taken back out of the free queue), but keeping it when nothing else is left would
-            # leave a request waiting on its own session's pin forever.
-            releases = self.policy.release_for_pressure(need, exclude=exclude) or self.policy.release_for_pressure(need)
+            # Other sessions first. The request's own session last (even while it runs): releasing it frees nothing
+            # the request will hit (hit blocks are taken back out of the free queue), but keeping it when nothing
+            # else is left would leave a request waiting on its own session's pin forever.
+            releases = (self.policy.release_for_pressure(need, exclude=exclude) or self.policy.release_for_pressure(need)
+                        or (self.policy.release_running_pin(own) if own is not None else []))
             if not releases:
                 return False
             self.apply(releases)

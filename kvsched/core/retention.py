@@ -237,6 +237,19 @@ class RetentionPolicy:
         first session with a request waiting (the order puts them last; running ones are never in it)."""
         return self.release_blocks(blocks, ReleaseReason.PRESSURE, exclude, idle_only)
 
+    def release_running_pin(self, key: SessionKey) -> list[Release]:
+        """The last resort of a request short of blocks when no other pin is left: its own session's pin, though the
+        session runs (the release order never offers it then). Two requests of one session with unrelated prompts
+        (e.g. a side request beside the main turn): the first one's finished turn pins blocks the second never hits,
+        and the second, preempted, would wait for them until the TTL, or forever while turns keep coming. Blocks the
+        request itself holds stay allocated to it."""
+        rec = self.sessions.get(key)
+        if rec is None or not rec.pinned_blocks:
+            return []
+        release = self._release(rec, ReleaseReason.PRESSURE)
+        self.index.changed(rec)
+        return [release]
+
     def release_blocks(self, blocks: int, reason: ReleaseReason, exclude: Iterable[SessionKey] = (),
                        idle_only: bool = False, applied: Applied | None = None) -> list[Release]:
         """One pass over the release order: whole pins, then the tail of the last one, until `blocks` are released
