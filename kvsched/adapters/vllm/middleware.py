@@ -34,7 +34,12 @@ from kvsched.adapters.vllm.http_io import (
     utf8_headers,
 )
 from kvsched.adapters.vllm.metrics import render_metrics
-from kvsched.adapters.vllm.request_fields import SESSION_HEADERS, ResponseSessions, apply_session_fields
+from kvsched.adapters.vllm.request_fields import (
+    SESSION_HEADERS,
+    ResponseSessions,
+    apply_session_fields,
+    check_unhandled_body,
+)
 from kvsched.core.sessions import InvalidSessionInput
 
 GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
@@ -67,8 +72,10 @@ class KVSchedMiddleware:
         if not is_admin and not (method == "POST" and path in GENERATE_PATHS):
             if path == "/metrics" and method == "GET":
                 await self._metrics(scope, receive, send)
-            else:
+            elif method in ("GET", "HEAD", "OPTIONS"):
                 await self.app(scope, receive, send)
+            else:
+                await self._unhandled(scope, receive, send, path)
             return
         raw = first_headers(scope)
         ident = self.auth.identify(scope["app"], raw.get("authorization"))
@@ -109,6 +116,29 @@ class KVSchedMiddleware:
         except HttpError as exc:
             # Anthropic's clients read {"type": "error", "error": {...}}; the OpenAI shape otherwise.
             await send_json(send, exc.status, {"type": "error", **exc.body} if path == "/v1/messages" else exc.body)
+            return
+        await self.app(scope, replay(body, receive), send)
+
+    async def _unhandled(self, scope: Scope, receive: Any, send: Any, path: str) -> None:
+        """Any other request with a JSON body that vLLM will serve: kvsched's marks and (for a keyed caller) session
+        ids are refused there (`check_unhandled_body`); everything else passes on byte for byte."""
+        raw = first_headers(scope)
+        ident = self.auth.identify(scope["app"], raw.get("authorization"))
+        if ((not ident.authenticated and path.startswith(compat.AUTH_GUARDED_PREFIXES))  # vLLM answers 401
+                or b"json" not in raw.get("content-type", b"").lower()):  # vLLM parses no vllm_xargs from it
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await read_body(scope, receive)
+            check_unhandled_body(parse_json(body), raw, ident.tenant)
+        except Disconnected:
+            return
+        except InvalidSessionInput as exc:
+            self.rejected += 1
+            await send_json(send, 400, error_body(str(exc), param=exc.field or "session"))
+            return
+        except HttpError as exc:
+            await send_json(send, exc.status, exc.body)
             return
         await self.app(scope, replay(body, receive), send)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from kvsched.adapters.vllm import compat
 from kvsched.core.client_fields import SessionFields, read_session_fields
-from kvsched.core.sessions import SessionId
+from kvsched.core.sessions import InvalidSessionInput, SessionId
 
 RESPONSES_PATH = "/v1/responses"
 SESSION_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end")
@@ -80,3 +80,33 @@ def _write(xargs: dict[str, Any], fields: SessionFields, tenant: str | None) -> 
         xargs[compat.XARG_END] = int(fields.end)
     if tenant is not None:
         xargs[compat.XARG_TENANT] = tenant
+
+
+RESERVED_XARGS = (compat.XARG_TENANT, compat.XARG_COMPACTED)  # the middleware's marks: never a client's
+_XARGS_NAMES = ("vllm_xargs", "extra_args")  # where a request body carries SamplingParams.extra_args
+
+
+def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: str | None) -> None:
+    """A JSON body on a route whose session fields kvsched does not rewrite (`/v1/chat/completions/batch`,
+    `/inference/v1/generate`, `/invocations`, ...): vLLM passes its `vllm_xargs`/`extra_args` to the engine as they
+    are. Raises InvalidSessionInput (a 400) for one of kvsched's own marks anywhere in it (a forged tenant reaches
+    another key's sessions, a forged compaction mark ends a branch), and, for a caller with a key of its own, for a
+    session named there: nothing on that route scopes it to the caller's key, so two keys would share it."""
+    stack: list[tuple[object, str]] = [(payload, "")]
+    named = "x-session-id" in headers
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            for k, v in node.items():
+                path = f"{where}.{k}" if where else str(k)
+                if k in RESERVED_XARGS:
+                    raise InvalidSessionInput(f"{path} is set by kvsched's middleware only", field=path)
+                if k in _XARGS_NAMES and isinstance(v, dict) and v.get(compat.XARG_SESSION_ID) is not None:
+                    named = True
+                stack.append((v, path))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
+    if named and tenant is not None:
+        raise InvalidSessionInput("sessions are kept per API key on /v1/chat/completions, /v1/completions, "
+                                  "/v1/responses and /v1/messages only: this route cannot scope one to your key",
+                                  field="session_id")

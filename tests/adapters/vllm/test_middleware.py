@@ -216,3 +216,34 @@ def test_previous_response_id_finds_the_session_of_this_tenant_only():
     for i in range(3):  # bounded, oldest first
         responses.put("t1", None, f"r{i}", "s")
     assert responses.get("t1", None, rid) is None
+
+
+def test_routes_kvsched_does_not_rewrite_refuse_its_marks_and_keyed_sessions():
+    """vLLM hands the `vllm_xargs`/`extra_args` of other routes to the engine as they are: a forged tenant would reach
+    another key's sessions, a forged compaction mark would end a branch; a keyed caller's session id there would be
+    shared with every other key (nothing scopes it). All refused with a 400 naming the field; the rest passes."""
+    app = FakeVllm(keys=("secret", "other"))
+    mw = KVSchedMiddleware(app)
+    auth, js = ("Authorization", "Bearer secret"), ("Content-Type", "application/json")
+    batch = {"messages": [[{"role": "user", "content": "x"}]], "vllm_xargs": {"kvsched_tenant": "t-of-other"}}
+    status, err = call(mw, app, "POST", "/v1/chat/completions/batch", json.dumps(batch).encode(), [auth, js])
+    assert status == 400 and err["error"]["param"] == "vllm_xargs.kvsched_tenant"
+    invocation = {"messages": [], "vllm_xargs": {"kvsched_compacted": 1}}  # vLLM checks no key on /invocations
+    status, err = call(mw, app, "POST", "/invocations", json.dumps(invocation).encode(), [js])
+    assert status == 400 and "kvsched's middleware only" in err["error"]["message"]
+    generate = {"token_ids": [1, 2], "sampling_params": {"extra_args": {"session_id": "s"}}}
+    status, err = call(mw, app, "POST", "/inference/v1/generate", json.dumps(generate).encode(), [auth, js])
+    assert status == 400 and "per API key" in err["error"]["message"]
+    bare = json.dumps({"token_ids": [1, 2]}).encode()
+    status, err = call(mw, app, "POST", "/inference/v1/generate", bare, [auth, js, ("X-Session-ID", "s")])
+    assert status == 400 and err["error"]["param"] == "session_id"
+    assert mw.rejected == 4 and app.calls == []
+    # allowed: no session, or no keys on the server (one tenant); a key's absence on a guarded path is vLLM's 401
+    assert call(mw, app, "POST", "/inference/v1/generate", bare, [auth, js]) == (200, {"echo": bare.decode()})
+    forged = json.dumps(batch).encode()
+    assert call(mw, app, "POST", "/v1/chat/completions/batch", forged, [js])[0] == 401
+    assert call(mw, app, "POST", "/v1/audio/transcriptions", forged, [auth])[0] == 200  # not JSON to vLLM either
+    open_app = FakeVllm(keys=())
+    status, _ = call(KVSchedMiddleware(open_app), open_app, "POST", "/inference/v1/generate",
+                     json.dumps(generate).encode(), [js])
+    assert status == 200 and open_app.calls == [("/inference/v1/generate", json.dumps(generate).encode())]

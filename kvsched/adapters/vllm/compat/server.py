@@ -8,6 +8,18 @@ from kvsched.adapters.vllm.compat.requests import PACKED_ARGS, SCHEDULER_UTILITY
 
 
 # ---- API server -------------------------------------------------------------------------------------------------
+def _auth_guarded_prefixes() -> tuple[str, ...]:
+    """Paths vLLM's AuthenticationMiddleware checks the key on (others it serves to anyone, e.g. /invocations)."""
+    try:
+        from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX
+    except ImportError:  # vLLM 0.32's value
+        return ("/v1", "/v2", "/inference", "/cohere")
+    return (GUARDED_PREFIX,) if isinstance(GUARDED_PREFIX, str) else tuple(GUARDED_PREFIX)
+
+
+AUTH_GUARDED_PREFIXES = _auth_guarded_prefixes()
+
+
 def server_args(app: Any) -> Any:
     return getattr(app.state, "args", None)
 
