@@ -44,7 +44,7 @@ MAX_API_VALUE_LEN = 1024
 RETENTION_TTL_S = {"in_memory": 600.0, "24h": 86_400.0}
 DEFAULT_CACHE_CONTROL_TTL_S = 300.0
 USER_PREFIX = "user:"
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h)$")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h)", re.ASCII)  # fullmatch: "²m" and "5m\n" are no durations
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 PreviousSession = Callable[[str], SessionId | None]
@@ -105,7 +105,7 @@ def api_session_id(prefix: str, value: str) -> SessionId:
 
 def parse_duration(raw: object, field: str) -> float:
     """"30s", "5m", "1h" -> seconds."""
-    m = _DURATION.match(raw) if isinstance(raw, str) else None
+    m = _DURATION.fullmatch(raw) if isinstance(raw, str) else None
     value = float(m.group(1)) * _UNIT_S[m.group(2)] if m else math.nan
     if not math.isfinite(value):
         raise InvalidSessionInput(f"{field} must be a duration such as \"5m\" or \"1h\", got {raw!r}", field=field)
@@ -165,7 +165,7 @@ def _ttl(payload: Mapping[str, Any], headers: Mapping[str, str]) -> tuple[float 
         found.append((parse_duration(options["ttl"], "prompt_cache_options.ttl"), "prompt_cache_options.ttl"))
     retention = payload.get("prompt_cache_retention")
     if retention is not None:
-        if retention not in RETENTION_TTL_S:
+        if not isinstance(retention, str) or retention not in RETENTION_TTL_S:
             raise InvalidSessionInput(f"prompt_cache_retention must be one of {sorted(RETENTION_TTL_S)}, got "
                                       f"{retention!r}"[:200], field="prompt_cache_retention")
         found.append((RETENTION_TTL_S[retention], "prompt_cache_retention"))

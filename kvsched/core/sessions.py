@@ -52,6 +52,15 @@ class TurnHints:
     end: bool = False
 
 
+def shown(raw: object, limit: int = 64) -> str:
+    """`raw` for an error message: its repr, cut to `limit` characters (an int of 5,000 digits has none)."""
+    try:
+        text = repr(raw)
+    except ValueError:
+        text = f"<{type(raw).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def validate_session_id(raw: object) -> SessionId:
     """Return `raw` as a SessionId, or raise InvalidSessionInput saying what is wrong with it."""
     if not isinstance(raw, str):
@@ -63,25 +72,31 @@ def validate_session_id(raw: object) -> SessionId:
     for ch in raw:
         if ord(ch) < 0x20 or ord(ch) == 0x7F or 0x80 <= ord(ch) < 0xA0:
             raise InvalidSessionInput(f"session id contains a control character (U+{ord(ch):04X})")
+        if 0xD800 <= ord(ch) < 0xE000:  # a lone surrogate ("\ud800" in JSON): no UTF-8 carries it to the engine
+            raise InvalidSessionInput(f"session id contains a lone surrogate (U+{ord(ch):04X})")
     if raw != raw.strip():
         raise InvalidSessionInput("session id must not start or end with white space")
     return SessionId(raw)
 
 
 def validate_role(raw: object) -> str:
-    if not isinstance(raw, str) or not raw or len(raw) > 64 or not raw.replace("-", "").replace("_", "").isalnum():
-        raise InvalidSessionInput(f"agent_role must be a short word (letters, digits, - or _), got {raw!r}")
-    return raw.lower()
+    """The role, lower-cased; checked after lowering ("İ" lowers to "i" + a combining dot, which is no word)."""
+    role = raw.lower() if isinstance(raw, str) else raw
+    if not isinstance(role, str) or not role or len(role) > 64 or not role.replace("-", "").replace("_", "").isalnum():
+        raise InvalidSessionInput(f"agent_role must be a short word (letters, digits, - or _), got {shown(raw)}")
+    return role
 
 
 def validate_ttl(raw: object) -> float:
     """A TTL hint in seconds: a finite number >= 0 (strings from headers are parsed)."""
     try:
         value = float(raw)  # type: ignore[arg-type]
+    except OverflowError:  # an integer past float's range (10**400): no finite TTL
+        value = math.inf
     except (TypeError, ValueError):
-        raise InvalidSessionInput(f"ttl_s must be a number of seconds, got {raw!r}") from None
+        raise InvalidSessionInput(f"ttl_s must be a number of seconds, got {shown(raw)}") from None
     if isinstance(raw, bool) or not math.isfinite(value) or value < 0:
-        raise InvalidSessionInput(f"ttl_s must be a finite number of seconds >= 0, got {raw!r}")
+        raise InvalidSessionInput(f"ttl_s must be a finite number of seconds >= 0, got {shown(raw)}")
     return value
 
 

@@ -106,7 +106,7 @@ def parse_page_query(params: Mapping[str, str]) -> PageQuery:
     limit = DEFAULT_PAGE
     if "limit" in params:
         raw = params["limit"]
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_PAGE:  # int('²') fails
             raise InvalidQuery(f"limit must be an integer from 1 to {MAX_PAGE}, got {raw[:32]!r}", "limit")
         limit = int(raw)
     summary = params.get("summary", "0").strip().lower()

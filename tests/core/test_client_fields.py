@@ -63,6 +63,15 @@ def test_a_header_and_a_body_field_with_the_same_text_are_one_session():
     ({"vllm_xargs": {"agent_role": "a b"}, "session_id": "s"}, {}, "vllm_xargs.agent_role"),
     ({"vllm_xargs": {"ttl_s": 3}}, {}, "session_id"),  # a TTL of kvsched's without a session
     ({}, {"x-session-end": "1"}, "session_id"),
+    # found by review: each raised something other than InvalidSessionInput (a 500) or slipped through
+    ({"prompt_cache_retention": ["24h"]}, {}, "prompt_cache_retention"),  # unhashable
+    ({"prompt_cache_retention": {"a": 1}}, {}, "prompt_cache_retention"),
+    ({"session_id": "s", "vllm_xargs": {"ttl_s": 10**400}}, {}, "vllm_xargs.ttl_s"),  # past float's range
+    ({"session_id": "s", "vllm_xargs": {"ttl_s": 10**5000}}, {}, "vllm_xargs.ttl_s"),  # no repr either
+    ({"session_id": "s", "vllm_xargs": {"agent_role": "\u0130"}}, {}, "vllm_xargs.agent_role"),  # "İ": i + U+0307
+    ({"session_id": "a\ud800"}, {}, "session_id"),  # a lone surrogate: no UTF-8 carries it to the engine
+    ({"prompt_cache_options": {"ttl": "\u00b2m"}}, {}, "prompt_cache_options.ttl"),  # float("²") fails
+    ({"prompt_cache_options": {"ttl": "5m\n"}}, {}, "prompt_cache_options.ttl"),
 ])
 def test_malformed_values_are_refused_naming_the_field(payload, headers, field):
     with pytest.raises(InvalidSessionInput) as info:

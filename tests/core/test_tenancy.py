@@ -62,7 +62,8 @@ def test_query_parsing():
     assert parse_page_query({}) == PageQuery(DEFAULT_PAGE, None, False)
     assert parse_page_query({"limit": "5", "summary": "1"}) == PageQuery(5, None, True)
     for params, param in (({"limit": "0"}, "limit"), ({"limit": str(MAX_PAGE + 1)}, "limit"),
-                          ({"limit": "-1"}, "limit"), ({"cursor": "%%%"}, "cursor"), ({"page": "2"}, "page"),
+                          ({"limit": "-1"}, "limit"), ({"limit": "\u00b2"}, "limit"),  # "²".isdigit(), int fails
+                          ({"cursor": "%%%"}, "cursor"), ({"page": "2"}, "page"),
                           ({"summary": "maybe"}, "summary"), ({"cursor": encode_cursor(("a", 0, 0, "", ""))[:-3]},
                                                               "cursor")):
         with pytest.raises(InvalidQuery) as info:

@@ -8,6 +8,7 @@ value is dropped), and on `/v1/responses` the response id is fixed before the re
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -23,18 +24,27 @@ SESSION_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-e
 
 class ResponseSessions:
     """(tenant, cache_salt, response id) -> session id of the `/v1/responses` requests this server ran; bounded,
-    oldest first. Scoped so that naming another tenant's response id finds nothing."""
+    oldest first. Scoped so that naming another tenant's response id finds nothing. Salt and response id are the
+    client's strings of any length: the table keeps a digest of each, so an entry costs the same whatever was sent."""
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
-        self._map: OrderedDict[tuple[str | None, str | None, str], SessionId] = OrderedDict()
+        self._map: OrderedDict[tuple[str | None, bytes, bytes], SessionId] = OrderedDict()
+
+    @staticmethod
+    def _key(tenant: str | None, salt: str | None, response_id: str) -> tuple[str | None, bytes, bytes]:
+        def digest(text: str) -> bytes:
+            return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+        return tenant, b"" if salt is None else b"s" + digest(salt), digest(response_id)
 
     def get(self, tenant: str | None, salt: str | None, response_id: str) -> SessionId | None:
-        return self._map.get((tenant, salt, response_id))
+        return self._map.get(self._key(tenant, salt, response_id))
 
     def put(self, tenant: str | None, salt: str | None, response_id: str, session: SessionId) -> None:
-        self._map[(tenant, salt, response_id)] = session
-        self._map.move_to_end((tenant, salt, response_id))
+        key = self._key(tenant, salt, response_id)
+        self._map[key] = session
+        self._map.move_to_end(key)
         while len(self._map) > self.capacity:
             self._map.popitem(last=False)
 

@@ -247,3 +247,28 @@ def test_routes_kvsched_does_not_rewrite_refuse_its_marks_and_keyed_sessions():
     status, _ = call(KVSchedMiddleware(open_app), open_app, "POST", "/inference/v1/generate",
                      json.dumps(generate).encode(), [js])
     assert status == 200 and open_app.calls == [("/inference/v1/generate", json.dumps(generate).encode())]
+
+
+def test_response_ids_and_salts_of_any_length_cost_one_fixed_size_entry():
+    """The client picks `/v1/responses`' request_id and cache_salt: the table keeps digests of them, so a 1 MB id
+    costs what a short one does, and still finds its session (and only under its own salt)."""
+    responses = ResponseSessions(capacity=4)
+    rid, salt = "r" * 2**20, "s" * 2**20
+    body = {"input": "hi", "prompt_cache_key": "conv", "request_id": rid, "cache_salt": salt}
+    apply_session_fields(body, {}, "t1", "/v1/responses", responses)
+    assert responses.get("t1", salt, rid) == "conv" and responses.get("t1", None, rid) is None
+    assert responses.get("t1", salt + "x", rid) is None
+    (key,) = responses._map
+    assert sum(len(part or "") for part in key) < 100
+
+
+def test_bad_session_input_is_a_400_not_a_500():
+    """Each of these raised inside the middleware (a 500) or reached the engine, which dropped the session."""
+    app = FakeVllm(keys=())
+    mw = KVSchedMiddleware(app)
+    for fields in ({"session_id": "s", "vllm_xargs": {"ttl_s": 10**400}}, {"prompt_cache_retention": ["24h"]},
+                   {"session_id": "s", "vllm_xargs": {"agent_role": "\u0130"}}, {"session_id": "a\ud800"}):
+        body = json.dumps({"model": "m", "messages": [], **fields}).encode()
+        status, err = call(mw, app, "POST", "/v1/chat/completions", body)
+        assert status == 400 and err["error"]["message"] and err["error"]["param"]
+    assert app.calls == []
