@@ -168,3 +168,31 @@ def test_the_session_list_pages(secure_server):
         r = request(s, "GET", f"/kvsched/sessions?{query}", KEYS[1], headers=scope)
         assert r.status_code == 400 and r.json()["error"]["param"] == param
     assert request(s, "DELETE", "/kvsched/sessions", KEYS[1], headers=scope).json() == {"ended": 120}
+
+
+def test_routes_kvsched_does_not_rewrite_refuse_its_marks_and_keyed_sessions(secure_server):
+    """vLLM passes the `vllm_xargs` of `/invocations` and `/v1/chat/completions/batch` to the engine unchanged: a
+    forged `kvsched_tenant` would reach another key's sessions, a forged compaction mark would end a branch, and a
+    keyed caller's session id there would be shared with every other key. Each is a 400 naming the field, before the
+    engine sees anything; the same requests without those fields are served."""
+    s = secure_server
+    before = side_effects(s)
+    msgs = [{"role": "user", "content": "hi"}]
+    forged = {"model": "tiny", "max_tokens": 2, "messages": msgs, "vllm_xargs": {"kvsched_tenant": "t", "x": 1}}
+    r = request(s, "POST", "/invocations", None, forged)  # vLLM checks no key there
+    assert r.status_code == 400 and r.json()["error"]["param"] == "vllm_xargs.kvsched_tenant", r.text
+    marked = {"model": "tiny", "max_tokens": 2, "messages": [msgs], "vllm_xargs": {"kvsched_compacted": 1}}
+    r = request(s, "POST", "/v1/chat/completions/batch", KEYS[0], marked)
+    assert r.status_code == 400 and "kvsched's middleware only" in r.text, r.text
+    named = {"model": "tiny", "max_tokens": 2, "messages": [msgs], "vllm_xargs": {"session_id": "shared"}}
+    r = request(s, "POST", "/v1/chat/completions/batch", KEYS[0], named)
+    assert r.status_code == 400 and "per API key" in r.text, r.text
+    after = side_effects(s)
+    assert after[0]["vllm:prompt_tokens_total"] == before[0]["vllm:prompt_tokens_total"]  # nothing ran
+    assert after[0]["kvsched_rejected_requests_total"] == before[0]["kvsched_rejected_requests_total"] + 3
+    # the control: without kvsched's fields both routes run (so the 400s above are kvsched's, not vLLM's)
+    r = request(s, "POST", "/invocations", None, {"model": "tiny", "max_tokens": 2, "messages": msgs})
+    assert r.status_code == 200, r.text
+    r = request(s, "POST", "/v1/chat/completions/batch", KEYS[0], {"model": "tiny", "max_tokens": 2,
+                                                                    "messages": [msgs, msgs]})
+    assert r.status_code == 200, r.text
