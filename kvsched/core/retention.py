@@ -35,9 +35,7 @@ __all__ = ["Clock", "Decision", "Pin", "Release", "ReleaseReason", "RetentionPol
 Clock = Callable[[], float]
 Applied = Callable[[Release], int]  # applies a release at once; returns the distinct blocks it freed
 BUDGET_SLACK_DIVISOR = 128  # a budget release goes 1/128 of the budget below it (see budget_low_water_blocks)
-# Selector: (candidates, k) -> indices of the k lowest-value unpinned candidates, lowest first, ties by index. The pure
-# default is `kvsched.core.scoring.select_lowest`; the vLLM adapter passes `kvsched.ops.score.select_candidates` (the
-# score_and_select kernels: C++ on CPU, Triton on CUDA), which computes the same order.
+# Selector: the k lowest-value candidates' indices (`scoring.select_lowest`; the engine: the score_and_select kernels).
 
 
 class RetentionPolicy:
@@ -238,17 +236,14 @@ class RetentionPolicy:
         return self.release_blocks(blocks, ReleaseReason.PRESSURE, exclude, idle_only)
 
     def release_running_pin(self, key: SessionKey) -> list[Release]:
-        """The last resort of a request short of blocks when no other pin is left: its own session's pin, though the
-        session runs (the release order never offers it then). Two requests of one session with unrelated prompts
-        (e.g. a side request beside the main turn): the first one's finished turn pins blocks the second never hits,
-        and the second, preempted, would wait for them until the TTL, or forever while turns keep coming. Blocks the
-        request itself holds stay allocated to it."""
+        """A request short of blocks with no other pin left: its own running session's pin, which no release order
+        offers (e.g. an earlier side turn's unrelated prefix). Blocks the request holds stay allocated to it."""
         rec = self.sessions.get(key)
         if rec is None or not rec.pinned_blocks:
             return []
-        release = self._release(rec, ReleaseReason.PRESSURE)
+        out = [self._release(rec, ReleaseReason.PRESSURE)]
         self.index.changed(rec)
-        return [release]
+        return out
 
     def release_blocks(self, blocks: int, reason: ReleaseReason, exclude: Iterable[SessionKey] = (),
                        idle_only: bool = False, applied: Applied | None = None) -> list[Release]:
@@ -341,9 +336,6 @@ class RetentionPolicy:
         request waiting to be scheduled, the latest arrival first (`kvsched.core.release_index`)."""
         return list(self.index.order(self.clock(), set(exclude)))
 
-    def next_victim(self, exclude: Iterable[SessionKey]) -> SessionKey | None:
-        return next(iter(self.release_order(exclude)), None)
-
     # ---- views --------------------------------------------------------------------------------------------------
     def views(self) -> list[SessionView]:
         now = self.clock()
@@ -371,8 +363,7 @@ class RetentionPolicy:
     @staticmethod
     def _not_waiting(rec: SessionRecord) -> None:
         rec.waiting = max(rec.waiting - 1, 0)
-        if not rec.waiting:
-            rec.waiting_since = None
+        rec.waiting_since = rec.waiting_since if rec.waiting else None
 
     def _observe_gap(self, rec: SessionRecord, gap: float) -> None:
         a = self.config.gap_ewma_alpha if rec.gaps_seen else 1.0
