@@ -18,7 +18,7 @@ import json
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvsched.core.compaction_config import CompactionConfig, Strategy
@@ -88,6 +88,8 @@ class Plan:
     original_tokens: int
     job: SummaryJob | None = None
     refusal: str | None = None
+    kept_system: int = 0  # leading system messages served as sent (counted in `replaced`, replaced by nothing)
+    digests: tuple[str, ...] = ()  # `prefix_digests` of the client's messages (summarize and sliding window only)
 
 
 @dataclass(slots=True)
@@ -139,10 +141,10 @@ class CompactionStore:
         elif job is not None:
             state.pending = job.digest
             self.counters["jobs"] += 1
-            plan = Plan(plan.strategy, plan.messages, plan.replaced, plan.tokens, total, job=job)
+            plan = replace(plan, original_tokens=total, job=job)
         state.last_tokens = total
         state.peak_served_tokens = max(state.peak_served_tokens, plan.tokens)
-        return plan
+        return replace(plan, digests=tuple(digests))
 
     def _rewrite(self, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int], digests: list[str],
                  state: _Session, total: int) -> Plan:
@@ -157,7 +159,7 @@ class CompactionStore:
             tokens += cp.summary_tokens + overhead
         rest = msgs[cp.replaced:]
         tokens += sum(counts[cp.replaced:]) + overhead * len(rest)
-        return Plan(strategy, (*head, *rest), cp.replaced, tokens, total)
+        return Plan(strategy, (*head, *rest), cp.replaced, tokens, total, kept_system=cp.system_count)
 
     def _matching(self, strategy: Strategy, msgs: tuple[Message, ...], digests: list[str],
                   state: _Session) -> Checkpoint | None:
@@ -225,9 +227,22 @@ class CompactionStore:
         for cp in checkpoints:
             self._store(state, cp)
 
-    def forget(self, session: str) -> None:
-        """The session ended: drop its checkpoints (a job still in flight may store one more; the LRU bound holds)."""
+    def forget(self, session: str, messages: Sequence[Message] | None = None) -> bool:
+        """The conversation `messages` of the session ended: drop the checkpoints of that conversation (those whose
+        exact prefix it begins with), and the session's state once none is left; `messages` None: all of them. Other
+        conversations under the same id (the same user's other chats, `user:` ids) keep theirs. True if the session has
+        no state left (a job still in flight may store one more; the LRU bound holds)."""
+        state = self.sessions.get(session)
+        if state is not None and messages is not None:
+            digests = prefix_digests(tuple(messages))
+            state.checkpoints = [cp for cp in state.checkpoints
+                                 if cp.replaced >= len(digests) or digests[cp.replaced] != cp.digest]
+            if state.pending in digests:  # this conversation's job (a last turn's is never started)
+                state.pending = None
+            if state.checkpoints or state.pending is not None:
+                return False
         self.sessions.pop(session, None)
+        return True
 
     # ---- views ------------------------------------------------------------------------------------------------
     def checkpoints(self, session: str) -> list[Checkpoint]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvsched.core.sessions import SessionId, SessionKey
@@ -66,16 +66,18 @@ class LineageConfig:
 
 
 class _Entry:
-    """One session's lineage state: its key, anchor, how many joined turns are in flight (never forgotten) and when
-    its last turn finished (a sequence number)."""
+    """One session's lineage state: its key, anchor, how many joined turns are in flight (never forgotten), when its
+    last turn finished (a sequence number) and the conversation its last turn sent (compaction's digest of the client's
+    messages, when the API server computed one)."""
 
-    __slots__ = ("key", "anchor", "busy", "finished")
+    __slots__ = ("key", "anchor", "busy", "finished", "conversation")
 
     def __init__(self, key: SessionKey, anchor: Anchor | None) -> None:
         self.key = key
         self.anchor = anchor
         self.busy = 0
         self.finished = 0
+        self.conversation: str | None = None
 
 
 class Lineage:
@@ -140,20 +142,31 @@ class Lineage:
         self.created = key
         return key
 
-    def superseded(self, key: SessionKey) -> SessionKey | None:
+    def superseded(self, key: SessionKey, conversations: Collection[str] | None = None) -> SessionKey | None:
         """The branch that a turn rewritten by kvsched's own compaction leaves behind when it starts branch `key`: the
-        idle branch of the same id whose turn finished last (the conversation the rewrite summarised; the rewritten
-        prompt no longer continues it, and no later turn will). None if there is none, or if `key` is not the branch
-        the last `named` call created (a rewrite that joined a branch leaves nothing behind). Only a turn the server's
-        compaction rewrote may end the branch named here: a client's turn that continues no branch never ends another
-        (module docstring)."""
+        idle branch of the same id, whose turn finished last, that sent one of `conversations` (the digests of the
+        rewritten request's own message prefixes: a branch whose last turn's messages the rewritten request's messages
+        continue; the rewritten prompt no longer continues its tokens, and no later turn will). `conversations` None
+        (a replay, whose sessions are one conversation each): the idle branch whose turn finished last. None if there
+        is none, or if `key` is not the branch the last `named` call created (a rewrite that joined a branch leaves
+        nothing behind). Only a turn the server's compaction rewrote may end a branch: a client's turn that continues
+        no branch never ends another (module docstring), and a rewrite never ends another conversation under the same
+        id (another client's, or the same user's other conversation)."""
         if key.inferred or key != self.created:
             return None
         best: _Entry | None = None
         for e in self.branches.get(key._replace(branch=0), ()):
-            if e.key != key and not e.busy and e.finished and (best is None or e.finished > best.finished):
+            if e.key == key or e.busy or not e.finished or (best is not None and e.finished <= best.finished):
+                continue
+            if conversations is None or e.conversation in conversations:
                 best = e
         return None if best is None else best.key
+
+    def note_conversation(self, key: SessionKey, conversation: str) -> None:
+        """The turn of `key` that just arrived sent `conversation` (see `superseded`)."""
+        e = self.entries.get(key)
+        if e is not None:
+            e.conversation = conversation
 
     # ---- inferred sessions ------------------------------------------------------------------------------------------
     def infer(self, cache_salt: str | None, tenant: str | None, hashes: Sequence[Hashable]) -> SessionKey:

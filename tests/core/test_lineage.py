@@ -209,3 +209,21 @@ def test_a_compacted_turns_new_branch_supersedes_the_idle_branch_that_finished_l
     assert lin.superseded(rewritten) is None  # asked for a branch the last call did not create
     inferred = lin.infer(None, None, chain("x", "y"))
     assert lin.created is None and lin.superseded(inferred) is None
+
+
+def test_a_rewrite_supersedes_only_a_branch_whose_conversation_it_continues():
+    """Given the conversations a rewrite continues (the engine's case), only an idle branch whose last turn sent one of
+    them is named, the latest finished of those; never another conversation's branch under the same id."""
+    lin = Lineage(LineageConfig())
+    a = lin.named(BASE, chain("sys", "a1"))
+    lin.note_conversation(a, "A1")
+    lin.finished(a, (1, chain("sys", "a1")[1]))
+    b = lin.named(BASE, chain("sys", "b1"))
+    lin.note_conversation(b, "B1")
+    lin.finished(b, (1, chain("sys", "b1")[1]))  # b finished last
+    rewrite = lin.named(BASE, chain("sys", "summary of a"))
+    assert lin.superseded(rewrite) == b  # the replay's rule: the latest idle branch
+    assert lin.superseded(rewrite, {"A0", "A1"}) == a
+    assert lin.superseded(rewrite, {"X"}) is None and lin.superseded(rewrite, ()) is None
+    lin.note_conversation(rewrite, "A2")
+    assert lin.entries[rewrite].conversation == "A2" and lin.entries[a].conversation == "A1"

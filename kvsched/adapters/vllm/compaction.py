@@ -37,6 +37,8 @@ CHAT_PATH = "/v1/chat/completions"
 STRATEGY_HEADER = "x-kvsched-compaction"
 XARG_STRATEGY = "compaction"
 COMPACTED_HEADER = b"x-kvsched-compacted"
+DIGEST_CHARS = 32  # of a conversation digest sent to the engine (128 bits)
+COMPACTED_LOOKBACK = 32  # a rewrite names this many of its messages' latest prefixes (the left branch's last turn)
 TOKEN_CACHE_ENTRIES = 65_536
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -136,23 +138,36 @@ class Compactor:
             if self.config.wait_for_summary:
                 await self._wait(key)
                 plan = self.store.plan(key, messages, counts, strategy)
-        if xargs.get(compat.XARG_END):
-            self.store.forget(key)
-            if self.shared is not None:
-                self.shared.forget(key)
+        if xargs.get(compat.XARG_END):  # this conversation's summaries go; the id's other conversations keep theirs
+            if self.store.forget(key, messages):
+                if self.shared is not None:
+                    self.shared.forget(key)
+            elif self.shared is not None:
+                self.shared.save(self.store, key)
         return self._apply(plan, payload)
 
     def _apply(self, plan: Plan, payload: dict[str, Any]) -> Outcome:
-        if not plan.replaced:
+        # Every turn names the conversation it sent (a digest of the client's messages): the engine notes it on the
+        # branch the turn joins. A rewritten turn names the recent prefixes of its messages: the scheduler ends the
+        # branch this rewrite leaves behind (its prompt no longer continues it) only if that branch's last turn sent
+        # one of them, so it frees that KV now, not at its TTL, and never another conversation's under the same id
+        # (kvsched.core.lineage.Lineage.superseded).
+        digests = [d[:DIGEST_CHARS] for d in plan.digests]
+        if not digests:
             return UNCHANGED
+        tags: dict[str, Any] = {compat.XARG_CONVERSATION: digests[-1]}
+        if plan.replaced:
+            n = len(digests) - 1  # the client's messages
+            tags[compat.XARG_COMPACTED] = digests[max(1, n - COMPACTED_LOOKBACK):n]
+        payload["vllm_xargs"] = {**payload.get("vllm_xargs", {}), **tags}
+        if not plan.replaced:
+            return Outcome(changed=True)
         payload["messages"] = [dict(m) for m in plan.messages]
-        # The scheduler ends the branch this rewrite leaves behind (its prompt no longer continues it): its KV is freed
-        # now, not at its TTL (kvsched.core.lineage.Lineage.superseded).
-        payload["vllm_xargs"] = {**payload.get("vllm_xargs", {}), compat.XARG_COMPACTED: 1}
+        replaced = plan.replaced - plan.kept_system  # the client's messages a summary replaced or the window dropped
         self.counters[f"rewritten_{plan.strategy.value}"] += 1
-        self.counters["replaced_messages"] += plan.replaced
+        self.counters["replaced_messages"] += replaced
         self.counters["saved_tokens"] += max(plan.original_tokens - plan.tokens, 0)
-        return Outcome(changed=True, replaced=plan.replaced)
+        return Outcome(changed=True, replaced=replaced)
 
     # ---- summary calls ------------------------------------------------------------------------------------------
     def _start(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> None:

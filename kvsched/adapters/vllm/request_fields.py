@@ -65,7 +65,8 @@ def apply_session_fields(payload: dict[str, Any], headers: Mapping[str, str], te
     before = dict(xargs or {})
     out = dict(before)
     out.pop(compat.XARG_TENANT, None)
-    out.pop(compat.XARG_COMPACTED, None)  # only kvsched's compaction sets it (below, in compaction.py)
+    out.pop(compat.XARG_COMPACTED, None)  # only kvsched's compaction sets these two (compaction.py)
+    out.pop(compat.XARG_CONVERSATION, None)
     _write(out, fields, tenant)
     changed = out != before
     if changed:
@@ -92,7 +93,7 @@ def _write(xargs: dict[str, Any], fields: SessionFields, tenant: str | None) -> 
         xargs[compat.XARG_TENANT] = tenant
 
 
-RESERVED_XARGS = (compat.XARG_TENANT, compat.XARG_COMPACTED)  # the middleware's marks: never a client's
+RESERVED_XARGS = (compat.XARG_TENANT, compat.XARG_COMPACTED, compat.XARG_CONVERSATION)  # the middleware's marks: never a client's
 _XARGS_NAMES = ("vllm_xargs", "extra_args")  # where a request body carries SamplingParams.extra_args
 
 

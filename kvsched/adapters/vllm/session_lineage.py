@@ -61,7 +61,10 @@ class SessionResolver:
         self.anchors.pop(request_id, None)
         self._safely(self.lineage.abandoned, key)
 
-    def forget(self, key: SessionKey) -> None:
+    def forget(self, key: SessionKey, request_id: str | None = None) -> None:
+        """The session ended (by its request `request_id`'s last turn, when given: its anchor goes too)."""
+        if request_id is not None:
+            self.anchors.pop(request_id, None)
         self._safely(self.lineage.forget, key)
 
     def _safely(self, fn: Any, *args: Any) -> None:

@@ -78,12 +78,16 @@ class SessionPins:
             self.recorder.arrived(request, key)
         if key is None:
             return
-        # The conversation kvsched's compaction rewrote is never continued: end it. `superseded` answers None at once
-        # for a turn that joined a branch (most turns), so the request's fields are read only when a branch began.
-        old = self.resolver.lineage.superseded(key)
-        if old is not None and compat.request_compacted(request):
-            self.policy.counters["branches_superseded"] += 1
-            self._end(old)
+        # The conversation kvsched's compaction rewrote is never continued: end its branch. Only when this turn began a
+        # branch (most turns join one), and only a branch whose last turn's messages this rewrite's messages continue.
+        lineage = self.resolver.lineage
+        if key == lineage.created and (conversations := compat.compacted_from(request)):
+            old = lineage.superseded(key, conversations)
+            if old is not None:
+                self.policy.counters["branches_superseded"] += 1
+                self._end(old)
+        if (conversation := compat.request_conversation(request)) is not None:
+            lineage.note_conversation(key, conversation)
         self.policy.request_arrived(key, hints)
         # One key object per session (the policy record's), not one per request: fewer objects for the GC, and
         # dict lookups by the very object the tables hold skip the dataclass __eq__.
@@ -132,7 +136,7 @@ class SessionPins:
         else:
             self.pins.turn_finished(key, hints, groups, tokens)  # a last turn's tier blocks go too
         if hints.end:
-            self.resolver.forget(key)
+            self.resolver.forget(key, request.request_id)
         else:
             self.resolver.finished(request.request_id, key)
         if self.tier is not None and hints.end:

@@ -61,7 +61,7 @@ def test_background_summary_is_used_from_the_next_request():
     async def scenario():
         first = request(8, cache_salt="tenant-a")
         out = await comp.prepare(SCOPE, first, {})
-        assert out == Outcome() and first["messages"] == request(8)["messages"]  # served at once, as sent
+        assert not out.replaced and first["messages"] == request(8)["messages"]  # served at once, as sent
         await asyncio.gather(*comp.tasks.values())
         second = request(9, cache_salt="tenant-a")
         out2 = await comp.prepare(SCOPE, second, {})
@@ -78,10 +78,11 @@ def test_background_summary_is_used_from_the_next_request():
     assert (b"x-kvsched-compaction", b"off") in scope["headers"]
     assert out.changed and out.replaced > 0
     assert second["messages"][1]["content"].endswith("short summary of it all")
-    assert second["messages"][2:] == request(9)["messages"][out.replaced:]
-    # marked for the scheduler, which ends the branch the rewrite leaves (the first request was served as sent: unmarked)
-    assert second["vllm_xargs"] == {"session_id": "wf/1", "kvsched_compacted": 1}
-    assert first["vllm_xargs"] == {"session_id": "wf/1"}
+    assert second["messages"][2:] == request(9)["messages"][1 + out.replaced:]  # the system message is kept
+    # marked for the scheduler, which ends the branch the rewrite leaves (the first request was served as sent: not
+    # marked compacted); each names its conversation
+    assert set(second["vllm_xargs"]) == {"session_id", "kvsched_compacted", "kvsched_conversation"}
+    assert set(first["vllm_xargs"]) == {"session_id", "kvsched_conversation"}
     stats = comp.stats()
     assert stats["summaries"] == 1 and stats["rewritten_summarize"] == 1 and stats["replaced_messages"] == out.replaced
 
@@ -92,7 +93,7 @@ def test_failed_summary_call_serves_uncompacted_and_counts(mode, reason):
     comp = compactor(app, summary_timeout_s=0.05, wait_for_summary=True)
     payload = request(8)
     out = run(comp.prepare(SCOPE, payload, {}))
-    assert out == Outcome() and payload["messages"] == request(8)["messages"]
+    assert not out.replaced and payload["messages"] == request(8)["messages"]
     stats = comp.stats()
     assert stats[f"failed_{reason}"] == 1 and stats["summaries"] == 0 and stats["summaries_in_flight"] == 0
     # No retry storm: the next request of the session within retry_after_s makes no new call.
@@ -156,7 +157,7 @@ def test_cap_refuses_with_a_message_and_sliding_window_needs_no_call():
     payload = request(8)
     out = run(comp.prepare(SCOPE, payload, {"x-kvsched-compaction": "sliding_window"}))
     assert out.replaced > 0 and app.calls == [] and payload["messages"][0] == SYSTEM
-    assert payload["messages"][1:] == request(8)["messages"][out.replaced:]
+    assert payload["messages"][1:] == request(8)["messages"][1 + out.replaced:]
 
 
 def test_requests_without_a_session_or_on_completions_pass():
@@ -189,7 +190,7 @@ def test_a_sessions_last_turn_makes_no_summary_and_ends_its_state():
     assert comp.store.sessions
     last = request(8)
     last["vllm_xargs"]["session_end"] = 1
-    assert run(comp.prepare(SCOPE, last, {})) == Outcome()
+    assert not run(comp.prepare(SCOPE, last, {})).replaced
     assert app.calls == [] and not comp.store.sessions
 
 
@@ -231,3 +232,54 @@ def test_the_in_process_call_carries_the_outer_app_to_a_stack_that_does_not_set_
 
     assert asyncio.run(call_asgi(inner, {"app": outer}, "/v1/chat/completions", b"{}", [])) == (200, b"{}")
     assert seen["app"] is outer
+
+
+def test_each_turn_names_its_conversation_and_a_rewrite_names_what_it_continues():
+    """The scheduler ends the branch a rewrite leaves only if that branch's last turn sent messages the rewritten
+    request continues: every turn names its messages' digest, a rewrite names its messages' recent prefixes. Another
+    conversation under the same id (another client, or the same user's other chat) is never among them. The count in
+    X-KVSched-Compacted is the client messages replaced: the system message is served as sent."""
+    app = FakeVllm()
+    comp = compactor(app, wait_for_summary=True)
+    turn = request(3)
+    run(comp.prepare(SCOPE, turn, {}))
+    assert "kvsched_compacted" not in turn["vllm_xargs"]  # under the trigger
+    sent = turn["vllm_xargs"]["kvsched_conversation"]
+    follow = request(3)
+    follow["messages"] = [*turn["messages"], {"role": "assistant", "content": "ok " * 5},
+                          *[{"role": "user", "content": "tool output words " * 4}] * 3]
+    other = request(3)  # the same id, another conversation
+    other["messages"] = [SYSTEM, {"role": "user", "content": "unrelated " * 30}, {"role": "user", "content": "go"}]
+    run(comp.prepare(SCOPE, other, {}))
+    client = len(follow["messages"])
+    out = run(comp.prepare(SCOPE, follow, {}))
+    assert out.replaced > 0
+    left = follow["vllm_xargs"]["kvsched_compacted"]
+    assert sent in left and other["vllm_xargs"]["kvsched_conversation"] not in left
+    assert follow["vllm_xargs"]["kvsched_conversation"] not in left  # its own full list continues nothing
+    served = follow["messages"]
+    assert served[0] == SYSTEM and out.replaced == (client - 1) - (len(served) - 2)  # the system message is not counted
+
+
+def test_ending_one_conversation_keeps_the_summaries_of_the_ids_other_conversations():
+    """Found by review: the end flag on any turn under an id dropped every summary of the id, so the same user's other
+    conversation (one `user:` id, several chats) lost its summary and, once longer than the context, could not be
+    served or summarised again. Now only the ending conversation's summaries go."""
+    app = FakeVllm()
+    comp = compactor(app, wait_for_summary=True)
+    a, b = request(8, session="user:alice"), request(8, session="user:alice")
+    b["messages"] = [SYSTEM, *[{"role": "user", "content": f"other chat {i} with more words"} for i in range(9)]]
+    b_messages = [dict(m) for m in b["messages"]]
+    assert run(comp.prepare(SCOPE, a, {})).replaced > 0 and run(comp.prepare(SCOPE, b, {})).replaced > 0
+    assert len(comp.store.checkpoints(comp_key := next(iter(comp.store.sessions)))) == 2
+    last_b = request(8, session="user:alice")
+    last_b["messages"] = [*b_messages, {"role": "user", "content": "bye"}]
+    last_b["vllm_xargs"]["session_end"] = 1
+    run(comp.prepare(SCOPE, last_b, {}))
+    assert len(comp.store.checkpoints(comp_key)) == 1  # a's stays
+    again = request(8, session="user:alice")
+    assert run(comp.prepare(SCOPE, again, {})).replaced > 0 and len(app.calls) == 2  # served from a's summary
+    last_a = request(8, session="user:alice")
+    last_a["vllm_xargs"]["session_end"] = 1
+    run(comp.prepare(SCOPE, last_a, {}))
+    assert not comp.store.sessions  # nothing left: the state goes

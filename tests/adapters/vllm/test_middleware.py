@@ -30,7 +30,7 @@ def test_requests_without_a_session_are_untouched():
 def test_a_clients_own_compacted_mark_is_dropped():
     """Only kvsched's compaction marks a request as rewritten (the scheduler then ends the branch it left): a client
     sending the mark itself could otherwise end its session's other branch."""
-    payload = {"messages": [], "vllm_xargs": {"session_id": "s", "kvsched_compacted": 1}}
+    payload = {"messages": [], "vllm_xargs": {"session_id": "s", "kvsched_compacted": ["d"], "kvsched_conversation": "d"}}
     assert apply_session_fields(payload, {}) is True and payload["vllm_xargs"] == {"session_id": "s"}
     bare = {"messages": [], "vllm_xargs": {"kvsched_compacted": 1}}  # no session either
     assert apply_session_fields(bare, {}) is True and bare["vllm_xargs"] == {}

@@ -172,3 +172,15 @@ def test_a_failure_in_session_bookkeeping_never_reaches_the_engine(cfg, clock, m
     s.add_request(f.make(list(range(64)), 2, session_id="s"))
     run_until_idle(s)  # the engine loop goes on
     assert s.kvsched.pinned
+
+
+def test_sessions_ended_by_their_last_turn_leave_no_lineage_state(cfg, clock):
+    """Found by review: a turn carrying the end flag skipped the only place that dropped its request's anchor, so the
+    resolver kept one entry per ended session, forever."""
+    s, f = _sched(cfg, clock), RequestFactory(BLOCK)
+    for i in range(50):
+        s.add_request(f.make(list(range(1000 + i * 40, 1040 + i * 40)), 2, session_id=f"one-shot-{i}",
+                             xargs={"session_end": 1}))
+        run_until_idle(s)
+    assert s.kvsched.resolver.anchors == {} and s.kvsched.requests == {}
+    assert not s.kvsched.policy.sessions and not s.kvsched.resolver.lineage.entries and pool_is_whole(s)

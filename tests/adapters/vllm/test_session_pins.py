@@ -246,30 +246,44 @@ def test_a_short_side_request_beside_a_long_turn_does_not_replace_its_pin(harnes
     assert counts.cached_tokens == 10 * BLOCK and s.kvsched.stats()["retained_hits"] == 1
 
 
-def test_a_turn_rewritten_by_compaction_ends_the_branch_it_leaves_and_a_clients_branch_does_not(harness_cfg, clock):
-    """The compaction middleware marks a request it rewrote (`kvsched_compacted`): its prompt (system + summary + recent
-    turns) continues no branch, so it starts one, and the conversation it summarised is ended at once (its KV freed, not
-    held to its TTL). A turn that continues no branch without the mark leaves the other branch alone."""
+def test_a_turn_rewritten_by_compaction_ends_the_branch_it_leaves_and_no_other(harness_cfg, clock):
+    """The compaction middleware names each turn's conversation (`kvsched_conversation`, a digest of the client's
+    messages) and marks a request it rewrote with the conversations it continues (`kvsched_compacted`): its prompt
+    (system + summary + recent turns) continues no branch, so it starts one, and the branch whose last turn sent one of
+    those conversations is ended at once (its KV freed, not held to its TTL). Found by review: the branch ended was the
+    id's idle branch that finished last, whatever its conversation: another client's under the same id, or the same
+    user's other chat (`user:` ids). A rewrite of another conversation, or a turn without the mark, ends nothing."""
     s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
     system = list(range(100, 100 + BLOCK))
     history = system + list(range(300, 300 + 9 * BLOCK))
-    s.add_request(f.make(history, 2, session_id="c"))
+    s.add_request(f.make(history, 2, session_id="c", xargs={"kvsched_conversation": "conv-a1"}))
     run_until_idle(s)
     assert len(_pinned_block_ids(s)) == 10
-    s.add_request(f.make(system + [9] * (3 * BLOCK), 2, session_id="c"))  # a client's other branch: both kept
+    s.add_request(f.make(system + [9] * (3 * BLOCK), 2, session_id="c",  # another conversation: both kept
+                         xargs={"kvsched_conversation": "conv-b1"}))
     run_until_idle(s)
     assert s.kvsched.stats()["branches"] == 1 and len(_pinned_block_ids(s)) == 10 + 3
-    s.add_request(f.make(history + [4] * BLOCK, 2, session_id="c"))  # the conversation goes on: branch 0 finished last
-    run_until_idle(s)
-    rewritten = system + [5] * (2 * BLOCK)  # system + summary + the newest turn
-    s.add_request(f.make(rewritten, 2, session_id="c", xargs={"kvsched_compacted": 1}))
+    s.add_request(f.make(history + [4] * BLOCK, 2, session_id="c", xargs={"kvsched_conversation": "conv-a2"}))
+    run_until_idle(s)  # conversation a goes on: branch 0 finished last
+    stranger = system + [6] * (2 * BLOCK)  # a rewrite of conversation b (or a stranger's own): not a's
+    s.add_request(f.make(stranger, 2, session_id="c", xargs={"kvsched_compacted": ["conv-b1", "conv-x"],
+                                                             "kvsched_conversation": "conv-b2"}))
     run_until_idle(s)
     stats = s.kvsched.stats()
     assert stats["branches"] == 2 and stats["branches_superseded"] == 1
-    keys = sorted(k.branch for k in s.kvsched.policy.sessions)
-    assert keys == [1, 2]  # branch 0, the summarised conversation, is gone; the client's branch 1 stays
-    assert len(_pinned_block_ids(s)) == 4 + 3 - 1  # branch 1 (system + 3) and the new one (system + 2), system once
+    assert sorted(k.branch for k in s.kvsched.policy.sessions) == [0, 2]  # b's branch 1 went, a's branch 0 stayed
+    rewritten = system + [5] * (2 * BLOCK)  # a's rewrite: system + summary + the newest turn
+    s.add_request(f.make(rewritten, 2, session_id="c", xargs={"kvsched_compacted": ["conv-a1", "conv-a2"],
+                                                              "kvsched_conversation": "conv-a3"}))
+    run_until_idle(s)
+    stats = s.kvsched.stats()
+    assert stats["branches"] == 3 and stats["branches_superseded"] == 2
+    assert sorted(k.branch for k in s.kvsched.policy.sessions) == [2, 3]
+    assert len(_pinned_block_ids(s)) == 3 + 3 - 1  # the two rewrites' branches (system + 2 each), system once
     assert free_blocks(s) == usable_blocks(s) - len(_pinned_block_ids(s))
+    s.add_request(f.make(system + [7] * (2 * BLOCK), 2, session_id="c", xargs={"kvsched_compacted": 1}))
+    run_until_idle(s)  # an older middleware's mark names no conversation: nothing ended
+    assert s.kvsched.stats()["branches_superseded"] == 2
 
 
 def test_a_streaming_input_request_is_one_turn_of_its_session(harness_cfg, clock):

@@ -22,7 +22,9 @@ XARG_ROLE = "agent_role"
 XARG_TTL = "ttl_s"
 XARG_END = "session_end"
 XARG_TENANT = "kvsched_tenant"  # set by kvsched's API-server middleware only (a client's own value is replaced)
-XARG_COMPACTED = "kvsched_compacted"  # set by kvsched's compaction middleware only, on a request it rewrote
+XARG_COMPACTED = "kvsched_compacted"  # set by kvsched's compaction middleware only, on a request it rewrote: the
+# digests of its client messages' recent prefixes (the conversations whose branch the rewrite leaves behind)
+XARG_CONVERSATION = "kvsched_conversation"  # set by the compaction middleware only: the digest of the client's messages
 XARG_INFER = "kvsched_infer"  # 0: keep this request out of session inference (e.g. kvsched's own summary calls)
 
 # Engine-core utility calls: vLLM's EngineCore dispatches a utility request by `getattr(engine_core, name)(*args)`.
@@ -113,5 +115,19 @@ def finished_request_shape(request: Any, hash_block_size: int) -> tuple[int, int
 def request_compacted(request: Any) -> bool:
     """True if kvsched's compaction middleware rewrote the request (`XARG_COMPACTED`; a client's own value is dropped
     by the middleware)."""
+    return bool(compacted_from(request))
+
+
+def compacted_from(request: Any) -> frozenset[str]:
+    """The conversations a request rewritten by kvsched's compaction continues (`XARG_COMPACTED`: digests of its
+    client messages' recent prefixes); empty for a request it did not rewrite."""
     extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
-    return extra.get(XARG_COMPACTED) == 1
+    raw = extra.get(XARG_COMPACTED)
+    return frozenset(d for d in raw if isinstance(d, str)) if isinstance(raw, list) else frozenset()
+
+
+def request_conversation(request: Any) -> str | None:
+    """The digest of the client messages a chat request sent (`XARG_CONVERSATION`), when compaction computed one."""
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
+    raw = extra.get(XARG_CONVERSATION) if extra else None
+    return raw if isinstance(raw, str) else None
