@@ -47,6 +47,7 @@ class Prefetch:
     due_step: int  # entered into the prefix cache once the connector has seen this many step outputs
     request: Any = None
     cached: bool = False
+    failed_from: int | None = None  # index of the first block whose load failed its checksum
 
 
 @dataclass(slots=True)
@@ -138,13 +139,24 @@ class TierPrefetcher:
         self.chains.pop(key, None)
 
     def on_load_failures(self, block_ids: set[int]) -> None:
-        """Slots that failed their checksum: the blocks they were restored into (and every later block of the same
-        prefetch, which a request could only reach through them) leave the prefix cache."""
+        """Slots that failed their checksum: the blocks they were restored into, and every later block of the same
+        prefetch (a request could only reach them through those), never serve as the session's KV. A prefetch not yet
+        cached (async scheduling: the failure arrives with the step count that makes it due) is cached only up to
+        them; of a cached one, only blocks still cached under the session's hashes leave the prefix cache (a block a
+        release gave back may be another request's by now)."""
         for p in self.pending.values():
             idx = [i for i, b in enumerate(p.blocks) if b.block_id in block_ids]
-            if idx:
-                compat.evict_from_prefix_cache(self.pins.scheduler, {b.block_id for b in p.blocks[min(idx):]})
-                self.counters["failed_prefetch_blocks"] += len(p.blocks) - min(idx)
+            if not idx:
+                continue
+            first = min(idx)
+            self.counters["failed_prefetch_blocks"] += len(p.blocks) - first
+            if not p.cached:
+                p.failed_from = first if p.failed_from is None else min(first, p.failed_from)
+                continue
+            mine = {b.block_id for i, b in enumerate(p.blocks[first:], p.first + first)
+                    if b.block_hash is not None and compat.block_content_key(b) == bytes(p.chain[i])}
+            if mine:
+                compat.evict_from_prefix_cache(self.pins.scheduler, mine)
 
     # ---- the prefetch -----------------------------------------------------------------------------------------------
     def _holds(self, key: SessionKey) -> bool:
@@ -194,16 +206,18 @@ class TierPrefetcher:
         another session's prefetch, a refused adoption) may already hold another request's KV: a reference count
         says nothing about whose, the pin does."""
         n = len(p.blocks) if fresh else 0
-        if not fresh:
+        if not fresh and p.failed_from != 0:
             pin = self.pins.pinned.get(p.key)
             held = {id(b) for b in pin[0]} if pin and len(pin) == 1 else set()
             for b in p.blocks:
                 if id(b) not in held or b.block_hash is not None:
                     break
                 n += 1
+            n = n if p.failed_from is None else min(n, p.failed_from)
         if n:
             compat.cache_restored_blocks(self.pins.scheduler, p.blocks[:n], p.chain, p.first, p.request)
-        if n < len(p.blocks):
-            self.counters["released_before_cached_blocks"] += len(p.blocks) - n
+        lost = (len(p.blocks) if p.failed_from is None else p.failed_from) - n
+        if lost > 0:
+            self.counters["released_before_cached_blocks"] += lost
         p.cached = True
         p.request = None

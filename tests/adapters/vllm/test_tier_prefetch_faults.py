@@ -1,0 +1,106 @@
+"""The FP8 tier's prefetch when a slot fails its checksum, on vLLM's real scheduler (no model, no worker: the test
+reports the worker's invalid blocks itself). Found by review: on async scheduling a failed prefetch was cached anyway
+(the failure arrives before the prefetch is due), and a failure walked blocks a release had given to another session."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvsched.adapters.vllm.harness import FAKE_TOKEN, RequestFactory, run_until_idle, step  # noqa: E402
+from tests.adapters.vllm.conftest import BLOCK, sched  # noqa: E402
+
+
+def _report(s, out, invalid):
+    """The step's output as a worker whose loads into `invalid` failed their checksum reports it."""
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+    ids = list(out.num_scheduled_tokens)
+    sampled = [[] if s.requests[r].is_prefill_chunk else [FAKE_TOKEN] for r in ids]
+    s.update_from_output(out, ModelRunnerOutput(
+        req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled,
+        kv_connector_output=KVConnectorOutput(invalid_block_ids=set(invalid))))
+
+
+def _demoted(harness_cfg, clock, monkeypatch, names):
+    """A scheduler whose sessions `names` (10 blocks each) were pushed into the tier by a flood."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    monkeypatch.setenv("KVSCHED_INFER_SESSIONS", "0")
+    tier = kv_transfer_config((200 * 8208 + 100) / 2**30)
+    s, f = sched(replace(harness_cfg, kv_transfer_config=tier), clock=clock), RequestFactory(BLOCK)
+    histories = {}
+    for i, name in enumerate(names):
+        histories[name] = list(range(100 + 1000 * i, 260 + 1000 * i))
+        s.add_request(f.make(histories[name], 4, session_id=name))
+        run_until_idle(s)
+        clock.advance(1)
+    for i in range(4):
+        s.add_request(f.make([5000 + i] * 330, 4))
+    run_until_idle(s)
+    return s, f, histories
+
+
+def test_an_async_prefetch_whose_load_failed_is_not_cached_and_its_turn_recomputes(harness_cfg, clock, monkeypatch):
+    s, f, hist = _demoted(harness_cfg, clock, monkeypatch, ["A"])
+    s.scheduler_config.async_scheduling = True
+    busy = f.make([6000] * 20, 6)  # holds the only running slot: A's next request waits
+    s.add_request(busy)
+    step(s)
+    s.max_num_running_reqs = s.max_num_active_reqs = len(s.running)
+    ra = f.make(hist["A"] + [4] * 3 + list(range(900, 940)), 4, session_id="A")
+    s.add_request(ra)
+    p = s.kvsched.prefetcher.pending[next(k for k in s.kvsched.policy.sessions if k.session_id == "A")]
+    out = s.schedule()
+    bad = {load.block_id for load in out.kv_connector_metadata.prefetches}
+    assert len(bad) == 10
+    _report(s, out, bad)  # every prefetched slot failed
+    pool = s.kv_cache_manager.block_pool
+    for _ in range(20):
+        out = s.schedule()
+        new = [n for n in out.scheduled_new_reqs if n.req_id == ra.request_id]
+        cached = [b for h in p.chain[:10] if (b := (pool.get_cached_block(h, [0]) or [None])[0])]
+        assert not {b.block_id for b in cached} & bad  # never a hit on a block whose load failed
+        _report(s, out, ())
+        if new:
+            break
+    assert new and not set(new[0].block_ids[0]) & bad
+    meta = out.kv_connector_metadata
+    assert new[0].num_computed_tokens == 0 or len(meta.loads) > 0  # recomputed or restored again, never the bad KV
+    s.max_num_running_reqs = s.max_num_active_reqs = 256
+    run_until_idle(s)
+    assert s.kvsched.prefetcher.counters["failed_prefetch_blocks"] == 10
+
+
+def test_a_failure_on_a_released_prefetch_leaves_the_blocks_another_session_took_alone(harness_cfg, clock,
+                                                                                       monkeypatch):
+    """A's queued turn is prefetched then aborted; C's prefetch makes room by taking 6 of A's blocks and caches its own
+    KV in them. A failure on A's first slot evicts A's remaining blocks, never C's."""
+    from vllm.v1.request import RequestStatus
+
+    s, f, hist = _demoted(harness_cfg, clock, monkeypatch, ["A", "C"])
+    s.max_num_scheduled_tokens = 800
+    s.add_request(f.make(list(range(20000, 20000 + 49 * BLOCK - 8)), 200, session_id="B"))
+    step(s)
+    step(s)
+    s.max_num_scheduled_tokens = 1
+    ra = f.make(hist["A"] + [4] * 3 + list(range(900, 940)), 4, session_id="A")
+    s.add_request(ra)
+    s.finish_requests(ra.request_id, RequestStatus.FINISHED_ABORTED)
+    keys = {k.session_id: k for k in s.kvsched.policy.sessions}
+    pa = s.kvsched.prefetcher.pending[keys["A"]]
+    s.add_request(f.make(hist["C"] + [4] * 3 + list(range(900, 940)), 4, session_id="C"))
+    pc = s.kvsched.prefetcher.pending[keys["C"]]
+    assert len({b.block_id for b in pa.blocks} & {b.block_id for b in pc.blocks}) == 6
+    pool = s.kv_cache_manager.block_pool
+
+    def hits(p):
+        return sum(1 for h in p.chain[:10] if pool.get_cached_block(h, [0]))
+
+    assert hits(pc) == 10 and hits(pa) == 4
+    out = s.schedule()
+    _report(s, out, {pa.blocks[0].block_id})
+    assert hits(pc) == 10 and hits(pa) == 0
