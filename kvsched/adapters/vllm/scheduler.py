@@ -30,6 +30,8 @@ class KVSchedScheduler(AsyncScheduler):
         # A streaming-input request's next chunk (or its end marker) comes with the id of a request vLLM already
         # holds: still one request of one turn, which kvsched counted when it arrived and settles when it finishes.
         known = request.request_id in self.requests
+        if known:  # before vLLM handles it: an end marker finishes the request at once
+            self.kvsched.on_request_updated(request)
         super().add_request(request)
         if not known:
             self.kvsched.on_request_added(request)

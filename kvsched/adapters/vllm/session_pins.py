@@ -96,6 +96,19 @@ class SessionPins:
         if self.prefetcher is not None:
             self.prefetcher.on_request_added(request, key)
 
+    def on_request_updated(self, request: Any) -> None:
+        """A streaming-input request's next chunk or end marker: the same turn, whose hints may say more (the end of
+        the session, a TTL, a role). A hint given once stays given."""
+        entry = self.requests.get(request.request_id)
+        if entry is None:
+            return
+        _, new = compat.request_session(request)
+        old = entry[1]
+        hints = TurnHints(role=new.role or old.role, ttl_s=new.ttl_s if new.ttl_s is not None else old.ttl_s,
+                          end=old.end or new.end)
+        if hints != old:
+            self.requests[request.request_id] = (entry[0], hints)
+
     def on_scheduled(self, scheduler_output: Any) -> None:
         for new in scheduler_output.scheduled_new_reqs:
             entry = self.requests.get(new.req_id)

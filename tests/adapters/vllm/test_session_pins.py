@@ -330,3 +330,26 @@ def test_a_preempted_request_is_not_held_up_by_its_running_sessions_other_pin(ha
     assert short.is_finished() and long.is_finished() and long.num_preemptions >= 1
     assert s.kvsched.stats()["released_pressure"] >= 1
     assert free_blocks(s) + len(_pinned_block_ids(s)) == usable_blocks(s)
+
+
+def test_a_streaming_input_requests_later_chunks_can_end_its_session(harness_cfg, clock):
+    """The end flag on a streaming-input request's last chunk (or on its end marker) ends the session when the request
+    finishes, as on any last turn (found by review: only the first chunk's hints were kept, so the pin stayed to its
+    TTL)."""
+    from vllm.v1.request import RequestStatus
+
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    first = f.make(list(range(100, 140)), 3, session_id="stream", resumable=True)
+    s.add_request(first)
+    for update in ({"ttl_s": 5}, {"session_end": 1}):
+        for _ in range(20):
+            step(s)
+            if first.status == RequestStatus.WAITING_FOR_STREAMING_REQ:
+                break
+        s.add_request(f.make(list(range(200, 240)), 3, session_id="stream", request_id=first.request_id,
+                             resumable=True, xargs=update))
+    (_, hints), = s.kvsched.requests.values()
+    assert hints.ttl_s == 5 and hints.end
+    s.add_request(f.make([1], 1, session_id="stream", request_id=first.request_id))  # the end of the input
+    run_until_idle(s)
+    assert not s.kvsched.policy.sessions and s.kvsched.requests == {} and free_blocks(s) == usable_blocks(s)
