@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+SCAN_BODY_BYTES = 2**30  # bodies kvsched only scans for its own fields (routes it does not rewrite): vLLM's limit
 MAX_JSON_DEPTH = 128
 
 Scope = dict[str, Any]
@@ -138,3 +139,39 @@ async def send_json(send: Any, status: int, content: Any) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+def body_kind(content_type: bytes) -> str | None:
+    """"json" or "form" for the bodies vLLM reads `vllm_xargs` from (JSON; the audio routes' forms), else None."""
+    ctype = content_type.lower()
+    if b"json" in ctype:
+        return "json"
+    if ctype.startswith((b"multipart/form-data", b"application/x-www-form-urlencoded")):
+        return "form"
+    return None
+
+
+async def form_fields(scope: Scope, body: bytes) -> list[dict[str, Any]] | None:
+    """A form body's text fields, one {name: value} each (a name may repeat), as vLLM reads them (Starlette's parser;
+    `vllm_xargs` is JSON text, decoded here as vLLM decodes it); None if it does not parse (vLLM refuses it too)."""
+    from starlette.requests import Request
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(dict(scope, type="http"), receive).form()
+        items = [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
+        await form.close()
+    except Exception:
+        return None
+    fields: list[dict[str, Any]] = []
+    for name, value in items:
+        if name == "vllm_xargs":
+            try:
+                fields.append({name: json.loads(value)})
+                continue
+            except ValueError:
+                pass
+        fields.append({name: value})
+    return fields

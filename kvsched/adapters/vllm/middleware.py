@@ -21,11 +21,14 @@ from kvsched.adapters.vllm import admin_routes, compat
 from kvsched.adapters.vllm.auth import Auth
 from kvsched.adapters.vllm.compaction import STRATEGY_HEADER, Compactor
 from kvsched.adapters.vllm.http_io import (
+    SCAN_BODY_BYTES,
     Disconnected,
     HttpError,
     Scope,
+    body_kind,
     error_body,
     first_headers,
+    form_fields,
     parse_json,
     read_body,
     replace_header,
@@ -124,13 +127,15 @@ class KVSchedMiddleware:
         ids are refused there (`check_unhandled_body`); everything else passes on byte for byte."""
         raw = first_headers(scope)
         ident = self.auth.identify(scope["app"], raw.get("authorization"))
-        if ((not ident.authenticated and path.startswith(compat.AUTH_GUARDED_PREFIXES))  # vLLM answers 401
-                or b"json" not in raw.get("content-type", b"").lower()):  # vLLM parses no vllm_xargs from it
-            await self.app(scope, receive, send)
+        kind = body_kind(raw.get("content-type", b""))
+        if (not ident.authenticated and path.startswith(compat.AUTH_GUARDED_PREFIXES)) or kind is None:
+            await self.app(scope, receive, send)  # vLLM answers 401, or reads no vllm_xargs from such a body
             return
         try:
-            body = await read_body(scope, receive)
-            check_unhandled_body(parse_json(body), raw, ident.tenant)
+            body = await read_body(scope, receive, limit=SCAN_BODY_BYTES)  # a route kvsched does not limit
+            fields = [parse_json(body)] if kind == "json" else await form_fields(scope, body) or []
+            for payload in fields:  # a form's fields one by one: an error names the field as sent
+                check_unhandled_body(payload, raw, ident.tenant, path)
         except Disconnected:
             return
         except InvalidSessionInput as exc:

@@ -243,6 +243,20 @@ def test_routes_kvsched_does_not_rewrite_refuse_its_marks_and_keyed_sessions():
     forged = json.dumps(batch).encode()
     assert call(mw, app, "POST", "/v1/chat/completions/batch", forged, [js])[0] == 401
     assert call(mw, app, "POST", "/v1/audio/transcriptions", forged, [auth])[0] == 200  # not JSON to vLLM either
+    # found by review: a top-level session_id names a session too (vLLM's `_get_session_id` reads it first)
+    status, err = call(mw, app, "POST", "/invocations", json.dumps({"messages": [], "session_id": "s"}).encode(),
+                       [auth, js])
+    assert status == 400 and err["error"]["param"] == "session_id"
+    # a form's vllm_xargs reaches the engine too (the audio routes): its marks are refused as in JSON
+    form = [("Content-Type", "application/x-www-form-urlencoded")]
+    marked = b"model=m&vllm_xargs=" + b'{"kvsched\\u005ftenant": "t"}'.replace(b'"', b"%22").replace(b" ", b"+")
+    status, err = call(mw, app, "POST", "/v1/audio/transcriptions", marked, [auth, *form])
+    assert status == 400 and err["error"]["param"] == "vllm_xargs.kvsched_tenant", err
+    plain = b"model=m&vllm_xargs=%7B%7D"
+    assert call(mw, app, "POST", "/v1/audio/transcriptions", plain, [auth, *form]) == (200, {"echo": plain.decode()})
+    # the X-Session-ID header only matters where vLLM reads it: an SDK sending it everywhere still embeds
+    body = json.dumps({"input": "x"}).encode()
+    assert call(mw, app, "POST", "/v1/embeddings", body, [auth, js, ("X-Session-ID", "s")])[0] == 200
     open_app = FakeVllm(keys=())
     status, _ = call(KVSchedMiddleware(open_app), open_app, "POST", "/inference/v1/generate",
                      json.dumps(generate).encode(), [js])
