@@ -233,3 +233,23 @@ def test_a_fixed_version_reaches_the_engine_deployments_so_a_replica_change_scal
     assert engine(build_app(cfg, version="v1")).version == "v1"
     assert engine(build_app(cfg, version="v1")).num_replicas == 2
     assert engine(build_app(cfg)).version is None  # serve.run gives it a random one: new code, replicas replaced
+
+
+def test_a_replica_without_recent_ttft_samples_reports_no_ttft_rather_than_a_marker() -> None:
+    """Ray averages a custom metric over its look-back window: a -1 "no samples" marker was averaged into real P95s
+    (found by review: 6 s over a 2 s target read as +0.17 and scaled down)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from kvsched.adapters.ray.engine import EngineReplica
+
+    cls = getattr(EngineReplica, "func_or_class", EngineReplica)
+
+    async def stats(ttft):
+        async def fresh():
+            return {"queue_depth": 3, "ttft_p95_s": ttft}
+
+        return await cls.record_autoscaling_stats(SimpleNamespace(_fresh_stats=fresh))
+
+    assert asyncio.run(stats(None)) == {"queue_depth": 3.0}
+    assert asyncio.run(stats(0.5)) == {"queue_depth": 3.0, "ttft_p95_s": 0.5}

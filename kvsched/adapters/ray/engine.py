@@ -193,8 +193,10 @@ class EngineReplica:
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         s = await self._fresh_stats()
-        return {"queue_depth": float(s["queue_depth"]),
-                "ttft_p95_s": float(s["ttft_p95_s"]) if s["ttft_p95_s"] is not None else -1.0}
+        out = {"queue_depth": float(s["queue_depth"])}
+        if s["ttft_p95_s"] is not None:  # none without recent samples: Ray averages what is reported over its window,
+            out["ttft_p95_s"] = float(s["ttft_p95_s"])  # and a marker value would be averaged into real ones
+        return out
 
     def check_health(self) -> None:
         if not self.engine_alive():

@@ -66,7 +66,9 @@ def failed_replica(exc: BaseException) -> tuple[str | None, bool] | None:
     if isinstance(cause, EngineUnavailable):
         return cause.replica_id or None, cause.gone
     if isinstance(cause, RayActorError | ActorUnavailableError):
-        return getattr(cause, "actor_id", None), isinstance(cause, RayActorError)
+        # Ray's ActorUnavailableError (a RayActorError) is a replica unreachable for now (a network blip, a restart
+        # under way): avoided for this request, not written off (it stays in Ray's replica set and passes its checks)
+        return getattr(cause, "actor_id", None), not isinstance(cause, ActorUnavailableError)
     return None
 
 
@@ -91,7 +93,7 @@ async def relay(gen: Any, slot: Any, first: bytes | None = None,
         task = asyncio.current_task()
         if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
             raise  # this relay itself is being cancelled: `finally` stops the engine
-        done = True
+        done = not isinstance(exc, TimeoutError)  # a silent engine is stopped (`finally`): its slot and load go
         logger.warning(f"kvsched ingress: stream from slot-{slot} failed midway: {exc!r}")
         yield sse_error(f"the engine replica (slot-{slot}) failed during the stream "
                         f"({type(exc).__name__}); retry the turn")
@@ -239,10 +241,17 @@ class OpenAIIngress:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
+            pending = None
             try:
                 h = RouteHints(tuple(exclude), tuple(gone), hints.end_session)
-                return await asyncio.wait_for(call(h), remaining), attempt
+                pending = call(h)
+                return await asyncio.wait_for(pending, remaining), attempt
             except TimeoutError:
+                # Ray's DeploymentResponse does not cancel its request when its awaiting task is cancelled: cancel it,
+                # or the engine keeps generating (and the router counting its load) for nobody
+                cancel = getattr(pending, "cancel", None)
+                if callable(cancel):
+                    cancel()
                 raise NoReplicaAnswered(504, f"no engine replica answered within the request deadline "
                                              f"({self.config.request_deadline_s:g} s)") from None
             except Exception as exc:  # noqa: BLE001 - classified below
