@@ -176,10 +176,10 @@ class SessionRouter:
         back = self._displaced.get(session_id)
         if back is not None and fits(back):
             return RouteDecision(back, RouteReason.RETURN, session_id, home)
-        # A session whose replica died (the one it lived on, or its home before it ever ran) is failing over.
+        # A session whose replica died (the one it lived on) is failing over. One that lives nowhere is placed: never
+        # recorded as displaced from its dead home (found by review: after a scale-down every new session homed on
+        # the removed slot was, and the next scale-up moved them all to the new, empty replica there).
         lost = last if last is not None and last not in live else None
-        if last is None and home not in live:
-            lost = home
         if self.config.kv_preference and last is not None and lost is None and fits(last):
             # Where the session lives holds its newest KV; a replica that served an earlier turn may still report
             # (older, shorter) pinned KV for it until the pin expires.

@@ -253,3 +253,50 @@ def test_a_replica_without_recent_ttft_samples_reports_no_ttft_rather_than_a_mar
 
     assert asyncio.run(stats(None)) == {"queue_depth": 3.0}
     assert asyncio.run(stats(0.5)) == {"queue_depth": 3.0, "ttft_p95_s": 0.5}
+
+
+def test_the_stats_poll_reports_every_page_of_every_salts_sessions() -> None:
+    """Found by review: the poll read one page of 100 unsalted sessions, so a restarted router sent the rest home, away
+    from their KV. It pages with the replica's own admin key (every salt and tenant)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlparse
+
+    from kvsched.adapters.ray.stats import ReplicaStats
+
+    everyone = [f"s{i:04d}" for i in range(2500)]
+
+    class Engine(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            url = urlparse(self.path)
+            if url.path == "/metrics":
+                body = b""
+            else:
+                admin = self.headers.get("Authorization") == "Bearer k"
+                visible = everyone if admin else everyone[:1]  # the unsalted sessions of no tenant
+                q = parse_qs(url.query)
+                start = int(q.get("cursor", ["0"])[0])
+                limit = min(int(q.get("limit", ["100"])[0]), 1000)
+                rows = [{"session_id": s, "pinned_blocks": 1} for s in visible[start:start + limit]]
+                nxt = str(start + limit) if start + limit < len(visible) else None
+                body = json.dumps({"sessions": rows, "next_cursor": nxt}).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Engine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        st = ReplicaStats(base, admin_key="k")
+        st.poll()
+        assert st.kv_sessions == everyone
+        anonymous = ReplicaStats(base)
+        anonymous.poll()
+        assert anonymous.kv_sessions == everyone[:1]
+    finally:
+        server.shutdown()

@@ -62,14 +62,17 @@ def test_router_sends_sessions_to_the_replica_in_their_reported_slot_even_after_
         r = new_router()
         a, b = fake_replica("aaa", {"slot": 0}), fake_replica("bbb", {"slot": 1})
         r.update_replicas([a, b])
-        homes = sessions_by_home()
-        for slot, sids in homes.items():
+        lived: dict[str, list[str]] = {slot_name(0): [], slot_name(1): []}
+        for sids in sessions_by_home().values():
             for sid in sids:
-                ranks = await r.choose_replicas([a, b], pending(sid, sid))
-                assert r.slot_of(ranks[0][0].replica_id) == slot
+                chosen = (await r.choose_replicas([a, b], pending(sid, sid)))[0][0]
+                r._assigned(pending(sid, sid), chosen.replica_id)  # it lives there now (as Ray reports it)
+                r.on_request_completed(chosen.replica_id, sid)
+                lived[r.slot_of(chosen.replica_id)].append(sid)
+        assert lived[slot_name(1)]
         # replica in slot-1 dies; its sessions go to slot-0
         r.on_replica_actor_died(b.replica_id)
-        for sid in homes[slot_name(1)]:
+        for sid in lived[slot_name(1)]:
             ranks = await r.choose_replicas([a], pending(sid, sid + "-2"))
             assert ranks[0][0] is a
             r._assigned(pending(sid, sid + "-2"), a.replica_id)
@@ -77,8 +80,32 @@ def test_router_sends_sessions_to_the_replica_in_their_reported_slot_even_after_
         # a replacement with a NEW unique id reports slot 1 (its rank) and takes them back
         c = fake_replica("ccc", metadata={"slot": 1})
         r.update_replicas([a, c])
-        for sid in homes[slot_name(1)]:
+        for sid in lived[slot_name(1)]:
             assert (await r.choose_replicas([a, c], pending(sid, sid + "-3")))[0][0] is c
+
+    asyncio.run(run())
+
+
+def test_sessions_started_after_a_scale_down_stay_put_when_the_slot_comes_back() -> None:
+    """Found by review: after 3 -> 2 replicas, every new session homed on the removed slot was recorded as failed
+    over from it, and the next scale-up (a new replica in that slot) moved all of them there, away from their KV."""
+    async def run() -> None:
+        r = new_router()
+        a, b, c = fake_replica("A", {"slot": 0}), fake_replica("B", {"slot": 1}), fake_replica("C", {"slot": 2})
+        r.update_replicas([a, b, c])
+        r.update_replicas([a, b])  # scaled down
+        where = {}
+        for k in range(3):
+            for i in range(60):
+                sid = f"conv-{i}"
+                chosen = (await r.choose_replicas([a, b], pending(sid, f"{sid}-{k}")))[0][0]
+                r._assigned(pending(sid, f"{sid}-{k}"), chosen.replica_id)
+                r.on_request_completed(chosen.replica_id, f"{sid}-{k}")
+                assert where.setdefault(sid, chosen) is chosen
+        d = fake_replica("D", {"slot": 2})
+        r.update_replicas([a, b, d])  # scaled up again: slot 2 is back, empty
+        for sid, rep in where.items():
+            assert (await r.choose_replicas([a, b, d], pending(sid, f"{sid}-9")))[0][0] is rep
 
     asyncio.run(run())
 

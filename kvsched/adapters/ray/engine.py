@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.reaper import leader_alive, stop_group
 from kvsched.adapters.ray.stats import ReplicaStats
 from kvsched.serving import ServerSpec, VllmServer
+
+ADMIN_KEYS_ENV = "KVSCHED_ADMIN_KEYS"
 
 logger = logging.getLogger("ray.serve")
 FORWARD_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction", "accept")
@@ -91,12 +94,18 @@ class EngineReplica:
         cfg = EngineConfig.model_validate(engine, strict=False)
         self.pool = pool
         self.replica_id = replica_unique_id()
-        self.server = VllmServer(server_spec(cfg), startup_timeout_s=cfg.startup_timeout_s)
+        spec = server_spec(cfg)
+        # The stats poll lists every session the engine holds KV for (all salts and tenants, every page): with an
+        # admin key of its own, added to the operator's (KVSCHED_ADMIN_KEYS, valid on kvsched's routes only).
+        stats_key = secrets.token_urlsafe(24)
+        operator = spec.env.get(ADMIN_KEYS_ENV, os.environ.get(ADMIN_KEYS_ENV, ""))
+        spec.env[ADMIN_KEYS_ENV] = ",".join(k for k in (*operator.split(","), stats_key) if k.strip())
+        self.server = VllmServer(spec, startup_timeout_s=cfg.startup_timeout_s)
         start_with_reaper(self.server)
         self._stopping = False
         threading.Thread(target=self._watch_engine, name="vllm-watch", daemon=True).start()
         self.client = httpx.AsyncClient(base_url=self.server.base, timeout=httpx.Timeout(None, connect=10.0))
-        self.stats = ReplicaStats(self.server.base)
+        self.stats = ReplicaStats(self.server.base, admin_key=stats_key)
         self._stats_lock = asyncio.Lock()
         self._polled_at = 0.0
         logger.info(f"kvsched engine {pool}/slot-{self.slot} serving at {self.server.base}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class ReplicaStats:
     """Polled from one vLLM server; `snapshot()` is what the replica reports to Ray."""
 
     base_url: str
+    admin_key: str | None = None  # lists every tenant's and salt's sessions (else only unsalted ones of no tenant)
     hold_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
     queue_depth: float = 0.0
@@ -97,11 +99,26 @@ class ReplicaStats:
         with urllib.request.urlopen(self.base_url + "/metrics", timeout=timeout_s) as r:
             text = r.read().decode()
         try:
-            with urllib.request.urlopen(self.base_url + "/kvsched/sessions", timeout=timeout_s) as r:
-                sessions = json.loads(r.read())
+            sessions = self._all_sessions(timeout_s)
         except (OSError, ValueError):
             sessions = None  # stock vLLM (no kvsched scheduler) or busy: keep the last list
         self.update(text, sessions)
+
+    def _all_sessions(self, timeout_s: float, max_pages: int = 100) -> dict[str, Any]:
+        """Every page of /kvsched/sessions (at most `max_pages` of 1,000 rows)."""
+        rows: list[Any] = []
+        cursor = ""
+        headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+        for _ in range(max_pages):
+            query = "?limit=1000" + (f"&cursor={urllib.parse.quote(cursor)}" if cursor else "")
+            req = urllib.request.Request(self.base_url + "/kvsched/sessions" + query, headers=headers)
+            with urllib.request.urlopen(req, timeout=timeout_s) as r:
+                body = json.loads(r.read())
+            rows += body.get("sessions", ())
+            cursor = body.get("next_cursor") or ""
+            if not cursor:
+                break
+        return {"sessions": rows}
 
     def snapshot(self) -> dict[str, Any]:
         return {"queue_depth": self.queue_depth, "running": self.running, "ttft_p95_s": self.ttft_p95_s,
