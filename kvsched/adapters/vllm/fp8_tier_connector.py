@@ -162,11 +162,14 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         return self.levels.promote(owner, chain, start, limit, self.directory)
 
     def reset_cache(self) -> bool:
-        """vLLM's `reset_prefix_cache(reset_connector=True)` (e.g. after a weight update): the tier's KV is stale too.
-        False while a disk or shared level is configured: their blocks outlive this engine's reset."""
+        """Prefix-cache reset (new weights?): stale KV in the tier; the disk/shared levels are off to a restart."""
         if self.directory is not None:
             self.directory.clear()
-        return self.levels is None
+            self.directory.on_evict = None
+        if self.levels is not None:
+            logger.warning("kvsched FP8 tier: prefix cache reset: disk/shared levels off until the engine restarts")
+            self.levels = None
+        return True
 
     def end_session(self, owner: Any) -> None:
         if self.levels is not None:
@@ -372,7 +375,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             self.store.fence_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
-        return
+        pass  # stores run in handle_preemptions
 
     def wait_for_save(self) -> None:
         if self.store is not None:
@@ -393,8 +396,5 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             meta.err_sq, meta.ref_sq = self.store.err_sq, self.store.ref_sq
             self.store.err_sq = self.store.ref_sq = 0.0
         if self.levels_worker is not None:
-            meta.disk_done, meta.disk_full, meta.fetch_failures = self.levels_worker.report()
-            c = self.levels_worker.counters
-            meta.fetched = {level: c.pop(f"{level}_fetched_blocks") for level in ("disk", "shared")
-                            if c.get(f"{level}_fetched_blocks")}
+            self.levels_worker.fill(meta)
         return meta if meta else None

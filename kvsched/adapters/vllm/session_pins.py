@@ -224,8 +224,8 @@ class SessionPins:
             self.policy.end(key)
             self.resolver.forget(key)
             self._unpin(key)
-        if self.tier is not None:  # the tier's blocks and partial last blocks too: vLLM's reset may mean new weights
-            self.tier.directory.clear()
+        if self.tier is not None:  # the tier's blocks, partial last blocks and lower levels too: maybe new weights
+            self.tier.reset_cache()
         return len(keys)
 
     def _end(self, key: SessionKey) -> None:

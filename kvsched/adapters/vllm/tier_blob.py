@@ -80,6 +80,8 @@ def identity_of(vllm_config: Any, geometry: Any, world_size: int) -> tuple[str, 
             "hf_config_sha256": hashlib.sha256(hf.encode()).hexdigest(), "weights": weights,
             "layers": list(geometry.layers), "heads": geometry.heads, "rows": geometry.rows,
             "content": geometry.content, "dtype": str(geometry.dtype), "mode": geometry.mode,
-            "block_size": int(vllm_config.cache_config.block_size), "world_size": world_size}
+            "block_size": int(vllm_config.cache_config.block_size), "world_size": world_size,
+            # e4m3 and e5m2 caches are both uint8 to vLLM and copied byte for byte: only this tells them apart
+            "cache_dtype": str(getattr(vllm_config.cache_config, "cache_dtype", None))}
     digest = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:32]
     return digest, desc

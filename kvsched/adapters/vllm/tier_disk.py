@@ -54,13 +54,18 @@ class DiskFiles:
             raise
 
     def read(self, key: bytes) -> bytes | None:
+        """The file's bytes; None if it cannot be read, whatever the reason (gone, permissions, an I/O error): the
+        block is then recomputed, never a failed step."""
         try:
             return self.path(key).read_bytes()
-        except FileNotFoundError:
+        except OSError:
             return None
 
     def delete(self, key: bytes) -> None:
-        self.path(key).unlink(missing_ok=True)
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except OSError:  # left behind: the next start-up's scan meets it under its budget
+            pass
 
     def scan(self) -> list[bytes]:
         """Keys whose files exist for every rank, oldest first (by modification time); stale temporary files are

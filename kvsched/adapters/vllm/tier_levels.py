@@ -151,8 +151,13 @@ class TierLevels:
         self.disk: DiskDirectory | None = None
         self._acks: Counter[bytes] = Counter()
         self._busy_slots: Callable[[], set[int]] = set  # slots this step's stores/fetches write (set by the connector)
+        files = None
         if cfg.disk_dir:
-            files = DiskFiles(cfg.disk_dir, identity, description, 0, world_size)
+            try:
+                files = DiskFiles(cfg.disk_dir, identity, description, 0, world_size)
+            except OSError as exc:  # full, read-only, not permitted: the engine serves without the level
+                logger.error("kvsched disk tier: %s unusable (%s); running without the disk level", cfg.disk_dir, exc)
+        if files is not None:
             budget = int(cfg.disk_gb * 2**30) if cfg.disk_gb else int(files.free_bytes() * DISK_DEFAULT_FREE_FRACTION)
             self.disk = DiskDirectory(budget, framed_len(32, block_bytes) * world_size, value_of)
             excess = self.disk.load_index(files.scan())

@@ -34,7 +34,12 @@ class TierLevelsWorker:
         self.identity = identity
         self.rank = rank
         self.tier = store
-        self.files = DiskFiles(cfg.disk_dir, identity, description, rank, world_size) if cfg.disk_dir else None
+        self.files: DiskFiles | None = None
+        if cfg.disk_dir:
+            try:
+                self.files = DiskFiles(cfg.disk_dir, identity, description, rank, world_size)
+            except OSError as exc:  # its writes then fail and its reads miss: recomputed, never a failed step
+                logger.error("kvsched disk tier: %s unusable on rank %d (%s)", cfg.disk_dir, rank, exc)
         self.shared: Any = None
         if cfg.store_url:
             from kvsched.adapters.store.redis_store import open_store
@@ -99,7 +104,9 @@ class TierLevelsWorker:
         puts: dict[str, bytes] = {}
         for key, payload, to_disk, to_shared in items:
             blob = tier_blob.encode(self.identity, self.rank, key, payload)
-            if to_disk and self.files is not None:
+            if to_disk and self.files is None:
+                done.append((key, False))
+            elif to_disk and self.files is not None:
                 try:
                     self.files.write(key, blob)
                     done.append((key, True))
@@ -129,3 +136,10 @@ class TierLevelsWorker:
         full = self.counters.pop("disk_full", 0) > 0
         failures, self.failures = self.failures, []
         return done, full, failures
+
+    def fill(self, meta: Any) -> None:
+        """This step's outcomes into the worker's report to the scheduler (`TierWorkerMeta`)."""
+        meta.disk_done, meta.disk_full, meta.fetch_failures = self.report()
+        c = self.counters
+        meta.fetched = {level: c.pop(f"{level}_fetched_blocks") for level in ("disk", "shared")
+                        if c.get(f"{level}_fetched_blocks")}

@@ -196,3 +196,50 @@ def test_store_down_costs_nothing_is_logged_once_and_reconnects(redis_server, ca
     logs = [r.getMessage() for r in caplog.records]
     assert sum("unreachable" in m for m in logs) == 1 and sum("reachable again" in m for m in logs) == 1
     assert store.health.outages == 1 and store.up
+
+
+def test_unreadable_files_and_an_unusable_directory_cost_a_recompute_never_a_failed_step(tmp_path: Path) -> None:
+    """Found by review: any read error but "not found" (permissions, EIO, a directory in the file's place) escaped
+    the worker's step, and a disk-level directory that could not be created or written stopped the engine's start."""
+    from kvsched.adapters.vllm.tier_levels import TierLevels
+
+    kv = caches()
+    w = worker(kv, tmp_path)
+    w.files.path(KEYS[0]).mkdir(parents=True)  # read_bytes: IsADirectoryError
+    run(w, LevelOps(fetches=[Fetch(KEYS[0], 0, DISK)]))
+    assert w.report()[2] == [(KEYS[0], DISK)]
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    w2 = worker(kv, tmp_path, disk=blocked)
+    assert w2.files is None
+    run(w2, LevelOps(publishes=[Publish(KEYS[1], 0, True, False)], fetches=[Fetch(KEYS[1], 1, DISK)]))
+    done, _, failures = w2.report()
+    assert done == [(KEYS[1], False)] and failures == [(KEYS[1], DISK)]  # the write fails cleanly, the read misses
+    lv = TierLevels(LevelsConfig(disk_dir=str(blocked)), IDENT, {}, 1000, 1, value_of=lambda owner: 0.0)
+    assert lv.disk is None
+
+
+def test_e4m3_and_e5m2_caches_never_share_an_identity(tiny_model_dir: Path) -> None:
+    """Both are uint8 caches copied byte for byte: the same bytes mean other numbers (found by review: one identity,
+    so one engine's disk or shared blocks were served to the other)."""
+    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, get_kv_quant_mode
+
+    from kvsched.adapters.vllm.tier_layout import geometry_of
+
+    idents = set()
+    for dtype in ("fp8_e4m3", "fp8_e5m2"):
+        mc = ModelConfig(model=str(tiny_model_dir), dtype="bfloat16", seed=0, skip_tokenizer_init=True,
+                         max_model_len=1024)
+        vc = VllmConfig(model_config=mc, cache_config=CacheConfig(block_size=16, cache_dtype=dtype),
+                        scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=2048,
+                                                         max_model_len=1024, is_encoder_decoder=False))
+        hf = mc.hf_config
+        spec = FullAttentionSpec(block_size=16, num_kv_heads=hf.num_key_value_heads,
+                                 head_size=hf.hidden_size // hf.num_attention_heads,
+                                 dtype=kv_cache_dtype_str_to_dtype(dtype, mc), kv_quant_mode=get_kv_quant_mode(dtype))
+        layers = [f"model.layers.{i}.self_attn.attn" for i in range(hf.num_hidden_layers)]
+        config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
+        idents.add(tier_blob.identity_of(vc, geometry_of(config, "LBHNC", vc.parallel_config), 1)[0])
+    assert len(idents) == 2
