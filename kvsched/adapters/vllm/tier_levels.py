@@ -126,8 +126,9 @@ class Fetch:
 
 @dataclass
 class LevelOps:
-    """One step's lower-level work, scheduler -> workers. Workers run spills first (they read slots this step's
-    stores and fetches may overwrite), then publishes, then (after the tier's stores) fetches."""
+    """One step's lower-level work, scheduler -> workers. Workers queue deletes first (a key deleted and written
+    again in one step keeps its new file), then spills (they read slots this step's stores and fetches may
+    overwrite), then publishes, then (after the tier's stores) fetches."""
 
     spills: list[Spill] = field(default_factory=list)
     publishes: list[Publish] = field(default_factory=list)
@@ -149,7 +150,8 @@ class TierLevels:
         self.ops = LevelOps()
         self.counters: Counter[str] = Counter()
         self.disk: DiskDirectory | None = None
-        self._acks: Counter[bytes] = Counter()
+        self._acks: Counter[bytes] = Counter()  # key -> ranks that reported its write (ok or not)
+        self._failed: set[bytes] = set()  # keys whose write failed on some rank (reports of the others pending)
         self._busy_slots: Callable[[], set[int]] = set  # slots this step's stores/fetches write (set by the connector)
         files = None
         if cfg.disk_dir:
@@ -173,7 +175,7 @@ class TierLevels:
             from kvsched.adapters.store.redis_store import open_store, redacted
 
             self.store = open_store(cfg.store_url)
-            self.meta_writer = BackgroundWriter("kvsched-session-meta")
+            self.meta_writer = BackgroundWriter("kvsched-session-meta", keep_results=False)
             logger.info("kvsched shared store: %s (replica %s; blocks kept %.0f s, session state %.0f s)",
                         redacted(cfg.store_url), cfg.replica, cfg.kv_ttl_s, cfg.state_ttl_s)
 
@@ -275,17 +277,22 @@ class TierLevels:
 
     # ---- worker reports -----------------------------------------------------------------------------------------
     def written(self, results: Sequence[tuple[bytes, bool]], disk_full: bool) -> None:
+        """Each rank reports each planned write once (a failure too: a dropped or failed job). A block is written
+        when every rank's write succeeded; else the ranks' files that were written are deleted (none is ever read
+        alone), and a failure never counts towards a later write of the same key."""
         if self.disk is None:
             return
         for key, ok in results:
-            if not ok:
-                self._acks.pop(key, None)
-                self.disk.done(key, False)
-                continue
             self._acks[key] += 1
+            if not ok:
+                self._failed.add(key)
             if self._acks[key] >= self.world_size:
                 del self._acks[key]
-                self.disk.done(key, True)
+                good = key not in self._failed
+                self._failed.discard(key)
+                self.disk.done(key, good)
+                if not good:
+                    self.ops.deletes.append(key)
         if disk_full:
             cap = self.disk.shrink_to_size()
             logger.warning("kvsched disk tier: the disk is full; the budget is now what it holds (%d blocks, "

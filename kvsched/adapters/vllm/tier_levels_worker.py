@@ -52,21 +52,36 @@ class TierLevelsWorker:
 
     # ---- in the step, before the tier's stores ------------------------------------------------------------------
     def before_stores(self, ops: LevelOps) -> None:
+        if ops.deletes and self.files is not None:  # first: a key deleted and written again this step keeps its file
+            files, keys = self.files, list(ops.deletes)
+            self.writer.submit(lambda: [files.delete(k) for k in keys] and None)
         for sp in ops.spills:
             payload = self.tier.slot_payload(sp.slot)
             if payload is None:  # the slot did not verify: nothing trustworthy to keep
                 self.writer.results.append([(sp.key, False)])
                 continue
             key = sp.key
-            self.writer.submit(lambda key=key, payload=payload: self._write(
-                [(key, payload, True, False)]))
+            self._submit([(key, True)], lambda key=key, payload=payload: [(key, payload, True, False)])
         if ops.publishes:
             snap = self.tier.snapshot([p.block_id for p in ops.publishes])
             pubs = [(p.key, p.disk, p.shared) for p in ops.publishes]
-            self.writer.submit(lambda: self._write([(k, snap.payload(i), d, s) for i, (k, d, s) in enumerate(pubs)]))
-        if ops.deletes and self.files is not None:
-            files, keys = self.files, list(ops.deletes)
-            self.writer.submit(lambda: [files.delete(k) for k in keys] and None)
+            self._submit([(k, d) for k, d, _ in pubs], lambda: [(k, snap.payload(i), d, s)
+                                                                for i, (k, d, s) in enumerate(pubs)])
+
+    def _submit(self, keys: list[tuple[bytes, bool]], items: Any) -> None:
+        """Queue a write job; its disk writes are reported failed if the queue drops it or it raises (the scheduler
+        counts them pending until then)."""
+        failed = [(k, False) for k, to_disk in keys if to_disk]
+
+        def job() -> list[tuple[bytes, bool]]:
+            try:
+                return self._write(items())
+            except Exception:  # noqa: BLE001 - reported as failed writes, never a stuck pending key
+                logger.exception("kvsched disk/shared tier: a write job failed")
+                return failed
+
+        if not self.writer.submit(job) and failed:
+            self.writer.results.append(failed)
 
     # ---- in the step, after the tier's stores ---------------------------------------------------------------------
     def fetch(self, ops: LevelOps) -> None:

@@ -18,9 +18,10 @@ logger = logging.getLogger("vllm.kvsched.fp8_tier")
 
 
 class BackgroundWriter:
-    def __init__(self, name: str, max_jobs: int = 4096) -> None:
+    def __init__(self, name: str, max_jobs: int = 4096, keep_results: bool = True) -> None:
         self._q: queue.Queue[Callable[[], Any]] = queue.Queue(max_jobs)
         self.results: deque[Any] = deque()
+        self.keep_results = keep_results  # False: nobody drains them (they would pile up)
         self.counters: Counter[str] = Counter()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -59,7 +60,7 @@ class BackgroundWriter:
             job = self._q.get()
             try:
                 result = job()
-                if result is not None:
+                if result is not None and self.keep_results:
                     self.results.append(result)
             except Exception:  # a failed write must not stop the next ones
                 logger.exception("kvsched tier: background write failed")

@@ -243,3 +243,18 @@ def test_e4m3_and_e5m2_caches_never_share_an_identity(tiny_model_dir: Path) -> N
         config = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
         idents.add(tier_blob.identity_of(vc, geometry_of(config, "LBHNC", vc.parallel_config), 1)[0])
     assert len(idents) == 2
+
+
+def test_a_dropped_write_job_is_reported_failed_and_a_delete_never_removes_a_rewrite(tmp_path: Path) -> None:
+    """Found by review: a job the full queue dropped reported nothing (its keys stayed pending for good, using up the
+    disk budget), and a step that deleted and wrote a key deleted the new file (deletes ran after the writes)."""
+    kv = caches()
+    w = worker(kv, tmp_path)
+    submit = w.writer.submit
+    w.writer.submit = lambda job: False  # the queue is full
+    run(w, LevelOps(publishes=[Publish(KEYS[0], 0, True, False)]))
+    assert w.report()[0] == [(KEYS[0], False)]
+    w.writer.submit = submit
+    run(w, LevelOps(publishes=[Publish(KEYS[1], 1, True, False)]))
+    run(w, LevelOps(deletes=[KEYS[1]], publishes=[Publish(KEYS[1], 1, True, False)]))
+    assert w.files.path(KEYS[1]).exists() and w.report()[0] == [(KEYS[1], True), (KEYS[1], True)]

@@ -102,3 +102,21 @@ def test_a_moved_session_is_recognised_and_fetched_from_the_shared_store(tmp_pat
     assert b.stats()["moved_sessions"] == 1 and b.stats()["moved_sessions_restored"] == 1
     assert b.promote(owner, CHAIN, 0, 8, h) == 0  # held by the host tier now; and counted as moved once
     assert b.stats()["moved_sessions"] == 1
+
+
+def test_a_write_counts_once_every_rank_reported_it_and_a_failed_one_leaves_no_file(tmp_path: Path) -> None:
+    """Found by review (tensor parallel 2): a failure on one rank left the other rank's file behind for good, and its
+    success, reported after the failure, counted towards the key's next write (marked written after one rank)."""
+    cfg = LevelsConfig(disk_dir=str(tmp_path / "disk"), disk_gb=1.0)
+    lv = TierLevels(cfg, IDENT, {"model": "t"}, BLOCK, 2, value_of=lambda owner: 0.0)
+    lv.turn_finished("s", [(CHAIN[0], 0)], None)
+    lv.take_ops()
+    lv.written([(CHAIN[0], False)], disk_full=False)  # rank 1 failed first
+    lv.written([(CHAIN[0], True)], disk_full=False)  # rank 0 wrote its file
+    assert lv.take_ops().deletes == [CHAIN[0]] and not lv.disk.holds(CHAIN[0])
+    lv.turn_finished("s", [(CHAIN[0], 0)], None)  # written again
+    lv.take_ops()
+    lv.written([(CHAIN[0], True)], disk_full=False)
+    assert CHAIN[0] not in lv.disk.written  # one rank of two is not a block
+    lv.written([(CHAIN[0], True)], disk_full=False)
+    assert CHAIN[0] in lv.disk.written
