@@ -73,6 +73,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"kvsched ray-serve: shared store {local.url}")
         cfg = with_store(cfg, local.url if local is not None else store.url, store)
 
+    try:
+        return _serve(args, cfg)
+    finally:  # the local store goes with this command, however it ends (found by review: an error or Ctrl-C while
+        if local is not None:  # Ray started left its redis-server running)
+            local.stop()
+
+
+def _serve(args: argparse.Namespace, cfg: Any) -> int:
     import ray
     from ray import serve
 
@@ -90,6 +98,4 @@ def run(args: argparse.Namespace) -> int:
     print("kvsched ray-serve: shutting down")
     serve.shutdown()
     ray.shutdown()
-    if local is not None:
-        local.stop()
     return 0

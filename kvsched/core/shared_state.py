@@ -27,6 +27,7 @@ from kvsched.core.compaction import Checkpoint
 PREFIX = "kvsched"
 DEFAULT_KV_TTL_S = 3600.0
 DEFAULT_STATE_TTL_S = 86400.0
+MAX_TTL_S = 10 * 365 * 86400.0  # a store entry's time to live: finite, and within what Redis accepts in milliseconds
 
 
 class SharedStore(Protocol):

@@ -30,6 +30,9 @@ def test_a_store_section_reaches_every_pools_engine_environment() -> None:
 @pytest.mark.parametrize(("raw", "message"), [
     ({"url": "http://x"}, "store.url"), ({}, "store.url: Field required"), ({"url": "local", "ttl": 3}, "unknown key"),
     ({"url": "local", "kv_ttl_s": 0}, "store.kv_ttl_s"), ({"url": "local", "maxmemory_mb": True}, "maxmemory_mb"),
+    # found by review: an infinite or huge TTL passed, then every write overflowed the store's millisecond TTL
+    ({"url": "local", "kv_ttl_s": float("inf")}, "store.kv_ttl_s"), ({"url": "local", "state_ttl_s": 1e300},
+                                                                      "store.state_ttl_s"),
     ("redis://x", "store: Input should be a valid dictionary")])
 def test_bad_store_sections_name_the_key(raw: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -53,3 +56,42 @@ def test_ray_serve_dry_run_describes_the_store(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "kvsched.cli", "ray-serve", str(path), "--dry-run"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "store.url" in r.stderr
+
+
+@pytest.mark.parametrize("value", ["inf", "1e300", "nan", "0"])
+def test_the_engines_store_ttl_setting_is_finite_and_bounded(value: str) -> None:
+    from kvsched.adapters.vllm.tier_levels import LevelsConfig
+    from kvsched.core.disk_tier import DiskConfigError
+
+    with pytest.raises(DiskConfigError, match="kv_ttl|KV_TTL"):
+        LevelsConfig.from_extra({"store_url": "redis://127.0.0.1:6379/0", "kv_ttl_s": value})
+
+
+def test_ray_serve_stops_its_local_store_when_the_start_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review: an error while Ray started (an unreachable --address, a failed deployment, Ctrl-C) left the
+    redis-server `store: {url: local}` had started running, orphaned."""
+    import argparse
+    import shutil
+    import subprocess
+
+    import ray
+
+    from kvsched.commands import ray_serve
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("needs redis-server (make redis)")
+
+    def unreachable(*_a: object, **_k: object) -> None:
+        raise ConnectionError("no Ray cluster there")
+
+    def redis_pids() -> set[str]:
+        return set(subprocess.run(["pgrep", "-x", "redis-server"], capture_output=True, text=True).stdout.split())
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", unreachable)
+    before = redis_pids()
+    args = argparse.Namespace(config=Path(__file__).parents[2] / "examples/ray/tiny-cpu-store.yaml",
+                              address="10.0.0.99:6379", num_cpus=None, dry_run=False)
+    with pytest.raises(ConnectionError):
+        ray_serve.run(args)
+    assert redis_pids() - before == set()

@@ -29,6 +29,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from kvsched.core.routing import RouterConfig, RoutingConfigError
 from kvsched.core.routing_autoscale import AutoscaleTargets
 from kvsched.core.routing_pools import PoolRouting, PoolRule
+from kvsched.core.shared_state import MAX_TTL_S
 
 TINY_PREFIX = "kvsched-tiny:"
 
@@ -45,6 +46,7 @@ def _as_str(v: Any) -> Any:
 Word = Annotated[str, BeforeValidator(_as_str)]
 PositiveInt = Annotated[int, Field(ge=1)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+StoreTTL = Annotated[float, Field(gt=0, le=MAX_TTL_S)]  # finite: the store keeps it in milliseconds
 
 
 class _Strict(BaseModel):
@@ -179,8 +181,8 @@ class StoreSettings(_Strict):
     applies it; docs/shared_store.md)."""
 
     url: str  # redis://HOST:PORT[/DB], or `local`: kvsched ray-serve starts a redis-server on loopback
-    kv_ttl_s: PositiveFloat | None = None  # how long a KV block stays in the store after it was written
-    state_ttl_s: PositiveFloat | None = None  # session metadata and compaction summaries
+    kv_ttl_s: StoreTTL | None = None  # how long a KV block stays in the store after it was written
+    state_ttl_s: StoreTTL | None = None  # session metadata and compaction summaries
     maxmemory_mb: Annotated[int, Field(ge=16)] = 1024
 
     @field_validator("url")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from kvsched.core.shared_state import MAX_TTL_S
 from kvsched.core.store_health import StoreHealth
 
 logger = logging.getLogger("vllm.kvsched.store")
@@ -100,7 +101,7 @@ class RedisStore:
     def put_blocks(self, items: Mapping[str, bytes], ttl_s: float) -> bool:
         if not items:
             return True
-        ms = max(1, int(ttl_s * 1000))
+        ms = _ms(ttl_s)
 
         def put() -> bool:
             pipe = self.client.pipeline(transaction=False)
@@ -132,7 +133,7 @@ class RedisStore:
         return self._call(lambda: bool(self.client.delete(*keys) or True), False) if keys else True
 
     def put_state(self, key: str, value: str, ttl_s: float) -> bool:
-        return self._call(lambda: bool(self.client.set(key, value.encode(), px=max(1, int(ttl_s * 1000)))), False)
+        return self._call(lambda: bool(self.client.set(key, value.encode(), px=_ms(ttl_s))), False)
 
     def get_state(self, key: str) -> str | None:
         raw: Any = self._call(lambda: self.client.get(key), None)
@@ -164,3 +165,8 @@ def open_store(url: str) -> RedisStore:
         if store is None:
             store = _STORES[url] = RedisStore(url)
         return store
+
+
+def _ms(ttl_s: float) -> int:
+    """A TTL in Redis's milliseconds: at least 1, at most `MAX_TTL_S` (inf or 1e300 would overflow; never raises)."""
+    return max(1, int(min(ttl_s, MAX_TTL_S) * 1000)) if ttl_s == ttl_s else int(MAX_TTL_S * 1000)

@@ -33,6 +33,7 @@ from kvsched.core.disk_tier import DiskConfigError, DiskDirectory, parse_disk_gi
 from kvsched.core.shared_state import (
     DEFAULT_KV_TTL_S,
     DEFAULT_STATE_TTL_S,
+    MAX_TTL_S,
     SessionMeta,
     block_key,
     session_key,
@@ -92,8 +93,8 @@ def _positive(env: str, given: Any, default: float) -> float:
         value = float(raw)
     except (TypeError, ValueError):
         raise DiskConfigError(f"{env} must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise DiskConfigError(f"{env} must be > 0, got {raw!r}")
+    if not 0 < value <= MAX_TTL_S:  # inf and 1e300 overflowed the store's millisecond TTL on every write
+        raise DiskConfigError(f"{env} must be > 0 and at most {MAX_TTL_S:.0f} seconds (ten years), got {raw!r}")
     return value
 
 
