@@ -112,8 +112,9 @@ class CompactionStore:
 
     # ---- planning ---------------------------------------------------------------------------------------------
     def plan(self, session: str, messages: Sequence[Message], token_counts: Sequence[int],
-             strategy: Strategy | None = None) -> Plan:
-        """Decide how to serve `messages` (one chat request of `session`); `token_counts[i]` is message i's tokens."""
+             strategy: Strategy | None = None, input_limit: int | None = None) -> Plan:
+        """Decide how to serve `messages` (one chat request of `session`); `token_counts[i]` is message i's tokens.
+        `input_limit`: the most prompt tokens a summary call may send (the model's context less its output)."""
         if len(token_counts) != len(messages):
             raise ValueError(f"{len(token_counts)} token counts for {len(messages)} messages")
         strategy = self.config.strategy if strategy is None else strategy
@@ -133,7 +134,7 @@ class CompactionStore:
         state = self._session(session)
         digests = prefix_digests(msgs)
         plan = self._rewrite(strategy, msgs, token_counts, digests, state, total)
-        job = self._maybe_job(session, strategy, msgs, token_counts, digests, state, plan)
+        job = self._maybe_job(session, strategy, msgs, token_counts, digests, state, plan, input_limit)
         if job is not None and strategy is Strategy.SLIDING_WINDOW:  # nothing to call: drop the older turns now
             self._store(state, Checkpoint(job.digest, job.cut, job.system_count, None))
             self.counters["windows"] += 1
@@ -175,7 +176,8 @@ class CompactionStore:
         return best
 
     def _maybe_job(self, session: str, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int],
-                   digests: list[str], state: _Session, plan: Plan) -> SummaryJob | None:
+                   digests: list[str], state: _Session, plan: Plan, input_limit: int | None = None,
+                   ) -> SummaryJob | None:
         cfg = self.config
         if state.pending is not None:
             return None
@@ -195,7 +197,21 @@ class CompactionStore:
         if older < cfg.trigger_tokens:
             return None
         served_through_cut = plan.messages[: len(plan.messages) - (len(msgs) - cut)]
-        prompt = (*served_through_cut, {"role": "user", "content": cfg.instruction()})
+        head = served_through_cut[: len(served_through_cut) - (cut - start)]  # system (+ the earlier summary)
+        if input_limit is not None:  # the summary call must fit the model's context: the oldest turns are left out
+            o = cfg.message_overhead_tokens  # (found by review: with no checkpoint, e.g. after a restart, a history
+            size = sum(counts[:system_count]) + o * (len(head) + 1) + older + len(cfg.instruction()) // 2  # past
+            while size > input_limit and start < cut:  # the context made every summary call fail, for good)
+                size -= counts[start] + o
+                start += 1
+                while start < cut and msgs[start].get("role") != "user":
+                    size -= counts[start] + o
+                    start += 1
+            if start >= cut:
+                return None
+            if start > (cp.replaced if cp is not None else system_count):
+                self.counters["summary_inputs_cut"] += 1
+        prompt = (*head, *msgs[start:cut], {"role": "user", "content": cfg.instruction()})
         return SummaryJob(session, digests[cut], cut, system_count, prompt, older)
 
     # ---- outcomes of summary calls -----------------------------------------------------------------------------

@@ -180,3 +180,23 @@ def test_forget_drops_a_session(clock):
     s.commit(ask(s, msgs).job, "S", 3)
     s.forget("s1")
     assert s.checkpoints("s1") == [] and ask(s, msgs + [{"role": "assistant", "content": "a"}]).replaced == 0
+
+
+def test_a_summary_call_past_the_models_context_summarises_the_newest_turns_that_fit(clock):
+    """Found by review: a session whose summary was lost (an API-server restart, the store's bound) and whose history
+    had grown past the model's context sent the whole history to the summary call, which failed, again after every
+    retry: the session could never be served again. The call now leaves the oldest turns out, within the limit."""
+    s = store(clock)
+    msgs = conversation(60) + [{"role": "user", "content": "next"}]  # 121 messages of 10 tokens
+    plan = s.plan("s1", msgs, counts(msgs), None, input_limit=300)
+    job = plan.job
+    assert job is not None and job.cut == len(msgs) - 3  # the cut itself does not move
+    prompt_tokens = 10 * len(job.prompt) + len(s.config.instruction()) // 2
+    assert prompt_tokens <= 300 + 10 and job.prompt[0] == SYSTEM and job.prompt[1]["role"] == "user"
+    assert job.prompt[-2] == msgs[job.cut - 1]  # the newest older turn is in, the oldest are not
+    assert s.counters["summary_inputs_cut"] == 1
+    s.commit(job, "short", 5)
+    again = s.plan("s1", msgs, counts(msgs), None, input_limit=300)
+    assert again.replaced == job.cut and len(again.messages) == 1 + 1 + 3  # system + summary + the recent turns
+    unbounded = store(clock).plan("s1", msgs, counts(msgs))
+    assert len(unbounded.job.prompt) == job.cut + 1  # without a limit: the whole older part, as before

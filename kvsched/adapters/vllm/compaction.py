@@ -88,6 +88,7 @@ class Compactor:
         self.counters: Counter[str] = Counter()
         self.summary_seconds = 0.0
         self._tokenizer = tokenizer
+        self._max_model_len: int | None = None  # of the served model, read on first use (0: unknown)
         self._token_cache: OrderedDict[bytes, int] = OrderedDict()
         self.shared = SharedCheckpoints.from_env()  # checkpoints in the shared store (KVSCHED_STORE_URL), if any
 
@@ -130,14 +131,14 @@ class Compactor:
             await self.shared.load_into(self.store, key)
         if self.config.wait_for_summary and key in self.tasks:
             await self._wait(key)  # a summary of this session is being made: use it
-        plan = self.store.plan(key, messages, counts, strategy)
+        plan = self.store.plan(key, messages, counts, strategy, self._input_limit(scope))
         if plan.refusal is not None:
             return Outcome(status=400, error=error_body(plan.refusal, "messages", code="context_cap_exceeded"))
         if plan.job is not None and not xargs.get(compat.XARG_END):  # no summary for a session's last turn
             self._start(plan.job, scope, payload)
             if self.config.wait_for_summary:
                 await self._wait(key)
-                plan = self.store.plan(key, messages, counts, strategy)
+                plan = self.store.plan(key, messages, counts, strategy, self._input_limit(scope))
         if xargs.get(compat.XARG_END):  # this conversation's summaries go; the id's other conversations keep theirs
             if self.store.forget(key, messages):
                 if self.shared is not None:
@@ -237,6 +238,15 @@ class Compactor:
         if len(self._token_cache) > TOKEN_CACHE_ENTRIES:
             self._token_cache.popitem(last=False)
         return count
+
+    def _input_limit(self, scope: Mapping[str, Any]) -> int | None:
+        """The most prompt tokens a summary call may send: the served model's context, less the summary's tokens and
+        a margin for the chat template (None if the server does not say)."""
+        if self._max_model_len is None:
+            self._max_model_len = compat.served_context_tokens(scope["app"]) if "app" in scope else 0
+        if not self._max_model_len:
+            return None
+        return max(int(self._max_model_len * 0.9) - self.config.summary_target_tokens, 1)
 
     def _tokenize(self, scope: Mapping[str, Any]) -> Tokenizer:
         if self._tokenizer is None:

@@ -283,3 +283,18 @@ def test_ending_one_conversation_keeps_the_summaries_of_the_ids_other_conversati
     last_a["vllm_xargs"]["session_end"] = 1
     run(comp.prepare(SCOPE, last_a, {}))
     assert not comp.store.sessions  # nothing left: the state goes
+
+
+def test_the_summary_call_fits_the_served_models_context():
+    """The limit comes from the served model (vLLM's max_model_len, less the summary's tokens and a margin)."""
+    from types import SimpleNamespace
+
+    app = FakeVllm()
+    app.state = SimpleNamespace(engine_client=SimpleNamespace(model_config=SimpleNamespace(max_model_len=200)))
+    comp = compactor(app, wait_for_summary=True)
+    payload = request(40)  # ~280 words of history
+    out = run(comp.prepare(dict(SCOPE, app=app), payload, {}))
+    assert out.replaced > 0
+    (_, body), = app.calls
+    words = sum(len(m["content"].split()) for m in body["messages"])
+    assert words <= 200 * 0.9 - 32 and comp.store.counters["summary_inputs_cut"] == 1

@@ -38,3 +38,11 @@ def api_keys(app: Any) -> list[str]:
     args = server_args(app)
     keys = list(getattr(args, "api_key", None) or [envs.VLLM_API_KEY])
     return [k for k in keys if k]
+
+
+def served_context_tokens(app: Any) -> int:
+    """The served model's context length (`AsyncLLM.model_config.max_model_len`, vLLM 0.32); 0 if unknown."""
+    try:
+        return int(app.state.engine_client.model_config.max_model_len)
+    except (AttributeError, TypeError, ValueError):
+        return 0
