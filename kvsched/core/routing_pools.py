@@ -99,6 +99,11 @@ class PoolSelector:
             return r.pool(r.default_pool)
         return candidates[0]
 
+    def forget(self, session_id: str) -> None:
+        """The session ended: a new one under its id starts where its own size says (found by review: it started in
+        the long-context pool)."""
+        self._long_sessions.pop(session_id, None)
+
     def _remember(self, session_id: str) -> None:
         self._long_sessions[session_id] = None
         self._long_sessions.move_to_end(session_id)

@@ -38,6 +38,8 @@ def test_long_sessions_move_to_the_long_pool_and_stay_there() -> None:
     assert sel.select("llama-8b", session_id="b", session_tokens=900).name == "workers"
     # the long pool does not serve the orchestrator's model: a long orchestrator session stays in its pool
     assert sel.select("llama-70b", session_id="c", session_tokens=50_000).name == "orchestrator"
+    sel.forget("a")  # the session ended: a new one under its id starts by its own size
+    assert sel.select("llama-8b", session_id="a", session_tokens=900).name == "workers"
 
 
 @pytest.mark.parametrize("kw", [

@@ -179,6 +179,7 @@ class OpenAIIngress:
                 return error(exc.status, str(exc), kind="server_error")
             answers.append((name, res))
         self.session_tokens.pop(sid, None)
+        self.selector.forget(sid)
         found = [(name, r) for name, r in answers if r["status"] == 200]
         if not found:
             return error(404, f"no session {sid!r}", param="session_id")
@@ -219,8 +220,9 @@ class OpenAIIngress:
             if is_header_safe(sid):
                 headers["x-session-id"] = sid
             # else it came in the body (a header is latin-1 by construction), which the engine reads it from too
-        if session.end and sid is not None:
+        if session.end and sid is not None:  # this last turn still goes where the session lives
             self.session_tokens.pop(sid, None)
+            self.selector.forget(sid)
         extra = {"x-kvsched-pool": pool.name}
         hints = RouteHints(end_session=session.end)
         try:
