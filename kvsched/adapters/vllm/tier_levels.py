@@ -19,8 +19,10 @@ request of a session whose metadata names another replica counts as a moved sess
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -170,7 +172,8 @@ class TierLevels:
                         len(self.disk.written))
         self.store: Any = None
         self.meta_writer: BackgroundWriter | None = None
-        self._published: OrderedDict[bytes, None] = OrderedDict()
+        self.clock: Callable[[], float] = time.monotonic
+        self._published: OrderedDict[bytes, float] = OrderedDict()  # key -> when it was last sent to the store
         self._seen_sessions: OrderedDict[Any, None] = OrderedDict()
         if cfg.store_url:
             from kvsched.adapters.store.redis_store import open_store, redacted
@@ -190,10 +193,12 @@ class TierLevels:
             to_disk.update(plan.write)
             self.ops.deletes.extend(plan.delete)
         shared = self.store is not None and self.store.up
+        now = self.clock()
         for key, block_id in blocks:
-            s = shared and key not in self._published
+            # Sent again once half its TTL is gone: the store may have dropped it (expired, evicted, a failed put)
+            s = shared and now - self._published.get(key, -math.inf) > self.cfg.kv_ttl_s / 2
             if s:
-                self._remember_published(key)
+                self._remember_published(key, now)
             if s or key in to_disk:
                 self.ops.publishes.append(Publish(key, block_id, key in to_disk, s))
         if self.store is not None and self.meta_writer is not None:
@@ -333,7 +338,8 @@ class TierLevels:
         return session_key(self.identity, str(getattr(owner, "session_id", owner)), getattr(owner, "cache_salt", None),
                            getattr(owner, "tenant", None))
 
-    def _remember_published(self, key: bytes) -> None:
-        self._published[key] = None
+    def _remember_published(self, key: bytes, now: float) -> None:
+        self._published[key] = now
+        self._published.move_to_end(key)
         if len(self._published) > PUBLISHED_MEMORY:
             self._published.popitem(last=False)

@@ -120,3 +120,20 @@ def test_a_write_counts_once_every_rank_reported_it_and_a_failed_one_leaves_no_f
     assert CHAIN[0] not in lv.disk.written  # one rank of two is not a block
     lv.written([(CHAIN[0], True)], disk_full=False)
     assert CHAIN[0] in lv.disk.written
+
+
+def test_a_block_is_published_again_once_half_its_store_ttl_is_gone(tmp_path: Path, redis_server) -> None:
+    """Found by review: a block published once was never sent again, so after its entry expired (or Redis evicted it,
+    or the put failed) no replica could fetch it, however often the session came back."""
+    lv = levels(tmp_path, url=redis_server.url)
+    now = [0.0]
+    lv.clock = lambda: now[0]
+    blocks = [(k, i) for i, k in enumerate(CHAIN[:3])]
+    lv.turn_finished("s", blocks, None)
+    assert [p.shared for p in lv.take_ops().publishes] == [True] * 3
+    now[0] += lv.cfg.kv_ttl_s / 4
+    lv.turn_finished("s", blocks, None)
+    assert not any(p.shared for p in lv.take_ops().publishes)  # fresh in the store: not sent twice
+    now[0] += lv.cfg.kv_ttl_s / 2
+    lv.turn_finished("s", blocks, None)
+    assert [p.shared for p in lv.take_ops().publishes] == [True] * 3
