@@ -18,13 +18,13 @@ PROMQL_WORDS = {"rate", "irate", "sum", "by", "without", "max", "min", "avg", "h
 def exported_kvsched_names() -> set[str]:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from kvsched.adapters.vllm import compaction, metrics
+    from kvsched.adapters.vllm import compaction_metrics, metrics
     from kvsched.serving import parse_prometheus
 
     stats = {k: 1.0 for k in (*metrics.GAUGES, *metrics.COUNTERS)} | {"tier_capacity_bytes": 1.0}
     names = set(parse_prometheus(metrics.render_metrics(stats).decode()))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(compaction._Collector({}))  # type: ignore[arg-type]
+    registry.register(compaction_metrics.Collector({}))  # type: ignore[arg-type]
     names |= set(parse_prometheus(generate_latest(registry).decode()))
     return {n.split("{")[0] for n in names}
 

@@ -200,14 +200,17 @@ def simulate(policy: Policy, cfg: SimConfig, work: Workload) -> dict[str, Any]:
             after = snapshot()
             moved = [j for j in range(len(before)) if before[j] != after[j]]
             moves.update(before_kill=before, moved_on_kill=len(moved) / len(before),
-                         kill_moved_others=sum(before[j] != victim and served_once(j) for j in moved))
+                         kill_moved_others=sum(before[j] != victim and served_once(j) for j in moved),
+                         lived_on_victim=[j for j in range(len(before)) if before[j] == victim and served_once(j)])
         if served == phase_ends["outage"]:  # the replica returns (kvsched: same slot; Ray: a new unique id)
             before = snapshot()
             live.add(victim)
             loads[victim] = 0
             policy.set_live(sorted(live), revived=victim)
             after = snapshot()
-            owned = [j for j in range(len(before)) if moves["before_kill"][j] == victim]
+            # The sessions that lived (had KV) on the dead replica. One first served during the outage lives where
+            # it was placed then, with its KV: sending it to the empty replacement would cost its prefill again.
+            owned = moves["lived_on_victim"]
             moves.update(returned_home=sum(after[j] == victim for j in owned) / max(1, len(owned)),
                          return_moved_others=sum(1 for j in range(len(before)) if before[j] != after[j]
                                                  and served_once(j) and moves["before_kill"][j] != victim))
@@ -226,7 +229,7 @@ def simulate(policy: Policy, cfg: SimConfig, work: Workload) -> dict[str, Any]:
         "moved_on_scale_up": sum(a != b for a, b in zip(before, after, strict=True)) / len(before),
         "route_us_p50": (percentile(route_ns, 0.5) or 0.0) / 1000,
         "route_us_p99": (percentile(route_ns, 0.99) or 0.0) / 1000,
-        "kill_return": {"dead_replica_sessions": sum(s == victim for s in moves.get("before_kill", [])),
+        "kill_return": {"dead_replica_sessions": len(moves.get("lived_on_victim", [])),
                         "others_moved_on_kill": moves.get("kill_moved_others"),
                         "dead_replica_sessions_back_home": moves.get("returned_home"),
                         "others_moved_on_return": moves.get("return_moved_others")},

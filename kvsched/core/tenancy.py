@@ -95,14 +95,16 @@ class PageQuery:
     limit: int = DEFAULT_PAGE
     cursor: SortKey | None = None
     summary: bool = False
+    pinned_ids: bool = False  # only the ids of the sessions holding pinned KV, all in one answer (a router's index)
 
 
 def parse_page_query(params: Mapping[str, str]) -> PageQuery:
-    """`limit` (1..MAX_PAGE, default DEFAULT_PAGE), `cursor`, `summary` (1/0). Unknown parameters are refused, so a
-    typo does not silently return the first page."""
-    unknown = sorted(set(params) - {"limit", "cursor", "summary"})
+    """`limit` (1..MAX_PAGE, default DEFAULT_PAGE), `cursor`, `summary` (1/0), `pinned_ids` (1/0). Unknown parameters
+    are refused, so a typo does not silently return the first page."""
+    unknown = sorted(set(params) - {"limit", "cursor", "summary", "pinned_ids"})
     if unknown:
-        raise InvalidQuery(f"unknown query parameter(s) {unknown}; use limit, cursor, summary", unknown[0][:64])
+        raise InvalidQuery(f"unknown query parameter(s) {unknown}; use limit, cursor, summary, pinned_ids",
+                           unknown[0][:64])
     limit = DEFAULT_PAGE
     if "limit" in params:
         raw = params["limit"]
@@ -112,8 +114,11 @@ def parse_page_query(params: Mapping[str, str]) -> PageQuery:
     summary = params.get("summary", "0").strip().lower()
     if summary not in ("0", "1", "true", "false"):
         raise InvalidQuery(f"summary must be 1 or 0, got {summary[:32]!r}", "summary")
+    ids = params.get("pinned_ids", "0").strip().lower()
+    if ids not in ("0", "1", "true", "false"):
+        raise InvalidQuery(f"pinned_ids must be 1 or 0, got {ids[:32]!r}", "pinned_ids")
     cursor = decode_cursor(params["cursor"]) if params.get("cursor") else None
-    return PageQuery(limit, cursor, summary in ("1", "true"))
+    return PageQuery(limit, cursor, summary in ("1", "true"), ids in ("1", "true"))
 
 
 def page(rows: Iterable[tuple[SessionKey, T]], query: PageQuery) -> tuple[list[T], str | None]:

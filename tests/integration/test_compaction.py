@@ -149,10 +149,26 @@ def test_rewritten_only_when_the_prefix_matches_exactly(server):
     assert full.json()["usage"]["prompt_tokens"] > same.json()["usage"]["prompt_tokens"]
 
 
-def test_failed_summary_call_serves_the_request_uncompacted(server, tokens):
-    # The summary prompt (the whole older context + instruction) plus its max_tokens exceeds max_model_len, so vLLM
-    # refuses the summary call; the user's request itself fits.
-    failures0 = metric(server, "kvsched_compaction_summary_failures_total")
+def test_a_history_past_the_context_is_summarised_from_its_newest_turns_and_served(server, tokens):
+    """A conversation whose older part alone is past the model's context (its summary lost, e.g. to an API-server
+    restart): the summary call leaves the oldest turns out to fit, and the request is served compacted. Before, the
+    call sent the whole older part, vLLM refused it, and the request (longer than the context) failed, every time."""
+    cut0, failures0 = metric(server, "kvsched_compaction_summary_inputs_cut_total"), failures(server)
+    history = [SYSTEM]
+    for i in range(80):
+        history += [{"role": "user", "content": text(i, 60)}, {"role": "assistant", "content": "ok"}]
+    history.append({"role": "user", "content": "go on"})
+    assert sum(tokens(m["content"]) for m in history) > MAX_MODEL_LEN  # as sent, vLLM would refuse it
+    r = chat(server, history, "past-the-context")
+    assert r.status_code == 200, r.text
+    assert compacted(r) > 0 and r.json()["usage"]["prompt_tokens"] < MAX_MODEL_LEN
+    assert metric(server, "kvsched_compaction_summary_inputs_cut_total") == cut0 + 1 and failures(server) == failures0
+
+
+def test_a_turn_too_long_to_summarise_is_served_as_sent_without_a_failing_call(server, tokens):
+    """The older part is one turn that alone fills the context: no summary can fit, so none is asked for (no call
+    vLLM would refuse, no failure); the request itself fits and is served as sent."""
+    calls0, failures0 = metric(server, "kvsched_compaction_summary_calls_total"), failures(server)
     filler = "agent tool result " * 2000
     n = len(filler.split())
     while tokens(" ".join(filler.split()[:n])) > MAX_MODEL_LEN - 110:
@@ -164,7 +180,11 @@ def test_failed_summary_call_serves_the_request_uncompacted(server, tokens):
     r = chat(server, history, "too-long")
     assert r.status_code == 200, r.text
     assert compacted(r) == 0 and r.json()["usage"]["prompt_tokens"] > MAX_MODEL_LEN - 200
-    assert metric(server, "kvsched_compaction_summary_failures_total") == failures0 + 1
+    assert metric(server, "kvsched_compaction_summary_calls_total") == calls0 and failures(server) == failures0
+
+
+def failures(server) -> float:
+    return metric(server, "kvsched_compaction_summary_failures_total")
 
 
 def test_opt_out_is_served_as_sent(server):

@@ -255,9 +255,10 @@ def test_a_replica_without_recent_ttft_samples_reports_no_ttft_rather_than_a_mar
     assert asyncio.run(stats(0.5)) == {"queue_depth": 3.0, "ttft_p95_s": 0.5}
 
 
-def test_the_stats_poll_reports_every_page_of_every_salts_sessions() -> None:
+def test_the_stats_poll_reports_every_salts_sessions_in_one_call() -> None:
     """Found by review: the poll read one page of 100 unsalted sessions, so a restarted router sent the rest home, away
-    from their KV. It pages with the replica's own admin key (every salt and tenant)."""
+    from their KV; reading every page instead walked the engine's session table once per page (minutes of engine time
+    at 100,000 sessions). One call of the pinned ids, with the replica's own admin key (every salt and tenant)."""
     import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -266,21 +267,17 @@ def test_the_stats_poll_reports_every_page_of_every_salts_sessions() -> None:
     from kvsched.adapters.ray.stats import ReplicaStats
 
     everyone = [f"s{i:04d}" for i in range(2500)]
+    calls = []
 
     class Engine(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             url = urlparse(self.path)
-            if url.path == "/metrics":
-                body = b""
-            else:
+            body = b""
+            if url.path != "/metrics":
+                calls.append(url.query)
                 admin = self.headers.get("Authorization") == "Bearer k"
-                visible = everyone if admin else everyone[:1]  # the unsalted sessions of no tenant
-                q = parse_qs(url.query)
-                start = int(q.get("cursor", ["0"])[0])
-                limit = min(int(q.get("limit", ["100"])[0]), 1000)
-                rows = [{"session_id": s, "pinned_blocks": 1} for s in visible[start:start + limit]]
-                nxt = str(start + limit) if start + limit < len(visible) else None
-                body = json.dumps({"sessions": rows, "next_cursor": nxt}).encode()
+                assert parse_qs(url.query) == {"pinned_ids": ["1"]}
+                body = json.dumps({"pinned_session_ids": everyone if admin else everyone[:1]}).encode()
             self.send_response(200)
             self.end_headers()
             self.wfile.write(body)
@@ -294,7 +291,7 @@ def test_the_stats_poll_reports_every_page_of_every_salts_sessions() -> None:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         st = ReplicaStats(base, admin_key="k")
         st.poll()
-        assert st.kv_sessions == everyone
+        assert st.kv_sessions == everyone and len(calls) == 1
         anonymous = ReplicaStats(base)
         anonymous.poll()
         assert anonymous.kv_sessions == everyone[:1]

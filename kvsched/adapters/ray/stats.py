@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -90,7 +89,9 @@ class ReplicaStats:
             self.ttft_p95_s, self._ttft_at = p95, now
         elif now - self._ttft_at > self.hold_s:
             self.ttft_p95_s = None
-        if sessions is not None:
+        if sessions is not None and "pinned_session_ids" in sessions:
+            self.kv_sessions = sorted(str(s) for s in sessions["pinned_session_ids"])
+        elif sessions is not None:
             self.kv_sessions = sorted(str(r["session_id"]) for r in sessions.get("sessions", ())
                                       if r.get("pinned_blocks", 0) > 0)
 
@@ -104,21 +105,14 @@ class ReplicaStats:
             sessions = None  # stock vLLM (no kvsched scheduler) or busy: keep the last list
         self.update(text, sessions)
 
-    def _all_sessions(self, timeout_s: float, max_pages: int = 100) -> dict[str, Any]:
-        """Every page of /kvsched/sessions (at most `max_pages` of 1,000 rows)."""
-        rows: list[Any] = []
-        cursor = ""
+    def _all_sessions(self, timeout_s: float) -> dict[str, Any]:
+        """The ids of every session holding pinned KV on the engine (all salts and tenants with the admin key), in one
+        call that walks the session table once (pages of the listing would walk it once per page)."""
         headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
-        for _ in range(max_pages):
-            query = "?limit=1000" + (f"&cursor={urllib.parse.quote(cursor)}" if cursor else "")
-            req = urllib.request.Request(self.base_url + "/kvsched/sessions" + query, headers=headers)
-            with urllib.request.urlopen(req, timeout=timeout_s) as r:
-                body = json.loads(r.read())
-            rows += body.get("sessions", ())
-            cursor = body.get("next_cursor") or ""
-            if not cursor:
-                break
-        return {"sessions": rows}
+        req = urllib.request.Request(self.base_url + "/kvsched/sessions?pinned_ids=1", headers=headers)
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            body: dict[str, Any] = json.loads(r.read())
+        return body
 
     def snapshot(self) -> dict[str, Any]:
         return {"queue_depth": self.queue_depth, "running": self.running, "ttft_p95_s": self.ttft_p95_s,

@@ -64,10 +64,11 @@ async def _list(app: Any, scope: Scope, send: Any, caller: Caller) -> None:
     except ValueError:
         raise HttpError(400, f"at most {MAX_QUERY_FIELDS} query parameters", param="query") from None
     cursor = params.get("cursor") or None  # checked by parse_page_query; the engine decodes it again
-    result = await compat.call_scheduler(app, "list", caller.as_args(), query.limit, cursor, query.summary)
+    mode = "pinned_ids" if query.pinned_ids else query.summary
+    result = await compat.call_scheduler(app, "list", caller.as_args(), query.limit, cursor, mode)
     if "error" in result:
         raise HttpError(400, str(result["error"]), param="cursor")
-    if not query.summary:
+    if not query.summary and not query.pinned_ids:
         result["stats"] = await compat.call_scheduler(app, "stats")
     await send_json(send, 200, result)
 

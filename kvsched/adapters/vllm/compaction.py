@@ -21,14 +21,15 @@ import json
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.compaction_metrics import FAILURE_REASONS, Collector
 from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
 from kvsched.adapters.vllm.http_io import error_body
-from kvsched.core.compaction import CompactionStore, Message, Plan, SummaryJob, message_digest
+from kvsched.core.compaction import CompactionStore, Message, Plan, SummaryJob, message_digest, prefix_digests
 from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy, parse_strategy
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ STRATEGY_HEADER = "x-kvsched-compaction"
 XARG_STRATEGY = "compaction"
 COMPACTED_HEADER = b"x-kvsched-compacted"
 DIGEST_CHARS = 32  # of a conversation digest sent to the engine (128 bits)
-COMPACTED_LOOKBACK = 32  # a rewrite names this many of its messages' latest prefixes (the left branch's last turn)
+COMPACTED_LOOKBACK = 1024  # a rewrite names this many of its messages' latest prefixes (the left branch's last turn:
+# an agent turn may add dozens of tool results at once)
 TOKEN_CACHE_ENTRIES = 65_536
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -119,13 +121,13 @@ class Compactor:
         if strategy is Strategy.OFF:
             if raw is not None:
                 self.counters["opt_outs"] += 1
-            return UNCHANGED
+            return self._tagged(payload, messages)
         try:
             counts = [self._message_tokens(m, scope) for m in messages]
         except Exception:  # no tokenizer (e.g. a server without one): serve as sent
             logger.exception("kvsched compaction: token counting failed; serving uncompacted")
             self.counters["token_count_errors"] += 1
-            return UNCHANGED
+            return self._tagged(payload, messages)
         key = json.dumps([payload.get("model"), payload.get("cache_salt"), tenant, session])
         if self.shared is not None and key not in self.store.sessions:  # moved here: its summaries come along
             await self.shared.load_into(self.store, key)
@@ -154,8 +156,8 @@ class Compactor:
         # one of them, so it frees that KV now, not at its TTL, and never another conversation's under the same id
         # (kvsched.core.lineage.Lineage.superseded).
         digests = [d[:DIGEST_CHARS] for d in plan.digests]
-        if not digests:
-            return UNCHANGED
+        if not digests:  # served as sent (the cap strategy): named all the same
+            return self._tagged(payload, plan.messages)
         tags: dict[str, Any] = {compat.XARG_CONVERSATION: digests[-1]}
         if plan.replaced:
             n = len(digests) - 1  # the client's messages
@@ -169,6 +171,16 @@ class Compactor:
         self.counters["replaced_messages"] += replaced
         self.counters["saved_tokens"] += max(plan.original_tokens - plan.tokens, 0)
         return Outcome(changed=True, replaced=replaced)
+
+    def _tagged(self, payload: dict[str, Any], messages: Sequence[Message]) -> Outcome:
+        """A turn served as sent still names its conversation, whatever its strategy (off, cap, no tokenizer): a later
+        turn may be rewritten (its client may pick another strategy), and the rewrite ends this turn's branch by it.
+        Nothing to name on a server where no request can be rewritten."""
+        if not messages or (self.config.strategy is Strategy.OFF and not self.config.client_strategies):
+            return UNCHANGED
+        digest = prefix_digests(messages)[-1][:DIGEST_CHARS]
+        payload["vllm_xargs"] = {**payload.get("vllm_xargs", {}), compat.XARG_CONVERSATION: digest}
+        return Outcome(changed=True)
 
     # ---- summary calls ------------------------------------------------------------------------------------------
     def _start(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
@@ -265,6 +277,7 @@ class Compactor:
             "summaries": float(s["summaries"]),
             "summary_seconds": self.summary_seconds,
             "windows": float(s["windows"]),
+            "summary_inputs_cut": float(s["summary_inputs_cut"]),
             "refused_requests": float(s["refused"]),
             "opt_outs": float(c["opt_outs"]),
             "refused_choices": float(c["refused_choices"]),
@@ -281,55 +294,11 @@ class Compactor:
         from prometheus_client.openmetrics.exposition import generate_latest as generate_latest_openmetrics
 
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(self.stats()))  # type: ignore[arg-type]
+        registry.register(Collector(self.stats()))  # type: ignore[arg-type]
         if openmetrics:
             text = generate_latest_openmetrics(registry)
             return text[: -len(b"# EOF\n")] if text.endswith(b"# EOF\n") else text
         return bytes(generate_latest(registry))
-
-
-FAILURE_REASONS = ("timeout", "error", "empty")
-GAUGES = {
-    "sessions": "Sessions with compaction state on this API server",
-    "summaries_in_flight": "Summarization calls under way",
-    "trigger_tokens": "Older-context tokens that trigger a compaction",
-}
-COUNTERS = {
-    "summary_calls": "Summarization calls made (one per trigger)",
-    "summaries": "Summaries stored",
-    "summary_seconds": "Time spent in summarization calls",
-    "windows": "Sliding-window cuts made",
-    "refused_requests": "Requests refused past the context cap (HTTP 400)",
-    "opt_outs": "Requests that opted out of compaction (X-KVSched-Compaction: off)",
-    "refused_choices": "Requests refused (HTTP 403) for a strategy the operator did not enable for clients",
-    "replaced_messages": "Client messages replaced by a summary or dropped, over all rewritten requests",
-    "saved_tokens": "Prompt tokens removed by compaction (estimated with the served tokenizer)",
-    "shared_checkpoints_loaded": "Summaries taken from the shared store for sessions new to this server (moved)",
-    "shared_checkpoints_saved": "Times a session's summaries were written to the shared store",
-}
-
-
-class _Collector:
-    def __init__(self, stats: Mapping[str, float]) -> None:
-        self.stats = stats
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        for name, doc in GAUGES.items():
-            yield GaugeMetricFamily(f"kvsched_compaction_{name}", doc, value=self.stats.get(name, 0.0))
-        for name, doc in COUNTERS.items():
-            yield CounterMetricFamily(f"kvsched_compaction_{name}", doc, value=self.stats.get(name, 0.0))
-        rewritten = CounterMetricFamily("kvsched_compaction_rewritten_requests", "Requests served compacted, by "
-                                        "strategy", labels=["strategy"])
-        for st in (Strategy.SUMMARIZE, Strategy.SLIDING_WINDOW):
-            rewritten.add_metric([st.value], self.stats.get(f"rewritten_{st.value}", 0.0))
-        yield rewritten
-        failures = CounterMetricFamily("kvsched_compaction_summary_failures", "Summarization calls that failed "
-                                       "(the request was served uncompacted), by reason", labels=["reason"])
-        for reason in FAILURE_REASONS:
-            failures.add_metric([reason], self.stats.get(f"failed_{reason}", 0.0))
-        yield failures
 
 
 # ---- vLLM / ASGI plumbing ---------------------------------------------------------------------------------------

@@ -95,17 +95,17 @@ def _write(xargs: dict[str, Any], fields: SessionFields, tenant: str | None) -> 
 
 RESERVED_XARGS = (compat.XARG_TENANT, compat.XARG_COMPACTED, compat.XARG_CONVERSATION)  # the middleware's own
 _XARGS_NAMES = ("vllm_xargs", "extra_args")  # where a request body carries SamplingParams.extra_args
-# Routes besides the four kvsched rewrites whose requests vLLM gives a session id (its `_get_session_id`: the body's
-# `session_id`, the X-Session-ID header, `vllm_xargs.session_id`), e.g. /v1/chat/completions/batch, /invocations.
-SESSION_ROUTE_PREFIXES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/inference/",
-                          "/invocations")
+# Routes besides the four kvsched rewrites that run engine requests with a session id (vLLM's `_get_session_id`: the
+# body's `session_id`, the X-Session-ID header, `vllm_xargs.session_id`). Exact paths: render, count_tokens or abort
+# routes run nothing, and an SDK sending the header everywhere must not be refused there.
+SESSION_ROUTES = frozenset({"/v1/chat/completions/batch", "/inference/v1/generate", "/invocations", "/cohere/v2/chat"})
 
 
 def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: str | None, route: str = "") -> None:
     """A body (JSON, or a form's fields) on a route whose session fields kvsched does not rewrite: vLLM passes its
     `vllm_xargs`/`extra_args` to the engine as they are. Raises InvalidSessionInput (a 400) for one of kvsched's own
     marks anywhere in it (a forged tenant reaches another key's sessions, a forged compaction mark ends a branch), and,
-    for a caller with a key of its own on a route that gives requests a session (`SESSION_ROUTE_PREFIXES`), for a
+    for a caller with a key of its own on a route that gives requests a session (`SESSION_ROUTES`), for a
     session named there: nothing on that route scopes it to the caller's key, so two keys would share it."""
     stack: list[tuple[object, str]] = [(payload, "")]
     items = payload if isinstance(payload, list) else [payload]  # a batch's requests, or the one request
@@ -122,7 +122,7 @@ def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: 
                 stack.append((v, path))
         elif isinstance(node, list):
             stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
-    if named and tenant is not None and route.startswith(SESSION_ROUTE_PREFIXES):
+    if named and tenant is not None and route in SESSION_ROUTES:
         raise InvalidSessionInput("sessions are kept per API key on /v1/chat/completions, /v1/completions, "
                                   "/v1/responses and /v1/messages only: this route cannot scope one to your key",
                                   field="session_id")

@@ -31,6 +31,10 @@ def handle_admin(pins: Pins, op: str, args: tuple[Any, ...]) -> dict[str, Any] |
     try:
         if op == "list":
             caller, limit, cursor, summary = args if args else (None, DEFAULT_PAGE, None, False)
+            if summary == "pinned_ids":  # one pass, whatever the table's size (a router's KV index)
+                who = _caller(caller)
+                return {"pinned_session_ids": sorted({str(k.session_id) for k, r in pins.policy.sessions.items()
+                                                      if r.pinned_blocks > 0 and who.owns(k)})}
             return list_sessions(pins.policy, _caller(caller), PageQuery(
                 int(limit), decode_cursor(cursor) if cursor else None, bool(summary)))
         if op == "end":

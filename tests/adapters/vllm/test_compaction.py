@@ -122,11 +122,13 @@ def test_opt_out_and_bad_strategy():
     app = FakeVllm()
     comp = compactor(app, wait_for_summary=True)
     payload = request(8)
-    assert run(comp.prepare(SCOPE, payload, {"x-kvsched-compaction": "off"})) == Outcome()
+    assert not run(comp.prepare(SCOPE, payload, {"x-kvsched-compaction": "off"})).replaced
     xargs_off = request(8)
     xargs_off["vllm_xargs"]["compaction"] = "off"
-    assert run(comp.prepare(SCOPE, xargs_off, {})) == Outcome()
+    assert not run(comp.prepare(SCOPE, xargs_off, {})).replaced
     assert app.calls == [] and comp.stats()["opt_outs"] == 2
+    assert payload["messages"] == request(8)["messages"]  # served as sent, but named: a later rewrite ends its
+    assert payload["vllm_xargs"]["kvsched_conversation"] == xargs_off["vllm_xargs"]["kvsched_conversation"]  # branch
     bad = run(comp.prepare(SCOPE, request(1), {"x-kvsched-compaction": "squeeze"}))
     assert bad.status == 400 and "unknown compaction strategy" in bad.error["error"]["message"]
 
@@ -298,3 +300,18 @@ def test_the_summary_call_fits_the_served_models_context():
     (_, body), = app.calls
     words = sum(len(m["content"].split()) for m in body["messages"])
     assert words <= 200 * 0.9 - 32 and comp.store.counters["summary_inputs_cut"] == 1
+
+
+def test_a_rewrite_ends_the_branch_of_a_turn_served_as_sent_and_of_many_new_messages():
+    """Found by review: a turn served with compaction off or under the cap carried no conversation digest, and a
+    rewrite listed only its messages' 32 newest prefixes, so the branch it left was not ended when the client switched
+    strategy (the cap's 400 tells it to) or an agent turn added 40 tool results at once."""
+    comp = compactor(FakeVllm(), wait_for_summary=True, client_strategies=(Strategy.CAP, Strategy.SLIDING_WINDOW))
+    first = request(2)
+    run(comp.prepare(SCOPE, first, {"x-kvsched-compaction": "cap"}))  # under the cap: served as sent
+    sent = first["vllm_xargs"]["kvsched_conversation"]
+    later = request(2)
+    later["messages"] = [*first["messages"], {"role": "assistant", "content": "ok"},
+                         *[{"role": "user", "content": f"tool result {i} with words"} for i in range(40)]]
+    out = run(comp.prepare(SCOPE, later, {"x-kvsched-compaction": "sliding_window"}))
+    assert out.replaced > 0 and sent in later["vllm_xargs"]["kvsched_compacted"]

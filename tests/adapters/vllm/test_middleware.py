@@ -257,6 +257,8 @@ def test_routes_kvsched_does_not_rewrite_refuse_its_marks_and_keyed_sessions():
     # the X-Session-ID header only matters where vLLM reads it: an SDK sending it everywhere still embeds
     body = json.dumps({"input": "x"}).encode()
     assert call(mw, app, "POST", "/v1/embeddings", body, [auth, js, ("X-Session-ID", "s")])[0] == 200
+    for route in ("/v1/messages/count_tokens", "/v1/chat/completions/render", "/inference/v1/abort_requests"):
+        assert call(mw, app, "POST", route, body, [auth, js, ("X-Session-ID", "s")])[0] == 200  # run nothing
     open_app = FakeVllm(keys=())
     status, _ = call(KVSchedMiddleware(open_app), open_app, "POST", "/inference/v1/generate",
                      json.dumps(generate).encode(), [js])

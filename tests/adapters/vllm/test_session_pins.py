@@ -19,6 +19,7 @@ from kvsched.adapters.vllm.harness import (  # noqa: E402
     step,
     usable_blocks,
 )
+from kvsched.core.tenancy import Caller  # noqa: E402
 from tests.adapters.vllm.conftest import BLOCK  # noqa: E402
 from tests.adapters.vllm.conftest import sched as _sched  # noqa: E402
 
@@ -169,6 +170,11 @@ def test_admin_list_and_unknown_operation(harness_cfg, clock):
     assert row["session_id"] == "x" and row["role"] == "orchestrator" and row["pinned_blocks"] == 4
     assert row["idle_s"] == pytest.approx(1.5)
     assert "error" in s("frobnicate")
+    s.add_request(f.make([4] * 64, 2, session_id="y", cache_salt="pepper"))
+    run_until_idle(s)
+    assert s("list", None, 1, None, "pinned_ids") == {"pinned_session_ids": ["x", "y"]}  # a router's index: all
+    caller = Caller().as_args()  # an unsalted caller of no tenant: its own only
+    assert s("list", caller, 1, None, "pinned_ids") == {"pinned_session_ids": ["x"]}
 
 
 # ---- the invariant: pins never leak blocks, whatever happens --------------------------------------------------

@@ -1,0 +1,52 @@
+"""The compaction middleware's Prometheus metrics (`kvsched_compaction_*`), from `Compactor.stats()`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from kvsched.core.compaction_config import Strategy
+
+FAILURE_REASONS = ("timeout", "error", "empty")
+GAUGES = {
+    "sessions": "Sessions with compaction state on this API server",
+    "summaries_in_flight": "Summarization calls under way",
+    "trigger_tokens": "Older-context tokens that trigger a compaction",
+}
+COUNTERS = {
+    "summary_calls": "Summarization calls made (one per trigger)",
+    "summaries": "Summaries stored",
+    "summary_seconds": "Time spent in summarization calls",
+    "windows": "Sliding-window cuts made",
+    "summary_inputs_cut": "Summary calls that left a session's oldest turns out to fit the model's context",
+    "refused_requests": "Requests refused past the context cap (HTTP 400)",
+    "opt_outs": "Requests that opted out of compaction (X-KVSched-Compaction: off)",
+    "refused_choices": "Requests refused (HTTP 403) for a strategy the operator did not enable for clients",
+    "replaced_messages": "Client messages replaced by a summary or dropped, over all rewritten requests",
+    "saved_tokens": "Prompt tokens removed by compaction (estimated with the served tokenizer)",
+    "shared_checkpoints_loaded": "Summaries taken from the shared store for sessions new to this server (moved)",
+    "shared_checkpoints_saved": "Times a session's summaries were written to the shared store",
+}
+
+
+class Collector:
+    def __init__(self, stats: Mapping[str, float]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for name, doc in GAUGES.items():
+            yield GaugeMetricFamily(f"kvsched_compaction_{name}", doc, value=self.stats.get(name, 0.0))
+        for name, doc in COUNTERS.items():
+            yield CounterMetricFamily(f"kvsched_compaction_{name}", doc, value=self.stats.get(name, 0.0))
+        rewritten = CounterMetricFamily("kvsched_compaction_rewritten_requests", "Requests served compacted, by "
+                                        "strategy", labels=["strategy"])
+        for st in (Strategy.SUMMARIZE, Strategy.SLIDING_WINDOW):
+            rewritten.add_metric([st.value], self.stats.get(f"rewritten_{st.value}", 0.0))
+        yield rewritten
+        failures = CounterMetricFamily("kvsched_compaction_summary_failures", "Summarization calls that failed "
+                                       "(the request was served uncompacted), by reason", labels=["reason"])
+        for reason in FAILURE_REASONS:
+            failures.add_metric([reason], self.stats.get(f"failed_{reason}", 0.0))
+        yield failures
