@@ -33,7 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvsched.adapters.vllm import compat, tier_blob, tier_host
+from kvsched.adapters.vllm import compat, tier_blob, tier_host, tier_stats
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.settings_check import ENV_FAULT_EVERY  # tests: corrupt every n-th stored slot
 from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, MODULE_PATH, kv_transfer_config, kv_transfer_config_json
@@ -88,10 +88,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self._loading: deque[dict[int, Any]] = deque(maxlen=4)  # recent steps' loads (outputs may lag a step)
         self.on_load_failures: Callable[[set[int]], None] = lambda block_ids: None  # kvsched's prefetch cleanup
         self.steps_built = self.steps_done = 0  # connector metadata built / step outputs seen (prefetch ordering)
-        self._prefetched_for: set[str] = set()  # queued requests whose restore a prefetch started
-        self.stats: dict[str, float] = dict.fromkeys((
-            "restores", "tail_restores", "restored_blocks", "superseded_loads", "restored_tail_tokens", "restore_misses",
-            "load_failures", "err_sq", "ref_sq", "prefetched_blocks", "worker_seconds"), 0.0)
+        self._prefetched_for: dict[str, int] = {}  # queued requests whose restore a prefetch started -> ready step
+        self.stats: dict[str, float] = dict.fromkeys(tier_stats.CONNECTOR_STATS, 0.0)
         self.levels: TierLevels | None = None
         self.level_fetched: dict[str, int] = {}
         # worker side
@@ -199,11 +197,13 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self.directory.lock(slots)
         return slots
 
-    def add_prefetch(self, loads: Sequence[tuple[int, int, Any]], request_id: str | None = None) -> None:
-        """Restore `(slot, block id, key)` into blocks kvsched allocated and cached ahead of scheduling (for the queued
-        request `request_id`, whose own restore then only adds what the prefetch did not cover: one restore)."""
+    def add_prefetch(self, loads: Sequence[tuple[int, int, Any]], request_id: str | None = None,
+                     cached_after: int = 0) -> None:
+        """Restore `(slot, block id, key)` into blocks kvsched allocated ahead of scheduling, for the queued request
+        `request_id` (its own restore adds only what this missed). Async scheduling caches them once `cached_after`
+        step outputs were seen: the request waits (a step or two), or it would restore the same slots again."""
         if request_id is not None:
-            self._prefetched_for.add(request_id)
+            self._prefetched_for[request_id] = cached_after
         self._step.prefetches.extend(Load(s, b) for s, b, _ in loads)
         self._step_loads.update((b, k) for _, b, k in loads)
         self.stats["prefetched_blocks"] += len(loads)
@@ -211,6 +211,9 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         if self.directory is None or not self.enabled:
             return 0, False
+        ready = self._prefetched_for.get(request.request_id, 0)
+        if ready > self.steps_done and self.steps_built <= ready + 1:  # bounded: never held past two more steps
+            return None, False  # vLLM schedules it at a later step
         bs = self.block_size
         start = num_computed_tokens // bs
         last = request.num_tokens - 1  # vLLM always computes the last prompt token
@@ -283,19 +286,15 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             self.on_load_failures(bad)
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, TierWorkerMeta):
-            from kvsched.adapters.vllm.tier_stats import absorb_worker_meta
-
-            absorb_worker_meta(self, meta)
+            tier_stats.absorb_worker_meta(self, meta)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._matched.pop(request.request_id, None)
-        self._prefetched_for.discard(request.request_id)
+        self._prefetched_for.pop(request.request_id, None)
         return False, None
 
     def tier_stats(self) -> dict[str, Any]:
-        from kvsched.adapters.vllm.tier_stats import tier_stats
-
-        return tier_stats(self)
+        return tier_stats.tier_stats(self)
 
     # ==== worker side ================================================================================================
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:

@@ -190,9 +190,11 @@ class TierPrefetcher:
             return
         blocks = compat.new_blocks(scheduler, n)
         first = len(head)
+        due = getattr(self.tier, "steps_built", 0) + 1
+        cached_after = due if compat.async_scheduling(scheduler) else 0  # the request waits for its blocks till then
         self.tier.add_prefetch([(s, b.block_id, chain[first + i]) for i, (s, b) in enumerate(
-            zip(slots, blocks, strict=True))], request.request_id if request is not None else None)
-        p = Prefetch(key, blocks, chain, first, getattr(self.tier, "steps_built", 0) + 1, request)
+            zip(slots, blocks, strict=True))], request.request_id if request is not None else None, cached_after)
+        p = Prefetch(key, blocks, chain, first, due, request)
         if not compat.async_scheduling(scheduler):
             self._cache(p, fresh=True)  # this step's forward runs after the load; vLLM recomputes a failed slot
         self.pending[key] = p

@@ -7,6 +7,8 @@ import logging
 from typing import Any
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
+CONNECTOR_STATS = ("restores", "tail_restores", "restored_blocks", "superseded_loads", "restored_tail_tokens",
+                   "restore_misses", "load_failures", "err_sq", "ref_sq", "prefetched_blocks", "worker_seconds")
 
 
 def absorb_worker_meta(conn: Any, meta: Any) -> None:

@@ -104,3 +104,31 @@ def test_a_failure_on_a_released_prefetch_leaves_the_blocks_another_session_took
     out = s.schedule()
     _report(s, out, {pa.blocks[0].block_id})
     assert hits(pc) == 10 and hits(pa) == 0
+
+
+def test_an_async_queued_request_waits_for_its_prefetch_instead_of_restoring_it_twice(harness_cfg, clock,
+                                                                                     monkeypatch):
+    """Found by review: on async scheduling a queued request admitted before its prefetch entered the prefix cache
+    missed the prefetched blocks, restored the same tier slots again into blocks of its own, and its pin held the 10
+    prefetched ones, unused, for the whole turn. It now waits the step or two until they are cached, then hits them."""
+    s, f, hist = _demoted(harness_cfg, clock, monkeypatch, ["A"])
+    s.scheduler_config.async_scheduling = True
+    ra = f.make(hist["A"] + [4] * 3 + list(range(900, 940)), 40, session_id="A")
+    s.add_request(ra)
+    p = s.kvsched.prefetcher.pending[next(k for k in s.kvsched.policy.sessions if k.session_id == "A")]
+    prefetched = {b.block_id for b in p.blocks}
+    loads = 0
+    steps = 0
+    for _ in range(5):
+        out, _ = step(s)
+        steps += 1
+        meta = out.kv_connector_metadata
+        loads += len(meta.loads) if meta is not None else 0
+        new = [n for n in out.scheduled_new_reqs if n.req_id == ra.request_id]
+        if new:
+            break
+    assert new and 2 <= steps <= 3  # held a step or two, never longer
+    assert loads == 0 and new[0].num_computed_tokens >= 10 * BLOCK  # the prefetched blocks, as prefix-cache hits
+    assert prefetched <= set(s.kv_cache_manager.get_block_ids(ra.request_id)[0])
+    run_until_idle(s)
+    assert s.kvsched.prefetcher.counters["useful_blocks"] == 10
