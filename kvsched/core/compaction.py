@@ -198,10 +198,13 @@ class CompactionStore:
             return None
         served_through_cut = plan.messages[: len(plan.messages) - (len(msgs) - cut)]
         head = served_through_cut[: len(served_through_cut) - (cut - start)]  # system (+ the earlier summary)
-        if input_limit is not None:  # the summary call must fit the model's context: the oldest turns are left out
-            o = cfg.message_overhead_tokens  # (found by review: with no checkpoint, e.g. after a restart, a history
-            size = sum(counts[:system_count]) + o * (len(head) + 1) + older + len(cfg.instruction()) // 2  # past
-            while size > input_limit and start < cut:  # the context made every summary call fail, for good)
+        # A summary call must fit the model's context: the oldest turns are left out of it (found by review: with no
+        # checkpoint, e.g. after a restart, a history past the context made every summary call fail, for good). A
+        # window makes no call.
+        if input_limit is not None and strategy is Strategy.SUMMARIZE:
+            o = cfg.message_overhead_tokens
+            size = sum(counts[:system_count]) + o * (len(head) + 1) + older + len(cfg.instruction()) // 2
+            while size > input_limit and start < cut:
                 size -= counts[start] + o
                 start += 1
                 while start < cut and msgs[start].get("role") != "user":

@@ -200,3 +200,14 @@ def test_a_summary_call_past_the_models_context_summarises_the_newest_turns_that
     assert again.replaced == job.cut and len(again.messages) == 1 + 1 + 3  # system + summary + the recent turns
     unbounded = store(clock).plan("s1", msgs, counts(msgs))
     assert len(unbounded.job.prompt) == job.cut + 1  # without a limit: the whole older part, as before
+
+
+def test_the_summary_input_limit_never_stops_a_sliding_window(clock):
+    """Found by review: the limit meant for summary calls also ran for windows, and a large newest older turn then
+    stopped the window: the request went out whole, past the model's context."""
+    s = store(clock)
+    msgs = [SYSTEM, {"role": "user", "content": "big"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "big"}, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "go"}]
+    sizes = [10, 1400, 5, 700, 5, 5]
+    plan = s.plan("s1", msgs, sizes, Strategy.SLIDING_WINDOW, input_limit=500)
+    assert plan.replaced > 0 and s.counters["windows"] == 1 and s.counters["summary_inputs_cut"] == 0

@@ -181,3 +181,58 @@ def test_a_request_past_its_deadline_is_cancelled_on_the_engine() -> None:
     with pytest.raises(NoReplicaAnswered) as info:
         asyncio.run(OpenAIIngress._attempts(ingress, lambda _h: resp, RouteHints()))
     assert info.value.status == 504 and resp.cancelled
+
+
+def test_an_ended_sessions_last_answer_does_not_send_the_next_session_under_its_id_to_the_long_pool() -> None:
+    """Found by review: the end of a session forgot its size, then its last (not streamed) turn's answer put it back,
+    so a new session under the same id started in the long-context pool."""
+    import types
+    from collections import OrderedDict
+    from pathlib import Path
+
+    from kvsched.adapters.ray.config import load_config
+    from kvsched.adapters.ray.ingress import OpenAIIngress
+    from kvsched.core.routing_pools import PoolSelector
+
+    cfg = load_config(Path(__file__).parents[2] / "examples/ray/agents-gpu.yaml")
+    sent: list[str] = []
+
+    class Handle:
+        def __init__(self, pool: str) -> None:
+            self.pool = pool
+
+        def options(self, **_kw: object) -> Handle:
+            return self
+
+        @property
+        def complete(self) -> object:
+            pool = self.pool
+
+            async def answer() -> dict:
+                return {"status": 200, "body": json.dumps({"usage": {"total_tokens": 20000}}).encode(),
+                        "content_type": "application/json", "slot": 0, "headers": {}}
+
+            return types.SimpleNamespace(remote=lambda *a, **k: (sent.append(pool), answer())[1])
+
+    ing = types.SimpleNamespace(config=cfg, selector=PoolSelector(cfg.routing()), pools={p.name: p for p in cfg.pools},
+                                engines={p.name: Handle(p.name) for p in cfg.pools}, session_tokens=OrderedDict(),
+                                session_ends=OrderedDict())
+    for name in ("_complete", "_attempts", "_remember_usage", "_stream", "_ended"):
+        setattr(ing, name, types.MethodType(getattr(OpenAIIngress, name), ing))
+
+    class Req:
+        def __init__(self, body: bytes, headers: dict[str, str]) -> None:
+            self._b, self.headers = body, headers
+
+        async def stream(self):  # type: ignore[no-untyped-def]
+            yield self._b
+
+    def turn(content: str, end: bool = False) -> None:
+        h = {"content-type": "application/json", "x-session-id": "wf1", **({"x-session-end": "1"} if end else {})}
+        body = json.dumps({"model": "llama-8b", "messages": [{"role": "user", "content": content}]}).encode()
+        asyncio.run(OpenAIIngress.generate(ing, Req(body, h), "/v1/chat/completions"))
+
+    turn("x " * 30000)  # a long session: the long pool; its answer says 20,000 tokens
+    turn("bye", end=True)  # its last turn, not streamed
+    turn("hello")  # a new session under the same id
+    assert sent[:2] == ["long", "long"] and sent[2] != "long"

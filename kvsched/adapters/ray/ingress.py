@@ -134,6 +134,8 @@ class OpenAIIngress:
         self.pools = {p.name: p for p in self.config.pools}
         self.engines = engines
         self.session_tokens: OrderedDict[str, int] = OrderedDict()
+        self.session_ends: OrderedDict[str, int] = OrderedDict()  # sid -> times it ended (a turn's usage counts only
+        # if its session did not end meanwhile: a new session under the id starts by its own size)
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
@@ -178,8 +180,7 @@ class OpenAIIngress:
             except NoReplicaAnswered as exc:
                 return error(exc.status, str(exc), kind="server_error")
             answers.append((name, res))
-        self.session_tokens.pop(sid, None)
-        self.selector.forget(sid)
+        self._ended(sid)
         found = [(name, r) for name, r in answers if r["status"] == 200]
         if not found:
             return error(404, f"no session {sid!r}", param="session_id")
@@ -221,8 +222,7 @@ class OpenAIIngress:
                 headers["x-session-id"] = sid
             # else it came in the body (a header is latin-1 by construction), which the engine reads it from too
         if session.end and sid is not None:  # this last turn still goes where the session lives
-            self.session_tokens.pop(sid, None)
-            self.selector.forget(sid)
+            self._ended(sid)
         extra = {"x-kvsched-pool": pool.name}
         hints = RouteHints(end_session=session.end)
         try:
@@ -274,8 +274,9 @@ class OpenAIIngress:
 
     async def _complete(self, handle: Any, path: str, body: bytes, headers: dict[str, str], extra: dict[str, str],
                         sid: str | None, hints: RouteHints) -> Response:
+        ends = self.session_ends.get(sid, 0) if sid is not None else 0
         res, attempts = await self._attempts(lambda h: handle.complete.remote(path, body, headers, route=h), hints)
-        if sid is not None and res["status"] == 200:
+        if sid is not None and res["status"] == 200 and not hints.end_session and self.session_ends.get(sid, 0) == ends:
             self._remember_usage(sid, res["body"])
         return Response(res["body"], res["status"], media_type=res["content_type"],
                         headers=extra | served_by(res, attempts))
@@ -307,6 +308,16 @@ class OpenAIIngress:
             results = await handle.broadcast(method, *args).results_async(return_exceptions=True)
             out += [r for r in results if isinstance(r, dict)]
         return out
+
+    def _ended(self, sid: str) -> None:
+        """The session ended: its size and long-context pool are forgotten, and a turn of it still in flight is not
+        remembered when it answers (found by review: it put the ended session's size back for the next one)."""
+        self.session_tokens.pop(sid, None)
+        self.selector.forget(sid)
+        self.session_ends[sid] = self.session_ends.get(sid, 0) + 1
+        self.session_ends.move_to_end(sid)
+        while len(self.session_ends) > 100_000:
+            self.session_ends.popitem(last=False)
 
     def _remember_usage(self, sid: str, body: bytes) -> None:
         try:
