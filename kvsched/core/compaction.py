@@ -31,7 +31,7 @@ SYSTEM_ROLES = ("system", "developer")
 def message_digest(message: Message) -> bytes:
     """SHA-256 of a message's canonical JSON: any change in role, content, name or tool calls changes it."""
     text = json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).digest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()  # a lone surrogate ("\ud800") too
 
 
 def prefix_digests(messages: Sequence[Message]) -> list[str]:

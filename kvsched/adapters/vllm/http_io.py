@@ -171,7 +171,7 @@ async def form_fields(scope: Scope, body: bytes) -> list[dict[str, Any]] | None:
             try:
                 fields.append({name: json.loads(value)})
                 continue
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser: vLLM refuses it as well
                 pass
         fields.append({name: value})
     return fields

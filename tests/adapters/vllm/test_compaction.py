@@ -315,3 +315,14 @@ def test_a_rewrite_ends_the_branch_of_a_turn_served_as_sent_and_of_many_new_mess
                          *[{"role": "user", "content": f"tool result {i} with words"} for i in range(40)]]
     out = run(comp.prepare(SCOPE, later, {"x-kvsched-compaction": "sliding_window"}))
     assert out.replaced > 0 and sent in later["vllm_xargs"]["kvsched_compacted"]
+
+
+@pytest.mark.parametrize("strategy", [Strategy.SUMMARIZE, Strategy.OFF])
+def test_a_lone_surrogate_in_a_message_never_fails_the_request(strategy):
+    """Found in the last look: a message digest encoded the text as strict UTF-8, so a lone surrogate (valid JSON
+    "\\ud800") raised inside the middleware (a 500) once every turn was named."""
+    comp = compactor(FakeVllm(), strategy=strategy, client_strategies=(Strategy.SUMMARIZE,))
+    payload = request(3)
+    payload["messages"][1]["content"] = "bad \ud800 text"
+    out = run(comp.prepare(SCOPE, payload, {}))
+    assert out.status == 200 and "kvsched_conversation" in payload["vllm_xargs"]

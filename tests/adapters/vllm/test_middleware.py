@@ -252,6 +252,8 @@ def test_routes_kvsched_does_not_rewrite_refuse_its_marks_and_keyed_sessions():
     marked = b"model=m&vllm_xargs=" + b'{"kvsched\\u005ftenant": "t"}'.replace(b'"', b"%22").replace(b" ", b"+")
     status, err = call(mw, app, "POST", "/v1/audio/transcriptions", marked, [auth, *form])
     assert status == 400 and err["error"]["param"] == "vllm_xargs.kvsched_tenant", err
+    deep = b"model=m&vllm_xargs=" + b"%5B" * 100_000  # nested past json's recursion limit: vLLM's to refuse
+    assert call(mw, app, "POST", "/v1/audio/transcriptions", deep, [auth, *form])[0] == 200
     plain = b"model=m&vllm_xargs=%7B%7D"
     assert call(mw, app, "POST", "/v1/audio/transcriptions", plain, [auth, *form]) == (200, {"echo": plain.decode()})
     # the X-Session-ID header only matters where vLLM reads it: an SDK sending it everywhere still embeds
