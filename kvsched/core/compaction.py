@@ -44,6 +44,12 @@ def prefix_digests(messages: Sequence[Message]) -> list[str]:
     return out
 
 
+def conversation_root(messages: Sequence[Message]) -> str:
+    """Identifies a conversation among those under one session id: its system messages and its first other message
+    (`prefix_digests` of those; equal to the full chain's digest at that position)."""
+    return prefix_digests(messages[: leading_system_messages(messages) + 1])[-1]
+
+
 def leading_system_messages(messages: Sequence[Message]) -> int:
     n = 0
     while n < len(messages) and messages[n].get("role") in SYSTEM_ROLES:
@@ -74,6 +80,7 @@ class SummaryJob:
     system_count: int
     prompt: tuple[Message, ...]
     older_tokens: int
+    root: str = ""  # the conversation under the session id (`conversation_root`): pending and failures are its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +102,11 @@ class Plan:
 @dataclass(slots=True)
 class _Session:
     checkpoints: list[Checkpoint] = field(default_factory=list)  # newest last
-    pending: str | None = None  # digest of the job handed out and not yet reported
-    failed_at: float | None = None
+    # Per conversation under the id (`conversation_root`; a `user:` id holds all of a user's chats): the job handed out
+    # and not yet reported (its digest), and when its last call failed. Found by review: one chat's failed summary
+    # held every other chat under the id back for `retry_after_s`.
+    pending: dict[str, str] = field(default_factory=dict)
+    failed_at: dict[str, float] = field(default_factory=dict)
     last_tokens: int = 0
     peak_served_tokens: int = 0
 
@@ -140,7 +150,7 @@ class CompactionStore:
             self.counters["windows"] += 1
             plan = self._rewrite(strategy, msgs, token_counts, digests, state, total)
         elif job is not None:
-            state.pending = job.digest
+            _bounded_put(state.pending, job.root, job.digest)
             self.counters["jobs"] += 1
             plan = replace(plan, original_tokens=total, job=job)
         state.last_tokens = total
@@ -179,11 +189,13 @@ class CompactionStore:
                    digests: list[str], state: _Session, plan: Plan, input_limit: int | None = None,
                    ) -> SummaryJob | None:
         cfg = self.config
-        if state.pending is not None:
-            return None
-        if state.failed_at is not None and self.clock() - state.failed_at < cfg.retry_after_s:
-            return None
         system_count = leading_system_messages(msgs)
+        root = digests[min(system_count + 1, len(msgs))]
+        if root in state.pending:
+            return None
+        failed = state.failed_at.get(root)
+        if failed is not None and self.clock() - failed < cfg.retry_after_s:
+            return None
         cp = self._matching(strategy, msgs, digests, state)
         start = cp.replaced if cp is not None else system_count
         cut = len(msgs) - cfg.keep_recent_messages
@@ -215,15 +227,15 @@ class CompactionStore:
             if start > (cp.replaced if cp is not None else system_count):
                 self.counters["summary_inputs_cut"] += 1
         prompt = (*head, *msgs[start:cut], {"role": "user", "content": cfg.instruction()})
-        return SummaryJob(session, digests[cut], cut, system_count, prompt, older)
+        return SummaryJob(session, digests[cut], cut, system_count, prompt, older, root)
 
     # ---- outcomes of summary calls -----------------------------------------------------------------------------
     def commit(self, job: SummaryJob, summary: str, summary_tokens: int) -> Checkpoint:
         """Store the summary a job produced: from now on, requests beginning with the job's exact messages use it."""
         state = self._session(job.session)
-        if state.pending == job.digest:
-            state.pending = None
-        state.failed_at = None
+        if state.pending.get(job.root) == job.digest:
+            del state.pending[job.root]
+        state.failed_at.pop(job.root, None)
         cp = Checkpoint(job.digest, job.cut, job.system_count, summary, summary_tokens)
         self._store(state, cp)
         self.counters["summaries"] += 1
@@ -232,9 +244,9 @@ class CompactionStore:
     def failed(self, job: SummaryJob, reason: str = "error") -> None:
         """The job's call failed or timed out: its requests stay uncompacted; retry after `retry_after_s`."""
         state = self._session(job.session)
-        if state.pending == job.digest:
-            state.pending = None
-        state.failed_at = self.clock()
+        if state.pending.get(job.root) == job.digest:
+            del state.pending[job.root]
+        _bounded_put(state.failed_at, job.root, self.clock())
         self.counters[f"failed_{reason}"] += 1
 
     def summary_message(self, summary: str) -> dict[str, str]:
@@ -256,9 +268,11 @@ class CompactionStore:
             digests = prefix_digests(tuple(messages))
             state.checkpoints = [cp for cp in state.checkpoints
                                  if cp.replaced >= len(digests) or digests[cp.replaced] != cp.digest]
-            if state.pending in digests:  # this conversation's job (a last turn's is never started)
-                state.pending = None
-            if state.checkpoints or state.pending is not None:
+            ended = set(digests)
+            for root, digest in list(state.pending.items()):  # this conversation's job (a last turn's never starts)
+                if digest in ended:
+                    del state.pending[root]
+            if state.checkpoints or state.pending:
                 return False
         self.sessions.pop(session, None)
         return True
@@ -269,7 +283,7 @@ class CompactionStore:
         return list(state.checkpoints) if state else []
 
     def pending(self) -> int:
-        return sum(1 for s in self.sessions.values() if s.pending is not None)
+        return sum(len(s.pending) for s in self.sessions.values())
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
     def _session(self, session: str) -> _Session:
@@ -284,3 +298,11 @@ class CompactionStore:
     def _store(self, state: _Session, cp: Checkpoint) -> None:
         state.checkpoints = [c for c in state.checkpoints if c.digest != cp.digest] + [cp]
         del state.checkpoints[: -self.config.checkpoints_per_session]
+
+
+def _bounded_put(table: dict[str, Any], key: str, value: Any, limit: int = 16) -> None:
+    """Set `key` (newest last) in a per-session table of conversations, the oldest going past `limit`."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > limit:
+        del table[next(iter(table))]

@@ -211,3 +211,20 @@ def test_the_summary_input_limit_never_stops_a_sliding_window(clock):
     sizes = [10, 1400, 5, 700, 5, 5]
     plan = s.plan("s1", msgs, sizes, Strategy.SLIDING_WINDOW, input_limit=500)
     assert plan.replaced > 0 and s.counters["windows"] == 1 and s.counters["summary_inputs_cut"] == 0
+
+
+def test_one_conversations_pending_or_failed_summary_never_holds_back_another_under_the_same_id(clock):
+    """A `user:` id holds every chat of its user: found by review, a failed summary of one held every other chat under
+    the id back for `retry_after_s`, and a pending one until it was reported."""
+    s = store(clock)
+    a = conversation(8) + [{"role": "user", "content": "next"}]
+    b = [SYSTEM] + [{"role": "user", "content": f"other chat {i}"} for i in range(16)] + [{"role": "user",
+                                                                                            "content": "go"}]
+    job_a = ask(s, a, session="user:alice").job
+    job_b = ask(s, b, session="user:alice").job  # a's is pending: b gets its own
+    assert job_a is not None and job_b is not None and job_a.root != job_b.root and s.pending() == 2
+    s.failed(job_a)
+    assert ask(s, a, session="user:alice").job is None  # a waits retry_after_s
+    s.failed(job_b)
+    clock.advance(s.config.retry_after_s)
+    assert ask(s, b, session="user:alice").job is not None  # each on its own clock

@@ -29,7 +29,15 @@ from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.compaction_metrics import FAILURE_REASONS, Collector
 from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
 from kvsched.adapters.vllm.http_io import error_body
-from kvsched.core.compaction import CompactionStore, Message, Plan, SummaryJob, message_digest, prefix_digests
+from kvsched.core.compaction import (
+    CompactionStore,
+    Message,
+    Plan,
+    SummaryJob,
+    conversation_root,
+    message_digest,
+    prefix_digests,
+)
 from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy, parse_strategy
 
 logger = logging.getLogger(__name__)
@@ -86,7 +94,7 @@ class Compactor:
         self.app = app  # the ASGI app below kvsched's middleware: where summary calls go
         self.config = config or _config_from_env()
         self.store = CompactionStore(self.config, clock)
-        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}  # (session key, conversation root) -> its call
         self.counters: Counter[str] = Counter()
         self.summary_seconds = 0.0
         self._tokenizer = tokenizer
@@ -131,15 +139,16 @@ class Compactor:
         key = json.dumps([payload.get("model"), payload.get("cache_salt"), tenant, session])
         if self.shared is not None and key not in self.store.sessions:  # moved here: its summaries come along
             await self.shared.load_into(self.store, key)
-        if self.config.wait_for_summary and key in self.tasks:
-            await self._wait(key)  # a summary of this session is being made: use it
+        conversation = (key, conversation_root(messages))  # one summary in flight per conversation under the id
+        if self.config.wait_for_summary and conversation in self.tasks:
+            await self._wait(conversation)  # a summary of this conversation is being made: use it
         plan = self.store.plan(key, messages, counts, strategy, self._input_limit(scope))
         if plan.refusal is not None:
             return Outcome(status=400, error=error_body(plan.refusal, "messages", code="context_cap_exceeded"))
         if plan.job is not None and not xargs.get(compat.XARG_END):  # no summary for a session's last turn
             self._start(plan.job, scope, payload)
             if self.config.wait_for_summary:
-                await self._wait(key)
+                await self._wait(conversation)
                 plan = self.store.plan(key, messages, counts, strategy, self._input_limit(scope))
         if xargs.get(compat.XARG_END):  # this conversation's summaries go; the id's other conversations keep theirs
             if self.store.forget(key, messages):
@@ -185,12 +194,13 @@ class Compactor:
     # ---- summary calls ------------------------------------------------------------------------------------------
     def _start(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
         task = asyncio.get_running_loop().create_task(self._summarize(job, scope, payload))
-        self.tasks[job.session] = task
-        task.add_done_callback(lambda t: self.tasks.pop(job.session, None) if self.tasks.get(job.session) is t
+        conversation = (job.session, job.root)
+        self.tasks[conversation] = task
+        task.add_done_callback(lambda t: self.tasks.pop(conversation, None) if self.tasks.get(conversation) is t
                                else None)
 
-    async def _wait(self, key: str) -> None:
-        task = self.tasks.get(key)
+    async def _wait(self, conversation: tuple[str, str]) -> None:
+        task = self.tasks.get(conversation)
         if task is not None:
             await asyncio.shield(task)  # a cancelled client request must not cancel the session's summary
 
