@@ -24,6 +24,7 @@ from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.shared_state import block_key
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
+MAX_DEFERRED_DELETES = 100_000  # deletes a full writer queue put off (the start-up scan catches the rest)
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -48,13 +49,16 @@ class TierLevelsWorker:
         self.writer = BackgroundWriter(f"kvsched-tier-writer-{rank}")
         self.counters: Counter[str] = Counter()
         self.failures: list[tuple[bytes, str]] = []
+        self._deferred_deletes: list[bytes] = []
         self._disk_full_logged = False
 
     # ---- in the step, before the tier's stores ------------------------------------------------------------------
     def before_stores(self, ops: LevelOps) -> None:
-        if ops.deletes and self.files is not None:  # first: a key deleted and written again this step keeps its file
-            files, keys = self.files, list(ops.deletes)
-            self.writer.submit(lambda: [files.delete(k) for k in keys] and None)
+        keys, self._deferred_deletes = [*self._deferred_deletes, *ops.deletes], []
+        if keys and self.files is not None:  # first: a key deleted and written again this step keeps its file
+            files = self.files
+            if not self.writer.submit(lambda: [files.delete(k) for k in keys] and None):
+                self._deferred_deletes = keys[-MAX_DEFERRED_DELETES:]  # a full queue: next step (else left behind)
         for sp in ops.spills:
             payload = self.tier.slot_payload(sp.slot)
             if payload is None:  # the slot did not verify: nothing trustworthy to keep

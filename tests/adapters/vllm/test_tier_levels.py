@@ -251,10 +251,14 @@ def test_a_dropped_write_job_is_reported_failed_and_a_delete_never_removes_a_rew
     kv = caches()
     w = worker(kv, tmp_path)
     submit = w.writer.submit
+    run(w, LevelOps(publishes=[Publish(KEYS[2], 2, True, False)]))
+    assert w.files.path(KEYS[2]).exists() and w.report()[0] == [(KEYS[2], True)]
     w.writer.submit = lambda job: False  # the queue is full
-    run(w, LevelOps(publishes=[Publish(KEYS[0], 0, True, False)]))
+    run(w, LevelOps(publishes=[Publish(KEYS[0], 0, True, False)], deletes=[KEYS[2]]))
     assert w.report()[0] == [(KEYS[0], False)]
     w.writer.submit = submit
+    run(w, LevelOps())  # the delete the full queue put off runs next step
+    assert not w.files.path(KEYS[2]).exists()
     run(w, LevelOps(publishes=[Publish(KEYS[1], 1, True, False)]))
     run(w, LevelOps(deletes=[KEYS[1]], publishes=[Publish(KEYS[1], 1, True, False)]))
     assert w.files.path(KEYS[1]).exists() and w.report()[0] == [(KEYS[1], True), (KEYS[1], True)]
