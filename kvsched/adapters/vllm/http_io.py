@@ -13,6 +13,7 @@ from typing import Any
 MAX_BODY_BYTES = 64 * 1024 * 1024
 SCAN_BODY_BYTES = 2**30  # bodies kvsched only scans for its own fields (routes it does not rewrite): vLLM's limit
 MAX_JSON_DEPTH = 128
+MAX_JSON_VALUES = 4_000_000  # on the generation routes kvsched rewrites: millions exceed any model's context anyway
 
 Scope = dict[str, Any]
 
@@ -69,8 +70,12 @@ async def read_body(scope: Scope, receive: Any, limit: int = MAX_BODY_BYTES) -> 
             return b"".join(chunks)
 
 
-def parse_json(body: bytes) -> Any:
-    """The body as JSON, or None when it is not JSON at all (vLLM answers that itself). Too deep: HttpError 400."""
+def parse_json(body: bytes, max_values: int | None = None) -> Any:
+    """The body as JSON, or None when it is not JSON at all (vLLM answers that itself). Too deep: HttpError 400; more
+    than `max_values` objects, arrays and separators (an upper bound counted before parsing, which costs ~50x the
+    bytes of millions of tiny values): HttpError 413."""
+    if max_values is not None and body.count(b"{") + body.count(b"[") + body.count(b",") > max_values:
+        raise HttpError(413, f"request body holds over {max_values:,} JSON values")
     try:
         value = json.loads(body) if body else None
     except RecursionError:

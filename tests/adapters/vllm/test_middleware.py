@@ -170,6 +170,9 @@ def test_size_and_depth_limits():
     chunks = [b"x" * (16 * 2**20)] * 5  # no Content-Length: counted as it arrives
     assert call(mw, app, "POST", "/v1/completions", chunks=chunks)[0] == 413
     assert call(mw, app, "POST", "/v1/completions", b"not json")[0] == 200  # vLLM judges non-JSON itself
+    many = b'{"messages": [' + b"{}," * 4_000_000 + b"{}]}"  # 12 MB, ~50x that once parsed
+    status, err = call(mw, app, "POST", "/v1/chat/completions", many)
+    assert status == 413 and "JSON values" in err["error"]["message"]
 
 
 def test_parse_json_and_headers():
