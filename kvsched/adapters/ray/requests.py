@@ -17,9 +17,9 @@ from kvsched.core.sessions import InvalidSessionInput, validate_end_flag, valida
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # as kvsched's vLLM middleware
 MAX_JSON_DEPTH = 64  # an OpenAI request nests about 6 deep (messages, content parts, tool schemas a little more)
-# Objects, arrays and separators a body may hold: parsed, each costs ~50-100 bytes of Python objects (found by review:
-# a 64 MiB body of 22 million empty messages took ~3 GiB of the ingress); millions exceed any model's context anyway.
-MAX_JSON_VALUES = 4_000_000
+# Objects and arrays a body may hold: parsed, each costs ~60-200 bytes of Python objects (found by review: a 64 MiB
+# body of 22 million empty messages took ~3 GiB of the ingress). Token ids and text are cheap to parse: not counted.
+MAX_JSON_CONTAINERS = 1_000_000
 
 
 class BadRequest(ValueError):
@@ -65,8 +65,8 @@ def json_depth(value: Any) -> int:
 def parse_body(raw: bytes, max_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise BadRequest(413, f"request body is over {max_bytes} bytes")
-    if raw.count(b"{") + raw.count(b"[") + raw.count(b",") > MAX_JSON_VALUES:  # an upper bound, in C, before parsing
-        raise BadRequest(413, f"request body holds over {MAX_JSON_VALUES:,} JSON values")
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_CONTAINERS:  # an upper bound, counted in C before parsing
+        raise BadRequest(413, f"request body holds over {MAX_JSON_CONTAINERS:,} JSON objects and arrays")
     try:
         payload = json.loads(raw)
     except RecursionError:

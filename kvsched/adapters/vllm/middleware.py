@@ -21,7 +21,7 @@ from kvsched.adapters.vllm import admin_routes, compat
 from kvsched.adapters.vllm.auth import Auth
 from kvsched.adapters.vllm.compaction import STRATEGY_HEADER, Compactor
 from kvsched.adapters.vllm.http_io import (
-    MAX_JSON_VALUES,
+    MAX_JSON_CONTAINERS,
     SCAN_BODY_BYTES,
     Disconnected,
     HttpError,
@@ -98,7 +98,7 @@ class KVSchedMiddleware:
                         tenant: str | None) -> None:
         try:
             body = await read_body(scope, receive)
-            payload = parse_json(body, MAX_JSON_VALUES)
+            payload = parse_json(body, MAX_JSON_CONTAINERS)
             if isinstance(payload, dict):  # anything else is not ours to judge: vLLM answers malformed JSON itself
                 headers = utf8_headers(raw, (*SESSION_HEADERS, STRATEGY_HEADER))
                 try:

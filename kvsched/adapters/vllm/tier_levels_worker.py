@@ -54,7 +54,11 @@ class TierLevelsWorker:
 
     # ---- in the step, before the tier's stores ------------------------------------------------------------------
     def before_stores(self, ops: LevelOps) -> None:
-        keys, self._deferred_deletes = [*self._deferred_deletes, *ops.deletes], []
+        # A key written again this step needs no delete (the write replaces its file whole); a delete put off to the
+        # next step would remove the new file (found by review).
+        rewritten = {sp.key for sp in ops.spills} | {p.key for p in ops.publishes if p.disk}
+        keys = [k for k in (*self._deferred_deletes, *ops.deletes) if k not in rewritten]
+        self._deferred_deletes = []
         if keys and self.files is not None:  # first: a key deleted and written again this step keeps its file
             files = self.files
             if not self.writer.submit(lambda: [files.delete(k) for k in keys] and None):

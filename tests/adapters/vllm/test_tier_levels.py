@@ -259,6 +259,13 @@ def test_a_dropped_write_job_is_reported_failed_and_a_delete_never_removes_a_rew
     w.writer.submit = submit
     run(w, LevelOps())  # the delete the full queue put off runs next step
     assert not w.files.path(KEYS[2]).exists()
+    run(w, LevelOps(publishes=[Publish(KEYS[3], 3, True, False)]))
+    w.writer.submit = lambda job, first=[True]: not first.pop() if first else submit(job)  # refuses the delete only
+    run(w, LevelOps(deletes=[KEYS[3]], publishes=[Publish(KEYS[3], 3, True, False)]))  # deleted and written again
+    w.writer.submit = submit
+    run(w, LevelOps())
+    assert w.files.path(KEYS[3]).exists()  # the put-off delete never removes the new file
+    w.report()
     run(w, LevelOps(publishes=[Publish(KEYS[1], 1, True, False)]))
     run(w, LevelOps(deletes=[KEYS[1]], publishes=[Publish(KEYS[1], 1, True, False)]))
     assert w.files.path(KEYS[1]).exists() and w.report()[0] == [(KEYS[1], True), (KEYS[1], True)]
