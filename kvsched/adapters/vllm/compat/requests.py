@@ -35,6 +35,11 @@ PACKED_ARGS = "kvsched_args"  # call_scheduler's arguments travel as {PACKED_ARG
 
 
 # ---- requests ---------------------------------------------------------------------------------------------------
+def _extra_args(request: Any) -> dict[str, Any]:
+    """The request's `SamplingParams.extra_args` (where `vllm_xargs` arrive), {} without them."""
+    return getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+
+
 _NO_HINTS = TurnHints()
 _ROLE_HINTS: dict[str, TurnHints] = {}  # shared per role (hints are frozen); bounded below
 _ROLE_HINTS_MAX = 256
@@ -66,7 +71,7 @@ def request_session(request: Any, known: Callable[[SessionKey], SessionKey | Non
     header decoded as Latin-1); the offline API sets `Request.session_id`. An invalid value reaching the engine some
     other way is treated as no session rather than crashing the engine. `known(key)` returns the key object of a
     session already seen (its id was validated then), which is returned instead of validating the id again."""
-    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    extra = _extra_args(request)
     raw_id = extra.get(XARG_SESSION_ID) or getattr(request, "session_id", None)
     try:
         hints = _hints(extra) if extra else _NO_HINTS
@@ -92,7 +97,7 @@ def _tenant(extra: dict[str, Any]) -> str | None:
 
 def request_scope(request: Any) -> tuple[str | None, str | None, bool]:
     """(cache salt, tenant, may join an inferred session) of a request: where session inference may look."""
-    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    extra = _extra_args(request)
     return getattr(request, "cache_salt", None), _tenant(extra), extra.get(XARG_INFER, 1) not in (0, "0", False)
 
 
@@ -121,13 +126,12 @@ def request_compacted(request: Any) -> bool:
 def compacted_from(request: Any) -> frozenset[str]:
     """The conversations a request rewritten by kvsched's compaction continues (`XARG_COMPACTED`: digests of its
     client messages' recent prefixes); empty for a request it did not rewrite."""
-    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
+    extra = _extra_args(request)
     raw = extra.get(XARG_COMPACTED)
     return frozenset(d for d in raw if isinstance(d, str)) if isinstance(raw, list) else frozenset()
 
 
 def request_conversation(request: Any) -> str | None:
     """The digest of the client messages a chat request sent (`XARG_CONVERSATION`), when compaction computed one."""
-    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None)
-    raw = extra.get(XARG_CONVERSATION) if extra else None
+    raw = _extra_args(request).get(XARG_CONVERSATION)
     return raw if isinstance(raw, str) else None
