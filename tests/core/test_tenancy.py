@@ -61,10 +61,11 @@ def test_pages_cover_every_row_once_in_a_stable_order():
 def test_query_parsing():
     assert parse_page_query({}) == PageQuery(DEFAULT_PAGE, None, False)
     assert parse_page_query({"limit": "5", "summary": "1"}) == PageQuery(5, None, True)
+    assert parse_page_query({"pinned_ids": "1"}).pinned_ids
     for params, param in (({"limit": "0"}, "limit"), ({"limit": str(MAX_PAGE + 1)}, "limit"),
                           ({"limit": "-1"}, "limit"), ({"limit": "\u00b2"}, "limit"),  # "²".isdigit(), int fails
                           ({"cursor": "%%%"}, "cursor"), ({"page": "2"}, "page"),
-                          ({"summary": "maybe"}, "summary"), ({"cursor": encode_cursor(("a", 0, 0, "", ""))[:-3]},
+                          ({"summary": "maybe"}, "summary"), ({"pinned_ids": "2"}, "pinned_ids"), ({"cursor": encode_cursor(("a", 0, 0, "", ""))[:-3]},
                                                               "cursor")):
         with pytest.raises(InvalidQuery) as info:
             parse_page_query(params)

@@ -100,7 +100,8 @@ class FakeVllm:
 
 
 def call(mw, app, method, path, body=b"", headers=(), chunks=None):
-    scope = {"type": "http", "method": method, "path": path, "root_path": "", "query_string": b"", "app": app,
+    path, _, query = path.partition("?")
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "query_string": query.encode(), "app": app,
              "headers": [(k.lower().encode(), v if isinstance(v, bytes) else v.encode()) for k, v in headers]}
     parts = chunks or [body]
     messages = [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)]
@@ -205,6 +206,12 @@ def test_admin_routes_decode_the_path_once_and_scope_the_caller():
     assert op == "end" and sid == "x%41" and caller[0] is False and caller[2] == "pepper" and caller[3] is True
     assert call(mw, app, "GET", "/kvsched/sessions", headers=auth)[0] == 200
     assert call(mw, app, "PUT", "/kvsched/sessions", headers=auth)[0] == 405
+    status, err = call(mw, app, "GET", "/kvsched/sessions?pinned_ids=2", headers=auth)  # a router's index query
+    assert status == 400 and err["error"]["param"] == "pinned_ids"
+    calls = len(app.utility)
+    assert call(mw, app, "GET", "/kvsched/sessions?pinned_ids=1", headers=auth)[0] == 200
+    assert app.utility[calls:] == [("list", app.utility[-1][1])] and app.utility[-1][1][0]["kvsched_args"][3] == \
+        "pinned_ids"  # one engine call, no stats call
 
 
 def test_previous_response_id_finds_the_session_of_this_tenant_only():
