@@ -67,6 +67,7 @@ class Checkpoint:
     system_count: int
     summary: str | None
     summary_tokens: int = 0
+    root: str = ""  # the conversation under the session id (`conversation_root`) it belongs to; "" if unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,11 +147,11 @@ class CompactionStore:
         plan = self._rewrite(strategy, msgs, token_counts, digests, state, total)
         job = self._maybe_job(session, strategy, msgs, token_counts, digests, state, plan, input_limit)
         if job is not None and strategy is Strategy.SLIDING_WINDOW:  # nothing to call: drop the older turns now
-            self._store(state, Checkpoint(job.digest, job.cut, job.system_count, None))
+            self._store(state, Checkpoint(job.digest, job.cut, job.system_count, None, root=job.root))
             self.counters["windows"] += 1
             plan = self._rewrite(strategy, msgs, token_counts, digests, state, total)
         elif job is not None:
-            _bounded_put(state.pending, job.root, job.digest)
+            state.pending[job.root] = job.digest  # bounded by `_maybe_job`; an in-flight call's entry is never dropped
             self.counters["jobs"] += 1
             plan = replace(plan, original_tokens=total, job=job)
         state.last_tokens = total
@@ -191,8 +192,8 @@ class CompactionStore:
         cfg = self.config
         system_count = leading_system_messages(msgs)
         root = digests[min(system_count + 1, len(msgs))]
-        if root in state.pending:
-            return None
+        if root in state.pending or len(state.pending) >= CONVERSATIONS_PER_SESSION:
+            return None  # one call in flight per conversation; a full table hands out none (never a duplicate)
         failed = state.failed_at.get(root)
         if failed is not None and self.clock() - failed < cfg.retry_after_s:
             return None
@@ -236,7 +237,7 @@ class CompactionStore:
         if state.pending.get(job.root) == job.digest:
             del state.pending[job.root]
         state.failed_at.pop(job.root, None)
-        cp = Checkpoint(job.digest, job.cut, job.system_count, summary, summary_tokens)
+        cp = Checkpoint(job.digest, job.cut, job.system_count, summary, summary_tokens, job.root)
         self._store(state, cp)
         self.counters["summaries"] += 1
         return cp
@@ -296,11 +297,21 @@ class CompactionStore:
         return state
 
     def _store(self, state: _Session, cp: Checkpoint) -> None:
-        state.checkpoints = [c for c in state.checkpoints if c.digest != cp.digest] + [cp]
-        del state.checkpoints[: -self.config.checkpoints_per_session]
+        """Keep `checkpoints_per_session` per conversation under the id and that many for each of up to
+        `CONVERSATIONS_PER_SESSION` conversations in all, oldest first. Found by review: one bound for the whole id
+        let a `user:` id's fifth concurrent chat evict the others' summaries (each then summarised again)."""
+        kept = [c for c in state.checkpoints if c.digest != cp.digest] + [cp]
+        same = [c for c in kept if c.root == cp.root]
+        for old in same[: -self.config.checkpoints_per_session]:
+            kept.remove(old)
+        del kept[: -self.config.checkpoints_per_session * CONVERSATIONS_PER_SESSION]
+        state.checkpoints = kept
 
 
-def _bounded_put(table: dict[str, Any], key: str, value: Any, limit: int = 16) -> None:
+CONVERSATIONS_PER_SESSION = 16  # conversations under one id with their own summaries, jobs and failure clocks
+
+
+def _bounded_put(table: dict[str, Any], key: str, value: Any, limit: int = CONVERSATIONS_PER_SESSION) -> None:
     """Set `key` (newest last) in a per-session table of conversations, the oldest going past `limit`."""
     table.pop(key, None)
     table[key] = value

@@ -62,7 +62,8 @@ class CompactionConfig:
     retry_after_s: after a failed summary call, a session is not summarised again for this long.
     cap_tokens: the `cap` strategy refuses requests whose context exceeds this many tokens.
     message_overhead_tokens: template tokens counted per message on top of its content (role markers, separators).
-    max_sessions / checkpoints_per_session: bounds on the summary store (least recently used sessions go first).
+    max_sessions / checkpoints_per_session: bounds on the summary store (least recently used sessions go first;
+        checkpoints per conversation under an id, for up to 16 conversations: a `user:` id holds all of a user's chats).
     client_strategies: the strategies a request may select with `X-KVSched-Compaction` / `vllm_xargs.compaction`
         (`KVSCHED_COMPACTION_CLIENT_STRATEGIES=summarize,cap`). Empty (the default): only the server's own strategy.
         `off` is always allowed (a client may always opt out); anything else is refused with HTTP 403, because a

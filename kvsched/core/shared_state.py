@@ -121,9 +121,9 @@ def decode_checkpoints(raw: str | bytes | None) -> list[Checkpoint]:
             cp = Checkpoint(digest=str(row["digest"]), replaced=int(row["replaced"]),
                             system_count=int(row["system_count"]),
                             summary=str(summary) if summary is not None else None,
-                            summary_tokens=int(row.get("summary_tokens", 0)))
+                            summary_tokens=int(row.get("summary_tokens", 0)), root=str(row.get("root", "")))
         except (KeyError, TypeError, ValueError, AttributeError):
             continue
-        if cp.replaced > cp.system_count >= 0 and len(cp.digest) == 64:
+        if cp.replaced > cp.system_count >= 0 and len(cp.digest) == 64 and len(cp.root) in (0, 64):
             out.append(cp)
     return out

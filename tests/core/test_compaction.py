@@ -228,3 +228,55 @@ def test_one_conversations_pending_or_failed_summary_never_holds_back_another_un
     s.failed(job_b)
     clock.advance(s.config.retry_after_s)
     assert ask(s, b, session="user:alice").job is not None  # each on its own clock
+
+
+def chat(n: int) -> list[dict[str, str]]:
+    """Chat `n` of one user: its own first message, enough older turns to trigger a summary, a newest user turn."""
+    return [SYSTEM] + [{"role": "user", "content": f"chat {n} turn {i}"} for i in range(14)] + [
+        {"role": "user", "content": f"chat {n} next"}]
+
+
+def test_a_users_many_chats_each_keep_their_summary(clock):
+    """Found by review: one bound of 4 checkpoints for a whole id let a `user:` id's fifth chat evict the first's
+    summary, so every chat was summarised again and again."""
+    s = store(clock)
+    for n in range(6):
+        job = ask(s, chat(n), session="user:alice").job
+        assert job is not None
+        s.commit(job, f"summary of chat {n}", 5)
+    for n in range(6):
+        plan = ask(s, chat(n), session="user:alice")
+        assert plan.replaced > 0 and plan.job is None, n  # served on its own summary, no second call
+        assert plan.messages[1]["content"].endswith(f"summary of chat {n}")
+
+
+def test_checkpoints_are_bounded_per_conversation_and_per_id(clock):
+    s = store(clock, checkpoints_per_session=2)
+    for rounds in range(3):  # one conversation summarised three times keeps its newest two
+        msgs = chat(0) + [{"role": "user", "content": f"more {j}"} for j in range(12 * rounds)]
+        job = ask(s, msgs, session="u").job
+        s.commit(job, f"round {rounds}", 5)
+    assert [cp.summary for cp in s.checkpoints("u")] == ["round 1", "round 2"]
+    for n in range(1, 40):
+        s.commit(ask(s, chat(n), session="u").job, f"summary {n}", 5)
+    assert len(s.checkpoints("u")) == 2 * 16
+
+
+def test_a_full_pending_table_hands_out_no_duplicate_call(clock):
+    """Found by review: pending jobs were kept for the 16 newest conversations only, so with 17 calls in flight the
+    oldest conversation's next request started a second call for the same summary."""
+    s = store(clock)
+    jobs = [ask(s, chat(n), session="u").job for n in range(17)]
+    assert all(j is not None for j in jobs[:16]) and jobs[16] is None  # a full table hands out nothing
+    assert ask(s, chat(0), session="u").job is None  # chat 0's call is still in flight: no second one
+    s.commit(jobs[0], "done", 5)
+    assert ask(s, chat(16), session="u").job is not None  # a slot came free
+
+
+def test_shared_checkpoints_keep_their_conversation():
+    from kvsched.core.compaction import Checkpoint
+    from kvsched.core.shared_state import decode_checkpoints, encode_checkpoints
+    cps = [Checkpoint("a" * 64, 3, 1, "s", 2, "b" * 64), Checkpoint("c" * 64, 3, 1, None)]
+    assert decode_checkpoints(encode_checkpoints(cps)) == cps
+    assert decode_checkpoints('[{"digest":"' + "a" * 64 + '","replaced":3,"system_count":1,"summary":"s",'
+                              '"root":"bad"}]') == []  # a malformed root is never served

@@ -150,6 +150,8 @@ class Compactor:
             if self.config.wait_for_summary:
                 await self._wait(conversation)
                 plan = self.store.plan(key, messages, counts, strategy, self._input_limit(scope))
+                if plan.job is not None:  # its checkpoint went meanwhile: a job handed out is always started
+                    self._start(plan.job, scope, payload)
         if xargs.get(compat.XARG_END):  # this conversation's summaries go; the id's other conversations keep theirs
             if self.store.forget(key, messages):
                 if self.shared is not None:

@@ -326,3 +326,22 @@ def test_a_lone_surrogate_in_a_message_never_fails_the_request(strategy):
     payload["messages"][1]["content"] = "bad \ud800 text"
     out = run(comp.prepare(SCOPE, payload, {}))
     assert out.status == 200 and "kvsched_conversation" in payload["vllm_xargs"]
+
+
+def test_a_job_handed_out_after_waiting_is_started():
+    """Found by review: the plan made again after waiting for a summary can carry a new job (here: the call failed and
+    retry_after_s is 0); it was handed out but never started, so the conversation's job stayed pending for good and it
+    was never summarised again."""
+    app = FakeVllm("reject")
+    comp = compactor(app, wait_for_summary=True, retry_after_s=0.0)
+
+    async def scenario():
+        first = await comp.prepare(SCOPE, request(8), {})
+        await asyncio.gather(*comp.tasks.values())
+        app.mode = "ok"
+        second = request(9)
+        return first, await comp.prepare(SCOPE, second, {}), second
+
+    first, out, second = run(scenario())
+    assert not first.replaced and comp.store.pending() == 0
+    assert out.replaced > 0 and second["messages"][1]["content"].endswith("short summary of it all")
