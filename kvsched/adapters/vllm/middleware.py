@@ -43,6 +43,7 @@ from kvsched.adapters.vllm.request_fields import (
     ResponseSessions,
     apply_session_fields,
     check_unhandled_body,
+    needs_scan,
 )
 from kvsched.core.sessions import InvalidSessionInput
 
@@ -134,7 +135,10 @@ class KVSchedMiddleware:
             return
         try:
             body = await read_body(scope, receive, limit=SCAN_BODY_BYTES)  # a route kvsched does not limit
-            fields = [parse_json(body)] if kind == "json" else await form_fields(scope, body) or []
+            if kind == "json" and not needs_scan(body, ident.tenant, path):
+                fields = []  # nothing of kvsched's can be in it: vLLM parses it once
+            else:
+                fields = [parse_json(body)] if kind == "json" else await form_fields(scope, body) or []
             for payload in fields:  # a form's fields one by one: an error names the field as sent
                 check_unhandled_body(payload, raw, ident.tenant, path)
         except Disconnected:

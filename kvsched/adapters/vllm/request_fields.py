@@ -101,6 +101,13 @@ _XARGS_NAMES = ("vllm_xargs", "extra_args")  # where a request body carries Samp
 SESSION_ROUTES = frozenset({"/v1/chat/completions/batch", "/inference/v1/generate", "/invocations", "/cohere/v2/chat"})
 
 
+def needs_scan(body: bytes, tenant: str | None, route: str) -> bool:
+    """Whether a JSON body on a route kvsched does not rewrite can hold anything `check_unhandled_body` refuses: one of
+    kvsched's marks (spelled out, or behind a `\\u` escape), or a keyed caller's session on a `SESSION_ROUTES` route.
+    Found by review: every such body (up to 1 GiB: embeddings, scores) was parsed here and again by vLLM."""
+    return (tenant is not None and route in SESSION_ROUTES) or b"kvsched" in body or b"\\u" in body
+
+
 def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: str | None, route: str = "") -> None:
     """A body (JSON, or a form's fields) on a route whose session fields kvsched does not rewrite: vLLM passes its
     `vllm_xargs`/`extra_args` to the engine as they are. Raises InvalidSessionInput (a 400) for one of kvsched's own

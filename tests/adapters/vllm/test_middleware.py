@@ -303,3 +303,24 @@ def test_bad_session_input_is_a_400_not_a_500():
         status, err = call(mw, app, "POST", "/v1/chat/completions", body)
         assert status == 400 and err["error"]["message"] and err["error"]["param"]
     assert app.calls == []
+
+
+def test_bodies_that_cannot_hold_kvsched_fields_are_not_parsed_twice(monkeypatch):
+    """Found by review: every JSON body on a route kvsched does not rewrite (embeddings: up to 1 GiB) was parsed here
+    and again by vLLM. Only a body that spells a mark out or escapes characters is still read."""
+    from kvsched.adapters.vllm import middleware
+
+    parsed = []
+    real = middleware.parse_json
+    monkeypatch.setattr(middleware, "parse_json", lambda body, *a: parsed.append(body) or real(body, *a))
+    app = FakeVllm(keys=("secret", "other"))
+    mw = KVSchedMiddleware(app)
+    auth, js = ("Authorization", "Bearer secret"), ("Content-Type", "application/json")
+    plain = json.dumps({"input": ["x" * 1000] * 100, "vllm_xargs": {"priority_hint": 1}}).encode()
+    assert call(mw, app, "POST", "/v1/embeddings", plain, [auth, js]) == (200, {"echo": plain.decode()})
+    assert parsed == []
+    escaped = b'{"input": "x", "vllm_xargs": {"\\u006bvsched_tenant": "t"}}'
+    status, err = call(mw, app, "POST", "/v1/embeddings", escaped, [auth, js])
+    assert status == 400 and err["error"]["param"] == "vllm_xargs.kvsched_tenant" and parsed == [escaped]
+    named = json.dumps({"token_ids": [1], "session_id": "s"}).encode()  # a keyed session route is always read
+    assert call(mw, app, "POST", "/inference/v1/generate", named, [auth, js])[0] == 400
