@@ -96,14 +96,20 @@ int64_t score_select(const CandidateColumns& c, const uint8_t* pinned, int64_t n
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), n / (4 * kChunk))));
 #endif
   std::vector<std::vector<Entry>> parts(static_cast<size_t>(threads));
+  // OpenMP may start a smaller team than asked (OMP_THREAD_LIMIT, OMP_DYNAMIC, a nested region): each thread takes
+  // every team-size-th slice, so all `threads` slices are scanned whatever the team (found by review: a short team
+  // left the missing threads' slices unscanned).
 #pragma omp parallel num_threads(threads)
   {
-    int t = 0;
+    int first = 0, step = 1;
 #ifdef _OPENMP
-    t = omp_get_thread_num();
+    first = omp_get_thread_num();
+    step = omp_get_num_threads();
 #endif
-    const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-    scan_slice(c, pinned, lo, hi, kk, parts[static_cast<size_t>(t)]);
+    for (int t = first; t < threads; t += step) {
+      const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
+      scan_slice(c, pinned, lo, hi, kk, parts[static_cast<size_t>(t)]);
+    }
   }
   std::vector<Entry> all;
   for (auto& p : parts) all.insert(all.end(), p.begin(), p.end());

@@ -64,7 +64,12 @@ def value_of(tokens: float, bytes_per_token: float, idle_s: float, next_use_s: f
 
 
 def select_lowest(candidates: Sequence[Candidate], k: int) -> list[int]:
-    """Indices of the k lowest-value unpinned candidates, lowest first, ties by index."""
-    scored = [(retention_value(c), i) for i, c in enumerate(candidates) if not c.pinned]
+    """Indices of the k lowest-value unpinned candidates, lowest first, ties by index, a NaN value last (as the
+    kernels order them; found by review: a NaN in the tuples made `sort` misorder the whole list)."""
+    scored = []
+    for i, c in enumerate(candidates):
+        if not c.pinned:
+            v = retention_value(c)
+            scored.append((v != v, v, i))
     scored.sort()
-    return [i for _, i in scored[: max(k, 0)]]
+    return [i for _, _, i in scored[: max(k, 0)]]

@@ -49,14 +49,29 @@ def check_cache(cache: torch.Tensor) -> None:
         raise ValueError("the last dimension of the KV cache view must be contiguous")
 
 
+def check_writable(cache: torch.Tensor, *others: torch.Tensor) -> None:
+    """A scatter's target: no two elements in one place (an `expand`ed view; found by review: the C++ path wrote one
+    block's data over another's), and every tensor on the cache's device (a CUDA tensor beside a CPU cache sent a
+    device pointer to the host kernel: a segfault)."""
+    if any(st == 0 and size > 1 for st, size in zip(cache.stride(), cache.shape, strict=True)):
+        raise ValueError(f"the KV cache view has overlapping elements (strides {cache.stride()}): cannot write to it")
+    for t in others:
+        if t.device != cache.device:
+            raise ValueError(f"all tensors must be on the KV cache's device {cache.device}, got one on {t.device}")
+
+
 def check_compact(q: torch.Tensor, scales: torch.Tensor) -> None:
     if q.dtype != FP8 or q.dim() != 4 or not q.is_contiguous():
         raise ValueError(f"q must be a contiguous 4-D {FP8} tensor, got {q.dtype} {tuple(q.shape)}")
     if scales.dtype != torch.float32 or tuple(scales.shape) != tuple(q.shape[:2]) or not scales.is_contiguous():
         raise ValueError(f"scales must be contiguous float32 of shape {tuple(q.shape[:2])}")
+    if scales.device != q.device:
+        raise ValueError(f"scales must be on q's device {q.device}, got {scales.device}")
 
 
 def check_block_ids(block_ids: torch.Tensor, num_blocks: int, *, unique: bool) -> torch.Tensor:
+    if block_ids.dtype.is_floating_point or block_ids.is_complex() or block_ids.dtype == torch.bool:
+        raise TypeError(f"block_ids must be an integer tensor, got {block_ids.dtype}")  # 1.9 was block 1
     ids = block_ids.to(dtype=torch.int64).reshape(-1).contiguous()
     if ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
@@ -97,6 +112,7 @@ def scatter_dequantize_blocks_torch(
     q: torch.Tensor, scales: torch.Tensor, cache: torch.Tensor, block_ids: torch.Tensor
 ) -> None:
     check_cache(cache)
+    check_writable(cache, q, scales)
     ids = check_block_ids(block_ids, cache.shape[0], unique=True).to(cache.device)
     _check_pair(q, cache, ids)
     cache.index_copy_(0, ids, dequantize_kv_fp8_torch(q, scales, cache.dtype))
@@ -110,7 +126,7 @@ def _empty_compact(cache: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Ten
 def _check_out(out: tuple[torch.Tensor, torch.Tensor], cache: torch.Tensor, n: int) -> None:
     q, scales = out
     check_compact(q, scales)
-    if tuple(q.shape) != (n, *cache.shape[1:]) or q.device != cache.device:
+    if tuple(q.shape) != (n, *cache.shape[1:]) or q.device != cache.device or scales.device != cache.device:
         raise ValueError(f"out q must have shape {(n, *cache.shape[1:])} on {cache.device}, got {tuple(q.shape)}")
 
 
@@ -146,6 +162,7 @@ def scatter_dequantize_blocks_cxx(
 ) -> None:
     check_cache(cache)
     check_compact(q, scales)
+    check_writable(cache, q, scales)
     ids = (
         torch.arange(cache.shape[0], dtype=torch.int64)
         if block_ids is None
@@ -183,6 +200,7 @@ def scatter_dequantize_blocks_triton(
 ) -> None:
     check_cache(cache)
     check_compact(q, scales)
+    check_writable(cache, q, scales)
     ids = check_block_ids(block_ids, cache.shape[0], unique=True).to(cache.device)
     _check_pair(q, cache, ids)
     _tk().scatter_dequantize(q, scales, cache, ids)

@@ -30,8 +30,10 @@ FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 def _columns(*cols: torch.Tensor) -> Columns:
     """The six numeric columns as contiguous float64 (a no-op for float64 contiguous input)."""
-    n = cols[0].shape[0]
+    n = cols[0].shape[0] if cols[0].dim() == 1 else -1
     for c in cols:
+        if c.is_complex() or c.dtype == torch.bool:
+            raise ValueError(f"candidate columns must be real numbers, got {c.dtype}")
         if c.dim() != 1 or c.shape[0] != n:
             raise ValueError(f"candidate columns must be 1-D of one length, got shapes {[tuple(x.shape) for x in cols]}")
         if c.device != cols[0].device:

@@ -104,6 +104,27 @@ def test_bad_input_is_refused(impl):
         fp8.dequantize_kv_fp8(q, s[:, :1].contiguous(), torch.float16, impl=impl)
     with pytest.raises(ValueError):
         fp8.quantize_kv_fp8(cache.to(torch.float64), impl="torch")
+    for ids in (torch.tensor([1.9, 0.5]), torch.tensor([True, False])):  # found by review: 1.9 was block 1
+        with pytest.raises(TypeError, match="integer"):
+            fp8.gather_quantize_blocks(cache, ids, impl=impl)
+    aliased = cache[:1].expand(4, -1, -1, -1)  # found by review: the C++ path wrote one block over another
+    with pytest.raises(ValueError, match="overlapping"):
+        fp8.scatter_dequantize_blocks(q, s, aliased, torch.tensor([0, 2]), impl=impl)
+
+
+def test_tensors_on_another_device_are_refused_not_dereferenced(impl):
+    """Found by review: a q or scales tensor on another device than the cache (CUDA beside a CPU cache; `meta` here)
+    sent a device pointer to the host kernel: a segfault."""
+    cache = cache_of((4, 2, 16, 64), torch.float16)
+    q, s = fp8.gather_quantize_blocks(cache, torch.tensor([0, 1]), impl=impl)
+    with pytest.raises(ValueError, match="device"):
+        fp8.scatter_dequantize_blocks(q, s.to("meta"), cache, torch.tensor([2, 3]), impl=impl)
+    with pytest.raises(ValueError, match="device"):
+        fp8.scatter_dequantize_blocks(q.to("meta"), s.to("meta"), cache, torch.tensor([2, 3]), impl=impl)
+    with pytest.raises(ValueError, match="device"):
+        fp8.dequantize_kv_fp8(q, s.to("meta"), torch.float16, impl=impl)
+    with pytest.raises(ValueError, match="device"):
+        fp8.gather_quantize_blocks(cache, torch.tensor([0, 1]), impl=impl, out=(q, s.to("meta")))
 
 
 def test_gather_into_a_preallocated_buffer(impl):

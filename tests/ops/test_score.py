@@ -102,3 +102,44 @@ def test_select_candidates_gives_the_policy_cores_order(impl):
                            role_weight=rng.choice([1.0, 2.0]), reuse_count=rng.randint(0, 5),
                            pinned=rng.random() < 0.2) for _ in range(n)]
         assert select_candidates(cands, n, impl=impl) == select_lowest(cands, n)
+
+
+def test_a_nan_value_sorts_last_in_the_policy_core_as_in_the_kernels(impl):
+    """Found by review: one NaN value (0 tokens at an infinite size) made the policy core's sort misorder the whole
+    list, so the order below 4,096 candidates differed from the kernels' above."""
+    cands = [Candidate(tokens=t, bytes_per_token=b, idle_s=1.0, next_use_s=2.0, role_weight=1.0, reuse_count=0)
+             for t, b in ((900, 4096.0), (0, math.inf), (901, 4096.0), (400, 4096.0))]
+    assert math.isnan(retention_value(cands[1]))
+    assert select_lowest(cands, 4)[-1] == 1 and select_candidates_of(cands, impl) == select_lowest(cands, 4)
+
+
+def select_candidates_of(cands, impl):
+    return score.select_candidates(cands, len(cands), impl=impl)
+
+
+def test_columns_that_are_not_real_vectors_are_a_value_error(impl):
+    cols = candidates(8, seed=0)
+    with pytest.raises(ValueError, match="1-D"):
+        score.score_and_select(*(c[0] for c in cols), None, 1, impl=impl)  # 0-d: an IndexError before
+    with pytest.raises(ValueError, match="real numbers"):
+        score.score_and_select(cols[0].to(torch.complex64), *cols[1:], None, 1, impl=impl)
+
+
+def test_the_cxx_selection_scans_every_candidate_when_openmp_gives_a_smaller_team():
+    """Found by review: the C++ selection split the candidates by the threads it asked for; with fewer in the team
+    (OMP_THREAD_LIMIT, OMP_DYNAMIC, a nested region) the missing threads' slices were never scanned."""
+    import subprocess
+    import sys
+
+    from tests.ops.conftest import require_cxx
+
+    require_cxx()
+    code = ("import torch; from kvsched.ops import score\n"
+            "g = torch.Generator().manual_seed(0); n = 100_000\n"
+            "cols = [torch.rand(n, generator=g, dtype=torch.float64) * 100 + 1 for _ in range(6)]\n"
+            "ref = score.score_and_select(*cols, None, 10, impl='torch').tolist()\n"
+            "assert score.score_and_select(*cols, None, 10, impl='cxx').tolist() == ref\n"
+            "assert score.score_and_select(*cols, None, n, impl='cxx').numel() == n\n")
+    env = {**__import__("os").environ, "OMP_THREAD_LIMIT": "1", "OMP_NUM_THREADS": "4"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
