@@ -98,7 +98,7 @@ class Lineage:
         # never displaces another tenant's entry)
         self.index: dict[str | None, dict[Hashable, _Entry]] = {}
         self.counters: Counter[str] = Counter()
-        self._ids = itertools.count(1)
+        self._ids: dict[str | None, itertools.count[int]] = {}  # per tenant: a number tells no key of another's
         self._finished = itertools.count(1)
         self.created: SessionKey | None = None  # the branch the last `named` call started (None: it joined one)
 
@@ -185,7 +185,8 @@ class Lineage:
                 self.counters["inferred_turns"] += 1
                 return e.key
             break  # the newest turn this prompt extends is taken (a branch): a session of its own
-        key = SessionKey(SessionId(f"{INFERRED_PREFIX}{next(self._ids)}"), cache_salt, tenant, inferred=True)
+        ids = self._ids.get(tenant) or self._ids.setdefault(tenant, itertools.count(1))
+        key = SessionKey(SessionId(f"{INFERRED_PREFIX}{next(ids)}"), cache_salt, tenant, inferred=True)
         self._add(key, None)  # indexed when its turn finishes
         self.counters["inferred_sessions"] += 1
         self.counters["inferred_turns"] += 1

@@ -73,18 +73,25 @@ def sort_key(key: SessionKey) -> SortKey:
     return (str(key.session_id), int(key.inferred), key.branch, key.tenant or "", salt_digest(key.cache_salt))
 
 
+MAX_CURSOR_CHARS = 8192  # a session id of 1,024 characters, each escaped, plus the digests: ~6 KB encoded
+
+
 def encode_cursor(key: SortKey) -> str:
     return base64.urlsafe_b64encode(json.dumps(list(key), separators=(",", ":")).encode()).decode().rstrip("=")
 
 
 def decode_cursor(raw: str) -> SortKey:
+    """A cursor this server issued (`encode_cursor`); anything else, however nested or long, is an InvalidQuery
+    (found by review: a deeply nested one raised RecursionError, answered 503 "scheduler unavailable")."""
     try:
+        if len(raw) > MAX_CURSOR_CHARS:
+            raise ValueError(raw[:16])
         data = json.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
         sid, inferred, branch, tenant, salt = data
         if not (isinstance(sid, str) and isinstance(tenant, str) and isinstance(salt, str)
                 and type(inferred) is int and type(branch) is int):
             raise ValueError(data)
-    except (ValueError, TypeError, UnicodeDecodeError):
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError):
         raise InvalidQuery("cursor is not one this server issued (use next_cursor from the previous page)",
                            "cursor") from None
     return (sid, inferred, branch, tenant, salt)

@@ -227,3 +227,13 @@ def test_a_rewrite_supersedes_only_a_branch_whose_conversation_it_continues():
     assert lin.superseded(rewrite, {"X"}) is None and lin.superseded(rewrite, ()) is None
     lin.note_conversation(rewrite, "A2")
     assert lin.entries[rewrite].conversation == "A2" and lin.entries[a].conversation == "A1"
+
+
+def test_inferred_session_names_are_numbered_per_tenant():
+    """Found by review: one server-wide counter named a key's first inferred session `inferred-4`, telling it three
+    sessions of other keys came first."""
+    lin = Lineage(LineageConfig())
+    a = [lin.infer(None, "key-a", chain(f"a{i}")) for i in range(3)]
+    b = lin.infer(None, "key-b", chain("b0"))
+    assert [k.session_id for k in a] == ["inferred-1", "inferred-2", "inferred-3"] and b.session_id == "inferred-1"
+    assert len({*a, b}) == 4  # the tenant keeps them apart

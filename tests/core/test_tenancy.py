@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from kvsched.core.sessions import SessionId, SessionKey
@@ -65,6 +67,8 @@ def test_query_parsing():
     for params, param in (({"limit": "0"}, "limit"), ({"limit": str(MAX_PAGE + 1)}, "limit"),
                           ({"limit": "-1"}, "limit"), ({"limit": "\u00b2"}, "limit"),  # "²".isdigit(), int fails
                           ({"cursor": "%%%"}, "cursor"), ({"page": "2"}, "page"),
+                          ({"cursor": base64.urlsafe_b64encode(b"[" * 5000).decode()}, "cursor"),  # RecursionError
+                          ({"cursor": "A" * 100_000}, "cursor"),
                           ({"summary": "maybe"}, "summary"), ({"pinned_ids": "2"}, "pinned_ids"), ({"cursor": encode_cursor(("a", 0, 0, "", ""))[:-3]},
                                                               "cursor")):
         with pytest.raises(InvalidQuery) as info:
