@@ -99,17 +99,20 @@ class DiskDirectory:
         self.counters["planned_writes"] += len(plan.write)
         return plan
 
-    def done(self, key: Key, ok: bool) -> None:
-        """The worker reports a planned write: on disk, or failed (then the key is dropped)."""
+    def done(self, key: Key, ok: bool) -> bool:
+        """The worker reports a planned write: on disk, or failed (then the key is dropped). True if its file is to
+        be deleted: the write failed, or every session that wanted it ended while it was in flight (found by review:
+        such a block stayed on disk, indexed, with no owner, until evicted)."""
         if key not in self.pending:
-            return
+            return False
         self.pending.discard(key)
-        if ok:
+        if ok and self.owners.get(key):
             self.written[key] = None
             self.counters["written_blocks"] += 1
-        else:
-            self._unlink(key)
-            self.counters["failed_writes"] += 1
+            return False
+        self._unlink(key)
+        self.counters["failed_writes" if not ok else "orphaned_writes"] += 1
+        return True
 
     def shrink_to_size(self) -> int:
         """The disk ran out of space before the budget did: the budget becomes what is on disk now. Returns it."""
@@ -162,6 +165,8 @@ class DiskDirectory:
                 del self.written[key]
                 del self.owners[key]
                 out.append(key)
+            elif not owners:  # a write in flight: its file goes when it is reported (`done`)
+                del self.owners[key]
         return out
 
     # ---- views --------------------------------------------------------------------------------------------------

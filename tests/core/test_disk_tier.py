@@ -76,3 +76,14 @@ def test_sizes_are_checked() -> None:
     assert parse_disk_gib("1.5") == 1.5
     with pytest.raises(DiskConfigError):
         DiskDirectory(100, 0, value_of=lambda o: 0.0)
+
+
+def test_a_write_in_flight_when_its_session_ends_is_deleted_not_indexed() -> None:
+    """Found by review: a block whose only session ended while its write was in flight stayed on disk, indexed with
+    no owner, until an eviction found it. A block another session claimed meanwhile stays."""
+    d = directory(8)
+    d.plan_writes("a", ["k0", "k1", "k2"])
+    d.plan_writes("b", ["k0"])  # shares the first block
+    assert d.drop_owner("a") == []  # nothing written yet: nothing to delete now
+    assert d.done("k0", True) is False and d.done("k1", True) is True and d.done("k2", False) is True
+    assert d.match(["k0", "k1"], 0, 2) == 1 and d.size == 1 and d.counters["orphaned_writes"] == 1

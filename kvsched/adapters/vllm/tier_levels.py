@@ -296,8 +296,7 @@ class TierLevels:
                 del self._acks[key]
                 good = key not in self._failed
                 self._failed.discard(key)
-                self.disk.done(key, good)
-                if not good:
+                if self.disk.done(key, good):  # failed, or no session wants it any more
                     self.ops.deletes.append(key)
         if disk_full:
             cap = self.disk.shrink_to_size()
