@@ -6,12 +6,13 @@
   end all of the caller's sessions.
 
 The caller's scope (`kvsched.core.tenancy.Caller`) is its API key's tenant and the salt it names with the
-`X-KVSched-Cache-Salt` header (none: unsalted sessions); an admin key (KVSCHED_ADMIN_KEYS) reaches every tenant. The
+`X-KVSched-Cache-Salt` header, or `X-KVSched-Cache-Salt-B64` for any salt (none: unsalted sessions); an admin key (KVSCHED_ADMIN_KEYS) reaches every tenant. The
 path is decoded exactly once (by the server: `scope["path"]`), so `%2541` is the id `%41`, never `A`.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -23,6 +24,10 @@ from kvsched.core.tenancy import Caller, InvalidQuery, parse_page_query
 
 ADMIN_PREFIX = "/kvsched/sessions"
 SALT_HEADER = "x-kvsched-cache-salt"
+# Any salt a body may carry, base64 of its UTF-8: found by review, a salt with edge spaces (a header's are stripped),
+# over 1,024 characters or with characters a header cannot carry left its owner unable to list or end its sessions.
+SALT_B64_HEADER = "x-kvsched-cache-salt-b64"
+MAX_B64_SALT_CHARS = 65_536
 MAX_QUERY_FIELDS = 8
 
 
@@ -51,6 +56,11 @@ def _caller(ident: Identity, raw_headers: dict[str, bytes]) -> Caller:
     salt = utf8_headers(raw_headers, (SALT_HEADER,)).get(SALT_HEADER)
     if salt is not None and not 1 <= len(salt) <= 1024:
         raise HttpError(400, "X-KVSched-Cache-Salt must be 1 to 1024 characters", param=SALT_HEADER)
+    encoded = raw_headers.get(SALT_B64_HEADER)
+    if encoded is not None:
+        if salt is not None:
+            raise HttpError(400, "send X-KVSched-Cache-Salt or X-KVSched-Cache-Salt-B64, not both", param=SALT_HEADER)
+        salt = _b64_salt(encoded)
     return Caller(admin=ident.admin, tenant=ident.tenant, cache_salt=salt, salt_given=salt is not None)
 
 
@@ -83,3 +93,15 @@ async def _end(app: Any, send: Any, raw_id: str, caller: Caller) -> None:
         await send_json(send, 200, {"session_id": sid, "ended": True})
     else:  # none of the caller's: another tenant's session is indistinguishable from none
         raise HttpError(404, f"no session {sid!r}", param="session_id")
+
+
+def _b64_salt(encoded: bytes) -> str:
+    try:
+        raw = base64.b64decode(encoded.strip().replace(b"-", b"+").replace(b"_", b"/") + b"=" * (-len(encoded.strip()) % 4),
+                               validate=True)
+        salt = raw.decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise HttpError(400, "X-KVSched-Cache-Salt-B64 must be base64 of the salt's UTF-8", param=SALT_B64_HEADER) from None
+    if not 1 <= len(salt) <= MAX_B64_SALT_CHARS:
+        raise HttpError(400, f"the salt must be 1 to {MAX_B64_SALT_CHARS} characters", param=SALT_B64_HEADER)
+    return salt

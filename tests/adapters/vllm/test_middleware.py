@@ -324,3 +324,25 @@ def test_bodies_that_cannot_hold_kvsched_fields_are_not_parsed_twice(monkeypatch
     assert status == 400 and err["error"]["param"] == "vllm_xargs.kvsched_tenant" and parsed == [escaped]
     named = json.dumps({"token_ids": [1], "session_id": "s"}).encode()  # a keyed session route is always read
     assert call(mw, app, "POST", "/inference/v1/generate", named, [auth, js])[0] == 400
+
+
+def test_any_salt_a_body_may_carry_can_be_named_base64_encoded():
+    """Found by review: a salt with edge spaces (a header's are stripped), over 1,024 characters or with characters a
+    header cannot carry left its owner unable to list or end its own sessions."""
+    import base64
+
+    app = FakeVllm(keys=("secret",))
+    mw = KVSchedMiddleware(app)
+    for salt in (" padded ", "s" * 5000, "line\nbreak", "caf\u00e9"):
+        b64 = base64.b64encode(salt.encode()).decode()
+        auth = [("Authorization", "Bearer secret"), ("X-KVSched-Cache-Salt-B64", b64)]
+        assert call(mw, app, "DELETE", "/kvsched/sessions/x", headers=auth)[0] == 404
+        sid, caller = app.utility[-1][1][0]["kvsched_args"]
+        assert caller[2] == salt and caller[3] is True
+    auth = [("Authorization", "Bearer secret")]
+    for headers, param in (([("X-KVSched-Cache-Salt-B64", "%%%")], "x-kvsched-cache-salt-b64"),
+                           ([("X-KVSched-Cache-Salt-B64", "7aCA")], "x-kvsched-cache-salt-b64"),  # a lone surrogate
+                           ([("X-KVSched-Cache-Salt-B64", "")], "x-kvsched-cache-salt-b64"),
+                           ([("X-KVSched-Cache-Salt-B64", "YQ=="), ("X-KVSched-Cache-Salt", "a")], "x-kvsched-cache-salt")):
+        status, err = call(mw, app, "GET", "/kvsched/sessions", headers=auth + headers)
+        assert status == 400 and err["error"]["param"] == param, err
