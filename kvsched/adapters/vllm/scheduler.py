@@ -43,7 +43,10 @@ class KVSchedScheduler(AsyncScheduler):
         return output
 
     def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
-        self.kvsched.release_all()
+        """Pins go first (they hold blocks the reset needs free), unless the reset fails anyway: then they stay."""
+        preempts_all = bool(args[0] if args else kwargs.get("reset_running_requests", False))
+        if preempts_all or self.kvsched.reset_can_succeed():
+            self.kvsched.release_all()
         return bool(super().reset_prefix_cache(*args, **kwargs))
 
     def __call__(self, op: str, *args: Any) -> Any:

@@ -217,6 +217,14 @@ class SessionPins:
             self._trace.write(json.dumps({"t": round(self.policy.clock(), 4), "session": str(key.session_id),
                                           "op": "prefetch", "blocks": len(new)}) + "\n")
 
+    def reset_can_succeed(self) -> bool:
+        """vLLM's prefix-cache reset needs every block free: True if the pins alone hold the used ones. Found by
+        review: pins were dropped (and every session forgotten) before a reset that then failed anyway (a request
+        holding blocks, `reset_running_requests` off)."""
+        pool = compat.block_pool(self.scheduler)
+        pins_only = sum(1 for i, n in self.block_refs.items() if pool.blocks[i].ref_cnt <= n)
+        return pool.get_num_free_blocks() + pins_only >= pool.num_gpu_blocks - 1  # the null block is always used
+
     def release_all(self, reason: ReleaseReason = ReleaseReason.END) -> int:
         """Drop every pin (e.g. before vLLM resets the prefix cache). Returns how many were released."""
         keys = list(self.pinned)

@@ -161,6 +161,21 @@ def test_reset_prefix_cache_releases_pins_first(harness_cfg, clock):
     assert free_blocks(s) == usable_blocks(s)
 
 
+def test_a_reset_that_fails_anyway_keeps_the_pins_and_sessions(harness_cfg, clock):
+    """Found by review: every pin was dropped and every session forgotten before a reset that a running request made
+    fail (`reset_running_requests` off); with it on, the reset preempts the request and the pins go first."""
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    s.add_request(f.make([3] * 64, 2, session_id="x"))
+    run_until_idle(s)
+    s.add_request(f.make([9] * 40, 50, request_id="busy"))
+    step(s)
+    assert s.reset_prefix_cache() is False
+    assert [str(k.session_id) for k in s.kvsched.pinned] == ["x"] and s.kvsched.policy.sessions
+    assert s.reset_prefix_cache(True) is True and not s.kvsched.pinned
+    run_until_idle(s)  # the preempted request runs again; its (inferred) session is pinned: no block leaked
+    assert free_blocks(s) + len(_pinned_block_ids(s)) == usable_blocks(s)
+
+
 def test_admin_list_and_unknown_operation(harness_cfg, clock):
     s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
     s.add_request(f.make([3] * 64, 2, session_id="x", xargs={"agent_role": "orchestrator"}))
