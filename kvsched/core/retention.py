@@ -35,7 +35,6 @@ __all__ = ["Clock", "Decision", "Pin", "Release", "ReleaseReason", "RetentionPol
 Clock = Callable[[], float]
 Applied = Callable[[Release], int]  # applies a release at once; returns the distinct blocks it freed
 BUDGET_SLACK_DIVISOR = 128  # a budget release goes 1/128 of the budget below it (see budget_low_water_blocks)
-# Selector: the k lowest-value candidates' indices (`scoring.select_lowest`; the engine: the score_and_select kernels).
 
 
 class RetentionPolicy:
@@ -148,7 +147,8 @@ class RetentionPolicy:
         self._touch(rec)
         if hints.end:
             return self.end(key)
-        if overlapped and tokens < rec.pinned_tokens and rec.ttl_s > 0 and self.payback.pinning and likely:
+        if (overlapped or blocks <= 0) and tokens < rec.pinned_tokens and rec.ttl_s > 0 and self.payback.pinning \
+                and likely:  # found by review: a turn preempted, then aborted, holds nothing; its hit pin stays
             # A turn that ran beside another of the session (a title or side request sent with the conversation's
             # turn) does not replace a longer pin: the session's next turn continues the longer prefix as likely.
             rec.pin_overlapped = rec.active_requests > 0
