@@ -161,21 +161,6 @@ def test_reset_prefix_cache_releases_pins_first(harness_cfg, clock):
     assert free_blocks(s) == usable_blocks(s)
 
 
-def test_a_reset_that_fails_anyway_keeps_the_pins_and_sessions(harness_cfg, clock):
-    """Found by review: every pin was dropped and every session forgotten before a reset that a running request made
-    fail (`reset_running_requests` off); with it on, the reset preempts the request and the pins go first."""
-    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
-    s.add_request(f.make([3] * 64, 2, session_id="x"))
-    run_until_idle(s)
-    s.add_request(f.make([9] * 40, 50, request_id="busy"))
-    step(s)
-    assert s.reset_prefix_cache() is False
-    assert [str(k.session_id) for k in s.kvsched.pinned] == ["x"] and s.kvsched.policy.sessions
-    assert s.reset_prefix_cache(True) is True and not s.kvsched.pinned
-    run_until_idle(s)  # the preempted request runs again; its (inferred) session is pinned: no block leaked
-    assert free_blocks(s) + len(_pinned_block_ids(s)) == usable_blocks(s)
-
-
 def test_admin_list_and_unknown_operation(harness_cfg, clock):
     s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
     s.add_request(f.make([3] * 64, 2, session_id="x", xargs={"agent_role": "orchestrator"}))
@@ -375,28 +360,3 @@ def test_a_streaming_input_requests_later_chunks_can_end_its_session(harness_cfg
     run_until_idle(s)
     assert not s.kvsched.policy.sessions and s.kvsched.requests == {} and free_blocks(s) == usable_blocks(s)
 
-
-def test_a_turn_preempted_then_aborted_keeps_the_pin_it_hit(harness_cfg, clock):
-    """Found by review: preemption frees the turn's blocks, so its abort reported no reusable prefix and the session's
-    whole pin (an intact head that very turn had hit) was released; aborted while running, the pin stays."""
-    from dataclasses import replace
-
-    from vllm.v1.request import RequestStatus
-
-    s, f = _sched(replace(harness_cfg, num_blocks=24, max_num_seqs=8), clock=clock), RequestFactory(BLOCK)
-    head = list(range(100, 164))  # 4 full blocks
-    s.add_request(f.make(head, 1, session_id="x"))
-    run_until_idle(s)
-    s.add_request(f.make([7] * 160, 150, request_id="y"))  # another user's long decode
-    s.add_request(f.make(head + [3] * 16, 150, session_id="x", request_id="x2"))
-    for _ in range(400):
-        step(s)
-        if s.requests["x2"].status == RequestStatus.PREEMPTED:
-            break
-    assert s.requests["x2"].status == RequestStatus.PREEMPTED
-    pinned = _pinned_block_ids(s)
-    assert pinned
-    s.finish_requests("x2", RequestStatus.FINISHED_ABORTED)
-    assert _pinned_block_ids(s) == pinned and s.kvsched.policy.counters["released_turn"] == 0
-    s.finish_requests("y", RequestStatus.FINISHED_ABORTED)  # its own (inferred) session is pinned now: no leak
-    assert free_blocks(s) + len(_pinned_block_ids(s)) == usable_blocks(s) and pinned <= _pinned_block_ids(s)
