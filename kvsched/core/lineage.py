@@ -195,7 +195,7 @@ class Lineage:
     # ---- turn outcomes ------------------------------------------------------------------------------------------
     def finished(self, key: SessionKey, anchor: Anchor | None) -> None:
         """A turn of `key` finished; `anchor` is its prompt's last full block (None: shorter than a block). The
-        session's anchor moves there (a session ended while the turn ran is registered again, as its pin is)."""
+        session's anchor moves there (the adapter forgets, not finishes, a turn of a session ended while it ran)."""
         e = self.entries.get(key)
         if e is None:
             branches = None if key.inferred else self.branches.setdefault(

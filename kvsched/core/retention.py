@@ -51,8 +51,7 @@ class RetentionPolicy:
         self.selector = selector
         self.sessions: OrderedDict[SessionKey, SessionRecord] = OrderedDict()  # least recently active first
         self.pinned_blocks_total = 0
-        # Lazy heap of (time, seq, key): every pinned session has an entry no later than its expiry. One entry per
-        # session, not one per finished turn (a busy engine finishes thousands of turns per TTL).
+        # Lazy heap of (time, seq, key): one entry per pinned session no later than its expiry, not one per turn.
         self.expiry = ExpiryQueue()
         self.counters: Counter[str] = Counter()
         self.gaps = GapModel(self.GAP_WINDOW, self.MIN_TAIL_SAMPLES)
@@ -73,6 +72,7 @@ class RetentionPolicy:
         if hints.role:
             rec.role = hints.role
         rec.waiting += 1
+        rec.ended = False  # a request after the end: the id's next conversation
         if rec.waiting_since is None:
             rec.waiting_since = self.clock()
         if self.returns is not None:  # the outcome of the session's last turn is known
@@ -193,9 +193,11 @@ class RetentionPolicy:
             return []
         decisions: list[Decision] = [self._release(rec, ReleaseReason.END)] if rec.pinned else []
         self.index.changed(rec)
+        self.counters["sessions_ended"] += not rec.ended  # once, not again at a request's finish after the end
         if rec.active_requests == 0 and rec.waiting == 0:
             del self.sessions[key]
-        self.counters["sessions_ended"] += 1
+        else:  # found by review: a request running at the end pinned the session again when it finished
+            rec.ended = True
         return decisions
 
     def expire(self) -> list[Decision]:
@@ -293,17 +295,15 @@ class RetentionPolicy:
         return idle_s + residual
 
     def value_of(self, key: SessionKey, tokens: int, bytes_per_token: float) -> float:
-        """Retention value of `tokens` of the session's KV held at `bytes_per_token` elsewhere than in its pins (the
-        FP8 tier orders and evicts by it): the pins' formula and next-use estimate; 0 for a session no longer
-        tracked."""
+        """Retention value of `tokens` of the session's KV held at `bytes_per_token` outside its pins (the FP8 tier
+        orders and evicts by it): the pins' formula and next-use estimate; 0 for a session no longer tracked."""
         rec = self.sessions.get(key)
         if rec is None:
             return 0.0
         return self._value(rec, self.clock(), tokens, bytes_per_token)
 
     def _value(self, rec: SessionRecord, now: float, tokens: int, bytes_per_token: float) -> float:
-        """`candidate`'s value for `tokens` at `bytes_per_token`, computed without building it (the release order keys
-        every pinned session with it)."""
+        """`candidate`'s value for `tokens` at `bytes_per_token`, without building it (the release order keys by it)."""
         idle = max(now - (rec.last_finished or now), 0.0)
         return value_of(tokens, bytes_per_token, idle, self.expected_next_use_s(rec, idle), self.weight_of(rec),
                         rec.hits)

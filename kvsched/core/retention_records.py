@@ -66,6 +66,7 @@ class SessionRecord:
     activity: int = 0  # when it was last active, as a sequence number: the release order's tie-break (oldest first)
     version: int = 0  # changes whenever its release value may have: older entries in the release heap are stale
     scored: tuple[int, float, int, float] | None = None  # (version, time, gap epoch, value) of its last score
+    ended: bool = False  # ended while a request of it was in the engine: that request's finish ends it (no pin)
 
     @property
     def pinned(self) -> bool:

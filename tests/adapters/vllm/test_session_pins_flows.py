@@ -55,3 +55,24 @@ def test_a_turn_preempted_then_aborted_keeps_the_pin_it_hit(harness_cfg, clock):
     assert _pinned_block_ids(s) == pinned and s.kvsched.policy.counters["released_turn"] == 0
     s.finish_requests("y", RequestStatus.FINISHED_ABORTED)  # its own (inferred) session is pinned now: no leak
     assert free_blocks(s) + len(_pinned_block_ids(s)) == usable_blocks(s) and pinned <= _pinned_block_ids(s)
+
+
+def test_a_session_ended_while_a_request_of_it_runs_is_not_pinned_again(harness_cfg, clock):
+    """Found by review: the end flag (on a short side request) or the admin end while another request of the session
+    ran left its record alive for that request, whose finish pinned the session again until its TTL."""
+    prompt = list(range(100, 180))  # 5 blocks
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    s.add_request(f.make(prompt, 40, session_id="x", request_id="long"))
+    step(s)
+    s.add_request(f.make(prompt + [1] * 20, 1, session_id="x", request_id="bye", xargs={"session_end": 1}))
+    run_until_idle(s)
+    assert not s.kvsched.pinned and not s.kvsched.policy.sessions and free_blocks(s) == usable_blocks(s)
+    assert s.kvsched.policy.counters["sessions_ended"] == 1
+    s.add_request(f.make(prompt, 40, session_id="y", request_id="long-y"))
+    step(s)
+    assert s("end", "y")["ended"] == 1
+    run_until_idle(s)
+    assert not s.kvsched.pinned and free_blocks(s) == usable_blocks(s)
+    s.add_request(f.make(prompt, 2, session_id="y"))  # the id's next conversation is pinned as usual
+    run_until_idle(s)
+    assert [str(k.session_id) for k in s.kvsched.pinned] == ["y"]
