@@ -10,12 +10,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kvsched.commands.args import check_args, count, number
 from kvsched.core.gpu_catalog import load_catalog
 from kvsched.core.planner import GIB, PRESETS, ModelShape, PlanError
 from kvsched.core.planner_cost import cost, fleet_cost
 from kvsched.core.planner_fleet import Levers, Plan, Topology, Workload, plan, summary_calls, with_levers
 
 DEFAULT_PRESET = "llama-3.1-8b"
+LIMITS = {"context": count(1, 2**30), "context_p50": count(1, 2**30), "sessions": count(1, 10**9),
+          "agents": count(1, 10**6), "tool_calls": count(0, 10**6), "tool_tokens": count(0, 2**30),
+          "overhead": number(0, 1), "ceiling": number(0, 1, low_open=True),
+          "tokens_per_interaction": number(0, 1e12, low_open=True), "interactions_per_hour": number(0, 1e12),
+          "api_price": number(0, 1e9, low_open=True), "compaction_trigger": count(0, 2**30),
+          "summary_tokens": count(0, 2**30), "recent_tokens": count(0, 2**30), "pin_budget": number(0, 1)}
 
 
 def register(subparsers: Any) -> None:
@@ -274,11 +281,12 @@ def run(args: argparse.Namespace) -> int:
     from kvsched.bench.plots import PlotUnavailable
 
     try:
+        check_args(args, **LIMITS)
         result = build(args)
         if args.plot:
             plot(args, args.plot)
             result["plot"] = str(args.plot)
-    except (PlanError, PlotUnavailable) as exc:
+    except (PlanError, ValueError, OSError, PlotUnavailable) as exc:  # OSError: an unwritable --plot path
         print(f"kvsched plan: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if args.json else render(result))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.bench.common import provenance, table, write_json
+from kvsched.commands.args import MAX_COUNT, MAX_GIB, check_args, count, number
 
 POLICIES = ("lru", "kvsched", "opt", "lru+offload")  # lru+offload: stock vLLM CPU offloading on the tier's bytes
 # The fleet's default host and link: an 8-GPU H100 node with 2 TiB of host memory (256 GiB per GPU), ~60 GiB of KV per
@@ -23,6 +24,14 @@ FLEET_GPU_KV_GIB = 60.0
 FLEET_H2D_GBPS = 32.0
 DEFAULT_PRESSURE = 2.0
 DEFAULT_PRESET = "llama-3.1-8b"
+# The replay keeps a Python free list of the tier's slots: 2**26 (64 GiB of list) is 20x the fleet trace's working set,
+# and a tier past a trace's working set changes nothing.
+MAX_TIER_BLOCKS = 2**26
+# --kv-gib and --fp8-tier-gib are checked where they are used
+LIMITS = {"workflows": count(1, 10**6), "capacity_blocks": count(1, MAX_COUNT),
+          "pressure": number(0, 1e9, low_open=True), "replicas": count(1, 10**5),
+          "fp8_tier_blocks": count(0, MAX_TIER_BLOCKS), "host_gib_per_gpu": number(0, MAX_GIB),
+          "gpu_kv_gib": number(1e-3, MAX_GIB), "h2d_gbps": number(1e-9, 1e9), "prefill_tok_s": number(1e-6, 1e15)}
 
 
 def register(subparsers: Any) -> None:
@@ -96,7 +105,7 @@ def load_trace(args: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.topology:
         overrides["topology"] = Topology(args.topology)
-    if args.workflows:
+    if args.workflows is not None:
         overrides["workflows"] = args.workflows
     cfg = replace(cfg, **overrides)
     if args.write_trace:
@@ -112,7 +121,7 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
     if args.kv_gib is not None:
         from kvsched.core.planner import GIB, ModelShape, kv_capacity_tokens
 
-        if not args.kv_gib > 0 or math.isinf(args.kv_gib):
+        if not 0 < args.kv_gib <= MAX_GIB:
             raise ValueError(f"--kv-gib must be a positive number of GiB, not {args.kv_gib}")
         if args.preset is None and trace.recorded_bytes is not None:  # the recording engine's bytes per token
             return max(int(args.kv_gib * GIB) // (bytes_per_token * trace.block_size), 1)
@@ -123,8 +132,8 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
     if args.pressure is None and recorded is not None:
         return recorded
     pressure = DEFAULT_PRESSURE if args.pressure is None else args.pressure
-    if pressure <= 0:
-        raise ValueError("--pressure must be positive")
+    if not 0 < pressure < math.inf:
+        raise ValueError("--pressure must be a finite number > 0")
     basis = trace.peak_live_blocks() if args.pressure_basis == "live" else trace.working_set_blocks()
     return max(math.ceil(basis / pressure), 1)
 
@@ -148,17 +157,17 @@ def tier_bytes(args: argparse.Namespace, block_bytes: int, pool_bytes: int = 0) 
     if host is not None:
         from kvsched.core.tier_config import auto_budget_bytes
 
-        if not host >= 0 or not args.gpu_kv_gib > 0 or math.isinf(host):
-            raise ValueError("--host-gib-per-gpu must be >= 0 and --gpu-kv-gib > 0")
-        gpu_pool = int(args.gpu_kv_gib * 2**30)
+        gpu_pool = int(args.gpu_kv_gib * 2**30) if 0 < args.gpu_kv_gib <= MAX_GIB else 0
+        if not 0 <= host <= MAX_GIB or gpu_pool < 1:
+            raise ValueError(f"--host-gib-per-gpu must be in 0..{MAX_GIB:g} and --gpu-kv-gib at least a byte")
         gpus = max(1, math.ceil(pool_bytes / gpu_pool))
         return gpus * auto_budget_bytes(min(gpu_pool, pool_bytes), int(host * 2**30))
     if args.fp8_tier_blocks is not None:
-        if args.fp8_tier_blocks < 0:
-            raise ValueError("--fp8-tier-blocks must be >= 0")
+        if not 0 <= args.fp8_tier_blocks <= MAX_TIER_BLOCKS:
+            raise ValueError(f"--fp8-tier-blocks must be in 0..{MAX_TIER_BLOCKS}")
         return args.fp8_tier_blocks * block_bytes
-    if not args.fp8_tier_gib >= 0 or math.isinf(args.fp8_tier_gib):
-        raise ValueError("--fp8-tier-gib must be a finite number >= 0")
+    if not 0 <= args.fp8_tier_gib <= MAX_GIB:
+        raise ValueError(f"--fp8-tier-gib must be a number in 0..{MAX_GIB:g}")
     return int(args.fp8_tier_gib * 2**30)
 
 
@@ -253,9 +262,12 @@ def run(args: argparse.Namespace) -> int:
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     try:
+        check_args(args, **LIMITS)
         unknown = [p for p in policies if p not in POLICIES]
         if unknown or not policies:
             raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+        if args.out is not None and args.out.is_dir():  # before the replay, not after it
+            raise ValueError(f"--out {args.out} is a directory; give a file path")
         retention = RetentionConfig.from_env()  # the engine's parser: the same KVSCHED_* variables, same checks
         trace = load_trace(args)
         bpt, block_bytes = engine_bytes(args, trace)
@@ -264,16 +276,24 @@ def run(args: argparse.Namespace) -> int:
         capacity = max(capacity_blocks(args, trace, bpt) // args.replicas, 1)
         tier = (tier_bytes(args, block_bytes, capacity * trace.block_size * bpt), block_bytes)
         tier = tier if tier[0] > 0 else (0, 0)
-        if not args.h2d_gbps > 0:
-            raise ValueError("--h2d-gbps must be positive")
+        if tier[0] // block_bytes > MAX_TIER_BLOCKS:
+            raise ValueError(f"an FP8 tier of {tier[0] // block_bytes} blocks is past the replay's limit of "
+                             f"{MAX_TIER_BLOCKS} (this trace has {trace.working_set_blocks()} distinct blocks)")
         result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt, tier, compaction_config(args),
                           args.system_tokens, restore_bytes_per_s=args.h2d_gbps * 1e9,
                           progress=not args.no_progress, retention=retention, replicas=args.replicas)
         if args.plot:
             result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot, tier)
+        report(args, result, trace, policies, capacity, bpt, tier, retention)
     except (ValueError, PlanError, OSError, PlotUnavailable) as exc:
         print(f"kvsched simulate: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def report(args: argparse.Namespace, result: dict[str, Any], trace: Any, policies: list[str], capacity: int,
+           bpt: int, tier: tuple[int, int], retention: Any) -> None:
+    """Print the table and write `--out`: inside `run`'s error handling, so an unwritable path is a one-line error."""
     sessions = len(trace.sessions)
     live = trace.peak_live_blocks()
     result["config"] = {"requests": len(trace), "sessions": sessions, "block_size": trace.block_size,
@@ -323,4 +343,3 @@ def run(args: argparse.Namespace) -> int:
             f"kvsched simulate: {len(trace)} requests, pressure {result['config']['pressure']:.2f}x", "", None))
     else:
         json.dumps(result, default=str)  # fail here, not later, if the result is not serialisable
-    return 0

@@ -53,7 +53,10 @@ def run_import(args: argparse.Namespace) -> int:
     try:
         if args.limit is not None and args.limit <= 0:
             raise ValueError("--limit must be positive")
-        meta = convert_file(args.input, args.output, args.min_shared or DEFAULT_MIN_SHARED, args.limit)
+        min_shared = DEFAULT_MIN_SHARED if args.min_shared is None else args.min_shared
+        if not 0.0 < min_shared <= 1.0:  # checked before reading: 0 would link every request sharing one block
+            raise ValueError(f"--min-shared must be in (0, 1], got {min_shared}")
+        meta = convert_file(args.input, args.output, min_shared, args.limit)
     except (ValueError, OSError) as exc:
         print(f"kvsched trace import: error: {exc}", file=sys.stderr)
         return 2

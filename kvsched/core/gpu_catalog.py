@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from kvsched.core.planner import PlanError
 from kvsched.core.planner_fleet import Gpu
@@ -13,23 +14,43 @@ from kvsched.core.planner_fleet import Gpu
 DEFAULT_CATALOG = Path(__file__).resolve().parent.parent / "assets" / "gpus.toml"
 
 
+MAX_VRAM_GIB = 2**20  # a pebibyte of memory on one GPU: past it, a typo
+
+
 def load_catalog(path: str | Path | None = None) -> list[Gpu]:
     source = Path(path) if path is not None else DEFAULT_CATALOG
     try:
-        data = tomllib.loads(source.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(source.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: TOMLDecodeError, or bytes that are not UTF-8
         raise PlanError(f"cannot read GPU catalogue {source}: {exc}") from None
-    gpus: list[Gpu] = []
-    for i, row in enumerate(data.get("gpu", [])):
-        try:
-            gpu = Gpu(name=str(row["name"]), vram_gib=float(row["vram_gib"]), price_per_hour=float(row["price_per_hour"]),
-                      interactions_per_hour=float(row.get("interactions_per_hour", 22_000)),
-                      fp8_kv=bool(row.get("fp8_kv", True)))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"{source}: gpu #{i + 1} needs name, vram_gib and price_per_hour ({exc})") from None
-        if gpu.vram_gib <= 0 or gpu.price_per_hour < 0 or gpu.interactions_per_hour <= 0:
-            raise PlanError(f"{source}: gpu {gpu.name!r} has a non-positive size, price or capacity")
-        gpus.append(gpu)
+    rows = data.get("gpu", [])
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise PlanError(f"{source}: `gpu` must be a list of [[gpu]] tables, got {rows!r:.60}")
+    gpus = [_gpu(row, f"{source}: gpu #{i + 1}") for i, row in enumerate(rows)]
     if not gpus:
         raise PlanError(f"{source}: no [[gpu]] entries")
     return gpus
+
+
+def _gpu(row: dict[str, Any], where: str) -> Gpu:
+    """One [[gpu]] table, its numbers checked finite and in range (TOML allows nan and inf)."""
+    try:
+        name = row["name"]
+        vram = _number(row, "vram_gib", where, 0, MAX_VRAM_GIB)
+        price = _number(row, "price_per_hour", where, 0, 1e9, low_open=False)
+        rate = _number(row, "interactions_per_hour", where, 0, 1e12, default=22_000)
+    except KeyError as exc:
+        raise PlanError(f"{where} needs name, vram_gib and price_per_hour (lacks {exc.args[0]!r})") from None
+    fp8_kv = row.get("fp8_kv", True)
+    if not isinstance(name, str) or not isinstance(fp8_kv, bool):
+        raise PlanError(f"{where}: name must be a string and fp8_kv true or false")
+    return Gpu(name=name, vram_gib=vram, price_per_hour=price, interactions_per_hour=rate, fp8_kv=fp8_kv)
+
+
+def _number(row: dict[str, Any], key: str, where: str, low: float, high: float, low_open: bool = True,
+            default: float | None = None) -> float:
+    value = row[key] if default is None else row.get(key, default)
+    if type(value) not in (int, float) or not (low < value if low_open else low <= value) or not value <= high:
+        raise PlanError(f"{where}: {key} must be a finite number {'>' if low_open else '>='} {low} and <= {high:.10g}, "
+                        f"got {value!r:.40}")
+    return float(value)

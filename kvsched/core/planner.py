@@ -111,7 +111,10 @@ class ModelShape:
                 raise PlanError(f"{path} does not hold a JSON object")
             label = name or path.parent.name
         # multimodal configs keep the language model under text_config
-        cfg: dict[str, Any] = {**raw.get("text_config", {}), **{k: v for k, v in raw.items() if k != "text_config"}}
+        text = raw.get("text_config") or {}
+        if not isinstance(text, dict):
+            raise PlanError(f"model {label!r}: text_config must be a JSON object, got {text!r:.60}")
+        cfg: dict[str, Any] = {**text, **{k: v for k, v in raw.items() if k != "text_config"}}
         for key, what in OUT_OF_SCOPE_KEYS.items():
             if cfg.get(key):
                 raise PlanError(f"model {label!r}: {what} layers ({key}) are out of scope for the planner")
@@ -122,27 +125,44 @@ class ModelShape:
         except KeyError as exc:
             raise PlanError(f"model config lacks {exc.args[0]!r} (needs num_hidden_layers, num_attention_heads, "
                             "hidden_size)") from None
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        kv_heads = config_int(cfg, "num_key_value_heads", heads)
+        head_dim = config_int(cfg, "head_dim", hidden // heads)
         window, sliding = sliding_layers_of(cfg, layers, label)
+        params = cfg.get("num_parameters") or estimate_params(cfg)
+        if type(params) not in (int, float) or not 0 <= params < MAX_CONFIG_INT:
+            raise PlanError(f"model config field 'num_parameters' must be a number >= 0, got {params!r:.60}")
         return cls(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden,
-                   vocab=int(cfg.get("vocab_size") or 0),
-                   params=float(cfg.get("num_parameters") or estimate_params(cfg)), name=label,
-                   kv_lora_rank=int(cfg.get("kv_lora_rank") or 0),
-                   qk_rope_head_dim=int(cfg.get("qk_rope_head_dim") or 0),
+                   vocab=config_int(cfg, "vocab_size"), params=float(params), name=label,
+                   kv_lora_rank=config_int(cfg, "kv_lora_rank"), qk_rope_head_dim=config_int(cfg, "qk_rope_head_dim"),
                    sliding_window=window, sliding_layers=sliding)
 
 
 def _positive_int(cfg: dict[str, Any], key: str) -> int:
     value = cfg[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if type(value) is not int or not 0 < value < MAX_CONFIG_INT:
         raise PlanError(f"model config field {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+MAX_CONFIG_INT = 2**53  # past any layer, head or parameter count; exact in a float
+
+
+def config_int(cfg: dict[str, Any], key: str, default: int = 0) -> int:
+    """An optional integer field of a HF config (absent, null or 0: `default`). A string, bool, fraction, negative or
+    inf is a PlanError naming the field: the KV arithmetic would otherwise fail with a bare ValueError/OverflowError."""
+    value = cfg.get(key)
+    if not value:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if type(value) is not int or not 0 < value < MAX_CONFIG_INT:
+        raise PlanError(f"model config field {key!r} must be a positive integer, got {value!r:.60}")
     return value
 
 
 def sliding_layers_of(cfg: dict[str, Any], layers: int, label: str = "model") -> tuple[int, int]:
     """(window, number of sliding layers) of a HF config, following each family's convention."""
-    window = int(cfg.get("sliding_window") or 0)
+    window = config_int(cfg, "sliding_window")
     types = cfg.get("layer_types")
     if isinstance(types, list):
         unknown = sorted({str(t) for t in types} - set(LAYER_KINDS))
@@ -160,9 +180,9 @@ def sliding_layers_of(cfg: dict[str, Any], layers: int, label: str = "model") ->
     if "use_sliding_window" in cfg:  # Qwen2/3: layers from max_window_layers on slide, if enabled at all
         if not cfg["use_sliding_window"]:
             return 0, 0
-        sliding = max(0, layers - int(cfg.get("max_window_layers") or 0))
+        sliding = max(0, layers - config_int(cfg, "max_window_layers"))
     elif cfg.get("sliding_window_pattern"):  # Gemma 3, Cohere 2: every pattern-th layer is global
-        sliding = layers - layers // int(cfg["sliding_window_pattern"])
+        sliding = layers - layers // config_int(cfg, "sliding_window_pattern")
     elif cfg.get("model_type") == "gemma2":  # alternating, the even layers slide
         sliding = math.ceil(layers / 2)
     else:  # Mistral v0.1 style: every layer slides
@@ -173,16 +193,17 @@ def sliding_layers_of(cfg: dict[str, Any], layers: int, label: str = "model") ->
 def estimate_params(cfg: dict[str, Any]) -> float:
     """Decoder parameters from a config (embeddings + attention + gated MLP, MoE experts counted), for configs that
     do not state them. An estimate: norms and biases are ignored, MLA projections counted as plain attention."""
-    h, layers = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"])
-    heads = int(cfg["num_attention_heads"])
-    kv = int(cfg.get("num_key_value_heads") or heads)
-    hd = int(cfg.get("head_dim") or h // heads)
-    inter = int(cfg.get("intermediate_size") or 4 * h)
-    vocab = int(cfg.get("vocab_size") or 32_000)
-    experts = int(cfg.get("num_local_experts") or cfg.get("n_routed_experts") or cfg.get("num_experts") or 0)
+    h, layers = config_int(cfg, "hidden_size"), config_int(cfg, "num_hidden_layers")
+    heads = config_int(cfg, "num_attention_heads")
+    kv = config_int(cfg, "num_key_value_heads", heads)
+    hd = config_int(cfg, "head_dim", h // heads)
+    inter = config_int(cfg, "intermediate_size", 4 * h)
+    vocab = config_int(cfg, "vocab_size", 32_000)
+    experts = (config_int(cfg, "num_local_experts") or config_int(cfg, "n_routed_experts")
+               or config_int(cfg, "num_experts"))
     if experts:
-        moe_inter = int(cfg.get("moe_intermediate_size") or inter)
-        mlp = 3 * h * moe_inter * (experts + int(cfg.get("n_shared_experts") or 0))
+        moe_inter = config_int(cfg, "moe_intermediate_size", inter)
+        mlp = 3 * h * moe_inter * (experts + config_int(cfg, "n_shared_experts"))
     else:
         mlp = 3 * h * inter
     attn = h * heads * hd * 2 + h * kv * hd * 2

@@ -8,6 +8,7 @@ share of I_gpu is the utilisation below which the API is cheaper.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kvsched.core.planner import PlanError
@@ -29,7 +30,9 @@ class Cost:
 
 def cost(tokens_per_interaction: float, interactions_per_hour: float, api_price_per_m: float, gpu_price_per_hour: float,
          gpu_interactions_per_hour: float) -> Cost:
-    if min(tokens_per_interaction, api_price_per_m, gpu_price_per_hour, gpu_interactions_per_hour) <= 0 \
+    if not all(math.isfinite(x) for x in (tokens_per_interaction, interactions_per_hour, api_price_per_m,
+                                           gpu_price_per_hour, gpu_interactions_per_hour)) \
+            or min(tokens_per_interaction, api_price_per_m, gpu_price_per_hour, gpu_interactions_per_hour) <= 0 \
             or interactions_per_hour < 0:
         raise PlanError("token counts, prices and GPU capacity must be positive, interactions per hour >= 0")
     api_each = api_price_per_m * tokens_per_interaction / 1e6
@@ -59,7 +62,8 @@ class FleetCost:
 def fleet_cost(gpus: int, gpu_price_per_hour: float, interactions_per_hour: float, tokens_per_interaction: float,
                api_price_per_m: float) -> FleetCost:
     """E.g. the guide's 1,000 sessions x 200 tokens/min on 4 H100s: API $4.80/h vs $9.60/h (the API wins)."""
-    if gpus <= 0 or gpu_price_per_hour < 0 or interactions_per_hour < 0 or tokens_per_interaction <= 0 \
+    if not all(math.isfinite(x) for x in (gpu_price_per_hour, interactions_per_hour, tokens_per_interaction,
+                                           api_price_per_m)) or gpus <= 0 or gpu_price_per_hour < 0 or interactions_per_hour < 0 or tokens_per_interaction <= 0 \
             or api_price_per_m <= 0:
         raise PlanError("fleet cost needs a positive GPU count, token count and API price")
     fleet = gpus * gpu_price_per_hour

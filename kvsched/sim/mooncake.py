@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kvsched.sim.trace import TraceRequest, TraceWriter
+from kvsched.sim.trace_fields import number_field
 
 BLOCK_SIZE = 512  # tokens per hash id (Mooncake FAST'25 README)
 DEFAULT_MIN_SHARED = 0.75
@@ -39,26 +40,47 @@ class MooncakeRequest:
 
 
 def parse(lines: Iterable[str], source: str = "<mooncake>") -> Iterator[MooncakeRequest]:
-    """Mooncake JSONL lines as requests; a malformed line raises ValueError naming `source` and its line number."""
+    """Mooncake JSONL lines as requests; a malformed line raises ValueError naming `source` and its line number. Ids
+    must be chained, as the trace schema needs them (an id at one position in every request): a line repeating an id,
+    or putting one at another position than an earlier line did, is refused rather than written to a trace that
+    `Trace.load` then rejects."""
+    position: dict[int, int] = {}  # hash id -> its block index, over the whole file
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            d = json.loads(line)
-            ids = d["hash_ids"]
-            n, m, t = int(d["input_length"]), int(d.get("output_length", 0)), float(d["timestamp"])
-            if not isinstance(ids, list) or not all(isinstance(h, int) for h in ids):
-                raise ValueError("hash_ids must be a list of integers")
-            if n <= 0 or m < 0 or not t >= 0:
-                raise ValueError("input_length must be > 0, output_length >= 0 and timestamp >= 0")
-            if len(ids) != -(-n // BLOCK_SIZE):
-                raise ValueError(f"{len(ids)} hash_ids for input_length {n}: expected one per {BLOCK_SIZE}-token "
-                                 f"block ({-(-n // BLOCK_SIZE)})")
+            req = _request(json.loads(line))
+            _check_chained(req.hash_ids, position)
         except KeyError as exc:
             raise ValueError(f"{source}:{lineno}: lacks field {exc.args[0]!r}") from None
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise ValueError(f"{source}:{lineno}: {exc}") from None
-        yield MooncakeRequest(t, n, m, tuple(ids))
+        yield req
+
+
+def _request(d: Any) -> MooncakeRequest:
+    """One line's fields, checked (counts are ints, the timestamp a finite number >= 0)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a line must be a JSON object, got {type(d).__name__}")
+    ids = d["hash_ids"]
+    n, m = number_field(d, "input_length", integer=True), number_field(d, "output_length", 0, integer=True)
+    t = number_field(d, "timestamp")
+    if not isinstance(ids, list) or not all(type(h) is int for h in ids):
+        raise ValueError("hash_ids must be a list of integers")
+    if n <= 0:
+        raise ValueError("input_length must be > 0")
+    if len(ids) != -(-n // BLOCK_SIZE):
+        raise ValueError(f"{len(ids)} hash_ids for input_length {n}: expected one per {BLOCK_SIZE}-token "
+                         f"block ({-(-n // BLOCK_SIZE)})")
+    return MooncakeRequest(t, n, m, tuple(ids))
+
+
+def _check_chained(ids: tuple[int, ...], position: dict[int, int]) -> None:
+    for k, h in enumerate(ids):
+        seen = position.setdefault(h, k)
+        if seen != k:
+            raise ValueError(f"hash id {h} at block {k} was at block {seen} (in this or an earlier line): ids must "
+                             "be chained prefix hashes")
 
 
 def assign_sessions(reqs: list[MooncakeRequest], min_shared: float = DEFAULT_MIN_SHARED) -> list[int]:
@@ -131,8 +153,18 @@ def convert(src: TextIO, dst: TextIO, source: str = "<mooncake>", min_shared: fl
 
 def convert_file(src: Path, dst: Path, min_shared: float = DEFAULT_MIN_SHARED, limit: int | None = None
                  ) -> dict[str, Any]:
-    with open(src) as f_in, open(dst, "w") as f_out:
-        return convert(f_in, f_out, src.name, min_shared, limit)
+    """Convert `src` into `dst` through a temporary file beside it, so a failed import leaves `dst` as it was; `dst`
+    naming `src` itself is refused."""
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise ValueError(f"{dst}: the output would overwrite the input trace; give another OUT path")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+    try:
+        with open(src) as f_in, open(tmp, "w") as f_out:
+            meta = convert(f_in, f_out, src.name, min_shared, limit)
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return meta
 
 
 # ---- where the published traces live -------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from typing import Any, TextIO, TypeGuard
 
 import numpy as np
 
+from kvsched.sim.trace_fields import MAX_COUNT, flag_field, number_field, text_field
+
 FORMAT_VERSION = 1
 CAPACITY_META = "capacity_blocks"  # header meta of an engine's recording: its KV pool, in the trace's blocks
 BYTES_META = "kv_bytes_per_token"  # ... its KV bytes per token (all layers, the cache's dtype)
@@ -65,20 +67,23 @@ class TraceRequest:
         return out
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> TraceRequest:
-        if d.get("tail_reuse") is not None and not int(d["tail_reuse"]) >= 0:
-            raise ValueError(f"tail_reuse must be a count of tokens >= 0: {d['tail_reuse']!r}")
+    def from_json(cls, d: Any) -> TraceRequest:
+        """A trace line, checked field by field: a wrong type or an absurd number is refused, never coerced."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a request line must be a JSON object, got {type(d).__name__}")
+        blocks = d.get("blocks", [])
+        if not isinstance(blocks, list) or not {type(b) for b in blocks} <= {str, int}:
+            raise ValueError(f"blocks must be a list of block ids (strings or integers), got {blocks!r:.80}")
         try:
-            return cls(t=float(d["t"]), session=str(d["session"]), prompt_tokens=int(d["prompt_tokens"]),
-                       output_tokens=int(d.get("output_tokens", 0)), blocks=d.get("blocks", []),
-                       reuse=int(d.get("reuse", 0)), role=d.get("role"),
-                       ttl_s=None if d.get("ttl_s") is None else float(d["ttl_s"]), end=bool(d.get("end", False)),
-                       salt=d.get("salt"),
-                       duration_s=None if d.get("duration_s") is None else float(d["duration_s"]),
-                       compacted=bool(d.get("compacted", False)),
-                       tail_reuse=None if d.get("tail_reuse") is None else int(d["tail_reuse"]))
+            return cls(t=number_field(d, "t"), session=text_field(d, "session", optional=False),
+                       prompt_tokens=number_field(d, "prompt_tokens", integer=True),
+                       output_tokens=number_field(d, "output_tokens", 0, integer=True), blocks=blocks,
+                       reuse=number_field(d, "reuse", 0, integer=True), role=text_field(d, "role"),
+                       ttl_s=number_field(d, "ttl_s", None), end=flag_field(d, "end"), salt=text_field(d, "salt"),
+                       duration_s=number_field(d, "duration_s", None), compacted=flag_field(d, "compacted"),
+                       tail_reuse=number_field(d, "tail_reuse", None, integer=True))
         except KeyError as exc:
-            raise ValueError(f"trace request lacks field {exc.args[0]!r}: {d}") from None
+            raise ValueError(f"trace request lacks field {exc.args[0]!r}: {d}"[:200]) from None
 
 
 def _positive(value: Any) -> TypeGuard[float]:
@@ -138,14 +143,33 @@ def write_jsonl(path: Path, block_size: int, requests: Iterable[TraceRequest], m
             w.write(r)
 
 
-def read_jsonl(path: Path) -> tuple[dict[str, Any], Iterator[TraceRequest]]:
-    """(header, requests) of a trace file; requests are read lazily."""
-    f = open(path)  # noqa: SIM115 - closed by the generator below
-    first = f.readline()
-    header = json.loads(first) if first.strip() else {}
-    if header.get("kvsched_trace") != FORMAT_VERSION or "block_size" not in header:
-        f.close()
+def read_header(first: str, path: Path) -> dict[str, Any]:
+    """The header line, checked: `block_size` divides every token count and `meta` feeds the replay's defaults."""
+    try:
+        header = json.loads(first) if first.strip() else {}
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{path}:1: {exc}") from None
+    if not isinstance(header, dict) or header.get("kvsched_trace") != FORMAT_VERSION or "block_size" not in header:
         raise ValueError(f"{path}: first line must be a header {{\"kvsched_trace\": 1, \"block_size\": N, ...}}")
+    bs = header["block_size"]
+    if type(bs) is not int or not 1 <= bs <= MAX_COUNT:
+        raise ValueError(f"{path}:1: block_size must be an integer in 1..{MAX_COUNT}, got {bs!r:.80}")
+    if header.setdefault("meta", {}) is None:
+        header["meta"] = {}
+    if not isinstance(header["meta"], dict):
+        raise ValueError(f"{path}:1: meta must be a JSON object, got {header['meta']!r:.80}")
+    return header
+
+
+def read_jsonl(path: Path) -> tuple[dict[str, Any], Iterator[TraceRequest]]:
+    """(header, requests) of a trace file; requests are read lazily, a malformed one raises ValueError naming
+    `path:line` and the field."""
+    f = open(path)  # noqa: SIM115 - closed by the generator below
+    try:
+        header = read_header(f.readline(), path)
+    except (ValueError, OSError):
+        f.close()
+        raise
 
     def requests() -> Iterator[TraceRequest]:
         with f:
@@ -153,7 +177,7 @@ def read_jsonl(path: Path) -> tuple[dict[str, Any], Iterator[TraceRequest]]:
                 if line.strip():
                     try:
                         yield TraceRequest.from_json(json.loads(line))
-                    except (ValueError, TypeError) as exc:
+                    except (ValueError, TypeError, RecursionError) as exc:
                         raise ValueError(f"{path}:{lineno}: {exc}") from None
 
     return header, requests()
@@ -345,4 +369,4 @@ class Trace:
         header, requests = read_jsonl(path)
         reqs = list(requests)
         reqs.sort(key=lambda r: r.t)  # a session's own order (by t, then file order) is what `reuse` refers to
-        return cls.from_requests(int(header["block_size"]), reqs, meta=header.get("meta", {}))
+        return cls.from_requests(header["block_size"], reqs, meta=header["meta"])

@@ -202,7 +202,7 @@ def test_catalogue_loads_and_rejects_bad_files(tmp_path):
     with pytest.raises(PlanError, match="vram_gib"):
         load_catalog(bad)
     bad.write_text('[[gpu]]\nname = "x"\nvram_gib = -1\nprice_per_hour = 1\n')
-    with pytest.raises(PlanError, match="non-positive"):
+    with pytest.raises(PlanError, match="vram_gib must be a finite number > 0"):
         load_catalog(bad)
 
 

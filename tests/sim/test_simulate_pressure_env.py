@@ -147,4 +147,4 @@ def test_a_negative_tail_reuse_is_refused_with_its_line(tmp_path, capsys):
                     '"blocks": ["a", "b"]}\n{"t": 1, "session": "s", "prompt_tokens": 8, "blocks": ["a", "b"], '
                     '"tail_reuse": -2}\n')
     assert main(["simulate", str(path), "--no-progress", "--policies", "lru"]) == 2
-    assert "t.jsonl:3" in (err := capsys.readouterr().err) and "tail_reuse must be a count of tokens >= 0" in err
+    assert "t.jsonl:3" in (err := capsys.readouterr().err) and "tail_reuse must be an integer" in err

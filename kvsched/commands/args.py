@@ -1,0 +1,38 @@
+"""Range checks of the commands' numeric options: a number a command cannot use (NaN, inf, negative, 300 digits) is a
+ValueError naming the flag, which `run` prints as one `kvsched CMD: error:` line with exit status 2, rather than a
+traceback or a NaN figure later. (argparse `type=` would exit from inside the parser, usage text first.)"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+MAX_COUNT = 2**40  # tokens, blocks or sessions: far past any real figure, exact in int64 and float64
+MAX_GIB = float(2**30)  # an exbibyte: any memory size past it is a typo
+Limit = Callable[[str, float], None]
+
+
+def number(low: float = 0.0, high: float = 1e15, low_open: bool = False) -> Limit:
+    """A finite number in [low, high] ((low, high] with `low_open`)."""
+    def check(flag: str, value: float) -> None:
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise ValueError(f"{flag} must be a finite number {'>' if low_open else '>='} {low:.10g} and "
+                             f"<= {high:.10g}, got {value}")
+    return check
+
+
+def count(low: int = 0, high: int = MAX_COUNT) -> Limit:
+    """An integer in [low, high]."""
+    def check(flag: str, value: float) -> None:
+        if not low <= value <= high:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise ValueError(f"{flag} must be {what} and <= {high}, got {str(value)[:40]}")
+    return check
+
+
+def check_args(args: argparse.Namespace, **limits: Limit) -> None:
+    """Apply each option's limit (options left unset, None, are skipped)."""
+    for dest, limit in limits.items():
+        value = getattr(args, dest)
+        if value is not None:
+            limit("--" + dest.replace("_", "-"), value)

@@ -1,0 +1,48 @@
+"""The fields of a trace line (docs/trace_schema.md), checked one by one: a trace is input from outside (an engine's
+recording, an import, a hand-written file), and replay sizes pools and orders time by its numbers, so a wrong type or
+an absurd value is a ValueError naming the field, never coerced."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+MAX_COUNT = 2**40  # tokens or blocks in one request or block: far past any context, exact in int64 and float64
+_REQUIRED: Any = object()
+
+
+def number_field(d: dict[str, Any], name: str, default: Any = _REQUIRED, integer: bool = False) -> Any:
+    """Field `name` as a finite number >= 0 (counts: an int up to MAX_COUNT), `default` when absent or null. Replay
+    sizes pools and orders time by these, so NaN, inf, negatives, bools and strings are errors, not coerced."""
+    v = d.get(name)
+    if v is None:
+        if default is _REQUIRED:
+            raise KeyError(name)
+        return default
+    if integer:
+        if type(v) is not int or not 0 <= v <= MAX_COUNT:
+            raise ValueError(f"{name} must be an integer in 0..{MAX_COUNT}, got {v!r}")
+        return v
+    if type(v) not in (int, float) or not 0 <= v < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def text_field(d: dict[str, Any], name: str, optional: bool = True) -> Any:
+    """Field `name` as a string (None when optional and absent or null)."""
+    v = d.get(name)
+    if v is None and optional:
+        return None
+    if v is None and name not in d:
+        raise KeyError(name)
+    if not isinstance(v, str):
+        raise ValueError(f"{name} must be a string{' or null' if optional else ''}, got {v!r:.80}")
+    return v
+
+
+def flag_field(d: dict[str, Any], name: str) -> bool:
+    """Field `name` as a JSON boolean (false when absent or null)."""
+    v = d.get(name)
+    if v is not None and not isinstance(v, bool):
+        raise ValueError(f"{name} must be true or false, got {v!r:.80}")
+    return bool(v)

@@ -1,0 +1,105 @@
+"""Malformed trace files, Mooncake imports and `kvsched simulate` options are one-line errors (exit 2), never a
+traceback or a silently accepted NaN, negative or absurd value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvsched.cli import main
+from kvsched.sim.trace import Trace
+
+HEADER = '{"kvsched_trace": 1, "block_size": 16}\n'
+OK = '{"t": 0, "session": "a", "prompt_tokens": 32, "output_tokens": 4, "blocks": ["x", "y"]}\n'
+
+
+@pytest.mark.parametrize(("text", "where", "field"), [
+    ("[1]\n", "", "header"),
+    ('{"kvsched_trace": 1, "block_size": 0}\n' + OK, ":1", "block_size"),
+    ('{"kvsched_trace": 1, "block_size": "abc"}\n', ":1", "block_size"),
+    ('{"kvsched_trace": 1, "block_size": 16, "meta": [1]}\n' + OK, ":1", "meta"),
+    (HEADER + "[1, 2]\n", ":2", "JSON object"),
+    (HEADER + OK.replace("32", "1e400"), ":2", "prompt_tokens"),
+    (HEADER + OK.replace("32", "-16"), ":2", "prompt_tokens"),
+    (HEADER + OK.replace('["x", "y"]', "[[1]]"), ":2", "blocks"),
+    (HEADER + OK.replace('["x", "y"]', "null"), ":2", "blocks"),
+    (HEADER + OK.replace('"x", "y"]', '"x", "y"], "salt": [1]'), ":2", "salt"),
+    (HEADER + OK.replace('"t": 0', '"t": NaN'), ":2", "t must"),
+    (HEADER + OK.replace('"y"]', '"y"], "ttl_s": -5'), ":2", "ttl_s"),
+    (HEADER + OK.replace('"y"]', '"y"], "duration_s": Infinity'), ":2", "duration_s"),
+    (HEADER + OK.replace('"y"]', '"y"], "role": ["x"]'), ":2", "role"),
+    (HEADER + OK.replace('"y"]', '"y"], "end": "no"'), ":2", "end"),
+])
+def test_a_malformed_trace_is_an_error_naming_its_line_and_field(tmp_path, capsys, text, where, field):
+    path = tmp_path / "t.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=field):
+        Trace.load(path)
+    for argv in (["trace", "stats", str(path)], ["simulate", str(path), "--no-progress"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"t.jsonl{where}" in err and field in err and "Traceback" not in err
+
+
+def mooncake(tmp_path, *rows):
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def row(t, n, ids, m=1):
+    return {"timestamp": t, "input_length": n, "output_length": m, "hash_ids": ids}
+
+
+def test_import_refuses_to_overwrite_its_input(tmp_path, capsys):
+    src = mooncake(tmp_path, row(0, 600, [1, 2]))
+    before = src.read_text()
+    assert main(["trace", "import", "--format", "mooncake", str(src), str(src)]) == 2
+    assert "overwrite the input" in capsys.readouterr().err and src.read_text() == before
+    out = tmp_path / "o.jsonl"
+    out.write_text("old")
+    assert main(["trace", "import", "--format", "mooncake", str(mooncake(tmp_path, {"x": 1})), str(out)]) == 2
+    assert out.read_text() == "old"  # a failed import leaves OUT as it was
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
+
+
+@pytest.mark.parametrize(("args", "rows", "message"), [
+    (["--min-shared", "0"], [row(0, 600, [1, 2])], "--min-shared"),
+    (["--min-shared", "nan"], [row(0, 600, [1, 2])], "--min-shared"),
+    ([], [{"timestamp": 0, "input_length": 1e400, "output_length": 1, "hash_ids": [1]}], "input_length"),
+    ([], [row(0, 600, [1, 2], m=float("inf"))], "output_length"),
+    ([], [row(0, 600, [1, 1])], "chained"),  # an id at two positions in one request
+    ([], [row(0, 600, [1, 2]), row(1, 600, [2, 3])], "mc.jsonl:2: hash id 2"),  # ... or across requests
+    ([], [row(0, 600, [True, 2])], "list of integers"),
+])
+def test_import_refuses_bad_options_and_unchained_ids(tmp_path, capsys, args, rows, message):
+    argv = ["trace", "import", "--format", "mooncake", *args, str(mooncake(tmp_path, *rows)), str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--prefill-tok-s", "0"], ["--prefill-tok-s", "nan"], ["--prefill-tok-s", "-5"], ["--pressure", "nan"],
+    ["--host-gib-per-gpu", "1e300"], ["--gpu-kv-gib", "1e-300", "--host-gib-per-gpu", "10"],
+    ["--fp8-tier-blocks", "100000000000000000000"], ["--fp8-tier-gib", "1e6"], ["--h2d-gbps", "inf"],
+    ["--capacity-blocks", "1" + "0" * 300],
+])
+def test_simulate_refuses_absurd_options(tmp_path, capsys, argv):
+    path = tmp_path / "t.jsonl"
+    path.write_text(HEADER + OK)
+    assert main(["simulate", str(path), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched simulate: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert argv[0] in err or "FP8 tier" in err  # names the option (or the tier it sized)
+
+
+def test_simulate_refuses_negative_workflows_and_a_directory_as_out(tmp_path, capsys):
+    assert main(["simulate", "--generate", "--quick", "--workflows", "-3", "--no-progress"]) == 2
+    assert "--workflows" in capsys.readouterr().err
+    path = tmp_path / "t.jsonl"
+    path.write_text(HEADER + OK)
+    assert main(["simulate", str(path), "--no-progress", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["simulate", str(path), "--no-progress", "--out", str(path / "x.json")]) == 2  # not a directory
+    assert "kvsched simulate: error:" in capsys.readouterr().err
