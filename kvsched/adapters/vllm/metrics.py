@@ -10,6 +10,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_latest_openmetrics
 
+from kvsched.core.retention_records import ReleaseReason
+
 GAUGES = {
     "active_sessions": "Sessions in kvsched's session table",
     "pinned_sessions": "Sessions whose KV is pinned between turns",
@@ -92,7 +94,7 @@ COUNTERS = {
 }
 TIER_ONLY = frozenset(k for k in (*GAUGES, *COUNTERS) if k.startswith("tier_"))
 LEVEL_PREFIXES = ("disk_tier_", "shared_tier_", "store_", "moved_")  # only when that level is configured
-RELEASE_REASONS = ("turn", "ttl", "end", "pressure", "budget")
+RELEASE_REASONS = tuple(r.value for r in ReleaseReason)  # every reason (found by review: payback was never exported)
 
 
 class _StatsCollector:

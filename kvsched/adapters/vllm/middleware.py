@@ -75,7 +75,7 @@ class KVSchedMiddleware:
         path, method = scope["path"].removeprefix(scope.get("root_path", "")), scope.get("method", "GET")
         is_admin = path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
         if not is_admin and not (method == "POST" and path in GENERATE_PATHS):
-            if path == "/metrics" and method == "GET":
+            if (path == "/metrics" or path.startswith("/metrics/")) and method == "GET":  # vLLM serves both
                 await self._metrics(scope, receive, send)
             elif method in ("GET", "HEAD", "OPTIONS"):
                 await self.app(scope, receive, send)

@@ -346,3 +346,11 @@ def test_any_salt_a_body_may_carry_can_be_named_base64_encoded():
                            ([("X-KVSched-Cache-Salt-B64", "YQ=="), ("X-KVSched-Cache-Salt", "a")], "x-kvsched-cache-salt")):
         status, err = call(mw, app, "GET", "/kvsched/sessions", headers=auth + headers)
         assert status == 400 and err["error"]["param"] == param, err
+
+
+def test_payback_releases_are_exported():
+    """Found by review: releases for reason `payback` (the fallback to LRU) were left out of the release metrics."""
+    from kvsched.adapters.vllm.metrics import render_metrics
+
+    text = render_metrics({"released_payback": 3, "released_blocks_payback": 12}).decode()
+    assert 'reason="payback"' in text
