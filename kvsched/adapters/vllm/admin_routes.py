@@ -6,8 +6,9 @@
   end all of the caller's sessions.
 
 The caller's scope (`kvsched.core.tenancy.Caller`) is its API key's tenant and the salt it names with the
-`X-KVSched-Cache-Salt` header, or `X-KVSched-Cache-Salt-B64` for any salt (none: unsalted sessions); an admin key (KVSCHED_ADMIN_KEYS) reaches every tenant. The
-path is decoded exactly once (by the server: `scope["path"]`), so `%2541` is the id `%41`, never `A`.
+`X-KVSched-Cache-Salt` header, or `X-KVSched-Cache-Salt-B64` for any salt (none: unsalted sessions); an admin key
+(KVSCHED_ADMIN_KEYS) reaches every tenant. The path is decoded exactly once (by the server: `scope["path"]`), so `%2541`
+is the id `%41`, never `A`.
 """
 
 from __future__ import annotations
@@ -96,12 +97,12 @@ async def _end(app: Any, send: Any, raw_id: str, caller: Caller) -> None:
 
 
 def _b64_salt(encoded: bytes) -> str:
+    text = encoded.strip().replace(b"-", b"+").replace(b"_", b"/")  # the URL-safe alphabet too
     try:
-        raw = base64.b64decode(encoded.strip().replace(b"-", b"+").replace(b"_", b"/") + b"=" * (-len(encoded.strip()) % 4),
-                               validate=True)
-        salt = raw.decode("utf-8")
+        salt = base64.b64decode(text + b"=" * (-len(text) % 4), validate=True).decode("utf-8")
     except (ValueError, UnicodeDecodeError):
-        raise HttpError(400, "X-KVSched-Cache-Salt-B64 must be base64 of the salt's UTF-8", param=SALT_B64_HEADER) from None
+        raise HttpError(400, "X-KVSched-Cache-Salt-B64 must be base64 of the salt's UTF-8",
+                        param=SALT_B64_HEADER) from None
     if not 1 <= len(salt) <= MAX_B64_SALT_CHARS:
         raise HttpError(400, f"the salt must be 1 to {MAX_B64_SALT_CHARS} characters", param=SALT_B64_HEADER)
     return salt
