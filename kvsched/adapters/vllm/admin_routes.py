@@ -30,6 +30,9 @@ SALT_HEADER = "x-kvsched-cache-salt"
 SALT_B64_HEADER = "x-kvsched-cache-salt-b64"
 MAX_B64_SALT_CHARS = 65_536
 MAX_QUERY_FIELDS = 8
+# How long a session route waits for the engine core (it answers between steps): found by review, a stuck engine
+# core hung these routes for good. A DELETE that times out may still apply once the engine answers.
+ENGINE_TIMEOUT_S = 30.0
 
 
 async def handle(app: Any, scope: Scope, send: Any, path: str, ident: Identity, raw_headers: dict[str, bytes]) -> None:
@@ -40,7 +43,7 @@ async def handle(app: Any, scope: Scope, send: Any, path: str, ident: Identity, 
         if rest is None and method == "GET":
             await _list(app, scope, send, caller)
         elif rest is None and method == "DELETE":
-            result = await compat.call_scheduler(app, "end_all", caller.as_args())
+            result = await compat.call_scheduler(app, "end_all", caller.as_args(), timeout_s=ENGINE_TIMEOUT_S)
             await send_json(send, 200, {"ended": int(result.get("ended", 0))})
         elif rest is not None and method == "DELETE":
             await _end(app, send, rest, caller)
@@ -49,6 +52,9 @@ async def handle(app: Any, scope: Scope, send: Any, path: str, ident: Identity, 
                                  f"{ADMIN_PREFIX}/{{id}} or DELETE {ADMIN_PREFIX}")
     except HttpError as exc:
         await send_json(send, exc.status, exc.body)
+    except TimeoutError:
+        await send_json(send, 503, error_body(f"the engine core did not answer within {ENGINE_TIMEOUT_S:g} s (busy or "
+                                              "stuck); a DELETE may still apply, retry to see", code=503))
     except Exception as exc:  # the engine is gone or busy shutting down
         await send_json(send, 503, error_body(f"scheduler unavailable: {type(exc).__name__}", code=503))
 
@@ -76,11 +82,12 @@ async def _list(app: Any, scope: Scope, send: Any, caller: Caller) -> None:
         raise HttpError(400, f"at most {MAX_QUERY_FIELDS} query parameters", param="query") from None
     cursor = params.get("cursor") or None  # checked by parse_page_query; the engine decodes it again
     mode = "pinned_ids" if query.pinned_ids else query.summary
-    result = await compat.call_scheduler(app, "list", caller.as_args(), query.limit, cursor, mode)
+    result = await compat.call_scheduler(app, "list", caller.as_args(), query.limit, cursor, mode,
+                                         timeout_s=ENGINE_TIMEOUT_S)
     if "error" in result:
         raise HttpError(400, str(result["error"]), param="cursor")
     if not query.summary and not query.pinned_ids:
-        result["stats"] = await compat.call_scheduler(app, "stats")
+        result["stats"] = await compat.call_scheduler(app, "stats", timeout_s=ENGINE_TIMEOUT_S)
     await send_json(send, 200, result)
 
 
@@ -89,7 +96,7 @@ async def _end(app: Any, send: Any, raw_id: str, caller: Caller) -> None:
         sid = validate_session_id(raw_id)
     except InvalidSessionInput as exc:
         raise HttpError(400, str(exc), param="session_id") from None
-    result = await compat.call_scheduler(app, "end", sid, caller.as_args())
+    result = await compat.call_scheduler(app, "end", sid, caller.as_args(), timeout_s=ENGINE_TIMEOUT_S)
     if result.get("ended"):
         await send_json(send, 200, {"session_id": sid, "ended": True})
     else:  # none of the caller's: another tenant's session is indistinguishable from none

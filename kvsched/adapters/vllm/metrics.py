@@ -94,6 +94,7 @@ COUNTERS = {
 }
 TIER_ONLY = frozenset(k for k in (*GAUGES, *COUNTERS) if k.startswith("tier_"))
 LEVEL_PREFIXES = ("disk_tier_", "shared_tier_", "store_", "moved_")  # only when that level is configured
+API_SIDE = frozenset({"rejected_requests"})  # counted by the API server, rendered whether the engine answers or not
 RELEASE_REASONS = tuple(r.value for r in ReleaseReason)  # every reason (found by review: payback was never exported)
 
 
@@ -109,6 +110,8 @@ class _StatsCollector:
             if tier or name not in TIER_ONLY:
                 yield GaugeMetricFamily(f"kvsched_{name}", doc, value=float(self.stats.get(name, 0)))
         for name, doc in COUNTERS.items():
+            if name in API_SIDE:
+                continue
             if (not tier and name in TIER_ONLY) or (name.startswith(LEVEL_PREFIXES) and name not in self.stats):
                 continue
             yield CounterMetricFamily(f"kvsched_{name}", doc, value=float(self.stats.get(name, 0)))
@@ -132,9 +135,30 @@ class _StatsCollector:
         yield blocks
 
 
-def render_metrics(stats: Mapping[str, Any], openmetrics: bool = False) -> bytes:
+class _UpCollector:
+    """`kvsched_stats_up`: 1 when the engine core answered this scrape, else 0 (and no engine series at all: a
+    counter reported as 0 would read as a reset)."""
+
+    def __init__(self, up: bool, api_side: Mapping[str, Any]) -> None:
+        self.up, self.api_side = up, api_side
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("kvsched_stats_up", "1 if the engine core's scheduler answered this scrape in time",
+                                value=1.0 if self.up else 0.0)
+        for name, value in self.api_side.items():
+            yield CounterMetricFamily(f"kvsched_{name}", COUNTERS[name], value=float(value))
+
+
+def render_metrics(stats: Mapping[str, Any] | None, openmetrics: bool = False,
+                   api_side: Mapping[str, Any] | None = None) -> bytes:
+    """The `kvsched_*` lines: `stats` from the scheduler (None: it did not answer), `api_side` counters kept by the
+    API server itself (rendered either way)."""
+    source = api_side if api_side is not None else (stats or {})
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(stats))  # type: ignore[arg-type]
+    registry.register(_UpCollector(stats is not None,  # type: ignore[arg-type]
+                                   {name: source.get(name, 0) for name in sorted(API_SIDE)}))
+    if stats is not None:
+        registry.register(_StatsCollector(stats))  # type: ignore[arg-type]
     if openmetrics:
         text = generate_latest_openmetrics(registry)
         return text[: -len(b"# EOF\n")] if text.endswith(b"# EOF\n") else text

@@ -9,11 +9,13 @@ Added to every `vllm serve` by the plugin; a strict pass-through unless the serv
   bodies over 64 MiB get 413 and JSON nested too deep 400 (`http_io.py`);
 - chat requests may be compacted (`compaction.py`), as the operator's settings allow;
 - `GET /kvsched/sessions` and `DELETE /kvsched/sessions[/{id}]` are served, scoped to the caller (`admin_routes.py`);
-- `/metrics` gains the `kvsched_*` metrics, read from the scheduler at scrape time.
+- `/metrics` gains the `kvsched_*` metrics, read from the scheduler at scrape time (`kvsched_stats_up 0` and the API
+  server's own counters only, if the engine core does not answer within STATS_TIMEOUT_S).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -49,6 +51,7 @@ from kvsched.core.sessions import InvalidSessionInput
 
 GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 ADMIN_PREFIX = admin_routes.ADMIN_PREFIX
+STATS_TIMEOUT_S = 2.0  # a scrape waits this long for the engine core's stats, then reports kvsched_stats_up 0
 
 
 class KVSchedMiddleware:
@@ -59,6 +62,7 @@ class KVSchedMiddleware:
         self.auth = Auth()
         self.responses = ResponseSessions()  # /v1/responses ids -> sessions, for previous_response_id
         self.compaction = Compactor(app)  # context compaction (KVSCHED_COMPACTION*), see compaction.py
+        self._stats_call: asyncio.Future[Any] | None = None
 
     def _is_active(self, scope: Scope) -> bool:
         if self._active is None:
@@ -153,15 +157,23 @@ class KVSchedMiddleware:
         await self.app(scope, replay(body, receive), send)
 
     # ---- metrics ------------------------------------------------------------------------------------------------
-    async def _metrics(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def _engine_stats(self, app: Any) -> dict[str, Any] | None:
+        """The scheduler's stats, or None if the engine core does not answer within STATS_TIMEOUT_S: found by review,
+        a stuck engine core hung every scrape, vLLM's own metrics with it. At most one call is in flight; a scrape
+        that finds one still pending waits on it instead of queueing another."""
+        call = self._stats_call
+        if call is None or call.done() or call.get_loop() is not asyncio.get_running_loop():
+            call = self._stats_call = asyncio.ensure_future(compat.call_scheduler(app, "stats"))
+            call.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
         try:
-            stats = await compat.call_scheduler(scope["app"], "stats")
-        except Exception:
-            stats = None
-        if stats is None:
-            await self.app(scope, receive, send)
-            return
-        stats = dict(stats, rejected_requests=self.rejected)
+            stats = await asyncio.wait_for(asyncio.shield(call), STATS_TIMEOUT_S)
+        except Exception:  # the engine is stuck, gone or shutting down
+            return None
+        return stats if isinstance(stats, dict) else None
+
+    async def _metrics(self, scope: Scope, receive: Any, send: Any) -> None:
+        stats = await self._engine_stats(scope["app"])
+        api_side = {"rejected_requests": self.rejected}
         # Ask for an uncompressed body so the kvsched lines can be appended.
         scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"])
         start: dict[str, Any] = {}
@@ -176,7 +188,7 @@ class KVSchedMiddleware:
                     body = b"".join(chunks)
                     content_type = dict(start.get("headers", [])).get(b"content-type", b"").decode()
                     openmetrics = "openmetrics" in content_type
-                    body = append_metrics(body, render_metrics(stats, openmetrics=openmetrics)
+                    body = append_metrics(body, render_metrics(stats, openmetrics=openmetrics, api_side=api_side)
                                           + self.compaction.render_metrics(openmetrics=openmetrics))
                     hdrs = replace_header(start.get("headers", []), b"content-length", str(len(body)).encode())
                     await send(dict(start, headers=hdrs))

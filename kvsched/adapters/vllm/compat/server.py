@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from kvsched.adapters.vllm.compat.requests import PACKED_ARGS, SCHEDULER_UTILITY
@@ -24,12 +25,15 @@ def server_args(app: Any) -> Any:
     return getattr(app.state, "args", None)
 
 
-async def call_scheduler(app: Any, op: str, *args: Any) -> Any:
+async def call_scheduler(app: Any, op: str, *args: Any, timeout_s: float | None = None) -> Any:
     """Run `scheduler(op, [args...])` on the engine-core thread and return its (msgpack-able) result. The arguments
-    travel as one list: vLLM's utility dispatch refuses more arguments than the callee's signature names."""
+    travel as one list: vLLM's utility dispatch refuses more arguments than the callee's signature names. With
+    `timeout_s`, TimeoutError when the engine core does not answer in time (vLLM drops a late answer to a cancelled
+    call)."""
     engine_client = app.state.engine_client
     packed = ({PACKED_ARGS: list(args)},) if args else ()
-    return await engine_client.engine_core.call_utility_async(SCHEDULER_UTILITY, op, *packed)
+    call = engine_client.engine_core.call_utility_async(SCHEDULER_UTILITY, op, *packed)
+    return await (call if timeout_s is None else asyncio.wait_for(call, timeout_s))
 
 
 def api_keys(app: Any) -> list[str]:
