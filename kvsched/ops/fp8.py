@@ -99,6 +99,8 @@ def quantize_kv_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_kv_fp8_torch(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     check_compact(q, scales)
+    if dtype not in KV_DTYPES:  # found by review: the automatic choice served float64 here (C++ and Triton refuse it)
+        raise ValueError(f"KV dtype must be one of {KV_DTYPES}, got {dtype}")
     return (q.float() * scales[:, :, None, None]).to(dtype)
 
 

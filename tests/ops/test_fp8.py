@@ -104,6 +104,9 @@ def test_bad_input_is_refused(impl):
         fp8.dequantize_kv_fp8(q, s[:, :1].contiguous(), torch.float16, impl=impl)
     with pytest.raises(ValueError):
         fp8.quantize_kv_fp8(cache.to(torch.float64), impl="torch")
+    for chosen in (impl, None):  # found by review: the automatic choice served float64
+        with pytest.raises(ValueError, match="float64"):
+            fp8.dequantize_kv_fp8(q, s, torch.float64, impl=chosen)
     for ids in (torch.tensor([1.9, 0.5]), torch.tensor([True, False])):  # found by review: 1.9 was block 1
         with pytest.raises(TypeError, match="integer"):
             fp8.gather_quantize_blocks(cache, ids, impl=impl)
