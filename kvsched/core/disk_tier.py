@@ -29,14 +29,14 @@ class DiskConfigError(ValueError):
     """The disk level was configured with an impossible size or no directory (raised at start-up)."""
 
 
-def parse_disk_gib(value: object) -> float:
-    """A disk budget in GiB as given on the command line (> 0)."""
+def parse_disk_gib(value: object, name: str = "disk tier size") -> float:
+    """A disk budget in GiB (> 0); `name` is where it came from (the flag or the variable), for the message."""
     try:
         gib = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise DiskConfigError(f"disk tier size must be a number of GiB, got {value!r}") from None
+        raise DiskConfigError(f"{name} must be a number of GiB, got {value!r}") from None
     if not gib > 0 or gib == float("inf"):
-        raise DiskConfigError(f"disk tier size must be a finite number of GiB > 0, got {value!r}")
+        raise DiskConfigError(f"{name} must be a finite number of GiB > 0, got {value!r}")
     return gib
 
 

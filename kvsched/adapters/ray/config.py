@@ -50,7 +50,9 @@ StoreTTL = Annotated[float, Field(gt=0, le=MAX_TTL_S)]  # finite: the store keep
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    # allow_inf_nan: YAML reads `.inf` as a float, which passed `gt=0` (a deadline never reached; num_cpus overflowing
+    # in build_app): every number here must be finite
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class EngineConfig(_Strict):
@@ -66,6 +68,17 @@ class EngineConfig(_Strict):
     vllm_args: list[Word] = []
     env: dict[str, Word] = {}
     startup_timeout_s: PositiveFloat = 600.0
+
+    @field_validator("env")
+    @classmethod
+    def _settings(cls, env: dict[str, str]) -> dict[str, str]:
+        """The policy core's KVSCHED_* settings among the replicas' environment, refused here (naming each) rather
+        than by every replica as it starts. The core's check only: parsing must not import vLLM."""
+        from kvsched.core.settings_check import setting_errors
+
+        if errors := setting_errors(env):
+            raise ValueError("; ".join(errors))
+        return env
 
     def model_path(self) -> Path:
         if self.model.startswith(TINY_PREFIX):

@@ -36,8 +36,10 @@ class SharedCheckpoints:
             return None
         try:
             from kvsched.adapters.store.redis_store import open_store
+            from kvsched.adapters.vllm.tier_levels import ENV_STATE_TTL, ttl_setting
 
-            return cls(open_store(url))
+            # the same TTL as the tier's session metadata (KVSCHED_STORE_STATE_TTL_S), checked at start-up
+            return cls(open_store(url), ttl_setting(ENV_STATE_TTL, None, DEFAULT_STATE_TTL_S))
         except Exception as exc:  # a bad URL must not take the API server down: compaction runs locally
             logger.error("kvsched compaction: shared store %r unusable (%s); summaries stay on this server", url, exc)
             return None

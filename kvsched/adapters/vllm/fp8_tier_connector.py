@@ -35,7 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvsched.adapters.vllm import compat, tier_blob, tier_host, tier_stats
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
-from kvsched.adapters.vllm.settings_check import ENV_FAULT_EVERY  # tests: corrupt every n-th stored slot
+from kvsched.adapters.vllm.settings_check import fault_every  # tests: corrupt every n-th stored slot
 from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, MODULE_PATH, kv_transfer_config, kv_transfer_config_json
 from kvsched.adapters.vllm.tier_layout import TierGeometry, TierUnsupported, geometry_of, layer_views
 from kvsched.adapters.vllm.tier_levels import LevelsConfig, TierLevels
@@ -97,7 +97,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self.store: TierStore | None = None
         self._errors: set[int] = set()
         self._worker_meta = TierWorkerMeta()
-        self._fault_every = int(os.environ.get(ENV_FAULT_EVERY, "0") or 0)
+        self._fault_every = fault_every()
         if role == KVConnectorRole.SCHEDULER:
             budget = 0
             if self.geometry is not None:
@@ -119,7 +119,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
                 assert self.geometry is not None
                 logger.info("kvsched FP8 tier: %.2f GiB of host memory (%s), %d slots of %d bytes; %s layout, %s "
                             "(%d layers, %d heads x %d x %d %s per block)", budget / 2**30,
-                            "auto: " + tier_host.AUTO_RULE if requested is None else "--kvsched-fp8-tier-gb",
+                            "auto: " + tier_host.AUTO_RULE if requested is None else f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}",
                             self.num_slots, block_bytes, self.geometry.layout, self.geometry.mode,
                             len(self.geometry.layers), self.geometry.heads, self.geometry.rows, self.geometry.content,
                             self.geometry.dtype)

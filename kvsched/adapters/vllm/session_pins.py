@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.pin_pool import VllmPinPool
 from kvsched.adapters.vllm.session_admin import handle_admin
 from kvsched.adapters.vllm.session_lineage import SessionResolver
+from kvsched.adapters.vllm.settings_check import trace_path, trace_scores
 from kvsched.adapters.vllm.tier_prefetch import TierPrefetcher
 from kvsched.adapters.vllm.trace_recorder import TraceRecorder
 from kvsched.core.config import RetentionConfig
@@ -58,8 +58,9 @@ class SessionPins:
         self.resolver = SessionResolver(self.policy, self.enabled)  # branches and inferred sessions (lineage)
         self.recorder = TraceRecorder.from_env(scheduler, self.enabled)  # KVSCHED_RECORD_TRACE: this engine's traffic
         # KVSCHED_TRACE=FILE: one JSON line per applied decision, for replaying what the policy did.
-        trace = os.environ.get("KVSCHED_TRACE")
+        trace = trace_path()
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - lives as long as the engine
+        self._trace_scores = self._trace is not None and trace_scores()  # KVSCHED_TRACE_SCORES: also the scores
         if self._trace is not None:
             self.pins.before_apply = self._write_trace
         compat.wrap_allocate_slots(scheduler, self.on_shortage)
@@ -262,7 +263,7 @@ class SessionPins:
                 row.update(op="pin", blocks=sum(len(g) for g in (pending or {}).get(d.key, [])))
             else:
                 row.update(op="release", reason=d.reason.value, blocks=d.blocks)
-                if os.environ.get("KVSCHED_TRACE_SCORES"):
+                if self._trace_scores:
                     from kvsched.core.scoring import retention_value
                     row["scores"] = sorted(
                         (round(retention_value(self.policy.candidate(r, now)) * 1e12, 4), str(k.session_id),

@@ -1,21 +1,69 @@
 """Every KVSCHED_* setting `vllm serve --scheduler kvsched` reads, checked once before an engine starts: the policy
 core's (kvsched.core.settings_check) and the engine side's (the kernels' instruction-set cap, the FP8 tier's fault
-injection, the disk and shared levels, the trace recording's file). A malformed one is refused at start-up with a line naming the variable, the
-same way for each, never later in a running engine."""
+injection, the disk and shared levels, the trace files). A malformed one is refused at start-up with a line naming the
+variable, the same way for each, never later in a running engine. A KVSCHED_* variable nothing reads (a misspelling)
+is warned about, not refused."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from pathlib import Path
 
-from kvsched.core.settings_check import setting_errors
+from kvsched.core.settings_check import setting_errors, setting_names, unknown_setting_warnings
 
 ENV_FAULT_EVERY = "KVSCHED_TIER_FAULT_EVERY"
+ENV_TRACE = "KVSCHED_TRACE"
+ENV_TRACE_SCORES = "KVSCHED_TRACE_SCORES"
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
+# Read by name outside the engine (kvsched.tiny_model, kvsched.sim.mooncake: where models and traces are cached)
+OTHER_SETTINGS = frozenset({"KVSCHED_CACHE_DIR"})
+
+
+def fault_every(environ: Mapping[str, str] | None = None) -> int:
+    """KVSCHED_TIER_FAULT_EVERY (tests: corrupt every n-th stored slot; 0 or blank: never), read by the tier connector
+    and checked here with the same rule: ASCII digits only, since `int()` refuses "²" that `isdigit()` accepts."""
+    raw = (os.environ if environ is None else environ).get(ENV_FAULT_EVERY, "").strip()
+    if not raw:
+        return 0
+    if not (raw.isascii() and raw.isdigit()):
+        raise ValueError(f"{ENV_FAULT_EVERY}={raw!r}: a whole number >= 0 (0: no fault injection)")
+    return int(raw)
+
+
+def trace_path(environ: Mapping[str, str] | None = None) -> str | None:
+    """KVSCHED_TRACE: the file the engine appends one JSON line per decision to, or None (unset or blank)."""
+    raw = (os.environ if environ is None else environ).get(ENV_TRACE, "").strip()
+    return os.path.expanduser(raw) if raw else None
+
+
+def trace_scores(environ: Mapping[str, str] | None = None) -> bool:
+    """KVSCHED_TRACE_SCORES as a boolean: "0" or "off" must not turn the scored release order on."""
+    raw = (os.environ if environ is None else environ).get(ENV_TRACE_SCORES, "")
+    word = raw.strip().lower()
+    if word not in TRUE_WORDS | FALSE_WORDS:
+        raise ValueError(f"{ENV_TRACE_SCORES}={raw!r}: use 1, true, yes or on (or 0, false, no, off to leave it off)")
+    return word in TRUE_WORDS
+
+
+def trace_path_error(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why KVSCHED_TRACE cannot be appended to (the engine would die opening it); None if it can or is unset."""
+    path = trace_path(environ)
+    if path is None:
+        return None
+    where, file = f"{ENV_TRACE}={path!r}", Path(path)
+    if file.is_dir():
+        return f"{where}: a directory; name a file to append the trace to"
+    if not file.parent.is_dir():
+        return f"{where}: directory {str(file.parent)!r} does not exist"
+    if not os.access(file if file.exists() else file.parent, os.W_OK):
+        return f"{where}: {'the file' if file.exists() else 'its directory'} is not writable"
+    return None
 
 
 def _fault_every() -> None:
-    raw = os.environ.get(ENV_FAULT_EVERY, "").strip()
-    if raw and (not raw.isdigit()):
-        raise ValueError(f"{ENV_FAULT_EVERY}={raw!r}: a whole number >= 0 (0: no fault injection)")
+    fault_every()
 
 
 def _cpu_isa() -> None:
@@ -37,7 +85,13 @@ def _record_trace() -> None:
         raise ValueError(error)
 
 
-ENGINE_CHECKS = (_cpu_isa, _fault_every, _levels, _record_trace)
+def _trace() -> None:
+    trace_scores()
+    if error := trace_path_error():
+        raise ValueError(error)
+
+
+ENGINE_CHECKS = (_cpu_isa, _fault_every, _levels, _record_trace, _trace)
 
 
 def engine_setting_errors() -> list[str]:
@@ -49,3 +103,21 @@ def engine_setting_errors() -> list[str]:
         except ValueError as exc:
             errors.append(str(exc))
     return errors
+
+
+def known_setting_names() -> frozenset[str]:
+    """Every KVSCHED_* variable kvsched reads, from the constants where each is defined (tests/adapters/vllm/
+    test_settings_env.py fails when a variable read somewhere is missing here)."""
+    from kvsched.adapters.vllm import compaction_shared, tier_levels, trace_recorder
+    from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB
+    from kvsched.ops.cpu_features import ISA_ENV
+
+    engine = {ENV_FAULT_EVERY, ENV_TRACE, ENV_TRACE_SCORES, ENV_TIER_GB, ISA_ENV, compaction_shared.ENV_STORE_URL,
+              trace_recorder.ENV_RECORD, trace_recorder.ENV_MAX_MB, tier_levels.ENV_DISK_DIR, tier_levels.ENV_DISK_GB,
+              tier_levels.ENV_STORE_URL, tier_levels.ENV_KV_TTL, tier_levels.ENV_STATE_TTL, tier_levels.ENV_REPLICA}
+    return setting_names() | engine | OTHER_SETTINGS
+
+
+def engine_setting_warnings(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line per KVSCHED_* variable set that kvsched does not read, with the closest known name."""
+    return unknown_setting_warnings(known_setting_names(), environ)

@@ -72,22 +72,29 @@ class LevelsConfig:
         environment. DiskConfigError names a bad value."""
         disk_dir = extra.get("disk_dir") or os.environ.get(ENV_DISK_DIR) or None
         gb_raw = extra.get("disk_gb", os.environ.get(ENV_DISK_GB))
-        gb = parse_disk_gib(gb_raw) if gb_raw not in (None, "", "auto") else None
+        gb_name = "--kvsched-disk-tier-gb" if "disk_gb" in extra else ENV_DISK_GB
+        gb = parse_disk_gib(gb_raw, gb_name) if gb_raw not in (None, "", "auto") else None
         if gb is not None and not disk_dir:
-            raise DiskConfigError("--kvsched-disk-tier-gb needs --kvsched-disk-tier-dir")
+            raise DiskConfigError(f"{gb_name} needs --kvsched-disk-tier-dir (or {ENV_DISK_DIR})")
         url = extra.get("store_url") or os.environ.get(ENV_STORE_URL) or None
         if url:
             from kvsched.adapters.store.redis_store import check_url
 
-            check_url(str(url))
+            try:
+                check_url(str(url))
+            except ValueError as exc:
+                raise DiskConfigError(f"{'--kvsched-store-url' if extra.get('store_url') else ENV_STORE_URL}: "
+                                      f"{exc}") from None
         return cls(disk_dir=str(disk_dir) if disk_dir else None, disk_gb=gb, store_url=str(url) if url else None,
-                   kv_ttl_s=_positive(ENV_KV_TTL, extra.get("kv_ttl_s"), DEFAULT_KV_TTL_S),
-                   state_ttl_s=_positive(ENV_STATE_TTL, extra.get("state_ttl_s"), DEFAULT_STATE_TTL_S),
+                   kv_ttl_s=ttl_setting(ENV_KV_TTL, extra.get("kv_ttl_s"), DEFAULT_KV_TTL_S),
+                   state_ttl_s=ttl_setting(ENV_STATE_TTL, extra.get("state_ttl_s"), DEFAULT_STATE_TTL_S),
                    replica=str(extra.get("replica") or os.environ.get(ENV_REPLICA)
                                or f"{socket.gethostname()}/{os.getpid()}"))
 
 
-def _positive(env: str, given: Any, default: float) -> float:
+def ttl_setting(env: str, given: Any, default: float) -> float:
+    """A store TTL in seconds: `given` (kv_connector_extra_config), else the variable `env`, else `default`; shared
+    with the API server's compaction checkpoints (compaction_shared) so both keep state equally long."""
     raw = given if given is not None else os.environ.get(env)
     if raw in (None, ""):
         return default
@@ -168,7 +175,7 @@ class TierLevels:
             excess = self.disk.load_index(files.scan())
             self.ops.deletes.extend(excess)
             logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk", files.dir, budget / 2**30,
-                        "--kvsched-disk-tier-gb" if cfg.disk_gb else "auto: half the free space",
+                        f"--kvsched-disk-tier-gb / {ENV_DISK_GB}" if cfg.disk_gb else "auto: half the free space",
                         len(self.disk.written))
         self.store: Any = None
         self.meta_writer: BackgroundWriter | None = None

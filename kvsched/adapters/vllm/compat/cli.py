@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from kvsched.adapters.vllm.compat.version import unsupported_vllm
@@ -84,7 +85,7 @@ def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
     import os
 
     from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB, kv_transfer_config
-    from kvsched.core.tier_config import TierConfigError, parse_tier_gib
+    from kvsched.core.tier_config import parse_tier_gib
 
     asked = getattr(ns, TIER_DEST, None)
     if asked is not None:
@@ -99,15 +100,15 @@ def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
             parser.error("--kvsched-fp8-tier-gb / --kvsched-disk-tier-* / --kvsched-store-url set "
                          "--kv-transfer-config; pass only one of them")
         return  # the user's own connector (the tier's JSON, or another one): kvsched runs without adding its tier
-    size: Any = asked if asked is not None else os.environ.get(ENV_TIER_GB, "auto")
-    try:
-        gib = parse_tier_gib(size)
-    except TierConfigError as exc:
-        parser.error(f"{ENV_TIER_GB}: {exc}")
+    gib = parse_tier_gib(asked) if asked is not None else _env_tier_gib(parser)
     if gib == 0:
         if levels:
             parser.error("the disk and shared levels restore through the FP8 tier: they need it on "
                          "(--kvsched-fp8-tier-gb > 0 or auto)")
+        if env_levels := _env_levels():
+            off = "--kvsched-fp8-tier-gb 0" if asked is not None else f"{ENV_TIER_GB}=0"
+            parser.exit(2, f"kvsched: {' / '.join(env_levels)}: the disk level restores through the FP8 tier, which "
+                        f"{off} turns off; unset it or turn the tier on\n")
         return
     from vllm.config import KVTransferConfig
 
@@ -120,6 +121,34 @@ def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
     if levels.get("store_url"):  # the API server's compaction reads the same store (kvsched.adapters.store)
         os.environ.setdefault("KVSCHED_STORE_URL", str(levels["store_url"]))
     ns.kv_transfer_config = KVTransferConfig(**cfg)
+
+
+def _env_tier_gib(parser: Any) -> float | None:
+    """KVSCHED_FP8_TIER_GB (no flag gave a size) in GiB, None for auto: refused like the flag (also when larger than
+    this host's memory), naming the variable, before an engine starts."""
+    import os
+
+    from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB
+    from kvsched.adapters.vllm.tier_host import host_memory
+    from kvsched.core.tier_config import TierConfigError, check_fits_host, parse_tier_gib
+
+    raw = os.environ.get(ENV_TIER_GB, "auto")
+    try:
+        gib = parse_tier_gib(raw)
+        if gib:
+            check_fits_host(int(gib * 2**30), host_memory()[0])
+    except TierConfigError as exc:
+        parser.exit(2, f"kvsched: {ENV_TIER_GB}={raw!r}: {str(exc).replace('--kvsched-fp8-tier-gb', ENV_TIER_GB)}\n")
+    return gib
+
+
+def _env_levels() -> list[str]:
+    """The disk level's variables set (as LevelsConfig reads them). Not KVSCHED_STORE_URL: with the tier off it still
+    shares the API server's compaction summaries between replicas (compaction_shared)."""
+    from kvsched.adapters.vllm.tier_levels import ENV_DISK_DIR, ENV_DISK_GB, LevelsConfig
+
+    cfg = LevelsConfig.from_extra({})  # checked before (engine_setting_errors)
+    return [name for name, value in ((ENV_DISK_DIR, cfg.disk_dir), (ENV_DISK_GB, cfg.disk_gb)) if value]
 
 
 def _take_levels(parser: Any, ns: argparse.Namespace) -> dict[str, Any]:
@@ -206,8 +235,10 @@ def _check_after_parsing(parser: Any) -> None:
         if (reason := cpu_refusal(ns)) is not None:
             parser.exit(2, f"kvsched: {reason}\n")
         if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):  # KVSCHED_* settings: refused now, by name
-            from kvsched.adapters.vllm.settings_check import engine_setting_errors
+            from kvsched.adapters.vllm.settings_check import engine_setting_errors, engine_setting_warnings
 
+            for warning in engine_setting_warnings():  # a misspelt name: said, not refused (the prefix is not ours)
+                print(f"kvsched: warning: {warning}", file=sys.stderr)
             if errors := engine_setting_errors():
                 parser.exit(2, "".join(f"kvsched: {e}\n" for e in errors))
         _apply_tier(parser, ns)

@@ -1,0 +1,205 @@
+"""KVSCHED_* variables as `vllm serve --scheduler kvsched` checks them before an engine starts: the same checks as
+their flags, the variable named in each message, readers and checks agreeing, and a misspelt name warned about."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvsched.adapters.vllm import compat  # noqa: E402
+from kvsched.adapters.vllm.settings_check import (  # noqa: E402
+    engine_setting_errors,
+    engine_setting_warnings,
+    fault_every,
+    known_setting_names,
+    trace_scores,
+)
+from kvsched.adapters.vllm.tier_levels import LevelsConfig  # noqa: E402
+from kvsched.core.disk_tier import DiskConfigError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[3]
+GIB = 2**30
+
+
+@pytest.fixture(autouse=True)
+def _no_kvsched_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in [v for v in os.environ if v.startswith("KVSCHED_")]:
+        monkeypatch.delenv(var)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("--scheduler-cls", dest="scheduler_cls", default=None)
+    p.add_argument("--middleware", action="append", default=[])
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--kv-transfer-config", dest="kv_transfer_config", default=None)
+    compat.extend_engine_parser(p)
+    return p
+
+
+def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """stderr of a command line that must exit 2 before an engine starts."""
+    with pytest.raises(SystemExit) as exc:
+        parser().parse_args(["--scheduler", "kvsched", *argv])
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+# ---- 1: KVSCHED_FP8_TIER_GB beyond this host's memory ------------------------------------------------------------
+def test_a_tier_size_from_the_environment_is_checked_against_host_memory(monkeypatch, capsys) -> None:
+    monkeypatch.setattr("kvsched.adapters.vllm.tier_host.host_memory", lambda: (4 * GIB, 2 * GIB))
+    monkeypatch.setenv("KVSCHED_FP8_TIER_GB", "64")
+    err = refused(capsys)
+    assert err.startswith("kvsched: KVSCHED_FP8_TIER_GB='64': a tier of 64.0 GiB exceeds") and "--kvsched" not in err
+    monkeypatch.setenv("KVSCHED_FP8_TIER_GB", "1")  # fits: the tier is on at that size
+    extra = parser().parse_args(["--scheduler", "kvsched"]).kv_transfer_config.kv_connector_extra_config
+    assert extra["tier_gb"] == 1.0
+
+
+def test_the_tier_log_line_names_the_variable_too(harness_cfg, caplog, monkeypatch) -> None:
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+    from tests.adapters.vllm.conftest import sched
+
+    with caplog.at_level("INFO", logger="vllm.kvsched.fp8_tier"):
+        sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)))
+    lines = [r.getMessage() for r in caplog.records if "kvsched FP8 tier:" in r.getMessage()]
+    assert lines and "--kvsched-fp8-tier-gb / KVSCHED_FP8_TIER_GB" in lines[0], lines
+
+
+# ---- 2: KVSCHED_TRACE a file the engine cannot open ---------------------------------------------------------------
+def test_a_trace_file_the_engine_cannot_open_is_refused(monkeypatch, tmp_path) -> None:
+    for path, why in ((tmp_path / "no" / "such" / "t.jsonl", "does not exist"), (tmp_path, "a directory")):
+        monkeypatch.setenv("KVSCHED_TRACE", str(path))
+        errors = engine_setting_errors()
+        assert len(errors) == 1 and errors[0].startswith("KVSCHED_TRACE=") and why in errors[0], errors
+    monkeypatch.setenv("KVSCHED_TRACE", str(tmp_path / "t.jsonl"))
+    assert engine_setting_errors() == []
+
+
+# ---- 3: a misspelt KVSCHED_* name ---------------------------------------------------------------------------------
+def test_a_misspelt_name_is_a_warning_with_the_known_name(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("KVSCHED_PIN_BUDGT", "0.5")
+    monkeypatch.setenv("KVSCHED_DEFAULT_TTL_S", "60")  # known: no warning
+    assert engine_setting_warnings() == ["KVSCHED_PIN_BUDGT is not a kvsched setting and is ignored; did you mean "
+                                         "KVSCHED_PIN_BUDGET_FRACTION?"]
+    assert engine_setting_errors() == []
+    parser().parse_args(["--scheduler", "kvsched"])  # started: a warning, not an exit
+    assert "kvsched: warning: KVSCHED_PIN_BUDGT" in capsys.readouterr().err
+
+
+def names_read_in_source() -> set[str]:
+    """Every KVSCHED_* name in a string of kvsched's source (a literal read, a constant, a docstring's mention)."""
+    names: set[str] = set()
+    for path in (ROOT / "kvsched").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names |= set(re.findall(r"\bKVSCHED_[A-Z0-9_]*[A-Z0-9]\b", node.value))
+    return names
+
+
+def test_every_variable_the_source_names_is_a_known_setting() -> None:
+    names = names_read_in_source()
+    assert len(names) > 20  # the scan found the settings
+    missing = sorted(names - known_setting_names())
+    assert not missing, f"read in kvsched/ but unknown to the settings check (warned about as misspelt): {missing}"
+
+
+# ---- 4: the disk level's variables with the tier off --------------------------------------------------------------
+@pytest.mark.parametrize("argv", [[], ["--kvsched-fp8-tier-gb", "0"]])
+def test_disk_level_variables_with_the_tier_off_are_refused(monkeypatch, capsys, tmp_path, argv) -> None:
+    if not argv:
+        monkeypatch.setenv("KVSCHED_FP8_TIER_GB", "0")
+    monkeypatch.setenv("KVSCHED_DISK_TIER_DIR", str(tmp_path))
+    monkeypatch.setenv("KVSCHED_DISK_TIER_GB", "1")
+    err = refused(capsys, *argv)
+    assert err.startswith("kvsched: KVSCHED_DISK_TIER_DIR / KVSCHED_DISK_TIER_GB: ") and "FP8 tier" in err, err
+
+
+def test_the_store_url_alone_is_kept_with_the_tier_off(monkeypatch) -> None:
+    """The API server's compaction still shares its summaries through it (compaction_shared)."""
+    monkeypatch.setenv("KVSCHED_FP8_TIER_GB", "0")
+    monkeypatch.setenv("KVSCHED_STORE_URL", "redis://127.0.0.1:7/0")
+    assert parser().parse_args(["--scheduler", "kvsched"]).kv_transfer_config is None
+
+
+# ---- 5: compaction checkpoints keep KVSCHED_STORE_STATE_TTL_S -----------------------------------------------------
+def test_compaction_checkpoints_use_the_state_ttl(monkeypatch) -> None:
+    from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
+
+    monkeypatch.setattr("kvsched.adapters.store.redis_store.open_store", lambda url: object())
+    monkeypatch.setenv("KVSCHED_STORE_URL", "redis://127.0.0.1:7/0")
+    monkeypatch.setenv("KVSCHED_STORE_STATE_TTL_S", "120")
+    shared = SharedCheckpoints.from_env()
+    assert shared is not None and shared.ttl_s == 120.0
+
+
+# ---- 7: KVSCHED_TIER_FAULT_EVERY: the check and the reader agree ------------------------------------------------------
+@pytest.mark.parametrize(("raw", "value"), [("", 0), (" ", 0), (" 3 ", 3), ("0", 0)])
+def test_fault_every_values_the_check_passes_are_read(monkeypatch, raw, value) -> None:
+    monkeypatch.setenv("KVSCHED_TIER_FAULT_EVERY", raw)
+    assert engine_setting_errors() == [] and fault_every() == value
+
+
+@pytest.mark.parametrize("raw", ["²", "٣", "-1", "1.5"])
+def test_fault_every_digits_int_refuses_are_refused(monkeypatch, raw) -> None:
+    monkeypatch.setenv("KVSCHED_TIER_FAULT_EVERY", raw)
+    errors = engine_setting_errors()
+    assert len(errors) == 1 and errors[0].startswith("KVSCHED_TIER_FAULT_EVERY="), errors
+
+
+# ---- 8: KVSCHED_TRACE_SCORES is a boolean ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("raw", "on"), [("", False), ("0", False), ("off", False), ("no", False), ("1", True),
+                                         ("True", True), ("on", True)])
+def test_trace_scores_is_read_as_a_boolean(monkeypatch, raw, on) -> None:
+    monkeypatch.setenv("KVSCHED_TRACE_SCORES", raw)
+    assert trace_scores() is on and engine_setting_errors() == []
+
+
+def test_a_trace_scores_value_that_is_not_a_boolean_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("KVSCHED_TRACE_SCORES", "maybe")
+    errors = engine_setting_errors()
+    assert len(errors) == 1 and errors[0].startswith("KVSCHED_TRACE_SCORES='maybe'"), errors
+
+
+def test_trace_scores_0_leaves_the_scores_out_of_the_trace(harness_cfg, monkeypatch, tmp_path) -> None:
+    from kvsched.core.retention_records import Release, ReleaseReason
+    from kvsched.core.sessions import SessionKey
+    from tests.adapters.vllm.conftest import sched
+
+    rows = []
+    for raw in ("0", "1"):
+        path = tmp_path / f"trace-{raw}.jsonl"
+        monkeypatch.setenv("KVSCHED_TRACE", str(path))
+        monkeypatch.setenv("KVSCHED_TRACE_SCORES", raw)
+        pins = sched(harness_cfg).kvsched
+        pins._write_trace([Release(SessionKey("s"), ReleaseReason.TTL)], None)
+        pins._trace.close()
+        rows.append(json.loads(path.read_text().splitlines()[-1]))
+    assert "scores" not in rows[0] and "scores" in rows[1]
+
+
+# ---- 9: the disk and store messages name where the value came from ------------------------------------------------
+@pytest.mark.parametrize(("env", "extra", "named"), [
+    ({"KVSCHED_DISK_TIER_DIR": "/tmp/x", "KVSCHED_DISK_TIER_GB": "lots"}, {}, "KVSCHED_DISK_TIER_GB must be"),
+    ({}, {"disk_dir": "/tmp/x", "disk_gb": "lots"}, "--kvsched-disk-tier-gb must be"),
+    ({"KVSCHED_DISK_TIER_GB": "2"}, {}, "KVSCHED_DISK_TIER_GB needs"),
+    ({}, {"disk_gb": "2"}, "--kvsched-disk-tier-gb needs"),
+    ({"KVSCHED_STORE_URL": "http://x"}, {}, "KVSCHED_STORE_URL: "),
+    ({}, {"store_url": "http://x"}, "--kvsched-store-url: "),
+])
+def test_level_errors_name_the_flag_or_the_variable(monkeypatch, env, extra, named) -> None:
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(DiskConfigError) as exc:
+        LevelsConfig.from_extra(extra)
+    assert str(exc.value).startswith(named), exc.value

@@ -1,0 +1,61 @@
+"""kvsched ray-serve's YAML: `.inf` refused wherever a number goes (it passed `> 0`, then overflowed in build_app or
+made a deadline never come), and the replicas' KVSCHED_* environment checked by the policy core's rules at parse."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvsched.adapters.ray.config import ConfigError, config_from_dict, load_config, parse_config
+
+POOL = {"name": "w", "model": "/m"}
+
+
+@pytest.mark.parametrize(("where", "yaml_text"), [
+    ("pools[0].num_cpus", "pools:\n  - {name: w, model: /m, num_cpus: .inf}\n"),
+    ("pools[0].num_gpus", "pools:\n  - {name: w, model: /m, device: gpu, num_gpus: .inf}\n"),
+    ("pools[0].startup_timeout_s", "pools:\n  - {name: w, model: /m, startup_timeout_s: .inf}\n"),
+    ("router.stats_period_s", "router: {stats_period_s: .inf}\npools:\n  - {name: w, model: /m}\n"),
+    ("router.session_idle_s", "router: {session_idle_s: .inf}\npools:\n  - {name: w, model: /m}\n"),
+    ("request_deadline_s", "request_deadline_s: .inf\npools:\n  - {name: w, model: /m}\n"),
+    ("health_check_timeout_s", "health_check_timeout_s: .inf\npools:\n  - {name: w, model: /m}\n"),
+    ("health_check_period_s", "health_check_period_s: -.inf\npools:\n  - {name: w, model: /m}\n"),
+    ("request_deadline_s", "request_deadline_s: .nan\npools:\n  - {name: w, model: /m}\n"),
+])
+def test_a_non_finite_number_is_refused_naming_the_field(tmp_path: Path, where: str, yaml_text: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value).startswith(f"{where}: "), exc.value
+
+
+def test_finite_numbers_still_load_and_travel_to_replicas() -> None:
+    cfg = parse_config({"pools": [{**POOL, "num_cpus": 1.5}], "request_deadline_s": 1e6,
+                        "router": {"stats_period_s": 0.5}})
+    assert config_from_dict(cfg.to_dict()) == cfg and cfg.pools[0].num_cpus == 1.5
+
+
+@pytest.mark.parametrize(("env", "named"), [
+    ({"KVSCHED_DEFAULT_TTL_S": "soon"}, "KVSCHED_DEFAULT_TTL_S"),
+    ({"KVSCHED_INFER_SESSIONS": "maybe"}, "KVSCHED_INFER_SESSIONS"),
+    ({"KVSCHED_COMPACTION": "shrink"}, "KVSCHED_COMPACTION"),
+    ({"KVSCHED_ADMIN_KEYS": " , "}, "KVSCHED_ADMIN_KEYS"),
+])
+def test_the_replicas_policy_settings_are_checked_at_parse(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"pools": [POOL, {"name": "v", "model": "/m", "env": env}]})
+    assert str(exc.value).startswith(f"pools[1].env: {named}"), exc.value
+
+
+def test_well_formed_replica_settings_pass_without_importing_vllm() -> None:
+    env = {"KVSCHED_DEFAULT_TTL_S": "60", "KVSCHED_COMPACTION": "summarize", "KVSCHED_TIER_FAULT_EVERY": "x"}
+    cfg = parse_config({"pools": [{**POOL, "env": env}]})  # the engine side's settings are vllm serve's to check
+    assert dict(cfg.pools[0].engine.env) == env
+    code = ("import sys; from kvsched.adapters.ray.config import parse_config; "
+            f"parse_config({{'pools': [{{**{POOL!r}, 'env': {env!r}}}]}}); assert 'vllm' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
