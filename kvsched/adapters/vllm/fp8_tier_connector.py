@@ -91,6 +91,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self._prefetched_for: dict[str, int] = {}  # queued requests whose restore a prefetch started -> ready step
         self.stats: dict[str, float] = dict.fromkeys(tier_stats.CONNECTOR_STATS, 0.0)
         self.levels: TierLevels | None = None
+        self.levels_final: dict[str, float] = {}  # their counters once a prefix-cache reset turned them off
         self.level_fetched: dict[str, int] = {}
         # worker side
         self.levels_worker: Any = None
@@ -166,7 +167,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             self.directory.on_evict = None
         if self.levels is not None:
             logger.warning("kvsched FP8 tier: prefix cache reset: disk/shared levels off until the engine restarts")
-            self.levels = None
+            self.levels, self.levels_final = None, tier_stats.levels_off(self.levels.stats())
         return True
 
     def end_session(self, owner: Any) -> None:

@@ -28,9 +28,10 @@ GAUGES = {
     "tier_tails": "Sessions whose partial last block (KV past their last full block) the FP8 tier holds",
     "disk_tier_bytes": "Bytes of KV blocks the disk level holds (--kvsched-disk-tier-dir)",
     "disk_tier_capacity_bytes": "The disk level's byte budget (--kvsched-disk-tier-gb, or half the free space; shrunk "
-                                "to what it holds when the disk fills up)",
+                                "to what it holds when the disk fills up; 0 once a prefix-cache reset turned it off)",
     "disk_tier_blocks": "KV blocks the disk level holds",
-    "store_up": "1 while the shared store (--kvsched-store-url) answers, 0 during an outage (requests recompute)",
+    "store_up": "1 while the shared store (--kvsched-store-url) answers, 0 during an outage (requests recompute) or "
+                "once a prefix-cache reset turned the shared level off",
     "tier_kv_rel_rms_error": "Relative RMS error of FP8-tiered KV against the original, sampled at demotion "
                              "(-1: nothing measured; 0 when the cache is already FP8 and stored as is)",
 }

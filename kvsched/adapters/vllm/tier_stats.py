@@ -50,9 +50,19 @@ def tier_stats(conn: Any) -> dict[str, Any]:
     }
     if conn.disabled_reason:
         out["tier_disabled_reason"] = conn.disabled_reason
-    if conn.levels is not None:
-        out.update(conn.levels.stats())
+    if conn.levels is not None or conn.levels_final:
+        out.update(conn.levels.stats() if conn.levels is not None else conn.levels_final)
         out.update({f"{level}_tier_restored_blocks": float(conn.level_fetched.get(level, 0))
                     for level in ("disk", "shared") if f"{level}_tier_read_failures" in out})
     return out
 
+
+
+# The levels' gauges of what they hold and can reach; their counters stay as they were.
+LEVEL_GAUGES_OFF = ("disk_tier_capacity_bytes", "disk_tier_bytes", "disk_tier_blocks", "store_up")
+
+
+def levels_off(stats: dict[str, float]) -> dict[str, float]:
+    """The disk/shared levels' statistics once a prefix-cache reset turned them off: found by review, their series
+    vanished (a counter that disappears reads as a reset); now the counters stay, frozen, and the gauges are 0."""
+    return {k: 0.0 if k in LEVEL_GAUGES_OFF else v for k, v in stats.items()}

@@ -29,7 +29,11 @@ def test_a_reset_turns_the_disk_level_off_until_a_restart(harness_cfg, clock, tm
     written = list(levels.disk.pending)
     levels.written([(k, True) for k in written], disk_full=False)  # the worker wrote them
     assert len(written) >= 10
+    before = s.kvsched.stats()  # found by review: the levels' series vanished after the reset
     assert s.reset_prefix_cache(reset_connector=reset_connector) is True
+    after = s.kvsched.stats()
+    assert after["disk_tier_written_blocks"] == before["disk_tier_written_blocks"] >= 10  # counters stay
+    assert before["disk_tier_capacity_bytes"] > 0 and after["disk_tier_capacity_bytes"] == 0  # the level is off
     assert s.connector.levels is None and s.connector.directory.used_slots == 0
     s.add_request(f.make(history + [3] * 20, 4, session_id="B"))  # the same prefix, after new weights
     planned = 0
