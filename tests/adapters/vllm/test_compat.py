@@ -78,3 +78,35 @@ def test_an_fp8_cache_on_a_cpu_without_avx512_is_refused_in_one_line(monkeypatch
     assert _parser().parse_args(["--scheduler", "kvsched"]).kv_cache_dtype == "auto"
     monkeypatch.setattr(cf, "cpu_features", lambda: cf.CpuFeatures("x86_64", True, True, False, False))
     assert _parser().parse_args(argv).scheduler_cls.endswith("KVSchedScheduler")
+
+
+@pytest.fixture(scope="module")
+def serve_parser():
+    """vLLM's own `vllm serve` parser, with kvsched's hook (its real option names and defaults)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    compat.install_parser_hook()
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+@pytest.mark.parametrize("argv, refused", [
+    (["--data-parallel-size", "2"], "--data-parallel-size 2"),  # internal load balancer: turns spread over engines
+    (["--data-parallel-size", "4", "--data-parallel-hybrid-lb", "--data-parallel-size-local", "2"], "load balancer"),
+    (["--api-server-count", "2"], "--api-server-count 2"),  # API-side state split between processes
+    (["--data-parallel-size", "2", "--data-parallel-external-lb"], None),  # one API server per rank: a replica each
+    (["--data-parallel-size", "2", "--data-parallel-rank", "1"], None),
+    (["--api-server-count", "1"], None),
+])
+def test_layouts_that_split_a_sessions_state_are_refused_in_one_line(serve_parser, capsys, argv, refused):
+    """Found by review (real `vllm serve` runs on this CPU build): with vLLM's internal data-parallel load balancer a
+    session's turns alternated between engines and kvsched's stats, list and DELETE saw engine 0 only."""
+    capsys.readouterr()
+    if refused is None:
+        assert serve_parser.parse_args(["--scheduler", "kvsched", *argv]).scheduler_cls.endswith("KVSchedScheduler")
+        return
+    with pytest.raises(SystemExit) as exc:
+        serve_parser.parse_args(["--scheduler", "kvsched", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err[-1].startswith("kvsched: ") and refused in err[-1]
+    assert serve_parser.parse_args(argv).scheduler_cls is None  # stock vLLM's layouts are not kvsched's to refuse

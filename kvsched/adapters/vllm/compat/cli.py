@@ -224,6 +224,33 @@ def cpu_refusal(args: argparse.Namespace) -> str | None:
     return cpu_features().fp8_kv_cache_refusal()
 
 
+def parallel_refusal(args: argparse.Namespace) -> str | None:
+    """Why kvsched cannot serve this server layout, in one line, or None. Found by a review on this CPU build: with
+    vLLM's internal data-parallel load balancer a session's turns alternate between engines (each turn missed the KV
+    its session's previous one left), kvsched's stats and session list showed engine 0 only, and a DELETE answered
+    404 for a session another engine ended; with several API server processes kvsched's API-side state (compaction,
+    response ids, its counters) was split between them. One engine per API server is what kvsched supports: the
+    external load-balancer modes give each rank its own server, which a session-affine router (kvsched's Ray router)
+    reaches."""
+    if not is_kvsched_scheduler(getattr(args, "scheduler_cls", None)):
+        return None
+    dp = int(getattr(args, "data_parallel_size", 1) or 1)
+    external = bool(getattr(args, "data_parallel_external_lb", False) or getattr(args, "data_parallel_rank", None)
+                    is not None or getattr(args, "data_parallel_multi_port_external_lb", False))
+    hybrid = bool(getattr(args, "data_parallel_hybrid_lb", False) or getattr(args, "data_parallel_start_rank", None)
+                  is not None)
+    local = int(getattr(args, "data_parallel_size_local", None) or dp) if hybrid else dp
+    if dp > 1 and not external and local > 1:
+        return (f"--data-parallel-size {dp} with vLLM's internal load balancer spreads a session's turns over "
+                f"engines, so kvsched cannot keep its KV; run one vllm serve per GPU behind kvsched's Ray router, or "
+                f"use --data-parallel-external-lb (one API server per rank) with a session-affine router")
+    servers = getattr(args, "api_server_count", None)
+    if servers is not None and int(servers) > 1:
+        return (f"--api-server-count {servers}: kvsched's API-side state (compaction, response ids, its counters) "
+                f"lives in one API server process; use 1")
+    return None
+
+
 def _check_after_parsing(parser: Any) -> None:
     """Once the arguments are complete (whatever their order on the command line): exit with `cpu_refusal`'s one line
     or the KVSCHED_* settings errors (one line each) before vLLM starts an engine, and turn the FP8 tier on
@@ -232,7 +259,7 @@ def _check_after_parsing(parser: Any) -> None:
 
     def checked(args: Any = None, namespace: Any = None) -> Any:
         ns, rest = parse_known_args(args, namespace)
-        if (reason := cpu_refusal(ns)) is not None:
+        if (reason := cpu_refusal(ns) or parallel_refusal(ns)) is not None:
             parser.exit(2, f"kvsched: {reason}\n")
         if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):  # KVSCHED_* settings: refused now, by name
             from kvsched.adapters.vllm.settings_check import engine_setting_errors, engine_setting_warnings
