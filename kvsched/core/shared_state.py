@@ -28,6 +28,10 @@ PREFIX = "kvsched"
 DEFAULT_KV_TTL_S = 3600.0
 DEFAULT_STATE_TTL_S = 86400.0
 MAX_TTL_S = 10 * 365 * 86400.0  # a store entry's time to live: finite, and within what Redis accepts in milliseconds
+# What decoding a store value may raise: bad JSON or text (UnicodeDecodeError is a ValueError), a wrong type, an
+# infinite or NaN number where an int belongs (OverflowError), nesting past the parser's limit (RecursionError)
+MALFORMED: tuple[type[Exception], ...] = (ValueError, TypeError, AttributeError, OverflowError, RecursionError)
+MALFORMED_ROW: tuple[type[Exception], ...] = (KeyError, *MALFORMED)  # a row that lacks a field, too
 
 
 class SharedStore(Protocol):
@@ -58,10 +62,17 @@ def block_key(identity: str, content_key: bytes, rank: int = 0) -> str:
     return f"{PREFIX}:kv:{identity}:{content_key.hex()}:r{rank}"
 
 
-def session_key(identity: str, session_id: str, cache_salt: str | None, tenant: str | None = None) -> str:
+def session_key(identity: str, session_id: str, cache_salt: str | None, tenant: str | None = None,
+                inferred: str | None = None) -> str:
     """Session metadata's store key (hashed: session ids may hold any printable character). Sessions belong to their
-    API key's tenant and `cache_salt`: another tenant's session of the same id is another key."""
-    parts = (session_id, cache_salt) if tenant is None else (session_id, cache_salt, tenant)
+    API key's tenant and `cache_salt`: another tenant's session of the same id is another key. An inferred session
+    (`SessionKey.inferred`) is another key too: `inferred` names the replica whose counter named it (its id,
+    `inferred-N`, means nothing elsewhere), so neither another replica's `inferred-N` nor a client's session named
+    `inferred-N` shares its key (found by review). A session's branches share its key: their numbers are each
+    engine's own, so a branch's key could never be found by the replica the session moves to."""
+    parts: tuple[object, ...] = (session_id, cache_salt) if tenant is None else (session_id, cache_salt, tenant)
+    if inferred is not None:  # else the key the earlier versions wrote (a client-named session)
+        parts = (*parts, {"inferred": inferred})
     return f"{PREFIX}:session:{identity}:{_digest(*parts)}"
 
 
@@ -85,7 +96,9 @@ class SessionMeta:
 
     @classmethod
     def decode(cls, raw: str | bytes | None) -> SessionMeta | None:
-        """The metadata in `raw`, or None when it is missing or malformed (another version wrote it: ignored)."""
+        """The metadata in `raw`, or None when it is missing or malformed (another version or program wrote it:
+        ignored). Total: whatever the store holds (bytes that are not UTF-8, `1e999`, nesting deeper than the parser's
+        recursion limit, a list) is None, never an exception (found by review: those crashed the engine core)."""
         if raw is None:
             return None
         try:
@@ -95,11 +108,11 @@ class SessionMeta:
             meta = cls(role=str(role) if role is not None else None,
                        ttl_s=float(ttl) if ttl is not None else None, turns=int(d.get("turns", 0)),
                        replica=str(d.get("replica", "")), blocks=int(d.get("blocks", 0)))
-        except (ValueError, TypeError, AttributeError):
+        except MALFORMED:
             return None
         if meta.ttl_s is not None and not (math.isfinite(meta.ttl_s) and meta.ttl_s >= 0):
             return None
-        return meta
+        return meta if meta.turns >= 0 and meta.blocks >= 0 else None
 
 
 def encode_checkpoints(checkpoints: Sequence[Checkpoint]) -> str:
@@ -108,22 +121,33 @@ def encode_checkpoints(checkpoints: Sequence[Checkpoint]) -> str:
 
 def decode_checkpoints(raw: str | bytes | None) -> list[Checkpoint]:
     """Checkpoints from the store; an entry that is malformed is dropped (never served)."""
+    return checkpoint_rows(raw)[0]
+
+
+def checkpoint_rows(raw: str | bytes | None) -> tuple[list[Checkpoint], int]:
+    """(the well-formed checkpoints in `raw`, how many entries were dropped as malformed). Total, like
+    `SessionMeta.decode`: a value that is not UTF-8 JSON, or too deeply nested, is one dropped entry; a row with
+    `1e999` or `Infinity` where a count belongs is dropped, never an exception (found by review: one such row failed
+    every request of the session with HTTP 400 for the state's TTL)."""
     if raw is None:
-        return []
+        return [], 0
     try:
         rows: Any = json.loads(raw)
-    except ValueError:
-        return []
+    except MALFORMED:
+        return [], 1
+    if not isinstance(rows, list):
+        return [], 1
     out: list[Checkpoint] = []
-    for row in rows if isinstance(rows, list) else []:
+    for row in rows:
         try:
             summary = row["summary"]
             cp = Checkpoint(digest=str(row["digest"]), replaced=int(row["replaced"]),
                             system_count=int(row["system_count"]),
                             summary=str(summary) if summary is not None else None,
                             summary_tokens=int(row.get("summary_tokens", 0)), root=str(row.get("root", "")))
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except MALFORMED_ROW:
             continue
-        if cp.replaced > cp.system_count >= 0 and len(cp.digest) == 64 and len(cp.root) in (0, 64):
+        if (cp.replaced > cp.system_count >= 0 and cp.summary_tokens >= 0 and len(cp.digest) == 64
+                and len(cp.root) in (0, 64)):
             out.append(cp)
-    return out
+    return out, len(rows) - len(out)

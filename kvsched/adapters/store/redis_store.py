@@ -9,6 +9,11 @@ backoff is ours.
 
 One client per URL per process (`open_store`): the scheduler and the worker of one engine share it, and its outage
 log.
+
+Only a store that cannot be reached (a connection error, a timeout, an OS error) is an outage. An error *reply*
+(OOM under `noeviction`, WRONGTYPE on a key another program wrote) fails that one call, counted and logged once: the
+server answers, so the other calls go on. A value that is not UTF-8 text where state is expected is a miss, counted.
+URLs are logged and quoted only `redacted` (no password, in the user part or a `password=` query parameter).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kvsched.core.shared_state import MAX_TTL_S
 from kvsched.core.store_health import StoreHealth
@@ -27,6 +32,8 @@ logger = logging.getLogger("vllm.kvsched.store")
 T = TypeVar("T")
 SOCKET_TIMEOUT_S = 0.5
 CONNECT_TIMEOUT_S = 0.25
+SECRET = "***"  # what a password becomes in a redacted URL
+SECRET_PARAMS = frozenset({"password"})  # redis-py takes `?password=` as the password
 
 
 class StoreConfigError(ValueError):
@@ -34,18 +41,62 @@ class StoreConfigError(ValueError):
 
 
 def check_url(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number raises here, at start-up, not at the first call
+    except ValueError as exc:
+        raise StoreConfigError(f"the shared store URL {redacted(url)!r} is malformed ({exc})") from None
     if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-        raise StoreConfigError(f"the shared store must be a redis://HOST:PORT[/DB] URL, got {url!r}")
+        raise StoreConfigError(f"the shared store must be a redis://HOST:PORT[/DB] URL, got {redacted(url)!r}")
     return url
 
 
 def redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
+    """`url` fit for a log line or an error message: the password (`user:PASSWORD@`, `?password=`) is `***`. Total:
+    never raises, whatever `url` is."""
+    try:
+        parts = urlsplit(str(url))
+    except ValueError:
+        return "<malformed store URL>"
+    user, at, host = parts.netloc.rpartition("@")
+    netloc = f"{user.partition(':')[0]}:{SECRET}@{host}" if at and ":" in user else parts.netloc
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(k.lower() in SECRET_PARAMS for k, _ in pairs):
+        query = urlencode([(k, SECRET if k.lower() in SECRET_PARAMS else v) for k, v in pairs], safe="*")
+    if netloc == parts.netloc and query == parts.query:
+        return str(url)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def has_secret(url: str) -> bool:
+    """True if `url` carries a password (`redacted` changes it)."""
+    return redacted(url) != url
+
+
+def is_redacted(url: str) -> bool:
+    """True if `url` is a `redacted` form (its password replaced by `***`): a marker, not a URL to connect to."""
+    try:
+        parts = urlsplit(str(url))
+        return parts.password == SECRET or any(k.lower() in SECRET_PARAMS and v == SECRET
+                                               for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    except ValueError:
+        return False
+
+
+def unredacted(url: str, env: str) -> str:
+    """`url`, or if it is a `redacted` marker the URL it stands for: the value of the environment variable `env`, which
+    must redact to exactly `url` (StoreConfigError says what is wrong, never the password)."""
+    if not is_redacted(url):
         return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    import os
+
+    real = os.environ.get(env) or ""
+    if redacted(real) != url:
+        raise StoreConfigError(f"{url!r} stands for a store URL with a password, which the engine takes from {env}; "
+                               f"{env} {'names another store' if real else 'is not set'} in this process (a Ray "
+                               f"worker on another node: set VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY=KVSCHED_)")
+    return real
 
 
 class RedisStore:
@@ -59,10 +110,13 @@ class RedisStore:
         self.client = redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
                                            socket_connect_timeout=min(CONNECT_TIMEOUT_S, socket_timeout_s),
                                            retry=Retry(NoBackoff(), 0), health_check_interval=0)
-        self.errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        # an outage: the store cannot be reached. Any other RedisError is the server's answer to that one call
+        self.outage_errors: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self.call_errors: tuple[type[BaseException], ...] = (redis.RedisError,)
         self.health = StoreHealth(clock)
         self._lock = threading.Lock()
-        self.counters: dict[str, int] = {"calls": 0, "failed_calls": 0, "skipped_calls": 0}
+        self.counters: dict[str, int] = {"calls": 0, "failed_calls": 0, "skipped_calls": 0, "error_replies": 0,
+                                         "bad_values": 0}
         self._down_since = 0.0
 
     # ---- the guard ----------------------------------------------------------------------------------------------
@@ -73,7 +127,7 @@ class RedisStore:
                 return default
         try:
             out = fn()
-        except self.errors as exc:
+        except self.outage_errors as exc:
             with self._lock:
                 self.counters["failed_calls"] += 1
                 went_down = self.health.failed()
@@ -82,13 +136,27 @@ class RedisStore:
                 logger.warning("kvsched shared store %s unreachable (%s): serving without it (recomputing what it "
                                "held); reconnecting with backoff", redacted(self.url), exc)
             return default
+        except self.call_errors as exc:  # the server answered with an error (OOM, WRONGTYPE, ...): this call only
+            with self._lock:
+                self.counters["error_replies"] += 1
+                first = self.counters["error_replies"] == 1
+                back = self.health.succeeded()
+            if first:
+                logger.warning("kvsched shared store %s answered with an error (%s): that call went on without the "
+                               "store; the store stays in use (further error replies are counted in "
+                               "store_error_replies, not logged)", redacted(self.url), exc)
+            self._log_back(back)
+            return default
         with self._lock:
             self.counters["calls"] += 1
             back = self.health.succeeded()
+        self._log_back(back)
+        return out
+
+    def _log_back(self, back: bool) -> None:
         if back:
             logger.warning("kvsched shared store %s reachable again after %.1f s", redacted(self.url),
                            time.monotonic() - self._down_since)
-        return out
 
     @property
     def up(self) -> bool:
@@ -136,14 +204,28 @@ class RedisStore:
         return self._call(lambda: bool(self.client.set(key, value.encode(), px=_ms(ttl_s))), False)
 
     def get_state(self, key: str) -> str | None:
-        raw: Any = self._call(lambda: self.client.get(key), None)
-        return raw.decode() if isinstance(raw, bytes) else raw
+        return self._text(self._call(lambda: self.client.get(key), None))
 
     def get_states(self, keys: Sequence[str]) -> list[str | None]:
         if not keys:
             return []
         raw = self._call(lambda: list(self.client.mget(list(keys))), [None] * len(keys))
-        return [r.decode() if isinstance(r, bytes) else r for r in raw]
+        return [self._text(r) for r in raw]
+
+    def _text(self, raw: Any) -> str | None:
+        """A state value as text; a value that is not UTF-8 (another program's, a torn write) is a miss, counted."""
+        if raw is None or isinstance(raw, str):
+            return raw
+        try:
+            return bytes(raw).decode()
+        except (UnicodeDecodeError, TypeError):
+            with self._lock:
+                self.counters["bad_values"] += 1
+                first = self.counters["bad_values"] == 1
+            if first:
+                logger.warning("kvsched shared store %s: a state value that is not UTF-8 text, served as absent "
+                               "(further ones are counted in store_bad_values, not logged)", redacted(self.url))
+            return None
 
     def delete_state(self, key: str) -> bool:
         return self._call(lambda: bool(self.client.delete(key) or True), False)
@@ -151,7 +233,9 @@ class RedisStore:
     def stats(self) -> dict[str, float]:
         return {"store_up": float(self.health.up), "store_outages": float(self.health.outages),
                 "store_failed_calls": float(self.counters["failed_calls"]),
-                "store_skipped_calls": float(self.counters["skipped_calls"])}
+                "store_skipped_calls": float(self.counters["skipped_calls"]),
+                "store_error_replies": float(self.counters["error_replies"]),
+                "store_bad_values": float(self.counters["bad_values"])}
 
 
 _STORES: dict[str, RedisStore] = {}

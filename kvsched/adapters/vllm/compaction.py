@@ -138,7 +138,10 @@ class Compactor:
             return self._tagged(payload, messages)
         key = json.dumps([payload.get("model"), payload.get("cache_salt"), tenant, session])
         if self.shared is not None and key not in self.store.sessions:  # moved here: its summaries come along
-            await self.shared.load_into(self.store, key)
+            try:
+                await self.shared.load_into(self.store, key)
+            except Exception as exc:  # noqa: BLE001 - never a failed request for the store: planned from local state
+                self.shared.note_failure(exc)
         conversation = (key, conversation_root(messages))  # one summary in flight per conversation under the id
         if self.config.wait_for_summary and conversation in self.tasks:
             await self._wait(conversation)  # a summary of this conversation is being made: use it

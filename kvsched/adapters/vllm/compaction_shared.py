@@ -4,7 +4,10 @@ refused): each summary is saved when it is made, with the digest of the exact me
 session this API server has no state for is looked up before its request is planned.
 
 Best effort like the rest of the shared level: the store's calls run in a thread with short timeouts, and while it is
-down a session is planned from this server's own state (a new summary is made if the trigger says so).
+down a session is planned from this server's own state (a new summary is made if the trigger says so). What the store
+holds is not trusted: a malformed checkpoint is dropped (`shared_checkpoints_bad`), and a load that fails in any way
+leaves the session to this server's own state, logged once (found by review: one bad row failed every request of the
+session with HTTP 400 until its state's TTL).
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from collections import Counter
 from typing import Any
 
 from kvsched.core.compaction import CompactionStore
-from kvsched.core.shared_state import DEFAULT_STATE_TTL_S, compaction_key, decode_checkpoints, encode_checkpoints
+from kvsched.core.shared_state import DEFAULT_STATE_TTL_S, checkpoint_rows, compaction_key, encode_checkpoints
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.kvsched.compaction")  # vLLM's handlers apply: its log shows these
 ENV_STORE_URL = "KVSCHED_STORE_URL"
 
 
@@ -28,6 +31,7 @@ class SharedCheckpoints:
         self.ttl_s = ttl_s
         self.counters: Counter[str] = Counter()
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._bad_logged = False
 
     @classmethod
     def from_env(cls) -> SharedCheckpoints | None:
@@ -41,17 +45,40 @@ class SharedCheckpoints:
             # the same TTL as the tier's session metadata (KVSCHED_STORE_STATE_TTL_S), checked at start-up
             return cls(open_store(url), ttl_setting(ENV_STATE_TTL, None, DEFAULT_STATE_TTL_S))
         except Exception as exc:  # a bad URL must not take the API server down: compaction runs locally
-            logger.error("kvsched compaction: shared store %r unusable (%s); summaries stay on this server", url, exc)
+            from kvsched.adapters.store.redis_store import redacted
+
+            logger.error("kvsched compaction: shared store %r unusable (%s); summaries stay on this server",
+                         redacted(url), str(exc).replace(url, redacted(url)))
             return None
 
     async def load_into(self, local: CompactionStore, session: str) -> int:
         """Adopt the session's checkpoints from the store (a session this server has not seen). Returns how many."""
-        raw = await asyncio.to_thread(self.store.get_state, compaction_key(session))
-        checkpoints = decode_checkpoints(raw)
+        try:
+            raw = await asyncio.to_thread(self.store.get_state, compaction_key(session))
+            checkpoints, bad = checkpoint_rows(raw)
+        except Exception as exc:  # noqa: BLE001 - the session is planned from this server's own state
+            self.note_failure(exc)
+            return 0
+        if isinstance(undecodable := getattr(self.store, "counters", {}).get("bad_values"), int):
+            self.counters["shared_store_bad_values"] = undecodable  # values not even UTF-8 (the store's count)
+        if bad:
+            self.counters["shared_checkpoints_bad"] += bad
+            self._log_once(f"{bad} malformed checkpoint(s) dropped")
         if checkpoints:
             local.adopt(session, checkpoints)
             self.counters["shared_checkpoints_loaded"] += len(checkpoints)
         return len(checkpoints)
+
+    def note_failure(self, exc: BaseException) -> None:
+        """A shared load that raised: counted, logged once; the request goes on with this server's own state."""
+        self.counters["shared_checkpoint_errors"] += 1
+        self._log_once(f"loading checkpoints failed ({type(exc).__name__}: {exc})")
+
+    def _log_once(self, what: str) -> None:
+        if not self._bad_logged:
+            self._bad_logged = True
+            logger.warning("kvsched compaction: shared store: %s; the session is planned from this server's own "
+                           "state (further ones are counted, not logged)", what[:300])
 
     def save(self, local: CompactionStore, session: str) -> None:
         """Write the session's checkpoints behind (the request does not wait)."""

@@ -2,9 +2,9 @@
 
     magic "KVSBLK01" | identity (16 bytes) | rank u16 | key length u16 | payload length u64 | CRC32 u32 | key | payload
 
-`identity` is a digest of the model and the cache geometry (`identity_of`): another model, dtype, block size,
-tensor-parallel size or tier mode gives another identity, so its blocks are never served here, even from a directory
-or store shared by mistake. `key` is vLLM's content hash of the block (it covers every earlier token and the
+`identity` is a digest of the model and the cache geometry (`identity_of`): another model, weights, on-the-fly weight
+quantization, dtype, block size, tensor-parallel size, tier mode or tier format gives another identity, so its blocks
+are never served here, even from a directory or store shared by mistake. `key` is vLLM's content hash of the block (it covers every earlier token and the
 `cache_salt`). The CRC covers identity, rank, key and payload: a torn or truncated file, a flipped byte, a block of
 another key or rank all fail `decode`, which says why; the caller then recomputes.
 """
@@ -20,6 +20,12 @@ from typing import Any
 
 MAGIC = b"KVSBLK01"
 HEAD = struct.Struct("<8s16sHHQI")
+# What a block's payload means (FP8 layout, scales, tail handling): raise it whenever that changes, so blocks an
+# older kvsched wrote to a disk or store are never read as this version's. 2: the identity covers weight
+# quantization and dtype and samples weight contents instead of file mtimes.
+TIER_FORMAT = 2
+WEIGHT_HEAD_BYTES = 1 << 20  # a weight file's first MiB (a safetensors header: tensor names, dtypes, shapes, offsets)
+WEIGHT_SAMPLES, WEIGHT_SAMPLE_BYTES = 256, 16 << 10  # then 256 evenly spaced 16 KiB samples: 5 MiB read a file
 
 
 class BlobError(ValueError):
@@ -60,23 +66,47 @@ def framed_len(key_len: int, payload_len: int) -> int:
     return HEAD.size + key_len + payload_len
 
 
+def weights_digest(f: Path, size: int) -> str:
+    """A digest of weight file `f`'s contents, cheap enough for every start: its first MiB and evenly spaced samples
+    (not its mtime, which differs between hosts holding copies of the same weights, so they never shared a block;
+    found by review). Another checkpoint of the same architecture (same names, same sizes) differs in nearly every
+    sample: a full fine-tune everywhere; a LoRA merged into q/v projections changes ~10% of the bytes, which all 256
+    samples miss with probability ~0.9^256 = 2e-12. Read after vLLM loaded the weights: from the page cache."""
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        h.update(fh.read(WEIGHT_HEAD_BYTES))
+        rest = size - WEIGHT_HEAD_BYTES
+        if rest > 0:
+            for i in range(WEIGHT_SAMPLES):
+                fh.seek(WEIGHT_HEAD_BYTES + rest * i // WEIGHT_SAMPLES)
+                h.update(fh.read(WEIGHT_SAMPLE_BYTES))
+    return h.hexdigest()[:32]
+
+
 def identity_of(vllm_config: Any, geometry: Any, world_size: int) -> tuple[str, dict[str, Any]]:
-    """(digest, description) of what a block's bytes mean: the model (name, its config, and for a local directory
-    its weight files' names, sizes and modification times), the tier geometry and mode, the block size and the
+    """(digest, description) of what a block's bytes mean: the model (name, its config, on-the-fly weight quantization
+    (`--quantization fp8` changes every activation, so the KV), compute dtype, and for a local directory its weight
+    files' names, sizes and sampled contents), the tier geometry, mode and format, the block size and the
     tensor-parallel size. The description is written next to the disk level's files for people to read."""
     model = vllm_config.model_config
     try:
         hf = model.hf_config.to_json_string(use_diff=False)
     except Exception:  # a config object without it: its repr still distinguishes models
         hf = repr(model.hf_config)
-    weights: list[tuple[str, int, int]] = []
+    weights: list[tuple[str, int, str]] = []
     path = Path(str(model.model))
     if path.is_dir():
         for f in sorted(path.iterdir()):
             if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file():
-                st = f.stat()
-                weights.append((f.name, st.st_size, st.st_mtime_ns))
-    desc = {"format": MAGIC.decode(), "model": str(model.model), "revision": getattr(model, "revision", None),
+                size = f.stat().st_size
+                try:
+                    content = weights_digest(f, size)
+                except OSError as exc:  # unreadable here: this host's own identity (never another's blocks)
+                    content = f"unreadable:{exc.errno}:{f.stat().st_mtime_ns}"
+                weights.append((f.name, size, content))
+    desc = {"format": MAGIC.decode(), "tier_format": TIER_FORMAT, "model": str(model.model),
+            "revision": getattr(model, "revision", None),
+            "quantization": getattr(model, "quantization", None), "model_dtype": str(getattr(model, "dtype", None)),
             "hf_config_sha256": hashlib.sha256(hf.encode()).hexdigest(), "weights": weights,
             "layers": list(geometry.layers), "heads": geometry.heads, "rows": geometry.rows,
             "content": geometry.content, "dtype": str(geometry.dtype), "mode": geometry.mode,

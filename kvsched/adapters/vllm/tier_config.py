@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
-from kvsched.adapters.vllm.tier_levels import LevelsConfig
+from kvsched.adapters.vllm.tier_levels import ENV_STORE_URL, LevelsConfig
 from kvsched.core.tier_config import parse_tier_gib
 
 CONNECTOR_NAME = "KVSchedFP8TierConnector"
@@ -24,3 +25,20 @@ def kv_transfer_config(tier_gb: float | str = "auto", measure_error: bool = True
 
 def kv_transfer_config_json(tier_gb: float | str = "auto") -> str:
     return json.dumps(kv_transfer_config(tier_gb))
+
+
+def hide_store_secret(extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` (the tier's kv_connector_extra_config) fit for vLLM's log, which prints the whole KVTransferConfig
+    (found by review: `vllm serve` logged the store's password): its store URL goes into this process's
+    KVSCHED_STORE_URL, which the engine core and its workers inherit (child processes, fork or spawn) and the API
+    server's compaction reads; a URL with a password is left in `extra` only redacted (`redis://:***@host...`), a
+    marker `LevelsConfig.from_extra` resolves from the environment."""
+    url = extra.get("store_url")
+    if not url:
+        return extra
+    from kvsched.adapters.store.redis_store import is_redacted, redacted
+
+    if is_redacted(str(url)):
+        return extra  # resolved from the environment already (or refused there, by name)
+    os.environ[ENV_STORE_URL] = str(url)  # the flag's store, for the engine and the compaction alike
+    return {**extra, "store_url": redacted(str(url))}

@@ -14,6 +14,9 @@ block that fails its checks leaves its slot failing the host checksum: vLLM reco
 
 Session metadata (role, TTL, turns, the replica that served the last turn) goes to the store at each turn's end; a
 request of a session whose metadata names another replica counts as a moved session.
+
+Nothing the store holds or does raises into the engine core from `promote` (its metadata read and block lookup): a
+malformed value or a read that raises is counted (`store_bad_values`), logged once, treated as absent (found by review).
 """
 
 from __future__ import annotations
@@ -49,8 +52,16 @@ ENV_KV_TTL = "KVSCHED_STORE_KV_TTL_S"
 ENV_STATE_TTL = "KVSCHED_STORE_STATE_TTL_S"
 ENV_REPLICA = "KVSCHED_REPLICA_NAME"
 DISK_DEFAULT_FREE_FRACTION = 0.5  # no --kvsched-disk-tier-gb: half the free space of the directory's file system
-PUBLISHED_MEMORY = 1_000_000  # keys remembered as already in the shared store (a TTL'd cache: an LRU is enough)
+# LRU bounds, sized by review's measurements (~170 B an entry here, ~250 B in the next; 1,000,000 took 171 + 252 MiB).
+# Keys known to be in the store: forgetting one costs one redundant put at its session's next turn, never a wrong or
+# lost block; 200,000 (~34 MiB) is several times the blocks one engine holds in pool and host tier at once (an 80 GB
+# GPU: ~40,000 blocks of an 8B model). Sessions whose metadata was read here (ended ones leave at once): forgetting a
+# live one costs one GET, never a second moved count (its turn here made the store name this replica); 50,000
+# (~12 MiB) is far more sessions than one engine keeps alive.
+PUBLISHED_MEMORY = 200_000
+SEEN_SESSIONS_MEMORY = 50_000
 DISK, SHARED = "disk", "shared"
+SHARED_PUT = "shared_put"  # a worker's report: its put of this block to the shared store failed or was dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +89,10 @@ class LevelsConfig:
             raise DiskConfigError(f"{gb_name} needs --kvsched-disk-tier-dir (or {ENV_DISK_DIR})")
         url = extra.get("store_url") or os.environ.get(ENV_STORE_URL) or None
         if url:
-            from kvsched.adapters.store.redis_store import check_url
+            from kvsched.adapters.store.redis_store import check_url, unredacted
 
-            try:
-                check_url(str(url))
+            try:  # a redacted URL (a password moved out of the logged config, tier_config) is the environment's
+                url = check_url(unredacted(str(url), ENV_STORE_URL))
             except ValueError as exc:
                 raise DiskConfigError(f"{'--kvsched-store-url' if extra.get('store_url') else ENV_STORE_URL}: "
                                       f"{exc}") from None
@@ -182,6 +193,7 @@ class TierLevels:
         self.clock: Callable[[], float] = time.monotonic
         self._published: OrderedDict[bytes, float] = OrderedDict()  # key -> when it was last sent to the store
         self._seen_sessions: OrderedDict[Any, None] = OrderedDict()
+        self._bad_logged = False
         if cfg.store_url:
             from kvsched.adapters.store.redis_store import open_store, redacted
 
@@ -228,11 +240,13 @@ class TierLevels:
             self.ops.spills.append(Spill(key, slot))
 
     def session_ended(self, owner: Any) -> None:
+        self._seen_sessions.pop(owner, None)  # found by review: ended sessions stayed until the LRU bound pushed them
         if self.disk is not None:
             self.ops.deletes.extend(self.disk.drop_owner(owner))
-        if self.store is not None and self.meta_writer is not None:
+        # A branch's end leaves the id's metadata (the id lives on); another replica's is never deleted (found by review)
+        if self.store is not None and self.meta_writer is not None and not getattr(owner, "branch", 0):
             key = self._session_key(owner)
-            self.meta_writer.submit(lambda: self.store.delete_state(key) and None)
+            self.meta_writer.submit(lambda: self._forget_meta(key))
 
     # ---- restores ---------------------------------------------------------------------------------------------------
     def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int, host: Any) -> int:
@@ -252,7 +266,9 @@ class TierLevels:
         if self.store is not None and pos < end and self.store.up:
             want = [bytes(k) for k in chain[pos:end]]
             names = [block_key(self.identity, k, r) for k in want for r in range(self.world_size)]
-            present = self.store.has_blocks(names)
+            present = self._guarded(lambda: self.store.has_blocks(names), None)
+            if not isinstance(present, list) or len(present) != len(names):
+                present = [False] * len(names)  # (all([]) is True: a short answer must not read as "all present")
             run = 0
             while run < len(want) and all(present[run * self.world_size:(run + 1) * self.world_size]):
                 run += 1
@@ -278,11 +294,14 @@ class TierLevels:
             self._seen_sessions.move_to_end(owner)
             return False
         self._seen_sessions[owner] = None
-        while len(self._seen_sessions) > PUBLISHED_MEMORY:
+        while len(self._seen_sessions) > SEEN_SESSIONS_MEMORY:
             self._seen_sessions.popitem(last=False)
         if self.store is None or not self.store.up:
             return False
-        meta = SessionMeta.decode(self.store.get_state(self._session_key(owner)))
+        raw = self._guarded(lambda: self.store.get_state(self._session_key(owner)), None)
+        meta = SessionMeta.decode(raw)
+        if raw is not None and meta is None:
+            self._bad_value("malformed session metadata (ignored)")
         if meta is not None and meta.replica and meta.replica != self.cfg.replica:
             self.counters["moved_sessions"] += 1
             return True
@@ -311,11 +330,13 @@ class TierLevels:
                            "%.2f GiB): older blocks make room from now on", cap, self.disk.used_bytes / 2**30)
 
     def fetch_failed(self, failures: Sequence[tuple[bytes, str]]) -> None:
+        """Blocks a worker could not read (DISK, SHARED) or put (SHARED_PUT: failed or dropped; found by review: a
+        failed put hid the session from other replicas until half the block TTL had gone)."""
         for key, source in failures:
-            self.counters[f"{source}_read_failures"] += 1
+            self.counters["shared_put_failures" if source == SHARED_PUT else f"{source}_read_failures"] += 1
             if source == DISK and self.disk is not None:
                 self.ops.deletes.extend(self.disk.forget([key]))
-            elif source == SHARED:
+            elif source in (SHARED, SHARED_PUT):  # not in the store: the session's next turn publishes it again
                 self._published.pop(key, None)
 
     def take_ops(self) -> LevelOps:
@@ -336,13 +357,39 @@ class TierLevels:
         if self.store is not None:
             out.update(self.store.stats())
             out.update(shared_tier_read_failures=c["shared_read_failures"], moved_sessions=c["moved_sessions"],
-                       moved_sessions_restored=c["moved_sessions_restored"])
+                       moved_sessions_restored=c["moved_sessions_restored"],
+                       shared_tier_put_failures=c["shared_put_failures"],
+                       store_bad_values=out.get("store_bad_values", 0.0) + c["store_bad_values"])
         return out
 
     # ---- internals ----------------------------------------------------------------------------------------------
     def _session_key(self, owner: Any) -> str:
+        """The id's key whatever the branch: branch numbers are this engine's (kvsched.core.lineage), so another
+        replica could never find a branch's key, and a session compacted into a new branch here would not count as
+        moved there. An inferred id (`inferred-N`, this engine's counter) is keyed with this replica."""
         return session_key(self.identity, str(getattr(owner, "session_id", owner)), getattr(owner, "cache_salt", None),
-                           getattr(owner, "tenant", None))
+                           getattr(owner, "tenant", None), self.cfg.replica if getattr(owner, "inferred", False) else None)
+
+    def _forget_meta(self, key: str) -> None:  # on the metadata writer's thread
+        meta = SessionMeta.decode(self.store.get_state(key))
+        if meta is None or meta.replica == self.cfg.replica:
+            self.store.delete_state(key)
+
+    def _guarded(self, read: Callable[[], Any], absent: Any) -> Any:
+        """`read()` of the store, or `absent` if it raises: on the scheduler thread nothing the store holds or does
+        may raise into the engine core (counted, logged once)."""
+        try:
+            return read()
+        except Exception as exc:  # noqa: BLE001 - the engine must outlive any store value or client error
+            self._bad_value(f"a store read failed ({type(exc).__name__}: {exc})")
+            return absent
+
+    def _bad_value(self, what: str) -> None:
+        self.counters["store_bad_values"] += 1
+        if not self._bad_logged:
+            self._bad_logged = True
+            logger.warning("kvsched shared store: %s; served as if absent (further ones are counted in "
+                           "store_bad_values, not logged)", what[:300])
 
     def _remember_published(self, key: bytes, now: float) -> None:
         self._published[key] = now

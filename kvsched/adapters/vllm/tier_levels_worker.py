@@ -3,7 +3,8 @@
 
 In the engine step the worker only copies: a spill takes a host slot's bytes, a publish quantizes pool blocks into a
 snapshot (the same kernels as a demotion). Framing, file writes and store puts run on a background thread
-(tier_writer), which reports each disk write back to the scheduler. Fetches run in the step, before the loads that
+(tier_writer), which reports each disk write back to the scheduler, and each shared put that failed or was dropped
+(`SHARED_PUT`, so the scheduler publishes it again next turn instead of counting it in the store). Fetches run in the step, before the loads that
 need them: a disk read per block or one MGET for the step's shared blocks; every block is checked (tier_blob:
 identity, rank, key, size, CRC) before it enters a slot, and a block that fails leaves its slot failing the host
 checksum, so the load reports it and vLLM recomputes it.
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from kvsched.adapters.vllm import tier_blob
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.tier_disk import DiskFiles
-from kvsched.adapters.vllm.tier_levels import DISK, SHARED, LevelOps, LevelsConfig
+from kvsched.adapters.vllm.tier_levels import DISK, SHARED, SHARED_PUT, LevelOps, LevelsConfig
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.shared_state import block_key
 
@@ -49,6 +50,7 @@ class TierLevelsWorker:
         self.writer = BackgroundWriter(f"kvsched-tier-writer-{rank}")
         self.counters: Counter[str] = Counter()
         self.failures: list[tuple[bytes, str]] = []
+        self.put_failures: deque[tuple[bytes, str]] = deque()  # (key, SHARED_PUT), appended by the writer thread
         self._deferred_deletes: list[bytes] = []
         self._disk_full_logged = False
 
@@ -69,27 +71,36 @@ class TierLevelsWorker:
                 self.writer.results.append([(sp.key, False)])
                 continue
             key = sp.key
-            self._submit([(key, True)], lambda key=key, payload=payload: [(key, payload, True, False)])
+            self._submit([(key, True, False)], lambda key=key, payload=payload: [(key, payload, True, False)])
         if ops.publishes:
             snap = self.tier.snapshot([p.block_id for p in ops.publishes])
             pubs = [(p.key, p.disk, p.shared) for p in ops.publishes]
-            self._submit([(k, d) for k, d, _ in pubs], lambda: [(k, snap.payload(i), d, s)
-                                                                for i, (k, d, s) in enumerate(pubs)])
+            self._submit(pubs, lambda: [(k, snap.payload(i), d, s) for i, (k, d, s) in enumerate(pubs)])
 
-    def _submit(self, keys: list[tuple[bytes, bool]], items: Any) -> None:
-        """Queue a write job; its disk writes are reported failed if the queue drops it or it raises (the scheduler
-        counts them pending until then)."""
-        failed = [(k, False) for k, to_disk in keys if to_disk]
+    def _submit(self, keys: list[tuple[bytes, bool, bool]], items: Any) -> None:
+        """Queue a write job of (key, to disk, to shared); its disk writes and shared puts are reported failed if the
+        queue drops it or it raises (the scheduler counts the disk writes pending until then, and the puts in the
+        store)."""
+        failed = [(k, False) for k, to_disk, _ in keys if to_disk]
+        unput = [(k, SHARED_PUT) for k, _, to_shared in keys if to_shared and self.shared is not None]
 
         def job() -> list[tuple[bytes, bool]]:
             try:
                 return self._write(items())
             except Exception:  # noqa: BLE001 - reported as failed writes, never a stuck pending key
                 logger.exception("kvsched disk/shared tier: a write job failed")
+                self._put_failed(unput)
                 return failed
 
-        if not self.writer.submit(job) and failed:
-            self.writer.results.append(failed)
+        if not self.writer.submit(job):
+            if failed:
+                self.writer.results.append(failed)
+            self.counters["shared_put_dropped"] += len(unput)
+            self._put_failed(unput)
+
+    def _put_failed(self, unput: list[tuple[bytes, str]]) -> None:
+        """Report shared puts that did not land (from the writer thread too: a deque, drained by `report`)."""
+        self.put_failures.extend(unput)
 
     # ---- in the step, after the tier's stores ---------------------------------------------------------------------
     def fetch(self, ops: LevelOps) -> None:
@@ -100,8 +111,14 @@ class TierLevelsWorker:
             blob = self.files.read(f.key) if self.files is not None else None
             self._fill(f.key, f.slot, blob, DISK, n)
         if shared:
-            blobs = self.shared.get_blocks([block_key(self.identity, f.key, self.rank) for f in shared]) \
-                if self.shared is not None else [None] * len(shared)
+            blobs: list[Any] = [None] * len(shared)
+            try:
+                if self.shared is not None:
+                    blobs = list(self.shared.get_blocks([block_key(self.identity, f.key, self.rank) for f in shared]))
+            except Exception:  # noqa: BLE001 - never a failed step for a cache: each block is a miss, recomputed
+                logger.exception("kvsched shared tier: reading %d blocks failed", len(shared))
+            if len(blobs) != len(shared):
+                blobs = [None] * len(shared)
             for f, blob in zip(shared, blobs, strict=True):
                 self._fill(f.key, f.slot, blob, SHARED, n)
 
@@ -125,6 +142,7 @@ class TierLevelsWorker:
         """Frame each (key, payload, to disk, to shared); returns the disk writes' outcomes."""
         done: list[tuple[bytes, bool]] = []
         puts: dict[str, bytes] = {}
+        put_keys: list[bytes] = []
         for key, payload, to_disk, to_shared in items:
             blob = tier_blob.encode(self.identity, self.rank, key, payload)
             if to_disk and self.files is None:
@@ -146,19 +164,23 @@ class TierLevelsWorker:
                         logger.warning("kvsched disk tier: write failed (%s)", exc)
             if to_shared and self.shared is not None:
                 puts[block_key(self.identity, key, self.rank)] = blob
+                put_keys.append(key)
         if puts:
             if self.shared.put_blocks(puts, self.cfg.kv_ttl_s):
                 self.counters["shared_published_blocks"] += len(puts)
-            else:
+            else:  # failed, an error reply, or skipped while the store is down: published again next turn
                 self.counters["shared_put_failures"] += len(puts)
+                self._put_failed([(k, SHARED_PUT) for k in put_keys])
         return done
 
     def report(self) -> tuple[list[tuple[bytes, bool]], bool, list[tuple[bytes, str]]]:
-        """(disk writes done since the last report, whether the disk filled up, blocks that failed their checks)."""
+        """(disk writes done since the last report, whether the disk filled up, blocks that failed their checks or
+        whose shared put did not land (SHARED_PUT))."""
         done = [r for batch in self.writer.drain() for r in batch]
         full = self.counters.pop("disk_full", 0) > 0
         failures, self.failures = self.failures, []
-        return done, full, failures
+        puts = [self.put_failures.popleft() for _ in range(len(self.put_failures))]
+        return done, full, failures + puts
 
     def fill(self, meta: Any) -> None:
         """This step's outcomes into the worker's report to the scheduler (`TierWorkerMeta`)."""

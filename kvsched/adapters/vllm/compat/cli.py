@@ -82,9 +82,8 @@ def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
     """With `--scheduler kvsched` the FP8 tier is on unless told otherwise: set vLLM's kv_transfer_config to it (size
     from --kvsched-fp8-tier-gb, else KVSCHED_FP8_TIER_GB, else the default rule), unless the size is 0 or the command
     names another KV connector (then kvsched runs without its tier, and says so)."""
-    import os
-
     from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB, kv_transfer_config
+    from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, hide_store_secret
     from kvsched.core.tier_config import parse_tier_gib
 
     asked = getattr(ns, TIER_DEST, None)
@@ -95,10 +94,12 @@ def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
         if asked is not None:
             parser.error("--kvsched-fp8-tier-gb needs --scheduler kvsched (the tier holds KV kvsched releases)")
         return
-    if getattr(ns, "kv_transfer_config", None) is not None:
+    if (user := getattr(ns, "kv_transfer_config", None)) is not None:
         if asked is not None or levels:
             parser.error("--kvsched-fp8-tier-gb / --kvsched-disk-tier-* / --kvsched-store-url set "
                          "--kv-transfer-config; pass only one of them")
+        if getattr(user, "kv_connector", None) == CONNECTOR_NAME and getattr(user, "kv_connector_extra_config", None):
+            user.kv_connector_extra_config = hide_store_secret(dict(user.kv_connector_extra_config))
         return  # the user's own connector (the tier's JSON, or another one): kvsched runs without adding its tier
     gib = parse_tier_gib(asked) if asked is not None else _env_tier_gib(parser)
     if gib == 0:
@@ -118,8 +119,9 @@ def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
         cfg = kv_transfer_config("auto" if gib is None else gib, **levels)
     except (DiskConfigError, ValueError) as exc:
         parser.error(str(exc))
-    if levels.get("store_url"):  # the API server's compaction reads the same store (kvsched.adapters.store)
-        os.environ.setdefault("KVSCHED_STORE_URL", str(levels["store_url"]))
+    # the URL goes to the environment (the engine and the API server's compaction read it), its password never into
+    # the KVTransferConfig vLLM logs
+    cfg["kv_connector_extra_config"] = hide_store_secret(cfg["kv_connector_extra_config"])
     ns.kv_transfer_config = KVTransferConfig(**cfg)
 
 

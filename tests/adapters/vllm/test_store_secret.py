@@ -1,0 +1,132 @@
+"""The shared store's password stays out of logs and error messages (found by review, /tmp/rev_store r6 and r9: vLLM
+logs its non-default args, the KVTransferConfig with the store URL among them): `redacted` everywhere, and the URL
+travels to the engine in the environment, the KVTransferConfig carrying only its redacted form."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvsched.adapters.store.redis_store import StoreConfigError, check_url, redacted  # noqa: E402
+from kvsched.adapters.vllm import compat  # noqa: E402
+from kvsched.adapters.vllm.tier_levels import LevelsConfig  # noqa: E402
+from kvsched.core.disk_tier import DiskConfigError  # noqa: E402
+
+PW = "s3cretpw"
+URL = f"redis://:{PW}@127.0.0.1:7/0"
+ENV = "KVSCHED_STORE_URL"
+
+
+@pytest.fixture(scope="module")
+def serve_parser():
+    """vLLM's own `vllm serve` parser, with kvsched's hook."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    compat.install_parser_hook()
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+@pytest.fixture
+def no_store_env(monkeypatch):
+    """KVSCHED_STORE_URL unset, and put back as it was afterwards (the parser sets it)."""
+    monkeypatch.setenv(ENV, "")
+    monkeypatch.delenv(ENV)
+
+
+@pytest.mark.parametrize("url", [URL, f"redis://user:{PW}@h:6379/0", f"redis://127.0.0.1:6379/0?password={PW}",
+                                 f"redis://127.0.0.1:6379/0?db=1&PASSWORD={PW}", f"redis://:{PW}@127.0.0.1:63x9/0",
+                                 f"rediss://:{PW}@[::1]:6380/0", f"unix:///tmp/r.sock?password={PW}&db=0"])
+def test_redacted_leaves_no_password(url: str) -> None:
+    out = redacted(url)
+    assert PW not in out and "***" in out
+
+
+def test_a_url_without_a_password_is_unchanged_and_errors_quote_it_redacted() -> None:
+    assert redacted("redis://127.0.0.1:6379/0?db=1") == "redis://127.0.0.1:6379/0?db=1"
+    for bad in (f"http://:{PW}@redis.internal:6379", f"redis://:{PW}@127.0.0.1:63x9/0"):
+        with pytest.raises(StoreConfigError) as exc:
+            check_url(bad)
+        assert PW not in str(exc.value) and "***" in str(exc.value)
+
+
+def test_compaction_logs_an_unusable_url_redacted(monkeypatch, caplog) -> None:
+    from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
+
+    monkeypatch.setenv(ENV, f"redis://:{PW}@127.0.0.1:63x9/0")
+    with caplog.at_level(logging.INFO, logger="vllm.kvsched.compaction"):
+        assert SharedCheckpoints.from_env() is None
+    assert caplog.text and PW not in caplog.text
+
+
+def test_the_kv_transfer_config_the_cli_builds_holds_no_password(serve_parser, no_store_env) -> None:
+    ns = serve_parser.parse_args(["--scheduler", "kvsched", "--kvsched-store-url", URL])
+    cfg = ns.kv_transfer_config
+    assert PW not in repr(cfg) and PW not in repr(vars(ns)) and PW not in json.dumps(cfg.kv_connector_extra_config)
+    assert cfg.kv_connector_extra_config["store_url"] == "redis://:***@127.0.0.1:7/0"
+    assert os.environ[ENV] == URL  # the engine core inherits it; the API server's compaction reads it
+    assert LevelsConfig.from_extra(cfg.kv_connector_extra_config).store_url == URL  # what the connector connects to
+
+
+def test_a_url_without_a_password_still_travels_in_the_config(serve_parser, no_store_env) -> None:
+    ns = serve_parser.parse_args(["--scheduler", "kvsched", "--kvsched-store-url", "redis://127.0.0.1:7/0"])
+    assert ns.kv_transfer_config.kv_connector_extra_config["store_url"] == "redis://127.0.0.1:7/0"
+    assert os.environ[ENV] == "redis://127.0.0.1:7/0"
+
+
+def test_the_flag_wins_over_a_stale_environment(serve_parser, monkeypatch) -> None:
+    """The engine connects to the flag's store; the API server's compaction used the environment's (setdefault)."""
+    monkeypatch.setenv(ENV, "redis://:other@127.0.0.1:9/0")
+    ns = serve_parser.parse_args(["--scheduler", "kvsched", "--kvsched-store-url", URL])
+    assert os.environ[ENV] == URL
+    assert LevelsConfig.from_extra(ns.kv_transfer_config.kv_connector_extra_config).store_url == URL
+
+
+def test_a_users_kv_transfer_config_with_a_store_url_still_works(serve_parser, no_store_env) -> None:
+    from kvsched.adapters.vllm.tier_config import kv_transfer_config
+
+    user = json.dumps(kv_transfer_config(0.01, store_url=URL))
+    ns = serve_parser.parse_args(["--scheduler", "kvsched", "--kv-transfer-config", user])
+    extra = ns.kv_transfer_config.kv_connector_extra_config
+    assert PW not in repr(ns.kv_transfer_config) and extra["tier_gb"] == 0.01
+    assert LevelsConfig.from_extra(extra).store_url == URL
+    other = {"kv_connector": "SomeoneElsesConnector", "kv_role": "kv_both",
+             "kv_connector_extra_config": {"store_url": "redis://:theirs@h:1/0"}}
+    ns = serve_parser.parse_args(["--scheduler", "kvsched", "--kv-transfer-config", json.dumps(other)])
+    assert ns.kv_transfer_config.kv_connector_extra_config == other["kv_connector_extra_config"]  # not ours: as is
+
+
+def test_a_redacted_url_without_its_environment_is_refused_by_name(no_store_env, monkeypatch) -> None:
+    with pytest.raises(DiskConfigError, match=f"--kvsched-store-url: .*{ENV}.* not set") as exc:
+        LevelsConfig.from_extra({"store_url": "redis://:***@127.0.0.1:7/0"})
+    monkeypatch.setenv(ENV, f"redis://:{PW}@10.0.0.1:7/0")
+    with pytest.raises(DiskConfigError, match="names another store") as exc:
+        LevelsConfig.from_extra({"store_url": "redis://:***@127.0.0.1:7/0"})
+    assert PW not in str(exc.value)
+
+
+def _child_env(queue) -> None:
+    queue.put(os.environ.get(ENV))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_engine_processes_inherit_the_url(no_store_env, method: str) -> None:
+    """vLLM starts its engine core (and the workers) with multiprocessing, fork by default, spawn when forced
+    (vllm.utils.system_utils.get_mp_context): both hand the child the environment the parser set."""
+    from kvsched.adapters.vllm.tier_config import hide_store_secret
+
+    hide_store_secret({"store_url": URL})
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_env, args=(queue,))
+    proc.start()
+    try:
+        assert queue.get(timeout=60) == URL
+    finally:
+        proc.join(30)
