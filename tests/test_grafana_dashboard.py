@@ -81,3 +81,22 @@ def test_every_query_names_an_exported_series():
 def test_the_check_catches_a_misspelt_series():
     assert "kvsched_pinned_blockz" not in exported_kvsched_names()
     assert series('sum by (reason) (rate(kvsched_x_total{reason="a"}[5m]))') == {"kvsched_x_total"}
+
+
+def test_every_level_and_store_statistic_is_exported():
+    """Found by review: counters added to the shared store and compaction checkpoints (bad values, error replies,
+    failed puts) were kept but never reached /metrics. The names are read off the code that produces them."""
+    import ast
+
+    from kvsched.adapters.store.redis_store import RedisStore
+    from kvsched.adapters.vllm import compaction_metrics, metrics
+
+    exported = set(metrics.GAUGES) | set(metrics.COUNTERS)
+    assert set(RedisStore("redis://127.0.0.1:9/0").stats()) <= exported
+    source = (ROOT / "kvsched/adapters/vllm/tier_levels.py").read_text()
+    stats_fn = next(n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == "stats")
+    produced = {kw.arg for n in ast.walk(stats_fn) if isinstance(n, ast.Call) for kw in n.keywords if kw.arg}
+    assert len(produced) > 10 and not produced - exported, sorted(produced - exported)
+    shared = (ROOT / "kvsched/adapters/vllm/compaction_shared.py").read_text()
+    counted = set(re.findall(r'counters\["(\w+)"\]', shared))
+    assert counted and not counted - set(compaction_metrics.COUNTERS), sorted(counted - set(compaction_metrics.COUNTERS))

@@ -26,6 +26,9 @@ COUNTERS = {
     "saved_tokens": "Prompt tokens removed by compaction (estimated with the served tokenizer)",
     "shared_checkpoints_loaded": "Summaries taken from the shared store for sessions new to this server (moved)",
     "shared_checkpoints_saved": "Times a session's summaries were written to the shared store",
+    "shared_checkpoints_bad": "Malformed summaries in the shared store, dropped (the session went on from local state)",
+    "shared_checkpoint_errors": "Shared-store loads of summaries that failed (the request was served from local state)",
+    "shared_store_bad_values": "Values in the shared store that were not even text (UTF-8), treated as absent",
 }
 
 

@@ -90,6 +90,11 @@ COUNTERS = {
     "store_outages": "Times the shared store became unreachable (each logged once)",
     "store_failed_calls": "Shared-store calls that failed (the request went on without the store)",
     "store_skipped_calls": "Shared-store calls skipped while waiting out the reconnect backoff",
+    "store_error_replies": "Shared-store calls the store refused (an error reply such as OOM: that call failed, not an "
+                           "outage)",
+    "store_bad_values": "Malformed values read from the shared store (another version's or corrupt), treated as absent",
+    "shared_tier_put_failures": "KV blocks the shared store did not take (failed or dropped writes; published again "
+                                "next turn)",
     "moved_sessions": "Sessions whose first request here had last been served by another replica (per the store)",
     "moved_sessions_restored": "Moved sessions whose KV was restored from the shared store",
 }
