@@ -237,9 +237,11 @@ class SessionRouter:
     def forget_session(self, session_id: str) -> None:
         """The session ended (`X-Session-End`, `DELETE /kvsched/sessions/{id}`): it lives nowhere now."""
         self._drop(session_id)
-        self._displaced.pop(session_id, None)
 
     def _drop(self, session_id: str) -> None:
+        """Forget the session whole: where it lives and the dead slot it failed over from (found by review: idle
+        expiry left the latter behind, growing to its cap, and pulled a session back after hours)."""
+        self._displaced.pop(session_id, None)
         slot = self._last.pop(session_id, None)
         self._seen.pop(session_id, None)
         if slot is not None:

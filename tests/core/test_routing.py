@@ -307,6 +307,22 @@ def test_idle_sessions_stop_living_on_their_replica(clock: object) -> None:
     assert sum(r.residents().values()) == 1 and r.last_slot("a") is None and r.last_slot("b") is not None
 
 
+def test_an_idle_session_forgets_the_dead_slot_it_failed_over_from(clock: object) -> None:
+    """Found by review: idle expiry left the failed-over-from entry behind (growing to its cap), and the session,
+    back after hours, was pulled to that slot's replacement, away from where its KV was."""
+    r = SessionRouter(RouterConfig(session_idle_s=60), clock=clock)  # type: ignore[arg-type]
+    r.set_live(TWO)
+    home = r.route("a", {}).slot
+    r.record(r.route("a", {}))
+    r.mark_down(home)
+    r.record(r.route("a", {}))  # failed over
+    assert r._displaced
+    clock.advance(61)  # type: ignore[attr-defined]
+    r.residents()  # any call that expires
+    r.route("b", {})
+    assert r._displaced == {} and r.last_slot("a") is None
+
+
 def test_an_ended_session_lives_nowhere() -> None:
     r = router(TWO)
     r.record(r.route("a", {}))

@@ -170,12 +170,48 @@ def test_autoscaling_policy_reads_replica_reported_queue_and_ttft() -> None:
     from kvsched.adapters.ray.autoscaling import QueueTTFTPolicy
 
     policy = QueueTTFTPolicy(min_replicas=1, max_replicas=6, queue_per_replica=2, ttft_p95_s=1.0)
-    ctx = SimpleNamespace(aggregated_metrics={"queue_depth": {"r1": 6.0, "r2": 6.0}, "ttft_p95_s": {"r1": -1.0}},
+    ctx = SimpleNamespace(aggregated_metrics={"queue_depth": {"r1": 6.0, "r2": 6.0}, "ttft_p95_fresh_s": {"r1": -1.0}},
                           running_replicas=["r1", "r2"], target_num_replicas=2, current_time=10.0, policy_state={})
     n, state = policy(ctx)
     assert n == 6 and "queue" in state["kvsched_reason"]
-    ctx.aggregated_metrics = {"queue_depth": {"r1": 0.0, "r2": 0.0}, "ttft_p95_s": {"r1": 3.0, "r2": -1.0}}
+    ctx.aggregated_metrics = {"queue_depth": {"r1": 0.0, "r2": 0.0}, "ttft_p95_fresh_s": {"r1": 3.0, "r2": -1.0}}
     assert policy(ctx)[0] == 6
+
+
+def test_a_held_ttft_keeps_an_idle_pool_from_scaling_down_but_never_scales_it_up() -> None:
+    """Found by review: the P95 TTFT a replica holds for `hold_s` after its last sample read as live pressure, and an
+    idle pool scaled 2 -> 5 -> 8. The engine reports what it holds and what is fresh; the policy scales up on fresh
+    samples only. (What the engine reports, through `EngineReplica.record_autoscaling_stats`.)"""
+    import asyncio
+
+    from kvsched.adapters.ray.autoscaling import QueueTTFTPolicy
+    from kvsched.adapters.ray.engine import EngineReplica
+
+    record = getattr(EngineReplica, "func_or_class", EngineReplica).record_autoscaling_stats
+    now = [0.0]
+    st = ReplicaStats("http://x", clock=lambda: now[0])
+    replica = SimpleNamespace(stats=st, _fresh_stats=None)
+
+    async def fresh_stats() -> dict:
+        return st.snapshot()
+
+    replica._fresh_stats = fresh_stats
+    policy = QueueTTFTPolicy(min_replicas=1, max_replicas=8, ttft_p95_s=2.0)
+
+    def tick(slow: int, target: int) -> int:
+        st.update(metrics({"1.0": 0, "5.0": slow, "+Inf": slow}), {"pinned_session_ids": []})
+        got = asyncio.run(record(replica))
+        agg = {name: {"r1": v, "r2": 0.0} if name == "queue_depth" else {"r1": v} for name, v in got.items()}
+        ctx = SimpleNamespace(aggregated_metrics=agg, running_replicas=["r1", "r2"], target_num_replicas=target,
+                              current_time=now[0], policy_state={})
+        return policy(ctx)[0]
+
+    assert tick(20, 2) > 2  # a burst of slow first tokens: fresh pressure scales up
+    for t in (10, 20, 30, 40, 50):  # then nothing new, queue empty: the held P95 stays 4.8 s
+        now[0] = t
+        assert tick(20, 2) == 2, t  # neither up (stale) nor down (it held within the last minute)
+    now[0] = 120  # past hold_s: no TTFT at all, the pool may shrink
+    assert tick(20, 2) == 1
 
 
 # ---- reaper ----------------------------------------------------------------------------------------------------
@@ -249,10 +285,11 @@ def test_a_replica_without_recent_ttft_samples_reports_no_ttft_rather_than_a_mar
         async def fresh():
             return {"queue_depth": 3, "ttft_p95_s": ttft}
 
-        return await cls.record_autoscaling_stats(SimpleNamespace(_fresh_stats=fresh))
+        return await cls.record_autoscaling_stats(SimpleNamespace(_fresh_stats=fresh, stats=SimpleNamespace(
+            fresh_ttft_p95=lambda: ttft)))
 
     assert asyncio.run(stats(None)) == {"queue_depth": 3.0}
-    assert asyncio.run(stats(0.5)) == {"queue_depth": 3.0, "ttft_p95_s": 0.5}
+    assert asyncio.run(stats(0.5)) == {"queue_depth": 3.0, "ttft_p95_s": 0.5, "ttft_p95_fresh_s": 0.5}
 
 
 def test_the_stats_poll_reports_every_salts_sessions_in_one_call() -> None:

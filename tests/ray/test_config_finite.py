@@ -24,6 +24,14 @@ POOL = {"name": "w", "model": "/m"}
     ("health_check_timeout_s", "health_check_timeout_s: .inf\npools:\n  - {name: w, model: /m}\n"),
     ("health_check_period_s", "health_check_period_s: -.inf\npools:\n  - {name: w, model: /m}\n"),
     ("request_deadline_s", "request_deadline_s: .nan\npools:\n  - {name: w, model: /m}\n"),
+    # found by review: the autoscaling section built its dataclass straight from the YAML, past these checks, and
+    # failed later as a raw pydantic error of Ray's AutoscalingConfig (or scaled down never)
+    ("pools[0].autoscaling: upscale_delay_s",
+     "pools:\n  - {name: w, model: /m, autoscaling: {min_replicas: 1, max_replicas: 2, upscale_delay_s: .nan}}\n"),
+    ("pools[0].autoscaling: downscale_delay_s",
+     "pools:\n  - {name: w, model: /m, autoscaling: {min_replicas: 1, max_replicas: 2, downscale_delay_s: .inf}}\n"),
+    ("pools[0].autoscaling: downscale_below",
+     "pools:\n  - {name: w, model: /m, autoscaling: {downscale_below: .nan}}\n"),
 ])
 def test_a_non_finite_number_is_refused_naming_the_field(tmp_path: Path, where: str, yaml_text: str) -> None:
     path = tmp_path / "c.yaml"

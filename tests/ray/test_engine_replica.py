@@ -25,7 +25,7 @@ def test_engine_replica_proxies_and_reports_pinned_sessions(tiny_model_dir: Path
                                "messages": [{"role": "user", "content": "tool result " * 30}]}).encode()
             res = await replica.complete("/v1/chat/completions", body, {"X-Session-Id": "wf9/worker",
                                                                         "Content-Type": "application/json",
-                                                                        "Authorization": "Bearer dropped"})
+                                                                        "Authorization": "Bearer any"})
             assert res["status"] == 200 and json.loads(res["body"])["choices"]
             chunks = [c async for c in replica.stream("/v1/chat/completions",
                                                       body.replace(b'"max_tokens": 4', b'"stream": true, '
@@ -35,7 +35,8 @@ def test_engine_replica_proxies_and_reports_pinned_sessions(tiny_model_dir: Path
             assert stats["slot"] == 0 and "wf9/worker" in stats["kv_sessions"]
             assert stats["queue_depth"] == 0 and stats["ttft_p95_s"] is not None and stats["ttft_p95_s"] > 0
             auto = await replica.record_autoscaling_stats()
-            assert set(auto) == {"queue_depth", "ttft_p95_s"}
+            assert set(auto) == {"queue_depth", "ttft_p95_s", "ttft_p95_fresh_s"}  # a first token since the start
+            assert set(await replica.record_autoscaling_stats()) == {"queue_depth", "ttft_p95_s"}  # none since
             replica.check_health()
 
         asyncio.run(run())

@@ -139,7 +139,7 @@ def test_session_ids_any_character_reach_the_engine_headers_as_latin1_bytes_or_s
     from kvsched.adapters.ray.requests import is_header_safe
 
     assert is_header_safe("wf-1/worker") and is_header_safe("\u00a1") and not is_header_safe("\u65e5\u672c")
-    out = _forward({"X-Session-Id": "\u00a1", "X-Agent-Role": "worker", "Authorization": "secret"})
+    out = _forward({"X-Session-Id": "\u00a1", "X-Agent-Role": "worker", "Cookie": "secret"})
     assert out == {"x-session-id": b"\xa1", "x-agent-role": b"worker", "content-type": b"application/json"}
     request = httpx.Request("POST", "http://engine/v1/chat/completions", headers=out)  # what raised before
     assert request.headers["x-session-id"] == "\u00a1"  # httpx decodes header bytes as latin-1, as servers do
@@ -223,7 +223,7 @@ def test_an_ended_sessions_last_answer_does_not_send_the_next_session_under_its_
 
     ing = types.SimpleNamespace(config=cfg, selector=PoolSelector(cfg.routing()), pools={p.name: p for p in cfg.pools},
                                 engines={p.name: Handle(p.name) for p in cfg.pools}, session_tokens=OrderedDict(),
-                                session_ends=OrderedDict())
+                                session_ends=OrderedDict(), keyed=False)
     for name in ("_complete", "_attempts", "_remember_usage", "_stream", "_ended"):
         setattr(ing, name, types.MethodType(getattr(OpenAIIngress, name), ing))
 

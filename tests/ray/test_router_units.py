@@ -157,6 +157,22 @@ def test_router_offers_other_replicas_only_after_the_home_only_tries() -> None:
     asyncio.run(run())
 
 
+def test_a_request_without_a_session_is_offered_every_replica_at_once() -> None:
+    """Found by review: a sessionless request was offered only the least-loaded replica, on every try; while that
+    replica's queue-length probe kept failing it waited to its deadline with another replica idle. Through Ray's own
+    routing loop (probes with backoff): A never answers its probe, B answers 0."""
+    async def run() -> None:
+        r = new_router()
+        a, b = fake_replica("aaa", {"slot": 0}), fake_replica("bbb", {"slot": 1})
+        b.set_queue_len_response(0)
+        r.update_replicas([a, b])
+        assert await r.choose_replicas([a, b], pending(None, "n0")) == [[a], [b]]  # least loaded first, then the rest
+        chosen = await asyncio.wait_for(r._choose_replica_for_request(pending(None, "n1")), 5)
+        assert chosen is b
+
+    asyncio.run(run())
+
+
 # ---- the ingress's hints -----------------------------------------------------------------------------------------
 async def two_replicas():  # noqa: ANN201
     r = new_router()

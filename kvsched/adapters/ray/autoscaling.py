@@ -1,6 +1,10 @@
 """A Ray Serve autoscaling policy on the sizing guide's signals: engine queue depth and P95 TTFT, as each engine
 replica reports them (`EngineReplica.record_autoscaling_stats`), never GPU utilisation. The arithmetic is
 `kvsched.core.routing_autoscale.desired_replicas`; Ray applies min/max bounds and the up/down delays around it.
+
+Two TTFT readings (`kvsched.adapters.ray.stats`): `ttft_p95_fresh_s`, from first tokens since the replica's previous
+report, is what a pool scales up on; `ttft_p95_s`, held for a while after the last sample, only keeps a pool from
+scaling down. Found by review: the held value read as live pressure and scaled an idle pool up to its maximum.
 """
 
 from __future__ import annotations
@@ -8,14 +12,17 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from kvsched.core.routing_autoscale import AutoscaleTargets, ReplicaLoad, desired_replicas
+from kvsched.core.routing_autoscale import AutoscaleTargets, ReplicaLoad, ScaleDecision, desired_replicas
 
 POLICY_PATH = "kvsched.adapters.ray.autoscaling:QueueTTFTPolicy"
+HELD_TTFT = "ttft_p95_s"
+FRESH_TTFT = "ttft_p95_fresh_s"
 
 
-def replica_loads(aggregated: dict[str, dict[Any, float]], replicas: list[Any]) -> list[ReplicaLoad]:
-    """Per running replica: its queue depth and P95 TTFT (reported as -1 when it has no recent samples)."""
-    queue, ttft = aggregated.get("queue_depth", {}), aggregated.get("ttft_p95_s", {})
+def replica_loads(aggregated: dict[str, dict[Any, float]], replicas: list[Any],
+                  ttft_key: str = FRESH_TTFT) -> list[ReplicaLoad]:
+    """Per running replica: its queue depth and its P95 TTFT under `ttft_key` (absent or < 0: no samples)."""
+    queue, ttft = aggregated.get("queue_depth", {}), aggregated.get(ttft_key, {})
     out = []
     for r in replicas:
         if r not in queue and r not in ttft:
@@ -23,6 +30,20 @@ def replica_loads(aggregated: dict[str, dict[Any, float]], replicas: list[Any]) 
         t = ttft.get(r)
         out.append(ReplicaLoad(float(queue.get(r, 0.0)), float(t) if t is not None and t >= 0 else None))
     return out
+
+
+def decide(current: int, aggregated: dict[str, dict[Any, float]], replicas: list[Any], targets: AutoscaleTargets,
+           now_s: float) -> ScaleDecision:
+    """Scale on the fresh TTFT; a downscale happens only if the held TTFT would allow it too."""
+    fresh = desired_replicas(current, replica_loads(aggregated, replicas, FRESH_TTFT), targets, now_s=now_s,
+                             last_change_s=None)  # Ray's upscale/downscale delays apply on top
+    if fresh.replicas >= current:
+        return fresh
+    held = desired_replicas(current, replica_loads(aggregated, replicas, HELD_TTFT), targets, now_s=now_s,
+                            last_change_s=None)
+    if held.replicas >= current:
+        return ScaleDecision(current, f"steady: the recent p95 ttft keeps this size ({held.reason})")
+    return fresh
 
 
 class QueueTTFTPolicy:
@@ -33,11 +54,8 @@ class QueueTTFTPolicy:
         self.targets = AutoscaleTargets(**targets)
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        aggregated = ctx.aggregated_metrics or {}
-        loads = replica_loads(aggregated, list(ctx.running_replicas))
-        current = int(ctx.target_num_replicas)
-        decision = desired_replicas(current, loads, self.targets, now_s=ctx.current_time or time.time(),
-                                    last_change_s=None)  # Ray's upscale/downscale delays apply on top
+        decision = decide(int(ctx.target_num_replicas), ctx.aggregated_metrics or {}, list(ctx.running_replicas),
+                          self.targets, now_s=ctx.current_time or time.time())
         state = dict(ctx.policy_state or {})
         state["kvsched_reason"] = decision.reason
         return decision.replicas, state

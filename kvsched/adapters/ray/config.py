@@ -21,10 +21,20 @@ pools:
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from kvsched.core.routing import RouterConfig, RoutingConfigError
 from kvsched.core.routing_autoscale import AutoscaleTargets
@@ -90,6 +100,13 @@ class EngineConfig(_Strict):
 
 ENGINE_KEYS = frozenset(EngineConfig.model_fields)
 AUTOSCALING_KEYS = frozenset(f.name for f in dataclasses.fields(AutoscaleTargets))
+# The autoscaling section, read by a strict model of AutoscaleTargets' own fields before the dataclass is built: found
+# by review, the dataclass built straight from the YAML escaped this file's checks (finite numbers, no `true` for a
+# count), so `upscale_delay_s: .nan` passed and failed later in Ray's AutoscalingConfig.
+_TARGET_TYPES = typing.get_type_hints(AutoscaleTargets)
+AutoscalingFields: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "AutoscalingFields", __base__=_Strict,
+    **{f.name: (_TARGET_TYPES[f.name], f.default) for f in dataclasses.fields(AutoscaleTargets)})
 
 
 class PoolConfig(_Strict):
@@ -141,7 +158,11 @@ class PoolConfig(_Strict):
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(AUTOSCALING_KEYS))}")
         try:
-            return AutoscaleTargets(**raw)
+            fields = AutoscalingFields.model_validate(raw)
+        except ValidationError as exc:
+            raise ValueError(validation_message(exc)) from None
+        try:
+            return AutoscaleTargets(**fields.model_dump())
         except (RoutingConfigError, TypeError) as exc:
             raise ValueError(str(exc)) from None
 

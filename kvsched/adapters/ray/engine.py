@@ -30,8 +30,10 @@ from typing import Any
 import httpx
 from ray import serve
 
+from kvsched.adapters.ray.autoscaling import FRESH_TTFT, HELD_TTFT
 from kvsched.adapters.ray.config import EngineConfig
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
+from kvsched.adapters.ray.owners import AUTH_HEADERS
 from kvsched.adapters.ray.reaper import leader_alive, stop_group
 from kvsched.adapters.ray.stats import ReplicaStats
 from kvsched.serving import ServerSpec, VllmServer
@@ -39,7 +41,10 @@ from kvsched.serving import ServerSpec, VllmServer
 ADMIN_KEYS_ENV = "KVSCHED_ADMIN_KEYS"
 
 logger = logging.getLogger("ray.serve")
-FORWARD_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction", "accept")
+# The session headers kvsched reads, and the caller's key and cache salt: found by review, a pool whose vllm serve
+# checks API keys (`--api-key`, VLLM_API_KEY) answered 401 to everything, as no key reached it.
+FORWARD_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction", "accept",
+                   *AUTH_HEADERS)
 
 
 def replica_rank() -> int:
@@ -168,13 +173,20 @@ class EngineReplica:
                 raise
             raise self._unavailable(exc) from None
 
-    async def admin(self, method: str, path: str, route: RouteHints | None = None) -> dict[str, Any]:
-        """kvsched's session admin routes of this replica's server (`GET /kvsched/sessions`, `DELETE .../{id}`)."""
+    async def admin(self, method: str, path: str, headers: dict[str, str] | None = None,
+                    route: RouteHints | None = None) -> dict[str, Any]:
+        """kvsched's session admin routes of this replica's server (`GET /kvsched/sessions`, `DELETE .../{id}`), as
+        the caller (its `Authorization` and cache-salt headers: the engine lists and ends only the caller's)."""
+        forward = {k.lower(): v.encode("latin-1") for k, v in (headers or {}).items() if k.lower() in AUTH_HEADERS}
         try:
-            r = await self.client.request(method, path)
+            r = await self.client.request(method, path, headers=forward)
         except httpx.TransportError as exc:
             raise self._unavailable(exc) from None
         return {"status": r.status_code, "body": r.content, "slot": self.slot, "replica_id": self.replica_id}
+
+    def session_ended(self, route: RouteHints | None = None) -> dict[str, Any]:
+        """Nothing here: the ingress calls it routed as a session that ended, so the router forgets the session."""
+        return {"slot": self.slot, "replica_id": self.replica_id}
 
     def describe(self) -> dict[str, Any]:
         """Where this replica's engine runs (for operators, the benchmark's kill scenario and tests)."""
@@ -203,8 +215,13 @@ class EngineReplica:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         s = await self._fresh_stats()
         out = {"queue_depth": float(s["queue_depth"])}
-        if s["ttft_p95_s"] is not None:  # none without recent samples: Ray averages what is reported over its window,
-            out["ttft_p95_s"] = float(s["ttft_p95_s"])  # and a marker value would be averaged into real ones
+        # A TTFT without samples is left out: Ray averages what is reported over its window, and a marker value would
+        # be averaged into real ones. The held one may only keep the pool from scaling down (autoscaling.py).
+        if s["ttft_p95_s"] is not None:
+            out[HELD_TTFT] = float(s["ttft_p95_s"])
+        fresh = self.stats.fresh_ttft_p95()
+        if fresh is not None:
+            out[FRESH_TTFT] = float(fresh)
         return out
 
     def check_health(self) -> None:
@@ -223,7 +240,7 @@ class EngineReplica:
 
 
 def _forward(headers: dict[str, str]) -> dict[str, bytes]:
-    """The session headers kvsched reads, and a JSON content type (the ingress always sends JSON). As bytes in
+    """The session headers kvsched reads, the caller's key and salt, and a JSON content type (the ingress always sends JSON). As bytes in
     latin-1, the codec the ingress's server decoded them with: httpx encodes str values as ASCII, so a session id
     like "¡" in X-Session-Id made every call raise (a 500 the Ray fuzz test found)."""
     out = {k.lower(): v.encode("latin-1") for k, v in headers.items() if k.lower() in FORWARD_HEADERS}

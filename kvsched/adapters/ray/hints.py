@@ -8,6 +8,8 @@ replica ignores it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,3 +36,22 @@ class EngineUnavailable(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (EngineUnavailable, (self.slot, self.replica_id, self.gone, self.detail))
+
+
+# The router's session key: the session id, and after SCOPE_SEP (a control character, which no session id holds) a
+# digest of who owns it on the engine: its tenant (the API key, on pools that check keys) and its cache salt. Two
+# tenants' sessions of one id are two sessions to the engine, so they are two to the router: one ending (or growing
+# into the long-context pool) does not touch the other's routing.
+SCOPE_SEP = "\x1f"
+
+
+def routing_session(session_id: str, api_key: str | None = None, cache_salt: str | None = None) -> str:
+    if api_key is None and cache_salt is None:
+        return session_id
+    owner = json.dumps(["kvsched-route", api_key, cache_salt]).encode()  # ASCII: json escapes the rest
+    return f"{session_id}{SCOPE_SEP}{hashlib.sha256(owner).hexdigest()[:24]}"
+
+
+def plain_session(key: str) -> str:
+    """The session id of a routing key (what engines report their KV under)."""
+    return key.split(SCOPE_SEP, 1)[0]

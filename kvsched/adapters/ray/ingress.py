@@ -10,9 +10,11 @@ answer is only committed to the client once its first bytes arrived. A stream th
 OpenAI error event.
 
 Answers carry `X-KVSched-Pool`, `X-KVSched-Replica` (the slot that served it), `X-KVSched-Replica-Id` (Ray's replica
-id, for operators) and `X-KVSched-Attempts`. `DELETE /kvsched/sessions/{id}` ends a session on the replica it lives
-on (and in the router's table), `GET /kvsched/sessions` lists every replica's pinned sessions, `GET /kvsched/replicas`
-the replicas.
+id, for operators) and `X-KVSched-Attempts`. `DELETE /kvsched/sessions/{id}` ends the caller's session on every
+replica holding it (and in the routers' tables), `GET /kvsched/sessions` lists the caller's pinned sessions on every
+replica, `GET /kvsched/replicas` the replicas. The caller's `Authorization` and cache-salt headers go to the engines,
+which check keys and scope sessions by tenant and salt; the ingress and the routers key sessions the same way
+(`owners.py`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from kvsched.adapters.ray.config import config_from_dict
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
-from kvsched.adapters.ray.requests import BadRequest, check_length, is_header_safe, parse_body, session_fields
+from kvsched.adapters.ray.owners import body_salt, caller_headers, checks_api_keys, header_salt, session_key
+from kvsched.adapters.ray.requests import (
+    BadRequest,
+    check_length,
+    is_header_safe,
+    parse_body,
+    session_fields,
+    stream_flag,
+)
 from kvsched.core.routing_pools import PoolSelector, UnknownModel
 from kvsched.core.sessions import InvalidSessionInput, validate_session_id
 
@@ -109,6 +119,10 @@ def served_by(answer: dict[str, Any], attempts: int) -> dict[str, str]:
                                                  "x-kvsched-attempts": str(attempts)}
 
 
+def lower(request: Request) -> dict[str, str]:
+    return {k.lower(): v for k, v in request.headers.items()}
+
+
 def estimate_tokens(payload: dict[str, Any]) -> int:
     text = payload.get("messages") if "messages" in payload else payload.get("prompt")
     return len(json.dumps(text)) // CHARS_PER_TOKEN if text is not None else 0
@@ -133,6 +147,8 @@ class OpenAIIngress:
         self.selector = PoolSelector(self.config.routing())
         self.pools = {p.name: p for p in self.config.pools}
         self.engines = engines
+        # some pool's engines check API keys: then sessions are the caller's own, here as on the engines (owners.py)
+        self.keyed = any(checks_api_keys(p.engine.vllm_args, p.engine.env) for p in self.config.pools)
         self.session_tokens: OrderedDict[str, int] = OrderedDict()
         self.session_ends: OrderedDict[str, int] = OrderedDict()  # sid -> times it ended (a turn's usage counts only
         # if its session did not end meanwhile: a new session under the id starts by its own size)
@@ -152,40 +168,58 @@ class OpenAIIngress:
         return {"replicas": sorted(await self._broadcast("describe"), key=lambda r: (r["pool"], r["slot"]))}
 
     @api.get("/kvsched/sessions")
-    async def sessions(self) -> dict[str, Any]:
-        """Every replica's pinned sessions, each row naming its pool and slot."""
+    async def sessions(self, request: Request) -> dict[str, Any]:
+        """Every replica's pinned sessions of the caller (its key and salt), each row naming its pool and slot."""
         rows: list[dict[str, Any]] = []
-        for r in await self._broadcast("admin", "GET", "/kvsched/sessions"):
+        for r in await self._broadcast("admin", "GET", "/kvsched/sessions", caller_headers(lower(request))):
             if r["status"] == 200:
                 rows += [dict(s, slot=r["slot"]) for s in json.loads(r["body"]).get("sessions", [])]
         return {"sessions": rows}
 
     @api.delete("/kvsched/sessions/{session_id:path}")
-    async def end_session(self, session_id: str) -> Response:
-        """End a session where it lives: its pins there are released and the router forgets it."""
+    async def end_session(self, session_id: str, request: Request) -> Response:
+        """End the caller's session on every replica of every pool (found by review: routed like a turn, the DELETE
+        could reach a replica that did not hold the session, answer 404 and leave its KV pinned on the busy one),
+        then in the routers. 200 if any replica ended it, 404 if none held it; another answer (401, 400, 503) of a
+        replica when none ended it is passed on, and then the routers keep the session."""
         try:
             sid = validate_session_id(session_id)
         except InvalidSessionInput as exc:
             return error(400, str(exc), param="session_id")
+        headers = lower(request)
         path = f"/kvsched/sessions/{quote(sid, safe='')}"
-        answers = []
-        for name, handle in self.engines.items():
-            admin = handle.options(session_id=sid).admin
-
-            def call(h: RouteHints, admin: Any = admin) -> Any:
-                return admin.remote("DELETE", path, route=h)
-
-            try:
-                res, _ = await self._attempts(call, RouteHints(end_session=True))
-            except NoReplicaAnswered as exc:
-                return error(exc.status, str(exc), kind="server_error")
-            answers.append((name, res))
-        self._ended(sid)
-        found = [(name, r) for name, r in answers if r["status"] == 200]
-        if not found:
+        try:
+            answers = await asyncio.wait_for(self._broadcast_pools("admin", "DELETE", path, caller_headers(headers)),
+                                             self.config.request_deadline_s)
+        except TimeoutError:
+            return error(504, f"the engine replicas did not answer within the request deadline "
+                              f"({self.config.request_deadline_s:g} s); the session may still end", kind="server_error")
+        ended = [(name, r) for name, r in answers if r["status"] == 200]
+        other = [r for _, r in answers if r["status"] != 404]
+        if not ended and other:
+            return Response(other[0]["body"], other[0]["status"], media_type="application/json")
+        if not answers:
+            return error(503, "no engine replica answered", kind="server_error")
+        key = session_key(sid, headers, header_salt(headers), self.keyed)
+        self._ended(key)
+        await self._forget(key, {name for name, _ in answers})
+        if not ended:
             return error(404, f"no session {sid!r}", param="session_id")
-        return JSONResponse({"session_id": sid, "ended": True, "pools": [n for n, _ in found]},
-                            headers=served_by(found[0][1], 1))
+        return JSONResponse({"session_id": sid, "ended": True, "pools": sorted({n for n, _ in ended})},
+                            headers=served_by(ended[0][1], 1))
+
+    async def _forget(self, key: str, pools: set[str]) -> None:
+        """The routers of `pools` (those with replicas running: a routed call would wake a pool scaled to zero) forget
+        the session: a call routed as the session's, ending it (broadcasts bypass the routers). Best effort: a router
+        that misses it lets the session idle out."""
+        async def one(name: str, handle: Any) -> None:
+            ended = handle.options(session_id=key).session_ended
+            try:
+                await self._attempts(lambda h: ended.remote(route=h), RouteHints(end_session=True))
+            except Exception as exc:  # noqa: BLE001 - logged; the session ended on the engines regardless
+                logger.warning(f"kvsched ingress: pool {name}'s router was not told a session ended: {exc!r}")
+
+        await asyncio.gather(*(one(name, handle) for name, handle in self.engines.items() if name in pools))
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -197,38 +231,40 @@ class OpenAIIngress:
 
     # ---- one generation request ---------------------------------------------------------------------------------
     async def generate(self, request: Request, path: str) -> Response:
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        headers = lower(request)
         try:
             payload = parse_body(await read_body(request, self.config.max_body_bytes),
                                  self.config.max_body_bytes, self.config.max_json_depth)
             session = session_fields(payload, headers)
+            stream = stream_flag(payload)
         except BadRequest as exc:
             return error(exc.status, exc.message, param=exc.param)
         model = payload.get("model")
         if model is not None and not isinstance(model, str):
             return error(400, "model must be a string", param="model")
         sid = session.session_id
-        tokens = max(estimate_tokens(payload), self.session_tokens.get(sid, 0) if sid else 0)
+        key = session_key(sid, headers, body_salt(payload), self.keyed) if sid is not None else None
+        tokens = max(estimate_tokens(payload), self.session_tokens.get(key, 0) if key else 0)
         try:
-            pool = self.selector.select(model, session.role, sid, tokens)
+            pool = self.selector.select(model, session.role, key, tokens)
         except UnknownModel as exc:
             return error(404, str(exc), kind="NotFoundError", param="model")
         payload["model"] = self.pools[pool.name].engine.served_model_name
         body = json.dumps(payload).encode()
         handle = self.engines[pool.name]
-        if sid is not None:
-            handle = handle.options(session_id=sid)
+        if sid is not None and key is not None:
+            handle = handle.options(session_id=key)
             if is_header_safe(sid):
                 headers["x-session-id"] = sid
             # else it came in the body (a header is latin-1 by construction), which the engine reads it from too
-        if session.end and sid is not None:  # this last turn still goes where the session lives
-            self._ended(sid)
+        if session.end and key is not None:  # this last turn still goes where the session lives
+            self._ended(key)
         extra = {"x-kvsched-pool": pool.name}
         hints = RouteHints(end_session=session.end)
         try:
-            if payload.get("stream") is True:
+            if stream:
                 return await self._stream(handle, path, body, headers, extra, hints)
-            return await self._complete(handle, path, body, headers, extra, sid, hints)
+            return await self._complete(handle, path, body, headers, extra, key, hints)
         except NoReplicaAnswered as exc:
             return error(exc.status, str(exc), kind="server_error")
 
@@ -303,11 +339,15 @@ class OpenAIIngress:
                                  headers=extra | served_by(head, attempts))
 
     async def _broadcast(self, method: str, *args: Any) -> list[Any]:
-        out: list[Any] = []
-        for handle in self.engines.values():
+        return [r for _, r in await self._broadcast_pools(method, *args)]
+
+    async def _broadcast_pools(self, method: str, *args: Any) -> list[tuple[str, dict[str, Any]]]:
+        """`method` on every replica of every pool: (pool, answer) of each that answered."""
+        async def one(name: str, handle: Any) -> list[tuple[str, dict[str, Any]]]:
             results = await handle.broadcast(method, *args).results_async(return_exceptions=True)
-            out += [r for r in results if isinstance(r, dict)]
-        return out
+            return [(name, r) for r in results if isinstance(r, dict)]
+
+        return [a for answers in await asyncio.gather(*(one(n, h) for n, h in self.engines.items())) for a in answers]
 
     def _ended(self, sid: str) -> None:
         """The session ended: its size and long-context pool are forgotten, and a turn of it still in flight is not

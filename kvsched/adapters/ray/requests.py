@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from kvsched.core.sessions import InvalidSessionInput, validate_end_flag, validate_role, validate_session_id
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # as kvsched's vLLM middleware
@@ -20,6 +22,8 @@ MAX_JSON_DEPTH = 64  # an OpenAI request nests about 6 deep (messages, content p
 # Objects and arrays a body may hold: parsed, each costs ~60-200 bytes of Python objects (found by review: a 64 MiB
 # body of 22 million empty messages took ~3 GiB of the ingress). Token ids and text are cheap to parse: not counted.
 MAX_JSON_CONTAINERS = 1_000_000
+# `stream` as vLLM's request models read it (`stream: bool | None`, pydantic's lax mode)
+_STREAM = TypeAdapter(bool | None)
 
 
 class BadRequest(ValueError):
@@ -109,3 +113,20 @@ def session_fields(payload: Mapping[str, Any], headers: Mapping[str, str]) -> Se
     if end and sid is None:
         raise BadRequest(400, "X-Session-End needs a session id (X-Session-Id)", param="session")
     return SessionFields(sid, role, end)
+
+
+def stream_flag(payload: dict[str, Any]) -> bool:
+    """Whether vLLM streams the answer: `stream` read as vLLM reads it (true/false, 1/0, "true"/"false", "yes"/"no",
+    "on"/"off", "t"/"f", "y"/"n", "1"/"0" in any case; null or absent: no), written back as a JSON boolean. Found by
+    review: `"stream": "true"` took the buffered path while vLLM streamed, so the whole answer waited in the ingress
+    (and under the request deadline)."""
+    if payload.get("stream") is None:
+        return False
+    try:
+        flag = bool(_STREAM.validate_python(payload["stream"]))
+    except ValidationError:
+        raw = payload["stream"]
+        shown = json.dumps(raw)[:40] if isinstance(raw, str | int | float) else f"a JSON {type(raw).__name__}"
+        raise BadRequest(400, f"stream must be a boolean, got {shown}", param="stream") from None
+    payload["stream"] = flag
+    return flag

@@ -1,18 +1,24 @@
 """kvsched's Ray Serve request router: the pure `SessionRouter` fed with Ray's replica set, the replicas' own
 routing stats (slot, sessions whose KV they hold), the requests this router has in flight and the ingress's hints.
 
-Slots: each engine replica reports `slot` (its Ray Serve rank, which Ray hands to the replica that replaces a dead
-one) in `record_replica_metadata` and `record_routing_stats`; a replica that has not reported yet gets the lowest free
-slot, which is where Ray's rank allocator puts it too. Loads: requests this router routed and not yet completed. The
-ingress runs one replica, so its router sees every request to the engines; with several ingress replicas each would
-bound its own share. The first tries offer only the chosen replica (`HOME_ONLY_ATTEMPTS`); Ray calls
-`choose_replicas` again with backoff when it refuses or misses the queue-length probe deadline, and after those tries
-the other replicas are a fallback rank (so a busy moment does not move a session).
+Slots (`kvsched.adapters.ray.slots`): each engine replica reports `slot` (its Ray Serve rank, which Ray hands to the
+replica that replaces a dead one) in `record_replica_metadata` and `record_routing_stats`. A replica keeps the slot it
+was given for as long as it lives, whatever Ray renumbers it to; a new one takes its rank's slot, or the dead slot it
+replaces. Sessions are keyed by the ingress's routing key (`hints.routing_session`: the session id, scoped by tenant
+and cache salt when the request has them); the replicas report their KV by the plain id.
+
+Loads: requests this router routed and not yet completed. The ingress runs one replica, so its router sees every
+request to the engines; with several ingress replicas each would bound its own share. The first tries offer only the
+chosen replica (`HOME_ONLY_ATTEMPTS`); Ray calls `choose_replicas` again with backoff when it refuses or misses the
+queue-length probe deadline, and after those tries the other replicas are a fallback rank (so a busy moment does not
+move a session). A request without a session has no KV to keep: it is offered the least-loaded replica and the
+others as a fallback rank from the first try.
 
 Failures (`kvsched.adapters.ray.hints.RouteHints`, from the ingress): a retried request names the replicas that
 failed it and never goes back to them; a replica whose engine is gone is out for every request until Ray removes it
 (a replacement is a new replica, in the same slot). A request that ends its session makes the router forget the
-session once it completes. Ray itself reports replica actors that died (`on_replica_actor_died`).
+session once it completes; a session not routed for `session_idle_s` is forgotten whole. Ray itself reports replica
+actors that died (`on_replica_actor_died`).
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from kvsched.adapters.ray.hints import RouteHints
+from kvsched.adapters.ray.hints import RouteHints, plain_session
+from kvsched.adapters.ray.slots import assign_slots
 from kvsched.core.routing import NoLiveReplicas, RouteDecision, RouterConfig, SessionRouter
-from kvsched.core.routing_ring import SlotName, slot_name
+from kvsched.core.routing_ring import SlotName
 
 logger = logging.getLogger("ray.serve")
 MAX_UNDISPATCHED = 10_000
@@ -60,7 +67,7 @@ class KVSchedRequestRouter(RequestRouter):
         self._in_flight: dict[tuple[ReplicaID, str], SlotName] = {}
         self._decisions: dict[str, RouteDecision] = {}  # internal request id -> decision awaiting dispatch
         self._attempts: dict[str, int] = {}  # internal request id -> choose_replicas calls so far
-        self._gone: set[ReplicaID] = set()  # engines reported gone, until Ray drops the replica
+        self._gone: set[ReplicaID] = set()  # engines reported gone or actors dead, until Ray drops the replica
         self._ending: dict[tuple[ReplicaID, str], str] = {}  # in-flight requests that end their session
 
     def _state(self) -> None:
@@ -72,26 +79,8 @@ class KVSchedRequestRouter(RequestRouter):
         super().update_replicas(replicas)
         self._state()
         self._gone &= {r.replica_id for r in replicas}
-        slot_of: dict[ReplicaID, SlotName] = {}
-        taken: set[SlotName] = set()
-        for r in replicas:  # reported slots first, then keep known assignments, then the lowest free slot
-            n = reported_slot(r)
-            # A replacement can start while its predecessor still holds its rank, so it gets a rank past the end;
-            # Ray moves it into the free rank below once the predecessor is gone, and so does this router at once.
-            # (A replica already known under its rank keeps it: a survivor's rank is past the end during an outage.)
-            past_end = n is not None and n >= len(replicas) and self._slot_of.get(r.replica_id) != slot_name(n)
-            if n is not None and not past_end and slot_name(n) not in taken:
-                slot_of[r.replica_id] = slot_name(n)
-                taken.add(slot_name(n))
-        for r in replicas:
-            known = self._slot_of.get(r.replica_id)
-            if r.replica_id not in slot_of and known is not None and known not in taken:
-                slot_of[r.replica_id] = known
-                taken.add(known)
-        free = (slot_name(i) for i in range(10_000) if slot_name(i) not in taken)
-        for r in replicas:
-            if r.replica_id not in slot_of:
-                slot_of[r.replica_id] = next(free)
+        replicas = [r for r in replicas if r.replica_id not in self._gone]  # they hold no slot (slots.py)
+        slot_of = assign_slots([(r.replica_id, reported_slot(r)) for r in replicas], self._slot_of, self._core.known)
         self._slot_of = slot_of
         self._replica_of = {slot_of[r.replica_id]: r for r in replicas}
         kv: dict[str, list[SlotName]] = {}
@@ -100,11 +89,12 @@ class KVSchedRequestRouter(RequestRouter):
             for sid in stats.get("kv_sessions", ()) or ():
                 kv.setdefault(str(sid), []).append(slot_of[r.replica_id])
         self._kv_index = kv
-        self._core.set_live(slot for slot, r in self._replica_of.items() if r.replica_id not in self._gone)
+        self._core.set_live(self._replica_of)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._state()
+        self._gone.add(replica_id)  # out for every request, and its slot free for its replacement
         slot = self._slot_of.get(replica_id)
         if slot is not None:
             self._core.mark_down(slot)
@@ -152,7 +142,8 @@ class KVSchedRequestRouter(RequestRouter):
         if not allowed:
             return []  # Ray backs off and asks again; the ingress's deadline bounds the wait
         try:
-            decision = self._core.route(sid, self._loads, self._kv_index.get(sid, ()) if sid else (), avoid)
+            kv = self._kv_index.get(plain_session(sid), ()) if sid else ()
+            decision = self._core.route(sid, self._loads, kv, avoid)
         except NoLiveReplicas:
             return [allowed]
         attempts = self._attempts.get(rid, 0) + 1
@@ -165,10 +156,12 @@ class KVSchedRequestRouter(RequestRouter):
         first = self._replica_of.get(decision.slot)
         if first is None or first not in allowed:
             return [allowed]
-        if attempts <= HOME_ONLY_ATTEMPTS or sid is None:
+        if attempts <= HOME_ONLY_ATTEMPTS and sid is not None:
             return [[first]]
         # The chosen replica refused (max_ongoing_requests) or did not answer the queue-length probe in time on
-        # every home-only try: from then on the others are a fallback rank, least loaded first.
+        # every home-only try, or the request has no session (no KV to keep: found by review, a sessionless request
+        # offered the least-loaded replica alone waited to its deadline while that replica's probe kept failing):
+        # the others are a fallback rank, least loaded first.
         rest = sorted((r for r in allowed if r is not first),
                       key=lambda r: self._loads.get(self._slot_of.get(r.replica_id, SlotName("")), 0))
         return [[first], rest] if rest else [[first]]

@@ -1,9 +1,11 @@
 """What an engine replica reports about itself, read from its own vLLM server: queue depth, recent P95 TTFT and the
 sessions whose KV kvsched keeps pinned there.
 
-TTFT comes from vLLM's `vllm:time_to_first_token_seconds` histogram: the P95 of the requests that finished their first
-token since the previous poll (bucket deltas), held for `hold_s` when nothing new arrived so an idle poll does not
-read as "fast".
+TTFT comes from vLLM's `vllm:time_to_first_token_seconds` histogram (bucket deltas), in two readings:
+- `ttft_p95_s`: the P95 of the requests that had their first token since the previous poll, held for `hold_s` when
+  nothing new arrived, so an idle poll does not read as "fast": it may keep a pool from scaling down;
+- `fresh_ttft_p95()`: the P95 of the first tokens since the previous autoscaling report, None when there were none:
+  the only TTFT a pool scales up on (found by review: the held value scaled an idle pool from 2 to 8 replicas).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class ReplicaStats:
     kv_sessions: list[str] = field(default_factory=list)
     _last_buckets: dict[float, float] = field(default_factory=dict)
     _ttft_at: float = -math.inf
+    _reported_buckets: dict[float, float] = field(default_factory=dict)
 
     def update(self, metrics_text: str, sessions: Mapping[str, Any] | None) -> None:
         scrape = read_metrics(metrics_text)
@@ -113,6 +116,13 @@ class ReplicaStats:
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             body: dict[str, Any] = json.loads(r.read())
         return body
+
+    def fresh_ttft_p95(self) -> float | None:
+        """The P95 TTFT of the first tokens counted since the previous call (None: none since)."""
+        buckets = self._last_buckets
+        delta = {b: c - self._reported_buckets.get(b, 0.0) for b, c in buckets.items()}
+        self._reported_buckets = dict(buckets)
+        return histogram_quantile(delta, 0.95)
 
     def snapshot(self) -> dict[str, Any]:
         return {"queue_depth": self.queue_depth, "running": self.running, "ttft_p95_s": self.ttft_p95_s,
