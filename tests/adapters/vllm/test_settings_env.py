@@ -3,7 +3,6 @@ their flags, the variable named in each message, readers and checks agreeing, an
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import os
@@ -14,7 +13,6 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from kvsched.adapters.vllm import compat  # noqa: E402
 from kvsched.adapters.vllm.settings_check import (  # noqa: E402
     engine_setting_errors,
     engine_setting_warnings,
@@ -24,6 +22,7 @@ from kvsched.adapters.vllm.settings_check import (  # noqa: E402
 )
 from kvsched.adapters.vllm.tier_levels import LevelsConfig  # noqa: E402
 from kvsched.core.disk_tier import DiskConfigError  # noqa: E402
+from tests.adapters.vllm.test_compat_levels import parser  # noqa: E402  (vLLM's options kvsched's hook reads)
 
 ROOT = Path(__file__).resolve().parents[3]
 GIB = 2**30
@@ -33,16 +32,6 @@ GIB = 2**30
 def _no_kvsched_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in [v for v in os.environ if v.startswith("KVSCHED_")]:
         monkeypatch.delenv(var)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
-    p.add_argument("--scheduler-cls", dest="scheduler_cls", default=None)
-    p.add_argument("--middleware", action="append", default=[])
-    p.add_argument("--kv-cache-dtype", default="auto")
-    p.add_argument("--kv-transfer-config", dest="kv_transfer_config", default=None)
-    compat.extend_engine_parser(p)
-    return p
 
 
 def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
