@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from kvsched.core.pin_payback import MIN_GHOST_BLOCKS, PaybackConfig, PinPayback
+from kvsched.core.pin_payback import MEMO_LIMIT, MIN_GHOST_BLOCKS, PaybackConfig, PinPayback
 
 
 def digest(i: int) -> bytes:
@@ -38,3 +38,44 @@ def test_the_ghost_keeps_the_same_books_on_digests_as_on_ids() -> None:
     assert (a.real_hits, a.lru_hits) == (b.real_hits, b.lru_hits)
     assert a.lru_hits > 0 and a.real_hits > 0
     assert [digest(k) for k in a.ghost] == list(b.ghost)  # the same blocks, in the same LRU order
+
+
+def test_a_request_list_grown_by_its_output_keeps_the_same_books_as_fresh_copies() -> None:
+    """The engine passes a request's own block-hash list at its start and again, grown by its output's blocks, at its
+    end; the tracker reuses the start's sampling for the grown list. The books must equal those kept on fresh copies
+    (which never hit the reuse), and a list whose head changed in between must not reuse it."""
+    rng = random.Random(11)
+    sides = [PinPayback(PaybackConfig(sampling=4, window=10, cooldown=10), total_blocks=4 * MIN_GHOST_BLOCKS * 2)
+             for _ in range(2)]
+    for step in range(400):
+        start = rng.randrange(0, 300)
+        prompt = [digest(i) for i in range(start, start + rng.randint(1, 40))]
+        output = [digest(10_000 + step * 10 + j) for j in range(rng.randint(0, 3))]
+        cached = rng.randint(0, len(prompt))
+        same = list(prompt)
+        sides[0].observe(same, cached)
+        same.extend(output)
+        if step % 7 == 0:  # the list was rewritten under the tracker (not vLLM's way, but it must not reuse then)
+            same[len(prompt) - 1] = digest(99_999)
+            sides[1].observe(list(prompt), cached)
+            sides[1].cached(list(same))
+            sides[0].cached(same)
+            continue
+        sides[0].cached(same)
+        sides[1].observe(list(prompt), cached)
+        sides[1].cached(list(prompt) + output)
+    a, b = sides
+    assert (a.real_hits, a.lru_hits) == (b.real_hits, b.lru_hits) and a.lru_hits > 0
+    assert list(a.ghost) == list(b.ghost) and a.running == b.running
+    assert not a._memo  # every list that started also ended: nothing remembered
+    assert 0 < len(b._memo) <= MEMO_LIMIT  # copies are never passed again: remembered until the limit drops them
+
+
+def test_keys_of_mixed_lengths_or_types_take_the_generic_path() -> None:
+    p = PinPayback(PaybackConfig(sampling=8), total_blocks=8 * MIN_GHOST_BLOCKS * 4)
+    keys: list[object] = [digest(i) for i in range(100)]
+    assert p._flags(keys) is not None  # type: ignore[arg-type]
+    assert p._flags(keys[:50] + [b"short"] + keys[50:]) is None  # type: ignore[arg-type]
+    assert p._flags(keys[:50] + [12345] + keys[50:]) is None  # type: ignore[arg-type]
+    p.observe(keys[:50] + [12345] + keys[50:], 10)  # no crash, books kept by the hash path
+    assert p.running

@@ -178,7 +178,9 @@ class SessionPins:
         request = self.scheduler.requests.get(new.req_id)
         prompt = len(new.prompt_token_ids or ())
         full = prompt // self.block_size
-        keys = compat.prompt_block_hashes(request)[:full] if request is not None else []
+        keys = compat.prompt_block_hashes(request) if request is not None else []
+        if len(keys) > full:  # the usual list is the prompt's, passed as is: the tracker remembers its sampling by it
+            keys = keys[:full]
         kv_tokens = prompt + max(int(getattr(request, "max_tokens", 1) or 1) - 1, 0)  # the last sampled token has no KV
         beyond = -(-kv_tokens // self.block_size) - full
         self._reserved[new.req_id] = beyond
