@@ -11,12 +11,14 @@ from typing import Any
 from kvsched.core.pin_payback import PaybackConfig
 
 INT_FIELDS = frozenset({"max_sessions", "payback_sampling", "payback_window", "payback_cooldown"})
+BOOL_FIELDS = frozenset({"payback_from_start"})
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 # KVSCHED_PAYBACK_SAMPLING=auto (the default): the pins' fallback to LRU is on, at this sampling, when the pool has no
-# FP8 tier and pins outlive the default TTL: the one configuration where pins were measured to cost more than LRU
-# (Mooncake traces at 120-600 s without the tier: up to 1.116x LRU's prefill; with the tier, or at 30 s, at most
-# 1.0005x). Off elsewhere: its ghost costs the scheduler ~5% of a step (`kvsched bench sched`, 256 sessions).
+# FP8 tier, at every TTL: without the tier pins were measured to cost more than LRU (Mooncake traces at 120-600 s: up
+# to 1.116x LRU's prefill; adversarial traces at the default 30 s: up to 1.205x, tools/adversarial). Off with the
+# tier, where a released pin's blocks go to the tier and come back from it (0.65-0.95x LRU's prefill). The tracker
+# is fed only once the pool evicts (`PinPayback.arm`), so an engine that never evicts pays nothing for it.
 AUTO_PAYBACK_SAMPLING = 8
-AUTO_PAYBACK_ABOVE_TTL_S = 30.0
 DEFAULT_ROLE_WEIGHTS = MappingProxyType({"orchestrator": 2.0, "planner": 1.5, "worker": 1.0})
 
 
@@ -39,16 +41,19 @@ class RetentionConfig:
     payback_sampling, payback_window, payback_cooldown, payback_margin: the online fallback to LRU
         (`kvsched.core.pin_payback`): 1 block key in `payback_sampling` feeds a ghost LRU pool (0: off, pins always
         on; None, the default, is "auto": `for_pool` turns it on at `AUTO_PAYBACK_SAMPLING` for a pool without the FP8
-        tier whose default TTL exceeds `AUTO_PAYBACK_ABOVE_TTL_S`, off otherwise); with `payback_start_ttl_s` 0,
+        tier, off with it); with `payback_start_ttl_s` 0,
         pins are suspended for `payback_cooldown` requests when, over a window of `payback_window` requests, the
         pool hit fewer than (1 - `payback_margin`) x the ghost's hits.
-    payback_start_ttl_s, payback_gain, payback_floor, payback_deadband: with `payback_start_ttl_s` > 0 (the
-        default: whenever sampling is on), the pin ledger (`kvsched.core.pin_ledger`) replaces that switch: new pins' TTLs are capped at
-        `payback_start_ttl_s` x exp(`payback_gain` x (z -/+ `payback_deadband`)), z the run's hit balance against the
-        ghost LRU in units of its noise (the start while |z| <= the dead band), clamped to
-        [`payback_floor` x `payback_start_ttl_s`, `max_ttl_s`]. `payback_start_ttl_s` 0: the windowed switch.
+    payback_start_ttl_s, payback_gain, payback_gain_down, payback_floor, payback_deadband: with `payback_start_ttl_s`
+        > 0 (the default: whenever sampling is on), the pin ledger (`kvsched.core.pin_ledger`) replaces that switch:
+        new pins' TTLs are capped at `payback_start_ttl_s` x exp(`payback_gain` x (z - `payback_deadband`)) above the
+        dead band, x exp(`payback_gain_down` x (z + `payback_deadband`)) below it, z the run's hit balance against the
+        ghost LRU in units of its noise (the start while |z| <= the dead band), at most `max_ttl_s`, and 0 (no pins)
+        below `payback_floor` x `payback_start_ttl_s`. `payback_start_ttl_s` 0: the windowed switch.
     payback_tier_start_ttl_s: the ledger's start when the pool has an FP8 tier (0, the default: `max_ttl_s`, pins as
         configured until the balance says they lose).
+    payback_from_start: feed the payback tracker from the first request; False (the default): from the pool's first
+        eviction of a cached block (before it pins cannot cost a hit; the ghost is judged once it has filled).
     return_threshold: pin a finished turn only when the online return model (`kvsched.core.return_model`) gives its
         class at least this chance of the session's next turn arriving within `default_ttl_s`; its blocks otherwise go
         to the LRU as in stock vLLM. None (the default): off, every turn is pinned.
@@ -68,9 +73,11 @@ class RetentionConfig:
     payback_margin: float = 0.0
     payback_start_ttl_s: float = 30.0
     payback_gain: float = 0.5
+    payback_gain_down: float = 2.0
     payback_floor: float = 1.0 / 32
     payback_deadband: float = 2.0
     payback_tier_start_ttl_s: float = 0.0
+    payback_from_start: bool = False
     return_threshold: float | None = None
 
     def __post_init__(self) -> None:
@@ -98,8 +105,9 @@ class RetentionConfig:
             raise ValueError("payback_margin must be in (-1, 1)")
         if not (math.isfinite(self.payback_start_ttl_s) and self.payback_start_ttl_s >= 0):
             raise ValueError(f"payback_start_ttl_s must be a finite number >= 0, got {self.payback_start_ttl_s}")
-        if not (math.isfinite(self.payback_gain) and self.payback_gain > 0):
-            raise ValueError(f"payback_gain must be a finite number > 0, got {self.payback_gain}")
+        for name in ("payback_gain", "payback_gain_down"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if not 0.0 <= self.payback_floor <= 1.0:
             raise ValueError(f"payback_floor must be in [0, 1], got {self.payback_floor}")
         if not (math.isfinite(self.payback_tier_start_ttl_s) and self.payback_tier_start_ttl_s >= 0):
@@ -114,16 +122,16 @@ class RetentionConfig:
         (see `AUTO_PAYBACK_SAMPLING`). The engine and the simulator call it before building the policy."""
         if self.payback_sampling is not None:
             return self
-        on = not tier and self.default_ttl_s > AUTO_PAYBACK_ABOVE_TTL_S
-        return replace(self, payback_sampling=AUTO_PAYBACK_SAMPLING if on else 0)
+        return replace(self, payback_sampling=0 if tier else AUTO_PAYBACK_SAMPLING)
 
     def payback(self) -> PaybackConfig:
         """The payback tracker's settings (an unresolved "auto" sampling is off: see `for_pool`)."""
         return PaybackConfig(sampling=self.payback_sampling or 0, window=self.payback_window,
                              cooldown=self.payback_cooldown, margin=self.payback_margin,
-                             start=self.payback_start_ttl_s, gain=self.payback_gain, floor=self.payback_floor,
+                             start=self.payback_start_ttl_s, gain=self.payback_gain, gain_down=self.payback_gain_down,
+                             floor=self.payback_floor,
                              ceiling=self.max_ttl_s, deadband=self.payback_deadband,
-                             tier_start=self.payback_tier_start_ttl_s)
+                             tier_start=self.payback_tier_start_ttl_s, from_start=self.payback_from_start)
 
     def role_weight(self, role: str | None) -> float:
         return float(self.role_weights.get(role or "worker", 1.0))
@@ -154,6 +162,11 @@ class RetentionConfig:
                     updates[f.name] = MappingProxyType(weights)
                 elif f.name == "payback_sampling" and raw.strip().lower() == "auto":
                     updates[f.name] = None
+                elif f.name in BOOL_FIELDS:
+                    flag = raw.strip().lower()
+                    if flag not in BOOL_WORDS:
+                        raise ValueError(f"expected one of {', '.join(sorted(BOOL_WORDS))}")
+                    updates[f.name] = BOOL_WORDS[flag]
                 elif f.name in INT_FIELDS:
                     updates[f.name] = int(raw)
                 else:

@@ -94,11 +94,12 @@ class PinApplier(Generic[B]):
             self.policy.payback.tier_attached()
 
     # ---- events (the adapters' hooks call these) ----------------------------------------------------------------
-    def turn_started(self, key: SessionKey, cached_tokens: int, prompt_keys: Iterable[Hashable] | None = None) -> None:
+    def turn_started(self, key: SessionKey, cached_tokens: int, prompt_keys: Iterable[Hashable] | None = None,
+                     hittable: int | None = None) -> None:
         """The session's request was scheduled with `cached_tokens` from the cache; `prompt_keys`, its prompt's full
         block keys in prefix order (vLLM's block hashes, the trace's ids), feed the pins' payback tracker."""
         if prompt_keys is not None and self.policy.payback.enabled:
-            self.apply(self.policy.prompt_seen(prompt_keys, cached_tokens // self.block_size))
+            self.apply(self.policy.prompt_seen(prompt_keys, cached_tokens // self.block_size, hittable))
         self.apply(self.policy.turn_started(key, cached_tokens))
 
     def turn_finished(self, key: SessionKey, hints: TurnHints, groups: list[list[B]], tokens: int,

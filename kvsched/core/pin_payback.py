@@ -36,9 +36,11 @@ class PaybackConfig:
     window: requests in the decaying window the hits are compared over (also the length of a probe).
     cooldown: requests pins stay suspended before they are probed again.
     margin: pins are suspended when real hits < (1 - margin) x the ghost LRU's hits.
-    start, gain, floor, ceiling, deadband: `start` > 0: no switch; the pin ledger (`kvsched.core.pin_ledger.LedgerConfig`)
+    start, gain, gain_down, floor, ceiling, deadband: `start` > 0: no switch; the pin ledger (`kvsched.core.pin_ledger.LedgerConfig`)
         caps new pins' TTL instead, at `start` seconds while the balance is even.
-    tier_start: the ledger's start once an FP8 tier is attached (0: the ceiling)."""
+    tier_start: the ledger's start once an FP8 tier is attached (0: the ceiling).
+    from_start: fed from the first request; False: from `arm`, which the engine and the simulator call when the pool
+        first evicts a cached block (until then pins cannot cost a hit, and the ghost would only cost time)."""
 
     sampling: int = 8
     window: int = 1000
@@ -46,10 +48,12 @@ class PaybackConfig:
     margin: float = 0.0
     start: float = 0.0
     gain: float = 0.5
+    gain_down: float = 2.0
     floor: float = 1.0 / 32
     ceiling: float = 600.0
     deadband: float = 2.0
     tier_start: float = 0.0
+    from_start: bool = True
 
     def __post_init__(self) -> None:
         if (self.sampling < 0 or self.window < 1 or self.cooldown < 0 or not -1.0 < self.margin < 1.0
@@ -59,14 +63,15 @@ class PaybackConfig:
             self.ledger()  # raises if invalid
 
     def ledger(self) -> LedgerConfig:
-        return LedgerConfig(self.start, self.gain, self.floor, self.ceiling, self.deadband)
+        return LedgerConfig(self.start, self.gain, self.floor, self.ceiling, self.deadband, gain_down=self.gain_down)
 
 
 class PinPayback:
     """The ghost LRU and the decaying hit counts; `pinning` says whether pins are on now."""
 
     __slots__ = ("config", "rate", "threshold", "byte_table", "total", "capacity", "reserved", "ghost", "running",
-                 "decay", "real", "lru", "pinning", "since_switch", "switches", "real_hits", "lru_hits", "ledger", "_memo")
+                 "decay", "real", "lru", "pinning", "since_switch", "switches", "real_hits", "lru_hits", "ledger", "_memo",
+                 "armed", "warm")
 
     def __init__(self, config: PaybackConfig, total_blocks: int) -> None:
         self.config = config
@@ -95,6 +100,16 @@ class PinPayback:
         # same list, grown by the output's blocks, and maps only those (the memo holds the key: no other object has
         # its id meanwhile; vLLM's keys are chained, so an equal key at n - 1 means an equal prefix).
         self._memo: dict[int, tuple[Hashable, int, bytes]] = {}
+        self.armed = config.from_start  # fed now (else from `arm`)
+        self.warm = config.from_start  # the ghost holds what an LRU pool fed all along would: its hits are judged
+
+    def arm(self) -> None:
+        """The pool began to evict cached blocks: from now on the tracker is fed. Its ghost starts empty and is judged
+        once it is full: an LRU pool holds the last distinct blocks it was given, so a full ghost holds what one fed
+        from the start would (the requests in between count for nothing, on either side)."""
+        if not self.armed:
+            self.armed = True
+            self.warm = False
 
     def tier_attached(self) -> None:
         """The pool has an FP8 tier: the ledger restarts from `tier_start` (the ceiling by default)."""
@@ -102,8 +117,9 @@ class PinPayback:
             self.ledger.restart(self.config.tier_start or self.config.ceiling)
 
     def ttl(self, ttl_s: float) -> float:
-        """A new pin's TTL: `ttl_s` (hinted or configured), capped by the pin ledger when it is on."""
-        return ttl_s if self.ledger is None else self.ledger.ttl(ttl_s)
+        """A new pin's TTL: `ttl_s` (hinted or configured), capped by the pin ledger when it is on and fed (before the
+        pool first evicts, a pin of any length costs no hit)."""
+        return ttl_s if self.ledger is None or not self.armed else self.ledger.ttl(ttl_s)
 
     @property
     def enabled(self) -> bool:
@@ -112,7 +128,7 @@ class PinPayback:
     def reserve(self, blocks: int) -> None:
         """Running requests took (`blocks` > 0) or gave back (< 0) blocks outside their prompts' full blocks (decode,
         partial blocks): a plain LRU pool of the same size has that many fewer blocks for its cache meanwhile."""
-        if self.rate:
+        if self.rate and self.armed:
             self.reserved = max(self.reserved + blocks, 0)
 
     def _room(self) -> int:
@@ -122,7 +138,7 @@ class PinPayback:
     def cached(self, keys: Iterable[Hashable]) -> None:
         """A request finished: its full blocks `keys` (prefix order, output included) become evictable, most recent,
         tail first (vLLM frees a request's blocks tail first, so its head is evicted last)."""
-        if not self.rate:
+        if not self.rate or not self.armed:
             return
         ghost, running = self.ghost, self.running
         if isinstance(keys, list) and (flags := self._flags(keys, self._memo.pop(id(keys), None))) is not None:
@@ -143,16 +159,18 @@ class PinPayback:
         while len(ghost) > room:
             ghost.popitem(last=False)
 
-    def observe(self, keys: Iterable[Hashable], cached_blocks: int) -> bool | None:
+    def observe(self, keys: Iterable[Hashable], cached_blocks: int, hittable: int | None = None) -> bool | None:
         """A request started with prompt blocks `keys` (prefix order) of which the first `cached_blocks` were hits in
-        the real pool; it holds them until `cached` is called with them. Updates both sides (and the pin ledger, when
-        on); returns the new `pinning` when it changed, else None."""
-        if not self.rate:
+        the real pool; it holds them until `cached` is called with them. `hittable`: how many of them a hit may cover
+        (vLLM computes a prompt's last token whatever is cached: a block-aligned prompt's last block is never a hit),
+        all if None. Updates both sides (and the pin ledger, when on); returns the new `pinning` when it changed."""
+        if not self.rate or not self.armed:
             return None
         ghost, running = self.ghost, self.running
         sampled: Iterable[Hashable]
         if isinstance(keys, list) and (flags := self._flags(keys)) is not None:
             real = flags.count(1, 0, max(cached_blocks, 0))
+            most = flags.count(1, 0, max(hittable, 0)) if hittable is not None else len(flags)
             sampled = compress(keys, flags)
             memo = self._memo
             if len(memo) >= MEMO_LIMIT:  # requests observed but never cached (the adapter lost them): forget the oldest
@@ -161,6 +179,7 @@ class PinPayback:
         else:
             pairs = list(self._sampled(keys))
             real = sum(1 for pos, _ in pairs if pos < cached_blocks)
+            most = len(pairs) if hittable is None else sum(1 for pos, _ in pairs if pos < hittable)
             sampled = [k for _, k in pairs]
         lru = 0
         prefix = True
@@ -176,6 +195,11 @@ class PinPayback:
         room = self._room()
         while len(ghost) > room:
             ghost.popitem(last=False)
+        if not self.warm:
+            if len(ghost) < room:
+                return None
+            self.warm = True
+        lru = min(lru, most)  # the ghost's prefix hit, as vLLM would have taken it
         self.real_hits += real
         self.lru_hits += lru
         d = self.decay

@@ -115,11 +115,11 @@ class RetentionPolicy:
         self.index.changed(rec)
         return decisions
 
-    def prompt_seen(self, keys: Iterable[Hashable], cached_blocks: int) -> list[Decision]:
+    def prompt_seen(self, keys: Iterable[Hashable], cached_blocks: int, hittable: int | None = None) -> list[Decision]:
         """A request started with prompt block keys `keys` (prefix order), the first `cached_blocks` hit: the pin
         payback tracker compares that with a ghost LRU pool; if pins stop paying, every pin is released now (with its
         pin ledger on, new pins' TTLs are capped instead: `PinPayback.ttl`)."""
-        if self.payback.observe(keys, cached_blocks) is not False:
+        if self.payback.observe(keys, cached_blocks, hittable) is not False:
             return []
         self.counters["payback_suspended"] += 1
         out: list[Decision] = []

@@ -174,6 +174,9 @@ class KVSchedPolicy(SimPolicy):
         self.lineage = Lineage(LineageConfig(max_entries=config.max_sessions),
                                is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned)
         self._payback = self.policy.payback.enabled  # fixed by the configuration
+        # Fed from the pool's first eviction (or pins' first release for a live request), as the engine does.
+        self._payback_waiting = self._payback and not self.policy.payback.armed
+        self._reserved: set[int] = set()  # requests that reserved their blocks beyond the prompt in the tracker
         self.joined: dict[int, tuple[SessionKey, TurnHints] | None] = {}  # request -> its branch and hints
         # (None: served without a session)
         self.anchors: dict[int, Anchor | None] = {}
@@ -233,9 +236,16 @@ class KVSchedPolicy(SimPolicy):
         entry = self.joined.get(i)
         if entry is None:  # no session: the engine's hooks skip it (the payback tracker too)
             return
-        self.policy.payback.reserve(self._beyond_prompt(i))
-        self.pins.turn_started(entry[0], hit_blocks * self.trace.block_size,
-                               prompt_ids.tolist() if self._payback else None)  # the payback tracker's keys
+        payback = self.policy.payback
+        if self._payback_waiting and (self.pool.evictions or self.pool.cache_full):
+            self._arm_payback()
+        fed = self._payback and payback.armed
+        if fed:
+            payback.reserve(self._beyond_prompt(i))
+            self._reserved.add(i)
+        bs = self.trace.block_size  # the payback tracker's keys; a hit covers at most the prompt less its last token
+        self.pins.turn_started(entry[0], hit_blocks * bs, prompt_ids.tolist() if fed else None,
+                               (int(self.trace.prompt_tokens[i]) - 1) // bs)
 
     def on_finished(self, i: int, ids: np.ndarray) -> None:
         anchor = self.anchors.pop(i, None)
@@ -243,7 +253,9 @@ class KVSchedPolicy(SimPolicy):
         if entry is None:
             return
         key, hints = entry
-        self.policy.payback.reserve(-self._beyond_prompt(i))
+        if i in self._reserved:
+            self._reserved.discard(i)
+            self.policy.payback.reserve(-self._beyond_prompt(i))
         blocks = ids.tolist()
         self.pins.turn_finished(key, hints, [blocks], len(ids) * self.trace.block_size, blocks)
         if self.tails and not hints.end:
@@ -293,8 +305,15 @@ class KVSchedPolicy(SimPolicy):
         if self.tier is not None:
             self.tier.unlock_all()
 
+    def _arm_payback(self) -> None:
+        """The pool evicts (or pins hold blocks a live request needs): feed the payback tracker from here."""
+        self._payback_waiting = False
+        self.policy.payback.arm()
+
     def on_shortage(self, i: int, num_new_tokens: int, own_free_hits: int = 0) -> bool:
         entry = self.joined.get(i)
+        if self._payback_waiting:  # pins now cost a live request blocks (as the engine's hook)
+            self._arm_payback()
         return self.pins.on_shortage(entry[0] if entry else None, num_new_tokens, own_free_hits)
 
     def _demote(self, key: SessionKey, blocks: list[tuple[Hashable, int]]) -> int:

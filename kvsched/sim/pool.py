@@ -53,6 +53,12 @@ class BlockPool:
         return self.capacity - self.n_resident - self.n_anon + self.n_evictable
 
     @property
+    def cache_full(self) -> bool:
+        """The next allocation evicts a cached block: no never-cached block is free (vLLM's free queue starts with a
+        cached block)."""
+        return self.n_resident + self.n_anon >= self.capacity and self.n_evictable > 0
+
+    @property
     def num_held(self) -> int:
         """Blocks referenced by a request or a pin."""
         return self.n_resident - self.n_evictable + self.n_anon

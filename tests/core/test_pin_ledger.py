@@ -17,8 +17,8 @@ from tests.conftest import FakeClock
 
 
 def ledger(start: float = 30.0, gain: float = 0.5, floor: float = 1 / 32, ceiling: float = 600.0,
-           deadband: float = 0.0) -> PinLedger:
-    return PinLedger(LedgerConfig(start, gain, floor, ceiling, deadband))
+           deadband: float = 0.0, gain_down: float = 2.0) -> PinLedger:
+    return PinLedger(LedgerConfig(start, gain, floor, ceiling, deadband, gain_down=gain_down))
 
 
 def test_an_even_balance_caps_pins_at_the_start_ttl() -> None:
@@ -35,7 +35,11 @@ def test_the_cap_follows_the_evidence_exactly() -> None:
     led.observe(1, 0)
     z = -1 / math.sqrt(4 + 1 + 1)  # C = -2 + 1, V = 4 + 1
     assert led.evidence == pytest.approx(z)
-    assert led.cap == pytest.approx(30.0 * math.exp(0.5 * z))
+    assert led.cap == pytest.approx(30.0 * math.exp(2.0 * z))  # losing: the gain down
+    up = ledger(gain=0.5)
+    up.observe(2, 0)
+    up.observe(0, 1)
+    assert up.cap == pytest.approx(30.0 * math.exp(0.5 * up.evidence))  # earning: the gain up
 
 
 def test_evidence_within_the_dead_band_leaves_the_cap_at_its_start() -> None:
@@ -48,16 +52,18 @@ def test_evidence_within_the_dead_band_leaves_the_cap_at_its_start() -> None:
     assert led.cap == pytest.approx(30.0 * math.exp(0.5 * (4 / math.sqrt(5) - 1.5)))
     for _ in range(12):
         led.observe(0, 1)  # z = -8 / sqrt(17) = -1.94
-    assert led.cap == pytest.approx(30.0 * math.exp(0.5 * (-8 / math.sqrt(17) + 1.5)))
+    assert led.cap == pytest.approx(30.0 * math.exp(2.0 * (-8 / math.sqrt(17) + 1.5)))
 
 
-def test_losses_shrink_the_cap_to_its_floor_and_earnings_grow_it_to_the_ceiling() -> None:
-    led = ledger(floor=0.25, ceiling=100.0)
+def test_losses_shrink_the_cap_past_its_floor_to_no_pins_and_earnings_grow_it_to_the_ceiling() -> None:
+    led = ledger(floor=0.25, ceiling=100.0, deadband=2.0)
     caps = []
     for _ in range(200):
         led.observe(0, 1)
         caps.append(led.cap)
-    assert caps == sorted(caps, reverse=True) and caps[-1] == 7.5
+    assert caps == sorted(caps, reverse=True) and caps[-1] == 0.0  # below the floor: no pins, stock LRU
+    assert 7.5 <= min(c for c in caps if c) < 30.0  # shrinking, never to a pin shorter than the floor
+    assert led.ttl(30.0) == 0.0
     for _ in range(2000):
         led.observe(2, 0)
     assert led.cap == 100.0 and led.balance == 4000 - 200
@@ -74,7 +80,7 @@ def test_evidence_is_consistency_not_size() -> None:
 
 def test_invalid_settings_are_refused() -> None:
     for bad in ({"start": 0.0}, {"gain": 0.0}, {"floor": 1.5}, {"ceiling": math.inf}, {"start": math.nan},
-                {"deadband": -1.0}):
+                {"deadband": -1.0}, {"gain_down": 0.0}, {"gain_down": math.inf}):
         with pytest.raises(ValueError):
             LedgerConfig(**bad)  # type: ignore[arg-type]
 
@@ -104,7 +110,8 @@ def test_the_tracker_caps_ttls_and_never_switches_with_the_ledger_on() -> None:
 
 def test_the_policy_pins_for_the_capped_ttl() -> None:
     clock = FakeClock(0.0)
-    cfg = RetentionConfig(default_ttl_s=600.0, payback_sampling=1, payback_start_ttl_s=10.0)
+    cfg = RetentionConfig(default_ttl_s=600.0, payback_sampling=1, payback_start_ttl_s=10.0,
+                          payback_from_start=True)
     pol = RetentionPolicy(cfg, clock=clock, total_blocks=100, bytes_per_token=1.0)
     a = SessionKey(SessionId("a"))
     pol.turn_started(a, 0)
@@ -121,14 +128,18 @@ def test_a_restart_moves_the_start_and_keeps_the_floor() -> None:
     led.observe(1, 0)
     led.restart(600.0)
     assert led.cap == pytest.approx(600.0 * math.exp(0.5 / math.sqrt(2)))
+    caps = []
     for _ in range(500):
         led.observe(0, 1)
-    assert led.cap == 15.0  # the floor is still half the configured start
+        caps.append(led.cap)
+    assert 15.0 <= min(c for c in caps if c) < 300.0  # the floor is still half the configured start, not the new one
+    assert caps[-1] == 0.0
 
 
 def test_with_an_fp8_tier_the_ledger_starts_from_its_tier_start() -> None:
     def applier(tier_slots: int, **settings: float) -> PinApplier[int]:
-        cfg = RetentionConfig(payback_sampling=1, max_ttl_s=300.0, **settings)  # type: ignore[arg-type]
+        cfg = RetentionConfig(payback_sampling=1, max_ttl_s=300.0, payback_from_start=True,
+                              **settings)  # type: ignore[arg-type]
         pins: PinApplier[int] = PinApplier(RetentionPolicy(cfg, clock=lambda: 0.0, total_blocks=64,
                                                            bytes_per_token=1.0), pool=None, block_size=16)  # type: ignore[arg-type]
         pins.attach_tier(TierDirectory(TierConfig(budget_bytes=tier_slots * 8), 8, lambda _: 0.0), lambda k, b: 0)
@@ -138,3 +149,14 @@ def test_with_an_fp8_tier_the_ledger_starts_from_its_tier_start() -> None:
     assert applier(4).policy.payback.ttl(600.0) == 300.0  # the ceiling: pins as configured
     assert applier(4, payback_tier_start_ttl_s=5.0).policy.payback.ttl(600.0) == 5.0
     assert applier(4, payback_start_ttl_s=0.0).policy.payback.ledger is None  # the switch: nothing to restart
+
+
+def test_before_the_pool_first_evicts_pins_keep_their_ttl_and_after_it_the_ledger_caps_them() -> None:
+    """Fed from the first eviction (the default), the ledger caps nothing before it: a pin of any length costs no hit
+    while nothing is evicted. From `arm` on, new pins start at the ledger's start."""
+    p = PinPayback(PaybackConfig(sampling=1, start=30.0, ceiling=600.0, from_start=False), total_blocks=64)
+    assert p.ttl(600.0) == 600.0 and not p.armed
+    p.observe([1, 2, 3], 0)  # not fed yet: no books kept
+    assert not p.running and p.ledger is not None and p.ledger.requests == 0
+    p.arm()
+    assert p.ttl(600.0) == 30.0 and p.armed and not p.warm

@@ -88,7 +88,7 @@ def test_small_pools_sample_less_and_zero_turns_it_off() -> None:
 def test_settings_come_from_env_and_are_checked() -> None:
     cfg = RetentionConfig.from_env({"KVSCHED_PAYBACK_SAMPLING": "0", "KVSCHED_PAYBACK_WINDOW": "50",
                                     "KVSCHED_PAYBACK_COOLDOWN": "7", "KVSCHED_PAYBACK_MARGIN": "0.1"})
-    assert cfg.payback() == PaybackConfig(sampling=0, window=50, cooldown=7, margin=0.1, start=30.0)
+    assert cfg.payback() == PaybackConfig(sampling=0, window=50, cooldown=7, margin=0.1, start=30.0, from_start=False)
     with pytest.raises(ValueError, match="KVSCHED_PAYBACK_WINDOW"):
         RetentionConfig.from_env({"KVSCHED_PAYBACK_WINDOW": "0"})
     with pytest.raises(ValueError, match="KVSCHED_PAYBACK_SAMPLING"):
@@ -98,7 +98,8 @@ def test_settings_come_from_env_and_are_checked() -> None:
 
 
 def test_policy_releases_every_pin_and_pins_nothing_while_suspended() -> None:
-    cfg = RetentionConfig(payback_sampling=1, payback_window=2, payback_cooldown=2, payback_start_ttl_s=0.0)
+    cfg = RetentionConfig(payback_sampling=1, payback_window=2, payback_cooldown=2, payback_start_ttl_s=0.0,
+                          payback_from_start=True)
     pol = RetentionPolicy(cfg, clock=lambda: 0.0, total_blocks=100, bytes_per_token=1.0)
     a, b = SessionKey(SessionId("a")), SessionKey(SessionId("b"))
     for k in (a, b):

@@ -133,10 +133,15 @@ SCENARIOS = {  # name: (seed, KVSCHED_* settings, the release reasons the run mu
     "budget": (2, {"KVSCHED_PIN_BUDGET_FRACTION": "0.8"}, {"budget", "pressure", "end"}),
     # the pins' payback tracker fed by both sides (every block key sampled; windows short enough to switch)
     "payback": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_WINDOW": "4", "KVSCHED_PAYBACK_COOLDOWN": "4",
-                    "KVSCHED_PAYBACK_MARGIN": "-0.5", "KVSCHED_PAYBACK_START_TTL_S": "0"}, {"payback", "pressure", "end"}),
+                    "KVSCHED_PAYBACK_MARGIN": "-0.5", "KVSCHED_PAYBACK_START_TTL_S": "0",
+                    "KVSCHED_PAYBACK_FROM_START": "1"}, {"payback", "pressure", "end"}),
+    # the same, fed from the pool's first eviction (the default): both sides start feeding it at the same request
+    "payback_armed": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_WINDOW": "4",
+                          "KVSCHED_PAYBACK_COOLDOWN": "4", "KVSCHED_PAYBACK_MARGIN": "-0.5",
+                          "KVSCHED_PAYBACK_START_TTL_S": "0"}, {"pressure"}),
     # the pin ledger instead of the switch: every key sampled, pins start capped at 4 s with the tier (the trace hints 8 s)
     "ledger": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_TIER_START_TTL_S": "4", "KVSCHED_PAYBACK_GAIN": "1",
-                   "KVSCHED_PAYBACK_DEADBAND": "1"},
+                   "KVSCHED_PAYBACK_DEADBAND": "1", "KVSCHED_PAYBACK_FROM_START": "1"},
                {"ttl", "pressure", "end"}),
 }
 
@@ -162,10 +167,13 @@ def test_the_simulator_applies_the_same_decisions_as_vllm(name, tiny_model_dir):
     assert SCENARIOS[name][2] <= set(seen), seen
     tier = engine.kvsched.tier
     assert sum(a.demoted for a in applied) > 0 and not tier.directory.tail_of
-    if name != "payback":  # suspended pins leave the tier little to do there
-        assert tier.directory.counters["evicted_blocks"] > 0 and tier.stats["restored_blocks"] > 0
+    payback = engine.kvsched.policy.payback
+    if name == "payback":  # suspended pins leave the tier little to do there
+        assert payback.lru_hits > 0
     else:
-        assert engine.kvsched.policy.payback.lru_hits > 0
+        assert tier.directory.counters["evicted_blocks"] > 0 and tier.stats["restored_blocks"] > 0
+    if name == "payback_armed":  # armed by the pool's first eviction, judged once the ghost filled, on both sides
+        assert payback.armed and payback.warm and payback.lru_hits > 0
     if name == "ledger":  # the cap moved with a balance both sides count
         ledger = engine.kvsched.policy.payback.ledger
         assert ledger.balance != 0 and ledger.cap != 4.0

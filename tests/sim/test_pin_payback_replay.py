@@ -17,7 +17,7 @@ def test_ghost_lru_counts_the_hits_of_a_real_lru_replay(pressure: float) -> None
     trace = generate(replace(QUICK, workflows=3))
     capacity = int(trace.peak_live_blocks() / pressure)
     # no pins (max TTL 0): kvsched's pool is the LRU pool, so the ghost and the pool must agree
-    retention = RetentionConfig(max_ttl_s=0.0, default_ttl_s=0.0, payback_sampling=1)
+    retention = RetentionConfig(max_ttl_s=0.0, default_ttl_s=0.0, payback_sampling=1, payback_from_start=True)
     cfg = ReplayConfig(capacity_blocks=capacity, retention=retention)
     lru = replay(trace, "lru", cfg)
     kv = replay(trace, "kvsched", cfg)
@@ -28,11 +28,15 @@ def test_ghost_lru_counts_the_hits_of_a_real_lru_replay(pressure: float) -> None
     assert stats["payback_switches"] == 0
     # the pin ledger sees no pins' effect where there are none: no balance, no noise, its cap stays put
     assert stats["payback_balance"] == stats["payback_variance"] == 0
+    # fed from the pool's first eviction (the default), the ghost starts empty: once full, it holds what the pool holds
+    late = replay(trace, "kvsched", replace(cfg, retention=replace(retention, payback_from_start=False))).policy_stats
+    assert 0 < late["payback_real_hits"] < stats["payback_real_hits"]  # the requests before it filled are not judged
+    assert late["payback_lru_hits"] == pytest.approx(late["payback_real_hits"], rel=0.01)
 
 
-@pytest.mark.parametrize(("ttl", "tier", "on"), [(600.0, False, True), (30.0, False, False), (600.0, True, False)])
+@pytest.mark.parametrize(("ttl", "tier", "on"), [(600.0, False, True), (30.0, False, True), (600.0, True, False)])
 def test_the_replay_resolves_auto_sampling_by_its_pool(ttl: float, tier: bool, on: bool) -> None:
-    """KVSCHED_PAYBACK_SAMPLING=auto, as the engine resolves it: the ghost runs for long pins without the FP8 tier."""
+    """KVSCHED_PAYBACK_SAMPLING=auto, as the engine resolves it: the ghost runs without the FP8 tier, at every TTL."""
     trace = generate(replace(QUICK, workflows=2))
     cfg = ReplayConfig(capacity_blocks=int(trace.peak_live_blocks() / 1.5),
                        retention=RetentionConfig(default_ttl_s=ttl, max_ttl_s=600.0),

@@ -39,9 +39,8 @@ class SessionPins:
         auto = config.payback_sampling is None
         config = config.for_pool(tier=tier is not None and tier.enabled)
         if auto and config.payback_sampling:
-            logger.info("kvsched: pins of %.0f s without the FP8 tier: the fallback to LRU is on (1 block in %d "
-                        "sampled; KVSCHED_PAYBACK_SAMPLING=0 turns it off)", config.default_ttl_s,
-                        config.payback_sampling)
+            logger.info("kvsched: no FP8 tier: the pins' fallback to LRU is on from the pool's first eviction (1 block "
+                        "in %d sampled; KVSCHED_PAYBACK_SAMPLING=0 turns it off)", config.payback_sampling)
         self.policy = RetentionPolicy(
             config, clock, total_blocks=compat.num_total_blocks(scheduler),
             bytes_per_token=compat.kv_bytes_per_token(scheduler), selector=select_candidates,
@@ -53,7 +52,9 @@ class SessionPins:
         self.requests: dict[str, tuple[SessionKey, TurnHints]] = {}
         self.started: set[str] = set()
         self._reserved: dict[str, int] = {}  # request -> blocks it holds beyond its prompt's (the payback tracker's)
-        self._payback = self.policy.payback.enabled  # fixed by the configuration: read once, not per turn
+        # The payback tracker is fed once the pool evicts (read per turn as one attribute, set by `_arm_payback`).
+        self._payback = self.policy.payback.enabled and self.policy.payback.armed
+        self._payback_waiting = self.policy.payback.enabled and not self._payback
         self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
         self.resolver = SessionResolver(self.policy, self.enabled)  # branches and inferred sessions (lineage)
         self.recorder = TraceRecorder.from_env(scheduler, self.enabled)  # KVSCHED_RECORD_TRACE: this engine's traffic
@@ -185,12 +186,23 @@ class SessionPins:
         beyond = -(-kv_tokens // self.block_size) - full
         self._reserved[new.req_id] = beyond
         self.policy.payback.reserve(beyond)
-        self.pins.turn_started(key, int(new.num_computed_tokens), keys)
+        # vLLM's prefix cache hits at most the prompt less its last token
+        self.pins.turn_started(key, int(new.num_computed_tokens), keys, max(prompt - 1, 0) // self.block_size)
+
+    def _arm_payback(self) -> None:
+        """The pool evicts cached blocks (or pins held blocks a live request needed): from here pins can cost hits
+        a plain LRU pool would have had, so the payback tracker is fed (`PinPayback.arm`)."""
+        self._payback_waiting = False
+        self._payback = True
+        self.policy.payback.arm()
+        logger.info("kvsched: the prefix cache is full: the pins' payback tracker starts (judged once its ghost fills)")
 
     def on_shortage(self, request: Any, num_new_tokens: int = 0, own_free_hits: int = 0) -> bool:
         """vLLM could not allocate blocks for a live request: release pins, lowest value first, before vLLM preempts
         or queues anything. True if blocks were freed (the allocation is then retried)."""
         entry = self.requests.get(request.request_id)
+        if self._payback_waiting:  # pins now cost a live request blocks: judge them from here
+            self._arm_payback()
         return self.pins.on_shortage(entry[0] if entry else None, num_new_tokens, own_free_hits)
 
     def make_room(self, blocks: int, exclude: SessionKey) -> None:
@@ -203,6 +215,8 @@ class SessionPins:
 
     def before_schedule(self) -> None:
         """Each scheduler step, before vLLM schedules: TTL expiry, then the tier's due prefetches."""
+        if self._payback_waiting and compat.prefix_cache_full(self.scheduler):
+            self._arm_payback()
         self.expire()
         if self.prefetcher is not None:
             self.prefetcher.on_step()

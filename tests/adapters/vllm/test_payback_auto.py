@@ -1,4 +1,5 @@
-"""The engine resolves KVSCHED_PAYBACK_SAMPLING=auto from its own pool (vLLM's real scheduler; no FP8 tier here)."""
+"""The engine resolves KVSCHED_PAYBACK_SAMPLING=auto from its own pool (vLLM's real scheduler; no FP8 tier here), and
+feeds the tracker only once vLLM's prefix cache is full (its next allocation evicts a cached block)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,61 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.adapters.vllm.conftest import sched  # noqa: E402
+from kvsched.adapters.vllm import compat  # noqa: E402
+from kvsched.adapters.vllm.harness import RequestFactory, run_until_idle  # noqa: E402
+from tests.adapters.vllm.conftest import BLOCK, sched  # noqa: E402
+
+VARS = ("KVSCHED_DEFAULT_TTL_S", "KVSCHED_PAYBACK_SAMPLING", "KVSCHED_PAYBACK_FROM_START")
 
 
-@pytest.mark.parametrize(("env", "on"), [
-    ({}, False),  # the default 30 s TTL
-    ({"KVSCHED_DEFAULT_TTL_S": "600"}, True),
-    ({"KVSCHED_DEFAULT_TTL_S": "600", "KVSCHED_PAYBACK_SAMPLING": "0"}, False),
-])
-def test_long_pins_without_the_tier_turn_the_fallback_on(harness_cfg, monkeypatch, env, on) -> None:
-    for var in ("KVSCHED_DEFAULT_TTL_S", "KVSCHED_PAYBACK_SAMPLING"):
+def _env(monkeypatch, env: dict[str, str]) -> None:
+    for var in VARS:
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
         monkeypatch.setenv(var, value)
+
+
+@pytest.mark.parametrize(("env", "on"), [
+    ({}, True),  # the default 30 s TTL: pins that never pay cost up to 1.205x LRU there too
+    ({"KVSCHED_DEFAULT_TTL_S": "600"}, True),
+    ({"KVSCHED_DEFAULT_TTL_S": "600", "KVSCHED_PAYBACK_SAMPLING": "0"}, False),
+])
+def test_without_the_tier_the_fallback_is_on_at_every_ttl(harness_cfg, monkeypatch, env, on) -> None:
+    _env(monkeypatch, env)
     s = sched(harness_cfg)
     assert s.kvsched.tier is None
     assert s.kvsched.policy.payback.enabled is on
-    assert s.kvsched._payback is on  # the hooks feed the ghost exactly when it is on
+    assert s.kvsched._payback is False  # nothing fed before the pool evicts
+    assert s.kvsched._payback_waiting is on
+
+
+def _one_shots(s, f: RequestFactory, first: int, n: int) -> None:
+    for i in range(n):  # distinct 2-block prompts: each leaves 2 cached blocks behind
+        s.add_request(f.make(list(range(first + 64 * i, first + 64 * i + 32)), 1, session_id=f"s{first}-{i}"))
+        run_until_idle(s)
+
+
+def test_the_tracker_is_fed_from_the_first_full_prefix_cache_and_judged_once_its_ghost_fills(harness_cfg, monkeypatch):
+    _env(monkeypatch, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_DEFAULT_TTL_S": "0"})  # no pins: the pool is LRU
+    s, f = sched(harness_cfg), RequestFactory(BLOCK)
+    payback = s.kvsched.policy.payback
+    _one_shots(s, f, 1000, 10)  # 20 of 63 blocks cached: nothing evicted yet
+    assert not compat.prefix_cache_full(s) and not payback.armed and not payback.ghost and not payback.running
+    _one_shots(s, f, 5000, 40)  # past 63 blocks: the free queue now starts with a cached block
+    assert payback.armed and s.kvsched._payback and not s.kvsched._payback_waiting
+    assert payback.ghost  # fed since
+    _one_shots(s, f, 9000, 60)
+    assert payback.warm
+    # no pins: the pool is an LRU pool, so once judged the ghost agrees with it request for request
+    assert payback.ledger is not None and payback.ledger.balance == 0
+    s.add_request(f.make(list(range(9000 + 64 * 59, 9000 + 64 * 59 + 32)), 1, session_id="again"))
+    run_until_idle(s)
+    assert payback.real_hits == payback.lru_hits > 0
+
+
+def test_from_start_feeds_it_from_the_first_request(harness_cfg, monkeypatch) -> None:
+    _env(monkeypatch, {"KVSCHED_PAYBACK_FROM_START": "1"})
+    s, f = sched(harness_cfg), RequestFactory(BLOCK)
+    assert s.kvsched._payback and s.kvsched.policy.payback.armed
+    _one_shots(s, f, 1000, 2)
+    assert s.kvsched.policy.payback.ghost

@@ -112,6 +112,14 @@ def block_pool_calls(scheduler: Any) -> tuple[Callable[[Sequence[Any]], None], C
     return pool.touch, pool.free_blocks, pool.get_num_free_blocks
 
 
+def prefix_cache_full(scheduler: Any) -> bool:
+    """True when vLLM's next allocation evicts a cached block: the free queue's first block holds a hash (every block
+    never used or freed without one has been taken). O(1)."""
+    queue = block_pool(scheduler).free_block_queue
+    head = queue.fake_free_list_head.next_free_block
+    return head is not None and head is not queue.fake_free_list_tail and head.block_hash is not None
+
+
 def num_free_blocks(scheduler: Any) -> int:
     return int(block_pool(scheduler).get_num_free_blocks())
 
