@@ -117,9 +117,8 @@ class PinPayback:
             self.ledger.restart(self.config.tier_start or self.config.ceiling)
 
     def ttl(self, ttl_s: float) -> float:
-        """A new pin's TTL: `ttl_s` (hinted or configured), capped by the pin ledger when it is on and fed (before the
-        pool first evicts, a pin of any length costs no hit)."""
-        return ttl_s if self.ledger is None or not self.armed else self.ledger.ttl(ttl_s)
+        """A new pin's TTL: `ttl_s` (hinted or configured), capped by the pin ledger when it is on."""
+        return ttl_s if self.ledger is None else self.ledger.ttl(ttl_s)
 
     @property
     def enabled(self) -> bool:

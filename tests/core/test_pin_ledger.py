@@ -151,11 +151,12 @@ def test_with_an_fp8_tier_the_ledger_starts_from_its_tier_start() -> None:
     assert applier(4, payback_start_ttl_s=0.0).policy.payback.ledger is None  # the switch: nothing to restart
 
 
-def test_before_the_pool_first_evicts_pins_keep_their_ttl_and_after_it_the_ledger_caps_them() -> None:
-    """Fed from the first eviction (the default), the ledger caps nothing before it: a pin of any length costs no hit
-    while nothing is evicted. From `arm` on, new pins start at the ledger's start."""
+def test_before_the_pool_first_evicts_the_ledger_is_not_fed_but_still_caps_new_pins_at_its_start() -> None:
+    """Fed from the first eviction (the default): no books before it, but pins made then are capped at the start as
+    well (measured: left at 600 s until the first eviction, they held on as pressure came, 1.083x LRU's prefill on
+    Mooncake synthetic at 1.1x live against 1.000 capped)."""
     p = PinPayback(PaybackConfig(sampling=1, start=30.0, ceiling=600.0, from_start=False), total_blocks=64)
-    assert p.ttl(600.0) == 600.0 and not p.armed
+    assert p.ttl(600.0) == 30.0 and not p.armed
     p.observe([1, 2, 3], 0)  # not fed yet: no books kept
     assert not p.running and p.ledger is not None and p.ledger.requests == 0
     p.arm()
