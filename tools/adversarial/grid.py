@@ -17,6 +17,7 @@ SETS = {
     "pb16": {"KVSCHED_PAYBACK_SAMPLING": "16"},
     "pb32": {"KVSCHED_PAYBACK_SAMPLING": "32"},
     "gain_down0.5": {"KVSCHED_PAYBACK_GAIN_DOWN": "0.5"},
+    "gain_down1": {"KVSCHED_PAYBACK_GAIN_DOWN": "1"},
     "ttl600_switch": {"KVSCHED_DEFAULT_TTL_S": "600", "KVSCHED_PAYBACK_START_TTL_S": "0"},
     "ttl600_budget1": {"KVSCHED_DEFAULT_TTL_S": "600", "KVSCHED_PIN_BUDGET_FRACTION": "1.0"},
     "max86400": {"KVSCHED_MAX_TTL_S": "86400"},

@@ -27,7 +27,7 @@ def read(spec: str) -> dict[tuple[str, float], dict[str, float]]:
 
 def main() -> int:
     out = Path(sys.argv[1])
-    sides = {name: read(path) for name, path in (a.split("=", 1) for a in sys.argv[2:])}
+    sides = {name: read(path) for name, path in (a.rsplit("=", 1) for a in sys.argv[2:])}
     cases: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
     for name, rows in sides.items():
         for (trace, pressure), row in rows.items():
@@ -53,7 +53,7 @@ def main() -> int:
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels, fontsize=7)
     ax.set_xlabel("kvsched prefill / LRU prefill (same run)")
     ax.set_xlim(0.3, max(1.25, max(worst.values(), default=1.0) + 0.02))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
     print(json.dumps(worst))
