@@ -34,6 +34,12 @@ GAUGES = {
                 "once a prefix-cache reset turned the shared level off",
     "tier_kv_rel_rms_error": "Relative RMS error of FP8-tiered KV against the original, sampled at demotion "
                              "(-1: nothing measured; 0 when the cache is already FP8 and stored as is)",
+    "payback_fed": "1 once the pins' fallback to LRU is fed (vLLM's prefix cache has evicted a block), 0 before; only "
+                   "while the fallback is on (KVSCHED_PAYBACK_SAMPLING: by default without the FP8 tier)",
+    "payback_ttl_cap_seconds": "Longest TTL a new pin may get now, by the pins' balance against a ghost LRU pool "
+                               "(0: no pins, the engine runs as stock LRU until the balance recovers)",
+    "payback_balance_blocks": "The pins' prefix hits minus a ghost LRU pool's, sampled blocks, since it was fed "
+                              "(< 0: pins have cost hits)",
 }
 COUNTERS = {
     "sessions_seen": "Distinct sessions seen",
@@ -99,7 +105,7 @@ COUNTERS = {
     "moved_sessions_restored": "Moved sessions whose KV was restored from the shared store",
 }
 TIER_ONLY = frozenset(k for k in (*GAUGES, *COUNTERS) if k.startswith("tier_"))
-LEVEL_PREFIXES = ("disk_tier_", "shared_tier_", "store_", "moved_")  # only when that level is configured
+LEVEL_PREFIXES = ("disk_tier_", "shared_tier_", "store_", "moved_", "payback_")  # only when configured (on)
 API_SIDE = frozenset({"rejected_requests"})  # counted by the API server, rendered whether the engine answers or not
 RELEASE_REASONS = tuple(r.value for r in ReleaseReason)  # every reason (found by review: payback was never exported)
 

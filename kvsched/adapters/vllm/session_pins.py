@@ -323,7 +323,16 @@ class SessionPins:
             **self.resolver.lineage.stats(),
             **(self.tier.tier_stats() if self.tier is not None else {}),
             **(self._prefetch_stats() if self.prefetcher is not None else {}),
+            **self._payback_stats(),
         }
+
+    def _payback_stats(self) -> dict[str, float]:
+        payback = self.policy.payback
+        if not payback.enabled:
+            return {}
+        ledger = payback.ledger
+        return {"payback_fed": float(payback.armed), "payback_balance_blocks": payback.real_hits - payback.lru_hits,
+                "payback_ttl_cap_seconds": ledger.cap if ledger is not None else float(payback.pinning)}
 
     def _prefetch_stats(self) -> dict[str, float]:
         assert self.prefetcher is not None and self.tier is not None

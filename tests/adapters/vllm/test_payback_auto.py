@@ -65,3 +65,19 @@ def test_from_start_feeds_it_from_the_first_request(harness_cfg, monkeypatch) ->
     assert s.kvsched._payback and s.kvsched.policy.payback.armed
     _one_shots(s, f, 1000, 2)
     assert s.kvsched.policy.payback.ghost
+
+
+def test_the_fallback_state_is_exported_while_it_is_on(harness_cfg, monkeypatch) -> None:
+    from kvsched.adapters.vllm.metrics import render_metrics
+
+    _env(monkeypatch, {"KVSCHED_PAYBACK_SAMPLING": "1"})
+    s, f = sched(harness_cfg), RequestFactory(BLOCK)
+    stats = s.kvsched.stats()
+    assert (stats["payback_fed"], stats["payback_ttl_cap_seconds"], stats["payback_balance_blocks"]) == (0.0, 30.0, 0)
+    _one_shots(s, f, 5000, 40)  # the prefix cache fills and evicts: fed from here
+    assert s.kvsched.stats()["payback_fed"] == 1.0
+    body = render_metrics(s.kvsched.stats()).decode()
+    assert "kvsched_payback_fed 1.0" in body and "kvsched_payback_ttl_cap_seconds 30.0" in body
+    _env(monkeypatch, {"KVSCHED_PAYBACK_SAMPLING": "0"})  # off (as with the FP8 tier): no such series at all
+    off = sched(harness_cfg).kvsched.stats()
+    assert not any(k.startswith("payback_") for k in off) and "kvsched_payback_" not in render_metrics(off).decode()
