@@ -176,7 +176,9 @@ class RetentionConfig:
         try:
             return replace(cls(), **updates)
         except ValueError as exc:  # out of range: name the variable that set it
-            names = [n for n in updates if n in str(exc)]
+            # the field the message starts with (payback_gain is a substring of payback_gain_down)
+            names = sorted((n for n in updates if str(exc).startswith(n + " ")), key=len, reverse=True) or \
+                [n for n in updates if n in str(exc)]
             raise ValueError(f"KVSCHED_{names[0].upper() if names else '*'}: {exc}") from None
 
     def as_dict(self) -> dict[str, Any]:

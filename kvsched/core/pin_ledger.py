@@ -94,7 +94,7 @@ class PinLedger:
         c = self.config
         if z < -c.deadband:  # losing: shrink fast, and below the floor no pins at all
             cap = self.start * math.exp(max(c.gain_down * (z + c.deadband), -700.0))
-            self._cap = cap if cap >= self._lo else 0.0
+            self._cap = min(cap, self._hi) if cap >= self._lo else 0.0
             return
         z = z - c.deadband if z > c.deadband else 0.0
         self._cap = min(max(self.start * math.exp(min(c.gain * z, 700.0)), self._lo), self._hi)

@@ -214,6 +214,8 @@ class KVSchedPolicy(SimPolicy):
 
     # ---- the SessionPins hooks ----------------------------------------------------------------------------------
     def tick(self) -> None:
+        if self._payback_waiting and (self.pool.evictions or self.pool.cache_full):  # as the engine, before the step
+            self._arm_payback()
         self.pins.expire()
 
     def on_arrival(self, i: int) -> None:
@@ -237,8 +239,6 @@ class KVSchedPolicy(SimPolicy):
         if entry is None:  # no session: the engine's hooks skip it (the payback tracker too)
             return
         payback = self.policy.payback
-        if self._payback_waiting and (self.pool.evictions or self.pool.cache_full):
-            self._arm_payback()
         fed = self._payback and payback.armed
         if fed:
             payback.reserve(self._beyond_prompt(i))

@@ -47,3 +47,9 @@ def test_the_tracker_waits_for_the_first_eviction_unless_told_otherwise() -> Non
     assert RetentionConfig.from_env({"KVSCHED_PAYBACK_FROM_START": " OFF "}).payback_from_start is False
     with pytest.raises(ValueError, match="KVSCHED_PAYBACK_FROM_START"):
         RetentionConfig.from_env({"KVSCHED_PAYBACK_FROM_START": "2"})
+
+
+def test_a_bad_gain_down_is_named_not_the_gain_it_extends() -> None:
+    """Found by review: payback_gain is a substring of payback_gain_down, and the error named the wrong variable."""
+    with pytest.raises(ValueError, match="^KVSCHED_PAYBACK_GAIN_DOWN: "):
+        RetentionConfig.from_env({"KVSCHED_PAYBACK_GAIN": "0.5", "KVSCHED_PAYBACK_GAIN_DOWN": "0"})

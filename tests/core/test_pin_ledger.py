@@ -161,3 +161,14 @@ def test_before_the_pool_first_evicts_the_ledger_is_not_fed_but_still_caps_new_p
     assert not p.running and p.ledger is not None and p.ledger.requests == 0
     p.arm()
     assert p.ttl(600.0) == 30.0 and p.armed and not p.warm
+
+
+def test_a_losing_cap_never_exceeds_the_ceiling() -> None:
+    """Found by review: with the start above the ceiling (KVSCHED_MAX_TTL_S=10), the cap jumped from 10 to 27.6 at the
+    first loss past the dead band (the exported gauge; pins themselves are held to the max TTL anyway)."""
+    led = ledger(start=30.0, ceiling=10.0, deadband=2.0)
+    caps = []
+    for _ in range(40):
+        led.observe(0, 1)
+        caps.append(led.cap)
+    assert max(caps) <= 10.0 and caps[-1] == 0.0

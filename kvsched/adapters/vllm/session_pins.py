@@ -35,6 +35,10 @@ class SessionPins:
     def __init__(self, scheduler: Any, config: RetentionConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.scheduler = scheduler
         self.block_size = int(scheduler.cache_config.block_size)
+        # A request's block hashes are at vLLM's hash block size (finer than the cache block for some hybrid models):
+        # the payback tracker takes each cache block's last one, so its positions count cache blocks.
+        hashed = compat.hash_block_size(scheduler)
+        self._hash_step = self.block_size // hashed if hashed and self.block_size % hashed == 0 else 1
         tier = compat.fp8_tier(scheduler)  # the FP8 tier (if configured): pins released for pressure or budget go there
         auto = config.payback_sampling is None
         config = config.for_pool(tier=tier is not None and tier.enabled)
@@ -151,7 +155,7 @@ class SessionPins:
         tokens = compat.block_tokens(groups[0], self.block_size) if groups else 0
         if self._payback:  # the ghost LRU caches what stock vLLM would: the request's full blocks
             self.policy.payback.reserve(-self._reserved.pop(request.request_id, 0))
-            self.pins.turn_finished(key, hints, groups, tokens, compat.prompt_block_hashes(request))
+            self.pins.turn_finished(key, hints, groups, tokens, self._block_keys(request))
         else:
             self.pins.turn_finished(key, hints, groups, tokens)  # a last turn's tier blocks go too
         if hints.end:
@@ -179,7 +183,7 @@ class SessionPins:
         request = self.scheduler.requests.get(new.req_id)
         prompt = len(new.prompt_token_ids or ())
         full = prompt // self.block_size
-        keys = compat.prompt_block_hashes(request) if request is not None else []
+        keys = self._block_keys(request) if request is not None else []
         if len(keys) > full:  # the usual list is the prompt's, passed as is: the tracker remembers its sampling by it
             keys = keys[:full]
         kv_tokens = prompt + max(int(getattr(request, "max_tokens", 1) or 1) - 1, 0)  # the last sampled token has no KV
@@ -188,6 +192,13 @@ class SessionPins:
         self.policy.payback.reserve(beyond)
         # vLLM's prefix cache hits at most the prompt less its last token
         self.pins.turn_started(key, int(new.num_computed_tokens), keys, max(prompt - 1, 0) // self.block_size)
+
+    def _block_keys(self, request: Any) -> list[Any]:
+        """The request's block hashes, one per cache block (the list itself when the sizes agree: the tracker remembers
+        its sampling by it)."""
+        hashes = compat.prompt_block_hashes(request)
+        step = self._hash_step
+        return hashes if step == 1 else hashes[step - 1::step]
 
     def _arm_payback(self) -> None:
         """The pool evicts cached blocks (or pins held blocks a live request needed): from here pins can cost hits
@@ -331,8 +342,9 @@ class SessionPins:
         if not payback.enabled:
             return {}
         ledger = payback.ledger
+        cap = ledger.cap if ledger is not None else self.policy.config.max_ttl_s if payback.pinning else 0.0  # switch
         return {"payback_fed": float(payback.armed), "payback_balance_blocks": payback.real_hits - payback.lru_hits,
-                "payback_ttl_cap_seconds": ledger.cap if ledger is not None else float(payback.pinning)}
+                "payback_ttl_cap_seconds": cap}
 
     def _prefetch_stats(self) -> dict[str, float]:
         assert self.prefetcher is not None and self.tier is not None

@@ -81,3 +81,14 @@ def test_the_fallback_state_is_exported_while_it_is_on(harness_cfg, monkeypatch)
     _env(monkeypatch, {"KVSCHED_PAYBACK_SAMPLING": "0"})  # off (as with the FP8 tier): no such series at all
     off = sched(harness_cfg).kvsched.stats()
     assert not any(k.startswith("payback_") for k in off) and "kvsched_payback_" not in render_metrics(off).decode()
+
+
+def test_the_cap_gauge_of_the_windowed_switch_is_in_seconds(harness_cfg, monkeypatch) -> None:
+    """Found by review: with the windowed switch (no ledger) the gauge read 1.0 "seconds" while pins were on."""
+    _env(monkeypatch, {"KVSCHED_PAYBACK_SAMPLING": "1"})
+    monkeypatch.setenv("KVSCHED_PAYBACK_START_TTL_S", "0")
+    s = sched(harness_cfg)
+    assert s.kvsched.policy.payback.ledger is None
+    assert s.kvsched.stats()["payback_ttl_cap_seconds"] == s.kvsched.policy.config.max_ttl_s
+    s.kvsched.policy.payback.pinning = False  # suspended: no pins
+    assert s.kvsched.stats()["payback_ttl_cap_seconds"] == 0.0
