@@ -133,8 +133,11 @@ def turn_after_flood(server, session, salt=None):
 def test_a_session_released_under_pressure_is_restored_from_the_tier(tier_server):
     first, second, before, after, _ = turn_after_flood(tier_server, "restored")
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    assert after["kvsched_tier_demoted_blocks_total"] >= first.usage.prompt_tokens // 32
-    assert d["kvsched_tier_restores_total"] == 1
+    # the turn's tier and prefix-cache figures in every failure message (once, under a loaded host's full run, this
+    # turn restored nothing and the module passed on its next three runs: the figures tell a set-up from a bug)
+    seen = {k: v for k, v in d.items() if v and ("tier" in k or "prefix_cache" in k)}
+    assert after["kvsched_tier_demoted_blocks_total"] >= first.usage.prompt_tokens // 32, seen
+    assert d["kvsched_tier_restores_total"] == 1, seen
     # queued before it was scheduled: its full blocks were prefetched into the prefix cache (local hits), the partial
     # last block of the first turn came with its admission (an external hit)
     assert d["kvsched_tier_prefetched_restores_total"] == 1 and d["kvsched_tier_wasted_prefetches_total"] == 0
@@ -170,12 +173,13 @@ def test_a_session_whose_pin_expired_is_restored_from_the_tier(tier_server):
     chat(tier_server, history, session=session, max_tokens=16)
     after = tier_server.metrics()
     d = {k: after.get(k, 0.0) - start.get(k, 0.0) for k in after}
+    seen = {k: v for k, v in d.items() if v and ("tier" in k or "prefix_cache" in k)}  # in failure messages
     restored = d["vllm:external_prefix_cache_hits_total"] + d["kvsched_tier_prefetch_hit_tokens_total"]
-    assert restored >= (first.usage.prompt_tokens // 32) * 32 - 32  # its whole prefix, block for block
+    assert restored >= (first.usage.prompt_tokens // 32) * 32 - 32, seen  # its whole prefix, block for block
     # restored while its request queued, into a pin its expired TTL no longer releases before the turn starts: the
     # turn hits the prefetched blocks themselves (before 05ef1b3 that pin was released at once, the prefetch counted
     # wasted, and the turn's hits were plain prefix hits). Other sessions' prefetches may run meanwhile: not counted.
-    assert d["kvsched_tier_prefetch_hit_tokens_total"] >= (first.usage.prompt_tokens // 32) * 32 - 32
+    assert d["kvsched_tier_prefetch_hit_tokens_total"] >= (first.usage.prompt_tokens // 32) * 32 - 32, seen
     assert d["kvsched_tier_load_failures_total"] == 0
 
 
