@@ -137,7 +137,7 @@ class CompactionConfig:
                 if f.name == "client_strategies":
                     updates[f.name] = tuple(parse_strategy(p) for p in raw.split(",") if p.strip())
                 elif isinstance(default, bool):
-                    updates[f.name] = _parse_bool(raw)
+                    updates[f.name] = parse_bool(raw)
                 elif isinstance(default, int):
                     updates[f.name] = int(raw)
                 elif isinstance(default, float):
@@ -156,10 +156,11 @@ class CompactionConfig:
             raise InvalidCompactionInput(f"{var}: {exc}") from None
 
 
-def _parse_bool(raw: str) -> bool:
+def parse_bool(raw: str) -> bool:
+    """A KVSCHED_* boolean: 1/true/yes/on or 0/false/no/off (or empty); anything else raises ValueError."""
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(raw)
+    raise ValueError(f"expected 1/true/yes/on or 0/false/no/off, got {raw!r}")

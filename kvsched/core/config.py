@@ -8,11 +8,11 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any
 
+from kvsched.core.compaction_config import parse_bool
 from kvsched.core.pin_payback import PaybackConfig
 
 INT_FIELDS = frozenset({"max_sessions", "payback_sampling", "payback_window", "payback_cooldown"})
 BOOL_FIELDS = frozenset({"payback_from_start"})
-BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 # KVSCHED_PAYBACK_SAMPLING=auto (the default): the pins' fallback to LRU is on, at this sampling, when the pool has no
 # FP8 tier, at every TTL: without the tier pins were measured to cost more than LRU (Mooncake traces at 120-600 s: up
 # to 1.116x LRU's prefill; adversarial traces at the default 30 s: up to 1.205x, tools/adversarial). Off with the
@@ -163,10 +163,7 @@ class RetentionConfig:
                 elif f.name == "payback_sampling" and raw.strip().lower() == "auto":
                     updates[f.name] = None
                 elif f.name in BOOL_FIELDS:
-                    flag = raw.strip().lower()
-                    if flag not in BOOL_WORDS:
-                        raise ValueError(f"expected one of {', '.join(sorted(BOOL_WORDS))}")
-                    updates[f.name] = BOOL_WORDS[flag]
+                    updates[f.name] = parse_bool(raw)
                 elif f.name in INT_FIELDS:
                     updates[f.name] = int(raw)
                 else:
