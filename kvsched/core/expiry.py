@@ -31,6 +31,18 @@ class ExpiryQueue:
         if rec.expiry_queued is None or rec.expires_at < rec.expiry_queued:
             self.push(rec, rec.expires_at)
 
+    def clamp(self, sessions: Mapping[SessionKey, SessionRecord], ttl_s: float) -> int:
+        """Held pins' TTLs bounded by `ttl_s` (the pin ledger's fallen cap), queued for their new expiry (those now
+        past it are released by the next `due`). O(sessions), at most once per halving of the cap. Returns how many
+        pins it shortened."""
+        n = 0
+        for rec in sessions.values():
+            if rec.pinned_blocks and rec.ttl_s > ttl_s:
+                rec.ttl_s = ttl_s
+                self.queue(rec)
+                n += 1
+        return n
+
     def due(self, sessions: Mapping[SessionKey, SessionRecord], now: float) -> list[SessionRecord]:
         """The pinned sessions whose TTL has run out by `now`, except those whose next request is already queued: the
         session is back (its turn's start hands the blocks to the request; a prefetch from the tier may have made
@@ -39,6 +51,7 @@ class ExpiryQueue:
         heap = self.heap
         out: list[SessionRecord] = []
         back: list[SessionRecord] = []
+        taken: set[SessionKey] = set()
         while heap and heap[0][0] <= now:
             t, _, key = heapq.heappop(heap)
             rec = sessions.get(key)
@@ -46,8 +59,9 @@ class ExpiryQueue:
                 continue
             if rec.expiry_queued == t:
                 rec.expiry_queued = None
-            if not rec.pinned_blocks:
+            if not rec.pinned_blocks or key in taken:  # `clamp` can leave a session two entries due at once
                 continue
+            taken.add(key)
             if rec.expires_at > now:
                 if rec.expiry_queued is None:
                     self.push(rec, rec.expires_at)

@@ -18,9 +18,16 @@ is not monotone in their TTL: on adversarial traces (tools/adversarial) pins of 
 pins and none (bursts that outlive a short pin but not its cost; a huge session a 2 s pin still crowds out), so a
 slow shrink (the gain up, 0.5) spent the run there: up to 1.086x LRU's prefill, against 1.036x with 2 and the cut-off.
 Comparing windows instead suspended pins that lose hits in the short run and pay them back later (the generated
-fleet); the cumulative balance keeps what they paid back. The cap is a function of (C, V) alone: no state to wind up.
-The dead band keeps pins as configured while the balance is within noise: there the pins' whole effect is smaller
-than what acting on noise costs (a cap cut on an early dip loses the pins' later gain).
+fleet); the cumulative balance keeps what they paid back. The dead band keeps pins as configured while the balance
+is within noise: there the pins' whole effect is smaller than what acting on noise costs.
+
+Three rules around the cut (cap 0), measured on the adversarial grid (BENCHMARKS.md):
+- a fallen cap bounds the pins already held too (`clamp_due`): pins made while pins paid kept costing after the cut;
+- once cut, pins stay off until the balance is back within the dead band (not just above the cut), so the cap does
+  not flicker between 0 and a second, each flicker a few more losing pins;
+- with no pins the pool is LRU's and the balance stops moving, so a cut on an early loss would never learn that pins
+  pay later: after a cool-down (MIN_COOLDOWN observed requests, doubling after each cut) pins are probed at `start`
+  for PROBE_REQUESTS requests, whose hits count in the balance like any others.
 
 With the FP8 tier the adapter restarts the cap from another start (`restart`; by default the ceiling: pins as
 configured until the balance says they lose): a released or expired pin's blocks go to the tier and come back from it,
@@ -32,6 +39,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+MIN_COOLDOWN = 200  # observed requests before pins are first tried again after a cut
+PROBE_REQUESTS = 100  # observed requests a probe keeps pins on
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +72,8 @@ class LedgerConfig:
 class PinLedger:
     """The run's hit balance against the ghost LRU and the TTL cap it sets."""
 
-    __slots__ = ("config", "balance", "variance", "requests", "start", "_cap", "_lo", "_hi")
+    __slots__ = ("config", "balance", "variance", "requests", "start", "_cap", "_lo", "_hi", "_clamped",
+                 "probes", "_failures", "_probe_until", "_resume_at")
 
     def __init__(self, config: LedgerConfig) -> None:
         self.config = config
@@ -73,6 +84,11 @@ class PinLedger:
         self._lo = config.floor * config.start
         self._hi = max(config.ceiling, self._lo)
         self._cap = min(max(config.start, self._lo), self._hi)
+        self._clamped = self._cap  # the cap held pins were last bounded by (`clamp_due`)
+        self.probes = 0  # trials of pins after a cut (`_probe`)
+        self._failures = 0  # cuts since pins last earned (z above the dead band): each doubles the next cool-down
+        self._probe_until = 0  # requests until which a probe holds the cap at `start`
+        self._resume_at = -1  # requests at which pins are tried again, while the cap is 0
 
     def restart(self, start: float) -> None:
         """Take `start` seconds as the cap while the balance is even from now on (the floor stays the configured
@@ -83,21 +99,61 @@ class PinLedger:
     def observe(self, real: int, lru: int) -> None:
         """A request started with `real` sampled hits in the pool and `lru` in the ghost LRU."""
         self.requests += 1
+        if self._resume_at >= 0 and self.requests >= self._resume_at:
+            self._probe()
+        elif self._probe_until and self.requests >= self._probe_until:
+            self._probe_until = 0
+            self._update()
         d = real - lru
         if d:
             self.balance += d
             self.variance += d * d
             self._update()
 
+    def _probe(self) -> None:
+        """Pins again for PROBE_REQUESTS requests after a cut, whatever the balance, which they add to: with no pins
+        the pool is LRU's and the balance stops moving, so a cut on an early loss would never learn that pins pay
+        later (g_liar_orchestrator at 1.1x: 0.71x LRU's prefill while pins made before the cut ran on, 1.005x when
+        they were released with it). A probe costs at most its requests' worth of pins; the cool-downs between
+        probes double while pins keep losing, so the probes' cost grows as log(requests)."""
+        self.probes += 1
+        self._resume_at = -1
+        self._probe_until = self.requests + PROBE_REQUESTS
+        self._cap = min(max(self.start, self._lo), self._hi)
+
     def _update(self) -> None:
+        if self._probe_until:
+            return
         z = self.evidence
         c = self.config
         if z < -c.deadband:  # losing: shrink fast, and below the floor no pins at all
+            if self._resume_at >= 0:  # cut: pins come back with a probe, or once the balance is back within noise
+                return
             cap = self.start * math.exp(max(c.gain_down * (z + c.deadband), -700.0))
+            if cap < self._lo and self._cap > 0:  # the cut: pins are tried again after a cool-down
+                self._resume_at = self.requests + MIN_COOLDOWN * (1 << min(self._failures, 30))
+                self._failures += 1
             self._cap = min(cap, self._hi) if cap >= self._lo else 0.0
             return
+        self._resume_at = -1
+        if z > c.deadband:
+            self._failures = 0
         z = z - c.deadband if z > c.deadband else 0.0
         self._cap = min(max(self.start * math.exp(min(c.gain * z, 700.0)), self._lo), self._hi)
+
+    def clamp_due(self) -> float | None:
+        """The cap, when it has fallen to half the cap held pins were last bounded by, or to 0: pins already held
+        take it as their TTL's bound too. A pin made while pins paid keeps costing hits once they no longer do (on
+        a_burst_liar_big at 1.5x, 4/5 of the balance was lost after the cut, to pins made before it). None otherwise
+        (and a risen cap is only noted: a held pin's TTL never grows)."""
+        cap = self._cap
+        if cap >= self._clamped:
+            self._clamped = cap
+            return None
+        if cap > 0.5 * self._clamped:
+            return None
+        self._clamped = cap
+        return cap
 
     @property
     def evidence(self) -> float:

@@ -120,6 +120,10 @@ class PinPayback:
         """A new pin's TTL: `ttl_s` (hinted or configured), capped by the pin ledger when it is on."""
         return ttl_s if self.ledger is None else self.ledger.ttl(ttl_s)
 
+    def clamp_due(self) -> float | None:
+        """A TTL bound for held pins, when the pin ledger's cap has just fallen far enough (`PinLedger.clamp_due`)."""
+        return None if self.ledger is None else self.ledger.clamp_due()
+
     @property
     def enabled(self) -> bool:
         return self.rate > 0

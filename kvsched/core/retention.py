@@ -51,7 +51,6 @@ class RetentionPolicy:
         self.selector = selector
         self.sessions: OrderedDict[SessionKey, SessionRecord] = OrderedDict()  # least recently active first
         self.pinned_blocks_total = 0
-        # Lazy heap of (time, seq, key): one entry per pinned session no later than its expiry, not one per turn.
         self.expiry = ExpiryQueue()
         self.counters: Counter[str] = Counter()
         self.gaps = GapModel(self.GAP_WINDOW, self.MIN_TAIL_SAMPLES)
@@ -116,16 +115,17 @@ class RetentionPolicy:
         return decisions
 
     def prompt_seen(self, keys: Iterable[Hashable], cached_blocks: int, hittable: int | None = None) -> list[Decision]:
-        """A request started with prompt block keys `keys` (prefix order), the first `cached_blocks` hit: the pin
-        payback tracker compares that with a ghost LRU pool; if pins stop paying, every pin is released now (with its
-        pin ledger on, new pins' TTLs are capped instead: `PinPayback.ttl`)."""
-        if self.payback.observe(keys, cached_blocks, hittable) is not False:
+        """A request started with prompt block keys `keys` (prefix order), the first `cached_blocks` hit, for the pins'
+        payback tracker (a ghost LRU): its switch releases every pin; its ledger's cap bounds new and held pins' TTLs."""
+        switched = self.payback.observe(keys, cached_blocks, hittable)
+        if (cap := self.payback.clamp_due()) is not None:  # the ledger's cap fell (`PinLedger.clamp_due`)
+            self.counters["payback_clamped_pins"] += self.expiry.clamp(self.sessions, cap)
+        if switched is not False:
             return []
         self.counters["payback_suspended"] += 1
         out: list[Decision] = []
         for key in self.release_order():  # lowest value first: its blocks are evicted first
-            rec = self.sessions[key]
-            out.append(self._release(rec, ReleaseReason.PAYBACK))
+            out.append(self._release(rec := self.sessions[key], ReleaseReason.PAYBACK))
             self.index.changed(rec)
         return out
 

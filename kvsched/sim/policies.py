@@ -327,7 +327,8 @@ class KVSchedPolicy(SimPolicy):
         # The balance and its variance (sums over requests: replicas add up) give the ledger's evidence,
         # balance / sqrt(variance + 1), in units of the per-request differences' own noise.
         return {} if ledger is None else {"payback_balance": ledger.balance, "payback_variance": ledger.variance,
-                                          "payback_ttl_cap_s": ledger.cap}
+                                          "payback_ttl_cap_s": ledger.cap, "payback_probes": ledger.probes,
+                                          "payback_clamped_pins": self.policy.counters["payback_clamped_pins"]}
 
     def stats(self) -> dict[str, float]:
         c = self.policy.counters

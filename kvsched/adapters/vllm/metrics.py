@@ -103,6 +103,10 @@ COUNTERS = {
                                 "next turn)",
     "moved_sessions": "Sessions whose first request here had last been served by another replica (per the store)",
     "moved_sessions_restored": "Moved sessions whose KV was restored from the shared store",
+    "payback_probes": "Times pins were tried again after the pins' fallback to LRU had cut them off (100 requests "
+                      "each; the pause before the next doubles while they keep losing)",
+    "payback_clamped_pins": "Times a held pin's TTL was shortened because the fallback's TTL cap fell (to half of "
+                            "its last bound, or to 0)",
 }
 TIER_ONLY = frozenset(k for k in (*GAUGES, *COUNTERS) if k.startswith("tier_"))
 LEVEL_PREFIXES = ("disk_tier_", "shared_tier_", "store_", "moved_", "payback_")  # only when configured (on)

@@ -344,7 +344,8 @@ class SessionPins:
         ledger = payback.ledger
         cap = ledger.cap if ledger is not None else self.policy.config.max_ttl_s if payback.pinning else 0.0  # switch
         return {"payback_fed": float(payback.armed), "payback_balance_blocks": payback.real_hits - payback.lru_hits,
-                "payback_ttl_cap_seconds": cap}
+                "payback_ttl_cap_seconds": cap, "payback_probes": ledger.probes if ledger is not None else 0,
+                "payback_clamped_pins": self.policy.counters["payback_clamped_pins"]}
 
     def _prefetch_stats(self) -> dict[str, float]:
         assert self.prefetcher is not None and self.tier is not None

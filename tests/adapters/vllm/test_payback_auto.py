@@ -92,3 +92,26 @@ def test_the_cap_gauge_of_the_windowed_switch_is_in_seconds(harness_cfg, monkeyp
     assert s.kvsched.stats()["payback_ttl_cap_seconds"] == s.kvsched.policy.config.max_ttl_s
     s.kvsched.policy.payback.pinning = False  # suspended: no pins
     assert s.kvsched.stats()["payback_ttl_cap_seconds"] == 0.0
+
+
+def test_pins_held_when_the_cap_falls_to_zero_are_released_at_the_next_step(harness_cfg, monkeypatch) -> None:
+    """The ledger's cap bounds pins already held, not only new ones: pins made while pins paid kept costing after
+    the cut (tools/adversarial a_burst_liar_big at 1.5x: 4/5 of the loss came after it)."""
+    from kvsched.adapters.vllm.metrics import render_metrics
+
+    _env(monkeypatch, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_FROM_START": "1"})
+    s, f = sched(harness_cfg), RequestFactory(BLOCK)
+    s.add_request(f.make(list(range(100, 164)), 1, session_id="held"))
+    run_until_idle(s)
+    held = next(k for k in s.kvsched.pinned if k.session_id == "held")
+    assert s.kvsched.block_refs and s.kvsched.policy.sessions[held].ttl_s == 30.0
+    ledger = s.kvsched.policy.payback.ledger
+    assert ledger is not None
+    while ledger.cap > 0:  # pins lose (as the ghost would have shown): the cut
+        ledger.observe(0, 5)
+    s.add_request(f.make(list(range(5000, 5032)), 1, session_id="next"))  # its start applies the fallen cap
+    run_until_idle(s)
+    assert held not in s.kvsched.pinned and not s.kvsched.block_refs  # released, and the new turn pinned nothing
+    stats = s.kvsched.stats()
+    assert stats["payback_clamped_pins"] >= 1 and stats["payback_ttl_cap_seconds"] == 0.0
+    assert "kvsched_payback_clamped_pins_total" in render_metrics(stats).decode()
