@@ -23,8 +23,8 @@ from itertools import compress
 
 from kvsched.core.pin_ledger import LedgerConfig, PinLedger
 
-_MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads sequential ids (the simulator's) over the key space
-_MASK = (1 << 64) - 1
+MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads sequential ids (the simulator's) over the key space
+MASK = (1 << 64) - 1
 MIN_GHOST_BLOCKS = 64  # below this a sampled ghost is too small to mirror the pool: sample less
 MEMO_LIMIT = 4096  # key lists remembered between `observe` and `cached` (running requests; a list never passed to
 # `cached`, e.g. a copy, is forgotten oldest first past it; a forgotten one is only sampled again)
@@ -69,7 +69,8 @@ class PaybackConfig:
 class PinPayback:
     """The ghost LRU and the decaying hit counts; `pinning` says whether pins are on now."""
 
-    __slots__ = ("config", "rate", "threshold", "byte_table", "total", "capacity", "reserved", "ghost", "running",
+    __slots__ = ("config", "rate", "threshold", "byte_table", "id_table", "total", "capacity", "reserved", "ghost",
+                 "running",
                  "decay", "real", "lru", "pinning", "since_switch", "switches", "real_hits", "lru_hits", "ledger", "_memo",
                  "armed", "warm")
 
@@ -83,6 +84,7 @@ class PinPayback:
         # step, and a per-key filter in C still cost ~10 us per turn on ~190-block prompts, whatever the rate.
         limit = 256 // rate if rate and 256 % rate == 0 else 0
         self.byte_table = bytes(int(b < limit) for b in range(256)) if limit else None
+        self.id_table: bytes | None = None  # dense int keys (the simulator's ids): key k is sampled iff id_table[k]
         self.total = total_blocks
         self.capacity = max(total_blocks // rate, 1) if rate else 0
         self.reserved = 0  # blocks running requests hold beyond their prompt's (decode, partial): not cacheable now
@@ -175,10 +177,11 @@ class PinPayback:
             real = flags.count(1, 0, max(cached_blocks, 0))
             most = flags.count(1, 0, max(hittable, 0)) if hittable is not None else len(flags)
             sampled = compress(keys, flags)
-            memo = self._memo
-            if len(memo) >= MEMO_LIMIT:  # requests observed but never cached (the adapter lost them): forget the oldest
-                del memo[next(iter(memo))]
-            memo[id(keys)] = (keys[-1], len(keys), flags)
+            if type(keys[-1]) is bytes:  # vLLM's hashes: `cached` gets this list, grown (the simulator: another list)
+                memo = self._memo
+                if len(memo) >= MEMO_LIMIT:  # requests observed, never cached (the adapter lost them): the oldest goes
+                    del memo[next(iter(memo))]
+                memo[id(keys)] = (keys[-1], len(keys), flags)
         else:
             pairs = list(self._sampled(keys))
             real = sum(1 for pos, _ in pairs if pos < cached_blocks)
@@ -218,9 +221,18 @@ class PinPayback:
         """One byte per key, 1 where the key is sampled, when `keys` are bytes of one length (vLLM's block hashes):
         their first bytes are sliced out of one join and mapped through a table, all in C (a few us for ~190 keys,
         against ~10 us for a per-key filter). `memo`: (last key, length, flags) of an earlier state of the same list,
-        whose flags are reused when the list still holds that key there. None for other keys (the simulator's ids)."""
+        whose flags are reused when the list still holds that key there. Dense int keys (the simulator's ids) are looked
+        up in `id_table` when it is set (`kvsched.sim.policies.id_table`; the per-key filter of the generic path was ~0.5
+        of LRU's whole replay time). None for other keys."""
         table = self.byte_table
-        if table is None or not keys or type(keys[0]) is not bytes:
+        if not keys:
+            return None
+        if type(keys[0]) is int and self.id_table is not None:
+            try:
+                return bytes(map(self.id_table.__getitem__, keys))  # type: ignore[arg-type]
+            except (IndexError, TypeError):  # an id past the table, or not an int: the generic path
+                return None
+        if table is None or type(keys[0]) is not bytes:
             return None
         head = b""
         if memo is not None and 0 < memo[1] <= len(keys) and keys[memo[1] - 1] == memo[0]:
@@ -241,7 +253,7 @@ class PinPayback:
         if isinstance(keys, list) and (flags := self._flags(keys)) is not None:
             return compress(enumerate(keys), flags)
         t = self.threshold
-        return ((pos, k) for pos, k in enumerate(keys) if (hash(k) * _MIX) & _MASK < t)
+        return ((pos, k) for pos, k in enumerate(keys) if (hash(k) * MIX) & MASK < t)
 
     def _judge(self) -> bool | None:
         c = self.config

@@ -16,6 +16,7 @@ import numpy as np
 from kvsched.core.config import RetentionConfig
 from kvsched.core.lineage import Anchor, Lineage, LineageConfig
 from kvsched.core.pin_apply import PinApplier
+from kvsched.core.pin_payback import MIX
 from kvsched.core.retention import RetentionPolicy
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
 from kvsched.core.tier import TierDirectory
@@ -84,6 +85,17 @@ class OptPolicy(SimPolicy):
 
     def on_finished(self, i: int, ids: np.ndarray) -> None:
         self.next_use.used(i, ids)
+
+
+def id_table(ids: int, threshold: int) -> bytes:
+    """`PinPayback.id_table` for the dense ids 0..ids-1: 1 where the tracker's own rule, (hash(k) x MIX) mod 2^64 <
+    threshold, samples k (CPython hashes an int below 2^61 - 1 to itself; numpy's uint64 product wraps mod 2^64)."""
+    if threshold >= 1 << 64:  # 1 in 1
+        return b"\x01" * ids
+    if ids >= (1 << 61) - 1:
+        raise ValueError(f"{ids} ids: past CPython's int hash modulus")
+    mixed = np.arange(ids, dtype=np.uint64) * np.uint64(MIX)
+    return (mixed < np.uint64(threshold)).astype(np.uint8).tobytes()
 
 
 class SimPinPool:
@@ -174,6 +186,8 @@ class KVSchedPolicy(SimPolicy):
         self.lineage = Lineage(LineageConfig(max_entries=config.max_sessions),
                                is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned)
         self._payback = self.policy.payback.enabled  # fixed by the configuration
+        if self._payback:
+            self.policy.payback.id_table = id_table(trace.n_ids, self.policy.payback.threshold)
         # Fed from the pool's first eviction (or pins' first release for a live request), as the engine does.
         self._payback_waiting = self._payback and not self.policy.payback.armed
         self._reserved: set[int] = set()  # requests that reserved their blocks beyond the prompt in the tracker

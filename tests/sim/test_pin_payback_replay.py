@@ -43,3 +43,24 @@ def test_the_replay_resolves_auto_sampling_by_its_pool(ttl: float, tier: bool, o
                        tier_bytes=4096 * 64 if tier else 0, tier_block_bytes=4096 if tier else 0)
     stats = replay(trace, "kvsched", cfg).policy_stats
     assert (stats["payback_real_hits"] + stats["payback_lru_hits"] > 0) is on
+
+
+@pytest.mark.parametrize("sampling", [1, 8, 16])
+def test_the_simulators_id_table_samples_what_the_trackers_own_rule_does(sampling: int) -> None:
+    """The simulator hands the tracker a table of sampled ids (one lookup per key in C instead of a hash per key in
+    Python): the same keys must be sampled, or the replay would no longer be the engine's rule."""
+    from itertools import compress
+
+    from kvsched.core.pin_payback import PaybackConfig, PinPayback
+    from kvsched.sim.policies import id_table
+
+    n = 5000
+    p = PinPayback(PaybackConfig(sampling=sampling), total_blocks=64 * 64)
+    own = [k for _, k in p._sampled(iter(range(n)))]  # an iterator: the generic, per-key path
+    table = id_table(n, p.threshold)
+    assert list(compress(range(n), table)) == own
+    assert 0 < len(own) <= n and (sampling == 1) == (len(own) == n)
+    p.id_table = table
+    keys = [3, 4000, 17, 4999]
+    assert p._flags(keys) == bytes(table[k] for k in keys)
+    assert p._flags([3, n]) is None  # an id past the table: the generic path
