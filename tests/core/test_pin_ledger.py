@@ -108,14 +108,20 @@ def test_the_tracker_caps_ttls_and_never_switches_with_the_ledger_on() -> None:
     assert off.ledger is None and off.ttl(600.0) == 600.0
 
 
-def test_the_policy_pins_for_the_capped_ttl() -> None:
+def one_pinned_session(default_ttl_s: float, start_ttl_s: float) -> tuple[RetentionPolicy, FakeClock, SessionKey]:
+    """A policy with the pin ledger on, fed from the start, and one session pinned at time 0."""
     clock = FakeClock(0.0)
-    cfg = RetentionConfig(default_ttl_s=600.0, payback_sampling=1, payback_start_ttl_s=10.0,
+    cfg = RetentionConfig(default_ttl_s=default_ttl_s, payback_sampling=1, payback_start_ttl_s=start_ttl_s,
                           payback_from_start=True)
     pol = RetentionPolicy(cfg, clock=clock, total_blocks=100, bytes_per_token=1.0)
     a = SessionKey(SessionId("a"))
     pol.turn_started(a, 0)
     assert pol.turn_finished(a, TurnHints(), tokens=32, blocks=2) == [Pin(a)]
+    return pol, clock, a
+
+
+def test_the_policy_pins_for_the_capped_ttl() -> None:
+    pol, clock, a = one_pinned_session(600.0, 10.0)
     assert pol.sessions[a].ttl_s == 10.0
     clock.now = 9.0
     assert pol.expire() == []

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from kvsched.core.config import RetentionConfig
 from kvsched.core.pin_ledger import MIN_COOLDOWN, PROBE_REQUESTS, LedgerConfig, PinLedger
-from kvsched.core.retention import Pin, ReleaseReason, RetentionPolicy
+from kvsched.core.retention import ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
 from tests.conftest import FakeClock
+from tests.core.test_pin_ledger import one_pinned_session
 
 
 def ledger(start: float = 30.0, deadband: float = 2.0) -> PinLedger:
@@ -53,12 +54,7 @@ def test_a_risen_cap_is_noted_and_later_falls_count_from_it() -> None:
 def test_a_fallen_cap_releases_pins_made_before_it() -> None:
     """Pins made while the cap was 30 s stayed held to their TTL after the cut: on a_burst_liar_big at 1.5x, 4/5 of
     the pins' loss came after the cut, from them."""
-    clock = FakeClock(0.0)
-    cfg = RetentionConfig(default_ttl_s=30.0, payback_sampling=1, payback_start_ttl_s=30.0, payback_from_start=True)
-    pol = RetentionPolicy(cfg, clock=clock, total_blocks=64, bytes_per_token=1.0)
-    a = SessionKey(SessionId("a"))
-    pol.turn_started(a, 0)
-    assert pol.turn_finished(a, TurnHints(), tokens=32, blocks=2) == [Pin(a)]
+    pol, clock, a = one_pinned_session(30.0, 30.0)
     assert pol.sessions[a].ttl_s == 30.0
     clock.now = 1.0
     assert pol.expire() == []
