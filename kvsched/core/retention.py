@@ -116,14 +116,14 @@ class RetentionPolicy:
 
     def prompt_seen(self, keys: Iterable[Hashable], cached_blocks: int, hittable: int | None = None) -> list[Decision]:
         """A request started with prompt block keys `keys` (prefix order), the first `cached_blocks` hit, for the pins'
-        payback tracker (a ghost LRU): its switch releases every pin; its ledger's cap bounds new and held pins' TTLs."""
-        switched = self.payback.observe(keys, cached_blocks, hittable)
+        payback tracker: its switch releases every pin; its ledger caps new and held pins' TTLs (past: released now)."""
+        switched, out = self.payback.observe(keys, cached_blocks, hittable), []
         if (cap := self.payback.clamp_due()) is not None:  # the ledger's cap fell (`PinLedger.clamp_due`)
             self.counters["payback_clamped_pins"] += self.expiry.clamp(self.sessions, cap)
+            out = self.expire()
         if switched is not False:
-            return []
+            return out
         self.counters["payback_suspended"] += 1
-        out: list[Decision] = []
         for key in self.release_order():  # lowest value first: its blocks are evicted first
             out.append(self._release(rec := self.sessions[key], ReleaseReason.PAYBACK))
             self.index.changed(rec)

@@ -143,6 +143,10 @@ SCENARIOS = {  # name: (seed, KVSCHED_* settings, the release reasons the run mu
     "ledger": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_TIER_START_TTL_S": "4", "KVSCHED_PAYBACK_GAIN": "1",
                    "KVSCHED_PAYBACK_DEADBAND": "1", "KVSCHED_PAYBACK_FROM_START": "1"},
                {"ttl", "pressure", "end"}),
+    # the ledger cut on a small loss (no dead band, a steep fall, a high floor): held pins bounded on both sides
+    "ledger_cut": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_TIER_START_TTL_S": "8",
+                       "KVSCHED_PAYBACK_DEADBAND": "0", "KVSCHED_PAYBACK_GAIN_DOWN": "8", "KVSCHED_PAYBACK_FLOOR": "0.5",
+                       "KVSCHED_PAYBACK_FROM_START": "1"}, {"pressure", "end"}),
 }
 
 
@@ -174,6 +178,9 @@ def test_the_simulator_applies_the_same_decisions_as_vllm(name, tiny_model_dir):
         assert tier.directory.counters["evicted_blocks"] > 0 and tier.stats["restored_blocks"] > 0
     if name == "payback_armed":  # armed by the pool's first eviction, judged once the ghost filled, on both sides
         assert payback.armed and payback.warm and payback.lru_hits > 0
+    if name == "ledger_cut":  # found so: a clamp's releases were applied at the next step in the engine, before the
+        # turn's end in the simulator, and the pools' orders (then the tier's restores) drifted apart
+        assert engine.kvsched.stats()["payback_clamped_pins"] > 0
     if name == "ledger":  # the cap moved with a balance both sides count
         ledger = engine.kvsched.policy.payback.ledger
         assert ledger.balance != 0 and ledger.cap != 4.0
