@@ -222,16 +222,18 @@ class PinPayback:
         their first bytes are sliced out of one join and mapped through a table, all in C (a few us for ~190 keys,
         against ~10 us for a per-key filter). `memo`: (last key, length, flags) of an earlier state of the same list,
         whose flags are reused when the list still holds that key there. Dense int keys (the simulator's ids) are looked
-        up in `id_table` when it is set (`kvsched.sim.policies.id_table`; the per-key filter of the generic path was ~0.5
-        of LRU's whole replay time). None for other keys."""
+        up in `id_table` when it is set (`kvsched.sim.policies.id_table`; the generic path's per-key filter cost more
+        than the ghost's own work there). None for other keys."""
         table = self.byte_table
         if not keys:
             return None
         if type(keys[0]) is int and self.id_table is not None:
             try:
-                return bytes(map(self.id_table.__getitem__, keys))  # type: ignore[arg-type]
+                if min(keys) >= 0:  # type: ignore[operator, type-var]  # a negative index would wrap around, not fail
+                    return bytes(map(self.id_table.__getitem__, keys))  # type: ignore[arg-type]
             except (IndexError, TypeError):  # an id past the table, or not an int: the generic path
-                return None
+                pass
+            return None
         if table is None or type(keys[0]) is not bytes:
             return None
         head = b""

@@ -111,3 +111,51 @@ def test_a_session_with_a_request_queued_keeps_its_expired_pin_until_the_turn_st
     assert p.expire() == []
     clock.advance(0.001)  # a TTL after the look that kept it
     assert p.expire() == [Release(A, ReleaseReason.TTL)] and p.pinned_blocks_total == 0
+
+
+def test_a_pin_repinned_past_a_stale_earlier_entry_still_expires() -> None:
+    """Found by review: a shorter TTL (a hint, or the ledger's clamp) queued an entry that fired; the session was pinned
+    again with a later expiry, and one pass popping the stale entry then the current one (an idle engine calls expiry
+    rarely) left the session with no entry at all: its pin never expired."""
+    clock = FakeClock(0.0)
+    pol = RetentionPolicy(RetentionConfig(default_ttl_s=300.0), clock=clock, total_blocks=64, bytes_per_token=1.0)
+    a = SessionKey(SessionId("a"))
+
+    def turn(t: float, ttl: float) -> None:
+        clock.now = t
+        rec = pol.sessions.get(a)
+        pol.turn_started(a, 16 if rec and rec.pinned_blocks else 0)
+        pol.turn_finished(a, TurnHints(ttl_s=ttl), tokens=16, blocks=1)
+
+    turn(0.0, 600.0)  # queued at 600
+    turn(10.0, 30.0)  # a shorter hint: queued at 40
+    clock.now = 41.0
+    assert [d.reason for d in pol.expire()] == [ReleaseReason.TTL]
+    turn(500.0, 300.0)  # queued at 800; the entry at 600 is stale
+    turn(790.0, 300.0)  # expires at 1090
+    clock.now = 850.0
+    assert pol.expire() == []  # pops 600 and 800: neither due, the pin must stay queued
+    clock.now = 1100.0
+    assert [d.reason for d in pol.expire()] == [ReleaseReason.TTL]
+    assert pol.sessions[a].pinned_blocks == 0
+
+
+def test_a_running_sessions_pin_is_not_released_when_its_ttl_runs_out() -> None:
+    """Its request holds the blocks (a release frees nothing) and the turn's end pins them again; before, a fallen
+    ledger cap released (and with the FP8 tier, copied to the tier) every running session's pin at once."""
+    clock = FakeClock(0.0)
+    pol = RetentionPolicy(RetentionConfig(default_ttl_s=600.0), clock=clock, total_blocks=64, bytes_per_token=1.0)
+    a, b = SessionKey(SessionId("a")), SessionKey(SessionId("b"))
+    for k in (a, b):
+        pol.turn_started(k, 0)
+        pol.turn_finished(k, TurnHints(), tokens=16, blocks=1)
+    clock.now = 400.0
+    pol.request_arrived(a, TurnHints())
+    assert pol.turn_started(a, 16) == []  # a runs on its pin
+    assert pol.expiry.clamp(pol.sessions, 300.0) == 2  # the ledger's cap halved
+    clock.now = 400.5
+    assert [d.key for d in pol.expire()] == [b]  # b is idle: released; a is running: kept
+    assert pol.sessions[a].pinned_blocks == 1
+    clock.now = 401.0
+    pol.turn_finished(a, TurnHints(), tokens=32, blocks=2)
+    assert pol.sessions[a].pinned_blocks == 2 and pol.expire() == []

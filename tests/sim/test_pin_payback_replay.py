@@ -63,4 +63,4 @@ def test_the_simulators_id_table_samples_what_the_trackers_own_rule_does(samplin
     p.id_table = table
     keys = [3, 4000, 17, 4999]
     assert p._flags(keys) == bytes(table[k] for k in keys)
-    assert p._flags([3, n]) is None  # an id past the table: the generic path
+    assert p._flags([3, n]) is None and p._flags([3, -1]) is None  # past the table, or negative: the generic path

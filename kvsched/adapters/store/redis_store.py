@@ -95,8 +95,9 @@ def unredacted(url: str, env: str) -> str:
     if redacted(real) != url:
         raise StoreConfigError(f"{url!r} stands for a store URL with a password, which the engine takes from {env}; "
                                f"{env} {'names another store' if real else 'is not set'} in this process (a Ray "
-                               f"worker on another node gets KVSCHED_* through VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY, "
-                               f"which kvsched's plugin extends: is the plugin installed on the driver's node?)")
+                               f"worker on another node gets KVSCHED_* only through "
+                               f"VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY=KVSCHED_, which `vllm serve --scheduler kvsched` "
+                               f"sets on a Ray backend)")
     return real
 
 

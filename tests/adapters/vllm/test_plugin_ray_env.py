@@ -1,47 +1,60 @@
-"""The plugin asks vLLM to copy kvsched's settings to Ray workers (a worker on another node inherits nothing)."""
+"""With kvsched's scheduler on Ray, the parser asks vLLM to copy kvsched's settings to Ray workers (a worker on another
+node inherits nothing); without Ray it leaves vLLM's environment alone (the variable is a compile-cache factor)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 pytest.importorskip("vllm")
 
-from kvsched.adapters.vllm.plugin import RAY_PREFIXES_VAR, carry_settings_to_ray_workers  # noqa: E402
+from kvsched.adapters.vllm import compat  # noqa: E402
+from kvsched.adapters.vllm.compat.cli import RAY_PREFIXES_VAR  # noqa: E402
 
 
-def test_vllms_own_list_of_variables_for_ray_workers_gains_kvsched_settings(monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def serve_parser():
+    """vLLM's own `vllm serve` parser, with kvsched's hook."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    compat.install_parser_hook()
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+@pytest.fixture
+def no_prefixes(monkeypatch):
+    """The variable unset, and put back as it was afterwards (the parser sets it)."""
+    monkeypatch.setenv(RAY_PREFIXES_VAR, "")
+    monkeypatch.delenv(RAY_PREFIXES_VAR)
+
+
+def test_kvsched_on_ray_workers_gets_its_settings_copied_by_vllm(serve_parser, no_prefixes, monkeypatch) -> None:
     from vllm import envs
     from vllm.ray.ray_env import get_env_vars_to_copy
 
-    envs.disable_envs_cache()  # an engine started in this process froze vLLM's view of the environment (its own tool)
-    monkeypatch.delenv(RAY_PREFIXES_VAR, raising=False)
     monkeypatch.setenv("KVSCHED_FP8_TIER_GB", "2")
-    monkeypatch.setenv("KVSCHED_STORE_URL", "redis://:secret@store:6379/0")
-    assert "KVSCHED_FP8_TIER_GB" not in get_env_vars_to_copy()  # vLLM alone leaves them behind
-    carry_settings_to_ray_workers()
-    copied = get_env_vars_to_copy()
-    assert {"KVSCHED_FP8_TIER_GB", "KVSCHED_STORE_URL"} <= copied
+    cached = envs._is_envs_cache_enabled()
+    envs.disable_envs_cache()  # an engine started in this process froze vLLM's view of the environment
+    try:
+        assert "KVSCHED_FP8_TIER_GB" not in get_env_vars_to_copy()  # vLLM alone leaves them behind
+        serve_parser.parse_args(["--scheduler", "kvsched", "--distributed-executor-backend", "ray"])
+        assert os.environ[RAY_PREFIXES_VAR] == "KVSCHED_"
+        assert "KVSCHED_FP8_TIER_GB" in get_env_vars_to_copy()
+    finally:
+        if cached:
+            envs.enable_envs_cache()
 
 
-def test_registering_the_plugin_carries_them(monkeypatch) -> None:
-    from kvsched.adapters.vllm import plugin
-
-    monkeypatch.delenv(RAY_PREFIXES_VAR, raising=False)
-    monkeypatch.setattr(plugin, "_registered", False)
-    monkeypatch.setattr("kvsched.adapters.vllm.compat.install_parser_hook", lambda: None)
-    plugin.register()
-    import os
-
-    assert os.environ[RAY_PREFIXES_VAR] == "KVSCHED_"
+@pytest.mark.parametrize("argv", [["--scheduler", "kvsched"], ["--distributed-executor-backend", "ray"]])
+def test_otherwise_vllms_environment_is_left_alone(serve_parser, no_prefixes, argv) -> None:
+    serve_parser.parse_args(argv)
+    assert RAY_PREFIXES_VAR not in os.environ
 
 
-def test_the_operators_own_prefixes_stay_and_kvsched_is_added_once(monkeypatch) -> None:
+def test_the_operators_own_prefixes_stay_and_kvsched_is_added_once(serve_parser, monkeypatch) -> None:
     monkeypatch.setenv(RAY_PREFIXES_VAR, "MYCORP_, OTHER_")
-    carry_settings_to_ray_workers()
-    carry_settings_to_ray_workers()
-    import os
-
+    for _ in range(2):
+        serve_parser.parse_args(["--scheduler", "kvsched", "--data-parallel-backend", "ray"])
     assert os.environ[RAY_PREFIXES_VAR] == "MYCORP_,OTHER_,KVSCHED_"
-    monkeypatch.setenv(RAY_PREFIXES_VAR, "KVSCHED_")
-    carry_settings_to_ray_workers()
-    assert os.environ[RAY_PREFIXES_VAR] == "KVSCHED_"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -253,6 +254,24 @@ def parallel_refusal(args: argparse.Namespace) -> str | None:
     return None
 
 
+RAY_PREFIXES_VAR = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
+
+
+def carry_settings_to_ray_workers(args: argparse.Namespace) -> None:
+    """With kvsched's scheduler on Ray workers: vLLM copies to them only the environment variables of its own prefixes
+    (VLLM_, HF_, NCCL_, ...: `vllm/ray/ray_env.py`) and of those this variable adds, so add KVSCHED_ and a worker on
+    another node runs with the engine's kvsched settings (the FP8 tier's, the shared store's URL), not the defaults.
+    Additive (the operator's prefixes stay), and only then: the variable is one of vLLM's compile-cache factors, so
+    setting it everywhere would miss a cache built without it (a review found that)."""
+    if not is_kvsched_scheduler(getattr(args, "scheduler_cls", None)):
+        return
+    if "ray" not in (getattr(args, "distributed_executor_backend", None), getattr(args, "data_parallel_backend", None)):
+        return
+    prefixes = [p.strip() for p in os.environ.get(RAY_PREFIXES_VAR, "").split(",") if p.strip()]
+    if "KVSCHED_" not in prefixes:
+        os.environ[RAY_PREFIXES_VAR] = ",".join([*prefixes, "KVSCHED_"])
+
+
 def _check_after_parsing(parser: Any) -> None:
     """Once the arguments are complete (whatever their order on the command line): exit with `cpu_refusal`'s one line
     or the KVSCHED_* settings errors (one line each) before vLLM starts an engine, and turn the FP8 tier on
@@ -271,6 +290,7 @@ def _check_after_parsing(parser: Any) -> None:
             if errors := engine_setting_errors():
                 parser.exit(2, "".join(f"kvsched: {e}\n" for e in errors))
         _apply_tier(parser, ns)
+        carry_settings_to_ray_workers(ns)
         return ns, rest
 
     parser.parse_known_args = checked
