@@ -190,7 +190,7 @@ class KVSchedPolicy(SimPolicy):
             self.policy.payback.id_table = id_table(trace.n_ids, self.policy.payback.threshold)
         # Fed from the pool's first eviction (or pins' first release for a live request), as the engine does.
         self._payback_waiting = self._payback and not self.policy.payback.armed
-        self._reserved: set[int] = set()  # requests that reserved their blocks beyond the prompt in the tracker
+        self._reserved: dict[int, int] = {}  # request -> the blocks beyond its prompt it reserved in the tracker
         self.joined: dict[int, tuple[SessionKey, TurnHints] | None] = {}  # request -> its branch and hints
         # (None: served without a session)
         self.anchors: dict[int, Anchor | None] = {}
@@ -255,8 +255,8 @@ class KVSchedPolicy(SimPolicy):
         payback = self.policy.payback
         fed = self._payback and payback.armed
         if fed:
-            payback.reserve(self._beyond_prompt(i))
-            self._reserved.add(i)
+            payback.reserve(beyond := self._beyond_prompt(i))
+            self._reserved[i] = beyond
         bs = self.trace.block_size  # the payback tracker's keys; a hit covers at most the prompt less its last token
         self.pins.turn_started(entry[0], hit_blocks * bs, prompt_ids.tolist() if fed else None,
                                (int(self.trace.prompt_tokens[i]) - 1) // bs)
@@ -267,9 +267,8 @@ class KVSchedPolicy(SimPolicy):
         if entry is None:
             return
         key, hints = entry
-        if i in self._reserved:
-            self._reserved.discard(i)
-            self.policy.payback.reserve(-self._beyond_prompt(i))
+        if (beyond := self._reserved.pop(i, None)) is not None:
+            self.policy.payback.reserve(-beyond)
         blocks = ids.tolist()
         self.pins.turn_finished(key, hints, [blocks], len(ids) * self.trace.block_size, blocks)
         if self.tails and not hints.end:
