@@ -73,7 +73,7 @@ class RetentionConfig:
     payback_margin: float = 0.0
     payback_start_ttl_s: float = 30.0
     payback_gain: float = 0.5
-    payback_gain_down: float = 2.0
+    payback_gain_down: float = 4.0
     payback_floor: float = 1.0 / 32
     payback_deadband: float = 2.0
     payback_tier_start_ttl_s: float = 0.0

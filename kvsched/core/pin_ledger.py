@@ -16,7 +16,8 @@ on Mooncake's traces 600 s pins cost up to 11.6% more prefill than LRU while 30 
 towards the configured TTL while they earn, and shrink to none, fast, while they lose. Fast, because what pins cost
 is not monotone in their TTL: on adversarial traces (tools/adversarial) pins of a few seconds cost more than both 30 s
 pins and none (bursts that outlive a short pin but not its cost; a huge session a 2 s pin still crowds out), so a
-slow shrink (the gain up, 0.5) spent the run there: up to 1.086x LRU's prefill, against 1.036x with 2 and the cut-off.
+slow shrink (the gain up, 0.5) spent the run there: up to 1.086x LRU's prefill, against 1.036x with 2 and the cut-off;
+with the probes below a cut is no longer final, and 4 took the worst case to 1.025x (6: 1.026x).
 Comparing windows instead suspended pins that lose hits in the short run and pay them back later (the generated
 fleet); the cumulative balance keeps what they paid back. The dead band keeps pins as configured while the balance
 is within noise: there the pins' whole effect is smaller than what acting on noise costs.
@@ -58,7 +59,7 @@ class LedgerConfig:
     floor: float = 1.0 / 32
     ceiling: float = 600.0
     deadband: float = 2.0
-    gain_down: float = 2.0
+    gain_down: float = 4.0
 
     def __post_init__(self) -> None:
         ok = (math.isfinite(self.start) and self.start > 0 and math.isfinite(self.gain) and self.gain > 0

@@ -48,7 +48,7 @@ class PaybackConfig:
     margin: float = 0.0
     start: float = 0.0
     gain: float = 0.5
-    gain_down: float = 2.0
+    gain_down: float = 4.0
     floor: float = 1.0 / 32
     ceiling: float = 600.0
     deadband: float = 2.0
