@@ -21,3 +21,22 @@ def sched(cfg, cls=KVSCHED_SCHEDULER, clock=None):
     if clock is not None and hasattr(s, "kvsched"):
         s.kvsched.policy.clock = clock
     return s
+
+
+@pytest.fixture(scope="module")
+def serve_parser():
+    """vLLM's own `vllm serve` parser, with kvsched's hook."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from kvsched.adapters.vllm import compat
+
+    compat.install_parser_hook()
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+def unset_env(monkeypatch, name: str) -> None:
+    """`name` unset, and put back as it was afterwards (monkeypatch records nothing to undo for a variable it deletes
+    that was not set, and the parser under test sets it)."""
+    monkeypatch.setenv(name, "")
+    monkeypatch.delenv(name)

@@ -9,25 +9,14 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from kvsched.adapters.vllm import compat  # noqa: E402
 from kvsched.adapters.vllm.compat.cli import RAY_PREFIXES_VAR  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def serve_parser():
-    """vLLM's own `vllm serve` parser, with kvsched's hook."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    compat.install_parser_hook()
-    return make_arg_parser(FlexibleArgumentParser())
+from tests.adapters.vllm.conftest import unset_env  # noqa: E402
 
 
 @pytest.fixture
 def no_prefixes(monkeypatch):
     """The variable unset, and put back as it was afterwards (the parser sets it)."""
-    monkeypatch.setenv(RAY_PREFIXES_VAR, "")
-    monkeypatch.delenv(RAY_PREFIXES_VAR)
+    unset_env(monkeypatch, RAY_PREFIXES_VAR)
 
 
 def test_kvsched_on_ray_workers_gets_its_settings_copied_by_vllm(serve_parser, no_prefixes, monkeypatch) -> None:

@@ -14,30 +14,19 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvsched.adapters.store.redis_store import StoreConfigError, check_url, redacted  # noqa: E402
-from kvsched.adapters.vllm import compat  # noqa: E402
 from kvsched.adapters.vllm.tier_levels import LevelsConfig  # noqa: E402
 from kvsched.core.disk_tier import DiskConfigError  # noqa: E402
+from tests.adapters.vllm.conftest import unset_env  # noqa: E402
 
 PW = "s3cretpw"
 URL = f"redis://:{PW}@127.0.0.1:7/0"
 ENV = "KVSCHED_STORE_URL"
 
 
-@pytest.fixture(scope="module")
-def serve_parser():
-    """vLLM's own `vllm serve` parser, with kvsched's hook."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    compat.install_parser_hook()
-    return make_arg_parser(FlexibleArgumentParser())
-
-
 @pytest.fixture
 def no_store_env(monkeypatch):
     """KVSCHED_STORE_URL unset, and put back as it was afterwards (the parser sets it)."""
-    monkeypatch.setenv(ENV, "")
-    monkeypatch.delenv(ENV)
+    unset_env(monkeypatch, ENV)
 
 
 @pytest.mark.parametrize("url", [URL, f"redis://user:{PW}@h:6379/0", f"redis://127.0.0.1:6379/0?password={PW}",
