@@ -70,9 +70,8 @@ class PinPayback:
     """The ghost LRU and the decaying hit counts; `pinning` says whether pins are on now."""
 
     __slots__ = ("config", "rate", "threshold", "byte_table", "id_table", "total", "capacity", "reserved", "ghost",
-                 "running",
-                 "decay", "real", "lru", "pinning", "since_switch", "switches", "real_hits", "lru_hits", "ledger", "_memo",
-                 "armed", "warm")
+                 "running", "decay", "real", "lru", "pinning", "since_switch", "switches", "real_hits", "lru_hits",
+                 "ledger", "_memo", "armed", "warm")
 
     def __init__(self, config: PaybackConfig, total_blocks: int) -> None:
         self.config = config
