@@ -7,8 +7,11 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "kvsched/fp8_quant.h"
+#include "kvsched/ghost_lru.h"
 #include "kvsched/score_select.h"
 
 namespace py = pybind11;
@@ -42,6 +45,75 @@ kvsched::Isa isa_of(const std::string& name) {
     if (name == kIsaNames[i]) return static_cast<kvsched::Isa>(i);
   throw py::value_error("unknown instruction set '" + name + "'; choose scalar, avx2 or avx512");
 }
+
+// kvsched.core.ghost_lru.LruGhost's interface over the compiled ghost: the sampling of Python keys happens here, the
+// ghost sees 64-bit keys (a key's Python hash: the int itself for ints below 2^61 - 1, SipHash for bytes).
+class Ghost {
+ public:
+  explicit Ghost(int64_t rate) {
+    if (rate < 1) throw py::value_error("the ghost's sampling rate must be >= 1");
+    all_ = rate == 1;
+    threshold_ = all_ ? 0 : static_cast<uint64_t>((static_cast<unsigned __int128>(1) << 64) / rate);
+    byte_limit_ = 256 % rate == 0 ? static_cast<int>(256 / rate) : 0;
+  }
+
+  py::tuple observe(py::handle keys, int64_t cached, int64_t hittable, int64_t cap) {
+    sample(keys);
+    const auto c = lru_.observe(keys_.data(), pos_.data(), keys_.size(), cached, hittable, cap);
+    return py::make_tuple(c.real, c.most, c.lru, c.full);
+  }
+
+  void cached(py::handle keys, int64_t cap) {
+    sample(keys);
+    lru_.cached(keys_.data(), keys_.size(), cap);
+  }
+
+  size_t size() const { return lru_.size(); }
+  size_t held() const { return lru_.held(); }
+
+  py::list keys() const {
+    py::list out;
+    for (uint64_t k : lru_.keys()) out.append(py::int_(static_cast<int64_t>(k)));
+    return out;
+  }
+
+  py::dict running() const {
+    py::dict out;
+    for (const auto& [k, n] : lru_.running()) out[py::int_(static_cast<int64_t>(k))] = n;
+    return out;
+  }
+
+ private:
+  // kvsched.core.ghost_lru's rule: bytes keys by their first byte when the rate divides 256, others by their mixed hash.
+  void sample(py::handle obj) {
+    keys_.clear();
+    pos_.clear();
+    PyObject* seq = PySequence_Fast(obj.ptr(), "the ghost's keys must be a sequence");
+    if (seq == nullptr) throw py::error_already_set();
+    const py::object hold = py::reinterpret_steal<py::object>(seq);
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject** items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* k = items[i];
+      const bool by_byte = byte_limit_ && PyBytes_CheckExact(k) && PyBytes_GET_SIZE(k) > 0;
+      if (by_byte && static_cast<unsigned char>(PyBytes_AS_STRING(k)[0]) >= byte_limit_) continue;
+      const Py_hash_t h = PyObject_Hash(k);
+      if (h == -1 && PyErr_Occurred()) throw py::error_already_set();
+      const uint64_t key = static_cast<uint64_t>(h);
+      if (!by_byte && !all_ && key * kMix >= threshold_) continue;
+      keys_.push_back(key);
+      pos_.push_back(i);
+    }
+  }
+
+  static constexpr uint64_t kMix = UINT64_C(0x9E3779B97F4A7C15);  // kvsched.core.ghost_lru.MIX
+  kvsched::GhostLru lru_;
+  bool all_ = false;
+  uint64_t threshold_ = 0;
+  int byte_limit_ = 0;
+  std::vector<uint64_t> keys_;
+  std::vector<int64_t> pos_;
+};
 
 }  // namespace
 
@@ -134,4 +206,16 @@ PYBIND11_MODULE(_C, m) {
       "fp8_set_max_isa", [](const std::string& name) { kvsched::fp8_set_max_isa(isa_of(name)); }, py::arg("name"),
       "Cap the FP8 kernel path at 'avx512' (default: the CPU's best), 'avx2' or 'scalar' (process-wide; for tests and "
       "benchmarks of the slower paths). Raises ValueError on another name.");
+
+  py::class_<Ghost>(m, "GhostLru",
+                    "The pin payback tracker's ghost LRU (kvsched.core.ghost_lru.LruGhost's interface), compiled.")
+      .def(py::init<int64_t>(), py::arg("rate"))
+      .def("observe", &Ghost::observe, py::arg("keys"), py::arg("cached_blocks"), py::arg("hittable"), py::arg("cap"),
+           "A request started with prompt keys `keys` (a sequence, prefix order): (real, most, lru, full).")
+      .def("cached", &Ghost::cached, py::arg("keys"), py::arg("cap"),
+           "A request finished: its keys become evictable, most recent, tail first.")
+      .def("__len__", &Ghost::size)
+      .def("held", &Ghost::held, "Distinct sampled keys running requests hold.")
+      .def("keys", &Ghost::keys, "Evictable keys (their Python hashes), least recently used first.")
+      .def("running", &Ghost::running, "Held keys (their Python hashes) -> how many running requests hold each.");
 }

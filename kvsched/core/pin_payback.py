@@ -16,18 +16,27 @@ the pins instead, on their balance over the whole run, which caps new pins' TTL.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
-from itertools import compress
+from typing import Protocol
 
+from kvsched.core.ghost_lru import LruGhost
 from kvsched.core.pin_ledger import LedgerConfig, PinLedger
 
-MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads sequential ids (the simulator's) over the key space
-MASK = (1 << 64) - 1
 MIN_GHOST_BLOCKS = 64  # below this a sampled ghost is too small to mirror the pool: sample less
-MEMO_LIMIT = 4096  # key lists remembered between `observe` and `cached` (running requests; a list never passed to
-# `cached`, e.g. a copy, is forgotten oldest first past it; a forgotten one is only sampled again)
+
+
+class Ghost(Protocol):
+    """`kvsched.core.ghost_lru.LruGhost`'s interface, which the compiled ghost (`kvsched.ops.ghost`) has too."""
+
+    def observe(self, keys: list[Hashable], cached_blocks: int, hittable: int, cap: int
+                ) -> tuple[int, int, int, bool]: ...
+
+    def cached(self, keys: list[Hashable], cap: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def held(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,26 +78,17 @@ class PaybackConfig:
 class PinPayback:
     """The ghost LRU and the decaying hit counts; `pinning` says whether pins are on now."""
 
-    __slots__ = ("config", "rate", "threshold", "byte_table", "id_table", "total", "capacity", "reserved", "ghost",
-                 "running", "decay", "real", "lru", "pinning", "since_switch", "switches", "real_hits", "lru_hits",
-                 "ledger", "_memo", "armed", "warm")
+    __slots__ = ("config", "rate", "total", "capacity", "reserved", "ghost", "decay", "real", "lru", "pinning",
+                 "since_switch", "switches", "real_hits", "lru_hits", "ledger", "armed", "warm")
 
     def __init__(self, config: PaybackConfig, total_blocks: int) -> None:
         self.config = config
         rate = min(config.sampling, max(total_blocks // MIN_GHOST_BLOCKS, 1)) if config.sampling else 0
         self.rate = rate
-        self.threshold = (1 << 64) // rate if rate else 0  # a mixed key below it is sampled
-        # Keys that are bytes (vLLM's block hashes: digests, uniform in every byte) are sampled by their first byte,
-        # filtered in C (`_flags`): mixing each key's hash in Python was ~1.5 points of the ghost's ~7% of a scheduler
-        # step, and a per-key filter in C still cost ~10 us per turn on ~190-block prompts, whatever the rate.
-        limit = 256 // rate if rate and 256 % rate == 0 else 0
-        self.byte_table = bytes(int(b < limit) for b in range(256)) if limit else None
-        self.id_table: bytes | None = None  # dense int keys (the simulator's ids): key k is sampled iff id_table[k]
         self.total = total_blocks
         self.capacity = max(total_blocks // rate, 1) if rate else 0
         self.reserved = 0  # blocks running requests hold beyond their prompt's (decode, partial): not cacheable now
-        self.ghost: OrderedDict[Hashable, None] = OrderedDict()  # evictable blocks, least recently used first
-        self.running: dict[Hashable, int] = {}  # sampled blocks running requests hold (not evictable): references
+        self.ghost: Ghost = LruGhost(rate or 1)  # the reference; `use_ghost` swaps in the compiled one
         self.decay = 1.0 - 1.0 / config.window
         self.real = 0.0  # decayed sampled hits of the real pool
         self.lru = 0.0  # decayed sampled hits of the ghost LRU
@@ -97,12 +97,15 @@ class PinPayback:
         self.switches = 0
         self.real_hits = self.lru_hits = 0  # sampled hits since the start, undecayed (stats, tests)
         self.ledger = PinLedger(config.ledger()) if rate and config.start else None
-        # id of a running request's key list -> (its last key then, its length then, its flags): `cached` gets the
-        # same list, grown by the output's blocks, and maps only those (the memo holds the key: no other object has
-        # its id meanwhile; vLLM's keys are chained, so an equal key at n - 1 means an equal prefix).
-        self._memo: dict[int, tuple[Hashable, int, bytes]] = {}
         self.armed = config.from_start  # fed now (else from `arm`)
         self.warm = config.from_start  # the ghost holds what an LRU pool fed all along would: its hits are judged
+
+    def use_ghost(self, ghost: Ghost) -> None:
+        """Track with `ghost` (built for this tracker's `rate`: `kvsched.ops.ghost.new_ghost`) from now on; only
+        before the tracker was fed, so that no request is counted by one ghost and given back to another."""
+        if len(self.ghost) or self.ghost.held():
+            raise RuntimeError("the payback tracker's ghost can only be replaced before it is fed")
+        self.ghost = ghost
 
     def arm(self) -> None:
         """The pool began to evict cached blocks: from now on the tracker is fed. Its ghost starts empty and is judged
@@ -135,33 +138,15 @@ class PinPayback:
         if self.rate and self.armed:
             self.reserved = max(self.reserved + blocks, 0)
 
-    def _room(self) -> int:
-        """Evictable blocks the ghost may keep: the pool less what running requests hold (sampled scale)."""
-        return max(self.capacity - len(self.running) - self.reserved // self.rate, 1)
+    def _cap(self) -> int:
+        """The ghost's sampled pool: the pool less what running requests hold beyond their prompts."""
+        return self.capacity - self.reserved // self.rate
 
     def cached(self, keys: Iterable[Hashable]) -> None:
         """A request finished: its full blocks `keys` (prefix order, output included) become evictable, most recent,
         tail first (vLLM frees a request's blocks tail first, so its head is evicted last)."""
-        if not self.rate or not self.armed:
-            return
-        ghost, running = self.ghost, self.running
-        if isinstance(keys, list) and (flags := self._flags(keys, self._memo.pop(id(keys), None))) is not None:
-            sampled = list(compress(keys, flags))
-        else:
-            sampled = [k for _, k in self._sampled(keys)]
-        for k in reversed(sampled):
-            n = running.get(k, 0)
-            if n > 1:
-                running[k] = n - 1
-                continue
-            running.pop(k, None)
-            if k in ghost:
-                ghost.move_to_end(k)
-            else:
-                ghost[k] = None
-        room = self._room()
-        while len(ghost) > room:
-            ghost.popitem(last=False)
+        if self.rate and self.armed:
+            self.ghost.cached(keys if isinstance(keys, list) else list(keys), self._cap())
 
     def observe(self, keys: Iterable[Hashable], cached_blocks: int, hittable: int | None = None) -> bool | None:
         """A request started with prompt blocks `keys` (prefix order) of which the first `cached_blocks` were hits in
@@ -170,38 +155,10 @@ class PinPayback:
         all if None. Updates both sides (and the pin ledger, when on); returns the new `pinning` when it changed."""
         if not self.rate or not self.armed:
             return None
-        ghost, running = self.ghost, self.running
-        sampled: Iterable[Hashable]
-        if isinstance(keys, list) and (flags := self._flags(keys)) is not None:
-            real = flags.count(1, 0, max(cached_blocks, 0))
-            most = flags.count(1, 0, max(hittable, 0)) if hittable is not None else len(flags)
-            sampled = compress(keys, flags)
-            if type(keys[-1]) is bytes:  # vLLM's hashes: `cached` gets this list, grown (the simulator: another list)
-                memo = self._memo
-                if len(memo) >= MEMO_LIMIT:  # requests observed, never cached (the adapter lost them): the oldest goes
-                    del memo[next(iter(memo))]
-                memo[id(keys)] = (keys[-1], len(keys), flags)
-        else:
-            pairs = list(self._sampled(keys))
-            real = sum(1 for pos, _ in pairs if pos < cached_blocks)
-            most = len(pairs) if hittable is None else sum(1 for pos, _ in pairs if pos < hittable)
-            sampled = [k for _, k in pairs]
-        lru = 0
-        prefix = True
-        for k in sampled:
-            n = running.get(k, 0)
-            if n or k in ghost:
-                if prefix:
-                    lru += 1
-                ghost.pop(k, None)
-            else:
-                prefix = False
-            running[k] = n + 1
-        room = self._room()
-        while len(ghost) > room:
-            ghost.popitem(last=False)
+        real, most, lru, full = self.ghost.observe(keys if isinstance(keys, list) else list(keys), cached_blocks,
+                                                   -1 if hittable is None else max(hittable, 0), self._cap())
         if not self.warm:
-            if len(ghost) < room:
+            if not full:
                 return None
             self.warm = True
         lru = min(lru, most)  # the ghost's prefix hit, as vLLM would have taken it
@@ -215,46 +172,6 @@ class PinPayback:
             self.ledger.observe(real, lru)
             return None
         return self._judge()
-
-    def _flags(self, keys: list[Hashable], memo: tuple[Hashable, int, bytes] | None = None) -> bytes | None:
-        """One byte per key, 1 where the key is sampled, when `keys` are bytes of one length (vLLM's block hashes):
-        their first bytes are sliced out of one join and mapped through a table, all in C (a few us for ~190 keys,
-        against ~10 us for a per-key filter). `memo`: (last key, length, flags) of an earlier state of the same list,
-        whose flags are reused when the list still holds that key there. Dense int keys (the simulator's ids) are looked
-        up in `id_table` when it is set (`kvsched.sim.policies.id_table`; the generic path's per-key filter cost more
-        than the ghost's own work there). None for other keys."""
-        table = self.byte_table
-        if not keys:
-            return None
-        if type(keys[0]) is int and self.id_table is not None:
-            try:
-                if min(keys) >= 0:  # type: ignore[operator, type-var]  # a negative index would wrap around, not fail
-                    return bytes(map(self.id_table.__getitem__, keys))  # type: ignore[arg-type]
-            except (IndexError, TypeError):  # an id past the table, or not an int: the generic path
-                pass
-            return None
-        if table is None or type(keys[0]) is not bytes:
-            return None
-        head = b""
-        if memo is not None and 0 < memo[1] <= len(keys) and keys[memo[1] - 1] == memo[0]:
-            head, keys = memo[2], keys[memo[1]:]
-            if not keys:
-                return head
-        width = len(keys[0])  # type: ignore[arg-type]
-        try:
-            joined = b"".join(keys)  # type: ignore[arg-type]
-        except TypeError:  # a key that is not bytes-like: the generic path
-            return None
-        if not width or len(joined) != width * len(keys):
-            return None
-        return head + joined[::width].translate(table)
-
-    def _sampled(self, keys: Iterable[Hashable]) -> Iterator[tuple[int, Hashable]]:
-        """(position, key) of the sampled keys among `keys`, in order."""
-        if isinstance(keys, list) and (flags := self._flags(keys)) is not None:
-            return compress(enumerate(keys), flags)
-        t = self.threshold
-        return ((pos, k) for pos, k in enumerate(keys) if (hash(k) * MIX) & MASK < t)
 
     def _judge(self) -> bool | None:
         c = self.config

@@ -14,13 +14,14 @@ from typing import cast
 import numpy as np
 
 from kvsched.core.config import RetentionConfig
+from kvsched.core.ghost_lru import MIX, LruGhost
 from kvsched.core.lineage import Anchor, Lineage, LineageConfig
 from kvsched.core.pin_apply import PinApplier
-from kvsched.core.pin_payback import MIX
 from kvsched.core.retention import RetentionPolicy
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
 from kvsched.core.tier import TierDirectory
 from kvsched.core.tier_config import TierConfig
+from kvsched.ops.ghost import new_ghost
 from kvsched.sim.evictors import BeladyEvictor, LRUEvictor, NextUse
 from kvsched.sim.pool import BlockPool
 from kvsched.sim.trace import ID_DTYPE, Trace
@@ -184,8 +185,11 @@ class KVSchedPolicy(SimPolicy):
         self.lineage = Lineage(LineageConfig(max_entries=config.max_sessions),
                                is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned)
         self._payback = self.policy.payback.enabled  # fixed by the configuration
-        if self._payback:
-            self.policy.payback.id_table = id_table(trace.n_ids, self.policy.payback.threshold)
+        if self._payback:  # compiled when built; the reference reads the dense ids' sampling from a table
+            ghost = new_ghost(self.policy.payback.rate)
+            if isinstance(ghost, LruGhost):
+                ghost.id_table = id_table(trace.n_ids, ghost.threshold)
+            self.policy.payback.use_ghost(ghost)
         # Fed from the pool's first eviction (or pins' first release for a live request), as the engine does.
         self._payback_waiting = self._payback and not self.policy.payback.armed
         self._reserved: dict[int, int] = {}  # request -> the blocks beyond its prompt it reserved in the tracker

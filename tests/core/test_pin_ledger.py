@@ -164,7 +164,7 @@ def test_before_the_pool_first_evicts_the_ledger_is_not_fed_but_still_caps_new_p
     p = PinPayback(PaybackConfig(sampling=1, start=30.0, ceiling=600.0, from_start=False), total_blocks=64)
     assert p.ttl(600.0) == 30.0 and not p.armed
     p.observe([1, 2, 3], 0)  # not fed yet: no books kept
-    assert not p.running and p.ledger is not None and p.ledger.requests == 0
+    assert not p.ghost.held() and p.ledger is not None and p.ledger.requests == 0
     p.arm()
     assert p.ttl(600.0) == 30.0 and p.armed and not p.warm
 

@@ -17,15 +17,15 @@ def exact(total: int = 8, window: int = 4, cooldown: int = 3, margin: float = 0.
 def test_ghost_is_an_lru_of_what_running_requests_leave_and_counts_prefix_hits_only() -> None:
     p = exact(total=4)
     p.observe([1, 2, 3], 0)
-    assert p.running == {1: 1, 2: 1, 3: 1} and not p.ghost and p.lru == 0  # held by the request: not evictable
+    assert p.ghost.running() == {1: 1, 2: 1, 3: 1} and not p.ghost and p.lru == 0  # held by the request: not evictable
     p.observe([1, 2], 0)  # shared with the running request: hits
     assert p.lru == pytest.approx(2.0)
     p.cached([1, 2, 3])
-    assert list(p.ghost) == [3] and p.running == {1: 1, 2: 1}  # tail first: the head is the most recent
+    assert p.ghost.keys() == [3] and p.ghost.running() == {1: 1, 2: 1}  # tail first: the head is the most recent
     p.cached([1, 2])
-    assert list(p.ghost) == [3, 2, 1] and not p.running
+    assert p.ghost.keys() == [3, 2, 1] and not p.ghost.running()
     p.observe([4, 5], 0)  # two blocks held: room for 2 cached, the least recently used (3) goes
-    assert list(p.ghost) == [2, 1]
+    assert p.ghost.keys() == [2, 1]
     before = p.lru * p.decay
     p.observe([3, 1], 0)  # 3 misses, so 1 is no prefix hit (vLLM's hits are a prefix)
     assert p.lru == pytest.approx(before)
@@ -36,10 +36,10 @@ def test_blocks_reserved_beyond_prompts_shrink_the_ghost() -> None:
     p.cached([1, 2, 3, 4])
     p.reserve(3)
     p.cached([])
-    assert list(p.ghost) == [1]
+    assert p.ghost.keys() == [1]
     p.reserve(-3)
     p.cached([5])
-    assert list(p.ghost) == [1, 5]
+    assert p.ghost.keys() == [1, 5]
 
 
 def test_real_hits_are_the_sampled_blocks_before_the_cached_count() -> None:

@@ -51,16 +51,19 @@ def test_the_simulators_id_table_samples_what_the_trackers_own_rule_does(samplin
     Python): the same keys must be sampled, or the replay would no longer be the engine's rule."""
     from itertools import compress
 
+    from kvsched.core.ghost_lru import LruGhost
     from kvsched.core.pin_payback import PaybackConfig, PinPayback
     from kvsched.sim.policies import id_table
 
     n = 5000
     p = PinPayback(PaybackConfig(sampling=sampling), total_blocks=64 * 64)
-    own = [k for _, k in p._sampled(iter(range(n)))]  # an iterator: the generic, per-key path
-    table = id_table(n, p.threshold)
+    g = p.ghost
+    assert isinstance(g, LruGhost)
+    own = [k for _, k in g._sampled(iter(range(n)))]  # an iterator: the generic, per-key path
+    table = id_table(n, g.threshold)
     assert list(compress(range(n), table)) == own
     assert 0 < len(own) <= n and (sampling == 1) == (len(own) == n)
-    p.id_table = table
+    g.id_table = table
     keys = [3, 4000, 17, 4999]
-    assert p._flags(keys) == bytes(table[k] for k in keys)
-    assert p._flags([3, n]) is None and p._flags([3, -1]) is None  # past the table, or negative: the generic path
+    assert g._flags(keys) == bytes(table[k] for k in keys)
+    assert g._flags([3, n]) is None and g._flags([3, -1]) is None  # past the table, or negative: the generic path

@@ -23,6 +23,7 @@ from kvsched.core.config import RetentionConfig
 from kvsched.core.pin_apply import PinApplier
 from kvsched.core.retention import Decision, Pin, ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import SessionKey, TurnHints
+from kvsched.ops.ghost import new_ghost
 from kvsched.ops.score import select_candidates
 
 logger = logging.getLogger("vllm.kvsched.pins")  # vLLM's handlers and VLLM_LOGGING_LEVEL apply
@@ -49,6 +50,8 @@ class SessionPins:
             config, clock, total_blocks=compat.num_total_blocks(scheduler),
             bytes_per_token=compat.kv_bytes_per_token(scheduler), selector=select_candidates,
         )
+        if self.policy.payback.enabled:  # the compiled ghost when the extension is built
+            self.policy.payback.use_ghost(new_ghost(self.policy.payback.rate))
         pool = VllmPinPool(scheduler)
         self.pins: PinApplier[Any] = PinApplier(self.policy, pool, self.block_size)
         self.pinned = self.pins.pinned  # per KV-cache group, in prefix order

@@ -73,6 +73,12 @@ def _cpu_isa() -> None:
     isa_cap_from_env()
 
 
+def _ghost() -> None:
+    from kvsched.ops.ghost import ghost_choice
+
+    ghost_choice()
+
+
 def _levels() -> None:
     from kvsched.adapters.vllm.tier_levels import LevelsConfig
 
@@ -92,7 +98,7 @@ def _trace() -> None:
         raise ValueError(error)
 
 
-ENGINE_CHECKS = (_cpu_isa, _fault_every, _levels, _record_trace, _trace)
+ENGINE_CHECKS = (_cpu_isa, _fault_every, _ghost, _levels, _record_trace, _trace)
 
 
 def engine_setting_errors() -> list[str]:
@@ -112,9 +118,10 @@ def known_setting_names() -> frozenset[str]:
     from kvsched.adapters.vllm import compaction_shared, tier_levels, trace_recorder
     from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB
     from kvsched.ops.cpu_features import ISA_ENV
+    from kvsched.ops.ghost import GHOST_ENV
 
-    engine = {ENV_FAULT_EVERY, ENV_TRACE, ENV_TRACE_SCORES, ENV_TIER_GB, ISA_ENV, compaction_shared.ENV_STORE_URL,
-              trace_recorder.ENV_RECORD, trace_recorder.ENV_MAX_MB, tier_levels.ENV_DISK_DIR, tier_levels.ENV_DISK_GB,
+    engine = {ENV_FAULT_EVERY, ENV_TRACE, ENV_TRACE_SCORES, ENV_TIER_GB, ISA_ENV, GHOST_ENV,
+              compaction_shared.ENV_STORE_URL, trace_recorder.ENV_RECORD, trace_recorder.ENV_MAX_MB, tier_levels.ENV_DISK_DIR, tier_levels.ENV_DISK_GB,
               tier_levels.ENV_STORE_URL, tier_levels.ENV_KV_TTL, tier_levels.ENV_STATE_TTL, tier_levels.ENV_REPLICA}
     return setting_names() | engine | OTHER_SETTINGS
 

@@ -9,9 +9,11 @@ pytest.importorskip("vllm")
 
 from kvsched.adapters.vllm import compat  # noqa: E402
 from kvsched.adapters.vllm.harness import RequestFactory, run_until_idle  # noqa: E402
+from kvsched.core.ghost_lru import LruGhost  # noqa: E402
+from kvsched.ops import backends  # noqa: E402
 from tests.adapters.vllm.conftest import BLOCK, sched  # noqa: E402
 
-VARS = ("KVSCHED_DEFAULT_TTL_S", "KVSCHED_PAYBACK_SAMPLING", "KVSCHED_PAYBACK_FROM_START")
+VARS = ("KVSCHED_DEFAULT_TTL_S", "KVSCHED_PAYBACK_SAMPLING", "KVSCHED_PAYBACK_FROM_START", "KVSCHED_GHOST")
 
 
 def _env(monkeypatch, env: dict[str, str]) -> None:
@@ -41,15 +43,20 @@ def _one_shots(s, f: RequestFactory, first: int, n: int) -> None:
         run_until_idle(s)
 
 
-def test_the_tracker_is_fed_from_the_first_full_prefix_cache_and_judged_once_its_ghost_fills(harness_cfg, monkeypatch):
-    _env(monkeypatch, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_DEFAULT_TTL_S": "0"})  # no pins: the pool is LRU
+@pytest.mark.parametrize("ghost", ["auto", "python"])
+def test_the_tracker_is_fed_from_the_first_full_prefix_cache_and_judged_once_its_ghost_fills(harness_cfg, monkeypatch,
+                                                                                             ghost):
+    _env(monkeypatch, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_DEFAULT_TTL_S": "0",  # no pins: the pool is LRU
+                       "KVSCHED_GHOST": ghost})
     s, f = sched(harness_cfg), RequestFactory(BLOCK)
     payback = s.kvsched.policy.payback
+    compiled = ghost == "auto" and backends.has_cxx()  # `make test` builds the extension: the engine's own ghost
+    assert isinstance(payback.ghost, LruGhost) is not compiled
     _one_shots(s, f, 1000, 10)  # 20 of 63 blocks cached: nothing evicted yet
-    assert not compat.prefix_cache_full(s) and not payback.armed and not payback.ghost and not payback.running
+    assert not compat.prefix_cache_full(s) and not payback.armed and not len(payback.ghost) and not payback.ghost.held()
     _one_shots(s, f, 5000, 40)  # past 63 blocks: the free queue now starts with a cached block
     assert payback.armed and s.kvsched._payback and not s.kvsched._payback_waiting
-    assert payback.ghost  # fed since
+    assert len(payback.ghost)  # fed since
     _one_shots(s, f, 9000, 60)
     assert payback.warm
     # no pins: the pool is an LRU pool, so once judged the ghost agrees with it request for request
@@ -64,7 +71,7 @@ def test_from_start_feeds_it_from_the_first_request(harness_cfg, monkeypatch) ->
     s, f = sched(harness_cfg), RequestFactory(BLOCK)
     assert s.kvsched._payback and s.kvsched.policy.payback.armed
     _one_shots(s, f, 1000, 2)
-    assert s.kvsched.policy.payback.ghost
+    assert len(s.kvsched.policy.payback.ghost)
 
 
 def test_the_fallback_state_is_exported_while_it_is_on(harness_cfg, monkeypatch) -> None:

@@ -1,0 +1,113 @@
+"""The compiled ghost LRU (`kvsched._C.GhostLru`) against its reference (`kvsched.core.ghost_lru.LruGhost`): the same
+counts after every call and the same books (keys in LRU order, held keys), on the simulator's ids and on vLLM-like
+digests, at every sampling rate the tracker uses; and the replay decides the same with either."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import replace
+
+import pytest
+
+from kvsched.core.ghost_lru import LruGhost
+from kvsched.core.pin_payback import Ghost
+from kvsched.ops.ghost import ghost_choice, new_ghost
+from tests.ops.conftest import require_cxx
+
+
+def digest(i: int) -> bytes:
+    return hashlib.sha256(i.to_bytes(8, "little")).digest()
+
+
+def books(g: Ghost) -> tuple[list[int], dict[int, int]]:
+    """The ghost's keys in LRU order and its held keys, as Python hashes (the compiled ghost's keys)."""
+    keys, held = g.keys(), g.running()  # type: ignore[attr-defined]
+    if isinstance(g, LruGhost):
+        return [hash(k) for k in keys], {hash(k): n for k, n in held.items()}
+    return keys, held
+
+
+def drive(ghosts: list[Ghost], rng: random.Random, key, steps: int = 2500) -> int:
+    """Random requests sharing prefixes, started and finished out of order, with a pool that grows and shrinks;
+    returns the ghosts' total prefix hits (the same on every side, or an assertion fails)."""
+    running: list[list] = []
+    hits = 0
+    for step in range(steps):
+        cap = rng.randrange(8, 160)
+        if running and (len(running) > 12 or rng.random() < 0.5):
+            keys = running.pop(rng.randrange(len(running)))
+            keys = keys + [key(10**6 + step * 8 + j) for j in range(rng.randrange(3))]  # its output's blocks
+            for g in ghosts:
+                g.cached(keys, cap)
+        else:
+            base, n = rng.randrange(40) * 1000, rng.randrange(1, 50)
+            keys = [key(base + i) for i in range(n)]
+            if rng.random() < 0.1:
+                keys[rng.randrange(n)] = keys[0]  # a repeated key within one prompt
+            cached, hittable = rng.randrange(n + 1), rng.randrange(-1, n + 1)
+            out = {tuple(g.observe(keys, cached, hittable, cap)) for g in ghosts}
+            assert len(out) == 1, (step, out)
+            hits += out.pop()[2]
+            running.append(keys)
+        assert len({(len(g), g.held()) for g in ghosts}) == 1, step
+        if step % 50 == 0:
+            first = books(ghosts[0])
+            assert all(books(g) == first for g in ghosts[1:]), step
+    return hits
+
+
+@pytest.mark.parametrize("rate", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("kind", ["ids", "digests"])
+def test_the_compiled_ghost_keeps_the_references_books(rate: int, kind: str) -> None:
+    require_cxx()
+    ghosts = [LruGhost(rate), new_ghost(rate, "cxx")]
+    assert not isinstance(ghosts[1], LruGhost)
+    hits = drive(ghosts, random.Random(rate * 7 + len(kind)), int if kind == "ids" else digest)
+    assert hits > 0 and len(ghosts[0]) > 0
+
+
+def test_the_compiled_ghost_reads_any_sequence_and_refuses_what_it_cannot_hash() -> None:
+    require_cxx()
+    g = new_ghost(1, "cxx")
+    assert tuple(g.observe((1, 2, 3), 0, -1, 10)) == (0, 3, 0, False)  # a tuple: read as a list
+    g.cached(iter([1, 2, 3]), 10)  # an iterator too
+    assert g.keys() == [3, 2, 1] and not g.held()  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="unhashable"):
+        g.observe([1, [2]], 0, -1, 10)
+    with pytest.raises(TypeError, match="sequence"):
+        g.cached(5, 10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rate"):
+        new_ghost(0, "cxx")
+    with pytest.raises(ValueError, match="rate"):
+        LruGhost(0)
+
+
+def test_the_ghost_is_chosen_by_kvsched_ghost() -> None:
+    assert ghost_choice({}) == "auto" and ghost_choice({"KVSCHED_GHOST": " Python "}) == "python"
+    with pytest.raises(ValueError, match="KVSCHED_GHOST='fast': choose one of auto, cxx, python"):
+        ghost_choice({"KVSCHED_GHOST": "fast"})
+    assert isinstance(new_ghost(4, "python"), LruGhost)
+
+
+@pytest.mark.parametrize("tier", [False, True])
+def test_a_replay_decides_the_same_with_either_ghost(monkeypatch: pytest.MonkeyPatch, tier: bool) -> None:
+    """The simulator's kvsched side with the tracker fed from the first request, on the reference then the compiled
+    ghost: the same tracker counts, prefill and decisions."""
+    require_cxx()
+    from kvsched.core.config import RetentionConfig
+    from kvsched.sim.generator import QUICK, generate
+    from kvsched.sim.replay import ReplayConfig, replay
+
+    trace = generate(replace(QUICK, workflows=2))
+    cfg = ReplayConfig(capacity_blocks=int(trace.peak_live_blocks() / 1.5),
+                       retention=RetentionConfig(default_ttl_s=120.0, max_ttl_s=600.0, payback_sampling=4,
+                                                 payback_from_start=True),
+                       tier_bytes=4096 * 64 if tier else 0, tier_block_bytes=4096 if tier else 0)
+    out = []
+    for choice in ("python", "cxx"):
+        monkeypatch.setenv("KVSCHED_GHOST", choice)
+        r = replay(trace, "kvsched", cfg)
+        out.append((r.hit_tokens, r.restored_tokens, r.evictions, r.policy_stats))
+    assert out[0][3]["payback_lru_hits"] > 0
+    assert out[0] == out[1]
