@@ -177,6 +177,14 @@ class KVSchedPolicy(SimPolicy):
         config = config.for_pool(tier=tier_bytes > 0)
         self.policy = RetentionPolicy(config, clock, total_blocks=pool.capacity, bytes_per_token=bytes_per_token)
         self.pin_pool = SimPinPool(pool, trace.n_ids)
+        # Per request, read a few times a turn: Python ints (a numpy scalar read costs several list reads).
+        bs, p = trace.block_size, trace.prompt_tokens.astype(np.int64)
+        self._full: list[int] = (p // bs).tolist()  # the prompt's full blocks
+        self._hittable: list[int] = ((p - 1) // bs).tolist()  # those a hit may cover (vLLM computes the last token)
+        # blocks a request holds while it runs beyond its prompt's full blocks (the replay allocates them up front)
+        self._beyond: list[int] = (-(-(p + trace.output_tokens.astype(np.int64)) // bs) - p // bs).tolist()
+        self._ttl: list[float] = trace.ttl_s.tolist()
+        self._end: list[bool] = trace.end.tolist()
         self.pins: PinApplier[int] = PinApplier(self.policy, self.pin_pool, trace.block_size)
         self.keys = [SessionKey(SessionId(s), salt) for s, salt in trace.sessions]
         # The engine's session lineage (`kvsched.adapters.vllm.session_lineage`): a turn joins the branch of its named
@@ -207,26 +215,19 @@ class KVSchedPolicy(SimPolicy):
         self.tails = self.tier is not None and trace.block_size <= TAIL_MAX_BLOCK_TOKENS
 
     def _hints(self, i: int) -> TurnHints:
-        tr = self.trace
-        ttl = float(tr.ttl_s[i])
-        return TurnHints(role=tr.role[i], ttl_s=None if math.isnan(ttl) else ttl, end=bool(tr.end[i]))
+        ttl = self._ttl[i]
+        return TurnHints(role=self.trace.role[i], ttl_s=None if math.isnan(ttl) else ttl, end=self._end[i])
 
     def _join(self, i: int) -> tuple[SessionKey, TurnHints] | None:
         """The branch request i joins, as the engine's resolver decides it on the prompt's full blocks, and its hints
         (kept until it finishes); None past the id's branch limit."""
         tr = self.trace
-        prompt = tr.blocks(i)[: int(tr.prompt_tokens[i]) // tr.block_size]
+        prompt = tr.blocks(i)[: self._full[i]]
         # An array, not a list: the lineage reads 1-2 ids (len and indexing), and a numpy int hashes as the int does.
         key = self.lineage.named(self.keys[tr.session[i]], cast(Sequence[Hashable], prompt))
         entry = self.joined[i] = None if key is None else (key, self._hints(i))
         self.anchors[i] = (len(prompt) - 1, int(prompt[-1])) if len(prompt) else None
         return entry
-
-    def _beyond_prompt(self, i: int) -> int:
-        """Blocks request i holds while it runs beyond its prompt's full blocks (the replay allocates them up front)."""
-        tr, bs = self.trace, self.trace.block_size
-        p = int(tr.prompt_tokens[i])
-        return -(-(p + int(tr.output_tokens[i])) // bs) - p // bs
 
     # ---- the SessionPins hooks ----------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -257,11 +258,11 @@ class KVSchedPolicy(SimPolicy):
         payback = self.policy.payback
         fed = self._payback and payback.armed
         if fed:
-            payback.reserve(beyond := self._beyond_prompt(i))
+            payback.reserve(beyond := self._beyond[i])
             self._reserved[i] = beyond
         bs = self.trace.block_size  # the payback tracker's keys; a hit covers at most the prompt less its last token
         self.pins.turn_started(entry[0], hit_blocks * bs, prompt_ids.tolist() if fed else None,
-                               (int(self.trace.prompt_tokens[i]) - 1) // bs)
+                               self._hittable[i])
 
     def on_finished(self, i: int, ids: np.ndarray) -> None:
         anchor = self.anchors.pop(i, None)
