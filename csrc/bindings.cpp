@@ -90,7 +90,12 @@ class Ghost {
     pos_.clear();
     PyObject* seq = PySequence_Fast(obj.ptr(), "the ghost's keys must be a sequence");
     if (seq == nullptr) throw py::error_already_set();
-    const py::object hold = py::reinterpret_steal<py::object>(seq);
+    py::object hold = py::reinterpret_steal<py::object>(seq);
+    if (PyList_CheckExact(seq) && !hashes_in_c(seq)) {  // the caller's own list, and a key's __hash__ could change it
+      seq = PySequence_Tuple(seq);  // under the loop below (found by review: a use after free): read a copy then
+      if (seq == nullptr) throw py::error_already_set();
+      hold = py::reinterpret_steal<py::object>(seq);
+    }
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject** items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t i = 0; i < n; ++i) {
@@ -104,6 +109,16 @@ class Ghost {
       keys_.push_back(key);
       pos_.push_back(i);
     }
+  }
+
+  // Whether every key hashes without running Python code (exact bytes, int or str: vLLM's and the simulator's keys).
+  static bool hashes_in_c(PyObject* list) {
+    const Py_ssize_t n = PyList_GET_SIZE(list);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* k = PyList_GET_ITEM(list, i);
+      if (!PyBytes_CheckExact(k) && !PyLong_CheckExact(k) && !PyUnicode_CheckExact(k)) return false;
+    }
+    return true;
   }
 
   static constexpr uint64_t kMix = UINT64_C(0x9E3779B97F4A7C15);  // kvsched.core.ghost_lru.MIX

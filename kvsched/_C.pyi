@@ -54,7 +54,8 @@ def fp8_set_max_isa(name: str) -> None: ...
 
 class GhostLru:
     """The pin payback tracker's ghost LRU, compiled (kvsched.core.ghost_lru.LruGhost's interface; use
-    kvsched.ops.ghost.new_ghost). Keys are any hashable objects, tracked by their Python hash."""
+    kvsched.ops.ghost.new_ghost). Keys are hashable objects tracked by their Python hash: two keys of one hash are one
+    key (never two ints in [0, 2^61 - 1), the simulator's ids; for bytes digests, vLLM's, a 64-bit SipHash collision)."""
 
     def __init__(self, rate: int) -> None: ...
     def observe(self, keys: object, cached_blocks: int, hittable: int, cap: int) -> tuple[int, int, int, bool]: ...

@@ -142,8 +142,15 @@ class LruGhost:
         return head + joined[::width].translate(table)
 
     def _sampled(self, keys: Sequence[Hashable]) -> Iterator[tuple[int, Hashable]]:
-        """(position, key) of the sampled keys among `keys`, in order."""
+        """(position, key) of the sampled keys among `keys`, in order: key by key, by the rule `_flags` applies to
+        whole lists (a bytes key by its first byte, when the rate divides 256), as the compiled ghost does."""
         if isinstance(keys, list) and (flags := self._flags(keys)) is not None:
             return compress(enumerate(keys), flags)
-        t = self.threshold
-        return ((pos, k) for pos, k in enumerate(keys) if (hash(k) * MIX) & MASK < t)
+        t, table = self.threshold, self.byte_table
+
+        def sampled(k: Hashable) -> bool:
+            if table is not None and type(k) is bytes and k:
+                return bool(table[k[0]])
+            return (hash(k) * MIX) & MASK < t
+
+        return ((pos, k) for pos, k in enumerate(keys) if sampled(k))

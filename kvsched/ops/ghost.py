@@ -27,6 +27,12 @@ def ghost_choice(environ: Mapping[str, str] | None = None) -> str:
     return value
 
 
+def check_ghost_setting(environ: Mapping[str, str] | None = None) -> None:
+    """`KVSCHED_GHOST` is well-formed, and `cxx` only where the compiled ghost is built (ValueError naming it)."""
+    if ghost_choice(environ) == "cxx" and getattr(backends.cxx(), "GhostLru", None) is None:
+        raise ValueError(f"{GHOST_ENV}='cxx': kvsched._C has no GhostLru here (rebuild it: `make ext`), or use auto")
+
+
 def new_ghost(rate: int, choice: str | None = None) -> Ghost:
     """A ghost sampling 1 key in `rate` (`kvsched.core.pin_payback.PinPayback.rate`). `choice`: `auto` (compiled when
     built), `cxx` (raises RuntimeError when it is not built) or `python`; None reads KVSCHED_GHOST."""

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import random
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 
 from kvsched.core.ghost_lru import LruGhost
 from kvsched.core.pin_payback import Ghost
-from kvsched.ops.ghost import ghost_choice, new_ghost
+from kvsched.ops.ghost import check_ghost_setting, ghost_choice, new_ghost
 from tests.ops.conftest import require_cxx
 
 
@@ -81,6 +83,51 @@ def test_the_compiled_ghost_reads_any_sequence_and_refuses_what_it_cannot_hash()
         new_ghost(0, "cxx")
     with pytest.raises(ValueError, match="rate"):
         LruGhost(0)
+
+
+def test_digests_outside_a_uniform_list_are_sampled_by_the_same_rule_in_both() -> None:
+    """Found by review: the reference sampled a tuple of digests, or a list of mixed widths, by their hashes, the
+    compiled ghost by their first bytes. Now both go key by key, by the first byte."""
+    require_cxx()
+    keys = [digest(i) for i in range(400)]
+    for shaped in (tuple(keys), keys[:200] + [b"short"] + keys[200:], keys[:100] + [12345] + keys[100:]):
+        ref, cxx = LruGhost(8), new_ghost(8, "cxx")
+        assert tuple(ref.observe(shaped, 50, -1, 500)) == tuple(cxx.observe(shaped, 50, -1, 500))  # type: ignore[arg-type]
+        assert books(ref) == books(cxx) and ref.held() > 0
+    assert sum(k[0] < 32 for k in keys) == LruGhost(8).observe(tuple(keys), 0, -1, 500)[1]  # type: ignore[arg-type]
+
+
+def test_a_key_whose_hash_changes_the_list_does_not_crash_the_compiled_ghost() -> None:
+    """Found by review: the compiled ghost read the caller's list in place while a key's Python __hash__ could free
+    its items (a segfault). In a child process, so that a crash fails this test only."""
+    require_cxx()
+    code = (
+        "from kvsched.ops.ghost import new_ghost\n"
+        "class K:\n"
+        "    def __init__(self, i, owner): self.i, self.owner = i, owner\n"
+        "    def __hash__(self):\n"
+        "        self.owner.clear()\n"
+        "        return self.i\n"
+        "    def __eq__(self, other): return isinstance(other, K) and other.i == self.i\n"
+        "g = new_ghost(1, 'cxx')\n"
+        "keys = []\n"
+        "keys.extend(K(i, keys) for i in range(1000))\n"
+        "print(tuple(g.observe(keys, 0, -1, 10)), g.held())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["(0,", "1000,", "0,", "False)", "1000"]  # every key read, from a copy
+
+
+def test_kvsched_ghost_cxx_is_refused_at_start_where_it_is_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvsched.ops import backends
+
+    check_ghost_setting({"KVSCHED_GHOST": "auto"})
+    monkeypatch.setattr(backends, "cxx", lambda: None)
+    with pytest.raises(ValueError, match="KVSCHED_GHOST='cxx': kvsched._C has no GhostLru"):
+        check_ghost_setting({"KVSCHED_GHOST": "cxx"})
+    check_ghost_setting({"KVSCHED_GHOST": "python"})
+    assert isinstance(new_ghost(8, "auto"), LruGhost)  # not built: the reference
 
 
 def test_the_ghost_is_chosen_by_kvsched_ghost() -> None:

@@ -74,9 +74,9 @@ def _cpu_isa() -> None:
 
 
 def _ghost() -> None:
-    from kvsched.ops.ghost import ghost_choice
+    from kvsched.ops.ghost import check_ghost_setting
 
-    ghost_choice()
+    check_ghost_setting()
 
 
 def _levels() -> None:
