@@ -1,5 +1,6 @@
 // The ghost LRU of kvsched/core/ghost_lru.py over 64-bit keys: an intrusive doubly linked list in one vector (freed
-// nodes reused) and a hash index, so a touch, an insert and an eviction are O(1) without an allocation each.
+// nodes reused) and a flat hash index (kvsched/flat_map.h), so a touch, an insert and an eviction are O(1) without an
+// allocation each.
 #include "kvsched/ghost_lru.h"
 
 #include <algorithm>
@@ -14,17 +15,16 @@ GhostCounts GhostLru::observe(const uint64_t* keys, const int64_t* pos, size_t n
     const uint64_t k = keys[i];
     c.real += pos[i] < cached;
     c.most += hittable < 0 || pos[i] < hittable;
-    auto it = running_.find(k);
-    const bool held = it != running_.end();
+    int64_t* held = running_.find(k);
     if (erase(k) || held) {
       c.lru += prefix;
     } else {
       prefix = false;
     }
     if (held)
-      ++it->second;
+      ++*held;
     else
-      running_.emplace(k, 1);
+      running_.insert(k, 1);
   }
   trim(cap);
   c.full = static_cast<int64_t>(index_.size()) >= std::max<int64_t>(cap - static_cast<int64_t>(running_.size()), 1);
@@ -34,13 +34,12 @@ GhostCounts GhostLru::observe(const uint64_t* keys, const int64_t* pos, size_t n
 void GhostLru::cached(const uint64_t* keys, size_t n, int64_t cap) {
   for (size_t i = n; i-- > 0;) {
     const uint64_t k = keys[i];
-    auto it = running_.find(k);
-    if (it != running_.end()) {
-      if (it->second > 1) {
-        --it->second;
+    if (int64_t* held = running_.find(k)) {
+      if (*held > 1) {
+        --*held;
         continue;
       }
-      running_.erase(it);
+      running_.erase(k);
     }
     erase(k);
     push_mru(k);
@@ -56,7 +55,9 @@ std::vector<uint64_t> GhostLru::keys() const {
 }
 
 std::vector<std::pair<uint64_t, int64_t>> GhostLru::running() const {
-  return {running_.begin(), running_.end()};
+  std::vector<std::pair<uint64_t, int64_t>> out;
+  running_.for_each([&out](uint64_t k, int64_t n) { out.emplace_back(k, n); });
+  return out;
 }
 
 void GhostLru::push_mru(uint64_t key) {
@@ -74,14 +75,14 @@ void GhostLru::push_mru(uint64_t key) {
   else
     head_ = i;
   tail_ = i;
-  index_.emplace(key, i);
+  index_.insert(key, i);
 }
 
 bool GhostLru::erase(uint64_t key) {
-  auto it = index_.find(key);
-  if (it == index_.end()) return false;
-  unlink(it->second);
-  index_.erase(it);
+  const int32_t* i = index_.find(key);
+  if (i == nullptr) return false;
+  unlink(*i);
+  index_.erase(key);
   return true;
 }
 

@@ -30,20 +30,20 @@ def books(g: Ghost) -> tuple[list[int], dict[int, int]]:
     return keys, held
 
 
-def drive(ghosts: list[Ghost], rng: random.Random, key, steps: int = 2500) -> int:
+def drive(ghosts: list[Ghost], rng: random.Random, key, steps: int = 2500, caps: tuple[int, int] = (8, 160)) -> int:
     """Random requests sharing prefixes, started and finished out of order, with a pool that grows and shrinks;
     returns the ghosts' total prefix hits (the same on every side, or an assertion fails)."""
     running: list[list] = []
     hits = 0
     for step in range(steps):
-        cap = rng.randrange(8, 160)
+        cap = rng.randrange(*caps)
         if running and (len(running) > 12 or rng.random() < 0.5):
             keys = running.pop(rng.randrange(len(running)))
             keys = keys + [key(10**6 + step * 8 + j) for j in range(rng.randrange(3))]  # its output's blocks
             for g in ghosts:
                 g.cached(keys, cap)
         else:
-            base, n = rng.randrange(40) * 1000, rng.randrange(1, 50)
+            base, n = rng.randrange(caps[1] // 4) * 1000, rng.randrange(1, 50)
             keys = [key(base + i) for i in range(n)]
             if rng.random() < 0.1:
                 keys[rng.randrange(n)] = keys[0]  # a repeated key within one prompt
@@ -67,6 +67,15 @@ def test_the_compiled_ghost_keeps_the_references_books(rate: int, kind: str) -> 
     assert not isinstance(ghosts[1], LruGhost)
     hits = drive(ghosts, random.Random(rate * 7 + len(kind)), int if kind == "ids" else digest)
     assert hits > 0 and len(ghosts[0]) > 0
+
+
+def test_the_compiled_ghosts_tables_grow_and_shrink_without_losing_a_key() -> None:
+    """Thousands of keys in the ghost and its held set: the flat hash tables (csrc/include/kvsched/flat_map.h) grow
+    several times and delete by backward shift, and the books still equal the reference's."""
+    require_cxx()
+    ghosts = [LruGhost(1), new_ghost(1, "cxx")]
+    assert drive(ghosts, random.Random(5), int, steps=3000, caps=(2000, 6000)) > 0
+    assert len(ghosts[0]) > 1000 and books(ghosts[0]) == books(ghosts[1])
 
 
 def test_the_compiled_ghost_reads_any_sequence_and_refuses_what_it_cannot_hash() -> None:

@@ -5,9 +5,10 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <unordered_map>
 #include <utility>
 #include <vector>
+
+#include "kvsched/flat_map.h"
 
 namespace kvsched {
 
@@ -46,8 +47,8 @@ class GhostLru {
   std::vector<Node> nodes_;
   std::vector<int32_t> free_;
   int32_t head_ = -1, tail_ = -1;  // least and most recently used
-  std::unordered_map<uint64_t, int32_t> index_;
-  std::unordered_map<uint64_t, int64_t> running_;
+  FlatMap<int32_t, -1> index_;   // evictable key -> its node
+  FlatMap<int64_t, 0> running_;  // held key -> how many running requests hold it
 };
 
 }  // namespace kvsched
