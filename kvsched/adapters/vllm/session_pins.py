@@ -20,6 +20,7 @@ from kvsched.adapters.vllm.settings_check import trace_path, trace_scores
 from kvsched.adapters.vllm.tier_prefetch import TierPrefetcher
 from kvsched.adapters.vllm.trace_recorder import TraceRecorder
 from kvsched.core.config import RetentionConfig
+from kvsched.core.ghost_lru import LruGhost
 from kvsched.core.pin_apply import PinApplier
 from kvsched.core.retention import Decision, Pin, ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import SessionKey, TurnHints
@@ -43,15 +44,16 @@ class SessionPins:
         tier = compat.fp8_tier(scheduler)  # the FP8 tier (if configured): pins released for pressure or budget go there
         auto = config.payback_sampling is None
         config = config.for_pool(tier=tier is not None and tier.enabled)
-        if auto and config.payback_sampling:
-            logger.info("kvsched: no FP8 tier: the pins' fallback to LRU is on from the pool's first eviction (1 block "
-                        "in %d sampled; KVSCHED_PAYBACK_SAMPLING=0 turns it off)", config.payback_sampling)
         self.policy = RetentionPolicy(
             config, clock, total_blocks=compat.num_total_blocks(scheduler),
             bytes_per_token=compat.kv_bytes_per_token(scheduler), selector=select_candidates,
         )
         if self.policy.payback.enabled:  # the compiled ghost when the extension is built
-            self.policy.payback.use_ghost(new_ghost(self.policy.payback.rate))
+            self.policy.payback.use_ghost(ghost := new_ghost(self.policy.payback.rate))
+            if auto:
+                logger.info("kvsched: no FP8 tier: the pins' fallback to LRU is on from the pool's first eviction (1 "
+                            "block in %d sampled, %s ghost; KVSCHED_PAYBACK_SAMPLING=0 turns it off)",
+                            self.policy.payback.rate, "Python" if isinstance(ghost, LruGhost) else "compiled")
         pool = VllmPinPool(scheduler)
         self.pins: PinApplier[Any] = PinApplier(self.policy, pool, self.block_size)
         self.pinned = self.pins.pinned  # per KV-cache group, in prefix order
