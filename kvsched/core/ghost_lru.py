@@ -133,11 +133,10 @@ class LruGhost:
             if not keys:
                 return head
         width = len(keys[0])  # type: ignore[arg-type]
-        try:
-            joined = b"".join(keys)  # type: ignore[arg-type]
-        except TypeError:  # a key that is not bytes-like: the generic path
-            return None
-        if not width or len(joined) != width * len(keys):
+        if not width or set(map(type, keys)) != {bytes}:  # a key not exactly bytes (a subclass, a bytearray, another
+            return None  # type): the generic path, as the compiled ghost samples only exact bytes by their first byte
+        joined = b"".join(keys)  # type: ignore[arg-type]
+        if len(joined) != width * len(keys):
             return None
         return head + joined[::width].translate(table)
 

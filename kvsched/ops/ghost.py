@@ -1,7 +1,8 @@
 """The pin payback tracker's ghost LRU: compiled (`kvsched._C.GhostLru`) when the extension is built, else the
 reference `kvsched.core.ghost_lru.LruGhost`. Both take the same calls and make the same decisions; the compiled one
-keys blocks by their Python hash (the int itself for the simulator's ids, SipHash for vLLM's bytes hashes: a collision
-among 64-bit hashes would merge two blocks of the estimate, never touch the real pool).
+keys blocks by their Python hash: the int itself for ints in [0, 2^61 - 1), the simulator's ids; SipHash for vLLM's
+bytes hashes, where a 64-bit collision would merge two blocks of the estimate, never touch the real pool. (Other keys
+may share a hash, -1 and -2 do: the compiled ghost counts them as one.)
 
 `KVSCHED_GHOST=python` keeps the reference (for comparisons; any other value but `auto` and `cxx` is an error)."""
 

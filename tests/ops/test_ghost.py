@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from kvsched.core.ghost_lru import LruGhost
+from kvsched.core.ghost_lru import MASK, MIX, LruGhost
 from kvsched.core.pin_payback import Ghost
 from kvsched.ops.ghost import check_ghost_setting, ghost_choice, new_ghost
 from tests.ops.conftest import require_cxx
@@ -104,6 +104,17 @@ def test_digests_outside_a_uniform_list_are_sampled_by_the_same_rule_in_both() -
         assert tuple(ref.observe(shaped, 50, -1, 500)) == tuple(cxx.observe(shaped, 50, -1, 500))  # type: ignore[arg-type]
         assert books(ref) == books(cxx) and ref.held() > 0
     assert sum(k[0] < 32 for k in keys) == LruGhost(8).observe(tuple(keys), 0, -1, 500)[1]  # type: ignore[arg-type]
+
+    class Sub(bytes):  # found by the second review: the reference sampled a bytes subclass by its first byte
+        pass
+
+    sub = next(Sub(b) for i in range(256) if (hash(b := bytes([1, i]) * 16) * MIX) & MASK >= (1 << 62))
+    mixed = [bytes(32), sub]  # its first byte is in the table, its hash is not sampled at 1 in 4
+    ref, cxx = LruGhost(4), new_ghost(4, "cxx")
+    assert tuple(ref.observe(mixed, 0, -1, 10)) == tuple(cxx.observe(mixed, 0, -1, 10))
+    assert books(ref) == books(cxx)
+    with pytest.raises(TypeError):
+        LruGhost(4).observe([bytes(32), bytearray(32)], 0, -1, 10)  # unhashable, as in the compiled ghost
 
 
 def test_a_key_whose_hash_changes_the_list_does_not_crash_the_compiled_ghost() -> None:
