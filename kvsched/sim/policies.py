@@ -24,7 +24,7 @@ from kvsched.core.tier_config import TierConfig
 from kvsched.ops.ghost import new_ghost
 from kvsched.sim.evictors import BeladyEvictor, LRUEvictor, NextUse
 from kvsched.sim.pool import BlockPool
-from kvsched.sim.trace import ID_DTYPE, Trace
+from kvsched.sim.trace import Trace
 
 
 class SimPolicy:
@@ -112,7 +112,7 @@ class SimPinPool:
         self.peak = 0
 
     def hold(self, blocks: list[int]) -> None:
-        self.pool.touch(np.array(blocks, dtype=ID_DTYPE))
+        self.pool.touch_list(blocks)
         self.hold_allocated(blocks)
 
     def hold_allocated(self, blocks: list[int]) -> None:
@@ -135,7 +135,7 @@ class SimPinPool:
             refs[b] = r
             gone += not r
         self.pinned -= gone
-        self.pool.free(np.array(blocks, dtype=ID_DTYPE))
+        self.pool.free_list(blocks)
 
     def num_free(self) -> int:
         return self.pool.num_free

@@ -18,6 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
+from kvsched.sim.trace import ID_DTYPE
+
 
 class Evictor(Protocol):
     """Order in which evictable (cached, unreferenced) blocks are reused."""
@@ -133,6 +135,45 @@ class BlockPool:
             self.n_evictable += len(zero)
             assert self.evictor is not None
             self.evictor.push(zero, stamps)
+
+    # ---- a pin change's few blocks --------------------------------------------------------------------------------
+    # The same as `touch` and `free` on a Python list of distinct ids, block by block: a pin change is a few blocks
+    # (median 8-14 on the Mooncake traces), where numpy's per-call cost outweighs a loop (~2.8 against ~4.2 us for a
+    # touch and a free of 12 blocks). Longer lists take the vectorised path.
+    FEW = 32
+
+    def touch_list(self, ids: list[int]) -> None:
+        if len(ids) > self.FEW:
+            self.touch(np.array(ids, dtype=ID_DTYPE))
+            return
+        ref, stamp, item = self.ref, self.stamp, self.ref.item
+        became_held = 0
+        for b in ids:
+            r = item(b)
+            became_held += not r
+            ref[b] = r + 1
+            stamp[b] = -1
+        self.n_evictable -= became_held
+
+    def free_list(self, ids: list[int]) -> None:
+        if len(ids) > self.FEW:
+            self.free(np.array(ids, dtype=ID_DTYPE))
+            return
+        ref, item = self.ref, self.ref.item
+        zero = []
+        for b in ids:
+            r = item(b) - 1
+            ref[b] = r
+            if not r:
+                zero.append(b)
+        if zero:
+            freed = np.array(zero, dtype=ID_DTYPE)
+            stamps = np.arange(self.next_stamp, self.next_stamp + len(zero), dtype=np.int64)
+            self.next_stamp += len(zero)
+            self.stamp[freed] = stamps
+            self.n_evictable += len(zero)
+            assert self.evictor is not None
+            self.evictor.push(freed, stamps)
 
     def evict(self, k: int) -> None:
         if k > self.n_evictable:
