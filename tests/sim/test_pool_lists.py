@@ -45,6 +45,6 @@ def test_the_list_path_leaves_the_pool_as_the_array_path_does(seed: int) -> None
     assert np.array_equal(lists.ref, arrays.ref) and np.array_equal(lists.stamp, arrays.stamp)
     assert lists.ref.tolist() == held
     a, b = lists.evictor.batches, arrays.evictor.batches  # type: ignore[union-attr]
-    assert len(a) == len(b) and all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+    assert len(a) == len(b) and all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
     lists.check()
     assert lists.evictor.pop(lists.n_evictable).tolist() == arrays.evictor.pop(arrays.n_evictable).tolist()
