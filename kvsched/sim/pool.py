@@ -129,12 +129,16 @@ class BlockPool:
         self.ref[ids] = r
         zero = ids[r == 0]
         if len(zero):
-            stamps = np.arange(self.next_stamp, self.next_stamp + len(zero), dtype=np.int64)
-            self.next_stamp += len(zero)
-            self.stamp[zero] = stamps
-            self.n_evictable += len(zero)
-            assert self.evictor is not None
-            self.evictor.push(zero, stamps)
+            self._became_evictable(zero)
+
+    def _became_evictable(self, ids: np.ndarray) -> None:
+        """`ids` lost their last reference, in this order: stamped, counted and handed to the evictor."""
+        stamps = np.arange(self.next_stamp, self.next_stamp + len(ids), dtype=np.int64)
+        self.next_stamp += len(ids)
+        self.stamp[ids] = stamps
+        self.n_evictable += len(ids)
+        assert self.evictor is not None
+        self.evictor.push(ids, stamps)
 
     # ---- a pin change's few blocks --------------------------------------------------------------------------------
     # The same as `touch` and `free` on a Python list of distinct ids, block by block: a pin change is a few blocks
@@ -167,13 +171,7 @@ class BlockPool:
             if not r:
                 zero.append(b)
         if zero:
-            freed = np.array(zero, dtype=ID_DTYPE)
-            stamps = np.arange(self.next_stamp, self.next_stamp + len(zero), dtype=np.int64)
-            self.next_stamp += len(zero)
-            self.stamp[freed] = stamps
-            self.n_evictable += len(zero)
-            assert self.evictor is not None
-            self.evictor.push(freed, stamps)
+            self._became_evictable(np.array(zero, dtype=ID_DTYPE))
 
     def evict(self, k: int) -> None:
         if k > self.n_evictable:
