@@ -189,7 +189,7 @@ class SessionPins:
         prompt = len(new.prompt_token_ids or ())
         full = prompt // self.block_size
         keys = self._block_keys(request) if request is not None else []
-        if len(keys) > full:  # the usual list is the prompt's, passed as is: the tracker remembers its sampling by it
+        if len(keys) > full:  # the usual list is the prompt's, passed as is (the Python ghost's memo is keyed by it)
             keys = keys[:full]
         kv_tokens = prompt + max(int(getattr(request, "max_tokens", 1) or 1) - 1, 0)  # the last sampled token has no KV
         beyond = -(-kv_tokens // self.block_size) - full
@@ -199,8 +199,8 @@ class SessionPins:
         self.pins.turn_started(key, int(new.num_computed_tokens), keys, max(prompt - 1, 0) // self.block_size)
 
     def _block_keys(self, request: Any) -> list[Any]:
-        """The request's block hashes, one per cache block (the list itself when the sizes agree: the tracker remembers
-        its sampling by it)."""
+        """The request's block hashes, one per cache block (the list itself when the sizes agree: the Python ghost
+        remembers its sampling by it; the compiled one samples again, cheaply)."""
         hashes = compat.prompt_block_hashes(request)
         step = self._hash_step
         return hashes if step == 1 else hashes[step - 1::step]

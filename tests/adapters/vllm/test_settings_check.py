@@ -7,7 +7,8 @@ import pytest
 from kvsched.adapters.vllm.settings_check import engine_setting_errors
 
 ENGINE_VARS = ("KVSCHED_CPU_ISA", "KVSCHED_TIER_FAULT_EVERY", "KVSCHED_DISK_TIER_DIR", "KVSCHED_DISK_TIER_GB",
-               "KVSCHED_STORE_URL", "KVSCHED_STORE_KV_TTL_S", "KVSCHED_STORE_STATE_TTL_S", "KVSCHED_INFER_SESSIONS")
+               "KVSCHED_STORE_URL", "KVSCHED_STORE_KV_TTL_S", "KVSCHED_STORE_STATE_TTL_S", "KVSCHED_INFER_SESSIONS",
+               "KVSCHED_GHOST")
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +21,8 @@ def test_well_formed_settings_give_no_error(monkeypatch, tmp_path):
     assert engine_setting_errors() == []
     for var, value in (("KVSCHED_CPU_ISA", "avx2"), ("KVSCHED_TIER_FAULT_EVERY", "5"),
                        ("KVSCHED_DISK_TIER_DIR", str(tmp_path)), ("KVSCHED_DISK_TIER_GB", "1"),
-                       ("KVSCHED_STORE_URL", "redis://127.0.0.1:6379/0"), ("KVSCHED_STORE_KV_TTL_S", "60")):
+                       ("KVSCHED_STORE_URL", "redis://127.0.0.1:6379/0"), ("KVSCHED_STORE_KV_TTL_S", "60"),
+                       ("KVSCHED_GHOST", "python")):
         monkeypatch.setenv(var, value)
     assert engine_setting_errors() == []
 
@@ -34,6 +36,7 @@ def test_well_formed_settings_give_no_error(monkeypatch, tmp_path):
     ("KVSCHED_STORE_KV_TTL_S", "0", "KVSCHED_STORE_KV_TTL_S"),
     ("KVSCHED_STORE_STATE_TTL_S", "soon", "KVSCHED_STORE_STATE_TTL_S"),
     ("KVSCHED_INFER_SESSIONS", "maybe", "KVSCHED_INFER_SESSIONS"),  # the policy core's, in the same list
+    ("KVSCHED_GHOST", "fast", "KVSCHED_GHOST='fast'"),
 ])
 def test_each_malformed_setting_is_one_error_naming_it(monkeypatch, var, value, named):
     monkeypatch.setenv(var, value)
