@@ -13,6 +13,7 @@ BENCH_MODULES: tuple[str, ...] = (
     "kvsched.bench.compaction",
     "kvsched.bench.router",
     "kvsched.bench.traces",
+    "kvsched.bench.trace_engine",
 )
 
 

@@ -28,6 +28,9 @@ def package_specs(model: Path, recording: Path) -> dict[str, ServerSpec]:
                              extra_args=["--api-key", *KEYS], env={**SECURE_ENV, "KVSCHED_RECORD_TRACE": str(recording)}),
         "compaction": ServerSpec(model=model, scheduler="kvsched", max_model_len=COMPACTION_MAX_MODEL_LEN,
                                  num_blocks=400, env=COMPACTION_ENV),
+        # stock vLLM for `kvsched bench replay`'s prompts (test_trace_replay): one engine block per trace block
+        "replay": ServerSpec(model=model, scheduler=None, max_model_len=1024, block_size=32, num_blocks=64,
+                             served_model_name="replay"),
     }
     if not cpu_features().fp8_kv_cache_refusal():  # test_fp8_kv skips without it
         specs["fp8_kv"] = ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48,

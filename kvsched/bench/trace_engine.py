@@ -1,0 +1,205 @@
+"""`kvsched bench replay`: an imported production trace served by real vLLM servers, stock against kvsched.
+
+`kvsched bench traces` says what kvsched's policy would save on Mooncake's traces in the simulator; this sends a window
+of such a trace to `vllm serve` itself (the tiny model, one engine block per trace block: kvsched.bench.trace_prompts),
+open loop at the trace's own arrival times, to each side in turn on the same pool:
+- `stock`: vLLM as shipped (its LRU prefix cache);
+- `kvsched-no-tier`: `--scheduler kvsched --kvsched-fp8-tier-gb 0` (pins and release order alone);
+- `kvsched`: `--scheduler kvsched` as shipped, its FP8 host tier at the default size (2x the pool).
+Every request carries its trace session as `X-Session-Id` (stock ignores it). The pool is `--pressure` times smaller
+than the window's peak live block set (the simulator's live basis), and the simulator replays the same window at the
+same pool (LRU, kvsched, OPT) in the same invocation: its prediction beside each measured side. Counts are vLLM's own
+(/metrics): prefill computed = prompt tokens less prefix-cache hits less tokens a KV connector loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kvsched.bench.common import percentile, provenance, table, write_json
+from kvsched.bench.plots import grouped_bars, save_beside
+from kvsched.bench.trace_prompts import ReplayPlan, ReplayRequest, plan, window
+
+SIDES = {"stock": (None, []), "kvsched-no-tier": ("kvsched", ["--kvsched-fp8-tier-gb", "0"]),
+         "kvsched": ("kvsched", [])}
+BLOCK_TOKENS = 32  # the CPU backend's preferred block size
+MODEL = "replay"
+MAX_WORKERS = 256  # requests in flight at once (open loop: a slow side queues in the engine, not here)
+
+
+def register(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "replay", help="an imported trace (e.g. Mooncake's) served by real vLLM servers: stock vs kvsched")
+    p.add_argument("trace", type=Path, nargs="?", default=None,
+                   help="a trace file (default: Mooncake's conversation trace, `kvsched trace fetch mooncake`)")
+    p.add_argument("--start-s", type=float, default=0.0, help="window start, seconds after the first arrival")
+    p.add_argument("--seconds", type=float, default=300.0, help="window length (trace seconds)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="send at this multiple of the trace's gaps")
+    p.add_argument("--pressure", type=float, default=1.5, help="the window's peak live blocks / the pool")
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma list of {', '.join(SIDES)}")
+    p.add_argument("--max-output-tokens", type=int, default=64)
+    p.add_argument("--model-size", choices=("test", "bench"), default="test")
+    p.add_argument("--out", type=Path, default=None)
+    p.set_defaults(func=run)
+
+
+def send(client: Any, req: ReplayRequest, openai: Any) -> dict[str, Any]:
+    """One request, streamed: its TTFT (s) or its error."""
+    t = time.perf_counter()
+    try:
+        stream = client.completions.create(model=MODEL, prompt=req.prompt, max_tokens=req.max_tokens, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True},
+                                           extra_headers={"X-Session-Id": req.session})
+        first = None
+        for _ in stream:
+            first = first or time.perf_counter()
+    except openai.APIError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"ttft_s": (first - t) if first is not None else None}
+
+
+def drive(url: str, requests: list[ReplayRequest]) -> tuple[list[dict[str, Any]], float, float]:
+    """Send every request at its time (open loop). Returns (per-request outcomes, wall seconds, mean lateness)."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    results: list[dict[str, Any]] = [{} for _ in requests]
+    late = 0.0
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        out = send(client, requests[i], openai)
+        with lock:
+            results[i] = out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=MAX_WORKERS) as pool:
+        for i, req in enumerate(requests):
+            wait = t0 + req.at_s - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            else:
+                late -= wait
+            pool.submit(one, i)
+    return results, time.perf_counter() - t0, late / max(len(requests), 1)
+
+
+def measured(outcomes: list[dict[str, Any]], before: dict[str, float], after: dict[str, float],
+             wall_s: float, late_s: float) -> dict[str, Any]:
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    prompt = d.get("vllm:prompt_tokens_total", 0.0)
+    local, external = d.get("vllm:prefix_cache_hits_total", 0.0), d.get("vllm:external_prefix_cache_hits_total", 0.0)
+    ttfts = [o["ttft_s"] for o in outcomes if o.get("ttft_s") is not None]
+    errors = [o["error"] for o in outcomes if "error" in o]
+    out: dict[str, Any] = {
+        "prefill_tokens_computed": int(prompt - local - external), "prompt_tokens_total": int(prompt),
+        "prefix_hit_tokens": int(local), "connector_loaded_tokens": int(external),
+        "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p95_s": percentile(ttfts, 0.95),
+        "requests": len(outcomes), "errors": len(errors), "first_errors": errors[:3],
+        "preemptions": int(d.get("vllm:num_preemptions_total", 0.0)), "wall_s": round(wall_s, 2),
+        "mean_send_lateness_s": round(late_s, 4),
+    }
+    if "kvsched_retained_hit_tokens_total" in after:
+        out["retained_hit_tokens"] = int(d.get("kvsched_retained_hit_tokens_total", 0.0))
+        out["tier_prefetch_hit_tokens"] = int(d.get("kvsched_tier_prefetch_hit_tokens_total", 0.0))
+        out["payback_fed"] = after.get("kvsched_payback_fed")
+        out["payback_balance_blocks"] = after.get("kvsched_payback_balance_blocks")
+    return out
+
+
+def predicted(trace: Any, capacity_blocks: int) -> dict[str, Any]:
+    """The simulator on the same window at the same pool: prefill (trace tokens) per policy, and over LRU's."""
+    from kvsched.core.config import RetentionConfig
+    from kvsched.sim.replay import ReplayConfig, replay
+
+    cfg = ReplayConfig(capacity_blocks=capacity_blocks, retention=RetentionConfig.from_env())
+    runs = {p: replay(trace, p, cfg) for p in ("lru", "kvsched", "opt")}
+    lru = runs["lru"].prefill_tokens_computed or 1
+    return {p: {"prefill_tokens_computed": r.prefill_tokens_computed, "over_lru": r.prefill_tokens_computed / lru}
+            for p, r in runs.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = run_benchmark(args)
+    except ValueError as exc:
+        print(f"kvsched bench replay: error: {exc}")
+        return 2
+    rows = [[s, r["prefill_tokens_computed"], round(r["over_stock"], 4), r["ttft_p50_s"], r["ttft_p95_s"],
+             r["errors"], r["mean_send_lateness_s"]] for s, r in result["sides"].items()]
+    print(table(rows, ["side", "prefill computed", "over stock", "TTFT p50 s", "TTFT p95 s", "errors", "lateness s"]))
+    sim = result["simulator"]
+    print("simulator, same window and pool, prefill over LRU: "
+          + ", ".join(f"{p} {v['over_lru']:.4f}" for p, v in sim.items()))
+    write_json(args.out, result)
+    save_beside(args.out, lambda path: grouped_bars(
+        {"measured (over stock)": {s: r["over_stock"] for s, r in result["sides"].items()},
+         "simulator (over LRU)": {p: v["over_lru"] for p, v in sim.items()}},
+        path, f"{result['config']['trace']}: prefill computed", "ratio", None))
+    return 0
+
+
+def sides_arg(text: str) -> list[str]:
+    sides = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in sides if s not in SIDES]
+    if unknown or not sides:
+        raise ValueError(f"--sides: unknown {unknown or text!r}; choose from {', '.join(SIDES)}")
+    return sides
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from kvsched.serving import ServerSpec, VllmServer, start_all
+    from kvsched.sim.mooncake import traces_dir
+    from kvsched.sim.trace import Trace
+    from kvsched.tiny_model import SIZES, ensure_tiny_model
+
+    sides = sides_arg(args.sides)
+    if not args.pressure > 0:
+        raise ValueError(f"--pressure must be > 0, got {args.pressure}")
+    path = args.trace or traces_dir() / "mooncake" / "conversation.kvsched.jsonl"
+    if not path.exists():
+        raise ValueError(f"no trace at {path} (run `kvsched trace fetch mooncake`)")
+    trace = window(Trace.load(path), args.start_s, args.seconds)
+    shape = SIZES[args.model_size]
+    p: ReplayPlan = plan(trace, BLOCK_TOKENS, shape.vocab_size, args.max_output_tokens, time_scale=args.time_scale)
+    if not p.requests:
+        raise ValueError("every request of the window is longer than the replay's limit")
+    longest_blocks = -(-p.longest_tokens // BLOCK_TOKENS)
+    num_blocks = max(math.ceil(p.peak_live_blocks / args.pressure), longest_blocks + 4) + 1  # + vLLM's null block
+    max_model_len = math.ceil((p.longest_tokens + 1) / 256) * 256
+    model_dir = ensure_tiny_model(args.model_size)
+    servers = {name: VllmServer(ServerSpec(model=model_dir, scheduler=SIDES[name][0], max_model_len=max_model_len,
+                                           block_size=BLOCK_TOKENS, num_blocks=num_blocks, served_model_name=MODEL,
+                                           extra_args=SIDES[name][1]))
+               for name in sides}
+    start_all(list(servers.values()))
+    measured_sides: dict[str, Any] = {}
+    try:
+        for name, server in servers.items():
+            before = server.metrics()
+            outcomes, wall, late = drive(server.url, p.requests)
+            measured_sides[name] = measured(outcomes, before, server.metrics(), wall, late)
+            server.stop()
+            print(f"{name}: {measured_sides[name]['prefill_tokens_computed']} prefill tokens computed, "
+                  f"{wall:.0f} s", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    base = measured_sides.get("stock", next(iter(measured_sides.values())))["prefill_tokens_computed"] or 1
+    for r in measured_sides.values():
+        r["over_stock"] = r["prefill_tokens_computed"] / base
+    kept = trace if not p.dropped_long else trace.subset(p.kept)  # the window as the engine saw it
+    return {"sides": measured_sides, "simulator": predicted(kept, num_blocks - 1),
+            "config": {"trace": path.name, "start_s": args.start_s, "seconds": args.seconds,
+                       "time_scale": args.time_scale, "requests": len(p.requests), "dropped_long": p.dropped_long,
+                       "peak_live_blocks": p.peak_live_blocks, "pressure_live": args.pressure,
+                       "num_blocks": num_blocks, "block_tokens": BLOCK_TOKENS, "trace_block_size": p.trace_block_size,
+                       "max_model_len": max_model_len, "model_size": args.model_size,
+                       "provenance": provenance()}}
+

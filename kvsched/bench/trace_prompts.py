@@ -1,0 +1,112 @@
+"""Token prompts for a trace file, so a real engine can serve it: one engine block per trace block.
+
+A trace (docs/trace_schema.md; Mooncake's imported ones: 512 tokens a block) names each request's full blocks by
+chained ids. Every id becomes `block_tokens` token ids drawn from the id alone (a hash), so two requests share a prefix
+in vLLM's cache exactly when they share ids in the trace; with the engine's `--block-size` equal to `block_tokens`,
+each trace block is one engine block and the pool is sized in the trace's own blocks. Lengths scale by
+`block_tokens / trace block size` (Mooncake at 32: 1/16, a 12k-token prompt becomes ~750 tokens).
+
+What the engine cannot replay: a request's output is the model's (here random weights), not the tokens the next turn
+repeats, so the block a turn's output completes is cached under other content and its next turn computes it again, on
+every side alike (the simulator counts it a hit). A prompt's partial last block is the start of the block the trace
+says its output completes, so the next turn repeats it as the trace does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvsched.sim.trace import Trace
+
+FIRST_TOKEN = 10  # ids below are left to the tokenizer's special tokens
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    """One request of the replay: when it is sent (seconds after the first), its session and its prompt."""
+
+    at_s: float
+    session: str
+    prompt: list[int]
+    max_tokens: int
+    blocks: int  # full prompt blocks (engine blocks)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPlan:
+    requests: list[ReplayRequest]
+    block_tokens: int
+    trace_block_size: int
+    dropped_long: int  # requests whose scaled prompt and output exceed `max_tokens_per_request`
+    peak_live_blocks: int  # of the kept requests, in trace (= engine) blocks
+    kept: np.ndarray  # bool over the trace's requests: those in `requests`
+
+    @property
+    def longest_tokens(self) -> int:
+        return max((len(r.prompt) + r.max_tokens for r in self.requests), default=0)
+
+
+def block_tokens_of(ids: np.ndarray, block_tokens: int, vocab_size: int) -> np.ndarray:
+    """(len(ids), block_tokens) token ids, a function of each id alone (splitmix64 of id x block_tokens + j)."""
+    span = vocab_size - 2 * FIRST_TOKEN
+    if span <= 0:
+        raise ValueError(f"vocab_size {vocab_size} leaves no tokens above the special ones")
+    with np.errstate(over="ignore"):
+        x = ids.astype(np.uint64)[:, None] * np.uint64(block_tokens) + np.arange(block_tokens, dtype=np.uint64)
+        x = (x + np.uint64(1)) * _MIX
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x % np.uint64(span)).astype(np.int64) + FIRST_TOKEN
+
+
+def window(trace: Trace, start_s: float, seconds: float) -> Trace:
+    """The requests arriving in [first arrival + start_s, + seconds)."""
+    if not (seconds > 0 and start_s >= 0):
+        raise ValueError(f"the window needs seconds > 0 and a start >= 0, got {seconds} from {start_s}")
+    t0 = float(trace.t[0]) if len(trace) else 0.0
+    keep = (trace.t >= t0 + start_s) & (trace.t < t0 + start_s + seconds)
+    if not keep.any():
+        raise ValueError(f"no request arrives in the {seconds:g} s from {start_s:g} s")
+    return trace.subset(keep)
+
+
+def plan(trace: Trace, block_tokens: int, vocab_size: int, max_output_tokens: int = 64,
+         max_tokens_per_request: int = 8192, time_scale: float = 1.0, seed: int = 0) -> ReplayPlan:
+    """The trace's requests as token prompts (see the module docstring), sent at `time_scale` x their gaps."""
+    if block_tokens < 1 or max_output_tokens < 1 or not time_scale > 0:
+        raise ValueError("block_tokens and max_output_tokens must be >= 1 and time_scale > 0")
+    bs = trace.block_size
+    rng = np.random.default_rng(seed)
+    t0 = float(trace.t[0]) if len(trace) else 0.0
+    out: list[ReplayRequest] = []
+    dropped = 0
+    keep = np.ones(len(trace), dtype=bool)
+    for i in range(len(trace)):
+        ids = trace.blocks(i)
+        prompt = int(trace.prompt_tokens[i])
+        full = min(prompt // bs, len(ids))
+        tail = (prompt - full * bs) * block_tokens // bs
+        new = max(1, min(max_output_tokens, -(-int(trace.output_tokens[i]) * block_tokens // bs)))
+        if full * block_tokens + max(tail, 1) + new > max_tokens_per_request:
+            dropped += 1
+            keep[i] = False
+            continue
+        tokens = block_tokens_of(ids[:full], block_tokens, vocab_size).ravel()
+        if len(ids) > full:  # the block this request's output completes begins with its tail
+            tail_tokens = block_tokens_of(ids[full:full + 1], block_tokens, vocab_size)[0, :tail]
+        else:
+            tail_tokens = rng.integers(FIRST_TOKEN, vocab_size - FIRST_TOKEN, size=tail)
+        if full == 0 and tail == 0:  # a prompt shorter than one scaled token: one token of its own
+            tail_tokens = rng.integers(FIRST_TOKEN, vocab_size - FIRST_TOKEN, size=1)
+        session = trace.sessions[int(trace.session[i])][0]
+        out.append(ReplayRequest(at_s=(float(trace.t[i]) - t0) * time_scale, session=session,
+                                 prompt=[int(x) for x in np.concatenate([tokens, tail_tokens])],
+                                 max_tokens=new, blocks=full))
+    live = trace.subset(keep).peak_live_blocks() if keep.any() else 0
+    return ReplayPlan(out, block_tokens, bs, dropped, live, keep)

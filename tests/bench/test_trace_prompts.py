@@ -1,0 +1,88 @@
+"""`kvsched bench replay`'s prompts: a trace's block ids become token blocks an engine caches exactly as the trace says
+(shared ids, shared tokens; different ids, different tokens), at the trace's arrival times and scaled lengths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvsched.bench.trace_engine import sides_arg
+from kvsched.bench.trace_prompts import FIRST_TOKEN, block_tokens_of, plan, window
+from kvsched.sim.trace import Trace, TraceRequest
+
+BS = 512  # Mooncake's block size
+K = 32
+
+
+def req(t, session, blocks, prompt, output=100, reuse=0):
+    return TraceRequest(t=t, session=session, prompt_tokens=prompt, output_tokens=output, blocks=blocks, reuse=reuse)
+
+
+def trace_of(*requests):
+    return Trace.from_requests(BS, requests)
+
+
+def shared_tokens(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_an_id_is_the_same_tokens_wherever_it_appears_and_ids_differ():
+    ids = np.array([0, 1, 2, 1, 0])
+    toks = block_tokens_of(ids, K, 2048)
+    assert toks.shape == (5, K)
+    assert (toks[0] == toks[4]).all() and (toks[1] == toks[3]).all()
+    assert len({tuple(r) for r in toks}) == 3
+    assert toks.min() >= FIRST_TOKEN and toks.max() < 2048 - FIRST_TOKEN
+    assert (block_tokens_of(np.array([7]), K, 2048) == block_tokens_of(np.array([7]), K, 2048)).all()
+
+
+def test_a_session_turn_repeats_exactly_its_shared_blocks_and_other_sessions_only_theirs():
+    # s1's second turn repeats its first turn's 3 blocks (prompt 2.5 blocks + output completing the third) and adds 2;
+    # s2 shares only the first block (a system prompt) with s1.
+    t = trace_of(req(0.0, "s1", ["a", "b", "c"], prompt=2 * BS + BS // 2, output=BS),
+                 req(5.0, "s1", ["d", "e"], prompt=5 * BS, reuse=3),
+                 req(1.0, "s2", ["a", "x"], prompt=2 * BS))
+    p = plan(t, K, 2048)
+    by_session = [(r.session, r) for r in p.requests]
+    assert [s for s, _ in by_session] == ["s1", "s2", "s1"]  # arrival order
+    first, other, second = (r for _, r in by_session)
+    assert len(first.prompt) == 2 * K + K // 2 and first.blocks == 2
+    assert len(second.prompt) == 5 * K and second.blocks == 5
+    # the first turn's 2 full blocks and its tail (the start of block "c", which its output completes) repeat
+    assert shared_tokens(first.prompt, second.prompt) == 2 * K + K // 2
+    assert shared_tokens(first.prompt, other.prompt) == K  # block "a" only
+    assert [r.at_s for r in p.requests] == [0.0, 1.0, 5.0]
+    assert first.max_tokens == K and other.max_tokens == -(-100 * K // BS)  # output lengths scale too
+
+
+def test_time_scale_window_and_the_longest_requests_left_out():
+    t = trace_of(req(10.0, "s1", ["a"], prompt=BS), req(12.0, "s2", ["b"], prompt=BS),
+                 req(30.0, "s3", [f"c{i}" for i in range(300)], prompt=300 * BS))
+    w = window(t, 1.0, 10.0)  # from 11 s to 21 s after the first arrival (at 10 s)
+    assert len(w) == 1 and w.sessions[int(w.session[0])][0] == "s2"
+    p = plan(t, K, 2048, time_scale=0.5, max_tokens_per_request=4096)
+    assert [r.at_s for r in p.requests] == [0.0, 1.0]
+    assert p.dropped_long == 1 and p.kept.tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="no request arrives"):
+        window(t, 100.0, 5.0)
+    with pytest.raises(ValueError):
+        window(t, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        plan(t, 0, 2048)
+
+
+def test_peak_live_blocks_counts_the_kept_requests_reuse():
+    t = trace_of(req(0.0, "s1", ["a", "b"], prompt=2 * BS), req(1.0, "s2", ["x"], prompt=BS),
+                 req(2.0, "s1", ["c"], prompt=3 * BS, reuse=2))
+    assert plan(t, K, 2048).peak_live_blocks == 2  # s1's two blocks live from its first turn to its second
+
+
+def test_sides_are_checked():
+    assert sides_arg("stock,kvsched") == ["stock", "kvsched"]
+    with pytest.raises(ValueError, match="unknown"):
+        sides_arg("stock,lru")
+    with pytest.raises(ValueError):
+        sides_arg(" , ")
