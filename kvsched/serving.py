@@ -41,6 +41,7 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
     served_model_name: str = "tiny"
     dtype: str | None = None  # --dtype; None: a tiny model's own dtype (vLLM's auto downcasts float32), else vLLM's
+    enforce_eager: bool = True  # False: vLLM's CUDA graphs (its default on a GPU; nothing to capture on the CPU)
 
     def serve_dtype(self) -> str | None:
         from kvsched.tiny_model import tiny_model_dtype
@@ -49,7 +50,7 @@ class ServerSpec:
 
     def argv(self, port: int) -> list[str]:
         args = [*vllm_command(), "serve", str(self.model), "--host", "127.0.0.1", "--port", str(port),
-                "--served-model-name", self.served_model_name, "--enforce-eager",
+                "--served-model-name", self.served_model_name, *(["--enforce-eager"] if self.enforce_eager else []),
                 "--max-model-len", str(self.max_model_len), "--block-size", str(self.block_size),
                 "--disable-uvicorn-access-log"]
         if dtype := self.serve_dtype():

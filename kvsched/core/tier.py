@@ -55,13 +55,11 @@ class Store:
 
 @dataclass(frozen=True, slots=True)
 class Load:
-    """Copy (dequantize) tier slot `slot` into KV-pool block `block_id`. `whole_before_forward`: the step's forward
-    pass writes into this block too (a partial last block), so the copy must complete before the forward starts
-    rather than layer by layer."""
+    """Copy (dequantize) tier slot `slot` into KV-pool block `block_id`; every load of a step completes before that
+    step's forward starts (the forward may write into the same block: a partial last block)."""
 
     slot: int
     block_id: int
-    whole_before_forward: bool = False
 
 
 class TierDirectory:

@@ -70,6 +70,8 @@ def check_compact(q: torch.Tensor, scales: torch.Tensor) -> None:
 
 
 def check_block_ids(block_ids: torch.Tensor, num_blocks: int, *, unique: bool) -> torch.Tensor:
+    """Integer ids in range (and unique for a scatter). Host ids are checked on the host; device ids cost the host a
+    wait on the device (callers on a GPU hot path pass host ids, pinned: the kernels copy them over without blocking)."""
     if block_ids.dtype.is_floating_point or block_ids.is_complex() or block_ids.dtype == torch.bool:
         raise TypeError(f"block_ids must be an integer tensor, got {block_ids.dtype}")  # 1.9 was block 1
     ids = block_ids.to(dtype=torch.int64).reshape(-1).contiguous()
@@ -106,7 +108,7 @@ def dequantize_kv_fp8_torch(q: torch.Tensor, scales: torch.Tensor, dtype: torch.
 
 def gather_quantize_blocks_torch(cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_cache(cache)
-    ids = check_block_ids(block_ids, cache.shape[0], unique=False).to(cache.device)
+    ids = check_block_ids(block_ids, cache.shape[0], unique=False).to(cache.device, non_blocking=True)
     return quantize_kv_fp8_torch(cache.index_select(0, ids))
 
 
@@ -115,7 +117,7 @@ def scatter_dequantize_blocks_torch(
 ) -> None:
     check_cache(cache)
     check_writable(cache, q, scales)
-    ids = check_block_ids(block_ids, cache.shape[0], unique=True).to(cache.device)
+    ids = check_block_ids(block_ids, cache.shape[0], unique=True).to(cache.device, non_blocking=True)
     _check_pair(q, cache, ids)
     cache.index_copy_(0, ids, dequantize_kv_fp8_torch(q, scales, cache.dtype))
 
@@ -193,7 +195,7 @@ def _tk():  # type: ignore[no-untyped-def]
 
 def gather_quantize_blocks_triton(cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_cache(cache)
-    ids = check_block_ids(block_ids, cache.shape[0], unique=False).to(cache.device)
+    ids = check_block_ids(block_ids, cache.shape[0], unique=False).to(cache.device, non_blocking=True)
     return _tk().gather_quantize(cache, ids)
 
 
@@ -203,7 +205,7 @@ def scatter_dequantize_blocks_triton(
     check_cache(cache)
     check_compact(q, scales)
     check_writable(cache, q, scales)
-    ids = check_block_ids(block_ids, cache.shape[0], unique=True).to(cache.device)
+    ids = check_block_ids(block_ids, cache.shape[0], unique=True).to(cache.device, non_blocking=True)
     _check_pair(q, cache, ids)
     _tk().scatter_dequantize(q, scales, cache, ids)
 

@@ -61,3 +61,76 @@ def test_the_compute_stream_waits_for_a_store_before_reusing_its_blocks():
     for name, t in caches.items():
         x, y = original[name].float(), t[5].float()
         assert float((x - y).norm() / x.norm()) < 0.07, name
+
+
+def _store_on(device: str = "cuda"):
+    from kvsched.adapters.vllm.fp8_tier_store import TierStore
+    from kvsched.adapters.vllm.tier_layout import geometry_of, layer_views
+    from tests.adapters.vllm.tier_engine_caches import fill
+
+    config, caches = engine_caches(BACKEND_SPECS["flash_attn"], KVCacheLayout.LBNHC, NUM_BLOCKS, device=device)
+    fill(caches)
+    store = TierStore(layer_views(caches, geometry_of(config, None), NUM_BLOCKS), "quantize",
+                      CudaLink(torch.device(device)))
+    return store, caches
+
+
+def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return float((x.float() - y.float()).norm() / x.float().norm()) < 0.07
+
+
+def test_a_store_reads_what_the_compute_stream_wrote_before_it_even_while_that_write_is_in_flight():
+    """A store enqueued behind a slow write on the compute stream (the step in flight that wrote the block) must copy
+    the written values. Before the fix the side stream waited on itself and copied the block's old bytes."""
+    store, caches = _store_on()
+    torch.cuda._sleep(200_000_000)  # the compute stream is busy (~0.1 s) ...
+    for t in caches.values():
+        t[3].fill_(0.5)  # ... then writes block 3
+    store.store([3], [0])
+    for t in caches.values():
+        t[5].zero_()
+    assert store.load([0], [5]) == []
+    store.fence_all()
+    torch.cuda.synchronize()
+    for name, t in caches.items():
+        assert _close(torch.full_like(t[5], 0.5), t[5]), name
+
+
+def test_a_restore_lands_after_the_compute_streams_earlier_writes_to_its_block():
+    """vLLM's async scheduler plans step N+1 (a restore into a block a preemption just freed) while step N still
+    writes that block on the compute stream: the restore must land after, not be overwritten by it."""
+    store, caches = _store_on()
+    original = {n: t[2].clone() for n, t in caches.items()}
+    store.store([2], [0])
+    torch.cuda.synchronize()
+    store.seal_ready()
+    torch.cuda._sleep(200_000_000)
+    for t in caches.values():
+        t[6].fill_(7.0)  # step N's late write into block 6
+    assert store.load([0], [6]) == []  # step N+1's restore into block 6
+    store.fence_all()
+    torch.cuda.synchronize()
+    for name, t in caches.items():
+        assert _close(original[name][2], t[6]), name
+
+
+def test_stores_and_restores_never_make_the_host_wait_for_the_device():
+    """Block ids are checked on the host and copied over from pinned memory: a store or a restore per step must not
+    synchronize (before: each layer's id check read min, max and unique of device ids, waiting for the forward in
+    flight, which cancels async scheduling's overlap)."""
+    store, caches = _store_on()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        store.store([1, 2], [0, 1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    store.seal_ready()  # the copies completed: a load of their slots has nothing to wait for
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert store.load([0, 1], [7, 8]) == []
+        store.fence_all()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -247,7 +247,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         loads = [Load(s, b) for s, b in zip(slots[:n], block_ids[start:start + n], strict=True)]
         load_keys = list(keys[:n])
         if rest > 0 and tail is not None and tail[1] == rest and n == len(slots):
-            loads.append(Load(tail[0], block_ids[start + n], whole_before_forward=True))
+            loads.append(Load(tail[0], block_ids[start + n]))
             load_keys.append(tail[2])
             self.stats["restored_tail_tokens"] += rest
         elif rest > 0:  # vLLM passes back exactly what get_num_new_matched_tokens offered: never expected
@@ -342,19 +342,19 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
                 self.store.invalidate([s.slot for s in stores])
         if levels and levels.fetches:  # host slots filled from disk or the shared store, before loads read them
             self.levels_worker.fetch(levels)
-        if meta.prefetches:  # into cached blocks a request of this very step may hit: ordered before its layers
+        if meta.prefetches:  # into cached blocks a request of this very step may hit: complete before the forward
             self._load(meta.prefetches)
+            self.store.fence_all()
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = compat.connector_metadata(self)
         if self.store is None or not isinstance(meta, TierStepMeta) or not meta.loads:
             return
         t0 = time.perf_counter()
-        whole = [ld for ld in meta.loads if ld.whole_before_forward]
-        if whole:  # written by this step's forward too: complete before it starts
-            self._load(whole)
-            self.store.fence_all()
-        self._load([ld for ld in meta.loads if not ld.whole_before_forward])
+        # Every restore completes before the forward (a wait on the device, the host goes on): not layer by layer,
+        # since vLLM skips `wait_for_layer_load` while it replays a FULL CUDA graph (tier_link).
+        self._load(meta.loads)
+        self.store.fence_all()
         self._worker_meta.busy_s += time.perf_counter() - t0
 
     def _load(self, loads: Sequence[Load]) -> None:
@@ -371,7 +371,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self._worker_meta.failed_blocks += len(failed)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        if self.store is not None:
+        if self.store is not None:  # nothing left by `start_load_kv`'s fence; kept for loads issued later in a step
             self.store.fence_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:

@@ -208,25 +208,34 @@ class TierStore:
         link = self.link
         staged: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         errors: list[torch.Tensor] = []
+        host_ids = self._host_ids(block_ids)  # the kernels check host ids: no wait on the device per layer
+        local = self._host_ids(range(len(block_ids))) if partial else None
         with link.side():
-            link.after_compute()
-            ids = torch.tensor(block_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+            ids = host_ids.to(self.device, non_blocking=True)  # for torch's own indexing, on the device
+            local_dev = local.to(self.device, non_blocking=True) if local is not None else None
             for view in self.views:
-                cache, sel = view.cache, ids
+                cache, sel, dev_sel = view.cache, host_ids, ids
                 if partial:
                     cache = torch.nan_to_num(cache.index_select(0, ids), 0.0, 0.0, 0.0)
-                    sel = torch.arange(len(block_ids), device=self.device)
+                    assert local is not None and local_dev is not None
+                    sel, dev_sel = local, local_dev
                 if self.quantize:
                     q, s = gather_quantize_blocks(cache, sel)
                     rows: torch.Tensor = q.view(torch.uint8)
                     if self.measure_error and measure:
-                        errors.append(_error_sample(cache.index_select(0, sel[:1]), q[:1], s[:1]))
+                        errors.append(_error_sample(cache.index_select(0, dev_sel[:1]), q[:1], s[:1]))
                 else:
-                    rows, s = cache.index_select(0, sel).view(torch.uint8), None
+                    rows, s = cache.index_select(0, dev_sel).view(torch.uint8), None
                 staged.append((self._to_host(rows), self._to_host(s) if s is not None else None))
             error = self._to_host(torch.stack(errors).sum(0)) if errors else None
             event = link.record()
         return event, staged, error
+
+    def _host_ids(self, block_ids: Sequence[int] | range) -> torch.Tensor:
+        """Block ids as a host tensor (pinned on a GPU: its copy to the device does not block). The kernels check ids
+        on the host; checking device ids costs the host a wait on the GPU for every layer (found by review)."""
+        ids = torch.tensor(list(block_ids), dtype=torch.int64)
+        return ids.pin_memory() if self.link.pin else ids
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type == "cpu":
@@ -286,8 +295,9 @@ class TierStore:
             src = [slots[i] for i in good]
             n = len(src)
             link = self.link
+            host_ids = self._host_ids([block_ids[i] for i in good])
             with link.side():
-                ids = torch.tensor([block_ids[i] for i in good], dtype=torch.int64).to(self.device, non_blocking=True)
+                ids = host_ids.to(self.device, non_blocking=True)
                 for v, view in enumerate(self.views):
                     heads, rows, row_bytes = self.slots.shapes[v][0], self.slots.shapes[v][1], self.slots.row_bytes[v]
                     q = host_empty((n, heads, rows, row_bytes), torch.uint8, link.pin)
@@ -297,7 +307,7 @@ class TierStore:
                     if self.quantize:
                         assert s is not None
                         scatter_dequantize_blocks(q_dev.view(FP8), s.to(self.device, non_blocking=True), view.cache,
-                                                  ids)
+                                                  host_ids)
                     else:
                         view.cache.index_copy_(0, ids, q_dev.view(view.cache.dtype))
                     self.layer_events[view.name] = link.record()

@@ -3,7 +3,7 @@
 vLLM 0.32 gives every attention backend one logical per-layer cache `[B, H, N, C]` (blocks, head slots, states, content;
 `vllm/v1/kv_cache_interface.py`, RFC #42082): CPU attention, FlashAttention, FlashInfer and Triton attention all hold
 `C = head_size + head_size_v` (K then V: per token for the GPU backends, as all K rows then all V rows of the page for
-the CPU backend), and the engine-wide `KVCacheLayout` only permutes the physical order of B, H and N (LBHNC = "HND",
+the CPU backend; FlashInfer's nvfp4 cache instead holds 2 x heads slots of C = head_size, read from the spec alike), and the engine-wide `KVCacheLayout` only permutes the physical order of B, H and N (LBHNC = "HND",
 the CPU's; LBNHC = "NHD", the GPU backends' default; block-outermost layouts for cross-layer blocks). C is innermost and
 contiguous in every layout, so a page (block, head) is N runs of C elements at some stride, which is what kvsched's
 quantize kernels take: the tier needs no per-backend shape table, only the spec and the tensor's own strides. When a

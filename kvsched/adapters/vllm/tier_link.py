@@ -3,11 +3,16 @@
 On a GPU the cache lives in device memory: the tier quantizes and dequantizes on the device (the Triton kernels) and
 moves FP8 bytes to and from pinned host memory with non-blocking copies on a dedicated CUDA stream, so the copies
 overlap the forward pass. Two orderings keep them correct, the same ones vLLM's OffloadingConnector keeps:
-- a store reads blocks the previous steps wrote on the compute stream, so the side stream waits for the compute stream
-  first; the step that follows may write into the very blocks being stored (vLLM already handed them out again), so
+- every copy on the side stream starts after the work the compute stream holds when it is enqueued (`side()`): a store
+  reads blocks the previous steps wrote, and a restore writes blocks a step still in flight may be writing (vLLM's async
+  scheduler plans step N+1 while step N runs: a block freed by a preemption is handed out again at once); the step that
+  follows a store may write into the very blocks being stored (vLLM already handed them out again), so
   the compute stream waits for the store's event before it runs: a block is reused only after its copy completed;
-- a restore writes blocks the forward pass reads, so the compute stream waits for the restore's event of each layer
-  before that layer's attention (`wait_for_layer_load`), and for every restore before the forward when it must.
+- a restore writes blocks the forward pass reads, so the compute stream waits for every restore's event before the
+  forward (`TierStore.fence_all` at the end of `start_load_kv`): a GPU-side wait, the host does not block. Not per layer
+  (`wait_for_layer_load`): vLLM skips those calls while it replays a FULL CUDA graph (its default
+  FULL_AND_PIECEWISE mode runs uniform decode batches as FULL graphs, and a restored request with one token left joins
+  one), which would let attention read a block whose copy is still in flight (found by review).
 The host bytes of a store are sealed (copied into their slot, CRC computed) once the event says the copy completed.
 
 On the CPU the cache is host memory: `SyncLink` runs every copy on the calling thread, so each "event" has completed
@@ -48,9 +53,6 @@ class SyncLink:
     def side(self) -> AbstractContextManager[Any]:
         return nullcontext()
 
-    def after_compute(self) -> None:
-        return None
-
     def record(self) -> Event:
         return Done()
 
@@ -67,11 +69,11 @@ class CudaLink:
         self.stream = torch.cuda.Stream(device=device)
 
     def side(self) -> AbstractContextManager[Any]:
-        return torch.cuda.stream(self.stream)
-
-    def after_compute(self) -> None:
-        """The side stream's next work starts after everything the compute stream has enqueued so far."""
+        """Work enqueued in this context runs on the side stream, after everything the compute stream has enqueued so
+        far. The compute stream is read before switching: inside the context the current stream is the side stream
+        itself, and a wait there was a wait on itself (found by review: stores and restores did not wait at all)."""
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self.stream)
 
     def record(self) -> Event:
         event = torch.cuda.Event()

@@ -14,7 +14,7 @@ Two triggers, both for sessions whose prefix continues into blocks the tier hold
 
 A prefetch takes free blocks, enters them into vLLM's prefix cache under the session's block hashes and pins them to
 the session, with the loads in this step's connector metadata; the worker runs them before the step's forward pass
-(`handle_preemptions`, each layer fenced before its attention on a GPU), so the session's request finds them as
+(`handle_preemptions`, complete before the forward on a GPU), so the session's request finds them as
 ordinary prefix-cache hits. On an engine that schedules a step ahead (GPU async scheduling) the blocks are entered into
 the prefix cache only after the worker has reported the step that loaded them; a block whose slot failed its checksum
 is taken out of the prefix cache (vLLM recomputes a request that already used it in that step).

@@ -260,3 +260,67 @@ def test_the_connector_runs_only_the_last_load_planned_into_a_block():
     assert meta.drop_superseded() == 2
     assert meta.prefetches == [Load(2, 7)] and meta.loads == [Load(3, 8), Load(4, 9)]
     assert meta.drop_superseded() == 0
+
+
+def test_the_side_stream_waits_for_the_compute_stream_as_it_was_before_the_switch(monkeypatch):
+    """A store reads blocks the compute stream wrote; a restore writes blocks a step still in flight may write (vLLM's
+    async scheduler plans a step ahead). The side stream must wait for the *compute* stream. Found by review: the wait
+    ran inside the side stream's context, where the current stream is the side stream itself, so it waited on itself.
+    The stream calls are faked (no CUDA here): the order of calls is the logic under test."""
+    from contextlib import contextmanager
+
+    from kvsched.adapters.vllm import tier_link
+
+    class FakeStream:
+        def __init__(self, name):
+            self.name, self.waited_on = name, []
+
+        def wait_stream(self, other):
+            self.waited_on.append(other.name)
+
+    compute = FakeStream("compute")
+    current = [compute]
+
+    @contextmanager
+    def stream(s):
+        current.append(s)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(tier_link.torch.cuda, "Stream", lambda device=None: FakeStream("side"))
+    monkeypatch.setattr(tier_link.torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(tier_link.torch.cuda, "stream", stream)
+    link = tier_link.CudaLink(torch.device("cpu"))
+    with link.side():
+        assert current[-1] is link.stream  # work here is enqueued on the side stream
+    with link.side():
+        pass
+    assert link.stream.waited_on == ["compute", "compute"]  # each entry (a store's and a restore's) waits
+
+
+def test_every_restore_of_a_step_is_fenced_before_the_forward(monkeypatch):
+    """vLLM skips `wait_for_layer_load` while it replays a FULL CUDA graph (its default mode runs uniform decode
+    batches that way), so the connector fences every restore at the end of `start_load_kv` and after its prefetches
+    (found by review: only a partial last block was fenced before the forward; the rest waited per layer)."""
+    from kvsched.adapters.vllm import fp8_tier_connector as fc
+    from kvsched.adapters.vllm.tier_meta import TierStepMeta, TierWorkerMeta
+    from kvsched.core.tier import Load
+
+    kv = caches(layers=2)
+    link = LaterLink()
+    store = tier(kv, link=link)
+    store.store([1, 2, 3], [0, 1, 2])
+    for e in link.events:
+        e.done = True
+    link.fenced.clear()
+    conn = object.__new__(fc.KVSchedFP8TierConnector)  # the worker side only: no vLLM config needed
+    conn.store, conn._errors, conn._worker_meta, conn.levels_worker = store, set(), TierWorkerMeta(), None
+    meta = TierStepMeta(prefetches=[Load(0, 7)], loads=[Load(1, 8), Load(2, 9)])
+    monkeypatch.setattr(fc.compat, "connector_metadata", lambda c: meta)
+    conn._before_step(meta)
+    assert store.layer_events == {} and len(link.fenced) == 2  # the prefetch's two layers, before any forward
+    conn.start_load_kv(None)
+    assert store.layer_events == {} and len(link.fenced) == 4  # and the loads' two layers
+    assert conn._worker_meta.loaded_blocks == 3 and not conn._errors
