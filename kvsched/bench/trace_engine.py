@@ -110,16 +110,27 @@ def measured(outcomes: list[dict[str, Any]], before: dict[str, float], after: di
         out["tier_prefetch_hit_tokens"] = int(d.get("kvsched_tier_prefetch_hit_tokens_total", 0.0))
         out["payback_fed"] = after.get("kvsched_payback_fed")
         out["payback_balance_blocks"] = after.get("kvsched_payback_balance_blocks")
+    if after.get("kvsched_tier_enabled"):
+        out["tier_capacity_bytes"] = int(after.get("kvsched_tier_capacity_bytes", 0.0))
+        used, slots = after.get("kvsched_tier_bytes", 0.0), after.get("kvsched_tier_blocks", 0.0)
+        out["tier_block_bytes"] = int(used // slots) if slots else 0  # bytes per slot, from the slots in use
+        out["tier_restored_blocks"] = int(d.get("kvsched_tier_restored_blocks_total", 0.0)
+                                          + d.get("kvsched_tier_prefetched_blocks_total", 0.0))
     return out
 
 
-def predicted(trace: Any, capacity_blocks: int) -> dict[str, Any]:
-    """The simulator on the same window at the same pool: prefill (trace tokens) per policy, and over LRU's."""
+def predicted(trace: Any, capacity_blocks: int, tier: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The simulator on the same window at the same pool: prefill (trace tokens) per policy, and over LRU's; with
+    `tier` (the kvsched side's measured tier bytes and bytes per slot), kvsched with a tier of as many slots."""
+    from dataclasses import replace
+
     from kvsched.core.config import RetentionConfig
     from kvsched.sim.replay import ReplayConfig, replay
 
     cfg = ReplayConfig(capacity_blocks=capacity_blocks, retention=RetentionConfig.from_env())
     runs = {p: replay(trace, p, cfg) for p in ("lru", "kvsched", "opt")}
+    if tier is not None:
+        runs["kvsched + FP8 tier"] = replay(trace, "kvsched", replace(cfg, tier_bytes=tier[0], tier_block_bytes=tier[1]))
     lru = runs["lru"].prefill_tokens_computed or 1
     return {p: {"prefill_tokens_computed": r.prefill_tokens_computed, "over_lru": r.prefill_tokens_computed / lru}
             for p, r in runs.items()}
@@ -195,7 +206,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for r in measured_sides.values():
         r["over_stock"] = r["prefill_tokens_computed"] / base
     kept = trace if not p.dropped_long else trace.subset(p.kept)  # the window as the engine saw it
-    return {"sides": measured_sides, "simulator": predicted(kept, num_blocks - 1),
+    tiered = measured_sides.get("kvsched", {})
+    tier = (tiered["tier_capacity_bytes"], tiered["tier_block_bytes"]) if tiered.get("tier_block_bytes") else None
+    return {"sides": measured_sides, "simulator": predicted(kept, num_blocks - 1, tier),
             "config": {"trace": path.name, "start_s": args.start_s, "seconds": args.seconds,
                        "time_scale": args.time_scale, "requests": len(p.requests), "dropped_long": p.dropped_long,
                        "peak_live_blocks": p.peak_live_blocks, "pressure_live": args.pressure,
