@@ -38,7 +38,8 @@ from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.settings_check import fault_every  # tests: corrupt every n-th stored slot
 from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, MODULE_PATH, kv_transfer_config, kv_transfer_config_json
 from kvsched.adapters.vllm.tier_layout import TierGeometry, TierUnsupported, geometry_of, layer_views
-from kvsched.adapters.vllm.tier_levels import LevelsConfig, TierLevels
+from kvsched.adapters.vllm.tier_levels import TierLevels
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_link import link_for
 from kvsched.adapters.vllm.tier_meta import TierStepMeta, TierWorkerMeta
 from kvsched.core.tier import Load, TailKey, TierDirectory
@@ -114,16 +115,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
                 self.directory.on_evict = self.levels.on_host_evict
             elif self.levels_cfg.enabled:
                 logger.warning("kvsched disk/shared tier levels need the FP8 tier (they restore through it); off")
-            if self.disabled_reason:
-                logger.warning("kvsched FP8 tier disabled: %s", self.disabled_reason)
-            else:
-                assert self.geometry is not None
-                logger.info("kvsched FP8 tier: %.2f GiB of host memory (%s), %d slots of %d bytes; %s layout, %s "
-                            "(%d layers, %d heads x %d x %d %s per block)", budget / 2**30,
-                            "auto: " + tier_host.AUTO_RULE if requested is None else f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}",
-                            self.num_slots, block_bytes, self.geometry.layout, self.geometry.mode,
-                            len(self.geometry.layers), self.geometry.heads, self.geometry.rows, self.geometry.content,
-                            self.geometry.dtype)
+            tier_host.log_start(self.disabled_reason, self.geometry, budget, requested is None, self.num_slots,
+                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}")
 
     @property
     def enabled(self) -> bool:

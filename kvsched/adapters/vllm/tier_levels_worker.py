@@ -20,7 +20,8 @@ from typing import Any
 from kvsched.adapters.vllm import tier_blob
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.tier_disk import DiskFiles
-from kvsched.adapters.vllm.tier_levels import DISK, SHARED, SHARED_PUT, LevelOps, LevelsConfig
+from kvsched.adapters.vllm.tier_levels import DISK, SHARED, SHARED_PUT, LevelOps
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.shared_state import block_key
 

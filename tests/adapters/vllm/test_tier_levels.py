@@ -15,7 +15,8 @@ import torch
 from kvsched.adapters.vllm import tier_blob
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.tier_disk import DiskFiles
-from kvsched.adapters.vllm.tier_levels import DISK, SHARED, Fetch, LevelOps, LevelsConfig, Publish, Spill
+from kvsched.adapters.vllm.tier_levels import DISK, SHARED, Fetch, LevelOps, Publish, Spill
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker
 from kvsched.core.shared_state import block_key
 from tests.adapters.vllm.test_fp8_tier_store import caches, views_of

@@ -8,7 +8,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from kvsched.adapters.vllm.tier_disk import DiskFiles
-from kvsched.adapters.vllm.tier_levels import DISK, SHARED, LevelsConfig, TierLevels
+from kvsched.adapters.vllm.tier_levels import DISK, SHARED, TierLevels
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.core.sessions import SessionId, SessionKey
 from kvsched.core.shared_state import SessionMeta, block_key, session_key
 from kvsched.core.tier import TierConfig, TierDirectory
