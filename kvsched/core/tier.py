@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 
 from kvsched.core.tier_config import TierConfig, TierConfigError
 from kvsched.core.tier_ops import Key, Load, Owner, Store, TailKey
@@ -197,8 +198,9 @@ class TierDirectory:
         return False
 
     @property
-    def inflight(self) -> frozenset[int]:
-        return frozenset(self._inflight)
+    def inflight(self) -> AbstractSet[int]:
+        """The slots being filled (read only)."""
+        return self._inflight
 
     def was_evicted(self, key: Key) -> bool:
         """True if `key` was in the tier and has been evicted since (a restore miss, not a cold block)."""

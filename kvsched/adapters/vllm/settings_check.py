@@ -123,7 +123,8 @@ def known_setting_names() -> frozenset[str]:
 
     engine = {ENV_FAULT_EVERY, ENV_TRACE, ENV_TRACE_SCORES, ENV_TIER_GB, ISA_ENV, GHOST_ENV,
               compaction_shared.ENV_STORE_URL, trace_recorder.ENV_RECORD, trace_recorder.ENV_MAX_MB, levels.ENV_DISK_DIR,
-              levels.ENV_DISK_GB, levels.ENV_STORE_URL, levels.ENV_KV_TTL, levels.ENV_STATE_TTL, levels.ENV_REPLICA}
+              levels.ENV_DISK_GB, levels.ENV_STORE_URL, levels.ENV_KV_TTL, levels.ENV_STATE_TTL, levels.ENV_REPLICA,
+              levels.ENV_FETCH_MB}
     return setting_names() | engine | OTHER_SETTINGS
 
 

@@ -8,9 +8,11 @@ Writes (written behind by the worker's background thread, never in the engine st
 - a block the host tier evicts that the disk does not hold yet is spilled from its host slot.
 Restores go through the host tier: when a session's request arrives (before vLLM schedules anything) and its prefix
 continues past what the pool and the host tier hold, the run the disk level holds, then the run the shared store
-holds, get host slots (`TierDirectory.admit`), the worker fills them at the start of the step (disk read or one MGET,
-each block's frame and CRC checked) and kvsched's prefetch restores them into the pool as for any tier block. A
-block that fails its checks leaves its slot failing the host checksum: vLLM recomputes it, it is never served.
+holds, get host slots (`TierDirectory.admit`, then `hold`); the workers fill them on a background thread, never in
+the engine step (disk reads or MGETs in chunks of `KVSCHED_TIER_FETCH_MB`, each block's frame and CRC checked), and
+report each block over; meanwhile the request waits and every other request runs (tier_fetches). Once the blocks
+landed, kvsched's prefetch restores them into the pool as for any tier block. A block that fails its checks leaves its
+slot failing the host checksum and its key leaves the tier: vLLM recomputes it, it is never served.
 
 Session metadata (role, TTL, turns, the replica that served the last turn) goes to the store at each turn's end; a
 request of a session whose metadata names another replica counts as a moved session.
@@ -106,6 +108,7 @@ class TierLevels:
         self._acks: Counter[bytes] = Counter()  # key -> ranks that reported its write (ok or not)
         self._failed: set[bytes] = set()  # keys whose write failed on some rank (reports of the others pending)
         self._busy_slots: Callable[[], set[int]] = set  # slots this step's stores/fetches write (set by the connector)
+        self.on_fetch: Callable[[list[Fetch]], None] = lambda fetches: None  # the connector's books (tier_fetches)
         files = None
         if cfg.disk_dir:
             try:
@@ -209,8 +212,10 @@ class TierLevels:
             return 0
         source = dict(keys)
         placed = host.admit(owner, [k for k, _ in keys])
-        host.lock([slot for _, slot in placed])  # no eviction may hand these slots to another key this step
-        self.ops.fetches.extend(Fetch(k, slot, source[k]) for k, slot in placed)
+        host.hold([slot for _, slot in placed])  # no other key gets these slots until the workers' fetches landed
+        fetches = [Fetch(k, slot, source[k]) for k, slot in placed]
+        self.ops.fetches.extend(fetches)
+        self.on_fetch(fetches)
         if self.disk is not None:
             self.disk.claim(owner, [k for k, _ in placed if source[k] == DISK])
         for _, src in ((k, source[k]) for k, _ in placed):

@@ -17,6 +17,12 @@ ENV_STORE_URL = "KVSCHED_STORE_URL"
 ENV_KV_TTL = "KVSCHED_STORE_KV_TTL_S"
 ENV_STATE_TTL = "KVSCHED_STORE_STATE_TTL_S"
 ENV_REPLICA = "KVSCHED_REPLICA_NAME"
+ENV_FETCH_MB = "KVSCHED_TIER_FETCH_MB"
+# A worker's background fetch reads at most this much at once: one MGET's reply, or one run of disk reads (at least one
+# block). 64 MiB is ~24 blocks of Llama-3-70B in FP8 (2.6 MiB per 16 tokens), ~0.1 s of a Redis client's get rate
+# here (docs/shared_store.md): the memory a restore takes stays bounded, however long the session.
+DEFAULT_FETCH_MB = 64.0
+MAX_FETCH_MB = 65536.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +33,11 @@ class LevelsConfig:
     kv_ttl_s: float = DEFAULT_KV_TTL_S
     state_ttl_s: float = DEFAULT_STATE_TTL_S
     replica: str = ""
+    fetch_mb: float = DEFAULT_FETCH_MB
+
+    @property
+    def fetch_bytes(self) -> int:
+        return int(self.fetch_mb * 2**20)
 
     @property
     def enabled(self) -> bool:
@@ -55,7 +66,8 @@ class LevelsConfig:
                    kv_ttl_s=ttl_setting(ENV_KV_TTL, extra.get("kv_ttl_s"), DEFAULT_KV_TTL_S),
                    state_ttl_s=ttl_setting(ENV_STATE_TTL, extra.get("state_ttl_s"), DEFAULT_STATE_TTL_S),
                    replica=str(extra.get("replica") or os.environ.get(ENV_REPLICA)
-                               or f"{socket.gethostname()}/{os.getpid()}"))
+                               or f"{socket.gethostname()}/{os.getpid()}"),
+                   fetch_mb=fetch_mb_setting(extra.get("fetch_mb")))
 
 
 def ttl_setting(env: str, given: Any, default: float) -> float:
@@ -70,4 +82,19 @@ def ttl_setting(env: str, given: Any, default: float) -> float:
         raise DiskConfigError(f"{env} must be a number of seconds, got {raw!r}") from None
     if not 0 < value <= MAX_TTL_S:  # inf and 1e300 overflowed the store's millisecond TTL on every write
         raise DiskConfigError(f"{env} must be > 0 and at most {MAX_TTL_S:.0f} seconds (ten years), got {raw!r}")
+    return value
+
+
+def fetch_mb_setting(given: Any) -> float:
+    """The background fetch's chunk in MiB: `given` (kv_connector_extra_config), else KVSCHED_TIER_FETCH_MB, else
+    the default."""
+    raw = given if given is not None else os.environ.get(ENV_FETCH_MB)
+    if raw in (None, ""):
+        return DEFAULT_FETCH_MB
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise DiskConfigError(f"{ENV_FETCH_MB} must be a number of MiB, got {raw!r}") from None
+    if not 0 < value <= MAX_FETCH_MB:  # NaN fails this too
+        raise DiskConfigError(f"{ENV_FETCH_MB} must be > 0 and at most {MAX_FETCH_MB:.0f} MiB, got {raw!r}")
     return value

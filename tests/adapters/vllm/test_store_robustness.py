@@ -34,7 +34,7 @@ class Host:
     def admit(self, owner, keys):
         return [(k, i) for i, k in enumerate(keys)]
 
-    def lock(self, slots):
+    def hold(self, slots):
         pass
 
 

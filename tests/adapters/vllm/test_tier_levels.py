@@ -31,9 +31,11 @@ def worker(kv, tmp_path: Path, url: str | None = None, disk: Path | None = None)
 
 
 def run(w: TierLevelsWorker, ops: LevelOps) -> None:
+    """One step's level work, and (unlike in the engine) waiting for the background writes and fetches."""
     w.before_stores(ops)
     w.writer.flush()
-    w.fetch(ops)
+    w.start_fetch(ops)
+    w.fetcher.flush()
 
 
 def test_a_frame_is_served_only_for_its_own_model_rank_key_and_intact_bytes() -> None:
