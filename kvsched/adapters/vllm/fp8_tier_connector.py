@@ -316,6 +316,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         meta = kv_connector_metadata
+        if isinstance(meta, TierStepMeta) and meta.levels and (self.store is None or self.levels_worker is None):
+            self._worker_meta.fetch_landed += [(f.key, f.slot, False) for f in meta.levels.fetches]  # never started
         if self.store is None or not isinstance(meta, TierStepMeta):
             return
         t0 = time.perf_counter()
@@ -329,8 +331,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         levels = meta.levels if self.levels_worker is not None else None
         if levels:  # spills read slots the stores below may overwrite; publishes read blocks loads may overwrite
             self.levels_worker.before_stores(levels)
-        if meta.stores:
-            stores = meta.stores
+        if stores := meta.stores:
             try:
                 self.store.store([s.block_id for s in stores], [s.slot for s in stores], [s.tokens for s in stores])
             except Exception:  # never take the engine down for a cache: the slots fail their checksum, recomputed
@@ -378,12 +379,11 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             self.store.seal_ready()  # check in the stores whose copies completed during the step
 
     def shutdown(self) -> None:
-        """Fetches still queued or reading write no slot; writes still queued for the disk and shared levels get a
-        few seconds (a restart then finds them)."""
+        """Writes still queued for the disk and shared levels get a few seconds (a restart then finds them)."""
         if self.levels_worker is not None:
-            self.levels_worker.close()
-        if self.levels_worker is not None and not self.levels_worker.writer.flush(timeout_s=10.0):
-            logger.warning("kvsched disk/shared tier: writes still queued at shutdown were dropped")
+            self.levels_worker.close()  # fetches still queued or reading write no slot
+            if not self.levels_worker.writer.flush(timeout_s=10.0):
+                logger.warning("kvsched disk/shared tier: writes still queued at shutdown were dropped")
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()

@@ -215,3 +215,30 @@ def test_past_its_deadline_the_request_runs_without_the_missing_blocks_and_the_l
     assert not e.book.slots
     slots = e.directory.match(keys, 0, 10)  # in the tier now, restorable for the session's next turn
     assert [e.w.tier.slot_payload(slot) for slot in slots] == payloads
+
+
+def test_fetches_a_worker_cannot_run_land_at_once_unfilled(harness_cfg, clock, tmp_path) -> None:
+    """A worker whose tier is off (its KV cache layout refused, say) runs no fetch: it reports them over at once, so
+    their slots come back and the request is not held for nothing."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.outputs import KVConnectorOutput
+
+    from kvsched.adapters.vllm.fp8_tier_connector import KVSchedFP8TierConnector
+
+    e, f = Engine(harness_cfg, clock, tmp_path), RequestFactory(BLOCK)
+    conn = KVSchedFP8TierConnector(e.s.connector.engine_config, KVConnectorRole.WORKER, e.s.kv_cache_config)
+    assert conn.store is None  # no KV caches registered
+
+    def worker(out: Any) -> Any:
+        conn.handle_preemptions(out.kv_connector_metadata)
+        return KVConnectorOutput(kv_connector_worker_meta=conn.build_connector_worker_meta())
+
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    e.publish(keys[:10])
+    e.s.add_request(ra)
+    hit = None
+    for _ in range(4):
+        hit = scheduled(step(e.s, worker)[0]).get(ra.request_id, hit)
+        if hit is not None:
+            break
+    assert hit == 0 and not e.book.slots and not e.directory.inflight and keys[0] not in e.directory.slot_of
