@@ -25,41 +25,13 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 
 from kvsched.core.tier_config import TierConfig, TierConfigError
+from kvsched.core.tier_ops import Key, Load, Owner, Store, TailKey
 
-Key = Hashable  # a block's content hash
-Owner = Hashable  # a session key
-
-
-@dataclass(frozen=True, slots=True)
-class TailKey:
-    """A partial block: `tokens` (fewer than a block) following the full block whose content hash is `parent`. The
-    parent's hash covers every earlier token and the `cache_salt`, so a match is exactly a vLLM prefix match."""
-
-    parent: Key
-    tokens: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Store:
-    """Copy (quantize) the block now in KV-pool block `block_id` into tier slot `slot`; `tokens` > 0: only its first
-    `tokens` rows hold KV (a session's partial last block), the rest is stale and must not be stored."""
-
-    block_id: int
-    slot: int
-    tokens: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Load:
-    """Copy (dequantize) tier slot `slot` into KV-pool block `block_id`; every load of a step completes before that
-    step's forward starts (the forward may write into the same block: a partial last block)."""
-
-    slot: int
-    block_id: int
+__all__ = ["Key", "Load", "Owner", "Store", "TailKey", "TierConfig", "TierDirectory"]
 
 
 class TierDirectory:
@@ -87,6 +59,7 @@ class TierDirectory:
         self._locked: set[int] = set()  # slots a planned load reads this step
         self._orphans: list[Key] = []  # evicted while a load reads them: spilled and freed at unlock_all
         self._held: list[int] = []  # slots a load reads whose key left the tier: free at unlock_all
+        self._inflight: set[int] = set()  # slots a lower level's fetch fills in the background: held until `landed`
         self._evicted: OrderedDict[Key, None] = OrderedDict()
         self.tail_of: dict[Owner, TailKey] = {}  # one partial last block per session
         self._tails: dict[Key, set[TailKey]] = {}  # parent key -> tails stored after it
@@ -189,14 +162,45 @@ class TierDirectory:
 
     # ---- restore ----------------------------------------------------------------------------------------------
     def match(self, keys: Sequence[Key], start: int, limit: int) -> list[int]:
-        """Slots of the unbroken run `keys[start:]` the tier holds, at most `limit` of them (side-effect free)."""
+        """Slots of the unbroken run `keys[start:]` the tier holds, at most `limit` of them (side-effect free). It
+        ends before a block whose fetch has not landed: its slot's bytes are not there yet."""
         slots: list[int] = []
         for key in keys[start:start + max(limit, 0)]:
             slot = self.slot_of.get(key)
-            if slot is None:
+            if slot is None or slot in self._inflight:
                 break
             slots.append(slot)
         return slots
+
+    # ---- fills from a lower level (disk, shared store) that land a step or more later -------------------------------
+    def hold(self, slots: Sequence[int]) -> None:
+        """A background fetch fills `slots` (just `admit`ted): until it `landed`, no restore reads them (`match` ends
+        before them) and none is handed to another key, not even once its key has left the tier (an eviction, the
+        session's end, `clear`): the slot then waits, free of any key, until the fetch can no longer write it."""
+        self._inflight.update(slots)
+
+    def landed(self, slot: int, key: Key, ok: bool) -> None:
+        """The fetch of `key` into `slot` is over on every worker; `ok`: every one verified and filled it. A failed one
+        drops the key if the slot is still its home (restores recompute it). A slot whose key left meanwhile is free
+        from the next `unlock_all`."""
+        self._inflight.discard(slot)
+        if not ok and self.slot_of.get(key) == slot:
+            self._drop_key(key)
+
+    def fetching(self, keys: Sequence[Key], start: int, limit: int) -> bool:
+        """True if the run of `keys[start:]` the tier holds or is filling (at most `limit`) has a block in flight."""
+        for key in keys[start:start + max(limit, 0)]:
+            slot = self.slot_of.get(key)
+            if slot is None:
+                return False
+            if slot in self._inflight:
+                return True
+        return False
+
+    @property
+    def inflight(self) -> AbstractSet[int]:
+        """The slots being filled (read only)."""
+        return self._inflight
 
     def was_evicted(self, key: Key) -> bool:
         """True if `key` was in the tier and has been evicted since (a restore miss, not a cold block)."""
@@ -207,9 +211,10 @@ class TierDirectory:
         self._locked.update(slots)
 
     def unlock_all(self) -> None:
+        """The step's metadata is built: its locks end (a slot a fetch may still write stays held)."""
         self._locked.clear()
-        self._free.extend(self._held)
-        self._held.clear()
+        held, self._held = self._held, [s for s in self._held if s in self._inflight]
+        self._free.extend(s for s in held if s not in self._inflight)
         for key in self._orphans:  # full blocks (tails are never evicted while locked): the lower levels may keep them
             if key in self.slot_of and not self.owners.get(key):
                 if self.on_evict is not None:
@@ -345,7 +350,7 @@ class TierDirectory:
                 if self.slot_of[key] in self._locked:  # a load reads it this step: freed once the metadata is built
                     self._orphans.append(key)
                     continue
-                if self.on_evict is not None:  # the disk/shared levels may keep a copy (spill)
+                if self.on_evict is not None and self.slot_of[key] not in self._inflight:  # a copy may spill to disk
                     self.on_evict(key, self.slot_of[key], victim)
                 self._free_key(key)
                 self.counters["evicted_blocks"] += 1
@@ -370,7 +375,7 @@ class TierDirectory:
                     del self._tails[key.parent]
         # A slot a load planned this step reads is handed out again only after the step (the load runs after this
         # step's stores): its key leaves the tier now, the slot waits in `_held`.
-        (self._held if slot in self._locked else self._free).append(slot)
+        (self._held if slot in self._locked or slot in self._inflight else self._free).append(slot)
         if self.config.remember_evicted:
             self._evicted[key] = None
             if len(self._evicted) > self.config.remember_evicted:

@@ -145,6 +145,8 @@ def test_a_restarted_engine_serves_its_sessions_next_turns_from_disk_and_never_a
     assert prompt == sum(r.usage.prompt_tokens for sid, r in replies.items() if sid != damaged)
     assert hits >= 0.9 * prompt, (hits, prompt)
     assert d["kvsched_disk_tier_restored_blocks_total"] * BLOCK >= 0.85 * prompt  # shared system blocks read once
+    # read off the step (a background fetch per worker): each session's request waited for its own blocks
+    assert d["kvsched_levels_fetch_waits_total"] == len(sessions) - 1 and end["kvsched_levels_fetching_blocks"] == 0
     for sid, r in replies.items():
         if sid != damaged:
             assert cached(r) >= 0.9 * r.usage.prompt_tokens, (sid, cached(r), r.usage.prompt_tokens)
@@ -187,6 +189,7 @@ def test_a_moved_session_keeps_its_kv_and_is_served_compacted_at_once(replicas, 
     assert int(headers.get("x-kvsched-compacted", 0)) >= compacted  # compacted on its first turn here
     assert after["kvsched_compaction_summary_calls_total"] == before.get("kvsched_compaction_summary_calls_total", 0)
     assert after["kvsched_moved_sessions_total"] - before.get("kvsched_moved_sessions_total", 0) == 1
+    assert after["kvsched_levels_fetch_waits_total"] - before["kvsched_levels_fetch_waits_total"] == 1  # off the step
     restored = after["kvsched_shared_tier_restored_blocks_total"] - before["kvsched_shared_tier_restored_blocks_total"]
     # every full block of what the first replica computed last turn came back: only the new turn's text is prefilled
     assert restored >= 1 and cached(reply) >= last_prompt // BLOCK * BLOCK, (restored, cached(reply), last_prompt)

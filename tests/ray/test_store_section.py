@@ -60,7 +60,7 @@ def test_ray_serve_dry_run_describes_the_store(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", ["inf", "1e300", "nan", "0"])
 def test_the_engines_store_ttl_setting_is_finite_and_bounded(value: str) -> None:
-    from kvsched.adapters.vllm.tier_levels import LevelsConfig
+    from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
     from kvsched.core.disk_tier import DiskConfigError
 
     with pytest.raises(DiskConfigError, match="kv_ttl|KV_TTL"):

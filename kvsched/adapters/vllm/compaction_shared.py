@@ -40,7 +40,7 @@ class SharedCheckpoints:
             return None
         try:
             from kvsched.adapters.store.redis_store import open_store
-            from kvsched.adapters.vllm.tier_levels import ENV_STATE_TTL, ttl_setting
+            from kvsched.adapters.vllm.tier_levels_config import ENV_STATE_TTL, ttl_setting
 
             # the same TTL as the tier's session metadata (KVSCHED_STORE_STATE_TTL_S), checked at start-up
             return cls(open_store(url), ttl_setting(ENV_STATE_TTL, None, DEFAULT_STATE_TTL_S))

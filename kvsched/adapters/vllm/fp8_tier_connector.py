@@ -37,8 +37,10 @@ from kvsched.adapters.vllm import compat, tier_blob, tier_host, tier_stats
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.settings_check import fault_every  # tests: corrupt every n-th stored slot
 from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, MODULE_PATH, kv_transfer_config, kv_transfer_config_json
+from kvsched.adapters.vllm.tier_fetches import FetchBook
 from kvsched.adapters.vllm.tier_layout import TierGeometry, TierUnsupported, geometry_of, layer_views
-from kvsched.adapters.vllm.tier_levels import LevelsConfig, TierLevels
+from kvsched.adapters.vllm.tier_levels import TierLevels
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_link import link_for
 from kvsched.adapters.vllm.tier_meta import TierStepMeta, TierWorkerMeta
 from kvsched.core.tier import Load, TailKey, TierDirectory
@@ -105,25 +107,18 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
                 budget = tier_host.budget_bytes(requested, self.geometry, self.num_blocks)
             self.directory = TierDirectory(TierConfig(budget), block_bytes, value_of=lambda owner: 0.0)
             self.num_slots = self.directory.num_slots
+            self.fetches = FetchBook(self.directory, self.world_size, block_bytes)
             if self.levels_cfg.enabled and self.geometry is not None and self.num_slots > 0:
                 ident, desc = tier_blob.identity_of(vllm_config, self.geometry, self.world_size)
                 self.levels = TierLevels(self.levels_cfg, ident, desc, block_bytes, self.world_size,
                                          value_of=lambda owner: self.directory.value_of(owner)
                                          if self.directory is not None else 0.0)
-                self.levels._busy_slots = self._busy_slots
+                self.levels._busy_slots, self.levels.on_fetch = self._busy_slots, self.fetches.started
                 self.directory.on_evict = self.levels.on_host_evict
             elif self.levels_cfg.enabled:
                 logger.warning("kvsched disk/shared tier levels need the FP8 tier (they restore through it); off")
-            if self.disabled_reason:
-                logger.warning("kvsched FP8 tier disabled: %s", self.disabled_reason)
-            else:
-                assert self.geometry is not None
-                logger.info("kvsched FP8 tier: %.2f GiB of host memory (%s), %d slots of %d bytes; %s layout, %s "
-                            "(%d layers, %d heads x %d x %d %s per block)", budget / 2**30,
-                            "auto: " + tier_host.AUTO_RULE if requested is None else f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}",
-                            self.num_slots, block_bytes, self.geometry.layout, self.geometry.mode,
-                            len(self.geometry.layers), self.geometry.heads, self.geometry.rows, self.geometry.content,
-                            self.geometry.dtype)
+            tier_host.log_start(self.disabled_reason, self.geometry, budget, requested is None, self.num_slots,
+                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}")
 
     @property
     def enabled(self) -> bool:
@@ -155,7 +150,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
 
     def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int) -> int:
         """A request of `owner` arrived: blocks of its prefix past `start` that only the disk or shared level holds
-        get host slots and are fetched at the start of the step (then prefetched like any tier block)."""
+        get host slots, filled by the workers in the background (tier_fetches); once landed they are prefetched
+        like any tier block."""
         if self.levels is None or not self.enabled or self.directory is None:
             return 0
         return self.levels.promote(owner, chain, start, limit, self.directory)
@@ -175,11 +171,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             self.levels.session_ended(owner)
 
     def _busy_slots(self) -> set[int]:
-        """Slots this step's stores and fetches write (a spill there would read bytes of another key)."""
-        busy = {st.slot for st in self._step.stores}
-        if self.levels is not None:
-            busy.update(f.slot for f in self.levels.ops.fetches)
-        return busy
+        """Slots this step's stores and the fetches in flight write (a spill there would read another key's bytes)."""
+        return {st.slot for st in self._step.stores} | set(self.fetches.slots)
 
     def save_tail(self, owner: Any, parent: Any, tokens: list[int], block_id: int) -> bool:
         """`owner`'s turn finished with `tokens` of KV (fewer than a block) in pool block `block_id`, after the full
@@ -219,7 +212,9 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         start = num_computed_tokens // bs
         last = request.num_tokens - 1  # vLLM always computes the last prompt token
         keys = request.block_hashes
-        slots = self.directory.match(keys, start, last // bs - start)
+        slots = self.directory.match(keys, start, last // bs - start)  # it ends before a block still being fetched
+        if start + len(slots) < last // bs and self.fetches.must_wait(request.request_id, keys[start + len(slots)]):
+            return None, False  # vLLM asks again next step; the prefetch restores the blocks once they landed
         # Locked until this step's metadata is built: a demotion later in this step (this very request's allocation
         # may release pins) must not evict and reuse a slot this request is about to load.
         self.directory.lock(slots)
@@ -292,6 +287,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._matched.pop(request.request_id, None)
         self._prefetched_for.pop(request.request_id, None)
+        self.fetches.forget_request(request.request_id)
         return False, None
 
     def tier_stats(self) -> dict[str, Any]:
@@ -320,6 +316,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         meta = kv_connector_metadata
+        if isinstance(meta, TierStepMeta) and meta.levels and (self.store is None or self.levels_worker is None):
+            self._worker_meta.fetch_landed += [(f.key, f.slot, False) for f in meta.levels.fetches]  # never started
         if self.store is None or not isinstance(meta, TierStepMeta):
             return
         t0 = time.perf_counter()
@@ -333,15 +331,14 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         levels = meta.levels if self.levels_worker is not None else None
         if levels:  # spills read slots the stores below may overwrite; publishes read blocks loads may overwrite
             self.levels_worker.before_stores(levels)
-        if meta.stores:
-            stores = meta.stores
+        if stores := meta.stores:
             try:
                 self.store.store([s.block_id for s in stores], [s.slot for s in stores], [s.tokens for s in stores])
             except Exception:  # never take the engine down for a cache: the slots fail their checksum, recomputed
                 logger.exception("kvsched FP8 tier: storing %d blocks failed", len(stores))
                 self.store.invalidate([s.slot for s in stores])
-        if levels and levels.fetches:  # host slots filled from disk or the shared store, before loads read them
-            self.levels_worker.fetch(levels)
+        if levels:  # host slots filled from disk or the shared store in the background: nothing waits for them here
+            self.levels_worker.start_fetch(levels)
         if meta.prefetches:  # into cached blocks a request of this very step may hit: complete before the forward
             self._load(meta.prefetches)
             self.store.fence_all()
@@ -383,8 +380,10 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         """Writes still queued for the disk and shared levels get a few seconds (a restart then finds them)."""
-        if self.levels_worker is not None and not self.levels_worker.writer.flush(timeout_s=10.0):
-            logger.warning("kvsched disk/shared tier: writes still queued at shutdown were dropped")
+        if self.levels_worker is not None:
+            self.levels_worker.close()  # fetches still queued or reading write no slot
+            if not self.levels_worker.writer.flush(timeout_s=10.0):
+                logger.warning("kvsched disk/shared tier: writes still queued at shutdown were dropped")
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()

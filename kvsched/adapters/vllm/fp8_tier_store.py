@@ -14,6 +14,7 @@ memory, not only stores that did not finish; it costs ~0.1 ms per MiB on the hos
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections import Counter
 from collections.abc import Sequence
@@ -41,10 +42,16 @@ class HostSlots:
         self.per_chunk = max(1, chunk_bytes // max(slot_bytes, 1))
         self.chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
         self.allocated_bytes = 0
+        self._alloc = threading.Lock()  # the levels' fetch thread fills slots too: a chunk is allocated once
 
     def _chunk(self, c: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         chunk = self.chunks.get(c)
-        if chunk is None:
+        if chunk is not None:
+            return chunk
+        with self._alloc:
+            chunk = self.chunks.get(c)
+            if chunk is not None:
+                return chunk
             chunk = []
             for (heads, rows, _content), row_bytes in zip(self.shapes, self.row_bytes, strict=True):
                 q = host_empty((self.per_chunk, heads, rows, row_bytes), torch.uint8, self.pin)
@@ -332,7 +339,8 @@ class TierStore:
 
     def fill(self, slot: int, payload: bytes) -> bool:
         """Put a payload a lower level returned (already verified there) into `slot` and seal it; a payload of the
-        wrong size leaves the slot failing its checksum (the load then recomputes)."""
+        wrong size leaves the slot failing its checksum (the load then recomputes). Called on the levels' fetch
+        thread: the scheduler keeps `slot` from every other copy until the fetch has landed."""
         self.latest.pop(slot, None)
         if len(payload) != self.payload_len:
             self.crc[slot] = UNSEALED

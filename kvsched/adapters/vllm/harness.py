@@ -8,6 +8,7 @@ only the forward pass is replaced by "every scheduled request samples token 7".
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,13 @@ class RequestFactory:
                        cache_salt=cache_salt, session_id=session_id, resumable=resumable)
 
 
-def step(scheduler: Any) -> tuple[Any, Any]:
-    """One engine step: schedule, 'run' the model (token 7 for every request that finished its prefill chunk)."""
+def step(scheduler: Any, worker: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
+    """One engine step: schedule, 'run' the model (token 7 for every request that finished its prefill chunk).
+    `worker(scheduler_output)`, when given, plays the KV connector's worker side and returns its `KVConnectorOutput`."""
     from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
     out = scheduler.schedule()
+    connector_output = worker(out) if worker is not None else None
     req_ids = list(out.num_scheduled_tokens)
     sampled = []
     for rid in req_ids:
@@ -94,7 +97,8 @@ def step(scheduler: Any) -> tuple[Any, Any]:
     runner_out = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                    sampled_token_ids=sampled,
                                    # the step's worker report, as a worker with a KV connector sends every step
-                                   kv_connector_output=KVConnectorOutput() if scheduler.connector else None)
+                                   kv_connector_output=connector_output or (KVConnectorOutput() if scheduler.connector
+                                                                            else None))
     return out, scheduler.update_from_output(out, runner_out)
 
 

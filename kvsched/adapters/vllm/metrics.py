@@ -30,6 +30,8 @@ GAUGES = {
     "disk_tier_capacity_bytes": "The disk level's byte budget (--kvsched-disk-tier-gb, or half the free space; shrunk "
                                 "to what it holds when the disk fills up; 0 once a prefix-cache reset turned it off)",
     "disk_tier_blocks": "KV blocks the disk level holds",
+    "levels_fetching_blocks": "FP8-tier slots a disk or shared-store fetch is filling in the background (the requests "
+                              "that need them wait; every other request runs)",
     "store_up": "1 while the shared store (--kvsched-store-url) answers, 0 during an outage (requests recompute) or "
                 "once a prefix-cache reset turned the shared level off",
     "tier_kv_rel_rms_error": "Relative RMS error of FP8-tiered KV against the original, sampled at demotion "
@@ -90,6 +92,10 @@ COUNTERS = {
     "disk_tier_restored_blocks": "KV blocks read back from the disk level into the FP8 tier (then into the pool)",
     "disk_tier_read_failures": "Disk-level blocks not served: torn, truncated, corrupted, another model's or missing "
                                "(recomputed)",
+    "levels_fetch_waits": "Requests that waited for blocks being fetched from the disk or shared level (vLLM "
+                          "scheduled the requests behind them meanwhile)",
+    "levels_fetch_overdue": "Requests scheduled without blocks whose fetch missed its deadline (a stalled store or "
+                            "disk): vLLM computed them; the fetch still serves the session's next turn",
     "shared_tier_restored_blocks": "KV blocks read from the shared store into the FP8 tier (then into the pool)",
     "shared_tier_read_failures": "Shared-store blocks not served: missing (expired, store down) or failing their "
                                  "checks (recomputed)",
@@ -109,7 +115,7 @@ COUNTERS = {
                             "its last bound, or to 0)",
 }
 TIER_ONLY = frozenset(k for k in (*GAUGES, *COUNTERS) if k.startswith("tier_"))
-LEVEL_PREFIXES = ("disk_tier_", "shared_tier_", "store_", "moved_", "payback_")  # only when configured (on)
+LEVEL_PREFIXES = ("disk_tier_", "shared_tier_", "store_", "moved_", "payback_", "levels_")  # only when configured (on)
 API_SIDE = frozenset({"rejected_requests"})  # counted by the API server, rendered whether the engine answers or not
 RELEASE_REASONS = tuple(r.value for r in ReleaseReason)  # every reason (found by review: payback was never exported)
 

@@ -141,6 +141,8 @@ class SessionPins:
     def on_request_finished(self, request: Any) -> None:
         """Called before vLLM frees a finished request's blocks: pin its reusable prefix for the next turn."""
         entry = self.requests.pop(request.request_id, None)
+        if self.prefetcher is not None:
+            self.prefetcher.on_request_gone(request.request_id)
         if self.recorder is not None:
             self.recorder.finished(request, entry[1] if entry is not None else None)
         if entry is None:

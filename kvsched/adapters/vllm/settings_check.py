@@ -80,7 +80,7 @@ def _ghost() -> None:
 
 
 def _levels() -> None:
-    from kvsched.adapters.vllm.tier_levels import LevelsConfig
+    from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 
     LevelsConfig.from_extra({})
 
@@ -115,14 +115,16 @@ def engine_setting_errors() -> list[str]:
 def known_setting_names() -> frozenset[str]:
     """Every KVSCHED_* variable kvsched reads, from the constants where each is defined (tests/adapters/vllm/
     test_settings_env.py fails when a variable read somewhere is missing here)."""
-    from kvsched.adapters.vllm import compaction_shared, tier_levels, trace_recorder
+    from kvsched.adapters.vllm import compaction_shared, trace_recorder
+    from kvsched.adapters.vllm import tier_levels_config as levels
     from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB
     from kvsched.ops.cpu_features import ISA_ENV
     from kvsched.ops.ghost import GHOST_ENV
 
     engine = {ENV_FAULT_EVERY, ENV_TRACE, ENV_TRACE_SCORES, ENV_TIER_GB, ISA_ENV, GHOST_ENV,
-              compaction_shared.ENV_STORE_URL, trace_recorder.ENV_RECORD, trace_recorder.ENV_MAX_MB, tier_levels.ENV_DISK_DIR, tier_levels.ENV_DISK_GB,
-              tier_levels.ENV_STORE_URL, tier_levels.ENV_KV_TTL, tier_levels.ENV_STATE_TTL, tier_levels.ENV_REPLICA}
+              compaction_shared.ENV_STORE_URL, trace_recorder.ENV_RECORD, trace_recorder.ENV_MAX_MB, levels.ENV_DISK_DIR,
+              levels.ENV_DISK_GB, levels.ENV_STORE_URL, levels.ENV_KV_TTL, levels.ENV_STATE_TTL, levels.ENV_REPLICA,
+              levels.ENV_FETCH_MB}
     return setting_names() | engine | OTHER_SETTINGS
 
 

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from kvsched.adapters.vllm.tier_levels import ENV_STORE_URL, LevelsConfig
+from kvsched.adapters.vllm.tier_levels_config import ENV_STORE_URL, LevelsConfig
 from kvsched.core.tier_config import parse_tier_gib
 
 CONNECTOR_NAME = "KVSchedFP8TierConnector"
@@ -15,7 +15,7 @@ MODULE_PATH = "kvsched.adapters.vllm.fp8_tier_connector"
 
 def kv_transfer_config(tier_gb: float | str = "auto", measure_error: bool = True, **levels: Any) -> dict[str, Any]:
     """The `--kv-transfer-config` that enables kvsched's FP8 tier with `tier_gb` GiB of host memory (or "auto");
-    `levels`: the disk and shared levels under it (disk_dir, disk_gb, store_url; see tier_levels.LevelsConfig)."""
+    `levels`: the disk and shared levels under it (disk_dir, disk_gb, store_url; see tier_levels_config.LevelsConfig)."""
     parse_tier_gib(tier_gb)  # validate early
     extra = {"tier_gb": tier_gb, "measure_error": measure_error, **{k: v for k, v in levels.items() if v is not None}}
     LevelsConfig.from_extra(extra)

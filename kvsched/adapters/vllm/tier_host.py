@@ -3,11 +3,13 @@ size asked for, refused when the machine cannot hold it) and the engine's KV cac
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from kvsched.adapters.vllm.tier_layout import TierGeometry
 from kvsched.core.tier_config import AUTO_HOST_FRACTION, AUTO_POOL_MULTIPLE, auto_budget_bytes, check_fits_host
 
+logger = logging.getLogger("vllm.kvsched.fp8_tier")
 AUTO_RULE = (f"min({AUTO_POOL_MULTIPLE:g} x the KV pool's bytes, {AUTO_HOST_FRACTION:g} x available host memory / "
              f"GPUs on the host)")
 
@@ -65,3 +67,15 @@ def layout_name(vllm_config: Any, kv_cache_config: Any) -> str | None:
         return str(vllm_config.cache_config.get_resolved_kv_cache_layout().name)
     except Exception:  # an older config object: the name is for the log only
         return None
+
+
+def log_start(disabled: str, geometry: TierGeometry | None, budget: int, auto: bool, num_slots: int,
+              setting: str) -> None:
+    """The tier's one start-up line: why it is off, or its size (and the rule or `setting` that gave it) and layout."""
+    if disabled or geometry is None:
+        logger.warning("kvsched FP8 tier disabled: %s", disabled)
+        return
+    logger.info("kvsched FP8 tier: %.2f GiB of host memory (%s), %d slots of %d bytes; %s layout, %s (%d layers, %d "
+                "heads x %d x %d %s per block)", budget / 2**30, "auto: " + AUTO_RULE if auto else setting, num_slots,
+                geometry.block_bytes, geometry.layout, geometry.mode, len(geometry.layers), geometry.heads,
+                geometry.rows, geometry.content, geometry.dtype)

@@ -8,9 +8,11 @@ Writes (written behind by the worker's background thread, never in the engine st
 - a block the host tier evicts that the disk does not hold yet is spilled from its host slot.
 Restores go through the host tier: when a session's request arrives (before vLLM schedules anything) and its prefix
 continues past what the pool and the host tier hold, the run the disk level holds, then the run the shared store
-holds, get host slots (`TierDirectory.admit`), the worker fills them at the start of the step (disk read or one MGET,
-each block's frame and CRC checked) and kvsched's prefetch restores them into the pool as for any tier block. A
-block that fails its checks leaves its slot failing the host checksum: vLLM recomputes it, it is never served.
+holds, get host slots (`TierDirectory.admit`, then `hold`); the workers fill them on a background thread, never in
+the engine step (disk reads or MGETs in chunks of `KVSCHED_TIER_FETCH_MB`, each block's frame and CRC checked), and
+report each block over; meanwhile the request waits and every other request runs (tier_fetches). Once the blocks
+landed, kvsched's prefetch restores them into the pool as for any tier block. A block that fails its checks leaves its
+slot failing the host checksum and its key leaves the tier: vLLM recomputes it, it is never served.
 
 Session metadata (role, TTL, turns, the replica that served the last turn) goes to the store at each turn's end; a
 request of a session whose metadata names another replica counts as a moved session.
@@ -23,8 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -33,24 +33,12 @@ from typing import Any
 
 from kvsched.adapters.vllm.tier_blob import framed_len
 from kvsched.adapters.vllm.tier_disk import DiskFiles
+from kvsched.adapters.vllm.tier_levels_config import ENV_DISK_GB, LevelsConfig
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
-from kvsched.core.disk_tier import DiskConfigError, DiskDirectory, parse_disk_gib
-from kvsched.core.shared_state import (
-    DEFAULT_KV_TTL_S,
-    DEFAULT_STATE_TTL_S,
-    MAX_TTL_S,
-    SessionMeta,
-    block_key,
-    session_key,
-)
+from kvsched.core.disk_tier import DiskDirectory
+from kvsched.core.shared_state import SessionMeta, block_key, session_key
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
-ENV_DISK_DIR = "KVSCHED_DISK_TIER_DIR"
-ENV_DISK_GB = "KVSCHED_DISK_TIER_GB"
-ENV_STORE_URL = "KVSCHED_STORE_URL"
-ENV_KV_TTL = "KVSCHED_STORE_KV_TTL_S"
-ENV_STATE_TTL = "KVSCHED_STORE_STATE_TTL_S"
-ENV_REPLICA = "KVSCHED_REPLICA_NAME"
 DISK_DEFAULT_FREE_FRACTION = 0.5  # no --kvsched-disk-tier-gb: half the free space of the directory's file system
 # LRU bounds, sized by review's measurements (~170 B an entry here, ~250 B in the next; 1,000,000 took 171 + 252 MiB).
 # Keys known to be in the store: forgetting one costs one redundant put at its session's next turn, never a wrong or
@@ -62,60 +50,6 @@ PUBLISHED_MEMORY = 200_000
 SEEN_SESSIONS_MEMORY = 50_000
 DISK, SHARED = "disk", "shared"
 SHARED_PUT = "shared_put"  # a worker's report: its put of this block to the shared store failed or was dropped
-
-
-@dataclass(frozen=True, slots=True)
-class LevelsConfig:
-    disk_dir: str | None = None
-    disk_gb: float | None = None
-    store_url: str | None = None
-    kv_ttl_s: float = DEFAULT_KV_TTL_S
-    state_ttl_s: float = DEFAULT_STATE_TTL_S
-    replica: str = ""
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.disk_dir or self.store_url)
-
-    @classmethod
-    def from_extra(cls, extra: dict[str, Any]) -> LevelsConfig:
-        """From kv_connector_extra_config (set by --kvsched-disk-tier-dir/-gb, --kvsched-store-url), else the
-        environment. DiskConfigError names a bad value."""
-        disk_dir = extra.get("disk_dir") or os.environ.get(ENV_DISK_DIR) or None
-        gb_raw = extra.get("disk_gb", os.environ.get(ENV_DISK_GB))
-        gb_name = "--kvsched-disk-tier-gb" if "disk_gb" in extra else ENV_DISK_GB
-        gb = parse_disk_gib(gb_raw, gb_name) if gb_raw not in (None, "", "auto") else None
-        if gb is not None and not disk_dir:
-            raise DiskConfigError(f"{gb_name} needs --kvsched-disk-tier-dir (or {ENV_DISK_DIR})")
-        url = extra.get("store_url") or os.environ.get(ENV_STORE_URL) or None
-        if url:
-            from kvsched.adapters.store.redis_store import check_url, unredacted
-
-            try:  # a redacted URL (a password moved out of the logged config, tier_config) is the environment's
-                url = check_url(unredacted(str(url), ENV_STORE_URL))
-            except ValueError as exc:
-                raise DiskConfigError(f"{'--kvsched-store-url' if extra.get('store_url') else ENV_STORE_URL}: "
-                                      f"{exc}") from None
-        return cls(disk_dir=str(disk_dir) if disk_dir else None, disk_gb=gb, store_url=str(url) if url else None,
-                   kv_ttl_s=ttl_setting(ENV_KV_TTL, extra.get("kv_ttl_s"), DEFAULT_KV_TTL_S),
-                   state_ttl_s=ttl_setting(ENV_STATE_TTL, extra.get("state_ttl_s"), DEFAULT_STATE_TTL_S),
-                   replica=str(extra.get("replica") or os.environ.get(ENV_REPLICA)
-                               or f"{socket.gethostname()}/{os.getpid()}"))
-
-
-def ttl_setting(env: str, given: Any, default: float) -> float:
-    """A store TTL in seconds: `given` (kv_connector_extra_config), else the variable `env`, else `default`; shared
-    with the API server's compaction checkpoints (compaction_shared) so both keep state equally long."""
-    raw = given if given is not None else os.environ.get(env)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise DiskConfigError(f"{env} must be a number of seconds, got {raw!r}") from None
-    if not 0 < value <= MAX_TTL_S:  # inf and 1e300 overflowed the store's millisecond TTL on every write
-        raise DiskConfigError(f"{env} must be > 0 and at most {MAX_TTL_S:.0f} seconds (ten years), got {raw!r}")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +108,7 @@ class TierLevels:
         self._acks: Counter[bytes] = Counter()  # key -> ranks that reported its write (ok or not)
         self._failed: set[bytes] = set()  # keys whose write failed on some rank (reports of the others pending)
         self._busy_slots: Callable[[], set[int]] = set  # slots this step's stores/fetches write (set by the connector)
+        self.on_fetch: Callable[[list[Fetch]], None] = lambda fetches: None  # the connector's books (tier_fetches)
         files = None
         if cfg.disk_dir:
             try:
@@ -277,8 +212,10 @@ class TierLevels:
             return 0
         source = dict(keys)
         placed = host.admit(owner, [k for k, _ in keys])
-        host.lock([slot for _, slot in placed])  # no eviction may hand these slots to another key this step
-        self.ops.fetches.extend(Fetch(k, slot, source[k]) for k, slot in placed)
+        host.hold([slot for _, slot in placed])  # no other key gets these slots until the workers' fetches landed
+        fetches = [Fetch(k, slot, source[k]) for k, slot in placed]
+        self.ops.fetches.extend(fetches)
+        self.on_fetch(fetches)
         if self.disk is not None:
             self.disk.claim(owner, [k for k, _ in placed if source[k] == DISK])
         for _, src in ((k, source[k]) for k, _ in placed):

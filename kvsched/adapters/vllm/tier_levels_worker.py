@@ -4,10 +4,14 @@
 In the engine step the worker only copies: a spill takes a host slot's bytes, a publish quantizes pool blocks into a
 snapshot (the same kernels as a demotion). Framing, file writes and store puts run on a background thread
 (tier_writer), which reports each disk write back to the scheduler, and each shared put that failed or was dropped
-(`SHARED_PUT`, so the scheduler publishes it again next turn instead of counting it in the store). Fetches run in the step, before the loads that
-need them: a disk read per block or one MGET for the step's shared blocks; every block is checked (tier_blob:
-identity, rank, key, size, CRC) before it enters a slot, and a block that fails leaves its slot failing the host
-checksum, so the load reports it and vLLM recomputes it.
+(`SHARED_PUT`, so the scheduler publishes it again next turn instead of counting it in the store).
+
+Fetches run on a second background thread, never in the step: the step only marks their slots unsealed (failing the
+host checksum) and queues them in chunks of at most `KVSCHED_TIER_FETCH_MB` (a disk read per block, or one MGET per
+chunk of shared blocks). On the thread every block is checked (tier_blob: identity, rank, key, size, CRC) before it
+enters its slot; one that fails leaves its slot failing the checksum, so it is never served. Each chunk's outcome
+goes back to the scheduler with the next step's report (`fetch_landed`), after its slots were written: the
+scheduler keeps those slots to their keys until then and restores them only after (tier_fetches).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 from kvsched.adapters.vllm import tier_blob
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.tier_disk import DiskFiles
-from kvsched.adapters.vllm.tier_levels import DISK, SHARED, SHARED_PUT, LevelOps, LevelsConfig
+from kvsched.adapters.vllm.tier_levels import DISK, SHARED, SHARED_PUT, Fetch, LevelOps
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.shared_state import block_key
 
@@ -48,8 +53,10 @@ class TierLevelsWorker:
 
             self.shared = open_store(cfg.store_url)
         self.writer = BackgroundWriter(f"kvsched-tier-writer-{rank}")
+        self.fetcher = BackgroundWriter(f"kvsched-tier-fetch-{rank}")
         self.counters: Counter[str] = Counter()
-        self.failures: list[tuple[bytes, str]] = []
+        self.landed: list[tuple[Fetch, bool]] = []  # fetches over since the last report: (fetch, slot filled)
+        self._closed = False  # engine shutdown: queued fetches read and write nothing more
         self.put_failures: deque[tuple[bytes, str]] = deque()  # (key, SHARED_PUT), appended by the writer thread
         self._deferred_deletes: list[bytes] = []
         self._disk_full_logged = False
@@ -102,40 +109,54 @@ class TierLevelsWorker:
         """Report shared puts that did not land (from the writer thread too: a deque, drained by `report`)."""
         self.put_failures.extend(unput)
 
-    # ---- in the step, after the tier's stores ---------------------------------------------------------------------
-    def fetch(self, ops: LevelOps) -> None:
-        disk = [f for f in ops.fetches if f.source == DISK]
-        shared = [f for f in ops.fetches if f.source == SHARED]
-        n = self.tier.payload_len
-        for f in disk:
-            blob = self.files.read(f.key) if self.files is not None else None
-            self._fill(f.key, f.slot, blob, DISK, n)
-        if shared:
-            blobs: list[Any] = [None] * len(shared)
-            try:
-                if self.shared is not None:
-                    blobs = list(self.shared.get_blocks([block_key(self.identity, f.key, self.rank) for f in shared]))
-            except Exception:  # noqa: BLE001 - never a failed step for a cache: each block is a miss, recomputed
-                logger.exception("kvsched shared tier: reading %d blocks failed", len(shared))
-            if len(blobs) != len(shared):
-                blobs = [None] * len(shared)
-            for f, blob in zip(shared, blobs, strict=True):
-                self._fill(f.key, f.slot, blob, SHARED, n)
+    # ---- in the step, after the tier's stores: fetches start, and the step goes on ------------------------------------
+    def start_fetch(self, ops: LevelOps) -> None:
+        """Queue this step's fetches on the fetch thread, in chunks of at most `cfg.fetch_bytes` (at least one block),
+        disk first. Their slots fail the host checksum until filled (a load of one would recompute it); a chunk the
+        full queue drops lands at once, unfilled."""
+        if not ops.fetches:
+            return
+        self.tier.invalidate([f.slot for f in ops.fetches])
+        per_chunk = max(1, self.cfg.fetch_bytes // tier_blob.framed_len(len(ops.fetches[0].key), self.tier.payload_len))
+        for source in (DISK, SHARED):
+            todo = [f for f in ops.fetches if f.source == source]
+            for i in range(0, len(todo), per_chunk):
+                chunk = todo[i:i + per_chunk]
+                if not self.fetcher.submit(lambda chunk=chunk: self._fetch(chunk)):
+                    self.fetcher.results.append([(f, False) for f in chunk])
 
-    def _fill(self, key: bytes, slot: int, blob: bytes | None, source: str, payload_len: int) -> None:
+    def close(self) -> None:
+        """Engine shutdown: fetches still queued or reading write no slot."""
+        self._closed = True
+
+    def _fetch(self, chunk: list[Fetch]) -> list[tuple[Fetch, bool]]:
+        """On the fetch thread: read one chunk (disk files, or one MGET), check each frame, fill its slot."""
+        if self._closed:
+            return [(f, False) for f in chunk]
+        source, n = chunk[0].source, self.tier.payload_len
+        blobs: list[Any] = [None] * len(chunk)
+        try:
+            if source == DISK and self.files is not None:
+                blobs = [self.files.read(f.key) for f in chunk]
+            elif source == SHARED and self.shared is not None:
+                got = list(self.shared.get_blocks([block_key(self.identity, f.key, self.rank) for f in chunk]))
+                blobs = got if len(got) == len(chunk) else blobs
+        except Exception:  # noqa: BLE001 - never a failed step for a cache: each block is a miss, recomputed
+            logger.exception("kvsched %s tier: reading %d blocks failed", source, len(chunk))
+        return [(f, self._fill(f.key, f.slot, blob, source, n)) for f, blob in zip(chunk, blobs, strict=True)]
+
+    def _fill(self, key: bytes, slot: int, blob: bytes | None, source: str, payload_len: int) -> bool:
         try:
             if blob is None:
                 raise tier_blob.BlobError("missing")
             payload = tier_blob.decode(blob, self.identity, self.rank, key, payload_len)
         except tier_blob.BlobError as exc:
             self.tier.invalidate([slot])
-            self.failures.append((key, source))
             self.counters[f"{source}_read_failures"] += 1
             if self.counters[f"{source}_read_failures"] <= 3:
                 logger.warning("kvsched %s tier: block %s not served (%s); recomputed", source, key.hex()[:16], exc)
-            return
-        if self.tier.fill(slot, payload):
-            self.counters[f"{source}_fetched_blocks"] += 1
+            return False
+        return not self._closed and self.tier.fill(slot, payload)
 
     # ---- background ---------------------------------------------------------------------------------------------
     def _write(self, items: list[tuple[bytes, bytes, bool, bool]]) -> list[tuple[bytes, bool]]:
@@ -175,16 +196,18 @@ class TierLevelsWorker:
 
     def report(self) -> tuple[list[tuple[bytes, bool]], bool, list[tuple[bytes, str]]]:
         """(disk writes done since the last report, whether the disk filled up, blocks that failed their checks or
-        whose shared put did not land (SHARED_PUT))."""
+        whose shared put did not land (SHARED_PUT)). The fetches over since then go to `landed`."""
         done = [r for batch in self.writer.drain() for r in batch]
         full = self.counters.pop("disk_full", 0) > 0
-        failures, self.failures = self.failures, []
+        new = [r for batch in self.fetcher.drain() for r in batch]
+        self.landed += new
+        failures = [(f.key, f.source) for f, ok in new if not ok]
         puts = [self.put_failures.popleft() for _ in range(len(self.put_failures))]
         return done, full, failures + puts
 
     def fill(self, meta: Any) -> None:
         """This step's outcomes into the worker's report to the scheduler (`TierWorkerMeta`)."""
         meta.disk_done, meta.disk_full, meta.fetch_failures = self.report()
-        c = self.counters
-        meta.fetched = {level: c.pop(f"{level}_fetched_blocks") for level in ("disk", "shared")
-                        if c.get(f"{level}_fetched_blocks")}
+        landed, self.landed = self.landed, []
+        meta.fetch_landed = [(f.key, f.slot, ok) for f, ok in landed]
+        meta.fetched = dict(Counter(f.source for f, ok in landed if ok))

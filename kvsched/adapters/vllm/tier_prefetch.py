@@ -3,6 +3,8 @@
 Two triggers, both for sessions whose prefix continues into blocks the tier holds:
 - queued: a request of the session arrives (kvsched's `add_request` hook runs before vLLM schedules anything), so its
   restore is planned at once instead of when the scheduler admits the request, however long it waits in the queue.
+  Blocks of its prefix that only the disk or shared level holds are fetched into the tier in the background first
+  (tier_fetches): the restore is planned in the first step after they landed (the request waits till then).
   Other sessions' pins yield blocks for it only as far as the tier has free slots for them: releasing into a full
   tier evicts KV whose owners may return before this request runs (a tier of half the pool, `kvsched bench agents
   --quick --fp8-tier-gb 0.015`: 15,744 and 13,216 prefill tokens with the release, 12,224 and 12,164 without, 11,935
@@ -71,6 +73,7 @@ class TierPrefetcher:
     counters: Counter[str] = field(default_factory=Counter)
     pending: dict[SessionKey, Prefetch] = field(default_factory=dict)
     chains: dict[SessionKey, list[Any]] = field(default_factory=dict)  # each session's last request's block hashes
+    awaiting: dict[str, tuple[SessionKey, Any]] = field(default_factory=dict)  # request id -> its fetch in flight
     _due: list[tuple[float, int, SessionKey]] = field(default_factory=list)
     _seq: itertools.count[int] = field(default_factory=itertools.count)
     clock: StepClock = field(default_factory=StepClock)
@@ -83,10 +86,15 @@ class TierPrefetcher:
     def on_request_added(self, request: Any, key: SessionKey) -> None:
         limit = (int(request.num_tokens) - 1) // self.pins.block_size
         if getattr(self.tier, "levels", None) is not None:  # blocks only the disk or shared level holds: fetched
-            chain = request.block_hashes  # into the tier this step, then prefetched below like any tier block
+            chain = request.block_hashes  # into the tier in the background, then prefetched like any tier block
             self.tier.promote(key, chain, len(compat.cached_prefix(self.pins.scheduler, chain, limit)), limit)
-        if self._holds(key):
+        if self._fetching(request):
+            self.awaiting[request.request_id] = (key, request)
+        elif self._holds(key):
             self._prefetch(key, list(request.block_hashes), limit, reserve=0, request=request, trigger="queued")
+
+    def on_request_gone(self, request_id: str) -> None:
+        self.awaiting.pop(request_id, None)
 
     def on_turn_finished(self, request: Any, key: SessionKey) -> None:
         """Remember the session's hash chain and when its next turn is due (a due prefetch may then run)."""
@@ -101,6 +109,12 @@ class TierPrefetcher:
         """Before each schedule(): enter confirmed prefetches into the prefix cache, run the due ones."""
         now = self.pins.policy.clock()
         self.clock.tick(now)
+        for rid, (key, request) in list(self.awaiting.items()):  # fetches landed: restore what they brought
+            if not self._fetching(request):
+                del self.awaiting[rid]
+                if self._holds(key):
+                    limit = (int(request.num_tokens) - 1) // self.pins.block_size
+                    self._prefetch(key, list(request.block_hashes), limit, reserve=0, request=request, trigger="queued")
         if self.pending:
             done = getattr(self.tier, "steps_done", 0)
             for p in self.pending.values():
@@ -118,6 +132,8 @@ class TierPrefetcher:
                 self._prefetch(key, chain, len(chain), reserve=reserve, request=None, trigger="due")
 
     def on_turn_started(self, key: SessionKey, cached_tokens: int) -> None:
+        for rid in [rid for rid, (k, _) in self.awaiting.items() if k == key]:  # scheduled before its fetch landed
+            del self.awaiting[rid]
         p = self.pending.pop(key, None)
         if p is None:
             return
@@ -137,6 +153,8 @@ class TierPrefetcher:
     def on_ended(self, key: SessionKey) -> None:
         self.on_released(key)
         self.chains.pop(key, None)
+        for rid in [rid for rid, (k, _) in self.awaiting.items() if k == key]:
+            del self.awaiting[rid]
 
     def on_load_failures(self, block_ids: set[int]) -> None:
         """Slots that failed their checksum: the blocks they were restored into, and every later block of the same
@@ -159,6 +177,15 @@ class TierPrefetcher:
                 compat.evict_from_prefix_cache(self.pins.scheduler, mine)
 
     # ---- the prefetch -----------------------------------------------------------------------------------------------
+    def _fetching(self, request: Any) -> bool:
+        """True if the request's prefix continues into blocks a disk or shared-store fetch is still filling."""
+        tier, chain = self.tier, request.block_hashes
+        if tier is None or not tier.enabled or not tier.directory.inflight:
+            return False
+        limit = (int(request.num_tokens) - 1) // self.pins.block_size
+        head = len(compat.cached_prefix(self.pins.scheduler, chain, limit))
+        return bool(tier.directory.fetching(chain, head, limit - head))
+
     def _holds(self, key: SessionKey) -> bool:
         tier = self.tier
         return tier is not None and tier.enabled and bool(tier.directory.keys_of.get(key))

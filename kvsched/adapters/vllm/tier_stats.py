@@ -13,6 +13,7 @@ CONNECTOR_STATS = ("restores", "tail_restores", "restored_blocks", "superseded_l
 
 def absorb_worker_meta(conn: Any, meta: Any) -> None:
     """The scheduler side takes in what the workers did this step (`TierWorkerMeta`, summed over workers)."""
+    conn.fetches.reported(meta.fetch_landed)  # also once a reset turned the levels off: their slots come back
     if conn.levels is not None:
         conn.levels.written(meta.disk_done, meta.disk_full)
         conn.levels.fetch_failed(meta.fetch_failures)
@@ -52,6 +53,7 @@ def tier_stats(conn: Any) -> dict[str, Any]:
         out["tier_disabled_reason"] = conn.disabled_reason
     if conn.levels is not None or conn.levels_final:
         out.update(conn.levels.stats() if conn.levels is not None else conn.levels_final)
+        out.update(conn.fetches.stats())
         out.update({f"{level}_tier_restored_blocks": float(conn.level_fetched.get(level, 0))
                     for level in ("disk", "shared") if f"{level}_tier_read_failures" in out})
     return out

@@ -8,7 +8,7 @@ from kvsched.adapters.vllm.settings_check import engine_setting_errors
 
 ENGINE_VARS = ("KVSCHED_CPU_ISA", "KVSCHED_TIER_FAULT_EVERY", "KVSCHED_DISK_TIER_DIR", "KVSCHED_DISK_TIER_GB",
                "KVSCHED_STORE_URL", "KVSCHED_STORE_KV_TTL_S", "KVSCHED_STORE_STATE_TTL_S", "KVSCHED_INFER_SESSIONS",
-               "KVSCHED_GHOST")
+               "KVSCHED_GHOST", "KVSCHED_TIER_FETCH_MB")
 
 
 @pytest.fixture(autouse=True)
@@ -22,9 +22,12 @@ def test_well_formed_settings_give_no_error(monkeypatch, tmp_path):
     for var, value in (("KVSCHED_CPU_ISA", "avx2"), ("KVSCHED_TIER_FAULT_EVERY", "5"),
                        ("KVSCHED_DISK_TIER_DIR", str(tmp_path)), ("KVSCHED_DISK_TIER_GB", "1"),
                        ("KVSCHED_STORE_URL", "redis://127.0.0.1:6379/0"), ("KVSCHED_STORE_KV_TTL_S", "60"),
-                       ("KVSCHED_GHOST", "python")):
+                       ("KVSCHED_GHOST", "python"), ("KVSCHED_TIER_FETCH_MB", "16")):
         monkeypatch.setenv(var, value)
     assert engine_setting_errors() == []
+    from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
+
+    assert LevelsConfig.from_extra({}).fetch_bytes == 16 * 2**20
 
 
 @pytest.mark.parametrize(("var", "value", "named"), [
@@ -37,6 +40,9 @@ def test_well_formed_settings_give_no_error(monkeypatch, tmp_path):
     ("KVSCHED_STORE_STATE_TTL_S", "soon", "KVSCHED_STORE_STATE_TTL_S"),
     ("KVSCHED_INFER_SESSIONS", "maybe", "KVSCHED_INFER_SESSIONS"),  # the policy core's, in the same list
     ("KVSCHED_GHOST", "fast", "KVSCHED_GHOST='fast'"),
+    ("KVSCHED_TIER_FETCH_MB", "0", "KVSCHED_TIER_FETCH_MB must be > 0"),
+    ("KVSCHED_TIER_FETCH_MB", "nan", "KVSCHED_TIER_FETCH_MB must be > 0"),
+    ("KVSCHED_TIER_FETCH_MB", "lots", "KVSCHED_TIER_FETCH_MB must be a number of MiB"),
 ])
 def test_each_malformed_setting_is_one_error_naming_it(monkeypatch, var, value, named):
     monkeypatch.setenv(var, value)

@@ -20,7 +20,7 @@ from kvsched.adapters.vllm.settings_check import (  # noqa: E402
     known_setting_names,
     trace_scores,
 )
-from kvsched.adapters.vllm.tier_levels import LevelsConfig  # noqa: E402
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig  # noqa: E402
 from kvsched.core.disk_tier import DiskConfigError  # noqa: E402
 from tests.adapters.vllm.test_compat_levels import parser  # noqa: E402  (vLLM's options kvsched's hook reads)
 

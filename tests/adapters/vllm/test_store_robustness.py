@@ -15,7 +15,8 @@ import redis
 
 from kvsched.adapters.store.redis_store import RedisStore
 from kvsched.adapters.vllm import tier_levels
-from kvsched.adapters.vllm.tier_levels import LevelOps, LevelsConfig, TierLevels
+from kvsched.adapters.vllm.tier_levels import LevelOps, TierLevels
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker
 from kvsched.core.sessions import SessionKey
 from kvsched.core.shared_state import compaction_key, session_key
@@ -33,7 +34,7 @@ class Host:
     def admit(self, owner, keys):
         return [(k, i) for i, k in enumerate(keys)]
 
-    def lock(self, slots):
+    def hold(self, slots):
         pass
 
 

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvsched.adapters.store.redis_store import StoreConfigError, check_url, redacted  # noqa: E402
-from kvsched.adapters.vllm.tier_levels import LevelsConfig  # noqa: E402
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig  # noqa: E402
 from kvsched.core.disk_tier import DiskConfigError  # noqa: E402
 from tests.adapters.vllm.conftest import unset_env  # noqa: E402
 

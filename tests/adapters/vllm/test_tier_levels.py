@@ -15,7 +15,8 @@ import torch
 from kvsched.adapters.vllm import tier_blob
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.tier_disk import DiskFiles
-from kvsched.adapters.vllm.tier_levels import DISK, SHARED, Fetch, LevelOps, LevelsConfig, Publish, Spill
+from kvsched.adapters.vllm.tier_levels import DISK, SHARED, Fetch, LevelOps, Publish, Spill
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker
 from kvsched.core.shared_state import block_key
 from tests.adapters.vllm.test_fp8_tier_store import caches, views_of
@@ -30,9 +31,11 @@ def worker(kv, tmp_path: Path, url: str | None = None, disk: Path | None = None)
 
 
 def run(w: TierLevelsWorker, ops: LevelOps) -> None:
+    """One step's level work, and (unlike in the engine) waiting for the background writes and fetches."""
     w.before_stores(ops)
     w.writer.flush()
-    w.fetch(ops)
+    w.start_fetch(ops)
+    w.fetcher.flush()
 
 
 def test_a_frame_is_served_only_for_its_own_model_rank_key_and_intact_bytes() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from kvsched.adapters.vllm.tier_disk import DiskFiles
-from kvsched.adapters.vllm.tier_levels import DISK, SHARED, LevelsConfig, TierLevels
+from kvsched.adapters.vllm.tier_levels import DISK, SHARED, TierLevels
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.core.sessions import SessionId, SessionKey
 from kvsched.core.shared_state import SessionMeta, block_key, session_key
 from kvsched.core.tier import TierConfig, TierDirectory
@@ -42,9 +43,12 @@ def test_a_turn_is_written_behind_once_and_only_written_blocks_are_restored(tmp_
     fetches = lv.take_ops().fetches
     assert [(f.key, f.source) for f in fetches] == [(CHAIN[1], DISK), (CHAIN[2], DISK)]
     assert [h.slot_of[k] for k in CHAIN[1:3]] == [f.slot for f in fetches]
+    assert h.match(CHAIN, 1, 7) == [] and h.fetching(CHAIN, 1, 7)  # no restore reads them before they land
+    h.unlock_all()  # the step ends; the fetch goes on
+    assert h.inflight == {f.slot for f in fetches}
+    for f in fetches:
+        h.landed(f.slot, f.key, ok=True)
     assert h.match(CHAIN, 1, 7) == [f.slot for f in fetches]  # now the host tier's, for the prefetch
-    h.demote("other", [(bytes([99]) * 32, 0)] * 20)
-    assert all(h.slot_of.get(k) == f.slot for k, f in zip(CHAIN[1:3], fetches, strict=True))  # locked this step
 
 
 def test_a_bad_disk_block_is_forgotten_and_deleted_and_a_full_disk_shrinks_the_budget(tmp_path: Path) -> None:

@@ -148,7 +148,7 @@ def _env_tier_gib(parser: Any) -> float | None:
 def _env_levels() -> list[str]:
     """The disk level's variables set (as LevelsConfig reads them). Not KVSCHED_STORE_URL: with the tier off it still
     shares the API server's compaction summaries between replicas (compaction_shared)."""
-    from kvsched.adapters.vllm.tier_levels import ENV_DISK_DIR, ENV_DISK_GB, LevelsConfig
+    from kvsched.adapters.vllm.tier_levels_config import ENV_DISK_DIR, ENV_DISK_GB, LevelsConfig
 
     cfg = LevelsConfig.from_extra({})  # checked before (engine_setting_errors)
     return [name for name, value in ((ENV_DISK_DIR, cfg.disk_dir), (ENV_DISK_GB, cfg.disk_gb)) if value]

@@ -1,0 +1,101 @@
+"""The scheduler side of the levels' background fetches: which host-tier slots a worker's fetch (tier_levels_worker) may
+still be writing, until every worker reported it over, and whether a request waits for them.
+
+A session's request whose prefix continues into blocks being fetched waits (the connector answers vLLM's
+`get_num_new_matched_tokens` with None: "ask again next step"; vLLM 0.32's scheduler then skips it this step and keeps
+it at the head of the waiting queue, and schedules the requests behind it) until the fetch has landed; kvsched's
+prefetch then restores the blocks into the pool and the request runs on them as prefix-cache hits. Every other request
+runs meanwhile: the fetch costs the engine's steps nothing.
+
+The wait is bounded. A fetch that has not landed by its deadline (`WAIT_FLOOR_S` plus the bytes queued on the fetch
+thread, its own included, at `WAIT_BYTES_PER_S`) means a stalled store or disk rather than a transfer: the request is
+then scheduled without the blocks still missing and vLLM computes them, as with no level at all; the fetch goes on
+and its blocks serve the session's next turn. The floor covers the store's own timeouts (0.5 s a call) and a step or
+two of any engine; 200 MB/s is well under what one Redis client reached here (500-900 MiB/s, docs/shared_store.md),
+so a healthy store lands first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+WAIT_FLOOR_S = 2.0
+WAIT_BYTES_PER_S = 200e6
+
+
+@dataclass(slots=True)
+class InFlight:
+    key: Any
+    deadline: float
+    reports: int = 0
+    ok: bool = True
+
+
+class FetchBook:
+    """Slots being filled in the background (the directory holds them: `TierDirectory.hold`), their deadlines, and the
+    workers' reports. Owned by the connector's scheduler side, which outlives the levels (a prefix-cache reset turns
+    them off while fetches may still be in flight)."""
+
+    def __init__(self, directory: Any, world_size: int, block_bytes: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.directory = directory
+        self.world_size = world_size
+        self.block_bytes = block_bytes
+        self.clock = clock
+        self.slots: dict[int, InFlight] = {}
+        self.counters: Counter[str] = Counter()
+        self._waited: set[str] = set()  # requests that waited for a fetch (counted once)
+        self._overdue: set[str] = set()  # requests scheduled without blocks a fetch had not delivered (counted once)
+
+    def started(self, fetches: Sequence[Any]) -> None:
+        """`fetches` (tier_levels.Fetch) were planned into held slots this step."""
+        if not fetches:
+            return
+        queued = len(self.slots) + len(fetches)  # one fetch thread per worker: those queued before go first
+        deadline = self.clock() + WAIT_FLOOR_S + queued * self.block_bytes / WAIT_BYTES_PER_S
+        for f in fetches:
+            self.slots[f.slot] = InFlight(f.key, deadline)
+        self.counters["fetches_started"] += len(fetches)
+
+    def reported(self, landed: Sequence[tuple[Any, int, bool]]) -> None:
+        """Workers' reports (key, slot, filled): a fetch is over once every worker reported it; only then may its slot
+        be read (if filled everywhere) or given to another key."""
+        for key, slot, ok in landed:
+            f = self.slots.get(slot)
+            if f is None or f.key != key:
+                continue  # never expected: a slot is planned again only after its fetch is over
+            f.reports += 1
+            f.ok = f.ok and bool(ok)
+            if f.reports >= self.world_size:
+                del self.slots[slot]
+                self.directory.landed(slot, key, f.ok)
+                self.counters["fetches_landed" if f.ok else "fetches_failed"] += 1
+
+    def must_wait(self, request_id: str, key: Any) -> bool:
+        """Should the request whose next prefix block is `key` wait for it (being fetched, before the deadline)?"""
+        slot = self.directory.slot_of.get(key)
+        f = self.slots.get(slot) if slot is not None else None
+        if f is None:
+            return False
+        if self.clock() < f.deadline:
+            if request_id not in self._waited:
+                self._waited.add(request_id)
+                self.counters["waited_requests"] += 1
+            return True
+        if request_id not in self._overdue:
+            self._overdue.add(request_id)
+            self.counters["overdue_requests"] += 1
+        return False
+
+    def forget_request(self, request_id: str) -> None:
+        self._waited.discard(request_id)
+        self._overdue.discard(request_id)
+
+    def stats(self) -> dict[str, float]:
+        c = self.counters
+        return {"levels_fetching_blocks": float(len(self.slots)), "levels_fetch_waits": float(c["waited_requests"]),
+                "levels_fetch_overdue": float(c["overdue_requests"])}

@@ -1,0 +1,100 @@
+"""The disk and shared levels' settings: `--kvsched-disk-tier-dir/-gb`, `--kvsched-store-url` (carried in
+kv_connector_extra_config) and their KVSCHED_* variables, each refused at start with the flag or variable named."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from kvsched.core.disk_tier import DiskConfigError, parse_disk_gib
+from kvsched.core.shared_state import DEFAULT_KV_TTL_S, DEFAULT_STATE_TTL_S, MAX_TTL_S
+
+ENV_DISK_DIR = "KVSCHED_DISK_TIER_DIR"
+ENV_DISK_GB = "KVSCHED_DISK_TIER_GB"
+ENV_STORE_URL = "KVSCHED_STORE_URL"
+ENV_KV_TTL = "KVSCHED_STORE_KV_TTL_S"
+ENV_STATE_TTL = "KVSCHED_STORE_STATE_TTL_S"
+ENV_REPLICA = "KVSCHED_REPLICA_NAME"
+ENV_FETCH_MB = "KVSCHED_TIER_FETCH_MB"
+# A worker's background fetch reads at most this much at once: one MGET's reply, or one run of disk reads (at least one
+# block). 64 MiB is ~24 blocks of Llama-3-70B in FP8 (2.6 MiB per 16 tokens), ~0.1 s of a Redis client's get rate
+# here (docs/shared_store.md): the memory a restore takes stays bounded, however long the session.
+DEFAULT_FETCH_MB = 64.0
+MAX_FETCH_MB = 65536.0
+
+
+@dataclass(frozen=True, slots=True)
+class LevelsConfig:
+    disk_dir: str | None = None
+    disk_gb: float | None = None
+    store_url: str | None = None
+    kv_ttl_s: float = DEFAULT_KV_TTL_S
+    state_ttl_s: float = DEFAULT_STATE_TTL_S
+    replica: str = ""
+    fetch_mb: float = DEFAULT_FETCH_MB
+
+    @property
+    def fetch_bytes(self) -> int:
+        return int(self.fetch_mb * 2**20)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.disk_dir or self.store_url)
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any]) -> LevelsConfig:
+        """From kv_connector_extra_config (set by --kvsched-disk-tier-dir/-gb, --kvsched-store-url), else the
+        environment. DiskConfigError names a bad value."""
+        disk_dir = extra.get("disk_dir") or os.environ.get(ENV_DISK_DIR) or None
+        gb_raw = extra.get("disk_gb", os.environ.get(ENV_DISK_GB))
+        gb_name = "--kvsched-disk-tier-gb" if "disk_gb" in extra else ENV_DISK_GB
+        gb = parse_disk_gib(gb_raw, gb_name) if gb_raw not in (None, "", "auto") else None
+        if gb is not None and not disk_dir:
+            raise DiskConfigError(f"{gb_name} needs --kvsched-disk-tier-dir (or {ENV_DISK_DIR})")
+        url = extra.get("store_url") or os.environ.get(ENV_STORE_URL) or None
+        if url:
+            from kvsched.adapters.store.redis_store import check_url, unredacted
+
+            try:  # a redacted URL (a password moved out of the logged config, tier_config) is the environment's
+                url = check_url(unredacted(str(url), ENV_STORE_URL))
+            except ValueError as exc:
+                raise DiskConfigError(f"{'--kvsched-store-url' if extra.get('store_url') else ENV_STORE_URL}: "
+                                      f"{exc}") from None
+        return cls(disk_dir=str(disk_dir) if disk_dir else None, disk_gb=gb, store_url=str(url) if url else None,
+                   kv_ttl_s=ttl_setting(ENV_KV_TTL, extra.get("kv_ttl_s"), DEFAULT_KV_TTL_S),
+                   state_ttl_s=ttl_setting(ENV_STATE_TTL, extra.get("state_ttl_s"), DEFAULT_STATE_TTL_S),
+                   replica=str(extra.get("replica") or os.environ.get(ENV_REPLICA)
+                               or f"{socket.gethostname()}/{os.getpid()}"),
+                   fetch_mb=fetch_mb_setting(extra.get("fetch_mb")))
+
+
+def ttl_setting(env: str, given: Any, default: float) -> float:
+    """A store TTL in seconds: `given` (kv_connector_extra_config), else the variable `env`, else `default`; shared
+    with the API server's compaction checkpoints (compaction_shared) so both keep state equally long."""
+    raw = given if given is not None else os.environ.get(env)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise DiskConfigError(f"{env} must be a number of seconds, got {raw!r}") from None
+    if not 0 < value <= MAX_TTL_S:  # inf and 1e300 overflowed the store's millisecond TTL on every write
+        raise DiskConfigError(f"{env} must be > 0 and at most {MAX_TTL_S:.0f} seconds (ten years), got {raw!r}")
+    return value
+
+
+def fetch_mb_setting(given: Any) -> float:
+    """The background fetch's chunk in MiB: `given` (kv_connector_extra_config), else KVSCHED_TIER_FETCH_MB, else
+    the default."""
+    raw = given if given is not None else os.environ.get(ENV_FETCH_MB)
+    if raw in (None, ""):
+        return DEFAULT_FETCH_MB
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise DiskConfigError(f"{ENV_FETCH_MB} must be a number of MiB, got {raw!r}") from None
+    if not 0 < value <= MAX_FETCH_MB:  # NaN fails this too
+        raise DiskConfigError(f"{ENV_FETCH_MB} must be > 0 and at most {MAX_FETCH_MB:.0f} MiB, got {raw!r}")
+    return value

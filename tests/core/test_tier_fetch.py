@@ -1,0 +1,158 @@
+"""The FP8 tier's directory with fills from a lower level (disk, shared store) that land steps after they were planned
+(the worker fetches in the background). While a fetch may still write its slot, no restore reads the slot and no other
+key gets it, whatever happens to its key meanwhile (eviction, the session's end, a cache reset); once every fetch has
+landed, every slot is free or held again (nothing leaks)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvsched.core.tier import TailKey, TierConfig, TierDirectory
+
+SESSIONS = [f"s{i}" for i in range(5)]
+OPS = ("demote", "demote", "fetch", "fetch", "tail", "match", "drop", "forget", "clear")
+PENDING, GARBAGE = "<being fetched>", "<failed fetch>"
+
+
+def directory(slots: int) -> TierDirectory:
+    return TierDirectory(TierConfig(budget_bytes=slots * 10), 10, value_of=lambda owner: 0.0)
+
+
+def test_a_block_in_flight_is_not_restored_until_it_lands():
+    d = directory(8)
+    d.demote("a", [("k0", 0)])
+    placed = d.admit("a", ["k1", "k2"])
+    d.hold([slot for _, slot in placed])
+    chain = ["k0", "k1", "k2", "k3"]
+    assert d.match(chain, 0, 4) == [d.slot_of["k0"]]  # the run ends before the block whose bytes are not there yet
+    assert d.fetching(chain, 0, 4) and d.fetching(chain, 1, 1) and not d.fetching(chain, 0, 1)
+    d.landed(placed[0][1], "k1", ok=True)
+    assert d.match(chain, 0, 4) == [d.slot_of["k0"], placed[0][1]] and d.fetching(chain, 0, 4)
+    d.landed(placed[1][1], "k2", ok=False)  # failed its checks on some worker: forgotten, recomputed
+    assert "k2" not in d.slot_of and not d.fetching(chain, 0, 4)
+    assert d.match(chain, 0, 4) == [d.slot_of["k0"], placed[0][1]]
+
+
+@pytest.mark.parametrize("end", ["evicted", "session ended", "cache reset"])
+def test_a_slot_in_flight_goes_to_no_other_key_until_its_fetch_landed(end):
+    d = directory(2)
+    (_, slot), = d.admit("a", ["k1"])
+    d.hold([slot])
+    d.unlock_all()
+    if end == "evicted":
+        d.demote("b", [("b0", 0), ("b1", 1)])  # pressure: "a" is the only victim
+    elif end == "session ended":
+        d.drop_owner("a")
+    else:
+        d.clear()
+    d.unlock_all()
+    stores = d.demote("c", [("c0", 0), ("c1", 1)])  # pressure again
+    assert slot not in {st.slot for st in stores} and len(stores) == 1
+    assert all(s != slot for k, s in d.slot_of.items() if k != "k1")  # nobody else was given the slot
+    d.landed(slot, "k1", ok=True)
+    d.unlock_all()
+    for owner in ("a", "b", "c"):
+        d.drop_owner(owner)
+    d.unlock_all()
+    assert sorted(d._free) == [0, 1] and not d.inflight  # and the slot is back
+
+
+def test_a_failed_fetch_never_drops_the_same_key_fetched_again_elsewhere():
+    d = directory(4)
+    (_, first), = d.admit("a", ["k1"])
+    d.hold([first])
+    d.drop_owner("a")  # the session ended; the key comes back with another session, into another slot
+    (_, second), = d.admit("b", ["k1"])
+    d.hold([second])
+    assert second != first
+    d.landed(first, "k1", ok=False)  # the old fetch failed: not the new one's business
+    assert d.slot_of["k1"] == second
+
+
+def _land(d: TierDirectory, rng: random.Random, content: dict[int, object], inflight: dict[int, object]) -> None:
+    """The workers report some of the fetches in flight (a fetch writes its slot until it reports)."""
+    for slot in [s for s in inflight if rng.random() < 0.4]:
+        key = inflight.pop(slot)
+        ok = rng.random() < 0.8
+        content[slot] = key if ok else GARBAGE
+        d.landed(slot, key, ok)
+
+
+def _step(d: TierDirectory, rng: random.Random, content: dict[int, object], inflight: dict[int, object]) -> str | None:
+    """One step of random operations: the worker's writes in plan order (stores, a fetch's slot invalidated as it
+    starts), then the step's loads; the first wrong load, if any."""
+    writes: list[tuple[int, object]] = []
+    loads: list[tuple[int, object]] = []
+    for _ in range(rng.randint(1, 8)):
+        op, owner = rng.choice(OPS), rng.choice(SESSIONS)
+        if op == "demote":
+            keys = list(dict.fromkeys(f"k{rng.randrange(6) + i}" for i in range(rng.randint(1, 4))))
+            writes += [(st.slot, keys[st.block_id - 100]) for st in
+                       d.demote(owner, [(k, 100 + i) for i, k in enumerate(keys)])]
+        elif op == "fetch":
+            start = rng.randrange(6)
+            placed = d.admit(owner, [f"k{start + i}" for i in range(rng.randint(1, 3))])
+            d.hold([slot for _, slot in placed])
+            for key, slot in placed:
+                assert slot not in inflight, f"slot {slot} given to {key} while a fetch of {inflight[slot]} fills it"
+                inflight[slot] = key
+                writes.append((slot, PENDING))
+        elif op == "tail":
+            parent, tokens = f"k{rng.randrange(6)}", (rng.randrange(2),)
+            st = d.put_tail(owner, parent, tokens, 0)
+            if st is not None:
+                writes.append((st.slot, TailKey(parent, tokens)))
+        elif op == "match":
+            keys, start = [f"k{i}" for i in range(10)], rng.randrange(6)
+            slots = d.match(keys, start, rng.randint(1, 4))
+            d.lock(slots)
+            loads += [(slot, keys[start + i]) for i, slot in enumerate(slots)]
+        elif op == "drop":
+            d.drop_owner(owner)
+        elif op == "forget":
+            d.forget([f"k{rng.randrange(8)}"])
+        elif rng.random() < 0.2:
+            d.clear()
+    for slot, key in writes:
+        content[slot] = key
+    for slot, key in loads:
+        if content.get(slot) != key:
+            return f"a load of {key} from slot {slot} read {content.get(slot)}"
+    return None
+
+
+def _consistent(d: TierDirectory, content: dict[int, object], inflight: dict[int, object]) -> str | None:
+    if d.inflight != set(inflight):
+        return f"the directory holds {sorted(d.inflight)} in flight, the workers {sorted(inflight)}"
+    for key, slot in d.slot_of.items():
+        if slot not in inflight and content.get(slot) != key:
+            return f"{key} maps to slot {slot}, which holds {content.get(slot)}"
+    free, held, used = set(d._free), set(d._held), set(d.slot_of.values())
+    if len(free) != len(d._free) or free & (used | held | set(inflight)):
+        return "a slot is free twice, or free and held, or free while a fetch writes it"
+    if len(free) + len(used) + len(held) != d.num_slots:
+        return f"{d.num_slots - len(free) - len(used) - len(held)} slots are lost"
+    return None
+
+
+def test_no_load_reads_another_keys_bytes_and_no_slot_leaks_with_fetches_landing_late():
+    for seed in range(1500):
+        rng = random.Random(seed)
+        d = directory(rng.randint(1, 6))
+        content: dict[int, object] = {}
+        inflight: dict[int, object] = {}
+        for step in range(rng.randint(1, 12)):
+            _land(d, rng, content, inflight)  # reported with the previous step's output, before this step
+            wrong = _step(d, rng, content, inflight)
+            assert wrong is None, f"seed {seed}, step {step}: {wrong}"
+            d.unlock_all()
+            broken = _consistent(d, content, inflight)
+            assert broken is None, f"seed {seed}, after step {step}: {broken}"
+        while inflight:
+            _land(d, rng, content, inflight)
+        for owner in SESSIONS:
+            d.drop_owner(owner)
+        d.unlock_all()
+        assert sorted(d._free) == list(range(d.num_slots)), f"seed {seed}: slots leaked"
