@@ -90,6 +90,11 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         o = plan(orchestrator, orchestrators, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
         out["orchestrator"] = {"model": asdict(orchestrator), "plan": o.as_dict()}
     base = plan(shape, pool, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
+    if not base.fits:  # found by review: an empty table, then "GPU wins per interaction" for a GPU that cannot serve it
+        raise PlanError(f"no catalogue GPU fits this workload at any tensor-parallel degree: one session's KV is "
+                        f"{base.kv_per_session_bytes / 2**30:,.2f} GiB at p95 (with the weights, "
+                        f"{base.total_bytes / 2**30:,.2f} GiB in all); shorten --context, lower --sessions or raise "
+                        f"--ceiling")
     g = by_name[args.cost_gpu]
     out.update({
         "workload": {**asdict(workload), "topology": workload.topology.value, "kv_slots": workload.kv_slots,

@@ -27,9 +27,13 @@ DEFAULT_PRESET = "llama-3.1-8b"
 # The replay keeps a Python free list of the tier's slots: 2**26 (64 GiB of list) is 20x the fleet trace's working set,
 # and a tier past a trace's working set changes nothing.
 MAX_TIER_BLOCKS = 2**26
+MAX_REPLICAS = 4096  # engines in one replay: each replays its share alone (the Ray router's rings are far smaller)
+MAX_PROMPT_TOKENS = 2**24  # compaction's token counts: far past any context (a summary's ids are built one by one)
 # --kv-gib and --fp8-tier-gib are checked where they are used
 LIMITS = {"workflows": count(1, 10**6), "capacity_blocks": count(1, MAX_COUNT),
-          "pressure": number(0, 1e9, low_open=True), "replicas": count(1, 10**5),
+          "pressure": number(0, 1e9, low_open=True), "replicas": count(1, MAX_REPLICAS),
+          "compaction_trigger_tokens": count(1, MAX_PROMPT_TOKENS), "compaction_summary_tokens": count(1, MAX_PROMPT_TOKENS),
+          "compaction_keep_recent": count(0, 10**6), "system_tokens": count(0, MAX_PROMPT_TOKENS),
           "fp8_tier_blocks": count(0, MAX_TIER_BLOCKS), "host_gib_per_gpu": number(0, MAX_GIB),
           "gpu_kv_gib": number(1e-3, MAX_GIB), "h2d_gbps": number(1e-9, 1e9), "prefill_tok_s": number(1e-6, 1e15)}
 
@@ -177,6 +181,10 @@ def compaction_config(args: argparse.Namespace) -> Any:
         return None
     from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy
 
+    if args.compaction_summary_tokens >= args.compaction_trigger_tokens:  # as `kvsched plan` refuses it
+        raise ValueError(f"--compaction-summary-tokens ({args.compaction_summary_tokens}) must be smaller than "
+                         f"--compaction-trigger-tokens ({args.compaction_trigger_tokens}): a summary that large "
+                         "makes prompts longer, not shorter")
     try:
         return CompactionConfig(strategy=Strategy(args.compaction), trigger_tokens=args.compaction_trigger_tokens,
                                 summary_target_tokens=args.compaction_summary_tokens,
@@ -259,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
     from kvsched.bench.plots import PlotUnavailable
     from kvsched.core.config import RetentionConfig
     from kvsched.core.planner import PlanError
+    from kvsched.core.settings_check import near_miss_warnings, setting_names
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     try:
@@ -269,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
         if args.out is not None and args.out.is_dir():  # before the replay, not after it
             raise ValueError(f"--out {args.out} is a directory; give a file path")
         retention = RetentionConfig.from_env()  # the engine's parser: the same KVSCHED_* variables, same checks
+        for warning in near_miss_warnings(setting_names()):  # a misspelt setting would otherwise change nothing
+            print(f"kvsched simulate: warning: {warning}", file=sys.stderr)
         trace = load_trace(args)
         bpt, block_bytes = engine_bytes(args, trace)
         if args.replicas < 1:

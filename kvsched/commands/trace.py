@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
 import sys
 import urllib.request
 from pathlib import Path
@@ -87,13 +88,17 @@ def fetch_file(url: str, dest: Path, size: int, sha256: str) -> None:
     if dest.exists() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha256:
         return
     tmp = dest.with_suffix(dest.suffix + ".part")
-    with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as f:  # noqa: S310 - fixed https/file URL
-        f.write(resp.read(size + 1))
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    if digest != sha256:
-        tmp.unlink()
-        raise ValueError(f"{url}: SHA-256 {digest}, expected {sha256} (the file changed upstream?)")
-    tmp.replace(dest)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as f:  # noqa: S310 - fixed https/file
+            f.write(resp.read(size + 1))
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise ValueError(f"{url}: SHA-256 {digest}, expected {sha256} (the file changed upstream?)")
+        tmp.replace(dest)
+    except http.client.HTTPException as exc:  # a malformed URL or reply (found by review: a traceback)
+        raise ValueError(f"{url}: {type(exc).__name__}: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed download leaves no partial file
 
 
 def run_fetch(args: argparse.Namespace) -> int:

@@ -51,3 +51,17 @@ def unknown_setting_warnings(known: Iterable[str], environ: Mapping[str, str] | 
         hint = f"; did you mean {close[0]}?" if close else ""
         out.append(f"{var} is not a kvsched setting and is ignored{hint}")
     return out
+
+
+def near_miss_warnings(known: Iterable[str], environ: Mapping[str, str] | None = None,
+                       cutoff: float = 0.85) -> list[str]:
+    """Like `unknown_setting_warnings`, for a tool that reads only some of kvsched's settings (the simulator reads the
+    policy's, not the engine's): only the variables that look like a misspelling of one it reads."""
+    env = os.environ if environ is None else environ
+    names = sorted(set(known))
+    out = []
+    for var in sorted(v for v in env if v.startswith(PREFIX) and v not in names):
+        close = difflib.get_close_matches(var, names, n=1, cutoff=cutoff)
+        if close:
+            out.append(f"{var} is not a kvsched setting and is ignored; did you mean {close[0]}?")
+    return out

@@ -91,8 +91,9 @@ def compact_trace(trace: Trace, config: CompactionConfig, system_tokens: int | N
         if plan.replaced > 0:
             served_prompt = plan.tokens
             n = (served_prompt + output) // bs if with_output else served_prompt // bs
-            ids: list[Hashable] = [*original[:sys_blocks],
-                                   *(("compacted", sid, salt, plan.replaced, k) for k in range(sys_blocks, n))]
+            head = min(sys_blocks, n)  # a system prompt longer than this prompt (--system-tokens): its blocks only
+            ids: list[Hashable] = [*original[:head],
+                                   *(("compacted", sid, salt, plan.replaced, k) for k in range(head, n))]
             stats.rewritten_requests += 1
         else:
             served_prompt, ids = prompt, list(original)

@@ -22,12 +22,13 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from kvsched.sim.trace import TraceRequest, TraceWriter
-from kvsched.sim.trace_fields import number_field
+from kvsched.sim.trace_fields import bounded_lines, number_field
 
 BLOCK_SIZE = 512  # tokens per hash id (Mooncake FAST'25 README)
+MAX_OUTPUT_TOKENS = 2**24  # one request's output: far past any model's context (the published traces: < 2**12)
 DEFAULT_MIN_SHARED = 0.75
 
 
@@ -45,7 +46,9 @@ def parse(lines: Iterable[str], source: str = "<mooncake>") -> Iterator[Mooncake
     or putting one at another position than an earlier line did, is refused rather than written to a trace that
     `Trace.load` then rejects."""
     position: dict[int, int] = {}  # hash id -> its block index, over the whole file
-    for lineno, line in enumerate(lines, start=1):
+    # a file is read in bounded lines (one with no line ends must not take all memory); a list as it is
+    numbered = bounded_lines(cast(TextIO, lines), source) if hasattr(lines, "readline") else enumerate(lines, start=1)
+    for lineno, line in numbered:
         if not line.strip():
             continue
         try:
@@ -69,6 +72,8 @@ def _request(d: Any) -> MooncakeRequest:
         raise ValueError("hash_ids must be a list of integers")
     if n <= 0:
         raise ValueError("input_length must be > 0")
+    if m > MAX_OUTPUT_TOKENS:  # its blocks get ids one by one: 2**40 tokens took all memory (found by review)
+        raise ValueError(f"output_length must be at most {MAX_OUTPUT_TOKENS}, got {m}")
     if len(ids) != -(-n // BLOCK_SIZE):
         raise ValueError(f"{len(ids)} hash_ids for input_length {n}: expected one per {BLOCK_SIZE}-token "
                          f"block ({-(-n // BLOCK_SIZE)})")
@@ -131,6 +136,8 @@ def convert(src: TextIO, dst: TextIO, source: str = "<mooncake>", min_shared: fl
             limit: int | None = None) -> dict[str, Any]:
     """Read a Mooncake trace from `src`, write it to `dst` in the kvsched schema; returns the header's `meta`."""
     reqs = list(parse(src, source))
+    if not reqs:
+        raise ValueError(f"{source}: no requests (an empty file, or blank lines only)")
     reqs.sort(key=lambda r: r.t_ms)  # stable: the file's order within a millisecond
     if limit is not None:
         reqs = reqs[:limit]
@@ -155,8 +162,12 @@ def convert_file(src: Path, dst: Path, min_shared: float = DEFAULT_MIN_SHARED, l
                  ) -> dict[str, Any]:
     """Convert `src` into `dst` through a temporary file beside it, so a failed import leaves `dst` as it was; `dst`
     naming `src` itself is refused."""
+    dst = dst.resolve() if dst.is_symlink() else dst  # written through a link: its target gets the trace
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise ValueError(f"{dst}: the output would overwrite the input trace; give another OUT path")
+    if dst.exists() and not dst.is_file():  # the rename below would replace a device, FIFO or directory entry
+        raise ValueError(f"{dst}: not a regular file; give a file path for OUT (found by review: /dev/null was "
+                         "replaced by a file)")
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
     try:
         with open(src) as f_in, open(tmp, "w") as f_out:

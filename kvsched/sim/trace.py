@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, TextIO, TypeGuard
 
 import numpy as np
 
-from kvsched.sim.trace_fields import MAX_COUNT, flag_field, number_field, text_field
+from kvsched.sim.trace_fields import MAX_COUNT, bounded_lines, flag_field, number_field, text_field
 
 FORMAT_VERSION = 1
 CAPACITY_META = "capacity_blocks"  # header meta of an engine's recording: its KV pool, in the trace's blocks
@@ -158,6 +159,17 @@ def read_header(first: str, path: Path) -> dict[str, Any]:
         header["meta"] = {}
     if not isinstance(header["meta"], dict):
         raise ValueError(f"{path}:1: meta must be a JSON object, got {header['meta']!r:.80}")
+    meta = header["meta"]
+    # what a recording's replay sizes its pool and byte figures by: a bool, a negative, NaN or inf there was a pool
+    # of one block or a traceback (found by review)
+    if meta.get(CAPACITY_META) is not None and not (type(meta[CAPACITY_META]) is int
+                                                    and 1 <= meta[CAPACITY_META] <= MAX_COUNT):
+        raise ValueError(f"{path}:1: meta.{CAPACITY_META} must be an integer in 1..{MAX_COUNT}, "
+                         f"got {meta[CAPACITY_META]!r:.80}")
+    for name in (BYTES_META, TIER_BLOCK_META):
+        v = meta.get(name)
+        if v is not None and not (type(v) in (int, float) and math.isfinite(v) and 1 <= round(v) <= MAX_COUNT):
+            raise ValueError(f"{path}:1: meta.{name} must be a finite number of bytes >= 1, got {v!r:.80}")
     return header
 
 
@@ -165,15 +177,17 @@ def read_jsonl(path: Path) -> tuple[dict[str, Any], Iterator[TraceRequest]]:
     """(header, requests) of a trace file; requests are read lazily, a malformed one raises ValueError naming
     `path:line` and the field."""
     f = open(path)  # noqa: SIM115 - closed by the generator below
+    lines = bounded_lines(f, str(path))
     try:
-        header = read_header(f.readline(), path)
+        first = next(lines, (1, ""))[1]
+        header = read_header(first, path)
     except (ValueError, OSError):
         f.close()
         raise
 
     def requests() -> Iterator[TraceRequest]:
         with f:
-            for lineno, line in enumerate(f, start=2):
+            for lineno, line in lines:
                 if line.strip():
                     try:
                         yield TraceRequest.from_json(json.loads(line))
@@ -238,7 +252,7 @@ class Trace:
     def recorded_capacity_blocks(self) -> int | None:
         """The pool of the engine that recorded this trace (`KVSCHED_RECORD_TRACE`), if its header says one."""
         value = self.meta.get(CAPACITY_META)
-        return value if isinstance(value, int) and value > 0 else None
+        return value if type(value) is int and value > 0 else None
 
     @property
     def recorded_bytes(self) -> tuple[int, int] | None:

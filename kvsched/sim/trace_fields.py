@@ -5,10 +5,24 @@ an absurd value is a ValueError naming the field, never coerced."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 MAX_COUNT = 2**40  # tokens or blocks in one request or block: far past any context, exact in int64 and float64
+MAX_LINE_CHARS = 64 * 2**20  # one request's line: ~1,000x the longest real one (a 1M-token prompt's ids: ~20 KB)
 _REQUIRED: Any = object()
+
+
+def bounded_lines(f: TextIO, source: str, start: int = 1) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text stream, each at most MAX_LINE_CHARS: a file with no line ends (/dev/zero, a
+    binary file, one huge JSON document) is a ValueError naming it, not a read that takes all memory (found by review)."""
+    lineno = start
+    while line := f.readline(MAX_LINE_CHARS):
+        if len(line) >= MAX_LINE_CHARS and not line.endswith("\n"):
+            raise ValueError(f"{source}:{lineno}: a line longer than {MAX_LINE_CHARS:,} characters: not a trace "
+                             "of one JSON object per line")
+        yield lineno, line
+        lineno += 1
 
 
 def number_field(d: dict[str, Any], name: str, default: Any = _REQUIRED, integer: bool = False) -> Any:

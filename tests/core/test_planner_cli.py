@@ -97,3 +97,12 @@ def test_orchestrator_in_its_own_pool(capsys):
     assert out["fleet_total_bytes"] == orch["total_bytes"] + workers["total_bytes"]
     assert main([*DONE_WHEN, "--orchestrator-preset", "llama-3.1-70b"]) == 2  # flat: no separate pool
     assert "hierarchical" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--context", "1073741824"], ["--ceiling", "1e-300"]])
+def test_a_workload_no_gpu_can_hold_is_an_error_not_a_cost_verdict(capsys, argv):
+    """Found by review: an empty GPU table, exit 0, and "GPU wins per interaction" priced on a GPU that cannot serve
+    one replica."""
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched plan: error: no catalogue GPU fits") and "Traceback" not in err

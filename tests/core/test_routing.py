@@ -350,3 +350,17 @@ def test_a_slot_that_failed_a_request_is_avoided_for_it_and_the_session_returns_
     assert (back.slot, back.reason) == (first.slot, RouteReason.RETURN)
     with pytest.raises(NoLiveReplicas):
         r.route(sid, {}, unavailable=TWO)
+
+
+def test_a_ring_built_at_once_is_the_ring_built_slot_by_slot():
+    """The constructor sorts all points once (adding 100,000 slots one by one was quadratic: found by review); the
+    ring must be the same, points, owners and every key's owner, as `add` builds it."""
+    from kvsched.core.routing_ring import HashRing
+
+    names = [f"slot-{i}" for i in range(50)]
+    built = HashRing(names, virtual_nodes=20)
+    grown = HashRing(virtual_nodes=20)
+    for n in reversed(names):
+        grown.add(n)
+    assert built._points == grown._points and built._owners == grown._owners
+    assert all(built.owner(f"s{k}") == grown.owner(f"s{k}") for k in range(500))

@@ -125,3 +125,41 @@ def test_fetch_checks_the_digest(tmp_path):
     with pytest.raises(ValueError, match="SHA-256"):
         fetch_file(src.as_uri(), tmp_path / "other.jsonl", src.stat().st_size, "0" * 64)
     assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_import_never_replaces_a_device_fifo_or_link_with_its_output(tmp_path, capsys):
+    """Found by review: OUT=/dev/null (as root) was replaced by a regular file; a FIFO too, and a link was replaced
+    instead of written through."""
+    import os
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(CHAT) + "\n")
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    assert main(["trace", "import", "--format", "mooncake", str(src), str(fifo)]) == 2
+    assert "not a regular file" in capsys.readouterr().err and fifo.is_fifo()
+    target = tmp_path / "target.jsonl"
+    target.write_text("old")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    assert main(["trace", "import", "--format", "mooncake", str(src), str(link)]) == 0
+    assert link.is_symlink() and Trace.load(target).block_size == BLOCK_SIZE  # written through the link
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "no requests"), ("\n\n", "no requests"),
+    (line(0, 600, 2**40, [0, 1]) + "\n", "output_length must be at most"),  # its output ids took all memory
+])
+def test_import_refuses_an_empty_file_and_an_absurd_output(tmp_path, capsys, text, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text(text)
+    assert main(["trace", "import", "--format", "mooncake", str(src), str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "o.jsonl").exists()
+
+
+def test_fetch_with_a_malformed_url_is_an_error_and_leaves_no_partial_file(tmp_path, capsys):
+    assert main(["trace", "fetch", "mooncake", "--dir", str(tmp_path), "--base-url", "http://localhost:abc/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched trace fetch: error: ") and "Traceback" not in err
+    assert not list(tmp_path.glob("*.part"))

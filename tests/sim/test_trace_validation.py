@@ -30,6 +30,13 @@ OK = '{"t": 0, "session": "a", "prompt_tokens": 32, "output_tokens": 4, "blocks"
     (HEADER + OK.replace('"y"]', '"y"], "duration_s": Infinity'), ":2", "duration_s"),
     (HEADER + OK.replace('"y"]', '"y"], "role": ["x"]'), ":2", "role"),
     (HEADER + OK.replace('"y"]', '"y"], "end": "no"'), ":2", "end"),
+    # a recording's header sizes the replay: a bool was a pool of one block, inf or a fraction a traceback (review)
+    ('{"kvsched_trace": 1, "block_size": 16, "meta": {"capacity_blocks": true}}\n' + OK, ":1", "capacity_blocks"),
+    ('{"kvsched_trace": 1, "block_size": 16, "meta": {"capacity_blocks": -4}}\n' + OK, ":1", "capacity_blocks"),
+    ('{"kvsched_trace": 1, "block_size": 16, "meta": {"kv_bytes_per_token": Infinity}}\n' + OK, ":1",
+     "kv_bytes_per_token"),
+    ('{"kvsched_trace": 1, "block_size": 16, "meta": {"kv_bytes_per_token": 0.1, "fp8_tier_block_bytes": 0.5}}\n'
+     + OK, ":1", "kv_bytes_per_token"),
 ])
 def test_a_malformed_trace_is_an_error_naming_its_line_and_field(tmp_path, capsys, text, where, field):
     path = tmp_path / "t.jsonl"
@@ -103,3 +110,50 @@ def test_simulate_refuses_negative_workflows_and_a_directory_as_out(tmp_path, ca
     assert "is a directory" in capsys.readouterr().err
     assert main(["simulate", str(path), "--no-progress", "--out", str(path / "x.json")]) == 2  # not a directory
     assert "kvsched simulate: error:" in capsys.readouterr().err
+
+
+def test_a_file_without_line_ends_is_an_error_not_all_memory(tmp_path, capsys, monkeypatch):
+    """/dev/zero, a binary file or one huge JSON document: read in bounded lines (found by review: MemoryError)."""
+    from kvsched.sim import trace_fields
+
+    monkeypatch.setattr(trace_fields, "MAX_LINE_CHARS", 1000)
+    blob = tmp_path / "blob.jsonl"
+    blob.write_text("x" * 5000)
+    assert main(["simulate", str(blob), "--no-progress"]) == 2
+    assert "a line longer than" in capsys.readouterr().err
+    long_request = tmp_path / "long.jsonl"
+    long_request.write_text(HEADER + OK.replace('"a"', '"' + "a" * 2000 + '"'))
+    assert main(["simulate", str(long_request), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{long_request}:2: a line longer than" in err and "Traceback" not in err
+    assert main(["trace", "import", "--format", "mooncake", str(blob), str(tmp_path / "o.jsonl")]) == 2
+    assert "a line longer than" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["--compaction", "summarize", "--compaction-summary-tokens", "10000000"], "--compaction-summary-tokens"),
+    (["--compaction", "summarize", "--compaction-summary-tokens", "6000"], "smaller than"),
+    (["--compaction", "summarize", "--system-tokens", "100000000"], "--system-tokens"),
+    (["--replicas", "100000"], "--replicas"),
+])
+def test_simulate_refuses_compaction_and_replica_counts_past_their_limits(capsys, argv, named):
+    """Found by review: a 10M-token summary took all memory, 100,000 replicas never finished building their ring."""
+    assert main(["simulate", "--generate", "--quick", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched simulate: error: ") and named in err and "Traceback" not in err
+
+
+def test_a_system_prompt_longer_than_a_prompt_is_not_blamed_on_the_trace(capsys):
+    assert main(["simulate", "--generate", "--quick", "--no-progress", "--compaction", "summarize",
+                 "--system-tokens", "100000", "--policies", "lru"]) == 0
+
+
+def test_simulate_warns_of_a_misspelt_setting(capsys, monkeypatch, tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(HEADER + OK)
+    monkeypatch.setenv("KVSCHED_DEFALT_TTL_S", "600")
+    monkeypatch.setenv("KVSCHED_TRACE", "/tmp/x")  # the engine's, not the simulator's: not a misspelling
+    assert main(["simulate", str(path), "--no-progress", "--policies", "lru"]) == 0
+    err = capsys.readouterr().err
+    assert "KVSCHED_DEFALT_TTL_S is not a kvsched setting and is ignored; did you mean KVSCHED_DEFAULT_TTL_S?" in err
+    assert "KVSCHED_TRACE " not in err
