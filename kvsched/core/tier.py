@@ -335,8 +335,11 @@ class TierDirectory:
         nothing and the next one is tried without scanning again). False if no session may lose blocks."""
         mine = self._rank_of_writer(exclude)
         sample = itertools.islice(self.keys_of.items(), self.EVICTION_SAMPLE)  # the longest-standing owners first
+        # Not a session being fetched: its request waits for those blocks, and an in-flight key frees no slot before
+        # it lands (found by review: a demotion evicted a whole in-flight restore, one key at a time, for nothing).
         victims = sorted((value, i, owner) for i, (owner, keys) in enumerate(sample)
-                         if owner != exclude and keys and (value := self._rank(owner, i)) < mine)
+                         if owner != exclude and keys and (value := self._rank(owner, i)) < mine
+                         and not self._fetching_any(keys))
         for _, _, victim in victims:
             keys = self.keys_of[victim]
             while keys and want > 0:
@@ -360,6 +363,9 @@ class TierDirectory:
             if want <= 0:
                 break
         return bool(victims)
+
+    def _fetching_any(self, keys: Sequence[Key]) -> bool:
+        return bool(self._inflight) and any(self.slot_of.get(k) in self._inflight for k in keys)
 
     def _free_key(self, key: Key) -> None:
         slot = self.slot_of.pop(key)

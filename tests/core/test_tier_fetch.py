@@ -156,3 +156,30 @@ def test_no_load_reads_another_keys_bytes_and_no_slot_leaks_with_fetches_landing
             d.drop_owner(owner)
         d.unlock_all()
         assert sorted(d._free) == list(range(d.num_slots)), f"seed {seed}: slots leaked"
+
+
+def test_a_demotion_never_evicts_a_restore_in_flight_for_no_slot():
+    """Found by review: evicting an in-flight key frees no slot before it lands, yet counted as one: a demotion that
+    needed 2 slots evicted all 9 in-flight keys of a moved session (its waiting request then recomputed them)."""
+    from kvsched.core.tier import TierConfig, TierDirectory
+
+    d = TierDirectory(TierConfig(budget_bytes=10 * 10), 10, value_of=lambda o: 0.0)
+    d.demote("b", [("b0", 0)])
+    placed = d.admit("a", [f"a{i}" for i in range(9)])
+    d.hold([s for _, s in placed])
+    d.unlock_all()
+    stores = d.demote("c", [("c0", 0), ("c1", 1)])  # 2 wanted; only b0's slot can be had
+    assert len(stores) == 1
+    assert sum(1 for k in d.slot_of if str(k).startswith("a")) == 9
+
+
+def test_in_recency_order_a_demotion_leaves_a_whole_restore_in_flight_alone():
+    from kvsched.core.tier import TierConfig, TierDirectory
+
+    d = TierDirectory(TierConfig(budget_bytes=100 * 10), 10, value_of=lambda o: 0.0)
+    d.demote("old", [(f"o{i}", i) for i in range(10)])
+    placed = d.admit("moved", [f"m{i}" for i in range(90)])
+    d.hold([s for _, s in placed])
+    d.unlock_all()
+    d.demote("c", [(f"c{i}", i) for i in range(11)])  # 11 wanted, 10 to be had
+    assert sum(1 for k in d.slot_of if str(k).startswith("m")) == 90

@@ -11,10 +11,10 @@ Each step's stores and loads travel to the workers in the connector metadata.
 
 Worker side: a `TierStore` (fp8_tier_store) over each layer's views (tier_layout). Stores and prefetches run in
 `handle_preemptions`, before anything of the step runs (a released block is copied before a new request can overwrite
-it); restores in `start_load_kv`, before the forward pass; on a GPU on their own stream, each layer's attention waiting
-for its own layer only. A slot failing its checksum goes to `get_block_ids_with_load_errors`: vLLM recomputes it
-(`kv_load_failure_policy: recompute`, required). If the tier cannot hold this engine's cache (TierUnsupported: e.g.
-hybrid or MLA-bf16 models), it says why once in the log and the engine serves as without it.
+it); restores in `start_load_kv`; on a GPU on their own stream, all complete before the forward (tier_link). A slot
+failing its checksum goes to `get_block_ids_with_load_errors`: vLLM recomputes it (`kv_load_failure_policy:
+recompute`, required). If the tier cannot hold this engine's cache (TierUnsupported: e.g. hybrid or MLA-bf16 models),
+it says why once in the log and the engine serves as without it.
 """
 
 from __future__ import annotations
@@ -163,6 +163,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             self.directory.on_evict = None
         if self.levels is not None:
             logger.warning("kvsched FP8 tier: prefix cache reset: disk/shared levels off until the engine restarts")
+            # fetches planned since the last step were never sent, so never reported (found by review: held for good)
+            self.fetches.cancel(self.levels.take_ops().fetches)
             self.levels, self.levels_final = None, tier_stats.levels_off(self.levels.stats())
         return True
 

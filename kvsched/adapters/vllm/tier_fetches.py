@@ -75,6 +75,16 @@ class FetchBook:
                 self.directory.landed(slot, key, f.ok)
                 self.counters["fetches_landed" if f.ok else "fetches_failed"] += 1
 
+    def cancel(self, fetches: Sequence[Any]) -> None:
+        """`fetches` were planned but will never reach a worker (the levels went off before the step was built):
+        over, unfilled, now."""
+        for f in fetches:
+            entry = self.slots.get(f.slot)
+            if entry is not None and entry.key == f.key:
+                del self.slots[f.slot]
+                self.directory.landed(f.slot, f.key, False)
+                self.counters["fetches_cancelled"] += 1
+
     def must_wait(self, request_id: str, key: Any) -> bool:
         """Should the request whose next prefix block is `key` wait for it (being fetched, before the deadline)?"""
         slot = self.directory.slot_of.get(key)

@@ -143,7 +143,21 @@ class TierLevelsWorker:
                 blobs = got if len(got) == len(chunk) else blobs
         except Exception:  # noqa: BLE001 - never a failed step for a cache: each block is a miss, recomputed
             logger.exception("kvsched %s tier: reading %d blocks failed", source, len(chunk))
-        return [(f, self._fill(f.key, f.slot, blob, source, n)) for f, blob in zip(chunk, blobs, strict=True)]
+        return [(f, self._fill_safely(f, blob, source, n)) for f, blob in zip(chunk, blobs, strict=True)]
+
+    def _fill_safely(self, f: Fetch, blob: bytes | None, source: str, payload_len: int) -> bool:
+        """Every fetch of a chunk is reported, filled or not: an exception here (a host chunk that cannot be
+        allocated, say) left the whole chunk unreported, its slots held for good and its request waiting to its
+        deadline (found by review)."""
+        try:
+            return self._fill(f.key, f.slot, blob, source, payload_len)
+        except Exception:  # noqa: BLE001 - the slot fails its checksum: recomputed, never served
+            logger.exception("kvsched %s tier: filling a fetched block failed", source)
+            try:
+                self.tier.invalidate([f.slot])
+            except Exception:  # noqa: BLE001 - reported unfilled either way
+                pass
+            return False
 
     def _fill(self, key: bytes, slot: int, blob: bytes | None, source: str, payload_len: int) -> bool:
         try:

@@ -242,3 +242,52 @@ def test_fetches_a_worker_cannot_run_land_at_once_unfilled(harness_cfg, clock, t
         if hit is not None:
             break
     assert hit == 0 and not e.book.slots and not e.directory.inflight and keys[0] not in e.directory.slot_of
+
+
+def test_a_reset_between_a_requests_arrival_and_the_next_step_leaves_no_slot_held(harness_cfg, clock, tmp_path):
+    """Found by review: the arrival plans its fetches (slots held), a prefix-cache reset (an engine utility call,
+    handled before the next step) turns the levels off, and the planned fetches were never sent, so never reported:
+    their slots stayed held for good."""
+    e, f = Engine(harness_cfg, clock, tmp_path), RequestFactory(BLOCK)
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    e.publish(keys[:10])
+    e.store.gate.set()
+    e.s.add_request(ra)
+    assert len(e.book.slots) == 10
+    assert e.s.reset_prefix_cache() is True
+    while e.s.has_requests():
+        e.step()
+    e.w.fetcher.flush(BOUND_S)
+    e.step()
+    d = e.directory
+    assert not e.book.slots and not d.inflight
+    assert len(d._free) + d.used_slots == d.num_slots
+
+
+def test_a_fill_that_raises_on_the_fetch_thread_is_reported_and_the_request_goes_on(harness_cfg, clock, tmp_path):
+    """Found by review: anything the slot's fill raised (a host chunk that cannot be allocated) lost the whole chunk's
+    reports: the request waited to its deadline and the chunk's slots stayed held after the session ended."""
+    e, f = Engine(harness_cfg, clock, tmp_path), RequestFactory(BLOCK)
+    calls = {"n": 0}
+    real_fill = e.w.tier.fill
+
+    def fill(slot, payload):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("pinned host chunk: out of memory")
+        return real_fill(slot, payload)
+
+    e.w.tier.fill = fill
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    e.publish(keys[:10])
+    e.store.gate.set()
+    e.s.add_request(ra)
+    assert ra.request_id not in scheduled(e.step())
+    assert e.w.fetcher.flush(BOUND_S)
+    assert any(ra.request_id in scheduled(e.step()) for _ in range(5))  # no deadline needed (the clock stands still)
+    while e.s.has_requests():
+        e.step()
+    e.s.kvsched.handle("end", "moved")
+    for _ in range(3):
+        e.step()
+    assert not e.book.slots and len(e.directory._free) == e.directory.num_slots
