@@ -369,9 +369,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self._worker_meta.loaded_blocks += len(loads) - len(failed)
         self._worker_meta.failed_blocks += len(failed)
 
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        if self.store is not None:  # nothing left by `start_load_kv`'s fence; kept for loads issued later in a step
-            self.store.fence_layer(layer_name)
+    def wait_for_layer_load(self, layer_name: str) -> None:  # `start_load_kv` fenced every load: nothing left here
+        pass
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
         pass  # stores run in handle_preemptions
