@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from kvsched.core.tier import TailKey, TierConfig, TierDirectory
+from kvsched.core.tier import TierConfig, TierDirectory
+from tests.core.test_tier_steps import run_step, tail_or_match
 
 SESSIONS = [f"s{i}" for i in range(5)]
 OPS = ("demote", "demote", "fetch", "fetch", "tail", "match", "drop", "forget", "clear")
@@ -99,28 +100,15 @@ def _step(d: TierDirectory, rng: random.Random, content: dict[int, object], infl
                 assert slot not in inflight, f"slot {slot} given to {key} while a fetch of {inflight[slot]} fills it"
                 inflight[slot] = key
                 writes.append((slot, PENDING))
-        elif op == "tail":
-            parent, tokens = f"k{rng.randrange(6)}", (rng.randrange(2),)
-            st = d.put_tail(owner, parent, tokens, 0)
-            if st is not None:
-                writes.append((st.slot, TailKey(parent, tokens)))
-        elif op == "match":
-            keys, start = [f"k{i}" for i in range(10)], rng.randrange(6)
-            slots = d.match(keys, start, rng.randint(1, 4))
-            d.lock(slots)
-            loads += [(slot, keys[start + i]) for i, slot in enumerate(slots)]
+        elif tail_or_match(d, op, owner, rng, writes, loads):
+            pass
         elif op == "drop":
             d.drop_owner(owner)
         elif op == "forget":
             d.forget([f"k{rng.randrange(8)}"])
         elif rng.random() < 0.2:
             d.clear()
-    for slot, key in writes:
-        content[slot] = key
-    for slot, key in loads:
-        if content.get(slot) != key:
-            return f"a load of {key} from slot {slot} read {content.get(slot)}"
-    return None
+    return run_step(content, writes, loads)
 
 
 def _consistent(d: TierDirectory, content: dict[int, object], inflight: dict[int, object]) -> str | None:

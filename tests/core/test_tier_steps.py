@@ -32,16 +32,8 @@ def _step(d: TierDirectory, rng: random.Random, content: dict[int, object]) -> s
             placed = d.admit(owner, [f"k{start + i}" for i in range(rng.randint(1, 3))])
             d.lock([slot for _, slot in placed])
             writes += [(slot, key) for key, slot in placed]
-        elif op == "tail":
-            parent, tokens = f"k{rng.randrange(6)}", tuple(rng.randrange(2) for _ in range(rng.randint(1, 2)))
-            st = d.put_tail(owner, parent, tokens, 0)
-            if st is not None:
-                writes.append((st.slot, TailKey(parent, tokens)))
-        elif op == "match":
-            keys, start = [f"k{i}" for i in range(10)], rng.randrange(6)
-            slots = d.match(keys, start, rng.randint(1, 4))
-            d.lock(slots)
-            loads += [(slot, keys[start + i]) for i, slot in enumerate(slots)]
+        elif tail_or_match(d, op, owner, rng, writes, loads):
+            pass
         elif op == "match_tail":
             m = d.match_tail(f"k{rng.randrange(6)}", [rng.randrange(2) for _ in range(2)])
             if m is not None:
@@ -53,6 +45,30 @@ def _step(d: TierDirectory, rng: random.Random, content: dict[int, object]) -> s
             d.forget([f"k{rng.randrange(8)}"])
         elif rng.random() < 0.2:  # clear: rare, it empties the tier
             d.clear()
+    return run_step(content, writes, loads)
+
+
+def tail_or_match(d: TierDirectory, op: str, owner: str, rng: random.Random, writes: list[tuple[int, object]],
+                  loads: list[tuple[int, object]]) -> bool:
+    """The operations both random-step tests make alike: a tail stored, a prefix matched and locked for a load."""
+    if op == "tail":
+        parent, tokens = f"k{rng.randrange(6)}", tuple(rng.randrange(2) for _ in range(rng.randint(1, 2)))
+        st = d.put_tail(owner, parent, tokens, 0)
+        if st is not None:
+            writes.append((st.slot, TailKey(parent, tokens)))
+        return True
+    if op == "match":
+        keys, start = [f"k{i}" for i in range(10)], rng.randrange(6)
+        slots = d.match(keys, start, rng.randint(1, 4))
+        d.lock(slots)
+        loads += [(slot, keys[start + i]) for i, slot in enumerate(slots)]
+        return True
+    return False
+
+
+def run_step(content: dict[int, object], writes: list[tuple[int, object]], loads: list[tuple[int, object]]
+             ) -> str | None:
+    """The worker: the step's writes in order (the last to a slot wins), then its loads; the first wrong load."""
     for slot, key in writes:
         content[slot] = key
     for slot, key in loads:

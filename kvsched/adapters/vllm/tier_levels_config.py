@@ -72,29 +72,26 @@ class LevelsConfig:
 
 def ttl_setting(env: str, given: Any, default: float) -> float:
     """A store TTL in seconds: `given` (kv_connector_extra_config), else the variable `env`, else `default`; shared
-    with the API server's compaction checkpoints (compaction_shared) so both keep state equally long."""
+    with the API server's compaction checkpoints (compaction_shared) so both keep state equally long. inf and 1e300
+    overflowed the store's millisecond TTL on every write: at most ten years."""
+    return _positive(env, given, default, MAX_TTL_S, "seconds", " (ten years)")
+
+
+def fetch_mb_setting(given: Any) -> float:
+    """The background fetch's chunk in MiB: `given` (kv_connector_extra_config), else KVSCHED_TIER_FETCH_MB, else
+    the default."""
+    return _positive(ENV_FETCH_MB, given, DEFAULT_FETCH_MB, MAX_FETCH_MB, "MiB")
+
+
+def _positive(env: str, given: Any, default: float, most: float, unit: str, note: str = "") -> float:
+    """A number in (0, most] (NaN fails too): `given`, else the variable `env`, else `default`."""
     raw = given if given is not None else os.environ.get(env)
     if raw in (None, ""):
         return default
     try:
         value = float(raw)
     except (TypeError, ValueError):
-        raise DiskConfigError(f"{env} must be a number of seconds, got {raw!r}") from None
-    if not 0 < value <= MAX_TTL_S:  # inf and 1e300 overflowed the store's millisecond TTL on every write
-        raise DiskConfigError(f"{env} must be > 0 and at most {MAX_TTL_S:.0f} seconds (ten years), got {raw!r}")
-    return value
-
-
-def fetch_mb_setting(given: Any) -> float:
-    """The background fetch's chunk in MiB: `given` (kv_connector_extra_config), else KVSCHED_TIER_FETCH_MB, else
-    the default."""
-    raw = given if given is not None else os.environ.get(ENV_FETCH_MB)
-    if raw in (None, ""):
-        return DEFAULT_FETCH_MB
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise DiskConfigError(f"{ENV_FETCH_MB} must be a number of MiB, got {raw!r}") from None
-    if not 0 < value <= MAX_FETCH_MB:  # NaN fails this too
-        raise DiskConfigError(f"{ENV_FETCH_MB} must be > 0 and at most {MAX_FETCH_MB:.0f} MiB, got {raw!r}")
+        raise DiskConfigError(f"{env} must be a number of {unit}, got {raw!r}") from None
+    if not 0 < value <= most:
+        raise DiskConfigError(f"{env} must be > 0 and at most {most:.0f} {unit}{note}, got {raw!r}")
     return value
