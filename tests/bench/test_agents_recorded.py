@@ -103,10 +103,11 @@ def test_a_tier_prediction_needs_the_recorded_tier_block_size(tmp_path):
 def test_a_recording_whose_header_names_no_pool_is_refused_with_its_path(tmp_path):
     import pytest
 
-    path = tmp_path / "nopool.jsonl"
-    with open(path, "w") as f:
-        rec = TraceRecording(f, BS, {"capacity_blocks": "lots"})
-        rec.arrived("r", 0.0, "s", None)
-        rec.finished("r", 1.0, Finished(BS, 1, [b"x"]))
-    with pytest.raises(ValueError, match="nopool.jsonl.*names no pool"):
-        replay_recording(path, 0, 1000.0, 0.01, 1024.0)
+    for meta, message in (({}, "names no pool"), ({"capacity_blocks": "lots"}, "capacity_blocks must be an integer")):
+        path = tmp_path / "nopool.jsonl"
+        with open(path, "w") as f:
+            rec = TraceRecording(f, BS, meta)
+            rec.arrived("r", 0.0, "s", None)
+            rec.finished("r", 1.0, Finished(BS, 1, [b"x"]))
+        with pytest.raises(ValueError, match=f"nopool.jsonl.*{message}"):
+            replay_recording(path, 0, 1000.0, 0.01, 1024.0)
