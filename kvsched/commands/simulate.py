@@ -102,7 +102,10 @@ def load_trace(args: argparse.Namespace) -> Any:
     if args.trace is not None and args.generate:
         raise ValueError("give a TRACE file or --generate, not both")
     if args.trace is not None:
-        return Trace.load(args.trace)
+        trace = Trace.load(args.trace)
+        if not len(trace):  # a header alone (a recording that served nothing yet): a table of zeros said nothing
+            raise ValueError(f"{args.trace}: no requests to replay (a header only)")
+        return trace
     if not args.generate:
         raise ValueError("give a TRACE file or --generate")
     cfg = QUICK if args.quick else FLEET if args.fleet else TraceConfig()

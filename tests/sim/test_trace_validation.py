@@ -157,3 +157,10 @@ def test_simulate_warns_of_a_misspelt_setting(capsys, monkeypatch, tmp_path):
     err = capsys.readouterr().err
     assert "KVSCHED_DEFALT_TTL_S is not a kvsched setting and is ignored; did you mean KVSCHED_DEFAULT_TTL_S?" in err
     assert "KVSCHED_TRACE " not in err
+
+
+def test_simulate_refuses_a_trace_with_no_requests(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    path.write_text(HEADER)
+    assert main(["simulate", str(path), "--no-progress"]) == 2
+    assert "no requests to replay" in capsys.readouterr().err
