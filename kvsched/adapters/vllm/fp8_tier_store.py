@@ -351,7 +351,7 @@ class TierStore:
         return True
 
     def fence_layer(self, name: str) -> None:
-        """The compute stream waits for the restores into layer `name` (vLLM's `wait_for_layer_load`)."""
+        """The compute stream waits for the restores into layer `name` (the connector fences them all, `fence_all`)."""
         event = self.layer_events.pop(name, None)
         if event is not None:
             self.link.fence_compute(event)
