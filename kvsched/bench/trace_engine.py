@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -139,8 +140,8 @@ def predicted(trace: Any, capacity_blocks: int, tier: tuple[int, int] | None = N
 def run(args: argparse.Namespace) -> int:
     try:
         result = run_benchmark(args)
-    except ValueError as exc:
-        print(f"kvsched bench replay: error: {exc}")
+    except (ValueError, OSError) as exc:  # bad options and trace files, before any server starts
+        print(f"kvsched bench replay: error: {exc}", file=sys.stderr)
         return 2
     rows = [[s, r["prefill_tokens_computed"], round(r["over_stock"], 4), r["ttft_p50_s"], r["ttft_p95_s"],
              r["errors"], r["mean_send_lateness_s"]] for s, r in result["sides"].items()]
@@ -171,8 +172,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from kvsched.tiny_model import SIZES, ensure_tiny_model
 
     sides = sides_arg(args.sides)
-    if not args.pressure > 0:
-        raise ValueError(f"--pressure must be > 0, got {args.pressure}")
+    if not 0 < args.pressure < math.inf:
+        raise ValueError(f"--pressure must be a finite number > 0, got {args.pressure}")
+    if args.out is not None and args.out.is_dir():  # found out now, not after the sides' runs
+        raise ValueError(f"--out {args.out} is a directory; give a file path")
     path = args.trace or traces_dir() / "mooncake" / "conversation.kvsched.jsonl"
     if not path.exists():
         raise ValueError(f"no trace at {path} (run `kvsched trace fetch mooncake`)")

@@ -40,9 +40,12 @@ class ReplayPlan:
     requests: list[ReplayRequest]
     block_tokens: int
     trace_block_size: int
-    dropped_long: int  # requests whose scaled prompt and output exceed `max_tokens_per_request`
     peak_live_blocks: int  # of the kept requests, in trace (= engine) blocks
-    kept: np.ndarray  # bool over the trace's requests: those in `requests`
+    kept: np.ndarray  # bool over the trace's requests: those in `requests` (the rest: longer than the replay's limit)
+
+    @property
+    def dropped_long(self) -> int:
+        return int(len(self.kept) - self.kept.sum())
 
     @property
     def longest_tokens(self) -> int:
@@ -85,7 +88,6 @@ def plan(trace: Trace, block_tokens: int, vocab_size: int, max_output_tokens: in
     rng = np.random.default_rng(seed)
     t0 = float(trace.t[0]) if len(trace) else 0.0
     out: list[ReplayRequest] = []
-    dropped = 0
     keep = np.ones(len(trace), dtype=bool)
     for i in range(len(trace)):
         ids = trace.blocks(i)
@@ -94,7 +96,6 @@ def plan(trace: Trace, block_tokens: int, vocab_size: int, max_output_tokens: in
         tail = (prompt - full * bs) * block_tokens // bs
         new = max(1, min(max_output_tokens, -(-int(trace.output_tokens[i]) * block_tokens // bs)))
         if full * block_tokens + max(tail, 1) + new > max_tokens_per_request:
-            dropped += 1
             keep[i] = False
             continue
         tokens = block_tokens_of(ids[:full], block_tokens, vocab_size).ravel()
@@ -109,4 +110,4 @@ def plan(trace: Trace, block_tokens: int, vocab_size: int, max_output_tokens: in
                                  prompt=[int(x) for x in np.concatenate([tokens, tail_tokens])],
                                  max_tokens=new, blocks=full))
     live = trace.subset(keep).peak_live_blocks() if keep.any() else 0
-    return ReplayPlan(out, block_tokens, bs, dropped, live, keep)
+    return ReplayPlan(out, block_tokens, bs, live, keep)

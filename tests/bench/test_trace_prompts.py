@@ -86,3 +86,32 @@ def test_sides_are_checked():
         sides_arg("stock,lru")
     with pytest.raises(ValueError):
         sides_arg(" , ")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--sides", "stock,lru"], "--sides"), (["--pressure", "0"], "--pressure"), (["--pressure", "nan"], "--pressure"),
+    (["--seconds", "0"], "seconds > 0"), (["--start-s", "1e9"], "no request arrives"),
+    (["--time-scale", "0"], "time_scale"), (["--max-output-tokens", "0"], "max_output_tokens"),
+])
+def test_bench_replay_refuses_bad_options_before_starting_a_server(tmp_path, capsys, argv, message):
+    from kvsched.cli import main
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kvsched_trace": 1, "block_size": 512}\n'
+                    '{"t": 0, "session": "a", "prompt_tokens": 1024, "output_tokens": 4, "blocks": ["x", "y"]}\n')
+    assert main(["bench", "replay", str(path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched bench replay: error: ") and message in err and "Traceback" not in err
+
+
+def test_bench_replay_refuses_a_missing_trace_a_directory_and_an_out_directory(tmp_path, capsys):
+    from kvsched.cli import main
+
+    assert main(["bench", "replay", str(tmp_path / "none.jsonl")]) == 2
+    assert "no trace at" in capsys.readouterr().err
+    assert main(["bench", "replay", str(tmp_path)]) == 2  # a directory: an OSError, one line
+    assert "Traceback" not in capsys.readouterr().err
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kvsched_trace": 1, "block_size": 512}\n')
+    assert main(["bench", "replay", str(path), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
