@@ -18,6 +18,7 @@ import triton.language as tl
 
 _OUT_F32, _OUT_F16, _OUT_BF16 = 0, 1, 2
 _OUT_KIND = {torch.float32: _OUT_F32, torch.float16: _OUT_F16, torch.bfloat16: _OUT_BF16}
+TILE_ELEMS = 4096  # elements of a page a program holds at once (tests shrink it to exercise the loops)
 
 
 @triton.jit
@@ -56,26 +57,33 @@ def _gather_quantize_kernel(
     stride_n,
     N: tl.constexpr,
     C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    TILE_N: tl.constexpr,
+    TILE_C: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     blk = tl.load(ids_ptr + i).to(tl.int64)
-    rows = tl.arange(0, BLOCK_N)[:, None]
-    cols = tl.arange(0, BLOCK_C)[None, :]
-    m = (rows < N) & (cols < C)
-    x = tl.load(cache_ptr + blk * stride_b + h * stride_h + rows * stride_n + cols, mask=m, other=0.0)
-    x = x.to(tl.float32)
-    a = tl.abs(x)
-    amax = tl.max(tl.max(tl.where(a < float("inf"), a, 0.0), axis=1), axis=0)  # finite elements only
-    scale = tl.maximum(tl.math.div_rn(amax, 448.0), 1.1754943508222875e-38)  # floor 2^-126
+    src = cache_ptr + blk * stride_b + h * stride_h
+    page = q_ptr + (i * H + h) * (N * C)
+    rows = tl.arange(0, TILE_N)[:, None]
+    cols = tl.arange(0, TILE_C)[None, :]
+    # Pass 1: the page's largest finite |x|, a tile at a time (a whole page in registers spills on a GPU).
+    amax = tl.zeros((TILE_N, TILE_C), dtype=tl.float32)
+    for r0 in range(0, N, TILE_N):
+        for c0 in range(0, C, TILE_C):
+            r, c = r0 + rows, c0 + cols
+            a = tl.abs(tl.load(src + r * stride_n + c, mask=(r < N) & (c < C), other=0.0).to(tl.float32))
+            amax = tl.maximum(amax, tl.where(a < float("inf"), a, 0.0))  # finite elements only (NaN < inf is false)
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(amax, axis=1), axis=0), 448.0), 1.1754943508222875e-38)  # >= 2^-126
     inv = tl.math.div_rn(1.0, scale)
-    v = x * inv
-    v = tl.where(v > 448.0, 448.0, tl.where(v < -448.0, -448.0, v))  # NaN passes through
-    code = _e4m3_bits(v)
-    page = (i * H + h) * (N * C)
-    tl.store(q_ptr + page + rows * C + cols, code.to(tl.uint8), mask=m)
+    # Pass 2: quantize (the page is read again, from L2 on a GPU).
+    for r0 in range(0, N, TILE_N):
+        for c0 in range(0, C, TILE_C):
+            r, c = r0 + rows, c0 + cols
+            m = (r < N) & (c < C)
+            v = tl.load(src + r * stride_n + c, mask=m, other=0.0).to(tl.float32) * inv
+            v = tl.where(v > 448.0, 448.0, tl.where(v < -448.0, -448.0, v))  # NaN passes through
+            tl.store(page + r * C + c, _e4m3_bits(v).to(tl.uint8), mask=m)
     tl.store(scale_ptr + i * H + h, scale)
 
 
@@ -91,29 +99,40 @@ def _scatter_dequantize_kernel(
     stride_n,
     N: tl.constexpr,
     C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    TILE_N: tl.constexpr,
+    TILE_C: tl.constexpr,
     OUT_KIND: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     blk = tl.load(ids_ptr + i).to(tl.int64)
-    rows = tl.arange(0, BLOCK_N)[:, None]
-    cols = tl.arange(0, BLOCK_C)[None, :]
-    m = (rows < N) & (cols < C)
-    page = (i * H + h) * (N * C)
-    code = tl.load(q_ptr + page + rows * C + cols, mask=m, other=0).to(tl.int32)
-    x = _e4m3_values(code) * tl.load(scale_ptr + i * H + h)
-    dst = cache_ptr + blk * stride_b + h * stride_h + rows * stride_n + cols
-    if OUT_KIND == 2:  # bfloat16 bits (cache viewed as int16), round to nearest even, NaN -> 0x7FC0
-        u = x.to(tl.int32, bitcast=True)
-        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
-        r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
-        tl.store(dst, r.to(tl.int16), mask=m)
-    elif OUT_KIND == 1:
-        tl.store(dst, x.to(tl.float16), mask=m)
-    else:
-        tl.store(dst, x, mask=m)
+    page = q_ptr + (i * H + h) * (N * C)
+    dst = cache_ptr + blk * stride_b + h * stride_h
+    scale = tl.load(scale_ptr + i * H + h)
+    rows = tl.arange(0, TILE_N)[:, None]
+    cols = tl.arange(0, TILE_C)[None, :]
+    for r0 in range(0, N, TILE_N):
+        for c0 in range(0, C, TILE_C):
+            r, c = r0 + rows, c0 + cols
+            m = (r < N) & (c < C)
+            x = _e4m3_values(tl.load(page + r * C + c, mask=m, other=0).to(tl.int32)) * scale
+            out = dst + r * stride_n + c
+            if OUT_KIND == 2:  # bfloat16 bits (cache viewed as int16), round to nearest even, NaN -> 0x7FC0
+                u = x.to(tl.int32, bitcast=True)
+                b = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+                b = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, b)
+                tl.store(out, b.to(tl.int16), mask=m)
+            elif OUT_KIND == 1:
+                tl.store(out, x.to(tl.float16), mask=m)
+            else:
+                tl.store(out, x, mask=m)
+
+
+def _tiles(n: int, c: int) -> dict[str, int]:
+    """Tile of a page a program holds at once: at most TILE_ELEMS elements (32 a thread at 4 warps), so a page of any
+    size stays in registers on a GPU (a whole 64-token x 256 page did not)."""
+    tile_c = min(triton.next_power_of_2(c), TILE_ELEMS)
+    return {"TILE_N": min(triton.next_power_of_2(n), max(TILE_ELEMS // tile_c, 1)), "TILE_C": tile_c}
 
 
 def gather_quantize(cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +144,7 @@ def gather_quantize(cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch
     if num and h:
         _gather_quantize_kernel[(num, h)](
             cache, block_ids, q.view(torch.uint8), scales, h, cache.stride(0), cache.stride(1), cache.stride(2),
-            N=n, C=c, BLOCK_N=triton.next_power_of_2(n), BLOCK_C=triton.next_power_of_2(c), enable_fp_fusion=False,
+            N=n, C=c, **_tiles(n, c), enable_fp_fusion=False,
         )  # fmt: skip
     return q, scales
 
@@ -138,6 +157,6 @@ def scatter_dequantize(q: torch.Tensor, scales: torch.Tensor, cache: torch.Tenso
     if num and h:
         _scatter_dequantize_kernel[(num, h)](
             q.view(torch.uint8), scales, out, block_ids, h, cache.stride(0), cache.stride(1), cache.stride(2),
-            N=n, C=c, BLOCK_N=triton.next_power_of_2(n), BLOCK_C=triton.next_power_of_2(c),
+            N=n, C=c, **_tiles(n, c),
             OUT_KIND=_OUT_KIND[cache.dtype], enable_fp_fusion=False,
         )  # fmt: skip
