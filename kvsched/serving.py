@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,17 +107,31 @@ class VllmServer:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
+            if self._serves_our_model():
+                return self
             if time.monotonic() >= self._deadline:
                 break
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"vllm serve not ready after {self.startup_timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def _serves_our_model(self) -> bool:
+        """/health answers and /v1/models names this server's model: the port is picked free and then released, so
+        another process may have taken it since (its /health would pass alone)."""
+        headers = {"Authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
+        try:
+            with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
+                if r.status != 200:
+                    return False
+            with urllib.request.urlopen(urllib.request.Request(self.url + "/models", headers=headers), timeout=2) as r:
+                models = json.loads(r.read())
+        except urllib.error.HTTPError as exc:  # a key passed in extra_args: the model cannot be listed, /health did
+            return exc.code in (401, 403)
+        except (OSError, ValueError):
+            return False
+        data = models.get("data") if isinstance(models, dict) else None
+        return isinstance(data, list) and any(isinstance(m, dict) and m.get("id") == self.spec.served_model_name
+                                              for m in data)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -18,19 +18,24 @@ from kvsched.serving import ServerSpec, VllmServer
 # starts it with SIGINT ignored, which Python would inherit, and `stop()` would then wait its 30 s for the SIGKILL.
 SIGINT = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
 HEALTH = SIGINT + """
-import http.server, sys
+import http.server, json, sys
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+        if self.path == "/v1/models" and sys.argv[2] == "401":
+            self.send_response(401); self.end_headers(); return
+        body = json.dumps({"data": [{"id": sys.argv[2]}]}).encode() if self.path == "/v1/models" else b""
+        self.send_response(200 if self.path in ("/health", "/v1/models") else 404); self.end_headers()
+        self.wfile.write(body)
     def log_message(self, *a): pass
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 
-def stand_in(tmp_path: Path, serves: bool) -> VllmServer:
+def stand_in(tmp_path: Path, serves: bool, model: str = "tiny") -> VllmServer:
+    """A process on the server's port: /health (if `serves`) and /v1/models listing `model` ("401": refused)."""
     server = VllmServer(ServerSpec(model=tmp_path), log_path=tmp_path / "log", startup_timeout_s=1.0)
     code = HEALTH if serves else SIGINT + "import time; time.sleep(60)"
-    server.proc = subprocess.Popen([sys.executable, "-c", code, str(server.port)], start_new_session=True)
+    server.proc = subprocess.Popen([sys.executable, "-c", code, str(server.port), model], start_new_session=True)
     return server
 
 
@@ -72,3 +77,28 @@ def test_start_on_a_launched_server_that_died_raises_instead_of_launching_again(
     server.proc.wait()
     with pytest.raises(RuntimeError, match="exited with 3"):
         server.start()
+
+
+def test_a_port_another_server_took_is_not_taken_for_ours(tmp_path: Path) -> None:
+    """Found by review: the port is picked free, then released; whatever answered /health on it passed for vllm serve
+    (and the replay read that process's /metrics)."""
+    server = stand_in(tmp_path, serves=True, model="someone-else")
+    try:
+        deadline = time.monotonic() + 20
+        while not serving(server):
+            assert time.monotonic() < deadline, "the stand-in never served"
+            time.sleep(0.1)
+        server._deadline = time.monotonic() + 1.0
+        with pytest.raises(TimeoutError):
+            server.wait_ready()
+    finally:
+        server.stop()
+
+
+def test_a_server_whose_models_need_a_key_it_was_not_given_is_ready_on_its_health(tmp_path: Path) -> None:
+    server = stand_in(tmp_path, serves=True, model="401")  # e.g. --api-key passed in extra_args
+    try:
+        server._deadline = time.monotonic() + 20
+        assert server.wait_ready() is server
+    finally:
+        server.stop()

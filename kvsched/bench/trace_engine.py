@@ -10,16 +10,26 @@ Every request carries its trace session as `X-Session-Id` (stock ignores it). Th
 than the window's peak live block set (the simulator's live basis), and the simulator replays the same window at the
 same pool (LRU, kvsched, OPT) in the same invocation: its prediction beside each measured side. Counts are vLLM's own
 (/metrics): prefill computed = prompt tokens less prefix-cache hits less tokens a KV connector loaded.
+
+The sides run one after another in the order given (each server started beforehand, stopped after its side), each
+after a few warm-up requests too short to leave a block in the cache. A side is valid only if every request was
+answered and its prompt tokens are the plan's: otherwise its ratio is not given and the command exits 1. The JSON is
+written after every side, so a server that dies keeps the sides before it. Prefill counts are the result; the sides'
+TTFTs are comparable only on a quiet machine (they run minutes apart).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +42,8 @@ SIDES = {"stock": (None, []), "kvsched-no-tier": ("kvsched", ["--kvsched-fp8-tie
 BLOCK_TOKENS = 32  # the CPU backend's preferred block size
 MODEL = "replay"
 MAX_WORKERS = 256  # requests in flight at once (open loop: a slow side queues in the engine, not here)
+WARMUP_REQUESTS = 4
+WARMUP_TOKENS = BLOCK_TOKENS - 1  # no full block: a warm-up leaves nothing in the prefix cache
 
 
 def register(subparsers: Any) -> None:
@@ -80,7 +92,8 @@ def drive(url: str, requests: list[ReplayRequest]) -> tuple[list[dict[str, Any]]
             results[i] = out
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=MAX_WORKERS) as pool:
+    pool = ThreadPoolExecutor(max_workers=MAX_WORKERS)
+    try:
         for i, req in enumerate(requests):
             wait = t0 + req.at_s - time.perf_counter()
             if wait > 0:
@@ -88,11 +101,29 @@ def drive(url: str, requests: list[ReplayRequest]) -> tuple[list[dict[str, Any]]
             else:
                 late -= wait
             pool.submit(one, i)
+    except BaseException:  # interrupted: nothing more is sent; requests in flight end when the servers stop
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return results, time.perf_counter() - t0, late / max(len(requests), 1)
 
 
+def warm_up(url: str, vocab_size: int) -> None:
+    """A few requests through the server's whole path (tokens, scheduler, model, stream) before its side is timed;
+    shorter than a block, so they leave nothing a later request could hit."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+    for k in range(WARMUP_REQUESTS):
+        prompt = [(7919 * (k * WARMUP_TOKENS + j)) % (vocab_size - 20) + 10 for j in range(WARMUP_TOKENS)]
+        for _ in client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, stream=True):
+            pass
+
+
 def measured(outcomes: list[dict[str, Any]], before: dict[str, float], after: dict[str, float],
-             wall_s: float, late_s: float) -> dict[str, Any]:
+             wall_s: float, late_s: float, planned_prompt_tokens: int | None = None) -> dict[str, Any]:
+    """One side's counts from its /metrics before and after; `invalid` says why its ratio would not compare (a
+    request unanswered, or prompt tokens other than the plan's)."""
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     prompt = d.get("vllm:prompt_tokens_total", 0.0)
     local, external = d.get("vllm:prefix_cache_hits_total", 0.0), d.get("vllm:external_prefix_cache_hits_total", 0.0)
@@ -106,6 +137,10 @@ def measured(outcomes: list[dict[str, Any]], before: dict[str, float], after: di
         "preemptions": int(d.get("vllm:num_preemptions_total", 0.0)), "wall_s": round(wall_s, 2),
         "mean_send_lateness_s": round(late_s, 4),
     }
+    if errors:
+        out["invalid"] = f"{len(errors)} of {len(outcomes)} requests failed"
+    elif planned_prompt_tokens is not None and int(prompt) != planned_prompt_tokens:
+        out["invalid"] = f"{int(prompt)} prompt tokens served, {planned_prompt_tokens} planned"
     if "kvsched_retained_hit_tokens_total" in after:
         out["retained_hit_tokens"] = int(d.get("kvsched_retained_hit_tokens_total", 0.0))
         out["tier_prefetch_hit_tokens"] = int(d.get("kvsched_tier_prefetch_hit_tokens_total", 0.0))
@@ -133,28 +168,55 @@ def predicted(trace: Any, capacity_blocks: int, tier: tuple[int, int] | None = N
     if tier is not None:
         runs["kvsched + FP8 tier"] = replay(trace, "kvsched", replace(cfg, tier_bytes=tier[0], tier_block_bytes=tier[1]))
     lru = runs["lru"].prefill_tokens_computed or 1
-    return {p: {"prefill_tokens_computed": r.prefill_tokens_computed, "over_lru": r.prefill_tokens_computed / lru}
+    return {p: {"prefill_tokens_computed": r.prefill_tokens_computed, "over_lru": r.prefill_tokens_computed / lru,
+                "rejected": r.rejected}  # larger than the pool with the trace's whole output (the engine caps it)
             for p, r in runs.items()}
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = run_benchmark(args)
-    except (ValueError, OSError) as exc:  # bad options and trace files, before any server starts
+        setup = prepare(args)
+    except (ValueError, OSError) as exc:  # bad options and trace files: before any server starts
         print(f"kvsched bench replay: error: {exc}", file=sys.stderr)
         return 2
-    rows = [[s, r["prefill_tokens_computed"], round(r["over_stock"], 4), r["ttft_p50_s"], r["ttft_p95_s"],
-             r["errors"], r["mean_send_lateness_s"]] for s, r in result["sides"].items()]
+    with exit_on_signals():  # SIGTERM or a closed terminal still stops the servers (they run in sessions of their own)
+        result = run_benchmark(setup, lambda partial: write_json(args.out, partial))
+    rows = [[s, r["prefill_tokens_computed"], r["over_stock"], r["ttft_p50_s"], r["ttft_p95_s"], r["errors"],
+             r["mean_send_lateness_s"]] for s, r in result["sides"].items()]
     print(table(rows, ["side", "prefill computed", "over stock", "TTFT p50 s", "TTFT p95 s", "errors", "lateness s"]))
     sim = result["simulator"]
     print("simulator, same window and pool, prefill over LRU: "
           + ", ".join(f"{p} {v['over_lru']:.4f}" for p, v in sim.items()))
     write_json(args.out, result)
     save_beside(args.out, lambda path: grouped_bars(
-        {"measured (over stock)": {s: r["over_stock"] for s, r in result["sides"].items()},
+        {"measured (over stock)": {s: r["over_stock"] or 0.0 for s, r in result["sides"].items()},
          "simulator (over LRU)": {p: v["over_lru"] for p, v in sim.items()}},
         path, f"{result['config']['trace']}: prefill computed", "ratio", None))
-    return 0
+    rejected = max((v["rejected"] for v in sim.values()), default=0)
+    if rejected:
+        print(f"kvsched bench replay: warning: the simulator rejected {rejected} requests larger than its pool with "
+              "their whole output (the engine caps output): its prediction covers fewer requests", file=sys.stderr)
+    invalid = {s: r["invalid"] for s, r in result["sides"].items() if "invalid" in r}
+    for side, why in invalid.items():
+        print(f"kvsched bench replay: side {side} is not comparable: {why}", file=sys.stderr)
+    return 1 if invalid else 0
+
+
+@contextlib.contextmanager
+def exit_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise SystemExit here (as Ctrl-C raises KeyboardInterrupt), so `finally` stops the servers."""
+    def leave(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        yield
+        return
+    old = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def sides_arg(text: str) -> list[str]:
@@ -165,15 +227,30 @@ def sides_arg(text: str) -> list[str]:
     return sides
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from kvsched.serving import ServerSpec, VllmServer, start_all
+@dataclass(frozen=True)
+class Setup:
+    """What the sides run, checked before any server starts."""
+
+    args: argparse.Namespace
+    path: Path
+    trace: Any  # the window (kvsched.sim.trace.Trace)
+    plan: ReplayPlan
+    sides: list[str]
+    num_blocks: int
+    max_model_len: int
+    vocab_size: int
+
+
+def prepare(args: argparse.Namespace) -> Setup:
     from kvsched.sim.mooncake import traces_dir
     from kvsched.sim.trace import Trace
-    from kvsched.tiny_model import SIZES, ensure_tiny_model
+    from kvsched.tiny_model import SIZES
 
     sides = sides_arg(args.sides)
     if not 0 < args.pressure < math.inf:
         raise ValueError(f"--pressure must be a finite number > 0, got {args.pressure}")
+    if not 0 < args.time_scale < math.inf:
+        raise ValueError(f"--time-scale must be a finite number > 0, got {args.time_scale}")
     if args.out is not None and args.out.is_dir():  # found out now, not after the sides' runs
         raise ValueError(f"--out {args.out} is a directory; give a file path")
     path = args.trace or traces_dir() / "mooncake" / "conversation.kvsched.jsonl"
@@ -187,35 +264,58 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     longest_blocks = -(-p.longest_tokens // BLOCK_TOKENS)
     num_blocks = max(math.ceil(p.peak_live_blocks / args.pressure), longest_blocks + 4) + 1  # + vLLM's null block
     max_model_len = math.ceil((p.longest_tokens + 1) / 256) * 256
+    return Setup(args, path, trace, p, sides, num_blocks, max_model_len, shape.vocab_size)
+
+
+def run_benchmark(setup: Setup, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every side in turn, then the simulator; `checkpoint` gets the result so far after each side."""
+    from kvsched.serving import ServerSpec, VllmServer, start_all
+    from kvsched.tiny_model import ensure_tiny_model
+
+    args, p, num_blocks = setup.args, setup.plan, setup.num_blocks
     model_dir = ensure_tiny_model(args.model_size)
-    servers = {name: VllmServer(ServerSpec(model=model_dir, scheduler=SIDES[name][0], max_model_len=max_model_len,
-                                           block_size=BLOCK_TOKENS, num_blocks=num_blocks, served_model_name=MODEL,
-                                           extra_args=SIDES[name][1]))
-               for name in sides}
-    start_all(list(servers.values()))
+    planned_prompt = sum(len(r.prompt) for r in p.requests)
+    config = {"trace": setup.path.name, "start_s": args.start_s, "seconds": args.seconds,
+              "time_scale": args.time_scale, "requests": len(p.requests), "dropped_long": p.dropped_long,
+              "peak_live_blocks": p.peak_live_blocks, "pressure_live": args.pressure,
+              # what the pool is (larger than asked when the longest request needs it)
+              "pressure_live_actual": round(p.peak_live_blocks / (num_blocks - 1), 4),
+              "num_blocks": num_blocks, "block_tokens": BLOCK_TOKENS, "trace_block_size": p.trace_block_size,
+              "max_model_len": setup.max_model_len, "model_size": args.model_size,
+              "max_output_tokens": args.max_output_tokens, "planned_prompt_tokens": planned_prompt,
+              "warmup_requests": WARMUP_REQUESTS, "order": setup.sides}
+    servers = {name: VllmServer(ServerSpec(model=model_dir, scheduler=SIDES[name][0],
+                                           max_model_len=setup.max_model_len, block_size=BLOCK_TOKENS,
+                                           num_blocks=num_blocks, served_model_name=MODEL, extra_args=SIDES[name][1]))
+               for name in setup.sides}
     measured_sides: dict[str, Any] = {}
     try:
+        start_all(list(servers.values()))
         for name, server in servers.items():
+            warm_up(server.url, setup.vocab_size)
             before = server.metrics()
             outcomes, wall, late = drive(server.url, p.requests)
-            measured_sides[name] = measured(outcomes, before, server.metrics(), wall, late)
+            measured_sides[name] = measured(outcomes, before, server.metrics(), wall, late, planned_prompt)
             server.stop()
             print(f"{name}: {measured_sides[name]['prefill_tokens_computed']} prefill tokens computed, "
                   f"{wall:.0f} s", flush=True)
+            if checkpoint is not None:
+                checkpoint({"sides": _with_ratios(measured_sides), "simulator": None,
+                            "config": {**config, "complete": False, "provenance": provenance()}})
     finally:
         for server in servers.values():
             server.stop()
-    base = measured_sides.get("stock", next(iter(measured_sides.values())))["prefill_tokens_computed"] or 1
-    for r in measured_sides.values():
-        r["over_stock"] = r["prefill_tokens_computed"] / base
-    kept = trace if not p.dropped_long else trace.subset(p.kept)  # the window as the engine saw it
+    kept = setup.trace if not p.dropped_long else setup.trace.subset(p.kept)  # the window as the engine saw it
     tiered = measured_sides.get("kvsched", {})
     tier = (tiered["tier_capacity_bytes"], tiered["tier_block_bytes"]) if tiered.get("tier_block_bytes") else None
-    return {"sides": measured_sides, "simulator": predicted(kept, num_blocks - 1, tier),
-            "config": {"trace": path.name, "start_s": args.start_s, "seconds": args.seconds,
-                       "time_scale": args.time_scale, "requests": len(p.requests), "dropped_long": p.dropped_long,
-                       "peak_live_blocks": p.peak_live_blocks, "pressure_live": args.pressure,
-                       "num_blocks": num_blocks, "block_tokens": BLOCK_TOKENS, "trace_block_size": p.trace_block_size,
-                       "max_model_len": max_model_len, "model_size": args.model_size,
-                       "provenance": provenance()}}
+    return {"sides": _with_ratios(measured_sides), "simulator": predicted(kept, num_blocks - 1, tier),
+            "config": {**config, "complete": True, "provenance": provenance()}}
 
+
+def _with_ratios(sides: dict[str, Any]) -> dict[str, Any]:
+    """Each side's prefill over stock's (over the first side's without stock); None where either is not valid."""
+    base = sides.get("stock", next(iter(sides.values()), {}))
+    for r in sides.values():
+        ok = "invalid" not in r and "invalid" not in base and base.get("prefill_tokens_computed")
+        r["over_stock"] = r["prefill_tokens_computed"] / base["prefill_tokens_computed"] if ok else None
+    return sides

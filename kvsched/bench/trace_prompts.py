@@ -9,11 +9,13 @@ each trace block is one engine block and the pool is sized in the trace's own bl
 What the engine cannot replay: a request's output is the model's (here random weights), not the tokens the next turn
 repeats, so the block a turn's output completes is cached under other content and its next turn computes it again, on
 every side alike (the simulator counts it a hit). A prompt's partial last block is the start of the block the trace
-says its output completes, so the next turn repeats it as the trace does.
+says its output completes, so the next turn repeats it as the trace does; its length is rounded up (1..block_tokens-1
+tokens), so a prompt that does not end on a trace block boundary does not end on an engine block boundary either.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,8 +84,8 @@ def window(trace: Trace, start_s: float, seconds: float) -> Trace:
 def plan(trace: Trace, block_tokens: int, vocab_size: int, max_output_tokens: int = 64,
          max_tokens_per_request: int = 8192, time_scale: float = 1.0, seed: int = 0) -> ReplayPlan:
     """The trace's requests as token prompts (see the module docstring), sent at `time_scale` x their gaps."""
-    if block_tokens < 1 or max_output_tokens < 1 or not time_scale > 0:
-        raise ValueError("block_tokens and max_output_tokens must be >= 1 and time_scale > 0")
+    if block_tokens < 1 or max_output_tokens < 1 or not 0 < time_scale < math.inf:
+        raise ValueError("block_tokens and max_output_tokens must be >= 1 and time_scale finite and > 0")
     bs = trace.block_size
     rng = np.random.default_rng(seed)
     t0 = float(trace.t[0]) if len(trace) else 0.0
@@ -93,7 +95,10 @@ def plan(trace: Trace, block_tokens: int, vocab_size: int, max_output_tokens: in
         ids = trace.blocks(i)
         prompt = int(trace.prompt_tokens[i])
         full = min(prompt // bs, len(ids))
-        tail = (prompt - full * bs) * block_tokens // bs
+        left = prompt - full * bs
+        # A partial last block stays partial (rounded up, never to a whole block): rounded down to nothing, the prompt
+        # would end on a block boundary and vLLM could not hit its last block (it computes the last token).
+        tail = min(-(-left * block_tokens // bs), block_tokens - 1) if 0 < left < bs else left * block_tokens // bs
         new = max(1, min(max_output_tokens, -(-int(trace.output_tokens[i]) * block_tokens // bs)))
         if full * block_tokens + max(tail, 1) + new > max_tokens_per_request:
             keep[i] = False
@@ -105,7 +110,8 @@ def plan(trace: Trace, block_tokens: int, vocab_size: int, max_output_tokens: in
             tail_tokens = rng.integers(FIRST_TOKEN, vocab_size - FIRST_TOKEN, size=tail)
         if full == 0 and tail == 0:  # a prompt shorter than one scaled token: one token of its own
             tail_tokens = rng.integers(FIRST_TOKEN, vocab_size - FIRST_TOKEN, size=1)
-        session = trace.sessions[int(trace.session[i])][0]
+        sid, salt = trace.sessions[int(trace.session[i])]
+        session = sid if salt is None else f"{sid}@{salt}"  # one id with two salts is two sessions in the trace
         out.append(ReplayRequest(at_s=(float(trace.t[i]) - t0) * time_scale, session=session,
                                  prompt=[int(x) for x in np.concatenate([tokens, tail_tokens])],
                                  max_tokens=new, blocks=full))

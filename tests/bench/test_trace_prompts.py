@@ -74,6 +74,28 @@ def test_time_scale_window_and_the_longest_requests_left_out():
         plan(t, 0, 2048)
 
 
+def test_a_prompt_off_a_block_boundary_stays_off_it_in_the_engine():
+    # 15 tokens past 2 blocks scale to under one engine token: rounded down, the engine prompt would be 2 whole blocks
+    # and vLLM could not hit the second (it computes the last token) where the trace's next turn can
+    t = trace_of(req(0.0, "s1", ["a", "b", "c"], prompt=2 * BS + 15, output=BS),
+                 req(1.0, "s1", ["d"], prompt=4 * BS, reuse=3),
+                 req(2.0, "s2", ["e", "f"], prompt=2 * BS + BS - 1, output=1),
+                 req(3.0, "s3", ["g", "h"], prompt=2 * BS))
+    first, second, nearly, aligned = plan(t, K, 2048).requests
+    assert len(first.prompt) == 2 * K + 1 and first.prompt[-1] == second.prompt[2 * K]  # the start of block "c"
+    assert len(nearly.prompt) == 2 * K + K - 1  # never rounded up to a whole block
+    assert len(aligned.prompt) == 2 * K
+
+
+def test_one_id_with_two_salts_is_two_sessions():
+    t = Trace.from_requests(BS, [TraceRequest(t=0.0, session="u", prompt_tokens=BS, output_tokens=4, blocks=["a"],
+                                              salt="A"),
+                                 TraceRequest(t=1.0, session="u", prompt_tokens=BS, output_tokens=4, blocks=["b"],
+                                              salt="B"),
+                                 TraceRequest(t=2.0, session="v", prompt_tokens=BS, output_tokens=4, blocks=["c"])])
+    assert [r.session for r in plan(t, K, 2048).requests] == ["u@A", "u@B", "v"]
+
+
 def test_peak_live_blocks_counts_the_kept_requests_reuse():
     t = trace_of(req(0.0, "s1", ["a", "b"], prompt=2 * BS), req(1.0, "s2", ["x"], prompt=BS),
                  req(2.0, "s1", ["c"], prompt=3 * BS, reuse=2))
@@ -91,7 +113,8 @@ def test_sides_are_checked():
 @pytest.mark.parametrize(("argv", "message"), [
     (["--sides", "stock,lru"], "--sides"), (["--pressure", "0"], "--pressure"), (["--pressure", "nan"], "--pressure"),
     (["--seconds", "0"], "seconds > 0"), (["--start-s", "1e9"], "no request arrives"),
-    (["--time-scale", "0"], "time_scale"), (["--max-output-tokens", "0"], "max_output_tokens"),
+    (["--time-scale", "0"], "time-scale"), (["--time-scale", "inf"], "time-scale"),
+    (["--max-output-tokens", "0"], "max_output_tokens"),
 ])
 def test_bench_replay_refuses_bad_options_before_starting_a_server(tmp_path, capsys, argv, message):
     from kvsched.cli import main

@@ -1,0 +1,45 @@
+"""`kvsched bench replay`'s bookkeeping without servers: which sides compare, and that a termination signal reaches the
+`finally` that stops the servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from kvsched.bench.trace_engine import _with_ratios, exit_on_signals, measured
+
+
+def metrics(prompt: float, hits: float) -> dict[str, float]:
+    return {"vllm:prompt_tokens_total": prompt, "vllm:prefix_cache_hits_total": hits}
+
+
+def test_a_side_with_failed_requests_or_other_prompts_gets_no_ratio():
+    ok = measured([{"ttft_s": 0.1}] * 3, metrics(0, 0), metrics(300, 100), 1.0, 0.0, planned_prompt_tokens=300)
+    failed = measured([{"ttft_s": 0.1}, {"error": "APIConnectionError: gone"}], metrics(0, 0), metrics(200, 10), 1.0,
+                      0.0, planned_prompt_tokens=300)
+    short = measured([{"ttft_s": 0.1}] * 3, metrics(0, 0), metrics(250, 10), 1.0, 0.0, planned_prompt_tokens=300)
+    assert "invalid" not in ok and ok["prefill_tokens_computed"] == 200
+    assert failed["invalid"] == "1 of 2 requests failed"
+    assert short["invalid"] == "250 prompt tokens served, 300 planned"
+    sides = _with_ratios({"stock": ok, "kvsched": failed, "kvsched-no-tier": short})
+    assert sides["stock"]["over_stock"] == 1.0
+    assert sides["kvsched"]["over_stock"] is None and sides["kvsched-no-tier"]["over_stock"] is None
+    # nothing compares with a stock side that is not valid
+    assert _with_ratios({"stock": dict(failed), "kvsched": dict(ok)})["kvsched"]["over_stock"] is None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_termination_signal_runs_the_finally_that_stops_the_servers(sig):
+    stopped = []
+    before = signal.getsignal(sig)
+    with pytest.raises(SystemExit) as exc, exit_on_signals():
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(5)  # the handler raises at once
+        finally:
+            stopped.append(True)
+    assert stopped == [True] and exc.value.code == 128 + sig
+    assert signal.getsignal(sig) == before  # the handler is put back
