@@ -37,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from kvsched.serving import exit_on_signals
+
+    with exit_on_signals():  # a command's `vllm serve` children are stopped on SIGTERM and SIGHUP too
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

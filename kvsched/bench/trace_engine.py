@@ -21,13 +21,11 @@ TTFTs are comparable only on a quiet machine (they run minutes apart).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,8 +177,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:  # bad options and trace files: before any server starts
         print(f"kvsched bench replay: error: {exc}", file=sys.stderr)
         return 2
-    with exit_on_signals():  # SIGTERM or a closed terminal still stops the servers (they run in sessions of their own)
-        result = run_benchmark(setup, lambda partial: write_json(args.out, partial))
+    result = run_benchmark(setup, lambda partial: write_json(args.out, partial))  # (cli.main: SIGTERM stops servers)
     rows = [[s, r["prefill_tokens_computed"], r["over_stock"], r["ttft_p50_s"], r["ttft_p95_s"], r["errors"],
              r["mean_send_lateness_s"]] for s, r in result["sides"].items()]
     print(table(rows, ["side", "prefill computed", "over stock", "TTFT p50 s", "TTFT p95 s", "errors", "lateness s"]))
@@ -200,23 +197,6 @@ def run(args: argparse.Namespace) -> int:
     for side, why in invalid.items():
         print(f"kvsched bench replay: side {side} is not comparable: {why}", file=sys.stderr)
     return 1 if invalid else 0
-
-
-@contextlib.contextmanager
-def exit_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise SystemExit here (as Ctrl-C raises KeyboardInterrupt), so `finally` stops the servers."""
-    def leave(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
-        yield
-        return
-    old = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def sides_arg(text: str) -> list[str]:

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from kvsched.bench.trace_engine import _with_ratios, exit_on_signals, measured
+from kvsched.bench.trace_engine import _with_ratios, measured
+from kvsched.serving import exit_on_signals
 
 
 def metrics(prompt: float, hits: float) -> dict[str, float]:
