@@ -85,13 +85,17 @@ class TierDirectory:
     def admit(self, owner: Owner, keys: Sequence[Key]) -> list[tuple[Key, int]]:
         """Slots for `owner`'s `keys` (prefix order) the tier does not hold yet: (key, slot) of each new one, whose
         bytes the caller then puts there (a demotion from the pool, or a fetch from a lower level). Keys already held
-        only gain the owner; a key that finds no slot ends the run."""
+        only gain the owner; a key that finds no slot ends the run. The held run before the first new key is the
+        owner's before room is made: it may be only other sessions' (a shared system prompt, a moved session's
+        prefix), whose eviction for the room would leave the new keys extending nothing (found by review)."""
         placed: list[tuple[Key, int]] = []
         if not keys or self.num_slots == 0:
             return placed
         mine = self.keys_of.pop(owner, [])
         self.keys_of[owner] = mine  # most recently admitted last: the eviction sample takes the others first
         mine_set = set(mine)
+        for key in itertools.takewhile(self.slot_of.__contains__, keys):  # appended to `mine` below: no cut before
+            self.owners[key].add(owner)
         self._make_room(sum(1 for key in keys if key not in self.slot_of), owner)
         for key in keys:
             if key in self.slot_of:

@@ -187,9 +187,13 @@ class TierLevels:
     def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int, host: Any) -> int:
         """A request of `owner` arrived whose prefix `chain` (vLLM block hashes) is cached up to block `start`: give
         host slots to the run past what the host tier holds that the disk, then the shared store, hold (at most
-        `limit` blocks in all). Returns the blocks planned."""
+        `limit` blocks in all). Returns the blocks planned. The run the host tier holds becomes `owner`'s too: else
+        when only other sessions own it (a shared system prompt, a moved session's prefix), the room made for the
+        fetch, or a demotion while the request waits for it, could evict it and leave the fetched blocks unreachable
+        (found by review)."""
         end = start + max(limit, 0)
-        pos = start + len(host.match(chain, start, end - start))
+        held = [bytes(k) for k in chain[start:start + len(host.match(chain, start, end - start))]]
+        pos = start + len(held)
         moved = self._note_arrival(owner)
         if pos >= end:
             return 0
@@ -211,7 +215,7 @@ class TierLevels:
         if not keys:
             return 0
         source = dict(keys)
-        placed = host.admit(owner, [k for k, _ in keys])
+        placed = host.admit(owner, held + [k for k, _ in keys])
         host.hold([slot for _, slot in placed])  # no other key gets these slots until the workers' fetches landed
         fetches = [Fetch(k, slot, source[k]) for k, slot in placed]
         self.ops.fetches.extend(fetches)
