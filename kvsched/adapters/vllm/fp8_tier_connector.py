@@ -94,7 +94,6 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self.stats: dict[str, float] = dict.fromkeys(tier_stats.CONNECTOR_STATS, 0.0)
         self.levels: TierLevels | None = None
         self.levels_final: dict[str, float] = {}  # their counters once a prefix-cache reset turned them off
-        self.level_fetched: dict[str, int] = {}
         # worker side
         self.levels_worker: Any = None
         self.store: TierStore | None = None

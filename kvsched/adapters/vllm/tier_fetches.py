@@ -31,6 +31,7 @@ WAIT_BYTES_PER_S = 200e6
 class InFlight:
     key: Any
     deadline: float
+    source: str  # the level it is read from (tier_levels.DISK, SHARED)
     reports: int = 0
     ok: bool = True
 
@@ -58,12 +59,14 @@ class FetchBook:
         queued = len(self.slots) + len(fetches)  # one fetch thread per worker: those queued before go first
         deadline = self.clock() + WAIT_FLOOR_S + queued * self.block_bytes / WAIT_BYTES_PER_S
         for f in fetches:
-            self.slots[f.slot] = InFlight(f.key, deadline)
+            self.slots[f.slot] = InFlight(f.key, deadline, f.source)
         self.counters["fetches_started"] += len(fetches)
 
-    def reported(self, landed: Sequence[tuple[Any, int, bool]]) -> None:
+    def reported(self, landed: Sequence[tuple[Any, int, bool]]) -> list[tuple[Any, str, bool]]:
         """Workers' reports (key, slot, filled): a fetch is over once every worker reported it; only then may its slot
-        be read (if filled everywhere) or given to another key."""
+        be read (if filled everywhere) or given to another key. Returns the fetches over, (key, source, filled
+        everywhere): each block once, whatever the number of workers (the levels count them)."""
+        over: list[tuple[Any, str, bool]] = []
         for key, slot, ok in landed:
             f = self.slots.get(slot)
             if f is None or f.key != key:
@@ -74,6 +77,8 @@ class FetchBook:
                 del self.slots[slot]
                 self.directory.landed(slot, key, f.ok)
                 self.counters["fetches_landed" if f.ok else "fetches_failed"] += 1
+                over.append((key, f.source, f.ok))
+        return over
 
     def cancel(self, fetches: Sequence[Any]) -> None:
         """`fetches` were planned but will never reach a worker (the levels went off before the step was built):

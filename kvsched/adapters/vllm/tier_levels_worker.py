@@ -223,5 +223,4 @@ class TierLevelsWorker:
         """This step's outcomes into the worker's report to the scheduler (`TierWorkerMeta`)."""
         meta.disk_done, meta.disk_full, meta.fetch_failures = self.report()
         landed, self.landed = self.landed, []
-        meta.fetch_landed = [(f.key, f.slot, ok) for f, ok in landed]
-        meta.fetched = dict(Counter(f.source for f, ok in landed if ok))
+        meta.fetch_landed = [(f.key, f.slot, ok) for f, ok in landed]  # counted by the scheduler, once a block
