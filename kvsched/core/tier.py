@@ -196,6 +196,10 @@ class TierDirectory:
         """True if the run of `keys[start:]` the tier holds or is filling (at most `limit`) has a block in flight."""
         return self._inflight.in_run(self.slot_of.get(k) for k in keys[start:start + max(limit, 0)])
 
+    def overdue(self, slots: Sequence[int]) -> None:
+        """The fetches filling `slots` are long overdue: their sessions may lose blocks (`FillingSlots.give_up`)."""
+        self._inflight.give_up(slots)
+
     @property
     def inflight(self) -> AbstractSet[int]:
         """The slots being filled (read only)."""
@@ -338,7 +342,7 @@ class TierDirectory:
         # it lands (found by review: a demotion evicted a whole in-flight restore, one key at a time, for nothing).
         victims = sorted((value, i, owner) for i, (owner, keys) in enumerate(sample)
                          if owner != exclude and keys and (value := self._rank(owner, i)) < mine
-                         and not self._fetching_any(keys))
+                         and not self._inflight.protects(map(self.slot_of.get, keys)))
         for _, _, victim in victims:
             keys = self.keys_of[victim]
             while keys and want > 0:
@@ -362,9 +366,6 @@ class TierDirectory:
             if want <= 0:
                 break
         return bool(victims)
-
-    def _fetching_any(self, keys: Sequence[Key]) -> bool:
-        return self._inflight.any_filling(self.slot_of.get(k) for k in keys)
 
     def _free_key(self, key: Key) -> None:
         slot = self.slot_of.pop(key)

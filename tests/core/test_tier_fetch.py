@@ -13,7 +13,7 @@ from kvsched.core.tier import TierConfig, TierDirectory
 from tests.core.test_tier_steps import run_step, tail_or_match
 
 SESSIONS = [f"s{i}" for i in range(5)]
-OPS = ("demote", "demote", "fetch", "fetch", "tail", "match", "drop", "forget", "clear")
+OPS = ("demote", "demote", "fetch", "fetch", "tail", "match", "drop", "forget", "clear", "overdue")
 PENDING, GARBAGE = "<being fetched>", "<failed fetch>"
 
 
@@ -104,6 +104,8 @@ def _step(d: TierDirectory, rng: random.Random, content: dict[int, object], infl
             pass
         elif op == "drop":
             d.drop_owner(owner)
+        elif op == "overdue":  # a worker's read hung: its session may lose blocks, its slot stays held
+            d.overdue([slot for slot in inflight if rng.random() < 0.5])
         elif op == "forget":
             d.forget([f"k{rng.randrange(8)}"])
         elif rng.random() < 0.2:
@@ -209,3 +211,23 @@ def test_the_held_run_an_admission_found_no_room_after_leaves_with_its_owners():
     d.drop_owner("z")
     d.unlock_all()
     assert not d.slot_of and not d.owners and sorted(d._free) == [0, 1]
+
+
+def test_an_overdue_fetch_holds_its_slot_but_no_longer_its_session():
+    """Found by review: a fetch one worker never reported kept every block of its session from eviction for good."""
+    d = directory(4)
+    placed = d.admit("x", ["k0", "k1", "k2"])
+    d.hold([slot for _, slot in placed])
+    stuck = placed[2][1]
+    for key, slot in placed[:2]:
+        d.landed(slot, key, ok=True)
+    d.unlock_all()
+    assert len(d.demote("w", [("w0", 0), ("w1", 1)])) == 1  # x is being fetched: only the free slot
+    d.overdue([stuck])
+    stores = d.demote("w", [("w0", 0), ("w1", 1), ("w2", 2)])
+    assert len(stores) == 2 and "x" not in d.keys_of and stuck not in {st.slot for st in stores}
+    d.unlock_all()
+    assert stuck not in d._free  # the stuck read may still write it
+    d.landed(stuck, "k2", ok=True)
+    d.unlock_all()
+    assert stuck in d._free and not d.inflight

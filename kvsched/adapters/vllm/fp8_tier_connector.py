@@ -265,6 +265,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         if self.levels is not None:
             meta.levels = self.levels.take_ops()  # before unlock_all: spills of slots it frees go to the next step
         self.steps_built += 1
+        self.fetches.expire()  # a fetch a worker never reports holds its slot, not its session for good
         if self._step_loads:
             self._loading.append(self._step_loads)
             self._step_loads = {}

@@ -47,3 +47,37 @@ def test_a_fetched_block_counts_once_whatever_the_number_of_workers(harness_cfg,
     stats = e.s.connector.tier_stats()
     assert stats["disk_tier_restored_blocks"] == 8 and stats["disk_tier_read_failures"] == 2
     assert not e.book.slots and [k in e.directory.slot_of for k in keys[3:7]] == [True, False, False, True]
+
+
+def test_a_fetch_one_worker_never_reports_holds_its_slot_not_its_session(harness_cfg, clock, tmp_path,
+                                                                          caplog) -> None:
+    """Found by review: a fetch one rank never reported (its read hung) made its whole session unevictable for good.
+    Well past its deadline it no longer protects the session; its slot stays held until the report comes."""
+    from kvsched.adapters.vllm.tier_fetches import STUCK_AFTER_S, WAIT_FLOOR_S
+
+    e, f = Engine(harness_cfg, clock, tmp_path), RequestFactory(BLOCK)
+    two_workers(e)
+    e.book.clock = clock
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    e.levels.disk.load_index(keys[:10])
+    e.s.add_request(ra)
+    fetches = e.levels.take_ops().fetches
+    e.book.reported([(x.key, x.slot, True) for x in fetches])  # rank 0: all ten
+    e.book.reported([(x.key, x.slot, True) for x in fetches[:9]])  # rank 1: nine; the tenth never comes
+    d, stuck = e.directory, fetches[9].slot
+    def others(who: bytes) -> list[tuple[bytes, int]]:
+        return [(b"%s%08d" % (who, i), i) for i in range(d.num_slots)]
+
+    clock.advance(WAIT_FLOOR_S + STUCK_AFTER_S / 2)
+    e.s.connector.build_connector_meta(None)  # once a step
+    assert e.s.connector.demote("w", others(b"w")) == d.num_slots - 10  # the free slots only: "moved" is being fetched
+    clock.advance(STUCK_AFTER_S)
+    e.s.connector.build_connector_meta(None)
+    e.s.connector.build_connector_meta(None)
+    assert e.s.kvsched.stats()["levels_fetch_stuck"] == 1 and caplog.text.count("unreported") == 1
+    assert e.s.connector.demote("v", others(b"v")[:9]) == 9  # the longest-standing session's blocks may go now
+    assert d.blocks_of("moved") == 0 and d.blocks_of("w") == d.num_slots - 10
+    assert stuck not in d.slot_of.values() and stuck in d.inflight
+    e.book.reported([(fetches[9].key, stuck, True)])  # the hung read returns at last
+    e.s.connector.build_connector_meta(None)
+    assert not e.book.slots and stuck in d._free
