@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 
 from kvsched.core.tier_config import TierConfig, TierConfigError
+from kvsched.core.tier_fills import FillingSlots
 from kvsched.core.tier_ops import Key, Load, Owner, Store, TailKey
 
 __all__ = ["Key", "Load", "Owner", "Store", "TailKey", "TierConfig", "TierDirectory"]
@@ -59,7 +60,7 @@ class TierDirectory:
         self._locked: set[int] = set()  # slots a planned load reads this step
         self._orphans: list[Key] = []  # evicted while a load reads them: spilled and freed at unlock_all
         self._held: list[int] = []  # slots a load reads whose key left the tier: free at unlock_all
-        self._inflight: set[int] = set()  # slots a lower level's fetch fills in the background: held until `landed`
+        self._inflight = FillingSlots()  # slots a lower level's fetch fills in the background: held until `landed`
         self._evicted: OrderedDict[Key, None] = OrderedDict()
         self.tail_of: dict[Owner, TailKey] = {}  # one partial last block per session
         self._tails: dict[Key, set[TailKey]] = {}  # parent key -> tails stored after it
@@ -84,13 +85,17 @@ class TierDirectory:
     def admit(self, owner: Owner, keys: Sequence[Key]) -> list[tuple[Key, int]]:
         """Slots for `owner`'s `keys` (prefix order) the tier does not hold yet: (key, slot) of each new one, whose
         bytes the caller then puts there (a demotion from the pool, or a fetch from a lower level). Keys already held
-        only gain the owner; a key that finds no slot ends the run."""
+        only gain the owner; a key that finds no slot ends the run. The held run before the first new key is the
+        owner's before room is made: it may be only other sessions' (a shared system prompt, a moved session's
+        prefix), whose eviction for the room would leave the new keys extending nothing (found by review)."""
         placed: list[tuple[Key, int]] = []
         if not keys or self.num_slots == 0:
             return placed
         mine = self.keys_of.pop(owner, [])
         self.keys_of[owner] = mine  # most recently admitted last: the eviction sample takes the others first
         mine_set = set(mine)
+        for key in itertools.takewhile(self.slot_of.__contains__, keys):  # appended to `mine` below: no cut before
+            self.owners[key].add(owner)
         self._make_room(sum(1 for key in keys if key not in self.slot_of), owner)
         for key in keys:
             if key in self.slot_of:
@@ -177,30 +182,28 @@ class TierDirectory:
         """A background fetch fills `slots` (just `admit`ted): until it `landed`, no restore reads them (`match` ends
         before them) and none is handed to another key, not even once its key has left the tier (an eviction, the
         session's end, `clear`): the slot then waits, free of any key, until the fetch can no longer write it."""
-        self._inflight.update(slots)
+        self._inflight.hold(slots)
 
     def landed(self, slot: int, key: Key, ok: bool) -> None:
         """The fetch of `key` into `slot` is over on every worker; `ok`: every one verified and filled it. A failed one
         drops the key if the slot is still its home (restores recompute it). A slot whose key left meanwhile is free
         from the next `unlock_all`."""
-        self._inflight.discard(slot)
+        self._inflight.landed(slot)
         if not ok and self.slot_of.get(key) == slot:
             self._drop_key(key)
 
     def fetching(self, keys: Sequence[Key], start: int, limit: int) -> bool:
         """True if the run of `keys[start:]` the tier holds or is filling (at most `limit`) has a block in flight."""
-        for key in keys[start:start + max(limit, 0)]:
-            slot = self.slot_of.get(key)
-            if slot is None:
-                return False
-            if slot in self._inflight:
-                return True
-        return False
+        return self._inflight.in_run(self.slot_of.get(k) for k in keys[start:start + max(limit, 0)])
+
+    def overdue(self, slots: Sequence[int]) -> None:
+        """The fetches filling `slots` are long overdue: their sessions may lose blocks (`FillingSlots.give_up`)."""
+        self._inflight.give_up(slots)
 
     @property
     def inflight(self) -> AbstractSet[int]:
         """The slots being filled (read only)."""
-        return self._inflight
+        return self._inflight.slots
 
     def was_evicted(self, key: Key) -> bool:
         """True if `key` was in the tier and has been evicted since (a restore miss, not a cold block)."""
@@ -339,7 +342,7 @@ class TierDirectory:
         # it lands (found by review: a demotion evicted a whole in-flight restore, one key at a time, for nothing).
         victims = sorted((value, i, owner) for i, (owner, keys) in enumerate(sample)
                          if owner != exclude and keys and (value := self._rank(owner, i)) < mine
-                         and not self._fetching_any(keys))
+                         and not self._inflight.protects(map(self.slot_of.get, keys)))
         for _, _, victim in victims:
             keys = self.keys_of[victim]
             while keys and want > 0:
@@ -363,9 +366,6 @@ class TierDirectory:
             if want <= 0:
                 break
         return bool(victims)
-
-    def _fetching_any(self, keys: Sequence[Key]) -> bool:
-        return bool(self._inflight) and any(self.slot_of.get(k) in self._inflight for k in keys)
 
     def _free_key(self, key: Key) -> None:
         slot = self.slot_of.pop(key)

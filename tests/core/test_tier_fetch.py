@@ -13,7 +13,7 @@ from kvsched.core.tier import TierConfig, TierDirectory
 from tests.core.test_tier_steps import run_step, tail_or_match
 
 SESSIONS = [f"s{i}" for i in range(5)]
-OPS = ("demote", "demote", "fetch", "fetch", "tail", "match", "drop", "forget", "clear")
+OPS = ("demote", "demote", "fetch", "fetch", "tail", "match", "drop", "forget", "clear", "overdue")
 PENDING, GARBAGE = "<being fetched>", "<failed fetch>"
 
 
@@ -104,6 +104,8 @@ def _step(d: TierDirectory, rng: random.Random, content: dict[int, object], infl
             pass
         elif op == "drop":
             d.drop_owner(owner)
+        elif op == "overdue":  # a worker's read hung: its session may lose blocks, its slot stays held
+            d.overdue([slot for slot in inflight if rng.random() < 0.5])
         elif op == "forget":
             d.forget([f"k{rng.randrange(8)}"])
         elif rng.random() < 0.2:
@@ -171,3 +173,61 @@ def test_in_recency_order_a_demotion_leaves_a_whole_restore_in_flight_alone():
     d.unlock_all()
     d.demote("c", [(f"c{i}", i) for i in range(11)])  # 11 wanted, 10 to be had
     assert sum(1 for k in d.slot_of if str(k).startswith("m")) == 90
+
+
+def test_admitting_past_another_sessions_run_never_evicts_that_run():
+    """Found by review: a fetch that extends a run only other sessions own (a shared system prompt) made its room by
+    evicting that very run, and a demotion while the fetch ran could too: the fetched blocks were then unreachable."""
+    d = directory(8)
+    d.demote("y", [(f"k{i}", i) for i in range(4)])  # the shared prefix k0..k3, only y's
+    d.demote("z", [(f"z{i}", i) for i in range(4)])  # the tier is full
+    placed = d.admit("x", [f"k{i}" for i in range(10)])  # x's request: the prefix, then its own blocks k4..k9
+    d.hold([slot for _, slot in placed])
+    d.unlock_all()
+    assert [k for k, _ in placed] == [f"k{i}" for i in range(4, 8)]  # z made room; k8 found none
+    assert d.fetching([f"k{i}" for i in range(10)], 0, 10) and all("x" in d.owners[f"k{i}"] for i in range(4))
+    d.drop_owner("y")
+    d.demote("w", [("w0", 0), ("w1", 1)])  # pressure while x's request waits: nothing of x's run may go
+    assert all(f"k{i}" in d.slot_of for i in range(8))
+    for key, slot in placed:
+        d.landed(slot, key, ok=True)
+    assert len(d.match([f"k{i}" for i in range(10)], 0, 10)) == 8
+    for owner in ("x", "w"):
+        d.drop_owner(owner)
+    d.unlock_all()
+    assert sorted(d._free) == list(range(8)) and not d.owners  # the run's new owner leaked nothing
+
+
+
+def test_the_held_run_an_admission_found_no_room_after_leaves_with_its_owners():
+    d = directory(2)
+    d.demote("y", [("k0", 0)])
+    (_, slot), = d.admit("z", ["z0"])
+    d.hold([slot])  # z's fetch: unevictable, so x finds no room at all
+    assert d.admit("x", ["k0", "k1"]) == [] and d.keys_of["x"] == ["k0"]
+    d.drop_owner("y")
+    d.drop_owner("x")
+    d.landed(slot, "z0", ok=True)
+    d.drop_owner("z")
+    d.unlock_all()
+    assert not d.slot_of and not d.owners and sorted(d._free) == [0, 1]
+
+
+def test_an_overdue_fetch_holds_its_slot_but_no_longer_its_session():
+    """Found by review: a fetch one worker never reported kept every block of its session from eviction for good."""
+    d = directory(4)
+    placed = d.admit("x", ["k0", "k1", "k2"])
+    d.hold([slot for _, slot in placed])
+    stuck = placed[2][1]
+    for key, slot in placed[:2]:
+        d.landed(slot, key, ok=True)
+    d.unlock_all()
+    assert len(d.demote("w", [("w0", 0), ("w1", 1)])) == 1  # x is being fetched: only the free slot
+    d.overdue([stuck])
+    stores = d.demote("w", [("w0", 0), ("w1", 1), ("w2", 2)])
+    assert len(stores) == 2 and "x" not in d.keys_of and stuck not in {st.slot for st in stores}
+    d.unlock_all()
+    assert stuck not in d._free  # the stuck read may still write it
+    d.landed(stuck, "k2", ok=True)
+    d.unlock_all()
+    assert stuck in d._free and not d.inflight

@@ -94,7 +94,6 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self.stats: dict[str, float] = dict.fromkeys(tier_stats.CONNECTOR_STATS, 0.0)
         self.levels: TierLevels | None = None
         self.levels_final: dict[str, float] = {}  # their counters once a prefix-cache reset turned them off
-        self.level_fetched: dict[str, int] = {}
         # worker side
         self.levels_worker: Any = None
         self.store: TierStore | None = None
@@ -266,6 +265,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         if self.levels is not None:
             meta.levels = self.levels.take_ops()  # before unlock_all: spills of slots it frees go to the next step
         self.steps_built += 1
+        self.fetches.expire()  # a fetch a worker never reports holds its slot, not its session for good
         if self._step_loads:
             self._loading.append(self._step_loads)
             self._step_loads = {}

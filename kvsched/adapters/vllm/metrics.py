@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_latest_openmetrics
 
+from kvsched.adapters.vllm.tier_fetches import STUCK_AFTER_S
 from kvsched.core.retention_records import ReleaseReason
 
 GAUGES = {
@@ -96,6 +97,9 @@ COUNTERS = {
                           "scheduled the requests behind them meanwhile)",
     "levels_fetch_overdue": "Requests scheduled without blocks whose fetch missed its deadline (a stalled store or "
                             "disk): vLLM computed them; the fetch still serves the session's next turn",
+    "levels_fetch_stuck": f"Disk or shared-store fetches some worker had still not reported {STUCK_AFTER_S:.0f} s past "
+                          "their deadline (a hung read?): their sessions' blocks may be evicted again; their slots stay held until "
+                          "reported",
     "shared_tier_restored_blocks": "KV blocks read from the shared store into the FP8 tier (then into the pool)",
     "shared_tier_read_failures": "Shared-store blocks not served: missing (expired, store down) or failing their "
                                  "checks (recomputed)",

@@ -13,10 +13,16 @@ then scheduled without the blocks still missing and vLLM computes them, as with 
 and its blocks serve the session's next turn. The floor covers the store's own timeouts (0.5 s a call) and a step or
 two of any engine; 200 MB/s is well under what one Redis client reached here (500-900 MiB/s, docs/shared_store.md),
 so a healthy store lands first.
+
+A fetch some worker has still not reported `STUCK_AFTER_S` past its deadline (a read hung on one rank) is taken as
+stuck: its session's blocks may be evicted again (else the one fetch kept the whole session in the tier for good,
+found by review), while its slot stays held until every report is in, since the stuck read may still write it.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -25,14 +31,18 @@ from typing import Any
 
 WAIT_FLOOR_S = 2.0
 WAIT_BYTES_PER_S = 200e6
+STUCK_AFTER_S = 30.0  # far beyond a slow store (0.5 s a call) or a loaded disk; a fetch unreported then has hung
+logger = logging.getLogger("vllm.kvsched.fp8_tier")
 
 
 @dataclass(slots=True)
 class InFlight:
     key: Any
     deadline: float
+    source: str  # the level it is read from (tier_levels.DISK, SHARED)
     reports: int = 0
     ok: bool = True
+    stuck: bool = False  # unreported `STUCK_AFTER_S` past its deadline
 
 
 class FetchBook:
@@ -50,6 +60,7 @@ class FetchBook:
         self.counters: Counter[str] = Counter()
         self._waited: set[str] = set()  # requests that waited for a fetch (counted once)
         self._overdue: set[str] = set()  # requests scheduled without blocks a fetch had not delivered (counted once)
+        self._next_stuck = math.inf  # no fetch can be stuck before then
 
     def started(self, fetches: Sequence[Any]) -> None:
         """`fetches` (tier_levels.Fetch) were planned into held slots this step."""
@@ -58,12 +69,15 @@ class FetchBook:
         queued = len(self.slots) + len(fetches)  # one fetch thread per worker: those queued before go first
         deadline = self.clock() + WAIT_FLOOR_S + queued * self.block_bytes / WAIT_BYTES_PER_S
         for f in fetches:
-            self.slots[f.slot] = InFlight(f.key, deadline)
+            self.slots[f.slot] = InFlight(f.key, deadline, f.source)
+        self._next_stuck = min(self._next_stuck, deadline + STUCK_AFTER_S)
         self.counters["fetches_started"] += len(fetches)
 
-    def reported(self, landed: Sequence[tuple[Any, int, bool]]) -> None:
+    def reported(self, landed: Sequence[tuple[Any, int, bool]]) -> list[tuple[Any, str, bool]]:
         """Workers' reports (key, slot, filled): a fetch is over once every worker reported it; only then may its slot
-        be read (if filled everywhere) or given to another key."""
+        be read (if filled everywhere) or given to another key. Returns the fetches over, (key, source, filled
+        everywhere): each block once, whatever the number of workers (the levels count them)."""
+        over: list[tuple[Any, str, bool]] = []
         for key, slot, ok in landed:
             f = self.slots.get(slot)
             if f is None or f.key != key:
@@ -74,6 +88,8 @@ class FetchBook:
                 del self.slots[slot]
                 self.directory.landed(slot, key, f.ok)
                 self.counters["fetches_landed" if f.ok else "fetches_failed"] += 1
+                over.append((key, f.source, f.ok))
+        return over
 
     def cancel(self, fetches: Sequence[Any]) -> None:
         """`fetches` were planned but will never reach a worker (the levels went off before the step was built):
@@ -84,6 +100,24 @@ class FetchBook:
                 del self.slots[f.slot]
                 self.directory.landed(f.slot, f.key, False)
                 self.counters["fetches_cancelled"] += 1
+
+    def expire(self) -> None:
+        """Once a step: fetches unreported `STUCK_AFTER_S` past their deadline stop protecting their sessions
+        (`TierDirectory.overdue`); their slots stay held until reported. Counted, logged once."""
+        now = self.clock()
+        if now < self._next_stuck:
+            return
+        stuck = [slot for slot, f in self.slots.items() if not f.stuck and now >= f.deadline + STUCK_AFTER_S]
+        for slot in stuck:
+            self.slots[slot].stuck = True
+        self._next_stuck = min((f.deadline + STUCK_AFTER_S for f in self.slots.values() if not f.stuck), default=math.inf)
+        if stuck:
+            self.directory.overdue(stuck)
+            if not self.counters["stuck_fetches"]:
+                logger.warning("kvsched disk/shared tier: %d fetches unreported %.0f s past their deadline (a hung "
+                               "read?): their sessions' blocks may be evicted; their slots stay held until reported "
+                               "(further ones are counted in levels_fetch_stuck, not logged)", len(stuck), STUCK_AFTER_S)
+            self.counters["stuck_fetches"] += len(stuck)
 
     def must_wait(self, request_id: str, key: Any) -> bool:
         """Should the request whose next prefix block is `key` wait for it (being fetched, before the deadline)?"""
@@ -108,4 +142,4 @@ class FetchBook:
     def stats(self) -> dict[str, float]:
         c = self.counters
         return {"levels_fetching_blocks": float(len(self.slots)), "levels_fetch_waits": float(c["waited_requests"]),
-                "levels_fetch_overdue": float(c["overdue_requests"])}
+                "levels_fetch_overdue": float(c["overdue_requests"]), "levels_fetch_stuck": float(c["stuck_fetches"])}

@@ -187,9 +187,13 @@ class TierLevels:
     def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int, host: Any) -> int:
         """A request of `owner` arrived whose prefix `chain` (vLLM block hashes) is cached up to block `start`: give
         host slots to the run past what the host tier holds that the disk, then the shared store, hold (at most
-        `limit` blocks in all). Returns the blocks planned."""
+        `limit` blocks in all). Returns the blocks planned. The run the host tier holds becomes `owner`'s too: else
+        when only other sessions own it (a shared system prompt, a moved session's prefix), the room made for the
+        fetch, or a demotion while the request waits for it, could evict it and leave the fetched blocks unreachable
+        (found by review)."""
         end = start + max(limit, 0)
-        pos = start + len(host.match(chain, start, end - start))
+        held = [bytes(k) for k in chain[start:start + len(host.match(chain, start, end - start))]]
+        pos = start + len(held)
         moved = self._note_arrival(owner)
         if pos >= end:
             return 0
@@ -211,7 +215,7 @@ class TierLevels:
         if not keys:
             return 0
         source = dict(keys)
-        placed = host.admit(owner, [k for k, _ in keys])
+        placed = host.admit(owner, held + [k for k, _ in keys])
         host.hold([slot for _, slot in placed])  # no other key gets these slots until the workers' fetches landed
         fetches = [Fetch(k, slot, source[k]) for k, slot in placed]
         self.ops.fetches.extend(fetches)
@@ -268,13 +272,21 @@ class TierLevels:
 
     def fetch_failed(self, failures: Sequence[tuple[bytes, str]]) -> None:
         """Blocks a worker could not read (DISK, SHARED) or put (SHARED_PUT: failed or dropped; found by review: a
-        failed put hid the session from other replicas until half the block TTL had gone)."""
+        failed put hid the session from other replicas until half the block TTL had gone). Each rank reports its
+        own; a read failure is counted once, in `fetches_over`."""
         for key, source in failures:
-            self.counters["shared_put_failures" if source == SHARED_PUT else f"{source}_read_failures"] += 1
+            if source == SHARED_PUT:
+                self.counters["shared_put_failures"] += 1  # each rank puts its own frame
             if source == DISK and self.disk is not None:
                 self.ops.deletes.extend(self.disk.forget([key]))
             elif source in (SHARED, SHARED_PUT):  # not in the store: the session's next turn publishes it again
                 self._published.pop(key, None)
+
+    def fetches_over(self, over: Sequence[tuple[bytes, str, bool]]) -> None:
+        """Fetches over on every worker (FetchBook.reported: key, source, filled everywhere): each block counts once,
+        restored or not served (found by review: each rank's counts were summed, world_size times the blocks)."""
+        for _, source, ok in over:
+            self.counters[f"{source}_restored_blocks" if ok else f"{source}_read_failures"] += 1
 
     def take_ops(self) -> LevelOps:
         ops, self.ops = self.ops, LevelOps()
@@ -290,10 +302,12 @@ class TierLevels:
                        disk_tier_write_failures=d.counters["failed_writes"],
                        disk_tier_evicted_blocks=d.counters["evicted_blocks"],
                        disk_tier_indexed_blocks=d.counters["indexed_blocks"],
-                       disk_tier_read_failures=c["disk_read_failures"])
+                       disk_tier_read_failures=c["disk_read_failures"],
+                       disk_tier_restored_blocks=c["disk_restored_blocks"])
         if self.store is not None:
             out.update(self.store.stats())
             out.update(shared_tier_read_failures=c["shared_read_failures"], moved_sessions=c["moved_sessions"],
+                       shared_tier_restored_blocks=c["shared_restored_blocks"],
                        moved_sessions_restored=c["moved_sessions_restored"],
                        shared_tier_put_failures=c["shared_put_failures"],
                        store_bad_values=out.get("store_bad_values", 0.0) + c["store_bad_values"])

@@ -63,6 +63,9 @@ class TierLevelsWorker:
 
     # ---- in the step, before the tier's stores ------------------------------------------------------------------
     def before_stores(self, ops: LevelOps) -> None:
+        """Queue the deletes, then copy what the spills and publishes write behind. A copy that raises (a pinned host
+        buffer that cannot be allocated, say) fails its writes, never the engine's step (found by review: unguarded,
+        unlike the tier's stores, it took the worker down)."""
         # A key written again this step needs no delete (the write replaces its file whole); a delete put off to the
         # next step would remove the new file (found by review).
         rewritten = {sp.key for sp in ops.spills} | {p.key for p in ops.publishes if p.disk}
@@ -73,16 +76,34 @@ class TierLevelsWorker:
             if not self.writer.submit(lambda: [files.delete(k) for k in keys] and None):
                 self._deferred_deletes = keys[-MAX_DEFERRED_DELETES:]  # a full queue: next step (else left behind)
         for sp in ops.spills:
-            payload = self.tier.slot_payload(sp.slot)
+            try:
+                payload = self.tier.slot_payload(sp.slot)
+            except Exception:  # noqa: BLE001 - a cache never fails the step
+                self._copy_failed([(sp.key, True, False)])
+                continue
             if payload is None:  # the slot did not verify: nothing trustworthy to keep
                 self.writer.results.append([(sp.key, False)])
                 continue
             key = sp.key
             self._submit([(key, True, False)], lambda key=key, payload=payload: [(key, payload, True, False)])
         if ops.publishes:
-            snap = self.tier.snapshot([p.block_id for p in ops.publishes])
             pubs = [(p.key, p.disk, p.shared) for p in ops.publishes]
+            try:
+                snap = self.tier.snapshot([p.block_id for p in ops.publishes])
+            except Exception:  # noqa: BLE001 - a cache never fails the step
+                self._copy_failed(pubs)
+                return
             self._submit(pubs, lambda: [(k, snap.payload(i), d, s) for i, (k, d, s) in enumerate(pubs)])
+
+    def _copy_failed(self, keys: list[tuple[bytes, bool, bool]]) -> None:
+        """The step's copy for a write job of (key, to disk, to shared) raised: its disk writes and shared puts are
+        reported failed (the scheduler waits for each disk write's report); counted, logged once."""
+        self.counters["copy_failures"] += 1
+        if self.counters["copy_failures"] == 1:
+            logger.exception("kvsched disk/shared tier: copying %d blocks to write behind failed; not written (further "
+                             "failures are counted, not logged)", len(keys))
+        self.writer.results.append([(k, False) for k, to_disk, _ in keys if to_disk])
+        self._put_failed([(k, SHARED_PUT) for k, _, to_shared in keys if to_shared and self.shared is not None])
 
     def _submit(self, keys: list[tuple[bytes, bool, bool]], items: Any) -> None:
         """Queue a write job of (key, to disk, to shared); its disk writes and shared puts are reported failed if the
@@ -223,5 +244,4 @@ class TierLevelsWorker:
         """This step's outcomes into the worker's report to the scheduler (`TierWorkerMeta`)."""
         meta.disk_done, meta.disk_full, meta.fetch_failures = self.report()
         landed, self.landed = self.landed, []
-        meta.fetch_landed = [(f.key, f.slot, ok) for f, ok in landed]
-        meta.fetched = dict(Counter(f.source for f, ok in landed if ok))
+        meta.fetch_landed = [(f.key, f.slot, ok) for f, ok in landed]  # counted by the scheduler, once a block

@@ -51,21 +51,17 @@ class TierWorkerMeta(KVConnectorWorkerMetadata):
     disk_done: list[tuple[Any, bool]] = field(default_factory=list)  # disk writes completed: (key, ok)
     disk_full: bool = False
     fetch_failures: list[tuple[Any, str]] = field(default_factory=list)  # (key, level) that failed their checks
-    fetched: dict[str, int] = field(default_factory=dict)  # blocks filled from each level
     fetch_landed: list[tuple[Any, int, bool]] = field(default_factory=list)  # (key, slot, filled): fetches over
     busy_s: float = 0.0  # seconds the worker spent in the tier's copies this step (before and during the forward)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, TierWorkerMeta)
-        fetched = dict(self.fetched)
-        for k, v in other.fetched.items():
-            fetched[k] = fetched.get(k, 0) + v
         return TierWorkerMeta(self.loaded_blocks + other.loaded_blocks, self.failed_blocks + other.failed_blocks,
                               self.err_sq + other.err_sq, self.ref_sq + other.ref_sq, self.disabled or other.disabled,
                               self.disk_done + other.disk_done, self.disk_full or other.disk_full,
-                              self.fetch_failures + other.fetch_failures, fetched,
+                              self.fetch_failures + other.fetch_failures,
                               self.fetch_landed + other.fetch_landed, max(self.busy_s, other.busy_s))
 
     def __bool__(self) -> bool:
         return bool(self.loaded_blocks or self.failed_blocks or self.ref_sq or self.disabled or self.disk_done
-                    or self.disk_full or self.fetch_failures or self.fetched or self.fetch_landed or self.busy_s)
+                    or self.disk_full or self.fetch_failures or self.fetch_landed or self.busy_s)

@@ -84,10 +84,12 @@ class TierPrefetcher:
 
     # ---- triggers ---------------------------------------------------------------------------------------------------
     def on_request_added(self, request: Any, key: SessionKey) -> None:
-        limit = (int(request.num_tokens) - 1) // self.pins.block_size
+        limit = (int(request.num_tokens) - 1) // self.pins.block_size  # blocks before the one vLLM always computes
         if getattr(self.tier, "levels", None) is not None:  # blocks only the disk or shared level holds: fetched
             chain = request.block_hashes  # into the tier in the background, then prefetched like any tier block
-            self.tier.promote(key, chain, len(compat.cached_prefix(self.pins.scheduler, chain, limit)), limit)
+            head = len(compat.cached_prefix(self.pins.scheduler, chain, limit))
+            # a count past the pool's hit, not `limit` itself (found by review: that fetched the block vLLM computes)
+            self.tier.promote(key, chain, head, limit - head)
         if self._fetching(request):
             self.awaiting[request.request_id] = (key, request)
         elif self._holds(key):

@@ -13,12 +13,11 @@ CONNECTOR_STATS = ("restores", "tail_restores", "restored_blocks", "superseded_l
 
 def absorb_worker_meta(conn: Any, meta: Any) -> None:
     """The scheduler side takes in what the workers did this step (`TierWorkerMeta`, summed over workers)."""
-    conn.fetches.reported(meta.fetch_landed)  # also once a reset turned the levels off: their slots come back
+    over = conn.fetches.reported(meta.fetch_landed)  # also once a reset turned the levels off: their slots come back
     if conn.levels is not None:
         conn.levels.written(meta.disk_done, meta.disk_full)
         conn.levels.fetch_failed(meta.fetch_failures)
-        for level, n in meta.fetched.items():
-            conn.level_fetched[level] = conn.level_fetched.get(level, 0) + n
+        conn.levels.fetches_over(over)
     conn.stats["worker_seconds"] += meta.busy_s
     conn.stats["err_sq"] += meta.err_sq
     conn.stats["ref_sq"] += meta.ref_sq
@@ -54,8 +53,6 @@ def tier_stats(conn: Any) -> dict[str, Any]:
     if conn.levels is not None or conn.levels_final:
         out.update(conn.levels.stats() if conn.levels is not None else conn.levels_final)
         out.update(conn.fetches.stats())
-        out.update({f"{level}_tier_restored_blocks": float(conn.level_fetched.get(level, 0))
-                    for level in ("disk", "shared") if f"{level}_tier_read_failures" in out})
     return out
 
 

@@ -291,3 +291,24 @@ def test_a_fill_that_raises_on_the_fetch_thread_is_reported_and_the_request_goes
     for _ in range(3):
         e.step()
     assert not e.book.slots and len(e.directory._free) == e.directory.num_slots
+
+
+def test_an_arrival_fetches_no_block_past_what_its_prefill_can_hit(harness_cfg, clock, tmp_path):
+    """Found by review: the arrival passed the index of the last block a hit may cover as a count past the pool's hit,
+    so with a pool hit and a prompt of whole blocks the last block, which vLLM computes anyway, was fetched too."""
+    e, f = Engine(harness_cfg, clock, tmp_path), RequestFactory(BLOCK)
+    e.store.gate.set()
+    e.s.add_request(f.make(HISTORY[:2 * BLOCK] + [9] * 5, 4, session_id="warm"))
+    while e.s.has_requests():
+        e.step()
+    ra, keys = arrive(e, f, "moved", HISTORY)  # exactly 10 blocks, the first 2 cached in the pool
+    e.publish(keys)
+    e.s.add_request(ra)
+    assert sorted(keys.index(x.key) for x in e.book.slots.values()) == list(range(2, 9))
+    hit = scheduled(e.step()).get(ra.request_id)  # the fetch starts
+    assert hit is None and e.w.fetcher.flush(BOUND_S)
+    for _ in range(5):
+        hit = scheduled(e.step()).get(ra.request_id, hit)
+        if hit is not None:
+            break
+    assert hit == 9 * BLOCK

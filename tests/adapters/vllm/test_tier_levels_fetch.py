@@ -13,7 +13,7 @@ import torch
 
 from kvsched.adapters.vllm import tier_blob
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
-from kvsched.adapters.vllm.tier_levels import DISK, SHARED, Fetch, LevelOps, Publish
+from kvsched.adapters.vllm.tier_levels import DISK, SHARED, SHARED_PUT, Fetch, LevelOps, Publish, Spill
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker
 from kvsched.core.shared_state import block_key
@@ -170,3 +170,27 @@ def test_a_publish_and_a_fetch_of_one_step_do_not_wait_for_each_other(tmp_path: 
     assert w.writer.flush(BOUND_S) and w.report()[0] == [(KEYS[6], True)]  # written while the fetch still reads
     store.gate.set()
     assert w.fetcher.flush(BOUND_S) and landed(w) == [(KEYS[0], 0, False)]  # (not in the store: a miss)
+
+
+def test_a_copy_that_raises_in_the_step_fails_its_writes_never_the_step(tmp_path: Path, caplog) -> None:
+    """Found by review: the step's copies for the writes behind (a spill's slot, a publish's snapshot) were unguarded,
+    unlike the tier's stores: a pinned host buffer that could not be allocated took the worker down. Now their writes
+    are reported failed (the scheduler's books wait for each), counted and logged once; the step goes on."""
+    store = SlowStore()
+    store.gate.set()
+    w = worker(store, disk=tmp_path)
+
+    def oom(*args: object) -> None:
+        raise RuntimeError("CUDA error: out of memory (pinned staging buffer)")
+
+    w.tier.snapshot = oom
+    w.tier.slot_payload = oom
+    for _ in range(2):
+        w.before_stores(LevelOps(spills=[Spill(KEYS[0], 5)], publishes=[Publish(KEYS[1], 3, True, True),
+                                                                         Publish(KEYS[2], 4, False, True)]))
+    done, _, failures = w.report()
+    assert sorted(done) == sorted([(KEYS[0], False), (KEYS[1], False)] * 2)
+    assert sorted(failures) == sorted([(KEYS[1], SHARED_PUT), (KEYS[2], SHARED_PUT)] * 2)
+    assert w.counters["copy_failures"] == 4 and caplog.text.count("to write behind failed") == 1
+    w.start_fetch(LevelOps(fetches=[Fetch(KEYS[3], 0, SHARED)]))  # the rest of the step runs as ever
+    assert w.fetcher.flush(BOUND_S) and landed(w) == [(KEYS[3], 0, False)]

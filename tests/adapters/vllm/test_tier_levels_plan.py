@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from kvsched.adapters.vllm.tier_disk import DiskFiles
 from kvsched.adapters.vllm.tier_levels import DISK, SHARED, TierLevels
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
@@ -141,3 +143,24 @@ def test_a_block_is_published_again_once_half_its_store_ttl_is_gone(tmp_path: Pa
     now[0] += lv.cfg.kv_ttl_s / 2
     lv.turn_finished("s", blocks, None)
     assert [p.shared for p in lv.take_ops().publishes] == [True] * 3
+
+
+
+@pytest.mark.parametrize("tier_full", [True, False])
+def test_a_fetch_keeps_the_host_run_it_extends_even_when_only_other_sessions_own_it(tmp_path: Path, tier_full) -> None:
+    """Found by review: the arrival admitted only the blocks past the run the host tier holds, so when that run was
+    only another session's (a shared system prompt), the room made for the fetch evicted it, as could a demotion while
+    the request waited: the fetched blocks then extended nothing."""
+    chain = [bytes([i]) * 32 for i in range(10)]
+    lv, h = levels(tmp_path), host(8 if tier_full else 10)
+    assert lv.disk is not None
+    lv.disk.load_index(chain[4:])  # the disk holds x's own history k4..k9
+    h.admit("y", chain[:4])  # y holds the shared prefix k0..k3 in the host tier
+    if tier_full:
+        h.admit("z", [bytes([100 + i]) * 32 for i in range(4)])
+    fetched = 4 if tier_full else 6  # z made room for k4..k7; or there was room for all
+    assert lv.promote("x", chain, 0, 10, h) == fetched
+    h.demote("w", [(bytes([200 + i]) * 32, i) for i in range(4)])  # pressure while x's request waits
+    for f in lv.take_ops().fetches:
+        h.landed(f.slot, f.key, ok=True)
+    assert len(h.match(chain, 0, 10)) == 4 + fetched and h.blocks_of("x") == 4 + fetched
