@@ -188,8 +188,9 @@ class PinApplier(Generic[B]):
 
     def adopt(self, key: SessionKey, head: list[B], new: list[B]) -> bool:
         """The session's pin becomes `head` (cached blocks) followed by `new` (blocks restored from the tier ahead of
-        its turn, which come with the one reference their allocation took). False if the policy refused them (over
-        the budget): `new` is given back."""
+        its turn, which come with the one reference their allocation took). The caller holds `head` while it allocates
+        `new`, so none of it is among them (blocks of a head in the free queue are the first an allocation takes).
+        False if the policy refused them (over the budget): `new` is given back."""
         n = len(head) + len(new)
         if not self.policy.prefetched(key, n * self.block_size, n):
             self.pool.give_back(new[::-1])

@@ -249,7 +249,8 @@ class SessionPins:
 
     def adopt_prefetch(self, key: SessionKey, head: list[Any], new: list[Any]) -> None:
         """The session's pin becomes `head` (cached blocks, referenced here as a pin's blocks are) followed by `new`
-        (blocks a tier prefetch allocated: they come with the one reference the allocation took)."""
+        (blocks a tier prefetch allocated while it held `head`: they come with the one reference the allocation
+        took)."""
         if not self.pins.adopt(key, head, new):
             return  # over the budget: not kept
         if self._trace is not None:
