@@ -220,7 +220,10 @@ class PinApplier(Generic[B]):
 
     def repin(self, key: SessionKey, groups: list[list[B]]) -> None:
         """Make `groups` the session's pin, holding only blocks it did not hold and giving back only those it drops
-        (a session's next turn usually extends its prefix, so this is O(new blocks), not O(history))."""
+        (a session's next turn usually extends its prefix, so this is O(new blocks), not O(history)). A group may
+        start past block 0 (a sliding window: the blocks a hit at the prefix's end needs): blocks at one index are at
+        one position while the windows start together; once the window slid nothing is common, and the new window is
+        held before the old one is given back (a block in both never reaches the free queue)."""
         old = self.pinned.get(key)
         if old is not None and len(old) != len(groups):
             self.unpin(key)

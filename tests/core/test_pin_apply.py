@@ -131,6 +131,17 @@ def test_a_partial_release_of_two_groups_gives_back_exactly_the_blocks_the_polic
     assert pins.pinned[B] == [[31, 32], list(range(41, 46))]
 
 
+def test_a_sliding_window_group_is_held_anew_when_its_window_slides(clock):
+    """A hybrid model's sliding-window group holds the window ending at the prefix's end (blocks at positions 4..5,
+    then 5..6): nothing at a common index, so the whole new window is held before the old one is given back."""
+    pins = make(clock)
+    turn(pins, A, [[1, 2, 3, 4, 5, 6], [14, 15]])
+    turn(pins, A, [[1, 2, 3, 4, 5, 6, 7], [15, 16]], cached=6 * BS)
+    assert pins.pinned[A] == [[1, 2, 3, 4, 5, 6, 7], [15, 16]] and pins.pool.freed == [[15, 14]]
+    assert pins.pool.ref == Counter({b: 1 for b in (1, 2, 3, 4, 5, 6, 7, 15, 16)})
+    assert pins.policy.sessions[A].pinned_blocks == 9
+
+
 def test_the_exact_split_sums_to_the_release_and_stays_within_each_group():
     assert split_exact(3, [10, 10]) == [2, 1] and split_exact(5, [3, 9]) == [1, 4]
     assert split_exact(4, [4, 4]) == [2, 2] and split_exact(0, [5, 5]) == [0, 0] and split_exact(2, [0, 3]) == [0, 2]

@@ -46,20 +46,24 @@ def pool_violations(s: Any) -> list[str]:
 
 
 def position_violations(s: Any) -> list[str]:
-    """Each pin group's blocks are distinct, cached, and the i-th is cached for prefix position start + i (start: the
-    group's first block's position; 0 but for a sliding-window group past its window)."""
+    """Each pin group's blocks are distinct, cached, and the i-th is cached for prefix position start + i: start 0 but
+    for a sliding-window group (its window's first block)."""
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+
     errs: list[str] = []
     bs = s.kvsched.block_size
+    managers = s.kv_cache_manager.coordinator.single_type_managers
     for key, groups in s.kvsched.pins.pinned.items():
         for gi, g in enumerate(groups):
             ids = [b.block_id for b in g]
             if len(set(ids)) != len(ids):
                 errs.append(f"{key.session_id} group {gi}: duplicate blocks in the pin {ids}")
-            start = (g[0].block_hash_num_tokens or bs) // bs - 1 if g else 0
+            sliding = isinstance(managers[gi], SlidingWindowManager)
+            start = (g[0].block_hash_num_tokens or bs) // bs - 1 if g and sliding else 0
             for i, b in enumerate(g):
                 if b.block_hash is None:
                     errs.append(f"{key.session_id} group {gi}: pinned block {b.block_id} is not cached")
-                elif b.block_hash_num_tokens not in (None, (start + i + 1) * bs):
+                elif b.block_hash_num_tokens != (start + i + 1) * bs:
                     errs.append(f"{key.session_id} group {gi}: position {start + i} holds block {b.block_id} cached "
                                 f"for {b.block_hash_num_tokens} tokens")
     return errs
