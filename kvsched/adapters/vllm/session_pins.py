@@ -159,7 +159,10 @@ class SessionPins:
             return
         self.started.discard(request.request_id)
         groups = compat.reusable_prefix_blocks(self.scheduler, request) if self.enabled else []
-        tokens = compat.pin_hit_tokens(self.scheduler, groups, self.block_size) if groups else 0
+        if len(groups) == 1:  # one KV-cache group (most models): its run is what a hit covers, no per-group look-up
+            tokens = compat.block_tokens(groups[0], self.block_size)
+        else:
+            tokens = compat.pin_hit_tokens(self.scheduler, groups, self.block_size) if groups else 0
         if not tokens:  # no later request could hit it (a sliding-window group's window is gone): nothing to pin
             groups = [[] for _ in groups]
         if self._payback:  # the ghost LRU caches what stock vLLM would: the request's full blocks
