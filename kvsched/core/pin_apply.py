@@ -69,6 +69,19 @@ class Applied:
     demoted: int = 0
 
 
+def split_exact(blocks: int, sizes: list[int]) -> list[int]:
+    """`blocks` (at most sum(sizes)) shared out in proportion to `sizes` by largest remainder (Hamilton's method): the
+    parts sum to exactly `blocks` and none exceeds its size. Found by review: a ceiling per group released more than
+    `blocks` from a pin of two groups, and the policy's count of the pin's blocks drifted above what it held."""
+    total = sum(sizes)
+    parts = [blocks * n // total for n in sizes]
+    left = blocks - sum(parts)  # fewer than the groups with a remainder: each of them gets one at most
+    if left:
+        for i in sorted(range(len(sizes)), key=lambda i: -(blocks * sizes[i] % total))[:left]:
+            parts[i] += 1
+    return parts
+
+
 class PinApplier(Generic[B]):
     """The blocks each session's pin holds, and the calls that change them. Every decision the policy returns must be
     applied here (the policy already counted it)."""
@@ -175,8 +188,9 @@ class PinApplier(Generic[B]):
 
     def adopt(self, key: SessionKey, head: list[B], new: list[B]) -> bool:
         """The session's pin becomes `head` (cached blocks) followed by `new` (blocks restored from the tier ahead of
-        its turn, which come with the one reference their allocation took). False if the policy refused them (over
-        the budget): `new` is given back."""
+        its turn, which come with the one reference their allocation took). The caller holds `head` while it allocates
+        `new`, so none of it is among them (blocks of a head in the free queue are the first an allocation takes).
+        False if the policy refused them (over the budget): `new` is given back."""
         n = len(head) + len(new)
         if not self.policy.prefetched(key, n * self.block_size, n):
             self.pool.give_back(new[::-1])
@@ -206,7 +220,10 @@ class PinApplier(Generic[B]):
 
     def repin(self, key: SessionKey, groups: list[list[B]]) -> None:
         """Make `groups` the session's pin, holding only blocks it did not hold and giving back only those it drops
-        (a session's next turn usually extends its prefix, so this is O(new blocks), not O(history))."""
+        (a session's next turn usually extends its prefix, so this is O(new blocks), not O(history)). A group may
+        start past block 0 (a sliding window: the blocks a hit at the prefix's end needs): blocks at one index are at
+        one position while the windows start together; once the window slid nothing is common, and the new window is
+        held before the old one is given back (a block in both never reaches the free queue)."""
         old = self.pinned.get(key)
         if old is not None and len(old) != len(groups):
             self.unpin(key)
@@ -240,7 +257,8 @@ class PinApplier(Generic[B]):
 
     def unpin(self, key: SessionKey, blocks: int | None = None, demote: bool = False) -> tuple[int, int]:
         """Release the session's whole pin (`blocks` None) or its last `blocks` blocks (each KV-cache group's tail, in
-        proportion), demoting them to the tier first if `demote`. Returns (blocks given back, blocks demoted)."""
+        proportion, exactly `blocks` in all: the policy counted that many), demoting them to the tier first if
+        `demote`. Returns (blocks given back, blocks demoted)."""
         groups = self.pinned.get(key)
         if not groups:
             self.pinned.pop(key, None)
@@ -254,8 +272,7 @@ class PinApplier(Generic[B]):
             if self.on_dropped is not None:
                 self.on_dropped(key)
         else:  # in place (the pin's lists are long-lived)
-            for g in groups:
-                n = min(len(g), -(-blocks * len(g) // total))
+            for g, n in zip(groups, split_exact(blocks, [len(g) for g in groups]), strict=True):
                 if n:
                     released.extend(reversed(g[len(g) - n:]))
                     del g[len(g) - n:]

@@ -8,7 +8,7 @@ from collections.abc import Hashable
 from dataclasses import replace
 
 from kvsched.core.config import RetentionConfig
-from kvsched.core.pin_apply import Applied, PinApplier
+from kvsched.core.pin_apply import Applied, PinApplier, split_exact
 from kvsched.core.retention import Release, ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
 from kvsched.core.tier import TierConfig, TierDirectory
@@ -104,7 +104,7 @@ def test_a_partial_release_takes_each_groups_tail_in_proportion_and_demotes_cach
     pins.on_dropped = dropped.append
     turn(pins, A, [[1, 2, 3, 4], [11, 12, 1003, 1005]])  # two KV-cache groups; 1003 and 1005 are not cached
     assert pins.policy.sessions[A].pinned_blocks == 8
-    pins.apply([Release(A, ReleaseReason.PRESSURE, 4)])  # ceil(4 * 4/8) = 2 from each group
+    pins.apply([Release(A, ReleaseReason.PRESSURE, 4)])  # 4 * 4/8 = 2 from each group
     assert pins.pool.freed == [[4, 3, 1005, 1003]] and pins.pinned[A] == [[1, 2], [11, 12]]
     assert demoted == [(A, [("k3", 3), ("k4", 4)])]
     assert pins.log[-1] == Applied("release", "a", "pressure", 4, 2) and dropped == []
@@ -115,6 +115,40 @@ def test_a_partial_release_takes_each_groups_tail_in_proportion_and_demotes_cach
     pins.apply([Release(B, ReleaseReason.END)])  # an ended session will not come back: not demoted
     assert pins.pool.freed[-1] == [22, 21] and len(demoted) == 2 and dropped == [A, B]
     assert directory.value_of == pins.tier_value
+
+
+def test_a_partial_release_of_two_groups_gives_back_exactly_the_blocks_the_policy_counted(clock):
+    """Found by review (a hybrid model's full-attention and sliding-window groups): a ceiling per group released 2 + 2
+    blocks for a 3-block release, and the policy's pinned_blocks stayed one above what the pin held."""
+    pins = make(clock)
+    turn(pins, A, [list(range(1, 11)), list(range(11, 21))])
+    pins.apply(pins.policy.release_for_pressure(3))  # 1.5 + 1.5: the tie goes to the first group
+    assert pins.pinned[A] == [list(range(1, 9)), list(range(11, 20))] and pins.pool.freed == [[10, 9, 20]]
+    assert pins.policy.sessions[A].pinned_blocks == 17 == sum(map(len, pins.pinned[A])) == len(pins.pool.ref)
+    turn(pins, B, [[31, 32, 33], list(range(41, 50))])
+    pins.apply(pins.policy.release_blocks(5, ReleaseReason.BUDGET, exclude=(A,)))  # 1.25 + 3.75: 1 and 4
+    assert pins.policy.sessions[B].pinned_blocks == 7 == sum(map(len, pins.pinned[B]))
+    assert pins.pinned[B] == [[31, 32], list(range(41, 46))]
+
+
+def test_a_sliding_window_group_is_held_anew_when_its_window_slides(clock):
+    """A hybrid model's sliding-window group holds the window ending at the prefix's end (blocks at positions 4..5,
+    then 5..6): nothing at a common index, so the whole new window is held before the old one is given back."""
+    pins = make(clock)
+    turn(pins, A, [[1, 2, 3, 4, 5, 6], [14, 15]])
+    turn(pins, A, [[1, 2, 3, 4, 5, 6, 7], [15, 16]], cached=6 * BS)
+    assert pins.pinned[A] == [[1, 2, 3, 4, 5, 6, 7], [15, 16]] and pins.pool.freed == [[15, 14]]
+    assert pins.pool.ref == Counter({b: 1 for b in (1, 2, 3, 4, 5, 6, 7, 15, 16)})
+    assert pins.policy.sessions[A].pinned_blocks == 9
+
+
+def test_the_exact_split_sums_to_the_release_and_stays_within_each_group():
+    assert split_exact(3, [10, 10]) == [2, 1] and split_exact(5, [3, 9]) == [1, 4]
+    assert split_exact(4, [4, 4]) == [2, 2] and split_exact(0, [5, 5]) == [0, 0] and split_exact(2, [0, 3]) == [0, 2]
+    for blocks in range(12):
+        for sizes in ([11], [1, 10], [3, 4, 4], [0, 6, 5], [2, 2, 7]):
+            parts = split_exact(blocks, sizes)
+            assert sum(parts) == blocks and all(0 <= p <= n for p, n in zip(parts, sizes, strict=True))
 
 
 def test_a_shortage_releases_other_sessions_first_about_the_shortfall_and_the_own_session_last(clock):

@@ -27,6 +27,10 @@ class HarnessConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 4096
     kv_transfer_config: dict[str, Any] | None = None  # e.g. kvsched's FP8 tier (scheduler side only: no worker here)
+    # A hybrid layout (Gemma-3, gpt-oss): odd layers slide over this many tokens, even ones attend to everything, one
+    # KV-cache group each; the sliding group first when `sliding_first` (models whose layer 0 slides).
+    sliding_window: int | None = None
+    sliding_first: bool = False
 
 
 def build_scheduler(scheduler_cls: str | type, cfg: HarnessConfig) -> Any:
@@ -34,7 +38,7 @@ def build_scheduler(scheduler_cls: str | type, cfg: HarnessConfig) -> Any:
     import torch
     from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.utils.import_utils import resolve_obj_by_qualname
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
     cls = resolve_obj_by_qualname(scheduler_cls) if isinstance(scheduler_cls, str) else scheduler_cls
@@ -50,10 +54,14 @@ def build_scheduler(scheduler_cls: str | type, cfg: HarnessConfig) -> Any:
                              kv_transfer_config=kv_transfer)
     hf = model_config.hf_config
     layers = [f"model.layers.{i}.self_attn.attn" for i in range(hf.num_hidden_layers)]
-    spec = FullAttentionSpec(block_size=cfg.block_size, num_kv_heads=hf.num_key_value_heads,
-                             head_size=hf.hidden_size // hf.num_attention_heads, dtype=torch.bfloat16)
-    kv_cache_config = KVCacheConfig(num_blocks=cfg.num_blocks, kv_cache_tensors=[],
-                                    kv_cache_groups=[KVCacheGroupSpec(layers, spec)])
+    shape = {"block_size": cfg.block_size, "num_kv_heads": hf.num_key_value_heads,
+             "head_size": hf.hidden_size // hf.num_attention_heads, "dtype": torch.bfloat16}
+    groups = [KVCacheGroupSpec(layers, FullAttentionSpec(**shape))]
+    if cfg.sliding_window is not None:
+        groups = [KVCacheGroupSpec(layers[::2], FullAttentionSpec(**shape)),
+                  KVCacheGroupSpec(layers[1::2], SlidingWindowSpec(**shape, sliding_window=cfg.sliding_window))]
+        groups = groups[::-1] if cfg.sliding_first else groups
+    kv_cache_config = KVCacheConfig(num_blocks=cfg.num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
     cache_config.num_gpu_blocks = cfg.num_blocks
     return cls(vllm_config=vllm_config, kv_cache_config=kv_cache_config, log_stats=True,
                structured_output_manager=StructuredOutputManager(vllm_config), block_size=cfg.block_size)

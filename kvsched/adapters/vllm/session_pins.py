@@ -158,8 +158,13 @@ class SessionPins:
                 self._end(key)
             return
         self.started.discard(request.request_id)
-        groups = compat.reusable_prefix_blocks(self.scheduler, request.request_id) if self.enabled else []
-        tokens = compat.block_tokens(groups[0], self.block_size) if groups else 0
+        groups = compat.reusable_prefix_blocks(self.scheduler, request) if self.enabled else []
+        if len(groups) == 1:  # one KV-cache group (most models): its run is what a hit covers, no per-group look-up
+            tokens = compat.block_tokens(groups[0], self.block_size)
+        else:
+            tokens = compat.pin_hit_tokens(self.scheduler, groups, self.block_size) if groups else 0
+        if not tokens:  # no later request could hit it (a sliding-window group's window is gone): nothing to pin
+            groups = [[] for _ in groups]
         if self._payback:  # the ghost LRU caches what stock vLLM would: the request's full blocks
             self.policy.payback.reserve(-self._reserved.pop(request.request_id, 0))
             self.pins.turn_finished(key, hints, groups, tokens, self._block_keys(request))
@@ -249,7 +254,8 @@ class SessionPins:
 
     def adopt_prefetch(self, key: SessionKey, head: list[Any], new: list[Any]) -> None:
         """The session's pin becomes `head` (cached blocks, referenced here as a pin's blocks are) followed by `new`
-        (blocks a tier prefetch allocated: they come with the one reference the allocation took)."""
+        (blocks a tier prefetch allocated while it held `head`: they come with the one reference the allocation
+        took)."""
         if not self.pins.adopt(key, head, new):
             return  # over the budget: not kept
         if self._trace is not None:

@@ -209,6 +209,18 @@ class TierPrefetcher:
         n = len(slots)
         if not n:
             return
+        # The head is held while blocks are found for the restore: blocks of it may sit in the free queue (an expired
+        # or released pin's, or one `make_room` releases now), where `new_blocks` takes first. Found by review: the
+        # restore took the head's own blocks, uncached them and pinned them again as later positions.
+        compat.hold_blocks(scheduler, head)
+        try:
+            self._restore(key, chain, head, slots, reserve, request, trigger)
+        finally:
+            compat.return_blocks(scheduler, head[::-1])  # the pin holds them now (unless refused: tail first)
+
+    def _restore(self, key: SessionKey, chain: list[Any], head: list[Any], slots: list[Any], reserve: int,
+                 request: Any, trigger: str) -> None:
+        scheduler, n = self.pins.scheduler, len(slots)
         if request is not None:  # queued: its admission needs these blocks anyway, so other pins yield now as then,
             need = n - compat.num_free_blocks(scheduler)  # but only into free tier slots: a release that evicts
             d = self.tier.directory  # from a full tier loses KV its owner may need before this request even runs
@@ -218,6 +230,10 @@ class TierPrefetcher:
             self.counters["prefetches_without_room"] += 1
             return
         blocks = compat.new_blocks(scheduler, n)
+        if not {id(b) for b in head}.isdisjoint(map(id, blocks)):  # never, with the head held: a backstop
+            self.counters["prefetches_overlapping_head"] += 1
+            compat.return_blocks(scheduler, blocks[::-1])
+            return
         first = len(head)
         due = getattr(self.tier, "steps_built", 0) + 1
         cached_after = due if compat.async_scheduling(scheduler) else 0  # the request waits for its blocks till then

@@ -7,21 +7,66 @@ from typing import Any
 
 
 # ---- blocks -----------------------------------------------------------------------------------------------------
-def reusable_prefix_blocks(scheduler: Any, request_id: str) -> list[list[Any]]:
-    """Per KV-cache group, the leading run of hashed (prefix-cacheable) blocks a request holds.
+def reusable_prefix_blocks(scheduler: Any, request: Any) -> list[list[Any]]:
+    """Per KV-cache group, the blocks of a finished request that a later request's prefix-cache hit at the end of its
+    hashed prefix needs, in position order.
 
-    A later request can only hit a block whose whole hash chain from token 0 is cached, so blocks past the first
-    unhashed one are of no use to a pin."""
-    groups = scheduler.kv_cache_manager.coordinator.get_blocks(request_id)  # one list per group, no wrapper object
+    A full-attention group (any kind but sliding window): the leading run of hashed blocks, since a hit needs the whole
+    hash chain from token 0 and blocks past the first unhashed one are of no use. A sliding-window group: the window of
+    blocks ending where the hashed prefix ends (vLLM 0.32's `SlidingWindowManager.find_longest_cache_hit` needs that
+    many contiguous cached blocks there, or a run from block 0), which starts past block 0 once the request is longer
+    than the window; [] when they are no longer all cached. Found by review: a group leading with null blocks (every
+    sliding-window group past its window) was never pinned, and the next turn of a hybrid model hit nothing."""
+    coordinator = scheduler.kv_cache_manager.coordinator
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+
     out: list[list[Any]] = []
-    for blocks in groups:
+    for blocks, manager in zip(coordinator.get_blocks(request.request_id), coordinator.single_type_managers,
+                               strict=True):  # one list per group, no wrapper object
         end = len(blocks)  # hashed blocks form a prefix: usually only the last block is partial (unhashed)
         while end and (blocks[end - 1].block_hash is None or blocks[end - 1].is_null):
             end -= 1
-        # Null blocks only ever lead a group (sliding-window layers null out blocks that left the window), and hashes
-        # form a prefix, so checking the first block is enough to know the run has no gap: O(1), not O(history).
-        out.append(blocks[:end] if end and not (blocks[0].is_null or blocks[0].block_hash is None) else [])
+        if isinstance(manager, SlidingWindowManager):
+            out.append(_hit_window(scheduler, request, manager, blocks, end))
+        else:  # hashes form a prefix: checking the first block is enough to know the run has no gap (O(1))
+            out.append(blocks[:end] if end and not (blocks[0].is_null or blocks[0].block_hash is None) else [])
     return out
+
+
+def _hit_window(scheduler: Any, request: Any, manager: Any, blocks: Sequence[Any], end: int) -> list[Any]:
+    """The sliding-window group's blocks a hit ending at block `end` needs: the request's own (those still in its
+    window), then, going back, blocks that left its window but are still cached (the window's first block leaves it
+    a token before the request's last block fills)."""
+    need = max(1, manager._contiguous_blocks_for_hit(manager.sliding_window, manager.block_size, manager.use_eagle))
+    start = end
+    while start and end - start < need and not blocks[start - 1].is_null and blocks[start - 1].block_hash is not None:
+        start -= 1
+    window = list(blocks[start:end])
+    if window and start and len(window) < need:
+        from vllm.v1.core.kv_cache_utils import resolve_block_hashes
+
+        hashes = resolve_block_hashes(request.block_hashes, hash_block_size(scheduler), manager.block_size)
+        pool = block_pool(scheduler)
+        while start and len(window) < need and start - 1 < len(hashes):
+            found = pool.get_cached_block(hashes[start - 1], [manager.kv_cache_group_id])
+            if not found:
+                break
+            start -= 1
+            window.insert(0, found[0])
+    return window if len(window) >= need or (window and not start) else []
+
+
+def pin_hit_tokens(scheduler: Any, groups: Sequence[Sequence[Any]], block_size: int) -> int:
+    """Tokens a later request's hit on a pin of `groups` (`reusable_prefix_blocks`) covers: the least over its
+    full-attention and sliding-window groups, as vLLM's hybrid hit is the length every group can serve (0 when one
+    cannot). Groups of other kinds, whose hits kvsched does not model, do not count (the first group's when none is
+    left)."""
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager, SlidingWindowManager
+
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    counted = [g for g, m in zip(groups, managers, strict=False) if isinstance(m, (FullAttentionManager,
+               SlidingWindowManager)) and getattr(m.kv_cache_spec, "prefix_cacheable", True)] or list(groups[:1])
+    return min((block_tokens(g, block_size) for g in counted), default=0)
 
 
 def partial_tail(scheduler: Any, request: Any, prefix: Sequence[Any], block_size: int) -> tuple[bytes, list[int],

@@ -1,0 +1,69 @@
+"""Block-pool invariants of kvsched's pins on vLLM's real block pool (from the pins review's scripts): every block's
+reference count is its requests' plus its pins', the free queue holds exactly the unreferenced blocks, the policy
+counts what the pins hold, and each pinned block is cached for its position in the session's prefix."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+
+def pool_violations(s: Any) -> list[str]:
+    """What breaks the invariants on scheduler `s` now (empty when none does)."""
+    errs: list[str] = []
+    km = s.kv_cache_manager
+    holders: Counter[int] = Counter()
+    for mgr in km.coordinator.single_type_managers:
+        for blocks in mgr.req_to_blocks.values():
+            holders.update(b.block_id for b in blocks if not b.is_null)
+    pins = s.kvsched.pins
+    pinned = Counter(b.block_id for groups in pins.pinned.values() for g in groups for b in g)
+    if Counter(dict(pins.pool.refs)) != pinned:
+        errs.append(f"pool.refs {dict(pins.pool.refs)} != blocks in the pins {dict(pinned)}")
+    for b in km.block_pool.blocks:
+        if not b.is_null and b.ref_cnt != holders[b.block_id] + pinned[b.block_id]:
+            errs.append(f"block {b.block_id}: ref_cnt {b.ref_cnt} != requests {holders[b.block_id]} + pins "
+                        f"{pinned[b.block_id]}")
+    q = km.block_pool.free_block_queue
+    queued, node = [], q.fake_free_list_head.next_free_block
+    while node is not q.fake_free_list_tail:
+        queued.append(node.block_id)
+        node = node.next_free_block
+    zero = {b.block_id for b in km.block_pool.blocks if b.ref_cnt == 0 and not b.is_null}
+    if len(queued) != q.num_free_blocks or len(set(queued)) != len(queued) or set(queued) != zero:
+        errs.append(f"free queue {queued} != the unreferenced blocks {sorted(zero)}")
+    policy = s.kvsched.policy
+    if policy.pinned_blocks_total != sum(r.pinned_blocks for r in policy.sessions.values()):
+        errs.append("pinned_blocks_total != the sessions' sum")
+    for key, groups in pins.pinned.items():
+        rec = policy.sessions.get(key)
+        if rec is None or rec.pinned_blocks != sum(map(len, groups)):
+            errs.append(f"{key.session_id}: policy {rec and rec.pinned_blocks} != pinned {sum(map(len, groups))}")
+    for key, rec in policy.sessions.items():
+        if rec.pinned_blocks and key not in pins.pinned:
+            errs.append(f"{key.session_id}: policy says {rec.pinned_blocks} pinned, the applier none")
+    return errs + position_violations(s)
+
+
+def position_violations(s: Any) -> list[str]:
+    """Each pin group's blocks are distinct, cached, and the i-th is cached for prefix position start + i: start 0 but
+    for a sliding-window group (its window's first block)."""
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+
+    errs: list[str] = []
+    bs = s.kvsched.block_size
+    managers = s.kv_cache_manager.coordinator.single_type_managers
+    for key, groups in s.kvsched.pins.pinned.items():
+        for gi, g in enumerate(groups):
+            ids = [b.block_id for b in g]
+            if len(set(ids)) != len(ids):
+                errs.append(f"{key.session_id} group {gi}: duplicate blocks in the pin {ids}")
+            sliding = isinstance(managers[gi], SlidingWindowManager)
+            start = (g[0].block_hash_num_tokens or bs) // bs - 1 if g and sliding else 0
+            for i, b in enumerate(g):
+                if b.block_hash is None:
+                    errs.append(f"{key.session_id} group {gi}: pinned block {b.block_id} is not cached")
+                elif b.block_hash_num_tokens != (start + i + 1) * bs:
+                    errs.append(f"{key.session_id} group {gi}: position {start + i} holds block {b.block_id} cached "
+                                f"for {b.block_hash_num_tokens} tokens")
+    return errs
