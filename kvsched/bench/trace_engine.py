@@ -255,6 +255,7 @@ def run_benchmark(setup: Setup, checkpoint: Callable[[dict[str, Any]], None] | N
     args, p, num_blocks = setup.args, setup.plan, setup.num_blocks
     model_dir = ensure_tiny_model(args.model_size)
     planned_prompt = sum(len(r.prompt) for r in p.requests)
+    prov = provenance()  # now: the checkpoints below may write into the tree (`--out` under benchmarks/results/)
     config = {"trace": setup.path.name, "start_s": args.start_s, "seconds": args.seconds,
               "time_scale": args.time_scale, "requests": len(p.requests), "dropped_long": p.dropped_long,
               "peak_live_blocks": p.peak_live_blocks, "pressure_live": args.pressure,
@@ -281,7 +282,7 @@ def run_benchmark(setup: Setup, checkpoint: Callable[[dict[str, Any]], None] | N
                   f"{wall:.0f} s", flush=True)
             if checkpoint is not None:
                 checkpoint({"sides": _with_ratios(measured_sides), "simulator": None,
-                            "config": {**config, "complete": False, "provenance": provenance()}})
+                            "config": {**config, "complete": False, "provenance": prov}})
     finally:
         for server in servers.values():
             server.stop()
@@ -289,7 +290,7 @@ def run_benchmark(setup: Setup, checkpoint: Callable[[dict[str, Any]], None] | N
     tiered = measured_sides.get("kvsched", {})
     tier = (tiered["tier_capacity_bytes"], tiered["tier_block_bytes"]) if tiered.get("tier_block_bytes") else None
     return {"sides": _with_ratios(measured_sides), "simulator": predicted(kept, num_blocks - 1, tier),
-            "config": {**config, "complete": True, "provenance": provenance()}}
+            "config": {**config, "complete": True, "provenance": prov}}
 
 
 def _with_ratios(sides: dict[str, Any]) -> dict[str, Any]:
