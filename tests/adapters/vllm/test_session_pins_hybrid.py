@@ -11,15 +11,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from kvsched.adapters.vllm.harness import (  # noqa: E402
-    STOCK_SCHEDULER,
-    PrefillCounts,
-    RequestFactory,
-    free_blocks,
-    run_until_idle,
-    step,
-    usable_blocks,
-)
+from kvsched.adapters.vllm import harness  # noqa: E402
 from tests.adapters.vllm.conftest import BLOCK, sched  # noqa: E402
 from tests.adapters.vllm.pool_invariants import pool_violations  # noqa: E402
 
@@ -53,21 +45,21 @@ def _sliding_first(s):
 def _flood(s, f):
     for i in range(4):  # 4 x 19 blocks of each group through the pool: whatever no pin holds is evicted
         s.add_request(f.make([5000 + i] * 300, 2))
-        run_until_idle(s)
+        harness.run_until_idle(s)
 
 
 def _next_turn(s, f, prompt):
-    counts = PrefillCounts()
+    counts = harness.PrefillCounts()
     s.add_request(f.make(prompt, 4, session_id="a"))
-    run_until_idle(s, counts=counts)
+    harness.run_until_idle(s, counts=counts)
     return counts.cached_tokens
 
 
 @pytest.mark.parametrize("sliding_first", [False, True])
 def test_the_window_a_hit_needs_is_pinned_and_the_next_turn_hits_the_whole_history(hybrid, sliding_first):
-    s, f = hybrid(sliding_first), RequestFactory(BLOCK)
+    s, f = hybrid(sliding_first), harness.RequestFactory(BLOCK)
     s.add_request(f.make(HISTORY, 4, session_id="a"))
-    run_until_idle(s)
+    harness.run_until_idle(s)
     key = next(iter(s.kvsched.pinned))
     full, window = _groups(s, key)
     assert len(full) == 20 and [b.block_hash_num_tokens for b in window] == [(i + 1) * BLOCK for i in range(16, 20)]
@@ -79,15 +71,15 @@ def test_the_window_a_hit_needs_is_pinned_and_the_next_turn_hits_the_whole_histo
     full, window = _groups(s, key)
     assert len(full) == 22 and [b.block_hash_num_tokens // BLOCK for b in window] == [19, 20, 21, 22]
     s.kvsched.handle("end", "a")
-    assert free_blocks(s) == usable_blocks(s)
+    assert harness.free_blocks(s) == harness.usable_blocks(s)
 
-    stock = hybrid(sliding_first, cls=STOCK_SCHEDULER)  # the flood does evict what no pin holds
+    stock = hybrid(sliding_first, cls=harness.STOCK_SCHEDULER)  # the flood does evict what no pin holds
     stock.add_request(f.make(HISTORY, 4, session_id="a"))
-    run_until_idle(stock)
+    harness.run_until_idle(stock)
     _flood(stock, f)
-    counts = PrefillCounts()
+    counts = harness.PrefillCounts()
     stock.add_request(f.make(HISTORY + [3] * 40, 4, session_id="a"))
-    run_until_idle(stock, counts=counts)
+    harness.run_until_idle(stock, counts=counts)
     assert counts.cached_tokens == 0
 
 
@@ -95,12 +87,12 @@ def test_a_window_block_the_request_already_let_go_is_taken_back_from_the_prefix
     """A 72-token window needs 5 blocks before a hit's end; 12 tokens decoded, the request's last block holds 11
     computed tokens and its window reaches back to token 331 - 71 = 260 only: block 15 (tokens 240..255) left it, though
     a hit at token 320 needs it. It is still cached: the pin takes it back."""
-    s, f = hybrid(window=72), RequestFactory(BLOCK)
+    s, f = hybrid(window=72), harness.RequestFactory(BLOCK)
     s.add_request(r := f.make(HISTORY, 12, session_id="a"))
     held = []
     while s.has_requests():
         held = list(s.kv_cache_manager.coordinator.get_blocks(r.request_id)[1]) or held
-        step(s)
+        harness.step(s)
     assert held[15].is_null and not held[16].is_null  # the request's sliding-window blocks in its last step
     key = next(iter(s.kvsched.pinned))
     full, window = _groups(s, key)
@@ -111,9 +103,9 @@ def test_a_window_block_the_request_already_let_go_is_taken_back_from_the_prefix
 
 
 def test_a_partial_release_of_a_hybrid_pin_gives_back_exactly_what_the_policy_counted(hybrid):
-    s, f = hybrid(window=512), RequestFactory(BLOCK)
+    s, f = hybrid(window=512), harness.RequestFactory(BLOCK)
     s.add_request(f.make(HISTORY[:10 * BLOCK], 1, session_id="a"))  # inside the window: 10 blocks in each group
-    run_until_idle(s)
+    harness.run_until_idle(s)
     key = next(iter(s.kvsched.pinned))
     assert [len(g) for g in s.kvsched.pinned[key]] == [10, 10]
     s.kvsched.apply(s.kvsched.policy.release_for_pressure(3))

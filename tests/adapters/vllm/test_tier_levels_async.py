@@ -89,6 +89,18 @@ def scheduled(out: Any) -> dict[str, int]:
     return {new.req_id: int(new.num_computed_tokens) for new in out.scheduled_new_reqs}
 
 
+def hit_once_fetched(e: Engine, request: Any) -> int | None:
+    """Step once (the request's fetch starts; the request waits), let the fetch thread finish, then step until the
+    request is scheduled (the report comes with the next step, the restore in the one after): its cached tokens."""
+    hit = scheduled(e.step()).get(request.request_id)
+    assert hit is None and e.w.fetcher.flush(BOUND_S)
+    for _ in range(5):
+        hit = scheduled(e.step()).get(request.request_id, hit)
+        if hit is not None:
+            break
+    return hit
+
+
 def arrive(e: Engine, f: RequestFactory, session: str, prompt: list[int]) -> tuple[Any, list[bytes]]:
     r = f.make(prompt, 4, session_id=session)
     return r, [bytes(h) for h in r.block_hashes]
@@ -138,12 +150,7 @@ def test_a_garbage_block_is_recomputed_never_served(harness_cfg, clock, tmp_path
     e.store.frames[name] = bytes(frame)
     e.store.gate.set()
     e.s.add_request(ra)
-    hit = scheduled(e.step()).get(ra.request_id)  # the fetch starts
-    assert hit is None and e.w.fetcher.flush(BOUND_S)
-    for _ in range(5):
-        hit = scheduled(e.step()).get(ra.request_id, hit)
-        if hit is not None:
-            break
+    hit = hit_once_fetched(e, ra)
     assert hit == 4 * BLOCK  # blocks 0-3 restored; block 4 and everything after it computed
     assert keys[4] not in e.directory.slot_of and e.s.kvsched.stats()["shared_tier_read_failures"] == 1
     bad_slot = next(s for k, s in zip(keys, range(10), strict=False) if k == keys[4])  # slots were admitted in order
@@ -305,10 +312,5 @@ def test_an_arrival_fetches_no_block_past_what_its_prefill_can_hit(harness_cfg, 
     e.publish(keys)
     e.s.add_request(ra)
     assert sorted(keys.index(x.key) for x in e.book.slots.values()) == list(range(2, 9))
-    hit = scheduled(e.step()).get(ra.request_id)  # the fetch starts
-    assert hit is None and e.w.fetcher.flush(BOUND_S)
-    for _ in range(5):
-        hit = scheduled(e.step()).get(ra.request_id, hit)
-        if hit is not None:
-            break
+    hit = hit_once_fetched(e, ra)
     assert hit == 9 * BLOCK
