@@ -122,7 +122,11 @@ class PinApplier(Generic[B]):
         which a plain LRU pool would now hold too (the payback tracker's ghost)."""
         if cached_keys is not None and self.policy.payback.enabled:
             self.policy.payback.cached(cached_keys)
-        self.apply(self.policy.turn_finished(key, hints, tokens, sum(map(len, groups))), {key: groups})
+        sizes = list(map(len, groups))
+        # A group shorter than another starts past block 0 (a sliding window: the blocks a hit at the prefix's end
+        # needs): without its tail, no hit can use the rest of the pin, so the pin is released whole or not at all.
+        whole_only = len(sizes) > 1 and min(sizes) < max(sizes)
+        self.apply(self.policy.turn_finished(key, hints, tokens, sum(sizes), whole_only), {key: groups})
         if hints.end and self.directory is not None:
             self.directory.drop_owner(key)
 

@@ -130,8 +130,10 @@ class RetentionPolicy(ReleaseValues):
             self.index.changed(rec)
         return out
 
-    def turn_finished(self, key: SessionKey, hints: TurnHints, tokens: int, blocks: int) -> list[Decision]:
-        """A turn ended holding `blocks` full blocks (`tokens` tokens) of reusable prefix: pin it, within budget."""
+    def turn_finished(self, key: SessionKey, hints: TurnHints, tokens: int, blocks: int,
+                      whole_only: bool = False) -> list[Decision]:
+        """A turn ended holding `blocks` full blocks (`tokens` tokens) of reusable prefix: pin it, within budget.
+        `whole_only`: a release takes the whole pin, never its tail (`PinApplier.turn_finished`)."""
         rec = self.sessions.get(key) or self._new_record(key)
         now = self.clock()
         overlapped = rec.active_requests > 1 or rec.pin_overlapped
@@ -164,7 +166,7 @@ class RetentionPolicy(ReleaseValues):
             return released
         # The new prefix replaces the old pin (the adapter only touches the difference).
         self.pinned_blocks_total += blocks - rec.pinned_blocks
-        rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
+        rec.pinned_blocks, rec.pinned_tokens, rec.whole_only = blocks, tokens, whole_only
         rec.pin_overlapped = rec.active_requests > 0
         decisions: list[Decision] = [Pin(key)]
         self.counters["pins"] += 1
@@ -262,7 +264,7 @@ class RetentionPolicy(ReleaseValues):
                 rec = self.sessions[key]
                 if idle_only and rec.waiting:
                     break
-                take = min(blocks, rec.pinned_blocks)
+                take = rec.pinned_blocks if rec.whole_only else min(blocks, rec.pinned_blocks)
                 if rec.waiting:  # nothing idle was left: a queued request will prefill this part again
                     self.counters[COUNTER_NAMES[reason][3]] += take
                 release = self._release(rec, reason, take)
@@ -318,7 +320,7 @@ class RetentionPolicy(ReleaseValues):
 
     def _release(self, rec: SessionRecord, reason: ReleaseReason, blocks: int | None = None) -> Release:
         whole, partial, released_blocks, _ = COUNTER_NAMES[reason]
-        if blocks is not None and 0 < blocks < rec.pinned_blocks:
+        if blocks is not None and 0 < blocks < rec.pinned_blocks and not rec.whole_only:
             kept = rec.pinned_blocks - blocks
             tokens = rec.pinned_tokens * kept // rec.pinned_blocks
             rec.prefetched_tokens = max(0, rec.prefetched_tokens - (rec.pinned_tokens - tokens))  # tail goes first

@@ -67,6 +67,7 @@ class SessionRecord:
     version: int = 0  # changes whenever its release value may have: older entries in the release heap are stale
     scored: tuple[int, float, int, float] | None = None  # (version, time, gap epoch, value) of its last score
     ended: bool = False  # ended while a request of it was in the engine: that request's finish ends it (no pin)
+    whole_only: bool = False  # its pin is of use only whole (a sliding window past block 0: no tail release)
 
     @property
     def pinned(self) -> bool:

@@ -125,10 +125,28 @@ def test_a_partial_release_of_two_groups_gives_back_exactly_the_blocks_the_polic
     pins.apply(pins.policy.release_for_pressure(3))  # 1.5 + 1.5: the tie goes to the first group
     assert pins.pinned[A] == [list(range(1, 9)), list(range(11, 20))] and pins.pool.freed == [[10, 9, 20]]
     assert pins.policy.sessions[A].pinned_blocks == 17 == sum(map(len, pins.pinned[A])) == len(pins.pool.ref)
-    turn(pins, B, [[31, 32, 33], list(range(41, 50))])
-    pins.apply(pins.policy.release_blocks(5, ReleaseReason.BUDGET, exclude=(A,)))  # 1.25 + 3.75: 1 and 4
-    assert pins.policy.sessions[B].pinned_blocks == 7 == sum(map(len, pins.pinned[B]))
-    assert pins.pinned[B] == [[31, 32], list(range(41, 46))]
+    assert split_exact(5, [3, 9]) == [1, 4]  # 1.25 + 3.75
+
+
+def test_a_pin_with_a_group_shorter_than_another_is_released_whole_or_not_at_all(clock):
+    """A hybrid model's sliding-window group past its window holds only the blocks before the prefix's end: once its
+    tail goes, no hit can use the rest of the pin (vLLM's hybrid hit needs every group), so a release that asks for
+    part of it takes it whole, and counts all of it towards the blocks asked for (the next pin is not touched)."""
+    pins = make(clock)
+    turn(pins, C, [list(range(51, 61)), list(range(61, 71))])  # equal groups (inside the window): tails may go
+    turn(pins, B, [list(range(31, 40)), [88, 89]])  # a 2-block window at the end of a 9-block prefix
+    policy = pins.policy
+    assert policy.sessions[B].whole_only and not policy.sessions[C].whole_only
+    releases = policy.release_blocks(5, ReleaseReason.BUDGET)
+    assert releases == [Release(B, ReleaseReason.BUDGET)]  # 11 blocks released for 5 asked: none taken from C
+    pins.apply(releases)
+    assert B not in pins.pinned and policy.sessions[B].pinned_blocks == 0 and pins.pool.freed[-1] == [*range(39, 30, -1), 89, 88]
+    assert policy.sessions[C].pinned_blocks == 20 == sum(map(len, pins.pinned[C])) == len(pins.pool.ref)
+    assert policy.counters["released_blocks_budget"] == 11 and policy.pinned_blocks_total == 20
+    # a turn that hits only part of a whole-only pin gives it all back (its request holds what it hit)
+    turn(pins, B, [list(range(31, 40)), [88, 89]])
+    pins.apply(policy.turn_started(B, 4 * BS))
+    assert B not in pins.pinned and policy.sessions[B].pinned_blocks == 0
 
 
 def test_a_sliding_window_group_is_held_anew_when_its_window_slides(clock):

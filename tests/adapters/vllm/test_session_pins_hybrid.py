@@ -111,3 +111,17 @@ def test_a_partial_release_of_a_hybrid_pin_gives_back_exactly_what_the_policy_co
     s.kvsched.apply(s.kvsched.policy.release_for_pressure(3))
     assert sum(map(len, s.kvsched.pinned[key])) == s.kvsched.policy.sessions[key].pinned_blocks == 17
     assert not pool_violations(s)
+
+
+def test_a_pressure_release_of_a_pin_past_its_window_takes_it_whole(hybrid):
+    """Past the window the sliding-window group holds only the 4 blocks before the prefix's end: a release of 3
+    blocks from its tail would leave 21 pinned blocks no hit can use (the hybrid hit needs the window's blocks at the
+    hit's end), so the whole pin goes and every block of it is back in the free queue."""
+    s, f = hybrid(), harness.RequestFactory(BLOCK)
+    s.add_request(f.make(HISTORY, 4, session_id="a"))
+    harness.run_until_idle(s)
+    key = next(iter(s.kvsched.pinned))
+    assert [len(g) for g in _groups(s, key)] == [20, 4] and s.kvsched.policy.sessions[key].whole_only
+    s.kvsched.apply(s.kvsched.policy.release_for_pressure(3))
+    assert key not in s.kvsched.pinned and s.kvsched.policy.sessions[key].pinned_blocks == 0
+    assert harness.free_blocks(s) == harness.usable_blocks(s) and not pool_violations(s)
