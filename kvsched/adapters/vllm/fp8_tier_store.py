@@ -14,8 +14,6 @@ memory, not only stores that did not finish; it costs ~0.1 ms per MiB on the hos
 
 from __future__ import annotations
 
-import threading
-import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,100 +22,10 @@ import torch
 
 from kvsched.adapters.vllm.tier_layout import QUANTIZE, LayerView, view_bytes
 from kvsched.adapters.vllm.tier_link import Event, SyncLink, host_empty
+from kvsched.adapters.vllm.tier_slots import CHUNK_BYTES, HostSlots
 from kvsched.ops.fp8 import FP8, dequantize_kv_fp8, gather_quantize_blocks, scatter_dequantize_blocks
 
-CHUNK_BYTES = 64 << 20  # host memory is taken this much at a time
 UNSEALED = -1  # a CRC32 is never negative: a slot with this CRC fails every check
-
-
-class HostSlots:
-    """Slot rows per view, `[slots, heads, rows, content]` bytes (+ `[slots, heads]` float32 scales), in chunks
-    allocated on first write."""
-
-    def __init__(self, views: Sequence[LayerView], quantize: bool, pin: bool, slot_bytes: int,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
-        self.shapes = [tuple(v.cache.shape[1:]) for v in views]
-        self.row_bytes = [v.cache.shape[3] * (1 if quantize else v.cache.element_size()) for v in views]
-        self.quantize, self.pin = quantize, pin
-        self.per_chunk = max(1, chunk_bytes // max(slot_bytes, 1))
-        self.chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
-        self.allocated_bytes = 0
-        self._alloc = threading.Lock()  # the levels' fetch thread fills slots too: a chunk is allocated once
-
-    def _chunk(self, c: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        chunk = self.chunks.get(c)
-        if chunk is not None:
-            return chunk
-        with self._alloc:
-            chunk = self.chunks.get(c)
-            if chunk is not None:
-                return chunk
-            chunk = []
-            for (heads, rows, _content), row_bytes in zip(self.shapes, self.row_bytes, strict=True):
-                q = host_empty((self.per_chunk, heads, rows, row_bytes), torch.uint8, self.pin)
-                s = host_empty((self.per_chunk, heads), torch.float32, self.pin) if self.quantize else None
-                chunk.append((q, s))
-                self.allocated_bytes += q.numel() + (s.numel() * 4 if s is not None else 0)
-            self.chunks[c] = chunk
-        return chunk
-
-    def _by_chunk(self, slots: Sequence[int]) -> dict[int, tuple[list[int], list[int]]]:
-        out: dict[int, tuple[list[int], list[int]]] = {}
-        for i, s in enumerate(slots):
-            pos, local = out.setdefault(s // self.per_chunk, ([], []))
-            pos.append(i)
-            local.append(s % self.per_chunk)
-        return out
-
-    def write(self, v: int, slots: Sequence[int], q: torch.Tensor, s: torch.Tensor | None) -> None:
-        for c, (pos, local) in self._by_chunk(slots).items():
-            cq, cs = self._chunk(c)[v]
-            p, loc = torch.tensor(pos), torch.tensor(local)
-            cq.index_copy_(0, loc, q.index_select(0, p))
-            if cs is not None and s is not None:
-                cs.index_copy_(0, loc, s.index_select(0, p))
-
-    def read(self, v: int, slots: Sequence[int], q: torch.Tensor, s: torch.Tensor | None) -> None:
-        for c, (pos, local) in self._by_chunk(slots).items():
-            cq, cs = self._chunk(c)[v]
-            p, loc = torch.tensor(pos), torch.tensor(local)
-            q.index_copy_(0, p, cq.index_select(0, loc))
-            if cs is not None and s is not None:
-                s.index_copy_(0, p, cs.index_select(0, loc))
-
-    def payload(self, slot: int) -> bytes:
-        """The slot's bytes, view by view (scales, then pages): what the disk and shared levels keep."""
-        parts: list[bytes] = []
-        for cq, cs in self._chunk(slot // self.per_chunk):
-            local = slot % self.per_chunk
-            if cs is not None:
-                parts.append(cs[local].numpy().tobytes())
-            parts.append(cq[local].numpy().tobytes())
-        return b"".join(parts)
-
-    def put_payload(self, slot: int, payload: bytes) -> None:
-        """Write `payload` (as `payload` returns it; its length already checked) into the slot."""
-        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        at = 0
-        for cq, cs in self._chunk(slot // self.per_chunk):
-            local = slot % self.per_chunk
-            if cs is not None:
-                n = cs[local].numel() * 4
-                cs[local].view(torch.uint8).view(-1).copy_(data[at:at + n])
-                at += n
-            n = cq[local].numel()
-            cq[local].view(-1).copy_(data[at:at + n])
-            at += n
-
-    def checksum(self, slot: int) -> int:
-        """CRC32 of the slot's bytes, view by view (scales, then pages)."""
-        crc = 0
-        for cq, cs in self._chunk(slot // self.per_chunk):
-            local = slot % self.per_chunk
-            if cs is not None:
-                crc = zlib.crc32(cs[local].numpy().tobytes(), crc)
-            crc = zlib.crc32(cq[local].numpy().data, crc)
-        return crc
 
 
 @dataclass(eq=False)
