@@ -66,7 +66,8 @@ def retention_values_torch(
     p_reuse = p_reuse * torch.exp(-overdue / torch.clamp(nxt, min=1.0))
     wait_s = torch.clamp(nxt - idle, min=0.0) + 1.0
     nbytes = torch.clamp(tok * bpt, min=1.0)
-    cost_s = tok / PREFILL_TOK_S * (1.0 + tok / ATTN_KNEE_TOKENS)
+    # divisors as device tensors: CUDA divides by a host scalar through its rounded reciprocal (`page_scales_torch`)
+    cost_s = tok / tok.new_tensor(PREFILL_TOK_S) * (1.0 + tok / tok.new_tensor(ATTN_KNEE_TOKENS))
     return role * p_reuse * cost_s / (nbytes * wait_s)
 
 
