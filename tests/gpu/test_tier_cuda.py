@@ -29,6 +29,11 @@ def test_round_trip_on_a_cuda_cache_of_every_backend_layout(backend, layout):
     store = round_trip(config, caches, link)
     for chunk in store.slots.chunks.values():
         assert all(q.is_pinned() for q, _ in chunk)  # the end of an asynchronous device copy
+        # one pinned allocation per chunk, a power of two (what torch's pinned allocator takes): counted as taken
+        storages = {t.untyped_storage().data_ptr() for q, s in chunk for t in (q, s) if t is not None}
+        nbytes = chunk[0][0].untyped_storage().nbytes()
+        assert len(storages) == 1 and nbytes & (nbytes - 1) == 0
+        assert store.slots.allocated_bytes == nbytes * len(store.slots.chunks)
     assert store.pending == [] and all(c >= 0 for c in store.crc.values())
 
 
