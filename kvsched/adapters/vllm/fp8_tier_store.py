@@ -25,6 +25,7 @@ from kvsched.adapters.vllm.tier_link import Event, SyncLink, host_empty
 from kvsched.adapters.vllm.tier_slots import CHUNK_BYTES, HostSlots
 from kvsched.ops.fp8 import FP8, dequantize_kv_fp8, gather_quantize_blocks, scatter_dequantize_blocks
 
+STAGE_BYTES = 256 << 20  # device bytes a store quantizes before it copies them to the host
 UNSEALED = -1  # a CRC32 is never negative: a slot with this CRC fails every check
 
 
@@ -99,8 +100,8 @@ class TierStore:
             tokens = [tokens[i] for i in keep] if tokens else None
         self.seal_ready()
         partial = self.quantize and any(t > 0 for t in tokens or ())
-        event, staged, error = self._gather(block_ids, partial)
-        self.link.fence_compute(event)  # the blocks may be reused by this very step: not before the copy has read them
+        read, event, staged, error = self._gather(block_ids, partial)
+        self.link.fence_compute(read)  # the blocks may be reused by this very step: not before they have been read
         pending = PendingStore(event, list(slots), staged, error)
         for slot in slots:
             self.crc[slot] = UNSEALED  # until its copy has completed and been checked in
@@ -113,38 +114,64 @@ class TierStore:
         """Copy (quantize) blocks out of the KV cache for the disk or shared level, without taking tier slots: the
         returned `Snapshot` yields each block's payload (as `HostSlots.payload` lays it out) once its copy completed,
         on any thread (the worker's background writer serializes it, off the engine step)."""
-        event, staged, _ = self._gather(block_ids, False, measure=False)
-        self.link.fence_compute(event)
+        read, event, staged, _ = self._gather(block_ids, False, measure=False)
+        self.link.fence_compute(read)
         self.counters["snapshot_blocks"] += len(block_ids)
         return Snapshot(event, staged)
 
     def _gather(self, block_ids: Sequence[int], partial: bool, measure: bool = True,
-                ) -> tuple[Event, list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor | None]:
+                ) -> tuple[Event, Event, list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor | None]:
+        """Quantize (or copy) the blocks into private buffers on the cache's device, then copy those to the host.
+        Returns (read: the blocks have been read, so the compute stream may overwrite them; done: the host copies
+        completed), the host tensors per view, and the error sample. The compute stream waits for `read` only, not for
+        the transfer to the host (found by review: the next forward stalled for the PCIe copy of every stored block).
+        The device buffers of views are staged in groups of at most STAGE_BYTES; a store larger than that has its
+        earlier groups' host copies before `read` (the side stream runs in order)."""
         link = self.link
         staged: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         errors: list[torch.Tensor] = []
         host_ids = self._host_ids(block_ids)  # the kernels check host ids: no wait on the device per layer
         local = self._host_ids(range(len(block_ids))) if partial else None
+        groups = self._stage_groups(len(block_ids))
         with link.side():
             ids = host_ids.to(self.device, non_blocking=True)  # for torch's own indexing, on the device
             local_dev = local.to(self.device, non_blocking=True) if local is not None else None
-            for view in self.views:
-                cache, sel, dev_sel = view.cache, host_ids, ids
-                if partial:
-                    cache = torch.nan_to_num(cache.index_select(0, ids), 0.0, 0.0, 0.0)
-                    assert local is not None and local_dev is not None
-                    sel, dev_sel = local, local_dev
-                if self.quantize:
-                    q, s = gather_quantize_blocks(cache, sel)
-                    rows: torch.Tensor = q.view(torch.uint8)
-                    if self.measure_error and measure:
-                        errors.append(_error_sample(cache.index_select(0, dev_sel[:1]), q[:1], s[:1]))
-                else:
-                    rows, s = cache.index_select(0, dev_sel).view(torch.uint8), None
-                staged.append((self._to_host(rows), self._to_host(s) if s is not None else None))
+            for g, group in enumerate(groups):
+                outs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+                for view in group:
+                    cache, sel, dev_sel = view.cache, host_ids, ids
+                    if partial:
+                        cache = torch.nan_to_num(cache.index_select(0, ids), 0.0, 0.0, 0.0)
+                        assert local is not None and local_dev is not None
+                        sel, dev_sel = local, local_dev
+                    if self.quantize:
+                        q, s = gather_quantize_blocks(cache, sel)
+                        rows: torch.Tensor = q.view(torch.uint8)
+                        if self.measure_error and measure:
+                            errors.append(_error_sample(cache.index_select(0, dev_sel[:1]), q[:1], s[:1]))
+                    else:
+                        rows, s = cache.index_select(0, dev_sel).view(torch.uint8), None
+                    outs.append((rows, s))
+                if g == len(groups) - 1:
+                    read = link.record()
+                staged.extend((self._to_host(r), self._to_host(s) if s is not None else None) for r, s in outs)
             error = self._to_host(torch.stack(errors).sum(0)) if errors else None
             event = link.record()
-        return event, staged, error
+        return read, event, staged, error
+
+    def _stage_groups(self, blocks: int) -> list[list[LayerView]]:
+        """The views in consecutive groups whose device buffers for `blocks` blocks stay within STAGE_BYTES (at least
+        one view each)."""
+        groups: list[list[LayerView]] = [[]]
+        held = 0
+        for view, (heads, rows, _), row_bytes in zip(self.views, self.slots.shapes, self.slots.row_bytes, strict=True):
+            need = blocks * heads * (rows * row_bytes + (4 if self.quantize else 0))
+            if groups[-1] and held + need > STAGE_BYTES:
+                groups.append([])
+                held = 0
+            groups[-1].append(view)
+            held += need
+        return groups
 
     def _host_ids(self, block_ids: Sequence[int] | range) -> torch.Tensor:
         """Block ids as a host tensor (pinned on a GPU: its copy to the device does not block). The kernels check ids

@@ -162,9 +162,11 @@ def test_a_store_is_sealed_only_once_its_copy_completed_and_the_compute_stream_w
     link = LaterLink()
     store = tier(kv, link=link)
     store.store([1, 2], [0, 1])
-    assert link.fenced == link.events  # the step that may reuse the blocks runs after the copy
+    read, copied = link.events  # the blocks were read (into device buffers); their copy to the host completed
+    assert link.fenced == [read]  # the step that may reuse the blocks runs after they were read, not after the copy
+    read.done = True
     assert store.seal_ready() == 0 and store.crc == {0: -1, 1: -1}  # not yet: those slots fail any check
-    link.events[0].done = True
+    copied.done = True
     assert store.seal_ready() == 1 and all(c >= 0 for c in store.crc.values())
     assert store.load([1, 0], [5, 6]) == []
 
@@ -177,7 +179,7 @@ def test_a_load_of_a_slot_whose_store_is_in_flight_waits_for_that_copy():
     store.store([2], [0])
     kv["layer.0"].zero_()
     assert store.load([0], [7]) == []
-    assert link.events[0].waited  # synchronized, then sealed, then read
+    assert link.events[1].waited  # the copy's event: synchronized, then sealed, then read
     assert float((original.float() - kv["layer.0"][7].float()).norm() / original.float().norm()) < 0.07
     assert "layer.0" in store.layer_events  # the layer's attention waits for this restore
     store.fence_layer("layer.0")
@@ -190,10 +192,10 @@ def test_only_the_newest_of_two_in_flight_stores_of_a_slot_seals_it():
     store = tier(kv, link=link)
     store.store([1], [0])
     store.store([2], [0])  # the slot was reused before the first copy completed
-    link.events[0].done = True
+    link.events[1].done = True  # (each store records two events: read, then copied)
     store.seal_ready()
     assert store.crc[0] == -1  # the first copy must not seal the slot the second one now owns
-    link.events[1].done = True
+    link.events[3].done = True
     store.seal_ready()
     kv_before = kv["layer.0"][2].clone()
     kv["layer.0"].zero_()
@@ -355,3 +357,37 @@ def test_a_pinned_chunk_is_one_power_of_two_allocation_holding_every_slot_that_f
         assert torch.equal(out_q, q + v) and torch.equal(out_s, torch.full((1, 4), float(v)))
     unpinned = tier_slots.HostSlots(views_of(kv), True, False, slot)  # plain memory is taken as counted
     assert unpinned.per_chunk == (64 << 20) // slot and unpinned.layout.nbytes < 64 << 20
+
+
+def test_the_compute_stream_waits_for_the_blocks_to_be_read_not_for_their_copy_to_the_host(monkeypatch):
+    """Found by review: the store's fence was recorded after the device-to-host copies, so on a GPU the next forward
+    waited for the PCIe transfer of every stored block; the quantized pages are private buffers once the kernels ran.
+    Above STAGE_BYTES the views are staged in groups: the fence follows the last group's kernels."""
+    from kvsched.adapters.vllm import fp8_tier_store
+
+    kv = caches(layers=4)
+    original = {k: v.clone() for k, v in kv.items()}
+    for stage_bytes, groups in ((256 << 20, 1), (2 * 2 * HEADS * (N * C + 4), 2)):  # 2 views of 2 blocks a group
+        monkeypatch.setattr(fp8_tier_store, "STAGE_BYTES", stage_bytes)
+        log: list[str] = []
+        link = LaterLink()
+        link.record = lambda link=link, log=log: (log.append(f"event {len(link.events)}"),  # type: ignore[method-assign]
+                                                  LaterLink.record(link))[1]
+        store = tier(kv, link=link)
+        store._to_host = lambda t, log=log: (log.append("copy"), t)[1]  # type: ignore[method-assign]
+        store.store([3, 7], [0, 1])
+        read, copied = link.events
+        assert link.fenced == [read] and store.pending[0].event is copied
+        copies_before = log.index("event 0")
+        assert log.count("copy") == 2 * 4 + 1 and copies_before == 2 * 2 * (groups - 1)  # rows and scales, error
+        assert log[-1] == "event 1"
+        copied.done = True
+        for v in kv.values():
+            v.zero_()
+        assert store.load([0, 1], [3, 7]) == []
+        for k, v in kv.items():
+            for b in (3, 7):
+                x, y = original[k][b].float(), v[b].float()
+                assert float((x - y).norm() / x.norm()) < 0.07
+        for k, v in kv.items():
+            v.copy_(original[k])
