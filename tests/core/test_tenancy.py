@@ -66,6 +66,7 @@ def test_query_parsing():
     assert parse_page_query({"pinned_ids": "1"}).pinned_ids
     for params, param in (({"limit": "0"}, "limit"), ({"limit": str(MAX_PAGE + 1)}, "limit"),
                           ({"limit": "-1"}, "limit"), ({"limit": "\u00b2"}, "limit"),  # "²".isdigit(), int fails
+                          ({"limit": "9" * 4400}, "limit"),  # past int()'s 4,300 digits: a ValueError (review)
                           ({"cursor": "%%%"}, "cursor"), ({"page": "2"}, "page"),
                           ({"cursor": base64.urlsafe_b64encode(b"[" * 5000).decode()}, "cursor"),  # RecursionError
                           ({"cursor": "A" * 100_000}, "cursor"),
