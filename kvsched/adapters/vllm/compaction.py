@@ -107,21 +107,22 @@ class Compactor:
                       tenant: str | None = None) -> Outcome:
         """Plan one request (session fields already applied); rewrites `payload["messages"]` in place if compacted.
         A strategy the operator did not enable for clients (KVSCHED_COMPACTION_CLIENT_STRATEGIES) is refused: 403."""
-        if scope.get("path") != CHAT_PATH:
-            return UNCHANGED
         xargs = payload.get("vllm_xargs") if isinstance(payload.get("vllm_xargs"), dict) else {}
         raw = headers.get(STRATEGY_HEADER, xargs.get(XARG_STRATEGY))
-        try:
+        field = "X-KVSched-Compaction" if STRATEGY_HEADER in headers else f"vllm_xargs.{XARG_STRATEGY}"
+        try:  # checked on every route (found by review: a bad value elsewhere passed), applied to chat only
             strategy = parse_strategy(raw) if raw is not None else self.config.strategy
         except InvalidCompactionInput as exc:
             self.counters["bad_input"] += 1
-            return Outcome(status=400, error=error_body(str(exc), "X-KVSched-Compaction"))
+            return Outcome(status=400, error=error_body(str(exc), field))
+        if scope.get("path") != CHAT_PATH:
+            return UNCHANGED
         if raw is not None and not self.config.client_may_select(strategy):
             self.counters["refused_choices"] += 1
             return Outcome(status=403, error=error_body(
                 f"compaction strategy {strategy.value!r} is not enabled for clients on this server: "
                 f"KVSCHED_COMPACTION_CLIENT_STRATEGIES allows {', '.join(self.config.client_choices())}",
-                "X-KVSched-Compaction", code=403))
+                field, code=403))
         session = xargs.get(compat.XARG_SESSION_ID)
         messages = payload.get("messages")
         if not isinstance(session, str) or not _is_message_list(messages):

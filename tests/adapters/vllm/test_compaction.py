@@ -131,6 +131,15 @@ def test_opt_out_and_bad_strategy():
     assert payload["vllm_xargs"]["kvsched_conversation"] == xargs_off["vllm_xargs"]["kvsched_conversation"]  # branch
     bad = run(comp.prepare(SCOPE, request(1), {"x-kvsched-compaction": "squeeze"}))
     assert bad.status == 400 and "unknown compaction strategy" in bad.error["error"]["message"]
+    assert bad.error["error"]["param"] == "X-KVSched-Compaction"
+    # found by review: the body's field was named as the header, and other routes took any value unchecked
+    in_body = request(1)
+    in_body["vllm_xargs"]["compaction"] = 5
+    bad = run(comp.prepare(SCOPE, in_body, {}))
+    assert bad.status == 400 and bad.error["error"]["param"] == "vllm_xargs.compaction"
+    completions = dict(SCOPE, path="/v1/completions")
+    assert run(comp.prepare(completions, {"prompt": "x"}, {"x-kvsched-compaction": "squeeze"})).status == 400
+    assert run(comp.prepare(completions, {"prompt": "x"}, {"x-kvsched-compaction": "off"})).error is None
 
 
 def test_a_client_may_only_opt_out_or_pick_what_the_operator_enabled():
