@@ -161,6 +161,9 @@ def _ttl(payload: Mapping[str, Any], headers: Mapping[str, str]) -> tuple[float 
     if explicit is not None:
         found.append((explicit, "X-Session-TTL" if "x-session-ttl" in headers else "vllm_xargs.ttl_s"))
     options = payload.get("prompt_cache_options")
+    if options is not None and not isinstance(options, Mapping):  # found by review: a string or list passed
+        raise InvalidSessionInput(f"prompt_cache_options must be an object, got {options!r}"[:200],
+                                  field="prompt_cache_options")
     if isinstance(options, Mapping) and options.get("ttl") is not None:
         found.append((parse_duration(options["ttl"], "prompt_cache_options.ttl"), "prompt_cache_options.ttl"))
     retention = payload.get("prompt_cache_retention")

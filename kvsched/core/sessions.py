@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import NamedTuple, NewType
 
@@ -87,8 +88,14 @@ def validate_role(raw: object) -> str:
     return role
 
 
+_DECIMAL = re.compile(r"\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def validate_ttl(raw: object) -> float:
-    """A TTL hint in seconds: a finite number >= 0 (strings from headers are parsed)."""
+    """A TTL hint in seconds: a finite number >= 0 (strings from headers are parsed: ASCII decimal notation only, as
+    `parse_duration` takes; found by review: float() took "١٢", full-width digits and "1_000")."""
+    if isinstance(raw, str) and not _DECIMAL.fullmatch(raw):
+        raise InvalidSessionInput(f"ttl_s must be a number of seconds, got {shown(raw)}")
     try:
         value = float(raw)  # type: ignore[arg-type]
     except OverflowError:  # an integer past float's range (10**400): no finite TTL

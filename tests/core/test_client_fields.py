@@ -72,6 +72,13 @@ def test_a_header_and_a_body_field_with_the_same_text_are_one_session():
     ({"session_id": "a\ud800"}, {}, "session_id"),  # a lone surrogate: no UTF-8 carries it to the engine
     ({"prompt_cache_options": {"ttl": "\u00b2m"}}, {}, "prompt_cache_options.ttl"),  # float("²") fails
     ({"prompt_cache_options": {"ttl": "5m\n"}}, {}, "prompt_cache_options.ttl"),
+    # found by review: float() took other scripts' digits, full-width ones and underscores; a wrong-type object passed
+    ({}, {"x-session-id": "s", "x-session-ttl": "\u0661\u0662"}, "x-session-ttl"),
+    ({}, {"x-session-id": "s", "x-session-ttl": "\uff15"}, "x-session-ttl"),
+    ({"session_id": "s", "vllm_xargs": {"ttl_s": " 1_0 "}}, {}, "vllm_xargs.ttl_s"),
+    ({}, {"x-session-id": "s", "x-session-ttl": "1_000"}, "x-session-ttl"),
+    ({"prompt_cache_options": "x"}, {}, "prompt_cache_options"),
+    ({"prompt_cache_options": [1]}, {}, "prompt_cache_options"),
 ])
 def test_malformed_values_are_refused_naming_the_field(payload, headers, field):
     with pytest.raises(InvalidSessionInput) as info:
