@@ -16,7 +16,14 @@ from typing import Any
 
 from kvsched.adapters.vllm import compat
 from kvsched.core.client_fields import SessionFields, read_session_fields
-from kvsched.core.sessions import InvalidSessionInput, SessionId
+from kvsched.core.sessions import (
+    InvalidSessionInput,
+    SessionId,
+    validate_end_flag,
+    validate_role,
+    validate_session_id,
+    validate_ttl,
+)
 
 RESPONSES_PATH = "/v1/responses"
 SESSION_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end")
@@ -103,9 +110,10 @@ SESSION_ROUTES = frozenset({"/v1/chat/completions/batch", "/inference/v1/generat
 
 def needs_scan(body: bytes, tenant: str | None, route: str) -> bool:
     """Whether a JSON body on a route kvsched does not rewrite can hold anything `check_unhandled_body` refuses: one of
-    kvsched's marks (spelled out, or behind a `\\u` escape), or a keyed caller's session on a `SESSION_ROUTES` route.
+    kvsched's marks (spelled out, or behind a `\\u` escape), or a session field on a `SESSION_ROUTES` route
+    (checked for every caller).
     Found by review: every such body (up to 1 GiB: embeddings, scores) was parsed here and again by vLLM."""
-    return (tenant is not None and route in SESSION_ROUTES) or b"kvsched" in body or b"\\u" in body
+    return route in SESSION_ROUTES or b"kvsched" in body or b"\\u" in body
 
 
 def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: str | None, route: str = "") -> None:
@@ -113,10 +121,12 @@ def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: 
     `vllm_xargs`/`extra_args` to the engine as they are. Raises InvalidSessionInput (a 400) for one of kvsched's own
     marks anywhere in it (a forged tenant reaches another key's sessions, a forged compaction mark ends a branch), and,
     for a caller with a key of its own on a route that gives requests a session (`SESSION_ROUTES`), for a
-    session named there: nothing on that route scopes it to the caller's key, so two keys would share it."""
+    session named there: nothing on that route scopes it to the caller's key, so two keys would share it. On those
+    routes every caller's session fields are checked as on the rewritten ones (`_check_session_fields`)."""
     stack: list[tuple[object, str]] = [(payload, "")]
     items = payload if isinstance(payload, list) else [payload]  # a batch's requests, or the one request
     named = "x-session-id" in headers or any(isinstance(r, dict) and r.get("session_id") for r in items)
+    found: list[tuple[str, dict[str, Any]]] = []  # (where, vllm_xargs or extra_args) anywhere in the body
     while stack:
         node, where = stack.pop()
         if isinstance(node, dict):
@@ -124,8 +134,9 @@ def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: 
                 path = f"{where}.{k}" if where else str(k)
                 if k in RESERVED_XARGS:
                     raise InvalidSessionInput(f"{path} is set by kvsched's middleware only", field=path)
-                if k in _XARGS_NAMES and isinstance(v, dict) and v.get(compat.XARG_SESSION_ID) is not None:
-                    named = True
+                if k in _XARGS_NAMES and isinstance(v, dict):
+                    found.append((path, v))
+                    named = named or v.get(compat.XARG_SESSION_ID) is not None
                 stack.append((v, path))
         elif isinstance(node, list):
             stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
@@ -133,3 +144,29 @@ def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: 
         raise InvalidSessionInput("sessions are kept per API key on /v1/chat/completions, /v1/completions, "
                                   "/v1/responses and /v1/messages only: this route cannot scope one to your key",
                                   field="session_id")
+    if route in SESSION_ROUTES:
+        _check_session_fields(items, found, headers)
+
+
+def _check_session_fields(items: list[Any], found: list[tuple[str, dict[str, Any]]],
+                          headers: Mapping[str, bytes]) -> None:
+    """The session fields the engine reads on a `SESSION_ROUTES` route, checked as on the four kvsched rewrites: the
+    engine drops a malformed one silently (`compat.request_session`), so the caller would lose its session unawares
+    (found by review: a 500-character id or a NaN TTL on /invocations was answered 200 with no session)."""
+    if "x-session-id" in headers:
+        try:
+            validate_session_id(headers["x-session-id"].decode("utf-8"))
+        except (UnicodeDecodeError, InvalidSessionInput) as exc:
+            raise InvalidSessionInput(f"X-Session-Id: {exc}"[:200], field="X-Session-Id") from None
+    checks: list[tuple[str, object, Any]] = [("session_id", r.get("session_id"), validate_session_id)
+                                             for r in items if isinstance(r, dict)]
+    for where, xargs in found:
+        checks += [(f"{where}.{k}", xargs.get(k), check) for k, check in (
+            (compat.XARG_SESSION_ID, validate_session_id), (compat.XARG_TTL, validate_ttl),
+            (compat.XARG_ROLE, validate_role), (compat.XARG_END, validate_end_flag))]
+    for field, value, check in checks:
+        if value is not None:
+            try:
+                check(value)
+            except InvalidSessionInput as exc:
+                raise InvalidSessionInput(str(exc), field=field) from None

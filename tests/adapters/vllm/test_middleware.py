@@ -278,6 +278,22 @@ def test_routes_kvsched_does_not_rewrite_refuse_its_marks_and_keyed_sessions():
     status, _ = call(KVSchedMiddleware(open_app), open_app, "POST", "/inference/v1/generate",
                      json.dumps(generate).encode(), [js])
     assert status == 200 and open_app.calls == [("/inference/v1/generate", json.dumps(generate).encode())]
+    # found by review: without keys, a malformed session field there was answered 200 and the engine dropped the
+    # session silently; it is refused as on the four rewritten routes, naming the field
+    open_mw = KVSchedMiddleware(open_app)
+    for body, headers, param in (
+            ({"prompt": "x", "vllm_xargs": {"session_id": "inv", "ttl_s": "nan"}}, [], "vllm_xargs.ttl_s"),
+            ({"prompt": "x", "vllm_xargs": {"session_id": "a\u0007"}}, [], "vllm_xargs.session_id"),
+            ({"prompt": "x", "session_id": "s", "vllm_xargs": {"agent_role": "a b"}}, [], "vllm_xargs.agent_role"),
+            ({"prompt": "x", "session_id": 5}, [], "session_id"),
+            ({"prompt": "x"}, [("X-Session-ID", "x" * 500)], "X-Session-Id"),
+            ({"token_ids": [1], "sampling_params": {"extra_args": {"session_id": "s", "session_end": "maybe"}}}, [],
+             "sampling_params.extra_args.session_end")):
+        route = "/inference/v1/generate" if "token_ids" in body else "/invocations"
+        status, err = call(open_mw, open_app, "POST", route, json.dumps(body).encode(), [js, *headers])
+        assert status == 400 and err["error"]["param"] == param, (body, err)
+    fine = json.dumps({"prompt": "x", "vllm_xargs": {"session_id": "inv", "ttl_s": "30"}}).encode()
+    assert call(open_mw, open_app, "POST", "/invocations", fine, [js, ("X-Session-ID", "inv")])[0] == 200
 
 
 def test_response_ids_and_salts_of_any_length_cost_one_fixed_size_entry():
