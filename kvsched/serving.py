@@ -67,6 +67,10 @@ class ServerSpec:
     served_model_name: str = "tiny"
     dtype: str | None = None  # --dtype; None: a tiny model's own dtype (vLLM's auto downcasts float32), else vLLM's
     enforce_eager: bool = True  # False: vLLM's CUDA graphs (its default on a GPU; nothing to capture on the CPU)
+    # True: the server starts a session of its own (with Linux's autogroup scheduler, on by default, also a CPU share
+    # of its own, equal to that of the whole session that started it). False: it stays in the caller's session and
+    # scheduling group and only leads a process group of its own (killed as a unit either way).
+    own_session: bool = True
 
     def serve_dtype(self) -> str | None:
         from kvsched.tiny_model import tiny_model_dtype
@@ -117,8 +121,9 @@ class VllmServer:
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         env.update(self.spec.env)
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process lifetime
+        group: dict[str, Any] = {"start_new_session": True} if self.spec.own_session else {"process_group": 0}
         self.proc = subprocess.Popen(self.spec.argv(self.port), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     **group)
         self._deadline = time.monotonic() + self.startup_timeout_s
         return self
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ def test_engine_replica_proxies_and_reports_pinned_sessions(tiny_model_dir: Path
     replica = EngineReplica("tiny", cfg.model_dump())
     pid = replica.server.proc.pid if replica.server.proc else None
     try:
+        # its own process group (stopped as a unit), in the replica's session: with a session of its own it had a CPU
+        # share of its own under Linux's autogroup scheduler, and a busy engine starved the Ray processes relaying to it
+        assert pid is not None and os.getpgid(pid) == pid and os.getsid(pid) == os.getsid(0)
+
         async def run() -> None:
             body = json.dumps({"model": "tiny", "max_tokens": 4,
                                "messages": [{"role": "user", "content": "tool result " * 30}]}).encode()

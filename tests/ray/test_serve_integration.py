@@ -284,8 +284,9 @@ def kill_while_busy(cluster: dict[str, Any], slot: int, victims: list[str],
                     extra_headers={"X-Session-Id": victims[0]}, extra_body={"ignore_eos": True})
                 chunks = iter(stream)
                 next(chunks)
-                # Kill only if every request is still held there (the stream's first chunk can take seconds through
-                # Ray on a loaded host, as long as the generations: once, in a fresh clone, they all ended first)
+                # Kill only if every request is still held there (once, in a fresh clone, the generations all ended
+                # before the stream's first chunk came through Ray: the engine ran in a session, and so a CPU share, of
+                # its own, and kept its pace on 2 loaded cores while the Ray processes relaying to it crawled; engine.py)
                 seen.append(engine_requests(victim["engine_url"]))
                 if seen[-1] >= held_needed and not any(f.done() for f in pending):
                     kill(victim)

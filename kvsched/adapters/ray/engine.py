@@ -6,6 +6,13 @@ child's life: `__del__` stops its whole process group on graceful shutdown, a de
 replica is killed outright, a watcher thread kills what is left of the group the moment the server process dies (its
 engine core would otherwise live on, orphaned), and `check_health` fails then so Ray replaces the replica.
 
+The child leads a process group of its own but stays in the replica's session, and so in its CPU scheduling group:
+found by a flaky kill test, a child in a session of its own had, under Linux's autogroup scheduler (on by default), a
+CPU share of its own as large as that of the whole session running Ray. On 2 loaded cores its busy engine kept its
+pace while the Ray processes relaying to it (proxy, ingress, this replica, all at Ray's worker niceness) crawled: a
+stream's first chunk took up to 10 s to come through while the engine generated (19 s with a CPU hog in Ray's
+session), against at most 0.12 s with the child in the replica's session.
+
 A request the engine cannot take or finish before any byte of the answer left raises `EngineUnavailable` (naming
 this replica, and whether its engine is gone), so the ingress retries it on another replica.
 
@@ -67,7 +74,8 @@ def replica_unique_id() -> str:
 def server_spec(cfg: EngineConfig) -> ServerSpec:
     return ServerSpec(model=cfg.model_path(), scheduler=cfg.scheduler, max_model_len=cfg.max_model_len,
                       block_size=cfg.block_size, num_blocks=cfg.num_blocks, kv_cache_gib=cfg.kv_cache_gib,
-                      extra_args=list(cfg.vllm_args), env=dict(cfg.env), served_model_name=cfg.served_model_name)
+                      extra_args=list(cfg.vllm_args), env=dict(cfg.env), served_model_name=cfg.served_model_name,
+                      own_session=False)
 
 
 def start_with_reaper(server: VllmServer) -> None:
