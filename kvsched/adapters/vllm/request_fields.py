@@ -15,15 +15,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvsched.adapters.vllm import compat
+from kvsched.core import sessions
 from kvsched.core.client_fields import SessionFields, read_session_fields
-from kvsched.core.sessions import (
-    InvalidSessionInput,
-    SessionId,
-    validate_end_flag,
-    validate_role,
-    validate_session_id,
-    validate_ttl,
-)
+from kvsched.core.sessions import InvalidSessionInput, SessionId
 
 RESPONSES_PATH = "/v1/responses"
 SESSION_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end")
@@ -155,15 +149,15 @@ def _check_session_fields(items: list[Any], found: list[tuple[str, dict[str, Any
     (found by review: a 500-character id or a NaN TTL on /invocations was answered 200 with no session)."""
     if "x-session-id" in headers:
         try:
-            validate_session_id(headers["x-session-id"].decode("utf-8"))
+            sessions.validate_session_id(headers["x-session-id"].decode("utf-8"))
         except (UnicodeDecodeError, InvalidSessionInput) as exc:
             raise InvalidSessionInput(f"X-Session-Id: {exc}"[:200], field="X-Session-Id") from None
-    checks: list[tuple[str, object, Any]] = [("session_id", r.get("session_id"), validate_session_id)
+    checks: list[tuple[str, object, Any]] = [("session_id", r.get("session_id"), sessions.validate_session_id)
                                              for r in items if isinstance(r, dict)]
     for where, xargs in found:
         checks += [(f"{where}.{k}", xargs.get(k), check) for k, check in (
-            (compat.XARG_SESSION_ID, validate_session_id), (compat.XARG_TTL, validate_ttl),
-            (compat.XARG_ROLE, validate_role), (compat.XARG_END, validate_end_flag))]
+            (compat.XARG_SESSION_ID, sessions.validate_session_id), (compat.XARG_TTL, sessions.validate_ttl),
+            (compat.XARG_ROLE, sessions.validate_role), (compat.XARG_END, sessions.validate_end_flag))]
     for field, value, check in checks:
         if value is not None:
             try:

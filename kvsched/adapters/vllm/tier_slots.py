@@ -107,20 +107,23 @@ class HostSlots:
         return out
 
     def write(self, v: int, slots: Sequence[int], q: torch.Tensor, s: torch.Tensor | None) -> None:
-        for c, (pos, local) in self._by_chunk(slots).items():
-            cq, cs = self._chunk(c)[v]
-            p, loc = torch.tensor(pos), torch.tensor(local)
-            cq.index_copy_(0, loc, q.index_select(0, p))
-            if cs is not None and s is not None:
-                cs.index_copy_(0, loc, s.index_select(0, p))
+        self._copy(v, slots, q, s, into_slots=True)
 
     def read(self, v: int, slots: Sequence[int], q: torch.Tensor, s: torch.Tensor | None) -> None:
+        self._copy(v, slots, q, s, into_slots=False)
+
+    def _copy(self, v: int, slots: Sequence[int], q: torch.Tensor, s: torch.Tensor | None, into_slots: bool) -> None:
+        """Rows `q` (and scales `s`) of view `v`, row i for `slots[i]`: into the slots, or out of them."""
         for c, (pos, local) in self._by_chunk(slots).items():
             cq, cs = self._chunk(c)[v]
             p, loc = torch.tensor(pos), torch.tensor(local)
-            q.index_copy_(0, p, cq.index_select(0, loc))
-            if cs is not None and s is not None:
-                s.index_copy_(0, p, cs.index_select(0, loc))
+            for dst, src in ((cq, q), (cs, s)):
+                if dst is None or src is None:
+                    continue
+                if into_slots:
+                    dst.index_copy_(0, loc, src.index_select(0, p))
+                else:
+                    src.index_copy_(0, p, dst.index_select(0, loc))
 
     def payload(self, slot: int) -> bytes:
         """The slot's bytes, view by view (scales, then pages): what the disk and shared levels keep."""
