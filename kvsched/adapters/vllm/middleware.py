@@ -139,7 +139,7 @@ class KVSchedMiddleware:
             return
         try:
             body = await read_body(scope, receive, limit=SCAN_BODY_BYTES)  # a route kvsched does not limit
-            if kind == "json" and not needs_scan(body, ident.tenant, path):
+            if kind == "json" and not needs_scan(body, ident.tenant, path, "x-session-id" in raw):
                 fields = []  # nothing of kvsched's can be in it: vLLM parses it once
             else:
                 fields = [parse_json(body)] if kind == "json" else await form_fields(scope, body) or []

@@ -102,12 +102,17 @@ _XARGS_NAMES = ("vllm_xargs", "extra_args")  # where a request body carries Samp
 SESSION_ROUTES = frozenset({"/v1/chat/completions/batch", "/inference/v1/generate", "/invocations", "/cohere/v2/chat"})
 
 
-def needs_scan(body: bytes, tenant: str | None, route: str) -> bool:
+SESSION_KEYS = (b"session", b"ttl_s", b"agent_role")  # in a body that may name a session's fields (session_id, _end)
+
+
+def needs_scan(body: bytes, tenant: str | None, route: str, session_header: bool = False) -> bool:
     """Whether a JSON body on a route kvsched does not rewrite can hold anything `check_unhandled_body` refuses: one of
     kvsched's marks (spelled out, or behind a `\\u` escape), or a session field on a `SESSION_ROUTES` route
     (checked for every caller).
     Found by review: every such body (up to 1 GiB: embeddings, scores) was parsed here and again by vLLM."""
-    return route in SESSION_ROUTES or b"kvsched" in body or b"\\u" in body
+    if route in SESSION_ROUTES and (tenant is not None or session_header or any(f in body for f in SESSION_KEYS)):
+        return True
+    return b"kvsched" in body or b"\\u" in body
 
 
 def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: str | None, route: str = "") -> None:
@@ -120,7 +125,6 @@ def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: 
     stack: list[tuple[object, str]] = [(payload, "")]
     items = payload if isinstance(payload, list) else [payload]  # a batch's requests, or the one request
     named = "x-session-id" in headers or any(isinstance(r, dict) and r.get("session_id") for r in items)
-    found: list[tuple[str, dict[str, Any]]] = []  # (where, vllm_xargs or extra_args) anywhere in the body
     while stack:
         node, where = stack.pop()
         if isinstance(node, dict):
@@ -128,9 +132,8 @@ def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: 
                 path = f"{where}.{k}" if where else str(k)
                 if k in RESERVED_XARGS:
                     raise InvalidSessionInput(f"{path} is set by kvsched's middleware only", field=path)
-                if k in _XARGS_NAMES and isinstance(v, dict):
-                    found.append((path, v))
-                    named = named or v.get(compat.XARG_SESSION_ID) is not None
+                if k in _XARGS_NAMES and isinstance(v, dict) and v.get(compat.XARG_SESSION_ID) is not None:
+                    named = True
                 stack.append((v, path))
         elif isinstance(node, list):
             stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
@@ -139,11 +142,21 @@ def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: 
                                   "/v1/responses and /v1/messages only: this route cannot scope one to your key",
                                   field="session_id")
     if route in SESSION_ROUTES:
-        _check_session_fields(items, found, headers)
+        _check_session_fields(items, headers)
 
 
-def _check_session_fields(items: list[Any], found: list[tuple[str, dict[str, Any]]],
-                          headers: Mapping[str, bytes]) -> None:
+def _request_xargs(item: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Where a request body of these routes carries the engine request's extra args: its own `vllm_xargs` or
+    `extra_args`, or its `sampling_params`' (/inference/v1/generate). Not any key of those names deeper in the body
+    (found by review: a JSON schema with an `extra_args` property was refused)."""
+    params = item.get("sampling_params")
+    places = [(name, item.get(name)) for name in _XARGS_NAMES]
+    if isinstance(params, dict):
+        places += [(f"sampling_params.{name}", params.get(name)) for name in _XARGS_NAMES]
+    return [(where, x) for where, x in places if isinstance(x, dict)]
+
+
+def _check_session_fields(items: list[Any], headers: Mapping[str, bytes]) -> None:
     """The session fields the engine reads on a `SESSION_ROUTES` route, checked as on the four kvsched rewrites: the
     engine drops a malformed one silently (`compat.request_session`), so the caller would lose its session unawares
     (found by review: a 500-character id or a NaN TTL on /invocations was answered 200 with no session)."""
@@ -154,7 +167,7 @@ def _check_session_fields(items: list[Any], found: list[tuple[str, dict[str, Any
             raise InvalidSessionInput(f"X-Session-Id: {exc}"[:200], field="X-Session-Id") from None
     checks: list[tuple[str, object, Any]] = [("session_id", r.get("session_id"), sessions.validate_session_id)
                                              for r in items if isinstance(r, dict)]
-    for where, xargs in found:
+    for where, xargs in (x for r in items if isinstance(r, dict) for x in _request_xargs(r)):
         checks += [(f"{where}.{k}", xargs.get(k), check) for k, check in (
             (compat.XARG_SESSION_ID, sessions.validate_session_id), (compat.XARG_TTL, sessions.validate_ttl),
             (compat.XARG_ROLE, sessions.validate_role), (compat.XARG_END, sessions.validate_end_flag))]

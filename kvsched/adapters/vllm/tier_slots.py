@@ -53,8 +53,8 @@ def chunk_layout(shapes: Sequence[tuple[int, ...]], row_bytes: Sequence[int], qu
     if not whole_power_of_two:
         return ChunkLayout(slots, nbytes, offsets)
     size = 1 << max(nbytes - 1, 0).bit_length()
-    per_slot = max(nbytes // slots, 1)
-    n = max(size // per_slot, slots)
+    per_slot = sum(h * r * rb + (4 * h if quantize else 0) for (h, r, *_), rb in zip(shapes, row_bytes, strict=True))
+    n = max(size // max(per_slot, 1), slots)  # the most that fit without padding; padding costs at most a few
     while n > slots and place(n)[0] > size:
         n -= 1
     nbytes, offsets = place(n)

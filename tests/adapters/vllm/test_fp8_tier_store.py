@@ -328,37 +328,6 @@ def test_every_restore_of_a_step_is_fenced_before_the_forward(monkeypatch):
     assert conn._worker_meta.loaded_blocks == 3 and not conn._errors
 
 
-def test_a_pinned_chunk_is_one_power_of_two_allocation_holding_every_slot_that_fits(monkeypatch):
-    """torch's pinned-memory allocator rounds each request up to a power of two: one pinned tensor per layer took
-    ~1.75x the bytes counted for Qwen2.5-7B's pages (28 layers of [4 heads, 16 tokens, 256 bytes] rows, 2.28 MiB per
-    layer and chunk, 4 MiB taken; found by review). A chunk is now one power-of-two request, sliced, and counted whole."""
-    from kvsched.adapters.vllm import tier_slots
-
-    asked = []
-
-    def host_empty(shape, dtype, pin):  # a CPU-only torch cannot pin: record what would be asked, allocate plainly
-        asked.append((shape, dtype, pin))
-        return torch.empty(shape, dtype=dtype)
-
-    monkeypatch.setattr(tier_slots, "host_empty", host_empty)
-    kv = {f"layer.{i}": torch.zeros(2, 4, 16, 256, dtype=torch.bfloat16) for i in range(28)}
-    slot = view_bytes(views_of(kv), QUANTIZE)
-    slots = tier_slots.HostSlots(views_of(kv), True, True, slot)
-    q = torch.randint(0, 255, (1, 4, 16, 256), dtype=torch.uint8)
-    for v in range(28):
-        slots.write(v, [slots.per_chunk - 1], q + v, torch.full((1, 4), float(v)))
-    assert len(asked) == 1 and asked[0][2] is True
-    nbytes = asked[0][0][0]
-    assert nbytes == 64 << 20 == slots.allocated_bytes and slots.per_chunk * slot <= nbytes
-    assert tier_slots.chunk_layout(slots.shapes, slots.row_bytes, True, slots.per_chunk + 1).nbytes > nbytes
-    for v in range(28):  # each layer's rows and scales are its own bytes of the one buffer
-        out_q, out_s = torch.empty_like(q), torch.empty(1, 4)
-        slots.read(v, [slots.per_chunk - 1], out_q, out_s)
-        assert torch.equal(out_q, q + v) and torch.equal(out_s, torch.full((1, 4), float(v)))
-    unpinned = tier_slots.HostSlots(views_of(kv), True, False, slot)  # plain memory is taken as counted
-    assert unpinned.per_chunk == (64 << 20) // slot and unpinned.layout.nbytes < 64 << 20
-
-
 def test_the_compute_stream_waits_for_the_blocks_to_be_read_not_for_their_copy_to_the_host(monkeypatch):
     """Found by review: the store's fence was recorded after the device-to-host copies, so on a GPU the next forward
     waited for the PCIe transfer of every stored block; the quantized pages are private buffers once the kernels ran.

@@ -294,6 +294,15 @@ def test_routes_kvsched_does_not_rewrite_refuse_its_marks_and_keyed_sessions():
         assert status == 400 and err["error"]["param"] == param, (body, err)
     fine = json.dumps({"prompt": "x", "vllm_xargs": {"session_id": "inv", "ttl_s": "30"}}).encode()
     assert call(open_mw, open_app, "POST", "/invocations", fine, [js, ("X-Session-ID", "inv")])[0] == 200
+    # only where the engine reads them (found by review: a JSON schema's `extra_args` property was refused)
+    schema = {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "properties": {"extra_args": {"session_id": {"type": "string"}}}}}}}
+    assert call(open_mw, open_app, "POST", "/invocations", json.dumps(schema).encode(), [js])[0] == 200
+    from kvsched.adapters.vllm.request_fields import needs_scan
+
+    big = json.dumps({"input": ["x" * 1000] * 100}).encode()  # an embedding request: parsed by vLLM alone
+    assert not needs_scan(big, None, "/invocations") and needs_scan(big, None, "/invocations", session_header=True)
+    assert needs_scan(big, "tenant", "/invocations") and needs_scan(fine, None, "/invocations")
 
 
 def test_response_ids_and_salts_of_any_length_cost_one_fixed_size_entry():
