@@ -122,11 +122,10 @@ class PinApplier(Generic[B]):
         which a plain LRU pool would now hold too (the payback tracker's ghost)."""
         if cached_keys is not None and self.policy.payback.enabled:
             self.policy.payback.cached(cached_keys)
-        sizes = list(map(len, groups))
         # A group shorter than another starts past block 0 (a sliding window: the blocks a hit at the prefix's end
         # needs): without its tail, no hit can use the rest of the pin, so the pin is released whole or not at all.
-        whole_only = len(sizes) > 1 and min(sizes) < max(sizes)
-        self.apply(self.policy.turn_finished(key, hints, tokens, sum(sizes), whole_only), {key: groups})
+        whole_only = len(groups) > 1 and min(map(len, groups)) < max(map(len, groups))  # (one group: no list made)
+        self.apply(self.policy.turn_finished(key, hints, tokens, sum(map(len, groups)), whole_only), {key: groups})
         if hints.end and self.directory is not None:
             self.directory.drop_owner(key)
 

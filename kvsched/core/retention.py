@@ -184,6 +184,7 @@ class RetentionPolicy(ReleaseValues):
         self.pinned_blocks_total += blocks - rec.pinned_blocks
         rec.prefetched_tokens += tokens - rec.pinned_tokens
         rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
+        rec.whole_only = False  # a restored pin is one group (`PinApplier.adopt`)
         self.expiry.queue(rec)
         self.index.changed(rec)
         self.counters["prefetches"] += 1

@@ -289,3 +289,14 @@ def test_a_shorter_turn_after_the_session_ran_alone_again_replaces_the_pin(clock
     turn(pins, A, [[1, 7]], cached=BS)  # alone, shorter: replaces
     assert pins.pinned[A] == [[1, 7]] and set(pins.pool.ref) == {1, 7}
     assert pins.policy.counters["pins_kept_over_overlapping_turn"] == 1
+
+
+def test_a_pin_restored_from_the_tier_is_one_group_and_releases_its_tail_again(clock):
+    """`prefetched` makes the pin one group (`PinApplier.adopt`): the whole-only mark of an earlier windowed pin goes."""
+    pins = make(clock)
+    turn(pins, B, [list(range(31, 40)), [88, 89]])
+    policy = pins.policy
+    assert policy.sessions[B].whole_only
+    policy.prefetched(B, 14 * BS, 14)
+    assert not policy.sessions[B].whole_only
+    assert policy.release_blocks(3, ReleaseReason.PRESSURE) == [Release(B, ReleaseReason.PRESSURE, 3)]

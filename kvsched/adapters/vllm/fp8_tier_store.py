@@ -164,8 +164,8 @@ class TierStore:
         one view each)."""
         groups: list[list[LayerView]] = [[]]
         held = 0
-        for view, (heads, rows, _), row_bytes in zip(self.views, self.slots.shapes, self.slots.row_bytes, strict=True):
-            need = blocks * heads * (rows * row_bytes + (4 if self.quantize else 0))
+        for view, per_block in zip(self.views, self.slots.view_bytes, strict=True):
+            need = blocks * per_block
             if groups[-1] and held + need > STAGE_BYTES:
                 groups.append([])
                 held = 0

@@ -31,6 +31,11 @@ class ChunkLayout:
     offsets: list[tuple[int, int | None]]  # per layer view: where its rows and its scales (None: raw) start
 
 
+def view_slot_bytes(shapes: Sequence[tuple[int, ...]], row_bytes: Sequence[int], quantize: bool) -> list[int]:
+    """Bytes one slot takes of each view: its rows, and its float32 scales when quantized."""
+    return [h * r * rb + (4 * h if quantize else 0) for (h, r, *_), rb in zip(shapes, row_bytes, strict=True)]
+
+
 def chunk_layout(shapes: Sequence[tuple[int, ...]], row_bytes: Sequence[int], quantize: bool, slots: int,
                  whole_power_of_two: bool = False) -> ChunkLayout:
     """Where each view's `[slots, heads, rows, row_bytes]` rows and `[slots, heads]` float32 scales sit in a chunk of
@@ -53,7 +58,7 @@ def chunk_layout(shapes: Sequence[tuple[int, ...]], row_bytes: Sequence[int], qu
     if not whole_power_of_two:
         return ChunkLayout(slots, nbytes, offsets)
     size = 1 << max(nbytes - 1, 0).bit_length()
-    per_slot = sum(h * r * rb + (4 * h if quantize else 0) for (h, r, *_), rb in zip(shapes, row_bytes, strict=True))
+    per_slot = sum(view_slot_bytes(shapes, row_bytes, quantize))
     n = max(size // max(per_slot, 1), slots)  # the most that fit without padding; padding costs at most a few
     while n > slots and place(n)[0] > size:
         n -= 1
@@ -70,6 +75,7 @@ class HostSlots:
         self.shapes = [tuple(v.cache.shape[1:]) for v in views]
         self.row_bytes = [v.cache.shape[3] * (1 if quantize else v.cache.element_size()) for v in views]
         self.quantize, self.pin = quantize, pin
+        self.view_bytes = view_slot_bytes(self.shapes, self.row_bytes, quantize)  # per slot
         self.layout = chunk_layout(self.shapes, self.row_bytes, quantize, max(1, chunk_bytes // max(slot_bytes, 1)),
                                    whole_power_of_two=pin)
         self.per_chunk = self.layout.slots
@@ -117,13 +123,13 @@ class HostSlots:
         for c, (pos, local) in self._by_chunk(slots).items():
             cq, cs = self._chunk(c)[v]
             p, loc = torch.tensor(pos), torch.tensor(local)
-            for dst, src in ((cq, q), (cs, s)):
-                if dst is None or src is None:
+            for held, given in ((cq, q), (cs, s)):
+                if held is None or given is None:
                     continue
                 if into_slots:
-                    dst.index_copy_(0, loc, src.index_select(0, p))
+                    held.index_copy_(0, loc, given.index_select(0, p))
                 else:
-                    src.index_copy_(0, p, dst.index_select(0, loc))
+                    given.index_copy_(0, p, held.index_select(0, loc))
 
     def payload(self, slot: int) -> bytes:
         """The slot's bytes, view by view (scales, then pages): what the disk and shared levels keep."""
