@@ -4,7 +4,8 @@ the disk hold the store has (a pipelined EXISTS).
 
 Inline, each was a store round trip on vLLM's scheduler thread: a slow or hung store cost every running request up to
 the store's socket timeout (0.5 s) per arrival. Here the arrival queues a `Lookup` and returns; one daemon thread asks
-the store; the scheduler takes the answers once a step (`poll`) and plans the fetches they found (tier_levels). The
+the store; the scheduler takes the answers once a step (`poll`) and plans the fetches they found (tier_levels), or at
+the arrival itself when the answer comes within `SETTLE_S` (`settle`: a healthy store loses no step). The
 request whose blocks the store may hold waits meanwhile (the connector answers vLLM's `get_num_new_matched_tokens` with
 None, as for a fetch: tier_fetches), at most `WAIT_S`; then it is scheduled with what the other levels hold and a late
 answer only counts the session (moved or not). A lookup of the metadata alone makes no request wait.
@@ -35,6 +36,7 @@ from kvsched.adapters.vllm.tier_fetches import WAIT_FLOOR_S
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
 WAIT_S = WAIT_FLOOR_S  # as a fetch: covers two store calls at their timeouts (0.5 s each) and a step or two
 MAX_QUEUED = 256  # arrivals queued at once; a hung store answers them at the speed of its backoff's skips
+SETTLE_S = 0.005  # an arrival waits this long on the scheduler thread for its answer when no other lookup is out
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,7 @@ class StoreLookups:
         self.pending: dict[str, float] = {}  # request id -> its deadline (scheduler thread only)
         self._waited: set[str] = set()  # counted once per request
         self._answers: deque[Answer] = deque()  # appended by the thread, taken by the scheduler
+        self._answered = threading.Condition()  # notified with each answer appended (`settle`)
         self._q: queue.Queue[Lookup | None] = queue.Queue(max_queued)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -105,6 +108,17 @@ class StoreLookups:
             a.live = rid is not None and self.pending.pop(rid, None) is not None
             out.append(a)
         return out
+
+    def settle(self, request_id: str, timeout_s: float = SETTLE_S) -> bool:
+        """On the scheduler thread: wait up to `timeout_s` for `request_id`'s answer, so that with a healthy store
+        (an EXISTS takes well under a millisecond) its fetch is planned at its arrival, not a step later. Only while no
+        other request's lookup is out: a hung store then costs one arrival `timeout_s`, not every arrival. True if
+        the answer is in (`poll` takes it)."""
+        if len(self.pending) != 1 or request_id not in self.pending:
+            return False
+        with self._answered:
+            return self._answered.wait_for(lambda: any(a.lookup.request_id == request_id for a in self._answers),
+                                           timeout_s)
 
     def waiting(self, request_id: str) -> bool:
         """True if `request_id` waits for its lookup (unanswered, before its deadline). Side-effect free."""
@@ -158,7 +172,10 @@ class StoreLookups:
                     if lookup is None:
                         return
                     continue
-                self._answers.append(self._ask(lookup))
+                answer = self._ask(lookup)
+                with self._answered:
+                    self._answers.append(answer)
+                    self._answered.notify_all()
             finally:
                 self._q.task_done()
 

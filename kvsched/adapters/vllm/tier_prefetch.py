@@ -91,8 +91,20 @@ class TierPrefetcher:
             self._promote(request, key, limit)  # into the tier in the background, then prefetched like any tier block
         if self._fetching(request):
             self.awaiting[request.request_id] = (key, request)
+            lookups = getattr(getattr(self.tier, "levels", None), "lookups", None)
+            if lookups is not None and lookups.settle(request.request_id):  # the store answered at once: planned
+                self._take_lookups()  # now, not a step later (what it brings is restored before the next schedule)
         elif self._holds(key):
             self._prefetch(key, list(request.block_hashes), limit, reserve=0, request=request, trigger="queued")
+
+    def _take_lookups(self) -> None:
+        """The store lookups' answers: the requests still waiting for theirs are promoted again (what the store holds
+        is fetched)."""
+        levels = getattr(self.tier, "levels", None)
+        for rid in levels.poll() if levels is not None else ():
+            if rid in self.awaiting:
+                key, request = self.awaiting[rid]
+                self._promote(request, key, (int(request.num_tokens) - 1) // self.pins.block_size)
 
     def on_request_gone(self, request_id: str) -> None:
         self.awaiting.pop(request_id, None)
@@ -110,11 +122,7 @@ class TierPrefetcher:
         """Before each schedule(): enter confirmed prefetches into the prefix cache, run the due ones."""
         now = self.pins.policy.clock()
         self.clock.tick(now)
-        levels = getattr(self.tier, "levels", None)
-        for rid in levels.poll() if levels is not None else ():  # store lookups answered: fetch what they found
-            if rid in self.awaiting:
-                key, request = self.awaiting[rid]
-                self._promote(request, key, (int(request.num_tokens) - 1) // self.pins.block_size)
+        self._take_lookups()  # store lookups answered: fetch what they found
         for rid, (key, request) in list(self.awaiting.items()):  # fetches landed: restore what they brought
             if not self._fetching(request):
                 del self.awaiting[rid]

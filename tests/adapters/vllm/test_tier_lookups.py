@@ -185,6 +185,26 @@ class GateStore:
         return [n.endswith("yes") for n in names]
 
 
+def test_a_store_that_answers_at_once_has_the_fetch_planned_at_the_arrival_not_a_step_later(
+        harness_cfg, clock, tmp_path) -> None:
+    """With a healthy store the lookup's answer is in within `SETTLE_S`: the arrival plans the store's fetch itself
+    (as the inline EXISTS did), the request never waits for a lookup, and it runs on its blocks."""
+    e, f = hung_engine(harness_cfg, clock, tmp_path)
+    e.store.lookup_gate.set()  # answers at once
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    e.publish(keys[:10])
+    e.s.add_request(ra)
+    assert e.levels.counters["shared_planned_fetches"] == 10  # no step has run
+    assert e.s.kvsched.stats()["moved_sessions"] == 1
+    hit = None
+    for _ in range(6):
+        hit = scheduled(e.step()).get(ra.request_id)
+        if hit is not None:
+            break
+        assert e.w.fetcher.flush(BOUND_S)
+    assert hit == 10 * BLOCK and e.s.kvsched.stats()["store_lookup_waits"] == 0
+
+
 def test_lookups_answer_in_order_and_a_full_queue_makes_no_request_wait(clock) -> None:
     store = GateStore()
     book = StoreLookups(store, clock=clock, max_queued=2)
