@@ -113,7 +113,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
                                          value_of=lambda owner: self.directory.value_of(owner)
                                          if self.directory is not None else 0.0)
                 self.levels._busy_slots, self.levels.on_fetch = self._busy_slots, self.fetches.started
-                self.directory.on_evict = self.levels.on_host_evict
+                self.directory.on_evict, self.fetches.lookups = self.levels.on_host_evict, self.levels.lookups
             elif self.levels_cfg.enabled:
                 logger.warning("kvsched disk/shared tier levels need the FP8 tier (they restore through it); off")
             tier_host.log_start(self.disabled_reason, self.geometry, budget, requested is None, self.num_slots,
@@ -147,13 +147,13 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
 
             self.levels.turn_finished(owner, [(block_content_key(b), b.block_id) for b in blocks], rec)
 
-    def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int) -> int:
+    def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int, request_id: str | None = None) -> int:
         """A request of `owner` arrived: blocks of its prefix past `start` that only the disk or shared level holds
-        get host slots, filled by the workers in the background (tier_fetches); once landed they are prefetched
-        like any tier block."""
+        get host slots, filled by the workers in the background (tier_fetches; the store's lookup first, tier_lookups);
+        once landed they are prefetched like any tier block."""
         if self.levels is None or not self.enabled or self.directory is None:
             return 0
-        return self.levels.promote(owner, chain, start, limit, self.directory)
+        return self.levels.promote(owner, chain, start, limit, self.directory, request_id)
 
     def reset_cache(self) -> bool:
         """Prefix-cache reset (new weights?): stale KV in the tier; the disk/shared levels are off to a restart."""
@@ -163,7 +163,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         if self.levels is not None:
             logger.warning("kvsched FP8 tier: prefix cache reset: disk/shared levels off until the engine restarts")
             # fetches planned since the last step were never sent, so never reported (found by review: held for good)
-            self.fetches.cancel(self.levels.take_ops().fetches)
+            self.fetches.cancel(self.levels.close())  # and no request waits for a store lookup any more
             self.levels, self.levels_final = None, tier_stats.levels_off(self.levels.stats())
         return True
 

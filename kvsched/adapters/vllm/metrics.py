@@ -109,6 +109,12 @@ COUNTERS = {
     "store_error_replies": "Shared-store calls the store refused (an error reply such as OOM: that call failed, not an "
                            "outage)",
     "store_bad_values": "Malformed values read from the shared store (another version's or corrupt), treated as absent",
+    "store_lookup_waits": "Requests that waited for the shared store to say which of their blocks it holds (asked off "
+                          "the scheduler thread; vLLM scheduled the requests behind them meanwhile)",
+    "store_lookup_overdue": "Requests scheduled without the shared store's answer, past its deadline (a slow or hung "
+                            "store): they ran on what the other levels hold",
+    "store_lookups_dropped": "Shared-store lookups at arrivals not made, the lookup queue full (those requests ran "
+                             "without the store)",
     "shared_tier_put_failures": "KV blocks the shared store did not take (failed or dropped writes; published again "
                                 "next turn)",
     "moved_sessions": "Sessions whose first request here had last been served by another replica (per the store)",

@@ -61,6 +61,7 @@ class FetchBook:
         self._waited: set[str] = set()  # requests that waited for a fetch (counted once)
         self._overdue: set[str] = set()  # requests scheduled without blocks a fetch had not delivered (counted once)
         self._next_stuck = math.inf  # no fetch can be stuck before then
+        self.lookups: Any = None  # the shared store's lookups at arrivals (tier_lookups.StoreLookups), if a store
 
     def started(self, fetches: Sequence[Any]) -> None:
         """`fetches` (tier_levels.Fetch) were planned into held slots this step."""
@@ -120,7 +121,10 @@ class FetchBook:
             self.counters["stuck_fetches"] += len(stuck)
 
     def must_wait(self, request_id: str, key: Any) -> bool:
-        """Should the request whose next prefix block is `key` wait for it (being fetched, before the deadline)?"""
+        """Should the request whose next prefix block is `key` wait for it (being fetched, or the store being asked
+        whether it holds it, before the deadline)?"""
+        if self.lookups is not None and self.lookups.must_wait(request_id):
+            return True
         slot = self.directory.slot_of.get(key)
         f = self.slots.get(slot) if slot is not None else None
         if f is None:
@@ -136,6 +140,8 @@ class FetchBook:
         return False
 
     def forget_request(self, request_id: str) -> None:
+        if self.lookups is not None:
+            self.lookups.forget(request_id)
         self._waited.discard(request_id)
         self._overdue.discard(request_id)
 

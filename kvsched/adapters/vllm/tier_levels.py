@@ -17,8 +17,10 @@ slot failing the host checksum and its key leaves the tier: vLLM recomputes it, 
 Session metadata (role, TTL, turns, the replica that served the last turn) goes to the store at each turn's end; a
 request of a session whose metadata names another replica counts as a moved session.
 
-Nothing the store holds or does raises into the engine core from `promote` (its metadata read and block lookup): a
-malformed value or a read that raises is counted (`store_bad_values`), logged once, treated as absent (found by review).
+The store's reads at an arrival (the session's metadata, which blocks it holds) run off the scheduler thread
+(tier_lookups); the request waits for the answer as for a fetch, within a deadline. Nothing the store holds or does
+raises into the engine core: a malformed value or a read that raises is counted (`store_bad_values`), logged once,
+treated as absent (found by review).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 from kvsched.adapters.vllm.tier_blob import framed_len
 from kvsched.adapters.vllm.tier_disk import DiskFiles
 from kvsched.adapters.vllm.tier_levels_config import ENV_DISK_GB, LevelsConfig
+from kvsched.adapters.vllm.tier_lookups import Lookup, StoreLookups
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.disk_tier import DiskDirectory
 from kvsched.core.shared_state import SessionMeta, block_key, session_key
@@ -129,11 +132,14 @@ class TierLevels:
         self._published: OrderedDict[bytes, float] = OrderedDict()  # key -> when it was last sent to the store
         self._seen_sessions: OrderedDict[Any, None] = OrderedDict()
         self._bad_logged = False
+        self.lookups: StoreLookups | None = None  # the store's reads at arrivals, off the scheduler thread
+        self._answers: dict[str, tuple[bool, dict[bytes, bool]]] = {}  # polled this step: request -> (moved, held)
         if cfg.store_url:
             from kvsched.adapters.store.redis_store import open_store, redacted
 
             self.store = open_store(cfg.store_url)
             self.meta_writer = BackgroundWriter("kvsched-session-meta", keep_results=False)
+            self.lookups = StoreLookups(self.store)
             logger.info("kvsched shared store: %s (replica %s; blocks kept %.0f s, session state %.0f s)",
                         redacted(cfg.store_url), cfg.replica, cfg.kv_ttl_s, cfg.state_ttl_s)
 
@@ -184,34 +190,40 @@ class TierLevels:
             self.meta_writer.submit(lambda: self._forget_meta(key))
 
     # ---- restores ---------------------------------------------------------------------------------------------------
-    def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int, host: Any) -> int:
+    def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int, host: Any,
+                request_id: str | None = None) -> int:
         """A request of `owner` arrived whose prefix `chain` (vLLM block hashes) is cached up to block `start`: give
         host slots to the run past what the host tier holds that the disk, then the shared store, hold (at most
         `limit` blocks in all). Returns the blocks planned. The run the host tier holds becomes `owner`'s too: else
         when only other sessions own it (a shared system prompt, a moved session's prefix), the room made for the
         fetch, or a demotion while the request waits for it, could evict it and leave the fetched blocks unreachable
-        (found by review)."""
+        (found by review). The store is asked off the scheduler thread (tier_lookups): the disk's run is planned at
+        once, the store's lookup queued (request `request_id` waits for it); once `poll` has its answer, the request
+        is promoted again and the run the store holds is planned."""
         end = start + max(limit, 0)
         held = [bytes(k) for k in chain[start:start + len(host.match(chain, start, end - start))]]
         pos = start + len(held)
-        moved = self._note_arrival(owner)
+        meta_key = self._first_arrival(owner)
+        answer = self._answers.pop(request_id, None) if request_id is not None else None
         if pos >= end:
+            self._look_up(owner, meta_key, None, [])
             return 0
         keys: list[tuple[bytes, str]] = []
         if self.disk is not None:
             n = self.disk.match(chain, pos, end - pos)
             keys += [(bytes(k), DISK) for k in chain[pos:pos + n]]
             pos += n
-        if self.store is not None and pos < end and self.store.up:
-            want = [bytes(k) for k in chain[pos:end]]
-            names = [block_key(self.identity, k, r) for k in want for r in range(self.world_size)]
-            present = self._guarded(lambda: self.store.has_blocks(names), None)
-            if not isinstance(present, list) or len(present) != len(names):
-                present = [False] * len(names)  # (all([]) is True: a short answer must not read as "all present")
-            run = 0
-            while run < len(want) and all(present[run * self.world_size:(run + 1) * self.world_size]):
-                run += 1
-            keys += [(k, SHARED) for k in want[:run]]
+        want: list[bytes] = []
+        if self.store is not None and pos < end:
+            rest = [bytes(k) for k in chain[pos:end]]
+            if answer is not None:
+                run = 0
+                while run < len(rest) and answer[1].get(rest[run], False):
+                    run += 1
+                keys += [(k, SHARED) for k in rest[:run]]
+            elif request_id is not None and self.store.up:
+                want = rest
+        self._look_up(owner, meta_key, request_id, want)
         if not keys:
             return 0
         source = dict(keys)
@@ -224,22 +236,54 @@ class TierLevels:
             self.disk.claim(owner, [k for k, _ in placed if source[k] == DISK])
         for _, src in ((k, source[k]) for k, _ in placed):
             self.counters[f"{src}_planned_fetches"] += 1
-        if moved and any(source[k] == SHARED for k, _ in placed):
+        if answer is not None and answer[0] and any(source[k] == SHARED for k, _ in placed):
             self.counters["moved_sessions_restored"] += 1
         return len(placed)
 
-    def _note_arrival(self, owner: Any) -> bool:
-        """First request of `owner` on this engine: read its metadata from the store; True if another replica
-        served its last turn (a moved session)."""
+    def poll(self) -> list[str]:
+        """Once a step, on the scheduler thread: the store lookups' answers. A session's metadata counts it (moved or
+        not); an answer its request still waits for is kept for that request's next `promote`, this step only.
+        Returns those requests' ids."""
+        self._answers.clear()
+        if self.lookups is None:
+            return []
+        for a in self.lookups.poll():
+            for what in a.errors:
+                self._bad_value(what)
+            moved = a.lookup.meta_key is not None and self._moved(a.meta)
+            if a.live and a.lookup.request_id is not None:
+                self._answers[a.lookup.request_id] = (moved, a.held())
+        return list(self._answers)
+
+    def close(self) -> list[Fetch]:
+        """The levels go off (a prefix-cache reset): no request waits for a lookup; returns the fetches planned since
+        the last step, which no worker will ever run."""
+        if self.lookups is not None:
+            self.lookups.close()
+        return self.take_ops().fetches
+
+    def _first_arrival(self, owner: Any) -> str | None:
+        """The store key of `owner`'s metadata if this is its first request on this engine and the store is up."""
         if owner in self._seen_sessions:
             self._seen_sessions.move_to_end(owner)
-            return False
+            return None
         self._seen_sessions[owner] = None
         while len(self._seen_sessions) > SEEN_SESSIONS_MEMORY:
             self._seen_sessions.popitem(last=False)
-        if self.store is None or not self.store.up:
-            return False
-        raw = self._guarded(lambda: self.store.get_state(self._session_key(owner)), None)
+        return self._session_key(owner) if self.store is not None and self.store.up else None
+
+    def _look_up(self, owner: Any, meta_key: str | None, request_id: str | None, want: list[bytes]) -> None:
+        """Queue the store's reads of `owner`'s metadata and of which of `want` it holds; the request waits only for
+        the latter."""
+        if self.lookups is None or (meta_key is None and not want):
+            return
+        names = tuple(block_key(self.identity, k, r) for k in want for r in range(self.world_size))
+        if not self.lookups.submit(Lookup(request_id if want else None, owner, meta_key, tuple(want), names)):
+            if meta_key is not None:
+                self._seen_sessions.pop(owner, None)  # not asked: its next request asks
+
+    def _moved(self, raw: Any) -> bool:
+        """A session's metadata as read: True (counted) if another replica served its last turn."""
         meta = SessionMeta.decode(raw)
         if raw is not None and meta is None:
             self._bad_value("malformed session metadata (ignored)")
@@ -311,6 +355,10 @@ class TierLevels:
                        moved_sessions_restored=c["moved_sessions_restored"],
                        shared_tier_put_failures=c["shared_put_failures"],
                        store_bad_values=out.get("store_bad_values", 0.0) + c["store_bad_values"])
+            if self.lookups is not None:
+                lc = self.lookups.counters
+                out.update(store_lookup_waits=lc["waits"], store_lookup_overdue=lc["overdue"],
+                           store_lookups_dropped=lc["dropped"])
         return out
 
     # ---- internals ----------------------------------------------------------------------------------------------
@@ -325,15 +373,6 @@ class TierLevels:
         meta = SessionMeta.decode(self.store.get_state(key))
         if meta is None or meta.replica == self.cfg.replica:
             self.store.delete_state(key)
-
-    def _guarded(self, read: Callable[[], Any], absent: Any) -> Any:
-        """`read()` of the store, or `absent` if it raises: on the scheduler thread nothing the store holds or does
-        may raise into the engine core (counted, logged once)."""
-        try:
-            return read()
-        except Exception as exc:  # noqa: BLE001 - the engine must outlive any store value or client error
-            self._bad_value(f"a store read failed ({type(exc).__name__}: {exc})")
-            return absent
 
     def _bad_value(self, what: str) -> None:
         self.counters["store_bad_values"] += 1

@@ -4,7 +4,9 @@ Two triggers, both for sessions whose prefix continues into blocks the tier hold
 - queued: a request of the session arrives (kvsched's `add_request` hook runs before vLLM schedules anything), so its
   restore is planned at once instead of when the scheduler admits the request, however long it waits in the queue.
   Blocks of its prefix that only the disk or shared level holds are fetched into the tier in the background first
-  (tier_fetches): the restore is planned in the first step after they landed (the request waits till then).
+  (tier_fetches; the store is asked which it holds off the scheduler thread too, tier_lookups, and the fetch is
+  planned in the step its answer is in): the restore is planned in the first step after they landed (the request
+  waits till then).
   Other sessions' pins yield blocks for it only as far as the tier has free slots for them: releasing into a full
   tier evicts KV whose owners may return before this request runs (a tier of half the pool, `kvsched bench agents
   --quick --fp8-tier-gb 0.015`: 15,744 and 13,216 prefill tokens with the release, 12,224 and 12,164 without, 11,935
@@ -86,14 +88,23 @@ class TierPrefetcher:
     def on_request_added(self, request: Any, key: SessionKey) -> None:
         limit = (int(request.num_tokens) - 1) // self.pins.block_size  # blocks before the one vLLM always computes
         if getattr(self.tier, "levels", None) is not None:  # blocks only the disk or shared level holds: fetched
-            chain = request.block_hashes  # into the tier in the background, then prefetched like any tier block
-            head = len(compat.cached_prefix(self.pins.scheduler, chain, limit))
-            # a count past the pool's hit, not `limit` itself (found by review: that fetched the block vLLM computes)
-            self.tier.promote(key, chain, head, limit - head)
+            self._promote(request, key, limit)  # into the tier in the background, then prefetched like any tier block
         if self._fetching(request):
             self.awaiting[request.request_id] = (key, request)
+            lookups = getattr(getattr(self.tier, "levels", None), "lookups", None)
+            if lookups is not None and lookups.settle(request.request_id):  # the store answered at once: planned
+                self._take_lookups()  # now, not a step later (what it brings is restored before the next schedule)
         elif self._holds(key):
             self._prefetch(key, list(request.block_hashes), limit, reserve=0, request=request, trigger="queued")
+
+    def _take_lookups(self) -> None:
+        """The store lookups' answers: the requests still waiting for theirs are promoted again (what the store holds
+        is fetched)."""
+        levels = getattr(self.tier, "levels", None)
+        for rid in levels.poll() if levels is not None else ():
+            if rid in self.awaiting:
+                key, request = self.awaiting[rid]
+                self._promote(request, key, (int(request.num_tokens) - 1) // self.pins.block_size)
 
     def on_request_gone(self, request_id: str) -> None:
         self.awaiting.pop(request_id, None)
@@ -111,6 +122,7 @@ class TierPrefetcher:
         """Before each schedule(): enter confirmed prefetches into the prefix cache, run the due ones."""
         now = self.pins.policy.clock()
         self.clock.tick(now)
+        self._take_lookups()  # store lookups answered: fetch what they found
         for rid, (key, request) in list(self.awaiting.items()):  # fetches landed: restore what they brought
             if not self._fetching(request):
                 del self.awaiting[rid]
@@ -179,10 +191,22 @@ class TierPrefetcher:
                 compat.evict_from_prefix_cache(self.pins.scheduler, mine)
 
     # ---- the prefetch -----------------------------------------------------------------------------------------------
+    def _promote(self, request: Any, key: SessionKey, limit: int) -> None:
+        chain = request.block_hashes
+        head = len(compat.cached_prefix(self.pins.scheduler, chain, limit))
+        # a count past the pool's hit, not `limit` itself (found by review: that fetched the block vLLM computes)
+        self.tier.promote(key, chain, head, limit - head, request.request_id)
+
     def _fetching(self, request: Any) -> bool:
-        """True if the request's prefix continues into blocks a disk or shared-store fetch is still filling."""
+        """True if the request's prefix continues into blocks a disk or shared-store fetch is still filling, or the
+        shared store is still being asked which of them it holds."""
         tier, chain = self.tier, request.block_hashes
-        if tier is None or not tier.enabled or not tier.directory.inflight:
+        if tier is None or not tier.enabled:
+            return False
+        lookups = getattr(getattr(tier, "fetches", None), "lookups", None)
+        if lookups is not None and lookups.waiting(request.request_id):
+            return True
+        if not tier.directory.inflight:
             return False
         limit = (int(request.num_tokens) - 1) // self.pins.block_size
         head = len(compat.cached_prefix(self.pins.scheduler, chain, limit))

@@ -40,3 +40,15 @@ def unset_env(monkeypatch, name: str) -> None:
     that was not set, and the parser under test sets it)."""
     monkeypatch.setenv(name, "")
     monkeypatch.delenv(name)
+
+
+def promote_answered(lv, owner, chain, start, limit, host, request_id="r", timeout_s=10.0) -> int:
+    """`TierLevels.promote` as a request's arrival and, once the store's lookup (tier_lookups) has answered, its
+    promotion again in the next step (`poll`): the blocks planned by both."""
+    n = lv.promote(owner, chain, start, limit, host, request_id)
+    if lv.lookups is None:
+        return n
+    assert lv.lookups.flush(timeout_s)
+    if request_id in lv.poll():
+        n += lv.promote(owner, chain, start, limit, host, request_id)
+    return n

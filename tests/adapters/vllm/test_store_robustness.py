@@ -20,6 +20,7 @@ from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker
 from kvsched.core.sessions import SessionKey
 from kvsched.core.shared_state import compaction_key, session_key
+from tests.adapters.vllm.conftest import promote_answered
 
 IDENT = "ab" * 16
 KEYS = [bytes([i]) * 32 for i in range(8)]
@@ -53,10 +54,10 @@ def test_malformed_session_metadata_is_counted_and_served_as_absent(redis_server
     for i, raw in enumerate(BAD_META):
         owner = SessionKey(f"s{i}")
         r.set(session_key(IDENT, owner.session_id, None, None), raw)
-        assert lv.promote(owner, [KEYS[i]], 0, 1, Host()) == 0  # no exception; nothing in the store to fetch
+        assert promote_answered(lv, owner, [KEYS[i]], 0, 1, Host()) == 0  # no exception; nothing in the store to fetch
     owner = SessionKey("s-hash")  # a key another program wrote as a hash: WRONGTYPE, an error reply
     r.hset(session_key(IDENT, "s-hash", None, None), "x", "1")
-    assert lv.promote(owner, [KEYS[5]], 0, 1, Host()) == 0
+    assert promote_answered(lv, owner, [KEYS[5]], 0, 1, Host()) == 0
     stats = lv.stats()
     assert stats["store_bad_values"] == len(BAD_META) and stats["moved_sessions"] == 0
     assert lv.store.up and stats["store_outages"] == 0 and stats["store_error_replies"] == 1
@@ -70,7 +71,7 @@ def test_a_store_read_that_raises_never_reaches_the_engine(redis_server, monkeyp
 
     monkeypatch.setattr(lv.store, "get_state", boom)
     monkeypatch.setattr(lv.store, "has_blocks", boom)
-    assert lv.promote(SessionKey("s"), KEYS[:3], 0, 3, Host()) == 0
+    assert promote_answered(lv, SessionKey("s"), KEYS[:3], 0, 3, Host()) == 0
     assert lv.stats()["store_bad_values"] == 2
 
 
@@ -197,8 +198,8 @@ def test_inferred_sessions_have_keys_of_their_own(redis_server) -> None:
     a.turn_finished(inferred, [], Rec())
     assert a.meta_writer is not None and a.meta_writer.flush(5.0)
     assert len({a._session_key(inferred), b._session_key(inferred), b._session_key(SessionKey("inferred-1"))}) == 3
-    b.promote(inferred, [KEYS[0]], 0, 1, Host())
-    b.promote(SessionKey("inferred-1"), [KEYS[1]], 0, 1, Host())
+    promote_answered(b, inferred, [KEYS[0]], 0, 1, Host())
+    promote_answered(b, SessionKey("inferred-1"), [KEYS[1]], 0, 1, Host())
     assert b.stats()["moved_sessions"] == 0  # none of b's sessions ran on a
 
 
@@ -213,7 +214,7 @@ def test_a_branch_counts_as_its_session_and_ending_one_keeps_the_ids_metadata(re
     b.session_ended(SessionKey("s"))  # b's own main branch of the id: the metadata is a's
     assert b.meta_writer is not None and b.meta_writer.flush(5.0)
     assert a.store.get_state(a._session_key(SessionKey("s"))) is not None
-    b.promote(SessionKey("s"), [KEYS[2]], 0, 1, Host())
+    promote_answered(b, SessionKey("s"), [KEYS[2]], 0, 1, Host())
     assert b.stats()["moved_sessions"] == 1
     a.session_ended(SessionKey("s"))  # the replica that wrote it: gone
     assert a.meta_writer.flush(5.0) and a.store.get_state(a._session_key(SessionKey("s"))) is None
@@ -223,14 +224,14 @@ def test_a_branch_counts_as_its_session_and_ending_one_keeps_the_ids_metadata(re
 def test_an_ended_session_leaves_the_seen_table() -> None:
     lv = levels(None)
     owner = SessionKey("s", None, "tenant")
-    lv._note_arrival(owner)
+    lv._first_arrival(owner)
     lv.session_ended(owner)
     assert owner not in lv._seen_sessions
 
 
 @pytest.mark.parametrize(("cap", "fill", "mib"), [
     ("PUBLISHED_MEMORY", lambda lv, i: lv._remember_published(i.to_bytes(32, "big"), float(i)), 48),
-    ("SEEN_SESSIONS_MEMORY", lambda lv, i: lv._note_arrival(SessionKey(f"session-{i:032d}", None, "t" * 24)), 24),
+    ("SEEN_SESSIONS_MEMORY", lambda lv, i: lv._first_arrival(SessionKey(f"session-{i:032d}", None, "t" * 24)), 24),
 ])
 def test_the_tables_are_bounded_in_memory(cap: str, fill, mib: int) -> None:
     """Found by review: 1,000,000 entries each, 171 + 252 MiB at their caps."""

@@ -21,6 +21,7 @@ from kvsched.adapters.vllm.harness import RequestFactory, step  # noqa: E402
 from kvsched.adapters.vllm.tier_layout import LayerView  # noqa: E402
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig  # noqa: E402
 from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker  # noqa: E402
+from kvsched.adapters.vllm.tier_lookups import StoreLookups  # noqa: E402
 from kvsched.adapters.vllm.tier_meta import TierWorkerMeta  # noqa: E402
 from kvsched.core.shared_state import block_key  # noqa: E402
 from tests.adapters.vllm.conftest import BLOCK, sched  # noqa: E402
@@ -45,11 +46,17 @@ class Engine:
         self.kv = {name: torch.randn(shape, generator=gen).to(g.dtype) for name in g.layers}
         self.store = SlowStore()
         self.levels.store = self.store  # the scheduler's block lookup (EXISTS) and the worker's MGET: one store
+        self.levels.lookups = conn.fetches.lookups = StoreLookups(self.store, clock=clock)
         self.w = TierLevelsWorker(LevelsConfig(), self.levels.identity, {}, 0, 1,
                                   TierStore([LayerView(n, t) for n, t in self.kv.items()], "quantize"))
         self.w.shared = self.store
         self.loaded: dict[int, int] = {}  # pool block -> the slot a load restored it from
         self.written: list[int] = []  # slots this step's stores and fetches wrote
+
+    def add(self, request: Any) -> None:
+        """The request arrives and the store's lookup (tier_lookups) answers before the next step."""
+        self.s.add_request(request)
+        assert self.levels.lookups.flush(BOUND_S)
 
     def publish(self, keys: list[bytes], source_kv_seed: int = 11) -> list[bytes]:
         """Another replica's frames of `keys` in the store; returns their payloads."""
@@ -111,9 +118,9 @@ def test_the_request_waits_for_its_fetch_while_others_run_then_runs_on_the_fetch
     e, f = Engine(harness_cfg, clock, tmp_path), RequestFactory(BLOCK)
     ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
     payloads = e.publish(keys[:10])
-    e.s.add_request(ra)
+    e.add(ra)
     rb = f.make(list(range(3000, 3100)), 4, session_id="other")
-    e.s.add_request(rb)
+    e.add(rb)
     out = e.step()  # plans the fetch; the worker starts it and the step returns with the MGET under way
     assert e.store.reading.wait(BOUND_S) and not e.store.gate.is_set()
     assert ra.request_id not in scheduled(out) and rb.request_id in scheduled(out)  # the other session runs
@@ -149,7 +156,7 @@ def test_a_garbage_block_is_recomputed_never_served(harness_cfg, clock, tmp_path
     frame[-1] ^= 0x01  # one bit of block 4's payload
     e.store.frames[name] = bytes(frame)
     e.store.gate.set()
-    e.s.add_request(ra)
+    e.add(ra)
     hit = hit_once_fetched(e, ra)
     assert hit == 4 * BLOCK  # blocks 0-3 restored; block 4 and everything after it computed
     assert keys[4] not in e.directory.slot_of and e.s.kvsched.stats()["shared_tier_read_failures"] == 1
@@ -165,7 +172,7 @@ def test_an_end_while_the_fetch_runs_leaks_no_slot_and_the_late_fetch_overwrites
     e, f = Engine(harness_cfg, clock, tmp_path), RequestFactory(BLOCK)
     ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
     e.publish(keys[:10])
-    e.s.add_request(ra)
+    e.add(ra)
     e.step()
     assert e.store.reading.wait(BOUND_S)
     fetching = set(e.book.slots)
@@ -205,7 +212,7 @@ def test_past_its_deadline_the_request_runs_without_the_missing_blocks_and_the_l
     e.book.clock = clock
     ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
     payloads = e.publish(keys[:10])
-    e.s.add_request(ra)
+    e.add(ra)
     assert ra.request_id not in scheduled(e.step())
     assert e.store.reading.wait(BOUND_S)
     clock.advance(WAIT_FLOOR_S / 2)
@@ -242,7 +249,7 @@ def test_fetches_a_worker_cannot_run_land_at_once_unfilled(harness_cfg, clock, t
 
     ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
     e.publish(keys[:10])
-    e.s.add_request(ra)
+    e.add(ra)
     hit = None
     for _ in range(4):
         hit = scheduled(step(e.s, worker)[0]).get(ra.request_id, hit)
@@ -254,12 +261,14 @@ def test_fetches_a_worker_cannot_run_land_at_once_unfilled(harness_cfg, clock, t
 def test_a_reset_between_a_requests_arrival_and_the_next_step_leaves_no_slot_held(harness_cfg, clock, tmp_path):
     """Found by review: the arrival plans its fetches (slots held), a prefix-cache reset (an engine utility call,
     handled before the next step) turns the levels off, and the planned fetches were never sent, so never reported:
-    their slots stayed held for good."""
+    their slots stayed held for good. (The store's answer plans the fetches at the start of the next step, and its
+    metadata sends them: here the reset comes between the two, as it can for a disk fetch planned at arrival.)"""
     e, f = Engine(harness_cfg, clock, tmp_path), RequestFactory(BLOCK)
     ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
     e.publish(keys[:10])
     e.store.gate.set()
-    e.s.add_request(ra)
+    e.add(ra)
+    e.s.kvsched.before_schedule()
     assert len(e.book.slots) == 10
     assert e.s.reset_prefix_cache() is True
     while e.s.has_requests():
@@ -288,7 +297,7 @@ def test_a_fill_that_raises_on_the_fetch_thread_is_reported_and_the_request_goes
     ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
     e.publish(keys[:10])
     e.store.gate.set()
-    e.s.add_request(ra)
+    e.add(ra)
     assert ra.request_id not in scheduled(e.step())
     assert e.w.fetcher.flush(BOUND_S)
     assert any(ra.request_id in scheduled(e.step()) for _ in range(5))  # no deadline needed (the clock stands still)
@@ -305,12 +314,13 @@ def test_an_arrival_fetches_no_block_past_what_its_prefill_can_hit(harness_cfg, 
     so with a pool hit and a prompt of whole blocks the last block, which vLLM computes anyway, was fetched too."""
     e, f = Engine(harness_cfg, clock, tmp_path), RequestFactory(BLOCK)
     e.store.gate.set()
-    e.s.add_request(f.make(HISTORY[:2 * BLOCK] + [9] * 5, 4, session_id="warm"))
+    e.add(f.make(HISTORY[:2 * BLOCK] + [9] * 5, 4, session_id="warm"))
     while e.s.has_requests():
         e.step()
     ra, keys = arrive(e, f, "moved", HISTORY)  # exactly 10 blocks, the first 2 cached in the pool
     e.publish(keys)
-    e.s.add_request(ra)
+    e.add(ra)
+    e.s.kvsched.before_schedule()  # the store's answer: the fetches are planned
     assert sorted(keys.index(x.key) for x in e.book.slots.values()) == list(range(2, 9))
     hit = hit_once_fetched(e, ra)
     assert hit == 9 * BLOCK

@@ -15,6 +15,7 @@ from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.core.sessions import SessionId, SessionKey
 from kvsched.core.shared_state import SessionMeta, block_key, session_key
 from kvsched.core.tier import TierConfig, TierDirectory
+from tests.adapters.vllm.conftest import promote_answered
 
 IDENT = "ef" * 16
 BLOCK = 1000
@@ -103,10 +104,10 @@ def test_a_moved_session_is_recognised_and_fetched_from_the_shared_store(tmp_pat
     # the worker's writer would put the frames; here the first three are there
     a.store.put_blocks({block_key(IDENT, k): b"frame" for k in CHAIN[:3]}, ttl_s=60)
     h = host()
-    assert b.promote(owner, CHAIN, 0, 8, h) == 3
+    assert promote_answered(b, owner, CHAIN, 0, 8, h) == 3
     assert [(f.key, f.source) for f in b.take_ops().fetches] == [(k, SHARED) for k in CHAIN[:3]]
     assert b.stats()["moved_sessions"] == 1 and b.stats()["moved_sessions_restored"] == 1
-    assert b.promote(owner, CHAIN, 0, 8, h) == 0  # held by the host tier now; and counted as moved once
+    assert promote_answered(b, owner, CHAIN, 0, 8, h) == 0  # held by the host tier now; and counted as moved once
     assert b.stats()["moved_sessions"] == 1
 
 

@@ -1,0 +1,197 @@
+"""The shared level's reads at a request's arrival, off the scheduler thread: the session's metadata (its first request
+on this engine: did another replica serve its last turn?) and which of the blocks past what the pool, the host tier and
+the disk hold the store has (a pipelined EXISTS).
+
+Inline, each was a store round trip on vLLM's scheduler thread: a slow or hung store cost every running request up to
+the store's socket timeout (0.5 s) per arrival. Here the arrival queues a `Lookup` and returns; one daemon thread asks
+the store; the scheduler takes the answers once a step (`poll`) and plans the fetches they found (tier_levels), or at
+the arrival itself when the answer comes within `SETTLE_S` (`settle`: a healthy store loses no step). The
+request whose blocks the store may hold waits meanwhile (the connector answers vLLM's `get_num_new_matched_tokens` with
+None, as for a fetch: tier_fetches), at most `WAIT_S`; then it is scheduled with what the other levels hold and a late
+answer only counts the session (moved or not). A lookup of the metadata alone makes no request wait.
+
+Why a thread of its own: the levels' fetch threads run on the workers (an answer there comes back a step later, once
+per rank) behind reads of megabytes, and the session-metadata writer's queue holds up to 4096 writes; a lookup behind
+either would miss its deadline. The queue is bounded (`MAX_QUEUED`): a lookup that does not fit is not made (counted),
+and its request goes on as with the store down. A store that hangs costs the thread one timeout, after which the
+store's backoff (kvsched.core.store_health) skips the calls queued behind it.
+
+Nothing the store holds or does raises here: a read that raises is an absent answer carrying the error, which the
+scheduler counts (`store_bad_values`) and logs once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvsched.adapters.vllm.tier_fetches import WAIT_FLOOR_S
+
+logger = logging.getLogger("vllm.kvsched.fp8_tier")
+WAIT_S = WAIT_FLOOR_S  # as a fetch: covers two store calls at their timeouts (0.5 s each) and a step or two
+MAX_QUEUED = 256  # arrivals queued at once; a hung store answers them at the speed of its backoff's skips
+SETTLE_S = 0.005  # an arrival waits this long on the scheduler thread for its answer when no other lookup is out
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What to ask the store for `owner`'s request `request_id` (None: no request waits for the answer)."""
+
+    request_id: str | None
+    owner: Any
+    meta_key: str | None  # the session's metadata key (its first request here), or None
+    keys: tuple[bytes, ...] = ()  # blocks whose presence to check, prefix order
+    names: tuple[str, ...] = ()  # their store keys, `len(names) // len(keys)` (the world size) per block
+
+
+@dataclass(slots=True)
+class Answer:
+    lookup: Lookup
+    meta: Any = None  # the metadata value read (None: absent or not asked)
+    present: list[bool] = field(default_factory=list)  # per name; empty: not asked, or the read failed
+    errors: list[str] = field(default_factory=list)  # reads that raised (served as absent)
+    live: bool = False  # its request was still waiting when the scheduler took the answer
+
+    def held(self) -> dict[bytes, bool]:
+        """Block -> the store holds every rank's frame of it (a short or failed answer holds nothing)."""
+        keys, names = self.lookup.keys, self.lookup.names
+        if not keys or len(self.present) != len(names) or len(names) % len(keys):
+            return {}
+        per = len(names) // len(keys)
+        return {k: all(self.present[i * per:(i + 1) * per]) for i, k in enumerate(keys)}
+
+
+class StoreLookups:
+    """The lookup thread and, on the scheduler thread, which requests wait for one and until when."""
+
+    def __init__(self, store: Any, clock: Callable[[], float] = time.monotonic, max_queued: int = MAX_QUEUED,
+                 wait_s: float = WAIT_S, name: str = "kvsched-store-lookups") -> None:
+        self.store = store
+        self.clock = clock
+        self.wait_s = wait_s
+        self.counters: Counter[str] = Counter()
+        self.pending: dict[str, float] = {}  # request id -> its deadline (scheduler thread only)
+        self._waited: set[str] = set()  # counted once per request
+        self._answers: deque[Answer] = deque()  # appended by the thread, taken by the scheduler
+        self._answered = threading.Condition()  # notified with each answer appended (`settle`)
+        self._q: queue.Queue[Lookup | None] = queue.Queue(max_queued)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---- scheduler thread ---------------------------------------------------------------------------------------
+    def submit(self, lookup: Lookup) -> bool:
+        """Queue `lookup`; its request (if any) waits for the answer. False if the queue is full (not made)."""
+        if self._closed:
+            return False
+        try:
+            self._q.put_nowait(lookup)
+        except queue.Full:
+            self.counters["dropped"] += 1
+            return False
+        if lookup.request_id is not None:
+            self.pending[lookup.request_id] = self.clock() + self.wait_s
+        return True
+
+    def poll(self) -> list[Answer]:
+        """The answers in since the last poll; `live` for those whose request still waits (it waits no more)."""
+        out: list[Answer] = []
+        while self._answers:
+            a = self._answers.popleft()
+            rid = a.lookup.request_id
+            a.live = rid is not None and self.pending.pop(rid, None) is not None
+            out.append(a)
+        return out
+
+    def settle(self, request_id: str, timeout_s: float = SETTLE_S) -> bool:
+        """On the scheduler thread: wait up to `timeout_s` for `request_id`'s answer, so that with a healthy store
+        (an EXISTS takes well under a millisecond) its fetch is planned at its arrival, not a step later. Only while no
+        other request's lookup is out: a hung store then costs one arrival `timeout_s`, not every arrival. True if
+        the answer is in (`poll` takes it)."""
+        if len(self.pending) != 1 or request_id not in self.pending:
+            return False
+        with self._answered:
+            return self._answered.wait_for(lambda: any(a.lookup.request_id == request_id for a in self._answers),
+                                           timeout_s)
+
+    def waiting(self, request_id: str) -> bool:
+        """True if `request_id` waits for its lookup (unanswered, before its deadline). Side-effect free."""
+        deadline = self.pending.get(request_id)
+        return deadline is not None and self.clock() < deadline
+
+    def must_wait(self, request_id: str) -> bool:
+        """As `waiting`, counted: a request that waited (once), one whose deadline passed (once; it stops waiting
+        and its answer, when it comes, plans nothing)."""
+        deadline = self.pending.get(request_id)
+        if deadline is None:
+            return False
+        if self.clock() < deadline:
+            if request_id not in self._waited:
+                self._waited.add(request_id)
+                self.counters["waits"] += 1
+            return True
+        del self.pending[request_id]
+        self._waited.discard(request_id)
+        self.counters["overdue"] += 1
+        return False
+
+    def forget(self, request_id: str) -> None:
+        """The request finished (or was aborted): it waits for nothing."""
+        self.pending.pop(request_id, None)
+        self._waited.discard(request_id)
+
+    def close(self) -> None:
+        """The levels go off (a prefix-cache reset): no request waits, queued lookups are not made."""
+        self._closed = True
+        self.pending.clear()
+        self._waited.clear()
+        try:
+            self._q.put_nowait(None)
+        except queue.Full:
+            pass  # the thread sees `_closed` at its next lookup
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every queued lookup was answered (tests), at most `timeout_s`; True if so."""
+        deadline = time.monotonic() + timeout_s
+        while self._q.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return not self._q.unfinished_tasks
+
+    # ---- the lookup thread --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            lookup = self._q.get()
+            try:
+                if lookup is None or self._closed:
+                    if lookup is None:
+                        return
+                    continue
+                answer = self._ask(lookup)
+                with self._answered:
+                    self._answers.append(answer)
+                    self._answered.notify_all()
+            finally:
+                self._q.task_done()
+
+    def _ask(self, lookup: Lookup) -> Answer:
+        answer = Answer(lookup)
+        if lookup.meta_key is not None:
+            answer.meta = self._read(lambda: self.store.get_state(lookup.meta_key), answer.errors)
+        if lookup.names:
+            present = self._read(lambda: self.store.has_blocks(list(lookup.names)), answer.errors)
+            answer.present = list(present) if isinstance(present, Sequence) and not isinstance(present, str) else []
+        return answer
+
+    @staticmethod
+    def _read(read: Callable[[], Any], errors: list[str]) -> Any:
+        try:
+            return read()
+        except Exception as exc:  # noqa: BLE001 - the engine must outlive any store value or client error
+            errors.append(f"a store read failed ({type(exc).__name__}: {exc})")
+            return None

@@ -1,0 +1,232 @@
+"""The shared store's reads at a request's arrival run off vLLM's scheduler thread (tier_lookups): on vLLM's real
+scheduler with the connector's worker side (tests/adapters/vllm/test_tier_levels_async.py's Engine), against a store
+whose metadata GET and EXISTS block until the test opens them. While they block, `add_request` and every step return,
+other sessions' requests run, the session's request waits; once answered it runs on the published blocks and counts as
+a moved session once. Past the deadline it runs on what the other levels hold, a late answer plans nothing and holds
+no slot; a prefix-cache reset ends the wait. No test waits on a timer: the gates order events, a fake clock the
+deadline."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvsched.adapters.vllm.harness import RequestFactory  # noqa: E402
+from kvsched.adapters.vllm.tier_lookups import WAIT_S, Lookup, StoreLookups  # noqa: E402
+from kvsched.core.sessions import SessionKey  # noqa: E402
+from kvsched.core.shared_state import SessionMeta  # noqa: E402
+from tests.adapters.vllm.conftest import BLOCK  # noqa: E402
+from tests.adapters.vllm.test_tier_levels_async import HISTORY, Engine, arrive, scheduled  # noqa: E402
+from tests.adapters.vllm.test_tier_levels_fetch import BOUND_S, SlowStore  # noqa: E402
+
+HUNG_S = 5.0  # a lookup the test never opens times out then, as a client's socket timeout would (the code before
+# the change blocked the scheduler thread that long)
+
+
+class HungStore(SlowStore):
+    """SlowStore whose metadata GET and EXISTS block until `lookup_gate` is set (then raise TimeoutError, as the real
+    client would, if it never is); records the threads that asked."""
+
+    def __init__(self, meta: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.gate.set()  # the workers' MGETs are not what is tested here
+        self.meta = dict(meta or {})
+        self.lookup_gate = threading.Event()
+        self.asked = threading.Event()
+        self.threads: list[str] = []
+        self.state_reads = 0
+
+    def _wait(self) -> None:
+        self.threads.append(threading.current_thread().name)
+        self.asked.set()
+        if not self.lookup_gate.wait(HUNG_S):
+            raise TimeoutError("the store did not answer")
+
+    def get_state(self, key: str) -> str | None:
+        self._wait()
+        self.state_reads += 1
+        return self.meta.get(key)
+
+    def has_blocks(self, names: list[str]) -> list[bool]:
+        self._wait()
+        return super().has_blocks(names)
+
+    def put_blocks(self, items: Any, ttl_s: float) -> bool:
+        return True
+
+
+def hung_engine(harness_cfg: Any, clock: Any, tmp_path: Any, moved: bool = True) -> tuple[Engine, RequestFactory]:
+    e = Engine(harness_cfg, clock, tmp_path)
+    store = HungStore()
+    if moved:  # another replica served the session's last turn
+        key = e.levels._session_key(SessionKey("moved"))
+        store.meta[key] = SessionMeta(role=None, ttl_s=None, turns=1, replica="elsewhere", blocks=10).encode()
+    e.store = e.levels.store = e.w.shared = store
+    e.levels.lookups = e.s.connector.fetches.lookups = StoreLookups(store, clock=clock)
+    return e, RequestFactory(BLOCK)
+
+
+def test_a_hung_store_costs_the_scheduler_thread_nothing_and_the_request_runs_on_its_blocks_once_answered(
+        harness_cfg, clock, tmp_path) -> None:
+    e, f = hung_engine(harness_cfg, clock, tmp_path)
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    payloads = e.publish(keys[:10])
+    e.s.add_request(ra)  # returns with the store's answer outstanding
+    assert store_asked(e) and not e.store.lookup_gate.is_set()
+    rb = f.make(HISTORY[:BLOCK] + list(range(3000, 3100)), 4, session_id="other")
+    e.s.add_request(rb)  # its lookup queues behind ra's
+    others = 0
+    for _ in range(4):  # any number of steps: ra waits for its answer, nothing is fetched or restored for it
+        out = scheduled(e.step())
+        assert ra.request_id not in out and rb.request_id not in out
+    rc = f.make([5] * (BLOCK - 2), 4, session_id="short")  # no full block before the one vLLM computes: no lookup
+    e.s.add_request(rc)
+    for _ in range(4):
+        others += rc.request_id in scheduled(e.step())
+    assert others == 1 and e.loaded == {} and not e.book.slots
+    assert threading.current_thread().name not in e.store.threads  # no store call on the scheduler's thread
+    e.store.lookup_gate.set()
+    assert e.levels.lookups.flush(BOUND_S)
+    hit = None
+    for _ in range(6):  # the answer plans the fetch; it lands; the prefetch restores; the request runs
+        hit = scheduled(e.step()).get(ra.request_id)
+        if hit is not None:
+            break
+        assert e.w.fetcher.flush(BOUND_S)
+    assert hit == 10 * BLOCK
+    assert [e.w.tier.slot_payload(e.loaded[b]) for b in
+            e.s.kv_cache_manager.get_blocks(ra.request_id).get_block_ids()[0][:10]] == payloads
+    stats = e.s.kvsched.stats()
+    assert stats["moved_sessions"] == 1 and stats["moved_sessions_restored"] == 1
+    assert stats["store_lookup_waits"] == 2 and stats["store_lookup_overdue"] == 0  # ra and rb; rc never waited
+    while e.s.has_requests():
+        e.step()
+    assert not e.book.slots and not e.directory.inflight
+    # the session's next request: its metadata is not read again, nor counted again
+    reads = e.store.state_reads
+    e.s.add_request(f.make(HISTORY + [7] * 20 + [8] * 3, 4, session_id="moved"))
+    assert e.levels.lookups.flush(BOUND_S)
+    for _ in range(3):
+        e.step()
+    assert e.store.state_reads == reads and e.s.kvsched.stats()["moved_sessions"] == 1
+
+
+def test_with_the_store_down_a_request_does_not_wait(harness_cfg, clock, tmp_path) -> None:
+    e, f = hung_engine(harness_cfg, clock, tmp_path)
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    e.publish(keys[:10])
+    e.s.add_request(ra)  # a lookup the store never answers ...
+    assert store_asked(e)
+    e.store.up = False  # ... and the store goes down: the next session's request is not looked up
+    rb = f.make(list(range(3000, 3100)), 4, session_id="fresh")
+    e.s.add_request(rb)
+    assert rb.request_id in scheduled(e.step())
+    assert e.levels.lookups.counters["waits"] == 1 and len(e.store.threads) == 1  # only ra's (its GET)
+
+
+def test_past_the_deadline_the_request_runs_without_the_store_and_a_late_answer_holds_nothing(
+        harness_cfg, clock, tmp_path) -> None:
+    e, f = hung_engine(harness_cfg, clock, tmp_path)
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    e.publish(keys[:10])
+    e.s.add_request(ra)
+    assert store_asked(e)
+    assert ra.request_id not in scheduled(e.step())
+    clock.advance(WAIT_S / 2)
+    assert ra.request_id not in scheduled(e.step())  # before the deadline: it waits
+    clock.advance(WAIT_S)
+    assert scheduled(e.step()).get(ra.request_id) == 0  # past it: scheduled, the prompt computed
+    e.store.lookup_gate.set()  # the answer comes late
+    assert e.levels.lookups.flush(BOUND_S)
+    while e.s.has_requests():
+        e.step()
+    stats = e.s.kvsched.stats()
+    assert stats["store_lookup_overdue"] == 1 and stats["store_lookup_waits"] == 1
+    assert stats["moved_sessions"] == 1 and stats["moved_sessions_restored"] == 0  # counted; nothing restored
+    d = e.directory
+    assert not e.book.slots and not d.inflight and e.loaded == {}
+    assert len(d._free) + d.used_slots == d.num_slots and not d.fetching(keys, 0, 10)  # the late answer took none
+
+
+def test_a_reset_while_a_lookup_is_outstanding_ends_the_wait(harness_cfg, clock, tmp_path) -> None:
+    e, f = hung_engine(harness_cfg, clock, tmp_path)
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    e.publish(keys[:10])
+    e.s.add_request(ra)
+    assert store_asked(e)
+    assert ra.request_id not in scheduled(e.step())
+    assert e.s.reset_prefix_cache() is True  # the levels go off: nothing will take the answer
+    assert scheduled(e.step()).get(ra.request_id) == 0  # the clock stands still: no deadline needed
+    e.store.lookup_gate.set()
+    while e.s.has_requests():
+        e.step()
+    assert not e.book.slots and not e.directory.inflight
+
+
+# ---- the lookup book alone ------------------------------------------------------------------------------------------
+class GateStore:
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.up = True
+
+    def get_state(self, key: str) -> str:
+        assert self.gate.wait(BOUND_S)
+        return "meta"
+
+    def has_blocks(self, names: list[str]) -> list[bool]:
+        assert self.gate.wait(BOUND_S)
+        if names == ["boom"]:
+            raise ConnectionResetError("reset by peer")
+        return [n.endswith("yes") for n in names]
+
+
+def test_a_store_that_answers_at_once_has_the_fetch_planned_at_the_arrival_not_a_step_later(
+        harness_cfg, clock, tmp_path) -> None:
+    """With a healthy store the lookup's answer is in within `SETTLE_S`: the arrival plans the store's fetch itself
+    (as the inline EXISTS did), the request never waits for a lookup, and it runs on its blocks."""
+    e, f = hung_engine(harness_cfg, clock, tmp_path)
+    e.store.lookup_gate.set()  # answers at once
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    e.publish(keys[:10])
+    e.s.add_request(ra)
+    assert e.levels.counters["shared_planned_fetches"] == 10  # no step has run
+    assert e.s.kvsched.stats()["moved_sessions"] == 1
+    hit = None
+    for _ in range(6):
+        hit = scheduled(e.step()).get(ra.request_id)
+        if hit is not None:
+            break
+        assert e.w.fetcher.flush(BOUND_S)
+    assert hit == 10 * BLOCK and e.s.kvsched.stats()["store_lookup_waits"] == 0
+
+
+def test_lookups_answer_in_order_and_a_full_queue_makes_no_request_wait(clock) -> None:
+    store = GateStore()
+    book = StoreLookups(store, clock=clock, max_queued=2)
+    first = Lookup("r1", "s1", "m1", (b"a", b"b"), ("a/0-yes", "a/1-yes", "b/0-yes", "b/1-no"))
+    assert book.submit(first) and book.waiting("r1")
+    deadline = time.monotonic() + BOUND_S
+    while book._q.qsize() and time.monotonic() < deadline:  # the thread has taken the first: it blocks on the gate
+        time.sleep(0.001)
+    assert book.submit(Lookup("r2", "s2", None, (b"c",), ("boom",)))
+    assert book.submit(Lookup(None, "s3", "m3"))  # metadata only: nobody waits
+    assert not book.submit(Lookup("r4", "s4", None, (b"d",), ("d-yes",)))  # full: not made, r4 does not wait
+    assert book.counters["dropped"] == 1 and not book.waiting("r4") and not book.must_wait("r4")
+    assert book.poll() == [] and book.must_wait("r1") and book.must_wait("r1")
+    store.gate.set()
+    assert book.flush(BOUND_S)
+    answers = book.poll()
+    assert [a.lookup.owner for a in answers] == ["s1", "s2", "s3"] and [a.live for a in answers] == [True, True, False]
+    assert answers[0].meta == "meta" and answers[0].held() == {b"a": True, b"b": False}  # every rank's frame, or not
+    assert answers[1].held() == {} and "ConnectionResetError" in answers[1].errors[0]  # raised: absent, carried
+    assert answers[2].meta == "meta" and answers[2].held() == {}
+    assert not book.waiting("r1") and book.counters["waits"] == 1 and book.counters["overdue"] == 0
+
+
+def store_asked(e: Engine) -> bool:
+    return e.store.asked.wait(BOUND_S)
