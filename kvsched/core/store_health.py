@@ -52,3 +52,28 @@ class StoreHealth:
     @property
     def retry_in_s(self) -> float:
         return 0.0 if self.up else max(0.0, self.next_try - self.clock())
+
+
+@dataclass
+class ReadCost:
+    """Where the store's reads at a request's arrival run: on the scheduler thread while they are fast (the fetch is
+    planned at the arrival, as vLLM's own connectors look up: nothing waits a step), off it once they are slow or this
+    step's inline reads have used `step_budget_s` (a slow or hung store must not stall every running request). Every
+    read's time, on either thread, moves the average, so a store that is fast again is read inline again."""
+
+    inline_s: float = 0.002  # a moving average above this: off the scheduler thread
+    step_budget_s: float = 0.002  # the scheduler thread's time for the store's reads per step
+    alpha: float = 0.25
+    mean_s: float = 0.0
+    spent_s: float = 0.0  # this step's, on the scheduler thread
+
+    def inline(self) -> bool:
+        return self.mean_s <= self.inline_s and self.spent_s < self.step_budget_s
+
+    def note(self, seconds: float, inline: bool) -> None:
+        self.mean_s += self.alpha * (max(seconds, 0.0) - self.mean_s)
+        if inline:
+            self.spent_s += seconds
+
+    def new_step(self) -> None:
+        self.spent_s = 0.0

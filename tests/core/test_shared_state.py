@@ -1,4 +1,5 @@
-"""Shared-store state (kvsched.core.shared_state) and the store's outage backoff (kvsched.core.store_health)."""
+"""Shared-store state (kvsched.core.shared_state), the store's outage backoff and where its reads run
+(kvsched.core.store_health)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from kvsched.core.shared_state import (
     encode_checkpoints,
     session_key,
 )
-from kvsched.core.store_health import StoreHealth
+from kvsched.core.store_health import ReadCost, StoreHealth
 from tests.conftest import FakeClock
 
 
@@ -57,3 +58,24 @@ def test_outage_is_reported_once_and_retries_back_off() -> None:
     clock.advance(4.0)
     assert h.succeeded() is True and h.up and h.outages == 1
     assert h.failed() is True and h.retry_in_s == 0.5  # a new outage starts from the base delay
+
+
+def test_reads_run_inline_while_fast_and_within_the_steps_budget_and_again_once_fast() -> None:
+    cost = ReadCost(inline_s=0.002, step_budget_s=0.002, alpha=0.5)
+    assert cost.inline()  # nothing known: inline
+    cost.note(0.0005, inline=True)
+    assert cost.inline()
+    for _ in range(3):
+        cost.note(0.0005, inline=True)
+    assert not cost.inline()  # this step's inline reads used the budget (4 x 0.5 ms) ...
+    cost.new_step()
+    assert cost.inline()  # ... the next step has its own
+    cost.note(0.1, inline=True)  # one slow read: off the scheduler thread, whatever the step
+    cost.new_step()
+    assert not cost.inline()
+    for _ in range(3):
+        cost.note(0.0001, inline=False)  # the lookup thread's reads are fast again
+    assert not cost.inline()
+    for _ in range(3):
+        cost.note(0.0001, inline=False)
+    assert cost.inline() and cost.spent_s == 0.0  # the thread's reads cost the scheduler's step nothing

@@ -132,7 +132,7 @@ class SessionPins:
                                               "op": "start", "cached": int(new.num_computed_tokens),
                                               "prompt": len(new.prompt_token_ids or ())}) + "\n")
             if self.prefetcher is not None:
-                self.prefetcher.on_turn_started(entry[0], int(new.num_computed_tokens))
+                self.prefetcher.on_turn_started(entry[0], int(new.num_computed_tokens), new.req_id)
             if self._payback:
                 self._payback_started(new, entry[0])
             else:

@@ -17,8 +17,8 @@ slot failing the host checksum and its key leaves the tier: vLLM recomputes it, 
 Session metadata (role, TTL, turns, the replica that served the last turn) goes to the store at each turn's end; a
 request of a session whose metadata names another replica counts as a moved session.
 
-The store's reads at an arrival (the session's metadata, which blocks it holds) run off the scheduler thread
-(tier_lookups); the request waits for the answer as for a fetch, within a deadline. Nothing the store holds or does
+The store's reads at an arrival (the session's metadata, which blocks it holds) run on the scheduler thread while
+they are fast, else off it (tier_lookups: the request waits for the answer as for a fetch, within a deadline). Nothing the store holds or does
 raises into the engine core: a malformed value or a read that raises is counted (`store_bad_values`), logged once,
 treated as absent (found by review).
 """
@@ -33,24 +33,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvsched.adapters.vllm.tier_arrival_reads import SEEN_SESSIONS_MEMORY, ArrivalReads  # noqa: F401 - re-exported
 from kvsched.adapters.vllm.tier_blob import framed_len
 from kvsched.adapters.vllm.tier_disk import DiskFiles
 from kvsched.adapters.vllm.tier_levels_config import ENV_DISK_GB, LevelsConfig
-from kvsched.adapters.vllm.tier_lookups import Lookup, StoreLookups
+from kvsched.adapters.vllm.tier_lookups import StoreLookups
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.disk_tier import DiskDirectory
-from kvsched.core.shared_state import SessionMeta, block_key, session_key
+from kvsched.core.shared_state import SessionMeta, session_key
+from kvsched.core.store_health import ReadCost
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
 DISK_DEFAULT_FREE_FRACTION = 0.5  # no --kvsched-disk-tier-gb: half the free space of the directory's file system
 # LRU bounds, sized by review's measurements (~170 B an entry here, ~250 B in the next; 1,000,000 took 171 + 252 MiB).
 # Keys known to be in the store: forgetting one costs one redundant put at its session's next turn, never a wrong or
 # lost block; 200,000 (~34 MiB) is several times the blocks one engine holds in pool and host tier at once (an 80 GB
-# GPU: ~40,000 blocks of an 8B model). Sessions whose metadata was read here (ended ones leave at once): forgetting a
-# live one costs one GET, never a second moved count (its turn here made the store name this replica); 50,000
-# (~12 MiB) is far more sessions than one engine keeps alive.
+# GPU: ~40,000 blocks of an 8B model). The sessions whose metadata was read: tier_arrival_reads.
 PUBLISHED_MEMORY = 200_000
-SEEN_SESSIONS_MEMORY = 50_000
 DISK, SHARED = "disk", "shared"
 SHARED_PUT = "shared_put"  # a worker's report: its put of this block to the shared store failed or was dropped
 
@@ -97,7 +96,7 @@ class LevelOps:
         return bool(self.spills or self.publishes or self.fetches or self.deletes)
 
 
-class TierLevels:
+class TierLevels(ArrivalReads):
     """Scheduler side of the disk and shared levels (owned by the FP8 tier connector)."""
 
     def __init__(self, cfg: LevelsConfig, identity: str, description: dict[str, Any], block_bytes: int,
@@ -133,6 +132,7 @@ class TierLevels:
         self._seen_sessions: OrderedDict[Any, None] = OrderedDict()
         self._bad_logged = False
         self.lookups: StoreLookups | None = None  # the store's reads at arrivals, off the scheduler thread
+        self.read_cost = ReadCost()  # ... once they are slow (while fast: inline)
         self._answers: dict[str, tuple[bool, dict[bytes, bool]]] = {}  # polled this step: request -> (moved, held)
         if cfg.store_url:
             from kvsched.adapters.store.redis_store import open_store, redacted
@@ -197,14 +197,21 @@ class TierLevels:
         `limit` blocks in all). Returns the blocks planned. The run the host tier holds becomes `owner`'s too: else
         when only other sessions own it (a shared system prompt, a moved session's prefix), the room made for the
         fetch, or a demotion while the request waits for it, could evict it and leave the fetched blocks unreachable
-        (found by review). The store is asked off the scheduler thread (tier_lookups): the disk's run is planned at
-        once, the store's lookup queued (request `request_id` waits for it); once `poll` has its answer, the request
-        is promoted again and the run the store holds is planned."""
+        (found by review). The store is read inline while its reads are fast (`ReadCost`); else it is asked off the
+        scheduler thread (tier_lookups): the disk's run is planned at once, the store's lookup queued (request
+        `request_id` waits for it); once `poll` has its answer, the request is promoted again and the run the store
+        holds is planned."""
         end = start + max(limit, 0)
         held = [bytes(k) for k in chain[start:start + len(host.match(chain, start, end - start))]]
         pos = start + len(held)
         meta_key = self._first_arrival(owner)
         answer = self._answers.pop(request_id, None) if request_id is not None else None
+        inline = (answer is None and self.store is not None and self.store.up
+                  and (self.lookups is None or self.read_cost.inline()))
+        moved = answer is not None and answer[0]
+        if inline and meta_key is not None:
+            moved = self._moved(self._read(lambda: self.store.get_state(meta_key)))
+            meta_key = None  # asked
         if pos >= end:
             self._look_up(owner, meta_key, None, [])
             return 0
@@ -221,6 +228,8 @@ class TierLevels:
                 while run < len(rest) and answer[1].get(rest[run], False):
                     run += 1
                 keys += [(k, SHARED) for k in rest[:run]]
+            elif inline:
+                keys += [(k, SHARED) for k in self._held_run(rest)]
             elif request_id is not None and self.store.up:
                 want = rest
         self._look_up(owner, meta_key, request_id, want)
@@ -236,24 +245,9 @@ class TierLevels:
             self.disk.claim(owner, [k for k, _ in placed if source[k] == DISK])
         for _, src in ((k, source[k]) for k, _ in placed):
             self.counters[f"{src}_planned_fetches"] += 1
-        if answer is not None and answer[0] and any(source[k] == SHARED for k, _ in placed):
+        if moved and any(source[k] == SHARED for k, _ in placed):
             self.counters["moved_sessions_restored"] += 1
         return len(placed)
-
-    def poll(self) -> list[str]:
-        """Once a step, on the scheduler thread: the store lookups' answers. A session's metadata counts it (moved or
-        not); an answer its request still waits for is kept for that request's next `promote`, this step only.
-        Returns those requests' ids."""
-        self._answers.clear()
-        if self.lookups is None:
-            return []
-        for a in self.lookups.poll():
-            for what in a.errors:
-                self._bad_value(what)
-            moved = a.lookup.meta_key is not None and self._moved(a.meta)
-            if a.live and a.lookup.request_id is not None:
-                self._answers[a.lookup.request_id] = (moved, a.held())
-        return list(self._answers)
 
     def close(self) -> list[Fetch]:
         """The levels go off (a prefix-cache reset): no request waits for a lookup; returns the fetches planned since
@@ -261,36 +255,6 @@ class TierLevels:
         if self.lookups is not None:
             self.lookups.close()
         return self.take_ops().fetches
-
-    def _first_arrival(self, owner: Any) -> str | None:
-        """The store key of `owner`'s metadata if this is its first request on this engine and the store is up."""
-        if owner in self._seen_sessions:
-            self._seen_sessions.move_to_end(owner)
-            return None
-        self._seen_sessions[owner] = None
-        while len(self._seen_sessions) > SEEN_SESSIONS_MEMORY:
-            self._seen_sessions.popitem(last=False)
-        return self._session_key(owner) if self.store is not None and self.store.up else None
-
-    def _look_up(self, owner: Any, meta_key: str | None, request_id: str | None, want: list[bytes]) -> None:
-        """Queue the store's reads of `owner`'s metadata and of which of `want` it holds; the request waits only for
-        the latter."""
-        if self.lookups is None or (meta_key is None and not want):
-            return
-        names = tuple(block_key(self.identity, k, r) for k in want for r in range(self.world_size))
-        if not self.lookups.submit(Lookup(request_id if want else None, owner, meta_key, tuple(want), names)):
-            if meta_key is not None:
-                self._seen_sessions.pop(owner, None)  # not asked: its next request asks
-
-    def _moved(self, raw: Any) -> bool:
-        """A session's metadata as read: True (counted) if another replica served its last turn."""
-        meta = SessionMeta.decode(raw)
-        if raw is not None and meta is None:
-            self._bad_value("malformed session metadata (ignored)")
-        if meta is not None and meta.replica and meta.replica != self.cfg.replica:
-            self.counters["moved_sessions"] += 1
-            return True
-        return False
 
     # ---- worker reports -----------------------------------------------------------------------------------------
     def written(self, results: Sequence[tuple[bytes, bool]], disk_full: bool) -> None:

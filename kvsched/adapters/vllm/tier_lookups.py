@@ -1,12 +1,12 @@
-"""The shared level's reads at a request's arrival, off the scheduler thread: the session's metadata (its first request
-on this engine: did another replica serve its last turn?) and which of the blocks past what the pool, the host tier and
-the disk hold the store has (a pipelined EXISTS).
+"""The shared level's reads at a request's arrival, off the scheduler thread once the store is slow: the session's
+metadata (its first request on this engine: did another replica serve its last turn?) and which of the blocks past what
+the pool, the host tier and the disk hold the store has (a pipelined EXISTS).
 
-Inline, each was a store round trip on vLLM's scheduler thread: a slow or hung store cost every running request up to
-the store's socket timeout (0.5 s) per arrival. Here the arrival queues a `Lookup` and returns; one daemon thread asks
-the store; the scheduler takes the answers once a step (`poll`) and plans the fetches they found (tier_levels), or at
-the arrival itself when the answer comes within `SETTLE_S` (`settle`: a healthy store loses no step). The
-request whose blocks the store may hold waits meanwhile (the connector answers vLLM's `get_num_new_matched_tokens` with
+A fast store is read inline, on vLLM's scheduler thread, and the fetch is planned at the arrival (tier_levels,
+`kvsched.core.store_health.ReadCost`). Inline, a slow or hung store would cost every running request up to the store's
+socket timeout (0.5 s) per arrival. So once its reads are slow (or a step's inline reads used their budget) the
+arrival queues a `Lookup` and returns; one daemon thread asks the store; the scheduler takes the answers once a step
+(`poll`) and plans the fetches they found (tier_levels). The request whose blocks the store may hold waits meanwhile (the connector answers vLLM's `get_num_new_matched_tokens` with
 None, as for a fetch: tier_fetches), at most `WAIT_S`; then it is scheduled with what the other levels hold and a late
 answer only counts the session (moved or not). A lookup of the metadata alone makes no request wait.
 
@@ -36,7 +36,6 @@ from kvsched.adapters.vllm.tier_fetches import WAIT_FLOOR_S
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
 WAIT_S = WAIT_FLOOR_S  # as a fetch: covers two store calls at their timeouts (0.5 s each) and a step or two
 MAX_QUEUED = 256  # arrivals queued at once; a hung store answers them at the speed of its backoff's skips
-SETTLE_S = 0.005  # an arrival waits this long on the scheduler thread for its answer when no other lookup is out
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +56,7 @@ class Answer:
     present: list[bool] = field(default_factory=list)  # per name; empty: not asked, or the read failed
     errors: list[str] = field(default_factory=list)  # reads that raised (served as absent)
     live: bool = False  # its request was still waiting when the scheduler took the answer
+    seconds: float = 0.0  # the store's time for the reads (ReadCost)
 
     def held(self) -> dict[bytes, bool]:
         """Block -> the store holds every rank's frame of it (a short or failed answer holds nothing)."""
@@ -79,7 +79,6 @@ class StoreLookups:
         self.pending: dict[str, float] = {}  # request id -> its deadline (scheduler thread only)
         self._waited: set[str] = set()  # counted once per request
         self._answers: deque[Answer] = deque()  # appended by the thread, taken by the scheduler
-        self._answered = threading.Condition()  # notified with each answer appended (`settle`)
         self._q: queue.Queue[Lookup | None] = queue.Queue(max_queued)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -108,17 +107,6 @@ class StoreLookups:
             a.live = rid is not None and self.pending.pop(rid, None) is not None
             out.append(a)
         return out
-
-    def settle(self, request_id: str, timeout_s: float = SETTLE_S) -> bool:
-        """On the scheduler thread: wait up to `timeout_s` for `request_id`'s answer, so that with a healthy store
-        (an EXISTS takes well under a millisecond) its fetch is planned at its arrival, not a step later. Only while no
-        other request's lookup is out: a hung store then costs one arrival `timeout_s`, not every arrival. True if
-        the answer is in (`poll` takes it)."""
-        if len(self.pending) != 1 or request_id not in self.pending:
-            return False
-        with self._answered:
-            return self._answered.wait_for(lambda: any(a.lookup.request_id == request_id for a in self._answers),
-                                           timeout_s)
 
     def waiting(self, request_id: str) -> bool:
         """True if `request_id` waits for its lookup (unanswered, before its deadline). Side-effect free."""
@@ -154,7 +142,8 @@ class StoreLookups:
         try:
             self._q.put_nowait(None)
         except queue.Full:
-            pass  # the thread sees `_closed` at its next lookup
+            pass  # the thread sees `_closed` at its next lookup and ends (found by review: it drained the queue
+            # and then waited on it for good)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every queued lookup was answered (tests), at most `timeout_s`; True if so."""
@@ -169,23 +158,19 @@ class StoreLookups:
             lookup = self._q.get()
             try:
                 if lookup is None or self._closed:
-                    if lookup is None:
-                        return
-                    continue
-                answer = self._ask(lookup)
-                with self._answered:
-                    self._answers.append(answer)
-                    self._answered.notify_all()
+                    return
+                self._answers.append(self._ask(lookup))
             finally:
                 self._q.task_done()
 
     def _ask(self, lookup: Lookup) -> Answer:
-        answer = Answer(lookup)
+        answer, t = Answer(lookup), time.perf_counter()
         if lookup.meta_key is not None:
             answer.meta = self._read(lambda: self.store.get_state(lookup.meta_key), answer.errors)
         if lookup.names:
             present = self._read(lambda: self.store.has_blocks(list(lookup.names)), answer.errors)
             answer.present = list(present) if isinstance(present, Sequence) and not isinstance(present, str) else []
+        answer.seconds = time.perf_counter() - t
         return answer
 
     @staticmethod

@@ -4,7 +4,7 @@ Two triggers, both for sessions whose prefix continues into blocks the tier hold
 - queued: a request of the session arrives (kvsched's `add_request` hook runs before vLLM schedules anything), so its
   restore is planned at once instead of when the scheduler admits the request, however long it waits in the queue.
   Blocks of its prefix that only the disk or shared level holds are fetched into the tier in the background first
-  (tier_fetches; the store is asked which it holds off the scheduler thread too, tier_lookups, and the fetch is
+  (tier_fetches; a slow store is asked which it holds off the scheduler thread too, tier_lookups, and the fetch is
   planned in the step its answer is in): the restore is planned in the first step after they landed (the request
   waits till then).
   Other sessions' pins yield blocks for it only as far as the tier has free slots for them: releasing into a full
@@ -91,9 +91,6 @@ class TierPrefetcher:
             self._promote(request, key, limit)  # into the tier in the background, then prefetched like any tier block
         if self._fetching(request):
             self.awaiting[request.request_id] = (key, request)
-            lookups = getattr(getattr(self.tier, "levels", None), "lookups", None)
-            if lookups is not None and lookups.settle(request.request_id):  # the store answered at once: planned
-                self._take_lookups()  # now, not a step later (what it brings is restored before the next schedule)
         elif self._holds(key):
             self._prefetch(key, list(request.block_hashes), limit, reserve=0, request=request, trigger="queued")
 
@@ -145,9 +142,10 @@ class TierPrefetcher:
                 reserve = int(self.pins.policy.total_blocks * DUE_RESERVE_FRACTION)
                 self._prefetch(key, chain, len(chain), reserve=reserve, request=None, trigger="due")
 
-    def on_turn_started(self, key: SessionKey, cached_tokens: int) -> None:
-        for rid in [rid for rid, (k, _) in self.awaiting.items() if k == key]:  # scheduled before its fetch landed
-            del self.awaiting[rid]
+    def on_turn_started(self, key: SessionKey, cached_tokens: int, request_id: str) -> None:
+        # Scheduled before its fetch landed (or its lookup was answered). Only this request: another of the session
+        # may still wait for its own (found by review: its store answer was dropped, its blocks computed again).
+        self.awaiting.pop(request_id, None)
         p = self.pending.pop(key, None)
         if p is None:
             return

@@ -48,9 +48,11 @@ BAD_META = [b"\xff\xfe\x00garbage", b'{"turns":1e999,"replica":"A","blocks":0}',
             b'{"turns":1,"replica":"A","blocks":Infinity}', b"[" * 100_000 + b"]" * 100_000]
 
 
-def test_malformed_session_metadata_is_counted_and_served_as_absent(redis_server) -> None:
+@pytest.mark.parametrize("slow", [False, True], ids=["inline", "lookup-thread"])
+def test_malformed_session_metadata_is_counted_and_served_as_absent(redis_server, slow: bool) -> None:
     r = redis.Redis.from_url(redis_server.url)
     lv = levels(redis_server.url)
+    lv.read_cost.mean_s = 1.0 if slow else 0.0  # where the arrival's reads run (ReadCost)
     for i, raw in enumerate(BAD_META):
         owner = SessionKey(f"s{i}")
         r.set(session_key(IDENT, owner.session_id, None, None), raw)
@@ -63,8 +65,10 @@ def test_malformed_session_metadata_is_counted_and_served_as_absent(redis_server
     assert lv.store.up and stats["store_outages"] == 0 and stats["store_error_replies"] == 1
 
 
-def test_a_store_read_that_raises_never_reaches_the_engine(redis_server, monkeypatch) -> None:
+@pytest.mark.parametrize("slow", [False, True], ids=["inline", "lookup-thread"])
+def test_a_store_read_that_raises_never_reaches_the_engine(redis_server, monkeypatch, slow: bool) -> None:
     lv = levels(redis_server.url)
+    lv.read_cost.mean_s = 1.0 if slow else 0.0
 
     def boom(*a, **k):
         raise RuntimeError("client bug")

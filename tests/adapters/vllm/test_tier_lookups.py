@@ -60,8 +60,12 @@ class HungStore(SlowStore):
         return True
 
 
-def hung_engine(harness_cfg: Any, clock: Any, tmp_path: Any, moved: bool = True) -> tuple[Engine, RequestFactory]:
+def hung_engine(harness_cfg: Any, clock: Any, tmp_path: Any, moved: bool = True,
+                slow: bool = True) -> tuple[Engine, RequestFactory]:
+    """`slow`: the store's reads are known to be slow (`ReadCost`), so the arrivals' reads go to the lookup thread."""
     e = Engine(harness_cfg, clock, tmp_path)
+    if slow:
+        e.levels.read_cost.mean_s = 1.0
     store = HungStore()
     if moved:  # another replica served the session's last turn
         key = e.levels._session_key(SessionKey("moved"))
@@ -185,11 +189,11 @@ class GateStore:
         return [n.endswith("yes") for n in names]
 
 
-def test_a_store_that_answers_at_once_has_the_fetch_planned_at_the_arrival_not_a_step_later(
+def test_a_fast_store_is_read_at_the_arrival_on_the_scheduler_thread_and_nothing_waits_a_step(
         harness_cfg, clock, tmp_path) -> None:
-    """With a healthy store the lookup's answer is in within `SETTLE_S`: the arrival plans the store's fetch itself
-    (as the inline EXISTS did), the request never waits for a lookup, and it runs on its blocks."""
-    e, f = hung_engine(harness_cfg, clock, tmp_path)
+    """While the store's reads are fast they run inline: the arrival plans the store's fetch itself, the request never
+    waits for a lookup, and it runs on its blocks."""
+    e, f = hung_engine(harness_cfg, clock, tmp_path, slow=False)
     e.store.lookup_gate.set()  # answers at once
     ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
     e.publish(keys[:10])
@@ -203,6 +207,60 @@ def test_a_store_that_answers_at_once_has_the_fetch_planned_at_the_arrival_not_a
             break
         assert e.w.fetcher.flush(BOUND_S)
     assert hit == 10 * BLOCK and e.s.kvsched.stats()["store_lookup_waits"] == 0
+    assert set(e.store.threads) == {threading.current_thread().name}  # the GET and the EXISTS, inline
+
+
+class SleepyStore(HungStore):
+    """Every metadata GET and EXISTS takes `delay_s` (a store across a slow network)."""
+
+    delay_s = 0.05
+
+    def _wait(self) -> None:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay_s)
+
+
+def test_once_the_stores_reads_are_slow_the_next_arrivals_are_read_off_the_scheduler_thread(
+        harness_cfg, clock, tmp_path) -> None:
+    e = Engine(harness_cfg, clock, tmp_path)
+    store = SleepyStore()
+    e.store = e.levels.store = e.w.shared = store
+    e.levels.lookups = e.s.connector.fetches.lookups = StoreLookups(store, clock=clock)
+    f = RequestFactory(BLOCK)
+    ra, _ = arrive(e, f, "first", list(range(3000, 3100)))
+    e.s.add_request(ra)  # nothing known of the store yet: read inline, and measured slow
+    me = threading.current_thread().name
+    assert store.threads == [me, me] and not e.levels.read_cost.inline()
+    rb, _ = arrive(e, f, "second", list(range(4000, 4100)))
+    e.s.add_request(rb)  # read on the lookup thread; the request waits for the answer
+    assert e.levels.lookups.waiting(rb.request_id)
+    assert e.levels.lookups.flush(BOUND_S) and len(store.threads) == 4 and me not in store.threads[2:]
+    assert scheduled(e.step()).get(rb.request_id) == 0  # the answer, taken before this step, found nothing: it runs
+
+
+def test_a_request_of_a_session_still_waits_for_its_lookup_after_another_of_the_session_started(
+        harness_cfg, clock, tmp_path) -> None:
+    """Found by review: a session's request that started dropped every request of the session from those waiting for
+    a store answer, and the other request's answer, when it came, was never used: its blocks were computed again."""
+    e, f = hung_engine(harness_cfg, clock, tmp_path)
+    ra = f.make([5] * (BLOCK - 2), 4, session_id="moved")  # no full block to look up: only the metadata, no wait
+    e.s.add_request(ra)
+    assert store_asked(e)
+    rb, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    payloads = e.publish(keys[:10])
+    e.s.add_request(rb)  # its lookup queues behind the metadata's
+    assert ra.request_id in scheduled(e.step())
+    e.store.lookup_gate.set()
+    assert e.levels.lookups.flush(BOUND_S)
+    hit = None
+    for _ in range(6):
+        hit = scheduled(e.step()).get(rb.request_id)
+        if hit is not None:
+            break
+        assert e.w.fetcher.flush(BOUND_S)
+    assert hit == 10 * BLOCK
+    assert [e.w.tier.slot_payload(e.loaded[b]) for b in
+            e.s.kv_cache_manager.get_blocks(rb.request_id).get_block_ids()[0][:10]] == payloads
 
 
 def test_lookups_answer_in_order_and_a_full_queue_makes_no_request_wait(clock) -> None:
@@ -226,6 +284,21 @@ def test_lookups_answer_in_order_and_a_full_queue_makes_no_request_wait(clock) -
     assert answers[1].held() == {} and "ConnectionResetError" in answers[1].errors[0]  # raised: absent, carried
     assert answers[2].meta == "meta" and answers[2].held() == {}
     assert not book.waiting("r1") and book.counters["waits"] == 1 and book.counters["overdue"] == 0
+
+
+def test_a_close_with_the_queue_full_ends_the_lookup_thread() -> None:
+    """Found by review: the end marker did not fit, and the thread drained the queue and then waited on it for good."""
+    store = GateStore()
+    book = StoreLookups(store, max_queued=1)
+    assert book.submit(Lookup("r1", "s1", "m1"))
+    deadline = time.monotonic() + BOUND_S
+    while book._q.qsize() and time.monotonic() < deadline:  # the thread holds the first, blocked on the gate
+        time.sleep(0.001)
+    assert book.submit(Lookup("r2", "s2", "m2"))  # the queue is full now
+    book.close()
+    store.gate.set()
+    book._thread.join(BOUND_S)
+    assert not book._thread.is_alive() and not book.waiting("r1") and not book.submit(Lookup("r3", "s3", "m3"))
 
 
 def store_asked(e: Engine) -> bool:
