@@ -36,6 +36,7 @@ from kvsched.adapters.vllm.tier_fetches import WAIT_FLOOR_S
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
 WAIT_S = WAIT_FLOOR_S  # as a fetch: covers two store calls at their timeouts (0.5 s each) and a step or two
 MAX_QUEUED = 256  # arrivals queued at once; a hung store answers them at the speed of its backoff's skips
+MAX_BATCH = 64  # lookups asked in one round trip
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +57,7 @@ class Answer:
     present: list[bool] = field(default_factory=list)  # per name; empty: not asked, or the read failed
     errors: list[str] = field(default_factory=list)  # reads that raised (served as absent)
     live: bool = False  # its request was still waiting when the scheduler took the answer
-    seconds: float = 0.0  # the store's time for the reads (ReadCost)
+    seconds: float = 0.0  # the store's time for one read (a round trip) of its batch (ReadCost)
 
     def held(self) -> dict[bytes, bool]:
         """Block -> the store holds every rank's frame of it (a short or failed answer holds nothing)."""
@@ -155,23 +156,53 @@ class StoreLookups:
     # ---- the lookup thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            lookup = self._q.get()
+            batch = [self._q.get()]
+            while batch[-1] is not None and len(batch) < MAX_BATCH:  # the lookups queued meanwhile: one round trip
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                if lookup is None or self._closed:
+                if self._closed:
                     return
-                self._answers.append(self._ask(lookup))
+                lookups = [lk for lk in batch if lk is not None]
+                if lookups:
+                    self._answers.extend(self._ask(lookups))
+                if len(lookups) < len(batch):  # the end marker
+                    return
             finally:
-                self._q.task_done()
+                for _ in batch:
+                    self._q.task_done()
 
-    def _ask(self, lookup: Lookup) -> Answer:
-        answer, t = Answer(lookup), time.perf_counter()
-        if lookup.meta_key is not None:
-            answer.meta = self._read(lambda: self.store.get_state(lookup.meta_key), answer.errors)
-        if lookup.names:
-            present = self._read(lambda: self.store.has_blocks(list(lookup.names)), answer.errors)
-            answer.present = list(present) if isinstance(present, Sequence) and not isinstance(present, str) else []
-        answer.seconds = time.perf_counter() - t
-        return answer
+    def _ask(self, lookups: list[Lookup]) -> list[Answer]:
+        """The metadata of every lookup in one MGET and their blocks in one pipelined EXISTS: a store across a network
+        answers a queue of lookups in two round trips, not two per lookup (`benchmarks/store_lookup_step.py`)."""
+        answers, t = [Answer(lk) for lk in lookups], time.perf_counter()
+        errors: list[str] = []
+        metas = [a for a in answers if a.lookup.meta_key is not None]
+        if metas:
+            got = self._read(lambda: self.store.get_states([a.lookup.meta_key for a in metas]), errors)
+            if isinstance(got, Sequence) and not isinstance(got, str) and len(got) == len(metas):
+                for a, value in zip(metas, got, strict=True):
+                    a.meta = value
+            for a in metas:
+                a.errors += errors
+        errors = []
+        asked = [a for a in answers if a.lookup.names]
+        names = [n for a in asked for n in a.lookup.names]
+        if names:
+            present = self._read(lambda: self.store.has_blocks(names), errors)
+            if isinstance(present, Sequence) and not isinstance(present, str) and len(present) == len(names):
+                at = 0
+                for a in asked:
+                    a.present = list(present[at:at + len(a.lookup.names)])
+                    at += len(a.lookup.names)
+            for a in asked:
+                a.errors += errors
+        seconds = (time.perf_counter() - t) / max(bool(metas) + bool(names), 1)  # one round trip's, as inline
+        for a in answers:
+            a.seconds = seconds
+        return answers
 
     @staticmethod
     def _read(read: Callable[[], Any], errors: list[str]) -> Any:

@@ -62,7 +62,8 @@ def test_malformed_session_metadata_is_counted_and_served_as_absent(redis_server
     assert promote_answered(lv, owner, [KEYS[5]], 0, 1, Host()) == 0
     stats = lv.stats()
     assert stats["store_bad_values"] == len(BAD_META) and stats["moved_sessions"] == 0
-    assert lv.store.up and stats["store_outages"] == 0 and stats["store_error_replies"] == 1
+    # GET of a hash: WRONGTYPE; the lookup thread's MGET (one for all its lookups) reads it as absent
+    assert lv.store.up and stats["store_outages"] == 0 and stats["store_error_replies"] == (0 if slow else 1)
 
 
 @pytest.mark.parametrize("slow", [False, True], ids=["inline", "lookup-thread"])
@@ -74,6 +75,7 @@ def test_a_store_read_that_raises_never_reaches_the_engine(redis_server, monkeyp
         raise RuntimeError("client bug")
 
     monkeypatch.setattr(lv.store, "get_state", boom)
+    monkeypatch.setattr(lv.store, "get_states", boom)
     monkeypatch.setattr(lv.store, "has_blocks", boom)
     assert promote_answered(lv, SessionKey("s"), KEYS[:3], 0, 3, Host()) == 0
     assert lv.stats()["store_bad_values"] == 2

@@ -38,6 +38,9 @@ class SlowStore:
     def get_state(self, key: str) -> None:  # no session metadata
         return None
 
+    def get_states(self, keys: list[str]) -> list[None]:
+        return [None] * len(keys)
+
     def stats(self) -> dict[str, float]:
         return {}
 

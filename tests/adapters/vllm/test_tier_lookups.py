@@ -48,9 +48,12 @@ class HungStore(SlowStore):
             raise TimeoutError("the store did not answer")
 
     def get_state(self, key: str) -> str | None:
+        return self.get_states([key])[0]
+
+    def get_states(self, keys: list[str]) -> list[str | None]:
         self._wait()
-        self.state_reads += 1
-        return self.meta.get(key)
+        self.state_reads += len(keys)
+        return [self.meta.get(k) for k in keys]
 
     def has_blocks(self, names: list[str]) -> list[bool]:
         self._wait()
@@ -177,13 +180,16 @@ class GateStore:
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.up = True
+        self.calls: list[tuple[str, int]] = []
 
-    def get_state(self, key: str) -> str:
+    def get_states(self, keys: list[str]) -> list[str]:
         assert self.gate.wait(BOUND_S)
-        return "meta"
+        self.calls.append(("GET", len(keys)))
+        return ["meta"] * len(keys)
 
     def has_blocks(self, names: list[str]) -> list[bool]:
         assert self.gate.wait(BOUND_S)
+        self.calls.append(("EXISTS", len(names)))
         if names == ["boom"]:
             raise ConnectionResetError("reset by peer")
         return [n.endswith("yes") for n in names]
@@ -284,6 +290,26 @@ def test_lookups_answer_in_order_and_a_full_queue_makes_no_request_wait(clock) -
     assert answers[1].held() == {} and "ConnectionResetError" in answers[1].errors[0]  # raised: absent, carried
     assert answers[2].meta == "meta" and answers[2].held() == {}
     assert not book.waiting("r1") and book.counters["waits"] == 1 and book.counters["overdue"] == 0
+    # the first alone (the thread had taken it); the two queued behind it in one round trip each
+    assert store.calls == [("GET", 1), ("EXISTS", 4), ("GET", 1), ("EXISTS", 1)]
+
+
+def test_lookups_queued_behind_a_slow_one_are_asked_in_one_round_trip_each_answer_its_own() -> None:
+    store = GateStore()
+    book = StoreLookups(store, max_queued=8)
+    assert book.submit(Lookup("r0", "s0", "m0", (b"a",), ("a-yes",)))
+    deadline = time.monotonic() + BOUND_S
+    while book._q.qsize() and time.monotonic() < deadline:  # the thread holds the first, blocked on the gate
+        time.sleep(0.001)
+    for i, names in enumerate([("b-yes", "c-no"), ("d-no", "e-yes"), ("f-yes", "g-yes")], start=1):
+        assert book.submit(Lookup(f"r{i}", f"s{i}", f"m{i}", (names[0][:1].encode(), names[1][:1].encode()), names))
+    store.gate.set()
+    assert book.flush(BOUND_S)
+    answers = book.poll()
+    assert store.calls == [("GET", 1), ("EXISTS", 1), ("GET", 3), ("EXISTS", 6)]
+    assert [a.held() for a in answers] == [{b"a": True}, {b"b": True, b"c": False}, {b"d": False, b"e": True},
+                                           {b"f": True, b"g": True}]
+    assert all(a.meta == "meta" and a.live for a in answers)
 
 
 def test_a_close_with_the_queue_full_ends_the_lookup_thread() -> None:
