@@ -46,7 +46,8 @@ class ArrivalReads:
         if self.lookups is None:
             return []
         for a in self.lookups.poll():
-            self.read_cost.note(a.seconds, inline=False)
+            if a.seconds is not None:
+                self.read_cost.note(a.seconds, inline=False)
             for what in a.errors:
                 self._bad_value(what)
             moved = a.lookup.meta_key is not None and self._moved(a.meta)

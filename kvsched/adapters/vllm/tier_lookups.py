@@ -57,7 +57,7 @@ class Answer:
     present: list[bool] = field(default_factory=list)  # per name; empty: not asked, or the read failed
     errors: list[str] = field(default_factory=list)  # reads that raised (served as absent)
     live: bool = False  # its request was still waiting when the scheduler took the answer
-    seconds: float = 0.0  # the store's time for one read (a round trip) of its batch (ReadCost)
+    seconds: float | None = None  # the store's time for one read (a round trip) of its batch (ReadCost); None: down
 
     def held(self) -> dict[bytes, bool]:
         """Block -> the store holds every rank's frame of it (a short or failed answer holds nothing)."""
@@ -113,6 +113,12 @@ class StoreLookups:
         """True if `request_id` waits for its lookup (unanswered, before its deadline). Side-effect free."""
         deadline = self.pending.get(request_id)
         return deadline is not None and self.clock() < deadline
+
+    def outstanding(self, request_id: str) -> bool:
+        """True until `request_id`'s answer is taken (`poll`) or its wait ended (`must_wait` past the deadline, `forget`,
+        `close`): past the deadline too, while vLLM has not looked at the request (found by review: with the engine
+        full, a request whose deadline passed unseen lost its answer, which came while it was still queued)."""
+        return request_id in self.pending
 
     def must_wait(self, request_id: str) -> bool:
         """As `waiting`, counted: a request that waited (once), one whose deadline passed (once; it stops waiting
@@ -185,8 +191,7 @@ class StoreLookups:
             if isinstance(got, Sequence) and not isinstance(got, str) and len(got) == len(metas):
                 for a, value in zip(metas, got, strict=True):
                     a.meta = value
-            for a in metas:
-                a.errors += errors
+            metas[0].errors += errors  # one read: counted once, whichever lookups it served
         errors = []
         asked = [a for a in answers if a.lookup.names]
         names = [n for a in asked for n in a.lookup.names]
@@ -197,9 +202,10 @@ class StoreLookups:
                 for a in asked:
                     a.present = list(present[at:at + len(a.lookup.names)])
                     at += len(a.lookup.names)
-            for a in asked:
-                a.errors += errors
-        seconds = (time.perf_counter() - t) / max(bool(metas) + bool(names), 1)  # one round trip's, as inline
+            asked[0].errors += errors
+        # one round trip's time, as inline; none while the store is down (its guard skips calls at once: they would
+        # pull the average down and send the first arrivals after an outage inline)
+        seconds = (time.perf_counter() - t) / max(bool(metas) + bool(names), 1) if self.store.up else None
         for a in answers:
             a.seconds = seconds
         return answers

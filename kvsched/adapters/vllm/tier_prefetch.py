@@ -202,7 +202,7 @@ class TierPrefetcher:
         if tier is None or not tier.enabled:
             return False
         lookups = getattr(getattr(tier, "fetches", None), "lookups", None)
-        if lookups is not None and lookups.waiting(request.request_id):
+        if lookups is not None and lookups.outstanding(request.request_id):
             return True
         if not tier.directory.inflight:
             return False

@@ -312,6 +312,63 @@ def test_lookups_queued_behind_a_slow_one_are_asked_in_one_round_trip_each_answe
     assert all(a.meta == "meta" and a.live for a in answers)
 
 
+def test_a_read_that_fails_for_a_batch_is_one_error_not_one_per_lookup() -> None:
+    class Boom(GateStore):
+        def get_states(self, keys: list[str]) -> list[str]:
+            super().get_states(keys)
+            raise ConnectionResetError("reset by peer")
+
+        def has_blocks(self, names: list[str]) -> list[bool]:
+            super().has_blocks(names)
+            raise ConnectionResetError("reset by peer")
+
+    store = Boom()
+    book = StoreLookups(store, max_queued=8)
+    assert book.submit(Lookup(None, "s0", "m0"))
+    deadline = time.monotonic() + BOUND_S
+    while book._q.qsize() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    for i in range(1, 4):
+        assert book.submit(Lookup(f"r{i}", f"s{i}", f"m{i}", (b"a",), ("a-yes",)))
+    store.gate.set()
+    assert book.flush(BOUND_S)
+    answers = book.poll()
+    assert [len(a.errors) for a in answers] == [1, 2, 0, 0]  # the first's GET; the batch's GET and EXISTS
+    assert all(a.held() == {} and a.meta is None for a in answers)
+
+
+def test_an_answer_that_comes_after_the_deadline_while_vllm_never_looked_at_the_request_is_used(
+        harness_cfg, clock, tmp_path) -> None:
+    """Found by review: with the engine full vLLM never asks about a queued request, so its lookup's deadline passed
+    without it waiting a step; the answer then came while it was still queued and was thrown away (it ran on
+    nothing the store held)."""
+    e, f = hung_engine(harness_cfg, clock, tmp_path)
+    busy = f.make([5] * (BLOCK - 2), 200, session_id="short")  # a long decode that fills the engine
+    e.s.add_request(busy)
+    assert store_asked(e)  # its metadata lookup holds the lookup thread (nobody waits for it)
+    assert busy.request_id in scheduled(e.step())
+    e.s.max_num_running_reqs = e.s.max_num_active_reqs = 1
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    payloads = e.publish(keys[:10])
+    e.s.add_request(ra)
+    e.step()
+    clock.advance(WAIT_S + 0.1)  # the deadline passes; vLLM never looked at ra (the engine is full)
+    e.step()
+    e.store.lookup_gate.set()  # the answer comes: ra is still queued
+    assert e.levels.lookups.flush(BOUND_S)
+    e.step()
+    e.s.max_num_running_reqs = e.s.max_num_active_reqs = 8
+    hit = None
+    for _ in range(8):
+        hit = scheduled(e.step()).get(ra.request_id)
+        if hit is not None:
+            break
+        assert e.w.fetcher.flush(BOUND_S)
+    assert hit == 10 * BLOCK
+    assert [e.w.tier.slot_payload(e.loaded[b]) for b in
+            e.s.kv_cache_manager.get_blocks(ra.request_id).get_block_ids()[0][:10]] == payloads
+
+
 def test_a_close_with_the_queue_full_ends_the_lookup_thread() -> None:
     """Found by review: the end marker did not fit, and the thread drained the queue and then waited on it for good."""
     store = GateStore()
