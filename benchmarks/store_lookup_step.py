@@ -19,9 +19,8 @@ sides: the lookup thread loses nothing). Steps are stand-ins: `--step-ms` of sle
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import math
-import multiprocessing
 import shutil
 import statistics
 import sys
@@ -35,6 +34,7 @@ from store_probe import free_port, running, wait_port  # noqa: E402
 from kvsched.adapters.vllm.tier_levels import TierLevels  # noqa: E402
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig  # noqa: E402
 from kvsched.bench.common import provenance, write_json  # noqa: E402
+from kvsched.bench.delay_proxy import delayed  # noqa: E402
 from kvsched.core.sessions import SessionKey  # noqa: E402
 from kvsched.core.shared_state import SessionMeta, block_key, session_key  # noqa: E402
 from kvsched.core.store_health import ReadCost  # noqa: E402
@@ -42,31 +42,6 @@ from kvsched.core.store_health import ReadCost  # noqa: E402
 IDENT = "ab" * 16
 CHAIN = 32  # blocks of each request's prefix past what the pool holds
 HELD = 16  # of them, the store holds the first HELD for every other session (a moved session)
-
-
-def _proxy(listen: int, upstream: int, delay_s: float) -> None:
-    """Forward loopback TCP to `upstream`, each chunk from the client held `delay_s` (ordered per connection)."""
-
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
-        try:
-            while data := await reader.read(65536):
-                if delay:
-                    await asyncio.sleep(delay)
-                writer.write(data)
-                await writer.drain()
-        finally:
-            writer.close()
-
-    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        ur, uw = await asyncio.open_connection("127.0.0.1", upstream)
-        await asyncio.gather(pump(cr, uw, delay_s), pump(ur, cw, 0.0), return_exceptions=True)
-
-    async def serve() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", listen)
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(serve())
 
 
 class Host:
@@ -169,24 +144,14 @@ def main() -> int:
         wait_port(port)
         client = redis.Redis(host="127.0.0.1", port=port)
         for delay in args.delay_ms or [0.0, 0.25, 1.0, 4.0, 16.0]:
-            proxy_port = free_port() if delay > 0 else port  # 0: straight to the store
-            proxy = multiprocessing.get_context("spawn").Process(target=_proxy, args=(proxy_port, port, delay / 1000),
-                                                                 daemon=True)
-            if delay > 0:
-                proxy.start()
-            try:
-                wait_port(proxy_port)
+            with delayed(port, delay / 1000) if delay > 0 else contextlib.nullcontext(port) as store_port:
                 row: dict[str, Any] = {"delay_ms": delay}
                 for hybrid in (False, True):
                     publish(client, args.sessions)
-                    side = one_side(f"redis://127.0.0.1:{proxy_port}/0", args.sessions, args.per_step,
+                    side = one_side(f"redis://127.0.0.1:{store_port}/0", args.sessions, args.per_step,
                                     args.step_ms / 1000, hybrid)
                     row[side["mode"]] = side
                 rows.append(row)
-            finally:
-                if delay > 0:
-                    proxy.terminate()
-                    proxy.join(10)
             a, b = row["inline"], row["hybrid"]
             print(f"delay {delay} ms: scheduler thread per arrival, mean / p99: inline "
                   f"{a['sched_ms_per_arrival']['mean']} / {a['sched_ms_per_arrival']['p99']} ms, hybrid "

@@ -1,7 +1,8 @@
 """The disk and shared levels on real `vllm serve --scheduler kvsched` engines and a real redis-server: an engine
 restarted on its disk directory serves its sessions' next turns from disk (torn and corrupted files recomputed, never
-served); a session moved to another replica keeps its KV and its compaction summary through the store; the store
-killed mid-run costs no request and is reconnected; a replica killed mid-stream loses no session."""
+served); a session moved to another replica keeps its KV and its compaction summary through the store, and its KV
+through a slow store too (read off the scheduler thread); the store killed mid-run costs no request and is
+reconnected; a replica killed mid-stream loses no session."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 from kvsched.adapters.store.local_redis import LocalRedis, RedisUnavailable  # noqa: E402
+from kvsched.bench.delay_proxy import delayed  # noqa: E402
 from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -193,6 +195,35 @@ def test_a_moved_session_keeps_its_kv_and_is_served_compacted_at_once(replicas, 
     assert after["kvsched_levels_fetch_waits_total"] - before["kvsched_levels_fetch_waits_total"] == 1  # off the step
     restored = after["kvsched_shared_tier_restored_blocks_total"] - before["kvsched_shared_tier_restored_blocks_total"]
     # every full block of what the first replica computed last turn came back: only the new turn's text is prefilled
+    assert restored >= 1 and cached(reply) >= last_prompt // BLOCK * BLOCK, (restored, cached(reply), last_prompt)
+
+
+def test_a_moved_session_is_restored_through_a_slow_store_read_off_the_scheduler_thread(replicas, redis,
+                                                                                          tiny_model_dir):
+    """The store 10 ms away (a delaying proxy on loopback): the first arrival's reads find it slow, and the next
+    arrivals' reads run on the lookup thread, the request waiting for its answer; a moved session still gets its KV."""
+    b, _ = replicas
+    with delayed(redis.port, 0.010) as port:
+        d = VllmServer(spec(tiny_model_dir, "--kvsched-store-url", f"redis://127.0.0.1:{port}/0",
+                            env={"KVSCHED_REPLICA_NAME": "d"}))
+        start_all([d])
+        try:
+            chat(d, history("warm-up", words=40), "warm-up")  # read inline: the store is found slow
+            msgs = history("moved-slow", words=120)
+            reply, _ = chat(b, msgs, "moved-slow")
+            last_prompt = reply.usage.prompt_tokens
+            msgs += [{"role": "assistant", "content": reply.choices[0].message.content},
+                     {"role": "user", "content": "tool result: " + "value " * 40}]
+            wait_store_stable(redis.url)
+            before = d.metrics()
+            reply, _ = chat(d, msgs, "moved-slow")
+            after = d.metrics()
+        finally:
+            d.stop()
+    assert after["kvsched_store_lookup_waits_total"] - before.get("kvsched_store_lookup_waits_total", 0) == 1
+    assert after["kvsched_store_lookup_overdue_total"] == 0
+    assert after["kvsched_moved_sessions_total"] - before.get("kvsched_moved_sessions_total", 0) == 1
+    restored = after["kvsched_shared_tier_restored_blocks_total"] - before["kvsched_shared_tier_restored_blocks_total"]
     assert restored >= 1 and cached(reply) >= last_prompt // BLOCK * BLOCK, (restored, cached(reply), last_prompt)
 
 
