@@ -50,7 +50,7 @@ class ArrivalReads:
                 self.read_cost.note(a.seconds, inline=False)
             for what in a.errors:
                 self._bad_value(what)
-            moved = a.lookup.meta_key is not None and self._moved(a.meta)
+            moved = a.lookup.moved or (a.lookup.meta_key is not None and self._moved(a.meta))
             if a.live and a.lookup.request_id is not None:
                 self._answers[a.lookup.request_id] = (moved, a.held())
         return list(self._answers)
@@ -65,13 +65,14 @@ class ArrivalReads:
             self._seen_sessions.popitem(last=False)
         return self._session_key(owner) if self.store is not None and self.store.up else None
 
-    def _look_up(self, owner: Any, meta_key: str | None, request_id: str | None, want: list[bytes]) -> None:
+    def _look_up(self, owner: Any, meta_key: str | None, request_id: str | None, want: list[bytes],
+                 moved: bool = False) -> None:
         """Queue the store's reads of `owner`'s metadata and of which of `want` it holds; the request waits only for
-        the latter."""
+        the latter. `moved`: the metadata, read inline, already said the session moved."""
         if self.lookups is None or (meta_key is None and not want):
             return
         names = tuple(block_key(self.identity, k, r) for k in want for r in range(self.world_size))
-        if not self.lookups.submit(Lookup(request_id if want else None, owner, meta_key, tuple(want), names)):
+        if not self.lookups.submit(Lookup(request_id if want else None, owner, meta_key, tuple(want), names, moved)):
             if meta_key is not None:
                 self._seen_sessions.pop(owner, None)  # not asked: its next request asks
 

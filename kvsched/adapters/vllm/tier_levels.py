@@ -212,6 +212,8 @@ class TierLevels(ArrivalReads):
         if inline and meta_key is not None:
             moved = self._moved(self._read(lambda: self.store.get_state(meta_key)))
             meta_key = None  # asked
+            # found slow by this GET: the EXISTS goes to the lookup thread (found by review: both ran inline)
+            inline = self.lookups is None or self.read_cost.inline()
         if pos >= end:
             self._look_up(owner, meta_key, None, [])
             return 0
@@ -232,7 +234,7 @@ class TierLevels(ArrivalReads):
                 keys += [(k, SHARED) for k in self._held_run(rest)]
             elif request_id is not None and self.store.up:
                 want = rest
-        self._look_up(owner, meta_key, request_id, want)
+        self._look_up(owner, meta_key, request_id, want, moved)
         if not keys:
             return 0
         source = dict(keys)

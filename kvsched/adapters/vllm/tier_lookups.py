@@ -48,6 +48,7 @@ class Lookup:
     meta_key: str | None  # the session's metadata key (its first request here), or None
     keys: tuple[bytes, ...] = ()  # blocks whose presence to check, prefix order
     names: tuple[str, ...] = ()  # their store keys, `len(names) // len(keys)` (the world size) per block
+    moved: bool = False  # the session's metadata, read inline, named another replica (counted there)
 
 
 @dataclass(slots=True)

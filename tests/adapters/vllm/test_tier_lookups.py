@@ -226,21 +226,35 @@ class SleepyStore(HungStore):
         time.sleep(self.delay_s)
 
 
-def test_once_the_stores_reads_are_slow_the_next_arrivals_are_read_off_the_scheduler_thread(
-        harness_cfg, clock, tmp_path) -> None:
+def test_once_the_stores_reads_are_slow_the_next_reads_run_off_the_scheduler_thread(harness_cfg, clock, tmp_path):
     e = Engine(harness_cfg, clock, tmp_path)
     store = SleepyStore()
     e.store = e.levels.store = e.w.shared = store
     e.levels.lookups = e.s.connector.fetches.lookups = StoreLookups(store, clock=clock)
+    key = e.levels._session_key(SessionKey("moved"))  # another replica served the session's last turn
+    store.meta[key] = SessionMeta(role=None, ttl_s=None, turns=1, replica="elsewhere", blocks=10).encode()
     f = RequestFactory(BLOCK)
-    ra, _ = arrive(e, f, "first", list(range(3000, 3100)))
-    e.s.add_request(ra)  # nothing known of the store yet: read inline, and measured slow
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    payloads = e.publish(keys[:10])
+    e.s.add_request(ra)  # nothing known of the store yet: its GET inline, found slow; the EXISTS on the lookup thread
     me = threading.current_thread().name
-    assert store.threads == [me, me] and not e.levels.read_cost.inline()
+    assert store.threads == [me] and not e.levels.read_cost.inline() and e.levels.lookups.waiting(ra.request_id)
+    assert e.levels.lookups.flush(BOUND_S) and len(store.threads) == 2 and store.threads[1] != me
+    hit = None
+    for _ in range(6):
+        hit = scheduled(e.step()).get(ra.request_id)
+        if hit is not None:
+            break
+        assert e.w.fetcher.flush(BOUND_S)
+    assert hit == 10 * BLOCK
+    assert [e.w.tier.slot_payload(e.loaded[b]) for b in
+            e.s.kv_cache_manager.get_blocks(ra.request_id).get_block_ids()[0][:10]] == payloads
+    stats = e.s.kvsched.stats()
+    assert stats["moved_sessions"] == 1 and stats["moved_sessions_restored"] == 1  # the inline GET's, carried
     rb, _ = arrive(e, f, "second", list(range(4000, 4100)))
-    e.s.add_request(rb)  # read on the lookup thread; the request waits for the answer
+    e.s.add_request(rb)  # both reads on the lookup thread; the request waits for the answer
     assert e.levels.lookups.waiting(rb.request_id)
-    assert e.levels.lookups.flush(BOUND_S) and len(store.threads) == 4 and me not in store.threads[2:]
+    assert e.levels.lookups.flush(BOUND_S) and len(store.threads) == 4 and me not in store.threads[1:]
     assert scheduled(e.step()).get(rb.request_id) == 0  # the answer, taken before this step, found nothing: it runs
 
 
