@@ -35,6 +35,7 @@ from kvsched.adapters.vllm.tier_levels import TierLevels  # noqa: E402
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig  # noqa: E402
 from kvsched.bench.common import provenance, write_json  # noqa: E402
 from kvsched.bench.delay_proxy import delayed  # noqa: E402
+from kvsched.bench.plots import line_chart, save_beside  # noqa: E402
 from kvsched.core.sessions import SessionKey  # noqa: E402
 from kvsched.core.shared_state import SessionMeta, block_key, session_key  # noqa: E402
 from kvsched.core.store_health import ReadCost  # noqa: E402
@@ -163,28 +164,17 @@ def main() -> int:
                                          "step_ms": args.step_ms, "chain_blocks": CHAIN, "held_blocks": HELD,
                                          "read_cost": vars(ReadCost()), "provenance": provenance()}}
     write_json(args.out, result)
-    if args.out is not None:
-        plot(rows, args.out.with_suffix(".png"))
+    save_beside(args.out, lambda path: plot(rows, path))
     return 0
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    from kvsched.bench.plots import pyplot, save_figure
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     x = [max(r["delay_ms"], 0.05) for r in rows]
-    for mode, label in (("inline", "before: every read inline"), ("hybrid", "now: inline while fast")):
-        ax.plot(x, [r[mode]["sched_ms_per_arrival"]["mean"] for r in rows], marker="o", label=f"{label}, mean")
-        ax.plot(x, [r[mode]["sched_ms_per_arrival"]["p99"] for r in rows], marker=".", linestyle="--",
-                label=f"{label}, p99")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("store delay, ms (one way, added to loopback)")
-    ax.set_ylabel("scheduler thread per arrival, ms")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
+    lines = [(x, [r[mode]["sched_ms_per_arrival"][stat] for r in rows], f"{label}, {stat}", style)
+             for mode, label in (("inline", "before: every read inline"), ("hybrid", "now: inline while fast"))
+             for stat, style in (("mean", "-"), ("p99", "--"))]
+    return line_chart(path, lines, "store delay, ms (one way, added to loopback)", "scheduler thread per arrival, ms",
+                      xscale="log", yscale="log")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from kvsched.adapters.vllm.tier_levels_config import LevelsConfig  # noqa: E402
 from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker  # noqa: E402
 from kvsched.adapters.vllm.tier_meta import TierWorkerMeta  # noqa: E402
 from kvsched.bench.common import provenance, write_json  # noqa: E402
+from kvsched.bench.plots import line_chart, save_beside  # noqa: E402
 from kvsched.core.shared_state import block_key  # noqa: E402
 
 LAYERS, HEADS, ROWS, CONTENT = 32, 8, 16, 256
@@ -134,26 +135,17 @@ def main() -> int:
     result = {"sizes": rows, "config": {"layers": LAYERS, "heads": HEADS, "rows": ROWS, "content": CONTENT,
                                         "provenance": provenance()}}
     write_json(args.out, result)
-    if args.out is not None:
-        plot(rows, args.out.with_suffix(".png"))
+    save_beside(args.out, lambda path: plot(rows, path))
     return 0
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    from kvsched.bench.plots import pyplot, save_figure
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     x = [r["mib"] for r in rows]
-    ax.plot(x, [r["inline_ms"] for r in rows], marker="o", label="in the step before (one MGET, inline)")
-    ax.plot(x, [r["in_step_ms"] for r in rows], marker="o", label="in the step now (start_fetch)")
-    ax.plot(x, [r["landed_ms"] for r in rows], marker="o", linestyle="--", label="landed, in the background")
-    ax.set_xlabel("session restored from the shared store, MiB (FP8)")
-    ax.set_ylabel("ms")
-    ax.set_yscale("symlog", linthresh=1)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    save_figure(fig, path)
+    lines = [(x, [r["inline_ms"] for r in rows], "in the step before (one MGET, inline)", "-"),
+             (x, [r["in_step_ms"] for r in rows], "in the step now (start_fetch)", "-"),
+             (x, [r["landed_ms"] for r in rows], "landed, in the background", "--")]
+    return line_chart(path, lines, "session restored from the shared store, MiB (FP8)", "ms", yscale="symlog",
+                      linthresh=1)
 
 
 if __name__ == "__main__":

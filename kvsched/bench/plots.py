@@ -65,6 +65,22 @@ def ttft_chart(sides: Mapping[str, Sequence[Sequence[Any]]], path: Path, title: 
     return save_figure(fig, path)
 
 
+def line_chart(path: Path, lines: Sequence[tuple[Sequence[float], Sequence[float], str, str]], xlabel: str,
+               ylabel: str, xscale: str = "linear", yscale: str = "linear", **yscale_args: Any) -> Path:
+    """One line per (x, y, label, line style "-" or "--"), with markers; scales as matplotlib names them."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for x, y, label, style in lines:
+        ax.plot(x, y, marker="o" if style == "-" else ".", linestyle=style, label=label)
+    ax.set_xscale(xscale)
+    ax.set_yscale(yscale, **yscale_args)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def save_beside(json_path: Path | None, draw: Any) -> Path | None:
     """Draw the benchmark's chart beside its JSON (same name, .png); without matplotlib say so in one line."""
     if json_path is None:

@@ -78,6 +78,30 @@ def hung_engine(harness_cfg: Any, clock: Any, tmp_path: Any, moved: bool = True,
     return e, RequestFactory(BLOCK)
 
 
+def runs_on(e: Engine, request: Any, payloads: list[bytes], steps: int = 6) -> bool:
+    """Step (letting each step's fetches land) until `request` is scheduled: True if it ran on exactly the 10 published
+    blocks, restored from the tier."""
+    hit = None
+    for _ in range(steps):
+        hit = scheduled(e.step()).get(request.request_id)
+        if hit is not None:
+            break
+        assert e.w.fetcher.flush(BOUND_S)
+    blocks = e.s.kv_cache_manager.get_blocks(request.request_id).get_block_ids()[0][:10] if hit is not None else []
+    return hit == 10 * BLOCK and [e.w.tier.slot_payload(e.loaded[b]) for b in blocks] == payloads
+
+
+def moved_request_waiting(e: Engine, f: RequestFactory) -> tuple[Any, list[bytes]]:
+    """The moved session's request arrives, its first 10 blocks in the store; its lookup hangs; a step leaves it
+    waiting."""
+    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
+    e.publish(keys[:10])
+    e.s.add_request(ra)
+    assert store_asked(e)
+    assert ra.request_id not in scheduled(e.step())
+    return ra, keys
+
+
 def test_a_hung_store_costs_the_scheduler_thread_nothing_and_the_request_runs_on_its_blocks_once_answered(
         harness_cfg, clock, tmp_path) -> None:
     e, f = hung_engine(harness_cfg, clock, tmp_path)
@@ -99,15 +123,7 @@ def test_a_hung_store_costs_the_scheduler_thread_nothing_and_the_request_runs_on
     assert threading.current_thread().name not in e.store.threads  # no store call on the scheduler's thread
     e.store.lookup_gate.set()
     assert e.levels.lookups.flush(BOUND_S)
-    hit = None
-    for _ in range(6):  # the answer plans the fetch; it lands; the prefetch restores; the request runs
-        hit = scheduled(e.step()).get(ra.request_id)
-        if hit is not None:
-            break
-        assert e.w.fetcher.flush(BOUND_S)
-    assert hit == 10 * BLOCK
-    assert [e.w.tier.slot_payload(e.loaded[b]) for b in
-            e.s.kv_cache_manager.get_blocks(ra.request_id).get_block_ids()[0][:10]] == payloads
+    assert runs_on(e, ra, payloads)  # the answer plans the fetch; it lands; the prefetch restores; the request runs
     stats = e.s.kvsched.stats()
     assert stats["moved_sessions"] == 1 and stats["moved_sessions_restored"] == 1
     assert stats["store_lookup_waits"] == 2 and stats["store_lookup_overdue"] == 0  # ra and rb; rc never waited
@@ -139,11 +155,7 @@ def test_with_the_store_down_a_request_does_not_wait(harness_cfg, clock, tmp_pat
 def test_past_the_deadline_the_request_runs_without_the_store_and_a_late_answer_holds_nothing(
         harness_cfg, clock, tmp_path) -> None:
     e, f = hung_engine(harness_cfg, clock, tmp_path)
-    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
-    e.publish(keys[:10])
-    e.s.add_request(ra)
-    assert store_asked(e)
-    assert ra.request_id not in scheduled(e.step())
+    ra, keys = moved_request_waiting(e, f)
     clock.advance(WAIT_S / 2)
     assert ra.request_id not in scheduled(e.step())  # before the deadline: it waits
     clock.advance(WAIT_S)
@@ -162,11 +174,7 @@ def test_past_the_deadline_the_request_runs_without_the_store_and_a_late_answer_
 
 def test_a_reset_while_a_lookup_is_outstanding_ends_the_wait(harness_cfg, clock, tmp_path) -> None:
     e, f = hung_engine(harness_cfg, clock, tmp_path)
-    ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
-    e.publish(keys[:10])
-    e.s.add_request(ra)
-    assert store_asked(e)
-    assert ra.request_id not in scheduled(e.step())
+    ra, keys = moved_request_waiting(e, f)
     assert e.s.reset_prefix_cache() is True  # the levels go off: nothing will take the answer
     assert scheduled(e.step()).get(ra.request_id) == 0  # the clock stands still: no deadline needed
     e.store.lookup_gate.set()
@@ -202,17 +210,11 @@ def test_a_fast_store_is_read_at_the_arrival_on_the_scheduler_thread_and_nothing
     e, f = hung_engine(harness_cfg, clock, tmp_path, slow=False)
     e.store.lookup_gate.set()  # answers at once
     ra, keys = arrive(e, f, "moved", HISTORY + [7] * 20)
-    e.publish(keys[:10])
+    payloads = e.publish(keys[:10])
     e.s.add_request(ra)
     assert e.levels.counters["shared_planned_fetches"] == 10  # no step has run
     assert e.s.kvsched.stats()["moved_sessions"] == 1
-    hit = None
-    for _ in range(6):
-        hit = scheduled(e.step()).get(ra.request_id)
-        if hit is not None:
-            break
-        assert e.w.fetcher.flush(BOUND_S)
-    assert hit == 10 * BLOCK and e.s.kvsched.stats()["store_lookup_waits"] == 0
+    assert runs_on(e, ra, payloads) and e.s.kvsched.stats()["store_lookup_waits"] == 0
     assert set(e.store.threads) == {threading.current_thread().name}  # the GET and the EXISTS, inline
 
 
@@ -240,15 +242,7 @@ def test_once_the_stores_reads_are_slow_the_next_reads_run_off_the_scheduler_thr
     me = threading.current_thread().name
     assert store.threads == [me] and not e.levels.read_cost.inline() and e.levels.lookups.waiting(ra.request_id)
     assert e.levels.lookups.flush(BOUND_S) and len(store.threads) == 2 and store.threads[1] != me
-    hit = None
-    for _ in range(6):
-        hit = scheduled(e.step()).get(ra.request_id)
-        if hit is not None:
-            break
-        assert e.w.fetcher.flush(BOUND_S)
-    assert hit == 10 * BLOCK
-    assert [e.w.tier.slot_payload(e.loaded[b]) for b in
-            e.s.kv_cache_manager.get_blocks(ra.request_id).get_block_ids()[0][:10]] == payloads
+    assert runs_on(e, ra, payloads)
     stats = e.s.kvsched.stats()
     assert stats["moved_sessions"] == 1 and stats["moved_sessions_restored"] == 1  # the inline GET's, carried
     rb, _ = arrive(e, f, "second", list(range(4000, 4100)))
@@ -272,15 +266,7 @@ def test_a_request_of_a_session_still_waits_for_its_lookup_after_another_of_the_
     assert ra.request_id in scheduled(e.step())
     e.store.lookup_gate.set()
     assert e.levels.lookups.flush(BOUND_S)
-    hit = None
-    for _ in range(6):
-        hit = scheduled(e.step()).get(rb.request_id)
-        if hit is not None:
-            break
-        assert e.w.fetcher.flush(BOUND_S)
-    assert hit == 10 * BLOCK
-    assert [e.w.tier.slot_payload(e.loaded[b]) for b in
-            e.s.kv_cache_manager.get_blocks(rb.request_id).get_block_ids()[0][:10]] == payloads
+    assert runs_on(e, rb, payloads)
 
 
 def test_lookups_answer_in_order_and_a_full_queue_makes_no_request_wait(clock) -> None:
@@ -372,15 +358,7 @@ def test_an_answer_that_comes_after_the_deadline_while_vllm_never_looked_at_the_
     assert e.levels.lookups.flush(BOUND_S)
     e.step()
     e.s.max_num_running_reqs = e.s.max_num_active_reqs = 8
-    hit = None
-    for _ in range(8):
-        hit = scheduled(e.step()).get(ra.request_id)
-        if hit is not None:
-            break
-        assert e.w.fetcher.flush(BOUND_S)
-    assert hit == 10 * BLOCK
-    assert [e.w.tier.slot_payload(e.loaded[b]) for b in
-            e.s.kv_cache_manager.get_blocks(ra.request_id).get_block_ids()[0][:10]] == payloads
+    assert runs_on(e, ra, payloads, steps=8)
 
 
 def test_a_close_with_the_queue_full_ends_the_lookup_thread() -> None:
