@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvsched.sim.out_file import written_whole
+
 RESULTS_DIR = Path("benchmarks/results")
 
 
@@ -126,7 +128,9 @@ def write_json(path: Path | None, payload: Mapping[str, Any]) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    text = json.dumps(payload, indent=2, default=str)
+    with written_whole(path) as f:  # a full disk or a size limit leaves no half a JSON
+        f.write(text)
     print(f"wrote {path}")
 
 

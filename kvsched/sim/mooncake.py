@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+from kvsched.sim.out_file import written_whole
 from kvsched.sim.trace import TraceRequest, TraceWriter
 from kvsched.sim.trace_fields import bounded_lines, number_field
 
@@ -160,21 +161,9 @@ def convert(src: TextIO, dst: TextIO, source: str = "<mooncake>", min_shared: fl
 
 def convert_file(src: Path, dst: Path, min_shared: float = DEFAULT_MIN_SHARED, limit: int | None = None
                  ) -> dict[str, Any]:
-    """Convert `src` into `dst` through a temporary file beside it, so a failed import leaves `dst` as it was; `dst`
-    naming `src` itself is refused."""
-    dst = dst.resolve() if dst.is_symlink() else dst  # written through a link: its target gets the trace
-    if dst.exists() and src.exists() and os.path.samefile(src, dst):
-        raise ValueError(f"{dst}: the output would overwrite the input trace; give another OUT path")
-    if dst.exists() and not dst.is_file():  # the rename below would replace a device, FIFO or directory entry
-        raise ValueError(f"{dst}: not a regular file; give a file path for OUT (found by review: /dev/null was "
-                         "replaced by a file)")
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
-    try:
-        with open(src) as f_in, open(tmp, "w") as f_out:
-            meta = convert(f_in, f_out, src.name, min_shared, limit)
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Convert `src` into `dst`, written whole or not at all (`written_whole`); `dst` naming `src` is refused."""
+    with open(src) as f_in, written_whole(dst, (src,)) as f_out:
+        meta = convert(f_in, f_out, src.name, min_shared, limit)
     return meta
 
 

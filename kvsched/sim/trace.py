@@ -23,6 +23,7 @@ from typing import Any, TextIO, TypeGuard
 
 import numpy as np
 
+from kvsched.sim.out_file import written_whole
 from kvsched.sim.trace_fields import MAX_COUNT, bounded_lines, flag_field, number_field, text_field
 
 FORMAT_VERSION = 1
@@ -138,7 +139,7 @@ class TraceWriter:
 
 def write_jsonl(path: Path, block_size: int, requests: Iterable[TraceRequest], meta: dict[str, Any] | None = None
                 ) -> None:
-    with open(path, "w") as f:
+    with written_whole(path) as f:  # a trace cut short would read as a shorter trace
         w = TraceWriter(f, block_size, meta)
         for r in requests:
             w.write(r)
@@ -354,7 +355,9 @@ class Trace:
             d = depth[new]
             fresh = d < 0
             depth[new[fresh]] = pos[fresh]
-            if np.any(d[~fresh] != pos[~fresh]):
+            # checked after the assignment: an id twice in this request's new blocks (both fresh) is caught too (found
+            # by review: the replay crashed on it, or counted one block held twice)
+            if np.any(depth[new] != pos):
                 raise ValueError(f"request {i} of session {r.session!r}: a block id appears at two positions; "
                                  "ids must be chained prefix hashes")
         order = np.argsort(np.array([r.t for r in reqs], dtype=np.float64), kind="stable")
