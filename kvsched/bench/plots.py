@@ -85,6 +85,9 @@ def save_beside(json_path: Path | None, draw: Any) -> Path | None:
     """Draw the benchmark's chart beside its JSON (same name, .png); without matplotlib say so in one line."""
     if json_path is None:
         return None
+    if json_path.suffix.lower() == ".png":  # the chart would overwrite the JSON just written (found by review)
+        print(f"chart not written: {json_path} holds the JSON; give an --out ending in .json for both")
+        return None
     try:
         path = draw(json_path.with_suffix(".png"))
     except PlotUnavailable as exc:

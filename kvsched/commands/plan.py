@@ -17,11 +17,14 @@ from kvsched.core.planner_cost import cost, fleet_cost
 from kvsched.core.planner_fleet import Levers, Plan, Topology, Workload, plan, summary_calls, with_levers
 
 DEFAULT_PRESET = "llama-3.1-8b"
+KV_DTYPES = {"fp16", "float16", "half", "bf16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"}
 LIMITS = {"context": count(1, 2**30), "context_p50": count(1, 2**30), "sessions": count(1, 10**9),
           "agents": count(1, 10**6), "tool_calls": count(0, 10**6), "tool_tokens": count(0, 2**30),
           "overhead": number(0, 1), "ceiling": number(0, 1, low_open=True),
-          "tokens_per_interaction": number(0, 1e12, low_open=True), "interactions_per_hour": number(0, 1e12),
-          "api_price": number(0, 1e9, low_open=True), "compaction_trigger": count(0, 2**30),
+          # an interaction of a fraction of a token, or a price of 1e-300 $/M, made the cost arithmetic divide by a
+          # zero it underflowed to (found by review)
+          "tokens_per_interaction": number(1, 1e12), "interactions_per_hour": number(0, 1e12),
+          "api_price": number(1e-6, 1e9), "compaction_trigger": count(0, 2**30),
           "summary_tokens": count(0, 2**30), "recent_tokens": count(0, 2**30), "pin_budget": number(0, 1)}
 
 
@@ -74,7 +77,18 @@ def orchestrator_of(args: argparse.Namespace) -> ModelShape | None:
     return ModelShape.from_preset(args.orchestrator_preset) if args.orchestrator_preset else None
 
 
+def kv_cache_dtype(name: str) -> str:
+    """The KV dtype as vLLM's --kv-cache-dtype can serve it (the planner's table also holds weight dtypes: int8 or
+    fp4 KV was sized at 1 or 0.5 bytes, then served in 16 bits)."""
+    dtype = name.strip().lower()
+    if dtype not in KV_DTYPES:
+        raise PlanError(f"--kv-dtype {name!r}: unknown dtype for vLLM's KV cache; choose from "
+                        f"{', '.join(sorted(KV_DTYPES))}")
+    return dtype
+
+
 def build(args: argparse.Namespace) -> dict[str, Any]:
+    args.kv_dtype = kv_cache_dtype(args.kv_dtype)
     shape, orchestrator = model_of(args), orchestrator_of(args)
     workload = Workload(workflows=args.sessions, topology=Topology(args.topology), agents=args.agents,
                         context=args.context, context_p50=args.context_p50, tool_calls=args.tool_calls,
@@ -125,7 +139,7 @@ def vllm_args(base: Plan, gpu: str) -> str | None:
     args = [f"--max-model-len {base.session_tokens}", f"--max-num-seqs {math.ceil(1.5 * peak)}",
             f"--gpu-memory-utilization {base.ceiling:.2f}", f"--tensor-parallel-size {fit.tensor_parallel}"]
     if base.kv_dtype.startswith("fp8"):
-        args.append("--kv-cache-dtype fp8")
+        args.append(f"--kv-cache-dtype {base.kv_dtype}")
     return " ".join([*args, "--enable-prefix-caching"])
 
 

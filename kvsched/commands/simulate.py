@@ -94,6 +94,24 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """--out and --write-trace name files to write that are not the TRACE read, nor each other, nor a directory; --out is
+    the JSON (its chart goes beside it as .png: an --out ending in .png was overwritten by its own chart)."""
+    from kvsched.sim.out_file import check_out
+
+    inputs = (args.trace,) if args.trace is not None else ()
+    for flag, path in (("--out", args.out), ("--write-trace", args.write_trace)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise ValueError(f"{flag} {path} is a directory; give a file path")
+        check_out(path, inputs)
+    if args.out is not None and args.out.suffix.lower() == ".png":
+        raise ValueError(f"--out {args.out} names the JSON result; its chart is written beside it as .png")
+    if args.out is not None and args.write_trace is not None and args.out.resolve() == args.write_trace.resolve():
+        raise ValueError("--out and --write-trace name the same file")
+
+
 def load_trace(args: argparse.Namespace) -> Any:
     from kvsched.sim.generator import FLEET, QUICK, TraceConfig, generate, generate_requests
     from kvsched.sim.trace import Trace, write_jsonl
@@ -102,12 +120,20 @@ def load_trace(args: argparse.Namespace) -> Any:
     if args.trace is not None and args.generate:
         raise ValueError("give a TRACE file or --generate, not both")
     if args.trace is not None:
+        # the generator's options do nothing to a TRACE file (found by review: --write-trace's file never appeared)
+        given = [f for f, v in (("--quick", args.quick), ("--fleet", args.fleet), ("--topology", args.topology),
+                                ("--workflows", args.workflows), ("--seed", args.seed != 0),
+                                ("--write-trace", args.write_trace)) if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --generate, not to a TRACE file")
         trace = Trace.load(args.trace)
         if not len(trace):  # a header alone (a recording that served nothing yet): a table of zeros said nothing
             raise ValueError(f"{args.trace}: no requests to replay (a header only)")
         return trace
     if not args.generate:
         raise ValueError("give a TRACE file or --generate")
+    if args.quick and args.fleet:
+        raise ValueError("give --quick or --fleet, not both")
     cfg = QUICK if args.quick else FLEET if args.fleet else TraceConfig()
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.topology:
@@ -278,8 +304,9 @@ def run(args: argparse.Namespace) -> int:
         unknown = [p for p in policies if p not in POLICIES]
         if unknown or not policies:
             raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
-        if args.out is not None and args.out.is_dir():  # before the replay, not after it
-            raise ValueError(f"--out {args.out} is a directory; give a file path")
+        if len(set(policies)) < len(policies):
+            raise ValueError(f"--policies names a policy twice: {args.policies}")
+        check_outputs(args)  # before the replay, not after it
         retention = RetentionConfig.from_env()  # the engine's parser: the same KVSCHED_* variables, same checks
         for warning in near_miss_warnings(setting_names()):  # a misspelt setting would otherwise change nothing
             print(f"kvsched simulate: warning: {warning}", file=sys.stderr)
@@ -296,6 +323,9 @@ def run(args: argparse.Namespace) -> int:
         result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt, tier, compaction_config(args),
                           args.system_tokens, restore_bytes_per_s=args.h2d_gbps * 1e9,
                           progress=not args.no_progress, retention=retention, replicas=args.replicas)
+        if all(result[p]["requests"] == 0 for p in policies):  # a table of zeros said nothing (found by review)
+            raise ValueError(f"every request is larger than the pool of {capacity} blocks and was rejected, as vLLM "
+                             "would answer 400; nothing was replayed: give a lower --pressure or a larger pool")
         if args.plot:
             result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot, tier)
         report(args, result, trace, policies, capacity, bpt, tier, retention)
@@ -333,6 +363,9 @@ def report(args: argparse.Namespace, result: dict[str, Any], trace: Any, policie
     print(f"{c['requests']} requests, {sessions} sessions, working set {c['working_set_blocks']} blocks "
           f"(peak live {live}), pool {capacity} blocks{f' x {args.replicas} replicas' if args.replicas > 1 else ''} (pressure {c['pressure_distinct']:.2f}x distinct, "
           f"{c['pressure_live']:.2f}x live)")
+    if rejected := max(result[p]["rejected"] for p in policies):
+        print(f"{rejected} of {len(trace)} requests are larger than the pool and were rejected (as vLLM answers 400), "
+              "not replayed")
     if "kvsched+compaction" in result:
         k, c = result["kvsched+compaction"], result["kvsched+compaction"]["compaction"]
         print(f"compaction ({args.compaction}, trigger {args.compaction_trigger_tokens}): {c['summaries']} summary "

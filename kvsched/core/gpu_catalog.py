@@ -29,6 +29,9 @@ def load_catalog(path: str | Path | None = None) -> list[Gpu]:
     gpus = [_gpu(row, f"{source}: gpu #{i + 1}") for i, row in enumerate(rows)]
     if not gpus:
         raise PlanError(f"{source}: no [[gpu]] entries")
+    names = [g.name for g in gpus]
+    if len(set(names)) < len(names):  # --cost-gpu would pick the last one silently
+        raise PlanError(f"{source}: GPU {next(n for n in names if names.count(n) > 1)!r} is listed twice")
     return gpus
 
 
@@ -38,7 +41,8 @@ def _gpu(row: dict[str, Any], where: str) -> Gpu:
         name = row["name"]
         vram = _number(row, "vram_gib", where, 0, MAX_VRAM_GIB)
         price = _number(row, "price_per_hour", where, 0, 1e9, low_open=False)
-        rate = _number(row, "interactions_per_hour", where, 0, 1e12, default=22_000)
+        rate = _number(row, "interactions_per_hour", where, 1, 1e12, low_open=False, default=22_000)  # < 1: a fleet of
+        # 1e302 GPUs, or math.ceil(inf) (found by review)
     except KeyError as exc:
         raise PlanError(f"{where} needs name, vram_gib and price_per_hour (lacks {exc.args[0]!r})") from None
     fp8_kv = row.get("fp8_kv", True)

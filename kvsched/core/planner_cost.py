@@ -37,6 +37,8 @@ def cost(tokens_per_interaction: float, interactions_per_hour: float, api_price_
         raise PlanError("token counts, prices and GPU capacity must be positive, interactions per hour >= 0")
     api_each = api_price_per_m * tokens_per_interaction / 1e6
     gpu_each = gpu_price_per_hour / gpu_interactions_per_hour
+    if api_each <= 0 or not math.isfinite(gpu_each):  # products that underflow or overflow: no answer, not inf
+        raise PlanError("the API price per interaction or the GPU's cost per interaction is out of range")
     breakeven = gpu_price_per_hour / api_each
     gpus_needed = max(1, -(-interactions_per_hour // gpu_interactions_per_hour))
     return Cost(api_per_hour=interactions_per_hour * api_each, gpu_prorated_per_hour=interactions_per_hour * gpu_each,

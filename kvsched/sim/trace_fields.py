@@ -17,7 +17,14 @@ def bounded_lines(f: TextIO, source: str, start: int = 1) -> Iterator[tuple[int,
     """(line number, line) of a text stream, each at most MAX_LINE_CHARS: a file with no line ends (/dev/zero, a
     binary file, one huge JSON document) is a ValueError naming it, not a read that takes all memory (found by review)."""
     lineno = start
-    while line := f.readline(MAX_LINE_CHARS):
+    while True:
+        try:
+            line = f.readline(MAX_LINE_CHARS)
+        except UnicodeDecodeError as exc:  # name the file and line, not only the byte (found by review)
+            raise ValueError(f"{source}:{lineno}: not UTF-8 text, at this line or one of the next few (decoded a "
+                             f"block at a time: {exc.reason})") from None
+        if not line:
+            return
         if len(line) >= MAX_LINE_CHARS and not line.endswith("\n"):
             raise ValueError(f"{source}:{lineno}: a line longer than {MAX_LINE_CHARS:,} characters: not a trace "
                              "of one JSON object per line")

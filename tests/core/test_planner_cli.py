@@ -72,6 +72,11 @@ def test_plot_writes_a_png(tmp_path, capsys):
     (["--with-kvsched", "--pin-budget", "2"], "budget"),
     (["--cost-gpu", "TPU"], "catalogue"),
     (["--gpu-catalog", "/nonexistent/gpus.toml"], "catalogue"),
+    # found by review: int8/fp4 KV was sized at 1/0.5 bytes but served by vLLM in 16 bits; 1e-300 tokens and $ made
+    # the cost arithmetic divide by an underflowed zero
+    (["--kv-dtype", "int8"], "vLLM's KV cache"),
+    (["--tokens-per-interaction", "1e-300", "--api-price", "1e-300"], "--tokens-per-interaction"),
+    (["--api-price", "1e-300"], "--api-price"),
 ])
 def test_bad_input_exits_2_with_a_message(capsys, argv, message):
     assert main(["plan", *argv]) == 2
@@ -106,3 +111,11 @@ def test_a_workload_no_gpu_can_hold_is_an_error_not_a_cost_verdict(capsys, argv)
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvsched plan: error: no catalogue GPU fits") and "Traceback" not in err
+
+
+def test_the_kv_dtype_is_read_in_any_case_and_the_serve_flags_name_it(capsys):
+    """Found by review: `--kv-dtype FP8` was sized at 1 byte but its flags left out --kv-cache-dtype."""
+    for name, flag in (("FP8", "--kv-cache-dtype fp8 "), ("fp8_e5m2", "--kv-cache-dtype fp8_e5m2 "), ("BF16", None)):
+        assert main(["plan", "--kv-dtype", name]) == 0
+        out = capsys.readouterr().out
+        assert (flag in out) if flag else "--kv-cache-dtype" not in out

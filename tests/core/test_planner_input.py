@@ -57,6 +57,10 @@ def test_a_null_text_config_is_no_text_config():
     ('[[gpu]]\nname="g"\nvram_gib=80\nprice_per_hour=1\ninteractions_per_hour=inf\n', "interactions_per_hour"),
     ('[[gpu]]\nname="g"\nvram_gib=true\nprice_per_hour=1\n', "vram_gib"),
     ("gpu = 5\n", "must be a list of"),
+    # found by review: 1e-310 raised OverflowError (a fleet of inf GPUs), 1e-300 planned 5e302 GPUs
+    ('[[gpu]]\nname="g"\nvram_gib=80\nprice_per_hour=1\ninteractions_per_hour=1e-310\n', "interactions_per_hour"),
+    ('[[gpu]]\nname="g"\nvram_gib=80\nprice_per_hour=1\n[[gpu]]\nname="g"\nvram_gib=40\nprice_per_hour=1\n',
+     "listed twice"),
 ])
 def test_bad_catalogues(capsys, tmp_path, text, message):
     path = tmp_path / "gpus.toml"

@@ -99,9 +99,10 @@ def test_simulate_replicas_splits_the_pool(tmp_path):
 
 def test_a_recordings_own_pool_is_the_default_and_pressure_still_overrides_it(tmp_path):
     path, out = tmp_path / "rec.jsonl", tmp_path / "r.json"
-    write_jsonl(path, SMALL.block_size, generate_requests(SMALL), meta={"capacity_blocks": 77})
+    write_jsonl(path, SMALL.block_size, generate_requests(SMALL), meta={"capacity_blocks": 777})  # its largest
+    # request takes 313 blocks: a pool that rejects every request is an error
     at_pressure_2 = -(-Trace.load(path).working_set_blocks() // 2)
-    for extra, expect in (((), 77), (("--pressure", "2"), at_pressure_2)):
+    for extra, expect in (((), 777), (("--pressure", "2"), at_pressure_2)):
         assert main(["simulate", str(path), "--no-progress", "--policies", "lru", "--out", str(out), *extra]) == 0
         assert json.loads(out.read_text())["config"]["capacity_blocks_per_replica"] == expect
     plain = tmp_path / "plain.jsonl"
@@ -113,15 +114,15 @@ def test_a_recordings_own_pool_is_the_default_and_pressure_still_overrides_it(tm
 
 def test_a_recordings_own_bytes_size_its_tier_and_a_preset_overrides_them(tmp_path):
     path, out = tmp_path / "rec.jsonl", tmp_path / "r.json"
-    meta = {"capacity_blocks": 77, "kv_bytes_per_token": 1024.0, "fp8_tier_block_bytes": 8208}
+    meta = {"capacity_blocks": 777, "kv_bytes_per_token": 1024.0, "fp8_tier_block_bytes": 8208}
     write_jsonl(path, SMALL.block_size, generate_requests(SMALL), meta=meta)
     args = ["simulate", str(path), "--no-progress", "--policies", "lru,kvsched", "--fp8-tier-gib", "0.01",
             "--out", str(out)]
     assert main(args) == 0
     c = json.loads(out.read_text())["config"]
     assert c["kv_bytes_per_token"] == 1024 and c["fp8_tier_blocks"] == int(0.01 * 2**30) // 8208
-    assert main([*args[:-2], "--kv-gib", "0.001", "--out", str(out)]) == 0  # the pool from the recorded bytes too
-    assert json.loads(out.read_text())["config"]["capacity_blocks"] == int(0.001 * 2**30) // (1024 * SMALL.block_size)
+    assert main([*args[:-2], "--kv-gib", "0.01", "--out", str(out)]) == 0  # the pool from the recorded bytes too
+    assert json.loads(out.read_text())["config"]["capacity_blocks"] == int(0.01 * 2**30) // (1024 * SMALL.block_size)
     assert main([*args, "--preset", "llama-3.1-8b"]) == 0  # a named model: its bytes (8B, fp8 KV), not the recording's
     c = json.loads(out.read_text())["config"]
     assert c["kv_bytes_per_token"] == 65536 and c["fp8_tier_blocks"] < int(0.01 * 2**30) // 8208

@@ -153,7 +153,7 @@ def test_simulate_warns_of_a_misspelt_setting(capsys, monkeypatch, tmp_path):
     path.write_text(HEADER + OK)
     monkeypatch.setenv("KVSCHED_DEFALT_TTL_S", "600")
     monkeypatch.setenv("KVSCHED_TRACE", "/tmp/x")  # the engine's, not the simulator's: not a misspelling
-    assert main(["simulate", str(path), "--no-progress", "--policies", "lru"]) == 0
+    assert main(["simulate", str(path), "--no-progress", "--policies", "lru", "--pressure", "0.5"]) == 0
     err = capsys.readouterr().err
     assert "KVSCHED_DEFALT_TTL_S is not a kvsched setting and is ignored; did you mean KVSCHED_DEFAULT_TTL_S?" in err
     assert "KVSCHED_TRACE " not in err
@@ -164,3 +164,63 @@ def test_simulate_refuses_a_trace_with_no_requests(tmp_path, capsys):
     path.write_text(HEADER)
     assert main(["simulate", str(path), "--no-progress"]) == 2
     assert "no requests to replay" in capsys.readouterr().err
+
+
+# ---- found by review (stop 44) ---------------------------------------------------------------------------------------
+def test_an_id_twice_in_one_requests_new_blocks_is_refused(tmp_path, capsys):
+    """It crashed the replay (IndexError in the evictors) or counted one block held twice."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(HEADER + OK.replace('["x", "y"]', '["x", "x"]'))
+    assert main(["simulate", str(path), "--no-progress"]) == 2
+    assert "two positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--out", "{trace}"], "overwrite the input"),
+    (["--out", "{tmp}/r.png"], "JSON result"),
+    (["--write-trace", "{tmp}/w.jsonl"], "only apply with --generate"),
+    (["--seed", "3"], "only apply with --generate"),
+    (["--policies", "lru,lru"], "twice"),
+    (["--pressure", "100"], "every request is larger than the pool"),
+])
+def test_simulate_refuses_outputs_over_its_input_and_options_that_do_nothing(tmp_path, capsys, argv, message):
+    path = tmp_path / "t.jsonl"
+    path.write_text(HEADER + OK)
+    before = path.read_text()
+    argv = [a.format(trace=path, tmp=tmp_path) for a in argv]
+    assert main(["simulate", str(path), "--no-progress", *argv]) == 2
+    assert message in capsys.readouterr().err and path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]  # nothing written
+
+
+def test_a_write_that_fails_half_way_leaves_the_old_file(tmp_path, monkeypatch):
+    from kvsched.bench.common import write_json
+
+    out = tmp_path / "r.json"
+    out.write_text("old")
+
+    class Unserializable:
+        def __str__(self) -> str:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_json(out, {"a": list(range(1000)), "b": Unserializable()})
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_import_to_a_symlink_loop_is_an_error_not_a_traceback(tmp_path, capsys):
+    loop = tmp_path / "loop.out"
+    loop.symlink_to(loop)
+    assert main(["trace", "import", "--format", "mooncake", str(mooncake(tmp_path, row(0, 600, [1, 2]))),
+                 str(loop)]) == 2
+    err = capsys.readouterr().err
+    assert "loop.out" in err and "Traceback" not in err
+
+
+def test_a_trace_that_is_not_utf8_names_the_file(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes((HEADER + OK).encode() + b'{"t": 1, "session": "\xff"}\n')
+    for argv in (["trace", "stats", str(path)], ["simulate", str(path), "--no-progress"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "t.jsonl:" in err and "not UTF-8" in err and "Traceback" not in err
