@@ -184,7 +184,7 @@ class StoreLookups:
     def _ask(self, lookups: list[Lookup]) -> list[Answer]:
         """The metadata of every lookup in one MGET and their blocks in one pipelined EXISTS: a store across a network
         answers a queue of lookups in two round trips, not two per lookup (`benchmarks/store_lookup_step.py`)."""
-        answers, t = [Answer(lk) for lk in lookups], time.perf_counter()
+        answers, t, was_up = [Answer(lk) for lk in lookups], time.perf_counter(), self.store.up
         errors: list[str] = []
         metas = [a for a in answers if a.lookup.meta_key is not None]
         if metas:
@@ -204,9 +204,10 @@ class StoreLookups:
                     a.present = list(present[at:at + len(a.lookup.names)])
                     at += len(a.lookup.names)
             asked[0].errors += errors
-        # one round trip's time, as inline; none while the store is down (its guard skips calls at once: they would
-        # pull the average down and send the first arrivals after an outage inline)
-        seconds = (time.perf_counter() - t) / max(bool(metas) + bool(names), 1) if self.store.up else None
+        # one round trip's time, as inline; none if the store was down already (its guard skipped the calls at once:
+        # they would pull the average down and send the first arrivals after an outage inline); a call that timed
+        # out and took the store down counts (the store was slow)
+        seconds = (time.perf_counter() - t) / max(bool(metas) + bool(names), 1) if was_up else None
         for a in answers:
             a.seconds = seconds
         return answers

@@ -378,3 +378,21 @@ def test_a_close_with_the_queue_full_ends_the_lookup_thread() -> None:
 
 def store_asked(e: Engine) -> bool:
     return e.store.asked.wait(BOUND_S)
+
+
+def test_reads_skipped_while_the_store_is_down_leave_the_average_and_a_read_that_timed_out_moves_it() -> None:
+    class Flaky(GateStore):
+        def has_blocks(self, names: list[str]) -> list[bool]:
+            out = super().has_blocks(names)
+            self.up = False  # this call timed out: the guard marks the store down
+            return out
+
+    store = Flaky()
+    store.gate.set()
+    book = StoreLookups(store)
+    assert book.submit(Lookup("r1", "s1", None, (b"a",), ("a-yes",)))
+    assert book.flush(BOUND_S)
+    assert book.poll()[0].seconds is not None  # the store was up when asked: its time counts
+    assert book.submit(Lookup("r2", "s2", None, (b"b",), ("b-yes",)))  # down now: the guard would skip it
+    assert book.flush(BOUND_S)
+    assert book.poll()[0].seconds is None
