@@ -234,8 +234,8 @@ class Compactor:
             tokens = self._message_tokens(self.store.summary_message(summary), scope)
         except Exception:
             tokens = self.config.summary_target_tokens
-        self.store.commit(job, summary, tokens)
-        if self.shared is not None:
+        stored = self.store.commit(job, summary, tokens)  # None: the conversation ended meanwhile, nothing to save
+        if stored is not None and self.shared is not None:
             self.shared.save(self.store, job.session)
 
     async def _call(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
@@ -291,6 +291,7 @@ class Compactor:
             "summaries_in_flight": float(len(self.tasks)),
             "summary_calls": float(c["summary_calls"]),
             "summaries": float(s["summaries"]),
+            "summaries_dropped": float(s["summaries_dropped"]),
             "summary_seconds": self.summary_seconds,
             "windows": float(s["windows"]),
             "summary_inputs_cut": float(s["summary_inputs_cut"]),

@@ -16,6 +16,7 @@ GAUGES = {
 COUNTERS = {
     "summary_calls": "Summarization calls made (one per trigger)",
     "summaries": "Summaries stored",
+    "summaries_dropped": "Summaries discarded: their conversation ended (or its state was evicted) while the call ran",
     "summary_seconds": "Time spent in summarization calls",
     "windows": "Sliding-window cuts made",
     "summary_inputs_cut": "Summary calls that left a session's oldest turns out to fit the model's context",
