@@ -28,7 +28,7 @@ from typing import Any
 from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.compaction_metrics import FAILURE_REASONS, Collector
 from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
-from kvsched.adapters.vllm.http_io import error_body
+from kvsched.adapters.vllm.http_io import error_body, route_path
 from kvsched.core.compaction import (
     CompactionStore,
     Message,
@@ -115,7 +115,7 @@ class Compactor:
         except InvalidCompactionInput as exc:
             self.counters["bad_input"] += 1
             return Outcome(status=400, error=error_body(str(exc), field))
-        if scope.get("path") != CHAT_PATH:
+        if route_path(scope) != CHAT_PATH:
             return UNCHANGED
         if raw is not None and not self.config.client_may_select(strategy):
             self.counters["refused_choices"] += 1

@@ -3,6 +3,7 @@ ended while its summary is made, a prefixed URL under `--root-path`, a message f
 
 import asyncio
 
+from kvsched.core.compaction_config import Strategy
 from tests.adapters.vllm.test_compaction import SCOPE, FakeVllm, compactor, request, run
 
 
@@ -44,3 +45,16 @@ def test_a_summary_landing_after_its_session_ended_is_neither_stored_nor_saved()
     writes, later = run(scenario())
     assert writes == [("forget",)] and comp.stats()["summaries_dropped"] == 1
     assert later.replaced == 0  # a new session under the id starts from nothing
+
+
+def test_a_prefixed_url_under_root_path_is_compacted_and_capped_like_the_plain_one():
+    """Under `--root-path /api` a chat request may arrive as /api/v1/chat/completions (vLLM routes it with the prefix
+    removed): compaction compared the raw path, so the prefixed URL escaped it, even the operator's cap."""
+    prefixed = dict(SCOPE, path="/api/v1/chat/completions", root_path="/api")
+    capped = compactor(FakeVllm(), strategy=Strategy.CAP, cap_tokens=10)
+    assert run(capped.prepare(SCOPE, request(8), {})).status == 400
+    assert run(capped.prepare(prefixed, request(8), {})).status == 400
+    payload = request(8)
+    assert run(compactor(FakeVllm(), wait_for_summary=True).prepare(prefixed, payload, {})).replaced > 0
+    elsewhere = dict(SCOPE, path="/api/v1/completions", root_path="/api")
+    assert run(capped.prepare(elsewhere, request(8), {})).status == 200  # only chat is compacted
