@@ -11,7 +11,8 @@ once and the summary is used from the next request on (`KVSCHED_COMPACTION_WAIT_
 Failure or timeout of the call never fails a request: it is served uncompacted and the failure is counted.
 
 Per request: header `X-KVSched-Compaction: summarize|sliding_window|cap|off` (or `vllm_xargs.compaction`) picks the
-strategy; `off` opts out. Responses that were rewritten carry `X-KVSched-Compacted: <client messages replaced>`.
+strategy; `off` opts out. Successful responses to requests that were rewritten carry `X-KVSched-Compacted: <client
+messages replaced>`.
 """
 
 from __future__ import annotations
@@ -67,13 +68,14 @@ class Outcome:
     error: dict[str, Any] | None = None
 
     def wrap(self, send: Send) -> Send:
-        """`send` with `X-KVSched-Compacted` added to the response headers when messages were replaced."""
+        """`send` with `X-KVSched-Compacted` added to the response headers when messages were replaced, unless the
+        response is an error (found by review: a request vLLM refused was reported as served compacted)."""
         if not self.replaced:
             return send
         value = str(self.replaced).encode()
 
         async def send_with_header(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and message.get("status", 200) < 400:
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != COMPACTED_HEADER]
                 message = dict(message, headers=[*headers, (COMPACTED_HEADER, value)])
             await send(message)
