@@ -231,11 +231,17 @@ class CompactionStore:
         return SummaryJob(session, digests[cut], cut, system_count, prompt, older, root)
 
     # ---- outcomes of summary calls -----------------------------------------------------------------------------
-    def commit(self, job: SummaryJob, summary: str, summary_tokens: int) -> Checkpoint:
-        """Store the summary a job produced: from now on, requests beginning with the job's exact messages use it."""
-        state = self._session(job.session)
-        if state.pending.get(job.root) == job.digest:
-            del state.pending[job.root]
+    def commit(self, job: SummaryJob, summary: str, summary_tokens: int) -> Checkpoint | None:
+        """Store the summary a job produced: from now on, requests beginning with the job's exact messages use it.
+        None (nothing stored) if the job is no longer pending: its conversation ended (`forget`) or its session's state
+        was evicted while the call ran. Found by review: an ended session was re-created and its summary stored, and a
+        later request under the id was served with the ended conversation's summary."""
+        state = self.sessions.get(job.session)
+        if state is None or state.pending.get(job.root) != job.digest:
+            self.counters["summaries_dropped"] += 1
+            return None
+        del state.pending[job.root]
+        self.sessions.move_to_end(job.session)
         state.failed_at.pop(job.root, None)
         cp = Checkpoint(job.digest, job.cut, job.system_count, summary, summary_tokens, job.root)
         self._store(state, cp)
@@ -243,12 +249,15 @@ class CompactionStore:
         return cp
 
     def failed(self, job: SummaryJob, reason: str = "error") -> None:
-        """The job's call failed or timed out: its requests stay uncompacted; retry after `retry_after_s`."""
-        state = self._session(job.session)
+        """The job's call failed or timed out: its requests stay uncompacted; retry after `retry_after_s`. A session
+        that ended (or was evicted) meanwhile is not re-created for it."""
+        self.counters[f"failed_{reason}"] += 1
+        state = self.sessions.get(job.session)
+        if state is None:
+            return
         if state.pending.get(job.root) == job.digest:
             del state.pending[job.root]
         _bounded_put(state.failed_at, job.root, self.clock())
-        self.counters[f"failed_{reason}"] += 1
 
     def summary_message(self, summary: str) -> dict[str, str]:
         return {"role": self.config.summary_role, "content": self.config.summary_prefix + summary}
@@ -262,8 +271,8 @@ class CompactionStore:
     def forget(self, session: str, messages: Sequence[Message] | None = None) -> bool:
         """The conversation `messages` of the session ended: drop the checkpoints of that conversation (those whose
         exact prefix it begins with), and the session's state once none is left; `messages` None: all of them. Other
-        conversations under the same id (the same user's other chats, `user:` ids) keep theirs. True if the session has
-        no state left (a job still in flight may store one more; the LRU bound holds)."""
+        conversations under the same id (the same user's other chats, `user:` ids) keep theirs, and a job of the ended
+        conversation still in flight stores nothing (`commit`). True if the session has no state left."""
         state = self.sessions.get(session)
         if state is not None and messages is not None:
             digests = prefix_digests(tuple(messages))

@@ -182,6 +182,23 @@ def test_forget_drops_a_session(clock):
     assert s.checkpoints("s1") == [] and ask(s, msgs + [{"role": "assistant", "content": "a"}]).replaced == 0
 
 
+def test_a_summary_landing_after_its_conversation_ended_or_its_state_went_is_dropped(clock):
+    """Found by review: `commit` re-created a session ended while its call ran and stored the summary, so a later
+    request under the id was served with the ended conversation's summary (and the adapter saved it to the shared
+    store); committing for an evicted session also evicted another, live one."""
+    s = store(clock)
+    msgs = conversation(6) + [{"role": "user", "content": "next"}]
+    job = ask(s, msgs).job
+    assert s.forget("s1", msgs) and not s.sessions  # the last turn of the conversation
+    assert s.commit(job, "S", 3) is None and not s.sessions and s.counters["summaries_dropped"] == 1
+    s.failed(job)
+    assert not s.sessions
+    small = store(clock, max_sessions=1)
+    job = ask(small, msgs).job
+    ask(small, [SYSTEM, {"role": "user", "content": "x"}], session="s2")  # s1's state goes (the LRU bound)
+    assert small.commit(job, "S", 3) is None and list(small.sessions) == ["s2"]
+
+
 def test_a_summary_call_past_the_models_context_summarises_the_newest_turns_that_fit(clock):
     """Found by review: a session whose summary was lost (an API-server restart, the store's bound) and whose history
     had grown past the model's context sent the whole history to the summary call, which failed, again after every

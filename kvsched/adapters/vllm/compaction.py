@@ -11,7 +11,8 @@ once and the summary is used from the next request on (`KVSCHED_COMPACTION_WAIT_
 Failure or timeout of the call never fails a request: it is served uncompacted and the failure is counted.
 
 Per request: header `X-KVSched-Compaction: summarize|sliding_window|cap|off` (or `vllm_xargs.compaction`) picks the
-strategy; `off` opts out. Responses that were rewritten carry `X-KVSched-Compacted: <client messages replaced>`.
+strategy; `off` opts out. Successful responses to requests that were rewritten carry `X-KVSched-Compacted: <client
+messages replaced>`.
 """
 
 from __future__ import annotations
@@ -20,22 +21,22 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.compaction_metrics import FAILURE_REASONS, Collector
 from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
-from kvsched.adapters.vllm.http_io import error_body
+from kvsched.adapters.vllm.compaction_tokens import TokenCounter, Tokenizer
+from kvsched.adapters.vllm.http_io import error_body, route_path
 from kvsched.core.compaction import (
     CompactionStore,
     Message,
     Plan,
     SummaryJob,
     conversation_root,
-    message_digest,
     prefix_digests,
 )
 from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy, parse_strategy
@@ -49,10 +50,8 @@ COMPACTED_HEADER = b"x-kvsched-compacted"
 DIGEST_CHARS = 32  # of a conversation digest sent to the engine (128 bits)
 COMPACTED_LOOKBACK = 1024  # a rewrite names this many of its messages' latest prefixes (the left branch's last turn:
 # an agent turn may add dozens of tool results at once)
-TOKEN_CACHE_ENTRIES = 65_536
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-Tokenizer = Callable[[str], int]
 
 
 class SummaryCallFailed(RuntimeError):
@@ -69,13 +68,14 @@ class Outcome:
     error: dict[str, Any] | None = None
 
     def wrap(self, send: Send) -> Send:
-        """`send` with `X-KVSched-Compacted` added to the response headers when messages were replaced."""
+        """`send` with `X-KVSched-Compacted` added to the response headers when messages were replaced, unless the
+        response is an error (found by review: a request vLLM refused was reported as served compacted)."""
         if not self.replaced:
             return send
         value = str(self.replaced).encode()
 
         async def send_with_header(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and message.get("status", 200) < 400:
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != COMPACTED_HEADER]
                 message = dict(message, headers=[*headers, (COMPACTED_HEADER, value)])
             await send(message)
@@ -97,9 +97,7 @@ class Compactor:
         self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}  # (session key, conversation root) -> its call
         self.counters: Counter[str] = Counter()
         self.summary_seconds = 0.0
-        self._tokenizer = tokenizer
-        self._max_model_len: int | None = None  # of the served model, read on first use (0: unknown)
-        self._token_cache: OrderedDict[bytes, int] = OrderedDict()
+        self.tokens = TokenCounter(tokenizer)  # message tokens with the served tokenizer, never stalling the loop
         self.shared = SharedCheckpoints.from_env()  # checkpoints in the shared store (KVSCHED_STORE_URL), if any
 
     # ---- the request path ---------------------------------------------------------------------------------------
@@ -115,7 +113,7 @@ class Compactor:
         except InvalidCompactionInput as exc:
             self.counters["bad_input"] += 1
             return Outcome(status=400, error=error_body(str(exc), field))
-        if scope.get("path") != CHAT_PATH:
+        if route_path(scope) != CHAT_PATH:
             return UNCHANGED
         if raw is not None and not self.config.client_may_select(strategy):
             self.counters["refused_choices"] += 1
@@ -131,8 +129,10 @@ class Compactor:
             if raw is not None:
                 self.counters["opt_outs"] += 1
             return self._tagged(payload, messages)
+        if self.tokens.oversized(messages, scope):
+            return self._oversized(strategy)
         try:
-            counts = [self._message_tokens(m, scope) for m in messages]
+            counts = await self.tokens.counts(messages, scope)
         except Exception:  # no tokenizer (e.g. a server without one): serve as sent
             logger.exception("kvsched compaction: token counting failed; serving uncompacted")
             self.counters["token_count_errors"] += 1
@@ -187,6 +187,17 @@ class Compactor:
         self.counters["saved_tokens"] += max(plan.original_tokens - plan.tokens, 0)
         return Outcome(changed=True, replaced=replaced)
 
+    def _oversized(self, strategy: Strategy) -> Outcome:
+        """A request with a message far larger than the model's context is not tokenized (`TokenCounter.oversized`):
+        served as sent, vLLM refuses it with its own length error; under `cap` refused here, never served past the
+        operator's cap for want of a count."""
+        self.counters["oversized_requests"] += 1
+        if strategy is not Strategy.CAP:
+            return UNCHANGED
+        return Outcome(status=400, error=error_body(
+            "a message of this request holds far more text than the served model's context (kvsched compaction "
+            "strategy 'cap'); shorten it or start a new session", "messages", code="context_cap_exceeded"))
+
     def _tagged(self, payload: dict[str, Any], messages: Sequence[Message]) -> Outcome:
         """A turn served as sent still names its conversation, whatever its strategy (off, cap, no tokenizer): a later
         turn may be rewritten (its client may pick another strategy), and the rewrite ends this turn's branch by it.
@@ -231,11 +242,11 @@ class Compactor:
             return
         summary = text.strip()
         try:
-            tokens = self._message_tokens(self.store.summary_message(summary), scope)
+            tokens = (await self.tokens.counts([self.store.summary_message(summary)], scope))[0]
         except Exception:
             tokens = self.config.summary_target_tokens
-        self.store.commit(job, summary, tokens)
-        if self.shared is not None:
+        stored = self.store.commit(job, summary, tokens)  # None: the conversation ended meanwhile, nothing to save
+        if stored is not None and self.shared is not None:
             self.shared.save(self.store, job.session)
 
     async def _call(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
@@ -253,34 +264,12 @@ class Compactor:
         reply = json.loads(data)
         return str(reply["choices"][0]["message"].get("content") or "")
 
-    # ---- token counting -----------------------------------------------------------------------------------------
-    def _message_tokens(self, message: Message, scope: Mapping[str, Any]) -> int:
-        """Tokens of a message's content with the served tokenizer (template markers are added by the core)."""
-        digest = message_digest(message)
-        cached = self._token_cache.get(digest)
-        if cached is not None:
-            self._token_cache.move_to_end(digest)
-            return cached
-        count = self._tokenize(scope)(_message_text(message))
-        self._token_cache[digest] = count
-        if len(self._token_cache) > TOKEN_CACHE_ENTRIES:
-            self._token_cache.popitem(last=False)
-        return count
-
+    # ---- the model's context ------------------------------------------------------------------------------------
     def _input_limit(self, scope: Mapping[str, Any]) -> int | None:
         """The most prompt tokens a summary call may send: the served model's context, less the summary's tokens and
         a margin for the chat template (None if the server does not say)."""
-        if self._max_model_len is None:
-            self._max_model_len = compat.served_context_tokens(scope["app"]) if "app" in scope else 0
-        if not self._max_model_len:
-            return None
-        return max(int(self._max_model_len * 0.9) - self.config.summary_target_tokens, 1)
-
-    def _tokenize(self, scope: Mapping[str, Any]) -> Tokenizer:
-        if self._tokenizer is None:
-            tok = served_tokenizer(scope["app"])
-            self._tokenizer = lambda text: len(tok.encode(text, add_special_tokens=False))
-        return self._tokenizer
+        context = self.tokens.context_tokens(scope)
+        return max(int(context * 0.9) - self.config.summary_target_tokens, 1) if context else None
 
     # ---- metrics ------------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
@@ -291,11 +280,13 @@ class Compactor:
             "summaries_in_flight": float(len(self.tasks)),
             "summary_calls": float(c["summary_calls"]),
             "summaries": float(s["summaries"]),
+            "summaries_dropped": float(s["summaries_dropped"]),
             "summary_seconds": self.summary_seconds,
             "windows": float(s["windows"]),
             "summary_inputs_cut": float(s["summary_inputs_cut"]),
             "refused_requests": float(s["refused"]),
             "opt_outs": float(c["opt_outs"]),
+            "oversized_requests": float(c["oversized_requests"]),
             "refused_choices": float(c["refused_choices"]),
             "replaced_messages": float(c["replaced_messages"]),
             "saved_tokens": float(c["saved_tokens"]),
@@ -328,11 +319,6 @@ def _config_from_env() -> CompactionConfig:
         return CompactionConfig(strategy=Strategy.OFF)
 
 
-def served_tokenizer(app: Any) -> Any:
-    """The tokenizer vLLM's API server serves with (`AsyncLLM.get_tokenizer()`, vLLM 0.32)."""
-    return app.state.engine_client.get_tokenizer()
-
-
 def _auth_headers(scope: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
     """The server's own API key, for the in-process call (vLLM's auth middleware sits below kvsched's)."""
     keys = compat.api_keys(scope["app"]) if "app" in scope else []
@@ -362,17 +348,5 @@ async def call_asgi(app: Any, template: Mapping[str, Any], path: str, body: byte
     return reply.status_code, reply.content
 
 
-def _is_message_list(messages: object) -> bool:
+def _is_message_list(messages: object) -> TypeGuard[list[dict[str, Any]]]:
     return isinstance(messages, list) and bool(messages) and all(isinstance(m, dict) for m in messages)
-
-
-def _message_text(message: Message) -> str:
-    content = message.get("content")
-    if isinstance(content, list):
-        text = "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    else:
-        text = "" if content is None else str(content)
-    if message.get("tool_calls"):
-        text += json.dumps(message["tool_calls"], default=str)
-    return text
-

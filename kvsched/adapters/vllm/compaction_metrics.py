@@ -16,11 +16,13 @@ GAUGES = {
 COUNTERS = {
     "summary_calls": "Summarization calls made (one per trigger)",
     "summaries": "Summaries stored",
+    "summaries_dropped": "Summaries discarded: their conversation ended (or its state was evicted) while the call ran",
     "summary_seconds": "Time spent in summarization calls",
     "windows": "Sliding-window cuts made",
     "summary_inputs_cut": "Summary calls that left a session's oldest turns out to fit the model's context",
     "refused_requests": "Requests refused past the context cap (HTTP 400)",
     "opt_outs": "Requests that opted out of compaction (X-KVSched-Compaction: off)",
+    "oversized_requests": "Requests with a message far past the model's context: not tokenized (cap: HTTP 400)",
     "refused_choices": "Requests refused (HTTP 403) for a strategy the operator did not enable for clients",
     "replaced_messages": "Client messages replaced by a summary or dropped, over all rewritten requests",
     "saved_tokens": "Prompt tokens removed by compaction (estimated with the served tokenizer)",

@@ -36,6 +36,7 @@ from kvsched.adapters.vllm.http_io import (
     read_body,
     replace_header,
     replay,
+    route_path,
     send_json,
     utf8_headers,
 )
@@ -76,7 +77,7 @@ class KVSchedMiddleware:
         if scope["type"] != "http" or not self._is_active(scope):
             await self.app(scope, receive, send)
             return
-        path, method = scope["path"].removeprefix(scope.get("root_path", "")), scope.get("method", "GET")
+        path, method = route_path(scope), scope.get("method", "GET")
         is_admin = path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
         if not is_admin and not (method == "POST" and path in GENERATE_PATHS):
             if (path == "/metrics" or path.startswith("/metrics/")) and method == "GET":  # vLLM serves both

@@ -1,0 +1,89 @@
+"""Token counts of a chat request's messages for the compaction core, with the tokenizer vLLM serves with.
+
+Counting runs in the API server's event loop's request path, before vLLM's own length check, so it must never stall
+the loop (found by review: a 20 MB message tokenized on the loop stalled every request of the server, /health too, for
+half a minute). Counts are cached per message; new text past a few thousand characters is tokenized in a worker
+thread; a request with a message far larger than the model's context is not tokenized at all. vLLM refuses such a
+message as too long, and did when it was the newest (the newest turns are always served as sent), so no conversation
+that was served goes on past it. The whole request is not bounded so: a client sends its whole history every turn,
+which compaction lets grow far past the context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from kvsched.adapters.vllm import compat
+from kvsched.core.compaction import Message, message_digest
+
+Tokenizer = Callable[[str], int]
+TOKEN_CACHE_ENTRIES = 65_536
+INLINE_TOKENIZE_CHARS = 16_384  # new text a request may tokenize on the event loop (a few ms); more goes to a thread
+OVERSIZED_CHARS_PER_TOKEN = 8  # a message with more characters than this per token of the model's context is past
+# the context: tokenizers average about 4 characters of text per token
+
+
+class TokenCounter:
+    """One per API server: the served tokenizer and context length (read on first use) and the counts' cache."""
+
+    def __init__(self, tokenizer: Tokenizer | None = None) -> None:
+        self._tokenizer = tokenizer
+        self._max_model_len: int | None = None  # of the served model (0: unknown)
+        self._cache: OrderedDict[bytes, int] = OrderedDict()  # message digest -> tokens, least recently used first
+
+    async def counts(self, messages: Sequence[Message], scope: Mapping[str, Any]) -> list[int]:
+        """Tokens of each message's content (template markers are added by the core)."""
+        digests = [message_digest(m) for m in messages]
+        counts = {d: n for d in digests if (n := self._cache.get(d)) is not None}
+        new = {d: message_text(m) for d, m in zip(digests, messages, strict=True) if d not in counts}
+        if new:
+            tokenize = self._tokenize(scope)
+
+            def count() -> dict[bytes, int]:
+                return {d: tokenize(text) for d, text in new.items()}
+
+            inline = sum(len(text) for text in new.values()) <= INLINE_TOKENIZE_CHARS
+            counts.update(count() if inline else await asyncio.to_thread(count))
+        for d in digests:
+            self._cache[d] = counts[d]
+            self._cache.move_to_end(d)
+        while len(self._cache) > TOKEN_CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+        return [counts[d] for d in digests]
+
+    def oversized(self, messages: Sequence[Message], scope: Mapping[str, Any]) -> bool:
+        """A message holds more text than the model's context at OVERSIZED_CHARS_PER_TOKEN (never if it is unknown)."""
+        limit = OVERSIZED_CHARS_PER_TOKEN * self.context_tokens(scope)
+        return bool(limit) and any(len(message_text(m)) > limit for m in messages)
+
+    def context_tokens(self, scope: Mapping[str, Any]) -> int:
+        """The served model's context (vLLM's max_model_len); 0 if the server does not say."""
+        if self._max_model_len is None:
+            self._max_model_len = compat.served_context_tokens(scope["app"]) if "app" in scope else 0
+        return self._max_model_len
+
+    def _tokenize(self, scope: Mapping[str, Any]) -> Tokenizer:
+        if self._tokenizer is None:
+            tok = served_tokenizer(scope["app"])
+            self._tokenizer = lambda text: len(tok.encode(text, add_special_tokens=False))
+        return self._tokenizer
+
+
+def served_tokenizer(app: Any) -> Any:
+    """The tokenizer vLLM's API server serves with (`AsyncLLM.get_tokenizer()`, vLLM 0.32)."""
+    return app.state.engine_client.get_tokenizer()
+
+
+def message_text(message: Message) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        text = "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    else:
+        text = "" if content is None else str(content)
+    if message.get("tool_calls"):
+        text += json.dumps(message["tool_calls"], default=str)
+    return text

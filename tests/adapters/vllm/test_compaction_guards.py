@@ -1,0 +1,131 @@
+"""Compaction on the API server against requests it must not be fooled or stalled by (found by review): a session
+ended while its summary is made, a prefixed URL under `--root-path`, a message far larger than the model's context,
+and a rewritten request that vLLM refuses."""
+
+import asyncio
+import threading
+from types import SimpleNamespace
+
+from kvsched.adapters.vllm.compaction import Compactor, Outcome
+from kvsched.core.compaction_config import Strategy
+from tests.adapters.vllm.test_compaction import SCOPE, FakeVllm, compactor, request, run
+
+
+class Shared:
+    """Records the writes to the shared store (the interface of `SharedCheckpoints`); holds nothing to load."""
+
+    def __init__(self):
+        self.writes = []
+        self.counters = {}
+
+    async def load_into(self, local, session):
+        return 0
+
+    def save(self, local, session):
+        self.writes.append(("save", len(local.checkpoints(session))))
+
+    def forget(self, session):
+        self.writes.append(("forget",))
+
+
+def test_a_summary_landing_after_its_session_ended_is_neither_stored_nor_saved():
+    """The end flag arrives while the session's summary call runs: when the summary lands it was stored again (in a
+    re-created session, and in the shared store), and the id's next request was served with the ended one's summary."""
+    app = FakeVllm("slow")
+    comp = compactor(app)
+    comp.shared = shared = Shared()
+
+    async def scenario():
+        await comp.prepare(SCOPE, request(8), {})  # starts the background summary
+        await asyncio.sleep(0)
+        end = request(8)
+        end["vllm_xargs"]["session_end"] = 1
+        await comp.prepare(SCOPE, end, {})
+        app.release.set()
+        await asyncio.gather(*comp.tasks.values())
+        writes = list(shared.writes)
+        return writes, await comp.prepare(SCOPE, request(9), {})
+
+    writes, later = run(scenario())
+    assert writes == [("forget",)] and comp.stats()["summaries_dropped"] == 1
+    assert later.replaced == 0  # a new session under the id starts from nothing
+
+
+def test_a_prefixed_url_under_root_path_is_compacted_and_capped_like_the_plain_one():
+    """Under `--root-path /api` a chat request may arrive as /api/v1/chat/completions (vLLM routes it with the prefix
+    removed): compaction compared the raw path, so the prefixed URL escaped it, even the operator's cap."""
+    prefixed = dict(SCOPE, path="/api/v1/chat/completions", root_path="/api")
+    capped = compactor(FakeVllm(), strategy=Strategy.CAP, cap_tokens=10)
+    assert run(capped.prepare(SCOPE, request(8), {})).status == 400
+    assert run(capped.prepare(prefixed, request(8), {})).status == 400
+    payload = request(8)
+    assert run(compactor(FakeVllm(), wait_for_summary=True).prepare(prefixed, payload, {})).replaced > 0
+    elsewhere = dict(SCOPE, path="/api/v1/completions", root_path="/api")
+    assert run(capped.prepare(elsewhere, request(8), {})).status == 200  # only chat is compacted
+
+
+class CountingTokenizer:
+    """Counts words like the other tests' tokenizer; records the characters of each call and the thread it ran on."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, text):
+        self.calls.append((len(text), threading.get_ident()))
+        return len(text.split())
+
+
+def counting(app, tokenizer, **kw):
+    return Compactor(app, compactor(app, **kw).config, tokenizer=tokenizer)
+
+
+def test_a_message_far_past_the_models_context_is_never_tokenized():
+    """Found by review: each message of a session's chat request was tokenized on the API server's event loop before
+    vLLM's own length check, so a 20 MB message stalled /health and every other request for half a minute. A message
+    with more than 8 characters per token of the model's context is not counted: served as sent (vLLM refuses it),
+    refused under the cap. A long history of ordinary messages is still compacted, however far past the context."""
+    app = FakeVllm()
+    app.state = SimpleNamespace(engine_client=SimpleNamespace(model_config=SimpleNamespace(max_model_len=200)))
+    scope, tok = dict(SCOPE, app=app), CountingTokenizer()
+    huge = request(8)
+    huge["messages"][-1]["content"] = "word " * 400_000  # 2 MB; 1,600 characters are past this context
+    out = run(counting(app, tok).prepare(scope, huge, {}))
+    assert tok.calls == [] and out == Outcome() and app.calls == []
+    capped = counting(app, tok, strategy=Strategy.CAP)
+    assert run(capped.prepare(scope, huge, {})).status == 400 and tok.calls == []
+    assert capped.stats()["oversized_requests"] == 1
+    history = request(40)
+    assert sum(len(m["content"]) for m in history["messages"]) > 8 * 200
+    assert run(counting(app, tok, wait_for_summary=True).prepare(scope, history, {})).replaced > 0
+
+
+def test_much_new_text_is_tokenized_off_the_event_loop_and_a_little_on_it():
+    tok = CountingTokenizer()
+    comp = counting(FakeVllm(), tok, wait_for_summary=True)
+    first = request(8)
+    first["messages"][1]["content"] = "word " * 4_000  # 20,000 new characters
+    sent = [dict(m) for m in first["messages"]]
+
+    async def scenario():
+        await comp.prepare(SCOPE, first, {})  # its summary is counted too (on the loop: a short text)
+        later = request(8)
+        later["messages"] = [*sent, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "go on"}]
+        return threading.get_ident(), await comp.prepare(SCOPE, later, {})
+
+    loop, out = run(scenario())
+    assert out.replaced > 0 and len(tok.calls) == len(sent) + 1 + 2  # counted once each
+    assert all(thread != loop for _, thread in tok.calls[: len(sent)])
+    assert all(thread == loop for _, thread in tok.calls[len(sent):])
+
+
+def test_an_error_response_carries_no_compacted_header():
+    """Found by review: a rewritten request that vLLM then refused was answered with X-KVSched-Compacted."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    wrapped = Outcome(changed=True, replaced=7).wrap(send)
+    run(wrapped({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"x")]}))
+    run(wrapped({"type": "http.response.start", "status": 200, "headers": []}))
+    assert sent[0]["headers"] == [(b"content-type", b"x")] and sent[1]["headers"] == [(b"x-kvsched-compacted", b"7")]
