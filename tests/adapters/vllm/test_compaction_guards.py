@@ -116,16 +116,3 @@ def test_much_new_text_is_tokenized_off_the_event_loop_and_a_little_on_it():
     assert out.replaced > 0 and len(tok.calls) == len(sent) + 1 + 2  # counted once each
     assert all(thread != loop for _, thread in tok.calls[: len(sent)])
     assert all(thread == loop for _, thread in tok.calls[len(sent):])
-
-
-def test_an_error_response_carries_no_compacted_header():
-    """Found by review: a rewritten request that vLLM then refused was answered with X-KVSched-Compacted."""
-    sent = []
-
-    async def send(message):
-        sent.append(message)
-
-    wrapped = Outcome(changed=True, replaced=7).wrap(send)
-    run(wrapped({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"x")]}))
-    run(wrapped({"type": "http.response.start", "status": 200, "headers": []}))
-    assert sent[0]["headers"] == [(b"content-type", b"x")] and sent[1]["headers"] == [(b"x-kvsched-compacted", b"7")]
