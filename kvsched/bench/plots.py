@@ -88,6 +88,8 @@ def save_beside(json_path: Path | None, draw: Any) -> Path | None:
     if json_path.suffix.lower() == ".png":  # the chart would overwrite the JSON just written (found by review)
         print(f"chart not written: {json_path} holds the JSON; give an --out ending in .json for both")
         return None
+    if json_path.exists() and not json_path.is_file():  # /dev/stdout, a FIFO: no place beside it for a chart (found
+        return None  # by review: /dev/stdout.png and /dev/null.png were created)
     try:
         path = draw(json_path.with_suffix(".png"))
     except PlotUnavailable as exc:

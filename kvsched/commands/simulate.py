@@ -323,7 +323,8 @@ def run(args: argparse.Namespace) -> int:
         result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt, tier, compaction_config(args),
                           args.system_tokens, restore_bytes_per_s=args.h2d_gbps * 1e9,
                           progress=not args.no_progress, retention=retention, replicas=args.replicas)
-        if all(result[p]["requests"] == 0 for p in policies):  # a table of zeros said nothing (found by review)
+        sides = [*policies, *(["kvsched+compaction"] if "kvsched+compaction" in result else [])]
+        if all(result[p]["requests"] == 0 for p in sides):  # a table of zeros said nothing (found by review)
             raise ValueError(f"every request is larger than the pool of {capacity} blocks and was rejected, as vLLM "
                              "would answer 400; nothing was replayed: give a lower --pressure or a larger pool")
         if args.plot:

@@ -224,3 +224,41 @@ def test_a_trace_that_is_not_utf8_names_the_file(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "t.jsonl:" in err and "not UTF-8" in err and "Traceback" not in err
+
+
+def test_an_output_keeps_its_permissions_and_a_long_name_works(tmp_path):
+    """Found by review: the rename left 0644 where the file was 0600; `.{a 250-character name}.part` was too long for
+    the file system. (A stream, /dev/stdout or a FIFO, is written as one: test_mooncake_import.py.)"""
+    import stat
+
+    from kvsched.bench.common import write_json
+
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    out.chmod(0o600)
+    write_json(out, {"a": 1})
+    assert json.loads(out.read_text()) == {"a": 1} and stat.S_IMODE(out.stat().st_mode) == 0o600
+    long = tmp_path / ("x" * 250 + ".json")
+    write_json(long, {"b": 2})
+    assert json.loads(long.read_text()) == {"b": 2} and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["r.json", long.name])
+
+
+def test_a_pool_only_the_compaction_side_fits_is_replayed(tmp_path, capsys):
+    """Found by review: the every-request-rejected error fired while the compaction side had replayed the session."""
+    lines, have = [HEADER], 0
+    for turn in range(6):
+        prompt = 10_000 + 200 * turn
+        n = prompt // 16
+        lines.append(json.dumps({"t": turn, "session": "a", "prompt_tokens": prompt, "output_tokens": 0, "reuse": have,
+                                 "blocks": [f"b{i}" for i in range(have, n)]}) + "\n")
+        have = n
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(lines))
+    out = tmp_path / "r.json"
+    argv = ["simulate", str(path), "--no-progress", "--capacity-blocks", "100", "--system-tokens", "0",
+            "--policies", "lru", "--out", str(out)]
+    assert main(argv) == 2 and "every request" in capsys.readouterr().err
+    assert main([*argv, "--compaction", "sliding_window", "--compaction-keep-recent", "1"]) == 0
+    result = json.loads(out.read_text())
+    assert result["lru"]["requests"] == 0 and result["kvsched+compaction"]["requests"] > 0
