@@ -3,7 +3,8 @@
 Counting runs in the API server's event loop's request path, before vLLM's own length check, so it must never stall
 the loop (found by review: a 20 MB message tokenized on the loop stalled every request of the server, /health too, for
 half a minute). Counts are cached per message; new text past a few thousand characters is tokenized in a worker
-thread; a request with a message far larger than the model's context is not tokenized at all. vLLM refuses such a
+thread; a request with a message larger than the model's context could hold at the tokenizer's longest token per
+token is not tokenized at all. vLLM refuses such a
 message as too long, and did when it was the newest (the newest turns are always served as sent), so no conversation
 that was served goes on past it. The whole request is not bounded so: a client sends its whole history every turn,
 which compaction lets grow far past the context.
@@ -23,8 +24,8 @@ from kvsched.core.compaction import Message, message_digest
 Tokenizer = Callable[[str], int]
 TOKEN_CACHE_ENTRIES = 65_536
 INLINE_TOKENIZE_CHARS = 16_384  # new text a request may tokenize on the event loop (a few ms); more goes to a thread
-OVERSIZED_CHARS_PER_TOKEN = 8  # a message with more characters than this per token of the model's context is past
-# the context: tokenizers average about 4 characters of text per token
+FALLBACK_CHARS_PER_TOKEN = 32  # when the tokenizer's vocabulary cannot be read: a message with more characters than
+# this per token of the model's context is past the context (tokenizers average about 4 characters per token)
 
 
 class TokenCounter:
@@ -33,6 +34,7 @@ class TokenCounter:
     def __init__(self, tokenizer: Tokenizer | None = None) -> None:
         self._tokenizer = tokenizer
         self._max_model_len: int | None = None  # of the served model (0: unknown)
+        self._chars_per_token: int | None = None  # the tokenizer's longest token (`chars_per_token`)
         self._cache: OrderedDict[bytes, int] = OrderedDict()  # message digest -> tokens, least recently used first
 
     async def counts(self, messages: Sequence[Message], scope: Mapping[str, Any]) -> list[int]:
@@ -56,9 +58,22 @@ class TokenCounter:
         return [counts[d] for d in digests]
 
     def oversized(self, messages: Sequence[Message], scope: Mapping[str, Any]) -> bool:
-        """A message holds more text than the model's context at OVERSIZED_CHARS_PER_TOKEN (never if it is unknown)."""
-        limit = OVERSIZED_CHARS_PER_TOKEN * self.context_tokens(scope)
+        """A message holds more text than the model's whole context could, even at the tokenizer's longest token per
+        token (never if the context is unknown): no such message can be served, so counting it is wasted work."""
+        limit = self.chars_per_token(scope) * self.context_tokens(scope)
         return bool(limit) and any(len(message_text(m)) > limit for m in messages)
+
+    def chars_per_token(self, scope: Mapping[str, Any]) -> int:
+        """Most characters one token can stand for: the longest entry of the served tokenizer's vocabulary (byte-level
+        symbols are one byte, at least one character, each). Found by review: a fixed 8 refused messages of long
+        tokens (runs of spaces, `=` or `-`) that fit the context."""
+        if self._chars_per_token is None:
+            try:
+                vocab = served_tokenizer(scope["app"]).get_vocab()
+                self._chars_per_token = max(map(len, vocab), default=0) or FALLBACK_CHARS_PER_TOKEN
+            except Exception:  # noqa: BLE001 - no tokenizer or vocabulary to read: the fallback bound
+                self._chars_per_token = FALLBACK_CHARS_PER_TOKEN
+        return self._chars_per_token
 
     def context_tokens(self, scope: Mapping[str, Any]) -> int:
         """The served model's context (vLLM's max_model_len); 0 if the server does not say."""

@@ -82,13 +82,16 @@ def counting(app, tokenizer, **kw):
 def test_a_message_far_past_the_models_context_is_never_tokenized():
     """Found by review: each message of a session's chat request was tokenized on the API server's event loop before
     vLLM's own length check, so a 20 MB message stalled /health and every other request for half a minute. A message
-    with more than 8 characters per token of the model's context is not counted: served as sent (vLLM refuses it),
-    refused under the cap. A long history of ordinary messages is still compacted, however far past the context."""
+    with more characters than the context holds at the tokenizer's longest token per token is not counted: served
+    as sent (vLLM refuses it), refused under the cap. A long history of ordinary messages is still compacted, however
+    far past the context."""
     app = FakeVllm()
-    app.state = SimpleNamespace(engine_client=SimpleNamespace(model_config=SimpleNamespace(max_model_len=200)))
+    served = SimpleNamespace(get_vocab=lambda: {"a": 0, "=" * 16: 1, "Ġword": 2})  # its longest token: 16 characters
+    app.state = SimpleNamespace(engine_client=SimpleNamespace(model_config=SimpleNamespace(max_model_len=200),
+                                                              get_tokenizer=lambda: served))
     scope, tok = dict(SCOPE, app=app), CountingTokenizer()
     huge = request(8)
-    huge["messages"][-1]["content"] = "word " * 400_000  # 2 MB; 1,600 characters are past this context
+    huge["messages"][-1]["content"] = "word " * 400_000  # 2 MB; 3,200 characters are past this context
     out = run(counting(app, tok).prepare(scope, huge, {}))
     assert tok.calls == [] and out == Outcome() and app.calls == []
     capped = counting(app, tok, strategy=Strategy.CAP)
@@ -97,6 +100,9 @@ def test_a_message_far_past_the_models_context_is_never_tokenized():
     history = request(40)
     assert sum(len(m["content"]) for m in history["messages"]) > 8 * 200
     assert run(counting(app, tok, wait_for_summary=True).prepare(scope, history, {})).replaced > 0
+    fits = request(8)  # 2,000 characters of 16-character tokens: 125 tokens, within the 200 (a fixed 8 characters per
+    fits["messages"][-1]["content"] = "=" * 2_000  # token refused it under the cap: found by review)
+    assert run(counting(app, tok, strategy=Strategy.CAP).prepare(scope, fits, {})).status != 400
 
 
 def test_much_new_text_is_tokenized_off_the_event_loop_and_a_little_on_it():
