@@ -16,6 +16,7 @@ import asyncio
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kvsched.adapters.vllm import compat
@@ -23,6 +24,7 @@ from kvsched.core.compaction import Message, message_digest
 
 Tokenizer = Callable[[str], int]
 TOKEN_CACHE_ENTRIES = 65_536
+TOKENIZE_THREADS = 2
 INLINE_TOKENIZE_CHARS = 16_384  # new text a request may tokenize on the event loop (a few ms); more goes to a thread
 FALLBACK_CHARS_PER_TOKEN = 32  # when the tokenizer's vocabulary cannot be read: a message with more characters than
 # this per token of the model's context is past the context (tokenizers average about 4 characters per token)
@@ -35,6 +37,9 @@ class TokenCounter:
         self._tokenizer = tokenizer
         self._max_model_len: int | None = None  # of the served model (0: unknown)
         self._chars_per_token: int | None = None  # the tokenizer's longest token (`chars_per_token`)
+        # Threads of their own: in the default executor, a few requests of large messages could hold every worker and
+        # delay the shared store's checkpoint loads and saves, which run there too (found by review).
+        self._pool = ThreadPoolExecutor(max_workers=TOKENIZE_THREADS, thread_name_prefix="kvsched-tokens")
         self._cache: OrderedDict[bytes, int] = OrderedDict()  # message digest -> tokens, least recently used first
 
     async def counts(self, messages: Sequence[Message], scope: Mapping[str, Any]) -> list[int]:
@@ -49,7 +54,7 @@ class TokenCounter:
                 return {d: tokenize(text) for d, text in new.items()}
 
             inline = sum(len(text) for text in new.values()) <= INLINE_TOKENIZE_CHARS
-            counts.update(count() if inline else await asyncio.to_thread(count))
+            counts.update(count() if inline else await asyncio.get_running_loop().run_in_executor(self._pool, count))
         for d in digests:
             self._cache[d] = counts[d]
             self._cache.move_to_end(d)

@@ -64,6 +64,9 @@ def test_a_prefixed_url_under_root_path_is_compacted_and_capped_like_the_plain_o
     assert run(capped.prepare(elsewhere, request(8), {})).status == 200  # only chat is compacted
 
 
+names: dict[int, str] = {}  # thread id -> name, as the tokenizer saw it
+
+
 class CountingTokenizer:
     """Counts words like the other tests' tokenizer; records the characters of each call and the thread it ran on."""
 
@@ -72,6 +75,7 @@ class CountingTokenizer:
 
     def __call__(self, text):
         self.calls.append((len(text), threading.get_ident()))
+        names[threading.get_ident()] = threading.current_thread().name
         return len(text.split())
 
 
@@ -121,4 +125,6 @@ def test_much_new_text_is_tokenized_off_the_event_loop_and_a_little_on_it():
     loop, out = run(scenario())
     assert out.replaced > 0 and len(tok.calls) == len(sent) + 1 + 2  # counted once each
     assert all(thread != loop for _, thread in tok.calls[: len(sent)])
+    # on the counter's own threads, not the default executor's that the shared store's calls use (found by review)
+    assert {names[t] for _, t in tok.calls[: len(sent)]} <= {"kvsched-tokens_0", "kvsched-tokens_1"}
     assert all(thread == loop for _, thread in tok.calls[len(sent):])
