@@ -136,3 +136,25 @@ def test_a_failing_or_full_recording_stops_and_the_engine_serves_on(harness_cfg,
     _run(s2, f, [list(range(100, 180)), list(range(400, 480))])
     rec = s2.kvsched.recorder
     assert rec.stopped and rec.recording.written == 1 and len(Trace.load(rec.path).t) == 1
+
+
+def test_a_disk_that_fills_stops_the_recording_not_the_engine_and_the_lines_before_it_replay(harness_cfg, tmp_path,
+                                                                                             monkeypatch, caplog):
+    """Found by review: the failed write's flush failed again in `close()`, from inside the error handler, and the
+    OSError (EFBIG, as a full disk gives) reached vLLM's step; the line cut short made the whole trace unreadable."""
+    import resource
+
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "full.jsonl"))
+    s, f = _sched(harness_cfg), RequestFactory(BLOCK)
+    path = s.kvsched.recorder.path
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 1500, hard))  # Python ignores SIGXFSZ: EFBIG
+    try:
+        for i in range(20):
+            _run(s, f, [list(range(100 + i, 300 + i))], session_id=f"s{i}")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert s.kvsched.recorder.stopped and not s.has_requests()
+    with caplog.at_level("WARNING"):
+        trace = Trace.load(path)  # its whole lines: the last one was cut short by the full disk
+    assert 0 < len(trace.t) < 20 and "cut short" in caplog.text
