@@ -118,6 +118,20 @@ class TraceRecording:
         self._live[request_id] = _Live(now, token, None if salt is None else self.token(("salt", salt)))
         self._running.setdefault(token, []).append(now)
 
+    def abandoned(self, request_id: str) -> None:
+        """A request that never ran (aborted while it waited): nothing is written, and it holds no place among its
+        session's running requests."""
+        live = self._live.pop(request_id, None)
+        if live is not None:
+            self._not_running(live)
+
+    def _not_running(self, live: _Live) -> None:
+        running = self._running.get(live.session, [])
+        if live.t in running:
+            running.remove(live.t)
+        if not running:
+            self._running.pop(live.session, None)
+
     def finished(self, request_id: str, now: float, req: Finished) -> bool:
         """Write the request's line; False if its arrival was never seen (it is then left out) or the recording is
         full (nothing more is written)."""
@@ -125,11 +139,8 @@ class TraceRecording:
         if live is None or self._t0 is None or self.full:
             return False
         session, t = live.session, live.t
+        self._not_running(live)
         running = self._running.get(session, [])
-        if t in running:
-            running.remove(t)
-        if not running:
-            self._running.pop(session, None)
         prev = self._last.get(session)
         ids, n = self._ids(prev, req.blocks)
         delta = prev is not None and prev.t < t and not any(a < t for a in running)

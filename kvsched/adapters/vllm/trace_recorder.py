@@ -122,6 +122,9 @@ class TraceRecorder:
     def finished(self, request: Any, hints: TurnHints | None) -> None:
         if self.stopped:
             return
+        if not compat.request_ran(request):  # aborted while it waited: nothing was served (found by review: it was
+            self.recording.abandoned(request.request_id)  # written as served, its prefill counted in replays)
+            return
         try:
             prompt, output, blocks, tokens = compat.finished_request_shape(request, self.block_size)
             h = hints or TurnHints()

@@ -158,3 +158,19 @@ def test_a_disk_that_fills_stops_the_recording_not_the_engine_and_the_lines_befo
     with caplog.at_level("WARNING"):
         trace = Trace.load(path)  # its whole lines: the last one was cut short by the full disk
     assert 0 < len(trace.t) < 20 and "cut short" in caplog.text
+
+
+def test_a_request_aborted_while_it_waited_is_not_recorded_as_served(harness_cfg, tmp_path, monkeypatch):
+    """Found by review: it was written with its prompt's blocks and no output, and replays counted its prefill."""
+    from vllm.v1.request import RequestStatus
+
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "a.jsonl"))
+    s, f = _sched(harness_cfg), RequestFactory(BLOCK)
+    _run(s, f, [list(range(100, 180))], session_id="x")
+    queued = f.make([9] * 40, 4, session_id="y")
+    s.add_request(queued)
+    s.finish_requests([queued.request_id], RequestStatus.FINISHED_ABORTED)  # before any step scheduled it
+    _run(s, f, [list(range(100, 200))], session_id="x")
+    s.kvsched.recorder.close()
+    trace = Trace.load(s.kvsched.recorder.path)
+    assert len(trace.t) == 2 and sorted(trace.prompt_tokens) == [80, 100]

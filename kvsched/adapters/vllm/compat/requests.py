@@ -117,6 +117,12 @@ def finished_request_shape(request: Any, hash_block_size: int) -> tuple[int, int
     return prompt, output, list(prompt_block_hashes(request)[:full]), request.all_token_ids
 
 
+def request_ran(request: Any) -> bool:
+    """True if the request was ever scheduled: it computed (or hit) some of its prompt, or produced output (a preempted
+    request's computed count goes back to 0; its output stays). False for one aborted while it waited."""
+    return int(getattr(request, "num_computed_tokens", 0)) > 0 or int(getattr(request, "num_output_tokens", 0)) > 0
+
+
 def request_compacted(request: Any) -> bool:
     """True if kvsched's compaction middleware rewrote the request (`XARG_COMPACTED`; a client's own value is dropped
     by the middleware)."""
