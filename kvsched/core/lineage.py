@@ -101,6 +101,7 @@ class Lineage:
         self._ids: dict[str | None, itertools.count[int]] = {}  # per tenant: a number tells no key of another's
         self._finished = itertools.count(1)
         self.created: SessionKey | None = None  # the branch the last `named` call started (None: it joined one)
+        self._retired: OrderedDict[SessionKey, int] = OrderedDict()  # an id's highest branch forgotten to make room
 
     # ---- named sessions -------------------------------------------------------------------------------------------
     def named(self, base: SessionKey, hashes: Sequence[Hashable]) -> SessionKey | None:
@@ -128,13 +129,15 @@ class Lineage:
             return best.key
         if len(branches) >= MAX_BRANCHES:  # make room from branches that hold nothing (no pin, no turn running)
             for e in [e for e in branches if not e.busy and not self.is_pinned(e.key)]:
-                self.forget(e.key)
+                self._retire(e.key)
             branches = self.branches.setdefault(base, [])
         if len(branches) >= MAX_BRANCHES:
             self.counters["branch_overflows"] += 1
             return None
-        if branches:
-            key = base._replace(branch=max(e.key.branch for e in branches) + 1)
+        top = max((e.key.branch for e in branches), default=self._retired.get(base, -1))
+        top = max(top, self._retired.get(base, -1))
+        if top >= 0:
+            key = base._replace(branch=top + 1)
             self.counters["branches"] += 1
         else:
             key = base
@@ -268,4 +271,17 @@ class Lineage:
             if not e.busy and not self.is_pinned(key):
                 drop.append(key)
         for key in drop:
-            self.forget(key)
+            self._retire(key)
+
+    def _retire(self, key: SessionKey) -> None:
+        """Forget a branch to make room (not because it ended), and never give its number to a new branch of the id:
+        its record may outlive its anchor in the retention policy, and a stranger's turn given its key would inherit
+        its history, or end it (found by review: after the branches were forgotten, the next non-continuing turn got
+        branch 0, the victim's). Bounded like the entries."""
+        self.forget(key)
+        if not key.inferred:
+            base = key._replace(branch=0)
+            self._retired[base] = max(self._retired.get(base, -1), key.branch)
+            self._retired.move_to_end(base)
+            while len(self._retired) > self.config.max_entries:
+                self._retired.popitem(last=False)

@@ -65,6 +65,26 @@ def test_branches_are_capped_and_an_overflowing_turn_gets_no_session():
     assert lin.named(BASE, chain("p5", "more")) is keys[5]
 
 
+def test_a_branch_forgotten_to_make_room_never_gives_its_number_to_a_strangers_turn():
+    """Found by review: once an id's idle branches were forgotten to make room, the next turn that continued none got
+    branch 0, the victim's own key, and with it the victim's record: its history, and its end."""
+    lin = Lineage(LineageConfig())  # nothing pinned: every idle branch may go
+    victim = lin.named(BASE, chain("sys", "mine"))
+    lin.finished(victim, (1, chain("sys", "mine")[1]))
+    strangers = [lin.named(BASE, chain("sys", f"evil{i}")) for i in range(MAX_BRANCHES - 1)]
+    for i, k in enumerate(strangers):
+        lin.finished(k, (1, chain("sys", f"evil{i}")[1]))
+    used = {victim, *strangers}
+    taker = lin.named(BASE, chain("sys", "evil-last"))  # all eight idle: forgotten to make room
+    assert taker is not None and taker not in used and taker.branch == MAX_BRANCHES
+    trimmed = Lineage(LineageConfig(max_entries=1))  # the same when the table's bound forgets the victim's branch
+    first = trimmed.named(BASE, chain("a"))
+    trimmed.finished(first, (0, chain("a")[0]))
+    other = trimmed.named(SessionKey(SessionId("someone-else")), chain("b"))
+    trimmed.finished(other, (0, chain("b")[0]))
+    assert first not in trimmed.entries and trimmed.named(BASE, chain("c")) != first
+
+
 def test_tenants_and_salts_are_separate_sessions_and_never_share_branches():
     lin = Lineage(LineageConfig())
     a = lin.named(SessionKey(SessionId("s"), tenant="key-a"), chain("x"))
