@@ -14,7 +14,9 @@ the new prompt's hash at the position of the earlier prompt's last full block eq
   that still finds no room is served without a session (no pin), so it cannot crowd out a branch that holds one.
 - **Inference.** A request without any session field whose prompt extends an earlier unnamed request's prompt joins
   that request's inferred session: a dictionary lookup per block hash, scanned from the prompt's end back at most
-  `INFER_SCAN_BLOCKS` blocks (a turn usually adds a few blocks to its predecessor). Never across `cache_salt` or tenant.
+  `INFER_SCAN_BLOCKS` blocks (a turn usually adds a few blocks to its predecessor), and, on the engine, whose tokens
+  past that earlier prompt's last full block are the same (that block may be all shared system prompt; the words
+  after it are the user's). Never across `cache_salt` or tenant.
   A branch (two requests extending the same turn): the first to arrive continues the session; any other that arrives
   while it is in flight, or extends a turn the session has moved past, becomes a session of its own (sharing the common
   prefix's blocks, which are held once).
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from kvsched.core.sessions import SessionId, SessionKey
 
 Anchor = tuple[int, Hashable]  # (index of the last full block of a turn's prompt, that block's chained hash)
+Tail = tuple[int, int]  # (count, hash) of a turn's prompt tokens past its last full block
 
 MAX_BRANCHES = 8
 INFER_SCAN_BLOCKS = 1024
@@ -70,11 +73,12 @@ class _Entry:
     last turn finished (a sequence number) and the conversation its last turn sent (compaction's digest of the client's
     messages, when the API server computed one)."""
 
-    __slots__ = ("key", "anchor", "busy", "finished", "conversation")
+    __slots__ = ("key", "anchor", "busy", "finished", "conversation", "tail")
 
     def __init__(self, key: SessionKey, anchor: Anchor | None) -> None:
         self.key = key
         self.anchor = anchor
+        self.tail: Tail | None = None  # the prompt's tokens past the anchor, when known (inference checks them)
         self.busy = 0
         self.finished = 0
         self.conversation: str | None = None
@@ -172,9 +176,13 @@ class Lineage:
             e.conversation = conversation
 
     # ---- inferred sessions ------------------------------------------------------------------------------------------
-    def infer(self, cache_salt: str | None, tenant: str | None, hashes: Sequence[Hashable]) -> SessionKey:
+    def infer(self, cache_salt: str | None, tenant: str | None, hashes: Sequence[Hashable],
+              tokens: Sequence[int] | None = None, block: int = 0) -> SessionKey:
         """The inferred session a request without a session field joins: the one whose last turn's prompt its prompt
-        extends (found by block hash, newest position first), else a new one."""
+        extends (found by block hash, newest position first, then, when `tokens` and the hash `block` size are given,
+        the tokens that turn's prompt had past its last full block), else a new one. Found by review: on the hashes
+        alone, an unrelated user whose prompt shared only a system prompt (the earlier prompt's last full block) joined
+        another's session and moved its pin."""
         self.created = None
         n = len(hashes)
         index = self.index.get(tenant) or {}
@@ -182,6 +190,8 @@ class Lineage:
             e = index.get(hashes[i])
             if e is None or e.key.cache_salt != cache_salt:
                 continue
+            if e.tail is not None and tokens is not None and block and _tail(tokens, (i + 1) * block, e.tail[0]) != e.tail:
+                break  # the prompt shares that turn's full blocks, not its last words: a session of its own
             if not e.busy and e.anchor is not None and e.anchor[0] == i:
                 e.busy += 1
                 self.counters["inference_hits"] += 1
@@ -196,9 +206,10 @@ class Lineage:
         return key
 
     # ---- turn outcomes ------------------------------------------------------------------------------------------
-    def finished(self, key: SessionKey, anchor: Anchor | None) -> None:
-        """A turn of `key` finished; `anchor` is its prompt's last full block (None: shorter than a block). The
-        session's anchor moves there (the adapter forgets, not finishes, a turn of a session ended while it ran)."""
+    def finished(self, key: SessionKey, anchor: Anchor | None, tail: Tail | None = None) -> None:
+        """A turn of `key` finished; `anchor` is its prompt's last full block (None: shorter than a block), `tail` its
+        prompt's tokens past it. The session's anchor moves there (the adapter forgets, not finishes, a turn of a
+        session ended while it ran)."""
         e = self.entries.get(key)
         if e is None:
             branches = None if key.inferred else self.branches.setdefault(
@@ -215,7 +226,7 @@ class Lineage:
             if anchor is not None:
                 index[anchor[1]] = e
         if anchor is not None:
-            e.anchor = anchor
+            e.anchor, e.tail = anchor, tail
         self._trim()
 
     def abandoned(self, key: SessionKey) -> None:
@@ -285,3 +296,13 @@ class Lineage:
             self._retired.move_to_end(base)
             while len(self._retired) > self.config.max_entries:
                 self._retired.popitem(last=False)
+
+
+def tail_of(tokens: Sequence[int], start: int) -> Tail:
+    """(count, hash) of `tokens[start:]`: what a later prompt continuing this one repeats past `start`."""
+    return _tail(tokens, start, max(len(tokens) - start, 0))
+
+
+def _tail(tokens: Sequence[int], start: int, count: int) -> Tail:
+    part = tuple(tokens[start:start + count])
+    return len(part), hash(part)

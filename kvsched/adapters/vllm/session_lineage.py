@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from kvsched.adapters.vllm import compat
-from kvsched.core.lineage import Anchor, Lineage, LineageConfig
+from kvsched.core.lineage import Anchor, Lineage, LineageConfig, Tail, tail_of
 from kvsched.core.retention import RetentionPolicy
 from kvsched.core.sessions import SessionKey, TurnHints
 
@@ -21,13 +21,16 @@ _NO_SESSION: tuple[None, TurnHints] = (None, TurnHints())
 
 
 class SessionResolver:
-    def __init__(self, policy: RetentionPolicy, enabled: bool = True, config: LineageConfig | None = None) -> None:
+    def __init__(self, policy: RetentionPolicy, enabled: bool = True, config: LineageConfig | None = None,
+                 hash_block: int = 0) -> None:
         self.policy = policy
+        self.hash_block = hash_block  # tokens per block hash (0: unknown; inference then checks hashes only)
         self.enabled = enabled  # prefix caching on: without it there is no hash chain to follow
         self.config = config or LineageConfig.from_env(max_entries=policy.config.max_sessions)
         sessions = policy.sessions
         self.lineage = Lineage(self.config, is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned)
-        self.anchors: dict[str, Anchor | None] = {}  # request id -> its prompt's last full block
+        self.anchors: dict[str, tuple[Anchor | None, Tail | None]] = {}  # request id -> its prompt's last full block
+        # and the tokens past it
         self._failed = False
 
     def _known(self, key: SessionKey) -> SessionKey | None:
@@ -39,14 +42,16 @@ class SessionResolver:
         try:
             key, hints = compat.request_session(request, self._known)
             hashes = compat.prompt_block_hashes(request)
+            tokens = getattr(request, "prompt_token_ids", None) if self.hash_block else None
             if key is not None:
                 key = self.lineage.named(key, hashes)
             elif self.enabled and self.config.infer_sessions:
                 salt, tenant, may_infer = compat.request_scope(request)
-                key = self.lineage.infer(salt, tenant, hashes) if may_infer else None
+                key = self.lineage.infer(salt, tenant, hashes, tokens, self.hash_block) if may_infer else None
             if key is None:
                 return _NO_SESSION
-            self.anchors[request.request_id] = (len(hashes) - 1, hashes[-1]) if hashes else None
+            tail = tail_of(tokens, len(hashes) * self.hash_block) if tokens is not None and key.inferred else None
+            self.anchors[request.request_id] = ((len(hashes) - 1, hashes[-1]) if hashes else None, tail)
             return key, hints
         except Exception:  # never take the engine down over session bookkeeping
             if not self._failed:
@@ -55,7 +60,7 @@ class SessionResolver:
             return _NO_SESSION
 
     def finished(self, request_id: str, key: SessionKey) -> None:
-        self._safely(self.lineage.finished, key, self.anchors.pop(request_id, None))
+        self._safely(self.lineage.finished, key, *self.anchors.pop(request_id, (None, None)))
 
     def abandoned(self, request_id: str, key: SessionKey) -> None:
         self.anchors.pop(request_id, None)

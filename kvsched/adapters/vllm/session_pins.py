@@ -65,7 +65,8 @@ class SessionPins:
         self._payback = self.policy.payback.enabled and self.policy.payback.armed
         self._payback_waiting = self.policy.payback.enabled and not self._payback
         self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
-        self.resolver = SessionResolver(self.policy, self.enabled)  # branches and inferred sessions (lineage)
+        self.resolver = SessionResolver(self.policy, self.enabled, hash_block=hashed or 0)  # branches and inferred
+        # sessions (lineage)
         self.recorder = TraceRecorder.from_env(scheduler, self.enabled)  # KVSCHED_RECORD_TRACE: this engine's traffic
         # KVSCHED_TRACE=FILE: one JSON line per applied decision, for replaying what the policy did.
         trace = trace_path()

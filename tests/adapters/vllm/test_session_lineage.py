@@ -93,6 +93,25 @@ def test_a_headerless_conversation_is_retained_like_a_named_one(cfg, clock):
     assert cached == {"stock": 0, "off": 0, "inferred": 160}
 
 
+def test_an_unrelated_prompt_sharing_only_the_system_prompt_is_not_inferred_into_the_session(cfg, clock):
+    """Found by review: the earlier prompt's last full block was all system prompt, so another user's first turn
+    with the same system prompt joined the session and moved its pin off the first user's answer; the first user's
+    real second turn then continued nothing. The tokens past that block (the user's own words) must match too."""
+    sys = list(range(100, 164))  # 4 full blocks, shared by every user
+    a1 = sys + [500, 501, 502]  # user A: a short first message
+    s, f = _sched(cfg, clock), RequestFactory(BLOCK)
+    s.add_request(f.make(a1, 40))
+    run_until_idle(s)
+    s.add_request(f.make(sys + list(range(600, 640)), 4))  # user B, unrelated
+    run_until_idle(s)
+    assert s.kvsched.stats()["inference_hits"] == 0
+    s.add_request(f.make(a1 + [FAKE_TOKEN] * 39 + [700, 701, 702, 703], 4))  # A's real second turn
+    run_until_idle(s)
+    stats = s.kvsched.stats()
+    assert stats["inference_hits"] == 1 and stats["inferred_sessions"] == 2
+    assert sorted(r.turns for r in s.kvsched.policy.sessions.values()) == [1, 2]
+
+
 def test_inference_never_joins_across_salt_or_tenant(cfg, clock):
     s, f = _sched(cfg, clock), RequestFactory(BLOCK)
     history = list(range(100, 196))
