@@ -18,7 +18,7 @@ A turn goes to, in order:
 1. the replica it was failed over from, when that replica is back (same slot) and within the in-flight bound;
 2. the replica it lives on (where this router last sent it), within the in-flight bound;
 3. a live replica reporting the session's KV, within the in-flight bound (a router that does not know the session:
-   restarted, or the session idled out);
+   restarted, or the session idled out); within both bounds when the report may be another session's (`kv_shared`);
 4. the first live slot clockwise from its hash within both bounds (home, else successors), else within the
    in-flight bound alone.
 Both bounds are "Consistent Hashing with Bounded Loads" (Mirrokni, Thorup and Zadimoghaddam, SODA 2018), with sessions
@@ -153,10 +153,14 @@ class SessionRouter:
         return {s: n for s, n in self._residents.items() if n > 0}
 
     def route(self, session_id: str | None, loads: Mapping[SlotName, int],
-              kv_slots: Collection[SlotName] = (), unavailable: Collection[SlotName] = ()) -> RouteDecision:
+              kv_slots: Collection[SlotName] = (), unavailable: Collection[SlotName] = (),
+              kv_shared: bool = False) -> RouteDecision:
         """Where the next request goes. `loads`: requests in flight per slot; `kv_slots`: slots reporting the
         session's KV; `unavailable`: live slots this request must avoid (they failed it: the session fails over as
-        from a dead slot). Raises NoLiveReplicas when no slot is left."""
+        from a dead slot); `kv_shared`: the reports may be other sessions' (replicas report by a plain id that other
+        tenants' sessions share), so a holder takes the session only within the session bound too (found by review:
+        one tenant's KV for "main" pulled 40 tenants' new "main" sessions onto its replica). Raises NoLiveReplicas
+        when no slot is left."""
         live = self._live - set(unavailable) if unavailable else self._live
         if not live:
             raise NoLiveReplicas("no live replica")
@@ -185,13 +189,13 @@ class SessionRouter:
             # (older, shorter) pinned KV for it until the pin expires.
             reason = RouteReason.HOME if last == home else RouteReason.KV
             return RouteDecision(last, reason, session_id, home, lost)
+        room = self._room(session_id, live)
         if self.config.kv_preference and kv_slots:
-            holders = [s for s in kv_slots if fits(s)]
+            holders = [s for s in kv_slots if fits(s) and (not kv_shared or room(s))]
             if holders:
                 slot = holders[0] if len(holders) == 1 else self._first_in_ring(session_id, holders)
                 reason = RouteReason.HOME if slot == home else RouteReason.KV
                 return RouteDecision(slot, RouteReason.FAILOVER if lost else reason, session_id, home, lost)
-        room = self._room(session_id, live)
         ranked = [home, *walk]
         placed = next((s for s in ranked if fits(s) and room(s)), None) or next((s for s in ranked if fits(s)), None)
         if placed is None:  # pragma: no cover - the in-flight bound always leaves room on some live replica

@@ -5,7 +5,8 @@ Slots (`kvsched.adapters.ray.slots`): each engine replica reports `slot` (its Ra
 replica that replaces a dead one) in `record_replica_metadata` and `record_routing_stats`. A replica keeps the slot it
 was given for as long as it lives, whatever Ray renumbers it to; a new one takes its rank's slot, or the dead slot it
 replaces. Sessions are keyed by the ingress's routing key (`hints.routing_session`: the session id, scoped by tenant
-and cache salt when the request has them); the replicas report their KV by the plain id.
+and cache salt when the request has them); the replicas report their KV by the plain id, so for a scoped key a report
+may be another owner's session of that id: it attracts the session only within the session bound.
 
 Loads: requests this router routed and not yet completed. The ingress runs one replica, so its router sees every
 request to the engines; with several ingress replicas each would bound its own share. The first tries offer only the
@@ -142,8 +143,11 @@ class KVSchedRequestRouter(RequestRouter):
         if not allowed:
             return []  # Ray backs off and asks again; the ingress's deadline bounds the wait
         try:
-            kv = self._kv_index.get(plain_session(sid), ()) if sid else ()
-            decision = self._core.route(sid, self._loads, kv, avoid)
+            plain = plain_session(sid) if sid else None
+            kv = self._kv_index.get(plain, ()) if plain else ()
+            # A scoped key (tenant, salt) shares its plain id, and so the replicas' reports, with other owners'
+            # sessions; a plain key is the one session of its id.
+            decision = self._core.route(sid, self._loads, kv, avoid, kv_shared=plain != sid)
         except NoLiveReplicas:
             return [allowed]
         attempts = self._attempts.get(rid, 0) + 1
