@@ -123,6 +123,36 @@ def test_a_stream_flag_vllm_would_refuse_is_a_400_naming_it(flag: Any) -> None:
     assert res.status_code == 400 and json.loads(res.body)["error"]["param"] == "stream" and not handle.calls
 
 
+# ---- the session as the engines read it --------------------------------------------------------------------------
+@pytest.mark.parametrize("fields", [{"prompt_cache_key": "conv-42"}, {"user": "alice"}, {"metadata": {"user_id": "bob"}},
+                                    {"user": "x" * 300}, {"session_id": "s1", "user": "alice"}])
+@pytest.mark.parametrize("key", [None, "Bearer k1"])
+def test_the_router_keys_a_turn_by_the_session_the_engine_reads(fields: dict, key: str | None) -> None:
+    """Found by review: the ingress read kvsched's own session fields only, so a turn naming its session by
+    `prompt_cache_key`, `user` or `metadata.user_id` (which the engines honour) was routed least loaded and lost its KV
+    on every turn."""
+    from kvsched.adapters.ray.owners import session_key
+    from kvsched.core.client_fields import read_session_fields
+
+    handle = FakeHandle({"r0": {}}, "r0")
+    pool = dict(POOL, vllm_args=["--api-key", "k1"]) if key else POOL
+    headers = {"authorization": key} if key else {}
+    assert chat(make_ingress({"w": handle}, [pool]), headers, **fields).status_code == 200
+    (_, _, (_, body, sent), _, opts), = handle.calls
+    engine = read_session_fields(json.loads(body), sent).session_id
+    assert engine is not None and opts["session_id"] == session_key(engine, headers, None, keyed=key is not None)
+
+
+def test_a_role_in_vllm_xargs_picks_the_pool_as_the_header_does() -> None:
+    orch, work = FakeHandle({"o0": {}}, "o0"), FakeHandle({"w0": {}}, "w0")
+    pools = [dict(POOL, name="workers", models=["m"], roles=["worker"]),
+             dict(POOL, name="orch", models=["m"], roles=["orchestrator"])]
+    ing = make_ingress({"workers": work, "orch": orch}, pools)
+    by_header = chat(ing, {"x-agent-role": "orchestrator"}, model="m")
+    by_xargs = chat(ing, {}, model="m", vllm_xargs={"agent_role": "orchestrator", "session_id": "s1"})
+    assert by_header.headers["x-kvsched-pool"] == by_xargs.headers["x-kvsched-pool"] == "orch"
+
+
 # ---- DELETE /kvsched/sessions/{id} --------------------------------------------------------------------------------
 def end(ing: Any, sid: str, headers: dict[str, str] | None = None) -> Any:
     return asyncio.run(ing.end_session(sid, request(headers or {}, method="DELETE")))

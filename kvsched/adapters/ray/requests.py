@@ -1,6 +1,7 @@
 """What the OpenAI ingress reads from a request before routing it: the JSON body within size and depth limits, and
-the session (id, role, end flag) from the headers or the body, where kvsched's vLLM middleware reads them too
-(`X-Session-Id` / `session_id` / `vllm_xargs.session_id`, `X-Agent-Role`, `X-Session-End` / `vllm_xargs.session_end`).
+the session (id, role, end flag) from the headers or the body, read as kvsched's vLLM middleware reads them
+(`kvsched.core.client_fields`: `X-Session-Id` / `session_id` / `vllm_xargs.session_id`, `prompt_cache_key`, `user`,
+`metadata.user_id`; `X-Agent-Role` / `vllm_xargs.agent_role`; `X-Session-End` / `vllm_xargs.session_end`).
 
 Pure functions, so the limits are fuzzed without a cluster. Every problem is a `BadRequest` carrying its HTTP status
 (400, or 413 for a body over the size limit) and a message; nothing else may escape.
@@ -15,7 +16,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from kvsched.core.sessions import InvalidSessionInput, validate_end_flag, validate_role, validate_session_id
+from kvsched.core.client_fields import read_session_fields
+from kvsched.core.sessions import InvalidSessionInput
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # as kvsched's vLLM middleware
 MAX_JSON_DEPTH = 64  # an OpenAI request nests about 6 deep (messages, content parts, tool schemas a little more)
@@ -95,24 +97,16 @@ def is_header_safe(value: str) -> bool:
 
 
 def session_fields(payload: Mapping[str, Any], headers: Mapping[str, str]) -> SessionFields:
-    """The request's session, from lower-cased `headers` or the body; conflicting ids are refused."""
-    xargs = payload.get("vllm_xargs")
-    xargs = xargs if isinstance(xargs, dict) else {}
+    """The request's session, from lower-cased `headers` or the body, read by the engines' own reader
+    (`kvsched.core.client_fields`) so that the router keys a turn by the session the engine files it under. Found by
+    review: `prompt_cache_key`, `user`, `metadata.user_id` and `vllm_xargs.agent_role` were read by the engines only,
+    so those turns were routed least loaded (losing their KV every turn) and the role picked no pool. The ingress
+    serves chat and completions only, where the engines ignore `previous_response_id` (a `/v1/responses` field)."""
     try:
-        raw_ids = [headers.get("x-session-id"), payload.get("session_id"), xargs.get("session_id")]
-        ids = {validate_session_id(v) for v in raw_ids if v is not None}
-        if len(ids) > 1:
-            raise InvalidSessionInput(f"conflicting session ids in one request: {sorted(ids)}")
-        role_raw = headers.get("x-agent-role")
-        end_raw = headers["x-session-end"] if "x-session-end" in headers else xargs.get("session_end")
-        role = validate_role(role_raw) if role_raw is not None else None
-        end = validate_end_flag(end_raw) if end_raw is not None else False
+        fields = read_session_fields(payload, headers)
     except InvalidSessionInput as exc:
-        raise BadRequest(400, str(exc), param="session") from None
-    sid = ids.pop() if ids else None
-    if end and sid is None:
-        raise BadRequest(400, "X-Session-End needs a session id (X-Session-Id)", param="session")
-    return SessionFields(sid, role, end)
+        raise BadRequest(400, str(exc), param=exc.field or "session") from None
+    return SessionFields(fields.session_id, fields.role, bool(fields.end))  # an end without an id is refused above
 
 
 def stream_flag(payload: dict[str, Any]) -> bool:
