@@ -178,6 +178,29 @@ def test_autoscaling_policy_reads_replica_reported_queue_and_ttft() -> None:
     assert policy(ctx)[0] == 6
 
 
+def test_a_scale_up_in_progress_neither_compounds_nor_is_cancelled_while_replicas_start() -> None:
+    """Found by review: the policy scaled from the target, not the running replicas, so the same two replicas' load
+    asked for 2 -> 4 -> 8 -> 16 over three ticks while the new replicas loaded their model."""
+    from kvsched.adapters.ray.autoscaling import QueueTTFTPolicy
+
+    policy = QueueTTFTPolicy(min_replicas=1, max_replicas=16, ttft_p95_s=2.0)
+    running, target = ["r0", "r1"], 2
+
+    def tick(ttft: float, queue: float = 1.0) -> int:
+        ctx = SimpleNamespace(target_num_replicas=target, current_num_replicas=len(running), running_replicas=running,
+                              aggregated_metrics={"queue_depth": {r: queue for r in running},
+                                                  "ttft_p95_fresh_s": {r: ttft for r in running}},
+                              policy_state={}, current_time=100.0)
+        return policy(ctx)[0]
+
+    for _ in range(4):  # one decision per upscale delay while the two new replicas start
+        target = tick(4.0)
+        assert target == 4
+    assert tick(1.0) == 4 and tick(0.0, queue=0.0) == 4  # calm, or idle: the scale-up in progress stands
+    running = ["r0", "r1", "r2", "r3"]
+    assert tick(0.0, queue=0.0) == 3  # all four up and idle: down one at a time
+
+
 def test_a_held_ttft_keeps_an_idle_pool_from_scaling_down_but_never_scales_it_up() -> None:
     """Found by review: the P95 TTFT a replica holds for `hold_s` after its last sample read as live pressure, and an
     idle pool scaled 2 -> 5 -> 8. The engine reports what it holds and what is fresh; the policy scales up on fresh

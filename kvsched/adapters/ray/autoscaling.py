@@ -46,6 +46,21 @@ def decide(current: int, aggregated: dict[str, dict[Any, float]], replicas: list
     return fresh
 
 
+def while_starting(decision: ScaleDecision, running: int, target: int) -> ScaleDecision:
+    """The target to return for a decision made on the `running` replicas. Found by review: deciding on the target
+    compounded while the replicas asked for were still loading their model (2 -> 4 -> 8 -> 16 in three ticks on the
+    same two replicas' load). Up: never below the target, so a scale-up in progress is neither compounded nor
+    cancelled; steady: the target stands; down: never below what is running less one, and not while replicas start."""
+    if decision.replicas > running:
+        return ScaleDecision(max(decision.replicas, target), decision.reason)
+    if decision.replicas < running and running >= target:
+        return ScaleDecision(min(decision.replicas, target), decision.reason)
+    if target != running:
+        return ScaleDecision(target, f"steady: {abs(target - running)} replica(s) still "
+                                     f"{'starting' if target > running else 'stopping'} ({decision.reason})")
+    return decision
+
+
 class QueueTTFTPolicy:
     """Class policy: Ray instantiates it once with `policy_kwargs` (AutoscaleTargets fields) and calls it with an
     `AutoscalingContext` every control-loop tick."""
@@ -54,8 +69,11 @@ class QueueTTFTPolicy:
         self.targets = AutoscaleTargets(**targets)
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        decision = decide(int(ctx.target_num_replicas), ctx.aggregated_metrics or {}, list(ctx.running_replicas),
-                          self.targets, now_s=ctx.current_time or time.time())
+        replicas = list(ctx.running_replicas)
+        running = getattr(ctx, "current_num_replicas", None)
+        running = int(running) if running is not None else len(replicas)
+        decision = while_starting(decide(running, ctx.aggregated_metrics or {}, replicas, self.targets,
+                                         now_s=ctx.current_time or time.time()), running, int(ctx.target_num_replicas))
         state = dict(ctx.policy_state or {})
         state["kvsched_reason"] = decision.reason
         return decision.replicas, state
