@@ -61,7 +61,7 @@ class ScaleDecision:
 def desired_replicas(current: int, loads: Iterable[ReplicaLoad], targets: AutoscaleTargets, now_s: float,
                      last_change_s: float | None) -> ScaleDecision:
     """The replica count to ask for. `last_change_s`: when the count last changed (None: never)."""
-    rows = list(loads)
+    rows = _finite(loads)
     clamp = min(max(current, targets.min_replicas), targets.max_replicas)
     if clamp != current:
         return ScaleDecision(clamp, "bounds")
@@ -77,7 +77,7 @@ def desired_replicas(current: int, loads: Iterable[ReplicaLoad], targets: Autosc
     if pressure > 1.0 and current < targets.max_replicas:
         if since < targets.upscale_delay_s:
             return ScaleDecision(current, "up: waiting for upscale delay")
-        want = min(targets.max_replicas, max(current + 1, math.ceil(current * pressure)))
+        want = min(targets.max_replicas, max(current + 1, math.ceil(min(current * pressure, targets.max_replicas))))
         signal = "queue depth" if queue_ratio >= ttft_ratio else "p95 ttft"
         return ScaleDecision(want, f"up: {signal} at {pressure:.2f}x target")
     if pressure < targets.downscale_below and current > targets.min_replicas:
@@ -85,3 +85,15 @@ def desired_replicas(current: int, loads: Iterable[ReplicaLoad], targets: Autosc
             return ScaleDecision(current, "down: waiting for downscale delay")
         return ScaleDecision(current - 1, f"down: load at {pressure:.2f}x target")
     return ScaleDecision(current, "steady")
+
+
+def _finite(loads: Iterable[ReplicaLoad]) -> list[ReplicaLoad]:
+    """The reports with a non-finite reading (an overflowed or broken gauge) read as missing, and a replica with no
+    finite reading as not reported (found by review: inf raised OverflowError in the control loop)."""
+    out = []
+    for r in loads:
+        queue = r.queue_depth if math.isfinite(r.queue_depth) else None
+        ttft = r.ttft_p95_s if r.ttft_p95_s is not None and math.isfinite(r.ttft_p95_s) else None
+        if queue is not None or ttft is not None:
+            out.append(ReplicaLoad(queue or 0.0, ttft))
+    return out

@@ -97,3 +97,14 @@ def test_steady_between_thresholds_and_bounds_enforced() -> None:
 def test_bad_autoscale_targets_are_a_typed_error(kw: dict[str, object]) -> None:
     with pytest.raises(RoutingConfigError):
         AutoscaleTargets(**kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_report_reads_as_missing(bad: float) -> None:
+    """Found by review: an infinite queue depth or TTFT raised OverflowError in Ray's control loop."""
+    t = AutoscaleTargets(min_replicas=1, max_replicas=8, ttft_p95_s=2.0)
+    assert desired_replicas(3, [ReplicaLoad(bad, bad)], t, 0.0, None).replicas == 3  # no finite report: no change
+    assert desired_replicas(3, [ReplicaLoad(bad, 4.0)], t, 0.0, None).replicas == 6  # the finite TTFT still counts
+    assert desired_replicas(3, [ReplicaLoad(1e308, bad)], t, 0.0, None).replicas == 8
+    assert desired_replicas(20, [ReplicaLoad(0.0, 1e308)], AutoscaleTargets(max_replicas=40, ttft_p95_s=1e-3),
+                            0.0, None).replicas == 40
