@@ -90,7 +90,7 @@ def _serve(args: argparse.Namespace, cfg: Any) -> int:
         ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
-    print(f"kvsched ray-serve: ready on http://{cfg.host}:{cfg.port}{cfg.route_prefix}v1 (Ctrl-C stops it)")
+    print(f"kvsched ray-serve: ready on {api_url(cfg)} (Ctrl-C stops it)")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -99,3 +99,9 @@ def _serve(args: argparse.Namespace, cfg: Any) -> int:
     serve.shutdown()
     ray.shutdown()
     return 0
+
+
+def api_url(cfg: Any) -> str:
+    """The OpenAI base URL: the route prefix joined to `/v1` (found by review: a prefix such as `/api` read
+    `/apiv1`)."""
+    return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/v1"

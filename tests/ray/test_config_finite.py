@@ -1,5 +1,6 @@
 """kvsched ray-serve's YAML: `.inf` refused wherever a number goes (it passed `> 0`, then overflowed in build_app or
-made a deadline never come), and the replicas' KVSCHED_* environment checked by the policy core's rules at parse."""
+made a deadline never come), the replicas' KVSCHED_* environment checked by the policy core's rules at parse, and
+the route prefix checked by Ray Serve's rules."""
 
 from __future__ import annotations
 
@@ -67,3 +68,24 @@ def test_well_formed_replica_settings_pass_without_importing_vllm() -> None:
             f"parse_config({{'pools': [{{**{POOL!r}, 'env': {env!r}}}]}}); assert 'vllm' not in sys.modules")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(("prefix", "problem"), [("api/", "start with '/'"), ("api", "start with '/'"),
+                                                 ("", "start with '/'"), ("/api/", "end with '/'"),
+                                                 ("/a/{id}", "'{' or '}'")])
+def test_a_route_prefix_ray_would_refuse_is_refused_at_load(tmp_path: Path, prefix: str, problem: str) -> None:
+    """Found by review: `route_prefix: api/` passed the config check (and `--dry-run`) and failed in `serve.run`."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"route_prefix: {prefix!r}\npools:\n  - {{name: w, model: /m}}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value).startswith("route_prefix: ") and problem in str(exc.value), exc.value
+
+
+@pytest.mark.parametrize(("prefix", "url"), [("/", "http://127.0.0.1:8000/v1"), ("/api", "http://127.0.0.1:8000/api/v1")])
+def test_the_ready_url_joins_the_route_prefix_and_v1(tmp_path: Path, prefix: str, url: str) -> None:
+    from kvsched.commands.ray_serve import api_url
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"route_prefix: {prefix}\nhttp: {{host: 127.0.0.1, port: 8000}}\npools:\n  - {{name: w, model: /m}}\n")
+    assert api_url(load_config(path)) == url

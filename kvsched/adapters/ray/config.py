@@ -252,6 +252,19 @@ class RayServeConfig(_Strict):
     max_json_depth: PositiveInt = 64
     store: StoreSettings | None = None
 
+    @field_validator("route_prefix")
+    @classmethod
+    def _route_prefix(cls, v: str) -> str:
+        """Ray Serve's rules (`validate_route_prefix`), checked here so that `--dry-run` catches them (found by review:
+        `api/` passed the check and failed in `serve.run`)."""
+        if not v.startswith("/"):
+            raise ValueError(f"must start with '/', got {v!r}")
+        if v != "/" and v.endswith("/"):
+            raise ValueError(f"must not end with '/', got {v!r} (use {v.rstrip('/') or '/'!r})")
+        if "{" in v or "}" in v:
+            raise ValueError(f"must not hold '{{' or '}}', got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _routable(self) -> RayServeConfig:
         try:
