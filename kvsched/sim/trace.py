@@ -32,7 +32,6 @@ CAPACITY_META = "capacity_blocks"  # header meta of an engine's recording: its K
 BYTES_META = "kv_bytes_per_token"  # ... its KV bytes per token (all layers, the cache's dtype)
 TIER_BLOCK_META = "fp8_tier_block_bytes"  # ... what one of the trace's blocks takes in kvsched's FP8 tier on it
 ID_DTYPE = np.int32
-
 logger = logging.getLogger("kvsched.sim")
 
 
@@ -196,8 +195,8 @@ def read_jsonl(path: Path) -> tuple[dict[str, Any], Iterator[TraceRequest]]:
                     try:
                         parsed = json.loads(line)
                     except (ValueError, RecursionError) as exc:
-                        if not line.endswith("\n") and next(lines, None) is None:  # the last line, cut short: a
-                            # recording stopped by a full disk or a kill (found by review: the whole trace was refused)
+                        if not line.endswith("\n"):  # the last line cut short: a recording stopped by a full disk
+                            # or a kill (found by review: the whole trace was refused)
                             logger.warning("%s:%d: the last line is cut short (%s); replaying the lines before it",
                                            path, lineno, exc)
                             return
