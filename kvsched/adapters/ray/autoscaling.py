@@ -50,7 +50,8 @@ def while_starting(decision: ScaleDecision, running: int, target: int) -> ScaleD
     """The target to return for a decision made on the `running` replicas. Found by review: deciding on the target
     compounded while the replicas asked for were still loading their model (2 -> 4 -> 8 -> 16 in three ticks on the
     same two replicas' load). Up: never below the target, so a scale-up in progress is neither compounded nor
-    cancelled; steady: the target stands; down: never below what is running less one, and not while replicas start."""
+    cancelled; steady: the target stands; down: only while no replica is starting (running at or above the target),
+    and never above the target."""
     if decision.replicas > running:
         return ScaleDecision(max(decision.replicas, target), decision.reason)
     if decision.replicas < running and running >= target:
