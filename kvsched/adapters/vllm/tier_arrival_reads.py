@@ -50,6 +50,8 @@ class ArrivalReads:
                 self.read_cost.note(a.seconds, inline=False)
             for what in a.errors:
                 self._bad_value(what)
+            if a.meta_failed:  # not read: the session's next request asks again
+                self._seen_sessions.pop(a.lookup.owner, None)
             moved = a.lookup.moved or (a.lookup.meta_key is not None and self._moved(a.meta))
             if a.live and a.lookup.request_id is not None:
                 self._answers[a.lookup.request_id] = (moved, a.held())
@@ -59,6 +61,8 @@ class ArrivalReads:
         """The store key of `owner`'s metadata if this is its first request on this engine and the store is up."""
         if owner in self._seen_sessions:
             self._seen_sessions.move_to_end(owner)
+            return None
+        if self.store is not None and not self.store.up:  # down: not asked, so not seen (its next request asks)
             return None
         self._seen_sessions[owner] = None
         while len(self._seen_sessions) > SEEN_SESSIONS_MEMORY:

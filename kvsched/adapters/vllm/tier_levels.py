@@ -210,7 +210,11 @@ class TierLevels(ArrivalReads):
                   and (self.lookups is None or self.read_cost.inline()))
         moved = answer is not None and answer[0]
         if inline and meta_key is not None:
-            moved = self._moved(self._read(lambda: self.store.get_state(meta_key)))
+            failures = self.counters["store_bad_values"]
+            raw = self._read(lambda: self.store.get_state(meta_key))
+            if not self.store.up or self.counters["store_bad_values"] != failures:  # not read: the session's next
+                self._seen_sessions.pop(owner, None)  # request asks again (else a moved session went uncounted)
+            moved = self._moved(raw)
             meta_key = None  # asked
             # found slow by this GET: the EXISTS goes to the lookup thread (found by review: both ran inline)
             inline = self.lookups is None or self.read_cost.inline()

@@ -59,6 +59,7 @@ class Answer:
     errors: list[str] = field(default_factory=list)  # reads that raised (served as absent)
     live: bool = False  # its request was still waiting when the scheduler took the answer
     seconds: float | None = None  # the store's time for one read (a round trip) of its batch (ReadCost); None: down
+    meta_failed: bool = False  # the metadata read failed (raised, or the store went down): the session is asked again
 
     def held(self) -> dict[bytes, bool]:
         """Block -> the store holds every rank's frame of it (a short or failed answer holds nothing)."""
@@ -193,6 +194,9 @@ class StoreLookups:
                 for a, value in zip(metas, got, strict=True):
                     a.meta = value
             metas[0].errors += errors  # one read: counted once, whichever lookups it served
+            if errors or not self.store.up:
+                for a in metas:
+                    a.meta_failed = True
         errors = []
         asked = [a for a in answers if a.lookup.names]
         names = [n for a in asked for n in a.lookup.names]

@@ -19,7 +19,7 @@ from kvsched.adapters.vllm.tier_levels import LevelOps, TierLevels
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker
 from kvsched.core.sessions import SessionKey
-from kvsched.core.shared_state import compaction_key, session_key
+from kvsched.core.shared_state import SessionMeta, compaction_key, session_key
 from tests.adapters.vllm.conftest import promote_answered
 
 IDENT = "ab" * 16
@@ -79,6 +79,15 @@ def test_a_store_read_that_raises_never_reaches_the_engine(redis_server, monkeyp
     monkeypatch.setattr(lv.store, "has_blocks", boom)
     assert promote_answered(lv, SessionKey("s"), KEYS[:3], 0, 3, Host()) == 0
     assert lv.stats()["store_bad_values"] == 2
+    # a metadata read that failed is asked again by the session's next request (found by review: the session was
+    # marked seen, never read again, and a moved session went uncounted)
+    r = redis.Redis.from_url(redis_server.url)
+    r.set(session_key(IDENT, "s", None, None), SessionMeta(role=None, ttl_s=None, turns=1, replica="A",
+                                                           blocks=1).encode())
+    monkeypatch.undo()
+    for rid in ("r2", "r3"):  # (off the thread, the answer's second promote may have queued the retry already)
+        assert promote_answered(lv, SessionKey("s"), KEYS[:3], 0, 3, Host(), request_id=rid) == 0
+    assert lv.stats()["moved_sessions"] == 1
 
 
 # ---- 2: malformed compaction checkpoints never fail a request --------------------------------------------------------
