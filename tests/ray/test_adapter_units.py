@@ -201,6 +201,27 @@ def test_a_scale_up_in_progress_neither_compounds_nor_is_cancelled_while_replica
     assert tick(0.0, queue=0.0) == 3  # all four up and idle: down one at a time
 
 
+def test_replicas_that_never_start_are_not_waited_for_past_the_grace() -> None:
+    """Found by review: with replicas asked for that the cluster could not place, an idle deployment held its target
+    at max for good ("steady: 4 replica(s) still starting")."""
+    from kvsched.adapters.ray.autoscaling import START_GRACE_S, QueueTTFTPolicy
+
+    policy = QueueTTFTPolicy(min_replicas=1, max_replicas=8, ttft_p95_s=2.0)
+    running, state = ["r0", "r1", "r2", "r3"], {}
+
+    def tick(now: float) -> int:
+        nonlocal state
+        ctx = SimpleNamespace(target_num_replicas=8, current_num_replicas=len(running), running_replicas=running,
+                              aggregated_metrics={"queue_depth": {r: 0.0 for r in running},
+                                                  "ttft_p95_fresh_s": {r: 0.0 for r in running}},
+                              policy_state=state, current_time=now)
+        target, state = policy(ctx)
+        return target
+
+    assert tick(1000.0) == 8 and tick(1000.0 + START_GRACE_S / 2) == 8  # still starting: the scale-up stands
+    assert tick(1001.0 + START_GRACE_S) == 3  # never placed: the four running, idle, scale down
+
+
 def test_a_held_ttft_keeps_an_idle_pool_from_scaling_down_but_never_scales_it_up() -> None:
     """Found by review: the P95 TTFT a replica holds for `hold_s` after its last sample read as live pressure, and an
     idle pool scaled 2 -> 5 -> 8. The engine reports what it holds and what is fresh; the policy scales up on fresh

@@ -46,12 +46,19 @@ def decide(current: int, aggregated: dict[str, dict[Any, float]], replicas: list
     return fresh
 
 
-def while_starting(decision: ScaleDecision, running: int, target: int) -> ScaleDecision:
+START_GRACE_S = 600.0  # replicas asked for and not running after this long are not waited for (they may never fit)
+
+
+def while_starting(decision: ScaleDecision, running: int, target: int, starting_for_s: float = 0.0) -> ScaleDecision:
     """The target to return for a decision made on the `running` replicas. Found by review: deciding on the target
     compounded while the replicas asked for were still loading their model (2 -> 4 -> 8 -> 16 in three ticks on the
     same two replicas' load). Up: never below the target, so a scale-up in progress is neither compounded nor
     cancelled; steady: the target stands; down: only while no replica is starting (running at or above the target),
-    and never above the target."""
+    and never above the target. Replicas asked for `starting_for_s` ago and still not running (the cluster cannot
+    place them) are held for at most START_GRACE_S: after that the decision on the running replicas stands, so an
+    idle deployment scales down (found by review: it held its target at max for good)."""
+    if starting_for_s > START_GRACE_S:
+        return decision
     if decision.replicas > running:
         return ScaleDecision(max(decision.replicas, target), decision.reason)
     if decision.replicas < running and running >= target:
@@ -73,8 +80,15 @@ class QueueTTFTPolicy:
         replicas = list(ctx.running_replicas)
         running = getattr(ctx, "current_num_replicas", None)
         running = int(running) if running is not None else len(replicas)
-        decision = while_starting(decide(running, ctx.aggregated_metrics or {}, replicas, self.targets,
-                                         now_s=ctx.current_time or time.time()), running, int(ctx.target_num_replicas))
+        now = ctx.current_time or time.time()
+        target = int(ctx.target_num_replicas)
         state = dict(ctx.policy_state or {})
+        if target > running:  # replicas starting: since when (kept in Ray's policy state between ticks)
+            state.setdefault("kvsched_starting_since", now)
+        else:
+            state.pop("kvsched_starting_since", None)
+        starting_for = now - state.get("kvsched_starting_since", now)
+        decision = while_starting(decide(running, ctx.aggregated_metrics or {}, replicas, self.targets, now_s=now),
+                                  running, target, starting_for)
         state["kvsched_reason"] = decision.reason
         return decision.replicas, state

@@ -174,3 +174,15 @@ def test_a_request_aborted_while_it_waited_is_not_recorded_as_served(harness_cfg
     s.kvsched.recorder.close()
     trace = Trace.load(s.kvsched.recorder.path)
     assert len(trace.t) == 2 and sorted(trace.prompt_tokens) == [80, 100]
+
+
+def test_a_request_preempted_before_its_first_output_counts_as_run() -> None:
+    """Found by review: preemption sets the computed count back to 0, so a request preempted mid-prefill and then
+    aborted read as never run and was left out of the recording."""
+    from types import SimpleNamespace
+
+    from kvsched.adapters.vllm.compat import request_ran
+
+    assert not request_ran(SimpleNamespace(num_computed_tokens=0, num_output_tokens=0, num_preemptions=0))
+    assert request_ran(SimpleNamespace(num_computed_tokens=0, num_output_tokens=0, num_preemptions=1))
+    assert request_ran(SimpleNamespace(num_computed_tokens=32, num_output_tokens=0, num_preemptions=0))

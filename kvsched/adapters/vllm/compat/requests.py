@@ -118,9 +118,10 @@ def finished_request_shape(request: Any, hash_block_size: int) -> tuple[int, int
 
 
 def request_ran(request: Any) -> bool:
-    """True if the request was ever scheduled: it computed (or hit) some of its prompt, or produced output (a preempted
-    request's computed count goes back to 0; its output stays). False for one aborted while it waited."""
-    return int(getattr(request, "num_computed_tokens", 0)) > 0 or int(getattr(request, "num_output_tokens", 0)) > 0
+    """True if the request was ever scheduled: it computed (or hit) some of its prompt, produced output, or was
+    preempted (its computed count goes back to 0). False for one aborted while it waited."""
+    return (int(getattr(request, "num_computed_tokens", 0)) > 0 or int(getattr(request, "num_output_tokens", 0)) > 0
+            or int(getattr(request, "num_preemptions", 0)) > 0)  # preempted mid-prefill, then aborted (review)
 
 
 def request_compacted(request: Any) -> bool:
