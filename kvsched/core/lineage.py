@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,9 +38,15 @@ from dataclasses import dataclass
 from kvsched.core.sessions import SessionId, SessionKey
 
 Anchor = tuple[int, Hashable]  # (index of the last full block of a turn's prompt, that block's chained hash)
-Tail = tuple[int, int]  # (count, hash) of a turn's prompt tokens past its last full block
+Tail = tuple[int, bytes]  # (count, the first TAIL_KEEP as int64) of a turn's prompt tokens past its last full block
 
 MAX_BRANCHES = 8
+# A continuation repeats the earlier prompt's tail but for its last TAIL_SLACK tokens (a template may render its
+# generation prompt differently once the answer follows: Qwen3's empty think block; a raw prompt's trailing space
+# merges into the answer's first token), and at least its first token (the user's own words, when the last full block
+# is all shared system prompt). Found by review: an exact match split such conversations in two.
+TAIL_KEEP = 8
+TAIL_SLACK = 8
 INFER_SCAN_BLOCKS = 1024
 INFERRED_PREFIX = "inferred-"
 
@@ -190,7 +197,7 @@ class Lineage:
             e = index.get(hashes[i])
             if e is None or e.key.cache_salt != cache_salt:
                 continue
-            if e.tail is not None and tokens is not None and block and _tail(tokens, (i + 1) * block, e.tail[0]) != e.tail:
+            if e.tail is not None and tokens is not None and block and not _repeats(tokens, (i + 1) * block, e.tail):
                 break  # the prompt shares that turn's full blocks, not its last words: a session of its own
             if not e.busy and e.anchor is not None and e.anchor[0] == i:
                 e.busy += 1
@@ -299,10 +306,19 @@ class Lineage:
 
 
 def tail_of(tokens: Sequence[int], start: int) -> Tail:
-    """(count, hash) of `tokens[start:]`: what a later prompt continuing this one repeats past `start`."""
-    return _tail(tokens, start, max(len(tokens) - start, 0))
+    """What a later prompt continuing this one repeats past `start`: the count of `tokens[start:]` and its first
+    TAIL_KEEP tokens (packed: one entry per remembered session)."""
+    return max(len(tokens) - start, 0), array("q", tokens[start:start + TAIL_KEEP]).tobytes()
 
 
-def _tail(tokens: Sequence[int], start: int, count: int) -> Tail:
-    part = tuple(tokens[start:start + count])
-    return len(part), hash(part)
+def _repeats(tokens: Sequence[int], start: int, tail: Tail) -> bool:
+    """`tokens` from `start` repeat `tail` as a continuation does (TAIL_SLACK)."""
+    count, kept = tail
+    if not count:
+        return True
+    same = 0
+    for a, b in zip(array("q", kept), tokens[start:start + TAIL_KEEP], strict=False):
+        if a != b:
+            break
+        same += 1
+    return same >= max(1, count - TAIL_SLACK)
