@@ -277,3 +277,9 @@ def test_inference_wants_the_earlier_prompts_last_words_repeated_but_not_its_rew
     rewritten = [*system, 50, 51, 90, 91, 95, 96, 97, 98]  # the generation prompt rendered anew after the answer
     assert len(first) - 2 * block - 2 <= TAIL_SLACK
     assert lin.infer(None, None, chain("s0", "s1", "y"), rewritten, block) == key
+    long_tail = Lineage(LineageConfig())  # a 32-token block: a tail of up to 31 tokens, more than the 8 kept
+    block, words = 32, list(range(500, 527))  # 27 tokens past the last full block
+    prompt = [*range(1, 33), *words]
+    k = long_tail.infer(None, None, chain("b0"), prompt, block)
+    long_tail.finished(k, (0, chain("b0")[0]), tail_of(prompt, block))
+    assert long_tail.infer(None, None, chain("b0", "b1"), [*prompt, 7, 7, 7, 7, 7, 7], block) == k
