@@ -83,7 +83,7 @@ class ArrivalReads:
     def _held_run(self, want: list[bytes]) -> list[bytes]:
         """On the scheduler thread: the run of `want` (prefix order) whose every rank's frame the store holds."""
         names = [block_key(self.identity, k, r) for k in want for r in range(self.world_size)]
-        present = self._read(lambda: self.store.has_blocks(names))
+        present, _ = self._read(lambda: self.store.has_blocks(names))
         if not isinstance(present, list) or len(present) != len(names):
             present = [False] * len(names)  # (all([]) is True: a short answer must not read as "all present")
         run = 0
@@ -91,15 +91,16 @@ class ArrivalReads:
             run += 1
         return want[:run]
 
-    def _read(self, read: Callable[[], Any]) -> Any:
-        """`read()` of the store on the scheduler thread, timed (`ReadCost`), or None if it raises: nothing the store
-        holds or does may raise into the engine core (counted, logged once)."""
+    def _read(self, read: Callable[[], Any]) -> tuple[Any, bool]:
+        """`read()` of the store on the scheduler thread, timed (`ReadCost`): (its value, True), or (None, False) if it
+        raised or the store went down during it. Nothing the store holds or does may raise into the engine core
+        (counted, logged once)."""
         t = time.perf_counter()
         try:
-            return read()
+            return read(), self.store.up
         except Exception as exc:  # noqa: BLE001 - the engine must outlive any store value or client error
             self._bad_value(f"a store read failed ({type(exc).__name__}: {exc})")
-            return None
+            return None, False
         finally:
             self.read_cost.note(time.perf_counter() - t, inline=True)
 

@@ -18,9 +18,9 @@ Session metadata (role, TTL, turns, the replica that served the last turn) goes 
 request of a session whose metadata names another replica counts as a moved session.
 
 The store's reads at an arrival (the session's metadata, which blocks it holds) run on the scheduler thread while
-they are fast, else off it (tier_lookups: the request waits for the answer as for a fetch, within a deadline). Nothing the store holds or does
-raises into the engine core: a malformed value or a read that raises is counted (`store_bad_values`), logged once,
-treated as absent (found by review).
+they are fast, else off it (tier_lookups: the request waits for the answer as for a fetch, within a deadline).
+Nothing the store holds or does raises into the engine core: a malformed value or a read that raises is counted
+(`store_bad_values`), logged once, treated as absent (found by review).
 """
 
 from __future__ import annotations
@@ -210,10 +210,9 @@ class TierLevels(ArrivalReads):
                   and (self.lookups is None or self.read_cost.inline()))
         moved = answer is not None and answer[0]
         if inline and meta_key is not None:
-            failures = self.counters["store_bad_values"]
-            raw = self._read(lambda: self.store.get_state(meta_key))
-            if not self.store.up or self.counters["store_bad_values"] != failures:  # not read: the session's next
-                self._seen_sessions.pop(owner, None)  # request asks again (else a moved session went uncounted)
+            raw, read = self._read(lambda: self.store.get_state(meta_key))
+            if not read:  # the session's next request asks again (else a moved session went uncounted)
+                self._seen_sessions.pop(owner, None)
             moved = self._moved(raw)
             meta_key = None  # asked
             # found slow by this GET: the EXISTS goes to the lookup thread (found by review: both ran inline)
