@@ -6,7 +6,8 @@ recording): `kvsched.sim.trace_record`.
 Runs in SessionPins' hooks on the engine-core thread: per finished request a keyed hash of each block the session's
 previous request did not have and one line, written through at once (a write call of a few microseconds, so that a
 trace read while the engine runs is whole up to its last request). An existing file is never overwritten: the recording goes to FILE.1, FILE.2, ... (an engine restarted, or data-parallel
-engines given the same path), and the engine logs where.
+engines given the same path), and the engine logs where. KVSCHED_RECORD_TRACE_MAX_MB bounds the recordings beside one
+path together, so an engine restarted over and over cannot fill the disk one limit at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -77,6 +79,22 @@ def open_new(path: Path) -> tuple[TextIO, Path]:
     raise FileExistsError(f"{path}: 10,000 recordings beside it already")
 
 
+def recorded_bytes(path: Path) -> int:
+    """Bytes of the recordings already at `path` and its numbered siblings (path.1, path.2, ... before the suffix)."""
+    numbered = re.compile(re.escape(path.stem) + r"\.[0-9]+" + re.escape(path.suffix))
+    total = 0
+    try:
+        for entry in os.scandir(path.parent):
+            if entry.name == path.name or numbered.fullmatch(entry.name):
+                try:
+                    total += entry.stat().st_size if entry.is_file() else 0
+                except OSError:
+                    continue  # gone meanwhile
+    except OSError:
+        return 0
+    return total
+
+
 class TraceRecorder:
     """The engine's side of a recording: reads each request's session, lengths and block hashes."""
 
@@ -84,6 +102,8 @@ class TraceRecorder:
         block_size = compat.hash_block_size(scheduler)
         engine_block = int(scheduler.cache_config.block_size)
         self.stream, self.path = open_new(path)
+        limit = int(max_mb() * 1e6)
+        room = limit - recorded_bytes(path)  # the new (empty) file counts nothing
         self.clock = clock
         self.block_size = block_size
         meta = {"source": "kvsched engine recording", "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -94,10 +114,11 @@ class TraceRecorder:
         tier_block = tier_block_bytes(scheduler)
         if tier_block:  # what the FP8 tier would take per block: `kvsched simulate FILE --fp8-tier-gib G` sizes by it
             meta[TIER_BLOCK_META] = tier_block * block_size // engine_block
-        self.recording = TraceRecording(self.stream, block_size, meta, max_chars=int(max_mb() * 1e6))
+        self.recording = TraceRecording(self.stream, block_size, meta, max_chars=max(room, 0))
         self.stopped = False
         atexit.register(self.close)
-        logger.info("kvsched: recording the requests this engine serves to %s (%s)", self.path, ENV_RECORD)
+        logger.info("kvsched: recording the requests this engine serves to %s (%s; %.0f of %s's %.0f MB left beside "
+                    "earlier recordings)", self.path, ENV_RECORD, max(room, 0) / 1e6, ENV_MAX_MB, limit / 1e6)
 
     @classmethod
     def from_env(cls, scheduler: Any, prefix_caching: bool) -> TraceRecorder | None:
@@ -107,7 +128,17 @@ class TraceRecorder:
         if not prefix_caching:  # no block hashes: a trace without block ids replays nothing
             logger.error("kvsched: %s is set but prefix caching is off: nothing is recorded", ENV_RECORD)
             return None
-        return cls(scheduler, Path(raw).expanduser())
+        path = Path(raw).expanduser()
+        spent = recorded_bytes(path)
+        if spent >= max_mb() * 1e6:  # checked before a file is made: a restart loop then adds no empty files either
+            logger.error("kvsched: the recordings at %s and its numbered siblings already take %.0f MB, %s's limit: "
+                         "nothing is recorded (move them away, or raise the limit)", path, spent / 1e6, ENV_MAX_MB)
+            return None
+        try:
+            return cls(scheduler, path)
+        except OSError as exc:  # e.g. the directory went away since the start-up check: the engine serves on
+            logger.error("kvsched: cannot record to %s (%s): nothing is recorded", path, exc)
+            return None
 
     def arrived(self, request: Any, key: SessionKey | None) -> None:
         """A request was added. Its session is recorded without the branch (the replay applies the lineage itself)."""

@@ -132,6 +132,7 @@ def test_a_failing_or_full_recording_stops_and_the_engine_serves_on(harness_cfg,
     run_until_idle(s, counts=counts)
     assert s.kvsched.recorder.stopped and counts.cached_tokens == 80  # served, and from the session's pin
     monkeypatch.setenv(ENV_MAX_MB, "0.0001")  # 100 characters: full after the first line
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "b.jsonl"))  # (a.jsonl's lines alone would reach the limit)
     s2 = _sched(harness_cfg)
     _run(s2, f, [list(range(100, 180)), list(range(400, 480))])
     rec = s2.kvsched.recorder
@@ -186,3 +187,24 @@ def test_a_request_preempted_before_its_first_output_counts_as_run() -> None:
     assert not request_ran(SimpleNamespace(num_computed_tokens=0, num_output_tokens=0, num_preemptions=0))
     assert request_ran(SimpleNamespace(num_computed_tokens=0, num_output_tokens=0, num_preemptions=1))
     assert request_ran(SimpleNamespace(num_computed_tokens=32, num_output_tokens=0, num_preemptions=0))
+
+
+def test_the_size_limit_bounds_every_recording_beside_the_path_together(harness_cfg, tmp_path, monkeypatch):
+    """An engine restarted over and over got a new FILE.N of the whole limit each time: the disk filled one limit at a
+    time. The limit now counts the recordings already there (FILE and FILE.N, nothing else beside them)."""
+    path = tmp_path / "rec.jsonl"
+    path.write_text("x" * 850)
+    (tmp_path / "rec.3.jsonl").write_text("x" * 400)
+    (tmp_path / "rec.old.jsonl").write_text("x" * 5000)  # not a numbered recording: not counted
+    (tmp_path / "other.jsonl").write_text("x" * 5000)
+    monkeypatch.setenv(ENV_RECORD, str(path))
+    monkeypatch.setenv(ENV_MAX_MB, "0.001")  # 1,000 bytes: 1,250 already recorded
+    s = _sched(harness_cfg)
+    assert s.kvsched.recorder is None and not (tmp_path / "rec.1.jsonl").exists()
+    _run(s, RequestFactory(BLOCK), [list(range(100, 180))], session_id="x")  # the engine serves on
+    (tmp_path / "rec.3.jsonl").unlink()  # 150 bytes left: the next engine records until they are spent
+    s2 = _sched(harness_cfg)
+    rec = s2.kvsched.recorder
+    assert rec is not None and rec.path == tmp_path / "rec.1.jsonl" and rec.recording.max_chars == 150
+    _run(s2, RequestFactory(BLOCK), [[100 + i for i in range(80)], [400 + i for i in range(80)]])
+    assert rec.stopped and rec.recording.written == 1
