@@ -208,3 +208,19 @@ def test_the_size_limit_bounds_every_recording_beside_the_path_together(harness_
     assert rec is not None and rec.path == tmp_path / "rec.1.jsonl" and rec.recording.max_chars == 150
     _run(s2, RequestFactory(BLOCK), [[100 + i for i in range(80)], [400 + i for i in range(80)]])
     assert rec.stopped and rec.recording.written == 1
+
+
+def test_a_recording_that_cannot_be_opened_is_logged_and_the_engine_starts(harness_cfg, tmp_path, monkeypatch):
+    """The start-up check passed, then the file could not be made (the directory went away, 10,000 recordings beside
+    it): that raised out of the scheduler's constructor and the engine did not start."""
+    from kvsched.adapters.vllm import trace_recorder
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "rec.jsonl"))
+    monkeypatch.setattr(trace_recorder, "open_new", refuse)
+    s = _sched(harness_cfg)
+    assert s.kvsched.recorder is None
+    _run(s, RequestFactory(BLOCK), [list(range(100, 180))], session_id="x")
+    assert s.kvsched.stats()["pins"] == 1
