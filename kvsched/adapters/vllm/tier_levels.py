@@ -236,7 +236,9 @@ class TierLevels(ArrivalReads):
             elif inline:
                 keys += [(k, SHARED) for k in self._held_run(rest)]
             elif request_id is not None and self.store.up:
-                want = rest
+                # From where the pool's hit ends, not past the host's and the disk's runs: those can lose blocks while
+                # the lookup is out, and an answer starting later than the run then ends would plan nothing.
+                want = [bytes(k) for k in chain[start:end]]
         self._look_up(owner, meta_key, request_id, want, moved)
         if not keys:
             return 0

@@ -396,3 +396,4 @@ def test_reads_skipped_while_the_store_is_down_leave_the_average_and_a_read_that
     assert book.submit(Lookup("r2", "s2", None, (b"b",), ("b-yes",)))  # down now: the guard would skip it
     assert book.flush(BOUND_S)
     assert book.poll()[0].seconds is None
+
