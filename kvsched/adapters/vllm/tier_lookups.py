@@ -1,6 +1,7 @@
 """The shared level's reads at a request's arrival, off the scheduler thread once the store is slow: the session's
 metadata (its first request on this engine: did another replica serve its last turn?) and which of the blocks past what
-the pool, the host tier and the disk hold the store has (a pipelined EXISTS).
+the pool holds the store has (a pipelined EXISTS; from the pool's end, not the host tier's or the disk's, whose blocks
+can leave while the lookup is out).
 
 A fast store is read inline, on vLLM's scheduler thread, and the fetch is planned at the arrival (tier_levels,
 `kvsched.core.store_health.ReadCost`). Inline, a slow or hung store would cost every running request up to the store's
