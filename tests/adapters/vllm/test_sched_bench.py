@@ -1,4 +1,7 @@
-"""`kvsched bench sched`: the per-pair summary and the options (no scheduler runs here)."""
+"""`kvsched bench sched`: the per-pair summary, the options, and what a step's time covers (a few steps of vLLM's real
+scheduler)."""
+
+import time
 
 import pytest
 
@@ -27,3 +30,44 @@ def test_options():
     assert args.cpu is None and not args.aa  # pinned to the highest usable CPU by default; kvsched on the other side
     args = build_parser().parse_args(["bench", "sched", "--cpu", "-1", "--aa"])
     assert args.cpu == -1 and args.aa
+    assert not args.tier and build_parser().parse_args(["bench", "sched", "--tier"]).tier
+
+
+def test_a_steps_time_covers_the_add_request_of_the_turns_it_finished(harness_cfg):
+    """Found by review: kvsched's add_request hook (the request's session, lineage, the policy) was left out of the
+    timed step; stock's add_request is cheap, so the ratio read low."""
+    pytest.importorskip("vllm")
+    from kvsched.adapters.vllm.harness import STOCK_SCHEDULER
+    from kvsched.bench.sched import _Round
+
+    rnd = _Round(STOCK_SCHEDULER, harness_cfg.model_dir, 0)
+    add = rnd.s.add_request
+
+    def slow_add(request):
+        time.sleep(0.002)
+        add(request)
+
+    rnd.s.add_request = slow_add
+    spent, finished = 0.0, 0
+    while finished == 0:
+        spent = rnd.step()
+        finished = rnd.work["finished_turns"]
+    assert spent >= 0.002 * finished
+    rnd.close()
+
+
+def test_the_tier_option_gives_the_kvsched_side_its_fp8_tier_and_the_same_load(harness_cfg):
+    pytest.importorskip("vllm")
+    from kvsched.adapters.vllm.harness import KVSCHED_SCHEDULER, STOCK_SCHEDULER
+    from kvsched.bench.sched import _Round, _same_load
+
+    sides = [_Round(STOCK_SCHEDULER, harness_cfg.model_dir, 0, tier=True),
+             _Round(KVSCHED_SCHEDULER, harness_cfg.model_dir, 0, tier=True)]
+    assert getattr(sides[0].s, "connector", None) is None and sides[1].s.connector.enabled
+    for _ in range(40):
+        for r in sides:
+            r.step()
+    stock, kvsched = (r.close() for r in sides)
+    assert _same_load(stock, kvsched, tier=True) and not _same_load(stock, kvsched, tier=False)
+    assert kvsched["scheduled_tokens"] < stock["scheduled_tokens"]  # the tier's restored tails
+    assert not _same_load(stock, kvsched | {"finished_turns": kvsched["finished_turns"] - 1}, tier=True)
