@@ -11,10 +11,13 @@ last, latest arrival first).
 Up to `exact_limit` pinned sessions the order is the exact scan: every candidate scored at the decision's time, through
 the policy's selector (the C++/Triton kernels in the engine). Beyond it a decision takes entries off the heap (O(log n)
 each); the one at the top is scored again at the decision's time and pushed back if its value rose since it was keyed.
-So the order is the scan's whenever values have not fallen since they were keyed; they fall as an idle session's
-expected return recedes with time, or when other sessions' gaps change its class's statistics, and its pin's TTL
-bounds how long such a stale key can last. tests/core/test_release_index.py checks heap against scan with unchanged
-values. Measured with the heap from 0 / 32 / unbounded pinned sessions: `kvsched simulate --generate --quick` 0.924 /
+Values also fall: an idle session's expected return recedes with its idle time (past half its expected gap, roughly
+as 1/idle). Keyed once, a session long idle kept the high key of its first seconds and outlived a session whose turn
+had just ended (found by review: the heap's victim up to 44x the lowest value; on a generated trace at a 600 s TTL,
+0.945 of LRU's prefill against the scan's 0.902). So a session keyed at idle time i is keyed again once its idle time
+reaches 2i + REKEY_FLOOR_S (a second heap of due times, looked at by each decision): its key is never more than one
+doubling of idle time old, O(log TTL) keyings per idle spell. tests/core/test_release_index.py checks heap against
+scan with unchanged values, and the victim's value against the scan's lowest as time runs. Measured with the heap from 0 / 32 / unbounded pinned sessions: `kvsched simulate --generate --quick` 0.924 /
 0.920 / 0.918 of OPT's saving; the Mooncake conversation trace (live 3x) 135,120,095 / 135,120,095 / 135,122,143
 prefill tokens, replayed in 1.30 / 1.34 / 1.85 s (LRU 0.44 s; Xeon, one core).
 """
@@ -31,6 +34,7 @@ from kvsched.core.scoring import Candidate, select_lowest
 from kvsched.core.sessions import SessionKey
 
 EXACT_LIMIT = 32  # pinned sessions up to which a decision scans them all (~5 us per session, with the value)
+REKEY_FLOOR_S = 1.0  # a key is looked at again after at most its idle time at keying plus this
 
 Score = Callable[[SessionRecord, float], float]
 CandidateOf = Callable[[SessionRecord, float], Candidate]
@@ -52,8 +56,9 @@ class ReleaseIndex:
         self._heap: list[Entry] = []  # idle pinned sessions (no request running or waiting), keyed when last seen
         self._queued: dict[SessionKey, SessionRecord] = {}  # pinned, a request waiting, none running
         self._dirty: dict[SessionKey, SessionRecord] = {}  # changed since the heap last looked: keyed at the next one
+        self._due: list[tuple[float, int, SessionKey]] = []  # (when its key is due again, version, session)
         self._versions = itertools.count(1)
-        self.counters = {"heap_pops": 0, "rescored": 0, "rebuilds": 0}
+        self.counters = {"heap_pops": 0, "rescored": 0, "rebuilds": 0, "rekeyed": 0}
 
     def __len__(self) -> int:
         return len(self.pinned)
@@ -99,13 +104,23 @@ class ReleaseIndex:
         return order + [key for *_, key in sorted(queued)]
 
     def _flush(self, now: float) -> None:
-        """Key the sessions changed since the last decision (all of them again when stale entries pile up)."""
-        rebuild = len(self._heap) + len(self._dirty) > 2 * len(self.pinned) + 64
+        """Key the sessions changed since the last decision and those whose key is due again (all of them again when
+        stale entries pile up)."""
+        due, pinned, dirty = self._due, self.pinned, self._dirty
+        while due and due[0][0] <= now:
+            _, version, key = heapq.heappop(due)
+            rec = pinned.get(key)
+            if rec is not None and rec.version == version and key not in dirty:
+                rec.version = next(self._versions)  # its old entry is stale from here
+                dirty[key] = rec
+                self.counters["rekeyed"] += 1
+        rebuild = len(self._heap) + len(dirty) > 2 * len(pinned) + 64 or len(due) > 4 * len(pinned) + 64
         if rebuild:
             self.counters["rebuilds"] += 1
-            self._heap, self._queued, self._dirty = [], {}, dict(self.pinned)
+            self._heap, self._queued, self._dirty, self._due = [], {}, dict(pinned), []
+            due, dirty = self._due, self._dirty
         push = self._heap.append if rebuild else functools.partial(heapq.heappush, self._heap)
-        for rec in self._dirty.values():
+        for rec in dirty.values():
             self._queued.pop(rec.key, None)
             if rec.active_requests:
                 continue  # in use: never a victim; its next event (the turn's end) keys it again
@@ -113,9 +128,12 @@ class ReleaseIndex:
                 self._queued[rec.key] = rec
             else:
                 push((self.score(rec, now), rec.activity, rec.version, rec.key))
+                last = rec.last_finished
+                idle = now - last if last is not None and now > last else 0.0
+                heapq.heappush(due, (now + idle + REKEY_FLOOR_S, rec.version, rec.key))
         if rebuild:
             heapq.heapify(self._heap)
-        self._dirty.clear()
+        dirty.clear()
 
     def _from_heap(self, now: float, skip: set[SessionKey]) -> Iterator[SessionKey]:
         self._flush(now)

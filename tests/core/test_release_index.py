@@ -172,3 +172,34 @@ def test_the_scans_shortcut_for_the_reference_selector_orders_as_the_selector_do
         assert out[0] == out[1] and short.release_order() == full.release_order()
         released += len(out[1][-1])
     assert released > 50
+
+
+@pytest.mark.parametrize("exact_limit", [0, 10**9])
+def test_sessions_long_idle_are_released_before_one_whose_turn_just_ended(exact_limit):
+    """Found by review: the heap kept the value a session had when it was keyed. An idle session's value falls as its
+    expected return recedes, so forty sessions keyed 3 s into their idle time kept those keys ~200 s later, and the
+    session whose turn had just ended (44x their value) was released first. Keys are now looked at again each time a
+    session's idle time doubles."""
+    clock = FakeClock()
+    p = RetentionPolicy(replace(RetentionConfig(), default_ttl_s=600.0), clock, 100_000, bytes_per_token=1024.0)
+    p.index.exact_limit = exact_limit
+    hints = TurnHints()
+    keys = [SessionKey(SessionId(f"s{i}")) for i in range(40)]
+    for gap in (0.0, 4.0):  # two turns each, 4 s apart
+        clock.advance(gap)
+        for k in keys:
+            p.request_arrived(k, hints)
+            p.turn_started(k, 320 if gap else 0)
+            p.turn_finished(k, hints, 320, 20)
+    clock.advance(3.0)
+    p.release_order()  # a decision keys them, 3 s idle
+    clock.advance(193.0)
+    p.request_arrived(keys[0], hints)
+    p.turn_started(keys[0], 320)
+    p.turn_finished(keys[0], hints, 320, 20)
+    released = [r.key for r in p.release_for_pressure(20)]
+    assert released and keys[0] not in released
+    now = clock()
+    lowest = min(p.score(p.sessions[k], now) for k in keys)
+    assert all(p.score(p.sessions[k], now) == lowest for k in released)
+    assert exact_limit or p.index.counters["rekeyed"] >= 39
