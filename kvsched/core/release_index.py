@@ -91,7 +91,7 @@ class ReleaseIndex:
             if rec.key in skip or rec.active_requests > 0:
                 continue
             if rec.waiting:
-                queued.append((-(rec.waiting_since or now), len(queued), rec.key))
+                queued.append((-(now if rec.waiting_since is None else rec.waiting_since), len(queued), rec.key))
                 continue
             recs.append(rec)
         if not recs:
@@ -159,7 +159,7 @@ class ReleaseIndex:
                 aside.append(heapq.heappop(heap))
                 taken.add(key)
                 yield key
-            queued = sorted((-(r.waiting_since or now), r.activity, k) for k, r in self._queued.items()
+            queued = sorted((-(now if r.waiting_since is None else r.waiting_since), r.activity, k) for k, r in self._queued.items()
                             if k not in skip and k not in taken and k not in self._dirty)
             for *_, key in queued:
                 yield key

@@ -15,6 +15,7 @@ history is prefilled again), and the engine serves its queue in arrival order.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable
@@ -129,6 +130,12 @@ class RetentionPolicy(ReleaseValues):
             out.append(self._release(rec := self.sessions[key], ReleaseReason.PAYBACK))
             self.index.changed(rec)
         return out
+
+    def finish_hints(self, key: SessionKey, hints: TurnHints) -> TurnHints:
+        """A finishing request's hints as its session now stands: a session ended while the request ran ends with it
+        (no pin). The engine and the simulator both ask here (found by review: the simulator pinned it again)."""
+        rec = self.sessions.get(key)
+        return dataclasses.replace(hints, end=True) if rec is not None and rec.ended and not hints.end else hints
 
     def turn_finished(self, key: SessionKey, hints: TurnHints, tokens: int, blocks: int,
                       whole_only: bool = False) -> list[Decision]:

@@ -54,7 +54,7 @@ class ReleaseValues:
 
     def _value(self, rec: SessionRecord, now: float, tokens: int, bytes_per_token: float) -> float:
         """`candidate`'s value for `tokens` at `bytes_per_token`, without building it (the release order keys by it)."""
-        idle = max(now - (rec.last_finished or now), 0.0)
+        idle = max(now - rec.last_finished, 0.0) if rec.last_finished is not None else 0.0  # (0.0 is a time)
         return value_of(tokens, bytes_per_token, idle, self.expected_next_use_s(rec, idle), self.weight_of(rec),
                         rec.hits)
 
@@ -64,7 +64,7 @@ class ReleaseValues:
         return w * self.config.inferred_first_turn_weight if rec.key.inferred and rec.turns <= 1 else w
 
     def candidate(self, rec: SessionRecord, now: float) -> Candidate:
-        idle = max(now - (rec.last_finished or now), 0.0)
+        idle = max(now - rec.last_finished, 0.0) if rec.last_finished is not None else 0.0  # (0.0 is a time)
         return Candidate(tokens=rec.pinned_tokens, bytes_per_token=self.bytes_per_token, idle_s=idle,
                          next_use_s=self.expected_next_use_s(rec, idle), role_weight=self.weight_of(rec),
                          reuse_count=rec.hits, pinned=rec.active_requests > 0)

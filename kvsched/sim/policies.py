@@ -270,6 +270,7 @@ class KVSchedPolicy(SimPolicy):
         if entry is None:
             return
         key, hints = entry
+        hints = self.policy.finish_hints(key, hints)  # the session ended while this request ran: no pin
         if (beyond := self._reserved.pop(i, None)) is not None:
             self.policy.payback.reserve(-beyond)
         blocks = ids.tolist()

@@ -277,3 +277,17 @@ def test_a_score_is_reused_only_at_the_same_time_version_and_gap_epoch(clock):
     calls.clear()
     p.score(rec, now + 1.0)
     assert len(calls) == 1
+
+
+def test_a_turn_that_finished_at_time_zero_is_idle_from_then(clock):
+    """Found by review: `last_finished or now` read a finish at t == 0.0 (a simulator's first instant) as no finish,
+    and the session stayed "just finished" in the release order for good."""
+    clock.now = 0.0
+    p = RetentionPolicy(RetentionConfig(default_ttl_s=600.0), clock, 10_000, 1024.0)
+    k = SessionKey(SessionId("a"))
+    p.request_arrived(k, TurnHints())
+    p.turn_started(k, 0)
+    p.turn_finished(k, TurnHints(), 320, 20)
+    clock.advance(100.0)
+    rec = p.sessions[k]
+    assert p.candidate(rec, clock()).idle_s == 100.0 == p.views()[0].idle_s

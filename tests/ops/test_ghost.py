@@ -115,6 +115,13 @@ def test_digests_outside_a_uniform_list_are_sampled_by_the_same_rule_in_both() -
     assert books(ref) == books(cxx)
     with pytest.raises(TypeError):
         LruGhost(4).observe([bytes(32), bytearray(32)], 0, -1, 10)  # unhashable, as in the compiled ghost
+    # found by the third review: widths 2, 1, 3 sum to a multiple of the first, and the one-join slice sampled the
+    # second key by the third's first byte
+    for rate in (2, 8):
+        ref, cxx = LruGhost(rate), new_ghost(rate, "cxx")
+        uneven = [b"\0\0", b"\xff", b"\xff\0\0"]
+        assert tuple(ref.observe(uneven, 3, -1, 100)) == tuple(cxx.observe(list(uneven), 3, -1, 100))
+        assert books(ref) == books(cxx)
 
 
 def test_a_key_whose_hash_changes_the_list_does_not_crash_the_compiled_ghost() -> None:

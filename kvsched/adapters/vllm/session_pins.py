@@ -5,7 +5,6 @@ Lives in the engine-core process, driven by KVSchedScheduler's hooks; every call
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -149,9 +148,7 @@ class SessionPins:
         if entry is None:
             return
         key, hints = entry
-        rec = self.policy.sessions.get(key)
-        if rec is not None and rec.ended and not hints.end:  # the session ended while this request ran: no pin
-            hints = dataclasses.replace(hints, end=True)
+        hints = self.policy.finish_hints(key, hints)  # the session ended while this request ran: no pin
         if request.request_id not in self.started:  # finished (aborted) before it ever ran
             self.policy.request_abandoned(key)
             self.resolver.abandoned(request.request_id, key)
