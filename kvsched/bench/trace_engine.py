@@ -5,10 +5,14 @@ of such a trace to `vllm serve` itself (the tiny model, one engine block per tra
 open loop at the trace's own arrival times, to each side in turn on the same pool:
 - `stock`: vLLM as shipped (its LRU prefix cache);
 - `kvsched-no-tier`: `--scheduler kvsched --kvsched-fp8-tier-gb 0` (pins and release order alone);
-- `kvsched`: `--scheduler kvsched` as shipped, its FP8 host tier at the default size (2x the pool).
+- `kvsched`: `--scheduler kvsched` as shipped, its FP8 host tier at the default size (2x the pool's bytes: ~4x its
+  blocks in FP8);
+- `stock-same-memory`: stock vLLM whose pool has the bytes of kvsched's pool and tier together, in its own bf16 blocks
+  (3x the blocks): the baseline of the same KV memory (BENCH_PROTOCOL rule 1; found by review: the tier side was
+  compared only with stock on the pool alone, a third of its memory).
 Every request carries its trace session as `X-Session-Id` (stock ignores it). The pool is `--pressure` times smaller
 than the window's peak live block set (the simulator's live basis), and the simulator replays the same window at the
-same pool (LRU, kvsched, OPT) in the same invocation: its prediction beside each measured side. Counts are vLLM's own
+same pool (LRU, kvsched, OPT; and LRU on the same-memory pool) in the same invocation: its prediction beside each measured side. Counts are vLLM's own
 (/metrics): prefill computed = prompt tokens less prefix-cache hits less tokens a KV connector loaded.
 
 The sides run one after another in the order given (each server started beforehand, stopped after its side), each
@@ -34,9 +38,11 @@ from typing import Any
 from kvsched.bench.common import percentile, provenance, table, write_json
 from kvsched.bench.plots import grouped_bars, save_beside
 from kvsched.bench.trace_prompts import ReplayPlan, ReplayRequest, plan, window
+from kvsched.core.tier_config import AUTO_POOL_MULTIPLE
 
 SIDES = {"stock": (None, []), "kvsched-no-tier": ("kvsched", ["--kvsched-fp8-tier-gb", "0"]),
-         "kvsched": ("kvsched", [])}
+         "kvsched": ("kvsched", []), "stock-same-memory": (None, [])}
+SAME_MEMORY = 1 + AUTO_POOL_MULTIPLE  # the pool's bytes and the default tier's (2x the pool's), as bf16 pool blocks
 BLOCK_TOKENS = 32  # the CPU backend's preferred block size
 MODEL = "replay"
 MAX_WORKERS = 256  # requests in flight at once (open loop: a slow side queues in the engine, not here)
@@ -153,9 +159,15 @@ def measured(outcomes: list[dict[str, Any]], before: dict[str, float], after: di
     return out
 
 
+def same_memory_blocks(num_blocks: int) -> int:
+    """The stock-same-memory side's pool: the usable blocks times SAME_MEMORY, plus vLLM's null block."""
+    return round((num_blocks - 1) * SAME_MEMORY) + 1
+
+
 def predicted(trace: Any, capacity_blocks: int, tier: tuple[int, int] | None = None) -> dict[str, Any]:
-    """The simulator on the same window at the same pool: prefill (trace tokens) per policy, and over LRU's; with
-    `tier` (the kvsched side's measured tier bytes and bytes per slot), kvsched with a tier of as many slots."""
+    """The simulator on the same window at the same pool: prefill (trace tokens) per policy, and over LRU's; LRU on
+    the same-memory pool; with `tier` (the kvsched side's measured tier bytes and bytes per slot), kvsched with a tier
+    of as many slots."""
     from dataclasses import replace
 
     from kvsched.core.config import RetentionConfig
@@ -163,6 +175,8 @@ def predicted(trace: Any, capacity_blocks: int, tier: tuple[int, int] | None = N
 
     cfg = ReplayConfig(capacity_blocks=capacity_blocks, retention=RetentionConfig.from_env())
     runs = {p: replay(trace, p, cfg) for p in ("lru", "kvsched", "opt")}
+    runs["lru, same memory"] = replay(trace, "lru", replace(cfg, capacity_blocks=same_memory_blocks(capacity_blocks + 1)
+                                                            - 1))
     if tier is not None:
         runs["kvsched + FP8 tier"] = replay(trace, "kvsched", replace(cfg, tier_bytes=tier[0], tier_block_bytes=tier[1]))
     lru = runs["lru"].prefill_tokens_computed or 1
@@ -264,10 +278,12 @@ def run_benchmark(setup: Setup, checkpoint: Callable[[dict[str, Any]], None] | N
               "num_blocks": num_blocks, "block_tokens": BLOCK_TOKENS, "trace_block_size": p.trace_block_size,
               "max_model_len": setup.max_model_len, "model_size": args.model_size,
               "max_output_tokens": args.max_output_tokens, "planned_prompt_tokens": planned_prompt,
-              "warmup_requests": WARMUP_REQUESTS, "order": setup.sides}
+              "warmup_requests": WARMUP_REQUESTS, "order": setup.sides,
+              "same_memory_num_blocks": same_memory_blocks(num_blocks)}
     servers = {name: VllmServer(ServerSpec(model=model_dir, scheduler=SIDES[name][0],
                                            max_model_len=setup.max_model_len, block_size=BLOCK_TOKENS,
-                                           num_blocks=num_blocks, served_model_name=MODEL, extra_args=SIDES[name][1]))
+                                           num_blocks=same_memory_blocks(num_blocks) if name == "stock-same-memory"
+                                           else num_blocks, served_model_name=MODEL, extra_args=SIDES[name][1]))
                for name in setup.sides}
     measured_sides: dict[str, Any] = {}
     try:

@@ -135,8 +135,10 @@ class LruGhost:
         width = len(keys[0])  # type: ignore[arg-type]
         if not width or set(map(type, keys)) != {bytes}:  # a key not exactly bytes (a subclass, a bytearray, another
             return None  # type): the generic path, as the compiled ghost samples only exact bytes by their first byte
-        if set(map(len, keys)) != {width}:  # (found by review: a total length check let [2, 1, 3] bytes through, and
-            return None  # the slice below then sampled bytes that are not each key's first)
+        # found by review: a check of the total length let widths 2, 1, 3 through, and the slice below then sampled
+        # bytes that are not each key's first
+        if set(map(len, keys)) != {width}:  # type: ignore[arg-type]
+            return None
         return head + b"".join(keys)[::width].translate(table)  # type: ignore[arg-type]
 
     def _sampled(self, keys: Sequence[Hashable]) -> Iterator[tuple[int, Hashable]]:
