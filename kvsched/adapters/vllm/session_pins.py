@@ -5,13 +5,13 @@ Lives in the engine-core process, driven by KVSchedScheduler's hooks; every call
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.decision_trace import DecisionTrace
 from kvsched.adapters.vllm.pin_pool import VllmPinPool
 from kvsched.adapters.vllm.session_admin import handle_admin
 from kvsched.adapters.vllm.session_lineage import SessionResolver
@@ -69,7 +69,7 @@ class SessionPins:
         self.recorder = TraceRecorder.from_env(scheduler, self.enabled)  # KVSCHED_RECORD_TRACE: this engine's traffic
         # KVSCHED_TRACE=FILE: one JSON line per applied decision, for replaying what the policy did.
         trace = trace_path()
-        self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115 - lives as long as the engine
+        self._trace = DecisionTrace.open(trace)
         self._trace_scores = self._trace is not None and trace_scores()  # KVSCHED_TRACE_SCORES: also the scores
         if self._trace is not None:
             self.pins.before_apply = self._write_trace
@@ -128,9 +128,9 @@ class SessionPins:
                 continue
             self.started.add(new.req_id)
             if self._trace is not None:
-                self._trace.write(json.dumps({"t": round(self.policy.clock(), 4), "session": str(entry[0].session_id),
-                                              "op": "start", "cached": int(new.num_computed_tokens),
-                                              "prompt": len(new.prompt_token_ids or ())}) + "\n")
+                self._trace_row({"t": round(self.policy.clock(), 4), "session": str(entry[0].session_id),
+                                 "op": "start", "cached": int(new.num_computed_tokens),
+                                 "prompt": len(new.prompt_token_ids or ())})
             if self.prefetcher is not None:
                 self.prefetcher.on_turn_started(entry[0], int(new.num_computed_tokens), new.req_id)
             if self._payback:
@@ -257,8 +257,8 @@ class SessionPins:
         if not self.pins.adopt(key, head, new):
             return  # over the budget: not kept
         if self._trace is not None:
-            self._trace.write(json.dumps({"t": round(self.policy.clock(), 4), "session": str(key.session_id),
-                                          "op": "prefetch", "blocks": len(new)}) + "\n")
+            self._trace_row({"t": round(self.policy.clock(), 4), "session": str(key.session_id), "op": "prefetch",
+                             "blocks": len(new)})
 
     def reset_can_succeed(self) -> bool:
         """vLLM's prefix-cache reset needs every block free: True if the pins alone hold the used ones. Found by
@@ -305,10 +305,16 @@ class SessionPins:
                     from kvsched.core.scoring import retention_value
                     row["scores"] = sorted(
                         (round(retention_value(self.policy.candidate(r, now)) * 1e12, 4), str(k.session_id),
-                         r.pinned_blocks, round(r.expected_gap_s, 2), round(now - (r.last_finished or now), 2),
+                         r.pinned_blocks, round(r.expected_gap_s, 2), round(now - r.last_finished if r.last_finished is not None else 0.0, 2),
                          r.active_requests)
                         for k, r in self.policy.sessions.items() if r.pinned_blocks)
-            self._trace.write(json.dumps(row) + "\n")
+            self._trace_row(row)
+
+    def _trace_row(self, row: dict[str, Any]) -> None:
+        """One line of KVSCHED_TRACE; a failed write stops the trace (logged), never the engine."""
+        if self._trace is not None and not self._trace.write(row):
+            self._trace = None
+            self.pins.before_apply = None
 
     def _unpin(self, key: SessionKey, blocks: int | None = None, demote: bool = False) -> None:
         self.pins.unpin(key, blocks, demote)
