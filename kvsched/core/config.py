@@ -171,12 +171,18 @@ class RetentionConfig:
             except ValueError as exc:
                 raise ValueError(f"{var}={raw!r}: {exc}") from None
         try:
-            return replace(cls(), **updates)
+            config = replace(cls(), **updates)
         except ValueError as exc:  # out of range: name the variable that set it
             # the field the message starts with (payback_gain is a substring of payback_gain_down)
             names = sorted((n for n in updates if str(exc).startswith(n + " ")), key=len, reverse=True) or \
                 [n for n in updates if n in str(exc)]
             raise ValueError(f"KVSCHED_{names[0].upper() if names else '*'}: {exc}") from None
+        # Found by review: a default TTL set above the cap was cut to the cap without a word. (The cap alone below the
+        # default, e.g. KVSCHED_MAX_TTL_S=0 to record a deployment with no pins, caps it as documented.)
+        if "default_ttl_s" in updates and config.default_ttl_s > config.max_ttl_s:
+            raise ValueError(f"KVSCHED_DEFAULT_TTL_S={config.default_ttl_s:g} is above KVSCHED_MAX_TTL_S="
+                             f"{config.max_ttl_s:g}, which caps every TTL: raise KVSCHED_MAX_TTL_S too")
+        return config
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values (for result files and logs)."""

@@ -291,3 +291,11 @@ def test_a_turn_that_finished_at_time_zero_is_idle_from_then(clock):
     clock.advance(100.0)
     rec = p.sessions[k]
     assert p.candidate(rec, clock()).idle_s == 100.0 == p.views()[0].idle_s
+
+
+def test_a_default_ttl_above_the_cap_is_refused_but_the_cap_alone_still_caps_it():
+    """Found by review: KVSCHED_DEFAULT_TTL_S=700 served 600 s pins (the cap) without a word."""
+    with pytest.raises(ValueError, match="KVSCHED_DEFAULT_TTL_S=700 is above KVSCHED_MAX_TTL_S=600"):
+        RetentionConfig.from_env({"KVSCHED_DEFAULT_TTL_S": "700"})
+    assert RetentionConfig.from_env({"KVSCHED_DEFAULT_TTL_S": "700", "KVSCHED_MAX_TTL_S": "900"}).ttl_for(None) == 700
+    assert RetentionConfig.from_env({"KVSCHED_MAX_TTL_S": "0"}).ttl_for(None) == 0  # record a deployment: no pins
