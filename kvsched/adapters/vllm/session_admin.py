@@ -6,6 +6,7 @@ middleware built after authenticating the caller (`kvsched.core.tenancy.Caller`)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, Protocol
 
@@ -17,6 +18,7 @@ from kvsched.core.tenancy import DEFAULT_PAGE, Caller, InvalidQuery, PageQuery, 
 
 class Pins(Protocol):
     policy: RetentionPolicy
+    pinned: dict[SessionKey, list[list[Any]]]  # per session, its pinned blocks per KV-cache group (vLLM's blocks)
 
     def _end(self, key: SessionKey) -> None: ...
 
@@ -36,7 +38,7 @@ def handle_admin(pins: Pins, op: str, args: tuple[Any, ...]) -> dict[str, Any] |
                 return {"pinned_session_ids": sorted({str(k.session_id) for k, r in pins.policy.sessions.items()
                                                       if r.pinned_blocks > 0 and who.owns(k)})}
             return list_sessions(pins.policy, _caller(caller), PageQuery(
-                int(limit), decode_cursor(cursor) if cursor else None, bool(summary)))
+                int(limit), decode_cursor(cursor) if cursor else None, bool(summary)), pins.pinned)
         if op == "end":
             sid = validate_session_id(args[0])
             return end_sessions(pins, _caller(args[1] if len(args) > 1 else None), lambda k: k.session_id == sid)
@@ -51,11 +53,18 @@ def _caller(args: Any) -> Caller:
     return Caller(admin=True) if args is None else Caller.from_args(args)
 
 
-def list_sessions(policy: RetentionPolicy, caller: Caller, query: PageQuery) -> dict[str, Any]:
+def list_sessions(policy: RetentionPolicy, caller: Caller, query: PageQuery,
+                  pinned: Mapping[SessionKey, list[list[Any]]] | None = None) -> dict[str, Any]:
+    """A page of the caller's sessions, or their counts (`query.summary`). `pinned`: the blocks each pin holds, so
+    that the summary counts a block several sessions share (a common system prompt) once, as `/metrics` does (found
+    by review: 97 blocks reported in a pool of 47); `pinned_session_blocks` is the per-session sum."""
     mine = [(k, r) for k, r in policy.sessions.items() if caller.owns(k)]
     if query.summary:
+        per_session = sum(r.pinned_blocks for _, r in mine)
+        distinct = per_session if pinned is None else len(
+            {b.block_id for k, _ in mine for group in pinned.get(k, ()) for b in group})
         return {"summary": {"sessions": len(mine), "pinned_sessions": sum(1 for _, r in mine if r.pinned),
-                            "pinned_blocks": sum(r.pinned_blocks for _, r in mine),
+                            "pinned_blocks": distinct, "pinned_session_blocks": per_session,
                             "inferred_sessions": sum(1 for k, _ in mine if k.inferred)}}
     now = policy.clock()
     rows, cursor = page(mine, query)

@@ -206,3 +206,15 @@ def test_sessions_ended_by_their_last_turn_leave_no_lineage_state(cfg, clock):
         run_until_idle(s)
     assert s.kvsched.resolver.anchors == {} and s.kvsched.requests == {}
     assert not s.kvsched.policy.sessions and not s.kvsched.resolver.lineage.entries and pool_is_whole(s)
+
+
+def test_the_summary_counts_a_block_several_sessions_share_once(cfg, clock):
+    """Found by review: three sessions sharing a long system prompt summed to more pinned blocks than the pool has."""
+    s, f = _sched(cfg, clock), RequestFactory(BLOCK)
+    system = list(range(100, 164))  # 4 blocks every session shares
+    for i in range(3):
+        s.add_request(f.make(system + [500 + i] * 32, 2, session_id=f"s{i}"))  # + 2 blocks of its own
+    run_until_idle(s)
+    summary = s("list", Caller(admin=True).as_args(), 100, None, True)["summary"]
+    assert summary["pinned_session_blocks"] == 3 * 6
+    assert summary["pinned_blocks"] == 4 + 3 * 2 == s.kvsched.stats()["pinned_blocks"]
