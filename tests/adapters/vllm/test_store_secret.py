@@ -119,3 +119,24 @@ def test_engine_processes_inherit_the_url(no_store_env, method: str) -> None:
         assert queue.get(timeout=60) == URL
     finally:
         proc.join(30)
+
+
+@pytest.mark.parametrize(("env", "extra", "policy", "named"), [
+    ("nan", {}, "recompute", "KVSCHED_FP8_TIER_GB='nan'"),
+    (None, {"tier_gb": -1}, "recompute", "tier_gb"),
+    (None, {"tier_gb": 0.01, "disk_gb": "lots"}, "recompute", "kv_connector_extra_config"),
+    (None, {"tier_gb": 0.01}, "fail", "kv_load_failure_policy"),
+])
+def test_a_users_kv_transfer_config_for_the_tier_is_checked_before_the_engine_starts(
+        serve_parser, no_store_env, monkeypatch, capsys, env, extra, policy, named) -> None:
+    """Found by review: KVSCHED_FP8_TIER_GB=nan with the tier's own --kv-transfer-config passed the parser and failed
+    in the engine after the model loaded, without naming the variable."""
+    from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, MODULE_PATH
+
+    if env is not None:
+        monkeypatch.setenv("KVSCHED_FP8_TIER_GB", env)
+    user = {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": MODULE_PATH, "kv_role": "kv_both",
+            "kv_load_failure_policy": policy, "kv_connector_extra_config": extra}
+    with pytest.raises(SystemExit):
+        serve_parser.parse_args(["--scheduler", "kvsched", "--kv-transfer-config", json.dumps(user)])
+    assert named in capsys.readouterr().err

@@ -99,8 +99,10 @@ def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
         if asked is not None or levels:
             parser.error("--kvsched-fp8-tier-gb / --kvsched-disk-tier-* / --kvsched-store-url set "
                          "--kv-transfer-config; pass only one of them")
-        if getattr(user, "kv_connector", None) == CONNECTOR_NAME and getattr(user, "kv_connector_extra_config", None):
-            user.kv_connector_extra_config = hide_store_secret(dict(user.kv_connector_extra_config))
+        if getattr(user, "kv_connector", None) == CONNECTOR_NAME:
+            _check_user_tier(parser, user)
+            if getattr(user, "kv_connector_extra_config", None):
+                user.kv_connector_extra_config = hide_store_secret(dict(user.kv_connector_extra_config))
         return  # the user's own connector (the tier's JSON, or another one): kvsched runs without adding its tier
     gib = parse_tier_gib(asked) if asked is not None else _env_tier_gib(parser)
     if gib == 0:
@@ -124,6 +126,34 @@ def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
     # the KVTransferConfig vLLM logs
     cfg["kv_connector_extra_config"] = hide_store_secret(cfg["kv_connector_extra_config"])
     ns.kv_transfer_config = KVTransferConfig(**cfg)
+
+
+def _check_user_tier(parser: Any, user: Any) -> None:
+    """A --kv-transfer-config naming the tier's connector: its size (or KVSCHED_FP8_TIER_GB without one), levels and
+    load-failure policy checked now, as the flags are. Found by review: a bad size first failed in the engine, after
+    the model loaded, inside vLLM's tracebacks and without naming the variable."""
+    from kvsched.adapters.vllm.tier_host import host_memory
+    from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
+    from kvsched.core.disk_tier import DiskConfigError
+    from kvsched.core.tier_config import TierConfigError, check_fits_host, parse_tier_gib
+
+    extra = dict(getattr(user, "kv_connector_extra_config", None) or {})
+    if "tier_gb" not in extra:
+        _env_tier_gib(parser)  # refused naming the variable
+    else:
+        try:
+            gib = parse_tier_gib(extra["tier_gb"])
+            if gib:
+                check_fits_host(int(gib * 2**30), host_memory()[0])
+        except TierConfigError as exc:
+            parser.error(f"--kv-transfer-config kv_connector_extra_config.tier_gb: {exc}")
+    try:
+        LevelsConfig.from_extra(extra)
+    except (DiskConfigError, ValueError) as exc:
+        parser.error(f"--kv-transfer-config kv_connector_extra_config: {exc}")
+    if getattr(user, "kv_load_failure_policy", "recompute") != "recompute":
+        parser.error("--kv-transfer-config: kvsched's FP8 tier needs \"kv_load_failure_policy\": \"recompute\" (a slot "
+                     "that fails its checksum must be recomputed, not fail the request)")
 
 
 def _env_tier_gib(parser: Any) -> float | None:
