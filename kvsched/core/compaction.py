@@ -223,7 +223,8 @@ class CompactionStore:
                 while start < cut and msgs[start].get("role") != "user":
                     size -= counts[start] + o
                     start += 1
-            if start >= cut:
+            if start >= cut:  # counted: a summary target near the context leaves room for none (found by review)
+                self.counters["summaries_no_room"] += 1
                 return None
             if start > (cp.replaced if cp is not None else system_count):
                 self.counters["summary_inputs_cut"] += 1

@@ -297,3 +297,12 @@ def test_shared_checkpoints_keep_their_conversation():
     assert decode_checkpoints(encode_checkpoints(cps)) == cps
     assert decode_checkpoints('[{"digest":"' + "a" * 64 + '","replaced":3,"system_count":1,"summary":"s",'
                               '"root":"bad"}]') == []  # a malformed root is never served
+
+
+def test_a_summary_with_no_room_for_its_input_is_counted(clock):
+    """Found by review: a summary target near the model's context (input limit 1) skipped every summary, counted
+    nowhere; the adapter also logs it once (tests/adapters/vllm/test_compaction.py)."""
+    s = store(clock)
+    msgs = conversation(60) + [{"role": "user", "content": "next"}]
+    assert s.plan("s1", msgs, counts(msgs), None, input_limit=1).job is None
+    assert s.counters["summaries_no_room"] == 1

@@ -97,6 +97,7 @@ class Compactor:
         self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}  # (session key, conversation root) -> its call
         self.counters: Counter[str] = Counter()
         self.summary_seconds = 0.0
+        self._no_room_logged = False
         self.tokens = TokenCounter(tokenizer)  # message tokens with the served tokenizer, never stalling the loop
         self.shared = SharedCheckpoints.from_env()  # checkpoints in the shared store (KVSCHED_STORE_URL), if any
 
@@ -269,7 +270,15 @@ class Compactor:
         """The most prompt tokens a summary call may send: the served model's context, less the summary's tokens and
         a margin for the chat template (None if the server does not say)."""
         context = self.tokens.context_tokens(scope)
-        return max(int(context * 0.9) - self.config.summary_target_tokens, 1) if context else None
+        if not context:
+            return None
+        room = int(context * 0.9) - self.config.summary_target_tokens
+        if room <= 0 and not self._no_room_logged:  # every summary is then skipped (counted): say why, once
+            self._no_room_logged = True
+            logger.error("kvsched compaction: a summary of %d tokens (KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS) leaves "
+                         "no room for its input in the served model's context of %d tokens: no summary will be made; "
+                         "lower it below %d", self.config.summary_target_tokens, context, int(context * 0.9))
+        return max(room, 1)
 
     # ---- metrics ------------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
@@ -284,6 +293,7 @@ class Compactor:
             "summary_seconds": self.summary_seconds,
             "windows": float(s["windows"]),
             "summary_inputs_cut": float(s["summary_inputs_cut"]),
+            "summaries_no_room": float(s["summaries_no_room"]),
             "refused_requests": float(s["refused"]),
             "opt_outs": float(c["opt_outs"]),
             "oversized_requests": float(c["oversized_requests"]),

@@ -313,6 +313,21 @@ def test_the_summary_call_fits_the_served_models_context():
     assert words <= 200 * 0.9 - 32 and comp.store.counters["summary_inputs_cut"] == 1
 
 
+def test_a_summary_target_that_leaves_no_room_in_the_context_is_logged_once_and_counted(caplog):
+    """Found by review: KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS at 0.9 of the context or more made no summary, with
+    every counter at 0 and nothing logged."""
+    from types import SimpleNamespace
+
+    app = FakeVllm()
+    app.state = SimpleNamespace(engine_client=SimpleNamespace(model_config=SimpleNamespace(max_model_len=200)))
+    comp = compactor(app, wait_for_summary=True, summary_target_tokens=500)
+    for session in ("a", "b"):
+        out = run(comp.prepare(dict(SCOPE, app=app), request(40, session=session), {}))
+        assert out.replaced == 0
+    assert not app.calls and comp.stats()["summaries_no_room"] == 2
+    assert sum("leaves no room" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_rewrite_ends_the_branch_of_a_turn_served_as_sent_and_of_many_new_messages():
     """Found by review: a turn served with compaction off or under the cap carried no conversation digest, and a
     rewrite listed only its messages' 32 newest prefixes, so the branch it left was not ended when the client switched
