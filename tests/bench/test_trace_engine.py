@@ -44,3 +44,24 @@ def test_a_termination_signal_runs_the_finally_that_stops_the_servers(sig):
             stopped.append(True)
     assert stopped == [True] and exc.value.code == 128 + sig
     assert signal.getsignal(sig) == before  # the handler is put back
+
+
+def test_the_same_memory_side_gets_the_bytes_of_the_pool_and_the_default_tier_in_pool_blocks():
+    """Found by review: the kvsched side (its FP8 tier at the default 2x the pool's bytes) was compared only with stock
+    on the pool alone. The stock-same-memory side's pool holds the bytes of both in bf16 blocks: 3x the usable blocks."""
+    from kvsched.bench.trace_engine import SIDES, same_memory_blocks
+    from kvsched.core.tier_config import AUTO_POOL_MULTIPLE
+
+    assert AUTO_POOL_MULTIPLE == 2.0 and same_memory_blocks(2654) == 3 * 2653 + 1  # (+ vLLM's null block)
+    assert SIDES["stock-same-memory"] == SIDES["stock"]
+
+
+def test_the_simulator_predicts_lru_on_the_same_memory_pool_too():
+    from kvsched.bench.trace_engine import predicted
+    from kvsched.sim.trace import Trace, TraceRequest
+
+    reqs = [TraceRequest(t=float(i), session=f"s{i % 6}", prompt_tokens=16 * (4 + i // 6), output_tokens=0,
+                         blocks=list(range(100 * (i % 6), 100 * (i % 6) + 4 + i // 6))) for i in range(36)]
+    sim = predicted(Trace.from_requests(16, reqs), capacity_blocks=12)
+    same = sim["lru, same memory"]
+    assert same["prefill_tokens_computed"] < sim["lru"]["prefill_tokens_computed"]  # 36 blocks hold more sessions
