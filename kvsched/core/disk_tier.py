@@ -190,7 +190,9 @@ class DiskDirectory:
 
     def _evict(self, exclude: Owner, deleted: list[Key]) -> bool:
         """Free one written block: an unclaimed one (oldest first), else the tail block of the lowest-value other
-        session worth less than `exclude`. False if nothing may go."""
+        session worth less than `exclude`. False if nothing may go. A loop, not a recursion per shared block peeled
+        off a victim (found by review: sessions sharing a long system prompt exceeded Python's recursion limit, and
+        the RecursionError reached the engine step)."""
         for key in self.written:
             if not self.owners.get(key):
                 del self.written[key]
@@ -198,6 +200,13 @@ class DiskDirectory:
                 deleted.append(key)
                 self.counters["evicted_blocks"] += 1
                 return True
+        while (victim := self._victim(exclude)) is not None:
+            if self._peel(victim, deleted):
+                return True
+        return False
+
+    def _victim(self, exclude: Owner) -> Owner | None:
+        """The lowest-value session other than `exclude` holding a written block, if worth less than `exclude`."""
         mine = self.value_of(exclude)
         best: tuple[float, int, Owner] | None = None
         for i, (owner, keys) in enumerate(self.keys_of.items()):
@@ -206,27 +215,30 @@ class DiskDirectory:
             value = self.value_of(owner)
             if value < mine and (best is None or (value, i) < best[:2]):
                 best = (value, i, owner)
-        if best is None:
-            return False
-        victim = best[2]
+        return None if best is None else best[2]
+
+    def _peel(self, victim: Owner, deleted: list[Key]) -> bool:
+        """`victim` gives up its written blocks tail first until one nobody else holds goes (True: its file is to be
+        deleted); a block another session shares stays, the victim no longer holds it. False once it holds none."""
         keys = self.keys_of[victim]
-        for j in range(len(keys) - 1, -1, -1):  # tail first
+        freed = False
+        for j in range(len(keys) - 1, -1, -1):
             key = keys[j]
             if key not in self.written:
                 continue
             del keys[j]
             owners = self.owners.get(key, set())
             owners.discard(victim)
-            if not keys:
-                del self.keys_of[victim]
             if not owners:  # shared with nobody else: the file goes
                 del self.written[key]
                 self.owners.pop(key, None)
                 deleted.append(key)
                 self.counters["evicted_blocks"] += 1
-                return True
-            return self._evict(exclude, deleted)  # still another session's: the victim no longer holds it
-        return False
+                freed = True
+                break
+        if not keys:
+            del self.keys_of[victim]
+        return freed
 
     def _unlink(self, key: Key) -> None:
         for owner in self.owners.pop(key, set()):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from kvsched.core.disk_tier import DiskConfigError, DiskDirectory, parse_disk_gib
@@ -87,3 +89,15 @@ def test_a_write_in_flight_when_its_session_ends_is_deleted_not_indexed() -> Non
     assert d.drop_owner("a") == []  # nothing written yet: nothing to delete now
     assert d.done("k0", True) is False and d.done("k1", True) is True and d.done("k2", False) is True
     assert d.match(["k0", "k1"], 0, 2) == 1 and d.size == 1 and d.counters["orphaned_writes"] == 1
+
+
+def test_an_eviction_peeling_a_long_shared_prefix_does_not_recurse() -> None:
+    """Found by review: `_evict` recursed once per shared block it peeled off a victim, so two sessions sharing a
+    prefix longer than Python's recursion limit raised RecursionError out of plan_writes (into the engine step)."""
+    n = sys.getrecursionlimit() + 100
+    d = directory(n + 1, {"a": 0.0, "b": 0.0, "c": 1.0})
+    shared = [f"sys{i}" for i in range(n)]
+    write_all(d, "a", shared)
+    write_all(d, "b", [*shared, "b-own"])  # the disk is full now
+    assert write_all(d, "c", ["c0"]) == ["b-own"]  # a peels off every shared block; b's own block goes
+    assert "a" not in d.keys_of and d.match(shared, 0, n) == n

@@ -31,7 +31,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from kvsched.adapters.vllm.tier_arrival_reads import SEEN_SESSIONS_MEMORY, ArrivalReads  # noqa: F401 - re-exported
 from kvsched.adapters.vllm.tier_blob import framed_len
@@ -51,6 +51,7 @@ DISK_DEFAULT_FREE_FRACTION = 0.5  # no --kvsched-disk-tier-gb: half the free spa
 # GPU: ~40,000 blocks of an 8B model). The sessions whose metadata was read: tier_arrival_reads.
 PUBLISHED_MEMORY = 200_000
 DISK, SHARED = "disk", "shared"
+_T = TypeVar("_T")
 SHARED_PUT = "shared_put"  # a worker's report: its put of this block to the shared store failed or was dropped
 
 
@@ -148,10 +149,11 @@ class TierLevels(ArrivalReads):
         """`owner`'s turn ended holding `blocks` ((content key, pool block id), prefix order): write the new ones
         behind, and its metadata to the store."""
         to_disk: set[bytes] = set()
-        if self.disk is not None and blocks:
-            plan = self.disk.plan_writes(owner, [k for k, _ in blocks])
-            to_disk.update(plan.write)
-            self.ops.deletes.extend(plan.delete)
+        if blocks:
+            plan = self._disk_call("planning a turn's writes", lambda d: d.plan_writes(owner, [k for k, _ in blocks]))
+            if plan is not None:
+                to_disk.update(plan.write)
+                self.ops.deletes.extend(plan.delete)
         shared = self.store is not None and self.store.up
         now = self.clock()
         for key, block_id in blocks:
@@ -175,15 +177,16 @@ class TierLevels(ArrivalReads):
         if slot in self._busy_slots():
             self.counters["spills_skipped"] += 1
             return
-        plan = self.disk.plan_writes(owner, [key])
+        plan = self._disk_call("planning a spill", lambda d: d.plan_writes(owner, [key]))
+        if plan is None:
+            return
         self.ops.deletes.extend(plan.delete)
         if plan.write:
             self.ops.spills.append(Spill(key, slot))
 
     def session_ended(self, owner: Any) -> None:
         self._seen_sessions.pop(owner, None)  # found by review: ended sessions stayed until the LRU bound pushed them
-        if self.disk is not None:
-            self.ops.deletes.extend(self.disk.drop_owner(owner))
+        self.ops.deletes.extend(self._disk_call("dropping an ended session", lambda d: d.drop_owner(owner)) or [])
         # A branch's end leaves the id's metadata (the id lives on); another replica's is never deleted (found by review)
         if self.store is not None and self.meta_writer is not None and not getattr(owner, "branch", 0):
             key = self._session_key(owner)
@@ -333,6 +336,21 @@ class TierLevels(ArrivalReads):
         return out
 
     # ---- internals ----------------------------------------------------------------------------------------------
+    def _disk_call(self, what: str, call: Callable[[DiskDirectory], _T]) -> _T | None:
+        """The disk's bookkeeping called from the engine step (a turn's end, a host-tier eviction inside a demotion,
+        a session's end): an exception there is logged and switches the disk level off (None) instead of taking the
+        engine down (found by review: a RecursionError in the eviction reached vLLM's step). Its files stay on disk
+        for the next start-up's scan; its writes in flight are reported to nobody."""
+        if self.disk is None:
+            return None
+        try:
+            return call(self.disk)
+        except Exception:  # noqa: BLE001 - a cache's bookkeeping never fails the step
+            logger.exception("kvsched disk tier: %s failed; running without the disk level from now on", what)
+            self.counters["disk_level_errors"] += 1
+            self.disk = None
+            return None
+
     def _session_key(self, owner: Any) -> str:
         """The id's key whatever the branch: branch numbers are this engine's (kvsched.core.lineage), so another
         replica could never find a branch's key, and a session compacted into a new branch here would not count as
