@@ -101,7 +101,7 @@ class TierLevels(ArrivalReads):
     """Scheduler side of the disk and shared levels (owned by the FP8 tier connector)."""
 
     def __init__(self, cfg: LevelsConfig, identity: str, description: dict[str, Any], block_bytes: int,
-                 world_size: int, value_of: Callable[[Any], float]) -> None:
+                 world_size: int) -> None:
         self.cfg = cfg
         self.identity = identity
         self.world_size = world_size
@@ -120,7 +120,7 @@ class TierLevels(ArrivalReads):
                 logger.error("kvsched disk tier: %s unusable (%s); running without the disk level", cfg.disk_dir, exc)
         if files is not None:
             budget = int(cfg.disk_gb * 2**30) if cfg.disk_gb else int(files.free_bytes() * DISK_DEFAULT_FREE_FRACTION)
-            self.disk = DiskDirectory(budget, framed_len(32, block_bytes) * world_size, value_of)
+            self.disk = DiskDirectory(budget, framed_len(32, block_bytes) * world_size)
             excess = self.disk.load_index(files.scan())
             self.ops.deletes.extend(excess)
             logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk", files.dir, budget / 2**30,

@@ -40,7 +40,7 @@ class Host:
 
 
 def levels(url: str | None, replica: str = "b") -> TierLevels:
-    return TierLevels(LevelsConfig(store_url=url, replica=replica), IDENT, {}, 1024, 1, lambda _: 0.0)
+    return TierLevels(LevelsConfig(store_url=url, replica=replica), IDENT, {}, 1024, 1)
 
 
 # ---- 1: malformed session metadata never reaches the engine as an exception ------------------------------------------

@@ -218,7 +218,7 @@ def test_unreadable_files_and_an_unusable_directory_cost_a_recompute_never_a_fai
     run(w2, LevelOps(publishes=[Publish(KEYS[1], 0, True, False)], fetches=[Fetch(KEYS[1], 1, DISK)]))
     done, _, failures = w2.report()
     assert done == [(KEYS[1], False)] and failures == [(KEYS[1], DISK)]  # the write fails cleanly, the read misses
-    lv = TierLevels(LevelsConfig(disk_dir=str(blocked)), IDENT, {}, 1000, 1, value_of=lambda owner: 0.0)
+    lv = TierLevels(LevelsConfig(disk_dir=str(blocked)), IDENT, {}, 1000, 1)
     assert lv.disk is None
 
 

@@ -18,8 +18,7 @@ CHAIN = [bytes([i]) * 32 for i in range(8)]
 
 
 def levels(tmp_path: Path, disk_gb: float | None = 1.0) -> TierLevels:
-    return TierLevels(LevelsConfig(disk_dir=str(tmp_path / "disk"), disk_gb=disk_gb), IDENT, {"model": "t"}, BLOCK, 1,
-                      value_of=lambda owner: 0.0)
+    return TierLevels(LevelsConfig(disk_dir=str(tmp_path / "disk"), disk_gb=disk_gb), IDENT, {"model": "t"}, BLOCK, 1)
 
 
 def test_an_exception_in_the_disk_bookkeeping_switches_the_level_off_never_the_engine(tmp_path: Path,
