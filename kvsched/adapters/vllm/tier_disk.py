@@ -34,6 +34,7 @@ class DiskFiles:
             tmp.write_text(json.dumps(description, indent=1, default=str))
             os.replace(tmp, ident)
         self._n = 0
+        self.found_bytes = 0  # bytes of the files the last `scan` indexed (this identity's, every rank's)
 
     def path(self, key: bytes, rank: int | None = None) -> Path:
         h = key.hex()
@@ -69,8 +70,10 @@ class DiskFiles:
 
     def scan(self) -> list[bytes]:
         """Keys whose files exist for every rank, oldest first (by modification time); stale temporary files are
-        removed. Files are checked when read, not here: a start-up reads no block."""
+        removed. Files are checked when read, not here: a start-up reads no block. `found_bytes` becomes the size of
+        the files of those keys (the automatic budget counts them as available: tier_levels)."""
         found: dict[bytes, list[float]] = {}
+        sizes: dict[bytes, int] = {}
         for sub in self.dir.iterdir():
             if not sub.is_dir():
                 continue
@@ -85,11 +88,14 @@ class DiskFiles:
                 try:
                     key = bytes.fromhex(stem)
                     int(rank)
-                    mtime = f.stat().st_mtime
+                    st = f.stat()
                 except (ValueError, OSError):
                     continue
-                found.setdefault(key, []).append(mtime)
+                found.setdefault(key, []).append(st.st_mtime)
+                # what it takes on disk (whole file-system blocks), as the free space counts it
+                sizes[key] = sizes.get(key, 0) + max(st.st_size, getattr(st, "st_blocks", 0) * 512)
         full = [(max(t), k) for k, t in found.items() if len(t) >= self.world_size]
+        self.found_bytes = sum(sizes[k] for _, k in full)
         return [k for _, k in sorted(full)]
 
     def free_bytes(self) -> int:

@@ -44,7 +44,10 @@ from kvsched.core.shared_state import SessionMeta, session_key
 from kvsched.core.store_health import ReadCost
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
-DISK_DEFAULT_FREE_FRACTION = 0.5  # no --kvsched-disk-tier-gb: half the free space of the directory's file system
+# No --kvsched-disk-tier-gb: half of what the directory's file system has free plus what this model's files found at
+# start-up take (found by review: of the free space alone, each restart shrank the budget and deleted KV the previous
+# run wrote, the very blocks a restart is to restore).
+DISK_DEFAULT_FREE_FRACTION = 0.5
 # LRU bounds, sized by review's measurements (~170 B an entry here, ~250 B in the next; 1,000,000 took 171 + 252 MiB).
 # Keys known to be in the store: forgetting one costs one redundant put at its session's next turn, never a wrong or
 # lost block; 200,000 (~34 MiB) is several times the blocks one engine holds in pool and host tier at once (an 80 GB
@@ -119,13 +122,17 @@ class TierLevels(ArrivalReads):
             except OSError as exc:  # full, read-only, not permitted: the engine serves without the level
                 logger.error("kvsched disk tier: %s unusable (%s); running without the disk level", cfg.disk_dir, exc)
         if files is not None:
-            budget = int(cfg.disk_gb * 2**30) if cfg.disk_gb else int(files.free_bytes() * DISK_DEFAULT_FREE_FRACTION)
+            found = files.scan()
+            if cfg.disk_gb:
+                budget, how = int(cfg.disk_gb * 2**30), f"--kvsched-disk-tier-gb / {ENV_DISK_GB}"
+            else:
+                budget = int((files.free_bytes() + files.found_bytes) * DISK_DEFAULT_FREE_FRACTION)
+                how = "auto: half of the free space and of its own files"
             self.disk = DiskDirectory(budget, framed_len(32, block_bytes) * world_size)
-            excess = self.disk.load_index(files.scan())
+            excess = self.disk.load_index(found)
             self.ops.deletes.extend(excess)
             logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk", files.dir, budget / 2**30,
-                        f"--kvsched-disk-tier-gb / {ENV_DISK_GB}" if cfg.disk_gb else "auto: half the free space",
-                        len(self.disk.written))
+                        how, len(self.disk.written))
         self.store: Any = None
         self.meta_writer: BackgroundWriter | None = None
         self.clock: Callable[[], float] = time.monotonic

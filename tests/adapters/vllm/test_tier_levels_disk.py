@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from kvsched.adapters.vllm.tier_blob import framed_len
+from kvsched.adapters.vllm.tier_disk import DiskFiles
 from kvsched.adapters.vllm.tier_levels import TierLevels
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.core.tier import TierConfig, TierDirectory
@@ -63,3 +65,17 @@ def test_a_turns_end_or_a_sessions_end_that_raises_in_the_disk_is_contained(tmp_
     assert lv.disk is None and not lv.take_ops()
     lv.written([(CHAIN[0], True)], disk_full=True)  # late reports of the writes in flight: ignored
     assert "disk_tier_bytes" not in lv.stats()
+
+
+def test_the_automatic_budget_counts_its_own_files_so_a_restart_deletes_none(tmp_path: Path, monkeypatch) -> None:
+    """Found by review: with no size given, the budget was half the free space measured while the previous run's
+    files took the rest, so every restart shrank it and deleted the KV the previous run wrote."""
+    frame = framed_len(32, BLOCK)
+    files = DiskFiles(tmp_path / "disk", IDENT, {})
+    for k in CHAIN[:6]:  # a previous run filled its automatic budget: 6 blocks, with as much again free
+        files.write(k, b"x" * frame)
+    monkeypatch.setattr(DiskFiles, "free_bytes", lambda self: 6 * frame)
+    lv = levels(tmp_path, disk_gb=None)
+    # at least its own 6 (more: a file takes whole file-system blocks, counted as the free space counts them)
+    assert lv.disk is not None and lv.disk.capacity >= 6
+    assert lv.take_ops().deletes == [] and len(lv.disk.written) == 6
