@@ -71,16 +71,24 @@ class DiskFiles:
     def scan(self) -> list[bytes]:
         """Keys whose files exist for every rank, oldest first (by modification time); stale temporary files are
         removed. Files are checked when read, not here: a start-up reads no block. `found_bytes` becomes the size of
-        the files of those keys (the automatic budget counts them as available: tier_levels)."""
+        the files of those keys (the automatic budget counts them as available: tier_levels). A file or subdirectory
+        that cannot be read or removed (a read-only file system, found by review) is skipped, not the scan."""
         found: dict[bytes, list[float]] = {}
         sizes: dict[bytes, int] = {}
         for sub in self.dir.iterdir():
             if not sub.is_dir():
                 continue
-            for f in sub.iterdir():
+            try:
+                entries = list(sub.iterdir())
+            except OSError:
+                continue
+            for f in entries:
                 name = f.name
                 if name.endswith(".tmp"):
-                    f.unlink(missing_ok=True)
+                    try:
+                        f.unlink(missing_ok=True)
+                    except OSError:  # read-only: left for a start-up that can remove it
+                        pass
                     continue
                 if not name.endswith(SUFFIX):
                     continue

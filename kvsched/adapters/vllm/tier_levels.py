@@ -115,24 +115,11 @@ class TierLevels(ArrivalReads):
         self._failed: set[bytes] = set()  # keys whose write failed on some rank (reports of the others pending)
         self._busy_slots: Callable[[], set[int]] = set  # slots this step's stores/fetches write (set by the connector)
         self.on_fetch: Callable[[list[Fetch]], None] = lambda fetches: None  # the connector's books (tier_fetches)
-        files = None
         if cfg.disk_dir:
             try:
-                files = DiskFiles(cfg.disk_dir, identity, description, 0, world_size)
+                self.disk = self._open_disk(cfg, identity, description, block_bytes, world_size)
             except OSError as exc:  # full, read-only, not permitted: the engine serves without the level
                 logger.error("kvsched disk tier: %s unusable (%s); running without the disk level", cfg.disk_dir, exc)
-        if files is not None:
-            found = files.scan()
-            if cfg.disk_gb:
-                budget, how = int(cfg.disk_gb * 2**30), f"--kvsched-disk-tier-gb / {ENV_DISK_GB}"
-            else:
-                budget = int((files.free_bytes() + files.found_bytes) * DISK_DEFAULT_FREE_FRACTION)
-                how = "auto: half of the free space and of its own files"
-            self.disk = DiskDirectory(budget, framed_len(32, block_bytes) * world_size)
-            excess = self.disk.load_index(found)
-            self.ops.deletes.extend(excess)
-            logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk", files.dir, budget / 2**30,
-                        how, len(self.disk.written))
         self.store: Any = None
         self.meta_writer: BackgroundWriter | None = None
         self.clock: Callable[[], float] = time.monotonic
@@ -150,6 +137,24 @@ class TierLevels(ArrivalReads):
             self.lookups = StoreLookups(self.store)
             logger.info("kvsched shared store: %s (replica %s; blocks kept %.0f s, session state %.0f s)",
                         redacted(cfg.store_url), cfg.replica, cfg.kv_ttl_s, cfg.state_ttl_s)
+
+    def _open_disk(self, cfg: LevelsConfig, identity: str, description: dict[str, Any], block_bytes: int,
+                   world_size: int) -> DiskDirectory:
+        """The disk level's books from the files found in its directory; its start-up deletes (past the budget) are
+        queued. Every file-system call is in here, under the caller's OSError guard (found by review: the scan and the
+        free-space query were outside it, so a read-only directory holding a stale .tmp file stopped the engine)."""
+        files = DiskFiles(str(cfg.disk_dir), identity, description, 0, world_size)
+        found = files.scan()
+        if cfg.disk_gb:
+            budget, how = int(cfg.disk_gb * 2**30), f"--kvsched-disk-tier-gb / {ENV_DISK_GB}"
+        else:
+            budget = int((files.free_bytes() + files.found_bytes) * DISK_DEFAULT_FREE_FRACTION)
+            how = "auto: half of the free space and of its own files"
+        disk = DiskDirectory(budget, framed_len(32, block_bytes) * world_size)
+        self.ops.deletes.extend(disk.load_index(found))
+        logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk", files.dir, budget / 2**30, how,
+                    len(disk.written))
+        return disk
 
     # ---- writes -------------------------------------------------------------------------------------------------
     def turn_finished(self, owner: Any, blocks: Sequence[tuple[bytes, int]], rec: Any) -> None:

@@ -3,6 +3,7 @@ its bookkeeping, a directory that goes away or cannot be written, or a hung disk
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
@@ -79,3 +80,37 @@ def test_the_automatic_budget_counts_its_own_files_so_a_restart_deletes_none(tmp
     # at least its own 6 (more: a file takes whole file-system blocks, counted as the free space counts them)
     assert lv.disk is not None and lv.disk.capacity >= 6
     assert lv.take_ops().deletes == [] and len(lv.disk.written) == 6
+
+
+def test_a_read_only_directory_with_a_stale_tmp_file_starts_and_the_scan_skips_what_it_cannot_touch(
+        tmp_path: Path, monkeypatch) -> None:
+    """Found by review: the start-up scan unlinked a crashed write's .tmp file outside the guard around the
+    directory, so on a read-only file system the engine failed to start."""
+    files = DiskFiles(tmp_path / "disk", IDENT, {})
+    files.write(CHAIN[0], b"x")
+    stale = files.path(CHAIN[1]).with_name(".crashed.123.1.tmp")
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"half")
+    real_unlink = Path.unlink
+
+    def read_only(self: Path, missing_ok: bool = False) -> None:
+        if self.name.endswith(".tmp"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        real_unlink(self, missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert files.scan() == [CHAIN[0]] and stale.exists()
+    lv = levels(tmp_path)
+    assert lv.disk is not None and list(lv.disk.written) == [CHAIN[0]]
+
+
+@pytest.mark.parametrize("broken", ["scan", "free_bytes"])
+def test_a_start_up_scan_or_free_space_query_that_fails_runs_without_the_disk_level(tmp_path: Path, monkeypatch,
+                                                                                    caplog, broken: str) -> None:
+    def fails(self: DiskFiles) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(DiskFiles, broken, fails)
+    with caplog.at_level(logging.ERROR, logger="vllm.kvsched.fp8_tier"):
+        lv = levels(tmp_path, disk_gb=None)
+    assert lv.disk is None and not lv.take_ops() and "running without the disk level" in caplog.text
