@@ -27,23 +27,31 @@ class DiskFiles:
         self.identity = identity
         self.rank = rank
         self.world_size = world_size
-        self.dir.mkdir(parents=True, exist_ok=True)
-        ident = self.dir / "IDENTITY.json"
-        if not ident.exists():
-            tmp = self.dir / f".IDENTITY.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(description, indent=1, default=str))
-            os.replace(tmp, ident)
+        self.description = description
         self._n = 0
+        self._make_dir()
         self.found_bytes = 0  # bytes of the files the last `scan` indexed (this identity's, every rank's)
 
     def path(self, key: bytes, rank: int | None = None) -> Path:
         h = key.hex()
         return self.dir / h[:2] / f"{h}.r{self.rank if rank is None else rank}{SUFFIX}"
 
+    def _make_dir(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ident = self.dir / "IDENTITY.json"
+        if not ident.exists():
+            tmp = self.dir / f".IDENTITY.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(self.description, indent=1, default=str))
+            os.replace(tmp, ident)
+
     def write(self, key: bytes, blob: bytes) -> None:
-        """Write a framed block atomically (temporary file, then rename); OSError (a full disk) leaves nothing."""
+        """Write a framed block atomically (temporary file, then rename); OSError (a full disk) leaves nothing. A
+        directory removed while the engine runs (a tmp cleaner, `rm -rf`) is made again, with its IDENTITY.json (found
+        by review: only the 2-hex subdirectory was, so every later write failed)."""
         path = self.path(key)
-        path.parent.mkdir(exist_ok=True)
+        if not path.parent.is_dir():
+            self._make_dir()
+            path.parent.mkdir(exist_ok=True)
         self._n += 1
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{self._n}.tmp")
         try:

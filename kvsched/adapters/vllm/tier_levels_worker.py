@@ -59,7 +59,7 @@ class TierLevelsWorker:
         self._closed = False  # engine shutdown: queued fetches read and write nothing more
         self.put_failures: deque[tuple[bytes, str]] = deque()  # (key, SHARED_PUT), appended by the writer thread
         self._deferred_deletes: list[bytes] = []
-        self._disk_full_logged = False
+        self._write_errors_logged: set[int | None] = set()  # errno of the write failures logged
 
     # ---- in the step, before the tier's stores ------------------------------------------------------------------
     def before_stores(self, ops: LevelOps) -> None:
@@ -213,11 +213,7 @@ class TierLevelsWorker:
                     self.counters["disk_write_failures"] += 1
                     if exc.errno in FULL_ERRNOS:
                         self.counters["disk_full"] += 1
-                        if not self._disk_full_logged:
-                            self._disk_full_logged = True
-                            logger.warning("kvsched disk tier: write failed, disk full (%s)", exc)
-                    else:
-                        logger.warning("kvsched disk tier: write failed (%s)", exc)
+                    self._write_failed(exc)
             if to_shared and self.shared is not None:
                 puts[block_key(self.identity, key, self.rank)] = blob
                 put_keys.append(key)
@@ -228,6 +224,15 @@ class TierLevelsWorker:
                 self.counters["shared_put_failures"] += len(puts)
                 self._put_failed([(k, SHARED_PUT) for k in put_keys])
         return done
+
+    def _write_failed(self, exc: OSError) -> None:
+        """Logged once per kind (errno), full or not (found by review: a removed directory logged one WARNING per
+        block); every failure is counted in `disk_write_failures`."""
+        if exc.errno in self._write_errors_logged:
+            return
+        self._write_errors_logged.add(exc.errno)
+        logger.warning("kvsched disk tier: write failed%s (%s); further failures of this kind are counted "
+                       "(disk_write_failures), not logged", ", disk full" if exc.errno in FULL_ERRNOS else "", exc)
 
     def report(self) -> tuple[list[tuple[bytes, bool]], bool, list[tuple[bytes, str]]]:
         """(disk writes done since the last report, whether the disk filled up, blocks that failed their checks or

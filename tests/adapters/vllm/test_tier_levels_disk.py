@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.tier_blob import framed_len
 from kvsched.adapters.vllm.tier_disk import DiskFiles
-from kvsched.adapters.vllm.tier_levels import TierLevels
+from kvsched.adapters.vllm.tier_levels import LevelOps, Publish, TierLevels
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
+from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker
 from kvsched.core.tier import TierConfig, TierDirectory
+from tests.adapters.vllm.test_fp8_tier_store import caches, views_of
 
 IDENT = "ef" * 16
 BLOCK = 1000
@@ -114,3 +119,44 @@ def test_a_start_up_scan_or_free_space_query_that_fails_runs_without_the_disk_le
     with caplog.at_level(logging.ERROR, logger="vllm.kvsched.fp8_tier"):
         lv = levels(tmp_path, disk_gb=None)
     assert lv.disk is None and not lv.take_ops() and "running without the disk level" in caplog.text
+
+
+# ---- the worker side ----------------------------------------------------------------------------------------------
+def worker(disk: Path) -> TierLevelsWorker:
+    return TierLevelsWorker(LevelsConfig(disk_dir=str(disk)), IDENT, {"model": "t"}, 0, 1,
+                            TierStore(views_of(caches()), "quantize"))
+
+
+def publish(w: TierLevelsWorker, keys: list[bytes]) -> list[tuple[bytes, bool]]:
+    w.before_stores(LevelOps(publishes=[Publish(k, i % 8, True, False) for i, k in enumerate(keys)]))
+    assert w.writer.flush(10.0)
+    return w.report()[0]
+
+
+def test_a_directory_removed_while_running_is_made_again(tmp_path: Path, caplog) -> None:
+    """Found by review: a write made only the 2-hex subdirectory again, so once DIR/<identity> was removed every
+    later write failed, each with its own WARNING."""
+    w = worker(tmp_path / "disk")
+    assert all(ok for _, ok in publish(w, CHAIN[:2]))
+    shutil.rmtree(tmp_path / "disk")
+    with caplog.at_level(logging.WARNING, logger="vllm.kvsched.fp8_tier"):
+        assert all(ok for _, ok in publish(w, CHAIN[2:6]))
+    assert w.files is not None and w.files.path(CHAIN[5]).exists() and (w.files.dir / "IDENTITY.json").exists()
+    assert not caplog.records and w.counters["disk_write_failures"] == 0
+
+
+def test_a_write_failure_is_logged_once_per_kind_and_every_one_counted(tmp_path: Path, caplog) -> None:
+    w = worker(tmp_path / "disk")
+    assert w.files is not None
+    codes = iter([errno.EIO] * 20 + [errno.EACCES] * 20)
+
+    def fails(key: bytes, blob: bytes) -> None:
+        code = next(codes)
+        raise OSError(code, os.strerror(code))
+
+    w.files.write = fails  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="vllm.kvsched.fp8_tier"):
+        for i in range(5):
+            assert not any(ok for _, ok in publish(w, [bytes([i, j]) * 16 for j in range(8)]))
+    assert w.counters["disk_write_failures"] == 40
+    assert len(caplog.records) == 2 and "Input/output" in caplog.records[0].getMessage()
