@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from kvsched.adapters.vllm.tier_disk import DiskFiles
 from kvsched.adapters.vllm.tier_levels import LevelOps, Publish, TierLevels
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker
+from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.tier import TierConfig, TierDirectory
 from tests.adapters.vllm.test_fp8_tier_store import caches, views_of
 
@@ -160,3 +162,34 @@ def test_a_write_failure_is_logged_once_per_kind_and_every_one_counted(tmp_path:
             assert not any(ok for _, ok in publish(w, [bytes([i, j]) * 16 for j in range(8)]))
     assert w.counters["disk_write_failures"] == 40
     assert len(caplog.records) == 2 and "Input/output" in caplog.records[0].getMessage()
+
+
+def test_the_writers_queue_is_bounded_in_bytes_for_jobs_holding_copies() -> None:
+    """Found by review: bounded by job count only (4096), a hung disk grew host memory by every step's snapshot."""
+    gate = threading.Event()
+    wr = BackgroundWriter("test-writer", max_bytes=100)
+    assert wr.submit(gate.wait, 60) and wr.submit(lambda: None, 60)  # 60 queued: under the bound, taken
+    assert not wr.submit(lambda: None, 1) and not wr.has_room()  # 120 queued: refused, counted
+    assert wr.submit(lambda: None)  # a job holding nothing (a delete) is bounded by the job count only
+    assert wr.counters["dropped_jobs"] == 1 and wr.queued_bytes == 120
+    gate.set()
+    assert wr.flush(10.0) and wr.queued_bytes == 0 and wr.submit(lambda: None, 500)  # one large job, alone, goes
+
+
+def test_a_hung_disk_drops_writes_past_the_byte_bound_and_reports_them_failed(tmp_path: Path) -> None:
+    w = worker(tmp_path / "disk")
+    assert w.files is not None
+    gate = threading.Event()
+    real_write = w.files.write
+    w.files.write = lambda key, blob: (gate.wait(), real_write(key, blob))  # type: ignore[method-assign]
+    w.writer.max_bytes = 3 * 8 * w.tier.payload_len  # three steps of 8 blocks
+    steps = [[bytes([i, j]) * 16 for j in range(8)] for i in range(6)]
+    for keys in steps:
+        w.before_stores(LevelOps(publishes=[Publish(k, j, True, False) for j, k in enumerate(keys)]))
+    assert w.writer.queued_bytes == w.writer.max_bytes and w.writer.backlog <= 3
+    assert w.counters["dropped_write_jobs"] == 3  # no copy made for them: the queue had no room
+    dropped = w.report()[0]  # the drops are reported failed at once: the scheduler's pending writes end
+    assert sorted(dropped) == sorted((k, False) for keys in steps[3:] for k in keys)
+    gate.set()
+    assert w.writer.flush(10.0) and w.writer.queued_bytes == 0
+    assert sorted(w.report()[0]) == sorted((k, True) for keys in steps[:3] for k in keys)
