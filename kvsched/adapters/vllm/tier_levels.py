@@ -198,7 +198,8 @@ class TierLevels(ArrivalReads):
 
     def session_ended(self, owner: Any) -> None:
         self._seen_sessions.pop(owner, None)  # found by review: ended sessions stayed until the LRU bound pushed them
-        self.ops.deletes.extend(self._disk_call("dropping an ended session", lambda d: d.drop_owner(owner)) or [])
+        dropped = self._disk_call("dropping an ended session", lambda d: d.drop_owner(owner))
+        self.ops.deletes.extend(dropped or [])
         # A branch's end leaves the id's metadata (the id lives on); another replica's is never deleted (found by review)
         if self.store is not None and self.meta_writer is not None and not getattr(owner, "branch", 0):
             key = self._session_key(owner)
