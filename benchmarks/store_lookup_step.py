@@ -71,7 +71,7 @@ def publish(client: Any, sessions: int) -> None:
 
 
 def one_side(url: str, sessions: int, per_step: int, step_s: float, hybrid: bool) -> dict[str, Any]:
-    lv = TierLevels(LevelsConfig(store_url=url, replica="b"), IDENT, {}, 1024, 1, lambda _: 0.0)
+    lv = TierLevels(LevelsConfig(store_url=url, replica="b"), IDENT, {}, 1024, 1)
     if not hybrid:
         lv.read_cost = ReadCost(inline_s=math.inf, step_budget_s=math.inf)
     host = Host()

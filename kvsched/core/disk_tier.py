@@ -7,10 +7,12 @@ not hold yet. A block is `pending` from the moment its write is planned until th
 written blocks are matched, so a restore never asks for a file that is not complete. Keys are vLLM's content hashes
 (they cover every earlier token and the `cache_salt`), the same keys as the host tier's.
 
-When the budget is full, blocks go in the same order as the host tier's: blocks nobody claims (found on disk at
-start-up, not yet asked for again) oldest first, then the lowest-value session's tail blocks, and only for a session
-worth more than the victim. A write that fails (disk full) shrinks the budget to what is on disk, so the next writes
-evict instead of failing again.
+When the budget is full, blocks go by recency: blocks nobody claims (found on disk at start-up, not yet asked for
+again) oldest first, then the tail blocks of the session whose blocks were written or claimed longest ago (a turn's
+end, a spill, a restore make a session recent). Not the host tier's value, which the disk was first ranked by (found
+by review): a session with nothing in the host tier, the normal case at a turn's end, is worth 0 there, so once live
+sessions filled the disk no later turn was ever written. A write that fails (disk full) shrinks the budget to what is
+on disk, so the next writes evict instead of failing again.
 
 Bookkeeping only: the adapter writes, reads and deletes the files (kvsched/adapters/vllm/tier_disk.py).
 """
@@ -18,7 +20,7 @@ Bookkeeping only: the adapter writes, reads and deletes the files (kvsched/adapt
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 Key = Hashable
@@ -49,18 +51,18 @@ class WritePlan:
 
 
 class DiskDirectory:
-    """`capacity` blocks of `block_bytes` each; written and pending keys; owners per key; keys per owner."""
+    """`capacity` blocks of `block_bytes` each; written and pending keys; owners per key; keys per owner, least
+    recently written or claimed owner first."""
 
-    def __init__(self, budget_bytes: int, block_bytes: int, value_of: Callable[[Owner], float]) -> None:
+    def __init__(self, budget_bytes: int, block_bytes: int) -> None:
         if block_bytes <= 0 or budget_bytes < 0:
             raise DiskConfigError(f"need block_bytes > 0 and budget_bytes >= 0, got {block_bytes}, {budget_bytes}")
         self.block_bytes = block_bytes
         self.capacity = budget_bytes // block_bytes
-        self.value_of = value_of
         self.written: dict[Key, None] = {}  # insertion order = age (oldest first)
         self.pending: set[Key] = set()
         self.owners: dict[Key, set[Owner]] = {}
-        self.keys_of: dict[Owner, list[Key]] = {}  # prefix order
+        self.keys_of: dict[Owner, list[Key]] = {}  # prefix order; insertion order = recency (least recent first)
         self.counters: Counter[str] = Counter()
 
     # ---- start-up ---------------------------------------------------------------------------------------------------
@@ -82,7 +84,7 @@ class DiskDirectory:
         """`owner`'s blocks (prefix order) should be on disk: the writes of those not there yet. A block that finds
         no room ends the plan (a restore needs an unbroken run; a later block alone is of no use)."""
         plan = WritePlan()
-        mine = self.keys_of.setdefault(owner, [])
+        mine = self._touch(owner)
         mine_set = set(mine)
         for key in keys:
             if key in self.written or key in self.pending:
@@ -132,8 +134,8 @@ class DiskDirectory:
 
     def claim(self, owner: Owner, keys: Sequence[Key]) -> None:
         """`owner` restored `keys` from disk: they are its blocks now (an index entry found at start-up gains an
-        owner and a value)."""
-        mine = self.keys_of.setdefault(owner, [])
+        owner), and `owner` is the most recent session."""
+        mine = self._touch(owner)
         mine_set = set(mine)
         for key in keys:
             if key in self.written:
@@ -182,6 +184,12 @@ class DiskDirectory:
         return key in self.written or key in self.pending
 
     # ---- internals ----------------------------------------------------------------------------------------------
+    def _touch(self, owner: Owner) -> list[Key]:
+        """`owner`'s keys, `owner` now the most recent session (the last to lose blocks)."""
+        mine = self.keys_of.pop(owner, [])
+        self.keys_of[owner] = mine
+        return mine
+
     def _claim(self, owner: Owner, key: Key, mine: list[Key], mine_set: set[Key]) -> None:
         self.owners.setdefault(key, set()).add(owner)
         if key not in mine_set:
@@ -189,8 +197,10 @@ class DiskDirectory:
             mine_set.add(key)
 
     def _evict(self, exclude: Owner, deleted: list[Key]) -> bool:
-        """Free one written block: an unclaimed one (oldest first), else the tail block of the lowest-value other
-        session worth less than `exclude`. False if nothing may go."""
+        """Free one written block: an unclaimed one (oldest first), else the tail block of the least recent session
+        other than `exclude`. False if nothing may go. A loop, not a recursion per shared block peeled
+        off a victim (found by review: sessions sharing a long system prompt exceeded Python's recursion limit, and
+        the RecursionError reached the engine step)."""
         for key in self.written:
             if not self.owners.get(key):
                 del self.written[key]
@@ -198,35 +208,40 @@ class DiskDirectory:
                 deleted.append(key)
                 self.counters["evicted_blocks"] += 1
                 return True
-        mine = self.value_of(exclude)
-        best: tuple[float, int, Owner] | None = None
-        for i, (owner, keys) in enumerate(self.keys_of.items()):
-            if owner == exclude or not any(k in self.written for k in keys):
-                continue
-            value = self.value_of(owner)
-            if value < mine and (best is None or (value, i) < best[:2]):
-                best = (value, i, owner)
-        if best is None:
-            return False
-        victim = best[2]
+        while (victim := self._victim(exclude)) is not None:
+            if self._peel(victim, deleted):
+                return True
+        return False
+
+    def _victim(self, exclude: Owner) -> Owner | None:
+        """The least recently written or claimed session other than `exclude` holding a written block."""
+        for owner, keys in self.keys_of.items():
+            if owner != exclude and any(k in self.written for k in keys):
+                return owner
+        return None
+
+    def _peel(self, victim: Owner, deleted: list[Key]) -> bool:
+        """`victim` gives up its written blocks tail first until one nobody else holds goes (True: its file is to be
+        deleted); a block another session shares stays, the victim no longer holds it. False once it holds none."""
         keys = self.keys_of[victim]
-        for j in range(len(keys) - 1, -1, -1):  # tail first
+        freed = False
+        for j in range(len(keys) - 1, -1, -1):
             key = keys[j]
             if key not in self.written:
                 continue
             del keys[j]
             owners = self.owners.get(key, set())
             owners.discard(victim)
-            if not keys:
-                del self.keys_of[victim]
             if not owners:  # shared with nobody else: the file goes
                 del self.written[key]
                 self.owners.pop(key, None)
                 deleted.append(key)
                 self.counters["evicted_blocks"] += 1
-                return True
-            return self._evict(exclude, deleted)  # still another session's: the victim no longer holds it
-        return False
+                freed = True
+                break
+        if not keys:
+            del self.keys_of[victim]
+        return freed
 
     def _unlink(self, key: Key) -> None:
         for owner in self.owners.pop(key, set()):

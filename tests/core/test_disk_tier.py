@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from kvsched.core.disk_tier import DiskConfigError, DiskDirectory, parse_disk_gib
 
 
-def directory(blocks: int, values: dict[str, float] | None = None) -> DiskDirectory:
-    vals = values or {}
-    return DiskDirectory(blocks * 100, 100, value_of=lambda owner: vals.get(owner, 0.0))
+def directory(blocks: int) -> DiskDirectory:
+    return DiskDirectory(blocks * 100, 100)
 
 
 def write_all(d: DiskDirectory, owner: str, keys: list[str]) -> list[str]:
@@ -31,15 +32,32 @@ def test_only_written_blocks_match_and_a_failed_write_is_dropped() -> None:
     assert d.plan_writes("a", ["k0", "k1"]).write == ["k1"]  # written again next turn
 
 
-def test_full_budget_evicts_unclaimed_then_the_lowest_value_sessions_tail_first() -> None:
-    d = directory(4, {"low": 1.0, "high": 5.0, "mid": 3.0})
-    assert d.load_index(["old0"]) == []  # found at start-up: nobody claims it
-    write_all(d, "low", ["l0", "l1"])
-    assert write_all(d, "high", ["h0", "h1"]) == ["old0"]  # unclaimed goes first
-    assert write_all(d, "mid", ["m0"]) == ["l1"]  # then the lowest-value session's tail block
-    assert d.match(["l0", "l1"], 0, 2) == 1
-    assert write_all(d, "low", ["l0", "l1"]) == []  # a session worth less than every other evicts nobody
-    assert d.counters["writes_cut_short"] == 1
+def test_full_budget_evicts_unclaimed_oldest_first_then_the_least_recent_sessions_tail_first() -> None:
+    d = directory(5)
+    assert d.load_index(["old0", "old1"]) == []  # found at start-up: nobody claims them
+    write_all(d, "a", ["a0"])
+    write_all(d, "b", ["b0", "b1"])
+    assert write_all(d, "c", ["c0", "c1"]) == ["old0", "old1"]  # unclaimed first, oldest first
+    assert write_all(d, "d", ["d0"]) == ["a0"]  # then the session written longest ago
+    assert write_all(d, "b", ["b0", "b1"]) == []  # b's next turn claims its blocks: b is the most recent now
+    assert write_all(d, "e", ["e0"]) == ["c1"]  # so c is the least recent: its tail block goes
+    assert d.match(["c0", "c1"], 0, 2) == 1
+    d.claim("c", ["c0"])  # a restore makes c recent too
+    assert write_all(d, "f", ["f0"]) == ["d0"]
+    assert d.counters["writes_cut_short"] == 0
+
+
+def test_a_disk_full_of_idle_sessions_still_takes_a_new_turn() -> None:
+    """Found by review: ranked by the host tier's value (0 for a session with nothing demoted, the normal case at a
+    turn's end), no session could evict another once live sessions filled the disk: later turns were never written."""
+    d = directory(8)
+    write_all(d, "idle", [f"i{k}" for k in range(8)])
+    for s in "BCDE":
+        plan = d.plan_writes(s, [f"{s}{k}" for k in range(4)])
+        assert len(plan.write) == 4
+        for k in plan.write:
+            d.done(k, True)
+    assert d.match([f"E{k}" for k in range(4)], 0, 4) == 4 and d.counters["writes_cut_short"] == 0
 
 
 def test_index_past_the_budget_drops_the_oldest_and_claim_gives_an_owner() -> None:
@@ -57,7 +75,8 @@ def test_forget_and_shrink_on_a_full_disk() -> None:
     assert d.forget(["b", "nope"]) == ["b"]
     assert d.match(["a", "b", "c"], 0, 3) == 1
     assert d.shrink_to_size() == 2  # what is written now
-    assert d.plan_writes("t", ["x"]).write == []  # no room, and t is worth no more than s
+    plan = d.plan_writes("t", ["x"])  # no room: s, written longer ago, loses its tail block
+    assert plan.write == ["x"] and plan.delete == ["c"]
 
 
 def test_shared_blocks_survive_one_owner_ending() -> None:
@@ -75,7 +94,7 @@ def test_sizes_are_checked() -> None:
         parse_disk_gib(0)
     assert parse_disk_gib("1.5") == 1.5
     with pytest.raises(DiskConfigError):
-        DiskDirectory(100, 0, value_of=lambda o: 0.0)
+        DiskDirectory(100, 0)
 
 
 def test_a_write_in_flight_when_its_session_ends_is_deleted_not_indexed() -> None:
@@ -87,3 +106,15 @@ def test_a_write_in_flight_when_its_session_ends_is_deleted_not_indexed() -> Non
     assert d.drop_owner("a") == []  # nothing written yet: nothing to delete now
     assert d.done("k0", True) is False and d.done("k1", True) is True and d.done("k2", False) is True
     assert d.match(["k0", "k1"], 0, 2) == 1 and d.size == 1 and d.counters["orphaned_writes"] == 1
+
+
+def test_an_eviction_peeling_a_long_shared_prefix_does_not_recurse() -> None:
+    """Found by review: `_evict` recursed once per shared block it peeled off a victim, so two sessions sharing a
+    prefix longer than Python's recursion limit raised RecursionError out of plan_writes (into the engine step)."""
+    n = sys.getrecursionlimit() + 100
+    d = directory(n + 1)
+    shared = [f"sys{i}" for i in range(n)]
+    write_all(d, "a", shared)
+    write_all(d, "b", [*shared, "b-own"])  # the disk is full now
+    assert write_all(d, "c", ["c0"]) == ["b-own"]  # a peels off every shared block; b's own block goes
+    assert "a" not in d.keys_of and d.match(shared, 0, n) == n

@@ -109,9 +109,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             self.fetches = FetchBook(self.directory, self.world_size, block_bytes)
             if self.levels_cfg.enabled and self.geometry is not None and self.num_slots > 0:
                 ident, desc = tier_blob.identity_of(vllm_config, self.geometry, self.world_size)
-                self.levels = TierLevels(self.levels_cfg, ident, desc, block_bytes, self.world_size,
-                                         value_of=lambda owner: self.directory.value_of(owner)
-                                         if self.directory is not None else 0.0)
+                self.levels = TierLevels(self.levels_cfg, ident, desc, block_bytes, self.world_size)
                 self.levels._busy_slots, self.levels.on_fetch = self._busy_slots, self.fetches.started
                 self.directory.on_evict, self.fetches.lookups = self.levels.on_host_evict, self.levels.lookups
             elif self.levels_cfg.enabled:

@@ -27,22 +27,31 @@ class DiskFiles:
         self.identity = identity
         self.rank = rank
         self.world_size = world_size
-        self.dir.mkdir(parents=True, exist_ok=True)
-        ident = self.dir / "IDENTITY.json"
-        if not ident.exists():
-            tmp = self.dir / f".IDENTITY.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(description, indent=1, default=str))
-            os.replace(tmp, ident)
+        self.description = description
         self._n = 0
+        self._make_dir()
+        self.found_bytes = 0  # bytes of the files the last `scan` indexed (this identity's, every rank's)
 
     def path(self, key: bytes, rank: int | None = None) -> Path:
         h = key.hex()
         return self.dir / h[:2] / f"{h}.r{self.rank if rank is None else rank}{SUFFIX}"
 
+    def _make_dir(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ident = self.dir / "IDENTITY.json"
+        if not ident.exists():
+            tmp = self.dir / f".IDENTITY.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(self.description, indent=1, default=str))
+            os.replace(tmp, ident)
+
     def write(self, key: bytes, blob: bytes) -> None:
-        """Write a framed block atomically (temporary file, then rename); OSError (a full disk) leaves nothing."""
+        """Write a framed block atomically (temporary file, then rename); OSError (a full disk) leaves nothing. A
+        directory removed while the engine runs (a tmp cleaner, `rm -rf`) is made again, with its IDENTITY.json (found
+        by review: only the 2-hex subdirectory was, so every later write failed)."""
         path = self.path(key)
-        path.parent.mkdir(exist_ok=True)
+        if not path.parent.is_dir():
+            self._make_dir()
+            path.parent.mkdir(exist_ok=True)
         self._n += 1
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{self._n}.tmp")
         try:
@@ -69,15 +78,25 @@ class DiskFiles:
 
     def scan(self) -> list[bytes]:
         """Keys whose files exist for every rank, oldest first (by modification time); stale temporary files are
-        removed. Files are checked when read, not here: a start-up reads no block."""
+        removed. Files are checked when read, not here: a start-up reads no block. `found_bytes` becomes the size of
+        the files of those keys (the automatic budget counts them as available: tier_levels). A file or subdirectory
+        that cannot be read or removed (a read-only file system, found by review) is skipped, not the scan."""
         found: dict[bytes, list[float]] = {}
+        sizes: dict[bytes, int] = {}
         for sub in self.dir.iterdir():
             if not sub.is_dir():
                 continue
-            for f in sub.iterdir():
+            try:
+                entries = list(sub.iterdir())
+            except OSError:
+                continue
+            for f in entries:
                 name = f.name
                 if name.endswith(".tmp"):
-                    f.unlink(missing_ok=True)
+                    try:
+                        f.unlink(missing_ok=True)
+                    except OSError:  # read-only: left for a start-up that can remove it
+                        pass
                     continue
                 if not name.endswith(SUFFIX):
                     continue
@@ -85,11 +104,14 @@ class DiskFiles:
                 try:
                     key = bytes.fromhex(stem)
                     int(rank)
-                    mtime = f.stat().st_mtime
+                    st = f.stat()
                 except (ValueError, OSError):
                     continue
-                found.setdefault(key, []).append(mtime)
+                found.setdefault(key, []).append(st.st_mtime)
+                # what it takes on disk (whole file-system blocks), as the free space counts it
+                sizes[key] = sizes.get(key, 0) + max(st.st_size, getattr(st, "st_blocks", 0) * 512)
         full = [(max(t), k) for k, t in found.items() if len(t) >= self.world_size]
+        self.found_bytes = sum(sizes[k] for _, k in full)
         return [k for _, k in sorted(full)]
 
     def free_bytes(self) -> int:

@@ -31,7 +31,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from kvsched.adapters.vllm.tier_arrival_reads import SEEN_SESSIONS_MEMORY, ArrivalReads  # noqa: F401 - re-exported
 from kvsched.adapters.vllm.tier_blob import framed_len
@@ -44,13 +44,17 @@ from kvsched.core.shared_state import SessionMeta, session_key
 from kvsched.core.store_health import ReadCost
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
-DISK_DEFAULT_FREE_FRACTION = 0.5  # no --kvsched-disk-tier-gb: half the free space of the directory's file system
+# No --kvsched-disk-tier-gb: half of what the directory's file system has free plus what this model's files found at
+# start-up take (found by review: of the free space alone, each restart shrank the budget and deleted KV the previous
+# run wrote, the very blocks a restart is to restore).
+DISK_DEFAULT_FREE_FRACTION = 0.5
 # LRU bounds, sized by review's measurements (~170 B an entry here, ~250 B in the next; 1,000,000 took 171 + 252 MiB).
 # Keys known to be in the store: forgetting one costs one redundant put at its session's next turn, never a wrong or
 # lost block; 200,000 (~34 MiB) is several times the blocks one engine holds in pool and host tier at once (an 80 GB
 # GPU: ~40,000 blocks of an 8B model). The sessions whose metadata was read: tier_arrival_reads.
 PUBLISHED_MEMORY = 200_000
 DISK, SHARED = "disk", "shared"
+_T = TypeVar("_T")
 SHARED_PUT = "shared_put"  # a worker's report: its put of this block to the shared store failed or was dropped
 
 
@@ -100,7 +104,7 @@ class TierLevels(ArrivalReads):
     """Scheduler side of the disk and shared levels (owned by the FP8 tier connector)."""
 
     def __init__(self, cfg: LevelsConfig, identity: str, description: dict[str, Any], block_bytes: int,
-                 world_size: int, value_of: Callable[[Any], float]) -> None:
+                 world_size: int) -> None:
         self.cfg = cfg
         self.identity = identity
         self.world_size = world_size
@@ -111,20 +115,11 @@ class TierLevels(ArrivalReads):
         self._failed: set[bytes] = set()  # keys whose write failed on some rank (reports of the others pending)
         self._busy_slots: Callable[[], set[int]] = set  # slots this step's stores/fetches write (set by the connector)
         self.on_fetch: Callable[[list[Fetch]], None] = lambda fetches: None  # the connector's books (tier_fetches)
-        files = None
         if cfg.disk_dir:
             try:
-                files = DiskFiles(cfg.disk_dir, identity, description, 0, world_size)
+                self.disk = self._open_disk(cfg, identity, description, block_bytes, world_size)
             except OSError as exc:  # full, read-only, not permitted: the engine serves without the level
                 logger.error("kvsched disk tier: %s unusable (%s); running without the disk level", cfg.disk_dir, exc)
-        if files is not None:
-            budget = int(cfg.disk_gb * 2**30) if cfg.disk_gb else int(files.free_bytes() * DISK_DEFAULT_FREE_FRACTION)
-            self.disk = DiskDirectory(budget, framed_len(32, block_bytes) * world_size, value_of)
-            excess = self.disk.load_index(files.scan())
-            self.ops.deletes.extend(excess)
-            logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk", files.dir, budget / 2**30,
-                        f"--kvsched-disk-tier-gb / {ENV_DISK_GB}" if cfg.disk_gb else "auto: half the free space",
-                        len(self.disk.written))
         self.store: Any = None
         self.meta_writer: BackgroundWriter | None = None
         self.clock: Callable[[], float] = time.monotonic
@@ -143,15 +138,34 @@ class TierLevels(ArrivalReads):
             logger.info("kvsched shared store: %s (replica %s; blocks kept %.0f s, session state %.0f s)",
                         redacted(cfg.store_url), cfg.replica, cfg.kv_ttl_s, cfg.state_ttl_s)
 
+    def _open_disk(self, cfg: LevelsConfig, identity: str, description: dict[str, Any], block_bytes: int,
+                   world_size: int) -> DiskDirectory:
+        """The disk level's books from the files found in its directory; its start-up deletes (past the budget) are
+        queued. Every file-system call is in here, under the caller's OSError guard (found by review: the scan and the
+        free-space query were outside it, so a read-only directory holding a stale .tmp file stopped the engine)."""
+        files = DiskFiles(str(cfg.disk_dir), identity, description, 0, world_size)
+        found = files.scan()
+        if cfg.disk_gb:
+            budget, how = int(cfg.disk_gb * 2**30), f"--kvsched-disk-tier-gb / {ENV_DISK_GB}"
+        else:
+            budget = int((files.free_bytes() + files.found_bytes) * DISK_DEFAULT_FREE_FRACTION)
+            how = "auto: half of the free space and of its own files"
+        disk = DiskDirectory(budget, framed_len(32, block_bytes) * world_size)
+        self.ops.deletes.extend(disk.load_index(found))
+        logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk", files.dir, budget / 2**30, how,
+                    len(disk.written))
+        return disk
+
     # ---- writes -------------------------------------------------------------------------------------------------
     def turn_finished(self, owner: Any, blocks: Sequence[tuple[bytes, int]], rec: Any) -> None:
         """`owner`'s turn ended holding `blocks` ((content key, pool block id), prefix order): write the new ones
         behind, and its metadata to the store."""
         to_disk: set[bytes] = set()
-        if self.disk is not None and blocks:
-            plan = self.disk.plan_writes(owner, [k for k, _ in blocks])
-            to_disk.update(plan.write)
-            self.ops.deletes.extend(plan.delete)
+        if blocks:
+            plan = self._disk_call("planning a turn's writes", lambda d: d.plan_writes(owner, [k for k, _ in blocks]))
+            if plan is not None:
+                to_disk.update(plan.write)
+                self.ops.deletes.extend(plan.delete)
         shared = self.store is not None and self.store.up
         now = self.clock()
         for key, block_id in blocks:
@@ -175,15 +189,17 @@ class TierLevels(ArrivalReads):
         if slot in self._busy_slots():
             self.counters["spills_skipped"] += 1
             return
-        plan = self.disk.plan_writes(owner, [key])
+        plan = self._disk_call("planning a spill", lambda d: d.plan_writes(owner, [key]))
+        if plan is None:
+            return
         self.ops.deletes.extend(plan.delete)
         if plan.write:
             self.ops.spills.append(Spill(key, slot))
 
     def session_ended(self, owner: Any) -> None:
         self._seen_sessions.pop(owner, None)  # found by review: ended sessions stayed until the LRU bound pushed them
-        if self.disk is not None:
-            self.ops.deletes.extend(self.disk.drop_owner(owner))
+        dropped = self._disk_call("dropping an ended session", lambda d: d.drop_owner(owner))
+        self.ops.deletes.extend(dropped or [])
         # A branch's end leaves the id's metadata (the id lives on); another replica's is never deleted (found by review)
         if self.store is not None and self.meta_writer is not None and not getattr(owner, "branch", 0):
             key = self._session_key(owner)
@@ -333,6 +349,21 @@ class TierLevels(ArrivalReads):
         return out
 
     # ---- internals ----------------------------------------------------------------------------------------------
+    def _disk_call(self, what: str, call: Callable[[DiskDirectory], _T]) -> _T | None:
+        """The disk's bookkeeping called from the engine step (a turn's end, a host-tier eviction inside a demotion,
+        a session's end): an exception there is logged and switches the disk level off (None) instead of taking the
+        engine down (found by review: a RecursionError in the eviction reached vLLM's step). Its files stay on disk
+        for the next start-up's scan; its writes in flight are reported to nobody."""
+        if self.disk is None:
+            return None
+        try:
+            return call(self.disk)
+        except Exception:  # noqa: BLE001 - a cache's bookkeeping never fails the step
+            logger.exception("kvsched disk tier: %s failed; running without the disk level from now on", what)
+            self.counters["disk_level_errors"] += 1
+            self.disk = None
+            return None
+
     def _session_key(self, owner: Any) -> str:
         """The id's key whatever the branch: branch numbers are this engine's (kvsched.core.lineage), so another
         replica could never find a branch's key, and a session compacted into a new branch here would not count as

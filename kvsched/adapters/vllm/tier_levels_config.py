@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kvsched.core.disk_tier import DiskConfigError, parse_disk_gib
@@ -48,6 +49,8 @@ class LevelsConfig:
         """From kv_connector_extra_config (set by --kvsched-disk-tier-dir/-gb, --kvsched-store-url), else the
         environment. DiskConfigError names a bad value."""
         disk_dir = extra.get("disk_dir") or os.environ.get(ENV_DISK_DIR) or None
+        if disk_dir and (error := not_a_directory(str(disk_dir))):
+            raise DiskConfigError(f"{'--kvsched-disk-tier-dir' if extra.get('disk_dir') else ENV_DISK_DIR}: {error}")
         gb_raw = extra.get("disk_gb", os.environ.get(ENV_DISK_GB))
         gb_name = "--kvsched-disk-tier-gb" if "disk_gb" in extra else ENV_DISK_GB
         gb = parse_disk_gib(gb_raw, gb_name) if gb_raw not in (None, "", "auto") else None
@@ -68,6 +71,17 @@ class LevelsConfig:
                    replica=str(extra.get("replica") or os.environ.get(ENV_REPLICA)
                                or f"{socket.gethostname()}/{os.getpid()}"),
                    fetch_mb=fetch_mb_setting(extra.get("fetch_mb")))
+
+
+def not_a_directory(path: str) -> str | None:
+    """Why `path` can never be the disk level's directory (it, or the nearest of its parents that exists, is not a
+    directory), else None. Found by review: a regular file given as the directory was accepted, and the level was
+    dropped at run time with one ERROR line; a directory that fails later (full, read-only, removed) still only turns
+    the level off (tier_levels)."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            return None if p.is_dir() else f"{str(p)!r} exists and is not a directory"
+    return None
 
 
 def ttl_setting(env: str, given: Any, default: float) -> float:

@@ -59,13 +59,14 @@ class TierLevelsWorker:
         self._closed = False  # engine shutdown: queued fetches read and write nothing more
         self.put_failures: deque[tuple[bytes, str]] = deque()  # (key, SHARED_PUT), appended by the writer thread
         self._deferred_deletes: list[bytes] = []
-        self._disk_full_logged = False
+        self._write_errors_logged: set[int | None] = set()  # errno of the write failures logged
 
     # ---- in the step, before the tier's stores ------------------------------------------------------------------
     def before_stores(self, ops: LevelOps) -> None:
         """Queue the deletes, then copy what the spills and publishes write behind. A copy that raises (a pinned host
         buffer that cannot be allocated, say) fails its writes, never the engine's step (found by review: unguarded,
-        unlike the tier's stores, it took the worker down)."""
+        unlike the tier's stores, it took the worker down). While the writer's queue holds its bound of bytes (a slow
+        or hung disk), no copy is made: the writes are dropped as a full queue drops them."""
         # A key written again this step needs no delete (the write replaces its file whole); a delete put off to the
         # next step would remove the new file (found by review).
         rewritten = {sp.key for sp in ops.spills} | {p.key for p in ops.publishes if p.disk}
@@ -76,6 +77,9 @@ class TierLevelsWorker:
             if not self.writer.submit(lambda: [files.delete(k) for k in keys] and None):
                 self._deferred_deletes = keys[-MAX_DEFERRED_DELETES:]  # a full queue: next step (else left behind)
         for sp in ops.spills:
+            if not self.writer.has_room():
+                self._dropped([(sp.key, True, False)])
+                continue
             try:
                 payload = self.tier.slot_payload(sp.slot)
             except Exception:  # noqa: BLE001 - a cache never fails the step
@@ -85,15 +89,20 @@ class TierLevelsWorker:
                 self.writer.results.append([(sp.key, False)])
                 continue
             key = sp.key
-            self._submit([(key, True, False)], lambda key=key, payload=payload: [(key, payload, True, False)])
+            self._submit([(key, True, False)], lambda key=key, payload=payload: [(key, payload, True, False)],
+                         len(payload))
         if ops.publishes:
             pubs = [(p.key, p.disk, p.shared) for p in ops.publishes]
+            if not self.writer.has_room():
+                self._dropped(pubs)
+                return
             try:
                 snap = self.tier.snapshot([p.block_id for p in ops.publishes])
             except Exception:  # noqa: BLE001 - a cache never fails the step
                 self._copy_failed(pubs)
                 return
-            self._submit(pubs, lambda: [(k, snap.payload(i), d, s) for i, (k, d, s) in enumerate(pubs)])
+            self._submit(pubs, lambda: [(k, snap.payload(i), d, s) for i, (k, d, s) in enumerate(pubs)],
+                         len(pubs) * self.tier.payload_len)
 
     def _copy_failed(self, keys: list[tuple[bytes, bool, bool]]) -> None:
         """The step's copy for a write job of (key, to disk, to shared) raised: its disk writes and shared puts are
@@ -105,10 +114,10 @@ class TierLevelsWorker:
         self.writer.results.append([(k, False) for k, to_disk, _ in keys if to_disk])
         self._put_failed([(k, SHARED_PUT) for k, _, to_shared in keys if to_shared and self.shared is not None])
 
-    def _submit(self, keys: list[tuple[bytes, bool, bool]], items: Any) -> None:
-        """Queue a write job of (key, to disk, to shared); its disk writes and shared puts are reported failed if the
-        queue drops it or it raises (the scheduler counts the disk writes pending until then, and the puts in the
-        store)."""
+    def _submit(self, keys: list[tuple[bytes, bool, bool]], items: Any, nbytes: int) -> None:
+        """Queue a write job of (key, to disk, to shared) holding `nbytes` of copies; its disk writes and shared puts
+        are reported failed if the queue drops it or it raises (the scheduler counts the disk writes pending until
+        then, and the puts in the store)."""
         failed = [(k, False) for k, to_disk, _ in keys if to_disk]
         unput = [(k, SHARED_PUT) for k, _, to_shared in keys if to_shared and self.shared is not None]
 
@@ -120,11 +129,19 @@ class TierLevelsWorker:
                 self._put_failed(unput)
                 return failed
 
-        if not self.writer.submit(job):
-            if failed:
-                self.writer.results.append(failed)
-            self.counters["shared_put_dropped"] += len(unput)
-            self._put_failed(unput)
+        if not self.writer.submit(job, nbytes):
+            self._dropped(keys)
+
+    def _dropped(self, keys: list[tuple[bytes, bool, bool]]) -> None:
+        """A write job of (key, to disk, to shared) the writer's queue did not take (full in jobs or bytes): its disk
+        writes are reported failed, its shared puts not landed; counted in `dropped_write_jobs`."""
+        self.counters["dropped_write_jobs"] += 1
+        failed = [(k, False) for k, to_disk, _ in keys if to_disk]
+        unput = [(k, SHARED_PUT) for k, _, to_shared in keys if to_shared and self.shared is not None]
+        if failed:
+            self.writer.results.append(failed)
+        self.counters["shared_put_dropped"] += len(unput)
+        self._put_failed(unput)
 
     def _put_failed(self, unput: list[tuple[bytes, str]]) -> None:
         """Report shared puts that did not land (from the writer thread too: a deque, drained by `report`)."""
@@ -213,11 +230,7 @@ class TierLevelsWorker:
                     self.counters["disk_write_failures"] += 1
                     if exc.errno in FULL_ERRNOS:
                         self.counters["disk_full"] += 1
-                        if not self._disk_full_logged:
-                            self._disk_full_logged = True
-                            logger.warning("kvsched disk tier: write failed, disk full (%s)", exc)
-                    else:
-                        logger.warning("kvsched disk tier: write failed (%s)", exc)
+                    self._write_failed(exc)
             if to_shared and self.shared is not None:
                 puts[block_key(self.identity, key, self.rank)] = blob
                 put_keys.append(key)
@@ -228,6 +241,15 @@ class TierLevelsWorker:
                 self.counters["shared_put_failures"] += len(puts)
                 self._put_failed([(k, SHARED_PUT) for k in put_keys])
         return done
+
+    def _write_failed(self, exc: OSError) -> None:
+        """Logged once per kind (errno), full or not (found by review: a removed directory logged one WARNING per
+        block); every failure is counted in `disk_write_failures`."""
+        if exc.errno in self._write_errors_logged:
+            return
+        self._write_errors_logged.add(exc.errno)
+        logger.warning("kvsched disk tier: write failed%s (%s); further failures of this kind are counted "
+                       "(disk_write_failures), not logged", ", disk full" if exc.errno in FULL_ERRNOS else "", exc)
 
     def report(self) -> tuple[list[tuple[bytes, bool]], bool, list[tuple[bytes, str]]]:
         """(disk writes done since the last report, whether the disk filled up, blocks that failed their checks or

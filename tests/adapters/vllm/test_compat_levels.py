@@ -53,3 +53,11 @@ def test_the_levels_need_kvsched(capsys) -> None:
     with pytest.raises(SystemExit):
         parser().parse_args(["--kvsched-disk-tier-dir", "/tmp/x"])
     assert "need --scheduler kvsched" in capsys.readouterr().err
+
+
+def test_a_disk_directory_that_is_a_file_is_refused_at_the_command_line(tmp_path, capsys) -> None:
+    afile = tmp_path / "a-file"
+    afile.write_text("not a directory")
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--scheduler", "kvsched", "--kvsched-disk-tier-dir", str(afile)])
+    assert "--kvsched-disk-tier-dir: " in capsys.readouterr().err

@@ -48,3 +48,21 @@ def test_each_malformed_setting_is_one_error_naming_it(monkeypatch, var, value, 
     monkeypatch.setenv(var, value)
     errors = engine_setting_errors()
     assert len(errors) == 1 and named in errors[0], errors
+
+
+@pytest.mark.parametrize("below", ["", "/sub"])
+def test_a_disk_directory_that_is_a_file_is_refused_naming_the_variable_or_the_flag(monkeypatch, tmp_path, below):
+    """Found by review: a regular file given as the disk level's directory (or as a parent of it) was accepted and
+    the level silently dropped at run time."""
+    from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
+    from kvsched.core.disk_tier import DiskConfigError
+
+    afile = tmp_path / "a-file"
+    afile.write_text("not a directory")
+    monkeypatch.setenv("KVSCHED_DISK_TIER_DIR", f"{afile}{below}")
+    errors = engine_setting_errors()
+    assert len(errors) == 1 and errors[0].startswith("KVSCHED_DISK_TIER_DIR: ") and "not a directory" in errors[0]
+    monkeypatch.delenv("KVSCHED_DISK_TIER_DIR")
+    with pytest.raises(DiskConfigError, match="^--kvsched-disk-tier-dir: .*not a directory"):
+        LevelsConfig.from_extra({"disk_dir": f"{afile}{below}"})
+    assert LevelsConfig.from_extra({"disk_dir": str(tmp_path / "new" / "dir")}).disk_dir  # made at start

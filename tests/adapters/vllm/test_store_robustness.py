@@ -40,7 +40,7 @@ class Host:
 
 
 def levels(url: str | None, replica: str = "b") -> TierLevels:
-    return TierLevels(LevelsConfig(store_url=url, replica=replica), IDENT, {}, 1024, 1, lambda _: 0.0)
+    return TierLevels(LevelsConfig(store_url=url, replica=replica), IDENT, {}, 1024, 1)
 
 
 # ---- 1: malformed session metadata never reaches the engine as an exception ------------------------------------------
@@ -157,7 +157,7 @@ def test_a_failed_or_dropped_shared_put_is_published_again_next_turn(tmp_path: P
     lv.fetch_failed(failures)  # what absorb_worker_meta hands over
     ops = turn(4)
     assert sorted(p.key for p in ops.publishes if p.shared) == sorted(KEYS[:4])  # the holes are refilled
-    w.writer.submit = lambda job: False  # the writer's queue is full: the job is dropped
+    w.writer.submit = lambda job, nbytes=0: False  # the writer's queue is full: the job is dropped
     w.before_stores(ops)
     lv.fetch_failed(w.report()[2])
     assert sorted(p.key for p in turn(4).publishes if p.shared) == sorted(KEYS[:4])

@@ -218,7 +218,7 @@ def test_unreadable_files_and_an_unusable_directory_cost_a_recompute_never_a_fai
     run(w2, LevelOps(publishes=[Publish(KEYS[1], 0, True, False)], fetches=[Fetch(KEYS[1], 1, DISK)]))
     done, _, failures = w2.report()
     assert done == [(KEYS[1], False)] and failures == [(KEYS[1], DISK)]  # the write fails cleanly, the read misses
-    lv = TierLevels(LevelsConfig(disk_dir=str(blocked)), IDENT, {}, 1000, 1, value_of=lambda owner: 0.0)
+    lv = TierLevels(LevelsConfig(disk_dir=str(blocked)), IDENT, {}, 1000, 1)
     assert lv.disk is None
 
 
@@ -256,14 +256,15 @@ def test_a_dropped_write_job_is_reported_failed_and_a_delete_never_removes_a_rew
     submit = w.writer.submit
     run(w, LevelOps(publishes=[Publish(KEYS[2], 2, True, False)]))
     assert w.files.path(KEYS[2]).exists() and w.report()[0] == [(KEYS[2], True)]
-    w.writer.submit = lambda job: False  # the queue is full
+    w.writer.submit = lambda job, nbytes=0: False  # the queue is full
     run(w, LevelOps(publishes=[Publish(KEYS[0], 0, True, False)], deletes=[KEYS[2]]))
     assert w.report()[0] == [(KEYS[0], False)]
     w.writer.submit = submit
     run(w, LevelOps())  # the delete the full queue put off runs next step
     assert not w.files.path(KEYS[2]).exists()
     run(w, LevelOps(publishes=[Publish(KEYS[3], 3, True, False)]))
-    w.writer.submit = lambda job, first=[True]: not first.pop() if first else submit(job)  # refuses the delete only
+    # refuses the delete only
+    w.writer.submit = lambda job, nbytes=0, first=[True]: not first.pop() if first else submit(job, nbytes)
     run(w, LevelOps(deletes=[KEYS[3]], publishes=[Publish(KEYS[3], 3, True, False)]))  # deleted and written again
     w.writer.submit = submit
     run(w, LevelOps())

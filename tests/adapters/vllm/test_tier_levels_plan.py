@@ -24,7 +24,7 @@ CHAIN = [bytes([i]) * 32 for i in range(8)]
 
 def levels(tmp_path: Path, url: str | None = None, disk_gb: float = 1.0, replica: str = "me") -> TierLevels:
     cfg = LevelsConfig(disk_dir=str(tmp_path / "disk"), disk_gb=disk_gb, store_url=url, replica=replica)
-    return TierLevels(cfg, IDENT, {"model": "t"}, BLOCK, 1, value_of=lambda owner: 0.0)
+    return TierLevels(cfg, IDENT, {"model": "t"}, BLOCK, 1)
 
 
 def host(slots: int = 16) -> TierDirectory:
@@ -115,7 +115,7 @@ def test_a_write_counts_once_every_rank_reported_it_and_a_failed_one_leaves_no_f
     """Found by review (tensor parallel 2): a failure on one rank left the other rank's file behind for good, and its
     success, reported after the failure, counted towards the key's next write (marked written after one rank)."""
     cfg = LevelsConfig(disk_dir=str(tmp_path / "disk"), disk_gb=1.0)
-    lv = TierLevels(cfg, IDENT, {"model": "t"}, BLOCK, 2, value_of=lambda owner: 0.0)
+    lv = TierLevels(cfg, IDENT, {"model": "t"}, BLOCK, 2)
     lv.turn_finished("s", [(CHAIN[0], 0)], None)
     lv.take_ops()
     lv.written([(CHAIN[0], False)], disk_full=False)  # rank 1 failed first
