@@ -79,8 +79,11 @@ def not_a_directory(path: str) -> str | None:
     dropped at run time with one ERROR line; a directory that fails later (full, read-only, removed) still only turns
     the level off (tier_levels)."""
     for p in (Path(path), *Path(path).parents):
-        if p.exists():
-            return None if p.is_dir() else f"{str(p)!r} exists and is not a directory"
+        try:
+            if p.exists():
+                return None if p.is_dir() else f"{str(p)!r} exists and is not a directory"
+        except OSError:  # a parent this user may not search (found by review: it raised out of the start-up checks)
+            return None  # (then the level's own start-up guard turns it off, logged)
     return None
 
 

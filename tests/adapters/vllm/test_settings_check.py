@@ -66,3 +66,24 @@ def test_a_disk_directory_that_is_a_file_is_refused_naming_the_variable_or_the_f
     with pytest.raises(DiskConfigError, match="^--kvsched-disk-tier-dir: .*not a directory"):
         LevelsConfig.from_extra({"disk_dir": f"{afile}{below}"})
     assert LevelsConfig.from_extra({"disk_dir": str(tmp_path / "new" / "dir")}).disk_dir  # made at start
+
+
+def test_a_disk_directory_under_a_parent_this_user_cannot_search_is_left_to_the_levels_guard(monkeypatch, tmp_path):
+    """Found by review: the directory check's `exists()` raised PermissionError for a parent the server's user may
+    not search, out of the start-up checks (a traceback); before the check, that only turned the disk level off."""
+    from pathlib import Path
+
+    from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
+
+    locked = tmp_path / "locked"
+    exists = Path.exists
+
+    def guarded(self):
+        if locked in (self, *self.parents):
+            raise PermissionError(13, "Permission denied", str(self))
+        return exists(self)
+
+    monkeypatch.setattr(Path, "exists", guarded)
+    monkeypatch.setenv("KVSCHED_DISK_TIER_DIR", str(locked / "sub" / "kv"))
+    assert engine_setting_errors() == []
+    assert LevelsConfig.from_extra({"disk_dir": str(locked / "sub" / "kv")}).disk_dir
