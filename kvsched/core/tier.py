@@ -207,7 +207,7 @@ class TierDirectory:
         return self._inflight.slots
 
     def was_evicted(self, key: Key) -> bool:
-        """True if `key` was in the tier and has been evicted since (a restore miss, not a cold block)."""
+        """True if the full block `key` was in the tier and has been evicted since (a restore miss, not a cold block)."""
         return key in self._evicted
 
     def lock(self, slots: Sequence[int]) -> None:
@@ -372,8 +372,8 @@ class TierDirectory:
         # A slot a load planned this step reads is handed out again only after the step (the load runs after this
         # step's stores): its key leaves the tier now, the slot waits in `_held`.
         (self._held if slot in self._locked or slot in self._inflight else self._free).append(slot)
-        if self.config.remember_evicted:
-            self._evicted[key] = None
+        if self.config.remember_evicted and not isinstance(key, TailKey):  # asked of block hashes only: a tail there
+            self._evicted[key] = None  # was an object per turn for the garbage collector, and pushed blocks out
             if len(self._evicted) > self.config.remember_evicted:
                 self._evicted.popitem(last=False)
 

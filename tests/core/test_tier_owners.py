@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from kvsched.core.tier import TierConfig, TierDirectory
+from kvsched.core.tier import TailKey, TierConfig, TierDirectory
 from kvsched.core.tier_owners import KeyOwners
 
 
@@ -59,6 +59,18 @@ def test_a_demotion_of_keys_a_session_holds_lists_each_once():
     d.demote("b", [("k0", 0), ("k2", 2)])
     assert d.demote("a", [("k0", 0), ("k1", 1), ("k2", 2), ("k3", 3), ("k1", 1)]) != []
     assert d.keys_of["a"] == ["k0", "k1", "k2", "k3"] and d.owners["k2"] == frozenset({"a", "b"})
+
+
+def test_a_superseded_tail_is_not_remembered_as_evicted():
+    """`was_evicted` is asked of block hashes only; a session's previous tail there was an object per turn for the
+    garbage collector, and pushed evicted blocks out of the bounded memory."""
+    d = TierDirectory(TierConfig(budget_bytes=10 * 100), 100, lambda o: 0.0)
+    d.put_tail("a", "k0", [1, 2], 5)
+    d.put_tail("a", "k0", [1, 2, 3], 5)
+    assert not d._evicted and not d.was_evicted(TailKey("k0", (1, 2)))
+    d.demote("a", [("k0", 0)])
+    d.drop_owner("a")
+    assert list(d._evicted) == ["k0"]
 
 
 def test_a_filling_tier_adds_no_tracked_object_per_block():
