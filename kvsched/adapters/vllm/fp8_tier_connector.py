@@ -143,9 +143,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         """`owner`'s turn finished holding `blocks` (vLLM's cached full blocks, prefix order): the disk and shared
         levels keep a copy, written behind (tier_levels)."""
         if self.levels is not None and self.enabled:
-            from kvsched.adapters.vllm.compat import block_content_key
-
-            self.levels.turn_finished(owner, [(block_content_key(b), b.block_id) for b in blocks], rec)
+            self.levels.turn_finished(owner, compat.cached_content_keys(blocks), rec)
 
     def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int, request_id: str | None = None) -> int:
         """A request of `owner` arrived: blocks of its prefix past `start` that only the disk or shared level holds
