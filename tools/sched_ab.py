@@ -11,7 +11,8 @@ mean step time and B/A. A/A on one tree measured 0.972-1.012 per pair on a share
 `--tier`: both sides with the FP8 tier at its default size (as `bench sched --tier`). `--sessions N`: N sessions (default
 10,000; 256 is the bench's first tier). `--cpu-time`: the bench's timed calls are timed in the worker thread's CPU time
 (`time.thread_time`) instead of wall time, so that time the machine's other jobs take the CPU away drops out (a step
-the scheduler is descheduled in costs it nothing); what the garbage collector does in those calls still counts.
+the scheduler is descheduled in costs it nothing); what the garbage collector does in those calls still counts. A/A
+with it (256 sessions, tier on, 4 pairs of 300 steps): 0.998-1.006 per pair.
 """
 
 from __future__ import annotations
