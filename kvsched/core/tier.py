@@ -31,6 +31,7 @@ from collections.abc import Set as AbstractSet
 from kvsched.core.tier_config import TierConfig, TierConfigError
 from kvsched.core.tier_fills import FillingSlots
 from kvsched.core.tier_ops import Key, Load, Owner, Store, TailKey
+from kvsched.core.tier_owners import KeyOwners
 
 __all__ = ["Key", "Load", "Owner", "Store", "TailKey", "TierConfig", "TierDirectory"]
 
@@ -55,7 +56,7 @@ class TierDirectory:
         self._by_value = config.eviction == "value"  # else recency: `keys_of` and `tail_of` are in the order of writes
         self._free: list[int] = list(range(self.num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self.slot_of: dict[Key, int] = {}
-        self.owners: dict[Key, set[Owner]] = {}
+        self.owners = KeyOwners()  # a key's sole owner unboxed: no set per block for the garbage collector
         self.keys_of: dict[Owner, list[Key]] = {}  # prefix order
         self._locked: set[int] = set()  # slots a planned load reads this step
         self._orphans: list[Key] = []  # evicted while a load reads them: spilled and freed at unlock_all
@@ -93,25 +94,25 @@ class TierDirectory:
             return placed
         mine = self.keys_of.pop(owner, [])
         self.keys_of[owner] = mine  # most recently admitted last: the eviction sample takes the others first
-        mine_set = set(mine)
-        for key in itertools.takewhile(self.slot_of.__contains__, keys):  # appended to `mine` below: no cut before
-            self.owners[key].add(owner)
-        self._make_room(sum(1 for key in keys if key not in self.slot_of), owner)
-        for key in keys:
-            if key in self.slot_of:
-                if key not in mine_set:
-                    self.owners[key].add(owner)
+        own, slot_of = self.owners.own, self.slot_of  # `own`: False for a key `mine` lists already (O(1), not a set
+        held = 0  # of `mine` per call: that was O(the session's tier blocks) per demotion)
+        for key in itertools.takewhile(slot_of.__contains__, keys):  # the owner's before room is made
+            held += 1
+            if own(key, owner):
+                mine.append(key)
+        self._make_room(sum(1 for key in keys if key not in slot_of), owner)
+        for key in keys[held:]:
+            if key in slot_of:
+                if own(key, owner):
                     mine.append(key)
-                    mine_set.add(key)
                 continue
             slot = self._take_slot(owner)
             if slot is None:
                 self.counters["demotions_cut_short"] += 1
                 break
-            self.slot_of[key] = slot
-            self.owners[key] = {owner}
+            slot_of[key] = slot
+            self.owners.add(key, owner)
             mine.append(key)
-            mine_set.add(key)
             self._evicted.pop(key, None)
             placed.append((key, slot))
         if not mine:
@@ -129,7 +130,7 @@ class TierDirectory:
         if old is not None:
             self._disown_tail(owner, old)
         if key in self.slot_of:  # another session finished on the very same tokens
-            self.owners[key].add(owner)
+            self.owners.own(key, owner)
             self.tail_of[owner] = key
             return None
         self.tail_of[owner] = key  # counted in the owner's value while it competes for a slot
@@ -142,7 +143,7 @@ class TierDirectory:
             return None
         slot = self._free.pop()
         self.slot_of[key] = slot
-        self.owners[key] = {owner}
+        self.owners.add(key, owner)
         self._tails.setdefault(parent, set()).add(key)
         self.counters["tails_stored"] += 1
         return Store(block_id, slot, tokens=len(key.tokens))
@@ -206,7 +207,7 @@ class TierDirectory:
         return self._inflight.slots
 
     def was_evicted(self, key: Key) -> bool:
-        """True if `key` was in the tier and has been evicted since (a restore miss, not a cold block)."""
+        """True if the full block `key` was in the tier and has been evicted since (a restore miss, not a cold block)."""
         return key in self._evicted
 
     def lock(self, slots: Sequence[int]) -> None:
@@ -219,7 +220,7 @@ class TierDirectory:
         held, self._held = self._held, [s for s in self._held if s in self._inflight]
         self._free.extend(s for s in held if s not in self._inflight)
         for key in self._orphans:  # full blocks (tails are never evicted while locked): the lower levels may keep them
-            if key in self.slot_of and not self.owners.get(key):
+            if key in self.slot_of and not self.owners.owned(key):
                 if self.on_evict is not None:
                     self.on_evict(key, self.slot_of[key], None)
                 self._free_key(key)
@@ -258,11 +259,7 @@ class TierDirectory:
         if tail is not None:
             freed += self._disown_tail(owner, tail)
         for key in reversed(keys):
-            owners = self.owners.get(key)
-            if owners is None:
-                continue
-            owners.discard(owner)
-            if owners:
+            if self.owners.leave(key, owner) is not False:  # not held, or others still own it
                 continue
             self._free_key(key)  # a slot a load reads this step is held until unlock_all
             freed += 1
@@ -323,11 +320,7 @@ class TierDirectory:
         """`owner` no longer needs `key`: freed when nobody else does (after this step if a load reads it)."""
         if self.tail_of.get(owner) == key:
             del self.tail_of[owner]
-        owners = self.owners.get(key)
-        if owners is None:
-            return 0
-        owners.discard(owner)
-        if owners:
+        if self.owners.leave(key, owner) is not False:  # not held, or others still own it
             return 0
         self._free_key(key)  # a slot a load reads this step is held until unlock_all
         return 1
@@ -347,12 +340,8 @@ class TierDirectory:
             keys = self.keys_of[victim]
             while keys and want > 0:
                 key = keys.pop()  # tail first
-                owners = self.owners.get(key)
-                if owners is None:
-                    continue
-                owners.discard(victim)
-                if owners:
-                    continue  # shared with another session: stays
+                if self.owners.leave(key, victim) is not False:
+                    continue  # not held, or shared with another session: stays
                 if self.slot_of[key] in self._locked:  # a load reads it this step: freed once the metadata is built
                     self._orphans.append(key)
                     continue
@@ -369,9 +358,8 @@ class TierDirectory:
 
     def _free_key(self, key: Key) -> None:
         slot = self.slot_of.pop(key)
-        owners = self.owners.pop(key, None)
         if isinstance(key, TailKey):
-            for owner in owners or ():
+            for owner in self.owners.pop(key):
                 if self.tail_of.get(owner) == key:
                     del self.tail_of[owner]
             siblings = self._tails.get(key.parent)
@@ -379,11 +367,13 @@ class TierDirectory:
                 siblings.discard(key)
                 if not siblings:
                     del self._tails[key.parent]
+        else:
+            self.owners.discard(key)
         # A slot a load planned this step reads is handed out again only after the step (the load runs after this
         # step's stores): its key leaves the tier now, the slot waits in `_held`.
         (self._held if slot in self._locked or slot in self._inflight else self._free).append(slot)
-        if self.config.remember_evicted:
-            self._evicted[key] = None
+        if self.config.remember_evicted and not isinstance(key, TailKey):  # asked of block hashes only: a tail there
+            self._evicted[key] = None  # was an object per turn for the garbage collector, and pushed blocks out
             if len(self._evicted) > self.config.remember_evicted:
                 self._evicted.popitem(last=False)
 
@@ -391,7 +381,7 @@ class TierDirectory:
         if isinstance(key, TailKey):
             self._free_key(key)
             return
-        for owner in self.owners.get(key, ()):
+        for owner in self.owners.get(key) or ():
             keys = self.keys_of.get(owner)
             if keys is not None and key in keys:
                 keys.remove(key)

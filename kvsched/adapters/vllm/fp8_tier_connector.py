@@ -134,16 +134,14 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         if not self.enabled:
             return 0
         stores = self.directory.demote(owner, blocks)
-        self._step.stores.extend(stores)
+        self._step.add_stores(stores)
         return len(stores)
 
     def publish_turn(self, owner: Any, blocks: Sequence[Any], rec: Any) -> None:
         """`owner`'s turn finished holding `blocks` (vLLM's cached full blocks, prefix order): the disk and shared
         levels keep a copy, written behind (tier_levels)."""
         if self.levels is not None and self.enabled:
-            from kvsched.adapters.vllm.compat import block_content_key
-
-            self.levels.turn_finished(owner, [(block_content_key(b), b.block_id) for b in blocks], rec)
+            self.levels.turn_finished(owner, compat.cached_content_keys(blocks), rec)
 
     def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int, request_id: str | None = None) -> int:
         """A request of `owner` arrived: blocks of its prefix past `start` that only the disk or shared level holds
@@ -171,7 +169,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
 
     def _busy_slots(self) -> set[int]:
         """Slots this step's stores and the fetches in flight write (a spill there would read another key's bytes)."""
-        return {st.slot for st in self._step.stores} | set(self.fetches.slots)
+        return set(self._step.store_slots) | set(self.fetches.slots)
 
     def save_tail(self, owner: Any, parent: Any, tokens: list[int], block_id: int) -> bool:
         """`owner`'s turn finished with `tokens` of KV (fewer than a block) in pool block `block_id`, after the full
@@ -179,7 +177,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         assert self.directory is not None
         store = self.directory.put_tail(owner, parent, tokens, block_id) if self.enabled else None
         if store is not None:
-            self._step.stores.append(store)
+            self._step.add_stores((store,))
         return store is not None
 
     def match_prefetch(self, keys: Sequence[Any], start: int, limit: int) -> list[int]:
@@ -331,12 +329,12 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         levels = meta.levels if self.levels_worker is not None else None
         if levels:  # spills read slots the stores below may overwrite; publishes read blocks loads may overwrite
             self.levels_worker.before_stores(levels)
-        if stores := meta.stores:
+        if meta.store_blocks:
             try:
-                self.store.store([s.block_id for s in stores], [s.slot for s in stores], [s.tokens for s in stores])
+                self.store.store(meta.store_blocks, meta.store_slots, meta.store_tokens)
             except Exception:  # never take the engine down for a cache: the slots fail their checksum, recomputed
-                logger.exception("kvsched FP8 tier: storing %d blocks failed", len(stores))
-                self.store.invalidate([s.slot for s in stores])
+                logger.exception("kvsched FP8 tier: storing %d blocks failed", len(meta.store_blocks))
+                self.store.invalidate(meta.store_slots)
         if levels:  # host slots filled from disk or the shared store in the background: nothing waits for them here
             self.levels_worker.start_fetch(levels)
         if meta.prefetches:  # into cached blocks a request of this very step may hit: complete before the forward

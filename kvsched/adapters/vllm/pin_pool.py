@@ -48,4 +48,4 @@ class VllmPinPool:
         return len(self.refs)
 
     def cached_keys(self, blocks: list[Any]) -> list[tuple[Hashable, int]]:
-        return [(compat.block_content_key(b), b.block_id) for b in blocks if b.block_hash is not None]
+        return compat.cached_content_keys(blocks)
