@@ -15,8 +15,10 @@ Values also fall: an idle session's expected return recedes with its idle time (
 as 1/idle). Keyed once, a session long idle kept the high key of its first seconds and outlived a session whose turn
 had just ended (found by review: the heap's victim up to 44x the lowest value; on a generated trace at a 600 s TTL,
 0.945 of LRU's prefill against the scan's 0.902). So a session keyed at idle time i is keyed again once its idle time
-reaches 2i + REKEY_FLOOR_S (a second heap of due times, looked at by each decision): its key is never more than one
-doubling of idle time old, O(log TTL) keyings per idle spell. tests/core/test_release_index.py checks heap against
+reaches 4i + REKEY_FLOOR_S (a second heap of due times, looked at by each decision): its key is never more than one
+quadrupling of idle time old, O(log TTL) keyings per idle spell. That trace at 600 s: 0.907 (heap) against the scan's
+0.902; re-keying at each doubling instead, 0.908, and it cost 8% of kvsched's scheduler step at `kvsched bench sched`'s
+10,000 sessions against 3% at each quadrupling (lockstep A/B, `python tools/sched_ab.py`, AMD EPYC, stop 45). tests/core/test_release_index.py checks heap against
 scan with unchanged values, and the victim's value against the scan's lowest as time runs. Measured with the heap from 0 / 32 / unbounded pinned sessions: `kvsched simulate --generate --quick` 0.924 /
 0.920 / 0.918 of OPT's saving; the Mooncake conversation trace (live 3x) 135,120,095 / 135,120,095 / 135,122,143
 prefill tokens, replayed in 1.30 / 1.34 / 1.85 s (LRU 0.44 s; Xeon, one core).
@@ -34,7 +36,8 @@ from kvsched.core.scoring import Candidate, select_lowest
 from kvsched.core.sessions import SessionKey
 
 EXACT_LIMIT = 32  # pinned sessions up to which a decision scans them all (~5 us per session, with the value)
-REKEY_FLOOR_S = 1.0  # a key is looked at again after at most its idle time at keying plus this
+REKEY_GROWTH = 3.0  # a key keyed at idle time i is looked at again at idle 4i + REKEY_FLOOR_S (one quadrupling)
+REKEY_FLOOR_S = 1.0
 
 Score = Callable[[SessionRecord, float], float]
 CandidateOf = Callable[[SessionRecord, float], Candidate]
@@ -130,7 +133,7 @@ class ReleaseIndex:
                 push((self.score(rec, now), rec.activity, rec.version, rec.key))
                 last = rec.last_finished
                 idle = now - last if last is not None and now > last else 0.0
-                heapq.heappush(due, (now + idle + REKEY_FLOOR_S, rec.version, rec.key))
+                heapq.heappush(due, (now + REKEY_GROWTH * idle + REKEY_FLOOR_S, rec.version, rec.key))
         if rebuild:
             heapq.heapify(self._heap)
         dirty.clear()

@@ -179,7 +179,7 @@ def test_sessions_long_idle_are_released_before_one_whose_turn_just_ended(exact_
     """Found by review: the heap kept the value a session had when it was keyed. An idle session's value falls as its
     expected return recedes, so forty sessions keyed 3 s into their idle time kept those keys ~200 s later, and the
     session whose turn had just ended (44x their value) was released first. Keys are now looked at again each time a
-    session's idle time doubles."""
+    session's idle time quadruples."""
     clock = FakeClock()
     p = RetentionPolicy(replace(RetentionConfig(), default_ttl_s=600.0), clock, 100_000, bytes_per_token=1024.0)
     p.index.exact_limit = exact_limit
