@@ -161,7 +161,8 @@ def test_the_session_list_pages(secure_server):
     ids = [r["session_id"] for r in first["sessions"] + second["sessions"]]
     assert ids == [f"p{i:03d}" for i in range(120)] and second["next_cursor"] is None
     summary = request(s, "GET", "/kvsched/sessions?summary=1", KEYS[1], headers=scope).json()
-    assert summary == {"summary": {"sessions": 120, "pinned_sessions": 0, "pinned_blocks": 0, "inferred_sessions": 0}}
+    assert summary == {"summary": {"sessions": 120, "pinned_sessions": 0, "pinned_blocks": 0,
+                                   "pinned_session_blocks": 0, "inferred_sessions": 0}}
     assert request(s, "GET", "/kvsched/sessions?summary=1", KEYS[0], headers=scope).json()["summary"]["sessions"] == 0
     assert request(s, "GET", "/kvsched/sessions?summary=1", ADMIN, headers=scope).json()["summary"]["sessions"] == 120
     for query, param in (("limit=0", "limit"), ("limit=5000", "limit"), ("cursor=zzz", "cursor"), ("page=2", "page")):
