@@ -40,9 +40,10 @@ from kvsched.bench.plots import grouped_bars, save_beside
 from kvsched.bench.trace_prompts import ReplayPlan, ReplayRequest, plan, window
 from kvsched.core.tier_config import AUTO_POOL_MULTIPLE
 
-SIDES = {"stock": (None, []), "kvsched-no-tier": ("kvsched", ["--kvsched-fp8-tier-gb", "0"]),
-         "kvsched": ("kvsched", []), "stock-same-memory": (None, [])}
 SAME_MEMORY = 1 + AUTO_POOL_MULTIPLE  # the pool's bytes and the default tier's (2x the pool's), as bf16 pool blocks
+# side -> (scheduler, extra `vllm serve` args, pool: the window's pool or the same-memory one)
+SIDES = {"stock": (None, [], False), "kvsched-no-tier": ("kvsched", ["--kvsched-fp8-tier-gb", "0"], False),
+         "kvsched": ("kvsched", [], False), "stock-same-memory": (None, [], True)}
 BLOCK_TOKENS = 32  # the CPU backend's preferred block size
 MODEL = "replay"
 MAX_WORKERS = 256  # requests in flight at once (open loop: a slow side queues in the engine, not here)
@@ -282,8 +283,7 @@ def run_benchmark(setup: Setup, checkpoint: Callable[[dict[str, Any]], None] | N
               "same_memory_num_blocks": same_memory_blocks(num_blocks)}
     servers = {name: VllmServer(ServerSpec(model=model_dir, scheduler=SIDES[name][0],
                                            max_model_len=setup.max_model_len, block_size=BLOCK_TOKENS,
-                                           num_blocks=same_memory_blocks(num_blocks) if name == "stock-same-memory"
-                                           else num_blocks, served_model_name=MODEL, extra_args=SIDES[name][1]))
+                                           num_blocks=same_memory_blocks(num_blocks) if SIDES[name][2] else num_blocks, served_model_name=MODEL, extra_args=SIDES[name][1]))
                for name in setup.sides}
     measured_sides: dict[str, Any] = {}
     try:

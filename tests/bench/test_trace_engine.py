@@ -53,7 +53,7 @@ def test_the_same_memory_side_gets_the_bytes_of_the_pool_and_the_default_tier_in
     from kvsched.core.tier_config import AUTO_POOL_MULTIPLE
 
     assert AUTO_POOL_MULTIPLE == 2.0 and same_memory_blocks(2654) == 3 * 2653 + 1  # (+ vLLM's null block)
-    assert SIDES["stock-same-memory"] == SIDES["stock"]
+    assert SIDES["stock-same-memory"] == (*SIDES["stock"][:2], True) and not SIDES["stock"][2]
 
 
 def test_the_simulator_predicts_lru_on_the_same_memory_pool_too():
