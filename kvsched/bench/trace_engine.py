@@ -12,7 +12,8 @@ open loop at the trace's own arrival times, to each side in turn on the same poo
   compared only with stock on the pool alone, a third of its memory).
 Every request carries its trace session as `X-Session-Id` (stock ignores it). The pool is `--pressure` times smaller
 than the window's peak live block set (the simulator's live basis), and the simulator replays the same window at the
-same pool (LRU, kvsched, OPT; and LRU on the same-memory pool) in the same invocation: its prediction beside each measured side. Counts are vLLM's own
+same pool (LRU, kvsched, OPT; and LRU on the same-memory pool) in the same invocation: its prediction beside each
+measured side. Counts are vLLM's own
 (/metrics): prefill computed = prompt tokens less prefix-cache hits less tokens a KV connector loaded.
 
 The sides run one after another in the order given (each server started beforehand, stopped after its side), each
@@ -283,7 +284,8 @@ def run_benchmark(setup: Setup, checkpoint: Callable[[dict[str, Any]], None] | N
               "same_memory_num_blocks": same_memory_blocks(num_blocks)}
     servers = {name: VllmServer(ServerSpec(model=model_dir, scheduler=SIDES[name][0],
                                            max_model_len=setup.max_model_len, block_size=BLOCK_TOKENS,
-                                           num_blocks=same_memory_blocks(num_blocks) if SIDES[name][2] else num_blocks, served_model_name=MODEL, extra_args=SIDES[name][1]))
+                                           num_blocks=same_memory_blocks(num_blocks) if SIDES[name][2] else num_blocks,
+                                           served_model_name=MODEL, extra_args=SIDES[name][1]))
                for name in setup.sides}
     measured_sides: dict[str, Any] = {}
     try:

@@ -18,10 +18,12 @@ had just ended (found by review: the heap's victim up to 44x the lowest value; o
 reaches 4i + REKEY_FLOOR_S (a second heap of due times, looked at by each decision): its key is never more than one
 quadrupling of idle time old, O(log TTL) keyings per idle spell. That trace at 600 s: 0.907 (heap) against the scan's
 0.902; re-keying at each doubling instead, 0.908, and it cost 8% of kvsched's scheduler step at `kvsched bench sched`'s
-10,000 sessions against 3% at each quadrupling (lockstep A/B, `python tools/sched_ab.py`, AMD EPYC, stop 45). tests/core/test_release_index.py checks heap against
-scan with unchanged values, and the victim's value against the scan's lowest as time runs. Measured with the heap from 0 / 32 / unbounded pinned sessions: `kvsched simulate --generate --quick` 0.924 /
-0.920 / 0.918 of OPT's saving; the Mooncake conversation trace (live 3x) 135,120,095 / 135,120,095 / 135,122,143
-prefill tokens, replayed in 1.30 / 1.34 / 1.85 s (LRU 0.44 s; Xeon, one core).
+10,000 sessions against 3% at each quadrupling (lockstep A/B, `python tools/sched_ab.py`, AMD EPYC, stop 45).
+tests/core/test_release_index.py checks heap against scan with unchanged values, and the victim's value against the
+scan's lowest as time runs. Measured with the heap from 0 / 32 / unbounded pinned sessions (before the re-keying):
+`kvsched simulate --generate --quick` 0.924 / 0.920 / 0.918 of OPT's saving; the Mooncake conversation trace (live
+3x) 135,120,095 / 135,120,095 / 135,122,143 prefill tokens, replayed in 1.30 / 1.34 / 1.85 s (LRU 0.44 s; Xeon, one
+core).
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ class ReleaseIndex:
                 aside.append(heapq.heappop(heap))
                 taken.add(key)
                 yield key
-            queued = sorted((-(now if r.waiting_since is None else r.waiting_since), r.activity, k) for k, r in self._queued.items()
+            queued = sorted((-(now if r.waiting_since is None else r.waiting_since), r.activity, k)
+                            for k, r in self._queued.items()
                             if k not in skip and k not in taken and k not in self._dirty)
             for *_, key in queued:
                 yield key

@@ -207,7 +207,8 @@ class TierDirectory:
         return self._inflight.slots
 
     def was_evicted(self, key: Key) -> bool:
-        """True if the full block `key` was in the tier and has been evicted since (a restore miss, not a cold block)."""
+        """True if the full block `key` was in the tier and has been evicted since (a restore miss, not a cold
+        block)."""
         return key in self._evicted
 
     def lock(self, slots: Sequence[int]) -> None:

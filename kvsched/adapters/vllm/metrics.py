@@ -156,9 +156,9 @@ class _StatsCollector:
                                        labels=["reason"])
         partial = CounterMetricFamily("kvsched_pin_partial_releases", "Session pins shortened (tail blocks released), "
                                       "by reason", labels=["reason"])
-        blocks = CounterMetricFamily("kvsched_pin_released_blocks", "KV blocks released from session pins, by reason (per pin: a "
-                                     "block several sessions' pins share counts once per pin; kvsched_pinned_blocks "
-                                     "counts each block once)",
+        blocks = CounterMetricFamily("kvsched_pin_released_blocks", "KV blocks released from session pins, by reason "
+                                     "(per pin: a block several sessions' pins share counts once per pin; "
+                                     "kvsched_pinned_blocks counts each block once)",
                                      labels=["reason"])
         for reason in RELEASE_REASONS:
             released.add_metric([reason], float(self.stats.get(f"released_{reason}", 0)))

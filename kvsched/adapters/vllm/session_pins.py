@@ -305,7 +305,8 @@ class SessionPins:
                     from kvsched.core.scoring import retention_value
                     row["scores"] = sorted(
                         (round(retention_value(self.policy.candidate(r, now)) * 1e12, 4), str(k.session_id),
-                         r.pinned_blocks, round(r.expected_gap_s, 2), round(now - r.last_finished if r.last_finished is not None else 0.0, 2),
+                         r.pinned_blocks, round(r.expected_gap_s, 2),
+                         round(now - r.last_finished if r.last_finished is not None else 0.0, 2),
                          r.active_requests)
                         for k, r in self.policy.sessions.items() if r.pinned_blocks)
             self._trace_row(row)

@@ -67,16 +67,25 @@ class _TierAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        from kvsched.adapters.vllm.tier_host import host_memory
-        from kvsched.core.tier_config import TierConfigError, check_fits_host, parse_tier_gib
+        from kvsched.core.tier_config import TierConfigError
 
         try:
-            gib = parse_tier_gib(values)
-            if gib:
-                check_fits_host(int(gib * 2**30), host_memory()[0])
+            gib = _tier_gib(values)
         except TierConfigError as exc:
             parser.error(f"argument --kvsched-fp8-tier-gb: {exc}")
         setattr(namespace, TIER_DEST, "auto" if gib is None else gib)
+
+
+def _tier_gib(value: object) -> float | None:
+    """A tier size as given (flag, variable or JSON) in GiB, None for auto; TierConfigError if malformed or larger
+    than this host's memory. The one check behind every way a size reaches the command line."""
+    from kvsched.adapters.vllm.tier_host import host_memory
+    from kvsched.core.tier_config import check_fits_host, parse_tier_gib
+
+    gib = parse_tier_gib(value)
+    if gib:
+        check_fits_host(int(gib * 2**30), host_memory()[0])
+    return gib
 
 
 def _apply_tier(parser: Any, ns: argparse.Namespace) -> None:
@@ -132,19 +141,16 @@ def _check_user_tier(parser: Any, user: Any) -> None:
     """A --kv-transfer-config naming the tier's connector: its size (or KVSCHED_FP8_TIER_GB without one), levels and
     load-failure policy checked now, as the flags are. Found by review: a bad size first failed in the engine, after
     the model loaded, inside vLLM's tracebacks and without naming the variable."""
-    from kvsched.adapters.vllm.tier_host import host_memory
     from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
     from kvsched.core.disk_tier import DiskConfigError
-    from kvsched.core.tier_config import TierConfigError, check_fits_host, parse_tier_gib
+    from kvsched.core.tier_config import TierConfigError
 
     extra = dict(getattr(user, "kv_connector_extra_config", None) or {})
     if "tier_gb" not in extra:
         _env_tier_gib(parser)  # refused naming the variable
     else:
         try:
-            gib = parse_tier_gib(extra["tier_gb"])
-            if gib:
-                check_fits_host(int(gib * 2**30), host_memory()[0])
+            _tier_gib(extra["tier_gb"])
         except TierConfigError as exc:
             parser.error(f"--kv-transfer-config kv_connector_extra_config.tier_gb: {exc}")
     try:
@@ -162,14 +168,11 @@ def _env_tier_gib(parser: Any) -> float | None:
     import os
 
     from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB
-    from kvsched.adapters.vllm.tier_host import host_memory
-    from kvsched.core.tier_config import TierConfigError, check_fits_host, parse_tier_gib
+    from kvsched.core.tier_config import TierConfigError
 
     raw = os.environ.get(ENV_TIER_GB, "auto")
     try:
-        gib = parse_tier_gib(raw)
-        if gib:
-            check_fits_host(int(gib * 2**30), host_memory()[0])
+        gib = _tier_gib(raw)
     except TierConfigError as exc:
         parser.exit(2, f"kvsched: {ENV_TIER_GB}={raw!r}: {str(exc).replace('--kvsched-fp8-tier-gb', ENV_TIER_GB)}\n")
     return gib
