@@ -203,3 +203,50 @@ def test_sessions_long_idle_are_released_before_one_whose_turn_just_ended(exact_
     lowest = min(p.score(p.sessions[k], now) for k in keys)
     assert all(p.score(p.sessions[k], now) == lowest for k in released)
     assert exact_limit or p.index.counters["rekeyed"] >= 39
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dropping_stale_entries_changes_no_decision_and_scores_nothing(seed, monkeypatch):
+    """Found measuring `kvsched bench sched` at 10,000 sessions: a rebuild keyed every pinned session again (~10,000
+    scores in one step, every ~300 steps), which also changed the order it rebuilt. Now it keeps each session's latest
+    entry: the same decisions as a heap that never drops its stale entries, and no session is scored for it."""
+    clock = FakeClock()
+    dropping, keeping = make(clock, exact_limit=0), make(clock, exact_limit=0)
+    monkeypatch.setattr(keeping.index, "_drop_stale", lambda: None)
+    scored = [0]
+    score = dropping.index.score
+
+    def counted(rec, now):
+        scored[0] += 1
+        return score(rec, now)
+
+    monkeypatch.setattr(dropping.index, "score", counted)
+    rng = random.Random(seed)
+    keys = [SessionKey(SessionId(f"s{i}")) for i in range(100)]
+    largest_drop = 0
+    for i in range(4000):
+        clock.advance(rng.random() * 4)
+        k, hints, tokens = rng.choice(keys), TurnHints(role=rng.choice(ROLES)), rng.randrange(16, 4000)
+        need = rng.randrange(1, 20) if rng.random() < 0.3 else 0  # decisions that take a few entries off the top
+        out = []
+        for p in (dropping, keeping):
+            rec = p.sessions.get(k)
+            if rec is not None and rec.waiting:
+                p.turn_started(k, rec.pinned_tokens)
+            elif rec is not None and rec.active_requests:
+                p.turn_finished(k, hints, tokens, tokens // 16)
+            else:
+                p.request_arrived(k, hints)
+            if need:
+                c = p.index.counters
+                heap, before, scored[0] = len(p.index._heap), dict(c), 0
+                changed = len(p.index._dirty)
+                out.append(p.release_for_pressure(need))
+                if c["rebuilds"] > before["rebuilds"]:  # scored: the changed and re-keyed sessions, the top's
+                    largest_drop = max(largest_drop, heap - len(p.index._heap))
+                    taken = c["rekeyed"] - before["rekeyed"] + c["heap_pops"] - before["heap_pops"]
+                    assert scored[0] <= changed + taken
+        assert out[:1] == out[1:]
+        if i % 1000 == 999:  # (a whole order takes every stale entry off as well)
+            assert dropping.release_order() == keeping.release_order()
+    assert dropping.index.counters["rebuilds"] > 3 and largest_drop > len(dropping.index.pinned)
