@@ -132,3 +132,44 @@ def test_an_async_queued_request_waits_for_its_prefetch_instead_of_restoring_it_
     assert prefetched <= set(s.kv_cache_manager.get_block_ids(ra.request_id)[0])
     run_until_idle(s)
     assert s.kvsched.prefetcher.counters["useful_blocks"] == 10
+
+
+@pytest.mark.parametrize("then", ["abort", "finish"])
+def test_blocks_whose_restore_failed_leave_the_prefix_cache_when_their_request_goes_before_recomputing(
+        harness_cfg, clock, monkeypatch, then):
+    """Found by review: vLLM's `recompute` policy keeps a block whose load failed (and those its forward computed from
+    it) in the prefix cache, counting on the rolled-back request to recompute it. Aborted first, the next request with
+    the same prefix hit the garbage (and the aborted turn's pin held it for the session's own next turn)."""
+    from vllm.v1.request import RequestStatus
+
+    from kvsched.adapters.vllm import compat
+
+    s, f, hist = _demoted(harness_cfg, clock, monkeypatch, ["A"])
+    ra = f.make(hist["A"] + [4] * 3 + list(range(900, 940)), 4, session_id="A")
+    s.add_request(ra)  # restored from the tier as it is scheduled
+    out = s.schedule()
+    meta = out.kv_connector_metadata
+    bad = {load.block_id for load in meta.prefetches + meta.loads}
+    assert len(bad) == 10 and s.requests[ra.request_id].num_computed_tokens >= 160
+    _report(s, out, bad)  # every restored slot failed its checksum
+    assert s.requests[ra.request_id].num_computed_tokens == 0  # rolled back to recompute
+    if then == "abort":
+        s.finish_requests(ra.request_id, RequestStatus.FINISHED_ABORTED)
+    cached = {b.block_id for b in compat.cached_prefix(s, ra.block_hashes, 10)}
+    assert not cached & bad
+    rb = f.make(hist["A"] + [1, 2, 3], 4)  # anyone sending the same prefix
+    s.add_request(rb)
+    out = s.schedule()
+    new = next(n for n in out.scheduled_new_reqs if n.req_id == rb.request_id)
+    assert not set(new.block_ids[0][:new.num_computed_tokens // BLOCK]) & bad
+    fresh = new.block_ids[0][:10]  # where rb computes A's prefix again
+    _report(s, out, ())
+    run_until_idle(s)
+    if then == "abort":  # A's next turn hits what rb computed, not the garbage its aborted turn would have pinned
+        rc = f.make(hist["A"] + [4] * 3 + list(range(900, 960)), 4, session_id="A")
+        s.add_request(rc)
+        out = s.schedule()
+        new = next(n for n in out.scheduled_new_reqs if n.req_id == rc.request_id)
+        assert new.num_computed_tokens >= 10 * BLOCK and new.block_ids[0][:10] == fresh
+        _report(s, out, ())
+    run_until_idle(s)

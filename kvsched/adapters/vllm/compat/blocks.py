@@ -254,43 +254,6 @@ def async_scheduling(scheduler: Any) -> bool:
     return bool(getattr(getattr(scheduler, "scheduler_config", None), "async_scheduling", False))
 
 
-def fix_load_failure_recovery(scheduler: Any) -> None:
-    """Work around vLLM 0.32's AsyncScheduler losing a request after a KV load failure (found by kvsched's
-    fault-injection test): `_handle_invalid_blocks` rolls the request back and `update_from_output` then skips its
-    output, so the output placeholder the step added is never consumed and the scheduler never runs the request again
-    (`num_computed_tokens + 2 - placeholders >= prompt + max_tokens`). The rolled-back requests get back the placeholders
-    of the step whose output was discarded. Idempotent."""
-    if getattr(scheduler._handle_invalid_blocks, "__kvsched_wrapped__", False):
-        return
-    handle, update = scheduler._handle_invalid_blocks, scheduler.update_from_output
-    current: list[Any] = [None]
-
-    def update_from_output(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-        current[0] = scheduler_output
-        try:
-            return update(scheduler_output, *args, **kwargs)
-        finally:
-            current[0] = None
-
-    def handle_invalid_blocks(*args: Any, **kwargs: Any) -> set[str]:
-        affected: set[str] = handle(*args, **kwargs)
-        out = current[0]
-        if out is None or not hasattr(scheduler, "_spec_token_placeholders"):  # not an AsyncScheduler
-            return affected
-        spec = getattr(out, "scheduled_spec_decode_tokens", None) or {}
-        for req_id in affected:
-            request = scheduler.requests.get(req_id)
-            if request is None or req_id not in out.num_scheduled_tokens or request.is_prefill_chunk:
-                continue
-            added = int(getattr(scheduler, "num_sampled_tokens_per_step", 1)) + len(spec.get(req_id, ()))
-            request.num_output_placeholders = max(0, request.num_output_placeholders - added)
-        return affected
-
-    handle_invalid_blocks.__kvsched_wrapped__ = True  # type: ignore[attr-defined]
-    scheduler._handle_invalid_blocks = handle_invalid_blocks
-    scheduler.update_from_output = update_from_output
-
-
 def on_free_blocks(scheduler: Any, before: Callable[[Any], None]) -> None:
     """Call `before(request)` each time vLLM's scheduler is about to free a finished request's blocks
     (`Scheduler._free_blocks`, private in vLLM 0.32: every path that ends a request goes through it, aborts included),
