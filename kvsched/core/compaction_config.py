@@ -100,6 +100,8 @@ class CompactionConfig:
             raise InvalidCompactionInput(f"summary_timeout_s must be a finite number > 0, got {self.summary_timeout_s}")
         if not (math.isfinite(self.retry_after_s) and self.retry_after_s >= 0):
             raise InvalidCompactionInput(f"retry_after_s must be a finite number >= 0, got {self.retry_after_s}")
+        if not self.summary_prompt.strip():  # found by review: "" was taken, and every summary call had no instruction
+            raise InvalidCompactionInput("summary_prompt must not be empty: it is the summary call's instruction")
         if self.summary_role not in ("system", "user", "assistant"):
             raise InvalidCompactionInput(f"summary_role must be system, user or assistant, got {self.summary_role!r}")
 

@@ -114,4 +114,4 @@ def validate_end_flag(raw: object) -> bool:
         return bool(raw)
     if isinstance(raw, str) and raw.strip().lower() in ("0", "1", "true", "false", "yes", "no"):
         return raw.strip().lower() in ("1", "true", "yes")
-    raise InvalidSessionInput(f"session end flag must be 0/1 or true/false, got {raw!r}")
+    raise InvalidSessionInput(f"session end flag must be 0/1, true/false or yes/no, got {raw!r}")

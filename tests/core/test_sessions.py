@@ -46,8 +46,12 @@ def test_ttl_parsing():
 
 def test_end_flag_and_role():
     assert validate_end_flag("1") is True and validate_end_flag(0) is False and validate_end_flag("false") is False
-    with pytest.raises(InvalidSessionInput):
+    with pytest.raises(InvalidSessionInput) as exc:
         validate_end_flag("maybe")
+    for word in re.findall(r"[a-z0-9]+", str(exc.value).split("must be ")[1].split(", got")[0]):
+        if word not in ("or",):  # every value the message lists is taken (found by review: it left yes/no out)
+            assert validate_end_flag(word) in (True, False)
+    assert "yes" in str(exc.value) and validate_end_flag("yes") is True and validate_end_flag("no") is False
     assert validate_role("Orchestrator") == "orchestrator"
     with pytest.raises(InvalidSessionInput):
         validate_role("drop table;")

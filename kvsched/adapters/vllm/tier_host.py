@@ -75,6 +75,11 @@ def log_start(disabled: str, geometry: TierGeometry | None, budget: int, auto: b
     if disabled or geometry is None:
         logger.warning("kvsched FP8 tier disabled: %s", disabled)
         return
+    if num_slots == 0:  # found by review: a size below one block (e.g. 1e-12 GiB) ran without a tier, silently
+        logger.warning("kvsched FP8 tier disabled: %d bytes (%s) hold no block of this model's %d bytes; give at "
+                       "least %.6f GiB, or 0 to turn it off", budget, "auto: " + AUTO_RULE if auto else setting,
+                       geometry.block_bytes, geometry.block_bytes / 2**30)
+        return
     logger.info("kvsched FP8 tier: %.2f GiB of host memory (%s), %d slots of %d bytes; %s layout, %s (%d layers, %d "
                 "heads x %d x %d %s per block)", budget / 2**30, "auto: " + AUTO_RULE if auto else setting, num_slots,
                 geometry.block_bytes, geometry.layout, geometry.mode, len(geometry.layers), geometry.heads,

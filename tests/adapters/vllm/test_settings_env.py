@@ -65,6 +65,20 @@ def test_the_tier_log_line_names_the_variable_too(harness_cfg, caplog, monkeypat
     assert lines and "--kvsched-fp8-tier-gb / KVSCHED_FP8_TIER_GB" in lines[0], lines
 
 
+def test_a_tier_smaller_than_one_block_says_it_is_off(harness_cfg, caplog) -> None:
+    """Found by review: KVSCHED_FP8_TIER_GB=1e-12 passed every check and ran with 0 slots, no word said."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+    from tests.adapters.vllm.conftest import sched
+
+    with caplog.at_level("INFO", logger="vllm.kvsched.fp8_tier"):
+        s = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(1e-12)))
+    lines = [r.getMessage() for r in caplog.records if "kvsched FP8 tier" in r.getMessage()]
+    assert s.kvsched.tier is not None and not s.kvsched.tier.enabled
+    assert len(lines) == 1 and "disabled" in lines[0] and "hold no block" in lines[0], lines
+
+
 # ---- 2: KVSCHED_TRACE a file the engine cannot open ---------------------------------------------------------------
 def test_a_trace_file_the_engine_cannot_open_is_refused(monkeypatch, tmp_path) -> None:
     for path, why in ((tmp_path / "no" / "such" / "t.jsonl", "does not exist"), (tmp_path, "a directory")):
