@@ -140,16 +140,11 @@ class ReleaseIndex:
         """Rebuild both heaps from their current entries alone (a session's latest keying), in O(n) and without
         scoring anything: the order is the one the stale entries hid. (It used to key every pinned session again: at
         `kvsched bench sched`'s 10,000 sessions, one rebuild every ~300 steps scored ~10,000 sessions in one step.)"""
-        pinned = self.pinned
-
-        def current(key: SessionKey, version: int) -> bool:
-            rec = pinned.get(key)
-            return rec is not None and rec.version == version
-
+        get = self.pinned.get
         self.counters["rebuilds"] += 1
         # In place: a decision in progress holds the heap (and pushes back the entries it set aside when done).
-        self._heap[:] = [e for e in self._heap if current(e[3], e[2])]
-        self._due[:] = [d for d in self._due if current(d[2], d[1])]
+        self._heap[:] = [e for e in self._heap if (r := get(e[3])) is not None and r.version == e[2]]
+        self._due[:] = [d for d in self._due if (r := get(d[2])) is not None and r.version == d[1]]
         heapq.heapify(self._heap)
         heapq.heapify(self._due)
 
