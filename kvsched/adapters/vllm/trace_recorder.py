@@ -7,7 +7,8 @@ Runs in SessionPins' hooks on the engine-core thread: per finished request a key
 previous request did not have and one line, written through at once (a write call of a few microseconds, so that a
 trace read while the engine runs is whole up to its last request). An existing file is never overwritten: the recording goes to FILE.1, FILE.2, ... (an engine restarted, or data-parallel
 engines given the same path), and the engine logs where. KVSCHED_RECORD_TRACE_MAX_MB bounds the recordings beside one
-path together, so an engine restarted over and over cannot fill the disk one limit at a time.
+path together, so an engine restarted over and over cannot fill the disk one limit at a time (data-parallel engines
+split what is left).
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ class TraceRecorder:
         engine_block = int(scheduler.cache_config.block_size)
         self.stream, self.path = open_new(path)
         limit = int(max_mb() * 1e6)
-        room = limit - recorded_bytes(path)  # the new (empty) file counts nothing
+        # The new (empty) file counts nothing. Data-parallel engines given one path start together, each seeing the
+        # same room: each takes its share (found by review: each could write the whole limit).
+        engines = compat.data_parallel_size(scheduler)
+        room = (limit - recorded_bytes(path)) // engines
         self.clock = clock
         self.block_size = block_size
         meta = {"source": "kvsched engine recording", "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -118,7 +122,8 @@ class TraceRecorder:
         self.stopped = False
         atexit.register(self.close)
         logger.info("kvsched: recording the requests this engine serves to %s (%s; %.0f of %s's %.0f MB left beside "
-                    "earlier recordings)", self.path, ENV_RECORD, max(room, 0) / 1e6, ENV_MAX_MB, limit / 1e6)
+                    "earlier recordings%s)", self.path, ENV_RECORD, max(room, 0) / 1e6, ENV_MAX_MB, limit / 1e6,
+                    f", this engine's share of {engines} data-parallel engines" if engines > 1 else "")
 
     @classmethod
     def from_env(cls, scheduler: Any, prefix_caching: bool) -> TraceRecorder | None:

@@ -210,6 +210,23 @@ def test_the_size_limit_bounds_every_recording_beside_the_path_together(harness_
     assert rec.stopped and rec.recording.written == 1
 
 
+def test_data_parallel_engines_given_one_path_split_the_limit(harness_cfg, tmp_path, monkeypatch):
+    """Found by review: data-parallel engines start together and each saw the whole room left."""
+    from kvsched.adapters.vllm.trace_recorder import TraceRecorder
+
+    path = tmp_path / "rec.jsonl"
+    path.write_text("x" * 400)
+    monkeypatch.setenv(ENV_MAX_MB, "0.001")  # 1,000 bytes: 600 left
+    s = _sched(harness_cfg)
+    s.parallel_config.data_parallel_size = 3
+    engines = [TraceRecorder(s, path) for _ in range(3)]  # as each engine of three builds its own at start
+    shares = [e.recording.max_chars for e in engines]  # each later one also counts the earlier ones' headers
+    assert shares[0] == 200 and sum(shares) <= 600
+    assert len({e.path for e in engines}) == 3
+    for e in engines:
+        e.close()
+
+
 def test_a_recording_that_cannot_be_opened_is_logged_and_the_engine_starts(harness_cfg, tmp_path, monkeypatch):
     """The start-up check passed, then the file could not be made (the directory went away, 10,000 recordings beside
     it): that raised out of the scheduler's constructor and the engine did not start."""

@@ -192,6 +192,11 @@ def num_total_blocks(scheduler: Any) -> int:
     return int(block_pool(scheduler).num_gpu_blocks) - 1
 
 
+def data_parallel_size(scheduler: Any) -> int:
+    """Engines of one data-parallel deployment (each has its own scheduler); 1 when not said."""
+    return max(int(getattr(getattr(scheduler, "parallel_config", None), "data_parallel_size", 1) or 1), 1)
+
+
 def hash_block_size(scheduler: Any) -> int:
     """Tokens per entry of a request's `block_hashes` (vLLM's `hash_block_size`; the block size unless a hybrid
     model's groups hash at a finer grain)."""
