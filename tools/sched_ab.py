@@ -72,8 +72,10 @@ def main() -> int:
                                 tier=args.tier)
         a, b = statistics.fmean(times[a_side]), statistics.fmean(times[b_side])
         ratios.append(b / a)
+        pinned = [work[side].pop("pinned_sessions_at_end", None) for side in (a_side, b_side)]
         print(f"pair {seed}: A {a * 1e6:.0f} us, B {b * 1e6:.0f} us a step; B/A {b / a:.4f}; same work: "
-              f"{work[a_side] == work[b_side]}", flush=True)
+              f"{work[a_side] == work[b_side]} (sessions pinned at the end: {pinned[0]} / {pinned[1]}: a change of "
+              f"release order may differ there)", flush=True)
     print(f"B/A mean {statistics.fmean(ratios):.4f}, range {min(ratios):.4f}-{max(ratios):.4f} ({args.sessions} "
           f"sessions, tier {'on' if args.tier else 'off'}, {'CPU' if args.cpu_time else 'wall'} time)")
     for c in conns.values():
