@@ -28,6 +28,19 @@ def main() -> int:
         assert score.score_and_select(*cols, pinned, 9, impl="triton").tolist() == \
             score.score_and_select(*cols, pinned, 9, impl="torch").tolist()
         print(f"ok score n={n}")
+    # found by review: the Triton path checked only shapes, and scored bool and complex columns. The bad column is the
+    # second: the first picks the device the implementation is resolved for.
+    good = [torch.full((4,), 2.0, dtype=torch.float64) for _ in range(5)]
+    for bad in (torch.tensor([True, False, True, True]), torch.ones(4, dtype=torch.complex128),
+                torch.zeros(4, device="meta"), torch.zeros(()), torch.zeros(3)):
+        for impl in ("torch", "triton"):
+            try:
+                score.retention_values(good[0], bad, *good[1:], impl=impl)
+            except ValueError as e:
+                assert "candidate columns" in str(e), (impl, bad, e)
+            else:
+                raise AssertionError(f"{impl} scored a column of {bad.dtype}, shape {tuple(bad.shape)}, {bad.device}")
+    print("ok score refuses columns that are not real 1-D vectors of one length on one device")
     import kvsched_kernels.fp8 as kernel
 
     # Pages larger than a tile are done a tile at a time: the default tile, and tiles of 64 elements (several row and
