@@ -4,10 +4,10 @@ Specification and layout: kvsched.ops.fp8 (its torch reference). The cache is a 
 block_size, 2*head_size] with any strides and a contiguous last dimension; the compact buffer is q (uint8 view of
 float8_e4m3fn) [n, H, N, C] plus float32 scales [n, H].
 
-The e4m3 rounding (and bf16 rounding on dequantize) is done with integer operations on the float32 bits instead of
-`.to(tl.float8e4nv)` / `.to(tl.bfloat16)`: the Triton CPU interpreter casts those wrongly (no round-to-nearest-even,
-NaN becomes a number), and the integer version is bit-exact with torch on GPUs as well. Costs a few ALU operations per
-element in a memory-bound kernel.
+The e4m3 rounding (and bf16 rounding on dequantize, bf16 widening on quantize) is done with integer operations on the
+float32 bits instead of `.to(tl.float8e4nv)` / `.to(tl.bfloat16)` / `.to(tl.float32)`: the Triton CPU interpreter casts
+those wrongly (no round-to-nearest-even, NaN becomes a number, bf16 subnormals flushed), and the integer version is
+bit-exact with torch on GPUs as well. Costs a few ALU operations per element in a memory-bound kernel.
 """
 
 from __future__ import annotations
@@ -46,6 +46,18 @@ def _e4m3_values(code):
 
 
 @triton.jit
+def _load_f32(ptrs, mask, IN_BF16: tl.constexpr):
+    """float32 values of cache elements (0 where masked). bf16 comes as int16 bits (the cache viewed as int16) and is
+    widened by hand, which is exact everywhere; found by review: the interpreter's `.to(tl.float32)` of a bf16 load
+    flushed subnormals to 0, so the CI check disagreed with the reference on pages of tiny values."""
+    if IN_BF16:
+        x = (tl.load(ptrs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _gather_quantize_kernel(
     cache_ptr,
     ids_ptr,
@@ -59,6 +71,7 @@ def _gather_quantize_kernel(
     C: tl.constexpr,
     TILE_N: tl.constexpr,
     TILE_C: tl.constexpr,
+    IN_BF16: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -72,7 +85,7 @@ def _gather_quantize_kernel(
     for r0 in range(0, N, TILE_N):
         for c0 in range(0, C, TILE_C):
             r, c = r0 + rows, c0 + cols
-            a = tl.abs(tl.load(src + r * stride_n + c, mask=(r < N) & (c < C), other=0.0).to(tl.float32))
+            a = tl.abs(_load_f32(src + r * stride_n + c, (r < N) & (c < C), IN_BF16))
             amax = tl.maximum(amax, tl.where(a < float("inf"), a, 0.0))  # finite elements only (NaN < inf is false)
     scale = tl.maximum(tl.math.div_rn(tl.max(tl.max(amax, axis=1), axis=0), 448.0), 1.1754943508222875e-38)  # >= 2^-126
     inv = tl.math.div_rn(1.0, scale)
@@ -81,7 +94,7 @@ def _gather_quantize_kernel(
         for c0 in range(0, C, TILE_C):
             r, c = r0 + rows, c0 + cols
             m = (r < N) & (c < C)
-            v = tl.load(src + r * stride_n + c, mask=m, other=0.0).to(tl.float32) * inv
+            v = _load_f32(src + r * stride_n + c, m, IN_BF16) * inv
             v = tl.where(v > 448.0, 448.0, tl.where(v < -448.0, -448.0, v))  # NaN passes through
             tl.store(page + r * C + c, _e4m3_bits(v).to(tl.uint8), mask=m)
     tl.store(scale_ptr + i * H + h, scale)
@@ -141,10 +154,11 @@ def gather_quantize(cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch
     num = block_ids.numel()
     q = torch.empty((num, h, n, c), dtype=torch.float8_e4m3fn, device=cache.device)
     scales = torch.empty((num, h), dtype=torch.float32, device=cache.device)
+    bf16 = cache.dtype == torch.bfloat16
     if num and h:
         _gather_quantize_kernel[(num, h)](
-            cache, block_ids, q.view(torch.uint8), scales, h, cache.stride(0), cache.stride(1), cache.stride(2),
-            N=n, C=c, **_tiles(n, c), enable_fp_fusion=False,
+            cache.view(torch.int16) if bf16 else cache, block_ids, q.view(torch.uint8), scales, h, cache.stride(0),
+            cache.stride(1), cache.stride(2), N=n, C=c, **_tiles(n, c), IN_BF16=bf16, enable_fp_fusion=False,
         )  # fmt: skip
     return q, scales
 

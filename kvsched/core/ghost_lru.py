@@ -132,7 +132,10 @@ class LruGhost:
             head, keys = memo[2], keys[memo[1]:]
             if not keys:
                 return head
-        width = len(keys[0])  # type: ignore[arg-type]
+        first = keys[0]
+        if type(first) is not bytes:  # found by review: the list grew by a key without len() (TypeError), e.g. an int
+            return None
+        width = len(first)
         if not width or set(map(type, keys)) != {bytes}:  # a key not exactly bytes (a subclass, a bytearray, another
             return None  # type): the generic path, as the compiled ghost samples only exact bytes by their first byte
         # found by review: a check of the total length let widths 2, 1, 3 through, and the slice below then sampled

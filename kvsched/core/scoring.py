@@ -56,7 +56,9 @@ def value_of(tokens: float, bytes_per_token: float, idle_s: float, next_use_s: f
     frozen Candidate per key was a third of that cost (`kvsched bench sched`, 10,000 sessions)."""
     p_reuse = (reuse_count + 1.0) / (reuse_count + 2.0)
     overdue = idle_s - 2.0 * next_use_s
-    if overdue > 0.0:
+    # NaN overdue (inf - inf: idle_s = inf and 2 * next_use_s overflows) is overdue, as in the kernels, which clamp
+    # with NaN kept and take exp (found by review: it was skipped, a number here and NaN there)
+    if overdue > 0.0 or overdue != overdue:
         p_reuse *= math.exp(-overdue / max(next_use_s, 1.0))
     wait_s = max(next_use_s - idle_s, 0.0) + 1.0
     nbytes = max(tokens * bytes_per_token, 1.0)

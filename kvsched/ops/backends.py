@@ -39,8 +39,15 @@ def has_cxx() -> bool:
 
 
 def triton_interpreted() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`, read when triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when the Triton kernels run in Triton's CPU interpreter: triton.jit made them interpreted when
+    `kvsched_kernels` was imported (TRITON_INTERPRET=1 then; recorded as its INTERPRETED), and the variable is still
+    set (Triton's interpreter reads it again at a launch and fails without it). Found by review: only the variable was
+    read, at each call, so set after the import it offered Triton on a CPU, and the call failed in the GPU launcher.
+    Without the variable triton is not imported (slow, and of no use to a CPU process that does not interpret)."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False
+    kernels = triton_kernels()
+    return kernels is not None and bool(kernels.INTERPRETED)
 
 
 @functools.cache
@@ -60,4 +67,4 @@ def has_triton_cuda() -> bool:
 
 
 def has_triton_interpreter() -> bool:
-    return triton_interpreted() and triton_kernels() is not None
+    return triton_interpreted()

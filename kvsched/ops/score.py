@@ -28,8 +28,9 @@ Columns = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def _columns(*cols: torch.Tensor) -> Columns:
-    """The six numeric columns as contiguous float64 (a no-op for float64 contiguous input)."""
+def _check_columns(*cols: torch.Tensor) -> None:
+    """ValueError unless the columns are real (not bool, not complex), 1-D, of one length and on one device: every
+    implementation's precondition (the Triton launcher would otherwise read a bool or complex column as numbers)."""
     n = cols[0].shape[0] if cols[0].dim() == 1 else -1
     for c in cols:
         if c.is_complex() or c.dtype == torch.bool:
@@ -38,6 +39,12 @@ def _columns(*cols: torch.Tensor) -> Columns:
             raise ValueError(f"candidate columns must be 1-D of one length, got shapes {[tuple(x.shape) for x in cols]}")
         if c.device != cols[0].device:
             raise ValueError("candidate columns must be on one device")
+
+
+def _columns(*cols: torch.Tensor) -> Columns:
+    """The six numeric columns, checked (`_check_columns`), as contiguous float64 (a no-op for float64 contiguous
+    input)."""
+    _check_columns(*cols)
     out = tuple(c.to(torch.float64).contiguous() for c in cols)
     return out  # type: ignore[return-value]
 
@@ -141,10 +148,9 @@ def score_and_select_cxx(
 
 # ----------------------------------------------------------------------------------------------- Triton
 def retention_values_triton(*cols: torch.Tensor) -> torch.Tensor:
-    n = cols[0].shape[0]
-    for c in cols:
-        if c.shape != (n,):
-            raise ValueError("candidate columns must be 1-D of one length")
+    # found by review: only the shapes were checked, so bool and complex columns (and columns on different devices)
+    # were scored instead of refused as by the torch and C++ paths. The launcher reads the columns in their own dtype.
+    _check_columns(*cols)
     return backends.triton_kernels().score.retention_values(*cols)  # type: ignore[union-attr]
 
 

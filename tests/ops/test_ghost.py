@@ -8,6 +8,7 @@ import hashlib
 import random
 import subprocess
 import sys
+from collections.abc import Hashable
 from dataclasses import replace
 
 import pytest
@@ -122,6 +123,22 @@ def test_digests_outside_a_uniform_list_are_sampled_by_the_same_rule_in_both() -
         uneven = [b"\0\0", b"\xff", b"\xff\0\0"]
         assert tuple(ref.observe(uneven, 3, -1, 100)) == tuple(cxx.observe(list(uneven), 3, -1, 100))
         assert books(ref) == books(cxx)
+
+
+def test_a_remembered_list_grown_by_a_key_of_another_type_is_sampled_key_by_key() -> None:
+    """Found by review: `cached` on a list `observe` had remembered (bytes keys), grown by an int, took the int's len()
+    and raised TypeError. It now goes key by key, as a list never seen (a copy) does and as the compiled ghost does."""
+    from kvsched.ops import backends
+
+    seen, fresh = LruGhost(4), LruGhost(4)
+    ghosts: list[Ghost] = [seen, fresh] + ([new_ghost(4, "cxx")] if backends.has_cxx() else [])
+    keys: list[Hashable] = [b"\x00abc", b"\x01abd"]
+    for g in ghosts:
+        g.observe(keys if g is seen else list(keys), 0, -1, 10)
+    keys.append(7)
+    for g in ghosts:
+        g.cached(keys if g is seen else list(keys), 10)
+    assert all(books(g) == books(fresh) for g in ghosts) and len(fresh) >= 2 and not fresh.held()
 
 
 def test_a_key_whose_hash_changes_the_list_does_not_crash_the_compiled_ghost() -> None:

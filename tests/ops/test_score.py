@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kvsched.core.scoring import Candidate, retention_value, select_lowest
+from kvsched.core.scoring import Candidate, retention_value, select_lowest, value_of
 from kvsched.ops import score
 
 RTOL = 1e-12  # exp differs by a few ulps between libm, Sleef and CUDA; everything else is the same float64 arithmetic
@@ -111,6 +111,17 @@ def test_a_nan_value_sorts_last_in_the_policy_core_as_in_the_kernels(impl):
              for t, b in ((900, 4096.0), (0, math.inf), (901, 4096.0), (400, 4096.0))]
     assert math.isnan(retention_value(cands[1]))
     assert select_lowest(cands, 4)[-1] == 1 and select_candidates_of(cands, impl) == select_lowest(cands, 4)
+
+
+@pytest.mark.parametrize("idle_s, next_use_s", [(math.inf, 1e308), (math.inf, 5.0), (5.0, math.inf),
+                                                (1e308, -1e308), (math.nan, 1.0), (math.inf, math.inf)])
+def test_the_policy_cores_value_agrees_with_the_kernels_on_extreme_times(impl, idle_s, next_use_s):
+    """Found by review: with idle_s = inf and next_use_s > ~9e307, idle_s - 2 * next_use_s is inf - inf = NaN; the
+    policy core skipped exp (NaN > 0 is false) and gave a number where the kernels give NaN."""
+    fields = (100.0, 1.0, idle_s, next_use_s, 1.0, 0.0)
+    want = value_of(*fields)
+    got = score.retention_values(*(torch.tensor([v], dtype=torch.float64) for v in fields), impl=impl).item()
+    assert got == want or (math.isnan(got) and math.isnan(want)), (got, want)
 
 
 def select_candidates_of(cands, impl):
