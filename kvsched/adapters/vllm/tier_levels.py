@@ -115,7 +115,10 @@ class TierLevels(ArrivalReads):
         self._failed: set[bytes] = set()  # keys whose write failed on some rank (reports of the others pending)
         self._busy_slots: Callable[[], set[int]] = set  # slots this step's stores/fetches write (set by the connector)
         self.on_fetch: Callable[[list[Fetch]], None] = lambda fetches: None  # the connector's books (tier_fetches)
-        if cfg.disk_dir:
+        if cfg.disk_dir and description.get("unshareable"):  # its files would be read by no restart, left behind
+            logger.warning("kvsched disk tier: off, the model's weights cannot be identified (%s): no restart could "
+                           "read its files, and each would leave another directory of them", description["unshareable"])
+        elif cfg.disk_dir:
             try:
                 self.disk = self._open_disk(cfg, identity, description, block_bytes, world_size)
             except OSError as exc:  # full, read-only, not permitted: the engine serves without the level
