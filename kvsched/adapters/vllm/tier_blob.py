@@ -5,7 +5,8 @@
 `identity` is a digest of the model and the cache geometry (`identity_of`): another model, weights, on-the-fly weight
 quantization, dtype, block size, tensor-parallel size, tier mode or tier format gives another identity, so its blocks
 are never served here, even from a directory or store shared by mistake. Weights it cannot identify (no local file to
-sample, no resolved Hub commit) give an identity of this engine's own, shared with nothing. `key` is vLLM's content
+sample, no resolved Hub commit) give an identity of this engine's own, shared with nothing. The workers frame blocks
+with it bound to their attention backend's kernel-block split, if any (`frame_identity`). `key` is vLLM's content
 hash of the block (it covers every earlier token and the `cache_salt`). The CRC covers identity, rank, key and
 payload: a torn or truncated file, a flipped byte, a block of another key or rank all fail `decode`, which says why;
 the caller then recomputes.
@@ -71,6 +72,18 @@ def decode(blob: bytes | memoryview, identity: str, rank: int, key: bytes, paylo
     if zlib.crc32(payload, zlib.crc32(key, zlib.crc32(struct.pack("<16sH", ident, r)))) != crc:
         raise BlobError("checksum mismatch (torn or corrupted bytes)")
     return payload
+
+
+def frame_identity(identity: str, split: list[Any]) -> str:
+    """The identity a worker frames its blocks with: `identity` (the scheduler's too: directory and store key names),
+    bound to the kernel-block split of its views (tier_layout.kernel_split) when there is one. An attention backend
+    whose kernel block is smaller than --block-size lays a slot out kernel block by kernel block: in RAW mode a payload
+    of another split has the same length and was restored scrambled (found by review). The split is chosen on the
+    workers, after the scheduler named its directory and keys: engines of two splits on one directory or store write
+    the same names, and each fails the other's blocks (recomputed), never serves them."""
+    if not split:
+        return identity
+    return hashlib.sha256(json.dumps([identity, split]).encode()).hexdigest()[:32]
 
 
 def framed_len(key_len: int, payload_len: int) -> int:

@@ -15,8 +15,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kvsched.adapters.vllm import tier_blob
-
 SUFFIX = ".kv"
 
 
@@ -116,6 +114,3 @@ class DiskFiles:
 
     def free_bytes(self) -> int:
         return int(shutil.disk_usage(self.dir).free)
-
-    def decode(self, key: bytes, blob: bytes, payload_len: int) -> bytes:
-        return tier_blob.decode(blob, self.identity, self.rank, key, payload_len)

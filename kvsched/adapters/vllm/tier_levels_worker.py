@@ -24,6 +24,7 @@ from typing import Any
 from kvsched.adapters.vllm import tier_blob
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.tier_disk import DiskFiles
+from kvsched.adapters.vllm.tier_layout import kernel_split
 from kvsched.adapters.vllm.tier_levels import DISK, SHARED, SHARED_PUT, Fetch, LevelOps
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
@@ -39,6 +40,7 @@ class TierLevelsWorker:
                  store: TierStore) -> None:
         self.cfg = cfg
         self.identity = identity
+        self.frame = tier_blob.frame_identity(identity, kernel_split(store.views))  # in each block's header
         self.rank = rank
         self.tier = store
         self.files: DiskFiles | None = None
@@ -201,7 +203,7 @@ class TierLevelsWorker:
         try:
             if blob is None:
                 raise tier_blob.BlobError("missing")
-            payload = tier_blob.decode(blob, self.identity, self.rank, key, payload_len)
+            payload = tier_blob.decode(blob, self.frame, self.rank, key, payload_len)
         except tier_blob.BlobError as exc:
             self.tier.invalidate([slot])
             self.counters[f"{source}_read_failures"] += 1
@@ -217,7 +219,7 @@ class TierLevelsWorker:
         puts: dict[str, bytes] = {}
         put_keys: list[bytes] = []
         for key, payload, to_disk, to_shared in items:
-            blob = tier_blob.encode(self.identity, self.rank, key, payload)
+            blob = tier_blob.encode(self.frame, self.rank, key, payload)
             if to_disk and self.files is None:
                 done.append((key, False))
             elif to_disk and self.files is not None:
