@@ -27,6 +27,7 @@ from kvsched.adapters.vllm.tier_disk import DiskFiles
 from kvsched.adapters.vllm.tier_layout import kernel_split
 from kvsched.adapters.vllm.tier_levels import DISK, SHARED, SHARED_PUT, Fetch, LevelOps
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
+from kvsched.adapters.vllm.tier_stats import WORKER_LEVEL_STATS
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.shared_state import block_key
 
@@ -62,6 +63,7 @@ class TierLevelsWorker:
         self.put_failures: deque[tuple[bytes, str]] = deque()  # (key, SHARED_PUT), appended by the writer thread
         self._deferred_deletes: list[bytes] = []
         self._write_errors_logged: set[int | None] = set()  # errno of the write failures logged
+        self._reported: dict[str, int] = {}  # the counters as the last report sent them (counter_deltas)
 
     # ---- in the step, before the tier's stores ------------------------------------------------------------------
     def before_stores(self, ops: LevelOps) -> None:
@@ -127,6 +129,7 @@ class TierLevelsWorker:
             try:
                 return self._write(items())
             except Exception:  # noqa: BLE001 - reported as failed writes, never a stuck pending key
+                self.counters["failed_write_jobs"] += 1
                 logger.exception("kvsched disk/shared tier: a write job failed")
                 self._put_failed(unput)
                 return failed
@@ -269,3 +272,16 @@ class TierLevelsWorker:
         meta.disk_done, meta.disk_full, meta.fetch_failures = self.report()
         landed, self.landed = self.landed, []
         meta.fetch_landed = [(f.key, f.slot, ok) for f, ok in landed]  # counted by the scheduler, once a block
+        meta.counters = self.counter_deltas()
+
+    def counter_deltas(self) -> dict[str, int]:
+        """This worker's failure counters (tier_stats.WORKER_LEVEL_STATS) grown since the last call. Read failures
+        are not among them: the scheduler counts each fetch that landed unfilled (`*_read_failures`)."""
+        c, wc, fc = self.counters, self.writer.counters, self.fetcher.counters
+        now = dict(zip(WORKER_LEVEL_STATS, (
+            c["copy_failures"], c["dropped_write_jobs"], wc["dropped_for_bytes"],
+            c["failed_write_jobs"] + wc["failed_jobs"], c["shared_put_dropped"], fc["dropped_jobs"],
+            fc["failed_jobs"]), strict=True))
+        deltas = {k: v - self._reported.get(k, 0) for k, v in now.items() if v != self._reported.get(k, 0)}
+        self._reported = now
+        return deltas
