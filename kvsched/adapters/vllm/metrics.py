@@ -100,6 +100,15 @@ COUNTERS = {
     "levels_fetch_stuck": f"Disk or shared-store fetches some worker had still not reported {STUCK_AFTER_S:.0f} s past "
                           "their deadline (a hung read?): their sessions' blocks may be evicted again; their slots stay held until "
                           "reported",
+    "levels_copy_failures": "Write jobs of the disk/shared levels whose host copy failed in the step (not written)",
+    "levels_dropped_write_jobs": "Disk/shared-level write jobs dropped, the worker's write queue full (in jobs or "
+                                 "bytes: a slow or hung disk or store); those blocks are recomputed if needed",
+    "levels_write_jobs_dropped_for_bytes": "Of those, jobs dropped because the queued jobs held their byte bound",
+    "levels_failed_write_jobs": "Disk/shared-level write jobs that raised on the worker's writer thread",
+    "levels_shared_puts_dropped": "KV blocks whose shared-store put was dropped with its write job (published again "
+                                  "next turn)",
+    "levels_dropped_fetch_jobs": "Disk/shared-level fetch chunks dropped, the worker's fetch queue full (recomputed)",
+    "levels_failed_fetch_jobs": "Disk/shared-level fetch chunks that raised on the worker's fetch thread",
     "shared_tier_restored_blocks": "KV blocks read from the shared store into the FP8 tier (then into the pool)",
     "shared_tier_read_failures": "Shared-store blocks not served: missing (expired, store down) or failing their "
                                  "checks (recomputed)",

@@ -5,19 +5,29 @@ its checks when read and is skipped, never served.
 
 `DIR/<identity>/IDENTITY.json` says in words which model and geometry the files belong to; an engine of another
 model or geometry uses another subdirectory of the same DIR.
+
+One engine owns `DIR/<identity>/` at a time: at start its scheduler takes an exclusive, non-blocking `flock` on
+`DIR/<identity>/.lock` (`claim`, held until the process exits; the file names the holder's pid). A second engine of the
+same model on the same DIR runs without the disk level, saying so (found by review: its start-up scan removed every
+`.tmp` file, the first engine's writes in flight among them, so they failed). The scan also spares a `.tmp` file whose
+writer (its name carries the pid) is still alive on this host, should the lock not hold (a file system without
+`flock`): only a dead writer's leftovers go.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from kvsched.adapters.vllm import tier_blob
-
+logger = logging.getLogger("vllm.kvsched.fp8_tier")
 SUFFIX = ".kv"
+LOCK = ".lock"
 
 
 class DiskFiles:
@@ -31,6 +41,29 @@ class DiskFiles:
         self._n = 0
         self._make_dir()
         self.found_bytes = 0  # bytes of the files the last `scan` indexed (this identity's, every rank's)
+
+    def claim(self) -> bool:
+        """Take the directory for this engine (see the module docstring); False, with a warning naming the directory
+        and the holder, if another engine holds it. A file system without locks: True, with a warning."""
+        f = open(self.dir / LOCK, "a+b")  # noqa: SIM115 - held open while this object lives
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            f.seek(0)
+            holder = f.read(32).decode(errors="replace").strip() or "unknown"
+            f.close()
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                logger.warning("kvsched disk tier: cannot lock %s (%s); running unlocked: give each engine its own "
+                               "--kvsched-disk-tier-dir", self.dir / LOCK, exc)
+                return True
+            logger.warning("kvsched disk tier: %s is in use by another engine of this model (pid %s); running without "
+                           "the disk level: give each engine its own --kvsched-disk-tier-dir", self.dir, holder)
+            return False
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n".encode())
+        f.flush()
+        self._lock = f  # the lock goes with the file: at exit, or once this object is dropped
+        return True
 
     def path(self, key: bytes, rank: int | None = None) -> Path:
         h = key.hex()
@@ -77,10 +110,11 @@ class DiskFiles:
             pass
 
     def scan(self) -> list[bytes]:
-        """Keys whose files exist for every rank, oldest first (by modification time); stale temporary files are
-        removed. Files are checked when read, not here: a start-up reads no block. `found_bytes` becomes the size of
-        the files of those keys (the automatic budget counts them as available: tier_levels). A file or subdirectory
-        that cannot be read or removed (a read-only file system, found by review) is skipped, not the scan."""
+        """Keys whose files exist for every rank, oldest first (by modification time); temporary files of writers
+        no longer alive are removed. Files are checked when read, not here: a start-up reads no block. `found_bytes`
+        becomes the size of the files of those keys (the automatic budget counts them as available: tier_levels). A
+        file or subdirectory that cannot be read or removed (a read-only file system, found by review) is skipped,
+        not the scan."""
         found: dict[bytes, list[float]] = {}
         sizes: dict[bytes, int] = {}
         for sub in self.dir.iterdir():
@@ -93,10 +127,11 @@ class DiskFiles:
             for f in entries:
                 name = f.name
                 if name.endswith(".tmp"):
-                    try:
-                        f.unlink(missing_ok=True)
-                    except OSError:  # read-only: left for a start-up that can remove it
-                        pass
+                    if not _writer_alive(name):
+                        try:
+                            f.unlink(missing_ok=True)
+                        except OSError:  # read-only: left for a start-up that can remove it
+                            pass
                     continue
                 if not name.endswith(SUFFIX):
                     continue
@@ -117,5 +152,14 @@ class DiskFiles:
     def free_bytes(self) -> int:
         return int(shutil.disk_usage(self.dir).free)
 
-    def decode(self, key: bytes, blob: bytes, payload_len: int) -> bytes:
-        return tier_blob.decode(blob, self.identity, self.rank, key, payload_len)
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that is writing temporary file `name` (`.<file>.<pid>.<n>.tmp`) is alive on this host."""
+    try:
+        pid = int(name.split(".")[-3])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False  # not a name this module writes, or its writer is gone
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True

@@ -145,6 +145,15 @@ def layer_views(kv_caches: Mapping[str, torch.Tensor], geometry: TierGeometry, n
     return views
 
 
+def kernel_split(views: list[LayerView]) -> list[tuple[str, int, tuple[int, ...]]]:
+    """How a slot's payload is laid out when kernel blocks split the manager blocks: (layer, kernel block, [heads,
+    rows, content]) of each view in payload order; empty without splitting. Only the workers see it (the backend
+    chooses the kernel block there), so it enters the frame identity, not the scheduler's (tier_blob.frame_identity)."""
+    if all(v.part == 0 for v in views):
+        return []
+    return [(v.name, v.part, tuple(v.cache.shape[1:])) for v in views]
+
+
 def view_bytes(views: list[LayerView], mode: str) -> int:
     """Tier bytes per block these views actually take (the budget's `block_bytes` up to kernel-block scales)."""
     total = 0

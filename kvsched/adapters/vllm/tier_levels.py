@@ -115,7 +115,10 @@ class TierLevels(ArrivalReads):
         self._failed: set[bytes] = set()  # keys whose write failed on some rank (reports of the others pending)
         self._busy_slots: Callable[[], set[int]] = set  # slots this step's stores/fetches write (set by the connector)
         self.on_fetch: Callable[[list[Fetch]], None] = lambda fetches: None  # the connector's books (tier_fetches)
-        if cfg.disk_dir:
+        if cfg.disk_dir and description.get("unshareable"):  # its files would be read by no restart, left behind
+            logger.warning("kvsched disk tier: off, the model's weights cannot be identified (%s): no restart could "
+                           "read its files, and each would leave another directory of them", description["unshareable"])
+        elif cfg.disk_dir:
             try:
                 self.disk = self._open_disk(cfg, identity, description, block_bytes, world_size)
             except OSError as exc:  # full, read-only, not permitted: the engine serves without the level
@@ -139,11 +142,14 @@ class TierLevels(ArrivalReads):
                         redacted(cfg.store_url), cfg.replica, cfg.kv_ttl_s, cfg.state_ttl_s)
 
     def _open_disk(self, cfg: LevelsConfig, identity: str, description: dict[str, Any], block_bytes: int,
-                   world_size: int) -> DiskDirectory:
+                   world_size: int) -> DiskDirectory | None:
         """The disk level's books from the files found in its directory; its start-up deletes (past the budget) are
         queued. Every file-system call is in here, under the caller's OSError guard (found by review: the scan and the
         free-space query were outside it, so a read-only directory holding a stale .tmp file stopped the engine)."""
         files = DiskFiles(str(cfg.disk_dir), identity, description, 0, world_size)
+        if not files.claim():  # another engine of this model runs on this directory (logged)
+            return None
+        self.disk_files = files  # holds the directory's lock while the engine runs
         found = files.scan()
         if cfg.disk_gb:
             budget, how = int(cfg.disk_gb * 2**30), f"--kvsched-disk-tier-gb / {ENV_DISK_GB}"

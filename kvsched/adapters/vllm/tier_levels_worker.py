@@ -24,8 +24,10 @@ from typing import Any
 from kvsched.adapters.vllm import tier_blob
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.tier_disk import DiskFiles
+from kvsched.adapters.vllm.tier_layout import kernel_split
 from kvsched.adapters.vllm.tier_levels import DISK, SHARED, SHARED_PUT, Fetch, LevelOps
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
+from kvsched.adapters.vllm.tier_stats import WORKER_LEVEL_STATS
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.shared_state import block_key
 
@@ -39,6 +41,7 @@ class TierLevelsWorker:
                  store: TierStore) -> None:
         self.cfg = cfg
         self.identity = identity
+        self.frame = tier_blob.frame_identity(identity, kernel_split(store.views))  # in each block's header
         self.rank = rank
         self.tier = store
         self.files: DiskFiles | None = None
@@ -60,6 +63,7 @@ class TierLevelsWorker:
         self.put_failures: deque[tuple[bytes, str]] = deque()  # (key, SHARED_PUT), appended by the writer thread
         self._deferred_deletes: list[bytes] = []
         self._write_errors_logged: set[int | None] = set()  # errno of the write failures logged
+        self._reported: dict[str, int] = {}  # the counters as the last report sent them (counter_deltas)
 
     # ---- in the step, before the tier's stores ------------------------------------------------------------------
     def before_stores(self, ops: LevelOps) -> None:
@@ -125,6 +129,7 @@ class TierLevelsWorker:
             try:
                 return self._write(items())
             except Exception:  # noqa: BLE001 - reported as failed writes, never a stuck pending key
+                self.counters["failed_write_jobs"] += 1
                 logger.exception("kvsched disk/shared tier: a write job failed")
                 self._put_failed(unput)
                 return failed
@@ -201,7 +206,7 @@ class TierLevelsWorker:
         try:
             if blob is None:
                 raise tier_blob.BlobError("missing")
-            payload = tier_blob.decode(blob, self.identity, self.rank, key, payload_len)
+            payload = tier_blob.decode(blob, self.frame, self.rank, key, payload_len)
         except tier_blob.BlobError as exc:
             self.tier.invalidate([slot])
             self.counters[f"{source}_read_failures"] += 1
@@ -217,7 +222,7 @@ class TierLevelsWorker:
         puts: dict[str, bytes] = {}
         put_keys: list[bytes] = []
         for key, payload, to_disk, to_shared in items:
-            blob = tier_blob.encode(self.identity, self.rank, key, payload)
+            blob = tier_blob.encode(self.frame, self.rank, key, payload)
             if to_disk and self.files is None:
                 done.append((key, False))
             elif to_disk and self.files is not None:
@@ -267,3 +272,16 @@ class TierLevelsWorker:
         meta.disk_done, meta.disk_full, meta.fetch_failures = self.report()
         landed, self.landed = self.landed, []
         meta.fetch_landed = [(f.key, f.slot, ok) for f, ok in landed]  # counted by the scheduler, once a block
+        meta.counters = self.counter_deltas()
+
+    def counter_deltas(self) -> dict[str, int]:
+        """This worker's failure counters (tier_stats.WORKER_LEVEL_STATS) grown since the last call. Read failures
+        are not among them: the scheduler counts each fetch that landed unfilled (`*_read_failures`)."""
+        c, wc, fc = self.counters, self.writer.counters, self.fetcher.counters
+        now = dict(zip(WORKER_LEVEL_STATS, (
+            c["copy_failures"], c["dropped_write_jobs"], wc["dropped_for_bytes"],
+            c["failed_write_jobs"] + wc["failed_jobs"], c["shared_put_dropped"], fc["dropped_jobs"],
+            fc["failed_jobs"]), strict=True))
+        deltas = {k: v - self._reported.get(k, 0) for k, v in now.items() if v != self._reported.get(k, 0)}
+        self._reported = now
+        return deltas

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,7 @@ class TierWorkerMeta(KVConnectorWorkerMetadata):
     fetch_failures: list[tuple[Any, str]] = field(default_factory=list)  # (key, level) that failed their checks
     fetch_landed: list[tuple[Any, int, bool]] = field(default_factory=list)  # (key, slot, filled): fetches over
     busy_s: float = 0.0  # seconds the worker spent in the tier's copies this step (before and during the forward)
+    counters: dict[str, int] = field(default_factory=dict)  # the levels' counters since the last report (tier_stats)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, TierWorkerMeta)
@@ -80,8 +82,9 @@ class TierWorkerMeta(KVConnectorWorkerMetadata):
                               self.err_sq + other.err_sq, self.ref_sq + other.ref_sq, self.disabled or other.disabled,
                               self.disk_done + other.disk_done, self.disk_full or other.disk_full,
                               self.fetch_failures + other.fetch_failures,
-                              self.fetch_landed + other.fetch_landed, max(self.busy_s, other.busy_s))
+                              self.fetch_landed + other.fetch_landed, max(self.busy_s, other.busy_s),
+                              dict(Counter(self.counters) + Counter(other.counters)))
 
     def __bool__(self) -> bool:
         return bool(self.loaded_blocks or self.failed_blocks or self.ref_sq or self.disabled or self.disk_done
-                    or self.disk_full or self.fetch_failures or self.fetch_landed or self.busy_s)
+                    or self.disk_full or self.fetch_failures or self.fetch_landed or self.busy_s or self.counters)

@@ -10,6 +10,13 @@ logger = logging.getLogger("vllm.kvsched.fp8_tier")
 CONNECTOR_STATS = ("restores", "tail_restores", "restored_blocks", "superseded_loads", "restored_tail_tokens",
                    "restore_misses", "load_failures", "err_sq", "ref_sq", "prefetched_blocks", "worker_seconds")
 
+# The disk/shared levels' counters the workers keep (tier_levels_worker.TierLevelsWorker.counter_deltas), sent as
+# deltas in TierWorkerMeta.counters and summed over workers and steps here (found by review: they never left the
+# worker process). Shown with the levels' statistics.
+WORKER_LEVEL_STATS = ("levels_copy_failures", "levels_dropped_write_jobs", "levels_write_jobs_dropped_for_bytes",
+                      "levels_failed_write_jobs", "levels_shared_puts_dropped", "levels_dropped_fetch_jobs",
+                      "levels_failed_fetch_jobs")
+
 
 def absorb_worker_meta(conn: Any, meta: Any) -> None:
     """The scheduler side takes in what the workers did this step (`TierWorkerMeta`, summed over workers)."""
@@ -21,6 +28,8 @@ def absorb_worker_meta(conn: Any, meta: Any) -> None:
     conn.stats["worker_seconds"] += meta.busy_s
     conn.stats["err_sq"] += meta.err_sq
     conn.stats["ref_sq"] += meta.ref_sq
+    for name, n in meta.counters.items():  # kept after a reset turned the levels off: counters never go back
+        conn.stats[name] = conn.stats.get(name, 0.0) + n
     if meta.disabled and not conn.disabled_reason:
         conn.disabled_reason = meta.disabled
         logger.warning("kvsched FP8 tier disabled by the worker: %s", meta.disabled)
@@ -53,8 +62,8 @@ def tier_stats(conn: Any) -> dict[str, Any]:
     if conn.levels is not None or conn.levels_final:
         out.update(conn.levels.stats() if conn.levels is not None else conn.levels_final)
         out.update(conn.fetches.stats())
+        out.update((name, conn.stats.get(name, 0.0)) for name in WORKER_LEVEL_STATS)
     return out
-
 
 
 # The levels' gauges of what they hold and can reach; their counters stay as they were.

@@ -75,3 +75,52 @@ def test_fine_tuned_weights_of_the_same_shapes_get_another_identity(model: Path)
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert shard.stat().st_size == st.st_size and identity(model) != before
+
+
+def hub_config(model: str, revision: object, instance_id: str = "") -> NS:
+    return NS(model_config=NS(model=model, revision=revision, hf_config=HF(), quantization=None, dtype=torch.bfloat16),
+              cache_config=NS(block_size=32, cache_dtype="auto"), instance_id=instance_id)
+
+
+def test_a_hub_model_is_identified_by_its_resolved_commit_not_the_revision_name() -> None:
+    """vLLM 0.32 keeps `--revision` as huggingface_hub's ResolvedRevision: its text is the name asked for ("main"),
+    the commit is in `.resolved` (found by review: two engines on two commits of one repo shared an identity, so KV
+    of other weights was served)."""
+    from huggingface_hub.hf_api import ResolvedRevision
+
+    a = tier_blob.identity_of(hub_config("org/assistant", ResolvedRevision("a" * 40, None)), GEO, 1)
+    b = tier_blob.identity_of(hub_config("org/assistant", ResolvedRevision("b" * 40, None)), GEO, 1)
+    again = tier_blob.identity_of(hub_config("org/assistant", ResolvedRevision("a" * 40, "main"), "x"), GEO, 1)
+    assert a[0] != b[0] and a[0] == again[0]  # the commit alone: shared by every engine on it, on any host
+    assert a[1]["revision"] == "a" * 40 and "unshareable" not in a[1]
+
+
+def test_a_single_file_checkpoint_is_sampled_like_a_directorys_weights(tmp_path: Path) -> None:
+    """`--model /models/x.gguf`: the file itself was never hashed (found by review)."""
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"weights v1" * 1000)
+    v1 = tier_blob.identity_of(hub_config(str(f), None), GEO, 1)
+    assert v1[0] == tier_blob.identity_of(hub_config(str(f), None, "other engine"), GEO, 1)[0]
+    f.write_bytes(b"WEIGHTS v2" * 1000)
+    assert tier_blob.identity_of(hub_config(str(f), None), GEO, 1)[0] != v1[0]
+    assert v1[1]["weights"][0][:2] == ("model.gguf", 10_000) and "unshareable" not in v1[1]
+
+
+def test_weights_nothing_identifies_give_an_identity_of_this_engine_alone(tmp_path: Path, caplog) -> None:
+    """A Hub id whose revision was not resolved (offline, an error) and no local file: nothing says which weights
+    the blocks were computed with, so no other engine (another host, a restart) shares them; the scheduler and the
+    workers of one engine (one vLLM instance id) do. The disk level is off: no restart could read its files."""
+    from kvsched.adapters.vllm.tier_levels import TierLevels
+    from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
+
+    one, desc = tier_blob.identity_of(hub_config("org/assistant", "main", "17"), GEO, 1)
+    assert one == tier_blob.identity_of(hub_config("org/assistant", "main", "17"), GEO, 1)[0]
+    assert one != tier_blob.identity_of(hub_config("org/assistant", "main", "18"), GEO, 1)[0]
+    assert one != tier_blob.identity_of(hub_config("org/assistant", "main"), GEO, 1)[0]
+    assert "no resolved commit" in desc["unshareable"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "unshareable" in tier_blob.identity_of(hub_config(str(empty), None), GEO, 1)[1]
+    levels = TierLevels(LevelsConfig(disk_dir=str(tmp_path / "disk")), one, desc, 1024, 1)
+    assert levels.disk is None and not (tmp_path / "disk").exists()
+    assert "cannot be identified" in caplog.text
