@@ -136,8 +136,16 @@ class SessionRouter:
 
     def forget(self, slot: SlotName) -> None:
         """Drop a slot from the ring for good (scaled down and not coming back): its sessions re-home."""
-        self._live.discard(slot)
+        self.vacate(slot)
         self._ring.remove(slot)
+
+    def vacate(self, slot: SlotName) -> None:
+        """The slot's replica left on purpose (scaled down, drained), its KV with it: the sessions living there live
+        nowhere now (placed afresh on their next turn, by KV reports and the ring) and none returns to the slot,
+        whichever replica takes it next. The slot stays on the ring for that replica. Found by review: a graceful
+        leave was treated like a death, the sessions were recorded as failed over from the slot, and the next
+        scale-up pulled them all to the new, empty replica there, away from the KV they had rebuilt meanwhile."""
+        self._live.discard(slot)
         for sid in [s for s, h in self._displaced.items() if h == slot]:
             del self._displaced[sid]
         for sid in [s for s, h in self._last.items() if h == slot]:

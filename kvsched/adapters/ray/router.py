@@ -19,7 +19,8 @@ Failures (`kvsched.adapters.ray.hints.RouteHints`, from the ingress): a retried 
 failed it and never goes back to them; a replica whose engine is gone is out for every request until Ray removes it
 (a replacement is a new replica, in the same slot). A request that ends its session makes the router forget the
 session once it completes; a session not routed for `session_idle_s` is forgotten whole. Ray itself reports replica
-actors that died (`on_replica_actor_died`).
+actors that died (`on_replica_actor_died`). A replica that leaves Ray's set otherwise (a scale-down; also a crash Ray's
+health check saw before any request did) vacates its slot: its sessions are placed afresh, never pulled back there.
 """
 
 from __future__ import annotations
@@ -79,7 +80,14 @@ class KVSchedRequestRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self._state()
-        self._gone &= {r.replica_id for r in replicas}
+        listed = {r.replica_id for r in replicas}
+        # A replica that leaves Ray's set without dying (scaled down, drained) took its KV away on purpose: its slot is
+        # vacated, so no session goes back there (a death, reported or hinted gone, is a failover instead).
+        for replica_id, slot in self._slot_of.items():
+            if replica_id not in listed and replica_id not in self._gone:
+                self._core.vacate(slot)
+                logger.info(f"kvsched router: {slot} ({replica_id}) left; its sessions are placed afresh")
+        self._gone &= listed
         replicas = [r for r in replicas if r.replica_id not in self._gone]  # they hold no slot (slots.py)
         slot_of = assign_slots([(r.replica_id, reported_slot(r)) for r in replicas], self._slot_of, self._core.known)
         self._slot_of = slot_of
