@@ -77,11 +77,19 @@ def test_router_sends_sessions_to_the_replica_in_their_reported_slot_even_after_
             assert ranks[0][0] is a
             r._assigned(pending(sid, sid + "-2"), a.replica_id)
             r.on_request_completed(a.replica_id, sid + "-2")
-        # a replacement with a NEW unique id reports slot 1 (its rank) and takes them back
-        c = fake_replica("ccc", metadata={"slot": 1})
+        # a replacement with a NEW unique id reports slot 1 (its rank): new sessions homed there go to it; the
+        # failed-over ones rebuilt their KV on a and stay, but for one whose KV it reports
+        c_stats: dict = {}
+        c = fake_replica("ccc", c_stats, metadata={"slot": 1})
         r.update_replicas([a, c])
+        assert r.slot_of(c.replica_id) == slot_name(1)
         for sid in lived[slot_name(1)]:
-            assert (await r.choose_replicas([a, c], pending(sid, sid + "-3")))[0][0] is c
+            assert (await r.choose_replicas([a, c], pending(sid, sid + "-3")))[0][0] is a
+        for sid in sessions_by_home(per_slot=5)[slot_name(1)][3:]:
+            assert (await r.choose_replicas([a, c], pending(sid, sid + "-n")))[0][0] is c
+        c_stats["kv_sessions"] = lived[slot_name(1)][:1]
+        r.update_replicas([a, c])
+        assert (await r.choose_replicas([a, c], pending(lived[slot_name(1)][0], "back")))[0][0] is c
 
     asyncio.run(run())
 
@@ -215,9 +223,10 @@ def test_an_engine_reported_gone_takes_no_request_until_ray_replaces_it() -> Non
         r.update_replicas([a, b])  # Ray has not noticed yet: a stays out for every session
         assert await routed(r, [a, b], sids[1], "h") is b
         r.update_replicas([b])
-        c = fake_replica("ccc", metadata={"slot": 0})  # the replacement, in the same slot
+        c = fake_replica("ccc", metadata={"slot": 0})  # the replacement, in the same slot: an empty cache
         r.update_replicas([b, c])
-        assert await routed(r, [b, c], sids[0], "k") is c and await routed(r, [b, c], sids[1], "l") is c
+        assert r.slot_of(c.replica_id) == slot_name(0)
+        assert await routed(r, [b, c], sids[0], "k") is b and await routed(r, [b, c], sids[1], "l") is b
 
     asyncio.run(run())
 

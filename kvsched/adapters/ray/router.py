@@ -98,7 +98,8 @@ class KVSchedRequestRouter(RequestRouter):
             for sid in stats.get("kv_sessions", ()) or ():
                 kv.setdefault(str(sid), []).append(slot_of[r.replica_id])
         self._kv_index = kv
-        self._core.set_live(self._replica_of)
+        # a replacement is a new replica in the slot: its cache is empty, so failed-over sessions stay where they are
+        self._core.set_live(self._replica_of, {s: r.replica_id.unique_id for s, r in self._replica_of.items()})
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
