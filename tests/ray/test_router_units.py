@@ -208,7 +208,27 @@ def test_a_retry_never_goes_back_to_the_replica_that_failed_it_and_the_session_r
         assert await routed(r, [a, b], sid, "t2", RouteHints(exclude=("aaa",))) is b
         r.on_request_completed(b.replica_id, "t2")
         assert await routed(r, [a, b], sid, "t3") is a  # a was not gone: the session goes back where it lived
-        assert await r.choose_replicas([a, b], pending(sid, "t4", RouteHints(exclude=("aaa", "bbb")))) == []
+        # failed on both, neither for good: both are offered again (its home first) rather than none
+        assert await r.choose_replicas([a, b], pending(sid, "t4", RouteHints(exclude=("aaa", "bbb")))) == [[a]]
+
+    asyncio.run(run())
+
+
+def test_a_retry_that_failed_on_every_live_replica_is_routed_again_instead_of_waiting_to_its_deadline() -> None:
+    """Found by review: a one-replica pool whose replica failed a request once, transiently (a reset connection):
+    the retry excluded it, the router offered no replica, and Ray's routing loop backed off until the request's
+    deadline (300 s) with the replica healthy. Through Ray's own routing loop. A replica whose engine is gone is
+    still never offered."""
+    async def run() -> None:
+        r = new_router()
+        a = fake_replica("aaa", {"slot": 0})
+        a.set_queue_len_response(0)
+        r.update_replicas([a])
+        retry = pending("s", "t", RouteHints(exclude=("aaa",)))
+        assert await asyncio.wait_for(r._choose_replica_for_request(retry), 5) is a
+        r, a, b = await two_replicas()
+        gone = RouteHints(exclude=("aaa", "bbb"), gone=("aaa", "bbb"))
+        assert await r.choose_replicas([a, b], pending("s", "g", gone)) == []
 
     asyncio.run(run())
 

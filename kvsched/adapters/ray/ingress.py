@@ -2,12 +2,12 @@
 `X-Agent-Role`, session length), hands the request to that pool's engine deployment with the session id (so kvsched's
 router sees it), and ends a stream that fails midway with an OpenAI error event instead of hanging.
 
-Failures: a request whose replica fails before any byte of the answer reached the client (its engine died, the
-replica actor died, the connection was refused or cut) is retried on another replica: the router never sends it back
-to the one that failed it, so the session goes to its ring successor. Retries back off (0.2 s doubling, at most 2 s)
-and stop at the request's deadline (`request_deadline_s` after arrival) or after `request_retries`; a streamed
-answer is only committed to the client once its first bytes arrived. A stream that fails after that ends with the
-OpenAI error event.
+Failures: a request whose replica fails before any byte of the answer reached the client (its engine died, the replica
+actor died, the connection was refused or cut) is retried on another replica: the router sends it back to one that
+failed it only when every live replica did, so the session goes to its ring successor. Retries back off (0.2 s
+doubling, at most 2 s) and stop at the request's deadline (`request_deadline_s` after arrival) or after
+`request_retries`; a streamed answer is only committed to the client once its first bytes arrived. A stream that fails
+after that ends with the OpenAI error event.
 
 Answers carry `X-KVSched-Pool`, `X-KVSched-Replica` (the slot that served it), `X-KVSched-Replica-Id` (Ray's replica
 id, for operators) and `X-KVSched-Attempts`. `DELETE /kvsched/sessions/{id}` ends the caller's session on every

@@ -15,12 +15,13 @@ queue-length probe deadline, and after those tries the other replicas are a fall
 move a session). A request without a session has no KV to keep: it is offered the least-loaded replica and the
 others as a fallback rank from the first try.
 
-Failures (`kvsched.adapters.ray.hints.RouteHints`, from the ingress): a retried request names the replicas that
-failed it and never goes back to them; a replica whose engine is gone is out for every request until Ray removes it
-(a replacement is a new replica, in the same slot). A request that ends its session makes the router forget the
-session once it completes; a session not routed for `session_idle_s` is forgotten whole. Ray itself reports replica
-actors that died (`on_replica_actor_died`). A replica that leaves Ray's set otherwise (a scale-down; also a crash Ray's
-health check saw before any request did) vacates its slot: its sessions are placed afresh, never pulled back there.
+Failures (`kvsched.adapters.ray.hints.RouteHints`, from the ingress): a retried request names the replicas that failed
+it and goes back to one of them only when every live replica did (none for good); a replica whose engine is gone is
+out for every request until Ray removes it (a replacement is a new replica, in the same slot). A request that ends its
+session makes the router forget the session once it completes; a session not routed for `session_idle_s` is forgotten
+whole. Ray itself reports replica actors that died (`on_replica_actor_died`). A replica that leaves Ray's set
+otherwise (a scale-down; also a crash Ray's health check saw before any request did) vacates its slot: its sessions
+are placed afresh, never pulled back there.
 """
 
 from __future__ import annotations
@@ -147,10 +148,17 @@ class KVSchedRequestRouter(RequestRouter):
         rid = pending_request.metadata.internal_request_id
         sid = pending_request.metadata.session_id or None
         avoid = self._apply_hints(hints_of(pending_request))
-        allowed = [r for r in candidate_replicas if r.replica_id not in self._gone
-                   and self._slot_of.get(r.replica_id) not in avoid]
+        usable = [r for r in candidate_replicas if r.replica_id not in self._gone]
+        allowed = [r for r in usable if self._slot_of.get(r.replica_id) not in avoid]
+        if not allowed and usable:
+            # Every live replica failed this request before, none of them for good (a reset connection, an actor
+            # unreachable for a moment): try them again rather than none. Found by review: the router offered
+            # nothing, and Ray's routing loop backed off until the request's deadline (300 s) with the replicas
+            # healthy. The ingress bounds these retries (request_retries, with backoff).
+            avoid, allowed = set(), usable
+            logger.info(f"kvsched router: request {rid} failed on every live replica; trying them again")
         if not allowed:
-            return []  # Ray backs off and asks again; the ingress's deadline bounds the wait
+            return []  # every replica is gone: Ray backs off and asks again; the ingress's deadline bounds the wait
         try:
             plain = plain_session(sid) if sid else None
             kv = self._kv_index.get(plain, ()) if plain else ()
