@@ -73,6 +73,9 @@ def desired_replicas(current: int, loads: Iterable[ReplicaLoad], targets: Autosc
         return ScaleDecision(current, "no reports")
     queue = upstream + sum(max(0.0, r.queue_depth) for r in rows)
     ttfts = [r.ttft_p95_s for r in rows if r.ttft_p95_s is not None]
+    # The slowest replica's P95, not a mean weighted by samples: such a mean is not the fleet's P95 and hides one slow
+    # replica among fast ones; the fleet's P95 needs the merged histograms, which per-replica scalar reports (Ray
+    # averages each over its window) do not carry. The reporter gives a P95 only from enough samples (stats.py).
     ttft = max(ttfts) if ttfts else 0.0
     queue_ratio = queue / (targets.queue_per_replica * max(current, 1))
     ttft_ratio = ttft / targets.ttft_p95_s

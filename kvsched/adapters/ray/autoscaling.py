@@ -1,7 +1,7 @@
 """A Ray Serve autoscaling policy on the sizing guide's signals: queue depth (each engine's own, as the replica reports
 it in `EngineReplica.record_autoscaling_stats`, plus the requests Ray's handles hold in front of saturated replicas)
-and P95 TTFT, never GPU utilisation. The arithmetic is
-`kvsched.core.routing_autoscale.desired_replicas`; Ray applies min/max bounds and the up/down delays around it.
+and P95 TTFT, never GPU utilisation. The arithmetic is `kvsched.core.routing_autoscale.desired_replicas`; Ray applies
+min/max bounds and the up/down delays around it.
 
 Two TTFT readings (`kvsched.adapters.ray.stats`): `ttft_p95_fresh_s`, from first tokens since the replica's previous
 report, is what a pool scales up on; `ttft_p95_s`, held for a while after the last sample, only keeps a pool from
