@@ -297,3 +297,23 @@ def test_slots_follow_ranks_through_an_outage_and_a_replacement_that_starts_past
         assert r.slot_of(c.replica_id) == slot_name(0)
 
     asyncio.run(run())
+
+
+def test_a_dead_replicas_late_completions_do_not_count_against_its_replacement() -> None:
+    """Found by review: a dead replica's requests stayed in flight in the router's table after its slot's count was
+    zeroed; Ray reports each completed later (ActorDiedError), and those completions were taken off the count of the
+    replacement in the same slot, which read as idle while busy."""
+    async def run() -> None:
+        r, a, b = await two_replicas()
+        for i in range(3):
+            r._assigned(pending(f"s{i}", f"old{i}"), b.replica_id)
+        r.on_replica_actor_died(b.replica_id)
+        b2 = fake_replica("b2", {"slot": 1})
+        r.update_replicas([a, b2])
+        for i in range(3):
+            r._assigned(pending(f"n{i}", f"new{i}"), b2.replica_id)
+        for i in range(3):
+            r.on_request_completed(b.replica_id, f"old{i}")
+        assert r.loads().get(slot_name(1)) == 3
+
+    asyncio.run(run())

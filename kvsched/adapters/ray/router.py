@@ -112,6 +112,10 @@ class KVSchedRequestRouter(RequestRouter):
         self._state()
         self._gone.add(replica_id)  # out for every request, and its slot free for its replacement
         slot = self._slot_of.get(replica_id)
+        # Its requests count nowhere now. Ray still reports each one completed (ActorDiedError) later: found by review,
+        # those late completions were taken off its replacement's count, in the same slot, which then read as idle.
+        for key in [k for k in self._in_flight if k[0] == replica_id]:
+            del self._in_flight[key]
         if slot is not None:
             self._core.mark_down(slot)
             self._replica_of.pop(slot, None)
