@@ -15,7 +15,9 @@ homes never change while slots come and go. Two loads are kept apart:
   the average and moved sessions back and forth between two replicas (measured: BENCHMARKS.md, router section).
 
 A turn goes to, in order:
-1. the replica it was failed over from, when that replica is back (same slot) and within the in-flight bound;
+1. the slot it was failed over from, within the in-flight bound, when the same replica is back there (it was only
+   avoided, or down for a blip) or the slot's replica now reports the session's KV; a replacement (a new replica in the
+   slot: an empty cache) does not take back sessions that rebuilt their KV where they failed over to;
 2. the replica it lives on (where this router last sent it), within the in-flight bound;
 3. a live replica reporting the session's KV, within the in-flight bound (a router that does not know the session:
    restarted, or the session idled out); within both bounds when the report may be another session's (`kv_shared`);
@@ -96,7 +98,8 @@ class RouteDecision:
     reason: RouteReason
     session_id: str | None = None
     home: SlotName | None = None
-    failed_over_from: SlotName | None = None  # the dead replica the session left (it returns there when back)
+    failed_over_from: SlotName | None = None  # the dead slot the session left (it may return there: `route`)
+    failed_over_replica: str | None = None  # the replica that held that slot then (`set_live`'s `holders`)
 
 
 def load_bound(in_flight: int, live: int, load_factor: float) -> int:
@@ -110,7 +113,9 @@ class SessionRouter:
         self._clock = clock
         self._ring = HashRing(virtual_nodes=self.config.virtual_nodes)
         self._live: set[SlotName] = set()
-        self._displaced: OrderedDict[str, SlotName] = OrderedDict()  # session -> dead slot it was failed over from
+        # session -> (dead slot it was failed over from, the replica that held the slot then)
+        self._displaced: OrderedDict[str, tuple[SlotName, str | None]] = OrderedDict()
+        self._holder: dict[SlotName, str] = {}  # slot -> the replica that holds it (or last held it, when down)
         self._last: OrderedDict[str, SlotName] = OrderedDict()  # session -> slot it lives on, least recent first
         self._seen: dict[str, float] = {}  # session -> when it was last routed
         self._residents: Counter[SlotName] = Counter()  # slot -> sessions in `_last` living there
@@ -124,9 +129,13 @@ class SessionRouter:
     def known(self) -> frozenset[SlotName]:
         return self._ring.slots
 
-    def set_live(self, slots: Iterable[SlotName]) -> None:
-        """The slots that can take requests now; new names join the ring, missing ones are down (not forgotten)."""
+    def set_live(self, slots: Iterable[SlotName], holders: Mapping[SlotName, str] | None = None) -> None:
+        """The slots that can take requests now; new names join the ring, missing ones are down (not forgotten).
+        `holders`: which replica (any id that changes when the replica is replaced) holds each live slot; without
+        it a slot's replica is taken to be the one it had."""
         live = set(slots)
+        if holders is not None:
+            self._holder.update((s, holders[s]) for s in live if s in holders)
         for s in sorted(live - self._ring.slots):
             self._ring.add(s)
         self._live = live
@@ -136,9 +145,17 @@ class SessionRouter:
 
     def forget(self, slot: SlotName) -> None:
         """Drop a slot from the ring for good (scaled down and not coming back): its sessions re-home."""
-        self._live.discard(slot)
+        self.vacate(slot)
         self._ring.remove(slot)
-        for sid in [s for s, h in self._displaced.items() if h == slot]:
+
+    def vacate(self, slot: SlotName) -> None:
+        """The slot's replica left on purpose (scaled down, drained), its KV with it: the sessions living there live
+        nowhere now (placed afresh on their next turn, by KV reports and the ring) and none returns to the slot,
+        whichever replica takes it next. The slot stays on the ring for that replica. Found by review: a graceful
+        leave was treated like a death, the sessions were recorded as failed over from the slot, and the next
+        scale-up pulled them all to the new, empty replica there, away from the KV they had rebuilt meanwhile."""
+        self._live.discard(slot)
+        for sid in [s for s, (h, _) in self._displaced.items() if h == slot]:
             del self._displaced[sid]
         for sid in [s for s, h in self._last.items() if h == slot]:
             self._drop(sid)
@@ -177,25 +194,30 @@ class SessionRouter:
         walk = self._ring.walk(session_id)
         home = next(walk)
         last = self._last.get(session_id)
-        back = self._displaced.get(session_id)
-        if back is not None and fits(back):
+        back, back_replica = self._displaced.get(session_id, (None, None))
+        # Back only to the replica it left, or to a slot whose (new) replica reports its KV: found by review, a
+        # replacement (empty cache) pulled every failed-over session back, away from the KV they rebuilt meanwhile.
+        if back is not None and fits(back) and (self._holder.get(back) == back_replica or (
+                self.config.kv_preference and back in kv_slots
+                and (not kv_shared or self._room(session_id, live)(back)))):
             return RouteDecision(back, RouteReason.RETURN, session_id, home)
         # A session whose replica died (the one it lived on) is failing over. One that lives nowhere is placed: never
         # recorded as displaced from its dead home (found by review: after a scale-down every new session homed on
         # the removed slot was, and the next scale-up moved them all to the new, empty replica there).
         lost = last if last is not None and last not in live else None
+        left = self._holder.get(lost) if lost is not None else None
         if self.config.kv_preference and last is not None and lost is None and fits(last):
             # Where the session lives holds its newest KV; a replica that served an earlier turn may still report
             # (older, shorter) pinned KV for it until the pin expires.
             reason = RouteReason.HOME if last == home else RouteReason.KV
-            return RouteDecision(last, reason, session_id, home, lost)
+            return RouteDecision(last, reason, session_id, home, lost, left)
         room = self._room(session_id, live)
         if self.config.kv_preference and kv_slots:
             holders = [s for s in kv_slots if fits(s) and (not kv_shared or room(s))]
             if holders:
                 slot = holders[0] if len(holders) == 1 else self._first_in_ring(session_id, holders)
                 reason = RouteReason.HOME if slot == home else RouteReason.KV
-                return RouteDecision(slot, RouteReason.FAILOVER if lost else reason, session_id, home, lost)
+                return RouteDecision(slot, RouteReason.FAILOVER if lost else reason, session_id, home, lost, left)
         ranked = [home, *walk]
         placed = next((s for s in ranked if fits(s) and room(s)), None) or next((s for s in ranked if fits(s)), None)
         if placed is None:  # pragma: no cover - the in-flight bound always leaves room on some live replica
@@ -204,7 +226,7 @@ class SessionRouter:
             reason = RouteReason.FAILOVER
         else:
             reason = RouteReason.HOME if placed == home else RouteReason.OVERFLOW
-        return RouteDecision(placed, reason, session_id, home, lost)
+        return RouteDecision(placed, reason, session_id, home, lost, left)
 
     def _room(self, session_id: str, live: set[SlotName]) -> Callable[[SlotName], bool]:
         """Whether a slot may take the session as a resident: within ceil(c * (S + 1) / n) sessions, S living on the
@@ -230,8 +252,8 @@ class SessionRouter:
         while len(self._last) > cap:
             self._drop(next(iter(self._last)))
         if decision.failed_over_from is not None:
-            _remember(self._displaced, sid, decision.failed_over_from, cap)
-        elif self._displaced.get(sid) == decision.slot:
+            _remember(self._displaced, sid, (decision.failed_over_from, decision.failed_over_replica), cap)
+        elif self._displaced.get(sid, (None,))[0] == decision.slot:
             del self._displaced[sid]
 
     def last_slot(self, session_id: str) -> SlotName | None:
@@ -268,7 +290,8 @@ class SessionRouter:
         return min(wanted)  # pragma: no cover - candidates are always known slots
 
 
-def _remember(table: OrderedDict[str, SlotName], key: str, value: SlotName, cap: int) -> None:
+def _remember(table: OrderedDict[str, tuple[SlotName, str | None]], key: str, value: tuple[SlotName, str | None],
+              cap: int) -> None:
     table[key] = value
     table.move_to_end(key)
     while len(table) > cap:

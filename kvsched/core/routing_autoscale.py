@@ -59,16 +59,23 @@ class ScaleDecision:
 
 
 def desired_replicas(current: int, loads: Iterable[ReplicaLoad], targets: AutoscaleTargets, now_s: float,
-                     last_change_s: float | None) -> ScaleDecision:
-    """The replica count to ask for. `last_change_s`: when the count last changed (None: never)."""
+                     last_change_s: float | None, queued_upstream: float = 0.0) -> ScaleDecision:
+    """The replica count to ask for. `last_change_s`: when the count last changed (None: never); `queued_upstream`:
+    requests waiting before any engine took them (in Ray Serve's handles, every replica at `max_ongoing_requests`),
+    counted in the queue with the engines' own. Found by review: only the engines' queues counted, so 500 requests
+    held in Ray in front of two saturated replicas read as no queue, and a pool could scale down under a backlog."""
     rows = _finite(loads)
+    upstream = max(0.0, queued_upstream) if math.isfinite(queued_upstream) else 0.0
     clamp = min(max(current, targets.min_replicas), targets.max_replicas)
     if clamp != current:
         return ScaleDecision(clamp, "bounds")
-    if not rows:
+    if not rows and not upstream:
         return ScaleDecision(current, "no reports")
-    queue = sum(max(0.0, r.queue_depth) for r in rows)
+    queue = upstream + sum(max(0.0, r.queue_depth) for r in rows)
     ttfts = [r.ttft_p95_s for r in rows if r.ttft_p95_s is not None]
+    # The slowest replica's P95, not a mean weighted by samples: such a mean is not the fleet's P95 and hides one slow
+    # replica among fast ones; the fleet's P95 needs the merged histograms, which per-replica scalar reports (Ray
+    # averages each over its window) do not carry. The reporter gives a P95 only from enough samples (stats.py).
     ttft = max(ttfts) if ttfts else 0.0
     queue_ratio = queue / (targets.queue_per_replica * max(current, 1))
     ttft_ratio = ttft / targets.ttft_p95_s

@@ -1,8 +1,9 @@
 """A consistent-hash ring over stable replica slot names.
 
 Keyed on slot names ("slot-0", "slot-1", …) rather than a replica's unique id, so a replica that replaces a dead one
-under the same slot owns exactly the same ring arcs and takes its sessions back. Virtual nodes smooth the arc sizes
-(Karger et al., 1997); the hash is BLAKE2b truncated to 64 bits, from the standard library, identical in every process.
+under the same slot owns exactly the same ring arcs (new sessions homed there; `routing.py` says which failed-over
+sessions go back). Virtual nodes smooth the arc sizes (Karger et al., 1997); the hash is BLAKE2b truncated to 64
+bits, from the standard library, identical in every process.
 """
 
 from __future__ import annotations

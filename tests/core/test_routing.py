@@ -151,19 +151,29 @@ def test_dead_slot_sessions_fail_over_to_ring_successors_and_nobody_else_moves()
             assert after[s].slot == before[s]
 
 
-def test_replacement_in_the_same_slot_takes_its_sessions_back_even_with_kv_elsewhere() -> None:
-    r = router()
+def test_failed_over_sessions_go_back_only_to_the_replica_they_left_or_to_a_slot_reporting_their_kv() -> None:
+    """Changed on purpose (found by review, repro_replacement_return.py): this test pinned that a replacement in the
+    dead slot took every failed-over session back even with its KV elsewhere. A replacement is a new engine with an
+    empty cache, and the sessions had rebuilt their KV on the successors they failed over to: going back cost each a
+    second full prefill. Now a session goes back only to the replica it left (the same holder: back after a blip,
+    its cache intact) or to a slot whose new replica reports its KV; otherwise it stays where it lives."""
+    first = {s: f"{s}@1" for s in SLOTS}
+    r = SessionRouter(RouterConfig())
+    r.set_live(SLOTS, first)
     before = settled(r)
     dead = SLOTS[2]
-    live = [s for s in SLOTS if s != dead]
-    r.set_live(live)
+    r.set_live([s for s in SLOTS if s != dead])
     during = settled(r)
-    assert {s for s in SESSIONS if during[s] != before[s]} == {s for s in SESSIONS if before[s] == dead}
-    r.set_live(SLOTS)  # the replacement replica reports the same slot
-    # The successors now hold the failed-over sessions' KV; the sessions still go back.
-    back = settled(r, kv=during)
-    assert back == before
-    # Replicas' KV reports lag: the successor still reports the session, the home not yet. It stays home.
+    moved = sorted(s for s in SESSIONS if during[s] != before[s])
+    assert set(moved) == {s for s in SESSIONS if before[s] == dead}
+    r.set_live(SLOTS, first | {dead: f"{dead}@2"})  # a replacement: a new replica in the same slot
+    reported = set(moved[::2])  # it reports the KV of some (fetched from a shared store, say)
+    after = {s: r.route(s, {}, kv_slots=[dead] if s in reported else [during[s]]) for s in SESSIONS}
+    assert all(after[s].slot == (dead if s in reported else during[s]) for s in SESSIONS)
+    assert {s for s in SESSIONS if after[s].reason == RouteReason.RETURN} == reported
+    # The replica that left is back instead (same holder): every failed-over session returns, even while the
+    # successor's KV report lags behind.
+    r.set_live(SLOTS, first)
     assert all(r.route(s, {}, kv_slots=[during[s]]).slot == before[s] for s in SESSIONS)
 
 

@@ -40,8 +40,7 @@ def test_engine_replica_proxies_and_reports_pinned_sessions(tiny_model_dir: Path
             assert stats["slot"] == 0 and "wf9/worker" in stats["kv_sessions"]
             assert stats["queue_depth"] == 0 and stats["ttft_p95_s"] is not None and stats["ttft_p95_s"] > 0
             auto = await replica.record_autoscaling_stats()
-            assert set(auto) == {"queue_depth", "ttft_p95_s", "ttft_p95_fresh_s"}  # a first token since the start
-            assert set(await replica.record_autoscaling_stats()) == {"queue_depth", "ttft_p95_s"}  # none since
+            assert set(auto) == {"queue_depth", "ttft_p95_s"}  # two first tokens: too few for a fresh P95 to count
             replica.check_health()
 
         asyncio.run(run())

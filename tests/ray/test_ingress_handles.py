@@ -279,3 +279,48 @@ def test_the_engine_replica_passes_the_callers_key_and_salt_to_vllm() -> None:
         asyncio.run(run())
     finally:
         server.shutdown()
+
+
+# ---- replica failures on the admin routes, and who may list the replicas --------------------------------------------
+class Failing(FakeHandle):
+    """A pool whose replica `holder` fails every broadcast call (busy or partitioned) while the others answer 404."""
+
+    def options(self, **kw: Any) -> Failing:
+        return Failing(self.replicas, self.routed_to, self.opts | kw, self.calls)
+
+    def broadcast(self, method: str, *args: Any, **kw: Any) -> Any:
+        from ray.exceptions import ActorUnavailableError
+
+        self.calls.append(("broadcast", method, args, kw, self.opts))
+
+        async def results_async(return_exceptions: bool = False) -> list:
+            return [ActorUnavailableError("busy", None) if name == "holder" else {**self._answer(name), "status": 404}
+                    for name in self.replicas]
+
+        return SimpleNamespace(results_async=results_async)
+
+
+def test_a_delete_a_replica_failed_to_answer_is_503_logged_and_not_forgotten(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by review: the replica holding the session failed the DELETE; the failure was dropped without a log line,
+    the others' 404 answered the caller "no session" (its KV stayed pinned there) and the router forgot it anyway."""
+    handle = Failing({"holder": {}, "other": {}}, "holder")
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        res = end(make_ingress({"w": handle}), "conv-1")
+    assert res.status_code == 503 and b"retry" in res.body
+    assert forgotten(handle) == [] and "ActorUnavailableError" in caplog.text
+
+
+def test_listing_the_replicas_needs_an_admin_key_where_keys_are_in_use() -> None:
+    """Found by review: GET /kvsched/replicas (engine URLs and pids) answered without any key on a pool whose engines
+    check API keys."""
+    handle = FakeHandle({"r0": {"pool": "w", "engine_url": "http://127.0.0.1:41234", "engine_pid": 4242}}, "r0")
+
+    def listing(pools: list[dict], headers: dict[str, str]) -> Any:
+        return asyncio.run(make_ingress({"w": handle}, pools).replicas(request(headers, method="GET")))
+
+    assert listing(KEYED, {}).status_code == 401
+    assert listing(KEYED, {"Authorization": "Bearer k1"}).status_code == 401  # a tenant's key is not an admin's
+    admin = [dict(KEYED[0], env={"KVSCHED_ADMIN_KEYS": "adm"})]
+    assert listing(admin, {"Authorization": "Bearer adm"})["replicas"][0]["engine_pid"] == 4242
+    assert listing([dict(POOL, env={"KVSCHED_ADMIN_KEYS": "adm"})], {}).status_code == 401
+    assert len(listing([POOL], {})["replicas"]) == 1  # no keys anywhere: open, as every route of such a pool

@@ -50,7 +50,8 @@ def test_a_survivor_renumbered_by_ray_after_a_scale_down_keeps_its_slot_and_sess
     """Found by review: Ray renumbers ranks after a scale-down (the rank-2 survivor becomes rank 1); the router
     followed the rank, recorded the survivor's sessions as failed over from slot-2 and, at the next scale-up, moved
     them to the new, empty replica there. Now a slot follows its replica while it lives; the new replica takes the
-    slot the stopped one left, and only the sessions that failed over from there go back to it."""
+    slot the stopped one left; the sessions that lived on the stopped one stay where they were placed after it left
+    (a graceful leave vacates its slot: nothing of theirs is on the new replica)."""
     async def run() -> None:
         r = new_router()
         a_stats, c_stats = {"slot": 0}, {"slot": 2}
@@ -73,8 +74,7 @@ def test_a_survivor_renumbered_by_ray_after_a_scale_down_keeps_its_slot_and_sess
         r.update_replicas([a, c, d])
         assert r.slot_of(d.replica_id) == slot_name(1)
         for sid, rep in where.items():
-            expected = d if first[sid] is b else rep  # failed over from slot-1: back to the replica now there
-            assert await turn(r, [a, c, d], sid, f"{sid}-4") is expected, sid
+            assert await turn(r, [a, c, d], sid, f"{sid}-4") is rep, sid
 
     asyncio.run(run())
 
@@ -110,7 +110,8 @@ def test_where_a_session_failed_over_from_idles_out_with_the_session() -> None:
 
 def test_a_replacement_up_while_its_dead_predecessor_is_still_listed_takes_the_dead_slot() -> None:
     """A replica whose engine is gone (or whose actor died) holds no slot: its replacement, under a rank past the end
-    while Ray still lists the dead one, takes the slot at once, and the sessions that failed over from it go back."""
+    while Ray still lists the dead one, takes the slot at once; the sessions that failed over from it go back when it
+    reports their KV, the others stay where they rebuilt it."""
     from kvsched.adapters.ray.hints import RouteHints
 
     async def run() -> None:
@@ -124,10 +125,35 @@ def test_a_replacement_up_while_its_dead_predecessor_is_still_listed_takes_the_d
             r._assigned(pending(sid, f"{sid}-2", gone), chosen.replica_id)
             r.on_request_completed(chosen.replica_id, f"{sid}-2")
             assert chosen is a
-        b2 = fake_replica("B2", {"slot": 2})  # Ray: rank 1 is still B's
+        reported = on_b[::2]
+        b2 = fake_replica("B2", {"slot": 2, "kv_sessions": reported})  # Ray: rank 1 is still B's
         r.update_replicas([a, b, b2])
         assert r.slot_of(b2.replica_id) == slot_name(1) and r.slot_of(b.replica_id) is None
         for sid in on_b:
-            assert await turn(r, [a, b, b2], sid, f"{sid}-3") is b2, sid
+            assert await turn(r, [a, b, b2], sid, f"{sid}-3") is (b2 if sid in reported else a), sid
+
+    asyncio.run(run())
+
+
+def test_sessions_of_a_scaled_down_replica_stay_with_their_rebuilt_kv_when_a_new_replica_takes_its_slot() -> None:
+    """Found by review: a graceful leave (the autoscaler removing a replica) was treated like a death; the sessions
+    living there were recorded as failed over from its slot and the next scale-up pulled every one of them to the
+    new, empty replica in that slot, away from the KV they had rebuilt on the survivors."""
+    async def run() -> None:
+        r = new_router()
+        a_stats, b_stats = {"slot": 0}, {"slot": 1}
+        a, b, c = fake_replica("A", a_stats), fake_replica("B", b_stats), fake_replica("C", {"slot": 2})
+        r.update_replicas([a, b, c])
+        on_c = [s for s in (f"conv-{i}" for i in range(60)) if await turn(r, [a, b, c], s, f"{s}-1") is c]
+        assert on_c
+        r.update_replicas([a, b])  # scaled 3 -> 2: C stopped, not dead
+        now_on = {s: await turn(r, [a, b], s, f"{s}-2") for s in on_c}
+        a_stats["kv_sessions"] = [s for s in on_c if now_on[s] is a]
+        b_stats["kv_sessions"] = [s for s in on_c if now_on[s] is b]
+        d = fake_replica("D", {"slot": 2})  # scaled 2 -> 3: a new replica, no KV, in slot-2
+        r.update_replicas([a, b, d])
+        assert r.slot_of(d.replica_id) == slot_name(2)
+        for sid in on_c:
+            assert await turn(r, [a, b, d], sid, f"{sid}-3") is now_on[sid], sid
 
     asyncio.run(run())

@@ -33,6 +33,13 @@ def pending(sid: str, rid: str, hints: RouteHints | None = None):  # noqa: ANN20
                           metadata=RequestMetadata(request_id=rid, internal_request_id=rid, session_id=sid))
 
 
+async def peek(r, replicas, sid: str, rid: str):  # noqa: ANN001, ANN201
+    """The replica Ray is offered first for a request that is then dropped before dispatch (its slot is released)."""
+    chosen = (await r.choose_replicas(replicas, pending(sid, rid)))[0][0]
+    r._release(rid)
+    return chosen
+
+
 def new_router():  # noqa: ANN201
     from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 
@@ -77,11 +84,19 @@ def test_router_sends_sessions_to_the_replica_in_their_reported_slot_even_after_
             assert ranks[0][0] is a
             r._assigned(pending(sid, sid + "-2"), a.replica_id)
             r.on_request_completed(a.replica_id, sid + "-2")
-        # a replacement with a NEW unique id reports slot 1 (its rank) and takes them back
-        c = fake_replica("ccc", metadata={"slot": 1})
+        # a replacement with a NEW unique id reports slot 1 (its rank): new sessions homed there go to it; the
+        # failed-over ones rebuilt their KV on a and stay, but for one whose KV it reports
+        c_stats: dict = {}
+        c = fake_replica("ccc", c_stats, metadata={"slot": 1})
         r.update_replicas([a, c])
+        assert r.slot_of(c.replica_id) == slot_name(1)
         for sid in lived[slot_name(1)]:
-            assert (await r.choose_replicas([a, c], pending(sid, sid + "-3")))[0][0] is c
+            assert await peek(r, [a, c], sid, sid + "-3") is a
+        for sid in sessions_by_home(per_slot=5)[slot_name(1)][3:]:
+            assert await peek(r, [a, c], sid, sid + "-n") is c
+        c_stats["kv_sessions"] = lived[slot_name(1)][:1]
+        r.update_replicas([a, c])
+        assert await peek(r, [a, c], lived[slot_name(1)][0], "back") is c
 
     asyncio.run(run())
 
@@ -105,7 +120,7 @@ def test_sessions_started_after_a_scale_down_stay_put_when_the_slot_comes_back()
         d = fake_replica("D", {"slot": 2})
         r.update_replicas([a, b, d])  # scaled up again: slot 2 is back, empty
         for sid, rep in where.items():
-            assert (await r.choose_replicas([a, b, d], pending(sid, f"{sid}-9")))[0][0] is rep
+            assert await peek(r, [a, b, d], sid, f"{sid}-9") is rep
 
     asyncio.run(run())
 
@@ -200,7 +215,27 @@ def test_a_retry_never_goes_back_to_the_replica_that_failed_it_and_the_session_r
         assert await routed(r, [a, b], sid, "t2", RouteHints(exclude=("aaa",))) is b
         r.on_request_completed(b.replica_id, "t2")
         assert await routed(r, [a, b], sid, "t3") is a  # a was not gone: the session goes back where it lived
-        assert await r.choose_replicas([a, b], pending(sid, "t4", RouteHints(exclude=("aaa", "bbb")))) == []
+        # failed on both, neither for good: both are offered again (its home first) rather than none
+        assert await r.choose_replicas([a, b], pending(sid, "t4", RouteHints(exclude=("aaa", "bbb")))) == [[a]]
+
+    asyncio.run(run())
+
+
+def test_a_retry_that_failed_on_every_live_replica_is_routed_again_instead_of_waiting_to_its_deadline() -> None:
+    """Found by review: a one-replica pool whose replica failed a request once, transiently (a reset connection):
+    the retry excluded it, the router offered no replica, and Ray's routing loop backed off until the request's
+    deadline (300 s) with the replica healthy. Through Ray's own routing loop. A replica whose engine is gone is
+    still never offered."""
+    async def run() -> None:
+        r = new_router()
+        a = fake_replica("aaa", {"slot": 0})
+        a.set_queue_len_response(0)
+        r.update_replicas([a])
+        retry = pending("s", "t", RouteHints(exclude=("aaa",)))
+        assert await asyncio.wait_for(r._choose_replica_for_request(retry), 5) is a
+        r, a, b = await two_replicas()
+        gone = RouteHints(exclude=("aaa", "bbb"), gone=("aaa", "bbb"))
+        assert await r.choose_replicas([a, b], pending("s", "g", gone)) == []
 
     asyncio.run(run())
 
@@ -215,9 +250,10 @@ def test_an_engine_reported_gone_takes_no_request_until_ray_replaces_it() -> Non
         r.update_replicas([a, b])  # Ray has not noticed yet: a stays out for every session
         assert await routed(r, [a, b], sids[1], "h") is b
         r.update_replicas([b])
-        c = fake_replica("ccc", metadata={"slot": 0})  # the replacement, in the same slot
+        c = fake_replica("ccc", metadata={"slot": 0})  # the replacement, in the same slot: an empty cache
         r.update_replicas([b, c])
-        assert await routed(r, [b, c], sids[0], "k") is c and await routed(r, [b, c], sids[1], "l") is c
+        assert r.slot_of(c.replica_id) == slot_name(0)
+        assert await routed(r, [b, c], sids[0], "k") is b and await routed(r, [b, c], sids[1], "l") is b
 
     asyncio.run(run())
 
@@ -259,5 +295,25 @@ def test_slots_follow_ranks_through_an_outage_and_a_replacement_that_starts_past
         assert (r.slot_of(b.replica_id), r.slot_of(c.replica_id)) == (slot_name(1), slot_name(0))
         r.update_replicas([b, c])  # still rank 2 on its next report: it keeps the slot it took
         assert r.slot_of(c.replica_id) == slot_name(0)
+
+    asyncio.run(run())
+
+
+def test_a_dead_replicas_late_completions_do_not_count_against_its_replacement() -> None:
+    """Found by review: a dead replica's requests stayed in flight in the router's table after its slot's count was
+    zeroed; Ray reports each completed later (ActorDiedError), and those completions were taken off the count of the
+    replacement in the same slot, which read as idle while busy."""
+    async def run() -> None:
+        r, a, b = await two_replicas()
+        for i in range(3):
+            r._assigned(pending(f"s{i}", f"old{i}"), b.replica_id)
+        r.on_replica_actor_died(b.replica_id)
+        b2 = fake_replica("b2", {"slot": 1})
+        r.update_replicas([a, b2])
+        for i in range(3):
+            r._assigned(pending(f"n{i}", f"new{i}"), b2.replica_id)
+        for i in range(3):
+            r.on_request_completed(b.replica_id, f"old{i}")
+        assert r.loads().get(slot_name(1)) == 3
 
     asyncio.run(run())

@@ -314,17 +314,23 @@ def test_killed_engine_its_accepted_requests_are_retried_elsewhere_and_its_proce
     """SIGKILL slot-0's `vllm serve` (as a crashed engine dies) while it streams one answer and generates three
     non-streaming ones: the stream ends with the OpenAI error event; the three are answered by slot-1 (retried, never
     back to the dead replica); the dead server's engine core and workers are gone within 10 s; the sessions live on
-    slot-1 until the replacement takes slot-0 again, then go back."""
+    slot-1, where they rebuilt their KV, and stay there once the replacement (an empty cache) takes slot-0, which new
+    sessions reach (found by review: they were all pulled back to the empty replacement)."""
+    from kvsched.bench.router_real import replicas
+
     victims = sessions_living_on(cluster, "slot-0", 4)
+    dead_id = next(r["replica_id"] for r in replicas(cluster["base"]) if r["slot"] == 0)
     bystander = sessions_living_on(cluster, "slot-1", 1)[0]
     pgid, t_kill, victims = kill_while_busy(cluster, 0, victims,
                                             lambda r: os.kill(int(r["engine_pid"]), signal.SIGKILL))
     wait_until(lambda: not group_members({pgid}), max(0.5, t_kill + 10 - time.monotonic()),
                "the killed server's engine core and workers to exit")
     assert turn(cluster, victims[0])[0] == "slot-1" and turn(cluster, bystander)[0] == "slot-1"
-    # Ray replaces the replica; the replacement reports slot 0 (its rank) and the sessions go back
-    wait_until(lambda: turn(cluster, victims[0])[0] == "slot-0", 240, "the replacement to take slot-0 back")
-    assert turn(cluster, bystander)[0] == "slot-1"
+    # Ray replaces the replica; the replacement reports slot 0 (its rank) and takes new sessions, not the victims
+    wait_until(lambda: any(r["slot"] == 0 and r["replica_id"] != dead_id for r in replicas(cluster["base"])), 240,
+               "the replacement to take slot-0")
+    sessions_living_on(cluster, "slot-0", 1)
+    assert turn(cluster, victims[0])[0] == "slot-1" and turn(cluster, bystander)[0] == "slot-1"
 
 
 def test_one_vllm_child_per_live_replica(cluster: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
-"""A Ray Serve autoscaling policy on the sizing guide's signals: engine queue depth and P95 TTFT, as each engine
-replica reports them (`EngineReplica.record_autoscaling_stats`), never GPU utilisation. The arithmetic is
-`kvsched.core.routing_autoscale.desired_replicas`; Ray applies min/max bounds and the up/down delays around it.
+"""A Ray Serve autoscaling policy on the sizing guide's signals: queue depth (each engine's own, as the replica reports
+it in `EngineReplica.record_autoscaling_stats`, plus the requests Ray's handles hold in front of saturated replicas)
+and P95 TTFT, never GPU utilisation. The arithmetic is `kvsched.core.routing_autoscale.desired_replicas`; Ray applies
+min/max bounds and the up/down delays around it.
 
 Two TTFT readings (`kvsched.adapters.ray.stats`): `ttft_p95_fresh_s`, from first tokens since the replica's previous
 report, is what a pool scales up on; `ttft_p95_s`, held for a while after the last sample, only keeps a pool from
@@ -9,6 +10,7 @@ scaling down. Found by review: the held value read as live pressure and scaled a
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -33,14 +35,15 @@ def replica_loads(aggregated: dict[str, dict[Any, float]], replicas: list[Any],
 
 
 def decide(current: int, aggregated: dict[str, dict[Any, float]], replicas: list[Any], targets: AutoscaleTargets,
-           now_s: float) -> ScaleDecision:
-    """Scale on the fresh TTFT; a downscale happens only if the held TTFT would allow it too."""
+           now_s: float, queued_in_ray: float = 0.0) -> ScaleDecision:
+    """Scale on the fresh TTFT; a downscale happens only if the held TTFT would allow it too. `queued_in_ray`: requests
+    Ray Serve's handles hold because every replica is at `max_ongoing_requests` (the engines never see them)."""
     fresh = desired_replicas(current, replica_loads(aggregated, replicas, FRESH_TTFT), targets, now_s=now_s,
-                             last_change_s=None)  # Ray's upscale/downscale delays apply on top
+                             last_change_s=None, queued_upstream=queued_in_ray)  # Ray's delays apply on top
     if fresh.replicas >= current:
         return fresh
     held = desired_replicas(current, replica_loads(aggregated, replicas, HELD_TTFT), targets, now_s=now_s,
-                            last_change_s=None)
+                            last_change_s=None, queued_upstream=queued_in_ray)
     if held.replicas >= current:
         return ScaleDecision(current, f"steady: the recent p95 ttft keeps this size ({held.reason})")
     return fresh
@@ -69,6 +72,15 @@ def while_starting(decision: ScaleDecision, running: int, target: int, starting_
     return decision
 
 
+def queued_in_ray(ctx: Any) -> float:
+    """`AutoscalingContext.total_queued_requests`: requests queued at the deployment's handles (None or absent: 0)."""
+    try:
+        queued = float(getattr(ctx, "total_queued_requests", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+    return queued if math.isfinite(queued) and queued > 0 else 0.0
+
+
 class QueueTTFTPolicy:
     """Class policy: Ray instantiates it once with `policy_kwargs` (AutoscaleTargets fields) and calls it with an
     `AutoscalingContext` every control-loop tick."""
@@ -88,7 +100,7 @@ class QueueTTFTPolicy:
         else:
             state.pop("kvsched_starting_since", None)
         starting_for = now - state.get("kvsched_starting_since", now)
-        decision = while_starting(decide(running, ctx.aggregated_metrics or {}, replicas, self.targets, now_s=now),
-                                  running, target, starting_for)
+        decision = while_starting(decide(running, ctx.aggregated_metrics or {}, replicas, self.targets, now_s=now,
+                                         queued_in_ray=queued_in_ray(ctx)), running, target, starting_for)
         state["kvsched_reason"] = decision.reason
         return decision.replicas, state

@@ -2,19 +2,19 @@
 `X-Agent-Role`, session length), hands the request to that pool's engine deployment with the session id (so kvsched's
 router sees it), and ends a stream that fails midway with an OpenAI error event instead of hanging.
 
-Failures: a request whose replica fails before any byte of the answer reached the client (its engine died, the
-replica actor died, the connection was refused or cut) is retried on another replica: the router never sends it back
-to the one that failed it, so the session goes to its ring successor. Retries back off (0.2 s doubling, at most 2 s)
-and stop at the request's deadline (`request_deadline_s` after arrival) or after `request_retries`; a streamed
-answer is only committed to the client once its first bytes arrived. A stream that fails after that ends with the
-OpenAI error event.
+Failures: a request whose replica fails before any byte of the answer reached the client (its engine died, the replica
+actor died, the connection was refused or cut) is retried on another replica: the router sends it back to one that
+failed it only when every live replica did, so the session goes to its ring successor. Retries back off (0.2 s
+doubling, at most 2 s) and stop at the request's deadline (`request_deadline_s` after arrival) or after
+`request_retries`; a streamed answer is only committed to the client once its first bytes arrived. A stream that fails
+after that ends with the OpenAI error event.
 
 Answers carry `X-KVSched-Pool`, `X-KVSched-Replica` (the slot that served it), `X-KVSched-Replica-Id` (Ray's replica
 id, for operators) and `X-KVSched-Attempts`. `DELETE /kvsched/sessions/{id}` ends the caller's session on every
 replica holding it (and in the routers' tables), `GET /kvsched/sessions` lists the caller's pinned sessions on every
-replica, `GET /kvsched/replicas` the replicas. The caller's `Authorization` and cache-salt headers go to the engines,
-which check keys and scope sessions by tenant and salt; the ingress and the routers key sessions the same way
-(`owners.py`).
+replica, `GET /kvsched/replicas` the replicas (to an admin key, where keys are in use). The caller's `Authorization`
+and cache-salt headers go to the engines, which check keys and scope sessions by tenant and salt; the ingress and the
+routers key sessions the same way (`owners.py`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,15 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from kvsched.adapters.ray.config import config_from_dict
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
-from kvsched.adapters.ray.owners import body_salt, caller_headers, checks_api_keys, header_salt, session_key
+from kvsched.adapters.ray.owners import (
+    admin_keys,
+    body_salt,
+    caller_headers,
+    checks_api_keys,
+    header_salt,
+    is_admin,
+    session_key,
+)
 from kvsched.adapters.ray.requests import (
     BadRequest,
     check_length,
@@ -149,6 +157,7 @@ class OpenAIIngress:
         self.engines = engines
         # some pool's engines check API keys: then sessions are the caller's own, here as on the engines (owners.py)
         self.keyed = any(checks_api_keys(p.engine.vllm_args, p.engine.env) for p in self.config.pools)
+        self.admin_keys = admin_keys(p.engine.env for p in self.config.pools)
         self.session_tokens: OrderedDict[str, int] = OrderedDict()
         self.session_ends: OrderedDict[str, int] = OrderedDict()  # sid -> times it ended (a turn's usage counts only
         # if its session did not end meanwhile: a new session under the id starts by its own size)
@@ -163,8 +172,11 @@ class OpenAIIngress:
         return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "kvsched"} for m in names]}
 
     @api.get("/kvsched/replicas")
-    async def replicas(self) -> dict[str, Any]:
-        """Every engine replica of every pool: slot, Ray replica id, engine URL and pid."""
+    async def replicas(self, request: Request) -> Any:
+        """Every engine replica of every pool: slot, Ray replica id, engine URL and pid; once a pool checks API keys or
+        admin keys are set, for an admin key only (found by review: it showed the engines' addresses to anyone)."""
+        if (self.keyed or self.admin_keys) and not is_admin(lower(request), self.admin_keys):
+            return error(401, "listing the replicas needs an admin key (KVSCHED_ADMIN_KEYS)", "authentication_error")
         return {"replicas": sorted(await self._broadcast("describe"), key=lambda r: (r["pool"], r["slot"]))}
 
     @api.get("/kvsched/sessions")
@@ -181,7 +193,9 @@ class OpenAIIngress:
         """End the caller's session on every replica of every pool (found by review: routed like a turn, the DELETE
         could reach a replica that did not hold the session, answer 404 and leave its KV pinned on the busy one),
         then in the routers. 200 if any replica ended it, 404 if none held it; another answer (401, 400, 503) of a
-        replica when none ended it is passed on, and then the routers keep the session."""
+        replica when none ended it is passed on, and 503 when a replica failed to answer and none ended it (found by
+        review: the failure was dropped unlogged and the caller told 404 while that replica kept the session); then
+        the routers keep the session."""
         try:
             sid = validate_session_id(session_id)
         except InvalidSessionInput as exc:
@@ -189,8 +203,8 @@ class OpenAIIngress:
         headers = lower(request)
         path = f"/kvsched/sessions/{quote(sid, safe='')}"
         try:
-            answers = await asyncio.wait_for(self._broadcast_pools("admin", "DELETE", path, caller_headers(headers)),
-                                             self.config.request_deadline_s)
+            answers, failed = await asyncio.wait_for(
+                self._broadcast_all("admin", "DELETE", path, caller_headers(headers)), self.config.request_deadline_s)
         except TimeoutError:
             return error(504, f"the engine replicas did not answer within the request deadline "
                               f"({self.config.request_deadline_s:g} s); the session may still end", kind="server_error")
@@ -198,6 +212,9 @@ class OpenAIIngress:
         other = [r for _, r in answers if r["status"] != 404]
         if not ended and other:
             return Response(other[0]["body"], other[0]["status"], media_type="application/json")
+        if not ended and failed:
+            return error(503, f"{len(failed)} engine replica(s) did not answer ({type(failed[0][1]).__name__}); the "
+                              f"session may still be held there: retry", kind="server_error")
         if not answers:
             return error(503, "no engine replica answered", kind="server_error")
         key = session_key(sid, headers, header_salt(headers), self.keyed)
@@ -339,15 +356,25 @@ class OpenAIIngress:
                                  headers=extra | served_by(head, attempts))
 
     async def _broadcast(self, method: str, *args: Any) -> list[Any]:
-        return [r for _, r in await self._broadcast_pools(method, *args)]
+        return [r for _, r in (await self._broadcast_all(method, *args))[0]]
 
-    async def _broadcast_pools(self, method: str, *args: Any) -> list[tuple[str, dict[str, Any]]]:
-        """`method` on every replica of every pool: (pool, answer) of each that answered."""
-        async def one(name: str, handle: Any) -> list[tuple[str, dict[str, Any]]]:
-            results = await handle.broadcast(method, *args).results_async(return_exceptions=True)
-            return [(name, r) for r in results if isinstance(r, dict)]
+    async def _broadcast_all(self, method: str, *args: Any) -> tuple[list[tuple[str, dict[str, Any]]],
+                                                                     list[tuple[str, BaseException]]]:
+        """`method` on every replica of every pool: (pool, answer) of each that answered, and (pool, error) of each
+        that failed, logged."""
+        async def one(name: str, handle: Any) -> tuple[str, list[Any]]:
+            return name, await handle.broadcast(method, *args).results_async(return_exceptions=True)
 
-        return [a for answers in await asyncio.gather(*(one(n, h) for n, h in self.engines.items())) for a in answers]
+        answers: list[tuple[str, dict[str, Any]]] = []
+        failed: list[tuple[str, BaseException]] = []
+        for name, results in await asyncio.gather(*(one(n, h) for n, h in self.engines.items())):
+            for r in results:
+                if isinstance(r, dict):
+                    answers.append((name, r))
+                else:
+                    failed.append((name, r if isinstance(r, BaseException) else RuntimeError(repr(r))))
+                    logger.warning(f"kvsched ingress: a replica of pool {name} failed {method}{args[:2]}: {r!r}")
+        return answers, failed
 
     def _ended(self, sid: str) -> None:
         """The session ended: its size and long-context pool are forgotten, and a turn of it still in flight is not

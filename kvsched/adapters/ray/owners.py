@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kvsched.adapters.ray.hints import routing_session
+from kvsched.core.tenancy import admin_keys_from_env
 
 AUTH_HEADERS = ("authorization", "x-kvsched-cache-salt", "x-kvsched-cache-salt-b64")
 SALT_HEADER, SALT_B64_HEADER = AUTH_HEADERS[1], AUTH_HEADERS[2]
@@ -68,3 +71,26 @@ def session_key(session_id: str, headers: Mapping[str, str], salt: str | None, k
     """The key the ingress and the routers know a session by (the id alone for unsalted sessions on pools without
     API keys). `keyed`: some pool checks API keys (else the engines give every caller one tenant, and so does this)."""
     return routing_session(session_id, headers.get("authorization") if keyed else None, salt)
+
+
+def admin_keys(pool_envs: Iterable[Mapping[str, str]], environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The operator's admin keys (KVSCHED_ADMIN_KEYS) in any pool's engine environment or this process's (which the
+    engines inherit); a setting that names no key gives none (the CLI refuses it at start-up)."""
+    keys: set[str] = set()
+    for env in (*pool_envs, os.environ if environ is None else environ):
+        try:
+            keys.update(admin_keys_from_env(env))
+        except ValueError:
+            pass
+    return frozenset(keys)
+
+
+def is_admin(headers: Mapping[str, str], keys: Iterable[str]) -> bool:
+    """Whether `Authorization: Bearer <token>` names one of `keys`, compared as kvsched's engines compare them
+    (`kvsched.adapters.vllm.auth`: the header as Latin-1, SHA-256 digests in constant time, every key tried)."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+    return any([hmac.compare_digest(digest, hashlib.sha256(k.encode("utf-8", "surrogateescape")).digest())
+                for k in keys])

@@ -8,18 +8,21 @@ replaces. Sessions are keyed by the ingress's routing key (`hints.routing_sessio
 and cache salt when the request has them); the replicas report their KV by the plain id, so for a scoped key a report
 may be another owner's session of that id: it attracts the session only within the session bound.
 
-Loads: requests this router routed and not yet completed. The ingress runs one replica, so its router sees every
-request to the engines; with several ingress replicas each would bound its own share. The first tries offer only the
-chosen replica (`HOME_ONLY_ATTEMPTS`); Ray calls `choose_replicas` again with backoff when it refuses or misses the
-queue-length probe deadline, and after those tries the other replicas are a fallback rank (so a busy moment does not
-move a session). A request without a session has no KV to keep: it is offered the least-loaded replica and the
-others as a fallback rank from the first try.
+Loads: requests this router routed and not yet completed, each counted from the moment its decision is made (Ray
+assigns it only after an awaited probe, routing several at once) until Ray assigns or drops it. The ingress runs one
+replica, so its router sees every request to the engines; with several ingress replicas each would bound its own
+share. The first tries offer only the chosen replica (`HOME_ONLY_ATTEMPTS`); Ray calls `choose_replicas` again with
+backoff when it refuses or misses the queue-length probe deadline, and after those tries the other replicas are a
+fallback rank (so a busy moment does not move a session). A request without a session has no KV to keep: it is offered
+the least-loaded replica and the others as a fallback rank from the first try.
 
-Failures (`kvsched.adapters.ray.hints.RouteHints`, from the ingress): a retried request names the replicas that
-failed it and never goes back to them; a replica whose engine is gone is out for every request until Ray removes it
-(a replacement is a new replica, in the same slot). A request that ends its session makes the router forget the
-session once it completes; a session not routed for `session_idle_s` is forgotten whole. Ray itself reports replica
-actors that died (`on_replica_actor_died`).
+Failures (`kvsched.adapters.ray.hints.RouteHints`, from the ingress): a retried request names the replicas that failed
+it and goes back to one of them only when every live replica did (none for good); a replica whose engine is gone is
+out for every request until Ray removes it (a replacement is a new replica, in the same slot). A request that ends its
+session makes the router forget the session once it completes; a session not routed for `session_idle_s` is forgotten
+whole. Ray itself reports replica actors that died (`on_replica_actor_died`). A replica that leaves Ray's set
+otherwise (a scale-down; also a crash Ray's health check saw before any request did) vacates its slot: its sessions
+are placed afresh, never pulled back there.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ class KVSchedRequestRouter(RequestRouter):
         # id (a retry too), so the replica is part of the key.
         self._in_flight: dict[tuple[ReplicaID, str], SlotName] = {}
         self._decisions: dict[str, RouteDecision] = {}  # internal request id -> decision awaiting dispatch
+        # internal request id -> the slot its decision chose, counted in flight there until Ray assigns the request or
+        # drops it (`_reserved_load`: the count per slot)
+        self._reserved: dict[str, SlotName] = {}
+        self._reserved_load: Counter[SlotName] = Counter()
         self._attempts: dict[str, int] = {}  # internal request id -> choose_replicas calls so far
         self._gone: set[ReplicaID] = set()  # engines reported gone or actors dead, until Ray drops the replica
         self._ending: dict[tuple[ReplicaID, str], str] = {}  # in-flight requests that end their session
@@ -79,7 +86,14 @@ class KVSchedRequestRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self._state()
-        self._gone &= {r.replica_id for r in replicas}
+        listed = {r.replica_id for r in replicas}
+        # A replica that leaves Ray's set without dying (scaled down, drained) took its KV away on purpose: its slot is
+        # vacated, so no session goes back there (a death, reported or hinted gone, is a failover instead).
+        for replica_id, slot in self._slot_of.items():
+            if replica_id not in listed and replica_id not in self._gone:
+                self._core.vacate(slot)
+                logger.info(f"kvsched router: {slot} ({replica_id}) left; its sessions are placed afresh")
+        self._gone &= listed
         replicas = [r for r in replicas if r.replica_id not in self._gone]  # they hold no slot (slots.py)
         slot_of = assign_slots([(r.replica_id, reported_slot(r)) for r in replicas], self._slot_of, self._core.known)
         self._slot_of = slot_of
@@ -90,13 +104,18 @@ class KVSchedRequestRouter(RequestRouter):
             for sid in stats.get("kv_sessions", ()) or ():
                 kv.setdefault(str(sid), []).append(slot_of[r.replica_id])
         self._kv_index = kv
-        self._core.set_live(self._replica_of)
+        # a replacement is a new replica in the slot: its cache is empty, so failed-over sessions stay where they are
+        self._core.set_live(self._replica_of, {s: r.replica_id.unique_id for s, r in self._replica_of.items()})
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._state()
         self._gone.add(replica_id)  # out for every request, and its slot free for its replacement
         slot = self._slot_of.get(replica_id)
+        # Its requests count nowhere now. Ray still reports each one completed (ActorDiedError) later: found by review,
+        # those late completions were taken off its replacement's count, in the same slot, which then read as idle.
+        for key in [k for k in self._in_flight if k[0] == replica_id]:
+            del self._in_flight[key]
         if slot is not None:
             self._core.mark_down(slot)
             self._replica_of.pop(slot, None)
@@ -138,16 +157,25 @@ class KVSchedRequestRouter(RequestRouter):
         rid = pending_request.metadata.internal_request_id
         sid = pending_request.metadata.session_id or None
         avoid = self._apply_hints(hints_of(pending_request))
-        allowed = [r for r in candidate_replicas if r.replica_id not in self._gone
-                   and self._slot_of.get(r.replica_id) not in avoid]
+        usable = [r for r in candidate_replicas if r.replica_id not in self._gone]
+        allowed = [r for r in usable if self._slot_of.get(r.replica_id) not in avoid]
+        if not allowed and usable:
+            # Every live replica failed this request before, none of them for good (a reset connection, an actor
+            # unreachable for a moment): try them again rather than none. Found by review: the router offered
+            # nothing, and Ray's routing loop backed off until the request's deadline (300 s) with the replicas
+            # healthy. The ingress bounds these retries (request_retries, with backoff).
+            avoid, allowed = set(), usable
+            logger.info(f"kvsched router: request {rid} failed on every live replica; trying them again")
         if not allowed:
-            return []  # Ray backs off and asks again; the ingress's deadline bounds the wait
+            return []  # every replica is gone: Ray backs off and asks again; the ingress's deadline bounds the wait
+        self._release(rid)  # an earlier try's choice
+        loads = self._loads + self._reserved_load
         try:
             plain = plain_session(sid) if sid else None
             kv = self._kv_index.get(plain, ()) if plain else ()
             # A scoped key (tenant, salt) shares its plain id, and so the replicas' reports, with other owners'
             # sessions; a plain key is the one session of its id.
-            decision = self._core.route(sid, self._loads, kv, avoid, kv_shared=plain != sid)
+            decision = self._core.route(sid, loads, kv, avoid, kv_shared=plain != sid)
         except NoLiveReplicas:
             return [allowed]
         attempts = self._attempts.get(rid, 0) + 1
@@ -160,6 +188,7 @@ class KVSchedRequestRouter(RequestRouter):
         first = self._replica_of.get(decision.slot)
         if first is None or first not in allowed:
             return [allowed]
+        self._reserve(rid, decision.slot)
         if attempts <= HOME_ONLY_ATTEMPTS and sid is not None:
             return [[first]]
         # The chosen replica refused (max_ongoing_requests) or did not answer the queue-length probe in time on
@@ -167,20 +196,42 @@ class KVSchedRequestRouter(RequestRouter):
         # offered the least-loaded replica alone waited to its deadline while that replica's probe kept failing):
         # the others are a fallback rank, least loaded first.
         rest = sorted((r for r in allowed if r is not first),
-                      key=lambda r: self._loads.get(self._slot_of.get(r.replica_id, SlotName("")), 0))
+                      key=lambda r: loads.get(self._slot_of.get(r.replica_id, SlotName("")), 0))
         return [[first], rest] if rest else [[first]]
+
+    def _reserve(self, rid: str, slot: SlotName) -> None:
+        """Count a decision in flight on its slot from the moment it is made. Found by review: loads changed only once
+        Ray assigned a request, after its awaited queue-length probe, and Ray routes up to twice as many requests at
+        once as there are replicas: decisions made in that window saw the same loads and overran the bound."""
+        self._reserved[rid] = slot
+        self._reserved_load[slot] += 1
+        while len(self._reserved) > MAX_UNDISPATCHED:  # never assigned nor dropped through Ray's entry point
+            self._release(next(iter(self._reserved)))
+
+    def _release(self, rid: str) -> None:
+        slot = self._reserved.pop(rid, None)
+        if slot is not None:
+            self._reserved_load[slot] -= 1
+            if self._reserved_load[slot] <= 0:
+                del self._reserved_load[slot]
 
     async def _choose_replica_for_request(self, pending_request: PendingRequest, *,
                                           is_retry: bool = False) -> RunningReplica:
         """Ray's entry point that returns the replica a request goes to: the one place that sees every assignment
-        (Ray calls `on_request_routed` only when replicas may reject requests)."""
-        replica: RunningReplica = await super()._choose_replica_for_request(pending_request, is_retry=is_retry)
+        (Ray calls `on_request_routed` only when replicas may reject requests), and every request dropped before one
+        (cancelled, or its routing failed): its reservation goes either way."""
+        try:
+            replica: RunningReplica = await super()._choose_replica_for_request(pending_request, is_retry=is_retry)
+        finally:
+            self._state()
+            self._release(pending_request.metadata.internal_request_id)
         self._assigned(pending_request, replica.replica_id)
         return replica
 
     def _assigned(self, pending_request: PendingRequest, replica_id: ReplicaID) -> None:
         self._state()
         rid = pending_request.metadata.internal_request_id
+        self._release(rid)
         self._attempts.pop(rid, None)
         decision = self._decisions.pop(rid, None)
         slot = self._slot_of.get(replica_id)

@@ -6,7 +6,8 @@ rank 2 to rank 1), and ranks come up in any order on a scale-up (rank 3 can be R
 rank moved the survivor's sessions to whichever replica took its old number next: away from their KV (found by
 review). A replica the router has not seen yet takes:
 1. its reported rank's slot, when that is a slot the ring knows and no replica holds (the dead or vacated slot of its
-   predecessor: a replacement takes its predecessor's sessions back);
+   predecessor: a replacement takes its predecessor's ring arcs, and the sessions that failed over only if it
+   reports their KV);
 2. else the lowest such vacant slot (a replacement that started under a rank past the end while its predecessor still
    held the old one; a new replica whose rank a renumbered survivor keeps under its old slot);
 3. else its rank's slot, new to the ring (a scale-up: whichever of the new ranks comes up first);

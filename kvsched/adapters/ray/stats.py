@@ -4,8 +4,9 @@ sessions whose KV kvsched keeps pinned there.
 TTFT comes from vLLM's `vllm:time_to_first_token_seconds` histogram (bucket deltas), in two readings:
 - `ttft_p95_s`: the P95 of the requests that had their first token since the previous poll, held for `hold_s` when
   nothing new arrived, so an idle poll does not read as "fast": it may keep a pool from scaling down;
-- `fresh_ttft_p95()`: the P95 of the first tokens since the previous autoscaling report, None when there were none:
-  the only TTFT a pool scales up on (found by review: the held value scaled an idle pool from 2 to 8 replicas).
+- `fresh_ttft_p95()`: the P95 of the first tokens since the previous autoscaling report that gave one, once there are
+  MIN_TTFT_SAMPLES of them (None before): the only TTFT a pool scales up on (found by review: the held value scaled an
+  idle pool from 2 to 8 replicas).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 TTFT_BUCKET = "vllm:time_to_first_token_seconds_bucket"
+# First tokens a fresh P95 needs before it counts: with fewer, the "P95" is the slowest one or two (found by review:
+# one cold 30k-token prefill was the whole P95 and asked an idle pool for three replicas); at 20, one sample lies
+# above it. Fewer carry over to the next report, for up to `hold_s`; a trickle below that is left to queue depth.
+MIN_TTFT_SAMPLES = 20
 GAUGES = ("vllm:num_requests_waiting", "vllm:num_requests_running")
 
 
@@ -78,6 +83,7 @@ class ReplicaStats:
     _last_buckets: dict[float, float] = field(default_factory=dict)
     _ttft_at: float = -math.inf
     _reported_buckets: dict[float, float] = field(default_factory=dict)
+    _reported_at: float = -math.inf
 
     def update(self, metrics_text: str, sessions: Mapping[str, Any] | None) -> None:
         scrape = read_metrics(metrics_text)
@@ -118,10 +124,17 @@ class ReplicaStats:
         return body
 
     def fresh_ttft_p95(self) -> float | None:
-        """The P95 TTFT of the first tokens counted since the previous call (None: none since)."""
-        buckets = self._last_buckets
+        """The P95 TTFT of the first tokens counted since the previous call that returned one, None while they are
+        fewer than MIN_TTFT_SAMPLES (they count in the next call's, unless they gathered for longer than `hold_s`)."""
+        buckets, now = self._last_buckets, self.clock()
+        if self._reported_at == -math.inf:  # the first window starts at the first call
+            self._reported_at = now
         delta = {b: c - self._reported_buckets.get(b, 0.0) for b, c in buckets.items()}
-        self._reported_buckets = dict(buckets)
+        if max(delta.values(), default=0.0) < MIN_TTFT_SAMPLES:  # cumulative: the top bucket counts them all
+            if now - self._reported_at > self.hold_s:  # too few for too long: no longer fresh, start over
+                self._reported_buckets, self._reported_at = dict(buckets), now
+            return None
+        self._reported_buckets, self._reported_at = dict(buckets), now
         return histogram_quantile(delta, 0.95)
 
     def snapshot(self) -> dict[str, Any]:
