@@ -9,6 +9,7 @@ value is dropped), and on `/v1/responses` the response id is fixed before the re
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -109,7 +110,12 @@ def needs_scan(body: bytes, tenant: str | None, route: str, session_header: bool
     """Whether a JSON body on a route kvsched does not rewrite can hold anything `check_unhandled_body` refuses: one of
     kvsched's marks (spelled out, or behind a `\\u` escape), or a session field on a `SESSION_ROUTES` route
     (checked for every caller).
-    Found by review: every such body (up to 1 GiB: embeddings, scores) was parsed here and again by vLLM."""
+    Found by review: every such body (up to 1 GiB: embeddings, scores) was parsed here and again by vLLM.
+    The byte search reads UTF-8 only, and vLLM's parser (`json.loads(bytes)`) also reads UTF-16 and UTF-32, choosing by
+    `json.detect_encoding`: a body it would read as either is always parsed and checked (found by review: a UTF-16
+    body carried forged marks past the search). Checked rather than refused, so a client sending it loses nothing."""
+    if json.detect_encoding(body) not in ("utf-8", "utf-8-sig"):  # json.loads' own choice; a BOM'd UTF-8 is searchable
+        return True
     if route in SESSION_ROUTES and (tenant is not None or session_header or any(f in body for f in SESSION_KEYS)):
         return True
     return b"kvsched" in body or b"\\u" in body

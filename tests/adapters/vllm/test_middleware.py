@@ -94,7 +94,7 @@ class FakeVllm:
         headers = dict(scope["headers"])
         ok = not self.keys or headers.get(b"authorization") in [f"Bearer {k}".encode() for k in self.keys]
         self.calls.append((scope["path"], body))
-        out = json.dumps({"error": "Unauthorized"} if not ok else {"echo": body.decode()}).encode()
+        out = json.dumps({"error": "Unauthorized"} if not ok else {"echo": body.decode(errors="replace")}).encode()
         await send({"type": "http.response.start", "status": 200 if ok else 401, "headers": []})
         await send({"type": "http.response.body", "body": out})
 
