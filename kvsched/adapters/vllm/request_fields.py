@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.http_io import container_items, containers
 from kvsched.core import sessions
 from kvsched.core.client_fields import SessionFields, read_session_fields
 from kvsched.core.sessions import InvalidSessionInput, SessionId
@@ -104,11 +106,14 @@ SESSION_ROUTES = frozenset({"/v1/chat/completions/batch", "/inference/v1/generat
 
 
 SESSION_KEYS = (b"session", b"ttl_s", b"agent_role")  # in a body that may name a session's fields (session_id, _end)
+# A `\\u` escape of a lowercase letter or `_`, the only characters of those names and of kvsched's marks: other escapes
+# (any non-ASCII text under `ensure_ascii`, HTML-safe `\\u003c`) cannot spell one.
+_ESCAPED_NAME_CHAR = re.compile(rb"\\u00(?:5[fF]|6[1-9a-fA-F]|7[0-9aA])")
 
 
 def needs_scan(body: bytes, tenant: str | None, route: str, session_header: bool = False) -> bool:
     """Whether a JSON body on a route kvsched does not rewrite can hold anything `check_unhandled_body` refuses: one of
-    kvsched's marks (spelled out, or behind a `\\u` escape), or a session field on a `SESSION_ROUTES` route
+    kvsched's marks (spelled out, or behind `\\u` escapes), or a session field on a `SESSION_ROUTES` route
     (checked for every caller).
     Found by review: every such body (up to 1 GiB: embeddings, scores) was parsed here and again by vLLM.
     The byte search reads UTF-8 only, and vLLM's parser (`json.loads(bytes)`) also reads UTF-16 and UTF-32, choosing by
@@ -118,7 +123,34 @@ def needs_scan(body: bytes, tenant: str | None, route: str, session_header: bool
         return True
     if route in SESSION_ROUTES and (tenant is not None or session_header or any(f in body for f in SESSION_KEYS)):
         return True
-    return b"kvsched" in body or b"\\u" in body
+    return b"kvsched" in body or _ESCAPED_NAME_CHAR.search(body) is not None
+
+
+_RESERVED = frozenset(RESERVED_XARGS)
+
+
+def _path_to(root: Any, target: Any) -> str:
+    """Where `target` (a container) sits in `root`, as `a.b[2].c`; "" for the root. Only for an error's message, so
+    the walk that finds errors builds no path per element (found by review: it built one string per element)."""
+    keys: list[Any] = []
+    walks: list[Iterator[tuple[Any, Any]]] = [] if root is target else [container_items(root)]
+    while walks:
+        for key, child in walks[-1]:
+            if child is target:
+                keys.append(key)
+                walks = []
+                break
+            keys.append(key)
+            walks.append(container_items(child))
+            break
+        else:
+            walks.pop()
+            if keys:
+                keys.pop()
+    out = ""
+    for key in keys:
+        out += f"[{key}]" if isinstance(key, int) else f".{key}" if out else str(key)
+    return out
 
 
 def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: str | None, route: str = "") -> None:
@@ -127,22 +159,26 @@ def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: 
     marks anywhere in it (a forged tenant reaches another key's sessions, a forged compaction mark ends a branch), and,
     for a caller with a key of its own on a route that gives requests a session (`SESSION_ROUTES`), for a
     session named there: nothing on that route scopes it to the caller's key, so two keys would share it. On those
-    routes every caller's session fields are checked as on the rewritten ones (`_check_session_fields`)."""
-    stack: list[tuple[object, str]] = [(payload, "")]
+    routes every caller's session fields are checked as on the rewritten ones (`_check_session_fields`).
+    The walk costs a Python step per object and array, none per scalar, and allocates nothing per element."""
     items = payload if isinstance(payload, list) else [payload]  # a batch's requests, or the one request
     named = "x-session-id" in headers or any(isinstance(r, dict) and r.get("session_id") for r in items)
+    stack: list[Any] = [payload] if isinstance(payload, dict | list) else []
     while stack:
-        node, where = stack.pop()
-        if isinstance(node, dict):
-            for k, v in node.items():
-                path = f"{where}.{k}" if where else str(k)
-                if k in RESERVED_XARGS:
-                    raise InvalidSessionInput(f"{path} is set by kvsched's middleware only", field=path)
-                if k in _XARGS_NAMES and isinstance(v, dict) and v.get(compat.XARG_SESSION_ID) is not None:
+        node = stack.pop()
+        if type(node) is dict:
+            if not _RESERVED.isdisjoint(node):
+                key = next(k for k in node if k in _RESERVED)
+                where = _path_to(payload, node)
+                path = f"{where}.{key}" if where else key
+                raise InvalidSessionInput(f"{path} is set by kvsched's middleware only", field=path)
+            for name in _XARGS_NAMES:
+                xargs = node.get(name)
+                if isinstance(xargs, dict) and xargs.get(compat.XARG_SESSION_ID) is not None:
                     named = True
-                stack.append((v, path))
-        elif isinstance(node, list):
-            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
+            stack += containers(node.values())
+        else:
+            stack += containers(node)
     if named and tenant is not None and route in SESSION_ROUTES:
         raise InvalidSessionInput("sessions are kept per API key on /v1/chat/completions, /v1/completions, "
                                   "/v1/responses and /v1/messages only: this route cannot scope one to your key",

@@ -34,3 +34,83 @@ def test_a_json_body_in_utf16_or_utf32_is_checked_too(encoding):
     assert app.calls == [] and open_app.calls == []
     fine = json.dumps({"input": "caf\u00e9"}).encode(encoding)  # nothing of kvsched's: passed on byte for byte
     assert call(mw, app, "POST", "/v1/embeddings", fine, [JS, AUTH])[0] == 200 and app.calls[-1][1] == fine
+
+
+def test_bodies_on_paths_vllm_does_not_serve_are_not_read(monkeypatch):
+    """Found by review: any non-GET request kvsched does not rewrite was buffered (up to 1 GiB) and, if it held the
+    bytes `kvsched`, parsed and walked, keyless, even on a path vLLM has no route for. vLLM answers those 404/405
+    without reading the body; kvsched now passes them on unread, and checks only what vLLM's routes will run."""
+    from starlette.routing import Route
+
+    from kvsched.adapters.vllm import middleware
+
+    reads = []
+    real = middleware.read_body
+    monkeypatch.setattr(middleware, "read_body", lambda *a, **k: reads.append(a) or real(*a, **k))
+    app = FakeVllm(keys=("secret",))
+    app.routes = [Route(p, lambda r: None, methods=["POST"]) for p in ("/v1/embeddings", "/invocations")]
+    mw = KVSchedMiddleware(app)
+    marked = json.dumps({"input": "x", "vllm_xargs": {"kvsched_tenant": "t"}}).encode()
+    for method, route in (("POST", "/no/such/route"), ("PUT", "/v1/embeddings"), ("DELETE", "/invocations")):
+        call(mw, app, method, route, marked, [JS])
+        assert app.calls[-1] == (route, marked) and reads == []  # vLLM's 404/405 (here: the fake's answer)
+    status, err = call(mw, app, "POST", "/v1/embeddings", marked, [JS, AUTH])
+    assert status == 400 and err["error"]["param"] == "vllm_xargs.kvsched_tenant" and len(reads) == 1
+    status, err = call(mw, app, "POST", "/invocations", marked, [JS])  # vLLM serves it to anyone
+    assert status == 400 and len(reads) == 2
+
+
+def test_a_body_kvsched_must_parse_meets_the_generation_routes_limits():
+    """Found by review: a body that had to be checked was parsed whatever its size and number of objects (up to vLLM's
+    1 GiB), synchronously on the event loop. Parsed, it is held to the 64 MiB and 1,000,000 objects and arrays of the
+    rewritten routes (413); one that cannot hold kvsched's fields passes unparsed at any size vLLM takes."""
+    app = FakeVllm(keys=())
+    mw = KVSchedMiddleware(app)
+    big = 64 * 2**20
+    status, err = call(mw, app, "POST", "/v1/embeddings", b'{"note": "kvsched", "input": "' + b"x" * big + b'"}', [JS])
+    assert status == 413 and "over the limit" in err["error"]["message"]
+    packed = b'{"note": "kvsched", "input": [' + b"{}," * 1_000_000 + b"{}]}"
+    status, err = call(mw, app, "POST", "/v1/embeddings", packed, [JS])
+    assert status == 413 and "objects and arrays" in err["error"]["message"]
+    assert app.calls == []
+    form = [("Content-Type", "application/x-www-form-urlencoded")]
+    xargs = b"vllm_xargs=" + b"[" + b"[]," * 299_999 + b"[]]"  # a field of under 1 MB: Starlette's own cap
+    status, err = call(mw, app, "POST", "/v1/audio/transcriptions", b"&".join([b"model=m"] + [xargs] * 4), form)
+    assert status == 413 and "vllm_xargs" in err["error"]["message"]
+    plain = b'{"input": "' + b"x" * big + b'", "text": "caf\\u00e9 \\u003cb\\u003e"}'  # escapes that spell no name
+    assert call(mw, app, "POST", "/v1/embeddings", plain, [JS])[0] == 200 and app.calls[-1][1] == plain
+
+
+def test_escapes_that_cannot_spell_a_name_do_not_make_a_body_parsed():
+    """Any non-ASCII text under `ensure_ascii` is `\\u`-escaped: only an escaped lowercase letter or `_` can hide a
+    mark or a session field, so only those make a body parsed."""
+    from kvsched.adapters.vllm.request_fields import needs_scan
+
+    for text, scan in ((b"caf\\u00e9", False), (b"\\u003cb\\u003e \\u4e2d \\ud83d\\ude00", False),
+                       (b"\\u006bvsched_tenant", True), (b"kvsched\\u005Ftenant", True), (b"\\u0073", True)):
+        assert needs_scan(b'{"input": "' + text + b'"}', None, "/v1/embeddings") is scan, text
+
+
+def test_the_check_walks_a_value_packed_body_without_a_step_or_an_allocation_per_element():
+    """Found by review: the walk built a (value, "path[i]") tuple and string for every element at once (~130 bytes
+    per body byte); the path is now built only for an error's message."""
+    import tracemalloc
+
+    from kvsched.adapters.vllm.request_fields import check_unhandled_body
+    from kvsched.core.sessions import InvalidSessionInput
+
+    payload = json.loads(b'{"input": [' + b"1," * 1_000_000 + b'{"a": [' + b"2.5," * 1_000_000 + b'"x"]}]}')
+    tracemalloc.start()
+    try:
+        check_unhandled_body(payload, {}, "tenant", "/v1/embeddings")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak
+    deep = {"a": [1, {"b": [{"vllm_xargs": {"kvsched_tenant": 1}}]}]}
+    for body, field in ((deep, "a[1].b[0].vllm_xargs.kvsched_tenant"),
+                        ([{"x": 1}, {"vllm_xargs": {"kvsched_compacted": 1}}], "[1].vllm_xargs.kvsched_compacted"),
+                        ({"kvsched_conversation": 1}, "kvsched_conversation")):
+        with pytest.raises(InvalidSessionInput) as info:
+            check_unhandled_body(body, {}, None, "/v1/embeddings")
+        assert info.value.field == field
