@@ -102,7 +102,11 @@ _XARGS_NAMES = ("vllm_xargs", "extra_args")  # where a request body carries Samp
 # Routes besides the four kvsched rewrites that run engine requests with a session id (vLLM's `_get_session_id`: the
 # body's `session_id`, the X-Session-ID header, `vllm_xargs.session_id`). Exact paths: render, count_tokens or abort
 # routes run nothing, and an SDK sending the header everywhere must not be refused there.
-SESSION_ROUTES = frozenset({"/v1/chat/completions/batch", "/inference/v1/generate", "/invocations", "/cohere/v2/chat"})
+# The audio routes carry `vllm_xargs` only (a form field vLLM copies into the extra args): no `session_id` field, and
+# vLLM reads no X-Session-ID header there (found by review: they were missing, their sessions shared by every key).
+XARGS_ONLY_ROUTES = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
+SESSION_ROUTES = frozenset({"/v1/chat/completions/batch", "/inference/v1/generate", "/invocations", "/cohere/v2/chat",
+                            *XARGS_ONLY_ROUTES})
 
 
 SESSION_KEYS = (b"session", b"ttl_s", b"agent_role")  # in a body that may name a session's fields (session_id, _end)
@@ -162,6 +166,9 @@ def check_unhandled_body(payload: object, headers: Mapping[str, bytes], tenant: 
     routes every caller's session fields are checked as on the rewritten ones (`_check_session_fields`).
     The walk costs a Python step per object and array, none per scalar, and allocates nothing per element."""
     items = payload if isinstance(payload, list) else [payload]  # a batch's requests, or the one request
+    if route in XARGS_ONLY_ROUTES:
+        headers = {}  # nothing but the extra args names a session there
+        items = [{k: v for k, v in r.items() if k != "session_id"} if isinstance(r, dict) else r for r in items]
     named = "x-session-id" in headers or any(isinstance(r, dict) and r.get("session_id") for r in items)
     stack: list[Any] = [payload] if isinstance(payload, dict | list) else []
     while stack:

@@ -114,3 +114,35 @@ def test_the_check_walks_a_value_packed_body_without_a_step_or_an_allocation_per
         with pytest.raises(InvalidSessionInput) as info:
             check_unhandled_body(body, {}, None, "/v1/embeddings")
         assert info.value.field == field
+
+
+def _form(fields):
+    parts = [f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n' for name, value in fields]
+    parts.append('--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\nContent-Type: audio/wav\r\n'
+                 '\r\nRIFF....\r\n--b--\r\n')
+    return "".join(parts).encode(), ("Content-Type", "multipart/form-data; boundary=b")
+
+
+@pytest.mark.parametrize("route", ["/v1/audio/transcriptions", "/v1/audio/translations"])
+def test_the_audio_routes_session_fields_are_checked_as_on_other_session_routes(route):
+    """Found by review: vLLM copies the audio routes' form field `vllm_xargs` into the request's extra args, where the
+    scheduler reads a session, but those routes were not among the session routes: a keyed caller's session there was
+    shared by every key, and a malformed one was dropped by the engine unannounced. vLLM reads neither a `session_id`
+    field nor the X-Session-ID header there, so those stay the client's own business."""
+    app = FakeVllm(keys=("secret", "other"))
+    mw = KVSchedMiddleware(app)
+    body, ctype = _form([("model", "m"), ("vllm_xargs", json.dumps({"session_id": "shared"}))])
+    status, err = call(mw, app, "POST", route, body, [AUTH, ctype])
+    assert status == 400 and "per API key" in err["error"]["message"] and app.calls == []
+    plain, _ = _form([("model", "m"), ("vllm_xargs", json.dumps({"temperature_hint": 1})), ("session_id", "s")])
+    assert call(mw, app, "POST", route, plain, [AUTH, ctype, ("X-Session-ID", "s")])[0] == 200
+    open_app = FakeVllm(keys=())
+    open_mw = KVSchedMiddleware(open_app)
+    for xargs, param in (({"session_id": "x" * 500}, "vllm_xargs.session_id"),
+                         ({"session_id": "s", "ttl_s": "nan"}, "vllm_xargs.ttl_s")):
+        marked, _ = _form([("model", "m"), ("vllm_xargs", json.dumps(xargs))])
+        status, err = call(open_mw, open_app, "POST", route, marked, [ctype])
+        assert status == 400 and err["error"]["param"] == param, err
+    fine, _ = _form([("model", "m"), ("vllm_xargs", json.dumps({"session_id": "s", "ttl_s": 30}))])
+    assert call(open_mw, open_app, "POST", route, fine, [ctype, ("X-Session-ID", "\x01")])[0] == 200
+    assert open_app.calls[-1][1] == fine
