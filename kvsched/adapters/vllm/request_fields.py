@@ -208,8 +208,14 @@ def _request_xargs(item: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def _check_session_fields(items: list[Any], headers: Mapping[str, bytes]) -> None:
     """The session fields the engine reads on a `SESSION_ROUTES` route, checked as on the four kvsched rewrites: the
     engine drops a malformed one silently (`compat.request_session`), so the caller would lose its session unawares
-    (found by review: a 500-character id or a NaN TTL on /invocations was answered 200 with no session)."""
+    (found by review: a 500-character id or a NaN TTL on /invocations was answered 200 with no session). The header
+    is passed on as sent and vLLM decodes it as Latin-1, kvsched's rewritten routes as UTF-8: only ASCII ids, the same
+    under both, are taken there."""
     if "x-session-id" in headers:
+        if not headers["x-session-id"].isascii():  # found by review: checked as UTF-8, read by vLLM as Latin-1
+            raise InvalidSessionInput("X-Session-Id: vLLM reads this header as Latin-1 on this route, so a non-ASCII "
+                                      "id names another session than sent: use vllm_xargs.session_id for non-ASCII ids",
+                                      field="X-Session-Id")
         try:
             sessions.validate_session_id(headers["x-session-id"].decode("utf-8"))
         except (UnicodeDecodeError, InvalidSessionInput) as exc:

@@ -146,3 +146,23 @@ def test_the_audio_routes_session_fields_are_checked_as_on_other_session_routes(
     fine, _ = _form([("model", "m"), ("vllm_xargs", json.dumps({"session_id": "s", "ttl_s": 30}))])
     assert call(open_mw, open_app, "POST", route, fine, [ctype, ("X-Session-ID", "\x01")])[0] == 200
     assert open_app.calls[-1][1] == fine
+
+
+def test_a_non_ascii_session_header_is_refused_where_vllm_reads_it_as_latin1():
+    """Found by review: on the session routes kvsched does not rewrite, X-Session-Id was checked as UTF-8 and passed
+    on, while vLLM reads it as Latin-1: `café` named one session on /v1/chat/completions and another there, and an id
+    whose Latin-1 reading holds a control character passed the check and was dropped by the engine. Refused there,
+    naming the field that carries any id; on the four rewritten routes kvsched writes the UTF-8 reading itself."""
+    app = FakeVllm(keys=())
+    mw = KVSchedMiddleware(app)
+    for sid in ("caf\u00e9", "\u0101-agent"):
+        header = ("X-Session-Id", sid.encode())
+        for route, body in (("/v1/chat/completions/batch", {"messages": [[{"role": "user", "content": "x"}]]}),
+                            ("/invocations", {"prompt": "x"}), ("/inference/v1/generate", {"token_ids": [1]})):
+            status, err = call(mw, app, "POST", route, json.dumps(body).encode(), [JS, header])
+            assert status == 400 and err["error"]["param"] == "X-Session-Id", err
+            assert "vllm_xargs.session_id" in err["error"]["message"]
+        chat = json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode()
+        status, echo = call(mw, app, "POST", "/v1/chat/completions", chat, [JS, header])
+        assert status == 200 and json.loads(echo["echo"])["vllm_xargs"]["session_id"] == sid
+    assert call(mw, app, "POST", "/invocations", b'{"prompt": "x"}', [JS, ("X-Session-Id", b"cafe")])[0] == 200
