@@ -29,28 +29,42 @@ SESSION_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-e
 class ResponseSessions:
     """(tenant, cache_salt, response id) -> session id of the `/v1/responses` requests this server ran; bounded,
     oldest first. Scoped so that naming another tenant's response id finds nothing. Salt and response id are the
-    client's strings of any length: the table keeps a digest of each, so an entry costs the same whatever was sent."""
+    client's strings of any length: the table keeps a digest of each, so an entry costs the same whatever was sent.
+    A full table evicts the oldest entry of the tenant holding the most (found by review: one LRU for all, filled
+    before vLLM checks a request, let one key's cheap requests push out every other key's entries). Tenants are the
+    server's API keys, so the scan for the largest is over a handful."""
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
-        self._map: OrderedDict[tuple[str | None, bytes, bytes], SessionId] = OrderedDict()
+        self._maps: dict[str | None, OrderedDict[tuple[bytes, bytes], SessionId]] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
 
     @staticmethod
-    def _key(tenant: str | None, salt: str | None, response_id: str) -> tuple[str | None, bytes, bytes]:
+    def _key(salt: str | None, response_id: str) -> tuple[bytes, bytes]:
         def digest(text: str) -> bytes:
             return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
-        return tenant, b"" if salt is None else b"s" + digest(salt), digest(response_id)
+        return b"" if salt is None else b"s" + digest(salt), digest(response_id)
 
     def get(self, tenant: str | None, salt: str | None, response_id: str) -> SessionId | None:
-        return self._map.get(self._key(tenant, salt, response_id))
+        entries = self._maps.get(tenant)
+        return None if entries is None else entries.get(self._key(salt, response_id))
 
     def put(self, tenant: str | None, salt: str | None, response_id: str, session: SessionId) -> None:
-        key = self._key(tenant, salt, response_id)
-        self._map[key] = session
-        self._map.move_to_end(key)
-        while len(self._map) > self.capacity:
-            self._map.popitem(last=False)
+        entries = self._maps.setdefault(tenant, OrderedDict())
+        key = self._key(salt, response_id)
+        self._size += key not in entries
+        entries[key] = session
+        entries.move_to_end(key)
+        while self._size > self.capacity:
+            largest = max(self._maps, key=lambda t: len(self._maps[t]))
+            self._maps[largest].popitem(last=False)
+            self._size -= 1
+            if not self._maps[largest]:
+                del self._maps[largest]
 
 
 def apply_session_fields(payload: dict[str, Any], headers: Mapping[str, str], tenant: str | None = None,

@@ -166,3 +166,21 @@ def test_a_non_ascii_session_header_is_refused_where_vllm_reads_it_as_latin1():
         status, echo = call(mw, app, "POST", "/v1/chat/completions", chat, [JS, header])
         assert status == 200 and json.loads(echo["echo"])["vllm_xargs"]["session_id"] == sid
     assert call(mw, app, "POST", "/invocations", b'{"prompt": "x"}', [JS, ("X-Session-Id", b"cafe")])[0] == 200
+
+
+def test_one_tenant_cannot_evict_anothers_response_ids():
+    """Found by review: previous_response_id -> session was one LRU shared by every tenant, filled before vLLM checks
+    the request: another key's stream of cheap (even invalid) /v1/responses requests pushed a tenant's entries out, and
+    its next turn lost its session. A full table now evicts from the tenant holding the most entries."""
+    from kvsched.adapters.vllm.request_fields import ResponseSessions, apply_session_fields
+
+    responses = ResponseSessions(capacity=100)
+    first = {"model": "m", "input": "hi", "prompt_cache_key": "a-conv"}
+    apply_session_fields(first, {}, "tenantA", "/v1/responses", responses)
+    for _ in range(1000):
+        apply_session_fields({"model": "no-such-model", "input": "", "prompt_cache_key": "b"}, {}, "tenantB",
+                             "/v1/responses", responses)
+    follow = {"model": "m", "input": "more", "previous_response_id": first["request_id"]}
+    apply_session_fields(follow, {}, "tenantA", "/v1/responses", responses)
+    assert follow["vllm_xargs"]["session_id"] == "a-conv"
+    assert len(responses) == 100
