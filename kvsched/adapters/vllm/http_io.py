@@ -7,7 +7,8 @@ nested deeper than MAX_JSON_DEPTH gets 400 (Python's parser would otherwise rais
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import compress
 from typing import Any
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -88,15 +89,31 @@ def parse_json(body: bytes, max_containers: int | None = None) -> Any:
 
 
 def too_deep(value: Any, limit: int) -> bool:
-    """Is any container nested more than `limit` levels deep? Iterative: no recursion of its own."""
+    """Is any container nested more than `limit` levels deep? Iterative: no recursion of its own, and no Python step
+    per scalar (a body of a million numbers was a second of event-loop stall here)."""
     stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
     while stack:
         obj, depth = stack.pop()
         if depth > limit:
             return True
-        children: Iterable[Any] = obj.values() if isinstance(obj, dict) else obj
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+        stack.extend((c, depth + 1) for c in containers(obj.values() if isinstance(obj, dict) else obj))
     return False
+
+
+_is_container = frozenset({dict, list}).__contains__  # of a value's type: with map(type, ...), a loop in C
+
+
+def containers(values: Any) -> Iterator[Any]:
+    """The dicts and lists among `values` (a list, or a dict's values) of parsed JSON: its scalars (token ids, numbers,
+    text) are skipped without a Python step each."""
+    return compress(values, map(_is_container, map(type, values)))
+
+
+def container_items(node: dict[Any, Any] | list[Any]) -> Iterator[tuple[Any, Any]]:
+    """(key or index, child) for the dicts and lists directly inside `node`, skipping scalars as `containers` does."""
+    if isinstance(node, dict):
+        return compress(node.items(), map(_is_container, map(type, node.values())))
+    return compress(enumerate(node), map(_is_container, map(type, node)))
 
 
 def route_path(scope: Mapping[str, Any]) -> str:
@@ -165,7 +182,8 @@ def body_kind(content_type: bytes) -> str | None:
 
 async def form_fields(scope: Scope, body: bytes) -> list[dict[str, Any]] | None:
     """A form body's text fields, one {name: value} each (a name may repeat), as vLLM reads them (Starlette's parser;
-    `vllm_xargs` is JSON text, decoded here as vLLM decodes it); None if it does not parse (vLLM refuses it too)."""
+    `vllm_xargs` is JSON text, decoded here as vLLM decodes it); None if it does not parse (vLLM refuses it too).
+    HttpError 413 when the `vllm_xargs` fields together pass MAX_BODY_BYTES or MAX_JSON_CONTAINERS."""
     from starlette.requests import Request
 
     async def receive() -> dict[str, Any]:
@@ -177,6 +195,9 @@ async def form_fields(scope: Scope, body: bytes) -> list[dict[str, Any]] | None:
         await form.close()
     except Exception:
         return None
+    xargs = [v for k, v in items if k == "vllm_xargs"]  # parsed below: the generation routes' limits (a form's own
+    if sum(map(len, xargs)) > MAX_BODY_BYTES or sum(v.count("{") + v.count("[") for v in xargs) > MAX_JSON_CONTAINERS:
+        raise HttpError(413, "the form's vllm_xargs fields are over the limits of a JSON body")  # are 1,000 x 1 MB
     fields: list[dict[str, Any]] = []
     for name, value in items:
         if name == "vllm_xargs":

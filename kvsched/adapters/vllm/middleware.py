@@ -23,6 +23,7 @@ from kvsched.adapters.vllm import admin_routes, compat
 from kvsched.adapters.vllm.auth import Auth
 from kvsched.adapters.vllm.compaction import STRATEGY_HEADER, Compactor
 from kvsched.adapters.vllm.http_io import (
+    MAX_BODY_BYTES,
     MAX_JSON_CONTAINERS,
     SCAN_BODY_BYTES,
     Disconnected,
@@ -133,19 +134,16 @@ class KVSchedMiddleware:
         """Any other request with a JSON body that vLLM will serve: kvsched's marks and (for a keyed caller) session
         ids are refused there (`check_unhandled_body`); everything else passes on byte for byte."""
         raw = first_headers(scope)
-        ident = self.auth.identify(scope["app"], raw.get("authorization"))
         kind = body_kind(raw.get("content-type", b""))
-        if (not ident.authenticated and path.startswith(compat.AUTH_GUARDED_PREFIXES)) or kind is None:
-            await self.app(scope, receive, send)  # vLLM answers 401, or reads no vllm_xargs from such a body
+        if kind is None or not compat.serves_route(scope["app"], scope):
+            await self.app(scope, receive, send)  # vLLM reads no vllm_xargs from it, or answers 404/405 unread
+            return
+        ident = self.auth.identify(scope["app"], raw.get("authorization"))
+        if not ident.authenticated and path.startswith(compat.AUTH_GUARDED_PREFIXES):
+            await self.app(scope, receive, send)  # vLLM answers 401
             return
         try:
-            body = await read_body(scope, receive, limit=SCAN_BODY_BYTES)  # a route kvsched does not limit
-            if kind == "json" and not needs_scan(body, ident.tenant, path, "x-session-id" in raw):
-                fields = []  # nothing of kvsched's can be in it: vLLM parses it once
-            else:
-                fields = [parse_json(body)] if kind == "json" else await form_fields(scope, body) or []
-            for payload in fields:  # a form's fields one by one: an error names the field as sent
-                check_unhandled_body(payload, raw, ident.tenant, path)
+            body = await self._checked_body(scope, receive, raw, kind, path, ident.tenant)
         except Disconnected:
             return
         except InvalidSessionInput as exc:
@@ -155,7 +153,24 @@ class KVSchedMiddleware:
         except HttpError as exc:
             await send_json(send, exc.status, exc.body)
             return
-        await self.app(scope, replay(body, receive), send)
+        await self.app(scope, replay(body, receive), send)  # what was parsed for the check is gone by now
+
+    @staticmethod
+    async def _checked_body(scope: Scope, receive: Any, raw: dict[str, bytes], kind: str, path: str,
+                            tenant: str | None) -> bytes:
+        """The body, once `check_unhandled_body` has passed it. Read up to vLLM's own limit; one that must be parsed
+        for the check meets the generation routes' limits (found by review: a keyless body of up to 1 GiB was parsed
+        and walked on the event loop, ~130 bytes of memory per byte and seconds of stall)."""
+        body = await read_body(scope, receive, limit=SCAN_BODY_BYTES)  # a route kvsched does not limit
+        if kind == "json" and not needs_scan(body, tenant, path, "x-session-id" in raw):
+            return body  # nothing of kvsched's can be in it: vLLM parses it once
+        if len(body) > MAX_BODY_BYTES:
+            raise HttpError(413, f"request body of {len(body)} bytes is over the limit of {MAX_BODY_BYTES} bytes for "
+                                 "a body that names sessions or kvsched's fields")
+        fields = [parse_json(body, MAX_JSON_CONTAINERS)] if kind == "json" else await form_fields(scope, body) or []
+        for payload in fields:  # a form's fields one by one: an error names the field as sent
+            check_unhandled_body(payload, raw, tenant, path)
+        return body
 
     # ---- metrics ------------------------------------------------------------------------------------------------
     async def _engine_stats(self, app: Any) -> dict[str, Any] | None:

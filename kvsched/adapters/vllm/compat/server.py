@@ -21,6 +21,22 @@ def _auth_guarded_prefixes() -> tuple[str, ...]:
 AUTH_GUARDED_PREFIXES = _auth_guarded_prefixes()
 
 
+def serves_route(app: Any, scope: dict[str, Any]) -> bool:
+    """Whether vLLM's app has a route for this request's path and method (Starlette's own matching, as its router will
+    run it: a mount or a `{param}` path counts). vLLM answers anything else 404/405 without reading the body. True when
+    the app's routes cannot be read (an app without `routes`, a route that cannot match this scope): the body is then
+    checked as if served."""
+    routes = getattr(app, "routes", None)
+    if routes is None:
+        return True
+    try:
+        from starlette.routing import Match
+
+        return any(route.matches(scope)[0] == Match.FULL for route in routes)
+    except Exception:
+        return True
+
+
 def server_args(app: Any) -> Any:
     return getattr(app.state, "args", None)
 
