@@ -17,7 +17,8 @@ homes never change while slots come and go. Two loads are kept apart:
 A turn goes to, in order:
 1. the slot it was failed over from, within the in-flight bound, when the same replica is back there (it was only
    avoided, or down for a blip) or the slot's replica now reports the session's KV; a replacement (a new replica in the
-   slot: an empty cache) does not take back sessions that rebuilt their KV where they failed over to;
+   slot: an empty cache) does not take back sessions that rebuilt their KV where they failed over to, except as many
+   as bring the replica they live on back within the resident bound (a crash's survivor holds its sessions too);
 2. the replica it lives on (where this router last sent it), within the in-flight bound;
 3. a live replica reporting the session's KV, within the in-flight bound (a router that does not know the session:
    restarted, or the session idled out); within both bounds when the report may be another session's (`kv_shared`);
@@ -197,9 +198,12 @@ class SessionRouter:
         back, back_replica = self._displaced.get(session_id, (None, None))
         # Back only to the replica it left, or to a slot whose (new) replica reports its KV: found by review, a
         # replacement (empty cache) pulled every failed-over session back, away from the KV they rebuilt meanwhile.
+        # Or to a replacement when the replica it lives on holds more sessions than the resident bound (the survivor
+        # of a crash holds the dead replica's sessions too): as many go back as rebalance it, no more.
         if back is not None and fits(back) and (self._holder.get(back) == back_replica or (
                 self.config.kv_preference and back in kv_slots
-                and (not kv_shared or self._room(session_id, live)(back)))):
+                and (not kv_shared or self._room(session_id, live)(back)))
+                or (last is not None and last in live and not self._room(session_id, live)(last))):
             return RouteDecision(back, RouteReason.RETURN, session_id, home)
         # A session whose replica died (the one it lived on) is failing over. One that lives nowhere is placed: never
         # recorded as displaced from its dead home (found by review: after a scale-down every new session homed on

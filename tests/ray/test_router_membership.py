@@ -111,8 +111,10 @@ def test_where_a_session_failed_over_from_idles_out_with_the_session() -> None:
 def test_a_replacement_up_while_its_dead_predecessor_is_still_listed_takes_the_dead_slot() -> None:
     """A replica whose engine is gone (or whose actor died) holds no slot: its replacement, under a rank past the end
     while Ray still lists the dead one, takes the slot at once; the sessions that failed over from it go back when it
-    reports their KV, the others stay where they rebuilt it."""
+    reports their KV; of the others, as many as bring A back within the resident bound (it holds all 30 sessions
+    now), the rest stay where they rebuilt their KV."""
     from kvsched.adapters.ray.hints import RouteHints
+    from kvsched.core.routing import load_bound
 
     async def run() -> None:
         r = new_router()
@@ -129,8 +131,14 @@ def test_a_replacement_up_while_its_dead_predecessor_is_still_listed_takes_the_d
         b2 = fake_replica("B2", {"slot": 2, "kv_sessions": reported})  # Ray: rank 1 is still B's
         r.update_replicas([a, b, b2])
         assert r.slot_of(b2.replica_id) == slot_name(1) and r.slot_of(b.replica_id) is None
+        cap, on_a, rebalanced = load_bound(30 - 1, 2, 1.25), 30, 0  # sessions living on A: every one
         for sid in on_b:
-            assert await turn(r, [a, b, b2], sid, f"{sid}-3") is (b2 if sid in reported else a), sid
+            over = on_a > cap  # before this session's turn
+            went = await turn(r, [a, b, b2], sid, f"{sid}-3")
+            assert went is (b2 if sid in reported or over else a), sid
+            on_a -= went is b2
+            rebalanced += went is b2 and sid not in reported
+        assert on_a <= cap and 0 < rebalanced < len(on_b) - len(reported)  # some unreported ones moved, some stayed
 
     asyncio.run(run())
 

@@ -85,13 +85,21 @@ def test_router_sends_sessions_to_the_replica_in_their_reported_slot_even_after_
             r._assigned(pending(sid, sid + "-2"), a.replica_id)
             r.on_request_completed(a.replica_id, sid + "-2")
         # a replacement with a NEW unique id reports slot 1 (its rank): new sessions homed there go to it; the
-        # failed-over ones rebuilt their KV on a and stay, but for one whose KV it reports
+        # failed-over ones rebuilt their KV on a and stay, but for one whose KV it reports, and as many as bring a
+        # back within the resident bound (it holds all six now: at most 4 each on two replicas)
         c_stats: dict = {}
         c = fake_replica("ccc", c_stats, metadata={"slot": 1})
         r.update_replicas([a, c])
         assert r.slot_of(c.replica_id) == slot_name(1)
+        offered = [await peek(r, [a, c], sid, sid + "-3") for sid in lived[slot_name(1)]]
+        assert offered == [c] * len(offered)  # a over its bound: each would rebalance (nothing recorded yet)
+        went = []
         for sid in lived[slot_name(1)]:
-            assert await peek(r, [a, c], sid, sid + "-3") is a
+            chosen = (await r.choose_replicas([a, c], pending(sid, sid + "-3")))[0][0]
+            r._assigned(pending(sid, sid + "-3"), chosen.replica_id)
+            r.on_request_completed(chosen.replica_id, sid + "-3")
+            went.append(chosen)
+        assert went == [c, c] + [a] * (len(went) - 2)  # 6 on a, bound 4: two go back, the others stay
         for sid in sessions_by_home(per_slot=5)[slot_name(1)][3:]:
             assert await peek(r, [a, c], sid, sid + "-n") is c
         c_stats["kv_sessions"] = lived[slot_name(1)][:1]
