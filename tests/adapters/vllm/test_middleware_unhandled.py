@@ -60,25 +60,25 @@ def test_bodies_on_paths_vllm_does_not_serve_are_not_read(monkeypatch):
     assert status == 400 and len(reads) == 2
 
 
-def test_a_body_kvsched_must_parse_meets_the_generation_routes_limits():
-    """Found by review: a body that had to be checked was parsed whatever its size and number of objects (up to vLLM's
-    1 GiB), synchronously on the event loop. Parsed, it is held to the 64 MiB and 1,000,000 objects and arrays of the
-    rewritten routes (413); one that cannot hold kvsched's fields passes unparsed at any size vLLM takes."""
+def test_a_body_kvsched_must_parse_is_checked_at_any_size_vllm_takes():
+    """Found by review: a body that had to be checked met the rewritten routes' 64 MiB and 1,000,000 objects and
+    arrays (413), so whether a request was served depended on the words of its prompt ("kvsched", "session"). It is
+    checked at any size vLLM takes: passed when it holds none of kvsched's fields, refused (400) when it does. A form's
+    `vllm_xargs` fields keep their limits (no client sends megabytes of them)."""
     app = FakeVllm(keys=())
     mw = KVSchedMiddleware(app)
-    big = 64 * 2**20
-    status, err = call(mw, app, "POST", "/v1/embeddings", b'{"note": "kvsched", "input": "' + b"x" * big + b'"}', [JS])
-    assert status == 413 and "over the limit" in err["error"]["message"]
+    big = b"x" * (64 * 2**20 + 1)
+    clean = b'{"note": "kvsched", "input": "' + big + b'"}'
+    assert call(mw, app, "POST", "/v1/embeddings", clean, [JS])[0] == 200 and app.calls[-1][1] == clean
     packed = b'{"note": "kvsched", "input": [' + b"{}," * 1_000_000 + b"{}]}"
-    status, err = call(mw, app, "POST", "/v1/embeddings", packed, [JS])
-    assert status == 413 and "objects and arrays" in err["error"]["message"]
-    assert app.calls == []
+    assert call(mw, app, "POST", "/v1/embeddings", packed, [JS])[0] == 200 and app.calls[-1][1] == packed
+    marked = b'{"input": "' + big + b'", "vllm_xargs": {"kvsched_tenant": "t"}}'
+    status, err = call(mw, app, "POST", "/v1/embeddings", marked, [JS])
+    assert status == 400 and "kvsched_tenant" in err["error"]["message"] and app.calls[-1][1] == packed
     form = [("Content-Type", "application/x-www-form-urlencoded")]
     xargs = b"vllm_xargs=" + b"[" + b"[]," * 299_999 + b"[]]"  # a field of under 1 MB: Starlette's own cap
     status, err = call(mw, app, "POST", "/v1/audio/transcriptions", b"&".join([b"model=m"] + [xargs] * 4), form)
     assert status == 413 and "vllm_xargs" in err["error"]["message"]
-    plain = b'{"input": "' + b"x" * big + b'", "text": "caf\\u00e9 \\u003cb\\u003e"}'  # escapes that spell no name
-    assert call(mw, app, "POST", "/v1/embeddings", plain, [JS])[0] == 200 and app.calls[-1][1] == plain
 
 
 def test_escapes_that_cannot_spell_a_name_do_not_make_a_body_parsed():
