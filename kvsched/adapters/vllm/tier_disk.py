@@ -8,10 +8,11 @@ model or geometry uses another subdirectory of the same DIR.
 
 One engine owns `DIR/<identity>/` at a time: at start its scheduler takes an exclusive, non-blocking `flock` on
 `DIR/<identity>/.lock` (`claim`, held until the process exits; the file names the holder's pid). A second engine of the
-same model on the same DIR runs without the disk level, saying so (found by review: its start-up scan removed every
-`.tmp` file, the first engine's writes in flight among them, so they failed). The scan also spares a `.tmp` file whose
-writer (its name carries the pid) is still alive on this host, should the lock not hold (a file system without
-`flock`): only a dead writer's leftovers go.
+same model on the same DIR runs without the disk level, saying so, and takes it once the other lets go (a rolling
+update; tier_levels tries again every 30 s). Found by review: its start-up scan removed every `.tmp` file, the first
+engine's writes in flight among them, so they failed; and tried once, it never had the level after a rolling update.
+The scan also spares a `.tmp` file whose writer (its name carries the pid) is still alive on this host, should the
+lock not hold (a file system without `flock`): only a dead writer's leftovers go.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ class DiskFiles:
         self._make_dir()
         self.found_bytes = 0  # bytes of the files the last `scan` indexed (this identity's, every rank's)
 
-    def claim(self) -> bool:
+    def claim(self, quiet: bool = False) -> bool:
         """Take the directory for this engine (see the module docstring); False, with a warning naming the directory
-        and the holder, if another engine holds it. A file system without locks: True, with a warning."""
+        and the holder (none if `quiet`: a retry), if another engine holds it. A file system without locks: True,
+        with a warning."""
         f = open(self.dir / LOCK, "a+b")  # noqa: SIM115 - held open while this object lives
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -56,8 +58,10 @@ class DiskFiles:
                 logger.warning("kvsched disk tier: cannot lock %s (%s); running unlocked: give each engine its own "
                                "--kvsched-disk-tier-dir", self.dir / LOCK, exc)
                 return True
-            logger.warning("kvsched disk tier: %s is in use by another engine of this model (pid %s); running without "
-                           "the disk level: give each engine its own --kvsched-disk-tier-dir", self.dir, holder)
+            if not quiet:
+                logger.warning("kvsched disk tier: %s is in use by another engine of this model (pid %s); running "
+                               "without the disk level until it is free (tried again every 30 s): give each engine its "
+                               "own --kvsched-disk-tier-dir", self.dir, holder)
             return False
         f.truncate(0)
         f.write(f"{os.getpid()}\n".encode())

@@ -30,12 +30,20 @@ import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from kvsched.adapters.vllm.tier_arrival_reads import SEEN_SESSIONS_MEMORY, ArrivalReads  # noqa: F401 - re-exported
 from kvsched.adapters.vllm.tier_blob import framed_len
 from kvsched.adapters.vllm.tier_disk import DiskFiles
+from kvsched.adapters.vllm.tier_level_ops import (  # noqa: F401 - re-exported
+    DISK,
+    SHARED,
+    SHARED_PUT,
+    Fetch,
+    LevelOps,
+    Publish,
+    Spill,
+)
 from kvsched.adapters.vllm.tier_levels_config import ENV_DISK_GB, LevelsConfig
 from kvsched.adapters.vllm.tier_lookups import StoreLookups
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
@@ -48,56 +56,13 @@ logger = logging.getLogger("vllm.kvsched.fp8_tier")
 # start-up take (found by review: of the free space alone, each restart shrank the budget and deleted KV the previous
 # run wrote, the very blocks a restart is to restore).
 DISK_DEFAULT_FREE_FRACTION = 0.5
+DISK_RETRY_S = 30.0  # while another engine holds the disk directory (a rolling update): how often to try it again
 # LRU bounds, sized by review's measurements (~170 B an entry here, ~250 B in the next; 1,000,000 took 171 + 252 MiB).
 # Keys known to be in the store: forgetting one costs one redundant put at its session's next turn, never a wrong or
 # lost block; 200,000 (~34 MiB) is several times the blocks one engine holds in pool and host tier at once (an 80 GB
 # GPU: ~40,000 blocks of an 8B model). The sessions whose metadata was read: tier_arrival_reads.
 PUBLISHED_MEMORY = 200_000
-DISK, SHARED = "disk", "shared"
 _T = TypeVar("_T")
-SHARED_PUT = "shared_put"  # a worker's report: its put of this block to the shared store failed or was dropped
-
-
-@dataclass(frozen=True, slots=True)
-class Publish:
-    """Copy pool block `block_id` (content key `key`) to the disk level and/or the shared store."""
-
-    key: bytes
-    block_id: int
-    disk: bool
-    shared: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Spill:
-    """Copy host slot `slot` (holding `key`, evicted from the host tier this step) to the disk level."""
-
-    key: bytes
-    slot: int
-
-
-@dataclass(frozen=True, slots=True)
-class Fetch:
-    """Fill host slot `slot` with block `key` from `source` (DISK or SHARED)."""
-
-    key: bytes
-    slot: int
-    source: str
-
-
-@dataclass
-class LevelOps:
-    """One step's lower-level work, scheduler -> workers. Workers queue deletes first (a key deleted and written
-    again in one step keeps its new file), then spills (they read slots this step's stores and fetches may
-    overwrite), then publishes, then (after the tier's stores) fetches."""
-
-    spills: list[Spill] = field(default_factory=list)
-    publishes: list[Publish] = field(default_factory=list)
-    fetches: list[Fetch] = field(default_factory=list)
-    deletes: list[bytes] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.spills or self.publishes or self.fetches or self.deletes)
 
 
 class TierLevels(ArrivalReads):
@@ -118,14 +83,13 @@ class TierLevels(ArrivalReads):
         if cfg.disk_dir and description.get("unshareable"):  # its files would be read by no restart, left behind
             logger.warning("kvsched disk tier: off, the model's weights cannot be identified (%s): no restart could "
                            "read its files, and each would leave another directory of them", description["unshareable"])
-        elif cfg.disk_dir:
-            try:
-                self.disk = self._open_disk(cfg, identity, description, block_bytes, world_size)
-            except OSError as exc:  # full, read-only, not permitted: the engine serves without the level
-                logger.error("kvsched disk tier: %s unusable (%s); running without the disk level", cfg.disk_dir, exc)
+        self.clock: Callable[[], float] = time.monotonic
+        self._disk_retry_at: float | None = None  # while another engine holds the directory: when to try again
+        self._disk_args = (cfg, identity, description, block_bytes, world_size)
+        if cfg.disk_dir and not description.get("unshareable"):
+            self._try_disk(first=True)
         self.store: Any = None
         self.meta_writer: BackgroundWriter | None = None
-        self.clock: Callable[[], float] = time.monotonic
         self._published: OrderedDict[bytes, float] = OrderedDict()  # key -> when it was last sent to the store
         self._seen_sessions: OrderedDict[Any, None] = OrderedDict()
         self._bad_logged = False
@@ -141,13 +105,26 @@ class TierLevels(ArrivalReads):
             logger.info("kvsched shared store: %s (replica %s; blocks kept %.0f s, session state %.0f s)",
                         redacted(cfg.store_url), cfg.replica, cfg.kv_ttl_s, cfg.state_ttl_s)
 
+    def _try_disk(self, first: bool = False) -> None:
+        """Open the disk level; while another engine holds its directory, try again every DISK_RETRY_S (found by
+        review: tried once, at start, so in a rolling update, the old engine draining while this one starts, this one
+        never had the level). Said once, not at each try."""
+        cfg = self._disk_args[0]
+        try:
+            self.disk = self._open_disk(*self._disk_args, quiet=not first)
+        except OSError as exc:  # full, read-only, not permitted: the engine serves without the level
+            logger.error("kvsched disk tier: %s unusable (%s); running without the disk level", cfg.disk_dir, exc)
+            self._disk_retry_at = None
+            return
+        self._disk_retry_at = None if self.disk is not None else self.clock() + DISK_RETRY_S
+
     def _open_disk(self, cfg: LevelsConfig, identity: str, description: dict[str, Any], block_bytes: int,
-                   world_size: int) -> DiskDirectory | None:
+                   world_size: int, quiet: bool = False) -> DiskDirectory | None:
         """The disk level's books from the files found in its directory; its start-up deletes (past the budget) are
         queued. Every file-system call is in here, under the caller's OSError guard (found by review: the scan and the
         free-space query were outside it, so a read-only directory holding a stale .tmp file stopped the engine)."""
         files = DiskFiles(str(cfg.disk_dir), identity, description, 0, world_size)
-        if not files.claim():  # another engine of this model runs on this directory (logged)
+        if not files.claim(quiet):  # another engine of this model runs on this directory (logged)
             return None
         self.disk_files = files  # holds the directory's lock while the engine runs
         found = files.scan()
@@ -326,6 +303,8 @@ class TierLevels(ArrivalReads):
             self.counters[f"{source}_restored_blocks" if ok else f"{source}_read_failures"] += 1
 
     def take_ops(self) -> LevelOps:
+        if self._disk_retry_at is not None and self.clock() >= self._disk_retry_at:
+            self._try_disk()
         ops, self.ops = self.ops, LevelOps()
         return ops
 

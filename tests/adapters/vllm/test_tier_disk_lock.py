@@ -63,3 +63,30 @@ def test_a_second_engine_on_the_same_directory_runs_without_the_disk_level(tmp_p
     del first, second
     gc.collect()
     assert levels(tmp_path).disk is not None  # the first engine is gone (a restart): its directory is free again
+
+
+def test_an_engine_started_while_another_held_the_directory_takes_it_once_freed(tmp_path: Path, caplog) -> None:
+    """Found by review: the claim was tried once, at start, so in a rolling update (the old engine draining while
+    its replacement starts) the replacement never had the disk level. It tries again every DISK_RETRY_S, quietly."""
+    from kvsched.adapters.vllm.tier_levels import DISK_RETRY_S
+
+    old = levels(tmp_path)
+    old.disk_files.write(KEY, b"the old engine's block")
+    now = [1000.0]
+    new = levels(tmp_path)
+    new.clock = lambda: now[0]
+    new._disk_retry_at = now[0] + DISK_RETRY_S  # as made at start, on this clock
+    assert new.disk is None
+    caplog.clear()  # the start's warning said it
+    with caplog.at_level(logging.WARNING, logger="vllm.kvsched.fp8_tier"):
+        now[0] += DISK_RETRY_S
+        new.take_ops()  # the old engine still runs: no level, no second warning
+        assert new.disk is None and "in use" not in caplog.text
+        del old
+        gc.collect()  # the old engine is gone: its lock with it
+        new.take_ops()  # not yet due
+        assert new.disk is None
+        now[0] += DISK_RETRY_S
+        new.take_ops()
+    assert new.disk is not None and new.disk.holds(KEY)  # the old engine's files are indexed: a restart reads them
+    assert new.disk_files.read(KEY) == b"the old engine's block"
