@@ -80,9 +80,12 @@ class TierLevels(ArrivalReads):
         self._failed: set[bytes] = set()  # keys whose write failed on some rank (reports of the others pending)
         self._busy_slots: Callable[[], set[int]] = set  # slots this step's stores/fetches write (set by the connector)
         self.on_fetch: Callable[[list[Fetch]], None] = lambda fetches: None  # the connector's books (tier_fetches)
-        if cfg.disk_dir and description.get("unshareable"):  # its files would be read by no restart, left behind
-            logger.warning("kvsched disk tier: off, the model's weights cannot be identified (%s): no restart could "
-                           "read its files, and each would leave another directory of them", description["unshareable"])
+        if (cfg.disk_dir or cfg.store_url) and description.get("unshareable"):
+            # Its files would be read by no restart (each leaving another directory of them), its store entries by no
+            # other replica; and the identity that keeps them this engine's own is only as unique as vLLM's short
+            # instance id, and names the host, which the workers of a multi-node engine do not share (found by review).
+            logger.warning("kvsched disk and shared levels: off, the model's weights cannot be identified (%s): no "
+                           "restart or other replica could restore their blocks", description["unshareable"])
         self.clock: Callable[[], float] = time.monotonic
         self._disk_retry_at: float | None = None  # while another engine holds the directory: when to try again
         self._disk_args = (cfg, identity, description, block_bytes, world_size)
@@ -96,7 +99,7 @@ class TierLevels(ArrivalReads):
         self.lookups: StoreLookups | None = None  # the store's reads at arrivals, off the scheduler thread
         self.read_cost = ReadCost()  # ... once they are slow (while fast: inline)
         self._answers: dict[str, tuple[bool, dict[bytes, bool]]] = {}  # polled this step: request -> (moved, held)
-        if cfg.store_url:
+        if cfg.store_url and not description.get("unshareable"):
             from kvsched.adapters.store.redis_store import open_store, redacted
 
             self.store = open_store(cfg.store_url)

@@ -121,6 +121,9 @@ def test_weights_nothing_identifies_give_an_identity_of_this_engine_alone(tmp_pa
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "unshareable" in tier_blob.identity_of(hub_config(str(empty), None), GEO, 1)[1]
-    levels = TierLevels(LevelsConfig(disk_dir=str(tmp_path / "disk")), one, desc, 1024, 1)
-    assert levels.disk is None and not (tmp_path / "disk").exists()
+    levels = TierLevels(LevelsConfig(disk_dir=str(tmp_path / "disk"), store_url="redis://127.0.0.1:1/0"), one, desc,
+                        1024, 1)
+    # Neither level: the store's blocks would be restored by no other replica, and the identity names this host, which
+    # a multi-node engine's workers do not share (found by review)
+    assert levels.disk is None and not (tmp_path / "disk").exists() and levels.store is None
     assert "cannot be identified" in caplog.text
