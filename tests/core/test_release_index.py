@@ -25,6 +25,16 @@ def make(clock: FakeClock, exact_limit: int, total_blocks: int = 4000) -> Retent
     return p
 
 
+def random_turns(seed: int, sessions: int, steps: int, clock: FakeClock, max_gap_s: float):  # noqa: ANN201
+    """Random events: each advances the clock and names a session, the turn's hints and tokens (the caller draws
+    more from the same `rng`)."""
+    rng = random.Random(seed)
+    keys = [SessionKey(SessionId(f"s{i}")) for i in range(sessions)]
+    for i in range(steps):
+        clock.advance(rng.random() * max_gap_s)
+        yield i, rng, rng.choice(keys), TurnHints(role=rng.choice(ROLES)), rng.randrange(16, 4000)
+
+
 def scan_order(p: RetentionPolicy, exclude: set[SessionKey]) -> list[SessionKey]:
     """The release order as the policy computed it before the index: every session of the table scanned, scored now,
     lowest value first with ties in table order, then the queued ones, latest arrival first."""
@@ -152,12 +162,8 @@ def test_the_scans_shortcut_for_the_reference_selector_orders_as_the_selector_do
     full = RetentionPolicy(cfg, clock, 4000, bytes_per_token=1024.0, selector=lambda c, k: select_lowest(c, k))
     for p in (short, full):
         p.index.exact_limit = 10**9
-    rng = random.Random(seed)
-    keys = [SessionKey(SessionId(f"s{i}")) for i in range(40)]
     released = 0
-    for _ in range(800):
-        clock.advance(rng.random() * 2)
-        k, hints, tokens = rng.choice(keys), TurnHints(role=rng.choice(ROLES)), rng.randrange(16, 4000)
+    for _, rng, k, hints, tokens in random_turns(seed, 40, 800, clock, 2):
         hit, need = rng.choice([0, 1]), rng.randrange(1, 80) if rng.random() < 0.1 else 0
         out: list[list] = [[], []]
         for p, o in zip((short, full), out, strict=True):
@@ -221,12 +227,8 @@ def test_dropping_stale_entries_changes_no_decision_and_scores_nothing(seed, mon
         return score(rec, now)
 
     monkeypatch.setattr(dropping.index, "score", counted)
-    rng = random.Random(seed)
-    keys = [SessionKey(SessionId(f"s{i}")) for i in range(100)]
     largest_drop = 0
-    for i in range(4000):
-        clock.advance(rng.random() * 4)
-        k, hints, tokens = rng.choice(keys), TurnHints(role=rng.choice(ROLES)), rng.randrange(16, 4000)
+    for i, rng, k, hints, tokens in random_turns(seed, 100, 4000, clock, 4):
         need = rng.randrange(1, 20) if rng.random() < 0.3 else 0  # decisions that take a few entries off the top
         out = []
         for p in (dropping, keeping):
