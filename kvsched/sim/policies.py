@@ -78,7 +78,7 @@ class OptPolicy(SimPolicy):
 
     def __init__(self, trace: Trace, pool: BlockPool) -> None:
         super().__init__(trace, pool)
-        self.next_use = NextUse(trace)
+        self.next_use = NextUse(trace, pool.capacity)
         pool.evictor = BeladyEvictor(pool, self.next_use)
 
     def on_admitted(self, i: int, prompt_ids: np.ndarray, hit_blocks: int) -> None:
