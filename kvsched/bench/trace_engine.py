@@ -238,7 +238,7 @@ class Setup:
 
 
 def prepare(args: argparse.Namespace) -> Setup:
-    from kvsched.sim.mooncake import traces_dir
+    from kvsched.sim.mooncake import cached_traces
     from kvsched.sim.trace import Trace
     from kvsched.tiny_model import SIZES
 
@@ -249,7 +249,7 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise ValueError(f"--time-scale must be a finite number > 0, got {args.time_scale}")
     if args.out is not None and args.out.is_dir():  # found out now, not after the sides' runs
         raise ValueError(f"--out {args.out} is a directory; give a file path")
-    path = args.trace or traces_dir() / "mooncake" / "conversation.kvsched.jsonl"
+    path = args.trace or cached_traces(["conversation_trace.jsonl"])[0]  # converted again if an older converter wrote it
     if not path.exists():
         raise ValueError(f"no trace at {path} (run `kvsched trace fetch mooncake`)")
     trace = window(Trace.load(path), args.start_s, args.seconds)

@@ -164,9 +164,10 @@ def replay_cost(trace: Any, pressure: float, retention: Any, reps: int) -> dict[
 
 
 def default_traces() -> list[Path]:
-    from kvsched.sim.mooncake import MOONCAKE_FILES, traces_dir
+    """The fetched Mooncake traces, converted again first where an older converter wrote them."""
+    from kvsched.sim.mooncake import cached_traces
 
-    return [traces_dir() / "mooncake" / n.replace("_trace.jsonl", ".kvsched.jsonl") for n in MOONCAKE_FILES]
+    return cached_traces()
 
 
 def run(args: argparse.Namespace) -> int:
