@@ -3,12 +3,13 @@ block set, and how much a return predictor could add.
 
 For every trace (default: the Mooncake traces `kvsched trace fetch mooncake` caches) and live-basis pressure (1.5x and
 3x), the simulator's sides: `lru`, `kvsched` (its settings from the `KVSCHED_*` variables, as the engine) and `opt`
-(Belady, the bound on the pool alone), each as its share of OPT's saving, and the issue-24 gate: kvsched closes 30% of
-the gap between LRU's share and 1. Then `kvsched + FP8 tier`: kvsched as shipped with its host tier at the engine's
-default size (2x the pool's bytes, here a Llama 3.1 8B FP8 pool: 2x its blocks) and restores timed at `--h2d-gbps`;
-the tier holds KV beyond the pool, so its share can pass 1 (OPT is the bound on the pool alone). Its baseline on the
-same host memory is `LRU + CPU offload`: stock vLLM with its own CPU offloading connector (every computed block stored
-to host, LRU there; kvsched.sim.offload). Then the headroom, on the same pool, with long TTLs (`--ttl`, default 600 s):
+(Belady on the pool alone: a near-bound, not a proven one, see `kvsched.sim.policies.OptPolicy`), each as its share of
+OPT's saving, and the issue-24 gate: kvsched closes 30% of the gap between LRU's share and 1. Then `kvsched + FP8 tier`:
+kvsched as shipped with its host tier at the engine's default size (2x the pool's bytes, here a Llama 3.1 8B FP8 pool:
+2x its blocks) and restores timed at `--h2d-gbps`; the tier holds KV beyond the pool, so its share can pass 1 (OPT is
+Belady on the pool alone). Its baseline on the same host memory is `LRU + CPU offload`: stock vLLM with its own CPU
+offloading connector (every computed block stored to host, LRU there; kvsched.sim.offload). Then the headroom, on the
+same pool, with long TTLs (`--ttl`, default 600 s):
 - `kvsched, long TTL`: every finished turn pinned that long (the engine's value order decides under pressure);
 - `first turns unpinned`: no pin after a session's first turn (what a return model learned per turn index would do
   where first turns rarely return; online-knowable);

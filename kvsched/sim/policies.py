@@ -72,7 +72,11 @@ class SimPolicy:
 
 
 class OptPolicy(SimPolicy):
-    """Clairvoyant eviction (Belady): the bound on prefix hits for a pool of this capacity under this trace."""
+    """Clairvoyant eviction (Belady) for a pool of this capacity under this trace: a near-bound on prefix hits, not a
+    proven one. Its next uses take the trace's arrivals as fixed, but an eviction changes hits, hits change prefill
+    times and so finishes, waits for memory and what is cached at later admissions; and evicting a block that a running
+    request registers again at its finish (its output) costs nothing until then. Exact where timings cannot depend on
+    evictions (tests/sim/test_opt_next_use.py)."""
 
     name = "opt"
 
