@@ -15,7 +15,8 @@ BS = 4
 
 def request(t: float, session: str, block: str, duration: float) -> TraceRequest:
     # one full block + 1 token: holds 2 blocks (the full one and a partial one)
-    return TraceRequest(t=t, session=session, prompt_tokens=BS + 1, output_tokens=0, blocks=[block], duration_s=duration)
+    return TraceRequest(t=t, session=session, prompt_tokens=BS + 1, output_tokens=0, blocks=[block],
+                        duration_s=duration)
 
 
 @pytest.mark.parametrize("policy", ["lru", "opt", "kvsched"])
