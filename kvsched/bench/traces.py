@@ -26,6 +26,7 @@ same pool, with long TTLs (`--ttl`, default 600 s):
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,7 @@ def default_traces() -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from kvsched.bench.traces_classes import fit, summary
     from kvsched.core.config import RetentionConfig
+    from kvsched.sim.mooncake import stale_note
     from kvsched.sim.replay import ReplayConfig
     from kvsched.sim.trace import Trace
 
@@ -198,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for path in paths:
         trace = Trace.load(path)
+        if (note := stale_note(trace.meta)) is not None:
+            print(f"kvsched bench traces: warning: {path}: {note}", file=sys.stderr)
         per: dict[str, Any] = {"requests": len(trace), "sessions": len(trace.sessions), "meta": trace.meta,
                                "pressures": {}}
         result["traces"][path.name] = per

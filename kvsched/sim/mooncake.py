@@ -218,6 +218,18 @@ def converted_version(path: Path) -> int:
     return version if type(version) is int else 0
 
 
+def stale_note(meta: dict[str, Any]) -> str | None:
+    """A warning for a trace whose header `meta` says an older converter imported it from Mooncake, else None."""
+    if not str(meta.get("importer", "")).startswith("kvsched trace import --format mooncake"):
+        return None
+    version = meta.get(VERSION_META, 1)
+    if type(version) is int and version >= CONVERTER_VERSION:
+        return None
+    return (f"converted by Mooncake converter version {version}, older than {CONVERTER_VERSION} "
+            "(docs/trace_schema.md): "
+            "convert it again (`kvsched trace import --format mooncake`, or `kvsched trace fetch mooncake`)")
+
+
 def current_conversion(raw: Path, out: Path) -> dict[str, Any]:
     """Make `out` this converter's conversion of `raw`: converted again when missing or older (`converted_version`),
     else left as it is; returns its header's meta. A missing `raw` leaves `out` as it is (an error if it is missing)."""

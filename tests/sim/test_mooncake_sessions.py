@@ -91,3 +91,16 @@ def test_a_cached_conversion_by_an_older_converter_is_converted_again(tmp_path, 
     assert out.stat().st_mtime_ns == before
     # the synthetic trace was never fetched here: nothing is made up for it
     assert not (directory / "synthetic.kvsched.jsonl").exists()
+
+
+def test_a_trace_given_by_path_from_an_older_converter_is_named(tmp_path, capsys):
+    from kvsched.cli import main
+
+    fresh, stale = tmp_path / "fresh.jsonl", tmp_path / "stale.jsonl"
+    mooncake.convert_file(DATA / "mooncake_conversation_slice.jsonl", fresh)
+    stale_copy(fresh, stale)
+    for path, warned in ((stale, True), (fresh, False)):
+        args = ["bench", "traces", str(path), "--pressure", "3", "--no-headroom", "--no-tier"]
+        assert main([*args, "--out", str(tmp_path / "r.json")]) == 0
+        err = capsys.readouterr().err
+        assert ("converter version 1, older than" in err) is warned, err
