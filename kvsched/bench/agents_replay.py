@@ -66,8 +66,9 @@ def clairvoyant_replay(model_dir: Path, workflows: list[Workflow], record: RunRe
                        capacity_blocks: int, prefill_tok_s: float, bytes_per_token: float,
                        ttl_s: float | None = None, trace_out: Path | None = None) -> dict[str, Any]:
     """Prefill tokens each policy computes on this run's arrivals at this pool. Each request holds its blocks for as
-    long as it really ran (the run's own batching and queueing); `time_model` repeats the replay with the simulator's
-    timing instead (every request alone at the measured prefill speed: less overlap, so less pressure)."""
+    long as it really ran (the run's own batching and queueing), from its admission in the replay (a wait for memory
+    there comes on top: `kvsched.sim.replay`); `time_model` repeats the replay with the simulator's timing instead
+    (every request alone at the measured prefill speed: less overlap, so less pressure)."""
     requests, mismatches = trace_requests(model_dir, workflows, record, block_size, ttl_s)
     trace = Trace.from_requests(block_size, requests, meta=TRACE_META)  # before write_trace rewrites their blocks
     cfg = ReplayConfig(capacity_blocks=capacity_blocks, prefill_tps=prefill_tok_s,

@@ -238,7 +238,7 @@ class Setup:
 
 
 def prepare(args: argparse.Namespace) -> Setup:
-    from kvsched.sim.mooncake import traces_dir
+    from kvsched.sim.mooncake import cached_traces, stale_note
     from kvsched.sim.trace import Trace
     from kvsched.tiny_model import SIZES
 
@@ -249,10 +249,13 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise ValueError(f"--time-scale must be a finite number > 0, got {args.time_scale}")
     if args.out is not None and args.out.is_dir():  # found out now, not after the sides' runs
         raise ValueError(f"--out {args.out} is a directory; give a file path")
-    path = args.trace or traces_dir() / "mooncake" / "conversation.kvsched.jsonl"
+    path = args.trace or cached_traces(["conversation_trace.jsonl"])[0]  # converted again if an older one wrote it
     if not path.exists():
         raise ValueError(f"no trace at {path} (run `kvsched trace fetch mooncake`)")
-    trace = window(Trace.load(path), args.start_s, args.seconds)
+    loaded = Trace.load(path)
+    if (note := stale_note(loaded.meta)) is not None:
+        print(f"kvsched bench replay: warning: {path}: {note}", file=sys.stderr)
+    trace = window(loaded, args.start_s, args.seconds)
     shape = SIZES[args.model_size]
     p: ReplayPlan = plan(trace, BLOCK_TOKENS, shape.vocab_size, args.max_output_tokens, time_scale=args.time_scale)
     if not p.requests:

@@ -3,12 +3,13 @@ block set, and how much a return predictor could add.
 
 For every trace (default: the Mooncake traces `kvsched trace fetch mooncake` caches) and live-basis pressure (1.5x and
 3x), the simulator's sides: `lru`, `kvsched` (its settings from the `KVSCHED_*` variables, as the engine) and `opt`
-(Belady, the bound on the pool alone), each as its share of OPT's saving, and the issue-24 gate: kvsched closes 30% of
-the gap between LRU's share and 1. Then `kvsched + FP8 tier`: kvsched as shipped with its host tier at the engine's
-default size (2x the pool's bytes, here a Llama 3.1 8B FP8 pool: 2x its blocks) and restores timed at `--h2d-gbps`;
-the tier holds KV beyond the pool, so its share can pass 1 (OPT is the bound on the pool alone). Its baseline on the
-same host memory is `LRU + CPU offload`: stock vLLM with its own CPU offloading connector (every computed block stored
-to host, LRU there; kvsched.sim.offload). Then the headroom, on the same pool, with long TTLs (`--ttl`, default 600 s):
+(Belady on the pool alone: a near-bound, not a proven one, see `kvsched.sim.policies.OptPolicy`), each as its share of
+OPT's saving, and the issue-24 gate: kvsched closes 30% of the gap between LRU's share and 1. Then `kvsched + FP8 tier`:
+kvsched as shipped with its host tier at the engine's default size (2x the pool's bytes, here a Llama 3.1 8B FP8 pool:
+2x its blocks) and restores timed at `--h2d-gbps`; the tier holds KV beyond the pool, so its share can pass 1 (OPT is
+Belady on the pool alone). Its baseline on the same host memory is `LRU + CPU offload`: stock vLLM with its own CPU
+offloading connector (every computed block stored to host, LRU there; kvsched.sim.offload). Then the headroom, on the
+same pool, with long TTLs (`--ttl`, default 600 s):
 - `kvsched, long TTL`: every finished turn pinned that long (the engine's value order decides under pressure);
 - `first turns unpinned`: no pin after a session's first turn (what a return model learned per turn index would do
   where first turns rarely return; online-knowable);
@@ -25,6 +26,7 @@ to host, LRU there; kvsched.sim.offload). Then the headroom, on the same pool, w
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -164,14 +166,16 @@ def replay_cost(trace: Any, pressure: float, retention: Any, reps: int) -> dict[
 
 
 def default_traces() -> list[Path]:
-    from kvsched.sim.mooncake import MOONCAKE_FILES, traces_dir
+    """The fetched Mooncake traces, converted again first where an older converter wrote them."""
+    from kvsched.sim.mooncake import cached_traces
 
-    return [traces_dir() / "mooncake" / n.replace("_trace.jsonl", ".kvsched.jsonl") for n in MOONCAKE_FILES]
+    return cached_traces()
 
 
 def run(args: argparse.Namespace) -> int:
     from kvsched.bench.traces_classes import fit, summary
     from kvsched.core.config import RetentionConfig
+    from kvsched.sim.mooncake import stale_note
     from kvsched.sim.replay import ReplayConfig
     from kvsched.sim.trace import Trace
 
@@ -196,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for path in paths:
         trace = Trace.load(path)
+        if (note := stale_note(trace.meta)) is not None:
+            print(f"kvsched bench traces: warning: {path}: {note}", file=sys.stderr)
         per: dict[str, Any] = {"requests": len(trace), "sessions": len(trace.sessions), "meta": trace.meta,
                                "pressures": {}}
         result["traces"][path.name] = per

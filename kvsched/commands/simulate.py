@@ -1,7 +1,8 @@
 """`kvsched simulate`: replay an agent trace against a model of the paged KV pool under stock vLLM's LRU prefix
 caching, kvsched's retention policy (the same `kvsched.core` code the vLLM scheduler runs; with `--fp8-tier-gib` its
-FP8 demotion tier too, `kvsched.core.tier`), and a clairvoyant Belady eviction that bounds what any policy could hit
-at that capacity (on the GPU pool alone: the tier's loads can take kvsched past it)."""
+FP8 demotion tier too, `kvsched.core.tier`), and a clairvoyant Belady eviction, a near-bound on what a policy could hit
+at that capacity (on the GPU pool alone: the tier's loads can take kvsched past it; not a proven bound, as evictions
+change timings and waits: `kvsched.sim.policies.OptPolicy`)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 
 `kvsched trace fetch mooncake` downloads Mooncake's FAST'25 traces (kvcache-ai/Mooncake, Apache-2.0; 1-3 MB each) at a
 pinned commit into `$KVSCHED_CACHE_DIR/traces/mooncake` (default `~/.cache/kvsched`), checks their SHA-256, and
-converts each to `<name>.kvsched.jsonl` beside it. They stay out of the repository: tests use small committed slices.
+converts each to `<name>.kvsched.jsonl` beside it (again whenever the converter is newer than the one that wrote it:
+the header's `meta.converter_version`; so do the commands that read them by default). They stay out of the
+repository: tests use small committed slices.
 `kvsched trace import --format mooncake IN OUT` converts one file (assumptions: docs/trace_schema.md). `kvsched trace
 stats FILE` describes a trace (an engine's recording, an imported or a generated one) before any replay."""
 
@@ -102,7 +104,7 @@ def fetch_file(url: str, dest: Path, size: int, sha256: str) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from kvsched.sim.mooncake import convert_file
+    from kvsched.sim.mooncake import current_conversion
 
     directory = args.dir or traces_dir() / args.source
     try:
@@ -111,7 +113,7 @@ def run_fetch(args: argparse.Namespace) -> int:
             raw = directory / name
             fetch_file(f"{args.base_url.rstrip('/')}/{name}", raw, size, sha)
             out = directory / name.replace("_trace.jsonl", ".kvsched.jsonl")
-            meta = convert_file(raw, out)
+            meta = current_conversion(raw, out)  # converted again if an older converter wrote it
             print(f"{out}: {meta['requests']} requests, {meta['sessions']} sessions "
                   f"({meta['single_turn_sessions']} single-turn)")
     except (ValueError, OSError) as exc:

@@ -66,9 +66,12 @@ class NextUse:
 
     A reverse pass stores, per request, the next use of each of its blocks as runs (a session's blocks share their
     next use, so there are a few runs per request). At free time a block's next use is looked up in the run of the
-    last request that held it (ids are chained, so a block's position is the same in every request)."""
+    latest (highest-index) request that held it: requests are admitted in arrival order, so every request up to that
+    one has started and the next use comes after it (ids are chained, so a block's position is the same in every
+    request). Requests larger than `capacity` blocks are rejected by the replay and never use a block: the pass skips
+    them (Belady would keep a block for them)."""
 
-    def __init__(self, trace: Trace) -> None:
+    def __init__(self, trace: Trace, capacity: int | None = None) -> None:
         self.depth = trace.depth
         self.last_user = np.full(trace.n_ids, -1, dtype=np.int64)
         n = len(trace)
@@ -76,9 +79,10 @@ class NextUse:
         self.values: list[np.ndarray] = [np.empty(0, np.int64)] * n
         last_seen = np.full(trace.n_ids, NEVER, dtype=np.int64)
         bs = trace.block_size
+        held = -(-(trace.prompt_tokens.astype(np.int64) + trace.output_tokens) // bs)
         for r in range(n - 1, -1, -1):
             ids = trace.blocks(r)
-            if not len(ids):
+            if not len(ids) or (capacity is not None and held[r] > capacity):  # rejected: never runs
                 continue
             nu = last_seen[ids]
             starts = np.concatenate(([0], np.flatnonzero(nu[1:] != nu[:-1]) + 1))
@@ -87,7 +91,10 @@ class NextUse:
             last_seen[ids[:hittable]] = r
 
     def used(self, r: int, ids: np.ndarray) -> None:
-        self.last_user[ids] = r
+        """Request r was admitted holding, or finished holding, `ids`. A request can finish after a later-arriving
+        one that shares its blocks: the latest user stays the later one (its next use is the one still ahead; setting
+        r back made Belady keep blocks whose looked-up next use had already passed)."""
+        self.last_user[ids] = np.maximum(self.last_user[ids], r)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         users = self.last_user[ids]

@@ -5,12 +5,18 @@ A Mooncake line is `{"timestamp": ms, "input_length": n, "output_length": m, "ha
 block of the prompt (the last one covers a partial block when n is not a multiple of 512), ids remapped prefix hashes
 (equal ids = reusable prefix). There are no session ids, roles or output block ids; they are recovered here:
 
-- session: a request continues the session of the latest earlier request it shares its longest prefix with, when
-  that shared prefix covers at least `min_shared` of that request's full blocks (a new conversation turn repeats the whole
-  history; two users sharing a system prompt share a few leading blocks only). Otherwise it opens a session.
+- session: a request continues the session of the latest request that arrived strictly earlier (a later timestamp:
+  a next turn needs its parent's output) it shares its longest prefix with, when that shared prefix covers at least
+  `min_shared` of that request's full blocks (a new conversation turn repeats the whole history; two users sharing a
+  system prompt share a few leading blocks only) and ends past the file's common prefixes. A common prefix block is one
+  the file's prompts continue in more than `COMMON_FANOUT` distinct ways (a system prompt: conversation_trace's block
+  0 starts all 12,031 prompts and is continued in 7,373 ways; a conversation's own history is continued by its next
+  turns, at most 11 ways in the published traces): sharing only such blocks says nothing of a session. Otherwise it
+  opens a session.
 - output: a request's output tokens are taken to be appended to its prompt in its session's next request, so the
-  blocks its output completes carry that request's ids at those positions when the next request is long enough to
-  hold them and repeats this request's whole prompt; otherwise they get ids of their own (cached, never reused).
+  blocks its output completes carry that request's ids at those positions when the next request arrives later, is long
+  enough to hold them and repeats this request's whole prompt; otherwise they get ids of their own (cached, never
+  reused).
 - roles, TTL hints and session ends are unknown and left out (the engine would not know a session's last turn
   either).
 """
@@ -31,6 +37,12 @@ from kvsched.sim.trace_fields import bounded_lines, number_field
 BLOCK_SIZE = 512  # tokens per hash id (Mooncake FAST'25 README)
 MAX_OUTPUT_TOKENS = 2**24  # one request's output: far past any model's context (the published traces: < 2**12)
 DEFAULT_MIN_SHARED = 0.75
+COMMON_FANOUT = 32  # continuations past which a block is a prefix common to unrelated prompts (module docstring)
+# Written into a converted file's meta; a cached conversion older than this is converted again (`current_conversion`).
+# 1 (no version in the meta): sessions joined on a common system-prompt block and on a parent that arrived in the same
+# timestamp, and output blocks took ids from such a "next turn" (found by review).
+CONVERTER_VERSION = 2
+VERSION_META = "converter_version"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,26 +101,50 @@ def _check_chained(ids: tuple[int, ...], position: dict[int, int]) -> None:
                              "be chained prefix hashes")
 
 
-def assign_sessions(reqs: list[MooncakeRequest], min_shared: float = DEFAULT_MIN_SHARED) -> list[int]:
-    """Session index of every request (requests in arrival order); see the module docstring for the rule."""
+def common_prefix_ids(reqs: list[MooncakeRequest], fanout: int = COMMON_FANOUT) -> set[int]:
+    """Ids the requests' prompts continue in more than `fanout` distinct ways (the next id, or the prompt's end):
+    prefixes common to unrelated prompts, such as a system prompt. A count, not a share of the file: a long
+    conversation in a short file is a large share of it, yet continued one way."""
+    after: dict[int, set[int | None]] = {}
+    for r in reqs:
+        ids = r.hash_ids
+        for k, h in enumerate(ids):
+            nxt = after.setdefault(h, set())
+            if len(nxt) <= fanout:
+                nxt.add(ids[k + 1] if k + 1 < len(ids) else None)
+    return {h for h, nxt in after.items() if len(nxt) > fanout}
+
+
+def assign_sessions(reqs: list[MooncakeRequest], min_shared: float = DEFAULT_MIN_SHARED,
+                    common: set[int] | None = None) -> list[int]:
+    """Session index of every request (requests in arrival order); see the module docstring for the rule. `common`:
+    the common prefix ids (default: `common_prefix_ids(reqs)`)."""
     if not 0.0 < min_shared <= 1.0:
         raise ValueError(f"min_shared must be in (0, 1], got {min_shared}")
-    latest: dict[int, int] = {}  # block id -> latest request holding it (ids are chained: always at one position)
+    if any(b.t_ms < a.t_ms for a, b in zip(reqs, reqs[1:], strict=False)):
+        raise ValueError("requests must be in arrival order")
+    if common is None:
+        common = common_prefix_ids(reqs)
+    latest: dict[int, int] = {}  # block id -> latest earlier-instant request holding it (chained: one position)
     session: list[int] = []
     opened = 0
+    instant = 0  # the first request of the current timestamp: those from it on cannot be parents yet
     for j, r in enumerate(reqs):
+        if r.t_ms != reqs[instant].t_ms:
+            for q in range(instant, j):
+                for h in reqs[q].hash_ids:
+                    latest[h] = q
+            instant = j
         s = None
         for k in range(len(r.hash_ids) - 1, -1, -1):  # the longest prefix shared with any earlier request
             p = latest.get(r.hash_ids[k])
             if p is not None:
-                if k + 1 >= min_shared * max(reqs[p].input_length // BLOCK_SIZE, 1):
+                if r.hash_ids[k] not in common and k + 1 >= min_shared * max(reqs[p].input_length // BLOCK_SIZE, 1):
                     s = session[p]
                 break
         if s is None:
             s, opened = opened, opened + 1
         session.append(s)
-        for h in r.hash_ids:
-            latest[h] = j
     return session
 
 
@@ -126,7 +162,8 @@ def full_blocks(reqs: list[MooncakeRequest], session: list[int]) -> list[list[An
         end = (r.input_length + r.output_length) // BLOCK_SIZE
         blocks: list[Any] = list(r.hash_ids[:nf])
         s = successor[j]
-        if s >= 0 and reqs[s].input_length >= r.input_length + r.output_length and reqs[s].hash_ids[:nf] == r.hash_ids[:nf]:
+        if (s >= 0 and reqs[s].t_ms > r.t_ms and reqs[s].input_length >= r.input_length + r.output_length
+                and reqs[s].hash_ids[:nf] == r.hash_ids[:nf]):
             blocks += reqs[s].hash_ids[nf:end]
         blocks += [f"out{j}.{k}" for k in range(len(blocks), end)]
         out.append(blocks)
@@ -142,13 +179,15 @@ def convert(src: TextIO, dst: TextIO, source: str = "<mooncake>", min_shared: fl
     reqs.sort(key=lambda r: r.t_ms)  # stable: the file's order within a millisecond
     if limit is not None:
         reqs = reqs[:limit]
-    session = assign_sessions(reqs, min_shared)
+    common = common_prefix_ids(reqs)
+    session = assign_sessions(reqs, min_shared, common)
     blocks = full_blocks(reqs, session)
     turns = [0] * (max(session, default=-1) + 1)
     for s in session:
         turns[s] += 1
     meta = {"source": f"mooncake:{source}", "importer": "kvsched trace import --format mooncake",
-            "min_shared": min_shared, "requests": len(reqs), "sessions": len(turns),
+            VERSION_META: CONVERTER_VERSION, "min_shared": min_shared, "common_fanout": COMMON_FANOUT,
+            "common_prefix_blocks": len(common), "requests": len(reqs), "sessions": len(turns),
             "single_turn_sessions": sum(1 for n in turns if n == 1),
             "assumptions": "sessions from hash chains; 512-token blocks; roles unknown; output tokens appended "
                            "(docs/trace_schema.md)"}
@@ -167,6 +206,39 @@ def convert_file(src: Path, dst: Path, min_shared: float = DEFAULT_MIN_SHARED, l
     return meta
 
 
+def converted_version(path: Path) -> int:
+    """The converter version a converted file's header names: 1 for one written before versions were, 0 for a file
+    that cannot be read as a trace header."""
+    try:
+        with open(path) as f:
+            meta = json.loads(f.readline(1 << 20)).get("meta") or {}
+        version = meta.get(VERSION_META, 1)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return version if type(version) is int else 0
+
+
+def stale_note(meta: dict[str, Any]) -> str | None:
+    """A warning for a trace whose header `meta` says an older converter imported it from Mooncake, else None."""
+    if not str(meta.get("importer", "")).startswith("kvsched trace import --format mooncake"):
+        return None
+    version = meta.get(VERSION_META, 1)
+    if type(version) is int and version >= CONVERTER_VERSION:
+        return None
+    return (f"converted by Mooncake converter version {version}, older than {CONVERTER_VERSION} "
+            "(docs/trace_schema.md): "
+            "convert it again (`kvsched trace import --format mooncake`, or `kvsched trace fetch mooncake`)")
+
+
+def current_conversion(raw: Path, out: Path) -> dict[str, Any]:
+    """Make `out` this converter's conversion of `raw`: converted again when missing or older (`converted_version`),
+    else left as it is; returns its header's meta. A missing `raw` leaves `out` as it is (an error if it is missing)."""
+    if (out.exists() and converted_version(out) >= CONVERTER_VERSION) or not raw.exists():
+        with open(out) as f:
+            return cast(dict[str, Any], json.loads(f.readline(1 << 20)).get("meta") or {})
+    return convert_file(raw, out)
+
+
 # ---- where the published traces live -------------------------------------------------------------------------------
 MOONCAKE_COMMIT = "3b5a594133958449a1feaf1c9e0fc1b553e34a28"
 MOONCAKE_URL = f"https://raw.githubusercontent.com/kvcache-ai/Mooncake/{MOONCAKE_COMMIT}/FAST25-release/traces"
@@ -180,3 +252,16 @@ MOONCAKE_FILES = {
 def traces_dir() -> Path:
     root = os.environ.get("KVSCHED_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvsched")
     return Path(root) / "traces"
+
+
+def cached_traces(names: Iterable[str] = tuple(MOONCAKE_FILES)) -> list[Path]:
+    """The converted traces beside the fetched files `names` in the cache (`kvsched trace fetch mooncake`), each
+    converted again first if this converter is newer than the one that wrote it."""
+    directory = traces_dir() / "mooncake"
+    out = []
+    for name in names:
+        path = directory / name.replace("_trace.jsonl", ".kvsched.jsonl")
+        if path.exists() or (directory / name).exists():
+            current_conversion(directory / name, path)
+        out.append(path)
+    return out

@@ -72,13 +72,17 @@ class SimPolicy:
 
 
 class OptPolicy(SimPolicy):
-    """Clairvoyant eviction (Belady): the bound on prefix hits for a pool of this capacity under this trace."""
+    """Clairvoyant eviction (Belady) for a pool of this capacity under this trace: a near-bound on prefix hits, not a
+    proven one. Its next uses take the trace's arrivals as fixed, but an eviction changes hits, hits change prefill
+    times and so finishes, waits for memory and what is cached at later admissions; and evicting a block that a running
+    request registers again at its finish (its output) costs nothing until then. Exact where timings cannot depend on
+    evictions (tests/sim/test_opt_next_use.py)."""
 
     name = "opt"
 
     def __init__(self, trace: Trace, pool: BlockPool) -> None:
         super().__init__(trace, pool)
-        self.next_use = NextUse(trace)
+        self.next_use = NextUse(trace, pool.capacity)
         pool.evictor = BeladyEvictor(pool, self.next_use)
 
     def on_admitted(self, i: int, prompt_ids: np.ndarray, hit_blocks: int) -> None:

@@ -8,8 +8,13 @@ Time model (simple on purpose, the same for every policy):
   partial block after that run the tier kept (a previous turn's tail), and holds all its blocks (prompt and output) until it finishes;
 - it runs alone at the given speeds: prefill of the tokens not hit at `prefill_tps`, then `output_tokens` decode steps
   of `tpot_s`; no batching slowdown, no preemption; a request whose trace line gives `duration_s` (a measured
-  arrival-to-finish time, e.g. from `kvsched bench agents`) instead holds its blocks until arrival + that duration (or
-  until its own prefill is done, if later), which replays a real engine's batching and queueing;
+  arrival-to-finish time, e.g. from `kvsched bench agents` or an engine recording) instead holds its blocks for that
+  long from its admission here (or until its own prefill is done, if later), which replays a real engine's batching.
+  The recordings do not say how much of that time the request queued in the engine, so all of it counts as service
+  and a wait for memory in the replay comes on top: where the engine queued the request too, that wait is counted
+  twice, the same way on every side. Counting from the arrival instead (finish at arrival + duration whatever the
+  wait) made waiting free, and a policy that kept requests waiting computed less than any eviction order could
+  (found by review);
 - TTFT = wait for memory + prefill time of the tokens neither hit nor loaded (a load's copy time is not modelled).
 Requests larger than the whole pool are rejected (counted, not replayed).
 """
@@ -178,7 +183,7 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig,
             ttft[i] = wait[i] + prefill
             done = now + prefill + int(output[i]) * cfg.tpot_s
             if measured is not None and not np.isnan(measured[i]):  # the trace says how long it really ran
-                done = max(float(t_arr[i] + measured[i]), now + prefill)
+                done = now + max(float(measured[i]), prefill)  # from admission: waiting here delays it (docstring)
             heapq.heappush(finishes, (done, i))
             if cfg.check:
                 pool.check()
