@@ -209,25 +209,30 @@ def test_a_turn_resumes_from_the_partial_last_block_and_decodes_as_if_recomputed
     assert "kvsched_tier_enabled" not in plain_server.metrics()  # --kvsched-fp8-tier-gb 0: no tier at all
 
 
-def test_corrupt_slots_are_recomputed_never_served(servers, plain_server):
-    """Fault injection: every slot's bytes change after its checksum was taken (a torn or overwritten host copy).
-    The turn after the flood restores nothing (its prefetch and its own restore both fail their checks), recomputes,
-    and decodes exactly what a server without the tier decodes.
-
-    The set-up is redone with a new session (up to 3 times) when the turn tried no restore: once, in a full run on a
+def turn_reaching_the_tier(server, name: str):  # noqa: ANN201
+    """`turn_after_flood` with a new session (up to 3 times) until the turn tried a restore: once in a full run on a
     host loaded by other work, 17 blocks were demoted and the turn restored and prefetched none (it was served, but
-    the checks were not exercised); the figures of each set-up are in the failure message."""
+    nothing was checked); a fresh clone's run saw the same on the fp8-cache server. The figures of each set-up are in
+    the failure message. Returns (session, the set-up's results, the metrics' deltas, blocks restored or prefetched)."""
     tried = []
     for attempt in range(3):
-        session = f"corrupt-{attempt}"
-        first, second, before, after, history = turn_after_flood(servers["faulty"], session)
+        session = f"{name}-{attempt}"
+        result = turn_after_flood(server, session)
+        before, after = result[2], result[3]
         d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
         restored = d["kvsched_tier_restored_blocks_total"] + d["kvsched_tier_prefetched_blocks_total"]
         tried.append({k: v for k, v in d.items() if v and ("tier" in k or "prefix_cache" in k)})
         if restored > 0:
-            break
-    else:
-        raise AssertionError(f"3 set-ups never reached the tier: {tried}")
+            return session, result, d, restored
+    raise AssertionError(f"3 set-ups never reached the tier: {tried}")
+
+
+def test_corrupt_slots_are_recomputed_never_served(servers, plain_server):
+    """Fault injection: every slot's bytes change after its checksum was taken (a torn or overwritten host copy).
+    The turn after the flood restores nothing (its prefetch and its own restore both fail their checks), recomputes,
+    and decodes exactly what a server without the tier decodes (the set-up redone until it reaches the tier:
+    `turn_reaching_the_tier`)."""
+    session, (first, second, before, after, history), d, restored = turn_reaching_the_tier(servers["faulty"], "corrupt")
     assert after["kvsched_tier_demoted_blocks_total"] > 0
     assert d["kvsched_tier_load_failures_total"] >= restored  # every one failed its check (and the tail too)
     again = chat(plain_server, history, session=session, max_tokens=16)
@@ -253,10 +258,8 @@ def test_ending_every_session_returns_the_pool_and_empties_the_tier(tier_server)
 def test_an_fp8_kv_cache_is_tiered_as_is(servers):
     require_fp8_kv_cache()
     server = servers["fp8"]
-    first, second, before, after, _ = turn_after_flood(server, "fp8-cache")
-    restored = [after[f"kvsched_tier_{n}_blocks_total"] - before[f"kvsched_tier_{n}_blocks_total"]
-                for n in ("restored", "prefetched")]
-    assert sum(restored) > 0
+    _, (first, second, before, after, _), _, restored = turn_reaching_the_tier(server, "fp8-cache")
+    assert restored > 0
     assert after["kvsched_tier_kv_rel_rms_error"] == 0  # copied bit for bit, no second quantization
     stats = sessions(server)["stats"]
     assert stats["tier_raw_fp8"] == 1
