@@ -15,6 +15,7 @@ import base64
 import hashlib
 import heapq
 import json
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -150,3 +151,22 @@ def admin_keys_from_env(environ: Mapping[str, str]) -> tuple[str, ...]:
     if not keys:
         raise ValueError("KVSCHED_ADMIN_KEYS is set but names no key (a comma-separated list of bearer tokens)")
     return keys
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of `Authorization: Bearer <token>` (the header as text: vLLM reads it as Latin-1), None otherwise."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def key_digest(token: str) -> bytes:
+    """SHA-256 of a bearer token as vLLM compares keys (the token's text encoded as UTF-8)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def digest_matches(digest: bytes, digests: Iterable[bytes]) -> bool:
+    """`digest` is one of `digests`, compared in constant time against every one (no early exit)."""
+    found = False
+    for d in digests:
+        found |= secrets.compare_digest(digest, d)
+    return found

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kvsched.adapters.ray.hints import routing_session
-from kvsched.core.tenancy import admin_keys_from_env
+from kvsched.core.tenancy import admin_keys_from_env, bearer_token, digest_matches, key_digest
 
 AUTH_HEADERS = ("authorization", "x-kvsched-cache-salt", "x-kvsched-cache-salt-b64")
 SALT_HEADER, SALT_B64_HEADER = AUTH_HEADERS[1], AUTH_HEADERS[2]
@@ -87,10 +85,6 @@ def admin_keys(pool_envs: Iterable[Mapping[str, str]], environ: Mapping[str, str
 
 def is_admin(headers: Mapping[str, str], keys: Iterable[str]) -> bool:
     """Whether `Authorization: Bearer <token>` names one of `keys`, compared as kvsched's engines compare them
-    (`kvsched.adapters.vllm.auth`: the header as Latin-1, SHA-256 digests in constant time, every key tried)."""
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return False
-    digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-    return any([hmac.compare_digest(digest, hashlib.sha256(k.encode("utf-8", "surrogateescape")).digest())
-                for k in keys])
+    (`kvsched.core.tenancy`: SHA-256 digests in constant time, every key tried)."""
+    token = bearer_token(headers.get("authorization"))
+    return token is not None and digest_matches(key_digest(token), [key_digest(k) for k in keys])

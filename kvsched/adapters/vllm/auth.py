@@ -8,7 +8,6 @@ passed on untouched (vLLM answers 401) or, on kvsched's own routes, answered 401
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import secrets
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvsched.adapters.vllm import compat
-from kvsched.core.tenancy import admin_keys_from_env, tenant_of
+from kvsched.core.tenancy import admin_keys_from_env, bearer_token, digest_matches, key_digest, tenant_of
 
 logger = logging.getLogger(__name__)
 
@@ -38,43 +37,26 @@ class Auth:
         except ValueError as exc:  # refused at start-up by the CLI check; never fatal here
             logger.error("kvsched: %s; no admin keys", exc)
             admin = ()
-        self._admin = [_digest(k) for k in admin]
+        self._admin = [key_digest(k) for k in admin]
         self._keys: list[tuple[bytes, str]] | None = None  # (digest, tenant) per vLLM API key, read on first use
 
     def keys(self, app: Any) -> list[tuple[bytes, str]]:
         if self._keys is None:
-            self._keys = [(_digest(k), tenant_of(k)) for k in compat.api_keys(app)]
+            self._keys = [(key_digest(k), tenant_of(k)) for k in compat.api_keys(app)]
         return self._keys
 
     def identify(self, app: Any, authorization: bytes | None) -> Identity:
         """As vLLM's `AuthenticationMiddleware.verify_token`: "Bearer <token>", the header read as Latin-1 and the
         token compared as UTF-8 bytes by SHA-256 digest in constant time."""
         keys = self.keys(app)
-        token = _bearer(authorization)
-        digest = _digest(token) if token is not None else None
-        admin = digest is not None and _matches(digest, self._admin)
+        token = bearer_token(authorization.decode("latin-1")) if authorization else None
+        digest = key_digest(token) if token is not None else None
+        admin = digest is not None and digest_matches(digest, self._admin)
         if not keys:
             return Identity(True, None, admin)
         tenant = None
-        for key_digest, key_tenant in keys:
-            if digest is not None and secrets.compare_digest(digest, key_digest):
+        for known, key_tenant in keys:
+            if digest is not None and secrets.compare_digest(digest, known):
                 tenant = key_tenant
         return Identity(tenant is not None, tenant, admin)
 
-
-def _bearer(authorization: bytes | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, token = authorization.decode("latin-1").partition(" ")
-    return token if scheme.lower() == "bearer" else None
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-
-
-def _matches(digest: bytes, digests: list[bytes]) -> bool:
-    found = False
-    for d in digests:
-        found |= secrets.compare_digest(digest, d)
-    return found
