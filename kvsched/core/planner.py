@@ -110,11 +110,13 @@ class ModelShape:
             if not isinstance(raw, dict):
                 raise PlanError(f"{path} does not hold a JSON object")
             label = name or path.parent.name
-        # multimodal configs keep the language model under text_config
+        # multimodal configs keep the language model under text_config; vLLM sizes the KV cache from it
+        # (hf_text_config), so its keys win and the top level only fills what it leaves out (found by review: a
+        # top-level model_type "paligemma" hid the text config's "gemma2" and its alternating sliding layers)
         text = raw.get("text_config") or {}
         if not isinstance(text, dict):
             raise PlanError(f"model {label!r}: text_config must be a JSON object, got {text!r:.60}")
-        cfg: dict[str, Any] = {**text, **{k: v for k, v in raw.items() if k != "text_config"}}
+        cfg: dict[str, Any] = {**{k: v for k, v in raw.items() if k != "text_config"}, **text}
         for key, what in OUT_OF_SCOPE_KEYS.items():
             if cfg.get(key):
                 raise PlanError(f"model {label!r}: {what} layers ({key}) are out of scope for the planner")
