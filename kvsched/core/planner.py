@@ -35,6 +35,12 @@ LAYER_KINDS = ("full_attention", "sliding_attention")
 OUT_OF_SCOPE_KEYS = {"attn_layer_period": "Jamba-style attention/Mamba hybrid", "ssm_cfg": "state-space (Mamba)",
                      "hybrid_override_pattern": "attention/Mamba hybrid", "layers_block_type": "attention/Mamba hybrid",
                      "attention_chunk_size": "chunked local attention (Llama 4)"}
+# KV heads as vLLM reads them (vllm/transformers_utils/model_arch_config_convertor.py, get_total_num_kv_heads): the
+# first of these keys the config sets, else every attention head. Falcon's first decoder with multi_query has one.
+KV_HEAD_KEYS = ("n_head_kv", "num_kv_heads", "num_key_value_heads", "multi_query_group_num", "num_attention_groups")
+FALCON_TYPES = ("falcon", "RefinedWeb", "RefinedWebModel")
+# Configs whose KV heads vLLM reads from elsewhere (DBRX: attn_config.kv_n_heads; Nemotron-NAS: per block)
+UNREAD_KV_KEYS = {"attn_config": "DBRX/MPT attn_config", "block_configs": "per-block attention (Nemotron-NAS)"}
 
 
 class PlanError(ValueError):
@@ -120,6 +126,11 @@ class ModelShape:
         for key, what in OUT_OF_SCOPE_KEYS.items():
             if cfg.get(key):
                 raise PlanError(f"model {label!r}: {what} layers ({key}) are out of scope for the planner")
+        for key, what in UNREAD_KV_KEYS.items():
+            if cfg.get(key):
+                raise PlanError(f"model {label!r}: its KV heads are set in {key} ({what}), which the planner does not "
+                                "read; describe it with num_hidden_layers, num_attention_heads, num_key_value_heads "
+                                "and hidden_size")
         try:
             layers = _positive_int(cfg, "num_hidden_layers")
             heads = _positive_int(cfg, "num_attention_heads")
@@ -127,10 +138,10 @@ class ModelShape:
         except KeyError as exc:
             raise PlanError(f"model config lacks {exc.args[0]!r} (needs num_hidden_layers, num_attention_heads, "
                             "hidden_size)") from None
-        kv_heads = config_int(cfg, "num_key_value_heads", heads)
+        kv_heads = kv_heads_of(cfg, heads, raw.get("model_type"))
         head_dim = config_int(cfg, "head_dim", hidden // heads)
         window, sliding = sliding_layers_of(cfg, layers, label)
-        params = cfg.get("num_parameters") or estimate_params(cfg)
+        params = cfg.get("num_parameters") or estimate_params(cfg, kv_heads)
         if type(params) not in (int, float) or not 0 <= params < MAX_CONFIG_INT:
             raise PlanError(f"model config field 'num_parameters' must be a number >= 0, got {params!r:.60}")
         return cls(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden,
@@ -160,6 +171,16 @@ def config_int(cfg: dict[str, Any], key: str, default: int = 0) -> int:
     if type(value) is not int or not 0 < value < MAX_CONFIG_INT:
         raise PlanError(f"model config field {key!r} must be a positive integer, got {value!r:.60}")
     return value
+
+
+def kv_heads_of(cfg: dict[str, Any], heads: int, model_type: Any = None) -> int:
+    """KV heads of a HF config as vLLM counts them (found by review: only num_key_value_heads was read, so Falcon-7B's
+    one multi-query head counted as 71). `model_type`: the top-level one, which picks vLLM's convertor."""
+    if model_type in FALCON_TYPES and not cfg.get("new_decoder_architecture", False) \
+            and cfg.get("multi_query", True):  # transformers' FalconConfig defaults multi_query to true
+        return 1
+    key = next((k for k in KV_HEAD_KEYS if cfg.get(k) is not None), None)
+    return heads if key is None else config_int(cfg, key, heads)
 
 
 def sliding_layers_of(cfg: dict[str, Any], layers: int, label: str = "model") -> tuple[int, int]:
@@ -192,12 +213,12 @@ def sliding_layers_of(cfg: dict[str, Any], layers: int, label: str = "model") ->
     return (window, sliding) if sliding else (0, 0)
 
 
-def estimate_params(cfg: dict[str, Any]) -> float:
+def estimate_params(cfg: dict[str, Any], kv_heads: int | None = None) -> float:
     """Decoder parameters from a config (embeddings + attention + gated MLP, MoE experts counted), for configs that
     do not state them. An estimate: norms and biases are ignored, MLA projections counted as plain attention."""
     h, layers = config_int(cfg, "hidden_size"), config_int(cfg, "num_hidden_layers")
     heads = config_int(cfg, "num_attention_heads")
-    kv = config_int(cfg, "num_key_value_heads", heads)
+    kv = kv_heads or kv_heads_of(cfg, heads, cfg.get("model_type"))
     hd = config_int(cfg, "head_dim", h // heads)
     inter = config_int(cfg, "intermediate_size", 4 * h)
     vocab = config_int(cfg, "vocab_size", 32_000)

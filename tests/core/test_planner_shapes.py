@@ -4,7 +4,9 @@ each config."""
 
 from __future__ import annotations
 
-from kvsched.core.planner import ModelShape
+import pytest
+
+from kvsched.core.planner import ModelShape, PlanError, kv_bytes_per_token
 
 GEMMA2_2B_TEXT = {"model_type": "gemma2", "hidden_size": 2304, "num_attention_heads": 8, "num_key_value_heads": 4,
                   "head_dim": 256, "num_hidden_layers": 26, "sliding_window": 4096, "intermediate_size": 9216,
@@ -24,3 +26,34 @@ def test_a_multimodal_config_is_sized_from_its_text_config():
 def test_the_top_level_fills_what_the_text_config_leaves_out():
     text = {k: v for k, v in GEMMA2_2B_TEXT.items() if k != "vocab_size"}
     assert ModelShape.from_hf_config({"vocab_size": 257_152, "text_config": text}).vocab == 257_152
+
+
+def falcon(**extra):
+    return {"model_type": "falcon", "num_hidden_layers": 32, "num_attention_heads": 71, "hidden_size": 4544,
+            "vocab_size": 65_024, **extra}
+
+
+@pytest.mark.parametrize(("cfg", "kv_heads", "bf16_bytes_per_token"), [
+    # Falcon-7B: the first decoder with multi-query attention keeps ONE KV head; head_dim 4544 / 71 = 64
+    (falcon(multi_query=True, new_decoder_architecture=False), 1, 32 * 2 * 1 * 64 * 2),
+    (falcon(), 1, 32 * 2 * 1 * 64 * 2),  # transformers' FalconConfig: multi_query defaults to true
+    (falcon(multi_query=False), 71, 32 * 2 * 71 * 64 * 2),  # plain MHA
+    # Falcon-40B: the new decoder ignores multi_query and reads num_kv_heads; head_dim 8192 / 128 = 64
+    ({"model_type": "falcon", "num_hidden_layers": 60, "num_attention_heads": 128, "hidden_size": 8192,
+      "num_kv_heads": 8, "multi_query": True, "new_decoder_architecture": True}, 8, 60 * 2 * 8 * 64 * 2),
+    # ChatGLM: multi_query_group_num; head_dim 4096 / 32 = 128
+    ({"model_type": "chatglm", "num_hidden_layers": 28, "num_attention_heads": 32, "hidden_size": 4096,
+      "multi_query_group_num": 2}, 2, 28 * 2 * 2 * 128 * 2),
+    # vLLM's key order: n_head_kv before num_key_value_heads
+    ({"num_hidden_layers": 2, "num_attention_heads": 8, "hidden_size": 512, "n_head_kv": 4,
+      "num_key_value_heads": 2}, 4, 2 * 2 * 4 * 64 * 2),
+])
+def test_kv_heads_are_read_with_vllms_keys_and_falcon_rule(cfg, kv_heads, bf16_bytes_per_token):
+    s = ModelShape.from_hf_config(cfg)
+    assert s.kv_heads == kv_heads and kv_bytes_per_token(s, "bf16") == bf16_bytes_per_token
+
+
+@pytest.mark.parametrize("extra", [{"attn_config": {"kv_n_heads": 8}}, {"block_configs": [{"attention": {}}]}])
+def test_kv_heads_the_planner_cannot_read_are_refused(extra):
+    with pytest.raises(PlanError, match=next(iter(extra))):
+        ModelShape.from_hf_config({"num_hidden_layers": 2, "num_attention_heads": 8, "hidden_size": 512, **extra})
