@@ -58,8 +58,8 @@ def dtype_bytes(name: str) -> float:
 @dataclass(frozen=True, slots=True)
 class ModelShape:
     """What the KV arithmetic needs of a model. `params` counts weights (their memory); `hidden` and `vocab` are
-    informational (0: unknown). MLA models set `kv_lora_rank`; sliding-window models `sliding_window` and how many
-    of `layers` slide."""
+    informational (0: unknown). `attention_heads` (0: unknown) bounds the tensor-parallel degrees vLLM accepts. MLA
+    models set `kv_lora_rank`; sliding-window models `sliding_window` and how many of `layers` slide."""
 
     layers: int
     kv_heads: int
@@ -72,10 +72,11 @@ class ModelShape:
     qk_rope_head_dim: int = 0  # MLA: the rope key stored beside the latent
     sliding_window: int = 0  # tokens a sliding layer keeps (0: none)
     sliding_layers: int = 0  # how many of `layers` slide
+    attention_heads: int = 0  # query heads (0: unknown)
 
     def __post_init__(self) -> None:
-        if self.layers <= 0 or self.params < 0 or self.hidden < 0 or self.vocab < 0:
-            raise PlanError(f"model {self.name!r}: layers must be positive, hidden/vocab/params >= 0")
+        if self.layers <= 0 or min(self.params, self.hidden, self.vocab, self.attention_heads) < 0:
+            raise PlanError(f"model {self.name!r}: layers must be positive, hidden/vocab/params/heads >= 0")
         if self.kv_lora_rank <= 0 and (self.kv_heads <= 0 or self.head_dim <= 0):
             raise PlanError(f"model {self.name!r}: KV heads and head_dim must be positive")
         if not 0 <= self.sliding_layers <= self.layers or (self.sliding_layers and self.sliding_window <= 0):
@@ -147,7 +148,7 @@ class ModelShape:
         return cls(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden,
                    vocab=config_int(cfg, "vocab_size"), params=float(params), name=label,
                    kv_lora_rank=config_int(cfg, "kv_lora_rank"), qk_rope_head_dim=config_int(cfg, "qk_rope_head_dim"),
-                   sliding_window=window, sliding_layers=sliding)
+                   sliding_window=window, sliding_layers=sliding, attention_heads=heads)
 
 
 def _positive_int(cfg: dict[str, Any], key: str) -> int:
@@ -234,23 +235,23 @@ def estimate_params(cfg: dict[str, Any], kv_heads: int | None = None) -> float:
     return float(emb + layers * (attn + mlp))
 
 
-def _preset(name: str, layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, params: float,
-            **extra: int) -> ModelShape:
+def _preset(name: str, layers: int, heads: int, kv_heads: int, head_dim: int, hidden: int, vocab: int,
+            params: float, **extra: int) -> ModelShape:
     return ModelShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, vocab=vocab, params=params,
-                      name=name, **extra)
+                      name=name, attention_heads=heads, **extra)
 
 
 # Shapes from each model's published config.json; params from its model card.
 PRESETS: dict[str, ModelShape] = {p.name: p for p in (
-    _preset("llama-3.1-8b", 32, 8, 128, 4096, 128_256, 8.03e9),
-    _preset("llama-3.1-70b", 80, 8, 128, 8192, 128_256, 70.6e9),
-    _preset("llama-3.2-3b", 28, 8, 128, 3072, 128_256, 3.21e9),
-    _preset("qwen2.5-7b", 28, 4, 128, 3584, 152_064, 7.62e9),
-    _preset("qwen2.5-72b", 80, 8, 128, 8192, 152_064, 72.7e9),
-    _preset("qwen3-8b", 36, 8, 128, 4096, 151_936, 8.19e9),
-    _preset("mistral-7b-v0.1", 32, 8, 128, 4096, 32_000, 7.24e9, sliding_window=4096, sliding_layers=32),
-    _preset("gemma-2-9b", 42, 8, 256, 3584, 256_000, 9.24e9, sliding_window=4096, sliding_layers=21),
-    _preset("deepseek-v2-lite", 27, 16, 128, 2048, 102_400, 15.7e9, kv_lora_rank=512, qk_rope_head_dim=64),
+    _preset("llama-3.1-8b", 32, 32, 8, 128, 4096, 128_256, 8.03e9),
+    _preset("llama-3.1-70b", 80, 64, 8, 128, 8192, 128_256, 70.6e9),
+    _preset("llama-3.2-3b", 28, 24, 8, 128, 3072, 128_256, 3.21e9),
+    _preset("qwen2.5-7b", 28, 28, 4, 128, 3584, 152_064, 7.62e9),
+    _preset("qwen2.5-72b", 80, 64, 8, 128, 8192, 152_064, 72.7e9),
+    _preset("qwen3-8b", 36, 32, 8, 128, 4096, 151_936, 8.19e9),
+    _preset("mistral-7b-v0.1", 32, 32, 8, 128, 4096, 32_000, 7.24e9, sliding_window=4096, sliding_layers=32),
+    _preset("gemma-2-9b", 42, 16, 8, 256, 3584, 256_000, 9.24e9, sliding_window=4096, sliding_layers=21),
+    _preset("deepseek-v2-lite", 27, 16, 16, 128, 2048, 102_400, 15.7e9, kv_lora_rank=512, qk_rope_head_dim=64),
 )}
 
 
@@ -299,11 +300,26 @@ def kv_capacity_tokens(shape: ModelShape, kv_dtype: str, kv_bytes: int, block_si
     return int(kv_bytes // per_block) * block_size
 
 
+def tp_refusal(shape: ModelShape, tensor_parallel: int) -> str:
+    """Why vLLM refuses to shard the model over `tensor_parallel` GPUs ('' if it accepts): the attention heads must
+    split evenly over the ranks (ModelConfig.verify_with_parallel_config), and the KV heads either split evenly or
+    each be replicated on a whole number of ranks (QKVParallelLinear). MLA's latent is on every rank: heads only."""
+    if tensor_parallel <= 0:
+        return "tensor_parallel must be positive"
+    heads, kv = shape.attention_heads, shape.kv_heads
+    if heads and heads % tensor_parallel:
+        return f"{heads} attention heads do not split evenly over {tensor_parallel} GPUs"
+    if not shape.is_mla and kv % tensor_parallel and tensor_parallel % kv:
+        return f"{kv} KV heads neither split over nor replicate evenly on {tensor_parallel} GPUs"
+    return ""
+
+
 def kv_replication(shape: ModelShape, tensor_parallel: int) -> float:
     """How many times a replica of `tensor_parallel` GPUs stores each token's KV: MLA's latent is replicated on
-    every rank; GQA heads are split across ranks, and replicated when there are fewer KV heads than ranks."""
-    if tensor_parallel <= 0:
-        raise PlanError("tensor_parallel must be positive")
+    every rank; GQA heads are split across ranks, and replicated when there are fewer KV heads than ranks. A degree
+    vLLM refuses (`tp_refusal`) is a PlanError."""
+    if refusal := tp_refusal(shape, tensor_parallel):
+        raise PlanError(f"model {shape.name!r}: vLLM refuses tensor parallel {tensor_parallel}: {refusal}")
     if shape.is_mla:
         return float(tensor_parallel)
     return max(shape.kv_heads, tensor_parallel) / shape.kv_heads

@@ -21,6 +21,7 @@ from kvsched.core.planner import (
     kv_bytes_for_context,
     kv_bytes_per_token,
     kv_replication,
+    tp_refusal,
 )
 
 
@@ -137,9 +138,10 @@ def fit_on(gpu: Gpu, shape: ModelShape, weights: int, kv_session: int, slots: in
            ceiling: float) -> Fit | None:
     """The tensor-parallel degree that serves the fleet's sessions on the fewest GPUs (ties: the smaller degree,
     less all-reduce traffic), and its replicas. A replica must hold the weights and at least one session in
-    VRAM x ceiling / (1 + overhead)."""
+    VRAM x ceiling / (1 + overhead). Degrees vLLM refuses for the model's heads are skipped (found by review:
+    Qwen2.5-7B's 28 heads were planned at TP=8)."""
     best: Fit | None = None
-    for tp in TP_DEGREES:
+    for tp in (d for d in TP_DEGREES if not tp_refusal(shape, d)):
         usable = tp * gpu.vram_gib * GIB * ceiling / (1.0 + overhead)
         per_session = kv_session * kv_replication(shape, tp)
         per_replica = math.floor((usable - weights) / per_session) if per_session else 0

@@ -164,7 +164,8 @@ def test_capacity_counts_whole_blocks():
 
 def test_tensor_parallel_kv_replication():
     assert kv_replication(L8, 8) == 1.0  # 8 KV heads split over 8 ranks
-    assert kv_replication(ModelShape.from_preset("qwen2.5-7b"), 8) == 2.0  # 4 KV heads on 8 ranks: each twice
+    four_kv = ModelShape(layers=1, kv_heads=4, head_dim=128, attention_heads=32)
+    assert kv_replication(four_kv, 8) == 2.0  # 4 KV heads on 8 ranks: each twice
     assert kv_replication(ModelShape.from_preset("deepseek-v2-lite"), 2) == 2.0  # the MLA latent on every rank
 
 

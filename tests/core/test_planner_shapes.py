@@ -4,9 +4,12 @@ each config."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from kvsched.core.planner import ModelShape, PlanError, kv_bytes_per_token
+from kvsched.core.planner import GIB, ModelShape, PlanError, kv_bytes_per_token, kv_replication, tp_refusal
+from kvsched.core.planner_fleet import Gpu, Workload, plan
 
 GEMMA2_2B_TEXT = {"model_type": "gemma2", "hidden_size": 2304, "num_attention_heads": 8, "num_key_value_heads": 4,
                   "head_dim": 256, "num_hidden_layers": 26, "sliding_window": 4096, "intermediate_size": 9216,
@@ -57,3 +60,30 @@ def test_kv_heads_are_read_with_vllms_keys_and_falcon_rule(cfg, kv_heads, bf16_b
 def test_kv_heads_the_planner_cannot_read_are_refused(extra):
     with pytest.raises(PlanError, match=next(iter(extra))):
         ModelShape.from_hf_config({"num_hidden_layers": 2, "num_attention_heads": 8, "hidden_size": 512, **extra})
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "accepted"), [
+    (28, 4, (1, 2, 4)),  # Qwen2.5-7B: 28 heads do not split over 8 GPUs (28 % 8 = 4)
+    (40, 10, (1, 2)),  # Phi-3-medium: 10 KV heads neither split over nor replicate evenly on 4 or 8 GPUs
+    (71, 1, (1,)),  # Falcon-7B: 71 heads, a prime
+    (64, 8, (1, 2, 4, 8)),  # Llama 3.1 70B
+])
+def test_only_the_tensor_parallel_degrees_vllm_accepts(heads, kv_heads, accepted):
+    s = ModelShape(layers=1, kv_heads=kv_heads, head_dim=128, attention_heads=heads)
+    assert tuple(tp for tp in (1, 2, 4, 8) if not tp_refusal(s, tp)) == accepted
+    for tp in {1, 2, 4, 8} - set(accepted):
+        with pytest.raises(PlanError, match="refuses tensor parallel"):
+            kv_replication(s, tp)
+
+
+def test_a_fit_never_uses_a_degree_vllm_refuses():
+    """Phi-3-medium's shape (40 layers, 40 heads, 10 KV heads, head_dim 128), 14e9 parameters in bf16, 16 sessions of
+    128K tokens on 80 GiB GPUs at 90% with 15% overhead. TP 4 would need the fewest GPUs; vLLM refuses it."""
+    cfg = {"num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 10, "hidden_size": 5120,
+           "num_parameters": 14e9}
+    s = ModelShape.from_hf_config(cfg)
+    (fit,) = plan(s, Workload(workflows=16, context=131_072), "bf16", "bf16", gpus=[Gpu("g", 80, 1.0)]).fits
+    session_gib = 40 * 2 * 10 * 128 * 2 * 131_072 / GIB  # 25 GiB
+    per_replica = math.floor((2 * 80 * 0.9 / 1.15 - 28e9 / GIB) / session_gib)  # TP 2: (125.2 - 26.1) / 25 = 3
+    assert per_replica == 3
+    assert (fit.tensor_parallel, fit.sessions_per_replica, fit.replicas, fit.gpus) == (2, 3, 6, 12)
