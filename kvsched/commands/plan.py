@@ -125,7 +125,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     if orchestrator is not None:
         out["fleet_total_bytes"] = base.total_bytes + out["orchestrator"]["plan"]["total_bytes"]
     if args.with_kvsched:
-        out["with_kvsched"] = levers_effect(args, shape, pool, gpus)
+        out["with_kvsched"] = levers_effect(args, shape, pool, gpus, base.weight_dtype)
     return out
 
 
@@ -157,14 +157,16 @@ def fleet_vs_api(args: argparse.Namespace, gpu: Any, base: Plan, orchestrator: d
                                                  args.tokens_per_interaction, args.api_price))}
 
 
-def levers_effect(args: argparse.Namespace, shape: ModelShape, workload: Workload, gpus: list[Any]) -> dict[str, Any]:
-    """The same fleet under kvsched's levers: FP8 KV, compaction, both; the retention budget bounds idle pins."""
+def levers_effect(args: argparse.Namespace, shape: ModelShape, workload: Workload, gpus: list[Any],
+                  weight_dtype: str) -> dict[str, Any]:
+    """The same fleet under kvsched's levers: FP8 KV, compaction, both; the retention budget bounds idle pins. The
+    weights stay in the baseline's dtype (found by review: the FP8 KV lever also switched them to FP8)."""
     levers = Levers(fp8=True, compaction_trigger=args.compaction_trigger, summary_tokens=args.summary_tokens,
                     recent_tokens=args.recent_tokens, pin_budget=args.pin_budget)
     compacted = with_levers(workload, levers)
-    plans = {"fp8_kv": plan(shape, workload, "fp8", args.weight_dtype, args.overhead, args.ceiling, gpus),
-             "compaction": plan(shape, compacted, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus),
-             "fp8_kv+compaction": plan(shape, compacted, "fp8", args.weight_dtype, args.overhead, args.ceiling, gpus)}
+    plans = {"fp8_kv": plan(shape, workload, "fp8", weight_dtype, args.overhead, args.ceiling, gpus),
+             "compaction": plan(shape, compacted, args.kv_dtype, weight_dtype, args.overhead, args.ceiling, gpus),
+             "fp8_kv+compaction": plan(shape, compacted, "fp8", weight_dtype, args.overhead, args.ceiling, gpus)}
     out: dict[str, Any] = {name: _with_retention(q, levers.pin_budget) for name, q in plans.items()}
     out.update(levers=asdict(levers), compacted_session_tokens=compacted.session_tokens,
                summary_calls_per_session=summary_calls(workload.session_tokens, levers), pin_budget=levers.pin_budget)
