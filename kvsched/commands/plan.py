@@ -38,7 +38,9 @@ def register(subparsers: Any) -> None:
     orch.add_argument("--orchestrator-preset", help="hierarchical: the orchestrator runs this model in its own pool")
     orch.add_argument("--orchestrator-model", type=Path, help="hierarchical: the orchestrator's HF model dir/config")
     p.add_argument("--kv-dtype", default="fp16", help="KV cache dtype: fp16 | bf16 | fp8 (default fp16)")
-    p.add_argument("--weight-dtype", default=None, help="default: fp8 beside an fp8 KV cache, else bf16")
+    p.add_argument("--weight-dtype", default=None,
+                   help="bf16 | fp16 | fp8 | int8 | int4 (default: the checkpoint's; a preset's is bf16); fp8 on a "
+                        "16-bit checkpoint is served with --quantization fp8")
     p.add_argument("--context", type=int, default=8192, help="tokens per session at p95 (sizes memory)")
     p.add_argument("--context-p50", type=int, default=None, help="typical tokens per session (reported beside p95)")
     p.add_argument("--sessions", type=int, default=100, help="concurrent workflows")
@@ -121,7 +123,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                                g.price_per_hour, g.interactions_per_hour))},
     })
     out["fleet_cost"] = fleet_vs_api(args, g, base, out.get("orchestrator"))
-    out["vllm_args"] = vllm_args(base, g.name)
+    out["vllm_args"] = vllm_args(base, g.name, shape.weight_dtype)
+    out["vllm_notes"] = serve_dtype(base.weight_dtype, shape.weight_dtype)[1]
     if orchestrator is not None:
         out["fleet_total_bytes"] = base.total_bytes + out["orchestrator"]["plan"]["total_bytes"]
     if args.with_kvsched:
@@ -129,9 +132,28 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def vllm_args(base: Plan, gpu: str) -> str | None:
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def serve_dtype(weights: str, checkpoint: str) -> tuple[list[str], list[str]]:
+    """The `vllm serve` flags (and notes) that serve the planned weight dtype from a checkpoint holding `checkpoint`
+    (found by review: FP8 weights were sized but the flags served the checkpoint's BF16)."""
+    if weights == checkpoint:
+        return [], []
+    if checkpoint in VLLM_DTYPES and weights == "fp8":
+        return ["--quantization fp8"], ["--quantization fp8 quantizes the checkpoint's weights to FP8 as it loads "
+                                        "them; a pre-quantized FP8 checkpoint needs none (vLLM reads its "
+                                        "quantization_config)"]
+    if checkpoint in VLLM_DTYPES and weights in VLLM_DTYPES:
+        return [f"--dtype {VLLM_DTYPES[weights]}"], []
+    return [], [f"weights planned in {weights}, the checkpoint's are {checkpoint or 'quantized'}: no flag converts "
+                f"them; serve a checkpoint quantized to {weights} (vLLM reads its quantization_config)"]
+
+
+def vllm_args(base: Plan, gpu: str, checkpoint: str = "bf16") -> str | None:
     """`vllm serve` flags for one replica of the plan on `gpu`, per the sizing guide: --max-model-len at the p95
-    session, --max-num-seqs at 1.5x the replica's peak sessions, the planned memory ceiling and TP degree."""
+    session, --max-num-seqs at 1.5x the replica's peak sessions, the planned memory ceiling and TP degree, and the
+    flags that serve the planned weight dtype from a `checkpoint` checkpoint."""
     fit = next((f for f in base.fits if f.gpu == gpu), None)
     if fit is None:
         return None
@@ -140,6 +162,7 @@ def vllm_args(base: Plan, gpu: str) -> str | None:
             f"--gpu-memory-utilization {base.ceiling:.2f}", f"--tensor-parallel-size {fit.tensor_parallel}"]
     if base.kv_dtype.startswith("fp8"):
         args.append(f"--kv-cache-dtype {base.kv_dtype}")
+    args += serve_dtype(base.weight_dtype, checkpoint)[0]
     return " ".join([*args, "--enable-prefix-caching"])
 
 
@@ -234,7 +257,8 @@ def render(result: dict[str, Any]) -> str:
                      f"${f['api_per_hour']:,.2f}/h for the same interactions -> "
                      f"{'fleet' if f['fleet_wins'] else 'API'} wins (API/fleet cost {f['api_over_fleet']:.2f}x)")
     if result.get("vllm_args"):
-        lines += ["", f"vllm serve flags per replica on {c['gpu']}: {result['vllm_args']}"]
+        lines += ["", f"vllm serve flags per replica on {c['gpu']}: {result['vllm_args']}",
+                  *[f"  note: {n}" for n in result.get("vllm_notes", [])]]
     if "with_kvsched" in result:
         lines += ["", render_levers(result["plan"], result["with_kvsched"], c["gpu"])]
     return "\n".join(lines)

@@ -41,10 +41,20 @@ KV_HEAD_KEYS = ("n_head_kv", "num_kv_heads", "num_key_value_heads", "multi_query
 FALCON_TYPES = ("falcon", "RefinedWeb", "RefinedWebModel")
 # Configs whose KV heads vLLM reads from elsewhere (DBRX: attn_config.kv_n_heads; Nemotron-NAS: per block)
 UNREAD_KV_KEYS = {"attn_config": "DBRX/MPT attn_config", "block_configs": "per-block attention (Nemotron-NAS)"}
+# One name per weight dtype; a float32 checkpoint is served in bf16 (vLLM's --dtype auto downcasts it)
+WEIGHT_DTYPES = {"float32": "bf16", "fp32": "fp32", "float16": "fp16", "half": "fp16", "fp16": "fp16",
+                 "bfloat16": "bf16", "bf16": "bf16", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "int8": "int8",
+                 "fp4": "fp4", "int4": "int4"}
 
 
 class PlanError(ValueError):
     """Input the planner cannot plan with (unknown preset, missing config fields, impossible numbers)."""
+
+
+def weight_dtype_name(name: str) -> str:
+    """The planner's one name of a weight dtype (`bfloat16` -> `bf16`, `fp8_e4m3` -> `fp8`)."""
+    dtype_bytes(name)  # a PlanError naming the choices
+    return WEIGHT_DTYPES.get(name.lower(), name.lower())
 
 
 def dtype_bytes(name: str) -> float:
@@ -73,6 +83,7 @@ class ModelShape:
     sliding_window: int = 0  # tokens a sliding layer keeps (0: none)
     sliding_layers: int = 0  # how many of `layers` slide
     attention_heads: int = 0  # query heads (0: unknown)
+    weight_dtype: str = "bf16"  # the checkpoint's weights as vLLM serves them ("": a quantization the planner can't read)
 
     def __post_init__(self) -> None:
         if self.layers <= 0 or min(self.params, self.hidden, self.vocab, self.attention_heads) < 0:
@@ -148,7 +159,8 @@ class ModelShape:
         return cls(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden,
                    vocab=config_int(cfg, "vocab_size"), params=float(params), name=label,
                    kv_lora_rank=config_int(cfg, "kv_lora_rank"), qk_rope_head_dim=config_int(cfg, "qk_rope_head_dim"),
-                   sliding_window=window, sliding_layers=sliding, attention_heads=heads)
+                   sliding_window=window, sliding_layers=sliding, attention_heads=heads,
+                   weight_dtype=checkpoint_dtype(raw, text))
 
 
 def _positive_int(cfg: dict[str, Any], key: str) -> int:
@@ -172,6 +184,22 @@ def config_int(cfg: dict[str, Any], key: str, default: int = 0) -> int:
     if type(value) is not int or not 0 < value < MAX_CONFIG_INT:
         raise PlanError(f"model config field {key!r} must be a positive integer, got {value!r:.60}")
     return value
+
+
+def checkpoint_dtype(raw: dict[str, Any], text: dict[str, Any]) -> str:
+    """The weight dtype vLLM serves a checkpoint in without flags: a pre-quantized FP8 one stays FP8, GPTQ/AWQ-style
+    ones keep their `bits`, others by their `dtype`/`torch_dtype` (float32 downcast to bf16; absent: bf16), top level
+    first, as vLLM reads them. '' for a quantization whose weight bytes the planner cannot tell."""
+    quant = raw.get("quantization_config") or raw.get("compression_config") or text.get("quantization_config")
+    if isinstance(quant, dict):
+        if str(quant.get("quant_method", "")).lower() == "fp8":
+            return "fp8"
+        return {4: "int4", 8: "int8"}.get(quant["bits"], "") if type(quant.get("bits")) is int else ""
+    for c in (raw, text):
+        dtype = c.get("dtype") or c.get("torch_dtype")
+        if isinstance(dtype, str) and dtype.lower() in WEIGHT_DTYPES:
+            return WEIGHT_DTYPES[dtype.lower()]
+    return "bf16"
 
 
 def kv_heads_of(cfg: dict[str, Any], heads: int, model_type: Any = None) -> int:
@@ -236,7 +264,7 @@ def estimate_params(cfg: dict[str, Any], kv_heads: int | None = None) -> float:
 
 
 def _preset(name: str, layers: int, heads: int, kv_heads: int, head_dim: int, hidden: int, vocab: int,
-            params: float, **extra: int) -> ModelShape:
+            params: float, **extra: Any) -> ModelShape:
     return ModelShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, vocab=vocab, params=params,
                       name=name, attention_heads=heads, **extra)
 

@@ -22,6 +22,7 @@ from kvsched.core.planner import (
     kv_bytes_per_token,
     kv_replication,
     tp_refusal,
+    weight_dtype_name,
 )
 
 
@@ -156,11 +157,16 @@ def fit_on(gpu: Gpu, shape: ModelShape, weights: int, kv_session: int, slots: in
 
 def plan(shape: ModelShape, workload: Workload, kv_dtype: str = "fp16", weight_dtype: str | None = None,
          overhead: float = 0.15, ceiling: float = 0.90, gpus: list[Gpu] | None = None) -> Plan:
-    """Size `workload` on `shape`. Weights default to FP8 beside an FP8 KV cache (the guide's "8B FP8"), else BF16."""
+    """Size `workload` on `shape`. The weights default to the checkpoint's dtype (`shape.weight_dtype`; bf16 for the
+    presets) whatever the KV dtype: the guide's "8B FP8" rows pass weight_dtype="fp8" (found by review: an FP8 KV
+    cache silently sized FP8 weights, which vLLM only serves with --quantization fp8 or an FP8 checkpoint)."""
     if not 0 <= overhead < 1 or not 0 < ceiling <= 1:
         raise PlanError(f"overhead must be in [0, 1) and the utilisation ceiling in (0, 1] (got {overhead}, {ceiling})")
     fp8 = dtype_bytes(kv_dtype) <= 1
-    weight_dtype = weight_dtype or ("fp8" if fp8 else "bf16")
+    if not (weight_dtype or shape.weight_dtype):
+        raise PlanError(f"model {shape.name!r}: the checkpoint's quantization_config does not say its weight bytes; "
+                        "pass the weight dtype (--weight-dtype)")
+    weight_dtype = weight_dtype_name(weight_dtype or shape.weight_dtype)
     kv_session = kv_bytes_for_context(shape, kv_dtype, workload.session_tokens)
     kv_p50 = kv_bytes_for_context(shape, kv_dtype, workload.session_tokens_p50)
     kv_total = kv_session * workload.kv_slots

@@ -34,20 +34,21 @@ def test_llama_8b_fp8_guide_figures():
 
 
 def test_guide_table_rows():
-    p = plan(L8, Workload(workflows=100, context=8192), "fp8")
+    """The guide's "8B FP8" and "70B FP8" rows: FP8 weights beside the FP8 KV cache, asked for explicitly."""
+    p = plan(L8, Workload(workflows=100, context=8192), "fp8", "fp8")
     assert p.kv_total_bytes == 50 * GIB
     assert p.weights_bytes / 1e9 == pytest.approx(8, rel=0.05)
     assert p.total_before_overhead_bytes / 1e9 == pytest.approx(60, rel=0.05)
     assert p.total_bytes == int(p.total_before_overhead_bytes * 1.15)
-    p70 = plan(L70, Workload(workflows=50, context=8192), "fp8", overhead=0.15)
+    p70 = plan(L70, Workload(workflows=50, context=8192), "fp8", "fp8", overhead=0.15)
     assert p70.kv_total_bytes / 1e9 == pytest.approx(64, rel=0.06)
     assert p70.weights_bytes / 1e9 == pytest.approx(70, rel=0.02)
     assert p70.total_before_overhead_bytes / 1e9 == pytest.approx(137, rel=0.03)
     assert p70.total_bytes / 1e9 == pytest.approx(158, rel=0.03)
 
 
-def _fit(shape, workload, gpu, kv_dtype="fp8", **kw):
-    (fit,) = plan(shape, workload, kv_dtype, gpus=[CATALOG[gpu]], **kw).fits
+def _fit(shape, workload, gpu, kv_dtype="fp8", weight_dtype="fp8", **kw):
+    (fit,) = plan(shape, workload, kv_dtype, weight_dtype, gpus=[CATALOG[gpu]], **kw).fits
     return fit
 
 

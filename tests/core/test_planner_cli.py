@@ -9,7 +9,9 @@ import pytest
 from kvsched.cli import main
 from kvsched.core.planner import GIB, MIB
 
-DONE_WHEN = ["plan", "--preset", "llama-3.1-8b", "--kv-dtype", "fp8", "--context", "8192", "--sessions", "100"]
+# the guide's "8B FP8" row: FP8 weights as well as the FP8 KV cache
+DONE_WHEN = ["plan", "--preset", "llama-3.1-8b", "--kv-dtype", "fp8", "--weight-dtype", "fp8", "--context", "8192",
+             "--sessions", "100"]
 
 
 def run_json(capsys, argv):
