@@ -103,14 +103,11 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"model": asdict(shape)}
     if orchestrator is not None:  # two pools: the orchestrators' model and the workers' (this plan)
         orchestrators, pool = workload.tiers()
-        o = plan(orchestrator, orchestrators, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
+        o = fitting(plan(orchestrator, orchestrators, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling,
+                         gpus), "the orchestrator pool")
         out["orchestrator"] = {"model": asdict(orchestrator), "plan": o.as_dict()}
-    base = plan(shape, pool, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
-    if not base.fits:  # found by review: an empty table, then "GPU wins per interaction" for a GPU that cannot serve it
-        raise PlanError(f"no catalogue GPU fits this workload at any tensor-parallel degree: one session's KV is "
-                        f"{base.kv_per_session_bytes / 2**30:,.2f} GiB at p95 (with the weights, "
-                        f"{base.total_bytes / 2**30:,.2f} GiB in all); shorten --context, lower --sessions or raise "
-                        f"--ceiling")
+    base = fitting(plan(shape, pool, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus),
+                   "the worker pool" if orchestrator is not None else "this workload")
     g = by_name[args.cost_gpu]
     out.update({
         "workload": {**asdict(workload), "topology": workload.topology.value, "kv_slots": workload.kv_slots,
@@ -130,6 +127,16 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     if args.with_kvsched:
         out["with_kvsched"] = levers_effect(args, shape, pool, gpus, base.weight_dtype)
     return out
+
+
+def fitting(p: Plan, pool: str) -> Plan:
+    """`p`, if some catalogue GPU holds it (found by review: an empty table, then "GPU wins per interaction" for a GPU
+    that cannot serve it; a later review: the same for an orchestrator pool no GPU holds)."""
+    if not p.fits:
+        raise PlanError(f"no catalogue GPU fits {pool} ({p.model}) at any tensor-parallel degree: one session's KV is "
+                        f"{p.kv_per_session_bytes / GIB:,.2f} GiB at p95 (with the weights, {p.total_bytes / GIB:,.2f} "
+                        "GiB in all); shorten --context, lower --sessions or raise --ceiling")
+    return p
 
 
 VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

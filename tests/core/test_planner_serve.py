@@ -77,3 +77,18 @@ def test_a_quantization_the_planner_cannot_read_needs_the_weight_dtype(capsys, t
     assert "--weight-dtype" in capsys.readouterr().err
     out = run_json(capsys, ["--model", str(tmp_path), "--weight-dtype", "int4"])
     assert out["plan"]["weights_bytes"] == int(1e9 * 0.5) and "--quantization" not in out["vllm_args"]
+
+
+def test_an_orchestrator_pool_no_gpu_holds_is_an_error(capsys, tmp_path):
+    """A 16 GiB GPU holds the 3B workers (6.4 GB of bf16 weights) but not the 70B orchestrator: its bf16 weights,
+    70.6e9 x 2 B = 131.5 GiB, exceed even 8 GPUs planned at 90% with 15% overhead (8 x 16 x 0.9 / 1.15 = 100.2 GiB)."""
+    assert 70.6e9 * 2 / GIB > 8 * 16 * 0.9 / 1.15
+    catalogue = tmp_path / "gpus.toml"
+    catalogue.write_text('[[gpu]]\nname = "g16"\nvram_gib = 16\nprice_per_hour = 1.0\n')
+    argv = ["plan", "--gpu-catalog", str(catalogue), "--cost-gpu", "g16", "--preset", "llama-3.2-3b", "--sessions", "4",
+            "--topology", "hierarchical", "--agents", "2"]
+    assert main(argv) == 0  # the workers alone fit
+    capsys.readouterr()
+    assert main([*argv, "--orchestrator-preset", "llama-3.1-70b"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched plan: error: no catalogue GPU fits the orchestrator pool (llama-3.1-70b)")
