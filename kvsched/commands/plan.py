@@ -13,7 +13,7 @@ from typing import Any
 from kvsched.commands.args import check_args, count, number
 from kvsched.core.gpu_catalog import load_catalog
 from kvsched.core.planner import GIB, PRESETS, ModelShape, PlanError
-from kvsched.core.planner_cost import cost, fleet_cost
+from kvsched.core.planner_cost import REFERENCE_PARAMS, cost, fleet_cost, replica_interactions_per_hour
 from kvsched.core.planner_fleet import Levers, Plan, Topology, Workload, plan, summary_calls, with_levers
 
 DEFAULT_PRESET = "llama-3.1-8b"
@@ -70,7 +70,9 @@ def register(subparsers: Any) -> None:
 
 
 def model_of(args: argparse.Namespace) -> ModelShape:
-    return ModelShape.from_hf_config(args.model) if args.model else ModelShape.from_preset(args.preset or DEFAULT_PRESET)
+    if args.model:
+        return ModelShape.from_hf_config(args.model)
+    return ModelShape.from_preset(args.preset or DEFAULT_PRESET)
 
 
 def orchestrator_of(args: argparse.Namespace) -> ModelShape | None:
@@ -113,13 +115,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         "workload": {**asdict(workload), "topology": workload.topology.value, "kv_slots": workload.kv_slots,
                      "session_tokens": workload.session_tokens},
         "plan": base.as_dict(),
-        "cost": {"gpu": g.name, "tokens_per_interaction": args.tokens_per_interaction,
-                 "interactions_per_hour": args.interactions_per_hour, "api_price_per_m": args.api_price,
-                 "gpu_price_per_hour": g.price_per_hour, "gpu_interactions_per_hour": g.interactions_per_hour,
-                 **asdict(cost(args.tokens_per_interaction, args.interactions_per_hour, args.api_price,
-                               g.price_per_hour, g.interactions_per_hour))},
+        "cost": cost_block(args, g, shape, base),
     })
-    out["fleet_cost"] = fleet_vs_api(args, g, base, out.get("orchestrator"))
+    out["fleet_cost"] = fleet_vs_api(args, g, base, out.get("orchestrator"), out["cost"])
     out["vllm_args"] = vllm_args(base, g.name, shape.weight_dtype)
     out["vllm_notes"] = serve_dtype(base.weight_dtype, shape.weight_dtype)[1]
     if orchestrator is not None:
@@ -127,6 +125,30 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     if args.with_kvsched:
         out["with_kvsched"] = levers_effect(args, shape, pool, gpus, base.weight_dtype)
     return out
+
+
+def cost_block(args: argparse.Namespace, g: Any, shape: ModelShape, base: Plan) -> dict[str, Any]:
+    """The API against the cost GPU, whose unit is one replica of the plan on it (its TP degree's GPUs, paid together)
+    serving the catalogue's 8B-class rate scaled to this model (planner_cost.replica_interactions_per_hour; found by
+    review: the 8B figure priced every model, a 70B as cheap per interaction as an 8B)."""
+    fit = next((f for f in base.fits if f.gpu == g.name), None)
+    if fit is None:
+        raise PlanError(f"--cost-gpu {g.name} cannot hold a replica of {base.model} at any tensor-parallel degree; "
+                        f"choose one that can: {', '.join(f.gpu for f in base.fits)}")
+    tp, per_token = fit.tensor_parallel, shape.params_per_token
+    rate = replica_interactions_per_hour(g.interactions_per_hour, tp, per_token)
+    basis = (f"the catalogue's {g.interactions_per_hour:,.0f}/h per GPU for an 8B-class model x {tp} GPU(s) x "
+             f"{REFERENCE_PARAMS / 1e9:.2f}B / {per_token / 1e9:.2f}B weights read per token (decode bound by weight "
+             "reads; an estimate, check it against a measured rate)" if per_token else
+             f"the catalogue's {g.interactions_per_hour:,.0f}/h per GPU for an 8B-class model x {tp} GPU(s) (parameter "
+             "count unknown: not scaled to the model)")
+    return {"gpu": g.name, "tokens_per_interaction": args.tokens_per_interaction,
+            "interactions_per_hour": args.interactions_per_hour, "api_price_per_m": args.api_price,
+            "gpu_price_per_hour": g.price_per_hour, "gpu_interactions_per_hour": g.interactions_per_hour,
+            "tensor_parallel": tp, "params_per_token": per_token, "replica_price_per_hour": tp * g.price_per_hour,
+            "replica_interactions_per_hour": rate, "throughput_basis": basis,
+            **asdict(cost(args.tokens_per_interaction, args.interactions_per_hour, args.api_price,
+                          tp * g.price_per_hour, rate))}
 
 
 def fitting(p: Plan, pool: str) -> Plan:
@@ -173,16 +195,17 @@ def vllm_args(base: Plan, gpu: str, checkpoint: str = "bf16") -> str | None:
     return " ".join([*args, "--enable-prefix-caching"])
 
 
-def fleet_vs_api(args: argparse.Namespace, gpu: Any, base: Plan, orchestrator: dict[str, Any] | None
-                 ) -> dict[str, Any] | None:
-    """The fleet the plan sized on the cost GPU (memory-bound; at least the throughput-bound count), paid every
-    hour, against the API serving the same interactions."""
+def fleet_vs_api(args: argparse.Namespace, gpu: Any, base: Plan, orchestrator: dict[str, Any] | None,
+                 c: dict[str, Any]) -> dict[str, Any] | None:
+    """The fleet the plan sized on the cost GPU (memory-bound; at least the throughput-bound count of whole replicas
+    at the cost block's replica rate `c`), paid every hour, against the API serving the same interactions."""
     fits = [next((f.gpus for f in base.fits if f.gpu == gpu.name), None)]
     if orchestrator is not None:
         fits.append(next((f["gpus"] for f in orchestrator["plan"]["fits"] if f["gpu"] == gpu.name), None))
     if None in fits:
         return None  # the model does not fit this GPU at any TP degree
-    gpus = max(sum(int(n) for n in fits if n), math.ceil(args.interactions_per_hour / gpu.interactions_per_hour))
+    replicas = math.ceil(args.interactions_per_hour / c["replica_interactions_per_hour"])
+    gpus = max(sum(int(n) for n in fits if n), replicas * c["tensor_parallel"])
     return {"gpu": gpu.name, **asdict(fleet_cost(gpus, gpu.price_per_hour, args.interactions_per_hour,
                                                  args.tokens_per_interaction, args.api_price))}
 
@@ -238,6 +261,7 @@ def render_plan(p: dict[str, Any], w: dict[str, Any]) -> list[str]:
 
 def render(result: dict[str, Any]) -> str:
     p, w, c = result["plan"], result["workload"], result["cost"]
+    unit = "GPU" if c["tensor_parallel"] == 1 else f"replica ({c['tensor_parallel']} GPUs)"
     lines = [f"{w['workflows']:,} {w['topology']} workflows (agents/stages {w['agents']}): {w['kv_slots']:,} "
              "concurrent KV slots", ""]
     if "orchestrator" in result:
@@ -249,11 +273,13 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"cost on {c['gpu']} ({c['interactions_per_hour']:,.0f} interactions/h x {c['tokens_per_interaction']:,.0f} "
         f"tokens, API ${c['api_price_per_m']}/M):",
+        f"  throughput              {c['replica_interactions_per_hour']:,.0f} interactions/h per {unit}: "
+        f"{c['throughput_basis']}",
         f"  per hour                API ${c['api_per_hour']:.3f} vs GPU prorated ${c['gpu_prorated_per_hour']:.3f} "
         f"(dedicated ${c['gpu_dedicated_per_hour']:.2f})",
         f"  per 1,000 interactions  API ${c['api_per_1k_interactions']:.3f} vs GPU ${c['gpu_per_1k_interactions']:.3f}"
         f" -> {'GPU' if c['gpu_wins'] else 'API'} wins per interaction",
-        f"  crossover               a dedicated GPU beats the API above "
+        f"  crossover               a dedicated {unit} beats the API above "
         f"{c['breakeven_interactions_per_hour']:,.0f} interactions/h; " + (
             f"below {c['breakeven_utilisation']:.0%} utilisation the API is cheaper" if c["breakeven_utilisation"] <= 1
             else f"that is {c['breakeven_utilisation']:.0%} of its capacity: the API is always cheaper"),

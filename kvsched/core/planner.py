@@ -83,15 +83,21 @@ class ModelShape:
     sliding_window: int = 0  # tokens a sliding layer keeps (0: none)
     sliding_layers: int = 0  # how many of `layers` slide
     attention_heads: int = 0  # query heads (0: unknown)
-    weight_dtype: str = "bf16"  # the checkpoint's weights as vLLM serves them ("": a quantization the planner can't read)
+    weight_dtype: str = "bf16"  # the checkpoint's weights as vLLM serves them ("": a quantization it cannot read)
+    active_params: float = 0.0  # weights read per token (MoE: the routed experts'); 0: all of `params`
 
     def __post_init__(self) -> None:
-        if self.layers <= 0 or min(self.params, self.hidden, self.vocab, self.attention_heads) < 0:
+        if self.layers <= 0 or min(self.params, self.hidden, self.vocab, self.attention_heads, self.active_params) < 0:
             raise PlanError(f"model {self.name!r}: layers must be positive, hidden/vocab/params/heads >= 0")
         if self.kv_lora_rank <= 0 and (self.kv_heads <= 0 or self.head_dim <= 0):
             raise PlanError(f"model {self.name!r}: KV heads and head_dim must be positive")
         if not 0 <= self.sliding_layers <= self.layers or (self.sliding_layers and self.sliding_window <= 0):
             raise PlanError(f"model {self.name!r}: sliding_layers must be within 0..layers, with a positive window")
+
+    @property
+    def params_per_token(self) -> float:
+        """Weights a decode step reads per token: the active parameters of a MoE model, else all of them."""
+        return self.active_params or self.params
 
     @property
     def is_mla(self) -> bool:
@@ -153,14 +159,17 @@ class ModelShape:
         kv_heads = kv_heads_of(cfg, heads, raw.get("model_type"))
         head_dim = config_int(cfg, "head_dim", hidden // heads)
         window, sliding = sliding_layers_of(cfg, layers, label)
-        params = cfg.get("num_parameters") or estimate_params(cfg, kv_heads)
+        total = estimate_params(cfg, kv_heads)
+        params = cfg.get("num_parameters") or total
         if type(params) not in (int, float) or not 0 <= params < MAX_CONFIG_INT:
             raise PlanError(f"model config field 'num_parameters' must be a number >= 0, got {params!r:.60}")
+        routed = estimate_params(cfg, kv_heads, active=True)  # below the total for a MoE model
         return cls(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden,
                    vocab=config_int(cfg, "vocab_size"), params=float(params), name=label,
                    kv_lora_rank=config_int(cfg, "kv_lora_rank"), qk_rope_head_dim=config_int(cfg, "qk_rope_head_dim"),
                    sliding_window=window, sliding_layers=sliding, attention_heads=heads,
-                   weight_dtype=checkpoint_dtype(raw, text))
+                   weight_dtype=checkpoint_dtype(raw, text),
+                   active_params=params * routed / total if 0 < routed < total else 0.0)
 
 
 def _positive_int(cfg: dict[str, Any], key: str) -> int:
@@ -242,9 +251,10 @@ def sliding_layers_of(cfg: dict[str, Any], layers: int, label: str = "model") ->
     return (window, sliding) if sliding else (0, 0)
 
 
-def estimate_params(cfg: dict[str, Any], kv_heads: int | None = None) -> float:
-    """Decoder parameters from a config (embeddings + attention + gated MLP, MoE experts counted), for configs that
-    do not state them. An estimate: norms and biases are ignored, MLA projections counted as plain attention."""
+def estimate_params(cfg: dict[str, Any], kv_heads: int | None = None, active: bool = False) -> float:
+    """Decoder parameters from a config (embeddings + attention + gated MLP, MoE experts counted; `active`: only the
+    experts each token is routed to), for configs that do not state them. An estimate: norms and biases are ignored,
+    MLA projections counted as plain attention."""
     h, layers = config_int(cfg, "hidden_size"), config_int(cfg, "num_hidden_layers")
     heads = config_int(cfg, "num_attention_heads")
     kv = kv_heads or kv_heads_of(cfg, heads, cfg.get("model_type"))
@@ -253,6 +263,8 @@ def estimate_params(cfg: dict[str, Any], kv_heads: int | None = None) -> float:
     vocab = config_int(cfg, "vocab_size", 32_000)
     experts = (config_int(cfg, "num_local_experts") or config_int(cfg, "n_routed_experts")
                or config_int(cfg, "num_experts"))
+    if experts and active:
+        experts = config_int(cfg, "num_experts_per_tok") or config_int(cfg, "num_experts_per_token") or experts
     if experts:
         moe_inter = config_int(cfg, "moe_intermediate_size", inter)
         mlp = 3 * h * moe_inter * (experts + config_int(cfg, "n_shared_experts"))
@@ -279,7 +291,8 @@ PRESETS: dict[str, ModelShape] = {p.name: p for p in (
     _preset("qwen3-8b", 36, 32, 8, 128, 4096, 151_936, 8.19e9),
     _preset("mistral-7b-v0.1", 32, 32, 8, 128, 4096, 32_000, 7.24e9, sliding_window=4096, sliding_layers=32),
     _preset("gemma-2-9b", 42, 16, 8, 256, 3584, 256_000, 9.24e9, sliding_window=4096, sliding_layers=21),
-    _preset("deepseek-v2-lite", 27, 16, 16, 128, 2048, 102_400, 15.7e9, kv_lora_rank=512, qk_rope_head_dim=64),
+    _preset("deepseek-v2-lite", 27, 16, 16, 128, 2048, 102_400, 15.7e9, kv_lora_rank=512, qk_rope_head_dim=64,
+            active_params=2.4e9),
 )}
 
 

@@ -4,6 +4,9 @@ With T tokens per interaction, P_api $ per million tokens, P_gpu $ per GPU-hour 
 per hour at sustained load, the GPU wins per interaction when `P_api x T / 1e6 > P_gpu / I_gpu`. A dedicated GPU is
 paid for every hour, so it only beats the API above `P_gpu / (P_api x T / 1e6)` interactions per hour: that load as a
 share of I_gpu is the utilisation below which the API is cheaper.
+
+The catalogue's I_gpu describes one GPU serving an 8B-class model. For another model the unit is one replica (its
+tensor-parallel GPUs, paid together) and its rate is scaled by `replica_interactions_per_hour`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,23 @@ import math
 from dataclasses import dataclass
 
 from kvsched.core.planner import PlanError
+
+REFERENCE_PARAMS = 8.03e9  # Llama 3.1 8B: the 8B-class model the catalogue's interactions_per_hour describe
+
+
+def replica_interactions_per_hour(gpu_rate: float, tensor_parallel: int, params_per_token: float) -> float:
+    """Interactions/h one replica of `tensor_parallel` GPUs sustains, from the catalogue's 8B-class rate per GPU.
+
+    Decode at load is bound by memory bandwidth: each step reads every active weight once, so a replica's token rate
+    scales with its GPUs' combined bandwidth (x tensor_parallel) over the weights read per token (REFERENCE_PARAMS /
+    params_per_token; a MoE model's active parameters). A first-order estimate (found by review: the 8B figure was
+    used for every model): it leaves out tensor parallelism's all-reduce (optimistic at TP > 1), the weight dtype,
+    the context length and prefill; measure the model before buying. A parameter count of 0 (unknown) keeps the
+    8B-class figure."""
+    if tensor_parallel <= 0 or not gpu_rate > 0 or not params_per_token >= 0:
+        raise PlanError("the replica rate needs a positive GPU rate and TP degree, and params_per_token >= 0")
+    scale = REFERENCE_PARAMS / params_per_token if params_per_token else 1.0
+    return gpu_rate * tensor_parallel * scale
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +85,8 @@ def fleet_cost(gpus: int, gpu_price_per_hour: float, interactions_per_hour: floa
                api_price_per_m: float) -> FleetCost:
     """E.g. the guide's 1,000 sessions x 200 tokens/min on 4 H100s: API $4.80/h vs $9.60/h (the API wins)."""
     if not all(math.isfinite(x) for x in (gpu_price_per_hour, interactions_per_hour, tokens_per_interaction,
-                                           api_price_per_m)) or gpus <= 0 or gpu_price_per_hour < 0 or interactions_per_hour < 0 or tokens_per_interaction <= 0 \
-            or api_price_per_m <= 0:
+                                           api_price_per_m)) or gpus <= 0 or gpu_price_per_hour < 0 \
+            or interactions_per_hour < 0 or tokens_per_interaction <= 0 or api_price_per_m <= 0:
         raise PlanError("fleet cost needs a positive GPU count, token count and API price")
     fleet = gpus * gpu_price_per_hour
     api_each = api_price_per_m * tokens_per_interaction / 1e6

@@ -80,8 +80,9 @@ class Workload:
 
 @dataclass(frozen=True, slots=True)
 class Gpu:
-    """A catalogue entry. `interactions_per_hour`: sustained capacity of one 8B-class replica (for the cost model);
-    `fp8_kv`: whether vLLM's FP8 KV cache runs natively (Hopper, Blackwell; not Ampere)."""
+    """A catalogue entry. `interactions_per_hour`: sustained capacity of one such GPU serving an 8B-class model (the
+    cost model scales it to other models and TP degrees: planner_cost.replica_interactions_per_hour); `fp8_kv`:
+    whether vLLM's FP8 KV cache runs natively (Hopper, Blackwell; not Ampere)."""
 
     name: str
     vram_gib: float

@@ -4,6 +4,7 @@ and the `vllm serve` flags agree, and every pool must fit a GPU. Expected figure
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -92,3 +93,49 @@ def test_an_orchestrator_pool_no_gpu_holds_is_an_error(capsys, tmp_path):
     assert main([*argv, "--orchestrator-preset", "llama-3.1-70b"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvsched plan: error: no catalogue GPU fits the orchestrator pool (llama-3.1-70b)")
+
+
+def test_the_cost_block_scales_the_8b_rate_to_the_model_and_counts_whole_replicas(capsys):
+    """The catalogue's H100 SXM figure (22,000 interactions/h, $2.40/h) is for an 8B-class model (Llama 3.1 8B, 8.03e9
+    parameters) on one GPU. A replica of tp GPUs reads its weights tp times as fast; a 70.6e9-parameter model reads
+    70.6 / 8.03 times as many weights per token."""
+    out = run_json(capsys, ["--preset", "llama-3.1-70b", "--sessions", "100", "--interactions-per-hour", "50000"])
+    c, tp = out["cost"], out["cost"]["tensor_parallel"]
+    assert tp == next(f["tensor_parallel"] for f in out["plan"]["fits"] if f["gpu"] == "H100-SXM5-80GB")
+    rate = 22_000 * tp * 8.03e9 / 70.6e9
+    assert c["replica_interactions_per_hour"] == pytest.approx(rate)
+    assert c["gpu_prorated_per_hour"] == pytest.approx(50_000 * 2.40 * tp / rate)
+    assert c["gpu_dedicated_per_hour"] == pytest.approx(math.ceil(50_000 / rate) * tp * 2.40)  # whole replicas
+    assert c["breakeven_interactions_per_hour"] == pytest.approx(2.40 * tp / (0.40 * 950 / 1e6))
+    assert out["fleet_cost"]["gpus"] >= math.ceil(50_000 / rate) * tp
+    # the guide's 8B FP8 on one GPU keeps the catalogue's figure ($0.055/h prorated at 500 interactions/h)
+    c8 = run_json(capsys, ["--preset", "llama-3.1-8b", "--kv-dtype", "fp8", "--weight-dtype", "fp8"])["cost"]
+    assert (c8["tensor_parallel"], c8["replica_interactions_per_hour"]) == (1, 22_000)
+    assert c8["gpu_prorated_per_hour"] == pytest.approx(500 * 2.40 / 22_000)
+
+
+def test_a_moe_model_is_rated_by_its_active_parameters(capsys, tmp_path):
+    """Mixtral 8x7B's shape: 8 experts, 2 routed per token. Parameters by hand (embeddings in and out, attention
+    q/o + k/v, gated MLP of 3 matrices per expert): 46.7e9 in all, 12.9e9 read per token."""
+    cfg = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "intermediate_size": 14_336, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32_000}
+    emb, attn = 32_000 * 4096 * 2, 4096 * 32 * 128 * 2 + 4096 * 8 * 128 * 2
+    total, active = emb + 32 * (attn + 3 * 4096 * 14_336 * 8), emb + 32 * (attn + 3 * 4096 * 14_336 * 2)
+    assert (round(total / 1e9, 1), round(active / 1e9, 1)) == (46.7, 12.9)
+    s = ModelShape.from_hf_config(cfg)
+    assert s.params == total and s.params_per_token == pytest.approx(active)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    c = run_json(capsys, ["--model", str(tmp_path), "--kv-dtype", "fp8", "--weight-dtype", "fp8"])["cost"]
+    assert c["replica_interactions_per_hour"] == pytest.approx(22_000 * c["tensor_parallel"] * 8.03e9 / active)
+
+
+def test_a_cost_gpu_that_cannot_hold_the_model_is_an_error(capsys, tmp_path):
+    catalogue = tmp_path / "gpus.toml"
+    catalogue.write_text('[[gpu]]\nname = "big"\nvram_gib = 80\nprice_per_hour = 2.0\n'
+                         '[[gpu]]\nname = "small"\nvram_gib = 8\nprice_per_hour = 0.5\n')
+    # 70.6e9 bf16 weights are 131.5 GiB: 8 small GPUs plan 8 x 8 x 0.9 / 1.15 = 50.1 GiB, 4 big ones 250.4 GiB
+    assert 8 * 8 * 0.9 / 1.15 < 70.6e9 * 2 / GIB < 4 * 80 * 0.9 / 1.15
+    argv = ["plan", "--gpu-catalog", str(catalogue), "--preset", "llama-3.1-70b"]
+    assert main([*argv, "--cost-gpu", "small"]) == 2
+    assert "--cost-gpu small cannot hold a replica of llama-3.1-70b" in capsys.readouterr().err
+    assert main([*argv, "--cost-gpu", "big"]) == 0
