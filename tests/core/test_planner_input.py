@@ -81,3 +81,17 @@ def test_cost_refuses_non_finite_figures():
         cost(950, float("nan"), 0.4, 2.4, 22_000)
     with pytest.raises(PlanError):
         cost(950, 500, float("inf"), 2.4, 22_000)
+
+
+# Total memory nvidia-smi reports for each catalogue GPU, in MiB
+NVIDIA_SMI_MIB = {"A100-80GB-PCIe": 81_920, "H100-PCIe-80GB": 81_559, "H100-SXM5-80GB": 81_559,
+                  "H200-SXM-141GB": 143_771, "B200-192GB": 183_359, "RTX-5090-32GB": 32_607}
+
+
+def test_the_catalogue_holds_the_memory_the_driver_reports():
+    """The catalogue's own convention: vram_gib is nvidia-smi's MiB / 1024, rounded down (found by review: the H100s
+    said 80 GiB, 0.35 GiB more than the 79.65 their driver reports)."""
+    gpus = {g.name: g.vram_gib for g in load_catalog()}
+    assert set(gpus) == set(NVIDIA_SMI_MIB)
+    for name, mib in NVIDIA_SMI_MIB.items():
+        assert mib / 1024 - 0.5 < gpus[name] <= mib / 1024, name
