@@ -309,14 +309,19 @@ def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
     return int(round(shape.layers * layer_bytes_per_token(shape, kv_dtype)))
 
 
-def kv_bytes_for_context(shape: ModelShape, kv_dtype: str, tokens: int) -> int:
-    """KV bytes one session of `tokens` tokens holds (sliding layers capped at their window)."""
-    if tokens < 0:
-        raise PlanError(f"context must be >= 0 tokens, got {tokens}")
+def kv_bytes_for_context(shape: ModelShape, kv_dtype: str, tokens: int, block_size: int = 16) -> int:
+    """KV bytes one session of `tokens` tokens holds, in whole blocks of `block_size` tokens as vLLM allocates them
+    (found by review: a 1-token session was sized at 1 token, not a block). A sliding layer holds at most its window
+    rounded up to blocks plus one block: the window need not start on a block boundary (vLLM's
+    SlidingWindowSpec.max_admission_blocks_per_request, cdiv(window - 1 + 1 decode token, block) + 1, at decode)."""
+    if tokens < 0 or block_size <= 0:
+        raise PlanError(f"context must be >= 0 tokens and block_size positive, got {tokens} and {block_size}")
     per_layer = layer_bytes_per_token(shape, kv_dtype)
     full = shape.layers - shape.sliding_layers
-    capped = min(tokens, shape.sliding_window) if shape.sliding_layers else 0
-    return int(round(per_layer * (full * tokens + shape.sliding_layers * capped)))
+    held = -(-tokens // block_size) * block_size
+    window = -(-shape.sliding_window // block_size) * block_size + block_size
+    capped = min(held, window) if shape.sliding_layers else 0
+    return int(round(per_layer * (full * held + shape.sliding_layers * capped)))
 
 
 def fp8_tier_block_bytes(shape: ModelShape, kv_dtype: str, block_size: int) -> int:

@@ -106,7 +106,8 @@ def test_topologies_set_the_live_slots():
     w = Workload(workflows=1, context=2000, tool_calls=5, tool_tokens=500)
     assert w.session_tokens == 4500  # every tool result stays in the KV cache
     p = plan(L8, Workload(workflows=10, context=4000, context_p50=1000, tool_calls=2, tool_tokens=500), "fp8")
-    assert p.kv_per_session_bytes == 5000 * 65_536 and p.kv_per_session_p50_bytes == 2000 * 65_536
+    # 5,000 tokens take 313 blocks of 16 (5,008 tokens); 2,000 exactly 125
+    assert p.kv_per_session_bytes == 5008 * 65_536 and p.kv_per_session_p50_bytes == 2000 * 65_536
     assert p.kv_total_p50_bytes == 10 * p.kv_per_session_p50_bytes
 
 
@@ -128,12 +129,14 @@ def test_mla_and_sliding_window_are_not_the_plain_formula():
     mla = ModelShape.from_preset("deepseek-v2-lite")
     assert kv_bytes_per_token(mla, "bf16") == 27 * (512 + 64) * 2  # latent + rope key, no x2, no heads
     sw = ModelShape.from_preset("mistral-7b-v0.1")
-    assert kv_bytes_for_context(sw, "fp16", 32_768) == kv_bytes_for_context(sw, "fp16", 4096)  # capped at the window
+    # capped at the window, plus the block a window not aligned to blocks spills into
+    assert kv_bytes_for_context(sw, "fp16", 32_768) == kv_bytes_for_context(sw, "fp16", 4096 + 16)
+    assert kv_bytes_for_context(sw, "fp16", 32_768) == 32 * 2 * 8 * 128 * 2 * (4096 + 16)
     mixed = ModelShape.from_hf_config({"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
                                        "hidden_size": 512, "sliding_window": 1024,
                                        "layer_types": ["sliding_attention", "full_attention"] * 2})
     per_layer = 2 * 2 * 64 * 2
-    assert kv_bytes_for_context(mixed, "bf16", 8192) == per_layer * (2 * 8192 + 2 * 1024)
+    assert kv_bytes_for_context(mixed, "bf16", 8192) == per_layer * (2 * 8192 + 2 * (1024 + 16))
     assert any("slide" in n for n in plan(mixed, Workload(workflows=1), "bf16").notes)
 
 

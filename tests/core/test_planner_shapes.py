@@ -8,7 +8,15 @@ import math
 
 import pytest
 
-from kvsched.core.planner import GIB, ModelShape, PlanError, kv_bytes_per_token, kv_replication, tp_refusal
+from kvsched.core.planner import (
+    GIB,
+    ModelShape,
+    PlanError,
+    kv_bytes_for_context,
+    kv_bytes_per_token,
+    kv_replication,
+    tp_refusal,
+)
 from kvsched.core.planner_fleet import Gpu, Workload, plan
 
 GEMMA2_2B_TEXT = {"model_type": "gemma2", "hidden_size": 2304, "num_attention_heads": 8, "num_key_value_heads": 4,
@@ -24,6 +32,9 @@ def test_a_multimodal_config_is_sized_from_its_text_config():
     assert (s.hidden, s.vocab, s.layers, s.kv_heads, s.head_dim) == (2304, 256_000, 26, 4, 256)
     assert (s.sliding_layers, s.sliding_window) == (13, 4096)  # gemma2 alternates: 26 / 2 layers slide
     assert s.attention_kind.startswith("GQA, 13/26 layers sliding")
+    # 32K tokens in bf16: 13 full layers hold all of them, 13 sliding ones the 4,096-token window and one block more
+    per_layer = 2 * 4 * 256 * 2  # K and V x 4 KV heads x head_dim 256 x 2 bytes = 4,096 B per token and layer
+    assert kv_bytes_for_context(s, "bf16", 32_768) == per_layer * (13 * 32_768 + 13 * (4096 + 16))
 
 
 def test_the_top_level_fills_what_the_text_config_leaves_out():
@@ -87,3 +98,21 @@ def test_a_fit_never_uses_a_degree_vllm_refuses():
     per_replica = math.floor((2 * 80 * 0.9 / 1.15 - 28e9 / GIB) / session_gib)  # TP 2: (125.2 - 26.1) / 25 = 3
     assert per_replica == 3
     assert (fit.tensor_parallel, fit.sessions_per_replica, fit.replicas, fit.gpus) == (2, 3, 6, 12)
+
+
+@pytest.mark.parametrize(("tokens", "held"), [
+    (1, 16), (16, 16), (17, 32), (8192 + 5 * 500, 10_704),  # whole blocks of 16: 669 x 16 = 10,704
+])
+def test_a_session_holds_whole_blocks(tokens, held):
+    llama8b = ModelShape.from_preset("llama-3.1-8b")
+    assert kv_bytes_for_context(llama8b, "fp8", tokens) == held * 32 * 2 * 8 * 128  # 65,536 B per token in FP8
+    assert kv_bytes_for_context(llama8b, "fp8", tokens, block_size=32) == -(-tokens // 32) * 32 * 65_536
+
+
+def test_a_sliding_layer_holds_its_window_and_one_block():
+    """A 1,000-token window: 63 blocks of 16 (1,008 tokens) plus the block the window's start spills into."""
+    s = ModelShape(layers=1, kv_heads=1, head_dim=64, sliding_window=1000, sliding_layers=1)
+    per_token = 2 * 1 * 64 * 2  # K and V x 1 head x head_dim 64 x 2 bytes (bf16)
+    assert kv_bytes_for_context(s, "bf16", 900) == 912 * per_token
+    assert kv_bytes_for_context(s, "bf16", 1_010) == 1_024 * per_token
+    assert kv_bytes_for_context(s, "bf16", 100_000) == (1_008 + 16) * per_token
