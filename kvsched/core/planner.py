@@ -85,6 +85,7 @@ class ModelShape:
     attention_heads: int = 0  # query heads (0: unknown)
     weight_dtype: str = "bf16"  # the checkpoint's weights as vLLM serves them ("": a quantization it cannot read)
     active_params: float = 0.0  # weights read per token (MoE: the routed experts'); 0: all of `params`
+    max_positions: int = 0  # the longest --max-model-len vLLM accepts without an override (0: unknown)
 
     def __post_init__(self) -> None:
         if self.layers <= 0 or min(self.params, self.hidden, self.vocab, self.attention_heads, self.active_params) < 0:
@@ -169,7 +170,8 @@ class ModelShape:
                    kv_lora_rank=config_int(cfg, "kv_lora_rank"), qk_rope_head_dim=config_int(cfg, "qk_rope_head_dim"),
                    sliding_window=window, sliding_layers=sliding, attention_heads=heads,
                    weight_dtype=checkpoint_dtype(raw, text),
-                   active_params=params * routed / total if 0 < routed < total else 0.0)
+                   active_params=params * routed / total if 0 < routed < total else 0.0,
+                   max_positions=max_positions_of(cfg))
 
 
 def _positive_int(cfg: dict[str, Any], key: str) -> int:
@@ -193,6 +195,25 @@ def config_int(cfg: dict[str, Any], key: str, default: int = 0) -> int:
     if type(value) is not int or not 0 < value < MAX_CONFIG_INT:
         raise PlanError(f"model config field {key!r} must be a positive integer, got {value!r:.60}")
     return value
+
+
+MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+UNSCALED_ROPE = ("default", "su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def max_positions_of(cfg: dict[str, Any]) -> int:
+    """The longest --max-model-len vLLM accepts for a config (0: unknown), as its _get_and_verify_max_len derives it:
+    the smallest of its length keys (Command-R's model_max_length overrides them), times a RoPE scaling factor whose
+    type does not already include it."""
+    limit = config_int(cfg, "model_max_length") or min((config_int(cfg, k) for k in MAX_LEN_KEYS if cfg.get(k)),
+                                                        default=0)
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if limit and isinstance(rope, dict) and "gemma3" not in str(cfg.get("model_type")) \
+            and (rope.get("rope_type") or rope.get("type")) not in UNSCALED_ROPE \
+            and type(rope.get("factor")) in (int, float) and rope["factor"] > 0:
+        limit = int(limit * rope["factor"])
+    return limit
 
 
 def checkpoint_dtype(raw: dict[str, Any], text: dict[str, Any]) -> str:
@@ -283,16 +304,18 @@ def _preset(name: str, layers: int, heads: int, kv_heads: int, head_dim: int, hi
 
 # Shapes from each model's published config.json; params from its model card.
 PRESETS: dict[str, ModelShape] = {p.name: p for p in (
-    _preset("llama-3.1-8b", 32, 32, 8, 128, 4096, 128_256, 8.03e9),
-    _preset("llama-3.1-70b", 80, 64, 8, 128, 8192, 128_256, 70.6e9),
-    _preset("llama-3.2-3b", 28, 24, 8, 128, 3072, 128_256, 3.21e9),
+    _preset("llama-3.1-8b", 32, 32, 8, 128, 4096, 128_256, 8.03e9, max_positions=131_072),
+    _preset("llama-3.1-70b", 80, 64, 8, 128, 8192, 128_256, 70.6e9, max_positions=131_072),
+    _preset("llama-3.2-3b", 28, 24, 8, 128, 3072, 128_256, 3.21e9, max_positions=131_072),
     _preset("qwen2.5-7b", 28, 28, 4, 128, 3584, 152_064, 7.62e9),
     _preset("qwen2.5-72b", 80, 64, 8, 128, 8192, 152_064, 72.7e9),
-    _preset("qwen3-8b", 36, 32, 8, 128, 4096, 151_936, 8.19e9),
-    _preset("mistral-7b-v0.1", 32, 32, 8, 128, 4096, 32_000, 7.24e9, sliding_window=4096, sliding_layers=32),
-    _preset("gemma-2-9b", 42, 16, 8, 256, 3584, 256_000, 9.24e9, sliding_window=4096, sliding_layers=21),
+    _preset("qwen3-8b", 36, 32, 8, 128, 4096, 151_936, 8.19e9, max_positions=40_960),
+    _preset("mistral-7b-v0.1", 32, 32, 8, 128, 4096, 32_000, 7.24e9, sliding_window=4096, sliding_layers=32,
+            max_positions=32_768),
+    _preset("gemma-2-9b", 42, 16, 8, 256, 3584, 256_000, 9.24e9, sliding_window=4096, sliding_layers=21,
+            max_positions=8192),
     _preset("deepseek-v2-lite", 27, 16, 16, 128, 2048, 102_400, 15.7e9, kv_lora_rank=512, qk_rope_head_dim=64,
-            active_params=2.4e9),
+            active_params=2.4e9, max_positions=163_840),
 )}
 
 

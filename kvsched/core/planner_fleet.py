@@ -187,6 +187,10 @@ def plan(shape: ModelShape, workload: Workload, kv_dtype: str = "fp16", weight_d
         notes.append("MLA: one latent + rope key per token and layer, replicated on every tensor-parallel rank")
     if not shape.params:
         notes.append("parameter count unknown: weights not counted")
+    if shape.max_positions and workload.session_tokens > shape.max_positions:  # found by review: never checked
+        notes.append(f"WARNING: the p95 session ({workload.session_tokens:,} tokens, --max-model-len) exceeds the "
+                     f"model's max_position_embeddings ({shape.max_positions:,}, with any RoPE scaling): vLLM refuses "
+                     "it unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, and positions past the limit may give NaNs")
     return Plan(model=shape.name, attention=shape.attention_kind, kv_dtype=kv_dtype, weight_dtype=weight_dtype,
                 bytes_per_token=kv_bytes_per_token(shape, kv_dtype), session_tokens=workload.session_tokens,
                 kv_per_session_bytes=kv_session, kv_per_session_p50_bytes=kv_p50, kv_slots=workload.kv_slots,

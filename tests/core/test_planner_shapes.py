@@ -116,3 +116,25 @@ def test_a_sliding_layer_holds_its_window_and_one_block():
     assert kv_bytes_for_context(s, "bf16", 900) == 912 * per_token
     assert kv_bytes_for_context(s, "bf16", 1_010) == 1_024 * per_token
     assert kv_bytes_for_context(s, "bf16", 100_000) == (1_008 + 16) * per_token
+
+
+LLAMA = {"num_hidden_layers": 2, "num_attention_heads": 8, "hidden_size": 512, "max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize(("extra", "limit"), [
+    ({}, 8192),
+    ({"n_positions": 4096}, 4096),  # the smallest of vLLM's length keys
+    ({"rope_scaling": {"rope_type": "linear", "factor": 4.0}}, 32_768),  # vLLM scales the limit by the factor
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, 8192),  # Llama 3.1: already in max_position_embeddings
+    ({"max_position_embeddings": None}, 0),  # unknown: not checked
+])
+def test_the_longest_max_model_len_vllm_accepts(extra, limit):
+    assert ModelShape.from_hf_config({**LLAMA, **extra}).max_positions == limit
+
+
+def test_a_session_longer_than_the_model_accepts_is_warned_about_naming_both():
+    s = ModelShape.from_hf_config(LLAMA)
+    assert not [n for n in plan(s, Workload(workflows=1, context=8192), "bf16").notes if "max_position" in n]
+    (note,) = [n for n in plan(s, Workload(workflows=1, context=8000, tool_calls=1, tool_tokens=500), "bf16").notes
+               if "max_position" in n]
+    assert "8,500 tokens" in note and "max_position_embeddings (8,192" in note and "vLLM refuses" in note
