@@ -48,13 +48,19 @@ class Cost:
     breakeven_utilisation: float  # the same as a share of the GPU's capacity: below it the API is cheaper
 
 
+def check_figures(zero_ok: bool = False, **figures: float) -> None:
+    """Each figure finite and > 0 (>= 0 with `zero_ok`), else a PlanError naming it (found by review: a catalogue
+    price of 0 passed the catalogue, then failed here with a message naming no field)."""
+    for name, value in figures.items():
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise PlanError(f"{name} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
 def cost(tokens_per_interaction: float, interactions_per_hour: float, api_price_per_m: float, gpu_price_per_hour: float,
          gpu_interactions_per_hour: float) -> Cost:
-    if not all(math.isfinite(x) for x in (tokens_per_interaction, interactions_per_hour, api_price_per_m,
-                                           gpu_price_per_hour, gpu_interactions_per_hour)) \
-            or min(tokens_per_interaction, api_price_per_m, gpu_price_per_hour, gpu_interactions_per_hour) <= 0 \
-            or interactions_per_hour < 0:
-        raise PlanError("token counts, prices and GPU capacity must be positive, interactions per hour >= 0")
+    check_figures(tokens_per_interaction=tokens_per_interaction, api_price_per_m=api_price_per_m,
+                  gpu_price_per_hour=gpu_price_per_hour, gpu_interactions_per_hour=gpu_interactions_per_hour)
+    check_figures(zero_ok=True, interactions_per_hour=interactions_per_hour)
     api_each = api_price_per_m * tokens_per_interaction / 1e6
     gpu_each = gpu_price_per_hour / gpu_interactions_per_hour
     if api_each <= 0 or not math.isfinite(gpu_each):  # products that underflow or overflow: no answer, not inf
@@ -84,14 +90,13 @@ class FleetCost:
 def fleet_cost(gpus: int, gpu_price_per_hour: float, interactions_per_hour: float, tokens_per_interaction: float,
                api_price_per_m: float) -> FleetCost:
     """E.g. the guide's 1,000 sessions x 200 tokens/min on 4 H100s: API $4.80/h vs $9.60/h (the API wins)."""
-    if not all(math.isfinite(x) for x in (gpu_price_per_hour, interactions_per_hour, tokens_per_interaction,
-                                           api_price_per_m)) or gpus <= 0 or gpu_price_per_hour < 0 \
-            or interactions_per_hour < 0 or tokens_per_interaction <= 0 or api_price_per_m <= 0:
-        raise PlanError("fleet cost needs a positive GPU count, token count and API price")
+    check_figures(gpus=gpus, gpu_price_per_hour=gpu_price_per_hour, tokens_per_interaction=tokens_per_interaction,
+                  api_price_per_m=api_price_per_m)
+    check_figures(zero_ok=True, interactions_per_hour=interactions_per_hour)
     fleet = gpus * gpu_price_per_hour
     api_each = api_price_per_m * tokens_per_interaction / 1e6
     api = interactions_per_hour * api_each
     return FleetCost(gpus=gpus, fleet_per_hour=fleet, api_per_hour=api,
                      fleet_per_1k_interactions=1000 * fleet / interactions_per_hour if interactions_per_hour else None,
                      api_per_1k_interactions=1000 * api_each, fleet_wins=fleet < api,
-                     api_over_fleet=api / fleet if fleet else float("inf"))
+                     api_over_fleet=api / fleet)
