@@ -1,4 +1,5 @@
-"""The planner against the sizing guide's worked figures, and its handling of GQA, MLA, sliding windows and bad input."""
+"""The planner against the sizing guide's worked figures, and its handling of GQA, MLA, sliding windows and bad
+input."""
 
 from __future__ import annotations
 
