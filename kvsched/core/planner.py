@@ -41,8 +41,8 @@ KV_HEAD_KEYS = ("n_head_kv", "num_kv_heads", "num_key_value_heads", "multi_query
 FALCON_TYPES = ("falcon", "RefinedWeb", "RefinedWebModel")
 # Configs whose KV heads vLLM reads from elsewhere (DBRX: attn_config.kv_n_heads; Nemotron-NAS: per block)
 UNREAD_KV_KEYS = {"attn_config": "DBRX/MPT attn_config", "block_configs": "per-block attention (Nemotron-NAS)"}
-# One name per weight dtype; a float32 checkpoint is served in bf16 (vLLM's --dtype auto downcasts it)
-WEIGHT_DTYPES = {"float32": "bf16", "fp32": "fp32", "float16": "fp16", "half": "fp16", "fp16": "fp16",
+# One name per weight dtype
+WEIGHT_DTYPES = {"float32": "fp32", "fp32": "fp32", "float16": "fp16", "half": "fp16", "fp16": "fp16",
                  "bfloat16": "bf16", "bf16": "bf16", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "int8": "int8",
                  "fp4": "fp4", "int4": "int4"}
 
@@ -227,8 +227,8 @@ def checkpoint_dtype(raw: dict[str, Any], text: dict[str, Any]) -> str:
         return {4: "int4", 8: "int8"}.get(quant["bits"], "") if type(quant.get("bits")) is int else ""
     for c in (raw, text):
         dtype = c.get("dtype") or c.get("torch_dtype")
-        if isinstance(dtype, str) and dtype.lower() in WEIGHT_DTYPES:
-            return WEIGHT_DTYPES[dtype.lower()]
+        if isinstance(dtype, str) and dtype.lower() in WEIGHT_DTYPES:  # fp32: vLLM's --dtype auto downcasts it
+            return "bf16" if WEIGHT_DTYPES[dtype.lower()] == "fp32" else WEIGHT_DTYPES[dtype.lower()]
     return "bf16"
 
 

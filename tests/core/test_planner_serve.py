@@ -40,6 +40,7 @@ def test_the_weights_default_to_the_checkpoints_dtype_whatever_the_kv_dtype():
         p = plan(l8, Workload(workflows=1), kv)
         assert (p.weight_dtype, p.weights_bytes) == ("bf16", int(8.03e9 * 2)), kv
     assert plan(l8, Workload(workflows=1), "fp8", "fp8_e4m3").weights_bytes == int(8.03e9)
+    assert plan(l8, Workload(workflows=1), "fp8", "float32").weights_bytes == int(8.03e9 * 4)  # asked for: kept
 
 
 @pytest.mark.parametrize(("argv", "flag", "weights_bytes"), [
