@@ -13,7 +13,7 @@ from typing import Any
 from kvsched.commands.args import check_args, count, number
 from kvsched.core.gpu_catalog import load_catalog
 from kvsched.core.planner import GIB, PRESETS, ModelShape, PlanError
-from kvsched.core.planner_cost import cost, fleet_cost
+from kvsched.core.planner_cost import REFERENCE_PARAMS, cost, fleet_cost, replica_interactions_per_hour
 from kvsched.core.planner_fleet import Levers, Plan, Topology, Workload, plan, summary_calls, with_levers
 
 DEFAULT_PRESET = "llama-3.1-8b"
@@ -38,7 +38,9 @@ def register(subparsers: Any) -> None:
     orch.add_argument("--orchestrator-preset", help="hierarchical: the orchestrator runs this model in its own pool")
     orch.add_argument("--orchestrator-model", type=Path, help="hierarchical: the orchestrator's HF model dir/config")
     p.add_argument("--kv-dtype", default="fp16", help="KV cache dtype: fp16 | bf16 | fp8 (default fp16)")
-    p.add_argument("--weight-dtype", default=None, help="default: fp8 beside an fp8 KV cache, else bf16")
+    p.add_argument("--weight-dtype", default=None,
+                   help="bf16 | fp16 | fp8 | int8 | int4 (default: the checkpoint's; a preset's is bf16); fp8 on a "
+                        "16-bit checkpoint is served with --quantization fp8")
     p.add_argument("--context", type=int, default=8192, help="tokens per session at p95 (sizes memory)")
     p.add_argument("--context-p50", type=int, default=None, help="typical tokens per session (reported beside p95)")
     p.add_argument("--sessions", type=int, default=100, help="concurrent workflows")
@@ -68,7 +70,9 @@ def register(subparsers: Any) -> None:
 
 
 def model_of(args: argparse.Namespace) -> ModelShape:
-    return ModelShape.from_hf_config(args.model) if args.model else ModelShape.from_preset(args.preset or DEFAULT_PRESET)
+    if args.model:
+        return ModelShape.from_hf_config(args.model)
+    return ModelShape.from_preset(args.preset or DEFAULT_PRESET)
 
 
 def orchestrator_of(args: argparse.Namespace) -> ModelShape | None:
@@ -101,37 +105,84 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"model": asdict(shape)}
     if orchestrator is not None:  # two pools: the orchestrators' model and the workers' (this plan)
         orchestrators, pool = workload.tiers()
-        o = plan(orchestrator, orchestrators, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
+        o = fitting(plan(orchestrator, orchestrators, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling,
+                         gpus), "the orchestrator pool")
         out["orchestrator"] = {"model": asdict(orchestrator), "plan": o.as_dict()}
-    base = plan(shape, pool, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus)
-    if not base.fits:  # found by review: an empty table, then "GPU wins per interaction" for a GPU that cannot serve it
-        raise PlanError(f"no catalogue GPU fits this workload at any tensor-parallel degree: one session's KV is "
-                        f"{base.kv_per_session_bytes / 2**30:,.2f} GiB at p95 (with the weights, "
-                        f"{base.total_bytes / 2**30:,.2f} GiB in all); shorten --context, lower --sessions or raise "
-                        f"--ceiling")
+    base = fitting(plan(shape, pool, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus),
+                   "the worker pool" if orchestrator is not None else "this workload")
     g = by_name[args.cost_gpu]
     out.update({
         "workload": {**asdict(workload), "topology": workload.topology.value, "kv_slots": workload.kv_slots,
                      "session_tokens": workload.session_tokens},
         "plan": base.as_dict(),
-        "cost": {"gpu": g.name, "tokens_per_interaction": args.tokens_per_interaction,
-                 "interactions_per_hour": args.interactions_per_hour, "api_price_per_m": args.api_price,
-                 "gpu_price_per_hour": g.price_per_hour, "gpu_interactions_per_hour": g.interactions_per_hour,
-                 **asdict(cost(args.tokens_per_interaction, args.interactions_per_hour, args.api_price,
-                               g.price_per_hour, g.interactions_per_hour))},
+        "cost": cost_block(args, g, shape, base),
     })
-    out["fleet_cost"] = fleet_vs_api(args, g, base, out.get("orchestrator"))
-    out["vllm_args"] = vllm_args(base, g.name)
+    out["fleet_cost"] = fleet_vs_api(args, g, base, out.get("orchestrator"), out["cost"])
+    out["vllm_args"] = vllm_args(base, g.name, shape.weight_dtype)
+    out["vllm_notes"] = serve_dtype(base.weight_dtype, shape.weight_dtype)[1]
     if orchestrator is not None:
         out["fleet_total_bytes"] = base.total_bytes + out["orchestrator"]["plan"]["total_bytes"]
     if args.with_kvsched:
-        out["with_kvsched"] = levers_effect(args, shape, pool, gpus)
+        out["with_kvsched"] = levers_effect(args, shape, pool, gpus, base.weight_dtype)
     return out
 
 
-def vllm_args(base: Plan, gpu: str) -> str | None:
+def cost_block(args: argparse.Namespace, g: Any, shape: ModelShape, base: Plan) -> dict[str, Any]:
+    """The API against the cost GPU, whose unit is one replica of the plan on it (its TP degree's GPUs, paid together)
+    serving the catalogue's 8B-class rate scaled to this model (planner_cost.replica_interactions_per_hour; found by
+    review: the 8B figure priced every model, a 70B as cheap per interaction as an 8B)."""
+    fit = next((f for f in base.fits if f.gpu == g.name), None)
+    if fit is None:
+        raise PlanError(f"--cost-gpu {g.name} cannot hold a replica of {base.model} at any tensor-parallel degree; "
+                        f"choose one that can: {', '.join(f.gpu for f in base.fits)}")
+    tp, per_token = fit.tensor_parallel, shape.params_per_token
+    rate = replica_interactions_per_hour(g.interactions_per_hour, tp, per_token)
+    basis = (f"the catalogue's {g.interactions_per_hour:,.0f}/h per GPU for an 8B-class model x {tp} GPU(s) x "
+             f"{REFERENCE_PARAMS / 1e9:.2f}B / {per_token / 1e9:.2f}B weights read per token (decode bound by weight "
+             "reads; an estimate, check it against a measured rate)" if per_token else
+             f"the catalogue's {g.interactions_per_hour:,.0f}/h per GPU for an 8B-class model x {tp} GPU(s) (parameter "
+             "count unknown: not scaled to the model)")
+    return {"gpu": g.name, "tokens_per_interaction": args.tokens_per_interaction,
+            "interactions_per_hour": args.interactions_per_hour, "api_price_per_m": args.api_price,
+            "gpu_price_per_hour": g.price_per_hour, "gpu_interactions_per_hour": g.interactions_per_hour,
+            "tensor_parallel": tp, "params_per_token": per_token, "replica_price_per_hour": tp * g.price_per_hour,
+            "replica_interactions_per_hour": rate, "throughput_basis": basis,
+            **asdict(cost(args.tokens_per_interaction, args.interactions_per_hour, args.api_price,
+                          tp * g.price_per_hour, rate))}
+
+
+def fitting(p: Plan, pool: str) -> Plan:
+    """`p`, if some catalogue GPU holds it (found by review: an empty table, then "GPU wins per interaction" for a GPU
+    that cannot serve it; a later review: the same for an orchestrator pool no GPU holds)."""
+    if not p.fits:
+        raise PlanError(f"no catalogue GPU fits {pool} ({p.model}) at any tensor-parallel degree: one session's KV is "
+                        f"{p.kv_per_session_bytes / GIB:,.2f} GiB at p95 (with the weights, {p.total_bytes / GIB:,.2f} "
+                        "GiB in all); shorten --context, lower --sessions or raise --ceiling")
+    return p
+
+
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def serve_dtype(weights: str, checkpoint: str) -> tuple[list[str], list[str]]:
+    """The `vllm serve` flags (and notes) that serve the planned weight dtype from a checkpoint holding `checkpoint`
+    (found by review: FP8 weights were sized but the flags served the checkpoint's BF16)."""
+    if weights == checkpoint:
+        return [], []
+    if checkpoint in VLLM_DTYPES and weights == "fp8":
+        return ["--quantization fp8"], ["--quantization fp8 quantizes the checkpoint's weights to FP8 as it loads "
+                                        "them; a pre-quantized FP8 checkpoint needs none (vLLM reads its "
+                                        "quantization_config)"]
+    if checkpoint in VLLM_DTYPES and weights in VLLM_DTYPES:
+        return [f"--dtype {VLLM_DTYPES[weights]}"], []
+    return [], [f"weights planned in {weights}, the checkpoint's are {checkpoint or 'quantized'}: no flag converts "
+                f"them; serve a checkpoint quantized to {weights} (vLLM reads its quantization_config)"]
+
+
+def vllm_args(base: Plan, gpu: str, checkpoint: str = "bf16") -> str | None:
     """`vllm serve` flags for one replica of the plan on `gpu`, per the sizing guide: --max-model-len at the p95
-    session, --max-num-seqs at 1.5x the replica's peak sessions, the planned memory ceiling and TP degree."""
+    session, --max-num-seqs at 1.5x the replica's peak sessions, the planned memory ceiling and TP degree, and the
+    flags that serve the planned weight dtype from a `checkpoint` checkpoint."""
     fit = next((f for f in base.fits if f.gpu == gpu), None)
     if fit is None:
         return None
@@ -140,31 +191,35 @@ def vllm_args(base: Plan, gpu: str) -> str | None:
             f"--gpu-memory-utilization {base.ceiling:.2f}", f"--tensor-parallel-size {fit.tensor_parallel}"]
     if base.kv_dtype.startswith("fp8"):
         args.append(f"--kv-cache-dtype {base.kv_dtype}")
+    args += serve_dtype(base.weight_dtype, checkpoint)[0]
     return " ".join([*args, "--enable-prefix-caching"])
 
 
-def fleet_vs_api(args: argparse.Namespace, gpu: Any, base: Plan, orchestrator: dict[str, Any] | None
-                 ) -> dict[str, Any] | None:
-    """The fleet the plan sized on the cost GPU (memory-bound; at least the throughput-bound count), paid every
-    hour, against the API serving the same interactions."""
+def fleet_vs_api(args: argparse.Namespace, gpu: Any, base: Plan, orchestrator: dict[str, Any] | None,
+                 c: dict[str, Any]) -> dict[str, Any] | None:
+    """The fleet the plan sized on the cost GPU (memory-bound; at least the throughput-bound count of whole replicas
+    at the cost block's replica rate `c`), paid every hour, against the API serving the same interactions."""
     fits = [next((f.gpus for f in base.fits if f.gpu == gpu.name), None)]
     if orchestrator is not None:
         fits.append(next((f["gpus"] for f in orchestrator["plan"]["fits"] if f["gpu"] == gpu.name), None))
     if None in fits:
         return None  # the model does not fit this GPU at any TP degree
-    gpus = max(sum(int(n) for n in fits if n), math.ceil(args.interactions_per_hour / gpu.interactions_per_hour))
+    replicas = math.ceil(args.interactions_per_hour / c["replica_interactions_per_hour"])
+    gpus = max(sum(int(n) for n in fits if n), replicas * c["tensor_parallel"])
     return {"gpu": gpu.name, **asdict(fleet_cost(gpus, gpu.price_per_hour, args.interactions_per_hour,
                                                  args.tokens_per_interaction, args.api_price))}
 
 
-def levers_effect(args: argparse.Namespace, shape: ModelShape, workload: Workload, gpus: list[Any]) -> dict[str, Any]:
-    """The same fleet under kvsched's levers: FP8 KV, compaction, both; the retention budget bounds idle pins."""
+def levers_effect(args: argparse.Namespace, shape: ModelShape, workload: Workload, gpus: list[Any],
+                  weight_dtype: str) -> dict[str, Any]:
+    """The same fleet under kvsched's levers: FP8 KV, compaction, both; the retention budget bounds idle pins. The
+    weights stay in the baseline's dtype (found by review: the FP8 KV lever also switched them to FP8)."""
     levers = Levers(fp8=True, compaction_trigger=args.compaction_trigger, summary_tokens=args.summary_tokens,
                     recent_tokens=args.recent_tokens, pin_budget=args.pin_budget)
     compacted = with_levers(workload, levers)
-    plans = {"fp8_kv": plan(shape, workload, "fp8", args.weight_dtype, args.overhead, args.ceiling, gpus),
-             "compaction": plan(shape, compacted, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus),
-             "fp8_kv+compaction": plan(shape, compacted, "fp8", args.weight_dtype, args.overhead, args.ceiling, gpus)}
+    plans = {"fp8_kv": plan(shape, workload, "fp8", weight_dtype, args.overhead, args.ceiling, gpus),
+             "compaction": plan(shape, compacted, args.kv_dtype, weight_dtype, args.overhead, args.ceiling, gpus),
+             "fp8_kv+compaction": plan(shape, compacted, "fp8", weight_dtype, args.overhead, args.ceiling, gpus)}
     out: dict[str, Any] = {name: _with_retention(q, levers.pin_budget) for name, q in plans.items()}
     out.update(levers=asdict(levers), compacted_session_tokens=compacted.session_tokens,
                summary_calls_per_session=summary_calls(workload.session_tokens, levers), pin_budget=levers.pin_budget)
@@ -206,6 +261,7 @@ def render_plan(p: dict[str, Any], w: dict[str, Any]) -> list[str]:
 
 def render(result: dict[str, Any]) -> str:
     p, w, c = result["plan"], result["workload"], result["cost"]
+    unit = "GPU" if c["tensor_parallel"] == 1 else f"replica ({c['tensor_parallel']} GPUs)"
     lines = [f"{w['workflows']:,} {w['topology']} workflows (agents/stages {w['agents']}): {w['kv_slots']:,} "
              "concurrent KV slots", ""]
     if "orchestrator" in result:
@@ -217,11 +273,13 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"cost on {c['gpu']} ({c['interactions_per_hour']:,.0f} interactions/h x {c['tokens_per_interaction']:,.0f} "
         f"tokens, API ${c['api_price_per_m']}/M):",
+        f"  throughput              {c['replica_interactions_per_hour']:,.0f} interactions/h per {unit}: "
+        f"{c['throughput_basis']}",
         f"  per hour                API ${c['api_per_hour']:.3f} vs GPU prorated ${c['gpu_prorated_per_hour']:.3f} "
         f"(dedicated ${c['gpu_dedicated_per_hour']:.2f})",
         f"  per 1,000 interactions  API ${c['api_per_1k_interactions']:.3f} vs GPU ${c['gpu_per_1k_interactions']:.3f}"
         f" -> {'GPU' if c['gpu_wins'] else 'API'} wins per interaction",
-        f"  crossover               a dedicated GPU beats the API above "
+        f"  crossover               a dedicated {unit} beats the API above "
         f"{c['breakeven_interactions_per_hour']:,.0f} interactions/h; " + (
             f"below {c['breakeven_utilisation']:.0%} utilisation the API is cheaper" if c["breakeven_utilisation"] <= 1
             else f"that is {c['breakeven_utilisation']:.0%} of its capacity: the API is always cheaper"),
@@ -232,7 +290,8 @@ def render(result: dict[str, Any]) -> str:
                      f"${f['api_per_hour']:,.2f}/h for the same interactions -> "
                      f"{'fleet' if f['fleet_wins'] else 'API'} wins (API/fleet cost {f['api_over_fleet']:.2f}x)")
     if result.get("vllm_args"):
-        lines += ["", f"vllm serve flags per replica on {c['gpu']}: {result['vllm_args']}"]
+        lines += ["", f"vllm serve flags per replica on {c['gpu']}: {result['vllm_args']}",
+                  *[f"  note: {n}" for n in result.get("vllm_notes", [])]]
     if "with_kvsched" in result:
         lines += ["", render_levers(result["plan"], result["with_kvsched"], c["gpu"])]
     return "\n".join(lines)

@@ -40,7 +40,7 @@ def _gpu(row: dict[str, Any], where: str) -> Gpu:
     try:
         name = row["name"]
         vram = _number(row, "vram_gib", where, 0, MAX_VRAM_GIB)
-        price = _number(row, "price_per_hour", where, 0, 1e9, low_open=False)
+        price = _number(row, "price_per_hour", where, 0, 1e9)  # 0 priced an owned GPU nowhere (found by review)
         rate = _number(row, "interactions_per_hour", where, 1, 1e12, low_open=False, default=22_000)  # < 1: a fleet of
         # 1e302 GPUs, or math.ceil(inf) (found by review)
     except KeyError as exc:

@@ -35,10 +35,26 @@ LAYER_KINDS = ("full_attention", "sliding_attention")
 OUT_OF_SCOPE_KEYS = {"attn_layer_period": "Jamba-style attention/Mamba hybrid", "ssm_cfg": "state-space (Mamba)",
                      "hybrid_override_pattern": "attention/Mamba hybrid", "layers_block_type": "attention/Mamba hybrid",
                      "attention_chunk_size": "chunked local attention (Llama 4)"}
+# KV heads as vLLM reads them (vllm/transformers_utils/model_arch_config_convertor.py, get_total_num_kv_heads): the
+# first of these keys the config sets, else every attention head. Falcon's first decoder with multi_query has one.
+KV_HEAD_KEYS = ("n_head_kv", "num_kv_heads", "num_key_value_heads", "multi_query_group_num", "num_attention_groups")
+FALCON_TYPES = ("falcon", "RefinedWeb", "RefinedWebModel")
+# Configs whose KV heads vLLM reads from elsewhere (DBRX: attn_config.kv_n_heads; Nemotron-NAS: per block)
+UNREAD_KV_KEYS = {"attn_config": "DBRX/MPT attn_config", "block_configs": "per-block attention (Nemotron-NAS)"}
+# One name per weight dtype
+WEIGHT_DTYPES = {"float32": "fp32", "fp32": "fp32", "float16": "fp16", "half": "fp16", "fp16": "fp16",
+                 "bfloat16": "bf16", "bf16": "bf16", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "int8": "int8",
+                 "fp4": "fp4", "int4": "int4"}
 
 
 class PlanError(ValueError):
     """Input the planner cannot plan with (unknown preset, missing config fields, impossible numbers)."""
+
+
+def weight_dtype_name(name: str) -> str:
+    """The planner's one name of a weight dtype (`bfloat16` -> `bf16`, `fp8_e4m3` -> `fp8`)."""
+    dtype_bytes(name)  # a PlanError naming the choices
+    return WEIGHT_DTYPES.get(name.lower(), name.lower())
 
 
 def dtype_bytes(name: str) -> float:
@@ -52,8 +68,8 @@ def dtype_bytes(name: str) -> float:
 @dataclass(frozen=True, slots=True)
 class ModelShape:
     """What the KV arithmetic needs of a model. `params` counts weights (their memory); `hidden` and `vocab` are
-    informational (0: unknown). MLA models set `kv_lora_rank`; sliding-window models `sliding_window` and how many
-    of `layers` slide."""
+    informational (0: unknown). `attention_heads` (0: unknown) bounds the tensor-parallel degrees vLLM accepts. MLA
+    models set `kv_lora_rank`; sliding-window models `sliding_window` and how many of `layers` slide."""
 
     layers: int
     kv_heads: int
@@ -66,14 +82,23 @@ class ModelShape:
     qk_rope_head_dim: int = 0  # MLA: the rope key stored beside the latent
     sliding_window: int = 0  # tokens a sliding layer keeps (0: none)
     sliding_layers: int = 0  # how many of `layers` slide
+    attention_heads: int = 0  # query heads (0: unknown)
+    weight_dtype: str = "bf16"  # the checkpoint's weights as vLLM serves them ("": a quantization it cannot read)
+    active_params: float = 0.0  # weights read per token (MoE: the routed experts'); 0: all of `params`
+    max_positions: int = 0  # the longest --max-model-len vLLM accepts without an override (0: unknown)
 
     def __post_init__(self) -> None:
-        if self.layers <= 0 or self.params < 0 or self.hidden < 0 or self.vocab < 0:
-            raise PlanError(f"model {self.name!r}: layers must be positive, hidden/vocab/params >= 0")
+        if self.layers <= 0 or min(self.params, self.hidden, self.vocab, self.attention_heads, self.active_params) < 0:
+            raise PlanError(f"model {self.name!r}: layers must be positive, hidden/vocab/params/heads >= 0")
         if self.kv_lora_rank <= 0 and (self.kv_heads <= 0 or self.head_dim <= 0):
             raise PlanError(f"model {self.name!r}: KV heads and head_dim must be positive")
         if not 0 <= self.sliding_layers <= self.layers or (self.sliding_layers and self.sliding_window <= 0):
             raise PlanError(f"model {self.name!r}: sliding_layers must be within 0..layers, with a positive window")
+
+    @property
+    def params_per_token(self) -> float:
+        """Weights a decode step reads per token: the active parameters of a MoE model, else all of them."""
+        return self.active_params or self.params
 
     @property
     def is_mla(self) -> bool:
@@ -110,14 +135,21 @@ class ModelShape:
             if not isinstance(raw, dict):
                 raise PlanError(f"{path} does not hold a JSON object")
             label = name or path.parent.name
-        # multimodal configs keep the language model under text_config
+        # multimodal configs keep the language model under text_config; vLLM sizes the KV cache from it
+        # (hf_text_config), so its keys win and the top level only fills what it leaves out (found by review: a
+        # top-level model_type "paligemma" hid the text config's "gemma2" and its alternating sliding layers)
         text = raw.get("text_config") or {}
         if not isinstance(text, dict):
             raise PlanError(f"model {label!r}: text_config must be a JSON object, got {text!r:.60}")
-        cfg: dict[str, Any] = {**text, **{k: v for k, v in raw.items() if k != "text_config"}}
+        cfg: dict[str, Any] = {**{k: v for k, v in raw.items() if k != "text_config"}, **text}
         for key, what in OUT_OF_SCOPE_KEYS.items():
             if cfg.get(key):
                 raise PlanError(f"model {label!r}: {what} layers ({key}) are out of scope for the planner")
+        for key, what in UNREAD_KV_KEYS.items():
+            if cfg.get(key):
+                raise PlanError(f"model {label!r}: its KV heads are set in {key} ({what}), which the planner does not "
+                                "read; describe it with num_hidden_layers, num_attention_heads, num_key_value_heads "
+                                "and hidden_size")
         try:
             layers = _positive_int(cfg, "num_hidden_layers")
             heads = _positive_int(cfg, "num_attention_heads")
@@ -125,16 +157,21 @@ class ModelShape:
         except KeyError as exc:
             raise PlanError(f"model config lacks {exc.args[0]!r} (needs num_hidden_layers, num_attention_heads, "
                             "hidden_size)") from None
-        kv_heads = config_int(cfg, "num_key_value_heads", heads)
+        kv_heads = kv_heads_of(cfg, heads, raw.get("model_type"))
         head_dim = config_int(cfg, "head_dim", hidden // heads)
         window, sliding = sliding_layers_of(cfg, layers, label)
-        params = cfg.get("num_parameters") or estimate_params(cfg)
+        total = estimate_params(cfg, kv_heads)
+        params = cfg.get("num_parameters") or total
         if type(params) not in (int, float) or not 0 <= params < MAX_CONFIG_INT:
             raise PlanError(f"model config field 'num_parameters' must be a number >= 0, got {params!r:.60}")
+        routed = estimate_params(cfg, kv_heads, active=True)  # below the total for a MoE model
         return cls(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden,
                    vocab=config_int(cfg, "vocab_size"), params=float(params), name=label,
                    kv_lora_rank=config_int(cfg, "kv_lora_rank"), qk_rope_head_dim=config_int(cfg, "qk_rope_head_dim"),
-                   sliding_window=window, sliding_layers=sliding)
+                   sliding_window=window, sliding_layers=sliding, attention_heads=heads,
+                   weight_dtype=checkpoint_dtype(raw, text),
+                   active_params=params * routed / total if 0 < routed < total else 0.0,
+                   max_positions=max_positions_of(cfg))
 
 
 def _positive_int(cfg: dict[str, Any], key: str) -> int:
@@ -158,6 +195,51 @@ def config_int(cfg: dict[str, Any], key: str, default: int = 0) -> int:
     if type(value) is not int or not 0 < value < MAX_CONFIG_INT:
         raise PlanError(f"model config field {key!r} must be a positive integer, got {value!r:.60}")
     return value
+
+
+MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+UNSCALED_ROPE = ("default", "su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def max_positions_of(cfg: dict[str, Any]) -> int:
+    """The longest --max-model-len vLLM accepts for a config (0: unknown), as its _get_and_verify_max_len derives it:
+    the smallest of its length keys (Command-R's model_max_length overrides them), times a RoPE scaling factor whose
+    type does not already include it."""
+    limit = config_int(cfg, "model_max_length") or min((config_int(cfg, k) for k in MAX_LEN_KEYS if cfg.get(k)),
+                                                        default=0)
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    if limit and isinstance(rope, dict) and "gemma3" not in str(cfg.get("model_type")) \
+            and (rope.get("rope_type") or rope.get("type")) not in UNSCALED_ROPE \
+            and type(rope.get("factor")) in (int, float) and rope["factor"] > 0:
+        limit = int(limit * rope["factor"])
+    return limit
+
+
+def checkpoint_dtype(raw: dict[str, Any], text: dict[str, Any]) -> str:
+    """The weight dtype vLLM serves a checkpoint in without flags: a pre-quantized FP8 one stays FP8, GPTQ/AWQ-style
+    ones keep their `bits`, others by their `dtype`/`torch_dtype` (float32 downcast to bf16; absent: bf16), top level
+    first, as vLLM reads them. '' for a quantization whose weight bytes the planner cannot tell."""
+    quant = raw.get("quantization_config") or raw.get("compression_config") or text.get("quantization_config")
+    if isinstance(quant, dict):
+        if str(quant.get("quant_method", "")).lower() == "fp8":
+            return "fp8"
+        return {4: "int4", 8: "int8"}.get(quant["bits"], "") if type(quant.get("bits")) is int else ""
+    for c in (raw, text):
+        dtype = c.get("dtype") or c.get("torch_dtype")
+        if isinstance(dtype, str) and dtype.lower() in WEIGHT_DTYPES:  # fp32: vLLM's --dtype auto downcasts it
+            return "bf16" if WEIGHT_DTYPES[dtype.lower()] == "fp32" else WEIGHT_DTYPES[dtype.lower()]
+    return "bf16"
+
+
+def kv_heads_of(cfg: dict[str, Any], heads: int, model_type: Any = None) -> int:
+    """KV heads of a HF config as vLLM counts them (found by review: only num_key_value_heads was read, so Falcon-7B's
+    one multi-query head counted as 71). `model_type`: the top-level one, which picks vLLM's convertor."""
+    if model_type in FALCON_TYPES and not cfg.get("new_decoder_architecture", False) \
+            and cfg.get("multi_query", True):  # transformers' FalconConfig defaults multi_query to true
+        return 1
+    key = next((k for k in KV_HEAD_KEYS if cfg.get(k) is not None), None)
+    return heads if key is None else config_int(cfg, key, heads)
 
 
 def sliding_layers_of(cfg: dict[str, Any], layers: int, label: str = "model") -> tuple[int, int]:
@@ -190,17 +272,20 @@ def sliding_layers_of(cfg: dict[str, Any], layers: int, label: str = "model") ->
     return (window, sliding) if sliding else (0, 0)
 
 
-def estimate_params(cfg: dict[str, Any]) -> float:
-    """Decoder parameters from a config (embeddings + attention + gated MLP, MoE experts counted), for configs that
-    do not state them. An estimate: norms and biases are ignored, MLA projections counted as plain attention."""
+def estimate_params(cfg: dict[str, Any], kv_heads: int | None = None, active: bool = False) -> float:
+    """Decoder parameters from a config (embeddings + attention + gated MLP, MoE experts counted; `active`: only the
+    experts each token is routed to), for configs that do not state them. An estimate: norms and biases are ignored,
+    MLA projections counted as plain attention."""
     h, layers = config_int(cfg, "hidden_size"), config_int(cfg, "num_hidden_layers")
     heads = config_int(cfg, "num_attention_heads")
-    kv = config_int(cfg, "num_key_value_heads", heads)
+    kv = kv_heads or kv_heads_of(cfg, heads, cfg.get("model_type"))
     hd = config_int(cfg, "head_dim", h // heads)
     inter = config_int(cfg, "intermediate_size", 4 * h)
     vocab = config_int(cfg, "vocab_size", 32_000)
     experts = (config_int(cfg, "num_local_experts") or config_int(cfg, "n_routed_experts")
                or config_int(cfg, "num_experts"))
+    if experts and active:
+        experts = config_int(cfg, "num_experts_per_tok") or config_int(cfg, "num_experts_per_token") or experts
     if experts:
         moe_inter = config_int(cfg, "moe_intermediate_size", inter)
         mlp = 3 * h * moe_inter * (experts + config_int(cfg, "n_shared_experts"))
@@ -211,23 +296,26 @@ def estimate_params(cfg: dict[str, Any]) -> float:
     return float(emb + layers * (attn + mlp))
 
 
-def _preset(name: str, layers: int, kv_heads: int, head_dim: int, hidden: int, vocab: int, params: float,
-            **extra: int) -> ModelShape:
+def _preset(name: str, layers: int, heads: int, kv_heads: int, head_dim: int, hidden: int, vocab: int,
+            params: float, **extra: Any) -> ModelShape:
     return ModelShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden, vocab=vocab, params=params,
-                      name=name, **extra)
+                      name=name, attention_heads=heads, **extra)
 
 
 # Shapes from each model's published config.json; params from its model card.
 PRESETS: dict[str, ModelShape] = {p.name: p for p in (
-    _preset("llama-3.1-8b", 32, 8, 128, 4096, 128_256, 8.03e9),
-    _preset("llama-3.1-70b", 80, 8, 128, 8192, 128_256, 70.6e9),
-    _preset("llama-3.2-3b", 28, 8, 128, 3072, 128_256, 3.21e9),
-    _preset("qwen2.5-7b", 28, 4, 128, 3584, 152_064, 7.62e9),
-    _preset("qwen2.5-72b", 80, 8, 128, 8192, 152_064, 72.7e9),
-    _preset("qwen3-8b", 36, 8, 128, 4096, 151_936, 8.19e9),
-    _preset("mistral-7b-v0.1", 32, 8, 128, 4096, 32_000, 7.24e9, sliding_window=4096, sliding_layers=32),
-    _preset("gemma-2-9b", 42, 8, 256, 3584, 256_000, 9.24e9, sliding_window=4096, sliding_layers=21),
-    _preset("deepseek-v2-lite", 27, 16, 128, 2048, 102_400, 15.7e9, kv_lora_rank=512, qk_rope_head_dim=64),
+    _preset("llama-3.1-8b", 32, 32, 8, 128, 4096, 128_256, 8.03e9, max_positions=131_072),
+    _preset("llama-3.1-70b", 80, 64, 8, 128, 8192, 128_256, 70.6e9, max_positions=131_072),
+    _preset("llama-3.2-3b", 28, 24, 8, 128, 3072, 128_256, 3.21e9, max_positions=131_072),
+    _preset("qwen2.5-7b", 28, 28, 4, 128, 3584, 152_064, 7.62e9),
+    _preset("qwen2.5-72b", 80, 64, 8, 128, 8192, 152_064, 72.7e9),
+    _preset("qwen3-8b", 36, 32, 8, 128, 4096, 151_936, 8.19e9, max_positions=40_960),
+    _preset("mistral-7b-v0.1", 32, 32, 8, 128, 4096, 32_000, 7.24e9, sliding_window=4096, sliding_layers=32,
+            max_positions=32_768),
+    _preset("gemma-2-9b", 42, 16, 8, 256, 3584, 256_000, 9.24e9, sliding_window=4096, sliding_layers=21,
+            max_positions=8192),
+    _preset("deepseek-v2-lite", 27, 16, 16, 128, 2048, 102_400, 15.7e9, kv_lora_rank=512, qk_rope_head_dim=64,
+            active_params=2.4e9, max_positions=163_840),
 )}
 
 
@@ -244,14 +332,19 @@ def kv_bytes_per_token(shape: ModelShape, kv_dtype: str) -> int:
     return int(round(shape.layers * layer_bytes_per_token(shape, kv_dtype)))
 
 
-def kv_bytes_for_context(shape: ModelShape, kv_dtype: str, tokens: int) -> int:
-    """KV bytes one session of `tokens` tokens holds (sliding layers capped at their window)."""
-    if tokens < 0:
-        raise PlanError(f"context must be >= 0 tokens, got {tokens}")
+def kv_bytes_for_context(shape: ModelShape, kv_dtype: str, tokens: int, block_size: int = 16) -> int:
+    """KV bytes one session of `tokens` tokens holds, in whole blocks of `block_size` tokens as vLLM allocates them
+    (found by review: a 1-token session was sized at 1 token, not a block). A sliding layer holds at most its window
+    rounded up to blocks plus one block: the window need not start on a block boundary (vLLM's
+    SlidingWindowSpec.max_admission_blocks_per_request, cdiv(window - 1 + 1 decode token, block) + 1, at decode)."""
+    if tokens < 0 or block_size <= 0:
+        raise PlanError(f"context must be >= 0 tokens and block_size positive, got {tokens} and {block_size}")
     per_layer = layer_bytes_per_token(shape, kv_dtype)
     full = shape.layers - shape.sliding_layers
-    capped = min(tokens, shape.sliding_window) if shape.sliding_layers else 0
-    return int(round(per_layer * (full * tokens + shape.sliding_layers * capped)))
+    held = -(-tokens // block_size) * block_size
+    window = -(-shape.sliding_window // block_size) * block_size + block_size
+    capped = min(held, window) if shape.sliding_layers else 0
+    return int(round(per_layer * (full * held + shape.sliding_layers * capped)))
 
 
 def fp8_tier_block_bytes(shape: ModelShape, kv_dtype: str, block_size: int) -> int:
@@ -276,11 +369,26 @@ def kv_capacity_tokens(shape: ModelShape, kv_dtype: str, kv_bytes: int, block_si
     return int(kv_bytes // per_block) * block_size
 
 
+def tp_refusal(shape: ModelShape, tensor_parallel: int) -> str:
+    """Why vLLM refuses to shard the model over `tensor_parallel` GPUs ('' if it accepts): the attention heads must
+    split evenly over the ranks (ModelConfig.verify_with_parallel_config), and the KV heads either split evenly or
+    each be replicated on a whole number of ranks (QKVParallelLinear). MLA's latent is on every rank: heads only."""
+    if tensor_parallel <= 0:
+        return "tensor_parallel must be positive"
+    heads, kv = shape.attention_heads, shape.kv_heads
+    if heads and heads % tensor_parallel:
+        return f"{heads} attention heads do not split evenly over {tensor_parallel} GPUs"
+    if not shape.is_mla and kv % tensor_parallel and tensor_parallel % kv:
+        return f"{kv} KV heads neither split over nor replicate evenly on {tensor_parallel} GPUs"
+    return ""
+
+
 def kv_replication(shape: ModelShape, tensor_parallel: int) -> float:
     """How many times a replica of `tensor_parallel` GPUs stores each token's KV: MLA's latent is replicated on
-    every rank; GQA heads are split across ranks, and replicated when there are fewer KV heads than ranks."""
-    if tensor_parallel <= 0:
-        raise PlanError("tensor_parallel must be positive")
+    every rank; GQA heads are split across ranks, and replicated when there are fewer KV heads than ranks. A degree
+    vLLM refuses (`tp_refusal`) is a PlanError."""
+    if refusal := tp_refusal(shape, tensor_parallel):
+        raise PlanError(f"model {shape.name!r}: vLLM refuses tensor parallel {tensor_parallel}: {refusal}")
     if shape.is_mla:
         return float(tensor_parallel)
     return max(shape.kv_heads, tensor_parallel) / shape.kv_heads

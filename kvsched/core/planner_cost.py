@@ -4,6 +4,9 @@ With T tokens per interaction, P_api $ per million tokens, P_gpu $ per GPU-hour 
 per hour at sustained load, the GPU wins per interaction when `P_api x T / 1e6 > P_gpu / I_gpu`. A dedicated GPU is
 paid for every hour, so it only beats the API above `P_gpu / (P_api x T / 1e6)` interactions per hour: that load as a
 share of I_gpu is the utilisation below which the API is cheaper.
+
+The catalogue's I_gpu describes one GPU serving an 8B-class model. For another model the unit is one replica (its
+tensor-parallel GPUs, paid together) and its rate is scaled by `replica_interactions_per_hour`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,23 @@ import math
 from dataclasses import dataclass
 
 from kvsched.core.planner import PlanError
+
+REFERENCE_PARAMS = 8.03e9  # Llama 3.1 8B: the 8B-class model the catalogue's interactions_per_hour describe
+
+
+def replica_interactions_per_hour(gpu_rate: float, tensor_parallel: int, params_per_token: float) -> float:
+    """Interactions/h one replica of `tensor_parallel` GPUs sustains, from the catalogue's 8B-class rate per GPU.
+
+    Decode at load is bound by memory bandwidth: each step reads every active weight once, so a replica's token rate
+    scales with its GPUs' combined bandwidth (x tensor_parallel) over the weights read per token (REFERENCE_PARAMS /
+    params_per_token; a MoE model's active parameters). A first-order estimate (found by review: the 8B figure was
+    used for every model): it leaves out tensor parallelism's all-reduce (optimistic at TP > 1), the weight dtype,
+    the context length and prefill; measure the model before buying. A parameter count of 0 (unknown) keeps the
+    8B-class figure."""
+    if tensor_parallel <= 0 or not gpu_rate > 0 or not params_per_token >= 0:
+        raise PlanError("the replica rate needs a positive GPU rate and TP degree, and params_per_token >= 0")
+    scale = REFERENCE_PARAMS / params_per_token if params_per_token else 1.0
+    return gpu_rate * tensor_parallel * scale
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,13 +48,19 @@ class Cost:
     breakeven_utilisation: float  # the same as a share of the GPU's capacity: below it the API is cheaper
 
 
+def check_figures(zero_ok: bool = False, **figures: float) -> None:
+    """Each figure finite and > 0 (>= 0 with `zero_ok`), else a PlanError naming it (found by review: a catalogue
+    price of 0 passed the catalogue, then failed here with a message naming no field)."""
+    for name, value in figures.items():
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise PlanError(f"{name} must be a finite number {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
 def cost(tokens_per_interaction: float, interactions_per_hour: float, api_price_per_m: float, gpu_price_per_hour: float,
          gpu_interactions_per_hour: float) -> Cost:
-    if not all(math.isfinite(x) for x in (tokens_per_interaction, interactions_per_hour, api_price_per_m,
-                                           gpu_price_per_hour, gpu_interactions_per_hour)) \
-            or min(tokens_per_interaction, api_price_per_m, gpu_price_per_hour, gpu_interactions_per_hour) <= 0 \
-            or interactions_per_hour < 0:
-        raise PlanError("token counts, prices and GPU capacity must be positive, interactions per hour >= 0")
+    check_figures(tokens_per_interaction=tokens_per_interaction, api_price_per_m=api_price_per_m,
+                  gpu_price_per_hour=gpu_price_per_hour, gpu_interactions_per_hour=gpu_interactions_per_hour)
+    check_figures(zero_ok=True, interactions_per_hour=interactions_per_hour)
     api_each = api_price_per_m * tokens_per_interaction / 1e6
     gpu_each = gpu_price_per_hour / gpu_interactions_per_hour
     if api_each <= 0 or not math.isfinite(gpu_each):  # products that underflow or overflow: no answer, not inf
@@ -64,14 +90,13 @@ class FleetCost:
 def fleet_cost(gpus: int, gpu_price_per_hour: float, interactions_per_hour: float, tokens_per_interaction: float,
                api_price_per_m: float) -> FleetCost:
     """E.g. the guide's 1,000 sessions x 200 tokens/min on 4 H100s: API $4.80/h vs $9.60/h (the API wins)."""
-    if not all(math.isfinite(x) for x in (gpu_price_per_hour, interactions_per_hour, tokens_per_interaction,
-                                           api_price_per_m)) or gpus <= 0 or gpu_price_per_hour < 0 or interactions_per_hour < 0 or tokens_per_interaction <= 0 \
-            or api_price_per_m <= 0:
-        raise PlanError("fleet cost needs a positive GPU count, token count and API price")
+    check_figures(gpus=gpus, gpu_price_per_hour=gpu_price_per_hour, tokens_per_interaction=tokens_per_interaction,
+                  api_price_per_m=api_price_per_m)
+    check_figures(zero_ok=True, interactions_per_hour=interactions_per_hour)
     fleet = gpus * gpu_price_per_hour
     api_each = api_price_per_m * tokens_per_interaction / 1e6
     api = interactions_per_hour * api_each
     return FleetCost(gpus=gpus, fleet_per_hour=fleet, api_per_hour=api,
                      fleet_per_1k_interactions=1000 * fleet / interactions_per_hour if interactions_per_hour else None,
                      api_per_1k_interactions=1000 * api_each, fleet_wins=fleet < api,
-                     api_over_fleet=api / fleet if fleet else float("inf"))
+                     api_over_fleet=api / fleet)

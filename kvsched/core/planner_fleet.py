@@ -21,6 +21,8 @@ from kvsched.core.planner import (
     kv_bytes_for_context,
     kv_bytes_per_token,
     kv_replication,
+    tp_refusal,
+    weight_dtype_name,
 )
 
 
@@ -78,8 +80,9 @@ class Workload:
 
 @dataclass(frozen=True, slots=True)
 class Gpu:
-    """A catalogue entry. `interactions_per_hour`: sustained capacity of one 8B-class replica (for the cost model);
-    `fp8_kv`: whether vLLM's FP8 KV cache runs natively (Hopper, Blackwell; not Ampere)."""
+    """A catalogue entry. `interactions_per_hour`: sustained capacity of one such GPU serving an 8B-class model (the
+    cost model scales it to other models and TP degrees: planner_cost.replica_interactions_per_hour); `fp8_kv`:
+    whether vLLM's FP8 KV cache runs natively (Hopper, Blackwell; not Ampere)."""
 
     name: str
     vram_gib: float
@@ -137,9 +140,10 @@ def fit_on(gpu: Gpu, shape: ModelShape, weights: int, kv_session: int, slots: in
            ceiling: float) -> Fit | None:
     """The tensor-parallel degree that serves the fleet's sessions on the fewest GPUs (ties: the smaller degree,
     less all-reduce traffic), and its replicas. A replica must hold the weights and at least one session in
-    VRAM x ceiling / (1 + overhead)."""
+    VRAM x ceiling / (1 + overhead). Degrees vLLM refuses for the model's heads are skipped (found by review:
+    Qwen2.5-7B's 28 heads were planned at TP=8)."""
     best: Fit | None = None
-    for tp in TP_DEGREES:
+    for tp in (d for d in TP_DEGREES if not tp_refusal(shape, d)):
         usable = tp * gpu.vram_gib * GIB * ceiling / (1.0 + overhead)
         per_session = kv_session * kv_replication(shape, tp)
         per_replica = math.floor((usable - weights) / per_session) if per_session else 0
@@ -154,11 +158,16 @@ def fit_on(gpu: Gpu, shape: ModelShape, weights: int, kv_session: int, slots: in
 
 def plan(shape: ModelShape, workload: Workload, kv_dtype: str = "fp16", weight_dtype: str | None = None,
          overhead: float = 0.15, ceiling: float = 0.90, gpus: list[Gpu] | None = None) -> Plan:
-    """Size `workload` on `shape`. Weights default to FP8 beside an FP8 KV cache (the guide's "8B FP8"), else BF16."""
+    """Size `workload` on `shape`. The weights default to the checkpoint's dtype (`shape.weight_dtype`; bf16 for the
+    presets) whatever the KV dtype: the guide's "8B FP8" rows pass weight_dtype="fp8" (found by review: an FP8 KV
+    cache silently sized FP8 weights, which vLLM only serves with --quantization fp8 or an FP8 checkpoint)."""
     if not 0 <= overhead < 1 or not 0 < ceiling <= 1:
         raise PlanError(f"overhead must be in [0, 1) and the utilisation ceiling in (0, 1] (got {overhead}, {ceiling})")
     fp8 = dtype_bytes(kv_dtype) <= 1
-    weight_dtype = weight_dtype or ("fp8" if fp8 else "bf16")
+    if not (weight_dtype or shape.weight_dtype):
+        raise PlanError(f"model {shape.name!r}: the checkpoint's quantization_config does not say its weight bytes; "
+                        "pass the weight dtype (--weight-dtype)")
+    weight_dtype = weight_dtype_name(weight_dtype or shape.weight_dtype)
     kv_session = kv_bytes_for_context(shape, kv_dtype, workload.session_tokens)
     kv_p50 = kv_bytes_for_context(shape, kv_dtype, workload.session_tokens_p50)
     kv_total = kv_session * workload.kv_slots
@@ -178,6 +187,10 @@ def plan(shape: ModelShape, workload: Workload, kv_dtype: str = "fp16", weight_d
         notes.append("MLA: one latent + rope key per token and layer, replicated on every tensor-parallel rank")
     if not shape.params:
         notes.append("parameter count unknown: weights not counted")
+    if shape.max_positions and workload.session_tokens > shape.max_positions:  # found by review: never checked
+        notes.append(f"WARNING: the p95 session ({workload.session_tokens:,} tokens, --max-model-len) exceeds the "
+                     f"model's max_position_embeddings ({shape.max_positions:,}, with any RoPE scaling): vLLM refuses "
+                     "it unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1, and positions past the limit may give NaNs")
     return Plan(model=shape.name, attention=shape.attention_kind, kv_dtype=kv_dtype, weight_dtype=weight_dtype,
                 bytes_per_token=kv_bytes_per_token(shape, kv_dtype), session_tokens=workload.session_tokens,
                 kv_per_session_bytes=kv_session, kv_per_session_p50_bytes=kv_p50, kv_slots=workload.kv_slots,

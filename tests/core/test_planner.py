@@ -1,4 +1,5 @@
-"""The planner against the sizing guide's worked figures, and its handling of GQA, MLA, sliding windows and bad input."""
+"""The planner against the sizing guide's worked figures, and its handling of GQA, MLA, sliding windows and bad
+input."""
 
 from __future__ import annotations
 
@@ -34,20 +35,21 @@ def test_llama_8b_fp8_guide_figures():
 
 
 def test_guide_table_rows():
-    p = plan(L8, Workload(workflows=100, context=8192), "fp8")
+    """The guide's "8B FP8" and "70B FP8" rows: FP8 weights beside the FP8 KV cache, asked for explicitly."""
+    p = plan(L8, Workload(workflows=100, context=8192), "fp8", "fp8")
     assert p.kv_total_bytes == 50 * GIB
     assert p.weights_bytes / 1e9 == pytest.approx(8, rel=0.05)
     assert p.total_before_overhead_bytes / 1e9 == pytest.approx(60, rel=0.05)
     assert p.total_bytes == int(p.total_before_overhead_bytes * 1.15)
-    p70 = plan(L70, Workload(workflows=50, context=8192), "fp8", overhead=0.15)
+    p70 = plan(L70, Workload(workflows=50, context=8192), "fp8", "fp8", overhead=0.15)
     assert p70.kv_total_bytes / 1e9 == pytest.approx(64, rel=0.06)
     assert p70.weights_bytes / 1e9 == pytest.approx(70, rel=0.02)
     assert p70.total_before_overhead_bytes / 1e9 == pytest.approx(137, rel=0.03)
     assert p70.total_bytes / 1e9 == pytest.approx(158, rel=0.03)
 
 
-def _fit(shape, workload, gpu, kv_dtype="fp8", **kw):
-    (fit,) = plan(shape, workload, kv_dtype, gpus=[CATALOG[gpu]], **kw).fits
+def _fit(shape, workload, gpu, kv_dtype="fp8", weight_dtype="fp8", **kw):
+    (fit,) = plan(shape, workload, kv_dtype, weight_dtype, gpus=[CATALOG[gpu]], **kw).fits
     return fit
 
 
@@ -105,7 +107,8 @@ def test_topologies_set_the_live_slots():
     w = Workload(workflows=1, context=2000, tool_calls=5, tool_tokens=500)
     assert w.session_tokens == 4500  # every tool result stays in the KV cache
     p = plan(L8, Workload(workflows=10, context=4000, context_p50=1000, tool_calls=2, tool_tokens=500), "fp8")
-    assert p.kv_per_session_bytes == 5000 * 65_536 and p.kv_per_session_p50_bytes == 2000 * 65_536
+    # 5,000 tokens take 313 blocks of 16 (5,008 tokens); 2,000 exactly 125
+    assert p.kv_per_session_bytes == 5008 * 65_536 and p.kv_per_session_p50_bytes == 2000 * 65_536
     assert p.kv_total_p50_bytes == 10 * p.kv_per_session_p50_bytes
 
 
@@ -127,12 +130,14 @@ def test_mla_and_sliding_window_are_not_the_plain_formula():
     mla = ModelShape.from_preset("deepseek-v2-lite")
     assert kv_bytes_per_token(mla, "bf16") == 27 * (512 + 64) * 2  # latent + rope key, no x2, no heads
     sw = ModelShape.from_preset("mistral-7b-v0.1")
-    assert kv_bytes_for_context(sw, "fp16", 32_768) == kv_bytes_for_context(sw, "fp16", 4096)  # capped at the window
+    # capped at the window, plus the block a window not aligned to blocks spills into
+    assert kv_bytes_for_context(sw, "fp16", 32_768) == kv_bytes_for_context(sw, "fp16", 4096 + 16)
+    assert kv_bytes_for_context(sw, "fp16", 32_768) == 32 * 2 * 8 * 128 * 2 * (4096 + 16)
     mixed = ModelShape.from_hf_config({"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
                                        "hidden_size": 512, "sliding_window": 1024,
                                        "layer_types": ["sliding_attention", "full_attention"] * 2})
     per_layer = 2 * 2 * 64 * 2
-    assert kv_bytes_for_context(mixed, "bf16", 8192) == per_layer * (2 * 8192 + 2 * 1024)
+    assert kv_bytes_for_context(mixed, "bf16", 8192) == per_layer * (2 * 8192 + 2 * (1024 + 16))
     assert any("slide" in n for n in plan(mixed, Workload(workflows=1), "bf16").notes)
 
 
@@ -164,7 +169,8 @@ def test_capacity_counts_whole_blocks():
 
 def test_tensor_parallel_kv_replication():
     assert kv_replication(L8, 8) == 1.0  # 8 KV heads split over 8 ranks
-    assert kv_replication(ModelShape.from_preset("qwen2.5-7b"), 8) == 2.0  # 4 KV heads on 8 ranks: each twice
+    four_kv = ModelShape(layers=1, kv_heads=4, head_dim=128, attention_heads=32)
+    assert kv_replication(four_kv, 8) == 2.0  # 4 KV heads on 8 ranks: each twice
     assert kv_replication(ModelShape.from_preset("deepseek-v2-lite"), 2) == 2.0  # the MLA latent on every rank
 
 

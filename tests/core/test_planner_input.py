@@ -9,7 +9,7 @@ import pytest
 from kvsched.cli import main
 from kvsched.core.gpu_catalog import load_catalog
 from kvsched.core.planner import ModelShape, PlanError
-from kvsched.core.planner_cost import cost
+from kvsched.core.planner_cost import cost, fleet_cost
 
 BASE = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 64}
 
@@ -81,3 +81,34 @@ def test_cost_refuses_non_finite_figures():
         cost(950, float("nan"), 0.4, 2.4, 22_000)
     with pytest.raises(PlanError):
         cost(950, 500, float("inf"), 2.4, 22_000)
+
+
+# Total memory nvidia-smi reports for each catalogue GPU, in MiB
+NVIDIA_SMI_MIB = {"A100-80GB-PCIe": 81_920, "H100-PCIe-80GB": 81_559, "H100-SXM5-80GB": 81_559,
+                  "H200-SXM-141GB": 143_771, "B200-192GB": 183_359, "RTX-5090-32GB": 32_607}
+
+
+def test_the_catalogue_holds_the_memory_the_driver_reports():
+    """The catalogue's own convention: vram_gib is nvidia-smi's MiB / 1024, rounded down (found by review: the H100s
+    said 80 GiB, 0.35 GiB more than the 79.65 their driver reports)."""
+    gpus = {g.name: g.vram_gib for g in load_catalog()}
+    assert set(gpus) == set(NVIDIA_SMI_MIB)
+    for name, mib in NVIDIA_SMI_MIB.items():
+        assert mib / 1024 - 0.5 < gpus[name] <= mib / 1024, name
+
+
+def test_a_price_of_zero_is_refused_by_the_catalogue_and_the_cost_model_naming_the_field(capsys, tmp_path):
+    """Found by review: the catalogue took price_per_hour = 0, then cost() refused it naming no field."""
+    path = tmp_path / "gpus.toml"
+    path.write_text('[[gpu]]\nname = "free"\nvram_gib = 80\nprice_per_hour = 0\n')
+    with pytest.raises(PlanError, match="price_per_hour must be a finite number > 0"):
+        load_catalog(path)
+    plan_fails(capsys, ["--gpu-catalog", str(path), "--cost-gpu", "free"], "price_per_hour must be a finite number > 0")
+    for args, field in (((950, 500, 0.4, 0.0, 22_000), "gpu_price_per_hour"),
+                        ((950, 500, 0.0, 2.4, 22_000), "api_price_per_m"),
+                        ((950, -1, 0.4, 2.4, 22_000), "interactions_per_hour"),
+                        ((950, 500, 0.4, 2.4, 0.0), "gpu_interactions_per_hour")):
+        with pytest.raises(PlanError, match=f"^{field} must be a finite number"):
+            cost(*args)
+    with pytest.raises(PlanError, match="^gpu_price_per_hour must be"):
+        fleet_cost(1, 0.0, 100, 200, 0.40)
