@@ -65,7 +65,12 @@ class SessionRecord:
     expiry_queued: float | None = None  # earliest time of this session's entries in the policy's expiry heap
     activity: int = 0  # when it was last active, as a sequence number: the release order's tie-break (oldest first)
     version: int = 0  # changes whenever its release value may have: older entries in the release heap are stale
-    scored: tuple[int, float, int, float] | None = None  # (version, time, gap epoch, value) of its last score
+    # Its last score: the value at (version, time, gap epoch). Four fields, not one tuple: a tuple per score would be
+    # a new object the collector tracks at every re-key (a young collection every ~40 steps at 10,000 sessions).
+    scored_version: int = -1
+    scored_at: float = 0.0
+    scored_epoch: int = 0
+    scored_value: float = 0.0
     ended: bool = False  # ended while a request of it was in the engine: that request's finish ends it (no pin)
     whole_only: bool = False  # its pin is of use only whole (a sliding window past block 0: no tail release)
 

@@ -74,9 +74,8 @@ class ReleaseValues:
         while its version, the time and the gap model's epoch stay: a decision keys the changed sessions, then scores
         the heap's top again at the same time (and the simulator's consecutive decisions often share their time)."""
         epoch = self.gaps.epoch
-        last = rec.scored
-        if last is not None and last[1] == now and last[0] == rec.version and last[2] == epoch:
-            return last[3]
+        if rec.scored_at == now and rec.scored_version == rec.version and rec.scored_epoch == epoch:
+            return rec.scored_value
         value = self._value(rec, now, rec.pinned_tokens, self.bytes_per_token)
-        rec.scored = (rec.version, now, epoch, value)
+        rec.scored_version, rec.scored_at, rec.scored_epoch, rec.scored_value = rec.version, now, epoch, value
         return value
