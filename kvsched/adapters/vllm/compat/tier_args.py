@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 TIER_DEST = "kvsched_fp8_tier_gb"  # where the parser keeps --kvsched-fp8-tier-gb until the arguments are complete
@@ -61,11 +62,16 @@ def apply_tier(parser: Any, ns: argparse.Namespace, kvsched: bool) -> None:
             parser.error("--kvsched-fp8-tier-gb / --kvsched-disk-tier-* / --kvsched-store-url set "
                          "--kv-transfer-config; pass only one of them")
         if getattr(user, "kv_connector", None) == CONNECTOR_NAME:
+            if _prefix_caching_off(ns):
+                _refuse_without_prefix_caching(parser, f"--kv-transfer-config naming {CONNECTOR_NAME}")
             _check_user_tier(parser, user)
             if getattr(user, "kv_connector_extra_config", None):
                 user.kv_connector_extra_config = hide_store_secret(dict(user.kv_connector_extra_config))
         return  # the user's own connector (the tier's JSON, or another one): kvsched runs without adding its tier
     gib = parse_tier_gib(asked) if asked is not None else _env_tier_gib(parser)
+    if gib != 0 and _prefix_caching_off(ns):
+        _tier_off_without_prefix_caching(parser, asked, levels)
+        return
     if gib == 0:
         if levels:
             parser.error("the disk and shared levels restore through the FP8 tier: they need it on "
@@ -87,6 +93,35 @@ def apply_tier(parser: Any, ns: argparse.Namespace, kvsched: bool) -> None:
     # the KVTransferConfig vLLM logs
     cfg["kv_connector_extra_config"] = hide_store_secret(cfg["kv_connector_extra_config"])
     ns.kv_transfer_config = KVTransferConfig(**cfg)
+
+
+def _prefix_caching_off(ns: argparse.Namespace) -> bool:
+    """`--no-enable-prefix-caching` given (vLLM's default, None, lets vLLM decide: on, unless the model or platform
+    turns it off, which the connector then says in its log)."""
+    return getattr(ns, "enable_prefix_caching", None) is False
+
+
+def _refuse_without_prefix_caching(parser: Any, setting: str) -> None:
+    parser.exit(2, f"kvsched: {setting} needs vLLM's prefix caching (the FP8 tier and its levels are keyed by its block "
+                   f"hashes), which --no-enable-prefix-caching turns off; drop one of them\n")
+
+
+def _tier_off_without_prefix_caching(parser: Any, asked: Any, levels: dict[str, Any]) -> None:
+    """`--no-enable-prefix-caching` with the tier on: refused in one line when the tier (or a level under it) was asked
+    for by flag or variable, else the default tier is left off, with a warning. Found by review: the tier was added
+    anyway, and its connector raised in the worker after the model had loaded (the engine died)."""
+    from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB
+
+    if asked is not None:
+        _refuse_without_prefix_caching(parser, f"--kvsched-fp8-tier-gb {asked if isinstance(asked, str) else f'{asked:g}'}")
+    if levels:
+        _refuse_without_prefix_caching(parser, " / ".join(f for f, k in LEVEL_FLAGS.items() if k in levels))
+    if os.environ.get(ENV_TIER_GB, "").strip():
+        _refuse_without_prefix_caching(parser, f"{ENV_TIER_GB}={os.environ[ENV_TIER_GB]!r}")
+    if env_levels := _env_levels():
+        _refuse_without_prefix_caching(parser, " / ".join(env_levels))
+    print("kvsched: warning: --no-enable-prefix-caching: kvsched's FP8 tier is off, and no session's KV is kept (its "
+          "pins and its tier follow vLLM's prefix-cache block hashes)", file=sys.stderr)
 
 
 def _check_user_tier(parser: Any, user: Any) -> None:
