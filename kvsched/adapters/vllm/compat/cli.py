@@ -45,16 +45,19 @@ class _SchedulerAction(argparse.Action):
             parser.exit(2, f"{refusal}\n")
 
 
-def _scheduler_cls_type(value: str) -> str:
-    """`--scheduler-cls` accepts vLLM's dotted class paths and kvsched's short names."""
-    if value in SCHEDULERS and SCHEDULERS[value] is not None:
-        return SCHEDULERS[value]  # type: ignore[return-value]
-    if "." not in value:
-        raise argparse.ArgumentTypeError(
-            f"--scheduler-cls needs a dotted 'module.Class' path or one of: "
-            f"{', '.join(k for k, v in SCHEDULERS.items() if v)}; got {value!r}"
-        )
-    return value
+def _scheduler_cls_type(original: Any) -> Any:
+    """`--scheduler-cls`'s type: kvsched's short names (`--scheduler-cls kvsched`) map to their class path; anything
+    else goes to vLLM's own type unchanged (`optional_type(str)`: "" and "None" are vLLM's default). Found by review:
+    replacing vLLM's type refused `--scheduler-cls None` and YAML `scheduler-cls: null` on every server with the plugin
+    installed, kvsched selected or not."""
+
+    def scheduler_cls(value: str) -> Any:
+        if SCHEDULERS.get(value) is not None:
+            return SCHEDULERS[value]
+        return value if original is None else original(value)
+
+    scheduler_cls.__name__ = getattr(original, "__name__", "scheduler_cls")  # argparse names it in its errors
+    return scheduler_cls
 
 
 def extend_engine_parser(parser: Any) -> None:
@@ -71,7 +74,7 @@ def extend_engine_parser(parser: Any) -> None:
     )
     for action in parser._actions:
         if action.dest == "scheduler_cls" and "--scheduler-cls" in action.option_strings:
-            action.type = _scheduler_cls_type
+            action.type = _scheduler_cls_type(action.type)
     add_tier_arguments(parser)
     parser.set_defaults(middleware=[MIDDLEWARE_PATH])
     _check_after_parsing(parser)
