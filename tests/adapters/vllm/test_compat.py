@@ -45,15 +45,28 @@ def test_is_kvsched_scheduler():
     assert not compat.is_kvsched_scheduler(None) and not compat.is_kvsched_scheduler("vllm.x.Y")
 
 
-def test_plugin_register_is_idempotent():
+def test_the_entry_point_register_hooks_a_fresh_vllm_parser_once(monkeypatch):
+    """vLLM loads `vllm.general_plugins` entry points in every process, maybe more than once. Found by review: this test
+    installed the hook itself, so it passed with a register() that did nothing."""
+    from importlib.metadata import entry_points
+
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from kvsched.adapters.vllm import plugin
 
+    assert {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}.get("kvsched") == \
+        "kvsched.adapters.vllm.plugin:register"
+    current = EngineArgs.__dict__["add_cli_args"].__func__
+    stock = getattr(current, "__wrapped__", current)  # vLLM's own, whatever an earlier test installed
+    monkeypatch.setattr(EngineArgs, "add_cli_args", staticmethod(stock))
+    monkeypatch.setattr(plugin, "_registered", False)
+    assert "--scheduler" not in EngineArgs.add_cli_args(FlexibleArgumentParser())._option_string_actions
     plugin.register()
     plugin.register()
-    compat.install_parser_hook()
-    assert getattr(EngineArgs.__dict__["add_cli_args"].__func__, "__kvsched_wrapped__", False)
+    assert EngineArgs.__dict__["add_cli_args"].__func__.__wrapped__ is stock  # wrapped once
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    assert parser.parse_args(["--scheduler", "kvsched"]).scheduler_cls.endswith("KVSchedScheduler")
 
 
 @pytest.mark.parametrize("argv", [["--scheduler", "kvsched", "--kv-cache-dtype", "fp8"],

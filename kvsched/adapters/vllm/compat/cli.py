@@ -183,5 +183,6 @@ def install_parser_hook() -> None:
         return parser
 
     add_cli_args.__kvsched_wrapped__ = True  # type: ignore[attr-defined]
+    add_cli_args.__wrapped__ = current  # type: ignore[attr-defined]
     add_cli_args.__doc__ = current.__doc__
     EngineArgs.add_cli_args = staticmethod(add_cli_args)  # type: ignore[method-assign]
