@@ -1,6 +1,6 @@
 """kvsched's ASGI middleware for vLLM's OpenAI API server.
 
-Added to every `vllm serve` by the plugin; a strict pass-through unless the server runs kvsched's scheduler. With it:
+Added by the plugin to a `vllm serve` that runs kvsched's scheduler (and a strict pass-through on any other). With it:
 - **authentication first** (`auth.py`): vLLM puts plugin middleware outside its own key check, so kvsched checks the
   key itself before doing anything; a request vLLM will refuse is passed on untouched (vLLM answers 401);
 - generation requests (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/messages`) get their session

@@ -15,8 +15,11 @@ def test_short_name_selects_the_class_and_the_middleware_is_added(vllm_cli):
     ns = serve(vllm_cli, "--scheduler", "kvsched", "--middleware", "user.mw")
     assert ns.scheduler_cls == "kvsched.adapters.vllm.scheduler.KVSchedScheduler"
     assert ns.middleware == [compat.MIDDLEWARE_PATH, "user.mw"]
-    assert serve(vllm_cli, "--scheduler", "default").scheduler_cls is None
-    assert serve(vllm_cli).scheduler_cls is None
+    assert serve(vllm_cli, "--scheduler-cls", "kvsched").middleware == [compat.MIDDLEWARE_PATH]
+    for stock in (serve(vllm_cli, "--scheduler", "default"), serve(vllm_cli)):
+        # found by review: the middleware was every server's default, and read KVSCHED_* (even a Redis client) there
+        assert stock.scheduler_cls is None and stock.middleware == []
+    assert serve(vllm_cli, "--middleware", "user.mw").middleware == ["user.mw"]
 
 
 def test_scheduler_cls_takes_kvscheds_short_names_and_leaves_the_rest_to_vllm(vllm_cli, tmp_path):

@@ -61,10 +61,8 @@ def _scheduler_cls_type(original: Any) -> Any:
 
 
 def extend_engine_parser(parser: Any) -> None:
-    """Add `--scheduler NAME` (dest scheduler_cls) and kvsched's API-server middleware to vLLM's argument parser.
-
-    The middleware is a strict pass-through unless the server's scheduler is kvsched's, so `vllm serve MODEL`
-    without `--scheduler` behaves exactly like stock vLLM."""
+    """Add `--scheduler NAME` (dest scheduler_cls) and the FP8 tier's flags to vLLM's argument parser, and the checks
+    run once the arguments are complete (which add kvsched's API-server middleware when kvsched is selected)."""
     if any("--scheduler" in a.option_strings for a in parser._actions):
         return
     parser.add_argument(
@@ -76,7 +74,6 @@ def extend_engine_parser(parser: Any) -> None:
         if action.dest == "scheduler_cls" and "--scheduler-cls" in action.option_strings:
             action.type = _scheduler_cls_type(action.type)
     add_tier_arguments(parser)
-    parser.set_defaults(middleware=[MIDDLEWARE_PATH])
     _check_after_parsing(parser)
 
 
@@ -142,6 +139,14 @@ def carry_settings_to_ray_workers(args: argparse.Namespace) -> None:
         os.environ[RAY_PREFIXES_VAR] = ",".join([*prefixes, "KVSCHED_"])
 
 
+def add_middleware(ns: argparse.Namespace, kvsched: bool) -> None:
+    """kvsched's API-server middleware, on a server that runs kvsched's scheduler only, before the user's own (where it
+    was as the option's default). Found by review: it was the default of every `vllm serve`, and its
+    constructor read the KVSCHED_* settings (logging their errors, opening a Redis client) on stock servers too."""
+    if kvsched and isinstance(getattr(ns, "middleware", None), list) and MIDDLEWARE_PATH not in ns.middleware:
+        ns.middleware = [MIDDLEWARE_PATH, *ns.middleware]
+
+
 def _check_after_parsing(parser: Any) -> None:
     """Once the arguments are complete (whatever their order on the command line): exit with `cpu_refusal`'s one line
     or the KVSCHED_* settings errors (one line each) before vLLM starts an engine, and turn the FP8 tier on
@@ -159,8 +164,10 @@ def _check_after_parsing(parser: Any) -> None:
                 print(f"kvsched: warning: {warning}", file=sys.stderr)
             if errors := engine_setting_errors():
                 parser.exit(2, "".join(f"kvsched: {e}\n" for e in errors))
-        apply_tier(parser, ns, is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)))
+        kvsched = is_kvsched_scheduler(getattr(ns, "scheduler_cls", None))
+        apply_tier(parser, ns, kvsched)
         carry_settings_to_ray_workers(ns)
+        add_middleware(ns, kvsched)
         return ns, rest
 
     parser.parse_known_args = checked
