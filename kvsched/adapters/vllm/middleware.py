@@ -138,7 +138,7 @@ class KVSchedMiddleware:
             await self.app(scope, receive, send)  # vLLM reads no vllm_xargs from it, or answers 404/405 unread
             return
         ident = self.auth.identify(scope["app"], raw.get("authorization"))
-        if not ident.authenticated and path.startswith(compat.AUTH_GUARDED_PREFIXES):
+        if not ident.authenticated and path.startswith(compat.auth_guarded_prefixes()):
             await self.app(scope, receive, send)  # vLLM answers 401
             return
         try:

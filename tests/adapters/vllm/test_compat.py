@@ -111,3 +111,17 @@ def test_layouts_that_split_a_sessions_state_are_refused_in_one_line(vllm_cli, c
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and err[-1].startswith("kvsched: ") and refused in err[-1]
     assert serve(vllm_cli, *argv).scheduler_cls is None  # stock vLLM's layouts are not kvsched's to refuse
+
+
+def test_register_pulls_no_api_server_modules_into_engine_processes():
+    """register() runs in every engine-core and worker process. Found by review: importing compat read vLLM's auth
+    middleware's paths at import time, pulling FastAPI, Starlette and pydantic's extras into each (~100 modules)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, vllm.engine.arg_utils\nbefore = set(sys.modules)\n"
+             "from kvsched.adapters.vllm import plugin\nplugin.register()\n"
+             "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}), "
+             "[m for m in set(sys.modules) - before if m.startswith('vllm.entrypoints')])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "['kvsched'] []", out.stdout
