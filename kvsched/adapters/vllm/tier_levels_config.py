@@ -56,6 +56,9 @@ class LevelsConfig:
         gb = parse_disk_gib(gb_raw, gb_name) if gb_raw not in (None, "", "auto") else None
         if gb is not None and not disk_dir:
             raise DiskConfigError(f"{gb_name} needs --kvsched-disk-tier-dir (or {ENV_DISK_DIR})")
+        if gb is not None and (total := file_system_bytes(str(disk_dir))) and gb * 2**30 > total:
+            raise DiskConfigError(f"{gb_name}: {gb:g} GiB is more than the whole file system holding {str(disk_dir)!r} "
+                                  f"({total / 2**30:.1f} GiB); give a smaller size")
         url = extra.get("store_url") or os.environ.get(ENV_STORE_URL) or None
         if url:
             from kvsched.adapters.store.redis_store import check_url, unredacted
@@ -84,6 +87,19 @@ def not_a_directory(path: str) -> str | None:
                 return None if p.is_dir() else f"{str(p)!r} exists and is not a directory"
         except OSError:  # a parent this user may not search (found by review: it raised out of the start-up checks)
             return None  # (then the level's own start-up guard turns it off, logged)
+    return None
+
+
+def file_system_bytes(path: str) -> int | None:
+    """The size of the file system `path` is (or would be, once created) on: its nearest existing parent's; None if
+    unknown. Found by review: a disk level of 1e300 GiB was accepted."""
+    for p in (Path(path), *Path(path).parents):
+        try:
+            if p.exists():
+                st = os.statvfs(p)
+                return int(st.f_blocks * st.f_frsize)
+        except OSError:
+            return None
     return None
 
 
