@@ -209,6 +209,20 @@ def test_level_errors_name_the_flag_or_the_variable(monkeypatch, env, extra, nam
     assert str(exc.value).startswith(named), exc.value
 
 
+# ---- 10: a blank variable is an unset one, for every setting --------------------------------------------------------
+def test_every_setting_set_blank_is_its_default(monkeypatch, capsys) -> None:
+    """Found by review: KVSCHED_DEFAULT_TTL_S="" failed with Python's own float error and KVSCHED_INFER_SESSIONS="" was
+    refused, while the tier's variables read "" as their default (kvsched.core.env)."""
+    from kvsched.core.config import RetentionConfig
+
+    for name in known_setting_names():
+        monkeypatch.setenv(name, " " if name.endswith("_S") else "")
+    assert engine_setting_errors() == [] and engine_setting_warnings() == []
+    assert RetentionConfig.from_env() == RetentionConfig()
+    ns = parser().parse_args(["--scheduler", "kvsched"])
+    assert ns.kv_transfer_config.kv_connector_extra_config["tier_gb"] == "auto" and capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(("extra", "env", "named"), [
     ({"kv_ttl_s": 0}, {}, "kv_ttl_s must be"), ({"fetch_mb": True}, {}, "fetch_mb must be a number"),
     ({}, {"KVSCHED_STORE_KV_TTL_S": "0"}, "KVSCHED_STORE_KV_TTL_S must be"),
