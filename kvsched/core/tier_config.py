@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ENV_TIER_GB = "KVSCHED_FP8_TIER_GB"  # the tier's size when no flag gives one (the engine's, and `kvsched simulate`'s)
+
 
 class TierConfigError(ValueError):
     """The tier was configured with an impossible size (raised at start-up, with the offending value)."""

@@ -44,14 +44,13 @@ from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_link import link_for
 from kvsched.adapters.vllm.tier_meta import TierStepMeta, TierWorkerMeta
 from kvsched.core.tier import Load, TailKey, TierDirectory
-from kvsched.core.tier_config import TierConfig, TierConfigError, parse_tier_gib
+from kvsched.core.tier_config import ENV_TIER_GB, TierConfig, TierConfigError, parse_tier_gib
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")  # vLLM's handlers and VLLM_LOGGING_LEVEL apply
 
-ENV_TIER_GB = "KVSCHED_FP8_TIER_GB"
 # vLLM turns prefix caching off itself for some models and platforms (MLA on CPU, non-causal attention, encoder-only)
 NO_PREFIX_CACHING = "vLLM's prefix caching is off (flag, model or platform); the tier is keyed by its block hashes"
-__all__ = ["CONNECTOR_NAME", "MODULE_PATH", "KVSchedFP8TierConnector", "kv_transfer_config", "kv_transfer_config_json"]
+__all__ = ["CONNECTOR_NAME", "ENV_TIER_GB", "MODULE_PATH", "KVSchedFP8TierConnector", "kv_transfer_config", "kv_transfer_config_json"]
 
 
 class KVSchedFP8TierConnector(KVConnectorBase_V1):
