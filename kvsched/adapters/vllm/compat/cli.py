@@ -124,15 +124,41 @@ def parallel_refusal(args: argparse.Namespace) -> str | None:
 RAY_PREFIXES_VAR = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
 
 
+def vllm_picks_ray(args: argparse.Namespace) -> bool:
+    """Whether vLLM 0.32 will choose Ray for the workers itself (`ParallelConfig.__post_init__`, config/parallel.py):
+    no backend given, more than one worker, and this process inside a Ray placement group (a `vllm serve` started from
+    a Ray task or actor). Found by review: only the flags were looked at, so those workers ran without KVSCHED_*. Ray
+    is initialised here only if already imported: a process that has not imported it is in no placement group."""
+    if getattr(args, "distributed_executor_backend", None) is not None:
+        return False
+    world = 1
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+                 "prefill_context_parallel_size"):
+        world *= int(getattr(args, name, 1) or 1)
+    ray = sys.modules.get("ray")
+    if world <= 1 or ray is None:
+        return False
+    try:
+        if not ray.is_initialized():
+            return False
+        from ray.util import get_current_placement_group
+
+        return bool(get_current_placement_group())
+    except Exception:  # a Ray that cannot say: the environment is left alone
+        return False
+
+
 def carry_settings_to_ray_workers(args: argparse.Namespace) -> None:
     """With kvsched's scheduler on Ray workers: vLLM copies to them only the environment variables of its own prefixes
     (VLLM_, HF_, NCCL_, ...: `vllm/ray/ray_env.py`) and of those this variable adds, so add KVSCHED_ and a worker on
     another node runs with the engine's kvsched settings (the FP8 tier's, the shared store's URL), not the defaults.
     Additive (the operator's prefixes stay), and only then: the variable is one of vLLM's compile-cache factors, so
-    setting it everywhere would miss a cache built without it (a review found that)."""
+    setting it everywhere would miss a cache built without it (a review found that). Ray asked for by flag, or chosen
+    by vLLM itself (`vllm_picks_ray`)."""
     if not is_kvsched_scheduler(getattr(args, "scheduler_cls", None)):
         return
-    if "ray" not in (getattr(args, "distributed_executor_backend", None), getattr(args, "data_parallel_backend", None)):
+    if "ray" not in (getattr(args, "distributed_executor_backend", None), getattr(args, "data_parallel_backend", None)) \
+            and not vllm_picks_ray(args):
         return
     prefixes = [p.strip() for p in os.environ.get(RAY_PREFIXES_VAR, "").split(",") if p.strip()]
     if "KVSCHED_" not in prefixes:
