@@ -46,6 +46,20 @@ def test_is_kvsched_scheduler():
     assert compat.is_kvsched_scheduler(KVSchedScheduler)
     assert compat.is_kvsched_scheduler("kvsched.adapters.vllm.scheduler.KVSchedScheduler")
     assert not compat.is_kvsched_scheduler(None) and not compat.is_kvsched_scheduler("vllm.x.Y")
+    assert not compat.is_kvsched_scheduler("no_such_module.Sched")
+
+
+def test_a_subclass_of_kvscheds_scheduler_is_kvsched(vllm_cli, tmp_path, monkeypatch):
+    """Found by review: `--scheduler-cls myco.MyKV` (a KVSchedScheduler subclass) was taken for another scheduler by
+    its path, so the server ran it without the FP8 tier, the KVSCHED_* checks and the middleware."""
+    (tmp_path / "myco_sched.py").write_text("from kvsched.adapters.vllm.scheduler import KVSchedScheduler\n\n\n"
+                                            "class MyKV(KVSchedScheduler):\n    pass\n\n\nclass Other:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert compat.is_kvsched_scheduler("myco_sched.MyKV") and not compat.is_kvsched_scheduler("myco_sched.Other")
+    ns = serve(vllm_cli, "--scheduler-cls", "myco_sched.MyKV")
+    assert ns.middleware == [compat.MIDDLEWARE_PATH] and ns.kv_transfer_config is not None
+    stock = serve(vllm_cli, "--scheduler-cls", "myco_sched.Other")
+    assert stock.middleware == [] and stock.kv_transfer_config is None
 
 
 def test_the_entry_point_register_hooks_a_fresh_vllm_parser_once(monkeypatch):

@@ -4,6 +4,8 @@ tier_args)."""
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import os
 import sys
 from typing import Any
@@ -30,8 +32,27 @@ def resolve_scheduler_name(value: str) -> str | None:
 
 
 def is_kvsched_scheduler(scheduler_cls: object) -> bool:
-    name = scheduler_cls if isinstance(scheduler_cls, str) else getattr(scheduler_cls, "__module__", "")
-    return isinstance(name, str) and name.startswith("kvsched.")
+    """Whether the server runs kvsched's scheduler: one of kvsched's class paths, or a subclass of KVSchedScheduler
+    (`--scheduler-cls myco.MyKV`; found by review: a subclass named by its own path got no tier, settings checks or
+    middleware). A path outside kvsched and vLLM is imported to see, once (vLLM's engine core imports it anyway); one
+    that does not import is not kvsched's (the engine core then says why)."""
+    if isinstance(scheduler_cls, str):
+        return scheduler_cls.startswith("kvsched.") or _imported_subclass(scheduler_cls)
+    if str(getattr(scheduler_cls, "__module__", "")).startswith("kvsched."):
+        return True
+    return any(f"{c.__module__}.{c.__qualname__}" == SCHEDULERS["kvsched"] for c in getattr(scheduler_cls, "__mro__", ()))
+
+
+@functools.cache
+def _imported_subclass(path: str) -> bool:
+    module, _, name = path.rpartition(".")
+    if not module or path.startswith("vllm."):
+        return False
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except Exception:
+        return False
+    return isinstance(cls, type) and is_kvsched_scheduler(cls)
 
 
 class _SchedulerAction(argparse.Action):
