@@ -66,7 +66,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--kv-dtype", default="fp8", help="with --preset: the KV cache's dtype")
     tier = p.add_mutually_exclusive_group()
     tier.add_argument("--fp8-tier-gib", type=float, default=None,
-                      help="kvsched side: FP8 demotion tier of this many GiB of host memory (0: off). With no tier flag: "
+                      help="kvsched side: FP8 demotion tier of this many GiB of host memory (0: off). No tier flag: "
                            "KVSCHED_FP8_TIER_GB when it holds a size (a malformed one refused as the engine refuses "
                            "it; not held to this machine's memory), else off "
                            "(--fleet: --host-gib-per-gpu's rule at 256). Unlike the engine, whose default is on (auto: "
@@ -209,9 +209,11 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
              restore_bytes_per_s: float = 0.0, progress: bool = False, retention: Any = None,
              replicas: int = 1) -> dict[str, Any]:
     """`retention`: the kvsched side's RetentionConfig (default: its defaults; `kvsched simulate` reads the engine's
-    `KVSCHED_*` variables, and KVSCHED_FP8_TIER_GB without a tier flag: simulate_tier). `replicas` > 1: session-affine replay, `capacity` blocks per replica. `tier`: (bytes, bytes per block) of kvsched's FP8 tier; (0, 0) = off. `compaction` (a CompactionConfig): also
-    replay kvsched on the trace as compaction serves it, as the side `kvsched+compaction` (its prompts differ, so it
-    is compared on prefill computed and prompt size, not on a share of OPT's saving)."""
+    `KVSCHED_*` variables, and KVSCHED_FP8_TIER_GB without a tier flag: simulate_tier). `replicas` > 1:
+    session-affine replay, `capacity` blocks per replica. `tier`: (bytes, bytes per block) of kvsched's FP8 tier;
+    (0, 0) = off. `compaction` (a CompactionConfig): also replay kvsched on the trace as compaction serves it, as the
+    side `kvsched+compaction` (its prompts differ, so it is compared on prefill computed and prompt size, not on a
+    share of OPT's saving)."""
     from kvsched.core.config import RetentionConfig
     from kvsched.sim.replay import ReplayConfig, replay
 
@@ -357,8 +359,10 @@ def report(args: argparse.Namespace, result: dict[str, Any], trace: Any, policie
               f"{c['peak_prompt_tokens_per_session_max']} tokens; prefill computed {k['prefill_tokens_computed']} "
               f"(the summary calls' included)")
     if tier[0]:
-        print(f"kvsched's FP8 tier: {tier[0] / 2**30:.0f} GiB of host memory ({tier[0] // tier[1]} blocks; "
-              f"{'host ' + str(args.host_gib_per_gpu or FLEET_HOST_GIB_PER_GPU) + ' GiB per GPU of ' + str(args.gpu_kv_gib) + ' GiB KV' if args.fp8_tier_blocks is None and args.fp8_tier_gib is None else 'as given'}), "
+        rule = args.fp8_tier_blocks is None and args.fp8_tier_gib is None
+        how = (f"host {args.host_gib_per_gpu or FLEET_HOST_GIB_PER_GPU} GiB per GPU of {args.gpu_kv_gib} GiB KV" if rule
+               else "as given")
+        print(f"kvsched's FP8 tier: {tier[0] / 2**30:.0f} GiB of host memory ({tier[0] // tier[1]} blocks; {how}), "
               f"restores at {args.h2d_gbps:g} GB/s in TTFT")
     for name, ratio in result.get("prefill_over_lru", {}).items():
         print(f"  {name} prefill / lru: {ratio:.3f}")

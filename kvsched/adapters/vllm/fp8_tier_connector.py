@@ -50,7 +50,8 @@ logger = logging.getLogger("vllm.kvsched.fp8_tier")  # vLLM's handlers and VLLM_
 
 # vLLM turns prefix caching off itself for some models and platforms (MLA on CPU, non-causal attention, encoder-only)
 NO_PREFIX_CACHING = "vLLM's prefix caching is off (flag, model or platform); the tier is keyed by its block hashes"
-__all__ = ["CONNECTOR_NAME", "ENV_TIER_GB", "MODULE_PATH", "KVSchedFP8TierConnector", "kv_transfer_config", "kv_transfer_config_json"]
+__all__ = ["CONNECTOR_NAME", "ENV_TIER_GB", "MODULE_PATH", "KVSchedFP8TierConnector", "kv_transfer_config",
+           "kv_transfer_config_json"]
 
 
 class KVSchedFP8TierConnector(KVConnectorBase_V1):

@@ -114,8 +114,8 @@ def ttl_setting(env: str, given: Any, default: float, key: str = "") -> float:
 def fetch_mb_setting(given: Any) -> float:
     """The background fetch's chunk in MiB: `given` (kv_connector_extra_config), else KVSCHED_TIER_FETCH_MB, else
     the default."""
-    return _positive("fetch_mb" if given is not None else ENV_FETCH_MB,
-                     given if given is not None else os.environ.get(ENV_FETCH_MB), DEFAULT_FETCH_MB, MAX_FETCH_MB, "MiB")
+    name, raw = ("fetch_mb", given) if given is not None else (ENV_FETCH_MB, os.environ.get(ENV_FETCH_MB))
+    return _positive(name, raw, DEFAULT_FETCH_MB, MAX_FETCH_MB, "MiB")
 
 
 def _positive(name: str, raw: Any, default: float, most: float, unit: str, note: str = "") -> float:

@@ -1,9 +1,9 @@
-"""The FP8 tier without vLLM's prefix caching (it is keyed by its block hashes). Found by review: `vllm serve --scheduler
-kvsched --no-enable-prefix-caching` turned the default tier on, and its connector raised in the worker after the model
-had loaded, so the engine died; vLLM also turns prefix caching off by itself (MLA on CPU, non-causal attention,
-encoder-only models). Now: the connector serves without the tier, saying why once; the command line leaves the default
-tier off with a warning, and refuses in one line a tier (or a level under it) asked for by flag, variable or
---kv-transfer-config."""
+"""The FP8 tier without vLLM's prefix caching (it is keyed by its block hashes). Found by review: `vllm serve
+--scheduler kvsched --no-enable-prefix-caching` turned the default tier on, and its connector raised in the worker
+after the model had loaded, so the engine died; vLLM also turns prefix caching off by itself (MLA on CPU, non-causal
+attention, encoder-only models). Now: the connector serves without the tier, saying why once; the command line leaves
+the default tier off with a warning, and refuses in one line a tier (or a level under it) asked for by flag, variable
+or --kv-transfer-config."""
 
 from __future__ import annotations
 

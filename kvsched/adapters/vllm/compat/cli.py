@@ -40,7 +40,8 @@ def is_kvsched_scheduler(scheduler_cls: object) -> bool:
         return scheduler_cls.startswith("kvsched.") or _imported_subclass(scheduler_cls)
     if str(getattr(scheduler_cls, "__module__", "")).startswith("kvsched."):
         return True
-    return any(f"{c.__module__}.{c.__qualname__}" == SCHEDULERS["kvsched"] for c in getattr(scheduler_cls, "__mro__", ()))
+    mro = getattr(scheduler_cls, "__mro__", ())
+    return any(f"{c.__module__}.{c.__qualname__}" == SCHEDULERS["kvsched"] for c in mro)
 
 
 @functools.cache
@@ -178,8 +179,8 @@ def carry_settings_to_ray_workers(args: argparse.Namespace) -> None:
     by vLLM itself (`vllm_picks_ray`)."""
     if not is_kvsched_scheduler(getattr(args, "scheduler_cls", None)):
         return
-    if "ray" not in (getattr(args, "distributed_executor_backend", None), getattr(args, "data_parallel_backend", None)) \
-            and not vllm_picks_ray(args):
+    flags = (getattr(args, "distributed_executor_backend", None), getattr(args, "data_parallel_backend", None))
+    if "ray" not in flags and not vllm_picks_ray(args):
         return
     prefixes = [p.strip() for p in os.environ.get(RAY_PREFIXES_VAR, "").split(",") if p.strip()]
     if "KVSCHED_" not in prefixes:

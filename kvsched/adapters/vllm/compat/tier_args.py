@@ -42,9 +42,9 @@ def _tier_gib(value: object) -> float | None:
 
 
 def apply_tier(parser: Any, ns: argparse.Namespace, kvsched: bool) -> None:
-    """With `--scheduler kvsched` (`kvsched`) the FP8 tier is on unless told otherwise: set vLLM's kv_transfer_config to it (size
-    from --kvsched-fp8-tier-gb, else KVSCHED_FP8_TIER_GB, else the default rule), unless the size is 0 or the command
-    names another KV connector (then kvsched runs without its tier, and says so)."""
+    """With `--scheduler kvsched` (`kvsched`) the FP8 tier is on unless told otherwise: set vLLM's kv_transfer_config to
+    it (size from --kvsched-fp8-tier-gb, else KVSCHED_FP8_TIER_GB, else the default rule), unless the size is 0 or the
+    command names another KV connector (then kvsched runs without its tier, and says so)."""
     from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB, kv_transfer_config
     from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, hide_store_secret
     from kvsched.core.tier_config import parse_tier_gib
@@ -102,8 +102,8 @@ def _prefix_caching_off(ns: argparse.Namespace) -> bool:
 
 
 def _refuse_without_prefix_caching(parser: Any, setting: str) -> None:
-    parser.exit(2, f"kvsched: {setting} needs vLLM's prefix caching (the FP8 tier and its levels are keyed by its block "
-                   f"hashes), which --no-enable-prefix-caching turns off; drop one of them\n")
+    parser.exit(2, f"kvsched: {setting} needs vLLM's prefix caching (the FP8 tier and its levels are keyed by its "
+                   f"block hashes), which --no-enable-prefix-caching turns off; drop one of them\n")
 
 
 def _tier_off_without_prefix_caching(parser: Any, asked: Any, levels: dict[str, Any]) -> None:
@@ -113,7 +113,8 @@ def _tier_off_without_prefix_caching(parser: Any, asked: Any, levels: dict[str, 
     from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB
 
     if asked is not None:
-        _refuse_without_prefix_caching(parser, f"--kvsched-fp8-tier-gb {asked if isinstance(asked, str) else f'{asked:g}'}")
+        size = asked if isinstance(asked, str) else f"{asked:g}"
+        _refuse_without_prefix_caching(parser, f"--kvsched-fp8-tier-gb {size}")
     if levels:
         _refuse_without_prefix_caching(parser, " / ".join(f for f, k in LEVEL_FLAGS.items() if k in levels))
     if os.environ.get(ENV_TIER_GB, "").strip():
