@@ -35,3 +35,15 @@ def test_every_setting_the_code_reads_is_in_the_readme_table() -> None:
     missing = sorted(n for n in settings_in_code() if f"`{n}" not in table)
     assert not missing, f"README's settings table lacks {missing}"
     assert len(settings_in_code()) > 20  # the scan itself found the settings
+
+
+def test_the_readme_says_vllm_plugins_must_name_kvsched() -> None:
+    """Found by review: with `VLLM_PLUGINS` set (vLLM's allow-list, for every plugin group) without kvsched, the plugin
+    never loads and `--scheduler kvsched` fails as an ambiguous prefix of `--scheduler-cls`. The name it must hold is
+    the entry point's."""
+    import tomllib
+
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["vllm.general_plugins"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert list(entry) == ["kvsched"]
+    assert "`VLLM_PLUGINS`" in readme and "include `kvsched`" in readme and "ambiguous option" in readme

@@ -16,18 +16,15 @@ from typing import Any
 
 from kvsched.bench.common import provenance, table, write_json
 from kvsched.commands.args import MAX_COUNT, MAX_GIB, check_args, count, number
+from kvsched.commands.simulate_tier import FLEET_HOST_GIB_PER_GPU, MAX_TIER_BLOCKS, tier_bytes, tier_from_env
 
 POLICIES = ("lru", "kvsched", "opt", "lru+offload")  # lru+offload: stock vLLM CPU offloading on the tier's bytes
-# The fleet's default host and link: an 8-GPU H100 node with 2 TiB of host memory (256 GiB per GPU), ~60 GiB of KV per
-# 80 GB GPU after an 8B model's weights and activations, and PCIe Gen5 x16 at half its 64 GB/s peak for host copies.
-FLEET_HOST_GIB_PER_GPU = 256.0
+# The fleet's default GPUs and link (its hosts: simulate_tier): ~60 GiB of KV per 80 GB GPU after an 8B model's weights
+# and activations, and PCIe Gen5 x16 at half its 64 GB/s peak for host copies.
 FLEET_GPU_KV_GIB = 60.0
 FLEET_H2D_GBPS = 32.0
 DEFAULT_PRESSURE = 2.0
 DEFAULT_PRESET = "llama-3.1-8b"
-# The replay keeps a Python free list of the tier's slots: 2**26 (64 GiB of list) is 20x the fleet trace's working set,
-# and a tier past a trace's working set changes nothing.
-MAX_TIER_BLOCKS = 2**26
 MAX_REPLICAS = 4096  # engines in one replay: each replays its share alone (the Ray router's rings are far smaller)
 MAX_PROMPT_TOKENS = 2**24  # compaction's token counts: far past any context (a summary's ids are built one by one)
 # --kv-gib and --fp8-tier-gib are checked where they are used
@@ -68,8 +65,13 @@ def register(subparsers: Any) -> None:
                         "an engine's recording: that engine's own bytes per token and per tier block)")
     p.add_argument("--kv-dtype", default="fp8", help="with --preset: the KV cache's dtype")
     tier = p.add_mutually_exclusive_group()
-    tier.add_argument("--fp8-tier-gib", type=float, default=0.0,
-                      help="kvsched side: FP8 demotion tier of this many GiB of host memory (0: off)")
+    tier.add_argument("--fp8-tier-gib", type=float, default=None,
+                      help="kvsched side: FP8 demotion tier of this many GiB of host memory (0: off). No tier flag: "
+                           "KVSCHED_FP8_TIER_GB when it holds a size (a malformed one refused as the engine refuses "
+                           "it; not held to this machine's memory), else off "
+                           "(--fleet: --host-gib-per-gpu's rule at 256). Unlike the engine, whose default is on (auto: "
+                           "from its host's memory): a replay has no host memory to size auto from; "
+                           "--host-gib-per-gpu models that rule")
     tier.add_argument("--fp8-tier-blocks", type=int, default=None, help="kvsched side: FP8 tier of this many blocks")
     tier.add_argument("--host-gib-per-gpu", type=float, default=None,
                       help="kvsched side: the FP8 tier as `vllm serve --scheduler kvsched` sizes it by default on GPUs "
@@ -184,27 +186,6 @@ def engine_bytes(args: argparse.Namespace, trace: Any) -> tuple[int, int]:
     return kv_bytes_per_token(shape, args.kv_dtype), fp8_tier_block_bytes(shape, args.kv_dtype, trace.block_size)
 
 
-def tier_bytes(args: argparse.Namespace, block_bytes: int, pool_bytes: int = 0) -> int:
-    host = args.host_gib_per_gpu
-    if host is None and args.fleet and args.fp8_tier_blocks is None and not args.fp8_tier_gib:
-        host = FLEET_HOST_GIB_PER_GPU
-    if host is not None:
-        from kvsched.core.tier_config import auto_budget_bytes
-
-        gpu_pool = int(args.gpu_kv_gib * 2**30) if 0 < args.gpu_kv_gib <= MAX_GIB else 0
-        if not 0 <= host <= MAX_GIB or gpu_pool < 1:
-            raise ValueError(f"--host-gib-per-gpu must be in 0..{MAX_GIB:g} and --gpu-kv-gib at least a byte")
-        gpus = max(1, math.ceil(pool_bytes / gpu_pool))
-        return gpus * auto_budget_bytes(min(gpu_pool, pool_bytes), int(host * 2**30))
-    if args.fp8_tier_blocks is not None:
-        if not 0 <= args.fp8_tier_blocks <= MAX_TIER_BLOCKS:
-            raise ValueError(f"--fp8-tier-blocks must be in 0..{MAX_TIER_BLOCKS}")
-        return args.fp8_tier_blocks * block_bytes
-    if not 0 <= args.fp8_tier_gib <= MAX_GIB:
-        raise ValueError(f"--fp8-tier-gib must be a number in 0..{MAX_GIB:g}")
-    return int(args.fp8_tier_gib * 2**30)
-
-
 def compaction_config(args: argparse.Namespace) -> Any:
     """The `--compaction*` options as the server's CompactionConfig (None without `--compaction`)."""
     if not getattr(args, "compaction", None):
@@ -228,9 +209,11 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
              restore_bytes_per_s: float = 0.0, progress: bool = False, retention: Any = None,
              replicas: int = 1) -> dict[str, Any]:
     """`retention`: the kvsched side's RetentionConfig (default: its defaults; `kvsched simulate` reads the engine's
-    `KVSCHED_*` variables). `replicas` > 1: session-affine replay, `capacity` blocks per replica. `tier`: (bytes, bytes per block) of kvsched's FP8 tier; (0, 0) = off. `compaction` (a CompactionConfig): also
-    replay kvsched on the trace as compaction serves it, as the side `kvsched+compaction` (its prompts differ, so it
-    is compared on prefill computed and prompt size, not on a share of OPT's saving)."""
+    `KVSCHED_*` variables, and KVSCHED_FP8_TIER_GB without a tier flag: simulate_tier). `replicas` > 1:
+    session-affine replay, `capacity` blocks per replica. `tier`: (bytes, bytes per block) of kvsched's FP8 tier;
+    (0, 0) = off. `compaction` (a CompactionConfig): also replay kvsched on the trace as compaction serves it, as the
+    side `kvsched+compaction` (its prompts differ, so it is compared on prefill computed and prompt size, not on a
+    share of OPT's saving)."""
     from kvsched.core.config import RetentionConfig
     from kvsched.sim.replay import ReplayConfig, replay
 
@@ -309,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--policies names a policy twice: {args.policies}")
         check_outputs(args)  # before the replay, not after it
         retention = RetentionConfig.from_env()  # the engine's parser: the same KVSCHED_* variables, same checks
+        tier_from_env(args, lambda line: print(f"kvsched simulate: {line}", file=sys.stderr))
         for warning in near_miss_warnings(setting_names()):  # a misspelt setting would otherwise change nothing
             print(f"kvsched simulate: warning: {warning}", file=sys.stderr)
         trace = load_trace(args)
@@ -375,8 +359,10 @@ def report(args: argparse.Namespace, result: dict[str, Any], trace: Any, policie
               f"{c['peak_prompt_tokens_per_session_max']} tokens; prefill computed {k['prefill_tokens_computed']} "
               f"(the summary calls' included)")
     if tier[0]:
-        print(f"kvsched's FP8 tier: {tier[0] / 2**30:.0f} GiB of host memory ({tier[0] // tier[1]} blocks; "
-              f"{'host ' + str(args.host_gib_per_gpu or FLEET_HOST_GIB_PER_GPU) + ' GiB per GPU of ' + str(args.gpu_kv_gib) + ' GiB KV' if args.fp8_tier_blocks is None and not args.fp8_tier_gib else 'as given'}), "
+        rule = args.fp8_tier_blocks is None and args.fp8_tier_gib is None
+        how = (f"host {args.host_gib_per_gpu or FLEET_HOST_GIB_PER_GPU} GiB per GPU of {args.gpu_kv_gib} GiB KV" if rule
+               else "as given")
+        print(f"kvsched's FP8 tier: {tier[0] / 2**30:.0f} GiB of host memory ({tier[0] // tier[1]} blocks; {how}), "
               f"restores at {args.h2d_gbps:g} GB/s in TTFT")
     for name, ratio in result.get("prefill_over_lru", {}).items():
         print(f"  {name} prefill / lru: {ratio:.3f}")

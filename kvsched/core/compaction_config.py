@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Any
 
+from kvsched.core.env import env_setting
+
 DEFAULT_SUMMARY_PROMPT = (
     "Summarize the conversation above for your own later use. Keep every fact, decision, name, number and open task "
     "that later turns may need; drop chatter. Write at most {target_tokens} tokens."
@@ -122,7 +124,7 @@ class CompactionConfig:
         KVSCHED_COMPACTION_TRIGGER_TOKENS=5000, KVSCHED_COMPACTION_WAIT_FOR_SUMMARY=1)."""
         env = os.environ if environ is None else environ
         updates: dict[str, Any] = {}
-        if (raw := env.get("KVSCHED_COMPACTION")) is not None:
+        if (raw := env_setting(env, "KVSCHED_COMPACTION")) is not None:
             try:
                 updates["strategy"] = parse_strategy(raw)
             except InvalidCompactionInput as exc:
@@ -131,7 +133,7 @@ class CompactionConfig:
             if f.name == "strategy":
                 continue
             var = f"KVSCHED_COMPACTION_{f.name.upper()}"
-            raw = env.get(var)
+            raw = env_setting(env, var)
             if raw is None:
                 continue
             default = getattr(cls(), f.name)

@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from kvsched.core.compaction_config import parse_bool
+from kvsched.core.env import env_setting
 from kvsched.core.pin_payback import PaybackConfig
 
 INT_FIELDS = frozenset({"max_sessions", "payback_sampling", "payback_window", "payback_cooldown"})
@@ -148,7 +149,7 @@ class RetentionConfig:
         updates: dict[str, Any] = {}
         for f in fields(cls):
             var = f"KVSCHED_{f.name.upper()}"
-            raw = env.get(var)
+            raw = env_setting(env, var)
             if raw is None:
                 continue
             try:

@@ -34,6 +34,8 @@ class DiskConfigError(ValueError):
 def parse_disk_gib(value: object, name: str = "disk tier size") -> float:
     """A disk budget in GiB (> 0); `name` is where it came from (the flag or the variable), for the message."""
     try:
+        if isinstance(value, bool):  # JSON true is not a size (float() made it 1 GiB)
+            raise TypeError
         gib = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise DiskConfigError(f"{name} must be a number of GiB, got {value!r}") from None

@@ -35,6 +35,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
+from kvsched.core.env import env_setting
 from kvsched.core.sessions import SessionId, SessionKey
 
 Anchor = tuple[int, Hashable]  # (index of the last full block of a turn's prompt, that block's chained hash)
@@ -66,7 +67,7 @@ class LineageConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, max_entries: int = 100_000) -> LineageConfig:
         env = os.environ if environ is None else environ
-        raw = env.get("KVSCHED_INFER_SESSIONS")
+        raw = env_setting(env, "KVSCHED_INFER_SESSIONS")
         if raw is None:
             return cls(max_entries=max_entries)
         value = raw.strip().lower()

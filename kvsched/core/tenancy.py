@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from kvsched.core.env import env_setting
 from kvsched.core.sessions import SessionKey
 
 DEFAULT_PAGE = 100
@@ -144,7 +145,7 @@ def page(rows: Iterable[tuple[SessionKey, T]], query: PageQuery) -> tuple[list[T
 
 def admin_keys_from_env(environ: Mapping[str, str]) -> tuple[str, ...]:
     """KVSCHED_ADMIN_KEYS: comma-separated bearer tokens that may list and end every tenant's sessions."""
-    raw = environ.get("KVSCHED_ADMIN_KEYS")
+    raw = env_setting(environ, "KVSCHED_ADMIN_KEYS")
     if raw is None:
         return ()
     keys = tuple(k.strip() for k in raw.split(",") if k.strip())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ENV_TIER_GB = "KVSCHED_FP8_TIER_GB"  # the tier's size when no flag gives one (the engine's, and `kvsched simulate`'s)
+
 
 class TierConfigError(ValueError):
     """The tier was configured with an impossible size (raised at start-up, with the offending value)."""
@@ -64,10 +66,16 @@ class TierConfig:
 
     @classmethod
     def from_gib(cls, gib: object) -> TierConfig:
+        """GiB as given. Found by review: JSON `true` was taken as 1 GiB, and a size under one byte (1e-12) as 0, the
+        tier off, without a word: both refused."""
         try:
+            if isinstance(gib, bool):
+                raise TypeError
             value = float(gib)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise TierConfigError(f"tier size must be a number of GiB, got {gib!r}") from None
         if not value >= 0 or value == float("inf"):
             raise TierConfigError(f"tier size must be a finite number of GiB >= 0, got {gib!r}")
+        if 0 < value and int(value * 2**30) == 0:
+            raise TierConfigError(f"tier size {gib!r} GiB is less than a byte; give 0 to turn the tier off")
         return cls(budget_bytes=int(value * 2**30))

@@ -172,9 +172,11 @@ def test_config_from_env_and_bad_values():
         CompactionConfig(trigger_tokens=0)
     with pytest.raises(InvalidCompactionInput):
         parse_strategy("")
-    for blank in ("", "  \n"):  # found by review: every summary call then went out without an instruction
-        with pytest.raises(InvalidCompactionInput, match="summary_prompt"):
-            CompactionConfig.from_env({"KVSCHED_COMPACTION_SUMMARY_PROMPT": blank})
+    for blank in ("", "  \n"):  # found by review: every summary call then went out without an instruction; a blank
+        # variable is now unset, as every KVSCHED_* one (kvsched.core.env): the built-in instruction
+        assert CompactionConfig.from_env({"KVSCHED_COMPACTION_SUMMARY_PROMPT": blank}) == CompactionConfig()
+    with pytest.raises(InvalidCompactionInput, match="summary_prompt"):
+        CompactionConfig(summary_prompt=" ")
 
 
 def test_forget_drops_a_session(clock):

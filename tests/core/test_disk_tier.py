@@ -93,6 +93,8 @@ def test_sizes_are_checked() -> None:
     with pytest.raises(DiskConfigError):
         parse_disk_gib(0)
     assert parse_disk_gib("1.5") == 1.5
+    with pytest.raises(DiskConfigError, match="GiB"):  # found by review: JSON `true` was 1 GiB
+        parse_disk_gib(True)
     with pytest.raises(DiskConfigError):
         DiskDirectory(100, 0)
 

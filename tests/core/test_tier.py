@@ -137,10 +137,12 @@ def test_zero_budget_tier_stores_nothing():
     assert d.demote("a", blocks("a", 3)) == [] and d.match(["a0"], 0, 1) == []
 
 
-@pytest.mark.parametrize("bad", ["-1", "x", None, "inf", "nan"])
+@pytest.mark.parametrize("bad", ["-1", "x", None, "inf", "nan", True, False, "1e-12", 2**-31])
 def test_bad_sizes_are_typed_errors(bad):
+    """Found by review: JSON `true` was 1 GiB, and a size under one byte the tier off, without a word."""
     with pytest.raises(TierConfigError):
         TierConfig.from_gib(bad)
+    assert TierConfig.from_gib(0).budget_bytes == 0 and TierConfig.from_gib(2**-30).budget_bytes == 1
 
 
 def test_block_bytes_must_be_positive():

@@ -13,8 +13,8 @@ Worker side: a `TierStore` (fp8_tier_store) over each layer's views (tier_layout
 `handle_preemptions`, before anything of the step runs (a released block is copied before a new request can overwrite
 it); restores in `start_load_kv`; on a GPU on their own stream, all complete before the forward (tier_link). A slot
 failing its checksum goes to `get_block_ids_with_load_errors`: vLLM recomputes it (`kv_load_failure_policy:
-recompute`, required). If the tier cannot hold this engine's cache (TierUnsupported: e.g. hybrid or MLA-bf16 models),
-it says why once in the log and the engine serves as without it.
+recompute`, required). If the tier cannot hold this engine's cache (TierUnsupported: e.g. hybrid or MLA-bf16 models) or
+prefix caching is off, it says why once in the log and the engine serves as without it.
 """
 
 from __future__ import annotations
@@ -44,12 +44,14 @@ from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_link import link_for
 from kvsched.adapters.vllm.tier_meta import TierStepMeta, TierWorkerMeta
 from kvsched.core.tier import Load, TailKey, TierDirectory
-from kvsched.core.tier_config import TierConfig, TierConfigError, parse_tier_gib
+from kvsched.core.tier_config import ENV_TIER_GB, TierConfig, TierConfigError, parse_tier_gib
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")  # vLLM's handlers and VLLM_LOGGING_LEVEL apply
 
-ENV_TIER_GB = "KVSCHED_FP8_TIER_GB"
-__all__ = ["CONNECTOR_NAME", "MODULE_PATH", "KVSchedFP8TierConnector", "kv_transfer_config", "kv_transfer_config_json"]
+# vLLM turns prefix caching off itself for some models and platforms (MLA on CPU, non-causal attention, encoder-only)
+NO_PREFIX_CACHING = "vLLM's prefix caching is off (flag, model or platform); the tier is keyed by its block hashes"
+__all__ = ["CONNECTOR_NAME", "ENV_TIER_GB", "MODULE_PATH", "KVSchedFP8TierConnector", "kv_transfer_config",
+           "kv_transfer_config_json"]
 
 
 class KVSchedFP8TierConnector(KVConnectorBase_V1):
@@ -69,16 +71,17 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         if transfer.kv_load_failure_policy != "recompute":
             raise TierConfigError("kvsched's FP8 tier needs kv_load_failure_policy 'recompute' in --kv-transfer-config "
                                   "(a slot that fails its checksum must be recomputed, not fail the request)")
-        if not vllm_config.cache_config.enable_prefix_caching:
-            raise TierConfigError("kvsched's FP8 tier needs prefix caching (it is keyed by vLLM's block hashes)")
         self.block_size = int(vllm_config.cache_config.block_size)
         self.num_blocks = int(kv_cache_config.num_blocks) if kv_cache_config is not None else 0
         self.disabled_reason, self.geometry = "", cast("TierGeometry | None", None)
-        try:
-            self.geometry = geometry_of(kv_cache_config, tier_host.layout_name(vllm_config, kv_cache_config),
-                                        vllm_config.parallel_config)
-        except TierUnsupported as exc:
-            self.disabled_reason = str(exc)
+        if not vllm_config.cache_config.enable_prefix_caching:
+            self.disabled_reason = NO_PREFIX_CACHING  # (found by review: raised in the worker, the engine died)
+        else:
+            try:
+                self.geometry = geometry_of(kv_cache_config, tier_host.layout_name(vllm_config, kv_cache_config),
+                                            vllm_config.parallel_config)
+            except TierUnsupported as exc:
+                self.disabled_reason = str(exc)
         block_bytes = self.geometry.block_bytes if self.geometry else 1
         # scheduler side
         self.directory: TierDirectory | None = None

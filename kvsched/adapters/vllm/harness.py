@@ -31,6 +31,7 @@ class HarnessConfig:
     # KV-cache group each; the sliding group first when `sliding_first` (models whose layer 0 slides).
     sliding_window: int | None = None
     sliding_first: bool = False
+    prefix_caching: bool = True  # off: as `--no-enable-prefix-caching`, or vLLM turning it off for a model
 
 
 def build_scheduler(scheduler_cls: str | type, cfg: HarnessConfig) -> Any:
@@ -48,7 +49,7 @@ def build_scheduler(scheduler_cls: str | type, cfg: HarnessConfig) -> Any:
         max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
         max_model_len=cfg.max_model_len, enable_chunked_prefill=True, is_encoder_decoder=False,
     )
-    cache_config = CacheConfig(block_size=cfg.block_size, cache_dtype="auto", enable_prefix_caching=True)
+    cache_config = CacheConfig(block_size=cfg.block_size, cache_dtype="auto", enable_prefix_caching=cfg.prefix_caching)
     kv_transfer = KVTransferConfig(**cfg.kv_transfer_config) if cfg.kv_transfer_config else None
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config,
                              kv_transfer_config=kv_transfer)

@@ -1,6 +1,6 @@
 """kvsched's ASGI middleware for vLLM's OpenAI API server.
 
-Added to every `vllm serve` by the plugin; a strict pass-through unless the server runs kvsched's scheduler. With it:
+Added by the plugin to a `vllm serve` that runs kvsched's scheduler (and a strict pass-through on any other). With it:
 - **authentication first** (`auth.py`): vLLM puts plugin middleware outside its own key check, so kvsched checks the
   key itself before doing anything; a request vLLM will refuse is passed on untouched (vLLM answers 401);
 - generation requests (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/messages`) get their session
@@ -138,7 +138,7 @@ class KVSchedMiddleware:
             await self.app(scope, receive, send)  # vLLM reads no vllm_xargs from it, or answers 404/405 unread
             return
         ident = self.auth.identify(scope["app"], raw.get("authorization"))
-        if not ident.authenticated and path.startswith(compat.AUTH_GUARDED_PREFIXES):
+        if not ident.authenticated and path.startswith(compat.auth_guarded_prefixes()):
             await self.app(scope, receive, send)  # vLLM answers 401
             return
         try:

@@ -56,6 +56,9 @@ class LevelsConfig:
         gb = parse_disk_gib(gb_raw, gb_name) if gb_raw not in (None, "", "auto") else None
         if gb is not None and not disk_dir:
             raise DiskConfigError(f"{gb_name} needs --kvsched-disk-tier-dir (or {ENV_DISK_DIR})")
+        if gb is not None and (total := file_system_bytes(str(disk_dir))) and gb * 2**30 > total:
+            raise DiskConfigError(f"{gb_name}: {gb:g} GiB is more than the whole file system holding {str(disk_dir)!r} "
+                                  f"({total / 2**30:.1f} GiB); give a smaller size")
         url = extra.get("store_url") or os.environ.get(ENV_STORE_URL) or None
         if url:
             from kvsched.adapters.store.redis_store import check_url, unredacted
@@ -66,8 +69,8 @@ class LevelsConfig:
                 raise DiskConfigError(f"{'--kvsched-store-url' if extra.get('store_url') else ENV_STORE_URL}: "
                                       f"{exc}") from None
         return cls(disk_dir=str(disk_dir) if disk_dir else None, disk_gb=gb, store_url=str(url) if url else None,
-                   kv_ttl_s=ttl_setting(ENV_KV_TTL, extra.get("kv_ttl_s"), DEFAULT_KV_TTL_S),
-                   state_ttl_s=ttl_setting(ENV_STATE_TTL, extra.get("state_ttl_s"), DEFAULT_STATE_TTL_S),
+                   kv_ttl_s=ttl_setting(ENV_KV_TTL, extra.get("kv_ttl_s"), DEFAULT_KV_TTL_S, "kv_ttl_s"),
+                   state_ttl_s=ttl_setting(ENV_STATE_TTL, extra.get("state_ttl_s"), DEFAULT_STATE_TTL_S, "state_ttl_s"),
                    replica=str(extra.get("replica") or os.environ.get(ENV_REPLICA)
                                or f"{socket.gethostname()}/{os.getpid()}"),
                    fetch_mb=fetch_mb_setting(extra.get("fetch_mb")))
@@ -87,28 +90,45 @@ def not_a_directory(path: str) -> str | None:
     return None
 
 
-def ttl_setting(env: str, given: Any, default: float) -> float:
-    """A store TTL in seconds: `given` (kv_connector_extra_config), else the variable `env`, else `default`; shared
-    with the API server's compaction checkpoints (compaction_shared) so both keep state equally long. inf and 1e300
-    overflowed the store's millisecond TTL on every write: at most ten years."""
-    return _positive(env, given, default, MAX_TTL_S, "seconds", " (ten years)")
+def file_system_bytes(path: str) -> int | None:
+    """The size of the file system `path` is (or would be, once created) on: its nearest existing parent's; None if
+    unknown. Found by review: a disk level of 1e300 GiB was accepted."""
+    for p in (Path(path), *Path(path).parents):
+        try:
+            if p.exists():
+                st = os.statvfs(p)
+                return int(st.f_blocks * st.f_frsize)
+        except OSError:
+            return None
+    return None
+
+
+def ttl_setting(env: str, given: Any, default: float, key: str = "") -> float:
+    """A store TTL in seconds: `given` (kv_connector_extra_config's `key`), else the variable `env`, else `default`;
+    shared with the API server's compaction checkpoints (compaction_shared) so both keep state equally long. inf and
+    1e300 overflowed the store's millisecond TTL on every write: at most ten years."""
+    return _positive(key if given is not None else env, given if given is not None else os.environ.get(env), default,
+                     MAX_TTL_S, "seconds", " (ten years)")
 
 
 def fetch_mb_setting(given: Any) -> float:
     """The background fetch's chunk in MiB: `given` (kv_connector_extra_config), else KVSCHED_TIER_FETCH_MB, else
     the default."""
-    return _positive(ENV_FETCH_MB, given, DEFAULT_FETCH_MB, MAX_FETCH_MB, "MiB")
+    name, raw = ("fetch_mb", given) if given is not None else (ENV_FETCH_MB, os.environ.get(ENV_FETCH_MB))
+    return _positive(name, raw, DEFAULT_FETCH_MB, MAX_FETCH_MB, "MiB")
 
 
-def _positive(env: str, given: Any, default: float, most: float, unit: str, note: str = "") -> float:
-    """A number in (0, most] (NaN fails too): `given`, else the variable `env`, else `default`."""
-    raw = given if given is not None else os.environ.get(env)
-    if raw in (None, ""):
+def _positive(name: str, raw: Any, default: float, most: float, unit: str, note: str = "") -> float:
+    """A number in (0, most] (NaN fails too), else `default` when unset or blank; errors name `name`, where `raw` came
+    from (found by review: a bad kv_ttl_s or fetch_mb in --kv-transfer-config was reported as the variable's)."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
         return default
     try:
+        if isinstance(raw, bool):  # JSON true is not a number of anything
+            raise TypeError
         value = float(raw)
     except (TypeError, ValueError):
-        raise DiskConfigError(f"{env} must be a number of {unit}, got {raw!r}") from None
+        raise DiskConfigError(f"{name} must be a number of {unit}, got {raw!r}") from None
     if not 0 < value <= most:
-        raise DiskConfigError(f"{env} must be > 0 and at most {most:.0f} {unit}{note}, got {raw!r}")
+        raise DiskConfigError(f"{name} must be > 0 and at most {most:.0f} {unit}{note}, got {raw!r}")
     return value

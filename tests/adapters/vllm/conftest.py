@@ -35,6 +35,23 @@ def serve_parser():
     return make_arg_parser(FlexibleArgumentParser())
 
 
+@pytest.fixture(scope="module")
+def vllm_cli():
+    """The `vllm` command's own parser, built as vllm/entrypoints/cli/main.py builds it (its `serve` subcommand, vLLM's
+    option types and defaults, FlexibleArgumentParser's --config YAML), with kvsched's hook: parse `serve MODEL ...`."""
+    import vllm.entrypoints.cli.serve as serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from kvsched.adapters.vllm import compat
+
+    compat.install_parser_hook()
+    parser = FlexibleArgumentParser(description="vLLM CLI")
+    sub = parser.add_subparsers(required=False, dest="subparser")
+    for cmd in serve.cmd_init():
+        cmd.subparser_init(sub).set_defaults(dispatch_function=cmd.cmd)
+    return parser
+
+
 def unset_env(monkeypatch, name: str) -> None:
     """`name` unset, and put back as it was afterwards (monkeypatch records nothing to undo for a variable it deletes
     that was not set, and the parser under test sets it)."""

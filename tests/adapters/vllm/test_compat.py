@@ -1,7 +1,5 @@
 """The parser hook that makes `vllm serve MODEL --scheduler kvsched` work."""
 
-import argparse
-
 import pytest
 
 pytest.importorskip("vllm")
@@ -9,36 +7,36 @@ pytest.importorskip("vllm")
 from kvsched.adapters.vllm import compat  # noqa: E402
 
 
-def _parser():
-    p = argparse.ArgumentParser(exit_on_error=False)
-    p.add_argument("--scheduler-cls", dest="scheduler_cls", default=None)
-    p.add_argument("--scheduler-reserve-full-isl", action="store_true")
-    p.add_argument("--middleware", action="append", default=[])
-    p.add_argument("--kv-cache-dtype", default="auto")
-    compat.extend_engine_parser(p)
-    compat.extend_engine_parser(p)  # idempotent
-    return p
+def serve(parser, *argv: str):
+    return parser.parse_args(["serve", "MODEL", *argv])
 
 
-def test_short_name_selects_the_class_and_the_middleware_is_added():
-    ns = _parser().parse_args(["--scheduler", "kvsched", "--middleware", "user.mw"])
+def test_short_name_selects_the_class_and_the_middleware_is_added(vllm_cli):
+    ns = serve(vllm_cli, "--scheduler", "kvsched", "--middleware", "user.mw")
     assert ns.scheduler_cls == "kvsched.adapters.vllm.scheduler.KVSchedScheduler"
     assert ns.middleware == [compat.MIDDLEWARE_PATH, "user.mw"]
-    assert _parser().parse_args(["--scheduler", "default"]).scheduler_cls is None
-    assert _parser().parse_args([]).scheduler_cls is None
+    assert serve(vllm_cli, "--scheduler-cls", "kvsched").middleware == [compat.MIDDLEWARE_PATH]
+    for stock in (serve(vllm_cli, "--scheduler", "default"), serve(vllm_cli)):
+        # found by review: the middleware was every server's default, and read KVSCHED_* (even a Redis client) there
+        assert stock.scheduler_cls is None and stock.middleware == []
+    assert serve(vllm_cli, "--middleware", "user.mw").middleware == ["user.mw"]
 
 
-def test_scheduler_cls_accepts_paths_and_short_names():
-    p = _parser()
-    assert p.parse_args(["--scheduler-cls", "kvsched"]).scheduler_cls.endswith("KVSchedScheduler")
-    assert p.parse_args(["--scheduler-cls", "a.b.C"]).scheduler_cls == "a.b.C"
-    with pytest.raises(argparse.ArgumentError):
-        p.parse_args(["--scheduler-cls", "nodots"])
+def test_scheduler_cls_takes_kvscheds_short_names_and_leaves_the_rest_to_vllm(vllm_cli, tmp_path):
+    """Found by review: kvsched's type replaced vLLM's (`optional_type(str)`), so `--scheduler-cls None`, `""` and YAML
+    `scheduler-cls: null` were refused on any server with the plugin installed, kvsched selected or not."""
+    assert serve(vllm_cli, "--scheduler-cls", "kvsched").scheduler_cls.endswith("KVSchedScheduler")
+    assert serve(vllm_cli, "--scheduler-cls", "a.b.C").scheduler_cls == "a.b.C"
+    for value in ("None", ""):
+        assert serve(vllm_cli, "--scheduler-cls", value).scheduler_cls is None
+    (tmp_path / "null.yaml").write_text("scheduler-cls: null\n")
+    assert serve(vllm_cli, "--config", str(tmp_path / "null.yaml")).scheduler_cls is None
+    assert serve(vllm_cli, "--scheduler-cls", "nodots").scheduler_cls == "nodots"  # as stock vLLM parses it
 
 
-def test_unknown_name_lists_the_choices(capsys):
+def test_unknown_name_lists_the_choices(vllm_cli, capsys):
     with pytest.raises(SystemExit):
-        _parser().parse_args(["--scheduler", "nonsense"])
+        serve(vllm_cli, "--scheduler", "nonsense")
     assert "choose one of: kvsched, default" in capsys.readouterr().err
 
 
@@ -48,46 +46,63 @@ def test_is_kvsched_scheduler():
     assert compat.is_kvsched_scheduler(KVSchedScheduler)
     assert compat.is_kvsched_scheduler("kvsched.adapters.vllm.scheduler.KVSchedScheduler")
     assert not compat.is_kvsched_scheduler(None) and not compat.is_kvsched_scheduler("vllm.x.Y")
+    assert not compat.is_kvsched_scheduler("no_such_module.Sched")
 
 
-def test_plugin_register_is_idempotent():
+def test_a_subclass_of_kvscheds_scheduler_is_kvsched(vllm_cli, tmp_path, monkeypatch):
+    """Found by review: `--scheduler-cls myco.MyKV` (a KVSchedScheduler subclass) was taken for another scheduler by
+    its path, so the server ran it without the FP8 tier, the KVSCHED_* checks and the middleware."""
+    (tmp_path / "myco_sched.py").write_text("from kvsched.adapters.vllm.scheduler import KVSchedScheduler\n\n\n"
+                                            "class MyKV(KVSchedScheduler):\n    pass\n\n\nclass Other:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert compat.is_kvsched_scheduler("myco_sched.MyKV") and not compat.is_kvsched_scheduler("myco_sched.Other")
+    ns = serve(vllm_cli, "--scheduler-cls", "myco_sched.MyKV")
+    assert ns.middleware == [compat.MIDDLEWARE_PATH] and ns.kv_transfer_config is not None
+    stock = serve(vllm_cli, "--scheduler-cls", "myco_sched.Other")
+    assert stock.middleware == [] and stock.kv_transfer_config is None
+
+
+def test_the_entry_point_register_hooks_a_fresh_vllm_parser_once(monkeypatch):
+    """vLLM loads `vllm.general_plugins` entry points in every process, maybe more than once. Found by review: this test
+    installed the hook itself, so it passed with a register() that did nothing."""
+    from importlib.metadata import entry_points
+
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from kvsched.adapters.vllm import plugin
 
+    assert {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}.get("kvsched") == \
+        "kvsched.adapters.vllm.plugin:register"
+    current = EngineArgs.__dict__["add_cli_args"].__func__
+    stock = getattr(current, "__wrapped__", current)  # vLLM's own, whatever an earlier test installed
+    monkeypatch.setattr(EngineArgs, "add_cli_args", staticmethod(stock))
+    monkeypatch.setattr(plugin, "_registered", False)
+    assert "--scheduler" not in EngineArgs.add_cli_args(FlexibleArgumentParser())._option_string_actions
     plugin.register()
     plugin.register()
-    compat.install_parser_hook()
-    assert getattr(EngineArgs.__dict__["add_cli_args"].__func__, "__kvsched_wrapped__", False)
+    assert EngineArgs.__dict__["add_cli_args"].__func__.__wrapped__ is stock  # wrapped once
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    assert parser.parse_args(["--scheduler", "kvsched"]).scheduler_cls.endswith("KVSchedScheduler")
 
 
 @pytest.mark.parametrize("argv", [["--scheduler", "kvsched", "--kv-cache-dtype", "fp8"],
                                   ["--kv-cache-dtype", "fp8_e4m3", "--scheduler", "kvsched"]])
-def test_an_fp8_cache_on_a_cpu_without_avx512_is_refused_in_one_line(monkeypatch, capsys, argv):
+def test_an_fp8_cache_on_a_cpu_without_avx512_is_refused_in_one_line(vllm_cli, monkeypatch, capsys, argv):
     from kvsched.ops import cpu_features as cf
 
     avx2_only = cf.CpuFeatures(arch="x86_64", avx2=True, avx512=False, avx512_bf16=False, amx=False)
     monkeypatch.setattr(cf, "cpu_features", lambda: avx2_only)
     with pytest.raises(SystemExit) as exc:
-        _parser().parse_args(argv)
+        serve(vllm_cli, *argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "AVX-512 or AMX" in err and "fp8" in err
     # stock vLLM's behaviour is not kvsched's to change; kvsched without fp8 and fp8 on a capable CPU start
-    assert _parser().parse_args(["--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
-    assert _parser().parse_args(["--scheduler", "kvsched"]).kv_cache_dtype == "auto"
+    assert serve(vllm_cli, "--kv-cache-dtype", "fp8").kv_cache_dtype == "fp8"
+    assert serve(vllm_cli, "--scheduler", "kvsched").kv_cache_dtype == "auto"
     monkeypatch.setattr(cf, "cpu_features", lambda: cf.CpuFeatures("x86_64", True, True, False, False))
-    assert _parser().parse_args(argv).scheduler_cls.endswith("KVSchedScheduler")
-
-
-@pytest.fixture(scope="module")
-def serve_parser():
-    """vLLM's own `vllm serve` parser, with kvsched's hook (its real option names and defaults)."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    compat.install_parser_hook()
-    return make_arg_parser(FlexibleArgumentParser())
+    assert serve(vllm_cli, *argv).scheduler_cls.endswith("KVSchedScheduler")
 
 
 @pytest.mark.parametrize("argv, refused", [
@@ -98,15 +113,29 @@ def serve_parser():
     (["--data-parallel-size", "2", "--data-parallel-rank", "1"], None),
     (["--api-server-count", "1"], None),
 ])
-def test_layouts_that_split_a_sessions_state_are_refused_in_one_line(serve_parser, capsys, argv, refused):
+def test_layouts_that_split_a_sessions_state_are_refused_in_one_line(vllm_cli, capsys, argv, refused):
     """Found by review (real `vllm serve` runs on this CPU build): with vLLM's internal data-parallel load balancer a
     session's turns alternated between engines and kvsched's stats, list and DELETE saw engine 0 only."""
     capsys.readouterr()
     if refused is None:
-        assert serve_parser.parse_args(["--scheduler", "kvsched", *argv]).scheduler_cls.endswith("KVSchedScheduler")
+        assert serve(vllm_cli, "--scheduler", "kvsched", *argv).scheduler_cls.endswith("KVSchedScheduler")
         return
     with pytest.raises(SystemExit) as exc:
-        serve_parser.parse_args(["--scheduler", "kvsched", *argv])
+        serve(vllm_cli, "--scheduler", "kvsched", *argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and err[-1].startswith("kvsched: ") and refused in err[-1]
-    assert serve_parser.parse_args(argv).scheduler_cls is None  # stock vLLM's layouts are not kvsched's to refuse
+    assert serve(vllm_cli, *argv).scheduler_cls is None  # stock vLLM's layouts are not kvsched's to refuse
+
+
+def test_register_pulls_no_api_server_modules_into_engine_processes():
+    """register() runs in every engine-core and worker process. Found by review: importing compat read vLLM's auth
+    middleware's paths at import time, pulling FastAPI, Starlette and pydantic's extras into each (~100 modules)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, vllm.engine.arg_utils\nbefore = set(sys.modules)\n"
+             "from kvsched.adapters.vllm import plugin\nplugin.register()\n"
+             "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}), "
+             "[m for m in set(sys.modules) - before if m.startswith('vllm.entrypoints')])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "['kvsched'] []", out.stdout

@@ -61,3 +61,24 @@ def test_a_disk_directory_that_is_a_file_is_refused_at_the_command_line(tmp_path
     with pytest.raises(SystemExit):
         parser().parse_args(["--scheduler", "kvsched", "--kvsched-disk-tier-dir", str(afile)])
     assert "--kvsched-disk-tier-dir: " in capsys.readouterr().err
+
+
+def test_a_disk_level_larger_than_its_file_system_is_refused(tmp_path, monkeypatch, capsys) -> None:
+    """Found by review: `--kvsched-disk-tier-gb 1e300` was accepted. The directory need not exist yet: its nearest
+    existing parent's file system counts."""
+    from kvsched.adapters.vllm.tier_levels_config import LevelsConfig, file_system_bytes
+    from kvsched.core.disk_tier import DiskConfigError
+
+    new_dir = tmp_path / "not" / "yet"
+    total = file_system_bytes(str(new_dir))
+    assert total and total == file_system_bytes(str(tmp_path))
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--scheduler", "kvsched", "--kvsched-disk-tier-dir", str(new_dir),
+                             "--kvsched-disk-tier-gb", "1e300"])
+    assert "--kvsched-disk-tier-gb: 1e+300 GiB is more than the whole file system" in capsys.readouterr().err
+    monkeypatch.setenv("KVSCHED_DISK_TIER_DIR", str(new_dir))
+    monkeypatch.setenv("KVSCHED_DISK_TIER_GB", str(2 * total / 2**30))
+    with pytest.raises(DiskConfigError, match="^KVSCHED_DISK_TIER_GB: .* GiB is more than the whole file system"):
+        LevelsConfig.from_extra({})
+    monkeypatch.setenv("KVSCHED_DISK_TIER_GB", str(total / 2**30))  # all of it: a size, if an unwise one
+    assert LevelsConfig.from_extra({}).disk_gb == total / 2**30

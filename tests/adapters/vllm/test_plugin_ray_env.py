@@ -47,3 +47,26 @@ def test_the_operators_own_prefixes_stay_and_kvsched_is_added_once(serve_parser,
     for _ in range(2):
         serve_parser.parse_args(["--scheduler", "kvsched", "--data-parallel-backend", "ray"])
     assert os.environ[RAY_PREFIXES_VAR] == "MYCORP_,OTHER_,KVSCHED_"
+
+
+@pytest.mark.parametrize(("argv", "group", "copied"), [
+    (["--tensor-parallel-size", "2"], True, True),  # vLLM picks Ray itself: one process, several workers, in a group
+    (["--tensor-parallel-size", "2"], False, False),  # not in a placement group: vLLM picks mp
+    ([], True, False),  # one worker: vLLM runs it in the engine process
+    (["--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"], True, False),
+])
+def test_ray_chosen_by_vllm_in_a_placement_group_gets_the_settings_too(serve_parser, no_prefixes, monkeypatch, argv,
+                                                                       group, copied) -> None:
+    """Found by review: only --distributed-executor-backend / --data-parallel-backend ray were looked at, while vLLM
+    (ParallelConfig.__post_init__) picks Ray by itself for several workers inside a Ray placement group."""
+    import sys
+    import types
+
+    ray, util = types.ModuleType("ray"), types.ModuleType("ray.util")
+    ray.is_initialized = lambda: True  # type: ignore[attr-defined]
+    util.get_current_placement_group = lambda: object() if group else None  # type: ignore[attr-defined]
+    ray.util = util  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setitem(sys.modules, "ray.util", util)
+    serve_parser.parse_args(["--scheduler", "kvsched", *argv])
+    assert (os.environ.get(RAY_PREFIXES_VAR) == "KVSCHED_") is copied

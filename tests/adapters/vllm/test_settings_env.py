@@ -72,8 +72,8 @@ def test_a_tier_smaller_than_one_block_says_it_is_off(harness_cfg, caplog) -> No
     from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
     from tests.adapters.vllm.conftest import sched
 
-    with caplog.at_level("INFO", logger="vllm.kvsched.fp8_tier"):
-        s = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(1e-12)))
+    with caplog.at_level("INFO", logger="vllm.kvsched.fp8_tier"):  # 1e-12 is refused now: under a byte
+        s = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(1e-9)))
     lines = [r.getMessage() for r in caplog.records if "kvsched FP8 tier" in r.getMessage()]
     assert s.kvsched.tier is not None and not s.kvsched.tier.enabled
     assert len(lines) == 1 and "disabled" in lines[0] and "hold no block" in lines[0], lines
@@ -202,6 +202,34 @@ def test_trace_scores_0_leaves_the_scores_out_of_the_trace(harness_cfg, monkeypa
     ({}, {"store_url": "http://x"}, "--kvsched-store-url: "),
 ])
 def test_level_errors_name_the_flag_or_the_variable(monkeypatch, env, extra, named) -> None:
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(DiskConfigError) as exc:
+        LevelsConfig.from_extra(extra)
+    assert str(exc.value).startswith(named), exc.value
+
+
+# ---- 10: a blank variable is an unset one, for every setting --------------------------------------------------------
+def test_every_setting_set_blank_is_its_default(monkeypatch, capsys) -> None:
+    """Found by review: KVSCHED_DEFAULT_TTL_S="" failed with Python's own float error and KVSCHED_INFER_SESSIONS="" was
+    refused, while the tier's variables read "" as their default (kvsched.core.env)."""
+    from kvsched.core.config import RetentionConfig
+
+    for name in known_setting_names():
+        monkeypatch.setenv(name, " " if name.endswith("_S") else "")
+    assert engine_setting_errors() == [] and engine_setting_warnings() == []
+    assert RetentionConfig.from_env() == RetentionConfig()
+    ns = parser().parse_args(["--scheduler", "kvsched"])
+    assert ns.kv_transfer_config.kv_connector_extra_config["tier_gb"] == "auto" and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("extra", "env", "named"), [
+    ({"kv_ttl_s": 0}, {}, "kv_ttl_s must be"), ({"fetch_mb": True}, {}, "fetch_mb must be a number"),
+    ({}, {"KVSCHED_STORE_KV_TTL_S": "0"}, "KVSCHED_STORE_KV_TTL_S must be"),
+    ({"state_ttl_s": "x"}, {"KVSCHED_STORE_STATE_TTL_S": "60"}, "state_ttl_s must be"),
+])
+def test_store_settings_name_where_a_bad_value_came_from(monkeypatch, extra, env, named) -> None:
+    """Found by review: a bad kv_ttl_s or fetch_mb in --kv-transfer-config was reported under the variable's name."""
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     with pytest.raises(DiskConfigError) as exc:

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from kvsched.adapters.vllm.compat.requests import PACKED_ARGS, SCHEDULER_UTILITY
 
 
 # ---- API server -------------------------------------------------------------------------------------------------
-def _auth_guarded_prefixes() -> tuple[str, ...]:
-    """Paths vLLM's AuthenticationMiddleware checks the key on (others it serves to anyone, e.g. /invocations)."""
+@functools.cache
+def auth_guarded_prefixes() -> tuple[str, ...]:
+    """Paths vLLM's AuthenticationMiddleware checks the key on (others it serves to anyone, e.g. /invocations). Read on
+    first use, in the API server: found by review, reading it at import pulled FastAPI, Starlette and pydantic's
+    extras into every engine-core and worker process, through the plugin's register()."""
     try:
         from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX
     except ImportError:  # vLLM 0.32's value
         return ("/v1", "/v2", "/inference", "/cohere")
     return (GUARDED_PREFIX,) if isinstance(GUARDED_PREFIX, str) else tuple(GUARDED_PREFIX)
-
-
-AUTH_GUARDED_PREFIXES = _auth_guarded_prefixes()
 
 
 def serves_route(app: Any, scope: dict[str, Any]) -> bool:

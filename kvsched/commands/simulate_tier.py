@@ -1,0 +1,69 @@
+"""`kvsched simulate`'s FP8 tier: its size from the flags, else from the engine's KVSCHED_FP8_TIER_GB.
+
+The engine's tier is on by default, sized "auto": min(2x the KV pool's bytes, 1/4 of the host memory available at
+start-up / the GPUs on the host) (`kvsched.core.tier_config.auto_budget_bytes`). The simulator replays a trace on no
+host in particular, so it has no memory to size "auto" from: without a flag its tier is off (`--fleet`: the rule on
+an 8-GPU node with 2 TiB), and `--host-gib-per-gpu H` models the rule on hosts of H GiB per GPU. A size in
+KVSCHED_FP8_TIER_GB is read as the engine reads it when no tier flag is given (found by review: `simulate` ignored it,
+while it reads the engine's other KVSCHED_* settings), a malformed value refused as the engine refuses it (not held to
+this machine's memory, as the engine's is: a replay models other hosts), and said on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable, Mapping
+
+from kvsched.commands.args import MAX_GIB
+from kvsched.core.env import env_setting
+from kvsched.core.tier_config import ENV_TIER_GB, TierConfigError, auto_budget_bytes, parse_tier_gib
+
+# The fleet's default host: an 8-GPU H100 node with 2 TiB of host memory (256 GiB per GPU)
+FLEET_HOST_GIB_PER_GPU = 256.0
+# The replay keeps a Python free list of the tier's slots: 2**26 (64 GiB of list) is 20x the fleet trace's working set,
+# and a tier past a trace's working set changes nothing.
+MAX_TIER_BLOCKS = 2**26
+
+
+def tier_from_env(args: argparse.Namespace, say: Callable[[str], None],
+                  environ: Mapping[str, str] | None = None) -> None:
+    """No tier flag given: KVSCHED_FP8_TIER_GB's size becomes `--fp8-tier-gib` (ValueError naming the variable for a
+    value the engine refuses); its `auto` leaves the simulator's own default, with a line saying why."""
+    if args.fp8_tier_gib is not None or args.fp8_tier_blocks is not None or args.host_gib_per_gpu is not None:
+        return
+    raw = env_setting(os.environ if environ is None else environ, ENV_TIER_GB)
+    if raw is None:
+        return
+    try:
+        gib = parse_tier_gib(raw)
+    except TierConfigError as exc:
+        raise ValueError(f"{ENV_TIER_GB}={raw!r}: {str(exc).replace('--kvsched-fp8-tier-gb', ENV_TIER_GB)}") from None
+    if gib is None:
+        say(f"{ENV_TIER_GB}={raw!r}: the engine sizes an auto tier from its host's memory, which a replay has not; the "
+            f"tier stays {'as --fleet sizes it' if args.fleet else 'off'} (give --host-gib-per-gpu H to model auto)")
+        return
+    args.fp8_tier_gib = gib
+    say(f"the FP8 tier: {f'{gib:g} GiB' if gib else 'off'} from {ENV_TIER_GB} (no tier flag given)")
+
+
+def tier_bytes(args: argparse.Namespace, block_bytes: int, pool_bytes: int = 0) -> int:
+    """The kvsched side's tier in bytes: --host-gib-per-gpu's rule, --fp8-tier-blocks, --fp8-tier-gib, or off (the
+    fleet: its hosts' rule)."""
+    host = args.host_gib_per_gpu
+    if host is None and args.fleet and args.fp8_tier_blocks is None and args.fp8_tier_gib is None:
+        host = FLEET_HOST_GIB_PER_GPU
+    if host is not None:
+        gpu_pool = int(args.gpu_kv_gib * 2**30) if 0 < args.gpu_kv_gib <= MAX_GIB else 0
+        if not 0 <= host <= MAX_GIB or gpu_pool < 1:
+            raise ValueError(f"--host-gib-per-gpu must be in 0..{MAX_GIB:g} and --gpu-kv-gib at least a byte")
+        gpus = max(1, math.ceil(pool_bytes / gpu_pool))
+        return gpus * auto_budget_bytes(min(gpu_pool, pool_bytes), int(host * 2**30))
+    if args.fp8_tier_blocks is not None:
+        if not 0 <= args.fp8_tier_blocks <= MAX_TIER_BLOCKS:
+            raise ValueError(f"--fp8-tier-blocks must be in 0..{MAX_TIER_BLOCKS}")
+        return args.fp8_tier_blocks * block_bytes
+    gib = args.fp8_tier_gib or 0.0
+    if not 0 <= gib <= MAX_GIB:
+        raise ValueError(f"--fp8-tier-gib must be a number in 0..{MAX_GIB:g}")
+    return int(gib * 2**30)
