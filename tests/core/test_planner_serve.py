@@ -140,3 +140,27 @@ def test_a_cost_gpu_that_cannot_hold_the_model_is_an_error(capsys, tmp_path):
     assert main([*argv, "--cost-gpu", "small"]) == 2
     assert "--cost-gpu small cannot hold a replica of llama-3.1-70b" in capsys.readouterr().err
     assert main([*argv, "--cost-gpu", "big"]) == 0
+
+
+def test_the_default_cost_gpu_that_cannot_hold_the_model_leaves_the_cost_out(capsys, tmp_path):
+    """Found by review: Llama 3.1 405B bf16 fits H200s and B200s, but the default cost GPU (an 80 GB H100) cannot hold
+    it, and `kvsched plan` printed only that error instead of its memory figures and GPU table."""
+    catalogue = tmp_path / "gpus.toml"
+    catalogue.write_text('[[gpu]]\nname = "H100-SXM5-80GB"\nvram_gib = 80\nprice_per_hour = 2.4\n'
+                         '[[gpu]]\nname = "big"\nvram_gib = 192\nprice_per_hour = 6.0\n')
+    # 405e9 bf16 weights are 754.4 GiB: 8 H100s plan 8 x 80 x 0.9 / 1.15 = 500.9 GiB, 8 big ones 1,202 GiB
+    assert 8 * 80 * 0.9 / 1.15 < 405e9 * 2 / GIB < 8 * 192 * 0.9 / 1.15
+    cfg = {"hidden_size": 16384, "num_hidden_layers": 126, "num_attention_heads": 128, "num_key_value_heads": 8,
+           "intermediate_size": 53248, "vocab_size": 128256, "num_parameters": 405e9}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    argv = ["--gpu-catalog", str(catalogue), "--model", str(tmp_path), "--sessions", "4"]
+    out = run_json(capsys, argv)
+    assert [f["gpu"] for f in out["plan"]["fits"]] == ["big"] and out["plan"]["weights_bytes"] == 810e9
+    assert out["cost"] is None and out["fleet_cost"] is None and out["vllm_args"] is None
+    assert "H100-SXM5-80GB cannot hold a replica" in out["cost_note"] and out["cost_note"].endswith("can: big")
+    assert main(["plan", *argv]) == 0
+    text = capsys.readouterr().out
+    assert "| big " in text and "note: no cost or fleet figures" in text and "cost on" not in text
+    assert main(["plan", *argv, "--cost-gpu", "H100-SXM5-80GB"]) == 2  # named by the user: still refused
+    assert "--cost-gpu H100-SXM5-80GB cannot hold a replica" in capsys.readouterr().err
+    assert run_json(capsys, [*argv, "--cost-gpu", "big"])["cost"]["tensor_parallel"] == 8
