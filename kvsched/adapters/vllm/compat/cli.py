@@ -103,8 +103,6 @@ class _SchedulerAction(argparse.Action):
             setattr(namespace, self.dest, resolve_scheduler_name(str(values)))
         except argparse.ArgumentTypeError as exc:
             parser.error(f"argument --scheduler: {exc}")
-        if is_kvsched_scheduler(getattr(namespace, self.dest)) and (refusal := unsupported_vllm()):
-            parser.exit(2, f"{refusal}\n")
 
 
 def _scheduler_cls_type(original: Any) -> Any:
@@ -236,13 +234,17 @@ def add_middleware(ns: argparse.Namespace, kvsched: bool) -> None:
 
 
 def _check_after_parsing(parser: Any) -> None:
-    """Once the arguments are complete (whatever their order on the command line): exit with `cpu_refusal`'s one line
-    or the KVSCHED_* settings errors (one line each) before vLLM starts an engine, and turn the FP8 tier on
-    (`apply_tier`)."""
+    """Once the arguments are complete (whatever their order on the command line): exit with the version guard's,
+    `cpu_refusal`'s or `parallel_refusal`'s one line or the KVSCHED_* settings errors (one line each) before vLLM starts
+    an engine, and turn the FP8 tier on (`apply_tier`). The version guard runs here, for every way of selecting
+    kvsched (found by review: only `--scheduler kvsched` ran it; `--scheduler-cls kvsched`, kvsched's class path, a
+    subclass and a YAML --config skipped it)."""
     parse_known_args = parser.parse_known_args
 
     def checked(args: Any = None, namespace: Any = None) -> Any:
         ns, rest = parse_known_args(args, namespace)
+        if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)) and (refusal := unsupported_vllm()):
+            parser.exit(2, f"{refusal}\n")
         if (reason := cpu_refusal(ns) or parallel_refusal(ns)) is not None:
             parser.exit(2, f"kvsched: {reason}\n")
         if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):  # KVSCHED_* settings: refused now, by name
