@@ -66,20 +66,50 @@ def max_positions_of(cfg: dict[str, Any]) -> int:
     return limit
 
 
+FP8_METHODS = ("fp8", "fbgemm_fp8")  # vLLM's Fp8Config, FBGEMMFp8Config: FP8 weights
+# compressed-tensors weights by (num_bits, type) of a config group's "weights" (CompressedTensorsConfig reads
+# config_groups.*.weights as QuantizationArgs: num_bits, type "int" or "float")
+COMPRESSED_TENSORS = {(8, "float"): "fp8", (8, "int"): "int8", (4, "int"): "int4", (4, "float"): "fp4"}
+WEIGHT_BYTES_ORDER = ("fp4", "int4", "int8", "fp8")  # the last of several is the heaviest
+
+
 def checkpoint_dtype(raw: dict[str, Any], text: dict[str, Any]) -> str:
-    """The weight dtype vLLM serves a checkpoint in without flags: a pre-quantized FP8 one stays FP8, GPTQ/AWQ-style
-    ones keep their `bits`, others by their `dtype`/`torch_dtype` (float32 downcast to bf16; absent: bf16), top level
-    first, as vLLM reads them. '' for a quantization whose weight bytes the planner cannot tell."""
+    """The weight dtype vLLM serves a checkpoint in without flags: a pre-quantized FP8 one stays FP8 (quant_method
+    fp8 or fbgemm_fp8), GPTQ/AWQ-style ones keep their `bits`, compressed-tensors ones their config groups' weights
+    (found by review: those common FP8 checkpoints were refused), others by their `dtype`/`torch_dtype` (float32
+    downcast to bf16; absent: bf16), top level first, as vLLM reads them. '' for a quantization whose weight bytes the
+    planner cannot tell."""
     quant = raw.get("quantization_config") or raw.get("compression_config") or text.get("quantization_config")
     if isinstance(quant, dict):
-        if str(quant.get("quant_method", "")).lower() == "fp8":
+        method = str(quant.get("quant_method", "")).lower()
+        if method in FP8_METHODS:
             return "fp8"
+        if method == "compressed-tensors":
+            return compressed_tensors_dtype(quant)
         return {4: "int4", 8: "int8"}.get(quant["bits"], "") if type(quant.get("bits")) is int else ""
     for c in (raw, text):
         dtype = c.get("dtype") or c.get("torch_dtype")
         if isinstance(dtype, str) and dtype.lower() in WEIGHT_DTYPES:  # fp32: vLLM's --dtype auto downcasts it
             return "bf16" if WEIGHT_DTYPES[dtype.lower()] == "fp32" else WEIGHT_DTYPES[dtype.lower()]
     return "bf16"
+
+
+def compressed_tensors_dtype(quant: dict[str, Any]) -> str:
+    """The weights of a compressed-tensors checkpoint: each config group's `weights` (num_bits, type); groups that
+    differ (e.g. int4 MLPs beside int8 attention) count as the heaviest, an over- rather than an under-estimate. ''
+    when a group's weights are not one of COMPRESSED_TENSORS (or there are none)."""
+    groups = quant.get("config_groups")
+    found: set[str] = set()
+    for group in groups.values() if isinstance(groups, dict) else ():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(weights, dict):
+            return ""
+        bits, kind = weights.get("num_bits", 8), str(weights.get("type", "int")).lower()  # QuantizationArgs' defaults
+        dtype = COMPRESSED_TENSORS.get((bits, kind), "") if type(bits) is int else ""
+        if not dtype:
+            return ""
+        found.add(dtype)
+    return max(found, key=WEIGHT_BYTES_ORDER.index) if found else ""
 
 
 def kv_heads_of(cfg: dict[str, Any], heads: int, model_type: Any = None) -> int:

@@ -56,6 +56,8 @@ def test_the_serve_flags_serve_the_planned_weights(capsys, argv, flag, weights_b
         assert any("pre-quantized FP8 checkpoint needs none" in n for n in out["vllm_notes"])
 
 
+CT8 = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+       "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float"}, "targets": ["Linear"]}}}
 BASE = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256, "num_parameters": 1e9}
 
 
@@ -65,6 +67,17 @@ BASE = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256, "n
     ({"quantization_config": {"quant_method": "fp8"}, "torch_dtype": "bfloat16"}, "fp8", 1),
     ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "int4", 0.5),
     ({}, "bf16", 2),
+    # found by review: common FP8 checkpoints were refused (Llama 3.1 405B FP8 is fbgemm_fp8; llm-compressor's are
+    # compressed-tensors, weights read from config_groups as vLLM's CompressedTensorsConfig reads them)
+    ({"quantization_config": {"quant_method": "fbgemm_fp8", "modules_to_not_convert": []}}, "fp8", 1),
+    ({"quantization_config": CT8}, "fp8", 1),
+    ({"quantization_config": {**CT8, "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int"}}}}},
+     "int8", 1),
+    ({"quantization_config": {**CT8, "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}}},
+     "int4", 0.5),
+    ({"quantization_config": {**CT8, "config_groups": {"a": {"weights": {"num_bits": 4, "type": "int"}},
+                                                       "b": {"weights": {"num_bits": 8, "type": "int"}}}}},
+     "int8", 1),  # groups that differ: the heaviest, not an under-estimate
 ])
 def test_a_configs_weights_are_its_checkpoints(capsys, tmp_path, extra, dtype, bytes_per_param):
     (tmp_path / "config.json").write_text(json.dumps({**BASE, **extra}))
@@ -73,8 +86,11 @@ def test_a_configs_weights_are_its_checkpoints(capsys, tmp_path, extra, dtype, b
     assert "--quantization" not in out["vllm_args"] and "--dtype" not in out["vllm_args"]  # served as it is
 
 
-def test_a_quantization_the_planner_cannot_read_needs_the_weight_dtype(capsys, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({**BASE, "quantization_config": {"quant_method": "bitsandbytes"}}))
+@pytest.mark.parametrize("quant", [{"quant_method": "bitsandbytes"},
+                                   {**CT8, "config_groups": {"g": {"weights": {"num_bits": 2, "type": "int"}}}},
+                                   {"quant_method": "compressed-tensors"}])
+def test_a_quantization_the_planner_cannot_read_needs_the_weight_dtype(capsys, tmp_path, quant):
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "quantization_config": quant}))
     assert main(["plan", "--model", str(tmp_path)]) == 2
     assert "--weight-dtype" in capsys.readouterr().err
     out = run_json(capsys, ["--model", str(tmp_path), "--weight-dtype", "int4"])
