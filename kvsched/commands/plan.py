@@ -148,17 +148,22 @@ def cost_block(args: argparse.Namespace, g: Any, shape: ModelShape, base: Plan) 
             return None
         raise PlanError(f"--cost-gpu {g.name} cannot hold a replica of {base.model} at any tensor-parallel degree; "
                         f"choose one that can: {', '.join(f.gpu for f in base.fits)}")
-    tp, per_token = fit.tensor_parallel, shape.params_per_token
-    rate = replica_interactions_per_hour(g.interactions_per_hour, tp, per_token)
+    batch = math.ceil(base.kv_slots / fit.replicas)  # the sequences a replica decodes together at peak
+    tp, per_step = fit.tensor_parallel, shape.params_per_step(batch)
+    rate = replica_interactions_per_hour(g.interactions_per_hour, tp, per_step)
+    moe = (f" (MoE: {shape.experts_per_token} of {shape.experts} experts per token; a step of {batch} sequences "
+           f"reads ~{1 - (1 - shape.experts_per_token / shape.experts) ** batch:.0%} of them)"
+           if per_step != shape.params_per_token else "")
     basis = (f"the catalogue's {g.interactions_per_hour:,.0f}/h per GPU for an 8B-class model x {tp} GPU(s) x "
-             f"{REFERENCE_PARAMS / 1e9:.2f}B / {per_token / 1e9:.2f}B weights read per token (decode bound by weight "
-             "reads; an estimate, check it against a measured rate)" if per_token else
+             f"{REFERENCE_PARAMS / 1e9:.2f}B / {per_step / 1e9:.2f}B weights read per decode step{moe} (decode bound "
+             "by weight reads; an estimate, check it against a measured rate)" if per_step else
              f"the catalogue's {g.interactions_per_hour:,.0f}/h per GPU for an 8B-class model x {tp} GPU(s) (parameter "
              "count unknown: not scaled to the model)")
     return {"gpu": g.name, "tokens_per_interaction": args.tokens_per_interaction,
             "interactions_per_hour": args.interactions_per_hour, "api_price_per_m": args.api_price,
             "gpu_price_per_hour": g.price_per_hour, "gpu_interactions_per_hour": g.interactions_per_hour,
-            "tensor_parallel": tp, "params_per_token": per_token, "replica_price_per_hour": tp * g.price_per_hour,
+            "tensor_parallel": tp, "params_per_token": shape.params_per_token, "decode_batch": batch,
+            "params_per_step": per_step, "replica_price_per_hour": tp * g.price_per_hour,
             "replica_interactions_per_hour": rate, "throughput_basis": basis,
             **asdict(cost(args.tokens_per_interaction, args.interactions_per_hour, args.api_price,
                           tp * g.price_per_hour, rate))}

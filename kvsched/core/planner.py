@@ -33,6 +33,7 @@ from kvsched.core.planner_config import (
     kv_heads_of,
     max_positions_of,
     positive_int,
+    routed_experts,
     sliding_layers_of,
 )
 from kvsched.core.planner_config import PlanError as PlanError  # the planner's error, re-exported
@@ -85,6 +86,8 @@ class ModelShape:
     weight_dtype: str = "bf16"  # the checkpoint's weights as vLLM serves them ("": a quantization it cannot read)
     active_params: float = 0.0  # weights read per token (MoE: the routed experts'); 0: all of `params`
     max_positions: int = 0  # the longest --max-model-len vLLM accepts without an override (0: unknown)
+    experts: int = 0  # MoE: routed experts per layer (0: dense, or unknown)
+    experts_per_token: int = 0  # MoE: experts each token is routed to
 
     def __post_init__(self) -> None:
         if self.layers <= 0 or min(self.params, self.hidden, self.vocab, self.attention_heads, self.active_params) < 0:
@@ -98,6 +101,18 @@ class ModelShape:
     def params_per_token(self) -> float:
         """Weights a decode step reads per token: the active parameters of a MoE model, else all of them."""
         return self.active_params or self.params
+
+    def params_per_step(self, batch: int) -> float:
+        """Weights a decode step of `batch` sequences reads (each once, whatever the batch). Dense: all of them. MoE:
+        the non-expert weights plus the union of the routed experts the batch's tokens pick, an expected share
+        1 - (1 - k/E)^batch of each layer's experts with routing taken as uniform (found by review: the active
+        parameters of one token were used at every batch, while at a served batch nearly every expert is read).
+        The routed experts' weights come from `params - active_params = routed x (1 - k/E)`."""
+        e, k = self.experts, self.experts_per_token
+        if not self.active_params or not 0 < k < e or batch <= 1:
+            return self.params_per_token
+        routed = (self.params - self.active_params) * e / (e - k)
+        return self.params - routed + routed * (1 - (1 - k / e) ** batch)
 
     @property
     def is_mla(self) -> bool:
@@ -164,13 +179,14 @@ class ModelShape:
         if type(params) not in (int, float) or not 0 <= params < MAX_CONFIG_INT:
             raise PlanError(f"model config field 'num_parameters' must be a number >= 0, got {params!r:.60}")
         routed = estimate_params(cfg, kv_heads, active=True)  # below the total for a MoE model
+        experts, per_token = routed_experts(cfg)
         return cls(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden,
                    vocab=config_int(cfg, "vocab_size"), params=float(params), name=label,
                    kv_lora_rank=config_int(cfg, "kv_lora_rank"), qk_rope_head_dim=config_int(cfg, "qk_rope_head_dim"),
                    sliding_window=window, sliding_layers=sliding, attention_heads=heads,
                    weight_dtype=checkpoint_dtype(raw, text),
                    active_params=params * routed / total if 0 < routed < total else 0.0,
-                   max_positions=max_positions_of(cfg))
+                   max_positions=max_positions_of(cfg), experts=experts, experts_per_token=per_token)
 
 
 def _preset(name: str, layers: int, heads: int, kv_heads: int, head_dim: int, hidden: int, vocab: int,
@@ -192,7 +208,7 @@ PRESETS: dict[str, ModelShape] = {p.name: p for p in (
     _preset("gemma-2-9b", 42, 16, 8, 256, 3584, 256_000, 9.24e9, sliding_window=4096, sliding_layers=21,
             max_positions=8192),
     _preset("deepseek-v2-lite", 27, 16, 16, 128, 2048, 102_400, 15.7e9, kv_lora_rank=512, qk_rope_head_dim=64,
-            active_params=2.4e9, max_positions=163_840),
+            active_params=2.4e9, max_positions=163_840, experts=64, experts_per_token=6),
 )}
 
 

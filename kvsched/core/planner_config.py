@@ -152,6 +152,14 @@ def sliding_layers_of(cfg: dict[str, Any], layers: int, label: str = "model") ->
     return (window, sliding) if sliding else (0, 0)
 
 
+def routed_experts(cfg: dict[str, Any]) -> tuple[int, int]:
+    """(routed experts per MoE layer, experts each token is routed to) of a config; (0, 0) for a dense model."""
+    experts = (config_int(cfg, "num_local_experts") or config_int(cfg, "n_routed_experts")
+               or config_int(cfg, "num_experts"))
+    per_token = config_int(cfg, "num_experts_per_tok") or config_int(cfg, "num_experts_per_token")
+    return (experts, min(per_token, experts)) if experts else (0, 0)
+
+
 def estimate_params(cfg: dict[str, Any], kv_heads: int | None = None, active: bool = False) -> float:
     """Decoder parameters from a config (embeddings + attention + gated MLP, MoE experts counted; `active`: only the
     experts each token is routed to), for configs that do not state them. An estimate: norms and biases are ignored,
@@ -162,10 +170,9 @@ def estimate_params(cfg: dict[str, Any], kv_heads: int | None = None, active: bo
     hd = config_int(cfg, "head_dim", h // heads)
     inter = config_int(cfg, "intermediate_size", 4 * h)
     vocab = config_int(cfg, "vocab_size", 32_000)
-    experts = (config_int(cfg, "num_local_experts") or config_int(cfg, "n_routed_experts")
-               or config_int(cfg, "num_experts"))
+    experts, per_token = routed_experts(cfg)
     if experts and active:
-        experts = config_int(cfg, "num_experts_per_tok") or config_int(cfg, "num_experts_per_token") or experts
+        experts = per_token or experts
     if experts:
         moe_inter = config_int(cfg, "moe_intermediate_size", inter)
         mlp = 3 * h * moe_inter * (experts + config_int(cfg, "n_shared_experts"))

@@ -142,8 +142,20 @@ def test_a_moe_model_is_rated_by_its_active_parameters(capsys, tmp_path):
     s = ModelShape.from_hf_config(cfg)
     assert s.params == total and s.params_per_token == pytest.approx(active)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    c = run_json(capsys, ["--model", str(tmp_path), "--kv-dtype", "fp8", "--weight-dtype", "fp8"])["cost"]
+    argv = ["--model", str(tmp_path), "--kv-dtype", "fp8", "--weight-dtype", "fp8"]
+    c = run_json(capsys, [*argv, "--sessions", "1"])["cost"]  # one sequence: the active parameters
     assert c["replica_interactions_per_hour"] == pytest.approx(22_000 * c["tensor_parallel"] * 8.03e9 / active)
+    # Found by review: a batch of B sequences reads the union of their experts, 1 - (1 - 2/8)^B of each layer's. Four
+    # sessions (0.5 GiB of FP8 KV each beside 43.5 GiB of weights) share one H100 replica: B = 4, share 175/256.
+    c = run_json(capsys, [*argv, "--sessions", "4"])["cost"]
+    assert (c["tensor_parallel"], c["decode_batch"]) == (1, 4) and 1 - 0.75**4 == 175 / 256
+    step = emb + 32 * attn + 32 * 3 * 4096 * 14_336 * 8 * 175 / 256
+    assert c["params_per_step"] == pytest.approx(step) and c["params_per_token"] == pytest.approx(active)
+    assert c["replica_interactions_per_hour"] == pytest.approx(22_000 * 8.03e9 / step)
+    assert "a step of 4 sequences reads ~68% of them" in c["throughput_basis"]
+    many = run_json(capsys, [*argv, "--sessions", "30"])["cost"]  # 30 sequences: all but 0.018% of the experts
+    routed = 32 * 3 * 4096 * 14_336 * 8
+    assert many["decode_batch"] == 30 and many["params_per_step"] == pytest.approx(total - routed * 0.75**30)
 
 
 def test_a_cost_gpu_that_cannot_hold_the_model_is_an_error(capsys, tmp_path):
