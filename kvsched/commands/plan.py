@@ -17,6 +17,7 @@ from kvsched.core.planner_cost import REFERENCE_PARAMS, cost, fleet_cost, replic
 from kvsched.core.planner_fleet import Levers, Plan, Topology, Workload, plan, summary_calls, with_levers
 
 DEFAULT_PRESET = "llama-3.1-8b"
+DEFAULT_COST_GPU = "H100-SXM5-80GB"
 KV_DTYPES = {"fp16", "float16", "half", "bf16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"}
 LIMITS = {"context": count(1, 2**30), "context_p50": count(1, 2**30), "sessions": count(1, 10**9),
           "agents": count(1, 10**6), "tool_calls": count(0, 10**6), "tool_tokens": count(0, 2**30),
@@ -56,7 +57,9 @@ def register(subparsers: Any) -> None:
     c.add_argument("--tokens-per-interaction", type=float, default=950.0)
     c.add_argument("--interactions-per-hour", type=float, default=500.0)
     c.add_argument("--api-price", type=float, default=0.40, help="managed API $ per million tokens")
-    c.add_argument("--cost-gpu", default="H100-SXM5-80GB", help="catalogue GPU to price against the API")
+    c.add_argument("--cost-gpu", default=None,
+                   help=f"catalogue GPU to price against the API (default {DEFAULT_COST_GPU}; when the default cannot "
+                        "hold a replica, the cost is left out with a note naming the GPUs that can)")
     k = p.add_argument_group("kvsched levers")
     k.add_argument("--with-kvsched", action="store_true", help="also plan with FP8 KV, compaction, retention budget")
     k.add_argument("--compaction-trigger", type=int, default=5000, help="older tokens that trigger a summary (0 off)")
@@ -99,8 +102,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                         tool_tokens=args.tool_tokens)
     gpus = load_catalog(args.gpu_catalog)
     by_name = {g.name: g for g in gpus}
-    if args.cost_gpu not in by_name:
-        raise PlanError(f"--cost-gpu {args.cost_gpu!r} is not in the catalogue ({', '.join(by_name)})")
+    cost_gpu = args.cost_gpu or DEFAULT_COST_GPU
+    if cost_gpu not in by_name:
+        raise PlanError(f"--cost-gpu {cost_gpu!r} is not in the catalogue ({', '.join(by_name)})")
     pool = workload
     out: dict[str, Any] = {"model": asdict(shape)}
     if orchestrator is not None:  # two pools: the orchestrators' model and the workers' (this plan)
@@ -110,14 +114,19 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         out["orchestrator"] = {"model": asdict(orchestrator), "plan": o.as_dict()}
     base = fitting(plan(shape, pool, args.kv_dtype, args.weight_dtype, args.overhead, args.ceiling, gpus),
                    "the worker pool" if orchestrator is not None else "this workload")
-    g = by_name[args.cost_gpu]
+    g = by_name[cost_gpu]
     out.update({
         "workload": {**asdict(workload), "topology": workload.topology.value, "kv_slots": workload.kv_slots,
                      "session_tokens": workload.session_tokens},
         "plan": base.as_dict(),
+        "cost_gpu": g.name,
         "cost": cost_block(args, g, shape, base),
     })
-    out["fleet_cost"] = fleet_vs_api(args, g, base, out.get("orchestrator"), out["cost"])
+    if out["cost"] is None:  # the default cost GPU cannot hold a replica: no price, as for an unfit orchestrator pool
+        out["cost_note"] = (f"no cost or fleet figures: the default --cost-gpu {g.name} cannot hold a replica of "
+                            f"{base.model} at any tensor-parallel degree; pass --cost-gpu with one that can: "
+                            f"{', '.join(f.gpu for f in base.fits)}")
+    out["fleet_cost"] = out["cost"] and fleet_vs_api(args, g, base, out.get("orchestrator"), out["cost"])
     out["vllm_args"] = vllm_args(base, g.name, shape.weight_dtype)
     out["vllm_notes"] = serve_dtype(base.weight_dtype, shape.weight_dtype)[1]
     if orchestrator is not None:
@@ -127,25 +136,34 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def cost_block(args: argparse.Namespace, g: Any, shape: ModelShape, base: Plan) -> dict[str, Any]:
+def cost_block(args: argparse.Namespace, g: Any, shape: ModelShape, base: Plan) -> dict[str, Any] | None:
     """The API against the cost GPU, whose unit is one replica of the plan on it (its TP degree's GPUs, paid together)
     serving the catalogue's 8B-class rate scaled to this model (planner_cost.replica_interactions_per_hour; found by
-    review: the 8B figure priced every model, a 70B as cheap per interaction as an 8B)."""
+    review: the 8B figure priced every model, a 70B as cheap per interaction as an 8B). None when the GPU cannot hold
+    a replica and the user did not name it (found by review: the default H100 refused every plan of a model only an
+    H200/B200 holds, Llama 3.1 405B bf16 among them); a --cost-gpu the user named that cannot is an error."""
     fit = next((f for f in base.fits if f.gpu == g.name), None)
     if fit is None:
+        if args.cost_gpu is None:
+            return None
         raise PlanError(f"--cost-gpu {g.name} cannot hold a replica of {base.model} at any tensor-parallel degree; "
                         f"choose one that can: {', '.join(f.gpu for f in base.fits)}")
-    tp, per_token = fit.tensor_parallel, shape.params_per_token
-    rate = replica_interactions_per_hour(g.interactions_per_hour, tp, per_token)
+    batch = math.ceil(base.kv_slots / fit.replicas)  # the sequences a replica decodes together at peak
+    tp, per_step = fit.tensor_parallel, shape.params_per_step(batch)
+    rate = replica_interactions_per_hour(g.interactions_per_hour, tp, per_step)
+    moe = (f" (MoE: {shape.experts_per_token} of {shape.experts} experts per token; a step of {batch} sequences "
+           f"reads ~{1 - (1 - shape.experts_per_token / shape.experts) ** batch:.0%} of them)"
+           if per_step != shape.params_per_token else "")
     basis = (f"the catalogue's {g.interactions_per_hour:,.0f}/h per GPU for an 8B-class model x {tp} GPU(s) x "
-             f"{REFERENCE_PARAMS / 1e9:.2f}B / {per_token / 1e9:.2f}B weights read per token (decode bound by weight "
-             "reads; an estimate, check it against a measured rate)" if per_token else
+             f"{REFERENCE_PARAMS / 1e9:.2f}B / {per_step / 1e9:.2f}B weights read per decode step{moe} (decode bound "
+             "by weight reads; an estimate, check it against a measured rate)" if per_step else
              f"the catalogue's {g.interactions_per_hour:,.0f}/h per GPU for an 8B-class model x {tp} GPU(s) (parameter "
              "count unknown: not scaled to the model)")
     return {"gpu": g.name, "tokens_per_interaction": args.tokens_per_interaction,
             "interactions_per_hour": args.interactions_per_hour, "api_price_per_m": args.api_price,
             "gpu_price_per_hour": g.price_per_hour, "gpu_interactions_per_hour": g.interactions_per_hour,
-            "tensor_parallel": tp, "params_per_token": per_token, "replica_price_per_hour": tp * g.price_per_hour,
+            "tensor_parallel": tp, "params_per_token": shape.params_per_token, "decode_batch": batch,
+            "params_per_step": per_step, "replica_price_per_hour": tp * g.price_per_hour,
             "replica_interactions_per_hour": rate, "throughput_basis": basis,
             **asdict(cost(args.tokens_per_interaction, args.interactions_per_hour, args.api_price,
                           tp * g.price_per_hour, rate))}
@@ -260,8 +278,7 @@ def render_plan(p: dict[str, Any], w: dict[str, Any]) -> list[str]:
 
 
 def render(result: dict[str, Any]) -> str:
-    p, w, c = result["plan"], result["workload"], result["cost"]
-    unit = "GPU" if c["tensor_parallel"] == 1 else f"replica ({c['tensor_parallel']} GPUs)"
+    p, w, c, gpu = result["plan"], result["workload"], result["cost"], result["cost_gpu"]
     lines = [f"{w['workflows']:,} {w['topology']} workflows (agents/stages {w['agents']}): {w['kv_slots']:,} "
              "concurrent KV slots", ""]
     if "orchestrator" in result:
@@ -269,7 +286,23 @@ def render(result: dict[str, Any]) -> str:
     lines += render_plan(p, w)
     if "fleet_total_bytes" in result:
         lines.append(f"both pools: {_gib(result['fleet_total_bytes'])} with runtime overhead")
-    lines += [
+    lines += ["", f"note: {result['cost_note']}"] if c is None else render_cost(c)
+    f = result.get("fleet_cost")
+    if f:
+        lines.append(f"  sized fleet             {f['gpus']}x {f['gpu']} ${f['fleet_per_hour']:,.2f}/h vs API "
+                     f"${f['api_per_hour']:,.2f}/h for the same interactions -> "
+                     f"{'fleet' if f['fleet_wins'] else 'API'} wins (API/fleet cost {f['api_over_fleet']:.2f}x)")
+    if result.get("vllm_args"):
+        lines += ["", f"vllm serve flags per replica on {gpu}: {result['vllm_args']}",
+                  *[f"  note: {n}" for n in result.get("vllm_notes", [])]]
+    if "with_kvsched" in result:
+        lines += ["", render_levers(result["plan"], result["with_kvsched"], gpu)]
+    return "\n".join(lines)
+
+
+def render_cost(c: dict[str, Any]) -> list[str]:
+    unit = "GPU" if c["tensor_parallel"] == 1 else f"replica ({c['tensor_parallel']} GPUs)"
+    return [
         "",
         f"cost on {c['gpu']} ({c['interactions_per_hour']:,.0f} interactions/h x {c['tokens_per_interaction']:,.0f} "
         f"tokens, API ${c['api_price_per_m']}/M):",
@@ -284,17 +317,6 @@ def render(result: dict[str, Any]) -> str:
             f"below {c['breakeven_utilisation']:.0%} utilisation the API is cheaper" if c["breakeven_utilisation"] <= 1
             else f"that is {c['breakeven_utilisation']:.0%} of its capacity: the API is always cheaper"),
     ]
-    f = result.get("fleet_cost")
-    if f:
-        lines.append(f"  sized fleet             {f['gpus']}x {f['gpu']} ${f['fleet_per_hour']:,.2f}/h vs API "
-                     f"${f['api_per_hour']:,.2f}/h for the same interactions -> "
-                     f"{'fleet' if f['fleet_wins'] else 'API'} wins (API/fleet cost {f['api_over_fleet']:.2f}x)")
-    if result.get("vllm_args"):
-        lines += ["", f"vllm serve flags per replica on {c['gpu']}: {result['vllm_args']}",
-                  *[f"  note: {n}" for n in result.get("vllm_notes", [])]]
-    if "with_kvsched" in result:
-        lines += ["", render_levers(result["plan"], result["with_kvsched"], c["gpu"])]
-    return "\n".join(lines)
 
 
 def render_levers(base: dict[str, Any], k: dict[str, Any], gpu: str) -> str:

@@ -2,7 +2,7 @@
 
 The stable API other modules import: `ModelShape` (`from_preset`, `from_hf_config`), `kv_bytes_per_token`,
 `kv_bytes_for_context`, `kv_capacity_tokens`, `PlanError`, `GIB`. Fleet sizing lives in `planner_fleet`, the API
-cost crossover in `planner_cost`.
+cost crossover in `planner_cost`, reading a HF config's fields in `planner_config`.
 
 The sizing guide's formula is `KV bytes/token = layers x 2 (K and V) x KV heads x head_dim x dtype bytes` (GQA: KV
 heads, not attention heads). Two architectures need more than that and are handled explicitly:
@@ -20,35 +20,35 @@ Units: bytes, and GiB (2**30) where the guide says GB (its "512 MB per 8K sessio
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kvsched.core.planner_config import (
+    MAX_CONFIG_INT,
+    WEIGHT_DTYPES,
+    checkpoint_dtype,
+    config_int,
+    estimate_params,
+    kv_heads_of,
+    max_positions_of,
+    positive_int,
+    routed_experts,
+    sliding_layers_of,
+)
+from kvsched.core.planner_config import PlanError as PlanError  # the planner's error, re-exported
 
 GIB = 2**30
 MIB = 2**20
 DTYPE_BYTES: dict[str, float] = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "half": 2, "bf16": 2,
                                  "bfloat16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1, "fp4": 0.5,
                                  "int4": 0.5}
-LAYER_KINDS = ("full_attention", "sliding_attention")
 # Config keys of layer kinds whose memory is not tokens x a per-token rate (see the module docstring).
 OUT_OF_SCOPE_KEYS = {"attn_layer_period": "Jamba-style attention/Mamba hybrid", "ssm_cfg": "state-space (Mamba)",
                      "hybrid_override_pattern": "attention/Mamba hybrid", "layers_block_type": "attention/Mamba hybrid",
                      "attention_chunk_size": "chunked local attention (Llama 4)"}
-# KV heads as vLLM reads them (vllm/transformers_utils/model_arch_config_convertor.py, get_total_num_kv_heads): the
-# first of these keys the config sets, else every attention head. Falcon's first decoder with multi_query has one.
-KV_HEAD_KEYS = ("n_head_kv", "num_kv_heads", "num_key_value_heads", "multi_query_group_num", "num_attention_groups")
-FALCON_TYPES = ("falcon", "RefinedWeb", "RefinedWebModel")
 # Configs whose KV heads vLLM reads from elsewhere (DBRX: attn_config.kv_n_heads; Nemotron-NAS: per block)
 UNREAD_KV_KEYS = {"attn_config": "DBRX/MPT attn_config", "block_configs": "per-block attention (Nemotron-NAS)"}
-# One name per weight dtype
-WEIGHT_DTYPES = {"float32": "fp32", "fp32": "fp32", "float16": "fp16", "half": "fp16", "fp16": "fp16",
-                 "bfloat16": "bf16", "bf16": "bf16", "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "int8": "int8",
-                 "fp4": "fp4", "int4": "int4"}
-
-
-class PlanError(ValueError):
-    """Input the planner cannot plan with (unknown preset, missing config fields, impossible numbers)."""
 
 
 def weight_dtype_name(name: str) -> str:
@@ -86,6 +86,8 @@ class ModelShape:
     weight_dtype: str = "bf16"  # the checkpoint's weights as vLLM serves them ("": a quantization it cannot read)
     active_params: float = 0.0  # weights read per token (MoE: the routed experts'); 0: all of `params`
     max_positions: int = 0  # the longest --max-model-len vLLM accepts without an override (0: unknown)
+    experts: int = 0  # MoE: routed experts per layer (0: dense, or unknown)
+    experts_per_token: int = 0  # MoE: experts each token is routed to
 
     def __post_init__(self) -> None:
         if self.layers <= 0 or min(self.params, self.hidden, self.vocab, self.attention_heads, self.active_params) < 0:
@@ -99,6 +101,18 @@ class ModelShape:
     def params_per_token(self) -> float:
         """Weights a decode step reads per token: the active parameters of a MoE model, else all of them."""
         return self.active_params or self.params
+
+    def params_per_step(self, batch: int) -> float:
+        """Weights a decode step of `batch` sequences reads (each once, whatever the batch). Dense: all of them. MoE:
+        the non-expert weights plus the union of the routed experts the batch's tokens pick, an expected share
+        1 - (1 - k/E)^batch of each layer's experts with routing taken as uniform (found by review: the active
+        parameters of one token were used at every batch, while at a served batch nearly every expert is read).
+        The routed experts' weights come from `params - active_params = routed x (1 - k/E)`."""
+        e, k = self.experts, self.experts_per_token
+        if not self.active_params or not 0 < k < e or batch <= 1:
+            return self.params_per_token
+        routed = (self.params - self.active_params) * e / (e - k)
+        return self.params - routed + routed * (1 - (1 - k / e) ** batch)
 
     @property
     def is_mla(self) -> bool:
@@ -151,9 +165,9 @@ class ModelShape:
                                 "read; describe it with num_hidden_layers, num_attention_heads, num_key_value_heads "
                                 "and hidden_size")
         try:
-            layers = _positive_int(cfg, "num_hidden_layers")
-            heads = _positive_int(cfg, "num_attention_heads")
-            hidden = _positive_int(cfg, "hidden_size")
+            layers = positive_int(cfg, "num_hidden_layers")
+            heads = positive_int(cfg, "num_attention_heads")
+            hidden = positive_int(cfg, "hidden_size")
         except KeyError as exc:
             raise PlanError(f"model config lacks {exc.args[0]!r} (needs num_hidden_layers, num_attention_heads, "
                             "hidden_size)") from None
@@ -165,135 +179,14 @@ class ModelShape:
         if type(params) not in (int, float) or not 0 <= params < MAX_CONFIG_INT:
             raise PlanError(f"model config field 'num_parameters' must be a number >= 0, got {params!r:.60}")
         routed = estimate_params(cfg, kv_heads, active=True)  # below the total for a MoE model
+        experts, per_token = routed_experts(cfg)
         return cls(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden,
                    vocab=config_int(cfg, "vocab_size"), params=float(params), name=label,
                    kv_lora_rank=config_int(cfg, "kv_lora_rank"), qk_rope_head_dim=config_int(cfg, "qk_rope_head_dim"),
                    sliding_window=window, sliding_layers=sliding, attention_heads=heads,
                    weight_dtype=checkpoint_dtype(raw, text),
                    active_params=params * routed / total if 0 < routed < total else 0.0,
-                   max_positions=max_positions_of(cfg))
-
-
-def _positive_int(cfg: dict[str, Any], key: str) -> int:
-    value = cfg[key]
-    if type(value) is not int or not 0 < value < MAX_CONFIG_INT:
-        raise PlanError(f"model config field {key!r} must be a positive integer, got {value!r}")
-    return value
-
-
-MAX_CONFIG_INT = 2**53  # past any layer, head or parameter count; exact in a float
-
-
-def config_int(cfg: dict[str, Any], key: str, default: int = 0) -> int:
-    """An optional integer field of a HF config (absent, null or 0: `default`). A string, bool, fraction, negative or
-    inf is a PlanError naming the field: the KV arithmetic would otherwise fail with a bare ValueError/OverflowError."""
-    value = cfg.get(key)
-    if not value:
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if type(value) is not int or not 0 < value < MAX_CONFIG_INT:
-        raise PlanError(f"model config field {key!r} must be a positive integer, got {value!r:.60}")
-    return value
-
-
-MAX_LEN_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
-                "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
-UNSCALED_ROPE = ("default", "su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
-
-
-def max_positions_of(cfg: dict[str, Any]) -> int:
-    """The longest --max-model-len vLLM accepts for a config (0: unknown), as its _get_and_verify_max_len derives it:
-    the smallest of its length keys (Command-R's model_max_length overrides them), times a RoPE scaling factor whose
-    type does not already include it."""
-    limit = config_int(cfg, "model_max_length") or min((config_int(cfg, k) for k in MAX_LEN_KEYS if cfg.get(k)),
-                                                        default=0)
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    if limit and isinstance(rope, dict) and "gemma3" not in str(cfg.get("model_type")) \
-            and (rope.get("rope_type") or rope.get("type")) not in UNSCALED_ROPE \
-            and type(rope.get("factor")) in (int, float) and rope["factor"] > 0:
-        limit = int(limit * rope["factor"])
-    return limit
-
-
-def checkpoint_dtype(raw: dict[str, Any], text: dict[str, Any]) -> str:
-    """The weight dtype vLLM serves a checkpoint in without flags: a pre-quantized FP8 one stays FP8, GPTQ/AWQ-style
-    ones keep their `bits`, others by their `dtype`/`torch_dtype` (float32 downcast to bf16; absent: bf16), top level
-    first, as vLLM reads them. '' for a quantization whose weight bytes the planner cannot tell."""
-    quant = raw.get("quantization_config") or raw.get("compression_config") or text.get("quantization_config")
-    if isinstance(quant, dict):
-        if str(quant.get("quant_method", "")).lower() == "fp8":
-            return "fp8"
-        return {4: "int4", 8: "int8"}.get(quant["bits"], "") if type(quant.get("bits")) is int else ""
-    for c in (raw, text):
-        dtype = c.get("dtype") or c.get("torch_dtype")
-        if isinstance(dtype, str) and dtype.lower() in WEIGHT_DTYPES:  # fp32: vLLM's --dtype auto downcasts it
-            return "bf16" if WEIGHT_DTYPES[dtype.lower()] == "fp32" else WEIGHT_DTYPES[dtype.lower()]
-    return "bf16"
-
-
-def kv_heads_of(cfg: dict[str, Any], heads: int, model_type: Any = None) -> int:
-    """KV heads of a HF config as vLLM counts them (found by review: only num_key_value_heads was read, so Falcon-7B's
-    one multi-query head counted as 71). `model_type`: the top-level one, which picks vLLM's convertor."""
-    if model_type in FALCON_TYPES and not cfg.get("new_decoder_architecture", False) \
-            and cfg.get("multi_query", True):  # transformers' FalconConfig defaults multi_query to true
-        return 1
-    key = next((k for k in KV_HEAD_KEYS if cfg.get(k) is not None), None)
-    return heads if key is None else config_int(cfg, key, heads)
-
-
-def sliding_layers_of(cfg: dict[str, Any], layers: int, label: str = "model") -> tuple[int, int]:
-    """(window, number of sliding layers) of a HF config, following each family's convention."""
-    window = config_int(cfg, "sliding_window")
-    types = cfg.get("layer_types")
-    if isinstance(types, list):
-        unknown = sorted({str(t) for t in types} - set(LAYER_KINDS))
-        if unknown:
-            raise PlanError(f"model {label!r}: layer types {unknown} are out of scope for the planner "
-                            f"(it handles {', '.join(LAYER_KINDS)})")
-        if len(types) != layers:
-            raise PlanError(f"model {label!r}: {len(types)} layer_types for {layers} layers")
-        sliding = sum(1 for t in types if t == "sliding_attention")
-        if sliding and not window:
-            raise PlanError(f"model {label!r}: sliding layers but no sliding_window")
-        return (window, sliding) if sliding else (0, 0)
-    if not window:
-        return 0, 0
-    if "use_sliding_window" in cfg:  # Qwen2/3: layers from max_window_layers on slide, if enabled at all
-        if not cfg["use_sliding_window"]:
-            return 0, 0
-        sliding = max(0, layers - config_int(cfg, "max_window_layers"))
-    elif cfg.get("sliding_window_pattern"):  # Gemma 3, Cohere 2: every pattern-th layer is global
-        sliding = layers - layers // config_int(cfg, "sliding_window_pattern")
-    elif cfg.get("model_type") == "gemma2":  # alternating, the even layers slide
-        sliding = math.ceil(layers / 2)
-    else:  # Mistral v0.1 style: every layer slides
-        sliding = layers
-    return (window, sliding) if sliding else (0, 0)
-
-
-def estimate_params(cfg: dict[str, Any], kv_heads: int | None = None, active: bool = False) -> float:
-    """Decoder parameters from a config (embeddings + attention + gated MLP, MoE experts counted; `active`: only the
-    experts each token is routed to), for configs that do not state them. An estimate: norms and biases are ignored,
-    MLA projections counted as plain attention."""
-    h, layers = config_int(cfg, "hidden_size"), config_int(cfg, "num_hidden_layers")
-    heads = config_int(cfg, "num_attention_heads")
-    kv = kv_heads or kv_heads_of(cfg, heads, cfg.get("model_type"))
-    hd = config_int(cfg, "head_dim", h // heads)
-    inter = config_int(cfg, "intermediate_size", 4 * h)
-    vocab = config_int(cfg, "vocab_size", 32_000)
-    experts = (config_int(cfg, "num_local_experts") or config_int(cfg, "n_routed_experts")
-               or config_int(cfg, "num_experts"))
-    if experts and active:
-        experts = config_int(cfg, "num_experts_per_tok") or config_int(cfg, "num_experts_per_token") or experts
-    if experts:
-        moe_inter = config_int(cfg, "moe_intermediate_size", inter)
-        mlp = 3 * h * moe_inter * (experts + config_int(cfg, "n_shared_experts"))
-    else:
-        mlp = 3 * h * inter
-    attn = h * heads * hd * 2 + h * kv * hd * 2
-    emb = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return float(emb + layers * (attn + mlp))
+                   max_positions=max_positions_of(cfg), experts=experts, experts_per_token=per_token)
 
 
 def _preset(name: str, layers: int, heads: int, kv_heads: int, head_dim: int, hidden: int, vocab: int,
@@ -315,7 +208,7 @@ PRESETS: dict[str, ModelShape] = {p.name: p for p in (
     _preset("gemma-2-9b", 42, 16, 8, 256, 3584, 256_000, 9.24e9, sliding_window=4096, sliding_layers=21,
             max_positions=8192),
     _preset("deepseek-v2-lite", 27, 16, 16, 128, 2048, 102_400, 15.7e9, kv_lora_rank=512, qk_rope_head_dim=64,
-            active_params=2.4e9, max_positions=163_840),
+            active_params=2.4e9, max_positions=163_840, experts=64, experts_per_token=6),
 )}
 
 

@@ -56,6 +56,8 @@ def test_the_serve_flags_serve_the_planned_weights(capsys, argv, flag, weights_b
         assert any("pre-quantized FP8 checkpoint needs none" in n for n in out["vllm_notes"])
 
 
+CT8 = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+       "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float"}, "targets": ["Linear"]}}}
 BASE = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256, "num_parameters": 1e9}
 
 
@@ -65,6 +67,17 @@ BASE = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256, "n
     ({"quantization_config": {"quant_method": "fp8"}, "torch_dtype": "bfloat16"}, "fp8", 1),
     ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "int4", 0.5),
     ({}, "bf16", 2),
+    # found by review: common FP8 checkpoints were refused (Llama 3.1 405B FP8 is fbgemm_fp8; llm-compressor's are
+    # compressed-tensors, weights read from config_groups as vLLM's CompressedTensorsConfig reads them)
+    ({"quantization_config": {"quant_method": "fbgemm_fp8", "modules_to_not_convert": []}}, "fp8", 1),
+    ({"quantization_config": CT8}, "fp8", 1),
+    ({"quantization_config": {**CT8, "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int"}}}}},
+     "int8", 1),
+    ({"quantization_config": {**CT8, "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}}},
+     "int4", 0.5),
+    ({"quantization_config": {**CT8, "config_groups": {"a": {"weights": {"num_bits": 4, "type": "int"}},
+                                                       "b": {"weights": {"num_bits": 8, "type": "int"}}}}},
+     "int8", 1),  # groups that differ: the heaviest, not an under-estimate
 ])
 def test_a_configs_weights_are_its_checkpoints(capsys, tmp_path, extra, dtype, bytes_per_param):
     (tmp_path / "config.json").write_text(json.dumps({**BASE, **extra}))
@@ -73,8 +86,11 @@ def test_a_configs_weights_are_its_checkpoints(capsys, tmp_path, extra, dtype, b
     assert "--quantization" not in out["vllm_args"] and "--dtype" not in out["vllm_args"]  # served as it is
 
 
-def test_a_quantization_the_planner_cannot_read_needs_the_weight_dtype(capsys, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({**BASE, "quantization_config": {"quant_method": "bitsandbytes"}}))
+@pytest.mark.parametrize("quant", [{"quant_method": "bitsandbytes"},
+                                   {**CT8, "config_groups": {"g": {"weights": {"num_bits": 2, "type": "int"}}}},
+                                   {"quant_method": "compressed-tensors"}])
+def test_a_quantization_the_planner_cannot_read_needs_the_weight_dtype(capsys, tmp_path, quant):
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "quantization_config": quant}))
     assert main(["plan", "--model", str(tmp_path)]) == 2
     assert "--weight-dtype" in capsys.readouterr().err
     out = run_json(capsys, ["--model", str(tmp_path), "--weight-dtype", "int4"])
@@ -126,8 +142,20 @@ def test_a_moe_model_is_rated_by_its_active_parameters(capsys, tmp_path):
     s = ModelShape.from_hf_config(cfg)
     assert s.params == total and s.params_per_token == pytest.approx(active)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    c = run_json(capsys, ["--model", str(tmp_path), "--kv-dtype", "fp8", "--weight-dtype", "fp8"])["cost"]
+    argv = ["--model", str(tmp_path), "--kv-dtype", "fp8", "--weight-dtype", "fp8"]
+    c = run_json(capsys, [*argv, "--sessions", "1"])["cost"]  # one sequence: the active parameters
     assert c["replica_interactions_per_hour"] == pytest.approx(22_000 * c["tensor_parallel"] * 8.03e9 / active)
+    # Found by review: a batch of B sequences reads the union of their experts, 1 - (1 - 2/8)^B of each layer's. Four
+    # sessions (0.5 GiB of FP8 KV each beside 43.5 GiB of weights) share one H100 replica: B = 4, share 175/256.
+    c = run_json(capsys, [*argv, "--sessions", "4"])["cost"]
+    assert (c["tensor_parallel"], c["decode_batch"]) == (1, 4) and 1 - 0.75**4 == 175 / 256
+    step = emb + 32 * attn + 32 * 3 * 4096 * 14_336 * 8 * 175 / 256
+    assert c["params_per_step"] == pytest.approx(step) and c["params_per_token"] == pytest.approx(active)
+    assert c["replica_interactions_per_hour"] == pytest.approx(22_000 * 8.03e9 / step)
+    assert "a step of 4 sequences reads ~68% of them" in c["throughput_basis"]
+    many = run_json(capsys, [*argv, "--sessions", "30"])["cost"]  # 30 sequences: all but 0.018% of the experts
+    routed = 32 * 3 * 4096 * 14_336 * 8
+    assert many["decode_batch"] == 30 and many["params_per_step"] == pytest.approx(total - routed * 0.75**30)
 
 
 def test_a_cost_gpu_that_cannot_hold_the_model_is_an_error(capsys, tmp_path):
@@ -140,3 +168,27 @@ def test_a_cost_gpu_that_cannot_hold_the_model_is_an_error(capsys, tmp_path):
     assert main([*argv, "--cost-gpu", "small"]) == 2
     assert "--cost-gpu small cannot hold a replica of llama-3.1-70b" in capsys.readouterr().err
     assert main([*argv, "--cost-gpu", "big"]) == 0
+
+
+def test_the_default_cost_gpu_that_cannot_hold_the_model_leaves_the_cost_out(capsys, tmp_path):
+    """Found by review: Llama 3.1 405B bf16 fits H200s and B200s, but the default cost GPU (an 80 GB H100) cannot hold
+    it, and `kvsched plan` printed only that error instead of its memory figures and GPU table."""
+    catalogue = tmp_path / "gpus.toml"
+    catalogue.write_text('[[gpu]]\nname = "H100-SXM5-80GB"\nvram_gib = 80\nprice_per_hour = 2.4\n'
+                         '[[gpu]]\nname = "big"\nvram_gib = 192\nprice_per_hour = 6.0\n')
+    # 405e9 bf16 weights are 754.4 GiB: 8 H100s plan 8 x 80 x 0.9 / 1.15 = 500.9 GiB, 8 big ones 1,202 GiB
+    assert 8 * 80 * 0.9 / 1.15 < 405e9 * 2 / GIB < 8 * 192 * 0.9 / 1.15
+    cfg = {"hidden_size": 16384, "num_hidden_layers": 126, "num_attention_heads": 128, "num_key_value_heads": 8,
+           "intermediate_size": 53248, "vocab_size": 128256, "num_parameters": 405e9}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    argv = ["--gpu-catalog", str(catalogue), "--model", str(tmp_path), "--sessions", "4"]
+    out = run_json(capsys, argv)
+    assert [f["gpu"] for f in out["plan"]["fits"]] == ["big"] and out["plan"]["weights_bytes"] == 810e9
+    assert out["cost"] is None and out["fleet_cost"] is None and out["vllm_args"] is None
+    assert "H100-SXM5-80GB cannot hold a replica" in out["cost_note"] and out["cost_note"].endswith("can: big")
+    assert main(["plan", *argv]) == 0
+    text = capsys.readouterr().out
+    assert "| big " in text and "note: no cost or fleet figures" in text and "cost on" not in text
+    assert main(["plan", *argv, "--cost-gpu", "H100-SXM5-80GB"]) == 2  # named by the user: still refused
+    assert "--cost-gpu H100-SXM5-80GB cannot hold a replica" in capsys.readouterr().err
+    assert run_json(capsys, [*argv, "--cost-gpu", "big"])["cost"]["tensor_parallel"] == 8

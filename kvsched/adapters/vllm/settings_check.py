@@ -82,7 +82,7 @@ def _ghost() -> None:
 def _levels() -> None:
     from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 
-    LevelsConfig.from_extra({})
+    LevelsConfig.from_extra({}, check_file_system=True)
 
 
 def _record_trace() -> None:

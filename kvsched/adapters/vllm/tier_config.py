@@ -18,7 +18,7 @@ def kv_transfer_config(tier_gb: float | str = "auto", measure_error: bool = True
     `levels`: the disk and shared levels under it (disk_dir, disk_gb, store_url; see tier_levels_config.LevelsConfig)."""
     parse_tier_gib(tier_gb)  # validate early
     extra = {"tier_gb": tier_gb, "measure_error": measure_error, **{k: v for k, v in levels.items() if v is not None}}
-    LevelsConfig.from_extra(extra)
+    LevelsConfig.from_extra(extra, check_file_system=True)
     return {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": MODULE_PATH, "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 

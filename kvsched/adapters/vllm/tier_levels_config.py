@@ -3,6 +3,7 @@ kv_connector_extra_config) and their KVSCHED_* variables, each refused at start 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ ENV_FETCH_MB = "KVSCHED_TIER_FETCH_MB"
 DEFAULT_FETCH_MB = 64.0
 MAX_FETCH_MB = 65536.0
 
+logger = logging.getLogger("vllm.kvsched.fp8_tier")  # the tier connector's logger
+
 
 @dataclass(frozen=True, slots=True)
 class LevelsConfig:
@@ -45,9 +48,13 @@ class LevelsConfig:
         return bool(self.disk_dir or self.store_url)
 
     @classmethod
-    def from_extra(cls, extra: dict[str, Any]) -> LevelsConfig:
+    def from_extra(cls, extra: dict[str, Any], check_file_system: bool = False) -> LevelsConfig:
         """From kv_connector_extra_config (set by --kvsched-disk-tier-dir/-gb, --kvsched-store-url), else the
-        environment. DiskConfigError names a bad value."""
+        environment. DiskConfigError names a bad value. A disk size larger than the file system holding its directory
+        is refused with `check_file_system` (the API server's parse-time checks, where the operator reads it); without
+        it (the engine core's and workers' connectors) it is capped to that file system, logged. Found by review: the
+        check ran in every process, so on a multi-node layout a worker whose file system is smaller than the API
+        server's raised after the model had loaded."""
         disk_dir = extra.get("disk_dir") or os.environ.get(ENV_DISK_DIR) or None
         if disk_dir and (error := not_a_directory(str(disk_dir))):
             raise DiskConfigError(f"{'--kvsched-disk-tier-dir' if extra.get('disk_dir') else ENV_DISK_DIR}: {error}")
@@ -57,8 +64,12 @@ class LevelsConfig:
         if gb is not None and not disk_dir:
             raise DiskConfigError(f"{gb_name} needs --kvsched-disk-tier-dir (or {ENV_DISK_DIR})")
         if gb is not None and (total := file_system_bytes(str(disk_dir))) and gb * 2**30 > total:
-            raise DiskConfigError(f"{gb_name}: {gb:g} GiB is more than the whole file system holding {str(disk_dir)!r} "
-                                  f"({total / 2**30:.1f} GiB); give a smaller size")
+            too_big = (f"{gb_name}: {gb:g} GiB is more than the whole file system holding {str(disk_dir)!r} "
+                       f"({total / 2**30:.1f} GiB)")
+            if check_file_system:
+                raise DiskConfigError(f"{too_big}; give a smaller size")
+            logger.warning("kvsched: %s on this host; the disk level is capped to %.1f GiB", too_big, total / 2**30)
+            gb = total / 2**30
         url = extra.get("store_url") or os.environ.get(ENV_STORE_URL) or None
         if url:
             from kvsched.adapters.store.redis_store import check_url, unredacted

@@ -139,3 +139,29 @@ def test_register_pulls_no_api_server_modules_into_engine_processes():
              "[m for m in set(sys.modules) - before if m.startswith('vllm.entrypoints')])")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip().splitlines()[-1] == "['kvsched'] []", out.stdout
+
+
+def test_a_scheduler_cls_module_that_cannot_be_kvscheds_is_not_imported_at_parse_time(vllm_cli, tmp_path, monkeypatch):
+    """Found by review: every --scheduler-cls outside vLLM was imported in the API server at parse time, kvsched
+    selected or not (a user's or platform plugin's module-level code ran there), and a module calling sys.exit at
+    import ended the parse (`except Exception` misses SystemExit)."""
+    import sys
+
+    pkg = tmp_path / "fu_userpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("IMPORTED = True  # its package must not be imported either\n")
+    (pkg / "plain.py").write_text("from vllm.v1.core.sched.async_scheduler import AsyncScheduler\n\n\n"
+                                  "class Mine(AsyncScheduler):\n    pass\n")
+    (tmp_path / "fu_exit_sched.py").write_text("import sys\n\nimport kvsched  # noqa\n\nsys.exit('refused')\n")
+    (tmp_path / "fu_kv_pkg").mkdir()
+    (tmp_path / "fu_kv_pkg" / "__init__.py").write_text("")
+    (tmp_path / "fu_kv_pkg" / "sched.py").write_text(
+        "from kvsched.adapters.vllm.scheduler import KVSchedScheduler\n\n\nclass MyKV(KVSchedScheduler):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stock = serve(vllm_cli, "--scheduler-cls", "fu_userpkg.plain.Mine")
+    assert stock.scheduler_cls == "fu_userpkg.plain.Mine" and stock.middleware == []
+    assert "fu_userpkg" not in sys.modules and "fu_userpkg.plain" not in sys.modules
+    exiting = serve(vllm_cli, "--scheduler-cls", "fu_exit_sched.Sched")  # names kvsched, so imported: SystemExit
+    assert exiting.scheduler_cls == "fu_exit_sched.Sched" and exiting.middleware == []
+    mine = serve(vllm_cli, "--scheduler-cls", "fu_kv_pkg.sched.MyKV")
+    assert mine.middleware == [compat.MIDDLEWARE_PATH] and "fu_kv_pkg.sched" in sys.modules

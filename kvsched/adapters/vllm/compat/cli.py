@@ -34,8 +34,8 @@ def resolve_scheduler_name(value: str) -> str | None:
 def is_kvsched_scheduler(scheduler_cls: object) -> bool:
     """Whether the server runs kvsched's scheduler: one of kvsched's class paths, or a subclass of KVSchedScheduler
     (`--scheduler-cls myco.MyKV`; found by review: a subclass named by its own path got no tier, settings checks or
-    middleware). A path outside kvsched and vLLM is imported to see, once (vLLM's engine core imports it anyway); one
-    that does not import is not kvsched's (the engine core then says why)."""
+    middleware). A path outside kvsched and vLLM is looked at by `_imported_subclass`, without running modules that
+    cannot hold such a subclass."""
     if isinstance(scheduler_cls, str):
         return scheduler_cls.startswith("kvsched.") or _imported_subclass(scheduler_cls)
     if str(getattr(scheduler_cls, "__module__", "")).startswith("kvsched."):
@@ -46,14 +46,54 @@ def is_kvsched_scheduler(scheduler_cls: object) -> bool:
 
 @functools.cache
 def _imported_subclass(path: str) -> bool:
+    """Whether `path` ("module.Class") names a KVSchedScheduler subclass. The module is imported only when it is
+    already loaded or its source names kvsched (a subclass must import it); found by review: every --scheduler-cls
+    outside vLLM was imported in the API server at parse time, kvsched selected or not, running a user's or a platform
+    plugin's module-level code there, and a `sys.exit` in it ended the parse. Whatever its import raises, SystemExit
+    included, means "not kvsched's" (the engine core imports it again and says why); Ctrl-C is not swallowed. A
+    subclass whose module reaches KVSchedScheduler only through another module of its own is not recognised."""
     module, _, name = path.rpartition(".")
     if not module or path.startswith("vllm."):
         return False
+    if module not in sys.modules and "kvsched" not in (_module_source(module) or ""):
+        return False
     try:
         cls = getattr(importlib.import_module(module), name)
-    except Exception:
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
         return False
     return isinstance(cls, type) and is_kvsched_scheduler(cls)
+
+
+def _module_source(module: str) -> str | None:
+    """The source text of `module`, found as the import system finds it (sys.meta_path, package by package) but without
+    importing it or its parent packages (`importlib.util.find_spec` imports the parents, running their __init__);
+    None when it cannot be found or has no Python source."""
+    search: Any = None
+    spec = None
+    parts = module.split(".")
+    for i in range(len(parts)):
+        name = ".".join(parts[: i + 1])
+        loaded = sys.modules.get(name)
+        spec = getattr(loaded, "__spec__", None) if loaded is not None else None
+        for finder in [] if spec is not None else sys.meta_path:
+            try:
+                spec = finder.find_spec(name, search) if hasattr(finder, "find_spec") else None
+            except (ImportError, ValueError, OSError):
+                spec = None
+            if spec is not None:
+                break
+        if spec is None:
+            return None
+        search = spec.submodule_search_locations
+        if search is None and i < len(parts) - 1:
+            return None
+    try:
+        get_source = getattr(spec.loader, "get_source", None) if spec is not None else None
+        return get_source(module) if get_source is not None else None
+    except (ImportError, OSError, SyntaxError, UnicodeDecodeError):
+        return None
 
 
 class _SchedulerAction(argparse.Action):
@@ -63,8 +103,6 @@ class _SchedulerAction(argparse.Action):
             setattr(namespace, self.dest, resolve_scheduler_name(str(values)))
         except argparse.ArgumentTypeError as exc:
             parser.error(f"argument --scheduler: {exc}")
-        if is_kvsched_scheduler(getattr(namespace, self.dest)) and (refusal := unsupported_vllm()):
-            parser.exit(2, f"{refusal}\n")
 
 
 def _scheduler_cls_type(original: Any) -> Any:
@@ -196,13 +234,17 @@ def add_middleware(ns: argparse.Namespace, kvsched: bool) -> None:
 
 
 def _check_after_parsing(parser: Any) -> None:
-    """Once the arguments are complete (whatever their order on the command line): exit with `cpu_refusal`'s one line
-    or the KVSCHED_* settings errors (one line each) before vLLM starts an engine, and turn the FP8 tier on
-    (`apply_tier`)."""
+    """Once the arguments are complete (whatever their order on the command line): exit with the version guard's,
+    `cpu_refusal`'s or `parallel_refusal`'s one line or the KVSCHED_* settings errors (one line each) before vLLM starts
+    an engine, and turn the FP8 tier on (`apply_tier`). The version guard runs here, for every way of selecting
+    kvsched (found by review: only `--scheduler kvsched` ran it; `--scheduler-cls kvsched`, kvsched's class path, a
+    subclass and a YAML --config skipped it)."""
     parse_known_args = parser.parse_known_args
 
     def checked(args: Any = None, namespace: Any = None) -> Any:
         ns, rest = parse_known_args(args, namespace)
+        if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)) and (refusal := unsupported_vllm()):
+            parser.exit(2, f"{refusal}\n")
         if (reason := cpu_refusal(ns) or parallel_refusal(ns)) is not None:
             parser.exit(2, f"kvsched: {reason}\n")
         if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):  # KVSCHED_* settings: refused now, by name

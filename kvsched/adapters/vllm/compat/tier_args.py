@@ -142,7 +142,7 @@ def _check_user_tier(parser: Any, user: Any) -> None:
         except TierConfigError as exc:
             parser.error(f"--kv-transfer-config kv_connector_extra_config.tier_gb: {exc}")
     try:
-        LevelsConfig.from_extra(extra)
+        LevelsConfig.from_extra(extra, check_file_system=True)
     except (DiskConfigError, ValueError) as exc:
         parser.error(f"--kv-transfer-config kv_connector_extra_config: {exc}")
     if getattr(user, "kv_load_failure_policy", "recompute") != "recompute":
