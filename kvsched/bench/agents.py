@@ -32,11 +32,12 @@ from kvsched.bench.agents_report import (
     TIER_SIDE,
     attainable,
     clairvoyant_bound,
+    compare,
     gates,
     print_report,
     unbounded_reach,
 )
-from kvsched.bench.common import percentile, provenance, ratios, write_json
+from kvsched.bench.common import percentile, provenance, write_json
 from kvsched.bench.plots import grouped_bars, save_beside, side_ratios, ttft_chart
 from kvsched.serving import ServerSpec, VllmServer, start_all
 from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
@@ -330,10 +331,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for server in servers:
             server.stop()
-    if "stock" in result:
-        result["ratio"] = {s: ratios(result[s], result["stock"]) for s in result if s != "stock"}
-        if TIER_SIDE in result["ratio"]:
-            result["ratio"].update(result["ratio"][TIER_SIDE])  # kvsched/stock at the top level, as documented
+    compare(result, list(result))
     if RECORDER_SIDE in result:
         recorded, capacity = result[RECORDER_SIDE].get("recorded_replay"), result.get(TIER_SIDE, {}).get("tier", {})
         if recorded and capacity.get("capacity_bytes"):  # the recording's prediction of the tier side, at its tier
@@ -343,8 +341,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         result["bound"] = attainable(result)
     if {"stock", NO_TIER_SIDE} <= result.keys():
         result.setdefault("bound", {}).update(clairvoyant_bound(result))
-    if {NO_TIER_SIDE, TIER_SIDE} <= result.keys():
-        result["ratio_tier_over_no_tier"] = ratios(result[TIER_SIDE], result[NO_TIER_SIDE])
     result["config"] = {
         "workload": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(cfg).items()},
         "model": {"size": args.model_size, "dtype": dtype, "parameters": shape.num_parameters(), **asdict(shape)},

@@ -52,7 +52,7 @@ def test_gates_read_the_tier_side_against_stock_and_the_prefetched_share():
 
     good = {"stock": side(1000, 1.0, 100), "kvsched": side(400, 0.25, 130, restores=10, prefetched=6),
             "kvsched-no-tier": side(900, 0.9, 100)}
-    assert all(gates(good).values()) and len(gates(good)) == 6
+    assert all(gates(good).values()) and len(gates(good)) == 7
     bad = dict(good, kvsched=side(460, 0.35, 110, restores=10, prefetched=4), unbounded=side(300, 0.1, 200, errors=1))
     g = gates(bad)
     assert not any(g[k] for k in ("prefill_le_0.45x_stock", "followup_ttft_p95_le_0.3x_stock",
@@ -133,3 +133,29 @@ def test_the_unbounded_sides_reach_says_which_latency_gates_any_policy_could_pas
     r = unbounded_reach({"stock": side(2.0, 1000), "unbounded": side(0.2, 1500)})
     assert r["followup_ttft_p95_le_0.3x_reachable"] and r["throughput_ge_1.2x_reachable"]
     assert unbounded_reach({"stock": side(1, 1)}) == {}
+
+
+def test_a_side_with_failed_turns_or_other_prompts_gets_no_ratio_and_fails_its_gates():
+    """Found by review: a kvsched side whose every follow-up failed (TTFT None) passed the TTFT gate ((None or 0) <=
+    ...), and a side that failed turns was credited with the prefill it never computed."""
+    from kvsched.bench.agents_report import compare, gates, unbounded_reach
+
+    def side(prefill, ttft, errors=0, prompt=75_000):
+        return {"prefill_tokens_computed": prefill, "prompt_tokens_total": prompt, "followup_ttft_p95_s": ttft,
+                "throughput_tok_s": 3000, "errors": errors, "turns": 90,
+                "tier": {"restores": 10, "prefetched_restores": 10}}
+
+    stock = side(28_000, 0.5) | {"throughput_tok_s": 2400}
+    result = {"stock": stock, "kvsched": side(11_000, None, errors=40, prompt=60_000),
+              "kvsched-no-tier": side(15_000, 0.4, prompt=74_000), "unbounded": side(12_000, 0.2, errors=1)}
+    compare(result, list(result))
+    assert result["kvsched"]["invalid"] == "40 of 90 turns failed"
+    assert result["kvsched-no-tier"]["invalid"] == "74000 prompt tokens served, stock 75000"
+    assert "invalid" not in result["stock"] and set(result["ratio"]) == set()  # no ratio for an invalid side
+    assert "ratio_tier_over_no_tier" not in result
+    g = gates(result)
+    assert not any(g.values()), g
+    assert unbounded_reach(result) == {}
+    # a valid side with no follow-up TTFT measured fails the TTFT gate, it does not pass it
+    no_ttft = {"stock": stock, "kvsched": side(11_000, None)}
+    assert not gates(no_ttft)["followup_ttft_p95_le_0.3x_stock"] and gates(no_ttft)["prefill_le_0.45x_stock"]
