@@ -161,9 +161,10 @@ def measured(outcomes: list[dict[str, Any]], before: dict[str, float], after: di
     return out
 
 
-def same_memory_blocks(num_blocks: int) -> int:
-    """The stock-same-memory side's pool: the usable blocks times SAME_MEMORY, plus vLLM's null block."""
-    return round((num_blocks - 1) * SAME_MEMORY) + 1
+def same_memory_blocks(num_blocks: int, tier_multiple: float = AUTO_POOL_MULTIPLE) -> int:
+    """The stock-same-memory side's pool: the usable blocks times (1 + the tier's bytes over the pool's: SAME_MEMORY
+    for the default tier), plus vLLM's null block. `kvsched bench agents` sizes its side by it too."""
+    return round((num_blocks - 1) * (1 + tier_multiple)) + 1
 
 
 def predicted(trace: Any, capacity_blocks: int, tier: tuple[int, int] | None = None) -> dict[str, Any]:
