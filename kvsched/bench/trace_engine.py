@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
           + ", ".join(f"{p} {v['over_lru']:.4f}" for p, v in sim.items()))
     write_json(args.out, result)
     save_beside(args.out, lambda path: grouped_bars(
-        {"measured (over stock)": {s: r["over_stock"] or 0.0 for s, r in result["sides"].items()},
+        {"measured (over stock)": {s: r["over_stock"] for s, r in result["sides"].items()},  # None: invalid
          "simulator (over LRU)": {p: v["over_lru"] for p, v in sim.items()}},
         path, f"{result['config']['trace']}: prefill computed", "ratio", None))
     rejected = max((v["rejected"] for v in sim.values()), default=0)
