@@ -340,6 +340,8 @@ def run(args: argparse.Namespace) -> int:
                           len(k["orphans_after_10s"] or [])]],
                         ["kill: requests", "failed", "cut streams", "retried", "recovery s", "reaped s",
                          "orphans after 10 s"]))
+            if k.get("kill_at_s") is None:
+                print(f"kill scenario: no kill happened ({k.get('error')})")
     if "migration" in result:
         from kvsched.bench.router_migration import print_migration
 

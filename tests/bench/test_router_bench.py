@@ -139,3 +139,40 @@ def test_the_migration_chart_is_written_from_the_result(tmp_path):
                                        for i, e in enumerate(EVENTS)}}
     png = migration_chart({"without_shared": side(1000), "with_shared": side(100)}, tmp_path / "m.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _chart(monkeypatch, tmp_path, result):
+    """router_chart's figure, kept open instead of saved."""
+    from kvsched.bench import router_plot
+
+    figs = []
+    monkeypatch.setattr(router_plot, "save_figure", lambda fig, path: figs.append(fig) or path)
+    router_plot.router_chart(result, tmp_path / "r.png")
+    return figs[0]
+
+
+def _sim_row(load_factor):
+    point = {"max_over_mean_load": 1.1, "affinity": 0.97}
+    return {"config": {"load_factor": load_factor}, **{p: point for p in POLICIES}}
+
+
+def test_the_router_chart_draws_a_kill_that_never_happened(monkeypatch, tmp_path):
+    """Found by review: kill_at_s None (the kill failed) raised TypeError in axvline after the JSON was written."""
+    kill = {"kill_at_s": None, "recovery_s": None, "error": "StopIteration: no slot 0",
+            "timeline": [[1.0, "slot-0", "ok", 1], [2.0, None, "failed", 1]]}
+    result = {"by_replicas": {"8": _sim_row(1.25)},
+              "real_2_replicas": {"policies": {"kvsched": {"max_over_mean_load": 1.02, "affinity": 0.99}},
+                                  "kill": kill}}
+    fig = _chart(monkeypatch, tmp_path, result)
+    assert any("no kill happened" in t.get_text() for t in fig.axes[-1].texts)
+
+
+def test_the_router_chart_puts_simulated_and_real_load_on_their_own_axes_and_the_runs_bound(monkeypatch, tmp_path):
+    """Found by review: one x-axis mixed simulated turn-seconds with real request counts, and the bound line was drawn
+    at 1.25 whatever --load-factor said."""
+    result = {"by_replicas": {"8": _sim_row(1.5)},
+              "real_2_replicas": {"policies": {"kvsched": {"max_over_mean_load": 1.02, "affinity": 0.99}}}}
+    fig = _chart(monkeypatch, tmp_path, result)
+    sim, real = fig.axes
+    assert "turn-seconds" in sim.get_xlabel() and "requests" in real.get_xlabel()
+    assert [line.get_xdata()[0] for line in sim.lines if line.get_xdata()[0] == line.get_xdata()[-1]] == [1.5]
