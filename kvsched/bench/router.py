@@ -329,11 +329,11 @@ def run(args: argparse.Namespace) -> int:
         real = result["real_2_replicas"]
         print(f"real run: {real['config']}")
         print(table([[p, r["affinity"], r["max_over_mean_load"], r["requests"], r["follow_up_ttft_ms_p50"],
-                      r["follow_up_ttft_ms_p95"], r["failed"],
+                      r["follow_up_ttft_ms_p95"], r["follow_ups"], r["failed"],
                       " ".join(f"{k}={v}" for k, v in (r["moves"].get("reasons") or r["moves"]).items())]
                      for p, r in real["policies"].items()],
-                    ["policy", "affinity", "max/mean requests", "requests", "follow-up TTFT ms p50", "p95", "failed",
-                     "moves by reason"]))
+                    ["policy", "affinity", "max/mean requests", "requests", "follow-up TTFT ms p50", "p95",
+                     "follow-ups (n)", "failed", "moves by reason"]))
         if "kill" in real:
             k = real["kill"]
             print(table([[k["requests"], k["failed"], k["cut_streams"], k["retried"], k["recovery_s"], k["reaped_s"],

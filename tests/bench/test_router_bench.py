@@ -176,3 +176,26 @@ def test_the_router_chart_puts_simulated_and_real_load_on_their_own_axes_and_the
     sim, real = fig.axes
     assert "turn-seconds" in sim.get_xlabel() and "requests" in real.get_xlabel()
     assert [line.get_xdata()[0] for line in sim.lines if line.get_xdata()[0] == line.get_xdata()[-1]] == [1.5]
+
+
+def test_the_migration_prefill_gate_compares_the_moves_both_sides_made():
+    """Found by review: the gate summed 16 moves without the shared level (kill and restart) against 8 with it (kill
+    only): twice the moves on the side it had to beat."""
+    from kvsched.bench.router_migration import EVENTS, _summary, gates
+
+    def side(per_event: dict[str, int]) -> dict:
+        moves = {e: [{"sid": f"s{i}", "prefill": per_event.get(e, 0), "prompt": 2000, "ttft_s": 0.5,
+                      "was_compacted": True, "compacted": True} for i in range(8 if e in per_event else 0)]
+                 for e in EVENTS}
+        flat = [m for e in EVENTS for m in moves[e]]
+        return _summary(flat, 0) | {"moves": {e: [[m["sid"], m["prefill"], m["prompt"], m["ttft_s"]] for m in ms]
+                                              for e, ms in moves.items()}}
+
+    out = {"with_shared": side({"kill": 400}), "without_shared": side({"kill": 1000, "restart": 1000})}
+    g = gates(out)
+    assert out["matched"] == {"moves": 8, "with_shared_prefill": 3200, "without_shared_prefill": 8000,
+                              "unmatched": {"with_shared": 0, "without_shared": 8}}
+    assert not g["prefill_with_shared_le_0.3x_without_on_matched_moves"]  # 3200 > 0.3 x 8000 (3200 <= 0.3 x 16000)
+    assert out["with_shared"]["next_turn_ttft_n"] == 8
+    out = {"with_shared": side({"kill": 200}), "without_shared": side({"kill": 1000, "restart": 1000})}
+    assert gates(out)["prefill_with_shared_le_0.3x_without_on_matched_moves"]
