@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kvsched.bench.common import percentile
+from kvsched.bench.loadgen import canned_reply
 
 COMPACTION_ENV = {"KVSCHED_COMPACTION_TRIGGER_TOKENS": "600", "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2",
                   "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "24",
@@ -66,23 +67,22 @@ def _turn(client: Any, s: Session, turn: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         raw = client.chat.completions.with_raw_response.create(
-            model="tiny", messages=s.messages, max_tokens=8, stream=True, stream_options={"include_usage": True},
+            model="tiny", messages=s.messages, max_tokens=8, temperature=0.0, stream=True,
+            stream_options={"include_usage": True},
             extra_headers={"X-Session-Id": s.sid, "X-KVSched-Compaction": "summarize"})
         replica = raw.headers.get("x-kvsched-replica-id", "?")
         compacted = int(raw.headers.get("x-kvsched-compacted", 0) or 0) > 0
         first: float | None = None
-        text: list[str] = []
         usage = None
         for chunk in raw.parse():
             if chunk.choices and chunk.choices[0].delta.content:
                 first = first or time.perf_counter()
-                text.append(chunk.choices[0].delta.content)
             if chunk.usage is not None:
                 usage = chunk.usage
     except openai.APIError as exc:
         s.messages.pop()
         return {"error": f"{type(exc).__name__}: {exc}"[:200]}
-    s.messages.append({"role": "assistant", "content": "".join(text)})
+    s.messages.append({"role": "assistant", "content": canned_reply(turn)})  # both sides: the same prompts
     details = getattr(usage, "prompt_tokens_details", None)
     prompt = int(usage.prompt_tokens) if usage is not None else 0
     cached = int(getattr(details, "cached_tokens", 0) or 0)

@@ -199,3 +199,56 @@ def test_the_migration_prefill_gate_compares_the_moves_both_sides_made():
     assert out["with_shared"]["next_turn_ttft_n"] == 8
     out = {"with_shared": side({"kill": 200}), "without_shared": side({"kill": 1000, "restart": 1000})}
     assert gates(out)["prefill_with_shared_le_0.3x_without_on_matched_moves"]
+
+
+class _FakeChat:
+    """An OpenAI client whose streamed answer is `reply`; records every request's arguments."""
+
+    def __init__(self, reply: str) -> None:
+        from types import SimpleNamespace as NS
+
+        self.sent: list[dict] = []
+        self.chat = NS(completions=NS(with_raw_response=NS(create=self._create)))
+        self._chunks = [NS(choices=[NS(delta=NS(content=reply))], usage=None),
+                        NS(choices=[], usage=NS(prompt_tokens=100, prompt_tokens_details=NS(cached_tokens=0)))]
+
+    def _create(self, **kw):
+        from types import SimpleNamespace as NS
+
+        self.sent.append({**kw, "messages": [dict(m) for m in kw["messages"]]})
+        return NS(headers={"x-kvsched-replica-id": "r1"}, parse=lambda: iter(self._chunks))
+
+
+def test_every_side_is_sent_the_same_prompts_whatever_the_model_answers():
+    """Found by review: the load generator and the migration scenario kept the tiny model's reply (sampled at
+    temperature 1, unseeded) in the history, so the routers and sides compared were sent different prompts."""
+    import random
+
+    from kvsched.bench.loadgen import LoadConfig, run_session
+    from kvsched.bench.router_migration import Session, _turn
+
+    class Turns:  # stops after three turns
+        calls = 0
+
+        def over(self, t):
+            self.calls += 1
+            return self.calls > 3
+
+        def count_answered(self):
+            pass
+
+    sent = []
+    for reply in ("a b c", "something else entirely"):
+        client = _FakeChat(reply)
+        run_session(client, "wf0/worker-0", LoadConfig(turn_period_s=0.0), 0.0, Turns())
+        sent.append(client.sent)
+    assert len(sent[0]) == 3 and sent[0] == sent[1]
+    assert all(kw["temperature"] == 0.0 for kw in sent[0])
+    histories = []
+    for reply in ("a b c", "something else entirely"):
+        client = _FakeChat(reply)
+        s = Session("mig0/worker-0", random.Random("0/0"), [{"role": "system", "content": "x"}])
+        for turn in range(3):
+            _turn(client, s, turn)
+        histories.append(s.messages)
+    assert histories[0] == histories[1] and len(histories[0]) == 7
