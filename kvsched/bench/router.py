@@ -20,8 +20,10 @@ as in Ray), then one replica added.
 
 Baselines are Ray 2.60's own router classes, driven directly (`kvsched.bench.router_policies`): `consistent_hash` is
 `ray.serve.experimental.consistent_hash_router.ConsistentHashRouter` (mmh3 ring, 100 virtual nodes on the replica's
-unique id, two fallbacks only when the primary is at `max_ongoing_requests`, here 4x the mean in flight); `pow2` is
-Ray's default `PowerOfTwoChoicesRequestRouter`: the less loaded of two random replicas.
+unique id, two fallbacks only when the primary is at `max_ongoing_requests`, here 4x the mean in flight);
+`consistent_hash_bounded` is the same ring with `max_ongoing_requests` at `--load-factor` x the mean in flight (the
+bound kvsched's router keeps); `pow2` is Ray's default `PowerOfTwoChoicesRequestRouter`: the less loaded of two random
+replicas.
 
 `--real` adds the same comparison on a real deployment (`kvsched.bench.router_real`: a local Ray cluster, two CPU
 replicas of the tiny model, paced agent sessions over HTTP) and a kill scenario on kvsched's router; its gates are
@@ -87,8 +89,11 @@ class SimConfig:
 
 
 def make_policy(name: str, cfg: SimConfig) -> Policy:
-    """`consistent_hash` rejects at `max_ongoing_requests`, here 4x the mean in flight per replica."""
-    return policies.make_policy(name, cfg.load_factor, max(1, round(4 * cfg.in_flight_per_replica)), cfg.seed)
+    """Ray's routers fall back at `max_ongoing_requests`: 4x the mean in flight per replica for `consistent_hash` and
+    `pow2`, and the load factor x the mean for `consistent_hash_bounded` (found by review: at 4x the ring's fallback
+    rarely fires, so the baseline was a ring with hardly any bound; the bounded ring is the one matched to kvsched's)."""
+    factor = cfg.load_factor if name == "consistent_hash_bounded" else 4.0
+    return policies.make_policy(name, cfg.load_factor, max(1, round(factor * cfg.in_flight_per_replica)), cfg.seed)
 
 
 # ---- the fleet simulation -------------------------------------------------------------------------------------

@@ -252,3 +252,30 @@ def test_every_side_is_sent_the_same_prompts_whatever_the_model_answers():
             _turn(client, s, turn)
         histories.append(s.messages)
     assert histories[0] == histories[1] and len(histories[0]) == 7
+
+
+def test_a_consistent_hash_ring_bounded_like_kvsched_runs_beside_the_4x_one(monkeypatch) -> None:
+    """Found by review: the ring's fallback fired only at 4x the mean in flight, so it was rarely bounded; a ring with
+    max_ongoing_requests at the load factor x the mean runs in the same run."""
+    from kvsched.bench import router_policies
+
+    cfg = SimConfig(replicas=6, sessions=600, turns=6000, in_flight_per_replica=24)
+    built = {}
+    real_make = router_policies.make_policy
+
+    def spy(name, load_factor, max_ongoing, seed):
+        built[name] = max_ongoing
+        return real_make(name, load_factor, max_ongoing, seed)
+
+    monkeypatch.setattr(router_policies, "make_policy", spy)
+    for name in ("consistent_hash_bounded", "consistent_hash"):
+        make_policy(name, cfg).close()
+    assert "consistent_hash_bounded" in POLICIES and built == {"consistent_hash_bounded": 30, "consistent_hash": 96}
+    monkeypatch.undo()
+    cfg = SimConfig(replicas=6, sessions=600, turns=6000, in_flight_per_replica=8)  # skewed enough to hit the bound
+    runs = {}
+    for name in ("consistent_hash_bounded", "consistent_hash"):
+        policy = make_policy(name, cfg)
+        runs[name] = simulate(policy, cfg, Workload.build(cfg))
+        policy.close()
+    assert runs["consistent_hash_bounded"]["max_over_mean_load"] < runs["consistent_hash"]["max_over_mean_load"]
