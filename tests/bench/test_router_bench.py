@@ -269,13 +269,15 @@ def test_a_consistent_hash_ring_bounded_like_kvsched_runs_beside_the_4x_one(monk
 
     monkeypatch.setattr(router_policies, "make_policy", spy)
     for name in ("consistent_hash_bounded", "consistent_hash"):
-        make_policy(name, cfg).close()
-    assert "consistent_hash_bounded" in POLICIES and built == {"consistent_hash_bounded": 30, "consistent_hash": 96}
+        make_policy(name, cfg, mean_in_flight=10.0).close()
+    assert "consistent_hash_bounded" in POLICIES and built == {"consistent_hash_bounded": 12, "consistent_hash": 96}
     monkeypatch.undo()
-    cfg = SimConfig(replicas=6, sessions=600, turns=6000, in_flight_per_replica=8)  # skewed enough to hit the bound
-    runs = {}
-    for name in ("consistent_hash_bounded", "consistent_hash"):
-        policy = make_policy(name, cfg)
+    carried = small("kvsched")["mean_in_flight_per_replica"]
+    assert 0 < carried < 24  # one turn in flight per session: below the configured mean
+    cfg = SimConfig(replicas=6, sessions=600, turns=6000, in_flight_per_replica=24)
+    runs: dict = {}
+    for name in ("kvsched", "consistent_hash_bounded", "consistent_hash"):  # as run_benchmark: kvsched's mean first
+        policy = make_policy(name, cfg, runs.get("kvsched", {}).get("mean_in_flight_per_replica"))
         runs[name] = simulate(policy, cfg, Workload.build(cfg))
         policy.close()
     assert runs["consistent_hash_bounded"]["max_over_mean_load"] < runs["consistent_hash"]["max_over_mean_load"]
