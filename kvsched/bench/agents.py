@@ -194,6 +194,7 @@ def summarize(record: RunRecord, before: dict[str, float], after: dict[str, floa
         "ttft_p95_s": percentile(ttfts, 0.95),
         "followup_ttft_p50_s": percentile(follow, 0.5),
         "followup_ttft_p95_s": percentile(follow, 0.95),
+        "followup_ttft_n": len(follow),  # the follow-up percentiles' sample count
         "throughput_tok_s": tokens / record.wall_s if record.wall_s else 0.0,
         "wall_s": record.wall_s,
         "turns": len(record.turns),
