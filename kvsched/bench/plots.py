@@ -3,6 +3,7 @@ reason (the figures are in the JSON either way)."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -100,17 +101,23 @@ def save_beside(json_path: Path | None, draw: Any) -> Path | None:
 
 
 def grouped_bars(groups: Mapping[str, Mapping[str, float | None]], path: Path, title: str, ylabel: str,
-                 reference: float | None = 1.0, log: bool = False) -> Path:
+                 reference: float | None = 1.0, log: bool = False, missing: str = "invalid") -> Path:
     """One group of bars per key of `groups` (e.g. a metric), one bar per inner key (e.g. a side); a dashed line at
-    `reference` (the baseline's own value when bars are ratios to it)."""
+    `reference` (the baseline's own value when bars are ratios to it). A None value (a side that does not compare)
+    draws no bar but the word `missing` where it would stand; found by review: it was drawn as a bar of 0, which reads
+    as "computed nothing"."""
     plt = pyplot()
     names = list(dict.fromkeys(k for g in groups.values() for k in g))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(len(names), 1) / 2 + 2), 4.2))
     width = 0.8 / max(len(names), 1)
     for j, name in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
-        ys = [float(g.get(name) or 0.0) for g in groups.values()]
-        ax.bar(xs, ys, width=width, label=name, color=f"C{j}")
+        values = [g.get(name, math.nan) for g in groups.values()]  # not in a group: no bar, no word
+        ax.bar(xs, [math.nan if v is None else float(v) for v in values], width=width, label=name, color=f"C{j}")
+        for x, v in zip(xs, values, strict=True):
+            if v is None:
+                ax.text(x, 0.0, missing, rotation=90, ha="center", va="bottom", fontsize=7, color=f"C{j}",
+                        transform=ax.get_xaxis_transform())
     if reference is not None:
         ax.axhline(reference, color="grey", lw=1, ls="--")
     ax.set_xticks(range(len(groups)), list(groups), rotation=15, ha="right")
@@ -125,10 +132,13 @@ def grouped_bars(groups: Mapping[str, Mapping[str, float | None]], path: Path, t
 
 def side_ratios(result: Mapping[str, Any], sides: list[str], metrics: list[str], base: str = "stock"
                 ) -> dict[str, dict[str, float | None]]:
-    """metric -> side -> side's value over `base`'s (the bench JSON's shape: result[side][metric])."""
+    """metric -> side -> side's value over `base`'s (the bench JSON's shape: result[side][metric]); None where either
+    side is marked `invalid` (it does not compare) or a value is missing."""
     out: dict[str, dict[str, float | None]] = {}
+    bad = bool(result.get(base, {}).get("invalid"))
     for m in metrics:
         b = result.get(base, {}).get(m)
-        out[m] = {s: (result[s].get(m) / b if b and result[s].get(m) is not None else None)
+        out[m] = {s: (result[s].get(m) / b if b and result[s].get(m) is not None
+                      and not bad and not result[s].get("invalid") else None)
                   for s in sides if s in result}
     return out

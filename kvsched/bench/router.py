@@ -20,8 +20,11 @@ as in Ray), then one replica added.
 
 Baselines are Ray 2.60's own router classes, driven directly (`kvsched.bench.router_policies`): `consistent_hash` is
 `ray.serve.experimental.consistent_hash_router.ConsistentHashRouter` (mmh3 ring, 100 virtual nodes on the replica's
-unique id, two fallbacks only when the primary is at `max_ongoing_requests`, here 4x the mean in flight); `pow2` is
-Ray's default `PowerOfTwoChoicesRequestRouter`: the less loaded of two random replicas.
+unique id, two fallbacks only when the primary is at `max_ongoing_requests`, here 4x the configured mean in flight);
+`consistent_hash_bounded` is the same ring with `max_ongoing_requests` at `--load-factor` x the mean in flight the fleet
+actually carried in kvsched's steady phase (a static stand-in for the bound kvsched's router keeps; the configured mean
+overstates it, as a session has one turn in flight at a time); `pow2` is Ray's default
+`PowerOfTwoChoicesRequestRouter`: the less loaded of two random replicas.
 
 `--real` adds the same comparison on a real deployment (`kvsched.bench.router_real`: a local Ray cluster, two CPU
 replicas of the tiny model, paced agent sessions over HTTP) and a kill scenario on kvsched's router; its gates are
@@ -86,9 +89,17 @@ class SimConfig:
             raise ValueError("need replicas >= 2, sessions >= 1 and turns >= 100")
 
 
-def make_policy(name: str, cfg: SimConfig) -> Policy:
-    """`consistent_hash` rejects at `max_ongoing_requests`, here 4x the mean in flight per replica."""
-    return policies.make_policy(name, cfg.load_factor, max(1, round(4 * cfg.in_flight_per_replica)), cfg.seed)
+def make_policy(name: str, cfg: SimConfig, mean_in_flight: float | None = None) -> Policy:
+    """Ray's routers fall back at `max_ongoing_requests`: 4x the configured mean in flight per replica for
+    `consistent_hash` and `pow2`; for `consistent_hash_bounded`, the load factor x `mean_in_flight`, the mean turns in
+    flight per replica the fleet actually carried (another policy's steady phase: the same arrivals; the configured
+    figure is an upper bound, as a session has one turn in flight at a time). Found by review: at 4x the ring's
+    fallback rarely fires, so the baseline was a ring with hardly any bound; the bounded ring matches kvsched's."""
+    if name == "consistent_hash_bounded":
+        limit = cfg.load_factor * (mean_in_flight if mean_in_flight is not None else cfg.in_flight_per_replica)
+    else:
+        limit = 4 * cfg.in_flight_per_replica
+    return policies.make_policy(name, cfg.load_factor, max(1, round(limit)), cfg.seed)
 
 
 # ---- the fleet simulation -------------------------------------------------------------------------------------
@@ -134,6 +145,7 @@ def simulate(policy: Policy, cfg: SimConfig, work: Workload) -> dict[str, Any]:
     route_ns: list[int] = []
     work_done = {s: 0.0 for s in slots}
     spread: list[float] = []
+    mean_loads: list[float] = []  # mean turns in flight per live replica, at each steady-phase arrival
     moves: dict[str, Any] = {}
     victim = slots[n // 2]
     now = 0.0
@@ -183,6 +195,7 @@ def simulate(policy: Policy, cfg: SimConfig, work: Workload) -> dict[str, Any]:
             work_done[slot] += length
             mean = sum(loads.values()) / len(live)
             spread.append(max(loads.values()) / mean if mean else 1.0)
+            mean_loads.append(mean)
         if served == phase_ends["steady"]:  # kill one replica: its in-flight turns are retried at once
             before = snapshot()
             live.discard(victim)
@@ -234,6 +247,7 @@ def simulate(policy: Policy, cfg: SimConfig, work: Workload) -> dict[str, Any]:
                         "dead_replica_sessions_back_home": moves.get("returned_home"),
                         "others_moved_on_return": moves.get("return_moved_others")},
         "turns": served, "follow_ups": follow_ups,
+        "mean_in_flight_per_replica": sum(mean_loads) / len(mean_loads) if mean_loads else None,
     }
 
 
@@ -254,8 +268,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         in_flight_per_replica=args.in_flight_per_replica, seed=args.seed)
         work = Workload.build(cfg)
         row: dict[str, Any] = {"config": asdict(cfg)}
-        for p in POLICIES:
-            policy = make_policy(p, cfg)
+        for p in POLICIES:  # kvsched first: its steady phase's mean in flight bounds consistent_hash_bounded
+            policy = make_policy(p, cfg, row.get("kvsched", {}).get("mean_in_flight_per_replica"))
             bar.set_postfix_str(f"{n} replicas, {p}")
             try:
                 row[p] = simulate(policy, cfg, work)
@@ -329,17 +343,19 @@ def run(args: argparse.Namespace) -> int:
         real = result["real_2_replicas"]
         print(f"real run: {real['config']}")
         print(table([[p, r["affinity"], r["max_over_mean_load"], r["requests"], r["follow_up_ttft_ms_p50"],
-                      r["follow_up_ttft_ms_p95"], r["failed"],
+                      r["follow_up_ttft_ms_p95"], r["follow_ups"], r["failed"],
                       " ".join(f"{k}={v}" for k, v in (r["moves"].get("reasons") or r["moves"]).items())]
                      for p, r in real["policies"].items()],
-                    ["policy", "affinity", "max/mean requests", "requests", "follow-up TTFT ms p50", "p95", "failed",
-                     "moves by reason"]))
+                    ["policy", "affinity", "max/mean requests", "requests", "follow-up TTFT ms p50", "p95",
+                     "follow-ups (n)", "failed", "moves by reason"]))
         if "kill" in real:
             k = real["kill"]
             print(table([[k["requests"], k["failed"], k["cut_streams"], k["retried"], k["recovery_s"], k["reaped_s"],
                           len(k["orphans_after_10s"] or [])]],
                         ["kill: requests", "failed", "cut streams", "retried", "recovery s", "reaped s",
                          "orphans after 10 s"]))
+            if k.get("kill_at_s") is None:
+                print(f"kill scenario: no kill happened ({k.get('error')})")
     if "migration" in result:
         from kvsched.bench.router_migration import print_migration
 

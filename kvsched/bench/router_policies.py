@@ -21,9 +21,12 @@ from typing import Any, Protocol
 from kvsched.core.routing import RouterConfig, SessionRouter
 from kvsched.core.routing_ring import SlotName
 
-POLICIES = ("kvsched", "consistent_hash", "pow2")
+# `consistent_hash_bounded` is Ray's consistent-hash router again, its replicas' max_ongoing_requests at kvsched's load
+# bound (see kvsched.bench.router.make_policy): the ring whose fallback fires where kvsched's bound does.
+POLICIES = ("kvsched", "consistent_hash", "consistent_hash_bounded", "pow2")
 RAY_ROUTERS = {
     "consistent_hash": "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter",
+    "consistent_hash_bounded": "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter",
     "pow2": "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter",
 }
 

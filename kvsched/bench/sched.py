@@ -205,6 +205,13 @@ def _lockstep(conns: dict[str, Any], classes: dict[str, str], steps: int, seed: 
     return times, work
 
 
+def warm_up(placements: list[dict[str, Any]], classes: dict[str, str], named: bool = True, tier: bool = False) -> None:
+    """Untimed: a short pair on every placement, so each side has run in every process (imports, first calls,
+    caches) before any timed step."""
+    for conns in placements:
+        _lockstep(conns, classes, 50, seed=99, named=named, tier=tier)
+
+
 def _same_load(stock: dict[str, int], kvsched: dict[str, int], tier: bool) -> bool:
     """Both sides did the same work. With the FP8 tier the kvsched side computes a little less: the tier restores the
     partial last blocks stock recomputes (~0.2% of the tokens here), so its tokens scheduled plus hit must match."""
@@ -261,8 +268,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("kvsched bench sched: --sessions must be positive")
     results: dict[str, Any] = {}
     try:
-        for conns in placements:  # untimed warm-up of both sides in both processes: imports, first calls, caches
-            _lockstep(conns, classes, 50, seed=99, named=not args.unnamed, tier=args.tier)
+        warm_up(placements, classes, named=not args.unnamed, tier=args.tier)
         for sessions in tiers:
             pairs: list[dict[str, list[float]]] = []
             same_load, pinned = True, 0

@@ -17,9 +17,9 @@ measured side. Counts are vLLM's own
 (/metrics): prefill computed = prompt tokens less prefix-cache hits less tokens a KV connector loaded.
 
 The sides run one after another in the order given (each server started beforehand, stopped after its side), each
-after a few warm-up requests too short to leave a block in the cache. A side is valid only if every request was
-answered and its prompt tokens are the plan's: otherwise its ratio is not given and the command exits 1. The JSON is
-written after every side, so a server that dies keeps the sides before it. Prefill counts are the result; the sides'
+after a few warm-up requests that compute less than a block each, so they leave nothing in the prefix cache. A side
+is valid only if every request was answered and its prompt tokens are the plan's: otherwise its ratio is not given
+and the command exits 1. The JSON is written after every side, so a server that dies keeps the sides before it. Prefill counts are the result; the sides'
 TTFTs are comparable only on a quiet machine (they run minutes apart).
 """
 
@@ -49,7 +49,11 @@ BLOCK_TOKENS = 32  # the CPU backend's preferred block size
 MODEL = "replay"
 MAX_WORKERS = 256  # requests in flight at once (open loop: a slow side queues in the engine, not here)
 WARMUP_REQUESTS = 4
-WARMUP_TOKENS = BLOCK_TOKENS - 1  # no full block: a warm-up leaves nothing in the prefix cache
+# A request computes its prompt and every output token but the last (each is fed back to decode the next): a warm-up
+# computes WARMUP_TOKENS + WARMUP_MAX_TOKENS - 1 = 31 tokens, less than a block, so it leaves no full block in the
+# prefix cache. (Found by review: 31 prompt tokens and 2 output tokens computed 32, a full block that was cached.)
+WARMUP_TOKENS = BLOCK_TOKENS - 2
+WARMUP_MAX_TOKENS = 2  # one decode step too: the warm-up goes through the whole path
 
 
 def register(subparsers: Any) -> None:
@@ -114,15 +118,20 @@ def drive(url: str, requests: list[ReplayRequest]) -> tuple[list[dict[str, Any]]
     return results, time.perf_counter() - t0, late / max(len(requests), 1)
 
 
+def warmup_prompts(vocab_size: int) -> list[list[int]]:
+    return [[(7919 * (k * WARMUP_TOKENS + j)) % (vocab_size - 20) + 10 for j in range(WARMUP_TOKENS)]
+            for k in range(WARMUP_REQUESTS)]
+
+
 def warm_up(url: str, vocab_size: int) -> None:
-    """A few requests through the server's whole path (tokens, scheduler, model, stream) before its side is timed;
-    shorter than a block, so they leave nothing a later request could hit."""
+    """A few requests through the server's whole path (tokens, scheduler, model, a decode step, stream) before its side
+    is timed; they compute less than a block each (WARMUP_TOKENS), so they leave nothing a later request could hit."""
     import openai
 
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
-    for k in range(WARMUP_REQUESTS):
-        prompt = [(7919 * (k * WARMUP_TOKENS + j)) % (vocab_size - 20) + 10 for j in range(WARMUP_TOKENS)]
-        for _ in client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0, stream=True):
+    for prompt in warmup_prompts(vocab_size):
+        for _ in client.completions.create(model=MODEL, prompt=prompt, max_tokens=WARMUP_MAX_TOKENS, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True}):
             pass
 
 
@@ -161,9 +170,10 @@ def measured(outcomes: list[dict[str, Any]], before: dict[str, float], after: di
     return out
 
 
-def same_memory_blocks(num_blocks: int) -> int:
-    """The stock-same-memory side's pool: the usable blocks times SAME_MEMORY, plus vLLM's null block."""
-    return round((num_blocks - 1) * SAME_MEMORY) + 1
+def same_memory_blocks(num_blocks: int, tier_multiple: float = AUTO_POOL_MULTIPLE) -> int:
+    """The stock-same-memory side's pool: the usable blocks times (1 + the tier's bytes over the pool's: SAME_MEMORY
+    for the default tier), plus vLLM's null block. `kvsched bench agents` sizes its side by it too."""
+    return round((num_blocks - 1) * (1 + tier_multiple)) + 1
 
 
 def predicted(trace: Any, capacity_blocks: int, tier: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -202,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
           + ", ".join(f"{p} {v['over_lru']:.4f}" for p, v in sim.items()))
     write_json(args.out, result)
     save_beside(args.out, lambda path: grouped_bars(
-        {"measured (over stock)": {s: r["over_stock"] or 0.0 for s, r in result["sides"].items()},
+        {"measured (over stock)": {s: r["over_stock"] for s, r in result["sides"].items()},  # None: invalid
          "simulator (over LRU)": {p: v["over_lru"] for p, v in sim.items()}},
         path, f"{result['config']['trace']}: prefill computed", "ratio", None))
     rejected = max((v["rejected"] for v in sim.values()), default=0)

@@ -52,11 +52,12 @@ def test_gates_read_the_tier_side_against_stock_and_the_prefetched_share():
 
     good = {"stock": side(1000, 1.0, 100), "kvsched": side(400, 0.25, 130, restores=10, prefetched=6),
             "kvsched-no-tier": side(900, 0.9, 100)}
-    assert all(gates(good).values()) and len(gates(good)) == 6
+    assert all(gates(good).values()) and len(gates(good)) == 7
     bad = dict(good, kvsched=side(460, 0.35, 110, restores=10, prefetched=4), unbounded=side(300, 0.1, 200, errors=1))
     g = gates(bad)
-    assert not any(g[k] for k in ("prefill_le_0.45x_stock", "followup_ttft_p95_le_0.3x_stock",
-                                  "throughput_ge_1.2x_stock", "half_of_restores_prefetched", "zero_errors"))
+    assert not any(g[k] for k in ("prefill_le_0.45x_stock_unequal_memory",
+                                  "followup_ttft_p95_le_0.3x_stock_unequal_memory",
+                                  "throughput_ge_1.2x_stock_unequal_memory", "half_of_restores_prefetched", "zero_errors"))
     assert g["no_tier_prefill_le_stock"]
     assert not gates(dict(good, **{"kvsched-no-tier": side(1001, 1, 1)}))["no_tier_prefill_le_stock"]
 
@@ -87,8 +88,9 @@ def test_a_sweep_summary_and_plot_from_per_pressure_ratios(tmp_path):
     s = summary(runs)
     assert s["3.0"]["kvsched"] == {"prefill": 0.45, "followup_ttft_p95": 0.3, "throughput": 1.0}
     g = sweep_gates(runs)
-    assert g["3.0x_prefill_le_0.5x_stock"] and g["3.0x_followup_ttft_p95_le_0.35x_stock"]
-    assert not sweep_gates({"3.0": run(0.55, 0.3)})["3.0x_prefill_le_0.5x_stock"]
+    assert g["3.0x_prefill_le_0.5x_stock_unequal_memory"]  # (no stock-same-memory side in these runs)
+    assert g["3.0x_followup_ttft_p95_le_0.35x_stock_unequal_memory"]
+    assert not sweep_gates({"3.0": run(0.55, 0.3)})["3.0x_prefill_le_0.5x_stock_unequal_memory"]
     png = plot(s, tmp_path / "sweep.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -128,8 +130,37 @@ def test_the_unbounded_sides_reach_says_which_latency_gates_any_policy_could_pas
 
     side = lambda ttft, thr: {"followup_ttft_p95_s": ttft, "throughput_tok_s": thr}  # noqa: E731
     r = unbounded_reach({"stock": side(0.5, 2400), "unbounded": side(0.19, 2650)})
-    assert r["followup_ttft_p95_over_stock"] == pytest.approx(0.38) and r["throughput_over_stock"] == pytest.approx(2650 / 2400)
+    assert r["followup_ttft_p95_over_base"] == pytest.approx(0.38)
+    assert r["throughput_over_base"] == pytest.approx(2650 / 2400)
+    assert r["base"] == "stock"
     assert not r["followup_ttft_p95_le_0.3x_reachable"] and not r["throughput_ge_1.2x_reachable"]
     r = unbounded_reach({"stock": side(2.0, 1000), "unbounded": side(0.2, 1500)})
     assert r["followup_ttft_p95_le_0.3x_reachable"] and r["throughput_ge_1.2x_reachable"]
     assert unbounded_reach({"stock": side(1, 1)}) == {}
+
+
+def test_a_side_with_failed_turns_or_other_prompts_gets_no_ratio_and_fails_its_gates():
+    """Found by review: a kvsched side whose every follow-up failed (TTFT None) passed the TTFT gate ((None or 0) <=
+    ...), and a side that failed turns was credited with the prefill it never computed."""
+    from kvsched.bench.agents_report import compare, gates, unbounded_reach
+
+    def side(prefill, ttft, errors=0, prompt=75_000):
+        return {"prefill_tokens_computed": prefill, "prompt_tokens_total": prompt, "followup_ttft_p95_s": ttft,
+                "throughput_tok_s": 3000, "errors": errors, "turns": 90,
+                "tier": {"restores": 10, "prefetched_restores": 10}}
+
+    stock = side(28_000, 0.5) | {"throughput_tok_s": 2400}
+    result = {"stock": stock, "kvsched": side(11_000, None, errors=40, prompt=60_000),
+              "kvsched-no-tier": side(15_000, 0.4, prompt=74_000), "unbounded": side(12_000, 0.2, errors=1)}
+    compare(result, list(result))
+    assert result["kvsched"]["invalid"] == "40 of 90 turns failed"
+    assert result["kvsched-no-tier"]["invalid"] == "74000 prompt tokens served, stock 75000"
+    assert "invalid" not in result["stock"] and set(result["ratio"]) == set()  # no ratio for an invalid side
+    assert "ratio_tier_over_no_tier" not in result
+    g = gates(result)
+    assert not any(g.values()), g
+    assert unbounded_reach(result) == {}
+    # a valid side with no follow-up TTFT measured fails the TTFT gate, it does not pass it
+    no_ttft = {"stock": stock, "kvsched": side(11_000, None)}
+    g = gates(no_ttft)
+    assert not g["followup_ttft_p95_le_0.3x_stock_unequal_memory"] and g["prefill_le_0.45x_stock_unequal_memory"]

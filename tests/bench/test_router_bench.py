@@ -139,3 +139,145 @@ def test_the_migration_chart_is_written_from_the_result(tmp_path):
                                        for i, e in enumerate(EVENTS)}}
     png = migration_chart({"without_shared": side(1000), "with_shared": side(100)}, tmp_path / "m.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _chart(monkeypatch, tmp_path, result):
+    """router_chart's figure, kept open instead of saved."""
+    from kvsched.bench import router_plot
+
+    figs = []
+    monkeypatch.setattr(router_plot, "save_figure", lambda fig, path: figs.append(fig) or path)
+    router_plot.router_chart(result, tmp_path / "r.png")
+    return figs[0]
+
+
+def _sim_row(load_factor):
+    point = {"max_over_mean_load": 1.1, "affinity": 0.97}
+    return {"config": {"load_factor": load_factor}, **{p: point for p in POLICIES}}
+
+
+def test_the_router_chart_draws_a_kill_that_never_happened(monkeypatch, tmp_path):
+    """Found by review: kill_at_s None (the kill failed) raised TypeError in axvline after the JSON was written."""
+    kill = {"kill_at_s": None, "recovery_s": None, "error": "StopIteration: no slot 0",
+            "timeline": [[1.0, "slot-0", "ok", 1], [2.0, None, "failed", 1]]}
+    result = {"by_replicas": {"8": _sim_row(1.25)},
+              "real_2_replicas": {"policies": {"kvsched": {"max_over_mean_load": 1.02, "affinity": 0.99}},
+                                  "kill": kill}}
+    fig = _chart(monkeypatch, tmp_path, result)
+    assert any("no kill happened" in t.get_text() for t in fig.axes[-1].texts)
+
+
+def test_the_router_chart_puts_simulated_and_real_load_on_their_own_axes_and_the_runs_bound(monkeypatch, tmp_path):
+    """Found by review: one x-axis mixed simulated turn-seconds with real request counts, and the bound line was drawn
+    at 1.25 whatever --load-factor said."""
+    result = {"by_replicas": {"8": _sim_row(1.5)},
+              "real_2_replicas": {"policies": {"kvsched": {"max_over_mean_load": 1.02, "affinity": 0.99}}}}
+    fig = _chart(monkeypatch, tmp_path, result)
+    sim, real = fig.axes
+    assert "turn-seconds" in sim.get_xlabel() and "requests" in real.get_xlabel()
+    assert [line.get_xdata()[0] for line in sim.lines if line.get_xdata()[0] == line.get_xdata()[-1]] == [1.5]
+
+
+def test_the_migration_prefill_gate_compares_the_moves_both_sides_made():
+    """Found by review: the gate summed 16 moves without the shared level (kill and restart) against 8 with it (kill
+    only): twice the moves on the side it had to beat."""
+    from kvsched.bench.router_migration import EVENTS, _summary, gates
+
+    def side(per_event: dict[str, int]) -> dict:
+        moves = {e: [{"sid": f"s{i}", "prefill": per_event.get(e, 0), "prompt": 2000, "ttft_s": 0.5,
+                      "was_compacted": True, "compacted": True} for i in range(8 if e in per_event else 0)]
+                 for e in EVENTS}
+        flat = [m for e in EVENTS for m in moves[e]]
+        return _summary(flat, 0) | {"moves": {e: [[m["sid"], m["prefill"], m["prompt"], m["ttft_s"]] for m in ms]
+                                              for e, ms in moves.items()}}
+
+    out = {"with_shared": side({"kill": 400}), "without_shared": side({"kill": 1000, "restart": 1000})}
+    g = gates(out)
+    assert out["matched"] == {"moves": 8, "with_shared_prefill": 3200, "without_shared_prefill": 8000,
+                              "unmatched": {"with_shared": 0, "without_shared": 8}}
+    assert not g["prefill_with_shared_le_0.3x_without_on_matched_moves"]  # 3200 > 0.3 x 8000 (3200 <= 0.3 x 16000)
+    assert out["with_shared"]["next_turn_ttft_n"] == 8
+    out = {"with_shared": side({"kill": 200}), "without_shared": side({"kill": 1000, "restart": 1000})}
+    assert gates(out)["prefill_with_shared_le_0.3x_without_on_matched_moves"]
+
+
+class _FakeChat:
+    """An OpenAI client whose streamed answer is `reply`; records every request's arguments."""
+
+    def __init__(self, reply: str) -> None:
+        from types import SimpleNamespace as NS
+
+        self.sent: list[dict] = []
+        self.chat = NS(completions=NS(with_raw_response=NS(create=self._create)))
+        self._chunks = [NS(choices=[NS(delta=NS(content=reply))], usage=None),
+                        NS(choices=[], usage=NS(prompt_tokens=100, prompt_tokens_details=NS(cached_tokens=0)))]
+
+    def _create(self, **kw):
+        from types import SimpleNamespace as NS
+
+        self.sent.append({**kw, "messages": [dict(m) for m in kw["messages"]]})
+        return NS(headers={"x-kvsched-replica-id": "r1"}, parse=lambda: iter(self._chunks))
+
+
+def test_every_side_is_sent_the_same_prompts_whatever_the_model_answers():
+    """Found by review: the load generator and the migration scenario kept the tiny model's reply (sampled at
+    temperature 1, unseeded) in the history, so the routers and sides compared were sent different prompts."""
+    import random
+
+    from kvsched.bench.loadgen import LoadConfig, run_session
+    from kvsched.bench.router_migration import Session, _turn
+
+    class Turns:  # stops after three turns
+        calls = 0
+
+        def over(self, t):
+            self.calls += 1
+            return self.calls > 3
+
+        def count_answered(self):
+            pass
+
+    sent = []
+    for reply in ("a b c", "something else entirely"):
+        client = _FakeChat(reply)
+        run_session(client, "wf0/worker-0", LoadConfig(turn_period_s=0.0), 0.0, Turns())
+        sent.append(client.sent)
+    assert len(sent[0]) == 3 and sent[0] == sent[1]
+    assert all(kw["temperature"] == 0.0 for kw in sent[0])
+    histories = []
+    for reply in ("a b c", "something else entirely"):
+        client = _FakeChat(reply)
+        s = Session("mig0/worker-0", random.Random("0/0"), [{"role": "system", "content": "x"}])
+        for turn in range(3):
+            _turn(client, s, turn)
+        histories.append(s.messages)
+    assert histories[0] == histories[1] and len(histories[0]) == 7
+
+
+def test_a_consistent_hash_ring_bounded_like_kvsched_runs_beside_the_4x_one(monkeypatch) -> None:
+    """Found by review: the ring's fallback fired only at 4x the mean in flight, so it was rarely bounded; a ring with
+    max_ongoing_requests at the load factor x the mean runs in the same run."""
+    from kvsched.bench import router_policies
+
+    cfg = SimConfig(replicas=6, sessions=600, turns=6000, in_flight_per_replica=24)
+    built = {}
+    real_make = router_policies.make_policy
+
+    def spy(name, load_factor, max_ongoing, seed):
+        built[name] = max_ongoing
+        return real_make(name, load_factor, max_ongoing, seed)
+
+    monkeypatch.setattr(router_policies, "make_policy", spy)
+    for name in ("consistent_hash_bounded", "consistent_hash"):
+        make_policy(name, cfg, mean_in_flight=10.0).close()
+    assert "consistent_hash_bounded" in POLICIES and built == {"consistent_hash_bounded": 12, "consistent_hash": 96}
+    monkeypatch.undo()
+    carried = small("kvsched")["mean_in_flight_per_replica"]
+    assert 0 < carried < 24  # one turn in flight per session: below the configured mean
+    cfg = SimConfig(replicas=6, sessions=600, turns=6000, in_flight_per_replica=24)
+    runs: dict = {}
+    for name in ("kvsched", "consistent_hash_bounded", "consistent_hash"):  # as run_benchmark: kvsched's mean first
+        policy = make_policy(name, cfg, runs.get("kvsched", {}).get("mean_in_flight_per_replica"))
+        runs[name] = simulate(policy, cfg, Workload.build(cfg))
+        policy.close()
+    assert runs["consistent_hash_bounded"]["max_over_mean_load"] < runs["consistent_hash"]["max_over_mean_load"]

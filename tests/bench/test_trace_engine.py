@@ -65,3 +65,38 @@ def test_the_simulator_predicts_lru_on_the_same_memory_pool_too():
     sim = predicted(Trace.from_requests(16, reqs), capacity_blocks=12)
     same = sim["lru, same memory"]
     assert same["prefill_tokens_computed"] < sim["lru"]["prefill_tokens_computed"]  # 36 blocks hold more sessions
+
+
+def test_the_warm_up_leaves_no_full_block_in_the_prefix_cache(monkeypatch):
+    """Found by review: 31 prompt tokens with max_tokens=2 computed 32 tokens (the first output token is fed back), a
+    full block vLLM cached. Run on vLLM's own scheduler and block pool (the harness), as the server would."""
+    from kvsched.adapters.vllm.harness import (
+        STOCK_SCHEDULER,
+        HarnessConfig,
+        RequestFactory,
+        build_scheduler,
+        run_until_idle,
+    )
+    from kvsched.bench import trace_engine as te
+    from kvsched.tiny_model import SIZES, ensure_tiny_model
+
+    sent = []
+
+    class Client:  # what warm_up sends, through a stand-in for the openai client
+        def __init__(self, **kw):
+            self.completions = self
+
+        def create(self, **kw):
+            sent.append(kw)
+            return iter(())
+
+    monkeypatch.setattr("openai.OpenAI", Client)
+    te.warm_up("http://unused/v1", SIZES["test"].vocab_size)
+    assert len(sent) == te.WARMUP_REQUESTS
+    s = build_scheduler(STOCK_SCHEDULER, HarnessConfig(model_dir=ensure_tiny_model("test"), num_blocks=64,
+                                                       block_size=te.BLOCK_TOKENS))
+    factory = RequestFactory(te.BLOCK_TOKENS)
+    for kw in sent:
+        s.add_request(factory.make(kw["prompt"], kw["max_tokens"]))
+    run_until_idle(s)
+    assert len(s.kv_cache_manager.block_pool.cached_block_hash_to_block) == 0

@@ -146,3 +146,16 @@ def test_the_best_theta_is_the_run_that_saved_most_and_the_smallest_of_equals():
 
     assert best_theta({0.0: run(5), 0.5: run(9), 0.9: run(7)}) == 0.5
     assert best_theta({0.9: run(9), 0.2: run(9), 0.0: run(1)}) == 0.2
+
+
+def test_replay_cost_alternates_which_policy_runs_first(monkeypatch):
+    """Found by review: its docstring said it alternates, but LRU always ran before kvsched."""
+    import kvsched.sim.replay as sim_replay
+    from kvsched.bench.traces import replay_cost
+    from kvsched.core.config import RetentionConfig
+
+    order = []
+    monkeypatch.setattr(sim_replay, "replay", lambda trace, policy, cfg: order.append(policy) or sum(range(10**5)))
+    out = replay_cost(type("Trace", (), {"peak_live_blocks": lambda self: 100})(), 2.0, RetentionConfig(), reps=4)
+    assert order == ["lru", "kvsched", "kvsched", "lru", "lru", "kvsched", "kvsched", "lru"]
+    assert out["reps"] == 4 and len(out["cpu_s"]["lru"]) == len(out["cpu_s"]["kvsched"]) == 4
