@@ -17,15 +17,22 @@ import hashlib
 import json
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvsched.core.compaction_config import CompactionConfig, Strategy
+from kvsched.core.compaction_layout import (
+    SYSTEM_ROLES,
+    Message,
+    filler_tokens,
+    leading_system_messages,
+    place_summary,
+    with_instruction,
+)
 
-Message = Mapping[str, Any]
 Clock = Callable[[], float]
-SYSTEM_ROLES = ("system", "developer")
+__all__ = ["SYSTEM_ROLES", "Message", "leading_system_messages"]  # re-exported: the adapter and tests import them here
 
 
 def message_digest(message: Message) -> bytes:
@@ -48,13 +55,6 @@ def conversation_root(messages: Sequence[Message]) -> str:
     """Identifies a conversation among those under one session id: its system messages and its first other message
     (`prefix_digests` of those; equal to the full chain's digest at that position)."""
     return prefix_digests(messages[: leading_system_messages(messages) + 1])[-1]
-
-
-def leading_system_messages(messages: Sequence[Message]) -> int:
-    n = 0
-    while n < len(messages) and messages[n].get("role") in SYSTEM_ROLES:
-        n += 1
-    return n
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,15 +163,20 @@ class CompactionStore:
         cp = self._matching(strategy, msgs, digests, state)
         if cp is None:
             return Plan(strategy, msgs, 0, total, total)
-        overhead = self.config.message_overhead_tokens
-        head = list(msgs[: cp.system_count])
-        tokens = sum(counts[: cp.system_count]) + overhead * cp.system_count
-        if cp.summary is not None:
-            head.append(self.summary_message(cp.summary))
-            tokens += cp.summary_tokens + overhead
         rest = msgs[cp.replaced:]
-        tokens += sum(counts[cp.replaced:]) + overhead * len(rest)
+        head, tokens = self._head(msgs, counts, cp.system_count, cp, rest[0] if rest else None)
+        tokens += sum(counts[cp.replaced:]) + self.config.message_overhead_tokens * len(rest)
         return Plan(strategy, (*head, *rest), cp.replaced, tokens, total, kept_system=cp.system_count)
+
+    def _head(self, msgs: tuple[Message, ...], counts: Sequence[int], system_count: int, cp: Checkpoint | None,
+              first_kept: Message | None, dropped: bool = True) -> tuple[list[Message], int]:
+        """What goes before the kept part (`compaction_layout.place_summary`) and its estimated tokens."""
+        o = self.config.message_overhead_tokens
+        summary = cp.summary if cp is not None else None
+        text = None if summary is None else self.summary_text(summary)
+        head, added, filler = place_summary(msgs[:system_count], text, first_kept, self.config.summary_role, dropped)
+        tokens = sum(counts[:system_count]) + o * (system_count + added) + filler_tokens(filler)
+        return head, tokens + (cp.summary_tokens if cp is not None and summary is not None else 0)
 
     def _matching(self, strategy: Strategy, msgs: tuple[Message, ...], digests: list[str],
                   state: _Session) -> Checkpoint | None:
@@ -209,14 +214,14 @@ class CompactionStore:
             older += cp.summary_tokens + cfg.message_overhead_tokens
         if older < cfg.trigger_tokens:
             return None
-        served_through_cut = plan.messages[: len(plan.messages) - (len(msgs) - cut)]
-        head = served_through_cut[: len(served_through_cut) - (cut - start)]  # system (+ the earlier summary)
+        base = start
         # A summary call must fit the model's context: the oldest turns are left out of it (found by review: with no
         # checkpoint, e.g. after a restart, a history past the context made every summary call fail, for good). A
         # window makes no call.
         if input_limit is not None and strategy is Strategy.SUMMARIZE:
             o = cfg.message_overhead_tokens
-            size = sum(counts[:system_count]) + o * (len(head) + 1) + older + len(cfg.instruction()) // 2
+            _, head_tokens = self._head(msgs, counts, system_count, cp, msgs[start])
+            size = head_tokens + o + sum(counts[start:cut]) + o * (cut - start) + len(cfg.instruction()) // 2
             while size > input_limit and start < cut:
                 size -= counts[start] + o
                 start += 1
@@ -226,10 +231,12 @@ class CompactionStore:
             if start >= cut:  # counted: a summary target near the context leaves room for none (found by review)
                 self.counters["summaries_no_room"] += 1
                 return None
-            if start > (cp.replaced if cp is not None else system_count):
+            if start > base:
                 self.counters["summary_inputs_cut"] += 1
-        prompt = (*head, *msgs[start:cut], {"role": "user", "content": cfg.instruction()})
-        return SummaryJob(session, digests[cut], cut, system_count, prompt, older, root)
+        # the conversation as served up to the cut (so its prefix is the session's cached one), then the instruction
+        head, _ = self._head(msgs, counts, system_count, cp, msgs[start], dropped=start > base)
+        prompt = with_instruction([*head, *msgs[start:cut]], cfg.instruction())
+        return SummaryJob(session, digests[cut], cut, system_count, tuple(prompt), older, root)
 
     # ---- outcomes of summary calls -----------------------------------------------------------------------------
     def commit(self, job: SummaryJob, summary: str, summary_tokens: int) -> Checkpoint | None:
@@ -260,8 +267,10 @@ class CompactionStore:
             del state.pending[job.root]
         _bounded_put(state.failed_at, job.root, self.clock())
 
-    def summary_message(self, summary: str) -> dict[str, str]:
-        return {"role": self.config.summary_role, "content": self.config.summary_prefix + summary}
+    def summary_text(self, summary: str) -> str:
+        """The summary as served: the configured prefix, then the summary (`compaction_layout.place_summary` puts it
+        in the system message or a user message of its own)."""
+        return self.config.summary_prefix + summary
 
     def adopt(self, session: str, checkpoints: Sequence[Checkpoint]) -> None:
         """Take checkpoints another replica made for `session` (from the shared store), as if committed here."""

@@ -52,7 +52,14 @@ class CompactionConfig:
     summary_target_tokens: max_tokens of the summarization call (~500 in the sizing guide).
     summary_prompt: the instruction appended to the conversation for the summarization call; `{target_tokens}` is
         filled in.
-    summary_prefix / summary_role: how the summary is put back into the conversation, right after the system prompt.
+    summary_prefix: the text that introduces the summary in the rewritten conversation.
+    summary_role: where the summary goes (`kvsched/core/compaction_layout.py`): `system` (the default) appends it to
+        the leading system message when there is one and the kept turns start with a user message, else it becomes a
+        user message; `user` always makes it a user message. A summary in a user message before a kept user message is
+        followed by a one-word assistant acknowledgement, so roles keep alternating: the templates of Mistral v0.x,
+        Llama 2, Gemma and Phi-3 refuse anything else (found by review: a separate summary message, whatever its
+        role, made vLLM answer HTTP 400 to every later turn). `assistant` is no longer accepted: an assistant message
+        right after the system prompt breaks those templates.
     summary_timeout_s: a summary call slower than this is abandoned (counted; the request is served uncompacted).
     summary_priority: vLLM request priority of the summary call (higher = later). It only has an effect when the
         server runs `--scheduling-policy priority`; under the default FCFS policy vLLM ignores it.
@@ -102,8 +109,10 @@ class CompactionConfig:
             raise InvalidCompactionInput(f"retry_after_s must be a finite number >= 0, got {self.retry_after_s}")
         if not self.summary_prompt.strip():  # found by review: "" was taken, and every summary call had no instruction
             raise InvalidCompactionInput("summary_prompt must not be empty: it is the summary call's instruction")
-        if self.summary_role not in ("system", "user", "assistant"):
-            raise InvalidCompactionInput(f"summary_role must be system, user or assistant, got {self.summary_role!r}")
+        if self.summary_role not in ("system", "user"):
+            raise InvalidCompactionInput(
+                f"summary_role must be system or user, got {self.summary_role!r} (an assistant message right after "
+                f"the system prompt breaks chat templates that require alternating user/assistant roles)")
 
     def client_may_select(self, strategy: Strategy) -> bool:
         """May a request pick `strategy`? Opting out always; otherwise one the operator enabled."""

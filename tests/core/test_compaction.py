@@ -54,8 +54,10 @@ def test_summary_applies_only_to_the_exact_prefix(clock):
     later = msgs + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
     plan = ask(s, later)
     assert plan.replaced == job.cut
-    assert plan.messages[0] == SYSTEM and plan.messages[1]["content"].endswith("SUMMARY")
-    assert plan.messages[2:] == tuple(later[job.cut:])
+    # the summary is appended to the system message (template-safe: compaction_layout), the kept turns follow
+    head = plan.messages[0]["content"]
+    assert head.startswith(SYSTEM["content"]) and head.endswith("SUMMARY")
+    assert plan.messages[1:] == tuple(later[job.cut:])
     assert plan.tokens == 10 + 7 + 10 * (len(later) - job.cut) < plan.original_tokens
     edited = [dict(m) for m in later]
     edited[3]["content"] += " (edited)"
@@ -99,11 +101,11 @@ def test_repeat_compaction_summarises_the_summary(clock):
     second = plan.job
     assert second is not None and second.cut > first.cut
     # The summariser sees the earlier summary plus the newer turns, exactly as the session is served.
-    assert second.prompt[1]["content"].endswith("FIRST") and second.prompt[2] == grown[first.cut]
+    assert second.prompt[0]["content"].endswith("FIRST") and second.prompt[1] == grown[first.cut]
     assert second.older_tokens == 10 + 10 * (second.cut - first.cut)
     s.commit(second, "SECOND", 10)
     again = ask(s, grown + [{"role": "assistant", "content": "z"}, {"role": "user", "content": "zz"}])
-    assert again.replaced == second.cut and again.messages[1]["content"].endswith("SECOND")
+    assert again.replaced == second.cut and again.messages[0]["content"].endswith("SECOND")
     assert ask(s, msgs).replaced == first.cut  # the older checkpoint still serves a request that stopped earlier
 
 
@@ -217,7 +219,7 @@ def test_a_summary_call_past_the_models_context_summarises_the_newest_turns_that
     assert s.counters["summary_inputs_cut"] == 1
     s.commit(job, "short", 5)
     again = s.plan("s1", msgs, counts(msgs), None, input_limit=300)
-    assert again.replaced == job.cut and len(again.messages) == 1 + 1 + 3  # system + summary + the recent turns
+    assert again.replaced == job.cut and len(again.messages) == 1 + 3  # system with the summary + the recent turns
     unbounded = store(clock).plan("s1", msgs, counts(msgs))
     assert len(unbounded.job.prompt) == job.cut + 1  # without a limit: the whole older part, as before
 
@@ -267,7 +269,7 @@ def test_a_users_many_chats_each_keep_their_summary(clock):
     for n in range(6):
         plan = ask(s, chat(n), session="user:alice")
         assert plan.replaced > 0 and plan.job is None, n  # served on its own summary, no second call
-        assert plan.messages[1]["content"].endswith(f"summary of chat {n}")
+        assert plan.messages[0]["content"].endswith(f"summary of chat {n}")
 
 
 def test_checkpoints_are_bounded_per_conversation_and_per_id(clock):

@@ -243,7 +243,8 @@ class Compactor:
             return
         summary = text.strip()
         try:
-            tokens = (await self.tokens.counts([self.store.summary_message(summary)], scope))[0]
+            served = {"role": "user", "content": self.store.summary_text(summary)}
+            tokens = (await self.tokens.counts([served], scope))[0]
         except Exception:
             tokens = self.config.summary_target_tokens
         stored = self.store.commit(job, summary, tokens)  # None: the conversation ended meanwhile, nothing to save
