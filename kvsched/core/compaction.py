@@ -28,6 +28,7 @@ from kvsched.core.compaction_layout import (
     filler_tokens,
     leading_system_messages,
     place_summary,
+    turn_starts,
     with_instruction,
 )
 
@@ -204,8 +205,12 @@ class CompactionStore:
             return None
         cp = self._matching(strategy, msgs, digests, state)
         start = cp.replaced if cp is not None else system_count
+        # The kept part starts where a turn group does: a user message, or an assistant message whose predecessor's
+        # tool calls all have their results. Found by review: only a user message was a cut, so an agent's tool loop
+        # (one user task, then hundreds of assistant tool calls and tool results) was never compacted.
+        starts = turn_starts(msgs)
         cut = len(msgs) - cfg.keep_recent_messages
-        while cut > start and msgs[cut].get("role") != "user":  # the kept part starts at a user turn
+        while cut > start and not starts[cut]:
             cut -= 1
         if cut <= start:
             return None
@@ -225,7 +230,7 @@ class CompactionStore:
             while size > input_limit and start < cut:
                 size -= counts[start] + o
                 start += 1
-                while start < cut and msgs[start].get("role") != "user":
+                while start < cut and not starts[start]:
                     size -= counts[start] + o
                     start += 1
             if start >= cut:  # counted: a summary target near the context leaves room for none (found by review)

@@ -48,7 +48,8 @@ class CompactionConfig:
     trigger_tokens: compact when the part of a session's context older than its `keep_recent_messages` newest
         messages (system prompt excluded, an earlier summary included) reaches this many tokens. 5,000 by default, as
         in the sizing guide ("every 5K tokens of older context into a 500-token summary").
-    keep_recent_messages: newest messages always kept verbatim (the cut then moves back to a user message).
+    keep_recent_messages: newest messages always kept verbatim (the cut then moves back to where a turn group starts:
+        a user message, or an assistant message whose predecessor's tool calls all have their results).
     summary_target_tokens: max_tokens of the summarization call (~500 in the sizing guide).
     summary_prompt: the instruction appended to the conversation for the summarization call; `{target_tokens}` is
         filled in.

@@ -5,14 +5,16 @@ Several model families' chat templates (Mistral v0.x, Llama 2, Gemma 2/3, Phi-3)
 optional leading system message alternate user/assistant; others (Qwen3) raise when no user message is left. Found by
 review: the rewrite `[system, summary, user, ...]` broke the alternating templates for every summary role (vLLM
 answered HTTP 400 to every later turn of the session). So:
-- a cut is made only where a turn group starts: at a user message, or at an assistant message that is not inside an
-  open tool_calls -> tool group (an assistant's tool calls are never separated from their results);
+- a cut is made only where a turn group starts: at a user message, or at an assistant message that neither answers
+  the user message right before it nor sits inside an open tool_calls -> tool group (an assistant's tool calls are
+  never separated from their results, and an ordinary chat is still cut at its user messages);
 - the summary is merged into the last leading system message when the kept part starts with a user message
   (`summary_role` "system", the default); otherwise it is a user message of its own, answered by a one-word assistant
   acknowledgement when the kept part starts with a user message;
 - a window (no summary) whose kept part starts with an assistant message is preceded by a user note saying that
   earlier turns were left out.
-The summary call's instruction is merged into the last message when that is a user message.
+The summary call's instruction is merged into the last message when that is a user message, and follows an
+acknowledgement when that is a tool result.
 """
 
 from __future__ import annotations
@@ -35,22 +37,25 @@ def leading_system_messages(messages: Sequence[Message]) -> int:
 
 def turn_starts(messages: Sequence[Message]) -> list[bool]:
     """`out[i]`: may the kept part of a compacted conversation begin at message i? At a user message, or at an
-    assistant message once the tool calls of the assistant before it have all had their results."""
+    assistant message that does not answer a user message right before it, once the tool calls of the assistant
+    before it have all had their results (the next step of a tool loop)."""
     out: list[bool] = []
     open_calls = 0
+    previous: Any = None
     for m in messages:
         role = m.get("role")
         if role == "user":
             open_calls = 0
             out.append(True)
         elif role == "assistant":
-            out.append(open_calls == 0)
+            out.append(open_calls == 0 and previous != "user")
             calls = m.get("tool_calls")
             open_calls = len(calls) if isinstance(calls, list) else 0
         else:
             if role == "tool":
                 open_calls = max(open_calls - 1, 0)
             out.append(False)
+        previous = role
     return out
 
 
@@ -89,10 +94,16 @@ def place_summary(system: Sequence[Message], summary: str | None, first_kept: Me
 
 def with_instruction(prompt: Sequence[Message], instruction: str) -> list[Message]:
     """The summary call's messages: `prompt` and the instruction, as a user message of its own or merged into the
-    last message when that is a user message (two user messages in a row break the alternating templates)."""
-    if prompt and prompt[-1].get("role") == "user":
-        return [*prompt[:-1], with_text(prompt[-1], instruction)]
-    return [*prompt, {"role": "user", "content": instruction}]
+    last message when that is a user message (two user messages in a row break the alternating templates). After a
+    tool result an acknowledgement comes first: Mistral's template leaves tool calls and results out of its
+    alternation check, so a user message there would follow the user message before the calls."""
+    last = prompt[-1] if prompt else None
+    if last is not None and last.get("role") == "user":
+        return [*prompt[:-1], with_text(last, instruction)]
+    ask = {"role": "user", "content": instruction}
+    if last is not None and (last.get("role") == "tool" or last.get("tool_calls")):
+        return [*prompt, {"role": "assistant", "content": SUMMARY_ACK}, ask]
+    return [*prompt, ask]
 
 
 def filler_tokens(text: str) -> int:
