@@ -99,6 +99,7 @@ class Plan:
     refusal: str | None = None
     kept_system: int = 0  # leading system messages served as sent (counted in `replaced`, replaced by nothing)
     digests: tuple[str, ...] = ()  # `prefix_digests` of the client's messages (summarize and sliding window only)
+    root: str = ""  # the conversation under the session id (`conversation_root`; summarize and sliding window only)
 
 
 @dataclass(slots=True)
@@ -109,6 +110,7 @@ class _Session:
     # held every other chat under the id back for `retry_after_s`.
     pending: dict[str, str] = field(default_factory=dict)
     failed_at: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, float] = field(default_factory=dict)  # conversations served as sent for good (`refuse`)
     last_tokens: int = 0
     peak_served_tokens: int = 0
 
@@ -145,6 +147,9 @@ class CompactionStore:
             return unchanged
         state = self._session(session)
         digests = prefix_digests(msgs)
+        root = digests[min(leading_system_messages(msgs) + 1, len(msgs))]
+        if root in state.refused:  # vLLM refused a rewrite of this conversation: served as sent
+            return replace(unchanged, digests=tuple(digests), root=root)
         plan = self._rewrite(strategy, msgs, token_counts, digests, state, total)
         job = self._maybe_job(session, strategy, msgs, token_counts, digests, state, plan, input_limit)
         if job is not None and strategy is Strategy.SLIDING_WINDOW:  # nothing to call: drop the older turns now
@@ -157,7 +162,7 @@ class CompactionStore:
             plan = replace(plan, original_tokens=total, job=job)
         state.last_tokens = total
         state.peak_served_tokens = max(state.peak_served_tokens, plan.tokens)
-        return replace(plan, digests=tuple(digests))
+        return replace(plan, digests=tuple(digests), root=root)
 
     def _rewrite(self, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int], digests: list[str],
                  state: _Session, total: int) -> Plan:
@@ -250,7 +255,7 @@ class CompactionStore:
         was evicted while the call ran. Found by review: an ended session was re-created and its summary stored, and a
         later request under the id was served with the ended conversation's summary."""
         state = self.sessions.get(job.session)
-        if state is None or state.pending.get(job.root) != job.digest:
+        if state is None or state.pending.get(job.root) != job.digest or job.root in state.refused:
             self.counters["summaries_dropped"] += 1
             return None
         del state.pending[job.root]
@@ -271,6 +276,19 @@ class CompactionStore:
         if state.pending.get(job.root) == job.digest:
             del state.pending[job.root]
         _bounded_put(state.failed_at, job.root, self.clock())
+
+    def refuse(self, session: str, root: str) -> list[Checkpoint]:
+        """vLLM refused a request of conversation `root` that was served rewritten (HTTP 4xx: e.g. a chat template
+        that does not take the rewrite). Its checkpoints go and it is served as sent from now on, never summarised
+        again (found by review: the checkpoint stayed, so every later turn failed too). Returns the dropped ones."""
+        state = self.sessions.get(session)
+        if state is None:
+            return []
+        dropped = [cp for cp in state.checkpoints if cp.root == root]
+        state.checkpoints = [cp for cp in state.checkpoints if cp.root != root]
+        _bounded_put(state.refused, root, self.clock())
+        self.counters["rewrites_refused"] += 1
+        return dropped
 
     def summary_text(self, summary: str) -> str:
         """The summary as served: the configured prefix, then the summary (`compaction_layout.place_summary` puts it

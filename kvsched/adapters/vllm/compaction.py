@@ -22,12 +22,12 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeGuard
 
 from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.compaction_metrics import FAILURE_REASONS, Collector
+from kvsched.adapters.vllm.compaction_outcome import UNCHANGED, Outcome
 from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
 from kvsched.adapters.vllm.compaction_tokens import TokenCounter, Tokenizer
 from kvsched.adapters.vllm.http_io import error_body, route_path
@@ -46,44 +46,14 @@ logger = logging.getLogger(__name__)
 CHAT_PATH = "/v1/chat/completions"
 STRATEGY_HEADER = "x-kvsched-compaction"
 XARG_STRATEGY = "compaction"
-COMPACTED_HEADER = b"x-kvsched-compacted"
 DIGEST_CHARS = 32  # of a conversation digest sent to the engine (128 bits)
 COMPACTED_LOOKBACK = 1024  # a rewrite names this many of its messages' latest prefixes (the left branch's last turn:
 # an agent turn may add dozens of tool results at once)
-
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
 
 class SummaryCallFailed(RuntimeError):
     """The summarization request was answered with an error."""
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the middleware does with one request after compaction: forward it (rewritten or not), or refuse it."""
-
-    changed: bool = False
-    replaced: int = 0
-    status: int = 200
-    error: dict[str, Any] | None = None
-
-    def wrap(self, send: Send) -> Send:
-        """`send` with `X-KVSched-Compacted` added to the response headers when messages were replaced, unless the
-        response is an error (found by review: a request vLLM refused was reported as served compacted)."""
-        if not self.replaced:
-            return send
-        value = str(self.replaced).encode()
-
-        async def send_with_header(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start" and message.get("status", 200) < 400:
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != COMPACTED_HEADER]
-                message = dict(message, headers=[*headers, (COMPACTED_HEADER, value)])
-            await send(message)
-
-        return send_with_header
-
-
-UNCHANGED = Outcome()
 
 
 class Compactor:
@@ -98,6 +68,7 @@ class Compactor:
         self.counters: Counter[str] = Counter()
         self.summary_seconds = 0.0
         self._no_room_logged = False
+        self._refusal_logged = False
         self.tokens = TokenCounter(tokenizer)  # message tokens with the served tokenizer, never stalling the loop
         self.shared = SharedCheckpoints.from_env()  # checkpoints in the shared store (KVSCHED_STORE_URL), if any
 
@@ -163,9 +134,9 @@ class Compactor:
                     self.shared.forget(key)
             elif self.shared is not None:
                 self.shared.save(self.store, key)
-        return self._apply(plan, payload)
+        return self._apply(plan, payload, key)
 
-    def _apply(self, plan: Plan, payload: dict[str, Any]) -> Outcome:
+    def _apply(self, plan: Plan, payload: dict[str, Any], key: str) -> Outcome:
         # Every turn names the conversation it sent (a digest of the client's messages): the engine notes it on the
         # branch the turn joins. A rewritten turn names the recent prefixes of its messages: the scheduler ends the
         # branch this rewrite leaves behind (its prompt no longer continues it) only if that branch's last turn sent
@@ -186,7 +157,21 @@ class Compactor:
         self.counters[f"rewritten_{plan.strategy.value}"] += 1
         self.counters["replaced_messages"] += replaced
         self.counters["saved_tokens"] += max(plan.original_tokens - plan.tokens, 0)
-        return Outcome(changed=True, replaced=replaced)
+        return Outcome(changed=True, replaced=replaced,
+                       refused=lambda status: self._refused(key, plan.root, status))
+
+    def _refused(self, key: str, root: str, status: int) -> None:
+        """vLLM refused a rewritten request of conversation `root` (`compaction_outcome.rewrite_refused`): serve it as
+        sent from now on, here and, through the shared store, on other replicas."""
+        dropped = self.store.refuse(key, root)
+        if dropped and self.shared is not None:
+            self.shared.save(self.store, key)
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            logger.warning("kvsched compaction: vLLM refused a compacted request (HTTP %d); that conversation is served "
+                           "uncompacted from now on (counted in kvsched_compaction_rewrites_refused_total; further "
+                           "ones are not logged). If the served chat template rejects the rewrite, try "
+                           "KVSCHED_COMPACTION_SUMMARY_ROLE=user or turn compaction off", status)
 
     def _oversized(self, strategy: Strategy) -> Outcome:
         """A request with a message far larger than the model's context is not tokenized (`TokenCounter.oversized`):
@@ -295,6 +280,7 @@ class Compactor:
             "windows": float(s["windows"]),
             "summary_inputs_cut": float(s["summary_inputs_cut"]),
             "summaries_no_room": float(s["summaries_no_room"]),
+            "rewrites_refused": float(s["rewrites_refused"]),
             "refused_requests": float(s["refused"]),
             "opt_outs": float(c["opt_outs"]),
             "oversized_requests": float(c["oversized_requests"]),

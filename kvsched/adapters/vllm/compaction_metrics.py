@@ -22,6 +22,8 @@ COUNTERS = {
     "summary_inputs_cut": "Summary calls that left a session's oldest turns out to fit the model's context",
     "summaries_no_room": "Summaries not made: the system prompt, the instruction and the summary's target size "
                          "left no room for a turn in the model's context",
+    "rewrites_refused": "Compacted requests vLLM refused (HTTP 400/422 not about length or a parameter, e.g. a chat "
+                        "template that rejects the rewrite): their conversation is served as sent from then on",
     "refused_requests": "Requests refused past the context cap (HTTP 400)",
     "opt_outs": "Requests that opted out of compaction (X-KVSched-Compaction: off)",
     "oversized_requests": "Requests with a message far past the model's context: not tokenized (cap: HTTP 400)",
