@@ -13,8 +13,6 @@ No vLLM, no I/O: token counts per message are computed by the adapter (with the 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -22,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvsched.core.compaction_config import CompactionConfig, Strategy
+from kvsched.core.compaction_digests import Digests, conversation_root, digests_of, message_digest, prefix_digests
 from kvsched.core.compaction_layout import (
     SYSTEM_ROLES,
     Message,
@@ -33,35 +32,15 @@ from kvsched.core.compaction_layout import (
 )
 
 Clock = Callable[[], float]
-__all__ = ["SYSTEM_ROLES", "Message", "leading_system_messages"]  # re-exported: the adapter and tests import them here
-
-
-def message_digest(message: Message) -> bytes:
-    """SHA-256 of a message's canonical JSON: any change in role, content, name or tool calls changes it."""
-    text = json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()  # a lone surrogate ("\ud800") too
-
-
-def prefix_digests(messages: Sequence[Message]) -> list[str]:
-    """`out[k]` identifies exactly `messages[:k]` (a hash chain, so equal digests mean equal prefixes)."""
-    h = hashlib.sha256(b"kvsched-compaction-v1").digest()
-    out = [h.hex()]
-    for m in messages:
-        h = hashlib.sha256(h + message_digest(m)).digest()
-        out.append(h.hex())
-    return out
-
-
-def conversation_root(messages: Sequence[Message]) -> str:
-    """Identifies a conversation among those under one session id: its system messages and its first other message
-    (`prefix_digests` of those; equal to the full chain's digest at that position)."""
-    return prefix_digests(messages[: leading_system_messages(messages) + 1])[-1]
+__all__ = ["SYSTEM_ROLES", "Message", "conversation_root", "leading_system_messages", "message_digest",
+           "prefix_digests"]  # re-exported: the adapter and tests import them here
 
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """The client's messages `[0, replaced)` (exactly those hashing to `digest`) stand for `summary` after the
-    `system_count` leading system messages; `summary is None` means they were dropped (sliding window)."""
+    """The client's messages `[system_count, replaced)` after its `system_count` leading system messages (exactly
+    those whose body chain, `compaction_digests.Digests.body`, hashes to `digest`) stand for `summary`; `summary is
+    None` means they were dropped (sliding window). A request matches whatever its own system messages are."""
 
     digest: str
     replaced: int
@@ -111,6 +90,8 @@ class _Session:
     pending: dict[str, str] = field(default_factory=dict)
     failed_at: dict[str, float] = field(default_factory=dict)
     refused: dict[str, float] = field(default_factory=dict)  # conversations served as sent for good (`refuse`)
+    # the newest summary of a conversation until a request uses it: (its digest, committed at, how many in a row)
+    unused: dict[str, tuple[str, float, int]] = field(default_factory=dict)
     last_tokens: int = 0
     peak_served_tokens: int = 0
 
@@ -146,10 +127,10 @@ class CompactionStore:
                     f"start a new session, or choose X-KVSched-Compaction: summarize or sliding_window"))
             return unchanged
         state = self._session(session)
-        digests = prefix_digests(msgs)
-        root = digests[min(leading_system_messages(msgs) + 1, len(msgs))]
+        digests = digests_of(msgs)
+        root = digests.root
         if root in state.refused:  # vLLM refused a rewrite of this conversation: served as sent
-            return replace(unchanged, digests=tuple(digests), root=root)
+            return replace(unchanged, digests=tuple(digests.full), root=root)
         plan = self._rewrite(strategy, msgs, token_counts, digests, state, total)
         job = self._maybe_job(session, strategy, msgs, token_counts, digests, state, plan, input_limit)
         if job is not None and strategy is Strategy.SLIDING_WINDOW:  # nothing to call: drop the older turns now
@@ -162,13 +143,16 @@ class CompactionStore:
             plan = replace(plan, original_tokens=total, job=job)
         state.last_tokens = total
         state.peak_served_tokens = max(state.peak_served_tokens, plan.tokens)
-        return replace(plan, digests=tuple(digests), root=root)
+        return replace(plan, digests=tuple(digests.full), root=root)
 
-    def _rewrite(self, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int], digests: list[str],
+    def _rewrite(self, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int], digests: Digests,
                  state: _Session, total: int) -> Plan:
-        cp = self._matching(strategy, msgs, digests, state)
+        cp = self._matching(strategy, digests, state)
         if cp is None:
             return Plan(strategy, msgs, 0, total, total)
+        unused = state.unused.get(cp.root)
+        if unused is not None and unused[0] == cp.digest:  # the newest summary is used: no back-off
+            del state.unused[cp.root]
         rest = msgs[cp.replaced:]
         head, tokens = self._head(msgs, counts, cp.system_count, cp, rest[0] if rest else None)
         tokens += sum(counts[cp.replaced:]) + self.config.message_overhead_tokens * len(rest)
@@ -184,31 +168,33 @@ class CompactionStore:
         tokens = sum(counts[:system_count]) + o * (system_count + added) + filler_tokens(filler)
         return head, tokens + (cp.summary_tokens if cp is not None and summary is not None else 0)
 
-    def _matching(self, strategy: Strategy, msgs: tuple[Message, ...], digests: list[str],
-                  state: _Session) -> Checkpoint | None:
-        """The checkpoint covering the longest exact prefix of `msgs` (never the whole request: the newest message
-        is always served verbatim)."""
+    def _matching(self, strategy: Strategy, digests: Digests, state: _Session) -> Checkpoint | None:
+        """The checkpoint covering the longest exact prefix of the request's messages after its system messages
+        (never all of them: the newest message is always served verbatim), with `replaced` and `system_count` as
+        they fall in this request."""
         want_summary = strategy is Strategy.SUMMARIZE
         best: Checkpoint | None = None
         for cp in state.checkpoints:
-            if (cp.summary is not None) != want_summary or cp.replaced >= len(msgs):
+            n = cp.replaced - cp.system_count  # client messages it stands for
+            if (cp.summary is not None) != want_summary or n >= len(digests.body) - 1:
                 continue
-            if digests[cp.replaced] == cp.digest and (best is None or cp.replaced > best.replaced):
+            if digests.body[n] == cp.digest and (best is None or n > best.replaced - best.system_count):
                 best = cp
-        return best
+        if best is None:
+            return None
+        return replace(best, replaced=digests.system + best.replaced - best.system_count, system_count=digests.system)
 
     def _maybe_job(self, session: str, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int],
-                   digests: list[str], state: _Session, plan: Plan, input_limit: int | None = None,
+                   digests: Digests, state: _Session, plan: Plan, input_limit: int | None = None,
                    ) -> SummaryJob | None:
         cfg = self.config
-        system_count = leading_system_messages(msgs)
-        root = digests[min(system_count + 1, len(msgs))]
+        system_count, root = digests.system, digests.root
         if root in state.pending or len(state.pending) >= CONVERSATIONS_PER_SESSION:
             return None  # one call in flight per conversation; a full table hands out none (never a duplicate)
         failed = state.failed_at.get(root)
         if failed is not None and self.clock() - failed < cfg.retry_after_s:
             return None
-        cp = self._matching(strategy, msgs, digests, state)
+        cp = self._matching(strategy, digests, state)
         start = cp.replaced if cp is not None else system_count
         # The kept part starts where a turn group does: a user message, or an assistant message whose predecessor's
         # tool calls all have their results. Found by review: only a user message was a cut, so an agent's tool loop
@@ -223,6 +209,8 @@ class CompactionStore:
         if cp is not None and cp.summary is not None:
             older += cp.summary_tokens + cfg.message_overhead_tokens
         if older < cfg.trigger_tokens:
+            return None
+        if strategy is Strategy.SUMMARIZE and self._unused_backoff(state, root):
             return None
         base = start
         # A summary call must fit the model's context: the oldest turns are left out of it (found by review: with no
@@ -246,7 +234,20 @@ class CompactionStore:
         # the conversation as served up to the cut (so its prefix is the session's cached one), then the instruction
         head, _ = self._head(msgs, counts, system_count, cp, msgs[start], dropped=start > base)
         prompt = with_instruction([*head, *msgs[start:cut]], cfg.instruction())
-        return SummaryJob(session, digests[cut], cut, system_count, tuple(prompt), older, root)
+        return SummaryJob(session, digests.body[cut - system_count], cut, system_count, tuple(prompt), older, root)
+
+    def _unused_backoff(self, state: _Session, root: str) -> bool:
+        """Hold a new summary back while the conversation's newest summary was never used by a later request (its
+        client changes old messages: an edit, a rewritten history), for `retry_after_s`, doubled for each summary in a
+        row that went unused (at most 64 times). Found by review: each such turn made a summary call no request used."""
+        unused = state.unused.get(root)
+        if unused is None:
+            return False
+        _, committed_at, strikes = unused
+        if self.clock() - committed_at < self.config.retry_after_s * 2 ** min(strikes - 1, 6):
+            self.counters["summaries_held_back"] += 1
+            return True
+        return False
 
     # ---- outcomes of summary calls -----------------------------------------------------------------------------
     def commit(self, job: SummaryJob, summary: str, summary_tokens: int) -> Checkpoint | None:
@@ -263,6 +264,8 @@ class CompactionStore:
         state.failed_at.pop(job.root, None)
         cp = Checkpoint(job.digest, job.cut, job.system_count, summary, summary_tokens, job.root)
         self._store(state, cp)
+        before = state.unused.get(job.root)  # the one before was never used either: a longer back-off
+        _bounded_put(state.unused, job.root, (cp.digest, self.clock(), before[2] + 1 if before else 1))
         self.counters["summaries"] += 1
         return cp
 
@@ -308,10 +311,10 @@ class CompactionStore:
         conversation still in flight stores nothing (`commit`). True if the session has no state left."""
         state = self.sessions.get(session)
         if state is not None and messages is not None:
-            digests = prefix_digests(tuple(messages))
-            state.checkpoints = [cp for cp in state.checkpoints
-                                 if cp.replaced >= len(digests) or digests[cp.replaced] != cp.digest]
-            ended = set(digests)
+            body = digests_of(tuple(messages)).body
+            state.checkpoints = [cp for cp in state.checkpoints if (n := cp.replaced - cp.system_count) >= len(body)
+                                 or body[n] != cp.digest]
+            ended = set(body)
             for root, digest in list(state.pending.items()):  # this conversation's job (a last turn's never starts)
                 if digest in ended:
                     del state.pending[root]

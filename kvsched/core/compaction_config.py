@@ -67,7 +67,8 @@ class CompactionConfig:
     wait_for_summary: the request that triggers a summary waits for it (bounded by the timeout) and is served
         compacted; by default it is served at once on its uncompacted (cached) prefix while the summary is made in
         the background, and the next request of the session uses it.
-    retry_after_s: after a failed summary call, a session is not summarised again for this long.
+    retry_after_s: after a failed summary call, a session is not summarised again for this long; after a summary that
+        no later request used (its client edits old messages), as long, doubled for each such summary in a row.
     cap_tokens: the `cap` strategy refuses requests whose context exceeds this many tokens.
     message_overhead_tokens: template tokens counted per message on top of its content (role markers, separators).
     max_sessions / checkpoints_per_session: bounds on the summary store (least recently used sessions go first;

@@ -62,8 +62,9 @@ def test_summary_applies_only_to_the_exact_prefix(clock):
     edited = [dict(m) for m in later]
     edited[3]["content"] += " (edited)"
     assert ask(s, edited).replaced == 0  # one changed message inside the summarised part: served as sent
-    other_system = [{"role": "system", "content": "another prompt"}] + later[1:]
-    assert ask(s, other_system).replaced == 0
+    other_system = [{"role": "system", "content": "another prompt"}] + later[1:]  # served with its own system
+    plan = ask(s, other_system)  # prompt: summaries stand for the messages after it (tests/core/test_compaction_reuse)
+    assert plan.replaced == job.cut and plan.messages[0]["content"].startswith("another prompt")
     assert ask(s, later, session="s2").replaced == 0  # summaries belong to their session
 
 

@@ -281,6 +281,7 @@ class Compactor:
             "summary_inputs_cut": float(s["summary_inputs_cut"]),
             "summaries_no_room": float(s["summaries_no_room"]),
             "rewrites_refused": float(s["rewrites_refused"]),
+            "summaries_held_back": float(s["summaries_held_back"]),
             "refused_requests": float(s["refused"]),
             "opt_outs": float(c["opt_outs"]),
             "oversized_requests": float(c["oversized_requests"]),

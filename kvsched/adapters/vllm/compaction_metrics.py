@@ -22,6 +22,9 @@ COUNTERS = {
     "summary_inputs_cut": "Summary calls that left a session's oldest turns out to fit the model's context",
     "summaries_no_room": "Summaries not made: the system prompt, the instruction and the summary's target size "
                          "left no room for a turn in the model's context",
+    "summaries_held_back": "Summary calls not made: the conversation's newest summary was never used by a later request "
+                           "(its client changes old messages), so it backs off (KVSCHED_COMPACTION_RETRY_AFTER_S, "
+                           "doubled for each unused summary in a row)",
     "rewrites_refused": "Compacted requests vLLM refused (HTTP 400/422 not about length or a parameter, e.g. a chat "
                         "template that rejects the rewrite): their conversation is served as sent from then on",
     "refused_requests": "Requests refused past the context cap (HTTP 400)",
