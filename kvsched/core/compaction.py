@@ -205,11 +205,14 @@ class CompactionStore:
             cut -= 1
         if cut <= start:
             return None
-        older = sum(counts[start:cut]) + cfg.message_overhead_tokens * (cut - start)
+        # The trigger counts the client's turns since the last cut, never the summary standing for those before it
+        # (found by review: a trigger at or below the summary's size re-summarised the summary every turn).
+        turns = sum(counts[start:cut]) + cfg.message_overhead_tokens * (cut - start)
+        if turns < cfg.trigger_tokens:
+            return None
+        older = turns  # what the call summarises: those turns and the summary before them
         if cp is not None and cp.summary is not None:
             older += cp.summary_tokens + cfg.message_overhead_tokens
-        if older < cfg.trigger_tokens:
-            return None
         if strategy is Strategy.SUMMARIZE and self._unused_backoff(state, root):
             return None
         base = start

@@ -46,8 +46,9 @@ class CompactionConfig:
 
     strategy: the server default (`KVSCHED_COMPACTION`); `off` unless set.
     trigger_tokens: compact when the part of a session's context older than its `keep_recent_messages` newest
-        messages (system prompt excluded, an earlier summary included) reaches this many tokens. 5,000 by default, as
-        in the sizing guide ("every 5K tokens of older context into a 500-token summary").
+        messages (system prompt and an earlier summary excluded: the turns since the last cut) reaches this many
+        tokens. 5,000 by default, as in the sizing guide ("every 5K tokens of older context into a 500-token
+        summary"). Must exceed summary_target_tokens when `summarize` may run.
     keep_recent_messages: newest messages always kept verbatim (the cut then moves back to where a turn group starts:
         a user message, or an assistant message whose predecessor's tool calls all have their results).
     summary_target_tokens: max_tokens of the summarization call (~500 in the sizing guide).
@@ -101,6 +102,12 @@ class CompactionConfig:
                      "checkpoints_per_session"):
             if getattr(self, name) < 1:
                 raise InvalidCompactionInput(f"{name} must be >= 1, got {getattr(self, name)}")
+        summarizes = self.strategy is Strategy.SUMMARIZE or Strategy.SUMMARIZE in self.client_strategies
+        if summarizes and self.trigger_tokens <= self.summary_target_tokens:  # found by review: each turn re-summarised
+            raise InvalidCompactionInput(
+                f"trigger_tokens ({self.trigger_tokens}, KVSCHED_COMPACTION_TRIGGER_TOKENS) must be larger than "
+                f"summary_target_tokens ({self.summary_target_tokens}, KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS): a "
+                f"summary would be as large as the turns it replaces")
         if self.keep_recent_messages < 1:
             raise InvalidCompactionInput("keep_recent_messages must be >= 1 (the newest message is always kept)")
         if self.message_overhead_tokens < 0:

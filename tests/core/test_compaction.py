@@ -21,8 +21,8 @@ def counts(msgs, per_message=10):
 
 
 def store(clock, **kw):
-    cfg = CompactionConfig(strategy=Strategy.SUMMARIZE, trigger_tokens=100, keep_recent_messages=2,
-                           message_overhead_tokens=0, **kw)
+    cfg = CompactionConfig(**{"strategy": Strategy.SUMMARIZE, "trigger_tokens": 100, "keep_recent_messages": 2,
+                              "message_overhead_tokens": 0, "summary_target_tokens": 50, **kw})
     return CompactionStore(cfg, clock)
 
 
@@ -43,7 +43,7 @@ def test_no_job_below_the_trigger_and_one_at_it(clock):
     assert at[job.cut]["role"] == "user" and len(at) - job.cut >= 2
     assert job.older_tokens == 10 * (job.cut - 1) >= 100
     assert job.prompt[: job.cut] == tuple(at[: job.cut]) and job.prompt[-1]["role"] == "user"
-    assert "500 tokens" in job.prompt[-1]["content"]
+    assert "50 tokens" in job.prompt[-1]["content"]
 
 
 def test_summary_applies_only_to_the_exact_prefix(clock):

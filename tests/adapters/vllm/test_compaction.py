@@ -321,7 +321,7 @@ def test_a_summary_target_that_leaves_no_room_in_the_context_is_logged_once_and_
 
     app = FakeVllm()
     app.state = SimpleNamespace(engine_client=SimpleNamespace(model_config=SimpleNamespace(max_model_len=200)))
-    comp = compactor(app, wait_for_summary=True, summary_target_tokens=500)
+    comp = compactor(app, wait_for_summary=True, trigger_tokens=200, summary_target_tokens=190)  # 190 > 0.9 * 200
     for session in ("a", "b"):
         out = run(comp.prepare(dict(SCOPE, app=app), request(40, session=session), {}))
         assert out.replaced == 0
