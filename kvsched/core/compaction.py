@@ -107,9 +107,11 @@ class CompactionStore:
 
     # ---- planning ---------------------------------------------------------------------------------------------
     def plan(self, session: str, messages: Sequence[Message], token_counts: Sequence[int],
-             strategy: Strategy | None = None, input_limit: int | None = None) -> Plan:
+             strategy: Strategy | None = None, input_limit: int | None = None,
+             context_tokens: int | None = None) -> Plan:
         """Decide how to serve `messages` (one chat request of `session`); `token_counts[i]` is message i's tokens.
-        `input_limit`: the most prompt tokens a summary call may send (the model's context less its output)."""
+        `input_limit`: the most prompt tokens a summary call may send (the model's context less its output);
+        `context_tokens`: the served model's context (compaction also fires at `CONTEXT_SHARE` of it)."""
         if len(token_counts) != len(messages):
             raise ValueError(f"{len(token_counts)} token counts for {len(messages)} messages")
         strategy = self.config.strategy if strategy is None else strategy
@@ -132,7 +134,8 @@ class CompactionStore:
         if root in state.refused:  # vLLM refused a rewrite of this conversation: served as sent
             return replace(unchanged, digests=tuple(digests.full), root=root)
         plan = self._rewrite(strategy, msgs, token_counts, digests, state, total)
-        job = self._maybe_job(session, strategy, msgs, token_counts, digests, state, plan, input_limit)
+        job = self._maybe_job(session, strategy, msgs, token_counts, digests, state, plan, input_limit,
+                              context_tokens)
         if job is not None and strategy is Strategy.SLIDING_WINDOW:  # nothing to call: drop the older turns now
             self._store(state, Checkpoint(job.digest, job.cut, job.system_count, None, root=job.root))
             self.counters["windows"] += 1
@@ -186,7 +189,7 @@ class CompactionStore:
 
     def _maybe_job(self, session: str, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int],
                    digests: Digests, state: _Session, plan: Plan, input_limit: int | None = None,
-                   ) -> SummaryJob | None:
+                   context_tokens: int | None = None) -> SummaryJob | None:
         cfg = self.config
         system_count, root = digests.system, digests.root
         if root in state.pending or len(state.pending) >= CONVERSATIONS_PER_SESSION:
@@ -208,7 +211,11 @@ class CompactionStore:
         # The trigger counts the client's turns since the last cut, never the summary standing for those before it
         # (found by review: a trigger at or below the summary's size re-summarised the summary every turn).
         turns = sum(counts[start:cut]) + cfg.message_overhead_tokens * (cut - start)
-        if turns < cfg.trigger_tokens:
+        # ... or the served prompt nears the model's context, if that leaves more than a summary's worth of turns to
+        # replace (found by review: the default trigger of 5,000 on a 4,096-token model never fired in time)
+        near_context = (context_tokens is not None and plan.tokens >= CONTEXT_SHARE * context_tokens
+                        and turns > cfg.summary_target_tokens)
+        if turns < cfg.trigger_tokens and not near_context:
             return None
         older = turns  # what the call summarises: those turns and the summary before them
         if cp is not None and cp.summary is not None:
@@ -237,6 +244,8 @@ class CompactionStore:
         # the conversation as served up to the cut (so its prefix is the session's cached one), then the instruction
         head, _ = self._head(msgs, counts, system_count, cp, msgs[start], dropped=start > base)
         prompt = with_instruction([*head, *msgs[start:cut]], cfg.instruction())
+        if turns < cfg.trigger_tokens:
+            self.counters["context_triggers"] += 1
         return SummaryJob(session, digests.body[cut - system_count], cut, system_count, tuple(prompt), older, root)
 
     def _unused_backoff(self, state: _Session, root: str) -> bool:
@@ -356,6 +365,7 @@ class CompactionStore:
         state.checkpoints = kept
 
 
+CONTEXT_SHARE = 0.75  # of the model's context: a served prompt this long is compacted whatever the trigger says
 CONVERSATIONS_PER_SESSION = 16  # conversations under one id with their own summaries, jobs and failure clocks
 
 

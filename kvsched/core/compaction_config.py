@@ -48,7 +48,9 @@ class CompactionConfig:
     trigger_tokens: compact when the part of a session's context older than its `keep_recent_messages` newest
         messages (system prompt and an earlier summary excluded: the turns since the last cut) reaches this many
         tokens. 5,000 by default, as in the sizing guide ("every 5K tokens of older context into a 500-token
-        summary"). Must exceed summary_target_tokens when `summarize` may run.
+        summary"). Must exceed summary_target_tokens when `summarize` may run. Whatever it says, a served prompt that
+        reaches 3/4 of the model's context is compacted (`compaction.CONTEXT_SHARE`) if more than a summary's worth
+        of turns can be replaced.
     keep_recent_messages: newest messages always kept verbatim (the cut then moves back to where a turn group starts:
         a user message, or an assistant message whose predecessor's tool calls all have their results).
     summary_target_tokens: max_tokens of the summarization call (~500 in the sizing guide).

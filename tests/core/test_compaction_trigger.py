@@ -40,3 +40,34 @@ def test_the_summary_itself_never_counts_toward_the_next_trigger():
     msgs = chat(11)
     job = s.plan("s", msgs, [10] * len(msgs)).job
     assert job is not None and job.older_tokens == 95 + 10 * (job.cut - 11)  # the call summarises both
+
+
+def big_chat(turns: int) -> tuple[list[dict[str, str]], list[int]]:
+    """`turns` user turns of 400 tokens (and short answers) after a 10-token system prompt, then a short question."""
+    msgs = chat(turns)
+    return msgs, [10, *([400, 2] * turns), 5]
+
+
+def test_a_prompt_near_the_models_context_is_compacted_before_the_trigger():
+    s = CompactionStore(CompactionConfig(strategy=Strategy.SUMMARIZE, message_overhead_tokens=0), clock=lambda: 0.0)
+    assert s.config.trigger_tokens == 5000  # the default, past this 4,096-token model's context
+    msgs, counts = big_chat(7)  # 2,829 tokens: under 3/4 of the context
+    assert s.plan("s", msgs, counts, context_tokens=4096).job is None
+    msgs, counts = big_chat(8)  # 3,231 tokens: past 3/4 of the context (3,072)
+    assert s.plan("s", msgs, counts).job is None  # without the context: nothing before 5,000 tokens of turns
+    job = s.plan("t", msgs, counts, context_tokens=4096).job
+    assert job is not None and s.counters["context_triggers"] == 1
+    s.commit(job, "summary", 300)
+    msgs, counts = big_chat(9)
+    plan = s.plan("t", msgs, counts, context_tokens=4096)
+    assert plan.replaced == job.cut and plan.tokens < 3072 and plan.job is None
+
+
+def test_near_the_context_a_summary_still_needs_more_turns_than_its_own_size():
+    """Recent turns alone can fill the context (keep_recent_messages is a count): no summary of a few tokens then."""
+    s = CompactionStore(CompactionConfig(strategy=Strategy.SUMMARIZE, message_overhead_tokens=0,
+                                         keep_recent_messages=2), clock=lambda: 0.0)
+    msgs = chat(2)
+    counts = [10, 200, 100, 200, 100, 3500]  # the newest question is most of the context; older turns: 300 tokens
+    assert s.plan("s", msgs, counts, context_tokens=4096).job is None  # 300 tokens: not more than the 500 target
+    assert s.plan("s", msgs, [10, 300, 300, 300, 300, 3500], context_tokens=4096).job is not None

@@ -32,6 +32,7 @@ from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
 from kvsched.adapters.vllm.compaction_tokens import TokenCounter, Tokenizer
 from kvsched.adapters.vllm.http_io import error_body, route_path
 from kvsched.core.compaction import (
+    CONTEXT_SHARE,
     CompactionStore,
     Message,
     Plan,
@@ -69,6 +70,7 @@ class Compactor:
         self.summary_seconds = 0.0
         self._no_room_logged = False
         self._refusal_logged = False
+        self._trigger_logged = False
         self.tokens = TokenCounter(tokenizer)  # message tokens with the served tokenizer, never stalling the loop
         self.shared = SharedCheckpoints.from_env()  # checkpoints in the shared store (KVSCHED_STORE_URL), if any
 
@@ -118,14 +120,14 @@ class Compactor:
         conversation = (key, conversation_root(messages))  # one summary in flight per conversation under the id
         if self.config.wait_for_summary and conversation in self.tasks:
             await self._wait(conversation)  # a summary of this conversation is being made: use it
-        plan = self.store.plan(key, messages, counts, strategy, self._input_limit(scope))
+        plan = self._plan(key, messages, counts, strategy, scope)
         if plan.refusal is not None:
             return Outcome(status=400, error=error_body(plan.refusal, "messages", code="context_cap_exceeded"))
         if plan.job is not None and not xargs.get(compat.XARG_END):  # no summary for a session's last turn
             self._start(plan.job, scope, payload)
             if self.config.wait_for_summary:
                 await self._wait(conversation)
-                plan = self.store.plan(key, messages, counts, strategy, self._input_limit(scope))
+                plan = self._plan(key, messages, counts, strategy, scope)
                 if plan.job is not None:  # its checkpoint went meanwhile: a job handed out is always started
                     self._start(plan.job, scope, payload)
         if xargs.get(compat.XARG_END):  # this conversation's summaries go; the id's other conversations keep theirs
@@ -252,6 +254,11 @@ class Compactor:
         return str(reply["choices"][0]["message"].get("content") or "")
 
     # ---- the model's context ------------------------------------------------------------------------------------
+    def _plan(self, key: str, messages: Sequence[Message], counts: list[int], strategy: Strategy,
+              scope: Mapping[str, Any]) -> Plan:
+        context = self.tokens.context_tokens(scope) or None
+        return self.store.plan(key, messages, counts, strategy, self._input_limit(scope), context)
+
     def _input_limit(self, scope: Mapping[str, Any]) -> int | None:
         """The most prompt tokens a summary call may send: the served model's context, less the summary's tokens and
         a margin for the chat template (None if the server does not say)."""
@@ -259,6 +266,12 @@ class Compactor:
         if not context:
             return None
         room = int(context * 0.9) - self.config.summary_target_tokens
+        share = int(context * CONTEXT_SHARE)
+        if self.config.trigger_tokens >= share and not self._trigger_logged:  # compaction fires by the context instead
+            self._trigger_logged = True
+            logger.warning("kvsched compaction: KVSCHED_COMPACTION_TRIGGER_TOKENS=%d is not below %d%% of the served "
+                           "model's context (%d tokens): sessions are compacted when their prompt reaches %d tokens",
+                           self.config.trigger_tokens, int(CONTEXT_SHARE * 100), context, share)
         if room <= 0 and not self._no_room_logged:  # every summary is then skipped (counted): say why, once
             self._no_room_logged = True
             logger.error("kvsched compaction: a summary of %d tokens (KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS) leaves "
@@ -282,6 +295,7 @@ class Compactor:
             "summaries_no_room": float(s["summaries_no_room"]),
             "rewrites_refused": float(s["rewrites_refused"]),
             "summaries_held_back": float(s["summaries_held_back"]),
+            "context_triggers": float(s["context_triggers"]),
             "refused_requests": float(s["refused"]),
             "opt_outs": float(c["opt_outs"]),
             "oversized_requests": float(c["oversized_requests"]),

@@ -25,6 +25,8 @@ COUNTERS = {
     "summaries_held_back": "Summary calls not made: the conversation's newest summary was never used by a later request "
                            "(its client changes old messages), so it backs off (KVSCHED_COMPACTION_RETRY_AFTER_S, "
                            "doubled for each unused summary in a row)",
+    "context_triggers": "Compactions made because a session's prompt reached 3/4 of the model's context before "
+                        "its older turns reached KVSCHED_COMPACTION_TRIGGER_TOKENS",
     "rewrites_refused": "Compacted requests vLLM refused (HTTP 400/422 not about length or a parameter, e.g. a chat "
                         "template that rejects the rewrite): their conversation is served as sent from then on",
     "refused_requests": "Requests refused past the context cap (HTTP 400)",

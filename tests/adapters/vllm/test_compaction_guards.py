@@ -128,3 +128,17 @@ def test_much_new_text_is_tokenized_off_the_event_loop_and_a_little_on_it():
     # on the counter's own threads, not the default executor's that the shared store's calls use (found by review)
     assert {names[t] for _, t in tok.calls[: len(sent)]} <= {"kvsched-tokens_0", "kvsched-tokens_1"}
     assert all(thread == loop for _, thread in tok.calls[len(sent):])
+
+
+def test_a_trigger_past_the_models_context_is_logged_once_and_compaction_fires_by_the_context(caplog):
+    """Found by review (/tmp/rev_compaction/p8_trigger_vs_context.py): the default trigger of 5,000 tokens on a
+    4,096-token model let a session's prompt pass the context before compaction fired, and nothing said so."""
+    app = FakeVllm()
+    app.state = SimpleNamespace(engine_client=SimpleNamespace(model_config=SimpleNamespace(max_model_len=400)))
+    comp = compactor(app, wait_for_summary=True, trigger_tokens=5000)
+    for session in ("a", "b"):
+        out = run(comp.prepare(dict(SCOPE, app=app), request(60, session=session), {}))  # ~480 words: past 300
+        assert out.replaced > 0
+    assert comp.stats()["context_triggers"] == 2 and len(app.calls) == 2
+    assert sum("sessions are compacted when their prompt reaches 300 tokens" in r.getMessage()
+               for r in caplog.records) == 1
