@@ -1,12 +1,14 @@
 """Context compaction as pure policy: per-session checkpoints of a conversation's older messages.
 
 OpenAI chat is stateless: a client sends its whole history with every request. kvsched keeps, per session, a few
-*checkpoints*: "the first `replaced` messages, whose exact content hashes to `digest`, stand for `summary`" (or, for
-the sliding window, for nothing). A request whose messages begin with exactly those messages is served on
-`system prompt + summary + the remaining messages`; any other request is served as sent. When the older part of what
-would be served (everything but the system prompt and the newest turns) passes the trigger, the plan carries a
-`SummaryJob`; the adapter makes the one summarization call and reports the text back with `commit` (or `failed`).
-A job is only handed out once per session at a time, so concurrent requests never double-summarise.
+*checkpoints*: "the messages after the system prompt up to `replaced`, whose exact content hashes to `digest`, stand
+for `summary`" (or, for the sliding window, for nothing). A request whose messages after its own system prompt begin
+with exactly those messages is served on `system prompt + summary + the remaining messages` (in a shape every chat
+template accepts: `compaction_layout`); any other request is served as sent. When the client's turns since the last
+cut (everything but the system prompt, the summary and the newest turns) pass the trigger, or the served prompt nears
+the model's context, the plan carries a `SummaryJob`; the adapter makes the one summarization call and reports the
+text back with `commit` (or `failed`). A job is only handed out once per conversation at a time, so concurrent
+requests never double-summarise. Records and bounds: `compaction_checkpoints`; prefix digests: `compaction_digests`.
 
 No vLLM, no I/O: token counts per message are computed by the adapter (with the served tokenizer) and passed in.
 """
@@ -16,9 +18,17 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
+from kvsched.core.compaction_checkpoints import (
+    CONVERSATIONS_PER_SESSION,
+    Checkpoint,
+    Plan,
+    SessionState,
+    SummaryJob,
+    bounded_checkpoints,
+    bounded_put,
+)
 from kvsched.core.compaction_config import CompactionConfig, Strategy
 from kvsched.core.compaction_digests import Digests, conversation_root, digests_of, message_digest, prefix_digests
 from kvsched.core.compaction_layout import (
@@ -32,68 +42,10 @@ from kvsched.core.compaction_layout import (
 )
 
 Clock = Callable[[], float]
-__all__ = ["SYSTEM_ROLES", "Message", "conversation_root", "leading_system_messages", "message_digest",
-           "prefix_digests"]  # re-exported: the adapter and tests import them here
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """The client's messages `[system_count, replaced)` after its `system_count` leading system messages (exactly
-    those whose body chain, `compaction_digests.Digests.body`, hashes to `digest`) stand for `summary`; `summary is
-    None` means they were dropped (sliding window). A request matches whatever its own system messages are."""
-
-    digest: str
-    replaced: int
-    system_count: int
-    summary: str | None
-    summary_tokens: int = 0
-    root: str = ""  # the conversation under the session id (`conversation_root`) it belongs to; "" if unknown
-
-
-@dataclass(frozen=True, slots=True)
-class SummaryJob:
-    """One summarization call to make: `prompt` is the conversation as served up to the cut, plus the instruction
-    (so its prefix is the session's own cached prefix); the result replaces the client's messages `[0, cut)`."""
-
-    session: str
-    digest: str
-    cut: int
-    system_count: int
-    prompt: tuple[Message, ...]
-    older_tokens: int
-    root: str = ""  # the conversation under the session id (`conversation_root`): pending and failures are its own
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """How to serve one request: `messages` (the rewrite, or the request's own), how many of the client's messages
-    were replaced, the estimated prompt tokens before and after, an optional job and an optional refusal."""
-
-    strategy: Strategy
-    messages: tuple[Message, ...]
-    replaced: int
-    tokens: int
-    original_tokens: int
-    job: SummaryJob | None = None
-    refusal: str | None = None
-    kept_system: int = 0  # leading system messages served as sent (counted in `replaced`, replaced by nothing)
-    digests: tuple[str, ...] = ()  # `prefix_digests` of the client's messages (summarize and sliding window only)
-    root: str = ""  # the conversation under the session id (`conversation_root`; summarize and sliding window only)
-
-
-@dataclass(slots=True)
-class _Session:
-    checkpoints: list[Checkpoint] = field(default_factory=list)  # newest last
-    # Per conversation under the id (`conversation_root`; a `user:` id holds all of a user's chats): the job handed out
-    # and not yet reported (its digest), and when its last call failed. Found by review: one chat's failed summary
-    # held every other chat under the id back for `retry_after_s`.
-    pending: dict[str, str] = field(default_factory=dict)
-    failed_at: dict[str, float] = field(default_factory=dict)
-    refused: dict[str, float] = field(default_factory=dict)  # conversations served as sent for good (`refuse`)
-    # the newest summary of a conversation until a request uses it: (its digest, committed at, how many in a row)
-    unused: dict[str, tuple[str, float, int]] = field(default_factory=dict)
-    last_tokens: int = 0
-    peak_served_tokens: int = 0
+CONTEXT_SHARE = 0.75  # of the model's context: a served prompt this long is compacted whatever the trigger says
+__all__ = [  # the store, and what the adapter, the shared store and tests import from here
+    "CONTEXT_SHARE", "SYSTEM_ROLES", "Checkpoint", "CompactionStore", "Message", "Plan", "SummaryJob",
+    "conversation_root", "leading_system_messages", "message_digest", "prefix_digests"]
 
 
 class CompactionStore:
@@ -102,7 +54,7 @@ class CompactionStore:
     def __init__(self, config: CompactionConfig, clock: Clock = time.monotonic) -> None:
         self.config = config
         self.clock = clock
-        self.sessions: OrderedDict[str, _Session] = OrderedDict()
+        self.sessions: OrderedDict[str, SessionState] = OrderedDict()
         self.counters: Counter[str] = Counter()
 
     # ---- planning ---------------------------------------------------------------------------------------------
@@ -149,7 +101,7 @@ class CompactionStore:
         return replace(plan, digests=tuple(digests.full), root=root)
 
     def _rewrite(self, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int], digests: Digests,
-                 state: _Session, total: int) -> Plan:
+                 state: SessionState, total: int) -> Plan:
         cp = self._matching(strategy, digests, state)
         if cp is None:
             return Plan(strategy, msgs, 0, total, total)
@@ -171,7 +123,7 @@ class CompactionStore:
         tokens = sum(counts[:system_count]) + o * (system_count + added) + filler_tokens(filler)
         return head, tokens + (cp.summary_tokens if cp is not None and summary is not None else 0)
 
-    def _matching(self, strategy: Strategy, digests: Digests, state: _Session) -> Checkpoint | None:
+    def _matching(self, strategy: Strategy, digests: Digests, state: SessionState) -> Checkpoint | None:
         """The checkpoint covering the longest exact prefix of the request's messages after its system messages
         (never all of them: the newest message is always served verbatim), with `replaced` and `system_count` as
         they fall in this request."""
@@ -188,7 +140,7 @@ class CompactionStore:
         return replace(best, replaced=digests.system + best.replaced - best.system_count, system_count=digests.system)
 
     def _maybe_job(self, session: str, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int],
-                   digests: Digests, state: _Session, plan: Plan, input_limit: int | None = None,
+                   digests: Digests, state: SessionState, plan: Plan, input_limit: int | None = None,
                    context_tokens: int | None = None) -> SummaryJob | None:
         cfg = self.config
         system_count, root = digests.system, digests.root
@@ -248,7 +200,7 @@ class CompactionStore:
             self.counters["context_triggers"] += 1
         return SummaryJob(session, digests.body[cut - system_count], cut, system_count, tuple(prompt), older, root)
 
-    def _unused_backoff(self, state: _Session, root: str) -> bool:
+    def _unused_backoff(self, state: SessionState, root: str) -> bool:
         """Hold a new summary back while the conversation's newest summary was never used by a later request (its
         client changes old messages: an edit, a rewritten history), for `retry_after_s`, doubled for each summary in a
         row that went unused (at most 64 times). Found by review: each such turn made a summary call no request used."""
@@ -277,9 +229,17 @@ class CompactionStore:
         cp = Checkpoint(job.digest, job.cut, job.system_count, summary, summary_tokens, job.root)
         self._store(state, cp)
         before = state.unused.get(job.root)  # the one before was never used either: a longer back-off
-        _bounded_put(state.unused, job.root, (cp.digest, self.clock(), before[2] + 1 if before else 1))
+        bounded_put(state.unused, job.root, (cp.digest, self.clock(), before[2] + 1 if before else 1))
         self.counters["summaries"] += 1
         return cp
+
+    def withdraw(self, job: SummaryJob) -> None:
+        """A job handed out that will not be run (a call for its conversation is still under way): no longer pending,
+        no failure clock."""
+        state = self.sessions.get(job.session)
+        if state is not None and state.pending.get(job.root) == job.digest:
+            del state.pending[job.root]
+        self.counters["jobs_withdrawn"] += 1
 
     def failed(self, job: SummaryJob, reason: str = "error") -> None:
         """The job's call failed or timed out: its requests stay uncompacted; retry after `retry_after_s`. A session
@@ -290,7 +250,7 @@ class CompactionStore:
             return
         if state.pending.get(job.root) == job.digest:
             del state.pending[job.root]
-        _bounded_put(state.failed_at, job.root, self.clock())
+        bounded_put(state.failed_at, job.root, self.clock())
 
     def refuse(self, session: str, root: str) -> list[Checkpoint]:
         """vLLM refused a request of conversation `root` that was served rewritten (HTTP 4xx: e.g. a chat template
@@ -301,7 +261,7 @@ class CompactionStore:
             return []
         dropped = [cp for cp in state.checkpoints if cp.root == root]
         state.checkpoints = [cp for cp in state.checkpoints if cp.root != root]
-        _bounded_put(state.refused, root, self.clock())
+        bounded_put(state.refused, root, self.clock())
         self.counters["rewrites_refused"] += 1
         return dropped
 
@@ -344,34 +304,20 @@ class CompactionStore:
         return sum(len(s.pending) for s in self.sessions.values())
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
-    def _session(self, session: str) -> _Session:
+    def _session(self, session: str) -> SessionState:
         state = self.sessions.get(session)
         if state is None:
-            state = self.sessions[session] = _Session()
+            state = self.sessions[session] = SessionState()
+            # Least recently used first, but never a session whose summary call runs (found by review: its state went,
+            # its next request started a second call for the same summary, and the first's result was dropped). With
+            # every other session waiting for a summary, the store stays over its bound until one lands.
             while len(self.sessions) > self.config.max_sessions:
-                self.sessions.popitem(last=False)
+                victim = next((k for k, s in self.sessions.items() if not s.pending and k != session), None)
+                if victim is None:
+                    break
+                del self.sessions[victim]
         self.sessions.move_to_end(session)
         return state
 
-    def _store(self, state: _Session, cp: Checkpoint) -> None:
-        """Keep `checkpoints_per_session` per conversation under the id and that many for each of up to
-        `CONVERSATIONS_PER_SESSION` conversations in all, oldest first. Found by review: one bound for the whole id
-        let a `user:` id's fifth concurrent chat evict the others' summaries (each then summarised again)."""
-        kept = [c for c in state.checkpoints if c.digest != cp.digest] + [cp]
-        same = [c for c in kept if c.root == cp.root]
-        for old in same[: -self.config.checkpoints_per_session]:
-            kept.remove(old)
-        del kept[: -self.config.checkpoints_per_session * CONVERSATIONS_PER_SESSION]
-        state.checkpoints = kept
-
-
-CONTEXT_SHARE = 0.75  # of the model's context: a served prompt this long is compacted whatever the trigger says
-CONVERSATIONS_PER_SESSION = 16  # conversations under one id with their own summaries, jobs and failure clocks
-
-
-def _bounded_put(table: dict[str, Any], key: str, value: Any, limit: int = CONVERSATIONS_PER_SESSION) -> None:
-    """Set `key` (newest last) in a per-session table of conversations, the oldest going past `limit`."""
-    table.pop(key, None)
-    table[key] = value
-    while len(table) > limit:
-        del table[next(iter(table))]
+    def _store(self, state: SessionState, cp: Checkpoint) -> None:
+        state.checkpoints = bounded_checkpoints(state.checkpoints, cp, self.config.checkpoints_per_session)

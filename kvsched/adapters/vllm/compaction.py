@@ -198,8 +198,12 @@ class Compactor:
 
     # ---- summary calls ------------------------------------------------------------------------------------------
     def _start(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(self._summarize(job, scope, payload))
         conversation = (job.session, job.root)
+        running = self.tasks.get(conversation)
+        if running is not None and not running.done():  # e.g. the conversation ended and began again meanwhile:
+            self.store.withdraw(job)  # never two calls for one conversation (found by review)
+            return
+        task = asyncio.get_running_loop().create_task(self._summarize(job, scope, payload))
         self.tasks[conversation] = task
         task.add_done_callback(lambda t: self.tasks.pop(conversation, None) if self.tasks.get(conversation) is t
                                else None)

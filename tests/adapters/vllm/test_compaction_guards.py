@@ -142,3 +142,30 @@ def test_a_trigger_past_the_models_context_is_logged_once_and_compaction_fires_b
     assert comp.stats()["context_triggers"] == 2 and len(app.calls) == 2
     assert sum("sessions are compacted when their prompt reaches 300 tokens" in r.getMessage()
                for r in caplog.records) == 1
+
+
+def test_one_call_per_conversation_even_when_its_state_went_while_the_call_ran():
+    """Found by review (/tmp/rev_compaction/p4_lru_dup.py): a session's state evicted while its summary call ran, or
+    a conversation ended and begun again, started a second call for the same conversation, which overwrote the first
+    in the table of calls (the in-flight gauge went wrong) and made the same summary twice."""
+    app = FakeVllm("slow")
+    comp = compactor(app, max_sessions=2)
+
+    async def scenario():
+        await comp.prepare(SCOPE, request(8, session="A"), {})  # A's call starts and hangs
+        for other in ("B", "C"):
+            await comp.prepare(SCOPE, request(0, session=other), {})
+        await comp.prepare(SCOPE, request(9, session="A"), {})  # A is still known: no second call
+        end = request(8, session="A")
+        end["vllm_xargs"]["session_end"] = 1
+        await comp.prepare(SCOPE, end, {})  # the conversation ends while its call runs ...
+        await comp.prepare(SCOPE, request(8, session="A"), {})  # ... and the same one begins again: not a second
+        for _ in range(5):
+            await asyncio.sleep(0)
+        in_flight = (len(app.calls), comp.stats()["summaries_in_flight"], comp.store.pending())
+        app.release.set()
+        await asyncio.gather(*comp.tasks.values())
+        return in_flight
+
+    assert run(scenario()) == (1, 1, 0)
+    assert comp.store.counters["jobs_withdrawn"] == 1 and comp.stats()["summaries_in_flight"] == 0
