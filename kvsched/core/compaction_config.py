@@ -76,6 +76,13 @@ class CompactionConfig:
     message_overhead_tokens: template tokens counted per message on top of its content (role markers, separators).
     max_sessions / checkpoints_per_session: bounds on the summary store (least recently used sessions go first;
         checkpoints per conversation under an id, for up to 16 conversations: a `user:` id holds all of a user's chats).
+    image_tokens / audio_tokens / video_tokens: the tokens counted for one image, audio or video part of a message
+        (`image_url`, `input_image`, `image_embeds`, `image_pil`; `input_audio`, `audio_url`, `audio_embeds`;
+        `video_url`, `video_embeds`), since the API server cannot see what the model's processor makes of it. The
+        defaults are middling: an image is 256 tokens on Gemma 3, 576 on LLaVA-1.5 and about 1,300 for a 1024x1024
+        picture on Qwen2-VL; 30 s of audio 750 on Qwen2-Audio; a video several thousand. Any other part that is not
+        text (e.g. `file`) counts as an image. Found by review: every such part counted 0, so a session of pictures
+        never triggered and its summary calls went past the context.
     client_strategies: the strategies a request may select with `X-KVSched-Compaction` / `vllm_xargs.compaction`
         (`KVSCHED_COMPACTION_CLIENT_STRATEGIES=summarize,cap`). Empty (the default): only the server's own strategy.
         `off` is always allowed (a client may always opt out); anything else is refused with HTTP 403, because a
@@ -97,6 +104,9 @@ class CompactionConfig:
     message_overhead_tokens: int = 4
     max_sessions: int = 10_000
     checkpoints_per_session: int = 4
+    image_tokens: int = 1024
+    audio_tokens: int = 750
+    video_tokens: int = 4096
     client_strategies: tuple[Strategy, ...] = ()
 
     def __post_init__(self) -> None:
@@ -112,8 +122,9 @@ class CompactionConfig:
                 f"summary would be as large as the turns it replaces")
         if self.keep_recent_messages < 1:
             raise InvalidCompactionInput("keep_recent_messages must be >= 1 (the newest message is always kept)")
-        if self.message_overhead_tokens < 0:
-            raise InvalidCompactionInput("message_overhead_tokens must be >= 0")
+        for name in ("message_overhead_tokens", "image_tokens", "audio_tokens", "video_tokens"):
+            if getattr(self, name) < 0:
+                raise InvalidCompactionInput(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.summary_timeout_s) and self.summary_timeout_s > 0):
             raise InvalidCompactionInput(f"summary_timeout_s must be a finite number > 0, got {self.summary_timeout_s}")
         if not (math.isfinite(self.retry_after_s) and self.retry_after_s >= 0):

@@ -29,7 +29,7 @@ from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.compaction_metrics import FAILURE_REASONS, Collector
 from kvsched.adapters.vllm.compaction_outcome import UNCHANGED, Outcome
 from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
-from kvsched.adapters.vllm.compaction_tokens import TokenCounter, Tokenizer
+from kvsched.adapters.vllm.compaction_tokens import MediaCosts, TokenCounter, Tokenizer
 from kvsched.adapters.vllm.http_io import error_body, route_path
 from kvsched.core.compaction import (
     CONTEXT_SHARE,
@@ -71,7 +71,8 @@ class Compactor:
         self._no_room_logged = False
         self._refusal_logged = False
         self._trigger_logged = False
-        self.tokens = TokenCounter(tokenizer)  # message tokens with the served tokenizer, never stalling the loop
+        media = MediaCosts(self.config.image_tokens, self.config.audio_tokens, self.config.video_tokens)
+        self.tokens = TokenCounter(tokenizer, media)  # message tokens with the served tokenizer, never stalling the loop
         self.shared = SharedCheckpoints.from_env()  # checkpoints in the shared store (KVSCHED_STORE_URL), if any
 
     # ---- the request path ---------------------------------------------------------------------------------------
