@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeGuard
 
 from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.compaction_calls import CHAT_PATH, summary_call
 from kvsched.adapters.vllm.compaction_metrics import FAILURE_REASONS, Collector
 from kvsched.adapters.vllm.compaction_outcome import UNCHANGED, Outcome
 from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
@@ -44,16 +45,11 @@ from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionIn
 
 logger = logging.getLogger(__name__)
 
-CHAT_PATH = "/v1/chat/completions"
 STRATEGY_HEADER = "x-kvsched-compaction"
 XARG_STRATEGY = "compaction"
 DIGEST_CHARS = 32  # of a conversation digest sent to the engine (128 bits)
 COMPACTED_LOOKBACK = 1024  # a rewrite names this many of its messages' latest prefixes (the left branch's last turn:
 # an agent turn may add dozens of tool results at once)
-
-class SummaryCallFailed(RuntimeError):
-    """The summarization request was answered with an error."""
-
 
 
 
@@ -71,6 +67,7 @@ class Compactor:
         self._no_room_logged = False
         self._refusal_logged = False
         self._trigger_logged = False
+        self._truncated_logged = False
         media = MediaCosts(self.config.image_tokens, self.config.audio_tokens, self.config.video_tokens)
         self.tokens = TokenCounter(tokenizer, media)  # message tokens with the served tokenizer, never stalling the loop
         self.shared = SharedCheckpoints.from_env()  # checkpoints in the shared store (KVSCHED_STORE_URL), if any
@@ -218,7 +215,9 @@ class Compactor:
         self.counters["summary_calls"] += 1
         t0 = time.perf_counter()
         try:
-            text = await asyncio.wait_for(self._call(job, scope, payload), self.config.summary_timeout_s)
+            reply = await asyncio.wait_for(
+                summary_call(self.app, scope, job, payload, self.config, [(STRATEGY_HEADER.encode(), b"off")]),
+                self.config.summary_timeout_s)
         except TimeoutError:
             self.store.failed(job, "timeout")
             logger.warning("kvsched compaction: summary call timed out after %.1fs; serving uncompacted",
@@ -230,10 +229,18 @@ class Compactor:
             return
         finally:
             self.summary_seconds += time.perf_counter() - t0
-        if not text.strip():
+        summary = reply.text.strip()
+        if not summary:
             self.store.failed(job, "empty")
             return
-        summary = text.strip()
+        if reply.truncated:  # stopped at max_tokens: kept (a retry would stop there again), counted, said once
+            self.counters["summaries_truncated"] += 1
+            if not self._truncated_logged:
+                self._truncated_logged = True
+                logger.warning("kvsched compaction: a summary reached KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS=%d "
+                               "before its end and was kept cut short (counted in "
+                               "kvsched_compaction_summaries_truncated_total; not logged again)",
+                               self.config.summary_target_tokens)
         try:
             served = {"role": "user", "content": self.store.summary_text(summary)}
             tokens = (await self.tokens.counts([served], scope))[0]
@@ -242,21 +249,6 @@ class Compactor:
         stored = self.store.commit(job, summary, tokens)  # None: the conversation ended meanwhile, nothing to save
         if stored is not None and self.shared is not None:
             self.shared.save(self.store, job.session)
-
-    async def _call(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
-        body: dict[str, Any] = {
-            "model": payload.get("model"), "messages": list(job.prompt), "stream": False, "temperature": 0.0,
-            "max_tokens": self.config.summary_target_tokens, "priority": self.config.summary_priority,
-            "vllm_xargs": {compat.XARG_INFER: 0},  # not a session turn: never pinned, never an inferred session
-        }
-        if payload.get("cache_salt") is not None:
-            body["cache_salt"] = payload["cache_salt"]
-        status, data = await call_asgi(self.app, scope, CHAT_PATH, json.dumps(body).encode(),
-                                       _auth_headers(scope) + [(STRATEGY_HEADER.encode(), b"off")])
-        if status != 200:
-            raise SummaryCallFailed(f"HTTP {status}: {data[:300].decode(errors='replace')}")
-        reply = json.loads(data)
-        return str(reply["choices"][0]["message"].get("content") or "")
 
     # ---- the model's context ------------------------------------------------------------------------------------
     def _plan(self, key: str, messages: Sequence[Message], counts: list[int], strategy: Strategy,
@@ -301,6 +293,7 @@ class Compactor:
             "rewrites_refused": float(s["rewrites_refused"]),
             "summaries_held_back": float(s["summaries_held_back"]),
             "context_triggers": float(s["context_triggers"]),
+            "summaries_truncated": float(c["summaries_truncated"]),
             "refused_requests": float(s["refused"]),
             "opt_outs": float(c["opt_outs"]),
             "oversized_requests": float(c["oversized_requests"]),
@@ -334,35 +327,6 @@ def _config_from_env() -> CompactionConfig:
     except InvalidCompactionInput as exc:
         logger.error("kvsched compaction disabled: %s", exc)
         return CompactionConfig(strategy=Strategy.OFF)
-
-
-def _auth_headers(scope: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
-    """The server's own API key, for the in-process call (vLLM's auth middleware sits below kvsched's)."""
-    keys = compat.api_keys(scope["app"]) if "app" in scope else []
-    return [(b"authorization", f"Bearer {keys[0]}".encode())] if keys else []
-
-
-async def call_asgi(app: Any, template: Mapping[str, Any], path: str, body: bytes,
-                    headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
-    """POST `body` (JSON) to `path` of an ASGI app in-process, through httpx's ASGI transport; returns (status,
-    response body). The call carries the calling request's lifespan state (`scope["state"]`), root path and
-    application object (`scope["app"]`, which vLLM's handlers read and the stack below the middleware does not set)."""
-    import httpx
-
-    state, outer = template.get("state"), template.get("app")
-
-    async def with_state(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if state is not None:
-            scope["state"] = dict(state)
-        if outer is not None:  # `app` is the stack below kvsched's middleware: vLLM's handlers read the FastAPI app
-            scope["app"] = outer
-        await app(scope, receive, send)
-
-    transport = httpx.ASGITransport(app=with_state, root_path=template.get("root_path", ""))
-    async with httpx.AsyncClient(transport=transport, base_url="http://kvsched.local", timeout=None) as client:
-        reply = await client.post(path, content=body, headers=[
-            ("content-type", "application/json"), *((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)])
-    return reply.status_code, reply.content
 
 
 def _is_message_list(messages: object) -> TypeGuard[list[dict[str, Any]]]:

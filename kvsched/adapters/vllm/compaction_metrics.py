@@ -27,6 +27,8 @@ COUNTERS = {
                            "doubled for each unused summary in a row)",
     "context_triggers": "Compactions made because a session's prompt reached 3/4 of the model's context before "
                         "its older turns reached KVSCHED_COMPACTION_TRIGGER_TOKENS",
+    "summaries_truncated": "Summaries that reached KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS before their end "
+                           "(finish_reason length): kept, cut short",
     "rewrites_refused": "Compacted requests vLLM refused (HTTP 400/422 not about length or a parameter, e.g. a chat "
                         "template that rejects the rewrite): their conversation is served as sent from then on",
     "refused_requests": "Requests refused past the context cap (HTTP 400)",

@@ -212,7 +212,7 @@ def test_the_in_process_call_reaches_the_app_with_body_headers_and_state():
 
     from fastapi import FastAPI, Request
 
-    from kvsched.adapters.vllm.compaction import call_asgi
+    from kvsched.adapters.vllm.compaction_calls import call_asgi
 
     app = FastAPI()
 
@@ -232,7 +232,7 @@ def test_the_in_process_call_reaches_the_app_with_body_headers_and_state():
 def test_the_in_process_call_carries_the_outer_app_to_a_stack_that_does_not_set_it():
     import asyncio
 
-    from kvsched.adapters.vllm.compaction import call_asgi
+    from kvsched.adapters.vllm.compaction_calls import call_asgi
 
     seen = {}
     outer = object()
