@@ -228,6 +228,7 @@ class CompactionStore:
         state.failed_at.pop(job.root, None)
         cp = Checkpoint(job.digest, job.cut, job.system_count, summary, summary_tokens, job.root)
         self._store(state, cp)
+        state.adopted.discard(cp.digest)
         before = state.unused.get(job.root)  # the one before was never used either: a longer back-off
         bounded_put(state.unused, job.root, (cp.digest, self.clock(), before[2] + 1 if before else 1))
         self.counters["summaries"] += 1
@@ -275,6 +276,8 @@ class CompactionStore:
         state = self._session(session)
         for cp in checkpoints:
             self._store(state, cp)
+            state.adopted.add(cp.digest)
+        state.adopted &= {cp.digest for cp in state.checkpoints}
 
     def forget(self, session: str, messages: Sequence[Message] | None = None) -> bool:
         """The conversation `messages` of the session ended: drop the checkpoints of that conversation (those whose
@@ -296,9 +299,13 @@ class CompactionStore:
         return True
 
     # ---- views ------------------------------------------------------------------------------------------------
-    def checkpoints(self, session: str) -> list[Checkpoint]:
+    def checkpoints(self, session: str, own: bool = False) -> list[Checkpoint]:
+        """The session's checkpoints, oldest first; `own`: only those made here (not `adopt`ed), which this replica
+        writes to the shared store (another's, if it ended or dropped them there, are not written back)."""
         state = self.sessions.get(session)
-        return list(state.checkpoints) if state else []
+        if state is None:
+            return []
+        return [cp for cp in state.checkpoints if not (own and cp.digest in state.adopted)]
 
     def pending(self) -> int:
         return sum(len(s.pending) for s in self.sessions.values())

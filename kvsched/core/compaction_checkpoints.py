@@ -68,6 +68,7 @@ class SessionState:
     refused: dict[str, float] = field(default_factory=dict)  # conversations served as sent for good (`refuse`)
     # the newest summary of a conversation until a request uses it: (its digest, committed at, how many in a row)
     unused: dict[str, tuple[str, float, int]] = field(default_factory=dict)
+    adopted: set[str] = field(default_factory=set)  # digests of checkpoints taken from the shared store, not made here
     last_tokens: int = 0
     peak_served_tokens: int = 0
 

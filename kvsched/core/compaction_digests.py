@@ -61,6 +61,11 @@ def digests_of(messages: Sequence[Message]) -> Digests:
     return Digests(_chain(FULL_SEED, each), _chain(BODY_SEED, each[system:]), system)
 
 
+def conversation_prefixes(messages: Sequence[Message]) -> frozenset[str]:
+    """Every body-chain digest of `messages`: the checkpoints a request of exactly these messages could match."""
+    return frozenset(digests_of(messages).body)
+
+
 def conversation_root(messages: Sequence[Message]) -> str:
     """`Digests.root` of `messages` (its first message after the system ones; system messages do not count)."""
     system = leading_system_messages(messages)

@@ -42,6 +42,7 @@ from kvsched.core.compaction import (
     prefix_digests,
 )
 from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy, parse_strategy
+from kvsched.core.compaction_digests import conversation_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -129,11 +130,9 @@ class Compactor:
                 if plan.job is not None:  # its checkpoint went meanwhile: a job handed out is always started
                     self._start(plan.job, scope, payload)
         if xargs.get(compat.XARG_END):  # this conversation's summaries go; the id's other conversations keep theirs
-            if self.store.forget(key, messages):
-                if self.shared is not None:
-                    self.shared.forget(key)
-            elif self.shared is not None:
-                self.shared.save(self.store, key)
+            self.store.forget(key, messages)
+            if self.shared is not None:  # here and in the store (other replicas' other conversations stay)
+                self.shared.save(self.store, key, drop_digests=conversation_prefixes(messages))
         return self._apply(plan, payload, key)
 
     def _apply(self, plan: Plan, payload: dict[str, Any], key: str) -> Outcome:
@@ -165,7 +164,7 @@ class Compactor:
         sent from now on, here and, through the shared store, on other replicas."""
         dropped = self.store.refuse(key, root)
         if dropped and self.shared is not None:
-            self.shared.save(self.store, key)
+            self.shared.save(self.store, key, drop_roots=frozenset([root]))
         if not self._refusal_logged:
             self._refusal_logged = True
             logger.warning("kvsched compaction: vLLM refused a compacted request (HTTP %d); that conversation is served "
