@@ -217,8 +217,9 @@ class CompactionStore:
     def commit(self, job: SummaryJob, summary: str, summary_tokens: int) -> Checkpoint | None:
         """Store the summary a job produced: from now on, requests beginning with the job's exact messages use it.
         None (nothing stored) if the job is no longer pending: its conversation ended (`forget`), its session's state
-        went, or vLLM refused its conversation's rewrites (`refuse`) while the call ran. Found by review: an ended session was re-created and its summary stored, and a
-        later request under the id was served with the ended conversation's summary."""
+        went, or vLLM refused its conversation's rewrites (`refuse`) while the call ran. Found by review: an ended
+        session was re-created and its summary stored, and a later request under the id was served with the ended
+        conversation's summary."""
         state = self.sessions.get(job.session)
         if state is None or state.pending.get(job.root) != job.digest or job.root in state.refused:
             self.counters["summaries_dropped"] += 1

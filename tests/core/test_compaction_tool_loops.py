@@ -33,7 +33,8 @@ def test_turn_groups_start_at_user_messages_and_at_assistants_whose_calls_are_an
             {"role": "user", "content": "more"}, *call(1)]
     # an assistant answering the user message before it belongs to that user's group (a chat is cut at users)
     assert turn_starts(msgs) == [False, True, False, False, False, True, True, False, False]
-    unanswered = [{"role": "user", "content": "go"}, *call(0, 2), *call(1, 2)[:2], {"role": "assistant", "content": "?"}]
+    unanswered = [{"role": "user", "content": "go"}, *call(0, 2), *call(1, 2)[:2],
+                  {"role": "assistant", "content": "?"}]
     assert turn_starts(unanswered) == [True, False, False, False, True, False, False]  # one of two calls answered
 
 

@@ -70,7 +70,7 @@ class Compactor:
         self._trigger_logged = False
         self._truncated_logged = False
         media = MediaCosts(self.config.image_tokens, self.config.audio_tokens, self.config.video_tokens)
-        self.tokens = TokenCounter(tokenizer, media)  # message tokens with the served tokenizer, never stalling the loop
+        self.tokens = TokenCounter(tokenizer, media)  # tokens with the served tokenizer, never stalling the loop
         self.shared = SharedCheckpoints.from_env()  # checkpoints in the shared store (KVSCHED_STORE_URL), if any
 
     # ---- the request path ---------------------------------------------------------------------------------------
@@ -167,9 +167,9 @@ class Compactor:
             self.shared.save(self.store, key, drop_roots=frozenset([root]))
         if not self._refusal_logged:
             self._refusal_logged = True
-            logger.warning("kvsched compaction: vLLM refused a compacted request (HTTP %d); that conversation is served "
-                           "uncompacted from now on (counted in kvsched_compaction_rewrites_refused_total; further "
-                           "ones are not logged). If the served chat template rejects the rewrite, try "
+            logger.warning("kvsched compaction: vLLM refused a compacted request (HTTP %d); that conversation is "
+                           "served uncompacted from now on (counted in kvsched_compaction_rewrites_refused_total; "
+                           "further ones are not logged). If the served chat template rejects the rewrite, try "
                            "KVSCHED_COMPACTION_SUMMARY_ROLE=user or turn compaction off", status)
 
     def _oversized(self, strategy: Strategy) -> Outcome:

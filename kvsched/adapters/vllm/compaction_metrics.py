@@ -22,9 +22,9 @@ COUNTERS = {
     "summary_inputs_cut": "Summary calls that left a session's oldest turns out to fit the model's context",
     "summaries_no_room": "Summaries not made: the system prompt, the instruction and the summary's target size "
                          "left no room for a turn in the model's context",
-    "summaries_held_back": "Summary calls not made: the conversation's newest summary was never used by a later request "
-                           "(its client changes old messages), so it backs off (KVSCHED_COMPACTION_RETRY_AFTER_S, "
-                           "doubled for each unused summary in a row)",
+    "summaries_held_back": "Summary calls not made: the conversation's newest summary was never used by a later "
+                           "request (its client changes old messages), so it backs off "
+                           "(KVSCHED_COMPACTION_RETRY_AFTER_S, doubled for each unused summary in a row)",
     "context_triggers": "Compactions made because a session's prompt reached 3/4 of the model's context before "
                         "its older turns reached KVSCHED_COMPACTION_TRIGGER_TOKENS",
     "summaries_truncated": "Summaries that reached KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS before their end "

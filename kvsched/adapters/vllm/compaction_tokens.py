@@ -23,7 +23,7 @@ from kvsched.adapters.vllm import compat
 from kvsched.core.compaction import Message, message_digest
 
 Tokenizer = Callable[[str], int]
-TEXT_KEYS = ("text", "thinking", "refusal")  # the text of a content part, by vLLM's part types (renderers/chat_utils.py)
+TEXT_KEYS = ("text", "thinking", "refusal")  # a content part's text, by vLLM's part types (renderers/chat_utils.py)
 IMAGE_PARTS = ("image_url", "input_image", "image_embeds", "image_pil")
 AUDIO_PARTS = ("input_audio", "audio_url", "audio_embeds")
 VIDEO_PARTS = ("video_url", "video_embeds")
