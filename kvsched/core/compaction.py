@@ -1,115 +1,51 @@
 """Context compaction as pure policy: per-session checkpoints of a conversation's older messages.
 
 OpenAI chat is stateless: a client sends its whole history with every request. kvsched keeps, per session, a few
-*checkpoints*: "the first `replaced` messages, whose exact content hashes to `digest`, stand for `summary`" (or, for
-the sliding window, for nothing). A request whose messages begin with exactly those messages is served on
-`system prompt + summary + the remaining messages`; any other request is served as sent. When the older part of what
-would be served (everything but the system prompt and the newest turns) passes the trigger, the plan carries a
-`SummaryJob`; the adapter makes the one summarization call and reports the text back with `commit` (or `failed`).
-A job is only handed out once per session at a time, so concurrent requests never double-summarise.
+*checkpoints*: "the messages after the system prompt up to `replaced`, whose exact content hashes to `digest`, stand
+for `summary`" (or, for the sliding window, for nothing). A request whose messages after its own system prompt begin
+with exactly those messages is served on `system prompt + summary + the remaining messages` (in a shape every chat
+template accepts: `compaction_layout`); any other request is served as sent. When the client's turns since the last
+cut (everything but the system prompt, the summary and the newest turns) pass the trigger, or the served prompt nears
+the model's context, the plan carries a `SummaryJob`; the adapter makes the one summarization call and reports the
+text back with `commit` (or `failed`). A job is only handed out once per conversation at a time, so concurrent
+requests never double-summarise. Records and bounds: `compaction_checkpoints`; prefix digests: `compaction_digests`.
 
 No vLLM, no I/O: token counts per message are computed by the adapter (with the served tokenizer) and passed in.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
+from kvsched.core.compaction_checkpoints import (
+    CONVERSATIONS_PER_SESSION,
+    Checkpoint,
+    Plan,
+    SessionState,
+    SummaryJob,
+    bounded_checkpoints,
+    bounded_put,
+)
 from kvsched.core.compaction_config import CompactionConfig, Strategy
+from kvsched.core.compaction_digests import Digests, conversation_root, digests_of, message_digest, prefix_digests
+from kvsched.core.compaction_layout import (
+    SYSTEM_ROLES,
+    Message,
+    filler_tokens,
+    leading_system_messages,
+    place_summary,
+    turn_starts,
+    with_instruction,
+)
 
-Message = Mapping[str, Any]
 Clock = Callable[[], float]
-SYSTEM_ROLES = ("system", "developer")
-
-
-def message_digest(message: Message) -> bytes:
-    """SHA-256 of a message's canonical JSON: any change in role, content, name or tool calls changes it."""
-    text = json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()  # a lone surrogate ("\ud800") too
-
-
-def prefix_digests(messages: Sequence[Message]) -> list[str]:
-    """`out[k]` identifies exactly `messages[:k]` (a hash chain, so equal digests mean equal prefixes)."""
-    h = hashlib.sha256(b"kvsched-compaction-v1").digest()
-    out = [h.hex()]
-    for m in messages:
-        h = hashlib.sha256(h + message_digest(m)).digest()
-        out.append(h.hex())
-    return out
-
-
-def conversation_root(messages: Sequence[Message]) -> str:
-    """Identifies a conversation among those under one session id: its system messages and its first other message
-    (`prefix_digests` of those; equal to the full chain's digest at that position)."""
-    return prefix_digests(messages[: leading_system_messages(messages) + 1])[-1]
-
-
-def leading_system_messages(messages: Sequence[Message]) -> int:
-    n = 0
-    while n < len(messages) and messages[n].get("role") in SYSTEM_ROLES:
-        n += 1
-    return n
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """The client's messages `[0, replaced)` (exactly those hashing to `digest`) stand for `summary` after the
-    `system_count` leading system messages; `summary is None` means they were dropped (sliding window)."""
-
-    digest: str
-    replaced: int
-    system_count: int
-    summary: str | None
-    summary_tokens: int = 0
-    root: str = ""  # the conversation under the session id (`conversation_root`) it belongs to; "" if unknown
-
-
-@dataclass(frozen=True, slots=True)
-class SummaryJob:
-    """One summarization call to make: `prompt` is the conversation as served up to the cut, plus the instruction
-    (so its prefix is the session's own cached prefix); the result replaces the client's messages `[0, cut)`."""
-
-    session: str
-    digest: str
-    cut: int
-    system_count: int
-    prompt: tuple[Message, ...]
-    older_tokens: int
-    root: str = ""  # the conversation under the session id (`conversation_root`): pending and failures are its own
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """How to serve one request: `messages` (the rewrite, or the request's own), how many of the client's messages
-    were replaced, the estimated prompt tokens before and after, an optional job and an optional refusal."""
-
-    strategy: Strategy
-    messages: tuple[Message, ...]
-    replaced: int
-    tokens: int
-    original_tokens: int
-    job: SummaryJob | None = None
-    refusal: str | None = None
-    kept_system: int = 0  # leading system messages served as sent (counted in `replaced`, replaced by nothing)
-    digests: tuple[str, ...] = ()  # `prefix_digests` of the client's messages (summarize and sliding window only)
-
-
-@dataclass(slots=True)
-class _Session:
-    checkpoints: list[Checkpoint] = field(default_factory=list)  # newest last
-    # Per conversation under the id (`conversation_root`; a `user:` id holds all of a user's chats): the job handed out
-    # and not yet reported (its digest), and when its last call failed. Found by review: one chat's failed summary
-    # held every other chat under the id back for `retry_after_s`.
-    pending: dict[str, str] = field(default_factory=dict)
-    failed_at: dict[str, float] = field(default_factory=dict)
-    last_tokens: int = 0
-    peak_served_tokens: int = 0
+CONTEXT_SHARE = 0.75  # of the model's context: a served prompt this long is compacted whatever the trigger says
+__all__ = [  # the store, and what the adapter, the shared store and tests import from here
+    "CONTEXT_SHARE", "SYSTEM_ROLES", "Checkpoint", "CompactionStore", "Message", "Plan", "SummaryJob",
+    "conversation_root", "leading_system_messages", "message_digest", "prefix_digests"]
 
 
 class CompactionStore:
@@ -118,14 +54,16 @@ class CompactionStore:
     def __init__(self, config: CompactionConfig, clock: Clock = time.monotonic) -> None:
         self.config = config
         self.clock = clock
-        self.sessions: OrderedDict[str, _Session] = OrderedDict()
+        self.sessions: OrderedDict[str, SessionState] = OrderedDict()
         self.counters: Counter[str] = Counter()
 
     # ---- planning ---------------------------------------------------------------------------------------------
     def plan(self, session: str, messages: Sequence[Message], token_counts: Sequence[int],
-             strategy: Strategy | None = None, input_limit: int | None = None) -> Plan:
+             strategy: Strategy | None = None, input_limit: int | None = None,
+             context_tokens: int | None = None) -> Plan:
         """Decide how to serve `messages` (one chat request of `session`); `token_counts[i]` is message i's tokens.
-        `input_limit`: the most prompt tokens a summary call may send (the model's context less its output)."""
+        `input_limit`: the most prompt tokens a summary call may send (the model's context less its output);
+        `context_tokens`: the served model's context (compaction also fires at `CONTEXT_SHARE` of it)."""
         if len(token_counts) != len(messages):
             raise ValueError(f"{len(token_counts)} token counts for {len(messages)} messages")
         strategy = self.config.strategy if strategy is None else strategy
@@ -143,9 +81,13 @@ class CompactionStore:
                     f"start a new session, or choose X-KVSched-Compaction: summarize or sliding_window"))
             return unchanged
         state = self._session(session)
-        digests = prefix_digests(msgs)
+        digests = digests_of(msgs)
+        root = digests.root
+        if root in state.refused:  # vLLM refused a rewrite of this conversation: served as sent
+            return replace(unchanged, digests=tuple(digests.full), root=root)
         plan = self._rewrite(strategy, msgs, token_counts, digests, state, total)
-        job = self._maybe_job(session, strategy, msgs, token_counts, digests, state, plan, input_limit)
+        job = self._maybe_job(session, strategy, msgs, token_counts, digests, state, plan, input_limit,
+                              context_tokens)
         if job is not None and strategy is Strategy.SLIDING_WINDOW:  # nothing to call: drop the older turns now
             self._store(state, Checkpoint(job.digest, job.cut, job.system_count, None, root=job.root))
             self.counters["windows"] += 1
@@ -156,89 +98,130 @@ class CompactionStore:
             plan = replace(plan, original_tokens=total, job=job)
         state.last_tokens = total
         state.peak_served_tokens = max(state.peak_served_tokens, plan.tokens)
-        return replace(plan, digests=tuple(digests))
+        return replace(plan, digests=tuple(digests.full), root=root)
 
-    def _rewrite(self, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int], digests: list[str],
-                 state: _Session, total: int) -> Plan:
-        cp = self._matching(strategy, msgs, digests, state)
+    def _rewrite(self, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int], digests: Digests,
+                 state: SessionState, total: int) -> Plan:
+        cp = self._matching(strategy, digests, state)
         if cp is None:
             return Plan(strategy, msgs, 0, total, total)
-        overhead = self.config.message_overhead_tokens
-        head = list(msgs[: cp.system_count])
-        tokens = sum(counts[: cp.system_count]) + overhead * cp.system_count
-        if cp.summary is not None:
-            head.append(self.summary_message(cp.summary))
-            tokens += cp.summary_tokens + overhead
+        unused = state.unused.get(cp.root)
+        if unused is not None and unused[0] == cp.digest:  # the newest summary is used: no back-off
+            del state.unused[cp.root]
         rest = msgs[cp.replaced:]
-        tokens += sum(counts[cp.replaced:]) + overhead * len(rest)
+        head, tokens = self._head(msgs, counts, cp.system_count, cp, rest[0] if rest else None)
+        tokens += sum(counts[cp.replaced:]) + self.config.message_overhead_tokens * len(rest)
         return Plan(strategy, (*head, *rest), cp.replaced, tokens, total, kept_system=cp.system_count)
 
-    def _matching(self, strategy: Strategy, msgs: tuple[Message, ...], digests: list[str],
-                  state: _Session) -> Checkpoint | None:
-        """The checkpoint covering the longest exact prefix of `msgs` (never the whole request: the newest message
-        is always served verbatim)."""
+    def _head(self, msgs: tuple[Message, ...], counts: Sequence[int], system_count: int, cp: Checkpoint | None,
+              first_kept: Message | None, dropped: bool = True) -> tuple[list[Message], int]:
+        """What goes before the kept part (`compaction_layout.place_summary`) and its estimated tokens."""
+        o = self.config.message_overhead_tokens
+        summary = cp.summary if cp is not None else None
+        text = None if summary is None else self.summary_text(summary)
+        head, added, filler = place_summary(msgs[:system_count], text, first_kept, self.config.summary_role, dropped)
+        tokens = sum(counts[:system_count]) + o * (system_count + added) + filler_tokens(filler)
+        return head, tokens + (cp.summary_tokens if cp is not None and summary is not None else 0)
+
+    def _matching(self, strategy: Strategy, digests: Digests, state: SessionState) -> Checkpoint | None:
+        """The checkpoint covering the longest exact prefix of the request's messages after its system messages
+        (never all of them: the newest message is always served verbatim), with `replaced` and `system_count` as
+        they fall in this request."""
         want_summary = strategy is Strategy.SUMMARIZE
         best: Checkpoint | None = None
         for cp in state.checkpoints:
-            if (cp.summary is not None) != want_summary or cp.replaced >= len(msgs):
+            n = cp.replaced - cp.system_count  # client messages it stands for
+            if (cp.summary is not None) != want_summary or n >= len(digests.body) - 1:
                 continue
-            if digests[cp.replaced] == cp.digest and (best is None or cp.replaced > best.replaced):
+            if digests.body[n] == cp.digest and (best is None or n > best.replaced - best.system_count):
                 best = cp
-        return best
+        if best is None:
+            return None
+        return replace(best, replaced=digests.system + best.replaced - best.system_count, system_count=digests.system)
 
     def _maybe_job(self, session: str, strategy: Strategy, msgs: tuple[Message, ...], counts: Sequence[int],
-                   digests: list[str], state: _Session, plan: Plan, input_limit: int | None = None,
-                   ) -> SummaryJob | None:
+                   digests: Digests, state: SessionState, plan: Plan, input_limit: int | None = None,
+                   context_tokens: int | None = None) -> SummaryJob | None:
         cfg = self.config
-        system_count = leading_system_messages(msgs)
-        root = digests[min(system_count + 1, len(msgs))]
+        system_count, root = digests.system, digests.root
         if root in state.pending or len(state.pending) >= CONVERSATIONS_PER_SESSION:
             return None  # one call in flight per conversation; a full table hands out none (never a duplicate)
         failed = state.failed_at.get(root)
         if failed is not None and self.clock() - failed < cfg.retry_after_s:
             return None
-        cp = self._matching(strategy, msgs, digests, state)
+        cp = self._matching(strategy, digests, state)
         start = cp.replaced if cp is not None else system_count
+        # The kept part starts where a turn group does: a user message, or an assistant message whose predecessor's
+        # tool calls all have their results. Found by review: only a user message was a cut, so an agent's tool loop
+        # (one user task, then hundreds of assistant tool calls and tool results) was never compacted.
+        starts = turn_starts(msgs)
         cut = len(msgs) - cfg.keep_recent_messages
-        while cut > start and msgs[cut].get("role") != "user":  # the kept part starts at a user turn
+        while cut > start and not starts[cut]:
             cut -= 1
         if cut <= start:
             return None
-        older = sum(counts[start:cut]) + cfg.message_overhead_tokens * (cut - start)
+        # The trigger counts the client's turns since the last cut, never the summary standing for those before it
+        # (found by review: a trigger at or below the summary's size re-summarised the summary every turn).
+        turns = sum(counts[start:cut]) + cfg.message_overhead_tokens * (cut - start)
+        # ... or the served prompt nears the model's context, if that leaves more than a summary's worth of turns to
+        # replace (found by review: the default trigger of 5,000 on a 4,096-token model never fired in time)
+        near_context = (context_tokens is not None and plan.tokens >= CONTEXT_SHARE * context_tokens
+                        and turns > cfg.summary_target_tokens)
+        if turns < cfg.trigger_tokens and not near_context:
+            return None
+        older = turns  # what the call summarises: those turns and the summary before them
         if cp is not None and cp.summary is not None:
             older += cp.summary_tokens + cfg.message_overhead_tokens
-        if older < cfg.trigger_tokens:
+        if strategy is Strategy.SUMMARIZE and self._unused_backoff(state, root):
             return None
-        served_through_cut = plan.messages[: len(plan.messages) - (len(msgs) - cut)]
-        head = served_through_cut[: len(served_through_cut) - (cut - start)]  # system (+ the earlier summary)
+        base = start
         # A summary call must fit the model's context: the oldest turns are left out of it (found by review: with no
         # checkpoint, e.g. after a restart, a history past the context made every summary call fail, for good). A
         # window makes no call.
         if input_limit is not None and strategy is Strategy.SUMMARIZE:
             o = cfg.message_overhead_tokens
-            size = sum(counts[:system_count]) + o * (len(head) + 1) + older + len(cfg.instruction()) // 2
+            _, head_tokens = self._head(msgs, counts, system_count, cp, msgs[start])
+            size = head_tokens + o + sum(counts[start:cut]) + o * (cut - start) + len(cfg.instruction()) // 2
             while size > input_limit and start < cut:
                 size -= counts[start] + o
                 start += 1
-                while start < cut and msgs[start].get("role") != "user":
+                while start < cut and not starts[start]:
                     size -= counts[start] + o
                     start += 1
             if start >= cut:  # counted: a summary target near the context leaves room for none (found by review)
                 self.counters["summaries_no_room"] += 1
                 return None
-            if start > (cp.replaced if cp is not None else system_count):
+            if start > base:
                 self.counters["summary_inputs_cut"] += 1
-        prompt = (*head, *msgs[start:cut], {"role": "user", "content": cfg.instruction()})
-        return SummaryJob(session, digests[cut], cut, system_count, prompt, older, root)
+        # the conversation as served up to the cut (so its prefix is the session's cached one), then the instruction
+        head, _ = self._head(msgs, counts, system_count, cp, msgs[start], dropped=start > base)
+        prompt = with_instruction([*head, *msgs[start:cut]], cfg.instruction())
+        if turns < cfg.trigger_tokens:
+            self.counters["context_triggers"] += 1
+        return SummaryJob(session, digests.body[cut - system_count], cut, system_count, tuple(prompt), older, root)
+
+    def _unused_backoff(self, state: SessionState, root: str) -> bool:
+        """Hold a new summary back while the conversation's newest summary was never used by a later request (its
+        client changes old messages: an edit, a rewritten history), for `retry_after_s`, doubled for each summary in a
+        row that went unused (at most 64 times). Found by review: each such turn made a summary call no request used."""
+        unused = state.unused.get(root)
+        if unused is None:
+            return False
+        _, committed_at, strikes = unused
+        if self.clock() - committed_at < self.config.retry_after_s * 2 ** min(strikes - 1, 6):
+            self.counters["summaries_held_back"] += 1
+            return True
+        return False
 
     # ---- outcomes of summary calls -----------------------------------------------------------------------------
     def commit(self, job: SummaryJob, summary: str, summary_tokens: int) -> Checkpoint | None:
         """Store the summary a job produced: from now on, requests beginning with the job's exact messages use it.
-        None (nothing stored) if the job is no longer pending: its conversation ended (`forget`) or its session's state
-        was evicted while the call ran. Found by review: an ended session was re-created and its summary stored, and a
-        later request under the id was served with the ended conversation's summary."""
+        None (nothing stored) if the job is no longer pending: its conversation ended (`forget`), its session's state
+        went, or vLLM refused its conversation's rewrites (`refuse`) while the call ran. Found by review: an ended
+        session was re-created and its summary stored, and a later request under the id was served with the ended
+        conversation's summary."""
         state = self.sessions.get(job.session)
-        if state is None or state.pending.get(job.root) != job.digest:
+        if state is None or state.pending.get(job.root) != job.digest or job.root in state.refused:
             self.counters["summaries_dropped"] += 1
             return None
         del state.pending[job.root]
@@ -246,8 +229,19 @@ class CompactionStore:
         state.failed_at.pop(job.root, None)
         cp = Checkpoint(job.digest, job.cut, job.system_count, summary, summary_tokens, job.root)
         self._store(state, cp)
+        state.adopted.discard(cp.digest)
+        before = state.unused.get(job.root)  # the one before was never used either: a longer back-off
+        bounded_put(state.unused, job.root, (cp.digest, self.clock(), before[2] + 1 if before else 1))
         self.counters["summaries"] += 1
         return cp
+
+    def withdraw(self, job: SummaryJob) -> None:
+        """A job handed out that will not be run (a call for its conversation is still under way): no longer pending,
+        no failure clock."""
+        state = self.sessions.get(job.session)
+        if state is not None and state.pending.get(job.root) == job.digest:
+            del state.pending[job.root]
+        self.counters["jobs_withdrawn"] += 1
 
     def failed(self, job: SummaryJob, reason: str = "error") -> None:
         """The job's call failed or timed out: its requests stay uncompacted; retry after `retry_after_s`. A session
@@ -258,16 +252,33 @@ class CompactionStore:
             return
         if state.pending.get(job.root) == job.digest:
             del state.pending[job.root]
-        _bounded_put(state.failed_at, job.root, self.clock())
+        bounded_put(state.failed_at, job.root, self.clock())
 
-    def summary_message(self, summary: str) -> dict[str, str]:
-        return {"role": self.config.summary_role, "content": self.config.summary_prefix + summary}
+    def refuse(self, session: str, root: str) -> list[Checkpoint]:
+        """vLLM refused a request of conversation `root` that was served rewritten (HTTP 4xx: e.g. a chat template
+        that does not take the rewrite). Its checkpoints go and it is served as sent from now on, never summarised
+        again (found by review: the checkpoint stayed, so every later turn failed too). Returns the dropped ones."""
+        state = self.sessions.get(session)
+        if state is None:
+            return []
+        dropped = [cp for cp in state.checkpoints if cp.root == root]
+        state.checkpoints = [cp for cp in state.checkpoints if cp.root != root]
+        bounded_put(state.refused, root, self.clock())
+        self.counters["rewrites_refused"] += 1
+        return dropped
+
+    def summary_text(self, summary: str) -> str:
+        """The summary as served: the configured prefix, then the summary (`compaction_layout.place_summary` puts it
+        in the system message or a user message of its own)."""
+        return self.config.summary_prefix + summary
 
     def adopt(self, session: str, checkpoints: Sequence[Checkpoint]) -> None:
         """Take checkpoints another replica made for `session` (from the shared store), as if committed here."""
         state = self._session(session)
         for cp in checkpoints:
             self._store(state, cp)
+            state.adopted.add(cp.digest)
+        state.adopted &= {cp.digest for cp in state.checkpoints}
 
     def forget(self, session: str, messages: Sequence[Message] | None = None) -> bool:
         """The conversation `messages` of the session ended: drop the checkpoints of that conversation (those whose
@@ -276,10 +287,10 @@ class CompactionStore:
         conversation still in flight stores nothing (`commit`). True if the session has no state left."""
         state = self.sessions.get(session)
         if state is not None and messages is not None:
-            digests = prefix_digests(tuple(messages))
-            state.checkpoints = [cp for cp in state.checkpoints
-                                 if cp.replaced >= len(digests) or digests[cp.replaced] != cp.digest]
-            ended = set(digests)
+            body = digests_of(tuple(messages)).body
+            state.checkpoints = [cp for cp in state.checkpoints if (n := cp.replaced - cp.system_count) >= len(body)
+                                 or body[n] != cp.digest]
+            ended = set(body)
             for root, digest in list(state.pending.items()):  # this conversation's job (a last turn's never starts)
                 if digest in ended:
                     del state.pending[root]
@@ -289,41 +300,32 @@ class CompactionStore:
         return True
 
     # ---- views ------------------------------------------------------------------------------------------------
-    def checkpoints(self, session: str) -> list[Checkpoint]:
+    def checkpoints(self, session: str, own: bool = False) -> list[Checkpoint]:
+        """The session's checkpoints, oldest first; `own`: only those made here (not `adopt`ed), which this replica
+        writes to the shared store (another's, if it ended or dropped them there, are not written back)."""
         state = self.sessions.get(session)
-        return list(state.checkpoints) if state else []
+        if state is None:
+            return []
+        return [cp for cp in state.checkpoints if not (own and cp.digest in state.adopted)]
 
     def pending(self) -> int:
         return sum(len(s.pending) for s in self.sessions.values())
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
-    def _session(self, session: str) -> _Session:
+    def _session(self, session: str) -> SessionState:
         state = self.sessions.get(session)
         if state is None:
-            state = self.sessions[session] = _Session()
+            state = self.sessions[session] = SessionState()
+            # Least recently used first, but never a session whose summary call runs (found by review: its state went,
+            # its next request started a second call for the same summary, and the first's result was dropped). With
+            # every other session waiting for a summary, the store stays over its bound until one lands.
             while len(self.sessions) > self.config.max_sessions:
-                self.sessions.popitem(last=False)
+                victim = next((k for k, s in self.sessions.items() if not s.pending and k != session), None)
+                if victim is None:
+                    break
+                del self.sessions[victim]
         self.sessions.move_to_end(session)
         return state
 
-    def _store(self, state: _Session, cp: Checkpoint) -> None:
-        """Keep `checkpoints_per_session` per conversation under the id and that many for each of up to
-        `CONVERSATIONS_PER_SESSION` conversations in all, oldest first. Found by review: one bound for the whole id
-        let a `user:` id's fifth concurrent chat evict the others' summaries (each then summarised again)."""
-        kept = [c for c in state.checkpoints if c.digest != cp.digest] + [cp]
-        same = [c for c in kept if c.root == cp.root]
-        for old in same[: -self.config.checkpoints_per_session]:
-            kept.remove(old)
-        del kept[: -self.config.checkpoints_per_session * CONVERSATIONS_PER_SESSION]
-        state.checkpoints = kept
-
-
-CONVERSATIONS_PER_SESSION = 16  # conversations under one id with their own summaries, jobs and failure clocks
-
-
-def _bounded_put(table: dict[str, Any], key: str, value: Any, limit: int = CONVERSATIONS_PER_SESSION) -> None:
-    """Set `key` (newest last) in a per-session table of conversations, the oldest going past `limit`."""
-    table.pop(key, None)
-    table[key] = value
-    while len(table) > limit:
-        del table[next(iter(table))]
+    def _store(self, state: SessionState, cp: Checkpoint) -> None:
+        state.checkpoints = bounded_checkpoints(state.checkpoints, cp, self.config.checkpoints_per_session)

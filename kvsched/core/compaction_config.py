@@ -48,24 +48,43 @@ class CompactionConfig:
 
     strategy: the server default (`KVSCHED_COMPACTION`); `off` unless set.
     trigger_tokens: compact when the part of a session's context older than its `keep_recent_messages` newest
-        messages (system prompt excluded, an earlier summary included) reaches this many tokens. 5,000 by default, as
-        in the sizing guide ("every 5K tokens of older context into a 500-token summary").
-    keep_recent_messages: newest messages always kept verbatim (the cut then moves back to a user message).
+        messages (system prompt and an earlier summary excluded: the turns since the last cut) reaches this many
+        tokens. 5,000 by default, as in the sizing guide ("every 5K tokens of older context into a 500-token
+        summary"). Must exceed summary_target_tokens when `summarize` may run. Whatever it says, a served prompt that
+        reaches 3/4 of the model's context is compacted (`compaction.CONTEXT_SHARE`) if more than a summary's worth
+        of turns can be replaced.
+    keep_recent_messages: newest messages always kept verbatim (the cut then moves back to where a turn group starts:
+        a user message, or an assistant message whose predecessor's tool calls all have their results).
     summary_target_tokens: max_tokens of the summarization call (~500 in the sizing guide).
     summary_prompt: the instruction appended to the conversation for the summarization call; `{target_tokens}` is
         filled in.
-    summary_prefix / summary_role: how the summary is put back into the conversation, right after the system prompt.
+    summary_prefix: the text that introduces the summary in the rewritten conversation.
+    summary_role: where the summary goes (`kvsched/core/compaction_layout.py`): `system` (the default) appends it to
+        the leading system message when there is one and the kept turns start with a user message, else it becomes a
+        user message; `user` always makes it a user message. A summary in a user message before a kept user message is
+        followed by a one-word assistant acknowledgement, so roles keep alternating: the templates of Mistral v0.x,
+        Llama 2, Gemma and Phi-3 refuse anything else (found by review: a separate summary message, whatever its
+        role, made vLLM answer HTTP 400 to every later turn). `assistant` is no longer accepted: an assistant message
+        right after the system prompt breaks those templates.
     summary_timeout_s: a summary call slower than this is abandoned (counted; the request is served uncompacted).
     summary_priority: vLLM request priority of the summary call (higher = later). It only has an effect when the
         server runs `--scheduling-policy priority`; under the default FCFS policy vLLM ignores it.
     wait_for_summary: the request that triggers a summary waits for it (bounded by the timeout) and is served
         compacted; by default it is served at once on its uncompacted (cached) prefix while the summary is made in
         the background, and the next request of the session uses it.
-    retry_after_s: after a failed summary call, a session is not summarised again for this long.
+    retry_after_s: after a failed summary call, a session is not summarised again for this long; after a summary that
+        no later request used (its client edits old messages), as long, doubled for each such summary in a row.
     cap_tokens: the `cap` strategy refuses requests whose context exceeds this many tokens.
     message_overhead_tokens: template tokens counted per message on top of its content (role markers, separators).
     max_sessions / checkpoints_per_session: bounds on the summary store (least recently used sessions go first;
         checkpoints per conversation under an id, for up to 16 conversations: a `user:` id holds all of a user's chats).
+    image_tokens / audio_tokens / video_tokens: the tokens counted for one image, audio or video part of a message
+        (`image_url`, `input_image`, `image_embeds`, `image_pil`; `input_audio`, `audio_url`, `audio_embeds`;
+        `video_url`, `video_embeds`), since the API server cannot see what the model's processor makes of it. The
+        defaults are middling: an image is 256 tokens on Gemma 3, 576 on LLaVA-1.5 and about 1,300 for a 1024x1024
+        picture on Qwen2-VL; 30 s of audio 750 on Qwen2-Audio; a video several thousand. Any other part that is not
+        text (e.g. `file`) counts as an image. Found by review: every such part counted 0, so a session of pictures
+        never triggered and its summary calls went past the context.
     client_strategies: the strategies a request may select with `X-KVSched-Compaction` / `vllm_xargs.compaction`
         (`KVSCHED_COMPACTION_CLIENT_STRATEGIES=summarize,cap`). Empty (the default): only the server's own strategy.
         `off` is always allowed (a client may always opt out); anything else is refused with HTTP 403, because a
@@ -87,6 +106,9 @@ class CompactionConfig:
     message_overhead_tokens: int = 4
     max_sessions: int = 10_000
     checkpoints_per_session: int = 4
+    image_tokens: int = 1024
+    audio_tokens: int = 750
+    video_tokens: int = 4096
     client_strategies: tuple[Strategy, ...] = ()
 
     def __post_init__(self) -> None:
@@ -94,18 +116,27 @@ class CompactionConfig:
                      "checkpoints_per_session"):
             if getattr(self, name) < 1:
                 raise InvalidCompactionInput(f"{name} must be >= 1, got {getattr(self, name)}")
+        summarizes = self.strategy is Strategy.SUMMARIZE or Strategy.SUMMARIZE in self.client_strategies
+        if summarizes and self.trigger_tokens <= self.summary_target_tokens:  # found by review: each turn re-summarised
+            raise InvalidCompactionInput(
+                f"trigger_tokens ({self.trigger_tokens}, KVSCHED_COMPACTION_TRIGGER_TOKENS) must be larger than "
+                f"summary_target_tokens ({self.summary_target_tokens}, KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS): a "
+                f"summary would be as large as the turns it replaces")
         if self.keep_recent_messages < 1:
             raise InvalidCompactionInput("keep_recent_messages must be >= 1 (the newest message is always kept)")
-        if self.message_overhead_tokens < 0:
-            raise InvalidCompactionInput("message_overhead_tokens must be >= 0")
+        for name in ("message_overhead_tokens", "image_tokens", "audio_tokens", "video_tokens"):
+            if getattr(self, name) < 0:
+                raise InvalidCompactionInput(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.summary_timeout_s) and self.summary_timeout_s > 0):
             raise InvalidCompactionInput(f"summary_timeout_s must be a finite number > 0, got {self.summary_timeout_s}")
         if not (math.isfinite(self.retry_after_s) and self.retry_after_s >= 0):
             raise InvalidCompactionInput(f"retry_after_s must be a finite number >= 0, got {self.retry_after_s}")
         if not self.summary_prompt.strip():  # found by review: "" was taken, and every summary call had no instruction
             raise InvalidCompactionInput("summary_prompt must not be empty: it is the summary call's instruction")
-        if self.summary_role not in ("system", "user", "assistant"):
-            raise InvalidCompactionInput(f"summary_role must be system, user or assistant, got {self.summary_role!r}")
+        if self.summary_role not in ("system", "user"):
+            raise InvalidCompactionInput(
+                f"summary_role must be system or user, got {self.summary_role!r} (an assistant message right after "
+                f"the system prompt breaks chat templates that require alternating user/assistant roles)")
 
     def client_may_select(self, strategy: Strategy) -> bool:
         """May a request pick `strategy`? Opting out always; otherwise one the operator enabled."""

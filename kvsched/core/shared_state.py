@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from kvsched.core.compaction import Checkpoint
+from kvsched.core.compaction_checkpoints import bounded_checkpoints
 
 PREFIX = "kvsched"
 DEFAULT_KV_TTL_S = 3600.0
@@ -119,6 +120,23 @@ class SessionMeta:
 
 def encode_checkpoints(checkpoints: Sequence[Checkpoint]) -> str:
     return json.dumps([asdict(c) for c in checkpoints], separators=(",", ":"), ensure_ascii=False)
+
+
+def merge_checkpoints(theirs: Sequence[Checkpoint], ours: Sequence[Checkpoint], per_conversation: int,
+                      drop_roots: frozenset[str] = frozenset(), drop_digests: frozenset[str] = frozenset(),
+                      ) -> list[Checkpoint]:
+    """What a replica writes for a session: the store's checkpoints that other replicas wrote and this one does not
+    hold (oldest first), then its own, within the store's bounds; those of a conversation this replica ended
+    (`drop_digests`: its prefixes) or stopped compacting (`drop_roots`) left out. Found by review: each save wrote
+    only the replica's own checkpoints, so two replicas serving one `user:` id erased each other's summaries."""
+    mine = {cp.digest for cp in ours}
+    out: list[Checkpoint] = []
+    for cp in theirs:
+        if cp.digest not in mine and cp.root not in drop_roots and cp.digest not in drop_digests:
+            out = bounded_checkpoints(out, cp, per_conversation)
+    for cp in ours:
+        out = bounded_checkpoints(out, cp, per_conversation)
+    return out
 
 
 def decode_checkpoints(raw: str | bytes | None) -> list[Checkpoint]:

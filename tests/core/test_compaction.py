@@ -21,8 +21,8 @@ def counts(msgs, per_message=10):
 
 
 def store(clock, **kw):
-    cfg = CompactionConfig(strategy=Strategy.SUMMARIZE, trigger_tokens=100, keep_recent_messages=2,
-                           message_overhead_tokens=0, **kw)
+    cfg = CompactionConfig(**{"strategy": Strategy.SUMMARIZE, "trigger_tokens": 100, "keep_recent_messages": 2,
+                              "message_overhead_tokens": 0, "summary_target_tokens": 50, **kw})
     return CompactionStore(cfg, clock)
 
 
@@ -43,7 +43,7 @@ def test_no_job_below_the_trigger_and_one_at_it(clock):
     assert at[job.cut]["role"] == "user" and len(at) - job.cut >= 2
     assert job.older_tokens == 10 * (job.cut - 1) >= 100
     assert job.prompt[: job.cut] == tuple(at[: job.cut]) and job.prompt[-1]["role"] == "user"
-    assert "500 tokens" in job.prompt[-1]["content"]
+    assert "50 tokens" in job.prompt[-1]["content"]
 
 
 def test_summary_applies_only_to_the_exact_prefix(clock):
@@ -54,14 +54,17 @@ def test_summary_applies_only_to_the_exact_prefix(clock):
     later = msgs + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
     plan = ask(s, later)
     assert plan.replaced == job.cut
-    assert plan.messages[0] == SYSTEM and plan.messages[1]["content"].endswith("SUMMARY")
-    assert plan.messages[2:] == tuple(later[job.cut:])
+    # the summary is appended to the system message (template-safe: compaction_layout), the kept turns follow
+    head = plan.messages[0]["content"]
+    assert head.startswith(SYSTEM["content"]) and head.endswith("SUMMARY")
+    assert plan.messages[1:] == tuple(later[job.cut:])
     assert plan.tokens == 10 + 7 + 10 * (len(later) - job.cut) < plan.original_tokens
     edited = [dict(m) for m in later]
     edited[3]["content"] += " (edited)"
     assert ask(s, edited).replaced == 0  # one changed message inside the summarised part: served as sent
-    other_system = [{"role": "system", "content": "another prompt"}] + later[1:]
-    assert ask(s, other_system).replaced == 0
+    other_system = [{"role": "system", "content": "another prompt"}] + later[1:]  # served with its own system
+    plan = ask(s, other_system)  # prompt: summaries stand for the messages after it (tests/core/test_compaction_reuse)
+    assert plan.replaced == job.cut and plan.messages[0]["content"].startswith("another prompt")
     assert ask(s, later, session="s2").replaced == 0  # summaries belong to their session
 
 
@@ -99,11 +102,11 @@ def test_repeat_compaction_summarises_the_summary(clock):
     second = plan.job
     assert second is not None and second.cut > first.cut
     # The summariser sees the earlier summary plus the newer turns, exactly as the session is served.
-    assert second.prompt[1]["content"].endswith("FIRST") and second.prompt[2] == grown[first.cut]
+    assert second.prompt[0]["content"].endswith("FIRST") and second.prompt[1] == grown[first.cut]
     assert second.older_tokens == 10 + 10 * (second.cut - first.cut)
     s.commit(second, "SECOND", 10)
     again = ask(s, grown + [{"role": "assistant", "content": "z"}, {"role": "user", "content": "zz"}])
-    assert again.replaced == second.cut and again.messages[1]["content"].endswith("SECOND")
+    assert again.replaced == second.cut and again.messages[0]["content"].endswith("SECOND")
     assert ask(s, msgs).replaced == first.cut  # the older checkpoint still serves a request that stopped earlier
 
 
@@ -200,8 +203,10 @@ def test_a_summary_landing_after_its_conversation_ended_or_its_state_went_is_dro
     assert not s.sessions
     small = store(clock, max_sessions=1)
     job = ask(small, msgs).job
-    ask(small, [SYSTEM, {"role": "user", "content": "x"}], session="s2")  # s1's state goes (the LRU bound)
-    assert small.commit(job, "S", 3) is None and list(small.sessions) == ["s2"]
+    ask(small, [SYSTEM, {"role": "user", "content": "x"}], session="s2")
+    small.forget("s2")
+    assert small.commit(job, "S", 3) is not None and list(small.sessions) == ["s1"]  # s2 never evicted to store it
+    # (a session whose call runs is never evicted by the bound: tests/core/test_compaction_bounds.py)
 
 
 def test_a_summary_call_past_the_models_context_summarises_the_newest_turns_that_fit(clock):
@@ -219,7 +224,7 @@ def test_a_summary_call_past_the_models_context_summarises_the_newest_turns_that
     assert s.counters["summary_inputs_cut"] == 1
     s.commit(job, "short", 5)
     again = s.plan("s1", msgs, counts(msgs), None, input_limit=300)
-    assert again.replaced == job.cut and len(again.messages) == 1 + 1 + 3  # system + summary + the recent turns
+    assert again.replaced == job.cut and len(again.messages) == 1 + 3  # system with the summary + the recent turns
     unbounded = store(clock).plan("s1", msgs, counts(msgs))
     assert len(unbounded.job.prompt) == job.cut + 1  # without a limit: the whole older part, as before
 
@@ -269,7 +274,7 @@ def test_a_users_many_chats_each_keep_their_summary(clock):
     for n in range(6):
         plan = ask(s, chat(n), session="user:alice")
         assert plan.replaced > 0 and plan.job is None, n  # served on its own summary, no second call
-        assert plan.messages[1]["content"].endswith(f"summary of chat {n}")
+        assert plan.messages[0]["content"].endswith(f"summary of chat {n}")
 
 
 def test_checkpoints_are_bounded_per_conversation_and_per_id(clock):

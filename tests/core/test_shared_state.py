@@ -79,3 +79,19 @@ def test_reads_run_inline_while_fast_and_within_the_steps_budget_and_again_once_
     for _ in range(3):
         cost.note(0.0001, inline=False)
     assert cost.inline() and cost.spent_s == 0.0  # the thread's reads cost the scheduler's step nothing
+
+
+def test_a_save_merges_the_checkpoints_other_replicas_wrote():
+    """Found by review: a replica's save overwrote the session's whole entry, erasing another replica's summaries."""
+    from kvsched.core.shared_state import merge_checkpoints
+
+    def cp(d, root="r" * 64):
+        return Checkpoint(d * 64, 3, 1, f"summary {d}", 2, root)
+
+    theirs = [cp("a"), cp("b", "q" * 64), cp("c")]
+    ours = [cp("c"), cp("d")]
+    assert merge_checkpoints(theirs, ours, 4) == [cp("a"), cp("b", "q" * 64), cp("c"), cp("d")]
+    assert merge_checkpoints(theirs, ours, 4, drop_roots=frozenset(["q" * 64])) == [cp("a"), cp("c"), cp("d")]
+    assert merge_checkpoints(theirs, ours, 4, drop_digests=frozenset(["a" * 64])) == [cp("b", "q" * 64), cp("c"),
+                                                                                       cp("d")]
+    assert merge_checkpoints(theirs, ours, 2) == [cp("b", "q" * 64), cp("c"), cp("d")]  # 2 per conversation, ours last

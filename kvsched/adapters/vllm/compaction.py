@@ -22,16 +22,18 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeGuard
 
 from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.compaction_calls import CHAT_PATH, summary_call
 from kvsched.adapters.vllm.compaction_metrics import FAILURE_REASONS, Collector
+from kvsched.adapters.vllm.compaction_outcome import UNCHANGED, Outcome
 from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
-from kvsched.adapters.vllm.compaction_tokens import TokenCounter, Tokenizer
+from kvsched.adapters.vllm.compaction_tokens import MediaCosts, TokenCounter, Tokenizer
 from kvsched.adapters.vllm.http_io import error_body, route_path
 from kvsched.core.compaction import (
+    CONTEXT_SHARE,
     CompactionStore,
     Message,
     Plan,
@@ -40,50 +42,16 @@ from kvsched.core.compaction import (
     prefix_digests,
 )
 from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy, parse_strategy
+from kvsched.core.compaction_digests import conversation_prefixes
 
 logger = logging.getLogger(__name__)
 
-CHAT_PATH = "/v1/chat/completions"
 STRATEGY_HEADER = "x-kvsched-compaction"
 XARG_STRATEGY = "compaction"
-COMPACTED_HEADER = b"x-kvsched-compacted"
 DIGEST_CHARS = 32  # of a conversation digest sent to the engine (128 bits)
 COMPACTED_LOOKBACK = 1024  # a rewrite names this many of its messages' latest prefixes (the left branch's last turn:
 # an agent turn may add dozens of tool results at once)
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class SummaryCallFailed(RuntimeError):
-    """The summarization request was answered with an error."""
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the middleware does with one request after compaction: forward it (rewritten or not), or refuse it."""
-
-    changed: bool = False
-    replaced: int = 0
-    status: int = 200
-    error: dict[str, Any] | None = None
-
-    def wrap(self, send: Send) -> Send:
-        """`send` with `X-KVSched-Compacted` added to the response headers when messages were replaced, unless the
-        response is an error (found by review: a request vLLM refused was reported as served compacted)."""
-        if not self.replaced:
-            return send
-        value = str(self.replaced).encode()
-
-        async def send_with_header(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start" and message.get("status", 200) < 400:
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != COMPACTED_HEADER]
-                message = dict(message, headers=[*headers, (COMPACTED_HEADER, value)])
-            await send(message)
-
-        return send_with_header
-
-
-UNCHANGED = Outcome()
 
 
 class Compactor:
@@ -98,7 +66,11 @@ class Compactor:
         self.counters: Counter[str] = Counter()
         self.summary_seconds = 0.0
         self._no_room_logged = False
-        self.tokens = TokenCounter(tokenizer)  # message tokens with the served tokenizer, never stalling the loop
+        self._refusal_logged = False
+        self._trigger_logged = False
+        self._truncated_logged = False
+        media = MediaCosts(self.config.image_tokens, self.config.audio_tokens, self.config.video_tokens)
+        self.tokens = TokenCounter(tokenizer, media)  # tokens with the served tokenizer, never stalling the loop
         self.shared = SharedCheckpoints.from_env()  # checkpoints in the shared store (KVSCHED_STORE_URL), if any
 
     # ---- the request path ---------------------------------------------------------------------------------------
@@ -147,25 +119,23 @@ class Compactor:
         conversation = (key, conversation_root(messages))  # one summary in flight per conversation under the id
         if self.config.wait_for_summary and conversation in self.tasks:
             await self._wait(conversation)  # a summary of this conversation is being made: use it
-        plan = self.store.plan(key, messages, counts, strategy, self._input_limit(scope))
+        plan = self._plan(key, messages, counts, strategy, scope)
         if plan.refusal is not None:
             return Outcome(status=400, error=error_body(plan.refusal, "messages", code="context_cap_exceeded"))
         if plan.job is not None and not xargs.get(compat.XARG_END):  # no summary for a session's last turn
             self._start(plan.job, scope, payload)
             if self.config.wait_for_summary:
                 await self._wait(conversation)
-                plan = self.store.plan(key, messages, counts, strategy, self._input_limit(scope))
+                plan = self._plan(key, messages, counts, strategy, scope)
                 if plan.job is not None:  # its checkpoint went meanwhile: a job handed out is always started
                     self._start(plan.job, scope, payload)
         if xargs.get(compat.XARG_END):  # this conversation's summaries go; the id's other conversations keep theirs
-            if self.store.forget(key, messages):
-                if self.shared is not None:
-                    self.shared.forget(key)
-            elif self.shared is not None:
-                self.shared.save(self.store, key)
-        return self._apply(plan, payload)
+            self.store.forget(key, messages)
+            if self.shared is not None:  # here and in the store (other replicas' other conversations stay)
+                self.shared.save(self.store, key, drop_digests=conversation_prefixes(messages))
+        return self._apply(plan, payload, key)
 
-    def _apply(self, plan: Plan, payload: dict[str, Any]) -> Outcome:
+    def _apply(self, plan: Plan, payload: dict[str, Any], key: str) -> Outcome:
         # Every turn names the conversation it sent (a digest of the client's messages): the engine notes it on the
         # branch the turn joins. A rewritten turn names the recent prefixes of its messages: the scheduler ends the
         # branch this rewrite leaves behind (its prompt no longer continues it) only if that branch's last turn sent
@@ -186,7 +156,21 @@ class Compactor:
         self.counters[f"rewritten_{plan.strategy.value}"] += 1
         self.counters["replaced_messages"] += replaced
         self.counters["saved_tokens"] += max(plan.original_tokens - plan.tokens, 0)
-        return Outcome(changed=True, replaced=replaced)
+        return Outcome(changed=True, replaced=replaced,
+                       refused=lambda status: self._refused(key, plan.root, status))
+
+    def _refused(self, key: str, root: str, status: int) -> None:
+        """vLLM refused a rewritten request of conversation `root` (`compaction_outcome.rewrite_refused`): serve it as
+        sent from now on, here and, through the shared store, on other replicas."""
+        dropped = self.store.refuse(key, root)
+        if dropped and self.shared is not None:
+            self.shared.save(self.store, key, drop_roots=frozenset([root]))
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            logger.warning("kvsched compaction: vLLM refused a compacted request (HTTP %d); that conversation is "
+                           "served uncompacted from now on (counted in kvsched_compaction_rewrites_refused_total; "
+                           "further ones are not logged). If the served chat template rejects the rewrite, try "
+                           "KVSCHED_COMPACTION_SUMMARY_ROLE=user or turn compaction off", status)
 
     def _oversized(self, strategy: Strategy) -> Outcome:
         """A request with a message far larger than the model's context is not tokenized (`TokenCounter.oversized`):
@@ -211,8 +195,12 @@ class Compactor:
 
     # ---- summary calls ------------------------------------------------------------------------------------------
     def _start(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(self._summarize(job, scope, payload))
         conversation = (job.session, job.root)
+        running = self.tasks.get(conversation)
+        if running is not None and not running.done():  # e.g. the conversation ended and began again meanwhile:
+            self.store.withdraw(job)  # never two calls for one conversation (found by review)
+            return
+        task = asyncio.get_running_loop().create_task(self._summarize(job, scope, payload))
         self.tasks[conversation] = task
         task.add_done_callback(lambda t: self.tasks.pop(conversation, None) if self.tasks.get(conversation) is t
                                else None)
@@ -226,7 +214,9 @@ class Compactor:
         self.counters["summary_calls"] += 1
         t0 = time.perf_counter()
         try:
-            text = await asyncio.wait_for(self._call(job, scope, payload), self.config.summary_timeout_s)
+            reply = await asyncio.wait_for(
+                summary_call(self.app, scope, job, payload, self.config, [(STRATEGY_HEADER.encode(), b"off")]),
+                self.config.summary_timeout_s)
         except TimeoutError:
             self.store.failed(job, "timeout")
             logger.warning("kvsched compaction: summary call timed out after %.1fs; serving uncompacted",
@@ -238,34 +228,33 @@ class Compactor:
             return
         finally:
             self.summary_seconds += time.perf_counter() - t0
-        if not text.strip():
+        summary = reply.text.strip()
+        if not summary:
             self.store.failed(job, "empty")
             return
-        summary = text.strip()
+        if reply.truncated:  # stopped at max_tokens: kept (a retry would stop there again), counted, said once
+            self.counters["summaries_truncated"] += 1
+            if not self._truncated_logged:
+                self._truncated_logged = True
+                logger.warning("kvsched compaction: a summary reached KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS=%d "
+                               "before its end and was kept cut short (counted in "
+                               "kvsched_compaction_summaries_truncated_total; not logged again)",
+                               self.config.summary_target_tokens)
         try:
-            tokens = (await self.tokens.counts([self.store.summary_message(summary)], scope))[0]
+            served = {"role": "user", "content": self.store.summary_text(summary)}
+            tokens = (await self.tokens.counts([served], scope))[0]
         except Exception:
             tokens = self.config.summary_target_tokens
         stored = self.store.commit(job, summary, tokens)  # None: the conversation ended meanwhile, nothing to save
         if stored is not None and self.shared is not None:
             self.shared.save(self.store, job.session)
 
-    async def _call(self, job: SummaryJob, scope: Mapping[str, Any], payload: Mapping[str, Any]) -> str:
-        body: dict[str, Any] = {
-            "model": payload.get("model"), "messages": list(job.prompt), "stream": False, "temperature": 0.0,
-            "max_tokens": self.config.summary_target_tokens, "priority": self.config.summary_priority,
-            "vllm_xargs": {compat.XARG_INFER: 0},  # not a session turn: never pinned, never an inferred session
-        }
-        if payload.get("cache_salt") is not None:
-            body["cache_salt"] = payload["cache_salt"]
-        status, data = await call_asgi(self.app, scope, CHAT_PATH, json.dumps(body).encode(),
-                                       _auth_headers(scope) + [(STRATEGY_HEADER.encode(), b"off")])
-        if status != 200:
-            raise SummaryCallFailed(f"HTTP {status}: {data[:300].decode(errors='replace')}")
-        reply = json.loads(data)
-        return str(reply["choices"][0]["message"].get("content") or "")
-
     # ---- the model's context ------------------------------------------------------------------------------------
+    def _plan(self, key: str, messages: Sequence[Message], counts: list[int], strategy: Strategy,
+              scope: Mapping[str, Any]) -> Plan:
+        context = self.tokens.context_tokens(scope) or None
+        return self.store.plan(key, messages, counts, strategy, self._input_limit(scope), context)
+
     def _input_limit(self, scope: Mapping[str, Any]) -> int | None:
         """The most prompt tokens a summary call may send: the served model's context, less the summary's tokens and
         a margin for the chat template (None if the server does not say)."""
@@ -273,6 +262,12 @@ class Compactor:
         if not context:
             return None
         room = int(context * 0.9) - self.config.summary_target_tokens
+        share = int(context * CONTEXT_SHARE)
+        if self.config.trigger_tokens >= share and not self._trigger_logged:  # compaction fires by the context instead
+            self._trigger_logged = True
+            logger.warning("kvsched compaction: KVSCHED_COMPACTION_TRIGGER_TOKENS=%d is not below %d%% of the served "
+                           "model's context (%d tokens): sessions are compacted when their prompt reaches %d tokens",
+                           self.config.trigger_tokens, int(CONTEXT_SHARE * 100), context, share)
         if room <= 0 and not self._no_room_logged:  # every summary is then skipped (counted): say why, once
             self._no_room_logged = True
             logger.error("kvsched compaction: a summary of %d tokens (KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS) leaves "
@@ -294,6 +289,10 @@ class Compactor:
             "windows": float(s["windows"]),
             "summary_inputs_cut": float(s["summary_inputs_cut"]),
             "summaries_no_room": float(s["summaries_no_room"]),
+            "rewrites_refused": float(s["rewrites_refused"]),
+            "summaries_held_back": float(s["summaries_held_back"]),
+            "context_triggers": float(s["context_triggers"]),
+            "summaries_truncated": float(c["summaries_truncated"]),
             "refused_requests": float(s["refused"]),
             "opt_outs": float(c["opt_outs"]),
             "oversized_requests": float(c["oversized_requests"]),
@@ -327,35 +326,6 @@ def _config_from_env() -> CompactionConfig:
     except InvalidCompactionInput as exc:
         logger.error("kvsched compaction disabled: %s", exc)
         return CompactionConfig(strategy=Strategy.OFF)
-
-
-def _auth_headers(scope: Mapping[str, Any]) -> list[tuple[bytes, bytes]]:
-    """The server's own API key, for the in-process call (vLLM's auth middleware sits below kvsched's)."""
-    keys = compat.api_keys(scope["app"]) if "app" in scope else []
-    return [(b"authorization", f"Bearer {keys[0]}".encode())] if keys else []
-
-
-async def call_asgi(app: Any, template: Mapping[str, Any], path: str, body: bytes,
-                    headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
-    """POST `body` (JSON) to `path` of an ASGI app in-process, through httpx's ASGI transport; returns (status,
-    response body). The call carries the calling request's lifespan state (`scope["state"]`), root path and
-    application object (`scope["app"]`, which vLLM's handlers read and the stack below the middleware does not set)."""
-    import httpx
-
-    state, outer = template.get("state"), template.get("app")
-
-    async def with_state(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if state is not None:
-            scope["state"] = dict(state)
-        if outer is not None:  # `app` is the stack below kvsched's middleware: vLLM's handlers read the FastAPI app
-            scope["app"] = outer
-        await app(scope, receive, send)
-
-    transport = httpx.ASGITransport(app=with_state, root_path=template.get("root_path", ""))
-    async with httpx.AsyncClient(transport=transport, base_url="http://kvsched.local", timeout=None) as client:
-        reply = await client.post(path, content=body, headers=[
-            ("content-type", "application/json"), *((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)])
-    return reply.status_code, reply.content
 
 
 def _is_message_list(messages: object) -> TypeGuard[list[dict[str, Any]]]:

@@ -22,6 +22,15 @@ COUNTERS = {
     "summary_inputs_cut": "Summary calls that left a session's oldest turns out to fit the model's context",
     "summaries_no_room": "Summaries not made: the system prompt, the instruction and the summary's target size "
                          "left no room for a turn in the model's context",
+    "summaries_held_back": "Summary calls not made: the conversation's newest summary was never used by a later "
+                           "request (its client changes old messages), so it backs off "
+                           "(KVSCHED_COMPACTION_RETRY_AFTER_S, doubled for each unused summary in a row)",
+    "context_triggers": "Compactions made because a session's prompt reached 3/4 of the model's context before "
+                        "its older turns reached KVSCHED_COMPACTION_TRIGGER_TOKENS",
+    "summaries_truncated": "Summaries that reached KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS before their end "
+                           "(finish_reason length): kept, cut short",
+    "rewrites_refused": "Compacted requests vLLM refused (HTTP 400/422 not about length or a parameter, e.g. a chat "
+                        "template that rejects the rewrite): their conversation is served as sent from then on",
     "refused_requests": "Requests refused past the context cap (HTTP 400)",
     "opt_outs": "Requests that opted out of compaction (X-KVSched-Compaction: off)",
     "oversized_requests": "Requests with a message far past the model's context: not tokenized (cap: HTTP 400)",

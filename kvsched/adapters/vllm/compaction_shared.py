@@ -18,8 +18,14 @@ import os
 from collections import Counter
 from typing import Any
 
-from kvsched.core.compaction import CompactionStore
-from kvsched.core.shared_state import DEFAULT_STATE_TTL_S, checkpoint_rows, compaction_key, encode_checkpoints
+from kvsched.core.compaction import Checkpoint, CompactionStore
+from kvsched.core.shared_state import (
+    DEFAULT_STATE_TTL_S,
+    checkpoint_rows,
+    compaction_key,
+    encode_checkpoints,
+    merge_checkpoints,
+)
 
 logger = logging.getLogger("vllm.kvsched.compaction")  # vLLM's handlers apply: its log shows these
 ENV_STORE_URL = "KVSCHED_STORE_URL"
@@ -80,14 +86,24 @@ class SharedCheckpoints:
             logger.warning("kvsched compaction: shared store: %s; the session is planned from this server's own "
                            "state (further ones are counted, not logged)", what[:300])
 
-    def save(self, local: CompactionStore, session: str) -> None:
-        """Write the session's checkpoints behind (the request does not wait)."""
-        value = encode_checkpoints(local.checkpoints(session))
-        self._spawn(self.store.put_state, compaction_key(session), value, self.ttl_s)
+    def save(self, local: CompactionStore, session: str, drop_roots: frozenset[str] = frozenset(),
+             drop_digests: frozenset[str] = frozenset()) -> None:
+        """Write the session's checkpoints behind (the request does not wait), merged with those other replicas
+        wrote (`merge_checkpoints`; read, merged and written in one thread: two replicas saving at the same moment
+        can still lose one's newest row, never the rest); the key goes once nothing is left."""
+        ours = local.checkpoints(session, own=True)
+        self._spawn(self._merge, compaction_key(session), ours, local.config.checkpoints_per_session, drop_roots,
+                    drop_digests)
         self.counters["shared_checkpoints_saved"] += 1
 
-    def forget(self, session: str) -> None:
-        self._spawn(self.store.delete_state, compaction_key(session))
+    def _merge(self, key: str, ours: list[Checkpoint], per_conversation: int, drop_roots: frozenset[str],
+               drop_digests: frozenset[str]) -> None:
+        theirs, _ = checkpoint_rows(self.store.get_state(key))
+        merged = merge_checkpoints(theirs, ours, per_conversation, drop_roots, drop_digests)
+        if merged:
+            self.store.put_state(key, encode_checkpoints(merged), self.ttl_s)
+        else:
+            self.store.delete_state(key)
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         task = asyncio.ensure_future(asyncio.to_thread(fn, *args))

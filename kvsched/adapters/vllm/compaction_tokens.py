@@ -23,6 +23,11 @@ from kvsched.adapters.vllm import compat
 from kvsched.core.compaction import Message, message_digest
 
 Tokenizer = Callable[[str], int]
+TEXT_KEYS = ("text", "thinking", "refusal")  # a content part's text, by vLLM's part types (renderers/chat_utils.py)
+IMAGE_PARTS = ("image_url", "input_image", "image_embeds", "image_pil")
+AUDIO_PARTS = ("input_audio", "audio_url", "audio_embeds")
+VIDEO_PARTS = ("video_url", "video_embeds")
+TEXT_PARTS = ("text", "input_text", "output_text", "thinking", "refusal", "tool_reference")
 TOKEN_CACHE_ENTRIES = 65_536
 TOKENIZE_THREADS = 2
 INLINE_TOKENIZE_CHARS = 16_384  # new text a request may tokenize on the event loop (a few ms); more goes to a thread
@@ -33,8 +38,9 @@ FALLBACK_CHARS_PER_TOKEN = 32  # when the tokenizer's vocabulary cannot be read:
 class TokenCounter:
     """One per API server: the served tokenizer and context length (read on first use) and the counts' cache."""
 
-    def __init__(self, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer | None = None, media: MediaCosts | None = None) -> None:
         self._tokenizer = tokenizer
+        self.media = media or MediaCosts()
         self._max_model_len: int | None = None  # of the served model (0: unknown)
         self._chars_per_token: int | None = None  # the tokenizer's longest token (`chars_per_token`)
         # Threads of their own: in the default executor, a few requests of large messages could hold every worker and
@@ -43,15 +49,18 @@ class TokenCounter:
         self._cache: OrderedDict[bytes, int] = OrderedDict()  # message digest -> tokens, least recently used first
 
     async def counts(self, messages: Sequence[Message], scope: Mapping[str, Any]) -> list[int]:
-        """Tokens of each message's content (template markers are added by the core)."""
+        """Tokens of each message's content, tool calls, name and tool call id, and its media parts at their
+        configured cost (template markers are added by the core)."""
         digests = [message_digest(m) for m in messages]
         counts = {d: n for d in digests if (n := self._cache.get(d)) is not None}
         new = {d: message_text(m) for d, m in zip(digests, messages, strict=True) if d not in counts}
         if new:
             tokenize = self._tokenize(scope)
 
+            media = {d: self.media.of(m) for d, m in zip(digests, messages, strict=True) if d in new}
+
             def count() -> dict[bytes, int]:
-                return {d: tokenize(text) for d, text in new.items()}
+                return {d: tokenize(text) + media[d] for d, text in new.items()}
 
             inline = sum(len(text) for text in new.values()) <= INLINE_TOKENIZE_CHARS
             counts.update(count() if inline else await asyncio.get_running_loop().run_in_executor(self._pool, count))
@@ -98,12 +107,38 @@ def served_tokenizer(app: Any) -> Any:
     return app.state.engine_client.get_tokenizer()
 
 
+class MediaCosts:
+    """Tokens counted per image, audio and video part (`CompactionConfig.image_tokens` ...); any other part that is
+    not text counts as an image."""
+
+    def __init__(self, image: int = 1024, audio: int = 750, video: int = 4096) -> None:
+        self.image, self.audio, self.video = image, audio, video
+
+    def of(self, message: Message) -> int:
+        content = message.get("content")
+        if not isinstance(content, list):
+            return 0
+        total = 0
+        for part in content:
+            if not isinstance(part, dict):
+                continue  # not a content part: vLLM refuses it
+            kind = part.get("type")
+            if kind in TEXT_PARTS or (kind is None and "text" in part):
+                continue
+            total += self.audio if kind in AUDIO_PARTS else self.video if kind in VIDEO_PARTS else self.image
+        return total
+
+
 def message_text(message: Message) -> str:
+    """The text of a message that its template renders: its content's text (of text parts, for list content), its
+    tool calls, and its name and tool call id. Found by review: the last three counted nothing."""
     content = message.get("content")
     if isinstance(content, list):
-        text = "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        text = "\n".join(str(p.get(k)) for p in content if isinstance(p, dict) for k in TEXT_KEYS
+                         if p.get(k) is not None)
     else:
         text = "" if content is None else str(content)
     if message.get("tool_calls"):
         text += json.dumps(message["tool_calls"], default=str)
-    return text
+    extras = [str(message[k]) for k in ("name", "tool_call_id") if message.get(k) is not None]
+    return " ".join([text, *extras]) if extras else text

@@ -21,11 +21,8 @@ class Shared:
     async def load_into(self, local, session):
         return 0
 
-    def save(self, local, session):
+    def save(self, local, session, drop_roots=frozenset(), drop_digests=frozenset()):
         self.writes.append(("save", len(local.checkpoints(session))))
-
-    def forget(self, session):
-        self.writes.append(("forget",))
 
 
 def test_a_summary_landing_after_its_session_ended_is_neither_stored_nor_saved():
@@ -47,7 +44,7 @@ def test_a_summary_landing_after_its_session_ended_is_neither_stored_nor_saved()
         return writes, await comp.prepare(SCOPE, request(9), {})
 
     writes, later = run(scenario())
-    assert writes == [("forget",)] and comp.stats()["summaries_dropped"] == 1
+    assert writes == [("save", 0)] and comp.stats()["summaries_dropped"] == 1  # the end: nothing left to save
     assert later.replaced == 0  # a new session under the id starts from nothing
 
 
@@ -128,3 +125,44 @@ def test_much_new_text_is_tokenized_off_the_event_loop_and_a_little_on_it():
     # on the counter's own threads, not the default executor's that the shared store's calls use (found by review)
     assert {names[t] for _, t in tok.calls[: len(sent)]} <= {"kvsched-tokens_0", "kvsched-tokens_1"}
     assert all(thread == loop for _, thread in tok.calls[len(sent):])
+
+
+def test_a_trigger_past_the_models_context_is_logged_once_and_compaction_fires_by_the_context(caplog):
+    """Found by review (/tmp/rev_compaction/p8_trigger_vs_context.py): the default trigger of 5,000 tokens on a
+    4,096-token model let a session's prompt pass the context before compaction fired, and nothing said so."""
+    app = FakeVllm()
+    app.state = SimpleNamespace(engine_client=SimpleNamespace(model_config=SimpleNamespace(max_model_len=400)))
+    comp = compactor(app, wait_for_summary=True, trigger_tokens=5000)
+    for session in ("a", "b"):
+        out = run(comp.prepare(dict(SCOPE, app=app), request(60, session=session), {}))  # ~480 words: past 300
+        assert out.replaced > 0
+    assert comp.stats()["context_triggers"] == 2 and len(app.calls) == 2
+    assert sum("sessions are compacted when their prompt reaches 300 tokens" in r.getMessage()
+               for r in caplog.records) == 1
+
+
+def test_one_call_per_conversation_even_when_its_state_went_while_the_call_ran():
+    """Found by review (/tmp/rev_compaction/p4_lru_dup.py): a session's state evicted while its summary call ran, or
+    a conversation ended and begun again, started a second call for the same conversation, which overwrote the first
+    in the table of calls (the in-flight gauge went wrong) and made the same summary twice."""
+    app = FakeVllm("slow")
+    comp = compactor(app, max_sessions=2)
+
+    async def scenario():
+        await comp.prepare(SCOPE, request(8, session="A"), {})  # A's call starts and hangs
+        for other in ("B", "C"):
+            await comp.prepare(SCOPE, request(0, session=other), {})
+        await comp.prepare(SCOPE, request(9, session="A"), {})  # A is still known: no second call
+        end = request(8, session="A")
+        end["vllm_xargs"]["session_end"] = 1
+        await comp.prepare(SCOPE, end, {})  # the conversation ends while its call runs ...
+        await comp.prepare(SCOPE, request(8, session="A"), {})  # ... and the same one begins again: not a second
+        for _ in range(5):
+            await asyncio.sleep(0)
+        in_flight = (len(app.calls), comp.stats()["summaries_in_flight"], comp.store.pending())
+        app.release.set()
+        await asyncio.gather(*comp.tasks.values())
+        return in_flight
+
+    assert run(scenario()) == (1, 1, 0)
+    assert comp.store.counters["jobs_withdrawn"] == 1 and comp.stats()["summaries_in_flight"] == 0

@@ -1,0 +1,89 @@
+"""Summaries in the shared store between replicas (found by review: a save wrote only the replica's own checkpoints,
+so two replicas serving one `user:` id erased each other's summaries; and no test checked that a moved session is
+served compacted from the store)."""
+
+import asyncio
+
+from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
+from kvsched.core.shared_state import compaction_key, decode_checkpoints
+from tests.adapters.vllm.test_compaction import SCOPE, SYSTEM, FakeVllm, compactor, request
+from tests.adapters.vllm.test_compaction_refusal import TEMPLATE_ERROR, answer
+
+
+class MemoryStore:
+    """The state half of the shared store's interface, in memory."""
+
+    def __init__(self):
+        self.data = {}
+
+    def get_state(self, key):
+        return self.data.get(key)
+
+    def put_state(self, key, value, ttl_s):
+        self.data[key] = value
+        return True
+
+    def delete_state(self, key):
+        self.data.pop(key, None)
+        return True
+
+
+def replica(store):
+    comp = compactor(FakeVllm(), wait_for_summary=True)
+    comp.shared = SharedCheckpoints(store)
+    return comp
+
+
+async def turn(comp, payload, **kw):
+    out = await comp.prepare(SCOPE, payload, {}, **kw)
+    await asyncio.gather(*comp.shared._tasks)  # the writes behind the request
+    return out
+
+
+def chat_b(turns, end=False):
+    payload = request(0, session="user:alice")
+    payload["messages"] = [SYSTEM, *({"role": "user", "content": f"other chat {i} with more words"}
+                                     for i in range(turns))]
+    if end:
+        payload["vllm_xargs"]["session_end"] = 1
+    return payload
+
+
+def rows(store):
+    (key,) = store.data
+    return decode_checkpoints(store.data[key])
+
+
+def test_a_moved_session_is_served_compacted_at_once_from_the_store():
+    store = MemoryStore()
+    a, b = replica(store), replica(store)
+
+    async def scenario():
+        assert (await turn(a, request(8))).replaced > 0
+        return await turn(b, request(9))
+
+    out = asyncio.run(scenario())
+    assert out.replaced > 0 and b.app.calls == [] and b.stats()["shared_checkpoints_loaded"] == 1
+    key = next(iter(b.store.sessions))
+    assert compaction_key(key) in store.data and b.store.checkpoints(key) == a.store.checkpoints(key)
+
+
+def test_two_replicas_keep_each_others_summaries_of_one_id():
+    store = MemoryStore()
+    a, b, c = replica(store), replica(store), replica(store)
+
+    async def scenario():
+        assert (await turn(b, chat_b(2))).replaced == 0  # b knows the id before a saves anything
+        assert (await turn(a, request(8, session="user:alice"))).replaced > 0
+        assert (await turn(b, chat_b(9))).replaced > 0  # b's own summary of chat B: saved beside a's
+        assert len(rows(store)) == 2
+        served = [await turn(c, request(9, session="user:alice")), await turn(c, chat_b(10))]
+        assert [o.replaced > 0 for o in served] == [True, True] and c.app.calls == []  # both from the store
+        await turn(b, chat_b(10, end=True))  # B ends on b: its summaries go, A's stay
+        assert [cp.root for cp in rows(store)] == [cp.root for cp in a.store.checkpoints(next(iter(a.store.sessions)))]
+        refused = await turn(c, request(10, session="user:alice"))
+        await answer(refused, 400, TEMPLATE_ERROR)  # A's rewrite refused on c: A's rows leave the store too
+        await asyncio.gather(*c.shared._tasks)
+
+    asyncio.run(scenario())
+    assert store.data == {}
