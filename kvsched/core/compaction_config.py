@@ -164,7 +164,8 @@ class CompactionConfig:
             if f.name == "strategy":
                 continue
             var = f"KVSCHED_COMPACTION_{f.name.upper()}"
-            raw = env_setting(env, var)
+            # Blank means unset, but for the prefix an empty text is a setting: the summary with nothing before it.
+            raw = env.get(var) if f.name == "summary_prefix" else env_setting(env, var)
             if raw is None:
                 continue
             default = getattr(cls(), f.name)

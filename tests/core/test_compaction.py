@@ -316,3 +316,14 @@ def test_a_summary_with_no_room_for_its_input_is_counted(clock):
     msgs = conversation(60) + [{"role": "user", "content": "next"}]
     assert s.plan("s1", msgs, counts(msgs), None, input_limit=1).job is None
     assert s.counters["summaries_no_room"] == 1
+
+
+def test_an_empty_summary_prefix_is_a_setting_not_unset():
+    """Blank KVSCHED_* values mean unset, but an empty prefix is how an operator asks for the summary alone (found by
+    review of the blank-means-unset change: it silently brought the built-in prefix back)."""
+    from kvsched.core.compaction_config import DEFAULT_SUMMARY_PREFIX
+
+    assert CompactionConfig.from_env({"KVSCHED_COMPACTION_SUMMARY_PREFIX": ""}).summary_prefix == ""
+    assert CompactionConfig.from_env({"KVSCHED_COMPACTION_SUMMARY_PREFIX": "Earlier: "}).summary_prefix == "Earlier: "
+    assert CompactionConfig.from_env({}).summary_prefix == DEFAULT_SUMMARY_PREFIX
+    assert CompactionConfig.from_env({"KVSCHED_COMPACTION_TRIGGER_TOKENS": " "}) == CompactionConfig.from_env({})
