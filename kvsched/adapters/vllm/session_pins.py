@@ -168,15 +168,16 @@ class SessionPins:
             self.pins.turn_finished(key, hints, groups, tokens, self._block_keys(request))
         else:
             self.pins.turn_finished(key, hints, groups, tokens)  # a last turn's tier blocks go too
+        rec = self.policy.sessions.get(key)
+        kept_over = rec is not None and rec.kept_over  # a side turn: the anchors, tail and copies stay the longer's
         if hints.end:
             self.resolver.forget(key, request.request_id)
         else:
-            self.resolver.finished(request.request_id, key)
+            self.resolver.finished(request.request_id, key, request, moved=not kept_over)
         if self.tier is not None and hints.end:
             self.tier.end_session(key)  # the disk and shared levels forget it too
         elif self.tier is not None:
-            rec = self.policy.sessions.get(key)
-            if rec is not None and rec.kept_over:  # a side turn: the session's tail and copies stay the pin's
+            if kept_over:
                 groups = []
             if groups and (tail := compat.partial_tail(self.scheduler, request, groups[0], self.block_size)):
                 self.tier.save_tail(key, *tail)

@@ -107,6 +107,29 @@ def prompt_block_hashes(request: Any) -> list[Any]:
     return getattr(request, "block_hashes", None) or []
 
 
+def opaque_end(request: Any) -> int:
+    """The end of the request's last prompt position whose token id does not say what it holds: a multimodal item's
+    placeholders (the same ids whatever the image; its hash enters the block hashes only) or prompt embeddings. 0 for
+    a text prompt (two attribute reads)."""
+    if getattr(request, "prompt_embeds", None) is not None:
+        return int(request.num_prompt_tokens)
+    end = 0
+    for feature in getattr(request, "mm_features", None) or ():
+        pos = feature.mm_position
+        end = max(end, int(pos.offset) + int(pos.length))
+    return end
+
+
+def computed_anchor(request: Any, hash_block_size: int) -> tuple[int, Any] | None:
+    """(index, hash) of the last full block of a finished request's prompt and output whose KV was computed (every
+    token but the last sampled one: it was never fed back), None if it has none."""
+    prompt = int(request.num_prompt_tokens)
+    hashes = prompt_block_hashes(request)
+    full = min(len(hashes), max(prompt // hash_block_size,
+                                (prompt + int(request.num_output_tokens) - 1) // hash_block_size))
+    return (full - 1, hashes[full - 1]) if full > 0 else None
+
+
 def finished_request_shape(request: Any, hash_block_size: int) -> tuple[int, int, list[Any], Sequence[int]]:
     """(prompt tokens, output tokens, hashes of the full blocks whose KV was computed, every token id) of a finished
     request. Every token but the last sampled one has KV (it was never fed back); a prompt's own full blocks always

@@ -1,0 +1,124 @@
+"""Session lineage on vLLM's real scheduler and block pool, in the cases a review reproduced (harness.py: no model;
+every sampled token is FAKE_TOKEN)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvsched.adapters.vllm import harness as h  # noqa: E402
+from tests.adapters.vllm.conftest import BLOCK, sched  # noqa: E402
+
+FAKE_TOKEN, run_until_idle = h.FAKE_TOKEN, h.run_until_idle
+
+
+def _turns(s) -> dict[tuple[str, int], int]:
+    return {(str(k.session_id), k.branch): r.turns for k, r in s.kvsched.policy.sessions.items()}
+
+
+def _held(s, hashes) -> list[bool]:
+    """Per block hash, whether a pin holds the cached block of that hash."""
+    pinned = {b.block_id for groups in s.kvsched.pinned.values() for g in groups for b in g}
+    pool = s.kv_cache_manager.block_pool
+    return [bool((c := pool.get_cached_block(x, [0])) and c[0].block_id in pinned) for x in hashes]
+
+
+@pytest.mark.parametrize("system_tokens", [64, 72])  # on a block boundary, and half a block past one
+def test_users_after_a_shared_system_prompt_keep_one_session_each(harness_cfg, clock, system_tokens):
+    """Found by review: with the system prompt off the block boundary, the first tokens compared past the last full
+    block were system prompt, and five users' first turns chained into one session; on the boundary, each user whose
+    short first turn ended on the same block replaced the one before in the index (1 of 5 recognised)."""
+    cfg = h.HarnessConfig(model_dir=harness_cfg.model_dir, num_blocks=256, block_size=BLOCK, max_model_len=1024)
+    s, f = sched(cfg, clock=clock), h.RequestFactory(BLOCK)
+    system = list(range(100, 100 + system_tokens))
+    users = [[*system, 500 + 10 * u, 501 + 10 * u, 502 + 10 * u] for u in range(5)]
+    for p in users:
+        s.add_request(f.make(p, 40))
+        run_until_idle(s)
+    assert sorted(_turns(s).values()) == [1] * 5 and s.kvsched.stats()["inference_hits"] == 0
+    for p in users:
+        s.add_request(f.make([*p, *[FAKE_TOKEN] * 39, 777, 778, 779], 4))
+        run_until_idle(s)
+    assert sorted(_turns(s).values()) == [2] * 5 and s.kvsched.stats()["inference_hits"] == 5
+
+
+def test_an_unrelated_first_turn_leaves_the_first_users_pin(harness_cfg, clock):
+    s, f = sched(harness_cfg, clock=clock), h.RequestFactory(BLOCK)
+    system = list(range(100, 172))  # 4.5 blocks
+    a1 = [*system, 500, 501, 502]
+    s.add_request(f.make(a1, 40))
+    run_until_idle(s)
+    s.add_request(f.make([*system, *range(600, 640)], 4))
+    run_until_idle(s)
+    a2 = f.make([*a1, *[FAKE_TOKEN] * 39, 700, 701, 702, 703], 4)
+    assert all(_held(s, a2.block_hashes[:-1]))  # A's prompt and answer, all still pinned
+    counts = h.PrefillCounts()
+    s.add_request(a2)
+    run_until_idle(s, counts=counts)
+    assert counts.cached_tokens == (len(a2.prompt_token_ids) // BLOCK) * BLOCK
+    assert sorted(_turns(s).values()) == [1, 2]
+
+
+@pytest.mark.parametrize("victim", [[900 + i for i in range(10)], [*range(100, 164), 500, 501, 502]],
+                         ids=["under-one-block", "after-a-system-prompt"])
+def test_a_stranger_under_the_victims_id_cannot_end_its_pin(harness_cfg, clock, victim):
+    """Found by review: a branch whose prompt was under one block matched any turn, and named branches had no tail
+    check, so a stranger's different prompt with the end flag under the victim's id ended the victim's pin."""
+    s, f = sched(harness_cfg, clock=clock), h.RequestFactory(BLOCK)
+    s.add_request(f.make(victim, 60, session_id="victim"))
+    run_until_idle(s)
+    expected = (len(victim) + 60 - 1) // BLOCK  # every full block of prompt and answer
+    assert {k.branch: r.pinned_blocks for k, r in s.kvsched.policy.sessions.items()} == {0: expected}
+    stranger = [*victim[:64], *range(2000, 2040)] if len(victim) > 64 else list(range(2000, 2040))
+    s.add_request(f.make(stranger, 2, session_id="victim", xargs={"session_end": 1}))
+    run_until_idle(s)
+    assert {k.branch: r.pinned_blocks for k, r in s.kvsched.policy.sessions.items()} == {0: expected}
+
+
+def test_images_past_the_last_full_block_are_not_taken_for_the_same_prompt(harness_cfg, clock):
+    """Suspected by review, and so: an image's placeholder tokens are the same ids whatever the image, so two users
+    who sent different images after the same system prompt had the same tail; the images' hashes are in the block
+    hashes only, which the answer's anchor compares."""
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+
+    s, f = sched(harness_cfg, clock=clock), h.RequestFactory(BLOCK)
+    resolver = s.kvsched.resolver
+    system, image = list(range(100, 164)), [99] * 8  # 4 full blocks, then 8 placeholder tokens
+
+    def request(tokens, image_id):
+        r = f.make(tokens, 1)
+        r.mm_features = [MultiModalFeatureSpec(data=None, modality="image", identifier=image_id,
+                                               mm_position=PlaceholderRange(offset=64, length=8))]
+        r.block_hashes[:] = []
+        r.update_block_hashes()  # with the image's hash
+        return r
+
+    first = request([*system, *image, 500], "image-a")
+    key, _ = resolver.resolve(first)  # as it arrives
+    first.append_output_token_ids([FAKE_TOKEN] * 40)  # its answer
+    resolver.finished(first.request_id, key, first)
+    follow = [*system, *image, 500, *[FAKE_TOKEN] * 39, 600]
+    other, _ = resolver.resolve(request(follow, "image-b"))
+    assert other is not None and other != key
+    same, _ = resolver.resolve(request(follow, "image-a"))
+    assert same == key
+
+
+def test_a_side_turn_that_ends_last_leaves_the_branch_to_the_conversation(harness_cfg, clock):
+    """A title request sent beside the conversation's turn continues the session and ends last, keeping the longer
+    pin; the conversation's next turn continues the longer turn, not the title's words, so the session's anchors stay
+    the longer turn's (with its words compared, the title's would have sent that turn to a branch of its own)."""
+    s, f, counts = sched(harness_cfg, clock=clock), h.RequestFactory(BLOCK), h.PrefillCounts()
+    first = list(range(100, 164))  # 4 blocks
+    s.add_request(f.make(first, 2, session_id="chat"))
+    run_until_idle(s)
+    turn = [*first, FAKE_TOKEN, *range(300, 395)]  # 10 blocks
+    s.add_request(f.make(turn, 2, session_id="chat"))
+    s.add_request(f.make([*first, *[55] * 5], 12, session_id="chat"))  # "a title for this", ends last
+    run_until_idle(s)
+    [rec] = s.kvsched.policy.sessions.values()
+    assert rec.kept_over and rec.pinned_blocks == 10
+    s.add_request(f.make([*turn, FAKE_TOKEN, *range(600, 620)], 2, session_id="chat"))
+    run_until_idle(s, counts=counts)
+    assert [r.turns for r in s.kvsched.policy.sessions.values()] == [4] and counts.cached_tokens == 10 * BLOCK
