@@ -16,6 +16,8 @@ repeats either.
   compact their own history, and a refusal would tell a prober which ids exist.) An id has at most `MAX_BRANCHES`
   branches; when they are all taken, those holding no pin (expired, released) make room, and a non-continuing turn
   that still finds no room is served without a session (no pin), so it cannot crowd out a branch that holds one.
+  A branch number is never handed out again while the retention policy or the tier still holds
+  something under it (`in_use`): its history, and its end, would go to the stranger (found by review twice).
 - **Inference.** A request without any session field whose prompt continues an earlier unnamed request's turn joins
   that request's inferred session: a dictionary lookup per block hash, scanned from the prompt's end back at most
   `INFER_SCAN_BLOCKS` blocks (a turn usually adds a few blocks to its predecessor). A hash holds up to `BUCKET`
@@ -96,7 +98,8 @@ class _Entry:
 
 class Lineage:
     """Branch and inference bookkeeping for one engine. `is_pinned(key)` says whether a session holds a pin (such
-    entries are never forgotten to make room: forgetting one would let a stranger's turn take its place).
+    entries are never forgotten to make room: forgetting one would let a stranger's turn take its place); `in_use(key)`
+    whether anything is still kept under that key (its number is then never given to a new branch).
 
     A turn is described by its prompt's block hashes and, on the engine, its tokens, the hash block size and where its
     last position that cannot be compared by token ends (`opaque_end`: images, embeddings); without tokens only the
@@ -106,9 +109,11 @@ class Lineage:
 
     TRIM_SCAN = 1024  # entries looked past the excess when making room
 
-    def __init__(self, config: LineageConfig, is_pinned: Callable[[SessionKey], bool] = lambda _k: False) -> None:
+    def __init__(self, config: LineageConfig, is_pinned: Callable[[SessionKey], bool] = lambda _k: False,
+                 in_use: Callable[[SessionKey], bool] = lambda _k: False) -> None:
         self.config = config
         self.is_pinned = is_pinned
+        self.in_use = in_use
         self.entries: OrderedDict[SessionKey, _Entry] = OrderedDict()  # least recently finished first
         self.branches: dict[SessionKey, list[_Entry]] = {}  # an id's branch 0 key -> its branches, oldest first
         # inferred sessions, per tenant: anchor hash -> sessions anchored there, oldest first (the salt is in the hash;
@@ -149,6 +154,8 @@ class Lineage:
             return None
         number = max(max((e.key.branch for e in branches), default=-1), self._retired.get(base, -1)) + 1
         key = base._replace(branch=number) if number else base
+        while self.in_use(key):  # e.g. a branch ended while its turn ran, or forgotten while its pin is kept
+            key = base._replace(branch=key.branch + 1)
         if key.branch:
             self.counters["branches"] += 1
         n = len(hashes)
@@ -317,7 +324,7 @@ class Lineage:
         """Forget a branch to make room (not because it ended), and never give its number to a new branch of the id:
         its record may outlive its anchor in the retention policy, and a stranger's turn given its key would inherit
         its history, or end it (found by review: after the branches were forgotten, the next non-continuing turn got
-        branch 0, the victim's). Bounded like the entries."""
+        branch 0, the victim's). Bounded like the entries; past the bound, `in_use` still guards a live record."""
         self.forget(key)
         if not key.inferred:
             base = key._replace(branch=0)

@@ -133,6 +133,29 @@ def test_a_concurrent_stranger_cannot_join_a_running_branch_by_the_system_prompt
     assert named(lin, [*SYSTEM, 600, 601, 602, 603, 604]) not in (None, owner)
 
 
+def test_a_branch_number_is_never_reused_while_something_is_kept_under_it():
+    """Found by review: a session ended while its turn ran, or forgotten past the retired-numbers bound, gave its
+    number to the id's next conversation, which then inherited its record (its turns, role, end, and the old turn's
+    pin). `in_use` says what the engine still keeps."""
+    live: set[SessionKey] = set()
+    lin = Lineage(LineageConfig(), in_use=live.__contains__)
+    victim = named(lin, [*SYSTEM, 1, 2])
+    live.add(victim)
+    lin.forget(victim)  # ended while its turn ran: the record stays until that turn finishes
+    other = named(lin, [*SYSTEM, 3, 4])
+    assert other is not None and other != victim and other.branch == victim.branch + 1
+    small = Lineage(LineageConfig(max_entries=1), in_use=live.__contains__)
+    first = named(small, [*SYSTEM, 5, 6])
+    live.add(first)
+    small.finished(first, (1, hashes_of([*SYSTEM, 5, 6])[1]))
+    for i in range(3):  # other ids push it out of the table, then out of the retired numbers
+        k = named(small, [*SYSTEM, 10 + i], SessionKey(SessionId(f"other-{i}")))
+        small.finished(k, (1, hashes_of([*SYSTEM, 10 + i])[1]))
+    assert first not in small.entries and BASE not in small._retired
+    again = named(small, [*SYSTEM, 77, 78])
+    assert again is not None and again != first
+
+
 def test_past_the_branch_limit_the_turn_gets_no_branch():
     lin = Lineage(LineageConfig(), is_pinned=lambda _k: True)
     for i in range(MAX_BRANCHES):

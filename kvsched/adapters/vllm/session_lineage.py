@@ -10,7 +10,7 @@ without a session (logged once).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvsched.adapters.vllm import compat
@@ -25,14 +25,18 @@ _EMPTY_TAIL = Tail(0, 0, ())
 
 
 class SessionResolver:
+    """`in_use(key)`: something is still kept under that key (a new branch never gets its number; default: the policy
+    holds its record)."""
+
     def __init__(self, policy: RetentionPolicy, enabled: bool = True, config: LineageConfig | None = None,
-                 hash_block: int = 0) -> None:
+                 hash_block: int = 0, in_use: Callable[[SessionKey], bool] | None = None) -> None:
         self.policy = policy
         self.hash_block = hash_block  # tokens per block hash (0: unknown; lineage then compares hashes only)
         self.enabled = enabled  # prefix caching on: without it there is no hash chain to follow
         self.config = config or LineageConfig.from_env(max_entries=policy.config.max_sessions)
         sessions = policy.sessions
-        self.lineage = Lineage(self.config, is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned)
+        self.lineage = Lineage(self.config, is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned,
+                               in_use=in_use or sessions.__contains__)
         self.anchors: dict[str, tuple[Anchor | None, Tail | None]] = {}  # request id -> its prompt's last full block
         # and the tokens past it
         self._failed = False

@@ -60,6 +60,26 @@ def test_an_unrelated_first_turn_leaves_the_first_users_pin(harness_cfg, clock):
     assert sorted(_turns(s).values()) == [1, 2]
 
 
+def test_a_session_ended_while_its_turn_runs_never_pins_that_turn_again(harness_cfg, clock):
+    """Found by review: ending "x" while its turn ran, then starting a new conversation under "x", gave the new
+    conversation the old key; the old turn's finish then pinned the old conversation under it and moved its anchor."""
+    s, f = sched(harness_cfg, clock=clock), h.RequestFactory(BLOCK)
+    old, new = list(range(100, 164)), list(range(3000, 3064))
+    s.add_request(f.make(old, 60, session_id="x"))
+    h.step(s)
+    h.step(s)
+    assert s("end", "x") == {"ended": 1}
+    s.add_request(f.make(new, 2, session_id="x"))
+    run_until_idle(s)
+    assert not any(_held(s, f.make(old, 1).block_hashes))
+    assert all(_held(s, f.make(new, 1).block_hashes))
+    (key, rec), = s.kvsched.policy.sessions.items()
+    assert rec.turns == 1 and rec.pinned_blocks == 4
+    s.add_request(f.make([*new, FAKE_TOKEN, *range(4000, 4040)], 2, session_id="x"))  # its second turn
+    run_until_idle(s)
+    assert list(_turns(s).items()) == [((key.session_id, key.branch), 2)]
+
+
 @pytest.mark.parametrize("victim", [[900 + i for i in range(10)], [*range(100, 164), 500, 501, 502]],
                          ids=["under-one-block", "after-a-system-prompt"])
 def test_a_stranger_under_the_victims_id_cannot_end_its_pin(harness_cfg, clock, victim):
@@ -74,6 +94,26 @@ def test_a_stranger_under_the_victims_id_cannot_end_its_pin(harness_cfg, clock, 
     s.add_request(f.make(stranger, 2, session_id="victim", xargs={"session_end": 1}))
     run_until_idle(s)
     assert {k.branch: r.pinned_blocks for k, r in s.kvsched.policy.sessions.items()} == {0: expected}
+
+
+def test_a_branch_number_is_not_reused_while_its_record_lives(harness_cfg, clock, monkeypatch):
+    """Found by review: the numbers of forgotten branches were remembered in a bounded LRU; once it dropped the id,
+    a stranger's turn got branch 0 again and with it the victim's record (its turns and role)."""
+    monkeypatch.setenv("KVSCHED_MAX_SESSIONS", "2")
+    s, f = sched(harness_cfg, clock=clock), h.RequestFactory(BLOCK)
+    s.add_request(f.make(list(range(100, 164)), 2, session_id="victim", xargs={"agent_role": "planner"}))
+    run_until_idle(s)
+    clock.advance(10_000)
+    s.kvsched.expire()  # the pin expires; the record stays
+    for i in range(5):  # other ids push the victim's branch out of the lineage table and its number out of the LRU
+        s.add_request(f.make([7000 + i] * 10, 2, session_id=f"other{i}"))
+        run_until_idle(s)
+    s.add_request(f.make(list(range(5000, 5064)), 2, session_id="victim"))  # a different prompt under the id
+    run_until_idle(s)
+    rows = sorted(((r.turns, r.role or "") for k, r in s.kvsched.policy.sessions.items() if k.session_id == "victim"),
+                  reverse=True)
+    assert rows in ([(1, "planner"), (1, "")], [(1, "")])  # the victim's record as it was (unless trimmed), and a
+    # fresh one for the stranger's turn
 
 
 def test_images_past_the_last_full_block_are_not_taken_for_the_same_prompt(harness_cfg, clock):
