@@ -15,8 +15,10 @@ repeats either.
   victim's id cannot take the victim's pin. (Refusing such turns instead would break honest clients that edit or
   compact their own history, and a refusal would tell a prober which ids exist.) An id has at most `MAX_BRANCHES`
   branches; when they are all taken, those holding no pin (expired, released) make room, and a non-continuing turn
-  that still finds no room is served without a session (no pin), so it cannot crowd out a branch that holds one.
-  A branch number is never handed out again while the retention policy or the tier still holds
+  that still finds no room gets no branch: the adapter serves it as a request without a session field (session
+  inference, within the same tenant and salt), so it cannot crowd out a branch that holds a pin, and an app sending
+  one constant `user` for every conversation keeps its conversations past the eighth (found by review: they got no
+  session at all). A branch number is never handed out again while the retention policy or the tier still holds
   something under it (`in_use`): its history, and its end, would go to the stranger (found by review twice).
 - **Inference.** A request without any session field whose prompt continues an earlier unnamed request's turn joins
   that request's inferred session: a dictionary lookup per block hash, scanned from the prompt's end back at most

@@ -63,7 +63,9 @@ class SessionResolver:
                 else:
                     tail = tail_of(tokens, start, opaque)
             if key is not None:
-                key = self.lineage.named(key, hashes, tokens, block, tail, opaque)
+                named = self.lineage.named(key, hashes, tokens, block, tail, opaque)
+                # past the id's branch limit: served as a request without a session field would be
+                key = named if named is not None else self._infer(request, hashes, tokens, opaque)
             else:
                 key = self._infer(request, hashes, tokens, opaque)
             if key is None:

@@ -116,6 +116,25 @@ def test_a_branch_number_is_not_reused_while_its_record_lives(harness_cfg, clock
     # fresh one for the stranger's turn
 
 
+def test_conversations_past_the_branch_limit_of_one_user_id_are_inferred(harness_cfg, clock):
+    """Found by review: an app sending one constant `user` (`user:<value>`) had every conversation past the eighth
+    served without a session; they are inferred within the same tenant and salt now, as without the field."""
+    cfg = h.HarnessConfig(model_dir=harness_cfg.model_dir, num_blocks=256, block_size=BLOCK, max_model_len=1024)
+    s, f = sched(cfg, clock=clock), h.RequestFactory(BLOCK)
+    user = {"session_id": "user:my-app"}
+    convs = [list(range(100 + 1000 * i, 148 + 1000 * i)) for i in range(12)]
+    for c in convs:
+        s.add_request(f.make(c, 2, xargs=user))
+        run_until_idle(s)
+    assert len(s.kvsched.pinned) == 12
+    for i, c in enumerate(convs):
+        s.add_request(f.make([*c, FAKE_TOKEN, *range(9000 + 50 * i, 9020 + 50 * i)], 2, xargs=user))
+    run_until_idle(s)
+    turns = _turns(s)
+    assert sum(turns.values()) == 24 and sorted(turns.values()) == [2] * 12
+    assert sum(1 for k in s.kvsched.policy.sessions if k.inferred) == 4
+
+
 def test_images_past_the_last_full_block_are_not_taken_for_the_same_prompt(harness_cfg, clock):
     """Suspected by review, and so: an image's placeholder tokens are the same ids whatever the image, so two users
     who sent different images after the same system prompt had the same tail; the images' hashes are in the block
