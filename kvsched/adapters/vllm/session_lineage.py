@@ -26,14 +26,17 @@ _EMPTY_TAIL = Tail(0, 0, ())
 
 class SessionResolver:
     """`in_use(key)`: something is still kept under that key (a new branch never gets its number; default: the policy
-    holds its record)."""
+    holds its record). `keyed`: the API server checks API keys (`compat.keyed_server`), so a request that reaches the
+    engine without a tenant is not scoped to one and gets no session."""
 
     def __init__(self, policy: RetentionPolicy, enabled: bool = True, config: LineageConfig | None = None,
-                 hash_block: int = 0, in_use: Callable[[SessionKey], bool] | None = None) -> None:
+                 hash_block: int = 0, in_use: Callable[[SessionKey], bool] | None = None,
+                 keyed: bool | None = None) -> None:
         self.policy = policy
         self.hash_block = hash_block  # tokens per block hash (0: unknown; lineage then compares hashes only)
         self.enabled = enabled  # prefix caching on: without it there is no hash chain to follow
         self.config = config or LineageConfig.from_env(max_entries=policy.config.max_sessions)
+        self.keyed = compat.keyed_server() if keyed is None else keyed
         sessions = policy.sessions
         self.lineage = Lineage(self.config, is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned,
                                in_use=in_use or sessions.__contains__)
@@ -49,6 +52,8 @@ class SessionResolver:
         """The session `request` joins and its hints; (None, default) for none."""
         try:
             key, hints = compat.request_session(request, self._known)
+            if key is not None and self.keyed and key.tenant is None:
+                return _NO_SESSION
             hashes = compat.prompt_block_hashes(request)
             block = self.hash_block
             tokens: Sequence[int] | None = None
@@ -82,7 +87,7 @@ class SessionResolver:
         if not (self.enabled and self.config.infer_sessions):
             return None
         salt, tenant, may_infer = compat.request_scope(request)
-        if not may_infer:
+        if not may_infer or (self.keyed and tenant is None):
             return None
         return self.lineage.infer(salt, tenant, hashes, tokens, self.hash_block, opaque)
 

@@ -7,8 +7,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from kvsched.adapters.vllm import compat  # noqa: E402
 from kvsched.adapters.vllm import harness as h  # noqa: E402
-from tests.adapters.vllm.conftest import BLOCK, sched  # noqa: E402
+from tests.adapters.vllm.conftest import BLOCK, sched, unset_env  # noqa: E402
 
 FAKE_TOKEN, run_until_idle = h.FAKE_TOKEN, h.run_until_idle
 
@@ -133,6 +134,38 @@ def test_conversations_past_the_branch_limit_of_one_user_id_are_inferred(harness
     turns = _turns(s)
     assert sum(turns.values()) == 24 and sorted(turns.values()) == [2] * 12
     assert sum(1 for k in s.kvsched.policy.sessions if k.inferred) == 4
+
+
+def test_a_keyed_server_gives_requests_without_a_tenant_no_session(harness_cfg, clock, monkeypatch):
+    """Found by review: requests on routes kvsched does not rewrite reach the engine without `kvsched_tenant`, and
+    every key's (and on /invocations, unauthenticated callers') were inferred into one shared pool."""
+    monkeypatch.setenv(compat.ENV_KEYED, "1")
+    s, f = sched(harness_cfg, clock=clock), h.RequestFactory(BLOCK)
+    a = list(range(100, 196))
+    s.add_request(f.make(a, 4))  # no tenant: key A's request on /inference/v1/generate, say
+    s.add_request(f.make(list(range(300, 396)), 4, session_id="named"))
+    run_until_idle(s)
+    assert not s.kvsched.policy.sessions and not s.kvsched.pinned
+    tenant = {"kvsched_tenant": "key-a"}
+    s.add_request(f.make(a, 4, xargs=tenant))
+    run_until_idle(s)
+    s.add_request(f.make([*a, *[FAKE_TOKEN] * 3, *range(900, 940)], 4, xargs=tenant))
+    run_until_idle(s)
+    assert [(k.tenant, r.turns) for k, r in s.kvsched.policy.sessions.items()] == [("key-a", 2)]
+
+
+def test_the_api_server_marks_its_engine_keyed_before_starting_it(serve_parser, monkeypatch):
+    unset_env(monkeypatch, compat.ENV_KEYED)
+    unset_env(monkeypatch, "VLLM_API_KEY")
+    serve_parser.parse_args(["--scheduler", "kvsched"])
+    assert not compat.keyed_server()
+    serve_parser.parse_args(["--scheduler", "kvsched", "--api-key", "k"])
+    assert compat.keyed_server()
+    serve_parser.parse_args(["--scheduler", "kvsched"])  # a stale mark (another server's) goes
+    assert not compat.keyed_server()
+    monkeypatch.setenv("VLLM_API_KEY", "k")
+    serve_parser.parse_args(["--scheduler", "kvsched"])
+    assert compat.keyed_server()
 
 
 def test_images_past_the_last_full_block_are_not_taken_for_the_same_prompt(harness_cfg, clock):

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from kvsched.adapters.vllm.compat.requests import mark_keyed_server
 from kvsched.adapters.vllm.compat.version import unsupported_vllm
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
@@ -322,6 +323,7 @@ def _check_after_parsing(parser: Any) -> None:
                 print(f"kvsched: warning: {warning}", file=sys.stderr)
             if errors := engine_setting_errors():
                 parser.exit(2, "".join(f"kvsched: {e}\n" for e in errors))
+            mark_keyed_server(ns)  # before the engine core starts: it inherits the variable
         _apply_tier(parser, ns)
         carry_settings_to_ray_workers(ns)
         return ns, rest
