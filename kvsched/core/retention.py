@@ -30,7 +30,7 @@ from kvsched.core.retention_records import Decision, Pin, Release, ReleaseReason
 from kvsched.core.retention_values import ReleaseValues
 from kvsched.core.return_model import ReturnModel
 from kvsched.core.scoring import select_lowest
-from kvsched.core.sessions import SessionKey, TurnHints
+from kvsched.core.sessions import KNOWN_ROLES, SessionKey, TurnHints
 
 __all__ = ["Clock", "Decision", "Pin", "Release", "ReleaseReason", "RetentionPolicy", "SessionRecord", "SessionView"]
 
@@ -57,7 +57,7 @@ class RetentionPolicy(ReleaseValues):
         self.pinned_blocks_total = 0
         self.expiry = ExpiryQueue()
         self.counters: Counter[str] = Counter()
-        self.gaps = GapModel(self.GAP_WINDOW, self.MIN_TAIL_SAMPLES)
+        self.gaps = GapModel(self.GAP_WINDOW, self.MIN_TAIL_SAMPLES, roles=(*KNOWN_ROLES, *config.role_weights))
         self._activity = itertools.count(1)
         self.index = ReleaseIndex(self.candidate, self.score, selector)  # the pinned sessions and their order
         self.payback = PinPayback(config.payback(), total_blocks)  # the online fallback to LRU
