@@ -15,7 +15,8 @@ TTL (seconds; the server caps it at KVSCHED_MAX_TTL_S):
   2. `prompt_cache_options.ttl` (a duration: "30m")
   3. `prompt_cache_retention`: "in_memory" 600 s (OpenAI keeps in-memory caches 5-10 min), "24h" 86,400 s
   4. Anthropic `cache_control.ttl` on system, message or tool blocks: the longest ("5m" when a block has none)
-Role and end only come from kvsched's fields (`X-Agent-Role`, `X-Session-End` or `vllm_xargs`).
+Role and end only come from kvsched's fields (`X-Agent-Role`, `X-Session-End` or `vllm_xargs`). A header and its
+`vllm_xargs` key (role, end, TTL) given together must agree, as kvsched's three session id fields must.
 
 An API field's value that is not a usable id as sent (over 128 characters, control characters) is hashed into one
 (`<prefix>sha256:<32 hex>`), since those APIs allow such values; a value of the wrong type, empty, or over 1,024
@@ -145,13 +146,20 @@ def _api_string(raw: object, field: str) -> str:
 
 def _hint(headers: Mapping[str, str], xargs: Mapping[str, Any], header: str, key: str,
           check: Callable[[object], Any]) -> Any:
-    raw = headers[header] if header in headers else xargs.get(key)
-    if raw is None:
-        return None
-    try:
-        return check(raw)
-    except InvalidSessionInput as exc:
-        raise InvalidSessionInput(str(exc), field=header if header in headers else f"vllm_xargs.{key}") from None
+    """The hint from its header or `vllm_xargs` key, validated; both present must agree (as the session ids must:
+    found by review, the header silently won over a different `vllm_xargs.agent_role`)."""
+    found = []
+    for field, raw in ((header, headers.get(header)), (f"vllm_xargs.{key}", xargs.get(key))):
+        if raw is None:
+            continue
+        try:
+            found.append(check(raw))
+        except InvalidSessionInput as exc:
+            raise InvalidSessionInput(str(exc), field=field) from None
+    if len(found) > 1 and found[0] != found[1]:
+        raise InvalidSessionInput(f"conflicting {key} in one request: {header} {found[0]!r}, vllm_xargs.{key} "
+                                  f"{found[1]!r}"[:200], field=header)
+    return found[0] if found else None
 
 
 def _ttl(payload: Mapping[str, Any], headers: Mapping[str, str]) -> tuple[float | None, str | None]:

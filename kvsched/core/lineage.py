@@ -2,24 +2,32 @@
 sessions inferred for requests that name none.
 
 Why on the hash chain: a session id is only a name, which any client can send. vLLM hashes every full block of a
-prompt chained from token 0 (and the `cache_salt`), so "this prompt continues that turn's prompt" is one comparison:
-the new prompt's hash at the position of the earlier prompt's last full block equals that block's hash. That gives:
+prompt chained from token 0 (and the `cache_salt`), so "this prompt continues that turn" is one comparison: the new
+prompt's hash at the position of the earlier turn's last full block equals that block's hash. A finished turn is
+anchored twice: on its prompt's last full block, with the prompt's tail past it (`kvsched.core.lineage_tail`: a
+template may render those last tokens anew), and on the last full block of its prompt and answer (the *computed*
+anchor: a prompt repeating it repeats the answer, which no stranger can send). A turn continues a session when it
+repeats either.
 
-- **Branches.** A turn under an existing id joins the branch whose anchor (its last turn's prompt, last full block) it
-  continues. A turn that continues none starts a new branch of that id: its own session, with its own pin, TTL and end.
-  It never shrinks, re-times or ends the branch it did not continue, so a second client sending a different prompt
-  under a victim's id cannot take the victim's pin. (Refusing such turns instead would break honest clients that edit
-  or compact their own history, and a refusal would tell a prober which ids exist.) An id has at most `MAX_BRANCHES`
+- **Branches.** A turn under an existing id joins the branch whose anchor it continues (the deepest, if several). A
+  turn that continues none starts a new branch of that id: its own session, with its own pin, TTL and end. It never
+  shrinks, re-times or ends the branch it did not continue, so a second client sending a different prompt under a
+  victim's id cannot take the victim's pin. (Refusing such turns instead would break honest clients that edit or
+  compact their own history, and a refusal would tell a prober which ids exist.) An id has at most `MAX_BRANCHES`
   branches; when they are all taken, those holding no pin (expired, released) make room, and a non-continuing turn
-  that still finds no room is served without a session (no pin), so it cannot crowd out a branch that holds one.
-- **Inference.** A request without any session field whose prompt extends an earlier unnamed request's prompt joins
+  that still finds no room gets no branch: the adapter serves it as a request without a session field (session
+  inference, within the same tenant and salt), so it cannot crowd out a branch that holds a pin, and an app sending
+  one constant `user` for every conversation keeps its conversations past the eighth (found by review: they got no
+  session at all). A branch number is never handed out again while the retention policy or the tier still holds
+  something under it (`in_use`): its history, and its end, would go to the stranger (found by review twice).
+- **Inference.** A request without any session field whose prompt continues an earlier unnamed request's turn joins
   that request's inferred session: a dictionary lookup per block hash, scanned from the prompt's end back at most
-  `INFER_SCAN_BLOCKS` blocks (a turn usually adds a few blocks to its predecessor), and, on the engine, whose tokens
-  past that earlier prompt's last full block are the same (that block may be all shared system prompt; the words
-  after it are the user's). Never across `cache_salt` or tenant.
-  A branch (two requests extending the same turn): the first to arrive continues the session; any other that arrives
-  while it is in flight, or extends a turn the session has moved past, becomes a session of its own (sharing the common
-  prefix's blocks, which are held once).
+  `INFER_SCAN_BLOCKS` blocks (a turn usually adds a few blocks to its predecessor). A hash holds up to `BUCKET`
+  sessions (found by review: one per hash, and users whose short first turns after a shared system prompt ended on
+  the same block overwrote one another); the turn joins the newest that it continues and that has no turn in flight.
+  Never across `cache_salt` or tenant. A branch (two requests extending the same turn): the first to arrive
+  continues the session; any other that arrives while it is in flight, or extends a turn the session has moved past,
+  becomes a session of its own (sharing the common prefix's blocks, which are held once).
 
 Hashes are opaque here (bytes in vLLM). Anchors are set when a new branch's first turn arrives (so a concurrent stranger
 cannot slip into a branch that has no anchor yet) and moved when a turn finishes. The table is bounded: the least
@@ -30,24 +38,21 @@ from __future__ import annotations
 
 import itertools
 import os
-from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvsched.core.env import env_setting
+from kvsched.core.lineage_tail import TAIL_SLACK, Tail, repeats, tail_of
 from kvsched.core.sessions import SessionId, SessionKey
 
-Anchor = tuple[int, Hashable]  # (index of the last full block of a turn's prompt, that block's chained hash)
-Tail = tuple[int, bytes]  # (count, the first TAIL_KEEP as int64) of a turn's prompt tokens past its last full block
+__all__ = ["Anchor", "BUCKET", "INFER_SCAN_BLOCKS", "INFERRED_PREFIX", "InvalidLineageSetting", "Lineage",
+           "LineageConfig", "MAX_BRANCHES", "TAIL_SLACK", "Tail", "tail_of"]
+
+Anchor = tuple[int, Hashable]  # (index of a turn's last full block, that block's chained hash)
 
 MAX_BRANCHES = 8
-# A continuation repeats the earlier prompt's tail but for its last TAIL_SLACK tokens (a template may render its
-# generation prompt differently once the answer follows: Qwen3's empty think block; a raw prompt's trailing space
-# merges into the answer's first token), and at least its first token (the user's own words, when the last full block
-# is all shared system prompt). Found by review: an exact match split such conversations in two.
-TAIL_KEEP = 8
-TAIL_SLACK = 8
+BUCKET = 16  # inferred sessions remembered per block hash (the newest finished)
 INFER_SCAN_BLOCKS = 1024
 INFERRED_PREFIX = "inferred-"
 
@@ -77,16 +82,18 @@ class LineageConfig:
 
 
 class _Entry:
-    """One session's lineage state: its key, anchor, how many joined turns are in flight (never forgotten), when its
-    last turn finished (a sequence number) and the conversation its last turn sent (compaction's digest of the client's
-    messages, when the API server computed one)."""
+    """One session's lineage state: its key, anchors (`anchor` the prompt's last full block, with `tail` the prompt's
+    tokens past it when known; `computed` the last full block of prompt and answer), how many joined turns are in
+    flight (never forgotten), when its last turn finished (a sequence number) and the conversation its last turn sent
+    (compaction's digest of the client's messages, when the API server computed one)."""
 
-    __slots__ = ("key", "anchor", "busy", "finished", "conversation", "tail")
+    __slots__ = ("key", "anchor", "tail", "computed", "busy", "finished", "conversation")
 
-    def __init__(self, key: SessionKey, anchor: Anchor | None) -> None:
+    def __init__(self, key: SessionKey, anchor: Anchor | None, tail: Tail | None = None) -> None:
         self.key = key
         self.anchor = anchor
-        self.tail: Tail | None = None  # the prompt's tokens past the anchor, when known (inference checks them)
+        self.tail = tail
+        self.computed: Anchor | None = None
         self.busy = 0
         self.finished = 0
         self.conversation: str | None = None
@@ -94,21 +101,28 @@ class _Entry:
 
 class Lineage:
     """Branch and inference bookkeeping for one engine. `is_pinned(key)` says whether a session holds a pin (such
-    entries are never forgotten to make room: forgetting one would let a stranger's turn take its place).
+    entries are never forgotten to make room: forgetting one would let a stranger's turn take its place); `in_use(key)`
+    whether anything is still kept under that key (its number is then never given to a new branch).
 
-    Per request: `named` is one lookup of the id plus one anchor comparison per branch, `infer` one lookup per block
-    hash scanned; `finished` one lookup. Entries are ordered by their last finished turn (the forgetting order)."""
+    A turn is described by its prompt's block hashes and, on the engine, its tokens, the hash block size and where its
+    last position that cannot be compared by token ends (`opaque_end`: images, embeddings); without tokens only the
+    hashes are compared (the simulator). Per request: `named` is one lookup of the id plus a comparison or two per
+    branch, `infer` one lookup per block hash scanned and a tail comparison per session of the hash it stops at;
+    `finished` one lookup. Entries are ordered by their last finished turn (the forgetting order)."""
 
     TRIM_SCAN = 1024  # entries looked past the excess when making room
 
-    def __init__(self, config: LineageConfig, is_pinned: Callable[[SessionKey], bool] = lambda _k: False) -> None:
+    def __init__(self, config: LineageConfig, is_pinned: Callable[[SessionKey], bool] = lambda _k: False,
+                 in_use: Callable[[SessionKey], bool] = lambda _k: False) -> None:
         self.config = config
         self.is_pinned = is_pinned
+        self.in_use = in_use
         self.entries: OrderedDict[SessionKey, _Entry] = OrderedDict()  # least recently finished first
         self.branches: dict[SessionKey, list[_Entry]] = {}  # an id's branch 0 key -> its branches, oldest first
-        # inferred sessions, per tenant: anchor hash -> session (the salt is in the hash; a tenant's identical prompt
-        # never displaces another tenant's entry)
-        self.index: dict[str | None, dict[Hashable, _Entry]] = {}
+        # inferred sessions, per tenant: anchor hash -> sessions anchored there, oldest first (the salt is in the hash;
+        # a tenant's identical prompt never displaces another tenant's entry)
+        self.index: dict[str | None, dict[Hashable, list[_Entry]]] = {}
+        self.indexed = 0  # entries in the index's lists
         self.counters: Counter[str] = Counter()
         self._ids: dict[str | None, itertools.count[int]] = {}  # per tenant: a number tells no key of another's
         self._finished = itertools.count(1)
@@ -116,24 +130,19 @@ class Lineage:
         self._retired: OrderedDict[SessionKey, int] = OrderedDict()  # an id's highest branch forgotten to make room
 
     # ---- named sessions -------------------------------------------------------------------------------------------
-    def named(self, base: SessionKey, hashes: Sequence[Hashable]) -> SessionKey | None:
+    def named(self, base: SessionKey, hashes: Sequence[Hashable], tokens: Sequence[int] | None = None,
+              block: int = 0, tail: Tail | None = None, opaque_end: int = 0) -> SessionKey | None:
         """The branch of the named session `base` (branch 0) that a turn with prompt block hashes `hashes` joins: the
-        one whose anchor it continues (the deepest, if several), else a new branch; None past MAX_BRANCHES."""
+        one whose anchor it continues (the deepest, if several), else a new branch (anchored on this prompt, `tail` its
+        tokens past its last full block); None past MAX_BRANCHES."""
         self.created = None
         branches = self.branches.get(base)
         if branches is None:
             branches = self.branches[base] = []
         best: _Entry | None = None
         best_idx = -2
-        n = len(hashes)
         for e in branches:
-            anchor = e.anchor
-            if anchor is None:
-                idx = -1  # nothing to continue (a prompt shorter than one block): any turn does
-            else:
-                idx = anchor[0]
-                if idx >= n or hashes[idx] != anchor[1]:
-                    continue
+            idx = _depth(e, hashes, tokens, block, opaque_end)
             if idx > best_idx:
                 best, best_idx = e, idx
         if best is not None:
@@ -146,14 +155,14 @@ class Lineage:
         if len(branches) >= MAX_BRANCHES:
             self.counters["branch_overflows"] += 1
             return None
-        top = max((e.key.branch for e in branches), default=self._retired.get(base, -1))
-        top = max(top, self._retired.get(base, -1))
-        if top >= 0:
-            key = base._replace(branch=top + 1)
+        number = max(max((e.key.branch for e in branches), default=-1), self._retired.get(base, -1)) + 1
+        key = base._replace(branch=number) if number else base
+        while self.in_use(key):  # e.g. a branch ended while its turn ran, or forgotten while its pin is kept
+            key = base._replace(branch=key.branch + 1)
+        if key.branch:
             self.counters["branches"] += 1
-        else:
-            key = base
-        self._add(key, (n - 1, hashes[-1]) if n else None, branches)
+        n = len(hashes)
+        self._add(key, (n - 1, hashes[-1]) if n else None, branches).tail = tail
         self.created = key
         return key
 
@@ -185,27 +194,25 @@ class Lineage:
 
     # ---- inferred sessions ------------------------------------------------------------------------------------------
     def infer(self, cache_salt: str | None, tenant: str | None, hashes: Sequence[Hashable],
-              tokens: Sequence[int] | None = None, block: int = 0) -> SessionKey:
-        """The inferred session a request without a session field joins: the one whose last turn's prompt its prompt
-        extends (found by block hash, newest position first, then, when `tokens` and the hash `block` size are given,
-        the tokens that turn's prompt had past its last full block), else a new one. Found by review: on the hashes
-        alone, an unrelated user whose prompt shared only a system prompt (the earlier prompt's last full block) joined
-        another's session and moved its pin."""
+              tokens: Sequence[int] | None = None, block: int = 0, opaque_end: int = 0) -> SessionKey:
+        """The inferred session a request without a session field joins: the newest idle one of the deepest block hash
+        (scanned from the prompt's end) that anchors any session, whose turn the prompt continues; else a new one."""
         self.created = None
         n = len(hashes)
         index = self.index.get(tenant) or {}
         for i in range(n - 1, max(n - 1 - INFER_SCAN_BLOCKS, -1), -1) if index else ():
-            e = index.get(hashes[i])
-            if e is None or e.key.cache_salt != cache_salt:
+            bucket = index.get(hashes[i])
+            if bucket is None:
                 continue
-            if e.tail is not None and tokens is not None and block and not _repeats(tokens, (i + 1) * block, e.tail):
-                break  # the prompt shares that turn's full blocks, not its last words: a session of its own
-            if not e.busy and e.anchor is not None and e.anchor[0] == i:
+            for e in reversed(bucket):
+                if e.busy or e.key.cache_salt != cache_salt or not _continues_at(e, i, hashes[i], tokens, block,
+                                                                                 opaque_end):
+                    continue
                 e.busy += 1
                 self.counters["inference_hits"] += 1
                 self.counters["inferred_turns"] += 1
                 return e.key
-            break  # the newest turn this prompt extends is taken (a branch): a session of its own
+            break  # the newest turns this prompt meets are another's, or taken (a branch): a session of its own
         ids = self._ids.get(tenant) or self._ids.setdefault(tenant, itertools.count(1))
         key = SessionKey(SessionId(f"{INFERRED_PREFIX}{next(ids)}"), cache_salt, tenant, inferred=True)
         self._add(key, None)  # indexed when its turn finishes
@@ -214,10 +221,13 @@ class Lineage:
         return key
 
     # ---- turn outcomes ------------------------------------------------------------------------------------------
-    def finished(self, key: SessionKey, anchor: Anchor | None, tail: Tail | None = None) -> None:
+    def finished(self, key: SessionKey, anchor: Anchor | None, tail: Tail | None = None,
+                 computed: Anchor | None = None, moved: bool = True) -> None:
         """A turn of `key` finished; `anchor` is its prompt's last full block (None: shorter than a block), `tail` its
-        prompt's tokens past it. The session's anchor moves there (the adapter forgets, not finishes, a turn of a
-        session ended while it ran)."""
+        prompt's tokens past it, `computed` the last full block of its prompt and answer. The session's anchors move
+        there, unless not `moved`: a side turn that ended last kept the session's longer pin, and the session's next
+        turn continues that longer turn (as the policy expects: `RetentionPolicy.turn_finished`). The adapter forgets,
+        not finishes, a turn of a session ended while it ran."""
         e = self.entries.get(key)
         if e is None:
             branches = None if key.inferred else self.branches.setdefault(
@@ -227,14 +237,24 @@ class Lineage:
             self.entries.move_to_end(key)
         e.busy = max(e.busy - 1, 0)
         e.finished = next(self._finished)
+        if not moved:
+            return
+        if key.inferred:
+            self._unindex(e)
+        e.anchor, e.tail = anchor, tail
+        e.computed = computed if computed is not None and (anchor is None or computed[0] > anchor[0]) else None
         if key.inferred:
             index = self.index.setdefault(key.tenant, {})
-            if e.anchor is not None and index.get(e.anchor[1]) is e:
-                del index[e.anchor[1]]
-            if anchor is not None:
-                index[anchor[1]] = e
-        if anchor is not None:
-            e.anchor, e.tail = anchor, tail
+            for a in (e.anchor, e.computed):
+                if a is not None:
+                    bucket = index.setdefault(a[1], [])
+                    bucket.append(e)
+                    self.indexed += 1
+                    if len(bucket) > BUCKET:
+                        del bucket[0]
+                        self.indexed -= 1
+            if not index:
+                del self.index[key.tenant]
         self._trim()
 
     def abandoned(self, key: SessionKey) -> None:
@@ -244,17 +264,14 @@ class Lineage:
             e.busy = max(e.busy - 1, 0)
 
     def forget(self, key: SessionKey) -> None:
-        """The session ended: its anchor and branch slot go (a turn still in flight registers it again when it
-        finishes)."""
+        """The session ended: its anchors and branch slot go (a turn still in flight registers it again when it
+        finishes, unless the adapter forgets it then too)."""
         e = self.entries.pop(key, None)
         if e is None:
             return
-        index = self.index.get(key.tenant) if key.inferred else None
-        if e.anchor is not None and index is not None and index.get(e.anchor[1]) is e:
-            del index[e.anchor[1]]
-            if not index:
-                del self.index[key.tenant]
-        if not key.inferred:
+        if key.inferred:
+            self._unindex(e)
+        else:
             base = key._replace(branch=0)
             branches = self.branches.get(base)
             if branches is not None and e in branches:
@@ -267,7 +284,7 @@ class Lineage:
         return {"inferred_sessions": c["inferred_sessions"], "inferred_turns": c["inferred_turns"],
                 "inference_hits": c["inference_hits"], "branches": c["branches"],
                 "branch_overflows": c["branch_overflows"],
-                "inference_table_entries": sum(map(len, self.index.values()))}
+                "inference_table_entries": self.indexed}
 
     # ---- internals ----------------------------------------------------------------------------------------------
     def _add(self, key: SessionKey, anchor: Anchor | None, branches: list[_Entry] | None = None) -> _Entry:
@@ -277,6 +294,20 @@ class Lineage:
             branches.append(e)
         self._trim()
         return e
+
+    def _unindex(self, e: _Entry) -> None:
+        index = self.index.get(e.key.tenant)
+        if index is None:
+            return
+        for a in (e.anchor, e.computed):
+            bucket = index.get(a[1]) if a is not None else None
+            if bucket is not None and e in bucket:
+                bucket.remove(e)
+                self.indexed -= 1
+                if not bucket:
+                    del index[a[1]]  # type: ignore[index]
+        if not index:
+            del self.index[e.key.tenant]
 
     def _trim(self) -> None:
         excess = len(self.entries) - self.config.max_entries
@@ -296,7 +327,7 @@ class Lineage:
         """Forget a branch to make room (not because it ended), and never give its number to a new branch of the id:
         its record may outlive its anchor in the retention policy, and a stranger's turn given its key would inherit
         its history, or end it (found by review: after the branches were forgotten, the next non-continuing turn got
-        branch 0, the victim's). Bounded like the entries."""
+        branch 0, the victim's). Bounded like the entries; past the bound, `in_use` still guards a live record."""
         self.forget(key)
         if not key.inferred:
             base = key._replace(branch=0)
@@ -306,23 +337,30 @@ class Lineage:
                 self._retired.popitem(last=False)
 
 
-def tail_of(tokens: Sequence[int], start: int) -> Tail:
-    """What a later prompt continuing this one repeats past `start`: the count of `tokens[start:]` and its first
-    TAIL_KEEP tokens (packed: one entry per remembered session)."""
-    return max(len(tokens) - start, 0), array("q", tokens[start:start + TAIL_KEEP]).tobytes()
-
-
-def _repeats(tokens: Sequence[int], start: int, tail: Tail) -> bool:
-    """`tokens` from `start` repeat `tail` as a continuation does (TAIL_SLACK)."""
-    count, kept = tail
-    if not count:
+def _continues_at(e: _Entry, i: int, h: Hashable, tokens: Sequence[int] | None, block: int, opaque_end: int) -> bool:
+    """A prompt whose block `i` hashes to `h` continues `e`'s last turn: it repeats the turn's answer (the computed
+    anchor), or its prompt's last full block and then its tail (when the tokens are known)."""
+    c = e.computed
+    if c is not None and c[0] == i and c[1] == h:
         return True
-    want = array("q", kept)
-    same = 0
-    for a, b in zip(want, tokens[start:start + TAIL_KEEP], strict=False):
-        if a != b:
-            break
-        same += 1
-    # of the kept tokens, those before the last TAIL_SLACK of the tail (a 32-token block leaves tails of up to 31:
-    # found by the headerless conversation on a real server, which an exact count past the kept ones split)
-    return same >= max(1, min(len(want), count - TAIL_SLACK))
+    a = e.anchor
+    if a is None or a[0] != i or a[1] != h:
+        return False
+    return e.tail is None or tokens is None or not block or repeats(tokens, (i + 1) * block, e.tail, opaque_end)
+
+
+def _depth(e: _Entry, hashes: Sequence[Hashable], tokens: Sequence[int] | None, block: int, opaque_end: int) -> int:
+    """The index of the deepest anchor of branch `e` that a prompt (`hashes`, `tokens`) continues; -1 for a branch
+    without a full block that it continues (with no tokens to compare, as before: any prompt does); -2 for none."""
+    n = len(hashes)
+    c = e.computed
+    if c is not None and c[0] < n and hashes[c[0]] == c[1]:
+        return c[0]
+    a = e.anchor
+    idx = -1 if a is None else a[0]
+    if a is not None and (idx >= n or hashes[idx] != a[1]):
+        return -2
+    if e.tail is not None and tokens is not None and block and not repeats(tokens, (idx + 1) * block, e.tail,
+                                                                          opaque_end):
+        return -2
+    return idx

@@ -283,8 +283,9 @@ class KVSchedPolicy(SimPolicy):
             self._save_tail(i, key, blocks)
         if hints.end:
             self.lineage.forget(key)
-        else:
-            self.lineage.finished(key, anchor)
+        else:  # a side turn that kept the longer pin leaves the anchors too, as the engine does
+            rec = self.policy.sessions.get(key)
+            self.lineage.finished(key, anchor, moved=rec is None or not rec.kept_over)
         self.pins.enforce_budget()
 
     def match_external(self, i: int, prompt_ids: np.ndarray, start: int, limit: int) -> int:

@@ -121,3 +121,19 @@ def test_durations(raw, seconds):
 def test_role_and_end():
     f = read({"session_id": "s", "vllm_xargs": {"agent_role": "Planner"}}, {"x-session-end": "true"})
     assert (f.role, f.end) == ("planner", True)
+
+
+@pytest.mark.parametrize("payload, headers, field", [
+    ({"vllm_xargs": {"agent_role": "planner"}}, {"x-agent-role": "worker"}, "x-agent-role"),
+    ({"vllm_xargs": {"ttl_s": 30}}, {"x-session-ttl": "60"}, "x-session-ttl"),
+    ({"vllm_xargs": {"session_end": 0}}, {"x-session-end": "1"}, "x-session-end"),
+])
+def test_a_header_and_its_vllm_xargs_key_must_agree(payload, headers, field):
+    """Found by review: the header silently won over a different `vllm_xargs` value, where conflicting session ids
+    are refused."""
+    with pytest.raises(InvalidSessionInput, match="conflicting") as exc:
+        read({"session_id": "s", **payload}, headers)
+    assert exc.value.field == field
+    agreeing = read({"session_id": "s", "vllm_xargs": {"agent_role": "Planner", "ttl_s": 60, "session_end": True}},
+                    {"x-agent-role": "planner", "x-session-ttl": "60", "x-session-end": "yes"})
+    assert (agreeing.role, agreeing.ttl_s, agreeing.end) == ("planner", 60.0, True)

@@ -262,21 +262,24 @@ def test_inferred_session_names_are_numbered_per_tenant():
 def test_inference_wants_the_earlier_prompts_last_words_repeated_but_not_its_rewritten_generation_prompt():
     """Found by review twice: on the hashes alone an unrelated prompt sharing only the system prompt joined; with an
     exact match on the tokens past the last full block, a template that renders its generation prompt differently
-    once the answer follows (Qwen3's empty think block, a raw prompt's trailing space) split one conversation in two."""
+    once the answer follows (Qwen3's empty think block, a raw prompt's trailing space) split one conversation in two.
+    Such a continuation renders the earlier prompt's last tokens anew after its own words, and ends with them again
+    (its own generation prompt)."""
     from kvsched.core.lineage import TAIL_SLACK, tail_of
 
     block = 4
     system = [1, 2, 3, 4, 5, 6, 7, 8]  # two full blocks, shared by every user
-    first = [*system, 50, 51, 90, 91, 92, 93, 94]  # the user's words (50, 51), then a generation prompt (90..94)
+    gen = [90, 91, 92, 93, 94]  # a generation prompt; 92..94 (the empty think block) are left out once answered
+    first = [*system, 50, 51, *gen]  # the user's words (50, 51), then the generation prompt
     hashes = chain("s0", "s1", "u0")[:2]  # the prompt's full blocks: all system prompt
     lin = Lineage(LineageConfig())
     key = lin.infer(None, None, hashes, first, block)
     lin.finished(key, (1, hashes[1]), tail_of(first, 2 * block))
-    stranger = [*system, 60, 61, 90, 91, 92, 93, 94, 70]
-    assert lin.infer(None, None, chain("s0", "s1", "x"), stranger, block) != key  # not its words: its own session
-    rewritten = [*system, 50, 51, 90, 91, 95, 96, 97, 98]  # the generation prompt rendered anew after the answer
-    assert len(first) - 2 * block - 2 <= TAIL_SLACK
-    assert lin.infer(None, None, chain("s0", "s1", "y"), rewritten, block) == key
+    stranger = [*system, 60, 61, *gen, 70, 71, *gen]
+    assert lin.infer(None, None, chain("s0", "s1", "x", "x"), stranger, block) != key  # not its words: its own
+    rewritten = [*system, 50, 51, 90, 91, 95, 96, 52, 53, *gen]  # answered (95, 96), the think block gone, asked again
+    assert len(first) - 2 * block <= TAIL_SLACK
+    assert lin.infer(None, None, chain("s0", "s1", "y", "y"), rewritten, block) == key
     long_tail = Lineage(LineageConfig())  # a 32-token block: a tail of up to 31 tokens, more than the 8 kept
     block, words = 32, list(range(500, 527))  # 27 tokens past the last full block
     prompt = [*range(1, 33), *words]

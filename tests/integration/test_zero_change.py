@@ -160,3 +160,23 @@ def test_header_values_are_utf8_like_body_values(secure_server):
     assert rows(s, KEYS[0])[(sid, 0)]["turns"] == 2
     r = chat(s, [{"role": "user", "content": "hello"}], headers={"X-Session-Id": b"\xff\xfe"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "x-session-id"
+
+
+def test_requests_on_routes_kvsched_does_not_rewrite_get_no_session_on_a_keyed_server(secure_server):
+    """Found by review: those routes reach the engine without the caller's key (`kvsched_tenant`), and every key's
+    requests there (and unauthenticated ones on /invocations) were inferred into one shared pool. The server has keys,
+    so its engine gives them no session; the control, /v1/chat/completions, is inferred as ever."""
+    s = secure_server
+    first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": DOC}]
+    follow = [*first, {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and then?"}]
+    m0 = s.metrics()
+    for messages in (first, follow):
+        assert request(s, "POST", "/invocations", None, {"model": "tiny", "max_tokens": 2,
+                                                         "messages": messages}).status_code == 200
+        assert request(s, "POST", "/v1/chat/completions/batch", KEYS[1], {"model": "tiny", "max_tokens": 2,
+                                                                          "messages": [messages]}).status_code == 200
+    m1 = s.metrics()
+    for name in ("kvsched_inferred_sessions_total", "kvsched_inferred_turns_total", "kvsched_requests_with_session_total"):
+        assert m1[name] == m0[name], name
+    assert chat(s, first, key=KEYS[1]).status_code == 200
+    assert s.metrics()["kvsched_inferred_turns_total"] == m1["kvsched_inferred_turns_total"] + 1

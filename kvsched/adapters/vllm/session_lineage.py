@@ -1,34 +1,45 @@
 """Engine side of session lineage: which session (branch of a named one, or an inferred one) a vLLM request joins,
-decided on the request's own block hashes (`kvsched.core.lineage` holds the rules and says why).
+decided on the request's own block hashes and tokens (`kvsched.core.lineage` holds the rules and says why).
 
-Runs in `SessionPins`' hooks on the engine-core thread. Per request it costs a few dictionary lookups: the named
-session's branch anchors are compared at one position each; inference looks up block hashes from the prompt's end.
-A failure here never reaches vLLM: the request is then served without a session (logged once).
+Runs in `SessionPins`' hooks on the engine-core thread. Per request it costs a few dictionary lookups and one digest of
+the prompt's tokens past its last full block: the named session's branch anchors are compared at one position each;
+inference looks up block hashes from the prompt's end. A failure here never reaches vLLM: the request is then served
+without a session (logged once).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvsched.adapters.vllm import compat
-from kvsched.core.lineage import Anchor, Lineage, LineageConfig, Tail, tail_of
+from kvsched.core.lineage import Anchor, Lineage, LineageConfig
+from kvsched.core.lineage_tail import OPAQUE, Tail, tail_of
 from kvsched.core.retention import RetentionPolicy
 from kvsched.core.sessions import SessionKey, TurnHints
 
 logger = logging.getLogger(__name__)
 _NO_SESSION: tuple[None, TurnHints] = (None, TurnHints())
+_EMPTY_TAIL = Tail(0, 0, ())
 
 
 class SessionResolver:
+    """`in_use(key)`: something is still kept under that key (a new branch never gets its number; default: the policy
+    holds its record). `keyed`: the API server checks API keys (`compat.keyed_server`), so a request that reaches the
+    engine without a tenant is not scoped to one and gets no session."""
+
     def __init__(self, policy: RetentionPolicy, enabled: bool = True, config: LineageConfig | None = None,
-                 hash_block: int = 0) -> None:
+                 hash_block: int = 0, in_use: Callable[[SessionKey], bool] | None = None,
+                 keyed: bool | None = None) -> None:
         self.policy = policy
-        self.hash_block = hash_block  # tokens per block hash (0: unknown; inference then checks hashes only)
+        self.hash_block = hash_block  # tokens per block hash (0: unknown; lineage then compares hashes only)
         self.enabled = enabled  # prefix caching on: without it there is no hash chain to follow
         self.config = config or LineageConfig.from_env(max_entries=policy.config.max_sessions)
+        self.keyed = compat.keyed_server() if keyed is None else keyed
         sessions = policy.sessions
-        self.lineage = Lineage(self.config, is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned)
+        self.lineage = Lineage(self.config, is_pinned=lambda k: (r := sessions.get(k)) is not None and r.pinned,
+                               in_use=in_use or sessions.__contains__)
         self.anchors: dict[str, tuple[Anchor | None, Tail | None]] = {}  # request id -> its prompt's last full block
         # and the tokens past it
         self._failed = False
@@ -41,16 +52,29 @@ class SessionResolver:
         """The session `request` joins and its hints; (None, default) for none."""
         try:
             key, hints = compat.request_session(request, self._known)
+            if key is not None and self.keyed and key.tenant is None:
+                return _NO_SESSION
             hashes = compat.prompt_block_hashes(request)
-            tokens = getattr(request, "prompt_token_ids", None) if self.hash_block else None
+            block = self.hash_block
+            tokens: Sequence[int] | None = None
+            tail: Tail | None = None
+            opaque = 0
+            if block:
+                start = len(hashes) * block
+                opaque = compat.opaque_end(request)
+                tokens = getattr(request, "prompt_token_ids", None)
+                if tokens is None:  # prompt embeddings: nothing past the hashed blocks can be compared
+                    tokens, tail = (), OPAQUE if opaque > start else _EMPTY_TAIL
+                else:
+                    tail = tail_of(tokens, start, opaque)
             if key is not None:
-                key = self.lineage.named(key, hashes)
-            elif self.enabled and self.config.infer_sessions:
-                salt, tenant, may_infer = compat.request_scope(request)
-                key = self.lineage.infer(salt, tenant, hashes, tokens, self.hash_block) if may_infer else None
+                named = self.lineage.named(key, hashes, tokens, block, tail, opaque)
+                # past the id's branch limit: served as a request without a session field would be
+                key = named if named is not None else self._infer(request, hashes, tokens, opaque)
+            else:
+                key = self._infer(request, hashes, tokens, opaque)
             if key is None:
                 return _NO_SESSION
-            tail = tail_of(tokens, len(hashes) * self.hash_block) if tokens is not None and key.inferred else None
             self.anchors[request.request_id] = ((len(hashes) - 1, hashes[-1]) if hashes else None, tail)
             return key, hints
         except Exception:  # never take the engine down over session bookkeeping
@@ -59,8 +83,24 @@ class SessionResolver:
                 logger.exception("kvsched: session lineage failed; the request is served without a session")
             return _NO_SESSION
 
-    def finished(self, request_id: str, key: SessionKey) -> None:
-        self._safely(self.lineage.finished, key, *self.anchors.pop(request_id, (None, None)))
+    def _infer(self, request: Any, hashes: list[Any], tokens: Sequence[int] | None, opaque: int) -> SessionKey | None:
+        if not (self.enabled and self.config.infer_sessions):
+            return None
+        salt, tenant, may_infer = compat.request_scope(request)
+        if not may_infer or (self.keyed and tenant is None):
+            return None
+        return self.lineage.infer(salt, tenant, hashes, tokens, self.hash_block, opaque)
+
+    def finished(self, request_id: str, key: SessionKey, request: Any = None, moved: bool = True) -> None:
+        """The turn of `key` that `request` ran finished: the session's anchors move to its prompt and its answer
+        (unless not `moved`: a side turn that kept the session's longer pin)."""
+        self._safely(self._finished, request_id, key, request, moved)
+
+    def _finished(self, request_id: str, key: SessionKey, request: Any, moved: bool) -> None:
+        anchor, tail = self.anchors.pop(request_id, (None, None))
+        computed = compat.computed_anchor(request, self.hash_block) if request is not None and self.hash_block \
+            else None
+        self.lineage.finished(key, anchor, tail, computed, moved)
 
     def abandoned(self, request_id: str, key: SessionKey) -> None:
         self.anchors.pop(request_id, None)

@@ -5,6 +5,7 @@ Lives in the engine-core process, driven by KVSchedScheduler's hooks; every call
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -64,8 +65,8 @@ class SessionPins:
         self._payback = self.policy.payback.enabled and self.policy.payback.armed
         self._payback_waiting = self.policy.payback.enabled and not self._payback
         self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
-        self.resolver = SessionResolver(self.policy, self.enabled, hash_block=hashed or 0)  # branches and inferred
-        # sessions (lineage)
+        self.resolver = SessionResolver(self.policy, self.enabled, hash_block=hashed or 0,
+                                        in_use=self._key_in_use)  # branches and inferred sessions (lineage)
         self.recorder = TraceRecorder.from_env(scheduler, self.enabled)  # KVSCHED_RECORD_TRACE: this engine's traffic
         # KVSCHED_TRACE=FILE: one JSON line per applied decision, for replaying what the policy did.
         trace = trace_path()
@@ -168,15 +169,16 @@ class SessionPins:
             self.pins.turn_finished(key, hints, groups, tokens, self._block_keys(request))
         else:
             self.pins.turn_finished(key, hints, groups, tokens)  # a last turn's tier blocks go too
+        rec = self.policy.sessions.get(key)
+        kept_over = rec is not None and rec.kept_over  # a side turn: the anchors, tail and copies stay the longer's
         if hints.end:
             self.resolver.forget(key, request.request_id)
         else:
-            self.resolver.finished(request.request_id, key)
+            self.resolver.finished(request.request_id, key, request, moved=not kept_over)
         if self.tier is not None and hints.end:
             self.tier.end_session(key)  # the disk and shared levels forget it too
         elif self.tier is not None:
-            rec = self.policy.sessions.get(key)
-            if rec is not None and rec.kept_over:  # a side turn: the session's tail and copies stay the pin's
+            if kept_over:
                 groups = []
             if groups and (tail := compat.partial_tail(self.scheduler, request, groups[0], self.block_size)):
                 self.tier.save_tail(key, *tail)
@@ -279,8 +281,19 @@ class SessionPins:
             self.tier.reset_cache()
         return len(keys)
 
+    def _key_in_use(self, key: SessionKey) -> bool:
+        """Something is still kept under `key` (its record, the tier's copies): a new branch never gets its number."""
+        if key in self.policy.sessions:
+            return True
+        directory = getattr(self.tier, "directory", None)
+        return directory is not None and (key in directory.keys_of or key in directory.tail_of)
+
     def _end(self, key: SessionKey) -> None:
         self.apply(self.policy.end(key))
+        if key in self.policy.sessions:  # a turn of it is in flight: its finish ends it too, never pins it again
+            for rid, (k, hints) in list(self.requests.items()):  # (found by review: it pinned the old conversation
+                if k == key and not hints.end:  # under the key the id's next conversation had been given)
+                    self.requests[rid] = (k, dataclasses.replace(hints, end=True))
         self.resolver.forget(key)
         if self.tier is not None:
             self.tier.directory.drop_owner(key)

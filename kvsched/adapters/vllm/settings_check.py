@@ -18,8 +18,8 @@ ENV_TRACE_SCORES = "KVSCHED_TRACE_SCORES"
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 # Read by name outside the engine (kvsched.tiny_model, kvsched.sim.mooncake: where models and traces are cached;
-# setup.py and `make test`: a failed C++ build is an error)
-OTHER_SETTINGS = frozenset({"KVSCHED_CACHE_DIR", "KVSCHED_REQUIRE_EXT"})
+# setup.py and `make test`: a failed C++ build is an error; the API server's mark for its engine: compat.ENV_KEYED)
+OTHER_SETTINGS = frozenset({"KVSCHED_CACHE_DIR", "KVSCHED_REQUIRE_EXT", "KVSCHED_KEYED_SERVER"})
 
 
 def fault_every(environ: Mapping[str, str] | None = None) -> int:

@@ -235,12 +235,13 @@ def test_free_blocks_return_to_total_when_every_session_ends(harness_cfg, ops):
 
 
 def test_a_short_side_request_beside_a_long_turn_does_not_replace_its_pin(harness_cfg, clock):
-    """A chat client's title request runs beside the conversation's turn under the same id, continues its one-block
-    system prompt and ends last: the session keeps the long turn's pin, and its next turn hits all of it."""
+    """A chat client's title request runs beside the conversation's turn under the same id, sends its one-block
+    system prompt and first words and ends last: the session keeps the long turn's pin, and its next turn hits all of
+    it. (A side request sharing only the system prompt is another conversation: a branch of its own.)"""
     s, f, counts = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK), PrefillCounts()
     system = list(range(100, 100 + BLOCK))  # one block
     history = system + list(range(300, 300 + 9 * BLOCK))  # 10 blocks
-    s.add_request(f.make(system + [7] * 3, 12, session_id="chat"))  # the title: arrives first, ends last
+    s.add_request(f.make(history[:BLOCK + 3], 12, session_id="chat"))  # the title: arrives first, ends last
     s.add_request(f.make(history, 2, session_id="chat"))
     run_until_idle(s)
     stats = s.kvsched.stats()
@@ -324,12 +325,13 @@ def test_a_streaming_input_request_is_one_turn_of_its_session(harness_cfg, clock
 
 
 def test_a_preempted_request_is_not_held_up_by_its_running_sessions_other_pin(harness_cfg, clock):
-    """Two requests of one session with unrelated prompts: the short one finishes and pins 19 blocks the long one
-    never hits; the long one, preempted meanwhile, needs them back. Its session runs, so no release order offers the
-    pin: without the last resort the request waited until the pin's TTL (forever while turns kept coming)."""
+    """Two requests of one session, the long one's prompt continuing the short one's only: the short one finishes and
+    pins 19 blocks (its prompt and answer) the long one never hits; the long one, preempted meanwhile, needs them back.
+    Its session runs, so no release order offers the pin: without the last resort the request waited until the pin's
+    TTL (forever while turns kept coming)."""
     s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
     short = f.make(list(range(10, 20)), 300, session_id="a")
-    long = f.make(list(range(1000, 1500)), 400, session_id="a")  # 57 blocks with its output, of 63
+    long = f.make([*range(10, 20), *range(1000, 1490)], 400, session_id="a")  # 57 blocks with its output, of 63
     s.add_request(short)
     s.add_request(long)
     run_until_idle(s, max_steps=2000)  # the clock stands still: no TTL can fire

@@ -208,7 +208,7 @@ def test_a_side_turn_that_keeps_the_sessions_longer_pin_leaves_its_tier_tail_alo
     s = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock=clock)
     f = RequestFactory(BLOCK)
     system = list(range(100, 100 + BLOCK))
-    s.add_request(f.make(system + [5] * 3, 12, session_id="chat"))  # 1 block + 14 tokens with KV: a tail of its own
+    s.add_request(f.make(system + [300, 301, 302], 12, session_id="chat"))  # its first words: a tail of its own
     s.add_request(f.make(system + list(range(300, 300 + 9 * BLOCK)), 4, session_id="chat"))  # 10 blocks + 3 tokens
     run_until_idle(s)
     [(key, rec)] = s.kvsched.policy.sessions.items()

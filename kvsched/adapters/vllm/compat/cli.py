@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Any
 
+from kvsched.adapters.vllm.compat.requests import mark_keyed_server
 from kvsched.adapters.vllm.compat.tier_args import add_tier_arguments, apply_tier
 from kvsched.adapters.vllm.compat.version import unsupported_vllm
 
@@ -254,6 +255,7 @@ def _check_after_parsing(parser: Any) -> None:
                 print(f"kvsched: warning: {warning}", file=sys.stderr)
             if errors := engine_setting_errors():
                 parser.exit(2, "".join(f"kvsched: {e}\n" for e in errors))
+            mark_keyed_server(ns)  # before the engine core starts: it inherits the variable
         kvsched = is_kvsched_scheduler(getattr(ns, "scheduler_cls", None))
         apply_tier(parser, ns, kvsched)
         carry_settings_to_ray_workers(ns)

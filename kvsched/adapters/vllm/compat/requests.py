@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from kvsched.core.sessions import (
@@ -26,6 +27,7 @@ XARG_COMPACTED = "kvsched_compacted"  # set by kvsched's compaction middleware o
 # digests of its client messages' recent prefixes (the conversations whose branch the rewrite leaves behind)
 XARG_CONVERSATION = "kvsched_conversation"  # set by the compaction middleware only: the digest of the client's messages
 XARG_INFER = "kvsched_infer"  # 0: keep this request out of session inference (e.g. kvsched's own summary calls)
+ENV_KEYED = "KVSCHED_KEYED_SERVER"  # "1" in an engine whose API server checks keys (`mark_keyed_server`)
 
 # Engine-core utility calls: vLLM's EngineCore dispatches a utility request by `getattr(engine_core, name)(*args)`.
 # The engine core's attribute `scheduler` is kvsched's scheduler object, which is callable, so the API server reaches
@@ -105,6 +107,48 @@ def prompt_block_hashes(request: Any) -> list[Any]:
     """The chained hashes of the request's full blocks (`Request.block_hashes`; only the prompt's when the request is
     added). Empty without prefix caching."""
     return getattr(request, "block_hashes", None) or []
+
+
+def opaque_end(request: Any) -> int:
+    """The end of the request's last prompt position whose token id does not say what it holds: a multimodal item's
+    placeholders (the same ids whatever the image; its hash enters the block hashes only) or prompt embeddings. 0 for
+    a text prompt (two attribute reads)."""
+    if getattr(request, "prompt_embeds", None) is not None:
+        return int(request.num_prompt_tokens)
+    end = 0
+    for feature in getattr(request, "mm_features", None) or ():
+        pos = feature.mm_position
+        end = max(end, int(pos.offset) + int(pos.length))
+    return end
+
+
+def computed_anchor(request: Any, hash_block_size: int) -> tuple[int, Any] | None:
+    """(index, hash) of the last full block of a finished request's prompt and output whose KV was computed (every
+    token but the last sampled one: it was never fed back), None if it has none."""
+    prompt = int(request.num_prompt_tokens)
+    hashes = prompt_block_hashes(request)
+    full = min(len(hashes), max(prompt // hash_block_size,
+                                (prompt + int(request.num_output_tokens) - 1) // hash_block_size))
+    return (full - 1, hashes[full - 1]) if full > 0 else None
+
+
+def keyed_server(environ: Mapping[str, str] | None = None) -> bool:
+    """True in an engine whose API server checks API keys (`ENV_KEYED`, set by `mark_keyed_server`)."""
+    return (os.environ if environ is None else environ).get(ENV_KEYED, "") == "1"
+
+
+def mark_keyed_server(args: Any, environ: MutableMapping[str, str] | None = None) -> None:
+    """In the API server, once its arguments are parsed and before it starts the engine core (a child process, which
+    inherits the variable): tell the engine whether the server checks API keys (`--api-key`, VLLM_API_KEY). kvsched's
+    middleware then scopes every request it rewrites to the caller's key (`XARG_TENANT`), and the engine gives a
+    request without that scope no session, named or inferred: it came by a route kvsched does not rewrite (found by
+    review: /inference/v1/generate, batch, Cohere, audio and /invocations requests of every key, and of
+    unauthenticated callers on /invocations, were inferred into one shared pool)."""
+    env = os.environ if environ is None else environ
+    if getattr(args, "api_key", None) or env.get("VLLM_API_KEY"):
+        env[ENV_KEYED] = "1"
+    else:
+        env.pop(ENV_KEYED, None)
 
 
 def finished_request_shape(request: Any, hash_block_size: int) -> tuple[int, int, list[Any], Sequence[int]]:
