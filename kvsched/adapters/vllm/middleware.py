@@ -200,8 +200,10 @@ class KVSchedMiddleware:
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
                     body = b"".join(chunks)
-                    content_type = dict(start.get("headers", [])).get(b"content-type", b"").decode()
-                    openmetrics = "openmetrics" in content_type
+                    # Any case: prometheus_client (vLLM's /metrics app) sends `Content-Type` (found by review: read
+                    # as lower case only, OpenMetrics bodies got text-format kvsched lines and failed to parse).
+                    content_type = first_headers(start).get("content-type", b"").decode("latin-1")
+                    openmetrics = "openmetrics" in content_type.lower()
                     body = append_metrics(body, render_metrics(stats, openmetrics=openmetrics, api_side=api_side)
                                           + self.compaction.render_metrics(openmetrics=openmetrics))
                     hdrs = replace_header(start.get("headers", []), b"content-length", str(len(body)).encode())
