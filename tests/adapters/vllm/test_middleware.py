@@ -378,4 +378,7 @@ def test_payback_releases_are_exported():
     from kvsched.adapters.vllm.metrics import render_metrics
 
     text = render_metrics({"released_payback": 3, "released_blocks_payback": 12}).decode()
-    assert 'reason="payback"' in text
+    # the values, not only the label: every reason is always rendered, with 0 when the stats lack it
+    assert 'kvsched_pin_releases_total{reason="payback"} 3.0' in text
+    assert 'kvsched_pin_released_blocks_total{reason="payback"} 12.0' in text
+    assert 'kvsched_pin_releases_total{reason="ttl"} 0.0' in text
