@@ -64,6 +64,7 @@ class KVSchedMiddleware:
         self.responses = ResponseSessions()  # /v1/responses ids -> sessions, for previous_response_id
         self.compaction = Compactor(app)  # context compaction (KVSCHED_COMPACTION*), see compaction.py
         self._stats_call: asyncio.Future[Any] | None = None
+        self.session_calls = admin_routes.EngineCalls()  # bounded, shared: see admin_routes
 
     def _is_active(self, scope: Scope) -> bool:
         if self._active is None:
@@ -93,7 +94,7 @@ class KVSchedMiddleware:
             if not (ident.authenticated or ident.admin):
                 await send_json(send, 401, {"error": "Unauthorized"})
             else:
-                await admin_routes.handle(scope["app"], scope, send, path, ident, raw)
+                await admin_routes.handle(scope["app"], scope, send, path, ident, raw, self.session_calls)
         elif not ident.authenticated:  # vLLM refuses it: nothing of kvsched runs for it
             await self.app(scope, receive, send)
         else:
