@@ -179,6 +179,7 @@ class TraceRecorder:
     def _fail(self) -> None:
         self.stopped = True
         logger.exception("kvsched: recording to %s failed; the engine goes on without it", self.path)
+        self.recording.stop()  # what it kept for later lines goes (a full recording let it go itself)
         self.close()
 
     def close(self) -> None:
