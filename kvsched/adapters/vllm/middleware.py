@@ -88,6 +88,9 @@ class KVSchedMiddleware:
             else:
                 await self._unhandled(scope, receive, send, path)
             return
+        if is_admin and method == "OPTIONS":  # as vLLM's authentication does (CORS preflights): vLLM answers it
+            await self.app(scope, receive, send)
+            return
         raw = first_headers(scope)
         ident = self.auth.identify(scope["app"], raw.get("authorization"))
         if is_admin:

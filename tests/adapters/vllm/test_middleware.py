@@ -136,6 +136,14 @@ def test_nothing_of_kvsched_runs_before_authentication():
     assert mw.compaction.stats()["summary_calls"] == 0 and mw.rejected == 0
 
 
+def test_an_options_request_to_the_session_routes_goes_to_vllm_unauthenticated():
+    """vLLM's authentication lets OPTIONS through (CORS preflights); kvsched answered its own routes' with 401."""
+    app = FakeVllm(keys=("secret",))
+    mw = KVSchedMiddleware(app)
+    call(mw, app, "OPTIONS", "/kvsched/sessions")  # (this fake answers it as any request without the key)
+    assert app.calls == [("/kvsched/sessions", b"")] and app.utility == []  # vLLM's to answer, not kvsched's 401
+
+
 def test_with_the_key_kvsched_validates_and_writes_the_tenant():
     app = FakeVllm(keys=("secret", "other"))
     mw = KVSchedMiddleware(app)
