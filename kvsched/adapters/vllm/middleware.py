@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
+from urllib.parse import parse_qs
 
 from kvsched.adapters.vllm import admin_routes, compat
 from kvsched.adapters.vllm.auth import Auth
@@ -192,6 +193,8 @@ class KVSchedMiddleware:
     async def _metrics(self, scope: Scope, receive: Any, send: Any) -> None:
         stats = await self._engine_stats(scope["app"])
         api_side = {"rejected_requests": self.rejected}
+        # `?name[]=...` narrows kvsched's series as prometheus_client narrows vLLM's (it parses the query the same way)
+        names = parse_qs(scope.get("query_string", b"").decode("utf-8", "replace")).get("name[]")
         # Ask for an uncompressed body so the kvsched lines can be appended.
         scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"])
         start: dict[str, Any] = {}
@@ -208,8 +211,8 @@ class KVSchedMiddleware:
                     # as lower case only, OpenMetrics bodies got text-format kvsched lines and failed to parse).
                     content_type = first_headers(start).get("content-type", b"").decode("latin-1")
                     openmetrics = "openmetrics" in content_type.lower()
-                    body = append_metrics(body, render_metrics(stats, openmetrics=openmetrics, api_side=api_side)
-                                          + self.compaction.render_metrics(openmetrics=openmetrics))
+                    body = append_metrics(body, render_metrics(stats, openmetrics, api_side, names)
+                                          + self.compaction.render_metrics(openmetrics, names))
                     hdrs = replace_header(start.get("headers", []), b"content-length", str(len(body)).encode())
                     await send(dict(start, headers=hdrs))
                     await send({"type": "http.response.body", "body": body})

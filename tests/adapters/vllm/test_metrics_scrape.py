@@ -71,3 +71,21 @@ def test_a_text_scrape_of_prometheus_clients_app_parses_with_kvscheds_series():
     samples = {s.name: s.value for f in text_families(body) for s in f.samples}
     assert samples["kvsched_pinned_blocks"] == 3 and samples["kvsched_sessions_seen_total"] == 4
     assert samples["vllm:demo_total"] == 1
+
+
+def test_a_scrape_narrowed_by_name_narrows_kvscheds_series_too():
+    """Found by review: `/metrics?name[]=...` narrowed vLLM's series, and kvsched appended all of its own."""
+    _, body = scrape(query=b"name[]=kvsched_pinned_blocks&name[]=vllm:demo_total")
+    samples = {s.name for f in text_families(body) for s in f.samples}
+    assert samples == {"kvsched_pinned_blocks", "vllm:demo_total"}
+    _, body = scrape(OPENMETRICS, query=b"name[]=kvsched_pin_releases_total")
+    families = list(openmetrics_families(body))
+    assert [f.name for f in families] == ["kvsched_pin_releases"] and body.endswith("# EOF\n")
+    assert {s.labels["reason"]: s.value for s in families[0].samples}["payback"] == 2
+
+
+def test_active_sessions_says_it_counts_idle_sessions_too():
+    """Found by review: the name says active, the value is the whole session table (idle sessions included)."""
+    _, body = scrape()
+    [family] = [f for f in text_families(body) if f.name == "kvsched_active_sessions"]
+    assert "idle" in family.documentation
