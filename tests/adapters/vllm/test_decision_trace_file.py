@@ -65,3 +65,18 @@ def test_a_malformed_size_limit_is_refused_before_the_engine_starts(monkeypatch,
     monkeypatch.setenv("KVSCHED_TRACE_MAX_MB", value)
     assert [e for e in engine_setting_errors() if e.startswith("KVSCHED_TRACE_MAX_MB=")]
     assert "KVSCHED_TRACE_MAX_MB" in known_setting_names()
+
+
+def test_a_row_naming_its_session_key_is_hashed_with_its_tenant_and_salt(tmp_path):
+    """What the rows could carry instead of the bare id (a change in session_pins.py): the key, whose tenant and salt
+    then tell two tenants' sessions of one id apart, still never written as sent."""
+    from kvsched.core.sessions import SessionId, SessionKey
+
+    path = tmp_path / "t.jsonl"
+    trace = DecisionTrace(str(path))
+    a, b = SessionKey(SessionId("same"), None, "tenant-a"), SessionKey(SessionId("same"), None, "tenant-b")
+    for key in (a, b, a):
+        trace.write({"t": 0.0, "session": key, "op": "start"})
+    trace.close()
+    first, second, third = (r["session"] for r in rows(path))
+    assert first == third != second and "same" not in path.read_text() and "tenant-a" not in path.read_text()
