@@ -26,9 +26,9 @@ class Vllm:
         async def call_utility_async(name, op, *args):
             return {"pinned_blocks": 3, "sessions_seen": 4, "released_payback": 2}
 
-        self.state = SimpleNamespace(args=SimpleNamespace(scheduler_cls="kvsched.adapters.vllm.scheduler.X", api_key=[]),
-                                     engine_client=SimpleNamespace(engine_core=SimpleNamespace(
-                                         call_utility_async=call_utility_async)))
+        args = SimpleNamespace(scheduler_cls="kvsched.adapters.vllm.scheduler.X", api_key=[])
+        engine_core = SimpleNamespace(call_utility_async=call_utility_async)
+        self.state = SimpleNamespace(args=args, engine_client=SimpleNamespace(engine_core=engine_core))
 
     async def __call__(self, scope, receive, send):
         await self.prometheus(scope, receive, send)
