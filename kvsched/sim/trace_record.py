@@ -25,11 +25,14 @@ from typing import Any, TextIO
 from kvsched.sim.trace import TraceRequest, TraceWriter
 
 ID_BYTES = 8
-# Block ids kept (8 bytes each) to write a session's next request as a delta, and the tokens of its partial last block
-# (8 bytes each, to count how many its next request repeats); past it the least recently active sessions are
-# forgotten (their next request is then written with all its ids). 4M: 32 MB, e.g. 1,000 sessions of 64k tokens in
-# 16-token blocks.
+# What is kept to write a session's next request as a delta, in 8-byte units: its block ids (8 bytes each), the tokens
+# of its partial last block (8 bytes each, to count how many its next request repeats) and ENTRY_OVERHEAD per session
+# (the entry, its key and the engine's last hash it holds: ~300-390 bytes measured, found by review to be uncounted, so
+# that sessions of no block piled up unbounded). Past it the least recently active sessions are forgotten (their next
+# request is then written with all its ids). 4M: 32 MB, e.g. 1,000 sessions of 64k tokens in 16-token blocks, or
+# 100,000 sessions of no block.
 MAX_KEPT_BLOCKS = 4_000_000
+ENTRY_OVERHEAD = 40
 
 
 @dataclass(slots=True)
@@ -44,8 +47,8 @@ class _Last:
 
     @property
     def kept(self) -> int:
-        """8-byte units it holds (ids and tail tokens), counted against MAX_KEPT_BLOCKS."""
-        return (len(self.ids) + len(self.tail)) // ID_BYTES
+        """8-byte units it holds (ids, tail tokens and the entry itself), counted against MAX_KEPT_BLOCKS."""
+        return (len(self.ids) + len(self.tail)) // ID_BYTES + ENTRY_OVERHEAD
 
 
 @dataclass(slots=True)
@@ -53,6 +56,7 @@ class _Live:
     t: float
     session: str
     salt: str | None
+    named: bool = True  # False: a request of no session, a session of its own that never has a next request
 
 
 @dataclass(slots=True)
@@ -115,7 +119,8 @@ class TraceRecording:
         if self._t0 is None:
             self._t0 = now
         token = self.token(("session", session)) if session is not None else "r" + self.token(("request", request_id))
-        self._live[request_id] = _Live(now, token, None if salt is None else self.token(("salt", salt)))
+        self._live[request_id] = _Live(now, token, None if salt is None else self.token(("salt", salt)),
+                                       session is not None)
         self._running.setdefault(token, []).append(now)
 
     def abandoned(self, request_id: str) -> None:
@@ -152,8 +157,9 @@ class TraceRecording:
             tail_reuse=self._tail_reuse(prev, n, req)))
         self.written += 1
         if self.max_chars is not None and self.chars >= self.max_chars:
-            self.full = True
-        if req.end:
+            self.stop()
+            return True
+        if req.end or not live.named:  # found by review: kept for ever, one entry per request of no session
             self._forget(session)
         elif prev is None or t > prev.t:
             self._forget(session)
@@ -206,6 +212,15 @@ class TraceRecording:
         while cur[8 * n:8 * n + 8] == prev.tail[8 * n:8 * n + 8]:
             n += 1
         return n
+
+    def stop(self) -> None:
+        """Nothing more is recorded (`full`): what was kept for later lines is let go (found by review: a stopped
+        recording held it as long as the engine ran)."""
+        self.full = True
+        self._live.clear()
+        self._running.clear()
+        self._last.clear()
+        self._kept = 0
 
     def _forget(self, session: str) -> None:
         gone = self._last.pop(session, None)

@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 from kvsched.sim.trace import Trace
-from kvsched.sim.trace_record import MAX_KEPT_BLOCKS, Finished, TraceRecording
+from kvsched.sim.trace_record import ENTRY_OVERHEAD, MAX_KEPT_BLOCKS, Finished, TraceRecording
 
 BS = 4
 
@@ -114,13 +114,14 @@ def test_nothing_the_engine_named_is_written_and_keys_differ_per_recording(tmp_p
 
 def test_a_finish_without_its_arrival_is_left_out_and_the_ids_kept_are_bounded():
     buf = io.StringIO()
-    rec = TraceRecording(buf, BS, max_kept_blocks=7)
+    per_session = 2 + ENTRY_OVERHEAD
+    rec = TraceRecording(buf, BS, max_kept_blocks=3 * per_session + 1)
     assert not rec.finished("never-arrived", 1.0, Finished(BS, 1, [b"x"]))
-    for i in range(5):  # 2 blocks a session: three sessions' ids fit in 7, the oldest are forgotten
+    for i in range(5):  # 2 blocks a session: three sessions' entries fit, the oldest are forgotten
         rec.arrived(f"r{i}", float(i), f"s{i}", None)
         rec.finished(f"r{i}", float(i) + 0.1, Finished(2 * BS, 1, [f"s{i}".encode(), f"s{i}+".encode()]))
     assert rec.written == 5 and list(rec._last) == [rec.token(("session", f"s{i}")) for i in (2, 3, 4)]
-    assert rec._kept == 6 and MAX_KEPT_BLOCKS * 8 <= 64 * 2**20  # the default keeps at most 64 MB of ids
+    assert rec._kept == 3 * per_session and MAX_KEPT_BLOCKS * 8 <= 64 * 2**20  # the default: at most 64 MB
     rec.arrived("again", 9.0, "s0", None)  # its last request was forgotten: written whole, still right
     rec.finished("again", 9.5, Finished(3 * BS, 1, [b"s0", b"s0+", b"s0++"]))
     last = json.loads(buf.getvalue().splitlines()[-1])
@@ -154,6 +155,7 @@ def test_a_full_recording_stops_whole_at_its_last_line(tmp_path):
         rec.finished(f"r{i}", i + 0.5, Finished((i + 1) * BS, 1, blocks("s", i + 1)))
     assert rec.full and 600 <= rec.chars < 600 + 400 and 1 < rec.written < 20
     assert not rec._live  # later arrivals are not even kept
+    assert not rec._last and not rec._running and rec._kept == 0  # nor what was kept for later lines
     trace = load(buf, tmp_path)
     assert len(trace.t) == rec.written and [len(trace.blocks(i)) for i in range(rec.written)] == list(
         range(1, rec.written + 1))
@@ -181,4 +183,27 @@ def test_how_much_of_the_last_turns_partial_block_a_prompt_repeats_is_recorded_n
     assert all(set(x) <= fields and all(isinstance(b, str) for b in x["blocks"]) for x in lines)  # a count, no token
     trace = load(buf, tmp_path)
     assert list(trace.tail_reuse) == [-1, 2, 3, -1]
-    assert rec._kept == sum(x.kept for x in rec._last.values()) == 1 + 1  # turn 4's: a block and a tail of one token
+    # turn 4's: a block, a tail of one token and its entry
+    assert rec._kept == sum(x.kept for x in rec._last.values()) == 1 + 1 + ENTRY_OVERHEAD
+
+
+def test_requests_of_no_session_keep_nothing_once_written(tmp_path):
+    """Found by review: each request of no session (a session of its own, whose next request never comes) kept an
+    entry for ever, counted as its block ids only: 200,000 such requests held 49-65 MB."""
+    buf = io.StringIO()
+    rec = TraceRecording(buf, BS)
+    for i in range(500):
+        rec.arrived(f"r{i}", float(i), None, None)
+        n = i % 3  # blocks: none (a prompt under a block) to two
+        rec.finished(f"r{i}", i + 0.5, Finished(max(n * BS, 1), 1, blocks(f"r{i}", n)))
+    assert rec.written == 500 and not rec._last and rec._kept == 0 and not rec._live and not rec._running
+    trace = load(buf, tmp_path)
+    assert len(trace.t) == 500 and len(trace.sessions) == 500  # each still written as a session of its own
+
+
+def test_sessions_of_no_block_count_against_the_bound():
+    rec = TraceRecording(io.StringIO(), BS, max_kept_blocks=10 * ENTRY_OVERHEAD)
+    for i in range(1000):
+        rec.arrived(f"r{i}", float(i), f"s{i}", None)
+        rec.finished(f"r{i}", i + 0.5, Finished(BS - 1, 1, []))  # under a block: no id, an entry all the same
+    assert len(rec._last) == 10 and rec._kept == 10 * ENTRY_OVERHEAD

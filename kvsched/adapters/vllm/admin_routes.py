@@ -13,7 +13,9 @@ is the id `%41`, never `A`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -33,20 +35,61 @@ MAX_QUERY_FIELDS = 8
 # How long a session route waits for the engine core (it answers between steps): found by review, a stuck engine
 # core hung these routes for good. A DELETE that times out may still apply once the engine answers.
 ENGINE_TIMEOUT_S = 30.0
+# Session-route calls one API server has in flight to the engine core at once; more wait here, in arrival order.
+SESSION_CALLS_IN_FLIGHT = 2
 
 
-async def handle(app: Any, scope: Scope, send: Any, path: str, ident: Identity, raw_headers: dict[str, bytes]) -> None:
+class EngineCalls:
+    """This API server's session-route calls to the engine core. vLLM runs queued utility calls on the engine-core
+    thread before its next step, so a burst of them held decoding (found by review): at most SESSION_CALLS_IN_FLIGHT
+    are in flight, the others queue here, and identical reads (same caller, same query) pending at once share one
+    call. A call, queueing included, gives up after ENGINE_TIMEOUT_S (503)."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots = asyncio.Semaphore(1)
+        self._reads: dict[str, asyncio.Future[Any]] = {}
+
+    async def call(self, app: Any, op: str, *args: Any, shared: bool = False) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new event loop (a test's): nothing pending carries over
+            self._loop, self._reads = loop, {}
+            self._slots = asyncio.Semaphore(self.limit or SESSION_CALLS_IN_FLIGHT)
+        if not shared:
+            return await asyncio.wait_for(self._limited(app, op, args), ENGINE_TIMEOUT_S)
+        key = json.dumps([op, *args])
+        pending = self._reads.get(key)
+        if pending is None:
+            pending = self._reads[key] = asyncio.ensure_future(
+                asyncio.wait_for(self._limited(app, op, args), ENGINE_TIMEOUT_S))
+            pending.add_done_callback(lambda done: self._done(key, done))
+        return await asyncio.shield(pending)  # a caller that leaves does not cancel the others' call
+
+    async def _limited(self, app: Any, op: str, args: tuple[Any, ...]) -> Any:
+        async with self._slots:
+            return await compat.call_scheduler(app, op, *args)
+
+    def _done(self, key: str, done: asyncio.Future[Any]) -> None:
+        if self._reads.get(key) is done:
+            del self._reads[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: no "exception was never retrieved" warning when every caller left
+
+
+async def handle(app: Any, scope: Scope, send: Any, path: str, ident: Identity, raw_headers: dict[str, bytes],
+                 calls: EngineCalls) -> None:
     method = scope.get("method", "GET")
     try:
         caller = _caller(ident, raw_headers)
         rest = path[len(ADMIN_PREFIX) + 1:] if path.startswith(ADMIN_PREFIX + "/") else None
         if rest is None and method == "GET":
-            await _list(app, scope, send, caller)
+            await _list(calls, app, scope, send, caller)
         elif rest is None and method == "DELETE":
-            result = await compat.call_scheduler(app, "end_all", caller.as_args(), timeout_s=ENGINE_TIMEOUT_S)
+            result = await calls.call(app, "end_all", caller.as_args())
             await send_json(send, 200, {"ended": int(result.get("ended", 0))})
         elif rest is not None and method == "DELETE":
-            await _end(app, send, rest, caller)
+            await _end(calls, app, send, rest, caller)
         else:
             raise HttpError(405, f"{method} {path[:200]} is not supported; use GET {ADMIN_PREFIX}, DELETE "
                                  f"{ADMIN_PREFIX}/{{id}} or DELETE {ADMIN_PREFIX}")
@@ -71,7 +114,7 @@ def _caller(ident: Identity, raw_headers: dict[str, bytes]) -> Caller:
     return Caller(admin=ident.admin, tenant=ident.tenant, cache_salt=salt, salt_given=salt is not None)
 
 
-async def _list(app: Any, scope: Scope, send: Any, caller: Caller) -> None:
+async def _list(calls: EngineCalls, app: Any, scope: Scope, send: Any, caller: Caller) -> None:
     try:
         params = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True,
                                 max_num_fields=MAX_QUERY_FIELDS))
@@ -82,21 +125,19 @@ async def _list(app: Any, scope: Scope, send: Any, caller: Caller) -> None:
         raise HttpError(400, f"at most {MAX_QUERY_FIELDS} query parameters", param="query") from None
     cursor = params.get("cursor") or None  # checked by parse_page_query; the engine decodes it again
     mode = "pinned_ids" if query.pinned_ids else query.summary
-    result = await compat.call_scheduler(app, "list", caller.as_args(), query.limit, cursor, mode,
-                                         timeout_s=ENGINE_TIMEOUT_S)
+    page = not query.summary and not query.pinned_ids  # a page carries the stats, from the same engine call
+    result = await calls.call(app, "list", caller.as_args(), query.limit, cursor, mode, page, shared=True)
     if "error" in result:
         raise HttpError(400, str(result["error"]), param="cursor")
-    if not query.summary and not query.pinned_ids:
-        result["stats"] = await compat.call_scheduler(app, "stats", timeout_s=ENGINE_TIMEOUT_S)
-    await send_json(send, 200, result)
+    await send_json(send, 200, result)  # (shared with identical calls: read, never changed)
 
 
-async def _end(app: Any, send: Any, raw_id: str, caller: Caller) -> None:
+async def _end(calls: EngineCalls, app: Any, send: Any, raw_id: str, caller: Caller) -> None:
     try:
         sid = validate_session_id(raw_id)
     except InvalidSessionInput as exc:
         raise HttpError(400, str(exc), param="session_id") from None
-    result = await compat.call_scheduler(app, "end", sid, caller.as_args(), timeout_s=ENGINE_TIMEOUT_S)
+    result = await calls.call(app, "end", sid, caller.as_args())
     if result.get("ended"):
         await send_json(send, 200, {"session_id": sid, "ended": True})
     else:  # none of the caller's: another tenant's session is indistinguishable from none

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeGuard
 
 from kvsched.adapters.vllm import compat
@@ -304,17 +304,14 @@ class Compactor:
             **({k: float(v) for k, v in self.shared.counters.items()} if self.shared is not None else {}),
         }
 
-    def render_metrics(self, openmetrics: bool = False) -> bytes:
+    def render_metrics(self, openmetrics: bool = False, names: Collection[str] | None = None) -> bytes:
         from prometheus_client import CollectorRegistry
-        from prometheus_client.exposition import generate_latest
-        from prometheus_client.openmetrics.exposition import generate_latest as generate_latest_openmetrics
+
+        from kvsched.adapters.vllm.metrics import exposition
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(Collector(self.stats()))  # type: ignore[arg-type]
-        if openmetrics:
-            text = generate_latest_openmetrics(registry)
-            return text[: -len(b"# EOF\n")] if text.endswith(b"# EOF\n") else text
-        return bytes(generate_latest(registry))
+        return exposition(registry, openmetrics, names)
 
 
 # ---- vLLM / ASGI plumbing ---------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -14,7 +14,8 @@ from kvsched.adapters.vllm.tier_fetches import STUCK_AFTER_S
 from kvsched.core.retention_records import ReleaseReason
 
 GAUGES = {
-    "active_sessions": "Sessions in kvsched's session table",
+    "active_sessions": "Sessions in kvsched's session table: running, pinned and idle ones alike (an idle session "
+                       "stays until it ends or the table is trimmed past KVSCHED_MAX_SESSIONS)",
     "pinned_sessions": "Sessions whose KV is pinned between turns",
     "pinned_blocks": "KV blocks held by session pins",
     "pin_budget_blocks": "Most KV blocks pins may hold",
@@ -192,17 +193,41 @@ class _UpCollector:
             yield CounterMetricFamily(f"kvsched_{name}", COUNTERS[name], value=float(value))
 
 
+class _Only:
+    """A registry's series named in `names` (sample names, as prometheus_client's `restricted_registry` matches them;
+    that one skips collectors that do not describe themselves, as these do not)."""
+
+    def __init__(self, registry: CollectorRegistry, names: frozenset[str]) -> None:
+        self.registry, self.names = registry, names
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            samples = [s for s in metric.samples if s.name in self.names]
+            if samples:
+                narrowed = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+                narrowed.samples = samples
+                yield narrowed
+
+
 def render_metrics(stats: Mapping[str, Any] | None, openmetrics: bool = False,
-                   api_side: Mapping[str, Any] | None = None) -> bytes:
+                   api_side: Mapping[str, Any] | None = None, names: Collection[str] | None = None) -> bytes:
     """The `kvsched_*` lines: `stats` from the scheduler (None: it did not answer), `api_side` counters kept by the
-    API server itself (rendered either way)."""
+    API server itself (rendered either way). `names`: only these series (a scrape's `name[]`)."""
     source = api_side if api_side is not None else (stats or {})
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_UpCollector(stats is not None,  # type: ignore[arg-type]
                                    {name: source.get(name, 0) for name in sorted(API_SIDE)}))
     if stats is not None:
         registry.register(_StatsCollector(stats))  # type: ignore[arg-type]
+    return exposition(registry, openmetrics, names)
+
+
+def exposition(registry: CollectorRegistry, openmetrics: bool, names: Collection[str] | None = None) -> bytes:
+    """`registry` in the scrape's format, without OpenMetrics' `# EOF` (the splice keeps vLLM's), narrowed to the
+    series `names` as prometheus_client narrows vLLM's own for `/metrics?name[]=...` (found by review: kvsched's
+    were appended whole)."""
+    source: Any = registry if names is None else _Only(registry, frozenset(names))
     if openmetrics:
-        text = generate_latest_openmetrics(registry)
+        text = generate_latest_openmetrics(source)
         return text[: -len(b"# EOF\n")] if text.endswith(b"# EOF\n") else text
-    return generate_latest(registry)
+    return generate_latest(source)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
+from urllib.parse import parse_qs
 
 from kvsched.adapters.vllm import admin_routes, compat
 from kvsched.adapters.vllm.auth import Auth
@@ -64,6 +65,7 @@ class KVSchedMiddleware:
         self.responses = ResponseSessions()  # /v1/responses ids -> sessions, for previous_response_id
         self.compaction = Compactor(app)  # context compaction (KVSCHED_COMPACTION*), see compaction.py
         self._stats_call: asyncio.Future[Any] | None = None
+        self.session_calls = admin_routes.EngineCalls()  # bounded, shared: see admin_routes
 
     def _is_active(self, scope: Scope) -> bool:
         if self._active is None:
@@ -87,13 +89,16 @@ class KVSchedMiddleware:
             else:
                 await self._unhandled(scope, receive, send, path)
             return
+        if is_admin and method == "OPTIONS":  # as vLLM's authentication does (CORS preflights): vLLM answers it
+            await self.app(scope, receive, send)
+            return
         raw = first_headers(scope)
         ident = self.auth.identify(scope["app"], raw.get("authorization"))
         if is_admin:
             if not (ident.authenticated or ident.admin):
                 await send_json(send, 401, {"error": "Unauthorized"})
             else:
-                await admin_routes.handle(scope["app"], scope, send, path, ident, raw)
+                await admin_routes.handle(scope["app"], scope, send, path, ident, raw, self.session_calls)
         elif not ident.authenticated:  # vLLM refuses it: nothing of kvsched runs for it
             await self.app(scope, receive, send)
         else:
@@ -188,6 +193,8 @@ class KVSchedMiddleware:
     async def _metrics(self, scope: Scope, receive: Any, send: Any) -> None:
         stats = await self._engine_stats(scope["app"])
         api_side = {"rejected_requests": self.rejected}
+        # `?name[]=...` narrows kvsched's series as prometheus_client narrows vLLM's (it parses the query the same way)
+        names = parse_qs(scope.get("query_string", b"").decode("utf-8", "replace")).get("name[]")
         # Ask for an uncompressed body so the kvsched lines can be appended.
         scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"])
         start: dict[str, Any] = {}
@@ -200,10 +207,12 @@ class KVSchedMiddleware:
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
                     body = b"".join(chunks)
-                    content_type = dict(start.get("headers", [])).get(b"content-type", b"").decode()
-                    openmetrics = "openmetrics" in content_type
-                    body = append_metrics(body, render_metrics(stats, openmetrics=openmetrics, api_side=api_side)
-                                          + self.compaction.render_metrics(openmetrics=openmetrics))
+                    # Any case: prometheus_client (vLLM's /metrics app) sends `Content-Type` (found by review: read
+                    # as lower case only, OpenMetrics bodies got text-format kvsched lines and failed to parse).
+                    content_type = first_headers(start).get("content-type", b"").decode("latin-1")
+                    openmetrics = "openmetrics" in content_type.lower()
+                    body = append_metrics(body, render_metrics(stats, openmetrics, api_side, names)
+                                          + self.compaction.render_metrics(openmetrics, names))
                     hdrs = replace_header(start.get("headers", []), b"content-length", str(len(body)).encode())
                     await send(dict(start, headers=hdrs))
                     await send({"type": "http.response.body", "body": body})

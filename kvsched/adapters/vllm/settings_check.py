@@ -15,6 +15,8 @@ from kvsched.core.settings_check import setting_errors, setting_names, unknown_s
 ENV_FAULT_EVERY = "KVSCHED_TIER_FAULT_EVERY"
 ENV_TRACE = "KVSCHED_TRACE"
 ENV_TRACE_SCORES = "KVSCHED_TRACE_SCORES"
+ENV_TRACE_MAX_MB = "KVSCHED_TRACE_MAX_MB"
+DEFAULT_TRACE_MAX_MB = 1024.0  # a decision is ~100 bytes of trace: ten million, then the trace stops (logged)
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 # Read by name outside the engine (kvsched.tiny_model, kvsched.sim.mooncake: where models and traces are cached;
@@ -37,6 +39,25 @@ def trace_path(environ: Mapping[str, str] | None = None) -> str | None:
     """KVSCHED_TRACE: the file the engine appends one JSON line per decision to, or None (unset or blank)."""
     raw = (os.environ if environ is None else environ).get(ENV_TRACE, "").strip()
     return os.path.expanduser(raw) if raw else None
+
+
+def size_limit_mb(name: str, default: float, environ: Mapping[str, str] | None = None) -> float:
+    """A size limit in MB from `name` (unset or blank: `default`); ValueError naming the variable if malformed."""
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{name}={raw!r}: a size in MB above 0 (default {default:g})")
+    return value
+
+
+def trace_max_mb(environ: Mapping[str, str] | None = None) -> float:
+    """KVSCHED_TRACE_MAX_MB: the decision trace stops once its file reaches this size (the bytes already in it too)."""
+    return size_limit_mb(ENV_TRACE_MAX_MB, DEFAULT_TRACE_MAX_MB, environ)
 
 
 def trace_scores(environ: Mapping[str, str] | None = None) -> bool:
@@ -94,6 +115,7 @@ def _record_trace() -> None:
 
 def _trace() -> None:
     trace_scores()
+    trace_max_mb()
     if error := trace_path_error():
         raise ValueError(error)
 
@@ -121,7 +143,7 @@ def known_setting_names() -> frozenset[str]:
     from kvsched.ops.cpu_features import ISA_ENV
     from kvsched.ops.ghost import GHOST_ENV
 
-    engine = {ENV_FAULT_EVERY, ENV_TRACE, ENV_TRACE_SCORES, ENV_TIER_GB, ISA_ENV, GHOST_ENV,
+    engine = {ENV_FAULT_EVERY, ENV_TRACE, ENV_TRACE_SCORES, ENV_TRACE_MAX_MB, ENV_TIER_GB, ISA_ENV, GHOST_ENV,
               compaction_shared.ENV_STORE_URL, trace_recorder.ENV_RECORD, trace_recorder.ENV_MAX_MB, levels.ENV_DISK_DIR,
               levels.ENV_DISK_GB, levels.ENV_STORE_URL, levels.ENV_KV_TTL, levels.ENV_STATE_TTL, levels.ENV_REPLICA,
               levels.ENV_FETCH_MB}

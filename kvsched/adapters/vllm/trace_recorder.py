@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.settings_check import size_limit_mb
 from kvsched.core.sessions import SessionKey, TurnHints
 from kvsched.sim.trace import BYTES_META, CAPACITY_META, TIER_BLOCK_META
 from kvsched.sim.trace_record import Finished, TraceRecording
@@ -36,16 +37,7 @@ logger = logging.getLogger("vllm.kvsched.record")
 
 def max_mb(environ: Mapping[str, str] | None = None) -> float:
     """KVSCHED_RECORD_TRACE_MAX_MB: the recording's size limit in MB (ValueError naming the variable if malformed)."""
-    raw = (os.environ if environ is None else environ).get(ENV_MAX_MB, "").strip()
-    if not raw:
-        return DEFAULT_MAX_MB
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{ENV_MAX_MB}={raw!r}: a size in MB above 0 (default {DEFAULT_MAX_MB:g})")
-    return value
+    return size_limit_mb(ENV_MAX_MB, DEFAULT_MAX_MB, environ)
 
 
 def record_path_error(environ: Mapping[str, str] | None = None) -> str | None:
@@ -179,6 +171,7 @@ class TraceRecorder:
     def _fail(self) -> None:
         self.stopped = True
         logger.exception("kvsched: recording to %s failed; the engine goes on without it", self.path)
+        self.recording.stop()  # what it kept for later lines goes (a full recording let it go itself)
         self.close()
 
     def close(self) -> None:

@@ -136,6 +136,14 @@ def test_nothing_of_kvsched_runs_before_authentication():
     assert mw.compaction.stats()["summary_calls"] == 0 and mw.rejected == 0
 
 
+def test_an_options_request_to_the_session_routes_goes_to_vllm_unauthenticated():
+    """vLLM's authentication lets OPTIONS through (CORS preflights); kvsched answered its own routes' with 401."""
+    app = FakeVllm(keys=("secret",))
+    mw = KVSchedMiddleware(app)
+    call(mw, app, "OPTIONS", "/kvsched/sessions")  # (this fake answers it as any request without the key)
+    assert app.calls == [("/kvsched/sessions", b"")] and app.utility == []  # vLLM's to answer, not kvsched's 401
+
+
 def test_with_the_key_kvsched_validates_and_writes_the_tenant():
     app = FakeVllm(keys=("secret", "other"))
     mw = KVSchedMiddleware(app)
@@ -378,4 +386,7 @@ def test_payback_releases_are_exported():
     from kvsched.adapters.vllm.metrics import render_metrics
 
     text = render_metrics({"released_payback": 3, "released_blocks_payback": 12}).decode()
-    assert 'reason="payback"' in text
+    # the values, not only the label: every reason is always rendered, with 0 when the stats lack it
+    assert 'kvsched_pin_releases_total{reason="payback"} 3.0' in text
+    assert 'kvsched_pin_released_blocks_total{reason="payback"} 12.0' in text
+    assert 'kvsched_pin_releases_total{reason="ttl"} 0.0' in text

@@ -131,12 +131,14 @@ def test_a_failing_or_full_recording_stops_and_the_engine_serves_on(harness_cfg,
     s.add_request(f.make(list(range(100, 200)), 4, session_id="x"))
     run_until_idle(s, counts=counts)
     assert s.kvsched.recorder.stopped and counts.cached_tokens == 80  # served, and from the session's pin
+    assert not s.kvsched.recorder.recording._last and not s.kvsched.recorder.recording._live  # let go
     monkeypatch.setenv(ENV_MAX_MB, "0.0001")  # 100 characters: full after the first line
     monkeypatch.setenv(ENV_RECORD, str(tmp_path / "b.jsonl"))  # (a.jsonl's lines alone would reach the limit)
     s2 = _sched(harness_cfg)
     _run(s2, f, [list(range(100, 180)), list(range(400, 480))])
     rec = s2.kvsched.recorder
     assert rec.stopped and rec.recording.written == 1 and len(Trace.load(rec.path).t) == 1
+    assert not rec.recording._last and rec.recording._kept == 0
 
 
 def test_a_disk_that_fills_stops_the_recording_not_the_engine_and_the_lines_before_it_replay(harness_cfg, tmp_path,
