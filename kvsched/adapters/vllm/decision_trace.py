@@ -8,8 +8,8 @@ client's session ids as sent. It now stops (logged) at KVSCHED_TRACE_MAX_MB (the
 creates is its owner's only (0600), and a session is named by a keyed 64-bit hash of its id, under a random key made
 when the engine opens the trace and never written: one session's rows share an id within an engine's run, and the id
 tells nothing of what the client sent. (Nothing reads the trace back but people: the simulator replays recordings,
-`KVSCHED_RECORD_TRACE`.) The rows carry the id only, not its tenant or salt, so two tenants' sessions of one id share
-a hash here.
+`KVSCHED_RECORD_TRACE`.) A row names its session's whole key (id, tenant, salt, branch), so two tenants' sessions of
+one id are two names here.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class SessionPins:
                 continue
             self.started.add(new.req_id)
             if self._trace is not None:
-                self._trace_row({"t": round(self.policy.clock(), 4), "session": str(entry[0].session_id),
+                self._trace_row({"t": round(self.policy.clock(), 4), "session": str(entry[0]),
                                  "op": "start", "cached": int(new.num_computed_tokens),
                                  "prompt": len(new.prompt_token_ids or ())})
             if self.prefetcher is not None:
@@ -259,7 +259,7 @@ class SessionPins:
         if not self.pins.adopt(key, head, new):
             return  # over the budget: not kept
         if self._trace is not None:
-            self._trace_row({"t": round(self.policy.clock(), 4), "session": str(key.session_id), "op": "prefetch",
+            self._trace_row({"t": round(self.policy.clock(), 4), "session": str(key), "op": "prefetch",
                              "blocks": len(new)})
 
     def reset_can_succeed(self) -> bool:
@@ -309,7 +309,7 @@ class SessionPins:
         assert self._trace is not None
         now, free = self.policy.clock(), compat.num_free_blocks(self.scheduler)
         for d in decisions:
-            row: dict[str, Any] = {"t": round(now, 4), "session": str(d.key.session_id), "free": free}
+            row: dict[str, Any] = {"t": round(now, 4), "session": str(d.key), "free": free}
             if isinstance(d, Pin):
                 row.update(op="pin", blocks=sum(len(g) for g in (pending or {}).get(d.key, [])))
             else:
@@ -317,7 +317,7 @@ class SessionPins:
                 if self._trace_scores:
                     from kvsched.core.scoring import retention_value
                     row["scores"] = sorted(
-                        (round(retention_value(self.policy.candidate(r, now)) * 1e12, 4), str(k.session_id),
+                        (round(retention_value(self.policy.candidate(r, now)) * 1e12, 4), str(k),
                          r.pinned_blocks, round(r.expected_gap_s, 2),
                          round(now - r.last_finished if r.last_finished is not None else 0.0, 2),
                          r.active_requests)

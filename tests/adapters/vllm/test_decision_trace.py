@@ -42,3 +42,21 @@ def test_a_working_trace_has_a_line_per_decision(harness_cfg, monkeypatch, tmp_p
     s.kvsched._trace.close()
     ops = [json.loads(line)["op"] for line in path.read_text().splitlines()]
     assert ops.count("start") == 3 and ops.count("pin") == 3
+
+
+def test_one_id_under_two_salts_is_two_sessions_in_the_trace(harness_cfg, monkeypatch, tmp_path):
+    """The rows name a session by its whole key (id, tenant, salt, branch), hashed: with the id alone, two tenants'
+    (or salts') sessions of one id shared a name once the trace hashed ids (found by review)."""
+    path = tmp_path / "t.jsonl"
+    monkeypatch.setenv("KVSCHED_TRACE", str(path))
+    s = sched(harness_cfg)
+    f, counts = RequestFactory(BLOCK), PrefillCounts()
+    for salt in ("s1", "s2"):
+        s.add_request(f.make(list(range(100, 180)), 4, session_id="a", cache_salt=salt))
+        run_until_idle(s, counts=counts)
+    s.kvsched._trace.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    starts = [r["session"] for r in rows if r["op"] == "start"]
+    pins = [r["session"] for r in rows if r["op"] == "pin"]
+    assert len(starts) == 2 and starts[0] != starts[1]
+    assert sorted(pins) == sorted(starts)  # each session's pin is named as its start
