@@ -18,21 +18,16 @@ class Table(OrderedDict):
 
     walks = 0
 
-    def __iter__(self):
-        Table.walks += 1
-        return super().__iter__()
 
-    def items(self):
+def _counting(name: str):
+    def walk(self, *args):
         Table.walks += 1
-        return super().items()
+        return getattr(super(Table, self), name)(*args)
+    return walk
 
-    def values(self):
-        Table.walks += 1
-        return super().values()
 
-    def keys(self):
-        Table.walks += 1
-        return super().keys()
+for _name in ("__iter__", "items", "values", "keys"):
+    setattr(Table, _name, _counting(_name))
 
 
 class Pins:

@@ -202,6 +202,10 @@ def test_trace_scores_0_leaves_the_scores_out_of_the_trace(harness_cfg, monkeypa
     ({}, {"store_url": "http://x"}, "--kvsched-store-url: "),
 ])
 def test_level_errors_name_the_flag_or_the_variable(monkeypatch, env, extra, named) -> None:
+    _refused_naming(monkeypatch, env, extra, named)
+
+
+def _refused_naming(monkeypatch, env, extra, named) -> None:
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     with pytest.raises(DiskConfigError) as exc:
@@ -230,8 +234,4 @@ def test_every_setting_set_blank_is_its_default(monkeypatch, capsys) -> None:
 ])
 def test_store_settings_name_where_a_bad_value_came_from(monkeypatch, extra, env, named) -> None:
     """Found by review: a bad kv_ttl_s or fetch_mb in --kv-transfer-config was reported under the variable's name."""
-    for var, value in env.items():
-        monkeypatch.setenv(var, value)
-    with pytest.raises(DiskConfigError) as exc:
-        LevelsConfig.from_extra(extra)
-    assert str(exc.value).startswith(named), exc.value
+    _refused_naming(monkeypatch, env, extra, named)
