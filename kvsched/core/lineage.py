@@ -43,7 +43,7 @@ from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvsched.core.env import env_setting
-from kvsched.core.lineage_tail import TAIL_SLACK, Tail, repeats, tail_of
+from kvsched.core.lineage_tail import TAIL_SLACK, Opaque, Tail, repeats, tail_of
 from kvsched.core.sessions import SessionId, SessionKey
 
 __all__ = ["Anchor", "BUCKET", "INFER_SCAN_BLOCKS", "INFERRED_PREFIX", "InvalidLineageSetting", "Lineage",
@@ -104,8 +104,8 @@ class Lineage:
     entries are never forgotten to make room: forgetting one would let a stranger's turn take its place); `in_use(key)`
     whether anything is still kept under that key (its number is then never given to a new branch).
 
-    A turn is described by its prompt's block hashes and, on the engine, its tokens, the hash block size and where its
-    last position that cannot be compared by token ends (`opaque_end`: images, embeddings); without tokens only the
+    A turn is described by its prompt's block hashes and, on the engine, its tokens, the hash block size and the
+    ranges of its positions that cannot be compared by token (`opaque`: images, embeddings); without tokens only the
     hashes are compared (the simulator). Per request: `named` is one lookup of the id plus a comparison or two per
     branch, `infer` one lookup per block hash scanned and a tail comparison per session of the hash it stops at;
     `finished` one lookup. Entries are ordered by their last finished turn (the forgetting order)."""
@@ -131,7 +131,7 @@ class Lineage:
 
     # ---- named sessions -------------------------------------------------------------------------------------------
     def named(self, base: SessionKey, hashes: Sequence[Hashable], tokens: Sequence[int] | None = None,
-              block: int = 0, tail: Tail | None = None, opaque_end: int = 0) -> SessionKey | None:
+              block: int = 0, tail: Tail | None = None, opaque: Opaque = ()) -> SessionKey | None:
         """The branch of the named session `base` (branch 0) that a turn with prompt block hashes `hashes` joins: the
         one whose anchor it continues (the deepest, if several), else a new branch (anchored on this prompt, `tail` its
         tokens past its last full block); None past MAX_BRANCHES."""
@@ -142,7 +142,7 @@ class Lineage:
         best: _Entry | None = None
         best_idx = -2
         for e in branches:
-            idx = _depth(e, hashes, tokens, block, opaque_end)
+            idx = _depth(e, hashes, tokens, block, opaque, named=True)
             if idx > best_idx:
                 best, best_idx = e, idx
         if best is not None:
@@ -194,7 +194,7 @@ class Lineage:
 
     # ---- inferred sessions ------------------------------------------------------------------------------------------
     def infer(self, cache_salt: str | None, tenant: str | None, hashes: Sequence[Hashable],
-              tokens: Sequence[int] | None = None, block: int = 0, opaque_end: int = 0) -> SessionKey:
+              tokens: Sequence[int] | None = None, block: int = 0, opaque: Opaque = ()) -> SessionKey:
         """The inferred session a request without a session field joins: the newest idle one of the deepest block hash
         (scanned from the prompt's end) that anchors any session, whose turn the prompt continues; else a new one."""
         self.created = None
@@ -206,7 +206,7 @@ class Lineage:
                 continue
             for e in reversed(bucket):
                 if e.busy or e.key.cache_salt != cache_salt or not _continues_at(e, i, hashes[i], tokens, block,
-                                                                                 opaque_end):
+                                                                                 opaque):
                     continue
                 e.busy += 1
                 self.counters["inference_hits"] += 1
@@ -337,7 +337,7 @@ class Lineage:
                 self._retired.popitem(last=False)
 
 
-def _continues_at(e: _Entry, i: int, h: Hashable, tokens: Sequence[int] | None, block: int, opaque_end: int) -> bool:
+def _continues_at(e: _Entry, i: int, h: Hashable, tokens: Sequence[int] | None, block: int, opaque: Opaque) -> bool:
     """A prompt whose block `i` hashes to `h` continues `e`'s last turn: it repeats the turn's answer (the computed
     anchor), or its prompt's last full block and then its tail (when the tokens are known)."""
     c = e.computed
@@ -346,10 +346,11 @@ def _continues_at(e: _Entry, i: int, h: Hashable, tokens: Sequence[int] | None, 
     a = e.anchor
     if a is None or a[0] != i or a[1] != h:
         return False
-    return e.tail is None or tokens is None or not block or repeats(tokens, (i + 1) * block, e.tail, opaque_end)
+    return e.tail is None or tokens is None or not block or repeats(tokens, (i + 1) * block, e.tail, opaque)
 
 
-def _depth(e: _Entry, hashes: Sequence[Hashable], tokens: Sequence[int] | None, block: int, opaque_end: int) -> int:
+def _depth(e: _Entry, hashes: Sequence[Hashable], tokens: Sequence[int] | None, block: int, opaque: Opaque,
+           named: bool = False) -> int:
     """The index of the deepest anchor of branch `e` that a prompt (`hashes`, `tokens`) continues; -1 for a branch
     without a full block that it continues (with no tokens to compare, as before: any prompt does); -2 for none."""
     n = len(hashes)
@@ -361,6 +362,6 @@ def _depth(e: _Entry, hashes: Sequence[Hashable], tokens: Sequence[int] | None, 
     if a is not None and (idx >= n or hashes[idx] != a[1]):
         return -2
     if e.tail is not None and tokens is not None and block and not repeats(tokens, (idx + 1) * block, e.tail,
-                                                                          opaque_end):
+                                                                          opaque, named):
         return -2
     return idx

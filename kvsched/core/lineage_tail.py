@@ -14,7 +14,9 @@ block (an empty digested part and a differing first token) does not continue it.
 
 Positions whose token id does not say what they hold (multimodal placeholders: the same ids whatever the image;
 prompt embeddings) cannot be compared: a tail holding one is never repeated (only the block hashes, which include the
-images' hashes, can show a continuation).
+images' hashes, can show a continuation). Only the positions compared count: a new image further on in the later
+prompt (a follow-up turn attaching one) does not stop it continuing (found by review: it did, every such turn split
+its session).
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 TAIL_SLACK = 8
+
+Opaque = tuple[tuple[int, int], ...]  # a prompt's (start, end) ranges of positions that cannot be compared by token
+
+
+def overlaps(opaque: Opaque, lo: int, hi: int) -> bool:
+    """Some position in [lo, hi) cannot be compared (one pass over the prompt's few multimodal items)."""
+    return any(a < hi and b > lo for a, b in opaque)
 
 
 class Tail(NamedTuple):
@@ -43,26 +52,32 @@ def _digest(tokens: Sequence[int], start: int, stop: int) -> int:
     return hash(array("q", tokens[start:stop]).tobytes())
 
 
-def tail_of(tokens: Sequence[int], start: int, opaque_end: int = 0) -> Tail:
-    """The tail of a prompt `tokens` past position `start`; `opaque_end`: the end of its last position that cannot be
-    compared (`OPAQUE` when that is past `start`)."""
+def tail_of(tokens: Sequence[int], start: int, opaque: Opaque = ()) -> Tail:
+    """The tail of a prompt `tokens` past position `start`; `opaque`: its positions that cannot be compared
+    (`OPAQUE` when the tail holds one)."""
     count = max(len(tokens) - start, 0)
-    if count and opaque_end > start:
+    if count and overlaps(opaque, start, start + count):
         return OPAQUE
     k = max(count - TAIL_SLACK, 0)
     return Tail(count, _digest(tokens, start, start + k) if k else 0, tuple(tokens[start + k:start + count]))
 
 
-def repeats(tokens: Sequence[int], start: int, tail: Tail, opaque_end: int = 0) -> bool:
-    """`tokens` (a later prompt, comparable up to `opaque_end`) continue past `start` a prompt whose tail was `tail`:
+def repeats(tokens: Sequence[int], start: int, tail: Tail, opaque: Opaque = (), named: bool = False) -> bool:
+    """`tokens` (a later prompt whose positions in `opaque` cannot be compared) continue past `start` a prompt whose tail was `tail`:
     the digested part repeated, then the kept tokens all repeated, or repeated up to one that differs (at least one
     token of the tail repeated) with the prompt ending with the rest of them. The cost is one slice digest and at most
-    2 x TAIL_SLACK token comparisons."""
+    2 x TAIL_SLACK token comparisons.
+
+    `named`: the client named the session, so what cannot be compared does not refuse it (an opaque tail, an image
+    among the compared positions, prompt embeddings), and a tail re-rendered whole (Qwen3's empty think block alone
+    past the last full block; a one-token trailing space merged into the answer) continues it when the prompt ends
+    with it again. Found by review of the lineage fixes: each of those split a named session's own continuation into
+    a new branch. A stranger's different words under the id still start a branch of their own."""
     count, kept, slack = tail
     if count <= 0:
-        return count == 0
-    if opaque_end > start:
-        return False
+        return count == 0 or named
+    if overlaps(opaque, start, start + count):
+        return named
     n = len(tokens)
     k = count - len(slack)
     if k and (n < start + k or _digest(tokens, start, start + k) != kept):
@@ -76,4 +91,5 @@ def repeats(tokens: Sequence[int], start: int, tail: Tail, opaque_end: int = 0) 
     if m == len(slack):
         return True
     rest = slack[m:]
-    return k + m > 0 and n > start + count and tuple(tokens[n - len(rest):]) == rest
+    return ((named or k + m > 0) and n > start + count and not overlaps(opaque, n - len(rest), n)
+            and tuple(tokens[n - len(rest):]) == rest)

@@ -99,9 +99,13 @@ def test_the_tail_rule():
     assert not repeats([0, 0, 0, 0, 60, 61, 50, 51], BLOCK, short)
     assert repeats([0, 0, 0, 0, 50, 9, 51], BLOCK, short) and repeats([0, 0, 0, 0, 50, 51], BLOCK, short)
     assert repeats([0, 0, 0, 0, 1, 2], BLOCK, tail_of([0, 0, 0, 0], BLOCK))  # no tail: the hashes said it all
-    opaque = tail_of([0, 0, 0, 0, 50, 51], BLOCK, opaque_end=5)  # an image's placeholders past the last full block
+    opaque = tail_of([0, 0, 0, 0, 50, 51], BLOCK, ((4, 5),))  # an image's placeholders past the last full block
     assert not repeats([0, 0, 0, 0, 50, 51, 52], BLOCK, opaque)
-    assert not repeats([0, 0, 0, 0, 50, 51, 52], BLOCK, short, opaque_end=6)
+    assert not repeats([0, 0, 0, 0, 50, 51, 52], BLOCK, short, ((5, 6),))  # the compared words hold an image
+    # A new image further on (a follow-up attaching one) leaves the compared words comparable (found by review: any
+    # image past the tail's start refused the continuation, so every such turn split its session).
+    assert repeats([0, 0, 0, 0, 50, 51, 7, 7, 7], BLOCK, short, ((6, 9),))
+    assert not repeats([0, 0, 0, 0, 50, 9, 7, 7], BLOCK, tail_of([0, 0, 0, 0, 50, 51, 7, 7], BLOCK), ((6, 8),))
 
 
 def test_a_named_branch_under_one_block_is_not_joined_by_any_turn():
@@ -162,3 +166,18 @@ def test_past_the_branch_limit_the_turn_gets_no_branch():
         k = named(lin, [*SYSTEM, 100 + i])
         finish(lin, k, [*SYSTEM, 100 + i], [7] * 4)
     assert named(lin, [*SYSTEM, 999]) is None and lin.stats()["branch_overflows"] == 1
+
+
+def test_a_named_tail_that_cannot_be_compared_or_is_re_rendered_whole_still_continues():
+    """Found by review of the lineage fixes: a named session's own continuation became a new branch when its tail
+    past the last full block was re-rendered whole (Qwen3's empty think block dropped from the history, then sent
+    again as the generation prompt), held an image, or was prompt embeddings. Named, those continue; inferred (no id
+    to trust) they do not, and a stranger's other words under the id still do not."""
+    think = (7, 8, 9)  # the generation prompt's empty think block: the whole tail past the last full block
+    tail = tail_of([0, 0, 0, 0, *think], BLOCK)
+    turn2 = [0, 0, 0, 0, 40, 41, 42, 43, 50, 51, *think]  # the history without it, a user message, then it again
+    assert repeats(turn2, BLOCK, tail, named=True) and not repeats(turn2, BLOCK, tail)
+    assert not repeats([0, 0, 0, 0, 60, 61, 62, 63, 64], BLOCK, tail, named=True)  # a stranger's words
+    image = ((4, 7),)  # the earlier tail held an image
+    assert repeats([0, 0, 0, 0, 1, 1, 1, 5, 6], BLOCK, tail_of([0, 0, 0, 0, 1, 1, 1], BLOCK, image), image, named=True)
+    assert not repeats([0, 0, 0, 0, 1, 1, 1, 5, 6], BLOCK, tail_of([0, 0, 0, 0, 1, 1, 1], BLOCK, image), image)

@@ -15,7 +15,7 @@ from typing import Any
 
 from kvsched.adapters.vllm import compat
 from kvsched.core.lineage import Anchor, Lineage, LineageConfig
-from kvsched.core.lineage_tail import OPAQUE, Tail, tail_of
+from kvsched.core.lineage_tail import OPAQUE, Opaque, Tail, overlaps, tail_of
 from kvsched.core.retention import RetentionPolicy
 from kvsched.core.sessions import SessionKey, TurnHints
 
@@ -58,13 +58,13 @@ class SessionResolver:
             block = self.hash_block
             tokens: Sequence[int] | None = None
             tail: Tail | None = None
-            opaque = 0
+            opaque: Opaque = ()
             if block:
                 start = len(hashes) * block
-                opaque = compat.opaque_end(request)
+                opaque = compat.opaque_ranges(request)
                 tokens = getattr(request, "prompt_token_ids", None)
                 if tokens is None:  # prompt embeddings: nothing past the hashed blocks can be compared
-                    tokens, tail = (), OPAQUE if opaque > start else _EMPTY_TAIL
+                    tokens, tail = (), OPAQUE if overlaps(opaque, start, 1 << 62) else _EMPTY_TAIL
                 else:
                     tail = tail_of(tokens, start, opaque)
             if key is not None:
@@ -83,7 +83,8 @@ class SessionResolver:
                 logger.exception("kvsched: session lineage failed; the request is served without a session")
             return _NO_SESSION
 
-    def _infer(self, request: Any, hashes: list[Any], tokens: Sequence[int] | None, opaque: int) -> SessionKey | None:
+    def _infer(self, request: Any, hashes: list[Any], tokens: Sequence[int] | None,
+               opaque: Opaque) -> SessionKey | None:
         if not (self.enabled and self.config.infer_sessions):
             return None
         salt, tenant, may_infer = compat.request_scope(request)

@@ -109,17 +109,14 @@ def prompt_block_hashes(request: Any) -> list[Any]:
     return getattr(request, "block_hashes", None) or []
 
 
-def opaque_end(request: Any) -> int:
-    """The end of the request's last prompt position whose token id does not say what it holds: a multimodal item's
-    placeholders (the same ids whatever the image; its hash enters the block hashes only) or prompt embeddings. 0 for
-    a text prompt (two attribute reads)."""
+def opaque_ranges(request: Any) -> tuple[tuple[int, int], ...]:
+    """The (start, end) ranges of the request's prompt positions whose token ids do not say what they hold: a
+    multimodal item's placeholders (the same ids whatever the image; its hash enters the block hashes only) or prompt
+    embeddings (all of it). Empty for a text prompt (two attribute reads)."""
     if getattr(request, "prompt_embeds", None) is not None:
-        return int(request.num_prompt_tokens)
-    end = 0
-    for feature in getattr(request, "mm_features", None) or ():
-        pos = feature.mm_position
-        end = max(end, int(pos.offset) + int(pos.length))
-    return end
+        return ((0, int(request.num_prompt_tokens)),)
+    return tuple((int(f.mm_position.offset), int(f.mm_position.offset) + int(f.mm_position.length))
+                 for f in getattr(request, "mm_features", None) or ())
 
 
 def computed_anchor(request: Any, hash_block_size: int) -> tuple[int, Any] | None:
