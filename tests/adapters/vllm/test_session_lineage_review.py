@@ -3,6 +3,8 @@ every sampled token is FAKE_TOKEN)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytest.importorskip("vllm")
@@ -157,15 +159,18 @@ def test_a_keyed_server_gives_requests_without_a_tenant_no_session(harness_cfg, 
 def test_the_api_server_marks_its_engine_keyed_before_starting_it(serve_parser, monkeypatch):
     unset_env(monkeypatch, compat.ENV_KEYED)
     unset_env(monkeypatch, "VLLM_API_KEY")
+    me = os.getpid()  # the engine core this API server starts is its child: its parent is `me`
     serve_parser.parse_args(["--scheduler", "kvsched"])
-    assert not compat.keyed_server()
+    assert not compat.keyed_server(parent_pid=me)
     serve_parser.parse_args(["--scheduler", "kvsched", "--api-key", "k"])
-    assert compat.keyed_server()
+    assert compat.keyed_server(parent_pid=me)
+    assert not compat.keyed_server()  # an engine this process builds itself is not its child (found by review)
     serve_parser.parse_args(["--scheduler", "kvsched"])  # a stale mark (another server's) goes
-    assert not compat.keyed_server()
+    assert not compat.keyed_server(parent_pid=me)
     monkeypatch.setenv("VLLM_API_KEY", "k")
     serve_parser.parse_args(["--scheduler", "kvsched"])
-    assert compat.keyed_server()
+    assert compat.keyed_server(parent_pid=me)
+    assert compat.keyed_server({compat.ENV_KEYED: "1"})  # set by hand for another launcher
 
 
 def test_images_past_the_last_full_block_are_not_taken_for_the_same_prompt(harness_cfg, clock):

@@ -129,21 +129,26 @@ def computed_anchor(request: Any, hash_block_size: int) -> tuple[int, Any] | Non
     return (full - 1, hashes[full - 1]) if full > 0 else None
 
 
-def keyed_server(environ: Mapping[str, str] | None = None) -> bool:
-    """True in an engine whose API server checks API keys (`ENV_KEYED`, set by `mark_keyed_server`)."""
-    return (os.environ if environ is None else environ).get(ENV_KEYED, "") == "1"
+def keyed_server(environ: Mapping[str, str] | None = None, parent_pid: int | None = None) -> bool:
+    """True in an engine whose API server checks API keys: `ENV_KEYED` names this process's parent (the API server
+    that set it, `mark_keyed_server`, and then started this engine core as its child), or is "1" (set by hand for
+    another launcher). An engine the API server's own process builds later (offline `LLM(...)`, a notebook, tests
+    starting engines in one process) is not its child and is not marked by it (found by review: the variable leaked to
+    such engines, which then gave every request no session)."""
+    value = (os.environ if environ is None else environ).get(ENV_KEYED, "")
+    return value == "1" or value == str(os.getppid() if parent_pid is None else parent_pid)
 
 
 def mark_keyed_server(args: Any, environ: MutableMapping[str, str] | None = None) -> None:
     """In the API server, once its arguments are parsed and before it starts the engine core (a child process, which
-    inherits the variable): tell the engine whether the server checks API keys (`--api-key`, VLLM_API_KEY). kvsched's
-    middleware then scopes every request it rewrites to the caller's key (`XARG_TENANT`), and the engine gives a
-    request without that scope no session, named or inferred: it came by a route kvsched does not rewrite (found by
-    review: /inference/v1/generate, batch, Cohere, audio and /invocations requests of every key, and of
-    unauthenticated callers on /invocations, were inferred into one shared pool)."""
+    inherits the variable): tell the engine whether the server checks API keys (`--api-key`, VLLM_API_KEY), by naming
+    this process. kvsched's middleware then scopes every request it rewrites to the caller's key (`XARG_TENANT`), and
+    the engine gives a request without that scope no session, named or inferred: it came by a route kvsched does not
+    rewrite (found by review: /inference/v1/generate, batch, Cohere, audio and /invocations requests of every key, and
+    of unauthenticated callers on /invocations, were inferred into one shared pool)."""
     env = os.environ if environ is None else environ
     if getattr(args, "api_key", None) or env.get("VLLM_API_KEY"):
-        env[ENV_KEYED] = "1"
+        env[ENV_KEYED] = str(os.getpid())
     else:
         env.pop(ENV_KEYED, None)
 
