@@ -83,8 +83,8 @@ class CompactionStore:
         state = self._session(session)
         digests = digests_of(msgs)
         root = digests.root
-        if root in state.refused:  # vLLM refused a rewrite of this conversation: served as sent
-            return replace(unchanged, digests=tuple(digests.full), root=root)
+        if root in state.refused or root in state.suspect:  # vLLM refused a rewrite of it: served as sent
+            return replace(unchanged, digests=tuple(digests.full), root=root, probe=root in state.suspect)
         plan = self._rewrite(strategy, msgs, token_counts, digests, state, total)
         job = self._maybe_job(session, strategy, msgs, token_counts, digests, state, plan, input_limit,
                               context_tokens)
@@ -253,6 +253,23 @@ class CompactionStore:
         if state.pending.get(job.root) == job.digest:
             del state.pending[job.root]
         bounded_put(state.failed_at, job.root, self.clock())
+
+    def suspect(self, session: str, root: str) -> None:
+        """vLLM refused a rewritten request of conversation `root` with an error that may be the rewrite's fault or
+        the client's own (vLLM names no parameter for either: an unsupported schema, `tool_choice` without tools, an
+        image that fails to load). Its next turn is served as sent, a probe (`Plan.probe`): if vLLM takes that, the
+        rewrite was the cause (`probed`). Found by review: a client's bad request turned compaction off for good."""
+        state = self.sessions.get(session)
+        if state is not None and root not in state.refused:
+            bounded_put(state.suspect, root, self.clock())
+
+    def probed(self, session: str, root: str, accepted: bool) -> list[Checkpoint]:
+        """vLLM answered the probe of a suspect conversation: taken (`accepted`), the rewrite was what it refused
+        (`refuse`; returns the dropped checkpoints); refused too, the client's request was, and rewrites go on."""
+        state = self.sessions.get(session)
+        if state is None or state.suspect.pop(root, None) is None:
+            return []
+        return self.refuse(session, root) if accepted else []
 
     def refuse(self, session: str, root: str) -> list[Checkpoint]:
         """vLLM refused a request of conversation `root` that was served rewritten (HTTP 4xx: e.g. a chat template

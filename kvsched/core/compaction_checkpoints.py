@@ -55,6 +55,7 @@ class Plan:
     kept_system: int = 0  # leading system messages served as sent (counted in `replaced`, replaced by nothing)
     digests: tuple[str, ...] = ()  # `prefix_digests` of the client's messages (summarize and sliding window only)
     root: str = ""  # the conversation under the session id (`conversation_root`; summarize and sliding window only)
+    probe: bool = False  # served as sent to learn whether a refused rewrite was the cause (`CompactionStore.suspect`)
 
 
 @dataclass(slots=True)
@@ -66,6 +67,7 @@ class SessionState:
     pending: dict[str, str] = field(default_factory=dict)
     failed_at: dict[str, float] = field(default_factory=dict)
     refused: dict[str, float] = field(default_factory=dict)  # conversations served as sent for good (`refuse`)
+    suspect: dict[str, float] = field(default_factory=dict)  # a rewrite refused, the next turn not yet answered
     # the newest summary of a conversation until a request uses it: (its digest, committed at, how many in a row)
     unused: dict[str, tuple[str, float, int]] = field(default_factory=dict)
     adopted: set[str] = field(default_factory=set)  # digests of checkpoints taken from the shared store, not made here

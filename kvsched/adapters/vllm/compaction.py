@@ -150,6 +150,8 @@ class Compactor:
             tags[compat.XARG_COMPACTED] = digests[max(1, n - COMPACTED_LOOKBACK):n]
         payload["vllm_xargs"] = {**payload.get("vllm_xargs", {}), **tags}
         if not plan.replaced:
+            if plan.probe:
+                return Outcome(changed=True, probed=lambda status: self._probed(key, plan.root, status))
             return Outcome(changed=True)
         payload["messages"] = [dict(m) for m in plan.messages]
         replaced = plan.replaced - plan.kept_system  # the client's messages a summary replaced or the window dropped
@@ -160,17 +162,28 @@ class Compactor:
                        refused=lambda status: self._refused(key, plan.root, status))
 
     def _refused(self, key: str, root: str, status: int) -> None:
-        """vLLM refused a rewritten request of conversation `root` (`compaction_outcome.rewrite_refused`): serve it as
-        sent from now on, here and, through the shared store, on other replicas."""
-        dropped = self.store.refuse(key, root)
+        """vLLM refused a rewritten request of conversation `root` (`compaction_outcome.rewrite_refused`): its next
+        turn goes as sent, and if vLLM takes that (`_probed`), so does the conversation from then on."""
+        self.store.suspect(key, root)
+
+    def _probed(self, key: str, root: str, status: int) -> None:
+        """The answer to a suspect conversation's turn served as sent: taken, the rewrite was the cause: served as sent
+        from now on, here and, through the shared store, on other replicas; refused too (4xx), the client's request
+        was, and its rewrites go on; a server error says nothing (it stays suspect)."""
+        if status >= 500:
+            return
+        dropped = self.store.probed(key, root, accepted=status < 400)
+        if status >= 400:
+            return
         if dropped and self.shared is not None:
             self.shared.save(self.store, key, drop_roots=frozenset([root]))
         if not self._refusal_logged:
             self._refusal_logged = True
-            logger.warning("kvsched compaction: vLLM refused a compacted request (HTTP %d); that conversation is "
-                           "served uncompacted from now on (counted in kvsched_compaction_rewrites_refused_total; "
-                           "further ones are not logged). If the served chat template rejects the rewrite, try "
-                           "KVSCHED_COMPACTION_SUMMARY_ROLE=user or turn compaction off", status)
+            logger.warning("kvsched compaction: vLLM refused a compacted request and took the conversation's next "
+                           "turn as sent (HTTP %d); that conversation is served uncompacted from now on (counted in "
+                           "kvsched_compaction_rewrites_refused_total; further ones are not logged). If the served "
+                           "chat template rejects the rewrite, try KVSCHED_COMPACTION_SUMMARY_ROLE=user or turn "
+                           "compaction off", status)
 
     def _oversized(self, strategy: Strategy) -> Outcome:
         """A request with a message far larger than the model's context is not tokenized (`TokenCounter.oversized`):

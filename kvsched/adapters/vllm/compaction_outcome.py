@@ -3,8 +3,9 @@ rewritten one: the `X-KVSched-Compacted` header on success, and a refusal that t
 
 Found by review: a chat template that did not accept the rewrite made vLLM answer HTTP 400, and since the checkpoint
 stayed, every later turn of the session failed as well. An error answer to a rewritten request that is not about the
-request's length or one of its parameters is now reported back (`Outcome.refused`), and the compactor serves that
-conversation as sent from then on.
+request's length or one of its parameters is now reported back (`Outcome.refused`); the compactor serves that
+conversation's next turn as sent (a probe: `Outcome.probed` reports vLLM's answer) and, if vLLM takes it, the whole
+conversation from then on. A client's own bad request is refused as sent too, and compaction goes on.
 """
 
 from __future__ import annotations
@@ -49,13 +50,15 @@ class Outcome:
     status: int = 200
     error: dict[str, Any] | None = None
     refused: Callable[[int], None] | None = field(default=None, compare=False)
+    probed: Callable[[int], None] | None = field(default=None, compare=False)  # a probe's answer status
 
     def wrap(self, send: Send) -> Send:
         """`send` with `X-KVSched-Compacted` added to the response headers when messages were replaced, unless the
         response is an error (found by review: a request vLLM refused was reported as served compacted); an error
-        answer is read to see whether the rewrite caused it."""
+        answer is read to see whether the rewrite caused it. A probe (served as sent after a refusal) reports its
+        answer's status."""
         if not self.replaced:
-            return send
+            return send if self.probed is None else self._report_status(send, self.probed)
         value = str(self.replaced).encode()
         error: dict[str, Any] = {}
 
@@ -77,6 +80,15 @@ class Outcome:
             await send(message)
 
         return send_with_header
+
+    @staticmethod
+    def _report_status(send: Send, report: Callable[[int], None]) -> Send:
+        async def send_reporting(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                report(int(message.get("status", 200)))
+            await send(message)
+
+        return send_reporting
 
 
 UNCHANGED = Outcome()

@@ -1,6 +1,8 @@
 """A rewritten request that vLLM refuses (found by review, /tmp/rev_compaction/p5_template.py: a chat template that
 does not take the rewrite answers HTTP 400, and since the checkpoint stayed every later turn failed): the refusal is
-counted, the conversation's checkpoints go (here and in the shared store) and it is served as sent from then on."""
+counted, the conversation's checkpoints go (here and in the shared store) and it is served as sent from then on, once
+vLLM has taken its next turn as sent: a client's own bad request is refused with no parameter named too (found by review
+of this fix: an unsupported schema, `tool_choice` without tools, an image that fails to load turned compaction off)."""
 
 import asyncio
 import json
@@ -49,6 +51,11 @@ def test_a_refused_rewrite_serves_its_conversation_as_sent_from_then_on():
     sent = run(answer(out, 400, TEMPLATE_ERROR))
     assert sent[0]["status"] == 400 and b"".join(m.get("body", b"") for m in sent[1:]) == TEMPLATE_ERROR
     key = next(iter(comp.store.sessions))
+    assert len(comp.store.checkpoints(key)) == 1 and comp.stats()["rewrites_refused"] == 0  # not yet: a probe
+    probe = request(9)
+    out = run(comp.prepare(SCOPE, probe, {}))
+    assert out.replaced == 0 and probe["messages"] == request(9)["messages"]  # the next turn goes as sent
+    run(answer(out, 200, b"{}"))  # and vLLM takes it: the rewrite was the cause
     assert comp.store.checkpoints(key) == [] and comp.stats()["rewrites_refused"] == 1
     assert ("save", 0) in shared.writes  # the dropped checkpoint leaves the shared store too
     for turns in (9, 12, 20):  # past the trigger every time: served as sent, never summarised again
@@ -69,6 +76,16 @@ def test_errors_that_are_not_the_rewrites_fault_keep_compaction(status, body):
     assert comp.stats()["rewrites_refused"] == 0 and run(comp.prepare(SCOPE, request(9), {})).replaced > 0
 
 
+def test_a_refusal_whose_turn_is_refused_as_sent_too_keeps_compaction():
+    """The client's own request was the cause: the probe, served as sent, is refused as well, so rewrites go on."""
+    comp = compactor(FakeVllm(), wait_for_summary=True)
+    run(answer(compacted_session(comp), 400, TEMPLATE_ERROR))
+    probe = run(comp.prepare(SCOPE, request(9), {}))
+    assert probe.replaced == 0
+    run(answer(probe, 400, TEMPLATE_ERROR))
+    assert comp.stats()["rewrites_refused"] == 0 and run(comp.prepare(SCOPE, request(10), {})).replaced > 0
+
+
 def test_what_counts_as_the_rewrites_fault():
     assert rewrite_refused(400, TEMPLATE_ERROR) and rewrite_refused(422, b"not json")
     assert rewrite_refused(400, json.dumps({"error": {"message": "bad", "param": "messages"}}).encode())
@@ -85,7 +102,8 @@ def test_a_summary_landing_after_the_refusal_is_dropped():
         assert first.replaced == 0
         key = next(iter(comp.store.sessions))
         root = next(iter(comp.store.sessions[key].pending))
-        comp._refused(key, root, 400)  # e.g. a window of the same conversation was refused meanwhile
+        comp._refused(key, root, 400)  # e.g. a window of the same conversation was refused meanwhile,
+        comp._probed(key, root, 200)  # and its next turn taken as sent
         app.release.set()
         await asyncio.gather(*comp.tasks.values())
         return key
