@@ -117,7 +117,8 @@ def paired_samples(fn: Callable[[], Any], nbytes: int, ref: CopyReference, pairs
     """(median seconds of one call of `fn`, median of its GB/s over the copy's GB/s) from the same alternating (copy,
     op) sample pairs, after one warm-up call; fast calls are batched to `min_time_s`. On a shared machine contention
     hits both halves of a pair alike, where one copy timed at the start of the run would be compared with ops timed in
-    a different load. Found by review: the op's time came from one sample set and its bandwidth fraction from another."""
+    a different load. Found by review: the op's time came from one sample set and its bandwidth fraction from
+    another."""
     fn()
     _sync()
     t0 = time.perf_counter()

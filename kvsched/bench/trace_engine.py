@@ -19,8 +19,8 @@ measured side. Counts are vLLM's own
 The sides run one after another in the order given (each server started beforehand, stopped after its side), each
 after a few warm-up requests that compute less than a block each, so they leave nothing in the prefix cache. A side
 is valid only if every request was answered and its prompt tokens are the plan's: otherwise its ratio is not given
-and the command exits 1. The JSON is written after every side, so a server that dies keeps the sides before it. Prefill counts are the result; the sides'
-TTFTs are comparable only on a quiet machine (they run minutes apart).
+and the command exits 1. The JSON is written after every side, so a server that dies keeps the sides before it.
+Prefill counts are the result; the sides' TTFTs are comparable only on a quiet machine (they run minutes apart).
 """
 
 from __future__ import annotations

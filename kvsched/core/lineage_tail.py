@@ -63,10 +63,10 @@ def tail_of(tokens: Sequence[int], start: int, opaque: Opaque = ()) -> Tail:
 
 
 def repeats(tokens: Sequence[int], start: int, tail: Tail, opaque: Opaque = (), named: bool = False) -> bool:
-    """`tokens` (a later prompt whose positions in `opaque` cannot be compared) continue past `start` a prompt whose tail was `tail`:
-    the digested part repeated, then the kept tokens all repeated, or repeated up to one that differs (at least one
-    token of the tail repeated) with the prompt ending with the rest of them. The cost is one slice digest and at most
-    2 x TAIL_SLACK token comparisons.
+    """`tokens` (a later prompt whose positions in `opaque` cannot be compared) continue past `start` a prompt whose
+    tail was `tail`: the digested part repeated, then the kept tokens all repeated, or repeated up to one that
+    differs (at least one token of the tail repeated) with the prompt ending with the rest of them. The cost is one
+    slice digest and at most 2 x TAIL_SLACK token comparisons.
 
     `named`: the client named the session, so what cannot be compared does not refuse it (an opaque tail, an image
     among the compared positions, prompt embeddings), and a tail re-rendered whole (Qwen3's empty think block alone

@@ -25,9 +25,9 @@ def replica_interactions_per_hour(gpu_rate: float, tensor_parallel: int, params_
     Decode at load is bound by memory bandwidth: each step reads every active weight once, so a replica's token rate
     scales with its GPUs' combined bandwidth (x tensor_parallel) over the weights a decode step reads
     (REFERENCE_PARAMS / params_per_token; a MoE model's: ModelShape.params_per_step at the replica's batch). A
-    first-order estimate (found by review: the 8B figure was used for every model): it leaves out tensor parallelism's all-reduce (optimistic at TP > 1), the weight dtype,
-    the context length and prefill; measure the model before buying. A parameter count of 0 (unknown) keeps the
-    8B-class figure."""
+    first-order estimate (found by review: the 8B figure was used for every model): it leaves out tensor
+    parallelism's all-reduce (optimistic at TP > 1), the weight dtype, the context length and prefill; measure the
+    model before buying. A parameter count of 0 (unknown) keeps the 8B-class figure."""
     if tensor_parallel <= 0 or not gpu_rate > 0 or not params_per_token >= 0:
         raise PlanError("the replica rate needs a positive GPU rate and TP degree, and params_per_token >= 0")
     scale = REFERENCE_PARAMS / params_per_token if params_per_token else 1.0

@@ -57,7 +57,8 @@ def test_gates_read_the_tier_side_against_stock_and_the_prefetched_share():
     g = gates(bad)
     assert not any(g[k] for k in ("prefill_le_0.45x_stock_unequal_memory",
                                   "followup_ttft_p95_le_0.3x_stock_unequal_memory",
-                                  "throughput_ge_1.2x_stock_unequal_memory", "half_of_restores_prefetched", "zero_errors"))
+                                  "throughput_ge_1.2x_stock_unequal_memory", "half_of_restores_prefetched",
+                                  "zero_errors"))
     assert g["no_tier_prefill_le_stock"]
     assert not gates(dict(good, **{"kvsched-no-tier": side(1001, 1, 1)}))["no_tier_prefill_le_stock"]
 

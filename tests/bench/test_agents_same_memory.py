@@ -28,8 +28,8 @@ def fake_run(monkeypatch, tmp_path, argv):
     monkeypatch.setattr(agents, "start_all", lambda servers: servers)
     per_side = {"stock": side(1000, 0.5), "kvsched-no-tier": side(700, 0.6), "unbounded": side(420, 0.19),
                 "stock-same-memory": side(430, 0.2),
-                "kvsched": side(400, 0.23, tier=dict.fromkeys(TIER_FIELDS, 0) | {"capacity_bytes": 123_000_000,
-                                                                                 "restores": 4, "prefetched_restores": 4})}
+                "kvsched": side(400, 0.23, tier=dict.fromkeys(TIER_FIELDS, 0)
+                                | {"capacity_bytes": 123_000_000, "restores": 4, "prefetched_restores": 4})}
 
     def run_side(name, server, cfg, **kw):
         specs[name] = server.spec

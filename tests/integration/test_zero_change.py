@@ -176,7 +176,8 @@ def test_requests_on_routes_kvsched_does_not_rewrite_get_no_session_on_a_keyed_s
         assert request(s, "POST", "/v1/chat/completions/batch", KEYS[1], {"model": "tiny", "max_tokens": 2,
                                                                           "messages": [messages]}).status_code == 200
     m1 = s.metrics()
-    for name in ("kvsched_inferred_sessions_total", "kvsched_inferred_turns_total", "kvsched_requests_with_session_total"):
+    for name in ("kvsched_inferred_sessions_total", "kvsched_inferred_turns_total",
+                 "kvsched_requests_with_session_total"):
         assert m1[name] == m0[name], name
     assert chat(s, first, key=KEYS[1]).status_code == 200
     assert s.metrics()["kvsched_inferred_turns_total"] == m1["kvsched_inferred_turns_total"] + 1
