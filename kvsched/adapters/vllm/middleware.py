@@ -64,7 +64,6 @@ class KVSchedMiddleware:
         self.auth = Auth()
         self.responses = ResponseSessions()  # /v1/responses ids -> sessions, for previous_response_id
         self.compaction = Compactor(app)  # context compaction (KVSCHED_COMPACTION*), see compaction.py
-        self._stats_call: asyncio.Future[Any] | None = None
         self.session_calls = admin_routes.EngineCalls()  # bounded, shared: see admin_routes
 
     def _is_active(self, scope: Scope) -> bool:
@@ -178,14 +177,10 @@ class KVSchedMiddleware:
     # ---- metrics ------------------------------------------------------------------------------------------------
     async def _engine_stats(self, app: Any) -> dict[str, Any] | None:
         """The scheduler's stats, or None if the engine core does not answer within STATS_TIMEOUT_S: found by review,
-        a stuck engine core hung every scrape, vLLM's own metrics with it. At most one call is in flight; a scrape
-        that finds one still pending waits on it instead of queueing another."""
-        call = self._stats_call
-        if call is None or call.done() or call.get_loop() is not asyncio.get_running_loop():
-            call = self._stats_call = asyncio.ensure_future(compat.call_scheduler(app, "stats"))
-            call.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
+        a stuck engine core hung every scrape, vLLM's own metrics with it. Through the session routes' engine calls
+        (`admin_routes.EngineCalls`): one call in flight that concurrent scrapes share, counted in the same bound."""
         try:
-            stats = await asyncio.wait_for(asyncio.shield(call), STATS_TIMEOUT_S)
+            stats = await asyncio.wait_for(self.session_calls.call(app, "stats", shared=True), STATS_TIMEOUT_S)
         except Exception:  # the engine is stuck, gone or shutting down
             return None
         return stats if isinstance(stats, dict) else None
