@@ -327,3 +327,9 @@ def test_an_empty_summary_prefix_is_a_setting_not_unset():
     assert CompactionConfig.from_env({"KVSCHED_COMPACTION_SUMMARY_PREFIX": "Earlier: "}).summary_prefix == "Earlier: "
     assert CompactionConfig.from_env({}).summary_prefix == DEFAULT_SUMMARY_PREFIX
     assert CompactionConfig.from_env({"KVSCHED_COMPACTION_TRIGGER_TOKENS": " "}) == CompactionConfig.from_env({})
+
+
+@pytest.mark.parametrize("value", ["-5", "abc", "1e9"])
+def test_a_bad_multimodal_token_cost_is_refused_naming_its_variable(value):
+    with pytest.raises(InvalidCompactionInput, match="KVSCHED_COMPACTION_IMAGE_TOKENS"):
+        CompactionConfig.from_env({"KVSCHED_COMPACTION_IMAGE_TOKENS": value})

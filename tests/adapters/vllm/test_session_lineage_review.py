@@ -171,6 +171,8 @@ def test_the_api_server_marks_its_engine_keyed_before_starting_it(serve_parser, 
     serve_parser.parse_args(["--scheduler", "kvsched"])
     assert compat.keyed_server(parent_pid=me)
     assert compat.keyed_server({compat.ENV_KEYED: "1"})  # set by hand for another launcher
+    for word, keyed in (("true", True), ("Yes", True), ("no", False), ("off", False), ("0", False), ("", False)):
+        assert compat.keyed_server({compat.ENV_KEYED: word}) is keyed, word  # a word fails safe: keyed
 
 
 def test_images_past_the_last_full_block_are_not_taken_for_the_same_prompt(harness_cfg, clock):

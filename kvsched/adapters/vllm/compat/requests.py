@@ -132,10 +132,12 @@ def computed_anchor(request: Any, hash_block_size: int) -> tuple[int, Any] | Non
 def keyed_server(environ: Mapping[str, str] | None = None, parent_pid: int | None = None) -> bool:
     """True in an engine whose API server checks API keys: `ENV_KEYED` names this process's parent (the API server
     that set it, `mark_keyed_server`, and then started this engine core as its child), or is "1" (set by hand for
-    another launcher). An engine the API server's own process builds later (offline `LLM(...)`, a notebook, tests
+    another launcher; a word other than false/no/off counts as 1, "0" and another process's pid as unset). An engine the API server's own process builds later (offline `LLM(...)`, a notebook, tests
     starting engines in one process) is not its child and is not marked by it (found by review: the variable leaked to
     such engines, which then gave every request no session)."""
-    value = (os.environ if environ is None else environ).get(ENV_KEYED, "")
+    value = (os.environ if environ is None else environ).get(ENV_KEYED, "").strip()
+    if not value.isdigit():  # unset, or a word set by hand ("true", "yes"): keyed unless it says no, failing safe
+        return value.lower() not in ("", "false", "no", "off")
     return value == "1" or value == str(os.getppid() if parent_pid is None else parent_pid)
 
 
