@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <vector>
 
 #ifdef _OPENMP
@@ -60,7 +61,9 @@ inline uint64_t cut_to_k(std::vector<Entry>& buf, size_t k) {
 void scan_slice(const CandidateColumns& c, const uint8_t* pinned, int64_t lo, int64_t hi, size_t k,
                 std::vector<Entry>& buf) {
   const size_t cap = std::max(2 * k, kMinBuffer);
-  buf.reserve(cap + kChunk);
+  // Never more entries than the slice has (found by review: reserving 2k of the global k per thread took
+  // threads x 2n x 16 bytes when k is near n).
+  buf.reserve(std::min(cap + static_cast<size_t>(kChunk), static_cast<size_t>(hi - lo)));
   uint64_t threshold = ~UINT64_C(0);
   bool full = false;  // threshold is meaningful once k entries were kept
   double values[kChunk];
@@ -98,7 +101,10 @@ int64_t score_select(const CandidateColumns& c, const uint8_t* pinned, int64_t n
   std::vector<std::vector<Entry>> parts(static_cast<size_t>(threads));
   // OpenMP may start a smaller team than asked (OMP_THREAD_LIMIT, OMP_DYNAMIC, a nested region): each thread takes
   // every team-size-th slice, so all `threads` slices are scanned whatever the team (found by review: a short team
-  // left the missing threads' slices unscanned).
+  // left the missing threads' slices unscanned). An exception must not leave the parallel region (std::terminate:
+  // found by review, a std::bad_alloc there aborted the engine): the first is kept and rethrown after it, which
+  // pybind11 turns into MemoryError.
+  std::exception_ptr error;
 #pragma omp parallel num_threads(threads)
   {
     int first = 0, step = 1;
@@ -106,11 +112,17 @@ int64_t score_select(const CandidateColumns& c, const uint8_t* pinned, int64_t n
     first = omp_get_thread_num();
     step = omp_get_num_threads();
 #endif
-    for (int t = first; t < threads; t += step) {
-      const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-      scan_slice(c, pinned, lo, hi, kk, parts[static_cast<size_t>(t)]);
+    try {
+      for (int t = first; t < threads; t += step) {
+        const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
+        scan_slice(c, pinned, lo, hi, kk, parts[static_cast<size_t>(t)]);
+      }
+    } catch (...) {
+#pragma omp critical(kvsched_score_select_error)
+      if (!error) error = std::current_exception();
     }
   }
+  if (error) std::rethrow_exception(error);
   std::vector<Entry> all;
   for (auto& p : parts) all.insert(all.end(), p.begin(), p.end());
   const size_t got = std::min(kk, all.size());
