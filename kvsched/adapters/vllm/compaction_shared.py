@@ -89,8 +89,9 @@ class SharedCheckpoints:
     def save(self, local: CompactionStore, session: str, drop_roots: frozenset[str] = frozenset(),
              drop_digests: frozenset[str] = frozenset()) -> None:
         """Write the session's checkpoints behind (the request does not wait), merged with those other replicas
-        wrote (`merge_checkpoints`; read, merged and written in one thread: two replicas saving at the same moment
-        can still lose one's newest row, never the rest); the key goes once nothing is left."""
+        wrote (`merge_checkpoints`), in one atomic read-merge-write (`update_state`): found by review, two replicas
+        saving at the same moment each wrote what it had read before the other's write, and one's newest row was
+        lost. The key goes once nothing is left."""
         ours = local.checkpoints(session, own=True)
         self._spawn(self._merge, compaction_key(session), ours, local.config.checkpoints_per_session, drop_roots,
                     drop_digests)
@@ -98,12 +99,12 @@ class SharedCheckpoints:
 
     def _merge(self, key: str, ours: list[Checkpoint], per_conversation: int, drop_roots: frozenset[str],
                drop_digests: frozenset[str]) -> None:
-        theirs, _ = checkpoint_rows(self.store.get_state(key))
-        merged = merge_checkpoints(theirs, ours, per_conversation, drop_roots, drop_digests)
-        if merged:
-            self.store.put_state(key, encode_checkpoints(merged), self.ttl_s)
-        else:
-            self.store.delete_state(key)
+        def merged(raw: str | None) -> str | None:
+            theirs, _ = checkpoint_rows(raw)
+            rows = merge_checkpoints(theirs, ours, per_conversation, drop_roots, drop_digests)
+            return encode_checkpoints(rows) if rows else None
+
+        self.store.update_state(key, merged, self.ttl_s)
 
     def _spawn(self, fn: Any, *args: Any) -> None:
         task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
