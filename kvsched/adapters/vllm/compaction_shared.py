@@ -37,6 +37,7 @@ class SharedCheckpoints:
         self.ttl_s = ttl_s
         self.counters: Counter[str] = Counter()
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._last: dict[str, asyncio.Future[Any]] = {}  # each key's newest write: the next one waits for it
         self._bad_logged = False
 
     @classmethod
@@ -106,7 +107,22 @@ class SharedCheckpoints:
 
         self.store.update_state(key, merged, self.ttl_s)
 
-    def _spawn(self, fn: Any, *args: Any) -> None:
-        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    def _spawn(self, fn: Any, key: str, *args: Any) -> None:
+        """Run `fn(key, *args)` in a thread, after this server's earlier writes of `key`: found by review, a later save
+        (a conversation ended: its rows go) could land before an earlier one (its summary), which wrote them back."""
+        before = self._last.get(key)
+
+        async def write() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            await asyncio.to_thread(fn, key, *args)
+
+        task = asyncio.ensure_future(write())
+        self._last[key] = task
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._done(key, t))
+
+    def _done(self, key: str, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if self._last.get(key) is task:
+            del self._last[key]

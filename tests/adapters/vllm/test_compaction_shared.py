@@ -135,6 +135,34 @@ def test_two_replicas_saving_at_the_same_moment_keep_both_rows(redis_server, mon
     assert len(stored) == 2
 
 
+def test_one_replicas_saves_of_an_id_land_in_the_order_they_were_made(redis_server):
+    """Found by review: each save ran in a thread of its own, so a later save (the conversation ended: its rows go)
+    could land before an earlier one (its summary), which then wrote the ended conversation's summary back. Here the
+    earlier save's store call is slow."""
+    a = redis_replica(redis_server.url)
+    run(turn(a, request(8)))
+    (key,) = a.store.sessions
+    store, calls = a.shared.store, []
+    update_state = store.update_state
+
+    def slow_first(*args):
+        calls.append(args[0])
+        if len(calls) == 1:
+            threading.Event().wait(0.5)
+        return update_state(*args)
+
+    store.update_state = slow_first
+    end = request(9)
+    end["vllm_xargs"]["session_end"] = 1
+
+    async def scenario():
+        a.shared.save(a.store, key)  # e.g. a summary's commit, still being written when the conversation ends
+        await turn(a, end)
+
+    run(scenario())
+    assert len(calls) == 2 and store.get_state(compaction_key(key)) is None
+
+
 def test_an_update_of_the_real_store_writes_deletes_and_reads_a_bad_value_as_absent(redis_server):
     from kvsched.adapters.store.redis_store import RedisStore
 
