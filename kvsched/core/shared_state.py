@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -48,6 +48,11 @@ class SharedStore(Protocol):
     def delete_blocks(self, keys: Sequence[str]) -> bool: ...
 
     def put_state(self, key: str, value: str, ttl_s: float) -> bool: ...
+
+    def update_state(self, key: str, update: Callable[[str | None], str | None], ttl_s: float) -> bool:
+        """Read-modify-write of one state value, atomic against other clients' writes (`update` may run more than
+        once; it returns the new value, None to delete)."""
+        ...
 
     def get_state(self, key: str) -> str | None: ...
 

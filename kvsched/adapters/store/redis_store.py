@@ -32,6 +32,7 @@ logger = logging.getLogger("vllm.kvsched.store")
 T = TypeVar("T")
 SOCKET_TIMEOUT_S = 0.5
 CONNECT_TIMEOUT_S = 0.25
+UPDATE_ATTEMPTS = 16  # tries of one `update_state` while other clients write the same key
 SECRET = "***"  # what a password becomes in a redacted URL
 SECRET_PARAMS = frozenset({"password"})  # redis-py takes `?password=` as the password
 
@@ -118,7 +119,7 @@ class RedisStore:
         self.health = StoreHealth(clock)
         self._lock = threading.Lock()
         self.counters: dict[str, int] = {"calls": 0, "failed_calls": 0, "skipped_calls": 0, "error_replies": 0,
-                                         "bad_values": 0}
+                                         "bad_values": 0, "contended_updates": 0}
         self._down_since = 0.0
 
     # ---- the guard ----------------------------------------------------------------------------------------------
@@ -204,6 +205,37 @@ class RedisStore:
 
     def put_state(self, key: str, value: str, ttl_s: float) -> bool:
         return self._call(lambda: bool(self.client.set(key, value.encode(), px=_ms(ttl_s))), False)
+
+    def update_state(self, key: str, update: Callable[[str | None], str | None], ttl_s: float) -> bool:
+        """Read, change and write one state value as one step: `update` gets the value (None: absent) and returns the
+        new one (None: delete the key). An optimistic transaction (WATCH, GET, MULTI, SET or DEL, EXEC): if another
+        client writes the key in between, nothing is written and `update` runs again on the new value, at most
+        UPDATE_ATTEMPTS times (`update` must have no side effects). False if it never went through or the store is
+        down. Found by review: a read, then a write, lost the row another replica wrote in between."""
+        from redis import WatchError
+
+        ms = _ms(ttl_s)
+
+        def run() -> bool:
+            for _ in range(UPDATE_ATTEMPTS):
+                with self.client.pipeline(transaction=True) as pipe:
+                    try:
+                        pipe.watch(key)
+                        value = update(self._text(pipe.get(key)))
+                        pipe.multi()
+                        if value is None:
+                            pipe.delete(key)
+                        else:
+                            pipe.set(key, value.encode(), px=ms)
+                        pipe.execute()
+                        return True
+                    except WatchError:
+                        continue
+            with self._lock:
+                self.counters["contended_updates"] += 1
+            return False
+
+        return self._call(run, False)
 
     def get_state(self, key: str) -> str | None:
         return self._text(self._call(lambda: self.client.get(key), None))

@@ -144,11 +144,13 @@ class Compactor:
         digests = [d[:DIGEST_CHARS] for d in plan.digests]
         if not digests:  # served as sent (the cap strategy): named all the same
             return self._tagged(payload, plan.messages)
+        xargs = payload.get("vllm_xargs", {})
         tags: dict[str, Any] = {compat.XARG_CONVERSATION: digests[-1]}
+        original = {**payload, "vllm_xargs": {**xargs, **tags}}  # as a turn served as sent goes (`_tagged`)
         if plan.replaced:
             n = len(digests) - 1  # the client's messages
             tags[compat.XARG_COMPACTED] = digests[max(1, n - COMPACTED_LOOKBACK):n]
-        payload["vllm_xargs"] = {**payload.get("vllm_xargs", {}), **tags}
+        payload["vllm_xargs"] = {**xargs, **tags}
         if not plan.replaced:
             if plan.probe:
                 return Outcome(changed=True, probed=lambda status: self._probed(key, plan.root, status))
@@ -158,16 +160,20 @@ class Compactor:
         self.counters[f"rewritten_{plan.strategy.value}"] += 1
         self.counters["replaced_messages"] += replaced
         self.counters["saved_tokens"] += max(plan.original_tokens - plan.tokens, 0)
-        return Outcome(changed=True, replaced=replaced,
-                       refused=lambda status: self._refused(key, plan.root, status))
+        return Outcome(changed=True, replaced=replaced, original=original,
+                       refused=lambda status: self._refused(key, plan.root, status),
+                       probed=lambda status: self._probed(key, plan.root, status))
 
     def _refused(self, key: str, root: str, status: int) -> None:
-        """vLLM refused a rewritten request of conversation `root` (`compaction_outcome.rewrite_refused`): its next
-        turn goes as sent, and if vLLM takes that (`_probed`), so does the conversation from then on."""
+        """vLLM refused a rewritten request of conversation `root` (`compaction_outcome.rewrite_refused`): the request
+        is sent again as the client sent it (`Outcome.forward`), and if vLLM takes that (`_probed`), the conversation
+        is served as sent from then on (an answer that says nothing, a server error, leaves its next turn to tell)."""
+        self.counters["rewrites_resent"] += 1
         self.store.suspect(key, root)
 
     def _probed(self, key: str, root: str, status: int) -> None:
-        """The answer to a suspect conversation's turn served as sent: taken, the rewrite was the cause: served as sent
+        """The answer to a suspect conversation's request served as sent (the refused one sent again, or a next turn):
+        taken, the rewrite was the cause: served as sent
         from now on, here and, through the shared store, on other replicas; refused too (4xx), the client's request
         was, and its rewrites go on; a server error says nothing (it stays suspect)."""
         if status >= 500:
@@ -179,8 +185,8 @@ class Compactor:
             self.shared.save(self.store, key, drop_roots=frozenset([root]))
         if not self._refusal_logged:
             self._refusal_logged = True
-            logger.warning("kvsched compaction: vLLM refused a compacted request and took the conversation's next "
-                           "turn as sent (HTTP %d); that conversation is served uncompacted from now on (counted in "
+            logger.warning("kvsched compaction: vLLM refused a compacted request and took it as the client sent it "
+                           "(HTTP %d); that conversation is served uncompacted from now on (counted in "
                            "kvsched_compaction_rewrites_refused_total; further ones are not logged). If the served "
                            "chat template rejects the rewrite, try KVSCHED_COMPACTION_SUMMARY_ROLE=user or turn "
                            "compaction off", status)
@@ -303,6 +309,7 @@ class Compactor:
             "summary_inputs_cut": float(s["summary_inputs_cut"]),
             "summaries_no_room": float(s["summaries_no_room"]),
             "rewrites_refused": float(s["rewrites_refused"]),
+            "rewrites_resent": float(c["rewrites_resent"]),
             "summaries_held_back": float(s["summaries_held_back"]),
             "context_triggers": float(s["context_triggers"]),
             "summaries_truncated": float(c["summaries_truncated"]),

@@ -5,6 +5,13 @@ The call is rendered like the session's own requests (the request's `chat_templa
 along, so e.g. `enable_thinking: false` holds for it too and its prompt stays the session's cached prefix), and its
 answer is cleaned of a reasoning model's `<think>...</think>` block. Found by review: the call passed no template
 arguments and a reasoning model's thoughts were stored as the summary.
+
+A tool-using session's `tools` go along too, with `tool_choice: "none"`: the template renders the tool definitions
+and the tool-call messages as for the session's own requests (templates that render tool calls only against their
+tools, or refuse them without, took the call as malformed; and the definitions usually open the prompt, so without
+them the call missed the session's cached prefix from its first block), while the model answers in text, which needs
+no tool parser on the server. Found by review: the call carried no tools. A server run with
+`--exclude-tools-when-tool-choice-none` leaves them out of the render by the operator's choice.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ def summary_body(job: SummaryJob, payload: Mapping[str, Any], config: Compaction
     for name in ("cache_salt", *TEMPLATE_FIELDS):
         if payload.get(name) is not None:
             body[name] = payload[name]
+    if payload.get("tools"):  # rendered like the session's requests; answered in text, never with a tool call
+        body["tools"], body["tool_choice"] = payload["tools"], "none"
     return body
 
 

@@ -31,6 +31,8 @@ COUNTERS = {
                            "(finish_reason length): kept, cut short",
     "rewrites_refused": "Compacted requests vLLM refused (HTTP 400/422 not about length or a parameter, e.g. a chat "
                         "template that rejects the rewrite): their conversation is served as sent from then on",
+    "rewrites_resent": "Compacted requests vLLM refused for what the rewrite may have caused (HTTP 400/422 not about "
+                       "length or a parameter), sent again as the client sent it: the client got that answer",
     "refused_requests": "Requests refused past the context cap (HTTP 400)",
     "opt_outs": "Requests that opted out of compaction (X-KVSched-Compaction: off)",
     "oversized_requests": "Requests with a message far past the model's context: not tokenized (cap: HTTP 400)",
@@ -56,8 +58,9 @@ class Collector:
             yield GaugeMetricFamily(f"kvsched_compaction_{name}", doc, value=self.stats.get(name, 0.0))
         for name, doc in COUNTERS.items():
             yield CounterMetricFamily(f"kvsched_compaction_{name}", doc, value=self.stats.get(name, 0.0))
-        rewritten = CounterMetricFamily("kvsched_compaction_rewritten_requests", "Requests served compacted, by "
-                                        "strategy", labels=["strategy"])
+        rewritten = CounterMetricFamily("kvsched_compaction_rewritten_requests", "Requests rewritten by compaction, "
+                                        "by strategy (one vLLM refused and that was sent again as sent counts here "
+                                        "and in kvsched_compaction_rewrites_resent)", labels=["strategy"])
         for st in (Strategy.SUMMARIZE, Strategy.SLIDING_WINDOW):
             rewritten.add_metric([st.value], self.stats.get(f"rewritten_{st.value}", 0.0))
         yield rewritten

@@ -3,9 +3,15 @@ rewritten one: the `X-KVSched-Compacted` header on success, and a refusal that t
 
 Found by review: a chat template that did not accept the rewrite made vLLM answer HTTP 400, and since the checkpoint
 stayed, every later turn of the session failed as well. An error answer to a rewritten request that is not about the
-request's length or one of its parameters is now reported back (`Outcome.refused`); the compactor serves that
-conversation's next turn as sent (a probe: `Outcome.probed` reports vLLM's answer) and, if vLLM takes it, the whole
-conversation from then on. A client's own bad request is refused as sent too, and compaction goes on.
+request's length or one of its parameters (`rewrite_refused`) is now held back from the client, reported
+(`Outcome.refused`), and the request is sent again once, as the client sent it (`Outcome.original`): the client gets
+that answer, success or the original's own error, never a failure caused by kvsched (found by review: the refused
+request itself still failed). That answer is the probe (`Outcome.probed`): taken, the rewrite was the cause and the
+conversation is served as sent from then on; refused too, the client's request was, and compaction goes on.
+
+Only an error answer is held back, and vLLM sends one before any response header: a chat template's or a length
+check's refusal comes before the engine sees the request, also for `stream: true` (a JSON error, no event stream).
+A response that has started (200, an event stream) is never sent again, nor one the engine began to run.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvsched.adapters.vllm.http_io import replace_header, replay
+
 COMPACTED_HEADER = b"x-kvsched-compacted"
 REFUSAL_STATUSES = (400, 422)  # vLLM's answers to a request it cannot render (a chat template's exception: 400)
-MAX_ERROR_BODY = 65_536  # bytes of an error answer read to tell a template's refusal from a length or parameter error
+MAX_ERROR_BODY = 65_536  # bytes of an error answer read (and held back) to tell a template's refusal from others
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -40,10 +48,60 @@ def rewrite_refused(status: int, body: bytes) -> bool:
     return error.get("param") in (None, "messages") and "maximum context length" not in message
 
 
+class HeldAnswer:
+    """vLLM's answer to a rewritten request on its way to the client: a success gets `X-KVSched-Compacted` (an error
+    never does: found by review, a request vLLM refused was reported as served compacted); a 400/422 is held back
+    until read whole, then, if the rewrite may have caused it (`refused_status` says so), dropped when the request
+    is to be sent again (`resend`), else sent on. A body past MAX_ERROR_BODY is sent on as it comes."""
+
+    def __init__(self, send: Send, replaced: int, resend: bool) -> None:
+        self.send = send
+        self.value = str(replaced).encode()
+        self.resend = resend
+        self.held: list[dict[str, Any]] | None = None
+        self.status = 0
+        self.size = 0
+        self.refused_status: int | None = None
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if self.held is not None:
+            self.held.append(message)
+            if message["type"] == "http.response.body":
+                self.size += len(message.get("body", b""))
+                if self.size > MAX_ERROR_BODY:
+                    await self.flush()
+                elif not message.get("more_body", False):
+                    body = b"".join(m.get("body", b"") for m in self.held[1:])
+                    if rewrite_refused(self.status, body):
+                        self.refused_status = self.status
+                    if self.refused_status is None or not self.resend:
+                        await self.flush()
+                    else:
+                        self.held = None  # the client gets the answer to the request sent again instead
+            return
+        if message["type"] == "http.response.start":
+            self.status = int(message.get("status", 200))
+            if self.status < 400:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != COMPACTED_HEADER]
+                message = dict(message, headers=[*headers, (COMPACTED_HEADER, self.value)])
+            elif self.status in REFUSAL_STATUSES:
+                self.held = [message]
+                return
+        await self.send(message)
+
+    async def flush(self) -> None:
+        """Send on what is held back (an answer that is not a refusal of the rewrite, or one left unfinished)."""
+        held, self.held = self.held or [], None
+        for message in held:
+            await self.send(message)
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What the middleware does with one request after compaction: forward it (rewritten or not), or refuse it.
-    `refused` is called with the answer's status when vLLM refuses a rewritten request (`rewrite_refused`)."""
+    `refused` is called with the answer's status when vLLM refuses a rewritten request (`rewrite_refused`), which is
+    then sent again as `original` (the client's messages; kvsched's session fields); `probed` gets the status of the
+    answer to a request served as sent to learn whether a refused rewrite was the cause (that one, or a next turn)."""
 
     changed: bool = False
     replaced: int = 0
@@ -51,44 +109,41 @@ class Outcome:
     error: dict[str, Any] | None = None
     refused: Callable[[int], None] | None = field(default=None, compare=False)
     probed: Callable[[int], None] | None = field(default=None, compare=False)  # a probe's answer status
+    original: dict[str, Any] | None = field(default=None, compare=False)
 
     def wrap(self, send: Send) -> Send:
-        """`send` with `X-KVSched-Compacted` added to the response headers when messages were replaced, unless the
-        response is an error (found by review: a request vLLM refused was reported as served compacted); an error
-        answer is read to see whether the rewrite caused it. A probe (served as sent after a refusal) reports its
+        """`send` for vLLM's answer: a `HeldAnswer` for a rewritten request; for a probe, one that reports its
         answer's status."""
-        if not self.replaced:
-            return send if self.probed is None else self._report_status(send, self.probed)
-        value = str(self.replaced).encode()
-        error: dict[str, Any] = {}
+        if self.replaced:
+            return HeldAnswer(send, self.replaced, resend=self.original is not None)
+        return send if self.probed is None else _report_status(send, self.probed)
 
-        async def send_with_header(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status = message.get("status", 200)
-                if status < 400:
-                    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != COMPACTED_HEADER]
-                    message = dict(message, headers=[*headers, (COMPACTED_HEADER, value)])
-                elif self.refused is not None and status in REFUSAL_STATUSES:
-                    error.update(status=status, body=b"")
-            elif message["type"] == "http.response.body" and error:
-                error["body"] = (error["body"] + message.get("body", b""))[:MAX_ERROR_BODY]
-                if not message.get("more_body", False) and self.refused is not None:
-                    status, body = error.pop("status"), error.pop("body")
-                    error.clear()
-                    if rewrite_refused(status, body):
-                        self.refused(status)
-            await send(message)
+    async def forward(self, app: Any, scope: dict[str, Any], body: bytes, receive: Any, send: Send) -> None:
+        """Serve the request (`body`) through `app`. A rewritten one that vLLM refused for what may be the rewrite's
+        fault is sent again once as `original`, that answer reported to `probed` and sent to the client."""
+        answer = self.wrap(send)
+        await app(scope, replay(body, receive), answer)
+        if not isinstance(answer, HeldAnswer):
+            return
+        await answer.flush()
+        if answer.refused_status is None:
+            return
+        if self.refused is not None:
+            self.refused(answer.refused_status)
+        if self.original is None:
+            return
+        original = json.dumps(self.original).encode()
+        scope = dict(scope, headers=replace_header(scope["headers"], b"content-length", str(len(original)).encode()))
+        await app(scope, replay(original, receive), send if self.probed is None else _report_status(send, self.probed))
 
-        return send_with_header
 
-    @staticmethod
-    def _report_status(send: Send, report: Callable[[int], None]) -> Send:
-        async def send_reporting(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                report(int(message.get("status", 200)))
-            await send(message)
+def _report_status(send: Send, report: Callable[[int], None]) -> Send:
+    async def send_reporting(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            report(int(message.get("status", 200)))
+        await send(message)
 
-        return send_reporting
+    return send_reporting
 
 
 UNCHANGED = Outcome()

@@ -37,6 +37,7 @@ class SharedCheckpoints:
         self.ttl_s = ttl_s
         self.counters: Counter[str] = Counter()
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._last: dict[str, asyncio.Future[Any]] = {}  # each key's newest write: the next one waits for it
         self._bad_logged = False
 
     @classmethod
@@ -89,8 +90,9 @@ class SharedCheckpoints:
     def save(self, local: CompactionStore, session: str, drop_roots: frozenset[str] = frozenset(),
              drop_digests: frozenset[str] = frozenset()) -> None:
         """Write the session's checkpoints behind (the request does not wait), merged with those other replicas
-        wrote (`merge_checkpoints`; read, merged and written in one thread: two replicas saving at the same moment
-        can still lose one's newest row, never the rest); the key goes once nothing is left."""
+        wrote (`merge_checkpoints`), in one atomic read-merge-write (`update_state`): found by review, two replicas
+        saving at the same moment each wrote what it had read before the other's write, and one's newest row was
+        lost. The key goes once nothing is left."""
         ours = local.checkpoints(session, own=True)
         self._spawn(self._merge, compaction_key(session), ours, local.config.checkpoints_per_session, drop_roots,
                     drop_digests)
@@ -98,14 +100,29 @@ class SharedCheckpoints:
 
     def _merge(self, key: str, ours: list[Checkpoint], per_conversation: int, drop_roots: frozenset[str],
                drop_digests: frozenset[str]) -> None:
-        theirs, _ = checkpoint_rows(self.store.get_state(key))
-        merged = merge_checkpoints(theirs, ours, per_conversation, drop_roots, drop_digests)
-        if merged:
-            self.store.put_state(key, encode_checkpoints(merged), self.ttl_s)
-        else:
-            self.store.delete_state(key)
+        def merged(raw: str | None) -> str | None:
+            theirs, _ = checkpoint_rows(raw)
+            rows = merge_checkpoints(theirs, ours, per_conversation, drop_roots, drop_digests)
+            return encode_checkpoints(rows) if rows else None
 
-    def _spawn(self, fn: Any, *args: Any) -> None:
-        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self.store.update_state(key, merged, self.ttl_s)
+
+    def _spawn(self, fn: Any, key: str, *args: Any) -> None:
+        """Run `fn(key, *args)` in a thread, after this server's earlier writes of `key`: found by review, a later save
+        (a conversation ended: its rows go) could land before an earlier one (its summary), which wrote them back."""
+        before = self._last.get(key)
+
+        async def write() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            await asyncio.to_thread(fn, key, *args)
+
+        task = asyncio.ensure_future(write())
+        self._last[key] = task
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._done(key, t))
+
+    def _done(self, key: str, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if self._last.get(key) is task:
+            del self._last[key]

@@ -7,7 +7,8 @@ Added by the plugin to a `vllm serve` that runs kvsched's scheduler (and a stric
   fields validated (HTTP 400 naming the field) and written canonically into `vllm_xargs`, which is how they reach the
   engine-core scheduler (`request_fields.py`; precedence in `kvsched.core.client_fields`), plus the caller's tenant;
   bodies over 64 MiB get 413 and JSON nested too deep 400 (`http_io.py`);
-- chat requests may be compacted (`compaction.py`), as the operator's settings allow;
+- chat requests may be compacted (`compaction.py`), as the operator's settings allow; one that vLLM refuses for
+  what the rewrite may have caused is sent again as the client sent it (`compaction_outcome.py`);
 - `GET /kvsched/sessions` and `DELETE /kvsched/sessions[/{id}]` are served, scoped to the caller (`admin_routes.py`);
 - `/metrics` gains the `kvsched_*` metrics, read from the scheduler at scrape time (`kvsched_stats_up 0` and the API
   server's own counters only, if the engine core does not answer within STATS_TIMEOUT_S).
@@ -23,6 +24,7 @@ from urllib.parse import parse_qs
 from kvsched.adapters.vllm import admin_routes, compat
 from kvsched.adapters.vllm.auth import Auth
 from kvsched.adapters.vllm.compaction import STRATEGY_HEADER, Compactor
+from kvsched.adapters.vllm.compaction_outcome import UNCHANGED
 from kvsched.adapters.vllm.http_io import (
     MAX_JSON_CONTAINERS,
     SCAN_BODY_BYTES,
@@ -106,6 +108,7 @@ class KVSchedMiddleware:
     # ---- generation requests ------------------------------------------------------------------------------------
     async def _generate(self, scope: Scope, receive: Any, send: Any, path: str, raw: dict[str, bytes],
                         tenant: str | None) -> None:
+        outcome = UNCHANGED
         try:
             body = await read_body(scope, receive)
             payload = parse_json(body, MAX_JSON_CONTAINERS)
@@ -116,22 +119,21 @@ class KVSchedMiddleware:
                 except InvalidSessionInput as exc:
                     self.rejected += 1
                     raise HttpError(400, str(exc), param=exc.field or "session") from None
-                compacted = await self.compaction.prepare(scope, payload, headers, tenant)
-                if compacted.error is not None:
-                    await send_json(send, compacted.status, compacted.error)
+                outcome = await self.compaction.prepare(scope, payload, headers, tenant)
+                if outcome.error is not None:
+                    await send_json(send, outcome.status, outcome.error)
                     return
-                if changed or compacted.changed:
+                if changed or outcome.changed:
                     body = json.dumps(payload).encode()
                     scope = dict(scope, headers=replace_header(scope["headers"], b"content-length",
                                                                str(len(body)).encode()))
-                send = compacted.wrap(send)
         except Disconnected:
             return
         except HttpError as exc:
             # Anthropic's clients read {"type": "error", "error": {...}}; the OpenAI shape otherwise.
             await send_json(send, exc.status, {"type": "error", **exc.body} if path == "/v1/messages" else exc.body)
             return
-        await self.app(scope, replay(body, receive), send)
+        await outcome.forward(self.app, scope, body, receive, send)  # a refused rewrite is sent again as sent
 
     async def _unhandled(self, scope: Scope, receive: Any, send: Any, path: str) -> None:
         """Any other request with a JSON body that vLLM will serve: kvsched's marks and (for a keyed caller) session

@@ -188,8 +188,10 @@ def test_response_header_and_metrics():
     wrapped = Outcome(changed=True, replaced=7).wrap(send)
     run(wrapped({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"x")]}))
     assert (b"x-kvsched-compacted", b"7") in sent[0]["headers"]
-    run(wrapped({"type": "http.response.start", "status": 400, "headers": []}))  # found by review: a rewritten
-    assert sent[1]["headers"] == []  # request that vLLM refused was answered with X-KVSched-Compacted
+    refused = Outcome(changed=True, replaced=7).wrap(send)  # found by review: a rewritten request that vLLM refused
+    run(refused({"type": "http.response.start", "status": 400, "headers": []}))  # was answered with the header
+    run(refused({"type": "http.response.body", "body": b"{}"}))
+    assert sent[1]["status"] == 400 and sent[1]["headers"] == [] and sent[2]["body"] == b"{}"
     assert Outcome().wrap(send) is send
     text = compactor(FakeVllm()).render_metrics().decode()
     assert "kvsched_compaction_summary_calls_total 0.0" in text

@@ -69,3 +69,53 @@ def test_a_summary_cut_off_at_max_tokens_is_kept_counted_and_logged_once(caplog)
     assert comp.stats()["summaries_truncated"] == 2 and comp.stats()["summaries"] == 2
     assert sum("cut short" in r.getMessage() for r in caplog.records) == 1
     assert "kvsched_compaction_summaries_truncated_total 2.0" in comp.render_metrics().decode()
+
+
+TOOLS = [{"type": "function", "function": {"name": "search", "description": "search the web",
+                                           "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]
+
+
+def tool_loop(turns):
+    """An agent's session: one task, then tool calls and their results."""
+    payload = request(0, tools=TOOLS, tool_choice="auto")
+    msgs = payload["messages"][:1] + [{"role": "user", "content": "find the facts"}]
+    for i in range(turns):
+        call = {"id": f"c{i}", "type": "function",
+                "function": {"name": "search", "arguments": json.dumps({"q": f"query {i}"})}}
+        msgs += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                 {"role": "tool", "tool_call_id": f"c{i}", "content": f"result {i} with many words in it"}]
+    payload["messages"] = msgs
+    return payload
+
+
+class ToolTemplate(Model):
+    """A model whose chat template renders tool calls only against the request's tools (HTTP 400 otherwise)."""
+
+    async def __call__(self, scope, receive, send):
+        message = await receive()
+        body = json.loads(message["body"])
+        names = {t["function"]["name"] for t in body.get("tools") or []}
+        if any(c["function"]["name"] not in names for m in body["messages"] for c in m.get("tool_calls") or []):
+            self.bodies.append(body)
+            await send({"type": "http.response.start", "status": 400, "headers": []})
+            await send({"type": "http.response.body", "body": b'{"error": {"message": "unknown tool"}}'})
+            return
+
+        async def again():
+            return message
+
+        await super().__call__(scope, again, send)
+
+
+def test_a_tool_using_sessions_summary_call_carries_its_tools_and_answers_in_text():
+    model = ToolTemplate()
+    comp = compactor(model, wait_for_summary=True)
+    payload = tool_loop(6)
+    out = run(comp.prepare(SCOPE, payload, {}))
+    assert out.replaced > 0 and comp.stats()["summaries"] == 1 and comp.stats()["failed_error"] == 0
+    (body,) = model.bodies
+    assert body["tools"] == TOOLS and body["tool_choice"] == "none"  # rendered as the session's, answered in text
+    assert any(m.get("tool_calls") for m in body["messages"])
+    bare = Model()
+    summarised(bare)
+    assert "tools" not in bare.bodies[0] and "tool_choice" not in bare.bodies[0]
