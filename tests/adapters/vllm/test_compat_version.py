@@ -21,7 +21,8 @@ def test_the_installed_vllm_is_supported():
     assert compat.unsupported_vllm() is None
 
 
-@pytest.mark.parametrize("version", ["0.33.1", "0.31.9", "1.0.0+cpu", "not-a-version"])
+@pytest.mark.parametrize("version", ["0.33.1", "0.31.9", "1.0.0+cpu", "not-a-version", "0.32.0rc1", "0.32.0.dev7",
+                                     "0.33.0rc1"])
 def test_an_unsupported_vllm_is_refused_in_one_line(monkeypatch, capsys, version):
     monkeypatch.setattr(compat.version, "installed_vllm_version", lambda: version)
     with pytest.raises(SystemExit) as exc:
@@ -34,7 +35,7 @@ def test_an_unsupported_vllm_is_refused_in_one_line(monkeypatch, capsys, version
 
 
 def test_a_cpu_build_and_patch_releases_are_supported(monkeypatch):
-    for version in ("0.32.0+cpu", "0.32.7"):
+    for version in ("0.32.0+cpu", "0.32.7", "0.32.1.dev3+g1234abc.cpu", "0.32.2rc1"):
         monkeypatch.setattr(compat.version, "installed_vllm_version", lambda v=version: v)
         assert compat.unsupported_vllm() is None
 

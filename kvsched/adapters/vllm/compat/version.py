@@ -39,7 +39,11 @@ def unsupported_vllm() -> str | None:
     found = installed_vllm_version()
     lo, hi = SUPPORTED_VLLM
     try:
-        ok = Version(lo) <= Version(Version(found).base_version) < Version(hi)
+        # The lower bound on the whole version: a release candidate or dev build of 0.32.0 comes before it and may
+        # predate what compat reads (found by review: `base_version` let 0.32.0rc1 pass); the upper bound on the base
+        # version, so 0.33.0rc1 counts as 0.33.
+        v = Version(found)
+        ok = Version(lo) <= v and Version(v.base_version) < Version(hi)
     except InvalidVersion:
         ok = False
     if ok:
