@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,12 +24,18 @@ from typing import Any, TextIO, TypeGuard
 import numpy as np
 
 from kvsched.sim.out_file import written_whole
-from kvsched.sim.trace_fields import MAX_COUNT, bounded_lines, flag_field, number_field, text_field
+from kvsched.sim.trace_fields import (
+    BYTES_META,
+    CAPACITY_META,
+    FORMAT_VERSION,
+    TIER_BLOCK_META,
+    bounded_lines,
+    flag_field,
+    number_field,
+    read_header,
+    text_field,
+)
 
-FORMAT_VERSION = 1
-CAPACITY_META = "capacity_blocks"  # header meta of an engine's recording: its KV pool, in the trace's blocks
-BYTES_META = "kv_bytes_per_token"  # ... its KV bytes per token (all layers, the cache's dtype)
-TIER_BLOCK_META = "fp8_tier_block_bytes"  # ... what one of the trace's blocks takes in kvsched's FP8 tier on it
 ID_DTYPE = np.int32
 logger = logging.getLogger("kvsched.sim")
 
@@ -145,35 +150,6 @@ def write_jsonl(path: Path, block_size: int, requests: Iterable[TraceRequest], m
         w = TraceWriter(f, block_size, meta)
         for r in requests:
             w.write(r)
-
-
-def read_header(first: str, path: Path) -> dict[str, Any]:
-    """The header line, checked: `block_size` divides every token count and `meta` feeds the replay's defaults."""
-    try:
-        header = json.loads(first) if first.strip() else {}
-    except (ValueError, RecursionError) as exc:
-        raise ValueError(f"{path}:1: {exc}") from None
-    if not isinstance(header, dict) or header.get("kvsched_trace") != FORMAT_VERSION or "block_size" not in header:
-        raise ValueError(f"{path}: first line must be a header {{\"kvsched_trace\": 1, \"block_size\": N, ...}}")
-    bs = header["block_size"]
-    if type(bs) is not int or not 1 <= bs <= MAX_COUNT:
-        raise ValueError(f"{path}:1: block_size must be an integer in 1..{MAX_COUNT}, got {bs!r:.80}")
-    if header.setdefault("meta", {}) is None:
-        header["meta"] = {}
-    if not isinstance(header["meta"], dict):
-        raise ValueError(f"{path}:1: meta must be a JSON object, got {header['meta']!r:.80}")
-    meta = header["meta"]
-    # what a recording's replay sizes its pool and byte figures by: a bool, a negative, NaN or inf there was a pool
-    # of one block or a traceback (found by review)
-    if meta.get(CAPACITY_META) is not None and not (type(meta[CAPACITY_META]) is int
-                                                    and 1 <= meta[CAPACITY_META] <= MAX_COUNT):
-        raise ValueError(f"{path}:1: meta.{CAPACITY_META} must be an integer in 1..{MAX_COUNT}, "
-                         f"got {meta[CAPACITY_META]!r:.80}")
-    for name in (BYTES_META, TIER_BLOCK_META):
-        v = meta.get(name)
-        if v is not None and not (type(v) in (int, float) and math.isfinite(v) and 1 <= round(v) <= MAX_COUNT):
-            raise ValueError(f"{path}:1: meta.{name} must be a finite number of bytes >= 1, got {v!r:.80}")
-    return header
 
 
 def read_jsonl(path: Path) -> tuple[dict[str, Any], Iterator[TraceRequest]]:
