@@ -289,9 +289,10 @@ class Trace:
                       dense_ids: bool = False) -> Trace:
         """Build from requests in session order (a session's turns in the order it sent them).
 
-        `dense_ids`: the ids are already 0..n-1 ints (the generator's); otherwise any hashable ids are mapped."""
+        `dense_ids`: the ids are already 0..n-1 ints (the generator's); otherwise any hashable ids are mapped, per
+        cache salt (found by review: equal ids under two salts shared blocks, contrary to docs/trace_schema.md)."""
         reqs = list(requests)
-        ids: dict[Any, int] = {}
+        ids: dict[tuple[str | None, Any], int] = {}  # (salt, id)
         depth = np.full(1024, -1, dtype=np.int64)
         n_ids = 0
         tapes: list[_Tape] = []
@@ -307,9 +308,9 @@ class Trace:
             else:
                 out = []
                 for b in r.blocks:
-                    j = ids.get(b)
+                    j = ids.get((r.salt, b))
                     if j is None:
-                        j = ids[b] = len(ids)
+                        j = ids[(r.salt, b)] = len(ids)
                     out.append(j)
                 new = np.asarray(out, dtype=ID_DTYPE)
                 n_ids = len(ids)

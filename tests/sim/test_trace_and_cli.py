@@ -70,3 +70,17 @@ def test_simulate_a_trace_file_and_bad_arguments(tmp_path, capsys):
     assert main(["simulate", "--generate", "--quick", "--policies", "lru,magic"]) == 2
     assert "magic" in capsys.readouterr().err
     assert main(["simulate", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_requests_share_blocks_only_under_the_same_salt():
+    """Found by review: the loader mapped ids alone, so two tenants' equal ids (different cache_salt) shared blocks,
+    contrary to docs/trace_schema.md."""
+    from kvsched.sim.replay import ReplayConfig, replay
+
+    reqs = [TraceRequest(t, s, 9, 0, ["x1", "x2"], salt=salt)
+            for t, s, salt in ((0, "a", "tenantA"), (10, "b", "tenantB"), (20, "c", "tenantA"))]
+    trace = Trace.from_requests(4, reqs)
+    assert trace.working_set_blocks() == 4 and list(trace.blocks(0)) == list(trace.blocks(2))
+    for policy in ("lru", "opt", "kvsched"):
+        assert replay(Trace.from_requests(4, reqs[:2]), policy, ReplayConfig(capacity_blocks=16)).hit_tokens == 0
+        assert replay(trace, policy, ReplayConfig(capacity_blocks=16)).hit_tokens == 8  # c hits a's blocks
