@@ -302,6 +302,10 @@ def run(args: argparse.Namespace) -> int:
         capacity = max(capacity_blocks(args, trace, bpt) // args.replicas, 1)
         tier = (tier_bytes(args, block_bytes, capacity * trace.block_size * bpt), block_bytes)
         tier = tier if tier[0] > 0 else (0, 0)
+        if "lru+offload" in policies and tier[0] < bpt * trace.block_size:  # found by review: it ran on 0 host slots
+            raise ValueError("--policies lru+offload replays vLLM's CPU offloading on the host memory of kvsched's "
+                             "tier, and none is given (or less than one page): give --fp8-tier-gib, --fp8-tier-blocks "
+                             "or --host-gib-per-gpu")
         if tier[0] // block_bytes > MAX_TIER_BLOCKS:
             raise ValueError(f"an FP8 tier of {tier[0] // block_bytes} blocks is past the replay's limit of "
                              f"{MAX_TIER_BLOCKS} (this trace has {trace.working_set_blocks()} distinct blocks)")
