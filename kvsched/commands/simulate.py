@@ -16,7 +16,7 @@ from typing import Any
 
 from kvsched.bench.common import provenance, table, write_json
 from kvsched.commands.args import MAX_COUNT, MAX_GIB, check_args, count, number
-from kvsched.commands.simulate_tier import FLEET_HOST_GIB_PER_GPU, MAX_TIER_BLOCKS, tier_bytes, tier_from_env
+from kvsched.commands.simulate_tier import FLEET_HOST_GIB_PER_GPU, MAX_TIER_BLOCKS, sized_tier, tier_from_env
 
 POLICIES = ("lru", "kvsched", "opt", "lru+offload")  # lru+offload: stock vLLM CPU offloading on the tier's bytes
 # The fleet's default GPUs and link (its hosts: simulate_tier): ~60 GiB of KV per 80 GB GPU after an 8B model's weights
@@ -174,16 +174,21 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
     return max(math.ceil(basis / pressure), 1)
 
 
-def engine_bytes(args: argparse.Namespace, trace: Any) -> tuple[int, int]:
+def engine_bytes(args: argparse.Namespace, trace: Any) -> tuple[int, int | None]:
     """(KV bytes per token, FP8-tier bytes per block) the replay sizes pools and tiers by: an engine's recording's own
-    unless --preset names a model, else the preset's."""
-    from kvsched.core.planner import ModelShape, fp8_tier_block_bytes, kv_bytes_per_token
+    unless --preset names a model, else the preset's; the tier's None for a model the FP8 tier does not serve (a
+    tier asked for on it is refused: `simulate_tier.sized_tier`)."""
+    from kvsched.core.planner import ModelShape, PlanError, fp8_tier_block_bytes, kv_bytes_per_token
 
     recorded = trace.recorded_bytes
     if args.preset is None and recorded is not None:
         return recorded
     shape = ModelShape.from_preset(args.preset or DEFAULT_PRESET)
-    return kv_bytes_per_token(shape, args.kv_dtype), fp8_tier_block_bytes(shape, args.kv_dtype, trace.block_size)
+    try:
+        block_bytes: int | None = fp8_tier_block_bytes(shape, args.kv_dtype, trace.block_size)
+    except PlanError:  # MLA, sliding window
+        block_bytes = None
+    return kv_bytes_per_token(shape, args.kv_dtype), block_bytes
 
 
 def compaction_config(args: argparse.Namespace) -> Any:
@@ -300,14 +305,13 @@ def run(args: argparse.Namespace) -> int:
         if args.replicas < 1:
             raise ValueError("--replicas must be >= 1")
         capacity = max(capacity_blocks(args, trace, bpt) // args.replicas, 1)
-        tier = (tier_bytes(args, block_bytes, capacity * trace.block_size * bpt), block_bytes)
-        tier = tier if tier[0] > 0 else (0, 0)
+        tier = sized_tier(args, block_bytes, capacity * trace.block_size * bpt)
         if "lru+offload" in policies and tier[0] < bpt * trace.block_size:  # found by review: it ran on 0 host slots
             raise ValueError("--policies lru+offload replays vLLM's CPU offloading on the host memory of kvsched's "
                              "tier, and none is given (or less than one page): give --fp8-tier-gib, --fp8-tier-blocks "
                              "or --host-gib-per-gpu")
-        if tier[0] // block_bytes > MAX_TIER_BLOCKS:
-            raise ValueError(f"an FP8 tier of {tier[0] // block_bytes} blocks is past the replay's limit of "
+        if tier[1] and tier[0] // tier[1] > MAX_TIER_BLOCKS:
+            raise ValueError(f"an FP8 tier of {tier[0] // tier[1]} blocks is past the replay's limit of "
                              f"{MAX_TIER_BLOCKS} (this trace has {trace.working_set_blocks()} distinct blocks)")
         result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt, tier, compaction_config(args),
                           args.system_tokens, restore_bytes_per_s=args.h2d_gbps * 1e9,

@@ -67,3 +67,23 @@ def tier_bytes(args: argparse.Namespace, block_bytes: int, pool_bytes: int = 0) 
     if not 0 <= gib <= MAX_GIB:
         raise ValueError(f"--fp8-tier-gib must be a number in 0..{MAX_GIB:g}")
     return int(gib * 2**30)
+
+
+class NoTierBlockBytes(ValueError):
+    """A tier asked for on a model the FP8 tier does not serve (MLA, sliding window), whose tier block size is not
+    known: refused rather than sized by another model's."""
+
+
+def sized_tier(args: argparse.Namespace, block_bytes: int | None, pool_bytes: int) -> tuple[int, int]:
+    """(bytes, bytes per block) of the kvsched side's tier, (0, 0) when off; NoTierBlockBytes for a tier asked for
+    when `block_bytes` is None (`simulate.engine_bytes`: a recording whose header has no tier figure, a preset the
+    tier does not serve)."""
+    if block_bytes is None:
+        if tier_bytes(args, 1, pool_bytes) > 0:
+            raise NoTierBlockBytes(
+                "an FP8 tier was asked for, but this model's tier block size is not known (a recording without "
+                "meta.fp8_tier_block_bytes, or a preset the FP8 tier does not serve: MLA, sliding window); give no "
+                f"tier flag ({ENV_TIER_GB} unset or 0) or a --preset the tier serves")
+        return 0, 0
+    size = tier_bytes(args, block_bytes, pool_bytes)
+    return (size, block_bytes) if size > 0 else (0, 0)

@@ -243,13 +243,15 @@ class Trace:
         return value if type(value) is int and value > 0 else None
 
     @property
-    def recorded_bytes(self) -> tuple[int, int] | None:
+    def recorded_bytes(self) -> tuple[int, int | None] | None:
         """(KV bytes per token, FP8-tier bytes per block) of the engine that recorded this trace, if its header says
-        both: the byte figures and tier sizes of a replay follow that engine rather than a preset model."""
+        the first: the byte figures and tier sizes of a replay follow that engine rather than a preset model. The
+        second is None for an engine the FP8 tier does not serve (MLA, sliding window: no tier figure in its header;
+        found by review: its bytes per token were dropped with it, for the default preset's)."""
         per_token, per_block = self.meta.get(BYTES_META), self.meta.get(TIER_BLOCK_META)
-        if not (_positive(per_token) and _positive(per_block)):
+        if not _positive(per_token):
             return None
-        return round(per_token), int(per_block)
+        return round(per_token), (int(per_block) if _positive(per_block) else None)
 
     def working_set_blocks(self) -> int:
         """Distinct blocks over the whole trace (shared prefixes counted once): the KV every session would hold."""

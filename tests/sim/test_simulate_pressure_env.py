@@ -126,9 +126,25 @@ def test_a_recordings_own_bytes_size_its_tier_and_a_preset_overrides_them(tmp_pa
     assert main([*args, "--preset", "llama-3.1-8b"]) == 0  # a named model: its bytes (8B, fp8 KV), not the recording's
     c = json.loads(out.read_text())["config"]
     assert c["kv_bytes_per_token"] == 65536 and c["fp8_tier_blocks"] < int(0.01 * 2**30) // 8208
-    del meta["fp8_tier_block_bytes"]  # a header without both: the default preset, as for any trace
-    write_jsonl(path, SMALL.block_size, generate_requests(SMALL), meta=meta)
-    assert main(args) == 0 and json.loads(out.read_text())["config"]["kv_bytes_per_token"] == 65536
+
+
+def test_a_recording_without_tier_bytes_keeps_its_bytes_per_token_and_refuses_a_tier(tmp_path, capsys):
+    """Found by review: a recording without `fp8_tier_block_bytes` (an engine the FP8 tier does not serve: MLA, sliding
+    window) was replayed at the Llama-3.1-8B preset's bytes per token, its own ignored."""
+    path, out = tmp_path / "rec.jsonl", tmp_path / "r.json"
+    write_jsonl(path, SMALL.block_size, generate_requests(SMALL), meta={"kv_bytes_per_token": 1024.0})
+    args = ["simulate", str(path), "--no-progress", "--policies", "lru,kvsched", "--out", str(out)]
+    assert main([*args, "--kv-gib", "0.01"]) == 0
+    c = json.loads(out.read_text())["config"]
+    assert c["kv_bytes_per_token"] == 1024 and c["capacity_blocks"] == int(0.01 * 2**30) // (1024 * SMALL.block_size)
+    assert c["fp8_tier_bytes"] == 0
+    for tier in (("--fp8-tier-gib", "0.01"), ("--fp8-tier-blocks", "10"), ("--host-gib-per-gpu", "64")):
+        assert main([*args, *tier]) == 2
+        assert "fp8_tier_block_bytes" in (err := capsys.readouterr().err) and "--preset" in err
+    assert main([*args, "--fp8-tier-gib", "0"]) == 0  # no tier asked for: nothing to size
+    assert main([*args, "--preset", "deepseek-v2-lite"]) == 0  # an MLA preset: no tier, no error (was one)
+    assert main([*args, "--preset", "deepseek-v2-lite", "--fp8-tier-gib", "1"]) == 2
+    assert "fp8_tier_block_bytes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recorded", [False, True])
