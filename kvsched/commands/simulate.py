@@ -254,33 +254,6 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
     return out
 
 
-def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token: int, directory: Path,
-         tier: tuple[int, int] = (0, 0)) -> list[str]:
-    from kvsched.bench.plots import pyplot
-
-    plt = pyplot()  # PlotUnavailable (one line, the install hint) without matplotlib
-
-    directory.mkdir(parents=True, exist_ok=True)
-    ws = trace.working_set_blocks()
-    fractions = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
-    runs = [simulate(trace, max(int(ws * f), 1), policies, prefill_tok_s, bytes_per_token, tier) for f in fractions]
-    written = []
-    for metric, label in (("hit_rate", "prefix hit rate"), ("prefill_tokens_computed", "prefill tokens computed")):
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for p in policies:
-            ax.plot([f * 100 for f in fractions], [r[p][metric] for r in runs], marker="o", label=p)
-        ax.set_xlabel("KV pool, % of the working set")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = directory / f"simulate_{metric}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(str(path))
-    return written
-
-
 def run(args: argparse.Namespace) -> int:
     from kvsched.bench.plots import PlotUnavailable
     from kvsched.core.config import RetentionConfig
@@ -321,6 +294,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"every request is larger than the pool of {capacity} blocks and was rejected, as vLLM "
                              "would answer 400; nothing was replayed: give a lower --pressure or a larger pool")
         if args.plot:
+            from kvsched.commands.simulate_plot import plot
+
             result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot, tier)
         report(args, result, trace, policies, capacity, bpt, tier, retention)
     except (ValueError, PlanError, OSError, PlotUnavailable) as exc:
