@@ -296,7 +296,8 @@ def run(args: argparse.Namespace) -> int:
         if args.plot:
             from kvsched.commands.simulate_plot import plot
 
-            result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot, tier)
+            result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot, tier, retention, args.replicas,
+                                   args.h2d_gbps * 1e9)
         report(args, result, trace, policies, capacity, bpt, tier, retention)
     except (ValueError, PlanError, OSError, PlotUnavailable) as exc:
         print(f"kvsched simulate: error: {exc}", file=sys.stderr)

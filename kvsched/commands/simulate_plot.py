@@ -8,7 +8,11 @@ from typing import Any
 
 
 def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token: int, directory: Path,
-         tier: tuple[int, int] = (0, 0)) -> list[str]:
+         tier: tuple[int, int] = (0, 0), retention: Any = None, replicas: int = 1,
+         restore_bytes_per_s: float = 0.0) -> list[str]:
+    """Replays at each fraction of the working set (the pool split over `replicas` as the table's), with the table's
+    retention, tier and restore bandwidth (found by review: the curves replayed kvsched with the default retention,
+    not the KVSCHED_* settings, on one replica and with free restores)."""
     from kvsched.bench.plots import pyplot
     from kvsched.commands.simulate import simulate
 
@@ -17,7 +21,9 @@ def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token:
     directory.mkdir(parents=True, exist_ok=True)
     ws = trace.working_set_blocks()
     fractions = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
-    runs = [simulate(trace, max(int(ws * f), 1), policies, prefill_tok_s, bytes_per_token, tier) for f in fractions]
+    runs = [simulate(trace, max(int(ws * f) // replicas, 1), policies, prefill_tok_s, bytes_per_token, tier,
+                     restore_bytes_per_s=restore_bytes_per_s, retention=retention, replicas=replicas)
+            for f in fractions]
     written = []
     for metric, label in (("hit_rate", "prefix hit rate"), ("prefill_tokens_computed", "prefill tokens computed")):
         fig, ax = plt.subplots(figsize=(6.5, 4))

@@ -165,3 +165,30 @@ def test_a_negative_tail_reuse_is_refused_with_its_line(tmp_path, capsys):
                     '"tail_reuse": -2}\n')
     assert main(["simulate", str(path), "--no-progress", "--policies", "lru"]) == 2
     assert "t.jsonl:3" in (err := capsys.readouterr().err) and "tail_reuse must be an integer" in err
+
+
+def test_plot_replays_with_the_tables_settings(tmp_path, monkeypatch):
+    """Found by review: `--plot` replayed kvsched with the default retention (not KVSCHED_*), on one replica and with
+    free restores, so its curves were not the table's policy."""
+    from unittest.mock import MagicMock
+
+    import kvsched.bench.plots as plots
+    import kvsched.commands.simulate as sim
+
+    calls: list[tuple[tuple, dict]] = []
+    real = sim.simulate
+    monkeypatch.setattr(sim, "simulate", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    plt = MagicMock()
+    plt.subplots.return_value = (MagicMock(), MagicMock())
+    monkeypatch.setattr(plots, "pyplot", lambda: plt)
+    monkeypatch.setenv("KVSCHED_MAX_TTL_S", "7")
+    r = run_sim(tmp_path, "--policies", "lru,kvsched", "--replicas", "2", "--h2d-gbps", "8", "--fp8-tier-blocks", "64",
+                "--plot", str(tmp_path / "plots"))
+    (table_args, table), *runs = calls
+    assert len(runs) == 7 and table["retention"].max_ttl_s == 7.0
+    for args, kwargs in runs:
+        assert {k: kwargs.get(k) for k in ("retention", "replicas", "restore_bytes_per_s")} == {
+            k: table[k] for k in ("retention", "replicas", "restore_bytes_per_s")}
+        assert args[5] == table_args[5] and args[5][0] > 0  # the table's tier
+    ws = r["config"]["working_set_blocks"]
+    assert runs[-1][0][1] == ws // 2  # the whole working set over 2 replicas
