@@ -16,7 +16,13 @@ from typing import Any
 
 from kvsched.bench.common import provenance, table, write_json
 from kvsched.commands.args import MAX_COUNT, MAX_GIB, check_args, count, number
-from kvsched.commands.simulate_tier import FLEET_HOST_GIB_PER_GPU, MAX_TIER_BLOCKS, sized_tier, tier_from_env
+from kvsched.commands.simulate_tier import (
+    FLEET_HOST_GIB_PER_GPU,
+    MAX_TIER_BLOCKS,
+    rule_host_gib,
+    sized_tier,
+    tier_from_env,
+)
 
 POLICIES = ("lru", "kvsched", "opt", "lru+offload")  # lru+offload: stock vLLM CPU offloading on the tier's bytes
 # The fleet's default GPUs and link (its hosts: simulate_tier): ~60 GiB of KV per 80 GB GPU after an 8B model's weights
@@ -59,7 +65,8 @@ def register(subparsers: Any) -> None:
                      "(a recording: its engine's bytes per token)")
     p.add_argument("--replicas", type=int, default=1,
                    help="replay across N session-affine replicas (sessions placed by the router's hash ring), each "
-                        "with 1/N of the pool; every side sums its replicas (OPT: Belady per replica)")
+                        "with 1/N of the pool and of a stated tier; every side sums its replicas (OPT: Belady per "
+                        "replica)")
     p.add_argument("--preset", default=None,
                    help=f"model shape for --kv-gib, byte figures and the tier's block size (default {DEFAULT_PRESET}; "
                         "an engine's recording: that engine's own bytes per token and per tier block)")
@@ -278,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         if args.replicas < 1:
             raise ValueError("--replicas must be >= 1")
         capacity = max(capacity_blocks(args, trace, bpt) // args.replicas, 1)
-        tier = sized_tier(args, block_bytes, capacity * trace.block_size * bpt)
+        tier = sized_tier(args, block_bytes, capacity * trace.block_size * bpt, args.replicas)
         if "lru+offload" in policies and tier[0] < bpt * trace.block_size:  # found by review: it ran on 0 host slots
             raise ValueError("--policies lru+offload replays vLLM's CPU offloading on the host memory of kvsched's "
                              "tier, and none is given (or less than one page): give --fp8-tier-gib, --fp8-tier-blocks "
@@ -319,10 +326,12 @@ def report(args: argparse.Namespace, result: dict[str, Any], trace: Any, policie
                         "pressure_distinct": trace.working_set_blocks() / (capacity * args.replicas),
                         "pressure_live": live / (capacity * args.replicas),
                         "retention": retention.as_dict(), "kv_bytes_per_token": bpt,
-                        "prefill_tok_s": args.prefill_tok_s, "fp8_tier_bytes": tier[0],
+                        "prefill_tok_s": args.prefill_tok_s, "fp8_tier_bytes": tier[0] * args.replicas,
+                        "fp8_tier_bytes_per_replica": tier[0],
                         "host_gib_per_gpu": args.host_gib_per_gpu, "gpu_kv_gib": args.gpu_kv_gib,
                         "h2d_gbps": args.h2d_gbps,
-                        "fp8_tier_blocks": tier[0] // tier[1] if tier[1] else 0, "trace_meta": trace.meta, "provenance": provenance()}
+                        "fp8_tier_blocks": tier[0] // tier[1] * args.replicas if tier[1] else 0,
+                        "trace_meta": trace.meta, "provenance": provenance()}
     rows = [[p, result[p]["prompt_tokens_total"], result[p]["prefill_tokens_computed"], result[p]["hit_rate"],
              result[p]["restored_tokens"], result[p]["ttft_s"]["p50"], result[p]["ttft_s"]["p99"],
              result[p]["peak_held_bytes"] / 2**30, result[p]["wall_s"]]
@@ -343,11 +352,11 @@ def report(args: argparse.Namespace, result: dict[str, Any], trace: Any, policie
               f"{c['peak_prompt_tokens_per_session_max']} tokens; prefill computed {k['prefill_tokens_computed']} "
               f"(the summary calls' included)")
     if tier[0]:
-        rule = args.fp8_tier_blocks is None and args.fp8_tier_gib is None
-        how = (f"host {args.host_gib_per_gpu or FLEET_HOST_GIB_PER_GPU} GiB per GPU of {args.gpu_kv_gib} GiB KV" if rule
-               else "as given")
-        print(f"kvsched's FP8 tier: {tier[0] / 2**30:.0f} GiB of host memory ({tier[0] // tier[1]} blocks; {how}), "
-              f"restores at {args.h2d_gbps:g} GB/s in TTFT")
+        host, n = rule_host_gib(args), args.replicas
+        how = f"host {host:g} GiB per GPU of {args.gpu_kv_gib:g} GiB KV" if host is not None else "as given"
+        print(f"kvsched's FP8 tier: {tier[0] * n / 2**30:.0f} GiB of host memory ({tier[0] // tier[1] * n} blocks"
+              f"{f', {tier[0] // tier[1]} on each of {n} replicas' if n > 1 else ''}; {how}), restores at "
+              f"{args.h2d_gbps:g} GB/s in TTFT")
     for name, ratio in result.get("prefill_over_lru", {}).items():
         print(f"  {name} prefill / lru: {ratio:.3f}")
     for name, share in result.get("bound", {}).items():

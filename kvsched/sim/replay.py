@@ -65,7 +65,8 @@ class ReplayResult:
     peak_held_blocks: int = 0
     evictions: int = 0
     wall_s: float = 0.0
-    policy_stats: dict[str, float] = field(default_factory=dict)
+    policy_stats: dict[str, Any] = field(default_factory=dict)  # numbers; a fleet's states: a list per replica
+    stat_kinds: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())  # the policy's (settings, states)
     applied: list[Applied] = field(default_factory=list)  # with `record_applied`: every pin decision, as applied
 
     @property
@@ -236,6 +237,7 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig,
     res.peak_held_blocks = peak
     res.evictions = pool.evictions
     res.policy_stats = pol.stats()
+    res.stat_kinds = (pol.settings, pol.states)
     res.wall_s = time.perf_counter() - wall0
     return res
 
