@@ -216,6 +216,18 @@ def compaction_config(args: argparse.Namespace) -> Any:
         raise ValueError(f"--compaction: {exc}") from None
 
 
+def run_side(trace: Any, policy: str, cfg: Any, replicas: int, progress: Any = None) -> dict[str, Any]:
+    """One side's summary: one replay, or with `replicas` > 1 the replicas' sums and the requests each served (every
+    side alike, compaction's too: found by review, it ran on one replica's pool)."""
+    from kvsched.sim.replay import replay
+    from kvsched.sim.replicas import replay_replicas
+
+    if replicas == 1:
+        return replay(trace, policy, cfg, progress).summary(cfg, trace.block_size)
+    res, served = replay_replicas(trace, policy, cfg, replicas, progress)
+    return res.summary(cfg, trace.block_size) | {"replica_requests": served}
+
+
 def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: float, bytes_per_token: int,
              tier: tuple[int, int] = (0, 0), compaction: Any = None, system_tokens: int | None = None,
              restore_bytes_per_s: float = 0.0, progress: bool = False, retention: Any = None,
@@ -227,7 +239,7 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
     side `kvsched+compaction` (its prompts differ, so it is compared on prefill computed and prompt size, not on a
     share of OPT's saving)."""
     from kvsched.core.config import RetentionConfig
-    from kvsched.sim.replay import ReplayConfig, replay
+    from kvsched.sim.replay import ReplayConfig
 
     cfg = ReplayConfig(capacity_blocks=capacity, prefill_tps=prefill_tok_s, bytes_per_token=float(bytes_per_token),
                        retention=retention or RetentionConfig(), tier_bytes=tier[0], tier_block_bytes=tier[1],
@@ -237,13 +249,7 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
     out: dict[str, Any] = {}
     for p in policies:
         bar = progress_bar(len(trace), f"{p:>8}", progress, unit="req")
-        if replicas > 1:
-            from kvsched.sim.replicas import replay_replicas
-
-            res, served = replay_replicas(trace, p, cfg, replicas, bar.update)
-            out[p] = res.summary(cfg, trace.block_size) | {"replica_requests": served}
-        else:
-            out[p] = replay(trace, p, cfg, bar.update).summary(cfg, trace.block_size)
+        out[p] = run_side(trace, p, cfg, replicas, bar.update)
         bar.close()
     if "lru" in out and out["lru"]["prefill_tokens_computed"]:
         base = out["lru"]["prefill_tokens_computed"]
@@ -256,8 +262,7 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
         from kvsched.sim.compaction import compact_trace
 
         compacted, stats = compact_trace(trace, compaction, system_tokens)
-        side = replay(compacted, "kvsched", cfg).summary(cfg, trace.block_size)
-        out["kvsched+compaction"] = side | {"compaction": stats.as_dict()}
+        out["kvsched+compaction"] = run_side(compacted, "kvsched", cfg, replicas) | {"compaction": stats.as_dict()}
     return out
 
 

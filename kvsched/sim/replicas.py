@@ -11,17 +11,19 @@ from typing import Any
 import numpy as np
 
 from kvsched.core.routing_ring import HashRing, slot_name
+from kvsched.sim.compaction import served_session
 from kvsched.sim.replay import ReplayConfig, ReplayResult, replay
 from kvsched.sim.trace import Trace
 
 
 def replica_of_sessions(trace: Trace, replicas: int) -> np.ndarray:
-    """Replica index of every session of `trace` (its ring owner by session id)."""
+    """Replica index of every session of `trace`: its ring owner by session id; a compaction summary call's is its
+    session's (`served_session`; found by review: the compaction side was replayed on one replica's pool)."""
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
     ring = HashRing(slot_name(i) for i in range(replicas))
     index: dict[str | None, int] = {slot_name(i): i for i in range(replicas)}
-    return np.array([index[ring.owner(sid)] for sid, _ in trace.sessions], dtype=np.int64)
+    return np.array([index[ring.owner(served_session(sid, trace.meta))] for sid, _ in trace.sessions], dtype=np.int64)
 
 
 def merge_stats(parts: Sequence[dict[str, Any]], settings: frozenset[str], states: frozenset[str]) -> dict[str, Any]:
