@@ -25,7 +25,7 @@ from typing import Any
 
 from kvsched.core.compaction import CompactionStore
 from kvsched.core.compaction_config import CompactionConfig, Strategy
-from kvsched.sim.trace import Trace, TraceRequest, shared_prefix_len
+from kvsched.sim.trace import Trace, TraceRequest, computed_blocks, shared_prefix_len
 
 INSTRUCTION_TOKENS = 48  # the summarization instruction appended to the served prefix (about the default prompt)
 SUMMARY_SESSION = "#summary"  # a summary call's pseudo-session: its session's id and this
@@ -98,7 +98,7 @@ def compact_trace(trace: Trace, config: CompactionConfig, system_tokens: int | N
         with_output = len(original) > prompt // bs  # the trace lists the blocks its output completes
         if plan.replaced > 0:
             served_prompt = plan.tokens
-            n = (served_prompt + output) // bs if with_output else served_prompt // bs
+            n = computed_blocks(served_prompt, output, bs) if with_output else served_prompt // bs
             head = min(sys_blocks, n)  # a system prompt longer than this prompt (--system-tokens): its blocks only
             ids: list[Hashable] = [*original[:head],
                                    *(("compacted", sid, salt, plan.replaced, k) for k in range(head, n))]

@@ -2,7 +2,7 @@
 
 A trace is JSONL (schema in docs/trace_schema.md): a header line, then one request per line in any order (replay sorts
 by `t`). Each request names its session and lists the ids of its full KV blocks (prompt, then the blocks its output
-completes). Block ids are chained prefix hashes: two requests share a cached block exactly when they carry the same id,
+completes but for its last token, whose KV is never computed: `computed_blocks`). Block ids are chained prefix hashes: two requests share a cached block exactly when they carry the same id,
 and an id always sits at the same position (block index) in any request. To keep multi-turn traces small, a request may
 start with `reuse`: that many leading blocks are the same as its session's previous request's.
 
@@ -113,6 +113,13 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, salt: str | None = N
         prev = h.digest()
         out.append(prev.hex())
     return out
+
+
+def computed_blocks(prompt_tokens: int, output_tokens: int, block_size: int) -> int:
+    """Full blocks whose KV a finished request computed, the most its trace line may list: its prompt's, and its
+    output's but for the last sampled token, never fed back (the engine recorder's rule,
+    `compat.finished_request_shape`; found by review: the generator and importer listed one more)."""
+    return max(prompt_tokens // block_size, (prompt_tokens + output_tokens - 1) // block_size)
 
 
 def shared_prefix_len(previous: Sequence[Any], blocks: Sequence[Any]) -> int:
@@ -332,10 +339,11 @@ class Trace:
                 tapes.append(_Tape(new))
                 ti = len(tapes) - 1
             n = r.reuse + len(new)
-            if n < r.prompt_tokens // block_size or n > (r.prompt_tokens + r.output_tokens) // block_size:
+            most = computed_blocks(r.prompt_tokens, r.output_tokens, block_size)
+            if n < r.prompt_tokens // block_size or n > most:
                 raise ValueError(f"request {i} of session {r.session!r}: {n} blocks, but prompt_tokens "
                                  f"{r.prompt_tokens} and output_tokens {r.output_tokens} make "
-                                 f"{r.prompt_tokens // block_size}..{(r.prompt_tokens + r.output_tokens) // block_size}")
+                                 f"{r.prompt_tokens // block_size}..{most} (no KV for the last sampled token)")
             where[i] = (ti, n)
             last[key] = (ti, n)
             # Chained ids sit at one position: check the new ones (reused ones were checked when first seen).
@@ -376,4 +384,10 @@ class Trace:
         header, requests = read_jsonl(path)
         reqs = list(requests)
         reqs.sort(key=lambda r: r.t)  # a session's own order (by t, then file order) is what `reuse` refers to
-        return cls.from_requests(header["block_size"], reqs, meta=header["meta"])
+        try:
+            return cls.from_requests(header["block_size"], reqs, meta=header["meta"])
+        except ValueError as exc:  # an older Mooncake conversion can list a block the loader now refuses: say so
+            from kvsched.sim.mooncake import stale_note
+
+            note = stale_note(header["meta"])
+            raise ValueError(f"{path}: {exc}" + (f"; {note}" if note else "")) from None
