@@ -55,9 +55,10 @@ def replay_with_tier(recorded: dict[str, Any], tier_bytes: int) -> dict[str, Any
     """The same replay's kvsched side with an FP8 tier of `tier_bytes` (the tier side's measured capacity), in the
     tier block size the recording engine wrote in its header; added to `recorded` under WITH_TIER."""
     trace, cfg = _recorded(Path(recorded["path"]), **recorded["inputs"])
-    if trace.recorded_bytes is None:
+    block_bytes = trace.recorded_bytes[1] if trace.recorded_bytes is not None else None
+    if block_bytes is None:
         raise ValueError(f"{recorded['path']}: the recording's header names no FP8-tier block size")
-    cfg = replace(cfg, tier_bytes=tier_bytes, tier_block_bytes=trace.recorded_bytes[1])
+    cfg = replace(cfg, tier_bytes=tier_bytes, tier_block_bytes=block_bytes)
     res = replay(trace, "kvsched", cfg)
     recorded[WITH_TIER] = res.prefill_tokens_computed
     recorded["tier"] = {"bytes": tier_bytes, "block_bytes": cfg.tier_block_bytes,

@@ -47,7 +47,7 @@ def trace_requests(model_dir: Path, workflows: list[Workflow], record: RunRecord
                                        add_generation_prompt=True, tokenize=False)
         ids = tok(text, add_special_tokens=False)["input_ids"]
         mismatches += len(ids) != rec.prompt_tokens
-        out = [OUTPUT_ID_BASE + n * 4096 + k for k in range(rec.completion_tokens)]
+        out = [OUTPUT_ID_BASE + n * 4096 + k for k in range(rec.completion_tokens - 1)]  # the last one has no KV
         requests.append(TraceRequest(t=rec.sent_s, session=rec.session_id, prompt_tokens=len(ids),
                                      output_tokens=rec.completion_tokens, blocks=chain_hashes(ids + out, block_size),
                                      role=agent.role, ttl_s=ttl_s, end=rec.turn_index == len(agent.turns) - 1,

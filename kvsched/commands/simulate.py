@@ -16,7 +16,13 @@ from typing import Any
 
 from kvsched.bench.common import provenance, table, write_json
 from kvsched.commands.args import MAX_COUNT, MAX_GIB, check_args, count, number
-from kvsched.commands.simulate_tier import FLEET_HOST_GIB_PER_GPU, MAX_TIER_BLOCKS, tier_bytes, tier_from_env
+from kvsched.commands.simulate_tier import (
+    FLEET_HOST_GIB_PER_GPU,
+    MAX_TIER_BLOCKS,
+    rule_host_gib,
+    sized_tier,
+    tier_from_env,
+)
 
 POLICIES = ("lru", "kvsched", "opt", "lru+offload")  # lru+offload: stock vLLM CPU offloading on the tier's bytes
 # The fleet's default GPUs and link (its hosts: simulate_tier): ~60 GiB of KV per 80 GB GPU after an 8B model's weights
@@ -59,7 +65,8 @@ def register(subparsers: Any) -> None:
                      "(a recording: its engine's bytes per token)")
     p.add_argument("--replicas", type=int, default=1,
                    help="replay across N session-affine replicas (sessions placed by the router's hash ring), each "
-                        "with 1/N of the pool; every side sums its replicas (OPT: Belady per replica)")
+                        "with 1/N of the pool and of a stated tier; every side sums its replicas (OPT: Belady per "
+                        "replica)")
     p.add_argument("--preset", default=None,
                    help=f"model shape for --kv-gib, byte figures and the tier's block size (default {DEFAULT_PRESET}; "
                         "an engine's recording: that engine's own bytes per token and per tier block)")
@@ -174,16 +181,21 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
     return max(math.ceil(basis / pressure), 1)
 
 
-def engine_bytes(args: argparse.Namespace, trace: Any) -> tuple[int, int]:
+def engine_bytes(args: argparse.Namespace, trace: Any) -> tuple[int, int | None]:
     """(KV bytes per token, FP8-tier bytes per block) the replay sizes pools and tiers by: an engine's recording's own
-    unless --preset names a model, else the preset's."""
-    from kvsched.core.planner import ModelShape, fp8_tier_block_bytes, kv_bytes_per_token
+    unless --preset names a model, else the preset's; the tier's None for a model the FP8 tier does not serve (a
+    tier asked for on it is refused: `simulate_tier.sized_tier`)."""
+    from kvsched.core.planner import ModelShape, PlanError, fp8_tier_block_bytes, kv_bytes_per_token
 
     recorded = trace.recorded_bytes
     if args.preset is None and recorded is not None:
         return recorded
     shape = ModelShape.from_preset(args.preset or DEFAULT_PRESET)
-    return kv_bytes_per_token(shape, args.kv_dtype), fp8_tier_block_bytes(shape, args.kv_dtype, trace.block_size)
+    try:
+        block_bytes: int | None = fp8_tier_block_bytes(shape, args.kv_dtype, trace.block_size)
+    except PlanError:  # MLA, sliding window
+        block_bytes = None
+    return kv_bytes_per_token(shape, args.kv_dtype), block_bytes
 
 
 def compaction_config(args: argparse.Namespace) -> Any:
@@ -204,6 +216,18 @@ def compaction_config(args: argparse.Namespace) -> Any:
         raise ValueError(f"--compaction: {exc}") from None
 
 
+def run_side(trace: Any, policy: str, cfg: Any, replicas: int, progress: Any = None) -> dict[str, Any]:
+    """One side's summary: one replay, or with `replicas` > 1 the replicas' sums and the requests each served (every
+    side alike, compaction's too: found by review, it ran on one replica's pool)."""
+    from kvsched.sim.replay import replay
+    from kvsched.sim.replicas import replay_replicas
+
+    if replicas == 1:
+        return replay(trace, policy, cfg, progress).summary(cfg, trace.block_size)
+    res, served = replay_replicas(trace, policy, cfg, replicas, progress)
+    return res.summary(cfg, trace.block_size) | {"replica_requests": served}
+
+
 def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: float, bytes_per_token: int,
              tier: tuple[int, int] = (0, 0), compaction: Any = None, system_tokens: int | None = None,
              restore_bytes_per_s: float = 0.0, progress: bool = False, retention: Any = None,
@@ -215,7 +239,7 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
     side `kvsched+compaction` (its prompts differ, so it is compared on prefill computed and prompt size, not on a
     share of OPT's saving)."""
     from kvsched.core.config import RetentionConfig
-    from kvsched.sim.replay import ReplayConfig, replay
+    from kvsched.sim.replay import ReplayConfig
 
     cfg = ReplayConfig(capacity_blocks=capacity, prefill_tps=prefill_tok_s, bytes_per_token=float(bytes_per_token),
                        retention=retention or RetentionConfig(), tier_bytes=tier[0], tier_block_bytes=tier[1],
@@ -225,13 +249,7 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
     out: dict[str, Any] = {}
     for p in policies:
         bar = progress_bar(len(trace), f"{p:>8}", progress, unit="req")
-        if replicas > 1:
-            from kvsched.sim.replicas import replay_replicas
-
-            res, served = replay_replicas(trace, p, cfg, replicas, bar.update)
-            out[p] = res.summary(cfg, trace.block_size) | {"replica_requests": served}
-        else:
-            out[p] = replay(trace, p, cfg, bar.update).summary(cfg, trace.block_size)
+        out[p] = run_side(trace, p, cfg, replicas, bar.update)
         bar.close()
     if "lru" in out and out["lru"]["prefill_tokens_computed"]:
         base = out["lru"]["prefill_tokens_computed"]
@@ -244,36 +262,8 @@ def simulate(trace: Any, capacity: int, policies: list[str], prefill_tok_s: floa
         from kvsched.sim.compaction import compact_trace
 
         compacted, stats = compact_trace(trace, compaction, system_tokens)
-        side = replay(compacted, "kvsched", cfg).summary(cfg, trace.block_size)
-        out["kvsched+compaction"] = side | {"compaction": stats.as_dict()}
+        out["kvsched+compaction"] = run_side(compacted, "kvsched", cfg, replicas) | {"compaction": stats.as_dict()}
     return out
-
-
-def plot(trace: Any, policies: list[str], prefill_tok_s: float, bytes_per_token: int, directory: Path,
-         tier: tuple[int, int] = (0, 0)) -> list[str]:
-    from kvsched.bench.plots import pyplot
-
-    plt = pyplot()  # PlotUnavailable (one line, the install hint) without matplotlib
-
-    directory.mkdir(parents=True, exist_ok=True)
-    ws = trace.working_set_blocks()
-    fractions = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]
-    runs = [simulate(trace, max(int(ws * f), 1), policies, prefill_tok_s, bytes_per_token, tier) for f in fractions]
-    written = []
-    for metric, label in (("hit_rate", "prefix hit rate"), ("prefill_tokens_computed", "prefill tokens computed")):
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for p in policies:
-            ax.plot([f * 100 for f in fractions], [r[p][metric] for r in runs], marker="o", label=p)
-        ax.set_xlabel("KV pool, % of the working set")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = directory / f"simulate_{metric}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(str(path))
-    return written
 
 
 def run(args: argparse.Namespace) -> int:
@@ -300,10 +290,13 @@ def run(args: argparse.Namespace) -> int:
         if args.replicas < 1:
             raise ValueError("--replicas must be >= 1")
         capacity = max(capacity_blocks(args, trace, bpt) // args.replicas, 1)
-        tier = (tier_bytes(args, block_bytes, capacity * trace.block_size * bpt), block_bytes)
-        tier = tier if tier[0] > 0 else (0, 0)
-        if tier[0] // block_bytes > MAX_TIER_BLOCKS:
-            raise ValueError(f"an FP8 tier of {tier[0] // block_bytes} blocks is past the replay's limit of "
+        tier = sized_tier(args, block_bytes, capacity * trace.block_size * bpt, args.replicas)
+        if "lru+offload" in policies and tier[0] < bpt * trace.block_size:  # found by review: it ran on 0 host slots
+            raise ValueError("--policies lru+offload replays vLLM's CPU offloading on the host memory of kvsched's "
+                             "tier, and none is given (or less than one page): give --fp8-tier-gib, --fp8-tier-blocks "
+                             "or --host-gib-per-gpu")
+        if tier[1] and tier[0] // tier[1] > MAX_TIER_BLOCKS:
+            raise ValueError(f"an FP8 tier of {tier[0] // tier[1]} blocks is past the replay's limit of "
                              f"{MAX_TIER_BLOCKS} (this trace has {trace.working_set_blocks()} distinct blocks)")
         result = simulate(trace, capacity, policies, args.prefill_tok_s, bpt, tier, compaction_config(args),
                           args.system_tokens, restore_bytes_per_s=args.h2d_gbps * 1e9,
@@ -313,7 +306,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"every request is larger than the pool of {capacity} blocks and was rejected, as vLLM "
                              "would answer 400; nothing was replayed: give a lower --pressure or a larger pool")
         if args.plot:
-            result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot, tier)
+            from kvsched.commands.simulate_plot import plot
+
+            result["plots"] = plot(trace, policies, args.prefill_tok_s, bpt, args.plot, tier, retention, args.replicas,
+                                   args.h2d_gbps * 1e9)
         report(args, result, trace, policies, capacity, bpt, tier, retention)
     except (ValueError, PlanError, OSError, PlotUnavailable) as exc:
         print(f"kvsched simulate: error: {exc}", file=sys.stderr)
@@ -335,10 +331,12 @@ def report(args: argparse.Namespace, result: dict[str, Any], trace: Any, policie
                         "pressure_distinct": trace.working_set_blocks() / (capacity * args.replicas),
                         "pressure_live": live / (capacity * args.replicas),
                         "retention": retention.as_dict(), "kv_bytes_per_token": bpt,
-                        "prefill_tok_s": args.prefill_tok_s, "fp8_tier_bytes": tier[0],
+                        "prefill_tok_s": args.prefill_tok_s, "fp8_tier_bytes": tier[0] * args.replicas,
+                        "fp8_tier_bytes_per_replica": tier[0],
                         "host_gib_per_gpu": args.host_gib_per_gpu, "gpu_kv_gib": args.gpu_kv_gib,
                         "h2d_gbps": args.h2d_gbps,
-                        "fp8_tier_blocks": tier[0] // tier[1] if tier[1] else 0, "trace_meta": trace.meta, "provenance": provenance()}
+                        "fp8_tier_blocks": tier[0] // tier[1] * args.replicas if tier[1] else 0,
+                        "trace_meta": trace.meta, "provenance": provenance()}
     rows = [[p, result[p]["prompt_tokens_total"], result[p]["prefill_tokens_computed"], result[p]["hit_rate"],
              result[p]["restored_tokens"], result[p]["ttft_s"]["p50"], result[p]["ttft_s"]["p99"],
              result[p]["peak_held_bytes"] / 2**30, result[p]["wall_s"]]
@@ -359,11 +357,11 @@ def report(args: argparse.Namespace, result: dict[str, Any], trace: Any, policie
               f"{c['peak_prompt_tokens_per_session_max']} tokens; prefill computed {k['prefill_tokens_computed']} "
               f"(the summary calls' included)")
     if tier[0]:
-        rule = args.fp8_tier_blocks is None and args.fp8_tier_gib is None
-        how = (f"host {args.host_gib_per_gpu or FLEET_HOST_GIB_PER_GPU} GiB per GPU of {args.gpu_kv_gib} GiB KV" if rule
-               else "as given")
-        print(f"kvsched's FP8 tier: {tier[0] / 2**30:.0f} GiB of host memory ({tier[0] // tier[1]} blocks; {how}), "
-              f"restores at {args.h2d_gbps:g} GB/s in TTFT")
+        host, n = rule_host_gib(args), args.replicas
+        how = f"host {host:g} GiB per GPU of {args.gpu_kv_gib:g} GiB KV" if host is not None else "as given"
+        print(f"kvsched's FP8 tier: {tier[0] * n / 2**30:.0f} GiB of host memory ({tier[0] // tier[1] * n} blocks"
+              f"{f', {tier[0] // tier[1]} on each of {n} replicas' if n > 1 else ''}; {how}), restores at "
+              f"{args.h2d_gbps:g} GB/s in TTFT")
     for name, ratio in result.get("prefill_over_lru", {}).items():
         print(f"  {name} prefill / lru: {ratio:.3f}")
     for name, share in result.get("bound", {}).items():

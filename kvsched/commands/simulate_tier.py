@@ -50,9 +50,7 @@ def tier_from_env(args: argparse.Namespace, say: Callable[[str], None],
 def tier_bytes(args: argparse.Namespace, block_bytes: int, pool_bytes: int = 0) -> int:
     """The kvsched side's tier in bytes: --host-gib-per-gpu's rule, --fp8-tier-blocks, --fp8-tier-gib, or off (the
     fleet: its hosts' rule)."""
-    host = args.host_gib_per_gpu
-    if host is None and args.fleet and args.fp8_tier_blocks is None and args.fp8_tier_gib is None:
-        host = FLEET_HOST_GIB_PER_GPU
+    host = rule_host_gib(args)
     if host is not None:
         gpu_pool = int(args.gpu_kv_gib * 2**30) if 0 < args.gpu_kv_gib <= MAX_GIB else 0
         if not 0 <= host <= MAX_GIB or gpu_pool < 1:
@@ -67,3 +65,38 @@ def tier_bytes(args: argparse.Namespace, block_bytes: int, pool_bytes: int = 0) 
     if not 0 <= gib <= MAX_GIB:
         raise ValueError(f"--fp8-tier-gib must be a number in 0..{MAX_GIB:g}")
     return int(gib * 2**30)
+
+
+class NoTierBlockBytes(ValueError):
+    """A tier asked for on a model the FP8 tier does not serve (MLA, sliding window), whose tier block size is not
+    known: refused rather than sized by another model's."""
+
+
+def rule_host_gib(args: argparse.Namespace) -> float | None:
+    """Host GiB per GPU when the tier is sized by the engine's rule (--host-gib-per-gpu, or --fleet's hosts when no
+    size is given), else None."""
+    if args.host_gib_per_gpu is not None:
+        return float(args.host_gib_per_gpu)
+    if args.fleet and args.fp8_tier_blocks is None and args.fp8_tier_gib is None:
+        return FLEET_HOST_GIB_PER_GPU
+    return None
+
+
+def sized_tier(args: argparse.Namespace, block_bytes: int | None, pool_bytes: int, replicas: int = 1
+               ) -> tuple[int, int]:
+    """(bytes, bytes per block) of one replica's tier on the kvsched side, (0, 0) when off; `pool_bytes` is one
+    replica's pool. A stated size (--fp8-tier-gib, --fp8-tier-blocks, KVSCHED_FP8_TIER_GB) is the fleet's, like the
+    pool's, and each of `replicas` gets 1/N of it (found by review: each got all of it); the engine's rule is per GPU,
+    sized on the replica's pool. NoTierBlockBytes for a tier asked for when `block_bytes` is None
+    (`simulate.engine_bytes`: a recording whose header has no tier figure, a preset the tier does not serve)."""
+    if block_bytes is None:
+        if tier_bytes(args, 1, pool_bytes) > 0:
+            raise NoTierBlockBytes(
+                "an FP8 tier was asked for, but this model's tier block size is not known (a recording without "
+                "meta.fp8_tier_block_bytes, or a preset the FP8 tier does not serve: MLA, sliding window); give no "
+                f"tier flag ({ENV_TIER_GB} unset or 0) or a --preset the tier serves")
+        return 0, 0
+    size = tier_bytes(args, block_bytes, pool_bytes)
+    if rule_host_gib(args) is None:
+        size //= replicas
+    return (size, block_bytes) if size > 0 else (0, 0)

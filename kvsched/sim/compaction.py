@@ -25,9 +25,17 @@ from typing import Any
 
 from kvsched.core.compaction import CompactionStore
 from kvsched.core.compaction_config import CompactionConfig, Strategy
-from kvsched.sim.trace import Trace, TraceRequest, shared_prefix_len
+from kvsched.sim.trace import Trace, TraceRequest, computed_blocks, shared_prefix_len
 
 INSTRUCTION_TOKENS = 48  # the summarization instruction appended to the served prefix (about the default prompt)
+SUMMARY_SESSION = "#summary"  # a summary call's pseudo-session: its session's id and this
+
+
+def served_session(sid: str, trace_meta: Any) -> str:
+    """The session whose engine serves requests of session `sid`: a summary call's (in a trace `compact_trace` wrote)
+    is its conversation's, whose server makes the call; any other is its own."""
+    compacted = isinstance(trace_meta, dict) and "compaction" in trace_meta
+    return sid.removesuffix(SUMMARY_SESSION) if compacted else sid
 
 
 @dataclass(slots=True)
@@ -90,7 +98,7 @@ def compact_trace(trace: Trace, config: CompactionConfig, system_tokens: int | N
         with_output = len(original) > prompt // bs  # the trace lists the blocks its output completes
         if plan.replaced > 0:
             served_prompt = plan.tokens
-            n = (served_prompt + output) // bs if with_output else served_prompt // bs
+            n = computed_blocks(served_prompt, output, bs) if with_output else served_prompt // bs
             head = min(sys_blocks, n)  # a system prompt longer than this prompt (--system-tokens): its blocks only
             ids: list[Hashable] = [*original[:head],
                                    *(("compacted", sid, salt, plan.replaced, k) for k in range(head, n))]
@@ -110,7 +118,7 @@ def compact_trace(trace: Trace, config: CompactionConfig, system_tokens: int | N
             sum_prompt = through_cut + INSTRUCTION_TOKENS
             sum_ids: list[Hashable] = [*ids[: through_cut // bs], *(("summary-call", sid, salt, job.cut, k)
                                                                    for k in range(through_cut // bs, sum_prompt // bs))]
-            out.append(TraceRequest(t=t, session=f"{sid}#summary", prompt_tokens=sum_prompt,
+            out.append(TraceRequest(t=t, session=f"{sid}{SUMMARY_SESSION}", prompt_tokens=sum_prompt,
                                     output_tokens=cfg.summary_target_tokens, blocks=sum_ids, role="summarizer",
                                     end=True, salt=salt))
             store.commit(job, "summary", cfg.summary_target_tokens)

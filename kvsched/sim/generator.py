@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvsched.sim.trace import Trace, TraceRequest
+from kvsched.sim.trace import Trace, TraceRequest, computed_blocks
 from kvsched.sim.workload import Topology
 
 
@@ -82,7 +82,7 @@ class _Agent:
             new += self.brief
         out = rng.randint(*cfg.output_tokens)
         prompt = self.tokens + new
-        n = (prompt + out) // cfg.block_size
+        n = computed_blocks(prompt, out, cfg.block_size)  # not the block the last sampled token completes
         self.ids.extend(self.gen.fresh(n - len(self.ids)))
         self.turns_left -= 1
         req = TraceRequest(t=t, session=self.session, prompt_tokens=prompt, output_tokens=out,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 from kvsched.sim.out_file import written_whole
-from kvsched.sim.trace import TraceRequest, TraceWriter
+from kvsched.sim.trace import TraceRequest, TraceWriter, computed_blocks
 from kvsched.sim.trace_fields import bounded_lines, number_field
 
 BLOCK_SIZE = 512  # tokens per hash id (Mooncake FAST'25 README)
@@ -40,8 +40,9 @@ DEFAULT_MIN_SHARED = 0.75
 COMMON_FANOUT = 32  # continuations past which a block is a prefix common to unrelated prompts (module docstring)
 # Written into a converted file's meta; a cached conversion older than this is converted again (`current_conversion`).
 # 1 (no version in the meta): sessions joined on a common system-prompt block and on a parent that arrived in the same
-# timestamp, and output blocks took ids from such a "next turn" (found by review).
-CONVERTER_VERSION = 2
+# timestamp, and output blocks took ids from such a "next turn" (found by review). 2: a request listed the block its
+# last sampled token completes, whose KV vLLM never computes (found by review; `Trace.load` now refuses such lines).
+CONVERTER_VERSION = 3
 VERSION_META = "converter_version"
 
 
@@ -159,7 +160,7 @@ def full_blocks(reqs: list[MooncakeRequest], session: list[int]) -> list[list[An
     out: list[list[Any]] = []
     for j, r in enumerate(reqs):
         nf = r.input_length // BLOCK_SIZE
-        end = (r.input_length + r.output_length) // BLOCK_SIZE
+        end = computed_blocks(r.input_length, r.output_length, BLOCK_SIZE)  # no KV for the last sampled token
         blocks: list[Any] = list(r.hash_ids[:nf])
         s = successor[j]
         if (s >= 0 and reqs[s].t_ms > r.t_ms and reqs[s].input_length >= r.input_length + r.output_length

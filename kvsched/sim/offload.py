@@ -6,7 +6,8 @@ the host holds; host blocks are evicted least recently used (a store or a load m
 here on the simulator's LRU pool with a host of `slots` blocks, stored when a request finishes (the simulator's
 stores all happen then; vLLM stores as blocks fill, which differs only for blocks evicted from the host while their
 request still runs). Its pages are the device pool's dtype, so on an FP8 pool a slot is as large as an FP8 tier slot
-and the same host bytes hold the same number of blocks; on a bf16 pool it would hold half as many.
+and the same host bytes hold the same number of blocks; on a bf16 pool they hold about half as many (the replay sizes
+the slots and each restore's copy by the pool's pages: `kvsched.sim.replay.host_block_bytes`).
 """
 
 from __future__ import annotations

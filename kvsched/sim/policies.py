@@ -31,6 +31,10 @@ class SimPolicy:
     """Stock vLLM prefix caching: the LRU free queue, nothing else."""
 
     name = "lru"
+    # stats() entries that are not counts, for a fleet's sums (`kvsched.sim.replicas.merge_stats`): settings every
+    # replica shares, and states each replica has its own of
+    settings: frozenset[str] = frozenset()
+    states: frozenset[str] = frozenset()
 
     def __init__(self, trace: Trace, pool: BlockPool) -> None:
         self.trace = trace
@@ -173,6 +177,8 @@ class KVSchedPolicy(SimPolicy):
     engine's (TAIL_MAX_BLOCK_TOKENS). Not modelled: the tier's prefetch ahead of a turn (`tier_prefetch`)."""
 
     name = "kvsched"
+    settings = frozenset({"tier_block_bytes"})
+    states = frozenset({"payback_ttl_cap_s"})  # the ledger's cap: each replica's own evidence
 
     def __init__(self, trace: Trace, pool: BlockPool, config: RetentionConfig, clock: Callable[[], float],
                  bytes_per_token: float, tier_bytes: int = 0, tier_block_bytes: int = 0,

@@ -65,7 +65,8 @@ class ReplayResult:
     peak_held_blocks: int = 0
     evictions: int = 0
     wall_s: float = 0.0
-    policy_stats: dict[str, float] = field(default_factory=dict)
+    policy_stats: dict[str, Any] = field(default_factory=dict)  # numbers; a fleet's states: a list per replica
+    stat_kinds: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())  # the policy's (settings, states)
     applied: list[Applied] = field(default_factory=list)  # with `record_applied`: every pin decision, as applied
 
     @property
@@ -126,8 +127,16 @@ def make_policy(name: str, trace: Trace, pool: BlockPool, cfg: ReplayConfig, clo
     if name == "lru+offload":  # stock vLLM with its CPU offloading connector, on the tier's host bytes
         from kvsched.sim.offload import OffloadLRUPolicy
 
-        return OffloadLRUPolicy(trace, pool, cfg.tier_bytes // cfg.tier_block_bytes if cfg.tier_block_bytes else 0)
+        page = host_block_bytes(name, cfg, trace.block_size)
+        return OffloadLRUPolicy(trace, pool, int(cfg.tier_bytes // page) if page else 0)
     raise ValueError(f"unknown policy {name!r}")
+
+
+def host_block_bytes(name: str, cfg: ReplayConfig, block_size: int) -> float:
+    """Bytes one block takes on the host, which its restore copies: stock offloading stores the pool's own pages (in
+    the pool's dtype, `kvsched.sim.offload`), kvsched's tier FP8 pages and their scales (found by review: the offload
+    host was counted in FP8 tier blocks, on a bf16 pool twice the pages its bytes hold)."""
+    return cfg.bytes_per_token * block_size if name == "lru+offload" else float(cfg.tier_block_bytes)
 
 
 def replay(trace: Trace, policy: str, cfg: ReplayConfig,
@@ -141,6 +150,7 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig,
     if cfg.record_applied and isinstance(pol, KVSchedPolicy):
         pol.pins.log = res.applied
     bs = trace.block_size
+    load_bytes = host_block_bytes(policy, cfg, bs)
     n = len(trace)
     t_arr, prompt, output, measured = trace.t, trace.prompt_tokens, trace.output_tokens, trace.duration_s
     ttft = np.full(n, np.nan)
@@ -178,7 +188,7 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig,
             res.requests += 1
             prefill = computed / cfg.prefill_tps
             if (loaded or tail) and cfg.restore_bytes_per_s > 0:  # the restore's copy precedes the rest's prefill
-                prefill += (loaded + (tail > 0)) * cfg.tier_block_bytes / cfg.restore_bytes_per_s
+                prefill += (loaded + (tail > 0)) * load_bytes / cfg.restore_bytes_per_s
             wait[i] = now - t_arr[i]
             ttft[i] = wait[i] + prefill
             done = now + prefill + int(output[i]) * cfg.tpot_s
@@ -227,6 +237,7 @@ def replay(trace: Trace, policy: str, cfg: ReplayConfig,
     res.peak_held_blocks = peak
     res.evictions = pool.evictions
     res.policy_stats = pol.stats()
+    res.stat_kinds = (pol.settings, pol.states)
     res.wall_s = time.perf_counter() - wall0
     return res
 

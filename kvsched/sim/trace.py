@@ -2,7 +2,7 @@
 
 A trace is JSONL (schema in docs/trace_schema.md): a header line, then one request per line in any order (replay sorts
 by `t`). Each request names its session and lists the ids of its full KV blocks (prompt, then the blocks its output
-completes). Block ids are chained prefix hashes: two requests share a cached block exactly when they carry the same id,
+completes but for its last token, whose KV is never computed: `computed_blocks`). Block ids are chained prefix hashes: two requests share a cached block exactly when they carry the same id,
 and an id always sits at the same position (block index) in any request. To keep multi-turn traces small, a request may
 start with `reuse`: that many leading blocks are the same as its session's previous request's.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,12 +24,18 @@ from typing import Any, TextIO, TypeGuard
 import numpy as np
 
 from kvsched.sim.out_file import written_whole
-from kvsched.sim.trace_fields import MAX_COUNT, bounded_lines, flag_field, number_field, text_field
+from kvsched.sim.trace_fields import (
+    BYTES_META,
+    CAPACITY_META,
+    FORMAT_VERSION,
+    TIER_BLOCK_META,
+    bounded_lines,
+    flag_field,
+    number_field,
+    read_header,
+    text_field,
+)
 
-FORMAT_VERSION = 1
-CAPACITY_META = "capacity_blocks"  # header meta of an engine's recording: its KV pool, in the trace's blocks
-BYTES_META = "kv_bytes_per_token"  # ... its KV bytes per token (all layers, the cache's dtype)
-TIER_BLOCK_META = "fp8_tier_block_bytes"  # ... what one of the trace's blocks takes in kvsched's FP8 tier on it
 ID_DTYPE = np.int32
 logger = logging.getLogger("kvsched.sim")
 
@@ -110,6 +115,13 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, salt: str | None = N
     return out
 
 
+def computed_blocks(prompt_tokens: int, output_tokens: int, block_size: int) -> int:
+    """Full blocks whose KV a finished request computed, the most its trace line may list: its prompt's, and its
+    output's but for the last sampled token, never fed back (the engine recorder's rule,
+    `compat.finished_request_shape`; found by review: the generator and importer listed one more)."""
+    return max(prompt_tokens // block_size, (prompt_tokens + output_tokens - 1) // block_size)
+
+
 def shared_prefix_len(previous: Sequence[Any], blocks: Sequence[Any]) -> int:
     """How many leading block ids `blocks` shares with `previous` (a request's `reuse` against its session's last)."""
     n = 0
@@ -145,35 +157,6 @@ def write_jsonl(path: Path, block_size: int, requests: Iterable[TraceRequest], m
         w = TraceWriter(f, block_size, meta)
         for r in requests:
             w.write(r)
-
-
-def read_header(first: str, path: Path) -> dict[str, Any]:
-    """The header line, checked: `block_size` divides every token count and `meta` feeds the replay's defaults."""
-    try:
-        header = json.loads(first) if first.strip() else {}
-    except (ValueError, RecursionError) as exc:
-        raise ValueError(f"{path}:1: {exc}") from None
-    if not isinstance(header, dict) or header.get("kvsched_trace") != FORMAT_VERSION or "block_size" not in header:
-        raise ValueError(f"{path}: first line must be a header {{\"kvsched_trace\": 1, \"block_size\": N, ...}}")
-    bs = header["block_size"]
-    if type(bs) is not int or not 1 <= bs <= MAX_COUNT:
-        raise ValueError(f"{path}:1: block_size must be an integer in 1..{MAX_COUNT}, got {bs!r:.80}")
-    if header.setdefault("meta", {}) is None:
-        header["meta"] = {}
-    if not isinstance(header["meta"], dict):
-        raise ValueError(f"{path}:1: meta must be a JSON object, got {header['meta']!r:.80}")
-    meta = header["meta"]
-    # what a recording's replay sizes its pool and byte figures by: a bool, a negative, NaN or inf there was a pool
-    # of one block or a traceback (found by review)
-    if meta.get(CAPACITY_META) is not None and not (type(meta[CAPACITY_META]) is int
-                                                    and 1 <= meta[CAPACITY_META] <= MAX_COUNT):
-        raise ValueError(f"{path}:1: meta.{CAPACITY_META} must be an integer in 1..{MAX_COUNT}, "
-                         f"got {meta[CAPACITY_META]!r:.80}")
-    for name in (BYTES_META, TIER_BLOCK_META):
-        v = meta.get(name)
-        if v is not None and not (type(v) in (int, float) and math.isfinite(v) and 1 <= round(v) <= MAX_COUNT):
-            raise ValueError(f"{path}:1: meta.{name} must be a finite number of bytes >= 1, got {v!r:.80}")
-    return header
 
 
 def read_jsonl(path: Path) -> tuple[dict[str, Any], Iterator[TraceRequest]]:
@@ -267,13 +250,15 @@ class Trace:
         return value if type(value) is int and value > 0 else None
 
     @property
-    def recorded_bytes(self) -> tuple[int, int] | None:
+    def recorded_bytes(self) -> tuple[int, int | None] | None:
         """(KV bytes per token, FP8-tier bytes per block) of the engine that recorded this trace, if its header says
-        both: the byte figures and tier sizes of a replay follow that engine rather than a preset model."""
+        the first: the byte figures and tier sizes of a replay follow that engine rather than a preset model. The
+        second is None for an engine the FP8 tier does not serve (MLA, sliding window: no tier figure in its header;
+        found by review: its bytes per token were dropped with it, for the default preset's)."""
         per_token, per_block = self.meta.get(BYTES_META), self.meta.get(TIER_BLOCK_META)
-        if not (_positive(per_token) and _positive(per_block)):
+        if not _positive(per_token):
             return None
-        return round(per_token), int(per_block)
+        return round(per_token), (int(per_block) if _positive(per_block) else None)
 
     def working_set_blocks(self) -> int:
         """Distinct blocks over the whole trace (shared prefixes counted once): the KV every session would hold."""
@@ -313,9 +298,10 @@ class Trace:
                       dense_ids: bool = False) -> Trace:
         """Build from requests in session order (a session's turns in the order it sent them).
 
-        `dense_ids`: the ids are already 0..n-1 ints (the generator's); otherwise any hashable ids are mapped."""
+        `dense_ids`: the ids are already 0..n-1 ints (the generator's); otherwise any hashable ids are mapped, per
+        cache salt (found by review: equal ids under two salts shared blocks, contrary to docs/trace_schema.md)."""
         reqs = list(requests)
-        ids: dict[Any, int] = {}
+        ids: dict[tuple[str | None, Any], int] = {}  # (salt, id)
         depth = np.full(1024, -1, dtype=np.int64)
         n_ids = 0
         tapes: list[_Tape] = []
@@ -331,9 +317,9 @@ class Trace:
             else:
                 out = []
                 for b in r.blocks:
-                    j = ids.get(b)
+                    j = ids.get((r.salt, b))
                     if j is None:
-                        j = ids[b] = len(ids)
+                        j = ids[(r.salt, b)] = len(ids)
                     out.append(j)
                 new = np.asarray(out, dtype=ID_DTYPE)
                 n_ids = len(ids)
@@ -353,10 +339,11 @@ class Trace:
                 tapes.append(_Tape(new))
                 ti = len(tapes) - 1
             n = r.reuse + len(new)
-            if n < r.prompt_tokens // block_size or n > (r.prompt_tokens + r.output_tokens) // block_size:
+            most = computed_blocks(r.prompt_tokens, r.output_tokens, block_size)
+            if n < r.prompt_tokens // block_size or n > most:
                 raise ValueError(f"request {i} of session {r.session!r}: {n} blocks, but prompt_tokens "
                                  f"{r.prompt_tokens} and output_tokens {r.output_tokens} make "
-                                 f"{r.prompt_tokens // block_size}..{(r.prompt_tokens + r.output_tokens) // block_size}")
+                                 f"{r.prompt_tokens // block_size}..{most} (no KV for the last sampled token)")
             where[i] = (ti, n)
             last[key] = (ti, n)
             # Chained ids sit at one position: check the new ones (reused ones were checked when first seen).
@@ -397,4 +384,10 @@ class Trace:
         header, requests = read_jsonl(path)
         reqs = list(requests)
         reqs.sort(key=lambda r: r.t)  # a session's own order (by t, then file order) is what `reuse` refers to
-        return cls.from_requests(header["block_size"], reqs, meta=header["meta"])
+        try:
+            return cls.from_requests(header["block_size"], reqs, meta=header["meta"])
+        except ValueError as exc:  # an older Mooncake conversion can list a block the loader now refuses: say so
+            from kvsched.sim.mooncake import stale_note
+
+            note = stale_note(header["meta"])
+            raise ValueError(f"{path}: {exc}" + (f"; {note}" if note else "")) from None

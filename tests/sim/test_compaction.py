@@ -131,3 +131,25 @@ def test_the_compacted_mark_survives_a_jsonl_round_trip(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", 16, reqs)
     _, back = read_jsonl(tmp_path / "t.jsonl")
     assert [r.compacted for r in back] == [True, False]
+
+
+def test_with_replicas_the_compaction_side_runs_on_every_replica_and_summaries_on_their_sessions(tmp_path):
+    """Found by review: with `--replicas N` the kvsched+compaction side replayed the whole trace on ONE replica's pool
+    (1/N of the total) while the other sides ran per replica and were summed."""
+    from kvsched.cli import main
+    from kvsched.sim.replicas import replica_of_sessions
+
+    cfg = CompactionConfig(strategy=Strategy.SUMMARIZE, trigger_tokens=1500, summary_target_tokens=200)
+    compacted, stats = compact_trace(generate(SMALL), cfg)
+    assert stats.summaries > 0
+    owner = dict(zip((sid for sid, _ in compacted.sessions), replica_of_sessions(compacted, 4).tolist(), strict=True))
+    parents = [sid.removesuffix("#summary") for sid in owner if sid.endswith("#summary")]
+    assert parents and all(owner[f"{p}#summary"] == owner[p] for p in parents)  # the session's engine makes the call
+    out = tmp_path / "r.json"
+    assert main(["simulate", "--generate", "--quick", "--replicas", "4", "--compaction", "summarize", "--policies",
+                 "lru,kvsched", "--no-progress", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    side, per_replica = r["kvsched+compaction"], r["config"]["capacity_blocks_per_replica"]
+    assert sum(side["replica_requests"]) == side["requests"] + side["rejected"] and len(side["replica_requests"]) == 4
+    assert side["peak_held_blocks"] > per_replica  # the replicas' peaks add up: more than one replica's pool
+    assert side["prefill_tokens_computed"] < r["kvsched"]["prefill_tokens_computed"]  # shorter prompts, same fleet

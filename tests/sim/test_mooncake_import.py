@@ -46,9 +46,12 @@ def test_output_blocks_come_from_the_next_turn_when_it_holds_them():
     assert blocks[1] == [1, 10, 11, "out1.3", "out1.4"]  # D (2100 tokens) does not hold B's 2600
     assert blocks[2] == [1, 2, 20]  # C's 1650 tokens: 3 full blocks, the third completed by its output
     assert blocks[3] == [1, 10, 11, 13]
-    # A's output completes no block here; give it enough output and C's block 2 is the one it completes
+    # A's output completes no block here; give it enough output and C's block 2 is the one it completes, once its
+    # KV is computed: not by the last sampled token, which is never fed back (found by review: 436 tokens counted it)
     long_a = list(parse([line(0, 1100, 436, [1, 2, 3]), line(5000, 1600, 50, [1, 2, 20, 21])]))
-    assert full_blocks(long_a, [0, 0])[0] == [1, 2, 20]
+    assert full_blocks(long_a, [0, 0])[0] == [1, 2]
+    longer_a = list(parse([line(0, 1100, 437, [1, 2, 3]), line(5000, 1600, 50, [1, 2, 20, 21])]))
+    assert full_blocks(longer_a, [0, 0])[0] == [1, 2, 20]
 
 
 def test_converted_trace_loads_with_times_in_seconds_and_reuse_filled():
@@ -172,3 +175,14 @@ def test_fetch_with_a_malformed_url_is_an_error_and_leaves_no_partial_file(tmp_p
     err = capsys.readouterr().err
     assert err.startswith("kvsched trace fetch: error: ") and "Traceback" not in err
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_an_older_conversion_listing_the_last_tokens_block_is_refused_with_the_converter_named(tmp_path):
+    """Converter version 2 listed the block a request's last sampled token completes; the loader refuses it now, and
+    says the file needs converting again."""
+    path = tmp_path / "old.kvsched.jsonl"
+    meta = {"importer": "kvsched trace import --format mooncake", "converter_version": 2}
+    path.write_text(json.dumps({"kvsched_trace": 1, "block_size": 512, "meta": meta}) + "\n" + json.dumps(
+        {"t": 0, "session": "s0", "prompt_tokens": 1000, "output_tokens": 24, "blocks": [1, 2]}) + "\n")
+    with pytest.raises(ValueError, match="last sampled token.*converter version 2, older than 3"):
+        Trace.load(path)

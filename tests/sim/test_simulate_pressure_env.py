@@ -126,9 +126,25 @@ def test_a_recordings_own_bytes_size_its_tier_and_a_preset_overrides_them(tmp_pa
     assert main([*args, "--preset", "llama-3.1-8b"]) == 0  # a named model: its bytes (8B, fp8 KV), not the recording's
     c = json.loads(out.read_text())["config"]
     assert c["kv_bytes_per_token"] == 65536 and c["fp8_tier_blocks"] < int(0.01 * 2**30) // 8208
-    del meta["fp8_tier_block_bytes"]  # a header without both: the default preset, as for any trace
-    write_jsonl(path, SMALL.block_size, generate_requests(SMALL), meta=meta)
-    assert main(args) == 0 and json.loads(out.read_text())["config"]["kv_bytes_per_token"] == 65536
+
+
+def test_a_recording_without_tier_bytes_keeps_its_bytes_per_token_and_refuses_a_tier(tmp_path, capsys):
+    """Found by review: a recording without `fp8_tier_block_bytes` (an engine the FP8 tier does not serve: MLA, sliding
+    window) was replayed at the Llama-3.1-8B preset's bytes per token, its own ignored."""
+    path, out = tmp_path / "rec.jsonl", tmp_path / "r.json"
+    write_jsonl(path, SMALL.block_size, generate_requests(SMALL), meta={"kv_bytes_per_token": 1024.0})
+    args = ["simulate", str(path), "--no-progress", "--policies", "lru,kvsched", "--out", str(out)]
+    assert main([*args, "--kv-gib", "0.01"]) == 0
+    c = json.loads(out.read_text())["config"]
+    assert c["kv_bytes_per_token"] == 1024 and c["capacity_blocks"] == int(0.01 * 2**30) // (1024 * SMALL.block_size)
+    assert c["fp8_tier_bytes"] == 0
+    for tier in (("--fp8-tier-gib", "0.01"), ("--fp8-tier-blocks", "10"), ("--host-gib-per-gpu", "64")):
+        assert main([*args, *tier]) == 2
+        assert "fp8_tier_block_bytes" in (err := capsys.readouterr().err) and "--preset" in err
+    assert main([*args, "--fp8-tier-gib", "0"]) == 0  # no tier asked for: nothing to size
+    assert main([*args, "--preset", "deepseek-v2-lite"]) == 0  # an MLA preset: no tier, no error (was one)
+    assert main([*args, "--preset", "deepseek-v2-lite", "--fp8-tier-gib", "1"]) == 2
+    assert "fp8_tier_block_bytes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recorded", [False, True])
@@ -149,3 +165,30 @@ def test_a_negative_tail_reuse_is_refused_with_its_line(tmp_path, capsys):
                     '"tail_reuse": -2}\n')
     assert main(["simulate", str(path), "--no-progress", "--policies", "lru"]) == 2
     assert "t.jsonl:3" in (err := capsys.readouterr().err) and "tail_reuse must be an integer" in err
+
+
+def test_plot_replays_with_the_tables_settings(tmp_path, monkeypatch):
+    """Found by review: `--plot` replayed kvsched with the default retention (not KVSCHED_*), on one replica and with
+    free restores, so its curves were not the table's policy."""
+    from unittest.mock import MagicMock
+
+    import kvsched.bench.plots as plots
+    import kvsched.commands.simulate as sim
+
+    calls: list[tuple[tuple, dict]] = []
+    real = sim.simulate
+    monkeypatch.setattr(sim, "simulate", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    plt = MagicMock()
+    plt.subplots.return_value = (MagicMock(), MagicMock())
+    monkeypatch.setattr(plots, "pyplot", lambda: plt)
+    monkeypatch.setenv("KVSCHED_MAX_TTL_S", "7")
+    r = run_sim(tmp_path, "--policies", "lru,kvsched", "--replicas", "2", "--h2d-gbps", "8", "--fp8-tier-blocks", "64",
+                "--plot", str(tmp_path / "plots"))
+    (table_args, table), *runs = calls
+    assert len(runs) == 7 and table["retention"].max_ttl_s == 7.0
+    for args, kwargs in runs:
+        assert {k: kwargs.get(k) for k in ("retention", "replicas", "restore_bytes_per_s")} == {
+            k: table[k] for k in ("retention", "replicas", "restore_bytes_per_s")}
+        assert args[5] == table_args[5] and args[5][0] > 0  # the table's tier
+    ws = r["config"]["working_set_blocks"]
+    assert runs[-1][0][1] == ws // 2  # the whole working set over 2 replicas

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import pytest
+
 from kvsched.sim.generator import QUICK, generate
 from kvsched.sim.replay import ReplayConfig, replay
 
@@ -102,3 +104,39 @@ def test_a_trace_in_blocks_coarser_than_an_engines_keeps_no_partial_blocks():
 
     assert restored(TAIL_MAX_BLOCK_TOKENS) == TAIL_MAX_BLOCK_TOKENS // 2 + 1  # half a block of prompt, 1 output
     assert restored(2 * TAIL_MAX_BLOCK_TOKENS) == 0
+
+
+def test_replicas_split_the_stated_tier_and_report_settings_once(tmp_path):
+    """Found by review: with `--replicas N` each replica got the whole stated tier while the pool was split N ways, and
+    the replicas' sums added up settings (4 replicas reported a tier block of 4 MiB)."""
+    import json
+
+    from kvsched.cli import main
+
+    out = tmp_path / "sim.json"
+    args = ["simulate", "--generate", "--quick", "--workflows", "3", "--no-progress", "--capacity-blocks", "8000",
+            "--policies", "kvsched,lru+offload", "--out", str(out)]
+    assert main([*args, "--fp8-tier-blocks", "1000"]) == 0
+    one = json.loads(out.read_text())
+    assert main([*args, "--fp8-tier-blocks", "1000", "--replicas", "4"]) == 0
+    four = json.loads(out.read_text())
+    block = one["kvsched"]["tier_block_bytes"]
+    assert four["kvsched"]["tier_block_bytes"] == block == 16 * 65536  # one replica's setting, not the sum
+    assert four["config"]["fp8_tier_blocks"] == 1000 and four["config"]["fp8_tier_bytes"] == 1000 * block
+    assert four["config"]["fp8_tier_bytes_per_replica"] == 250 * block
+    assert four["kvsched"]["tier_capacity_blocks"] == four["lru+offload"]["host_slots"] == 1000  # 4 x 250: the fleet's
+    assert four["kvsched"]["peak_tier_blocks"] <= 1000
+
+
+def test_replicas_sum_counters_and_take_settings_once():
+    """The fleet's sums add counters, capacities and peaks; a setting is every replica's (checked); a state each replica
+    has its own of (the ledger's TTL cap) is listed per replica."""
+    from kvsched.sim.replicas import merge_stats
+
+    parts = [{"pins": 2, "tier_block_bytes": 8, "payback_ttl_cap_s": 30.0},
+             {"pins": 3, "tier_block_bytes": 8, "payback_ttl_cap_s": 60.0}]
+    settings, states = frozenset({"tier_block_bytes"}), frozenset({"payback_ttl_cap_s"})
+    assert merge_stats(parts, settings, states) == {"pins": 5, "tier_block_bytes": 8, "payback_ttl_cap_s": [30.0, 60.0]}
+    parts[1]["tier_block_bytes"] = 16
+    with pytest.raises(RuntimeError, match="tier_block_bytes"):
+        merge_stats(parts, settings, states)

@@ -70,3 +70,30 @@ def test_simulate_a_trace_file_and_bad_arguments(tmp_path, capsys):
     assert main(["simulate", "--generate", "--quick", "--policies", "lru,magic"]) == 2
     assert "magic" in capsys.readouterr().err
     assert main(["simulate", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_requests_share_blocks_only_under_the_same_salt():
+    """Found by review: the loader mapped ids alone, so two tenants' equal ids (different cache_salt) shared blocks,
+    contrary to docs/trace_schema.md."""
+    from kvsched.sim.replay import ReplayConfig, replay
+
+    reqs = [TraceRequest(t, s, 9, 0, ["x1", "x2"], salt=salt)
+            for t, s, salt in ((0, "a", "tenantA"), (10, "b", "tenantB"), (20, "c", "tenantA"))]
+    trace = Trace.from_requests(4, reqs)
+    assert trace.working_set_blocks() == 4 and list(trace.blocks(0)) == list(trace.blocks(2))
+    for policy in ("lru", "opt", "kvsched"):
+        assert replay(Trace.from_requests(4, reqs[:2]), policy, ReplayConfig(capacity_blocks=16)).hit_tokens == 0
+        assert replay(trace, policy, ReplayConfig(capacity_blocks=16)).hit_tokens == 8  # c hits a's blocks
+
+
+def test_generated_requests_list_the_blocks_vllm_computes_and_the_loader_refuses_more():
+    """Found by review: the generator listed the block completed by the last sampled token, whose KV vLLM never
+    computes (the engine recorder writes max(p // bs, (p + o - 1) // bs) blocks, as the loader now requires)."""
+    trace = generate(QUICK)
+    bs = trace.block_size
+    for i in range(len(trace)):
+        p, o = int(trace.prompt_tokens[i]), int(trace.output_tokens[i])
+        assert len(trace.blocks(i)) == max(p // bs, (p + o - 1) // bs)
+    assert len(Trace.from_requests(4, [TraceRequest(0, "s", 4, 5, ["a", "b"])]).blocks(0)) == 2  # 8 tokens computed
+    with pytest.raises(ValueError, match="last sampled token"):  # 4 + 4 tokens: the 8th is never computed
+        Trace.from_requests(4, [TraceRequest(0, "s", 4, 4, ["a", "b"])])

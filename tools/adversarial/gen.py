@@ -4,7 +4,8 @@ prefill than LRU; see the closing note of that stop. `python tools/adversarial/g
 Adversarial trace generators for kvsched simulate (JSONL v1, block_size 16).
 usage: python gen.py SHAPE OUT [seed]
 Each session is a list of turns; a turn's prompt = the session's history (prev prompt + prev output blocks) + new
-user blocks; output_tokens = 16*out_blocks so the output completes whole blocks. Block ids: global counter (chained
+user blocks; output_tokens = 16*out_blocks + 1 so the output completes whole blocks (the last sampled token has no KV:
+`kvsched.sim.trace.computed_blocks`; 16*out_blocks until the loader refused the extra block). Block ids: global counter (chained
 by construction: an id only ever appears at one position); shared prefix ids 0..k-1 at positions 0..k-1."""
 import json, random, sys
 
@@ -28,7 +29,7 @@ class G:
                 prompt = hist + self.new(first_blocks if k == 0 else add_blocks)
             out = self.new(out_blocks)
             r = {"t": round(t, 6), "session": sid, "prompt_tokens": len(prompt) * BS,
-                 "output_tokens": out_blocks * BS, "blocks": prompt + out}
+                 "output_tokens": out_blocks * BS + (out_blocks > 0), "blocks": prompt + out}
             if role: r["role"] = role
             if duration is not None: r["duration_s"] = duration
             if ttl is not None: r["ttl_s"] = ttl

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.settings_check import size_limit_mb
 from kvsched.core.sessions import SessionKey, TurnHints
-from kvsched.sim.trace import BYTES_META, CAPACITY_META, TIER_BLOCK_META
+from kvsched.sim.trace_fields import BYTES_META, CAPACITY_META, TIER_BLOCK_META
 from kvsched.sim.trace_record import Finished, TraceRecording
 
 ENV_RECORD = "KVSCHED_RECORD_TRACE"
