@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from kvsched.adapters.ray.admin import broadcast_all
 from kvsched.adapters.ray.config import config_from_dict
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.owners import (
@@ -192,10 +193,10 @@ class OpenAIIngress:
     async def end_session(self, session_id: str, request: Request) -> Response:
         """End the caller's session on every replica of every pool (found by review: routed like a turn, the DELETE
         could reach a replica that did not hold the session, answer 404 and leave its KV pinned on the busy one),
-        then in the routers. 200 if any replica ended it, 404 if none held it; another answer (401, 400, 503) of a
-        replica when none ended it is passed on, and 503 when a replica failed to answer and none ended it (found by
-        review: the failure was dropped unlogged and the caller told 404 while that replica kept the session); then
-        the routers keep the session."""
+        then in the routers. 200 if any replica ended it, 404 if none held it (a pool with no replica running holds
+        none: `admin.broadcast_all`); another answer (401, 400, 503) of a replica when none ended it is passed on, and
+        503 when a replica failed to answer and none ended it (found by review: the failure was dropped unlogged and
+        the caller told 404 while that replica kept the session); then the routers keep the session."""
         try:
             sid = validate_session_id(session_id)
         except InvalidSessionInput as exc:
@@ -203,8 +204,8 @@ class OpenAIIngress:
         headers = lower(request)
         path = f"/kvsched/sessions/{quote(sid, safe='')}"
         try:
-            answers, failed = await asyncio.wait_for(
-                self._broadcast_all("admin", "DELETE", path, caller_headers(headers)), self.config.request_deadline_s)
+            answers, failed = await asyncio.wait_for(broadcast_all(
+                self.engines, "admin", "DELETE", path, caller_headers(headers)), self.config.request_deadline_s)
         except TimeoutError:
             return error(504, f"the engine replicas did not answer within the request deadline "
                               f"({self.config.request_deadline_s:g} s); the session may still end", kind="server_error")
@@ -215,8 +216,6 @@ class OpenAIIngress:
         if not ended and failed:
             return error(503, f"{len(failed)} engine replica(s) did not answer ({type(failed[0][1]).__name__}); the "
                               f"session may still be held there: retry", kind="server_error")
-        if not answers:
-            return error(503, "no engine replica answered", kind="server_error")
         key = session_key(sid, headers, header_salt(headers), self.keyed)
         self._ended(key)
         await self._forget(key, {name for name, _ in answers})
@@ -356,25 +355,7 @@ class OpenAIIngress:
                                  headers=extra | served_by(head, attempts))
 
     async def _broadcast(self, method: str, *args: Any) -> list[Any]:
-        return [r for _, r in (await self._broadcast_all(method, *args))[0]]
-
-    async def _broadcast_all(self, method: str, *args: Any) -> tuple[list[tuple[str, dict[str, Any]]],
-                                                                     list[tuple[str, BaseException]]]:
-        """`method` on every replica of every pool: (pool, answer) of each that answered, and (pool, error) of each
-        that failed, logged."""
-        async def one(name: str, handle: Any) -> tuple[str, list[Any]]:
-            return name, await handle.broadcast(method, *args).results_async(return_exceptions=True)
-
-        answers: list[tuple[str, dict[str, Any]]] = []
-        failed: list[tuple[str, BaseException]] = []
-        for name, results in await asyncio.gather(*(one(n, h) for n, h in self.engines.items())):
-            for r in results:
-                if isinstance(r, dict):
-                    answers.append((name, r))
-                else:
-                    failed.append((name, r if isinstance(r, BaseException) else RuntimeError(repr(r))))
-                    logger.warning(f"kvsched ingress: a replica of pool {name} failed {method}{args[:2]}: {r!r}")
-        return answers, failed
+        return [r for _, r in (await broadcast_all(self.engines, method, *args))[0]]
 
     def _ended(self, sid: str) -> None:
         """The session ended: its size and long-context pool are forgotten, and a turn of it still in flight is not
