@@ -90,3 +90,28 @@ def test_a_pool_scaled_to_zero_has_no_replicas_to_the_admin_routes(base: str) ->
     assert (status, body["pools"]) == (200, ["w"])
     assert sum(r["ended_routes"] for r in replicas(base) if r["pool"] == "w") == 1  # w's router was told
     assert http(base, "DELETE", "/kvsched/sessions/s1", headers={"Authorization": "Bearer k1"})[0] == 404
+
+
+def test_the_sessions_listing_pages_across_the_replicas_and_names_a_pool_that_refused_the_caller(base: str) -> None:
+    """Found by review (test_list_sessions.py): `limit`, `cursor` and `summary` never reached the engines and
+    `next_cursor` was dropped; a refusal (401 of a pool checking keys) read as an empty list."""
+    made = {f"list{i}" for i in range(8)}
+    for sid in made:
+        assert turn(base, "w", sid)[0] == 200
+    where = {r["replica_id"]: r for r in replicas(base) if r["pool"] == "w"}
+    assert len(where) == 2
+    seen: list[tuple[str, str]] = []
+    cursor, pages = None, 0
+    while pages < 20:
+        status, _, body = http(base, "GET", "/kvsched/sessions?limit=1" + (f"&cursor={cursor}" if cursor else ""))
+        assert status == 200, body
+        assert len(body["sessions"]) <= 2 and [(e["pool"], e["status"]) for e in body["errors"]] == [("k", 401)]
+        seen += [(r["pool"], r["session_id"]) for r in body["sessions"]]
+        pages, cursor = pages + 1, body["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(("w", s) for s in made) and 4 <= pages <= 8
+    status, _, body = http(base, "GET", "/kvsched/sessions?summary=1")
+    assert status == 200 and body["summary"] == {"sessions": 8} and len(body["replicas"]) == 2
+    status, _, body = http(base, "GET", "/kvsched/sessions", headers={"Authorization": "Bearer k2"})
+    assert status == 200 and body["sessions"] == [] and body["errors"] == []

@@ -31,8 +31,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 from ray import serve
@@ -182,9 +183,17 @@ class EngineReplica:
             raise self._unavailable(exc) from None
 
     async def admin(self, method: str, path: str, headers: dict[str, str] | None = None,
-                    route: RouteHints | None = None) -> dict[str, Any]:
+                    route: RouteHints | None = None, pages: Mapping[str, str | None] | None = None) -> dict[str, Any]:
         """kvsched's session admin routes of this replica's server (`GET /kvsched/sessions`, `DELETE .../{id}`), as
-        the caller (its `Authorization` and cache-salt headers: the engine lists and ends only the caller's)."""
+        the caller (its `Authorization` and cache-salt headers: the engine lists and ends only the caller's).
+        `pages`: a listing paged across replicas, each replica's engine cursor by Ray replica id (`listing.py`); None
+        for this one: listed to its end, so not asked again."""
+        if pages is not None and self.replica_id in pages:
+            cursor = pages[self.replica_id]
+            if cursor is None:
+                return {"status": 200, "body": b'{"sessions": [], "next_cursor": null}', "slot": self.slot,
+                        "replica_id": self.replica_id}
+            path += ("&" if "?" in path else "?") + urlencode({"cursor": cursor})
         forward = {k.lower(): v.encode("latin-1") for k, v in (headers or {}).items() if k.lower() in AUTH_HEADERS}
         try:
             r = await self.client.request(method, path, headers=forward)

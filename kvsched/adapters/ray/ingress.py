@@ -12,9 +12,9 @@ after that ends with the OpenAI error event.
 Answers carry `X-KVSched-Pool`, `X-KVSched-Replica` (the slot that served it), `X-KVSched-Replica-Id` (Ray's replica
 id, for operators) and `X-KVSched-Attempts`. `DELETE /kvsched/sessions/{id}` ends the caller's session on every
 replica holding it (and in the routers' tables), `GET /kvsched/sessions` lists the caller's pinned sessions on every
-replica, `GET /kvsched/replicas` the replicas (to an admin key, where keys are in use). The caller's `Authorization`
-and cache-salt headers go to the engines, which check keys and scope sessions by tenant and salt; the ingress and the
-routers key sessions the same way (`owners.py`).
+replica (paged across them: `listing.py`), `GET /kvsched/replicas` the replicas (to an admin key, where keys are in
+use). The caller's `Authorization` and cache-salt headers go to the engines, which check keys and scope sessions by
+tenant and salt; the ingress and the routers key sessions the same way (`owners.py`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from kvsched.adapters.ray.admin import broadcast_all
 from kvsched.adapters.ray.config import config_from_dict
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
+from kvsched.adapters.ray.listing import ListingError, merge, parse_listing
 from kvsched.adapters.ray.owners import (
     admin_keys,
     body_salt,
@@ -181,13 +182,28 @@ class OpenAIIngress:
         return {"replicas": sorted(await self._broadcast("describe"), key=lambda r: (r["pool"], r["slot"]))}
 
     @api.get("/kvsched/sessions")
-    async def sessions(self, request: Request) -> dict[str, Any]:
-        """Every replica's pinned sessions of the caller (its key and salt), each row naming its pool and slot."""
-        rows: list[dict[str, Any]] = []
-        for r in await self._broadcast("admin", "GET", "/kvsched/sessions", caller_headers(lower(request))):
-            if r["status"] == 200:
-                rows += [dict(s, slot=r["slot"]) for s in json.loads(r["body"]).get("sessions", [])]
-        return {"sessions": rows}
+    async def sessions(self, request: Request) -> Response:
+        """Every replica's sessions of the caller (its key and salt), each row naming its pool and slot, paged across
+        the replicas with one cursor; the caller's query (`limit`, `cursor`, `summary`, `pinned_ids`) as the engines
+        read it. When no replica answered 200, an engine's answer (401, 400) is passed on, or 503 (`listing.py`)."""
+        try:
+            listing = parse_listing(request.scope.get("query_string", b"").decode("latin-1"))
+        except ListingError as exc:
+            return error(400, str(exc), param=exc.param)
+        pages = {name: {"pages": listing.positions.get(name, {})} for name in self.engines} if listing.paged else None
+        try:
+            answers, failed = await asyncio.wait_for(broadcast_all(
+                self.engines, "admin", "GET", listing.path, caller_headers(lower(request)), per_pool=pages),
+                self.config.request_deadline_s)
+        except TimeoutError:
+            return error(504, f"the engine replicas did not answer within the request deadline "
+                              f"({self.config.request_deadline_s:g} s)", kind="server_error")
+        status, answer = merge(listing, answers, failed)
+        if isinstance(answer, dict):
+            return JSONResponse(answer, status)
+        if isinstance(answer, bytes):
+            return Response(answer, status, media_type="application/json")
+        return error(status, str(answer), kind="server_error")
 
     @api.delete("/kvsched/sessions/{session_id:path}")
     async def end_session(self, session_id: str, request: Request) -> Response:
