@@ -19,8 +19,8 @@ A turn goes to, in order:
    avoided, or down for a blip) or the slot's replica now reports the session's KV; a replacement (a new replica in the
    slot: an empty cache) does not take back sessions that rebuilt their KV where they failed over to, except as many
    as bring the replica they live on back within the resident bound (a crash's survivor holds its sessions too). Only
-   on the turn right after the failover: once a turn is sent (not as a failover) where the session went, it has built
-   its KV there and stays (found by review: 20 turns on, it was pulled back to the replica it left, re-prefilling);
+   on the turn right after the failover: once another turn is sent (not as a failover), the session has built its KV
+   where it went and stays (found by review: 20 turns on, it was pulled back to the replica it left, re-prefilling);
    so a survivor keeps the sessions that ran such a turn before the replacement came up (until they idle out or its
    in-flight bound moves them);
 2. the replica it lives on (where this router last sent it), within the in-flight bound;
@@ -262,10 +262,10 @@ class SessionRouter:
             self._drop(next(iter(self._last)))
         if decision.failed_over_from is not None:
             _remember(self._displaced, sid, (decision.failed_over_from, decision.failed_over_replica), cap)
-        elif sid in self._displaced and decision.slot in (self._displaced[sid][0], previous):
-            # Back where it failed over from, or a second turn where it went (the first was the failover): from now on
-            # its KV is where it lives, and a return would cost a prefill of everything since (route, rule 1).
-            del self._displaced[sid]
+        else:
+            # Back where it failed over from, or a turn after the failover anywhere else: its newest KV is where it
+            # lives now, and a return would cost a prefill of everything since (`route`, rule 1).
+            self._displaced.pop(sid, None)
 
     def last_slot(self, session_id: str) -> SlotName | None:
         """Where the session lives (None: never routed, idled out or forgotten)."""

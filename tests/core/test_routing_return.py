@@ -85,3 +85,22 @@ def test_a_session_failed_over_twice_goes_back_only_to_the_slot_it_left_last() -
     assert d.failed_over_from == there and d.slot != there
     r.record(d)
     assert r.route(sid, {}).slot == there and r.route(sid, {}).reason == RouteReason.RETURN
+
+
+def test_a_turn_sent_elsewhere_after_the_failover_also_keeps_the_session_from_going_back() -> None:
+    """The turn after the failover overflowed off the busy replica it went to: its newest KV is on a third one, and
+    it does not go back to the one it left once that is back."""
+    c = slot_name(2)
+    r = SessionRouter(RouterConfig())
+    r.set_live([A, B, c], FIRST | {c: "c@1"})
+    sid = next(s for s in SESSIONS if r.home(s) == A)
+    r.record(r.route(sid, {}))
+    r.mark_down(A)
+    went = r.route(sid, {})
+    r.record(went)
+    other = next(s for s in (B, c) if s != went.slot)
+    d = r.route(sid, {went.slot: 10})  # busy: over the in-flight bound
+    assert (d.slot, d.failed_over_from) == (other, None)
+    r.record(d)
+    r.set_live([A, B, c])  # the same replica back
+    assert (r.route(sid, {}).slot, r.route(sid, {}).reason) == (other, RouteReason.KV)
