@@ -76,7 +76,8 @@ class StandInEngine(EngineReplica):
         return super().session_ended(route)
 
     def describe(self) -> dict[str, Any]:
-        return {"pool": self.pool, "slot": self.slot, "replica_id": self.replica_id, "ended_routes": self.ended_routes}
+        return {"pool": self.pool, "slot": self.served_slot(), "replica_id": self.replica_id, "rank": self.slot,
+                "ended_routes": self.ended_routes}
 
     async def record_routing_stats(self) -> dict[str, Any]:
         return {"slot": self.slot, "pool": self.pool, "kv_sessions": sorted({s for _, s in self.vllm.sessions})}

@@ -115,3 +115,17 @@ def test_the_sessions_listing_pages_across_the_replicas_and_names_a_pool_that_re
     assert status == 200 and body["summary"] == {"sessions": 8} and len(body["replicas"]) == 2
     status, _, body = http(base, "GET", "/kvsched/sessions", headers={"Authorization": "Bearer k2"})
     assert status == 200 and body["sessions"] == [] and body["errors"] == []
+
+
+def test_an_answer_names_the_slot_the_router_chose_for_its_replica(base: str) -> None:
+    """Found by review (test_header_slot.py): X-KVSched-Replica named the replica's Ray rank, which differs from the
+    router's slot for it once Ray renumbered ranks. The router's slot reaches the replica with the request, through
+    Ray's own routing loop (the stand-in echoes what arrived in X-KVSched-Test-Route-Slot)."""
+    served = {}
+    for i in range(6):
+        status, head, _ = turn(base, "w", f"slot{i}")
+        assert status == 200 and head["x-kvsched-test-route-slot"] != "None"
+        assert head["x-kvsched-replica"] == f"slot-{head['x-kvsched-test-route-slot']}"
+        served[head["x-kvsched-replica-id"]] = head["x-kvsched-replica"]
+    described = {r["replica_id"]: f"slot-{r['slot']}" for r in replicas(base) if r["pool"] == "w"}
+    assert served.items() <= described.items()

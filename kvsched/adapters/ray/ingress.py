@@ -9,12 +9,13 @@ doubling, at most 2 s) and stop at the request's deadline (`request_deadline_s` 
 `request_retries`; a streamed answer is only committed to the client once its first bytes arrived. A stream that fails
 after that ends with the OpenAI error event.
 
-Answers carry `X-KVSched-Pool`, `X-KVSched-Replica` (the slot that served it), `X-KVSched-Replica-Id` (Ray's replica
-id, for operators) and `X-KVSched-Attempts`. `DELETE /kvsched/sessions/{id}` ends the caller's session on every
-replica holding it (and in the routers' tables), `GET /kvsched/sessions` lists the caller's pinned sessions on every
-replica (paged across them: `listing.py`), `GET /kvsched/replicas` the replicas (to an admin key, where keys are in
-use). The caller's `Authorization` and cache-salt headers go to the engines, which check keys and scope sessions by
-tenant and salt; the ingress and the routers key sessions the same way (`owners.py`).
+Answers carry `X-KVSched-Pool`, `X-KVSched-Replica` (the router's slot for the replica that served it:
+`RouteHints.slot`), `X-KVSched-Replica-Id` (Ray's replica id, for operators) and `X-KVSched-Attempts`.
+`DELETE /kvsched/sessions/{id}` ends the caller's session on every replica holding it (and in the routers' tables),
+`GET /kvsched/sessions` lists the caller's pinned sessions on every replica (paged across them: `listing.py`),
+`GET /kvsched/replicas` the replicas (to an admin key, where keys are in use). The caller's `Authorization` and
+cache-salt headers go to the engines, which check keys and scope sessions by tenant and salt; the ingress and the
+routers key sessions the same way (`owners.py`).
 """
 
 from __future__ import annotations
