@@ -330,9 +330,9 @@ def gates(by_size: dict[str, dict[str, Any]], load_factor: float) -> dict[str, b
         out[f"n{n}_consistent_hash_max_over_mean_higher"] = ch["max_over_mean_load"] > k["max_over_mean_load"]
         out[f"n{n}_kill_moves_only_dead_replica_sessions"] = (kr["others_moved_on_kill"] == 0
                                                                and kr["dead_replica_sessions"] > 0)
-        out[f"n{n}_return_moves_them_back_and_nobody_else"] = (kr["dead_replica_sessions_back_home"] == 1.0
-                                                                and kr["dead_replica_sessions_kept_with_newer_kv"] == 1.0
-                                                                and kr["others_moved_on_return"] == 0)
+        out[f"n{n}_return_moves_them_back_and_nobody_else"] = (
+            kr["dead_replica_sessions_back_home"] == 1.0 and kr["dead_replica_sessions_kept_with_newer_kv"] == 1.0
+            and kr["others_moved_on_return"] == 0)
     return out
 
 
