@@ -5,7 +5,8 @@ keeping; the model's own reply is not kept, so every side is sent the same promp
 pace (`turn_period_s`, one turn in flight per session, a turn that runs late is followed at once) with a seeded
 random start phase, as independent agents of a workflow run. When the prompt nears the model's length the session
 compacts (system prompt plus a summary line), as agents do. Every turn is recorded with the replica that served it
-(`X-KVSched-Replica` / `X-KVSched-Replica-Id`) and the ingress's attempt count (`X-KVSched-Attempts`).
+(`X-KVSched-Replica`: the router's slot for it, where the session lives; `X-KVSched-Replica-Id`: Ray's id) and the
+ingress's attempt count (`X-KVSched-Attempts`).
 
 Outcomes: `ok`; `failed` (an HTTP error before any byte of the answer); `cut` (a stream that had started, then ended
 with the OpenAI error event: the one failure kvsched does not retry, counted apart).

@@ -13,9 +13,11 @@ as in Ray), then one replica added.
   `max_over_mean_in_flight_p99`: p99 over arrivals of (most turns in flight on one replica / mean).
 - `moved_on_kill` / `moved_on_scale_up`: share of all sessions whose next turn would land elsewhere after the event,
   read on an idle fleet (no load bound in play) so that it shows the mapping, not a momentary overflow.
-- `kill_return`: sessions moved by the kill that were not the dead replica's, dead replica's sessions back home after
-  its return, and other sessions moved by the return (of those served at least once: a session never served has no
-  KV to move away from, and is placed when it first runs).
+- `kill_return`: sessions moved by the kill that were not the dead replica's; of the dead replica's sessions, those
+  back home after its return among the ones that ran no turn since failing over (the failover turn aside), and those
+  kept where they failed over to among the ones that did (their newest KV is there: found by review, they were pulled
+  back however many turns they had run since); other sessions moved by the return (of those served at least once: a
+  session never served has no KV to move away from, and is placed when it first runs).
 - `route_us_p50`: wall time of one routing decision in this process (policy code only, no RPC).
 
 Baselines are Ray 2.60's own router classes, driven directly (`kvsched.bench.router_policies`): `consistent_hash` is
@@ -147,6 +149,7 @@ def simulate(policy: Policy, cfg: SimConfig, work: Workload) -> dict[str, Any]:
     spread: list[float] = []
     mean_loads: list[float] = []  # mean turns in flight per live replica, at each steady-phase arrival
     moves: dict[str, Any] = {}
+    outage_turns: dict[int, int] = {}  # session index -> turns routed while the victim was down
     victim = slots[n // 2]
     now = 0.0
 
@@ -187,6 +190,8 @@ def simulate(policy: Policy, cfg: SimConfig, work: Workload) -> dict[str, Any]:
             hits += slot == holder[i]
         length = lengths[served]
         served += 1
+        if phase_ends["steady"] < served <= phase_ends["outage"]:
+            outage_turns[i] = outage_turns.get(i, 0) + 1
         loads[slot] += 1
         in_flight[i] = (slot, incarnation[slot])
         heapq.heappush(events, (now + length, seq, 1, i))
@@ -222,9 +227,12 @@ def simulate(policy: Policy, cfg: SimConfig, work: Workload) -> dict[str, Any]:
             policy.set_live(sorted(live), revived=victim)
             after = snapshot()
             # The sessions that lived (had KV) on the dead replica. One first served during the outage lives where
-            # it was placed then, with its KV: sending it to the empty replacement would cost its prefill again.
-            owned = moves["lived_on_victim"]
+            # it was placed then, with its KV: sending it to the empty replacement would cost its prefill again. Of
+            # the dead replica's own, one that ran a turn since its failover stays with that newer KV (`routing.py`).
+            owned = [j for j in moves["lived_on_victim"] if outage_turns.get(j, 0) <= 1]
+            settled = [j for j in moves["lived_on_victim"] if outage_turns.get(j, 0) > 1]
             moves.update(returned_home=sum(after[j] == victim for j in owned) / max(1, len(owned)),
+                         kept_with_kv=sum(after[j] == before[j] != victim for j in settled) / max(1, len(settled)),
                          return_moved_others=sum(1 for j in range(len(before)) if before[j] != after[j]
                                                  and served_once(j) and moves["before_kill"][j] != victim))
     before = snapshot()
@@ -245,6 +253,7 @@ def simulate(policy: Policy, cfg: SimConfig, work: Workload) -> dict[str, Any]:
         "kill_return": {"dead_replica_sessions": len(moves.get("lived_on_victim", [])),
                         "others_moved_on_kill": moves.get("kill_moved_others"),
                         "dead_replica_sessions_back_home": moves.get("returned_home"),
+                        "dead_replica_sessions_kept_with_newer_kv": moves.get("kept_with_kv"),
                         "others_moved_on_return": moves.get("return_moved_others")},
         "turns": served, "follow_ups": follow_ups,
         "mean_in_flight_per_replica": sum(mean_loads) / len(mean_loads) if mean_loads else None,
@@ -321,8 +330,9 @@ def gates(by_size: dict[str, dict[str, Any]], load_factor: float) -> dict[str, b
         out[f"n{n}_consistent_hash_max_over_mean_higher"] = ch["max_over_mean_load"] > k["max_over_mean_load"]
         out[f"n{n}_kill_moves_only_dead_replica_sessions"] = (kr["others_moved_on_kill"] == 0
                                                                and kr["dead_replica_sessions"] > 0)
-        out[f"n{n}_return_moves_them_back_and_nobody_else"] = (kr["dead_replica_sessions_back_home"] == 1.0
-                                                                and kr["others_moved_on_return"] == 0)
+        out[f"n{n}_return_moves_them_back_and_nobody_else"] = (
+            kr["dead_replica_sessions_back_home"] == 1.0 and kr["dead_replica_sessions_kept_with_newer_kv"] == 1.0
+            and kr["others_moved_on_return"] == 0)
     return out
 
 

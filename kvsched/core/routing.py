@@ -18,7 +18,11 @@ A turn goes to, in order:
 1. the slot it was failed over from, within the in-flight bound, when the same replica is back there (it was only
    avoided, or down for a blip) or the slot's replica now reports the session's KV; a replacement (a new replica in the
    slot: an empty cache) does not take back sessions that rebuilt their KV where they failed over to, except as many
-   as bring the replica they live on back within the resident bound (a crash's survivor holds its sessions too);
+   as bring the replica they live on back within the resident bound (a crash's survivor holds its sessions too). Only
+   on the turn right after the failover: once another turn is sent (not as a failover), the session has built its KV
+   where it went and stays (found by review: 20 turns on, it was pulled back to the replica it left, re-prefilling);
+   so a survivor keeps the sessions that ran such a turn before the replacement came up (until they idle out or its
+   in-flight bound moves them);
 2. the replica it lives on (where this router last sent it), within the in-flight bound;
 3. a live replica reporting the session's KV, within the in-flight bound (a router that does not know the session:
    restarted, or the session idled out); within both bounds when the report may be another session's (`kv_shared`);
@@ -241,7 +245,8 @@ class SessionRouter:
         return lambda s: self._residents.get(s, 0) - (s == current) + 1 <= cap
 
     def record(self, decision: RouteDecision) -> None:
-        """Apply a decision the adapter acted on: where the session lives now, and whether it failed over."""
+        """Apply a decision the adapter acted on: where the session lives now, and whether it failed over (and so may
+        return on its next turn: after that turn it lives where it went, see `route`)."""
         sid = decision.session_id
         cap = self.config.session_memory
         if sid is None or cap == 0:
@@ -257,8 +262,10 @@ class SessionRouter:
             self._drop(next(iter(self._last)))
         if decision.failed_over_from is not None:
             _remember(self._displaced, sid, (decision.failed_over_from, decision.failed_over_replica), cap)
-        elif self._displaced.get(sid, (None,))[0] == decision.slot:
-            del self._displaced[sid]
+        else:
+            # Back where it failed over from, or a turn after the failover anywhere else: its newest KV is where it
+            # lives now, and a return would cost a prefill of everything since (`route`, rule 1).
+            self._displaced.pop(sid, None)
 
     def last_slot(self, session_id: str) -> SlotName | None:
         """Where the session lives (None: never routed, idled out or forgotten)."""

@@ -38,6 +38,8 @@ def test_kvsched_kill_moves_only_the_dead_replicas_sessions_and_they_come_back()
     kr = small("kvsched")["kill_return"]
     assert kr["dead_replica_sessions"] > 0 and kr["others_moved_on_kill"] == 0
     assert kr["dead_replica_sessions_back_home"] == 1.0 and kr["others_moved_on_return"] == 0
+    # changed on purpose (found by review): those that ran a turn where they failed over to stay with that KV
+    assert kr["dead_replica_sessions_kept_with_newer_kv"] == 1.0
 
 
 def test_consistent_hash_on_unique_ids_does_not_bring_sessions_back() -> None:

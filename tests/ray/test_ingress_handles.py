@@ -215,6 +215,21 @@ def test_two_tenants_sessions_of_one_id_are_two_sessions_to_the_ingress_and_the_
     assert [c[4]["session_id"] for c in open_pool.calls] == ["conv", "conv"]
 
 
+def test_one_key_is_one_owner_whatever_the_case_of_its_bearer_scheme() -> None:
+    """Found by review: the ingress keyed a session by the raw `Authorization` text while vLLM and kvsched's engines
+    read the scheme case-insensitively ("bearer k1" is k1's): one tenant's session was two to the router, and a
+    DELETE sent as "Bearer k1" left the "bearer k1" turns' routing behind."""
+    handle = FakeHandle({"r0": {"status": 200}}, "r0")
+    ing = make_ingress({"w": handle}, KEYED)
+    for auth in ("Bearer k1", "bearer k1", "BEARER k1"):
+        assert chat(ing, {"authorization": auth, "x-session-id": "conv"}).status_code == 200
+    chat(ing, {"authorization": "Bearer k2", "x-session-id": "conv"})
+    keys = [c[4]["session_id"] for c in handle.calls if c[1] == "complete"]
+    assert len(set(keys[:3])) == 1 and keys[3] != keys[0]
+    assert end(ing, "conv", {"authorization": "bearer k1"}).status_code == 200
+    assert forgotten(handle) == [keys[0]]
+
+
 def test_the_router_forgets_one_tenants_session_and_finds_kv_by_the_plain_id() -> None:
     from kvsched.adapters.ray.hints import routing_session
     from tests.ray.test_router_units import fake_replica, new_router, routed

@@ -165,3 +165,47 @@ def test_sessions_of_a_scaled_down_replica_stay_with_their_rebuilt_kv_when_a_new
             assert await turn(r, [a, b, d], sid, f"{sid}-3") is now_on[sid], sid
 
     asyncio.run(run())
+
+
+def test_an_answer_names_the_routers_slot_for_its_replica_after_ray_renumbered_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by review (test_header_slot.py): X-KVSched-Replica named the replica's current Ray rank. After a
+    scale-down Ray renumbered C from rank 2 to 1 while the router kept it in slot-2, and the scale-up's D (rank 2)
+    took slot-1: the headers said slot-1 for C and slot-2 for D, the router's slots the other way round. The router
+    passes its slot with the request (Ray's own routing loop sends the kwargs it leaves); the replica answers
+    with it."""
+    from kvsched.adapters.ray import engine
+    from kvsched.adapters.ray.hints import RouteHints
+    from kvsched.adapters.ray.ingress import served_by
+    from tests.ray.standin_engine import StandInEngine
+    from tests.ray.test_ingress_handles import POOL
+    from tests.ray.test_router_units import sessions_by_home
+
+    async def run() -> None:
+        r = new_router()
+        c_stats = {"slot": 2}
+        a, b, c = fake_replica("A", {"slot": 0}), fake_replica("B", {"slot": 1}), fake_replica("C", c_stats)
+        for x in (a, b, c):
+            x.set_queue_len_response(0)
+        r.update_replicas([a, b, c])
+        r.update_replicas([a, c])  # B scaled down
+        c_stats["slot"] = 1  # Ray renumbers C to rank 1
+        r.update_replicas([a, c])
+        d = fake_replica("D", {"slot": 2})
+        d.set_queue_len_response(0)
+        r.update_replicas([a, c, d])
+        assert (r.slot_of(c.replica_id), r.slot_of(d.replica_id)) == (slot_name(2), slot_name(1))
+        homes = sessions_by_home(n_slots=3, per_slot=1)
+        for replica, rank, slot in ((c, 1, 2), (d, 2, 1)):
+            sid = homes[slot_name(slot)][0]
+            request = pending(sid, f"q-{sid}", RouteHints())
+            assert await r._choose_replica_for_request(request) is replica
+            hints = request.kwargs["route"]
+            assert hints.slot == slot
+            monkeypatch.setattr(engine, "replica_rank", lambda rank=rank: rank)  # what the replica's Ray rank is now
+            serving = StandInEngine("w", POOL, replica_id=replica.replica_id.unique_id)
+            answer = await serving.complete("/v1/chat/completions", b"{}", {"x-session-id": sid}, route=hints)
+            assert served_by(answer, 1)["x-kvsched-replica"] == f"slot-{slot}"
+            assert serving.describe()["slot"] == slot and serving.describe()["rank"] == rank  # broadcasts too
+
+    asyncio.run(run())

@@ -229,6 +229,28 @@ def test_a_retry_never_goes_back_to_the_replica_that_failed_it_and_the_session_r
     asyncio.run(run())
 
 
+def test_a_session_that_lived_on_after_a_retry_elsewhere_is_not_pulled_back_when_its_first_replica_is_free() -> None:
+    """Found by review (test_stale_return.py): one transient failure on a, the retry went to b, then 20 turns on b
+    while a was busy with other work; once a was free the next turn went back to a, away from 21 turns of KV."""
+    async def run() -> None:
+        r, a, b = await two_replicas()
+        sid = sessions_by_home()[slot_name(0)][0]
+        assert await routed(r, [a, b], sid, "t0") is a
+        r.on_request_completed(a.replica_id, "t0")
+        assert await routed(r, [a, b], sid, "t1", RouteHints(exclude=("aaa",))) is b
+        r.on_request_completed(b.replica_id, "t1")
+        for i in range(10):  # a busy: the session stays on b
+            r._assigned(pending(None, f"bg{i}"), a.replica_id)
+        for turn in range(20):
+            assert await routed(r, [a, b], sid, f"u{turn}") is b
+            r.on_request_completed(b.replica_id, f"u{turn}")
+        for i in range(10):
+            r.on_request_completed(a.replica_id, f"bg{i}")
+        assert await routed(r, [a, b], sid, "v") is b
+
+    asyncio.run(run())
+
+
 def test_a_retry_that_failed_on_every_live_replica_is_routed_again_instead_of_waiting_to_its_deadline() -> None:
     """Found by review: a one-replica pool whose replica failed a request once, transiently (a reset connection):
     the retry excluded it, the router offered no replica, and Ray's routing loop backed off until the request's

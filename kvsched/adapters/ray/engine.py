@@ -17,7 +17,8 @@ A request the engine cannot take or finish before any byte of the answer left ra
 this replica, and whether its engine is gone), so the ingress retries it on another replica.
 
 Reported to the router: `slot` (the replica's Ray Serve rank, reused by a replacement), `kv_sessions` (sessions
-kvsched keeps pinned blocks for), queue depth and recent P95 TTFT; the same numbers feed autoscaling.
+kvsched keeps pinned blocks for), queue depth and recent P95 TTFT; the same numbers feed autoscaling. Answers name
+the router's slot for the replica (`served_slot`), which can differ from its rank once Ray renumbers ranks.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 from ray import serve
@@ -129,6 +131,16 @@ class EngineReplica:
         old one, and Ray hands the old rank over once the predecessor is gone."""
         return replica_rank()
 
+    def served_slot(self, route: RouteHints | None = None) -> int:
+        """The slot this replica's answers name (`X-KVSched-Replica`, listings, `describe`): the router's slot for it,
+        passed with each request it routes here (`RouteHints.slot`) and remembered for the calls that bypass the router
+        (broadcasts); its rank until a routed request came. Found by review: answers named the rank, and the router
+        keeps a replica in its slot when Ray renumbers ranks (after a scale-down)."""
+        if route is not None and route.slot is not None:
+            self._router_slot = route.slot
+        named: int | None = getattr(self, "_router_slot", None)
+        return self.slot if named is None else named
+
     def _watch_engine(self) -> None:
         proc = self.server.proc
         if proc is None:
@@ -151,7 +163,7 @@ class EngineReplica:
 
     def _unavailable(self, exc: BaseException) -> EngineUnavailable:
         gone = not self.engine_alive()
-        return EngineUnavailable(self.slot, self.replica_id, gone, f"{type(exc).__name__}: {exc}"[:300])
+        return EngineUnavailable(self.served_slot(), self.replica_id, gone, f"{type(exc).__name__}: {exc}"[:300])
 
     # ---- requests -----------------------------------------------------------------------------------------------
     async def complete(self, path: str, body: bytes, headers: dict[str, str],
@@ -162,7 +174,8 @@ class EngineReplica:
         except httpx.TransportError as exc:  # refused, reset or cut before the whole answer arrived
             raise self._unavailable(exc) from None
         return {"status": r.status_code, "content_type": r.headers.get("content-type", "application/json"),
-                "body": r.content, "slot": self.slot, "replica_id": self.replica_id, "headers": _kvsched_headers(r)}
+                "body": r.content, "slot": self.served_slot(route), "replica_id": self.replica_id,
+                "headers": _kvsched_headers(r)}
 
     async def stream(self, path: str, body: bytes, headers: dict[str, str],
                      route: RouteHints | None = None) -> AsyncIterator[Any]:
@@ -172,7 +185,8 @@ class EngineReplica:
         try:
             async with self.client.stream("POST", path, content=body, headers=_forward(headers)) as r:
                 yield {"status": r.status_code, "content_type": r.headers.get("content-type", "text/event-stream"),
-                       "slot": self.slot, "replica_id": self.replica_id, "headers": _kvsched_headers(r)}
+                       "slot": self.served_slot(route), "replica_id": self.replica_id,
+                       "headers": _kvsched_headers(r)}
                 async for chunk in r.aiter_raw():
                     sent = True
                     yield chunk
@@ -182,25 +196,34 @@ class EngineReplica:
             raise self._unavailable(exc) from None
 
     async def admin(self, method: str, path: str, headers: dict[str, str] | None = None,
-                    route: RouteHints | None = None) -> dict[str, Any]:
+                    route: RouteHints | None = None, pages: Mapping[str, str | None] | None = None) -> dict[str, Any]:
         """kvsched's session admin routes of this replica's server (`GET /kvsched/sessions`, `DELETE .../{id}`), as
-        the caller (its `Authorization` and cache-salt headers: the engine lists and ends only the caller's)."""
+        the caller (its `Authorization` and cache-salt headers: the engine lists and ends only the caller's).
+        `pages`: a listing paged across replicas, each replica's engine cursor by Ray replica id (`listing.py`); None
+        for this one: listed to its end, so not asked again."""
+        if pages is not None and self.replica_id in pages:
+            cursor = pages[self.replica_id]
+            if cursor is None:
+                return {"status": 200, "body": b'{"sessions": [], "next_cursor": null}', "slot": self.served_slot(),
+                        "replica_id": self.replica_id}
+            path += ("&" if "?" in path else "?") + urlencode({"cursor": cursor})
         forward = {k.lower(): v.encode("latin-1") for k, v in (headers or {}).items() if k.lower() in AUTH_HEADERS}
         try:
             r = await self.client.request(method, path, headers=forward)
         except httpx.TransportError as exc:
             raise self._unavailable(exc) from None
-        return {"status": r.status_code, "body": r.content, "slot": self.slot, "replica_id": self.replica_id}
+        return {"status": r.status_code, "body": r.content, "slot": self.served_slot(route),
+                "replica_id": self.replica_id}
 
     def session_ended(self, route: RouteHints | None = None) -> dict[str, Any]:
         """Nothing here: the ingress calls it routed as a session that ended, so the router forgets the session."""
-        return {"slot": self.slot, "replica_id": self.replica_id}
+        return {"slot": self.served_slot(route), "replica_id": self.replica_id}
 
     def describe(self) -> dict[str, Any]:
         """Where this replica's engine runs (for operators, the benchmark's kill scenario and tests)."""
         proc = self.server.proc
-        return {"pool": self.pool, "slot": self.slot, "replica_id": self.replica_id, "replica_pid": os.getpid(),
-                "engine_url": self.server.base,
+        return {"pool": self.pool, "slot": self.served_slot(), "replica_id": self.replica_id,
+                "replica_pid": os.getpid(), "engine_url": self.server.base,
                 "engine_pid": proc.pid if proc is not None else None, "engine_alive": self.engine_alive()}
 
     # ---- what Ray polls -----------------------------------------------------------------------------------------

@@ -19,11 +19,14 @@ class RouteHints:
     """`exclude`: replicas (Ray replica unique ids, or actor ids) that failed this request before any byte of the
     answer was sent, so a retry must go elsewhere; `gone`: those of them whose engine is gone (its process exited, or
     the replica actor died), which no request may use until Ray replaces them; `end_session`: the session ends with
-    this request (`X-Session-End`, `DELETE /kvsched/sessions/{id}`), the router forgets it once it is done."""
+    this request (`X-Session-End`, `DELETE /kvsched/sessions/{id}`), the router forgets it once it is done; `slot`:
+    filled in by the router, the index of its slot for the replica it chose, which the replica names in its answer
+    (`X-KVSched-Replica`): the router keeps a replica in its slot when Ray renumbers its rank (`slots.py`)."""
 
     exclude: tuple[str, ...] = ()
     gone: tuple[str, ...] = ()
     end_session: bool = False
+    slot: int | None = None
 
 
 class EngineUnavailable(RuntimeError):

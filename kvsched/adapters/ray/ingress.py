@@ -9,11 +9,12 @@ doubling, at most 2 s) and stop at the request's deadline (`request_deadline_s` 
 `request_retries`; a streamed answer is only committed to the client once its first bytes arrived. A stream that fails
 after that ends with the OpenAI error event.
 
-Answers carry `X-KVSched-Pool`, `X-KVSched-Replica` (the slot that served it), `X-KVSched-Replica-Id` (Ray's replica
-id, for operators) and `X-KVSched-Attempts`. `DELETE /kvsched/sessions/{id}` ends the caller's session on every
-replica holding it (and in the routers' tables), `GET /kvsched/sessions` lists the caller's pinned sessions on every
-replica, `GET /kvsched/replicas` the replicas (to an admin key, where keys are in use). The caller's `Authorization`
-and cache-salt headers go to the engines, which check keys and scope sessions by tenant and salt; the ingress and the
+Answers carry `X-KVSched-Pool`, `X-KVSched-Replica` (the router's slot for the replica that served it:
+`RouteHints.slot`), `X-KVSched-Replica-Id` (Ray's replica id, for operators) and `X-KVSched-Attempts`.
+`DELETE /kvsched/sessions/{id}` ends the caller's session on every replica holding it (and in the routers' tables),
+`GET /kvsched/sessions` lists the caller's pinned sessions on every replica (paged across them: `listing.py`),
+`GET /kvsched/replicas` the replicas (to an admin key, where keys are in use). The caller's `Authorization` and
+cache-salt headers go to the engines, which check keys and scope sessions by tenant and salt; the ingress and the
 routers key sessions the same way (`owners.py`).
 """
 
@@ -32,8 +33,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from kvsched.adapters.ray.admin import broadcast_all
 from kvsched.adapters.ray.config import config_from_dict
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
+from kvsched.adapters.ray.listing import ListingError, merge, parse_listing
 from kvsched.adapters.ray.owners import (
     admin_keys,
     body_salt,
@@ -180,22 +183,37 @@ class OpenAIIngress:
         return {"replicas": sorted(await self._broadcast("describe"), key=lambda r: (r["pool"], r["slot"]))}
 
     @api.get("/kvsched/sessions")
-    async def sessions(self, request: Request) -> dict[str, Any]:
-        """Every replica's pinned sessions of the caller (its key and salt), each row naming its pool and slot."""
-        rows: list[dict[str, Any]] = []
-        for r in await self._broadcast("admin", "GET", "/kvsched/sessions", caller_headers(lower(request))):
-            if r["status"] == 200:
-                rows += [dict(s, slot=r["slot"]) for s in json.loads(r["body"]).get("sessions", [])]
-        return {"sessions": rows}
+    async def sessions(self, request: Request) -> Response:
+        """Every replica's sessions of the caller (its key and salt), each row naming its pool and slot, paged across
+        the replicas with one cursor; the caller's query (`limit`, `cursor`, `summary`, `pinned_ids`) as the engines
+        read it. When no replica answered 200, an engine's answer (401, 400) is passed on, or 503 (`listing.py`)."""
+        try:
+            listing = parse_listing(request.scope.get("query_string", b"").decode("latin-1"))
+        except ListingError as exc:
+            return error(400, str(exc), param=exc.param)
+        pages = {name: {"pages": listing.positions.get(name, {})} for name in self.engines} if listing.paged else None
+        try:
+            answers, failed = await asyncio.wait_for(broadcast_all(
+                self.engines, "admin", "GET", listing.path, caller_headers(lower(request)), per_pool=pages),
+                self.config.request_deadline_s)
+        except TimeoutError:
+            return error(504, f"the engine replicas did not answer within the request deadline "
+                              f"({self.config.request_deadline_s:g} s)", kind="server_error")
+        status, answer = merge(listing, answers, failed)
+        if isinstance(answer, dict):
+            return JSONResponse(answer, status)
+        if isinstance(answer, bytes):
+            return Response(answer, status, media_type="application/json")
+        return error(status, str(answer), kind="server_error")
 
     @api.delete("/kvsched/sessions/{session_id:path}")
     async def end_session(self, session_id: str, request: Request) -> Response:
         """End the caller's session on every replica of every pool (found by review: routed like a turn, the DELETE
         could reach a replica that did not hold the session, answer 404 and leave its KV pinned on the busy one),
-        then in the routers. 200 if any replica ended it, 404 if none held it; another answer (401, 400, 503) of a
-        replica when none ended it is passed on, and 503 when a replica failed to answer and none ended it (found by
-        review: the failure was dropped unlogged and the caller told 404 while that replica kept the session); then
-        the routers keep the session."""
+        then in the routers. 200 if any replica ended it, 404 if none held it (a pool with no replica running holds
+        none: `admin.broadcast_all`); another answer (401, 400, 503) of a replica when none ended it is passed on, and
+        503 when a replica failed to answer and none ended it (found by review: the failure was dropped unlogged and
+        the caller told 404 while that replica kept the session); then the routers keep the session."""
         try:
             sid = validate_session_id(session_id)
         except InvalidSessionInput as exc:
@@ -203,8 +221,8 @@ class OpenAIIngress:
         headers = lower(request)
         path = f"/kvsched/sessions/{quote(sid, safe='')}"
         try:
-            answers, failed = await asyncio.wait_for(
-                self._broadcast_all("admin", "DELETE", path, caller_headers(headers)), self.config.request_deadline_s)
+            answers, failed = await asyncio.wait_for(broadcast_all(
+                self.engines, "admin", "DELETE", path, caller_headers(headers)), self.config.request_deadline_s)
         except TimeoutError:
             return error(504, f"the engine replicas did not answer within the request deadline "
                               f"({self.config.request_deadline_s:g} s); the session may still end", kind="server_error")
@@ -215,8 +233,6 @@ class OpenAIIngress:
         if not ended and failed:
             return error(503, f"{len(failed)} engine replica(s) did not answer ({type(failed[0][1]).__name__}); the "
                               f"session may still be held there: retry", kind="server_error")
-        if not answers:
-            return error(503, "no engine replica answered", kind="server_error")
         key = session_key(sid, headers, header_salt(headers), self.keyed)
         self._ended(key)
         await self._forget(key, {name for name, _ in answers})
@@ -356,25 +372,7 @@ class OpenAIIngress:
                                  headers=extra | served_by(head, attempts))
 
     async def _broadcast(self, method: str, *args: Any) -> list[Any]:
-        return [r for _, r in (await self._broadcast_all(method, *args))[0]]
-
-    async def _broadcast_all(self, method: str, *args: Any) -> tuple[list[tuple[str, dict[str, Any]]],
-                                                                     list[tuple[str, BaseException]]]:
-        """`method` on every replica of every pool: (pool, answer) of each that answered, and (pool, error) of each
-        that failed, logged."""
-        async def one(name: str, handle: Any) -> tuple[str, list[Any]]:
-            return name, await handle.broadcast(method, *args).results_async(return_exceptions=True)
-
-        answers: list[tuple[str, dict[str, Any]]] = []
-        failed: list[tuple[str, BaseException]] = []
-        for name, results in await asyncio.gather(*(one(n, h) for n, h in self.engines.items())):
-            for r in results:
-                if isinstance(r, dict):
-                    answers.append((name, r))
-                else:
-                    failed.append((name, r if isinstance(r, BaseException) else RuntimeError(repr(r))))
-                    logger.warning(f"kvsched ingress: a replica of pool {name} failed {method}{args[:2]}: {r!r}")
-        return answers, failed
+        return [r for _, r in (await broadcast_all(self.engines, method, *args))[0]]
 
     def _ended(self, sid: str) -> None:
         """The session ended: its size and long-context pool are forgotten, and a turn of it still in flight is not

@@ -67,8 +67,11 @@ def body_salt(payload: Mapping[str, Any]) -> str | None:
 
 def session_key(session_id: str, headers: Mapping[str, str], salt: str | None, keyed: bool) -> str:
     """The key the ingress and the routers know a session by (the id alone for unsalted sessions on pools without
-    API keys). `keyed`: some pool checks API keys (else the engines give every caller one tenant, and so does this)."""
-    return routing_session(session_id, headers.get("authorization") if keyed else None, salt)
+    API keys). `keyed`: some pool checks API keys (else the engines give every caller one tenant, and so does this).
+    The tenant is the bearer token, read as the engines read it (the scheme in any case: `core.tenancy.bearer_token`,
+    as vLLM's own check). Found by review: keyed by the raw header text, "bearer k1" and "Bearer k1", one tenant on
+    the engines, were two owners here. A header naming no bearer token is refused by the engines (401)."""
+    return routing_session(session_id, bearer_token(headers.get("authorization")) if keyed else None, salt)
 
 
 def admin_keys(pool_envs: Iterable[Mapping[str, str]], environ: Mapping[str, str] | None = None) -> frozenset[str]:

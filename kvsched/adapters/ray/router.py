@@ -35,7 +35,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from kvsched.adapters.ray.hints import RouteHints, plain_session
-from kvsched.adapters.ray.slots import assign_slots
+from kvsched.adapters.ray.slots import assign_slots, slot_index
 from kvsched.core.routing import NoLiveReplicas, RouteDecision, RouterConfig, SessionRouter
 from kvsched.core.routing_ring import SlotName
 
@@ -226,6 +226,11 @@ class KVSchedRequestRouter(RequestRouter):
             self._state()
             self._release(pending_request.metadata.internal_request_id)
         self._assigned(pending_request, replica.replica_id)
+        slot = self._slot_of.get(replica.replica_id)
+        if slot is not None and isinstance(pending_request.kwargs, dict) and "route" in pending_request.kwargs:
+            # Ray sends the request with these kwargs next (`try_send_request`): the replica names this slot in its
+            # answer. Found by review: it named its Ray rank, which differs from its slot once Ray renumbered it.
+            pending_request.kwargs["route"] = dataclasses.replace(hints_of(pending_request), slot=slot_index(slot))
         return replica
 
     def _assigned(self, pending_request: PendingRequest, replica_id: ReplicaID) -> None:

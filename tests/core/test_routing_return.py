@@ -1,0 +1,106 @@
+"""When a failed-over session goes back to the slot it left: on the turn right after the failover, by each of the
+three reasons `SessionRouter.route` has (the same replica is back, the slot reports its KV, the replica it went to is
+over the resident bound), and never once it has run a turn where it went (found by review: a session that had lived
+20 turns on the other replica jumped back, away from the KV it had built there)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvsched.core.routing import RouterConfig, RouteReason, SessionRouter
+from kvsched.core.routing_ring import SlotName, slot_name
+
+A, B = slot_name(0), slot_name(1)
+FIRST = {A: "a@1", B: "b@1"}
+SESSIONS = [f"wf{i}/worker" for i in range(40)]
+
+
+def failed_over(turns_after: int) -> tuple[SessionRouter, list[str]]:
+    """Eight sessions placed on A and B, then A down and the next turn of each of A's failed over to B, then
+    `turns_after` turns of each of those on B (A still down)."""
+    r = SessionRouter(RouterConfig())
+    r.set_live([A, B], FIRST)
+    for sid in SESSIONS[:8]:
+        r.record(r.route(sid, {}))
+    on_a = [s for s in SESSIONS[:8] if r.last_slot(s) == A]
+    assert len(on_a) >= 3 and sum(r.residents().values()) == 8
+    r.set_live([B])
+    for sid in on_a:
+        d = r.route(sid, {})
+        assert (d.slot, d.reason, d.failed_over_from) == (B, RouteReason.FAILOVER, A)
+        r.record(d)
+    for _ in range(turns_after):
+        for sid in on_a:
+            d = r.route(sid, {})
+            assert (d.slot, d.failed_over_from) == (B, None)
+            r.record(d)
+    return r, on_a
+
+
+def back(r: SessionRouter, why: str) -> dict[str, list[SlotName]]:
+    """A is live again for `why`: the same replica (a blip), or a replacement that reports the sessions' KV, or a
+    replacement that reports nothing (B then holds all eight sessions: over the resident bound of 5)."""
+    r.set_live([A, B], FIRST if why == "same replica" else FIRST | {A: "a@2"})
+    return {"kv": [A]} if why == "kv report" else {}
+
+
+@pytest.mark.parametrize("why", ["same replica", "kv report", "rebalance"])
+def test_the_turn_right_after_a_failover_may_go_back(why: str) -> None:
+    r, on_a = failed_over(turns_after=0)
+    kv = back(r, why).get("kv", [])
+    went = [r.route(s, {}, kv_slots=kv) for s in on_a]
+    returned = [d for d in went if d.reason == RouteReason.RETURN]
+    assert all(d.slot == A for d in returned)
+    assert len(returned) == len(on_a)  # (nothing recorded: each alone would rebalance B)
+    r.record(went[0])
+    assert r.route(on_a[0], {}).slot == A  # back where its older KV is, and lives there now
+
+
+@pytest.mark.parametrize("why", ["same replica", "kv report", "rebalance"])
+@pytest.mark.parametrize("turns_after", [1, 20])
+def test_a_session_that_ran_a_turn_where_it_failed_over_to_stays_there(why: str, turns_after: int) -> None:
+    r, on_a = failed_over(turns_after)
+    kv = back(r, why).get("kv", [])
+    for sid in on_a:
+        d = r.route(sid, {}, kv_slots=kv)
+        assert (d.slot, d.reason) == (B, RouteReason.KV), sid
+        r.record(d)
+    assert r._displaced == {}
+
+
+def test_a_session_failed_over_twice_goes_back_only_to_the_slot_it_left_last() -> None:
+    """A -> B (failover), a turn on B, then B fails it -> C: it may go back to B on the next turn, never to A."""
+    c = slot_name(2)
+    r = SessionRouter(RouterConfig())
+    r.set_live([A, B, c], FIRST | {c: "c@1"})
+    sid = next(s for s in SESSIONS if r.home(s) == A)
+    r.record(r.route(sid, {}))
+    r.mark_down(A)
+    r.record(r.route(sid, {}))  # failover A -> somewhere
+    there = r.last_slot(sid)
+    assert there != A
+    r.record(r.route(sid, {}))  # a turn there: the note about A is gone
+    r.set_live([A, B, c])  # A back (the same replica)
+    d = r.route(sid, {}, unavailable=[there])
+    assert d.failed_over_from == there and d.slot != there
+    r.record(d)
+    assert r.route(sid, {}).slot == there and r.route(sid, {}).reason == RouteReason.RETURN
+
+
+def test_a_turn_sent_elsewhere_after_the_failover_also_keeps_the_session_from_going_back() -> None:
+    """The turn after the failover overflowed off the busy replica it went to: its newest KV is on a third one, and
+    it does not go back to the one it left once that is back."""
+    c = slot_name(2)
+    r = SessionRouter(RouterConfig())
+    r.set_live([A, B, c], FIRST | {c: "c@1"})
+    sid = next(s for s in SESSIONS if r.home(s) == A)
+    r.record(r.route(sid, {}))
+    r.mark_down(A)
+    went = r.route(sid, {})
+    r.record(went)
+    other = next(s for s in (B, c) if s != went.slot)
+    d = r.route(sid, {went.slot: 10})  # busy: over the in-flight bound
+    assert (d.slot, d.failed_over_from) == (other, None)
+    r.record(d)
+    r.set_live([A, B, c])  # the same replica back
+    assert (r.route(sid, {}).slot, r.route(sid, {}).reason) == (other, RouteReason.KV)

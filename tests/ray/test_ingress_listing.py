@@ -1,0 +1,130 @@
+"""GET /kvsched/sessions through the ingress, over engine replicas in this process (kvsched's `EngineReplica` code
+over a stand-in vLLM server, `standin_engine.py`; broadcast as Ray's handle does): the caller's query reaches every
+replica, pages continue across replicas with one cursor, and an engine's refusal is not turned into an empty 200.
+Found by review (test_list_sessions.py): a caller without a key on a pool that checks keys got 200 and [], and
+`limit`, `cursor` and `summary` were dropped with `next_cursor`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tests.ray.standin_engine import StandInEngine
+from tests.ray.test_ingress_handles import POOL, make_ingress, request
+
+KEYED = dict(POOL, vllm_args=["--api-key", "k1"])
+
+
+class ReplicasHandle:
+    """One pool's DeploymentHandle over replicas in this process: `broadcast` calls the method on each (one that
+    is `down` raises, as Ray hands back a replica's failure)."""
+
+    def __init__(self, replicas: list[StandInEngine]) -> None:
+        self.replicas, self.down, self.calls = replicas, set(), []
+
+    def broadcast(self, method: str, *args: Any, **kw: Any) -> Any:
+        self.calls.append((method, args, kw))
+
+        async def one(r: StandInEngine) -> Any:
+            if r.replica_id in self.down:
+                from ray.exceptions import ActorUnavailableError
+                raise ActorUnavailableError("down", None)
+            return await getattr(r, method)(*args, **kw)
+
+        async def results_async(return_exceptions: bool = False) -> list:
+            return list(await asyncio.gather(*(one(r) for r in self.replicas), return_exceptions=True))
+
+        return SimpleNamespace(results_async=results_async)
+
+
+def pool(n: int, sessions: list[list[str]], keyed: bool = False, name: str = "w") -> ReplicasHandle:
+    replicas = [StandInEngine(name, KEYED if keyed else POOL, replica_id=f"{name}{i}") for i in range(n)]
+    for r, sids in zip(replicas, sessions, strict=True):
+        for sid in sids:
+            r.vllm.sessions[("k1" if keyed else None, sid)] = 1
+    return ReplicasHandle(replicas)
+
+
+def listing(ing: Any, query: str = "", headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    req = request(headers or {}, method="GET", path="/kvsched/sessions")
+    req.scope["query_string"] = query.encode()
+    res = asyncio.run(ing.sessions(req))
+    return res.status_code, json.loads(res.body)
+
+
+def test_an_engines_refusal_is_passed_on_not_turned_into_an_empty_list() -> None:
+    keyed = pool(2, [["a"], ["b"]], keyed=True)
+    ing = make_ingress({"w": keyed}, [KEYED])
+    assert listing(ing)[0] == 401
+    status, body = listing(ing, headers={"authorization": "Bearer k1"})
+    assert status == 200 and sorted(r["session_id"] for r in body["sessions"]) == ["a", "b"]
+    assert listing(ing, "limit=x", {"authorization": "Bearer k1"})[0] == 400  # vLLM's refusal of a bad query
+    keyed.down = {"w0", "w1"}
+    status, body = listing(ing, headers={"authorization": "Bearer k1"})
+    assert status == 503 and "retry" in body["error"]["message"]
+
+
+def test_with_one_pool_open_and_one_keyed_the_refusal_is_named_beside_the_open_pools_sessions() -> None:
+    ing = make_ingress({"w": pool(1, [["a"]]), "k": pool(1, [["b"]], keyed=True, name="k")},
+                       [POOL, dict(KEYED, name="k")])
+    status, body = listing(ing)
+    assert status == 200 and [(r["pool"], r["session_id"]) for r in body["sessions"]] == [("w", "a")]
+    assert [(e["pool"], e["status"]) for e in body["errors"]] == [("k", 401)]
+
+
+def pages(ing: Any, query: str) -> list[Any]:
+    out, cursor = [], None
+    for _ in range(20):
+        status, body = listing(ing, query + (f"&cursor={cursor}" if cursor else ""))
+        assert status == 200, body
+        out.append(body)
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return out
+    raise AssertionError("the cursor never ended")
+
+
+def test_pages_continue_on_every_replica_with_one_cursor_and_end() -> None:
+    a, b = [f"a{i}" for i in range(5)], [f"b{i}" for i in range(3)]
+    handle = pool(2, [a, b])
+    got = pages(make_ingress({"w": handle}), "limit=2")
+    assert [sorted(r["session_id"] for r in p["sessions"]) for p in got] == [
+        ["a0", "a1", "b0", "b1"], ["a2", "a3", "b2"], ["a4"]]  # up to `limit` of each replica per page
+    assert {r["slot"] for p in got for r in p["sessions"]} == {0} and got[0]["sessions"][0]["pool"] == "w"
+    assert all(kw["pages"] == {} or set(kw["pages"]) == {"w0", "w1"} for _, _, kw in handle.calls)
+    assert all(args[1].startswith("/kvsched/sessions?limit=2") for _, args, _ in handle.calls)
+
+
+def test_a_replica_that_failed_a_page_is_asked_again_and_a_new_one_starts_from_its_first_session() -> None:
+    handle = pool(2, [[f"a{i}" for i in range(4)], [f"b{i}" for i in range(4)]])
+    ing = make_ingress({"w": handle})
+    status, first = listing(ing, "limit=2")
+    handle.down = {"w1"}
+    status, second = listing(ing, f"limit=2&cursor={first['next_cursor']}")
+    assert status == 200 and [r["session_id"] for r in second["sessions"]] == ["a2", "a3"]
+    assert second["errors"] == [{"pool": "w", "error": "ActorUnavailableError"}]
+    handle.down = set()
+    handle.replicas.append(StandInEngine("w", POOL, replica_id="w2"))  # scaled up meanwhile
+    handle.replicas[2].vllm.sessions[(None, "c0")] = 1
+    status, third = listing(ing, f"limit=2&cursor={second['next_cursor']}")
+    assert sorted(r["session_id"] for r in third["sessions"]) == ["b2", "b3", "c0"] and third["next_cursor"] is None
+
+
+NESTED = base64.urlsafe_b64encode(b"[" * 40_000).decode()  # within the size bound, past json's recursion limit
+
+
+@pytest.mark.parametrize("cursor", ["x", "W10", "eyJ3Ijp7InIiOjF9fQ", "W" * 70_000, NESTED])  # [], {"w":{"r":1}}
+def test_a_cursor_the_ingress_did_not_give_is_400(cursor: str) -> None:
+    status, body = listing(make_ingress({"w": pool(1, [["a"]])}), f"cursor={cursor}")
+    assert (status, body["error"]["param"]) == (400, "cursor")
+
+
+def test_summary_is_summed_over_the_replicas_and_each_replicas_answer_kept() -> None:
+    status, body = listing(make_ingress({"w": pool(2, [["a", "b"], ["c"]])}), "summary=1")
+    assert status == 200 and body["summary"] == {"sessions": 3}
+    assert sorted(r["summary"]["sessions"] for r in body["replicas"]) == [1, 2]
