@@ -129,3 +129,20 @@ def test_an_answer_names_the_slot_the_router_chose_for_its_replica(base: str) ->
         served[head["x-kvsched-replica-id"]] = head["x-kvsched-replica"]
     described = {r["replica_id"]: f"slot-{r['slot']}" for r in replicas(base) if r["pool"] == "w"}
     assert served.items() <= described.items()
+
+
+def test_an_unnamed_conversations_turns_stay_on_one_replica_and_conversations_spread(base: str) -> None:
+    """Requests naming no session are routed by their conversation's opening (kvsched.adapters.ray.opening): each
+    conversation's turns reach one replica, and different conversations are placed over the ring with bounded load.
+    Before, every unnamed request went to the least-loaded replica (slot-0 on ties): a conversation's turns followed
+    the load, not their KV."""
+    served: dict[int, set[str]] = {}
+    for c in range(8):
+        messages = [{"role": "system", "content": "agent"}, {"role": "user", "content": f"task {c}"}]
+        for t in range(3):
+            status, head, _ = http(base, "POST", "/v1/chat/completions", {"model": "w", "messages": messages})
+            assert status == 200
+            served.setdefault(c, set()).add(head["x-kvsched-replica-id"])
+            messages = messages + [{"role": "assistant", "content": f"step {t}"}, {"role": "user", "content": "go"}]
+    assert all(len(r) == 1 for r in served.values()), served
+    assert len(set().union(*served.values())) == 2, served

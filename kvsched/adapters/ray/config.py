@@ -4,7 +4,7 @@ a count) and closed (an unknown key is an error); every problem is one `ConfigEr
 
 ```yaml
 http: {host: 127.0.0.1, port: 8000}
-router: {load_factor: 1.25, virtual_nodes: 100, load_floor: auto, stats_period_s: 2}
+router: {load_factor: 1.25, virtual_nodes: 100, load_floor: auto, stats_period_s: 2, unnamed: opening}
 long_context_tokens: 12000          # sessions past this go to the pool with long_context: true
 pools:
   - name: workers
@@ -188,6 +188,9 @@ class RouterSettings(_Strict):
     load_floor: int | Literal["auto"] = "auto"
     session_idle_s: float = 600.0
     stats_period_s: PositiveFloat = 2.0
+    # requests naming no session: "opening" routes a chat conversation by its opening messages, so its turns stay
+    # where its KV is (kvsched.adapters.ray.opening); "least_loaded", the replica with the fewest in flight
+    unnamed: Literal["opening", "least_loaded"] = "opening"
 
     @model_validator(mode="after")
     def _core_checks(self) -> RouterSettings:

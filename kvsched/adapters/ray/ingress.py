@@ -37,6 +37,7 @@ from kvsched.adapters.ray.admin import broadcast_all
 from kvsched.adapters.ray.config import config_from_dict
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.listing import ListingError, merge, parse_listing
+from kvsched.adapters.ray.opening import opening_id
 from kvsched.adapters.ray.owners import (
     admin_keys,
     body_salt,
@@ -276,7 +277,8 @@ class OpenAIIngress:
         if model is not None and not isinstance(model, str):
             return error(400, "model must be a string", param="model")
         sid = session.session_id
-        key = session_key(sid, headers, body_salt(payload), self.keyed) if sid is not None else None
+        routed = sid if sid is not None else opening_id(payload) if self.config.router.unnamed == "opening" else None
+        key = session_key(routed, headers, body_salt(payload), self.keyed) if routed is not None else None
         tokens = max(estimate_tokens(payload), self.session_tokens.get(key, 0) if key else 0)
         try:
             pool = self.selector.select(model, session.role, key, tokens)
@@ -285,12 +287,11 @@ class OpenAIIngress:
         payload["model"] = self.pools[pool.name].engine.served_model_name
         body = json.dumps(payload).encode()
         handle = self.engines[pool.name]
-        if sid is not None and key is not None:
+        if key is not None:
             handle = handle.options(session_id=key)
-            if is_header_safe(sid):
-                headers["x-session-id"] = sid
-            # else it came in the body (a header is latin-1 by construction), which the engine reads it from too
-        if session.end and key is not None:  # this last turn still goes where the session lives
+        if sid is not None and is_header_safe(sid):  # else it came in the body (a header is latin-1 by construction),
+            headers["x-session-id"] = sid  # which the engine reads it from too; an opening's key goes to no engine
+        if session.end and sid is not None and key is not None:  # this last turn still goes where the session lives
             self._ended(key)
         extra = {"x-kvsched-pool": pool.name}
         hints = RouteHints(end_session=session.end)

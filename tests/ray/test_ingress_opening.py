@@ -1,0 +1,86 @@
+"""Requests that name no session are routed by their conversation's opening (kvsched.adapters.ray.opening), so an
+unnamed chat conversation's turns reach one replica, where the engine's session inference continues its KV."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from kvsched.adapters.ray.opening import opening_id
+from kvsched.core.sessions import InvalidSessionInput, validate_session_id
+from tests.ray.test_ingress_handles import KEYED, FakeHandle, make_ingress, request
+
+SYSTEM = {"role": "system", "content": "You are a helpful agent."}
+
+
+def turns(first: str) -> list[list[dict[str, Any]]]:
+    """Three turns of one conversation, each repeating the earlier ones as chat clients do."""
+    one = [SYSTEM, {"role": "user", "content": first}]
+    two = one + [{"role": "assistant", "content": "Sure."}, {"role": "user", "content": "And then?"}]
+    three = two + [{"role": "assistant", "content": "Done."},
+                   {"role": "user", "content": [{"type": "text", "text": "Thanks"}]}]
+    return [one, two, three]
+
+
+def test_every_turn_of_a_conversation_has_its_openings_id_and_another_opening_another() -> None:
+    ids = {opening_id({"messages": m}) for m in turns("Plan a trip to Lisbon.")}
+    assert len(ids) == 1 and None not in ids
+    assert opening_id({"messages": turns("Plan a trip to Porto.")[0]}) not in ids
+    other_system = [{"role": "system", "content": "Another system prompt."}, turns("Plan a trip to Lisbon.")[0][1]]
+    assert opening_id({"messages": other_system}) not in ids
+
+
+@pytest.mark.parametrize("payload", [{"prompt": "hello"}, {"messages": [SYSTEM]}, {"messages": "hi"},
+                                     {"messages": [SYSTEM, "not a message", {"role": "user", "content": "x"}]}, {}])
+def test_no_opening_without_a_user_message_in_chat_messages(payload: dict) -> None:
+    assert opening_id(payload) is None
+
+
+def test_no_client_session_id_can_name_an_openings_key() -> None:
+    key = opening_id({"messages": turns("hi")[0]})
+    assert key is not None
+    with pytest.raises(InvalidSessionInput):
+        validate_session_id(key)
+
+
+def send(ing: Any, messages: list[dict], headers: dict[str, str] | None = None, **fields: Any) -> Any:
+    body = json.dumps({"model": "w", "messages": messages, **fields}).encode()
+    return asyncio.run(ing.generate(request(headers or {}, body), "/v1/chat/completions"))
+
+
+def routed(handle: FakeHandle) -> list[tuple[Any, dict]]:
+    """(the router's session key, the headers the engine got) of each routed generation call."""
+    return [(c[4].get("session_id"), c[2][2]) for c in handle.calls if c[0] == "remote" and c[1] == "complete"]
+
+
+def test_an_unnamed_conversations_turns_are_routed_as_one_session_the_engine_is_not_told() -> None:
+    handle = FakeHandle({"r0": {}}, "r0")
+    ing = make_ingress({"w": handle})
+    for m in turns("Plan a trip to Lisbon.") + turns("Plan a trip to Porto.")[:1]:
+        assert send(ing, m).status_code == 200
+    keys = [k for k, _ in routed(handle)]
+    assert keys[0] is not None and keys[:3] == [keys[0]] * 3 and keys[3] not in (None, keys[0])
+    assert all("x-session-id" not in sent for _, sent in routed(handle))  # the engine infers the session itself
+
+
+def test_two_tenants_with_one_opening_are_two_routing_keys() -> None:
+    handle = FakeHandle({"r0": {}}, "r0")
+    ing = make_ingress({"w": handle}, KEYED)
+    for key in ("k1", "k2"):
+        assert send(ing, turns("hi")[0], {"authorization": f"Bearer {key}"}).status_code == 200
+    (a, _), (b, _) = routed(handle)
+    assert a is not None and b is not None and a != b
+
+
+def test_a_named_session_is_routed_by_its_name_and_least_loaded_keeps_the_old_routing() -> None:
+    handle = FakeHandle({"r0": {}}, "r0")
+    assert send(make_ingress({"w": handle}), turns("hi")[0], {"x-session-id": "conv-1"}).status_code == 200
+    assert routed(handle)[0][0] == "conv-1"
+    plain = FakeHandle({"r0": {}}, "r0")
+    ing = make_ingress({"w": plain})
+    ing.config = ing.config.model_copy(update={"router": ing.config.router.model_copy(update={"unnamed":
+                                                                                              "least_loaded"})})
+    assert send(ing, turns("hi")[0]).status_code == 200 and routed(plain)[0][0] is None
