@@ -33,7 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvsched.adapters.vllm import compat, tier_blob, tier_host, tier_stats
+from kvsched.adapters.vllm import compat, tier_blob, tier_config, tier_host, tier_stats
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.settings_check import fault_every  # tests: corrupt every n-th stored slot
 from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, MODULE_PATH, kv_transfer_config, kv_transfer_config_json
@@ -65,7 +65,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         transfer = vllm_config.kv_transfer_config
         extra = dict(transfer.kv_connector_extra_config or {})
         requested = parse_tier_gib(extra.get("tier_gb", os.environ.get(ENV_TIER_GB)))
-        self.measure_error = bool(extra.get("measure_error", True))
+        self.measure_error = tier_config.measure_error_of(extra)
         self.levels_cfg = LevelsConfig.from_extra(extra)  # the disk and shared levels under the tier (optional)
         self.world_size = int(getattr(vllm_config.parallel_config, "world_size", 1) or 1)
         if transfer.kv_load_failure_policy != "recompute":
