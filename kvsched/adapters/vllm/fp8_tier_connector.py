@@ -317,10 +317,12 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         meta = kv_connector_metadata
-        if isinstance(meta, TierStepMeta) and meta.levels and (self.store is None or self.levels_worker is None):
-            self._worker_meta.fetch_landed += [(f.key, f.slot, False) for f in meta.levels.fetches]  # never started
-        if self.store is None or not isinstance(meta, TierStepMeta):
+        if not isinstance(meta, TierStepMeta):
             return
+        if meta.levels and (self.store is None or self.levels_worker is None):
+            self._worker_meta.fetch_landed += [(f.key, f.slot, False) for f in meta.levels.fetches]  # never started
+        if self.store is None:
+            return self._load(meta.prefetches)  # no tier on this worker: each block reported failed (_load)
         t0 = time.perf_counter()
         try:
             self._before_step(meta)
@@ -340,30 +342,29 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
                 self.store.invalidate(meta.store_slots)
         if levels:  # host slots filled from disk or the shared store in the background: nothing waits for them here
             self.levels_worker.start_fetch(levels)
-        if meta.prefetches:  # into cached blocks a request of this very step may hit: complete before the forward
-            self._load(meta.prefetches)
-            self.store.fence_all()
+        self._load(meta.prefetches)  # into cached blocks a request of this very step may hit: before the forward
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = compat.connector_metadata(self)
-        if self.store is None or not isinstance(meta, TierStepMeta) or not meta.loads:
+        if not isinstance(meta, TierStepMeta) or not meta.loads:
             return
         t0 = time.perf_counter()
-        # Every restore completes before the forward (a wait on the device, the host goes on): not layer by layer,
-        # since vLLM skips `wait_for_layer_load` while it replays a FULL CUDA graph (tier_link).
         self._load(meta.loads)
-        self.store.fence_all()
         self._worker_meta.busy_s += time.perf_counter() - t0
 
     def _load(self, loads: Sequence[Load]) -> None:
-        assert self.store is not None
-        if not loads:
-            return
-        try:
-            failed = self.store.load([ld.slot for ld in loads], [ld.block_id for ld in loads])
-        except Exception:  # report every block of the step as not loaded: vLLM recomputes them
-            logger.exception("kvsched FP8 tier: loading %d blocks failed", len(loads))
-            failed = [ld.block_id for ld in loads]
+        """Restore `loads`; blocks that did not verify go to `get_block_ids_with_load_errors` (vLLM recomputes them),
+        every one on a worker that turned its tier off (register_kv_caches): loads come until the scheduler learns it,
+        a step later or two with async scheduling (found by review: it returned, and vLLM used the blocks' stale KV)."""
+        block_ids = failed = [ld.block_id for ld in loads]  # unless the store loads them
+        if self.store is not None and loads:
+            try:
+                failed = self.store.load([ld.slot for ld in loads], block_ids)
+            except Exception:  # report every block of the step as not loaded: vLLM recomputes them
+                logger.exception("kvsched FP8 tier: loading %d blocks failed", len(loads))
+            # Every restore completes before the forward (a wait on the device, the host goes on): not layer by
+            # layer, since vLLM skips `wait_for_layer_load` while it replays a FULL CUDA graph (tier_link).
+            self.store.fence_all()
         self._errors.update(failed)
         self._worker_meta.loaded_blocks += len(loads) - len(failed)
         self._worker_meta.failed_blocks += len(failed)
@@ -381,9 +382,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         """Writes still queued for the disk and shared levels get a few seconds (a restart then finds them)."""
         if self.levels_worker is not None:
-            self.levels_worker.close()  # fetches still queued or reading write no slot
-            if not self.levels_worker.writer.flush(timeout_s=10.0):
-                logger.warning("kvsched disk/shared tier: writes still queued at shutdown were dropped")
+            self.levels_worker.close(flush_s=10.0)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()
