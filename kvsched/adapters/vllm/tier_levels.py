@@ -136,7 +136,7 @@ class TierLevels(ArrivalReads):
         else:
             budget = int((files.free_bytes() + files.found_bytes) * DISK_DEFAULT_FREE_FRACTION)
             how = "auto: half of the free space and of its own files"
-        disk = DiskDirectory(budget, framed_len(32, block_bytes) * world_size)
+        disk = DiskDirectory(budget, files.on_disk(framed_len(32, block_bytes)) * world_size)  # one file per rank
         self.ops.deletes.extend(disk.load_index(found))
         logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk", files.dir, budget / 2**30, how,
                     len(disk.written))
