@@ -91,6 +91,8 @@ COUNTERS = {
     "disk_tier_write_failures": "Disk-level writes that failed (e.g. a full disk); those blocks are recomputed if needed",
     "disk_tier_evicted_blocks": "Disk-level blocks deleted for room (unclaimed first, then lowest retention value)",
     "disk_tier_indexed_blocks": "KV blocks found in the disk level's directory at start-up",
+    "disk_tier_partial_blocks_removed": "KV blocks whose files only some tensor-parallel ranks wrote (an engine died "
+                                        "between their writes), deleted at start-up once 10 minutes old",
     "disk_tier_restored_blocks": "KV blocks read back from the disk level into the FP8 tier (then into the pool)",
     "disk_tier_read_failures": "Disk-level blocks not served: torn, truncated, corrupted, another model's or missing "
                                "(recomputed)",
