@@ -1,7 +1,8 @@
 """kvsched's FP8 demotion tier as a vLLM KV connector (`KVConnectorBase_V1`): no fork, the way offloading connectors plug in.
 
 On by default with `--scheduler kvsched`, sized by `kvsched.core.tier.auto_budget_bytes` (at most 2x the KV pool's bytes
-and a quarter of the host memory at start-up, split between GPUs); `--kvsched-fp8-tier-gb N` sets it, 0 turns it off.
+and a quarter of the host memory at start-up, split between GPUs); `--kvsched-fp8-tier-gb N` sets it (the host's total,
+split between the engine's ranks on it: tier_host), 0 turns it off.
 
 Scheduler side (engine-core process): a `TierDirectory` (kvsched.core.tier). kvsched's scheduler `demote`s the blocks
 of released pins; for each new request (`get_num_new_matched_tokens`) the connector offers the run of its prefix (by
@@ -104,9 +105,9 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self._worker_meta = TierWorkerMeta()
         self._fault_every = fault_every()
         if role == KVConnectorRole.SCHEDULER:
-            budget = 0
+            budget, ranks = 0, tier_host.ranks_on_host(vllm_config.parallel_config)  # each rank fills the slots
             if self.geometry is not None:
-                budget = tier_host.budget_bytes(requested, self.geometry, self.num_blocks)
+                budget = tier_host.budget_bytes(requested, self.geometry, self.num_blocks, ranks)
             self.directory = TierDirectory(TierConfig(budget), block_bytes, value_of=lambda owner: 0.0)
             self.num_slots = self.directory.num_slots
             self.fetches = FetchBook(self.directory, self.world_size, block_bytes)
@@ -118,7 +119,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             elif self.levels_cfg.enabled:
                 logger.warning("kvsched disk/shared tier levels need the FP8 tier (they restore through it); off")
             tier_host.log_start(self.disabled_reason, self.geometry, budget, requested is None, self.num_slots,
-                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}")
+                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}", ranks)
 
     @property
     def enabled(self) -> bool:

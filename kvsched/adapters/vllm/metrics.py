@@ -25,7 +25,8 @@ GAUGES = {
     "tier_enabled": "1 when the FP8 tier runs, 0 when it is off or cannot hold this engine's cache (see "
                     "kvsched_tier_disabled for the reason)",
     "tier_bytes": "Bytes the FP8 tier holds (quantized KV of sessions released under pressure)",
-    "tier_capacity_bytes": "The FP8 tier's byte budget (--kvsched-fp8-tier-gb, or the default rule)",
+    "tier_capacity_bytes": "The FP8 tier's byte budget on one rank (--kvsched-fp8-tier-gb / ranks on the host, or "
+                           "the default rule)",
     "tier_blocks": "Slots the FP8 tier has in use: full KV blocks and the partial last blocks counted in tier_tails",
     "tier_tails": "Sessions whose partial last block (KV past their last full block) the FP8 tier holds",
     "disk_tier_bytes": "Bytes of KV blocks the disk level holds (--kvsched-disk-tier-dir)",
