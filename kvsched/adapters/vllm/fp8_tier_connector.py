@@ -1,7 +1,8 @@
 """kvsched's FP8 demotion tier as a vLLM KV connector (`KVConnectorBase_V1`): no fork, the way offloading connectors plug in.
 
 On by default with `--scheduler kvsched`, sized by `kvsched.core.tier.auto_budget_bytes` (at most 2x the KV pool's bytes
-and a quarter of the host memory at start-up, split between GPUs); `--kvsched-fp8-tier-gb N` sets it, 0 turns it off.
+and a quarter of the host memory at start-up, split between GPUs); `--kvsched-fp8-tier-gb N` sets it (the host's total,
+split between the engine's ranks on it: tier_host), 0 turns it off.
 
 Scheduler side (engine-core process): a `TierDirectory` (kvsched.core.tier). kvsched's scheduler `demote`s the blocks
 of released pins; for each new request (`get_num_new_matched_tokens`) the connector offers the run of its prefix (by
@@ -33,7 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvsched.adapters.vllm import compat, tier_blob, tier_host, tier_stats
+from kvsched.adapters.vllm import compat, tier_blob, tier_config, tier_host, tier_stats
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.settings_check import fault_every  # tests: corrupt every n-th stored slot
 from kvsched.adapters.vllm.tier_config import CONNECTOR_NAME, MODULE_PATH, kv_transfer_config, kv_transfer_config_json
@@ -65,7 +66,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         transfer = vllm_config.kv_transfer_config
         extra = dict(transfer.kv_connector_extra_config or {})
         requested = parse_tier_gib(extra.get("tier_gb", os.environ.get(ENV_TIER_GB)))
-        self.measure_error = bool(extra.get("measure_error", True))
+        self.measure_error = tier_config.measure_error_of(extra)
         self.levels_cfg = LevelsConfig.from_extra(extra)  # the disk and shared levels under the tier (optional)
         self.world_size = int(getattr(vllm_config.parallel_config, "world_size", 1) or 1)
         if transfer.kv_load_failure_policy != "recompute":
@@ -104,9 +105,9 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self._worker_meta = TierWorkerMeta()
         self._fault_every = fault_every()
         if role == KVConnectorRole.SCHEDULER:
-            budget = 0
+            budget, ranks = 0, tier_host.ranks_on_host(vllm_config.parallel_config)  # each rank fills the slots
             if self.geometry is not None:
-                budget = tier_host.budget_bytes(requested, self.geometry, self.num_blocks)
+                budget = tier_host.budget_bytes(requested, self.geometry, self.num_blocks, ranks)
             self.directory = TierDirectory(TierConfig(budget), block_bytes, value_of=lambda owner: 0.0)
             self.num_slots = self.directory.num_slots
             self.fetches = FetchBook(self.directory, self.world_size, block_bytes)
@@ -118,7 +119,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             elif self.levels_cfg.enabled:
                 logger.warning("kvsched disk/shared tier levels need the FP8 tier (they restore through it); off")
             tier_host.log_start(self.disabled_reason, self.geometry, budget, requested is None, self.num_slots,
-                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}")
+                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}", ranks)
 
     @property
     def enabled(self) -> bool:
@@ -317,10 +318,12 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         meta = kv_connector_metadata
-        if isinstance(meta, TierStepMeta) and meta.levels and (self.store is None or self.levels_worker is None):
-            self._worker_meta.fetch_landed += [(f.key, f.slot, False) for f in meta.levels.fetches]  # never started
-        if self.store is None or not isinstance(meta, TierStepMeta):
+        if not isinstance(meta, TierStepMeta):
             return
+        if meta.levels and (self.store is None or self.levels_worker is None):
+            self._worker_meta.fetch_landed += [(f.key, f.slot, False) for f in meta.levels.fetches]  # never started
+        if self.store is None:
+            return self._load(meta.prefetches)  # no tier on this worker: each block reported failed (_load)
         t0 = time.perf_counter()
         try:
             self._before_step(meta)
@@ -340,30 +343,29 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
                 self.store.invalidate(meta.store_slots)
         if levels:  # host slots filled from disk or the shared store in the background: nothing waits for them here
             self.levels_worker.start_fetch(levels)
-        if meta.prefetches:  # into cached blocks a request of this very step may hit: complete before the forward
-            self._load(meta.prefetches)
-            self.store.fence_all()
+        self._load(meta.prefetches)  # into cached blocks a request of this very step may hit: before the forward
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = compat.connector_metadata(self)
-        if self.store is None or not isinstance(meta, TierStepMeta) or not meta.loads:
+        if not isinstance(meta, TierStepMeta) or not meta.loads:
             return
         t0 = time.perf_counter()
-        # Every restore completes before the forward (a wait on the device, the host goes on): not layer by layer,
-        # since vLLM skips `wait_for_layer_load` while it replays a FULL CUDA graph (tier_link).
         self._load(meta.loads)
-        self.store.fence_all()
         self._worker_meta.busy_s += time.perf_counter() - t0
 
     def _load(self, loads: Sequence[Load]) -> None:
-        assert self.store is not None
-        if not loads:
-            return
-        try:
-            failed = self.store.load([ld.slot for ld in loads], [ld.block_id for ld in loads])
-        except Exception:  # report every block of the step as not loaded: vLLM recomputes them
-            logger.exception("kvsched FP8 tier: loading %d blocks failed", len(loads))
-            failed = [ld.block_id for ld in loads]
+        """Restore `loads`; blocks that did not verify go to `get_block_ids_with_load_errors` (vLLM recomputes them),
+        every one on a worker that turned its tier off (register_kv_caches): loads come until the scheduler learns it,
+        a step later or two with async scheduling (found by review: it returned, and vLLM used the blocks' stale KV)."""
+        block_ids = failed = [ld.block_id for ld in loads]  # unless the store loads them
+        if self.store is not None and loads:
+            try:
+                failed = self.store.load([ld.slot for ld in loads], block_ids)
+            except Exception:  # report every block of the step as not loaded: vLLM recomputes them
+                logger.exception("kvsched FP8 tier: loading %d blocks failed", len(loads))
+            # Every restore completes before the forward (a wait on the device, the host goes on): not layer by
+            # layer, since vLLM skips `wait_for_layer_load` while it replays a FULL CUDA graph (tier_link).
+            self.store.fence_all()
         self._errors.update(failed)
         self._worker_meta.loaded_blocks += len(loads) - len(failed)
         self._worker_meta.failed_blocks += len(failed)
@@ -381,9 +383,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         """Writes still queued for the disk and shared levels get a few seconds (a restart then finds them)."""
         if self.levels_worker is not None:
-            self.levels_worker.close()  # fetches still queued or reading write no slot
-            if not self.levels_worker.writer.flush(timeout_s=10.0):
-                logger.warning("kvsched disk/shared tier: writes still queued at shutdown were dropped")
+            self.levels_worker.close(flush_s=10.0)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._errors = self._errors, set()

@@ -25,7 +25,8 @@ GAUGES = {
     "tier_enabled": "1 when the FP8 tier runs, 0 when it is off or cannot hold this engine's cache (see "
                     "kvsched_tier_disabled for the reason)",
     "tier_bytes": "Bytes the FP8 tier holds (quantized KV of sessions released under pressure)",
-    "tier_capacity_bytes": "The FP8 tier's byte budget (--kvsched-fp8-tier-gb, or the default rule)",
+    "tier_capacity_bytes": "The FP8 tier's byte budget on one rank (--kvsched-fp8-tier-gb / ranks on the host, or "
+                           "the default rule)",
     "tier_blocks": "Slots the FP8 tier has in use: full KV blocks and the partial last blocks counted in tier_tails",
     "tier_tails": "Sessions whose partial last block (KV past their last full block) the FP8 tier holds",
     "disk_tier_bytes": "Bytes of KV blocks the disk level holds (--kvsched-disk-tier-dir)",
@@ -91,6 +92,8 @@ COUNTERS = {
     "disk_tier_write_failures": "Disk-level writes that failed (e.g. a full disk); those blocks are recomputed if needed",
     "disk_tier_evicted_blocks": "Disk-level blocks deleted for room (unclaimed first, then lowest retention value)",
     "disk_tier_indexed_blocks": "KV blocks found in the disk level's directory at start-up",
+    "disk_tier_partial_blocks_removed": "KV blocks whose files only some tensor-parallel ranks wrote (an engine died "
+                                        "between their writes), deleted at start-up once 10 minutes old",
     "disk_tier_restored_blocks": "KV blocks read back from the disk level into the FP8 tier (then into the pool)",
     "disk_tier_read_failures": "Disk-level blocks not served: torn, truncated, corrupted, another model's or missing "
                                "(recomputed)",

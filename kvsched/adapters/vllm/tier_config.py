@@ -6,8 +6,9 @@ import json
 import os
 from typing import Any
 
+from kvsched.adapters.vllm.settings_check import FALSE_WORDS, TRUE_WORDS
 from kvsched.adapters.vllm.tier_levels_config import ENV_STORE_URL, LevelsConfig
-from kvsched.core.tier_config import parse_tier_gib
+from kvsched.core.tier_config import TierConfigError, parse_tier_gib
 
 CONNECTOR_NAME = "KVSchedFP8TierConnector"
 MODULE_PATH = "kvsched.adapters.vllm.fp8_tier_connector"
@@ -17,10 +18,26 @@ def kv_transfer_config(tier_gb: float | str = "auto", measure_error: bool = True
     """The `--kv-transfer-config` that enables kvsched's FP8 tier with `tier_gb` GiB of host memory (or "auto");
     `levels`: the disk and shared levels under it (disk_dir, disk_gb, store_url; see tier_levels_config.LevelsConfig)."""
     parse_tier_gib(tier_gb)  # validate early
+    measure_error_of({"measure_error": measure_error})
     extra = {"tier_gb": tier_gb, "measure_error": measure_error, **{k: v for k, v in levels.items() if v is not None}}
     LevelsConfig.from_extra(extra, check_file_system=True)
     return {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": MODULE_PATH, "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
+
+
+def measure_error_of(extra: dict[str, Any]) -> bool:
+    """kv_connector_extra_config's `measure_error` (the tier's quantization error on /metrics; default on) read as the
+    KVSCHED_* booleans are (settings_check: 1/true/yes/on, 0/false/no/off; JSON true/false and 0/1 too; blank or
+    absent: the default). Found by review: it was read with bool(), so "false" and "0" left it on. TierConfigError
+    names the key otherwise."""
+    raw = extra.get("measure_error")
+    if raw is None or isinstance(raw, bool):
+        return True if raw is None else raw
+    word = str(raw).strip().lower() if isinstance(raw, (str, int)) else None
+    if word is None or word not in TRUE_WORDS | FALSE_WORDS:
+        raise TierConfigError(f"kv_connector_extra_config.measure_error must be a boolean (true/false, 1/0, yes/no, "
+                              f"on/off), got {raw!r}")
+    return word in TRUE_WORDS or not word
 
 
 def kv_transfer_config_json(tier_gb: float | str = "auto") -> str:

@@ -1,6 +1,7 @@
 """The disk level's files: one file per (block, tensor-parallel rank) under `DIR/<identity>/`, written whole and
 renamed into place, so a reader sees a complete file or none (a crash mid-write leaves a `.tmp` file, removed at the
-next start). Each file is a framed block (tier_blob): a file of another model, a truncated or corrupted file, fails
+next start; a crash between the ranks' writes leaves a block's files of some ranks only, removed by a start once they
+are PARTIAL_GRACE_S old). Each file is a framed block (tier_blob): a file of another model, a truncated or corrupted file, fails
 its checks when read and is skipped, never served.
 
 `DIR/<identity>/IDENTITY.json` says in words which model and geometry the files belong to; an engine of another
@@ -23,12 +24,16 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
 SUFFIX = ".kv"
 LOCK = ".lock"
+# A block's files of a dead engine's ranks land within seconds of each other (each worker writes behind, and gets 10 s
+# at shutdown): a key some ranks lack that long after its newest file never gets the others.
+PARTIAL_GRACE_S = 600.0
 
 
 class DiskFiles:
@@ -41,7 +46,9 @@ class DiskFiles:
         self.description = description
         self._n = 0
         self._make_dir()
+        self.unit = allocation_unit(self.dir)
         self.found_bytes = 0  # bytes of the files the last `scan` indexed (this identity's, every rank's)
+        self.partial_bytes = self.partial_removed = 0  # the last scan's keys only some ranks wrote (see `scan`)
 
     def claim(self, quiet: bool = False) -> bool:
         """Take the directory for this engine (see the module docstring); False, with a warning naming the directory
@@ -68,6 +75,11 @@ class DiskFiles:
         f.flush()
         self._lock = f  # the lock goes with the file: at exit, or once this object is dropped
         return True
+
+    def on_disk(self, size: int) -> int:
+        """The bytes a file of `size` bytes takes on this file system: whole blocks of `unit` (found by review: the
+        budget counted frame bytes, so the test model's 8,280-byte frames took 48% more disk than it said)."""
+        return -(-size // self.unit) * self.unit
 
     def path(self, key: bytes, rank: int | None = None) -> Path:
         h = key.hex()
@@ -113,14 +125,18 @@ class DiskFiles:
         except OSError:  # left behind: the next start-up's scan meets it under its budget
             pass
 
-    def scan(self) -> list[bytes]:
+    def scan(self, now: float | None = None) -> list[bytes]:
         """Keys whose files exist for every rank, oldest first (by modification time); temporary files of writers
         no longer alive are removed. Files are checked when read, not here: a start-up reads no block. `found_bytes`
         becomes the size of the files of those keys (the automatic budget counts them as available: tier_levels). A
         file or subdirectory that cannot be read or removed (a read-only file system, found by review) is skipped,
-        not the scan."""
-        found: dict[bytes, list[float]] = {}
-        sizes: dict[bytes, int] = {}
+        not the scan. Called with the directory's lock held (`claim`).
+
+        A key only some ranks wrote (the engine died between its ranks' writes) is never indexed, so nothing else
+        would ever delete it (found by review: every crash left such files, past the budget): its files go once the
+        newest is PARTIAL_GRACE_S old (counted in `partial_removed`, keys), and until then count in `partial_bytes`
+        (tier_levels takes them off the budget); younger, they may be a dying engine's writes still landing."""
+        found: dict[bytes, list[tuple[float, int, Path]]] = {}  # key -> (mtime, bytes on disk, file) per rank
         for sub in self.dir.iterdir():
             if not sub.is_dir():
                 continue
@@ -132,10 +148,7 @@ class DiskFiles:
                 name = f.name
                 if name.endswith(".tmp"):
                     if not _writer_alive(name):
-                        try:
-                            f.unlink(missing_ok=True)
-                        except OSError:  # read-only: left for a start-up that can remove it
-                            pass
+                        _remove([f])
                     continue
                 if not name.endswith(SUFFIX):
                     continue
@@ -146,15 +159,49 @@ class DiskFiles:
                     st = f.stat()
                 except (ValueError, OSError):
                     continue
-                found.setdefault(key, []).append(st.st_mtime)
-                # what it takes on disk (whole file-system blocks), as the free space counts it
-                sizes[key] = sizes.get(key, 0) + max(st.st_size, getattr(st, "st_blocks", 0) * 512)
-        full = [(max(t), k) for k, t in found.items() if len(t) >= self.world_size]
-        self.found_bytes = sum(sizes[k] for _, k in full)
+                # what it takes on disk (whole file-system blocks), as the free space and the budget count it
+                taken = max(self.on_disk(st.st_size), getattr(st, "st_blocks", 0) * 512)
+                found.setdefault(key, []).append((st.st_mtime, taken, f))
+        cutoff = (time.time() if now is None else now) - PARTIAL_GRACE_S
+        full: list[tuple[float, bytes]] = []
+        self.found_bytes = self.partial_bytes = self.partial_removed = 0
+        for key, files in found.items():
+            newest, taken = max(m for m, _, _ in files), sum(n for _, n, _ in files)
+            if len(files) >= self.world_size:
+                full.append((newest, key))
+                self.found_bytes += taken
+            elif newest < cutoff and _remove([f for _, _, f in files]):
+                self.partial_removed += 1
+            else:
+                self.partial_bytes += taken
         return [k for _, k in sorted(full)]
 
     def free_bytes(self) -> int:
         return int(shutil.disk_usage(self.dir).free)
+
+
+def allocation_unit(path: Path) -> int:
+    """The block a file's size is rounded up to on the file system holding `path`: its fragment size (statvfs),
+    else the directory's preferred block size (stat), else 4096."""
+    for size in (lambda: os.statvfs(path).f_frsize, lambda: os.stat(path).st_blksize):
+        try:
+            if (unit := int(size())) > 0:
+                return unit
+        except (OSError, AttributeError):
+            continue
+    return 4096
+
+
+def _remove(files: list[Path]) -> bool:
+    """Whether every one of `files` could be removed (one that cannot, e.g. on a read-only file system, is left for
+    a start-up that can)."""
+    ok = True
+    for f in files:
+        try:
+            f.unlink(missing_ok=True)
+        except OSError:
+            ok = False
+    return ok
 
 
 def _writer_alive(name: str) -> bool:

@@ -1,5 +1,11 @@
 """The FP8 tier's footing on this machine: its size (the default rule applied to this host's memory and KV pool, or the
-size asked for, refused when the machine cannot hold it) and the engine's KV cache layout name for the start-up log."""
+size asked for, refused when the machine cannot hold it) and the engine's KV cache layout name for the start-up log.
+
+A size is one rank's: under tensor (or pipeline) parallelism every rank's worker holds its own copy of each slot (its
+share of the heads or layers), so the scheduler's slots take that size on every rank. The default rule is one rank's
+share already (the host's memory split between its GPUs); `--kvsched-fp8-tier-gb N` is the host's total for this
+engine, split between its ranks on this host (`ranks_on_host`). Found by review: N was checked against the host's
+memory as a total and given to every rank whole, so at TP=8 a 400 GiB tier on a 512 GiB host grew to 3.2 TB."""
 
 from __future__ import annotations
 
@@ -24,12 +30,17 @@ def host_memory() -> tuple[int, int]:
 
 def engines_per_host() -> int:
     """How many engines (one per GPU) may share this host's memory: the machine's GPU count, 1 on a CPU host."""
+    return max(1, gpus_on_host())
+
+
+def gpus_on_host() -> int:
+    """The machine's GPU count (NVIDIA's library, else torch), 0 if it has none or they cannot be seen."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            return max(1, int(pynvml.nvmlDeviceGetCount()))
+            return max(0, int(pynvml.nvmlDeviceGetCount()))
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # no NVIDIA driver or library: a CPU host, or a GPU the library cannot see
@@ -37,9 +48,24 @@ def engines_per_host() -> int:
     try:
         import torch
 
-        return max(1, torch.cuda.device_count())
+        return max(0, torch.cuda.device_count())
     except Exception:
+        return 0
+
+
+def ranks_on_host(parallel_config: Any) -> int:
+    """This engine's ranks on this host, each holding its own copy of the tier's slots: its world size (tensor x
+    pipeline parallel), at most vLLM's local world size (a multi-node engine's per node, as `--nnodes` gives it) and,
+    on a GPU host, at most the GPUs the default rule splits the host between. 1 without parallelism (no probe)."""
+    world = int(getattr(parallel_config, "world_size", 1) or 1)
+    if world <= 1:
         return 1
+    try:
+        local = int(parallel_config.local_world_size)
+    except Exception:  # an older config, or nnodes not divisible by the data-parallel layout: the world size
+        local = world
+    gpus = gpus_on_host()
+    return max(1, min(world, local, gpus) if gpus else min(world, local))
 
 
 def pool_bytes(geometry: TierGeometry, num_blocks: int) -> int:
@@ -48,13 +74,14 @@ def pool_bytes(geometry: TierGeometry, num_blocks: int) -> int:
     return per_block * num_blocks
 
 
-def budget_bytes(requested_gib: float | None, geometry: TierGeometry, num_blocks: int) -> int:
-    """The tier's budget: `requested_gib` (refused with TierConfigError beyond the host's memory) or the default rule."""
+def budget_bytes(requested_gib: float | None, geometry: TierGeometry, num_blocks: int, ranks: int = 1) -> int:
+    """One rank's tier budget: `requested_gib` (the host's total for this engine, refused with TierConfigError beyond
+    the host's memory) split between the engine's `ranks` on this host, or the default rule."""
     total, available = host_memory()
     if requested_gib is not None:
         budget = int(requested_gib * 2**30)
         check_fits_host(budget, total)
-        return budget
+        return budget // max(ranks, 1)
     return auto_budget_bytes(pool_bytes(geometry, num_blocks), available, engines_per_host())
 
 
@@ -70,17 +97,19 @@ def layout_name(vllm_config: Any, kv_cache_config: Any) -> str | None:
 
 
 def log_start(disabled: str, geometry: TierGeometry | None, budget: int, auto: bool, num_slots: int,
-              setting: str) -> None:
-    """The tier's one start-up line: why it is off, or its size (and the rule or `setting` that gave it) and layout."""
+              setting: str, ranks: int = 1) -> None:
+    """The tier's one start-up line: why it is off, or its size (and the rule or `setting` that gave it; one rank's
+    `budget`, on each of `ranks` on this host) and layout."""
     if disabled or geometry is None:
         logger.warning("kvsched FP8 tier disabled: %s", disabled)
         return
     if num_slots == 0:  # found by review: a size below one block (e.g. 1e-12 GiB) ran without a tier, silently
         logger.warning("kvsched FP8 tier disabled: %d bytes (%s) hold no block of this model's %d bytes; give at "
                        "least %.6f GiB, or 0 to turn it off", budget, "auto: " + AUTO_RULE if auto else setting,
-                       geometry.block_bytes, geometry.block_bytes / 2**30)
+                       geometry.block_bytes, geometry.block_bytes * ranks / 2**30)
         return
-    logger.info("kvsched FP8 tier: %.2f GiB of host memory (%s), %d slots of %d bytes; %s layout, %s (%d layers, %d "
-                "heads x %d x %d %s per block)", budget / 2**30, "auto: " + AUTO_RULE if auto else setting, num_slots,
-                geometry.block_bytes, geometry.layout, geometry.mode, len(geometry.layers), geometry.heads,
-                geometry.rows, geometry.content, geometry.dtype)
+    each = f", {budget / 2**30:.2f} GiB on each of this engine's {ranks} ranks on this host" if ranks > 1 else ""
+    logger.info("kvsched FP8 tier: %.2f GiB of host memory (%s)%s, %d slots of %d bytes; %s layout, %s (%d layers, %d "
+                "heads x %d x %d %s per block)", budget * ranks / 2**30, "auto: " + AUTO_RULE if auto else setting,
+                each, num_slots, geometry.block_bytes, geometry.layout, geometry.mode, len(geometry.layers),
+                geometry.heads, geometry.rows, geometry.content, geometry.dtype)

@@ -136,10 +136,12 @@ class TierLevels(ArrivalReads):
         else:
             budget = int((files.free_bytes() + files.found_bytes) * DISK_DEFAULT_FREE_FRACTION)
             how = "auto: half of the free space and of its own files"
-        disk = DiskDirectory(budget, framed_len(32, block_bytes) * world_size)
+        budget = max(0, budget - files.partial_bytes)  # blocks some ranks have yet to write, too young to delete
+        disk = DiskDirectory(budget, files.on_disk(framed_len(32, block_bytes)) * world_size)  # one file per rank
         self.ops.deletes.extend(disk.load_index(found))
-        logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk", files.dir, budget / 2**30, how,
-                    len(disk.written))
+        self.counters["disk_partial_blocks_removed"] += files.partial_removed
+        logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk (%d written by some ranks only "
+                    "removed)", files.dir, budget / 2**30, how, len(disk.written), files.partial_removed)
         return disk
 
     # ---- writes -------------------------------------------------------------------------------------------------
@@ -321,6 +323,7 @@ class TierLevels(ArrivalReads):
                        disk_tier_write_failures=d.counters["failed_writes"],
                        disk_tier_evicted_blocks=d.counters["evicted_blocks"],
                        disk_tier_indexed_blocks=d.counters["indexed_blocks"],
+                       disk_tier_partial_blocks_removed=c["disk_partial_blocks_removed"],
                        disk_tier_read_failures=c["disk_read_failures"],
                        disk_tier_restored_blocks=c["disk_restored_blocks"])
         if self.store is not None:

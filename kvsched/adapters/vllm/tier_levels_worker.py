@@ -168,9 +168,12 @@ class TierLevelsWorker:
                 if not self.fetcher.submit(lambda chunk=chunk: self._fetch(chunk)):
                     self.fetcher.results.append([(f, False) for f in chunk])
 
-    def close(self) -> None:
-        """Engine shutdown: fetches still queued or reading write no slot."""
+    def close(self, flush_s: float = 10.0) -> None:
+        """Engine shutdown: fetches still queued or reading write no slot; writes still queued for the disk and shared
+        levels get `flush_s` seconds (a restart then finds them)."""
         self._closed = True
+        if not self.writer.flush(timeout_s=flush_s):
+            logger.warning("kvsched disk/shared tier: writes still queued at shutdown were dropped")
 
     def _fetch(self, chunk: list[Fetch]) -> list[tuple[Fetch, bool]]:
         """On the fetch thread: read one chunk (disk files, or one MGET), check each frame, fill its slot."""

@@ -82,10 +82,10 @@ def test_the_automatic_budget_counts_its_own_files_so_a_restart_deletes_none(tmp
     files = DiskFiles(tmp_path / "disk", IDENT, {})
     for k in CHAIN[:6]:  # a previous run filled its automatic budget: 6 blocks, with as much again free
         files.write(k, b"x" * frame)
-    monkeypatch.setattr(DiskFiles, "free_bytes", lambda self: 6 * frame)
+    taken = os.stat(files.path(CHAIN[0])).st_blocks * 512  # a file takes whole file-system blocks
+    monkeypatch.setattr(DiskFiles, "free_bytes", lambda self: 6 * taken)
     lv = levels(tmp_path, disk_gb=None)
-    # at least its own 6 (more: a file takes whole file-system blocks, counted as the free space counts them)
-    assert lv.disk is not None and lv.disk.capacity >= 6
+    assert lv.disk is not None and lv.disk.capacity == 6
     assert lv.take_ops().deletes == [] and len(lv.disk.written) == 6
 
 
@@ -193,3 +193,22 @@ def test_a_hung_disk_drops_writes_past_the_byte_bound_and_reports_them_failed(tm
     gate.set()
     assert w.writer.flush(10.0) and w.writer.queued_bytes == 0
     assert sorted(w.report()[0]) == sorted((k, True) for keys in steps[:3] for k in keys)
+
+
+def test_the_disk_budget_counts_the_file_system_blocks_its_files_take(tmp_path: Path) -> None:
+    """Found by review: the budget counted frame bytes, not the whole file-system blocks each file takes: the test
+    model's frames (8,208 bytes of KV) take 12 KiB on a 4 KiB-block file system, 48% past the size given. The budget
+    now counts what the files take, as the start-up scan's `found_bytes` does (and the disk's free space)."""
+    payload = 8208
+    frame = framed_len(32, payload)
+    probe = DiskFiles(tmp_path / "probe", IDENT, {})
+    probe.write(CHAIN[0], b"x" * frame)
+    taken = os.stat(probe.path(CHAIN[0])).st_blocks * 512  # what the file system says one file takes
+    assert taken > frame  # else this file system does not show the difference
+    lv = TierLevels(LevelsConfig(disk_dir=str(tmp_path / "disk"), disk_gb=6 * taken / 2**30), IDENT, {"model": "t"},
+                    payload, 1)
+    assert lv.disk is not None and lv.disk.capacity == 6 and lv.disk.block_bytes == taken
+    files = DiskFiles(tmp_path / "disk", IDENT, {})
+    for k in CHAIN[:6]:
+        files.write(k, b"x" * frame)
+    assert len(files.scan()) == 6 and files.found_bytes == 6 * taken == lv.disk.capacity * lv.disk.block_bytes

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from kvsched.adapters.vllm.tier_blob import framed_len
 from kvsched.adapters.vllm.tier_disk import DiskFiles
 from kvsched.adapters.vllm.tier_levels import DISK, SHARED, TierLevels
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
@@ -83,7 +84,7 @@ def test_the_index_is_rebuilt_at_start_up_within_the_budget(tmp_path: Path) -> N
     files = DiskFiles(tmp_path / "disk", IDENT, {})
     for k in CHAIN[:5]:
         files.write(k, b"x")
-    lv = levels(tmp_path, disk_gb=3 * (BLOCK + 100) / 2**30)
+    lv = levels(tmp_path, disk_gb=3 * files.on_disk(framed_len(32, BLOCK)) / 2**30)  # 3 files, as they take disk
     assert lv.disk is not None and lv.disk.capacity == 3
     assert list(lv.disk.written) == CHAIN[2:5]  # the newest files stay
     assert lv.take_ops().deletes == CHAIN[:2]

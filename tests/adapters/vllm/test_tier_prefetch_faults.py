@@ -12,15 +12,16 @@ from kvsched.adapters.vllm.harness import FAKE_TOKEN, RequestFactory, run_until_
 from tests.adapters.vllm.conftest import BLOCK, sched  # noqa: E402
 
 
-def _report(s, out, invalid):
-    """The step's output as a worker whose loads into `invalid` failed their checksum reports it."""
+def _report(s, out, invalid, connector_output=None):
+    """The step's output as a worker whose loads into `invalid` failed their checksum reports it (or as
+    `connector_output`, a worker connector's own report, says)."""
     from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
     ids = list(out.num_scheduled_tokens)
     sampled = [[] if s.requests[r].is_prefill_chunk else [FAKE_TOKEN] for r in ids]
     s.update_from_output(out, ModelRunnerOutput(
         req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled,
-        kv_connector_output=KVConnectorOutput(invalid_block_ids=set(invalid))))
+        kv_connector_output=connector_output or KVConnectorOutput(invalid_block_ids=set(invalid))))
 
 
 def _demoted(harness_cfg, clock, monkeypatch, names):
@@ -173,3 +174,58 @@ def test_blocks_whose_restore_failed_leave_the_prefix_cache_when_their_request_g
         assert new.num_computed_tokens >= 10 * BLOCK and new.block_ids[0][:10] == fresh
         _report(s, out, ())
     run_until_idle(s)
+
+
+@pytest.mark.parametrize("how", ["load", "prefetch", "queued"])
+def test_a_worker_that_turned_its_tier_off_reports_every_load_it_is_sent_as_failed(harness_cfg, clock, monkeypatch,
+                                                                                   how):
+    """Found by review: a worker whose KV caches the tier cannot hold (here: not on a CPU or CUDA device) turns its tier
+    off at register_kv_caches, and the scheduler learns it from that worker's first step output; until then (with
+    async scheduling, a step or two) it plans restores, which the worker skipped without reporting them, so vLLM took
+    the blocks as restored: stale KV. Each block is now reported as failed, and vLLM recomputes it. (The loads are
+    planned by a scheduler whose sessions were demoted beforehand: the worker is driven directly.)"""
+    import torch
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.outputs import KVConnectorOutput
+
+    from kvsched.adapters.vllm import compat
+    from kvsched.adapters.vllm.fp8_tier_connector import KVSchedFP8TierConnector
+
+    s, f, hist = _demoted(harness_cfg, clock, monkeypatch, ["A"])
+    if how == "queued":  # behind a request holding the only running slot: A's blocks are prefetched while it waits
+        s.add_request(f.make([6000] * 20, 6))
+        step(s)
+        s.max_num_running_reqs = s.max_num_active_reqs = len(s.running)
+    w = KVSchedFP8TierConnector(s.connector.engine_config, KVConnectorRole.WORKER, s.kv_cache_config)
+    g = w.geometry
+    w.register_kv_caches({name: torch.empty((s.connector.num_blocks, g.heads, g.rows, g.content), dtype=g.dtype,
+                                            device="meta") for name in g.layers})
+    assert w.store is None and w._worker_meta.disabled
+
+    def worker(out):  # the worker's side of a step, as vLLM's model runner calls it
+        w.bind_connector_metadata(out.kv_connector_metadata)
+        w.handle_preemptions(out.kv_connector_metadata)
+        w.start_load_kv(None)
+        w.clear_connector_metadata()
+        return KVConnectorOutput(invalid_block_ids=w.get_block_ids_with_load_errors(),
+                                 kv_connector_worker_meta=w.build_connector_worker_meta())
+
+    assert s.connector.enabled  # the scheduler has not heard of the worker yet (no load was sent to it)
+    # A's next turn is prefetched as it arrives; a request of no session restores A's prefix as vLLM admits it
+    ra = f.make(hist["A"] + [4] * 3 + list(range(900, 940)), 4, session_id=None if how == "load" else "A")
+    s.add_request(ra)
+    out = s.schedule()
+    meta = out.kv_connector_metadata
+    planned = {load.block_id for load in meta.prefetches + meta.loads}
+    assert len(planned) == 10 and len(meta.loads if how == "load" else meta.prefetches) == 10
+    report = worker(out)
+    assert report.invalid_block_ids == planned
+    _report(s, out, (), report)
+    assert not s.connector.enabled  # its output said so
+    s.max_num_running_reqs = s.max_num_active_reqs = 256
+    first = s.requests[ra.request_id].num_computed_tokens if how != "queued" else None  # after the rollback
+    while s.has_requests():
+        out, _ = step(s, worker)
+        first = next((n.num_computed_tokens for n in out.scheduled_new_reqs if n.req_id == ra.request_id), first)
+    assert first == 0  # nothing of A's prefix taken as restored: computed again (and no load sent any more)
+    assert not {b.block_id for b in compat.cached_prefix(s, ra.block_hashes, 10)} & planned

@@ -129,6 +129,7 @@ def _check_user_tier(parser: Any, user: Any) -> None:
     """A --kv-transfer-config naming the tier's connector: its size (or KVSCHED_FP8_TIER_GB without one), levels and
     load-failure policy checked now, as the flags are. Found by review: a bad size first failed in the engine, after
     the model loaded, inside vLLM's tracebacks and without naming the variable."""
+    from kvsched.adapters.vllm.tier_config import measure_error_of
     from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
     from kvsched.core.disk_tier import DiskConfigError
     from kvsched.core.tier_config import TierConfigError
@@ -141,6 +142,10 @@ def _check_user_tier(parser: Any, user: Any) -> None:
             _tier_gib(extra["tier_gb"])
         except TierConfigError as exc:
             parser.error(f"--kv-transfer-config kv_connector_extra_config.tier_gb: {exc}")
+    try:
+        measure_error_of(extra)
+    except TierConfigError as exc:
+        parser.error(f"--kv-transfer-config: {exc}")
     try:
         LevelsConfig.from_extra(extra, check_file_system=True)
     except (DiskConfigError, ValueError) as exc:
@@ -200,7 +205,8 @@ def add_tier_arguments(parser: Any) -> None:
         metavar="GIB|auto",
         help="Host memory (GiB) for kvsched's FP8 tier: KV that --scheduler kvsched releases under memory pressure is "
              "quantized to FP8 there and restored (prefetched when the session's next request is queued) instead of "
-             "recomputed. Default auto: min(2x the KV pool's bytes, 1/4 of available host memory / GPUs); 0 turns it "
+             "recomputed. GIB is this host's total for the engine, shared by its tensor-parallel ranks on the host. "
+             "Default auto: min(2x the KV pool's bytes, 1/4 of available host memory / GPUs) per rank; 0 turns it "
              "off (added by the kvsched plugin; sets --kv-transfer-config).",
     )
     for flag, metavar, text in (
