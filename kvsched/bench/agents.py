@@ -41,7 +41,7 @@ from kvsched.bench.agents_report import (
 from kvsched.bench.common import percentile, provenance, write_json
 from kvsched.bench.plots import grouped_bars, save_beside, side_ratios, ttft_chart
 from kvsched.bench.trace_engine import same_memory_blocks
-from kvsched.core.tier_config import AUTO_POOL_MULTIPLE
+from kvsched.core.tier_config import AUTO_HOST_FRACTION, AUTO_POOL_MULTIPLE
 from kvsched.serving import ServerSpec, VllmServer, start_all
 from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
 from kvsched.tiny_model import SIZES, ensure_tiny_model, tiny_model_dtype
@@ -94,7 +94,10 @@ def register(subparsers: Any) -> None:
                         "prefill and follow-up P95 TTFT against stock (JSON and PNG)")
     p.add_argument("--model-size", choices=sorted(SIZES), default="bench")
     p.add_argument("--fp8-tier-gb", type=float, default=None,
-                   help="host memory of the kvsched side's tier (default: the server's own rule, 2x the KV pool)")
+                   help=f"host memory (GiB) of the kvsched side's tier (default: none passed, so the server's own "
+                        f"rule: min({AUTO_POOL_MULTIPLE:g}x the KV pool's bytes, {AUTO_HOST_FRACTION:g} x the host "
+                        f"memory available at start-up / GPUs on the host); the stock-same-memory side is sized for "
+                        f"{AUTO_POOL_MULTIPLE:g}x the pool, so give a size where the host cap would bind")
     p.add_argument("--fidelity-probes", type=int, default=4,
                    help="restored-vs-recomputed greedy probes on the kvsched server after its run (0: none)")
     p.add_argument("--sides", type=parse_sides, default=",".join(DEFAULT_SIDES),

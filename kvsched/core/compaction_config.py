@@ -116,8 +116,7 @@ class CompactionConfig:
                      "checkpoints_per_session"):
             if getattr(self, name) < 1:
                 raise InvalidCompactionInput(f"{name} must be >= 1, got {getattr(self, name)}")
-        summarizes = self.strategy is Strategy.SUMMARIZE or Strategy.SUMMARIZE in self.client_strategies
-        if summarizes and self.trigger_tokens <= self.summary_target_tokens:  # found by review: each turn re-summarised
+        if self.summarizes and self.trigger_tokens <= self.summary_target_tokens:  # review: each turn re-summarised
             raise InvalidCompactionInput(
                 f"trigger_tokens ({self.trigger_tokens}, KVSCHED_COMPACTION_TRIGGER_TOKENS) must be larger than "
                 f"summary_target_tokens ({self.summary_target_tokens}, KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS): a "
@@ -137,6 +136,11 @@ class CompactionConfig:
             raise InvalidCompactionInput(
                 f"summary_role must be system or user, got {self.summary_role!r} (an assistant message right after "
                 f"the system prompt breaks chat templates that require alternating user/assistant roles)")
+
+    @property
+    def summarizes(self) -> bool:
+        """Whether summary calls may run: `summarize` is the server's strategy or one a client may pick."""
+        return self.strategy is Strategy.SUMMARIZE or Strategy.SUMMARIZE in self.client_strategies
 
     def client_may_select(self, strategy: Strategy) -> bool:
         """May a request pick `strategy`? Opting out always; otherwise one the operator enabled."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+from kvsched.core.env import env_setting
 from kvsched.sim.out_file import written_whole
 from kvsched.sim.trace import TraceRequest, TraceWriter, computed_blocks
 from kvsched.sim.trace_fields import bounded_lines, number_field
@@ -251,7 +252,7 @@ MOONCAKE_FILES = {
 
 
 def traces_dir() -> Path:
-    root = os.environ.get("KVSCHED_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvsched")
+    root = env_setting(os.environ, "KVSCHED_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kvsched")
     return Path(root) / "traces"
 
 

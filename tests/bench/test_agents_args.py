@@ -165,3 +165,13 @@ def test_a_side_with_failed_turns_or_other_prompts_gets_no_ratio_and_fails_its_g
     no_ttft = {"stock": stock, "kvsched": side(11_000, None)}
     g = gates(no_ttft)
     assert not g["followup_ttft_p95_le_0.3x_stock_unequal_memory"] and g["prefill_le_0.45x_stock_unequal_memory"]
+
+
+def test_the_tier_size_help_states_the_servers_default_rule_with_its_host_memory_cap():
+    """Found by review: the help said the default was "2x the KV pool", leaving out the server's host-memory cap
+    (kvsched.core.tier_config.auto_budget_bytes), which the same-memory side's sizing does not follow."""
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    agents = bench._subparsers._group_actions[0].choices["agents"]
+    text = " ".join(next(a.help for a in agents._actions if "--fp8-tier-gb" in a.option_strings).split())
+    assert "min(2x the KV pool's bytes, 0.25 x the host memory available at start-up / GPUs on the host)" in text
+    assert "stock-same-memory" in text

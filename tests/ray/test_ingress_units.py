@@ -81,13 +81,13 @@ def test_body_limits_are_400_and_413_with_a_message() -> None:
     from kvsched.adapters.ray.requests import BadRequest, check_length, parse_body
 
     for raw, status, text in [(b"[" * 100_000 + b"]" * 100_000, 400, "nests deeper"),
-                              (b'{"a":' * 65 + b"1" + b"}" * 65, 400, "nests deeper"),
+                              (b'{"a":' * 129 + b"1" + b"}" * 129, 400, "nests deeper"),
                               (b"\xff\xfe", 400, "not valid JSON"), (b"[1]", 400, "JSON object"),
                               (b'{"x": "' + b"y" * 300_000 + b'"}', 413, "over")]:
         with pytest.raises(BadRequest, match=text) as err:
             parse_body(raw, max_bytes=250_000)
         assert err.value.status == status
-    assert parse_body(b'{"a":' * 63 + b"1" + b"}" * 63) is not None  # 63 deep is fine
+    assert parse_body(b'{"a":' * 128 + b"1" + b"}" * 128) is not None  # 128 deep is fine
     # found by review: millions of tiny values cost the ingress ~50x their bytes once parsed
     with pytest.raises(BadRequest) as many:
         parse_body(b'{"messages": [' + b"{}," * 1_000_000 + b"{}]}")
@@ -100,6 +100,19 @@ def test_body_limits_are_400_and_413_with_a_message() -> None:
     assert err.value.status == 413
     with pytest.raises(BadRequest, match="not a number"):
         check_length("lots")
+
+
+def test_the_endpoints_body_limits_are_the_engine_middlewares() -> None:
+    """Found by review: README's Security table promises JSON nested up to 128 levels (kvsched's vLLM middleware), but
+    the Ray endpoint refused a body past 64 levels by default, one an engine served directly accepted."""
+    from kvsched.adapters.ray.config import parse_config
+    from kvsched.adapters.ray.requests import MAX_BODY_BYTES, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH
+    from kvsched.adapters.vllm import http_io
+
+    cfg = parse_config({"pools": [{"name": "w", "model": "/m"}]})
+    assert (cfg.max_json_depth, cfg.max_body_bytes) == (MAX_JSON_DEPTH, MAX_BODY_BYTES)
+    assert (MAX_JSON_DEPTH, MAX_BODY_BYTES, MAX_JSON_CONTAINERS) == \
+        (http_io.MAX_JSON_DEPTH, http_io.MAX_BODY_BYTES, http_io.MAX_JSON_CONTAINERS) == (128, 64 * 2**20, 1_000_000)
 
 
 def test_session_fields_come_from_headers_or_body_and_conflicts_are_refused() -> None:

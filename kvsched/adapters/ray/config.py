@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from kvsched.adapters.ray.requests import MAX_BODY_BYTES, MAX_JSON_DEPTH
 from kvsched.core.routing import RouterConfig, RoutingConfigError
 from kvsched.core.routing_autoscale import AutoscaleTargets
 from kvsched.core.routing_pools import PoolRouting, PoolRule
@@ -251,8 +252,8 @@ class RayServeConfig(_Strict):
     health_check_timeout_s: PositiveFloat = 30.0
     request_retries: Annotated[int, Field(ge=0)] = 2
     request_deadline_s: PositiveFloat = 300.0  # arrival to answer (or first streamed bytes), retries included
-    max_body_bytes: PositiveInt = 64 * 1024 * 1024
-    max_json_depth: PositiveInt = 64
+    max_body_bytes: PositiveInt = MAX_BODY_BYTES  # 64 MiB, as kvsched's vLLM middleware
+    max_json_depth: PositiveInt = MAX_JSON_DEPTH  # 128, as kvsched's vLLM middleware
     store: StoreSettings | None = None
 
     @field_validator("route_prefix")

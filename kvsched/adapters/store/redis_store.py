@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from kvsched.core.env import env_setting
 from kvsched.core.shared_state import MAX_TTL_S
 from kvsched.core.store_health import StoreHealth
 
@@ -92,7 +93,7 @@ def unredacted(url: str, env: str) -> str:
         return url
     import os
 
-    real = os.environ.get(env) or ""
+    real = env_setting(os.environ, env) or ""
     if redacted(real) != url:
         raise StoreConfigError(f"{url!r} stands for a store URL with a password, which the engine takes from {env}; "
                                f"{env} {'names another store' if real else 'is not set'} in this process (a Ray "

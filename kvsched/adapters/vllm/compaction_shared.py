@@ -19,6 +19,7 @@ from collections import Counter
 from typing import Any
 
 from kvsched.core.compaction import Checkpoint, CompactionStore
+from kvsched.core.env import env_setting
 from kvsched.core.shared_state import (
     DEFAULT_STATE_TTL_S,
     checkpoint_rows,
@@ -42,7 +43,7 @@ class SharedCheckpoints:
 
     @classmethod
     def from_env(cls) -> SharedCheckpoints | None:
-        url = os.environ.get(ENV_STORE_URL)
+        url = env_setting(os.environ, ENV_STORE_URL)  # blanks: unset (core.env)
         if not url:
             return None
         try:

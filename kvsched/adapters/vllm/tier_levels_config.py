@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.core.disk_tier import DiskConfigError, parse_disk_gib
+from kvsched.core.env import env_setting
 from kvsched.core.shared_state import DEFAULT_KV_TTL_S, DEFAULT_STATE_TTL_S, MAX_TTL_S
 
 ENV_DISK_DIR = "KVSCHED_DISK_TIER_DIR"
@@ -55,10 +56,10 @@ class LevelsConfig:
         it (the engine core's and workers' connectors) it is capped to that file system, logged. Found by review: the
         check ran in every process, so on a multi-node layout a worker whose file system is smaller than the API
         server's raised after the model had loaded."""
-        disk_dir = extra.get("disk_dir") or os.environ.get(ENV_DISK_DIR) or None
+        disk_dir = extra.get("disk_dir") or env_setting(os.environ, ENV_DISK_DIR)  # blanks: unset (core.env)
         if disk_dir and (error := not_a_directory(str(disk_dir))):
             raise DiskConfigError(f"{'--kvsched-disk-tier-dir' if extra.get('disk_dir') else ENV_DISK_DIR}: {error}")
-        gb_raw = extra.get("disk_gb", os.environ.get(ENV_DISK_GB))
+        gb_raw = extra["disk_gb"] if "disk_gb" in extra else env_setting(os.environ, ENV_DISK_GB)
         gb_name = "--kvsched-disk-tier-gb" if "disk_gb" in extra else ENV_DISK_GB
         gb = parse_disk_gib(gb_raw, gb_name) if gb_raw not in (None, "", "auto") else None
         if gb is not None and not disk_dir:
@@ -70,7 +71,7 @@ class LevelsConfig:
                 raise DiskConfigError(f"{too_big}; give a smaller size")
             logger.warning("kvsched: %s on this host; the disk level is capped to %.1f GiB", too_big, total / 2**30)
             gb = total / 2**30
-        url = extra.get("store_url") or os.environ.get(ENV_STORE_URL) or None
+        url = extra.get("store_url") or env_setting(os.environ, ENV_STORE_URL)
         if url:
             from kvsched.adapters.store.redis_store import check_url, unredacted
 
@@ -82,7 +83,7 @@ class LevelsConfig:
         return cls(disk_dir=str(disk_dir) if disk_dir else None, disk_gb=gb, store_url=str(url) if url else None,
                    kv_ttl_s=ttl_setting(ENV_KV_TTL, extra.get("kv_ttl_s"), DEFAULT_KV_TTL_S, "kv_ttl_s"),
                    state_ttl_s=ttl_setting(ENV_STATE_TTL, extra.get("state_ttl_s"), DEFAULT_STATE_TTL_S, "state_ttl_s"),
-                   replica=str(extra.get("replica") or os.environ.get(ENV_REPLICA)
+                   replica=str(extra.get("replica") or env_setting(os.environ, ENV_REPLICA)
                                or f"{socket.gethostname()}/{os.getpid()}"),
                    fetch_mb=fetch_mb_setting(extra.get("fetch_mb")))
 

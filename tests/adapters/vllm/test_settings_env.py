@@ -227,6 +227,29 @@ def test_every_setting_set_blank_is_its_default(monkeypatch, capsys) -> None:
     assert ns.kv_transfer_config.kv_connector_extra_config["tier_gb"] == "auto" and capsys.readouterr().err == ""
 
 
+def test_every_setting_set_to_blanks_is_its_default(monkeypatch, capsys, caplog) -> None:
+    """Found by review: the disk and store levels read their variables with `or`, so KVSCHED_DISK_TIER_DIR='  ' turned
+    the disk level on in a directory named two blanks, KVSCHED_DISK_TIER_GB='  ' and KVSCHED_STORE_URL='  ' were
+    refused at start, KVSCHED_REPLICA_NAME='  ' named the engine '  ', and the API server's compaction tried to open a
+    store at '  ' (kvsched.core.env: blanks are unset). KVSCHED_COMPACTION_SUMMARY_PREFIX is the one setting whose
+    empty value means something (no prefix)."""
+    import socket
+
+    from kvsched.adapters.vllm.compaction_shared import SharedCheckpoints
+    from kvsched.sim.mooncake import traces_dir
+    from kvsched.tiny_model import default_cache_dir
+
+    for name in known_setting_names() - {"KVSCHED_COMPACTION_SUMMARY_PREFIX"}:
+        monkeypatch.setenv(name, "  ")
+    assert engine_setting_errors() == [] and engine_setting_warnings() == []
+    assert LevelsConfig.from_extra({}) == LevelsConfig(replica=f"{socket.gethostname()}/{os.getpid()}")
+    ns = parser().parse_args(["--scheduler", "kvsched"])
+    assert ns.kv_transfer_config.kv_connector_extra_config["tier_gb"] == "auto" and capsys.readouterr().err == ""
+    assert SharedCheckpoints.from_env() is None and "shared store" not in caplog.text
+    home = Path.home() / ".cache" / "kvsched"
+    assert (default_cache_dir(), traces_dir()) == (home / "models", home / "traces")
+
+
 @pytest.mark.parametrize(("extra", "env", "named"), [
     ({"kv_ttl_s": 0}, {}, "kv_ttl_s must be"), ({"fetch_mb": True}, {}, "fetch_mb must be a number"),
     ({}, {"KVSCHED_STORE_KV_TTL_S": "0"}, "KVSCHED_STORE_KV_TTL_S must be"),

@@ -182,6 +182,27 @@ def parallel_refusal(args: argparse.Namespace) -> str | None:
     return None
 
 
+def summary_priority_warning(args: argparse.Namespace) -> str | None:
+    """Why compaction's summary calls will not yield to user traffic, in one line, or None. They are sent at a lower
+    vLLM priority (KVSCHED_COMPACTION_SUMMARY_PRIORITY), which vLLM's default `--scheduling-policy fcfs` ignores (its
+    FCFS queue, v1/core/sched/request_queue.py, serves in arrival order); only `priority` honours it. A warning, not a
+    refusal: FCFS serves the summary in its turn, which many operators may accept. Found by review: nothing said so."""
+    policy = getattr(args, "scheduling_policy", None)  # vLLM 0.32: "fcfs" (its default) or "priority"
+    if policy != "fcfs" or not is_kvsched_scheduler(getattr(args, "scheduler_cls", None)):
+        return None
+    from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput
+
+    try:
+        summarizes = CompactionConfig.from_env().summarizes
+    except InvalidCompactionInput:  # refused before this, naming the variable (engine_setting_errors)
+        return None
+    if not summarizes:
+        return None
+    return ("compaction's summary calls are sent at a lower priority (KVSCHED_COMPACTION_SUMMARY_PRIORITY), which "
+            "vLLM's --scheduling-policy fcfs (its default) ignores: they queue with user requests in arrival order; "
+            "add --scheduling-policy priority for them to yield to user traffic")
+
+
 RAY_PREFIXES_VAR = "VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY"
 
 
@@ -255,6 +276,8 @@ def _check_after_parsing(parser: Any) -> None:
                 print(f"kvsched: warning: {warning}", file=sys.stderr)
             if errors := engine_setting_errors():
                 parser.exit(2, "".join(f"kvsched: {e}\n" for e in errors))
+            if (warning := summary_priority_warning(ns)) is not None:
+                print(f"kvsched: warning: {warning}", file=sys.stderr)
             mark_keyed_server(ns)  # before the engine core starts: it inherits the variable
         kvsched = is_kvsched_scheduler(getattr(ns, "scheduler_cls", None))
         apply_tier(parser, ns, kvsched)
