@@ -165,9 +165,10 @@ class PinApplier(Generic[B]):
         need = max(PRESSURE_CHUNK, -(-num_new_tokens // self.block_size) + 1 + own_free_hits - before)
         exclude = (own,) if own is not None else ()
         while True:
-            # Other sessions first. The request's own session last (even while it runs): releasing it frees nothing
-            # the request will hit (hit blocks are taken back out of the free queue), but keeping it when nothing
-            # else is left would leave a request waiting on its own session's pin forever.
+            # Other sessions first (idle ones, then those with a request running and a pin beyond it, then those
+            # with one queued). The request's own session last (even while it runs): releasing it frees nothing the
+            # request will hit (hit blocks are taken back out of the free queue), but keeping it when nothing else is
+            # left would leave a request waiting on its own session's pin forever.
             releases = (self.policy.release_for_pressure(need, exclude=exclude) or self.policy.release_for_pressure(need)
                         or (self.policy.release_running_pin(own) if own is not None else []))
             if not releases:
@@ -183,7 +184,7 @@ class PinApplier(Generic[B]):
             return
         pool = self.pool
         target = pool.num_free() + blocks
-        while pool.num_free() < target:  # the release order never holds running sessions and puts waiting ones last
+        while pool.num_free() < target:  # the release order puts sessions with a request in flight after idle ones
             releases = self.policy.release_for_pressure(target - pool.num_free(), exclude=(exclude,), idle_only=True)
             if not releases:
                 return

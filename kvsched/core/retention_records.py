@@ -59,6 +59,9 @@ class SessionRecord:
     pinned_tokens: int = 0
     pin_overlapped: bool = False  # another turn of the session was still running when the pin was made or kept
     kept_over: bool = False  # its last finished turn left the session's longer pin in place (they overlapped)
+    # The pin may hold blocks no running request of the session holds: made or kept while another request of it ran,
+    # or grown by a prefetch. Cleared when a turn starts (the pin is cut to what that request hit).
+    pin_beyond_running: bool = False
     hits: int = 0
     hit_tokens: int = 0
     prefetched_tokens: int = 0  # the pin's last tokens, restored from the FP8 tier ahead of the next turn
