@@ -216,6 +216,14 @@ class RetentionPolicy(ReleaseValues):
             rec.ended = True
         return decisions
 
+    def release_every_pin(self, reason: ReleaseReason) -> list[Release]:
+        """Release every pin; the sessions go on (records, ended flags): e.g. the engine's prefix cache is reset."""
+        out = []
+        for rec in list(self.index.pinned.values()):
+            out.append(self._release(rec, reason))
+            self.index.changed(rec)
+        return out
+
     def expire(self) -> list[Decision]:
         """Release every pin whose TTL has run out (`ExpiryQueue.due`: not those of sessions already back)."""
         decisions: list[Decision] = []

@@ -16,6 +16,7 @@ class ReleaseReason(StrEnum):
     PRESSURE = "pressure"  # a live request needed the blocks
     BUDGET = "budget"  # pins exceeded the pin budget
     PAYBACK = "payback"  # pins were not paying against a plain LRU pool: suspended (kvsched.core.pin_payback)
+    RESET = "reset"  # the engine's prefix cache was reset (new weights): the session goes on, its KV does not
 
 
 # The policy's counter names per reason (whole releases, partial ones, blocks released, blocks of queued sessions),
