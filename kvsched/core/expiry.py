@@ -46,10 +46,11 @@ class ExpiryQueue:
     def due(self, sessions: Mapping[SessionKey, SessionRecord], now: float) -> list[SessionRecord]:
         """The pinned sessions whose TTL has run out by `now`, except those whose next request is already queued: the
         session is back (its turn's start hands the blocks to the request; a prefetch from the tier may have made
-        that pin after the TTL ran out, and releasing it would waste the restore), and those whose turn is running
-        (its request holds the blocks: a release frees nothing, and the turn's end pins them again). Those are looked
-        at again a TTL later (the pin still expires if the request is abandoned); sessions a later turn extended, at
-        their expiry."""
+        that pin after the TTL ran out, and releasing it would waste the restore), and those whose running turn hit
+        all of the pin (its request holds the blocks: a release frees nothing, and the turn's end pins them again).
+        Those are looked at again a TTL later (the pin still expires if the request is abandoned); sessions a later
+        turn extended, at their expiry. A pin beyond the session's running requests (made when a turn finished beside
+        another of it) expires: found by review, a side request running on kept the turn's pin past its TTL."""
         heap = self.heap
         out: list[SessionRecord] = []
         back: list[SessionRecord] = []
@@ -69,7 +70,8 @@ class ExpiryQueue:
             elif key not in taken:  # `clamp` can leave a session two entries due at once (found by review: skipping
                 # the second before this check left a re-pinned session with no entry, its pin never expiring)
                 taken.add(key)
-                (back if rec.waiting or rec.active_requests else out).append(rec)
+                held = rec.active_requests and not rec.pin_beyond_running
+                (back if rec.waiting or held else out).append(rec)
         for rec in back:
             if rec.expiry_queued is None:
                 self.push(rec, now + max(rec.ttl_s, MIN_RECHECK_S))

@@ -159,15 +159,23 @@ class PinApplier(Generic[B]):
         them). Release pins, lowest value first; True if blocks were freed (the allocation is then retried)."""
         pool = self.pool
         before = pool.num_free()
+        # Nothing, if releasing every pin could not free the blocks it lacks at least (its new tokens may start
+        # inside its last block: one less). Found by review: a waiting request too large to fit beside the running
+        # ones released every pin at each step it was tried (vLLM's queue and the simulator's wait behind it), so the
+        # pool kept none while it waited; its admission, when it fits, releases the lowest-value pins it needs.
+        short = -(-num_new_tokens // self.block_size) - 1 + own_free_hits - before
+        if short > 0 and short > self.policy.pressure_bound(own):
+            return False
         # About the shortfall, not the request's whole size: free blocks still count (released pins stay cached in
         # the free queue only until reused, and the order past the shortfall may change before they are needed, e.g.
         # when a released session's next turn arrives). If it was not enough, the caller fails again and comes back.
         need = max(PRESSURE_CHUNK, -(-num_new_tokens // self.block_size) + 1 + own_free_hits - before)
         exclude = (own,) if own is not None else ()
         while True:
-            # Other sessions first. The request's own session last (even while it runs): releasing it frees nothing
-            # the request will hit (hit blocks are taken back out of the free queue), but keeping it when nothing
-            # else is left would leave a request waiting on its own session's pin forever.
+            # Other sessions first (idle ones, then those with a request running and a pin beyond it, then those
+            # with one queued). The request's own session last (even while it runs): releasing it frees nothing the
+            # request will hit (hit blocks are taken back out of the free queue), but keeping it when nothing else is
+            # left would leave a request waiting on its own session's pin forever.
             releases = (self.policy.release_for_pressure(need, exclude=exclude) or self.policy.release_for_pressure(need)
                         or (self.policy.release_running_pin(own) if own is not None else []))
             if not releases:
@@ -183,7 +191,7 @@ class PinApplier(Generic[B]):
             return
         pool = self.pool
         target = pool.num_free() + blocks
-        while pool.num_free() < target:  # the release order never holds running sessions and puts waiting ones last
+        while pool.num_free() < target:  # the release order puts sessions with a request in flight after idle ones
             releases = self.policy.release_for_pressure(target - pool.num_free(), exclude=(exclude,), idle_only=True)
             if not releases:
                 return

@@ -6,8 +6,14 @@ activity, version, key) entries. Any event of a session marks it (`changed`, O(1
 first keys the marked sessions at its own time (O(log n) each). An entry whose version is not its session's is stale
 and dropped when it reaches the top (lazy invalidation); the heap is rebuilt from its live entries when stale ones
 outnumber them.
-Sessions with a request running are not in the heap (never victims); those with one waiting are kept apart (released
-last, latest arrival first).
+Sessions with a request waiting are kept apart (released last, latest arrival first), and so are those with a request
+running whose pin may hold blocks no running request of theirs holds (`SessionRecord.pin_beyond_running`: a turn that
+finished beside another of its session pinned its prefix): released after the idle ones, lowest value first, tail
+first, so only what their requests do not hold is freed. Found by review: they were never victims, so a title request
+running beside a chat turn kept the turn's pin from every other session's shortage and from its TTL until it finished
+(another session's request waited 295 steps on vLLM's scheduler; stock vLLM: 0). A running session whose pin is all
+its request hit (a turn's start cuts the pin to that) is not in the order: a release would free nothing.
+`releasable_blocks` bounds, in O(1), what releasing every pin in the order could free.
 
 Up to `exact_limit` pinned sessions the order is the exact scan: every candidate scored at the decision's time, through
 the policy's selector (the C++/Triton kernels in the engine). Beyond it a decision takes entries off the heap (O(log n)
@@ -60,11 +66,13 @@ class ReleaseIndex:
         self.exact_limit = exact_limit
         self.pinned: dict[SessionKey, SessionRecord] = {}
         self._heap: list[Entry] = []  # idle pinned sessions (no request running or waiting), keyed when last seen
-        self._queued: dict[SessionKey, SessionRecord] = {}  # pinned, a request waiting, none running
+        self._queued: dict[SessionKey, SessionRecord] = {}  # pinned, a request waiting
+        self._running: dict[SessionKey, SessionRecord] = {}  # pinned beyond its running requests, none waiting
         self._dirty: dict[SessionKey, SessionRecord] = {}  # changed since the heap last looked: keyed at the next one
         self._due: list[tuple[float, int, SessionKey]] = []  # (when its key is due again, version, session)
         self._versions = itertools.count(1)
         self.counters = {"heap_pops": 0, "rescored": 0, "rebuilds": 0, "rekeyed": 0}
+        self.releasable_blocks = 0  # pinned blocks of the sessions the order may offer (shared ones counted per pin)
 
     def __len__(self) -> int:
         return len(self.pinned)
@@ -73,17 +81,25 @@ class ReleaseIndex:
         """The session's pin, requests, value inputs or activity changed (call after every event of the session).
         O(1): the session is scored when a decision next needs the heap."""
         rec.version = next(self._versions)
-        if rec.pinned_blocks > 0:  # `pinned`, without the property call (every event of every session)
+        n = rec.pinned_blocks
+        if n > 0:  # `pinned`, without the property call (every event of every session)
             self.pinned[rec.key] = self._dirty[rec.key] = rec
+            if rec.active_requests and not rec.pin_beyond_running:
+                n = 0  # all its running request hit: no release frees any of it
         else:
             self.pinned.pop(rec.key, None)
             self._dirty.pop(rec.key, None)
             self._queued.pop(rec.key, None)
+            self._running.pop(rec.key, None)
+        if n != rec.releasable:
+            self.releasable_blocks += n - rec.releasable
+            rec.releasable = n
 
     def order(self, now: float, skip: set[SessionKey]) -> Generator[SessionKey, None, None]:
-        """Pinned sessions not in `skip` and with no request running, lowest value first (ties: least recently
-        active first), then those with a request waiting to be scheduled, latest arrival first. Lazy: a caller that
-        stops early pays for what it took; close the iterator when done (entries set aside go back then)."""
+        """Pinned sessions not in `skip`: those with no request in flight, lowest value first (ties: least recently
+        active first); then those with a request running and a pin beyond it, lowest value first; then those with a
+        request waiting to be scheduled, latest arrival first. Lazy: a caller that stops early pays for what it took;
+        close the iterator when done (entries set aside go back then)."""
         if len(self.pinned) <= self.exact_limit:
             yield from self._scan(now, skip)
         else:
@@ -92,22 +108,30 @@ class ReleaseIndex:
     # ---- internals ----------------------------------------------------------------------------------------------
     def _scan(self, now: float, skip: set[SessionKey]) -> list[SessionKey]:
         recs: list[SessionRecord] = []
+        running: list[SessionRecord] = []
         queued: list[tuple[float, int, SessionKey]] = []
         for rec in sorted(self.pinned.values(), key=lambda r: r.activity):
-            if rec.key in skip or rec.active_requests > 0:
+            if rec.key in skip or (rec.active_requests and not rec.pin_beyond_running):
                 continue
             if rec.waiting:
                 queued.append((-(now if rec.waiting_since is None else rec.waiting_since), len(queued), rec.key))
-                continue
-            recs.append(rec)
+            elif rec.active_requests:
+                running.append(rec)
+            else:
+                recs.append(rec)
         if not recs:
             order: list[SessionKey] = []
         elif self.selector is select_lowest:  # the scalar reference sorts by the score itself: no Candidate needed
-            score = self.score
-            order = [recs[i].key for _, i in sorted((score(rec, now), i) for i, rec in enumerate(recs))]
+            order = self._by_score(recs, now)
         else:
             order = [recs[i].key for i in self.selector([self.candidate(rec, now) for rec in recs], len(recs))]
-        return order + [key for *_, key in sorted(queued)]
+        return order + self._by_score(running, now) + [key for *_, key in sorted(queued)]
+
+    def _by_score(self, recs: list[SessionRecord], now: float) -> list[SessionKey]:
+        """`recs` (in activity order) lowest value first, ties in their order. (The selector would skip a session with
+        a request running: its candidate is marked in use.)"""
+        score = self.score
+        return [recs[i].key for _, i in sorted((score(rec, now), i) for i, rec in enumerate(recs))]
 
     def _flush(self, now: float) -> None:
         """Key the sessions changed since the last decision and those whose key is due again (stale entries dropped
@@ -123,12 +147,16 @@ class ReleaseIndex:
                 dirty[key] = rec
                 self.counters["rekeyed"] += 1
         push = functools.partial(heapq.heappush, self._heap)
+        queued, running = self._queued, self._running
         for rec in dirty.values():
-            self._queued.pop(rec.key, None)
-            if rec.active_requests:
-                continue  # in use: never a victim; its next event (the turn's end) keys it again
+            queued.pop(rec.key, None)
+            running.pop(rec.key, None)
+            if rec.active_requests and not rec.pin_beyond_running:
+                continue  # all its running request hit: never a victim; its next event (the turn's end) keys it again
             if rec.waiting:
-                self._queued[rec.key] = rec
+                queued[rec.key] = rec
+            elif rec.active_requests:
+                running[rec.key] = rec
             else:
                 push((self.score(rec, now), rec.activity, rec.version, rec.key))
                 last = rec.last_finished
@@ -172,9 +200,13 @@ class ReleaseIndex:
                 aside.append(heapq.heappop(heap))
                 taken.add(key)
                 yield key
+            # The sessions kept apart: O(their number) for a decision that got this far (no idle pin was left).
+            dirty, score = self._dirty, self.score
+            for *_, key in sorted((score(r, now), r.activity, k) for k, r in self._running.items()
+                                  if k not in skip and k not in taken and k not in dirty):
+                yield key
             queued = sorted((-(now if r.waiting_since is None else r.waiting_since), r.activity, k)
-                            for k, r in self._queued.items()
-                            if k not in skip and k not in taken and k not in self._dirty)
+                            for k, r in self._queued.items() if k not in skip and k not in taken and k not in dirty)
             for *_, key in queued:
                 yield key
         finally:

@@ -5,12 +5,14 @@ The policy updates its own bookkeeping as it decides; the adapter (vLLM schedule
 decision it receives. No engine types and no wall clock: time comes from the injected `clock`, so tests and the
 simulator replay exact decisions.
 
-"May it be released?" and "in what order?" are separate: a session with a request in flight is never a victim (its
-blocks are in use, releasing frees nothing); among the others the order is `kvsched.core.scoring.retention_value`,
-lowest first, fed with the session's expected time to its next turn given how long it has been idle
-(`RetentionPolicy.expected_next_use_s`). Sessions whose next request has already arrived and waits to be scheduled
-come last, latest arrival first: their next use is now (in a burst, releasing one to admit another only swaps whose
-history is prefilled again), and the engine serves its queue in arrival order.
+"May it be released?" and "in what order?" are separate: a session whose running request holds all its pin is never a
+victim (releasing frees nothing); among the others the order is `kvsched.core.scoring.retention_value`, lowest first,
+fed with the session's expected time to its next turn given how long it has been idle
+(`RetentionPolicy.expected_next_use_s`). Sessions with a request running and a pin beyond it (a turn that finished
+beside another of its session) come after the idle ones, and those whose next request has already arrived and waits
+to be scheduled come last, latest arrival first: their next use is now (in a burst, releasing one to admit another
+only swaps whose history is prefilled again), and the engine serves its queue in arrival order
+(`kvsched.core.release_index`).
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ class RetentionPolicy(ReleaseValues):
         if rec.pinned_blocks > 0 and cached_tokens < rec.pinned_tokens:
             keep = rec.pinned_blocks * max(cached_tokens, 0) // max(rec.pinned_tokens, 1)
             decisions.append(self._release(rec, ReleaseReason.TURN, rec.pinned_blocks - keep if keep else None))
+        rec.pin_beyond_running = False  # what is left of the pin, the request hit: it holds those blocks
         self.index.changed(rec)
         return decisions
 
@@ -163,7 +166,7 @@ class RetentionPolicy(ReleaseValues):
                 and likely:  # found by review: a turn preempted, then aborted, holds nothing; its hit pin stays
             # A turn that ran beside another of the session (a title or side request sent with the conversation's
             # turn) does not replace a longer pin: the session's next turn continues the longer prefix as likely.
-            rec.pin_overlapped = rec.active_requests > 0
+            rec.pin_overlapped = rec.pin_beyond_running = rec.active_requests > 0
             rec.kept_over = True
             self.counters["pins_kept_over_overlapping_turn"] += 1
             self.expiry.queue(rec)
@@ -176,7 +179,7 @@ class RetentionPolicy(ReleaseValues):
         # The new prefix replaces the old pin (the adapter only touches the difference).
         self.pinned_blocks_total += blocks - rec.pinned_blocks
         rec.pinned_blocks, rec.pinned_tokens, rec.whole_only = blocks, tokens, whole_only
-        rec.pin_overlapped = rec.active_requests > 0
+        rec.pin_overlapped = rec.pin_beyond_running = rec.active_requests > 0
         decisions: list[Decision] = [Pin(key)]
         self.counters["pins"] += 1
         self.expiry.queue(rec)
@@ -193,6 +196,7 @@ class RetentionPolicy(ReleaseValues):
         rec.prefetched_tokens += tokens - rec.pinned_tokens
         rec.pinned_blocks, rec.pinned_tokens = blocks, tokens
         rec.whole_only = False  # a restored pin is one group (`PinApplier.adopt`)
+        rec.pin_beyond_running = True  # no request holds the restored blocks yet
         self.expiry.queue(rec)
         self.index.changed(rec)
         self.counters["prefetches"] += 1
@@ -211,6 +215,14 @@ class RetentionPolicy(ReleaseValues):
         else:  # found by review: a request running at the end pinned the session again when it finished
             rec.ended = True
         return decisions
+
+    def release_every_pin(self, reason: ReleaseReason) -> list[Release]:
+        """Release every pin; the sessions go on (records, ended flags): e.g. the engine's prefix cache is reset."""
+        out = []
+        for rec in list(self.index.pinned.values()):
+            out.append(self._release(rec, reason))
+            self.index.changed(rec)
+        return out
 
     def expire(self) -> list[Decision]:
         """Release every pin whose TTL has run out (`ExpiryQueue.due`: not those of sessions already back)."""
@@ -246,12 +258,18 @@ class RetentionPolicy(ReleaseValues):
                              idle_only: bool = False) -> list[Release]:
         """A live request is short of blocks: release about `blocks` blocks of pins (not of `exclude`), lowest-value
         pins first. The adapter retries the allocation and asks again if that was not enough. `idle_only`: stop at the
-        first session with a request waiting (the order puts them last; running ones are never in it)."""
+        first session with a request waiting or running (the order puts them after the idle ones)."""
         return self.release_blocks(blocks, ReleaseReason.PRESSURE, exclude, idle_only)
+
+    def pressure_bound(self, own: SessionKey | None) -> int:
+        """At least the blocks that releasing every pin a shortage of a request of `own` may release could free
+        (pins the order offers, and `own`'s: `release_running_pin`), in O(1)."""
+        rec = self.sessions.get(own) if own is not None else None
+        return self.index.releasable_blocks + (rec.pinned_blocks if rec is not None else 0)
 
     def release_running_pin(self, key: SessionKey) -> list[Release]:
         """A request short of blocks with no other pin left: its own running session's pin, which no release order
-        offers (e.g. an earlier side turn's unrelated prefix). Blocks the request holds stay allocated to it."""
+        offers when its running request hit all of it. Blocks the request holds stay allocated to it."""
         rec = self.sessions.get(key)
         if rec is None or not rec.pinned_blocks:
             return []
@@ -271,7 +289,7 @@ class RetentionPolicy(ReleaseValues):
         try:
             for key in order:
                 rec = self.sessions[key]
-                if idle_only and rec.waiting:
+                if idle_only and (rec.waiting or rec.active_requests):
                     break
                 take = rec.pinned_blocks if rec.whole_only else min(blocks, rec.pinned_blocks)
                 if rec.waiting:  # nothing idle was left: a queued request will prefill this part again

@@ -16,6 +16,7 @@ class ReleaseReason(StrEnum):
     PRESSURE = "pressure"  # a live request needed the blocks
     BUDGET = "budget"  # pins exceeded the pin budget
     PAYBACK = "payback"  # pins were not paying against a plain LRU pool: suspended (kvsched.core.pin_payback)
+    RESET = "reset"  # the engine's prefix cache was reset (new weights): the session goes on, its KV does not
 
 
 # The policy's counter names per reason (whole releases, partial ones, blocks released, blocks of queued sessions),
@@ -59,6 +60,10 @@ class SessionRecord:
     pinned_tokens: int = 0
     pin_overlapped: bool = False  # another turn of the session was still running when the pin was made or kept
     kept_over: bool = False  # its last finished turn left the session's longer pin in place (they overlapped)
+    # The pin may hold blocks no running request of the session holds: made or kept while another request of it ran,
+    # or grown by a prefetch. Cleared when a turn starts (the pin is cut to what that request hit).
+    pin_beyond_running: bool = False
+    releasable: int = 0  # its pinned blocks as counted in the release index's `releasable_blocks`
     hits: int = 0
     hit_tokens: int = 0
     prefetched_tokens: int = 0  # the pin's last tokens, restored from the FP8 tier ahead of the next turn

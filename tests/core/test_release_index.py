@@ -37,18 +37,20 @@ def random_turns(seed: int, sessions: int, steps: int, clock: FakeClock, max_gap
 
 def scan_order(p: RetentionPolicy, exclude: set[SessionKey]) -> list[SessionKey]:
     """The release order as the policy computed it before the index: every session of the table scanned, scored now,
-    lowest value first with ties in table order, then the queued ones, latest arrival first."""
+    lowest value first with ties in table order, then those with a request running and a pin beyond it, the same way,
+    then the queued ones, latest arrival first (never a session whose running request hit all its pin)."""
     now = p.clock()
     idle: list[tuple[float, int, SessionKey]] = []
+    running: list[tuple[float, int, SessionKey]] = []
     queued: list[tuple[float, int, SessionKey]] = []
     for i, (key, rec) in enumerate(p.sessions.items()):
-        if not rec.pinned or key in exclude or rec.active_requests > 0:
+        if not rec.pinned or key in exclude or (rec.active_requests and not rec.pin_beyond_running):
             continue
         if rec.waiting:
             queued.append((-(rec.waiting_since or now), i, key))
         else:
-            idle.append((retention_value(p.candidate(rec, now)), i, key))
-    return [k for *_, k in sorted(idle)] + [k for *_, k in sorted(queued)]
+            (running if rec.active_requests else idle).append((retention_value(p.candidate(rec, now)), i, key))
+    return [k for *_, k in sorted(idle)] + [k for *_, k in sorted(running)] + [k for *_, k in sorted(queued)]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -88,6 +90,9 @@ def test_heap_and_scan_take_the_same_decisions_while_values_are_unchanged(seed):
         assert heap.release_order() == scan.release_order() == scan_order(scan, set())
         assert heap.release_order([exclude]) == scan_order(heap, {exclude})
         assert set(heap.index.pinned) == {key for key, r in heap.sessions.items() if r.pinned}
+        for p in (heap, scan):  # the shortage's O(1) bound: the pins the order may offer
+            assert p.index.releasable_blocks == sum(r.pinned_blocks for r in p.sessions.values()
+                                                    if not r.active_requests or r.pin_beyond_running)
         pinned_seen = max(pinned_seen, heap.pinned_sessions)
     assert pinned_seen > 20  # the heap path ran on a real population
     assert heap.index.counters["heap_pops"] > 0 and scan.index.counters["heap_pops"] == 0
@@ -116,7 +121,8 @@ def test_heap_releases_only_releasable_sessions_while_values_change(seed):
             before = {key: r.pinned_blocks for key, r in p.sessions.items()}
             for rel in p.release_for_pressure(rng.randrange(1, 400), exclude=ex):
                 r = p.sessions[rel.key]
-                assert rel.key not in ex and r.active_requests == 0 and before[rel.key] > 0
+                assert rel.key not in ex and before[rel.key] > 0
+                assert r.active_requests == 0 or r.pin_beyond_running  # never a pin all its running request hit
     assert p.counters["pins"] > 100
 
 

@@ -270,16 +270,17 @@ class SessionPins:
         pins_only = sum(1 for i, n in self.block_refs.items() if pool.blocks[i].ref_cnt <= n)
         return pool.get_num_free_blocks() + pins_only >= pool.num_gpu_blocks - 1  # the null block is always used
 
-    def release_all(self, reason: ReleaseReason = ReleaseReason.END) -> int:
-        """Drop every pin (e.g. before vLLM resets the prefix cache). Returns how many were released."""
-        keys = list(self.pinned)
-        for key in keys:
-            self.policy.end(key)
-            self.resolver.forget(key)
-            self._unpin(key)
+    def release_all(self) -> int:
+        """Release every pin before vLLM resets the prefix cache (an RLHF weight sync, `pause_generation(clear_cache=
+        True)`, `sleep()`), as a release of its own (`released_reset`). The sessions go on: their records, ended flags
+        and lineage stay, so a turn queued or running at the reset is pinned when it finishes. Found by review: every
+        pinned session was ended (counted in `sessions_ended`, no client asked), and such a turn finished as its
+        session's last: no pin, the record and lineage forgotten. Returns how many pins were released."""
+        released = self.policy.release_every_pin(ReleaseReason.RESET)
+        self.pins.apply(released)
         if self.tier is not None:  # the tier's blocks, partial last blocks and lower levels too: maybe new weights
             self.tier.reset_cache()
-        return len(keys)
+        return len(released)
 
     def _key_in_use(self, key: SessionKey) -> bool:
         """Something is still kept under `key` (its record, the tier's copies): a new branch never gets its number."""
