@@ -68,14 +68,20 @@ def test_a_session_that_ran_a_turn_where_it_failed_over_to_stays_there(why: str,
     assert r._displaced == {}
 
 
-def test_a_session_failed_over_twice_goes_back_only_to_the_slot_it_left_last() -> None:
-    """A -> B (failover), a turn on B, then B fails it -> C: it may go back to B on the next turn, never to A."""
+def on_three_slots_home_down() -> tuple[SessionRouter, str, str]:
+    """Three live slots (A, B and a third, returned), a session that ran a turn on its home A, and A down."""
     c = slot_name(2)
     r = SessionRouter(RouterConfig())
     r.set_live([A, B, c], FIRST | {c: "c@1"})
     sid = next(s for s in SESSIONS if r.home(s) == A)
     r.record(r.route(sid, {}))
     r.mark_down(A)
+    return r, sid, c
+
+
+def test_a_session_failed_over_twice_goes_back_only_to_the_slot_it_left_last() -> None:
+    """A -> B (failover), a turn on B, then B fails it -> C: it may go back to B on the next turn, never to A."""
+    r, sid, c = on_three_slots_home_down()
     r.record(r.route(sid, {}))  # failover A -> somewhere
     there = r.last_slot(sid)
     assert there != A
@@ -90,12 +96,7 @@ def test_a_session_failed_over_twice_goes_back_only_to_the_slot_it_left_last() -
 def test_a_turn_sent_elsewhere_after_the_failover_also_keeps_the_session_from_going_back() -> None:
     """The turn after the failover overflowed off the busy replica it went to: its newest KV is on a third one, and
     it does not go back to the one it left once that is back."""
-    c = slot_name(2)
-    r = SessionRouter(RouterConfig())
-    r.set_live([A, B, c], FIRST | {c: "c@1"})
-    sid = next(s for s in SESSIONS if r.home(s) == A)
-    r.record(r.route(sid, {}))
-    r.mark_down(A)
+    r, sid, c = on_three_slots_home_down()
     went = r.route(sid, {})
     r.record(went)
     other = next(s for s in (B, c) if s != went.slot)

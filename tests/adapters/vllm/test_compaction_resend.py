@@ -5,6 +5,7 @@ request is sent again as the client sent it, once; the client gets that answer."
 import json
 from types import SimpleNamespace
 
+from kvsched.adapters.vllm.http_io import read_body
 from kvsched.adapters.vllm.middleware import KVSchedMiddleware
 from kvsched.core.compaction_config import DEFAULT_SUMMARY_PREFIX
 from tests.adapters.vllm.test_compaction import compactor, request
@@ -25,12 +26,7 @@ class TemplateVllm:
                                                           api_key=None))
 
     async def __call__(self, scope, receive, send):
-        body = b""
-        while True:
-            m = await receive()
-            body += m.get("body", b"")
-            if not m.get("more_body"):
-                break
+        body = await read_body(scope, receive)
         payload = json.loads(body)
         assert int(dict(scope["headers"])[b"content-length"]) == len(body)
         self.bodies.append(payload)

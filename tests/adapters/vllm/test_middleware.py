@@ -85,12 +85,7 @@ class FakeVllm:
                                          call_utility_async=call_utility_async)))
 
     async def __call__(self, scope, receive, send):
-        body = b""
-        while True:
-            m = await receive()
-            body += m.get("body", b"")
-            if not m.get("more_body"):
-                break
+        body = await read_body(scope, receive)
         headers = dict(scope["headers"])
         ok = not self.keys or headers.get(b"authorization") in [f"Bearer {k}".encode() for k in self.keys]
         self.calls.append((scope["path"], body))
