@@ -75,14 +75,18 @@ class PoolSelector:
     def select(self, model: str | None, role: str | None = None, session_id: str | None = None,
                session_tokens: int = 0) -> PoolRule:
         """The pool for one request: the long-context pool for a long session, else the pools serving `model`
-        (all, when it is None), the one serving `role` first. Raises UnknownModel for a model no pool serves."""
+        (all, when it is None), the one serving `role` first. Raises UnknownModel for a model no pool serves. A
+        request of no session goes to the long-context pool by its own size, remembered nowhere (found by review:
+        an unnamed conversation's opening, remembered like a session, sent every new conversation with that opening
+        there once one had grown)."""
         r = self.routing
         long_pool = r.long_pool
-        if session_id is not None and long_pool is not None and (
-                session_id in self._long_sessions
+        if long_pool is not None and (
+                (session_id is not None and session_id in self._long_sessions)
                 or (r.long_context_tokens is not None and session_tokens > r.long_context_tokens)):
             if not long_pool.models or model is None or model in long_pool.models:
-                self._remember(session_id)
+                if session_id is not None:
+                    self._remember(session_id)
                 return long_pool
         candidates = [p for p in r.pools if not p.long_context and (model is None or not p.models
                                                                     or model in p.models)]

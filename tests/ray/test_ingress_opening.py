@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from kvsched.adapters.ray.opening import opening_id
+from kvsched.adapters.ray.config import parse_config
+from kvsched.adapters.ray.opening import HOT_OPENING, OpeningRoutes, opening_id
 from kvsched.core.sessions import InvalidSessionInput, validate_session_id
 from tests.ray.test_ingress_handles import KEYED, FakeHandle, make_ingress, request
 
@@ -81,6 +82,42 @@ def test_a_named_session_is_routed_by_its_name_and_least_loaded_keeps_the_old_ro
     assert routed(handle)[0][0] == "conv-1"
     plain = FakeHandle({"r0": {}}, "r0")
     ing = make_ingress({"w": plain})
-    ing.config = ing.config.model_copy(update={"router": ing.config.router.model_copy(update={"unnamed":
-                                                                                              "least_loaded"})})
+    ing.openings.enabled = False  # router: {unnamed: least_loaded}
     assert send(ing, turns("hi")[0]).status_code == 200 and routed(plain)[0][0] is None
+
+
+def test_an_opening_is_no_session_for_the_long_context_pool() -> None:
+    """Found by review: the opening's key was remembered like a session's, so once one conversation with a common
+    opening ("Hi") grew past long_context_tokens, every new short conversation with it went to the long pool."""
+    from kvsched.adapters.ray.ingress import OpenAIIngress
+
+    w, big = FakeHandle({"r0": {}}, "r0"), FakeHandle({"L0": {}}, "L0")
+    inner = OpenAIIngress.__mro__[1]
+    ing = inner.__new__(inner)
+    cfg = {"pools": [{"name": "w", "model": "/m"}, {"name": "long", "model": "/m", "models": ["w"], "long_context": True}],
+           "long_context_tokens": 1000}
+    inner.__init__(ing, parse_config(cfg).to_dict(), {"w": w, "long": big})
+    w.replicas["r0"]["body"] = big.replicas["L0"]["body"] = json.dumps({"usage": {"total_tokens": 5000}}).encode()
+    first = turns("Hi")[0]
+    assert send(ing, first).headers["x-kvsched-pool"] == "w"
+    grown = first + [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "x " * 4000}]
+    assert send(ing, grown).headers["x-kvsched-pool"] == "long"  # by its own size
+    assert send(ing, first).headers["x-kvsched-pool"] == "w"  # another conversation's first turn
+
+
+def test_a_hot_opening_goes_least_loaded_and_its_count_is_released() -> None:
+    """Found by review: a burst of conversations with one opening piled onto its replica up to the load floor."""
+    routes = OpeningRoutes(True)
+    payload = {"messages": turns("Hi")[0]}
+    key = routes.key(payload, lambda o: o)
+    assert key is not None
+    held = [routes.sent(key) for _ in range(HOT_OPENING)]
+    for h in held:
+        h.__enter__()
+    assert routes.key(payload, lambda o: o) is None  # the next conversation with it: least loaded
+    held[0].__exit__(None, None, None)
+    assert routes.key(payload, lambda o: o) == key
+    with pytest.raises(RuntimeError), routes.sent(key):
+        raise RuntimeError("the engine call failed")
+    held[1].__exit__(None, None, None)
+    assert routes.in_flight == {}

@@ -212,6 +212,7 @@ def test_an_ended_sessions_last_answer_does_not_send_the_next_session_under_its_
 
     from kvsched.adapters.ray.config import load_config
     from kvsched.adapters.ray.ingress import OpenAIIngress
+    from kvsched.adapters.ray.opening import OpeningRoutes
     from kvsched.core.routing_pools import PoolSelector
 
     cfg = load_config(Path(__file__).parents[2] / "examples/ray/agents-gpu.yaml")
@@ -236,7 +237,7 @@ def test_an_ended_sessions_last_answer_does_not_send_the_next_session_under_its_
 
     ing = types.SimpleNamespace(config=cfg, selector=PoolSelector(cfg.routing()), pools={p.name: p for p in cfg.pools},
                                 engines={p.name: Handle(p.name) for p in cfg.pools}, session_tokens=OrderedDict(),
-                                session_ends=OrderedDict(), keyed=False)
+                                session_ends=OrderedDict(), keyed=False, openings=OpeningRoutes(True))
     for name in ("_complete", "_attempts", "_remember_usage", "_stream", "_ended"):
         setattr(ing, name, types.MethodType(getattr(OpenAIIngress, name), ing))
 

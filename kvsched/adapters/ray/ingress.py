@@ -37,7 +37,7 @@ from kvsched.adapters.ray.admin import broadcast_all
 from kvsched.adapters.ray.config import config_from_dict
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.listing import ListingError, merge, parse_listing
-from kvsched.adapters.ray.opening import opening_id
+from kvsched.adapters.ray.opening import OpeningRoutes
 from kvsched.adapters.ray.owners import (
     admin_keys,
     body_salt,
@@ -162,6 +162,7 @@ class OpenAIIngress:
         # some pool's engines check API keys: then sessions are the caller's own, here as on the engines (owners.py)
         self.keyed = any(checks_api_keys(p.engine.vllm_args, p.engine.env) for p in self.config.pools)
         self.admin_keys = admin_keys(p.engine.env for p in self.config.pools)
+        self.openings = OpeningRoutes(self.config.router.unnamed == "opening")
         self.session_tokens: OrderedDict[str, int] = OrderedDict()
         self.session_ends: OrderedDict[str, int] = OrderedDict()  # sid -> times it ended (a turn's usage counts only
         # if its session did not end meanwhile: a new session under the id starts by its own size)
@@ -276,9 +277,9 @@ class OpenAIIngress:
         model = payload.get("model")
         if model is not None and not isinstance(model, str):
             return error(400, "model must be a string", param="model")
-        sid = session.session_id
-        routed = sid if sid is not None else opening_id(payload) if self.config.router.unnamed == "opening" else None
-        key = session_key(routed, headers, body_salt(payload), self.keyed) if routed is not None else None
+        sid, salt = session.session_id, body_salt(payload)
+        key = session_key(sid, headers, salt, self.keyed) if sid is not None else None
+        opening = self.openings.key(payload, lambda o: session_key(o, headers, salt, self.keyed)) if key is None else None
         tokens = max(estimate_tokens(payload), self.session_tokens.get(key, 0) if key else 0)
         try:
             pool = self.selector.select(model, session.role, key, tokens)
@@ -287,8 +288,8 @@ class OpenAIIngress:
         payload["model"] = self.pools[pool.name].engine.served_model_name
         body = json.dumps(payload).encode()
         handle = self.engines[pool.name]
-        if key is not None:
-            handle = handle.options(session_id=key)
+        if key or opening:
+            handle = handle.options(session_id=key or opening)
         if sid is not None and is_header_safe(sid):  # else it came in the body (a header is latin-1 by construction),
             headers["x-session-id"] = sid  # which the engine reads it from too; an opening's key goes to no engine
         if session.end and sid is not None and key is not None:  # this last turn still goes where the session lives
@@ -296,9 +297,10 @@ class OpenAIIngress:
         extra = {"x-kvsched-pool": pool.name}
         hints = RouteHints(end_session=session.end)
         try:
-            if stream:
-                return await self._stream(handle, path, body, headers, extra, hints)
-            return await self._complete(handle, path, body, headers, extra, key, hints)
+            with self.openings.sent(opening):
+                if stream:
+                    return await self._stream(handle, path, body, headers, extra, hints)
+                return await self._complete(handle, path, body, headers, extra, key, hints)
         except NoReplicaAnswered as exc:
             return error(exc.status, str(exc), kind="server_error")
 

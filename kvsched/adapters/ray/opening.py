@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # Not a character a session id may hold (kvsched.core.sessions refuses control characters): no client's session id
@@ -35,3 +37,41 @@ def opening_id(payload: dict[str, Any]) -> str | None:
         if role == "user":
             return OPENING_MARK + digest.hexdigest()
     return None
+
+
+# An opening with this many requests in flight is shared by several conversations (one conversation sends its turns
+# one after another; a chat client's title request makes two): the next request of it goes least-loaded.
+HOT_OPENING = 2
+
+
+class OpeningRoutes:
+    """The ingress's routing keys for unnamed chat conversations. Found by review: all conversations with one
+    opening (a fixed greeting, a template) are one key, so with the key alone a burst of them piled onto one replica
+    up to the load floor (32 of 40 on one of four replicas) and moved back and forth when it overflowed. A key with
+    HOT_OPENING requests in flight is not used for the next one; nor is it a session anywhere else (its size does not
+    pick the long-context pool: another conversation's growth would send every new one with that opening there)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.in_flight: dict[str, int] = {}
+
+    def key(self, payload: dict[str, Any], scope: Callable[[str], str]) -> str | None:
+        """The routing key of this request's opening (`scope`: the caller's key and salt added), or None: least
+        loaded (turned off, no opening, or a hot one)."""
+        opening = opening_id(payload) if self.enabled else None
+        key = scope(opening) if opening is not None else None
+        return key if key is not None and self.in_flight.get(key, 0) < HOT_OPENING else None
+
+    @contextmanager
+    def sent(self, key: str | None) -> Iterator[None]:
+        """Counts the request in flight under `key` (None: nothing) until it answered (a stream: its first bytes)."""
+        if key is None:
+            yield
+            return
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            left = self.in_flight.pop(key) - 1
+            if left:
+                self.in_flight[key] = left
