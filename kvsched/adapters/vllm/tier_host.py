@@ -17,7 +17,7 @@ from kvsched.core.tier_config import AUTO_HOST_FRACTION, AUTO_POOL_MULTIPLE, aut
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
 AUTO_RULE = (f"min({AUTO_POOL_MULTIPLE:g} x the KV pool's bytes, {AUTO_HOST_FRACTION:g} x available host memory / "
-             f"GPUs on the host)")
+             f"the GPUs or this engine's ranks on the host, whichever is more)")
 
 
 def host_memory() -> tuple[int, int]:
@@ -82,7 +82,9 @@ def budget_bytes(requested_gib: float | None, geometry: TierGeometry, num_blocks
         budget = int(requested_gib * 2**30)
         check_fits_host(budget, total)
         return budget // max(ranks, 1)
-    return auto_budget_bytes(pool_bytes(geometry, num_blocks), available, engines_per_host())
+    # the host's share divided between the engines on it, and between this engine's ranks on it: on a CPU host (no
+    # GPU to count) a TP=4 engine's four ranks took a quarter of the host each (found by review)
+    return auto_budget_bytes(pool_bytes(geometry, num_blocks), available, max(engines_per_host(), ranks))
 
 
 def layout_name(vllm_config: Any, kv_cache_config: Any) -> str | None:

@@ -140,6 +140,9 @@ class TierLevels(ArrivalReads):
         disk = DiskDirectory(budget, files.on_disk(framed_len(32, block_bytes)) * world_size)  # one file per rank
         self.ops.deletes.extend(disk.load_index(found))
         self.counters["disk_partial_blocks_removed"] += files.partial_removed
+        if disk.capacity == 0:  # found by review: a budget below one block's files ran the level holding nothing
+            logger.warning("kvsched disk tier: %.6f GiB holds no block (%d bytes on disk for every rank's file of "
+                           "one block): the level keeps nothing", budget / 2**30, disk.block_bytes)
         logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk (%d written by some ranks only "
                     "removed)", files.dir, budget / 2**30, how, len(disk.written), files.partial_removed)
         return disk

@@ -73,3 +73,21 @@ def test_a_size_beyond_the_hosts_memory_is_refused_whatever_the_ranks(harness_cf
 
     with pytest.raises(TierConfigError, match="exceeds this machine's host memory"):
         connector(harness_cfg, monkeypatch, 100, 8)  # 12.5 GiB a rank would have fit: 100 GiB on the host does not
+
+
+def test_the_default_size_is_shared_by_the_engines_ranks_on_a_cpu_host(harness_cfg, monkeypatch) -> None:
+    """Found by review: the default rule (1/4 of available memory / GPUs) counted no GPU on a CPU host, so each rank
+    of a TP=4 engine took a quarter of the host: all of it."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvsched.adapters.vllm.fp8_tier_connector import KVSchedFP8TierConnector, kv_transfer_config
+
+    small = GIB // 256  # the host share binds, not 2x the tiny pool
+    monkeypatch.setattr(tier_host, "host_memory", lambda: (small, small))
+    monkeypatch.setattr(tier_host, "gpus_on_host", lambda: 0, raising=False)
+    s = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config("auto")))
+    cfg = s.connector.engine_config
+    monkeypatch.setattr(cfg.parallel_config, "world_size", 4)
+    c = KVSchedFP8TierConnector(cfg, KVConnectorRole.SCHEDULER, s.kv_cache_config)
+    assert tier_host.ranks_on_host(cfg.parallel_config) == 4
+    assert 0 < 4 * c.num_slots * c.geometry.block_bytes <= small // 4

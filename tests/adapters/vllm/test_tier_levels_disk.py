@@ -212,3 +212,16 @@ def test_the_disk_budget_counts_the_file_system_blocks_its_files_take(tmp_path: 
     for k in CHAIN[:6]:
         files.write(k, b"x" * frame)
     assert len(files.scan()) == 6 and files.found_bytes == 6 * taken == lv.disk.capacity * lv.disk.block_bytes
+
+
+@pytest.mark.parametrize(("reported", "unit"), [(4096, 4096), (1 << 20, 64 << 10), (4 << 20, 64 << 10), (512, 512)])
+def test_the_allocation_unit_is_the_fragment_size_at_most_64_kib(tmp_path, monkeypatch, reported, unit) -> None:
+    """Found by review: network file systems report their transfer size as the fragment size (NFS 1 MiB, CephFS
+    4 MiB); counted as each file's allocation it made a budget 4-340x smaller than the files take."""
+    import os
+    from types import SimpleNamespace
+
+    from kvsched.adapters.vllm import tier_disk
+
+    monkeypatch.setattr(os, "statvfs", lambda _p: SimpleNamespace(f_frsize=reported))
+    assert tier_disk.allocation_unit(tmp_path) == unit

@@ -206,7 +206,8 @@ def add_tier_arguments(parser: Any) -> None:
         help="Host memory (GiB) for kvsched's FP8 tier: KV that --scheduler kvsched releases under memory pressure is "
              "quantized to FP8 there and restored (prefetched when the session's next request is queued) instead of "
              "recomputed. GIB is this host's total for the engine, shared by its tensor-parallel ranks on the host. "
-             "Default auto: min(2x the KV pool's bytes, 1/4 of available host memory / GPUs) per rank; 0 turns it "
+             "Default auto: min(2x the KV pool's bytes, 1/4 of available host memory / GPUs or ranks on the host) per "
+             "rank; 0 turns it "
              "off (added by the kvsched plugin; sets --kv-transfer-config).",
     )
     for flag, metavar, text in (
