@@ -32,6 +32,9 @@ logger = logging.getLogger("vllm.kvsched.compaction")  # vLLM's handlers apply: 
 ENV_STORE_URL = "KVSCHED_STORE_URL"
 
 
+PENDING_WAIT_S = 2.0  # a load waits this long at most for this server's own write of the key (a slow store)
+
+
 class SharedCheckpoints:
     def __init__(self, store: Any, ttl_s: float = DEFAULT_STATE_TTL_S) -> None:
         self.store = store
@@ -60,9 +63,14 @@ class SharedCheckpoints:
             return None
 
     async def load_into(self, local: CompactionStore, session: str) -> int:
-        """Adopt the session's checkpoints from the store (a session this server has not seen). Returns how many."""
+        """Adopt the session's checkpoints from the store (a session this server has not seen). Returns how many.
+        This server's pending write of the key lands first, for up to PENDING_WAIT_S (found by review: a request right
+        after its conversation's end read the store before the end's drop and adopted the ended summary)."""
+        key = compaction_key(session)
+        if (pending := self._last.get(key)) is not None:
+            await asyncio.wait([pending], timeout=PENDING_WAIT_S)
         try:
-            raw = await asyncio.to_thread(self.store.get_state, compaction_key(session))
+            raw = await asyncio.to_thread(self.store.get_state, key)
             checkpoints, bad = checkpoint_rows(raw)
         except Exception as exc:  # noqa: BLE001 - the session is planned from this server's own state
             self.note_failure(exc)

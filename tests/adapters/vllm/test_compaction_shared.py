@@ -172,3 +172,28 @@ def test_an_update_of_the_real_store_writes_deletes_and_reads_a_bad_value_as_abs
     store.client.set("k", b"\xff")
     assert store.update_state("k", lambda v: seen.append(v) or "two", 60) and seen == [None, "one", None]
     assert 0 < store.client.pttl("k") <= 60_000
+
+
+def test_a_turn_right_after_an_end_waits_for_the_ends_write_and_adopts_nothing():
+    """Found by review: a conversation's end drops its rows from the store behind the request; the next request under
+    the id, at once, found no local state, loaded the store before the drop landed and adopted the ended
+    conversation's summary. A load now waits (briefly) for this server's pending write of the key."""
+    store = MemoryStore()
+    a = replica(store)
+    update_state = store.update_state
+
+    def slow(*args):
+        threading.Event().wait(0.3)
+        return update_state(*args)
+
+    async def scenario():
+        assert (await turn(a, request(8))).replaced > 0
+        store.update_state = slow
+        end = request(9)
+        end["vllm_xargs"]["session_end"] = 1
+        await a.prepare(SCOPE, end, {})  # its drop is still being written
+        await a.prepare(SCOPE, request(9), {})  # the id again, at once
+        await asyncio.gather(*a.shared._tasks)
+
+    asyncio.run(scenario())
+    assert a.stats().get("shared_checkpoints_loaded", 0) == 0  # its own new summary is saved, not the old adopted
