@@ -12,6 +12,7 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.ray.standin_engine import StandInEngine
@@ -113,6 +114,58 @@ def test_a_replica_that_failed_a_page_is_asked_again_and_a_new_one_starts_from_i
     handle.replicas[2].vllm.sessions[(None, "c0")] = 1
     status, third = listing(ing, f"limit=2&cursor={second['next_cursor']}")
     assert sorted(r["session_id"] for r in third["sessions"]) == ["b2", "b3", "c0"] and third["next_cursor"] is None
+
+
+def answering(replica: StandInEngine, status: int) -> httpx.AsyncClient:
+    """The replica's engine answers every request with `status` (as kvsched's admin route answers 503 when the
+    scheduler is busy) until its client, returned, is put back."""
+    real = replica.client
+    replica.client = httpx.AsyncClient(base_url=replica.server.base, transport=httpx.MockTransport(
+        lambda _: httpx.Response(status, json={"error": {"message": f"answered {status}"}})))
+    return real
+
+
+@pytest.mark.parametrize("a_sessions", [4, 6])
+def test_a_replica_that_answers_a_page_with_503_keeps_its_place(a_sessions: int) -> None:
+    """Found by review: only a replica that raised kept its position; one whose engine answered 503 lost it, so the
+    listing ended before its last sessions (4: w0 was done) or listed it again from its first (6: duplicates)."""
+    handle = pool(2, [[f"a{i}" for i in range(a_sessions)], [f"b{i}" for i in range(4)]])
+    ing = make_ingress({"w": handle})
+    _, first = listing(ing, "limit=2")
+    real = answering(handle.replicas[1], 503)
+    _, second = listing(ing, f"limit=2&cursor={first['next_cursor']}")
+    assert [(e["pool"], e["status"]) for e in second["errors"]] == [("w", 503)] and second["next_cursor"]
+    handle.replicas[1].client = real
+    rest = pages(ing, f"limit=2&cursor={second['next_cursor']}")
+    seen = [r["session_id"] for p in [first, second, *rest] for r in p["sessions"]]
+    assert sorted(seen) == sorted([f"a{i}" for i in range(a_sessions)] + [f"b{i}" for i in range(4)])
+
+
+@pytest.mark.parametrize("how", ["503", "raised"])
+def test_a_replica_that_failed_its_first_page_is_listed_though_the_others_are_done(how: str) -> None:
+    """Found by review: a replica the cursor did not name yet that failed a page was left out of next_cursor, so
+    with every other replica done the listing ended without it."""
+    handle = pool(2, [["a0"], ["b0"]])
+    ing = make_ingress({"w": handle})
+    real = answering(handle.replicas[1], 503) if how == "503" else None
+    handle.down = {"w1"} if how == "raised" else set()
+    _, first = listing(ing, "limit=2")
+    assert [r["session_id"] for r in first["sessions"]] == ["a0"] and first["next_cursor"]
+    handle.down, handle.replicas[1].client = set(), real or handle.replicas[1].client
+    _, second = listing(ing, f"limit=2&cursor={first['next_cursor']}")
+    assert [r["session_id"] for r in second["sessions"]] == ["b0"] and second["next_cursor"] is None
+
+
+def test_a_replica_that_refuses_the_caller_is_named_once_and_not_asked_again() -> None:
+    """A 4xx of the engine (401: the caller's key is not one it takes; 400) is the caller's to fix, and asking again
+    would be refused again: the replica is marked done, so the listing of the others ends."""
+    handle = pool(2, [[f"a{i}" for i in range(4)], [f"b{i}" for i in range(4)]])
+    ing = make_ingress({"w": handle})
+    _, first = listing(ing, "limit=2")
+    answering(handle.replicas[1], 401)
+    _, second = listing(ing, f"limit=2&cursor={first['next_cursor']}")
+    assert [r["session_id"] for r in second["sessions"]] == ["a2", "a3"] and second["next_cursor"] is None
+    assert [(e["pool"], e["status"]) for e in second["errors"]] == [("w", 401)]
 
 
 NESTED = base64.urlsafe_b64encode(b"[" * 40_000).decode()  # within the size bound, past json's recursion limit

@@ -9,8 +9,13 @@ keys got 200 and an empty list. Now:
   (a replica listed to its end is marked done and not asked again; one the cursor does not name, started since,
   is listed from its first session); null once every replica is done;
 - when no replica answered 200, the first engine answer (401, 400, ...) is passed on, or 503 when replicas failed to
-  answer; with some 200s the others are named in `errors`, and a pool of which a replica failed keeps the positions
-  of those of its replicas that did not answer, so the next page asks them again.
+  answer; with some 200s the others are named in `errors`, and the next page asks again, from where it stood, a
+  replica that answered an engine error (5xx, 408, 429, an answer that is no JSON object) and, in a pool of which a
+  replica raised (no answer: Ray names no replica), those of its replicas that did not answer (a replica not named
+  yet is asked from its first session); while one is to be asked again, `next_cursor` is not null. A replica that
+  refused the caller (another 4xx: 401 for a key it does not take, 400) would refuse again: it is marked done.
+  Found by review: only replicas that raised kept their positions, so a replica answering 503 was listed again from
+  its first session (duplicates) or, the others done, never to its end.
 
 Pure: query text and answers in, the query to send and the merged answer out.
 """
@@ -27,7 +32,8 @@ from urllib.parse import parse_qsl, urlencode
 
 MAX_QUERY_FIELDS = 8  # as the engines' session routes
 MAX_CURSOR_CHARS = 65_536
-Positions = dict[str, dict[str, str | None]]  # pool -> Ray replica id -> engine cursor (None: listed to its end)
+# pool -> Ray replica id -> engine cursor (None: listed to its end; "": from its first session, `cursor=` to the engine)
+Positions = dict[str, dict[str, str | None]]
 
 
 class ListingError(ValueError):
@@ -102,22 +108,31 @@ def merge(listing: Listing, answers: Sequence[tuple[str, Mapping[str, Any]]],
     errors = [{"pool": pool, "slot": a.get("slot"), "status": a.get("status"), "error": _message(a.get("body"))}
               for pool, a in refused] + [{"pool": pool, "error": type(exc).__name__} for pool, exc in failed]
     if listing.paged:
-        return 200, _pages(listing, listed, {pool for pool, _ in failed}) | {"errors": errors}
+        return 200, _pages(listing, listed, refused, {pool for pool, _ in failed}) | {"errors": errors}
     return 200, _totals(listed) | {"errors": errors}
 
 
+def refused_the_caller(status: Any) -> bool:
+    """An engine's 4xx but for 408 and 429: the caller's query or key, refused again if asked again."""
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+
+
 def _pages(listing: Listing, listed: list[tuple[str, Mapping[str, Any], dict[str, Any]]],
-           failing: set[str]) -> dict[str, Any]:
+           refused: list[tuple[str, Mapping[str, Any]]], failing: set[str]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     positions: Positions = {}
     for pool, a, body in listed:
         rows += [dict(s, pool=pool, slot=a.get("slot")) for s in body.get("sessions", []) if isinstance(s, dict)]
         cursor = body.get("next_cursor")
         positions.setdefault(pool, {})[str(a.get("replica_id", ""))] = cursor if isinstance(cursor, str) else None
+    for pool, a in refused:  # asked again from where it stood, unless it refused the caller
+        replica = str(a.get("replica_id", ""))
+        again = listing.positions.get(pool, {}).get(replica, "")
+        positions.setdefault(pool, {})[replica] = None if refused_the_caller(a.get("status")) else again
     for pool in failing:  # the replicas that did not answer this time may be the ones that failed: asked again
         for replica, cursor in listing.positions.get(pool, {}).items():
             positions.setdefault(pool, {}).setdefault(replica, cursor)
-    more = any(c is not None for pool in positions.values() for c in pool.values())
+    more = bool(failing) or any(c is not None for pool in positions.values() for c in pool.values())
     return {"sessions": rows, "next_cursor": encode_positions(positions) if more else None}
 
 
