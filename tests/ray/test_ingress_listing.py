@@ -9,13 +9,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
+import zlib
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.ray.standin_engine import StandInEngine
+from kvsched.adapters.ray.listing import (
+    MAX_CURSOR_CHARS,
+    MAX_POSITIONS_BYTES,
+    decode_positions,
+    encode_positions,
+)
+from kvsched.core.tenancy import decode_cursor, encode_cursor, salt_digest, tenant_of
+from tests.ray.standin_engine import FakeVllm, StandInEngine
 from tests.ray.test_ingress_handles import POOL, make_ingress, request
 
 KEYED = dict(POOL, vllm_args=["--api-key", "k1"])
@@ -168,13 +177,89 @@ def test_a_replica_that_refuses_the_caller_is_named_once_and_not_asked_again() -
     assert [(e["pool"], e["status"]) for e in second["errors"]] == [("w", 401)]
 
 
+class EngineCursors(FakeVllm):
+    """Pages as kvsched's engines do: `next_cursor` is `encode_cursor` of the last row's sort key."""
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if cursor := request.url.params.get("cursor"):
+            request = httpx.Request(request.method, request.url.copy_set_param("cursor", decode_cursor(cursor)[0]),
+                                    headers=request.headers)
+        answer = super().handle(request)
+        body = json.loads(answer.content)
+        if body.get("next_cursor"):
+            body["next_cursor"] = encode_cursor((body["next_cursor"], 0, 0, tenant_of("k"), salt_digest("s")))
+        return httpx.Response(answer.status_code, json=body)
+
+
+def id_of(replica: int, session: int, chars: str) -> str:
+    """A 128-character session id (the longest valid) of `chars` cycled, or of any 4-byte characters (""): deflating
+    leaves them near 4 bytes each, some 115 replicas' positions in MAX_CURSOR_CHARS."""
+    head, rng = f"{replica}.{session}.", random.Random(replica * 3 + session)
+    if not chars:
+        return head + "".join(chr(0x10000 + rng.randrange(0xF0000)) for _ in range(128 - len(head)))
+    return head + "".join(chars[(replica * 7 + session * 3 + i) % len(chars)] for i in range(128 - len(head)))
+
+
+@pytest.mark.parametrize(("replicas", "chars"), [
+    (400, "0123456789abcdef-"),  # about uuid-like ids
+    (24, "\U0001F600"),  # one 4-byte character: an engine cursor of 2,100 characters each
+    (300, ""),  # the cursor holds some replicas back a page
+])
+def test_the_cursor_stays_short_enough_to_come_back_on_any_fleet(replicas: int, chars: str) -> None:
+    """Found by review: the cursor held every engine cursor base64'd again, and every replica done as null, so it
+    outgrew the ingress's own limit (400 replicas with 36-character ids, 7 with 1,000-character non-ASCII ones): 400
+    on page 2. Now compact; past MAX_CURSOR_CHARS (the URL a server parses) replicas are held back a page."""
+    reps = [StandInEngine("w", POOL, replica_id=f"r{i:03d}abcdef") for i in range(replicas)]
+    for i, r in enumerate(reps):
+        r.vllm = EngineCursors(set())
+        r.client = httpx.AsyncClient(base_url=r.server.base, transport=httpx.MockTransport(r.vllm.handle))
+        r.vllm.sessions.update({(None, id_of(i, j, chars)): 1 for j in range(3)})
+    ing = make_ingress({"w": ReplicasHandle(reps)})
+    seen, cursor, longest, n = [], None, 0, 0
+    while n < 30:
+        n += 1
+        status, body = listing(ing, "limit=1" + (f"&cursor={cursor}" if cursor else ""))
+        assert status == 200, body
+        seen += [r["session_id"] for r in body["sessions"]]
+        cursor = body["next_cursor"]
+        longest = max(longest, len(cursor or ""))
+        if cursor is None:
+            break
+    assert longest <= MAX_CURSOR_CHARS and len(seen) == len(set(seen)) == 3 * replicas
+    assert (n > 3) == (chars == "")  # three sessions a replica, one a page: held back, more pages
+
+
+def test_a_listing_whose_cursor_cannot_fit_ends_saying_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the names of some 7,000 replicas no cursor fits: the page ends the listing and `errors` says so, rather
+    than giving a cursor the ingress would refuse."""
+    monkeypatch.setattr("kvsched.adapters.ray.listing.MAX_CURSOR_CHARS", 8)
+    status, body = listing(make_ingress({"w": pool(2, [["a0", "a1"], ["b0"]])}), "limit=1")
+    assert status == 200 and body["next_cursor"] is None and len(body["sessions"]) == 2
+    assert "over 8 characters" in body["errors"][0]["error"]
+
+
+def deflated(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(zlib.compress(raw, 9)).decode().rstrip("=")
+
+
 NESTED = base64.urlsafe_b64encode(b"[" * 40_000).decode()  # within the size bound, past json's recursion limit
+CRAFTED = [deflated(b"[" * 100_000), deflated(b'{"w":{"r":1}}'), deflated(b'{"w":{"r":["a",0,0,"t"]}}'),
+           deflated(b'{"w":{"r":"' + b"a" * (MAX_POSITIONS_BYTES * 8) + b'"}}'),  # inflates 8x past the bound
+           deflated(b'{"w":{}}') + "AAAA"]  # the limits' own tests: what a client may craft is a 400
 
 
-@pytest.mark.parametrize("cursor", ["x", "W10", "eyJ3Ijp7InIiOjF9fQ", "W" * 70_000, NESTED])  # [], {"w":{"r":1}}
+# [], {"w":{"r":1}} in base64, no longer the ingress's cursors
+@pytest.mark.parametrize("cursor", ["x", "W10", "eyJ3Ijp7InIiOjF9fQ", "W" * 70_000, NESTED, *CRAFTED])
 def test_a_cursor_the_ingress_did_not_give_is_400(cursor: str) -> None:
     status, body = listing(make_ingress({"w": pool(1, [["a"]])}), f"cursor={cursor}")
     assert (status, body["error"]["param"]) == (400, "cursor")
+
+
+def test_a_positions_cursor_round_trips_and_a_kvsched_engines_cursor_is_held_decoded() -> None:
+    engine = encode_cursor(("\u00e9" * 100, 0, 3, tenant_of("k"), salt_digest("s")))
+    positions = {"w": {"r0": engine, "r1": None, "r2": "", "r3": "another engine's"}, "k": {"r4": None}}
+    cursor = encode_positions(positions)
+    assert decode_positions(cursor) == positions and len(cursor) < len(engine) / 2
 
 
 def test_summary_is_summed_over_the_replicas_and_each_replicas_answer_kept() -> None:
