@@ -165,16 +165,22 @@ def test_a_replica_that_failed_its_first_page_is_listed_though_the_others_are_do
     assert [r["session_id"] for r in second["sessions"]] == ["b0"] and second["next_cursor"] is None
 
 
-def test_a_replica_that_refuses_the_caller_is_named_once_and_not_asked_again() -> None:
-    """A 4xx of the engine (401: the caller's key is not one it takes; 400) is the caller's to fix, and asking again
-    would be refused again: the replica is marked done, so the listing of the others ends."""
-    handle = pool(2, [[f"a{i}" for i in range(4)], [f"b{i}" for i in range(4)]])
+def test_a_replica_that_refuses_the_caller_keeps_its_place_but_not_the_listing_open() -> None:
+    """A 4xx of the engine (401: the caller's key is not one it takes; 400) is the caller's to fix: the replica is
+    asked again where it stood while the others list on (named in `errors` each time it refuses), but it does not
+    keep the listing open on its own (asked again it would refuse again)."""
+    handle = pool(2, [[f"a{i}" for i in range(6)], [f"b{i}" for i in range(4)]])
     ing = make_ingress({"w": handle})
     _, first = listing(ing, "limit=2")
-    answering(handle.replicas[1], 401)
+    real = answering(handle.replicas[1], 401)
     _, second = listing(ing, f"limit=2&cursor={first['next_cursor']}")
-    assert [r["session_id"] for r in second["sessions"]] == ["a2", "a3"] and second["next_cursor"] is None
+    assert [r["session_id"] for r in second["sessions"]] == ["a2", "a3"]
     assert [(e["pool"], e["status"]) for e in second["errors"]] == [("w", 401)]
+    _, third = listing(ing, f"limit=2&cursor={second['next_cursor']}")
+    assert [r["session_id"] for r in third["sessions"]] == ["a4", "a5"] and third["next_cursor"] is None
+    handle.replicas[1].client = real  # page 3 again, the caller taken: w1 from where it stopped
+    _, again = listing(ing, f"limit=2&cursor={second['next_cursor']}")
+    assert sorted(r["session_id"] for r in again["sessions"]) == ["a4", "a5", "b2", "b3"]
 
 
 class EngineCursors(FakeVllm):

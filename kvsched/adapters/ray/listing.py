@@ -15,7 +15,8 @@ keys got 200 and an empty list. Now:
   replica that answered an engine error (5xx, 408, 429, an answer that is no JSON object) and, in a pool of which a
   replica raised (no answer: Ray names no replica), those of its replicas that did not answer (a replica not named
   yet is asked from its first session); while one is to be asked again, `next_cursor` is not null. A replica that
-  refused the caller (another 4xx: 401 for a key it does not take, 400) would refuse again: it is marked done.
+  refused the caller (another 4xx: 401 for a key it does not take, 400: the caller's to fix) is asked again where
+  it stood while others have more to list (named in `errors` each time), but does not hold the listing open.
   Found by review: only replicas that raised kept their positions, so a replica answering 503 was listed again from
   its first session (duplicates) or, the others done, never to its end.
 
@@ -36,7 +37,8 @@ from kvsched.core.tenancy import InvalidQuery, decode_cursor, encode_cursor
 
 MAX_QUERY_FIELDS = 8  # as the engines' session routes
 # The cursor comes back in the URL, and uvicorn's parser (httptools: Ray Serve's proxy, uvicorn[standard]) refuses a
-# URL over 65,535 bytes: the ingress gives no cursor longer than this (`_fit`), and refuses one longer with 400.
+# URL over 65,535 bytes (httpx, a client, one over 65,536): the ingress gives no cursor longer than this (`_fit`) and
+# refuses one longer with 400.
 MAX_CURSOR_CHARS = 60_000
 # The cursor's JSON once inflated (zlib inflates up to ~1,000x): bounds a crafted cursor's cost to a 400 after a
 # millisecond's inflating and parsing; the ingress gives no cursor past it either (`_fit`).
@@ -172,14 +174,20 @@ def _pages(listing: Listing, listed: list[tuple[str, Mapping[str, Any], dict[str
                                if isinstance(s, dict)]
         cursor = body.get("next_cursor")
         positions.setdefault(pool, {})[replica] = cursor if isinstance(cursor, str) and cursor else None
-    for pool, a in refused:  # asked again from where it stood, unless it refused the caller
+    callers = []  # refused the caller: asked again where it stood while others list on, not holding the listing
+    for pool, a in refused:  # an engine error: asked again from where it stood
         replica = str(a.get("replica_id", ""))
-        again = listing.positions.get(pool, {}).get(replica, "")
-        positions.setdefault(pool, {})[replica] = None if refused_the_caller(a.get("status")) else again
+        previous = listing.positions.get(pool, {}).get(replica, "")
+        if refused_the_caller(a.get("status")):
+            callers += [(pool, replica, previous)] if previous else []
+        else:
+            positions.setdefault(pool, {})[replica] = previous
     for pool in failing:  # the replicas that did not answer this time may be the ones that failed: asked again
         for replica, cursor in listing.positions.get(pool, {}).items():
             positions.setdefault(pool, {}).setdefault(replica, cursor)
     more = bool(failing) or any(c is not None for pool in positions.values() for c in pool.values())
+    for pool, replica, previous in callers:
+        positions.setdefault(pool, {})[replica] = previous
     cursor, held = _fit(listing, positions, rows) if more else (None, set())
     if more and cursor is None:
         errors.append({"error": f"the listing's next_cursor would be over {MAX_CURSOR_CHARS} characters: it ends "
