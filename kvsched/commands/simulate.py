@@ -19,9 +19,9 @@ from kvsched.commands.args import MAX_COUNT, MAX_GIB, check_args, count, number
 from kvsched.commands.simulate_tier import (
     FLEET_HOST_GIB_PER_GPU,
     MAX_TIER_BLOCKS,
-    rule_host_gib,
     sized_tier,
     tier_from_env,
+    tier_source,
 )
 
 POLICIES = ("lru", "kvsched", "opt", "lru+offload")  # lru+offload: stock vLLM CPU offloading on the tier's bytes
@@ -65,17 +65,18 @@ def register(subparsers: Any) -> None:
                      "(a recording: its engine's bytes per token)")
     p.add_argument("--replicas", type=int, default=1,
                    help="replay across N session-affine replicas (sessions placed by the router's hash ring), each "
-                        "with 1/N of the pool and of a stated tier; every side sums its replicas (OPT: Belady per "
-                        "replica)")
+                        "with 1/N of the pool and of a tier flag's size (KVSCHED_FP8_TIER_GB is each engine's: "
+                        "each replica's whole); every side sums its replicas (OPT: Belady per replica)")
     p.add_argument("--preset", default=None,
                    help=f"model shape for --kv-gib, byte figures and the tier's block size (default {DEFAULT_PRESET}; "
                         "an engine's recording: that engine's own bytes per token and per tier block)")
     p.add_argument("--kv-dtype", default="fp8", help="with --preset: the KV cache's dtype")
     tier = p.add_mutually_exclusive_group()
     tier.add_argument("--fp8-tier-gib", type=float, default=None,
-                      help="kvsched side: FP8 demotion tier of this many GiB of host memory (0: off). No tier flag: "
-                           "KVSCHED_FP8_TIER_GB when it holds a size (a malformed one refused as the engine refuses "
-                           "it; not held to this machine's memory), else off "
+                      help="kvsched side: FP8 demotion tier of this many GiB of host memory, the fleet's (0: "
+                           "off). No tier flag: KVSCHED_FP8_TIER_GB when it holds a size (each replica's, as it is "
+                           "each engine's; a malformed one refused as the engine refuses it; not held to this "
+                           "machine's memory), else off "
                            "(--fleet: --host-gib-per-gpu's rule at 256). Unlike the engine, whose default is on (auto: "
                            "from its host's memory): a replay has no host memory to size auto from; "
                            "--host-gib-per-gpu models that rule")
@@ -282,7 +283,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--policies names a policy twice: {args.policies}")
         check_outputs(args)  # before the replay, not after it
         retention = RetentionConfig.from_env()  # the engine's parser: the same KVSCHED_* variables, same checks
-        tier_from_env(args, lambda line: print(f"kvsched simulate: {line}", file=sys.stderr))
+        def say(line: str) -> None:
+            print(f"kvsched simulate: {line}", file=sys.stderr)
+
+        tier_from_env(args, say)
         for warning in near_miss_warnings(setting_names()):  # a misspelt setting would otherwise change nothing
             print(f"kvsched simulate: warning: {warning}", file=sys.stderr)
         trace = load_trace(args)
@@ -290,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
         if args.replicas < 1:
             raise ValueError("--replicas must be >= 1")
         capacity = max(capacity_blocks(args, trace, bpt) // args.replicas, 1)
-        tier = sized_tier(args, block_bytes, capacity * trace.block_size * bpt, args.replicas)
+        tier = sized_tier(args, block_bytes, capacity * trace.block_size * bpt, args.replicas, say)
         if "lru+offload" in policies and tier[0] < bpt * trace.block_size:  # found by review: it ran on 0 host slots
             raise ValueError("--policies lru+offload replays vLLM's CPU offloading on the host memory of kvsched's "
                              "tier, and none is given (or less than one page): give --fp8-tier-gib, --fp8-tier-blocks "
@@ -357,10 +361,10 @@ def report(args: argparse.Namespace, result: dict[str, Any], trace: Any, policie
               f"{c['peak_prompt_tokens_per_session_max']} tokens; prefill computed {k['prefill_tokens_computed']} "
               f"(the summary calls' included)")
     if tier[0]:
-        host, n = rule_host_gib(args), args.replicas
-        how = f"host {host:g} GiB per GPU of {args.gpu_kv_gib:g} GiB KV" if host is not None else "as given"
+        n = args.replicas
         print(f"kvsched's FP8 tier: {tier[0] * n / 2**30:.0f} GiB of host memory ({tier[0] // tier[1] * n} blocks"
-              f"{f', {tier[0] // tier[1]} on each of {n} replicas' if n > 1 else ''}; {how}), restores at "
+              f"{f', {tier[0] // tier[1]} on each of {n} replicas' if n > 1 else ''}; {tier_source(args, n)}), "
+              f"restores at "
               f"{args.h2d_gbps:g} GB/s in TTFT")
     for name, ratio in result.get("prefill_over_lru", {}).items():
         print(f"  {name} prefill / lru: {ratio:.3f}")

@@ -6,7 +6,10 @@ host in particular, so it has no memory to size "auto" from: without a flag its 
 an 8-GPU node with 2 TiB), and `--host-gib-per-gpu H` models the rule on hosts of H GiB per GPU. A size in
 KVSCHED_FP8_TIER_GB is read as the engine reads it when no tier flag is given (found by review: `simulate` ignored it,
 while it reads the engine's other KVSCHED_* settings), a malformed value refused as the engine refuses it (not held to
-this machine's memory, as the engine's is: a replay models other hosts), and said on stderr."""
+this machine's memory, as the engine's is: a replay models other hosts), and said on stderr. It is each engine's
+own tier, so with `--replicas N` each replica's (found by review: it was divided among them as a flag's size, the
+fleet's, is). A model the tier does not serve (MLA, sliding window) refuses a size given, but runs without a tier
+--fleet's rule would size (found by review: refused "give no tier flag" when none was given)."""
 
 from __future__ import annotations
 
@@ -43,8 +46,26 @@ def tier_from_env(args: argparse.Namespace, say: Callable[[str], None],
         say(f"{ENV_TIER_GB}={raw!r}: the engine sizes an auto tier from its host's memory, which a replay has not; the "
             f"tier stays {'as --fleet sizes it' if args.fleet else 'off'} (give --host-gib-per-gpu H to model auto)")
         return
-    args.fp8_tier_gib = gib
-    say(f"the FP8 tier: {f'{gib:g} GiB' if gib else 'off'} from {ENV_TIER_GB} (no tier flag given)")
+    args.fp8_tier_gib, args.fp8_tier_from_env = gib, True
+    say(f"the FP8 tier: {f'{gib:g} GiB' if gib else 'off'} from {ENV_TIER_GB}, each replica's as it is each "
+        f"engine's (no tier flag given)")
+
+
+def from_env(args: argparse.Namespace) -> bool:
+    """The tier's size came from KVSCHED_FP8_TIER_GB (`tier_from_env`): each replica's, not the fleet's."""
+    return bool(getattr(args, "fp8_tier_from_env", False))
+
+
+def tier_source(args: argparse.Namespace, replicas: int) -> str:
+    """What sized the tier, for the report's line: the engine's rule (per GPU), KVSCHED_FP8_TIER_GB (each replica's)
+    or a flag (the fleet's, 1/N on each of N replicas)."""
+    host = rule_host_gib(args)
+    if host is not None:
+        return f"host {host:g} GiB per GPU of {args.gpu_kv_gib:g} GiB KV"
+    if from_env(args):
+        return f"{ENV_TIER_GB}: each replica's, as each engine's"
+    flag = "--fp8-tier-blocks" if args.fp8_tier_blocks is not None else "--fp8-tier-gib"
+    return f"{flag}: the fleet's, 1/{replicas} on each replica" if replicas > 1 else flag
 
 
 def tier_bytes(args: argparse.Namespace, block_bytes: int, pool_bytes: int = 0) -> int:
@@ -82,21 +103,26 @@ def rule_host_gib(args: argparse.Namespace) -> float | None:
     return None
 
 
-def sized_tier(args: argparse.Namespace, block_bytes: int | None, pool_bytes: int, replicas: int = 1
-               ) -> tuple[int, int]:
+def sized_tier(args: argparse.Namespace, block_bytes: int | None, pool_bytes: int, replicas: int = 1,
+               say: Callable[[str], None] = print) -> tuple[int, int]:
     """(bytes, bytes per block) of one replica's tier on the kvsched side, (0, 0) when off; `pool_bytes` is one
-    replica's pool. A stated size (--fp8-tier-gib, --fp8-tier-blocks, KVSCHED_FP8_TIER_GB) is the fleet's, like the
-    pool's, and each of `replicas` gets 1/N of it (found by review: each got all of it); the engine's rule is per GPU,
-    sized on the replica's pool. NoTierBlockBytes for a tier asked for when `block_bytes` is None
-    (`simulate.engine_bytes`: a recording whose header has no tier figure, a preset the tier does not serve)."""
+    replica's pool. A flag's size (--fp8-tier-gib, --fp8-tier-blocks) is the fleet's, like the pool's, and each of
+    `replicas` gets 1/N of it (found by review: each got all of it); KVSCHED_FP8_TIER_GB's is each engine's own, so
+    each replica's; the engine's rule is per GPU, sized on the replica's pool. When `block_bytes` is None
+    (`simulate.engine_bytes`: a recording whose header has no tier figure, a preset the tier does not serve),
+    NoTierBlockBytes for a size given; a tier only --fleet's rule sizes is left off, with a line on `say`."""
     if block_bytes is None:
         if tier_bytes(args, 1, pool_bytes) > 0:
+            if args.host_gib_per_gpu is None and rule_host_gib(args) is not None:
+                say("--fleet's hosts would size an FP8 tier, but the FP8 tier does not serve this model (its tier "
+                    "block size is not known: MLA, sliding window): the kvsched side runs without the tier")
+                return 0, 0
             raise NoTierBlockBytes(
                 "an FP8 tier was asked for, but this model's tier block size is not known (a recording without "
                 "meta.fp8_tier_block_bytes, or a preset the FP8 tier does not serve: MLA, sliding window); give no "
                 f"tier flag ({ENV_TIER_GB} unset or 0) or a --preset the tier serves")
         return 0, 0
     size = tier_bytes(args, block_bytes, pool_bytes)
-    if rule_host_gib(args) is None:
+    if rule_host_gib(args) is None and not from_env(args):
         size //= replicas
     return (size, block_bytes) if size > 0 else (0, 0)

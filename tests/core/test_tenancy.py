@@ -6,9 +6,10 @@ import base64
 
 import pytest
 
-from kvsched.core.sessions import SessionId, SessionKey
+from kvsched.core.sessions import MAX_SESSION_ID_LEN, SessionId, SessionKey, validate_session_id
 from kvsched.core.tenancy import (
     DEFAULT_PAGE,
+    MAX_CURSOR_CHARS,
     MAX_PAGE,
     Caller,
     InvalidQuery,
@@ -18,6 +19,7 @@ from kvsched.core.tenancy import (
     encode_cursor,
     page,
     parse_page_query,
+    salt_digest,
     sort_key,
     tenant_of,
 )
@@ -75,6 +77,19 @@ def test_query_parsing():
         with pytest.raises(InvalidQuery) as info:
             parse_page_query(params)
         assert info.value.param == param
+
+
+def test_the_longest_cursor_the_engine_gives_is_one_it_accepts():
+    """Found by review: MAX_CURSOR_CHARS was a fixed 8,192 under a comment counting 1,024-character ids (the limit is
+    MAX_SESSION_ID_LEN), not the longest cursor `encode_cursor` gives; now it is that cursor's length: the longest
+    valid id of 4-byte characters (12 characters each as JSON escapes them), a 64-bit branch, tenant and salt
+    digests. A longer cursor is no cursor the engine gave (400)."""
+    sid = validate_session_id("\U0001F600" * MAX_SESSION_ID_LEN)
+    longest = encode_cursor((sid, 1, 2**63 - 1, tenant_of("k"), salt_digest("s")))
+    assert decode_cursor(longest)[0] == sid
+    assert MAX_CURSOR_CHARS - 2 <= len(longest) <= MAX_CURSOR_CHARS
+    with pytest.raises(InvalidQuery):
+        decode_cursor("A" * (MAX_CURSOR_CHARS + 1))
 
 
 def test_admin_keys_setting():

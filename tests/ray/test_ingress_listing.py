@@ -9,12 +9,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
+import zlib
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.ray.standin_engine import StandInEngine
+from kvsched.adapters.ray.listing import (
+    MAX_CURSOR_CHARS,
+    MAX_POSITIONS_BYTES,
+    decode_positions,
+    encode_positions,
+)
+from kvsched.core.tenancy import decode_cursor, encode_cursor, salt_digest, tenant_of
+from tests.ray.standin_engine import FakeVllm, StandInEngine
 from tests.ray.test_ingress_handles import POOL, make_ingress, request
 
 KEYED = dict(POOL, vllm_args=["--api-key", "k1"])
@@ -115,13 +125,147 @@ def test_a_replica_that_failed_a_page_is_asked_again_and_a_new_one_starts_from_i
     assert sorted(r["session_id"] for r in third["sessions"]) == ["b2", "b3", "c0"] and third["next_cursor"] is None
 
 
+def answering(replica: StandInEngine, status: int) -> httpx.AsyncClient:
+    """The replica's engine answers every request with `status` (as kvsched's admin route answers 503 when the
+    scheduler is busy) until its client, returned, is put back."""
+    real = replica.client
+    replica.client = httpx.AsyncClient(base_url=replica.server.base, transport=httpx.MockTransport(
+        lambda _: httpx.Response(status, json={"error": {"message": f"answered {status}"}})))
+    return real
+
+
+@pytest.mark.parametrize("a_sessions", [4, 6])
+def test_a_replica_that_answers_a_page_with_503_keeps_its_place(a_sessions: int) -> None:
+    """Found by review: only a replica that raised kept its position; one whose engine answered 503 lost it, so the
+    listing ended before its last sessions (4: w0 was done) or listed it again from its first (6: duplicates)."""
+    handle = pool(2, [[f"a{i}" for i in range(a_sessions)], [f"b{i}" for i in range(4)]])
+    ing = make_ingress({"w": handle})
+    _, first = listing(ing, "limit=2")
+    real = answering(handle.replicas[1], 503)
+    _, second = listing(ing, f"limit=2&cursor={first['next_cursor']}")
+    assert [(e["pool"], e["status"]) for e in second["errors"]] == [("w", 503)] and second["next_cursor"]
+    handle.replicas[1].client = real
+    rest = pages(ing, f"limit=2&cursor={second['next_cursor']}")
+    seen = [r["session_id"] for p in [first, second, *rest] for r in p["sessions"]]
+    assert sorted(seen) == sorted([f"a{i}" for i in range(a_sessions)] + [f"b{i}" for i in range(4)])
+
+
+@pytest.mark.parametrize("how", ["503", "raised"])
+def test_a_replica_that_failed_its_first_page_is_listed_though_the_others_are_done(how: str) -> None:
+    """Found by review: a replica the cursor did not name yet that failed a page was left out of next_cursor, so
+    with every other replica done the listing ended without it."""
+    handle = pool(2, [["a0"], ["b0"]])
+    ing = make_ingress({"w": handle})
+    real = answering(handle.replicas[1], 503) if how == "503" else None
+    handle.down = {"w1"} if how == "raised" else set()
+    _, first = listing(ing, "limit=2")
+    assert [r["session_id"] for r in first["sessions"]] == ["a0"] and first["next_cursor"]
+    handle.down, handle.replicas[1].client = set(), real or handle.replicas[1].client
+    _, second = listing(ing, f"limit=2&cursor={first['next_cursor']}")
+    assert [r["session_id"] for r in second["sessions"]] == ["b0"] and second["next_cursor"] is None
+
+
+def test_a_replica_that_refuses_the_caller_keeps_its_place_but_not_the_listing_open() -> None:
+    """A 4xx of the engine (401: the caller's key is not one it takes; 400) is the caller's to fix: the replica is
+    asked again where it stood while the others list on (named in `errors` each time it refuses), but it does not
+    keep the listing open on its own (asked again it would refuse again)."""
+    handle = pool(2, [[f"a{i}" for i in range(6)], [f"b{i}" for i in range(4)]])
+    ing = make_ingress({"w": handle})
+    _, first = listing(ing, "limit=2")
+    real = answering(handle.replicas[1], 401)
+    _, second = listing(ing, f"limit=2&cursor={first['next_cursor']}")
+    assert [r["session_id"] for r in second["sessions"]] == ["a2", "a3"]
+    assert [(e["pool"], e["status"]) for e in second["errors"]] == [("w", 401)]
+    _, third = listing(ing, f"limit=2&cursor={second['next_cursor']}")
+    assert [r["session_id"] for r in third["sessions"]] == ["a4", "a5"] and third["next_cursor"] is None
+    handle.replicas[1].client = real  # page 3 again, the caller taken: w1 from where it stopped
+    _, again = listing(ing, f"limit=2&cursor={second['next_cursor']}")
+    assert sorted(r["session_id"] for r in again["sessions"]) == ["a4", "a5", "b2", "b3"]
+
+
+class EngineCursors(FakeVllm):
+    """Pages as kvsched's engines do: `next_cursor` is `encode_cursor` of the last row's sort key."""
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if cursor := request.url.params.get("cursor"):
+            request = httpx.Request(request.method, request.url.copy_set_param("cursor", decode_cursor(cursor)[0]),
+                                    headers=request.headers)
+        answer = super().handle(request)
+        body = json.loads(answer.content)
+        if body.get("next_cursor"):
+            body["next_cursor"] = encode_cursor((body["next_cursor"], 0, 0, tenant_of("k"), salt_digest("s")))
+        return httpx.Response(answer.status_code, json=body)
+
+
+def id_of(replica: int, session: int, chars: str) -> str:
+    """A 128-character session id (the longest valid) of `chars` cycled, or of any 4-byte characters (""): deflating
+    leaves them near 4 bytes each, some 115 replicas' positions in MAX_CURSOR_CHARS."""
+    head, rng = f"{replica}.{session}.", random.Random(replica * 3 + session)
+    if not chars:
+        return head + "".join(chr(0x10000 + rng.randrange(0xF0000)) for _ in range(128 - len(head)))
+    return head + "".join(chars[(replica * 7 + session * 3 + i) % len(chars)] for i in range(128 - len(head)))
+
+
+@pytest.mark.parametrize(("replicas", "chars"), [
+    (400, "0123456789abcdef-"),  # about uuid-like ids
+    (24, "\U0001F600"),  # one 4-byte character: an engine cursor of 2,100 characters each
+    (300, ""),  # the cursor holds some replicas back a page
+])
+def test_the_cursor_stays_short_enough_to_come_back_on_any_fleet(replicas: int, chars: str) -> None:
+    """Found by review: the cursor held every engine cursor base64'd again, and every replica done as null, so it
+    outgrew the ingress's own limit (400 replicas with 36-character ids, 7 with 1,000-character non-ASCII ones): 400
+    on page 2. Now compact; past MAX_CURSOR_CHARS (the URL a server parses) replicas are held back a page."""
+    reps = [StandInEngine("w", POOL, replica_id=f"r{i:03d}abcdef") for i in range(replicas)]
+    for i, r in enumerate(reps):
+        r.vllm = EngineCursors(set())
+        r.client = httpx.AsyncClient(base_url=r.server.base, transport=httpx.MockTransport(r.vllm.handle))
+        r.vllm.sessions.update({(None, id_of(i, j, chars)): 1 for j in range(3)})
+    ing = make_ingress({"w": ReplicasHandle(reps)})
+    seen, cursor, longest, n = [], None, 0, 0
+    while n < 30:
+        n += 1
+        status, body = listing(ing, "limit=1" + (f"&cursor={cursor}" if cursor else ""))
+        assert status == 200, body
+        seen += [r["session_id"] for r in body["sessions"]]
+        cursor = body["next_cursor"]
+        longest = max(longest, len(cursor or ""))
+        if cursor is None:
+            break
+    assert longest <= MAX_CURSOR_CHARS and len(seen) == len(set(seen)) == 3 * replicas
+    assert (n > 3) == (chars == "")  # three sessions a replica, one a page: held back, more pages
+
+
+def test_a_listing_whose_cursor_cannot_fit_ends_saying_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the names of some 7,000 replicas no cursor fits: the page ends the listing and `errors` says so, rather
+    than giving a cursor the ingress would refuse."""
+    monkeypatch.setattr("kvsched.adapters.ray.listing.MAX_CURSOR_CHARS", 8)
+    status, body = listing(make_ingress({"w": pool(2, [["a0", "a1"], ["b0"]])}), "limit=1")
+    assert status == 200 and body["next_cursor"] is None and len(body["sessions"]) == 2
+    assert "over 8 characters" in body["errors"][0]["error"]
+
+
+def deflated(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(zlib.compress(raw, 9)).decode().rstrip("=")
+
+
 NESTED = base64.urlsafe_b64encode(b"[" * 40_000).decode()  # within the size bound, past json's recursion limit
+CRAFTED = [deflated(b"[" * 100_000), deflated(b'{"w":{"r":1}}'), deflated(b'{"w":{"r":["a",0,0,"t"]}}'),
+           deflated(b'{"w":{"r":"' + b"a" * (MAX_POSITIONS_BYTES * 8) + b'"}}'),  # inflates 8x past the bound
+           deflated(b'{"w":{}}') + "AAAA"]  # the limits' own tests: what a client may craft is a 400
 
 
-@pytest.mark.parametrize("cursor", ["x", "W10", "eyJ3Ijp7InIiOjF9fQ", "W" * 70_000, NESTED])  # [], {"w":{"r":1}}
+# [], {"w":{"r":1}} in base64, no longer the ingress's cursors
+@pytest.mark.parametrize("cursor", ["x", "W10", "eyJ3Ijp7InIiOjF9fQ", "W" * 70_000, NESTED, *CRAFTED])
 def test_a_cursor_the_ingress_did_not_give_is_400(cursor: str) -> None:
     status, body = listing(make_ingress({"w": pool(1, [["a"]])}), f"cursor={cursor}")
     assert (status, body["error"]["param"]) == (400, "cursor")
+
+
+def test_a_positions_cursor_round_trips_and_a_kvsched_engines_cursor_is_held_decoded() -> None:
+    engine = encode_cursor(("\u00e9" * 100, 0, 3, tenant_of("k"), salt_digest("s")))
+    positions = {"w": {"r0": engine, "r1": None, "r2": "", "r3": "another engine's"}, "k": {"r4": None}}
+    cursor = encode_positions(positions)
+    assert decode_positions(cursor) == positions and len(cursor) < len(engine) / 2
 
 
 def test_summary_is_summed_over_the_replicas_and_each_replicas_answer_kept() -> None:

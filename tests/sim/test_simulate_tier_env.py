@@ -5,13 +5,14 @@ differs from the engine's (auto, sized from a host's memory, which a replay does
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
 from kvsched.cli import main
 from kvsched.commands.simulate_tier import FLEET_HOST_GIB_PER_GPU, tier_bytes
 from kvsched.core.tier_config import auto_budget_bytes
-from tests.sim.test_simulate_pressure_env import run_sim
+from tests.sim.test_simulate_pressure_env import SMALL, run_sim
 
 GIB = 2**30
 
@@ -52,3 +53,35 @@ def test_the_fleets_tier_follows_its_hosts_unless_a_size_is_given():
     assert tier_bytes(args, 4096, pool) == 2 * auto_budget_bytes(60 * GIB, int(FLEET_HOST_GIB_PER_GPU * GIB))
     args.fp8_tier_gib = 0.0  # `--fleet --fp8-tier-gib 0` (or KVSCHED_FP8_TIER_GB=0): off, not the fleet's default
     assert tier_bytes(args, 4096, pool) == 0
+
+
+def test_the_fleets_rule_on_a_model_the_tier_does_not_serve_runs_without_it(tmp_path, monkeypatch, capsys):
+    """Found by review: `--fleet --preset deepseek-v2-lite` (MLA: no FP8 tier) was refused "an FP8 tier was asked for
+    ... give no tier flag" though none was given: --fleet's host rule sized it. Now a note, and no tier; a size given
+    (a flag, KVSCHED_FP8_TIER_GB) is still refused."""
+    monkeypatch.setattr("kvsched.sim.generator.FLEET", SMALL)  # --fleet's shape, in seconds
+    out = tmp_path / "r.json"
+    args = ["simulate", "--generate", "--fleet", "--preset", "deepseek-v2-lite", "--policies", "lru,kvsched",
+            "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["config"]["fp8_tier_bytes"] == 0
+    err = capsys.readouterr().err
+    assert err.count("the FP8 tier does not serve") == 1 and "without the tier" in err
+    for given in (["--host-gib-per-gpu", "256"], ["--fp8-tier-gib", "1"]):
+        assert main([*args, *given]) == 2 and "tier block size is not known" in capsys.readouterr().err
+    monkeypatch.setenv("KVSCHED_FP8_TIER_GB", "1")
+    assert main(args) == 2 and "tier block size is not known" in capsys.readouterr().err
+
+
+def test_the_variables_size_is_each_replicas_and_a_flags_the_fleets(tmp_path, monkeypatch, capsys):
+    """Found by review: KVSCHED_FP8_TIER_GB, each engine's own tier, was divided among `--replicas N` as a flag's size
+    (the fleet's) is: 64 GiB gave each replica 16. Now the variable sizes each replica's, and the lines say which."""
+    monkeypatch.setenv("KVSCHED_FP8_TIER_GB", "0.01")
+    config = run_sim(tmp_path, "--policies", "kvsched", "--replicas", "3")["config"]
+    assert config["fp8_tier_bytes_per_replica"] == int(0.01 * GIB) and config["fp8_tier_bytes"] == 3 * int(0.01 * GIB)
+    err, printed = (lambda c: (c.err, c.out))(capsys.readouterr())
+    assert "each replica's" in err and "KVSCHED_FP8_TIER_GB: each replica's" in printed
+    monkeypatch.delenv("KVSCHED_FP8_TIER_GB")
+    config = run_sim(tmp_path, "--policies", "kvsched", "--replicas", "3", "--fp8-tier-gib", "0.03")["config"]
+    assert config["fp8_tier_bytes_per_replica"] == int(0.03 * GIB) // 3
+    assert "--fp8-tier-gib: the fleet's, 1/3 on each replica" in capsys.readouterr().out

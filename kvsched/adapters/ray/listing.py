@@ -7,10 +7,18 @@ keys got 200 and an empty list. Now:
   with 400); a page holds up to `limit` sessions of each replica, each row naming its pool and slot;
 - `next_cursor` is the ingress's own: each replica's engine cursor, by pool and Ray replica id, in one opaque string
   (a replica listed to its end is marked done and not asked again; one the cursor does not name, started since,
-  is listed from its first session); null once every replica is done;
+  is listed from its first session); null once every replica is done. It stays under MAX_CURSOR_CHARS, the URL
+  a server parses: when the positions of every replica do not fit (about 115 replicas in the middle of their lists
+  at 128-character ids of 4-byte characters, 420 at 128 ASCII ones, 1,400 at uuids), some wait a page (`_fit`);
 - when no replica answered 200, the first engine answer (401, 400, ...) is passed on, or 503 when replicas failed to
-  answer; with some 200s the others are named in `errors`, and a pool of which a replica failed keeps the positions
-  of those of its replicas that did not answer, so the next page asks them again.
+  answer; with some 200s the others are named in `errors`, and the next page asks again, from where it stood, a
+  replica that answered an engine error (5xx, 408, 429, an answer that is no JSON object) and, in a pool of which a
+  replica raised (no answer: Ray names no replica), those of its replicas that did not answer (a replica not named
+  yet is asked from its first session); while one is to be asked again, `next_cursor` is not null. A replica that
+  refused the caller (another 4xx: 401 for a key it does not take, 400: the caller's to fix) is asked again where
+  it stood while others have more to list (named in `errors` each time), but does not hold the listing open.
+  Found by review: only replicas that raised kept their positions, so a replica answering 503 was listed again from
+  its first session (duplicates) or, the others done, never to its end.
 
 Pure: query text and answers in, the query to send and the merged answer out.
 """
@@ -18,16 +26,25 @@ Pure: query text and answers in, the query to send and the merged answer out.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+from kvsched.core.tenancy import InvalidQuery, decode_cursor, encode_cursor
+
 MAX_QUERY_FIELDS = 8  # as the engines' session routes
-MAX_CURSOR_CHARS = 65_536
-Positions = dict[str, dict[str, str | None]]  # pool -> Ray replica id -> engine cursor (None: listed to its end)
+# The cursor comes back in the URL, and uvicorn's parser (httptools: Ray Serve's proxy, uvicorn[standard]) refuses a
+# URL over 65,535 bytes (httpx, a client, one over 65,536): the ingress gives no cursor longer than this (`_fit`) and
+# refuses one longer with 400.
+MAX_CURSOR_CHARS = 60_000
+# The cursor's JSON once inflated (zlib inflates up to ~1,000x): bounds a crafted cursor's cost to a 400 after a
+# millisecond's inflating and parsing; the ingress gives no cursor past it either (`_fit`).
+MAX_POSITIONS_BYTES = 2**20
+# pool -> Ray replica id -> engine cursor (None: listed to its end; "": from its first session, `cursor=` to the engine)
+Positions = dict[str, dict[str, str | None]]
 
 
 class ListingError(ValueError):
@@ -62,22 +79,57 @@ def parse_listing(query_string: str) -> Listing:
 
 
 def encode_positions(positions: Positions) -> str:
-    raw = json.dumps(positions, separators=(",", ":"), sort_keys=True).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """The positions as one opaque string, compact (found by review: each engine cursor was base64'd again and
+    every replica listed to its end stayed in as null, so 7 replicas with 1,000-character non-ASCII ids, or 400 with
+    36-character ids, gave a cursor over the ingress's own limit: 400 on page 2): JSON, a kvsched engine's cursor
+    as its sort key (decoded: its id as UTF-8, not base64 of JSON escapes), a done replica as 0, deflated, base64."""
+    return _pack(positions)[0]
+
+
+def _pack(positions: Positions) -> tuple[str, int]:
+    """(cursor, bytes of its JSON)."""
+    wire = {pool: {r: _wire(c) for r, c in reps.items()} for pool, reps in positions.items()}
+    raw = json.dumps(wire, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return base64.urlsafe_b64encode(zlib.compress(raw, 9)).decode().rstrip("="), len(raw)
+
+
+def _wire(cursor: str | None) -> Any:
+    if cursor is None:
+        return 0
+    try:
+        key = decode_cursor(cursor)
+    except InvalidQuery:
+        return cursor  # another engine's: as it is
+    return list(key) if encode_cursor(key) == cursor else cursor
 
 
 def decode_positions(cursor: str) -> Positions:
-    """A cursor this ingress issued; anything else is a ListingError (400)."""
+    """A cursor this ingress issued; anything else is a ListingError (400), after at most MAX_CURSOR_CHARS of base64
+    and MAX_POSITIONS_BYTES of JSON, however it was crafted."""
     try:
         if len(cursor) > MAX_CURSOR_CHARS:
             raise ValueError("too long")
-        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, binascii.Error, RecursionError):
-        data = None
-    if not isinstance(data, dict) or not all(
-            isinstance(pool, dict) and all(isinstance(c, str | None) for c in pool.values()) for pool in data.values()):
-        raise ListingError("cursor is not a next_cursor this ingress gave", "cursor")
-    return {str(name): {str(r): c for r, c in pool.items()} for name, pool in data.items()}
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)), MAX_POSITIONS_BYTES)
+        if inflate.unconsumed_tail or inflate.unused_data or not inflate.eof:
+            raise ValueError("inflates past MAX_POSITIONS_BYTES, or is not one deflated stream")
+        data = json.loads(raw.decode("utf-8", "surrogatepass"))
+        return {str(pool): {str(r): _position(c) for r, c in reps.items()} for pool, reps in data.items()}
+    except (ValueError, TypeError, AttributeError, zlib.error, RecursionError):
+        raise ListingError("cursor is not a next_cursor this ingress gave", "cursor") from None
+
+
+def _position(value: Any) -> str | None:
+    if type(value) is int and value == 0:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 5:
+        sid, inferred, branch, tenant, salt = value
+        if isinstance(sid, str) and type(inferred) is int and type(branch) is int and isinstance(tenant, str) \
+                and isinstance(salt, str):
+            return encode_cursor((sid, inferred, branch, tenant, salt))
+    raise ValueError("not a position")
 
 
 def merge(listing: Listing, answers: Sequence[tuple[str, Mapping[str, Any]]],
@@ -102,23 +154,78 @@ def merge(listing: Listing, answers: Sequence[tuple[str, Mapping[str, Any]]],
     errors = [{"pool": pool, "slot": a.get("slot"), "status": a.get("status"), "error": _message(a.get("body"))}
               for pool, a in refused] + [{"pool": pool, "error": type(exc).__name__} for pool, exc in failed]
     if listing.paged:
-        return 200, _pages(listing, listed, {pool for pool, _ in failed}) | {"errors": errors}
+        return 200, _pages(listing, listed, refused, {pool for pool, _ in failed}, errors) | {"errors": errors}
     return 200, _totals(listed) | {"errors": errors}
 
 
+def refused_the_caller(status: Any) -> bool:
+    """An engine's 4xx but for 408 and 429: the caller's query or key, refused again if asked again."""
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+
+
 def _pages(listing: Listing, listed: list[tuple[str, Mapping[str, Any], dict[str, Any]]],
-           failing: set[str]) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = []
+           refused: list[tuple[str, Mapping[str, Any]]], failing: set[str], errors: list[dict[str, Any]]
+           ) -> dict[str, Any]:
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     positions: Positions = {}
     for pool, a, body in listed:
-        rows += [dict(s, pool=pool, slot=a.get("slot")) for s in body.get("sessions", []) if isinstance(s, dict)]
+        replica = str(a.get("replica_id", ""))
+        rows[pool, replica] = [dict(s, pool=pool, slot=a.get("slot")) for s in body.get("sessions", [])
+                               if isinstance(s, dict)]
         cursor = body.get("next_cursor")
-        positions.setdefault(pool, {})[str(a.get("replica_id", ""))] = cursor if isinstance(cursor, str) else None
+        positions.setdefault(pool, {})[replica] = cursor if isinstance(cursor, str) and cursor else None
+    callers = []  # refused the caller: asked again where it stood while others list on, not holding the listing
+    for pool, a in refused:  # an engine error: asked again from where it stood
+        replica = str(a.get("replica_id", ""))
+        previous = listing.positions.get(pool, {}).get(replica, "")
+        if refused_the_caller(a.get("status")):
+            callers += [(pool, replica, previous)] if previous else []
+        else:
+            positions.setdefault(pool, {})[replica] = previous
     for pool in failing:  # the replicas that did not answer this time may be the ones that failed: asked again
         for replica, cursor in listing.positions.get(pool, {}).items():
             positions.setdefault(pool, {}).setdefault(replica, cursor)
-    more = any(c is not None for pool in positions.values() for c in pool.values())
-    return {"sessions": rows, "next_cursor": encode_positions(positions) if more else None}
+    more = bool(failing) or any(c is not None for pool in positions.values() for c in pool.values())
+    for pool, replica, previous in callers:
+        positions.setdefault(pool, {})[replica] = previous
+    cursor, held = _fit(listing, positions, rows) if more else (None, set())
+    if more and cursor is None:
+        errors.append({"error": f"the listing's next_cursor would be over {MAX_CURSOR_CHARS} characters: it ends "
+                                f"here, not listed to its end (list with summary=1, or per pool)"})
+    return {"sessions": [r for k, page in rows.items() if k not in held for r in page], "next_cursor": cursor}
+
+
+def _fit(listing: Listing, positions: Positions, rows: Mapping[tuple[str, str], Any]
+         ) -> tuple[str | None, set[tuple[str, str]]]:
+    """(the next cursor, the replicas held back), within MAX_CURSOR_CHARS and MAX_POSITIONS_BYTES: when the
+    positions of every replica listed this page do not fit, the fewest replicas still in the middle of their list
+    are held back, this page's rows of each left out and its previous position kept (one that started this page
+    leaves the cursor: a replica it does not name is listed from its first session), those that started this page
+    first. (None, no replica) when even holding all back does not fit: the names of some 7,000 replicas."""
+    order = sorted((k for k in rows if positions[k[0]][k[1]] is not None),
+                   key=lambda k: bool(listing.positions.get(k[0], {}).get(k[1])))
+
+    def attempt(n: int) -> str | None:
+        trial = {pool: dict(reps) for pool, reps in positions.items()}
+        for pool, replica in order[:n]:
+            previous = listing.positions.get(pool, {}).get(replica)
+            if previous:
+                trial[pool][replica] = previous
+            else:
+                del trial[pool][replica]
+        cursor, size = _pack(trial)
+        return cursor if len(cursor) <= MAX_CURSOR_CHARS and size <= MAX_POSITIONS_BYTES else None
+
+    if (cursor := attempt(0)) is not None:
+        return cursor, set()
+    low, high = 1, len(order)
+    while low < high:  # the fewest held back that fit (deflating is near enough monotonic; checked below)
+        mid = (low + high) // 2
+        low, high = (low, mid) if attempt(mid) is not None else (mid + 1, high)
+    for n in (low, len(order)):
+        if order and (cursor := attempt(n)) is not None:
+            return cursor, set(order[:n])
+    return None, set()
 
 
 def _totals(listed: list[tuple[str, Mapping[str, Any], dict[str, Any]]]) -> dict[str, Any]:
