@@ -105,19 +105,36 @@ def test_an_opening_is_no_session_for_the_long_context_pool() -> None:
     assert send(ing, first).headers["x-kvsched-pool"] == "w"  # another conversation's first turn
 
 
+def second_turn(first: str, reply: str, ask: str) -> dict[str, Any]:
+    return {"messages": [*turns(first)[0], {"role": "assistant", "content": reply}, {"role": "user", "content": ask}]}
+
+
 def test_a_hot_opening_goes_least_loaded_and_its_count_is_released() -> None:
-    """Found by review: a burst of conversations with one opening piled onto its replica up to the load floor."""
+    """Found by review: a burst of conversations with one opening piled onto one replica up to the load floor. Counted
+    by conversation (the history before its last user message)."""
     routes = OpeningRoutes(True)
-    payload = {"messages": turns("Hi")[0]}
-    key = routes.key(payload, lambda o: o)
-    assert key is not None
-    held = [routes.sent(key) for _ in range(HOT_OPENING)]
+    a, b, c = (second_turn("Hi", reply, "go on") for reply in ("A.", "B.", "C."))
+    held = [routes.sent(routes.key(p, lambda o: o)) for p in (a, b)]
     for h in held:
         h.__enter__()
-    assert routes.key(payload, lambda o: o) is None  # the next conversation with it: least loaded
+    assert HOT_OPENING == 2 and routes.key(c, lambda o: o) is None  # a third conversation with it: least loaded
+    assert routes.key(a, lambda o: o) is not None  # one of those in flight: still its replica
     held[0].__exit__(None, None, None)
-    assert routes.key(payload, lambda o: o) == key
-    with pytest.raises(RuntimeError), routes.sent(key):
+    assert routes.key(c, lambda o: o) is not None
+    with pytest.raises(RuntimeError), routes.sent(routes.key(c, lambda o: o)):
         raise RuntimeError("the engine call failed")
     held[1].__exit__(None, None, None)
     assert routes.in_flight == {}
+
+
+def test_one_conversations_parallel_requests_stay_on_its_openings_replica() -> None:
+    """Found by review: the guard counted requests, so an agent's fan-out over one unnamed history sent its third and
+    later calls least-loaded, away from the replica holding the history's KV."""
+    routes = OpeningRoutes(True)
+    history = [*turns("Research X")[0], {"role": "assistant", "content": "notes " * 50}]
+    calls = [{"messages": [*history, {"role": "user", "content": f"sub-task {i}"}]} for i in range(6)]
+    opened = [routes.key(p, lambda o: o) for p in calls]
+    for o in opened:
+        routes.sent(o).__enter__()
+    assert all(o is not None for o in opened) and len({o.key for o in opened if o}) == 1
+    assert routes.key(calls[0], lambda o: o) is not None  # a seventh still joins them

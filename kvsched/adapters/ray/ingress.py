@@ -289,7 +289,7 @@ class OpenAIIngress:
         body = json.dumps(payload).encode()
         handle = self.engines[pool.name]
         if key or opening:
-            handle = handle.options(session_id=key or opening)
+            handle = handle.options(session_id=key or opening.key)  # type: ignore[union-attr]
         if sid is not None and is_header_safe(sid):  # else it came in the body (a header is latin-1 by construction),
             headers["x-session-id"] = sid  # which the engine reads it from too; an opening's key goes to no engine
         if session.end and sid is not None and key is not None:  # this last turn still goes where the session lives

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 # Not a character a session id may hold (kvsched.core.sessions refuses control characters): no client's session id
@@ -25,53 +27,78 @@ OPENING_MARK = "\x1eopening:"
 
 def opening_id(payload: dict[str, Any]) -> str | None:
     """The routing id of a chat request's opening, or None (no messages, no user message, not a chat request)."""
+    found = digests(payload)
+    return found[0] if found is not None else None
+
+
+def digests(payload: dict[str, Any]) -> tuple[str, str] | None:
+    """(the opening's id, the conversation's: a digest of the messages before the last user message), in one pass;
+    None without an opening. Requests of one conversation sent at once (an agent's fan-out over its history) share
+    the second; different conversations under one opening differ in it from their second turn on."""
     messages = payload.get("messages")
     if not isinstance(messages, list):
         return None
-    digest = hashlib.blake2b(digest_size=16)
+    digest, opening, before_last_user = hashlib.blake2b(digest_size=16), None, ""
     for m in messages:
         if not isinstance(m, dict):
             return None
         role = m.get("role")
-        digest.update(json.dumps([role, m.get("content")], sort_keys=True, separators=(",", ":")).encode())
         if role == "user":
-            return OPENING_MARK + digest.hexdigest()
-    return None
+            before_last_user = digest.hexdigest()
+        digest.update(json.dumps([role, m.get("content")], sort_keys=True, separators=(",", ":")).encode())
+        if role == "user" and opening is None:
+            opening = OPENING_MARK + digest.hexdigest()
+    return (opening, before_last_user) if opening is not None else None
 
 
-# An opening with this many requests in flight is shared by several conversations (one conversation sends its turns
-# one after another; a chat client's title request makes two): the next request of it goes least-loaded.
+# An opening with requests of this many other conversations in flight is shared by several (different histories
+# before their last user message): the next request of it goes least-loaded.
 HOT_OPENING = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Opening:
+    key: str  # the router's key: the opening's id with the caller's key and salt
+    conversation: str
 
 
 class OpeningRoutes:
     """The ingress's routing keys for unnamed chat conversations. Found by review: all conversations with one
     opening (a fixed greeting, a template) are one key, so with the key alone a burst of them piled onto one replica
     up to the load floor (32 of 40 on one of four replicas) and moved back and forth when it overflowed. A key with
-    HOT_OPENING requests in flight is not used for the next one; nor is it a session anywhere else (its size does not
-    pick the long-context pool: another conversation's growth would send every new one with that opening there)."""
+    requests of HOT_OPENING other conversations in flight is not used for the next one (counted by conversation, not
+    request: an agent's parallel calls over one history stay together, found by review); nor is it a session
+    anywhere else (its size does not pick the long-context pool: another conversation's growth would send every new
+    one with that opening there)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.in_flight: dict[str, int] = {}
+        self.in_flight: dict[str, Counter[str]] = {}
 
-    def key(self, payload: dict[str, Any], scope: Callable[[str], str]) -> str | None:
-        """The routing key of this request's opening (`scope`: the caller's key and salt added), or None: least
-        loaded (turned off, no opening, or a hot one)."""
-        opening = opening_id(payload) if self.enabled else None
-        key = scope(opening) if opening is not None else None
-        return key if key is not None and self.in_flight.get(key, 0) < HOT_OPENING else None
+    def key(self, payload: dict[str, Any], scope: Callable[[str], str]) -> Opening | None:
+        """This request's opening (`scope`: the caller's key and salt added to its id), or None: least loaded
+        (turned off, no opening, or a hot one)."""
+        found = digests(payload) if self.enabled else None
+        if found is None:
+            return None
+        opening = Opening(scope(found[0]), found[1])
+        others = self.in_flight.get(opening.key, Counter()).keys() - {opening.conversation}
+        return opening if len(others) < HOT_OPENING else None
 
     @contextmanager
-    def sent(self, key: str | None) -> Iterator[None]:
-        """Counts the request in flight under `key` (None: nothing) until it answered (a stream: its first bytes)."""
-        if key is None:
+    def sent(self, opening: Opening | None) -> Iterator[None]:
+        """Counts the request in flight under its opening (None: nothing) until it answered (a stream: its first
+        bytes)."""
+        if opening is None:
             yield
             return
-        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        count = self.in_flight.setdefault(opening.key, Counter())
+        count[opening.conversation] += 1
         try:
             yield
         finally:
-            left = self.in_flight.pop(key) - 1
-            if left:
-                self.in_flight[key] = left
+            count[opening.conversation] -= 1
+            if not count[opening.conversation]:
+                del count[opening.conversation]
+            if not count and self.in_flight.get(opening.key) is count:
+                del self.in_flight[opening.key]
