@@ -272,3 +272,32 @@ def test_summary_is_summed_over_the_replicas_and_each_replicas_answer_kept() -> 
     status, body = listing(make_ingress({"w": pool(2, [["a", "b"], ["c"]])}), "summary=1")
     assert status == 200 and body["summary"] == {"sessions": 3}
     assert sorted(r["summary"]["sessions"] for r in body["replicas"]) == [1, 2]
+
+
+@pytest.mark.parametrize("how", ["503", "raised"])
+def test_a_replica_that_fails_every_page_gets_503s_then_is_given_up_and_the_listing_ends(how: str) -> None:
+    """Found by review (/tmp/rev_diffC/test_listing_spin.py): w0 listed to its end answers a canned empty 200 (it
+    is not asked), which counted as an answer, so with w1 failing every page the listing answered 200 with the same
+    cursor forever. Now a page on which every replica asked failed is 503 with Retry-After (the caller's cursor
+    still good), and a replica failing 3 pages in a row is given up, named in `errors`, so the listing ends."""
+    handle = pool(2, [["a0"], ["b0"]])
+    ing = make_ingress({"w": handle})
+    if how == "503":
+        answering(handle.replicas[1], 503)
+    handle.down = {"w1"} if how == "raised" else set()
+    seen, statuses, cursor, body = [], [], None, {}
+    for _ in range(10):
+        sent = cursor
+        req = request({}, method="GET", path="/kvsched/sessions")
+        req.scope["query_string"] = ("limit=2" + (f"&cursor={sent}" if sent else "")).encode()
+        res = asyncio.run(ing.sessions(req))
+        body = json.loads(res.body)
+        statuses.append(res.status_code)
+        if res.status_code == 503:
+            assert int(res.headers["retry-after"]) >= 1 and "retry" in body["error"]["message"]
+            assert listing(ing, f"limit=2&cursor={sent}")[0] == 503  # the same cursor again: the same answer
+        seen += [r["session_id"] for r in body.get("sessions", [])]
+        if (cursor := body.get("next_cursor")) is None:
+            break
+    assert statuses == [200, 503, 200] and seen == ["a0"] and cursor is None
+    assert any("given up" in e["error"] for e in body["errors"])

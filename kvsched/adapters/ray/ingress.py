@@ -36,7 +36,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from kvsched.adapters.ray.admin import broadcast_all
 from kvsched.adapters.ray.config import config_from_dict
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
-from kvsched.adapters.ray.listing import ListingError, merge, parse_listing
+from kvsched.adapters.ray.listing import RETRY_AFTER_S, ListingError, merge, parse_listing
 from kvsched.adapters.ray.opening import OpeningRoutes
 from kvsched.adapters.ray.owners import (
     admin_keys,
@@ -203,7 +203,7 @@ class OpenAIIngress:
                               f"({self.config.request_deadline_s:g} s)", kind="server_error")
         status, answer = merge(listing, answers, failed)
         if isinstance(answer, dict):
-            return JSONResponse(answer, status)
+            return JSONResponse(answer, status, headers={"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None)
         if isinstance(answer, bytes):
             return Response(answer, status, media_type="application/json")
         return error(status, str(answer), kind="server_error")
