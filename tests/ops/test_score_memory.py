@@ -21,7 +21,9 @@ CHILD = textwrap.dedent("""
     cols = [torch.rand(n, generator=g, dtype=torch.float64) * 100 for _ in range(6)]
     score.score_and_select(*cols, None, 8, impl="cxx")  # the team's threads and arenas exist before the limit
     used = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (used + budget_mb * 2**20, resource.RLIM_INFINITY))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)  # under `ulimit -v` the hard limit is set too: keep it
+    limit = used + budget_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
     try:
         out = score.score_and_select(*cols, None, n, impl="cxx")
         print("ok", out.numel())
