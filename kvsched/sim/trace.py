@@ -2,9 +2,10 @@
 
 A trace is JSONL (schema in docs/trace_schema.md): a header line, then one request per line in any order (replay sorts
 by `t`). Each request names its session and lists the ids of its full KV blocks (prompt, then the blocks its output
-completes but for its last token, whose KV is never computed: `computed_blocks`). Block ids are chained prefix hashes: two requests share a cached block exactly when they carry the same id,
-and an id always sits at the same position (block index) in any request. To keep multi-turn traces small, a request may
-start with `reuse`: that many leading blocks are the same as its session's previous request's.
+completes but for its last token, whose KV is never computed: `computed_blocks`). Block ids are chained prefix hashes:
+two requests share a cached block exactly when they carry the same id, and an id always sits at the same position
+(block index) in any request. To keep multi-turn traces small, a request may start with `reuse`: that many leading
+blocks are the same as its session's previous request's.
 
 In memory (`Trace`), ids are dense ints 0..n_ids-1 and each request's block list is a view into an append-only tape
 shared with the session's earlier turns, so a 50-turn, 50k-token session costs its distinct blocks, not the sum of its

@@ -48,7 +48,8 @@ def server(tiny_model_dir):
 
 
 def post(server, messages, session, template, headers=None, **extra):
-    return httpx.post(server.url + "/chat/completions", timeout=120, headers={"X-Session-Id": session, **(headers or {})},
+    return httpx.post(server.url + "/chat/completions", timeout=120,
+                      headers={"X-Session-Id": session, **(headers or {})},
                       json={"model": "tiny", "messages": messages, "max_tokens": 4, "temperature": 0.0,
                             "chat_template": template, **extra})
 

@@ -94,7 +94,8 @@ def test_an_opening_is_no_session_for_the_long_context_pool() -> None:
     w, big = FakeHandle({"r0": {}}, "r0"), FakeHandle({"L0": {}}, "L0")
     inner = OpenAIIngress.__mro__[1]
     ing = inner.__new__(inner)
-    cfg = {"pools": [{"name": "w", "model": "/m"}, {"name": "long", "model": "/m", "models": ["w"], "long_context": True}],
+    cfg = {"pools": [{"name": "w", "model": "/m"},
+                     {"name": "long", "model": "/m", "models": ["w"], "long_context": True}],
            "long_context_tokens": 1000}
     inner.__init__(ing, parse_config(cfg).to_dict(), {"w": w, "long": big})
     w.replicas["r0"]["body"] = big.replicas["L0"]["body"] = json.dumps({"usage": {"total_tokens": 5000}}).encode()

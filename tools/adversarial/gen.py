@@ -5,8 +5,8 @@ Adversarial trace generators for kvsched simulate (JSONL v1, block_size 16).
 usage: python gen.py SHAPE OUT [seed]
 Each session is a list of turns; a turn's prompt = the session's history (prev prompt + prev output blocks) + new
 user blocks; output_tokens = 16*out_blocks + 1 so the output completes whole blocks (the last sampled token has no KV:
-`kvsched.sim.trace.computed_blocks`; 16*out_blocks until the loader refused the extra block). Block ids: global counter (chained
-by construction: an id only ever appears at one position); shared prefix ids 0..k-1 at positions 0..k-1."""
+`kvsched.sim.trace.computed_blocks`; 16*out_blocks until the loader refused the extra block). Block ids: global counter
+(chained by construction: an id only ever appears at one position); shared prefix ids 0..k-1 at positions 0..k-1."""
 import json, random, sys
 
 BS = 16

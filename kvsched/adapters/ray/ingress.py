@@ -279,7 +279,7 @@ class OpenAIIngress:
             return error(400, "model must be a string", param="model")
         sid, salt = session.session_id, body_salt(payload)
         key = session_key(sid, headers, salt, self.keyed) if sid is not None else None
-        opening = self.openings.key(payload, lambda o: session_key(o, headers, salt, self.keyed)) if key is None else None
+        opening = None if key else self.openings.key(payload, lambda o: session_key(o, headers, salt, self.keyed))
         tokens = max(estimate_tokens(payload), self.session_tokens.get(key, 0) if key else 0)
         try:
             pool = self.selector.select(model, session.role, key, tokens)

@@ -20,9 +20,10 @@ from kvsched.core.client_fields import read_session_fields
 from kvsched.core.sessions import InvalidSessionInput
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # as kvsched's vLLM middleware
-# As kvsched's vLLM middleware (kvsched/adapters/vllm/http_io.py), so a body an engine takes directly passes the endpoint
-# too (found by review: 64 here refused what README's Security table promises). An OpenAI request nests about 6 deep
-# (messages, content parts; a tool's JSON schema more); the depth check is iterative and json.loads goes far deeper.
+# As kvsched's vLLM middleware (kvsched/adapters/vllm/http_io.py), so a body an engine takes directly passes the
+# endpoint too (found by review: 64 here refused what README's Security table promises). An OpenAI request nests
+# about 6 deep (messages, content parts; a tool's JSON schema more); the depth check is iterative and json.loads goes
+# far deeper.
 MAX_JSON_DEPTH = 128
 # Objects and arrays a body may hold: parsed, each costs ~60-200 bytes of Python objects (found by review: a 64 MiB
 # body of 22 million empty messages took ~3 GiB of the ingress). Token ids and text are cheap to parse: not counted.

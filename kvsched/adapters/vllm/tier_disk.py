@@ -1,8 +1,8 @@
 """The disk level's files: one file per (block, tensor-parallel rank) under `DIR/<identity>/`, written whole and
 renamed into place, so a reader sees a complete file or none (a crash mid-write leaves a `.tmp` file, removed at the
 next start; a crash between the ranks' writes leaves a block's files of some ranks only, removed by a start once they
-are PARTIAL_GRACE_S old). Each file is a framed block (tier_blob): a file of another model, a truncated or corrupted file, fails
-its checks when read and is skipped, never served.
+are PARTIAL_GRACE_S old). Each file is a framed block (tier_blob): a file of another model, a truncated or corrupted
+file, fails its checks when read and is skipped, never served.
 
 `DIR/<identity>/IDENTITY.json` says in words which model and geometry the files belong to; an engine of another
 model or geometry uses another subdirectory of the same DIR.

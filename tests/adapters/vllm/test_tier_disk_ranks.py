@@ -22,7 +22,8 @@ CRASHED = [bytes([0x10 + i]) * 32 for i in range(3)]
 
 
 def ranks(root: Path) -> tuple[DiskFiles, DiskFiles]:
-    return tuple(DiskFiles(root, IDENT, {"model": "m"}, rank=r, world_size=2) for r in (0, 1))  # type: ignore[return-value]
+    a, b = (DiskFiles(root, IDENT, {"model": "m"}, rank=r, world_size=2) for r in (0, 1))
+    return a, b
 
 
 def test_blocks_only_some_ranks_wrote_are_deleted_at_start_up_once_old_and_counted_until_then(tmp_path: Path) -> None:
