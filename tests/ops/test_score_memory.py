@@ -33,7 +33,10 @@ CHILD = textwrap.dedent("""
 
 
 def run(n: int, threads: int, budget_mb: int) -> subprocess.CompletedProcess[str]:
-    env = {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}
+    # every large allocation a fresh mmap (counted against RLIMIT_AS), none taken from a heap's slack or a thread
+    # arena's reserved room (a fresh clone's make test found the buffers fitting in those)
+    env = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads),
+           "PATH": "/usr/bin:/bin"}
     return subprocess.run([sys.executable, "-c", CHILD, str(n), str(threads), str(budget_mb)], capture_output=True,
                           text=True, timeout=120, env={**env, **_pythonpath()})
 
@@ -52,6 +55,7 @@ def test_selecting_nearly_all_of_many_candidates_fits_in_memory_of_its_size():
 
 
 def test_an_allocation_failure_is_a_memory_error_not_an_abort():
-    got = run(1_000_000, 4, 8)
+    # 4M candidates on 4 threads: the 32 MB result fits in 40 MB more address space, four 16 MB buffers do not
+    got = run(4_000_000, 4, 40)
     assert got.returncode == 0, got.stderr[-600:]
     assert got.stdout.strip() == "MemoryError"
