@@ -73,14 +73,12 @@ def chat(server, messages, session=None, salt=None, max_tokens=8, end=False, ttl
 FLOODS = itertools.count()
 
 
-def flood(server, n=3, words=340, decode=48):
+def flood(server, n=3, words=420, decode=48):
     """Concurrent one-turn sessions (new text each time, so none hits the cache; each ends with its turn, so none holds
-    a pin afterwards; unnamed, each would be an inferred session holding one) of ~22 blocks each in a 47-block pool:
-    the first fits beside a pin of ~16 blocks, the second's shortfall (~12) and the two's decoding take the pin's
-    blocks (pressure releases the shortfall, and only one the pins could cover: a request that could not fit even with
-    every pin released releases none, so requests each near the pool's size would leave the pin in place, rightly).
-    Each decodes long enough that all are admitted while the first still runs (on a busy host their arrivals spread
-    out)."""
+    a pin afterwards; unnamed, each would be an inferred session holding one) of ~30 blocks each in a 47-block
+    pool: the second one's shortfall alone exceeds any pin here, so pins must yield whole (pressure releases only the
+    shortfall). Each decodes long enough that all are admitted while the first still runs (on a busy host their
+    arrivals spread out)."""
     k = next(FLOODS)
     errors = []
 
