@@ -70,8 +70,7 @@ class ExpiryQueue:
             elif key not in taken:  # `clamp` can leave a session two entries due at once (found by review: skipping
                 # the second before this check left a re-pinned session with no entry, its pin never expiring)
                 taken.add(key)
-                held = rec.active_requests and not rec.pin_beyond_running
-                (back if rec.waiting or held else out).append(rec)
+                (back if rec.waiting or rec.pin_all_running else out).append(rec)
         for rec in back:
             if rec.expiry_queued is None:
                 self.push(rec, now + max(rec.ttl_s, MIN_RECHECK_S))

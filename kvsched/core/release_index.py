@@ -103,7 +103,7 @@ class ReleaseIndex:
         running: list[SessionRecord] = []
         queued: list[tuple[float, int, SessionKey]] = []
         for rec in sorted(self.pinned.values(), key=lambda r: r.activity):
-            if rec.key in skip or (rec.active_requests and not rec.pin_beyond_running):
+            if rec.key in skip or rec.pin_all_running:
                 continue
             if rec.waiting:
                 queued.append((-(now if rec.waiting_since is None else rec.waiting_since), len(queued), rec.key))
@@ -143,7 +143,7 @@ class ReleaseIndex:
         for rec in dirty.values():
             queued.pop(rec.key, None)
             running.pop(rec.key, None)
-            if rec.active_requests and not rec.pin_beyond_running:
+            if rec.pin_all_running:
                 continue  # all its running request hit: never a victim; its next event (the turn's end) keys it again
             if rec.waiting:
                 queued[rec.key] = rec

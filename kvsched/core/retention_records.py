@@ -86,6 +86,12 @@ class SessionRecord:
     def expires_at(self) -> float:
         return (self.last_finished or 0.0) + self.ttl_s
 
+    @property
+    def pin_all_running(self) -> bool:
+        """A request of the session runs and holds every block of its pin: releasing it frees nothing, so it is no
+        victim of the release order or of its TTL (unlike a pin beyond its running requests)."""
+        return bool(self.active_requests) and not self.pin_beyond_running
+
 
 @dataclass(frozen=True, slots=True)
 class SessionView:
