@@ -139,3 +139,12 @@ def test_one_conversations_parallel_requests_stay_on_its_openings_replica() -> N
         routes.sent(o).__enter__()
     assert all(o is not None for o in opened) and len({o.key for o in opened if o}) == 1
     assert routes.key(calls[0], lambda o: o) is not None  # a seventh still joins them
+
+
+@pytest.mark.parametrize("value", ["bogus", True, 1, None])
+def test_a_bad_unnamed_routing_setting_is_a_config_error_naming_it(value: Any) -> None:
+    from kvsched.adapters.ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"router\.unnamed"):
+        parse_config({"router": {"unnamed": value}, "pools": [{"name": "w", "model": "/m"}]})
+    assert parse_config({"router": {"unnamed": "least_loaded"}, "pools": [{"name": "w", "model": "/m"}]})
