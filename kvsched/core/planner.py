@@ -1,8 +1,8 @@
 """KV-cache arithmetic of one model: bytes per token, per session, and how many tokens fit in a KV memory size.
 
 The stable API other modules import: `ModelShape` (`from_preset`, `from_hf_config`), `kv_bytes_per_token`,
-`kv_bytes_for_context`, `kv_capacity_tokens`, `PlanError`, `GIB`. Fleet sizing lives in `planner_fleet`, the API
-cost crossover in `planner_cost`, reading a HF config's fields in `planner_config`.
+`kv_bytes_for_context`, `kv_capacity_tokens`, `weight_bytes`, `PlanError`, `GIB`. Fleet sizing lives in
+`planner_fleet`, the API cost crossover in `planner_cost`, reading a HF config's fields in `planner_config`.
 
 The sizing guide's formula is `KV bytes/token = layers x 2 (K and V) x KV heads x head_dim x dtype bytes` (GQA: KV
 heads, not attention heads). Two architectures need more than that and are handled explicitly:
@@ -25,12 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.core.planner_config import (
+    DEFAULT_LAYOUTS,
     MAX_CONFIG_INT,
     WEIGHT_DTYPES,
+    QuantLayout,
     checkpoint_dtype,
+    checkpoint_layout,
     config_int,
     estimate_params,
     kv_heads_of,
+    layout_overhead,
     max_positions_of,
     positive_int,
     routed_experts,
@@ -88,6 +92,8 @@ class ModelShape:
     max_positions: int = 0  # the longest --max-model-len vLLM accepts without an override (0: unknown)
     experts: int = 0  # MoE: routed experts per layer (0: dense, or unknown)
     experts_per_token: int = 0  # MoE: experts each token is routed to
+    tied_embeddings: bool = False  # lm_head shares the input embeddings (tie_word_embeddings)
+    quant: QuantLayout | None = None  # a quantized checkpoint's scales, zeros and lm_head (None: not read)
 
     def __post_init__(self) -> None:
         if self.layers <= 0 or min(self.params, self.hidden, self.vocab, self.attention_heads, self.active_params) < 0:
@@ -186,7 +192,8 @@ class ModelShape:
                    sliding_window=window, sliding_layers=sliding, attention_heads=heads,
                    weight_dtype=checkpoint_dtype(raw, text),
                    active_params=params * routed / total if 0 < routed < total else 0.0,
-                   max_positions=max_positions_of(cfg), experts=experts, experts_per_token=per_token)
+                   max_positions=max_positions_of(cfg), experts=experts, experts_per_token=per_token,
+                   tied_embeddings=bool(cfg.get("tie_word_embeddings")), quant=checkpoint_layout(raw, text))
 
 
 def _preset(name: str, layers: int, heads: int, kv_heads: int, head_dim: int, hidden: int, vocab: int,
@@ -199,17 +206,52 @@ def _preset(name: str, layers: int, heads: int, kv_heads: int, head_dim: int, hi
 PRESETS: dict[str, ModelShape] = {p.name: p for p in (
     _preset("llama-3.1-8b", 32, 32, 8, 128, 4096, 128_256, 8.03e9, max_positions=131_072),
     _preset("llama-3.1-70b", 80, 64, 8, 128, 8192, 128_256, 70.6e9, max_positions=131_072),
-    _preset("llama-3.2-3b", 28, 24, 8, 128, 3072, 128_256, 3.21e9, max_positions=131_072),
+    _preset("llama-3.2-3b", 28, 24, 8, 128, 3072, 128_256, 3.21e9, max_positions=131_072, tied_embeddings=True),
     _preset("qwen2.5-7b", 28, 28, 4, 128, 3584, 152_064, 7.62e9),
     _preset("qwen2.5-72b", 80, 64, 8, 128, 8192, 152_064, 72.7e9),
     _preset("qwen3-8b", 36, 32, 8, 128, 4096, 151_936, 8.19e9, max_positions=40_960),
     _preset("mistral-7b-v0.1", 32, 32, 8, 128, 4096, 32_000, 7.24e9, sliding_window=4096, sliding_layers=32,
             max_positions=32_768),
     _preset("gemma-2-9b", 42, 16, 8, 256, 3584, 256_000, 9.24e9, sliding_window=4096, sliding_layers=21,
-            max_positions=8192),
+            max_positions=8192, tied_embeddings=True),
     _preset("deepseek-v2-lite", 27, 16, 16, 128, 2048, 102_400, 15.7e9, kv_lora_rank=512, qk_rope_head_dim=64,
             active_params=2.4e9, max_positions=163_840, experts=64, experts_per_token=6),
 )}
+
+
+def weight_layout(shape: ModelShape, weight_dtype: str) -> QuantLayout:
+    """The layout of quantized weights: the checkpoint's when planned in its own dtype, else the dtype's default."""
+    name = weight_dtype_name(weight_dtype)
+    return (shape.quant if name == shape.weight_dtype else None) or DEFAULT_LAYOUTS.get(name, QuantLayout())
+
+
+def weights_note(shape: ModelShape, weight_dtype: str) -> str:
+    """What `weight_bytes` counted for quantized weights, in words for the plan's notes."""
+    layout = weight_layout(shape, weight_dtype)
+    zero = f" and one {layout.zero_bits}-bit zero" if layout.zero_bits else ""
+    scale = f"one {layout.scale_bytes * 8:.0f}-bit scale{zero} per"
+    per = {0: "per-tensor scales", -1: f"{scale} output row"}.get(layout.group_size,
+                                                                   f"{scale} {layout.group_size:,} weights")
+    head = "" if shape.tied_embeddings or layout.lm_head else ", lm_head"
+    return f"{weight_dtype_name(weight_dtype)} weights: the linear layers, {per}; embeddings{head} and norms in 16 bits"
+
+
+def weight_bytes(shape: ModelShape, weight_dtype: str) -> int:
+    """Bytes of the model's weights served in `weight_dtype`. 16/32-bit: every parameter at that width. Quantized
+    (fp8, int8, int4, fp4): only the decoder's linear layers are; GPTQ, AWQ, compressed-tensors and vLLM's FP8 leave
+    the embeddings, an untied lm_head (unless the checkpoint's `quant` says otherwise) and the norms in 16 bits, and
+    group-wise formats add a scale (and a zero point) per group: the checkpoint's layout when it is the checkpoint's
+    dtype, else DEFAULT_LAYOUTS' (found by review: every parameter was counted at the quantized width, Llama 3.1 8B
+    AWQ at 4.0 GB where its checkpoint holds 5.73 GB, FP8 at 8.03 GB where it holds 9.08 GB). Biases and MoE routers
+    count as quantized weights, GPTQ's g_idx (4 bytes an input row) is left out: each well under 0.1% of a model."""
+    per_param = dtype_bytes(weight_dtype)
+    if per_param >= 2:
+        return int(shape.params * per_param)
+    layout = weight_layout(shape, weight_dtype)
+    embeddings = shape.vocab * shape.hidden
+    lm_head = 0 if shape.tied_embeddings or layout.lm_head else embeddings
+    kept = min(shape.params, embeddings + lm_head + (2 * shape.layers + 1) * shape.hidden)  # + 2 norms a layer
+    return int((shape.params - kept) * (per_param + layout_overhead(layout, shape.hidden)) + kept * 2)
 
 
 def layer_bytes_per_token(shape: ModelShape, kv_dtype: str) -> float:

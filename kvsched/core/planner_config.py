@@ -1,11 +1,13 @@
 """Reading a Hugging Face `config.json` as vLLM reads it: the integers the KV arithmetic needs, KV heads by family,
-sliding-window layers, the longest context accepted, the checkpoint's weight dtype and a parameter estimate. Split
-from `planner` (which re-exports `PlanError`); pure functions of the config dict.
+sliding-window layers, the longest context accepted, the checkpoint's weight dtype and quantization layout (scales,
+zero points, lm_head) and a parameter estimate. Split from `planner` (which re-exports `PlanError`); pure functions of
+the config dict.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -79,19 +81,106 @@ def checkpoint_dtype(raw: dict[str, Any], text: dict[str, Any]) -> str:
     (found by review: those common FP8 checkpoints were refused), others by their `dtype`/`torch_dtype` (float32
     downcast to bf16; absent: bf16), top level first, as vLLM reads them. '' for a quantization whose weight bytes the
     planner cannot tell."""
-    quant = raw.get("quantization_config") or raw.get("compression_config") or text.get("quantization_config")
+    quant = quant_config_of(raw, text)
     if isinstance(quant, dict):
         method = str(quant.get("quant_method", "")).lower()
         if method in FP8_METHODS:
             return "fp8"
         if method == "compressed-tensors":
             return compressed_tensors_dtype(quant)
-        return {4: "int4", 8: "int8"}.get(quant["bits"], "") if type(quant.get("bits")) is int else ""
+        return {4: "int4", 8: "int8"}.get(quant_bits(quant), "")
     for c in (raw, text):
         dtype = c.get("dtype") or c.get("torch_dtype")
         if isinstance(dtype, str) and dtype.lower() in WEIGHT_DTYPES:  # fp32: vLLM's --dtype auto downcasts it
             return "bf16" if WEIGHT_DTYPES[dtype.lower()] == "fp32" else WEIGHT_DTYPES[dtype.lower()]
     return "bf16"
+
+
+@dataclass(frozen=True, slots=True)
+class QuantLayout:
+    """What a quantized checkpoint stores beside its linear layers' bits: a `scale_bytes` scale, and `zero_bits` of
+    zero point when asymmetric (GPTQ always stores them), per `group_size` weights (-1: one per output row; 0: per
+    tensor, not counted). `lm_head`: quantized too (GPTQ's `lm_head`, a compressed-tensors `ignore` not naming it);
+    the embeddings never are (not Linear layers)."""
+
+    group_size: int = 0
+    scale_bytes: float = 2.0
+    zero_bits: int = 0
+    lm_head: bool = False
+
+
+# A quantized weight dtype asked for without a checkpoint that says its layout: GPTQ/AWQ's group of 128 with 16-bit
+# scales and packed zeros (int), vLLM's per-tensor FP8 (--quantization fp8), NVFP4's 16 weights per FP8 scale.
+DEFAULT_LAYOUTS = {"int4": QuantLayout(128, 2.0, 4), "int8": QuantLayout(128, 2.0, 8), "fp8": QuantLayout(),
+                   "fp4": QuantLayout(16, 1.0)}
+
+
+def quant_config_of(raw: dict[str, Any], text: dict[str, Any]) -> Any:
+    return raw.get("quantization_config") or raw.get("compression_config") or text.get("quantization_config")
+
+
+def checkpoint_layout(raw: dict[str, Any], text: dict[str, Any]) -> QuantLayout | None:
+    """The QuantLayout of a config's `quantization_config` (None: not quantized, or unreadable): FP8's per-tensor,
+    per-channel (fbgemm) or `weight_block_size` scales in float32; GPTQ/AWQ's `group_size`, their zeros packed at
+    `bits` (AWQ only with `zero_point`); compressed-tensors per `compressed_tensors_layout`."""
+    quant = quant_config_of(raw, text)
+    if not isinstance(quant, dict):
+        return None
+    method = str(quant.get("quant_method", "")).lower()
+    if method in FP8_METHODS:
+        block = quant.get("weight_block_size")
+        if isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block):
+            return QuantLayout(block[0] * block[1], 4.0)
+        return QuantLayout(-1 if method == "fbgemm_fp8" else 0, 4.0)
+    if method == "compressed-tensors":
+        return compressed_tensors_layout(quant)
+    bits, group = quant_bits(quant), quant.get("group_size", quant.get("q_group_size", 128))
+    if bits not in (4, 8) or type(group) is not int or group < -1:
+        return None
+    zeros = 0 if method == "awq" and quant.get("zero_point") is False else bits
+    return QuantLayout(group, 2.0, zeros, quant.get("lm_head") is True)
+
+
+def quant_bits(quant: dict[str, Any]) -> int:
+    """A GPTQ/AWQ-style config's weight bits (`bits`, old AutoAWQ configs' `w_bit`, as vLLM's AWQConfig reads them)."""
+    bits = quant.get("bits", quant.get("w_bit"))
+    return bits if type(bits) is int else 0
+
+
+CT_SCALES = {"tensor": 0, "channel": -1}  # compressed-tensors strategies without a group size
+
+
+def compressed_tensors_layout(quant: dict[str, Any]) -> QuantLayout | None:
+    """The heaviest config group's layout (as compressed_tensors_dtype picks the heaviest dtype): `strategy` group
+    (16-bit scales per `group_size`), tensor_group (NVFP4: FP8 scales per group), channel, block (one per
+    `block_structure`) or tensor; zero points at `num_bits` unless `symmetric`. lm_head is quantized unless `ignore`
+    names it."""
+    groups = quant.get("config_groups")
+    layouts: list[tuple[int, float, QuantLayout]] = []
+    ignore = quant.get("ignore") or []
+    lm_head = not any("lm_head" in str(name) for name in (ignore if isinstance(ignore, list) else [ignore]))
+    for group in groups.values() if isinstance(groups, dict) else ():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(weights, dict):
+            return None
+        bits, strategy = weights.get("num_bits", 8), str(weights.get("strategy") or "tensor").lower()
+        size, block = weights.get("group_size"), weights.get("block_structure")
+        if strategy in ("group", "tensor_group") and type(size) is int and size > 0:
+            per = size
+        elif strategy == "block" and isinstance(block, list) and all(type(b) is int and b > 0 for b in block):
+            per = math.prod(block)
+        else:
+            per = CT_SCALES.get(strategy, 0)
+        zeros = 0 if weights.get("symmetric", True) else bits if type(bits) is int else 0
+        layout = QuantLayout(per, 1.0 if strategy == "tensor_group" else 2.0, zeros, lm_head)
+        layouts.append((bits if type(bits) is int else 0, layout_overhead(layout, 4096), layout))
+    return max(layouts, key=lambda t: t[:2])[2] if layouts else None
+
+
+def layout_overhead(layout: QuantLayout, row: int) -> float:
+    """Bytes of scales and zeros per quantized weight; a per-row scale spreads over `row` weights (0: unknown)."""
+    per = row if layout.group_size == -1 else layout.group_size
+    return (layout.scale_bytes + layout.zero_bits / 8) / per if per > 0 else 0.0
 
 
 def compressed_tensors_dtype(quant: dict[str, Any]) -> str:

@@ -22,7 +22,9 @@ from kvsched.core.planner import (
     kv_bytes_per_token,
     kv_replication,
     tp_refusal,
+    weight_bytes,
     weight_dtype_name,
+    weights_note,
 )
 
 
@@ -171,7 +173,7 @@ def plan(shape: ModelShape, workload: Workload, kv_dtype: str = "fp16", weight_d
     kv_session = kv_bytes_for_context(shape, kv_dtype, workload.session_tokens)
     kv_p50 = kv_bytes_for_context(shape, kv_dtype, workload.session_tokens_p50)
     kv_total = kv_session * workload.kv_slots
-    weights = int(shape.params * dtype_bytes(weight_dtype))
+    weights = weight_bytes(shape, weight_dtype)
     fits = []
     for g in gpus or []:
         f = fit_on(g, shape, weights, kv_session, workload.kv_slots, overhead, ceiling)
@@ -187,6 +189,8 @@ def plan(shape: ModelShape, workload: Workload, kv_dtype: str = "fp16", weight_d
         notes.append("MLA: one latent + rope key per token and layer, replicated on every tensor-parallel rank")
     if not shape.params:
         notes.append("parameter count unknown: weights not counted")
+    elif dtype_bytes(weight_dtype) < 2:
+        notes.append(weights_note(shape, weight_dtype))
     if shape.max_positions and workload.session_tokens > shape.max_positions:  # found by review: never checked
         notes.append(f"WARNING: the p95 session ({workload.session_tokens:,} tokens, --max-model-len) exceeds the "
                      f"model's max_position_embeddings ({shape.max_positions:,}, with any RoPE scaling): vLLM refuses "

@@ -12,6 +12,10 @@ from kvsched.cli import main
 from kvsched.core.planner import GIB, ModelShape
 from kvsched.core.planner_fleet import Workload, plan
 
+# Llama 3.1 8B in FP8: its linear layers at 1 byte, the embeddings, the untied lm_head and 65 norms (2 a layer + the
+# final one) at 2 bytes: 8.03e9 x 1 + (2 x 128,256 x 4,096 + 65 x 4,096) x (2 - 1) bytes (test_planner_weights)
+L8_FP8 = 8.03e9 + 2 * 128_256 * 4096 + 65 * 4096
+
 
 def run_json(capsys, argv):
     assert main(["plan", *argv, "--json"]) == 0
@@ -21,7 +25,7 @@ def run_json(capsys, argv):
 @pytest.mark.parametrize(("argv", "weights_bytes"), [
     ([], 8.03e9 * 2),  # a bf16 KV cache: bf16 weights, 2 bytes per parameter
     (["--weight-dtype", "bf16", "--kv-dtype", "fp8"], 8.03e9 * 2),
-    (["--weight-dtype", "fp8"], 8.03e9 * 1),
+    (["--weight-dtype", "fp8"], L8_FP8),
 ])
 def test_the_levers_leave_the_weights_alone(capsys, argv, weights_bytes):
     """The FP8 KV lever switches the KV cache to FP8, not the weights: they stay in the baseline's dtype."""
@@ -39,13 +43,13 @@ def test_the_weights_default_to_the_checkpoints_dtype_whatever_the_kv_dtype():
     for kv in ("fp16", "fp8"):
         p = plan(l8, Workload(workflows=1), kv)
         assert (p.weight_dtype, p.weights_bytes) == ("bf16", int(8.03e9 * 2)), kv
-    assert plan(l8, Workload(workflows=1), "fp8", "fp8_e4m3").weights_bytes == int(8.03e9)
+    assert plan(l8, Workload(workflows=1), "fp8", "fp8_e4m3").weights_bytes == int(L8_FP8)
     assert plan(l8, Workload(workflows=1), "fp8", "float32").weights_bytes == int(8.03e9 * 4)  # asked for: kept
 
 
 @pytest.mark.parametrize(("argv", "flag", "weights_bytes"), [
     (["--kv-dtype", "fp8"], None, 8.03e9 * 2),  # the FP8 KV cache alone: bf16 weights, nothing to quantize
-    (["--kv-dtype", "fp8", "--weight-dtype", "fp8"], "--quantization fp8", 8.03e9),
+    (["--kv-dtype", "fp8", "--weight-dtype", "fp8"], "--quantization fp8", L8_FP8),
     (["--weight-dtype", "fp16"], "--dtype float16", 8.03e9 * 2),
 ])
 def test_the_serve_flags_serve_the_planned_weights(capsys, argv, flag, weights_bytes):
@@ -59,17 +63,25 @@ def test_the_serve_flags_serve_the_planned_weights(capsys, argv, flag, weights_b
 CT8 = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
        "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float"}, "targets": ["Linear"]}}}
 BASE = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256, "num_parameters": 1e9}
+NORMS = (2 * 2 + 1) * 256  # BASE's norms stay in 16 bits beside quantized weights (no vocab_size: no embeddings)
+AWQ4 = 0.5 + (2 + 0.5) / 128  # 4 bits + a 16-bit scale and a 4-bit zero per group of 128
+
+
+def base_bytes(bytes_per_param):
+    """BASE's weight bytes: all of them at a 16-bit width; quantized, all but the norms."""
+    return 1e9 * bytes_per_param if bytes_per_param >= 2 else (1e9 - NORMS) * bytes_per_param + NORMS * 2
 
 
 @pytest.mark.parametrize(("extra", "dtype", "bytes_per_param"), [
     ({"torch_dtype": "float16"}, "fp16", 2),
     ({"dtype": "float32"}, "bf16", 2),  # vLLM's --dtype auto serves a float32 checkpoint in 16 bits
     ({"quantization_config": {"quant_method": "fp8"}, "torch_dtype": "bfloat16"}, "fp8", 1),
-    ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "int4", 0.5),
+    ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "int4", AWQ4),  # AWQ's default group_size 128
     ({}, "bf16", 2),
     # found by review: common FP8 checkpoints were refused (Llama 3.1 405B FP8 is fbgemm_fp8; llm-compressor's are
     # compressed-tensors, weights read from config_groups as vLLM's CompressedTensorsConfig reads them)
-    ({"quantization_config": {"quant_method": "fbgemm_fp8", "modules_to_not_convert": []}}, "fp8", 1),
+    ({"quantization_config": {"quant_method": "fbgemm_fp8", "modules_to_not_convert": []}}, "fp8",
+     1 + 4 / 256),  # a float32 scale per output row of 256 weights
     ({"quantization_config": CT8}, "fp8", 1),
     ({"quantization_config": {**CT8, "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int"}}}}},
      "int8", 1),
@@ -82,7 +94,8 @@ BASE = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 256, "n
 def test_a_configs_weights_are_its_checkpoints(capsys, tmp_path, extra, dtype, bytes_per_param):
     (tmp_path / "config.json").write_text(json.dumps({**BASE, **extra}))
     out = run_json(capsys, ["--model", str(tmp_path), "--kv-dtype", "fp8"])
-    assert out["plan"]["weight_dtype"] == dtype and out["plan"]["weights_bytes"] == int(1e9 * bytes_per_param)
+    assert out["plan"]["weight_dtype"] == dtype
+    assert out["plan"]["weights_bytes"] == pytest.approx(base_bytes(bytes_per_param), abs=1)
     assert "--quantization" not in out["vllm_args"] and "--dtype" not in out["vllm_args"]  # served as it is
 
 
@@ -94,7 +107,9 @@ def test_a_quantization_the_planner_cannot_read_needs_the_weight_dtype(capsys, t
     assert main(["plan", "--model", str(tmp_path)]) == 2
     assert "--weight-dtype" in capsys.readouterr().err
     out = run_json(capsys, ["--model", str(tmp_path), "--weight-dtype", "int4"])
-    assert out["plan"]["weights_bytes"] == int(1e9 * 0.5) and "--quantization" not in out["vllm_args"]
+    # a layout the config does not say: GPTQ/AWQ's default group of 128, with a 16-bit scale and a 4-bit zero each
+    assert out["plan"]["weights_bytes"] == pytest.approx(base_bytes(AWQ4), abs=1)
+    assert "--quantization" not in out["vllm_args"]
 
 
 def test_an_orchestrator_pool_no_gpu_holds_is_an_error(capsys, tmp_path):
