@@ -47,8 +47,8 @@ def test_the_tiers_bytes_are_both_ranks(tp_server) -> None:
             break
     m = tp_server.metrics()
     block = s["tier_block_bytes"]  # one rank's: its head of each layer
-    assert s["tier_ranks"] == m["kvsched_tier_ranks"] == 2
-    assert m["kvsched_tier_capacity_bytes"] == s["tier_capacity_bytes"] == 2 * s["tier_rank_capacity_bytes"]
     assert TIER_GIB * GIB - 2 * block < m["kvsched_tier_capacity_bytes"] <= TIER_GIB * GIB  # the size given
     assert s["tier_blocks"] > 0 and m["kvsched_tier_blocks"] == s["tier_blocks"]
     assert m["kvsched_tier_bytes"] == s["tier_bytes"] == 2 * block * s["tier_blocks"]
+    assert m["kvsched_tier_capacity_bytes"] == s["tier_capacity_bytes"] == 2 * s["tier_rank_capacity_bytes"]
+    assert s["tier_ranks"] == m["kvsched_tier_ranks"] == 2
