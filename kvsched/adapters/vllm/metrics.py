@@ -24,9 +24,14 @@ GAUGES = {
     "inference_table_entries": "Inferred sessions findable by their last prompt's block hash",
     "tier_enabled": "1 when the FP8 tier runs, 0 when it is off or cannot hold this engine's cache (see "
                     "kvsched_tier_disabled for the reason)",
-    "tier_bytes": "Bytes the FP8 tier holds (quantized KV of sessions released under pressure)",
-    "tier_capacity_bytes": "The FP8 tier's byte budget on one rank (--kvsched-fp8-tier-gb / ranks on the host, or "
-                           "the default rule)",
+    "tier_bytes": "Bytes the FP8 tier holds (quantized KV of sessions released under pressure), every rank's share "
+                  "summed under tensor/pipeline parallelism",
+    "tier_capacity_bytes": "The FP8 tier's byte budget, every rank's share summed (--kvsched-fp8-tier-gb on each "
+                           "host, to a slot per rank; or the default rule, per rank)",
+    "tier_rank_capacity_bytes": "One rank's share of the FP8 tier's budget: the host memory each rank's worker takes "
+                                "at most (tier_capacity_bytes / tier_ranks)",
+    "tier_ranks": "The engine's ranks (tensor x pipeline parallel, every node), each holding its part of every FP8-tier "
+                  "slot",
     "tier_blocks": "Slots the FP8 tier has in use: full KV blocks and the partial last blocks counted in tier_tails",
     "tier_tails": "Sessions whose partial last block (KV past their last full block) the FP8 tier holds",
     "disk_tier_bytes": "Bytes of KV blocks the disk level holds (--kvsched-disk-tier-dir)",

@@ -36,13 +36,21 @@ def absorb_worker_meta(conn: Any, meta: Any) -> None:
 
 
 def tier_stats(conn: Any) -> dict[str, Any]:
+    """The tier's figures. Its byte figures are the engine's, every rank's share summed: under tensor/pipeline
+    parallelism each of the engine's `world_size` ranks (on every node) holds its part of every slot, `block_bytes`
+    (its heads of its layers; the scheduler's KV cache spec is the first rank's, and every pipeline stage is taken to
+    hold as many layers as the first, as vLLM sizes the KV pool). Found by review: they were one rank's, 1/N of the
+    tier under `--tensor-parallel-size N`, when `--kvsched-fp8-tier-gb` is the host's total for the engine."""
     d = conn.directory
     assert d is not None
     ref = conn.stats["ref_sq"]
     raw = conn.geometry is not None and conn.geometry.mode == "raw"
+    ranks = max(int(conn.world_size), 1)
+    rank_capacity = d.num_slots * d.block_bytes if conn.enabled else 0
     out: dict[str, Any] = {
         "tier_enabled": float(conn.enabled),
-        "tier_capacity_bytes": d.num_slots * d.block_bytes if conn.enabled else 0, "tier_bytes": d.used_bytes,
+        "tier_capacity_bytes": rank_capacity * ranks, "tier_bytes": d.used_bytes * ranks,
+        "tier_rank_capacity_bytes": rank_capacity, "tier_rank_bytes": d.used_bytes, "tier_ranks": ranks,
         "tier_blocks": d.used_slots, "tier_block_bytes": d.block_bytes,
         "tier_demotions": d.counters["demotions"], "tier_demoted_blocks": d.counters["demoted_blocks"],
         "tier_evicted_blocks": d.counters["evicted_blocks"], "tier_restores": conn.stats["restores"],

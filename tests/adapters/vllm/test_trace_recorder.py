@@ -229,6 +229,23 @@ def test_data_parallel_engines_given_one_path_split_the_limit(harness_cfg, tmp_p
         e.close()
 
 
+def test_a_tensor_parallel_engines_recording_names_its_ranks_bytes_together(harness_cfg, tmp_path, monkeypatch):
+    """Found by review: the header named one rank's bytes (the KV cache spec is one rank's heads), so `kvsched simulate
+    FILE --fp8-tier-gib G` of a TP=2 engine's recording replayed twice the slots the engine's `--kvsched-fp8-tier-gb
+    G` gives (the host's total for its ranks)."""
+    from kvsched.adapters.vllm import compat
+    from kvsched.adapters.vllm.trace_recorder import TraceRecorder
+
+    s = _sched(harness_cfg)
+    per_rank = compat.kv_bytes_per_token(s)
+    s.parallel_config.world_size = 2  # an engine of two ranks, each with the KV cache spec the harness gives
+    rec = TraceRecorder(s, tmp_path / "rec.jsonl")
+    rec.close()
+    meta = json.loads(rec.path.read_text().splitlines()[0])["meta"]
+    assert meta["fp8_tier_block_bytes"] == 2 * _tier_block_bytes(harness_cfg.model_dir)  # what both ranks take
+    assert meta["kv_bytes_per_token"] == 2 * per_rank
+
+
 def test_a_recording_that_cannot_be_opened_is_logged_and_the_engine_starts(harness_cfg, tmp_path, monkeypatch):
     """The start-up check passed, then the file could not be made (the directory went away, 10,000 recordings beside
     it): that raised out of the scheduler's constructor and the engine did not start."""

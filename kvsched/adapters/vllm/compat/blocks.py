@@ -197,6 +197,12 @@ def data_parallel_size(scheduler: Any) -> int:
     return max(int(getattr(getattr(scheduler, "parallel_config", None), "data_parallel_size", 1) or 1), 1)
 
 
+def world_size(scheduler: Any) -> int:
+    """The engine's ranks (tensor x pipeline parallel, every node), each holding its part of every KV block; 1 when not
+    said."""
+    return max(int(getattr(getattr(scheduler, "parallel_config", None), "world_size", 1) or 1), 1)
+
+
 def hash_block_size(scheduler: Any) -> int:
     """Tokens per entry of a request's `block_hashes` (vLLM's `hash_block_size`; the block size unless a hybrid
     model's groups hash at a finer grain)."""
