@@ -159,6 +159,13 @@ class PinApplier(Generic[B]):
         them). Release pins, lowest value first; True if blocks were freed (the allocation is then retried)."""
         pool = self.pool
         before = pool.num_free()
+        # Nothing, if releasing every pin could not free the blocks it lacks at least (its new tokens may start
+        # inside its last block: one less). Found by review: a waiting request too large to fit beside the running
+        # ones released every pin at each step it was tried (vLLM's queue and the simulator's wait behind it), so the
+        # pool kept none while it waited; its admission, when it fits, releases the lowest-value pins it needs.
+        short = -(-num_new_tokens // self.block_size) - 1 + own_free_hits - before
+        if short > 0 and short > self.policy.pressure_bound(own):
+            return False
         # About the shortfall, not the request's whole size: free blocks still count (released pins stay cached in
         # the free queue only until reused, and the order past the shortfall may change before they are needed, e.g.
         # when a released session's next turn arrives). If it was not enough, the caller fails again and comes back.

@@ -13,6 +13,7 @@ first, so only what their requests do not hold is freed. Found by review: they w
 running beside a chat turn kept the turn's pin from every other session's shortage and from its TTL until it finished
 (another session's request waited 295 steps on vLLM's scheduler; stock vLLM: 0). A running session whose pin is all
 its request hit (a turn's start cuts the pin to that) is not in the order: a release would free nothing.
+`releasable_blocks` bounds, in O(1), what releasing every pin in the order could free.
 
 Up to `exact_limit` pinned sessions the order is the exact scan: every candidate scored at the decision's time, through
 the policy's selector (the C++/Triton kernels in the engine). Beyond it a decision takes entries off the heap (O(log n)
@@ -71,6 +72,7 @@ class ReleaseIndex:
         self._due: list[tuple[float, int, SessionKey]] = []  # (when its key is due again, version, session)
         self._versions = itertools.count(1)
         self.counters = {"heap_pops": 0, "rescored": 0, "rebuilds": 0, "rekeyed": 0}
+        self.releasable_blocks = 0  # pinned blocks of the sessions the order may offer (shared ones counted per pin)
 
     def __len__(self) -> int:
         return len(self.pinned)
@@ -79,13 +81,19 @@ class ReleaseIndex:
         """The session's pin, requests, value inputs or activity changed (call after every event of the session).
         O(1): the session is scored when a decision next needs the heap."""
         rec.version = next(self._versions)
-        if rec.pinned_blocks > 0:  # `pinned`, without the property call (every event of every session)
+        n = rec.pinned_blocks
+        if n > 0:  # `pinned`, without the property call (every event of every session)
             self.pinned[rec.key] = self._dirty[rec.key] = rec
+            if rec.active_requests and not rec.pin_beyond_running:
+                n = 0  # all its running request hit: no release frees any of it
         else:
             self.pinned.pop(rec.key, None)
             self._dirty.pop(rec.key, None)
             self._queued.pop(rec.key, None)
             self._running.pop(rec.key, None)
+        if n != rec.releasable:
+            self.releasable_blocks += n - rec.releasable
+            rec.releasable = n
 
     def order(self, now: float, skip: set[SessionKey]) -> Generator[SessionKey, None, None]:
         """Pinned sessions not in `skip`: those with no request in flight, lowest value first (ties: least recently

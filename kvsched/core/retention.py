@@ -261,6 +261,12 @@ class RetentionPolicy(ReleaseValues):
         first session with a request waiting or running (the order puts them after the idle ones)."""
         return self.release_blocks(blocks, ReleaseReason.PRESSURE, exclude, idle_only)
 
+    def pressure_bound(self, own: SessionKey | None) -> int:
+        """At least the blocks that releasing every pin a shortage of a request of `own` may release could free
+        (pins the order offers, and `own`'s: `release_running_pin`), in O(1)."""
+        rec = self.sessions.get(own) if own is not None else None
+        return self.index.releasable_blocks + (rec.pinned_blocks if rec is not None else 0)
+
     def release_running_pin(self, key: SessionKey) -> list[Release]:
         """A request short of blocks with no other pin left: its own running session's pin, which no release order
         offers when its running request hit all of it. Blocks the request holds stay allocated to it."""

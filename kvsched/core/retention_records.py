@@ -63,6 +63,7 @@ class SessionRecord:
     # The pin may hold blocks no running request of the session holds: made or kept while another request of it ran,
     # or grown by a prefetch. Cleared when a turn starts (the pin is cut to what that request hit).
     pin_beyond_running: bool = False
+    releasable: int = 0  # its pinned blocks as counted in the release index's `releasable_blocks`
     hits: int = 0
     hit_tokens: int = 0
     prefetched_tokens: int = 0  # the pin's last tokens, restored from the FP8 tier ahead of the next turn

@@ -185,6 +185,22 @@ def test_a_shortage_releases_other_sessions_first_about_the_shortfall_and_the_ow
     assert pins.on_shortage(B, 10 * BS) is False and not pins.pinned
 
 
+def test_a_shortage_that_releasing_every_pin_could_not_cover_releases_none(clock):
+    """Found by review: a waiting request too large to fit beside the running ones released every pin each time it
+    was tried (each engine step), for nothing: the pool kept no pin while it waited."""
+    pins = make(clock, capacity=48)
+    turn(pins, A, [list(range(1, 9))])  # 8 blocks
+    turn(pins, B, [list(range(21, 29))])
+    turn(pins, C, [list(range(41, 49))])
+    pins.policy.request_arrived(C, NO_HINTS)
+    pins.turn_started(C, 8 * BS)  # C's running turn holds all its pin: releasing it would free nothing
+    pins.pool.allocate(list(range(100, 116)))  # 16 blocks other running requests hold: 8 free
+    assert pins.policy.pressure_bound(None) == 16 and pins.policy.pressure_bound(C) == 24
+    assert pins.on_shortage(None, 26 * BS) is False  # it lacks 17 at least (18 at most): A's and B's pins hold 16
+    assert set(pins.pinned) == {A, B, C} and not [a for a in pins.log if a.op == "release"]
+    assert pins.on_shortage(None, 25 * BS) is True and pins.log[-1].op == "release"  # lacks 16 at least: may fit
+
+
 def test_make_room_never_takes_the_excluded_session(clock):
     pins = make(clock, capacity=20)
     turn(pins, A, [list(range(1, 9))])

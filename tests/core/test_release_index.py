@@ -90,6 +90,9 @@ def test_heap_and_scan_take_the_same_decisions_while_values_are_unchanged(seed):
         assert heap.release_order() == scan.release_order() == scan_order(scan, set())
         assert heap.release_order([exclude]) == scan_order(heap, {exclude})
         assert set(heap.index.pinned) == {key for key, r in heap.sessions.items() if r.pinned}
+        for p in (heap, scan):  # the shortage's O(1) bound: the pins the order may offer
+            assert p.index.releasable_blocks == sum(r.pinned_blocks for r in p.sessions.values()
+                                                    if not r.active_requests or r.pin_beyond_running)
         pinned_seen = max(pinned_seen, heap.pinned_sessions)
     assert pinned_seen > 20  # the heap path ran on a real population
     assert heap.index.counters["heap_pops"] > 0 and scan.index.counters["heap_pops"] == 0

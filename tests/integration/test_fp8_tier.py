@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 import time
 import urllib.request
 
@@ -20,11 +19,12 @@ from tests.integration.procs import run_together  # noqa: E402
 pytestmark = pytest.mark.integration
 SYSTEM = "You are a careful research agent. Use the tools. " * 8
 POOL_BLOCKS = 48
+MAX_LEN = (POOL_BLOCKS - 1) * 32  # vLLM keeps one block back (the null block): a request may fill the rest (`flood`)
 ADMIN = {"Authorization": "Bearer tier-admin"}  # sees and ends every session, salted or inferred too
 
 
 def serve(model, *extra):
-    return VllmServer(ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=POOL_BLOCKS,
+    return VllmServer(ServerSpec(model=model, scheduler="kvsched", max_model_len=MAX_LEN, num_blocks=POOL_BLOCKS,
                                  extra_args=["--kvsched-fp8-tier-gb", "0.05", *extra],
                                  env={"KVSCHED_ADMIN_KEYS": "tier-admin"}))
 
@@ -35,9 +35,9 @@ def servers(tiny_model_dir):
     tier, kvsched with its tier off (what a restored turn must decode exactly like), a tier whose every slot is
     corrupted after its checksum, and, where the CPU can hold one, a tier over an fp8 KV cache."""
     named = {"tier": serve(tiny_model_dir),
-             "plain": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024,
+             "plain": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=MAX_LEN,
                                             num_blocks=POOL_BLOCKS, extra_args=["--kvsched-fp8-tier-gb", "0"])),
-             "faulty": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024,
+             "faulty": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=MAX_LEN,
                                              num_blocks=POOL_BLOCKS, env={"KVSCHED_TIER_FAULT_EVERY": "1"},
                                              extra_args=["--kvsched-fp8-tier-gb", "0.05"]))}
     if not cpu_features().fp8_kv_cache_refusal():
@@ -73,47 +73,50 @@ def chat(server, messages, session=None, salt=None, max_tokens=8, end=False, ttl
 FLOODS = itertools.count()
 
 
-def flood(server, n=3, words=420, decode=48):
-    """Concurrent one-turn sessions (new text each time, so none hits the cache; each ends with its turn, so none holds
-    a pin afterwards; unnamed, each would be an inferred session holding one) of ~30 blocks each in a 47-block
-    pool: the second one's shortfall alone exceeds any pin here, so pins must yield whole (pressure releases only the
-    shortfall). Each decodes long enough that all are admitted while the first still runs (on a busy host their
-    arrivals spread out)."""
+def tokens(server, content):
+    """The prompt tokens of a one-message chat request, as the server's /tokenize counts them."""
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": content}]}).encode()
+    req = urllib.request.Request(server.base + "/tokenize", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())["count"]
+
+
+def flood_text(server, head):
+    """`head`, then text of a length whose prompt needs every block of the pool but one (the pool as the server counts
+    it): `(total - 2) * block_size` < prompt tokens <= `(total - 1) * block_size - 8`."""
+    total, bs = sessions(server)["stats"]["total_blocks"], server.spec.block_size
+    low, high = (total - 2) * bs, (total - 1) * bs - 8
+    c0, c1 = tokens(server, head + "search result " * 100), tokens(server, head + "search result " * 200)
+    words = 100 + ((low + high) // 2 - c0) * 100 // (c1 - c0)
+    text = head + "search result " * words
+    assert low < tokens(server, text) <= high, (total, c0, c1, words)
+    return text
+
+
+def flood(server):
+    """One one-turn session, answered before this returns (one request at a time: nothing depends on how the engine's
+    steps interleave requests, which a loaded host changes). New text (it hits nothing), ended with its turn (it keeps
+    no pin; unnamed, it would be an inferred session holding one), and needing every block of the pool but one: it fits
+    only once every pin is released, and releasing them covers its shortfall, so pressure releases them all (the
+    shortfall plus a block). Concurrent requests each near the pool's size force no pin out: one that could not fit
+    beside the running ones even with every pin released releases none (the pins' shortage bound). Two floods in a
+    row leave no block as it was before the first: the second takes the one block the first left (at the head of
+    vLLM's free queue, ahead of the first's own) and all but one of the first's."""
     k = next(FLOODS)
-    errors = []
-
-    def one(i):
-        try:
-            # a unique head (so nothing hits the cache), then text of a known length: ~855 tokens
-            chat(server, [{"role": "user", "content": f"flood {k} {i} " + "search result " * words}],
-                 max_tokens=decode, session=f"flood-{k}-{i}", end=True)
-        except Exception as exc:  # noqa: BLE001 - reported below, in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    chat(server, [{"role": "user", "content": flood_text(server, f"flood {k} ")}], max_tokens=4, session=f"flood-{k}",
+         end=True)
 
 
 def pinned_blocks(server, session):
     return sum(r["pinned_blocks"] for r in sessions(server)["sessions"] if r["session_id"] == session)
 
 
-def flood_until_released(server, session, tries=4):
-    """Flood until pressure has released `session`'s pins (what the tests below are about); fail if it never does."""
-    for _ in range(tries):
-        flood(server)
-        if pinned_blocks(server, session) == 0:
-            # and its released blocks are reused: the next turn must come from the tier, not the pool. Twice: on a
-            # loaded host one flood's arrivals can spread out and leave some of them cached (a fresh clone's full run
-            # hit 480 of its tokens in the pool and restored nothing, twice in ~40 runs)
-            flood(server)
-            flood(server)
-            return
-    raise AssertionError(f"{tries} floods did not release {session}'s pins: {sessions(server)}")
+def flood_until_released(server, session):
+    """Flood: pressure must release `session`'s pins (what the tests below are about); a second flood then takes the
+    pool's copies of its blocks: the next turn must come from the tier, not the pool."""
+    flood(server)
+    assert pinned_blocks(server, session) == 0, sessions(server)
+    flood(server)
 
 
 def sessions(server):
@@ -210,28 +213,21 @@ def test_a_turn_resumes_from_the_partial_last_block_and_decodes_as_if_recomputed
 
 
 def turn_reaching_the_tier(server, name: str):  # noqa: ANN201
-    """`turn_after_flood` with a new session (up to 3 times) until the turn tried a restore: once in a full run on a
-    host loaded by other work, 17 blocks were demoted and the turn restored and prefetched none (it was served, but
-    nothing was checked); a fresh clone's run saw the same on the fp8-cache server. The figures of each set-up are in
-    the failure message. Returns (session, the set-up's results, the metrics' deltas, blocks restored or prefetched)."""
-    tried = []
-    for attempt in range(3):
-        session = f"{name}-{attempt}"
-        result = turn_after_flood(server, session)
-        before, after = result[2], result[3]
-        d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-        restored = d["kvsched_tier_restored_blocks_total"] + d["kvsched_tier_prefetched_blocks_total"]
-        tried.append({k: v for k, v in d.items() if v and ("tier" in k or "prefix_cache" in k)})
-        if restored > 0:
-            return session, result, d, restored
-    raise AssertionError(f"3 set-ups never reached the tier: {tried}")
+    """`turn_after_flood`, and the turn tried a restore (the figures are in the failure message). Before the flood was
+    one request at a time this was tried up to 3 times: concurrent floods on a loaded host sometimes left the turn
+    nothing to restore. Returns (session, the set-up's results, the metrics' deltas, blocks restored or prefetched)."""
+    result = turn_after_flood(server, name)
+    before, after = result[2], result[3]
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    restored = d["kvsched_tier_restored_blocks_total"] + d["kvsched_tier_prefetched_blocks_total"]
+    assert restored > 0, {k: v for k, v in d.items() if v and ("tier" in k or "prefix_cache" in k)}
+    return name, result, d, restored
 
 
 def test_corrupt_slots_are_recomputed_never_served(servers, plain_server):
     """Fault injection: every slot's bytes change after its checksum was taken (a torn or overwritten host copy).
     The turn after the flood restores nothing (its prefetch and its own restore both fail their checks), recomputes,
-    and decodes exactly what a server without the tier decodes (the set-up redone until it reaches the tier:
-    `turn_reaching_the_tier`)."""
+    and decodes exactly what a server without the tier decodes."""
     session, (first, second, before, after, history), d, restored = turn_reaching_the_tier(servers["faulty"], "corrupt")
     assert after["kvsched_tier_demoted_blocks_total"] > 0
     assert d["kvsched_tier_load_failures_total"] >= restored  # every one failed its check (and the tail too)

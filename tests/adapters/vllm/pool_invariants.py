@@ -42,6 +42,9 @@ def pool_violations(s: Any) -> list[str]:
     for key, rec in policy.sessions.items():
         if rec.pinned_blocks and key not in pins.pinned:
             errs.append(f"{key.session_id}: policy says {rec.pinned_blocks} pinned, the applier none")
+    offered = sum(r.pinned_blocks for r in policy.sessions.values() if not r.active_requests or r.pin_beyond_running)
+    if policy.index.releasable_blocks != offered:  # the shortage's O(1) bound (`RetentionPolicy.pressure_bound`)
+        errs.append(f"releasable_blocks {policy.index.releasable_blocks} != the offered pins' {offered}")
     return errs + position_violations(s)
 
 
