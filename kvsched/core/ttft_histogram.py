@@ -1,5 +1,5 @@
 """A fleet's TTFT quantile from its replicas' histograms: each replica's cumulative bucket counts over a window (the
-difference of its first and last scrape in it), summed bucket by bucket across replicas, and the quantile
+difference of its first and last scrape in it) as a rate, summed bucket by bucket across replicas, and the quantile
 interpolated inside its bucket as Prometheus's `histogram_quantile` does.
 
 Why not the replicas' own P95s: no function of them is the fleet's. Their maximum (what the autoscaling policy used)
@@ -90,43 +90,60 @@ def window_increase(scrapes: Sequence[Histogram]) -> dict[float, float] | None:
 @dataclass(frozen=True, slots=True)
 class FleetQuantile:
     """`value`: the fleet's quantile in seconds (None: no signal: too few first tokens in the window, or not mergeable);
-    `samples`: first tokens in the merged window; `merged`: False when the replicas' histograms could not be merged
-    (`note` says why): the caller falls back to another signal and says so."""
+    `samples`: first tokens in the merged windows; `replicas`: how many replicas' windows were merged (one with fewer
+    than two scrapes in it has none yet); `merged`: False when the replicas' histograms could not be merged (`note`
+    says why): the caller falls back to another signal and says so."""
 
     value: float | None
     samples: float
+    replicas: int
     merged: bool
     note: str
 
 
-def fleet_quantile(windows: Mapping[object, Sequence[Histogram]], q: float = 0.95,
+def fleet_quantile(windows: Mapping[object, Sequence[tuple[float, Histogram]]], q: float = 0.95,
                    min_samples: float = 1.0) -> FleetQuantile:
-    """The fleet's `q` quantile from every replica's scrapes over the window (`windows`: replica -> scrapes, oldest
-    first). Merged only if every replica has the same bucket bounds (the union of different layouts would put counts
-    under bounds they were not measured against); else not merged. Fewer than `min_samples` first tokens in all: no
-    value (a quantile of a handful is its slowest one or two)."""
-    increases = []
-    for replica, scrapes in windows.items():
-        inc = window_increase(scrapes)
+    """The fleet's `q` quantile from every replica's scrapes over the window (`windows`: replica -> `(time in seconds,
+    histogram)` oldest first). Like Prometheus's `histogram_quantile(q, sum by (le) (rate(..._bucket[w])))`: each
+    replica's increase over its own window is divided by that window's length, so replicas whose windows span
+    different times (Ray keeps each replica's points from its own clock and push times) weigh by their rate of first
+    tokens, not by how long their window happens to be. While a replica has fewer than two scrapes in it (just
+    started, or its points not pushed yet) there is no fleet value: the others' alone are not the fleet's (found on a
+    real Ray cluster: the one replica with a window was the slow one, and the pool scaled up on its P95 alone).
+    Merged only if every replica has the same bucket
+    bounds (the union of different layouts would put counts under bounds they were not measured against); else not
+    merged. Fewer than `min_samples` first tokens in all: no value (a quantile of a handful is its slowest ones)."""
+    layouts: list[tuple[object, frozenset[float]]] = []
+    rates, samples, waiting = [], 0.0, []
+    for replica, timed in windows.items():
+        if not timed:
+            continue
+        inc = window_increase([h for _, h in timed])
         if inc is None:
-            return FleetQuantile(None, 0.0, False, f"replica {replica}'s bucket bounds changed within the window, or "
-                                                   "a count is not finite")
-        if inc:
-            increases.append((replica, inc))
-    if not increases:
-        return FleetQuantile(None, 0.0, False, "no replica reported TTFT buckets")
-    bounds = set(increases[0][1])
-    for replica, inc in increases[1:]:
-        if set(inc) != bounds:
-            return FleetQuantile(None, 0.0, False, f"replica {replica}'s bucket bounds differ from "
-                                                   f"replica {increases[0][0]}'s")
-    if not any(math.isinf(b) and b > 0 for b in bounds):
-        return FleetQuantile(None, 0.0, False, "no +Inf bucket")
-    merged = merge(inc for _, inc in increases)
-    samples = merged[math.inf]
+            return FleetQuantile(None, 0.0, 0, False, f"replica {replica}'s bucket bounds changed within the window, "
+                                                      "or a count is not finite")
+        layouts.append((replica, frozenset(inc)))
+        span = timed[-1][0] - timed[0][0]
+        if len(timed) >= 2 and math.isfinite(span) and span > 0:
+            rates.append({b: c / span for b, c in inc.items()})
+            samples += inc.get(math.inf, 0.0)
+        else:
+            waiting.append(replica)
+    if not layouts:
+        return FleetQuantile(None, 0.0, 0, False, "no replica reported TTFT buckets")
+    first, bounds = layouts[0]
+    for replica, other in layouts[1:]:
+        if other != bounds:
+            return FleetQuantile(None, 0.0, 0, False,
+                                 f"replica {replica}'s bucket bounds differ from replica {first}'s")
+    if math.inf not in bounds:
+        return FleetQuantile(None, 0.0, 0, False, "no +Inf bucket")
+    n = len(rates)
+    if waiting:
+        return FleetQuantile(None, samples, n, True, f"replica {waiting[0]} has no window yet")
     if samples < max(min_samples, 1e-12):
-        return FleetQuantile(None, samples, True, f"{samples:g} first token(s) in the window")
-    return FleetQuantile(histogram_quantile(merged, q), samples, True, f"{samples:g} first tokens")
+        return FleetQuantile(None, samples, n, True, f"{samples:g} first token(s) in the window")
+    return FleetQuantile(histogram_quantile(merge(rates), q), samples, n, True, f"{samples:g} first tokens")
 
 
 def merge(histograms: Iterable[Histogram]) -> dict[float, float]:

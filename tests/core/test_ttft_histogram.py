@@ -13,6 +13,7 @@ from kvsched.core.ttft_histogram import (
     bucket_key,
     fleet_quantile,
     histogram_quantile,
+    merge,
     window_increase,
 )
 
@@ -71,27 +72,31 @@ def test_a_bucket_layout_changing_in_the_window_or_a_broken_count_cannot_be_diff
     assert window_increase([hist({0.1: 1}), {**hist({0.1: 2}), INF: math.nan}]) is None
 
 
-def eight_replicas_one_slow() -> dict[str, list[dict[float, float]]]:
+def timed(*scrapes: dict[float, float], every_s: float = 10.0) -> list[tuple[float, dict[float, float]]]:
+    return [(i * every_s, h) for i, h in enumerate(scrapes)]
+
+
+def eight_replicas_one_slow() -> dict[str, list[tuple[float, dict[float, float]]]]:
     """Eight replicas, 100 first tokens each in the window; one of them slow on 10 of its 100 (5 s)."""
     start = hist({})
-    fast = [start, hist({0.1: 100})]
-    slow = [start, hist({0.1: 90, 5.0: 10})]
+    fast = timed(start, hist({0.1: 100}))
+    slow = timed(start, hist({0.1: 90, 5.0: 10}))
     return {**{f"r{i}": fast for i in range(7)}, "r7": slow}
 
 
 def test_the_fleets_p95_is_its_merged_histograms_not_its_slowest_replicas() -> None:
     windows = eight_replicas_one_slow()
-    slowest = max(histogram_quantile(s[-1], 0.95) or 0.0 for s in windows.values())
+    slowest = max(histogram_quantile(s[-1][1], 0.95) or 0.0 for s in windows.values())
     assert slowest == pytest.approx(3.75)  # r7's own: rank 95 of 100, half way through (2.5, 5.0]
     fleet = fleet_quantile(windows, 0.95, min_samples=20)
-    assert fleet.merged and fleet.samples == 800
+    assert fleet.merged and fleet.samples == 800 and fleet.replicas == 8
     assert fleet.value == pytest.approx(0.1 * 760 / 790)  # rank 760 of 800: 790 fast ones under 0.1 s
 
 
 def test_eight_replicas_one_slow_the_old_rule_scales_up_the_fleet_rule_does_not() -> None:
     windows = eight_replicas_one_slow()
     targets = AutoscaleTargets(min_replicas=1, max_replicas=16, queue_per_replica=4.0, ttft_p95_s=2.0)
-    loads = [ReplicaLoad(2.5, histogram_quantile(s[-1], 0.95)) for s in windows.values()]  # queues well within
+    loads = [ReplicaLoad(2.5, histogram_quantile(s[-1][1], 0.95)) for s in windows.values()]  # queues well within
     old = desired_replicas(8, loads, targets, now_s=0.0, last_change_s=None)
     assert old.replicas == 15 and "ttft" in old.reason  # 3.75 s / 2 s: a scale-up the fleet does not need
     fleet = fleet_quantile(windows, 0.95, min_samples=20).value
@@ -105,20 +110,43 @@ def test_eight_replicas_one_slow_the_old_rule_scales_up_the_fleet_rule_does_not(
 
 
 def test_different_bucket_bounds_are_not_merged_and_say_so() -> None:
-    windows = {"a": [hist({}), hist({0.1: 50})], "b": [{0.2: 0.0, INF: 0.0}, {0.2: 50.0, INF: 50.0}]}
+    windows = {"a": timed(hist({}), hist({0.1: 50})), "b": timed({0.2: 0.0, INF: 0.0}, {0.2: 50.0, INF: 50.0})}
     fleet = fleet_quantile(windows, 0.95)
     assert not fleet.merged and fleet.value is None and "bounds differ" in fleet.note
-    changed = fleet_quantile({"a": [hist({}), {0.2: 1.0, INF: 1.0}]}, 0.95)
+    changed = fleet_quantile({"a": timed(hist({}), {0.2: 1.0, INF: 1.0})}, 0.95)
     assert not changed.merged and "changed" in changed.note
     assert not fleet_quantile({}, 0.95).merged  # no replica reported buckets
-    no_inf = fleet_quantile({"a": [{0.1: 0.0}, {0.1: 50.0}]}, 0.95)
+    no_inf = fleet_quantile({"a": timed({0.1: 0.0}, {0.1: 50.0})}, 0.95)
     assert not no_inf.merged and "+Inf" in no_inf.note
 
 
 def test_an_empty_or_thin_window_is_no_signal() -> None:
-    quiet = fleet_quantile({"a": [hist({5.0: 900}), hist({5.0: 900})], "b": [hist({})]}, 0.95, min_samples=20)
+    quiet = fleet_quantile({"a": timed(hist({5.0: 900}), hist({5.0: 900})), "b": timed(hist({}), hist({}))}, 0.95, 20)
     assert quiet.merged and quiet.value is None and quiet.samples == 0  # old slow traffic only: aged out
-    thin = fleet_quantile({"a": [hist({}), hist({5.0: 19})]}, 0.95, min_samples=20)
+    thin = fleet_quantile({"a": timed(hist({}), hist({5.0: 19}))}, 0.95, min_samples=20)
     assert thin.merged and thin.value is None and thin.samples == 19
-    enough = fleet_quantile({"a": [hist({}), hist({5.0: 19})], "b": [hist({}), hist({0.1: 1})]}, 0.95, 20)
+    enough = fleet_quantile({"a": timed(hist({}), hist({5.0: 19})), "b": timed(hist({}), hist({0.1: 1}))}, 0.95, 20)
     assert enough.value == pytest.approx(2.5 + 2.5 * (19 - 1) / 19)  # 19 slow and 1 fast, merged: 20
+
+
+def test_replicas_weigh_by_their_rate_of_first_tokens_not_the_length_of_their_window() -> None:
+    """Found on a real Ray cluster: each replica's points span its own stretch of time (its clock, its pushes). One
+    slow first token a second on one replica and 100 fast ones on another are 1% slow, whatever spans their windows
+    cover; counts alone put the slow replica's 30 s window (30 slow) against the fast one's 2 s (200 fast): 13% slow,
+    a P95 of 5 s."""
+    slow = [(0.0, hist({})), (30.0, hist({5.0: 30}))]
+    fast = [(28.0, hist({})), (30.0, hist({0.1: 200}))]
+    fleet = fleet_quantile({"s": slow, "f": fast}, 0.95)
+    assert fleet.replicas == 2 and fleet.samples == 230
+    assert fleet.value == pytest.approx(0.1 * 0.95 * 101 / 100)  # 101/s: 100 of them under 0.1 s
+    assert histogram_quantile(merge([slow[1][1], fast[1][1]]), 0.95) > 4.0  # what the counts alone said
+
+
+def test_no_fleet_value_while_a_replica_has_no_window_yet() -> None:
+    """Found on a real Ray cluster: at start, the slow replica had two scrapes in the window and the fast one one;
+    its P95 alone (3.75 s) read as the fleet's and scaled the pool up. A replica with one scrape (just started, or
+    its points not pushed yet) has no window: no fleet value until it has one."""
+    slow = timed(hist({}), hist({0.1: 90, 5.0: 10}))
+    fleet = fleet_quantile({"s": slow, "f": timed(hist({0.1: 300}))}, 0.95)
+    assert fleet.merged and fleet.value is None and fleet.replicas == 1 and "f has no window" in fleet.note
+    assert fleet_quantile({"s": slow, "f": timed(hist({0.1: 300}), hist({0.1: 600}))}, 0.95).value < 0.1

@@ -4,8 +4,8 @@ Each engine replica reports its `vllm:time_to_first_token_seconds` bucket counts
 autoscaling metric per bound (`ttft_le:0.25`, ..., `ttft_le:+Inf`; `EngineReplica.record_autoscaling_stats`). Ray
 keeps each replica's points for `look_back_period_s` and hands them to the policy as `AutoscalingContext.raw_metrics`
 (its `aggregated_metrics` are time-averages, which would blur a counter); the points recorded together share a
-timestamp, so each timestamp is one scrape. The arithmetic (window increase, counter resets, merge, quantile) is
-`kvsched.core.ttft_histogram`.
+timestamp, so each timestamp is one scrape. The arithmetic (window increase over each replica's own window as a
+rate, counter resets, merge, quantile) is `kvsched.core.ttft_histogram`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def _point(p: Any) -> tuple[float, float]:
     return float(p.timestamp), float(p.value)
 
 
-def replica_scrapes(raw: Mapping[str, Mapping[Any, Any]], replicas: list[Any]) -> dict[Any, list[dict[float, float]]]:
-    """Per running replica that reports TTFT buckets: its scrapes in the window, oldest first."""
+def replica_scrapes(raw: Mapping[str, Mapping[Any, Any]],
+                    replicas: list[Any]) -> dict[Any, list[tuple[float, dict[float, float]]]]:
+    """Per running replica that reports TTFT buckets: its scrapes in the window, `(timestamp, buckets)` oldest first."""
     by_replica: dict[Any, dict[float, dict[float, float]]] = {}
     running = set(replicas)
     for name, series in raw.items():
@@ -48,17 +49,16 @@ def replica_scrapes(raw: Mapping[str, Mapping[Any, Any]], replicas: list[Any]) -
             for p in points or ():
                 t, v = _point(p)
                 at.setdefault(t, {})[bound] = v
-    return {r: [at[t] for t in sorted(at)] for r, at in by_replica.items() if at}
+    return {r: [(t, at[t]) for t in sorted(at)] for r, at in by_replica.items() if at}
 
 
-def fleet_ttft(ctx: Any, replicas: list[Any]) -> tuple[FleetQuantile, int]:
-    """The fleet's P95 TTFT over Ray's look-back window, and how many running replicas it merges."""
+def fleet_ttft(ctx: Any, replicas: list[Any]) -> FleetQuantile:
+    """The fleet's P95 TTFT over Ray's look-back window."""
     try:
         raw = ctx.raw_metrics or {}
     except Exception:  # noqa: BLE001 - a Ray without raw metrics, or one failing to build them: fall back
         raw = {}
-    scrapes = replica_scrapes(raw, replicas)
-    return fleet_quantile(scrapes, 0.95, min_samples=MIN_TTFT_SAMPLES), len(scrapes)
+    return fleet_quantile(replica_scrapes(raw, replicas), 0.95, min_samples=MIN_TTFT_SAMPLES)
 
 
 def held_fleet_p95(state: dict[str, Any], fleet: FleetQuantile, now_s: float) -> float | None:
