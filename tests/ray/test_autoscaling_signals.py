@@ -128,7 +128,7 @@ def test_eight_replicas_one_slow_scale_on_the_fleets_p95_not_the_slowest_replica
     ctx.aggregated_metrics["queue_depth"] = {r: 2.5 for r in ctx.running_replicas}  # queues within target
     n, state = policy(ctx)
     assert n == 8, state["kvsched_reason"]
-    assert "fleet p95 0.0962 s of merged buckets, 800 first tokens" in state["kvsched_reason"]
+    assert "fleet p95 0.0962 s from the merged buckets of 8 of 8 replicas (800 first tokens)" in state["kvsched_reason"]
 
 
 def test_replicas_with_different_bucket_bounds_fall_back_to_the_slowest_replica_and_say_so() -> None:

@@ -57,7 +57,8 @@ def decide(current: int, aggregated: dict[str, dict[Any, float]], replicas: list
             return desired_replicas(current, loads, targets, now_s=now_s, last_change_s=None,
                                     queued_upstream=queued_in_ray, fleet_ttft_p95_s=ttft)
         fresh, held = fleet_rule(fleet.value), fleet_rule(held_fleet_s)
-        how = f"ttft: fleet p95 {_s(fleet.value)} of merged buckets, {fleet.note}"
+        how = (f"ttft: fleet p95 {_s(fleet.value)} from the merged buckets of {fleet.replicas} of {len(replicas)} "
+               f"replicas ({fleet.note})")
     else:
         def replica_rule(key: str) -> ScaleDecision:
             return desired_replicas(current, replica_loads(aggregated, replicas, key), targets, now_s=now_s,
@@ -126,7 +127,7 @@ class QueueTTFTPolicy:
         else:
             state.pop("kvsched_starting_since", None)
         starting_for = now - state.get("kvsched_starting_since", now)
-        fleet, _ = fleet_ttft(ctx, replicas)
+        fleet = fleet_ttft(ctx, replicas)
         held = held_fleet_p95(state, fleet, now) if fleet.merged else None
         decision = while_starting(decide(running, ctx.aggregated_metrics or {}, replicas, self.targets, now_s=now,
                                          queued_in_ray=queued_in_ray(ctx), fleet=fleet, held_fleet_s=held),
