@@ -72,3 +72,85 @@ def test_a_fresh_p95_counts_only_from_enough_first_tokens() -> None:
     assert st.fresh_ttft_p95() is None
     st.update(ttft_metrics({0.1: 500 + MIN_TTFT_SAMPLES - 1, 5.0: MIN_TTFT_SAMPLES + 5}), None)
     assert st.fresh_ttft_p95() is None  # 19 fast ones since the old five were dropped
+
+
+# ---- the fleet's P95 from the replicas' merged buckets ---------------------------------------------------------
+def reports(counts_by_replica: dict[str, list[dict[float, int]]]) -> list[dict[str, dict[str, float]]]:
+    """What each replica's `EngineReplica.record_autoscaling_stats` reports at each scrape of `ttft_metrics(counts)`:
+    one dict per scrape, metric name -> replica -> value."""
+    import asyncio
+
+    from kvsched.adapters.ray.engine import EngineReplica
+    from kvsched.adapters.ray.stats import ReplicaStats
+
+    record = getattr(EngineReplica, "func_or_class", EngineReplica).record_autoscaling_stats
+    scrapes = len(next(iter(counts_by_replica.values())))
+    out: list[dict[str, dict[str, float]]] = [{} for _ in range(scrapes)]
+    for name, counts in counts_by_replica.items():
+        st = ReplicaStats("http://x", clock=lambda: 0.0)
+
+        async def fresh_stats(st: ReplicaStats = st) -> dict:
+            return st.snapshot()
+
+        for i, c in enumerate(counts):
+            st.update(ttft_metrics(c), None)
+            for metric, v in asyncio.run(record(SimpleNamespace(stats=st, _fresh_stats=fresh_stats))).items():
+                out[i].setdefault(metric, {})[name] = v
+    return out
+
+
+def fleet_ctx(window: list[dict[str, dict[str, float]]], now: float, state: dict | None = None) -> SimpleNamespace:
+    """Ray's context over a look-back window of those reports, 10 s apart: `raw_metrics` as Ray keeps the points,
+    `aggregated_metrics` each metric's last value (Ray's time-average, for reports that do not change)."""
+    from ray.serve._private.common import TimeStampedValue
+
+    names = sorted({r for scrape in window for series in scrape.values() for r in series})
+    raw: dict[str, dict[str, list]] = {}
+    for i, scrape in enumerate(window):
+        for metric, series in scrape.items():
+            for r, v in series.items():
+                raw.setdefault(metric, {}).setdefault(r, []).append(TimeStampedValue(now - 10.0 * (len(window) - i), v))
+    agg = {metric: {r: pts[-1].value for r, pts in series.items()} for metric, series in raw.items()}
+    return SimpleNamespace(running_replicas=names, current_num_replicas=len(names), target_num_replicas=len(names),
+                           current_time=now, policy_state=state or {}, total_queued_requests=0.0,
+                           aggregated_metrics=agg, raw_metrics=raw)
+
+
+def test_eight_replicas_one_slow_scale_on_the_fleets_p95_not_the_slowest_replicas() -> None:
+    """Found by review: the policy took the slowest replica's P95 as the pool's. Eight replicas, 100 first tokens
+    each in the window, one of them slow on 10 of its 100: its own P95 is 3.75 s (target 2 s) and the policy asked
+    for 15 replicas; the fleet's P95, from the merged buckets, is under 0.1 s: steady."""
+    fast, slow = {0.1: 100}, {0.1: 90, 5.0: 10}
+    window = reports({**{f"r{i}": [{}, fast] for i in range(7)}, "r7": [{}, slow]})
+    assert window[-1]["ttft_p95_fresh_s"]["r7"] == 3.75  # the slow replica's own P95, still reported
+    policy = QueueTTFTPolicy(min_replicas=1, max_replicas=16, queue_per_replica=4.0, ttft_p95_s=2.0)
+    ctx = fleet_ctx(window, now=1000.0)
+    ctx.aggregated_metrics["queue_depth"] = {r: 2.5 for r in ctx.running_replicas}  # queues within target
+    n, state = policy(ctx)
+    assert n == 8, state["kvsched_reason"]
+    assert "fleet p95 0.0962 s from the merged buckets of 8 of 8 replicas (800 first tokens)" in state["kvsched_reason"]
+
+
+def test_replicas_with_different_bucket_bounds_fall_back_to_the_slowest_replica_and_say_so() -> None:
+    window = reports({"r0": [{}, {0.1: 100}], "r1": [{}, {0.1: 90, 5.0: 10}]})
+    for scrape in window:  # r1's vLLM with other buckets (--custom-histogram-buckets): one bound moved
+        scrape["ttft_le:0.2"] = {"r1": scrape.pop("ttft_le:0.1")["r1"]}
+    policy = QueueTTFTPolicy(min_replicas=1, max_replicas=8, ttft_p95_s=2.0)
+    n, state = policy(fleet_ctx(window, now=1000.0))
+    assert n == 4 and "slowest replica's p95" in state["kvsched_reason"] and "bounds differ" in state["kvsched_reason"]
+
+
+def test_a_quiet_window_holds_the_fleets_last_p95_against_a_scale_down_only() -> None:
+    """A window with too few first tokens is no TTFT signal (neither 0 nor inf): it scales nothing up, and the last
+    fleet P95 (1.75 s of a 2 s target) keeps the pool from scaling down for HOLD_S."""
+    from kvsched.adapters.ray.fleet_ttft import HOLD_S
+
+    busy = {0.1: 90, 2.5: 10}
+    window = reports({"r0": [{}, busy, busy, busy], "r1": [{}, busy, busy, busy]})
+    policy = QueueTTFTPolicy(min_replicas=1, max_replicas=8, ttft_p95_s=2.0)
+    n, state = policy(fleet_ctx(window[:2], now=1000.0))
+    assert n == 2 and "fleet p95 1.75 s" in state["kvsched_reason"]
+    n, state = policy(fleet_ctx(window[2:], now=1030.0, state=state))  # nothing new since: an empty window
+    assert n == 2 and "steady: the recent p95 ttft keeps this size" in state["kvsched_reason"]
+    n, state = policy(fleet_ctx(window[2:], now=1001.0 + HOLD_S, state=state))
+    assert n == 1, state["kvsched_reason"]

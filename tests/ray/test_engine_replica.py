@@ -40,7 +40,10 @@ def test_engine_replica_proxies_and_reports_pinned_sessions(tiny_model_dir: Path
             assert stats["slot"] == 0 and "wf9/worker" in stats["kv_sessions"]
             assert stats["queue_depth"] == 0 and stats["ttft_p95_s"] is not None and stats["ttft_p95_s"] > 0
             auto = await replica.record_autoscaling_stats()
-            assert set(auto) == {"queue_depth", "ttft_p95_s"}  # two first tokens: too few for a fresh P95 to count
+            buckets = {k: v for k, v in auto.items() if k.startswith("ttft_le:")}
+            assert set(auto) - set(buckets) == {"queue_depth", "ttft_p95_s"}  # two first tokens: no fresh P95
+            # and vLLM's TTFT bucket counts, cumulative, for the policy to merge into the fleet's P95
+            assert buckets["ttft_le:+Inf"] == 2 and len(buckets) > 10 and max(buckets.values()) == 2
             replica.check_health()
 
         asyncio.run(run())

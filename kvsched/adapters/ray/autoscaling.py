@@ -3,9 +3,16 @@ it in `EngineReplica.record_autoscaling_stats`, plus the requests Ray's handles 
 and P95 TTFT, never GPU utilisation. The arithmetic is `kvsched.core.routing_autoscale.desired_replicas`; Ray applies
 min/max bounds and the up/down delays around it.
 
-Two TTFT readings (`kvsched.adapters.ray.stats`): `ttft_p95_fresh_s`, from first tokens since the replica's previous
-report, is what a pool scales up on; `ttft_p95_s`, held for a while after the last sample, only keeps a pool from
-scaling down. Found by review: the held value read as live pressure and scaled an idle pool up to its maximum.
+The TTFT signal is the fleet's P95 (`fleet_ttft.py`): every replica's vLLM TTFT bucket counts over Ray's look-back
+window, summed across replicas, the quantile interpolated as Prometheus does; from at least MIN_TTFT_SAMPLES first
+tokens, else no TTFT signal; the last one is held for HOLD_S, only to keep a pool from scaling down. Found by review:
+the policy read the slowest replica's P95, so one slow replica of eight scaled a pool up whose P95 was fine.
+
+Where the buckets cannot be merged (replicas with different bucket bounds, none reported), the replicas' own two
+readings stand in, the slowest one's, and the decision's reason says so (`kvsched.adapters.ray.stats`):
+`ttft_p95_fresh_s`, from first tokens since the replica's previous report, is what a pool scales up on; `ttft_p95_s`,
+held for a while after the last sample, only keeps a pool from scaling down. Found by review: the held value read as
+live pressure and scaled an idle pool up to its maximum.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import math
 import time
 from typing import Any
 
+from kvsched.adapters.ray.fleet_ttft import fleet_ttft, held_fleet_p95
 from kvsched.core.routing_autoscale import AutoscaleTargets, ReplicaLoad, ScaleDecision, desired_replicas
+from kvsched.core.ttft_histogram import FleetQuantile
 
 POLICY_PATH = "kvsched.adapters.ray.autoscaling:QueueTTFTPolicy"
 HELD_TTFT = "ttft_p95_s"
@@ -35,18 +44,36 @@ def replica_loads(aggregated: dict[str, dict[Any, float]], replicas: list[Any],
 
 
 def decide(current: int, aggregated: dict[str, dict[Any, float]], replicas: list[Any], targets: AutoscaleTargets,
-           now_s: float, queued_in_ray: float = 0.0) -> ScaleDecision:
+           now_s: float, queued_in_ray: float = 0.0, fleet: FleetQuantile | None = None,
+           held_fleet_s: float | None = None) -> ScaleDecision:
     """Scale on the fresh TTFT; a downscale happens only if the held TTFT would allow it too. `queued_in_ray`: requests
-    Ray Serve's handles hold because every replica is at `max_ongoing_requests` (the engines never see them)."""
-    fresh = desired_replicas(current, replica_loads(aggregated, replicas, FRESH_TTFT), targets, now_s=now_s,
-                             last_change_s=None, queued_upstream=queued_in_ray)  # Ray's delays apply on top
+    Ray Serve's handles hold because every replica is at `max_ongoing_requests` (the engines never see them).
+    `fleet`: the fleet's P95 from the replicas' merged TTFT buckets (`fleet_ttft.py`): merged, it is the TTFT signal
+    (`held_fleet_s` the held one) and the replicas' own P95s are not read; not merged (or None), the slowest
+    replica's P95 stands in, and the reason says so."""
+    if fleet is not None and fleet.merged:
+        def fleet_rule(ttft: float | None) -> ScaleDecision:
+            loads = [ReplicaLoad(r.queue_depth, None) for r in replica_loads(aggregated, replicas, FRESH_TTFT)]
+            return desired_replicas(current, loads, targets, now_s=now_s, last_change_s=None,
+                                    queued_upstream=queued_in_ray, fleet_ttft_p95_s=ttft)
+        fresh, held = fleet_rule(fleet.value), fleet_rule(held_fleet_s)
+        how = (f"ttft: fleet p95 {_s(fleet.value)} from the merged buckets of {fleet.replicas} of {len(replicas)} "
+               f"replicas ({fleet.note})")
+    else:
+        def replica_rule(key: str) -> ScaleDecision:
+            return desired_replicas(current, replica_loads(aggregated, replicas, key), targets, now_s=now_s,
+                                    last_change_s=None, queued_upstream=queued_in_ray)  # Ray's delays apply on top
+        fresh, held = replica_rule(FRESH_TTFT), replica_rule(HELD_TTFT)
+        how = "ttft: slowest replica's p95" + (f" ({fleet.note})" if fleet is not None else "")
     if fresh.replicas >= current:
-        return fresh
-    held = desired_replicas(current, replica_loads(aggregated, replicas, HELD_TTFT), targets, now_s=now_s,
-                            last_change_s=None, queued_upstream=queued_in_ray)
+        return ScaleDecision(fresh.replicas, f"{fresh.reason}; {how}")
     if held.replicas >= current:
-        return ScaleDecision(current, f"steady: the recent p95 ttft keeps this size ({held.reason})")
-    return fresh
+        return ScaleDecision(current, f"steady: the recent p95 ttft keeps this size ({held.reason}); {how}")
+    return ScaleDecision(fresh.replicas, f"{fresh.reason}; {how}")
+
+
+def _s(v: float | None) -> str:
+    return "none" if v is None else f"{v:.3g} s"
 
 
 START_GRACE_S = 600.0  # replicas asked for and not running after this long are not waited for (they may never fit)
@@ -100,7 +127,10 @@ class QueueTTFTPolicy:
         else:
             state.pop("kvsched_starting_since", None)
         starting_for = now - state.get("kvsched_starting_since", now)
+        fleet = fleet_ttft(ctx, replicas)
+        held = held_fleet_p95(state, fleet, now) if fleet.merged else None
         decision = while_starting(decide(running, ctx.aggregated_metrics or {}, replicas, self.targets, now_s=now,
-                                         queued_in_ray=queued_in_ray(ctx)), running, target, starting_for)
+                                         queued_in_ray=queued_in_ray(ctx), fleet=fleet, held_fleet_s=held),
+                                  running, target, starting_for)
         state["kvsched_reason"] = decision.reason
         return decision.replicas, state

@@ -17,7 +17,8 @@ A request the engine cannot take or finish before any byte of the answer left ra
 this replica, and whether its engine is gone), so the ingress retries it on another replica.
 
 Reported to the router: `slot` (the replica's Ray Serve rank, reused by a replacement), `kv_sessions` (sessions
-kvsched keeps pinned blocks for), queue depth and recent P95 TTFT; the same numbers feed autoscaling. Answers name
+kvsched keeps pinned blocks for), queue depth and recent P95 TTFT; the same numbers feed autoscaling, with the TTFT
+histogram's bucket counts (the policy merges them across replicas into the fleet's P95). Answers name
 the router's slot for the replica (`served_slot`), which can differ from its rank once Ray renumbers ranks.
 """
 
@@ -41,6 +42,7 @@ from ray import serve
 
 from kvsched.adapters.ray.autoscaling import FRESH_TTFT, HELD_TTFT
 from kvsched.adapters.ray.config import EngineConfig
+from kvsched.adapters.ray.fleet_ttft import bucket_stats
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.owners import AUTH_HEADERS
 from kvsched.adapters.ray.reaper import leader_alive, stop_group
@@ -253,6 +255,7 @@ class EngineReplica:
         fresh = self.stats.fresh_ttft_p95()
         if fresh is not None:
             out[FRESH_TTFT] = float(fresh)
+        out.update(bucket_stats(self.stats.ttft_buckets))  # cumulative: the policy merges them into the fleet's P95
         return out
 
     def check_health(self) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvsched.core.ttft_histogram import histogram_quantile
+
 TTFT_BUCKET = "vllm:time_to_first_token_seconds_bucket"
 # First tokens a fresh P95 needs before it counts: with fewer, the "P95" is the slowest one or two (found by review:
 # one cold 30k-token prefill was the whole P95 and asked an idle pool for three replicas); at 20, one sample lies
@@ -48,24 +50,6 @@ def read_metrics(text: str) -> Scrape:
                 bound = float(sample.labels["le"])  # "+Inf" parses as inf
                 buckets[bound] = buckets.get(bound, 0.0) + sample.value
     return Scrape(gauges, buckets)
-
-
-def histogram_quantile(buckets: Mapping[float, float], q: float) -> float | None:
-    """Quantile of a cumulative histogram, interpolated inside the bucket (as Prometheus does)."""
-    bounds = sorted(buckets)
-    if not bounds or buckets[bounds[-1]] <= 0:
-        return None
-    rank = q * buckets[bounds[-1]]
-    prev_bound, prev_count = 0.0, 0.0
-    for b in bounds:
-        c = buckets[b]
-        if c >= rank:
-            if math.isinf(b):
-                return prev_bound
-            width = c - prev_count
-            return prev_bound + (b - prev_bound) * ((rank - prev_count) / width if width > 0 else 1.0)
-        prev_bound, prev_count = b, c
-    return prev_bound
 
 
 @dataclass
@@ -136,6 +120,12 @@ class ReplicaStats:
             return None
         self._reported_buckets, self._reported_at = dict(buckets), now
         return histogram_quantile(delta, 0.95)
+
+    @property
+    def ttft_buckets(self) -> dict[float, float]:
+        """The TTFT histogram as last scraped: cumulative counts by upper bound, summed over engines (the fleet's P95
+        merges these across replicas: `fleet_ttft.py`)."""
+        return dict(self._last_buckets)
 
     def snapshot(self) -> dict[str, Any]:
         return {"queue_depth": self.queue_depth, "running": self.running, "ttft_p95_s": self.ttft_p95_s,

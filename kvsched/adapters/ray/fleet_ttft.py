@@ -1,0 +1,75 @@
+"""The fleet's P95 TTFT for the autoscaling policy, from the replicas' own vLLM histograms as Ray carries them.
+
+Each engine replica reports its `vllm:time_to_first_token_seconds` bucket counts, cumulative as scraped, one
+autoscaling metric per bound (`ttft_le:0.25`, ..., `ttft_le:+Inf`; `EngineReplica.record_autoscaling_stats`). Ray
+keeps each replica's points for `look_back_period_s` and hands them to the policy as `AutoscalingContext.raw_metrics`
+(its `aggregated_metrics` are time-averages, which would blur a counter); the points recorded together share a
+timestamp, so each timestamp is one scrape. The arithmetic (window increase over each replica's own window as a
+rate, counter resets, merge, quantile) is `kvsched.core.ttft_histogram`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from kvsched.adapters.ray.stats import MIN_TTFT_SAMPLES
+from kvsched.core.ttft_histogram import FleetQuantile, bucket_bound, bucket_key, fleet_quantile
+
+HOLD_S = 60.0  # how long the last fleet P95 keeps a pool from scaling down once too few first tokens follow it
+HELD_STATE = "kvsched_fleet_ttft_p95"  # [seconds, when] in the policy's state
+
+
+def bucket_stats(buckets: Mapping[float, float]) -> dict[str, float]:
+    """A replica's cumulative TTFT bucket counts as autoscaling metrics (none before its first scrape)."""
+    return {bucket_key(b): float(c) for b, c in buckets.items()}
+
+
+def _point(p: Any) -> tuple[float, float]:
+    """A Ray `TimeStampedValue` (or a `(timestamp, value)` pair) as a pair."""
+    if isinstance(p, tuple | list):
+        return float(p[0]), float(p[1])
+    return float(p.timestamp), float(p.value)
+
+
+def replica_scrapes(raw: Mapping[str, Mapping[Any, Any]],
+                    replicas: list[Any]) -> dict[Any, list[tuple[float, dict[float, float]]]]:
+    """Per running replica that reports TTFT buckets: its scrapes in the window, `(timestamp, buckets)` oldest first."""
+    by_replica: dict[Any, dict[float, dict[float, float]]] = {}
+    running = set(replicas)
+    for name, series in raw.items():
+        bound = bucket_bound(name)
+        if bound is None:
+            continue
+        for replica, points in series.items():
+            if replica not in running:
+                continue
+            at = by_replica.setdefault(replica, {})
+            for p in points or ():
+                t, v = _point(p)
+                at.setdefault(t, {})[bound] = v
+    return {r: [(t, at[t]) for t in sorted(at)] for r, at in by_replica.items() if at}
+
+
+def fleet_ttft(ctx: Any, replicas: list[Any]) -> FleetQuantile:
+    """The fleet's P95 TTFT over Ray's look-back window."""
+    try:
+        raw = ctx.raw_metrics or {}
+    except Exception:  # noqa: BLE001 - a Ray without raw metrics, or one failing to build them: fall back
+        raw = {}
+    return fleet_quantile(replica_scrapes(raw, replicas), 0.95, min_samples=MIN_TTFT_SAMPLES)
+
+
+def held_fleet_p95(state: dict[str, Any], fleet: FleetQuantile, now_s: float) -> float | None:
+    """The fleet P95 that keeps a pool from scaling down: this window's, else the last one for HOLD_S (kept in the
+    policy's state). Like the replicas' held P95: a quiet window does not read as "fast"."""
+    if fleet.value is not None:
+        state[HELD_STATE] = [fleet.value, now_s]
+        return fleet.value
+    held = state.get(HELD_STATE)
+    if isinstance(held, list | tuple) and len(held) == 2 and now_s - float(held[1]) <= HOLD_S:
+        value = float(held[0])
+        return value if math.isfinite(value) else None
+    state.pop(HELD_STATE, None)
+    return None

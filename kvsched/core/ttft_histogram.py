@@ -1,0 +1,156 @@
+"""A fleet's TTFT quantile from its replicas' histograms: each replica's cumulative bucket counts over a window (the
+difference of its first and last scrape in it) as a rate, summed bucket by bucket across replicas, and the quantile
+interpolated inside its bucket as Prometheus's `histogram_quantile` does.
+
+Why not the replicas' own P95s: no function of them is the fleet's. Their maximum (what the autoscaling policy used)
+is an upper bound (a mixture's quantile lies between its parts'): with one replica of eight slow on 10% of its first
+tokens, that replica's P95 is the slow tail while the fleet's is a fast one, and a pool scaled up when it was fine.
+
+A histogram here is `{upper bound in seconds: cumulative count}` with a `+Inf` bound, as vLLM's
+`vllm:time_to_first_token_seconds_bucket{le=...}` series give it. Pure logic: no Ray, no vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+Histogram = Mapping[float, float]  # upper bound (s, inf for +Inf) -> cumulative count
+BUCKET_PREFIX = "ttft_le:"  # the replica's per-bucket autoscaling metric: "ttft_le:0.25", "ttft_le:+Inf"
+
+
+def bucket_key(bound: float) -> str:
+    return BUCKET_PREFIX + ("+Inf" if math.isinf(bound) and bound > 0 else repr(float(bound)))
+
+
+def bucket_bound(key: str) -> float | None:
+    """The upper bound a `bucket_key` names (None: not a bucket key, or a bound that is not a number)."""
+    if not key.startswith(BUCKET_PREFIX):
+        return None
+    try:
+        bound = float(key[len(BUCKET_PREFIX):])
+    except ValueError:
+        return None
+    return None if math.isnan(bound) else bound
+
+
+def histogram_quantile(buckets: Histogram, q: float) -> float | None:
+    """The `q` quantile of a cumulative histogram, as Prometheus's `histogram_quantile` computes it: the rank
+    `q * count(+Inf)` located in the first bucket whose cumulative count reaches it, interpolated linearly between
+    that bucket's lower bound (the previous bound; 0 for the first, unless that bound is <= 0) and its upper bound; a
+    rank in the +Inf bucket gives the highest finite bound. None where Prometheus gives NaN: no +Inf bucket, no
+    observations (an empty window is no signal: neither 0 nor inf). Counts that dip are raised to the running
+    maximum first (Prometheus's `ensureMonotonic`)."""
+    bounds = sorted(b for b in buckets if not math.isnan(b))
+    if not bounds or not math.isinf(bounds[-1]) or bounds[-1] < 0 or not 0.0 <= q <= 1.0:
+        return None
+    counts, top = [], 0.0
+    for b in bounds:
+        c = buckets[b]
+        top = max(top, c if math.isfinite(c) else 0.0)
+        counts.append(top)
+    total = counts[-1]
+    if total <= 0:
+        return None
+    if len(bounds) < 2:
+        return None  # only +Inf: nothing to interpolate in (Prometheus: NaN)
+    rank = q * total
+    i = next(k for k in range(len(bounds)) if k == len(bounds) - 1 or counts[k] >= rank)
+    if i == len(bounds) - 1:
+        return bounds[-2]
+    if i == 0 and bounds[0] <= 0:
+        return bounds[0]
+    start = 0.0 if i == 0 else bounds[i - 1]
+    below = 0.0 if i == 0 else counts[i - 1]
+    width = counts[i] - below
+    return start + (bounds[i] - start) * ((rank - below) / width if width > 0 else 1.0)
+
+
+def window_increase(scrapes: Sequence[Histogram]) -> dict[float, float] | None:
+    """The counts a replica added over its window, from its scrapes oldest first: the sum of the differences of
+    consecutive scrapes (the first scrape is the window's start, so traffic before it is not counted). A scrape with
+    any bucket below the previous one's is a restarted server (its counters started over): its counts are all new,
+    as Prometheus's `increase()` takes a counter reset. None if the scrapes' bucket bounds are not all the same (a
+    changed layout cannot be differenced), a count is not finite, or there are none; one scrape: an empty window
+    (all zero)."""
+    if not scrapes:
+        return None
+    bounds = set(scrapes[0])
+    if any(set(s) != bounds or not all(math.isfinite(c) for c in s.values()) for s in scrapes):
+        return None
+    added = dict.fromkeys(bounds, 0.0)
+    for prev, cur in zip(scrapes, scrapes[1:], strict=False):
+        reset = any(cur[b] < prev[b] for b in bounds)
+        for b in bounds:
+            added[b] += cur[b] if reset else cur[b] - prev[b]
+    return added
+
+
+@dataclass(frozen=True, slots=True)
+class FleetQuantile:
+    """`value`: the fleet's quantile in seconds (None: no signal: too few first tokens in the window, or not mergeable);
+    `samples`: first tokens in the merged windows; `replicas`: how many replicas' windows were merged (one with fewer
+    than two scrapes in it has none yet); `merged`: False when the replicas' histograms could not be merged (`note`
+    says why): the caller falls back to another signal and says so."""
+
+    value: float | None
+    samples: float
+    replicas: int
+    merged: bool
+    note: str
+
+
+def fleet_quantile(windows: Mapping[object, Sequence[tuple[float, Histogram]]], q: float = 0.95,
+                   min_samples: float = 1.0) -> FleetQuantile:
+    """The fleet's `q` quantile from every replica's scrapes over the window (`windows`: replica -> `(time in seconds,
+    histogram)` oldest first). Like Prometheus's `histogram_quantile(q, sum by (le) (rate(..._bucket[w])))`: each
+    replica's increase over its own window is divided by that window's length, so replicas whose windows span
+    different times (Ray keeps each replica's points from its own clock and push times) weigh by their rate of first
+    tokens, not by how long their window happens to be. While a replica has fewer than two scrapes in it (just
+    started, or its points not pushed yet) there is no fleet value: the others' alone are not the fleet's (found on a
+    real Ray cluster: the one replica with a window was the slow one, and the pool scaled up on its P95 alone).
+    Merged only if every replica has the same bucket
+    bounds (the union of different layouts would put counts under bounds they were not measured against); else not
+    merged. Fewer than `min_samples` first tokens in all: no value (a quantile of a handful is its slowest ones)."""
+    layouts: list[tuple[object, frozenset[float]]] = []
+    rates, samples, waiting = [], 0.0, []
+    for replica, timed in windows.items():
+        if not timed:
+            continue
+        inc = window_increase([h for _, h in timed])
+        if inc is None:
+            return FleetQuantile(None, 0.0, 0, False, f"replica {replica}'s bucket bounds changed within the window, "
+                                                      "or a count is not finite")
+        layouts.append((replica, frozenset(inc)))
+        span = timed[-1][0] - timed[0][0]
+        if len(timed) >= 2 and math.isfinite(span) and span > 0:
+            rates.append({b: c / span for b, c in inc.items()})
+            samples += inc.get(math.inf, 0.0)
+        else:
+            waiting.append(replica)
+    if not layouts:
+        return FleetQuantile(None, 0.0, 0, False, "no replica reported TTFT buckets")
+    first, bounds = layouts[0]
+    for replica, other in layouts[1:]:
+        if other != bounds:
+            return FleetQuantile(None, 0.0, 0, False,
+                                 f"replica {replica}'s bucket bounds differ from replica {first}'s")
+    if math.inf not in bounds:
+        return FleetQuantile(None, 0.0, 0, False, "no +Inf bucket")
+    n = len(rates)
+    if waiting:
+        return FleetQuantile(None, samples, n, True, f"replica {waiting[0]} has no window yet")
+    if samples < max(min_samples, 1e-12):
+        return FleetQuantile(None, samples, n, True, f"{samples:g} first token(s) in the window")
+    return FleetQuantile(histogram_quantile(merge(rates), q), samples, n, True, f"{samples:g} first tokens")
+
+
+def merge(histograms: Iterable[Histogram]) -> dict[float, float]:
+    """Bucket-wise sum of histograms with the same bounds (cumulative counts add: a bound's count is the number of
+    observations at or under it, replica by replica)."""
+    out: dict[float, float] = {}
+    for h in histograms:
+        for b, c in h.items():
+            out[b] = out.get(b, 0.0) + c
+    return out
