@@ -27,12 +27,3 @@ def require_fp8_kv_cache() -> None:
     if reason:
         pytest.skip(reason)
 
-
-def require_avx512() -> None:
-    if not cpu_features().avx512:
-        pytest.skip("needs AVX-512 (torch.cpu._is_avx512_supported(), as vLLM checks)")
-
-
-def require_native_bf16() -> None:
-    if not cpu_features().native_bf16:
-        pytest.skip("needs native bf16 (AVX512-BF16 or AMX, as vLLM checks)")

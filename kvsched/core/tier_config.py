@@ -13,9 +13,10 @@ class TierConfigError(ValueError):
 
 
 # The tier's size when none is given (`vllm serve MODEL --scheduler kvsched`): at most this multiple of the KV pool's
-# own bytes (in FP8 a bf16 pool's tokens take half their bytes, so 2x holds about four pools of KV) and at most this
-# share of the host memory available at start-up, split between the engines (GPUs) of the machine. Host memory is
-# taken as the tier fills, so an idle tier costs nothing.
+# own bytes (FP8 takes half a bf16 pool's bytes per token and a quarter of a float32 pool's, so 2x holds about four
+# pools of KV from a bf16 pool, eight from a float32 one, as on a CPU without native bf16) and at most this share of
+# the host memory available at start-up, split between the engines (GPUs) of the machine. Host memory is taken as the
+# tier fills, so an idle tier costs nothing.
 AUTO_POOL_MULTIPLE = 2.0
 AUTO_HOST_FRACTION = 0.25
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from kvsched.adapters.vllm.compat.requests import mark_keyed_server
@@ -155,6 +157,56 @@ def cpu_refusal(args: argparse.Namespace) -> str | None:
     return cpu_features().fp8_kv_cache_refusal()
 
 
+def checkpoint_dtype(model: object, revision: object = None) -> str | None:
+    """The dtype a checkpoint's config.json names (`torch_dtype`, or `dtype` as newer transformers write it), read
+    without downloading anything: a local directory's file, or a hub model's from the local Hugging Face cache; None
+    when neither has it."""
+    if not isinstance(model, str) or not model:
+        return None
+    path = Path(model).expanduser() / "config.json"
+    try:
+        if not path.is_file():
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json", revision=revision if isinstance(revision, str)
+                                            else None)
+            if not isinstance(cached, str):
+                return None
+            path = Path(cached)
+        config = json.loads(path.read_text())
+    except Exception:  # not a model this can read without vLLM (which says why, if it cannot either)
+        return None
+    value = (config.get("torch_dtype") or config.get("dtype")) if isinstance(config, dict) else None
+    return value.removeprefix("torch.") if isinstance(value, str) else None
+
+
+def dtype_warning(args: argparse.Namespace) -> str | None:
+    """Why this server will compute slower than it could, in one line, or None: a float32 checkpoint served with
+    `--dtype auto`, which vLLM's CPU backend downcasts to bfloat16, on an x86 CPU without native bf16 (AVX512-BF16 or
+    AMX), where vLLM's kernels emulate it. A warning: the user's dtype is left as it is. Found by the first run on an
+    AVX2-only CPU (AMD EPYC family 25): `kvsched tiny-model` builds float32 there, and `vllm serve M --scheduler
+    kvsched` without --dtype ran each linear layer about 6x slower (1,096 ms against 172 ms in float32), saying
+    nothing but vLLM's "Downcasting torch.float32 to torch.bfloat16"."""
+    if not is_kvsched_scheduler(getattr(args, "scheduler_cls", None)):
+        return None
+    if str(getattr(args, "dtype", "auto")).lower() != "auto":
+        return None
+    model = getattr(args, "model_tag", None) or getattr(args, "model", None)  # `vllm serve M` or `--model M`
+    if checkpoint_dtype(model, getattr(args, "revision", None)) not in ("float32", "float"):
+        return None
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from kvsched.ops.cpu_features import cpu_features
+
+    features = cpu_features()
+    if features.arch != "x86_64" or features.native_bf16:
+        return None
+    return ("this model is float32 and --dtype auto makes vLLM downcast it to bfloat16, which this CPU (no "
+            "AVX512-BF16 or AMX) only emulates, several times slower; pass --dtype float32")
+
+
 def parallel_refusal(args: argparse.Namespace) -> str | None:
     """Why kvsched cannot serve this server layout, in one line, or None. Found by a review on this CPU build: with
     vLLM's internal data-parallel load balancer a session's turns alternate between engines (each turn missed the KV
@@ -258,9 +310,10 @@ def add_middleware(ns: argparse.Namespace, kvsched: bool) -> None:
 def _check_after_parsing(parser: Any) -> None:
     """Once the arguments are complete (whatever their order on the command line): exit with the version guard's,
     `cpu_refusal`'s or `parallel_refusal`'s one line or the KVSCHED_* settings errors (one line each) before vLLM starts
-    an engine, and turn the FP8 tier on (`apply_tier`). The version guard runs here, for every way of selecting
-    kvsched (found by review: only `--scheduler kvsched` ran it; `--scheduler-cls kvsched`, kvsched's class path, a
-    subclass and a YAML --config skipped it)."""
+    an engine, print the warnings (a misspelt KVSCHED_* name, `dtype_warning`, `summary_priority_warning`), and turn
+    the FP8 tier on (`apply_tier`). The version guard runs here, for every way of selecting kvsched (found by review:
+    only `--scheduler kvsched` ran it; `--scheduler-cls kvsched`, kvsched's class path, a subclass and a YAML --config
+    skipped it)."""
     parse_known_args = parser.parse_known_args
 
     def checked(args: Any = None, namespace: Any = None) -> Any:
@@ -272,7 +325,9 @@ def _check_after_parsing(parser: Any) -> None:
         if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):  # KVSCHED_* settings: refused now, by name
             from kvsched.adapters.vllm.settings_check import engine_setting_errors, engine_setting_warnings
 
-            for warning in engine_setting_warnings():  # a misspelt name: said, not refused (the prefix is not ours)
+            for misspelt in engine_setting_warnings():  # a misspelt name: said, not refused (the prefix is not ours)
+                print(f"kvsched: warning: {misspelt}", file=sys.stderr)
+            if (warning := dtype_warning(ns)) is not None:
                 print(f"kvsched: warning: {warning}", file=sys.stderr)
             if errors := engine_setting_errors():
                 parser.exit(2, "".join(f"kvsched: {e}\n" for e in errors))
