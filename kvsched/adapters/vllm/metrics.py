@@ -30,8 +30,8 @@ GAUGES = {
                            "host, to a slot per rank; or the default rule, per rank)",
     "tier_rank_capacity_bytes": "One rank's share of the FP8 tier's budget: the host memory each rank's worker takes "
                                 "at most (tier_capacity_bytes / tier_ranks)",
-    "tier_ranks": "The engine's ranks (tensor x pipeline parallel, every node), each holding its part of every FP8-tier "
-                  "slot",
+    "tier_ranks": "The engine's ranks (tensor x pipeline parallel, every node), each holding its part of every "
+                  "FP8-tier slot",
     "tier_blocks": "Slots the FP8 tier has in use: full KV blocks and the partial last blocks counted in tier_tails",
     "tier_tails": "Sessions whose partial last block (KV past their last full block) the FP8 tier holds",
     "disk_tier_bytes": "Bytes of KV blocks the disk level holds (--kvsched-disk-tier-dir)",

@@ -13,22 +13,19 @@ pytest.importorskip("vllm")
 
 from kvsched.adapters.vllm import compat  # noqa: E402
 from kvsched.ops.cpu_features import CpuFeatures  # noqa: E402
+from tests.adapters.vllm.test_compat_levels import parser as levels_parser  # noqa: E402
 
 AVX2_ONLY = CpuFeatures(arch="x86_64", avx2=True, avx512=False, avx512_bf16=False, amx=False)
 WITH_BF16 = CpuFeatures(arch="x86_64", avx2=True, avx512=True, avx512_bf16=True, amx=False)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
+    """The levels test's engine parser, plus the flags this warning reads."""
+    p = levels_parser()
     p.add_argument("model_tag", nargs="?", default=None)  # `vllm serve M`
     p.add_argument("--model", default="Qwen/Qwen3-0.6B")  # vLLM's default when no model is given
     p.add_argument("--revision", default=None)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--scheduler-cls", dest="scheduler_cls", default=None)
-    p.add_argument("--middleware", action="append", default=[])
-    p.add_argument("--kv-cache-dtype", default="auto")
-    p.add_argument("--kv-transfer-config", dest="kv_transfer_config", default=None)
-    compat.extend_engine_parser(p)
     return p
 
 
