@@ -105,3 +105,27 @@ def test_a_turn_sent_elsewhere_after_the_failover_also_keeps_the_session_from_go
     r.record(d)
     r.set_live([A, B, c])  # the same replica back
     assert (r.route(sid, {}).slot, r.route(sid, {}).reason) == (other, RouteReason.KV)
+
+
+@pytest.mark.parametrize("replaced", [False, True])
+def test_a_session_whose_replica_is_replaced_before_its_next_turn_lives_nowhere(replaced: bool) -> None:
+    """A session's newest KV was on A (it overflowed there from B, where older turns left KV). A dies and, before the
+    session's next turn, comes back: the same replica (a blip, its cache intact) keeps the session; a replacement (an
+    empty cache) does not: the session lived on the replica that died, so it lives nowhere now, counts among no
+    replica's residents, and goes where its KV is reported. Found on an AVX2 host where a replacement came up before
+    a killed stream's session turned again (tests/ray/test_serve_integration.py): the router took the replacement for
+    the replica the session lived on, ahead of any KV report, and counted the dead replica's sessions as its own."""
+    r = SessionRouter(RouterConfig())
+    r.set_live([A, B], FIRST)
+    sid = next(s for s in SESSIONS if r.home(s) == B)
+    r.record(r.route(sid, {}))
+    d = r.route(sid, {B: 10})  # B busy: over the in-flight bound
+    assert (d.slot, d.reason) == (A, RouteReason.OVERFLOW)
+    r.record(d)
+    r.set_live([B])  # A dies before the session's next turn
+    r.set_live([A, B], FIRST | ({A: "a@2"} if replaced else {}))
+    d = r.route(sid, {}, kv_slots=[B])
+    if replaced:
+        assert (d.slot, d.reason, r.last_slot(sid), r.residents().get(A, 0)) == (B, RouteReason.HOME, None, 0)
+    else:
+        assert (d.slot, d.reason, r.last_slot(sid), r.residents()[A]) == (A, RouteReason.KV, A, 1)
