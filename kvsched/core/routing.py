@@ -23,7 +23,8 @@ A turn goes to, in order:
    where it went and stays (found by review: 20 turns on, it was pulled back to the replica it left, re-prefilling);
    so a survivor keeps the sessions that ran such a turn before the replacement came up (until they idle out or its
    in-flight bound moves them);
-2. the replica it lives on (where this router last sent it), within the in-flight bound;
+2. the replica it lives on (where this router last sent it; not a replacement of it: `set_live`), within the
+   in-flight bound;
 3. a live replica reporting the session's KV, within the in-flight bound (a router that does not know the session:
    restarted, or the session idled out); within both bounds when the report may be another session's (`kv_shared`);
 4. the first live slot clockwise from its hash within both bounds (home, else successors), else within the
@@ -124,6 +125,7 @@ class SessionRouter:
         self._last: OrderedDict[str, SlotName] = OrderedDict()  # session -> slot it lives on, least recent first
         self._seen: dict[str, float] = {}  # session -> when it was last routed
         self._residents: Counter[SlotName] = Counter()  # slot -> sessions in `_last` living there
+        self._orphans: set[str] = set()  # sessions in `_last` whose slot has a new replica since (`set_live`)
 
     # ---- membership ---------------------------------------------------------------------------------------------
     @property
@@ -137,10 +139,19 @@ class SessionRouter:
     def set_live(self, slots: Iterable[SlotName], holders: Mapping[SlotName, str] | None = None) -> None:
         """The slots that can take requests now; new names join the ring, missing ones are down (not forgotten).
         `holders`: which replica (any id that changes when the replica is replaced) holds each live slot; without
-        it a slot's replica is taken to be the one it had."""
+        it a slot's replica is taken to be the one it had. The sessions living on a slot that gets a new holder (a
+        replacement: an empty cache) lived on the replica that died: their next turn goes where their KV is reported,
+        else is placed (`route`, rules 3-4), not to the replacement as to their replica. They still count among the
+        slot's residents until then: most come back to it (counted nowhere, the survivor looked over the resident
+        bound: all three sessions the Ray kill test failed over went back to the empty replacement, away from the KV
+        they had rebuilt)."""
         live = set(slots)
         if holders is not None:
-            self._holder.update((s, holders[s]) for s in live if s in holders)
+            for s in live:
+                if s in holders:
+                    if self._holder.get(s, holders[s]) != holders[s]:
+                        self._orphans.update(sid for sid, h in self._last.items() if h == s)
+                    self._holder[s] = holders[s]
         for s in sorted(live - self._ring.slots):
             self._ring.add(s)
         self._live = live
@@ -214,7 +225,8 @@ class SessionRouter:
         # the removed slot was, and the next scale-up moved them all to the new, empty replica there).
         lost = last if last is not None and last not in live else None
         left = self._holder.get(lost) if lost is not None else None
-        if self.config.kv_preference and last is not None and lost is None and fits(last):
+        if self.config.kv_preference and last is not None and lost is None and fits(last) \
+                and session_id not in self._orphans:
             # Where the session lives holds its newest KV; a replica that served an earlier turn may still report
             # (older, shorter) pinned KV for it until the pin expires.
             reason = RouteReason.HOME if last == home else RouteReason.KV
@@ -258,6 +270,7 @@ class SessionRouter:
         self._last.move_to_end(sid)
         self._seen[sid] = self._clock()
         self._residents[decision.slot] += 1
+        self._orphans.discard(sid)
         while len(self._last) > cap:
             self._drop(next(iter(self._last)))
         if decision.failed_over_from is not None:
@@ -281,6 +294,7 @@ class SessionRouter:
         self._displaced.pop(session_id, None)
         slot = self._last.pop(session_id, None)
         self._seen.pop(session_id, None)
+        self._orphans.discard(session_id)
         if slot is not None:
             self._residents[slot] -= 1
 

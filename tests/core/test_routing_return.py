@@ -105,3 +105,47 @@ def test_a_turn_sent_elsewhere_after_the_failover_also_keeps_the_session_from_go
     r.record(d)
     r.set_live([A, B, c])  # the same replica back
     assert (r.route(sid, {}).slot, r.route(sid, {}).reason) == (other, RouteReason.KV)
+
+
+@pytest.mark.parametrize("replaced", [False, True])
+def test_a_session_whose_replica_is_replaced_before_its_next_turn_goes_where_its_kv_is(replaced: bool) -> None:
+    """A session's newest KV was on A (it overflowed there from B, where older turns left KV). A dies and, before the
+    session's next turn, comes back: the same replica (a blip, its cache intact) keeps the session; a replacement (an
+    empty cache) does not: the session lived on the replica that died, and goes where its KV is reported. Found reading
+    an AVX2 host's Ray kill-test failure: a replacement up before a dead replica's session turned again was taken for
+    the replica the session lived on, ahead of any KV report elsewhere."""
+    r = SessionRouter(RouterConfig())
+    r.set_live([A, B], FIRST)
+    sid = next(s for s in SESSIONS if r.home(s) == B)
+    r.record(r.route(sid, {}))
+    d = r.route(sid, {B: 10})  # B busy: over the in-flight bound
+    assert (d.slot, d.reason) == (A, RouteReason.OVERFLOW)
+    r.record(d)
+    r.set_live([B])  # A dies before the session's next turn
+    r.set_live([A, B], FIRST | ({A: "a@2"} if replaced else {}))
+    assert r.residents() == {A: 1}  # it counts there until it turns (most sessions of a dead replica come back)
+    d = r.route(sid, {}, kv_slots=[B])
+    assert (d.slot, d.reason) == ((B, RouteReason.HOME) if replaced else (A, RouteReason.KV))
+    r.record(d)
+    assert r.residents() == {d.slot: 1} and r.route(sid, {}, kv_slots=[B]).slot == d.slot
+
+
+def test_the_dead_replicas_sessions_count_on_its_replacement_so_the_failed_over_ones_keep_their_kv() -> None:
+    """Six sessions on each of A and B; A dies and two of its sessions fail over to B (eight there); a replacement
+    takes A before the others turn again. Counting A's four as the replacement's residents, B is within the resident
+    bound (ceil(1.25 * 12 / 2) = 8) and the two stay with the KV they rebuilt on B; counted nowhere, B looked over
+    the bound (8 of 8 live residents) and both went back to the empty replacement."""
+    r = SessionRouter(RouterConfig())
+    r.set_live([A, B], FIRST)
+    homed = {x: [s for s in SESSIONS if r.home(s) == x][:6] for x in (A, B)}
+    for pair in zip(homed[A], homed[B], strict=True):  # in turns: each within the resident bound at home
+        for sid in pair:
+            r.record(r.route(sid, {}))
+    assert r.residents() == {A: 6, B: 6}
+    r.set_live([B])
+    for sid in homed[A][:2]:
+        r.record(r.route(sid, {}))
+    r.set_live([A, B], FIRST | {A: "a@2"})
+    assert r.residents() == {A: 4, B: 8}
+    went = [r.route(sid, {}) for sid in homed[A][:2]]
+    assert [(d.slot, d.reason) for d in went] == [(B, RouteReason.KV)] * 2
