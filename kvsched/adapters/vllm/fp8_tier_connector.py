@@ -108,7 +108,8 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             budget, ranks = 0, tier_host.ranks_on_host(vllm_config.parallel_config)  # each rank fills the slots
             if self.geometry is not None:
                 budget = tier_host.budget_bytes(requested, self.geometry, self.num_blocks, ranks)
-            self.directory = TierDirectory(TierConfig(budget), block_bytes, value_of=lambda owner: 0.0)
+            slots_budget = compat.rank_shares(vllm_config).first_rank_budget(budget, ranks)  # each stage its layers
+            self.directory = TierDirectory(TierConfig(slots_budget), block_bytes, value_of=lambda owner: 0.0)
             self.num_slots = self.directory.num_slots
             self.fetches = FetchBook(self.directory, self.world_size, block_bytes)
             if self.levels_cfg.enabled and self.geometry is not None and self.num_slots > 0:
