@@ -52,6 +52,11 @@ class RankShares:
         """The share of the rank(s) holding the most layers: what the most loaded worker takes."""
         return self._scaled(first_rank, max(self.stage_layers, default=0))
 
+    def rank_bytes(self, first_rank: int) -> tuple[tuple[int, int], ...]:
+        """(ranks, each one's bytes) of every pipeline stage."""
+        tensor = self.world_size // self.stages
+        return tuple((tensor, self._scaled(first_rank, n)) for n in self.stage_layers) or ((self.world_size, first_rank),)
+
     def first_rank_budget(self, rank_budget: int, host_ranks: int) -> int:
         """The tier's budget counted in the first rank's bytes, for slots every rank holds a share of: with every rank
         on this host (`host_ranks`), slots whose engine bytes fit the host's `rank_budget x host_ranks`; else slots

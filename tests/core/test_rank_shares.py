@@ -41,3 +41,9 @@ def test_a_later_stage_holding_more_layers_bounds_the_slots() -> None:
 def test_impossible_layouts_are_refused(world, layers) -> None:
     with pytest.raises(ValueError):
         RankShares(world, layers)
+
+
+def test_each_stages_ranks_and_their_bytes() -> None:
+    assert RankShares(4, (7, 8, 8, 7)).rank_bytes(7000) == ((1, 7000), (1, 8000), (1, 8000), (1, 7000))
+    assert RankShares(4, (14, 13)).rank_bytes(14_000) == ((2, 14_000), (2, 13_000))
+    assert RankShares(2).rank_bytes(5) == ((2, 5),)

@@ -96,3 +96,20 @@ def test_kv_bytes_per_token_count_each_stages_own_layers(harness_cfg, monkeypatc
     per_rank = compat.kv_bytes_per_token(s)
     stats = s.kvsched.stats()
     assert stats["kv_bytes_per_token"] == 2 * per_rank * 3 / 2 and stats["kv_rank_bytes_per_token"] == per_rank
+
+
+def test_the_disk_levels_block_is_each_ranks_file_of_its_own_layers(tmp_path) -> None:
+    """Each rank writes a file of its own layers' bytes for a block: 2 + 3 layers on 2 ranks each take 2 files of
+    stage 0's 6,000 bytes and 2 of 9,000 (framed, in the file system's units), not 4 of 6,000."""
+    from kvsched.adapters.vllm.tier_blob import framed_len
+    from kvsched.adapters.vllm.tier_disk import DiskFiles
+    from kvsched.adapters.vllm.tier_levels import TierLevels
+    from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
+    from kvsched.core.rank_shares import RankShares
+
+    lv = TierLevels(LevelsConfig(disk_dir=str(tmp_path / "disk"), disk_gb=0.01), "ab" * 16, {"model": "t"}, 6000, 4,
+                    RankShares(4, (2, 3)))
+    assert lv.disk is not None
+    files = DiskFiles(str(tmp_path / "other"), "ab" * 16, {"model": "t"}, 0, 4)
+    per_file = [files.on_disk(framed_len(32, b)) for b in (6000, 9000)]
+    assert lv.disk.block_bytes == 2 * per_file[0] + 2 * per_file[1] > 4 * per_file[0]
