@@ -41,6 +41,7 @@ from kvsched.core.planner_config import (
     sliding_layers_of,
 )
 from kvsched.core.planner_config import PlanError as PlanError  # the planner's error, re-exported
+from kvsched.core.planner_quant import QuantSplit, compressed_tensors_split
 
 GIB = 2**30
 MIB = 2**20
@@ -94,6 +95,7 @@ class ModelShape:
     experts_per_token: int = 0  # MoE: experts each token is routed to
     tied_embeddings: bool = False  # lm_head shares the input embeddings (tie_word_embeddings)
     quant: QuantLayout | None = None  # a quantized checkpoint's scales, zeros and lm_head (None: not read)
+    quant_split: QuantSplit | None = None  # a compressed-tensors checkpoint's quantized modules (planner_quant)
 
     def __post_init__(self) -> None:
         if self.layers <= 0 or min(self.params, self.hidden, self.vocab, self.attention_heads, self.active_params) < 0:
@@ -193,7 +195,8 @@ class ModelShape:
                    weight_dtype=checkpoint_dtype(raw, text),
                    active_params=params * routed / total if 0 < routed < total else 0.0,
                    max_positions=max_positions_of(cfg), experts=experts, experts_per_token=per_token,
-                   tied_embeddings=bool(cfg.get("tie_word_embeddings")), quant=checkpoint_layout(raw, text))
+                   tied_embeddings=bool(cfg.get("tie_word_embeddings")), quant=checkpoint_layout(raw, text),
+                   quant_split=compressed_tensors_split(raw, text, cfg))
 
 
 def _preset(name: str, layers: int, heads: int, kv_heads: int, head_dim: int, hidden: int, vocab: int,
@@ -233,6 +236,13 @@ def weights_note(shape: ModelShape, weight_dtype: str) -> str:
     per = {0: "per-tensor scales", -1: f"{scale} output row"}.get(layout.group_size,
                                                                    f"{scale} {layout.group_size:,} weights")
     head = "" if shape.tied_embeddings or layout.lm_head else ", lm_head"
+    split = shape.quant_split if weight_dtype_name(weight_dtype) == shape.weight_dtype else None
+    if split is not None and (len(split.linears) != 1 or split.quantized_share < 1 or split.embeddings
+                              or (split.lm_head is None) != bool(head)):
+        groups = ", ".join(f"{share:.1%} of the linear layers' weights in {d}" for share, (d, _) in split.linears)
+        tables = [n for n, q in (("embeddings", split.embeddings), ("lm_head", split.lm_head)) if q is None]
+        return (f"the checkpoint's compressed-tensors targets: {groups or 'no linear layer'} (scales as its groups "
+                f"say); {', '.join(['the other linear layers', *tables])} and norms in 16 bits")
     return f"{weight_dtype_name(weight_dtype)} weights: the linear layers, {per}; embeddings{head} and norms in 16 bits"
 
 
@@ -243,15 +253,36 @@ def weight_bytes(shape: ModelShape, weight_dtype: str) -> int:
     group-wise formats add a scale (and a zero point) per group: the checkpoint's layout when it is the checkpoint's
     dtype, else DEFAULT_LAYOUTS' (found by review: every parameter was counted at the quantized width, Llama 3.1 8B
     AWQ at 4.0 GB where its checkpoint holds 5.73 GB, FP8 at 8.03 GB where it holds 9.08 GB). Biases and MoE routers
-    count as quantized weights, GPTQ's g_idx (4 bytes an input row) is left out: each well under 0.1% of a model."""
+    count as quantized weights, GPTQ's g_idx (4 bytes an input row) is left out: each well under 0.1% of a model.
+    A compressed-tensors checkpoint in its own dtype counts the modules its groups target (`shape.quant_split`)."""
     per_param = dtype_bytes(weight_dtype)
     if per_param >= 2:
         return int(shape.params * per_param)
     layout = weight_layout(shape, weight_dtype)
     embeddings = shape.vocab * shape.hidden
+    split = shape.quant_split if weight_dtype_name(weight_dtype) == shape.weight_dtype else None
+    if split is not None:  # compressed-tensors: the modules its groups target, each at its group's width
+        return _split_bytes(shape, split)
     lm_head = 0 if shape.tied_embeddings or layout.lm_head else embeddings
     kept = min(shape.params, embeddings + lm_head + (2 * shape.layers + 1) * shape.hidden)  # + 2 norms a layer
     return int((shape.params - kept) * (per_param + layout_overhead(layout, shape.hidden)) + kept * 2)
+
+
+def _split_bytes(shape: ModelShape, split: QuantSplit) -> int:
+    """`weight_bytes` of a compressed-tensors checkpoint: each group's share of the decoder's linear weights at its
+    width and scales, the rest of them, and lm_head and the embeddings unless targeted, in 16 bits (tied: one table,
+    as the embeddings are)."""
+    def width(scheme: tuple[str, QuantLayout] | None) -> float:
+        return 2.0 if scheme is None else dtype_bytes(scheme[0]) + layout_overhead(scheme[1], shape.hidden)
+
+    embeddings = shape.vocab * shape.hidden
+    lm_head = 0 if shape.tied_embeddings else embeddings
+    kept = min(shape.params, embeddings + lm_head + (2 * shape.layers + 1) * shape.hidden)
+    linear = shape.params - kept
+    tables = min(embeddings, kept) * width(split.embeddings) + min(lm_head, kept - min(embeddings, kept)) * width(
+        split.lm_head)
+    quantized = sum(share * linear * width(scheme) for share, scheme in split.linears)
+    return int(quantized + (1 - split.quantized_share) * linear * 2 + tables + max(kept - embeddings - lm_head, 0) * 2)
 
 
 def layer_bytes_per_token(shape: ModelShape, kv_dtype: str) -> float:

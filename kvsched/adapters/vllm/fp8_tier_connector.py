@@ -84,8 +84,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             except TierUnsupported as exc:
                 self.disabled_reason = str(exc)
         block_bytes = self.geometry.block_bytes if self.geometry else 1
-        # scheduler side
-        self.directory: TierDirectory | None = None
+        self.directory: TierDirectory | None = None  # scheduler side
         self.num_slots = 0
         self._step = TierStepMeta()
         # req id -> (first block, slots, keys, matched tail (slot, tokens, key) or None)
@@ -108,12 +107,14 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             budget, ranks = 0, tier_host.ranks_on_host(vllm_config.parallel_config)  # each rank fills the slots
             if self.geometry is not None:
                 budget = tier_host.budget_bytes(requested, self.geometry, self.num_blocks, ranks)
-            self.directory = TierDirectory(TierConfig(budget), block_bytes, value_of=lambda owner: 0.0)
+            shares = compat.rank_shares(vllm_config)  # each pipeline stage holds its own layers (slots fit them all)
+            self.directory = TierDirectory(TierConfig(shares.first_rank_budget(budget, ranks)), block_bytes,
+                                           value_of=lambda owner: 0.0)
             self.num_slots = self.directory.num_slots
             self.fetches = FetchBook(self.directory, self.world_size, block_bytes)
             if self.levels_cfg.enabled and self.geometry is not None and self.num_slots > 0:
                 ident, desc = tier_blob.identity_of(vllm_config, self.geometry, self.world_size)
-                self.levels = TierLevels(self.levels_cfg, ident, desc, block_bytes, self.world_size)
+                self.levels = TierLevels(self.levels_cfg, ident, desc, block_bytes, self.world_size, shares)
                 self.levels._busy_slots, self.levels.on_fetch = self._busy_slots, self.fetches.started
                 self.directory.on_evict, self.fetches.lookups = self.levels.on_host_evict, self.levels.lookups
             elif self.levels_cfg.enabled:

@@ -19,8 +19,10 @@ GAUGES = {
     "pinned_sessions": "Sessions whose KV is pinned between turns",
     "pinned_blocks": "KV blocks held by session pins",
     "pin_budget_blocks": "Most KV blocks pins may hold",
-    "kv_bytes_per_token": "KV bytes per token across layers, from the engine's KV cache spec (follows --kv-cache-dtype); "
-                          "the byte cost eviction scores use",
+    "kv_bytes_per_token": "KV bytes per token across layers, from the engine's KV cache spec (follows --kv-cache-dtype), "
+                          "every rank's share summed under tensor/pipeline parallelism (as the tier's byte gauges)",
+    "kv_rank_bytes_per_token": "One rank's share of kv_bytes_per_token (the first rank's: its heads of the first "
+                               "pipeline stage's layers; the byte cost eviction scores use)",
     "inference_table_entries": "Inferred sessions findable by their last prompt's block hash",
     "tier_enabled": "1 when the FP8 tier runs, 0 when it is off or cannot hold this engine's cache (see "
                     "kvsched_tier_disabled for the reason)",
@@ -28,8 +30,9 @@ GAUGES = {
                   "summed under tensor/pipeline parallelism",
     "tier_capacity_bytes": "The FP8 tier's byte budget, every rank's share summed (--kvsched-fp8-tier-gb on each "
                            "host, to a slot per rank; or the default rule, per rank)",
-    "tier_rank_capacity_bytes": "One rank's share of the FP8 tier's budget: the host memory each rank's worker takes "
-                                "at most (tier_capacity_bytes / tier_ranks)",
+    "tier_rank_capacity_bytes": "The largest rank's share of the FP8 tier's budget: the most host memory one rank's "
+                                "worker takes (tier_capacity_bytes / tier_ranks unless pipeline stages hold different "
+                                "numbers of layers)",
     "tier_ranks": "The engine's ranks (tensor x pipeline parallel, every node), each holding its part of every "
                   "FP8-tier slot",
     "tier_blocks": "Slots the FP8 tier has in use: full KV blocks and the partial last blocks counted in tier_tails",

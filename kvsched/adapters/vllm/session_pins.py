@@ -352,7 +352,8 @@ class SessionPins:
             "pinned_blocks": len(self.block_refs),
             "pin_budget_blocks": self.policy.budget_blocks,
             "total_blocks": self.policy.total_blocks,
-            "kv_bytes_per_token": self.policy.bytes_per_token,
+            "kv_bytes_per_token": compat.rank_shares(self.scheduler.vllm_config).engine(self.policy.bytes_per_token),
+            "kv_rank_bytes_per_token": self.policy.bytes_per_token,  # the first rank's: what eviction scores weigh
             "free_blocks": compat.num_free_blocks(self.scheduler),
             "retained_hits": c["retained_hits"],
             "retained_hit_tokens": c["retained_hit_tokens"],

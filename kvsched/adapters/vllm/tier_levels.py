@@ -48,6 +48,7 @@ from kvsched.adapters.vllm.tier_levels_config import ENV_DISK_GB, LevelsConfig
 from kvsched.adapters.vllm.tier_lookups import StoreLookups
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.disk_tier import DiskDirectory
+from kvsched.core.rank_shares import RankShares
 from kvsched.core.shared_state import SessionMeta, session_key
 from kvsched.core.store_health import ReadCost
 
@@ -69,8 +70,9 @@ class TierLevels(ArrivalReads):
     """Scheduler side of the disk and shared levels (owned by the FP8 tier connector)."""
 
     def __init__(self, cfg: LevelsConfig, identity: str, description: dict[str, Any], block_bytes: int,
-                 world_size: int) -> None:
+                 world_size: int, shares: RankShares | None = None) -> None:
         self.cfg = cfg
+        self.shares = shares or RankShares(world_size)  # each rank writes a file of its own layers' bytes
         self.identity = identity
         self.world_size = world_size
         self.ops = LevelOps()
@@ -137,7 +139,8 @@ class TierLevels(ArrivalReads):
             budget = int((files.free_bytes() + files.found_bytes) * DISK_DEFAULT_FREE_FRACTION)
             how = "auto: half of the free space and of its own files"
         budget = max(0, budget - files.partial_bytes)  # blocks some ranks have yet to write, too young to delete
-        disk = DiskDirectory(budget, files.on_disk(framed_len(32, block_bytes)) * world_size)  # one file per rank
+        files_bytes = sum(n * files.on_disk(framed_len(32, b)) for n, b in self.shares.rank_bytes(block_bytes))
+        disk = DiskDirectory(budget, files_bytes)  # one file per rank, each of its stage's layers
         self.ops.deletes.extend(disk.load_index(found))
         self.counters["disk_partial_blocks_removed"] += files.partial_removed
         if disk.capacity == 0:  # found by review: a budget below one block's files ran the level holding nothing

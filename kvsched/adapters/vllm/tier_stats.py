@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from kvsched.adapters.vllm import compat
+
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
 CONNECTOR_STATS = ("restores", "tail_restores", "restored_blocks", "superseded_loads", "restored_tail_tokens",
                    "restore_misses", "load_failures", "err_sq", "ref_sq", "prefetched_blocks", "worker_seconds")
@@ -37,20 +39,22 @@ def absorb_worker_meta(conn: Any, meta: Any) -> None:
 
 def tier_stats(conn: Any) -> dict[str, Any]:
     """The tier's figures. Its byte figures are the engine's, every rank's share summed: under tensor/pipeline
-    parallelism each of the engine's `world_size` ranks (on every node) holds its part of every slot, `block_bytes`
-    (its heads of its layers; the scheduler's KV cache spec is the first rank's, and every pipeline stage is taken to
-    hold as many layers as the first, as vLLM sizes the KV pool). Found by review: they were one rank's, 1/N of the
-    tier under `--tensor-parallel-size N`, when `--kvsched-fp8-tier-gb` is the host's total for the engine."""
+    parallelism each of the engine's `world_size` ranks (on every node) holds its part of every slot (its heads of its
+    layers; `block_bytes` is the first rank's, from the scheduler's KV cache spec, and each pipeline stage holds its
+    own layers as vLLM splits them: kvsched.core.rank_shares). Found by review: they were one rank's, 1/N of the
+    tier under `--tensor-parallel-size N`, when `--kvsched-fp8-tier-gb` is the host's total for the engine; then
+    every stage was counted with the first stage's layers. The `rank` figures are the largest rank's."""
     d = conn.directory
     assert d is not None
     ref = conn.stats["ref_sq"]
     raw = conn.geometry is not None and conn.geometry.mode == "raw"
-    ranks = max(int(conn.world_size), 1)
-    rank_capacity = d.num_slots * d.block_bytes if conn.enabled else 0
+    shares = compat.rank_shares(conn.engine_config, conn.world_size)
+    capacity = d.num_slots * d.block_bytes if conn.enabled else 0  # the first rank's
     out: dict[str, Any] = {
         "tier_enabled": float(conn.enabled),
-        "tier_capacity_bytes": rank_capacity * ranks, "tier_bytes": d.used_bytes * ranks,
-        "tier_rank_capacity_bytes": rank_capacity, "tier_rank_bytes": d.used_bytes, "tier_ranks": ranks,
+        "tier_capacity_bytes": shares.engine(capacity), "tier_bytes": shares.engine(d.used_bytes),
+        "tier_rank_capacity_bytes": shares.largest_rank(capacity), "tier_rank_bytes": shares.largest_rank(d.used_bytes),
+        "tier_ranks": shares.world_size,
         "tier_blocks": d.used_slots, "tier_block_bytes": d.block_bytes,
         "tier_demotions": d.counters["demotions"], "tier_demoted_blocks": d.counters["demoted_blocks"],
         "tier_evicted_blocks": d.counters["evicted_blocks"], "tier_restores": conn.stats["restores"],

@@ -105,13 +105,13 @@ class TraceRecorder:
         # Bytes are the engine's, every rank's share summed: the KV cache spec is one rank's (its heads of its layers),
         # and a tensor-parallel engine's `--kvsched-fp8-tier-gb G`, which `--fp8-tier-gib G` mirrors, is its ranks'
         # together (found by review: a TP=N recording replayed a tier of G with N times the engine's slots)
-        ranks = compat.world_size(scheduler)
+        shares = compat.rank_shares(scheduler.vllm_config)  # each pipeline stage with its own layers
         meta = {"source": "kvsched engine recording", "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "vllm": compat.installed_vllm_version(),
                 # the engine's pool in the trace's blocks: `kvsched simulate FILE --capacity-blocks N` replays at it
                 CAPACITY_META: compat.num_total_blocks(scheduler) * engine_block // block_size,
-                BYTES_META: compat.kv_bytes_per_token(scheduler) * ranks}
-        tier_block = tier_block_bytes(scheduler) * ranks
+                BYTES_META: shares.engine(compat.kv_bytes_per_token(scheduler))}
+        tier_block = shares.engine(tier_block_bytes(scheduler))
         if tier_block:  # what the FP8 tier would take per block: `kvsched simulate FILE --fp8-tier-gib G` sizes by it
             meta[TIER_BLOCK_META] = tier_block * block_size // engine_block
         self.recording = TraceRecording(self.stream, block_size, meta, max_chars=max(room, 0))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
+
+from kvsched.core.rank_shares import RankShares
 
 
 # ---- blocks -----------------------------------------------------------------------------------------------------
@@ -201,6 +205,27 @@ def world_size(scheduler: Any) -> int:
     """The engine's ranks (tensor x pipeline parallel, every node), each holding its part of every KV block; 1 when not
     said."""
     return max(int(getattr(getattr(scheduler, "parallel_config", None), "world_size", 1) or 1), 1)
+
+
+def rank_shares(vllm_config: Any, world: int | None = None) -> RankShares:
+    """The engine's ranks (`world`, else its world size) and its pipeline stages' hidden layers as vLLM splits them
+    (`vllm.distributed.utils.get_pp_indices`, which each stage's model is built with; it follows
+    VLLM_PP_LAYER_PARTITION): how its ranks share each KV block (kvsched.core.rank_shares)."""
+    parallel = vllm_config.parallel_config
+    world = max(int(world or getattr(parallel, "world_size", 1) or 1), 1)
+    stages = max(int(getattr(parallel, "pipeline_parallel_size", 1) or 1), 1)
+    if stages == 1:
+        return RankShares(world)
+    return RankShares(world, _stage_layers(int(vllm_config.model_config.get_total_num_hidden_layers()), stages,
+                                           os.environ.get("VLLM_PP_LAYER_PARTITION")))
+
+
+@functools.lru_cache(maxsize=8)
+def _stage_layers(layers: int, stages: int, partition: str | None) -> tuple[int, ...]:
+    """Once per layout (`partition`: the environment's, in the key; vLLM logs an uneven split at every call)."""
+    from vllm.distributed.utils import get_pp_indices
+
+    return tuple(end - start for start, end in (get_pp_indices(layers, rank, stages) for rank in range(stages)))
 
 
 def hash_block_size(scheduler: Any) -> int:

@@ -1,0 +1,71 @@
+"""How an engine's ranks share each KV block, for its byte figures (the FP8 tier's gauges and slots, KV bytes per token).
+
+Under tensor parallelism each rank holds its heads of every layer; under pipeline parallelism each stage holds its own
+layers, split as vLLM splits the model's hidden layers (`vllm.distributed.utils.get_pp_indices`: even, the remainder on
+the middle then the early stages, or `VLLM_PP_LAYER_PARTITION`; the adapter reads it from vLLM, this module only
+counts). What the scheduler measures is the first rank's (its KV cache spec is rank 0's: stage 0's layers), and every
+hidden layer's KV is alike, so a stage's share is the first rank's times its layers over stage 0's. Found by review:
+every stage was counted with stage 0's layers: 3.7% high for 27 layers in two stages (14 + 13 counted as 14 + 14), 6.7%
+low for 30 layers in four (7, 8, 8, 7 counted as 4 x 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+Num = TypeVar("Num", int, float)
+
+
+@dataclass(frozen=True, slots=True)
+class RankShares:
+    """An engine of `world_size` ranks (tensor x pipeline x context parallel) in `len(stage_layers)` pipeline stages,
+    stage s holding `stage_layers[s]` hidden layers on each of its `world_size / stages` ranks; no `stage_layers`: one
+    stage. Byte figures are given as the first rank's; integers stay integers (floored)."""
+
+    world_size: int = 1
+    stage_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or any(n < 1 for n in self.stage_layers):
+            raise ValueError(f"a world of {self.world_size} ranks, stages of {self.stage_layers} layers: each >= 1")
+        if self.world_size % self.stages:
+            raise ValueError(f"{self.world_size} ranks do not split into {self.stages} pipeline stages")
+
+    @property
+    def stages(self) -> int:
+        return max(len(self.stage_layers), 1)
+
+    def _scaled(self, first_rank: Num, layers: int) -> Num:
+        """`first_rank` (stage 0's) for a rank holding `layers` layers."""
+        if not self.stage_layers:
+            return first_rank
+        if isinstance(first_rank, int):
+            return first_rank * layers // self.stage_layers[0]
+        return first_rank * layers / self.stage_layers[0]
+
+    def engine(self, first_rank: Num) -> Num:
+        """Every rank's share summed: each stage's ranks times their layers' bytes."""
+        return self._scaled(first_rank * (self.world_size // self.stages), sum(self.stage_layers))
+
+    def largest_rank(self, first_rank: Num) -> Num:
+        """The share of the rank(s) holding the most layers: what the most loaded worker takes."""
+        return self._scaled(first_rank, max(self.stage_layers, default=0))
+
+    def rank_bytes(self, first_rank: int) -> tuple[tuple[int, int], ...]:
+        """(ranks, each one's bytes) of every pipeline stage."""
+        tensor = self.world_size // self.stages
+        return tuple((tensor, self._scaled(first_rank, n)) for n in self.stage_layers) or ((self.world_size, first_rank),)
+
+    def first_rank_budget(self, rank_budget: int, host_ranks: int) -> int:
+        """The tier's budget counted in the first rank's bytes, for slots every rank holds a share of: with every rank
+        on this host (`host_ranks`), slots whose engine bytes fit the host's `rank_budget x host_ranks`; else slots
+        that keep the rank holding the most layers within `rank_budget` (a host's ranks may be any stage's). Found by
+        review: slots were sized by the first rank's bytes alone, so an engine whose later stage holds more layers
+        took more than the size given."""
+        if not self.stage_layers:
+            return rank_budget
+        if host_ranks >= self.world_size:
+            tensor = self.world_size // self.stages
+            return rank_budget * self.world_size * self.stage_layers[0] // (tensor * sum(self.stage_layers))
+        return rank_budget * self.stage_layers[0] // max(self.stage_layers)
