@@ -27,7 +27,8 @@ def describe(cfg: Any) -> str:
              f"stats every {cfg.stats_period_s}s)"]
     for p in cfg.pools:
         scale = (f"autoscaling {p.autoscaling.min_replicas}-{p.autoscaling.max_replicas} on queue depth "
-                 f"{p.autoscaling.queue_per_replica}/replica and p95 TTFT {p.autoscaling.ttft_p95_s}s"
+                 f"{p.autoscaling.queue_per_replica}/replica and p95 TTFT {p.autoscaling.ttft_p95_s}s over "
+                 f"{p.autoscaling.look_back_period_s:g}s"
                  if p.autoscaling else f"{p.replicas} replica(s)")
         lines.append(f"  pool {p.name}: models {', '.join(p.models)}; roles {', '.join(p.roles) or '-'}; "
                      f"{'long-context; ' if p.long_context else ''}{p.device}; {scale}; engine {p.engine.model} "

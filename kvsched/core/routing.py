@@ -122,10 +122,12 @@ class SessionRouter:
         # session -> (dead slot it was failed over from, the replica that held the slot then)
         self._displaced: OrderedDict[str, tuple[SlotName, str | None]] = OrderedDict()
         self._holder: dict[SlotName, str] = {}  # slot -> the replica that holds it (or last held it, when down)
-        self._last: OrderedDict[str, SlotName] = OrderedDict()  # session -> slot it lives on, least recent first
+        self._replaced: Counter[SlotName] = Counter()  # slot -> how many times a new replica took it (`set_live`)
+        # session -> (slot it lives on, that slot's `_replaced` count when the session was routed there), least recent
+        # first: a count behind the slot's means the replica the session lived on was replaced since (`route`)
+        self._last: OrderedDict[str, tuple[SlotName, int]] = OrderedDict()
         self._seen: dict[str, float] = {}  # session -> when it was last routed
         self._residents: Counter[SlotName] = Counter()  # slot -> sessions in `_last` living there
-        self._orphans: set[str] = set()  # sessions in `_last` whose slot has a new replica since (`set_live`)
 
     # ---- membership ---------------------------------------------------------------------------------------------
     @property
@@ -150,7 +152,7 @@ class SessionRouter:
             for s in live:
                 if s in holders:
                     if self._holder.get(s, holders[s]) != holders[s]:
-                        self._orphans.update(sid for sid, h in self._last.items() if h == s)
+                        self._replaced[s] += 1  # the sessions living there lived on the replica it replaces
                     self._holder[s] = holders[s]
         for s in sorted(live - self._ring.slots):
             self._ring.add(s)
@@ -173,7 +175,7 @@ class SessionRouter:
         self._live.discard(slot)
         for sid in [s for s, (h, _) in self._displaced.items() if h == slot]:
             del self._displaced[sid]
-        for sid in [s for s, h in self._last.items() if h == slot]:
+        for sid in [s for s, (h, _) in self._last.items() if h == slot]:
             self._drop(sid)
 
     # ---- routing ------------------------------------------------------------------------------------------------
@@ -209,7 +211,7 @@ class SessionRouter:
 
         walk = self._ring.walk(session_id)
         home = next(walk)
-        last = self._last.get(session_id)
+        last, replaced_then = self._last.get(session_id, (None, 0))
         back, back_replica = self._displaced.get(session_id, (None, None))
         # Back only to the replica it left, or to a slot whose (new) replica reports its KV: found by review, a
         # replacement (empty cache) pulled every failed-over session back, away from the KV they rebuilt meanwhile.
@@ -226,7 +228,7 @@ class SessionRouter:
         lost = last if last is not None and last not in live else None
         left = self._holder.get(lost) if lost is not None else None
         if self.config.kv_preference and last is not None and lost is None and fits(last) \
-                and session_id not in self._orphans:
+                and replaced_then == self._replaced[last]:  # the replica it lived on still holds the slot
             # Where the session lives holds its newest KV; a replica that served an earlier turn may still report
             # (older, shorter) pinned KV for it until the pin expires.
             reason = RouteReason.HOME if last == home else RouteReason.KV
@@ -251,7 +253,7 @@ class SessionRouter:
     def _room(self, session_id: str, live: set[SlotName]) -> Callable[[SlotName], bool]:
         """Whether a slot may take the session as a resident: within ceil(c * (S + 1) / n) sessions, S living on the
         live slots without this one."""
-        current = self._last.get(session_id)
+        current = self.last_slot(session_id)
         others = sum(n for s, n in self._residents.items() if s in live) - (current in live)
         cap = load_bound(others, len(live), self.config.load_factor)
         return lambda s: self._residents.get(s, 0) - (s == current) + 1 <= cap
@@ -263,14 +265,13 @@ class SessionRouter:
         cap = self.config.session_memory
         if sid is None or cap == 0:
             return
-        previous = self._last.get(sid)
+        previous = self.last_slot(sid)
         if previous is not None:
             self._residents[previous] -= 1
-        self._last[sid] = decision.slot
+        self._last[sid] = (decision.slot, self._replaced[decision.slot])
         self._last.move_to_end(sid)
         self._seen[sid] = self._clock()
         self._residents[decision.slot] += 1
-        self._orphans.discard(sid)
         while len(self._last) > cap:
             self._drop(next(iter(self._last)))
         if decision.failed_over_from is not None:
@@ -282,7 +283,8 @@ class SessionRouter:
 
     def last_slot(self, session_id: str) -> SlotName | None:
         """Where the session lives (None: never routed, idled out or forgotten)."""
-        return self._last.get(session_id)
+        lived = self._last.get(session_id)
+        return lived[0] if lived is not None else None
 
     def forget_session(self, session_id: str) -> None:
         """The session ended (`X-Session-End`, `DELETE /kvsched/sessions/{id}`): it lives nowhere now."""
@@ -292,11 +294,10 @@ class SessionRouter:
         """Forget the session whole: where it lives and the dead slot it failed over from (found by review: idle
         expiry left the latter behind, growing to its cap, and pulled a session back after hours)."""
         self._displaced.pop(session_id, None)
-        slot = self._last.pop(session_id, None)
+        lived = self._last.pop(session_id, None)
         self._seen.pop(session_id, None)
-        self._orphans.discard(session_id)
-        if slot is not None:
-            self._residents[slot] -= 1
+        if lived is not None:
+            self._residents[lived[0]] -= 1
 
     def _expire(self) -> None:
         """Sessions not routed for `session_idle_s` (the least recent come first in `_last`) live nowhere now."""

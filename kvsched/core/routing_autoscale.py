@@ -18,7 +18,9 @@ from kvsched.core.routing import RoutingConfigError
 @dataclass(frozen=True, slots=True)
 class AutoscaleTargets:
     """`queue_per_replica`: waiting requests per replica (engine queue, not running batch); `ttft_p95_s`: seconds;
-    `downscale_below`: share of both targets under which a replica may go; delays in seconds."""
+    `downscale_below`: share of both targets under which a replica may go; delays in seconds; `look_back_period_s`:
+    the window the signals are taken over, in seconds (the orchestrator's: Ray Serve's `look_back_period_s`, whose
+    default this is; the P95 TTFT is the fleet's over it, the queue depth its average)."""
 
     min_replicas: int = 1
     max_replicas: int = 4
@@ -27,6 +29,7 @@ class AutoscaleTargets:
     downscale_below: float = 0.5
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 120.0
+    look_back_period_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_replicas, int) or self.min_replicas < 0:
@@ -42,6 +45,9 @@ class AutoscaleTargets:
             raise RoutingConfigError(f"downscale_below must be in (0, 1), got {self.downscale_below!r}")
         if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
             raise RoutingConfigError("upscale_delay_s and downscale_delay_s must be >= 0")
+        v = self.look_back_period_s
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            raise RoutingConfigError(f"look_back_period_s must be a finite number of seconds > 0, got {v!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,10 +81,29 @@ def window_increase(scrapes: Sequence[Histogram]) -> dict[float, float] | None:
         return None
     added = dict.fromkeys(bounds, 0.0)
     for prev, cur in zip(scrapes, scrapes[1:], strict=False):
-        reset = any(cur[b] < prev[b] for b in bounds)
-        for b in bounds:
-            added[b] += cur[b] if reset else cur[b] - prev[b]
+        for b, c in counter_increase(prev, cur).items():
+            added[b] += c
     return added
+
+
+def counter_increase(before: Histogram, now: Histogram) -> dict[float, float]:
+    """What a server's cumulative counts added from one scrape (`before`) to the next (`now`), taking a counter reset
+    as Prometheus's `rate()` and `increase()` do: a count below the previous one means the counters started over (the
+    server restarted), so the whole of the new count is new, never a negative increase. One server's buckets start
+    over together, so any bucket dropping (or a bound gone, or one added: a restart with other buckets) makes every
+    count of `now` new, also those that grew past their old value (Prometheus, per series, would difference those).
+    An empty `before` (no scrape yet): everything in `now` counts."""
+    reset = bool(before) and (set(before) != set(now) or any(now[b] < c for b, c in before.items()))
+    return dict(now) if reset else {b: c - before.get(b, 0.0) for b, c in now.items()}
+
+
+def add_counts(total: Histogram, increase: Histogram) -> dict[float, float]:
+    """A running total of increases (`counter_increase`), which never starts over when the server's counters do. An
+    increase over other bounds than the total's (the server restarted with other buckets) starts the total over:
+    counts measured against different bounds cannot be added."""
+    if total and set(total) != set(increase):
+        return dict(increase)
+    return {b: total.get(b, 0.0) + c for b, c in increase.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,3 +149,18 @@ def test_the_dead_replicas_sessions_count_on_its_replacement_so_the_failed_over_
     assert r.residents() == {A: 4, B: 8}
     went = [r.route(sid, {}) for sid in homed[A][:2]]
     assert [(d.slot, d.reason) for d in went] == [(B, RouteReason.KV)] * 2
+
+
+def test_a_session_placed_before_its_replicas_were_named_still_leaves_a_replacement() -> None:
+    """The router learns which replica holds each slot (`set_live`'s holders) after a session was placed: the first
+    holders named are the replicas it was placed on, so it stays (a replacement is a holder changing, not the first
+    one named); the next holder of its slot is a replacement, and its next turn goes where its KV is reported."""
+    r = SessionRouter(RouterConfig())
+    r.set_live([A, B])  # no holders yet
+    sid = next(s for s in SESSIONS if r.home(s) == A)
+    r.record(r.route(sid, {}))
+    r.set_live([A, B], FIRST)
+    assert (r.route(sid, {}, kv_slots=[B]).slot, r.last_slot(sid)) == (A, A)
+    r.set_live([A, B], FIRST | {A: "a@2"})
+    d = r.route(sid, {}, kv_slots=[B])
+    assert (d.slot, d.reason) == (B, RouteReason.KV)

@@ -9,8 +9,10 @@ import pytest
 
 from kvsched.core.routing_autoscale import AutoscaleTargets, ReplicaLoad, desired_replicas
 from kvsched.core.ttft_histogram import (
+    add_counts,
     bucket_bound,
     bucket_key,
+    counter_increase,
     fleet_quantile,
     histogram_quantile,
     merge,
@@ -65,6 +67,19 @@ def test_a_restarted_replica_counts_from_zero_again() -> None:
     before, after, later = hist({0.1: 100, 5.0: 20}), hist({0.1: 5, 5.0: 1}), hist({0.1: 8, 5.0: 2})
     assert window_increase([before, after, later]) == hist({0.1: 8, 5.0: 2})
     assert window_increase([hist({0.1: 10}), before, after]) == hist({0.1: 95, 5.0: 21})  # 90+20 then 5+1
+
+
+def test_a_drop_between_two_scrapes_is_a_counter_reset() -> None:
+    """One server's consecutive scrapes: a difference; a drop in any bucket (the counters started over) makes all the
+    new counts new, also a bucket that grew past its old value; other bounds (a restart with other buckets) too."""
+    before = hist({0.1: 30})
+    assert counter_increase(before, hist({0.1: 35, 5.0: 2})) == hist({0.1: 5, 5.0: 2})
+    assert counter_increase(before, hist({0.1: 5, 5.0: 45})) == hist({0.1: 5, 5.0: 45})  # +Inf 50 > 30: still new
+    assert counter_increase(before, {0.2: 3.0, INF: 3.0}) == {0.2: 3.0, INF: 3.0}
+    assert counter_increase({}, before) == before  # the first scrape: all of it
+    total = add_counts(add_counts({}, before), counter_increase(before, hist({5.0: 4})))
+    assert total == hist({0.1: 30, 5.0: 4})  # a running total that never starts over
+    assert add_counts(total, {0.2: 3.0, INF: 3.0}) == {0.2: 3.0, INF: 3.0}  # other bounds: it starts over
 
 
 def test_a_bucket_layout_changing_in_the_window_or_a_broken_count_cannot_be_differenced() -> None:

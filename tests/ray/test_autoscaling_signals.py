@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from kvsched.adapters.ray.autoscaling import FRESH_TTFT, HELD_TTFT, QueueTTFTPolicy
 
 
@@ -154,3 +156,23 @@ def test_a_quiet_window_holds_the_fleets_last_p95_against_a_scale_down_only() ->
     assert n == 2 and "steady: the recent p95 ttft keeps this size" in state["kvsched_reason"]
     n, state = policy(fleet_ctx(window[2:], now=1001.0 + HOLD_S, state=state))
     assert n == 1, state["kvsched_reason"]
+
+
+def test_a_restarted_engines_first_tokens_count_from_zero() -> None:
+    """vLLM restarted under the replica: its TTFT counts start over, below the ones scraped before. Differencing them
+    gave negative counts, read as no first tokens: the held P95 stayed the old server's (fast) one and the fresh P95
+    was None until the new server had counted past the old one or `hold_s` ran out. A drop is a counter reset (as in
+    Prometheus's rate()): the new server's 40 slow first tokens are the P95, in both readings."""
+    from kvsched.adapters.ray.stats import ReplicaStats
+
+    now = [0.0]
+    st = ReplicaStats("http://x", clock=lambda: now[0], hold_s=60.0)
+    st.update(ttft_metrics({0.1: 500}), None)
+    assert st.fresh_ttft_p95() < 0.1 and st.ttft_p95_s < 0.1  # 500 fast ones
+    now[0] = 10.0
+    st.update(ttft_metrics({5.0: 40}), None)  # restarted: 40 slow ones since, every count below the old server's
+    assert st.ttft_p95_s == pytest.approx(2.5 + 2.5 * 0.95)  # rank 38 of 40, in (2.5, 5]
+    assert st.fresh_ttft_p95() == pytest.approx(2.5 + 2.5 * 0.95)
+    now[0] = 20.0
+    st.update(ttft_metrics({0.1: 30, 5.0: 40}), None)  # then 30 fast ones on the new server: no reset, a difference
+    assert st.ttft_p95_s == pytest.approx(0.095) and st.fresh_ttft_p95() == pytest.approx(0.095)

@@ -52,6 +52,7 @@ def engine_options(pool: PoolConfig, cfg: RayServeConfig, router_path: str = ROU
             min_replicas=t.min_replicas, max_replicas=t.max_replicas,
             initial_replicas=min(max(pool.replicas, t.min_replicas), t.max_replicas),
             upscale_delay_s=t.upscale_delay_s, downscale_delay_s=t.downscale_delay_s,
+            look_back_period_s=t.look_back_period_s,
             policy=AutoscalingPolicy(policy_function=POLICY_PATH, policy_kwargs=dataclasses.asdict(t)))
     return opts
 

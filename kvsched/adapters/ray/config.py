@@ -12,7 +12,8 @@ pools:
     models: [llama-8b]                # names clients send as "model" (default: the pool name)
     roles: [worker]                   # X-Agent-Role values served here
     device: gpu                       # cpu | gpu (one GPU per replica unless num_gpus says otherwise)
-    replicas: 2                       # or autoscaling: {min_replicas, max_replicas, queue_per_replica, ttft_p95_s}
+    replicas: 2                       # or autoscaling: {min_replicas, max_replicas, queue_per_replica, ttft_p95_s,
+                                      #   look_back_period_s, ...}: kvsched.core.routing_autoscale.AutoscaleTargets
     max_model_len: 8192
     vllm_args: [--kv-cache-dtype, fp8]
 ```
@@ -105,9 +106,22 @@ AUTOSCALING_KEYS = frozenset(f.name for f in dataclasses.fields(AutoscaleTargets
 # by review, the dataclass built straight from the YAML escaped this file's checks (finite numbers, no `true` for a
 # count), so `upscale_delay_s: .nan` passed and failed later in Ray's AutoscalingConfig.
 _TARGET_TYPES = typing.get_type_hints(AutoscaleTargets)
+# Ray Serve's `AutoscalingConfig.metrics_interval_s` (its default, which kvsched leaves as it is): how often a replica
+# pushes its autoscaling points to the controller. Ray warns that a look-back window no longer than it "will raise an
+# exception in a future release": the policy would decide on windows that end up to one push before the decision.
+RAY_METRICS_INTERVAL_S = 10.0
 AutoscalingFields: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "AutoscalingFields", __base__=_Strict,
     **{f.name: (_TARGET_TYPES[f.name], f.default) for f in dataclasses.fields(AutoscaleTargets)})
+
+
+def _within_ray(targets: AutoscaleTargets | None) -> AutoscaleTargets | None:
+    """The targets, refused (RoutingConfigError) where Ray Serve would warn or refuse their window."""
+    if targets is not None and targets.look_back_period_s <= RAY_METRICS_INTERVAL_S:
+        raise RoutingConfigError(f"look_back_period_s must be > {RAY_METRICS_INTERVAL_S:g} s (Ray Serve's "
+                                 f"metrics_interval_s: how often a replica pushes its autoscaling points), got "
+                                 f"{targets.look_back_period_s!r}")
+    return targets
 
 
 class PoolConfig(_Strict):
@@ -152,7 +166,7 @@ class PoolConfig(_Strict):
     @classmethod
     def _targets(cls, raw: Any) -> Any:
         if raw is None or isinstance(raw, AutoscaleTargets):
-            return raw
+            return _within_ray(raw)
         if not isinstance(raw, dict):
             raise ValueError(f"must be a mapping, got {type(raw).__name__}")
         unknown = sorted(set(raw) - AUTOSCALING_KEYS)
@@ -163,7 +177,7 @@ class PoolConfig(_Strict):
         except ValidationError as exc:
             raise ValueError(validation_message(exc)) from None
         try:
-            return AutoscaleTargets(**fields.model_dump())
+            return _within_ray(AutoscaleTargets(**fields.model_dump()))
         except (RoutingConfigError, TypeError) as exc:
             raise ValueError(str(exc)) from None
 

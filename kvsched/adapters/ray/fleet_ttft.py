@@ -2,10 +2,10 @@
 
 Each engine replica reports its `vllm:time_to_first_token_seconds` bucket counts, cumulative as scraped, one
 autoscaling metric per bound (`ttft_le:0.25`, ..., `ttft_le:+Inf`; `EngineReplica.record_autoscaling_stats`). Ray
-keeps each replica's points for `look_back_period_s` and hands them to the policy as `AutoscalingContext.raw_metrics`
-(its `aggregated_metrics` are time-averages, which would blur a counter); the points recorded together share a
-timestamp, so each timestamp is one scrape. The arithmetic (window increase over each replica's own window as a
-rate, counter resets, merge, quantile) is `kvsched.core.ttft_histogram`.
+keeps each replica's points for `look_back_period_s` (a pool's `autoscaling: {look_back_period_s}`) and hands them
+to the policy as `AutoscalingContext.raw_metrics` (its `aggregated_metrics` are time-averages, which would blur a
+counter); the points recorded together share a timestamp, so each timestamp is one scrape. The arithmetic (window
+increase over each replica's own window as a rate, counter resets, merge, quantile) is `kvsched.core.ttft_histogram`.
 """
 
 from __future__ import annotations

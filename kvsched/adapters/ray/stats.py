@@ -7,6 +7,8 @@ TTFT comes from vLLM's `vllm:time_to_first_token_seconds` histogram (bucket delt
 - `fresh_ttft_p95()`: the P95 of the first tokens since the previous autoscaling report that gave one, once there are
   MIN_TTFT_SAMPLES of them (None before): the only TTFT a pool scales up on (found by review: the held value scaled an
   idle pool from 2 to 8 replicas).
+Both difference cumulative counts, and a restarted vLLM server's counts start over: a drop is a counter reset, and what
+the server counts after it is new (`kvsched.core.ttft_histogram.counter_increase`, as Prometheus's `rate()` takes it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvsched.core.ttft_histogram import histogram_quantile
+from kvsched.core.ttft_histogram import add_counts, counter_increase, histogram_quantile
 
 TTFT_BUCKET = "vllm:time_to_first_token_seconds_bucket"
 # First tokens a fresh P95 needs before it counts: with fewer, the "P95" is the slowest one or two (found by review:
@@ -64,9 +66,10 @@ class ReplicaStats:
     running: float = 0.0
     ttft_p95_s: float | None = None
     kv_sessions: list[str] = field(default_factory=list)
-    _last_buckets: dict[float, float] = field(default_factory=dict)
+    _last_buckets: dict[float, float] = field(default_factory=dict)  # as last scraped
+    _counted: dict[float, float] = field(default_factory=dict)  # every scrape's increase added up (resets taken out)
     _ttft_at: float = -math.inf
-    _reported_buckets: dict[float, float] = field(default_factory=dict)
+    _reported_buckets: dict[float, float] = field(default_factory=dict)  # `_counted` at the last fresh P95
     _reported_at: float = -math.inf
 
     def update(self, metrics_text: str, sessions: Mapping[str, Any] | None) -> None:
@@ -74,8 +77,9 @@ class ReplicaStats:
         self.queue_depth = scrape.gauges.get("vllm:num_requests_waiting", 0.0)
         self.running = scrape.gauges.get("vllm:num_requests_running", 0.0)
         buckets = scrape.ttft_buckets
-        delta = {b: c - self._last_buckets.get(b, 0.0) for b, c in buckets.items()}
+        delta = counter_increase(self._last_buckets, buckets)
         self._last_buckets = buckets
+        self._counted = add_counts(self._counted, delta)
         p95 = histogram_quantile(delta, 0.95)
         now = self.clock()
         if p95 is not None:
@@ -110,10 +114,10 @@ class ReplicaStats:
     def fresh_ttft_p95(self) -> float | None:
         """The P95 TTFT of the first tokens counted since the previous call that returned one, None while they are
         fewer than MIN_TTFT_SAMPLES (they count in the next call's, unless they gathered for longer than `hold_s`)."""
-        buckets, now = self._last_buckets, self.clock()
+        buckets, now = self._counted, self.clock()
         if self._reported_at == -math.inf:  # the first window starts at the first call
             self._reported_at = now
-        delta = {b: c - self._reported_buckets.get(b, 0.0) for b, c in buckets.items()}
+        delta = counter_increase(self._reported_buckets, buckets)  # a reset only if the buckets changed: start over
         if max(delta.values(), default=0.0) < MIN_TTFT_SAMPLES:  # cumulative: the top bucket counts them all
             if now - self._reported_at > self.hold_s:  # too few for too long: no longer fresh, start over
                 self._reported_buckets, self._reported_at = dict(buckets), now
