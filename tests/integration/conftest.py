@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.servers import package_specs
+from tests.integration.servers import failing_starts, package_specs
 
 
 @pytest.fixture(scope="package")
@@ -75,3 +75,16 @@ def fp8_kv_server(launched):
     server = ready(launched, "fp8_kv")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="package")
+def failed_starts(tiny_model_dir):
+    """Every `vllm serve` of the package that must fail at start (servers.failing_starts), run at once: name -> its
+    exit code and output."""
+    pytest.importorskip("vllm")
+    from tests.integration.procs import run_together
+
+    starts = failing_starts(tiny_model_dir)
+    # up to six at once on 2 cores: a larger timeout than one alone needs (a slow host is not a failure)
+    done = run_together([argv for argv, _ in starts.values()], timeout_s=600, envs=[env for _, env in starts.values()])
+    return dict(zip(starts, done, strict=True))

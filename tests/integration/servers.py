@@ -41,3 +41,28 @@ def package_specs(model: Path, recording: Path) -> dict[str, ServerSpec]:
         specs["fp8_kv"] = ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48,
                                      extra_args=["--kv-cache-dtype", "fp8"])
     return specs
+
+
+# `vllm serve` commands that must fail at start (each imports vLLM first, ~15 CPU-seconds): run at once the first time
+# a module asks for one (conftest.failed_starts), so that 2 cores run two at a time; module -> name -> (argv, env).
+BAD_TIER_SIZES = [("-1", "finite number of GiB >= 0"), ("lots", "must be a number of GiB"),
+                  ("1000000", "exceeds this machine's host memory")]
+
+
+def failing_starts(model: Path) -> dict[str, tuple[list[str], dict[str, str] | None]]:
+    """`env` None: this process's environment; else the whole environment of the command."""
+    import os
+
+    from kvsched.serving import vllm_command
+
+    serve = [*vllm_command(), "serve", str(model)]
+    malformed = dict(os.environ, KVSCHED_INFER_SESSIONS="maybe", KVSCHED_COMPACTION_CLIENT_STRATEGIES="shrink",
+                     KVSCHED_CPU_ISA="sse9", KVSCHED_STORE_KV_TTL_S="-1")
+    starts: dict[str, tuple[list[str], dict[str, str] | None]] = {
+        "serve:malformed": ([*serve, "--scheduler", "kvsched"], malformed),  # test_serve
+        "serve:unknown": ([*serve, "--scheduler", "nonsense"], None),
+        **{f"tier:{value}": ([*serve, "--scheduler", "kvsched", "--kvsched-fp8-tier-gb", value], None)  # test_fp8_tier
+           for value, _ in BAD_TIER_SIZES}}
+    if cpu_features().fp8_kv_cache_refusal():  # test_fp8_kv, on a CPU that cannot hold an fp8 KV cache
+        starts["fp8_kv:refused"] = ([*serve, "--scheduler", "kvsched", "--kv-cache-dtype", "fp8"], None)
+    return starts
