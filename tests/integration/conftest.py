@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.servers import package_specs
+from tests.integration.servers import failing_starts, package_specs
 
 
 @pytest.fixture(scope="package")
@@ -19,7 +19,7 @@ def secure_recording(tmp_path_factory):
 @pytest.fixture(scope="package")  # stopped when tests/integration ends: later packages get their memory back
 def launched(tiny_model_dir, secure_recording):
     """The package's shared servers, spawned together when the first is needed (each fixture below waits for its
-    own); a module's server is stopped when that module ends, the rest when the package does."""
+    own); a module's server is stopped when the last module using it ends, the rest when the package does."""
     pytest.importorskip("vllm")
     from kvsched.serving import VllmServer
 
@@ -47,11 +47,24 @@ def secure_server(launched):
     return ready(launched, "secure")
 
 
+FINISHED_MODULES: set[str] = set()
+
+
+def stop_after_its_last_module(request, fixture, server):
+    """Stop `server` when no module of this run that uses `fixture` is left to run (its memory back for the rest of
+    the package); in any order of modules. Called at the teardown of each module that uses it."""
+    FINISHED_MODULES.add(request.node.nodeid)
+    users = {item.getparent(pytest.Module).nodeid for item in request.session.items if fixture in item.fixturenames}
+    if users <= FINISHED_MODULES:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
-def compaction_server(launched):
+def compaction_server(launched, request):
+    """test_compaction's and test_compaction_templates' (one start-up: servers.py)."""
     server = ready(launched, "compaction")
     yield server
-    server.stop()
+    stop_after_its_last_module(request, "compaction_server", server)
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +75,16 @@ def fp8_kv_server(launched):
     server = ready(launched, "fp8_kv")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="package")
+def failed_starts(tiny_model_dir):
+    """Every `vllm serve` of the package that must fail at start (servers.failing_starts), run at once: name -> its
+    exit code and output."""
+    pytest.importorskip("vllm")
+    from tests.integration.procs import run_together
+
+    starts = failing_starts(tiny_model_dir)
+    # up to six at once on 2 cores: a larger timeout than one alone needs (a slow host is not a failure)
+    done = run_together([argv for argv, _ in starts.values()], timeout_s=600, envs=[env for _, env in starts.values()])
+    return dict(zip(starts, done, strict=True))

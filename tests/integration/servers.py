@@ -1,6 +1,7 @@
 """The package's servers that several modules each start once: the hardened shared one (security, zero-change
-clients, fuzz), compaction's and the fp8 KV cache's. `conftest.launched` spawns them together when the first is
-needed, so their start-ups overlap (three single-threaded Python imports each); a server waiting idle takes no CPU."""
+clients, fuzz), compaction's (test_compaction and test_compaction_templates) and the fp8 KV cache's.
+`conftest.launched` spawns them together when the first is needed, so their start-ups overlap (three single-threaded
+Python imports each); a server waiting idle takes no CPU."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ COMPACTION_ENV = {
     "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2", "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "48",
     "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1", "KVSCHED_COMPACTION_CAP_TOKENS": "1000",
     "KVSCHED_COMPACTION_RETRY_AFTER_S": "600", "KVSCHED_COMPACTION_CLIENT_STRATEGIES": "sliding_window,cap"}
+COMPACTION_TEMPLATE_ARGS = ["--trust-request-chat-template", "--enable-auto-tool-choice", "--tool-call-parser",
+                            "pythonic"]
 
 
 def package_specs(model: Path, recording: Path) -> dict[str, ServerSpec]:
@@ -26,8 +29,10 @@ def package_specs(model: Path, recording: Path) -> dict[str, ServerSpec]:
     specs = {
         "secure": ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48,
                              extra_args=["--api-key", *KEYS], env={**SECURE_ENV, "KVSCHED_RECORD_TRACE": str(recording)}),
+        # compaction's, and the strict chat templates' (test_compaction_templates sends its templates and tools; the
+        # flags change nothing for requests without them): one start-up for both modules
         "compaction": ServerSpec(model=model, scheduler="kvsched", max_model_len=COMPACTION_MAX_MODEL_LEN,
-                                 num_blocks=400, env=COMPACTION_ENV),
+                                 num_blocks=400, env=COMPACTION_ENV, extra_args=COMPACTION_TEMPLATE_ARGS),
         # stock vLLM for `kvsched bench replay`'s prompts (test_trace_replay): one engine block per trace block
         "replay": ServerSpec(model=model, scheduler=None, max_model_len=1024, block_size=32, num_blocks=64,
                              served_model_name="replay"),
@@ -36,3 +41,28 @@ def package_specs(model: Path, recording: Path) -> dict[str, ServerSpec]:
         specs["fp8_kv"] = ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48,
                                      extra_args=["--kv-cache-dtype", "fp8"])
     return specs
+
+
+# `vllm serve` commands that must fail at start (each imports vLLM first, ~15 CPU-seconds): run at once the first time
+# a module asks for one (conftest.failed_starts), so that 2 cores run two at a time; module -> name -> (argv, env).
+BAD_TIER_SIZES = [("-1", "finite number of GiB >= 0"), ("lots", "must be a number of GiB"),
+                  ("1000000", "exceeds this machine's host memory")]
+
+
+def failing_starts(model: Path) -> dict[str, tuple[list[str], dict[str, str] | None]]:
+    """`env` None: this process's environment; else the whole environment of the command."""
+    import os
+
+    from kvsched.serving import vllm_command
+
+    serve = [*vllm_command(), "serve", str(model)]
+    malformed = dict(os.environ, KVSCHED_INFER_SESSIONS="maybe", KVSCHED_COMPACTION_CLIENT_STRATEGIES="shrink",
+                     KVSCHED_CPU_ISA="sse9", KVSCHED_STORE_KV_TTL_S="-1")
+    starts: dict[str, tuple[list[str], dict[str, str] | None]] = {
+        "serve:malformed": ([*serve, "--scheduler", "kvsched"], malformed),  # test_serve
+        "serve:unknown": ([*serve, "--scheduler", "nonsense"], None),
+        **{f"tier:{value}": ([*serve, "--scheduler", "kvsched", "--kvsched-fp8-tier-gb", value], None)  # test_fp8_tier
+           for value, _ in BAD_TIER_SIZES}}
+    if cpu_features().fp8_kv_cache_refusal():  # test_fp8_kv, on a CPU that cannot hold an fp8 KV cache
+        starts["fp8_kv:refused"] = ([*serve, "--scheduler", "kvsched", "--kv-cache-dtype", "fp8"], None)
+    return starts

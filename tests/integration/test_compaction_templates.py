@@ -11,8 +11,6 @@ import pytest
 pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 
-from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
-from tests.integration.servers import COMPACTION_ENV, COMPACTION_MAX_MODEL_LEN  # noqa: E402
 from tests.integration.test_compaction import SYSTEM, compacted, metric, session_rows, text  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -36,15 +34,10 @@ TOOLS = [{"type": "function", "function": {"name": "search", "description": "sea
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    spec = ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=COMPACTION_MAX_MODEL_LEN, num_blocks=400,
-                      env=COMPACTION_ENV, extra_args=["--trust-request-chat-template", "--enable-auto-tool-choice",
-                                                      "--tool-call-parser", "pythonic"])
-    vllm = VllmServer(spec)
-    try:
-        yield vllm.start()
-    finally:
-        vllm.stop()
+def server(compaction_server):
+    """test_compaction's server (conftest; spec in servers.py): its flags take the templates and tools sent here. Every
+    check below compares counters before and after, and its sessions are its own."""
+    return compaction_server
 
 
 def post(server, messages, session, template, headers=None, **extra):

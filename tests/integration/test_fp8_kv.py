@@ -59,17 +59,14 @@ def test_retained_fp8_prefix_survives_a_flood_and_is_hit(fp8_server):
     assert rows["fp8-worker"]["hits"] >= 1 and stats["free_blocks"] + stats["pinned_blocks"] <= stats["total_blocks"]
 
 
-def test_an_fp8_cache_on_a_cpu_that_cannot_hold_one_fails_at_start_in_one_line(tiny_model_dir):
-    """On a CPU without AVX-512/AMX (skipped elsewhere: tests/adapters/vllm/test_compat.py covers the rule there)."""
-    import subprocess
-
+def test_an_fp8_cache_on_a_cpu_that_cannot_hold_one_fails_at_start_in_one_line(failed_starts):
+    """On a CPU without AVX-512/AMX (skipped elsewhere: tests/adapters/vllm/test_compat.py covers the rule there). Run
+    with the package's other start-ups that must fail (conftest.failed_starts; command in servers.py)."""
     from kvsched.ops.cpu_features import cpu_features
-    from kvsched.serving import vllm_command
 
     reason = cpu_features().fp8_kv_cache_refusal()
     if reason is None:
         pytest.skip("this CPU can hold an fp8 KV cache (AVX-512 or AMX), so nothing is refused")
-    proc = subprocess.run([*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched",
-                           "--kv-cache-dtype", "fp8"], capture_output=True, text=True, timeout=120)
+    proc = failed_starts["fp8_kv:refused"]
     assert proc.returncode == 2
     assert f"kvsched: {reason}" in proc.stderr.splitlines()

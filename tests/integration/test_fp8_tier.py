@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from kvsched.serving import ServerSpec, VllmServer, start_all, vllm_command  # noqa: E402
+from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
 from tests.cpu import cpu_features, require_fp8_kv_cache  # noqa: E402
-from tests.integration.procs import run_together  # noqa: E402
+from tests.integration.servers import BAD_TIER_SIZES  # noqa: E402
 
 pytestmark = pytest.mark.integration
 SYSTEM = "You are a careful research agent. Use the tools. " * 8
@@ -270,15 +270,11 @@ def test_an_fp8_kv_cache_is_tiered_as_is(servers):
     assert stats["tier_block_bytes"] == stats["kv_bytes_per_token"] * 32
 
 
-BAD_TIER_SIZES = [("-1", "finite number of GiB >= 0"), ("lots", "must be a number of GiB"),
-                  ("1000000", "exceeds this machine's host memory")]
-
-
-def test_a_bad_tier_size_fails_at_start_with_a_message(tiny_model_dir):
-    """Each bad value stops `vllm serve` at start with a message naming the flag (the three run at once)."""
-    done = run_together([[*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched",
-                          "--kvsched-fp8-tier-gb", value] for value, _ in BAD_TIER_SIZES])
-    for (value, message), proc in zip(BAD_TIER_SIZES, done, strict=True):
+def test_a_bad_tier_size_fails_at_start_with_a_message(failed_starts):
+    """Each bad value stops `vllm serve` at start with a message naming the flag (run at once with the package's other
+    start-ups that must fail: conftest.failed_starts; commands in servers.py)."""
+    for value, message in BAD_TIER_SIZES:
+        proc = failed_starts[f"tier:{value}"]
         assert proc.returncode != 0, value
         assert "--kvsched-fp8-tier-gb" in proc.stderr and message in proc.stderr, (value, proc.stderr[-2000:])
 

@@ -11,8 +11,7 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from kvsched.serving import ServerSpec, VllmServer, start_all, vllm_command  # noqa: E402
-from tests.integration.procs import run_together  # noqa: E402
+from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
 
 pytestmark = pytest.mark.integration
 KEY = "test-key"
@@ -178,21 +177,9 @@ def test_stock_vllm_without_the_flag_is_untouched(stock_server):
     assert not any(name.startswith("kvsched_") for name in stock_server.metrics())
 
 
-@pytest.fixture(scope="module")
-def failed_starts(tiny_model_dir):
-    """The two start-ups that must fail, run at once: malformed kvsched settings, and an unknown scheduler."""
-    import os
-
-    env = dict(os.environ, KVSCHED_INFER_SESSIONS="maybe", KVSCHED_COMPACTION_CLIENT_STRATEGIES="shrink",
-               KVSCHED_CPU_ISA="sse9", KVSCHED_STORE_KV_TTL_S="-1")
-    malformed, unknown = run_together([[*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "kvsched"],
-                                       [*vllm_command(), "serve", str(tiny_model_dir), "--scheduler", "nonsense"]],
-                                      timeout_s=120, envs=[env, None])
-    return {"malformed": malformed, "unknown": unknown}
-
-
 def test_a_malformed_kvsched_setting_stops_the_server_at_start_naming_it(failed_starts):
-    proc = failed_starts["malformed"]
+    """Run with the package's other start-ups that must fail (conftest.failed_starts; commands in servers.py)."""
+    proc = failed_starts["serve:malformed"]
     assert proc.returncode == 2
     assert "kvsched: KVSCHED_INFER_SESSIONS='maybe'" in proc.stderr
     assert "kvsched: KVSCHED_COMPACTION_CLIENT_STRATEGIES='shrink'" in proc.stderr
@@ -201,7 +188,7 @@ def test_a_malformed_kvsched_setting_stops_the_server_at_start_naming_it(failed_
 
 
 def test_unknown_scheduler_fails_at_start_with_the_choices(failed_starts):
-    proc = failed_starts["unknown"]
+    proc = failed_starts["serve:unknown"]
     assert proc.returncode != 0
     assert "unknown scheduler 'nonsense'; choose one of: kvsched, default" in proc.stderr
 

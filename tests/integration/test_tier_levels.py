@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 
 from kvsched.adapters.store.local_redis import LocalRedis, RedisUnavailable  # noqa: E402
 from kvsched.bench.delay_proxy import delayed  # noqa: E402
-from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
+from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
 
 pytestmark = pytest.mark.integration
 BLOCK = 32
@@ -105,12 +105,22 @@ def redis():
 
 
 # ---- the disk level ---------------------------------------------------------------------------------------------
+def launch_meanwhile(request, fixture):
+    """Launch a later test's servers now (the fixture launches them without waiting), so that their start-ups overlap
+    this test's own: one start-up alone leaves a core idle. None without a store (those tests skip)."""
+    try:
+        request.getfixturevalue(fixture)
+    except pytest.skip.Exception:
+        pass
+
+
 def test_a_restarted_engine_serves_its_sessions_next_turns_from_disk_and_never_a_torn_block(tiny_model_dir,
-                                                                                            tmp_path):
+                                                                                            tmp_path, request):
     disk = str(tmp_path / "kv")
     sessions = {f"disk-{i}": history(f"disk-{i}") for i in range(4)}
     reference = {}
     damaged = list(sessions)[-1]
+    launch_meanwhile(request, "replicas_launched")
     with VllmServer(spec(tiny_model_dir, "--kvsched-disk-tier-dir", disk)) as a:
         for sid, msgs in sessions.items():
             first, _ = chat(a, msgs, sid)
@@ -132,6 +142,7 @@ def test_a_restarted_engine_serves_its_sessions_next_turns_from_disk_and_never_a
     data = bytearray(flipped.read_bytes())
     data[-1] ^= 0x41
     flipped.write_bytes(bytes(data))
+    launch_meanwhile(request, "slow_store_replica")
     with VllmServer(spec(tiny_model_dir, "--kvsched-disk-tier-dir", disk)) as b:
         start = b.metrics()
         # every file the first engine left (its shutdown flushes the writes still queued), the damaged ones too:
@@ -161,15 +172,37 @@ def test_a_restarted_engine_serves_its_sessions_next_turns_from_disk_and_never_a
 
 # ---- the shared level -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def replicas(tiny_model_dir, redis):
+def replicas_launched(tiny_model_dir, redis):
+    """Two replicas sharing the store, launched together (their start-ups overlap, and the first test's too)."""
     b, c = (VllmServer(spec(tiny_model_dir, "--kvsched-store-url", redis.url,
                             env=COMPACTION_ENV | {"KVSCHED_REPLICA_NAME": name})) for name in ("b", "c"))
-    start_all([b, c])  # their start-ups overlap
     try:
+        b.launch()
+        c.launch()
         yield b, c
     finally:
         c.stop()
         b.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(replicas_launched):
+    for server in replicas_launched:
+        server.start()  # waits: launched already
+    return replicas_launched
+
+
+@pytest.fixture(scope="module")
+def slow_store_replica(tiny_model_dir, redis):
+    """A replica reading the store 10 ms away (a delaying proxy on loopback), launched (the first test launches it
+    with its restarted engine: their start-ups overlap); no request reaches it before its test."""
+    with delayed(redis.port, 0.010) as port:
+        d = VllmServer(spec(tiny_model_dir, "--kvsched-store-url", f"redis://127.0.0.1:{port}/0",
+                            env={"KVSCHED_REPLICA_NAME": "d"}))
+        try:
+            yield d.launch()
+        finally:
+            d.stop()
 
 
 def test_a_moved_session_keeps_its_kv_and_is_served_compacted_at_once(replicas, redis):
@@ -199,27 +232,24 @@ def test_a_moved_session_keeps_its_kv_and_is_served_compacted_at_once(replicas, 
 
 
 def test_a_moved_session_is_restored_through_a_slow_store_read_off_the_scheduler_thread(replicas, redis,
-                                                                                          tiny_model_dir):
+                                                                                          slow_store_replica):
     """The store 10 ms away (a delaying proxy on loopback): the first arrival's reads find it slow, and the next
     arrivals' reads run on the lookup thread, the request waiting for its answer; a moved session still gets its KV."""
     b, _ = replicas
-    with delayed(redis.port, 0.010) as port:
-        d = VllmServer(spec(tiny_model_dir, "--kvsched-store-url", f"redis://127.0.0.1:{port}/0",
-                            env={"KVSCHED_REPLICA_NAME": "d"}))
-        start_all([d])
-        try:
-            chat(d, history("warm-up", words=40), "warm-up")  # read inline: the store is found slow
-            msgs = history("moved-slow", words=120)
-            reply, _ = chat(b, msgs, "moved-slow")
-            last_prompt = reply.usage.prompt_tokens
-            msgs += [{"role": "assistant", "content": reply.choices[0].message.content},
-                     {"role": "user", "content": "tool result: " + "value " * 40}]
-            wait_store_stable(redis.url)
-            before = d.metrics()
-            reply, _ = chat(d, msgs, "moved-slow")
-            after = d.metrics()
-        finally:
-            d.stop()
+    d = slow_store_replica.start()  # waits: launched already
+    try:  # stopped when done (its memory back for the next tests)
+        chat(d, history("warm-up", words=40), "warm-up")  # read inline: the store is found slow
+        msgs = history("moved-slow", words=120)
+        reply, _ = chat(b, msgs, "moved-slow")
+        last_prompt = reply.usage.prompt_tokens
+        msgs += [{"role": "assistant", "content": reply.choices[0].message.content},
+                 {"role": "user", "content": "tool result: " + "value " * 40}]
+        wait_store_stable(redis.url)
+        before = d.metrics()
+        reply, _ = chat(d, msgs, "moved-slow")
+        after = d.metrics()
+    finally:
+        d.stop()
     assert after["kvsched_store_lookup_waits_total"] - before.get("kvsched_store_lookup_waits_total", 0) == 1
     assert after["kvsched_store_lookup_overdue_total"] == 0
     assert after["kvsched_moved_sessions_total"] - before.get("kvsched_moved_sessions_total", 0) == 1
