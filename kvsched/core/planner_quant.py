@@ -129,8 +129,10 @@ def compressed_tensors_split(raw: dict[str, Any], text: dict[str, Any], cfg: dic
         dtype = COMPRESSED_TENSORS.get((bits, kind), "") if type(bits) is int else ""
         if not dtype:
             return None
-        # compressed-tensors requires a group's targets; one without is read as llm-compressor's presets' ["Linear"]
-        for target in _strings(group.get("targets") or ["Linear"], f"targets of {gname}"):
+        # compressed-tensors requires a group's targets; one without is read as llm-compressor's presets' ["Linear"],
+        # an empty list as it is: no module (found by review: `or` read it as ["Linear"] too)
+        targets = group.get("targets")
+        for target in _strings(["Linear"] if targets is None else targets, f"targets of {gname}"):
             target_scheme[target] = (dtype, weights_layout(weights))
     targets = _Matcher(list(target_scheme), "targets")
     ignore = _Matcher(_strings(quant.get("ignore") or [], "ignore"), "ignore")

@@ -102,6 +102,20 @@ def test_expert_only_targets_of_a_moe_model():
     assert got == pytest.approx(linear * (share * FP8_ROW + (1 - share) * 2) + (2 * emb + norms) * 2, abs=2)
 
 
+def test_a_group_with_empty_targets_quantizes_nothing():
+    """`targets: []` matches no module in compressed-tensors (and vLLM: no layer takes the group's scheme). Found by
+    review: read as ["Linear"] like a group without the key, it counted Llama 3.1 8B's MLPs at int4 beside FP8
+    attention (6.35 GB for 14.72)."""
+    attention = ct([(["re:.*self_attn.*"], FP8_CHANNEL)], ["lm_head"])
+    with_empty = ct([(["re:.*self_attn.*"], FP8_CHANNEL), ([], W4A16)], ["lm_head"])
+    assert bytes_of(LLAMA31_8B, with_empty)[1] == bytes_of(LLAMA31_8B, attention)[1]
+    s, got = bytes_of(LLAMA31_8B, ct([([], FP8_CHANNEL)], ["lm_head"]))
+    assert got == s.params * 2  # every weight in 16 bits
+    without_key = ct([(["Linear"], FP8_CHANNEL)], ["lm_head"])
+    del without_key["config_groups"]["group_0"]["targets"]  # a group without the key still reads as ["Linear"]
+    assert bytes_of(LLAMA31_8B, without_key)[1] == bytes_of(LLAMA31_8B, ct([(["Linear"], FP8_CHANNEL)], ["lm_head"]))[1]
+
+
 def test_a_target_that_is_not_a_regular_expression_is_a_plan_error():
     with pytest.raises(PlanError, match="not a regular expression"):
         bytes_of(LLAMA31_8B, ct([(["re:.*self_attn(.*"], FP8_CHANNEL)], []))
