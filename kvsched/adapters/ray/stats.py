@@ -9,6 +9,7 @@ TTFT comes from vLLM's `vllm:time_to_first_token_seconds` histogram (bucket delt
   idle pool from 2 to 8 replicas).
 Both difference cumulative counts, and a restarted vLLM server's counts start over: a drop is a counter reset, and what
 the server counts after it is new (`kvsched.core.ttft_histogram.counter_increase`, as Prometheus's `rate()` takes it).
+A scrape missing some of the last one's buckets, none of its counts lower, is skipped (`lacks_buckets`).
 """
 
 from __future__ import annotations
