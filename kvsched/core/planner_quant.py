@@ -11,8 +11,8 @@ and one ignoring layers beyond lm_head (by name or regex) or mixing int4 and int
 
 The model's modules are named as Hugging Face's Llama-style decoders name them (`model.layers.N.self_attn.q_proj`,
 `.mlp.gate_proj`, MoE `.mlp.experts.E.up_proj` and `.mlp.shared_experts.` (Qwen2-MoE `.shared_expert.`), Mixtral's
-`.block_sparse_moe.experts.E.w1`; `model.language_model.` for a multimodal config's text model; `lm_head`,
-`model.embed_tokens`), with the parameter counts `planner_config.estimate_params` gives them (MLA's projections
+`.block_sparse_moe.experts.E.w1`; `model.language_model.` (or `language_model.model.`: `_naming`) for a multimodal
+config's text model; `lm_head`, `model.embed_tokens`), with the parameter counts `planner_config.estimate_params` gives them (MLA's projections
 counted as plain attention, routers and norms not at all). Pure functions of the config dict.
 """
 
@@ -81,8 +81,34 @@ def _strings(value: Any, what: str) -> list[str]:
     return items
 
 
-def _modules(cfg: dict[str, Any], multimodal: bool) -> Iterator[tuple[str, float]]:
-    """(name, parameters) of every decoder linear layer, in the terms `estimate_params` counts."""
+# Module names (decoder layers, lm_head, embeddings) of a text model, and of a multimodal one's text model as
+# transformers >= 4.52 names it, then as earlier versions did (Llava, Mistral3, Gemma3: `language_model.model.layers`,
+# `language_model.lm_head`): a checkpoint's targets and ignore name them as the version that quantized it did.
+TEXT_NAMES = ("model.layers", "lm_head", "model.embed_tokens")
+MULTIMODAL_NAMES = (("model.language_model.layers", "lm_head", "model.language_model.embed_tokens"),
+                    ("language_model.model.layers", "language_model.lm_head", "language_model.model.embed_tokens"))
+
+
+def _naming(cfg: dict[str, Any], multimodal: bool, entries: list[str]) -> tuple[str, str, str]:
+    """The naming under which more of the config's `entries` (targets and ignore) name a module; the newer on a tie.
+    Found by review: only the newer was read, so a checkpoint ignoring `language_model.lm_head` (Mistral Small 3.1's
+    FP8) was counted with its lm_head quantized, 0.5 GB short on an 8B text model (before: any ignore entry holding
+    "lm_head" kept it in 16 bits)."""
+    if not multimodal:
+        return TEXT_NAMES
+    names = [{n for n, _ in _modules(cfg, naming[0])} | set(naming[1:]) for naming in MULTIMODAL_NAMES]
+    regexes = [re.compile(e[3:]) for e in entries if e.startswith("re:")]  # valid: the matchers compiled them
+    exact = [e for e in entries if not e.startswith("re:")]
+
+    def hits(i: int) -> int:
+        return sum(e in names[i] for e in exact) + sum(any(r.match(n) for n in names[i]) for r in regexes)
+
+    return MULTIMODAL_NAMES[max(range(len(MULTIMODAL_NAMES)), key=lambda i: (hits(i), -i))]
+
+
+def _modules(cfg: dict[str, Any], prefix: str) -> Iterator[tuple[str, float]]:
+    """(name, parameters) of every decoder linear layer, its layers under `prefix`, in the terms `estimate_params`
+    counts."""
     h, layers = config_int(cfg, "hidden_size"), config_int(cfg, "num_hidden_layers")
     heads = config_int(cfg, "num_attention_heads")
     kv, hd = kv_heads_of(cfg, heads, cfg.get("model_type")), config_int(cfg, "head_dim", h // max(heads, 1))
@@ -94,7 +120,6 @@ def _modules(cfg: dict[str, Any], multimodal: bool) -> Iterator[tuple[str, float
     shared_name = "shared_expert" if cfg.get("model_type") == "qwen2_moe" else "shared_experts"
     moe_inter = config_int(cfg, "moe_intermediate_size", inter)
     shared = config_int(cfg, "n_shared_experts")
-    prefix = "model.language_model.layers" if multimodal else "model.layers"
     attention = (("q_proj", h * heads * hd), ("k_proj", h * kv * hd), ("v_proj", h * kv * hd), ("o_proj", h * heads * hd))
     for i in range(layers):
         layer = f"{prefix}.{i}"
@@ -129,11 +154,15 @@ def compressed_tensors_split(raw: dict[str, Any], text: dict[str, Any], cfg: dic
         dtype = COMPRESSED_TENSORS.get((bits, kind), "") if type(bits) is int else ""
         if not dtype:
             return None
-        # compressed-tensors requires a group's targets; one without is read as llm-compressor's presets' ["Linear"]
-        for target in _strings(group.get("targets") or ["Linear"], f"targets of {gname}"):
+        # compressed-tensors requires a group's targets; one without is read as llm-compressor's presets' ["Linear"],
+        # an empty list as it is: no module (found by review: `or` read it as ["Linear"] too)
+        targets = group.get("targets")
+        for target in _strings(["Linear"] if targets is None else targets, f"targets of {gname}"):
             target_scheme[target] = (dtype, weights_layout(weights))
     targets = _Matcher(list(target_scheme), "targets")
-    ignore = _Matcher(_strings(quant.get("ignore") or [], "ignore"), "ignore")
+    ignored = _strings(quant.get("ignore") or [], "ignore")
+    ignore = _Matcher(ignored, "ignore")
+    layers, head, embed = _naming(cfg, bool(raw.get("text_config")), [*target_scheme, *ignored])
 
     def scheme(name: str, classes: tuple[str, ...]) -> Scheme | None:
         target = targets.first(name, classes)
@@ -141,7 +170,7 @@ def compressed_tensors_split(raw: dict[str, Any], text: dict[str, Any], cfg: dic
 
     by_target: dict[str, float] = {}  # parameters by the target that picked their group
     total = 0.0
-    for name, n in _modules(cfg, bool(raw.get("text_config"))):
+    for name, n in _modules(cfg, layers):
         total += n
         picked = targets.first(name, LINEAR)
         if picked is not None and ignore.first(name, LINEAR) is None:
@@ -149,6 +178,5 @@ def compressed_tensors_split(raw: dict[str, Any], text: dict[str, Any], cfg: dic
     by_scheme: dict[Scheme, float] = {}
     for target, n in by_target.items():
         by_scheme[target_scheme[target]] = by_scheme.get(target_scheme[target], 0.0) + n
-    embed = "model.language_model.embed_tokens" if raw.get("text_config") else "model.embed_tokens"
     return QuantSplit(tuple((n / total, s) for s, n in by_scheme.items()) if total else (),
-                      scheme("lm_head", LINEAR), scheme(embed, EMBEDDING))
+                      scheme(head, LINEAR), scheme(embed, EMBEDDING))

@@ -69,3 +69,17 @@ class RankShares:
             tensor = self.world_size // self.stages
             return rank_budget * self.world_size * self.stage_layers[0] // (tensor * sum(self.stage_layers))
         return rank_budget * self.stage_layers[0] // max(self.stage_layers)
+
+    def host_budget_for(self, first_rank: int, host_ranks: int) -> int:
+        """The smallest host size (`rank_budget x host_ranks`, what --kvsched-fp8-tier-gb gives) whose
+        `first_rank_budget` holds `first_rank` bytes: one slot of a block of them. Found by review: the tier's warning
+        for a size holding no slot asked for the first rank's block on each rank, which holds none when a later stage
+        has more layers or the stages' sum exceeds the first's times their number."""
+        if not self.stage_layers:
+            return first_rank * host_ranks
+        if host_ranks >= self.world_size:
+            tensor = self.world_size // self.stages
+            need, per = first_rank * tensor * sum(self.stage_layers), self.world_size * self.stage_layers[0]
+        else:
+            need, per = first_rank * max(self.stage_layers), self.stage_layers[0]
+        return -(-need // per) * host_ranks  # each rank's budget rounded up to the whole byte that holds the slot

@@ -97,6 +97,15 @@ def counter_increase(before: Histogram, now: Histogram) -> dict[float, float]:
     return dict(now) if reset else {b: c - before.get(b, 0.0) for b, c in now.items()}
 
 
+def lacks_buckets(before: Histogram, now: Histogram) -> bool:
+    """Whether `now` is a scrape missing some of `before`'s buckets, not a counter reset (no count below `before`'s):
+    an incomplete scrape, whose counts cannot be differenced bucket by bucket (found by review: `counter_increase` read
+    it as a restart with other bounds, so the server's whole history counted as new, in that scrape's increase and
+    again in the next one's). Holding the missing buckets at their last counts is no cure either: the next scrape's
+    increase in them then spans two scrapes, the others' one."""
+    return bool(before) and not set(before) <= set(now) and all(c >= before[b] for b, c in now.items() if b in before)
+
+
 def add_counts(total: Histogram, increase: Histogram) -> dict[float, float]:
     """A running total of increases (`counter_increase`), which never starts over when the server's counters do. An
     increase over other bounds than the total's (the server restarted with other buckets) starts the total over:

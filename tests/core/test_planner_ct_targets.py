@@ -102,6 +102,53 @@ def test_expert_only_targets_of_a_moe_model():
     assert got == pytest.approx(linear * (share * FP8_ROW + (1 - share) * 2) + (2 * emb + norms) * 2, abs=2)
 
 
+def test_a_group_with_empty_targets_quantizes_nothing():
+    """`targets: []` matches no module in compressed-tensors (and vLLM: no layer takes the group's scheme). Found by
+    review: read as ["Linear"] like a group without the key, it counted Llama 3.1 8B's MLPs at int4 beside FP8
+    attention (6.35 GB for 14.72)."""
+    attention = ct([(["re:.*self_attn.*"], FP8_CHANNEL)], ["lm_head"])
+    with_empty = ct([(["re:.*self_attn.*"], FP8_CHANNEL), ([], W4A16)], ["lm_head"])
+    assert bytes_of(LLAMA31_8B, with_empty)[1] == bytes_of(LLAMA31_8B, attention)[1]
+    s, got = bytes_of(LLAMA31_8B, ct([([], FP8_CHANNEL)], ["lm_head"]))
+    assert got == s.params * 2  # every weight in 16 bits
+    without_key = ct([(["Linear"], FP8_CHANNEL)], ["lm_head"])
+    del without_key["config_groups"]["group_0"]["targets"]  # a group without the key still reads as ["Linear"]
+    assert bytes_of(LLAMA31_8B, without_key)[1] == bytes_of(LLAMA31_8B, ct([(["Linear"], FP8_CHANNEL)], ["lm_head"]))[1]
+
+
+def multimodal(quant):
+    """Llama 3.1 8B's shapes as a Mistral3-style multimodal config's text model."""
+    return {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3",
+            "text_config": {**LLAMA31_8B, "model_type": "mistral"}, "vision_config": {"hidden_size": 1024},
+            "quantization_config": quant}
+
+
+@pytest.mark.parametrize("ignore", [
+    ["language_model.lm_head", "re:vision_tower.*", "re:multi_modal_projector.*"],  # transformers < 4.52's names
+    ["lm_head", "re:vision_tower.*", "re:multi_modal_projector.*"],  # >= 4.52's
+    ["re:.*lm_head"],
+])
+def test_a_multimodal_checkpoints_ignore_names_its_modules_as_it_was_quantized(ignore):
+    """Found by review: a multimodal checkpoint quantized under transformers < 4.52 names its text model's modules
+    `language_model.model.layers.N...` and its head `language_model.lm_head`; only the newer names were read, so
+    ignoring `language_model.lm_head` (as Mistral Small 3.1's FP8 checkpoint does) counted the head at FP8: 8.56 GB
+    for 9.08 (before 0112849 any ignore entry holding "lm_head" kept it in 16 bits)."""
+    s = ModelShape.from_hf_config(multimodal(ct([(["Linear"], FP8_CHANNEL)], ignore)))
+    assert s.quant_split.lm_head is None
+    assert weight_bytes(s, s.weight_dtype) == bytes_of(LLAMA31_8B, ct([(["Linear"], FP8_CHANNEL)], ["lm_head"]))[1]
+
+
+def test_a_multimodal_checkpoints_older_layer_names_are_matched():
+    """Attention-only targets by a regex of the older names: as by the newer ones, the MLPs in 16 bits."""
+    old = ct([(["re:language_model\\.model\\.layers\\.\\d+\\.self_attn.*"], FP8_CHANNEL)],
+             ["language_model.lm_head"])
+    new = ct([(["re:model\\.language_model\\.layers\\.\\d+\\.self_attn.*"], FP8_CHANNEL)],
+             ["lm_head"])
+    got = [ModelShape.from_hf_config(multimodal(q)) for q in (old, new)]
+    assert [weight_bytes(s, s.weight_dtype) for s in got] == [bytes_of(LLAMA31_8B, ct([(["re:.*self_attn.*"],
+                                                                        FP8_CHANNEL)], ["lm_head"]))[1]] * 2
+
+
 def test_a_target_that_is_not_a_regular_expression_is_a_plan_error():
     with pytest.raises(PlanError, match="not a regular expression"):
         bytes_of(LLAMA31_8B, ct([(["re:.*self_attn(.*"], FP8_CHANNEL)], []))

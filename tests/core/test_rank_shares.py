@@ -47,3 +47,18 @@ def test_each_stages_ranks_and_their_bytes() -> None:
     assert RankShares(4, (7, 8, 8, 7)).rank_bytes(7000) == ((1, 7000), (1, 8000), (1, 8000), (1, 7000))
     assert RankShares(4, (14, 13)).rank_bytes(14_000) == ((2, 14_000), (2, 13_000))
     assert RankShares(2).rank_bytes(5) == ((2, 5),)
+
+
+@pytest.mark.parametrize(("shares", "host_ranks"), [(RankShares(1), 1), (RankShares(4), 4), (RankShares(4), 2),
+                                                    (RankShares(4, (2, 3)), 4), (RankShares(4, (2, 3)), 2),
+                                                    (RankShares(4, (14, 13)), 4), (RankShares(4, (7, 8, 8, 7)), 4),
+                                                    (RankShares(4, (7, 8, 8, 7)), 1)])
+def test_the_least_host_budget_holds_one_slot_and_a_byte_less_per_rank_none(shares, host_ranks) -> None:
+    """What the tier's warning asks for when the size given holds no slot (it asked for the first rank's block on each
+    rank: 4 x 6,000 bytes for 2 + 3 layers on 4 ranks of a host, which hold none of the engine's 30,000)."""
+    for block in (6000, 6001, 7):
+        least = shares.host_budget_for(block, host_ranks)
+        assert least % host_ranks == 0
+        assert shares.first_rank_budget(least // host_ranks, host_ranks) >= block
+        assert shares.first_rank_budget(least // host_ranks - 1, host_ranks) < block
+    assert RankShares(4, (2, 3)).host_budget_for(6000, 4) == 30_000

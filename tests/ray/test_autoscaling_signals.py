@@ -176,3 +176,31 @@ def test_a_restarted_engines_first_tokens_count_from_zero() -> None:
     now[0] = 20.0
     st.update(ttft_metrics({0.1: 30, 5.0: 40}), None)  # then 30 fast ones on the new server: no reset, a difference
     assert st.ttft_p95_s == pytest.approx(0.095) and st.fresh_ttft_p95() == pytest.approx(0.095)
+
+
+def test_a_scrape_missing_a_bucket_is_no_counter_reset() -> None:
+    """Found by review: a scrape lacking one of the previous scrape's bounds read as a restart (other bounds), so the
+    server's whole history counted as new twice (that scrape and the next, whose bounds differed again): 500 slow
+    first tokens of long ago were the P95 (4.87 s) of a replica serving 30 fast ones. Such a scrape is skipped: its
+    first tokens count in the next complete scrape's increase; missing for longer than `hold_s`, it is the layout."""
+    from kvsched.adapters.ray.stats import ReplicaStats
+
+    now = [0.0]
+    st = ReplicaStats("http://x", clock=lambda: now[0], hold_s=60.0)
+    st.update(ttft_metrics({5.0: 500}), None)
+    assert st.fresh_ttft_p95() == pytest.approx(2.5 + 2.5 * 0.95)  # 500 slow ones, reported
+    now[0] = 10.0
+    partial = "\n".join(line for line in ttft_metrics({0.1: 30, 5.0: 500}).splitlines() if 'le="1.0"' not in line)
+    st.update(partial + "\n", None)  # 30 fast ones since; the 1.0 bucket missing from this scrape
+    assert st.ttft_p95_s == pytest.approx(2.5 + 2.5 * 0.95) and st.fresh_ttft_p95() is None  # held; none counted yet
+    assert set(st.ttft_buckets) == {*BOUNDS, float("inf")}  # the fleet's windows keep one layout
+    now[0] = 20.0
+    st.update(ttft_metrics({0.1: 60, 5.0: 500}), None)  # it is back: 60 fast ones since the slow ones
+    assert st.ttft_p95_s == pytest.approx(0.095) and st.fresh_ttft_p95() == pytest.approx(0.095)
+    now[0] = 30.0
+    st.update(ttft_metrics({5.0: 40}), None)  # a real restart (counts below the last ones) still is one
+    assert st.ttft_p95_s == pytest.approx(2.5 + 2.5 * 0.95)
+    for t in (40.0, 100.0, 101.0):  # restarted without the 1.0 bucket for good: its layout after `hold_s`
+        now[0] = t
+        st.update("\n".join(x for x in ttft_metrics({0.1: 30, 5.0: 40}).splitlines() if 'le="1.0"' not in x), None)
+    assert 1.0 not in st.ttft_buckets and st.ttft_p95_s is not None

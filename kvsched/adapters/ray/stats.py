@@ -9,6 +9,7 @@ TTFT comes from vLLM's `vllm:time_to_first_token_seconds` histogram (bucket delt
   idle pool from 2 to 8 replicas).
 Both difference cumulative counts, and a restarted vLLM server's counts start over: a drop is a counter reset, and what
 the server counts after it is new (`kvsched.core.ttft_histogram.counter_increase`, as Prometheus's `rate()` takes it).
+A scrape missing some of the last one's buckets, none of its counts lower, is skipped (`lacks_buckets`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvsched.core.ttft_histogram import add_counts, counter_increase, histogram_quantile
+from kvsched.core.ttft_histogram import add_counts, counter_increase, histogram_quantile, lacks_buckets
 
 TTFT_BUCKET = "vllm:time_to_first_token_seconds_bucket"
 # First tokens a fresh P95 needs before it counts: with fewer, the "P95" is the slowest one or two (found by review:
@@ -69,6 +70,7 @@ class ReplicaStats:
     _last_buckets: dict[float, float] = field(default_factory=dict)  # as last scraped
     _counted: dict[float, float] = field(default_factory=dict)  # every scrape's increase added up (resets taken out)
     _ttft_at: float = -math.inf
+    _complete_at: float = -math.inf  # when a scrape last had every bucket of the one before (`lacks_buckets`)
     _reported_buckets: dict[float, float] = field(default_factory=dict)  # `_counted` at the last fresh P95
     _reported_at: float = -math.inf
 
@@ -76,12 +78,15 @@ class ReplicaStats:
         scrape = read_metrics(metrics_text)
         self.queue_depth = scrape.gauges.get("vllm:num_requests_waiting", 0.0)
         self.running = scrape.gauges.get("vllm:num_requests_running", 0.0)
-        buckets = scrape.ttft_buckets
+        buckets, now = scrape.ttft_buckets, self.clock()
+        if lacks_buckets(self._last_buckets, buckets) and now - self._complete_at <= self.hold_s:
+            buckets = self._last_buckets  # skipped: its first tokens count in the next complete scrape's increase
+        else:  # complete, a reset, or missing buckets for longer than `hold_s` (the server's new layout)
+            self._complete_at = now
         delta = counter_increase(self._last_buckets, buckets)
         self._last_buckets = buckets
         self._counted = add_counts(self._counted, delta)
         p95 = histogram_quantile(delta, 0.95)
-        now = self.clock()
         if p95 is not None:
             self.ttft_p95_s, self._ttft_at = p95, now
         elif now - self._ttft_at > self.hold_s:

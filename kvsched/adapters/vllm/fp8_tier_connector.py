@@ -120,7 +120,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             elif self.levels_cfg.enabled:
                 logger.warning("kvsched disk/shared tier levels need the FP8 tier (they restore through it); off")
             tier_host.log_start(self.disabled_reason, self.geometry, budget, requested is None, self.num_slots,
-                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}", ranks)
+                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}", ranks, shares.host_budget_for(block_bytes, ranks))
 
     @property
     def enabled(self) -> bool:

@@ -10,6 +10,7 @@ memory as a total and given to every rank whole, so at TP=8 a 400 GiB tier on a 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from kvsched.adapters.vllm.tier_layout import TierGeometry
@@ -99,16 +100,17 @@ def layout_name(vllm_config: Any, kv_cache_config: Any) -> str | None:
 
 
 def log_start(disabled: str, geometry: TierGeometry | None, budget: int, auto: bool, num_slots: int,
-              setting: str, ranks: int = 1) -> None:
+              setting: str, ranks: int = 1, least: int | None = None) -> None:
     """The tier's one start-up line: why it is off, or its size (and the rule or `setting` that gave it; one rank's
-    `budget`, on each of `ranks` on this host) and layout."""
+    `budget`, on each of `ranks` on this host) and layout. `least`: the host's bytes that hold one slot (default: a
+    block on each of `ranks`; pipeline stages: RankShares.host_budget_for)."""
     if disabled or geometry is None:
         logger.warning("kvsched FP8 tier disabled: %s", disabled)
         return
     if num_slots == 0:  # found by review: a size below one block (e.g. 1e-12 GiB) ran without a tier, silently
         logger.warning("kvsched FP8 tier disabled: %d bytes (%s) hold no block of this model's %d bytes; give at "
                        "least %.6f GiB, or 0 to turn it off", budget, "auto: " + AUTO_RULE if auto else setting,
-                       geometry.block_bytes, geometry.block_bytes * ranks / 2**30)
+                       geometry.block_bytes, math.ceil((least or geometry.block_bytes * ranks) / 2**30 * 1e6) / 1e6)
         return
     each = f", {budget / 2**30:.2f} GiB on each of this engine's {ranks} ranks on this host" if ranks > 1 else ""
     logger.info("kvsched FP8 tier: %.2f GiB of host memory (%s)%s, %d slots of %d bytes; %s layout, %s (%d layers, %d "

@@ -34,7 +34,8 @@ def test_the_stages_layers_are_vllms_own_partition(monkeypatch) -> None:
     assert shares(27, 2, 4).stage_layers == (10, 17)
 
 
-def pp_connector(harness_cfg, monkeypatch, layers: int, partition: str | None = None, host_ranks: int = 4):
+def pp_connector(harness_cfg, monkeypatch, layers: int, partition: str | None = None, host_ranks: int = 4,
+                 gib: float = 0.01):
     """The tier connector's scheduler side (and its scheduler) of a TP=2 x PP=2 engine, `host_ranks` of its 4 ranks on
     a host of 64 GiB, whose stage 0 holds the harness' 2 layers."""
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
@@ -47,7 +48,7 @@ def pp_connector(harness_cfg, monkeypatch, layers: int, partition: str | None = 
         monkeypatch.delenv("VLLM_PP_LAYER_PARTITION", raising=False)
     monkeypatch.setattr(tier_host, "host_memory", lambda: (64 * GIB, 64 * GIB))
     monkeypatch.setattr(tier_host, "ranks_on_host", lambda parallel: host_ranks)
-    s = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)))
+    s = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(gib)))
     cfg = s.connector.engine_config
     for parallel in (cfg.parallel_config, s.vllm_config.parallel_config):  # the connector's is a copy
         monkeypatch.setattr(parallel, "world_size", 4)
@@ -89,6 +90,22 @@ def test_ranks_on_other_hosts_keep_each_rank_within_its_share(harness_cfg, monke
     block, share = c.geometry.block_bytes, int(0.01 * GIB) // 2
     assert c.num_slots == share * 2 // 3 // block
     assert c.tier_stats()["tier_rank_capacity_bytes"] == c.num_slots * block * 3 // 2 <= share
+
+
+@pytest.mark.parametrize("host_ranks", [4, 2])
+def test_a_size_below_one_slot_names_the_size_that_holds_one(harness_cfg, monkeypatch, caplog, host_ranks) -> None:
+    """Found by review: the warning asked for stage 0's block on each of the host's ranks, which holds no slot of 2 + 3
+    layers: the engine's slot takes 5 of those blocks, not 4 (every rank on the host), the second stage's ranks 1.5
+    each (2 of the 4 ranks on the host). The size it names (rounded up to 1e-6 GiB) holds a slot, 2e-6 GiB less none."""
+    import re
+
+    with caplog.at_level("WARNING", logger="vllm.kvsched.fp8_tier"):
+        c, _ = pp_connector(harness_cfg, monkeypatch, 5, "2,3", host_ranks, gib=1e-6)
+    said = [m for r in caplog.records if "hold no block" in (m := r.getMessage())]
+    assert c.num_slots == 0 and said
+    least = float(re.search(r"give at least ([0-9.]+) GiB", said[-1])[1])
+    assert pp_connector(harness_cfg, monkeypatch, 5, "2,3", host_ranks, gib=least)[0].num_slots == 1
+    assert pp_connector(harness_cfg, monkeypatch, 5, "2,3", host_ranks, gib=least - 2e-6)[0].num_slots == 0
 
 
 def test_kv_bytes_per_token_count_each_stages_own_layers(harness_cfg, monkeypatch) -> None:
