@@ -103,8 +103,25 @@ def make(clock: list[float], **cfg: float) -> RetentionPolicy:
     return RetentionPolicy(RetentionConfig(**cfg), lambda: clock[0], total_blocks=100, bytes_per_token=1.0)
 
 
-def test_policy_off_by_default_has_no_model():
-    assert make([0.0]).returns is None
+def test_policy_off_by_default_pins_every_turn_while_it_learns():
+    """No threshold: the model only learns (a first turn's value, `ReleaseValues.weight_of`); it skips no pin, even
+    of a class that never comes back."""
+    clock = [0.0]
+    p = make(clock)
+    for i in range(30):
+        k = key(f"s{i}")
+        p.request_arrived(k, TurnHints())
+        p.turn_started(k, 0)
+        assert p.turn_finished(k, TurnHints(), 160, 10) == [Pin(k)]
+        clock[0] += 2.0
+        p.expire()
+    clock[0] += 31.0
+    p.expire()
+    k = key("late")
+    p.request_arrived(k, TurnHints())
+    p.turn_started(k, 0)
+    assert p.turn_finished(k, TurnHints(), 160, 10) == [Pin(k)]
+    assert p.returns.skipped == 0 and p.returns.estimate(return_class(1, 10, None)) < 0.1
 
 
 def test_policy_skips_the_pin_of_an_unlikely_class():
