@@ -172,3 +172,21 @@ def test_threshold_setting_refused_when_malformed(raw):
 def test_threshold_setting_parsed():
     assert RetentionConfig.from_env({"KVSCHED_RETURN_THRESHOLD": "0.35"}).return_threshold == 0.35
     assert RetentionConfig.from_env({}).return_threshold is None
+
+
+def test_policy_without_a_threshold_awaits_first_turns_only():
+    """The value reads first turns' shares alone: a later turn is not awaited (it cost ~10 us a turn)."""
+    clock = [0.0]
+    for threshold, awaited in ((None, 0), (0.2, 1)):
+        p = make(clock) if threshold is None else make(clock, return_threshold=threshold)
+        k = key("two-turns")
+        for cached in (0, 160):
+            p.request_arrived(k, TurnHints())
+            p.turn_started(k, cached)
+            p.turn_finished(k, TurnHints(), 320, 20)
+            clock[0] += 1.0
+        assert p.returns.awaited == awaited and p.returns.total.outcomes == 0
+        assert p.returns.by_turn == {}  # the first turn's return is counted at its horizon
+        clock[0] += 31.0
+        p.returns.settle(clock[0])
+        assert p.returns.by_turn[1].returns == 1 and (2 in p.returns.by_turn) == bool(awaited)
