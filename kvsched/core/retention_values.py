@@ -3,6 +3,14 @@
 The value is `kvsched.core.scoring.value_of`, fed with the session's expected time to its next turn given how long it
 has been idle (the gap model of `kvsched.core.next_use`), its role weight and its hits. A mixin of `RetentionPolicy`
 (`kvsched.core.retention`), which holds the state read here.
+
+A first turn's chance of a return is learned, not Laplace's 1/2: the gap model holds only the gaps of sessions that
+came back, so a fresh first turn (idle 0) was credited with all of them, quick ones included, while a conversation
+idle past the quick gaps was left with the long ones; where most first turns never return (Mooncake conversation:
+69% of sessions are single-turn) a one-shot's pin outranked a live conversation's after under a second of idle
+(stop 49; tests/core/test_retention_first_turns.py). Its weight carries the share of first turns of its size class
+that came back within the horizon (`kvsched.core.return_model`, shrunk to the turn index's), over the formula's
+Laplace term, so the kernels' formula is unchanged.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from collections.abc import Callable, Mapping
 from kvsched.core.config import RetentionConfig
 from kvsched.core.next_use import GapModel
 from kvsched.core.retention_records import SessionRecord
+from kvsched.core.return_model import ReturnModel, return_class
 from kvsched.core.scoring import Candidate, value_of
 from kvsched.core.sessions import SessionKey
 
@@ -24,6 +33,7 @@ class ReleaseValues:
     bytes_per_token: float
     sessions: Mapping[SessionKey, SessionRecord]
     gaps: GapModel
+    returns: ReturnModel
 
     GAP_WINDOW = 256  # gaps remembered per class (role; role and burst phase)
     MIN_TAIL_SAMPLES = 3  # gaps longer than the idle time needed to trust a class's mean residual wait
@@ -59,9 +69,15 @@ class ReleaseValues:
                         rec.hits)
 
     def weight_of(self, rec: SessionRecord) -> float:
-        """Role weight; x inferred_first_turn_weight for an inferred session nothing has continued yet (a one-shot?)."""
+        """Role weight; for a first turn x its class's learned return share over Laplace's term for its hits (the
+        formula's p_reuse becomes the learned share: 1 while nothing is learned, the model's prior being 1/2), and x
+        inferred_first_turn_weight for an inferred session nothing has continued yet (a one-shot?)."""
         w = self.config.role_weight(rec.role)
-        return w * self.config.inferred_first_turn_weight if rec.key.inferred and rec.turns <= 1 else w
+        if rec.turns > 1:
+            return w
+        learned = self.returns.estimate(return_class(1, rec.pinned_blocks, None))
+        w *= learned * (rec.hits + 2.0) / (rec.hits + 1.0)
+        return w * self.config.inferred_first_turn_weight if rec.key.inferred else w
 
     def candidate(self, rec: SessionRecord, now: float) -> Candidate:
         idle = max(now - rec.last_finished, 0.0) if rec.last_finished is not None else 0.0  # (0.0 is a time)
@@ -73,7 +89,7 @@ class ReleaseValues:
         """The session's retention value now (the release order's key, lowest released first). Kept on the record
         while its version, the time and the gap model's epoch stay: a decision keys the changed sessions, then scores
         the heap's top again at the same time (and the simulator's consecutive decisions often share their time)."""
-        epoch = self.gaps.epoch
+        epoch = self.gaps.epoch + self.returns.total.outcomes  # either model learning something changes values
         if rec.scored_at == now and rec.scored_version == rec.version and rec.scored_epoch == epoch:
             return rec.scored_value
         value = self._value(rec, now, rec.pinned_tokens, self.bytes_per_token)

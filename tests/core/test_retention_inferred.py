@@ -62,7 +62,9 @@ def test_which_goes_first_a_conversation_or_a_fresh_one_shot_depends_on_how_long
     """Why the integration test's flood asks for no retention: against another tenant's fresh one-shot pin, the
     conversation's pin (named or inferred alike) is kept while it idles briefly and goes first once it idles past the
     gaps the server has seen (its expected next use grows with its idle time), long before its 30 s TTL. How long
-    that is depends on the server's history: seconds on a fresh server, a second after a few long gaps."""
+    that is depends on the server's history: seconds on a fresh server, a second after a few long gaps. (Every first
+    turn of these histories came back within the TTL: a fresh one likely does too. Where most never do, the
+    conversation stays: tests/core/test_retention_first_turns.py.)"""
     for conversation in (NAMED, INFERRED):
         first = {name: [scene(type(clock)(clock.now), conversation, gaps, idle)[1][0] == conversation
                         for idle in IDLE_S] for name, gaps in HISTORIES.items()}

@@ -103,8 +103,25 @@ def make(clock: list[float], **cfg: float) -> RetentionPolicy:
     return RetentionPolicy(RetentionConfig(**cfg), lambda: clock[0], total_blocks=100, bytes_per_token=1.0)
 
 
-def test_policy_off_by_default_has_no_model():
-    assert make([0.0]).returns is None
+def test_policy_off_by_default_pins_every_turn_while_it_learns():
+    """No threshold: the model only learns (a first turn's value, `ReleaseValues.weight_of`); it skips no pin, even
+    of a class that never comes back."""
+    clock = [0.0]
+    p = make(clock)
+    for i in range(30):
+        k = key(f"s{i}")
+        p.request_arrived(k, TurnHints())
+        p.turn_started(k, 0)
+        assert p.turn_finished(k, TurnHints(), 160, 10) == [Pin(k)]
+        clock[0] += 2.0
+        p.expire()
+    clock[0] += 31.0
+    p.expire()
+    k = key("late")
+    p.request_arrived(k, TurnHints())
+    p.turn_started(k, 0)
+    assert p.turn_finished(k, TurnHints(), 160, 10) == [Pin(k)]
+    assert p.returns.skipped == 0 and p.returns.estimate(return_class(1, 10, None)) < 0.1
 
 
 def test_policy_skips_the_pin_of_an_unlikely_class():
@@ -155,3 +172,21 @@ def test_threshold_setting_refused_when_malformed(raw):
 def test_threshold_setting_parsed():
     assert RetentionConfig.from_env({"KVSCHED_RETURN_THRESHOLD": "0.35"}).return_threshold == 0.35
     assert RetentionConfig.from_env({}).return_threshold is None
+
+
+def test_policy_without_a_threshold_awaits_first_turns_only():
+    """The value reads first turns' shares alone: a later turn is not awaited (it cost ~10 us a turn)."""
+    clock = [0.0]
+    for threshold, awaited in ((None, 0), (0.2, 1)):
+        p = make(clock) if threshold is None else make(clock, return_threshold=threshold)
+        k = key("two-turns")
+        for cached in (0, 160):
+            p.request_arrived(k, TurnHints())
+            p.turn_started(k, cached)
+            p.turn_finished(k, TurnHints(), 320, 20)
+            clock[0] += 1.0
+        assert p.returns.awaited == awaited and p.returns.total.outcomes == 0
+        assert p.returns.by_turn == {}  # the first turn's return is counted at its horizon
+        clock[0] += 31.0
+        p.returns.settle(clock[0])
+        assert p.returns.by_turn[1].returns == 1 and (2 in p.returns.by_turn) == bool(awaited)

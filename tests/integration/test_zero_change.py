@@ -24,7 +24,8 @@ def flood(server, n=4, key=KEYS[1]):
     leaves of the 47-block pool, so the pool evicts everything unpinned (stock vLLM: the conversation's history too).
     Each is its session's last turn (X-Session-End), so it pins nothing: a pinned one-shot (a headerless one is an
     inferred session) competes with the conversation's pin, and which goes first depends on wall-clock time (a pin
-    idle past the gaps the server has seen sinks below a fresh one, by design: `RetentionPolicy.expected_next_use_s`).
+    idle past the gaps the server has seen sinks below a fresh one while first turns are seen to come back:
+    `RetentionPolicy.expected_next_use_s`, `ReleaseValues.weight_of`).
     Found on a loaded AVX2 machine: the flood outlasted that, and the inferred conversation lost 13 of its 17 blocks
     to the one-shots while the named control, run right after, lost none. The ranking against pinned one-shots is shown
     on a fake clock: the test of the same name in tests/adapters/vllm/test_session_lineage.py, and
