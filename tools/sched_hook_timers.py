@@ -2,14 +2,16 @@
 
     python tools/sched_hook_timers.py [SESSIONS] [STEPS]      (default 10000 sessions, 300 steps; kvsched side only)
 
-Wraps the hooks (and the policy, pin and payback calls under them) with perf_counter timers and prints us per step and
-per call. Each wrapper adds ~0.3 us per call, so nested figures read a little high; the figures are a profile, not a
-benchmark: `kvsched bench sched` gives the ratio against stock. Used for BENCHMARKS.md's "The 10,000 tier: where its
-cost is" and for the payback ghost's per-turn costs (with KVSCHED_PAYBACK_SAMPLING=8 in the environment).
+Wraps the hooks (and the policy, pin, lineage, payback and vLLM block-pool calls under them) with perf_counter timers
+and prints us per step and per call. Each wrapper adds ~0.3 us per call, so nested figures read a little high; the
+figures are a profile, not a benchmark: `kvsched bench sched` gives the ratio against stock. Used for BENCHMARKS.md's
+"The 10,000 tier: where its cost is" and for the payback ghost's per-turn costs (with KVSCHED_PAYBACK_SAMPLING=8 in
+the environment).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -20,6 +22,7 @@ def main() -> int:
     sessions = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
     steps = int(sys.argv[2]) if len(sys.argv) > 2 else 300
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    from kvsched.adapters.vllm import compat, session_lineage
     from kvsched.adapters.vllm.harness import KVSCHED_SCHEDULER
     from kvsched.bench.sched import _Round
     from kvsched.tiny_model import ensure_tiny_model
@@ -28,6 +31,20 @@ def main() -> int:
     pins = rnd.s.kvsched
     policy = pins.policy
     spent: dict[str, list[float]] = {}
+
+    def wrapped(fn: Any, label: str) -> Any:
+        """`fn` timed under `label` (a module function or a bound method held by an instance)."""
+        cell = spent.setdefault(label, [0.0, 0])
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cell[0] += time.perf_counter() - t
+                cell[1] += 1
+
+        return wrapper
 
     def timed(owner: Any, name: str, label: str) -> None:
         cls = type(owner)  # on the class: several of these objects have __slots__
@@ -44,18 +61,30 @@ def main() -> int:
 
         setattr(cls, name, wrapper)
 
-    timed(pins, "on_scheduled", "on_scheduled (turn starts)")
-    timed(pins, "on_request_finished", "on_request_finished (turn ends)")
-    timed(pins.pins, "turn_started", "  pins.turn_started")
-    timed(pins.pins, "turn_finished", "  pins.turn_finished")
-    timed(pins.pins, "enforce_budget", "  pins.enforce_budget")
-    timed(pins.pins, "unpin", "    pins.unpin")
-    timed(pins.resolver, "finished", "  resolver.finished (lineage)")
-    timed(policy, "turn_started", "    policy.turn_started")
-    timed(policy, "turn_finished", "    policy.turn_finished")
+    # Printed in this order, nested as they call each other (a label's figure includes those indented under it).
     timed(pins, "on_request_added", "on_request_added (turn arrives)")
+    timed(pins.resolver, "resolve", "  resolver.resolve (lineage)")
+    compat.request_session = wrapped(compat.request_session, "    compat.request_session")
+    session_lineage.tail_of = wrapped(session_lineage.tail_of, "    tail_of (the prompt's tail)")
+    timed(pins.resolver.lineage, "named", "    lineage.named")
     timed(policy, "request_arrived", "  policy.request_arrived")
+    timed(pins, "on_scheduled", "on_scheduled (turn starts)")
+    timed(pins.pins, "turn_started", "  pins.turn_started")
+    timed(policy, "turn_started", "    policy.turn_started")
+    timed(policy, "_observe_gap", "      policy._observe_gap")
+    timed(policy, "_release", "      policy._release (any reason)")
+    timed(pins, "on_request_finished", "on_request_finished (turn ends)")
+    compat.reusable_prefix_blocks = wrapped(compat.reusable_prefix_blocks, "  compat.reusable_prefix_blocks")
+    timed(pins.pins, "turn_finished", "  pins.turn_finished")
+    timed(policy, "turn_finished", "    policy.turn_finished")
+    timed(pins.pins, "repin", "    pins.repin")
+    timed(pins.resolver, "finished", "  resolver.finished (lineage)")
+    timed(pins.pins, "enforce_budget", "  pins.enforce_budget")
     timed(policy.index, "_flush", "    release_index._flush")
+    timed(pins.pins, "unpin", "pins.unpin (any reason)")
+    pool = pins.pins.pool  # vLLM's own calls for the pins' blocks (bound methods the pool holds)
+    pool._hold = wrapped(pool._hold, "  vLLM touch (pins.repin)")
+    pool._return = wrapped(pool._return, "  vLLM free_blocks (pins.unpin, repin)")
     if policy.payback.enabled:
         timed(policy.payback, "observe", "    payback.observe")
         timed(policy.payback, "cached", "    payback.cached")
@@ -63,11 +92,23 @@ def main() -> int:
     cell = next(c for c in rnd.s._free_blocks.__closure__ if getattr(c.cell_contents, "__name__", "") ==
                 "on_request_finished")
     cell.cell_contents = pins.on_request_finished
+    collections = [0, 0.0]  # the garbage collector's runs in the timed steps, and their seconds
+
+    def on_gc(phase: str, info: dict[str, int], started: list[float] = [0.0]) -> None:  # noqa: B006 (its state)
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            collections[0] += 1
+            collections[1] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(on_gc)
     total = sum(rnd.step() for _ in range(steps))
     turns = rnd.work["finished_turns"]
-    print(f"{sessions} sessions, {steps} steps, {turns} finished turns; timed step {total / steps * 1e6:.0f} us")
+    print(f"{sessions} sessions, {steps} steps, {turns} finished turns; timed step {total / steps * 1e6:.0f} us; "
+          f"{collections[0]} collections, {collections[1] / steps * 1e6:.1f} us/step")
     for label, (secs, calls) in spent.items():
-        print(f"{label:36s} {secs / steps * 1e6:8.1f} us/step {calls:7d} calls {secs / max(calls, 1) * 1e6:7.2f} us/call")
+        print(f"{label:36s} {secs / steps * 1e6:8.1f} us/step {calls:7d} calls "
+              f"{secs / max(calls, 1) * 1e6:7.2f} us/call")
     return 0
 
 
