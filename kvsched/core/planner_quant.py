@@ -12,8 +12,9 @@ and one ignoring layers beyond lm_head (by name or regex) or mixing int4 and int
 The model's modules are named as Hugging Face's Llama-style decoders name them (`model.layers.N.self_attn.q_proj`,
 `.mlp.gate_proj`, MoE `.mlp.experts.E.up_proj` and `.mlp.shared_experts.` (Qwen2-MoE `.shared_expert.`), Mixtral's
 `.block_sparse_moe.experts.E.w1`; `model.language_model.` (or `language_model.model.`: `_naming`) for a multimodal
-config's text model; `lm_head`, `model.embed_tokens`), with the parameter counts `planner_config.estimate_params` gives them (MLA's projections
-counted as plain attention, routers and norms not at all). Pure functions of the config dict.
+config's text model; `lm_head`, `model.embed_tokens`), with the parameter counts `planner_config.estimate_params`
+gives them (MLA's projections counted as plain attention, routers and norms not at all). Pure functions of the config
+dict.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def _modules(cfg: dict[str, Any], prefix: str) -> Iterator[tuple[str, float]]:
     shared_name = "shared_expert" if cfg.get("model_type") == "qwen2_moe" else "shared_experts"
     moe_inter = config_int(cfg, "moe_intermediate_size", inter)
     shared = config_int(cfg, "n_shared_experts")
-    attention = (("q_proj", h * heads * hd), ("k_proj", h * kv * hd), ("v_proj", h * kv * hd), ("o_proj", h * heads * hd))
+    attention = (("q_proj", h * heads * hd), ("k_proj", h * kv * hd), ("v_proj", h * kv * hd),
+                 ("o_proj", h * heads * hd))
     for i in range(layers):
         layer = f"{prefix}.{i}"
         for proj, n in attention:

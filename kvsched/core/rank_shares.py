@@ -1,4 +1,5 @@
-"""How an engine's ranks share each KV block, for its byte figures (the FP8 tier's gauges and slots, KV bytes per token).
+"""How an engine's ranks share each KV block, for its byte figures (the FP8 tier's gauges and slots, KV bytes per
+token).
 
 Under tensor parallelism each rank holds its heads of every layer; under pipeline parallelism each stage holds its own
 layers, split as vLLM splits the model's hidden layers (`vllm.distributed.utils.get_pp_indices`: even, the remainder on
@@ -55,7 +56,8 @@ class RankShares:
     def rank_bytes(self, first_rank: int) -> tuple[tuple[int, int], ...]:
         """(ranks, each one's bytes) of every pipeline stage."""
         tensor = self.world_size // self.stages
-        return tuple((tensor, self._scaled(first_rank, n)) for n in self.stage_layers) or ((self.world_size, first_rank),)
+        stages = tuple((tensor, self._scaled(first_rank, n)) for n in self.stage_layers)
+        return stages or ((self.world_size, first_rank),)
 
     def first_rank_budget(self, rank_budget: int, host_ranks: int) -> int:
         """The tier's budget counted in the first rank's bytes, for slots every rank holds a share of: with every rank

@@ -1,4 +1,5 @@
-"""An engine's byte figures from its first rank's under tensor and uneven pipeline parallelism (kvsched.core.rank_shares).
+"""An engine's byte figures from its first rank's under tensor and uneven pipeline parallelism
+(kvsched.core.rank_shares).
 The partitions are vLLM 0.32's own (get_pp_indices; tests/adapters/vllm/test_rank_shares_pp.py reads them from it)."""
 
 from __future__ import annotations

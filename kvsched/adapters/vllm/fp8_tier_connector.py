@@ -97,8 +97,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self.stats: dict[str, float] = dict.fromkeys(tier_stats.CONNECTOR_STATS, 0.0)
         self.levels: TierLevels | None = None
         self.levels_final: dict[str, float] = {}  # their counters once a prefix-cache reset turned them off
-        # worker side
-        self.levels_worker: Any = None
+        self.levels_worker: Any = None  # worker side
         self.store: TierStore | None = None
         self._errors: set[int] = set()
         self._worker_meta = TierWorkerMeta()
@@ -119,8 +118,9 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
                 self.directory.on_evict, self.fetches.lookups = self.levels.on_host_evict, self.levels.lookups
             elif self.levels_cfg.enabled:
                 logger.warning("kvsched disk/shared tier levels need the FP8 tier (they restore through it); off")
+            least = shares.host_budget_for(block_bytes, ranks)  # the host's bytes that hold one slot
             tier_host.log_start(self.disabled_reason, self.geometry, budget, requested is None, self.num_slots,
-                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}", ranks, shares.host_budget_for(block_bytes, ranks))
+                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}", ranks, least)
 
     @property
     def enabled(self) -> bool:

@@ -19,8 +19,9 @@ GAUGES = {
     "pinned_sessions": "Sessions whose KV is pinned between turns",
     "pinned_blocks": "KV blocks held by session pins",
     "pin_budget_blocks": "Most KV blocks pins may hold",
-    "kv_bytes_per_token": "KV bytes per token across layers, from the engine's KV cache spec (follows --kv-cache-dtype), "
-                          "every rank's share summed under tensor/pipeline parallelism (as the tier's byte gauges)",
+    "kv_bytes_per_token": "KV bytes per token across layers, from the engine's KV cache spec (follows "
+                          "--kv-cache-dtype), every rank's share summed under tensor/pipeline parallelism (as the "
+                          "tier's byte gauges)",
     "kv_rank_bytes_per_token": "One rank's share of kv_bytes_per_token (the first rank's: its heads of the first "
                                "pipeline stage's layers; the byte cost eviction scores use)",
     "inference_table_entries": "Inferred sessions findable by their last prompt's block hash",
