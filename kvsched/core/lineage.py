@@ -18,8 +18,9 @@ repeats either.
   that still finds no room gets no branch: the adapter serves it as a request without a session field (session
   inference, within the same tenant and salt), so it cannot crowd out a branch that holds a pin, and an app sending
   one constant `user` for every conversation keeps its conversations past the eighth (found by review: they got no
-  session at all). A branch number is never handed out again while the retention policy or the tier still holds
-  something under it (`in_use`): its history, and its end, would go to the stranger (found by review twice).
+  session at all). A branch number is never handed out again while the retention policy or the tier (host copies,
+  the disk level's books) still holds something under it (`in_use`): its history, and its end, would go to the
+  stranger (found by review three times; the third: a host copy evicted to disk, deleted by the stranger's end).
 - **Inference.** A request without any session field whose prompt continues an earlier unnamed request's turn joins
   that request's inferred session: a dictionary lookup per block hash, scanned from the prompt's end back at most
   `INFER_SCAN_BLOCKS` blocks (a turn usually adds a few blocks to its predecessor). A hash holds up to `BUCKET`
