@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from kvsched.adapters.vllm.harness import RequestFactory, run_until_idle, step  # noqa: E402
+from kvsched.adapters.vllm.harness import FAKE_TOKEN, RequestFactory, run_until_idle, step  # noqa: E402
 from kvsched.adapters.vllm.tier_levels import DISK, TierLevels  # noqa: E402
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig  # noqa: E402
 from kvsched.core.sessions import SessionId, SessionKey  # noqa: E402
@@ -73,6 +73,38 @@ def test_a_new_branch_never_takes_the_key_of_a_session_the_disk_level_still_keep
         run_until_idle(s)
     s.add_request(f.make(history + [4] * 3 + list(range(900, 940)), 4, session_id="A"))
     assert _disk_fetches(s) == 10  # the old conversation's next turn restores its history from disk
+
+
+def test_a_strangers_identical_first_prompt_that_ends_its_session_ends_only_its_own(harness_cfg, clock, tmp_path):
+    """Requests without a session field: a second user's first prompt identical to the first user's joins the first
+    user's inferred session (a retry looks the same), and one session they stay until the answers differ. Found by
+    review: with an end hint (which applies to an inferred session), the second user's turn ended the first user's
+    session, its pin, host-tier tail and disk blocks with it. An ending turn joins only a session whose answer it
+    repeats."""
+    from dataclasses import replace
+
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    tier = kv_transfer_config(0.01, disk_dir=str(tmp_path), disk_gb=0.01)
+    s, f = sched(replace(harness_cfg, kv_transfer_config=tier), clock=clock), RequestFactory(BLOCK)
+    kp, lv = s.kvsched, s.connector.levels
+    prompt = list(range(100, 260)) + [5, 6, 7]
+    s.add_request(f.make(prompt, 20, request_id="u1"))
+    first = kp.requests["u1"][0]
+    run_until_idle(s)
+    _ack_disk_writes(s)
+    pinned, on_disk = kp.policy.sessions[first].pinned_blocks, list(lv.disk.keys_of[first])
+    assert pinned == len(on_disk) == 11 and first in kp.tier.directory.tail_of
+    s.add_request(f.make(prompt, 4, request_id="u2", xargs={"session_end": True}))
+    assert kp.requests["u2"][0] != first
+    run_until_idle(s)
+    _ack_disk_writes(s)
+    assert kp.policy.sessions[first].pinned_blocks == pinned and first in kp.tier.directory.tail_of
+    assert lv.disk.keys_of[first] == on_disk and all(k in lv.disk.written for k in on_disk)
+    s.add_request(f.make([*prompt, *[FAKE_TOKEN] * 19, 1, 2, 3], 4, request_id="u1-last", xargs={"session_end": True}))
+    assert kp.requests["u1-last"][0] == first  # the first user's own last turn (it repeats the answer) ends it
+    run_until_idle(s)
+    assert first not in kp.policy.sessions and first not in lv.disk.keys_of
 
 
 def test_after_a_restart_the_disk_level_keeps_nothing_under_any_key(tmp_path: Path):
