@@ -18,14 +18,17 @@ repeats either.
   that still finds no room gets no branch: the adapter serves it as a request without a session field (session
   inference, within the same tenant and salt), so it cannot crowd out a branch that holds a pin, and an app sending
   one constant `user` for every conversation keeps its conversations past the eighth (found by review: they got no
-  session at all). A branch number is never handed out again while the retention policy or the tier still holds
-  something under it (`in_use`): its history, and its end, would go to the stranger (found by review twice).
+  session at all). A branch number is never handed out again while the retention policy or the tier (host copies,
+  the disk level's books) still holds something under it (`in_use`): its history, and its end, would go to the
+  stranger (found by review three times; the third: a host copy evicted to disk, deleted by the stranger's end).
 - **Inference.** A request without any session field whose prompt continues an earlier unnamed request's turn joins
   that request's inferred session: a dictionary lookup per block hash, scanned from the prompt's end back at most
   `INFER_SCAN_BLOCKS` blocks (a turn usually adds a few blocks to its predecessor). A hash holds up to `BUCKET`
   sessions (found by review: one per hash, and users whose short first turns after a shared system prompt ended on
   the same block overwrote one another); the turn joins the newest that it continues and that has no turn in flight.
-  Never across `cache_salt` or tenant. A branch (two requests extending the same turn): the first to arrive
+  Never across `cache_salt` or tenant. A turn with an end hint joins only a session whose answer it repeats (found by
+  review: another user's identical first prompt, which joins as a retry would, ended the first user's session and
+  took its pin and tier copies with it; such a turn now ends a session of its own). A branch (two requests extending the same turn): the first to arrive
   continues the session; any other that arrives while it is in flight, or extends a turn the session has moved past,
   becomes a session of its own (sharing the common prefix's blocks, which are held once).
 
@@ -194,9 +197,11 @@ class Lineage:
 
     # ---- inferred sessions ------------------------------------------------------------------------------------------
     def infer(self, cache_salt: str | None, tenant: str | None, hashes: Sequence[Hashable],
-              tokens: Sequence[int] | None = None, block: int = 0, opaque: Opaque = ()) -> SessionKey:
+              tokens: Sequence[int] | None = None, block: int = 0, opaque: Opaque = (),
+              ending: bool = False) -> SessionKey:
         """The inferred session a request without a session field joins: the newest idle one of the deepest block hash
-        (scanned from the prompt's end) that anchors any session, whose turn the prompt continues; else a new one."""
+        (scanned from the prompt's end) that anchors any session, whose turn the prompt continues; else a new one.
+        `ending` (the turn ends its session): only one whose answer the prompt repeats (module docstring)."""
         self.created = None
         n = len(hashes)
         index = self.index.get(tenant) or {}
@@ -206,7 +211,7 @@ class Lineage:
                 continue
             for e in reversed(bucket):
                 if e.busy or e.key.cache_salt != cache_salt or not _continues_at(e, i, hashes[i], tokens, block,
-                                                                                 opaque):
+                                                                                 opaque, ending):
                     continue
                 e.busy += 1
                 self.counters["inference_hits"] += 1
@@ -337,12 +342,15 @@ class Lineage:
                 self._retired.popitem(last=False)
 
 
-def _continues_at(e: _Entry, i: int, h: Hashable, tokens: Sequence[int] | None, block: int, opaque: Opaque) -> bool:
+def _continues_at(e: _Entry, i: int, h: Hashable, tokens: Sequence[int] | None, block: int, opaque: Opaque,
+                  answer_only: bool = False) -> bool:
     """A prompt whose block `i` hashes to `h` continues `e`'s last turn: it repeats the turn's answer (the computed
-    anchor), or its prompt's last full block and then its tail (when the tokens are known)."""
+    anchor), or (unless `answer_only`) its prompt's last full block and then its tail (when the tokens are known)."""
     c = e.computed
     if c is not None and c[0] == i and c[1] == h:
         return True
+    if answer_only:
+        return False
     a = e.anchor
     if a is None or a[0] != i or a[1] != h:
         return False

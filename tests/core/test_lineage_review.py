@@ -181,3 +181,21 @@ def test_a_named_tail_that_cannot_be_compared_or_is_re_rendered_whole_still_cont
     image = ((4, 7),)  # the earlier tail held an image
     assert repeats([0, 0, 0, 0, 1, 1, 1, 5, 6], BLOCK, tail_of([0, 0, 0, 0, 1, 1, 1], BLOCK, image), image, named=True)
     assert not repeats([0, 0, 0, 0, 1, 1, 1, 5, 6], BLOCK, tail_of([0, 0, 0, 0, 1, 1, 1], BLOCK, image), image)
+
+
+def test_a_turn_that_ends_its_session_joins_an_inferred_one_by_its_answer_only():
+    """Found by review: a request without a session field that repeats an inferred session's prompt joins it (a
+    retry, or another user's identical first prompt); with an end hint it ended that session, and the other user's
+    pin and tier copies went with it. An ending turn joins only a session whose answer it repeats, which no stranger
+    can send; without an end hint the identical prompt still joins (a retry)."""
+    lin = Lineage(LineageConfig())
+    prompt, answer = [*SYSTEM, 5, 6, 7, 8, 9], [20, 21, 22, 23, 24, 25]
+    first = infer(lin, prompt)
+    finish(lin, first, prompt, answer)
+    stranger = lin.infer(None, None, hashes_of(prompt), prompt, BLOCK, ending=True)
+    assert stranger != first
+    lin.forget(stranger)  # its end
+    follow = [*prompt, *answer, 30, 31, 32, 33, 34]
+    assert lin.infer(None, None, hashes_of(follow), follow, BLOCK, ending=True) == first
+    lin.abandoned(first)
+    assert infer(lin, prompt) == first

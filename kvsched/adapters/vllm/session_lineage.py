@@ -70,9 +70,9 @@ class SessionResolver:
             if key is not None:
                 named = self.lineage.named(key, hashes, tokens, block, tail, opaque)
                 # past the id's branch limit: served as a request without a session field would be
-                key = named if named is not None else self._infer(request, hashes, tokens, opaque)
+                key = named if named is not None else self._infer(request, hashes, tokens, opaque, hints.end)
             else:
-                key = self._infer(request, hashes, tokens, opaque)
+                key = self._infer(request, hashes, tokens, opaque, hints.end)
             if key is None:
                 return _NO_SESSION
             self.anchors[request.request_id] = ((len(hashes) - 1, hashes[-1]) if hashes else None, tail)
@@ -83,14 +83,14 @@ class SessionResolver:
                 logger.exception("kvsched: session lineage failed; the request is served without a session")
             return _NO_SESSION
 
-    def _infer(self, request: Any, hashes: list[Any], tokens: Sequence[int] | None,
-               opaque: Opaque) -> SessionKey | None:
+    def _infer(self, request: Any, hashes: list[Any], tokens: Sequence[int] | None, opaque: Opaque,
+               ending: bool = False) -> SessionKey | None:
         if not (self.enabled and self.config.infer_sessions):
             return None
         salt, tenant, may_infer = compat.request_scope(request)
         if not may_infer or (self.keyed and tenant is None):
             return None
-        return self.lineage.infer(salt, tenant, hashes, tokens, self.hash_block, opaque)
+        return self.lineage.infer(salt, tenant, hashes, tokens, self.hash_block, opaque, ending)
 
     def finished(self, request_id: str, key: SessionKey, request: Any = None, moved: bool = True) -> None:
         """The turn of `key` that `request` ran finished: the session's anchors move to its prompt and its answer

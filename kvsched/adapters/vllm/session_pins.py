@@ -283,11 +283,16 @@ class SessionPins:
         return len(released)
 
     def _key_in_use(self, key: SessionKey) -> bool:
-        """Something is still kept under `key` (its record, the tier's copies): a new branch never gets its number."""
+        """Something is still kept under `key` (its record, the host tier's copies, the disk level's: found by review,
+        a host copy evicted to disk was given with its key to the id's next conversation, whose end deleted it): a new
+        branch never gets its number. Dictionary lookups, no I/O (`TierLevels.keeps`)."""
         if key in self.policy.sessions:
             return True
         directory = getattr(self.tier, "directory", None)
-        return directory is not None and (key in directory.keys_of or key in directory.tail_of)
+        if directory is not None and (key in directory.keys_of or key in directory.tail_of):
+            return True
+        levels = getattr(self.tier, "levels", None)
+        return levels is not None and levels.keeps(key)
 
     def _end(self, key: SessionKey) -> None:
         self.apply(self.policy.end(key))

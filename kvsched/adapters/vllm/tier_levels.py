@@ -199,6 +199,12 @@ class TierLevels(ArrivalReads):
             key = self._session_key(owner)
             self.meta_writer.submit(lambda: self._forget_meta(key))
 
+    def keeps(self, owner: Any) -> bool:
+        """The disk level holds (or writes) blocks for `owner`: its in-memory books, no I/O. The store keeps nothing
+        under a branch's key (its metadata is the id's: `_session_key`), nor in-run under an inferred one (numbered
+        per engine run, keyed with this replica)."""
+        return self.disk is not None and owner in self.disk.keys_of
+
     # ---- restores ---------------------------------------------------------------------------------------------------
     def promote(self, owner: Any, chain: Sequence[Any], start: int, limit: int, host: Any,
                 request_id: str | None = None) -> int:
