@@ -28,9 +28,10 @@ repeats either.
   the same block overwrote one another); the turn joins the newest that it continues and that has no turn in flight.
   Never across `cache_salt` or tenant. A turn with an end hint joins only a session whose answer it repeats (found by
   review: another user's identical first prompt, which joins as a retry would, ended the first user's session and
-  took its pin and tier copies with it; such a turn now ends a session of its own). A branch (two requests extending the same turn): the first to arrive
-  continues the session; any other that arrives while it is in flight, or extends a turn the session has moved past,
-  becomes a session of its own (sharing the common prefix's blocks, which are held once).
+  took its pin and tier copies with it; such a turn now ends a session of its own). A branch (two requests extending
+  the same turn): the first to arrive continues the session; any other that arrives while it is in flight, or
+  extends a turn the session has moved past, becomes a session of its own (sharing the common prefix's blocks, which
+  are held once).
 
 Hashes are opaque here (bytes in vLLM). Anchors are set when a new branch's first turn arrives (so a concurrent stranger
 cannot slip into a branch that has no anchor yet) and moved when a turn finishes. The table is bounded: the least
