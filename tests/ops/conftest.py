@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
 
 from kvsched.ops import backends
+from tests.ops import triton_run
 
 
 def require_cxx() -> None:
@@ -23,3 +25,13 @@ def impl(request: pytest.FixtureRequest) -> str:
     if request.param == "cxx":
         require_cxx()
     return str(request.param)
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: started only when its test is to run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if importlib.util.find_spec("triton") and any(item.nodeid.endswith(triton_run.TEST_NAME) for item in items):
+        triton_run.checks_run()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    triton_run.stop()
