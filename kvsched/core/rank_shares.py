@@ -28,8 +28,11 @@ class RankShares:
     stage_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.world_size < 1 or any(n < 1 for n in self.stage_layers):
-            raise ValueError(f"a world of {self.world_size} ranks, stages of {self.stage_layers} layers: each >= 1")
+        # A later stage may hold no layer (VLLM_PP_LAYER_PARTITION=27,0: vLLM accepts it; found by review, this
+        # refused it and stopped the engine); stage 0 may not: every figure is scaled from its rank's measurement.
+        if self.world_size < 1 or any(n < 0 for n in self.stage_layers) or self.stage_layers[:1] == (0,):
+            raise ValueError(f"a world of {self.world_size} ranks, stages of {self.stage_layers} layers: at least one "
+                             "rank, no stage below 0 layers, stage 0 (whose rank the figures are measured on) >= 1")
         if self.world_size % self.stages:
             raise ValueError(f"{self.world_size} ranks do not split into {self.stages} pipeline stages")
 

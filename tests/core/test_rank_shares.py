@@ -38,10 +38,18 @@ def test_a_later_stage_holding_more_layers_bounds_the_slots() -> None:
     assert 80_000 // 7000 == 11  # stage 0's bytes alone
 
 
-@pytest.mark.parametrize(("world", "layers"), [(0, ()), (2, (3, 0)), (3, (2, 2))])
+@pytest.mark.parametrize(("world", "layers"), [(0, ()), (2, (0, 3)), (2, (3, -1)), (3, (2, 2))])
 def test_impossible_layouts_are_refused(world, layers) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ranks"):
         RankShares(world, layers)
+
+
+def test_a_later_stage_without_layers_holds_no_kv() -> None:
+    """VLLM_PP_LAYER_PARTITION=3,0 is accepted by vLLM: its second stage's ranks hold no KV (refused before)."""
+    shares = RankShares(2, (3, 0))
+    assert shares.rank_bytes(300) == ((1, 300), (1, 0))
+    assert shares.engine(300) == 300 and shares.largest_rank(300) == 300
+    assert shares.first_rank_budget(1000, 2) == 2000 and shares.first_rank_budget(1000, 1) == 1000
 
 
 def test_each_stages_ranks_and_their_bytes() -> None:
