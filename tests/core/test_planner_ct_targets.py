@@ -6,13 +6,10 @@ Llama 3.1 8B's and Mixtral 8x7B's published shapes (parameters as the planner es
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from kvsched.cli import main
 from kvsched.core.planner import ModelShape, PlanError, weight_bytes
-from tests.core.test_planner_weights import EMB_8B, LLAMA31_8B, NORMS_8B
+from tests.core.test_planner_weights import EMB_8B, LLAMA31_8B, NORMS_8B, planned
 
 ATTN = 2 * 4096 * 4096 + 2 * 4096 * 1024  # q, o; k, v (8 KV heads of 128) in one Llama 3.1 8B layer
 MLP = 3 * 4096 * 14_336
@@ -155,10 +152,7 @@ def test_a_target_that_is_not_a_regular_expression_is_a_plan_error():
 
 
 def test_kvsched_plan_reports_an_attention_only_checkpoints_bytes(capsys, tmp_path):
-    quant = ct([(["re:.*self_attn.*"], FP8_CHANNEL)], ["lm_head"])
-    (tmp_path / "config.json").write_text(json.dumps({**LLAMA31_8B, "quantization_config": quant}))
-    assert main(["plan", "--model", str(tmp_path), "--json"]) == 0
-    p = json.loads(capsys.readouterr().out)["plan"]
+    p = planned(capsys, tmp_path, ct([(["re:.*self_attn.*"], FP8_CHANNEL)], ["lm_head"]))
     assert p["weight_dtype"] == "fp8" and p["weights_bytes"] / 1e9 == pytest.approx(14.72, abs=0.005)
     assert ("the checkpoint's compressed-tensors targets: 19.2% of the linear layers' weights in fp8 (scales as its "
             "groups say); the other linear layers, embeddings, lm_head and norms in 16 bits") in p["notes"]

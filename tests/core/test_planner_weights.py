@@ -115,10 +115,15 @@ def test_another_dtype_than_the_checkpoints_takes_that_dtypes_default_layout():
     assert weight_bytes(s, "fp32") == int(s.params * dtype_bytes("fp32"))
 
 
+def planned(capsys, model_dir, quantization_config: dict) -> dict:
+    """`kvsched plan --model DIR --json`'s plan for Llama 3.1 8B's config.json with `quantization_config`."""
+    (model_dir / "config.json").write_text(json.dumps({**LLAMA31_8B, "quantization_config": quantization_config}))
+    assert main(["plan", "--model", str(model_dir), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["plan"]
+
+
 def test_kvsched_plan_reports_an_awq_checkpoints_bytes(capsys, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({**LLAMA31_8B, "quantization_config": AWQ}))
-    assert main(["plan", "--model", str(tmp_path), "--json"]) == 0
-    p = json.loads(capsys.readouterr().out)["plan"]
+    p = planned(capsys, tmp_path, AWQ)
     assert p["weight_dtype"] == "int4" and p["weights_bytes"] / 1e9 == pytest.approx(5.73, rel=0.005)
     assert ("int4 weights: the linear layers, one 16-bit scale and one 4-bit zero per 128 weights; embeddings, lm_head "
             "and norms in 16 bits") in p["notes"]
