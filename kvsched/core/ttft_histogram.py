@@ -7,16 +7,21 @@ is an upper bound (a mixture's quantile lies between its parts'): with one repli
 tokens, that replica's P95 is the slow tail while the fleet's is a fast one, and a pool scaled up when it was fine.
 
 A histogram here is `{upper bound in seconds: cumulative count}` with a `+Inf` bound, as vLLM's
-`vllm:time_to_first_token_seconds_bucket{le=...}` series give it. Pure logic: no Ray, no vLLM.
+`vllm:time_to_first_token_seconds_bucket{le=...}` series give it. A server's scrapes are counted by `ServerCounts`:
+its first scrape is a baseline, and each series (one per engine under data parallelism) resets on its own.
+Pure logic: no Ray, no vLLM.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Histogram = Mapping[float, float]  # upper bound (s, inf for +Inf) -> cumulative count
+# One series of a server's histogram: its labels but `le`, sorted. vLLM 0.32 labels each engine's series
+# (`model_name`, `engine`: vllm/v1/metrics/loggers.py), so a data-parallel server exports one per engine.
+SeriesKey = tuple[tuple[str, str], ...]
 BUCKET_PREFIX = "ttft_le:"  # the replica's per-bucket autoscaling metric: "ttft_le:0.25", "ttft_le:+Inf"
 
 
@@ -113,6 +118,50 @@ def add_counts(total: Histogram, increase: Histogram) -> dict[float, float]:
     if total and set(total) != set(increase):
         return dict(increase)
     return {b: total.get(b, 0.0) + c for b, c in increase.items()}
+
+
+@dataclass(slots=True)
+class ServerCounts:
+    """One server's histogram counted across its scrapes, as Prometheus's `rate()` counts it. `total`: the first
+    tokens counted since the first scrape, cumulative by bound, never starting over when a counter does (what the
+    replica reports, so the fleet's windows see no resets); `hold_s`: how long a series may lack buckets of its last
+    scrape (`lacks_buckets`) before that is its new layout.
+
+    Why the first scrape is only a baseline: rate() needs two samples. A replica that joins the fleet (or restarts)
+    reads an engine that may have served for hours; counting that history as new made the replica's own P95s those
+    hours' first tokens (found by review). Why series by series: one engine restarting under data parallelism drops
+    only its own counts; differencing the sum over engines read that as the whole server's reset, so every other
+    engine's history counted as new (found by review). A series first seen after the baseline counts in full (it did
+    not exist at the scrape before: an engine added, a renamed model); one missing from a scrape keeps its last
+    counts, so it is differenced against them when it is back."""
+
+    hold_s: float = 60.0
+    total: dict[float, float] = field(default_factory=dict)
+    _last: dict[SeriesKey, dict[float, float]] = field(default_factory=dict)
+    _complete_at: dict[SeriesKey, float] = field(default_factory=dict)
+
+    def add(self, scrape: Mapping[SeriesKey, Histogram], now_s: float) -> dict[float, float]:
+        """Counts `scrape` (taken at `now_s`, in seconds) and returns what it added since the scrape before, summed
+        over series: all zero for the baseline, empty when nothing could be counted (no series, or all lacking
+        buckets)."""
+        if not self._last:
+            if scrape:
+                self._last = {k: dict(h) for k, h in scrape.items()}
+                self._complete_at = dict.fromkeys(scrape, now_s)
+                self.total = dict.fromkeys(merge(scrape.values()), 0.0)
+            return dict(self.total)
+        increases = []
+        for key, now in scrape.items():
+            before = self._last.get(key, {})
+            if lacks_buckets(before, now) and now_s - self._complete_at.get(key, now_s) <= self.hold_s:
+                continue  # skipped: its first tokens count in the series' next complete scrape
+            self._complete_at[key] = now_s
+            increases.append(counter_increase(before, now))
+            self._last[key] = dict(now)
+        increase = merge(increases)
+        if increase:
+            self.total = add_counts(self.total, increase)
+        return increase
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ import pytest
 
 from kvsched.core.routing_autoscale import AutoscaleTargets, ReplicaLoad, desired_replicas
 from kvsched.core.ttft_histogram import (
+    ServerCounts,
     add_counts,
     bucket_bound,
     bucket_key,
@@ -165,3 +166,37 @@ def test_no_fleet_value_while_a_replica_has_no_window_yet() -> None:
     fleet = fleet_quantile({"s": slow, "f": timed(hist({0.1: 300}))}, 0.95)
     assert fleet.merged and fleet.value is None and fleet.replicas == 1 and "f has no window" in fleet.note
     assert fleet_quantile({"s": slow, "f": timed(hist({0.1: 300}), hist({0.1: 600}))}, 0.95).value < 0.1
+
+
+E0, E1 = (("engine", "0"), ("model_name", "m")), (("engine", "1"), ("model_name", "m"))
+
+
+def test_a_servers_first_scrape_is_a_baseline_only() -> None:
+    """rate() needs two samples: what the server counted before its first scrape is not new (an engine that served
+    for hours before a replica joined the fleet)."""
+    counts = ServerCounts()
+    assert counts.add({}, 0.0) == {} and counts.total == {}  # nothing to start from yet
+    assert counts.add({E0: hist({5.0: 1000})}, 1.0) == hist({}) and counts.total == hist({})
+    assert counts.add({E0: hist({5.0: 1000, 0.1: 30})}, 2.0) == hist({0.1: 30})
+    assert counts.total == hist({0.1: 30})
+
+
+def test_each_engines_series_resets_on_its_own() -> None:
+    """Engine 1 restarting (its counts drop) is its reset alone: engine 0's 1000 slow first tokens of long ago are
+    not new. Summed first, the drop read as the server's reset and all 1030 counted."""
+    counts = ServerCounts()
+    counts.add({E0: hist({5.0: 1000}), E1: hist({0.1: 1000})}, 0.0)
+    assert counts.add({E0: hist({5.0: 1000, 0.1: 20}), E1: hist({0.1: 10})}, 1.0) == hist({0.1: 30})
+    assert counts.total == hist({0.1: 30})
+
+
+def test_a_series_new_after_the_baseline_counts_in_full_and_a_missing_one_is_not_counted_twice() -> None:
+    counts = ServerCounts(hold_s=60.0)
+    counts.add({E0: hist({0.1: 100})}, 0.0)
+    assert counts.add({E0: hist({0.1: 100}), E1: hist({0.1: 5})}, 1.0) == hist({0.1: 5})  # an engine added
+    assert counts.add({E0: hist({0.1: 110})}, 2.0) == hist({0.1: 10})  # engine 1 missing from this scrape
+    assert counts.add({E0: hist({0.1: 110}), E1: hist({0.1: 8})}, 3.0) == hist({0.1: 3})  # back: since its last
+    lacking = {b: c for b, c in hist({0.1: 120}).items() if b != 1.0}
+    assert counts.add({E0: lacking, E1: hist({0.1: 9})}, 4.0) == hist({0.1: 1})  # engine 0 lacks a bucket: skipped
+    assert counts.add({E0: hist({0.1: 130}), E1: hist({0.1: 9})}, 5.0) == hist({0.1: 20})
+    assert counts.total == hist({0.1: 39})

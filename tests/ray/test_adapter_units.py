@@ -150,6 +150,7 @@ def test_histogram_quantile_interpolates_inside_the_bucket() -> None:
 def test_replica_stats_use_recent_ttft_and_list_pinned_sessions() -> None:
     now = [0.0]
     st = ReplicaStats("http://x", hold_s=10, clock=lambda: now[0])
+    st.update(metrics({"0.1": 0, "1.0": 0, "+Inf": 0}), None)  # a fresh server: the baseline
     st.update(metrics({"0.1": 90, "1.0": 100, "+Inf": 100}, waiting=3),
               {"sessions": [{"session_id": "a", "pinned_blocks": 2}, {"session_id": "b", "pinned_blocks": 0}]})
     assert st.queue_depth == 3 and st.kv_sessions == ["a"] and st.ttft_p95_s == pytest.approx(0.55)
@@ -250,6 +251,7 @@ def test_a_held_ttft_keeps_an_idle_pool_from_scaling_down_but_never_scales_it_up
                               current_time=now[0], policy_state={})
         return policy(ctx)[0]
 
+    st.update(metrics({"1.0": 0, "5.0": 0, "+Inf": 0}), None)  # a fresh server: the baseline
     assert tick(20, 2) > 2  # a burst of slow first tokens: fresh pressure scales up
     for t in (10, 20, 30, 40, 50):  # then nothing new, queue empty: the held P95 stays 4.8 s
         now[0] = t

@@ -54,6 +54,7 @@ def test_a_fresh_p95_counts_only_from_enough_first_tokens() -> None:
 
     now = [0.0]
     st = ReplicaStats("http://x", clock=lambda: now[0], hold_s=60.0)
+    st.update(ttft_metrics({}), None)  # a fresh server: the baseline
     st.update(ttft_metrics({0.1: 500}), None)
     assert st.fresh_ttft_p95() is not None  # 500 fast ones
     st.update(ttft_metrics({0.1: 500, 5.0: 1}), None)  # then one slow one, queue empty
@@ -80,22 +81,26 @@ def test_a_fresh_p95_counts_only_from_enough_first_tokens() -> None:
 def reports(counts_by_replica: dict[str, list[dict[float, int]]]) -> list[dict[str, dict[str, float]]]:
     """What each replica's `EngineReplica.record_autoscaling_stats` reports at each scrape of `ttft_metrics(counts)`:
     one dict per scrape, metric name -> replica -> value."""
+    return reports_of_text({r: [ttft_metrics(c) for c in counts] for r, counts in counts_by_replica.items()})
+
+
+def reports_of_text(texts_by_replica: dict[str, list[str]]) -> list[dict[str, dict[str, float]]]:
+    """`reports` from each scrape's metrics text."""
     import asyncio
 
     from kvsched.adapters.ray.engine import EngineReplica
     from kvsched.adapters.ray.stats import ReplicaStats
 
     record = getattr(EngineReplica, "func_or_class", EngineReplica).record_autoscaling_stats
-    scrapes = len(next(iter(counts_by_replica.values())))
-    out: list[dict[str, dict[str, float]]] = [{} for _ in range(scrapes)]
-    for name, counts in counts_by_replica.items():
+    out: list[dict[str, dict[str, float]]] = [{} for _ in next(iter(texts_by_replica.values()))]
+    for name, texts in texts_by_replica.items():
         st = ReplicaStats("http://x", clock=lambda: 0.0)
 
         async def fresh_stats(st: ReplicaStats = st) -> dict:
             return st.snapshot()
 
-        for i, c in enumerate(counts):
-            st.update(ttft_metrics(c), None)
+        for i, text in enumerate(texts):
+            st.update(text, None)
             for metric, v in asyncio.run(record(SimpleNamespace(stats=st, _fresh_stats=fresh_stats))).items():
                 out[i].setdefault(metric, {})[name] = v
     return out
@@ -167,6 +172,7 @@ def test_a_restarted_engines_first_tokens_count_from_zero() -> None:
 
     now = [0.0]
     st = ReplicaStats("http://x", clock=lambda: now[0], hold_s=60.0)
+    st.update(ttft_metrics({}), None)  # a fresh server: the baseline
     st.update(ttft_metrics({0.1: 500}), None)
     assert st.fresh_ttft_p95() < 0.1 and st.ttft_p95_s < 0.1  # 500 fast ones
     now[0] = 10.0
@@ -187,6 +193,7 @@ def test_a_scrape_missing_a_bucket_is_no_counter_reset() -> None:
 
     now = [0.0]
     st = ReplicaStats("http://x", clock=lambda: now[0], hold_s=60.0)
+    st.update(ttft_metrics({}), None)  # a fresh server: the baseline
     st.update(ttft_metrics({5.0: 500}), None)
     assert st.fresh_ttft_p95() == pytest.approx(2.5 + 2.5 * 0.95)  # 500 slow ones, reported
     now[0] = 10.0
@@ -204,3 +211,50 @@ def test_a_scrape_missing_a_bucket_is_no_counter_reset() -> None:
         now[0] = t
         st.update("\n".join(x for x in ttft_metrics({0.1: 30, 5.0: 40}).splitlines() if 'le="1.0"' not in x), None)
     assert 1.0 not in st.ttft_buckets and st.ttft_p95_s is not None
+
+
+# ---- the first scrape, and engines resetting on their own ------------------------------------------------------
+def engines_metrics(counts_by_engine: dict[str, dict[float, int]]) -> str:
+    """A data-parallel vLLM server's TTFT histogram: one series per engine (labels `engine`, `model_name`, as vLLM
+    0.32 exports them), `counts` first tokens per bucket bound."""
+    lines = ["# TYPE vllm:time_to_first_token_seconds histogram"]
+    for engine, counts in counts_by_engine.items():
+        series = f'vllm:time_to_first_token_seconds_bucket{{engine="{engine}",model_name="m",le='
+        total = 0
+        for b in BOUNDS:
+            total += counts.get(b, 0)
+            lines.append(f'{series}"{b}"}} {total}')
+        lines.append(f'{series}"+Inf"}} {total}')
+    return "\n".join(lines) + "\n"
+
+
+def test_a_replicas_first_scrape_is_a_baseline_not_the_engines_history() -> None:
+    """Found by review: a replica's first scrape counted everything its engine had served before as new (a replica
+    joining the fleet, or restarted, in front of an engine that had served for hours): 500 slow first tokens of long
+    ago were its held and fresh P95 (4.875 s), with 30 fast ones since. The first scrape is a baseline only, as
+    Prometheus's rate() needs two samples: no P95 from it, and the buckets reported to the fleet start at zero."""
+    from kvsched.adapters.ray.stats import ReplicaStats
+
+    now = [0.0]
+    st = ReplicaStats("http://x", clock=lambda: now[0], hold_s=60.0)
+    st.update(ttft_metrics({5.0: 500}), None)  # hours of slow first tokens before this replica first read them
+    assert st.ttft_p95_s is None and st.fresh_ttft_p95() is None
+    assert st.ttft_buckets == dict.fromkeys((*BOUNDS, float("inf")), 0.0)
+    now[0] = 10.0
+    st.update(ttft_metrics({0.1: 30, 5.0: 500}), None)  # 30 fast ones since
+    assert st.ttft_p95_s == pytest.approx(0.095) and st.fresh_ttft_p95() == pytest.approx(0.095)
+    assert st.ttft_buckets[float("inf")] == 30
+
+
+def test_one_engine_restarting_is_not_the_whole_replicas_counter_reset() -> None:
+    """Found by review: under data parallelism the replica summed its engines' series before differencing, so one
+    engine restarting (its counts dropping) read as the whole server's reset and every other engine's history
+    counted as new: engine 0's 1000 slow first tokens of long ago made the fleet's P95 4.9 s and scaled the pool up,
+    when the window held 30 fast ones. Each series resets on its own, as Prometheus's rate() takes them."""
+    counts = [{"0": {5.0: 1000}, "1": {0.1: 1000}},
+              {"0": {5.0: 1000, 0.1: 20}, "1": {0.1: 10}}]  # engine 1 restarted: 10 fast since; engine 0: 20 fast
+    window = reports_of_text({"r0": [engines_metrics(c) for c in counts]})
+    policy = QueueTTFTPolicy(min_replicas=1, max_replicas=8, queue_per_replica=4.0, ttft_p95_s=2.0)
+    n, state = policy(fleet_ctx(window, now=1000.0))
+    assert n == 1 and "fleet p95 0.095 s" in state["kvsched_reason"] and "(30 first tokens)" in state["kvsched_reason"]
+

@@ -148,3 +148,28 @@ def test_a_bad_unnamed_routing_setting_is_a_config_error_naming_it(value: Any) -
     with pytest.raises(ConfigError, match=r"router\.unnamed"):
         parse_config({"router": {"unnamed": value}, "pools": [{"name": "w", "model": "/m"}]})
     assert parse_config({"router": {"unnamed": "least_loaded"}, "pools": [{"name": "w", "model": "/m"}]})
+
+
+def test_the_hot_opening_count_is_the_deployments_as_kvsched_runs_one_ingress_replica() -> None:
+    """The guard counts the conversations in flight through its ingress replica. kvsched deploys one, so that is the
+    whole deployment: of six conversations of one opening in flight, HOT_OPENING are keyed, the rest least-loaded.
+    Ingress replicas added outside kvsched each count their own: with two, 2 x HOT_OPENING (the bound opening.py
+    documents)."""
+    from kvsched.adapters.ray.app import build_app
+
+    cfg = parse_config({"pools": [{"name": "tiny", "model": "kvsched-tiny:test"}]})
+    assert build_app(cfg)._bound_deployment.num_replicas == 1
+
+    def keyed(ingresses: list[OpeningRoutes]) -> int:
+        """Six conversations of one opening sent in turn over the ingress replicas, none answered yet."""
+        n, held = 0, []
+        for i in range(6):
+            routes = ingresses[i % len(ingresses)]
+            opening = routes.key(second_turn("Hi", f"Reply {i}.", "go on"), lambda o: o)
+            held.append(routes.sent(opening))  # kept: a context manager collected unexited releases its count
+            held[-1].__enter__()
+            n += opening is not None
+        return n
+
+    assert keyed([OpeningRoutes(True)]) == HOT_OPENING
+    assert keyed([OpeningRoutes(True), OpeningRoutes(True)]) == 2 * HOT_OPENING

@@ -1,11 +1,13 @@
 """The fleet's P95 TTFT for the autoscaling policy, from the replicas' own vLLM histograms as Ray carries them.
 
-Each engine replica reports its `vllm:time_to_first_token_seconds` bucket counts, cumulative as scraped, one
-autoscaling metric per bound (`ttft_le:0.25`, ..., `ttft_le:+Inf`; `EngineReplica.record_autoscaling_stats`). Ray
-keeps each replica's points for `look_back_period_s` (a pool's `autoscaling: {look_back_period_s}`) and hands them
-to the policy as `AutoscalingContext.raw_metrics` (its `aggregated_metrics` are time-averages, which would blur a
-counter); the points recorded together share a timestamp, so each timestamp is one scrape. The arithmetic (window
-increase over each replica's own window as a rate, counter resets, merge, quantile) is `kvsched.core.ttft_histogram`.
+Each engine replica reports its `vllm:time_to_first_token_seconds` bucket counts, cumulative since its first scrape
+with each engine's counter resets taken out (`kvsched.adapters.ray.stats`), one autoscaling metric per bound
+(`ttft_le:0.25`, ..., `ttft_le:+Inf`; `EngineReplica.record_autoscaling_stats`). Ray keeps each replica's points for
+`look_back_period_s` (a pool's `autoscaling: {look_back_period_s}`) and hands them to the policy as
+`AutoscalingContext.raw_metrics` (its `aggregated_metrics` are time-averages, which would blur a counter); the points
+recorded together share a timestamp, so each timestamp is one scrape, and the first in the window is its baseline.
+The arithmetic (window increase over each replica's own window as a rate, counter resets, merge, quantile) is
+`kvsched.core.ttft_histogram`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ HELD_STATE = "kvsched_fleet_ttft_p95"  # [seconds, when] in the policy's state
 
 
 def bucket_stats(buckets: Mapping[float, float]) -> dict[str, float]:
-    """A replica's cumulative TTFT bucket counts as autoscaling metrics (none before its first scrape)."""
+    """A replica's cumulative TTFT bucket counts as autoscaling metrics (none before its first scrape, zeros at it)."""
     return {bucket_key(b): float(c) for b, c in buckets.items()}
 
 

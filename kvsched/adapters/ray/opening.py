@@ -69,7 +69,14 @@ class OpeningRoutes:
     requests of HOT_OPENING other conversations in flight is not used for the next one (counted by conversation, not
     request: an agent's parallel calls over one history stay together, found by review); nor is it a session
     anywhere else (its size does not pick the long-context pool: another conversation's growth would send every new
-    one with that opening there)."""
+    one with that opening there).
+
+    The count is this ingress replica's. kvsched deploys one (`app.build_app`), so it is the deployment's. Ingress
+    replicas added outside kvsched (a Ray Serve config overriding the ingress's `num_replicas`; old and new side by
+    side during a redeploy) each count their own: up to HOT_OPENING conversations of one opening are then keyed at
+    once per ingress replica, k x HOT_OPENING with k of them, as the router's load counts are per ingress too
+    (router.py). Not shared through the store: it is optional and the engines' (the ingress holds no client), a
+    round trip per request, and counts a crashed ingress left behind would linger until a TTL."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled

@@ -7,9 +7,11 @@ TTFT comes from vLLM's `vllm:time_to_first_token_seconds` histogram (bucket delt
 - `fresh_ttft_p95()`: the P95 of the first tokens since the previous autoscaling report that gave one, once there are
   MIN_TTFT_SAMPLES of them (None before): the only TTFT a pool scales up on (found by review: the held value scaled an
   idle pool from 2 to 8 replicas).
-Both difference cumulative counts, and a restarted vLLM server's counts start over: a drop is a counter reset, and what
-the server counts after it is new (`kvsched.core.ttft_histogram.counter_increase`, as Prometheus's `rate()` takes it).
-A scrape missing some of the last one's buckets, none of its counts lower, is skipped (`lacks_buckets`).
+Both difference cumulative counts (`kvsched.core.ttft_histogram.ServerCounts`, as Prometheus's `rate()` does): the
+first scrape is a baseline only (an engine that served for hours before the replica first read it adds none of
+those first tokens); a restarted vLLM server's counts start over: a drop is a counter reset, and what the server
+counts after it is new; under data parallelism each engine's series (labels `engine`, `model_name`) resets on its
+own. A series missing some of its last buckets, none of its counts lower, is skipped (`lacks_buckets`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvsched.core.ttft_histogram import add_counts, counter_increase, histogram_quantile, lacks_buckets
+from kvsched.core.ttft_histogram import SeriesKey, ServerCounts, counter_increase, histogram_quantile, merge
 
 TTFT_BUCKET = "vllm:time_to_first_token_seconds_bucket"
 # First tokens a fresh P95 needs before it counts: with fewer, the "P95" is the slowest one or two (found by review:
@@ -36,23 +38,31 @@ GAUGES = ("vllm:num_requests_waiting", "vllm:num_requests_running")
 
 @dataclass(frozen=True, slots=True)
 class Scrape:
-    """The samples a replica reports, summed over label sets (engines): gauges by name, TTFT buckets by bound."""
+    """The samples a replica reports: gauges by name summed over label sets (engines), TTFT buckets by bound per
+    series (its labels but `le`: one series per engine), as counter resets are per engine."""
 
     gauges: dict[str, float]
-    ttft_buckets: dict[float, float]
+    ttft_series: dict[SeriesKey, dict[float, float]]
+
+    @property
+    def ttft_buckets(self) -> dict[float, float]:
+        """The TTFT buckets summed over engines."""
+        return merge(self.ttft_series.values())
 
 
 def read_metrics(text: str) -> Scrape:
     gauges: dict[str, float] = {}
-    buckets: dict[float, float] = {}
+    series: dict[SeriesKey, dict[float, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name in GAUGES:
                 gauges[sample.name] = gauges.get(sample.name, 0.0) + sample.value
             elif sample.name == TTFT_BUCKET and "le" in sample.labels:
                 bound = float(sample.labels["le"])  # "+Inf" parses as inf
+                key = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+                buckets = series.setdefault(key, {})
                 buckets[bound] = buckets.get(bound, 0.0) + sample.value
-    return Scrape(gauges, buckets)
+    return Scrape(gauges, series)
 
 
 @dataclass
@@ -67,25 +77,20 @@ class ReplicaStats:
     running: float = 0.0
     ttft_p95_s: float | None = None
     kv_sessions: list[str] = field(default_factory=list)
-    _last_buckets: dict[float, float] = field(default_factory=dict)  # as last scraped
-    _counted: dict[float, float] = field(default_factory=dict)  # every scrape's increase added up (resets taken out)
+    _counts: ServerCounts = field(init=False)  # every scrape's increase added up since the first (resets taken out)
     _ttft_at: float = -math.inf
-    _complete_at: float = -math.inf  # when a scrape last had every bucket of the one before (`lacks_buckets`)
-    _reported_buckets: dict[float, float] = field(default_factory=dict)  # `_counted` at the last fresh P95
+    _reported_buckets: dict[float, float] = field(default_factory=dict)  # `ttft_buckets` at the last fresh P95
     _reported_at: float = -math.inf
+
+    def __post_init__(self) -> None:
+        self._counts = ServerCounts(self.hold_s)
 
     def update(self, metrics_text: str, sessions: Mapping[str, Any] | None) -> None:
         scrape = read_metrics(metrics_text)
         self.queue_depth = scrape.gauges.get("vllm:num_requests_waiting", 0.0)
         self.running = scrape.gauges.get("vllm:num_requests_running", 0.0)
-        buckets, now = scrape.ttft_buckets, self.clock()
-        if lacks_buckets(self._last_buckets, buckets) and now - self._complete_at <= self.hold_s:
-            buckets = self._last_buckets  # skipped: its first tokens count in the next complete scrape's increase
-        else:  # complete, a reset, or missing buckets for longer than `hold_s` (the server's new layout)
-            self._complete_at = now
-        delta = counter_increase(self._last_buckets, buckets)
-        self._last_buckets = buckets
-        self._counted = add_counts(self._counted, delta)
+        now = self.clock()
+        delta = self._counts.add(scrape.ttft_series, now)
         p95 = histogram_quantile(delta, 0.95)
         if p95 is not None:
             self.ttft_p95_s, self._ttft_at = p95, now
@@ -119,7 +124,7 @@ class ReplicaStats:
     def fresh_ttft_p95(self) -> float | None:
         """The P95 TTFT of the first tokens counted since the previous call that returned one, None while they are
         fewer than MIN_TTFT_SAMPLES (they count in the next call's, unless they gathered for longer than `hold_s`)."""
-        buckets, now = self._counted, self.clock()
+        buckets, now = self.ttft_buckets, self.clock()
         if self._reported_at == -math.inf:  # the first window starts at the first call
             self._reported_at = now
         delta = counter_increase(self._reported_buckets, buckets)  # a reset only if the buckets changed: start over
@@ -132,9 +137,9 @@ class ReplicaStats:
 
     @property
     def ttft_buckets(self) -> dict[float, float]:
-        """The TTFT histogram as last scraped: cumulative counts by upper bound, summed over engines (the fleet's P95
-        merges these across replicas: `fleet_ttft.py`)."""
-        return dict(self._last_buckets)
+        """The first tokens counted since the first scrape, cumulative by upper bound, summed over engines, resets
+        taken out (the fleet's P95 merges these across replicas: `fleet_ttft.py`)."""
+        return dict(self._counts.total)
 
     def snapshot(self) -> dict[str, Any]:
         return {"queue_depth": self.queue_depth, "running": self.running, "ttft_p95_s": self.ttft_p95_s,
