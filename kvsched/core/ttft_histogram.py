@@ -140,12 +140,15 @@ class ServerCounts:
     are differenced; with a bucket it did not have (its baseline or last scrape was incomplete), nothing of it can be
     differenced, so that scrape is its new baseline. A series with a bound that is no number, or a count not finite
     or negative, is skipped (found by review: a NaN was kept and made the total NaN for good; a negative one read as
-    a reset)."""
+    a reset). A series not scraped for longer than `hold_s` (the polls failed, or it was missing) is differenced
+    against nothing that old: that scrape is its new baseline, as rate() over a window never spans a longer gap
+    (found by review: the minutes of first tokens a gap hid counted as one scrape's, in a 30 s fleet window)."""
 
     hold_s: float = 60.0
     total: dict[float, float] = field(default_factory=dict)
     _last: dict[SeriesKey, dict[float, float]] = field(default_factory=dict)
     _complete_at: dict[SeriesKey, float] = field(default_factory=dict)
+    _seen_at: dict[SeriesKey, float] = field(default_factory=dict)
 
     def add(self, scrape: Mapping[SeriesKey, Histogram], now_s: float) -> dict[float, float]:
         """Counts `scrape` (taken at `now_s`, in seconds) and returns what it added since the scrape before, summed
@@ -156,11 +159,16 @@ class ServerCounts:
             if scrape:
                 self._last = {k: dict(h) for k, h in scrape.items()}
                 self._complete_at = dict.fromkeys(scrape, now_s)
+                self._seen_at = dict.fromkeys(scrape, now_s)
                 self.total = dict.fromkeys(merge(scrape.values()), 0.0)
             return dict(self.total)
         increases = []
         for key, now in scrape.items():
             before = self._last.get(key, {})
+            seen_at, self._seen_at[key] = self._seen_at.get(key, now_s), now_s
+            if before and now_s - seen_at > self.hold_s:  # a gap: what it hid is no increase of this scrape's
+                self._last[key], self._complete_at[key] = dict(now), now_s
+                continue
             if lacks_buckets(before, now) and now_s - self._complete_at.get(key, now_s) <= self.hold_s:
                 continue  # skipped: its first tokens count in the series' next complete scrape
             self._complete_at[key] = now_s

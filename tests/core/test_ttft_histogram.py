@@ -248,6 +248,20 @@ def test_a_bucket_missing_past_hold_s_is_differenced_over_the_buckets_left() -> 
     assert counts.add({E0: hist({5.0: 40})}, 10.0) == hist({5.0: 40})
     partial = without(hist({0.1: 30, 5.0: 40}), 1.0)
     assert counts.add({E0: partial}, 20.0) == {}  # skipped while it may be a passing glitch
-    assert counts.add({E0: partial}, 100.0) == without(hist({0.1: 30}), 1.0)  # the layout now
+    assert counts.add({E0: partial}, 50.0) == {}
+    assert counts.add({E0: partial}, 80.0) == without(hist({0.1: 30}), 1.0)  # the layout now
     assert counts.total == without(hist({0.1: 30}), 1.0)  # the total starts over on the new bounds
-    assert counts.add({E0: without(hist({0.1: 35, 5.0: 40}), 1.0)}, 110.0) == without(hist({0.1: 5}), 1.0)
+    assert counts.add({E0: without(hist({0.1: 35, 5.0: 40}), 1.0)}, 90.0) == without(hist({0.1: 5}), 1.0)
+
+
+def test_a_series_not_scraped_for_longer_than_hold_s_starts_from_its_next_scrape() -> None:
+    """Found by review: after a gap (the polls failed for minutes, the engine still serving), the next scrape's
+    increase held every first token of the gap: 900 slow ones of minutes ago in one scrape, so in a 30 s fleet
+    window, where the replica's rate and its P95 are the window's. rate() over a window never spans a longer gap:
+    the scrape after one is the series' baseline."""
+    counts = ServerCounts(hold_s=60.0)
+    counts.add({E0: hist({})}, 0.0)
+    assert counts.add({E0: hist({0.1: 30})}, 10.0) == hist({0.1: 30})
+    assert counts.add({E0: hist({0.1: 30, 5.0: 900})}, 300.0) == {}  # the first scrape after a 290 s gap
+    assert counts.add({E0: hist({0.1: 60, 5.0: 900})}, 310.0) == hist({0.1: 30})
+    assert counts.total == hist({0.1: 60})
