@@ -140,7 +140,7 @@ class ServerCounts:
     are differenced; with a bucket it did not have (its baseline or last scrape was incomplete), nothing of it can be
     differenced, so that scrape is its new baseline. A series with a bound that is no number, or a count not finite
     or negative, is skipped (found by review: a NaN was kept and made the total NaN for good; a negative one read as
-    a reset). A series not scraped for longer than `hold_s` (the polls failed, or it was missing) is differenced
+    a reset); one seen broken before it had counts starts from its first countable scrape. A series not scraped for longer than `hold_s` (the polls failed, or it was missing) is differenced
     against nothing that old: that scrape is its new baseline, as rate() over a window never spans a longer gap
     (found by review: the minutes of first tokens a gap hid counted as one scrape's, in a 30 s fleet window)."""
 
@@ -154,20 +154,24 @@ class ServerCounts:
         """Counts `scrape` (taken at `now_s`, in seconds) and returns what it added since the scrape before, summed
         over series: all zero for the baseline, empty when nothing could be counted (no series, or all lacking
         buckets, new baselines or broken)."""
-        scrape = {k: h for k, h in scrape.items() if _countable(h)}
+        broken = [k for k, h in scrape.items() if not _countable(h)]
+        scrape = {k: h for k, h in scrape.items() if k not in broken}
         if not self._last:
             if scrape:
                 self._last = {k: dict(h) for k, h in scrape.items()}
                 self._complete_at = dict.fromkeys(scrape, now_s)
-                self._seen_at = dict.fromkeys(scrape, now_s)
+                self._seen_at = dict.fromkeys((*scrape, *broken), now_s)  # a broken one starts when countable
                 self.total = dict.fromkeys(merge(scrape.values()), 0.0)
             return dict(self.total)
+        for key in broken:  # seen, with no counts to difference against: when countable, it starts from there
+            if key not in self._last:
+                self._seen_at.setdefault(key, now_s)
         increases = []
         for key, now in scrape.items():
             before = self._last.get(key, {})
-            seen_at, self._seen_at[key] = self._seen_at.get(key, now_s), now_s
-            if before and now_s - seen_at > self.hold_s:  # a gap: what it hid is no increase of this scrape's
-                self._last[key], self._complete_at[key] = dict(now), now_s
+            seen_at, self._seen_at[key] = self._seen_at.get(key), now_s
+            if seen_at is not None and (not before or now_s - seen_at > self.hold_s):
+                self._last[key], self._complete_at[key] = dict(now), now_s  # after a gap, or broken: a baseline
                 continue
             if lacks_buckets(before, now) and now_s - self._complete_at.get(key, now_s) <= self.hold_s:
                 continue  # skipped: its first tokens count in the series' next complete scrape

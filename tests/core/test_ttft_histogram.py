@@ -225,6 +225,10 @@ def test_a_series_with_a_broken_count_is_skipped_not_kept(bad: float) -> None:
     fresh = ServerCounts()  # a broken first scrape is no baseline either
     assert fresh.add({E0: broken}, 0.0) == {} and fresh.total == {}
     assert fresh.add({E0: hist({0.1: 110})}, 1.0) == hist({}) and fresh.total == hist({})
+    two = ServerCounts()  # one engine broken at the baseline: its history is not new when it is countable
+    two.add({E0: hist({0.1: 100}), E1: broken}, 0.0)
+    assert two.add({E0: hist({0.1: 110}), E1: hist({5.0: 500})}, 1.0) == hist({0.1: 10})
+    assert two.add({E0: hist({0.1: 110}), E1: hist({5.0: 500, 0.1: 5})}, 2.0) == hist({0.1: 5})
 
 
 def test_an_incomplete_first_scrape_is_no_door_for_the_engines_history() -> None:
