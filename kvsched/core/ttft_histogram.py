@@ -140,9 +140,10 @@ class ServerCounts:
     are differenced; with a bucket it did not have (its baseline or last scrape was incomplete), nothing of it can be
     differenced, so that scrape is its new baseline. A series with a bound that is no number, or a count not finite
     or negative, is skipped (found by review: a NaN was kept and made the total NaN for good; a negative one read as
-    a reset); one seen broken before it had counts starts from its first countable scrape. A series not scraped for longer than `hold_s` (the polls failed, or it was missing) is differenced
-    against nothing that old: that scrape is its new baseline, as rate() over a window never spans a longer gap
-    (found by review: the minutes of first tokens a gap hid counted as one scrape's, in a 30 s fleet window)."""
+    a reset); one seen broken before it had counts starts from its first countable scrape. A series not scraped for
+    longer than `hold_s` (the polls failed, or it was missing) is differenced against nothing that old: that scrape
+    is its new baseline, as rate() over a window never spans a longer gap (found by review: the minutes of first
+    tokens a gap hid counted as one scrape's, in a 30 s fleet window)."""
 
     hold_s: float = 60.0
     total: dict[float, float] = field(default_factory=dict)
