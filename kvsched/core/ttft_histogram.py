@@ -133,35 +133,65 @@ class ServerCounts:
     only its own counts; differencing the sum over engines read that as the whole server's reset, so every other
     engine's history counted as new (found by review). A series first seen after the baseline counts in full (it did
     not exist at the scrape before: an engine added, a renamed model); one missing from a scrape keeps its last
-    counts, so it is differenced against them when it is back."""
+    counts, so it is differenced against them when it is back.
+
+    A restart starts every count over, so a series whose bounds changed with no count below its last is no restart
+    (found by review: each such case counted history again): lacking buckets past `hold_s`, the buckets it still has
+    are differenced; with a bucket it did not have (its baseline or last scrape was incomplete), nothing of it can be
+    differenced, so that scrape is its new baseline. A series with a bound that is no number, or a count not finite
+    or negative, is skipped (found by review: a NaN was kept and made the total NaN for good; a negative one read as
+    a reset); one seen broken before it had counts starts from its first countable scrape. A series not scraped for
+    longer than `hold_s` (the polls failed, or it was missing) is differenced against nothing that old: that scrape
+    is its new baseline, as rate() over a window never spans a longer gap (found by review: the minutes of first
+    tokens a gap hid counted as one scrape's, in a 30 s fleet window)."""
 
     hold_s: float = 60.0
     total: dict[float, float] = field(default_factory=dict)
     _last: dict[SeriesKey, dict[float, float]] = field(default_factory=dict)
     _complete_at: dict[SeriesKey, float] = field(default_factory=dict)
+    _seen_at: dict[SeriesKey, float] = field(default_factory=dict)
 
     def add(self, scrape: Mapping[SeriesKey, Histogram], now_s: float) -> dict[float, float]:
         """Counts `scrape` (taken at `now_s`, in seconds) and returns what it added since the scrape before, summed
         over series: all zero for the baseline, empty when nothing could be counted (no series, or all lacking
-        buckets)."""
+        buckets, new baselines or broken)."""
+        broken = [k for k, h in scrape.items() if not _countable(h)]
+        scrape = {k: h for k, h in scrape.items() if k not in broken}
         if not self._last:
             if scrape:
                 self._last = {k: dict(h) for k, h in scrape.items()}
                 self._complete_at = dict.fromkeys(scrape, now_s)
+                self._seen_at = dict.fromkeys((*scrape, *broken), now_s)  # a broken one starts when countable
                 self.total = dict.fromkeys(merge(scrape.values()), 0.0)
             return dict(self.total)
+        for key in broken:  # seen, with no counts to difference against: when countable, it starts from there
+            if key not in self._last:
+                self._seen_at.setdefault(key, now_s)
         increases = []
         for key, now in scrape.items():
             before = self._last.get(key, {})
+            seen_at, self._seen_at[key] = self._seen_at.get(key), now_s
+            if seen_at is not None and (not before or now_s - seen_at > self.hold_s):
+                self._last[key], self._complete_at[key] = dict(now), now_s  # after a gap, or broken: a baseline
+                continue
             if lacks_buckets(before, now) and now_s - self._complete_at.get(key, now_s) <= self.hold_s:
                 continue  # skipped: its first tokens count in the series' next complete scrape
             self._complete_at[key] = now_s
-            increases.append(counter_increase(before, now))
             self._last[key] = dict(now)
+            if before and set(before) != set(now) and all(c >= before[b] for b, c in now.items() if b in before):
+                if set(now) <= set(before):  # buckets lost for good, none restarted: the rest are differenced
+                    increases.append({b: c - before[b] for b, c in now.items()})
+                continue  # else a bucket it had no count for: this scrape is the series' baseline
+            increases.append(counter_increase(before, now))
         increase = merge(increases)
         if increase:
             self.total = add_counts(self.total, increase)
         return increase
+
+
+def _countable(h: Histogram) -> bool:
+    """Whether a series' scrape can be counted: some buckets, every bound a number, every count finite and >= 0."""
+    return bool(h) and all(not math.isnan(b) and math.isfinite(c) and c >= 0 for b, c in h.items())
 
 
 @dataclass(frozen=True, slots=True)

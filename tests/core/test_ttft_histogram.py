@@ -200,3 +200,72 @@ def test_a_series_new_after_the_baseline_counts_in_full_and_a_missing_one_is_not
     assert counts.add({E0: lacking, E1: hist({0.1: 9})}, 4.0) == hist({0.1: 1})  # engine 0 lacks a bucket: skipped
     assert counts.add({E0: hist({0.1: 130}), E1: hist({0.1: 9})}, 5.0) == hist({0.1: 20})
     assert counts.total == hist({0.1: 39})
+
+
+def without(h: dict[float, float], bound: float) -> dict[float, float]:
+    """A scrape of `h` missing one bucket (an incomplete scrape)."""
+    return {b: c for b, c in h.items() if b != bound}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+def test_a_series_with_a_broken_count_is_skipped_not_kept(bad: float) -> None:
+    """Found by review: a NaN count was kept as the series' last counts and added to the running total, which stayed
+    NaN for good (NaN - x, and no reset is ever below NaN), so Ray's windows of that replica were never mergeable; a
+    negative one read as a reset, counting the engine's 100 first tokens of before the baseline as new, and lowered
+    the total Ray differences. Such a series is skipped, as an incomplete scrape is."""
+    counts = ServerCounts()
+    counts.add({E0: hist({0.1: 100})}, 0.0)
+    broken = {**hist({0.1: 105}), 5.0: bad}
+    assert counts.add({E0: broken}, 1.0) == {}
+    assert counts.total == hist({})
+    assert counts.add({E0: hist({0.1: 110})}, 2.0) == hist({0.1: 10})
+    assert counts.total == hist({0.1: 10})
+    assert counts.add({E0: {**hist({0.1: 120}), math.nan: 120.0}}, 3.0) == {}  # a bound that is no number
+    assert counts.total == hist({0.1: 10})
+    fresh = ServerCounts()  # a broken first scrape is no baseline either
+    assert fresh.add({E0: broken}, 0.0) == {} and fresh.total == {}
+    assert fresh.add({E0: hist({0.1: 110})}, 1.0) == hist({}) and fresh.total == hist({})
+    two = ServerCounts()  # one engine broken at the baseline: its history is not new when it is countable
+    two.add({E0: hist({0.1: 100}), E1: broken}, 0.0)
+    assert two.add({E0: hist({0.1: 110}), E1: hist({5.0: 500})}, 1.0) == hist({0.1: 10})
+    assert two.add({E0: hist({0.1: 110}), E1: hist({5.0: 500, 0.1: 5})}, 2.0) == hist({0.1: 5})
+
+
+def test_an_incomplete_first_scrape_is_no_door_for_the_engines_history() -> None:
+    """Found by review: a baseline scrape missing a bucket, then a complete one, read as a restart with other bounds
+    (a bound added), so the engine's 500 first tokens of before the baseline counted as new: the bug the baseline
+    fixed, by another door. No count dropped, so no restart: the complete scrape is the series' new baseline."""
+    counts = ServerCounts()
+    counts.add({E0: without(hist({5.0: 500}), 1.0)}, 0.0)
+    assert counts.add({E0: hist({5.0: 500, 0.1: 30})}, 10.0) == {}
+    assert counts.total.get(INF) == 0.0
+    assert counts.add({E0: hist({5.0: 500, 0.1: 60})}, 20.0) == hist({0.1: 30})
+    assert counts.total == hist({0.1: 30})
+
+
+def test_a_bucket_missing_past_hold_s_is_differenced_over_the_buckets_left() -> None:
+    """Found by review: a series lacking a bucket for longer than `hold_s` was taken as restarted with other bounds,
+    so all its counts were new: the 40 slow first tokens counted at the last complete scrape counted again (70, not
+    the 30 fast ones since). No count dropped, so no restart: the buckets it still has are differenced."""
+    counts = ServerCounts(hold_s=60.0)
+    counts.add({E0: hist({})}, 0.0)
+    assert counts.add({E0: hist({5.0: 40})}, 10.0) == hist({5.0: 40})
+    partial = without(hist({0.1: 30, 5.0: 40}), 1.0)
+    assert counts.add({E0: partial}, 20.0) == {}  # skipped while it may be a passing glitch
+    assert counts.add({E0: partial}, 50.0) == {}
+    assert counts.add({E0: partial}, 80.0) == without(hist({0.1: 30}), 1.0)  # the layout now
+    assert counts.total == without(hist({0.1: 30}), 1.0)  # the total starts over on the new bounds
+    assert counts.add({E0: without(hist({0.1: 35, 5.0: 40}), 1.0)}, 90.0) == without(hist({0.1: 5}), 1.0)
+
+
+def test_a_series_not_scraped_for_longer_than_hold_s_starts_from_its_next_scrape() -> None:
+    """Found by review: after a gap (the polls failed for minutes, the engine still serving), the next scrape's
+    increase held every first token of the gap: 900 slow ones of minutes ago in one scrape, so in a 30 s fleet
+    window, where the replica's rate and its P95 are the window's. rate() over a window never spans a longer gap:
+    the scrape after one is the series' baseline."""
+    counts = ServerCounts(hold_s=60.0)
+    counts.add({E0: hist({})}, 0.0)
+    assert counts.add({E0: hist({0.1: 30})}, 10.0) == hist({0.1: 30})
+    assert counts.add({E0: hist({0.1: 30, 5.0: 900})}, 300.0) == {}  # the first scrape after a 290 s gap
+    assert counts.add({E0: hist({0.1: 60, 5.0: 900})}, 310.0) == hist({0.1: 30})
+    assert counts.total == hist({0.1: 60})

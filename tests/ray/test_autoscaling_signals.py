@@ -258,3 +258,58 @@ def test_one_engine_restarting_is_not_the_whole_replicas_counter_reset() -> None
     n, state = policy(fleet_ctx(window, now=1000.0))
     assert n == 1 and "fleet p95 0.095 s" in state["kvsched_reason"] and "(30 first tokens)" in state["kvsched_reason"]
 
+
+
+def test_a_poll_left_running_by_a_cancelled_caller_is_not_undone_by_the_next_one(monkeypatch: pytest.MonkeyPatch) \
+        -> None:
+    """Found by review: Ray cancels record_autoscaling_stats after 10 s; `asyncio.to_thread(stats.poll)` runs on, its
+    lock released, and the next call polls beside it. The later poll applied first, then the earlier one (held up on
+    /kvsched/sessions) applied its older counts: lower, so a reset, and the engine's 500 slow first tokens of before
+    the baseline counted as new (a 4.9 s P95 from 10 fast first tokens). Polls run one at a time; one in flight makes
+    the next return at once, the one in flight bringing the news."""
+    import threading
+    import urllib.request
+
+    from kvsched.adapters.ray.stats import ReplicaStats
+
+    engine = {"text": ttft_metrics({5.0: 500})}
+    entered, release, hold = threading.Event(), threading.Event(), threading.Event()
+
+    class Answer:
+        def __init__(self, body: bytes) -> None:
+            self.body = body
+
+        def __enter__(self) -> Answer:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def read(self) -> bytes:
+            return self.body
+
+    def urlopen(req: object, timeout: float | None = None) -> Answer:
+        url = req if isinstance(req, str) else req.full_url  # type: ignore[attr-defined]
+        if url.endswith("/metrics"):
+            return Answer(engine["text"].encode())
+        if hold.is_set():
+            hold.clear()
+            entered.set()
+            release.wait(30.0)  # a safety bound, not a timing: the test sets it
+        return Answer(b'{"pinned_session_ids": []}')
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    st = ReplicaStats("http://x", hold_s=60.0)
+    st.poll()  # the baseline: 500 slow first tokens of long ago
+    engine["text"] = ttft_metrics({0.1: 10, 5.0: 500})
+    hold.set()
+    first = threading.Thread(target=st.poll)  # its caller cancelled: it runs on, held on /kvsched/sessions
+    first.start()
+    assert entered.wait(30.0)
+    engine["text"] = ttft_metrics({0.1: 30, 5.0: 500})
+    st.poll()  # the next call, while the first is in flight
+    release.set()
+    first.join(30.0)
+    st.poll()
+    assert st.ttft_buckets[float("inf")] == 30 and st.ttft_buckets[0.1] == 30
+    assert st.fresh_ttft_p95() == pytest.approx(0.095)

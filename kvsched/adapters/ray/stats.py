@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -81,6 +82,7 @@ class ReplicaStats:
     _ttft_at: float = -math.inf
     _reported_buckets: dict[float, float] = field(default_factory=dict)  # `ttft_buckets` at the last fresh P95
     _reported_at: float = -math.inf
+    _polling: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._counts = ServerCounts(self.hold_s)
@@ -103,14 +105,22 @@ class ReplicaStats:
                                       if r.get("pinned_blocks", 0) > 0)
 
     def poll(self, timeout_s: float = 5.0) -> None:
-        """Blocking: read /metrics and /kvsched/sessions (run it in a thread)."""
-        with urllib.request.urlopen(self.base_url + "/metrics", timeout=timeout_s) as r:
-            text = r.read().decode()
+        """Blocking: read /metrics and /kvsched/sessions (run it in a thread). One at a time: while one is in flight,
+        another returns at once, the one in flight bringing the news. Found by review: Ray cancels
+        record_autoscaling_stats after 10 s, but its thread runs on; the next poll ran beside it, and the older
+        scrape applied after the newer read as a counter reset, counting the engine's history as new."""
+        if not self._polling.acquire(blocking=False):
+            return
         try:
-            sessions = self._all_sessions(timeout_s)
-        except (OSError, ValueError):
-            sessions = None  # stock vLLM (no kvsched scheduler) or busy: keep the last list
-        self.update(text, sessions)
+            with urllib.request.urlopen(self.base_url + "/metrics", timeout=timeout_s) as r:
+                text = r.read().decode()
+            try:
+                sessions = self._all_sessions(timeout_s)
+            except (OSError, ValueError):
+                sessions = None  # stock vLLM (no kvsched scheduler) or busy: keep the last list
+            self.update(text, sessions)
+        finally:
+            self._polling.release()
 
     def _all_sessions(self, timeout_s: float) -> dict[str, Any]:
         """The ids of every session holding pinned KV on the engine (all salts and tenants with the admin key), in one
