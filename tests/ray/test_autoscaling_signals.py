@@ -313,3 +313,42 @@ def test_a_poll_left_running_by_a_cancelled_caller_is_not_undone_by_the_next_one
     st.poll()
     assert st.ttft_buckets[float("inf")] == 30 and st.ttft_buckets[0.1] == 30
     assert st.fresh_ttft_p95() == pytest.approx(0.095)
+
+
+def test_a_malformed_sessions_reply_keeps_the_scrape_and_the_last_session_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply of /kvsched/sessions cut short (http.client.IncompleteRead, not an OSError) raised out of poll(), so
+    the /metrics scrape read before it was lost and Ray logged a failed stats call; now it is kept, as for a busy
+    engine, with the last session list."""
+    import http.client
+    import urllib.request
+
+    from kvsched.adapters.ray.stats import ReplicaStats
+
+    engine = {"text": ttft_metrics({0.1: 0}), "sessions": b'{"pinned_session_ids": ["a"]}'}
+
+    class Answer:
+        def __init__(self, body: bytes | None) -> None:
+            self.body = body
+
+        def __enter__(self) -> Answer:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def read(self) -> bytes:
+            if self.body is None:
+                raise http.client.IncompleteRead(b'{"pinned_sess')
+            return self.body
+
+    def urlopen(req: object, timeout: float | None = None) -> Answer:
+        url = req if isinstance(req, str) else req.full_url  # type: ignore[attr-defined]
+        return Answer(engine["text"].encode() if url.endswith("/metrics") else engine["sessions"])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    st = ReplicaStats("http://x", hold_s=60.0)
+    st.poll()
+    engine["text"], engine["sessions"] = ttft_metrics({0.1: 20}), None
+    st.poll()
+    assert st.ttft_buckets[float("inf")] == 20
+    assert st.kv_sessions == ["a"]

@@ -16,6 +16,7 @@ own. A series missing some of its last buckets, none of its counts lower, is ski
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import threading
@@ -116,7 +117,7 @@ class ReplicaStats:
                 text = r.read().decode()
             try:
                 sessions = self._all_sessions(timeout_s)
-            except (OSError, ValueError):
+            except (OSError, ValueError, http.client.HTTPException):  # HTTPException: a reply cut short
                 sessions = None  # stock vLLM (no kvsched scheduler) or busy: keep the last list
             self.update(text, sessions)
         finally:
