@@ -38,7 +38,12 @@ def _round(tree: str, sessions: int, steps: int, trace: str) -> dict[str, Any]:
     from kvsched.tiny_model import ensure_tiny_model
 
     now = [1000.0]
-    session_pins.SessionPins.__init__.__defaults__ = (lambda: now[0],)  # the policy's clock: the step's time
+    init = session_pins.SessionPins.__init__
+
+    def stepped_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **{**kwargs, "clock": lambda: now[0]})  # the policy's clock: the step's time
+
+    session_pins.SessionPins.__init__ = stepped_init  # type: ignore[method-assign]
     step = sched._Round.step
 
     def timed_step(self: Any) -> float:
