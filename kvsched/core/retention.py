@@ -154,6 +154,8 @@ class RetentionPolicy(ReleaseValues):
         rec.active_requests = max(rec.active_requests - 1, 0)
         rec.turns += 1
         rec.burst_turns += 1
+        if hints.end:  # its last turn: not awaited (an earlier one that finished while it ran did come back)
+            self.returns.last_turn(key, now)
         likely = hints.end or (rec.turns > 1 and self.config.return_threshold is None) or \
             self.returns.turn_finished(key, rec.turns, blocks, rec.last_finished, now)
         rec.last_finished = now
@@ -204,8 +206,11 @@ class RetentionPolicy(ReleaseValues):
         return [Pin(key)]
 
     def end(self, key: SessionKey) -> list[Decision]:
-        """The client ended the session: release its pin and forget it."""
+        """The client ended the session: release its pin and forget it. Its awaited turn, if no request of it is in
+        the engine, never returns (a request in flight already said how the last turn ended)."""
         rec = self.sessions.get(key)
+        if rec is None or not (rec.active_requests or rec.waiting):
+            self.returns.ended(key, self.clock())
         if rec is None:
             return []
         decisions: list[Decision] = [self._release(rec, ReleaseReason.END)] if rec.pinned else []

@@ -118,6 +118,23 @@ class ReturnModel:
             self._known(entry, now <= entry.deadline)
         self.settle(now)
 
+    def ended(self, key: Hashable, now: float) -> None:
+        """Session `key` ended at `now` with no request of it in the engine: its awaited turn is known never to return
+        (a later request under its id is another conversation, not that turn's return). Counted as every outcome is,
+        at its horizon (`at_horizon`): a miss counted at once, its class's returns not yet, would bias the class down."""
+        entry = self._pending.pop(key, None)
+        if entry is not None:
+            self._known(entry, False)
+        self.settle(now)
+
+    def last_turn(self, key: Hashable, now: float) -> None:
+        """The session's last turn (it ends the session) finished at `now`: it is not awaited, but an earlier turn of
+        it that finished while this one ran did come back (as `turn_finished` counts it)."""
+        earlier = self._pending.pop(key, None)
+        if earlier is not None:
+            self._known(earlier, True)
+        self.settle(now)
+
     def settle(self, now: float) -> None:
         """Count as misses the awaited turns whose horizon ended before `now` (deadlines are appended in order: the
         horizon is fixed and the clock monotone)."""
