@@ -137,11 +137,18 @@ class RetentionPolicy(ReleaseValues):
             self.index.changed(rec)
         return out
 
-    def finish_hints(self, key: SessionKey, hints: TurnHints) -> TurnHints:
+    def finish_hints(self, key: SessionKey, hints: TurnHints, shared: bool = False) -> TurnHints:
         """A finishing request's hints as its session now stands: a session ended while the request ran ends with it
-        (no pin). The engine and the simulator both ask here (found by review: the simulator pinned it again)."""
+        (no pin). The engine and the simulator both ask here (found by review: the simulator pinned it again).
+        `shared`: its turn joined an inferred session another conversation may continue (`Lineage.shared_join`): its
+        end is not the other's (ignored, counted; the TTL expires the pin) and its TTL does not shorten the other's."""
         rec = self.sessions.get(key)
-        return dataclasses.replace(hints, end=True) if rec is not None and rec.ended and not hints.end else hints
+        if rec is not None and rec.ended:
+            return hints if hints.end else dataclasses.replace(hints, end=True)
+        if not shared or rec is None:
+            return hints
+        self.counters["inferred_shared_ends_ignored"] += hints.end
+        return dataclasses.replace(hints, end=False, ttl_s=max(self.config.ttl_for(hints.ttl_s), rec.ttl_s))
 
     def turn_finished(self, key: SessionKey, hints: TurnHints, tokens: int, blocks: int,
                       whole_only: bool = False) -> list[Decision]:
