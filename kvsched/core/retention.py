@@ -164,7 +164,7 @@ class RetentionPolicy(ReleaseValues):
         if hints.end:  # its last turn: not awaited (an earlier one that finished while it ran did come back)
             self.returns.last_turn(key, now)
         likely = hints.end or (rec.turns > 1 and self.config.return_threshold is None) or \
-            self.returns.turn_finished(key, rec.turns, blocks, rec.last_finished, now)
+            self.returns.turn_finished(key, rec.turns, blocks, rec.last_finished, now, key.inferred)
         rec.last_finished = now
         if hints.role:
             rec.role = hints.role
