@@ -76,3 +76,24 @@ def test_an_end_with_a_request_in_flight_leaves_the_outcome_to_that_request(cloc
     clock.advance(40.0)
     p.returns.settle(clock.now)
     assert first_turns(p) == (1, 1) and p.returns.awaited == 0
+
+
+def test_a_first_turn_that_ends_its_session_is_not_counted(clock):
+    """The share a first turn is valued by (`ReleaseValues.weight_of`) is that of first turns that did not say they
+    were the last: a turn with the end hint is never pinned nor valued. Counted as misses, a client's ended one-shots
+    would halve the share its other first turns, which all come back, are valued by (a choice made by review; the
+    generated quick trace and the adversarial ones measured the same prefill either way)."""
+    p = policy(clock)
+    for i in range(20):
+        for k, hints in ((SessionKey(SessionId(f"one-shot-{i}")), ENDS), (SessionKey(SessionId(f"chat-{i}")), None)):
+            p.request_arrived(k, hints or NO_HINTS)
+            p.turn_started(k, 0)
+            p.turn_finished(k, hints or NO_HINTS, 160, 10)
+            if hints is None:
+                clock.advance(1.0)
+                p.request_arrived(k, NO_HINTS)  # the conversation's second turn
+                p.request_abandoned(k)
+        clock.advance(1.0)
+    clock.advance(40.0)
+    p.returns.settle(clock.now)
+    assert first_turns(p) == (20, 20)
