@@ -104,7 +104,7 @@ class _Entry:
         self.busy = 0
         self.finished = 0
         self.conversation: str | None = None
-        self.shared = False  # its last joined turn repeated the turn before it: another conversation may continue that
+        self.shared = False  # a turn repeated its last prompt and none extended it since: two conversations may hold it
 
 
 class Lineage:
@@ -220,8 +220,8 @@ class Lineage:
                                                                                  opaque, ending):
                     continue
                 e.busy += 1
-                repeat = _repeats_prompt(e, i, n, tokens, block)  # shared until a turn extends it: then they diverged
-                self.shared_join, e.shared = e.shared or repeat, repeat
+                # shared from a repeat until a turn that extends it finishes (`finished`): then they diverged
+                self.shared_join = e.shared = e.shared or _repeats_prompt(e, i, n, tokens, block)
                 self.counters["inference_hits"] += 1
                 self.counters["inferred_turns"] += 1
                 return e.key
@@ -254,6 +254,7 @@ class Lineage:
             return
         if key.inferred:
             self._unindex(e)
+            e.shared = e.shared and anchor == e.anchor and (tail is None or e.tail is None or tail.length <= e.tail.length)
         e.anchor, e.tail = anchor, tail
         e.computed = computed if computed is not None and (anchor is None or computed[0] > anchor[0]) else None
         if key.inferred:

@@ -142,3 +142,16 @@ def test_an_end_of_the_whole_session_by_its_id_still_ends_a_shared_turn(clock):
     b1 = e.arrive(FIRST)
     e.policy.end(b1[0])
     assert e.policy.finish_hints(b1[0], b1[1], b1[2]).end
+
+
+def test_an_extending_turn_that_is_aborted_leaves_the_session_shared():
+    """Only a finished turn that extends the session makes the two conversations diverge: one aborted before it ran
+    (`Lineage.abandoned`) left the other user's turn where it was."""
+    lin = Lineage(LineageConfig())
+    for _ in range(2):  # A, then B with the same first prompt
+        k = lin.infer(None, None, hashes_of(FIRST), FIRST, BLOCK)
+        lin.finished(k, (2, hashes_of(FIRST)[-1]), tail_of(FIRST, 12))
+    a2 = [*FIRST, 60, 61, 62, 63, 64, 70, 71]
+    assert lin.infer(None, None, hashes_of(a2), a2, BLOCK) == k and lin.shared_join
+    lin.abandoned(k)
+    assert lin.infer(None, None, hashes_of(a2), a2, BLOCK) == k and lin.shared_join
