@@ -37,8 +37,9 @@ class RetentionConfig:
     gap_ewma_alpha: weight of the newest observed inter-turn gap in the expected next-use estimate.
     role_weights: value multiplier per agent role (orchestrators are worth more: every worker waits on them).
     max_sessions: bound on the session table (idle, unpinned records are dropped oldest first).
-    inferred_first_turn_weight: value multiplier of an inferred session's pin until a later request continues it
-        (kvsched.core.lineage): a request without a session field may be a one-shot.
+    inferred_first_turn_weight: an inferred session's first turn (kvsched.core.lineage) starts at this x the first
+        turns' learned return share (a request without a session field may be a one-shot); inferred first turns' own
+        share replaces it as their outcomes are learned (`ReleaseValues.weight_of`).
     payback_sampling, payback_window, payback_cooldown, payback_margin: the online fallback to LRU
         (`kvsched.core.pin_payback`): 1 block key in `payback_sampling` feeds a ghost LRU pool (0: off, pins always
         on; None, the default, is "auto": `for_pool` turns it on at `AUTO_PAYBACK_SAMPLING` for a pool without the FP8

@@ -31,7 +31,10 @@ repeats either.
   took its pin and tier copies with it; such a turn now ends a session of its own). A branch (two requests extending
   the same turn): the first to arrive continues the session; any other that arrives while it is in flight, or
   extends a turn the session has moved past, becomes a session of its own (sharing the common prefix's blocks, which
-  are held once).
+  are held once). A request that repeats the session's last prompt instead of extending it (another user's identical
+  first prompt, or a retry) joins it too, so two conversations may share it until one extends it (`shared`): a turn
+  joined meanwhile ends no session and shortens no pin (`RetentionPolicy.finish_hints`; found by review: either
+  user's ending turn ended both, and one user's TTL hint set the pin the other would hit).
 
 Hashes are opaque here (bytes in vLLM). Anchors are set when a new branch's first turn arrives (so a concurrent stranger
 cannot slip into a branch that has no anchor yet) and moved when a turn finishes. The table is bounded: the least
@@ -91,7 +94,7 @@ class _Entry:
     flight (never forgotten), when its last turn finished (a sequence number) and the conversation its last turn sent
     (compaction's digest of the client's messages, when the API server computed one)."""
 
-    __slots__ = ("key", "anchor", "tail", "computed", "busy", "finished", "conversation")
+    __slots__ = ("key", "anchor", "tail", "computed", "busy", "finished", "conversation", "shared")
 
     def __init__(self, key: SessionKey, anchor: Anchor | None, tail: Tail | None = None) -> None:
         self.key = key
@@ -101,6 +104,7 @@ class _Entry:
         self.busy = 0
         self.finished = 0
         self.conversation: str | None = None
+        self.shared = False  # a turn repeated its last prompt and none extended it since: two conversations may hold it
 
 
 class Lineage:
@@ -131,6 +135,7 @@ class Lineage:
         self._ids: dict[str | None, itertools.count[int]] = {}  # per tenant: a number tells no key of another's
         self._finished = itertools.count(1)
         self.created: SessionKey | None = None  # the branch the last `named` call started (None: it joined one)
+        self.shared_join = False  # the last `infer` call joined a session another conversation may share (`shared`)
         self._retired: OrderedDict[SessionKey, int] = OrderedDict()  # an id's highest branch forgotten to make room
 
     # ---- named sessions -------------------------------------------------------------------------------------------
@@ -203,7 +208,7 @@ class Lineage:
         """The inferred session a request without a session field joins: the newest idle one of the deepest block hash
         (scanned from the prompt's end) that anchors any session, whose turn the prompt continues; else a new one.
         `ending` (the turn ends its session): only one whose answer the prompt repeats (module docstring)."""
-        self.created = None
+        self.created, self.shared_join = None, False
         n = len(hashes)
         index = self.index.get(tenant) or {}
         for i in range(n - 1, max(n - 1 - INFER_SCAN_BLOCKS, -1), -1) if index else ():
@@ -215,6 +220,8 @@ class Lineage:
                                                                                  opaque, ending):
                     continue
                 e.busy += 1
+                # shared from a repeat until a turn that extends it finishes (`finished`): then they diverged
+                self.shared_join = e.shared = e.shared or _repeats_prompt(e, i, n, tokens, block)
                 self.counters["inference_hits"] += 1
                 self.counters["inferred_turns"] += 1
                 return e.key
@@ -247,6 +254,7 @@ class Lineage:
             return
         if key.inferred:
             self._unindex(e)
+            e.shared = e.shared and anchor == e.anchor and (tail is None or e.tail is None or tail.length <= e.tail.length)
         e.anchor, e.tail = anchor, tail
         e.computed = computed if computed is not None and (anchor is None or computed[0] > anchor[0]) else None
         if key.inferred:
@@ -356,6 +364,15 @@ def _continues_at(e: _Entry, i: int, h: Hashable, tokens: Sequence[int] | None, 
     if a is None or a[0] != i or a[1] != h:
         return False
     return e.tail is None or tokens is None or not block or repeats(tokens, (i + 1) * block, e.tail, opaque)
+
+
+def _repeats_prompt(e: _Entry, i: int, n: int, tokens: Sequence[int] | None, block: int) -> bool:
+    """A prompt that continues `e` at block `i` (of `n`) repeats its last prompt, adding nothing past it: its prompt
+    anchor, no full block further and (tokens known) no more tokens than that prompt had."""
+    a = e.anchor  # (a computed anchor, which repeats the answer, always lies past it)
+    if a is None or a[0] != i or i != n - 1:
+        return False
+    return tokens is None or not block or e.tail is None or len(tokens) <= (i + 1) * block + max(e.tail.length, 0)
 
 
 def _depth(e: _Entry, hashes: Sequence[Hashable], tokens: Sequence[int] | None, block: int, opaque: Opaque,

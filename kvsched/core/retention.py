@@ -137,11 +137,18 @@ class RetentionPolicy(ReleaseValues):
             self.index.changed(rec)
         return out
 
-    def finish_hints(self, key: SessionKey, hints: TurnHints) -> TurnHints:
+    def finish_hints(self, key: SessionKey, hints: TurnHints, shared: bool = False) -> TurnHints:
         """A finishing request's hints as its session now stands: a session ended while the request ran ends with it
-        (no pin). The engine and the simulator both ask here (found by review: the simulator pinned it again)."""
+        (no pin). The engine and the simulator both ask here (found by review: the simulator pinned it again).
+        `shared`: its turn joined an inferred session another conversation may continue (`Lineage.shared_join`): its
+        end is not the other's (ignored, counted; the TTL expires the pin) and its TTL does not shorten the other's."""
         rec = self.sessions.get(key)
-        return dataclasses.replace(hints, end=True) if rec is not None and rec.ended and not hints.end else hints
+        if rec is not None and rec.ended:
+            return hints if hints.end else dataclasses.replace(hints, end=True)
+        if not shared or rec is None:
+            return hints
+        self.counters["inferred_shared_ends_ignored"] += hints.end
+        return dataclasses.replace(hints, end=False, ttl_s=max(self.config.ttl_for(hints.ttl_s), rec.ttl_s))
 
     def turn_finished(self, key: SessionKey, hints: TurnHints, tokens: int, blocks: int,
                       whole_only: bool = False) -> list[Decision]:
@@ -154,8 +161,10 @@ class RetentionPolicy(ReleaseValues):
         rec.active_requests = max(rec.active_requests - 1, 0)
         rec.turns += 1
         rec.burst_turns += 1
+        if hints.end:  # its last turn: not awaited (an earlier one that finished while it ran did come back)
+            self.returns.last_turn(key, now)
         likely = hints.end or (rec.turns > 1 and self.config.return_threshold is None) or \
-            self.returns.turn_finished(key, rec.turns, blocks, rec.last_finished, now)
+            self.returns.turn_finished(key, rec.turns, blocks, rec.last_finished, now, key.inferred)
         rec.last_finished = now
         if hints.role:
             rec.role = hints.role
@@ -204,8 +213,11 @@ class RetentionPolicy(ReleaseValues):
         return [Pin(key)]
 
     def end(self, key: SessionKey) -> list[Decision]:
-        """The client ended the session: release its pin and forget it."""
+        """The client ended the session: release its pin and forget it. Its awaited turn, if no request of it is in
+        the engine, never returns (a request in flight already said how the last turn ended)."""
         rec = self.sessions.get(key)
+        if rec is None or not (rec.active_requests or rec.waiting):
+            self.returns.ended(key, self.clock())
         if rec is None:
             return []
         decisions: list[Decision] = [self._release(rec, ReleaseReason.END)] if rec.pinned else []

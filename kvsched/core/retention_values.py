@@ -70,14 +70,17 @@ class ReleaseValues:
 
     def weight_of(self, rec: SessionRecord) -> float:
         """Role weight; for a first turn x its class's learned return share over Laplace's term for its hits (the
-        formula's p_reuse becomes the learned share: 1 while nothing is learned, the model's prior being 1/2), and x
-        inferred_first_turn_weight for an inferred session nothing has continued yet (a one-shot?)."""
+        formula's p_reuse becomes the learned share: 1 while nothing is learned, the model's prior being 1/2). An
+        inferred session's first turn has a class of its own, whose share starts at inferred_first_turn_weight x the
+        first turns' (a one-shot?) and becomes its own as its outcomes are learned: not that factor x a share already
+        learned from those same turns (the discount twice; BENCHMARKS.md, "inferred first turns")."""
         w = self.config.role_weight(rec.role)
         if rec.turns > 1:
             return w
-        learned = self.returns.estimate(return_class(1, rec.pinned_blocks, None))
-        w *= learned * (rec.hits + 2.0) / (rec.hits + 1.0)
-        return w * self.config.inferred_first_turn_weight if rec.key.inferred else w
+        inferred = rec.key.inferred
+        learned = self.returns.estimate(return_class(1, rec.pinned_blocks, None, inferred),
+                                        self.config.inferred_first_turn_weight if inferred else 1.0)
+        return w * learned * (rec.hits + 2.0) / (rec.hits + 1.0)
 
     def candidate(self, rec: SessionRecord, now: float) -> Candidate:
         idle = max(now - rec.last_finished, 0.0) if rec.last_finished is not None else 0.0  # (0.0 is a time)

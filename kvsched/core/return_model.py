@@ -9,7 +9,8 @@ version of that model, learned only from outcomes already known:
 - a turn's class: its index in the session (1, 2, 3, 4+), the octave of its reusable prefix in blocks (the engine
   knows the prefix it would pin, prompt and output together; the output length alone is not passed to the policy, so
   that feature of the hindsight classes is dropped) and the bucket of the time since the session's previous turn ended
-  (none / < 30 s / < 120 s / < 600 s / more);
+  (none / < 30 s / < 120 s / < 600 s / more; an inferred session's first turn has a bucket of its own, -1: where
+  clients name their sessions and some do not, an unnamed request is more often a one-shot);
 - its outcome: returned when the session's next request arrives at most `horizon_s` after the turn ended, not when
   `horizon_s` passes without one (settled lazily, at the next event). Counted when the horizon ends, either way
   (`at_horizon`): a return is known as soon as it arrives but a miss only a horizon later, so counting returns at
@@ -38,11 +39,12 @@ PRIOR_STRENGTH = 10.0  # pseudo-outcomes a level borrows from its parent's mean
 ReturnClass = tuple[int, int, int]  # (turn index capped, prefix block octave, gap bucket)
 
 
-def return_class(turns: int, blocks: int, gap_s: float | None) -> ReturnClass:
+def return_class(turns: int, blocks: int, gap_s: float | None, inferred: bool = False) -> ReturnClass:
     """The class of a turn that ended as the session's `turns`-th, holding `blocks` full blocks of reusable prefix,
-    `gap_s` seconds after the session's previous turn ended (None: its first turn)."""
+    `gap_s` seconds after the session's previous turn ended (None: its first turn; `inferred`: of an inferred
+    session)."""
     octave = int(math.log2(blocks)) if blocks > 0 else -1
-    gap = 0 if gap_s is None else 1 + sum(gap_s >= e for e in GAP_EDGES_S)
+    gap = (-1 if inferred else 0) if gap_s is None else 1 + sum(gap_s >= e for e in GAP_EDGES_S)
     return min(max(turns, 1), TURN_CAP), octave, gap
 
 
@@ -86,24 +88,27 @@ class ReturnModel:
     _pending: dict[Hashable, Pending] = field(default_factory=dict)
     _deadlines: deque[tuple[float, Hashable, Pending]] = field(default_factory=deque)
 
-    def estimate(self, cls: ReturnClass) -> float:
-        """The shrunk return probability of class `cls` from the outcomes settled so far."""
+    def estimate(self, cls: ReturnClass, prior_scale: float = 1.0) -> float:
+        """The shrunk return probability of class `cls` from the outcomes settled so far; `prior_scale` x its turn
+        index's while it has none (a prior of its own: an inferred first turn may be a one-shot)."""
         p = self.total.mean(0.5, 2.0)  # Beta(1, 1)
         turn = self.by_turn.get(cls[0])
         if turn is not None:
             p = turn.mean(p, self.prior_strength)
+        p *= prior_scale
         full = self.by_class.get(cls)
         return full.mean(p, self.prior_strength) if full is not None else p
 
-    def turn_finished(self, key: Hashable, turns: int, blocks: int, previous_end: float | None, now: float) -> bool:
-        """The `turns`-th turn of session `key` ended at `now` holding `blocks` blocks, its previous one at
-        `previous_end` (None: none): True if it is worth pinning, i.e. its class's estimate is at least the threshold.
-        Its outcome is then awaited."""
+    def turn_finished(self, key: Hashable, turns: int, blocks: int, previous_end: float | None, now: float,
+                      inferred: bool = False) -> bool:
+        """The `turns`-th turn of session `key` (`inferred`: an inferred one) ended at `now` holding `blocks` blocks,
+        its previous one at `previous_end` (None: none): True if it is worth pinning, i.e. its class's estimate is at
+        least the threshold. Its outcome is then awaited."""
         earlier = self._pending.pop(key, None)
         if earlier is not None:  # a turn that arrived before the previous one ended: the session did come back
             self._known(earlier, True)
         self.settle(now)
-        cls = return_class(turns, blocks, None if previous_end is None else max(now - previous_end, 0.0))
+        cls = return_class(turns, blocks, None if previous_end is None else max(now - previous_end, 0.0), inferred)
         pin = self.estimate(cls) >= self.threshold
         self.skipped += not pin
         entry = Pending(cls, now + self.horizon_s)
@@ -116,6 +121,23 @@ class ReturnModel:
         entry = self._pending.pop(key, None)
         if entry is not None:
             self._known(entry, now <= entry.deadline)
+        self.settle(now)
+
+    def ended(self, key: Hashable, now: float) -> None:
+        """Session `key` ended at `now` with no request of it in the engine: its awaited turn is known never to return
+        (a later request under its id is another conversation, not that turn's return). Counted as every outcome is,
+        at its horizon (`at_horizon`): a miss counted at once, its class's returns not yet, would bias the class down."""
+        entry = self._pending.pop(key, None)
+        if entry is not None:
+            self._known(entry, False)
+        self.settle(now)
+
+    def last_turn(self, key: Hashable, now: float) -> None:
+        """The session's last turn (it ends the session) finished at `now`: it is not awaited, but an earlier turn of
+        it that finished while this one ran did come back (as `turn_finished` counts it)."""
+        earlier = self._pending.pop(key, None)
+        if earlier is not None:
+            self._known(earlier, True)
         self.settle(now)
 
     def settle(self, now: float) -> None:

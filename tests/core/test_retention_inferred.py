@@ -84,3 +84,50 @@ def test_a_first_turn_nothing_continued_is_worth_half_a_named_one(clock):
     assert named.last_finished is not None and one_shot.last_finished is not None
     named.last_finished = one_shot.last_finished  # the same idle time
     assert p.score(one_shot, now) == pytest.approx(0.5 * p.score(named, now))
+
+
+def first_turns(p, clock, keys, come_back):
+    """A first turn of 21 blocks for each of `keys`; those that `come_back` send a second request 5 s later; then
+    past the horizon, every outcome is counted."""
+    for k in keys:
+        turn(p, clock, k, 0, 672, 21)
+        if come_back:
+            clock.advance(5.0)
+            p.request_arrived(k, NO_HINTS)
+            p.request_abandoned(k)
+        p.end(k)
+        clock.advance(1.0)
+    clock.advance(p.config.default_ttl_s + 1.0)
+    p.returns.settle(clock.now)
+
+
+def fresh_pair(p, clock):
+    """Weights of a fresh named and a fresh inferred first turn of the same size."""
+    named, inferred = SessionKey(SessionId("n-new"), tenant="a"), SessionKey(SessionId("i-new"), tenant="a",
+                                                                              inferred=True)
+    turn(p, clock, named, 0, 672, 21)
+    turn(p, clock, inferred, 0, 672, 21)
+    return p.weight_of(p.sessions[named]), p.weight_of(p.sessions[inferred])
+
+
+def test_where_every_inferred_first_turn_comes_back_a_fresh_one_is_worth_what_a_named_one_is(clock):
+    """Found by review: the factor multiplied a share already learned from those same inferred first turns, so where
+    every client was headerless and every first turn came back, a first turn still counted half (0.5 of a named one)."""
+    p = RetentionPolicy(replace(RetentionConfig(), payback_sampling=0), clock, total_blocks=4096,
+                        bytes_per_token=2048.0)
+    first_turns(p, clock, [SessionKey(SessionId(f"inferred-{i}"), tenant="b", inferred=True) for i in range(30)],
+                come_back=True)
+    named, inferred = fresh_pair(p, clock)
+    assert inferred > 0.85 * named
+
+
+def test_inferred_one_shots_are_learned_apart_from_named_first_turns(clock):
+    """Named first turns all come back, inferred ones never (one-shots): each reads its own share, so the one-shots
+    neither drag the named first turns' share down nor keep half of it."""
+    p = RetentionPolicy(replace(RetentionConfig(), payback_sampling=0), clock, total_blocks=4096,
+                        bytes_per_token=2048.0)
+    first_turns(p, clock, [SessionKey(SessionId(f"n{i}"), tenant="b") for i in range(30)], come_back=True)
+    first_turns(p, clock, [SessionKey(SessionId(f"inferred-{i}"), tenant="b", inferred=True) for i in range(30)],
+                come_back=False)
+    named, inferred = fresh_pair(p, clock)
+    assert named > 1.6 and inferred < 0.1 * named  # (2 for a share of 1: the learned share over Laplace's 1/2)

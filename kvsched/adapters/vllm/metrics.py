@@ -64,6 +64,8 @@ COUNTERS = {
     "inferred_sessions": "Sessions inferred for requests without a session field (session inference)",
     "inferred_turns": "Turns served in inferred sessions (the first turn included)",
     "inference_hits": "Requests found (by block hash) to extend an inferred session's last turn, and joined to it",
+    "inferred_shared_ends_ignored": "End hints ignored on inferred sessions that another conversation may share (a "
+                                    "request repeated their last prompt): their TTL ends them",
     "branches": "Turns under an existing session id that did not continue its prompt: a branch of their own",
     "branch_overflows": "Such turns past the branch limit of an id: served without a session",
     "branches_superseded": "Branches ended when kvsched's compaction rewrote their conversation into a new branch (their "

@@ -42,6 +42,7 @@ class SessionResolver:
                                in_use=in_use or sessions.__contains__)
         self.anchors: dict[str, tuple[Anchor | None, Tail | None]] = {}  # request id -> its prompt's last full block
         # and the tokens past it
+        self.shared: set[str] = set()  # requests that joined an inferred session another conversation may share
         self._failed = False
 
     def _known(self, key: SessionKey) -> SessionKey | None:
@@ -75,6 +76,8 @@ class SessionResolver:
                 key = self._infer(request, hashes, tokens, opaque, hints.end)
             if key is None:
                 return _NO_SESSION
+            if key.inferred and self.lineage.shared_join:
+                self.shared.add(request.request_id)
             self.anchors[request.request_id] = ((len(hashes) - 1, hashes[-1]) if hashes else None, tail)
             return key, hints
         except Exception:  # never take the engine down over session bookkeeping
@@ -92,6 +95,11 @@ class SessionResolver:
             return None
         return self.lineage.infer(salt, tenant, hashes, tokens, self.hash_block, opaque, ending)
 
+    def shared_turn(self, request_id: str) -> bool:
+        """The request joined an inferred session another conversation may share (`Lineage.shared_join`): its end and
+        TTL hints are not that conversation's (`RetentionPolicy.finish_hints`)."""
+        return request_id in self.shared
+
     def finished(self, request_id: str, key: SessionKey, request: Any = None, moved: bool = True) -> None:
         """The turn of `key` that `request` ran finished: the session's anchors move to its prompt and its answer
         (unless not `moved`: a side turn that kept the session's longer pin)."""
@@ -99,18 +107,21 @@ class SessionResolver:
 
     def _finished(self, request_id: str, key: SessionKey, request: Any, moved: bool) -> None:
         anchor, tail = self.anchors.pop(request_id, (None, None))
+        self.shared.discard(request_id)
         computed = compat.computed_anchor(request, self.hash_block) if request is not None and self.hash_block \
             else None
         self.lineage.finished(key, anchor, tail, computed, moved)
 
     def abandoned(self, request_id: str, key: SessionKey) -> None:
         self.anchors.pop(request_id, None)
+        self.shared.discard(request_id)
         self._safely(self.lineage.abandoned, key)
 
     def forget(self, key: SessionKey, request_id: str | None = None) -> None:
         """The session ended (by its request `request_id`'s last turn, when given: its anchor goes too)."""
         if request_id is not None:
             self.anchors.pop(request_id, None)
+            self.shared.discard(request_id)
         self._safely(self.lineage.forget, key)
 
     def _safely(self, fn: Any, *args: Any) -> None:

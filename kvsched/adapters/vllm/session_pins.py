@@ -149,7 +149,8 @@ class SessionPins:
         if entry is None:
             return
         key, hints = entry
-        hints = self.policy.finish_hints(key, hints)  # the session ended while this request ran: no pin
+        # the session ended while this request ran: no pin; it joined one another conversation shares: no end
+        hints = self.policy.finish_hints(key, hints, self.resolver.shared_turn(request.request_id))
         if request.request_id not in self.started:  # finished (aborted) before it ever ran
             self.policy.request_abandoned(key)
             self.resolver.abandoned(request.request_id, key)
@@ -365,6 +366,7 @@ class SessionPins:
             "pins": c["pins"],
             "branches_superseded": c["branches_superseded"],
             "side_turns_kept_pin": c["pins_kept_over_overlapping_turn"],
+            "inferred_shared_ends_ignored": c["inferred_shared_ends_ignored"],
             "released_queued_blocks": c["released_blocks_pressure_waiting"],
             **{f"released_{r.value}": c[f"released_{r.value}"] for r in ReleaseReason},
             **{f"released_{r.value}_partial": c[f"released_{r.value}_partial"] for r in ReleaseReason},

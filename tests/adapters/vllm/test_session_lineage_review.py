@@ -221,3 +221,31 @@ def test_a_side_turn_that_ends_last_leaves_the_branch_to_the_conversation(harnes
     s.add_request(f.make([*turn, FAKE_TOKEN, *range(600, 620)], 2, session_id="chat"))
     run_until_idle(s, counts=counts)
     assert [r.turns for r in s.kvsched.policy.sessions.values()] == [4] and counts.cached_tokens == 10 * BLOCK
+
+
+def test_two_users_sharing_an_inferred_session_neither_ends_nor_shortens_the_others_pin(harness_cfg, clock,
+                                                                                         monkeypatch):
+    """Found by review: users A and B send the same first prompt without a session field, so B's joins A's inferred
+    session (as a retry would). B asked for a 5 s TTL, which then held A's pin too; B's second turn, which repeats
+    the (same) answer, ended the session, releasing the blocks A's second turn repeats. Now B's hints are B's alone:
+    the longer TTL stays, the end is ignored (counted) and the TTL expires the pin."""
+    monkeypatch.setenv("KVSCHED_PAYBACK_SAMPLING", "0")  # the hinted TTLs are kept whole (the pin ledger is off)
+    s, f = sched(harness_cfg, clock=clock), h.RequestFactory(BLOCK)
+    first = [*range(100, 164), 500, 501, 502]  # 4 full blocks and 3 tokens
+    s.add_request(f.make(first, 40))  # A
+    run_until_idle(s)
+    s.add_request(f.make(first, 40, xargs={"ttl_s": 5.0}))  # B, the same words
+    run_until_idle(s)
+    [(key, rec)] = s.kvsched.policy.sessions.items()
+    assert key.inferred and rec.turns == 2 and rec.ttl_s == 30.0, rec.ttl_s
+    answer = [FAKE_TOKEN] * 39
+    s.add_request(f.make([*first, *answer, 700, 701, 702, 703], 4, xargs={"session_end": 1}))  # B's last turn
+    run_until_idle(s)
+    assert key in s.kvsched.policy.sessions and s.kvsched.stats()["inferred_shared_ends_ignored"] == 1
+    a2 = f.make([*first, *answer, 800, 801, 802, 803], 4)
+    full = list(a2.block_hashes)  # its prompt's 6 full blocks: A's first prompt and answer
+    assert len(full) == 6 and all(_held(s, full))  # still pinned
+    counts = h.PrefillCounts()
+    s.add_request(a2)
+    run_until_idle(s, counts=counts)
+    assert counts.cached_tokens == 6 * BLOCK
