@@ -254,7 +254,8 @@ class Lineage:
             return
         if key.inferred:
             self._unindex(e)
-            e.shared = e.shared and anchor == e.anchor and (tail is None or e.tail is None or tail.length <= e.tail.length)
+            longer = tail is not None and e.tail is not None and tail.length > e.tail.length
+            e.shared = e.shared and anchor == e.anchor and not longer  # a turn that extends it: they diverged
         e.anchor, e.tail = anchor, tail
         e.computed = computed if computed is not None and (anchor is None or computed[0] > anchor[0]) else None
         if key.inferred:

@@ -66,7 +66,8 @@ class RetentionPolicy(ReleaseValues):
         # Learned always: a first turn's value is its class's learned return share (`weight_of`); it decides pins
         # only with a threshold (0 without one: every turn is likely). Without one it awaits first turns only (the
         # value reads no other; awaiting every turn cost ~10 us a turn, +50% of the policy's own events, measured).
-        self.returns = ReturnModel(config.return_threshold or 0.0, config.default_ttl_s)
+        self.returns = ReturnModel(config.return_threshold or 0.0, config.default_ttl_s,
+                                   inferred_prior=config.inferred_first_turn_weight)
 
     # ---- events -------------------------------------------------------------------------------------------------
     def request_arrived(self, key: SessionKey, hints: TurnHints) -> None:

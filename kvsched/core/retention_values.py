@@ -77,9 +77,7 @@ class ReleaseValues:
         w = self.config.role_weight(rec.role)
         if rec.turns > 1:
             return w
-        inferred = rec.key.inferred
-        learned = self.returns.estimate(return_class(1, rec.pinned_blocks, None, inferred),
-                                        self.config.inferred_first_turn_weight if inferred else 1.0)
+        learned = self.returns.estimate(return_class(1, rec.pinned_blocks, None, rec.key.inferred))
         return w * learned * (rec.hits + 2.0) / (rec.hits + 1.0)
 
     def candidate(self, rec: SessionRecord, now: float) -> Candidate:

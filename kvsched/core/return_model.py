@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 TURN_CAP = 4  # turn indices 1, 2, 3, 4+ (as kvsched.sim.return_classes)
 GAP_EDGES_S = (30.0, 120.0, 600.0)  # time since the previous turn ended: none / < 30 s / < 120 s / < 600 s / more
 PRIOR_STRENGTH = 10.0  # pseudo-outcomes a level borrows from its parent's mean
+INFERRED_FIRST = -1  # the gap bucket of an inferred session's first turn
 
 ReturnClass = tuple[int, int, int]  # (turn index capped, prefix block octave, gap bucket)
 
@@ -44,7 +45,7 @@ def return_class(turns: int, blocks: int, gap_s: float | None, inferred: bool = 
     `gap_s` seconds after the session's previous turn ended (None: its first turn; `inferred`: of an inferred
     session)."""
     octave = int(math.log2(blocks)) if blocks > 0 else -1
-    gap = (-1 if inferred else 0) if gap_s is None else 1 + sum(gap_s >= e for e in GAP_EDGES_S)
+    gap = (INFERRED_FIRST if inferred else 0) if gap_s is None else 1 + sum(gap_s >= e for e in GAP_EDGES_S)
     return min(max(turns, 1), TURN_CAP), octave, gap
 
 
@@ -72,15 +73,17 @@ class Pending:
 class ReturnModel:
     """P(the session's next turn arrives within `horizon_s` of this one's end), per return class, learned online.
 
-    `threshold`: `turn_finished` says no below it. `at_horizon`: count every outcome when its horizon ends (False:
-    a return as soon as it arrives; biased upward, see the module docstring). The policy calls `turn_finished` at
-    every turn end (pinned or not: the outcome does not depend on the pin, so what the model learns is not biased by
-    what it decided) and `arrived` at every request arrival."""
+    `threshold`: `turn_finished` says no below it. `inferred_prior`: the inferred first turns' class starts at this x
+    the first turns' share (`estimate`; the policy's inferred_first_turn_weight). `at_horizon`: count every outcome
+    when its horizon ends (False: a return as soon as it arrives; biased upward, see the module docstring). The
+    policy calls `turn_finished` at every turn end (pinned or not: the outcome does not depend on the pin, so what the
+    model learns is not biased by what it decided) and `arrived` at every request arrival."""
 
     threshold: float
     horizon_s: float
     prior_strength: float = PRIOR_STRENGTH
     at_horizon: bool = True
+    inferred_prior: float = 1.0
     total: Tally = field(default_factory=Tally)
     by_turn: dict[int, Tally] = field(default_factory=dict)
     by_class: dict[ReturnClass, Tally] = field(default_factory=dict)
@@ -88,14 +91,17 @@ class ReturnModel:
     _pending: dict[Hashable, Pending] = field(default_factory=dict)
     _deadlines: deque[tuple[float, Hashable, Pending]] = field(default_factory=deque)
 
-    def estimate(self, cls: ReturnClass, prior_scale: float = 1.0) -> float:
-        """The shrunk return probability of class `cls` from the outcomes settled so far; `prior_scale` x its turn
-        index's while it has none (a prior of its own: an inferred first turn may be a one-shot)."""
+    def estimate(self, cls: ReturnClass) -> float:
+        """The shrunk return probability of class `cls` from the outcomes settled so far; an inferred first turn's
+        class starts at `inferred_prior` x its turn index's (a prior of its own: it may be a one-shot). The pin gate
+        (`turn_finished`) and the release order (`ReleaseValues.weight_of`) both read it here (found by review: the
+        gate read it unscaled, pinning under KVSCHED_RETURN_THRESHOLD what the value read as below it)."""
         p = self.total.mean(0.5, 2.0)  # Beta(1, 1)
         turn = self.by_turn.get(cls[0])
         if turn is not None:
             p = turn.mean(p, self.prior_strength)
-        p *= prior_scale
+        if cls[2] == INFERRED_FIRST:
+            p *= self.inferred_prior
         full = self.by_class.get(cls)
         return full.mean(p, self.prior_strength) if full is not None else p
 
@@ -126,7 +132,7 @@ class ReturnModel:
     def ended(self, key: Hashable, now: float) -> None:
         """Session `key` ended at `now` with no request of it in the engine: its awaited turn is known never to return
         (a later request under its id is another conversation, not that turn's return). Counted as every outcome is,
-        at its horizon (`at_horizon`): a miss counted at once, its class's returns not yet, would bias the class down."""
+        at its horizon (`at_horizon`): a miss counted at once, its class's returns not yet, would bias it down."""
         entry = self._pending.pop(key, None)
         if entry is not None:
             self._known(entry, False)

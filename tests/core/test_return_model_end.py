@@ -97,3 +97,20 @@ def test_a_first_turn_that_ends_its_session_is_not_counted(clock):
     clock.advance(40.0)
     p.returns.settle(clock.now)
     assert first_turns(p) == (20, 20)
+
+
+def test_with_a_threshold_an_inferred_first_turn_is_gated_on_the_share_its_value_reads(clock):
+    """KVSCHED_RETURN_THRESHOLD set: an inferred session's first turn is pinned only if its class's estimate, the one
+    `weight_of` values it by (inferred_first_turn_weight x the first turns' share while its class has learned nothing:
+    0.5 x 0.5 on a fresh model), reaches the threshold. Before: the gate read the named first turns' 0.5 and pinned
+    it at 0.4 while its value read 0.25."""
+    p = RetentionPolicy(replace(RetentionConfig(), payback_sampling=0, return_threshold=0.4), clock,
+                        total_blocks=100, bytes_per_token=1.0)
+    inferred = SessionKey(SessionId("inferred-1"), inferred=True)
+    for key in (A, inferred):
+        p.request_arrived(key, NO_HINTS)
+        p.turn_started(key, 0)
+    assert p.turn_finished(A, NO_HINTS, 160, 10) == [Pin(A)]  # a named first turn: 0.5 >= 0.4
+    assert p.weight_of(p.sessions[inferred]) == 0.5 * 0.5 * 2.0  # its class's 0.25, x Laplace's 2 for no hits
+    assert p.turn_finished(inferred, NO_HINTS, 160, 10) == []  # 0.25 < 0.4: not pinned
+    assert p.returns.skipped == 1 and p.returns.awaited == 2  # awaited all the same: its class learns its own share

@@ -144,13 +144,13 @@ class SessionPins:
         entry = self.requests.pop(request.request_id, None)
         if self.prefetcher is not None:
             self.prefetcher.on_request_gone(request.request_id)
-        if self.recorder is not None:
-            self.recorder.finished(request, entry[1] if entry is not None else None)
-        if entry is None:
-            return
-        key, hints = entry
         # the session ended while this request ran: no pin; it joined one another conversation shares: no end
-        hints = self.policy.finish_hints(key, hints, self.resolver.shared_turn(request.request_id))
+        hints = self.policy.finish_hints(*entry, self.resolver.shared_turn(request.request_id)) if entry else None
+        if self.recorder is not None:  # an end the engine ignored is none there too: replays serve what it served
+            self.recorder.finished(request, entry[1] if entry is not None else None, hints)
+        if entry is None or hints is None:
+            return
+        key = entry[0]
         if request.request_id not in self.started:  # finished (aborted) before it ever ran
             self.policy.request_abandoned(key)
             self.resolver.abandoned(request.request_id, key)

@@ -151,7 +151,9 @@ class TraceRecorder:
         except Exception:  # a recording never takes the engine down
             self._fail()
 
-    def finished(self, request: Any, hints: TurnHints | None) -> None:
+    def finished(self, request: Any, hints: TurnHints | None, applied: TurnHints | None = None) -> None:
+        """The request finished with `hints` as sent; `applied`: as the engine applied them (an end it ignored, a
+        shared inferred session's, is written as none: found by review, a replay ended the session there)."""
         if self.stopped:
             return
         if not compat.request_ran(request):  # aborted while it waited: nothing was served (found by review: it was
@@ -162,7 +164,7 @@ class TraceRecorder:
             h = hints or TurnHints()
             rec = self.recording
             rec.finished(request.request_id, self.clock(), Finished(
-                prompt, output, blocks, role=h.role, ttl_s=h.ttl_s, end=h.end,
+                prompt, output, blocks, role=h.role, ttl_s=h.ttl_s, end=h.end and (applied is None or applied.end),
                 compacted=compat.request_compacted(request), tokens=tokens))
             if rec.full:
                 logger.warning("kvsched: the recording %s reached %s (%.0f MB, %d requests): it stops here, whole "

@@ -260,3 +260,24 @@ def test_a_recording_that_cannot_be_opened_is_logged_and_the_engine_starts(harne
     assert s.kvsched.recorder is None
     _run(s, RequestFactory(BLOCK), [list(range(100, 180))], session_id="x")
     assert s.kvsched.stats()["pins"] == 1
+
+
+def test_an_end_the_engine_ignored_is_recorded_as_none(harness_cfg, clock, tmp_path, monkeypatch):
+    """Users A and B send the same first prompt without a session field: one inferred session, shared
+    (`Lineage.shared_join`), so B's end hint on the turn after it is ignored (the pin stays for A). Found by review:
+    the recording wrote that turn with its end, so a replay ended the session there and A's next turn, which hit its
+    pin on the engine, started a new conversation in the simulator."""
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "shared.jsonl"))
+    monkeypatch.setenv("KVSCHED_PAYBACK_SAMPLING", "0")
+    s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    first = [*range(100, 164), 500, 501, 502]  # 4 full blocks and 3 tokens
+    for _ in "AB":  # B sends the same words
+        s.add_request(f.make(first, 40))
+        run_until_idle(s)
+    answer = [FAKE_TOKEN] * 39  # its last full block lies past the prompt's: an ending turn joins by repeating it
+    s.add_request(f.make([*first, *answer, 700, 701, 702, 703], 4, xargs={"session_end": 1}))  # B's last turn
+    run_until_idle(s)
+    assert s.kvsched.stats()["inferred_shared_ends_ignored"] == 1 and len(s.kvsched.policy.sessions) == 1
+    s.kvsched.recorder.close()
+    body = [json.loads(x) for x in s.kvsched.recorder.path.read_text().splitlines()[1:]]
+    assert len(body) == 3 and len({x["session"] for x in body}) == 1 and not any(x.get("end") for x in body)
