@@ -33,6 +33,7 @@ from kvsched.core.retention_values import ReleaseValues
 from kvsched.core.return_model import ReturnModel
 from kvsched.core.scoring import select_lowest
 from kvsched.core.sessions import KNOWN_ROLES, SessionKey, TurnHints
+from kvsched.core.shared_turns import arrival_role, shared_finish_hints
 
 __all__ = ["Clock", "Decision", "Pin", "Release", "ReleaseReason", "RetentionPolicy", "SessionRecord", "SessionView"]
 
@@ -70,15 +71,15 @@ class RetentionPolicy(ReleaseValues):
                                    inferred_prior=config.inferred_first_turn_weight)
 
     # ---- events -------------------------------------------------------------------------------------------------
-    def request_arrived(self, key: SessionKey, hints: TurnHints) -> None:
-        """A request of the session reached the engine (counted; its hints refresh the session's role)."""
+    def request_arrived(self, key: SessionKey, hints: TurnHints, shared: bool = False) -> None:
+        """A request of the session reached the engine (counted; its hints refresh the session's role, unless it is
+        `shared` and the session has one: `kvsched.core.shared_turns`)."""
         rec = self.sessions.get(key)
         if rec is None:
             rec = self._new_record(key)
             self.counters["sessions_seen"] += 1
         self.counters["requests_with_session"] += 1
-        if hints.role:
-            rec.role = hints.role
+        rec.role = arrival_role(rec, hints.role, shared, self.counters)
         rec.waiting += 1
         rec.ended = False  # a request after the end: the id's next conversation
         if rec.waiting_since is None:
@@ -142,14 +143,14 @@ class RetentionPolicy(ReleaseValues):
         """A finishing request's hints as its session now stands: a session ended while the request ran ends with it
         (no pin). The engine and the simulator both ask here (found by review: the simulator pinned it again).
         `shared`: its turn joined an inferred session another conversation may continue (`Lineage.shared_join`): its
-        end is not the other's (ignored, counted; the TTL expires the pin) and its TTL does not shorten the other's."""
+        end is not the other's (ignored, counted; the TTL expires the pin), its TTL does not shorten the other's, and
+        its role does not replace the session's (`kvsched.core.shared_turns`)."""
         rec = self.sessions.get(key)
         if rec is not None and rec.ended:
             return hints if hints.end else dataclasses.replace(hints, end=True)
         if not shared or rec is None:
             return hints
-        self.counters["inferred_shared_ends_ignored"] += hints.end
-        return dataclasses.replace(hints, end=False, ttl_s=max(self.config.ttl_for(hints.ttl_s), rec.ttl_s))
+        return shared_finish_hints(rec, hints, self.config.ttl_for(hints.ttl_s), self.counters)
 
     def turn_finished(self, key: SessionKey, hints: TurnHints, tokens: int, blocks: int,
                       whole_only: bool = False) -> list[Decision]:

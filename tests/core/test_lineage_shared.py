@@ -1,6 +1,6 @@
 """Two headerless users whose identical first prompt joins them to one inferred session share it until one extends it
 (`Lineage.shared_join`): meanwhile neither user's end hint ends it for the other, nor does either's TTL hint shorten
-the other's pin (`RetentionPolicy.finish_hints`). Pure: block hashes are tuples of tokens, the clock is the test's."""
+the other's pin (`RetentionPolicy.finish_hints`), nor does either's role hint replace the role set before it. Pure: block hashes are tuples of tokens, the clock is the test's."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class Engine:
 
     def arrive(self, prompt: list[int], hints: TurnHints = TurnHints()) -> tuple[SessionKey, TurnHints, bool]:
         key = self.lineage.infer(None, None, hashes_of(prompt), prompt, BLOCK, ending=hints.end)
-        self.policy.request_arrived(key, hints)
+        self.policy.request_arrived(key, hints, self.lineage.shared_join)
         self.policy.turn_started(key, 0)
         return key, hints, self.lineage.shared_join
 
@@ -155,3 +155,36 @@ def test_an_extending_turn_that_is_aborted_leaves_the_session_shared():
     assert lin.infer(None, None, hashes_of(a2), a2, BLOCK) == k and lin.shared_join
     lin.abandoned(k)
     assert lin.infer(None, None, hashes_of(a2), a2, BLOCK) == k and lin.shared_join
+
+
+def test_one_users_role_hint_does_not_change_the_role_the_session_has(clock):
+    """A's first turn says orchestrator (weight 2); B's identical prompt says worker (1), and B's next turn, joined
+    while shared, says planner. Before: each overwrote the session's role at arrival and at finish, halving the value
+    of the pin A's next turn hits. Now the role set first stays (B's hints counted once a request); a shared turn may
+    set a role where none is set, and after the two diverged B's own hint holds again."""
+    e = Engine(clock)
+    a1 = e.arrive(FIRST, TurnHints(role="orchestrator"))
+    e.finish(a1, FIRST, [60, 61, 62, 63])
+    rec = e.policy.sessions[a1[0]]
+    b1 = e.arrive(FIRST, TurnHints(role="worker"))
+    assert b1[0] == a1[0] and b1[2] and rec.role == "orchestrator"
+    e.finish(b1, FIRST, [90, 91, 92, 93])
+    assert rec.role == "orchestrator" and e.policy.weight_of(rec) == 2.0
+    b2_prompt = [*FIRST, 90, 91, 92, 93, 95]
+    b2 = e.arrive(b2_prompt, TurnHints(role="planner"))
+    assert b2[2] and rec.role == "orchestrator"
+    e.finish(b2, b2_prompt, [97, 98])
+    assert rec.role == "orchestrator" and e.policy.counters["inferred_shared_roles_ignored"] == 2
+    b3_prompt = [*b2_prompt, 97, 99]
+    b3 = e.arrive(b3_prompt, TurnHints(role="worker"))  # they diverged at b2: B's own hint holds again
+    assert not b3[2] and rec.role == "worker"
+
+
+def test_a_shared_turn_sets_a_role_where_none_is_set(clock):
+    e = Engine(clock)
+    a1 = e.arrive(FIRST)
+    e.finish(a1, FIRST, [60, 61, 62, 63])
+    b1 = e.arrive(FIRST, TurnHints(role="planner"))
+    assert b1[2] and e.policy.sessions[b1[0]].role == "planner"
+    e.finish(b1, FIRST, [90, 91, 92, 93])
+    assert e.policy.sessions[b1[0]].role == "planner" and e.policy.counters["inferred_shared_roles_ignored"] == 0

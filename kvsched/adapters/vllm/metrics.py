@@ -66,6 +66,8 @@ COUNTERS = {
     "inference_hits": "Requests found (by block hash) to extend an inferred session's last turn, and joined to it",
     "inferred_shared_ends_ignored": "End hints ignored on inferred sessions that another conversation may share (a "
                                     "request repeated their last prompt): their TTL ends them",
+    "inferred_shared_roles_ignored": "Role hints ignored on inferred sessions that another conversation may share: the "
+                                     "session's role, once set, stays",
     "branches": "Turns under an existing session id that did not continue its prompt: a branch of their own",
     "branch_overflows": "Such turns past the branch limit of an id: served without a session",
     "branches_superseded": "Branches ended when kvsched's compaction rewrote their conversation into a new branch (their "

@@ -101,7 +101,7 @@ class SessionPins:
                 self._end(old)
         if (conversation := compat.request_conversation(request)) is not None:
             lineage.note_conversation(key, conversation)
-        self.policy.request_arrived(key, hints)
+        self.policy.request_arrived(key, hints, self.resolver.shared_turn(request.request_id))
         # One key object per session (the policy record's), not one per request: fewer objects for the GC, and
         # dict lookups by the very object the tables hold skip the dataclass __eq__.
         key = self.policy.sessions[key].key
@@ -367,6 +367,7 @@ class SessionPins:
             "branches_superseded": c["branches_superseded"],
             "side_turns_kept_pin": c["pins_kept_over_overlapping_turn"],
             "inferred_shared_ends_ignored": c["inferred_shared_ends_ignored"],
+            "inferred_shared_roles_ignored": c["inferred_shared_roles_ignored"],
             "released_queued_blocks": c["released_blocks_pressure_waiting"],
             **{f"released_{r.value}": c[f"released_{r.value}"] for r in ReleaseReason},
             **{f"released_{r.value}_partial": c[f"released_{r.value}_partial"] for r in ReleaseReason},

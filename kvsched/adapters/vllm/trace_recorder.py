@@ -153,7 +153,8 @@ class TraceRecorder:
 
     def finished(self, request: Any, hints: TurnHints | None, applied: TurnHints | None = None) -> None:
         """The request finished with `hints` as sent; `applied`: as the engine applied them (an end it ignored, a
-        shared inferred session's, is written as none: found by review, a replay ended the session there)."""
+        shared inferred session's, is written as none: found by review, a replay ended the session there; so is a role
+        it ignored, which a replay would have set)."""
         if self.stopped:
             return
         if not compat.request_ran(request):  # aborted while it waited: nothing was served (found by review: it was
@@ -164,7 +165,8 @@ class TraceRecorder:
             h = hints or TurnHints()
             rec = self.recording
             rec.finished(request.request_id, self.clock(), Finished(
-                prompt, output, blocks, role=h.role, ttl_s=h.ttl_s, end=h.end and (applied is None or applied.end),
+                prompt, output, blocks, role=h.role if applied is None else applied.role, ttl_s=h.ttl_s,
+                end=h.end and (applied is None or applied.end),
                 compacted=compat.request_compacted(request), tokens=tokens))
             if rec.full:
                 logger.warning("kvsched: the recording %s reached %s (%.0f MB, %d requests): it stops here, whole "
