@@ -3,6 +3,7 @@ from enough first tokens to have one."""
 
 from __future__ import annotations
 
+import http.client
 from types import SimpleNamespace
 
 import pytest
@@ -35,13 +36,8 @@ BOUNDS = (0.1, 0.5, 1.0, 2.5, 5.0)
 
 
 def ttft_metrics(counts: dict[float, int]) -> str:
-    """vLLM's TTFT histogram, cumulative, with `counts` first tokens per bucket bound."""
-    lines, total = ["# TYPE vllm:time_to_first_token_seconds histogram"], 0
-    for b in BOUNDS:
-        total += counts.get(b, 0)
-        lines.append(f'vllm:time_to_first_token_seconds_bucket{{le="{b}",model_name="m"}} {total}')
-    lines.append(f'vllm:time_to_first_token_seconds_bucket{{le="+Inf",model_name="m"}} {total}')
-    return "\n".join(lines) + "\n"
+    """vLLM's TTFT histogram, cumulative, with `counts` first tokens per bucket bound (one engine's series)."""
+    return engines_metrics({"": counts})
 
 
 def test_a_fresh_p95_counts_only_from_enough_first_tokens() -> None:
@@ -218,8 +214,9 @@ def engines_metrics(counts_by_engine: dict[str, dict[float, int]]) -> str:
     """A data-parallel vLLM server's TTFT histogram: one series per engine (labels `engine`, `model_name`, as vLLM
     0.32 exports them), `counts` first tokens per bucket bound."""
     lines = ["# TYPE vllm:time_to_first_token_seconds histogram"]
-    for engine, counts in counts_by_engine.items():
-        series = f'vllm:time_to_first_token_seconds_bucket{{engine="{engine}",model_name="m",le='
+    for engine, counts in counts_by_engine.items():  # engine "": no engine label (a server of one engine)
+        label = f'engine="{engine}",' if engine else ""
+        series = f'vllm:time_to_first_token_seconds_bucket{{{label}model_name="m",le='
         total = 0
         for b in BOUNDS:
             total += counts.get(b, 0)
@@ -275,19 +272,6 @@ def test_a_poll_left_running_by_a_cancelled_caller_is_not_undone_by_the_next_one
     engine = {"text": ttft_metrics({5.0: 500})}
     entered, release, hold = threading.Event(), threading.Event(), threading.Event()
 
-    class Answer:
-        def __init__(self, body: bytes) -> None:
-            self.body = body
-
-        def __enter__(self) -> Answer:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def read(self) -> bytes:
-            return self.body
-
     def urlopen(req: object, timeout: float | None = None) -> Answer:
         url = req if isinstance(req, str) else req.full_url  # type: ignore[attr-defined]
         if url.endswith("/metrics"):
@@ -319,27 +303,11 @@ def test_a_malformed_sessions_reply_keeps_the_scrape_and_the_last_session_list(m
     """A reply of /kvsched/sessions cut short (http.client.IncompleteRead, not an OSError) raised out of poll(), so
     the /metrics scrape read before it was lost and Ray logged a failed stats call; now it is kept, as for a busy
     engine, with the last session list."""
-    import http.client
     import urllib.request
 
     from kvsched.adapters.ray.stats import ReplicaStats
 
     engine = {"text": ttft_metrics({0.1: 0}), "sessions": b'{"pinned_session_ids": ["a"]}'}
-
-    class Answer:
-        def __init__(self, body: bytes | None) -> None:
-            self.body = body
-
-        def __enter__(self) -> Answer:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def read(self) -> bytes:
-            if self.body is None:
-                raise http.client.IncompleteRead(b'{"pinned_sess')
-            return self.body
 
     def urlopen(req: object, timeout: float | None = None) -> Answer:
         url = req if isinstance(req, str) else req.full_url  # type: ignore[attr-defined]
@@ -352,3 +320,21 @@ def test_a_malformed_sessions_reply_keeps_the_scrape_and_the_last_session_list(m
     st.poll()
     assert st.ttft_buckets[float("inf")] == 20
     assert st.kv_sessions == ["a"]
+
+
+class Answer:
+    """A urlopen reply: `body`, or (None) a body cut short, as http.client raises it."""
+
+    def __init__(self, body: bytes | None) -> None:
+        self.body = body
+
+    def __enter__(self) -> Answer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def read(self) -> bytes:
+        if self.body is None:
+            raise http.client.IncompleteRead(b'{"pinned_sess')
+        return self.body
