@@ -5,7 +5,7 @@ Engine-agnostic: the vLLM adapter (`kvsched.adapters.vllm.trace_recorder`) feeds
 prompt is written: a block's id is a keyed hash of the engine's own chained block hash, a session's a keyed hash of its
 identity (id, cache salt, tenant), under a random key made per recording and never written, so ids can be matched
 within one file and not against anything else. Lengths, times, roles and TTL hints are written as they were (an end or
-a role the engine ignored, on an inferred session another conversation shares, as none).
+a role the engine ignored, on an inferred session another conversation shares, as none; such a turn's TTL as applied).
 
 Lines are written when requests finish, which is not always in arrival order (a session's side request may finish
 after its next turn started). `reuse` refers to the session's previous request *by arrival*, so a request is written

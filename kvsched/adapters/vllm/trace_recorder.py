@@ -154,7 +154,8 @@ class TraceRecorder:
     def finished(self, request: Any, hints: TurnHints | None, applied: TurnHints | None = None) -> None:
         """The request finished with `hints` as sent; `applied`: as the engine applied them (an end it ignored, a
         shared inferred session's, is written as none: found by review, a replay ended the session there; so is a role
-        it ignored, which a replay would have set)."""
+        it ignored, which a replay would have set; and its TTL is the one it applied, which a shared turn's hint could
+        only lengthen, where a replay would have shortened the other user's pin to it)."""
         if self.stopped:
             return
         if not compat.request_ran(request):  # aborted while it waited: nothing was served (found by review: it was
@@ -165,7 +166,8 @@ class TraceRecorder:
             h = hints or TurnHints()
             rec = self.recording
             rec.finished(request.request_id, self.clock(), Finished(
-                prompt, output, blocks, role=h.role if applied is None else applied.role, ttl_s=h.ttl_s,
+                prompt, output, blocks, role=h.role if applied is None else applied.role,
+                ttl_s=h.ttl_s if applied is None else applied.ttl_s,
                 end=h.end and (applied is None or applied.end),
                 compacted=compat.request_compacted(request), tokens=tokens))
             if rec.full:

@@ -272,7 +272,7 @@ def test_an_end_the_engine_ignored_is_recorded_as_none(harness_cfg, clock, tmp_p
     s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
     first = [*range(100, 164), 500, 501, 502]  # 4 full blocks and 3 tokens
     for role in ("orchestrator", "worker"):  # A, then B with the same words (B's role is ignored too, as its end)
-        s.add_request(f.make(first, 40, xargs={"agent_role": role}))
+        s.add_request(f.make(first, 40, xargs={"agent_role": role, "ttl_s": 90 if role == "worker" else 300}))
         run_until_idle(s)
     answer = [FAKE_TOKEN] * 39  # its last full block lies past the prompt's: an ending turn joins by repeating it
     s.add_request(f.make([*first, *answer, 700, 701, 702, 703], 4, xargs={"session_end": 1}))  # B's last turn
@@ -282,3 +282,6 @@ def test_an_end_the_engine_ignored_is_recorded_as_none(harness_cfg, clock, tmp_p
     body = [json.loads(x) for x in s.kvsched.recorder.path.read_text().splitlines()[1:]]
     assert len(body) == 3 and len({x["session"] for x in body}) == 1 and not any(x.get("end") for x in body)
     assert [x.get("role") for x in body] == ["orchestrator", None, None]
+    # B's 90 s hint did not shorten A's 300 s pin, nor did B's last turn without one: recorded as applied, so a
+    # replay keeps A's pin as long as the engine did (found by review: written as sent)
+    assert [x.get("ttl_s") for x in body] == [300, 300, 300]
