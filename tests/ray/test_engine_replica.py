@@ -26,6 +26,10 @@ def test_engine_replica_proxies_and_reports_pinned_sessions(tiny_model_dir: Path
         assert pid is not None and os.getpgid(pid) == pid and os.getsid(pid) == os.getsid(0)
 
         async def run() -> None:
+            # Ray asks for stats from the replica's start: the first scrape is a baseline (what the engine served
+            # before it does not count, as in Prometheus's rate()), so no P95 yet
+            first = await replica.record_routing_stats()
+            assert first["slot"] == 0 and first["ttft_p95_s"] is None
             body = json.dumps({"model": "tiny", "max_tokens": 4,
                                "messages": [{"role": "user", "content": "tool result " * 30}]}).encode()
             res = await replica.complete("/v1/chat/completions", body, {"X-Session-Id": "wf9/worker",
@@ -36,6 +40,7 @@ def test_engine_replica_proxies_and_reports_pinned_sessions(tiny_model_dir: Path
                                                       body.replace(b'"max_tokens": 4', b'"stream": true, '
                                                                    b'"max_tokens": 4'), {})]
             assert chunks[0]["status"] == 200 and b"data:" in b"".join(chunks[1:])
+            await asyncio.sleep(1.1)  # past the stats' 1-s reuse (_fresh_stats' max_age_s): the next call scrapes
             stats = await replica.record_routing_stats()
             assert stats["slot"] == 0 and "wf9/worker" in stats["kv_sessions"]
             assert stats["queue_depth"] == 0 and stats["ttft_p95_s"] is not None and stats["ttft_p95_s"] > 0
