@@ -1,6 +1,7 @@
 """Two headerless users whose identical first prompt joins them to one inferred session share it until one extends it
 (`Lineage.shared_join`): meanwhile neither user's end hint ends it for the other, nor does either's TTL hint shorten
-the other's pin (`RetentionPolicy.finish_hints`), nor does either's role hint replace the role set before it. Pure: block hashes are tuples of tokens, the clock is the test's."""
+the other's pin (`RetentionPolicy.finish_hints`), nor does either's role hint replace the role set before it. Pure:
+block hashes are tuples of tokens, the clock is the test's."""
 
 from __future__ import annotations
 
