@@ -131,8 +131,13 @@ class ServerCounts:
     reads an engine that may have served for hours; counting that history as new made the replica's own P95s those
     hours' first tokens (found by review). Why series by series: one engine restarting under data parallelism drops
     only its own counts; differencing the sum over engines read that as the whole server's reset, so every other
-    engine's history counted as new (found by review). A series first seen after the baseline counts in full (it did
-    not exist at the scrape before: an engine added, a renamed model); one missing from a scrape keeps its last counts, so it is differenced against them when it is back.
+    engine's history counted as new (found by review). A series first seen after the server's baseline is its own
+    baseline, as rate() needs two samples of each series: vLLM 0.32 exports every engine's series from its start
+    (`create_metric_per_engine`, zeros until its first token), so one seen late either is new (an engine added, a
+    renamed model: the first tokens of its first poll interval go uncounted) or was missing from the scrapes before
+    with a history (counting that in full, as this did, read hours of an engine's first tokens as one scrape's: the
+    first-scrape bug by another door). The safe side is the first: it never counts old first tokens as new. One
+    missing from a scrape keeps its last counts, so it is differenced against them when it is back.
 
     A restart starts every count over, so a series whose bounds changed with no count below its last is no restart
     (found by review: each such case counted history again): lacking buckets past `hold_s`, the buckets it still has
@@ -170,8 +175,8 @@ class ServerCounts:
         for key, now in scrape.items():
             before = self._last.get(key, {})
             seen_at, self._seen_at[key] = self._seen_at.get(key), now_s
-            if seen_at is not None and (not before or now_s - seen_at > self.hold_s):
-                self._last[key], self._complete_at[key] = dict(now), now_s  # after a gap, or broken: a baseline
+            if not before or (seen_at is not None and now_s - seen_at > self.hold_s):
+                self._last[key], self._complete_at[key] = dict(now), now_s  # new, after a gap, or broken: a baseline
                 continue
             if lacks_buckets(before, now) and now_s - self._complete_at.get(key, now_s) <= self.hold_s:
                 continue  # skipped: its first tokens count in the series' next complete scrape
