@@ -226,7 +226,7 @@ class ScrapeHealth:
         return max(0.0, now_s - since) if since is not None else 0.0
 
     def state(self, now_s: float, grace_s: float = UNSCRAPED_GRACE_S) -> str:
-        """"ok", "failing" (within `grace_s`), "never read" or "stale" (past it)."""
+        """"not tried" (no poll yet), "ok", "failing" (within `grace_s`), "never read" or "stale" (past it)."""
         if self.unread_s(now_s) <= 0:
             return "ok" if self.last_ok_s is not None else "not tried"
         if self.unread_s(now_s) <= grace_s:
