@@ -28,8 +28,9 @@ class RankShares:
     stage_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        # A later stage may hold no layer (VLLM_PP_LAYER_PARTITION=27,0: vLLM accepts it; found by review, this
-        # refused it and stopped the engine); stage 0 may not: every figure is scaled from its rank's measurement.
+        # A later stage holding no layer is counted as holding no KV (0 bytes), never a division by zero; vLLM 0.32
+        # cannot serve such a partition (`partition_refusal`), so only a future vLLM would bring one here. Stage 0
+        # may not: every figure is scaled from its rank's measurement.
         if self.world_size < 1 or any(n < 0 for n in self.stage_layers) or self.stage_layers[:1] == (0,):
             raise ValueError(f"a world of {self.world_size} ranks, stages of {self.stage_layers} layers: at least one "
                              "rank, no stage below 0 layers, stage 0 (whose rank the figures are measured on) >= 1")
@@ -88,3 +89,31 @@ class RankShares:
         else:
             need, per = first_rank * max(self.stage_layers), self.stage_layers[0]
         return -(-need // per) * host_ranks  # each rank's budget rounded up to the whole byte that holds the slot
+
+
+PARTITION_ENV = "VLLM_PP_LAYER_PARTITION"
+
+
+def partition_refusal(raw: str | None, stages: int) -> str | None:
+    """Why vLLM 0.32 cannot serve `VLLM_PP_LAYER_PARTITION=raw` on `stages` pipeline stages, in one line, or None (unset,
+    or one it serves as far as can be told without the model: the layers' sum is vLLM's to check). Malformed or
+    mis-sized: vLLM's own words (`vllm.distributed.utils.get_pp_indices`), said before the engine starts, not by its
+    workers. A stage of 0 layers: `get_pp_indices` and `make_layers` accept it, but the engine core then cannot size
+    the KV cache of a rank holding no attention layer (`get_kv_cache_configs`: ZeroDivisionError under the CPU
+    backend's LBHNC layout, AssertionError under block-outer ones; checked on vLLM 0.32's own function, both 2,0 and
+    0,2 for a 2-layer model), so the server died after loading the model, with a traceback naming none of this."""
+    if raw is None:
+        return None
+    where = f"{PARTITION_ENV}={raw!r}"
+    try:
+        partitions = [int(layer) for layer in raw.split(",")]
+    except ValueError:
+        return f"{where}: Invalid partition string: {raw} (vLLM's get_pp_indices; one layer count per stage, e.g. 14,13)"
+    if len(partitions) != stages:
+        return f"{where}: len(partitions)={len(partitions)} does not match pp_size={stages} (vLLM's get_pp_indices)"
+    empty = [s for s, n in enumerate(partitions) if n <= 0]
+    if empty:
+        return (f"{where} gives pipeline stage {empty[0]} {partitions[empty[0]]} layers: vLLM 0.32 cannot size the KV "
+                f"cache of a stage without attention layers (its get_kv_cache_configs fails at start-up); give every "
+                f"stage at least one layer")
+    return None

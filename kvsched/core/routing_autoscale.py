@@ -9,7 +9,7 @@ at a time, only when both are well below target and the last change is older tha
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kvsched.core.routing import RoutingConfigError
@@ -106,6 +106,16 @@ def desired_replicas(current: int, loads: Iterable[ReplicaLoad], targets: Autosc
             return ScaleDecision(current, "down: waiting for downscale delay")
         return ScaleDecision(current - 1, f"down: load at {pressure:.2f}x target")
     return ScaleDecision(current, "steady")
+
+
+def held_while_unread(decision: ScaleDecision, current: int, unread: Sequence[str]) -> ScaleDecision:
+    """`decision`, but no scale-down while live replicas' load is unknown (`unread`: their engine metrics unread past
+    the grace, `ttft_histogram.fleet_quantile`): the others' P95 and queues say nothing of theirs, and a replica whose
+    scrapes time out may be the busiest. A scale-up stands: the replicas that are read show the pressure."""
+    if not unread or decision.replicas >= current:
+        return decision
+    names = ", ".join(unread[:3]) + (" ..." if len(unread) > 3 else "")
+    return ScaleDecision(current, f"steady: no scale-down while replica(s) {names} cannot be read ({decision.reason})")
 
 
 def _finite(loads: Iterable[ReplicaLoad]) -> list[ReplicaLoad]:

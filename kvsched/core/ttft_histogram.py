@@ -131,9 +131,13 @@ class ServerCounts:
     reads an engine that may have served for hours; counting that history as new made the replica's own P95s those
     hours' first tokens (found by review). Why series by series: one engine restarting under data parallelism drops
     only its own counts; differencing the sum over engines read that as the whole server's reset, so every other
-    engine's history counted as new (found by review). A series first seen after the baseline counts in full (it did
-    not exist at the scrape before: an engine added, a renamed model); one missing from a scrape keeps its last
-    counts, so it is differenced against them when it is back.
+    engine's history counted as new (found by review). A series first seen after the server's baseline is its own
+    baseline, as rate() needs two samples of each series: vLLM 0.32 exports every engine's series from its start
+    (`create_metric_per_engine`, zeros until its first token), so one seen late either is new (an engine added, a
+    renamed model: the first tokens of its first poll interval go uncounted) or was missing from the scrapes before
+    with a history (counting that in full, as this did, read hours of an engine's first tokens as one scrape's: the
+    first-scrape bug by another door). The safe side is the first: it never counts old first tokens as new. One
+    missing from a scrape keeps its last counts, so it is differenced against them when it is back.
 
     A restart starts every count over, so a series whose bounds changed with no count below its last is no restart
     (found by review: each such case counted history again): lacking buckets past `hold_s`, the buckets it still has
@@ -171,8 +175,8 @@ class ServerCounts:
         for key, now in scrape.items():
             before = self._last.get(key, {})
             seen_at, self._seen_at[key] = self._seen_at.get(key), now_s
-            if seen_at is not None and (not before or now_s - seen_at > self.hold_s):
-                self._last[key], self._complete_at[key] = dict(now), now_s  # after a gap, or broken: a baseline
+            if not before or (seen_at is not None and now_s - seen_at > self.hold_s):
+                self._last[key], self._complete_at[key] = dict(now), now_s  # new, after a gap, or broken: a baseline
                 continue
             if lacks_buckets(before, now) and now_s - self._complete_at.get(key, now_s) <= self.hold_s:
                 continue  # skipped: its first tokens count in the series' next complete scrape
@@ -194,22 +198,90 @@ def _countable(h: Histogram) -> bool:
     return bool(h) and all(not math.isnan(b) and math.isfinite(c) and c >= 0 for b, c in h.items())
 
 
+UNSCRAPED_GRACE_S = 60.0  # how long a live replica's engine metrics may go unread before the fleet P95 is incomplete
+
+
+@dataclass(slots=True)
+class ScrapeHealth:
+    """A replica's reads of its engine's metrics: whether the counts it reports are current. `unread_s`: 0 while the
+    last read succeeded, else for how long none has (since its first try, for a replica that never read them: its
+    endpoint failing from the start; else since its last good one)."""
+
+    first_try_s: float | None = None
+    last_ok_s: float | None = None
+    failures: int = 0  # in a row
+
+    def record(self, ok: bool, now_s: float) -> None:
+        if self.first_try_s is None:
+            self.first_try_s = now_s
+        if ok:
+            self.last_ok_s, self.failures = now_s, 0
+        else:
+            self.failures += 1
+
+    def unread_s(self, now_s: float) -> float:
+        if not self.failures:
+            return 0.0
+        since = self.last_ok_s if self.last_ok_s is not None else self.first_try_s
+        return max(0.0, now_s - since) if since is not None else 0.0
+
+    def state(self, now_s: float, grace_s: float = UNSCRAPED_GRACE_S) -> str:
+        """"not tried" (no poll yet), "ok", "failing" (within `grace_s`), "never read" or "stale" (past it)."""
+        if self.unread_s(now_s) <= 0:
+            return "ok" if self.last_ok_s is not None else "not tried"
+        if self.unread_s(now_s) <= grace_s:
+            return "failing"
+        return "stale" if self.last_ok_s is not None else "never read"
+
+
 @dataclass(frozen=True, slots=True)
 class FleetQuantile:
     """`value`: the fleet's quantile in seconds (None: no signal: too few first tokens in the window, or not mergeable);
     `samples`: first tokens in the merged windows; `replicas`: how many replicas' windows were merged (one with fewer
     than two scrapes in it has none yet); `merged`: False when the replicas' histograms could not be merged (`note`
-    says why): the caller falls back to another signal and says so."""
+    says why): the caller falls back to another signal and says so. `unscraped`: live replicas whose engine metrics
+    went unread for longer than the grace (`fleet_quantile`), left out: `value` is then the others' P95 only, not the
+    fleet's (`complete` is False), and says nothing of their load."""
 
     value: float | None
     samples: float
     replicas: int
     merged: bool
     note: str
+    unscraped: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        return not self.unscraped
 
 
 def fleet_quantile(windows: Mapping[object, Sequence[tuple[float, Histogram]]], q: float = 0.95,
-                   min_samples: float = 1.0) -> FleetQuantile:
+                   min_samples: float = 1.0, unread_s: Mapping[object, float] | None = None,
+                   grace_s: float = UNSCRAPED_GRACE_S) -> FleetQuantile:
+    """`fleet_quantile_of` for the replicas whose engine metrics are being read. `unread_s`: per live replica, for how
+    many seconds its scrapes of its engine have been failing (`ScrapeHealth.unread_s`; 0 or absent: read). One unread
+    for longer than `grace_s` is left out (its buckets, if any, are old counts: they would read as a replica with no
+    first tokens) and named in `unscraped`; one unread for less that has no buckets yet is waited for, as a replica
+    with no window yet is. Found by review: a replica whose metrics failed from its start reported no buckets and was
+    silently left out, so the fleet's P95 was the healthy replicas' alone and read as complete."""
+    unread = {str(r): float(t) for r, t in (unread_s or {}).items() if math.isfinite(t) and t > 0}
+    late = tuple(sorted(r for r, t in unread.items() if t > grace_s))
+    have = {str(r) for r, timed in windows.items() if timed}
+    pending = sorted(r for r, t in unread.items() if t <= grace_s and r not in have)
+    fleet = fleet_quantile_of({r: w for r, w in windows.items() if str(r) not in late}, q, min_samples)
+    if pending and fleet.merged:
+        fleet = FleetQuantile(None, fleet.samples, fleet.replicas, True,
+                              f"replica {pending[0]}'s engine metrics not read yet")
+    if not late:
+        return fleet
+    gone = ", ".join(f"{r} ({unread[r]:.0f} s)" for r in late[:3])
+    return FleetQuantile(fleet.value, fleet.samples, fleet.replicas, fleet.merged,
+                         f"{fleet.note}; engine metrics unread: {gone}{' ...' if len(late) > 3 else ''}, left out: "
+                         f"the P95 is the other replicas' only", late)
+
+
+def fleet_quantile_of(windows: Mapping[object, Sequence[tuple[float, Histogram]]], q: float = 0.95,
+                      min_samples: float = 1.0) -> FleetQuantile:
     """The fleet's `q` quantile from every replica's scrapes over the window (`windows`: replica -> `(time in seconds,
     histogram)` oldest first). Like Prometheus's `histogram_quantile(q, sum by (le) (rate(..._bucket[w])))`: each
     replica's increase over its own window is divided by that window's length, so replicas whose windows span

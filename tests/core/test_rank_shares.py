@@ -45,7 +45,9 @@ def test_impossible_layouts_are_refused(world, layers) -> None:
 
 
 def test_a_later_stage_without_layers_holds_no_kv() -> None:
-    """VLLM_PP_LAYER_PARTITION=3,0 is accepted by vLLM: its second stage's ranks hold no KV (refused before)."""
+    """A stage of 0 layers (VLLM_PP_LAYER_PARTITION=3,0) holds no KV: counted as 0 bytes, never a division by zero.
+    vLLM 0.32 splits the layers so but cannot size such a stage's KV cache, so kvsched refuses the partition before the
+    engine starts (`partition_refusal`, below); this keeps the arithmetic safe for a vLLM that serves it."""
     shares = RankShares(2, (3, 0))
     assert shares.rank_bytes(300) == ((1, 300), (1, 0))
     assert shares.engine(300) == 300 and shares.largest_rank(300) == 300
@@ -71,3 +73,25 @@ def test_the_least_host_budget_holds_one_slot_and_a_byte_less_per_rank_none(shar
         assert shares.first_rank_budget(least // host_ranks, host_ranks) >= block
         assert shares.first_rank_budget(least // host_ranks - 1, host_ranks) < block
     assert RankShares(4, (2, 3)).host_budget_for(6000, 4) == 30_000
+
+
+@pytest.mark.parametrize(("raw", "stages", "said"), [
+    ("27,0", 2, "gives pipeline stage 1 0 layers"), ("0,27", 2, "gives pipeline stage 0 0 layers"),
+    ("14,-1,14", 3, "stage 1 -1 layers"), ("14;13", 2, "Invalid partition string: 14;13"),
+    ("14,13", 3, "len(partitions)=2 does not match pp_size=3"), ("", 1, "Invalid partition string")])
+def test_a_partition_vllm_cannot_serve_is_refused_in_its_words(raw, stages, said) -> None:
+    """vLLM 0.32 splits layers as VLLM_PP_LAYER_PARTITION says (get_pp_indices), a stage of 0 layers included, but its
+    engine core then fails sizing that stage's KV cache (get_kv_cache_configs: ZeroDivisionError on the CPU backend's
+    layout, AssertionError on block-outer ones, for 2,0 and 0,2 alike): refused before the engine starts."""
+    from kvsched.core.rank_shares import partition_refusal
+
+    refusal = partition_refusal(raw, stages)
+    assert refusal is not None and refusal.startswith(f"VLLM_PP_LAYER_PARTITION={raw!r}") and said in refusal
+
+
+def test_a_partition_vllm_serves_is_not_refused() -> None:
+    from kvsched.core.rank_shares import partition_refusal
+
+    assert partition_refusal(None, 4) is None  # unset: vLLM's own split, never a stage of 0 for layers >= stages
+    assert partition_refusal("14,13", 2) is None and partition_refusal(" 1, 1 ", 2) is None  # int() strips, as vLLM's
+    assert partition_refusal("27", 1) is None

@@ -329,14 +329,15 @@ def test_a_replica_without_recent_ttft_samples_reports_no_ttft_rather_than_a_mar
 
     async def stats(ttft):
         async def fresh():
-            return {"queue_depth": 3, "ttft_p95_s": ttft}
+            return {"queue_depth": 3, "ttft_p95_s": ttft, "ttft_unread_s": 0.0}
 
         return await cls.record_autoscaling_stats(SimpleNamespace(_fresh_stats=fresh, stats=SimpleNamespace(
             fresh_ttft_p95=lambda: ttft, ttft_buckets={} if ttft is None else {0.5: 3.0, float("inf"): 3.0})))
 
-    assert asyncio.run(stats(None)) == {"queue_depth": 3.0}
+    assert asyncio.run(stats(None)) == {"queue_depth": 3.0, "ttft_unread_s": 0.0}  # its metrics read: 0 s unread
     assert asyncio.run(stats(0.5)) == {"queue_depth": 3.0, "ttft_p95_s": 0.5, "ttft_p95_fresh_s": 0.5,
-                                       "ttft_le:0.5": 3.0, "ttft_le:+Inf": 3.0}  # the buckets, for the fleet's P95
+                                       "ttft_le:0.5": 3.0, "ttft_le:+Inf": 3.0,  # the buckets, for the fleet's P95
+                                       "ttft_unread_s": 0.0}
 
 
 def test_the_stats_poll_reports_every_salts_sessions_in_one_call() -> None:

@@ -46,7 +46,9 @@ def test_engine_replica_proxies_and_reports_pinned_sessions(tiny_model_dir: Path
             assert stats["queue_depth"] == 0 and stats["ttft_p95_s"] is not None and stats["ttft_p95_s"] > 0
             auto = await replica.record_autoscaling_stats()
             buckets = {k: v for k, v in auto.items() if k.startswith("ttft_le:")}
-            assert set(auto) - set(buckets) == {"queue_depth", "ttft_p95_s"}  # two first tokens: no fresh P95
+            assert set(auto) - set(buckets) == {"queue_depth", "ttft_p95_s", "ttft_unread_s"}  # no fresh P95: two
+            assert auto["ttft_unread_s"] == 0.0  # its engine's metrics read at its last poll
+            assert replica.describe()["engine_metrics"] == "ok"
             # and vLLM's TTFT bucket counts, cumulative, for the policy to merge into the fleet's P95
             assert buckets["ttft_le:+Inf"] == 2 and len(buckets) > 10 and max(buckets.values()) == 2
             replica.check_health()

@@ -13,6 +13,10 @@ readings stand in, the slowest one's, and the decision's reason says so (`kvsche
 `ttft_p95_fresh_s`, from first tokens since the replica's previous report, is what a pool scales up on; `ttft_p95_s`,
 held for a while after the last sample, only keeps a pool from scaling down. Found by review: the held value read as
 live pressure and scaled an idle pool up to its maximum.
+
+A live replica whose engine metrics went unread past the grace (`ttft_unread_s`) is left out of the fleet's P95 and
+named in the reason; while there is one, the pool scales up on the others' signals but never down (its load is
+unknown), and `kvsched_ttft_replicas_unscraped` (policy state and a Ray gauge) counts them.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ import time
 from typing import Any
 
 from kvsched.adapters.ray.fleet_ttft import fleet_ttft, held_fleet_p95
-from kvsched.core.routing_autoscale import AutoscaleTargets, ReplicaLoad, ScaleDecision, desired_replicas
+from kvsched.core.routing_autoscale import (
+    AutoscaleTargets,
+    ReplicaLoad,
+    ScaleDecision,
+    desired_replicas,
+    held_while_unread,
+)
 from kvsched.core.ttft_histogram import FleetQuantile
 
 POLICY_PATH = "kvsched.adapters.ray.autoscaling:QueueTTFTPolicy"
@@ -69,7 +79,8 @@ def decide(current: int, aggregated: dict[str, dict[Any, float]], replicas: list
         return ScaleDecision(fresh.replicas, f"{fresh.reason}; {how}")
     if held.replicas >= current:
         return ScaleDecision(current, f"steady: the recent p95 ttft keeps this size ({held.reason}); {how}")
-    return ScaleDecision(fresh.replicas, f"{fresh.reason}; {how}")
+    return held_while_unread(ScaleDecision(fresh.replicas, f"{fresh.reason}; {how}"), current,
+                             fleet.unscraped if fleet is not None else ())
 
 
 def _s(v: float | None) -> str:
@@ -133,4 +144,26 @@ class QueueTTFTPolicy:
                                          queued_in_ray=queued_in_ray(ctx), fleet=fleet, held_fleet_s=held),
                                   running, target, starting_for)
         state["kvsched_reason"] = decision.reason
+        state[UNSCRAPED_GAUGE] = len(fleet.unscraped)
+        _export_unscraped(ctx, len(fleet.unscraped))
         return decision.replicas, state
+
+
+UNSCRAPED_GAUGE = "kvsched_ttft_replicas_unscraped"
+_gauge: Any = None
+
+
+def _export_unscraped(ctx: Any, n: int) -> None:
+    """The live replicas whose engine metrics went unread past the grace, as a Ray metric (`UNSCRAPED_GAUGE`, tagged
+    with the deployment) beside the policy state's count: an operator sees that the pool's P95 leaves replicas out.
+    Best effort: a Ray that cannot export it still scales."""
+    global _gauge
+    try:
+        if _gauge is None:
+            from ray.util.metrics import Gauge
+
+            _gauge = Gauge(UNSCRAPED_GAUGE, "live replicas whose engine metrics went unread past the grace: left out "
+                                            "of the pool's P95 TTFT, no scale-down meanwhile", tag_keys=("deployment",))
+        _gauge.set(n, tags={"deployment": str(getattr(ctx, "deployment_name", "") or "")})
+    except Exception:  # noqa: BLE001 - the metric is for operators; the decision stands without it
+        pass

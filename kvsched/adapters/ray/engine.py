@@ -42,7 +42,7 @@ from ray import serve
 
 from kvsched.adapters.ray.autoscaling import FRESH_TTFT, HELD_TTFT
 from kvsched.adapters.ray.config import EngineConfig
-from kvsched.adapters.ray.fleet_ttft import bucket_stats
+from kvsched.adapters.ray.fleet_ttft import UNREAD_TTFT, bucket_stats
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.owners import AUTH_HEADERS
 from kvsched.adapters.ray.reaper import leader_alive, stop_group
@@ -222,11 +222,15 @@ class EngineReplica:
         return {"slot": self.served_slot(route), "replica_id": self.replica_id}
 
     def describe(self) -> dict[str, Any]:
-        """Where this replica's engine runs (for operators, the benchmark's kill scenario and tests)."""
+        """Where this replica's engine runs (for operators, the benchmark's kill scenario and tests), and whether its
+        engine's metrics are being read ("ok"; "failing"; past the grace "never read" or "stale": the pool's P95 TTFT
+        leaves it out, and the pool does not scale down)."""
         proc = self.server.proc
         return {"pool": self.pool, "slot": self.served_slot(), "replica_id": self.replica_id,
                 "replica_pid": os.getpid(), "engine_url": self.server.base,
-                "engine_pid": proc.pid if proc is not None else None, "engine_alive": self.engine_alive()}
+                "engine_pid": proc.pid if proc is not None else None, "engine_alive": self.engine_alive(),
+                "engine_metrics": self.stats.health.state(self.stats.clock()),
+                "engine_metrics_unread_s": round(self.stats.unread_s(), 1)}
 
     # ---- what Ray polls -----------------------------------------------------------------------------------------
     async def _fresh_stats(self, max_age_s: float = 1.0) -> dict[str, Any]:
@@ -256,6 +260,7 @@ class EngineReplica:
         if fresh is not None:
             out[FRESH_TTFT] = float(fresh)
         out.update(bucket_stats(self.stats.ttft_buckets))  # cumulative: the policy merges them into the fleet's P95
+        out[UNREAD_TTFT] = float(s["ttft_unread_s"])  # not current past a grace: the policy leaves them out
         return out
 
     def check_health(self) -> None:

@@ -6,6 +6,9 @@ with each engine's counter resets taken out (`kvsched.adapters.ray.stats`), one 
 `look_back_period_s` (a pool's `autoscaling: {look_back_period_s}`) and hands them to the policy as
 `AutoscalingContext.raw_metrics` (its `aggregated_metrics` are time-averages, which would blur a counter); the points
 recorded together share a timestamp, so each timestamp is one scrape, and the first in the window is its baseline.
+Each replica also reports `ttft_unread_s`, for how long its engine's metrics have gone unread (0 while read): one
+unread past the grace is left out of the P95 and named, the P95 then being the others' only (found by review: a
+replica whose metrics failed from its start reported no buckets and was silently left out).
 The arithmetic (window increase over each replica's own window as a rate, counter resets, merge, quantile) is
 `kvsched.core.ttft_histogram`.
 """
@@ -21,6 +24,7 @@ from kvsched.core.ttft_histogram import FleetQuantile, bucket_bound, bucket_key,
 
 HOLD_S = 60.0  # how long the last fleet P95 keeps a pool from scaling down once too few first tokens follow it
 HELD_STATE = "kvsched_fleet_ttft_p95"  # [seconds, when] in the policy's state
+UNREAD_TTFT = "ttft_unread_s"  # a replica's report: seconds its engine metrics have gone unread (0: read)
 
 
 def bucket_stats(buckets: Mapping[float, float]) -> dict[str, float]:
@@ -54,13 +58,26 @@ def replica_scrapes(raw: Mapping[str, Mapping[Any, Any]],
     return {r: [(t, at[t]) for t in sorted(at)] for r, at in by_replica.items() if at}
 
 
+def replica_unread(raw: Mapping[str, Mapping[Any, Any]], replicas: list[Any]) -> dict[Any, float]:
+    """Per running replica: for how long its engine metrics have gone unread (`UNREAD_TTFT`, its latest report)."""
+    out: dict[Any, float] = {}
+    running = set(replicas)
+    for replica, points in (raw.get(UNREAD_TTFT) or {}).items():
+        pairs = [_point(p) for p in points or ()] if replica in running else []
+        if pairs:
+            out[replica] = max(pairs)[1]
+    return out
+
+
 def fleet_ttft(ctx: Any, replicas: list[Any]) -> FleetQuantile:
-    """The fleet's P95 TTFT over Ray's look-back window."""
+    """The fleet's P95 TTFT over Ray's look-back window, leaving out (and naming) replicas whose engine metrics went
+    unread past the grace."""
     try:
         raw = ctx.raw_metrics or {}
     except Exception:  # noqa: BLE001 - a Ray without raw metrics, or one failing to build them: fall back
         raw = {}
-    return fleet_quantile(replica_scrapes(raw, replicas), 0.95, min_samples=MIN_TTFT_SAMPLES)
+    return fleet_quantile(replica_scrapes(raw, replicas), 0.95, min_samples=MIN_TTFT_SAMPLES,
+                          unread_s=replica_unread(raw, replicas))
 
 
 def held_fleet_p95(state: dict[str, Any], fleet: FleetQuantile, now_s: float) -> float | None:

@@ -28,7 +28,14 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvsched.core.ttft_histogram import SeriesKey, ServerCounts, counter_increase, histogram_quantile, merge
+from kvsched.core.ttft_histogram import (
+    ScrapeHealth,
+    SeriesKey,
+    ServerCounts,
+    counter_increase,
+    histogram_quantile,
+    merge,
+)
 
 TTFT_BUCKET = "vllm:time_to_first_token_seconds_bucket"
 # First tokens a fresh P95 needs before it counts: with fewer, the "P95" is the slowest one or two (found by review:
@@ -80,6 +87,7 @@ class ReplicaStats:
     ttft_p95_s: float | None = None
     kv_sessions: list[str] = field(default_factory=list)
     _counts: ServerCounts = field(init=False)  # every scrape's increase added up since the first (resets taken out)
+    health: ScrapeHealth = field(default_factory=ScrapeHealth)  # whether the engine's metrics are being read
     _ttft_at: float = -math.inf
     _reported_buckets: dict[float, float] = field(default_factory=dict)  # `ttft_buckets` at the last fresh P95
     _reported_at: float = -math.inf
@@ -112,6 +120,7 @@ class ReplicaStats:
         scrape applied after the newer read as a counter reset, counting the engine's history as new."""
         if not self._polling.acquire(blocking=False):
             return
+        read = False
         try:
             with urllib.request.urlopen(self.base_url + "/metrics", timeout=timeout_s) as r:
                 text = r.read().decode()
@@ -120,7 +129,9 @@ class ReplicaStats:
             except (OSError, ValueError, http.client.HTTPException):  # HTTPException: a reply cut short
                 sessions = None  # stock vLLM (no kvsched scheduler) or busy: keep the last list
             self.update(text, sessions)
+            read = True
         finally:
+            self.health.record(read, self.clock())  # a failed read: the counts reported are not current
             self._polling.release()
 
     def _all_sessions(self, timeout_s: float) -> dict[str, Any]:
@@ -152,6 +163,10 @@ class ReplicaStats:
         taken out (the fleet's P95 merges these across replicas: `fleet_ttft.py`)."""
         return dict(self._counts.total)
 
+    def unread_s(self) -> float:
+        """For how long the engine's metrics have gone unread (0: the last read succeeded, or none was tried)."""
+        return self.health.unread_s(self.clock())
+
     def snapshot(self) -> dict[str, Any]:
         return {"queue_depth": self.queue_depth, "running": self.running, "ttft_p95_s": self.ttft_p95_s,
-                "kv_sessions": list(self.kv_sessions)}
+                "kv_sessions": list(self.kv_sessions), "ttft_unread_s": self.unread_s()}

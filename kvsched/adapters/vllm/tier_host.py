@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from kvsched.adapters.vllm.tier_layout import TierGeometry
+from kvsched.core.rank_shares import RankShares
 from kvsched.core.tier_config import AUTO_HOST_FRACTION, AUTO_POOL_MULTIPLE, auto_budget_bytes, check_fits_host
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
@@ -100,10 +101,12 @@ def layout_name(vllm_config: Any, kv_cache_config: Any) -> str | None:
 
 
 def log_start(disabled: str, geometry: TierGeometry | None, budget: int, auto: bool, num_slots: int,
-              setting: str, ranks: int = 1, least: int | None = None) -> None:
+              setting: str, ranks: int = 1, least: int | None = None, shares: RankShares | None = None) -> None:
     """The tier's one start-up line: why it is off, or its size (and the rule or `setting` that gave it; one rank's
-    `budget`, on each of `ranks` on this host) and layout. `least`: the host's bytes that hold one slot (default: a
-    block on each of `ranks`; pipeline stages: RankShares.host_budget_for)."""
+    `budget`, on each of `ranks` on this host), what each rank holds and the layout. `least`: the host's bytes that
+    hold one slot (default: a block on each of `ranks`; pipeline stages: RankShares.host_budget_for). `shares`: the
+    engine's pipeline stages, each rank holding its own layers' part of every slot (found by review: every rank was
+    said to hold `budget`, though under uneven stages the stages' ranks hold different amounts, none of them that)."""
     if disabled or geometry is None:
         logger.warning("kvsched FP8 tier disabled: %s", disabled)
         return
@@ -112,8 +115,13 @@ def log_start(disabled: str, geometry: TierGeometry | None, budget: int, auto: b
                        "least %.6f GiB, or 0 to turn it off", budget, "auto: " + AUTO_RULE if auto else setting,
                        geometry.block_bytes, math.ceil((least or geometry.block_bytes * ranks) / 2**30 * 1e6) / 1e6)
         return
-    each = f", {budget / 2**30:.2f} GiB on each of this engine's {ranks} ranks on this host" if ranks > 1 else ""
-    logger.info("kvsched FP8 tier: %.2f GiB of host memory (%s)%s, %d slots of %d bytes; %s layout, %s (%d layers, %d "
-                "heads x %d x %d %s per block)", budget * ranks / 2**30, "auto: " + AUTO_RULE if auto else setting,
-                each, num_slots, geometry.block_bytes, geometry.layout, geometry.mode, len(geometry.layers),
+    each = f", {budget / 2**30:.2f} GiB for each of this engine's {ranks} ranks on this host" if ranks > 1 else ""
+    slots = f"{num_slots} slots of {geometry.block_bytes} bytes"
+    if shares is not None and shares.stage_layers:  # the block measured is a stage-0 rank's part of a slot
+        slots += " on a stage-0 rank; a rank holds " + ", ".join(
+            f"{num_slots * held / 2**30:.3g} GiB in stage {s} ({n} ranks{', no layers' if not held else ''})"
+            for s, (n, held) in enumerate(shares.rank_bytes(geometry.block_bytes)))
+    logger.info("kvsched FP8 tier: %.2f GiB of host memory (%s)%s, %s; %s layout, %s (%d layers, %d heads x %d x %d "
+                "%s per block)", budget * ranks / 2**30, "auto: " + AUTO_RULE if auto else setting, each, slots,
+                geometry.layout, geometry.mode, len(geometry.layers),
                 geometry.heads, geometry.rows, geometry.content, geometry.dtype)

@@ -127,6 +127,22 @@ def test_layouts_that_split_a_sessions_state_are_refused_in_one_line(vllm_cli, c
     assert serve(vllm_cli, *argv).scheduler_cls is None  # stock vLLM's layouts are not kvsched's to refuse
 
 
+@pytest.mark.parametrize("partition, stages", [("2,0", "2"), ("0,2", "2"), ("1,1", "3")])
+def test_a_layer_partition_vllm_cannot_serve_is_refused_before_the_engine_starts(vllm_cli, capsys, monkeypatch,
+                                                                                  partition, stages):
+    """VLLM_PP_LAYER_PARTITION giving a stage 0 layers: vLLM 0.32 splits the model so (get_pp_indices), then its engine
+    core fails sizing that stage's KV cache, after loading the model; one of another length fails in its workers."""
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", partition)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        serve(vllm_cli, "--scheduler", "kvsched", "--pipeline-parallel-size", stages)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err[-1].startswith(f"kvsched: VLLM_PP_LAYER_PARTITION='{partition}'")
+    assert serve(vllm_cli, "--pipeline-parallel-size", stages).scheduler_cls is None  # stock vLLM's to refuse
+    monkeypatch.setenv("VLLM_PP_LAYER_PARTITION", "1,1")
+    assert serve(vllm_cli, "--scheduler", "kvsched", "--pipeline-parallel-size", "2").pipeline_parallel_size == 2
+
+
 def test_register_pulls_no_api_server_modules_into_engine_processes():
     """register() runs in every engine-core and worker process. Found by review: importing compat read vLLM's auth
     middleware's paths at import time, pulling FastAPI, Starlette and pydantic's extras into each (~100 modules)."""

@@ -130,3 +130,17 @@ def test_the_disk_levels_block_is_each_ranks_file_of_its_own_layers(tmp_path) ->
     files = DiskFiles(str(tmp_path / "other"), "ab" * 16, {"model": "t"}, 0, 4)
     per_file = [files.on_disk(framed_len(32, b)) for b in (6000, 9000)]
     assert lv.disk.block_bytes == 2 * per_file[0] + 2 * per_file[1] > 4 * per_file[0]
+
+
+@pytest.mark.parametrize(("layers", "partition"), [(5, "2,3"), (3, None)])
+def test_the_start_up_line_gives_each_stages_ranks_their_own_bytes(harness_cfg, monkeypatch, caplog, layers,
+                                                                   partition) -> None:
+    """Found by review: the line said every rank held the per-rank size given, whatever its stage's layers; under 2 + 3
+    layers a stage-1 rank holds 1.5 times a stage-0 rank's slots' bytes, under 2 + 1 half."""
+    with caplog.at_level("INFO", logger="vllm.kvsched.fp8_tier"):
+        c, _ = pp_connector(harness_cfg, monkeypatch, layers, partition)
+    line = [m for r in caplog.records if (m := r.getMessage()).startswith("kvsched FP8 tier: ")][-1]  # the engine's
+    held = [c.num_slots * c.geometry.block_bytes * n // 2 for n in (2, layers - 2)]
+    assert held[1] != held[0]
+    assert (f"{c.num_slots} slots of {c.geometry.block_bytes} bytes on a stage-0 rank; a rank holds "
+            f"{held[0] / 2**30:.3g} GiB in stage 0 (2 ranks), {held[1] / 2**30:.3g} GiB in stage 1 (2 ranks)") in line

@@ -234,6 +234,17 @@ def parallel_refusal(args: argparse.Namespace) -> str | None:
     return None
 
 
+def pipeline_refusal(args: argparse.Namespace) -> str | None:
+    """Why vLLM cannot serve this server's VLLM_PP_LAYER_PARTITION, in one line, or None: a stage of 0 layers, which
+    vLLM 0.32 accepts in its layer split but not in its KV cache sizing (`kvsched.core.rank_shares.partition_refusal`),
+    and the split vLLM's workers would refuse later (malformed, another number of stages)."""
+    if not is_kvsched_scheduler(getattr(args, "scheduler_cls", None)):
+        return None
+    from kvsched.core.rank_shares import PARTITION_ENV, partition_refusal
+
+    return partition_refusal(os.environ.get(PARTITION_ENV), int(getattr(args, "pipeline_parallel_size", 1) or 1))
+
+
 def summary_priority_warning(args: argparse.Namespace) -> str | None:
     """Why compaction's summary calls will not yield to user traffic, in one line, or None. They are sent at a lower
     vLLM priority (KVSCHED_COMPACTION_SUMMARY_PRIORITY), which vLLM's default `--scheduling-policy fcfs` ignores (its
@@ -309,9 +320,9 @@ def add_middleware(ns: argparse.Namespace, kvsched: bool) -> None:
 
 def _check_after_parsing(parser: Any) -> None:
     """Once the arguments are complete (whatever their order on the command line): exit with the version guard's,
-    `cpu_refusal`'s or `parallel_refusal`'s one line or the KVSCHED_* settings errors (one line each) before vLLM starts
-    an engine, print the warnings (a misspelt KVSCHED_* name, `dtype_warning`, `summary_priority_warning`), and turn
-    the FP8 tier on (`apply_tier`). The version guard runs here, for every way of selecting kvsched (found by review:
+    `cpu_refusal`'s, `parallel_refusal`'s or `pipeline_refusal`'s one line or the KVSCHED_* settings errors (one line
+    each) before vLLM starts an engine, print the warnings (a misspelt KVSCHED_* name, `dtype_warning`,
+    `summary_priority_warning`), and turn the FP8 tier on (`apply_tier`). The version guard runs here, for every way of selecting kvsched (found by review:
     only `--scheduler kvsched` ran it; `--scheduler-cls kvsched`, kvsched's class path, a subclass and a YAML --config
     skipped it)."""
     parse_known_args = parser.parse_known_args
@@ -320,7 +331,7 @@ def _check_after_parsing(parser: Any) -> None:
         ns, rest = parse_known_args(args, namespace)
         if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)) and (refusal := unsupported_vllm()):
             parser.exit(2, f"{refusal}\n")
-        if (reason := cpu_refusal(ns) or parallel_refusal(ns)) is not None:
+        if (reason := cpu_refusal(ns) or parallel_refusal(ns) or pipeline_refusal(ns)) is not None:
             parser.exit(2, f"kvsched: {reason}\n")
         if is_kvsched_scheduler(getattr(ns, "scheduler_cls", None)):  # KVSCHED_* settings: refused now, by name
             from kvsched.adapters.vllm.settings_check import engine_setting_errors, engine_setting_warnings
