@@ -1,10 +1,13 @@
 """What a turn joined to an inferred session another conversation may share (`Lineage.shared_join`) may change of it.
 
-Two headerless users whose identical first prompt (or a retry) joined one inferred session share it until a turn that
+Two headerless users whose identical first prompt joined one inferred session share it until a turn that
 extends it finishes. Meanwhile a joined turn's hints are one user's and the session is both's: its end ends nothing
 (ignored and counted; the TTL expires the pin), its TTL hint only lengthens the pin, and its role hint only sets a role
 where none is set (found by review: another user's `X-Agent-Role` overwrote the session's, raising or lowering the
 value of the pin the first user's next turn hits; role weights are `RetentionConfig.role_weights`).
+
+A client's retry (the same prompt again after its first request was aborted or failed) is no repeat: the session is
+not shared by it (`Lineage.finished(normal=False)`), so that user's hints stay its own.
 """
 
 from __future__ import annotations

@@ -102,7 +102,8 @@ class SessionResolver:
 
     def finished(self, request_id: str, key: SessionKey, request: Any = None, moved: bool = True) -> None:
         """The turn of `key` that `request` ran finished: the session's anchors move to its prompt and its answer
-        (unless not `moved`: a side turn that kept the session's longer pin)."""
+        (unless not `moved`: a side turn that kept the session's longer pin). vLLM's finish status says whether it
+        ended normally: a repeat of an aborted or failed turn's prompt is a retry, not another user's."""
         self._safely(self._finished, request_id, key, request, moved)
 
     def _finished(self, request_id: str, key: SessionKey, request: Any, moved: bool) -> None:
@@ -110,7 +111,7 @@ class SessionResolver:
         self.shared.discard(request_id)
         computed = compat.computed_anchor(request, self.hash_block) if request is not None and self.hash_block \
             else None
-        self.lineage.finished(key, anchor, tail, computed, moved)
+        self.lineage.finished(key, anchor, tail, computed, moved, request is None or compat.finished_normally(request))
 
     def abandoned(self, request_id: str, key: SessionKey) -> None:
         self.anchors.pop(request_id, None)
