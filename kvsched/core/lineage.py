@@ -140,6 +140,7 @@ class Lineage:
         self._finished = itertools.count(1)
         self.created: SessionKey | None = None  # the branch the last `named` call started (None: it joined one)
         self.shared_join = False  # the last `infer` call joined a session another conversation may share (`shared`)
+        self.shared_repeat = False  # ... and repeated its last prompt: its answer joins the pin (`joined_pin`)
         self._retired: OrderedDict[SessionKey, int] = OrderedDict()  # an id's highest branch forgotten to make room
 
     # ---- named sessions -------------------------------------------------------------------------------------------
@@ -212,7 +213,7 @@ class Lineage:
         """The inferred session a request without a session field joins: the newest idle one of the deepest block hash
         (scanned from the prompt's end) that anchors any session, whose turn the prompt continues; else a new one.
         `ending` (the turn ends its session): only one whose answer the prompt repeats (module docstring)."""
-        self.created, self.shared_join = None, False
+        self.created, self.shared_join, self.shared_repeat = None, False, False
         n = len(hashes)
         index = self.index.get(tenant) or {}
         for i in range(n - 1, max(n - 1 - INFER_SCAN_BLOCKS, -1), -1) if index else ():
@@ -227,6 +228,7 @@ class Lineage:
                 # shared from a repeat of an answered prompt (not a retry) until a turn that extends it finishes
                 repeat = repeats_last_prompt(e.anchor, e.tail, i, n, tokens, block)
                 self.shared_join = e.shared = e.shared or (repeat and e.answered)
+                self.shared_repeat = repeat and e.shared
                 self.counters["inference_hits"] += 1
                 self.counters["inferred_turns"] += 1
                 return e.key
