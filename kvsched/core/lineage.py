@@ -34,7 +34,9 @@ repeats either.
   are held once). A request that repeats the session's last prompt instead of extending it (another user's identical
   first prompt, or a retry) joins it too, so two conversations may share it until one extends it (`shared`): a turn
   joined meanwhile ends no session and shortens no pin (`RetentionPolicy.finish_hints`; found by review: either
-  user's ending turn ended both, and one user's TTL hint set the pin the other would hit).
+  user's ending turn ended both, and one user's TTL hint set the pin the other would hit). Not a repeat of a prompt
+  no turn answered (each that sent it ended aborted or failed, `finished(normal=False)`): that is the client's retry,
+  whose hints stay its own (found by review: a retry's user could no longer end the session).
 
 Hashes are opaque here (bytes in vLLM). Anchors are set when a new branch's first turn arrives (so a concurrent stranger
 cannot slip into a branch that has no anchor yet) and moved when a turn finishes. The table is bounded: the least
@@ -50,7 +52,7 @@ from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvsched.core.env import env_setting
-from kvsched.core.lineage_tail import TAIL_SLACK, Opaque, Tail, repeats, tail_of
+from kvsched.core.lineage_tail import TAIL_SLACK, Opaque, Tail, repeats, repeats_last_prompt, tail_of
 from kvsched.core.sessions import SessionId, SessionKey
 
 __all__ = ["Anchor", "BUCKET", "INFER_SCAN_BLOCKS", "INFERRED_PREFIX", "InvalidLineageSetting", "Lineage",
@@ -92,9 +94,10 @@ class _Entry:
     """One session's lineage state: its key, anchors (`anchor` the prompt's last full block, with `tail` the prompt's
     tokens past it when known; `computed` the last full block of prompt and answer), how many joined turns are in
     flight (never forgotten), when its last turn finished (a sequence number) and the conversation its last turn sent
-    (compaction's digest of the client's messages, when the API server computed one)."""
+    (compaction's digest of the client's messages, when the API server computed one). `answered`: a turn that sent
+    the last prompt finished normally (a repeat of it may be another user's; otherwise it is a retry)."""
 
-    __slots__ = ("key", "anchor", "tail", "computed", "busy", "finished", "conversation", "shared")
+    __slots__ = ("key", "anchor", "tail", "computed", "busy", "finished", "conversation", "shared", "answered")
 
     def __init__(self, key: SessionKey, anchor: Anchor | None, tail: Tail | None = None) -> None:
         self.key = key
@@ -105,6 +108,7 @@ class _Entry:
         self.finished = 0
         self.conversation: str | None = None
         self.shared = False  # a turn repeated its last prompt and none extended it since: two conversations may hold it
+        self.answered = False
 
 
 class Lineage:
@@ -136,6 +140,7 @@ class Lineage:
         self._finished = itertools.count(1)
         self.created: SessionKey | None = None  # the branch the last `named` call started (None: it joined one)
         self.shared_join = False  # the last `infer` call joined a session another conversation may share (`shared`)
+        self.shared_repeat = False  # ... and repeated its last prompt: its answer joins the pin (`joined_pin`)
         self._retired: OrderedDict[SessionKey, int] = OrderedDict()  # an id's highest branch forgotten to make room
 
     # ---- named sessions -------------------------------------------------------------------------------------------
@@ -208,7 +213,7 @@ class Lineage:
         """The inferred session a request without a session field joins: the newest idle one of the deepest block hash
         (scanned from the prompt's end) that anchors any session, whose turn the prompt continues; else a new one.
         `ending` (the turn ends its session): only one whose answer the prompt repeats (module docstring)."""
-        self.created, self.shared_join = None, False
+        self.created, self.shared_join, self.shared_repeat = None, False, False
         n = len(hashes)
         index = self.index.get(tenant) or {}
         for i in range(n - 1, max(n - 1 - INFER_SCAN_BLOCKS, -1), -1) if index else ():
@@ -220,8 +225,10 @@ class Lineage:
                                                                                  opaque, ending):
                     continue
                 e.busy += 1
-                # shared from a repeat until a turn that extends it finishes (`finished`): then they diverged
-                self.shared_join = e.shared = e.shared or _repeats_prompt(e, i, n, tokens, block)
+                # shared from a repeat of an answered prompt (not a retry) until a turn that extends it finishes
+                repeat = repeats_last_prompt(e.anchor, e.tail, i, n, tokens, block)
+                self.shared_join = e.shared = e.shared or (repeat and e.answered)
+                self.shared_repeat = repeat and e.shared
                 self.counters["inference_hits"] += 1
                 self.counters["inferred_turns"] += 1
                 return e.key
@@ -235,12 +242,13 @@ class Lineage:
 
     # ---- turn outcomes ------------------------------------------------------------------------------------------
     def finished(self, key: SessionKey, anchor: Anchor | None, tail: Tail | None = None,
-                 computed: Anchor | None = None, moved: bool = True) -> None:
+                 computed: Anchor | None = None, moved: bool = True, normal: bool = True) -> None:
         """A turn of `key` finished; `anchor` is its prompt's last full block (None: shorter than a block), `tail` its
         prompt's tokens past it, `computed` the last full block of its prompt and answer. The session's anchors move
         there, unless not `moved`: a side turn that ended last kept the session's longer pin, and the session's next
-        turn continues that longer turn (as the policy expects: `RetentionPolicy.turn_finished`). The adapter forgets,
-        not finishes, a turn of a session ended while it ran."""
+        turn continues that longer turn (as the policy expects: `RetentionPolicy.turn_finished`). Not `normal`: it was
+        aborted or failed (a repeat of its prompt is a retry). The adapter forgets, not finishes, a turn of a session
+        ended while it ran."""
         e = self.entries.get(key)
         if e is None:
             branches = None if key.inferred else self.branches.setdefault(
@@ -255,7 +263,8 @@ class Lineage:
         if key.inferred:
             self._unindex(e)
             longer = tail is not None and e.tail is not None and tail.length > e.tail.length
-            e.shared = e.shared and anchor == e.anchor and not longer  # a turn that extends it: they diverged
+            same = anchor == e.anchor and not longer
+            e.shared, e.answered = e.shared and same, normal or (e.answered and same)  # extended: they diverged
         e.anchor, e.tail = anchor, tail
         e.computed = computed if computed is not None and (anchor is None or computed[0] > anchor[0]) else None
         if key.inferred:
@@ -365,15 +374,6 @@ def _continues_at(e: _Entry, i: int, h: Hashable, tokens: Sequence[int] | None, 
     if a is None or a[0] != i or a[1] != h:
         return False
     return e.tail is None or tokens is None or not block or repeats(tokens, (i + 1) * block, e.tail, opaque)
-
-
-def _repeats_prompt(e: _Entry, i: int, n: int, tokens: Sequence[int] | None, block: int) -> bool:
-    """A prompt that continues `e` at block `i` (of `n`) repeats its last prompt, adding nothing past it: its prompt
-    anchor, no full block further and (tokens known) no more tokens than that prompt had."""
-    a = e.anchor  # (a computed anchor, which repeats the answer, always lies past it)
-    if a is None or a[0] != i or i != n - 1:
-        return False
-    return tokens is None or not block or e.tail is None or len(tokens) <= (i + 1) * block + max(e.tail.length, 0)
 
 
 def _depth(e: _Entry, hashes: Sequence[Hashable], tokens: Sequence[int] | None, block: int, opaque: Opaque,

@@ -22,7 +22,7 @@ its session).
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import NamedTuple
 
 TAIL_SLACK = 8
@@ -93,3 +93,13 @@ def repeats(tokens: Sequence[int], start: int, tail: Tail, opaque: Opaque = (), 
     rest = slack[m:]
     return ((named or k + m > 0) and n > start + count and not overlaps(opaque, n - len(rest), n)
             and tuple(tokens[n - len(rest):]) == rest)
+
+
+def repeats_last_prompt(anchor: tuple[int, Hashable] | None, tail: Tail | None, i: int, n: int,
+                        tokens: Sequence[int] | None, block: int) -> bool:
+    """A prompt of `n` full blocks that continues a session at block `i` repeats its last prompt (whose last full
+    block is `anchor`, with `tail` past it), adding nothing past it: at that anchor, no full block further and (tokens
+    known) no more tokens than that prompt had. (A computed anchor, which repeats the answer, always lies past it.)"""
+    if anchor is None or anchor[0] != i or i != n - 1:
+        return False
+    return tokens is None or not block or tail is None or len(tokens) <= (i + 1) * block + max(tail.length, 0)

@@ -18,6 +18,7 @@ from typing import Generic, Protocol, TypeVar
 
 from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import SessionKey, TurnHints
+from kvsched.core.shared_turns import joined_pin
 from kvsched.core.tier import TierDirectory
 
 B = TypeVar("B")  # a block handle
@@ -119,9 +120,14 @@ class PinApplier(Generic[B]):
                       cached_keys: Iterable[Hashable] | None = None) -> None:
         """A turn ended holding `groups` (per KV-cache group, the reusable prefix's blocks covering `tokens` tokens):
         pin them; a session's last turn also drops its tier blocks. `cached_keys`: the blocks' keys (prefix order),
-        which a plain LRU pool would now hold too (the payback tracker's ghost)."""
+        which a plain LRU pool would now hold too (the payback tracker's ghost). A turn that repeated a shared
+        session's last prompt pins them beside the other user's answer (`kvsched.core.shared_turns.joined_pin`)."""
         if cached_keys is not None and self.policy.payback.enabled:
             self.policy.payback.cached(cached_keys)
+        rec = self.policy.sessions.get(key)
+        if rec is not None and rec.joins_pin and not hints.end:
+            groups, tokens = joined_pin(self.pinned.get(key), groups, tokens, rec.pinned_tokens, self.block_size,
+                                        self.policy.budget_blocks, self.pool.cached_keys)
         # A group shorter than another starts past block 0 (a sliding window: the blocks a hit at the prefix's end
         # needs): without its tail, no hit can use the rest of the pin, so the pin is released whole or not at all.
         whole_only = len(groups) > 1 and min(map(len, groups)) < max(map(len, groups))  # (one group: no list made)

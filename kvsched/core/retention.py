@@ -33,7 +33,7 @@ from kvsched.core.retention_values import ReleaseValues
 from kvsched.core.return_model import ReturnModel
 from kvsched.core.scoring import select_lowest
 from kvsched.core.sessions import KNOWN_ROLES, SessionKey, TurnHints
-from kvsched.core.shared_turns import arrival_role, shared_finish_hints
+from kvsched.core.shared_turns import shared_arrival, shared_finish_hints
 
 __all__ = ["Clock", "Decision", "Pin", "Release", "ReleaseReason", "RetentionPolicy", "SessionRecord", "SessionView"]
 
@@ -71,15 +71,15 @@ class RetentionPolicy(ReleaseValues):
                                    inferred_prior=config.inferred_first_turn_weight)
 
     # ---- events -------------------------------------------------------------------------------------------------
-    def request_arrived(self, key: SessionKey, hints: TurnHints, shared: bool = False) -> None:
+    def request_arrived(self, key: SessionKey, hints: TurnHints, shared: bool = False, repeats: bool = False) -> None:
         """A request of the session reached the engine (counted; its hints refresh the session's role, unless it is
-        `shared` and the session has one: `kvsched.core.shared_turns`)."""
+        `shared` and the session has one; `repeats` its last prompt: it keeps its pin: `kvsched.core.shared_turns`)."""
         rec = self.sessions.get(key)
         if rec is None:
             rec = self._new_record(key)
             self.counters["sessions_seen"] += 1
         self.counters["requests_with_session"] += 1
-        rec.role = arrival_role(rec, hints.role, shared, self.counters)
+        shared_arrival(rec, hints.role, shared, repeats, self.counters)
         rec.waiting += 1
         rec.ended = False  # a request after the end: the id's next conversation
         if rec.waiting_since is None:
@@ -99,7 +99,8 @@ class RetentionPolicy(ReleaseValues):
         """The session's request was scheduled with `cached_tokens` from the prefix cache.
 
         The pin stays while the turn runs (the request holds the same blocks, so it costs nothing) and is extended
-        when the turn finishes; whatever part of the pin the request did not hit is released now."""
+        when the turn finishes; whatever part of the pin the request did not hit is released now (not a shared
+        session's other answer, which a turn repeating its last prompt keeps: `kvsched.core.shared_turns`)."""
         rec = self.sessions.get(key) or self._new_record(key)
         now = self.clock()
         rec.active_requests += 1
@@ -117,10 +118,10 @@ class RetentionPolicy(ReleaseValues):
             rec.hit_tokens += cached_tokens
         self._touch(rec)
         decisions: list[Decision] = []
-        if rec.pinned_blocks > 0 and cached_tokens < rec.pinned_tokens:
+        if rec.pinned_blocks > 0 and cached_tokens < rec.pinned_tokens and not rec.joins_pin:
             keep = rec.pinned_blocks * max(cached_tokens, 0) // max(rec.pinned_tokens, 1)
             decisions.append(self._release(rec, ReleaseReason.TURN, rec.pinned_blocks - keep if keep else None))
-        rec.pin_beyond_running = False  # what is left of the pin, the request hit: it holds those blocks
+        rec.pin_beyond_running = rec.joins_pin and cached_tokens < rec.pinned_tokens  # else the request holds the rest
         self.index.changed(rec)
         return decisions
 

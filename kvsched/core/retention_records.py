@@ -60,6 +60,9 @@ class SessionRecord:
     pinned_tokens: int = 0
     pin_overlapped: bool = False  # another turn of the session was still running when the pin was made or kept
     kept_over: bool = False  # its last finished turn left the session's longer pin in place (they overlapped)
+    # Its turn in flight repeated the last prompt of an inferred session two users share: it keeps the other user's
+    # answer pinned beside its own (`kvsched.core.shared_turns.joined_pin`). Set at every arrival.
+    joins_pin: bool = False
     # The pin may hold blocks no running request of the session holds: made or kept while another request of it ran,
     # or grown by a prefetch. Cleared when a turn starts (the pin is cut to what that request hit).
     pin_beyond_running: bool = False

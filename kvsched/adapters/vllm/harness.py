@@ -91,9 +91,11 @@ class RequestFactory:
                        cache_salt=cache_salt, session_id=session_id, resumable=resumable)
 
 
-def step(scheduler: Any, worker: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
-    """One engine step: schedule, 'run' the model (token 7 for every request that finished its prefill chunk).
-    `worker(scheduler_output)`, when given, plays the KV connector's worker side and returns its `KVConnectorOutput`."""
+def step(scheduler: Any, worker: Callable[[Any], Any] | None = None,
+         sample: Callable[[str], int] | None = None) -> tuple[Any, Any]:
+    """One engine step: schedule, 'run' the model (token 7 for every request that finished its prefill chunk, or
+    `sample(request_id)`: two users' answers to one prompt that differ). `worker(scheduler_output)`, when given,
+    plays the KV connector's worker side and returns its `KVConnectorOutput`."""
     from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
     out = scheduler.schedule()
@@ -102,7 +104,7 @@ def step(scheduler: Any, worker: Callable[[Any], Any] | None = None) -> tuple[An
     sampled = []
     for rid in req_ids:
         # the scheduler itself marks whether this step completes the request's prefill (and so samples a token)
-        sampled.append([] if scheduler.requests[rid].is_prefill_chunk else [FAKE_TOKEN])
+        sampled.append([] if scheduler.requests[rid].is_prefill_chunk else [sample(rid) if sample else FAKE_TOKEN])
     runner_out = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                    sampled_token_ids=sampled,
                                    # the step's worker report, as a worker with a KV connector sends every step

@@ -42,7 +42,8 @@ class SessionResolver:
                                in_use=in_use or sessions.__contains__)
         self.anchors: dict[str, tuple[Anchor | None, Tail | None]] = {}  # request id -> its prompt's last full block
         # and the tokens past it
-        self.shared: set[str] = set()  # requests that joined an inferred session another conversation may share
+        # requests that joined an inferred session another conversation may share -> they repeat its last prompt
+        self.shared: dict[str, bool] = {}
         self._failed = False
 
     def _known(self, key: SessionKey) -> SessionKey | None:
@@ -77,7 +78,7 @@ class SessionResolver:
             if key is None:
                 return _NO_SESSION
             if key.inferred and self.lineage.shared_join:
-                self.shared.add(request.request_id)
+                self.shared[request.request_id] = self.lineage.shared_repeat
             self.anchors[request.request_id] = ((len(hashes) - 1, hashes[-1]) if hashes else None, tail)
             return key, hints
         except Exception:  # never take the engine down over session bookkeeping
@@ -100,28 +101,34 @@ class SessionResolver:
         TTL hints are not that conversation's (`RetentionPolicy.finish_hints`)."""
         return request_id in self.shared
 
+    def sharing(self, request_id: str) -> tuple[bool, bool]:
+        """(`shared_turn`, and it repeats the session's last prompt: its answer is pinned beside the other user's,
+        `SessionRecord.joins_pin`)."""
+        return request_id in self.shared, self.shared.get(request_id, False)
+
     def finished(self, request_id: str, key: SessionKey, request: Any = None, moved: bool = True) -> None:
         """The turn of `key` that `request` ran finished: the session's anchors move to its prompt and its answer
-        (unless not `moved`: a side turn that kept the session's longer pin)."""
+        (unless not `moved`: a side turn that kept the session's longer pin). vLLM's finish status says whether it
+        ended normally: a repeat of an aborted or failed turn's prompt is a retry, not another user's."""
         self._safely(self._finished, request_id, key, request, moved)
 
     def _finished(self, request_id: str, key: SessionKey, request: Any, moved: bool) -> None:
         anchor, tail = self.anchors.pop(request_id, (None, None))
-        self.shared.discard(request_id)
+        self.shared.pop(request_id, None)
         computed = compat.computed_anchor(request, self.hash_block) if request is not None and self.hash_block \
             else None
-        self.lineage.finished(key, anchor, tail, computed, moved)
+        self.lineage.finished(key, anchor, tail, computed, moved, request is None or compat.finished_normally(request))
 
     def abandoned(self, request_id: str, key: SessionKey) -> None:
         self.anchors.pop(request_id, None)
-        self.shared.discard(request_id)
+        self.shared.pop(request_id, None)
         self._safely(self.lineage.abandoned, key)
 
     def forget(self, key: SessionKey, request_id: str | None = None) -> None:
         """The session ended (by its request `request_id`'s last turn, when given: its anchor goes too)."""
         if request_id is not None:
             self.anchors.pop(request_id, None)
-            self.shared.discard(request_id)
+            self.shared.pop(request_id, None)
         self._safely(self.lineage.forget, key)
 
     def _safely(self, fn: Any, *args: Any) -> None:

@@ -101,7 +101,7 @@ class SessionPins:
                 self._end(old)
         if (conversation := compat.request_conversation(request)) is not None:
             lineage.note_conversation(key, conversation)
-        self.policy.request_arrived(key, hints, self.resolver.shared_turn(request.request_id))
+        self.policy.request_arrived(key, hints, *self.resolver.sharing(request.request_id))
         # One key object per session (the policy record's), not one per request: fewer objects for the GC, and
         # dict lookups by the very object the tables hold skip the dataclass __eq__.
         key = self.policy.sessions[key].key

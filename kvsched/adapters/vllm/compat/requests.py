@@ -172,6 +172,17 @@ def request_ran(request: Any) -> bool:
             or int(getattr(request, "num_preemptions", 0)) > 0)  # preempted mid-prefill, then aborted (review)
 
 
+def finished_normally(request: Any) -> bool:
+    """True if vLLM finished the request stopped or at its length cap (`Request.status`, a `RequestStatus`): the
+    client got a whole answer. False if it was aborted (the client went away or timed out), failed or was cut for
+    repetition: a request repeating its prompt is likely the client's retry. A request without a status (a test's
+    stand-in) counts as normal."""
+    from vllm.v1.request import RequestStatus
+
+    status = getattr(request, "status", None)
+    return status is None or status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+
+
 def request_compacted(request: Any) -> bool:
     """True if kvsched's compaction middleware rewrote the request (`XARG_COMPACTED`; a client's own value is dropped
     by the middleware)."""
