@@ -173,14 +173,14 @@ def request_ran(request: Any) -> bool:
 
 
 def finished_normally(request: Any) -> bool:
-    """True if vLLM finished the request stopped or at its length cap (`Request.status`, a `RequestStatus`): the
-    client got a whole answer. False if it was aborted (the client went away or timed out), failed or was cut for
-    repetition: a request repeating its prompt is likely the client's retry. A request without a status (a test's
-    stand-in) counts as normal."""
+    """False if vLLM finished the request aborted (the client went away or timed out) or failed (`Request.status`, a
+    `RequestStatus`): the client got no answer, so a request repeating its prompt is likely its retry. True for every
+    other finish (stopped, length cap, repetition stop, a prompt ignored as too long): the client got a reply, so a
+    repeat is another user's or a new ask. A request without a status (a test's stand-in) counts as normal."""
     from vllm.v1.request import RequestStatus
 
     status = getattr(request, "status", None)
-    return status is None or status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+    return status not in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
 
 
 def request_compacted(request: Any) -> bool:
