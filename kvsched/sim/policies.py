@@ -258,7 +258,8 @@ class KVSchedPolicy(SimPolicy):
                 self.lineage.forget(old)
                 if self.tier is not None:
                     self.tier.drop_owner(old)
-        self.policy.request_arrived(*entry)
+        joins = self.trace.joins_pin is not None and bool(self.trace.joins_pin[i])  # recorded: as the engine pinned
+        self.policy.request_arrived(*entry, joins, joins)  # (a repeat of a shared inferred session's last prompt)
 
     def on_admitted(self, i: int, prompt_ids: np.ndarray, hit_blocks: int) -> None:
         # hit_blocks counts loaded (tier) blocks too: vLLM reports them in the request's num_computed_tokens

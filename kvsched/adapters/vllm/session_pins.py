@@ -88,7 +88,7 @@ class SessionPins:
     def on_request_added(self, request: Any) -> None:
         key, hints = self.resolver.resolve(request)
         if self.recorder is not None:
-            self.recorder.arrived(request, key)
+            self.recorder.arrived(request, key, self.resolver.sharing(request.request_id)[1])
         if key is None:
             return
         # The conversation kvsched's compaction rewrote is never continued: end its branch. Only when this turn began a
