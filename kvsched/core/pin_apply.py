@@ -18,6 +18,7 @@ from typing import Generic, Protocol, TypeVar
 
 from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import SessionKey, TurnHints
+from kvsched.core.shared_tails import SharedTails
 from kvsched.core.shared_turns import JoinedPins
 from kvsched.core.tier import TierDirectory
 
@@ -93,6 +94,7 @@ class PinApplier(Generic[B]):
         self.block_size = block_size
         self.pinned: dict[SessionKey, list[list[B]]] = {}  # per KV-cache group, in prefix order
         self.joined = JoinedPins(policy.config.shared_pin_answers)  # sessions whose pin holds several answers
+        self.tails = SharedTails(self.joined.cap)  # ... and the tier's partial last blocks of their answers
         self.directory: TierDirectory | None = None
         self.demote: Demote | None = None
         self.on_dropped: Callable[[SessionKey], None] | None = None  # a session's whole pin went
@@ -127,9 +129,13 @@ class PinApplier(Generic[B]):
             self.policy.payback.cached(cached_keys)
         rec = self.policy.sessions.get(key)
         joined = rec is not None and rec.joins_pin and not hints.end
+        other = True  # its answer is not one the pin holds (as far as the pin tells)
         if joined and rec is not None:
+            answers = self.joined.counters["answers_joined"]
+            other = key not in self.pinned  # no pin to compare with
             groups, tokens = self.joined.join(key, self.pinned.get(key), groups, tokens, rec.pinned_tokens,
                                               self.block_size, self.policy.budget_blocks, self.pool.cached_keys)
+            other = other or self.joined.counters["answers_joined"] > answers
         # A group shorter than another starts past block 0 (a sliding window: the blocks a hit at the prefix's end
         # needs): without its tail, no hit can use the rest of the pin, so the pin is released whole or not at all.
         whole_only = len(groups) > 1 and min(map(len, groups)) < max(map(len, groups))  # (one group: no list made)
@@ -138,8 +144,16 @@ class PinApplier(Generic[B]):
             rec.union_pin = joined and key in self.joined and key in self.pinned
             if not rec.union_pin:
                 self.joined.forget(key)
-        if hints.end and self.directory is not None:
+        if hints.end:
+            self.drop_tier(key)
+        elif self.directory is not None and (joined or key in self.tails.kept):  # before the turn's tail is saved
+            self.tails.turn_finished(self.directory, key, joined, other)
+
+    def drop_tier(self, key: SessionKey) -> None:
+        """The session ended: its tier blocks and tails go, the tails kept beside its own too (`SharedTails`)."""
+        if self.directory is not None:
             self.directory.drop_owner(key)
+            self.tails.release(self.directory, key)
 
     def enforce_budget(self) -> None:
         """Release pins past the pin budget (never, with the default budget: the whole pool), down to the policy's

@@ -306,7 +306,8 @@ class KVSchedPolicy(SimPolicy):
         entry = self.joined.get(i)
         if self.tier is None or not self.tails or entry is None or not end or not self.tier.tail_of:
             return 0
-        tail = self.tier.tail_of.get(entry[0])
+        # the session's tail after that block, or another answer's of a shared one (`kvsched.core.shared_tails`)
+        tail = self.pins.tails.tail_after(self.tier, entry[0], int(prompt_ids[end - 1]))
         room = int(self.trace.prompt_tokens[i]) - 1 - end * self.trace.block_size  # vLLM computes the last token
         if self.trace.tail_reuse is not None and self.trace.tail_reuse[i] >= 0:  # recorded: what the prompt repeats
             room = min(room, int(self.trace.tail_reuse[i]))

@@ -303,7 +303,7 @@ class SessionPins:
                     self.requests[rid] = (k, dataclasses.replace(hints, end=True))
         self.resolver.forget(key)
         if self.tier is not None:
-            self.tier.directory.drop_owner(key)
+            self.pins.drop_tier(key)  # its tails kept beside too (a shared inferred session's other answers)
             self.tier.end_session(key)
         if self.prefetcher is not None:
             self.prefetcher.on_ended(key)
