@@ -11,8 +11,9 @@ from typing import Any
 from kvsched.core.compaction_config import parse_bool
 from kvsched.core.env import env_setting
 from kvsched.core.pin_payback import PaybackConfig
+from kvsched.core.shared_turns import DEFAULT_PIN_ANSWERS
 
-INT_FIELDS = frozenset({"max_sessions", "payback_sampling", "payback_window", "payback_cooldown"})
+INT_FIELDS = frozenset({"max_sessions", "payback_sampling", "payback_window", "payback_cooldown", "shared_pin_answers"})
 BOOL_FIELDS = frozenset({"payback_from_start"})
 # KVSCHED_PAYBACK_SAMPLING=auto (the default): the pins' fallback to LRU is on, at this sampling, when the pool has no
 # FP8 tier, at every TTL: without the tier pins were measured to cost more than LRU (Mooncake traces at 120-600 s: up
@@ -59,6 +60,8 @@ class RetentionConfig:
     return_threshold: pin a finished turn only when the online return model (`kvsched.core.return_model`) gives its
         class at least this chance of the session's next turn arriving within `default_ttl_s`; its blocks otherwise go
         to the LRU as in stock vLLM. None (the default): off, every turn is pinned.
+    shared_pin_answers: answers one shared inferred session's pin keeps at most (`kvsched.core.shared_turns`): past
+        it the oldest added answer leaves the pin first.
     """
 
     default_ttl_s: float = 30.0
@@ -81,6 +84,7 @@ class RetentionConfig:
     payback_tier_start_ttl_s: float = 0.0
     payback_from_start: bool = False
     return_threshold: float | None = None
+    shared_pin_answers: int = DEFAULT_PIN_ANSWERS
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.pin_budget_fraction <= 1.0:
@@ -116,6 +120,8 @@ class RetentionConfig:
             raise ValueError(f"payback_tier_start_ttl_s must be a finite number >= 0, got {self.payback_tier_start_ttl_s}")
         if not (math.isfinite(self.payback_deadband) and self.payback_deadband >= 0):
             raise ValueError(f"payback_deadband must be a finite number >= 0, got {self.payback_deadband}")
+        if self.shared_pin_answers < 1:
+            raise ValueError(f"shared_pin_answers must be >= 1, got {self.shared_pin_answers}")
         if self.return_threshold is not None and not 0.0 <= self.return_threshold <= 1.0:
             raise ValueError(f"return_threshold must be in [0, 1], got {self.return_threshold}")
 

@@ -18,7 +18,8 @@ from typing import Generic, Protocol, TypeVar
 
 from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import SessionKey, TurnHints
-from kvsched.core.shared_turns import joined_pin
+from kvsched.core.shared_tails import SharedTails
+from kvsched.core.shared_turns import JoinedPins
 from kvsched.core.tier import TierDirectory
 
 B = TypeVar("B")  # a block handle
@@ -92,6 +93,8 @@ class PinApplier(Generic[B]):
         self.pool = pool
         self.block_size = block_size
         self.pinned: dict[SessionKey, list[list[B]]] = {}  # per KV-cache group, in prefix order
+        self.joined = JoinedPins(policy.config.shared_pin_answers)  # sessions whose pin holds several answers
+        self.tails = SharedTails(self.joined.cap)  # ... and the tier's partial last blocks of their answers
         self.directory: TierDirectory | None = None
         self.demote: Demote | None = None
         self.on_dropped: Callable[[SessionKey], None] | None = None  # a session's whole pin went
@@ -121,19 +124,36 @@ class PinApplier(Generic[B]):
         """A turn ended holding `groups` (per KV-cache group, the reusable prefix's blocks covering `tokens` tokens):
         pin them; a session's last turn also drops its tier blocks. `cached_keys`: the blocks' keys (prefix order),
         which a plain LRU pool would now hold too (the payback tracker's ghost). A turn that repeated a shared
-        session's last prompt pins them beside the other user's answer (`kvsched.core.shared_turns.joined_pin`)."""
+        session's last prompt pins them beside the other user's answer (`kvsched.core.shared_turns.JoinedPins`)."""
         if cached_keys is not None and self.policy.payback.enabled:
             self.policy.payback.cached(cached_keys)
         rec = self.policy.sessions.get(key)
-        if rec is not None and rec.joins_pin and not hints.end:
-            groups, tokens = joined_pin(self.pinned.get(key), groups, tokens, rec.pinned_tokens, self.block_size,
-                                        self.policy.budget_blocks, self.pool.cached_keys)
+        joined = rec is not None and rec.joins_pin and not hints.end
+        other = True  # its answer is not one the pin holds (as far as the pin tells)
+        if joined and rec is not None:
+            answers = self.joined.counters["answers_joined"]
+            other = key not in self.pinned  # no pin to compare with
+            groups, tokens = self.joined.join(key, self.pinned.get(key), groups, tokens, rec.pinned_tokens,
+                                              self.block_size, self.policy.budget_blocks, self.pool.cached_keys)
+            other = other or self.joined.counters["answers_joined"] > answers
         # A group shorter than another starts past block 0 (a sliding window: the blocks a hit at the prefix's end
         # needs): without its tail, no hit can use the rest of the pin, so the pin is released whole or not at all.
         whole_only = len(groups) > 1 and min(map(len, groups)) < max(map(len, groups))  # (one group: no list made)
         self.apply(self.policy.turn_finished(key, hints, tokens, sum(map(len, groups)), whole_only), {key: groups})
-        if hints.end and self.directory is not None:
+        if rec is not None and (joined or rec.union_pin) and not rec.kept_over:  # (a side turn left the pin as it was)
+            rec.union_pin = joined and key in self.joined and key in self.pinned
+            if not rec.union_pin:
+                self.joined.forget(key)
+        if hints.end:
+            self.drop_tier(key)
+        elif self.directory is not None and (joined or key in self.tails.kept):  # before the turn's tail is saved
+            self.tails.turn_finished(self.directory, key, joined, other)
+
+    def drop_tier(self, key: SessionKey) -> None:
+        """The session ended: its tier blocks and tails go, the tails kept beside its own too (`SharedTails`)."""
+        if self.directory is not None:
             self.directory.drop_owner(key)
+            self.tails.release(self.directory, key)
 
     def enforce_budget(self) -> None:
         """Release pins past the pin budget (never, with the default budget: the whole pool), down to the policy's
@@ -214,6 +234,9 @@ class PinApplier(Generic[B]):
             return False
         self.repin(key, [head])
         self.pinned[key][0].extend(new)
+        self.joined.forget(key)  # (a pin that is a prefix of one request's: no union; `SessionRecord.union_pin` too)
+        if (rec := self.policy.sessions.get(key)) is not None:
+            rec.union_pin = False
         self.pool.hold_allocated(new)
         if self.log is not None:
             self.log.append(Applied("prefetch", str(key.session_id), blocks=len(new)))
@@ -284,6 +307,7 @@ class PinApplier(Generic[B]):
         released: list[B] = []
         if blocks is None or blocks >= total:
             del self.pinned[key]
+            self.joined.forget(key)
             for g in groups:
                 released.extend(reversed(g))
             if self.on_dropped is not None:

@@ -118,10 +118,10 @@ class RetentionPolicy(ReleaseValues):
             rec.hit_tokens += cached_tokens
         self._touch(rec)
         decisions: list[Decision] = []
-        if rec.pinned_blocks > 0 and cached_tokens < rec.pinned_tokens and not rec.joins_pin:
+        if rec.pinned_blocks > 0 and cached_tokens < rec.pinned_tokens and not rec.keeps_pin:
             keep = rec.pinned_blocks * max(cached_tokens, 0) // max(rec.pinned_tokens, 1)
             decisions.append(self._release(rec, ReleaseReason.TURN, rec.pinned_blocks - keep if keep else None))
-        rec.pin_beyond_running = rec.joins_pin and cached_tokens < rec.pinned_tokens  # else the request holds the rest
+        rec.pin_beyond_running = rec.keeps_pin and cached_tokens < rec.pinned_tokens  # else the request holds the rest
         self.index.changed(rec)
         return decisions
 

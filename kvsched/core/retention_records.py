@@ -63,6 +63,9 @@ class SessionRecord:
     # Its turn in flight repeated the last prompt of an inferred session two users share: it keeps the other user's
     # answer pinned beside its own (`kvsched.core.shared_turns.joined_pin`). Set at every arrival.
     joins_pin: bool = False
+    # Its pin holds several users' answers (`kvsched.core.shared_turns.JoinedPins`): a turn continuing one of them
+    # hit one answer, not the pin's head, so its start releases nothing (its finish makes its chain the pin).
+    union_pin: bool = False
     # The pin may hold blocks no running request of the session holds: made or kept while another request of it ran,
     # or grown by a prefetch. Cleared when a turn starts (the pin is cut to what that request hit).
     pin_beyond_running: bool = False
@@ -85,6 +88,11 @@ class SessionRecord:
     @property
     def pinned(self) -> bool:
         return self.pinned_blocks > 0
+
+    @property
+    def keeps_pin(self) -> bool:
+        """A turn's start releases nothing of the pin it did not hit (`kvsched.core.shared_turns`)."""
+        return self.joins_pin or self.union_pin
 
     @property
     def expires_at(self) -> float:

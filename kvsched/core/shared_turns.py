@@ -11,6 +11,13 @@ beside the other user's rather than replacing it (`joined_pin`; found by review:
 their pin, first at the repeat's start, which released what it did not hit, then at its finish). The pin stays within
 the pin budget and its TTL; the turn that extends one answer ends the sharing, and its chain replaces the pin.
 
+A union pin keeps at most `RetentionConfig.shared_pin_answers` answers (`KVSCHED_SHARED_PIN_ANSWERS`, 4): a popular
+first prompt with sampled answers otherwise added every distinct answer until someone continued one, bounded only by
+the pin budget; past the cap the oldest added answer leaves first (`JoinedPins`). While the pin holds several
+answers, a turn that continues one of them releases nothing at its start (it hit one answer, which the pin's tail
+need not be: found by review, it cut the pin's tail, the answer it had just hit, and left the other answers pinned,
+counted as held by its request and so releasable by nothing until it finished); its finish makes its chain the pin.
+
 A client's retry (the same prompt again after its first request was aborted or failed) is no repeat: the session is
 not shared by it (`Lineage.finished(normal=False)`), so that user's hints stay its own.
 """
@@ -24,9 +31,11 @@ from typing import TypeVar
 from kvsched.core.retention_records import SessionRecord
 from kvsched.core.sessions import TurnHints
 
-__all__ = ["joined_pin", "shared_arrival", "shared_finish_hints"]
+__all__ = ["DEFAULT_PIN_ANSWERS", "JoinedPins", "joined_pin", "shared_arrival", "shared_finish_hints"]
 
 B = TypeVar("B")  # a block handle (`kvsched.core.pin_apply.PinPool`)
+Keys = Callable[[list[B]], list[tuple[Hashable, int]]]  # the pool's content keys (`PinPool.cached_keys`)
+DEFAULT_PIN_ANSWERS = 4  # answers one shared pin keeps at most (`RetentionConfig.shared_pin_answers`)
 
 
 def shared_arrival(rec: SessionRecord, role: str | None, shared: bool, repeats: bool,
@@ -52,26 +61,71 @@ def shared_finish_hints(rec: SessionRecord, hints: TurnHints, ttl_s: float,
     return dataclasses.replace(hints, end=False, ttl_s=max(ttl_s, rec.ttl_s), role=role)
 
 
+class JoinedPins:
+    """The answers a shared session's union pin holds: per session whose pin holds two or more, each answer's chain
+    (per KV-cache group, the content keys of its blocks, the shared prompt's included), the oldest first, at most
+    `cap`. The pin applier keeps one and drops a session's entry whenever its pin stops being a union."""
+
+    def __init__(self, cap: int = DEFAULT_PIN_ANSWERS) -> None:
+        if cap < 1:
+            raise ValueError(f"a shared pin keeps at least one answer, got {cap}")
+        self.cap = cap
+        self.answers: dict[Hashable, list[list[frozenset[Hashable]]]] = {}
+        self.counters = {"answers_joined": 0, "answers_dropped": 0}
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.answers
+
+    def forget(self, key: Hashable) -> None:
+        """The session's pin is no union any more (replaced by one turn's chain, released whole, restored)."""
+        self.answers.pop(key, None)
+
+    def join(self, key: Hashable, old: Sequence[list[B]] | None, groups: list[list[B]], tokens: int,
+             old_tokens: int, block_size: int, budget: int, keys: Keys[B]) -> tuple[list[list[B]], int]:
+        """The pin a turn that repeated the session's last prompt leaves (`joined_pin`), keeping at most `cap`
+        answers: past it, the blocks only the oldest answer's chain holds leave the pin (a block another kept answer
+        also holds stays). The turn's own pin (and the session forgotten here) when no union is made."""
+        if not old or len(old) != len(groups):
+            self.forget(key)
+            return groups, tokens
+        held_keys = [keys(g) for g in old]
+        new_keys = [keys(g) for g in groups]
+        if any(len(k) != len(g) for k, g in zip(new_keys, groups, strict=True)) or \
+                any(len(k) != len(g) for k, g in zip(held_keys, old, strict=True)):
+            self.forget(key)  # a block not in the prefix cache: no content to compare
+            return groups, tokens
+        chains = self.answers.get(key) or [[frozenset(k for k, _ in g) for g in held_keys]]  # the first answer
+        chain = [frozenset(k for k, _ in g) for g in new_keys]
+        if chain not in chains:
+            chains = [*chains, chain]
+            self.counters["answers_joined"] += 1
+        dropped = max(len(chains) - self.cap, 0)
+        self.counters["answers_dropped"] += dropped
+        chains = chains[dropped:]
+        out: list[list[B]] = []
+        for i, (held, pairs_old, new, pairs_new) in enumerate(zip(old, held_keys, groups, new_keys, strict=True)):
+            keep = frozenset().union(*(c[i] for c in chains))
+            kept = [b for b, (k, _) in zip(held, pairs_old, strict=True) if k in keep]
+            known = {k for k, _ in pairs_old if k in keep}
+            out.append([*kept, *(b for b, (k, _) in zip(new, pairs_new, strict=True) if k not in known)])
+        if sum(map(len, out)) > budget:
+            self.forget(key)
+            return groups, tokens
+        if len(chains) < 2:  # the cap keeps one answer: this turn's chain is the pin
+            self.forget(key)
+            return groups, tokens
+        self.answers[key] = chains
+        longest = max(range(len(old)), key=lambda i: len(old[i]))  # the tokens follow the longest group's blocks
+        return out, max(old_tokens + (len(out[longest]) - len(old[longest])) * block_size, tokens)
+
+
 def joined_pin(old: Sequence[list[B]] | None, groups: list[list[B]], tokens: int, old_tokens: int, block_size: int,
-               budget: int, keys: Callable[[list[B]], list[tuple[Hashable, int]]]) -> tuple[list[list[B]], int]:
+               budget: int, keys: Keys[B]) -> tuple[list[list[B]], int]:
     """The pin a turn that repeated a shared session's last prompt leaves: per KV-cache group, the session's pin `old`
     (`old_tokens` tokens) and then this turn's blocks (`groups`, covering `tokens`) whose content (`keys`: the pool's
     content keys, `PinPool.cached_keys`) it does not hold yet, so the other user's answer stays pinned beside this
     one and an identical answer adds nothing. Its tokens: `old_tokens` plus a block's for each block added (the most
     in any group). This turn's own (`groups`, `tokens`) when there is no pin to join, a block of the turn has no
-    content key, or the union would pass `budget` blocks (the pin budget bounds it; the TTL expires it whole)."""
-    if not old or len(old) != len(groups):
-        return groups, tokens
-    out: list[list[B]] = []
-    added = 0
-    for held, new in zip(old, groups, strict=True):
-        known = {k for k, _ in keys(held)}
-        pairs = keys(new)
-        if len(pairs) != len(new):
-            return groups, tokens
-        extra = [b for b, (k, _) in zip(new, pairs, strict=True) if k not in known]
-        out.append([*held, *extra])
-        added = max(added, len(extra))
-    if sum(map(len, out)) > budget:
-        return groups, tokens
-    return out, old_tokens + added * block_size
+    content key, or the union would pass `budget` blocks (the pin budget bounds it; the TTL expires it whole).
+    Uncapped (`JoinedPins.join` keeps at most its cap of answers)."""
+    return JoinedPins(cap=1 << 30).join(None, old, groups, tokens, old_tokens, block_size, budget, keys)

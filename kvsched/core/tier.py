@@ -148,6 +148,13 @@ class TierDirectory:
         self.counters["tails_stored"] += 1
         return Store(block_id, slot, tokens=len(key.tokens))
 
+    def share_tail(self, owner: Owner, to: Owner) -> bool:
+        """`to` holds `owner`'s stored tail too, so `owner`'s next `put_tail` leaves it (`kvsched.core.shared_tails`)."""
+        if (key := self.tail_of.get(owner)) is None or key not in self.slot_of or key == self.tail_of.get(to):
+            return False
+        self.tail_of[to] = key
+        return self.owners.own(key, to) or True
+
     def match_tail(self, parent: Key, tokens: Sequence[int]) -> tuple[int, int, TailKey] | None:
         """The stored tail after `parent` sharing the longest prefix with `tokens`: (slot, matched tokens, key), or
         None. A partial match is still exact: a token's KV depends only on the tokens before it."""

@@ -258,7 +258,8 @@ class KVSchedPolicy(SimPolicy):
                 self.lineage.forget(old)
                 if self.tier is not None:
                     self.tier.drop_owner(old)
-        self.policy.request_arrived(*entry)
+        joins = self.trace.joins_pin is not None and bool(self.trace.joins_pin[i])  # recorded: as the engine pinned
+        self.policy.request_arrived(*entry, joins, joins)  # (a repeat of a shared inferred session's last prompt)
 
     def on_admitted(self, i: int, prompt_ids: np.ndarray, hit_blocks: int) -> None:
         # hit_blocks counts loaded (tier) blocks too: vLLM reports them in the request's num_computed_tokens
@@ -305,7 +306,8 @@ class KVSchedPolicy(SimPolicy):
         entry = self.joined.get(i)
         if self.tier is None or not self.tails or entry is None or not end or not self.tier.tail_of:
             return 0
-        tail = self.tier.tail_of.get(entry[0])
+        # the session's tail after that block, or another answer's of a shared one (`kvsched.core.shared_tails`)
+        tail = self.pins.tails.tail_after(self.tier, entry[0], int(prompt_ids[end - 1]))
         room = int(self.trace.prompt_tokens[i]) - 1 - end * self.trace.block_size  # vLLM computes the last token
         if self.trace.tail_reuse is not None and self.trace.tail_reuse[i] >= 0:  # recorded: what the prompt repeats
             room = min(room, int(self.trace.tail_reuse[i]))

@@ -33,6 +33,7 @@ from kvsched.sim.trace_fields import (
     bounded_lines,
     flag_field,
     number_field,
+    optional_column,
     read_header,
     text_field,
 )
@@ -60,6 +61,7 @@ class TraceRequest:
     # tokens of its session's previous request's partial last block this prompt repeats (recorded: the tier's tail
     # restore; None: not known, the replay assumes the turn appends to that request)
     tail_reuse: int | None = None
+    joins_pin: bool = False  # repeated its shared inferred session's last prompt: its answer is pinned beside (recorded)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": round(self.t, 6), "session": self.session, "prompt_tokens": self.prompt_tokens,
@@ -70,10 +72,9 @@ class TraceRequest:
         for name in ("role", "ttl_s", "salt", "duration_s", "tail_reuse"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
-        if self.end:
-            out["end"] = True
-        if self.compacted:
-            out["compacted"] = True
+        for name in ("end", "compacted", "joins_pin"):  # flags: written when set
+            if getattr(self, name):
+                out[name] = True
         return out
 
     @classmethod
@@ -91,7 +92,8 @@ class TraceRequest:
                        reuse=number_field(d, "reuse", 0, integer=True), role=text_field(d, "role"),
                        ttl_s=number_field(d, "ttl_s", None), end=flag_field(d, "end"), salt=text_field(d, "salt"),
                        duration_s=number_field(d, "duration_s", None), compacted=flag_field(d, "compacted"),
-                       tail_reuse=number_field(d, "tail_reuse", None, integer=True))
+                       tail_reuse=number_field(d, "tail_reuse", None, integer=True),
+                       joins_pin=flag_field(d, "joins_pin"))
         except KeyError as exc:
             raise ValueError(f"trace request lacks field {exc.args[0]!r}: {d}"[:200]) from None
 
@@ -234,6 +236,7 @@ class Trace:
     duration_s: np.ndarray | None = None  # float64 measured arrival-to-finish seconds, NaN = use the time model
     compacted: np.ndarray | None = None  # bool: served rewritten by kvsched's compaction (None: none was)
     tail_reuse: np.ndarray | None = None  # int64 TraceRequest.tail_reuse, -1 = not known (None: none is)
+    joins_pin: np.ndarray | None = None  # bool TraceRequest.joins_pin (None: none did)
 
     def __len__(self) -> int:
         return len(self.t)
@@ -292,7 +295,8 @@ class Trace:
                        ttl_s=self.ttl_s[idx], role=[self.role[i] for i in idx], _where=self._where[idx],
                        duration_s=None if self.duration_s is None else self.duration_s[idx],
                        compacted=None if self.compacted is None else self.compacted[idx],
-                       tail_reuse=None if self.tail_reuse is None else self.tail_reuse[idx])
+                       tail_reuse=None if self.tail_reuse is None else self.tail_reuse[idx],
+                       joins_pin=None if self.joins_pin is None else self.joins_pin[idx])
 
     @classmethod
     def from_requests(cls, block_size: int, requests: Iterable[TraceRequest], meta: dict[str, Any] | None = None,
@@ -372,12 +376,10 @@ class Trace:
             role=[reqs[i].role for i in order],
             sessions=sessions, n_ids=n_ids, depth=depth[:n_ids].copy(), _tape=tapes, _where=where[order],
             meta=dict(meta or {}),
-            duration_s=(np.array([np.nan if reqs[i].duration_s is None else reqs[i].duration_s for i in order],
-                                 dtype=np.float64) if any(r.duration_s is not None for r in reqs) else None),
-            compacted=(np.array([reqs[i].compacted for i in order], dtype=bool)
-                       if any(r.compacted for r in reqs) else None),
-            tail_reuse=(np.array([-1 if (n := reqs[i].tail_reuse) is None else n for i in order], dtype=np.int64)
-                        if any(r.tail_reuse is not None for r in reqs) else None),
+            duration_s=optional_column([reqs[i].duration_s for i in order], np.float64),
+            compacted=optional_column([reqs[i].compacted for i in order], bool),
+            tail_reuse=optional_column([reqs[i].tail_reuse for i in order], np.int64),
+            joins_pin=optional_column([reqs[i].joins_pin for i in order], bool),
         )
 
     @classmethod

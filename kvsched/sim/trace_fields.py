@@ -103,3 +103,14 @@ def read_header(first: str, path: Path) -> dict[str, Any]:
         if v is not None and not (type(v) in (int, float) and math.isfinite(v) and 1 <= round(v) <= MAX_COUNT):
             raise ValueError(f"{path}:1: meta.{name} must be a finite number of bytes >= 1, got {v!r:.80}")
     return header
+
+
+def optional_column(values: list[Any], dtype: Any) -> Any:
+    """A trace's column of an optional field (a numpy array of `dtype`): None when no request has it; a request
+    without it as NaN (times), -1 (counts) or False (flags)."""
+    import numpy as np
+
+    if not any(v is not None and v is not False for v in values):
+        return None
+    missing = {np.float64: np.nan, np.int64: -1}.get(dtype, False)
+    return np.array([missing if v is None else v for v in values], dtype=dtype)

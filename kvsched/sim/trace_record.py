@@ -58,6 +58,7 @@ class _Live:
     session: str
     salt: str | None
     named: bool = True  # False: a request of no session, a session of its own that never has a next request
+    joins_pin: bool = False  # it repeated its shared inferred session's last prompt (`SessionRecord.joins_pin`)
 
 
 @dataclass(slots=True)
@@ -112,16 +113,18 @@ class TraceRecording:
         """A keyed 64-bit hash of `value` in hex, as the file writes ids."""
         return self._hashed((value,)).hex()
 
-    def arrived(self, request_id: str, now: float, session: object | None, salt: str | None) -> None:
+    def arrived(self, request_id: str, now: float, session: object | None, salt: str | None,
+                joins_pin: bool = False) -> None:
         """A request arrived for `session` (any hashable identity; None: a request of no session, written as a
-        session of its own) under cache salt `salt`."""
+        session of its own) under cache salt `salt`; `joins_pin`: it repeated the last prompt of an inferred session
+        another conversation shares, so the engine pins its answer beside the other's (a replay does the same)."""
         if self.full:
             return
         if self._t0 is None:
             self._t0 = now
         token = self.token(("session", session)) if session is not None else "r" + self.token(("request", request_id))
         self._live[request_id] = _Live(now, token, None if salt is None else self.token(("salt", salt)),
-                                       session is not None)
+                                       session is not None, joins_pin)
         self._running.setdefault(token, []).append(now)
 
     def abandoned(self, request_id: str) -> None:
@@ -155,7 +158,7 @@ class TraceRecording:
             t=t - self._t0, session=session, prompt_tokens=req.prompt_tokens, output_tokens=req.output_tokens,
             blocks=_hex_ids(ids[reuse * ID_BYTES:]), reuse=reuse, role=req.role, ttl_s=req.ttl_s, end=req.end,
             salt=live.salt, duration_s=round(max(now - t, 0.0), 6), compacted=req.compacted,
-            tail_reuse=self._tail_reuse(prev, n, req)))
+            tail_reuse=self._tail_reuse(prev, n, req), joins_pin=live.joins_pin))
         self.written += 1
         if self.max_chars is not None and self.chars >= self.max_chars:
             self.stop()

@@ -88,7 +88,7 @@ class SessionPins:
     def on_request_added(self, request: Any) -> None:
         key, hints = self.resolver.resolve(request)
         if self.recorder is not None:
-            self.recorder.arrived(request, key)
+            self.recorder.arrived(request, key, self.resolver.sharing(request.request_id)[1])
         if key is None:
             return
         # The conversation kvsched's compaction rewrote is never continued: end its branch. Only when this turn began a
@@ -303,7 +303,7 @@ class SessionPins:
                     self.requests[rid] = (k, dataclasses.replace(hints, end=True))
         self.resolver.forget(key)
         if self.tier is not None:
-            self.tier.directory.drop_owner(key)
+            self.pins.drop_tier(key)  # its tails kept beside too (a shared inferred session's other answers)
             self.tier.end_session(key)
         if self.prefetcher is not None:
             self.prefetcher.on_ended(key)

@@ -141,13 +141,16 @@ class TraceRecorder:
             logger.error("kvsched: cannot record to %s (%s): nothing is recorded", path, exc)
             return None
 
-    def arrived(self, request: Any, key: SessionKey | None) -> None:
-        """A request was added. Its session is recorded without the branch (the replay applies the lineage itself)."""
+    def arrived(self, request: Any, key: SessionKey | None, joins_pin: bool = False) -> None:
+        """A request was added. Its session is recorded without the branch (the replay applies the lineage itself);
+        `joins_pin`: it repeated a shared inferred session's last prompt (the replay pins its answer beside the
+        other user's, as the engine does: `kvsched.core.shared_turns`)."""
         if self.stopped:
             return
         try:
             session = key._replace(branch=0) if key is not None else None
-            self.recording.arrived(request.request_id, self.clock(), session, getattr(request, "cache_salt", None))
+            self.recording.arrived(request.request_id, self.clock(), session, getattr(request, "cache_salt", None),
+                                   joins_pin)
         except Exception:  # a recording never takes the engine down
             self._fail()
 

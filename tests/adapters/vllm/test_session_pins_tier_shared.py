@@ -67,3 +67,59 @@ def test_a_shared_turns_role_hint_leaves_the_sessions_role(harness_cfg, clock):
     run_until_idle(s)
     assert rec.turns == 2 and rec.role == "orchestrator"
     assert s.kvsched.stats()["inferred_shared_roles_ignored"] == 1
+
+
+def test_both_users_partial_last_blocks_stay_in_the_tier_while_they_share(harness_cfg, clock):
+    """A and B send the same first prompt and get different answers (tokens 7 and 9): each turn ends 10 tokens past
+    its 6th full block, a partial last block the tier keeps (`save_tail`). Before: B's tail replaced the session's, A's
+    left the tier, and A's next turn hit its 6 pinned blocks only (96 tokens). Now A's tail is kept beside B's
+    (`kvsched.core.shared_tails`): A's next turn loads it (106 tokens), B's hits its own; once A's turn continued its
+    answer (the sharing is over), the kept tail goes."""
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    s = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock=clock)
+    f, kp = RequestFactory(BLOCK), s.kvsched
+    d = kp.tier.directory
+    tokens = {"b1": 9}
+
+    def run() -> dict[str, int]:
+        news = {}
+        while s.has_requests():
+            out, _ = step(s, sample=lambda rid: tokens.get(rid, FAKE_TOKEN))
+            news.update({n.req_id: n.num_computed_tokens for n in out.scheduled_new_reqs})
+        return news
+
+    for rid in ("a1", "b1"):
+        s.add_request(f.make(FIRST, 40, request_id=rid))
+        run()
+    [(key, rec)] = kp.policy.sessions.items()
+    tails = dict(d.tail_of)
+    message = [700, 701, 702, 703]
+    s.add_request(f.make([*FIRST, *[FAKE_TOKEN] * 40, *message], 4, request_id="a2"))
+    assert run() == {"a2": 106}  # 6 pinned blocks and A's 10 tail tokens from the tier (before: 96)
+    assert rec.pinned_blocks != 8 and len(tails) == 2  # B's tail was under the session, A's beside it
+    assert set(tails.pop(key).tokens) == {9} and [set(t.tokens) for t in tails.values()] == [{FAKE_TOKEN}]
+    assert list(d.tail_of) == [key] and not kp.pins.tails.kept  # A continued: B's conversation is its own now
+    s.add_request(f.make([*FIRST, *[9] * 40, *message], 4, request_id="b2"))
+    assert run()["b2"] >= 96 and kp.tier.stats["tail_restores"] == 1
+
+
+def test_both_users_answers_are_copied_to_the_host_tier_and_the_disk_level(harness_cfg, clock, tmp_path):
+    """The other half of the tier side: the union's blocks, not the last turn's alone. The disk level's books only ever
+    add a turn's blocks to the session's (`DiskDirectory.plan_writes`), and the union pin's expiry demotes both
+    answers into the host tier: 4 prompt blocks and 2 per answer."""
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    tier = kv_transfer_config(0.01, disk_dir=str(tmp_path), disk_gb=0.01)
+    s, f = sched(replace(harness_cfg, kv_transfer_config=tier), clock=clock), RequestFactory(BLOCK)
+    kp, lv = s.kvsched, s.connector.levels
+    for rid, token in (("a1", FAKE_TOKEN), ("b1", 9)):
+        s.add_request(f.make(FIRST, 40, request_id=rid))
+        while s.has_requests():
+            step(s, sample=lambda _rid, t=token: t)
+        _ack_disk_writes(s)
+    [(key, rec)] = kp.policy.sessions.items()
+    assert rec.pinned_blocks == 8 and len(lv.disk.keys_of[key]) == 8
+    clock.advance(rec.ttl_s + 1.0)
+    step(s)  # the union's TTL runs out: all of it is copied to the host tier
+    assert not rec.pinned and len(kp.tier.directory.keys_of[key]) == 8 and len(kp.tier.directory.tail_of) == 2

@@ -1,0 +1,83 @@
+"""The FP8 tier's partial last blocks of a shared inferred session's answers (`kvsched.core.shared_turns`).
+
+The tier keeps one partial last block per session (`TierDirectory.tail_of`: the KV past its last full block, which
+vLLM's prefix cache never shares), and a turn's tail replaces its session's. Two users whose identical first prompt
+joined one inferred session each continue their own answer, so a repeating turn's tail replaced the other user's,
+whose next turn then recomputed up to a block of its own answer (found by review: the tier side of the union pin).
+While the session is shared, the tail a repeating turn would replace is kept under a companion owner (`TailOwner`) of
+the session, at most `cap - 1` of them (the session's own tail is the cap's last answer, as `JoinedPins` counts), the
+oldest going first; they go when a turn that did not repeat the last prompt finishes (it continued one answer: the
+sharing is over) or the session ends. A companion is worth nothing to the tier's value order (`PinApplier.tier_value`
+values sessions only), so under pressure its tail yields first; by recency it is as old as the turn that kept it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from kvsched.core.tier import TailKey, TierDirectory
+
+__all__ = ["MAX_SESSIONS", "SharedTails", "TailOwner"]
+
+# Shared sessions whose other answers' tails are kept, the least recently kept forgotten first (their tails go): most
+# inferred sessions are never ended, so their entries would otherwise outlive them (the tier evicts the tails alone).
+MAX_SESSIONS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class TailOwner:
+    """A tier owner holding another answer's tail of `session` (never equal to a session key)."""
+
+    session: Hashable
+    n: int
+
+
+class SharedTails:
+    """Per shared session, its companion tail owners, oldest first."""
+
+    def __init__(self, cap: int, max_sessions: int = MAX_SESSIONS) -> None:
+        self.cap = cap
+        self.max_sessions = max_sessions
+        self.kept: OrderedDict[Hashable, list[TailOwner]] = OrderedDict()
+        self._ids = itertools.count(1)
+
+    def turn_finished(self, directory: TierDirectory, key: Hashable, repeated: bool, other: bool = True) -> None:
+        """A turn of `key` finished, before its own tail is saved: one that `repeated` the shared last prompt with
+        an `other` answer (its full blocks differ from the pin's answers', or there was no pin to compare) keeps the
+        session's current tail beside (unless a companion holds it already); any other repeat keeps things as they
+        are (the same answer: the same tail, mostly), and a turn that did not repeat it ends the keeping."""
+        if not repeated:
+            self.release(directory, key)
+            return
+        if not other:
+            return
+        owners = self.kept.get(key, [])
+        current = directory.tail_of.get(key)
+        if self.cap < 2 or current is None or any(directory.tail_of.get(o) == current for o in owners):
+            return
+        owner = TailOwner(key, next(self._ids))
+        if not directory.share_tail(key, owner):
+            return
+        owners.append(owner)
+        while len(owners) > self.cap - 1:
+            directory.drop_owner(owners.pop(0))
+        self.kept[key] = owners
+        self.kept.move_to_end(key)
+        while len(self.kept) > self.max_sessions:
+            self.release(directory, next(iter(self.kept)))
+
+    def release(self, directory: TierDirectory, key: Hashable) -> None:
+        """The sharing ended (or the session did): the companions' tails leave the tier unless others hold them."""
+        for owner in self.kept.pop(key, ()):
+            directory.drop_owner(owner)
+
+    def tail_after(self, directory: TierDirectory, key: Hashable, parent: Hashable) -> TailKey | None:
+        """The tail (`TailKey`) the session or one of its companions holds after the full block `parent`."""
+        for owner in (key, *self.kept.get(key, ())):
+            tail = directory.tail_of.get(owner)
+            if tail is not None and tail.parent == parent:
+                return tail
+        return None

@@ -1,0 +1,63 @@
+"""KVSCHED_RECORD_TRACE and shared inferred sessions: a turn that repeated a shared session's last prompt is recorded
+as such (`joins_pin`), so `kvsched simulate` pins its answer beside the other user's as the engine did, through the
+same core code (`kvsched.core.shared_turns.JoinedPins`), instead of re-pinning turn by turn."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from kvsched.adapters.vllm.harness import FAKE_TOKEN, RequestFactory, step  # noqa: E402
+from kvsched.adapters.vllm.trace_recorder import ENV_RECORD  # noqa: E402
+from kvsched.sim.replay import ReplayConfig, replay  # noqa: E402
+from kvsched.sim.trace import Trace  # noqa: E402
+from tests.adapters.vllm.conftest import BLOCK, sched  # noqa: E402
+
+FIRST = [*range(100, 164), 500, 501, 502]  # the first prompt both users send: 4 full blocks and 3 tokens
+
+
+def test_a_recorded_shared_session_replays_with_the_engines_union_pin(harness_cfg, clock, tmp_path, monkeypatch):
+    """A and B send the same first prompt and get different answers (tokens 7 and 9): the engine pins both chains
+    (8 blocks). Before: the recording did not say B's turn joined the pin, so the replay pinned B's chain alone
+    (6 blocks) and A's answer went to the LRU there. Now B's line says `joins_pin` and the replay pins 8 blocks."""
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "shared.jsonl"))
+    monkeypatch.setenv("KVSCHED_PAYBACK_SAMPLING", "0")
+    s, f = sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    kp = s.kvsched
+    kp.recorder.clock = clock
+    kp.pins.log = engine = []
+    for rid, token in (("a1", FAKE_TOKEN), ("b1", 9), ("c1", FAKE_TOKEN)):  # C's answer is A's: it adds nothing
+        s.add_request(f.make(FIRST, 40, request_id=rid))
+        while s.has_requests():
+            step(s, sample=lambda _rid, t=token: t)
+        clock.advance(1.0)
+    [rec] = kp.policy.sessions.values()
+    assert rec.pinned_blocks == 8 and rec.union_pin
+    kp.recorder.close()
+    lines = [json.loads(x) for x in kp.recorder.path.read_text().splitlines()[1:]]
+    assert [x.get("joins_pin", False) for x in lines] == [False, True, True]
+    trace = Trace.load(kp.recorder.path)
+    cfg = ReplayConfig(capacity_blocks=trace.recorded_capacity_blocks, prefill_tps=float("inf"), tpot_s=0.0,
+                       retention=kp.policy.config, check=True, record_applied=True)
+    sim = replay(trace, "kvsched", cfg)
+    pins = [a.blocks for a in engine if a.op == "pin"]
+    assert pins == [6, 8, 8]
+    assert [a.blocks for a in sim.applied if a.op == "pin"] == pins
+    assert sim.policy_stats["peak_pinned_blocks"] == 8
+
+
+def test_a_trace_without_the_field_loads_and_never_joins(tmp_path):
+    """Old traces (no `joins_pin`) still load; the column is None and the replay joins nothing."""
+    path = tmp_path / "old.jsonl"
+    path.write_text('{"kvsched_trace": 1, "block_size": 4, "meta": {}}\n'
+                    '{"t": 0, "session": "s", "prompt_tokens": 9, "output_tokens": 2, "blocks": [1, 2]}\n'
+                    '{"t": 1, "session": "s", "prompt_tokens": 9, "output_tokens": 2, "blocks": [], "reuse": 2, '
+                    '"joins_pin": false}\n')
+    trace = Trace.load(path)
+    assert trace.joins_pin is None and len(trace) == 2
+    path.write_text(path.read_text().replace('"joins_pin": false', '"joins_pin": 1'))
+    with pytest.raises(ValueError, match="joins_pin"):
+        Trace.load(path)

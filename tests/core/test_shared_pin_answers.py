@@ -1,0 +1,96 @@
+"""Review of the union pins of shared inferred sessions (`kvsched.core.shared_turns.JoinedPins`): a turn continuing
+one answer of a union pin, and the cap on the answers one shared pin keeps (`KVSCHED_SHARED_PIN_ANSWERS`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvsched.core.config import RetentionConfig
+from kvsched.core.retention import ReleaseReason
+from kvsched.core.shared_turns import DEFAULT_PIN_ANSWERS, JoinedPins
+from tests.core.test_shared_turns import A_ANSWER, B_ANSWER, FIRST, Engine
+
+C_ANSWER = list(range(80, 90))
+
+
+def answer(n: int) -> list[int]:
+    """A distinct sampled answer: two full blocks past the first prompt, like A_ANSWER."""
+    return list(range(200 + 10 * n, 210 + 10 * n))
+
+
+def test_a_turn_continuing_the_answer_added_last_leaves_the_other_answer_releasable(clock):
+    """The union [prompt, A's answer, B's answer]; B's next turn hits the prompt and B's answer (5 of 7 blocks).
+    Before: its start released the pin's tail, 2 blocks (B's answer, which its request holds anyway), and kept A's
+    answer pinned while counting the pin as all held by the running request: no release for pressure or budget
+    could free A's blocks until B's turn finished (`release_for_pressure` offered nothing). Now the pin stays whole
+    and releasable beyond the running request; B's finish makes its chain the pin."""
+    e = Engine(clock)
+    a1 = e.arrive(FIRST)
+    a_chain = e.finish(a1, A_ANSWER)
+    b_chain = e.finish(e.arrive(FIRST), B_ANSWER)
+    b2_prompt = [*FIRST, *B_ANSWER, 110, 111, 112]
+    b2 = e.arrive(b2_prompt)
+    rec = e.policy.sessions[a1[0]]
+    assert rec.pinned_blocks == 7 and set(a_chain) | set(b_chain) <= e.held()
+    releases = e.policy.release_for_pressure(7)
+    assert [r.key for r in releases] == [a1[0]] and releases[0].reason is ReleaseReason.PRESSURE
+    e.pins.apply(releases)
+    assert not set(a_chain[3:]) & e.held()  # A's answer (held by no request) could be freed
+    b2_chain = e.finish(b2, [113, 114])
+    assert e.held() == set(b2_chain) and rec.pinned_blocks == len(b2_chain) and not rec.union_pin
+
+
+def test_a_turn_continuing_the_first_answer_drops_the_others_at_its_finish(clock):
+    e = Engine(clock)
+    a1 = e.arrive(FIRST)
+    e.finish(a1, A_ANSWER)
+    b_chain = e.finish(e.arrive(FIRST), B_ANSWER)
+    a2 = e.arrive([*FIRST, *A_ANSWER, 70, 71, 72])
+    assert e.policy.sessions[a1[0]].pinned_blocks == 7  # kept while A's turn runs (beyond it: releasable)
+    a2_chain = e.finish(a2, [73, 74])
+    assert e.held() == set(a2_chain) and not set(b_chain[3:]) & e.held()
+    assert a1[0] not in e.pins.joined and e.policy.sessions[a1[0]].pinned_blocks == len(a2_chain)
+
+
+def test_a_shared_pin_keeps_at_most_its_cap_of_answers_the_oldest_added_leaves_first(clock):
+    """Cap 2: A, B, then C. Before: the pin held all three answers (bounded by the pin budget only). Now A's answer
+    leaves; the prompt stays, and the policy's count is what the pin holds."""
+    e = Engine(clock, shared_pin_answers=2)
+    a1 = e.arrive(FIRST)
+    a_chain = e.finish(a1, A_ANSWER)
+    b_chain = e.finish(e.arrive(FIRST), B_ANSWER)
+    c_chain = e.finish(e.arrive(FIRST), C_ANSWER)
+    assert e.held() == set(b_chain) | set(c_chain) and not set(a_chain[3:]) & e.held()
+    rec = e.policy.sessions[a1[0]]
+    assert rec.pinned_blocks == 7 and rec.pinned_tokens == 7 * 4 and rec.union_pin
+    assert e.pins.pinned[a1[0]] == [[*b_chain, *c_chain[3:]]] and e.pins.joined.counters["answers_dropped"] == 1
+
+
+def test_the_default_cap_is_four_answers(clock):
+    e = Engine(clock)
+    chains = [e.finish(e.arrive(FIRST), answer(n)) for n in range(DEFAULT_PIN_ANSWERS + 2)]
+    kept = set().union(*map(set, chains[2:]))
+    assert e.held() == kept and len(e.held()) == 3 + 2 * DEFAULT_PIN_ANSWERS
+
+
+def test_an_answer_sharing_blocks_with_a_kept_one_keeps_them():
+    """Answers A = (a1, a2), B = (a1, b2), C = (c1, c2) with cap 2: A leaves, but a1 stays (B's chain holds it)."""
+    content = {1: "p", 2: "a1", 3: "a2", 4: "a1", 5: "b2", 6: "c1", 7: "c2"}
+
+    def keys(blocks: list[int]) -> list[tuple[str, int]]:
+        return [(content[b], b) for b in blocks]
+
+    j = JoinedPins(cap=2)
+    pin, tokens = j.join("s", [[1, 2, 3]], [[1, 4, 5]], 12, 12, 4, 100, keys)
+    assert pin == [[1, 2, 3, 5]] and tokens == 16 and "s" in j
+    pin, tokens = j.join("s", pin, [[1, 6, 7]], 12, tokens, 4, 100, keys)
+    assert pin == [[1, 2, 5, 6, 7]] and tokens == 20
+
+
+def test_the_cap_is_read_from_its_variable_and_checked():
+    assert RetentionConfig.from_env({"KVSCHED_SHARED_PIN_ANSWERS": "2"}).shared_pin_answers == 2
+    assert RetentionConfig.from_env({}).shared_pin_answers == DEFAULT_PIN_ANSWERS == 4
+    with pytest.raises(ValueError, match="KVSCHED_SHARED_PIN_ANSWERS"):
+        RetentionConfig.from_env({"KVSCHED_SHARED_PIN_ANSWERS": "0"})
+    with pytest.raises(ValueError, match="KVSCHED_SHARED_PIN_ANSWERS"):
+        RetentionConfig.from_env({"KVSCHED_SHARED_PIN_ANSWERS": "many"})

@@ -1,0 +1,64 @@
+"""`kvsched.core.shared_tails`: a shared inferred session's other answers' partial last blocks stay in the tier beside
+its own, at most the pin's cap of answers, until the sharing or the session ends."""
+
+from __future__ import annotations
+
+from kvsched.core.shared_tails import SharedTails
+from kvsched.core.tier import TierConfig, TierDirectory
+
+S = "session"
+
+
+def directory() -> TierDirectory:
+    return TierDirectory(TierConfig(budget_bytes=64 * 100), 100, lambda _owner: 0.0)
+
+
+def answer(d: TierDirectory, tails: SharedTails, n: int, repeated: bool = True, other: bool = True) -> None:
+    """A turn of S ends (a repeat of the shared prompt or not, with an answer the pin does not hold or not), then its
+    tail `n` is saved, as the engine orders it."""
+    tails.turn_finished(d, S, repeated, other)
+    d.put_tail(S, f"block-{n}", (n, n + 1), block_id=n)
+
+
+def held(d: TierDirectory) -> set[int]:
+    return {t.tokens[0] for t in d.tail_of.values()}
+
+
+def test_a_repeat_keeps_the_tail_it_replaces_up_to_the_cap_the_oldest_leaving_first():
+    d, tails = directory(), SharedTails(cap=3)
+    answer(d, tails, 1, repeated=False)  # A's first turn
+    for n in (2, 3, 4):  # B, C, D repeat the prompt with other answers
+        answer(d, tails, n)
+    assert held(d) == {2, 3, 4} and d.tail_of[S].tokens[0] == 4 and len(tails.kept[S]) == 2
+    answer(d, tails, 4, other=False)  # the same answer again (the pin's union grew by nothing): nothing is kept
+    assert held(d) == {2, 3, 4} and len(tails.kept[S]) == 2
+    assert tails.tail_after(d, S, "block-3").tokens == (3, 4) and tails.tail_after(d, S, "block-1") is None
+
+
+def test_a_turn_that_continues_one_answer_or_the_end_lets_the_kept_tails_go():
+    d, tails = directory(), SharedTails(cap=4)
+    answer(d, tails, 1, repeated=False)
+    answer(d, tails, 2)
+    answer(d, tails, 5, repeated=False)  # continues one answer: the sharing is over
+    assert held(d) == {5} and not tails.kept and d.used_slots == 1
+    answer(d, tails, 6)
+    tails.release(d, S)  # the session's end (`PinApplier.drop_tier`)
+    d.drop_owner(S)
+    assert not d.tail_of and d.used_slots == 0
+
+
+def test_cap_one_keeps_nothing_beside():
+    d, tails = directory(), SharedTails(cap=1)
+    answer(d, tails, 1, repeated=False)
+    answer(d, tails, 2)
+    assert held(d) == {2} and not tails.kept
+
+
+def test_the_sessions_kept_are_bounded_the_least_recently_kept_first():
+    d, tails = directory(), SharedTails(cap=2, max_sessions=2)
+    for s in ("s1", "s2", "s3"):
+        d.put_tail(s, f"{s}-a", (1, 2), block_id=1)
+        tails.turn_finished(d, s, repeated=True)
+        d.put_tail(s, f"{s}-b", (3, 4), block_id=2)
+    assert list(tails.kept) == ["s2", "s3"] and sorted(t.parent for t in d.tail_of.values()) == [
+        "s1-b", "s2-a", "s2-b", "s3-a", "s3-b"]
