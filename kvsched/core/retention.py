@@ -64,9 +64,8 @@ class RetentionPolicy(ReleaseValues):
         self._activity = itertools.count(1)
         self.index = ReleaseIndex(self.candidate, self.score, selector)  # the pinned sessions and their order
         self.payback = PinPayback(config.payback(), total_blocks)  # the online fallback to LRU
-        # Learned always: a first turn's value is its class's learned return share (`weight_of`); it decides pins
-        # only with a threshold (0 without one: every turn is likely). Without one it awaits first turns only (the
-        # value reads no other; awaiting every turn cost ~10 us a turn, +50% of the policy's own events, measured).
+        # Learned always, every turn's outcome awaited: a turn's value carries its class's learned return share
+        # (`weight_of`); it decides pins only with a threshold (0 without one: every turn is likely).
         self.returns = ReturnModel(config.return_threshold or 0.0, config.default_ttl_s,
                                    inferred_prior=config.inferred_first_turn_weight)
 
@@ -166,8 +165,8 @@ class RetentionPolicy(ReleaseValues):
         rec.burst_turns += 1
         if hints.end:  # its last turn: not awaited (an earlier one that finished while it ran did come back)
             self.returns.last_turn(key, now)
-        likely = hints.end or (rec.turns > 1 and self.config.return_threshold is None) or \
-            self.returns.turn_finished(key, rec.turns, blocks, rec.last_finished, now, key.inferred)
+        likely = hints.end or self.returns.turn_finished(key, rec.turns, blocks, rec.last_finished, now, key.inferred)
+        rec.last_gap_s = None if rec.last_finished is None else max(now - rec.last_finished, 0.0)  # its class's gap
         rec.last_finished = now
         if hints.role:
             rec.role = hints.role

@@ -53,6 +53,7 @@ class SessionRecord:
     waiting: int = 0  # requests that arrived and are not scheduled yet
     waiting_since: float | None = None  # arrival of the oldest of them
     last_finished: float | None = None
+    last_gap_s: float | None = None  # from the turn before its last to its last turn's end (None: one turn so far)
     expected_gap_s: float = 0.0
     gaps_seen: int = 0
     burst_turns: int = 0  # turns finished since its current burst began (`kvsched.core.next_use`)

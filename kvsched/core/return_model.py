@@ -6,11 +6,13 @@ every finished turn for its TTL holds blocks LRU would have put to better use. `
 in hindsight, how well classes of what the engine sees at a turn's end separate returning turns; this is the online
 version of that model, learned only from outcomes already known:
 
-- a turn's class: its index in the session (1, 2, 3, 4+), the octave of its reusable prefix in blocks (the engine
-  knows the prefix it would pin, prompt and output together; the output length alone is not passed to the policy, so
-  that feature of the hindsight classes is dropped) and the bucket of the time since the session's previous turn ended
-  (none / < 30 s / < 120 s / < 600 s / more; an inferred session's first turn has a bucket of its own, -1: where
-  clients name their sessions and some do not, an unnamed request is more often a one-shot);
+- a turn's class: its index in the session (1 to 7, 8+: the gap model's burst phases; 4+ until stop 52 merged a
+  burst's last turn, which never returns, with the ones before it, which all do: tools/adversarial a2_honest), the
+  octave of its reusable prefix in blocks (the engine knows the prefix it would pin, prompt and output together; the
+  output length alone is not passed to the policy, so that feature of the hindsight classes is dropped) and the
+  bucket of the time since the session's previous turn ended (none / < 30 s / < 120 s / < 600 s / more; an inferred
+  session's first turn has a bucket of its own, -1: where clients name their sessions and some do not, an unnamed
+  request is more often a one-shot);
 - its outcome: returned when the session's next request arrives at most `horizon_s` after the turn ended, not when
   `horizon_s` passes without one (settled lazily, at the next event). Counted when the horizon ends, either way
   (`at_horizon`): a return is known as soon as it arrives but a miss only a horizon later, so counting returns at
@@ -32,7 +34,7 @@ from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-TURN_CAP = 4  # turn indices 1, 2, 3, 4+ (as kvsched.sim.return_classes)
+TURN_CAP = 8  # turn indices 1 to 7, 8+ (kvsched.core.next_use's max_phase; the hindsight classes stop at 4+)
 GAP_EDGES_S = (30.0, 120.0, 600.0)  # time since the previous turn ended: none / < 30 s / < 120 s / < 600 s / more
 PRIOR_STRENGTH = 10.0  # pseudo-outcomes a level borrows from its parent's mean
 INFERRED_FIRST = -1  # the gap bucket of an inferred session's first turn
@@ -91,12 +93,13 @@ class ReturnModel:
     _pending: dict[Hashable, Pending] = field(default_factory=dict)
     _deadlines: deque[tuple[float, Hashable, Pending]] = field(default_factory=deque)
 
-    def estimate(self, cls: ReturnClass) -> float:
+    def estimate(self, cls: ReturnClass, root: float | None = None) -> float:
         """The shrunk return probability of class `cls` from the outcomes settled so far; an inferred first turn's
         class starts at `inferred_prior` x its turn index's (a prior of its own: it may be a one-shot). The pin gate
         (`turn_finished`) and the release order (`ReleaseValues.weight_of`) both read it here (found by review: the
-        gate read it unscaled, pinning under KVSCHED_RETURN_THRESHOLD what the value read as below it)."""
-        p = self.total.mean(0.5, 2.0)  # Beta(1, 1)
+        gate read it unscaled, pinning under KVSCHED_RETURN_THRESHOLD what the value read as below it). `root`: the
+        turn index's prior instead of all turns' mean (the release order's later turns: 1, see `weight_of`)."""
+        p = self.total.mean(0.5, 2.0) if root is None else root  # Beta(1, 1)
         turn = self.by_turn.get(cls[0])
         if turn is not None:
             p = turn.mean(p, self.prior_strength)

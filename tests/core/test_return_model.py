@@ -16,7 +16,8 @@ def key(s: str) -> SessionKey:
 
 def test_return_class_buckets():
     assert return_class(1, 0, None) == (1, -1, 0)
-    assert return_class(7, 16, 29.9) == (4, 4, 1)
+    assert return_class(7, 16, 29.9) == (7, 4, 1)
+    assert return_class(9, 16, 29.9) == (8, 4, 1)
     assert return_class(2, 17, 30.0) == (2, 4, 2)
     assert return_class(3, 1, 600.0) == (3, 0, 4)
 
@@ -174,10 +175,11 @@ def test_threshold_setting_parsed():
     assert RetentionConfig.from_env({}).return_threshold is None
 
 
-def test_policy_without_a_threshold_awaits_first_turns_only():
-    """The value reads first turns' shares alone: a later turn is not awaited (it cost ~10 us a turn)."""
+def test_policy_without_a_threshold_awaits_every_turn():
+    """The value reads every turn's class share (stop 52; before, first turns' alone and a later turn was not
+    awaited without a threshold): a later turn is awaited with a threshold or without."""
     clock = [0.0]
-    for threshold, awaited in ((None, 0), (0.2, 1)):
+    for threshold, awaited in ((None, 1), (0.2, 1)):
         p = make(clock) if threshold is None else make(clock, return_threshold=threshold)
         k = key("two-turns")
         for cached in (0, 160):
