@@ -271,8 +271,11 @@ def prepare(args: argparse.Namespace) -> Setup:
     if not p.requests:
         raise ValueError("every request of the window is longer than the replay's limit")
     longest_blocks = -(-p.longest_tokens // BLOCK_TOKENS)
-    num_blocks = max(math.ceil(p.peak_live_blocks / args.pressure), longest_blocks + 4) + 1  # + vLLM's null block
     max_model_len = math.ceil((p.longest_tokens + 1) / 256) * 256
+    # vLLM refuses to start unless its usable blocks hold one request of max_model_len (found at stop 52: a short
+    # window or a high pressure sized the pool by the longest request alone, below max_model_len's rounding up)
+    num_blocks = max(math.ceil(p.peak_live_blocks / args.pressure), longest_blocks + 4,
+                     -(-max_model_len // BLOCK_TOKENS)) + 1  # + vLLM's null block
     return Setup(args, path, trace, p, sides, num_blocks, max_model_len, shape.vocab_size)
 
 

@@ -138,3 +138,20 @@ def test_bench_replay_refuses_a_missing_trace_a_directory_and_an_out_directory(t
     path.write_text('{"kvsched_trace": 1, "block_size": 512}\n')
     assert main(["bench", "replay", str(path), "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_the_pool_holds_one_request_of_max_model_len_at_any_pressure(tmp_path):
+    """Found at stop 52: a 60-s window at 1.5x sized the pool by its longest request (+ 4 blocks), fewer blocks than
+    max_model_len (rounded up to 256 tokens) needs, and vLLM refused to start. Its usable blocks now hold it."""
+    import argparse
+
+    from kvsched.bench.trace_engine import BLOCK_TOKENS, prepare
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kvsched_trace": 1, "block_size": 512}\n'
+                    '{"t": 0, "session": "a", "prompt_tokens": 5120, "output_tokens": 4, "blocks": '
+                    + str([f"b{i}" for i in range(10)]).replace("'", '"') + "}\n")
+    args = argparse.Namespace(trace=path, start_s=0.0, seconds=60.0, time_scale=1.0, pressure=100.0, sides="stock",
+                              max_output_tokens=64, model_size="test", out=None)
+    setup = prepare(args)
+    assert (setup.num_blocks - 1) * BLOCK_TOKENS >= setup.max_model_len
