@@ -95,8 +95,8 @@ PARTITION_ENV = "VLLM_PP_LAYER_PARTITION"
 
 
 def partition_refusal(raw: str | None, stages: int) -> str | None:
-    """Why vLLM 0.32 cannot serve `VLLM_PP_LAYER_PARTITION=raw` on `stages` pipeline stages, in one line, or None (unset,
-    or one it serves as far as can be told without the model: the layers' sum is vLLM's to check). Malformed or
+    """Why vLLM 0.32 cannot serve `VLLM_PP_LAYER_PARTITION=raw` on `stages` pipeline stages, in one line, or None
+    (unset, or one it serves as far as can be told without the model: the layers' sum is vLLM's to check). Malformed or
     mis-sized: vLLM's own words (`vllm.distributed.utils.get_pp_indices`), said before the engine starts, not by its
     workers. A stage of 0 layers: `get_pp_indices` and `make_layers` accept it, but the engine core then cannot size
     the KV cache of a rank holding no attention layer (`get_kv_cache_configs`: ZeroDivisionError under the CPU
@@ -108,7 +108,8 @@ def partition_refusal(raw: str | None, stages: int) -> str | None:
     try:
         partitions = [int(layer) for layer in raw.split(",")]
     except ValueError:
-        return f"{where}: Invalid partition string: {raw} (vLLM's get_pp_indices; one layer count per stage, e.g. 14,13)"
+        return (f"{where}: Invalid partition string: {raw} (vLLM's get_pp_indices; one layer count per stage, "
+                "e.g. 14,13)")
     if len(partitions) != stages:
         return f"{where}: len(partitions)={len(partitions)} does not match pp_size={stages} (vLLM's get_pp_indices)"
     empty = [s for s, n in enumerate(partitions) if n <= 0]

@@ -149,7 +149,7 @@ class TierDirectory:
         return Store(block_id, slot, tokens=len(key.tokens))
 
     def share_tail(self, owner: Owner, to: Owner) -> bool:
-        """`to` holds `owner`'s stored tail too, so `owner`'s next `put_tail` leaves it (`kvsched.core.shared_tails`)."""
+        """`to` holds `owner`'s stored tail too, so `owner`'s next `put_tail` leaves it (`core.shared_tails`)."""
         if (key := self.tail_of.get(owner)) is None or key not in self.slot_of or key == self.tail_of.get(to):
             return False
         self.tail_of[to] = key

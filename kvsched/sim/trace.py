@@ -61,7 +61,7 @@ class TraceRequest:
     # tokens of its session's previous request's partial last block this prompt repeats (recorded: the tier's tail
     # restore; None: not known, the replay assumes the turn appends to that request)
     tail_reuse: int | None = None
-    joins_pin: bool = False  # repeated its shared inferred session's last prompt: its answer is pinned beside (recorded)
+    joins_pin: bool = False  # repeated its shared inferred session's last prompt: its answer pinned beside (recorded)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": round(self.t, 6), "session": self.session, "prompt_tokens": self.prompt_tokens,

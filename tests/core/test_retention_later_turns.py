@@ -34,7 +34,8 @@ def policy(clock):
 
 
 def turn(p, clock, key, k, blocks):
-    """The session's `k`-th turn (from 1), hitting all of the previous turn's pin, holding `blocks` blocks at its end."""
+    """The session's `k`-th turn (from 1), hitting all of the previous turn's pin, holding `blocks` blocks at its
+    end."""
     p.request_arrived(key, NO_HINTS)
     p.turn_started(key, 0 if k == 1 else blocks * BLOCK)
     clock.advance(0.05)

@@ -122,7 +122,7 @@ def test_a_retry_while_the_first_request_still_runs_is_a_session_of_its_own():
     assert retry != first and not lin.shared_join
 
 
-# ---- (b) both answers pinned ------------------------------------------------------------------------------------------
+# ---- (b) both answers pinned -----------------------------------------------------------------------------------------
 def test_a_repeat_pins_its_answer_beside_the_other_users_answer(clock):
     """A's first turn pins its prompt and answer (5 blocks); B's identical prompt joins (shared) and gets another
     answer. Before: B's start released A's answer (it hit only the prompt), and B's finish pinned B's chain alone.

@@ -322,7 +322,8 @@ def _check_after_parsing(parser: Any) -> None:
     """Once the arguments are complete (whatever their order on the command line): exit with the version guard's,
     `cpu_refusal`'s, `parallel_refusal`'s or `pipeline_refusal`'s one line or the KVSCHED_* settings errors (one line
     each) before vLLM starts an engine, print the warnings (a misspelt KVSCHED_* name, `dtype_warning`,
-    `summary_priority_warning`), and turn the FP8 tier on (`apply_tier`). The version guard runs here, for every way of selecting kvsched (found by review:
+    `summary_priority_warning`), and turn the FP8 tier on (`apply_tier`). The version guard runs here, for every way
+    of selecting kvsched (found by review:
     only `--scheduler kvsched` ran it; `--scheduler-cls kvsched`, kvsched's class path, a subclass and a YAML --config
     skipped it)."""
     parse_known_args = parser.parse_known_args
