@@ -140,7 +140,7 @@ class Lineage:
         self._finished = itertools.count(1)
         self.created: SessionKey | None = None  # the branch the last `named` call started (None: it joined one)
         self.shared_join = False  # the last `infer` call joined a session another conversation may share (`shared`)
-        self.shared_repeat = False  # ... and repeated its last prompt: its answer joins the pin (`joined_pin`)
+        self.shared_repeat = False  # ... and repeated its last prompt: its answer joins the pin (`JoinedPins`)
         self._retired: OrderedDict[SessionKey, int] = OrderedDict()  # an id's highest branch forgotten to make room
 
     # ---- named sessions -------------------------------------------------------------------------------------------

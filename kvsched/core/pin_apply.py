@@ -131,11 +131,8 @@ class PinApplier(Generic[B]):
         joined = rec is not None and rec.joins_pin and not hints.end
         other = True  # its answer is not one the pin holds (as far as the pin tells)
         if joined and rec is not None:
-            answers = self.joined.counters["answers_joined"]
-            other = key not in self.pinned  # no pin to compare with
-            groups, tokens = self.joined.join(key, self.pinned.get(key), groups, tokens, rec.pinned_tokens,
-                                              self.block_size, self.policy.budget_blocks, self.pool.cached_keys)
-            other = other or self.joined.counters["answers_joined"] > answers
+            groups, tokens, other = self.joined.join(key, self.pinned.get(key), groups, tokens, rec.pinned_tokens,
+                                                     self.block_size, self.policy.budget_blocks, self.pool.cached_keys)
         # A group shorter than another starts past block 0 (a sliding window: the blocks a hit at the prefix's end
         # needs): without its tail, no hit can use the rest of the pin, so the pin is released whole or not at all.
         whole_only = len(groups) > 1 and min(map(len, groups)) < max(map(len, groups))  # (one group: no list made)

@@ -62,7 +62,7 @@ class SessionRecord:
     pin_overlapped: bool = False  # another turn of the session was still running when the pin was made or kept
     kept_over: bool = False  # its last finished turn left the session's longer pin in place (they overlapped)
     # Its turn in flight repeated the last prompt of an inferred session two users share: it keeps the other user's
-    # answer pinned beside its own (`kvsched.core.shared_turns.joined_pin`). Set at every arrival.
+    # answer pinned beside its own (`kvsched.core.shared_turns.JoinedPins`). Set at every arrival.
     joins_pin: bool = False
     # Its pin holds several users' answers (`kvsched.core.shared_turns.JoinedPins`): a turn continuing one of them
     # hit one answer, not the pin's head, so its start releases nothing (its finish makes its chain the pin).

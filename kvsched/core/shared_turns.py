@@ -7,7 +7,7 @@ is set (found by review: another user's `X-Agent-Role` overwrote the session's, 
 pin the first user's next turn hits; role weights are `RetentionConfig.role_weights`).
 
 A turn that repeats the shared prompt (`Lineage.shared_repeat`) leaves the session shared, so its answer joins the pin
-beside the other user's rather than replacing it (`joined_pin`; found by review: the other user's answer blocks lost
+beside the other user's rather than replacing it (`JoinedPins.join`; found by review: the other user's answer blocks lost
 their pin, first at the repeat's start, which released what it did not hit, then at its finish). The pin stays within
 the pin budget and its TTL; the turn that extends one answer ends the sharing, and its chain replaces the pin.
 
@@ -31,7 +31,7 @@ from typing import TypeVar
 from kvsched.core.retention_records import SessionRecord
 from kvsched.core.sessions import TurnHints
 
-__all__ = ["DEFAULT_PIN_ANSWERS", "JoinedPins", "joined_pin", "shared_arrival", "shared_finish_hints"]
+__all__ = ["DEFAULT_PIN_ANSWERS", "JoinedPins", "shared_arrival", "shared_finish_hints"]
 
 B = TypeVar("B")  # a block handle (`kvsched.core.pin_apply.PinPool`)
 Keys = Callable[[list[B]], list[tuple[Hashable, int]]]  # the pool's content keys (`PinPool.cached_keys`)
@@ -71,7 +71,6 @@ class JoinedPins:
             raise ValueError(f"a shared pin keeps at least one answer, got {cap}")
         self.cap = cap
         self.answers: dict[Hashable, list[list[frozenset[Hashable]]]] = {}
-        self.counters = {"answers_joined": 0, "answers_dropped": 0}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.answers
@@ -81,51 +80,40 @@ class JoinedPins:
         self.answers.pop(key, None)
 
     def join(self, key: Hashable, old: Sequence[list[B]] | None, groups: list[list[B]], tokens: int,
-             old_tokens: int, block_size: int, budget: int, keys: Keys[B]) -> tuple[list[list[B]], int]:
-        """The pin a turn that repeated the session's last prompt leaves (`joined_pin`), keeping at most `cap`
-        answers: past it, the blocks only the oldest answer's chain holds leave the pin (a block another kept answer
-        also holds stays). The turn's own pin (and the session forgotten here) when no union is made."""
+             old_tokens: int, block_size: int, budget: int, keys: Keys[B]) -> tuple[list[list[B]], int, bool]:
+        """The pin a turn that repeated a shared session's last prompt leaves, and whether its answer is one the pin
+        did not hold (or there was no pin to compare with). Per KV-cache group: the session's pin `old` (`old_tokens`
+        tokens), then this turn's blocks (`groups`, covering `tokens`) whose content (`keys`: the pool's content keys,
+        `PinPool.cached_keys`) it does not hold yet, so the other user's answer stays pinned beside this one and an
+        identical answer adds nothing; its tokens: `old_tokens` plus a block's for each block added (the most in any
+        group). At most `cap` answers: past it, the blocks only the oldest answer's chain holds leave the pin (a block
+        another kept answer also holds stays). The turn's own pin (and the session forgotten here) when there is no
+        pin to join, a block has no content key, the union would pass `budget` blocks or the cap keeps one answer."""
         if not old or len(old) != len(groups):
             self.forget(key)
-            return groups, tokens
+            return groups, tokens, True
         held_keys = [keys(g) for g in old]
         new_keys = [keys(g) for g in groups]
         if any(len(k) != len(g) for k, g in zip(new_keys, groups, strict=True)) or \
                 any(len(k) != len(g) for k, g in zip(held_keys, old, strict=True)):
             self.forget(key)  # a block not in the prefix cache: no content to compare
-            return groups, tokens
+            return groups, tokens, True
         chains = self.answers.get(key) or [[frozenset(k for k, _ in g) for g in held_keys]]  # the first answer
         chain = [frozenset(k for k, _ in g) for g in new_keys]
-        if chain not in chains:
+        added = chain not in chains
+        if added:
             chains = [*chains, chain]
-            self.counters["answers_joined"] += 1
-        dropped = max(len(chains) - self.cap, 0)
-        self.counters["answers_dropped"] += dropped
-        chains = chains[dropped:]
+        chains = chains[max(len(chains) - self.cap, 0):]
         out: list[list[B]] = []
         for i, (held, pairs_old, new, pairs_new) in enumerate(zip(old, held_keys, groups, new_keys, strict=True)):
             keep = frozenset().union(*(c[i] for c in chains))
             kept = [b for b, (k, _) in zip(held, pairs_old, strict=True) if k in keep]
             known = {k for k, _ in pairs_old if k in keep}
             out.append([*kept, *(b for b, (k, _) in zip(new, pairs_new, strict=True) if k not in known)])
-        if sum(map(len, out)) > budget:
+        if sum(map(len, out)) > budget or len(chains) < 2:  # (the cap keeps one answer: this turn's chain is the pin)
             self.forget(key)
-            return groups, tokens
-        if len(chains) < 2:  # the cap keeps one answer: this turn's chain is the pin
-            self.forget(key)
-            return groups, tokens
+            return groups, tokens, added
         self.answers[key] = chains
         longest = max(range(len(old)), key=lambda i: len(old[i]))  # the tokens follow the longest group's blocks
-        return out, max(old_tokens + (len(out[longest]) - len(old[longest])) * block_size, tokens)
+        return out, max(old_tokens + (len(out[longest]) - len(old[longest])) * block_size, tokens), added
 
-
-def joined_pin(old: Sequence[list[B]] | None, groups: list[list[B]], tokens: int, old_tokens: int, block_size: int,
-               budget: int, keys: Keys[B]) -> tuple[list[list[B]], int]:
-    """The pin a turn that repeated a shared session's last prompt leaves: per KV-cache group, the session's pin `old`
-    (`old_tokens` tokens) and then this turn's blocks (`groups`, covering `tokens`) whose content (`keys`: the pool's
-    content keys, `PinPool.cached_keys`) it does not hold yet, so the other user's answer stays pinned beside this
-    one and an identical answer adds nothing. Its tokens: `old_tokens` plus a block's for each block added (the most
-    in any group). This turn's own (`groups`, `tokens`) when there is no pin to join, a block of the turn has no
-    content key, or the union would pass `budget` blocks (the pin budget bounds it; the TTL expires it whole).
-    Uncapped (`JoinedPins.join` keeps at most its cap of answers)."""
-    return JoinedPins(cap=1 << 30).join(None, old, groups, tokens, old_tokens, block_size, budget, keys)

@@ -153,7 +153,8 @@ class TierDirectory:
         if (key := self.tail_of.get(owner)) is None or key not in self.slot_of or key == self.tail_of.get(to):
             return False
         self.tail_of[to] = key
-        return self.owners.own(key, to) or True
+        self.owners.own(key, to)
+        return True
 
     def match_tail(self, parent: Key, tokens: Sequence[int]) -> tuple[int, int, TailKey] | None:
         """The stored tail after `parent` sharing the longest prefix with `tokens`: (slot, matched tokens, key), or

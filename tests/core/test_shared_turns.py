@@ -14,7 +14,7 @@ from kvsched.core.lineage_tail import tail_of
 from kvsched.core.pin_apply import PinApplier
 from kvsched.core.retention import Release, ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import TurnHints
-from kvsched.core.shared_turns import joined_pin
+from kvsched.core.shared_turns import JoinedPins
 from tests.core.test_lineage_shared import BLOCK, FIRST, hashes_of
 from tests.core.test_pin_apply import ListPool
 
@@ -198,7 +198,11 @@ def test_joined_pin_compares_blocks_by_content():
     def keys(blocks: list[int]) -> list[tuple[str, int]]:
         return [(content[b], b) for b in blocks if b in content]
 
-    assert joined_pin([[1, 2, 3, 4]], [[1, 2, 5, 6]], 16, 16, 4, 100, keys) == ([[1, 2, 3, 4, 6]], 20)
-    assert joined_pin([[1, 2, 3, 4]], [[1, 2, 5, 7]], 16, 16, 4, 100, keys) == ([[1, 2, 5, 7]], 16)
-    assert joined_pin([[1, 2, 3, 4]], [[1, 2, 5, 6]], 16, 16, 4, 4, keys) == ([[1, 2, 5, 6]], 16)
-    assert joined_pin(None, [[1, 2]], 8, 0, 4, 100, keys) == ([[1, 2]], 8)
+    def join(old, new, tokens, old_tokens, budget):
+        return JoinedPins().join("s", old, new, tokens, old_tokens, 4, budget, keys)
+
+    assert join([[1, 2, 3, 4]], [[1, 2, 5, 6]], 16, 16, 100) == ([[1, 2, 3, 4, 6]], 20, True)
+    assert join([[1, 2, 3, 4]], [[1, 2, 5, 7]], 16, 16, 100) == ([[1, 2, 5, 7]], 16, True)  # 7: no content key
+    assert join([[1, 2, 3, 4]], [[1, 2, 5, 6]], 16, 16, 4) == ([[1, 2, 5, 6]], 16, True)  # past the budget
+    assert join(None, [[1, 2]], 8, 0, 100) == ([[1, 2]], 8, True)
+    assert join([[1, 2, 3, 4]], [[1, 2, 5, 4]], 16, 16, 100) == ([[1, 2, 5, 4]], 16, False)  # the same answer: its own
