@@ -7,9 +7,9 @@ is set (found by review: another user's `X-Agent-Role` overwrote the session's, 
 pin the first user's next turn hits; role weights are `RetentionConfig.role_weights`).
 
 A turn that repeats the shared prompt (`Lineage.shared_repeat`) leaves the session shared, so its answer joins the pin
-beside the other user's rather than replacing it (`JoinedPins.join`; found by review: the other user's answer blocks lost
-their pin, first at the repeat's start, which released what it did not hit, then at its finish). The pin stays within
-the pin budget and its TTL; the turn that extends one answer ends the sharing, and its chain replaces the pin.
+beside the other user's rather than replacing it (`JoinedPins.join`; found by review: the other user's answer blocks
+lost their pin, first at the repeat's start, which released what it did not hit, then at its finish). The pin stays
+within the pin budget and its TTL; the turn that extends one answer ends the sharing, and its chain replaces the pin.
 
 A union pin keeps at most `RetentionConfig.shared_pin_answers` answers (`KVSCHED_SHARED_PIN_ANSWERS`, 4): a popular
 first prompt with sampled answers otherwise added every distinct answer until someone continued one, bounded only by
