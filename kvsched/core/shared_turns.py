@@ -16,7 +16,9 @@ first prompt with sampled answers otherwise added every distinct answer until so
 the pin budget; past the cap the oldest added answer leaves first (`JoinedPins`). While the pin holds several
 answers, a turn that continues one of them releases nothing at its start (it hit one answer, which the pin's tail
 need not be: found by review, it cut the pin's tail, the answer it had just hit, and left the other answers pinned,
-counted as held by its request and so releasable by nothing until it finished); its finish makes its chain the pin.
+counted as held by its request and so releasable by nothing until it finished); its finish makes its chain the
+session's pin, and the answers it did not continue stay pinned for their users under a companion session until the
+union's TTL runs out (`kvsched.core.shared_answers`).
 
 A client's retry (the same prompt again after its first request was aborted or failed) is no repeat: the session is
 not shared by it (`Lineage.finished(normal=False)`), so that user's hints stay its own.

@@ -61,3 +61,32 @@ def test_a_trace_without_the_field_loads_and_never_joins(tmp_path):
     path.write_text(path.read_text().replace('"joins_pin": false', '"joins_pin": 1'))
     with pytest.raises(ValueError, match="joins_pin"):
         Trace.load(path)
+
+
+def test_a_recorded_continuation_of_one_answer_replays_with_the_engines_kept_answer(harness_cfg, clock, tmp_path,
+                                                                                    monkeypatch):
+    """A, then B (answers 7 and 9: the union, 8 blocks), then A's next turn continuing A's answer: the engine pins B's
+    chain (6 blocks) under a companion and A's turn's chain (7) under the session (`kvsched.core.shared_answers`);
+    the replay of the recording pins the same, through the same core code, and so releases the same at the TTL."""
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "shared.jsonl"))
+    monkeypatch.setenv("KVSCHED_PAYBACK_SAMPLING", "0")
+    s, f = sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    kp = s.kvsched
+    kp.recorder.clock = clock
+    kp.pins.log = engine = []
+    tokens = {"b1": 9}
+    a2 = [*FIRST, *[FAKE_TOKEN] * 40, 700, 701, 702, 703]
+    for rid, prompt, n in (("a1", FIRST, 40), ("b1", FIRST, 40), ("a2", a2, 4)):
+        s.add_request(f.make(prompt, n, request_id=rid))
+        while s.has_requests():
+            step(s, sample=lambda r: tokens.get(r, FAKE_TOKEN))
+        clock.advance(1.0)
+    assert len(kp.pinned) == 2 and kp.policy.counters["shared_answers_kept"] == 1
+    kp.recorder.close()
+    trace = Trace.load(kp.recorder.path)
+    cfg = ReplayConfig(capacity_blocks=trace.recorded_capacity_blocks, prefill_tps=float("inf"), tpot_s=0.0,
+                       retention=kp.policy.config, check=True, record_applied=True)
+    sim = replay(trace, "kvsched", cfg)
+    pins = [(a.op, a.blocks) for a in engine]
+    assert pins == [("pin", 6), ("pin", 8), ("pin", 6), ("pin", 7)]
+    assert [(a.op, a.blocks) for a in sim.applied if a.op in ("pin", "release")][:4] == pins
