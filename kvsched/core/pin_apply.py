@@ -142,9 +142,15 @@ class PinApplier(Generic[B]):
         if rec is not None and rec.union_pin and not joined:
             split = self.others.split(self.joined, rec, self.pinned.get(key), groups, self.pool.cached_keys)
         decisions = self.policy.turn_finished(key, hints, tokens, sum(map(len, groups)), whole_only)
+        kept = None
         if split is not None and rec is not None and not rec.kept_over:
-            self.apply(*self.others.keep(self.policy, *split, self.block_size))
+            pins, kept = self.others.keep(self.policy, *split, self.block_size)
+            self.apply(pins, kept)
         self.apply(decisions, {key: groups})
+        if kept is not None and self.directory is not None:  # their partial last blocks stay with them
+            to, held = kept.popitem()
+            parents = {k for k, _ in self.pool.cached_keys(held[0])} - {k for k, _ in self.pool.cached_keys(groups[0])}
+            self.tails.hand_over(self.directory, key, to, parents)
         if rec is not None and (joined or rec.union_pin) and not rec.kept_over:  # (a side turn left the pin as it was)
             rec.union_pin = joined and key in self.joined and key in self.pinned
             if not rec.union_pin:

@@ -116,3 +116,26 @@ def test_answers_differing_only_in_the_partial_last_block_serve_neither_user_the
     assert list(d.tail_of[key].tokens) == b_answer[29:39]  # B's partial block: the session's tail
     assert u.send("a2", [*FIRST, *[FAKE_TOKEN] * 40, *MESSAGE], 4) == {"a2": 96 + common}
     assert kp.tier.stats["restored_tail_tokens"] == common
+
+
+def test_with_the_tier_the_other_answers_partial_last_block_stays_with_its_chain(harness_cfg, clock):
+    """The FP8 tier keeps each answer's partial last block while the session is shared (`shared_tails`): 10 tokens
+    past the 6th full block. A's next turn continues A's answer (its own partial block loaded: 106). Before: that
+    finish ended the sharing and B's partial block left the tier (the session's own tail became A's turn's), so B's
+    next turn, after a flood, hit its 6 full blocks from the companion and recomputed the rest (96). Now the tail
+    passes to the companion's owners with B's chain, and B's turn loads it too (106)."""
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    s = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock=clock)
+    u = Users(s, lambda rid, i: 9 if rid == "b1" else FAKE_TOKEN)
+    u.send("a1", FIRST, 40)
+    u.send("b1", FIRST, 40)
+    kp = s.kvsched
+    [key] = kp.policy.sessions
+    clock.advance(10.0)
+    assert u.send("a2", [*FIRST, *[FAKE_TOKEN] * 40, *MESSAGE], 4) == {"a2": 106}
+    u.flood()
+    assert u.send("b2", [*FIRST, *[9] * 40, *MESSAGE], 4) == {"b2": 106}  # before: 96
+    other = key._replace(branch=-1)
+    assert [set(kp.tier.directory.tail_of[o].tokens) for o in kp.pins.tails.kept[other]] == [{9}]
+    assert kp.tier.stats["restored_tail_tokens"] == 20
