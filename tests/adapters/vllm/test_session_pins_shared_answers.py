@@ -14,6 +14,7 @@ pytest.importorskip("vllm")
 
 from kvsched.adapters.vllm.harness import FAKE_TOKEN, RequestFactory, free_blocks, step  # noqa: E402
 from tests.adapters.vllm.conftest import BLOCK, sched  # noqa: E402
+from tests.adapters.vllm.pool_invariants import pool_violations  # noqa: E402
 
 FIRST = [*range(100, 164), 500, 501, 502]  # the first prompt both users send: 4 full blocks and 3 tokens
 MESSAGE = [700, 701, 702, 703]
@@ -70,6 +71,7 @@ def test_a_continuation_of_one_answer_leaves_the_other_pinned_for_its_user(harne
     assert [b.block_id for b in kp.pinned[key][0]][:6] == held[:6] and not rec.union_pin
     assert kp.stats()["released_ttl"] == 0 and kp.policy.counters["shared_answers_kept"] == 1
     assert len(kp.policy.sessions) == 3  # the session, its companion, and B's next turn's session of its own
+    assert not pool_violations(s)  # references, free queue, the policy's counts, each pin a prefix in order
 
 
 def test_an_answer_nobody_continued_goes_at_the_unions_ttl_as_an_unreturned_pin_does(harness_cfg, clock):
@@ -88,7 +90,7 @@ def test_an_answer_nobody_continued_goes_at_the_unions_ttl_as_an_unreturned_pin_
     step(s)  # the scheduler's step expires pins
     assert other not in kp.pinned and kp.stats()["released_ttl"] == 1
     assert pinned - set(kp.block_refs) == set(held[6:])  # B's answer, and nothing else
-    assert rec.pinned_blocks == 7 and key in kp.pinned
+    assert rec.pinned_blocks == 7 and key in kp.pinned and not pool_violations(s)
     u.flood()
     assert u.send("b2", [*FIRST, *[9] * 40, *MESSAGE], 4) == {"b2": 64}
 
