@@ -18,6 +18,7 @@ from typing import Generic, Protocol, TypeVar
 
 from kvsched.core.retention import Decision, Pin, Release, ReleaseReason, RetentionPolicy
 from kvsched.core.sessions import SessionKey, TurnHints
+from kvsched.core.shared_answers import OtherAnswers
 from kvsched.core.shared_tails import SharedTails
 from kvsched.core.shared_turns import JoinedPins
 from kvsched.core.tier import TierDirectory
@@ -95,6 +96,7 @@ class PinApplier(Generic[B]):
         self.pinned: dict[SessionKey, list[list[B]]] = {}  # per KV-cache group, in prefix order
         self.joined = JoinedPins(policy.config.shared_pin_answers)  # sessions whose pin holds several answers
         self.tails = SharedTails(self.joined.cap)  # ... and the tier's partial last blocks of their answers
+        self.others = OtherAnswers()  # ... and the answers a turn continuing one of them leaves to their users
         self.directory: TierDirectory | None = None
         self.demote: Demote | None = None
         self.on_dropped: Callable[[SessionKey], None] | None = None  # a session's whole pin went
@@ -136,7 +138,19 @@ class PinApplier(Generic[B]):
         # A group shorter than another starts past block 0 (a sliding window: the blocks a hit at the prefix's end
         # needs): without its tail, no hit can use the rest of the pin, so the pin is released whole or not at all.
         whole_only = len(groups) > 1 and min(map(len, groups)) < max(map(len, groups))  # (one group: no list made)
-        self.apply(self.policy.turn_finished(key, hints, tokens, sum(map(len, groups)), whole_only), {key: groups})
+        split = None  # a turn continuing one answer of a union pin: the others stay pinned beside (`shared_answers`)
+        if rec is not None and rec.union_pin and not joined:
+            split = self.others.split(self.joined, rec, self.pinned.get(key), groups, self.pool.cached_keys)
+        decisions = self.policy.turn_finished(key, hints, tokens, sum(map(len, groups)), whole_only)
+        kept = None
+        if split is not None and rec is not None and not rec.kept_over:
+            pins, kept = self.others.keep(self.policy, *split, self.block_size)
+            self.apply(pins, kept)
+        self.apply(decisions, {key: groups})
+        if kept is not None and self.directory is not None:  # their partial last blocks stay with them
+            to, held = kept.popitem()
+            parents = {k for k, _ in self.pool.cached_keys(held[0])} - {k for k, _ in self.pool.cached_keys(groups[0])}
+            self.tails.hand_over(self.directory, key, to, parents)
         if rec is not None and (joined or rec.union_pin) and not rec.kept_over:  # (a side turn left the pin as it was)
             rec.union_pin = joined and key in self.joined and key in self.pinned
             if not rec.union_pin:

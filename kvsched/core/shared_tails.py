@@ -7,7 +7,8 @@ whose next turn then recomputed up to a block of its own answer (found by review
 While the session is shared, the tail a repeating turn would replace is kept under a companion owner (`TailOwner`) of
 the session, at most `cap - 1` of them (the session's own tail is the cap's last answer, as `JoinedPins` counts), the
 oldest going first; they go when a turn that did not repeat the last prompt finishes (it continued one answer: the
-sharing is over) or the session ends. A companion is worth nothing to the tier's value order (`PinApplier.tier_value`
+sharing is over; the other answers' tails pass to the companion session that keeps their blocks, `hand_over`) or the
+session ends. A companion is worth nothing to the tier's value order (`PinApplier.tier_value`
 values sessions only), so under pressure its tail yields first; by recency it is as old as the turn that kept it.
 """
 
@@ -64,6 +65,27 @@ class SharedTails:
         owners.append(owner)
         while len(owners) > self.cap - 1:
             directory.drop_owner(owners.pop(0))
+        self._keep(directory, key, owners)
+
+    def hand_over(self, directory: TierDirectory, key: Hashable, to: Hashable, parents: set[Hashable]) -> None:
+        """A turn continued one answer of `key`'s union pin, and the companion session `to` keeps the others
+        (`kvsched.core.shared_answers`): the tails after their last full blocks (`parents`: `to`'s blocks the turn's
+        chain does not hold) stay under owners of `to`, so a user back on its answer loads its partial block too;
+        then the sharing ends (`release`). They go when the tier evicts them (worth nothing to its value order, the
+        first to go) or by `max_sessions`, as the union's blocks, demoted there at `to`'s TTL, go by eviction."""
+        owners: list[TailOwner] = []
+        for o in (key, *self.kept.get(key, ())):
+            tail = directory.tail_of.get(o)
+            if tail is None or tail.parent not in parents or any(directory.tail_of.get(x) == tail for x in owners):
+                continue
+            owner = TailOwner(to, next(self._ids))
+            if directory.share_tail(o, owner):
+                owners.append(owner)
+        self.release(directory, key)
+        if owners:
+            self._keep(directory, to, owners)
+
+    def _keep(self, directory: TierDirectory, key: Hashable, owners: list[TailOwner]) -> None:
         self.kept[key] = owners
         self.kept.move_to_end(key)
         while len(self.kept) > self.max_sessions:

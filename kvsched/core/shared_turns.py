@@ -16,10 +16,22 @@ first prompt with sampled answers otherwise added every distinct answer until so
 the pin budget; past the cap the oldest added answer leaves first (`JoinedPins`). While the pin holds several
 answers, a turn that continues one of them releases nothing at its start (it hit one answer, which the pin's tail
 need not be: found by review, it cut the pin's tail, the answer it had just hit, and left the other answers pinned,
-counted as held by its request and so releasable by nothing until it finished); its finish makes its chain the pin.
+counted as held by its request and so releasable by nothing until it finished); its finish makes its chain the
+session's pin, and the answers it did not continue stay pinned for their users under a companion session until the
+union's TTL runs out (`kvsched.core.shared_answers`).
 
 A client's retry (the same prompt again after its first request was aborted or failed) is no repeat: the session is
-not shared by it (`Lineage.finished(normal=False)`), so that user's hints stay its own.
+not shared by it (`Lineage.finished(normal=False)`), so that user's hints stay its own. Another user's identical
+prompt sent after that aborted request reads as the first user's retry, and cannot be told apart: the engine sees the
+same tokens under the same salt and tenant, and the aborted request left no answer that only its user could repeat
+(the computed anchor a stranger cannot send); nor does timing separate them (a retry and another user's ask both come
+seconds later). So that turn's role and TTL hints are the session's (one with an end hint joins only a session
+whose answer it repeats, so it ends a session of its own). What it can take is bounded: the session holds no answer
+anyone received (an aborted answer's blocks no client can continue) and the prompt's KV, which that turn hits anyway,
+and the first user's own retry after it repeats an answered prompt, so it shares the session. What keeps them apart
+is what the engine can see: a session field, another API key (the middleware's `kvsched_tenant`: lineage indexes
+per tenant) or another `cache_salt` (compared, and in vLLM's block hashes); tests/adapters/vllm/
+test_session_pins_shared_turns.py.
 """
 
 from __future__ import annotations

@@ -40,16 +40,54 @@ def test_a_turn_continuing_the_answer_added_last_leaves_the_other_answer_releasa
     assert e.held() == set(b2_chain) and rec.pinned_blocks == len(b2_chain) and not rec.union_pin
 
 
-def test_a_turn_continuing_the_first_answer_drops_the_others_at_its_finish(clock):
+def test_a_turn_continuing_the_first_answer_leaves_the_others_pinned_until_the_unions_ttl(clock):
+    """A's next turn continues A's answer: the session's pin becomes its chain. Before: B's answer was dropped at that
+    finish (given back uncounted, never demoted), though B had not been gone the pin's TTL. Now B's chain (prompt and
+    answer) stays under a companion session with the union's history: released by the TTL the union had, as a TTL
+    release (which demotes to the tier), while the session's own pin runs on from A's turn."""
     e = Engine(clock)
     a1 = e.arrive(FIRST)
     e.finish(a1, A_ANSWER)
     b_chain = e.finish(e.arrive(FIRST), B_ANSWER)
+    union = e.policy.sessions[a1[0]]
+    expires = union.expires_at
+    clock.advance(10.0)
     a2 = e.arrive([*FIRST, *A_ANSWER, 70, 71, 72])
-    assert e.policy.sessions[a1[0]].pinned_blocks == 7  # kept while A's turn runs (beyond it: releasable)
+    assert union.pinned_blocks == 7  # kept while A's turn runs (beyond it: releasable)
     a2_chain = e.finish(a2, [73, 74])
-    assert e.held() == set(a2_chain) and not set(b_chain[3:]) & e.held()
-    assert a1[0] not in e.pins.joined and e.policy.sessions[a1[0]].pinned_blocks == len(a2_chain)
+    assert e.held() == set(a2_chain) | set(b_chain) and a1[0] not in e.pins.joined and not union.union_pin
+    assert union.pinned_blocks == len(a2_chain) and e.pins.pinned[a1[0]] == [a2_chain]
+    [(other, rec)] = [(k, r) for k, r in e.policy.sessions.items() if k != a1[0]]
+    assert other == a1[0]._replace(branch=-1) and e.pins.pinned[other] == [b_chain]
+    assert rec.pinned_blocks == 5 and rec.expires_at == expires and rec.turns == 2
+    assert e.policy.counters["shared_answers_kept"] == 1
+    e.pins.log = []
+    clock.now = expires + 0.5
+    e.pins.expire()
+    assert [(a.op, a.session, a.reason, a.blocks) for a in e.pins.log] == [("release", other.session_id, "ttl", 5)]
+    assert e.held() == set(a2_chain) and not rec.pinned and union.pinned_blocks == len(a2_chain)
+
+
+def test_a_continuation_keeps_only_the_answers_it_did_not_continue_and_nothing_when_none_is_left(clock):
+    """Three answers, C's next turn: the companion holds A's and B's chains, not C's answer. A union whose other
+    answers a pressure release already took (only the prompt left beside C's chain) leaves no companion."""
+    e = Engine(clock)
+    a1 = e.arrive(FIRST)
+    a_chain = e.finish(a1, A_ANSWER)
+    b_chain = e.finish(e.arrive(FIRST), B_ANSWER)
+    c_chain = e.finish(e.arrive(FIRST), C_ANSWER)
+    c2_chain = e.finish(e.arrive([*FIRST, *C_ANSWER, 70, 71, 72]), [73, 74])
+    other = a1[0]._replace(branch=-1)
+    assert e.pins.pinned[other] == [[*a_chain, *b_chain[3:]]] and not set(c_chain[3:]) & set(e.pins.pinned[other][0])
+    assert e.held() == set(c2_chain) | set(a_chain) | set(b_chain)
+    e = Engine(clock)
+    a1 = e.arrive(FIRST)
+    e.finish(a1, A_ANSWER)
+    b_chain = e.finish(e.arrive(FIRST), B_ANSWER)
+    b2 = e.arrive([*FIRST, *B_ANSWER, 70, 71, 72])
+    e.pins.apply(e.policy.release_for_pressure(7))  # the union goes whole (beyond B's running turn)
+    b2_chain = e.finish(b2, [73, 74])
+    assert list(e.pins.pinned) == [a1[0]] and e.held() == set(b2_chain)
 
 
 def test_a_shared_pin_keeps_at_most_its_cap_of_answers_the_oldest_added_leaves_first(clock):

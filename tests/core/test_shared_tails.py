@@ -47,6 +47,23 @@ def test_a_turn_that_continues_one_answer_or_the_end_lets_the_kept_tails_go():
     assert not d.tail_of and d.used_slots == 0
 
 
+def test_a_continuation_hands_the_other_answers_tails_to_the_companion_keeping_their_blocks():
+    """A (1), B (2), C (3) answered; A's next turn continues A's answer and the companion `to` keeps B's and C's
+    chains (`kvsched.core.shared_answers`): their tails stay under owners of `to`, A's goes with the sharing; the
+    turn's own tail then replaces the session's, and the kept ones stay until `to` is released."""
+    d, tails = directory(), SharedTails(cap=4)
+    answer(d, tails, 1, repeated=False)
+    answer(d, tails, 2)
+    answer(d, tails, 3)
+    tails.hand_over(d, S, "to", {"block-2", "block-3"})
+    assert S not in tails.kept and len(tails.kept["to"]) == 2
+    d.put_tail(S, "block-5", (5, 6), block_id=5)
+    assert held(d) == {2, 3, 5} and d.used_slots == 3
+    assert {tails.tail_after(d, "to", f"block-{n}").tokens[0] for n in (2, 3)} == {2, 3}
+    tails.release(d, "to")
+    assert held(d) == {5} and d.used_slots == 1
+
+
 def test_cap_one_keeps_nothing_beside():
     d, tails = directory(), SharedTails(cap=1)
     answer(d, tails, 1, repeated=False)

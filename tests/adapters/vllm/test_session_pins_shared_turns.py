@@ -71,3 +71,34 @@ def test_two_users_different_answers_to_one_prompt_are_both_pinned(harness_cfg, 
     s.add_request(f.make([*FIRST, *[9] * 40, *MESSAGE], 4, request_id="b2"))
     s.add_request(f.make([*FIRST, *[FAKE_TOKEN] * 40, *MESSAGE], 4, request_id="a2"))
     assert {n.req_id: n.num_computed_tokens for n in run()} == {"b2": 96, "a2": 96}
+
+
+@pytest.mark.parametrize("apart", [None, "tenant", "cache_salt"])
+def test_another_users_identical_prompt_after_an_abort_is_a_retry_unless_its_key_or_salt_differs(harness_cfg, clock,
+                                                                                                 apart):
+    """A's first request is aborted after its prefill; B sends the same prompt with a role hint. Without a session
+    field, an API key (the middleware's `kvsched_tenant`) or a `cache_salt` of its own, B's request is the very
+    tokens A's retry would be, and no answer exists that only A could repeat: it joins A's session as A's retry (not
+    shared, so its hints are the session's: its role replaces A's; `kvsched.core.shared_turns`). Under another tenant
+    or salt it is a session of its own, and A's session keeps its role (lineage indexes per tenant, compares salts)."""
+    from vllm.v1.request import RequestStatus
+
+    s, f = sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    kp = s.kvsched
+    own = {"tenant": ({"kvsched_tenant": "key-a"}, {"kvsched_tenant": "key-b"}, None, None),
+           "cache_salt": ({}, {}, "salt-a", "salt-b")}.get(apart, ({}, {}, None, None))
+    s.add_request(f.make(FIRST, 40, request_id="a1", xargs={**own[0], "agent_role": "orchestrator"},
+                         cache_salt=own[2]))
+    step(s)
+    step(s)
+    s.finish_requests("a1", RequestStatus.FINISHED_ABORTED)
+    [(a_key, a_rec)] = kp.policy.sessions.items()
+    s.add_request(f.make(FIRST, 4, request_id="b1", xargs={**own[1], "agent_role": "worker"}, cache_salt=own[3]))
+    b_key = kp.requests["b1"][0]
+    assert kp.resolver.sharing("b1") == (False, False)
+    run_until_idle(s)
+    if apart is None:
+        assert b_key == a_key and a_rec.role == "worker"  # one session: B's hints are taken as A's retry's
+    else:
+        assert b_key != a_key and a_rec.role == "orchestrator" and kp.policy.sessions[b_key].role == "worker"
+        assert (b_key.tenant, b_key.cache_salt) == (own[1].get("kvsched_tenant"), own[3])

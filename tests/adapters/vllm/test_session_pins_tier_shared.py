@@ -74,7 +74,7 @@ def test_both_users_partial_last_blocks_stay_in_the_tier_while_they_share(harnes
     its 6th full block, a partial last block the tier keeps (`save_tail`). Before: B's tail replaced the session's, A's
     left the tier, and A's next turn hit its 6 pinned blocks only (96 tokens). Now A's tail is kept beside B's
     (`kvsched.core.shared_tails`): A's next turn loads it (106 tokens), B's hits its own; once A's turn continued its
-    answer (the sharing is over), the kept tail goes."""
+    answer (the sharing is over), B's tail passes, with B's chain, to the companion session keeping B's answer."""
     from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
 
     s = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock=clock)
@@ -98,10 +98,13 @@ def test_both_users_partial_last_blocks_stay_in_the_tier_while_they_share(harnes
     s.add_request(f.make([*FIRST, *[FAKE_TOKEN] * 40, *message], 4, request_id="a2"))
     assert run() == {"a2": 106}  # 6 pinned blocks and A's 10 tail tokens from the tier (before: 96)
     assert rec.pinned_blocks != 8 and len(tails) == 2  # B's tail was under the session, A's beside it
-    assert set(tails.pop(key).tokens) == {9} and [set(t.tokens) for t in tails.values()] == [{FAKE_TOKEN}]
-    assert list(d.tail_of) == [key] and not kp.pins.tails.kept  # A continued: B's conversation is its own now
+    b_tail = tails.pop(key).tokens
+    assert set(b_tail) == {9} and [set(t.tokens) for t in tails.values()] == [{FAKE_TOKEN}]
+    # A continued: B's conversation is its own now, and B's chain and tail are the companion's (`shared_answers`)
+    [other] = kp.pins.tails.kept
+    assert other == key._replace(branch=-1) and [d.tail_of[o].tokens for o in kp.pins.tails.kept[other]] == [b_tail]
     s.add_request(f.make([*FIRST, *[9] * 40, *message], 4, request_id="b2"))
-    assert run()["b2"] >= 96 and kp.tier.stats["tail_restores"] == 1
+    assert run()["b2"] == 106 and kp.tier.stats["tail_restores"] == 2
 
 
 def test_both_users_answers_are_copied_to_the_host_tier_and_the_disk_level(harness_cfg, clock, tmp_path):

@@ -5,6 +5,7 @@ same core code (`kvsched.core.shared_turns.JoinedPins`), instead of re-pinning t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -61,3 +62,69 @@ def test_a_trace_without_the_field_loads_and_never_joins(tmp_path):
     path.write_text(path.read_text().replace('"joins_pin": false', '"joins_pin": 1'))
     with pytest.raises(ValueError, match="joins_pin"):
         Trace.load(path)
+
+
+def test_a_recorded_continuation_of_one_answer_replays_with_the_engines_kept_answer(harness_cfg, clock, tmp_path,
+                                                                                    monkeypatch):
+    """A, then B (answers 7 and 9: the union, 8 blocks), then A's next turn continuing A's answer: the engine pins B's
+    chain (6 blocks) under a companion and A's turn's chain (7) under the session (`kvsched.core.shared_answers`);
+    the replay of the recording pins the same, through the same core code, and so releases the same at the TTL."""
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "shared.jsonl"))
+    monkeypatch.setenv("KVSCHED_PAYBACK_SAMPLING", "0")
+    s, f = sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
+    kp = s.kvsched
+    kp.recorder.clock = clock
+    kp.pins.log = engine = []
+    tokens = {"b1": 9}
+    a2 = [*FIRST, *[FAKE_TOKEN] * 40, 700, 701, 702, 703]
+    for rid, prompt, n in (("a1", FIRST, 40), ("b1", FIRST, 40), ("a2", a2, 4)):
+        s.add_request(f.make(prompt, n, request_id=rid))
+        while s.has_requests():
+            step(s, sample=lambda r: tokens.get(r, FAKE_TOKEN))
+        clock.advance(1.0)
+    assert len(kp.pinned) == 2 and kp.policy.counters["shared_answers_kept"] == 1
+    kp.recorder.close()
+    trace = Trace.load(kp.recorder.path)
+    cfg = ReplayConfig(capacity_blocks=trace.recorded_capacity_blocks, prefill_tps=float("inf"), tpot_s=0.0,
+                       retention=kp.policy.config, check=True, record_applied=True)
+    sim = replay(trace, "kvsched", cfg)
+    pins = [(a.op, a.blocks) for a in engine]
+    assert pins == [("pin", 6), ("pin", 8), ("pin", 6), ("pin", 7)]
+    assert [(a.op, a.blocks) for a in sim.applied if a.op in ("pin", "release")][:4] == pins
+
+
+def test_with_the_tier_the_replay_pins_as_the_engine_and_restores_the_partial_blocks_of_the_session_only(
+        harness_cfg, clock, tmp_path, monkeypatch):
+    """The same three turns with the FP8 tier, then B's next turn (a session of its own): pins identical in the engine
+    and the replay. Partial last blocks: the engine loads A's (kept beside while shared) and B's (kept by the
+    companion, `SharedTails.hand_over`), 20 tokens; the replay, whose tokens are synthetic, finds a partial block
+    through the request's own session only (`SharedTails.tail_after`), so B's, held under the companion of another
+    session, is recomputed there: 10 tokens fewer, the simulator's side of caution."""
+    from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
+
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "shared.jsonl"))
+    monkeypatch.setenv("KVSCHED_PAYBACK_SAMPLING", "0")
+    s = sched(replace(harness_cfg, kv_transfer_config=kv_transfer_config(0.01)), clock=clock)
+    f, kp = RequestFactory(BLOCK), s.kvsched
+    kp.recorder.clock = clock
+    kp.pins.log = engine = []
+    tokens = {"b1": 9, "b2": 9}
+    rest = [700, 701, 702, 703]
+    news = {}
+    for rid, prompt, n in (("a1", FIRST, 40), ("b1", FIRST, 40), ("a2", [*FIRST, *[FAKE_TOKEN] * 40, *rest], 4),
+                           ("b2", [*FIRST, *[9] * 40, *rest], 4)):
+        s.add_request(f.make(prompt, n, request_id=rid))
+        while s.has_requests():
+            out, _ = step(s, sample=lambda r: tokens.get(r, FAKE_TOKEN))
+            news.update({x.req_id: x.num_computed_tokens for x in out.scheduled_new_reqs})
+        clock.advance(1.0)
+    assert news == {"a1": 0, "b1": 64, "a2": 106, "b2": 106}
+    kp.recorder.close()
+    trace = Trace.load(kp.recorder.path)
+    cfg = ReplayConfig(capacity_blocks=trace.recorded_capacity_blocks, prefill_tps=float("inf"), tpot_s=0.0,
+                       retention=kp.policy.config, check=True, record_applied=True, tier_bytes=10**7,
+                       tier_block_bytes=10**4)
+    sim = replay(trace, "kvsched", cfg)
+    assert [(a.op, a.blocks) for a in sim.applied] == [(a.op, a.blocks) for a in engine]
+    assert [a.blocks for a in engine if a.op == "pin"] == [6, 8, 6, 7, 7]
+    assert (sim.hit_tokens, sim.restored_tokens) == (256, 10) and kp.tier.stats["restored_tail_tokens"] == 20

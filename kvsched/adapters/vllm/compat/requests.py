@@ -176,7 +176,9 @@ def finished_normally(request: Any) -> bool:
     """False if vLLM finished the request aborted (the client went away or timed out) or failed (`Request.status`, a
     `RequestStatus`): the client got no answer, so a request repeating its prompt is likely its retry. True for every
     other finish (stopped, length cap, repetition stop, a prompt ignored as too long): the client got a reply, so a
-    repeat is another user's or a new ask. A request without a status (a test's stand-in) counts as normal."""
+    repeat is another user's or a new ask. A request without a status (a test's stand-in) counts as normal. Another
+    user's identical prompt after an abort reads as the retry too: without a session field, API key or salt of its
+    own nothing tells them apart (`kvsched.core.shared_turns`)."""
     from vllm.v1.request import RequestStatus
 
     status = getattr(request, "status", None)

@@ -1,0 +1,88 @@
+"""The answers of a shared inferred session's union pin that the turn continuing one of them did not continue.
+
+Several users sent one first prompt and each got another answer: the session's pin holds them all
+(`kvsched.core.shared_turns.JoinedPins`). The first user's next turn joins the session, continues that user's answer,
+and its finish makes its own chain the session's pin. Before, that dropped the other answers' blocks at once (given
+back uncounted, not demoted to the tier), though their users had not been gone longer than the pin lasts: the second
+user's next turn, a session of its own by then (`kvsched.core.lineage`: the session's anchors moved to the first
+user's turn), recomputed its answer after any pressure (found by review). An operator expects each user's next turn
+to find its own answer, and an answer nobody came back for to go as any unreturned pin goes.
+
+So the answers not continued stay pinned under a companion session of their own (`companion_key`), holding each of
+their chains whole, the shared prompt's blocks included (an answer's blocks without the blocks before them could
+never be hit: a prefix-cache hit runs from block 0). The companion inherits the union's history, so it expires when
+the union would have (the last joined turn's finish plus its TTL), with a TTL release that demotes it to the FP8 tier,
+and the release order values it as it valued the union. A user who comes back hits its answer from it; its own turn
+then pins its own chain (the companion's copy of those blocks costs no memory: a block is held once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
+from kvsched.core.retention import Decision, Pin, RetentionPolicy
+from kvsched.core.retention_records import SessionRecord
+from kvsched.core.sessions import SessionKey
+from kvsched.core.shared_turns import JoinedPins
+
+__all__ = ["OtherAnswers", "companion_key"]
+
+B = TypeVar("B")
+Keys = Callable[[list[B]], list[tuple[Hashable, int]]]
+
+
+def companion_key(key: SessionKey, n: int) -> SessionKey:
+    """The companion of `key` numbered `n` (>= 1): a negative branch, which neither lineage (branches count from 0) nor
+    a client (ids are validated strings; branches are the engine's) ever produces. Listed as a branch of the id."""
+    return key._replace(branch=-n)
+
+
+class OtherAnswers:
+    """Splits a union pin's other answers off to companion sessions, one per continued union."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+
+    def split(self, joined: JoinedPins, rec: SessionRecord, old: list[list[B]] | None, groups: list[list[B]],
+              keys: Keys[B]) -> tuple[SessionRecord, list[list[B]]] | None:
+        """Before the policy hears that the session's turn ended with `groups` (it continued one answer of the union
+        pin `old`, or none): a copy of the session's record as the union left it, and per KV-cache group the pin's
+        blocks of every answer chain `groups` does not hold whole (the pin's order: each chain after its prompt).
+        None when there are none beyond `groups`, or no content to compare."""
+        chains = joined.answers.get(rec.key)
+        if not chains or not old or len(old) != len(groups):
+            return None
+        new = [frozenset(k for k, _ in keys(g)) for g in groups]
+        others = [c for c in chains if not all(c[i] <= new[i] for i in range(len(groups)))]
+        out: list[list[B]] = []
+        beyond = False  # a block of theirs the turn's chain does not hold
+        for i, held in enumerate(old):
+            pairs = keys(held)
+            if len(pairs) != len(held):
+                return None
+            keep = frozenset().union(*(c[i] for c in others))
+            out.append([b for b, (k, _) in zip(held, pairs, strict=True) if k in keep])
+            beyond = beyond or any(k in keep and k not in new[i] for k, _ in pairs)
+        return (dataclasses.replace(rec), out) if beyond else None
+
+    def keep(self, policy: RetentionPolicy, union: SessionRecord, groups: list[list[B]], block_size: int
+             ) -> tuple[list[Decision], dict[SessionKey, list[list[B]]]]:
+        """Pin `groups` under a new companion of the session whose union record was `union` (`split`): the decision
+        and the blocks to apply. The record is the policy's own (`_new_record`: its activity order, which the owner
+        index reads, and its table bound), given the union's history and expiry."""
+        key = companion_key(union.key, next(self._ids))
+        rec = policy._new_record(key)
+        rec.role, rec.ttl_s, rec.turns, rec.hits = union.role, union.ttl_s, union.turns, union.hits
+        rec.last_finished, rec.last_gap_s, rec.burst_turns = union.last_finished, union.last_gap_s, union.burst_turns
+        rec.expected_gap_s, rec.gaps_seen = union.expected_gap_s, union.gaps_seen
+        longest = max(map(len, groups))
+        rec.pinned_blocks, rec.pinned_tokens = sum(map(len, groups)), longest * block_size
+        rec.whole_only = len(groups) > 1 and min(map(len, groups)) < longest
+        policy.pinned_blocks_total += rec.pinned_blocks
+        policy.counters["shared_answers_kept"] += 1
+        policy.expiry.queue(rec)
+        policy.index.changed(rec)
+        return [Pin(key)], {key: groups}
