@@ -7,6 +7,7 @@ Ray cluster test_serve_unscraped.py."""
 from __future__ import annotations
 
 import math
+import re
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -119,3 +120,15 @@ def test_ray_serve_refuses_a_bad_grace_at_start_up(tmp_path: Path, capsys: pytes
     path.write_text("pools:\n  - {name: w, model: /m, autoscaling: {min_replicas: 1, unscraped_grace_s: 15}}\n")
     assert main(["ray-serve", str(path), "--dry-run"]) == 0
     assert "engine metrics unread past 15s: left out" in capsys.readouterr().out
+
+
+def test_the_readme_names_every_autoscaling_key_and_the_gauge_as_ray_exports_it() -> None:
+    """Found on a real cluster (test_serve_unscraped.py): Ray's metrics endpoint exports the gauge as
+    `ray_kvsched_ttft_replicas_unscraped`; README named only `kvsched_ttft_replicas_unscraped`, which no query finds."""
+    from dataclasses import fields
+
+    from kvsched.adapters.ray.autoscaling import UNSCRAPED_GAUGE_EXPORTED
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"`{UNSCRAPED_GAUGE_EXPORTED}" in readme
+    assert not [f.name for f in fields(AutoscaleTargets) if not re.search(rf"[`{{ ]{f.name}[`,}}]", readme)]
