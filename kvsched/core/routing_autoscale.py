@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kvsched.core.routing import RoutingConfigError
+from kvsched.core.ttft_histogram import UNSCRAPED_GRACE_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +21,10 @@ class AutoscaleTargets:
     """`queue_per_replica`: waiting requests per replica (engine queue, not running batch); `ttft_p95_s`: seconds;
     `downscale_below`: share of both targets under which a replica may go; delays in seconds; `look_back_period_s`:
     the window the signals are taken over, in seconds (the orchestrator's: Ray Serve's `look_back_period_s`, whose
-    default this is; the P95 TTFT is the fleet's over it, the queue depth its average)."""
+    default this is; the P95 TTFT is the fleet's over it, the queue depth its average); `unscraped_grace_s`: how long
+    a live replica's engine metrics may go unread, in seconds, before the pool's P95 leaves it out and the pool stops
+    scaling down (`ttft_histogram.fleet_quantile`). Within it the replica's last counts (none, if never read) stand,
+    so Ray's `downscale_delay_s` is what keeps the pool from shrinking meanwhile: keep it the longer of the two."""
 
     min_replicas: int = 1
     max_replicas: int = 4
@@ -30,6 +34,7 @@ class AutoscaleTargets:
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 120.0
     look_back_period_s: float = 30.0
+    unscraped_grace_s: float = UNSCRAPED_GRACE_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_replicas, int) or self.min_replicas < 0:
@@ -45,9 +50,10 @@ class AutoscaleTargets:
             raise RoutingConfigError(f"downscale_below must be in (0, 1), got {self.downscale_below!r}")
         if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
             raise RoutingConfigError("upscale_delay_s and downscale_delay_s must be >= 0")
-        v = self.look_back_period_s
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
-            raise RoutingConfigError(f"look_back_period_s must be a finite number of seconds > 0, got {v!r}")
+        for name in ("look_back_period_s", "unscraped_grace_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+                raise RoutingConfigError(f"{name} must be a finite number of seconds > 0, got {v!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from kvsched.adapters.ray.autoscaling import POLICY_PATH
 from kvsched.adapters.ray.config import PoolConfig, RayServeConfig, load_config
 from kvsched.adapters.ray.engine import EngineReplica
 from kvsched.adapters.ray.ingress import OpenAIIngress
+from kvsched.core.ttft_histogram import UNSCRAPED_GRACE_S
 
 ROUTER_PATH = "kvsched.adapters.ray.router:KVSchedRequestRouter"
 # Ray's own routers, for comparisons in the same cluster (`kvsched bench router --real`).
@@ -57,6 +58,13 @@ def engine_options(pool: PoolConfig, cfg: RayServeConfig, router_path: str = ROU
     return opts
 
 
+def engine_args(pool: PoolConfig) -> tuple[str, dict[str, Any], float]:
+    """`EngineReplica`'s arguments for one pool: its name, its engine, and the grace its engine's metrics may go
+    unread before the replica calls them stale (its autoscaling's, else the policy's default: there is no policy)."""
+    grace = pool.autoscaling.unscraped_grace_s if pool.autoscaling is not None else UNSCRAPED_GRACE_S
+    return pool.name, pool.engine.model_dump(), grace
+
+
 def ingress_max_ongoing(cfg: RayServeConfig) -> int:
     """Requests the ingress replica takes at once: every engine replica's share at its largest. The ingress only
     relays; left at Ray's default (5) it queued requests at the HTTP proxy, and the engines' router saw at most 5 in
@@ -73,7 +81,7 @@ def build_app(cfg: RayServeConfig, router_path: str = ROUTER_PATH, version: str 
     replaced as usual."""
     extra: dict[str, Any] = {"version": version, "_internal": True} if version is not None else {}
     engines = {p.name: serve.deployment(EngineReplica).options(**engine_options(p, cfg, router_path), **extra).bind(
-        p.name, p.engine.model_dump()) for p in cfg.pools}
+        *engine_args(p)) for p in cfg.pools}
     ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
                                                       max_ongoing_requests=ingress_max_ongoing(cfg),
                                                       ray_actor_options={"num_cpus": 0})

@@ -14,9 +14,11 @@ readings stand in, the slowest one's, and the decision's reason says so (`kvsche
 held for a while after the last sample, only keeps a pool from scaling down. Found by review: the held value read as
 live pressure and scaled an idle pool up to its maximum.
 
-A live replica whose engine metrics went unread past the grace (`ttft_unread_s`) is left out of the fleet's P95 and
-named in the reason; while there is one, the pool scales up on the others' signals but never down (its load is
-unknown), and `kvsched_ttft_replicas_unscraped` (policy state and a Ray gauge) counts them.
+A live replica whose engine metrics went unread past the grace (its `ttft_unread_s` over the pool's `autoscaling:
+{unscraped_grace_s}`, default 60 s) is left out of the fleet's P95 and named in the reason; while there is one, the
+pool scales up on the others' signals but never down (its load is unknown), and `kvsched_ttft_replicas_unscraped`
+counts them in the policy's state and as a Ray gauge, which Ray's Prometheus endpoint names
+`ray_kvsched_ttft_replicas_unscraped` (`UNSCRAPED_GAUGE_EXPORTED`).
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ class QueueTTFTPolicy:
         else:
             state.pop("kvsched_starting_since", None)
         starting_for = now - state.get("kvsched_starting_since", now)
-        fleet = fleet_ttft(ctx, replicas)
+        fleet = fleet_ttft(ctx, replicas, self.targets.unscraped_grace_s)
         held = held_fleet_p95(state, fleet, now) if fleet.merged else None
         decision = while_starting(decide(running, ctx.aggregated_metrics or {}, replicas, self.targets, now_s=now,
                                          queued_in_ray=queued_in_ray(ctx), fleet=fleet, held_fleet_s=held),
@@ -150,13 +152,16 @@ class QueueTTFTPolicy:
 
 
 UNSCRAPED_GAUGE = "kvsched_ttft_replicas_unscraped"
+# The gauge's name on Ray's metrics endpoint: Ray prefixes its namespace to every application metric (checked on a
+# real cluster: tests/ray/test_serve_unscraped.py), so a dashboard or alert must query this one.
+UNSCRAPED_GAUGE_EXPORTED = f"ray_{UNSCRAPED_GAUGE}"
 _gauge: Any = None
 
 
 def _export_unscraped(ctx: Any, n: int) -> None:
     """The live replicas whose engine metrics went unread past the grace, as a Ray metric (`UNSCRAPED_GAUGE`, tagged
-    with the deployment) beside the policy state's count: an operator sees that the pool's P95 leaves replicas out.
-    Best effort: a Ray that cannot export it still scales."""
+    with the deployment, `engine-<pool>`; exported as `UNSCRAPED_GAUGE_EXPORTED`) beside the policy state's count: an
+    operator sees that the pool's P95 leaves replicas out. Best effort: a Ray that cannot export it still scales."""
     global _gauge
     try:
         if _gauge is None:

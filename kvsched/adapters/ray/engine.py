@@ -47,6 +47,7 @@ from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.owners import AUTH_HEADERS
 from kvsched.adapters.ray.reaper import leader_alive, stop_group
 from kvsched.adapters.ray.stats import ReplicaStats
+from kvsched.core.ttft_histogram import UNSCRAPED_GRACE_S
 from kvsched.serving import ServerSpec, VllmServer
 
 ADMIN_KEYS_ENV = "KVSCHED_ADMIN_KEYS"
@@ -105,11 +106,14 @@ def start_with_reaper(server: VllmServer) -> None:
 
 
 class EngineReplica:
-    """The Ray Serve deployment class of one engine pool (wrapped by `serve.deployment` in app.py)."""
+    """The Ray Serve deployment class of one engine pool (wrapped by `serve.deployment` in app.py).
+    `unscraped_grace_s`: the pool's `autoscaling: {unscraped_grace_s}`, so that `describe` calls the engine's metrics
+    stale when the policy leaves them out."""
 
-    def __init__(self, pool: str, engine: dict[str, Any]) -> None:
+    def __init__(self, pool: str, engine: dict[str, Any], unscraped_grace_s: float = UNSCRAPED_GRACE_S) -> None:
         cfg = EngineConfig.model_validate(engine, strict=False)
         self.pool = pool
+        self.unscraped_grace_s = unscraped_grace_s
         self.replica_id = replica_unique_id()
         spec = server_spec(cfg)
         # The stats poll lists every session the engine holds KV for (all salts and tenants, every page): with an
@@ -229,7 +233,7 @@ class EngineReplica:
         return {"pool": self.pool, "slot": self.served_slot(), "replica_id": self.replica_id,
                 "replica_pid": os.getpid(), "engine_url": self.server.base,
                 "engine_pid": proc.pid if proc is not None else None, "engine_alive": self.engine_alive(),
-                "engine_metrics": self.stats.health.state(self.stats.clock()),
+                "engine_metrics": self.stats.health.state(self.stats.clock(), self.unscraped_grace_s),
                 "engine_metrics_unread_s": round(self.stats.unread_s(), 1)}
 
     # ---- what Ray polls -----------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ with each engine's counter resets taken out (`kvsched.adapters.ray.stats`), one 
 `AutoscalingContext.raw_metrics` (its `aggregated_metrics` are time-averages, which would blur a counter); the points
 recorded together share a timestamp, so each timestamp is one scrape, and the first in the window is its baseline.
 Each replica also reports `ttft_unread_s`, for how long its engine's metrics have gone unread (0 while read): one
-unread past the grace is left out of the P95 and named, the P95 then being the others' only (found by review: a
-replica whose metrics failed from its start reported no buckets and was silently left out).
+unread past the grace (the pool's `autoscaling: {unscraped_grace_s}`, default 60 s) is left out of the P95 and named,
+the P95 then being the others' only (found by review: a replica whose metrics failed from its start reported no
+buckets and was silently left out).
 The arithmetic (window increase over each replica's own window as a rate, counter resets, merge, quantile) is
 `kvsched.core.ttft_histogram`.
 """
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvsched.adapters.ray.stats import MIN_TTFT_SAMPLES
-from kvsched.core.ttft_histogram import FleetQuantile, bucket_bound, bucket_key, fleet_quantile
+from kvsched.core.ttft_histogram import UNSCRAPED_GRACE_S, FleetQuantile, bucket_bound, bucket_key, fleet_quantile
 
 HOLD_S = 60.0  # how long the last fleet P95 keeps a pool from scaling down once too few first tokens follow it
 HELD_STATE = "kvsched_fleet_ttft_p95"  # [seconds, when] in the policy's state
@@ -69,15 +70,15 @@ def replica_unread(raw: Mapping[str, Mapping[Any, Any]], replicas: list[Any]) ->
     return out
 
 
-def fleet_ttft(ctx: Any, replicas: list[Any]) -> FleetQuantile:
+def fleet_ttft(ctx: Any, replicas: list[Any], grace_s: float = UNSCRAPED_GRACE_S) -> FleetQuantile:
     """The fleet's P95 TTFT over Ray's look-back window, leaving out (and naming) replicas whose engine metrics went
-    unread past the grace."""
+    unread past `grace_s` (the pool's `autoscaling: {unscraped_grace_s}`)."""
     try:
         raw = ctx.raw_metrics or {}
     except Exception:  # noqa: BLE001 - a Ray without raw metrics, or one failing to build them: fall back
         raw = {}
     return fleet_quantile(replica_scrapes(raw, replicas), 0.95, min_samples=MIN_TTFT_SAMPLES,
-                          unread_s=replica_unread(raw, replicas))
+                          unread_s=replica_unread(raw, replicas), grace_s=grace_s)
 
 
 def held_fleet_p95(state: dict[str, Any], fleet: FleetQuantile, now_s: float) -> float | None:
