@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 Histogram = Mapping[float, float]  # upper bound (s, inf for +Inf) -> cumulative count
 # One series of a server's histogram: its labels but `le`, sorted. vLLM 0.32 labels each engine's series
@@ -241,7 +241,9 @@ class FleetQuantile:
     than two scrapes in it has none yet); `merged`: False when the replicas' histograms could not be merged (`note`
     says why): the caller falls back to another signal and says so. `unscraped`: live replicas whose engine metrics
     went unread for longer than the grace (`fleet_quantile`), left out: `value` is then the others' P95 only, not the
-    fleet's (`complete` is False), and says nothing of their load."""
+    fleet's (`complete` is False), and says nothing of their load. `unread`: every live replica whose engine metrics
+    are unread now, within the grace or past it (their load is unknown either way: a pool must not scale down on the
+    others' alone)."""
 
     value: float | None
     samples: float
@@ -249,6 +251,7 @@ class FleetQuantile:
     merged: bool
     note: str
     unscraped: tuple[str, ...] = ()
+    unread: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -273,11 +276,11 @@ def fleet_quantile(windows: Mapping[object, Sequence[tuple[float, Histogram]]], 
         fleet = FleetQuantile(None, fleet.samples, fleet.replicas, True,
                               f"replica {pending[0]}'s engine metrics not read yet")
     if not late:
-        return fleet
+        return replace(fleet, unread=tuple(sorted(unread)))
     gone = ", ".join(f"{r} ({unread[r]:.0f} s)" for r in late[:3])
     return FleetQuantile(fleet.value, fleet.samples, fleet.replicas, fleet.merged,
                          f"{fleet.note}; engine metrics unread: {gone}{' ...' if len(late) > 3 else ''}, left out: "
-                         f"the P95 is the other replicas' only", late)
+                         f"the P95 is the other replicas' only", late, tuple(sorted(unread)))
 
 
 def fleet_quantile_of(windows: Mapping[object, Sequence[tuple[float, Histogram]]], q: float = 0.95,

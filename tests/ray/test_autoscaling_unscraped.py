@@ -81,3 +81,15 @@ def test_within_the_grace_the_replica_is_waited_for(monkeypatch) -> None:
     n, state = QueueTTFTPolicy(min_replicas=1, max_replicas=8, ttft_p95_s=2.0)(fleet_ctx(window, now=1000.0))
     assert "fleet p95 none" in state["kvsched_reason"] and "r2's engine metrics not read yet" in state["kvsched_reason"]
     assert state[UNSCRAPED_GAUGE] == 0
+    # Nor does the pool shrink meanwhile: r2's load is unknown (found by review: it read as idle, and the pool of three
+    # went to two within the grace; past it, the test above).
+    assert n == 3 and state["kvsched_reason"].startswith("steady: no scale-down while replica(s) r2 cannot be read")
+
+
+def test_a_replica_read_again_no_longer_holds_the_pool(monkeypatch) -> None:
+    """The hold lasts while a replica is unread, not longer: with r2 read again (its report says 0 s unread and gives
+    buckets), the idle pool of three goes to two."""
+    window = with_unread(reports({"r0": [{}, {0.1: 100}], "r1": [{}, {0.1: 100}], "r2": [{}, {0.1: 100}]}),
+                         {"queue_depth": 0.0, UNREAD_TTFT: 0.0})
+    n, state = QueueTTFTPolicy(min_replicas=1, max_replicas=8, ttft_p95_s=2.0)(fleet_ctx(window, now=1000.0))
+    assert n == 2 and state["kvsched_reason"].startswith("down:"), state["kvsched_reason"]

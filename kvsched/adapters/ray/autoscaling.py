@@ -15,9 +15,11 @@ held for a while after the last sample, only keeps a pool from scaling down. Fou
 live pressure and scaled an idle pool up to its maximum.
 
 A live replica whose engine metrics went unread past the grace (its `ttft_unread_s` over the pool's `autoscaling:
-{unscraped_grace_s}`, default 60 s) is left out of the fleet's P95 and named in the reason; while there is one, the
-pool scales up on the others' signals but never down (its load is unknown), and `kvsched_ttft_replicas_unscraped`
-counts them in the policy's state and as a Ray gauge, which Ray's Prometheus endpoint names
+{unscraped_grace_s}`, default 60 s) is left out of the fleet's P95 and named in the reason; while any replica is
+unread, within the grace or past it, the pool scales up on the others' signals but never down (its load is unknown;
+found by review: within the grace a replica never read counted as an idle one, and a pool of three went to two).
+`kvsched_ttft_replicas_unscraped` counts those past the grace in the policy's state and as a Ray gauge, which Ray's
+Prometheus endpoint names
 `ray_kvsched_ttft_replicas_unscraped` (`UNSCRAPED_GAUGE_EXPORTED`).
 """
 
@@ -82,7 +84,7 @@ def decide(current: int, aggregated: dict[str, dict[Any, float]], replicas: list
     if held.replicas >= current:
         return ScaleDecision(current, f"steady: the recent p95 ttft keeps this size ({held.reason}); {how}")
     return held_while_unread(ScaleDecision(fresh.replicas, f"{fresh.reason}; {how}"), current,
-                             fleet.unscraped if fleet is not None else ())
+                             fleet.unread if fleet is not None else ())
 
 
 def _s(v: float | None) -> str:
