@@ -14,7 +14,7 @@ reuse statistics, kept per reuse class; our classes are role and burst phase, bo
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+import bisect
 from collections import deque
 from collections.abc import Collection
 from itertools import accumulate, islice
@@ -39,14 +39,14 @@ class GapHistory:
         return len(self.recent)
 
     def add(self, gap: float) -> None:
-        s, recent = self._sorted, self.recent
-        if len(recent) == recent.maxlen:
-            i = bisect_left(s, recent[0])
+        s = self._sorted
+        if len(self.recent) == self.recent.maxlen:
+            i = bisect.bisect_left(s, self.recent[0])
             del s[i]
             if len(s) - i + 1 < self._exact:  # the sums of the len(s) - i gaps above it stand
                 self._exact = len(s) - i + 1
-        recent.append(gap)
-        i = bisect_right(s, gap)  # where bisect.insort puts it
+        self.recent.append(gap)
+        i = bisect.bisect_right(s, gap)  # where bisect.insort puts it
         s.insert(i, gap)
         if len(s) - i < self._exact:
             self._exact = len(s) - i
@@ -59,7 +59,7 @@ class GapHistory:
         """Mean of `gap - idle_s` over the gaps longer than `idle_s`; None if fewer than `min_samples` are."""
         s = self._sorted
         end = len(s)
-        n = end - bisect_right(s, idle_s)
+        n = end - bisect.bisect_right(s, idle_s)
         if n < min_samples:
             return None
         top = self._top
@@ -103,10 +103,9 @@ class GapModel:
         if history is None:
             history = self.by_role[role] = GapHistory(self.window)
         self.epoch += 1
-        s = history._sorted  # its median and length read in place: once per started turn
-        median = s[len(s) // 2] if s and len(s) >= self.min_samples else None
+        median = history.median() if len(history) >= self.min_samples else None
         history.add(gap)
-        key = (role, phase if phase < self.max_phase else self.max_phase)
+        key = (role, min(phase, self.max_phase))
         by_phase = self.by_phase.get(key)
         if by_phase is None:
             by_phase = self.by_phase[key] = GapHistory(self.window)

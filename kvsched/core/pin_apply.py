@@ -117,9 +117,7 @@ class PinApplier(Generic[B]):
         block keys in prefix order (vLLM's block hashes, the trace's ids), feed the pins' payback tracker."""
         if prompt_keys is not None and self.policy.payback.enabled:
             self.apply(self.policy.prompt_seen(prompt_keys, cached_tokens // self.block_size, hittable))
-        decisions = self.policy.turn_started(key, cached_tokens)
-        if decisions:  # (an empty batch applies nothing and traces nothing)
-            self.apply(decisions)
+        self.apply(self.policy.turn_started(key, cached_tokens))
 
     def turn_finished(self, key: SessionKey, hints: TurnHints, groups: list[list[B]], tokens: int,
                       cached_keys: Iterable[Hashable] | None = None) -> None:
@@ -137,13 +135,8 @@ class PinApplier(Generic[B]):
                                                      self.block_size, self.policy.budget_blocks, self.pool.cached_keys)
         # A group shorter than another starts past block 0 (a sliding window: the blocks a hit at the prefix's end
         # needs): without its tail, no hit can use the rest of the pin, so the pin is released whole or not at all.
-        if len(groups) == 1:  # (one group: no list made)
-            blocks, whole_only = len(groups[0]), False
-        else:
-            blocks, whole_only = sum(map(len, groups)), len(groups) > 1 and min(map(len, groups)) < max(map(len, groups))
-        decisions = self.policy.turn_finished(key, hints, tokens, blocks, whole_only)
-        if decisions:
-            self.apply(decisions, {key: groups})
+        whole_only = len(groups) > 1 and min(map(len, groups)) < max(map(len, groups))  # (one group: no list made)
+        self.apply(self.policy.turn_finished(key, hints, tokens, sum(map(len, groups)), whole_only), {key: groups})
         if rec is not None and (joined or rec.union_pin) and not rec.kept_over:  # (a side turn left the pin as it was)
             rec.union_pin = joined and key in self.joined and key in self.pinned
             if not rec.union_pin:
@@ -269,15 +262,6 @@ class PinApplier(Generic[B]):
         one position while the windows start together; once the window slid nothing is common, and the new window is
         held before the old one is given back (a block in both never reaches the free queue)."""
         old = self.pinned.get(key)
-        if old is not None and len(groups) == 1 == len(old):  # one KV-cache group (most models)
-            old_g, new_g = old[0], groups[0]
-            n = len(old_g)
-            if len(new_g) >= n and (new_g if len(new_g) == n else new_g[:n]) == old_g:  # it extends the pin: the
-                if len(new_g) > n:  # usual case, every finished turn (the general loop below does the same)
-                    tail = new_g[n:]
-                    old_g.extend(tail)
-                    self.pool.hold(tail)
-                return
         if old is not None and len(old) != len(groups):
             self.unpin(key)
             old = None
@@ -316,7 +300,7 @@ class PinApplier(Generic[B]):
         if not groups:
             self.pinned.pop(key, None)
             return 0, 0
-        total = len(groups[0]) if len(groups) == 1 else sum(map(len, groups))
+        total = sum(map(len, groups))
         released: list[B] = []
         if blocks is None or blocks >= total:
             del self.pinned[key]
@@ -325,11 +309,6 @@ class PinApplier(Generic[B]):
                 released.extend(reversed(g))
             if self.on_dropped is not None:
                 self.on_dropped(key)
-        elif len(groups) == 1:  # one group: its last `blocks` (a turn's start releasing what it did not hit), in place
-            g = groups[0]
-            released = g[total - blocks:]
-            released.reverse()
-            del g[total - blocks:]
         else:  # in place (the pin's lists are long-lived)
             for g, n in zip(groups, split_exact(blocks, [len(g) for g in groups]), strict=True):
                 if n:

@@ -115,14 +115,12 @@ class RetentionPolicy(ReleaseValues):
         if cached_tokens > 0:
             rec.hits += 1
             rec.hit_tokens += cached_tokens
-        self.sessions.move_to_end(key)  # `_touch`, written out
-        rec.activity = next(self._activity)
-        keeps, short = rec.joins_pin or rec.union_pin, cached_tokens < rec.pinned_tokens  # (`keeps_pin`)
-        rec.pin_beyond_running = keeps and short  # else the request holds the rest (a release below keeps nothing)
+        self._touch(rec)
         decisions: list[Decision] = []
-        if rec.pinned_blocks > 0 and short and not keeps:
+        if rec.pinned_blocks > 0 and cached_tokens < rec.pinned_tokens and not rec.keeps_pin:
             keep = rec.pinned_blocks * max(cached_tokens, 0) // max(rec.pinned_tokens, 1)
             decisions.append(self._release(rec, ReleaseReason.TURN, rec.pinned_blocks - keep if keep else None))
+        rec.pin_beyond_running = rec.keeps_pin and cached_tokens < rec.pinned_tokens  # else the request holds the rest
         self.index.changed(rec)
         return decisions
 

@@ -37,7 +37,6 @@ TURN_CAP = 8  # turn indices 1 to 7, 8+ (kvsched.core.next_use's max_phase; the 
 GAP_EDGES_S = (30.0, 120.0, 600.0)  # time since the previous turn ended: none / < 30 s / < 120 s / < 600 s / more
 PRIOR_STRENGTH = 10.0  # pseudo-outcomes a level borrows from its parent's mean
 INFERRED_FIRST = -1  # the gap bucket of an inferred session's first turn
-_EDGE_1, _EDGE_2, _EDGE_3 = GAP_EDGES_S
 
 ReturnClass = tuple[int, int, int]  # (turn index capped, prefix block octave, gap bucket)
 
@@ -47,10 +46,7 @@ def return_class(turns: int, blocks: int, gap_s: float | None, inferred: bool = 
     `gap_s` seconds after the session's previous turn ended (None: its first turn; `inferred`: of an inferred
     session)."""
     octave = int(math.log2(blocks)) if blocks > 0 else -1
-    if gap_s is None:
-        gap = INFERRED_FIRST if inferred else 0
-    else:  # the edges compared one by one, as a sum over them would (no generator: every finished turn and scoring)
-        gap = 1 + (gap_s >= _EDGE_1) + (gap_s >= _EDGE_2) + (gap_s >= _EDGE_3)
+    gap = (INFERRED_FIRST if inferred else 0) if gap_s is None else 1 + sum(gap_s >= e for e in GAP_EDGES_S)
     return min(max(turns, 1), TURN_CAP), octave, gap
 
 
