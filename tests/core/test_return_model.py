@@ -74,6 +74,49 @@ def test_overlapping_turn_counts_as_return():
     assert (m.total.returns, m.total.outcomes, m.awaited) == (1, 1, 1)
 
 
+def test_outcomes_stay_right_across_the_bulk_cut_of_settled_turns():
+    """Thousands of awaited turns (past the bulk cut of the settled ones): every third session comes back within the
+    horizon, every third too late, the rest never; an overlapping turn counts its predecessor as returned."""
+    m = ReturnModel(threshold=0.5, horizon_s=30.0)
+    n = 3000
+    for i in range(n):
+        m.turn_finished(f"s{i}", 1, 16, None, now=float(i))
+        if i % 3 == 0:
+            m.arrived(f"s{i}", i + 10.0)
+        elif i % 3 == 1 and i > 40:  # the one 40 turns back returns late: already a miss
+            m.arrived(f"s{i - 40}", float(i))
+    m.turn_finished("s2999", 2, 16, 2999.0, now=3000.0)  # an overlapping turn: s2999's first did come back
+    m.settle(4000.0)
+    returned = n // 3 + 1
+    assert (m.total.returns, m.total.outcomes, m.awaited) == (returned, n + 1, 0)
+    assert m._base > 0 and m._head == len(m._deadlines)  # cut off in bulk on the way; all settled
+
+
+def test_an_awaited_turn_keeps_no_object_of_its_own_for_the_collector():
+    """Every finished turn is awaited for the horizon (the default TTL, minutes); an object per turn (an entry and its
+    tuples) was all the garbage collector's young work in `kvsched bench sched`'s steps. Counted in GC-tracked
+    objects, no timing."""
+    import gc
+
+    m = ReturnModel(threshold=0.5, horizon_s=3600.0)
+    keys = [key(f"s{i}") for i in range(50)]
+    for k in keys:  # each session's first outcome and class seen once
+        m.turn_finished(k, 2, 16, 0.0, now=1.0)
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(gc.get_objects())
+        for turn in range(40):
+            for k in keys:
+                m.arrived(k, 2.0 + turn)
+                m.turn_finished(k, 2, 16, 1.0 + turn, now=2.0 + turn)
+        grown = len(gc.get_objects()) - before
+    finally:
+        gc.enable()
+    assert m.awaited == len(keys)
+    assert grown < 100  # 2,000 awaited turns: 2-3 objects each before
+
+
 def test_first_turns_that_never_return_stop_being_pinned():
     m = ReturnModel(threshold=0.35, horizon_s=30.0)
     for i in range(40):
