@@ -256,7 +256,8 @@ class Lineage:
             e = self._add(key, anchor, branches)
         else:
             self.entries.move_to_end(key)
-        e.busy = max(e.busy - 1, 0)
+        if e.busy:  # (never below 0)
+            e.busy -= 1
         e.finished = next(self._finished)
         if not moved:
             return
@@ -279,7 +280,8 @@ class Lineage:
                         self.indexed -= 1
             if not index:
                 del self.index[key.tenant]
-        self._trim()
+        if len(self.entries) > self.config.max_entries:  # (the usual turn: no call)
+            self._trim()
 
     def abandoned(self, key: SessionKey) -> None:
         """A joined turn left before it ran (aborted): an inferred session can be joined again."""

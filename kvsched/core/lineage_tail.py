@@ -56,7 +56,7 @@ def tail_of(tokens: Sequence[int], start: int, opaque: Opaque = ()) -> Tail:
     """The tail of a prompt `tokens` past position `start`; `opaque`: its positions that cannot be compared
     (`OPAQUE` when the tail holds one)."""
     count = max(len(tokens) - start, 0)
-    if count and overlaps(opaque, start, start + count):
+    if count and opaque and overlaps(opaque, start, start + count):  # (a text prompt has none: no call)
         return OPAQUE
     k = max(count - TAIL_SLACK, 0)
     return Tail(count, _digest(tokens, start, start + k) if k else 0, tuple(tokens[start + k:start + count]))
@@ -76,7 +76,7 @@ def repeats(tokens: Sequence[int], start: int, tail: Tail, opaque: Opaque = (), 
     count, kept, slack = tail
     if count <= 0:
         return count == 0 or named
-    if overlaps(opaque, start, start + count):
+    if opaque and overlaps(opaque, start, start + count):
         return named
     n = len(tokens)
     k = count - len(slack)
@@ -91,7 +91,7 @@ def repeats(tokens: Sequence[int], start: int, tail: Tail, opaque: Opaque = (), 
     if m == len(slack):
         return True
     rest = slack[m:]
-    return ((named or k + m > 0) and n > start + count and not overlaps(opaque, n - len(rest), n)
+    return ((named or k + m > 0) and n > start + count and not (opaque and overlaps(opaque, n - len(rest), n))
             and tuple(tokens[n - len(rest):]) == rest)
 
 

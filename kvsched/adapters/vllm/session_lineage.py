@@ -110,14 +110,15 @@ class SessionResolver:
         """The turn of `key` that `request` ran finished: the session's anchors move to its prompt and its answer
         (unless not `moved`: a side turn that kept the session's longer pin). vLLM's finish status says whether it
         ended normally: a repeat of an aborted or failed turn's prompt is a retry, not another user's."""
-        self._safely(self._finished, request_id, key, request, moved)
-
-    def _finished(self, request_id: str, key: SessionKey, request: Any, moved: bool) -> None:
-        anchor, tail = self.anchors.pop(request_id, (None, None))
-        self.shared.pop(request_id, None)
-        computed = compat.computed_anchor(request, self.hash_block) if request is not None and self.hash_block \
-            else None
-        self.lineage.finished(key, anchor, tail, computed, moved, request is None or compat.finished_normally(request))
+        try:  # as `_safely` does, written out: this runs for every finished turn
+            anchor, tail = self.anchors.pop(request_id, (None, None))
+            self.shared.pop(request_id, None)
+            block = self.hash_block
+            computed = compat.computed_anchor(request, block) if request is not None and block else None
+            self.lineage.finished(key, anchor, tail, computed, moved,
+                                  request is None or compat.finished_normally(request))
+        except Exception:  # a bookkeeping bug costs inference accuracy, never the engine
+            self._failed_once()
 
     def abandoned(self, request_id: str, key: SessionKey) -> None:
         self.anchors.pop(request_id, None)
@@ -135,6 +136,10 @@ class SessionResolver:
         try:
             fn(*args)
         except Exception:  # a bookkeeping bug costs inference accuracy, never the engine
-            if not self._failed:
-                self._failed = True
-                logger.exception("kvsched: session lineage failed; sessions may be inferred less well")
+            self._failed_once()
+
+    def _failed_once(self) -> None:
+        """Log the exception being handled, the first time only."""
+        if not self._failed:
+            self._failed = True
+            logger.exception("kvsched: session lineage failed; sessions may be inferred less well")

@@ -37,6 +37,17 @@ def test_hints_are_shared_per_role_and_fresh_when_a_turn_carries_ttl_or_end():
     assert compat.request_session(_req(agent_role="not a role!")) == (None, TurnHints())
 
 
+def test_a_role_remembered_as_sent_gives_the_validated_role_and_a_bad_one_is_refused_every_time():
+    """The hints are looked up by the role as sent before it is validated: the lookup must give what validation
+    would, and never remember a value validation refuses ("İ" lowers to "i" and a combining dot)."""
+    for _ in range(2):
+        _, upper = compat.request_session(_req(agent_role="CRITIC"))
+        _, lower = compat.request_session(_req(agent_role="critic"))
+        assert upper is lower and upper == TurnHints(role="critic")
+        assert compat.request_session(_req(agent_role="\u0130")) == (None, TurnHints())
+        assert compat.request_session(_req(agent_role=["worker"])) == (None, TurnHints())
+
+
 def test_allocation_retries_on_shortage_with_positional_or_keyword_arguments():
     calls, shortages = [], []
     results = iter([None, "blocks", None, "blocks2"])

@@ -9,8 +9,19 @@ from typing import Any
 
 from kvsched.core.rank_shares import RankShares
 
-
 # ---- blocks -----------------------------------------------------------------------------------------------------
+_SLIDING: type | None = None  # vLLM's SlidingWindowManager, imported once (an import per finished turn costs a
+# module lookup and a from-list walk)
+
+
+def _sliding_window_manager() -> type:
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+
+    global _SLIDING
+    _SLIDING = SlidingWindowManager
+    return SlidingWindowManager
+
+
 def reusable_prefix_blocks(scheduler: Any, request: Any) -> list[list[Any]]:
     """Per KV-cache group, the blocks of a finished request that a later request's prefix-cache hit at the end of its
     hashed prefix needs, in position order.
@@ -21,16 +32,15 @@ def reusable_prefix_blocks(scheduler: Any, request: Any) -> list[list[Any]]:
     many contiguous cached blocks there, or a run from block 0), which starts past block 0 once the request is longer
     than the window; [] when they are no longer all cached. Found by review: a group leading with null blocks (every
     sliding-window group past its window) was never pinned, and the next turn of a hybrid model hit nothing."""
-    coordinator = scheduler.kv_cache_manager.coordinator
-    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
-
+    sliding = _SLIDING or _sliding_window_manager()
+    request_id = request.request_id
     out: list[list[Any]] = []
-    for blocks, manager in zip(coordinator.get_blocks(request.request_id), coordinator.single_type_managers,
-                               strict=True):  # one list per group, no wrapper object
+    for manager in scheduler.kv_cache_manager.coordinator.single_type_managers:
+        blocks = manager.req_to_blocks.get(request_id) or []  # as the coordinator's get_blocks, without its tuple
         end = len(blocks)  # hashed blocks form a prefix: usually only the last block is partial (unhashed)
         while end and (blocks[end - 1].block_hash is None or blocks[end - 1].is_null):
             end -= 1
-        if isinstance(manager, SlidingWindowManager):
+        if isinstance(manager, sliding):
             out.append(_hit_window(scheduler, request, manager, blocks, end))
         else:  # hashes form a prefix: checking the first block is enough to know the run has no gap (O(1))
             out.append(blocks[:end] if end and not (blocks[0].is_null or blocks[0].block_hash is None) else [])

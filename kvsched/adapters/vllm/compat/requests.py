@@ -43,24 +43,29 @@ def _extra_args(request: Any) -> dict[str, Any]:
 
 
 _NO_HINTS = TurnHints()
-_ROLE_HINTS: dict[str, TurnHints] = {}  # shared per role (hints are frozen); bounded below
-_ROLE_HINTS_MAX = 256
+_ROLE_HINTS: dict[str, TurnHints] = {}  # shared per role (hints are frozen), keyed by the role and by the value as
+_ROLE_HINTS_MAX = 256  # sent: one lookup, not a validation, per usual request; bounded (past it: validated each time)
 
 
 def _hints(extra: dict[str, Any]) -> TurnHints:
-    role = validate_role(extra[XARG_ROLE]) if extra.get(XARG_ROLE) else None
+    raw = extra.get(XARG_ROLE)
     ttl = extra.get(XARG_TTL)
     end = extra.get(XARG_END)
     if ttl is None and end is None:  # the usual request: no hint or a role only, one shared object per role
-        if role is None:
+        if not raw:
             return _NO_HINTS
-        hints = _ROLE_HINTS.get(role)
+        hints = _ROLE_HINTS.get(raw) if type(raw) is str else None
         if hints is None:
-            hints = TurnHints(role=role)
-            if len(_ROLE_HINTS) < _ROLE_HINTS_MAX:
-                _ROLE_HINTS[role] = hints
+            role = validate_role(raw)
+            hints = _ROLE_HINTS.get(role)
+            if hints is None:
+                hints = TurnHints(role=role)
+                if len(_ROLE_HINTS) < _ROLE_HINTS_MAX:
+                    _ROLE_HINTS[role] = hints
+            if type(raw) is str and len(_ROLE_HINTS) < _ROLE_HINTS_MAX:
+                _ROLE_HINTS[raw] = hints  # (a valid role is its own lower case: both keys give the same role)
         return hints
-    return TurnHints(role=role, ttl_s=validate_ttl(ttl) if ttl is not None else None,
+    return TurnHints(role=validate_role(raw) if raw else None, ttl_s=validate_ttl(ttl) if ttl is not None else None,
                      end=validate_end_flag(end) if end is not None else False)
 
 
@@ -73,7 +78,8 @@ def request_session(request: Any, known: Callable[[SessionKey], SessionKey | Non
     header decoded as Latin-1); the offline API sets `Request.session_id`. An invalid value reaching the engine some
     other way is treated as no session rather than crashing the engine. `known(key)` returns the key object of a
     session already seen (its id was validated then), which is returned instead of validating the id again."""
-    extra = _extra_args(request)
+    # `_extra_args` and `_tenant` written out: this runs for every request added, where each call frame counts
+    extra = getattr(getattr(request, "sampling_params", None), "extra_args", None) or {}
     raw_id = extra.get(XARG_SESSION_ID) or getattr(request, "session_id", None)
     try:
         hints = _hints(extra) if extra else _NO_HINTS
@@ -82,7 +88,9 @@ def request_session(request: Any, known: Callable[[SessionKey], SessionKey | Non
     if not raw_id:
         return None, hints
     salt = getattr(request, "cache_salt", None)
-    tenant = _tenant(extra)
+    tenant = extra.get(XARG_TENANT)
+    if type(tenant) is not str or not tenant:
+        tenant = None
     try:
         if known is not None and type(raw_id) is str and (seen := known(SessionKey(SessionId(raw_id), salt, tenant))):
             return seen, hints
@@ -115,8 +123,10 @@ def opaque_ranges(request: Any) -> tuple[tuple[int, int], ...]:
     embeddings (all of it). Empty for a text prompt (two attribute reads)."""
     if getattr(request, "prompt_embeds", None) is not None:
         return ((0, int(request.num_prompt_tokens)),)
-    return tuple((int(f.mm_position.offset), int(f.mm_position.offset) + int(f.mm_position.length))
-                 for f in getattr(request, "mm_features", None) or ())
+    features = getattr(request, "mm_features", None)
+    if not features:  # a text prompt: no generator and tuple built per request
+        return ()
+    return tuple((int(f.mm_position.offset), int(f.mm_position.offset) + int(f.mm_position.length)) for f in features)
 
 
 def computed_anchor(request: Any, hash_block_size: int) -> tuple[int, Any] | None:
@@ -172,6 +182,18 @@ def request_ran(request: Any) -> bool:
             or int(getattr(request, "num_preemptions", 0)) > 0)  # preempted mid-prefill, then aborted (review)
 
 
+_UNANSWERED: tuple[Any, ...] = ()  # vLLM's aborted and failed statuses, read once (an import per finished turn cost
+# more than the rest of this check)
+
+
+def _unanswered() -> tuple[Any, ...]:
+    from vllm.v1.request import RequestStatus
+
+    global _UNANSWERED
+    _UNANSWERED = (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
+    return _UNANSWERED
+
+
 def finished_normally(request: Any) -> bool:
     """False if vLLM finished the request aborted (the client went away or timed out) or failed (`Request.status`, a
     `RequestStatus`): the client got no answer, so a request repeating its prompt is likely its retry. True for every
@@ -179,10 +201,7 @@ def finished_normally(request: Any) -> bool:
     repeat is another user's or a new ask. A request without a status (a test's stand-in) counts as normal. Another
     user's identical prompt after an abort reads as the retry too: without a session field, API key or salt of its
     own nothing tells them apart (`kvsched.core.shared_turns`)."""
-    from vllm.v1.request import RequestStatus
-
-    status = getattr(request, "status", None)
-    return status not in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
+    return getattr(request, "status", None) not in (_UNANSWERED or _unanswered())
 
 
 def request_compacted(request: Any) -> bool:
