@@ -116,8 +116,9 @@ def desired_replicas(current: int, loads: Iterable[ReplicaLoad], targets: Autosc
 
 def held_while_unread(decision: ScaleDecision, current: int, unread: Sequence[str]) -> ScaleDecision:
     """`decision`, but no scale-down while live replicas' load is unknown (`unread`: their engine metrics unread now,
-    within the grace or past it, `ttft_histogram.FleetQuantile.unread`): the others' P95 and queues say nothing of theirs, and a replica whose
-    scrapes time out may be the busiest. A scale-up stands: the replicas that are read show the pressure."""
+    within the grace or past it, `ttft_histogram.FleetQuantile.unread`): the others' P95 and queues say nothing of
+    theirs, and a replica whose scrapes time out may be the busiest. A scale-up stands: the replicas that are read
+    show the pressure."""
     if not unread or decision.replicas >= current:
         return decision
     names = ", ".join(unread[:3]) + (" ..." if len(unread) > 3 else "")

@@ -15,19 +15,14 @@ from types import SimpleNamespace
 import pytest
 
 from kvsched.adapters.ray.autoscaling import UNSCRAPED_GAUGE, QueueTTFTPolicy
-from kvsched.adapters.ray.config import ConfigError, parse_config
+from kvsched.adapters.ray.config import parse_config
 from kvsched.adapters.ray.stats import ReplicaStats
 from kvsched.cli import main
-from kvsched.core.routing import RoutingConfigError
 from kvsched.core.routing_autoscale import AutoscaleTargets
 from kvsched.core.ttft_histogram import UNSCRAPED_GRACE_S
 from tests.ray.test_autoscaling_signals import fleet_ctx, reports
 from tests.ray.test_autoscaling_unscraped import failing_replica, with_unread
-
-
-def pool(**autoscaling: object) -> dict[str, object]:
-    return {"pools": [{"name": "w", "model": "/m", "autoscaling": {"min_replicas": 1, "max_replicas": 4,
-                                                                   **autoscaling}}]}
+from tests.ray.test_autoscaling_window import assert_config_error, assert_core_error, pool
 
 
 def test_the_grace_reaches_the_policy_and_the_engine_replicas() -> None:
@@ -99,16 +94,12 @@ BAD = [(0, "> 0"), (-5, "> 0"), (math.inf, "finite"), (math.nan, "finite"), (Tru
 
 @pytest.mark.parametrize(("value", "problem"), BAD)
 def test_a_bad_grace_is_a_config_error_naming_it(value: object, problem: str) -> None:
-    with pytest.raises(ConfigError) as exc:
-        parse_config(pool(unscraped_grace_s=value))
-    msg = str(exc.value)
-    assert msg.startswith("pools[0].autoscaling: ") and "unscraped_grace_s" in msg and problem in msg, msg
+    assert_config_error("unscraped_grace_s", value, problem)
 
 
 @pytest.mark.parametrize("value", [0, -1.0, math.inf, math.nan, True, "60"])
 def test_a_bad_grace_is_a_typed_error_in_the_core(value: object) -> None:
-    with pytest.raises(RoutingConfigError, match="unscraped_grace_s must be a finite number of seconds > 0"):
-        AutoscaleTargets(unscraped_grace_s=value)  # type: ignore[arg-type]
+    assert_core_error("unscraped_grace_s", value, "unscraped_grace_s must be a finite number of seconds > 0")
 
 
 def test_ray_serve_refuses_a_bad_grace_at_start_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,6 +18,20 @@ def pool(**autoscaling: object) -> dict[str, object]:
                                                                    **autoscaling}}]}
 
 
+def assert_config_error(setting: str, value: object, problem: str) -> None:
+    """A pool's `autoscaling: {setting: value}` is refused at parse, the message naming the setting and `problem`."""
+    with pytest.raises(ConfigError) as exc:
+        parse_config(pool(**{setting: value}))
+    msg = str(exc.value)
+    assert msg.startswith("pools[0].autoscaling: ") and setting in msg and problem in msg, msg
+
+
+def assert_core_error(setting: str, value: object, match: str) -> None:
+    """The core's targets refuse `setting=value` with a typed error matching `match`."""
+    with pytest.raises(RoutingConfigError, match=match):
+        AutoscaleTargets(**{setting: value})  # type: ignore[arg-type]
+
+
 def test_the_window_reaches_rays_autoscaling_config_and_the_policy() -> None:
     from kvsched.adapters.ray.app import engine_options
 
@@ -44,16 +58,12 @@ def test_kvsched_defaults_match_ray_serves() -> None:
 def test_a_bad_window_is_a_config_error_naming_it(value: object, problem: str) -> None:
     """A window no longer than Ray's push interval (10 s): Ray only warns (it "will raise an exception in a future
     release"), and the policy would decide on points up to a push old."""
-    with pytest.raises(ConfigError) as exc:
-        parse_config(pool(look_back_period_s=value))
-    msg = str(exc.value)
-    assert msg.startswith("pools[0].autoscaling: ") and "look_back_period_s" in msg and problem in msg, msg
+    assert_config_error("look_back_period_s", value, problem)
 
 
 @pytest.mark.parametrize("value", [0, -1.0, math.inf, math.nan, True, "30"])
 def test_a_bad_window_is_a_typed_error_in_the_core(value: object) -> None:
-    with pytest.raises(RoutingConfigError, match="look_back_period_s"):
-        AutoscaleTargets(look_back_period_s=value)  # type: ignore[arg-type]
+    assert_core_error("look_back_period_s", value, "look_back_period_s")
 
 
 def test_targets_built_in_code_are_held_to_rays_window_too() -> None:

@@ -99,13 +99,15 @@ def main() -> None:
                 for k, v in r["by_pin_event"].items():
                     ev[k][0] += v["requests"]
                     ev[k][1] += v["tokens"]
-        print(f"pressure {p}: {len(diffs)} seeds, kvsched - LRU mean {diffs.mean():+.0f} tokens (sd {diffs.std():.0f}), "
+        print(f"pressure {p}: {len(diffs)} seeds, kvsched - LRU mean {diffs.mean():+.0f} tokens "
+              f"(sd {diffs.std():.0f}), "
               f"above {int((diffs > 0).sum())}, below {int((diffs < 0).sum())}, equal {int((diffs == 0).sum())}, "
               f"worst {max(r['ratio'] for r in rows if r['pressure'] == p):.5f}; by pin event: "
               + ", ".join(f"{k} {n} requests {t:+d}" for k, (n, t) in sorted(ev.items())))
     if out:
         with open(out, "w") as f:
-            json.dump({"command": " ".join(["python", *sys.argv]), "variant": variants.V or None, "rows": rows}, f, indent=1)
+            json.dump({"command": " ".join(["python", *sys.argv]), "variant": variants.V or None, "rows": rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,23 @@ from tests.adapters.vllm.conftest import BLOCK, sched  # noqa: E402
 FIRST = [*range(100, 164), 500, 501, 502]  # the first prompt both users send: 4 full blocks and 3 tokens
 
 
-def test_a_recorded_shared_session_replays_with_the_engines_union_pin(harness_cfg, clock, tmp_path, monkeypatch):
-    """A and B send the same first prompt and get different answers (tokens 7 and 9): the engine pins both chains
-    (8 blocks). Before: the recording did not say B's turn joined the pin, so the replay pinned B's chain alone
-    (6 blocks) and A's answer went to the LRU there. Now B's line says `joins_pin` and the replay pins 8 blocks."""
+def recording(harness_cfg, clock, tmp_path, monkeypatch):
+    """A kvsched scheduler recording its traffic (`KVSCHED_RECORD`) and logging its pin actions: (scheduler, request
+    factory, its kvsched part, the pin log)."""
     monkeypatch.setenv(ENV_RECORD, str(tmp_path / "shared.jsonl"))
     monkeypatch.setenv("KVSCHED_PAYBACK_SAMPLING", "0")
     s, f = sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
     kp = s.kvsched
     kp.recorder.clock = clock
     kp.pins.log = engine = []
+    return s, f, kp, engine
+
+
+def test_a_recorded_shared_session_replays_with_the_engines_union_pin(harness_cfg, clock, tmp_path, monkeypatch):
+    """A and B send the same first prompt and get different answers (tokens 7 and 9): the engine pins both chains
+    (8 blocks). Before: the recording did not say B's turn joined the pin, so the replay pinned B's chain alone
+    (6 blocks) and A's answer went to the LRU there. Now B's line says `joins_pin` and the replay pins 8 blocks."""
+    s, f, kp, engine = recording(harness_cfg, clock, tmp_path, monkeypatch)
     for rid, token in (("a1", FAKE_TOKEN), ("b1", 9), ("c1", FAKE_TOKEN)):  # C's answer is A's: it adds nothing
         s.add_request(f.make(FIRST, 40, request_id=rid))
         while s.has_requests():
@@ -69,12 +76,7 @@ def test_a_recorded_continuation_of_one_answer_replays_with_the_engines_kept_ans
     """A, then B (answers 7 and 9: the union, 8 blocks), then A's next turn continuing A's answer: the engine pins B's
     chain (6 blocks) under a companion and A's turn's chain (7) under the session (`kvsched.core.shared_answers`);
     the replay of the recording pins the same, through the same core code, and so releases the same at the TTL."""
-    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "shared.jsonl"))
-    monkeypatch.setenv("KVSCHED_PAYBACK_SAMPLING", "0")
-    s, f = sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
-    kp = s.kvsched
-    kp.recorder.clock = clock
-    kp.pins.log = engine = []
+    s, f, kp, engine = recording(harness_cfg, clock, tmp_path, monkeypatch)
     tokens = {"b1": 9}
     a2 = [*FIRST, *[FAKE_TOKEN] * 40, 700, 701, 702, 703]
     for rid, prompt, n in (("a1", FIRST, 40), ("b1", FIRST, 40), ("a2", a2, 4)):
