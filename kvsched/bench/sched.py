@@ -302,14 +302,15 @@ def run(args: argparse.Namespace) -> int:
                                           named=not args.unnamed, tier=args.tier, with_output=args.with_output)
                 pinned = work["kvsched"].pop("pinned_sessions_at_end")
                 work["stock"].pop("pinned_sessions_at_end")
-                released += work["kvsched"].pop("turn_releases", 0)
+                turn_releases = work["kvsched"].pop("turn_releases", 0)
+                released += turn_releases
                 work["stock"].pop("turn_releases", 0)
                 same_load = same_load and _same_load(work["stock"], work["kvsched"], args.tier)
                 pairs.append(times)
                 print(f"{sessions} sessions, pair {r + 1}/{rounds}: kvsched/stock "
                       f"{statistics.fmean(times['kvsched']) / statistics.fmean(times['stock']):.3f} "
                       f"({work['kvsched']['finished_turns']} turns per side, {pinned} sessions pinned at the end, "
-                      f"kvsched released {work['kvsched'].get('turn_releases', 0)} pins a turn did not hit)",
+                      f"kvsched released {turn_releases} pins a turn did not hit)",
                       flush=True)
             results[str(sessions)] = summarize(pairs) | {"same_load": same_load, "pinned_sessions_at_end": pinned,
                                                          "kvsched_turn_releases_per_step": released / (rounds * steps)}
