@@ -1,12 +1,13 @@
 """Where kvsched's scheduler time goes on `kvsched bench sched`'s load: timers around its hooks for one round.
 
-    python tools/sched_hook_timers.py [SESSIONS] [STEPS]      (default 10000 sessions, 300 steps; kvsched side only)
+    python tools/sched_hook_timers.py [--with-output] [SESSIONS] [STEPS]   (default 10000 sessions, 300 steps;
+                                                                             kvsched side only)
 
 Wraps the hooks (and the policy, pin, lineage, payback and vLLM block-pool calls under them) with perf_counter timers
 and prints us per step and per call. Each wrapper adds ~0.3 us per call, so nested figures read a little high; the
 figures are a profile, not a benchmark: `kvsched bench sched` gives the ratio against stock. Used for BENCHMARKS.md's
 "The 10,000 tier: where its cost is" and for the payback ghost's per-turn costs (with KVSCHED_PAYBACK_SAMPLING=8 in
-the environment).
+the environment). `--with-output`: the bench's `--with-output` load (each prompt carries the last turn's answer).
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from typing import Any
 
 
 def main() -> int:
-    sessions = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
-    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 300
+    argv = [a for a in sys.argv[1:] if a != "--with-output"]
+    with_output = len(argv) < len(sys.argv) - 1
+    sessions = int(argv[0]) if argv else 10_000
+    steps = int(argv[1]) if len(argv) > 1 else 300
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     from kvsched.adapters.vllm import compat, session_lineage
     from kvsched.adapters.vllm.harness import KVSCHED_SCHEDULER
     from kvsched.bench.sched import _Round
     from kvsched.tiny_model import ensure_tiny_model
 
-    rnd = _Round(KVSCHED_SCHEDULER, ensure_tiny_model("test"), 1, sessions, True)
+    rnd = _Round(KVSCHED_SCHEDULER, ensure_tiny_model("test"), 1, sessions, True, with_output=with_output)
     pins = rnd.s.kvsched
     policy = pins.policy
     spent: dict[str, list[float]] = {}
@@ -104,8 +107,10 @@ def main() -> int:
     gc.callbacks.append(on_gc)
     total = sum(rnd.step() for _ in range(steps))
     turns = rnd.work["finished_turns"]
-    print(f"{sessions} sessions, {steps} steps, {turns} finished turns; timed step {total / steps * 1e6:.0f} us; "
-          f"{collections[0]} collections, {collections[1] / steps * 1e6:.1f} us/step")
+    released = rnd._turn_releases() - rnd._released_before
+    print(f"{sessions} sessions{' with output' if with_output else ''}, {steps} steps, {turns} finished turns; timed "
+          f"step {total / steps * 1e6:.0f} us; {collections[0]} collections, {collections[1] / steps * 1e6:.1f} us/step; "
+          f"{released} pins released at a turn's start ({released / steps:.2f}/step)")
     for label, (secs, calls) in spent.items():
         print(f"{label:36s} {secs / steps * 1e6:8.1f} us/step {calls:7d} calls "
               f"{secs / max(calls, 1) * 1e6:7.2f} us/call")

@@ -7,6 +7,9 @@ result, so pins, hits, finishes and new turns all happen at steady state. We tim
 hook finds the request's session there: found by review, it was untimed); building the requests and the fake model
 runner are outside the timed region. `--tier` runs the kvsched side with its FP8 tier at the default size, as `vllm
 serve --scheduler kvsched` does (its scheduler side: the copies into the tier are the workers' work, not run here).
+`--with-output`: the next turn's prompt also carries the finished turn's own output tokens (as its `Request` recorded
+them) before the tool result, as a chat or agent client sends the assistant's answer back; by default it does not
+(the gate's workload), so a turn never hits the output blocks of the pin its last turn left.
 
 Fairness (BENCH_PROTOCOL): each side runs in its own process (its own heap and garbage collector, so each pays for
 the collections its own allocations cause), and the two step in lockstep: stock's step i, then kvsched's step i (the
@@ -46,6 +49,7 @@ TIER_SESSIONS = 10_000
 TIER_BLOCKS = 240_000  # every prefix of the 10,000 sessions stays cached on both sides
 TIER_PIN_BUDGET = "0.2"  # of TIER_BLOCKS: ~48,000 blocks, fewer than the sessions' pins after their first turn
 SIDES = ("stock", "kvsched")
+WORK = ("scheduled_tokens", "finished_turns", "cached_prompt_tokens")  # what both sides of a pair must do alike
 
 
 def register(subparsers: Any) -> None:
@@ -64,6 +68,9 @@ def register(subparsers: Any) -> None:
                         "(block-hash lookups per request) instead of by its id")
     p.add_argument("--tier", action="store_true",
                    help="the kvsched side with its FP8 tier at the default size (as `vllm serve --scheduler kvsched`)")
+    p.add_argument("--with-output", action="store_true",
+                   help="each turn's prompt carries the previous turn's output tokens before the tool result, as a "
+                        "real client sends the answer back (default: history + tool result only, the gate's workload)")
     p.add_argument("--aa", action="store_true",
                    help="A/A check of the harness: stock vLLM on both sides (the ratio should be 1)")
     p.add_argument("--out", type=Path, default=None)
@@ -75,7 +82,7 @@ class _Round:
     in `schedule()` + `update_from_output()`; `work` counts tokens scheduled, turns finished and prompt tokens hit."""
 
     def __init__(self, scheduler_cls: str, model_dir: Path, seed: int, sessions: int = CONCURRENCY,
-                 named: bool = True, tier: bool = False) -> None:
+                 named: bool = True, tier: bool = False, with_output: bool = False) -> None:
         from vllm.utils.gc_utils import freeze_gc_heap
 
         from kvsched.adapters.vllm.harness import STOCK_SCHEDULER, HarnessConfig, RequestFactory, build_scheduler
@@ -97,9 +104,11 @@ class _Round:
         self.f = RequestFactory(cfg.block_size)
         self.rng = random.Random(seed)
         self.named = named
+        self.with_output = with_output
+        self.live: dict[str, Any] = {}  # with_output: request id -> its Request, to read its output tokens at its finish
         self.history: dict[str, list[int]] = {}
         self.owner: dict[str, str] = {}
-        self.work = {"scheduled_tokens": 0, "finished_turns": 0, "cached_prompt_tokens": 0}
+        self.work = dict.fromkeys(WORK, 0)
         self.added_s = 0.0  # time in the scheduler's add_request since the last step began
         self.idle = deque(f"s{i}" for i in range(CONCURRENCY, sessions))  # next turn: the longest-idle session
         for i in range(min(CONCURRENCY, sessions)):
@@ -108,6 +117,7 @@ class _Round:
             while self.work["finished_turns"] < sessions:
                 self.step()
             self.work = dict.fromkeys(self.work, 0)
+        self._released_before = self._turn_releases()
 
     def _new_turn(self, sid: str) -> None:
         rng = self.rng
@@ -118,6 +128,8 @@ class _Round:
         req = self.f.make(h, rng.randint(8, 32), session_id=sid if self.named else None,
                           xargs={"agent_role": rng.choice(["worker", "orch"])})
         self.owner[req.request_id] = sid
+        if self.with_output:
+            self.live[req.request_id] = req
         t = time.perf_counter()
         self.s.add_request(req)
         self.added_s += time.perf_counter() - t
@@ -146,22 +158,33 @@ class _Round:
                 if o.finish_reason is not None and o.request_id in self.owner:
                     self.work["finished_turns"] += 1
                     sid = self.owner.pop(o.request_id)
+                    if self.with_output:  # the answer goes back into its session's history, before the tool result
+                        self.history[sid].extend(self.live.pop(o.request_id).output_token_ids)
                     if self.idle:
                         self.idle.append(sid)
                         sid = self.idle.popleft()
                     self._new_turn(sid)
         return (t1 - t0) + (t3 - t2) + self.added_s
 
+    def _turn_releases(self) -> int:
+        """kvsched's pins released, whole or their tail, when the session's next turn started without hitting them
+        (0 on stock): what a prompt that leaves out the last turn's output costs kvsched at each turn."""
+        policy = getattr(getattr(self.s, "kvsched", None), "policy", None)
+        if policy is None:
+            return 0
+        return int(policy.counters["released_turn"] + policy.counters["released_turn_partial"])
+
     def close(self) -> dict[str, int]:
         policy = getattr(getattr(self.s, "kvsched", None), "policy", None)
         pinned = policy.pinned_sessions if policy is not None else 0
+        released = self._turn_releases() - self._released_before
         del self.s
         gc.unfreeze()
         if self._budget_env is None:
             os.environ.pop("KVSCHED_PIN_BUDGET_FRACTION", None)
         else:
             os.environ["KVSCHED_PIN_BUDGET_FRACTION"] = self._budget_env
-        return self.work | {"pinned_sessions_at_end": pinned}
+        return self.work | {"pinned_sessions_at_end": pinned, "turn_releases": released}
 
 
 def _worker(conn: Any, model_dir: Path, cpu: int | None = None) -> None:
@@ -172,7 +195,7 @@ def _worker(conn: Any, model_dir: Path, cpu: int | None = None) -> None:
     while True:
         cmd, arg = conn.recv()
         if cmd == "round":
-            rnd = _Round(arg[0], model_dir, arg[1], arg[2], arg[3], arg[4])
+            rnd = _Round(arg[0], model_dir, *arg[1:])  # (cls, seed, sessions, named, tier[, with_output])
             conn.send(None)
         elif cmd == "step":
             assert rnd is not None
@@ -186,11 +209,12 @@ def _worker(conn: Any, model_dir: Path, cpu: int | None = None) -> None:
 
 
 def _lockstep(conns: dict[str, Any], classes: dict[str, str], steps: int, seed: int, sessions: int = CONCURRENCY,
-              named: bool = True, tier: bool = False) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
+              named: bool = True, tier: bool = False,
+              with_output: bool = False) -> tuple[dict[str, list[float]], dict[str, dict[str, int]]]:
     """One pair of rounds on `seed`, side -> worker as `conns` says: the two sides take turns step by step (which
     goes first alternates), so that whatever else the machine is doing hits both alike; one side runs at a time."""
     for side, c in conns.items():
-        c.send(("round", (classes[side], seed, sessions, named, tier)))
+        c.send(("round", (classes[side], seed, sessions, named, tier) + ((True,) if with_output else ())))
     for c in conns.values():
         c.recv()
     times: dict[str, list[float]] = {side: [] for side in conns}
@@ -205,18 +229,19 @@ def _lockstep(conns: dict[str, Any], classes: dict[str, str], steps: int, seed: 
     return times, work
 
 
-def warm_up(placements: list[dict[str, Any]], classes: dict[str, str], named: bool = True, tier: bool = False) -> None:
+def warm_up(placements: list[dict[str, Any]], classes: dict[str, str], named: bool = True, tier: bool = False,
+            with_output: bool = False) -> None:
     """Untimed: a short pair on every placement, so each side has run in every process (imports, first calls,
     caches) before any timed step."""
     for conns in placements:
-        _lockstep(conns, classes, 50, seed=99, named=named, tier=tier)
+        _lockstep(conns, classes, 50, seed=99, named=named, tier=tier, with_output=with_output)
 
 
 def _same_load(stock: dict[str, int], kvsched: dict[str, int], tier: bool) -> bool:
     """Both sides did the same work. With the FP8 tier the kvsched side computes a little less: the tier restores the
     partial last blocks stock recomputes (~0.2% of the tokens here), so its tokens scheduled plus hit must match."""
     if not tier:
-        return stock == kvsched
+        return all(stock[k] == kvsched[k] for k in WORK)
     total = [w["scheduled_tokens"] + w["cached_prompt_tokens"] for w in (stock, kvsched)]
     return stock["finished_turns"] == kvsched["finished_turns"] and total[0] == total[1]
 
@@ -268,22 +293,27 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("kvsched bench sched: --sessions must be positive")
     results: dict[str, Any] = {}
     try:
-        warm_up(placements, classes, named=not args.unnamed, tier=args.tier)
+        warm_up(placements, classes, named=not args.unnamed, tier=args.tier, with_output=args.with_output)
         for sessions in tiers:
             pairs: list[dict[str, list[float]]] = []
-            same_load, pinned = True, 0
+            same_load, pinned, released = True, 0, 0
             for r in range(rounds):
                 times, work = _lockstep(placements[r % 2], classes, steps, seed=r, sessions=sessions,
-                                          named=not args.unnamed, tier=args.tier)
+                                          named=not args.unnamed, tier=args.tier, with_output=args.with_output)
                 pinned = work["kvsched"].pop("pinned_sessions_at_end")
                 work["stock"].pop("pinned_sessions_at_end")
+                turn_releases = work["kvsched"].pop("turn_releases", 0)
+                released += turn_releases
+                work["stock"].pop("turn_releases", 0)
                 same_load = same_load and _same_load(work["stock"], work["kvsched"], args.tier)
                 pairs.append(times)
                 print(f"{sessions} sessions, pair {r + 1}/{rounds}: kvsched/stock "
                       f"{statistics.fmean(times['kvsched']) / statistics.fmean(times['stock']):.3f} "
-                      f"({work['kvsched']['finished_turns']} turns per side, {pinned} sessions pinned at the end)",
+                      f"({work['kvsched']['finished_turns']} turns per side, {pinned} sessions pinned at the end, "
+                      f"kvsched released {turn_releases} pins a turn did not hit)",
                       flush=True)
-            results[str(sessions)] = summarize(pairs) | {"same_load": same_load, "pinned_sessions_at_end": pinned}
+            results[str(sessions)] = summarize(pairs) | {"same_load": same_load, "pinned_sessions_at_end": pinned,
+                                                         "kvsched_turn_releases_per_step": released / (rounds * steps)}
     finally:
         for c in workers:
             with contextlib.suppress(OSError):  # a worker that died already
@@ -295,7 +325,10 @@ def run(args: argparse.Namespace) -> int:
     same_load = all(r["same_load"] for r in results.values())
     result["config"] = {"concurrency": CONCURRENCY, "sessions": tiers, "steps_per_round": steps, "rounds": rounds,
                         "cpu": cpu, "aa_check": args.aa, "kvsched_side": classes["kvsched"], "unnamed": args.unnamed,
-                        "fp8_tier": args.tier, "timed": "schedule + update_from_output + add_request of new turns",
+                        "fp8_tier": args.tier, "with_output": args.with_output,
+                        "workload": "next prompt: history + the turn's output tokens + tool result" if args.with_output
+                        else "next prompt: history + tool result (the turn's output not sent back; the gate's)",
+                        "timed": "schedule + update_from_output + add_request of new turns",
                         "tier_blocks": TIER_BLOCKS, "tier_pin_budget_fraction": float(TIER_PIN_BUDGET),
                         "order": "two processes, sides swapped every pair; a pair's rounds run in lockstep, one step "
                                  "each in turn, which side goes first alternating by step",
