@@ -98,6 +98,23 @@ def test_a_returned_users_own_session_decides_how_long_its_answer_stays_pinned(h
     assert not pool_violations(s)
 
 
+def test_the_listing_says_a_companion_is_one_and_a_delete_of_the_id_ends_it(harness_cfg, clock):
+    """`GET /kvsched/sessions` (the engine's `list`) shows the companion as branch -1 with `companion: true` (before:
+    nothing but the negative branch told it from a session); `DELETE /kvsched/sessions/{id}` (`end`) ends it with
+    the session: its record, its pin (B's answer blocks unpinned) and its answers' bookkeeping go."""
+    s, u, key, rec, held = _union(clock, harness_cfg)
+    kp = s.kvsched
+    u.send("a2", [*FIRST, *[FAKE_TOKEN] * 40, *MESSAGE], 4)
+    rows = {r["branch"]: r for r in s("list")["sessions"]}
+    sid = str(key.session_id)
+    assert {b: (r["session_id"], r["companion"], r["inferred"]) for b, r in rows.items()} == {
+        0: (sid, False, True), -1: (sid, True, True)}
+    assert rows[-1]["pinned_blocks"] == 6
+    assert s("end", sid) == {"ended": 2}
+    assert not kp.policy.sessions and not kp.pinned and not kp.block_refs and not kp.pins.others.chains
+    assert not pool_violations(s)
+
+
 def test_an_answer_nobody_continued_goes_at_the_unions_ttl_as_an_unreturned_pin_does(harness_cfg, clock):
     """The union's TTL (30 s from B's first turn) passes 20 s after A's next turn: B's answer is released then, as a
     TTL release (2 blocks freed; the prompt stays, A's pin holds it), while A's pin runs on to its own TTL. A flood
