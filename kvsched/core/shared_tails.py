@@ -10,6 +10,9 @@ oldest going first; they go when a turn that did not repeat the last prompt fini
 sharing is over; the other answers' tails pass to the companion session that keeps their blocks, `hand_over`) or the
 session ends. A companion is worth nothing to the tier's value order (`PinApplier.tier_value`
 values sessions only), so under pressure its tail yields first; by recency it is as old as the turn that kept it.
+A handed-over tail leaves when its answer leaves the companion session (its user is back: `keep_after`). The
+simulator, whose tokens are synthetic, finds a tail through its owners (`tail_after`), the handed-over ones by the
+full block they follow: the returning user's turn is a session of its own, and the engine loads the tail for it.
 """
 
 from __future__ import annotations
