@@ -164,15 +164,19 @@ class PinApplier(Generic[B]):
 
     def _answers_returned(self, groups: list[list[B]]) -> None:
         """A finished turn holds whole answers companions keep (`kvsched.core.shared_answers`): they leave them, with
-        their partial last blocks in the tier; a companion keeping none ends."""
+        their partial last blocks in the tier; a companion keeping none ends (its tier blocks go too: the user's own
+        session holds the answer now)."""
         keys = self.pool.cached_keys
         for to, back in self.others.returned([keys(g) for g in groups]).items():
             decisions, pending = self.others.leave(self.policy, to, back, self.pinned.get(to, []), keys,
                                                    self.block_size)
             self.apply(decisions, pending)
-            if self.directory is not None:
-                left = self.pinned.get(to)
-                self.tails.keep_after(self.directory, to, {k for k, _ in keys(left[0])} if left else set())
+            left = self.pinned.get(to)
+            if left:
+                if self.directory is not None:
+                    self.tails.keep_after(self.directory, to, {k for k, _ in keys(left[0])})
+            else:  # it ended: its tier blocks (demoted by an earlier pressure release) and tails go, as an end's
+                self.drop_tier(to)
 
     def drop_tier(self, key: SessionKey) -> None:
         """The session ended: its tier blocks and tails go, the tails kept beside its own too (`SharedTails`)."""
