@@ -151,6 +151,8 @@ class PinApplier(Generic[B]):
             to, held = kept.popitem()
             parents = {k for k, _ in self.pool.cached_keys(held[0])} - {k for k, _ in self.pool.cached_keys(groups[0])}
             self.tails.hand_over(self.directory, key, to, parents)
+        if self.others.chains:  # a user back on an answer a companion kept: it leaves the companion
+            self._answers_returned(groups)
         if rec is not None and (joined or rec.union_pin) and not rec.kept_over:  # (a side turn left the pin as it was)
             rec.union_pin = joined and key in self.joined and key in self.pinned
             if not rec.union_pin:
@@ -159,6 +161,22 @@ class PinApplier(Generic[B]):
             self.drop_tier(key)
         elif self.directory is not None and (joined or key in self.tails.kept):  # before the turn's tail is saved
             self.tails.turn_finished(self.directory, key, joined, other)
+
+    def _answers_returned(self, groups: list[list[B]]) -> None:
+        """A finished turn holds whole answers companions keep (`kvsched.core.shared_answers`): they leave them, with
+        their partial last blocks in the tier; a companion keeping none ends (its tier blocks go too: the user's own
+        session holds the answer now)."""
+        keys = self.pool.cached_keys
+        for to, back in self.others.returned([keys(g) for g in groups]).items():
+            decisions, pending = self.others.leave(self.policy, to, back, self.pinned.get(to, []), keys,
+                                                   self.block_size)
+            self.apply(decisions, pending)
+            left = self.pinned.get(to)
+            if left:
+                if self.directory is not None:
+                    self.tails.keep_after(self.directory, to, {k for k, _ in keys(left[0])})
+            else:  # it ended: its tier blocks (demoted by an earlier pressure release) and tails go, as an end's
+                self.drop_tier(to)
 
     def drop_tier(self, key: SessionKey) -> None:
         """The session ended: its tier blocks and tails go, the tails kept beside its own too (`SharedTails`)."""
@@ -319,6 +337,7 @@ class PinApplier(Generic[B]):
         if blocks is None or blocks >= total:
             del self.pinned[key]
             self.joined.forget(key)
+            self.others.forget(key)
             for g in groups:
                 released.extend(reversed(g))
             if self.on_dropped is not None:

@@ -123,6 +123,9 @@ class SessionView:
     active_requests: int
     branch: int = 0
     inferred: bool = False
+    # A shared inferred session's companion (a negative branch): the answers a turn continuing one of them did not
+    # continue, kept for their users until they come back or the union's TTL (`kvsched.core.shared_answers`)
+    companion: bool = False
 
 
 def view_of(r: SessionRecord, now: float) -> SessionView:
@@ -131,5 +134,5 @@ def view_of(r: SessionRecord, now: float) -> SessionView:
         pinned_blocks=r.pinned_blocks, pinned_tokens=r.pinned_tokens,
         idle_s=0.0 if r.last_finished is None or r.active_requests else max(now - r.last_finished, 0.0),
         ttl_s=r.ttl_s, turns=r.turns, hits=r.hits, hit_tokens=r.hit_tokens, active_requests=r.active_requests,
-        branch=r.key.branch, inferred=r.key.inferred,
+        branch=r.key.branch, inferred=r.key.inferred, companion=r.key.branch < 0,
     )

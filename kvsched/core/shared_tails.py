@@ -10,6 +10,9 @@ oldest going first; they go when a turn that did not repeat the last prompt fini
 sharing is over; the other answers' tails pass to the companion session that keeps their blocks, `hand_over`) or the
 session ends. A companion is worth nothing to the tier's value order (`PinApplier.tier_value`
 values sessions only), so under pressure its tail yields first; by recency it is as old as the turn that kept it.
+A handed-over tail leaves when its answer leaves the companion session (its user is back: `keep_after`). The
+simulator, whose tokens are synthetic, finds a tail through its owners (`tail_after`), the handed-over ones by the
+full block they follow: the returning user's turn is a session of its own, and the engine loads the tail for it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class SharedTails:
         self.max_sessions = max_sessions
         self.kept: OrderedDict[Hashable, list[TailOwner]] = OrderedDict()
         self._ids = itertools.count(1)
+        # The owners `hand_over` made, by the full block their tail follows: another user's answer a companion session
+        # keeps, which that user's next turn (a session of its own) loads (`tail_after`)
+        self._handed: dict[Hashable, list[TailOwner]] = {}
+        self._parent: dict[TailOwner, Hashable] = {}
 
     def turn_finished(self, directory: TierDirectory, key: Hashable, repeated: bool, other: bool = True) -> None:
         """A turn of `key` finished, before its own tail is saved: one that `repeated` the shared last prompt with
@@ -81,9 +88,24 @@ class SharedTails:
             owner = TailOwner(to, next(self._ids))
             if directory.share_tail(o, owner):
                 owners.append(owner)
+                self._handed.setdefault(tail.parent, []).append(owner)
+                self._parent[owner] = tail.parent
         self.release(directory, key)
         if owners:
             self._keep(directory, to, owners)
+
+    def keep_after(self, directory: TierDirectory, to: Hashable, parents: set[Hashable]) -> None:
+        """Answers left the companion session `to` (their users came back): its tails after blocks not in `parents`
+        (the full blocks it still pins) go with them; all of them when it pins none."""
+        owners = self.kept.get(to)
+        if owners is None:
+            return
+        gone = [o for o in owners if (t := directory.tail_of.get(o)) is None or t.parent not in parents]
+        for owner in gone:
+            owners.remove(owner)
+            self._drop(directory, owner)
+        if not owners:
+            del self.kept[to]
 
     def _keep(self, directory: TierDirectory, key: Hashable, owners: list[TailOwner]) -> None:
         self.kept[key] = owners
@@ -94,11 +116,22 @@ class SharedTails:
     def release(self, directory: TierDirectory, key: Hashable) -> None:
         """The sharing ended (or the session did): the companions' tails leave the tier unless others hold them."""
         for owner in self.kept.pop(key, ()):
-            directory.drop_owner(owner)
+            self._drop(directory, owner)
+
+    def _drop(self, directory: TierDirectory, owner: TailOwner) -> None:
+        directory.drop_owner(owner)
+        parent = self._parent.pop(owner, None)
+        if parent is not None:
+            handed = self._handed[parent]
+            handed.remove(owner)
+            if not handed:
+                del self._handed[parent]
 
     def tail_after(self, directory: TierDirectory, key: Hashable, parent: Hashable) -> TailKey | None:
-        """The tail (`TailKey`) the session or one of its companions holds after the full block `parent`."""
-        for owner in (key, *self.kept.get(key, ())):
+        """The tail (`TailKey`) the session or one of its companions holds after the full block `parent`, else one a
+        companion session keeps there for another answer's user (`hand_over`): the one the engine, which matches a
+        tail by its parent and tokens whoever owns it, loads for that user's next turn, a session of its own."""
+        for owner in (key, *self.kept.get(key, ()), *self._handed.get(parent, ())):
             tail = directory.tail_of.get(owner)
             if tail is not None and tail.parent == parent:
                 return tail

@@ -90,6 +90,52 @@ def test_a_continuation_keeps_only_the_answers_it_did_not_continue_and_nothing_w
     assert list(e.pins.pinned) == [a1[0]] and e.held() == set(b2_chain)
 
 
+def test_an_answer_leaves_the_companion_when_its_user_is_back_and_the_companion_ends_with_the_last(clock):
+    """A continued; the companion keeps B's and C's chains. B's next turn (a session of its own) hits B's answer and
+    pins its chain. Before: the companion held B's answer on to the union's TTL, counted in the budget and the release
+    order. Now B's answer leaves it at that finish (the companion keeps C's chain, its count C's blocks), and C's
+    return ends it, record and all."""
+    e = Engine(clock)
+    a1 = e.arrive(FIRST)
+    e.finish(a1, A_ANSWER)
+    b_chain = e.finish(e.arrive(FIRST), B_ANSWER)
+    c_chain = e.finish(e.arrive(FIRST), C_ANSWER)
+    e.finish(e.arrive([*FIRST, *A_ANSWER, 70, 71, 72]), [73, 74])
+    other = a1[0]._replace(branch=-1)
+    assert e.pins.pinned[other] == [[*b_chain, *c_chain[3:]]]
+    b2 = e.arrive([*FIRST, *B_ANSWER, 110, 111, 112])
+    assert b2[0] != a1[0]
+    e.finish(b2, [113, 114])
+    rec = e.policy.sessions[other]
+    assert e.pins.pinned[other] == [c_chain] and rec.pinned_blocks == len(c_chain) and rec.pinned_tokens == 20
+    assert e.policy.pinned_blocks_total == sum(r.pinned_blocks for r in e.policy.sessions.values())
+    e.finish(e.arrive([*FIRST, *C_ANSWER, 120, 121, 122]), [123, 124])
+    assert other not in e.pins.pinned and other not in e.policy.sessions and not e.pins.others.chains
+    assert e.policy.counters["shared_answers_returned"] == 2 and e.policy.counters["released_turn"] == 1
+    assert e.policy.pinned_blocks_total == sum(r.pinned_blocks for r in e.policy.sessions.values())
+
+
+def test_a_companion_ended_by_its_users_return_lets_its_tier_blocks_go(clock):
+    """Pressure took B's answer from the companion into the FP8 tier (2 blocks under the companion's owner). B's next
+    turn recomputes them and pins its chain: the companion, keeping no answer now, ends. Before the end dropped its
+    tier blocks too, they stayed owned by a session no longer tracked (worth nothing to the value order, but held
+    until evicted); now they go as an ended session's do."""
+    from kvsched.core.tier import TierConfig, TierDirectory
+
+    e = Engine(clock)
+    directory = TierDirectory(TierConfig(budget_bytes=10 * 1024), 1024, lambda owner: 0.0)
+    e.pins.attach_tier(directory, lambda key, blocks: len(directory.demote(key, blocks)))
+    a1 = e.arrive(FIRST)
+    e.finish(a1, A_ANSWER)
+    b_chain = e.finish(e.arrive(FIRST), B_ANSWER)
+    e.finish(e.arrive([*FIRST, *A_ANSWER, 70, 71, 72]), [73, 74])
+    other = a1[0]._replace(branch=-1)
+    e.pins.apply(e.policy.release_for_pressure(2, exclude=[a1[0]]))
+    assert directory.keys_of[other] == [f"k{b}" for b in b_chain[3:]] and e.pins.pinned[other] == [b_chain[:3]]
+    e.finish(e.arrive([*FIRST, *B_ANSWER, 110, 111, 112]), [113, 114])
+    assert other not in e.policy.sessions and other not in e.pins.pinned and other not in directory.keys_of
+
+
 def test_a_shared_pin_keeps_at_most_its_cap_of_answers_the_oldest_added_leaves_first(clock):
     """Cap 2: A, B, then C. Before: the pin held all three answers (bounded by the pin budget only). Now A's answer
     leaves; the prompt stays, and the policy's count is what the pin holds."""

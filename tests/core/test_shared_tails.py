@@ -79,3 +79,22 @@ def test_the_sessions_kept_are_bounded_the_least_recently_kept_first():
         d.put_tail(s, f"{s}-b", (3, 4), block_id=2)
     assert list(tails.kept) == ["s2", "s3"] and sorted(t.parent for t in d.tail_of.values()) == [
         "s1-b", "s2-a", "s2-b", "s3-a", "s3-b"]
+
+
+def test_a_returning_users_own_session_finds_the_tail_a_companion_keeps_and_a_return_lets_it_go():
+    """After the hand-over, B's next turn is a session of its own ("b2"). Before: `tail_after` looked through that
+    session and its own companions only, so the simulator recomputed B's partial block, which the engine (matching a
+    tail by its parent and tokens, whoever owns it) loads. Now the companion's tails are found by their parent. When
+    B's answer leaves the companion (`keep_after`: its full blocks no longer pinned there), its tail goes; C's stays
+    until C's does."""
+    d, tails = directory(), SharedTails(cap=4)
+    answer(d, tails, 1, repeated=False)
+    answer(d, tails, 2)
+    answer(d, tails, 3)
+    tails.hand_over(d, S, "to", {"block-2", "block-3"})
+    d.put_tail(S, "block-5", (5, 6), block_id=5)  # A's next turn's own tail
+    assert tails.tail_after(d, "b2", "block-2").tokens == (2, 3) and tails.tail_after(d, "b2", "block-9") is None
+    tails.keep_after(d, "to", {"block-3"})
+    assert held(d) == {3, 5} and tails.tail_after(d, "b2", "block-2") is None and len(tails.kept["to"]) == 1
+    tails.keep_after(d, "to", set())
+    assert held(d) == {5} and "to" not in tails.kept and not tails._handed and not tails._parent

@@ -65,13 +65,54 @@ def test_a_continuation_of_one_answer_leaves_the_other_pinned_for_its_user(harne
     clock.advance(10.0)
     assert u.send("a2", [*FIRST, *[FAKE_TOKEN] * 40, *MESSAGE], 4) == {"a2": 96}
     u.flood()
-    assert u.send("b2", [*FIRST, *[9] * 40, *MESSAGE], 4) == {"b2": 96}  # before: 64
     other = key._replace(branch=-1)
     assert [b.block_id for b in kp.pinned[other][0]] == [*held[:4], *held[6:]]  # B's chain: prompt and answer
     assert [b.block_id for b in kp.pinned[key][0]][:6] == held[:6] and not rec.union_pin
     assert kp.stats()["released_ttl"] == 0 and kp.policy.counters["shared_answers_kept"] == 1
-    assert len(kp.policy.sessions) == 3  # the session, its companion, and B's next turn's session of its own
     assert not pool_violations(s)  # references, free queue, the policy's counts, each pin a prefix in order
+    assert u.send("b2", [*FIRST, *[9] * 40, *MESSAGE], 4) == {"b2": 96}  # before: 64
+    # B is back: its own session pins its chain, and the companion, keeping no other answer, ends with its record
+    [b2] = [k for k in kp.policy.sessions if k not in (key, other)]
+    assert [b.block_id for b in kp.pinned[b2][0]][:6] == [*held[:4], *held[6:]] and other not in kp.pinned
+    assert other not in kp.policy.sessions and kp.policy.counters["shared_answers_returned"] == 1
+    assert not pool_violations(s)
+
+
+@pytest.mark.parametrize("hint", [{"session_end": 1}, {"ttl_s": 2}])
+def test_a_returned_users_own_session_decides_how_long_its_answer_stays_pinned(harness_cfg, clock, hint):
+    """B comes back and hits its answer from the companion, but its turn ends its session, or pins for 2 s only.
+    Before: the companion held B's answer on to the union's TTL (30 s from B's first turn), a session record counted
+    in the release order and the budget: after B's end, or B's pin's TTL, B's answer blocks were still pinned (and
+    the companion listed). Now the answer left the companion at B's turn's finish: B's own session's rule holds."""
+    s, u, key, rec, held = _union(clock, harness_cfg)
+    kp = s.kvsched
+    clock.advance(10.0)
+    u.send("a2", [*FIRST, *[FAKE_TOKEN] * 40, *MESSAGE], 4)
+    other = key._replace(branch=-1)
+    assert set(held[6:]) <= set(kp.block_refs) and other in kp.policy.sessions
+    assert u.send("b2", [*FIRST, *[9] * 40, *MESSAGE], 4, xargs=hint) == {"b2": 96}
+    clock.advance(3.0)
+    step(s)  # expires B's own 2 s pin
+    assert not set(held[6:]) & set(kp.block_refs)  # before: held by the companion until the union's TTL
+    assert not [k for k in kp.policy.sessions if k.branch < 0] and other not in kp.pinned
+    assert not pool_violations(s)
+
+
+def test_the_listing_says_a_companion_is_one_and_a_delete_of_the_id_ends_it(harness_cfg, clock):
+    """`GET /kvsched/sessions` (the engine's `list`) shows the companion as branch -1 with `companion: true` (before:
+    nothing but the negative branch told it from a session); `DELETE /kvsched/sessions/{id}` (`end`) ends it with
+    the session: its record, its pin (B's answer blocks unpinned) and its answers' bookkeeping go."""
+    s, u, key, rec, held = _union(clock, harness_cfg)
+    kp = s.kvsched
+    u.send("a2", [*FIRST, *[FAKE_TOKEN] * 40, *MESSAGE], 4)
+    rows = {r["branch"]: r for r in s("list")["sessions"]}
+    sid = str(key.session_id)
+    assert {b: (r["session_id"], r["companion"], r["inferred"]) for b, r in rows.items()} == {
+        0: (sid, False, True), -1: (sid, True, True)}
+    assert rows[-1]["pinned_blocks"] == 6
+    assert s("end", sid) == {"ended": 2}
+    assert not kp.policy.sessions and not kp.pinned and not kp.block_refs and not kp.pins.others.chains
+    assert not pool_violations(s)
 
 
 def test_an_answer_nobody_continued_goes_at_the_unions_ttl_as_an_unreturned_pin_does(harness_cfg, clock):
@@ -137,7 +178,8 @@ def test_with_the_tier_the_other_answers_partial_last_block_stays_with_its_chain
     clock.advance(10.0)
     assert u.send("a2", [*FIRST, *[FAKE_TOKEN] * 40, *MESSAGE], 4) == {"a2": 106}
     u.flood()
-    assert u.send("b2", [*FIRST, *[9] * 40, *MESSAGE], 4) == {"b2": 106}  # before: 96
     other = key._replace(branch=-1)
     assert [set(kp.tier.directory.tail_of[o].tokens) for o in kp.pins.tails.kept[other]] == [{9}]
+    assert u.send("b2", [*FIRST, *[9] * 40, *MESSAGE], 4) == {"b2": 106}  # before: 96
     assert kp.tier.stats["restored_tail_tokens"] == 20
+    assert other not in kp.pins.tails.kept  # B is back: its answer's partial block left the companion with its chain

@@ -95,13 +95,14 @@ def test_a_recorded_continuation_of_one_answer_replays_with_the_engines_kept_ans
     assert [(a.op, a.blocks) for a in sim.applied if a.op in ("pin", "release")][:4] == pins
 
 
-def test_with_the_tier_the_replay_pins_as_the_engine_and_restores_the_partial_blocks_of_the_session_only(
-        harness_cfg, clock, tmp_path, monkeypatch):
-    """The same three turns with the FP8 tier, then B's next turn (a session of its own): pins identical in the engine
-    and the replay. Partial last blocks: the engine loads A's (kept beside while shared) and B's (kept by the
-    companion, `SharedTails.hand_over`), 20 tokens; the replay, whose tokens are synthetic, finds a partial block
-    through the request's own session only (`SharedTails.tail_after`), so B's, held under the companion of another
-    session, is recomputed there: 10 tokens fewer, the simulator's side of caution."""
+def test_with_the_tier_the_replay_pins_and_restores_partial_blocks_as_the_engine(harness_cfg, clock, tmp_path,
+                                                                                  monkeypatch):
+    """The same three turns with the FP8 tier, then B's next turn (a session of its own): pins and releases identical
+    in the engine and the replay (B's turn's finish ends the companion: its answer is back). Partial last blocks: the
+    engine loads A's (kept beside while shared) and B's (kept by the companion, `SharedTails.hand_over`), 20 tokens.
+    Before: the replay, whose tokens are synthetic, found a partial block through the request's own session only, so
+    B's, under another session's companion, was recomputed there (10). Now it also finds the tails a companion keeps
+    after the prompt's last full block (`SharedTails.tail_after`), as the engine matches a tail whoever owns it."""
     from kvsched.adapters.vllm.fp8_tier_connector import kv_transfer_config
 
     monkeypatch.setenv(ENV_RECORD, str(tmp_path / "shared.jsonl"))
@@ -129,4 +130,5 @@ def test_with_the_tier_the_replay_pins_as_the_engine_and_restores_the_partial_bl
     sim = replay(trace, "kvsched", cfg)
     assert [(a.op, a.blocks) for a in sim.applied] == [(a.op, a.blocks) for a in engine]
     assert [a.blocks for a in engine if a.op == "pin"] == [6, 8, 6, 7, 7]
-    assert (sim.hit_tokens, sim.restored_tokens) == (256, 10) and kp.tier.stats["restored_tail_tokens"] == 20
+    assert [(a.op, a.reason, a.blocks) for a in engine][-1] == ("release", "turn", 6)  # the companion, B back
+    assert (sim.hit_tokens, sim.restored_tokens) == (256, 20) and kp.tier.stats["restored_tail_tokens"] == 20
