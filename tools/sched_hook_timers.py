@@ -109,7 +109,8 @@ def main() -> int:
     turns = rnd.work["finished_turns"]
     released = rnd._turn_releases() - rnd._released_before
     print(f"{sessions} sessions{' with output' if with_output else ''}, {steps} steps, {turns} finished turns; timed "
-          f"step {total / steps * 1e6:.0f} us; {collections[0]} collections, {collections[1] / steps * 1e6:.1f} us/step; "
+          f"step {total / steps * 1e6:.0f} us; {collections[0]} collections, "
+          f"{collections[1] / steps * 1e6:.1f} us/step; "
           f"{released} pins released at a turn's start ({released / steps:.2f}/step)")
     for label, (secs, calls) in spent.items():
         print(f"{label:36s} {secs / steps * 1e6:8.1f} us/step {calls:7d} calls "

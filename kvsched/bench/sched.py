@@ -105,7 +105,8 @@ class _Round:
         self.rng = random.Random(seed)
         self.named = named
         self.with_output = with_output
-        self.live: dict[str, Any] = {}  # with_output: request id -> its Request, to read its output tokens at its finish
+        # with_output: request id -> its Request, to read its output tokens at its finish
+        self.live: dict[str, Any] = {}
         self.history: dict[str, list[int]] = {}
         self.owner: dict[str, str] = {}
         self.work = dict.fromkeys(WORK, 0)

@@ -81,7 +81,8 @@ class OtherAnswers:
         return (dataclasses.replace(rec), out, others, new) if beyond else None
 
     def keep(self, policy: RetentionPolicy, union: SessionRecord, groups: list[list[B]], chains: Chains,
-             turn: list[frozenset[Hashable]], block_size: int) -> tuple[list[Decision], dict[SessionKey, list[list[B]]]]:
+             turn: list[frozenset[Hashable]], block_size: int
+             ) -> tuple[list[Decision], dict[SessionKey, list[list[B]]]]:
         """Pin `groups` under a new companion of the session whose union record was `union` (`split`): the decision
         and the blocks to apply. The record is the policy's own (`_new_record`: its activity order, which the owner
         index reads, and its table bound), given the union's history and expiry."""
