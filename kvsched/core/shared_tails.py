@@ -71,7 +71,7 @@ class SharedTails:
             return
         owners.append(owner)
         while len(owners) > self.cap - 1:
-            directory.drop_owner(owners.pop(0))
+            self._drop(directory, owners.pop(0))
         self._keep(directory, key, owners)
 
     def hand_over(self, directory: TierDirectory, key: Hashable, to: Hashable, parents: set[Hashable]) -> None:
