@@ -85,6 +85,8 @@ def test_a_companion_of_two_answers_lets_the_returning_users_go_and_keeps_the_ot
     rec = kp.policy.sessions[other]
     assert [x.block_id for x in kp.pinned[other][0]] == [*p, *c] and rec.pinned_blocks == 6
     assert rec.pinned_tokens == 6 * 16 and kp.policy.counters["shared_answers_returned"] == 1
+    [row] = [r for r in s("list")["sessions"] if r["companion"]]  # what `GET /kvsched/sessions` shows of it
+    assert (row["branch"], row["pinned_blocks"]) == (-1, 6)
     assert not pool_violations(s)
     u.flood()
     assert set(c) <= set(kp.block_refs)  # C's answer stays pinned for C through the flood
