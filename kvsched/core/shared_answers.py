@@ -18,6 +18,20 @@ when it keeps none. Found by review: the companion held the answer on until the 
 in the release order and the budget for blocks the user's own pin held, and after that pin's release (its TTL, its
 end) kept them pinned longer than the user's own session would. Whether the user's own turn pinned them is its
 session's business: the companion kept them for a user who had not come back.
+
+Order: a pin of several answers cannot be one prefix in position order (two blocks sit at each position past the
+prompt). The companion's is the union pin's order filtered: the shared prompt, then each answer's own blocks in the
+order they were pinned (the order the answers came), each answer's blocks a prefix of its chain in position order
+(`JoinedPins.join` appends an answer's blocks that the pin lacks, in position order, after the others; a block's
+parent is in the pin before it). All that reads the order takes the tail first: a pressure or budget release, the
+pool's free order (`PinApplier.unpin`), the tier's demotion run and its eviction. So what any release leaves of each
+answer is a prefix of its chain: never a hole (a block given back while a later block of its answer stays pinned,
+useless: a hit runs from block 0). The newest answer goes first, whole, before an older one loses a block: nothing
+tells the users apart but the order they asked in, and at one expected gap after each ask the newest answer's user
+is the last due (the pins' value order by time to next use; the cap's oldest-first bounds how many distinct answers
+a popular prompt pins, it values nothing). Interleaving the answers by position would cost each user a block where
+this costs one user its answer: the same tokens. tests/core/test_shared_answers_order.py; on vLLM's pool, the
+block-pool invariants (tests/adapters/vllm/pool_invariants.py).
 """
 
 from __future__ import annotations

@@ -50,23 +50,47 @@ def pool_violations(s: Any) -> list[str]:
 
 def position_violations(s: Any) -> list[str]:
     """Each pin group's blocks are distinct, cached, and the i-th is cached for prefix position start + i: start 0 but
-    for a sliding-window group (its window's first block)."""
+    for a sliding-window group (its window's first block). A pin of several answers (a shared session's union pin, a
+    companion keeping several: `kvsched.core.shared_turns`, `shared_answers`) holds a tree, not one prefix: each
+    answer's blocks in it, in the pin's order, are a prefix of that answer's chain (positions start, start + 1, ...:
+    no hole, which a tail-first release would otherwise leave), and every block is some answer's."""
     from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 
     errs: list[str] = []
     bs = s.kvsched.block_size
+    pins = s.kvsched.pins
     managers = s.kv_cache_manager.coordinator.single_type_managers
-    for key, groups in s.kvsched.pins.pinned.items():
+    for key, groups in pins.pinned.items():
+        chains = [c for c, _ in pins.others.chains[key]] if key in pins.others.chains else pins.joined.answers.get(key)
         for gi, g in enumerate(groups):
             ids = [b.block_id for b in g]
             if len(set(ids)) != len(ids):
                 errs.append(f"{key.session_id} group {gi}: duplicate blocks in the pin {ids}")
             sliding = isinstance(managers[gi], SlidingWindowManager)
             start = (g[0].block_hash_num_tokens or bs) // bs - 1 if g and sliding else 0
-            for i, b in enumerate(g):
-                if b.block_hash is None:
-                    errs.append(f"{key.session_id} group {gi}: pinned block {b.block_id} is not cached")
-                elif b.block_hash_num_tokens != (start + i + 1) * bs:
-                    errs.append(f"{key.session_id} group {gi}: position {start + i} holds block {b.block_id} cached "
-                                f"for {b.block_hash_num_tokens} tokens")
+            if any(b.block_hash is None for b in g):
+                errs.append(f"{key.session_id} group {gi}: pinned blocks {ids} are not all cached")
+            elif chains:
+                errs += _tree_violations(f"{key.session_id}/{key.branch} group {gi}", g,
+                                         [c[gi] for c in chains], pins.pool.cached_keys, bs, start)
+            else:
+                for i, b in enumerate(g):
+                    if b.block_hash_num_tokens != (start + i + 1) * bs:
+                        errs.append(f"{key.session_id} group {gi}: position {start + i} holds block {b.block_id} "
+                                    f"cached for {b.block_hash_num_tokens} tokens")
+    return errs
+
+
+def _tree_violations(name: str, g: list[Any], chains: list[frozenset[Any]], keys: Any, bs: int,
+                     start: int) -> list[str]:
+    """`g`'s blocks against the answers' `chains` (content keys): each answer's blocks a prefix of it, in order."""
+    errs = []
+    pairs = keys(g)
+    for c in chains:
+        at = [b.block_hash_num_tokens // bs - 1 for b, (k, _) in zip(g, pairs, strict=True) if k in c]
+        if at != list(range(start, start + len(at))):
+            errs.append(f"{name}: an answer's blocks are at positions {at}, not a prefix of its chain in order")
+    stray = [b.block_id for b, (k, _) in zip(g, pairs, strict=True) if not any(k in c for c in chains)]
+    if stray:
+        errs.append(f"{name}: blocks {stray} are no answer's")
     return errs
