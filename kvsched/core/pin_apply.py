@@ -32,9 +32,10 @@ B = TypeVar("B")  # a block handle
 DEMOTE_REASONS = frozenset({ReleaseReason.PRESSURE, ReleaseReason.BUDGET, ReleaseReason.TTL})
 PRESSURE_CHUNK = 4  # blocks released per try when a live request is short; the allocation is retried after each
 
-# Plan the copy of `blocks` ((content key, block id), prefix order) released by a session into the tier; returns the
-# number of blocks copied (blocks the tier already held only gain an owner).
-Demote = Callable[[SessionKey, list[tuple[Hashable, int]]], int]
+# Plan the copy of `blocks` ((content key, block id), prefix order) released by a session into the tier, the first at
+# the given index of its pin (the tier lists each session's blocks in its pins' order: kvsched.core.tier_chain); returns
+# the number of blocks copied (blocks the tier already held only gain an owner).
+Demote = Callable[[SessionKey, list[tuple[Hashable, int]], int], int]
 
 
 class PinPool(Protocol[B]):
@@ -334,6 +335,7 @@ class PinApplier(Generic[B]):
             return 0, 0
         total = sum(map(len, groups))
         released: list[B] = []
+        start = 0  # where the released run starts in the pin (the tier's one group: the first)
         if blocks is None or blocks >= total:
             del self.pinned[key]
             self.joined.forget(key)
@@ -347,9 +349,10 @@ class PinApplier(Generic[B]):
                 if n:
                     released.extend(reversed(g[len(g) - n:]))
                     del g[len(g) - n:]
+            start = len(groups[0])
         demoted = 0
         if demote and self.demote is not None:  # copied to the tier before the pool can reuse them, prefix order
-            demoted = self.demote(key, self.pool.cached_keys(released[::-1]))
+            demoted = self.demote(key, self.pool.cached_keys(released[::-1]), start)
         # Tail blocks first: they are evicted before the session's head (which other sessions may share).
         self.pool.give_back(released)
         return len(released), demoted

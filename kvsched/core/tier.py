@@ -28,6 +28,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 
+from kvsched.core.tier_chain import list_in_order, unlist
 from kvsched.core.tier_config import TierConfig, TierConfigError
 from kvsched.core.tier_fills import FillingSlots
 from kvsched.core.tier_ops import Key, Load, Owner, Store, TailKey
@@ -57,7 +58,8 @@ class TierDirectory:
         self._free: list[int] = list(range(self.num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self.slot_of: dict[Key, int] = {}
         self.owners = KeyOwners()  # a key's sole owner unboxed: no set per block for the garbage collector
-        self.keys_of: dict[Owner, list[Key]] = {}  # prefix order
+        self.keys_of: dict[Owner, list[Key]] = {}  # the order of the pins that released them (`tier_chain`)
+        self.position_of: dict[Owner, dict[Key, int]] = {}  # ... each key's place there
         self._locked: set[int] = set()  # slots a planned load reads this step
         self._orphans: list[Key] = []  # evicted while a load reads them: spilled and freed at unlock_all
         self._held: list[int] = []  # slots a load reads whose key left the tier: free at unlock_all
@@ -71,29 +73,29 @@ class TierDirectory:
         self.on_evict: Callable[[Key, int, Owner | None], None] | None = None
 
     # ---- demotion ---------------------------------------------------------------------------------------------
-    def demote(self, owner: Owner, blocks: Sequence[tuple[Key, int]]) -> list[Store]:
-        """`owner` released `blocks` ((key, block id), in prefix order): the stores that put them in the tier.
-
-        Keys already held only gain the owner (no copy). A key that finds no slot ends the demotion: a restore needs
-        an unbroken run of the prefix, so a later block without its predecessor would be useless."""
+    def demote(self, owner: Owner, blocks: Sequence[tuple[Key, int]], start: int | None = None) -> list[Store]:
+        """`owner` released `blocks` ((key, block id), in prefix order, the first at `start` in its pin; None: after
+        the owner's others): the stores that put them in the tier. Keys already held only gain the owner (no copy). A
+        key that finds no slot ends the demotion: a restore needs an unbroken run of the prefix."""
         ids = dict(blocks)
-        stores = [Store(ids[key], slot) for key, slot in self.admit(owner, [key for key, _ in blocks])]
+        stores = [Store(ids[key], slot) for key, slot in self.admit(owner, [key for key, _ in blocks], start)]
         if stores:
             self.counters["demotions"] += 1
             self.counters["demoted_blocks"] += len(stores)
         return stores
 
-    def admit(self, owner: Owner, keys: Sequence[Key]) -> list[tuple[Key, int]]:
-        """Slots for `owner`'s `keys` (prefix order) the tier does not hold yet: (key, slot) of each new one, whose
-        bytes the caller then puts there (a demotion from the pool, or a fetch from a lower level). Keys already held
-        only gain the owner; a key that finds no slot ends the run. The held run before the first new key is the
-        owner's before room is made: it may be only other sessions' (a shared system prompt, a moved session's
-        prefix), whose eviction for the room would leave the new keys extending nothing (found by review)."""
+    def admit(self, owner: Owner, keys: Sequence[Key], start: int | None = None) -> list[tuple[Key, int]]:
+        """Slots for `owner`'s `keys` (prefix order, the first at `start` in its chain) the tier does not hold yet:
+        (key, slot) of each new one, whose bytes the caller then puts there (a demotion from the pool, or a fetch from
+        a lower level). Keys already held only gain the owner; a key that finds no slot ends the run. The held run
+        before the first new key is the owner's before room is made: it may be only other sessions' (a shared system
+        prompt, a moved session's prefix), whose eviction for the room would leave the new keys extending nothing."""
         placed: list[tuple[Key, int]] = []
         if not keys or self.num_slots == 0:
             return placed
         mine = self.keys_of.pop(owner, [])
         self.keys_of[owner] = mine  # most recently admitted last: the eviction sample takes the others first
+        n0 = len(mine)
         own, slot_of = self.owners.own, self.slot_of  # `own`: False for a key `mine` lists already (O(1), not a set
         held = 0  # of `mine` per call: that was O(the session's tier blocks) per demotion)
         for key in itertools.takewhile(slot_of.__contains__, keys):  # the owner's before room is made
@@ -115,7 +117,9 @@ class TierDirectory:
             mine.append(key)
             self._evicted.pop(key, None)
             placed.append((key, slot))
-        if not mine:
+        if mine:
+            list_in_order(self.position_of.setdefault(owner, {}), mine, n0, keys, start)
+        else:
             del self.keys_of[owner]
         return placed
 
@@ -215,8 +219,7 @@ class TierDirectory:
         return self._inflight.slots
 
     def was_evicted(self, key: Key) -> bool:
-        """True if the full block `key` was in the tier and has been evicted since (a restore miss, not a cold
-        block)."""
+        """True if the full block `key` was in the tier and was evicted since (a restore miss, not a cold block)."""
         return key in self._evicted
 
     def lock(self, slots: Sequence[int]) -> None:
@@ -253,6 +256,7 @@ class TierDirectory:
         for key in list(self.slot_of):
             self._free_key(key)
         self.keys_of.clear()
+        self.position_of.clear()
         self._orphans.clear()
         self._evicted.clear()
         return n
@@ -262,8 +266,8 @@ class TierDirectory:
         """The session ended: its blocks no other session shares leave the tier (the slot of one a load reads this step,
         e.g. another session's restore of a shared prefix, is reused only after the step: the worker runs a step's
         stores before its loads). Returns how many left."""
-        keys = self.keys_of.pop(owner, [])
-        freed = 0
+        keys, freed = self.keys_of.pop(owner, []), 0
+        self.position_of.pop(owner, None)
         tail = self.tail_of.get(owner)
         if tail is not None:
             freed += self._disown_tail(owner, tail)
@@ -346,9 +350,9 @@ class TierDirectory:
                          if owner != exclude and keys and (value := self._rank(owner, i)) < mine
                          and not self._inflight.protects(map(self.slot_of.get, keys)))
         for _, _, victim in victims:
-            keys = self.keys_of[victim]
+            keys, at = self.keys_of[victim], self.position_of.get(victim, {})
             while keys and want > 0:
-                key = keys.pop()  # tail first
+                at.pop(key := keys.pop(), None)  # tail first
                 if self.owners.leave(key, victim) is not False:
                     continue  # not held, or shared with another session: stays
                 if self.slot_of[key] in self._locked:  # a load reads it this step: freed once the metadata is built
@@ -361,6 +365,7 @@ class TierDirectory:
                 want -= 1
             if not keys:
                 del self.keys_of[victim]
+                self.position_of.pop(victim, None)
             if want <= 0:
                 break
         return bool(victims)
@@ -391,9 +396,5 @@ class TierDirectory:
             self._free_key(key)
             return
         for owner in self.owners.get(key) or ():
-            keys = self.keys_of.get(owner)
-            if keys is not None and key in keys:
-                keys.remove(key)
-                if not keys:
-                    del self.keys_of[owner]
+            unlist(self.keys_of, self.position_of, owner, key)
         self._free_key(key)

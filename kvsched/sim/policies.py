@@ -346,9 +346,9 @@ class KVSchedPolicy(SimPolicy):
             self._arm_payback()
         return self.pins.on_shortage(entry[0] if entry else None, num_new_tokens, own_free_hits)
 
-    def _demote(self, key: SessionKey, blocks: list[tuple[Hashable, int]]) -> int:
+    def _demote(self, key: SessionKey, blocks: list[tuple[Hashable, int]], start: int) -> int:
         assert self.tier is not None
-        stores = self.tier.demote(key, blocks)
+        stores = self.tier.demote(key, blocks, start)
         self.peak_tier_blocks = max(self.peak_tier_blocks, self.tier.used_slots)
         return len(stores)
 

@@ -100,7 +100,7 @@ def test_a_partial_release_takes_each_groups_tail_in_proportion_and_demotes_cach
     demoted: list[tuple[SessionKey, list[tuple[Hashable, int]]]] = []
     dropped: list[SessionKey] = []
     directory = TierDirectory(TierConfig(budget_bytes=10 * 1024), 1024, lambda owner: 0.0)
-    pins.attach_tier(directory, lambda key, blocks: demoted.append((key, blocks)) or len(blocks))
+    pins.attach_tier(directory, lambda key, blocks, start: demoted.append((key, blocks)) or len(blocks))
     pins.on_dropped = dropped.append
     turn(pins, A, [[1, 2, 3, 4], [11, 12, 1003, 1005]])  # two KV-cache groups; 1003 and 1005 are not cached
     assert pins.policy.sessions[A].pinned_blocks == 8
@@ -240,7 +240,7 @@ def test_an_adopted_prefetch_extends_the_pin_and_one_over_budget_is_given_back(c
 def test_the_budget_releases_the_overflow_and_the_last_turn_drops_the_sessions_tier_blocks(clock):
     pins = make(clock, capacity=20, pin_budget_fraction=0.5)
     directory = TierDirectory(TierConfig(budget_bytes=10 * 1024), 1024, lambda owner: 0.0)
-    pins.attach_tier(directory, lambda key, blocks: len(directory.demote(key, blocks)))
+    pins.attach_tier(directory, lambda key, blocks, start: len(directory.demote(key, blocks, start)))
     turn(pins, A, [list(range(1, 9))])
     turn(pins, B, [list(range(21, 29))], hints=TurnHints(role="orchestrator"))
     pins.enforce_budget()  # 16 pinned, budget 10: A's tail (a worker's: the lower value) goes to the tier
@@ -253,7 +253,7 @@ def test_the_budget_releases_the_overflow_and_the_last_turn_drops_the_sessions_t
 def test_the_tier_value_counts_the_sessions_tail_tokens(clock):
     pins = make(clock)
     directory = TierDirectory(TierConfig(budget_bytes=10 * 1024), 1024, lambda owner: 0.0)
-    pins.attach_tier(directory, lambda key, blocks: len(directory.demote(key, blocks)))
+    pins.attach_tier(directory, lambda key, blocks, start: len(directory.demote(key, blocks, start)))
     turn(pins, A, [[1, 2]])
     directory.demote(A, [("k1", 1)])
     blocks_only = pins.tier_value(A)

@@ -148,7 +148,7 @@ def test_with_an_fp8_tier_the_ledger_starts_from_its_tier_start() -> None:
                               **settings)  # type: ignore[arg-type]
         pins: PinApplier[int] = PinApplier(RetentionPolicy(cfg, clock=lambda: 0.0, total_blocks=64,
                                                            bytes_per_token=1.0), pool=None, block_size=16)  # type: ignore[arg-type]
-        pins.attach_tier(TierDirectory(TierConfig(budget_bytes=tier_slots * 8), 8, lambda _: 0.0), lambda k, b: 0)
+        pins.attach_tier(TierDirectory(TierConfig(budget_bytes=tier_slots * 8), 8, lambda _: 0.0), lambda k, b, at: 0)
         return pins
 
     assert applier(0).policy.payback.ttl(600.0) == 30.0  # no slots: no tier, the configured start

@@ -24,7 +24,7 @@ def _companion(clock):
     """A, B, C and D answered one prompt; A's next turn continued A's: the companion keeps B's, C's and D's."""
     e = Engine(clock)
     directory = TierDirectory(TierConfig(budget_bytes=64 * 1024), 1024, lambda owner: 0.0)
-    e.pins.attach_tier(directory, lambda key, blocks: len(directory.demote(key, blocks)))
+    e.pins.attach_tier(directory, lambda key, blocks, start: len(directory.demote(key, blocks, start)))
     a1 = e.arrive(FIRST)
     e.finish(a1, A_ANSWER)
     chains = {n: e.finish(e.arrive(FIRST), answer) for n, answer in (("b", B_ANSWER), ("c", C_ANSWER),

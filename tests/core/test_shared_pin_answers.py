@@ -124,7 +124,7 @@ def test_a_companion_ended_by_its_users_return_lets_its_tier_blocks_go(clock):
 
     e = Engine(clock)
     directory = TierDirectory(TierConfig(budget_bytes=10 * 1024), 1024, lambda owner: 0.0)
-    e.pins.attach_tier(directory, lambda key, blocks: len(directory.demote(key, blocks)))
+    e.pins.attach_tier(directory, lambda key, blocks, start: len(directory.demote(key, blocks, start)))
     a1 = e.arrive(FIRST)
     e.finish(a1, A_ANSWER)
     b_chain = e.finish(e.arrive(FIRST), B_ANSWER)

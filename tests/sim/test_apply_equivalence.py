@@ -143,8 +143,9 @@ SCENARIOS = {  # name: (seed, KVSCHED_* settings, the release reasons the run mu
     "ledger": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_TIER_START_TTL_S": "4", "KVSCHED_PAYBACK_GAIN": "1",
                    "KVSCHED_PAYBACK_DEADBAND": "1", "KVSCHED_PAYBACK_FROM_START": "1"},
                {"ttl", "pressure", "end"}),
-    # the ledger cut on a small loss (no dead band, a steep fall, a high floor): held pins bounded on both sides
-    "ledger_cut": (0, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_TIER_START_TTL_S": "8",
+    # the ledger cut on a small loss (no dead band, a steep fall, a high floor): held pins bounded on both sides (seed
+    # 5: at seed 0 the tier restores 362 blocks, not 175, since its lists keep chain order, and the ledger never falls)
+    "ledger_cut": (5, {"KVSCHED_PAYBACK_SAMPLING": "1", "KVSCHED_PAYBACK_TIER_START_TTL_S": "8",
                        "KVSCHED_PAYBACK_DEADBAND": "0", "KVSCHED_PAYBACK_GAIN_DOWN": "8", "KVSCHED_PAYBACK_FLOOR": "0.5",
                        "KVSCHED_PAYBACK_FROM_START": "1"}, {"pressure", "end"}),
 }

@@ -133,12 +133,12 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self.directory.value_of = value_of
         return self.directory
 
-    def demote(self, owner: Any, blocks: list[tuple[Any, int]]) -> int:
-        """`owner` lost the pins on `blocks` ((content key, block id), prefix order): plan their copy into the tier."""
+    def demote(self, owner: Any, blocks: list[tuple[Any, int]], start: int | None = None) -> int:
+        """`owner` lost the pins on `blocks` ((key, block id), prefix order, from `start` in its pin): plan their copy."""
         assert self.directory is not None
         if not self.enabled:
             return 0
-        stores = self.directory.demote(owner, blocks)
+        stores = self.directory.demote(owner, blocks, start)
         self._step.add_stores(stores)
         return len(stores)
 

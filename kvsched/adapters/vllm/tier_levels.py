@@ -259,7 +259,7 @@ class TierLevels(ArrivalReads):
         if not keys:
             return 0
         source = dict(keys)
-        placed = host.admit(owner, held + [k for k, _ in keys])
+        placed = host.admit(owner, held + [k for k, _ in keys], start)  # (`held` starts at block `start`)
         host.hold([slot for _, slot in placed])  # no other key gets these slots until the workers' fetches landed
         fetches = [Fetch(k, slot, source[k]) for k, slot in placed]
         self.ops.fetches.extend(fetches)
