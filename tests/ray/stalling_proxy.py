@@ -8,14 +8,21 @@ a client reusing a connection (httpx, for completions) gets its later requests f
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
 class StallingProxy:
+    """`blocked` (or, for a proxy in another process, the file `block_file` existing) stalls /metrics; `report_file`:
+    where the counts below are written as JSON whenever they change, for a test in another process to read."""
+
     upstream_port: int
+    block_file: str | None = None
+    report_file: str | None = None
     blocked: threading.Event = field(default_factory=threading.Event)
     stalls: int = 0  # /metrics requests stalled so far
     stalled_now: int = 0  # stalled connections the client still holds open
@@ -50,7 +57,7 @@ class StallingProxy:
                 client.close()
                 return
             head += chunk
-        if self.blocked.is_set() and head.startswith(b"GET /metrics"):
+        if self.is_blocked() and head.startswith(b"GET /metrics"):
             self._stall(client)
             return
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
@@ -58,11 +65,21 @@ class StallingProxy:
         threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
         self._pump(client, upstream, True)
 
+    def is_blocked(self) -> bool:
+        return self.blocked.is_set() or (self.block_file is not None and Path(self.block_file).exists())
+
+    def _report(self) -> None:
+        """(Called holding the lock.)"""
+        if self.report_file is not None:
+            Path(self.report_file).write_text(json.dumps({"stalls": self.stalls, "stalled_now": self.stalled_now,
+                                                          "sent_while_stalled": self.sent_while_stalled}))
+
     def _stall(self, client: socket.socket) -> None:
         """Holds the connection open, answering nothing, until the client gives up and closes it."""
         with self._lock:
             self.stalls += 1
             self.stalled_now += 1
+            self._report()
         try:
             while client.recv(65536):
                 pass
@@ -71,6 +88,7 @@ class StallingProxy:
         finally:
             with self._lock:
                 self.stalled_now -= 1
+                self._report()
             client.close()
 
     def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
@@ -80,6 +98,7 @@ class StallingProxy:
                     with self._lock:
                         if self.stalled_now:
                             self.sent_while_stalled += len(chunk)
+                            self._report()
                 dst.sendall(chunk)
         except OSError:
             pass
