@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kvsched.core.routing import RoutingConfigError
-from kvsched.core.ttft_histogram import UNSCRAPED_GRACE_S
+from kvsched.core.ttft_histogram import TTFT_HOLD_S, UNSCRAPED_GRACE_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +24,9 @@ class AutoscaleTargets:
     default this is; the P95 TTFT is the fleet's over it, the queue depth its average); `unscraped_grace_s`: how long
     a live replica's engine metrics may go unread, in seconds, before the pool's P95 leaves it out and the pool stops
     scaling down (`ttft_histogram.fleet_quantile`). Within it the replica's last counts (none, if never read) stand,
-    so Ray's `downscale_delay_s` is what keeps the pool from shrinking meanwhile: keep it the longer of the two."""
+    so Ray's `downscale_delay_s` is what keeps the pool from shrinking meanwhile: keep it the longer of the two;
+    `ttft_hold_s`: how long the last P95 TTFT keeps the pool from scaling down once too few first tokens follow it, in
+    seconds (the fleet's, and where the buckets do not merge each replica's own held one; it never scales up)."""
 
     min_replicas: int = 1
     max_replicas: int = 4
@@ -35,6 +37,7 @@ class AutoscaleTargets:
     downscale_delay_s: float = 120.0
     look_back_period_s: float = 30.0
     unscraped_grace_s: float = UNSCRAPED_GRACE_S
+    ttft_hold_s: float = TTFT_HOLD_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_replicas, int) or self.min_replicas < 0:
@@ -50,7 +53,7 @@ class AutoscaleTargets:
             raise RoutingConfigError(f"downscale_below must be in (0, 1), got {self.downscale_below!r}")
         if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
             raise RoutingConfigError("upscale_delay_s and downscale_delay_s must be >= 0")
-        for name in ("look_back_period_s", "unscraped_grace_s"):
+        for name in ("look_back_period_s", "unscraped_grace_s", "ttft_hold_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
                 raise RoutingConfigError(f"{name} must be a finite number of seconds > 0, got {v!r}")

@@ -23,6 +23,15 @@ Histogram = Mapping[float, float]  # upper bound (s, inf for +Inf) -> cumulative
 # (`model_name`, `engine`: vllm/v1/metrics/loggers.py), so a data-parallel server exports one per engine.
 SeriesKey = tuple[tuple[str, str], ...]
 BUCKET_PREFIX = "ttft_le:"  # the replica's per-bucket autoscaling metric: "ttft_le:0.25", "ttft_le:+Inf"
+# How long the last P95 TTFT keeps a pool from scaling down once too few first tokens follow it: the default of a
+# pool's `autoscaling: {ttft_hold_s}` (`routing_autoscale.AutoscaleTargets`), for the fleet's P95 and, where the buckets
+# do not merge, each replica's own held one.
+TTFT_HOLD_S = 60.0
+# The longest a server's counting carries anything across (`ServerCounts.hold_s`: a series unseen or lacking buckets
+# this long starts over; first tokens too few for a fresh P95 gather this long): bookkeeping of the scrapes, not the
+# pool's hold. Kept apart from it: a hold shorter than the polls' interval (Ray asks every 10 s) would make every
+# scrape a new baseline, and no first token would ever count.
+SERIES_SPAN_S = 60.0
 
 
 def bucket_key(bound: float) -> str:
@@ -125,7 +134,7 @@ class ServerCounts:
     """One server's histogram counted across its scrapes, as Prometheus's `rate()` counts it. `total`: the first
     tokens counted since the first scrape, cumulative by bound, never starting over when a counter does (what the
     replica reports, so the fleet's windows see no resets); `hold_s`: how long a series may lack buckets of its last
-    scrape (`lacks_buckets`) before that is its new layout.
+    scrape (`lacks_buckets`) before that is its new layout (`SERIES_SPAN_S`; not the pool's `ttft_hold_s`).
 
     Why the first scrape is only a baseline: rate() needs two samples. A replica that joins the fleet (or restarts)
     reads an engine that may have served for hours; counting that history as new made the replica's own P95s those
@@ -149,7 +158,7 @@ class ServerCounts:
     is its new baseline, as rate() over a window never spans a longer gap (found by review: the minutes of first
     tokens a gap hid counted as one scrape's, in a 30 s fleet window)."""
 
-    hold_s: float = 60.0
+    hold_s: float = SERIES_SPAN_S
     total: dict[float, float] = field(default_factory=dict)
     _last: dict[SeriesKey, dict[float, float]] = field(default_factory=dict)
     _complete_at: dict[SeriesKey, float] = field(default_factory=dict)

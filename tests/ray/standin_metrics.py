@@ -70,12 +70,13 @@ class _EngineServer(ThreadingHTTPServer):
 
 
 class MetricsStandInEngine(StandInEngine):
-    def __init__(self, pool: str, engine: dict[str, Any], unscraped_grace_s: float, block_dir: str) -> None:
+    def __init__(self, pool: str, engine: dict[str, Any], unscraped_grace_s: float, ttft_hold_s: float,
+                 block_dir: str) -> None:
         super().__init__(pool, engine)
         self.unscraped_grace_s = unscraped_grace_s
         self.endpoint = _EngineServer(block_dir)
         threading.Thread(target=self.endpoint.serve_forever, name="standin-metrics", daemon=True).start()
-        self.stats = ReplicaStats(f"http://127.0.0.1:{self.endpoint.server_address[1]}")
+        self.stats = ReplicaStats(f"http://127.0.0.1:{self.endpoint.server_address[1]}", hold_s=ttft_hold_s)
         self._stats_lock = asyncio.Lock()
         self._polled_at = 0.0
 

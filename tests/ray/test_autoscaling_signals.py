@@ -145,8 +145,8 @@ def test_replicas_with_different_bucket_bounds_fall_back_to_the_slowest_replica_
 
 def test_a_quiet_window_holds_the_fleets_last_p95_against_a_scale_down_only() -> None:
     """A window with too few first tokens is no TTFT signal (neither 0 nor inf): it scales nothing up, and the last
-    fleet P95 (1.75 s of a 2 s target) keeps the pool from scaling down for HOLD_S."""
-    from kvsched.adapters.ray.fleet_ttft import HOLD_S
+    fleet P95 (1.75 s of a 2 s target) keeps the pool from scaling down for the pool's `ttft_hold_s` (default 60 s)."""
+    from kvsched.core.ttft_histogram import TTFT_HOLD_S as HOLD_S
 
     busy = {0.1: 90, 2.5: 10}
     window = reports({"r0": [{}, busy, busy, busy], "r1": [{}, busy, busy, busy]})

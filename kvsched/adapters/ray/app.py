@@ -18,7 +18,7 @@ from kvsched.adapters.ray.autoscaling import POLICY_PATH
 from kvsched.adapters.ray.config import PoolConfig, RayServeConfig, load_config
 from kvsched.adapters.ray.engine import EngineReplica
 from kvsched.adapters.ray.ingress import OpenAIIngress
-from kvsched.core.ttft_histogram import UNSCRAPED_GRACE_S
+from kvsched.core.ttft_histogram import TTFT_HOLD_S, UNSCRAPED_GRACE_S
 
 ROUTER_PATH = "kvsched.adapters.ray.router:KVSchedRequestRouter"
 # Ray's own routers, for comparisons in the same cluster (`kvsched bench router --real`).
@@ -58,11 +58,14 @@ def engine_options(pool: PoolConfig, cfg: RayServeConfig, router_path: str = ROU
     return opts
 
 
-def engine_args(pool: PoolConfig) -> tuple[str, dict[str, Any], float]:
-    """`EngineReplica`'s arguments for one pool: its name, its engine, and the grace its engine's metrics may go
-    unread before the replica calls them stale (its autoscaling's, else the policy's default: there is no policy)."""
-    grace = pool.autoscaling.unscraped_grace_s if pool.autoscaling is not None else UNSCRAPED_GRACE_S
-    return pool.name, pool.engine.model_dump(), grace
+def engine_args(pool: PoolConfig) -> tuple[str, dict[str, Any], float, float]:
+    """`EngineReplica`'s arguments for one pool: its name, its engine, the grace its engine's metrics may go unread
+    before the replica calls them stale, and how long it holds its own P95 TTFT (its autoscaling's, else the policy's
+    defaults: there is no policy)."""
+    t = pool.autoscaling
+    if t is None:
+        return pool.name, pool.engine.model_dump(), UNSCRAPED_GRACE_S, TTFT_HOLD_S
+    return pool.name, pool.engine.model_dump(), t.unscraped_grace_s, t.ttft_hold_s
 
 
 def ingress_max_ongoing(cfg: RayServeConfig) -> int:

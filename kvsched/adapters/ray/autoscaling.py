@@ -5,14 +5,15 @@ min/max bounds and the up/down delays around it.
 
 The TTFT signal is the fleet's P95 (`fleet_ttft.py`): every replica's vLLM TTFT bucket counts over Ray's look-back
 window, summed across replicas, the quantile interpolated as Prometheus does; from at least MIN_TTFT_SAMPLES first
-tokens, else no TTFT signal; the last one is held for HOLD_S, only to keep a pool from scaling down. Found by review:
-the policy read the slowest replica's P95, so one slow replica of eight scaled a pool up whose P95 was fine.
+tokens, else no TTFT signal; the last one is held for the pool's `autoscaling: {ttft_hold_s}` (default 60 s), only to
+keep a pool from scaling down. Found by review: the policy read the slowest replica's P95, so one slow replica of
+eight scaled a pool up whose P95 was fine.
 
 Where the buckets cannot be merged (replicas with different bucket bounds, none reported), the replicas' own two
 readings stand in, the slowest one's, and the decision's reason says so (`kvsched.adapters.ray.stats`):
 `ttft_p95_fresh_s`, from first tokens since the replica's previous report, is what a pool scales up on; `ttft_p95_s`,
-held for a while after the last sample, only keeps a pool from scaling down. Found by review: the held value read as
-live pressure and scaled an idle pool up to its maximum.
+held for the same `ttft_hold_s` after the last sample (the replica is given it: `EngineReplica`), only keeps a pool
+from scaling down. Found by review: the held value read as live pressure and scaled an idle pool up to its maximum.
 
 A live replica whose engine metrics went unread past the grace (its `ttft_unread_s` over the pool's `autoscaling:
 {unscraped_grace_s}`, default 60 s) is left out of the fleet's P95 and named in the reason; while any replica is
@@ -143,7 +144,7 @@ class QueueTTFTPolicy:
             state.pop("kvsched_starting_since", None)
         starting_for = now - state.get("kvsched_starting_since", now)
         fleet = fleet_ttft(ctx, replicas, self.targets.unscraped_grace_s)
-        held = held_fleet_p95(state, fleet, now) if fleet.merged else None
+        held = held_fleet_p95(state, fleet, now, self.targets.ttft_hold_s) if fleet.merged else None
         decision = while_starting(decide(running, ctx.aggregated_metrics or {}, replicas, self.targets, now_s=now,
                                          queued_in_ray=queued_in_ray(ctx), fleet=fleet, held_fleet_s=held),
                                   running, target, starting_for)

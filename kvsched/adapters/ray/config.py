@@ -13,7 +13,7 @@ pools:
     roles: [worker]                   # X-Agent-Role values served here
     device: gpu                       # cpu | gpu (one GPU per replica unless num_gpus says otherwise)
     replicas: 2                       # or autoscaling: {min_replicas, max_replicas, queue_per_replica, ttft_p95_s,
-                                      #   look_back_period_s, unscraped_grace_s, ...}:
+                                      #   look_back_period_s, unscraped_grace_s, ttft_hold_s, ...}:
                                       #   kvsched.core.routing_autoscale.AutoscaleTargets
     max_model_len: 8192
     vllm_args: [--kv-cache-dtype, fp8]

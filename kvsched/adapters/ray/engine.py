@@ -47,7 +47,7 @@ from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.owners import AUTH_HEADERS
 from kvsched.adapters.ray.reaper import leader_alive, stop_group
 from kvsched.adapters.ray.stats import ReplicaStats
-from kvsched.core.ttft_histogram import UNSCRAPED_GRACE_S
+from kvsched.core.ttft_histogram import TTFT_HOLD_S, UNSCRAPED_GRACE_S
 from kvsched.serving import ServerSpec, VllmServer
 
 ADMIN_KEYS_ENV = "KVSCHED_ADMIN_KEYS"
@@ -108,9 +108,11 @@ def start_with_reaper(server: VllmServer) -> None:
 class EngineReplica:
     """The Ray Serve deployment class of one engine pool (wrapped by `serve.deployment` in app.py).
     `unscraped_grace_s`: the pool's `autoscaling: {unscraped_grace_s}`, so that `describe` calls the engine's metrics
-    stale when the policy leaves them out."""
+    stale when the policy leaves them out; `ttft_hold_s`: the pool's `autoscaling: {ttft_hold_s}`, how long the
+    replica's own P95 is held (`ReplicaStats.hold_s`), as the policy holds the fleet's."""
 
-    def __init__(self, pool: str, engine: dict[str, Any], unscraped_grace_s: float = UNSCRAPED_GRACE_S) -> None:
+    def __init__(self, pool: str, engine: dict[str, Any], unscraped_grace_s: float = UNSCRAPED_GRACE_S,
+                 ttft_hold_s: float = TTFT_HOLD_S) -> None:
         cfg = EngineConfig.model_validate(engine, strict=False)
         self.pool = pool
         self.unscraped_grace_s = unscraped_grace_s
@@ -126,7 +128,7 @@ class EngineReplica:
         self._stopping = False
         threading.Thread(target=self._watch_engine, name="vllm-watch", daemon=True).start()
         self.client = httpx.AsyncClient(base_url=self.server.base, timeout=httpx.Timeout(None, connect=10.0))
-        self.stats = ReplicaStats(self.server.base, admin_key=stats_key)
+        self.stats = ReplicaStats(self.server.base, admin_key=stats_key, hold_s=ttft_hold_s)
         self._stats_lock = asyncio.Lock()
         self._polled_at = 0.0
         logger.info(f"kvsched engine {pool}/slot-{self.slot} serving at {self.server.base}")

@@ -21,9 +21,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvsched.adapters.ray.stats import MIN_TTFT_SAMPLES
-from kvsched.core.ttft_histogram import UNSCRAPED_GRACE_S, FleetQuantile, bucket_bound, bucket_key, fleet_quantile
+from kvsched.core.ttft_histogram import (
+    TTFT_HOLD_S,
+    UNSCRAPED_GRACE_S,
+    FleetQuantile,
+    bucket_bound,
+    bucket_key,
+    fleet_quantile,
+)
 
-HOLD_S = 60.0  # how long the last fleet P95 keeps a pool from scaling down once too few first tokens follow it
 HELD_STATE = "kvsched_fleet_ttft_p95"  # [seconds, when] in the policy's state
 UNREAD_TTFT = "ttft_unread_s"  # a replica's report: seconds its engine metrics have gone unread (0: read)
 
@@ -81,14 +87,16 @@ def fleet_ttft(ctx: Any, replicas: list[Any], grace_s: float = UNSCRAPED_GRACE_S
                           unread_s=replica_unread(raw, replicas), grace_s=grace_s)
 
 
-def held_fleet_p95(state: dict[str, Any], fleet: FleetQuantile, now_s: float) -> float | None:
-    """The fleet P95 that keeps a pool from scaling down: this window's, else the last one for HOLD_S (kept in the
-    policy's state). Like the replicas' held P95: a quiet window does not read as "fast"."""
+def held_fleet_p95(state: dict[str, Any], fleet: FleetQuantile, now_s: float,
+                   hold_s: float = TTFT_HOLD_S) -> float | None:
+    """The fleet P95 that keeps a pool from scaling down: this window's, else the last one for `hold_s` (the pool's
+    `autoscaling: {ttft_hold_s}`; kept in the policy's state). Like the replicas' held P95: a quiet window does not
+    read as "fast"."""
     if fleet.value is not None:
         state[HELD_STATE] = [fleet.value, now_s]
         return fleet.value
     held = state.get(HELD_STATE)
-    if isinstance(held, list | tuple) and len(held) == 2 and now_s - float(held[1]) <= HOLD_S:
+    if isinstance(held, list | tuple) and len(held) == 2 and now_s - float(held[1]) <= hold_s:
         value = float(held[0])
         return value if math.isfinite(value) else None
     state.pop(HELD_STATE, None)

@@ -2,11 +2,14 @@
 sessions whose KV kvsched keeps pinned there.
 
 TTFT comes from vLLM's `vllm:time_to_first_token_seconds` histogram (bucket deltas), in two readings:
-- `ttft_p95_s`: the P95 of the requests that had their first token since the previous poll, held for `hold_s` when
-  nothing new arrived, so an idle poll does not read as "fast": it may keep a pool from scaling down;
+- `ttft_p95_s`: the P95 of the requests that had their first token since the previous poll, held for `hold_s` (the
+  pool's `autoscaling: {ttft_hold_s}`, as the fleet's P95 is held) when nothing new arrived, so an idle poll does not
+  read as "fast": it may keep a pool from scaling down;
 - `fresh_ttft_p95()`: the P95 of the first tokens since the previous autoscaling report that gave one, once there are
-  MIN_TTFT_SAMPLES of them (None before): the only TTFT a pool scales up on (found by review: the held value scaled an
-  idle pool from 2 to 8 replicas).
+  MIN_TTFT_SAMPLES of them (None before; fewer gather for up to `span_s`): the only TTFT a pool scales up on (found
+  by review: the held value scaled an idle pool from 2 to 8 replicas).
+`span_s` (`SERIES_SPAN_S`) is the counting's own limit, not the pool's hold: a short `ttft_hold_s` must not make
+every poll (Ray asks every 10 s) a new baseline of the counts, nor shorten what a fresh P95 gathers from.
 Both difference cumulative counts (`kvsched.core.ttft_histogram.ServerCounts`, as Prometheus's `rate()` does): the
 first scrape is a baseline only (an engine that served for hours before the replica first read it adds none of
 those first tokens); a restarted vLLM server's counts start over: a drop is a counter reset, and what the server
@@ -29,6 +32,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvsched.core.ttft_histogram import (
+    SERIES_SPAN_S,
+    TTFT_HOLD_S,
     ScrapeHealth,
     SeriesKey,
     ServerCounts,
@@ -40,7 +45,7 @@ from kvsched.core.ttft_histogram import (
 TTFT_BUCKET = "vllm:time_to_first_token_seconds_bucket"
 # First tokens a fresh P95 needs before it counts: with fewer, the "P95" is the slowest one or two (found by review:
 # one cold 30k-token prefill was the whole P95 and asked an idle pool for three replicas); at 20, one sample lies
-# above it. Fewer carry over to the next report, for up to `hold_s`; a trickle below that is left to queue depth.
+# above it. Fewer carry over to the next report, for up to `span_s`; a trickle below that is left to queue depth.
 MIN_TTFT_SAMPLES = 20
 GAUGES = ("vllm:num_requests_waiting", "vllm:num_requests_running")
 
@@ -80,7 +85,8 @@ class ReplicaStats:
 
     base_url: str
     admin_key: str | None = None  # lists every tenant's and salt's sessions (else only unsalted ones of no tenant)
-    hold_s: float = 60.0
+    hold_s: float = TTFT_HOLD_S  # the held `ttft_p95_s`: the pool's `autoscaling: {ttft_hold_s}`
+    span_s: float = SERIES_SPAN_S  # the counts' bookkeeping (`ServerCounts.hold_s`) and the fresh P95's gathering
     clock: Callable[[], float] = time.monotonic
     queue_depth: float = 0.0
     running: float = 0.0
@@ -94,7 +100,7 @@ class ReplicaStats:
     _polling: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._counts = ServerCounts(self.hold_s)
+        self._counts = ServerCounts(self.span_s)
 
     def update(self, metrics_text: str, sessions: Mapping[str, Any] | None) -> None:
         scrape = read_metrics(metrics_text)
@@ -145,13 +151,13 @@ class ReplicaStats:
 
     def fresh_ttft_p95(self) -> float | None:
         """The P95 TTFT of the first tokens counted since the previous call that returned one, None while they are
-        fewer than MIN_TTFT_SAMPLES (they count in the next call's, unless they gathered for longer than `hold_s`)."""
+        fewer than MIN_TTFT_SAMPLES (they count in the next call's, unless they gathered for longer than `span_s`)."""
         buckets, now = self.ttft_buckets, self.clock()
         if self._reported_at == -math.inf:  # the first window starts at the first call
             self._reported_at = now
         delta = counter_increase(self._reported_buckets, buckets)  # a reset only if the buckets changed: start over
         if max(delta.values(), default=0.0) < MIN_TTFT_SAMPLES:  # cumulative: the top bucket counts them all
-            if now - self._reported_at > self.hold_s:  # too few for too long: no longer fresh, start over
+            if now - self._reported_at > self.span_s:  # too few for too long: no longer fresh, start over
                 self._reported_buckets, self._reported_at = dict(buckets), now
             return None
         self._reported_buckets, self._reported_at = dict(buckets), now

@@ -1,0 +1,126 @@
+"""A real engine replica (`EngineReplica`, its `vllm serve --scheduler kvsched` on the tiny model) whose `/metrics`
+hangs: a proxy in front of the engine (`stalling_proxy.py`) accepts the scrape's connection and never answers,
+everything else passes. The replica's own autoscaling path (`record_autoscaling_stats` -> `_fresh_stats` ->
+`ReplicaStats.poll`, its default timeout) gives up on the socket's timeout, reports the engine's metrics unread
+(`ttft_unread_s` > 0, `describe` "failing") with its last counts, and the policy fed the replica's own reports holds
+the pool (no scale-down while the replica cannot be read) where the same replica read is idle and scaled down;
+meanwhile the engine answers completions sent while the scrape hangs. Read again, the replica reports "ok".
+
+Closed or refused connections on a real Ray cluster, with stand-in engines: test_serve_unscraped.py; this is the
+hanging one on a real vLLM engine (the policy is given the reports as Ray's context carries them:
+test_autoscaling_signals.fleet_ctx)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from kvsched.adapters.ray.autoscaling import QueueTTFTPolicy
+from kvsched.adapters.ray.config import EngineConfig
+from kvsched.adapters.ray.engine import EngineReplica
+from tests.ray.stalling_proxy import StallingProxy
+from tests.ray.test_autoscaling_signals import fleet_ctx
+
+pytestmark = pytest.mark.integration
+BODY = json.dumps({"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "tool result " * 30}]})
+
+
+async def until(what: str, probe: Any, limit_s: float = 60.0) -> None:
+    """Waits for `probe()` to hold (an ordering wait, bounded so a broken proxy fails instead of hanging)."""
+    deadline = time.monotonic() + limit_s
+    while not probe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {limit_s:g} s")
+        await asyncio.sleep(0.05)
+
+
+def decide(window: list[dict[str, float]]) -> tuple[int, str]:
+    """The policy's decision for a pool of this one replica (`r0`), min 0, from its reports 10 s apart."""
+    ctx = fleet_ctx([{k: {"r0": v} for k, v in report.items()} for report in window], now=1000.0)
+    n, state = QueueTTFTPolicy(min_replicas=0, max_replicas=2, ttft_p95_s=2.0)(ctx)
+    return n, state["kvsched_reason"]
+
+
+def test_a_hanging_metrics_scrape_times_out_is_unread_not_idle_and_the_engine_serves(tiny_model_dir: Path) -> None:
+    cfg = EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", max_model_len=512, block_size=32)
+    replica = EngineReplica("tiny", cfg.model_dump())
+    proxy = StallingProxy(int(urlsplit(replica.server.base).port or 0))
+    # the engine behind the proxy, for the replica's scrapes and its requests alike
+    replica.stats.base_url = proxy.base
+    replica.client = httpx.AsyncClient(base_url=proxy.base, timeout=httpx.Timeout(None, connect=10.0))
+    headers = {"X-Session-Id": "blocked/worker", "Content-Type": "application/json", "Authorization": "Bearer any"}
+
+    async def report() -> dict[str, float]:
+        await asyncio.sleep(1.1)  # past the stats' 1-s reuse (`_fresh_stats`' max_age_s): this report scrapes
+        return await asyncio.wait_for(replica.record_autoscaling_stats(), 60)
+
+    async def run() -> None:
+        reports = [await report()]  # the baseline
+        assert reports[0]["ttft_unread_s"] == 0.0 and replica.describe()["engine_metrics"] == "ok"
+        assert (await replica.complete("/v1/chat/completions", BODY.encode(), headers))["status"] == 200
+        reports.append(await report())
+        assert reports[1]["ttft_le:+Inf"] == 1 and reports[1]["ttft_unread_s"] == 0.0
+
+        proxy.blocked.set()
+        t0 = time.monotonic()
+        scrape = asyncio.create_task(report())
+        await until("stalled /metrics request", lambda: proxy.stalled_now)
+        answers = [await replica.complete("/v1/chat/completions", BODY.encode(), headers) for _ in range(2)]
+        assert [a["status"] for a in answers] == [200, 200] and all(json.loads(a["body"])["choices"] for a in answers)
+        assert proxy.sent_while_stalled > 0  # the completions went to the engine while the scrape hung
+        blocked = await scrape
+        print(f"blocked scrape: record_autoscaling_stats returned after {time.monotonic() - t0 - 1.1:.2f} s "
+              f"(ReplicaStats.poll's timeout: 5 s); proxy stalls {proxy.stalls}")
+        assert proxy.stalls == 1 and proxy.stalled_now == 0  # the scrape gave up and closed its connection
+        assert replica.stats.health.failures == 1  # (the poll's TimeoutError is logged: the test below has its type)
+        assert blocked["ttft_unread_s"] > 0 and replica.describe()["engine_metrics"] == "failing"
+        assert blocked["ttft_le:+Inf"] == 1 and blocked["queue_depth"] == 0.0  # its last counts, not current
+        n, reason = decide([*reports, blocked])
+        assert n == 1 and reason.startswith("steady: no scale-down while replica(s) r0 cannot be read"), reason
+        n, reason = decide(reports)  # the same replica read: idle, the pool may go
+        assert n == 0 and reason.startswith("down:"), reason
+
+        proxy.blocked.clear()
+        again = await report()
+        assert again["ttft_unread_s"] == 0.0 and replica.describe()["engine_metrics"] == "ok"
+        assert again["ttft_le:+Inf"] == 3  # the first tokens served while unread count now
+        n, reason = decide([*reports, again])
+        assert n == 0 and reason.startswith("down:"), reason
+
+    try:
+        asyncio.run(run())
+    finally:
+        proxy.close()
+        replica.__del__()
+
+
+def test_the_replicas_poll_raises_the_sockets_timeout_on_a_hanging_scrape() -> None:
+    """The same `ReplicaStats.poll`, against the proxy in front of a port that never gets the request: a read timeout
+    (TimeoutError), counted as a failed read; the call returns (a hang would fail the join's bound)."""
+    from kvsched.adapters.ray.stats import ReplicaStats
+
+    proxy = StallingProxy(upstream_port=9)  # nothing is forwarded: /metrics is stalled, and that is all it asks
+    proxy.blocked.set()
+    stats = ReplicaStats(proxy.base)
+    raised: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            stats.poll(timeout_s=1.0)
+        except BaseException as exc:  # noqa: BLE001 - looked at below
+            raised.append(exc)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    t.join(60)
+    proxy.close()
+    assert not t.is_alive() and len(raised) == 1 and isinstance(raised[0], TimeoutError), raised
+    assert proxy.stalls == 1 and stats.health.failures == 1 and stats.health.last_ok_s is None
