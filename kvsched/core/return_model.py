@@ -39,15 +39,24 @@ PRIOR_STRENGTH = 10.0  # pseudo-outcomes a level borrows from its parent's mean
 INFERRED_FIRST = -1  # the gap bucket of an inferred session's first turn
 
 ReturnClass = tuple[int, int, int]  # (turn index capped, prefix block octave, gap bucket)
+_GAP_0, _GAP_1, _GAP_2 = GAP_EDGES_S
 
 
 def return_class(turns: int, blocks: int, gap_s: float | None, inferred: bool = False) -> ReturnClass:
     """The class of a turn that ended as the session's `turns`-th, holding `blocks` full blocks of reusable prefix,
     `gap_s` seconds after the session's previous turn ended (None: its first turn; `inferred`: of an inferred
     session)."""
-    octave = int(math.log2(blocks)) if blocks > 0 else -1
-    gap = (INFERRED_FIRST if inferred else 0) if gap_s is None else 1 + sum(gap_s >= e for e in GAP_EDGES_S)
-    return min(max(turns, 1), TURN_CAP), octave, gap
+    # Once per finished turn and per pin scored: the octave as the int's bit length (what int(math.log2(blocks)) gives
+    # for every count below 2**48) and the gap's edges compared in line, not summed from a generator.
+    if blocks > 0:
+        octave = blocks.bit_length() - 1 if type(blocks) is int else int(math.log2(blocks))
+    else:
+        octave = -1
+    if gap_s is None:
+        gap = INFERRED_FIRST if inferred else 0
+    else:
+        gap = 1 + (gap_s >= _GAP_0) + (gap_s >= _GAP_1) + (gap_s >= _GAP_2)
+    return (TURN_CAP if turns > TURN_CAP else turns if turns > 1 else 1), octave, gap
 
 
 @dataclass(slots=True)
@@ -101,14 +110,20 @@ class ReturnModel:
         (`turn_finished`) and the release order (`ReleaseValues.weight_of`) both read it here (found by review: the
         gate read it unscaled, pinning under KVSCHED_RETURN_THRESHOLD what the value read as below it). `root`: the
         turn index's prior instead of all turns' mean (the release order's later turns: 1, see `weight_of`)."""
-        p = self.total.mean(0.5, 2.0) if root is None else root  # Beta(1, 1)
+        # `Tally.mean` written out (the same expressions, so the same floats): this runs at every turn's end
+        if root is None:
+            total = self.total
+            p = (total.returns + 2.0 * 0.5) / (total.outcomes + 2.0)  # Beta(1, 1)
+        else:
+            p = root
+        strength = self.prior_strength
         turn = self.by_turn.get(cls[0])
         if turn is not None:
-            p = turn.mean(p, self.prior_strength)
+            p = (turn.returns + strength * p) / (turn.outcomes + strength)
         if cls[2] == INFERRED_FIRST:
             p *= self.inferred_prior
         full = self.by_class.get(cls)
-        return full.mean(p, self.prior_strength) if full is not None else p
+        return (full.returns + strength * p) / (full.outcomes + strength) if full is not None else p
 
     def turn_finished(self, key: Hashable, turns: int, blocks: int, previous_end: float | None, now: float,
                       inferred: bool = False) -> bool:
@@ -118,12 +133,14 @@ class ReturnModel:
         earlier = self._pending.pop(key, None)
         if earlier is not None:  # a turn that arrived before the previous one ended: the session did come back
             self._known(earlier, True)
-        self.settle(now)
+        deadlines = self._deadlines
+        if self._head < len(deadlines) and deadlines[self._head] < now:  # `settle`'s own test, without its call
+            self.settle(now)
         cls = return_class(turns, blocks, None if previous_end is None else max(now - previous_end, 0.0), inferred)
         pin = self.estimate(cls) >= self.threshold
         self.skipped += not pin
-        self._pending[key] = self._base + len(self._deadlines)
-        self._deadlines.append(now + self.horizon_s)
+        self._pending[key] = self._base + len(deadlines)
+        deadlines.append(now + self.horizon_s)
         self._keys.append(key)
         self._classes.append(self._interned.setdefault(cls, cls))
         self._outcomes.append(0)
@@ -132,9 +149,11 @@ class ReturnModel:
     def arrived(self, key: Hashable, now: float) -> None:
         """A request of session `key` arrived at `now`: its last turn's outcome, if awaited, is known."""
         entry = self._pending.pop(key, None)
+        deadlines = self._deadlines
         if entry is not None:
-            self._known(entry, now <= self._deadlines[entry - self._base])
-        self.settle(now)
+            self._known(entry, now <= deadlines[entry - self._base])
+        if self._head < len(deadlines) and deadlines[self._head] < now:  # `settle`'s own test, without its call
+            self.settle(now)
 
     def ended(self, key: Hashable, now: float) -> None:
         """Session `key` ended at `now` with no request of it in the engine: its awaited turn is known never to return

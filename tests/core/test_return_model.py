@@ -235,3 +235,46 @@ def test_policy_without_a_threshold_awaits_every_turn():
         clock[0] += 31.0
         p.returns.settle(clock[0])
         assert p.returns.by_turn[1].returns == 1 and (2 in p.returns.by_turn) == bool(awaited)
+
+
+def _reference_class(turns: int, blocks: int, gap_s: float | None, inferred: bool = False) -> tuple[int, int, int]:
+    """`return_class` as first written (math.log2, a generator over the edges): the per-turn fast path must agree."""
+    import math
+
+    from kvsched.core.return_model import GAP_EDGES_S, INFERRED_FIRST, TURN_CAP
+
+    octave = int(math.log2(blocks)) if blocks > 0 else -1
+    gap = (INFERRED_FIRST if inferred else 0) if gap_s is None else 1 + sum(gap_s >= e for e in GAP_EDGES_S)
+    return min(max(turns, 1), TURN_CAP), octave, gap
+
+
+def test_return_class_and_estimate_as_first_written():
+    """The classes and estimates the per-turn fast paths give are those of the plain formulas, bit for bit."""
+    import random
+
+    rng = random.Random(7)
+    sizes = [0, 1, 2, 3, 4, 5, 7, 8, 9, 255, 256, 257] + [(1 << k) + d for k in range(9, 48) for d in (-1, 0, 1)]
+    gaps = [None, 0.0, 29.999, 30.0, 30.001, 119.9, 120.0, 599.9, 600.0, 1e6]
+    for turns in (-1, 0, 1, 2, 7, 8, 9, 40):
+        for blocks in sizes:
+            for gap in gaps:
+                for inferred in (False, True):
+                    assert return_class(turns, blocks, gap, inferred) == _reference_class(turns, blocks, gap, inferred)
+    m = ReturnModel(threshold=0.3, horizon_s=10.0, inferred_prior=0.7)
+    now = 0.0
+    for i in range(3000):  # outcomes of many classes settled: every level of the shrinkage has counts
+        now += rng.random()
+        k = f"s{rng.randrange(200)}"
+        if rng.random() < 0.5:
+            m.arrived(k, now)
+        m.turn_finished(k, rng.randrange(1, 12), rng.choice(sizes[:12]), rng.choice([None, 5.0, 50.0]), now,
+                        inferred=i % 5 == 0)
+    assert m.total.outcomes > 1000
+    for cls in [*m.by_class, (3, 99, 2), (1, 2, -1), (42, 1, 1)]:
+        for root in (None, 1.0, 0.25):
+            p = m.total.mean(0.5, 2.0) if root is None else root
+            turn = m.by_turn.get(cls[0])
+            p = turn.mean(p, m.prior_strength) if turn is not None else p
+            p = p * m.inferred_prior if cls[2] == -1 else p
+            full = m.by_class.get(cls)
+            assert m.estimate(cls, root) == (full.mean(p, m.prior_strength) if full is not None else p)
