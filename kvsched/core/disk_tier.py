@@ -27,7 +27,7 @@ Bookkeeping only: the adapter writes, reads and deletes the files (kvsched/adapt
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Container, Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kvsched.core.tier_chain import list_in_order, unlist
@@ -144,15 +144,13 @@ class DiskDirectory:
             n += 1
         return n
 
-    def claim(self, owner: Owner, keys: Sequence[Key], start: int | None = None,
-              only: Container[Key] | None = None) -> None:
-        """`owner` restored `keys` (the first at `start` in its chain; if `only` is given, just those of `keys` in it)
-        from disk: they are its blocks now (an index entry found at start-up gains an owner), and `owner` is the most
-        recent session."""
+    def claim(self, owner: Owner, keys: Sequence[Key], start: int | None = None) -> None:
+        """`owner` restores `keys` (the first at `start` in its chain) from disk: they are its blocks now (an index
+        entry found at start-up gains an owner), and `owner` is the most recent session."""
         mine = self._touch(owner)
         mine_set, n0 = set(mine), len(mine)
         for key in keys:
-            if key in self.written and (only is None or key in only):
+            if key in self.written:
                 self._claim(owner, key, mine, mine_set)
         self._listed(owner, mine, n0, keys, start)
 

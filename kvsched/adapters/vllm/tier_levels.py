@@ -261,14 +261,15 @@ class TierLevels(ArrivalReads):
         if not keys:
             return 0
         source = dict(keys)
+        if self.disk is not None:  # its run, at `start + len(held)` in the chain, is `owner`'s and `owner` the most
+            # recent, before the host makes room: a spill that makes room on a full disk then evicts another session's
+            # blocks, not the ones about to be read (found by a helper's test: a fetch read a file just deleted)
+            self.disk.claim(owner, [k for k, src in keys if src == DISK], start + len(held))
         placed = host.admit(owner, held + [k for k, _ in keys], start)  # (`held` starts at block `start`)
         host.hold([slot for _, slot in placed])  # no other key gets these slots until the workers' fetches landed
         fetches = [Fetch(k, slot, source[k]) for k, slot in placed]
         self.ops.fetches.extend(fetches)
         self.on_fetch(fetches)
-        if self.disk is not None:  # its run, at `start + len(held)` in the chain: the blocks placed become `owner`'s
-            on_disk = [k for k, src in keys if src == DISK]
-            self.disk.claim(owner, on_disk, start + len(held), only={k for k, _ in placed if source[k] == DISK})
         for _, src in ((k, source[k]) for k, _ in placed):
             self.counters[f"{src}_planned_fetches"] += 1
         if moved and any(source[k] == SHARED for k, _ in placed):

@@ -83,3 +83,22 @@ def test_a_restore_then_a_turns_end_list_the_chain_and_eviction_takes_its_tail(t
     lv.turn_finished("t", [(bytes([200 + i]) * 32, i) for i in range(3)], None)  # 3 blocks: s loses 5, 4, 3
     assert written(lv) == [CHAIN[5], CHAIN[4], CHAIN[3]]
     assert lv.disk.match(CHAIN, 0, 8) == 3 and lv.disk.position_of["s"] == {CHAIN[i]: i for i in range(3)}
+
+
+def test_the_room_a_restore_makes_in_the_host_tier_does_not_evict_from_disk_the_run_it_reads(tmp_path: Path) -> None:
+    """a's next request restores block 2 from the full disk into the full host tier: the room made there spills x's
+    tail to disk, whose eviction took a's tail, block 2 itself (a, its last write the oldest, was the least recent
+    session): the fetch planned read a deleted file. The restore makes a the most recent first: b's block goes."""
+    lv = levels(tmp_path, blocks=4)
+    h = host(slots=6)
+    h.on_evict = lv.on_host_evict
+    lv.turn_finished("a", [(k, i) for i, k in enumerate(CHAIN[:3])], None)
+    lv.turn_finished("b", [(b"b" * 32, 20)], None)
+    assert written(lv) == [] and lv.disk is not None
+    h.demote("a", [(k, i) for i, k in enumerate(CHAIN[:2])], 0)
+    h.demote("x", [(bytes([100 + i]) * 32, 10 + i) for i in range(4)])  # the host tier is full
+    assert lv.promote("a", CHAIN, 0, 8, h) == 1
+    ops = lv.take_ops()
+    assert [(f.key, f.source) for f in ops.fetches] == [(CHAIN[2], DISK)]
+    assert [s.key for s in ops.spills] == [bytes([103]) * 32] and ops.deletes == [b"b" * 32]
+    assert lv.disk.match(CHAIN, 0, 8) == 3 and lv.disk.keys_of["a"] == CHAIN[:3]
