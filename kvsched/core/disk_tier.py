@@ -14,6 +14,13 @@ by review): a session with nothing in the host tier, the normal case at a turn's
 sessions filled the disk no later turn was ever written. A write that fails (disk full) shrinks the budget to what is
 on disk, so the next writes evict instead of failing again.
 
+A session's list is kept in chain order (`kvsched.core.tier_chain`, as the host tier's), whatever order its blocks
+came in: eviction takes its tail, so what stays must be a prefix a restore can reach. Spills come one block at a time,
+deepest first (the host tier evicts its own tail first), and a turn's end writes may land between them: listed as they
+came (k0, k1, k3, k2), a full disk evicted k2 and kept k3, which no restore reaches (found by a helper's probe,
+tests/core/test_disk_tier_order.py). So each write, spill and restore says where its first key sits in the owner's
+chain (`start`; None: just past the owner's last listed key, the order of arrival).
+
 Bookkeeping only: the adapter writes, reads and deletes the files (kvsched/adapters/vllm/tier_disk.py).
 """
 
@@ -22,6 +29,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+from kvsched.core.tier_chain import list_in_order, unlist
 
 Key = Hashable
 Owner = Hashable
@@ -64,7 +73,8 @@ class DiskDirectory:
         self.written: dict[Key, None] = {}  # insertion order = age (oldest first)
         self.pending: set[Key] = set()
         self.owners: dict[Key, set[Owner]] = {}
-        self.keys_of: dict[Owner, list[Key]] = {}  # prefix order; insertion order = recency (least recent first)
+        self.keys_of: dict[Owner, list[Key]] = {}  # chain order; insertion order = recency (least recent first)
+        self.position_of: dict[Owner, dict[Key, int]] = {}  # each listed key's place in its owner's chain
         self.counters: Counter[str] = Counter()
 
     # ---- start-up ---------------------------------------------------------------------------------------------------
@@ -82,12 +92,13 @@ class DiskDirectory:
         return excess
 
     # ---- writes -------------------------------------------------------------------------------------------------
-    def plan_writes(self, owner: Owner, keys: Sequence[Key]) -> WritePlan:
-        """`owner`'s blocks (prefix order) should be on disk: the writes of those not there yet. A block that finds
-        no room ends the plan (a restore needs an unbroken run; a later block alone is of no use)."""
+    def plan_writes(self, owner: Owner, keys: Sequence[Key], start: int | None = None) -> WritePlan:
+        """`owner`'s blocks (prefix order, the first at `start` in its chain) should be on disk: the writes of those
+        not there yet. A block that finds no room ends the plan (a restore needs an unbroken run; a later block alone
+        is of no use)."""
         plan = WritePlan()
         mine = self._touch(owner)
-        mine_set = set(mine)
+        mine_set, n0 = set(mine), len(mine)
         for key in keys:
             if key in self.written or key in self.pending:
                 self._claim(owner, key, mine, mine_set)
@@ -98,8 +109,7 @@ class DiskDirectory:
             self.pending.add(key)
             self._claim(owner, key, mine, mine_set)
             plan.write.append(key)
-        if not mine:
-            del self.keys_of[owner]
+        self._listed(owner, mine, n0, keys, start)
         self.counters["planned_writes"] += len(plan.write)
         return plan
 
@@ -134,16 +144,15 @@ class DiskDirectory:
             n += 1
         return n
 
-    def claim(self, owner: Owner, keys: Sequence[Key]) -> None:
-        """`owner` restored `keys` from disk: they are its blocks now (an index entry found at start-up gains an
-        owner), and `owner` is the most recent session."""
+    def claim(self, owner: Owner, keys: Sequence[Key], start: int | None = None) -> None:
+        """`owner` restores `keys` (the first at `start` in its chain) from disk: they are its blocks now (an index
+        entry found at start-up gains an owner), and `owner` is the most recent session."""
         mine = self._touch(owner)
-        mine_set = set(mine)
+        mine_set, n0 = set(mine), len(mine)
         for key in keys:
             if key in self.written:
                 self._claim(owner, key, mine, mine_set)
-        if not mine:
-            del self.keys_of[owner]
+        self._listed(owner, mine, n0, keys, start)
 
     def forget(self, keys: Iterable[Key]) -> list[Key]:
         """The worker found these files bad (torn, wrong checksum, missing): never matched again; returns the keys
@@ -160,6 +169,7 @@ class DiskDirectory:
     def drop_owner(self, owner: Owner) -> list[Key]:
         """The session ended: its blocks no other session shares go. Returns the keys whose files are to be deleted."""
         out: list[Key] = []
+        self.position_of.pop(owner, None)
         for key in self.keys_of.pop(owner, []):
             owners = self.owners.get(key)
             if owners is None:
@@ -191,6 +201,14 @@ class DiskDirectory:
         mine = self.keys_of.pop(owner, [])
         self.keys_of[owner] = mine
         return mine
+
+    def _listed(self, owner: Owner, mine: list[Key], n0: int, keys: Sequence[Key], start: int | None) -> None:
+        """`mine[n0:]` were just listed for `owner` out of `keys` (the first at `start`): into chain order."""
+        if mine:
+            list_in_order(self.position_of.setdefault(owner, {}), mine, n0, keys, start)
+        else:
+            del self.keys_of[owner]
+            self.position_of.pop(owner, None)
 
     def _claim(self, owner: Owner, key: Key, mine: list[Key], mine_set: set[Key]) -> None:
         self.owners.setdefault(key, set()).add(owner)
@@ -225,13 +243,14 @@ class DiskDirectory:
     def _peel(self, victim: Owner, deleted: list[Key]) -> bool:
         """`victim` gives up its written blocks tail first until one nobody else holds goes (True: its file is to be
         deleted); a block another session shares stays, the victim no longer holds it. False once it holds none."""
-        keys = self.keys_of[victim]
+        keys, at = self.keys_of[victim], self.position_of.get(victim, {})
         freed = False
         for j in range(len(keys) - 1, -1, -1):
             key = keys[j]
             if key not in self.written:
                 continue
             del keys[j]
+            at.pop(key, None)
             owners = self.owners.get(key, set())
             owners.discard(victim)
             if not owners:  # shared with nobody else: the file goes
@@ -243,12 +262,9 @@ class DiskDirectory:
                 break
         if not keys:
             del self.keys_of[victim]
+            self.position_of.pop(victim, None)
         return freed
 
     def _unlink(self, key: Key) -> None:
         for owner in self.owners.pop(key, set()):
-            keys = self.keys_of.get(owner)
-            if keys is not None and key in keys:
-                keys.remove(key)
-                if not keys:
-                    del self.keys_of[owner]
+            unlist(self.keys_of, self.position_of, owner, key)

@@ -68,9 +68,9 @@ class TierDirectory:
         self.tail_of: dict[Owner, TailKey] = {}  # one partial last block per session
         self._tails: dict[Key, set[TailKey]] = {}  # parent key -> tails stored after it
         self.counters: Counter[str] = Counter()
-        # Called with (key, slot, owner) when pressure evicts a full block, before its slot is reused: a lower level
-        # (the disk, kvsched.core.disk_tier) may keep it. Not called for blocks dropped because their session ended.
-        self.on_evict: Callable[[Key, int, Owner | None], None] | None = None
+        # (key, slot, owner, the key's place in the owner's chain) when pressure evicts a full block, before its slot
+        # is reused: a lower level (kvsched.core.disk_tier) may keep it. Not for blocks dropped as their session ended.
+        self.on_evict: Callable[[Key, int, Owner | None, int | None], None] | None = None
 
     # ---- demotion ---------------------------------------------------------------------------------------------
     def demote(self, owner: Owner, blocks: Sequence[tuple[Key, int]], start: int | None = None) -> list[Store]:
@@ -234,7 +234,7 @@ class TierDirectory:
         for key in self._orphans:  # full blocks (tails are never evicted while locked): the lower levels may keep them
             if key in self.slot_of and not self.owners.owned(key):
                 if self.on_evict is not None:
-                    self.on_evict(key, self.slot_of[key], None)
+                    self.on_evict(key, self.slot_of[key], None, None)
                 self._free_key(key)
                 self.counters["evicted_blocks"] += 1
         self._orphans.clear()
@@ -352,14 +352,14 @@ class TierDirectory:
         for _, _, victim in victims:
             keys, at = self.keys_of[victim], self.position_of.get(victim, {})
             while keys and want > 0:
-                at.pop(key := keys.pop(), None)  # tail first
+                pos = at.pop(key := keys.pop(), None)  # tail first
                 if self.owners.leave(key, victim) is not False:
                     continue  # not held, or shared with another session: stays
                 if self.slot_of[key] in self._locked:  # a load reads it this step: freed once the metadata is built
                     self._orphans.append(key)
                     continue
                 if self.on_evict is not None and self.slot_of[key] not in self._inflight:  # a copy may spill to disk
-                    self.on_evict(key, self.slot_of[key], victim)
+                    self.on_evict(key, self.slot_of[key], victim, pos)
                 self._free_key(key)
                 self.counters["evicted_blocks"] += 1
                 want -= 1

@@ -244,7 +244,7 @@ def test_every_block_a_load_held_back_is_freed_at_unlock_and_only_evictions_are_
     to the disk level."""
     d = directory(3, {"low": 1.0, "gone": 2.0, "t": 2.5, "high": 3.0})
     spilled: list[object] = []
-    d.on_evict = lambda key, slot, owner: spilled.append(key)
+    d.on_evict = lambda key, slot, owner, at: spilled.append(key)
     d.demote("low", blocks("l", 1))
     d.demote("gone", blocks("g", 1))
     tail = d.put_tail("t", "p", [1], 0)
@@ -264,13 +264,13 @@ def test_admit_places_keys_and_evictions_are_reported_for_the_disk_level() -> No
 
     values = {"low": 1.0, "high": 2.0}
     d = TierDirectory(TierConfig(budget_bytes=300), block_bytes=100, value_of=lambda o: values.get(o, 0.0))
-    spilled: list[tuple[object, int, object]] = []
-    d.on_evict = lambda key, slot, owner: spilled.append((key, slot, owner))
+    spilled: list[tuple[object, int, object, int | None]] = []
+    d.on_evict = lambda key, slot, owner, at: spilled.append((key, slot, owner, at))
     assert d.admit("low", ["a", "b"]) == [("a", 0), ("b", 1)]
     assert d.admit("low", ["a"]) == []  # held: no new slot
     placed = d.admit("high", ["c", "d"])
     assert [k for k, _ in placed] == ["c", "d"]
-    assert spilled == [("b", 1, "low")]  # the lower-value session's tail block, before its slot is reused
+    assert spilled == [("b", 1, "low", 1)]  # the lower-value session's tail block (place 1), before its slot is reused
     d.lock([placed[0][1]])
     d.drop_owner("high")  # a session's end is not an eviction
     assert len(spilled) == 1

@@ -152,11 +152,12 @@ class TierLevels(ArrivalReads):
 
     # ---- writes -------------------------------------------------------------------------------------------------
     def turn_finished(self, owner: Any, blocks: Sequence[tuple[bytes, int]], rec: Any) -> None:
-        """`owner`'s turn ended holding `blocks` ((content key, pool block id), prefix order): write the new ones
-        behind, and its metadata to the store."""
+        """`owner`'s turn ended holding `blocks` ((content key, pool block id), prefix order from the chain's first
+        block): write the new ones behind, and its metadata to the store."""
         to_disk: set[bytes] = set()
         if blocks:
-            plan = self._disk_call("planning a turn's writes", lambda d: d.plan_writes(owner, [k for k, _ in blocks]))
+            keys = [k for k, _ in blocks]  # from the chain's first block: place 0
+            plan = self._disk_call("planning a turn's writes", lambda d: d.plan_writes(owner, keys, 0))
             if plan is not None:
                 to_disk.update(plan.write)
                 self.ops.deletes.extend(plan.delete)
@@ -175,15 +176,16 @@ class TierLevels(ArrivalReads):
             key = self._session_key(owner)
             self.meta_writer.submit(lambda: self.store.put_state(key, meta.encode(), self.cfg.state_ttl_s) and None)
 
-    def on_host_evict(self, key: Any, slot: int, owner: Any) -> None:
-        """The host tier evicts `key` from `slot`: spill it to disk unless the disk holds it (or the slot's bytes
-        are not this key's yet: stored or fetched this very step, before the worker ran)."""
+    def on_host_evict(self, key: Any, slot: int, owner: Any, at: int | None = None) -> None:
+        """The host tier evicts `key` (at place `at` in `owner`'s chain) from `slot`: spill it to disk unless the disk
+        holds it (or the slot's bytes are not this key's yet: stored or fetched this very step, before the worker ran).
+        The host tier evicts a session's tail first, so its spills come deepest first: the disk lists them by `at`."""
         if self.disk is None or not isinstance(key, bytes) or self.disk.holds(key):
             return
         if slot in self._busy_slots():
             self.counters["spills_skipped"] += 1
             return
-        plan = self._disk_call("planning a spill", lambda d: d.plan_writes(owner, [key]))
+        plan = self._disk_call("planning a spill", lambda d: d.plan_writes(owner, [key], at))
         if plan is None:
             return
         self.ops.deletes.extend(plan.delete)
@@ -259,13 +261,15 @@ class TierLevels(ArrivalReads):
         if not keys:
             return 0
         source = dict(keys)
+        if self.disk is not None:  # its run, at `start + len(held)` in the chain, is `owner`'s and `owner` the most
+            # recent, before the host makes room: a spill that makes room on a full disk then evicts another session's
+            # blocks, not the ones about to be read (found by a helper's test: a fetch read a file just deleted)
+            self.disk.claim(owner, [k for k, src in keys if src == DISK], start + len(held))
         placed = host.admit(owner, held + [k for k, _ in keys], start)  # (`held` starts at block `start`)
         host.hold([slot for _, slot in placed])  # no other key gets these slots until the workers' fetches landed
         fetches = [Fetch(k, slot, source[k]) for k, slot in placed]
         self.ops.fetches.extend(fetches)
         self.on_fetch(fetches)
-        if self.disk is not None:
-            self.disk.claim(owner, [k for k, _ in placed if source[k] == DISK])
         for _, src in ((k, source[k]) for k, _ in placed):
             self.counters[f"{src}_planned_fetches"] += 1
         if moved and any(source[k] == SHARED for k, _ in placed):
