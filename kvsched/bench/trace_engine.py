@@ -158,6 +158,7 @@ def measured(outcomes: list[dict[str, Any]], before: dict[str, float], after: di
         out["invalid"] = f"{int(prompt)} prompt tokens served, {planned_prompt_tokens} planned"
     if "kvsched_retained_hit_tokens_total" in after:
         out["retained_hit_tokens"] = int(d.get("kvsched_retained_hit_tokens_total", 0.0))
+        out["branches"] = int(d.get("kvsched_branches_total", 0.0))  # later turns the lineage read as new branches
         out["tier_prefetch_hit_tokens"] = int(d.get("kvsched_tier_prefetch_hit_tokens_total", 0.0))
         out["payback_fed"] = after.get("kvsched_payback_fed")
         out["payback_balance_blocks"] = after.get("kvsched_payback_balance_blocks")
@@ -193,7 +194,9 @@ def predicted(trace: Any, capacity_blocks: int, tier: tuple[int, int] | None = N
         runs["kvsched + FP8 tier"] = replay(trace, "kvsched", replace(cfg, tier_bytes=tier[0], tier_block_bytes=tier[1]))
     lru = runs["lru"].prefill_tokens_computed or 1
     return {p: {"prefill_tokens_computed": r.prefill_tokens_computed, "over_lru": r.prefill_tokens_computed / lru,
-                "rejected": r.rejected}  # larger than the pool with the trace's whole output (the engine caps it)
+                "rejected": r.rejected,  # larger than the pool with the trace's whole output (the engine caps it)
+                "hit_tokens": r.hit_tokens,  # trace tokens (the engine counts block_tokens per trace block)
+                **{k: r.policy_stats[k] for k in ("retained_hit_tokens", "branches") if k in r.policy_stats}}
             for p, r in runs.items()}
 
 

@@ -9,8 +9,16 @@ each trace block is one engine block and the pool is sized in the trace's own bl
 What the engine cannot replay: a request's output is the model's (here random weights), not the tokens the next turn
 repeats, so the block a turn's output completes is cached under other content and its next turn computes it again, on
 every side alike (the simulator counts it a hit). A prompt's partial last block is the start of the block the trace
-says its output completes, so the next turn repeats it as the trace does; its length is rounded up (1..block_tokens-1
-tokens), so a prompt that does not end on a trace block boundary does not end on an engine block boundary either.
+lists at that position (random tokens where it lists none); its length is rounded up (1..block_tokens-1 tokens), so a
+prompt that does not end on a trace block boundary does not end on an engine block boundary either.
+
+A later turn resends its session's last prompt as a client does: when it repeats all of the last (planned) prompt's
+full blocks and goes on past them, it continues there with that prompt's partial last block, token for token, and then
+with its own block's tokens (the trace's id there is usually another one: the block holds the output too). Such a
+block's tokens then stand for its id wherever it appears later; an id some earlier prompt already sent keeps its
+tokens (the trace says the two share it). Before this (up to 5a985be) the later turn began that block with its own
+id's tokens, so kvsched's named-tail lineage check (`kvsched.core.lineage_tail`) read most later turns as branches
+(`tools/replay_tails.py`).
 """
 
 from __future__ import annotations
@@ -91,6 +99,8 @@ def plan(trace: Trace, block_tokens: int, vocab_size: int, max_output_tokens: in
     t0 = float(trace.t[0]) if len(trace) else 0.0
     out: list[ReplayRequest] = []
     keep = np.ones(len(trace), dtype=bool)
+    blocks = _Blocks(block_tokens, vocab_size)
+    last: dict[int, tuple[np.ndarray, int, np.ndarray]] = {}  # session -> its last planned (ids, full, prompt)
     for i in range(len(trace)):
         ids = trace.blocks(i)
         prompt = int(trace.prompt_tokens[i])
@@ -103,17 +113,68 @@ def plan(trace: Trace, block_tokens: int, vocab_size: int, max_output_tokens: in
         if full * block_tokens + max(tail, 1) + new > max_tokens_per_request:
             keep[i] = False
             continue
-        tokens = block_tokens_of(ids[:full], block_tokens, vocab_size).ravel()
-        if len(ids) > full:  # the block this request's output completes begins with its tail
-            tail_tokens = block_tokens_of(ids[full:full + 1], block_tokens, vocab_size)[0, :tail]
-        else:
-            tail_tokens = rng.integers(FIRST_TOKEN, vocab_size - FIRST_TOKEN, size=tail)
+        sent = ids[:full + 1] if len(ids) > full and tail else ids[:full]  # the ids whose tokens the prompt holds
+        rows = blocks.rows(sent)
+        extra = np.zeros(0, dtype=np.int64)  # tokens past the listed blocks
+        if len(ids) <= full:
+            extra = rng.integers(FIRST_TOKEN, vocab_size - FIRST_TOKEN, size=tail)
         if full == 0 and tail == 0:  # a prompt shorter than one scaled token: one token of its own
-            tail_tokens = rng.integers(FIRST_TOKEN, vocab_size - FIRST_TOKEN, size=1)
-        sid, salt = trace.sessions[int(trace.session[i])]
-        session = sid if salt is None else f"{sid}@{salt}"  # one id with two salts is two sessions in the trace
+            extra = rng.integers(FIRST_TOKEN, vocab_size - FIRST_TOKEN, size=1)
+        n = full * block_tokens + (tail if len(sent) > full else len(extra))
+        index = int(trace.session[i])  # (id, salt): one id with two salts is two sessions in the trace
+        if index in last:
+            _resend(last[index], ids, sent, rows, extra, n, blocks)
+        blocks.sent(sent)
+        tokens = np.concatenate([rows.ravel()[:min(n, len(sent) * block_tokens)], extra])
+        last[index] = (ids, full, tokens)
+        sid, salt = trace.sessions[index]
+        session = sid if salt is None else f"{sid}@{salt}"
         out.append(ReplayRequest(at_s=(float(trace.t[i]) - t0) * time_scale, session=session,
-                                 prompt=[int(x) for x in np.concatenate([tokens, tail_tokens])],
-                                 max_tokens=new, blocks=full))
+                                 prompt=[int(x) for x in tokens], max_tokens=new, blocks=full))
     live = trace.subset(keep).peak_live_blocks() if keep.any() else 0
     return ReplayPlan(out, block_tokens, bs, live, keep)
+
+
+class _Blocks:
+    """Each id's `block_tokens` tokens: `block_tokens_of` unless a resent tail made them (`_resend`); fixed once a
+    prompt has sent them."""
+
+    def __init__(self, block_tokens: int, vocab_size: int) -> None:
+        self.block_tokens, self.vocab_size = block_tokens, vocab_size
+        self.made: dict[int, np.ndarray] = {}  # the blocks a resent tail began
+        self.fixed: set[int] = set()  # ids a prompt has sent
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), block_tokens), a copy the caller may change."""
+        rows = block_tokens_of(ids, self.block_tokens, self.vocab_size)
+        for j, b in enumerate(ids.tolist()):
+            if b in self.made:
+                rows[j] = self.made[b]
+        return rows
+
+    def sent(self, ids: np.ndarray) -> None:
+        """A prompt sent these blocks (a partial last one too): their tokens stay as they are now."""
+        self.fixed.update(ids.tolist())
+
+
+def _resend(previous: tuple[np.ndarray, int, np.ndarray], ids: np.ndarray, sent: np.ndarray, rows: np.ndarray,
+            extra: np.ndarray, n: int, blocks: _Blocks) -> None:
+    """A later turn of `previous`'s session (its ids, full blocks, prompt) that repeats all of its full blocks and
+    goes on past them repeats its partial last block there, as a client resends the last prompt: in `rows` (the
+    turn's blocks `sent`, changed in place) and `extra` (its tokens past them), up to its own length `n`. Stops at a
+    block whose id an earlier prompt sent (its tokens are that prompt's)."""
+    p_ids, p_full, p_tokens = previous
+    k = blocks.block_tokens
+    start, stop = p_full * k, min(len(p_tokens), n)
+    if stop <= start or len(ids) < p_full or not np.array_equal(ids[:p_full], p_ids[:p_full]):
+        return  # nothing past the full blocks, or a turn that diverges within them: as the trace lists it
+    for j in range(p_full, -(-stop // k)):
+        lo, hi = j * k, min(stop, (j + 1) * k)
+        if j < len(sent):
+            if int(sent[j]) in blocks.fixed:
+                return
+            rows[j, :hi - lo] = p_tokens[lo:hi]
+            blocks.made[int(sent[j])] = rows[j].copy()
+        else:
+            base = len(sent) * k
+            extra[lo - base:hi - base] = p_tokens[lo:hi]
