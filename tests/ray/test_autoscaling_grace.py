@@ -110,7 +110,7 @@ def test_ray_serve_refuses_a_bad_grace_at_start_up(tmp_path: Path, capsys: pytes
     assert err.startswith("kvsched ray-serve: pools[0].autoscaling: ") and "unscraped_grace_s" in err, err
     path.write_text("pools:\n  - {name: w, model: /m, autoscaling: {min_replicas: 1, unscraped_grace_s: 15}}\n")
     assert main(["ray-serve", str(path), "--dry-run"]) == 0
-    assert "engine metrics unread past 15s: left out" in capsys.readouterr().out
+    assert "unscraped_grace_s 15s: a replica's engine metrics unread longer are left out" in capsys.readouterr().out
 
 
 def test_the_readme_names_every_autoscaling_key_and_the_gauge_as_ray_exports_it() -> None:
