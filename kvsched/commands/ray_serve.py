@@ -28,8 +28,9 @@ def describe(cfg: Any) -> str:
     for p in cfg.pools:
         scale = (f"autoscaling {p.autoscaling.min_replicas}-{p.autoscaling.max_replicas} on queue depth "
                  f"{p.autoscaling.queue_per_replica}/replica and p95 TTFT {p.autoscaling.ttft_p95_s}s over "
-                 f"{p.autoscaling.look_back_period_s:g}s (a replica's engine metrics unread past "
-                 f"{p.autoscaling.unscraped_grace_s:g}s: left out)"
+                 f"{p.autoscaling.look_back_period_s:g}s (ttft_hold_s {p.autoscaling.ttft_hold_s:g}s: the last P95 "
+                 f"keeps the pool from scaling down that long; unscraped_grace_s {p.autoscaling.unscraped_grace_s:g}s: "
+                 f"a replica's engine metrics unread longer are left out)"
                  if p.autoscaling else f"{p.replicas} replica(s)")
         lines.append(f"  pool {p.name}: models {', '.join(p.models)}; roles {', '.join(p.roles) or '-'}; "
                      f"{'long-context; ' if p.long_context else ''}{p.device}; {scale}; engine {p.engine.model} "

@@ -1,9 +1,12 @@
 """A TCP proxy in front of a real `vllm serve` that forwards every connection byte for byte, except that while
 blocked it stalls `GET /metrics`: it accepts the connection, reads the request and never answers (the client's
 socket timeout is what ends it). What a scrape of a wedged or overloaded metrics endpoint meets, which a refused or
-closed connection (tests/ray/standin_metrics.py) does not exercise.
+closed connection (tests/ray/standin_metrics.py) does not exercise. With `drip_s` set, it answers the blocked scrape
+instead, but slowly: one byte every `drip_s` seconds, from the status line on (`drip="head"`) or once the headers are
+sent (`drip="body"`), `drip_bytes` bytes of body in all, until done or the client closes the connection: what a
+socket timeout per read never ends while bytes keep coming.
 
-Only a connection's first request is looked at: urllib (the replica's stats poll) opens one connection per request;
+Only a connection's first request is looked at: the replica's stats poll opens one connection per request;
 a client reusing a connection (httpx, for completions) gets its later requests forwarded whatever they are."""
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +28,12 @@ class StallingProxy:
     block_file: str | None = None
     report_file: str | None = None
     blocked: threading.Event = field(default_factory=threading.Event)
-    stalls: int = 0  # /metrics requests stalled so far
-    stalled_now: int = 0  # stalled connections the client still holds open
+    drip_s: float | None = None  # None: a blocked /metrics hangs; else it drips a byte every `drip_s` s
+    drip: str = "body"  # "head": from the status line on; "body": after the headers
+    drip_bytes: int = 100  # the dripped answer's body (Content-Length)
+    stalls: int = 0  # /metrics requests stalled (hung or dripping) so far
+    stalled_now: int = 0  # stalled connections the client still holds open (a drip: until a send fails or it ends)
+    dripped: int = 0  # bytes dripped so far
     sent_while_stalled: int = 0  # client bytes forwarded upstream while a /metrics request was stalled
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _listener: socket.socket = field(init=False)
@@ -58,7 +66,10 @@ class StallingProxy:
                 return
             head += chunk
         if self.is_blocked() and head.startswith(b"GET /metrics"):
-            self._stall(client)
+            if self.drip_s is None:
+                self._stall(client)
+            else:
+                self._drip(client, self.drip_s)
             return
         upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
         upstream.sendall(head)
@@ -84,6 +95,31 @@ class StallingProxy:
             while client.recv(65536):
                 pass
         except OSError:
+            pass
+        finally:
+            with self._lock:
+                self.stalled_now -= 1
+                self._report()
+            client.close()
+
+    def _drip(self, client: socket.socket, every_s: float) -> None:
+        """Answers 200 with a `drip_bytes` body, a byte every `every_s` s, until done or a send fails."""
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {self.drip_bytes}\r\n\r\n".encode()
+        body = b"#" * self.drip_bytes  # a comment line, never ended: no sample the parser could take
+        with self._lock:
+            self.stalls += 1
+            self.stalled_now += 1
+            self._report()
+        try:
+            if self.drip == "body":
+                client.sendall(head)
+                head = b""
+            for byte in head + body:
+                time.sleep(every_s)
+                client.sendall(bytes((byte,)))
+                with self._lock:
+                    self.dripped += 1
+        except OSError:  # the client gave up and closed the connection
             pass
         finally:
             with self._lock:

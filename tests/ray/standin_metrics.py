@@ -1,7 +1,7 @@
 """For the unscraped-replica test on a real Ray cluster (imported by Ray's workers by name): a stand-in engine replica
 whose stats are kvsched's own, read over real HTTP. Each replica runs a small HTTP server on loopback in place of
 vLLM's, answering `/metrics` in vLLM's exposition format and `/kvsched/sessions?pinned_ids=1`; the replica's
-`ReplicaStats` polls it with urllib as it polls `vllm serve`, and the replica's own `record_routing_stats`,
+`ReplicaStats` polls it over HTTP as it polls `vllm serve`, and the replica's own `record_routing_stats`,
 `record_autoscaling_stats` and `describe` report what it read (requests are still answered by `StandInEngine`'s mock).
 
 While a file `rank-<rank>` exists in the block directory, that replica's server closes every connection unanswered:
@@ -10,7 +10,6 @@ rank 100 in (0.5 s, 1 s], so the pool's P95 is under 0.1 s from rank 0 alone and
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -77,8 +76,6 @@ class MetricsStandInEngine(StandInEngine):
         self.endpoint = _EngineServer(block_dir)
         threading.Thread(target=self.endpoint.serve_forever, name="standin-metrics", daemon=True).start()
         self.stats = ReplicaStats(f"http://127.0.0.1:{self.endpoint.server_address[1]}", hold_s=ttft_hold_s)
-        self._stats_lock = asyncio.Lock()
-        self._polled_at = 0.0
 
     record_routing_stats = EngineReplica.record_routing_stats  # kvsched's own (StandInEngine fixes them)
     record_autoscaling_stats = EngineReplica.record_autoscaling_stats

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 import re
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from kvsched.adapters.ray import stats as stats_module
 from kvsched.adapters.ray.autoscaling import UNSCRAPED_GAUGE, QueueTTFTPolicy
 from kvsched.adapters.ray.config import parse_config
 from kvsched.adapters.ray.stats import ReplicaStats
@@ -69,7 +69,7 @@ def test_the_replica_calls_its_engine_metrics_stale_by_the_pools_grace(monkeypat
     def refused(*args: object, **kwargs: object) -> None:
         raise ConnectionRefusedError("metrics endpoint down")
 
-    monkeypatch.setattr(urllib.request, "urlopen", refused)
+    monkeypatch.setattr(stats_module, "get", refused)  # the replica's GET of its engine
     now = [100.0]
     stats = ReplicaStats("http://127.0.0.1:9", clock=lambda: now[0])
     for t in (100.0, 130.0):
@@ -110,7 +110,7 @@ def test_ray_serve_refuses_a_bad_grace_at_start_up(tmp_path: Path, capsys: pytes
     assert err.startswith("kvsched ray-serve: pools[0].autoscaling: ") and "unscraped_grace_s" in err, err
     path.write_text("pools:\n  - {name: w, model: /m, autoscaling: {min_replicas: 1, unscraped_grace_s: 15}}\n")
     assert main(["ray-serve", str(path), "--dry-run"]) == 0
-    assert "engine metrics unread past 15s: left out" in capsys.readouterr().out
+    assert "unscraped_grace_s 15s: a replica's engine metrics unread longer are left out" in capsys.readouterr().out
 
 
 def test_the_readme_names_every_autoscaling_key_and_the_gauge_as_ray_exports_it() -> None:

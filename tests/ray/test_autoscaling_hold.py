@@ -17,7 +17,7 @@ from kvsched.adapters.ray.autoscaling import FRESH_TTFT, HELD_TTFT, QueueTTFTPol
 from kvsched.adapters.ray.config import parse_config
 from kvsched.adapters.ray.stats import ReplicaStats
 from kvsched.cli import main
-from kvsched.core.ttft_histogram import SERIES_SPAN_S, TTFT_HOLD_S
+from kvsched.core.ttft_histogram import SERIES_SPAN_S, TTFT_HOLD_S, UNSCRAPED_GRACE_S
 from tests.ray.test_autoscaling_signals import fleet_ctx, reports, ttft_metrics
 from tests.ray.test_autoscaling_window import assert_config_error, assert_core_error, pool
 
@@ -137,3 +137,16 @@ def test_ray_serve_refuses_a_bad_hold_at_start_up(tmp_path: Path, capsys: pytest
     assert err.startswith("kvsched ray-serve: pools[0].autoscaling: ") and "ttft_hold_s" in err, err
     path.write_text("pools:\n  - {name: w, model: /m, autoscaling: {min_replicas: 1, ttft_hold_s: 15}}\n")
     assert main(["ray-serve", str(path), "--dry-run"]) == 0
+    assert "ttft_hold_s 15s: the last P95 keeps the pool from scaling down that long" in capsys.readouterr().out
+
+
+def test_ray_serve_dry_run_shows_both_settings_defaults_included(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`--dry-run` prints what the pool scales by: the hold and the grace, set or (the second pool) defaulted."""
+    path = tmp_path / "pools.yaml"
+    path.write_text("pools:\n  - {name: a, model: /m, models: [a], autoscaling: {min_replicas: 1, ttft_hold_s: 17, "
+                    "unscraped_grace_s: 23}}\n  - {name: b, model: /m, models: [b], autoscaling: {min_replicas: 1}}\n")
+    assert main(["ray-serve", str(path), "--dry-run"]) == 0
+    a, b = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  pool ")]
+    assert "(ttft_hold_s 17s: " in a and "; unscraped_grace_s 23s: " in a, a
+    assert f"(ttft_hold_s {TTFT_HOLD_S:g}s: " in b and f"; unscraped_grace_s {UNSCRAPED_GRACE_S:g}s: " in b, b

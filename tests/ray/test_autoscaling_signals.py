@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -265,24 +266,23 @@ def test_a_poll_left_running_by_a_cancelled_caller_is_not_undone_by_the_next_one
     the baseline counted as new (a 4.9 s P95 from 10 fast first tokens). Polls run one at a time; one in flight makes
     the next return at once, the one in flight bringing the news."""
     import threading
-    import urllib.request
 
+    from kvsched.adapters.ray import stats as stats_module
     from kvsched.adapters.ray.stats import ReplicaStats
 
     engine = {"text": ttft_metrics({5.0: 500})}
     entered, release, hold = threading.Event(), threading.Event(), threading.Event()
 
-    def urlopen(req: object, timeout: float | None = None) -> Answer:
-        url = req if isinstance(req, str) else req.full_url  # type: ignore[attr-defined]
+    def get(url: str, headers: object, deadline: float) -> bytes:
         if url.endswith("/metrics"):
-            return Answer(engine["text"].encode())
+            return engine["text"].encode()
         if hold.is_set():
             hold.clear()
             entered.set()
             release.wait(30.0)  # a safety bound, not a timing: the test sets it
-        return Answer(b'{"pinned_session_ids": []}')
+        return b'{"pinned_session_ids": []}'
 
-    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(stats_module, "get", get)
     st = ReplicaStats("http://x", hold_s=60.0)
     st.poll()  # the baseline: 500 slow first tokens of long ago
     engine["text"] = ttft_metrics({0.1: 10, 5.0: 500})
@@ -303,38 +303,22 @@ def test_a_malformed_sessions_reply_keeps_the_scrape_and_the_last_session_list(m
     """A reply of /kvsched/sessions cut short (http.client.IncompleteRead, not an OSError) raised out of poll(), so
     the /metrics scrape read before it was lost and Ray logged a failed stats call; now it is kept, as for a busy
     engine, with the last session list."""
-    import urllib.request
-
+    from kvsched.adapters.ray import stats as stats_module
     from kvsched.adapters.ray.stats import ReplicaStats
 
-    engine = {"text": ttft_metrics({0.1: 0}), "sessions": b'{"pinned_session_ids": ["a"]}'}
+    engine: dict[str, Any] = {"text": ttft_metrics({0.1: 0}), "sessions": b'{"pinned_session_ids": ["a"]}'}
 
-    def urlopen(req: object, timeout: float | None = None) -> Answer:
-        url = req if isinstance(req, str) else req.full_url  # type: ignore[attr-defined]
-        return Answer(engine["text"].encode() if url.endswith("/metrics") else engine["sessions"])
+    def get(url: str, headers: object, deadline: float) -> bytes:
+        if url.endswith("/metrics"):
+            return str(engine["text"]).encode()
+        if engine["sessions"] is None:
+            raise http.client.IncompleteRead(b'{"pinned_sess')  # a reply cut short, as http.client raises it
+        return bytes(engine["sessions"])
 
-    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(stats_module, "get", get)
     st = ReplicaStats("http://x", hold_s=60.0)
     st.poll()
     engine["text"], engine["sessions"] = ttft_metrics({0.1: 20}), None
     st.poll()
     assert st.ttft_buckets[float("inf")] == 20
     assert st.kv_sessions == ["a"]
-
-
-class Answer:
-    """A urlopen reply: `body`, or (None) a body cut short, as http.client raises it."""
-
-    def __init__(self, body: bytes | None) -> None:
-        self.body = body
-
-    def __enter__(self) -> Answer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def read(self) -> bytes:
-        if self.body is None:
-            raise http.client.IncompleteRead(b'{"pinned_sess')
-        return self.body

@@ -6,11 +6,11 @@ tests/core/test_ttft_unscraped.py)."""
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from types import SimpleNamespace
 
 import pytest
 
+from kvsched.adapters.ray import stats as stats_module
 from kvsched.adapters.ray.autoscaling import UNSCRAPED_GAUGE, QueueTTFTPolicy
 from kvsched.adapters.ray.fleet_ttft import UNREAD_TTFT
 from kvsched.adapters.ray.stats import ReplicaStats
@@ -25,7 +25,7 @@ def failing_replica(monkeypatch: pytest.MonkeyPatch, polls_at: list[float]) -> d
     def refused(*args: object, **kwargs: object) -> None:
         raise ConnectionRefusedError("metrics endpoint down")
 
-    monkeypatch.setattr(urllib.request, "urlopen", refused)
+    monkeypatch.setattr(stats_module, "get", refused)  # the replica's GET of its engine
     now = [0.0]
     st = ReplicaStats("http://127.0.0.1:9", clock=lambda: now[0])
     for t in polls_at:

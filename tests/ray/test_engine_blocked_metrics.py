@@ -1,7 +1,7 @@
 """A real engine replica (`EngineReplica`, its `vllm serve --scheduler kvsched` on the tiny model) whose `/metrics`
 hangs: a proxy in front of the engine (`stalling_proxy.py`) accepts the scrape's connection and never answers,
 everything else passes. The replica's own autoscaling path (`record_autoscaling_stats` -> `_fresh_stats` ->
-`ReplicaStats.poll`, its default timeout) gives up on the socket's timeout, reports the engine's metrics unread
+`ReplicaStats.poll`, its default deadline) gives up at its deadline, reports the engine's metrics unread
 (`ttft_unread_s` > 0, `describe` "failing") with its last counts, and the policy fed the replica's own reports holds
 the pool (no scale-down while the replica cannot be read) where the same replica read is idle and scaled down;
 meanwhile the engine answers completions sent while the scrape hangs. Read again, the replica reports "ok".
@@ -78,7 +78,7 @@ def test_a_hanging_metrics_scrape_times_out_is_unread_not_idle_and_the_engine_se
         assert proxy.sent_while_stalled > 0  # the completions went to the engine while the scrape hung
         blocked = await scrape
         print(f"blocked scrape: record_autoscaling_stats returned after {time.monotonic() - t0 - 1.1:.2f} s "
-              f"(ReplicaStats.poll's timeout: 5 s); proxy stalls {proxy.stalls}")
+              f"(ReplicaStats.poll's deadline: 5 s); proxy stalls {proxy.stalls}")
         assert proxy.stalls == 1 and proxy.stalled_now == 0  # the scrape gave up and closed its connection
         assert replica.stats.health.failures == 1  # (the poll's TimeoutError is logged: the test below has its type)
         assert blocked["ttft_unread_s"] > 0 and replica.describe()["engine_metrics"] == "failing"
@@ -104,7 +104,7 @@ def test_a_hanging_metrics_scrape_times_out_is_unread_not_idle_and_the_engine_se
 
 def test_the_replicas_poll_raises_the_sockets_timeout_on_a_hanging_scrape() -> None:
     """The same `ReplicaStats.poll`, against the proxy in front of a port that never gets the request: a read timeout
-    (TimeoutError), counted as a failed read; the call returns (a hang would fail the join's bound)."""
+    (TimeoutError: the poll's deadline), counted as a failed read; the call returns (a hang would fail the join's bound)."""
     from kvsched.adapters.ray.stats import ReplicaStats
 
     proxy = StallingProxy(upstream_port=9)  # nothing is forwarded: /metrics is stalled, and that is all it asks

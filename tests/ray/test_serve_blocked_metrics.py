@@ -4,7 +4,7 @@ kvsched` on the tiny model, behind a proxy that stalls `GET /metrics` while a fi
 never answered) and the pool's policy recording each decision (`standin_ttft.RecordingPolicy`; min 0 replicas, Ray's
 downscale delay 600 s, so what is checked is the decisions). Idle and read, the policy asks to scale the pool to 0.
 Blocked: Ray's own calls of the replica's `record_autoscaling_stats` and `record_routing_stats` meet the hanging scrape
-(each poll gives up on its 5-s socket timeout), `GET /kvsched/replicas` says "failing", the policy holds the pool
+(each poll gives up at its 5-s deadline), `GET /kvsched/replicas` says "failing", the policy holds the pool
 ("no scale-down while replica(s) ... cannot be read") and completions through the ingress are answered meanwhile (the
 proxy saw their bytes pass while a scrape hung). Unblocked: "ok", and the idle pool may go again."""
 

@@ -25,6 +25,7 @@ the router's slot for the replica (`served_slot`), which can differ from its ran
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import os
 import secrets
@@ -53,6 +54,9 @@ from kvsched.serving import ServerSpec, VllmServer
 ADMIN_KEYS_ENV = "KVSCHED_ADMIN_KEYS"
 
 logger = logging.getLogger("ray.serve")
+# How long Ray's routing-stats call waits for a stats poll in flight before it answers with the last one: well within
+# the shortest timeout Ray gives the call (app.py: 5 s), which a poll's own deadline (`ReplicaStats.timeout_s`) is not.
+ROUTING_WAIT_S = 2.0
 # The session headers kvsched reads, and the caller's key and cache salt: found by review, a pool whose vllm serve
 # checks API keys (`--api-key`, VLLM_API_KEY) answered 401 to everything, as no key reached it.
 FORWARD_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction", "accept",
@@ -111,6 +115,10 @@ class EngineReplica:
     stale when the policy leaves them out; `ttft_hold_s`: the pool's `autoscaling: {ttft_hold_s}`, how long the
     replica's own P95 is held (`ReplicaStats.hold_s`), as the policy holds the fleet's."""
 
+    routing_wait_s = ROUTING_WAIT_S
+    _polled_at = 0.0  # when the last stats poll ended (time.monotonic())
+    _poll: asyncio.Future[None] | None = None  # the stats poll in flight
+
     def __init__(self, pool: str, engine: dict[str, Any], unscraped_grace_s: float = UNSCRAPED_GRACE_S,
                  ttft_hold_s: float = TTFT_HOLD_S) -> None:
         cfg = EngineConfig.model_validate(engine, strict=False)
@@ -129,8 +137,6 @@ class EngineReplica:
         threading.Thread(target=self._watch_engine, name="vllm-watch", daemon=True).start()
         self.client = httpx.AsyncClient(base_url=self.server.base, timeout=httpx.Timeout(None, connect=10.0))
         self.stats = ReplicaStats(self.server.base, admin_key=stats_key, hold_s=ttft_hold_s)
-        self._stats_lock = asyncio.Lock()
-        self._polled_at = 0.0
         logger.info(f"kvsched engine {pool}/slot-{self.slot} serving at {self.server.base}")
 
     @property
@@ -239,18 +245,31 @@ class EngineReplica:
                 "engine_metrics_unread_s": round(self.stats.unread_s(), 1)}
 
     # ---- what Ray polls -----------------------------------------------------------------------------------------
-    async def _fresh_stats(self, max_age_s: float = 1.0) -> dict[str, Any]:
-        async with self._stats_lock:
-            if time.monotonic() - self._polled_at > max_age_s:
-                try:
-                    await asyncio.to_thread(self.stats.poll)
-                except (OSError, ValueError) as exc:  # unreachable, or a scrape the parser refuses
-                    logger.warning(f"kvsched engine slot-{self.slot}: stats poll failed: {exc}")
-                self._polled_at = time.monotonic()
+    async def _fresh_stats(self, max_age_s: float = 1.0, wait_s: float | None = None) -> dict[str, Any]:
+        """The stats, polled again if the last poll ended over `max_age_s` ago. Callers share the poll in flight and
+        wait for it (at most `wait_s`; None: until it ends, within its deadline), then read what it published. No
+        lock is held across the read: found by review, a lock held across a /metrics that dripped bytes kept Ray's
+        routing-stats calls (5-s timeout) waiting for as long as it dripped."""
+        poll = self._poll
+        if poll is None and time.monotonic() - self._polled_at > max_age_s:
+            poll = self._poll = asyncio.ensure_future(self._poll_engine())
+        if poll is not None:
+            await asyncio.wait([poll], timeout=wait_s)  # (a caller timed out or cancelled leaves the poll running)
+            if poll.done():
+                poll.result()  # (what the poll does not catch reaches its callers, as before)
         return self.stats.snapshot()
 
+    async def _poll_engine(self) -> None:
+        try:
+            await asyncio.to_thread(self.stats.poll)
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # unreachable, past its deadline, cut short,
+            logger.warning(f"kvsched engine slot-{self.slot}: stats poll failed: {exc!r}")  # or refused by the parser
+        finally:
+            self._polled_at = time.monotonic()
+            self._poll = None
+
     async def record_routing_stats(self) -> dict[str, Any]:
-        return {"slot": self.slot, "pool": self.pool, **(await self._fresh_stats())}
+        return {"slot": self.slot, "pool": self.pool, **(await self._fresh_stats(wait_s=self.routing_wait_s))}
 
     def record_replica_metadata(self) -> dict[str, Any]:
         return {"slot": self.slot, "pool": self.pool}

@@ -24,13 +24,13 @@ import json
 import math
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvsched.adapters.ray.deadline_get import get
 from kvsched.core.ttft_histogram import (
     SERIES_SPAN_S,
     TTFT_HOLD_S,
@@ -88,6 +88,7 @@ class ReplicaStats:
     hold_s: float = TTFT_HOLD_S  # the held `ttft_p95_s`: the pool's `autoscaling: {ttft_hold_s}`
     span_s: float = SERIES_SPAN_S  # the counts' bookkeeping (`ServerCounts.hold_s`) and the fresh P95's gathering
     clock: Callable[[], float] = time.monotonic
+    timeout_s: float = 5.0  # a poll's deadline: both reads, whole (connect to last byte), within it
     queue_depth: float = 0.0
     running: float = 0.0
     ttft_p95_s: float | None = None
@@ -98,60 +99,72 @@ class ReplicaStats:
     _reported_buckets: dict[float, float] = field(default_factory=dict)  # `ttft_buckets` at the last fresh P95
     _reported_at: float = -math.inf
     _polling: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # Held only to apply a read or to read what was applied (never across the network): a snapshot is one poll's.
+    _state: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._counts = ServerCounts(self.span_s)
 
     def update(self, metrics_text: str, sessions: Mapping[str, Any] | None) -> None:
-        scrape = read_metrics(metrics_text)
-        self.queue_depth = scrape.gauges.get("vllm:num_requests_waiting", 0.0)
-        self.running = scrape.gauges.get("vllm:num_requests_running", 0.0)
-        now = self.clock()
-        delta = self._counts.add(scrape.ttft_series, now)
-        p95 = histogram_quantile(delta, 0.95)
-        if p95 is not None:
-            self.ttft_p95_s, self._ttft_at = p95, now
-        elif now - self._ttft_at > self.hold_s:
-            self.ttft_p95_s = None
+        scrape = read_metrics(metrics_text)  # parsed before taking the lock: only applying it holds it
+        kv_sessions: list[str] | None = None
         if sessions is not None and "pinned_session_ids" in sessions:
-            self.kv_sessions = sorted(str(s) for s in sessions["pinned_session_ids"])
+            kv_sessions = sorted(str(s) for s in sessions["pinned_session_ids"])
         elif sessions is not None:
-            self.kv_sessions = sorted(str(r["session_id"]) for r in sessions.get("sessions", ())
-                                      if r.get("pinned_blocks", 0) > 0)
+            kv_sessions = sorted(str(r["session_id"]) for r in sessions.get("sessions", ())
+                                 if r.get("pinned_blocks", 0) > 0)
+        with self._state:
+            self.queue_depth = scrape.gauges.get("vllm:num_requests_waiting", 0.0)
+            self.running = scrape.gauges.get("vllm:num_requests_running", 0.0)
+            now = self.clock()
+            delta = self._counts.add(scrape.ttft_series, now)
+            p95 = histogram_quantile(delta, 0.95)
+            if p95 is not None:
+                self.ttft_p95_s, self._ttft_at = p95, now
+            elif now - self._ttft_at > self.hold_s:
+                self.ttft_p95_s = None
+            if kv_sessions is not None:
+                self.kv_sessions = kv_sessions
 
-    def poll(self, timeout_s: float = 5.0) -> None:
-        """Blocking: read /metrics and /kvsched/sessions (run it in a thread). One at a time: while one is in flight,
-        another returns at once, the one in flight bringing the news. Found by review: Ray cancels
-        record_autoscaling_stats after 10 s, but its thread runs on; the next poll ran beside it, and the older
-        scrape applied after the newer read as a counter reset, counting the engine's history as new."""
+    def poll(self, timeout_s: float | None = None) -> None:
+        """Blocking: read /metrics and /kvsched/sessions (run it in a thread), both within one deadline, `timeout_s`
+        (default `self.timeout_s`) from now: past it, TimeoutError and a failed read. Found by review: a timeout per
+        socket read let a /metrics sending a byte every 0.5 s hold a poll for as long as it dripped. The reads hold
+        no lock; only applying them does (`_state`). One poll at a time: while one is in flight, another returns at
+        once, the one in flight bringing the news. Found by review: Ray cancels record_autoscaling_stats after 10 s,
+        but its thread runs on; the next poll ran beside it, and the older scrape applied after the newer read as a
+        counter reset, counting the engine's history as new."""
         if not self._polling.acquire(blocking=False):
             return
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         read = False
         try:
-            with urllib.request.urlopen(self.base_url + "/metrics", timeout=timeout_s) as r:
-                text = r.read().decode()
+            text = get(self.base_url + "/metrics", {}, deadline).decode()
             try:
-                sessions = self._all_sessions(timeout_s)
+                sessions = self._all_sessions(deadline)
             except (OSError, ValueError, http.client.HTTPException):  # HTTPException: a reply cut short
-                sessions = None  # stock vLLM (no kvsched scheduler) or busy: keep the last list
+                sessions = None  # stock vLLM (no kvsched scheduler), busy or past the deadline: keep the last list
             self.update(text, sessions)
             read = True
         finally:
-            self.health.record(read, self.clock())  # a failed read: the counts reported are not current
+            with self._state:
+                self.health.record(read, self.clock())  # a failed read: the counts reported are not current
             self._polling.release()
 
-    def _all_sessions(self, timeout_s: float) -> dict[str, Any]:
+    def _all_sessions(self, deadline: float) -> dict[str, Any]:
         """The ids of every session holding pinned KV on the engine (all salts and tenants with the admin key), in one
         call that walks the session table once (pages of the listing would walk it once per page)."""
         headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
-        req = urllib.request.Request(self.base_url + "/kvsched/sessions?pinned_ids=1", headers=headers)
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            body: dict[str, Any] = json.loads(r.read())
+        body: dict[str, Any] = json.loads(get(self.base_url + "/kvsched/sessions?pinned_ids=1", headers, deadline))
         return body
 
     def fresh_ttft_p95(self) -> float | None:
         """The P95 TTFT of the first tokens counted since the previous call that returned one, None while they are
         fewer than MIN_TTFT_SAMPLES (they count in the next call's, unless they gathered for longer than `span_s`)."""
+        with self._state:
+            return self._fresh_ttft_p95()
+
+    def _fresh_ttft_p95(self) -> float | None:
         buckets, now = self.ttft_buckets, self.clock()
         if self._reported_at == -math.inf:  # the first window starts at the first call
             self._reported_at = now
@@ -167,12 +180,16 @@ class ReplicaStats:
     def ttft_buckets(self) -> dict[float, float]:
         """The first tokens counted since the first scrape, cumulative by upper bound, summed over engines, resets
         taken out (the fleet's P95 merges these across replicas: `fleet_ttft.py`)."""
-        return dict(self._counts.total)
+        with self._state:
+            return dict(self._counts.total)
 
     def unread_s(self) -> float:
         """For how long the engine's metrics have gone unread (0: the last read succeeded, or none was tried)."""
-        return self.health.unread_s(self.clock())
+        with self._state:
+            return self.health.unread_s(self.clock())
 
     def snapshot(self) -> dict[str, Any]:
-        return {"queue_depth": self.queue_depth, "running": self.running, "ttft_p95_s": self.ttft_p95_s,
-                "kv_sessions": list(self.kv_sessions), "ttft_unread_s": self.unread_s()}
+        """What the last poll applied, read whole (under `_state`: not half of one poll and half of the next)."""
+        with self._state:
+            return {"queue_depth": self.queue_depth, "running": self.running, "ttft_p95_s": self.ttft_p95_s,
+                    "kv_sessions": list(self.kv_sessions), "ttft_unread_s": self.unread_s()}
