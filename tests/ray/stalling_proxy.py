@@ -11,10 +11,12 @@ a client reusing a connection (httpx, for completions) gets its later requests f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,15 +87,15 @@ class StallingProxy:
             Path(self.report_file).write_text(json.dumps({"stalls": self.stalls, "stalled_now": self.stalled_now,
                                                           "sent_while_stalled": self.sent_while_stalled}))
 
-    def _stall(self, client: socket.socket) -> None:
-        """Holds the connection open, answering nothing, until the client gives up and closes it."""
+    @contextlib.contextmanager
+    def _stalled(self, client: socket.socket) -> Iterator[None]:
+        """Counts a stalled connection while the body runs (an OSError there: the client gave up), then closes it."""
         with self._lock:
             self.stalls += 1
             self.stalled_now += 1
             self._report()
         try:
-            while client.recv(65536):
-                pass
+            yield
         except OSError:
             pass
         finally:
@@ -102,15 +104,17 @@ class StallingProxy:
                 self._report()
             client.close()
 
+    def _stall(self, client: socket.socket) -> None:
+        """Holds the connection open, answering nothing, until the client gives up and closes it."""
+        with self._stalled(client):
+            while client.recv(65536):
+                pass
+
     def _drip(self, client: socket.socket, every_s: float) -> None:
         """Answers 200 with a `drip_bytes` body, a byte every `every_s` s, until done or a send fails."""
         head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {self.drip_bytes}\r\n\r\n".encode()
         body = b"#" * self.drip_bytes  # a comment line, never ended: no sample the parser could take
-        with self._lock:
-            self.stalls += 1
-            self.stalled_now += 1
-            self._report()
-        try:
+        with self._stalled(client):
             if self.drip == "body":
                 client.sendall(head)
                 head = b""
@@ -119,13 +123,6 @@ class StallingProxy:
                 client.sendall(bytes((byte,)))
                 with self._lock:
                     self.dripped += 1
-        except OSError:  # the client gave up and closed the connection
-            pass
-        finally:
-            with self._lock:
-                self.stalled_now -= 1
-                self._report()
-            client.close()
 
     def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
         try:

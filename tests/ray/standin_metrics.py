@@ -35,7 +35,20 @@ def metrics_text(rank: int, scrapes: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _EngineEndpoint(BaseHTTPRequestHandler):
+class QuietHandler(BaseHTTPRequestHandler):
+    """A stand-in engine's handler: answers 200 with a body, logs nothing (the tests' output stays readable)."""
+
+    def send_body(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _EngineEndpoint(QuietHandler):
     server: _EngineServer
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -47,13 +60,7 @@ class _EngineEndpoint(BaseHTTPRequestHandler):
             body = metrics_text(replica_rank(), self.server.scrapes).encode()
         else:
             body = json.dumps({"pinned_session_ids": []}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.send_body(body)
 
 
 class _EngineServer(ThreadingHTTPServer):

@@ -6,7 +6,6 @@ Ray cluster test_serve_unscraped.py."""
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,12 +16,11 @@ from kvsched.adapters.ray import stats as stats_module
 from kvsched.adapters.ray.autoscaling import UNSCRAPED_GAUGE, QueueTTFTPolicy
 from kvsched.adapters.ray.config import parse_config
 from kvsched.adapters.ray.stats import ReplicaStats
-from kvsched.cli import main
 from kvsched.core.routing_autoscale import AutoscaleTargets
 from kvsched.core.ttft_histogram import UNSCRAPED_GRACE_S
 from tests.ray.test_autoscaling_signals import fleet_ctx, reports
 from tests.ray.test_autoscaling_unscraped import failing_replica, with_unread
-from tests.ray.test_autoscaling_window import assert_config_error, assert_core_error, pool
+from tests.ray.test_autoscaling_window import pool
 
 
 def test_the_grace_reaches_the_policy_and_the_engine_replicas() -> None:
@@ -86,31 +84,6 @@ def test_the_replica_calls_its_engine_metrics_stale_by_the_pools_grace(monkeypat
 
     assert described(UNSCRAPED_GRACE_S)["engine_metrics"] == "failing"
     assert described(20.0)["engine_metrics"] == "never read" and described(20.0)["engine_metrics_unread_s"] == 30.0
-
-
-BAD = [(0, "> 0"), (-5, "> 0"), (math.inf, "finite"), (math.nan, "finite"), (True, "valid number"),
-       ("60s", "valid number")]
-
-
-@pytest.mark.parametrize(("value", "problem"), BAD)
-def test_a_bad_grace_is_a_config_error_naming_it(value: object, problem: str) -> None:
-    assert_config_error("unscraped_grace_s", value, problem)
-
-
-@pytest.mark.parametrize("value", [0, -1.0, math.inf, math.nan, True, "60"])
-def test_a_bad_grace_is_a_typed_error_in_the_core(value: object) -> None:
-    assert_core_error("unscraped_grace_s", value, "unscraped_grace_s must be a finite number of seconds > 0")
-
-
-def test_ray_serve_refuses_a_bad_grace_at_start_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "pools.yaml"
-    path.write_text("pools:\n  - {name: w, model: /m, autoscaling: {min_replicas: 1, unscraped_grace_s: -1}}\n")
-    assert main(["ray-serve", str(path), "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("kvsched ray-serve: pools[0].autoscaling: ") and "unscraped_grace_s" in err, err
-    path.write_text("pools:\n  - {name: w, model: /m, autoscaling: {min_replicas: 1, unscraped_grace_s: 15}}\n")
-    assert main(["ray-serve", str(path), "--dry-run"]) == 0
-    assert "unscraped_grace_s 15s: a replica's engine metrics unread longer are left out" in capsys.readouterr().out
 
 
 def test_the_readme_names_every_autoscaling_key_and_the_gauge_as_ray_exports_it() -> None:

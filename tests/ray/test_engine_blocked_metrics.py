@@ -104,7 +104,7 @@ def test_a_hanging_metrics_scrape_times_out_is_unread_not_idle_and_the_engine_se
 
 def test_the_replicas_poll_raises_the_sockets_timeout_on_a_hanging_scrape() -> None:
     """The same `ReplicaStats.poll`, against the proxy in front of a port that never gets the request: a read timeout
-    (TimeoutError: the poll's deadline), counted as a failed read; the call returns (a hang would fail the join's bound)."""
+    (TimeoutError: the poll's deadline), counted as a failed read; the call returns (a hang fails the join's bound)."""
     from kvsched.adapters.ray.stats import ReplicaStats
 
     proxy = StallingProxy(upstream_port=9)  # nothing is forwarded: /metrics is stalled, and that is all it asks

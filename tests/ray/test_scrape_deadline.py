@@ -12,7 +12,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -20,22 +20,16 @@ import pytest
 from kvsched.adapters.ray.engine import EngineReplica
 from kvsched.adapters.ray.stats import ReplicaStats
 from tests.ray.stalling_proxy import StallingProxy
+from tests.ray.standin_metrics import QuietHandler
 
 DRIP_S = 0.5
 METRICS = ("# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 3\n"
            "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 2\n")
 
 
-class _Engine(BaseHTTPRequestHandler):
+class _Engine(QuietHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        body = METRICS.encode() if self.path == "/metrics" else b'{"pinned_session_ids": ["s1"]}'
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.send_body(METRICS.encode() if self.path == "/metrics" else b'{"pinned_session_ids": ["s1"]}')
 
 
 @pytest.fixture

@@ -134,7 +134,7 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         return self.directory
 
     def demote(self, owner: Any, blocks: list[tuple[Any, int]], start: int | None = None) -> int:
-        """`owner` lost the pins on `blocks` ((key, block id), prefix order, from `start` in its pin): plan their copy."""
+        """`owner` lost the pins on `blocks` ((key, block id), prefix order, from `start` in its pin): copy them."""
         assert self.directory is not None
         if not self.enabled:
             return 0
