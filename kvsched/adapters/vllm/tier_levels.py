@@ -33,8 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from kvsched.adapters.vllm.tier_arrival_reads import SEEN_SESSIONS_MEMORY, ArrivalReads  # noqa: F401 - re-exported
-from kvsched.adapters.vllm.tier_blob import framed_len
-from kvsched.adapters.vllm.tier_disk import DiskFiles
+from kvsched.adapters.vllm.tier_disk import open_level
 from kvsched.adapters.vllm.tier_level_ops import (  # noqa: F401 - re-exported
     DISK,
     SHARED,
@@ -44,7 +43,7 @@ from kvsched.adapters.vllm.tier_level_ops import (  # noqa: F401 - re-exported
     Publish,
     Spill,
 )
-from kvsched.adapters.vllm.tier_levels_config import ENV_DISK_GB, LevelsConfig
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_lookups import StoreLookups
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.disk_tier import DiskDirectory
@@ -53,10 +52,6 @@ from kvsched.core.shared_state import SessionMeta, session_key
 from kvsched.core.store_health import ReadCost
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
-# No --kvsched-disk-tier-gb: half of what the directory's file system has free plus what this model's files found at
-# start-up take (found by review: of the free space alone, each restart shrank the budget and deleted KV the previous
-# run wrote, the very blocks a restart is to restore).
-DISK_DEFAULT_FREE_FRACTION = 0.5
 DISK_RETRY_S = 30.0  # while another engine holds the disk directory (a rolling update): how often to try it again
 # LRU bounds, sized by review's measurements (~170 B an entry here, ~250 B in the next; 1,000,000 took 171 + 252 MiB).
 # Keys known to be in the store: forgetting one costs one redundant put at its session's next turn, never a wrong or
@@ -90,7 +85,7 @@ class TierLevels(ArrivalReads):
                            "restart or other replica could restore their blocks", description["unshareable"])
         self.clock: Callable[[], float] = time.monotonic
         self._disk_retry_at: float | None = None  # while another engine holds the directory: when to try again
-        self._disk_args = (cfg, identity, description, block_bytes, world_size)
+        self._disk_args = (cfg, identity, description, block_bytes, world_size, self.shares)
         if cfg.disk_dir and not description.get("unshareable"):
             self._try_disk(first=True)
         self.store: Any = None
@@ -111,44 +106,22 @@ class TierLevels(ArrivalReads):
                         redacted(cfg.store_url), cfg.replica, cfg.kv_ttl_s, cfg.state_ttl_s)
 
     def _try_disk(self, first: bool = False) -> None:
-        """Open the disk level; while another engine holds its directory, try again every DISK_RETRY_S (found by
-        review: tried once, at start, so in a rolling update, the old engine draining while this one starts, this one
-        never had the level). Said once, not at each try."""
+        """Open the disk level (tier_disk.open_level: its start-up deletes, past the budget, are queued); while
+        another engine holds its directory, try again every DISK_RETRY_S (found by review: tried once, at start, so in
+        a rolling update, the old engine draining while this one starts, this one never had the level). Said once,
+        not at each try."""
         cfg = self._disk_args[0]
         try:
-            self.disk = self._open_disk(*self._disk_args, quiet=not first)
+            opened = open_level(*self._disk_args, quiet=not first)
         except OSError as exc:  # full, read-only, not permitted: the engine serves without the level
             logger.error("kvsched disk tier: %s unusable (%s); running without the disk level", cfg.disk_dir, exc)
             self._disk_retry_at = None
             return
-        self._disk_retry_at = None if self.disk is not None else self.clock() + DISK_RETRY_S
-
-    def _open_disk(self, cfg: LevelsConfig, identity: str, description: dict[str, Any], block_bytes: int,
-                   world_size: int, quiet: bool = False) -> DiskDirectory | None:
-        """The disk level's books from the files found in its directory; its start-up deletes (past the budget) are
-        queued. Every file-system call is in here, under the caller's OSError guard (found by review: the scan and the
-        free-space query were outside it, so a read-only directory holding a stale .tmp file stopped the engine)."""
-        files = DiskFiles(str(cfg.disk_dir), identity, description, 0, world_size)
-        if not files.claim(quiet):  # another engine of this model runs on this directory (logged)
-            return None
-        self.disk_files = files  # holds the directory's lock while the engine runs
-        found = files.scan()
-        if cfg.disk_gb:
-            budget, how = int(cfg.disk_gb * 2**30), f"--kvsched-disk-tier-gb / {ENV_DISK_GB}"
-        else:
-            budget = int((files.free_bytes() + files.found_bytes) * DISK_DEFAULT_FREE_FRACTION)
-            how = "auto: half of the free space and of its own files"
-        budget = max(0, budget - files.partial_bytes)  # blocks some ranks have yet to write, too young to delete
-        files_bytes = sum(n * files.on_disk(framed_len(32, b)) for n, b in self.shares.rank_bytes(block_bytes))
-        disk = DiskDirectory(budget, files_bytes)  # one file per rank, each of its stage's layers
-        self.ops.deletes.extend(disk.load_index(found))
-        self.counters["disk_partial_blocks_removed"] += files.partial_removed
-        if disk.capacity == 0:  # found by review: a budget below one block's files ran the level holding nothing
-            logger.warning("kvsched disk tier: %.6f GiB holds no block (%d bytes on disk for every rank's file of "
-                           "one block): the level keeps nothing", budget / 2**30, disk.block_bytes)
-        logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk (%d written by some ranks only "
-                    "removed)", files.dir, budget / 2**30, how, len(disk.written), files.partial_removed)
-        return disk
+        if opened is not None:  # the files hold the directory's lock while the engine runs
+            self.disk_files, self.disk, excess = opened
+            self.ops.deletes.extend(excess)
+            self.counters["disk_partial_blocks_removed"] += self.disk_files.partial_removed
+        self._disk_retry_at = None if opened is not None else self.clock() + DISK_RETRY_S
 
     # ---- writes -------------------------------------------------------------------------------------------------
     def turn_finished(self, owner: Any, blocks: Sequence[tuple[bytes, int]], rec: Any) -> None:
