@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from kvsched.adapters.vllm.tier_arrival_reads import SEEN_SESSIONS_MEMORY, ArrivalReads  # noqa: F401 - re-exported
@@ -233,12 +233,16 @@ class TierLevels(ArrivalReads):
         self._look_up(owner, meta_key, request_id, want, moved)
         if not keys:
             return 0
-        source = dict(keys)
-        if self.disk is not None:  # its run, at `start + len(held)` in the chain, is `owner`'s and `owner` the most
-            # recent, before the host makes room: a spill that makes room on a full disk then evicts another session's
-            # blocks, not the ones about to be read (found by a helper's test: a fetch read a file just deleted)
-            self.disk.claim(owner, [k for k, src in keys if src == DISK], start + len(held))
-        placed = host.admit(owner, held + [k for k, _ in keys], start)  # (`held` starts at block `start`)
+        source, on_disk = dict(keys), [k for k, src in keys if src == DISK]
+        if self.disk is not None:  # its run, at `start + len(held)` in the chain, is `owner`'s, `owner` the most
+            # recent, and the run pinned until read (`fetches_over`), before the host makes room: neither a spill that
+            # makes room on a full disk nor a later step's eviction deletes a file about to be read (found by helpers)
+            self.disk.claim(owner, on_disk, start + len(held))
+        placed: list[tuple[bytes, int]] = []
+        try:
+            placed = host.admit(owner, held + [k for k, _ in keys], start)  # (`held` starts at block `start`)
+        finally:  # a block given no slot is not read (none is if admit raised): unpinned now, the others when over
+            self._unpin(set(on_disk).difference(k for k, _ in placed))
         host.hold([slot for _, slot in placed])  # no other key gets these slots until the workers' fetches landed
         fetches = [Fetch(k, slot, source[k]) for k, slot in placed]
         self.ops.fetches.extend(fetches)
@@ -254,7 +258,9 @@ class TierLevels(ArrivalReads):
         the last step, which no worker will ever run."""
         if self.lookups is not None:
             self.lookups.close()
-        return self.take_ops().fetches
+        fetches = self.take_ops().fetches
+        self._unpin(f.key for f in fetches if f.source == DISK)
+        return fetches
 
     # ---- worker reports -----------------------------------------------------------------------------------------
     def written(self, results: Sequence[tuple[bytes, bool]], disk_full: bool) -> None:
@@ -295,6 +301,7 @@ class TierLevels(ArrivalReads):
         restored or not served (found by review: each rank's counts were summed, world_size times the blocks)."""
         for _, source, ok in over:
             self.counters[f"{source}_restored_blocks" if ok else f"{source}_read_failures"] += 1
+        self._unpin(key for key, source, _ in over if source == DISK)  # on every rank: its file may go now
 
     def take_ops(self) -> LevelOps:
         if self._disk_retry_at is not None and self.clock() >= self._disk_retry_at:
@@ -343,6 +350,11 @@ class TierLevels(ArrivalReads):
             self.counters["disk_level_errors"] += 1
             self.disk = None
             return None
+
+    def _unpin(self, keys: Iterable[bytes]) -> None:
+        """Reads of `keys` from disk are over or will never run (a failure too): the blocks may be evicted again."""
+        dead: list[Any] | None = self._disk_call("ending a read", lambda d: d.unpin(keys))
+        self.ops.deletes.extend(dead or [])
 
     def _session_key(self, owner: Any) -> str:
         """The id's key whatever the branch: branch numbers are this engine's (kvsched.core.lineage), so another
