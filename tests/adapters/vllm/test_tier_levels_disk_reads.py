@@ -24,7 +24,7 @@ from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker
 from kvsched.adapters.vllm.tier_meta import TierWorkerMeta
 from kvsched.adapters.vllm.tier_stats import absorb_worker_meta
-from kvsched.core.tier import TierDirectory
+from kvsched.core.tier import TierConfig, TierDirectory
 from tests.adapters.vllm.test_fp8_tier_store import caches, views_of
 from tests.adapters.vllm.test_tier_levels_disk_order import BLOCK, CHAIN, IDENT, host, levels
 
@@ -142,8 +142,6 @@ def test_blocks_given_no_host_slot_and_a_restore_that_raises_leave_no_pin(tmp_pa
         def admit(self, *args: Any, **kwargs: Any) -> list[tuple[Any, int]]:
             raise RuntimeError("a bug in the host tier")
 
-    broken = host(slots=4)
-    broken.__class__ = Broken
     with pytest.raises(RuntimeError):
-        e.lv.promote("a", CHAIN, 1, 2, broken)
+        e.lv.promote("a", CHAIN, 1, 2, Broken(TierConfig(budget_bytes=4 * BLOCK), BLOCK, value_of=lambda owner: 0.0))
     assert e.disk.reading == {CHAIN[0]: 1}  # the first restore's, still in flight
