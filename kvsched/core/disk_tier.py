@@ -21,13 +21,21 @@ came (k0, k1, k3, k2), a full disk evicted k2 and kept k3, which no restore reac
 tests/core/test_disk_tier_order.py). So each write, spill and restore says where its first key sits in the owner's
 chain (`start`; None: just past the owner's last listed key, the order of arrival).
 
+A block a restore reads is pinned (`claim`, from before the host tier makes room for it until its fetch is over or
+never runs: `unpin`): no eviction or session's end deletes its file meanwhile. Found by a helper's tests: the room the
+restore made in the host tier spilled to the full disk, whose only other session was the restoring one, and its tail,
+the block being read, went; and a later step's writes evicted a block whose read was still queued. Either fetch read a
+deleted file (the block then recomputed: a lost hit). A pinned block stops its session's eviction there (what stays is
+a prefix); with no other block to evict, the write or spill finds no room. A fetch that hangs keeps its pin, as it
+keeps its host slot, until reported.
+
 Bookkeeping only: the adapter writes, reads and deletes the files (kvsched/adapters/vllm/tier_disk.py).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Container, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kvsched.core.tier_chain import list_in_order, unlist
@@ -75,6 +83,7 @@ class DiskDirectory:
         self.owners: dict[Key, set[Owner]] = {}
         self.keys_of: dict[Owner, list[Key]] = {}  # chain order; insertion order = recency (least recent first)
         self.position_of: dict[Owner, dict[Key, int]] = {}  # each listed key's place in its owner's chain
+        self.reading: Counter[Key] = Counter()  # pinned: written keys a fetch reads (never deleted meanwhile)
         self.counters: Counter[str] = Counter()
 
     # ---- start-up ---------------------------------------------------------------------------------------------------
@@ -146,13 +155,33 @@ class DiskDirectory:
 
     def claim(self, owner: Owner, keys: Sequence[Key], start: int | None = None) -> None:
         """`owner` restores `keys` (the first at `start` in its chain) from disk: they are its blocks now (an index
-        entry found at start-up gains an owner), and `owner` is the most recent session."""
+        entry found at start-up gains an owner), `owner` is the most recent session, and they are pinned until their
+        fetches are over or will never run (`unpin`)."""
         mine = self._touch(owner)
         mine_set, n0 = set(mine), len(mine)
         for key in keys:
             if key in self.written:
                 self._claim(owner, key, mine, mine_set)
+                self.reading[key] += 1
         self._listed(owner, mine, n0, keys, start)
+
+    def unpin(self, keys: Iterable[Key]) -> list[Key]:
+        """The fetches of `keys` are over (filled or not) or will never run: they may go again. Returns those whose
+        files are to be deleted now: every session holding one ended while it was read (`drop_owner` kept it)."""
+        out: list[Key] = []
+        for key in keys:
+            if key not in self.reading:  # never pinned (or already unpinned): nothing to release
+                continue
+            self.reading[key] -= 1
+            if self.reading[key] > 0:
+                continue
+            del self.reading[key]
+            if key in self.written and not self.owners.get(key):
+                del self.written[key]
+                self.owners.pop(key, None)
+                out.append(key)
+                self.counters["orphaned_reads"] += 1
+        return out
 
     def forget(self, keys: Iterable[Key]) -> list[Key]:
         """The worker found these files bad (torn, wrong checksum, missing): never matched again; returns the keys
@@ -175,11 +204,11 @@ class DiskDirectory:
             if owners is None:
                 continue
             owners.discard(owner)
-            if not owners and key in self.written:
+            if not owners and key in self.written and key not in self.reading:
                 del self.written[key]
                 del self.owners[key]
                 out.append(key)
-            elif not owners:  # a write in flight: its file goes when it is reported (`done`)
+            elif not owners:  # a write or a read in flight: its file goes when it is reported (`done`, `unpin`)
                 del self.owners[key]
         return out
 
@@ -217,38 +246,43 @@ class DiskDirectory:
             mine_set.add(key)
 
     def _evict(self, exclude: Owner, deleted: list[Key]) -> bool:
-        """Free one written block: an unclaimed one (oldest first), else the tail block of the least recent session
-        other than `exclude`. False if nothing may go. A loop, not a recursion per shared block peeled
-        off a victim (found by review: sessions sharing a long system prompt exceeded Python's recursion limit, and
-        the RecursionError reached the engine step)."""
+        """Free one written block, never a pinned one: an unclaimed one (oldest first), else the tail block of the
+        least recent session other than `exclude`. False if nothing may go. A loop, not a recursion per shared block
+        peeled off a victim (found by review: sessions sharing a long system prompt exceeded Python's recursion limit,
+        and the RecursionError reached the engine step)."""
         for key in self.written:
-            if not self.owners.get(key):
+            if not self.owners.get(key) and key not in self.reading:
                 del self.written[key]
                 self.owners.pop(key, None)
                 deleted.append(key)
                 self.counters["evicted_blocks"] += 1
                 return True
-        while (victim := self._victim(exclude)) is not None:
+        spent: set[Owner] = {exclude}
+        while (victim := self._victim(spent)) is not None:
             if self._peel(victim, deleted):
                 return True
+            spent.add(victim)  # it holds no written block any more, or a pinned one stopped it
         return False
 
-    def _victim(self, exclude: Owner) -> Owner | None:
-        """The least recently written or claimed session other than `exclude` holding a written block."""
+    def _victim(self, spent: Container[Owner]) -> Owner | None:
+        """The least recently written or claimed session not in `spent` holding a written block."""
         for owner, keys in self.keys_of.items():
-            if owner != exclude and any(k in self.written for k in keys):
+            if owner not in spent and any(k in self.written for k in keys):
                 return owner
         return None
 
     def _peel(self, victim: Owner, deleted: list[Key]) -> bool:
         """`victim` gives up its written blocks tail first until one nobody else holds goes (True: its file is to be
-        deleted); a block another session shares stays, the victim no longer holds it. False once it holds none."""
+        deleted); a block another session shares stays, the victim no longer holds it. False once it holds none, or
+        at a pinned block (it stays, and so does every block before it: a prefix)."""
         keys, at = self.keys_of[victim], self.position_of.get(victim, {})
         freed = False
         for j in range(len(keys) - 1, -1, -1):
             key = keys[j]
             if key not in self.written:
                 continue
+            if key in self.reading:
+                break
             del keys[j]
             at.pop(key, None)
             owners = self.owners.get(key, set())

@@ -65,7 +65,8 @@ def test_index_past_the_budget_drops_the_oldest_and_claim_gives_an_owner() -> No
     assert d.load_index(["a", "b", "c"]) == ["a"]
     assert d.match(["b", "c"], 0, 5) == 2
     d.claim("s", ["b", "c", "zzz"])
-    assert d.keys_of["s"] == ["b", "c"]
+    assert d.keys_of["s"] == ["b", "c"] and d.reading == {"b": 1, "c": 1}  # being read: pinned
+    assert d.unpin(["b", "c", "zzz"]) == [] and not d.reading  # the fetches are over
     assert d.drop_owner("s") == ["b", "c"] and d.size == 0
 
 

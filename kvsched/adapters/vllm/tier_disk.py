@@ -28,12 +28,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvsched.adapters.vllm.tier_blob import framed_len
+from kvsched.adapters.vllm.tier_levels_config import ENV_DISK_GB, LevelsConfig
+from kvsched.core.disk_tier import DiskDirectory
+from kvsched.core.rank_shares import RankShares
+
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
 SUFFIX = ".kv"
 LOCK = ".lock"
 # A block's files of a dead engine's ranks land within seconds of each other (each worker writes behind, and gets 10 s
 # at shutdown): a key some ranks lack that long after its newest file never gets the others.
 PARTIAL_GRACE_S = 600.0
+# No --kvsched-disk-tier-gb: half of what the directory's file system has free plus what this model's files found at
+# start-up take (found by review: of the free space alone, each restart shrank the budget and deleted KV the previous
+# run wrote, the very blocks a restart is to restore).
+DISK_DEFAULT_FREE_FRACTION = 0.5
 
 
 class DiskFiles:
@@ -178,6 +187,33 @@ class DiskFiles:
 
     def free_bytes(self) -> int:
         return int(shutil.disk_usage(self.dir).free)
+
+
+def open_level(cfg: LevelsConfig, identity: str, description: dict[str, Any], block_bytes: int, world_size: int,
+               shares: RankShares, quiet: bool = False) -> tuple[DiskFiles, DiskDirectory, list[Any]] | None:
+    """The disk level's files (holding the directory's lock), its books from the files found there, and the keys
+    past its budget (their files to delete); None if another engine holds the directory. Every file-system call is
+    in here, under the caller's OSError guard (found by review: the scan and the free-space query were outside it, so
+    a read-only directory holding a stale .tmp file stopped the engine)."""
+    files = DiskFiles(str(cfg.disk_dir), identity, description, 0, world_size)
+    if not files.claim(quiet):  # another engine of this model runs on this directory (logged)
+        return None
+    found = files.scan()
+    if cfg.disk_gb:
+        budget, how = int(cfg.disk_gb * 2**30), f"--kvsched-disk-tier-gb / {ENV_DISK_GB}"
+    else:
+        budget = int((files.free_bytes() + files.found_bytes) * DISK_DEFAULT_FREE_FRACTION)
+        how = "auto: half of the free space and of its own files"
+    budget = max(0, budget - files.partial_bytes)  # blocks some ranks have yet to write, too young to delete
+    files_bytes = sum(n * files.on_disk(framed_len(32, b)) for n, b in shares.rank_bytes(block_bytes))
+    disk = DiskDirectory(budget, files_bytes)  # one file per rank, each of its stage's layers
+    excess = disk.load_index(found)
+    if disk.capacity == 0:  # found by review: a budget below one block's files ran the level holding nothing
+        logger.warning("kvsched disk tier: %.6f GiB holds no block (%d bytes on disk for every rank's file of "
+                       "one block): the level keeps nothing", budget / 2**30, disk.block_bytes)
+    logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk (%d written by some ranks only "
+                "removed)", files.dir, budget / 2**30, how, len(disk.written), files.partial_removed)
+    return files, disk, excess
 
 
 MAX_ALLOCATION_UNIT = 64 << 10  # network file systems report their transfer size (NFS 1 MiB, CephFS 4 MiB) here

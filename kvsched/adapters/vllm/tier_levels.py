@@ -29,12 +29,11 @@ import logging
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from kvsched.adapters.vllm.tier_arrival_reads import SEEN_SESSIONS_MEMORY, ArrivalReads  # noqa: F401 - re-exported
-from kvsched.adapters.vllm.tier_blob import framed_len
-from kvsched.adapters.vllm.tier_disk import DiskFiles
+from kvsched.adapters.vllm.tier_disk import open_level
 from kvsched.adapters.vllm.tier_level_ops import (  # noqa: F401 - re-exported
     DISK,
     SHARED,
@@ -44,7 +43,7 @@ from kvsched.adapters.vllm.tier_level_ops import (  # noqa: F401 - re-exported
     Publish,
     Spill,
 )
-from kvsched.adapters.vllm.tier_levels_config import ENV_DISK_GB, LevelsConfig
+from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_lookups import StoreLookups
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.disk_tier import DiskDirectory
@@ -53,10 +52,6 @@ from kvsched.core.shared_state import SessionMeta, session_key
 from kvsched.core.store_health import ReadCost
 
 logger = logging.getLogger("vllm.kvsched.fp8_tier")
-# No --kvsched-disk-tier-gb: half of what the directory's file system has free plus what this model's files found at
-# start-up take (found by review: of the free space alone, each restart shrank the budget and deleted KV the previous
-# run wrote, the very blocks a restart is to restore).
-DISK_DEFAULT_FREE_FRACTION = 0.5
 DISK_RETRY_S = 30.0  # while another engine holds the disk directory (a rolling update): how often to try it again
 # LRU bounds, sized by review's measurements (~170 B an entry here, ~250 B in the next; 1,000,000 took 171 + 252 MiB).
 # Keys known to be in the store: forgetting one costs one redundant put at its session's next turn, never a wrong or
@@ -90,7 +85,7 @@ class TierLevels(ArrivalReads):
                            "restart or other replica could restore their blocks", description["unshareable"])
         self.clock: Callable[[], float] = time.monotonic
         self._disk_retry_at: float | None = None  # while another engine holds the directory: when to try again
-        self._disk_args = (cfg, identity, description, block_bytes, world_size)
+        self._disk_args = (cfg, identity, description, block_bytes, world_size, self.shares)
         if cfg.disk_dir and not description.get("unshareable"):
             self._try_disk(first=True)
         self.store: Any = None
@@ -111,44 +106,22 @@ class TierLevels(ArrivalReads):
                         redacted(cfg.store_url), cfg.replica, cfg.kv_ttl_s, cfg.state_ttl_s)
 
     def _try_disk(self, first: bool = False) -> None:
-        """Open the disk level; while another engine holds its directory, try again every DISK_RETRY_S (found by
-        review: tried once, at start, so in a rolling update, the old engine draining while this one starts, this one
-        never had the level). Said once, not at each try."""
+        """Open the disk level (tier_disk.open_level: its start-up deletes, past the budget, are queued); while
+        another engine holds its directory, try again every DISK_RETRY_S (found by review: tried once, at start, so in
+        a rolling update, the old engine draining while this one starts, this one never had the level). Said once,
+        not at each try."""
         cfg = self._disk_args[0]
         try:
-            self.disk = self._open_disk(*self._disk_args, quiet=not first)
+            opened = open_level(*self._disk_args, quiet=not first)
         except OSError as exc:  # full, read-only, not permitted: the engine serves without the level
             logger.error("kvsched disk tier: %s unusable (%s); running without the disk level", cfg.disk_dir, exc)
             self._disk_retry_at = None
             return
-        self._disk_retry_at = None if self.disk is not None else self.clock() + DISK_RETRY_S
-
-    def _open_disk(self, cfg: LevelsConfig, identity: str, description: dict[str, Any], block_bytes: int,
-                   world_size: int, quiet: bool = False) -> DiskDirectory | None:
-        """The disk level's books from the files found in its directory; its start-up deletes (past the budget) are
-        queued. Every file-system call is in here, under the caller's OSError guard (found by review: the scan and the
-        free-space query were outside it, so a read-only directory holding a stale .tmp file stopped the engine)."""
-        files = DiskFiles(str(cfg.disk_dir), identity, description, 0, world_size)
-        if not files.claim(quiet):  # another engine of this model runs on this directory (logged)
-            return None
-        self.disk_files = files  # holds the directory's lock while the engine runs
-        found = files.scan()
-        if cfg.disk_gb:
-            budget, how = int(cfg.disk_gb * 2**30), f"--kvsched-disk-tier-gb / {ENV_DISK_GB}"
-        else:
-            budget = int((files.free_bytes() + files.found_bytes) * DISK_DEFAULT_FREE_FRACTION)
-            how = "auto: half of the free space and of its own files"
-        budget = max(0, budget - files.partial_bytes)  # blocks some ranks have yet to write, too young to delete
-        files_bytes = sum(n * files.on_disk(framed_len(32, b)) for n, b in self.shares.rank_bytes(block_bytes))
-        disk = DiskDirectory(budget, files_bytes)  # one file per rank, each of its stage's layers
-        self.ops.deletes.extend(disk.load_index(found))
-        self.counters["disk_partial_blocks_removed"] += files.partial_removed
-        if disk.capacity == 0:  # found by review: a budget below one block's files ran the level holding nothing
-            logger.warning("kvsched disk tier: %.6f GiB holds no block (%d bytes on disk for every rank's file of "
-                           "one block): the level keeps nothing", budget / 2**30, disk.block_bytes)
-        logger.info("kvsched disk tier: %s, %.2f GiB (%s), %d blocks found on disk (%d written by some ranks only "
-                    "removed)", files.dir, budget / 2**30, how, len(disk.written), files.partial_removed)
-        return disk
+        if opened is not None:  # the files hold the directory's lock while the engine runs
+            self.disk_files, self.disk, excess = opened
+            self.ops.deletes.extend(excess)
+            self.counters["disk_partial_blocks_removed"] += self.disk_files.partial_removed
+        self._disk_retry_at = None if opened is not None else self.clock() + DISK_RETRY_S
 
     # ---- writes -------------------------------------------------------------------------------------------------
     def turn_finished(self, owner: Any, blocks: Sequence[tuple[bytes, int]], rec: Any) -> None:
@@ -260,12 +233,16 @@ class TierLevels(ArrivalReads):
         self._look_up(owner, meta_key, request_id, want, moved)
         if not keys:
             return 0
-        source = dict(keys)
-        if self.disk is not None:  # its run, at `start + len(held)` in the chain, is `owner`'s and `owner` the most
-            # recent, before the host makes room: a spill that makes room on a full disk then evicts another session's
-            # blocks, not the ones about to be read (found by a helper's test: a fetch read a file just deleted)
-            self.disk.claim(owner, [k for k, src in keys if src == DISK], start + len(held))
-        placed = host.admit(owner, held + [k for k, _ in keys], start)  # (`held` starts at block `start`)
+        source, on_disk = dict(keys), [k for k, src in keys if src == DISK]
+        if self.disk is not None:  # its run, at `start + len(held)` in the chain, is `owner`'s, `owner` the most
+            # recent, and the run pinned until read (`fetches_over`), before the host makes room: neither a spill that
+            # makes room on a full disk nor a later step's eviction deletes a file about to be read (found by helpers)
+            self.disk.claim(owner, on_disk, start + len(held))
+        placed: list[tuple[bytes, int]] = []
+        try:
+            placed = host.admit(owner, held + [k for k, _ in keys], start)  # (`held` starts at block `start`)
+        finally:  # a block given no slot is not read (none is if admit raised): unpinned now, the others when over
+            self._unpin(set(on_disk).difference(k for k, _ in placed))
         host.hold([slot for _, slot in placed])  # no other key gets these slots until the workers' fetches landed
         fetches = [Fetch(k, slot, source[k]) for k, slot in placed]
         self.ops.fetches.extend(fetches)
@@ -281,7 +258,9 @@ class TierLevels(ArrivalReads):
         the last step, which no worker will ever run."""
         if self.lookups is not None:
             self.lookups.close()
-        return self.take_ops().fetches
+        fetches = self.take_ops().fetches
+        self._unpin(f.key for f in fetches if f.source == DISK)
+        return fetches
 
     # ---- worker reports -----------------------------------------------------------------------------------------
     def written(self, results: Sequence[tuple[bytes, bool]], disk_full: bool) -> None:
@@ -322,6 +301,7 @@ class TierLevels(ArrivalReads):
         restored or not served (found by review: each rank's counts were summed, world_size times the blocks)."""
         for _, source, ok in over:
             self.counters[f"{source}_restored_blocks" if ok else f"{source}_read_failures"] += 1
+        self._unpin(key for key, source, _ in over if source == DISK)  # on every rank: its file may go now
 
     def take_ops(self) -> LevelOps:
         if self._disk_retry_at is not None and self.clock() >= self._disk_retry_at:
@@ -370,6 +350,11 @@ class TierLevels(ArrivalReads):
             self.counters["disk_level_errors"] += 1
             self.disk = None
             return None
+
+    def _unpin(self, keys: Iterable[bytes]) -> None:
+        """Reads of `keys` from disk are over or will never run (a failure too): the blocks may be evicted again."""
+        dead: list[Any] | None = self._disk_call("ending a read", lambda d: d.unpin(keys))
+        self.ops.deletes.extend(dead or [])
 
     def _session_key(self, owner: Any) -> str:
         """The id's key whatever the branch: branch numbers are this engine's (kvsched.core.lineage), so another

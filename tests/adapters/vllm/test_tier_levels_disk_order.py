@@ -76,6 +76,7 @@ def test_a_restore_then_a_turns_end_list_the_chain_and_eviction_takes_its_tail(t
     lv = levels(tmp_path, blocks=6)
     assert lv.disk is not None and lv.promote("s", CHAIN, 2, 6, host(slots=8)) == 3
     assert lv.disk.keys_of["s"] == CHAIN[2:5]
+    lv.fetches_over([(k, DISK, True) for k in CHAIN[2:5]])  # read: they may be evicted again
     lv.turn_finished("s", [(k, i) for i, k in enumerate(CHAIN[:6])], None)
     assert [p.key for p in lv.take_ops().publishes] == [CHAIN[0], CHAIN[1], CHAIN[5]]
     lv.written([(k, True) for k in (CHAIN[0], CHAIN[1], CHAIN[5])], False)
@@ -101,4 +102,26 @@ def test_the_room_a_restore_makes_in_the_host_tier_does_not_evict_from_disk_the_
     ops = lv.take_ops()
     assert [(f.key, f.source) for f in ops.fetches] == [(CHAIN[2], DISK)]
     assert [s.key for s in ops.spills] == [bytes([103]) * 32] and ops.deletes == [b"b" * 32]
+    assert lv.disk.match(CHAIN, 0, 8) == 3 and lv.disk.keys_of["a"] == CHAIN[:3]
+
+
+def test_a_restore_whose_session_is_the_only_other_one_on_disk_keeps_the_run_it_reads(tmp_path: Path) -> None:
+    """As above without b: a's blocks 0-2 and x's block fill the disk. a's restore of block 2 makes room in the full
+    host tier, which spills x's block 4 (x's tail) to the full disk. x is the spill's own session: the only other one
+    is a, now the most recent but the only victim, and its tail, block 2, went (the fetch then read a deleted file).
+    A block being read is never evicted: the spill finds no room and is declined (x's block leaves the host tier)."""
+    lv = levels(tmp_path, blocks=4)
+    h = host(slots=6)
+    h.on_evict = lv.on_host_evict
+    xs = [bytes([100 + i]) * 32 for i in range(5)]
+    lv.turn_finished("a", [(k, i) for i, k in enumerate(CHAIN[:3])], None)
+    lv.turn_finished("x", [(xs[0], 10)], None)
+    assert written(lv) == [] and lv.disk is not None
+    h.demote("a", [(k, i) for i, k in enumerate(CHAIN[:2])], 0)
+    h.demote("x", [(k, 10 + i) for i, k in enumerate(xs[1:])], 1)  # the host tier is full
+    assert lv.promote("a", CHAIN, 0, 8, h) == 1
+    ops = lv.take_ops()
+    assert [(f.key, f.source) for f in ops.fetches] == [(CHAIN[2], DISK)]
+    assert CHAIN[2] not in ops.deletes, "the block being fetched was deleted from disk"
+    assert ops.spills == [] and ops.deletes == []
     assert lv.disk.match(CHAIN, 0, 8) == 3 and lv.disk.keys_of["a"] == CHAIN[:3]
