@@ -13,12 +13,12 @@ so without it every turn recomputes up to a block of the previous turn's tokens,
 a full block's demotion evicts tails before any other session's blocks, and a tail never evicts a full block.
 
 This module is the bookkeeping only (slots, owners, byte budget, eviction order); the bytes live with the workers, which
-execute the stores and loads the directory plans. When the tier is full, whole sessions go, tail blocks before head
-blocks, in one of two orders (`TierConfig.eviction`): by default the session that wrote into the tier longest ago first
-(its last demotion or restore from a lower level, not its tail; tails among themselves in the order they were written); or by the retention value the pins use
-(`value_of`, lowest first, and only for a session worth more than the victim). The value order was the first design;
-on the Mooncake production traces and on the project's own fleet trace it kept less of what came back than recency
-(it refused demotions of sessions that looked cheap and then returned), so recency is the default.
+execute the stores and loads the directory plans. A full tier first gives up its copies of blocks the KV pool holds
+(`tier_reach`), then whole sessions, deepest blocks first, in one of two orders (`TierConfig.eviction`): by default
+the session that wrote into the tier longest ago first (its last demotion or restore from a lower level, not its
+tail; tails among themselves in the order written); or the pins' retention value (`value_of`, lowest first, only for
+a session worth more than the victim), the first design, which on the Mooncake traces and the fleet trace kept less of
+what came back (it refused demotions of sessions that looked cheap and then returned).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from kvsched.core.tier_config import TierConfig, TierConfigError
 from kvsched.core.tier_fills import FillingSlots
 from kvsched.core.tier_ops import Key, Load, Owner, Store, TailKey
 from kvsched.core.tier_owners import KeyOwners
+from kvsched.core.tier_reach import Reach
 
 __all__ = ["Key", "Load", "Owner", "Store", "TailKey", "TierConfig", "TierDirectory"]
 
@@ -71,6 +72,7 @@ class TierDirectory:
         # (key, slot, owner, the key's place in the owner's chain) when pressure evicts a full block, before its slot
         # is reused: a lower level (kvsched.core.disk_tier) may keep it. Not for blocks dropped as their session ended.
         self.on_evict: Callable[[Key, int, Owner | None, int | None], None] | None = None
+        self.reach = Reach()  # `reach.pool_holds`: which keys the KV pool holds (copies that go first: tier_reach)
 
     # ---- demotion ---------------------------------------------------------------------------------------------
     def demote(self, owner: Owner, blocks: Sequence[tuple[Key, int]], start: int | None = None) -> list[Store]:
@@ -175,8 +177,7 @@ class TierDirectory:
         return best
 
     def tail_tokens(self, owner: Owner) -> int:
-        key = self.tail_of.get(owner)
-        return len(key.tokens) if key is not None else 0
+        return len(key.tokens) if (key := self.tail_of.get(owner)) is not None else 0
 
     # ---- restore ----------------------------------------------------------------------------------------------
     def match(self, keys: Sequence[Key], start: int, limit: int) -> list[int]:
@@ -240,8 +241,8 @@ class TierDirectory:
         self._orphans.clear()
 
     def forget(self, keys: Sequence[Key]) -> int:
-        """Drop `keys` (e.g. the worker found a slot corrupt): they are recomputed from now on, and a slot a load of this
-        step reads is reused only after it. Returns how many."""
+        """Drop `keys` (e.g. a worker found a slot corrupt): recomputed from now on; a slot a load of this step reads
+        is reused only after it. Returns how many."""
         n = 0
         for key in keys:
             if key in self.slot_of:
@@ -292,13 +293,11 @@ class TierDirectory:
 
     # ---- internals ----------------------------------------------------------------------------------------------
     def _rank(self, owner: Owner, position: int) -> float:
-        """Eviction rank, lowest goes first: the retention value, or (recency) the owner's position in the sample,
-        which is taken in the order of the owners' last writes."""
+        """Eviction rank, lowest first: the retention value, or (recency) the owner's place in the sample."""
         return self.value_of(owner) if self._by_value else position
 
     def _rank_of_writer(self, owner: Owner) -> float:
-        """The rank a victim must be below to give way to `owner`, who is writing now: in the recency order the writer
-        is the most recent, so every other owner may give way."""
+        """The rank a victim must be below to give way to `owner`, writing now (recency: any, it is the newest)."""
         return self.value_of(owner) if self._by_value else float("inf")
 
     def _make_room(self, slots: int, owner: Owner) -> None:
@@ -339,9 +338,10 @@ class TierDirectory:
         return 1
 
     def _evict_one(self, exclude: Owner, want: int = 1) -> bool:
-        """Free up to `want` slots from the other sessions worth less than `exclude`, lowest value first, tail blocks
-        first (one scan of the owners per call: a victim whose blocks are all shared, e.g. a system prompt, frees
-        nothing and the next one is tried without scanning again). False if no session may lose blocks."""
+        """Free up to `want` slots from the other sessions worth less than `exclude`: copies of blocks the pool holds
+        first (`tier_reach`), then lowest value first, tail blocks first (one scan of the owners per call: a victim
+        whose blocks are all shared, e.g. a system prompt, frees nothing and the next one is tried without scanning
+        again). False if no session may lose blocks."""
         mine = self._rank_of_writer(exclude)
         sample = itertools.islice(self.keys_of.items(), self.EVICTION_SAMPLE)  # the longest-standing owners first
         # Not a session being fetched: its request waits for those blocks, and an in-flight key frees no slot before
@@ -349,9 +349,9 @@ class TierDirectory:
         victims = sorted((value, i, owner) for i, (owner, keys) in enumerate(sample)
                          if owner != exclude and keys and (value := self._rank(owner, i)) < mine
                          and not self._inflight.protects(map(self.slot_of.get, keys)))
-        for _, _, victim in victims:
-            keys, at = self.keys_of[victim], self.position_of.get(victim, {})
-            while keys and want > 0:
+        for victim, held_only in self.reach.passes([v for *_, v in victims], self.keys_of):
+            keys, at = self.keys_of.get(victim, []), self.position_of.get(victim, {})
+            while keys and want > 0 and (not held_only or self.reach.redundant(keys)):
                 pos = at.pop(key := keys.pop(), None)  # tail first
                 if self.owners.leave(key, victim) is not False:
                     continue  # not held, or shared with another session: stays
@@ -363,7 +363,7 @@ class TierDirectory:
                 self._free_key(key)
                 self.counters["evicted_blocks"] += 1
                 want -= 1
-            if not keys:
+            if not keys and victim in self.keys_of:
                 del self.keys_of[victim]
                 self.position_of.pop(victim, None)
             if want <= 0:

@@ -220,6 +220,8 @@ class KVSchedPolicy(SimPolicy):
                 raise ValueError("the tier needs its bytes per block")
             self.tier = TierDirectory(TierConfig(budget_bytes=tier_bytes, eviction=tier_eviction), tier_block_bytes,
                                       self.pins.tier_value)
+            ref = pool.ref  # a block the pool holds (a pin, a request) is demoted again when released: tier_reach
+            self.tier.reach.pool_holds = lambda key: ref.item(cast(int, key)) > 0  # (keys are block ids)
             self.pins.attach_tier(self.tier, self._demote)
         self.peak_tier_blocks = 0
         self.tails = self.tier is not None and trace.block_size <= TAIL_MAX_BLOCK_TOKENS

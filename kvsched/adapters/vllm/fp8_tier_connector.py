@@ -127,10 +127,10 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         return not self.disabled_reason and self.num_slots > 0
 
     # ==== scheduler side =============================================================================================
-    def attach(self, value_of: Any) -> TierDirectory:
-        """kvsched's scheduler takes the directory and gives it the pins' retention value for its eviction order."""
+    def attach(self, value_of: Any, pool_holds: Any = None) -> TierDirectory:
+        """kvsched's scheduler gives the directory the pins' retention value and what the pool holds (tier_reach)."""
         assert self.directory is not None, "attach() is scheduler-side"
-        self.directory.value_of = value_of
+        self.directory.value_of, self.directory.reach.pool_holds = value_of, pool_holds
         return self.directory
 
     def demote(self, owner: Any, blocks: list[tuple[Any, int]], start: int | None = None) -> int:

@@ -78,7 +78,8 @@ class SessionPins:
         self.tier = tier  # pins released for pressure, budget or TTL are demoted there, not dropped
         self.prefetcher: TierPrefetcher | None = None
         if self.tier is not None:
-            self.pins.attach_tier(self.tier.attach(self.pins.tier_value), self.tier.demote)
+            holds = compat.pool_holds(scheduler)  # the tier's copies of blocks the pool holds go first (tier_reach)
+            self.pins.attach_tier(self.tier.attach(self.pins.tier_value, holds), self.tier.demote)
             if self.tier.enabled and self.enabled:
                 self.prefetcher = TierPrefetcher(self)
                 self.tier.on_load_failures = self.prefetcher.on_load_failures

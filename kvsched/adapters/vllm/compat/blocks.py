@@ -184,6 +184,15 @@ def block_pool_calls(scheduler: Any) -> tuple[Callable[[Sequence[Any]], None], C
     return pool.touch, pool.free_blocks, pool.get_num_free_blocks
 
 
+def pool_holds(scheduler: Any) -> Callable[[Hashable], bool]:
+    """Whether the block pool holds a tier key's block referenced (a request or a pin): a prefix-cache lookup of the
+    hash `cached_content_keys` gives (KV-cache group 0, the tier's), no scan (kvsched.core.tier_reach)."""
+    from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id as with_group
+
+    get = block_pool(scheduler).cached_block_hash_to_block.get_one_block
+    return lambda key: isinstance(key, bytes) and (b := get(with_group(key, 0))) is not None and b.ref_cnt > 0
+
+
 def prefix_cache_full(scheduler: Any) -> bool:
     """True when vLLM's next allocation evicts a cached block: the free queue's first block holds a hash (every block
     never used or freed without one has been taken). O(1)."""
