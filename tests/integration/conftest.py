@@ -1,13 +1,14 @@
 """Servers of this package that more than one module uses, or that start together (`servers.py`). The hardened
 `vllm serve --scheduler kvsched` is shared by the security, zero-change-client and fuzz tests (each test uses its own
 session ids, salts or keys, so they do not interfere): two API keys (two tenants), an admin key, the operator's
-compaction (summarize, small trigger) and vLLM's Responses store (for previous_response_id)."""
+compaction (summarize, small trigger) and vLLM's Responses store (for previous_response_id). Also shared: compaction's,
+stock vLLM's and the fp8 KV cache's (servers.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.integration.servers import failing_starts, package_specs
+from tests.integration.servers import failing_starts, package_specs, serve_spec
 
 
 @pytest.fixture(scope="package")
@@ -68,13 +69,42 @@ def compaction_server(launched, request):
 
 
 @pytest.fixture(scope="module")
-def fp8_kv_server(launched):
+def fp8_kv_server(launched, request):
+    """test_fp8_kv's and test_fp8_tier's tier over an fp8 cache (one start-up: servers.py)."""
     from tests.cpu import require_fp8_kv_cache
 
     require_fp8_kv_cache()
     server = ready(launched, "fp8_kv")
     yield server
-    server.stop()
+    stop_after_its_last_module(request, "fp8_kv_server", server)
+
+
+@pytest.fixture(scope="module")
+def stock_server(launched):
+    """Stock vLLM (no --scheduler) serving the tiny model as "replay", its KV pool sized by vLLM from 1 GiB (servers.py):
+    test_trace_replay's, test_serve's and test_plan_vllm's. Nothing of kvsched runs in it, so what one module sends
+    cannot change another's result but through vLLM's own prefix cache (each sends prompts of its own)."""
+    return ready(launched, "replay")
+
+
+@pytest.fixture(scope="package")
+def serve_launched(tiny_model_dir):
+    """test_serve's server (servers.serve_spec), spawned without waiting: by test_plan_vllm (launch_meanwhile), so that
+    its start-up overlaps that module's, or by test_serve itself; stopped when test_serve ends (its kvsched_server)."""
+    pytest.importorskip("vllm")
+    from kvsched.serving import VllmServer
+
+    server = VllmServer(serve_spec(tiny_model_dir))
+    try:
+        yield server.launch()
+    finally:
+        server.stop()
+
+
+def launch_meanwhile(request, fixture):
+    """Spawn a later module's server now (its fixture launches without waiting): its start-up overlaps this module's
+    own, which alone leaves a core idle."""
+    request.getfixturevalue(fixture)
 
 
 @pytest.fixture(scope="package")
