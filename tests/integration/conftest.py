@@ -8,26 +8,30 @@ from __future__ import annotations
 
 import pytest
 
+from tests.integration import early
 from tests.integration.servers import failing_starts, package_specs, serve_spec
 
 
 @pytest.fixture(scope="package")
 def secure_recording(tmp_path_factory):
-    """The trace file the shared hardened server records its requests to."""
-    return tmp_path_factory.mktemp("recording") / "secure.jsonl"
+    """The trace file the shared hardened server records its requests to (early.spawn's when it launched them)."""
+    return early.SPAWNED.get("recording") or tmp_path_factory.mktemp("recording") / "secure.jsonl"
 
 
 @pytest.fixture(scope="package")  # stopped when tests/integration ends: later packages get their memory back
 def launched(tiny_model_dir, secure_recording):
-    """The package's shared servers, spawned together when the first is needed (each fixture below waits for its
-    own); a module's server is stopped when the last module using it ends, the rest when the package does."""
+    """The package's shared servers: spawned together when the session started (early.py) or else when the first is
+    needed (each fixture below waits for its own); a module's server is stopped when the last module using it ends,
+    the rest when the package does."""
     pytest.importorskip("vllm")
     from kvsched.serving import VllmServer
 
-    servers = {name: VllmServer(spec) for name, spec in package_specs(tiny_model_dir, secure_recording).items()}
+    servers = early.take("servers") or {
+        name: VllmServer(spec) for name, spec in package_specs(tiny_model_dir, secure_recording).items()}
     try:
         for server in servers.values():
-            server.launch()
+            if server.proc is None:  # not launched when the session started
+                server.launch()
         yield servers
     finally:
         for server in servers.values():
@@ -112,9 +116,12 @@ def failed_starts(tiny_model_dir):
     """Every `vllm serve` of the package that must fail at start (servers.failing_starts), run at once: name -> its
     exit code and output."""
     pytest.importorskip("vllm")
-    from tests.integration.procs import run_together
+    from tests.integration.procs import collect, start_together
 
-    starts = failing_starts(tiny_model_dir)
+    spawned, names = early.take("failing"), early.take("failing_names")
+    if spawned is None:  # not spawned when the session started (early.py)
+        starts = failing_starts(tiny_model_dir)
+        spawned, names = start_together([argv for argv, _ in starts.values()], [env for _, env in starts.values()]), \
+            list(starts)
     # up to six at once on 2 cores: a larger timeout than one alone needs (a slow host is not a failure)
-    done = run_together([argv for argv, _ in starts.values()], timeout_s=600, envs=[env for _, env in starts.values()])
-    return dict(zip(starts, done, strict=True))
+    return dict(zip(names, collect(spawned, timeout_s=600), strict=True))
