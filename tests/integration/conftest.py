@@ -39,12 +39,20 @@ def launched(tiny_model_dir, secure_recording):
 
 
 def ready(launched, name):
+    """`launched[name]`, serving. One whose port was taken before it bound it (picked free at its launch, which may be
+    long before: early.py) is launched again on another port, once."""
+    from kvsched.serving import VllmServer
+
     server = launched[name]
-    try:
-        return server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
+    for attempt in (1, 2):
+        try:
+            return server.wait_ready()
+        except BaseException as exc:
+            server.stop()
+            if attempt == 2 or not isinstance(exc, RuntimeError) or "address already in use" not in str(exc).lower():
+                raise
+        server = launched[name] = VllmServer(server.spec).launch()
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="package")
