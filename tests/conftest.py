@@ -45,6 +45,23 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A session that runs tests/integration spawns that package's shared servers and failing start-ups now, while the
+    tests collected before it keep one core busy (tests/integration/early.py)."""
+    from tests.integration import early
+
+    if early.wanted(session.items) and not session.config.option.collectonly:
+        from kvsched.tiny_model import ensure_tiny_model
+
+        early.spawn(ensure_tiny_model("test"))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.integration import early
+
+    early.stop_untaken()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from kvsched.tiny_model import ensure_tiny_model

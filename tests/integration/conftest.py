@@ -1,32 +1,37 @@
 """Servers of this package that more than one module uses, or that start together (`servers.py`). The hardened
 `vllm serve --scheduler kvsched` is shared by the security, zero-change-client and fuzz tests (each test uses its own
 session ids, salts or keys, so they do not interfere): two API keys (two tenants), an admin key, the operator's
-compaction (summarize, small trigger) and vLLM's Responses store (for previous_response_id)."""
+compaction (summarize, small trigger) and vLLM's Responses store (for previous_response_id). Also shared: compaction's,
+stock vLLM's and the fp8 KV cache's (servers.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.integration.servers import failing_starts, package_specs
+from tests.integration import early
+from tests.integration.servers import failing_starts, package_specs, serve_spec
 
 
 @pytest.fixture(scope="package")
 def secure_recording(tmp_path_factory):
-    """The trace file the shared hardened server records its requests to."""
-    return tmp_path_factory.mktemp("recording") / "secure.jsonl"
+    """The trace file the shared hardened server records its requests to (early.spawn's when it launched them)."""
+    return early.SPAWNED.get("recording") or tmp_path_factory.mktemp("recording") / "secure.jsonl"
 
 
 @pytest.fixture(scope="package")  # stopped when tests/integration ends: later packages get their memory back
 def launched(tiny_model_dir, secure_recording):
-    """The package's shared servers, spawned together when the first is needed (each fixture below waits for its
-    own); a module's server is stopped when the last module using it ends, the rest when the package does."""
+    """The package's shared servers: spawned together when the session started (early.py) or else when the first is
+    needed (each fixture below waits for its own); a module's server is stopped when the last module using it ends,
+    the rest when the package does."""
     pytest.importorskip("vllm")
     from kvsched.serving import VllmServer
 
-    servers = {name: VllmServer(spec) for name, spec in package_specs(tiny_model_dir, secure_recording).items()}
+    servers = early.take("servers") or {
+        name: VllmServer(spec) for name, spec in package_specs(tiny_model_dir, secure_recording).items()}
     try:
         for server in servers.values():
-            server.launch()
+            if server.proc is None:  # not launched when the session started
+                server.launch()
         yield servers
     finally:
         for server in servers.values():
@@ -34,12 +39,20 @@ def launched(tiny_model_dir, secure_recording):
 
 
 def ready(launched, name):
+    """`launched[name]`, serving. One whose port was taken before it bound it (picked free at its launch, which may be
+    long before: early.py) is launched again on another port, once."""
+    from kvsched.serving import VllmServer
+
     server = launched[name]
-    try:
-        return server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
+    for attempt in (1, 2):
+        try:
+            return server.wait_ready()
+        except BaseException as exc:
+            server.stop()
+            if attempt == 2 or not isinstance(exc, RuntimeError) or "address already in use" not in str(exc).lower():
+                raise
+        server = launched[name] = VllmServer(server.spec).launch()
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="package")
@@ -68,13 +81,42 @@ def compaction_server(launched, request):
 
 
 @pytest.fixture(scope="module")
-def fp8_kv_server(launched):
+def fp8_kv_server(launched, request):
+    """test_fp8_kv's and test_fp8_tier's tier over an fp8 cache (one start-up: servers.py)."""
     from tests.cpu import require_fp8_kv_cache
 
     require_fp8_kv_cache()
     server = ready(launched, "fp8_kv")
     yield server
-    server.stop()
+    stop_after_its_last_module(request, "fp8_kv_server", server)
+
+
+@pytest.fixture(scope="module")
+def stock_server(launched):
+    """Stock vLLM (no --scheduler) serving the tiny model as "replay", its KV pool sized by vLLM from 1 GiB (servers.py):
+    test_trace_replay's, test_serve's and test_plan_vllm's. Nothing of kvsched runs in it, so what one module sends
+    cannot change another's result but through vLLM's own prefix cache (each sends prompts of its own)."""
+    return ready(launched, "replay")
+
+
+@pytest.fixture(scope="package")
+def serve_launched(tiny_model_dir):
+    """test_serve's server (servers.serve_spec), spawned without waiting: by test_plan_vllm (launch_meanwhile), so that
+    its start-up overlaps that module's, or by test_serve itself; stopped when test_serve ends (its kvsched_server)."""
+    pytest.importorskip("vllm")
+    from kvsched.serving import VllmServer
+
+    server = VllmServer(serve_spec(tiny_model_dir))
+    try:
+        yield server.launch()
+    finally:
+        server.stop()
+
+
+def launch_meanwhile(request, fixture):
+    """Spawn a later module's server now (its fixture launches without waiting): its start-up overlaps this module's
+    own, which alone leaves a core idle."""
+    request.getfixturevalue(fixture)
 
 
 @pytest.fixture(scope="package")
@@ -82,9 +124,12 @@ def failed_starts(tiny_model_dir):
     """Every `vllm serve` of the package that must fail at start (servers.failing_starts), run at once: name -> its
     exit code and output."""
     pytest.importorskip("vllm")
-    from tests.integration.procs import run_together
+    from tests.integration.procs import collect, start_together
 
-    starts = failing_starts(tiny_model_dir)
+    spawned, names = early.take("failing"), early.take("failing_names")
+    if spawned is None:  # not spawned when the session started (early.py)
+        starts = failing_starts(tiny_model_dir)
+        spawned, names = start_together([argv for argv, _ in starts.values()], [env for _, env in starts.values()]), \
+            list(starts)
     # up to six at once on 2 cores: a larger timeout than one alone needs (a slow host is not a failure)
-    done = run_together([argv for argv, _ in starts.values()], timeout_s=600, envs=[env for _, env in starts.values()])
-    return dict(zip(starts, done, strict=True))
+    return dict(zip(names, collect(spawned, timeout_s=600), strict=True))

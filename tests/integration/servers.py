@@ -1,5 +1,7 @@
 """The package's servers that several modules each start once: the hardened shared one (security, zero-change
-clients, fuzz), compaction's (test_compaction and test_compaction_templates) and the fp8 KV cache's.
+clients, fuzz), compaction's (test_compaction and test_compaction_templates), stock vLLM's (trace replay, the stock
+server of test_serve, the tiny model's capacity in test_plan_vllm) and the fp8 KV cache's (test_fp8_kv, and the tier
+over an fp8 cache in test_fp8_tier). One start-up each instead of one per module: a start-up is ~30 CPU-seconds.
 `conftest.launched` spawns them together when the first is needed, so their start-ups overlap (three single-threaded
 Python imports each); a server waiting idle takes no CPU."""
 
@@ -19,6 +21,7 @@ COMPACTION_ENV = {
     "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2", "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "48",
     "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1", "KVSCHED_COMPACTION_CAP_TOKENS": "1000",
     "KVSCHED_COMPACTION_RETRY_AFTER_S": "600", "KVSCHED_COMPACTION_CLIENT_STRATEGIES": "sliding_window,cap"}
+FP8_MAX_LEN = (48 - 1) * 32  # test_fp8_tier.MAX_LEN: one request may fill every block of the 48 but one
 COMPACTION_TEMPLATE_ARGS = ["--trust-request-chat-template", "--enable-auto-tool-choice", "--tool-call-parser",
                             "pythonic"]
 
@@ -33,14 +36,31 @@ def package_specs(model: Path, recording: Path) -> dict[str, ServerSpec]:
         # flags change nothing for requests without them): one start-up for both modules
         "compaction": ServerSpec(model=model, scheduler="kvsched", max_model_len=COMPACTION_MAX_MODEL_LEN,
                                  num_blocks=400, env=COMPACTION_ENV, extra_args=COMPACTION_TEMPLATE_ARGS),
-        # stock vLLM for `kvsched bench replay`'s prompts (test_trace_replay): one engine block per trace block
-        "replay": ServerSpec(model=model, scheduler=None, max_model_len=1024, block_size=32, num_blocks=64,
-                             served_model_name="replay"),
+        # stock vLLM: `kvsched bench replay`'s prompts (test_trace_replay: one engine block per trace block), stock
+        # vLLM without the flag (test_serve) and the KV pool vLLM sizes itself from 1 GiB of bf16 cache with its log
+        # line at INFO (test_plan_vllm: no --num-gpu-blocks-override, the dtype the planner is checked for)
+        "replay": ServerSpec(model=model, scheduler=None, max_model_len=1024, block_size=32, kv_cache_gib=1,
+                             served_model_name="replay", dtype="bfloat16",
+                             env={"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_KVCACHE_SPACE": "1"}),
     }
-    if not cpu_features().fp8_kv_cache_refusal():  # test_fp8_kv skips without it
-        specs["fp8_kv"] = ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48,
-                                     extra_args=["--kv-cache-dtype", "fp8"])
+    if not cpu_features().fp8_kv_cache_refusal():  # test_fp8_kv and test_fp8_tier's fp8 test skip without it
+        # test_fp8_tier's tier over an fp8 cache too: its tier, its admin key and a length that lets one request
+        # take every block of the pool but one (test_fp8_tier.flood)
+        specs["fp8_kv"] = ServerSpec(model=model, scheduler="kvsched", max_model_len=FP8_MAX_LEN, num_blocks=48,
+                                     extra_args=["--kv-cache-dtype", "fp8", "--kvsched-fp8-tier-gb", "0.05"],
+                                     env={"KVSCHED_ADMIN_KEYS": "tier-admin"})
     return specs
+
+
+SERVE_KEY = "test-key"
+
+
+def serve_spec(model: Path) -> ServerSpec:
+    """test_serve's kvsched server (its own: its tests count the pool's blocks and end every session they see), at
+    INFO (its tier's start-up line is checked). conftest.serve_launched spawns it while test_plan_vllm's engine starts
+    (one start-up alone keeps one core busy: three single-threaded imports one after another)."""
+    return ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48, api_key=SERVE_KEY,
+                      env={"VLLM_LOGGING_LEVEL": "INFO"})
 
 
 # `vllm serve` commands that must fail at start (each imports vLLM first, ~15 CPU-seconds): run at once the first time

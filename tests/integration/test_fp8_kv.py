@@ -15,7 +15,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def fp8_server(fp8_kv_server):
-    """Started with the package's other shared servers (conftest.launched; spec in servers.py)."""
+    """Started with the package's other shared servers (conftest.launched; spec in servers.py). It runs kvsched's FP8
+    tier too (test_fp8_tier's tier over an fp8 cache uses it): the pins and byte costs checked here are the pool's."""
     return fp8_kv_server
 
 

@@ -13,7 +13,6 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
-from tests.cpu import cpu_features, require_fp8_kv_cache  # noqa: E402
 from tests.integration.servers import BAD_TIER_SIZES  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -35,8 +34,8 @@ def serve(model, *extra):
 def servers(tiny_model_dir):
     """Every server of this module, started at once (their start-ups overlap; one waiting idle takes no CPU): the
     tier, kvsched with its tier off (what a restored turn must decode exactly like), a tier whose every slot is
-    corrupted after its checksum, a tier of a tensor-parallel engine (two ranks) and, where the CPU can hold one, a tier
-    over an fp8 KV cache."""
+    corrupted after its checksum and a tier of a tensor-parallel engine (two ranks). The tier over an fp8 KV cache is
+    the package's fp8 server (conftest.fp8_kv_server: test_fp8_kv's, with the same tier, pool and admin key)."""
     named = {"tier": serve(tiny_model_dir),
              "plain": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=MAX_LEN,
                                             num_blocks=POOL_BLOCKS, extra_args=["--kvsched-fp8-tier-gb", "0"])),
@@ -47,8 +46,6 @@ def servers(tiny_model_dir):
                                          num_blocks=POOL_BLOCKS, env={"KVSCHED_ADMIN_KEYS": "tier-admin"},
                                          extra_args=["--kvsched-fp8-tier-gb", str(TP_TIER_GIB),
                                                      "--tensor-parallel-size", "2"]))}
-    if not cpu_features().fp8_kv_cache_refusal():
-        named["fp8"] = serve(tiny_model_dir, "--kv-cache-dtype", "fp8")
     start_all(list(named.values()))
     try:
         yield named
@@ -258,9 +255,9 @@ def test_ending_every_session_returns_the_pool_and_empties_the_tier(tier_server)
     assert stats["tier_blocks"] == 0  # ended sessions' tier blocks are dropped at once
 
 
-def test_an_fp8_kv_cache_is_tiered_as_is(servers):
-    require_fp8_kv_cache()
-    server = servers["fp8"]
+def test_an_fp8_kv_cache_is_tiered_as_is(fp8_kv_server):
+    server = fp8_kv_server
+    assert server.spec.max_model_len == MAX_LEN and server.spec.num_blocks == POOL_BLOCKS  # what `flood` needs
     _, (first, second, before, after, _), _, restored = turn_reaching_the_tier(server, "fp8-cache")
     assert restored > 0
     assert after["kvsched_tier_kv_rel_rms_error"] == 0  # copied bit for bit, no second quantization

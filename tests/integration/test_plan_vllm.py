@@ -18,7 +18,8 @@ pytest.importorskip("vllm")
 
 from kvsched.core.planner import GIB, ModelShape, kv_capacity_tokens  # noqa: E402
 from kvsched.ops.cpu_features import cpu_features  # noqa: E402
-from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
+from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
+from tests.integration.conftest import launch_meanwhile  # noqa: E402
 
 pytestmark = pytest.mark.integration
 BLOCK = 32
@@ -57,19 +58,18 @@ def config_only_llama(tiny_model_dir: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model_dir, tmp_path_factory):
-    """Both engines, started at once (their start-ups overlap): the tiny model with 1 GiB of bf16 KV cache, and the
-    config-only Llama with 2 GiB of FP8 KV cache where the CPU backend supports one (AVX-512 or AMX), else bf16."""
+def engines(tiny_model_dir, tmp_path_factory, stock_server, request):
+    """The tiny model with 1 GiB of bf16 KV cache (the package's stock vLLM, conftest.stock_server: its pool sized by
+    vLLM, INFO log), and the config-only Llama with 2 GiB of FP8 KV cache where the CPU backend supports one (AVX-512
+    or AMX), else bf16."""
     config_only = config_only_llama(tiny_model_dir, tmp_path_factory.mktemp("config-only-llama"))
     kv_dtype = "fp8" if cpu_features().fp8_kv_cache else "bf16"
     extra = ["--load-format", "dummy", "--kv-cache-dtype", "fp8"] if kv_dtype == "fp8" else ["--load-format", "dummy"]
-    tiny, other = VllmServer(kv_spec(tiny_model_dir, 1, [])), VllmServer(kv_spec(config_only, 2, extra))
-    start_all([tiny, other])
-    try:
-        yield {"tiny": kv_tokens(tiny), "config-only": (config_only, kv_dtype, kv_tokens(other))}
-    finally:
-        tiny.stop()
-        other.stop()
+    assert stock_server.spec.env["VLLM_CPU_KVCACHE_SPACE"] == "1" and stock_server.spec.num_blocks is None
+    assert stock_server.spec.dtype == "bfloat16" and stock_server.spec.block_size == BLOCK
+    launch_meanwhile(request, "serve_launched")  # test_serve's server: its start-up overlaps this one's
+    with VllmServer(kv_spec(config_only, 2, extra)) as other:
+        yield {"tiny": kv_tokens(stock_server), "config-only": (config_only, kv_dtype, kv_tokens(other))}
 
 
 def check(shape: ModelShape, kv_dtype: str, kv_gib: int, logged: int, from_metrics: int) -> None:

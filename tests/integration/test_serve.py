@@ -11,35 +11,19 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
+from tests.integration.servers import SERVE_KEY  # noqa: E402
 
 pytestmark = pytest.mark.integration
-KEY = "test-key"
+KEY = SERVE_KEY
 SYSTEM = "You are a careful research agent. Use the tools. " * 8
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model_dir):
-    """kvsched's server and stock vLLM's, started at once (their start-ups overlap; one waiting takes no CPU)."""
-    kvsched = VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=48,
-                                    api_key=KEY, env={"VLLM_LOGGING_LEVEL": "INFO"}))  # the tier's start-up line is checked below
-    stock = VllmServer(ServerSpec(model=tiny_model_dir, scheduler=None, max_model_len=1024, num_blocks=48))
-    start_all([kvsched, stock])
-    try:
-        yield {"kvsched": kvsched, "stock": stock}
-    finally:
-        kvsched.stop()
-        stock.stop()
-
-
-@pytest.fixture(scope="module")
-def kvsched_server(servers):
-    return servers["kvsched"]
-
-
-@pytest.fixture(scope="module")
-def stock_server(servers):
-    return servers["stock"]
+def kvsched_server(serve_launched):
+    """kvsched's server (servers.serve_spec; spawned while test_plan_vllm's engine started); stock vLLM's is the
+    package's (conftest.stock_server, served as "replay")."""
+    yield serve_launched.start()  # waits: launched already
+    serve_launched.stop()
 
 
 def client(server, key=KEY):
@@ -51,7 +35,7 @@ def chat(server, messages, session=None, headers=None, xargs=None, key=KEY, max_
     if session is not None:
         extra_headers["X-Session-Id"] = session
     return client(server, key).chat.completions.create(
-        model="tiny", messages=messages, max_tokens=max_tokens, extra_headers=extra_headers,
+        model=server.spec.served_model_name, messages=messages, max_tokens=max_tokens, extra_headers=extra_headers,
         extra_body={"vllm_xargs": xargs} if xargs else None)
 
 
