@@ -190,8 +190,8 @@ def predicted(trace: Any, capacity_blocks: int, tier: tuple[int, int] | None = N
     """The simulator on the same window at the same pool: prefill (trace tokens) per policy, and over LRU's; LRU on
     the same-memory pool; with `tier` (the kvsched side's measured tier bytes and bytes per slot), kvsched with a tier
     of as many slots. These run the simulator's time model (a GPU's speeds, in trace tokens), under which a request
-    holds its blocks several times longer than the replay's engine holds them, so the pins it releases under pressure
-    outlive their turns' gaps there (the retained credit differs by that, the prefill little: BENCHMARKS.md).
+    holds its blocks several times longer than the replay's engine holds them, so more pins go for pressure before
+    their sessions return (the retained credit differs by that, the prefill little: BENCHMARKS.md, stop 55).
     `durations`: a measured side's seconds from sending each request to its stream's end (None: failed), in the
     trace's order: that side's policy (`TIMED`) again at that timing, "<policy>, engine timing", over LRU at stock's
     timing when stock was measured (else None). `block_tokens`: the engine's tokens per trace block, to give the
