@@ -73,7 +73,8 @@ def register(subparsers: Any) -> None:
 
 
 def send(client: Any, req: ReplayRequest, openai: Any) -> dict[str, Any]:
-    """One request, streamed: its TTFT (s) or its error."""
+    """One request, streamed: its TTFT (s) and its time from sending to the stream's end (`done_s`: how long the
+    engine held its blocks, as the simulator's `duration_s` replays it), or its error."""
     t = time.perf_counter()
     try:
         stream = client.completions.create(model=MODEL, prompt=req.prompt, max_tokens=req.max_tokens, temperature=0,
@@ -84,7 +85,7 @@ def send(client: Any, req: ReplayRequest, openai: Any) -> dict[str, Any]:
             first = first or time.perf_counter()
     except openai.APIError as exc:
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    return {"ttft_s": (first - t) if first is not None else None}
+    return {"ttft_s": (first - t) if first is not None else None, "done_s": time.perf_counter() - t}
 
 
 def drive(url: str, requests: list[ReplayRequest]) -> tuple[list[dict[str, Any]], float, float]:
@@ -177,27 +178,54 @@ def same_memory_blocks(num_blocks: int, tier_multiple: float = AUTO_POOL_MULTIPL
     return round((num_blocks - 1) * (1 + tier_multiple)) + 1
 
 
-def predicted(trace: Any, capacity_blocks: int, tier: tuple[int, int] | None = None) -> dict[str, Any]:
+# side -> the simulator's policy for it, replayed at that side's own timing (`predicted`'s `durations`)
+TIMED = {"stock": "lru", "kvsched-no-tier": "kvsched", "kvsched": "kvsched + FP8 tier",
+         "stock-same-memory": "lru, same memory"}
+ENGINE_TIMING = ", engine timing"
+
+
+def predicted(trace: Any, capacity_blocks: int, tier: tuple[int, int] | None = None,
+              durations: dict[str, list[float | None]] | None = None, block_tokens: int | None = None
+              ) -> dict[str, Any]:
     """The simulator on the same window at the same pool: prefill (trace tokens) per policy, and over LRU's; LRU on
     the same-memory pool; with `tier` (the kvsched side's measured tier bytes and bytes per slot), kvsched with a tier
-    of as many slots."""
+    of as many slots. These run the simulator's time model (a GPU's speeds, in trace tokens), under which a request
+    holds its blocks several times longer than the replay's engine holds them, so more pins go for pressure before
+    their sessions return (the retained credit differs by that, the prefill little: BENCHMARKS.md, stop 55).
+    `durations`: a measured side's seconds from sending each request to its stream's end (None: failed), in the
+    trace's order: that side's policy (`TIMED`) again at that timing, "<policy>, engine timing", over LRU at stock's
+    timing when stock was measured (else None). `block_tokens`: the engine's tokens per trace block, to give the
+    retained credit in the engine's tokens too (`retained_hit_engine_tokens`, what its counter reads)."""
     from dataclasses import replace
+
+    import numpy as np
 
     from kvsched.core.config import RetentionConfig
     from kvsched.sim.replay import ReplayConfig, replay
 
     cfg = ReplayConfig(capacity_blocks=capacity_blocks, retention=RetentionConfig.from_env())
-    runs = {p: replay(trace, p, cfg) for p in ("lru", "kvsched", "opt")}
-    runs["lru, same memory"] = replay(trace, "lru", replace(cfg, capacity_blocks=same_memory_blocks(capacity_blocks + 1)
-                                                            - 1))
-    if tier is not None:
-        runs["kvsched + FP8 tier"] = replay(trace, "kvsched", replace(cfg, tier_bytes=tier[0], tier_block_bytes=tier[1]))
-    lru = runs["lru"].prefill_tokens_computed or 1
-    return {p: {"prefill_tokens_computed": r.prefill_tokens_computed, "over_lru": r.prefill_tokens_computed / lru,
-                "rejected": r.rejected,  # larger than the pool with the trace's whole output (the engine caps it)
-                "hit_tokens": r.hit_tokens,  # trace tokens (the engine counts block_tokens per trace block)
-                **{k: r.policy_stats[k] for k in ("retained_hit_tokens", "branches") if k in r.policy_stats}}
-            for p, r in runs.items()}
+    same = replace(cfg, capacity_blocks=same_memory_blocks(capacity_blocks + 1) - 1)
+    tiered = None if tier is None else replace(cfg, tier_bytes=tier[0], tier_block_bytes=tier[1])
+    configs = {"lru": ("lru", cfg), "kvsched": ("kvsched", cfg), "opt": ("opt", cfg), "lru, same memory": ("lru", same)}
+    if tiered is not None:
+        configs["kvsched + FP8 tier"] = ("kvsched", tiered)
+    runs = {p: replay(trace, *configs[p]) for p in configs}
+    for side, times in (durations or {}).items():
+        if TIMED.get(side) in configs:
+            timed = replace(trace, duration_s=np.array([math.nan if d is None else d for d in times], np.float64))
+            policy, conf = configs[TIMED[side]]  # (the measured time includes the prefill: none on top)
+            runs[TIMED[side] + ENGINE_TIMING] = replay(timed, policy, replace(conf, prefill_tps=math.inf))
+    out: dict[str, Any] = {}
+    for p, r in runs.items():
+        base = runs.get("lru" + ENGINE_TIMING) if p.endswith(ENGINE_TIMING) else runs["lru"]
+        row = out[p] = {"prefill_tokens_computed": r.prefill_tokens_computed,
+                        "over_lru": r.prefill_tokens_computed / (base.prefill_tokens_computed or 1) if base else None,
+                        "rejected": r.rejected,  # larger than the pool with the trace's whole output (engine caps it)
+                        "hit_tokens": r.hit_tokens,  # trace tokens (the engine counts block_tokens per trace block)
+                        **{k: r.policy_stats[k] for k in ("retained_hit_tokens", "branches") if k in r.policy_stats}}
+        if block_tokens is not None and "retained_hit_tokens" in row:
+            row["retained_hit_engine_tokens"] = row["retained_hit_tokens"] * block_tokens // trace.block_size
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows, ["side", "prefill computed", "over stock", "TTFT p50 s", "TTFT p95 s", "errors", "lateness s"]))
     sim = result["simulator"]
     print("simulator, same window and pool, prefill over LRU: "
-          + ", ".join(f"{p} {v['over_lru']:.4f}" for p, v in sim.items()))
+          + ", ".join(f"{p} {v['over_lru']:.4f}" for p, v in sim.items() if v["over_lru"] is not None))
     write_json(args.out, result)
     save_beside(args.out, lambda path: grouped_bars(
         {"measured (over stock)": {s: r["over_stock"] for s, r in result["sides"].items()},  # None: invalid
@@ -307,6 +335,7 @@ def run_benchmark(setup: Setup, checkpoint: Callable[[dict[str, Any]], None] | N
                                            served_model_name=MODEL, extra_args=SIDES[name][1]))
                for name in setup.sides}
     measured_sides: dict[str, Any] = {}
+    timings: dict[str, list[float | None]] = {}  # each side's per-request hold times (`predicted`'s durations)
     try:
         start_all(list(servers.values()))
         for name, server in servers.items():
@@ -314,6 +343,7 @@ def run_benchmark(setup: Setup, checkpoint: Callable[[dict[str, Any]], None] | N
             before = server.metrics()
             outcomes, wall, late = drive(server.url, p.requests)
             measured_sides[name] = measured(outcomes, before, server.metrics(), wall, late, planned_prompt)
+            timings[name] = [o.get("done_s") for o in outcomes]
             server.stop()
             print(f"{name}: {measured_sides[name]['prefill_tokens_computed']} prefill tokens computed, "
                   f"{wall:.0f} s", flush=True)
@@ -326,7 +356,8 @@ def run_benchmark(setup: Setup, checkpoint: Callable[[dict[str, Any]], None] | N
     kept = setup.trace if not p.dropped_long else setup.trace.subset(p.kept)  # the window as the engine saw it
     tiered = measured_sides.get("kvsched", {})
     tier = (tiered["tier_capacity_bytes"], tiered["tier_block_bytes"]) if tiered.get("tier_block_bytes") else None
-    return {"sides": _with_ratios(measured_sides), "simulator": predicted(kept, num_blocks - 1, tier),
+    return {"sides": _with_ratios(measured_sides), "simulator": predicted(kept, num_blocks - 1, tier, timings,
+                                                                          BLOCK_TOKENS),
             "config": {**config, "complete": True, "provenance": prov}}
 
 

@@ -99,7 +99,9 @@ class RetentionPolicy(ReleaseValues):
 
         The pin stays while the turn runs (the request holds the same blocks, so it costs nothing) and is extended
         when the turn finishes; whatever part of the pin the request did not hit is released now (not a shared
-        session's other answer, which a turn repeating its last prompt keeps: `kvsched.core.shared_turns`)."""
+        session's other answer, which a turn repeating its last prompt keeps: `kvsched.core.shared_turns`).
+        Counted alike by engine and simulator: a retained hit is a turn hitting the pin kept in the pool since its last
+        turn, its tokens that part (LRU may have kept some too); hits on tier prefetches are `prefetch_hit_tokens`."""
         rec = self.sessions.get(key) or self._new_record(key)
         now = self.clock()
         rec.active_requests += 1
@@ -108,7 +110,7 @@ class RetentionPolicy(ReleaseValues):
             self._observe_gap(rec, max(now - rec.last_finished, 0.0))
         if rec.pinned_blocks > 0 and cached_tokens > 0:
             kept = rec.pinned_tokens - rec.prefetched_tokens  # retained between turns; the rest came from the tier
-            self.counters["retained_hits"] += 1
+            self.counters["retained_hits"] += kept > 0  # (found at stop 55: a pin the tier restored whole counted)
             self.counters["retained_hit_tokens"] += min(cached_tokens, kept)
             self.counters["prefetch_hit_tokens"] += min(max(cached_tokens - kept, 0), rec.prefetched_tokens)
         rec.prefetched_tokens = 0

@@ -100,3 +100,51 @@ def test_the_warm_up_leaves_no_full_block_in_the_prefix_cache(monkeypatch):
         s.add_request(factory.make(kw["prompt"], kw["max_tokens"]))
     run_until_idle(s)
     assert len(s.kv_cache_manager.block_pool.cached_block_hash_to_block) == 0
+
+
+def _returning_session_trace():
+    """s0 pins 4 blocks, returns at t=4; s1 and s2 (last turns: no pins) need 7 of the 12 blocks each meanwhile. At the
+    simulator's speeds s1 holds its blocks 8 s, so s2's arrival takes s0's pin; an engine that answers in 0.2 s has s1
+    gone by then, and s0's pin survives to its return."""
+    from kvsched.sim.trace import Trace, TraceRequest
+
+    reqs = [TraceRequest(t=0.0, session="s0", prompt_tokens=2048, output_tokens=1, blocks=[0, 1, 2, 3]),
+            TraceRequest(t=4.0, session="s0", prompt_tokens=2560, output_tokens=1, blocks=[0, 1, 2, 3, 4]),
+            TraceRequest(t=1.0, session="s1", prompt_tokens=3072, output_tokens=400, blocks=list(range(10, 16)),
+                         end=True),
+            TraceRequest(t=2.0, session="s2", prompt_tokens=3072, output_tokens=400, blocks=list(range(20, 26)),
+                         end=True)]
+    return Trace.from_requests(512, reqs)
+
+
+def test_the_simulator_replays_each_measured_side_at_its_engine_timing_too():
+    """Found on the conversation window (stop 55): the engine credited 2.4x the retained tokens the simulator
+    predicted, because the simulator's time model holds a request's blocks for its GPU's seconds; replayed with the
+    engine's own times, the same policy credits what the engine's pins kept."""
+    from kvsched.bench.trace_engine import predicted
+
+    fast = [0.2] * 4
+    sim = predicted(_returning_session_trace(), capacity_blocks=12, durations={"kvsched-no-tier": fast},
+                    block_tokens=32)
+    assert sim["kvsched"]["retained_hit_tokens"] == 0  # its pin went to s2 under the simulator's timing
+    timed = sim["kvsched, engine timing"]
+    assert timed["retained_hit_tokens"] == 4 * 512 and timed["retained_hit_engine_tokens"] == 4 * 32
+    assert timed["over_lru"] is None  # no stock side measured: no LRU at the engine's timing to divide by
+    assert "lru, engine timing" not in sim and "kvsched + FP8 tier, engine timing" not in sim
+    both = predicted(_returning_session_trace(), capacity_blocks=12, durations={"stock": fast, "kvsched-no-tier": fast})
+    lru = both["lru, engine timing"]["prefill_tokens_computed"]
+    assert both["kvsched, engine timing"]["over_lru"] == both["kvsched, engine timing"]["prefill_tokens_computed"] / lru
+
+
+def test_a_request_reports_when_its_stream_ended():
+    from kvsched.bench.trace_engine import send
+    from kvsched.bench.trace_prompts import ReplayRequest
+
+    class Client:
+        class completions:  # noqa: N801 (the openai client's attribute)
+            @staticmethod
+            def create(**kw):
+                return iter([1, 2, 3])
+
+    out = send(Client(), ReplayRequest(at_s=0.0, session="s", prompt=[11, 12], max_tokens=3, blocks=0), object())
+    assert out["done_s"] >= out["ttft_s"] >= 0.0

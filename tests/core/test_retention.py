@@ -299,3 +299,24 @@ def test_a_default_ttl_above_the_cap_is_refused_but_the_cap_alone_still_caps_it(
         RetentionConfig.from_env({"KVSCHED_DEFAULT_TTL_S": "700"})
     assert RetentionConfig.from_env({"KVSCHED_DEFAULT_TTL_S": "700", "KVSCHED_MAX_TTL_S": "900"}).ttl_for(None) == 700
     assert RetentionConfig.from_env({"KVSCHED_MAX_TTL_S": "0"}).ttl_for(None) == 0  # record a deployment: no pins
+
+
+def test_a_hit_on_a_pin_the_tier_restored_whole_is_a_prefetch_hit_not_a_retained_one(clock):
+    """Found at stop 55 (the engine's bench replay counted 132 turns on a retained pin, 60 crediting no token): a turn
+    whose pin the tier prefetched back whole after its pin expired retained nothing between turns."""
+    p = make(clock, default_ttl_s=30.0)
+    finish(p, A, 320)
+    clock.advance(31.0)
+    assert p.expire() == [Release(A, ReleaseReason.TTL)]
+    assert p.prefetched(A, 320, 20) == [Pin(A)]  # restored ahead of its next turn
+    p.request_arrived(A, NO_HINTS)
+    p.turn_started(A, cached_tokens=320)
+    assert p.counters["prefetch_hit_tokens"] == 320
+    assert p.counters["retained_hits"] == p.counters["retained_hit_tokens"] == 0
+    finish(p, B, 320)  # a pin half kept, half restored: a retained hit of the kept half
+    assert p.release_blocks(10, ReleaseReason.PRESSURE) == [Release(B, ReleaseReason.PRESSURE, blocks=10)]
+    assert p.prefetched(B, 320, 20) == [Pin(B)]
+    p.request_arrived(B, NO_HINTS)
+    p.turn_started(B, cached_tokens=320)
+    assert p.counters["retained_hits"] == 1 and p.counters["retained_hit_tokens"] == 160
+    assert p.counters["prefetch_hit_tokens"] == 480

@@ -58,8 +58,8 @@ GAUGES = {
 COUNTERS = {
     "sessions_seen": "Distinct sessions seen",
     "requests_with_session": "Requests that named a session",
-    "retained_hits": "Turns that started on KV kvsched had retained",
-    "retained_hit_tokens": "Prompt tokens served from KV kvsched had retained (prefill saved)",
+    "retained_hits": "Turns whose prefix-cache hit covered KV kvsched kept pinned for the session since its last turn",
+    "retained_hit_tokens": "Prompt tokens of those hits on pinned KV (LRU may have kept some too: not prefill saved)",
     "rejected_requests": "Requests refused for malformed session input (HTTP 400)",
     "inferred_sessions": "Sessions inferred for requests without a session field (session inference)",
     "inferred_turns": "Turns served in inferred sessions (the first turn included)",
