@@ -24,7 +24,9 @@ def register(subparsers: Any) -> None:
 def describe(cfg: Any) -> str:
     lines = [f"app {cfg.app_name!r} on http://{cfg.host}:{cfg.port}{cfg.route_prefix} "
              f"(router c={cfg.router.load_factor}, load floor {cfg.router.load_floor}, {cfg.router.virtual_nodes} virtual nodes, "
-             f"stats every {cfg.stats_period_s}s)"]
+             f"stats every {cfg.stats_period_s}s; poll_deadline_s {cfg.router.poll_deadline_s:g}s: each replica reads "
+             f"its engine's /metrics and session list within it; routing_wait_s {cfg.router.routing_wait_s:g}s: "
+             f"Ray's routing-stats call waits that long for a poll in flight)"]
     for p in cfg.pools:
         scale = (f"autoscaling {p.autoscaling.min_replicas}-{p.autoscaling.max_replicas} on queue depth "
                  f"{p.autoscaling.queue_per_replica}/replica and p95 TTFT {p.autoscaling.ttft_p95_s}s over "

@@ -18,6 +18,7 @@ from kvsched.adapters.ray.autoscaling import POLICY_PATH
 from kvsched.adapters.ray.config import PoolConfig, RayServeConfig, load_config
 from kvsched.adapters.ray.engine import EngineReplica
 from kvsched.adapters.ray.ingress import OpenAIIngress
+from kvsched.adapters.ray.poll_settings import routing_stats_timeout_s
 from kvsched.core.ttft_histogram import TTFT_HOLD_S, UNSCRAPED_GRACE_S
 
 ROUTER_PATH = "kvsched.adapters.ray.router:KVSchedRequestRouter"
@@ -40,7 +41,7 @@ def engine_options(pool: PoolConfig, cfg: RayServeConfig, router_path: str = ROU
             request_router_class=router_path,
             request_router_kwargs=kwargs,
             request_routing_stats_period_s=cfg.stats_period_s,
-            request_routing_stats_timeout_s=max(5.0, cfg.stats_period_s * 2)),
+            request_routing_stats_timeout_s=routing_stats_timeout_s(cfg.stats_period_s)),
         "health_check_period_s": cfg.health_check_period_s,
         "health_check_timeout_s": cfg.health_check_timeout_s,
         "graceful_shutdown_timeout_s": 30.0,
@@ -68,6 +69,12 @@ def engine_args(pool: PoolConfig) -> tuple[str, dict[str, Any], float, float]:
     return pool.name, pool.engine.model_dump(), t.unscraped_grace_s, t.ttft_hold_s
 
 
+def engine_kwargs(cfg: RayServeConfig) -> dict[str, float]:
+    """`EngineReplica`'s keyword arguments, the same for every pool: the router's settings of a replica's stats poll
+    (poll_settings.py)."""
+    return {"poll_deadline_s": cfg.router.poll_deadline_s, "routing_wait_s": cfg.router.routing_wait_s}
+
+
 def ingress_max_ongoing(cfg: RayServeConfig) -> int:
     """Requests the ingress replica takes at once: every engine replica's share at its largest. The ingress only
     relays; left at Ray's default (5) it queued requests at the HTTP proxy, and the engines' router saw at most 5 in
@@ -84,7 +91,7 @@ def build_app(cfg: RayServeConfig, router_path: str = ROUTER_PATH, version: str 
     replaced as usual."""
     extra: dict[str, Any] = {"version": version, "_internal": True} if version is not None else {}
     engines = {p.name: serve.deployment(EngineReplica).options(**engine_options(p, cfg, router_path), **extra).bind(
-        *engine_args(p)) for p in cfg.pools}
+        *engine_args(p), **engine_kwargs(cfg)) for p in cfg.pools}
     ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
                                                       max_ongoing_requests=ingress_max_ongoing(cfg),
                                                       ray_actor_options={"num_cpus": 0})

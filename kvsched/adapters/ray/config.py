@@ -4,7 +4,8 @@ a count) and closed (an unknown key is an error); every problem is one `ConfigEr
 
 ```yaml
 http: {host: 127.0.0.1, port: 8000}
-router: {load_factor: 1.25, virtual_nodes: 100, load_floor: auto, stats_period_s: 2, unnamed: opening}
+router: {load_factor: 1.25, virtual_nodes: 100, load_floor: auto, stats_period_s: 2, unnamed: opening,
+         poll_deadline_s: 5, routing_wait_s: 2}   # a replica's poll of its engine; Ray's routing call's wait for it
 long_context_tokens: 12000          # sessions past this go to the pool with long_context: true
 pools:
   - name: workers
@@ -38,6 +39,7 @@ from pydantic import (
     model_validator,
 )
 
+from kvsched.adapters.ray.poll_settings import POLL_DEADLINE_S, ROUTING_WAIT_S, poll_problems
 from kvsched.adapters.ray.requests import MAX_BODY_BYTES, MAX_JSON_DEPTH
 from kvsched.core.routing import RouterConfig, RoutingConfigError
 from kvsched.core.routing_autoscale import AutoscaleTargets
@@ -195,8 +197,9 @@ class PoolConfig(_Strict):
 
 
 class RouterSettings(_Strict):
-    """kvsched.core.routing.RouterConfig's settings, `stats_period_s` (how often replicas report) and `load_floor`
-    `auto`: half of each pool's `max_ongoing_requests` (measured reason: BENCHMARKS.md, router section)."""
+    """kvsched.core.routing.RouterConfig's settings, `stats_period_s` (how often replicas report), `load_floor`
+    `auto`: half of each pool's `max_ongoing_requests` (measured reason: BENCHMARKS.md, router section), and each
+    replica's poll of its engine: `poll_deadline_s`, `routing_wait_s` (poll_settings.py, which checks them)."""
 
     load_factor: float = 1.25
     virtual_nodes: int = 100
@@ -204,6 +207,8 @@ class RouterSettings(_Strict):
     load_floor: int | Literal["auto"] = "auto"
     session_idle_s: float = 600.0
     stats_period_s: PositiveFloat = 2.0
+    poll_deadline_s: PositiveFloat = POLL_DEADLINE_S
+    routing_wait_s: PositiveFloat = ROUTING_WAIT_S
     # requests naming no session: "opening" routes a chat conversation by its opening messages, so its turns stay
     # where its KV is (kvsched.adapters.ray.opening); "least_loaded", the replica with the fewest in flight
     unnamed: Literal["opening", "least_loaded"] = "opening"
@@ -211,6 +216,8 @@ class RouterSettings(_Strict):
     @model_validator(mode="after")
     def _core_checks(self) -> RouterSettings:
         self.core(64)
+        if problems := poll_problems(self.poll_deadline_s, self.routing_wait_s, self.stats_period_s):
+            raise ValueError("; ".join(problems))
         return self
 
     def core(self, max_ongoing_requests: int) -> RouterConfig:

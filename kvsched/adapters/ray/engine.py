@@ -46,6 +46,7 @@ from kvsched.adapters.ray.config import EngineConfig
 from kvsched.adapters.ray.fleet_ttft import UNREAD_TTFT, bucket_stats
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.owners import AUTH_HEADERS
+from kvsched.adapters.ray.poll_settings import POLL_DEADLINE_S, ROUTING_WAIT_S
 from kvsched.adapters.ray.reaper import leader_alive, stop_group
 from kvsched.adapters.ray.stats import ReplicaStats
 from kvsched.core.ttft_histogram import TTFT_HOLD_S, UNSCRAPED_GRACE_S
@@ -54,9 +55,6 @@ from kvsched.serving import ServerSpec, VllmServer
 ADMIN_KEYS_ENV = "KVSCHED_ADMIN_KEYS"
 
 logger = logging.getLogger("ray.serve")
-# How long Ray's routing-stats call waits for a stats poll in flight before it answers with the last one: well within
-# the shortest timeout Ray gives the call (app.py: 5 s), which a poll's own deadline (`ReplicaStats.timeout_s`) is not.
-ROUTING_WAIT_S = 2.0
 # The session headers kvsched reads, and the caller's key and cache salt: found by review, a pool whose vllm serve
 # checks API keys (`--api-key`, VLLM_API_KEY) answered 401 to everything, as no key reached it.
 FORWARD_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction", "accept",
@@ -113,16 +111,21 @@ class EngineReplica:
     """The Ray Serve deployment class of one engine pool (wrapped by `serve.deployment` in app.py).
     `unscraped_grace_s`: the pool's `autoscaling: {unscraped_grace_s}`, so that `describe` calls the engine's metrics
     stale when the policy leaves them out; `ttft_hold_s`: the pool's `autoscaling: {ttft_hold_s}`, how long the
-    replica's own P95 is held (`ReplicaStats.hold_s`), as the policy holds the fleet's."""
+    replica's own P95 is held (`ReplicaStats.hold_s`), as the policy holds the fleet's; `poll_deadline_s` and
+    `routing_wait_s`: the router's (`router: {poll_deadline_s, routing_wait_s}`, poll_settings.py), the deadline of
+    the replica's poll of its engine and how long Ray's routing-stats call waits for a poll in flight (within Ray's
+    timeout of that call, which the poll's deadline need not be) before it answers with the last stats."""
 
     routing_wait_s = ROUTING_WAIT_S
     _polled_at = 0.0  # when the last stats poll ended (time.monotonic())
     _poll: asyncio.Future[None] | None = None  # the stats poll in flight
 
     def __init__(self, pool: str, engine: dict[str, Any], unscraped_grace_s: float = UNSCRAPED_GRACE_S,
-                 ttft_hold_s: float = TTFT_HOLD_S) -> None:
+                 ttft_hold_s: float = TTFT_HOLD_S, *, poll_deadline_s: float = POLL_DEADLINE_S,
+                 routing_wait_s: float = ROUTING_WAIT_S) -> None:
         cfg = EngineConfig.model_validate(engine, strict=False)
         self.pool = pool
+        self.routing_wait_s = routing_wait_s
         self.unscraped_grace_s = unscraped_grace_s
         self.replica_id = replica_unique_id()
         spec = server_spec(cfg)
@@ -136,7 +139,8 @@ class EngineReplica:
         self._stopping = False
         threading.Thread(target=self._watch_engine, name="vllm-watch", daemon=True).start()
         self.client = httpx.AsyncClient(base_url=self.server.base, timeout=httpx.Timeout(None, connect=10.0))
-        self.stats = ReplicaStats(self.server.base, admin_key=stats_key, hold_s=ttft_hold_s)
+        self.stats = ReplicaStats(self.server.base, admin_key=stats_key, hold_s=ttft_hold_s,
+                                  timeout_s=poll_deadline_s)
         logger.info(f"kvsched engine {pool}/slot-{self.slot} serving at {self.server.base}")
 
     @property

@@ -31,6 +31,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvsched.adapters.ray.deadline_get import get
+from kvsched.adapters.ray.poll_settings import POLL_DEADLINE_S
 from kvsched.core.ttft_histogram import (
     SERIES_SPAN_S,
     TTFT_HOLD_S,
@@ -79,6 +80,27 @@ def read_metrics(text: str) -> Scrape:
     return Scrape(gauges, series)
 
 
+def pinned_sessions(body: Any) -> list[str]:
+    """The sessions an engine's `GET /kvsched/sessions` answer names as holding pinned KV, sorted: its
+    `pinned_session_ids` (`?pinned_ids=1`), else its rows with pinned blocks. ValueError for an answer of another
+    shape (a proxy's page, another server's JSON): it keeps the last list, as a failed read does."""
+    if not isinstance(body, Mapping):
+        raise ValueError(f"a session listing is a JSON object, got {type(body).__name__}")
+    if "pinned_session_ids" in body:
+        ids = body["pinned_session_ids"]
+        if not isinstance(ids, list):
+            raise ValueError(f"pinned_session_ids is a list, got {type(ids).__name__}")
+        return sorted(str(s) for s in ids)
+    rows = body.get("sessions", [])
+    if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
+        raise ValueError("sessions is a list of objects")
+    return sorted(str(r["session_id"]) for r in rows if "session_id" in r and _pinned(r.get("pinned_blocks")))
+
+
+def _pinned(blocks: Any) -> bool:
+    return isinstance(blocks, int | float) and not isinstance(blocks, bool) and blocks > 0
+
+
 @dataclass
 class ReplicaStats:
     """Polled from one vLLM server; `snapshot()` is what the replica reports to Ray."""
@@ -88,7 +110,7 @@ class ReplicaStats:
     hold_s: float = TTFT_HOLD_S  # the held `ttft_p95_s`: the pool's `autoscaling: {ttft_hold_s}`
     span_s: float = SERIES_SPAN_S  # the counts' bookkeeping (`ServerCounts.hold_s`) and the fresh P95's gathering
     clock: Callable[[], float] = time.monotonic
-    timeout_s: float = 5.0  # a poll's deadline: both reads, whole (connect to last byte), within it
+    timeout_s: float = POLL_DEADLINE_S  # a poll's deadline: each read, whole (connect to last byte), within it
     queue_depth: float = 0.0
     running: float = 0.0
     ttft_p95_s: float | None = None
@@ -106,13 +128,11 @@ class ReplicaStats:
         self._counts = ServerCounts(self.span_s)
 
     def update(self, metrics_text: str, sessions: Mapping[str, Any] | None) -> None:
-        scrape = read_metrics(metrics_text)  # parsed before taking the lock: only applying it holds it
-        kv_sessions: list[str] | None = None
-        if sessions is not None and "pinned_session_ids" in sessions:
-            kv_sessions = sorted(str(s) for s in sessions["pinned_session_ids"])
-        elif sessions is not None:
-            kv_sessions = sorted(str(r["session_id"]) for r in sessions.get("sessions", ())
-                                 if r.get("pinned_blocks", 0) > 0)
+        """Applies a scrape and, unless None, a session listing (`pinned_sessions`)."""
+        self._apply(read_metrics(metrics_text), None if sessions is None else pinned_sessions(sessions))
+
+    def _apply(self, scrape: Scrape, kv_sessions: list[str] | None) -> None:
+        """(Parsed before taking the lock: only applying holds it.)"""
         with self._state:
             self.queue_depth = scrape.gauges.get("vllm:num_requests_waiting", 0.0)
             self.running = scrape.gauges.get("vllm:num_requests_running", 0.0)
@@ -127,36 +147,64 @@ class ReplicaStats:
                 self.kv_sessions = kv_sessions
 
     def poll(self, timeout_s: float | None = None) -> None:
-        """Blocking: read /metrics and /kvsched/sessions (run it in a thread), both within one deadline, `timeout_s`
-        (default `self.timeout_s`) from now: past it, TimeoutError and a failed read. Found by review: a timeout per
-        socket read let a /metrics sending a byte every 0.5 s hold a poll for as long as it dripped. The reads hold
-        no lock; only applying them does (`_state`). One poll at a time: while one is in flight, another returns at
-        once, the one in flight bringing the news. Found by review: Ray cancels record_autoscaling_stats after 10 s,
-        but its thread runs on; the next poll ran beside it, and the older scrape applied after the newer read as a
-        counter reset, counting the engine's history as new."""
+        """Blocking: read /metrics and /kvsched/sessions (run it in a thread), each within one deadline, `timeout_s`
+        (default `self.timeout_s`, the router's `poll_deadline_s`) from now: past it, TimeoutError and a failed read.
+        Found by review: a timeout per socket read let a /metrics sending a byte every 0.5 s hold a poll for as long
+        as it dripped. The reads hold no lock; only applying them does (`_state`). One poll at a time: while one is in
+        flight, another returns at once, the one in flight bringing the news. Found by review: Ray cancels
+        record_autoscaling_stats after 10 s, but its thread runs on; the next poll ran beside it, and the older
+        scrape applied after the newer read as a counter reset, counting the engine's history as new.
+
+        The two reads run side by side, each given the whole deadline, and the session list applies whether or not
+        /metrics was read. They feed different consumers: the router reads only the session list (which sessions
+        this replica pins is what keeps a session's turns where its KV is), autoscaling the scrape. Read one after
+        the other, the sessions read got what /metrics left of the deadline, and a slow /metrics starved it (found
+        by review): the router kept a stale list, and a /metrics that hung or dripped kept it stale for as long as
+        it did. Side by side, the poll still ends by the deadline, and a split of it would starve whichever read was
+        given the smaller share."""
         if not self._polling.acquire(blocking=False):
             return
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        listed: list[list[str] | None | BaseException] = []  # what the sessions read ended with
+        kv_sessions: list[str] | None = None
         read = False
         try:
-            text = get(self.base_url + "/metrics", {}, deadline).decode()
+            reader = threading.Thread(target=self._read_sessions, args=(deadline, listed), name="kvsched-sessions",
+                                      daemon=True)
+            reader.start()
             try:
-                sessions = self._all_sessions(deadline)
-            except (OSError, ValueError, http.client.HTTPException):  # HTTPException: a reply cut short
-                sessions = None  # stock vLLM (no kvsched scheduler), busy or past the deadline: keep the last list
-            self.update(text, sessions)
+                text = get(self.base_url + "/metrics", {}, deadline).decode()
+            finally:
+                reader.join()  # (its read ends by the same deadline)
+                outcome = listed[0] if listed else None
+                if isinstance(outcome, BaseException):
+                    raise outcome  # not a failed read: a fault of this code, which must not pass unseen
+                kv_sessions = outcome
+            self._apply(read_metrics(text), kv_sessions)
             read = True
         finally:
             with self._state:
+                if not read and kv_sessions is not None:  # the list read whatever /metrics did
+                    self.kv_sessions = kv_sessions
                 self.health.record(read, self.clock())  # a failed read: the counts reported are not current
             self._polling.release()
 
-    def _all_sessions(self, deadline: float) -> dict[str, Any]:
+    def _read_sessions(self, deadline: float, out: list[list[str] | None | BaseException]) -> None:
+        """The sessions read of a poll, run beside its /metrics read: its outcome appended to `out` (None: the list
+        could not be read: an OSError or TimeoutError, a status other than 2xx, a reply cut short (IncompleteRead)
+        or one that is not the engine's listing)."""
+        try:
+            out.append(pinned_sessions(self._all_sessions(deadline)))
+        except (OSError, ValueError, http.client.HTTPException):
+            out.append(None)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the poll's own thread
+            out.append(exc)
+
+    def _all_sessions(self, deadline: float) -> Any:
         """The ids of every session holding pinned KV on the engine (all salts and tenants with the admin key), in one
         call that walks the session table once (pages of the listing would walk it once per page)."""
         headers = {"Authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
-        body: dict[str, Any] = json.loads(get(self.base_url + "/kvsched/sessions?pinned_ids=1", headers, deadline))
-        return body
+        return json.loads(get(self.base_url + "/kvsched/sessions?pinned_ids=1", headers, deadline))
 
     def fresh_ttft_p95(self) -> float | None:
         """The P95 TTFT of the first tokens counted since the previous call that returned one, None while they are
