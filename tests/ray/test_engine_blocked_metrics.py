@@ -8,7 +8,15 @@ meanwhile the engine answers completions sent while the scrape hangs. Read again
 
 Closed or refused connections on a real Ray cluster, with stand-in engines: test_serve_unscraped.py; this is the
 hanging one on a real vLLM engine (the policy is given the reports as Ray's context carries them:
-test_autoscaling_signals.fleet_ctx)."""
+test_autoscaling_signals.fleet_ctx).
+
+The same replica's `/metrics` dripping (`drip_s`: a byte every 0.5 s, for 10x the poll's deadline): the poll gives up
+at its deadline (`poll_deadline_s` 2 s, as `build_app` passes the router setting) and counts a failed read while the
+engine serves completions sent during the drip; the session list, read beside the dripping scrape from the real
+engine's `/kvsched/sessions`, still reaches the routing stats (read one after the other, it waited behind the drip
+and stayed stale). What the stand-in tests (test_scrape_deadline.py, test_poll_sessions.py) do not show: vLLM's own
+API server answering the session listing and completions while one of its connections drips, and the setting reaching
+a real replica. Both tests share one replica (a vllm serve start-up fewer in the suite)."""
 
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,6 +39,8 @@ from tests.ray.stalling_proxy import StallingProxy
 from tests.ray.test_autoscaling_signals import fleet_ctx
 
 pytestmark = pytest.mark.integration
+DEADLINE_S = 2.0  # the replica's poll_deadline_s (the router setting)
+DRIP_S = 0.5
 BODY = json.dumps({"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "tool result " * 30}]})
 
 
@@ -49,13 +60,29 @@ def decide(window: list[dict[str, float]]) -> tuple[int, str]:
     return n, state["kvsched_reason"]
 
 
-def test_a_hanging_metrics_scrape_times_out_is_unread_not_idle_and_the_engine_serves(tiny_model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def replica(tiny_model_dir: Path) -> Iterator[EngineReplica]:
+    """One engine replica for the module's two real-engine tests (a vllm serve start-up each saved: the suite's time),
+    given `poll_deadline_s` 2 s as `build_app` passes the router setting; each test puts its own proxy in front and
+    asserts on counts relative to what it found (the other test may have run first)."""
     cfg = EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", max_model_len=512, block_size=32)
-    replica = EngineReplica("tiny", cfg.model_dump())
-    proxy = StallingProxy(int(urlsplit(replica.server.base).port or 0))
-    # the engine behind the proxy, for the replica's scrapes and its requests alike
+    rep = EngineReplica("tiny", cfg.model_dump(), poll_deadline_s=DEADLINE_S)
+    try:
+        yield rep
+    finally:
+        rep.__del__()
+
+
+def behind(replica: EngineReplica, proxy: StallingProxy) -> None:
+    """The engine behind `proxy`, for the replica's polls and its requests alike."""
     replica.stats.base_url = proxy.base
     replica.client = httpx.AsyncClient(base_url=proxy.base, timeout=httpx.Timeout(None, connect=10.0))
+
+
+def test_a_hanging_metrics_scrape_times_out_is_unread_not_idle_and_the_engine_serves(replica: EngineReplica) -> None:
+    proxy = StallingProxy(int(urlsplit(replica.server.base).port or 0))
+    behind(replica, proxy)
+    failures = replica.stats.health.failures
     headers = {"X-Session-Id": "blocked/worker", "Content-Type": "application/json", "Authorization": "Bearer any"}
 
     async def report() -> dict[str, float]:
@@ -67,7 +94,8 @@ def test_a_hanging_metrics_scrape_times_out_is_unread_not_idle_and_the_engine_se
         assert reports[0]["ttft_unread_s"] == 0.0 and replica.describe()["engine_metrics"] == "ok"
         assert (await replica.complete("/v1/chat/completions", BODY.encode(), headers))["status"] == 200
         reports.append(await report())
-        assert reports[1]["ttft_le:+Inf"] == 1 and reports[1]["ttft_unread_s"] == 0.0
+        served = reports[0]["ttft_le:+Inf"]  # first tokens served before (by this module's other test, if it ran)
+        assert reports[1]["ttft_le:+Inf"] == served + 1 and reports[1]["ttft_unread_s"] == 0.0
 
         proxy.blocked.set()
         t0 = time.monotonic()
@@ -78,11 +106,11 @@ def test_a_hanging_metrics_scrape_times_out_is_unread_not_idle_and_the_engine_se
         assert proxy.sent_while_stalled > 0  # the completions went to the engine while the scrape hung
         blocked = await scrape
         print(f"blocked scrape: record_autoscaling_stats returned after {time.monotonic() - t0 - 1.1:.2f} s "
-              f"(ReplicaStats.poll's deadline: 5 s); proxy stalls {proxy.stalls}")
+              f"(ReplicaStats.poll's deadline: {replica.stats.timeout_s:g} s); proxy stalls {proxy.stalls}")
         assert proxy.stalls == 1 and proxy.stalled_now == 0  # the scrape gave up and closed its connection
-        assert replica.stats.health.failures == 1  # (the poll's TimeoutError is logged: the test below has its type)
+        assert replica.stats.health.failures == failures + 1  # (the poll's TimeoutError is logged: the test below has its type)
         assert blocked["ttft_unread_s"] > 0 and replica.describe()["engine_metrics"] == "failing"
-        assert blocked["ttft_le:+Inf"] == 1 and blocked["queue_depth"] == 0.0  # its last counts, not current
+        assert blocked["ttft_le:+Inf"] == served + 1 and blocked["queue_depth"] == 0.0  # its last counts, not current
         n, reason = decide([*reports, blocked])
         assert n == 1 and reason.startswith("steady: no scale-down while replica(s) r0 cannot be read"), reason
         n, reason = decide(reports)  # the same replica read: idle, the pool may go
@@ -91,7 +119,7 @@ def test_a_hanging_metrics_scrape_times_out_is_unread_not_idle_and_the_engine_se
         proxy.blocked.clear()
         again = await report()
         assert again["ttft_unread_s"] == 0.0 and replica.describe()["engine_metrics"] == "ok"
-        assert again["ttft_le:+Inf"] == 3  # the first tokens served while unread count now
+        assert again["ttft_le:+Inf"] == served + 3  # the first tokens served while unread count now
         n, reason = decide([*reports, again])
         assert n == 0 and reason.startswith("down:"), reason
 
@@ -99,7 +127,55 @@ def test_a_hanging_metrics_scrape_times_out_is_unread_not_idle_and_the_engine_se
         asyncio.run(run())
     finally:
         proxy.close()
-        replica.__del__()
+
+
+def test_a_dripping_scrape_is_unread_while_the_engine_serves_and_its_session_list_still_reaches_the_router(
+        replica: EngineReplica) -> None:
+    assert replica.stats.timeout_s == DEADLINE_S  # the router setting reached the replica's poll
+    proxy = StallingProxy(int(urlsplit(replica.server.base).port or 0), drip_s=DRIP_S,
+                          drip_bytes=int(10 * DEADLINE_S / DRIP_S))
+    behind(replica, proxy)
+    failures = replica.stats.health.failures
+
+    def headers(session: str) -> dict[str, str]:
+        return {"X-Session-Id": session, "Content-Type": "application/json", "Authorization": "Bearer any"}
+
+    async def report() -> dict[str, float]:
+        await asyncio.sleep(1.1)  # past the stats' 1-s reuse (`_fresh_stats`' max_age_s): this report polls
+        return await asyncio.wait_for(replica.record_autoscaling_stats(), 60)
+
+    async def run() -> None:
+        first = await report()
+        assert first["ttft_unread_s"] == 0.0 and "drip/before" not in replica.stats.snapshot()["kv_sessions"]
+
+        proxy.blocked.set()
+        done = await replica.complete("/v1/chat/completions", BODY.encode(), headers("drip/before"))
+        assert done["status"] == 200  # a turn that ends before the poll: its session pinned on the engine
+        t0 = time.monotonic()
+        scrape = asyncio.create_task(report())
+        await until("dripping /metrics request", lambda: proxy.stalled_now)
+        during = await replica.complete("/v1/chat/completions", BODY.encode(), headers("drip/during"))
+        assert during["status"] == 200 and json.loads(during["body"])["choices"]
+        assert proxy.sent_while_stalled > 0  # the completion went to the engine while the scrape dripped
+        blocked = await scrape
+        print(f"dripping scrape: record_autoscaling_stats returned after {time.monotonic() - t0 - 1.1:.2f} s "
+              f"(poll_deadline_s {DEADLINE_S:g}); {proxy.dripped} of {proxy.drip_bytes} bytes dripped")
+        assert proxy.stalls == 1 and proxy.dripped < proxy.drip_bytes  # it met the drip and left before its end
+        assert replica.stats.health.failures == failures + 1 and blocked["ttft_unread_s"] > 0
+        assert replica.describe()["engine_metrics"] == "failing"
+        routing = await asyncio.wait_for(replica.record_routing_stats(), 30)  # within the 1-s reuse: that poll's
+        assert "drip/before" in routing["kv_sessions"], routing  # read beside the drip (one after: [])
+        await until("the dripping connection closed", lambda: proxy.stalled_now == 0)
+
+        proxy.blocked.clear()
+        again = await report()
+        assert again["ttft_unread_s"] == 0.0 and replica.describe()["engine_metrics"] == "ok"
+        assert {"drip/before", "drip/during"} <= set(replica.stats.snapshot()["kv_sessions"])
+
+    try:
+        asyncio.run(run())
+    finally:
+        proxy.close()
 
 
 def test_the_replicas_poll_raises_the_sockets_timeout_on_a_hanging_scrape() -> None:
