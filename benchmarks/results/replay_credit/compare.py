@@ -23,17 +23,9 @@ from kvsched.sim.replay import ReplayConfig, replay
 
 secs, run = float(sys.argv[1]), Path(sys.argv[2])
 tier = (86952800, 16400)
-args = argparse.Namespace(
-    trace=Path.home() / ".cache/kvsched/traces/mooncake/conversation.kvsched.jsonl",
-    start_s=0.0,
-    seconds=secs,
-    time_scale=1.0,
-    pressure=3.0,
-    sides="kvsched",
-    max_output_tokens=64,
-    model_size="test",
-    out=None,
-)
+TRACE = Path.home() / ".cache/kvsched/traces/mooncake/conversation.kvsched.jsonl"
+args = argparse.Namespace(trace=TRACE, start_s=0.0, seconds=secs, time_scale=1.0, pressure=3.0, sides="kvsched",
+                          max_output_tokens=64, model_size="test", out=None)
 s = te.prepare(args)
 reqs = s.plan.requests
 assert not s.plan.dropped_long

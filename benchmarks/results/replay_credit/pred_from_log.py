@@ -8,17 +8,9 @@ from pathlib import Path
 from kvsched.bench import trace_engine as te
 
 run = Path(sys.argv[1])
-args = argparse.Namespace(
-    trace=Path.home() / ".cache/kvsched/traces/mooncake/conversation.kvsched.jsonl",
-    start_s=0.0,
-    seconds=600.0,
-    time_scale=1.0,
-    pressure=3.0,
-    sides="kvsched",
-    max_output_tokens=64,
-    model_size="test",
-    out=None,
-)
+TRACE = Path.home() / ".cache/kvsched/traces/mooncake/conversation.kvsched.jsonl"
+args = argparse.Namespace(trace=TRACE, start_s=0.0, seconds=600.0, time_scale=1.0, pressure=3.0, sides="kvsched",
+                          max_output_tokens=64, model_size="test", out=None)
 s = te.prepare(args)
 rows = [json.loads(line) for line in open(run / "credit.jsonl")]
 arr = {r["req"]: r for r in rows if r["op"] == "arrive"}
