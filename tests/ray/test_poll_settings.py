@@ -134,6 +134,19 @@ def test_the_timeout_is_read_as_ray_reads_it(value: str | None, monkeypatch: pyt
     assert ray_reads == check_reads == (10.0 if value is None else float(value))
 
 
+def test_a_low_ray_timeout_is_a_config_error_not_a_crash_at_import(tmp_path: Path) -> None:
+    """Found by review of this change: the config's default router, built once at import, ran the check then, so a
+    RAY_SERVE_RECORD_AUTOSCALING_STATS_TIMEOUT_S under 5.5 s made every import of config.py raise."""
+    path = tmp_path / "pools.yaml"
+    path.write_text("pools:\n  - {name: w, model: /m}\n")
+    env = dict(os.environ, **{RAY_AUTOSCALING_STATS_TIMEOUT_ENV: "4"})
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-m", "kvsched.cli", "ray-serve", str(path), "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.startswith("kvsched ray-serve: router: poll_deadline_s must be <= 3.5 s"), run.stderr[-2000:]
+
+
 def test_rays_own_timeouts_are_the_ones_checked_against() -> None:
     from ray.serve._private import constants
 
