@@ -22,11 +22,17 @@ def register(subparsers: Any) -> None:
 
 
 def describe(cfg: Any) -> str:
+    from kvsched.adapters.ray import poll_settings as ps
+
+    ray_timeout, margin = ps.autoscaling_stats_timeout_s(), ps.RAY_CALL_MARGIN_S
+    routing_timeout = ps.routing_stats_timeout_s(cfg.stats_period_s)
     lines = [f"app {cfg.app_name!r} on http://{cfg.host}:{cfg.port}{cfg.route_prefix} "
              f"(router c={cfg.router.load_factor}, load floor {cfg.router.load_floor}, {cfg.router.virtual_nodes} virtual nodes, "
              f"stats every {cfg.stats_period_s}s; poll_deadline_s {cfg.router.poll_deadline_s:g}s: each replica reads "
-             f"its engine's /metrics and session list within it; routing_wait_s {cfg.router.routing_wait_s:g}s: "
-             f"Ray's routing-stats call waits that long for a poll in flight)"]
+             f"its engine's /metrics and session list within it (at most Ray's record_autoscaling_stats timeout, "
+             f"{'unreadable' if ray_timeout is None else f'{ray_timeout:g}s'} here, less {margin:g}s); routing_wait_s "
+             f"{cfg.router.routing_wait_s:g}s: Ray's routing-stats call waits that long for a poll in flight (at most "
+             f"its timeout, {routing_timeout:g}s, less {margin:g}s))"]
     for p in cfg.pools:
         scale = (f"autoscaling {p.autoscaling.min_replicas}-{p.autoscaling.max_replicas} on queue depth "
                  f"{p.autoscaling.queue_per_replica}/replica and p95 TTFT {p.autoscaling.ttft_p95_s}s over "

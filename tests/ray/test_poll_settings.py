@@ -1,13 +1,18 @@
 """A replica's poll of its engine as deployment settings: `router: {poll_deadline_s, routing_wait_s}` (default 5 s
 and 2 s, the constants they were), refused at parse when they cannot work (no finite number of seconds > 0; a
-routing wait not shorter than Ray's timeout of the routing-stats call, 5 s or two stats periods; a poll deadline not
-shorter than Ray's 10-s timeout of record_autoscaling_stats, which waits for the poll), shown by `--dry-run`, and
-reaching every pool's engine replicas (the poll's deadline, the routing call's wait) and Ray's call timeout."""
+routing wait over Ray's timeout of the routing-stats call, 5 s or two stats periods, less 0.5 s; a poll deadline
+over Ray's timeout of record_autoscaling_stats, which waits for the poll, less 0.5 s: 10 s or what
+RAY_SERVE_RECORD_AUTOSCALING_STATS_TIMEOUT_S says, read as Ray reads it), shown by `--dry-run`, and reaching every
+pool's engine replicas (the poll's deadline, the routing call's wait) and Ray's call timeout."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,14 +21,23 @@ import pytest
 from kvsched.adapters.ray.config import ConfigError, parse_config
 from kvsched.adapters.ray.poll_settings import (
     POLL_DEADLINE_S,
+    RAY_AUTOSCALING_STATS_TIMEOUT_ENV,
     RAY_AUTOSCALING_STATS_TIMEOUT_S,
+    RAY_CALL_MARGIN_S,
     ROUTING_WAIT_S,
+    autoscaling_stats_timeout_s,
     poll_problems,
     routing_stats_timeout_s,
 )
 from kvsched.cli import main
 
 SETTINGS = ("poll_deadline_s", "routing_wait_s")
+
+
+@pytest.fixture(autouse=True)
+def _rays_default_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Each test starts from Ray's default, whatever the environment running the tests says.)"""
+    monkeypatch.delenv(RAY_AUTOSCALING_STATS_TIMEOUT_ENV, raising=False)
 
 
 def config(**router: object) -> dict[str, object]:
@@ -60,20 +74,77 @@ def test_the_check_itself_refuses_them_too(setting: str, value: object) -> None:
         f"{setting} must be a finite number of seconds > 0, got {value!r}"]
 
 
-def test_a_routing_wait_not_shorter_than_rays_call_timeout_is_refused() -> None:
-    assert routing_stats_timeout_s(2.0) == 5.0 and routing_stats_timeout_s(4.0) == 8.0
-    refused("routing_wait_s must be < 5 s (Ray's timeout of the routing-stats call", routing_wait_s=5)
-    refused("routing_wait_s must be < 8 s", routing_wait_s=9, stats_period_s=4)
-    assert parse_config(config(routing_wait_s=6, stats_period_s=4)).router.routing_wait_s == 6.0  # within 8 s
+def test_a_routing_wait_without_a_margin_below_rays_call_timeout_is_refused() -> None:
+    """The routing call's answer still has to get back through Ray after the wait, before Ray's timeout."""
+    assert routing_stats_timeout_s(2.0) == 5.0 and routing_stats_timeout_s(4.0) == 8.0 and RAY_CALL_MARGIN_S == 0.5
+    refused("routing_wait_s must be <= 4.5 s (Ray's timeout of the routing-stats call", routing_wait_s=5)
+    refused("less 0.5 s for the call's way through Ray), got 4.9", routing_wait_s=4.9)
+    refused("routing_wait_s must be <= 7.5 s", routing_wait_s=7.6, stats_period_s=4)
+    assert parse_config(config(routing_wait_s=7.5, stats_period_s=4)).router.routing_wait_s == 7.5
     assert parse_config(config(routing_wait_s=4.5)).router.routing_wait_s == 4.5
 
 
-def test_a_poll_deadline_not_shorter_than_rays_autoscaling_call_timeout_is_refused() -> None:
-    assert RAY_AUTOSCALING_STATS_TIMEOUT_S == 10.0
-    refused("poll_deadline_s must be < 10 s (Ray Serve's timeout of record_autoscaling_stats", poll_deadline_s=10)
+def test_a_poll_deadline_without_a_margin_below_rays_autoscaling_call_timeout_is_refused() -> None:
+    assert RAY_AUTOSCALING_STATS_TIMEOUT_S == autoscaling_stats_timeout_s() == 10.0
+    refused("poll_deadline_s must be <= 9.5 s (Ray Serve's timeout of record_autoscaling_stats", poll_deadline_s=10)
+    refused("poll_deadline_s must be <= 9.5 s", poll_deadline_s=9.9)
+    assert parse_config(config(poll_deadline_s=9.5)).router.poll_deadline_s == 9.5
     # no relation to the period or the routing wait: one poll at a time, the calls made meanwhile share it
     cfg = parse_config(config(poll_deadline_s=9, stats_period_s=1, routing_wait_s=0.5))
     assert (cfg.router.poll_deadline_s, cfg.router.stats_period_s, cfg.router.routing_wait_s) == (9.0, 1.0, 0.5)
+
+
+def test_the_poll_deadline_limit_moves_with_rays_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray reads RAY_SERVE_RECORD_AUTOSCALING_STATS_TIMEOUT_S as its timeout; the check reads it when it runs."""
+    monkeypatch.setenv(RAY_AUTOSCALING_STATS_TIMEOUT_ENV, "4")
+    msg = refused("poll_deadline_s must be <= 3.5 s (Ray Serve's timeout of record_autoscaling_stats")  # the default 5
+    assert f"4 s ({RAY_AUTOSCALING_STATS_TIMEOUT_ENV} or its default)" in msg, msg
+    assert parse_config(config(poll_deadline_s=3.5)).router.poll_deadline_s == 3.5
+    monkeypatch.setenv(RAY_AUTOSCALING_STATS_TIMEOUT_ENV, "30")
+    assert parse_config(config(poll_deadline_s=12)).router.poll_deadline_s == 12.0  # refused at Ray's default
+    refused("poll_deadline_s must be <= 29.5 s", poll_deadline_s=29.6)
+    for bad in ("0", "-1"):  # Ray takes them (every call would time out at once): no deadline fits
+        monkeypatch.setenv(RAY_AUTOSCALING_STATS_TIMEOUT_ENV, bad)
+        refused("poll_deadline_s must be <= ", poll_deadline_s=0.1)
+    monkeypatch.setenv(RAY_AUTOSCALING_STATS_TIMEOUT_ENV, "ten")
+    refused(f"{RAY_AUTOSCALING_STATS_TIMEOUT_ENV}='ten' is no number of seconds")
+
+
+READ_BOTH = ("import json; from ray.serve._private import constants as c; "
+             "from kvsched.adapters.ray.poll_settings import autoscaling_stats_timeout_s as t; "
+             "print(json.dumps([c.RAY_SERVE_RECORD_AUTOSCALING_STATS_TIMEOUT_S, t()]))")
+
+
+@pytest.mark.parametrize("value", [None, "3", "12.5", " 7 ", "1e1", "ten"])
+def test_the_timeout_is_read_as_ray_reads_it(value: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray's constants module, imported fresh with the variable set (as in a replica), and the check agree: the name,
+    the default, the conversion. A value Ray cannot read fails Ray's import, and the check calls it no number."""
+    env = {k: v for k, v in os.environ.items() if k != RAY_AUTOSCALING_STATS_TIMEOUT_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    if value is not None:
+        env[RAY_AUTOSCALING_STATS_TIMEOUT_ENV] = value
+    run = subprocess.run([sys.executable, "-c", READ_BOTH], env=env, capture_output=True, text=True, timeout=120)
+    if value == "ten":
+        assert run.returncode != 0 and RAY_AUTOSCALING_STATS_TIMEOUT_ENV in run.stderr, run.stderr[-2000:]
+        monkeypatch.setenv(RAY_AUTOSCALING_STATS_TIMEOUT_ENV, value)
+        assert autoscaling_stats_timeout_s() is None
+        return
+    assert run.returncode == 0, run.stderr[-2000:]
+    ray_reads, check_reads = json.loads(run.stdout.strip().splitlines()[-1])
+    assert ray_reads == check_reads == (10.0 if value is None else float(value))
+
+
+def test_a_low_ray_timeout_is_a_config_error_not_a_crash_at_import(tmp_path: Path) -> None:
+    """Found by review of this change: the config's default router, built once at import, ran the check then, so a
+    RAY_SERVE_RECORD_AUTOSCALING_STATS_TIMEOUT_S under 5.5 s made every import of config.py raise."""
+    path = tmp_path / "pools.yaml"
+    path.write_text("pools:\n  - {name: w, model: /m}\n")
+    env = dict(os.environ, **{RAY_AUTOSCALING_STATS_TIMEOUT_ENV: "4"})
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-m", "kvsched.cli", "ray-serve", str(path), "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.startswith("kvsched ray-serve: router: poll_deadline_s must be <= 3.5 s"), run.stderr[-2000:]
 
 
 def test_rays_own_timeouts_are_the_ones_checked_against() -> None:

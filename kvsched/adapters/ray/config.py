@@ -264,7 +264,9 @@ class StoreSettings(_Strict):
 
 class RayServeConfig(_Strict):
     pools: Annotated[list[PoolConfig], Field(min_length=1)]
-    router: RouterSettings = RouterSettings()
+    # validated with each config, not once at import: its check reads Ray's environment (poll_settings.py), and a
+    # default built at import made a low RAY_SERVE_RECORD_AUTOSCALING_STATS_TIMEOUT_S crash every import of this file
+    router: RouterSettings = Field(default_factory=dict, validate_default=True)
     http: HttpConfig = HttpConfig()
     long_context_tokens: PositiveInt | None = None
     default_pool: str | None = None
