@@ -13,7 +13,8 @@ ROUTING_WAIT_S = 2.0  # Ray's routing-stats call waits this long for a poll in f
 # Ray Serve's timeout of a replica's record_autoscaling_stats: ray/serve/_private/constants.py (2.60) reads this
 # variable once, at its import in each replica process (get_env_float: float() of it, no check of the value), and
 # replica.py wraps the call in asyncio.wait_for with it. The call waits for the poll it starts, so a poll that may
-# outlast it would be cancelled with it, and a replica whose /metrics hangs would report nothing, not its metrics unread.
+# outlast it would be cancelled with it, and a replica whose /metrics hangs would report nothing, not its metrics
+# unread.
 RAY_AUTOSCALING_STATS_TIMEOUT_ENV = "RAY_SERVE_RECORD_AUTOSCALING_STATS_TIMEOUT_S"
 RAY_AUTOSCALING_STATS_TIMEOUT_S = 10.0  # its default
 # What each setting leaves of Ray's timeout for the rest of the call: the call's hop from the replica's loop to the
