@@ -39,10 +39,11 @@ def spawn(model: Path) -> None:
 
 
 def procs_of(key: str) -> list[Any]:
+    """The processes `spawn` left under `key` ("servers", "failing"; none under the other keys)."""
     held = SPAWNED.get(key)
     if key == "servers":
         return [server.proc for server in (held or {}).values() if server.proc is not None]
-    return list(held.procs) if held is not None else []
+    return list(held.procs) if key == "failing" and held is not None else []
 
 
 def group_nice(pid: int, nice: int) -> None:
