@@ -8,6 +8,7 @@ never gets there stops them when it ends."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,36 +35,25 @@ def spawn(model: Path) -> None:
     starts = failing_starts(model)
     SPAWNED["failing_names"] = list(starts)
     SPAWNED["failing"] = start_together([argv for argv, _ in starts.values()], [env for _, env in starts.values()])
-    for proc in procs_of("servers") + procs_of("failing"):
-        group_nice(proc.pid, 19)
+    yield_to_the_unit_tests([server.proc for server in SPAWNED["servers"].values()] + SPAWNED["failing"].procs)
 
 
-def procs_of(key: str) -> list[Any]:
-    """The processes `spawn` left under `key` ("servers", "failing"; none under the other keys)."""
-    held = SPAWNED.get(key)
-    if key == "servers":
-        return [server.proc for server in (held or {}).values() if server.proc is not None]
-    return list(held.procs) if key == "failing" and held is not None else []
-
-
-def group_nice(pid: int, nice: int) -> None:
-    """Each start-up runs in a session of its own, which Linux schedules as one group (sched_autogroup): a process's
-    nice value counts only within its group, so the group's is set (/proc/PID/autogroup; every thread and child of
-    the session alike). Found measuring: the nine start-ups at once slowed a unit test importing vLLM in a subprocess
-    from ~7 s to ~35-54 s, os.setpriority(19) on each changed nothing, the group's 19 brought it back to 6.6 s. Where
-    autogroup is off or /proc is read-only the write fails and the priority stays as it was."""
-    try:
-        with open(f"/proc/{pid}/autogroup", "w") as handle:
-            handle.write(str(nice))
-    except OSError:
-        pass
+def yield_to_the_unit_tests(procs: list[Any]) -> None:
+    """Nice the spawned start-ups (10): they are to use the core the unit tests leave idle, not take theirs. Found
+    measuring: at equal priority nine start-ups at once slowed a unit test that imports vLLM in a subprocess from
+    ~5 s to ~50 s. Set right after Popen, before a server forks its engine process (seconds of imports later), so its
+    children inherit it; a process already gone or a system refusing it keeps its priority."""
+    for proc in procs:
+        if proc is None:
+            continue
+        try:
+            os.setpriority(os.PRIO_PROCESS, proc.pid, 10)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def take(key: str) -> Any:
-    """What `spawn` left under `key`, once (None if nothing was spawned): the fixture taking it owns it from then, at
-    the priority of any other process (the unit tests it made way for are over)."""
-    for proc in procs_of(key):
-        group_nice(proc.pid, 0)
+    """What `spawn` left under `key`, once (None if nothing was spawned): the fixture taking it owns it from then."""
     return SPAWNED.pop(key, None)
 
 
