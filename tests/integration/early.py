@@ -8,7 +8,6 @@ never gets there stops them when it ends."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,21 +34,6 @@ def spawn(model: Path) -> None:
     starts = failing_starts(model)
     SPAWNED["failing_names"] = list(starts)
     SPAWNED["failing"] = start_together([argv for argv, _ in starts.values()], [env for _, env in starts.values()])
-    yield_to_the_unit_tests([server.proc for server in SPAWNED["servers"].values()] + SPAWNED["failing"].procs)
-
-
-def yield_to_the_unit_tests(procs: list[Any]) -> None:
-    """Nice the spawned start-ups (10): they are to use the core the unit tests leave idle, not take theirs. Found
-    measuring: at equal priority nine start-ups at once slowed a unit test that imports vLLM in a subprocess from
-    ~5 s to ~50 s. Set right after Popen, before a server forks its engine process (seconds of imports later), so its
-    children inherit it; a process already gone or a system refusing it keeps its priority."""
-    for proc in procs:
-        if proc is None:
-            continue
-        try:
-            os.setpriority(os.PRIO_PROCESS, proc.pid, 10)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def take(key: str) -> Any:
