@@ -79,6 +79,8 @@ COUNTERS = {
     "tier_demotions": "Pin releases whose blocks were copied to the FP8 tier",
     "tier_demoted_blocks": "KV blocks copied (quantized) to the FP8 tier",
     "tier_evicted_blocks": "KV blocks the FP8 tier dropped for lack of room (lowest retention value first)",
+    "tier_declined_evictions": "Of those, blocks the disk level had no room for, dropped because no other block could "
+                               "go instead: lost from both (see kvsched_disk_tier_spills_declined)",
     "tier_restores": "Restores of full blocks from the FP8 tier instead of recomputes: requests admitted with tier "
                      "blocks plus prefetches",
     "tier_tail_restores": "Requests that got only their session's partial last block from the FP8 tier (at admission: "
@@ -104,6 +106,9 @@ COUNTERS = {
     "disk_tier_written_blocks": "KV blocks written to the disk level (behind, by the worker's background thread)",
     "disk_tier_write_failures": "Disk-level writes that failed (e.g. a full disk); those blocks are recomputed if needed",
     "disk_tier_evicted_blocks": "Disk-level blocks deleted for room (unclaimed first, then lowest retention value)",
+    "disk_tier_spills_declined": "Blocks evicted from the FP8 tier the disk level had no room for (its other blocks "
+                                 "being read, written or the session's own): the FP8 tier kept each while another "
+                                 "block could go (kvsched_tier_declined_evictions counts those lost)",
     "disk_tier_indexed_blocks": "KV blocks found in the disk level's directory at start-up",
     "disk_tier_partial_blocks_removed": "KV blocks whose files only some tensor-parallel ranks wrote (an engine died "
                                         "between their writes), deleted at start-up once 10 minutes old",

@@ -58,6 +58,7 @@ def tier_stats(conn: Any) -> dict[str, Any]:
         "tier_blocks": d.used_slots, "tier_block_bytes": d.block_bytes,
         "tier_demotions": d.counters["demotions"], "tier_demoted_blocks": d.counters["demoted_blocks"],
         "tier_evicted_blocks": d.counters["evicted_blocks"], "tier_restores": conn.stats["restores"],
+        "tier_declined_evictions": d.counters["declined_evictions"],
         "tier_restored_blocks": conn.stats["restored_blocks"], "tier_restore_misses": conn.stats["restore_misses"],
         "tier_tails": len(d.tail_of), "tier_tails_stored": d.counters["tails_stored"],
         "tier_restored_tail_tokens": conn.stats["restored_tail_tokens"],
