@@ -42,6 +42,8 @@ GAUGES = {
     "disk_tier_capacity_bytes": "The disk level's byte budget (--kvsched-disk-tier-gb, or half the free space; shrunk "
                                 "to what it holds when the disk fills up; 0 once a prefix-cache reset turned it off)",
     "disk_tier_blocks": "KV blocks the disk level holds",
+    "disk_tier_reading_blocks": "Disk-level blocks pinned while a restore reads them (never deleted meanwhile); a "
+                                "read that hangs keeps its pin (kvsched_levels_fetch_stuck)",
     "levels_fetching_blocks": "FP8-tier slots a disk or shared-store fetch is filling in the background (the requests "
                               "that need them wait; every other request runs)",
     "store_up": "1 while the shared store (--kvsched-store-url) answers, 0 during an outage (requests recompute) or "

@@ -320,7 +320,8 @@ class TierLevels(ArrivalReads):
         if self.disk is not None:
             d = self.disk
             out.update(disk_tier_capacity_bytes=d.capacity * d.block_bytes, disk_tier_bytes=d.used_bytes,
-                       disk_tier_blocks=len(d.written), disk_tier_written_blocks=d.counters["written_blocks"],
+                       disk_tier_blocks=len(d.written), disk_tier_reading_blocks=len(d.reading),
+                       disk_tier_written_blocks=d.counters["written_blocks"],
                        disk_tier_write_failures=d.counters["failed_writes"],
                        disk_tier_evicted_blocks=d.counters["evicted_blocks"],
                        disk_tier_spills_declined=c["spills_declined"],

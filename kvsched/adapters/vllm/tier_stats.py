@@ -80,7 +80,8 @@ def tier_stats(conn: Any) -> dict[str, Any]:
 
 
 # The levels' gauges of what they hold and can reach; their counters stay as they were.
-LEVEL_GAUGES_OFF = ("disk_tier_capacity_bytes", "disk_tier_bytes", "disk_tier_blocks", "store_up")
+LEVEL_GAUGES_OFF = ("disk_tier_capacity_bytes", "disk_tier_bytes", "disk_tier_blocks", "disk_tier_reading_blocks",
+                    "store_up")
 
 
 def levels_off(stats: dict[str, float]) -> dict[str, float]:

@@ -58,6 +58,7 @@ def test_fetches_queued_behind_a_hung_read_are_given_up_and_release_their_pins(t
     now[0] += STUCK_AFTER_S
     e.report()
     assert e.disk.reading == {CHAIN[0]: 1}, "fetches that never ran kept their pins"
+    assert e.lv.stats()["disk_tier_reading_blocks"] == 1  # the hung read's pin, shown
     assert set(e.book.slots) == {fetches[0].slot} and e.conn.stats["levels_fetches_given_up"] == 2
     assert e.disk.match(CHAIN, 0, 3) == 3 and all(e.files.path(k).exists() for k in CHAIN[:3])  # good files kept
     assert e.lv.promote("a", CHAIN, 1, 2, e.host) == 2  # planned while the read hangs
