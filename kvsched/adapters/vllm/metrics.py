@@ -108,9 +108,9 @@ COUNTERS = {
     "disk_tier_written_blocks": "KV blocks written to the disk level (behind, by the worker's background thread)",
     "disk_tier_write_failures": "Disk-level writes that failed (e.g. a full disk); those blocks are recomputed if needed",
     "disk_tier_evicted_blocks": "Disk-level blocks deleted for room (unclaimed first, then lowest retention value)",
-    "disk_tier_spills_declined": "Blocks evicted from the FP8 tier the disk level had no room for (its other blocks "
-                                 "being read, written or the session's own): the FP8 tier kept each while another "
-                                 "block could go (kvsched_tier_declined_evictions counts those lost)",
+    "disk_tier_spills_declined": "Spills of FP8-tier evictions the disk level declined (no room: its other blocks "
+                                 "being read, written or the session's own): the FP8 tier keeps such a block while "
+                                 "another can go, else offers it again and drops it (kvsched_tier_declined_evictions)",
     "disk_tier_indexed_blocks": "KV blocks found in the disk level's directory at start-up",
     "disk_tier_partial_blocks_removed": "KV blocks whose files only some tensor-parallel ranks wrote (an engine died "
                                         "between their writes), deleted at start-up once 10 minutes old",
