@@ -91,8 +91,9 @@ def test_a_copy_the_pool_holds_goes_even_if_declined() -> None:
     there does not keep it."""
     host = _host(3)
     host.reach.pool_holds = lambda key: str(key).startswith("y")
-    host.on_evict = lambda key, slot, owner, at=None: False
+    offered: list[Hashable] = []
+    host.on_evict = lambda key, slot, owner, at=None: offered.append(key) or False
     host.demote("x", _blocks("x", 1), 0)
     host.demote("y", _blocks("y", 2), 0)
-    assert len(host.demote("z", _blocks("z", 1), 0)) == 1
+    assert len(host.demote("z", _blocks("z", 1), 0)) == 1 and offered == ["y1"]
     assert host.keys_of["x"] == ["x0"] and host.keys_of["y"] == ["y0"] and not host.counters["declined_evictions"]
