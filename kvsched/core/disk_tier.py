@@ -26,8 +26,9 @@ never runs: `unpin`): no eviction or session's end deletes its file meanwhile. F
 restore made in the host tier spilled to the full disk, whose only other session was the restoring one, and its tail,
 the block being read, went; and a later step's writes evicted a block whose read was still queued. Either fetch read a
 deleted file (the block then recomputed: a lost hit). A pinned block stops its session's eviction there (what stays is
-a prefix); with no other block to evict, the write or spill finds no room. A fetch that hangs keeps its pin, as it
-keeps its host slot, until reported.
+a prefix); with no other block to evict, the write or spill finds no room (a declined spill: the host tier keeps
+that block while another can go, kvsched.core.tier). A read that hangs keeps its pin, as it keeps its host slot,
+until reported; the fetches queued behind it are given up by the worker and unpinned (tier_levels_worker).
 
 Bookkeeping only: the adapter writes, reads and deletes the files (kvsched/adapters/vllm/tier_disk.py).
 """

@@ -1,24 +1,21 @@
 """The FP8 demotion tier's directory: which released KV blocks live in the host-memory tier, in which slot, for whom.
 
 When memory pressure releases a session's pinned blocks, the adapter demotes them here instead of dropping them; the
-session's next turn restores the longest run of its prefix the tier still holds instead of recomputing it. The tier
-is content-addressed: a block is keyed by vLLM's prefix hash of its tokens (which covers every token before it and the
-`cache_salt`), so a restore can only ever hand a request KV that vLLM's own prefix cache would have let it share, and
-a block shared by several sessions (a system prompt) is stored once.
+session's next turn restores the longest run of its prefix the tier still holds. The tier is content-addressed: a block
+is keyed by vLLM's prefix hash of its tokens (covering every token before it and the `cache_salt`), so a restore only
+ever hands a request KV vLLM's own prefix cache would have let it share, and a block sessions share is stored once.
 
-The tier also keeps each live session's partial last block (`TailKey`: the tokens past its last full block, keyed by
-the hash of the full block before them and the tokens themselves). vLLM's prefix cache only ever shares full blocks,
-so without it every turn recomputes up to a block of the previous turn's tokens, pinned or not; LMCache saves such
-"unfull chunks" for the same reason. A tail costs a whole slot for less than a block of tokens, so tails yield first:
-a full block's demotion evicts tails before any other session's blocks, and a tail never evicts a full block.
+The tier also keeps each live session's partial last block (`TailKey`: the tokens past its last full block, keyed by the
+full block before them and the tokens): vLLM shares full blocks only, so without it every turn recomputes up to a block
+of the previous turn's tokens (LMCache keeps such "unfull chunks" too). A tail costs a slot for under a block: tails
+yield first (a full block's demotion evicts tails before other sessions' blocks; a tail never evicts one).
 
-This module is the bookkeeping only (slots, owners, byte budget, eviction order); the bytes live with the workers, which
-execute the stores and loads the directory plans. A full tier first gives up its copies of blocks the KV pool holds
-(`tier_reach`), then whole sessions, deepest blocks first, in one of two orders (`TierConfig.eviction`): by default
-the session that wrote into the tier longest ago first (its last demotion or restore from a lower level, not its
-tail; tails among themselves in the order written); or the pins' retention value (`value_of`, lowest first, only for
-a session worth more than the victim), the first design, which on the Mooncake traces and the fleet trace kept less of
-what came back (it refused demotions of sessions that looked cheap and then returned).
+This module is the bookkeeping only (slots, owners, byte budget, eviction order); the workers hold the bytes and run
+the stores and loads it plans. A full tier gives up first its copies of blocks the KV pool holds (`tier_reach`), then
+whole sessions, deepest blocks first (`TierConfig.eviction`): by default the session that wrote into the tier longest
+ago (its last demotion or restore from a lower level; tails in the order written), or by the pins' retention value
+(`value_of`, lowest first, only for a session worth more than the victim): the first design, which kept less of what
+came back on the Mooncake and fleet traces (it refused sessions that looked cheap and then returned).
 """
 
 from __future__ import annotations
@@ -42,9 +39,8 @@ class TierDirectory:
     """Slots of `block_bytes` bytes within `config.budget_bytes`; content keys -> slots; sessions -> their keys.
 
     Eviction ranks the `EVICTION_SAMPLE` sessions that have held tier blocks longest (owners in demotion order), not
-    every session: exact below that many sessions, O(sample) per demotion at fleet scale (a full scan of 1,000 owners
-    per demotion made the fleet replay crawl, and would cost an engine's scheduler as much), the way Redis samples
-    keys for its approximated LRU."""
+    every session, as Redis samples keys for its approximated LRU: exact below that many sessions, O(sample) per
+    demotion at fleet scale (a full scan of 1,000 owners per demotion made the fleet replay crawl)."""
 
     EVICTION_SAMPLE = 64
 
@@ -64,21 +60,21 @@ class TierDirectory:
         self._locked: set[int] = set()  # slots a planned load reads this step
         self._orphans: list[Key] = []  # evicted while a load reads them: spilled and freed at unlock_all
         self._held: list[int] = []  # slots a load reads whose key left the tier: free at unlock_all
-        self._inflight = FillingSlots()  # slots a lower level's fetch fills in the background: held until `landed`
+        self._inflight = FillingSlots()  # slots a lower level's fetch fills in the background, until `landed`
         self._evicted: OrderedDict[Key, None] = OrderedDict()
         self.tail_of: dict[Owner, TailKey] = {}  # one partial last block per session
         self._tails: dict[Key, set[TailKey]] = {}  # parent key -> tails stored after it
         self.counters: Counter[str] = Counter()
-        # (key, slot, owner, the key's place in the owner's chain) when pressure evicts a full block, before its slot
-        # is reused: a lower level (kvsched.core.disk_tier) may keep it. Not for blocks dropped as their session ended.
-        self.on_evict: Callable[[Key, int, Owner | None, int | None], None] | None = None
-        self.reach = Reach()  # `reach.pool_holds`: which keys the KV pool holds (copies that go first: tier_reach)
+        # (key, slot, owner, the key's place in its chain) when pressure evicts a full block, before its slot is reused:
+        # a lower level (core.disk_tier) may keep it; False: it declines, and the block stays while another can go
+        # instead (`_evict_one`). Not for blocks dropped as their session ended.
+        self.on_evict: Callable[[Key, int, Owner | None, int | None], bool | None] | None = None
+        self.reach = Reach()  # `pool_holds`: which keys the KV pool holds (copies that go first: tier_reach)
 
     # ---- demotion ---------------------------------------------------------------------------------------------
     def demote(self, owner: Owner, blocks: Sequence[tuple[Key, int]], start: int | None = None) -> list[Store]:
-        """`owner` released `blocks` ((key, block id), in prefix order, the first at `start` in its pin; None: after
-        the owner's others): the stores that put them in the tier. Keys already held only gain the owner (no copy). A
-        key that finds no slot ends the demotion: a restore needs an unbroken run of the prefix."""
+        """`owner` released `blocks` ((key, block id), prefix order, the first at `start` in its pin; None: after the
+        owner's others): the stores that put them in the tier (`admit`: held keys only gain the owner)."""
         ids = dict(blocks)
         stores = [Store(ids[key], slot) for key, slot in self.admit(owner, [key for key, _ in blocks], start)]
         if stores:
@@ -88,10 +84,9 @@ class TierDirectory:
 
     def admit(self, owner: Owner, keys: Sequence[Key], start: int | None = None) -> list[tuple[Key, int]]:
         """Slots for `owner`'s `keys` (prefix order, the first at `start` in its chain) the tier does not hold yet:
-        (key, slot) of each new one, whose bytes the caller then puts there (a demotion from the pool, or a fetch from
-        a lower level). Keys already held only gain the owner; a key that finds no slot ends the run. The held run
-        before the first new key is the owner's before room is made: it may be only other sessions' (a shared system
-        prompt, a moved session's prefix), whose eviction for the room would leave the new keys extending nothing."""
+        (key, slot) of each new one, for the caller's bytes (a demotion, a lower level's fetch). Held keys only gain the
+        owner; a key that finds no slot ends the run. The held run before the first new key is the owner's before room
+        is made: only other sessions' (a shared prompt), its eviction for the room would leave the new keys orphaned."""
         placed: list[tuple[Key, int]] = []
         if not keys or self.num_slots == 0:
             return placed
@@ -126,9 +121,8 @@ class TierDirectory:
         return placed
 
     def put_tail(self, owner: Owner, parent: Key, tokens: Sequence[int], block_id: int) -> Store | None:
-        """`owner` finished a turn whose KV ends in `tokens` (fewer than a block) after the full block `parent`, held
-        in pool block `block_id`: the store that keeps them, or None (already held, or no slot without evicting a
-        full block or a tail worth more). The session's previous tail goes: its next turn extends past it."""
+        """`owner`'s turn ended in `tokens` (under a block) after full block `parent`, in pool block `block_id`: the store
+        that keeps them, or None (held, or no slot short of a full block or a tail worth more). Its old tail goes."""
         key = TailKey(parent, tuple(tokens))
         old = self.tail_of.get(owner)
         if old == key or self.num_slots == 0 or not key.tokens:
@@ -140,9 +134,8 @@ class TierDirectory:
             self.tail_of[owner] = key
             return None
         self.tail_of[owner] = key  # counted in the owner's value while it competes for a slot
-        # Not a write of the owner's full blocks: they keep their place in the recency order. A turn that ends holds
-        # its prefix pinned in the pool, so its tier copies are the ones least needed soon (the fleet trace: refreshing
-        # them on every tail cost 2% more prefill, BENCHMARKS.md).
+        # Not a write of the owner's full blocks: they keep their place in the recency order (a turn's end pins its
+        # prefix in the pool; the fleet trace: refreshing them on every tail cost 2% more prefill, BENCHMARKS.md).
         if not self._free and not self._evict_tail(exclude=owner, below=self._rank_of_writer(owner)):
             del self.tail_of[owner]
             self.counters["tails_refused"] += 1
@@ -193,15 +186,13 @@ class TierDirectory:
 
     # ---- fills from a lower level (disk, shared store) that land a step or more later -------------------------------
     def hold(self, slots: Sequence[int]) -> None:
-        """A background fetch fills `slots` (just `admit`ted): until it `landed`, no restore reads them (`match` ends
-        before them) and none is handed to another key, not even once its key has left the tier (an eviction, the
-        session's end, `clear`): the slot then waits, free of any key, until the fetch can no longer write it."""
+        """A background fetch fills `slots` (just `admit`ted): until it `landed`, no restore reads them and none goes to
+        another key, even once its key left the tier (the slot then waits, keyless, until the fetch cannot write it)."""
         self._inflight.hold(slots)
 
     def landed(self, slot: int, key: Key, ok: bool) -> None:
-        """The fetch of `key` into `slot` is over on every worker; `ok`: every one verified and filled it. A failed one
-        drops the key if the slot is still its home (restores recompute it). A slot whose key left meanwhile is free
-        from the next `unlock_all`."""
+        """The fetch of `key` into `slot` is over on every worker (`ok`: every one filled it). A failed one drops the key
+        if the slot is still its home; a slot whose key left meanwhile is free from the next `unlock_all`."""
         self._inflight.landed(slot)
         if not ok and self.slot_of.get(key) == slot:
             self._drop_key(key)
@@ -211,7 +202,7 @@ class TierDirectory:
         return self._inflight.in_run(self.slot_of.get(k) for k in keys[start:start + max(limit, 0)])
 
     def overdue(self, slots: Sequence[int]) -> None:
-        """The fetches filling `slots` are long overdue: their sessions may lose blocks (`FillingSlots.give_up`)."""
+        """Fetches filling `slots` are long overdue: their sessions may lose blocks (`FillingSlots.give_up`)."""
         self._inflight.give_up(slots)
 
     @property
@@ -241,8 +232,8 @@ class TierDirectory:
         self._orphans.clear()
 
     def forget(self, keys: Sequence[Key]) -> int:
-        """Drop `keys` (e.g. a worker found a slot corrupt): recomputed from now on; a slot a load of this step reads
-        is reused only after it. Returns how many."""
+        """Drop `keys` (a worker found a slot corrupt): recomputed from now on (a slot read this step is reused after
+        it). Returns how many."""
         n = 0
         for key in keys:
             if key in self.slot_of:
@@ -251,8 +242,7 @@ class TierDirectory:
         return n
 
     def clear(self) -> int:
-        """Drop every block and tail (vLLM reset its caches, e.g. for new weights: the KV here is stale); a slot a load
-        of this step reads is reused only after it. Returns how many were held."""
+        """Drop every block and tail (vLLM reset its caches: stale KV; a slot read this step waits). Returns how many."""
         n = len(self.slot_of)
         for key in list(self.slot_of):
             self._free_key(key)
@@ -264,9 +254,8 @@ class TierDirectory:
 
     # ---- sessions ---------------------------------------------------------------------------------------------
     def drop_owner(self, owner: Owner) -> int:
-        """The session ended: its blocks no other session shares leave the tier (the slot of one a load reads this step,
-        e.g. another session's restore of a shared prefix, is reused only after the step: the worker runs a step's
-        stores before its loads). Returns how many left."""
+        """The session ended: its blocks no other session shares leave the tier (the slot of one a load reads this step
+        is reused only after it: the worker runs a step's stores before its loads). Returns how many left."""
         keys, freed = self.keys_of.pop(owner, []), 0
         self.position_of.pop(owner, None)
         tail = self.tail_of.get(owner)
@@ -301,8 +290,7 @@ class TierDirectory:
         return self.value_of(owner) if self._by_value else float("inf")
 
     def _make_room(self, slots: int, owner: Owner) -> None:
-        """Free up to `slots` slots for `owner` in one pass per victim (tails first, then the lowest-value other
-        sessions' tail blocks): a scan of the owners per victim, not per block."""
+        """Free up to `slots` slots for `owner`, tails first, one scan of the owners per victim (not per block)."""
         while len(self._free) < slots:
             if self._evict_tail(exclude=owner, below=float("inf"), want=slots - len(self._free)):
                 continue
@@ -339,35 +327,47 @@ class TierDirectory:
 
     def _evict_one(self, exclude: Owner, want: int = 1) -> bool:
         """Free up to `want` slots from the other sessions worth less than `exclude`: copies of blocks the pool holds
-        first (`tier_reach`), then lowest value first, tail blocks first (one scan of the owners per call: a victim
-        whose blocks are all shared, e.g. a system prompt, frees nothing and the next one is tried without scanning
-        again). False if no session may lose blocks."""
+        first (`tier_reach`), then lowest value first, tail blocks first (one scan of the owners per call). A block
+        `on_evict` declines stays, with the blocks before it, while another victim's can go; else it goes, lost as with
+        no lower level (`declined_evictions`). False if no session may lose blocks."""
         mine = self._rank_of_writer(exclude)
         sample = itertools.islice(self.keys_of.items(), self.EVICTION_SAMPLE)  # the longest-standing owners first
-        # Not a session being fetched: its request waits for those blocks, and an in-flight key frees no slot before
-        # it lands (found by review: a demotion evicted a whole in-flight restore, one key at a time, for nothing).
+        # Not a session being fetched: its request waits for them, and an in-flight key frees no slot (found by review)
         victims = sorted((value, i, owner) for i, (owner, keys) in enumerate(sample)
                          if owner != exclude and keys and (value := self._rank(owner, i)) < mine
                          and not self._inflight.protects(map(self.slot_of.get, keys)))
-        for victim, held_only in self.reach.passes([v for *_, v in victims], self.keys_of):
-            keys, at = self.keys_of.get(victim, []), self.position_of.get(victim, {})
-            while keys and want > 0 and (not held_only or self.reach.redundant(keys)):
-                pos = at.pop(key := keys.pop(), None)  # tail first
-                if self.owners.leave(key, victim) is not False:
-                    continue  # not held, or shared with another session: stays
-                if self.slot_of[key] in self._locked:  # a load reads it this step: freed once the metadata is built
-                    self._orphans.append(key)
-                    continue
-                if self.on_evict is not None and self.slot_of[key] not in self._inflight:  # a copy may spill to disk
-                    self.on_evict(key, self.slot_of[key], victim, pos)
-                self._free_key(key)
-                self.counters["evicted_blocks"] += 1
-                want -= 1
-            if not keys and victim in self.keys_of:
-                del self.keys_of[victim]
-                self.position_of.pop(victim, None)
-            if want <= 0:
+        order, kept = [v for *_, v in victims], dict[Owner, None]()  # kept: a lower level declined its tail block
+        for keep in (True, False):  # a declined block stays while another victim's can go (`on_evict`)
+            for victim, held_only in self.reach.passes(order, self.keys_of):
+                keys, at = self.keys_of.get(victim, []), self.position_of.get(victim, {})
+                while keys and want > 0 and (not held_only or self.reach.redundant(keys)) and victim not in kept:
+                    pos = at.pop(key := keys.pop(), None)  # tail first
+                    if self.owners.leave(key, victim) is not False:
+                        continue  # not held, or shared with another session: stays
+                    if self.slot_of[key] in self._locked:  # a load reads it this step: freed once the metadata is built
+                        self._orphans.append(key)
+                        continue
+                    if (self.on_evict is not None and self.slot_of[key] not in self._inflight  # a copy may spill
+                            and self.on_evict(key, self.slot_of[key], victim, pos) is False):
+                        if keep and not held_only:  # back in place; the victim's blocks before it stay too (a prefix)
+                            keys.append(key)
+                            self.owners.own(key, victim)
+                            if pos is not None:
+                                at[key] = pos
+                            kept[victim] = None
+                            break
+                        self.counters["declined_evictions"] += not held_only  # lost, as with no lower level
+                    self._free_key(key)
+                    self.counters["evicted_blocks"] += 1
+                    want -= 1
+                if not keys and victim in self.keys_of:
+                    del self.keys_of[victim]
+                    self.position_of.pop(victim, None)
+                if want <= 0:
+                    break
+            if want <= 0 or not kept:
                 break
+            order, kept = list(kept), {}
         return bool(victims)
 
     def _free_key(self, key: Key) -> None:

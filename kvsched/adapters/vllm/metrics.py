@@ -42,6 +42,8 @@ GAUGES = {
     "disk_tier_capacity_bytes": "The disk level's byte budget (--kvsched-disk-tier-gb, or half the free space; shrunk "
                                 "to what it holds when the disk fills up; 0 once a prefix-cache reset turned it off)",
     "disk_tier_blocks": "KV blocks the disk level holds",
+    "disk_tier_reading_blocks": "Disk-level blocks pinned while a restore reads them (never deleted meanwhile); a "
+                                "read that hangs keeps its pin (kvsched_levels_fetch_stuck)",
     "levels_fetching_blocks": "FP8-tier slots a disk or shared-store fetch is filling in the background (the requests "
                               "that need them wait; every other request runs)",
     "store_up": "1 while the shared store (--kvsched-store-url) answers, 0 during an outage (requests recompute) or "
@@ -79,6 +81,8 @@ COUNTERS = {
     "tier_demotions": "Pin releases whose blocks were copied to the FP8 tier",
     "tier_demoted_blocks": "KV blocks copied (quantized) to the FP8 tier",
     "tier_evicted_blocks": "KV blocks the FP8 tier dropped for lack of room (lowest retention value first)",
+    "tier_declined_evictions": "Of those, blocks the disk level had no room for, dropped because no other block could "
+                               "go instead: lost from both (see kvsched_disk_tier_spills_declined)",
     "tier_restores": "Restores of full blocks from the FP8 tier instead of recomputes: requests admitted with tier "
                      "blocks plus prefetches",
     "tier_tail_restores": "Requests that got only their session's partial last block from the FP8 tier (at admission: "
@@ -104,6 +108,9 @@ COUNTERS = {
     "disk_tier_written_blocks": "KV blocks written to the disk level (behind, by the worker's background thread)",
     "disk_tier_write_failures": "Disk-level writes that failed (e.g. a full disk); those blocks are recomputed if needed",
     "disk_tier_evicted_blocks": "Disk-level blocks deleted for room (unclaimed first, then lowest retention value)",
+    "disk_tier_spills_declined": "Spills of FP8-tier evictions the disk level declined (no room: its other blocks "
+                                 "being read, written or the session's own): the FP8 tier keeps such a block while "
+                                 "another can go, else offers it again and drops it (kvsched_tier_declined_evictions)",
     "disk_tier_indexed_blocks": "KV blocks found in the disk level's directory at start-up",
     "disk_tier_partial_blocks_removed": "KV blocks whose files only some tensor-parallel ranks wrote (an engine died "
                                         "between their writes), deleted at start-up once 10 minutes old",
@@ -126,6 +133,8 @@ COUNTERS = {
                                   "next turn)",
     "levels_dropped_fetch_jobs": "Disk/shared-level fetch chunks dropped, the worker's fetch queue full (recomputed)",
     "levels_failed_fetch_jobs": "Disk/shared-level fetch chunks that raised on the worker's fetch thread",
+    "levels_fetches_given_up": "Disk/shared-level fetches a worker gave up unread, queued behind a read that had not "
+                               f"returned in {STUCK_AFTER_S:.0f} s (a hung disk or store): recomputed, their files kept",
     "shared_tier_restored_blocks": "KV blocks read from the shared store into the FP8 tier (then into the pool)",
     "shared_tier_read_failures": "Shared-store blocks not served: missing (expired, store down) or failing their "
                                  "checks (recomputed)",

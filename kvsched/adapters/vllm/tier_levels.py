@@ -149,21 +149,26 @@ class TierLevels(ArrivalReads):
             key = self._session_key(owner)
             self.meta_writer.submit(lambda: self.store.put_state(key, meta.encode(), self.cfg.state_ttl_s) and None)
 
-    def on_host_evict(self, key: Any, slot: int, owner: Any, at: int | None = None) -> None:
+    def on_host_evict(self, key: Any, slot: int, owner: Any, at: int | None = None) -> bool | None:
         """The host tier evicts `key` (at place `at` in `owner`'s chain) from `slot`: spill it to disk unless the disk
-        holds it (or the slot's bytes are not this key's yet: stored or fetched this very step, before the worker ran).
-        The host tier evicts a session's tail first, so its spills come deepest first: the disk lists them by `at`."""
+        holds it. The host tier evicts a session's tail first, so its spills come deepest first: the disk lists them by
+        `at`. False (declined: the host tier keeps the block while another can go, `TierDirectory._evict_one`) when the
+        disk has no room for it now (its other blocks pinned by reads, pending or the session's own), or the slot's
+        bytes are not this key's yet (stored or fetched this very step, before the worker ran)."""
         if self.disk is None or not isinstance(key, bytes) or self.disk.holds(key):
-            return
+            return None
         if slot in self._busy_slots():
             self.counters["spills_skipped"] += 1
-            return
+            return False
         plan = self._disk_call("planning a spill", lambda d: d.plan_writes(owner, [key], at))
         if plan is None:
-            return
+            return None
         self.ops.deletes.extend(plan.delete)
-        if plan.write:
-            self.ops.spills.append(Spill(key, slot))
+        if not plan.write:
+            self.counters["spills_declined"] += 1
+            return False
+        self.ops.spills.append(Spill(key, slot))
+        return None
 
     def session_ended(self, owner: Any) -> None:
         self._seen_sessions.pop(owner, None)  # found by review: ended sessions stayed until the LRU bound pushed them
@@ -315,9 +320,11 @@ class TierLevels(ArrivalReads):
         if self.disk is not None:
             d = self.disk
             out.update(disk_tier_capacity_bytes=d.capacity * d.block_bytes, disk_tier_bytes=d.used_bytes,
-                       disk_tier_blocks=len(d.written), disk_tier_written_blocks=d.counters["written_blocks"],
+                       disk_tier_blocks=len(d.written), disk_tier_reading_blocks=len(d.reading),
+                       disk_tier_written_blocks=d.counters["written_blocks"],
                        disk_tier_write_failures=d.counters["failed_writes"],
                        disk_tier_evicted_blocks=d.counters["evicted_blocks"],
+                       disk_tier_spills_declined=c["spills_declined"],
                        disk_tier_indexed_blocks=d.counters["indexed_blocks"],
                        disk_tier_partial_blocks_removed=c["disk_partial_blocks_removed"],
                        disk_tier_read_failures=c["disk_read_failures"],

@@ -17,7 +17,7 @@ CONNECTOR_STATS = ("restores", "tail_restores", "restored_blocks", "superseded_l
 # worker process). Shown with the levels' statistics.
 WORKER_LEVEL_STATS = ("levels_copy_failures", "levels_dropped_write_jobs", "levels_write_jobs_dropped_for_bytes",
                       "levels_failed_write_jobs", "levels_shared_puts_dropped", "levels_dropped_fetch_jobs",
-                      "levels_failed_fetch_jobs")
+                      "levels_failed_fetch_jobs", "levels_fetches_given_up")
 
 
 def absorb_worker_meta(conn: Any, meta: Any) -> None:
@@ -58,6 +58,7 @@ def tier_stats(conn: Any) -> dict[str, Any]:
         "tier_blocks": d.used_slots, "tier_block_bytes": d.block_bytes,
         "tier_demotions": d.counters["demotions"], "tier_demoted_blocks": d.counters["demoted_blocks"],
         "tier_evicted_blocks": d.counters["evicted_blocks"], "tier_restores": conn.stats["restores"],
+        "tier_declined_evictions": d.counters["declined_evictions"],
         "tier_restored_blocks": conn.stats["restored_blocks"], "tier_restore_misses": conn.stats["restore_misses"],
         "tier_tails": len(d.tail_of), "tier_tails_stored": d.counters["tails_stored"],
         "tier_restored_tail_tokens": conn.stats["restored_tail_tokens"],
@@ -79,7 +80,8 @@ def tier_stats(conn: Any) -> dict[str, Any]:
 
 
 # The levels' gauges of what they hold and can reach; their counters stay as they were.
-LEVEL_GAUGES_OFF = ("disk_tier_capacity_bytes", "disk_tier_bytes", "disk_tier_blocks", "store_up")
+LEVEL_GAUGES_OFF = ("disk_tier_capacity_bytes", "disk_tier_bytes", "disk_tier_blocks", "disk_tier_reading_blocks",
+                    "store_up")
 
 
 def levels_off(stats: dict[str, float]) -> dict[str, float]:
