@@ -202,7 +202,11 @@ class PinApplier(Generic[B]):
                 self.apply((release,))
             return before - pool.num_pinned()
 
-        self.policy.release_over_budget(pinned, applied)
+        d = self.directory
+        if d is None or self.demote is None or ReleaseReason.BUDGET not in DEMOTE_REASONS:
+            self.policy.release_over_budget(pinned, applied)
+        else:  # each release gives back only blocks it demoted first: the tier keeps the pool's answers (tier_reach)
+            d.reach.batch(lambda: self.policy.release_over_budget(pinned, applied))
 
     def expire(self) -> None:
         heap = self.policy.expiry.heap  # called at every event (the replay) or step (the engine): nothing due, no call

@@ -34,6 +34,7 @@ from kvsched.core.tier_fills import FillingSlots
 from kvsched.core.tier_ops import Key, Load, Owner, Store, TailKey
 from kvsched.core.tier_owners import KeyOwners
 from kvsched.core.tier_reach import Reach
+from kvsched.core.tier_sample import tails, victims
 
 __all__ = ["Key", "Load", "Owner", "Store", "TailKey", "TierConfig", "TierDirectory"]
 
@@ -81,6 +82,7 @@ class TierDirectory:
         key that finds no slot ends the demotion: a restore needs an unbroken run of the prefix."""
         ids = dict(blocks)
         stores = [Store(ids[key], slot) for key, slot in self.admit(owner, [key for key, _ in blocks], start)]
+        self.reach.released(ids)  # the pool gives these blocks back now: what it said of them may change
         if stores:
             self.counters["demotions"] += 1
             self.counters["demoted_blocks"] += len(stores)
@@ -292,9 +294,10 @@ class TierDirectory:
         return len(self.keys_of.get(owner, ()))
 
     # ---- internals ----------------------------------------------------------------------------------------------
-    def _rank(self, owner: Owner, position: int) -> float:
-        """Eviction rank, lowest first: the retention value, or (recency) the owner's place in the sample."""
-        return self.value_of(owner) if self._by_value else position
+    def _ranker(self) -> Callable[[Owner, int], float] | None:
+        """Eviction rank of an owner at a place in the sample, lowest first: its retention value; None by recency (the
+        place itself: `tier_sample` keeps the sample's order)."""
+        return (lambda owner, _: self.value_of(owner)) if self._by_value else None
 
     def _rank_of_writer(self, owner: Owner) -> float:
         """The rank a victim must be below to give way to `owner`, writing now (recency: any, it is the newest)."""
@@ -318,15 +321,13 @@ class TierDirectory:
     def _evict_tail(self, exclude: Owner, below: float, want: int = 1) -> bool:
         """Free the slots of up to `want` other sessions' tails, lowest value first, each worth less than `below` and
         read by no load this step (from the `EVICTION_SAMPLE` oldest tails). False if none could go."""
-        sample = itertools.islice(self.tail_of.items(), self.EVICTION_SAMPLE)
-        cands = sorted((value, i, key) for i, (owner, key) in enumerate(sample)
-                       if owner != exclude and self.slot_of[key] not in self._locked
-                       and (value := self._rank(owner, i)) < below)
-        for _, _, key in cands[:want]:
+        keys, any_cand = tails(self.tail_of, exclude, self.EVICTION_SAMPLE, self._ranker(), below, self._locked,
+                               self.slot_of, want)
+        for key in keys:
             if key in self.slot_of:  # sessions that finished on the same tokens share one tail: freed once
                 self._free_key(key)
                 self.counters["evicted_tails"] += 1
-        return bool(cands)
+        return any_cand
 
     def _disown_tail(self, owner: Owner, key: TailKey) -> int:
         """`owner` no longer needs `key`: freed when nobody else does (after this step if a load reads it)."""
@@ -342,14 +343,11 @@ class TierDirectory:
         first (`tier_reach`), then lowest value first, tail blocks first (one scan of the owners per call: a victim
         whose blocks are all shared, e.g. a system prompt, frees nothing and the next one is tried without scanning
         again). False if no session may lose blocks."""
-        mine = self._rank_of_writer(exclude)
-        sample = itertools.islice(self.keys_of.items(), self.EVICTION_SAMPLE)  # the longest-standing owners first
         # Not a session being fetched: its request waits for those blocks, and an in-flight key frees no slot before
         # it lands (found by review: a demotion evicted a whole in-flight restore, one key at a time, for nothing).
-        victims = sorted((value, i, owner) for i, (owner, keys) in enumerate(sample)
-                         if owner != exclude and keys and (value := self._rank(owner, i)) < mine
-                         and not self._inflight.protects(map(self.slot_of.get, keys)))
-        for victim, held_only in self.reach.passes([v for *_, v in victims], self.keys_of):
+        ranked = victims(self.keys_of, exclude, self.EVICTION_SAMPLE, self._ranker(), self._rank_of_writer(exclude),
+                         self._inflight, self.slot_of)
+        for victim, held_only in self.reach.passes(ranked, self.keys_of):
             keys, at = self.keys_of.get(victim, []), self.position_of.get(victim, {})
             while keys and want > 0 and (not held_only or self.reach.redundant(keys)):
                 pos = at.pop(key := keys.pop(), None)  # tail first
@@ -368,7 +366,7 @@ class TierDirectory:
                 self.position_of.pop(victim, None)
             if want <= 0:
                 break
-        return bool(victims)
+        return bool(ranked)
 
     def _free_key(self, key: Key) -> None:
         slot = self.slot_of.pop(key)
