@@ -22,9 +22,11 @@ the demotion: the directory forgets their keys' answers then (`released`), so an
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 Key = Hashable
 Owner = Hashable
+T = TypeVar("T")
 
 
 class Reach:
@@ -36,16 +38,16 @@ class Reach:
         self.pool_holds: Callable[[Key], bool] | None = None
         self._memo: dict[Key, bool] | None = None  # key -> pool_holds(key), only within `batch`
 
-    def batch(self, releases: Callable[[], object]) -> None:
-        """Run `releases` (a pass of pin releases: `PinApplier.enforce_budget`) with the pool's answers remembered.
-        The caller vouches that within it the pool's references change only by releases, each giving back blocks only
-        after demoting them into the directory (whose `demote` then forgets them): no allocation, no request's end."""
+    def batch(self, releases: Callable[[], T]) -> T:
+        """`releases()` (a pass of pin releases: `PinApplier`'s budget, TTL and pressure passes) with the pool's answers
+        remembered. The caller vouches that within it the pool's references change only by releases, each giving back
+        blocks only after demoting them into the directory (whose `demote` then forgets them): no allocation, no
+        request's start or end, no pin taken."""
         if self.pool_holds is None or self._memo is not None:  # no query, or already in a pass
-            releases()
-            return
+            return releases()
         self._memo = {}
         try:
-            releases()
+            return releases()
         finally:
             self._memo = None
 

@@ -192,3 +192,24 @@ def test_the_budgets_pass_asks_the_pool_less_and_evicts_as_without_the_pass(cloc
     b, c = (str(SessionKey(SessionId(s))) for s in "bc")
     assert kept == {b: _keys(11, 12, 13, 14, 15, 16), c: _keys(23, 24, 25, 26)}
     assert len(asked) < len(asked_without)
+
+
+@pytest.mark.parametrize("trigger", ["ttl", "pressure"])
+def test_the_ttl_and_pressure_passes_keep_the_pools_answers_too(clock, trigger):
+    """Three pins released at once (their TTL, or a request short of blocks) into a full tier: the pool is asked
+    only within the pass, and about no key twice (nobody's deepest block is one of the released ones)."""
+    pins = make(clock, capacity=24)
+    d = TierDirectory(TierConfig(budget_bytes=6 * 1024), 1024, lambda owner: 0.0)
+    pins.attach_tier(d, lambda key, blocks, *at: len(d.demote(key, blocks, *at)))
+    asked: list[tuple[str, bool]] = []
+    d.reach.pool_holds = lambda key: asked.append((str(key), d.reach._memo is not None)) or False
+    d.demote("X", [(f"x{i}", 1000 + i) for i in range(6)], 0)
+    for i, key in enumerate(SessionKey(SessionId(s)) for s in "abc"):
+        turn(pins, key, [list(range(10 * i + 1, 10 * i + 7))])
+    if trigger == "ttl":
+        clock.now += 1e6
+        pins.expire()
+    else:
+        assert pins.on_shortage(None, 24 * BS)
+    assert sum(a.op == "release" for a in pins.log) >= 2 and asked
+    assert all(in_pass for _, in_pass in asked) and len({k for k, _ in asked}) == len(asked)
