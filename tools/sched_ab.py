@@ -15,7 +15,8 @@ between the two placements (what is particular to one process falls on both side
 same work in every pair (tokens scheduled, turns finished, prefix hits), else the exit status is 1; `--out` writes
 the figures as JSON with provenance (the command, this checkout's commit, and each tree's path and digest).
 
-`--tier`: both sides with the FP8 tier at its default size (as `bench sched --tier`). `--sessions N`: N sessions (default
+`--tier`: both sides with the FP8 tier at its default size (as `bench sched --tier`), or `--tier-gib G` GiB (one
+that fills). `--sessions N`: N sessions (default
 10,000; 256 is the bench's first tier). `--cpu-time`: the bench's timed calls are timed in the worker thread's CPU time
 (`time.thread_time`) instead of wall time, so that time the machine's other jobs take the CPU away drops out (a step
 the scheduler is descheduled in costs it nothing); what the garbage collector does in those calls still counts. A/A
@@ -34,13 +35,18 @@ from pathlib import Path
 from typing import Any
 
 
-def _worker(conn: Any, tree: str, cpu: int, cpu_time: bool = False) -> None:
+def _worker(conn: Any, tree: str, cpu: int, cpu_time: bool = False, tier_gib: str | None = None) -> None:
     """The bench's own worker, importing kvsched from `tree`."""
     sys.path.insert(0, tree)
     import kvsched
 
     if not kvsched.__file__.startswith(tree):
         raise SystemExit(f"{tree}: imported kvsched from {kvsched.__file__}")
+    if tier_gib is not None:  # the bench asks for the tier's "auto" size: this one instead
+        from kvsched.adapters.vllm import tier_config
+
+        config = tier_config.kv_transfer_config
+        tier_config.kv_transfer_config = lambda *a, **k: config(tier_gib)  # type: ignore[assignment]
     from kvsched.bench import sched
     from kvsched.tiny_model import ensure_tiny_model
 
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tier", action="store_true")
     p.add_argument("--sessions", type=int, default=10_000)
     p.add_argument("--cpu-time", action="store_true")
+    p.add_argument("--tier-gib", default=None, help="with --tier: a tier of this many GiB instead of the default size "
+                   "(e.g. 0.25 at 10,000 sessions: a tier that fills and evicts)")
     p.add_argument("--out", type=Path, default=None, help="write the figures here (JSON, with provenance)")
     args = p.parse_args(argv)
     from kvsched.bench.common import provenance, write_json
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     conns: dict[tuple[str, int], Any] = {}
     for key in (("A", 0), ("B", 0), ("B", 1), ("A", 1)):  # which tree's process starts first alternates
         parent, child = ctx.Pipe()
-        ctx.Process(target=_worker, args=(child, trees[key[0]], cpu, args.cpu_time), daemon=True).start()
+        ctx.Process(target=_worker, args=(child, trees[key[0]], cpu, args.cpu_time, args.tier_gib), daemon=True).start()
         child.close()
         conns[key] = parent
     try:
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'CPU' if args.cpu_time else 'wall'} time); same work in every pair: {result['same_work']}")
     result["config"] = {"trees": {k: {"path": t, "digest": tree_digest(t)} for k, t in trees.items()},
                         "pairs": args.pairs, "steps": args.steps, "sessions": args.sessions, "tier": args.tier,
-                        "cpu_time": args.cpu_time, "cpu": cpu, "provenance": prov,
+                        "cpu_time": args.cpu_time, "tier_gib": args.tier_gib, "cpu": cpu, "provenance": prov,
                         "order": "4 processes (2 per tree, spawned A, B, B, A); pairs alternate between the two "
                                  "placements after an untimed warm-up pair on each; steps in lockstep, which side goes "
                                  "first alternating by step"}

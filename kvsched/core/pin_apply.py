@@ -24,6 +24,7 @@ from kvsched.core.shared_turns import JoinedPins
 from kvsched.core.tier import TierDirectory
 
 B = TypeVar("B")  # a block handle
+T = TypeVar("T")  # what a pass of releases returns
 
 # Releases whose blocks go to the FP8 tier (when it is on): the session may come back. A TTL's expiry too: real sessions
 # return long after any TTL (Mooncake's conversation trace: 94% of gaps over 30 s) and the tier, not the pool, is where
@@ -202,12 +203,20 @@ class PinApplier(Generic[B]):
                 self.apply((release,))
             return before - pool.num_pinned()
 
-        self.policy.release_over_budget(pinned, applied)
+        self._releasing(ReleaseReason.BUDGET, lambda: self.policy.release_over_budget(pinned, applied))
+
+    def _releasing(self, reason: ReleaseReason, releases: Callable[[], T]) -> T:
+        """`releases()`, a pass that only releases pins for `reason`: when each release is demoted to the tier before
+        its blocks are given back, the tier keeps the pool's answers through the pass (`tier_reach`)."""
+        d = self.directory
+        if d is None or self.demote is None or reason not in DEMOTE_REASONS:
+            return releases()
+        return d.reach.batch(releases)
 
     def expire(self) -> None:
         heap = self.policy.expiry.heap  # called at every event (the replay) or step (the engine): nothing due, no call
         if self.pinned and heap and heap[0][0] <= self.policy.clock():
-            self.apply(self.policy.expire())
+            self._releasing(ReleaseReason.TTL, lambda: self.apply(self.policy.expire()))
 
     def on_shortage(self, own: SessionKey | None, num_new_tokens: int, own_free_hits: int = 0) -> bool:
         """A live request (of session `own`) could not be allocated `num_new_tokens` new tokens' blocks
@@ -226,7 +235,11 @@ class PinApplier(Generic[B]):
         # the free queue only until reused, and the order past the shortfall may change before they are needed, e.g.
         # when a released session's next turn arrives). If it was not enough, the caller fails again and comes back.
         need = max(PRESSURE_CHUNK, -(-num_new_tokens // self.block_size) + 1 + own_free_hits - before)
-        exclude = (own,) if own is not None else ()
+        return self._releasing(ReleaseReason.PRESSURE, lambda: self._release_for(own, need, before))
+
+    def _release_for(self, own: SessionKey | None, need: int, before: int) -> bool:
+        """`on_shortage`'s releases, until the pool has more than `before` free blocks; False if none was left."""
+        pool, exclude = self.pool, ((own,) if own is not None else ())
         while True:
             # Other sessions first (idle ones, then those with a request running and a pin beyond it, then those
             # with one queued). The request's own session last (even while it runs): releasing it frees nothing the
@@ -245,8 +258,10 @@ class PinApplier(Generic[B]):
         queued or running keep theirs (in a fan-out burst every arrival's prefetch would otherwise evict the next's)."""
         if blocks <= 0:
             return
+        self._releasing(ReleaseReason.PRESSURE, lambda: self._release_idle(self.pool.num_free() + blocks, exclude))
+
+    def _release_idle(self, target: int, exclude: SessionKey) -> None:
         pool = self.pool
-        target = pool.num_free() + blocks
         while pool.num_free() < target:  # the release order puts sessions with a request in flight after idle ones
             releases = self.policy.release_for_pressure(target - pool.num_free(), exclude=(exclude,), idle_only=True)
             if not releases:

@@ -31,6 +31,7 @@ from kvsched.core.tier_fills import FillingSlots
 from kvsched.core.tier_ops import Key, Load, Owner, Store, TailKey
 from kvsched.core.tier_owners import KeyOwners
 from kvsched.core.tier_reach import Reach
+from kvsched.core.tier_sample import tails, victims
 
 __all__ = ["Key", "Load", "Owner", "Store", "TailKey", "TierConfig", "TierDirectory"]
 
@@ -77,6 +78,7 @@ class TierDirectory:
         owner's others): the stores that put them in the tier (`admit`: held keys only gain the owner)."""
         ids = dict(blocks)
         stores = [Store(ids[key], slot) for key, slot in self.admit(owner, [key for key, _ in blocks], start)]
+        self.reach.released(ids)  # the pool gives these blocks back now: what it said of them may change
         if stores:
             self.counters["demotions"] += 1
             self.counters["demoted_blocks"] += len(stores)
@@ -281,9 +283,10 @@ class TierDirectory:
         return len(self.keys_of.get(owner, ()))
 
     # ---- internals ----------------------------------------------------------------------------------------------
-    def _rank(self, owner: Owner, position: int) -> float:
-        """Eviction rank, lowest first: the retention value, or (recency) the owner's place in the sample."""
-        return self.value_of(owner) if self._by_value else position
+    def _ranker(self) -> Callable[[Owner, int], float] | None:
+        """Eviction rank of an owner at a place in the sample, lowest first: its retention value; None by recency (the
+        place itself: `tier_sample` keeps the sample's order)."""
+        return (lambda owner, _: self.value_of(owner)) if self._by_value else None
 
     def _rank_of_writer(self, owner: Owner) -> float:
         """The rank a victim must be below to give way to `owner`, writing now (recency: any, it is the newest)."""
@@ -306,15 +309,13 @@ class TierDirectory:
     def _evict_tail(self, exclude: Owner, below: float, want: int = 1) -> bool:
         """Free the slots of up to `want` other sessions' tails, lowest value first, each worth less than `below` and
         read by no load this step (from the `EVICTION_SAMPLE` oldest tails). False if none could go."""
-        sample = itertools.islice(self.tail_of.items(), self.EVICTION_SAMPLE)
-        cands = sorted((value, i, key) for i, (owner, key) in enumerate(sample)
-                       if owner != exclude and self.slot_of[key] not in self._locked
-                       and (value := self._rank(owner, i)) < below)
-        for _, _, key in cands[:want]:
+        keys, any_cand = tails(self.tail_of, exclude, self.EVICTION_SAMPLE, self._ranker(), below, self._locked,
+                               self.slot_of, want)
+        for key in keys:
             if key in self.slot_of:  # sessions that finished on the same tokens share one tail: freed once
                 self._free_key(key)
                 self.counters["evicted_tails"] += 1
-        return bool(cands)
+        return any_cand
 
     def _disown_tail(self, owner: Owner, key: TailKey) -> int:
         """`owner` no longer needs `key`: freed when nobody else does (after this step if a load reads it)."""
@@ -330,13 +331,10 @@ class TierDirectory:
         first (`tier_reach`), then lowest value first, tail blocks first (one scan of the owners per call). A block
         `on_evict` declines stays, with the blocks before it, while another victim's can go; else it goes, lost as with
         no lower level (`declined_evictions`). False if no session may lose blocks."""
-        mine = self._rank_of_writer(exclude)
-        sample = itertools.islice(self.keys_of.items(), self.EVICTION_SAMPLE)  # the longest-standing owners first
         # Not a session being fetched: its request waits for them, and an in-flight key frees no slot (found by review)
-        victims = sorted((value, i, owner) for i, (owner, keys) in enumerate(sample)
-                         if owner != exclude and keys and (value := self._rank(owner, i)) < mine
-                         and not self._inflight.protects(map(self.slot_of.get, keys)))
-        order, kept = [v for *_, v in victims], dict[Owner, None]()  # kept: a lower level declined its tail block
+        ranked = victims(self.keys_of, exclude, self.EVICTION_SAMPLE, self._ranker(), self._rank_of_writer(exclude),
+                         self._inflight, self.slot_of)
+        order, kept = list(ranked), dict[Owner, None]()  # kept: a lower level declined its tail block
         for keep in (True, False):  # a declined block stays while another victim's can go (`on_evict`)
             for victim, held_only in self.reach.passes(order, self.keys_of):
                 keys, at = self.keys_of.get(victim, []), self.position_of.get(victim, {})
@@ -368,7 +366,7 @@ class TierDirectory:
             if want <= 0 or not kept:
                 break
             order, kept = list(kept), {}
-        return bool(victims)
+        return bool(ranked)
 
     def _free_key(self, key: Key) -> None:
         slot = self.slot_of.pop(key)

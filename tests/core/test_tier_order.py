@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvsched.core.sessions import TurnHints
+from kvsched.core.sessions import SessionId, SessionKey, TurnHints
 from kvsched.core.tier import TierConfig, TierDirectory
 from tests.core.test_pin_apply import BS, A, B, make, turn
 from tests.core.test_shared_answers_order import _companion
@@ -151,3 +151,65 @@ def test_an_end_drops_the_whole_chain(clock):
     pins.apply(pins.policy.release_for_pressure(2))
     turn(pins, A, [[1, 2]], hints=TurnHints(end=True), cached=2 * BS)
     assert A not in d.keys_of and A not in d.position_of and d.used_slots == 0
+
+
+def _budget_pass(clock, in_pass: bool):
+    """Six sessions pin 6 blocks each over a 20-block budget; the full tier (10 slots) lists X's blocks (no pin's), all
+    of B's pinned blocks (a restored copy) and A's first two. The budget's pass releases A, B, then 4 of C's blocks
+    into it; the pool answers from the pins' references."""
+    from kvsched.core import tier_reach
+
+    pins = make(clock, capacity=60, pin_budget_fraction=1 / 3)
+    d = TierDirectory(TierConfig(budget_bytes=10 * 1024), 1024, lambda owner: 0.0)
+    pins.attach_tier(d, lambda key, blocks, *at: len(d.demote(key, blocks, *at)))
+    asked: list[str] = []
+    d.reach.pool_holds = lambda key: asked.append(str(key)) or pins.pool.ref[int(str(key)[1:])] > 0
+    sessions = [SessionKey(SessionId(s)) for s in "abcdef"]
+    for i, key in enumerate(sessions):
+        turn(pins, key, [list(range(10 * i + 1, 10 * i + 7))])
+        clock.now += 1
+    d.demote("X", [("k1001", 1001), ("k1002", 1002)], 0)
+    d.demote(sessions[1], [(f"k{b}", b) for b in range(11, 17)], 0)
+    d.demote(sessions[0], [("k1", 1), ("k2", 2)], 0)
+    batch = tier_reach.Reach.batch
+    try:
+        if not in_pass:
+            tier_reach.Reach.batch = lambda self, releases: releases()  # type: ignore[method-assign]
+        pins.enforce_budget()
+    finally:
+        tier_reach.Reach.batch = batch  # type: ignore[method-assign]
+    return {str(k): v for k, v in d.keys_of.items()}, sorted(map(str, d.slot_of)), asked, pins.log
+
+
+def test_the_budgets_pass_asks_the_pool_less_and_evicts_as_without_the_pass(clock):
+    """A's release evicts B's held copies k16..k13 (the pool said B's pin holds them); B's release demotes them again
+    and gives them back: C's release must not take B's copies for held: A's blocks go (the oldest session's). With the
+    pool's answers about k13..k16 kept from A's release, C's took B's four deepest blocks."""
+    kept, slots, asked, log = _budget_pass(clock, True)
+    kept_without, slots_without, asked_without, log_without = _budget_pass(type(clock)(), False)
+    assert [(a.session, a.blocks) for a in log if a.op == "release"] == [("a", 6), ("b", 6), ("c", 4)]
+    assert log == log_without and kept == kept_without and slots == slots_without
+    b, c = (str(SessionKey(SessionId(s))) for s in "bc")
+    assert kept == {b: _keys(11, 12, 13, 14, 15, 16), c: _keys(23, 24, 25, 26)}
+    assert len(asked) < len(asked_without)
+
+
+@pytest.mark.parametrize("trigger", ["ttl", "pressure"])
+def test_the_ttl_and_pressure_passes_keep_the_pools_answers_too(clock, trigger):
+    """Three pins released at once (their TTL, or a request short of blocks) into a full tier: the pool is asked
+    only within the pass, and about no key twice (nobody's deepest block is one of the released ones)."""
+    pins = make(clock, capacity=24)
+    d = TierDirectory(TierConfig(budget_bytes=6 * 1024), 1024, lambda owner: 0.0)
+    pins.attach_tier(d, lambda key, blocks, *at: len(d.demote(key, blocks, *at)))
+    asked: list[tuple[str, bool]] = []
+    d.reach.pool_holds = lambda key: asked.append((str(key), d.reach._memo is not None)) or False
+    d.demote("X", [(f"x{i}", 1000 + i) for i in range(6)], 0)
+    for i, key in enumerate(SessionKey(SessionId(s)) for s in "abc"):
+        turn(pins, key, [list(range(10 * i + 1, 10 * i + 7))])
+    if trigger == "ttl":
+        clock.now += 1e6
+        pins.expire()
+    else:
+        assert pins.on_shortage(None, 24 * BS)
+    assert sum(a.op == "release" for a in pins.log) >= 2 and asked
+    assert all(in_pass for _, in_pass in asked) and len({k for k, _ in asked}) == len(asked)

@@ -83,3 +83,68 @@ def test_without_the_pool_query_the_oldest_sessions_deepest_block_goes():
     d.demote("B", _blocks("b1", "b2", "b3"), 0)
     d.demote("C", _blocks("c1", "c2"), 0)
     assert d.keys_of["A"] == ["a1"] and d.keys_of["B"] == ["b1", "b2", "b3"]
+
+
+# ---- the pool's answers within a pass of releases (`Reach.batch`) ----------------------------------------------------
+class _Pool:
+    """A pool whose pins hold keys: `pool_holds` counts its calls; `release` demotes a pin's keys, then gives them back
+    (as `PinApplier.unpin` does)."""
+
+    def __init__(self, d: TierDirectory) -> None:
+        self.held: set[str] = set()
+        self.asked: list[str] = []
+        self.d = d
+        d.reach.pool_holds = self.holds
+
+    def holds(self, key: object) -> bool:
+        self.asked.append(str(key))
+        return key in self.held
+
+    def release(self, owner: str, *keys: str) -> None:
+        self.d.demote(owner, _blocks(*keys), 0)
+        self.held.difference_update(keys)
+
+
+def test_within_a_pass_an_answer_about_a_block_given_back_is_asked_again():
+    """B's pin holds b1, b2 (listed in the tier too). D's release evicts B's b2 (held: the pool said so); B's own
+    release then demotes b1, b2 and gives them back; E's release must not take B's b2 for held any more: A's deepest
+    block, the oldest session's, goes. With the answer about b2 kept from D's release (no `released`), E evicted b2,
+    a copy only the tier then had."""
+    d = _tier(4)
+    pool = _Pool(d)
+    d.demote("A", _blocks("a1", "a2"), 0)
+    d.demote("B", _blocks("b1", "b2"), 0)
+    pool.held.update({"b1", "b2"})
+
+    def releases() -> None:
+        pool.release("D", "d1")  # evicts B's held b2
+        assert "b2" not in d.slot_of and d.keys_of["A"] == ["a1", "a2"]
+        pool.release("B", "b1", "b2")  # b2 back in the tier (A's a2 goes for it); b1, b2 given back
+        assert d.keys_of["B"] == ["b1", "b2"] and d.keys_of["A"] == ["a1"]
+        pool.release("E", "e1")  # nobody's deepest block is held: the oldest, A, gives a1
+        assert "A" not in d.keys_of and d.keys_of["B"] == ["b1", "b2"]
+
+    d.reach.batch(releases)
+    assert set(d.slot_of) == {"d1", "b1", "b2", "e1"}
+
+
+def test_within_a_pass_the_pool_is_asked_once_per_key_and_the_decisions_are_the_same():
+    """Six releases into a full tier, in a pass and not: the same evictions; in the pass the pool is asked about each
+    key once (a released key's answer is forgotten, but nobody's deepest block is one here), outside it every time."""
+    runs = []
+    for in_pass in (True, False):
+        d = _tier(6)
+        pool = _Pool(d)
+        for owner in "ABC":
+            d.demote(owner, _blocks(f"{owner}1", f"{owner}2"), 0)
+        pool.held.update({"C1", "C2"})
+
+        def releases(d: TierDirectory = d, pool: _Pool = pool) -> None:
+            for owner in "DEFGHI":
+                pool.release(owner, f"{owner}1")
+
+        d.reach.batch(releases) if in_pass else releases()
+        runs.append((dict(d.keys_of), sorted(d.slot_of), pool.asked))
+    (kept, slots, asked), (kept_without, slots_without, asked_without) = runs
+    assert kept == kept_without and slots == slots_without
+    assert len(asked) == len(set(asked)) < len(asked_without)
