@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +35,7 @@ import pytest
 from kvsched.adapters.ray.autoscaling import QueueTTFTPolicy
 from kvsched.adapters.ray.config import EngineConfig
 from kvsched.adapters.ray.engine import EngineReplica
+from tests.ray.shared_cluster import Early, early
 from tests.ray.stalling_proxy import StallingProxy
 from tests.ray.test_autoscaling_signals import fleet_ctx
 
@@ -60,13 +61,24 @@ def decide(window: list[dict[str, float]]) -> tuple[int, str]:
     return n, state["kvsched_reason"]
 
 
+def start_replica() -> EngineReplica:
+    from kvsched.tiny_model import ensure_tiny_model
+
+    cfg = EngineConfig(model=str(ensure_tiny_model("test")), served_model_name="tiny", max_model_len=512,
+                       block_size=32)
+    return EngineReplica("tiny", cfg.model_dump(), poll_deadline_s=DEADLINE_S)
+
+
+EARLY = {"replica": Early(start_replica, lambda replica: replica.__del__())}
+
+
 @pytest.fixture(scope="module")
-def replica(tiny_model_dir: Path) -> Iterator[EngineReplica]:
+def replica() -> Iterator[EngineReplica]:
     """One engine replica for the module's two real-engine tests (a vllm serve start-up each saved: the suite's time),
     given `poll_deadline_s` 2 s as `build_app` passes the router setting; each test puts its own proxy in front and
-    asserts on counts relative to what it found (the other test may have run first)."""
-    cfg = EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", max_model_len=512, block_size=32)
-    rep = EngineReplica("tiny", cfg.model_dump(), poll_deadline_s=DEADLINE_S)
+    asserts on counts relative to what it found (the other test may have run first). It starts beside the
+    package's other start-ups (shared_cluster.py)."""
+    rep: EngineReplica = early(sys.modules[__name__], "replica")
     try:
         yield rep
     finally:

@@ -1,24 +1,36 @@
 """One engine replica outside Ray: its vLLM child serves, and the stats it reports to the router name the sessions
-whose KV kvsched pinned there, with queue depth and a recent P95 TTFT."""
+whose KV kvsched pinned there, with queue depth and a recent P95 TTFT. (The replica starts beside the package's other
+start-ups: shared_cluster.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-from pathlib import Path
+import sys
 
 import pytest
 
 from kvsched.adapters.ray.config import EngineConfig
 from kvsched.adapters.ray.engine import EngineReplica
+from tests.ray.shared_cluster import Early, early
 
 pytestmark = pytest.mark.integration
 
 
-def test_engine_replica_proxies_and_reports_pinned_sessions(tiny_model_dir: Path) -> None:
-    cfg = EngineConfig(model=str(tiny_model_dir), served_model_name="tiny", max_model_len=512, block_size=32)
-    replica = EngineReplica("tiny", cfg.model_dump())
+def start_replica() -> EngineReplica:
+    from kvsched.tiny_model import ensure_tiny_model
+
+    cfg = EngineConfig(model=str(ensure_tiny_model("test")), served_model_name="tiny", max_model_len=512,
+                       block_size=32)
+    return EngineReplica("tiny", cfg.model_dump())
+
+
+EARLY = {"replica": Early(start_replica, lambda replica: replica.__del__())}
+
+
+def test_engine_replica_proxies_and_reports_pinned_sessions() -> None:
+    replica: EngineReplica = early(sys.modules[__name__], "replica")
     pid = replica.server.proc.pid if replica.server.proc else None
     try:
         # its own process group (stopped as a unit), in the replica's session: with a session of its own it had a CPU

@@ -18,36 +18,28 @@ ADMIN = {"Authorization": "Bearer adm"}
 
 
 @pytest.fixture(scope="module")
-def base() -> Iterator[str]:
-    import ray
+def base(serve_cluster: dict[str, Any]) -> Iterator[str]:
     from ray import serve
 
     from kvsched.adapters.ray.app import engine_options
     from kvsched.adapters.ray.config import parse_config
     from kvsched.adapters.ray.ingress import OpenAIIngress
-    from kvsched.serving import free_port
+    from tests.ray.shared_cluster import QUICK_DRAIN, deployed
     from tests.ray.standin_engine import StandInEngine
 
-    port = free_port()
     pool = {"model": "/m", "num_cpus": 0}
-    cfg = parse_config({"http": {"host": "127.0.0.1", "port": port}, "router": {"stats_period_s": 1},
+    cfg = parse_config({"http": {"host": "127.0.0.1", "port": serve_cluster["port"]}, "router": {"stats_period_s": 1},
                         "request_deadline_s": 30, "pools": [
                             dict(pool, name="w", models=["w"], replicas=2),
                             dict(pool, name="k", models=["k"], replicas=1, vllm_args=["--api-key", "k1", "k2"],
                                  env={"KVSCHED_ADMIN_KEYS": "adm"}),
                             dict(pool, name="z", models=["z"], autoscaling={"min_replicas": 0, "max_replicas": 1})]})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        engines = {p.name: serve.deployment(StandInEngine).options(**engine_options(p, cfg)).bind(
-            p.name, p.engine.model_dump()) for p in cfg.pools}
-        ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
-                                                          ray_actor_options={"num_cpus": 0})
-        serve.run(ingress.bind(cfg.to_dict(), engines), name="kvsched", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    engines = {p.name: serve.deployment(StandInEngine).options(**engine_options(p, cfg), **QUICK_DRAIN).bind(
+        p.name, p.engine.model_dump()) for p in cfg.pools}
+    ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
+                                                      ray_actor_options={"num_cpus": 0}, **QUICK_DRAIN)
+    with deployed(ingress.bind(cfg.to_dict(), engines)):
+        yield serve_cluster["base"]
 
 
 def http(base: str, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,

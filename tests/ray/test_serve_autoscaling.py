@@ -9,19 +9,21 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.integration
 
 
-def test_the_policy_merges_the_replicas_ttft_buckets_reported_through_ray(tmp_path: Path) -> None:
-    import ray
+def test_the_policy_merges_the_replicas_ttft_buckets_reported_through_ray(tmp_path: Path,
+                                                                           serve_cluster: dict[str, Any]) -> None:
     from ray import serve
     from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
 
     from kvsched.adapters.ray.app import engine_options
     from kvsched.adapters.ray.config import parse_config
+    from tests.ray.shared_cluster import QUICK_DRAIN, deployed
     from tests.ray.standin_ttft import TTFTStandInEngine
 
     report = tmp_path / "decisions.jsonl"
@@ -36,11 +38,8 @@ def test_the_policy_merges_the_replicas_ttft_buckets_reported_through_ray(tmp_pa
         downscale_delay_s=600, look_back_period_s=5, metrics_interval_s=1,
         policy=AutoscalingPolicy(policy_function="tests.ray.standin_ttft:RecordingPolicy",
                                  policy_kwargs={**auto.policy.policy_kwargs, "report_path": str(report)}))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start()
-        serve.run(serve.deployment(TTFTStandInEngine).options(**opts).bind(pool.name, pool.engine.model_dump()),
-                  name="kvsched-autoscale", route_prefix=None)
+    app = serve.deployment(TTFTStandInEngine).options(**opts, **QUICK_DRAIN).bind(pool.name, pool.engine.model_dump())
+    with deployed(app, name="kvsched-autoscale", route_prefix=None):
         merged: list[dict] = []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # a wait for Ray's reports to arrive, not a timing assert
@@ -50,11 +49,8 @@ def test_the_policy_merges_the_replicas_ttft_buckets_reported_through_ray(tmp_pa
                       and "merged buckets of 2 of 2 replicas" in r["reason"]]
             if len(merged) >= 3:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert len(merged) >= 3, rows[-5:]
         for r in merged:  # 390 of each 400 first tokens under 0.1 s: the P95 is in that bucket (about 0.097 s)
             p95 = re.search(r"fleet p95 ([0-9.e+-]+) s from the merged buckets", r["reason"])
             assert r["replicas"] == 2 and p95 is not None and 0.09 < float(p95.group(1)) < 0.1, r
-    finally:
-        serve.shutdown()
-        ray.shutdown()

@@ -4,9 +4,10 @@ kvsched` on the tiny model, behind a proxy that stalls `GET /metrics` while a fi
 never answered) and the pool's policy recording each decision (`standin_ttft.RecordingPolicy`; min 0 replicas, Ray's
 downscale delay 600 s, so what is checked is the decisions). Idle and read, the policy asks to scale the pool to 0.
 Blocked: Ray's own calls of the replica's `record_autoscaling_stats` and `record_routing_stats` meet the hanging scrape
-(each poll gives up at its 5-s deadline), `GET /kvsched/replicas` says "failing", the policy holds the pool
-("no scale-down while replica(s) ... cannot be read") and completions through the ingress are answered meanwhile (the
-proxy saw their bytes pass while a scrape hung). Unblocked: "ok", and the idle pool may go again."""
+(each poll gives up at its deadline: the router's `poll_deadline_s`, 2 s here, as `build_app` passes it),
+`GET /kvsched/replicas` says "failing", the policy holds the pool ("no scale-down while replica(s) ... cannot be
+read") and completions through the ingress are answered meanwhile (the proxy saw their bytes pass while a scrape hung).
+Unblocked: "ok", and the idle pool may go again."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import pytest
 from tests.ray.test_serve_unscraped import decisions, replicas, wait_for
 
 pytestmark = pytest.mark.integration
+POLL_DEADLINE_S = 2.0  # the router's poll_deadline_s (default 5 s): each wait for a hanging poll to give up is shorter
 MARK = f"tiny-blocked-{uuid.uuid4().hex[:8]}"  # served-model-name of this run's vLLM: finds it in /proc
 
 
@@ -41,23 +43,24 @@ def vllm_groups() -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def blocked_pool(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    import ray
+def blocked_pool(serve_cluster: dict[str, Any], tiny_model_dir: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from ray import serve
     from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
 
-    from kvsched.adapters.ray.app import engine_args, engine_options
+    from kvsched.adapters.ray.app import engine_args, engine_kwargs, engine_options
     from kvsched.adapters.ray.config import parse_config
     from kvsched.adapters.ray.ingress import OpenAIIngress
-    from kvsched.serving import free_port
+    from tests.ray.shared_cluster import QUICK_DRAIN, deployed
     from tests.ray.stalling_engine import ProxiedEngineReplica
 
     tmp = tmp_path_factory.mktemp("blocked")
-    port = free_port()
-    cfg = parse_config({"http": {"host": "127.0.0.1", "port": port}, "router": {"stats_period_s": 1}, "pools": [
-        {"name": "w", "model": str(tiny_model_dir), "models": ["tiny"], "served_model_name": MARK, "replicas": 1,
-         "num_cpus": 0, "max_model_len": 1024, "block_size": 32, "kv_cache_gib": 1,
-         "autoscaling": {"min_replicas": 0, "max_replicas": 2, "ttft_p95_s": 4.0}}]})
+    cfg = parse_config({"http": {"host": "127.0.0.1", "port": serve_cluster["port"]},
+                        "router": {"stats_period_s": 1, "poll_deadline_s": POLL_DEADLINE_S},
+                        "pools": [{"name": "w", "model": str(tiny_model_dir), "models": ["tiny"],
+                                   "served_model_name": MARK, "replicas": 1, "num_cpus": 0, "max_model_len": 1024,
+                                   "block_size": 32, "kv_cache_gib": 1,
+                                   "autoscaling": {"min_replicas": 0, "max_replicas": 2, "ttft_p95_s": 4.0}}]})
     w = cfg.pools[0]
     opts = engine_options(w, cfg)
     auto = opts["autoscaling_config"]
@@ -66,22 +69,18 @@ def blocked_pool(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         look_back_period_s=5, metrics_interval_s=1,
         policy=AutoscalingPolicy(policy_function="tests.ray.standin_ttft:RecordingPolicy",
                                  policy_kwargs={**auto.policy.policy_kwargs, "report_path": str(tmp / "decisions")}))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     groups: set[int] = set()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        engine = serve.deployment(ProxiedEngineReplica).options(**opts).bind(
-            *engine_args(w), str(tmp / "block"), str(tmp / "proxy.json"))
+        engine = serve.deployment(ProxiedEngineReplica).options(**opts, **QUICK_DRAIN).bind(
+            *engine_args(w), str(tmp / "block"), str(tmp / "proxy.json"), **engine_kwargs(cfg))
         ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
-                                                          ray_actor_options={"num_cpus": 0})
-        serve.run(ingress.bind(cfg.to_dict(), {"w": engine}), name="kvsched", route_prefix="/")
-        groups = vllm_groups()
-        yield {"base": f"http://127.0.0.1:{port}", "block": tmp / "block", "proxy": tmp / "proxy.json",
-               "report": tmp / "decisions"}
+                                                          ray_actor_options={"num_cpus": 0}, **QUICK_DRAIN)
+        with deployed(ingress.bind(cfg.to_dict(), {"w": engine})):
+            groups = vllm_groups()
+            yield {"base": serve_cluster["base"], "block": tmp / "block", "proxy": tmp / "proxy.json",
+                   "report": tmp / "decisions"}
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        for pgid in groups | vllm_groups():  # should serve.shutdown have left any: not into the rest of the session
+        for pgid in groups | vllm_groups():  # should the app's deletion have left any: not into the rest of the session
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:

@@ -1,23 +1,26 @@
 """kvsched on a local Ray Serve cluster: two CPU engine replicas of the tiny model (real `vllm serve --scheduler
-kvsched` children) behind the OpenAI ingress. One shared cluster; the tests run in file order (the kill comes last)."""
+kvsched` children) behind the OpenAI ingress. One shared cluster; the tests run in file order (the kill comes last).
+The app is deployed beside the package's other start-ups and deleted at the module's end."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+
+from tests.ray.shared_cluster import Early, delete_app, early, wait_running
 
 pytestmark = pytest.mark.integration
 
@@ -67,44 +70,51 @@ def wait_until(cond: Any, timeout_s: float, what: str, period_s: float = 0.2) ->
     raise AssertionError(f"timed out after {timeout_s:.1f}s waiting for {what}; processes:\n{tree}")
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_dir: Any) -> Iterator[dict[str, Any]]:
-    import ray
-    from ray import serve
-
+def deploy_app() -> str:
+    """The app on the package's cluster, its two `vllm serve` start-ups beside the package's others (shared_cluster.py;
+    conftest.py runs this module before the other apps take "/")."""
     from kvsched.adapters.ray.app import build_app
     from kvsched.adapters.ray.config import parse_config
-    from kvsched.serving import free_port
+    from kvsched.tiny_model import ensure_tiny_model
+    from tests.ray.shared_cluster import start_app, start_cluster
 
-    port = free_port()
     cfg = parse_config({
-        "http": {"host": "127.0.0.1", "port": port},
+        "http": {"host": "127.0.0.1", "port": start_cluster()["port"]},
         "router": {"stats_period_s": 1},
         "health_check_period_s": 1, "request_retries": 3, "request_deadline_s": 120, "max_body_bytes": MAX_BODY,
-        "pools": [{"name": "tiny", "model": str(tiny_model_dir), "models": ["tiny"], "served_model_name": MARK,
-                   "replicas": 2, "num_cpus": 0, "max_model_len": 4096, "block_size": 32, "kv_cache_gib": 1,
-                   "max_ongoing_requests": 16}],
+        "pools": [{"name": "tiny", "model": str(ensure_tiny_model("test")), "models": ["tiny"],
+                   "served_model_name": MARK, "replicas": 2, "num_cpus": 0, "max_model_len": 4096, "block_size": 32,
+                   "kv_cache_gib": 1, "max_ongoing_requests": 16}],
     })
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return start_app(build_app(cfg), "kvsched")
+
+
+# deployed once the engine replica of test_engine_blocked_metrics (first in the package) has started: its start-ups
+# then run while that module's and the next ones' tests wait, not beside that replica's in front of them
+EARLY = {"app": Early(deploy_app, delete_app, main_thread=True, after="tests.ray.test_engine_blocked_metrics:replica")}
+
+
+@pytest.fixture(scope="module")
+def cluster(serve_cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    name = ""
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg), name="kvsched", route_prefix="/")
-        yield {"url": f"http://127.0.0.1:{port}/v1", "base": f"http://127.0.0.1:{port}",
-               "logs": Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"}
+        name = early(sys.modules[__name__], "app")
+        wait_running(name)
+        yield {"url": serve_cluster["base"] + "/v1", "base": serve_cluster["base"], "logs": serve_cluster["logs"]}
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if name:
+            delete_app(name)
         our_vllm_pids()
         left = []
         deadline = time.monotonic() + 45
         while time.monotonic() < deadline and (left := group_members(GROUPS)):
-            time.sleep(0.5)
+            time.sleep(0.2)
         for pgid in GROUPS:  # do not leak into the rest of the session, but fail (as a teardown error)
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        assert not left, f"vLLM processes left running after serve.shutdown: {left}"
+        assert not left, f"vLLM processes left running after the app's deletion: {left}"
 
 
 def client(cluster: dict[str, Any]) -> Any:

@@ -34,7 +34,7 @@ def wait_for(what: str, probe: Callable[[], Any], timeout_s: float = 120.0) -> A
         last = probe()
         if last:
             return last
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
@@ -44,24 +44,22 @@ def get(url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    import ray
+def pool(serve_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from ray import serve
     from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
 
     from kvsched.adapters.ray.app import engine_args, engine_options
     from kvsched.adapters.ray.config import parse_config
     from kvsched.adapters.ray.ingress import OpenAIIngress
-    from kvsched.serving import free_port
+    from tests.ray.shared_cluster import QUICK_DRAIN, deployed
     from tests.ray.standin_metrics import MetricsStandInEngine
 
     tmp = tmp_path_factory.mktemp("unscraped")
     (tmp / "rank-1").touch()  # rank 1's engine metrics unreachable from its start
     report = tmp / "decisions.jsonl"
-    port, metrics_port = free_port(), free_port()
-    cfg = parse_config({"http": {"host": "127.0.0.1", "port": port}, "router": {"stats_period_s": 1}, "pools": [
-        {"name": "w", "model": "/m", "num_cpus": 0, "replicas": 2,
-         "autoscaling": {"min_replicas": 1, "max_replicas": 4, "ttft_p95_s": 4.0, "unscraped_grace_s": GRACE_S}}]})
+    cfg = parse_config({"http": {"host": "127.0.0.1", "port": serve_cluster["port"]}, "router": {"stats_period_s": 1},
+                        "pools": [{"name": "w", "model": "/m", "num_cpus": 0, "replicas": 2, "autoscaling": {
+                            "min_replicas": 1, "max_replicas": 4, "ttft_p95_s": 4.0, "unscraped_grace_s": GRACE_S}}]})
     w = cfg.pools[0]
     opts = engine_options(w, cfg)
     auto = opts["autoscaling_config"]
@@ -71,18 +69,12 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         downscale_delay_s=600, look_back_period_s=5, metrics_interval_s=1,
         policy=AutoscalingPolicy(policy_function="tests.ray.standin_ttft:RecordingPolicy",
                                  policy_kwargs={**auto.policy.policy_kwargs, "report_path": str(report)}))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        engine = serve.deployment(MetricsStandInEngine).options(**opts).bind(*engine_args(w), str(tmp))
-        ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
-                                                          ray_actor_options={"num_cpus": 0})
-        serve.run(ingress.bind(cfg.to_dict(), {"w": engine}), name="kvsched", route_prefix="/")
-        yield {"base": f"http://127.0.0.1:{port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
-               "block": tmp / "rank-1", "report": report}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    engine = serve.deployment(MetricsStandInEngine).options(**opts, **QUICK_DRAIN).bind(*engine_args(w), str(tmp))
+    ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
+                                                      ray_actor_options={"num_cpus": 0}, **QUICK_DRAIN)
+    with deployed(ingress.bind(cfg.to_dict(), {"w": engine})):
+        yield {"base": serve_cluster["base"], "metrics": serve_cluster["metrics"], "block": tmp / "rank-1",
+               "report": report}
 
 
 def replicas(base: str) -> dict[int, dict[str, Any]]:
