@@ -65,8 +65,12 @@ def serve_spec(model: Path) -> ServerSpec:
 
 # `vllm serve` commands that must fail at start (each imports vLLM first, ~15 CPU-seconds): run at once the first time
 # a module asks for one (conftest.failed_starts), so that 2 cores run two at a time; module -> name -> (argv, env).
+# One real command per failure path: the bad tier sizes all stop at the flag's parse (compat/tier_args._TierAction),
+# so one of them runs as `vllm serve`, and every one of them through the same parser in-process
+# (tests/adapters/vllm/test_compat.py, no process of its own).
 BAD_TIER_SIZES = [("-1", "finite number of GiB >= 0"), ("lots", "must be a number of GiB"),
                   ("1000000", "exceeds this machine's host memory")]
+SERVED_BAD_TIER_SIZE = BAD_TIER_SIZES[2]  # the check that reads this host's memory: the real command's
 
 
 def failing_starts(model: Path) -> dict[str, tuple[list[str], dict[str, str] | None]]:
@@ -81,8 +85,54 @@ def failing_starts(model: Path) -> dict[str, tuple[list[str], dict[str, str] | N
     starts: dict[str, tuple[list[str], dict[str, str] | None]] = {
         "serve:malformed": ([*serve, "--scheduler", "kvsched"], malformed),  # test_serve
         "serve:unknown": ([*serve, "--scheduler", "nonsense"], None),
-        **{f"tier:{value}": ([*serve, "--scheduler", "kvsched", "--kvsched-fp8-tier-gb", value], None)  # test_fp8_tier
-           for value, _ in BAD_TIER_SIZES}}
+        "tier:bad": ([*serve, "--scheduler", "kvsched", "--kvsched-fp8-tier-gb", SERVED_BAD_TIER_SIZE[0]],
+                     None)}  # test_fp8_tier
     if cpu_features().fp8_kv_cache_refusal():  # test_fp8_kv, on a CPU that cannot hold an fp8 KV cache
         starts["fp8_kv:refused"] = ([*serve, "--scheduler", "kvsched", "--kv-cache-dtype", "fp8"], None)
     return starts
+
+
+# ---- servers of one module each, launched while an earlier module runs (conftest.launch_meanwhile) ----------------
+FP8_TIER_POOL_BLOCKS = 48
+FP8_TIER_ADMIN_KEY = "tier-admin"
+FP8_TIER_TP_GIB = 0.05
+
+
+def fp8_tier_specs(model: Path) -> dict[str, ServerSpec]:
+    """test_fp8_tier's servers: the tier, a tier whose every slot is corrupted after its checksum, and a tier of a
+    tensor-parallel engine (two ranks). The tier over an fp8 KV cache is the package's "fp8_kv" above, what a restored
+    turn must decode exactly like the package's stock vLLM ("replay"). Launched while test_demo's demo runs (its
+    turns wait ~2 s tool calls: the cores are mostly idle), ~70 CPU-seconds of start-ups that test_fp8_tier waited
+    for alone before."""
+    def tier(env: dict[str, str]) -> ServerSpec:
+        return ServerSpec(model=model, scheduler="kvsched", max_model_len=FP8_MAX_LEN, num_blocks=FP8_TIER_POOL_BLOCKS,
+                          extra_args=["--kvsched-fp8-tier-gb", "0.05"], env=env)
+
+    return {"tier": tier({"KVSCHED_ADMIN_KEYS": FP8_TIER_ADMIN_KEY}), "faulty": tier({"KVSCHED_TIER_FAULT_EVERY": "1"}),
+            "tp": ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=FP8_TIER_POOL_BLOCKS,
+                             env={"KVSCHED_ADMIN_KEYS": FP8_TIER_ADMIN_KEY},
+                             extra_args=["--kvsched-fp8-tier-gb", str(FP8_TIER_TP_GIB), "--tensor-parallel-size", "2"])}
+
+
+LEVELS_COMPACTION_ENV = {  # the client picks summarize (X-KVSched-Compaction)
+    "KVSCHED_COMPACTION_TRIGGER_TOKENS": "150", "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2",
+    "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "16", "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1",
+    "KVSCHED_COMPACTION_CLIENT_STRATEGIES": "summarize"}
+
+
+def levels_spec(model: Path, *levels: str, env: dict[str, str] | None = None) -> ServerSpec:
+    """test_tier_levels' engines: the FP8 tier and the levels under it (`levels`: their flags)."""
+    return ServerSpec(model=model, scheduler="kvsched", max_model_len=2048, num_blocks=160,
+                      extra_args=["--kvsched-fp8-tier-gb", "0.05", "--enable-prompt-tokens-details", *levels],
+                      env=dict(env or {}))
+
+
+def levels_specs(model: Path, disk_dir: Path, store_url: str, slow_store_url: str) -> dict[str, ServerSpec]:
+    """test_tier_levels' engines but the restarted one (it starts on what "disk" left): the first engine on the disk
+    level, replicas "b" and "c" sharing the store, and "d" reading it through a delaying proxy (`slow_store_url`).
+    Launched while test_security runs (conftest.levels_launched): ~55 CPU-seconds of start-ups that test_tier_levels'
+    first test waited for before."""
+    return {"disk": levels_spec(model, "--kvsched-disk-tier-dir", str(disk_dir)),
+            **{name: levels_spec(model, "--kvsched-store-url", store_url,
+                                 env=LEVELS_COMPACTION_ENV | {"KVSCHED_REPLICA_NAME": name}) for name in ("b", "c")},
+            "d": levels_spec(model, "--kvsched-store-url", slow_store_url, env={"KVSCHED_REPLICA_NAME": "d"})}
