@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.integration import early
-from tests.integration.servers import failing_starts, fp8_tier_specs, levels_specs, package_specs, serve_spec
+from tests.integration.servers import failing_starts, package_specs, serve_spec
 
 
 @pytest.fixture(scope="package")
@@ -94,7 +94,8 @@ def fp8_kv_server(launched, request):
 @pytest.fixture(scope="module")
 def stock_server(launched):
     """Stock vLLM (no --scheduler) serving the tiny model as "replay", its KV pool sized by vLLM from 1 GiB
-    (servers.py): test_trace_replay's, test_serve's and test_plan_vllm's. Nothing of kvsched runs in it, so what one
+    (servers.py): test_trace_replay's, test_serve's, test_plan_vllm's and test_fp8_tier's (the decoding a restored turn
+    must match). Nothing of kvsched runs in it, so what one
     module sends cannot change another's result but through vLLM's own prefix cache (each sends prompts of its own)."""
     return ready(launched, "replay")
 
@@ -114,67 +115,9 @@ def serve_launched(tiny_model_dir):
 
 
 def launch_meanwhile(request, fixture):
-    """Spawn a later module's servers now (its fixture launches without waiting): their start-ups overlap this
-    module's own work, which alone leaves a core idle. Only if a test of this run uses them; a fixture that skips
-    (no redis-server) leaves its tests to skip."""
-    if any(fixture in item.fixturenames for item in request.session.items):
-        try:
-            request.getfixturevalue(fixture)
-        except pytest.skip.Exception:
-            pass
-
-
-@pytest.fixture(scope="package")
-def fp8_tier_launched(tiny_model_dir):
-    """test_fp8_tier's own servers (servers.fp8_tier_specs), spawned without waiting: by test_demo (launch_meanwhile),
-    or by test_fp8_tier itself; stopped when test_fp8_tier ends (its `servers`)."""
-    pytest.importorskip("vllm")
-    from kvsched.serving import VllmServer
-
-    servers = {name: VllmServer(spec) for name, spec in fp8_tier_specs(tiny_model_dir).items()}
-    try:
-        for server in servers.values():
-            server.launch()
-        yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
-
-
-@pytest.fixture(scope="package")
-def levels_store():
-    """test_tier_levels' real redis-server (its tests kill and restart it), for the package: its engines are launched
-    before that module runs (levels_launched)."""
-    from kvsched.adapters.store.local_redis import LocalRedis, RedisUnavailable
-
-    try:
-        server = LocalRedis()
-    except RedisUnavailable as exc:
-        pytest.skip(str(exc))
-    with server:
-        yield server
-
-
-@pytest.fixture(scope="package")
-def levels_launched(tiny_model_dir, levels_store, tmp_path_factory):
-    """test_tier_levels' engines but its restarted one (servers.levels_specs), spawned without waiting: by
-    test_security (launch_meanwhile), or by test_tier_levels itself; "d" reads the store through a proxy 10 ms away.
-    Each test stops what it no longer needs; the rest stop when the package ends."""
-    pytest.importorskip("vllm")
-    from kvsched.bench.delay_proxy import delayed
-    from kvsched.serving import VllmServer
-
-    disk = tmp_path_factory.mktemp("levels") / "kv"
-    with delayed(levels_store.port, 0.010) as slow_port:
-        specs = levels_specs(tiny_model_dir, disk, levels_store.url, f"redis://127.0.0.1:{slow_port}/0")
-        servers = {name: VllmServer(spec) for name, spec in specs.items()}
-        try:
-            for server in servers.values():
-                server.launch()
-            yield servers
-        finally:
-            for name in ("d", "c", "b", "disk"):
-                servers[name].stop()
+    """Spawn a later module's server now (its fixture launches without waiting): its start-up overlaps this module's
+    own, which alone leaves a core idle."""
+    request.getfixturevalue(fixture)
 
 
 @pytest.fixture(scope="package")

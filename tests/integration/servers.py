@@ -1,7 +1,8 @@
 """The package's servers that several modules each start once: the hardened shared one (security, zero-change
 clients, fuzz), compaction's (test_compaction and test_compaction_templates), stock vLLM's (trace replay, the stock
-server of test_serve, the tiny model's capacity in test_plan_vllm) and the fp8 KV cache's (test_fp8_kv, and the tier
-over an fp8 cache in test_fp8_tier). One start-up each instead of one per module: a start-up is ~30 CPU-seconds.
+server of test_serve, the tiny model's capacity in test_plan_vllm, what test_fp8_tier's restored turns must decode
+like) and the fp8 KV cache's (test_fp8_kv, and the tier over an fp8 cache in test_fp8_tier). One start-up each
+instead of one per module: a start-up is ~30 CPU-seconds.
 `conftest.launched` spawns them together when the first is needed, so their start-ups overlap (three single-threaded
 Python imports each); a server waiting idle takes no CPU."""
 
@@ -38,7 +39,8 @@ def package_specs(model: Path, recording: Path) -> dict[str, ServerSpec]:
                                  num_blocks=400, env=COMPACTION_ENV, extra_args=COMPACTION_TEMPLATE_ARGS),
         # stock vLLM: `kvsched bench replay`'s prompts (test_trace_replay: one engine block per trace block), stock
         # vLLM without the flag (test_serve) and the KV pool vLLM sizes itself from 1 GiB of bf16 cache with its log
-        # line at INFO (test_plan_vllm: no --num-gpu-blocks-override, the dtype the planner is checked for)
+        # line at INFO (test_plan_vllm: no --num-gpu-blocks-override, the dtype the planner is checked for), and the
+        # tiny model recomputed in the dtype of test_fp8_tier's tiers (what a restored turn must decode exactly like)
         "replay": ServerSpec(model=model, scheduler=None, max_model_len=1024, block_size=32, kv_cache_gib=1,
                              served_model_name="replay", dtype="bfloat16",
                              env={"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_KVCACHE_SPACE": "1"}),
@@ -90,49 +92,3 @@ def failing_starts(model: Path) -> dict[str, tuple[list[str], dict[str, str] | N
     if cpu_features().fp8_kv_cache_refusal():  # test_fp8_kv, on a CPU that cannot hold an fp8 KV cache
         starts["fp8_kv:refused"] = ([*serve, "--scheduler", "kvsched", "--kv-cache-dtype", "fp8"], None)
     return starts
-
-
-# ---- servers of one module each, launched while an earlier module runs (conftest.launch_meanwhile) ----------------
-FP8_TIER_POOL_BLOCKS = 48
-FP8_TIER_ADMIN_KEY = "tier-admin"
-FP8_TIER_TP_GIB = 0.05
-
-
-def fp8_tier_specs(model: Path) -> dict[str, ServerSpec]:
-    """test_fp8_tier's servers: the tier, a tier whose every slot is corrupted after its checksum, and a tier of a
-    tensor-parallel engine (two ranks). The tier over an fp8 KV cache is the package's "fp8_kv" above, what a restored
-    turn must decode exactly like the package's stock vLLM ("replay"). Launched while test_demo's demo runs (its
-    turns wait ~2 s tool calls: the cores are mostly idle), ~70 CPU-seconds of start-ups that test_fp8_tier waited
-    for alone before."""
-    def tier(env: dict[str, str]) -> ServerSpec:
-        return ServerSpec(model=model, scheduler="kvsched", max_model_len=FP8_MAX_LEN, num_blocks=FP8_TIER_POOL_BLOCKS,
-                          extra_args=["--kvsched-fp8-tier-gb", "0.05"], env=env)
-
-    return {"tier": tier({"KVSCHED_ADMIN_KEYS": FP8_TIER_ADMIN_KEY}), "faulty": tier({"KVSCHED_TIER_FAULT_EVERY": "1"}),
-            "tp": ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=FP8_TIER_POOL_BLOCKS,
-                             env={"KVSCHED_ADMIN_KEYS": FP8_TIER_ADMIN_KEY},
-                             extra_args=["--kvsched-fp8-tier-gb", str(FP8_TIER_TP_GIB), "--tensor-parallel-size", "2"])}
-
-
-LEVELS_COMPACTION_ENV = {  # the client picks summarize (X-KVSched-Compaction)
-    "KVSCHED_COMPACTION_TRIGGER_TOKENS": "150", "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2",
-    "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "16", "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1",
-    "KVSCHED_COMPACTION_CLIENT_STRATEGIES": "summarize"}
-
-
-def levels_spec(model: Path, *levels: str, env: dict[str, str] | None = None) -> ServerSpec:
-    """test_tier_levels' engines: the FP8 tier and the levels under it (`levels`: their flags)."""
-    return ServerSpec(model=model, scheduler="kvsched", max_model_len=2048, num_blocks=160,
-                      extra_args=["--kvsched-fp8-tier-gb", "0.05", "--enable-prompt-tokens-details", *levels],
-                      env=dict(env or {}))
-
-
-def levels_specs(model: Path, disk_dir: Path, store_url: str, slow_store_url: str) -> dict[str, ServerSpec]:
-    """test_tier_levels' engines but the restarted one (it starts on what "disk" left): the first engine on the disk
-    level, replicas "b" and "c" sharing the store, and "d" reading it through a delaying proxy (`slow_store_url`).
-    Launched while test_security runs (conftest.levels_launched): ~55 CPU-seconds of start-ups that test_tier_levels'
-    first test waited for before."""
-    return {"disk": levels_spec(model, "--kvsched-disk-tier-dir", str(disk_dir)),
-            **{name: levels_spec(model, "--kvsched-store-url", store_url,
-                                 env=LEVELS_COMPACTION_ENV | {"KVSCHED_REPLICA_NAME": name}) for name in ("b", "c")},
-            "d": levels_spec(model, "--kvsched-store-url", slow_store_url, env={"KVSCHED_REPLICA_NAME": "d"})}

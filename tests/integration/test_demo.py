@@ -10,15 +10,10 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("vllm")
-
-from tests.integration.conftest import launch_meanwhile  # noqa: E402
-
 pytestmark = pytest.mark.integration
 
 
-def test_demo_serves_both_sides_and_prints_what_kvsched_changed(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    # test_fp8_tier's servers start meanwhile: the demo's turns wait ~2 s tool calls, leaving the cores mostly idle
-    launch_meanwhile(request, "fp8_tier_launched")
+def test_demo_serves_both_sides_and_prints_what_kvsched_changed(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
     # one workflow of one round (10 turns a side): the command end to end, not the demo's figures (`make demo`)
     proc = subprocess.run([sys.executable, "-m", "kvsched.cli", "demo", "--workflows", "1", "--rounds", "1",

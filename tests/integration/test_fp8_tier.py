@@ -12,36 +12,41 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from tests.integration.conftest import ready  # noqa: E402
-from tests.integration.servers import (  # noqa: E402
-    FP8_MAX_LEN,
-    FP8_TIER_ADMIN_KEY,
-    FP8_TIER_POOL_BLOCKS,
-    FP8_TIER_TP_GIB,
-    SERVED_BAD_TIER_SIZE,
-)
+from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
+from tests.integration.servers import SERVED_BAD_TIER_SIZE  # noqa: E402
 
 pytestmark = pytest.mark.integration
 SYSTEM = "You are a careful research agent. Use the tools. " * 8
-POOL_BLOCKS = FP8_TIER_POOL_BLOCKS
-MAX_LEN = FP8_MAX_LEN  # vLLM keeps one block back (the null block): a request may fill the rest (`flood`)
-assert MAX_LEN == (POOL_BLOCKS - 1) * 32
+POOL_BLOCKS = 48
+MAX_LEN = (POOL_BLOCKS - 1) * 32  # vLLM keeps one block back (the null block): a request may fill the rest (`flood`)
 GIB = 2**30
-TP_TIER_GIB = FP8_TIER_TP_GIB
-ADMIN = {"Authorization": f"Bearer {FP8_TIER_ADMIN_KEY}"}  # sees and ends every session, salted or inferred too
+TP_TIER_GIB = 0.05
+ADMIN = {"Authorization": "Bearer tier-admin"}  # sees and ends every session, salted or inferred too
+
+
+def serve(model, *extra):
+    return VllmServer(ServerSpec(model=model, scheduler="kvsched", max_model_len=MAX_LEN, num_blocks=POOL_BLOCKS,
+                                 extra_args=["--kvsched-fp8-tier-gb", "0.05", *extra],
+                                 env={"KVSCHED_ADMIN_KEYS": "tier-admin"}))
 
 
 @pytest.fixture(scope="module")
-def servers(fp8_tier_launched):
-    """Every server of this module (servers.fp8_tier_specs), launched at once (their start-ups overlap; one waiting idle
-    takes no CPU) while test_demo ran, or now: the tier, a tier whose every slot is corrupted after its checksum and a
-    tier of a tensor-parallel engine (two ranks). The tier over an fp8 KV cache is the package's fp8 server
-    (conftest.fp8_kv_server: test_fp8_kv's, with the same tier, pool and admin key); what a restored turn must decode
-    exactly like is the package's stock vLLM (`plain_server`)."""
-    named = fp8_tier_launched
+def servers(tiny_model_dir):
+    """Every server of this module, started at once (their start-ups overlap; one waiting idle takes no CPU): the
+    tier, a tier whose every slot is corrupted after its checksum and a tier of a tensor-parallel engine (two ranks).
+    The tier over an fp8 KV cache is the package's fp8 server (conftest.fp8_kv_server: test_fp8_kv's, with the same
+    tier, pool and admin key); what a restored turn must decode exactly like is the package's stock vLLM
+    (`plain_server`)."""
+    named = {"tier": serve(tiny_model_dir),
+             "faulty": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=MAX_LEN,
+                                             num_blocks=POOL_BLOCKS, env={"KVSCHED_TIER_FAULT_EVERY": "1"},
+                                             extra_args=["--kvsched-fp8-tier-gb", "0.05"])),
+             "tp": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024,
+                                         num_blocks=POOL_BLOCKS, env={"KVSCHED_ADMIN_KEYS": "tier-admin"},
+                                         extra_args=["--kvsched-fp8-tier-gb", str(TP_TIER_GIB),
+                                                     "--tensor-parallel-size", "2"]))}
+    start_all(list(named.values()))
     try:
-        for name in named:
-            ready(named, name)
         yield named
     finally:
         for server in named.values():
@@ -68,8 +73,8 @@ def chat(server, messages, session=None, salt=None, max_tokens=8, end=False, ttl
     headers = {"X-Session-Id": session, **({"X-Session-End": "1"} if end else {}),
                **({"X-Session-TTL": str(ttl)} if ttl else {})} if session else None
     return client.chat.completions.create(
-        model=server.spec.served_model_name, messages=messages, max_tokens=max_tokens, temperature=0, extra_headers=headers,
-        extra_body={"cache_salt": salt} if salt else None)
+        model=server.spec.served_model_name, messages=messages, max_tokens=max_tokens, temperature=0,
+        extra_headers=headers, extra_body={"cache_salt": salt} if salt else None)
 
 
 FLOODS = itertools.count()

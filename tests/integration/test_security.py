@@ -9,17 +9,9 @@ import threading
 
 import pytest
 
-from tests.integration.conftest import launch_meanwhile
 from tests.integration.secure import ADMIN, KEYS, SYSTEM, chat, request, rows, stats
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _tier_levels_engines_start_meanwhile(request: pytest.FixtureRequest) -> None:  # noqa: F811 - pytest's request
-    """test_tier_levels' engines start while this module's probes run (conftest.levels_launched): their ~55
-    CPU-seconds of start-ups were that module's first test's wait."""
-    launch_meanwhile(request, "levels_launched")
 WORDS = "agent tool result page document query answer search cache block token prefix session memory".split()
 
 

@@ -11,20 +11,28 @@ import signal
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from kvsched.serving import VllmServer  # noqa: E402
-from tests.integration.conftest import ready  # noqa: E402
-from tests.integration.servers import levels_spec  # noqa: E402
+from kvsched.adapters.store.local_redis import LocalRedis, RedisUnavailable  # noqa: E402
+from kvsched.bench.delay_proxy import delayed  # noqa: E402
+from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
 
 pytestmark = pytest.mark.integration
 BLOCK = 32
 SYSTEM = "You are a careful research agent. Use the tools and report every number you find. " * 4
+COMPACTION_ENV = {"KVSCHED_COMPACTION_TRIGGER_TOKENS": "150", "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2",
+                  "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "16", "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1",
+                  "KVSCHED_COMPACTION_CLIENT_STRATEGIES": "summarize"}  # the client picks summarize (X-KVSched-Compaction)
+
+
+def spec(model, *levels, env=None):
+    return ServerSpec(model=model, scheduler="kvsched", max_model_len=2048, num_blocks=160,
+                      extra_args=["--kvsched-fp8-tier-gb", "0.05", "--enable-prompt-tokens-details", *levels],
+                      env=dict(env or {}))
 
 
 def chat(server, messages, session, max_tokens=8, compaction=None, stream=False):
@@ -87,22 +95,33 @@ def history(sid, words=170):
 
 
 @pytest.fixture(scope="module")
-def redis(levels_store):
-    """The package's (conftest.levels_store): test_security launches this module's engines on it."""
-    return levels_store
+def redis():
+    try:
+        server = LocalRedis()
+    except RedisUnavailable as exc:
+        pytest.skip(str(exc))
+    with server:
+        yield server
 
 
 # ---- the disk level ---------------------------------------------------------------------------------------------
+def launch_meanwhile(request, fixture):
+    """Launch a later test's servers now (the fixture launches them without waiting), so that their start-ups overlap
+    this test's own: one start-up alone leaves a core idle. None without a store (those tests skip)."""
+    try:
+        request.getfixturevalue(fixture)
+    except pytest.skip.Exception:
+        pass
+
+
 def test_a_restarted_engine_serves_its_sessions_next_turns_from_disk_and_never_a_torn_block(tiny_model_dir,
-                                                                                            levels_launched):
-    """The first engine (conftest.levels_launched: launched with the shared level's replicas while test_security
-    ran) writes its sessions' blocks to disk; a second engine started on its directory once it stopped serves them."""
-    first = levels_launched["disk"]
-    disk = first.spec.extra_args[first.spec.extra_args.index("--kvsched-disk-tier-dir") + 1]
+                                                                                            tmp_path, request):
+    disk = str(tmp_path / "kv")
     sessions = {f"disk-{i}": history(f"disk-{i}") for i in range(4)}
     reference = {}
     damaged = list(sessions)[-1]
-    with ready(levels_launched, "disk") as a:
+    launch_meanwhile(request, "replicas_launched")
+    with VllmServer(spec(tiny_model_dir, "--kvsched-disk-tier-dir", disk)) as a:
         for sid, msgs in sessions.items():
             first, _ = chat(a, msgs, sid)
             # the damaged session's next turn adds several blocks, the others' at most one: its reference turn runs
@@ -116,14 +135,15 @@ def test_a_restarted_engine_serves_its_sessions_next_turns_from_disk_and_never_a
         assert written >= max(r.usage.prompt_tokens for r in reference.values()) // BLOCK, a.log_tail()
     # fault injection between the runs: the last session's last blocks but one torn and flipped (the newest file is
     # its prompt's last full block, which vLLM computes anyway: the arrival's fetch stops before it)
-    files = sorted((p for p in Path(disk).rglob("*.kv")), key=lambda p: p.stat().st_mtime)
+    files = sorted((p for p in (tmp_path / "kv").rglob("*.kv")), key=lambda p: p.stat().st_mtime)
     assert len(files) >= written
     torn, flipped = files[-2], files[-3]
     torn.write_bytes(torn.read_bytes()[:-64])
     data = bytearray(flipped.read_bytes())
     data[-1] ^= 0x41
     flipped.write_bytes(bytes(data))
-    with VllmServer(levels_spec(tiny_model_dir, "--kvsched-disk-tier-dir", disk)) as b:
+    launch_meanwhile(request, "slow_store_replica")
+    with VllmServer(spec(tiny_model_dir, "--kvsched-disk-tier-dir", disk)) as b:
         start = b.metrics()
         # every file the first engine left (its shutdown flushes the writes still queued), the damaged ones too:
         # their payload is checked when read
@@ -152,9 +172,37 @@ def test_a_restarted_engine_serves_its_sessions_next_turns_from_disk_and_never_a
 
 # ---- the shared level -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def replicas(levels_launched):
-    """Two replicas sharing the store (conftest.levels_launched: launched while test_security ran)."""
-    return ready(levels_launched, "b"), ready(levels_launched, "c")
+def replicas_launched(tiny_model_dir, redis):
+    """Two replicas sharing the store, launched together (their start-ups overlap, and the first test's too)."""
+    b, c = (VllmServer(spec(tiny_model_dir, "--kvsched-store-url", redis.url,
+                            env=COMPACTION_ENV | {"KVSCHED_REPLICA_NAME": name})) for name in ("b", "c"))
+    try:
+        b.launch()
+        c.launch()
+        yield b, c
+    finally:
+        c.stop()
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(replicas_launched):
+    for server in replicas_launched:
+        server.start()  # waits: launched already
+    return replicas_launched
+
+
+@pytest.fixture(scope="module")
+def slow_store_replica(tiny_model_dir, redis):
+    """A replica reading the store 10 ms away (a delaying proxy on loopback), launched (the first test launches it
+    with its restarted engine: their start-ups overlap); no request reaches it before its test."""
+    with delayed(redis.port, 0.010) as port:
+        d = VllmServer(spec(tiny_model_dir, "--kvsched-store-url", f"redis://127.0.0.1:{port}/0",
+                            env={"KVSCHED_REPLICA_NAME": "d"}))
+        try:
+            yield d.launch()
+        finally:
+            d.stop()
 
 
 def test_a_moved_session_keeps_its_kv_and_is_served_compacted_at_once(replicas, redis):
@@ -184,13 +232,11 @@ def test_a_moved_session_keeps_its_kv_and_is_served_compacted_at_once(replicas, 
 
 
 def test_a_moved_session_is_restored_through_a_slow_store_read_off_the_scheduler_thread(replicas, redis,
-                                                                                          levels_launched):
+                                                                                          slow_store_replica):
     """The store 10 ms away (a delaying proxy on loopback): the first arrival's reads find it slow, and the next
     arrivals' reads run on the lookup thread, the request waiting for its answer; a moved session still gets its KV."""
     b, _ = replicas
-    # a replica reading the store 10 ms away (a delaying proxy on loopback): conftest.levels_launched launched it; no
-    # request reached it before this test
-    d = ready(levels_launched, "d")
+    d = slow_store_replica.start()  # waits: launched already
     try:  # stopped when done (its memory back for the next tests)
         chat(d, history("warm-up", words=40), "warm-up")  # read inline: the store is found slow
         msgs = history("moved-slow", words=120)
