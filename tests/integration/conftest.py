@@ -94,7 +94,8 @@ def fp8_kv_server(launched, request):
 @pytest.fixture(scope="module")
 def stock_server(launched):
     """Stock vLLM (no --scheduler) serving the tiny model as "replay", its KV pool sized by vLLM from 1 GiB
-    (servers.py): test_trace_replay's, test_serve's and test_plan_vllm's. Nothing of kvsched runs in it, so what one
+    (servers.py): test_trace_replay's, test_serve's, test_plan_vllm's and test_fp8_tier's (the decoding a restored turn
+    must match). Nothing of kvsched runs in it, so what one
     module sends cannot change another's result but through vLLM's own prefix cache (each sends prompts of its own)."""
     return ready(launched, "replay")
 

@@ -13,7 +13,7 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
-from tests.integration.servers import BAD_TIER_SIZES  # noqa: E402
+from tests.integration.servers import SERVED_BAD_TIER_SIZE  # noqa: E402
 
 pytestmark = pytest.mark.integration
 SYSTEM = "You are a careful research agent. Use the tools. " * 8
@@ -33,12 +33,11 @@ def serve(model, *extra):
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir):
     """Every server of this module, started at once (their start-ups overlap; one waiting idle takes no CPU): the
-    tier, kvsched with its tier off (what a restored turn must decode exactly like), a tier whose every slot is
-    corrupted after its checksum and a tier of a tensor-parallel engine (two ranks). The tier over an fp8 KV cache is
-    the package's fp8 server (conftest.fp8_kv_server: test_fp8_kv's, with the same tier, pool and admin key)."""
+    tier, a tier whose every slot is corrupted after its checksum and a tier of a tensor-parallel engine (two ranks).
+    The tier over an fp8 KV cache is the package's fp8 server (conftest.fp8_kv_server: test_fp8_kv's, with the same
+    tier, pool and admin key); what a restored turn must decode exactly like is the package's stock vLLM
+    (`plain_server`)."""
     named = {"tier": serve(tiny_model_dir),
-             "plain": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=MAX_LEN,
-                                            num_blocks=POOL_BLOCKS, extra_args=["--kvsched-fp8-tier-gb", "0"])),
              "faulty": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=MAX_LEN,
                                              num_blocks=POOL_BLOCKS, env={"KVSCHED_TIER_FAULT_EVERY": "1"},
                                              extra_args=["--kvsched-fp8-tier-gb", "0.05"])),
@@ -60,9 +59,13 @@ def tier_server(servers):
 
 
 @pytest.fixture(scope="module")
-def plain_server(servers):
-    """kvsched with its tier turned off: what a restored turn must decode exactly like."""
-    return servers["plain"]
+def plain_server(stock_server, tier_server):
+    """Stock vLLM, nothing of kvsched in it (no tier to restore from): what a restored turn must decode exactly like,
+    every token recomputed. The package's (conftest.stock_server): the tiny model in the tier servers' dtype, and
+    long enough for the turns it recomputes (not for `flood`: none is sent to it). One start-up less than a kvsched
+    server of this module's own with its tier off (test_compat checks that `--kvsched-fp8-tier-gb 0` sets no tier)."""
+    assert stock_server.spec.scheduler is None and stock_server.spec.serve_dtype() == tier_server.spec.serve_dtype()
+    return stock_server
 
 
 def chat(server, messages, session=None, salt=None, max_tokens=8, end=False, ttl=None):
@@ -70,8 +73,8 @@ def chat(server, messages, session=None, salt=None, max_tokens=8, end=False, ttl
     headers = {"X-Session-Id": session, **({"X-Session-End": "1"} if end else {}),
                **({"X-Session-TTL": str(ttl)} if ttl else {})} if session else None
     return client.chat.completions.create(
-        model="tiny", messages=messages, max_tokens=max_tokens, temperature=0, extra_headers=headers,
-        extra_body={"cache_salt": salt} if salt else None)
+        model=server.spec.served_model_name, messages=messages, max_tokens=max_tokens, temperature=0,
+        extra_headers=headers, extra_body={"cache_salt": salt} if salt else None)
 
 
 FLOODS = itertools.count()
@@ -213,7 +216,7 @@ def test_a_turn_resumes_from_the_partial_last_block_and_decodes_as_if_recomputed
         assert d["vllm:external_prefix_cache_hits_total"] == d["kvsched_tier_restored_tail_tokens_total"]
     again = chat(plain_server, history, session="tails", max_tokens=16)
     assert again.choices[0].message.content == second.choices[0].message.content
-    assert "kvsched_tier_enabled" not in plain_server.metrics()  # --kvsched-fp8-tier-gb 0: no tier at all
+    assert "kvsched_tier_enabled" not in plain_server.metrics()  # stock vLLM: no tier at all
 
 
 def turn_reaching_the_tier(server, name: str):  # noqa: ANN201
@@ -268,12 +271,13 @@ def test_an_fp8_kv_cache_is_tiered_as_is(fp8_kv_server):
 
 
 def test_a_bad_tier_size_fails_at_start_with_a_message(failed_starts):
-    """Each bad value stops `vllm serve` at start with a message naming the flag (run at once with the package's other
-    start-ups that must fail: conftest.failed_starts; commands in servers.py)."""
-    for value, message in BAD_TIER_SIZES:
-        proc = failed_starts[f"tier:{value}"]
-        assert proc.returncode != 0, value
-        assert "--kvsched-fp8-tier-gb" in proc.stderr and message in proc.stderr, (value, proc.stderr[-2000:])
+    """A bad value stops `vllm serve` at start with a message naming the flag (run at once with the package's other
+    start-ups that must fail: conftest.failed_starts; commands in servers.py). Every bad value takes the same parse:
+    one runs here as the real command, all of them in-process (tests/adapters/vllm/test_compat.py)."""
+    value, message = SERVED_BAD_TIER_SIZE
+    proc = failed_starts["tier:bad"]
+    assert proc.returncode != 0, value
+    assert "--kvsched-fp8-tier-gb" in proc.stderr and message in proc.stderr, (value, proc.stderr[-2000:])
 
 
 def test_the_tiers_bytes_are_both_ranks(servers) -> None:

@@ -5,6 +5,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvsched.adapters.vllm import compat  # noqa: E402
+from tests.integration.servers import BAD_TIER_SIZES  # noqa: E402
 
 
 def serve(parser, *argv: str):
@@ -181,3 +182,22 @@ def test_a_scheduler_cls_module_that_cannot_be_kvscheds_is_not_imported_at_parse
     assert exiting.scheduler_cls == "fu_exit_sched.Sched" and exiting.middleware == []
     mine = serve(vllm_cli, "--scheduler-cls", "fu_kv_pkg.sched.MyKV")
     assert mine.middleware == [compat.MIDDLEWARE_PATH] and "fu_kv_pkg.sched" in sys.modules
+
+
+@pytest.mark.parametrize("value, message", BAD_TIER_SIZES)
+def test_a_bad_tier_size_is_refused_at_parse_naming_the_flag(vllm_cli, capsys, value, message):
+    """Every bad `--kvsched-fp8-tier-gb` stops `vllm serve` in this parse, before any engine: one of them runs as the
+    real command in tests/integration/test_fp8_tier.py (a `vllm serve` process each is ~10 CPU-seconds of imports)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        serve(vllm_cli, "--scheduler", "kvsched", "--kvsched-fp8-tier-gb", value)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "argument --kvsched-fp8-tier-gb" in err and message in err, err
+    assert serve(vllm_cli, "--scheduler", "kvsched", "--kvsched-fp8-tier-gb", "0.05").scheduler_cls is not None
+
+
+def test_a_tier_size_of_0_sets_no_tier(vllm_cli):
+    """`--kvsched-fp8-tier-gb 0`: kvsched with no KV connector at all (tests/integration/test_fp8_tier.py's reference
+    for a restored turn's decoding is stock vLLM, not a kvsched server of its own with its tier off)."""
+    assert serve(vllm_cli, "--scheduler", "kvsched", "--kvsched-fp8-tier-gb", "0").kv_transfer_config is None
+    assert serve(vllm_cli, "--scheduler", "kvsched", "--kvsched-fp8-tier-gb", "0.05").kv_transfer_config is not None
