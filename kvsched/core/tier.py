@@ -123,8 +123,8 @@ class TierDirectory:
         return placed
 
     def put_tail(self, owner: Owner, parent: Key, tokens: Sequence[int], block_id: int) -> Store | None:
-        """`owner`'s turn ended in `tokens` (under a block) after full block `parent`, in pool block `block_id`: the store
-        that keeps them, or None (held, or no slot short of a full block or a tail worth more). Its old tail goes."""
+        """`owner`'s turn ended in `tokens` (under a block) after full block `parent`, in pool block `block_id`: the
+        store keeping them, or None (held, or no slot short of a full block or a tail worth more). Its old tail goes."""
         key = TailKey(parent, tuple(tokens))
         old = self.tail_of.get(owner)
         if old == key or self.num_slots == 0 or not key.tokens:
@@ -193,8 +193,8 @@ class TierDirectory:
         self._inflight.hold(slots)
 
     def landed(self, slot: int, key: Key, ok: bool) -> None:
-        """The fetch of `key` into `slot` is over on every worker (`ok`: every one filled it). A failed one drops the key
-        if the slot is still its home; a slot whose key left meanwhile is free from the next `unlock_all`."""
+        """The fetch of `key` into `slot` is over on every worker (`ok`: every one filled it). A failed one drops the
+        key if the slot is still its home; a slot whose key left meanwhile is free from the next `unlock_all`."""
         self._inflight.landed(slot)
         if not ok and self.slot_of.get(key) == slot:
             self._drop_key(key)
@@ -244,7 +244,7 @@ class TierDirectory:
         return n
 
     def clear(self) -> int:
-        """Drop every block and tail (vLLM reset its caches: stale KV; a slot read this step waits). Returns how many."""
+        """Drop every block and tail (vLLM reset its caches: stale KV; a slot read this step waits); how many."""
         n = len(self.slot_of)
         for key in list(self.slot_of):
             self._free_key(key)

@@ -5,7 +5,8 @@ rank first. By value the rank is a session's retention value, a call per owner, 
 (the default) the rank is the owner's place in the sample, which no writer's rank reaches (infinite): the order is the
 sample's own, so these take it as it is, without a tuple, a rank call and a sort per owner. A full tier evicts once per
 demotion, tens of times a step (`kvsched bench sched --tier`, 0.25 GiB tier, 10,000 sessions), so that was most of an
-eviction's cost besides the blocks it frees. The same owners, in the same order, either way (tests/core/test_tier_sample).
+eviction's cost besides the blocks it frees. The same owners, in the same order, either way
+(tests/core/test_tier_sample).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ Key = Hashable
 Owner = Hashable
 
 
-def victims(keys_of: Mapping[Owner, Sequence[Key]], exclude: Owner, size: int, rank: Callable[[Owner, int], float] | None,
-            below: float, inflight: FillingSlots, slot_of: Mapping[Key, int]) -> list[Owner]:
+def victims(keys_of: Mapping[Owner, Sequence[Key]], exclude: Owner, size: int,
+            rank: Callable[[Owner, int], float] | None, below: float, inflight: FillingSlots,
+            slot_of: Mapping[Key, int]) -> list[Owner]:
     """Of the first `size` owners of `keys_of`, those other than `exclude` holding keys, ranked below `below` and not
     being fetched (its request waits for those blocks, and an in-flight key frees no slot before it lands), lowest
     rank first. `rank` None: recency (the rank is the place in the sample)."""

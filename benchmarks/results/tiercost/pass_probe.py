@@ -18,16 +18,11 @@ from typing import Any
 
 def main() -> None:
     sessions, steps, gib = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    from kvsched.adapters.vllm import tier_config
-    from kvsched.adapters.vllm.harness import KVSCHED_SCHEDULER
-    from kvsched.bench.sched import _Round
-    from kvsched.core import tier as tiermod
-    from kvsched.tiny_model import ensure_tiny_model
+    from tier_round import tier_round
 
-    config = tier_config.kv_transfer_config
-    tier_config.kv_transfer_config = lambda *a, **k: config(gib)  # type: ignore[assignment]
-    r = _Round(KVSCHED_SCHEDULER, ensure_tiny_model("test"), 0, sessions, True, True)
-    d = r.s.kvsched.tier.directory
+    from kvsched.core import tier as tiermod
+
+    r, d = tier_round(sessions, gib)
     counts: Counter[str] = Counter()
     per_pass: Counter[int] = Counter()
     seen: list[set[Any]] = []

@@ -133,8 +133,9 @@ COUNTERS = {
                                   "next turn)",
     "levels_dropped_fetch_jobs": "Disk/shared-level fetch chunks dropped, the worker's fetch queue full (recomputed)",
     "levels_failed_fetch_jobs": "Disk/shared-level fetch chunks that raised on the worker's fetch thread",
-    "levels_fetches_given_up": "Disk/shared-level fetches a worker gave up unread, queued behind a read that had not "
-                               f"returned in {STUCK_AFTER_S:.0f} s (a hung disk or store): recomputed, their files kept",
+    "levels_fetches_given_up": "Disk/shared-level fetches a worker gave up unread, queued behind a read that had "
+                               f"not returned in {STUCK_AFTER_S:.0f} s (a hung disk or store): recomputed, their "
+                               "files kept",
     "shared_tier_restored_blocks": "KV blocks read from the shared store into the FP8 tier (then into the pool)",
     "shared_tier_read_failures": "Shared-store blocks not served: missing (expired, store down) or failing their "
                                  "checks (recomputed)",

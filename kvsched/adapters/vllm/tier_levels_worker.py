@@ -339,7 +339,8 @@ class TierLevelsWorker:
         if self._read_hung():
             self._give_up_queued()
         self.landed += [r for batch in self.fetcher.drain() for r in batch]
-        failures = [self._bad.popleft() for _ in range(len(self._bad))]  # not every unfilled fetch: its file may be good
+        # not every unfilled fetch: its file may be good
+        failures = [self._bad.popleft() for _ in range(len(self._bad))]
         puts = [self.put_failures.popleft() for _ in range(len(self.put_failures))]
         return done, full, failures + puts
 
