@@ -32,7 +32,7 @@ until reported; the fetches queued behind it are given up by the worker and unpi
 
 A declined write costs O(1) once the disk knows it is full of blocks that cannot go: the host tier offers a declined
 block twice, each offer from the engine step, and each looked for a block to evict through the whole index. Measured
-(benchmarks/disk_decline.py: 100,000 blocks in 10,000 sessions, each session's tail pinned): 3.3 s a decline, the
+(benchmarks/disk_decline.py: 100,000 blocks in 10,000 sessions, each session's tail pinned): 2.8 s a decline, the
 search restarting from the least recent session for each session it gave up on (O(sessions^2)). Now the search is one
 pass (O(blocks)), and a failed one is remembered (`_stuck`: nobody's blocks may go, or nobody's but one session's, the
 one it spared) until something that could free a block happens: a pin released, a write reported, a session's end, a

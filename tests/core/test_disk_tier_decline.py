@@ -1,7 +1,7 @@
 """A write the full disk level declines costs O(1) once the disk knows nothing may go (kvsched.core.disk_tier).
 
 The host tier offers a declined block twice, each offer from the engine step, and each looked for a block to evict
-through the whole index: one walk of the sessions per session it gave up on (O(sessions^2); 3.3 s a decline at 100,000
+through the whole index: one walk of the sessions per session it gave up on (O(sessions^2); 2.8 s a decline at 100,000
 blocks in 10,000 sessions, benchmarks/disk_decline.py). Now one walk finds nothing and the disk remembers it until
 something that could free a block happens. The walks are counted on the sessions' dict itself, not by the code's own
 counter; a seeded random sequence checks that the memory never declines a write the full search would take.
