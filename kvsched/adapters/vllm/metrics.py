@@ -108,9 +108,10 @@ COUNTERS = {
     "disk_tier_written_blocks": "KV blocks written to the disk level (behind, by the worker's background thread)",
     "disk_tier_write_failures": "Disk-level writes that failed (e.g. a full disk); those blocks are recomputed if needed",
     "disk_tier_evicted_blocks": "Disk-level blocks deleted for room (unclaimed first, then lowest retention value)",
-    "disk_tier_spills_declined": "Spills of FP8-tier evictions the disk level declined (no room: its other blocks "
-                                 "being read, written or the session's own): the FP8 tier keeps such a block while "
-                                 "another can go, else offers it again and drops it (kvsched_tier_declined_evictions)",
+    "disk_tier_spills_declined": "FP8-tier blocks whose spill the disk level declined (no room: its other blocks "
+                                 "being read, written or the session's own), each counted once a step however often "
+                                 "offered: the FP8 tier keeps such a block while another can go, else offers it again "
+                                 "and drops it (kvsched_tier_declined_evictions)",
     "disk_tier_indexed_blocks": "KV blocks found in the disk level's directory at start-up",
     "disk_tier_partial_blocks_removed": "KV blocks whose files only some tensor-parallel ranks wrote (an engine died "
                                         "between their writes), deleted at start-up once 10 minutes old",
@@ -131,11 +132,16 @@ COUNTERS = {
     "levels_failed_write_jobs": "Disk/shared-level write jobs that raised on the worker's writer thread",
     "levels_shared_puts_dropped": "KV blocks whose shared-store put was dropped with its write job (published again "
                                   "next turn)",
-    "levels_dropped_fetch_jobs": "Disk/shared-level fetch chunks dropped, the worker's fetch queue full (recomputed)",
+    "levels_dropped_fetch_jobs": "Disk/shared-level fetch chunks dropped, the worker's fetch queue full or no fetch "
+                                 "thread left to run them (kvsched_levels_fetch_thread_deaths): recomputed",
     "levels_failed_fetch_jobs": "Disk/shared-level fetch chunks that raised on the worker's fetch thread",
-    "levels_fetches_given_up": "Disk/shared-level fetches a worker gave up unread, queued behind a read that had "
-                               f"not returned in {STUCK_AFTER_S:.0f} s (a hung disk or store): recomputed, their "
-                               "files kept",
+    "levels_fetches_given_up": "Disk/shared-level fetches a worker gave up unread, still queued (behind a hung or "
+                               f"slow read) {STUCK_AFTER_S:.0f} s past their deadline, when the scheduler takes them "
+                               "for stuck: recomputed, their files kept",
+    "levels_fetch_thread_deaths": "Workers' fetch threads killed by an exception that is not an Exception (a "
+                                  "library's SystemExit, CancelledError): what each held or had queued is reported "
+                                  "unfilled, and a new thread starts, up to 3 times a worker; then its fetches are "
+                                  "refused (kvsched_levels_dropped_fetch_jobs)",
     "shared_tier_restored_blocks": "KV blocks read from the shared store into the FP8 tier (then into the pool)",
     "shared_tier_read_failures": "Shared-store blocks not served: missing (expired, store down) or failing their "
                                  "checks (recomputed)",

@@ -17,6 +17,14 @@ so a healthy store lands first.
 A fetch some worker has still not reported `STUCK_AFTER_S` past its deadline (a read hung on one rank) is taken as
 stuck: its session's blocks may be evicted again (else the one fetch kept the whole session in the tier for good,
 found by review), while its slot stays held until every report is in, since the stuck read may still write it.
+
+One rule for both sides: the worker gives a fetch still queued (not yet being read) up at the same moment, `STUCK_AFTER_S`
+past its deadline. `started` sends each fetch its time (`Fetch.keep_s`, seconds from the moment it is planned: the
+worker counts them from when it queues the fetch, later, so it never gives up a fetch this book still counts on), and
+the request waits only until the deadline, before. Found by review: the worker gave queued fetches up once the read
+in front of them had run 30 s, whatever their deadlines: a fetch planned behind a read 29.9 s old was given up while
+its request still waited for it, and one queued behind slow but returning reads was kept after the book had stopped
+counting on it.
 """
 
 from __future__ import annotations
@@ -63,16 +71,19 @@ class FetchBook:
         self._next_stuck = math.inf  # no fetch can be stuck before then
         self.lookups: Any = None  # the shared store's lookups at arrivals (tier_lookups.StoreLookups), if a store
 
-    def started(self, fetches: Sequence[Any]) -> None:
-        """`fetches` (tier_levels.Fetch) were planned into held slots this step."""
+    def started(self, fetches: Sequence[Any]) -> float:
+        """`fetches` (tier_levels.Fetch) were planned into held slots this step. Returns how long a worker keeps them
+        queued (`Fetch.keep_s`): until this book takes them for stuck, `STUCK_AFTER_S` past their deadline."""
         if not fetches:
-            return
+            return math.inf
+        now = self.clock()
         queued = len(self.slots) + len(fetches)  # one fetch thread per worker: those queued before go first
-        deadline = self.clock() + WAIT_FLOOR_S + queued * self.block_bytes / WAIT_BYTES_PER_S
+        deadline = now + WAIT_FLOOR_S + queued * self.block_bytes / WAIT_BYTES_PER_S
         for f in fetches:
             self.slots[f.slot] = InFlight(f.key, deadline, f.source)
         self._next_stuck = min(self._next_stuck, deadline + STUCK_AFTER_S)
         self.counters["fetches_started"] += len(fetches)
+        return deadline + STUCK_AFTER_S - now
 
     def reported(self, landed: Sequence[tuple[Any, int, bool]]) -> list[tuple[Any, str, bool]]:
         """Workers' reports (key, slot, filled): a fetch is over once every worker reported it; only then may its slot

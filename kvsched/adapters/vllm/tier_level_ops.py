@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 DISK, SHARED = "disk", "shared"
@@ -29,11 +30,13 @@ class Spill:
 
 @dataclass(frozen=True, slots=True)
 class Fetch:
-    """Fill host slot `slot` with block `key` from `source` (DISK or SHARED)."""
+    """Fill host slot `slot` with block `key` from `source` (DISK or SHARED); given up unread if still queued on the
+    worker `keep_s` seconds after it got it (tier_fetches.FetchBook.started: when the scheduler stops counting on it)."""
 
     key: bytes
     slot: int
     source: str
+    keep_s: float = math.inf
 
 
 @dataclass

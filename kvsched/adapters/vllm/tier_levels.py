@@ -76,7 +76,9 @@ class TierLevels(ArrivalReads):
         self._acks: Counter[bytes] = Counter()  # key -> ranks that reported its write (ok or not)
         self._failed: set[bytes] = set()  # keys whose write failed on some rank (reports of the others pending)
         self._busy_slots: Callable[[], set[int]] = set  # slots this step's stores/fetches write (set by the connector)
-        self.on_fetch: Callable[[list[Fetch]], None] = lambda fetches: None  # the connector's books (tier_fetches)
+        self._declined: set[bytes] = set()  # spills declined this step
+        # the connector's books (tier_fetches.FetchBook.started): how long a worker keeps them (`Fetch.keep_s`)
+        self.on_fetch: Callable[[list[Fetch]], float | None] = lambda fetches: None
         if (cfg.disk_dir or cfg.store_url) and description.get("unshareable"):
             # Its files would be read by no restart (each leaving another directory of them), its store entries by no
             # other replica; and the identity that keeps them this engine's own is only as unique as vLLM's short
@@ -164,8 +166,9 @@ class TierLevels(ArrivalReads):
         if plan is None:
             return None
         self.ops.deletes.extend(plan.delete)
-        if not plan.write:
-            self.counters["spills_declined"] += 1
+        if not plan.write:  # counted once a block: the host tier offers it twice when nothing else can go
+            self.counters["spills_declined"] += key not in self._declined
+            self._declined.add(key)
             return False
         self.ops.spills.append(Spill(key, slot))
         return None
@@ -250,8 +253,9 @@ class TierLevels(ArrivalReads):
             self._unpin(set(on_disk).difference(k for k, _ in placed))
         host.hold([slot for _, slot in placed])  # no other key gets these slots until the workers' fetches landed
         fetches = [Fetch(k, slot, source[k]) for k, slot in placed]
+        if (keep_s := self.on_fetch(fetches)) is not None:  # one deadline for the step's fetches: one rule (tier_fetches)
+            fetches = [Fetch(f.key, f.slot, f.source, keep_s) for f in fetches]
         self.ops.fetches.extend(fetches)
-        self.on_fetch(fetches)
         for _, src in ((k, source[k]) for k, _ in placed):
             self.counters[f"{src}_planned_fetches"] += 1
         if moved and any(source[k] == SHARED for k, _ in placed):
@@ -312,6 +316,7 @@ class TierLevels(ArrivalReads):
         if self._disk_retry_at is not None and self.clock() >= self._disk_retry_at:
             self._try_disk()
         ops, self.ops = self.ops, LevelOps()
+        self._declined.clear()
         return ops
 
     def stats(self) -> dict[str, float]:

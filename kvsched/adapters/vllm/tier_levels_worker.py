@@ -16,18 +16,15 @@ files they read (`DiskDirectory.claim`). Only a block that failed its checks or 
 (`fetch_failures`: the scheduler forgets and deletes its file); a fetch dropped, shut down or given up leaves its
 file, which is good (a full fetch queue, or a shutdown, used to have the scheduler delete good files).
 
-A fetch is reported whatever happens to it, so its slot and its file's pin are released: a chunk that raises reports
-its blocks unfilled. The one fetch thread reads in order, so a read that hangs (a dead NFS server) holds every fetch
-queued behind it: once one read has been under way `STUCK_AFTER_S`, each step's report gives up the fetches still
-queued (those planned meanwhile too), reported unfilled and never read (counted in `levels_fetches_given_up`, logged
-once). The hung read itself stays unreported, its slot and pin held, since it may still write its slot.
+A fetch is reported whatever happens to it, so its slot and its file's pin are released (tier_levels_fetch): a chunk
+that raises reports its blocks unfilled; a fetch still queued when the scheduler stops counting on it is given up; a
+fetch thread killed by a BaseException reports what it held and had queued, and another is started.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -36,10 +33,10 @@ from typing import Any
 from kvsched.adapters.vllm import tier_blob
 from kvsched.adapters.vllm.fp8_tier_store import TierStore
 from kvsched.adapters.vllm.tier_disk import DiskFiles
-from kvsched.adapters.vllm.tier_fetches import STUCK_AFTER_S
 from kvsched.adapters.vllm.tier_layout import kernel_split
 from kvsched.adapters.vllm.tier_levels import DISK, SHARED, SHARED_PUT, Fetch, LevelOps
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
+from kvsched.adapters.vllm.tier_levels_fetch import FetchThread, WorkerFetches
 from kvsched.adapters.vllm.tier_stats import WORKER_LEVEL_STATS
 from kvsched.adapters.vllm.tier_writer import BackgroundWriter
 from kvsched.core.shared_state import block_key
@@ -69,19 +66,21 @@ class TierLevelsWorker:
 
             self.shared = open_store(cfg.store_url)
         self.writer = BackgroundWriter(f"kvsched-tier-writer-{rank}")
-        self.fetcher = BackgroundWriter(f"kvsched-tier-fetch-{rank}")
+        self.clock: Callable[[], float] = time.monotonic
+        self.fetches = WorkerFetches(f"kvsched-tier-fetch-{rank}", self._fetch, store.invalidate, lambda: self.clock())
         self.counters: Counter[str] = Counter()
         self.landed: list[tuple[Fetch, bool]] = []  # fetches over since the last report: (fetch, slot filled)
         self._closed = False  # engine shutdown: queued fetches read and write nothing more
-        self._queued: set[Fetch] = set()  # fetches on the fetch thread's queue, not yet taken to be read
-        self._fetch_lock = threading.Lock()  # a queued fetch is either taken by the thread or given up, never both
-        self._reading_since: float | None = None  # when the fetch thread's current read began
         self._bad: deque[tuple[bytes, str]] = deque()  # (key, source) that failed their checks (fetch thread)
-        self.clock: Callable[[], float] = time.monotonic
         self.put_failures: deque[tuple[bytes, str]] = deque()  # (key, SHARED_PUT), appended by the writer thread
         self._deferred_deletes: list[bytes] = []
         self._write_errors_logged: set[int | None] = set()  # errno of the write failures logged
         self._reported: dict[str, int] = {}  # the counters as the last report sent them (counter_deltas)
+
+    @property
+    def fetcher(self) -> FetchThread:
+        """The current fetch thread (another once one died: tier_levels_fetch)."""
+        return self.fetches.thread
 
     # ---- in the step, before the tier's stores ------------------------------------------------------------------
     def before_stores(self, ops: LevelOps) -> None:
@@ -174,7 +173,8 @@ class TierLevelsWorker:
     def start_fetch(self, ops: LevelOps) -> None:
         """Queue this step's fetches on the fetch thread, in chunks of at most `cfg.fetch_bytes` (at least one block),
         disk first. Their slots fail the host checksum until filled (a load of one would recompute it); a chunk the
-        full queue drops lands at once, unfilled (its file stays). Behind a hung read, `report` gives them up."""
+        full queue drops lands at once, unfilled (its file stays). Still queued past their time, `report` gives them
+        up."""
         if not ops.fetches:
             return
         self.tier.invalidate([f.slot for f in ops.fetches])
@@ -182,13 +182,7 @@ class TierLevelsWorker:
         for source in (DISK, SHARED):
             todo = [f for f in ops.fetches if f.source == source]
             for i in range(0, len(todo), per_chunk):
-                chunk = todo[i:i + per_chunk]
-                with self._fetch_lock:
-                    self._queued.update(chunk)
-                if not self.fetcher.submit(lambda chunk=chunk: self._fetch_reported(chunk)):
-                    with self._fetch_lock:
-                        self._queued.difference_update(chunk)
-                    self.fetcher.results.append([(f, False) for f in chunk])
+                self.landed += self.fetches.submit(todo[i:i + per_chunk])
 
     def close(self, flush_s: float = 10.0) -> None:
         """Engine shutdown: fetches still queued or reading write no slot; writes still queued for the disk and shared
@@ -197,64 +191,25 @@ class TierLevelsWorker:
         if not self.writer.flush(timeout_s=flush_s):
             logger.warning("kvsched disk/shared tier: writes still queued at shutdown were dropped")
 
-    def _read_hung(self) -> bool:
-        since = self._reading_since
-        return since is not None and self.clock() - since >= STUCK_AFTER_S
-
-    def _give_up_queued(self) -> None:
-        """A read has hung the fetch thread: the fetches queued behind it will not be read (those it takes later are
-        no longer queued: it skips them). Over, unfilled, reported with this step; their files stay."""
-        with self._fetch_lock:
-            given, self._queued = list(self._queued), set()
-        self.landed += [(f, False) for f in given]
-        self.counters["fetches_given_up"] += len(given)
-        if given and self.counters["fetches_given_up"] == len(given):
-            logger.warning("kvsched disk/shared tier: a read has not returned in %.0f s (a hung disk or store?): the "
-                           "fetches queued behind it are given up, recomputed (counted in levels_fetches_given_up)",
-                           STUCK_AFTER_S)
-
-    def _take(self, fetches: list[Fetch]) -> list[Fetch]:
-        """On the fetch thread: of `fetches`, those still queued, now being read (no longer to be given up)."""
-        with self._fetch_lock:
-            taken = [f for f in fetches if f in self._queued]
-            self._queued.difference_update(taken)
-            if taken:
-                self._reading_since = self.clock()
-        return taken
-
-    def _fetch_reported(self, chunk: list[Fetch]) -> list[tuple[Fetch, bool]]:
-        """On the fetch thread: `_fetch`, every fetch of the chunk reported whatever happens (a chunk that raised was
-        never reported: its slots stayed held and its files pinned for good)."""
-        taken: list[Fetch] = []
-        try:
-            return self._fetch(chunk, taken)
-        except Exception:  # noqa: BLE001 - a cache never fails: those blocks are recomputed
-            self.counters["failed_fetch_jobs"] += 1
-            logger.exception("kvsched disk/shared tier: a fetch of %d blocks failed", len(chunk))
-            return [(f, False) for f in taken + self._take(chunk)]  # and those it had not taken yet: never read
-        finally:
-            self._reading_since = None
-
     def _fetch(self, chunk: list[Fetch], taken: list[Fetch]) -> list[tuple[Fetch, bool]]:
         """On the fetch thread: read one chunk (disk files one at a time, or one MGET), check each frame, fill its
-        slot. Each disk block is taken just before its read: those still queued when a read hangs can be given up."""
+        slot. Each disk block is taken just before its read: those still queued when a read hangs can be given up. An
+        Exception is the caller's (WorkerFetches._job)."""
         source, n = chunk[0].source, self.tier.payload_len
         blobs: list[Any] = []
         try:
             if source == DISK:
                 for f in chunk:
-                    if self._take([f]):
+                    if self.fetches.take([f]):
                         taken.append(f)
                         blobs.append(self.files.read(f.key) if self.files is not None and not self._closed else None)
-                        self._reading_since = None
             else:
-                taken += self._take(chunk)
+                taken += self.fetches.take(chunk)
                 if taken and self.shared is not None and not self._closed:
                     got = list(self.shared.get_blocks([block_key(self.identity, f.key, self.rank) for f in taken]))
                     blobs = got if len(got) == len(taken) else []
         except Exception:  # noqa: BLE001 - never a failed step for a cache: each block is a miss, recomputed
             logger.exception("kvsched %s tier: reading %d blocks failed", source, len(chunk))
-        self._reading_since = None
         blobs += [None] * (len(taken) - len(blobs))
         return [(f, self._fill_safely(f, blob, source, n)) for f, blob in zip(taken, blobs, strict=True)]
 
@@ -336,9 +291,7 @@ class TierLevelsWorker:
         whose shared put did not land (SHARED_PUT)). The fetches over since then go to `landed`."""
         done = [r for batch in self.writer.drain() for r in batch]
         full = self.counters.pop("disk_full", 0) > 0
-        if self._read_hung():
-            self._give_up_queued()
-        self.landed += [r for batch in self.fetcher.drain() for r in batch]
+        self.landed += self.fetches.collect()
         # not every unfilled fetch: its file may be good
         failures = [self._bad.popleft() for _ in range(len(self._bad))]
         puts = [self.put_failures.popleft() for _ in range(len(self.put_failures))]
@@ -354,11 +307,12 @@ class TierLevelsWorker:
     def counter_deltas(self) -> dict[str, int]:
         """This worker's failure counters (tier_stats.WORKER_LEVEL_STATS) grown since the last call. Read failures
         are not among them: the scheduler counts each fetch that landed unfilled (`*_read_failures`)."""
-        c, wc, fc = self.counters, self.writer.counters, self.fetcher.counters
+        c, wc, fc, f = self.counters, self.writer.counters, self.fetches.thread_counters(), self.fetches.counters
         now = dict(zip(WORKER_LEVEL_STATS, (
             c["copy_failures"], c["dropped_write_jobs"], wc["dropped_for_bytes"],
-            c["failed_write_jobs"] + wc["failed_jobs"], c["shared_put_dropped"], fc["dropped_jobs"],
-            fc["failed_jobs"] + c["failed_fetch_jobs"], c["fetches_given_up"]), strict=True))
+            c["failed_write_jobs"] + wc["failed_jobs"], c["shared_put_dropped"],
+            fc["dropped_jobs"] + f["refused_fetch_jobs"], fc["failed_jobs"] + f["failed_fetch_jobs"],
+            f["fetches_given_up"], f["fetch_thread_deaths"]), strict=True))
         deltas = {k: v - self._reported.get(k, 0) for k, v in now.items() if v != self._reported.get(k, 0)}
         self._reported = now
         return deltas

@@ -17,7 +17,7 @@ CONNECTOR_STATS = ("restores", "tail_restores", "restored_blocks", "superseded_l
 # worker process). Shown with the levels' statistics.
 WORKER_LEVEL_STATS = ("levels_copy_failures", "levels_dropped_write_jobs", "levels_write_jobs_dropped_for_bytes",
                       "levels_failed_write_jobs", "levels_shared_puts_dropped", "levels_dropped_fetch_jobs",
-                      "levels_failed_fetch_jobs", "levels_fetches_given_up")
+                      "levels_failed_fetch_jobs", "levels_fetches_given_up", "levels_fetch_thread_deaths")
 
 
 def absorb_worker_meta(conn: Any, meta: Any) -> None:

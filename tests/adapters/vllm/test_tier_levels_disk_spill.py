@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvsched.adapters.vllm.tier_fetches import STUCK_AFTER_S
 from kvsched.adapters.vllm.tier_levels import Spill
 from tests.adapters.vllm.test_tier_levels_disk_order import CHAIN, host, levels, written
 from tests.adapters.vllm.test_tier_levels_disk_reads import BOUND_S, Engine
@@ -38,13 +37,14 @@ def test_a_spill_the_full_disk_declines_stays_in_the_host_tier_and_another_block
 
 
 def test_fetches_queued_behind_a_hung_read_are_given_up_and_release_their_pins(tmp_path: Path) -> None:
-    """a's restore of blocks 0-2 from disk: the read of block 0 hangs. Once it has been under way STUCK_AFTER_S (the
-    worker's clock), blocks 1-2, still queued, are given up: reported unfilled, their pins and host slots released,
-    their files kept; a fetch planned meanwhile is given up at once. Block 0's pin and slot stay until its read
-    returns (it may still write its slot); the given-up blocks are never read."""
+    """a's restore of blocks 0-2 from disk: the read of block 0 hangs. Once the scheduler stops counting on them
+    (`Fetch.keep_s`, the worker's clock: test_tier_levels_disk_leftovers), blocks 1-2, still queued, are given up:
+    reported unfilled, their pins and host slots released, their files kept; a fetch planned meanwhile is given up
+    at its own time. Block 0's pin and slot stay until its read returns (it may still write its slot); the given-up
+    blocks are never read."""
     e = Engine(tmp_path)
     now = [0.0]
-    e.worker.clock = lambda: now[0]
+    e.worker.clock = e.book.clock = lambda: now[0]
     e.turn("a", CHAIN[:3])
     assert e.lv.promote("a", CHAIN, 0, 3, e.host) == 3
     gate, reading = e.gate_reads()
@@ -55,14 +55,17 @@ def test_fetches_queued_behind_a_hung_read_are_given_up_and_release_their_pins(t
     assert reading.wait(BOUND_S) and len(e.disk.reading) == 3
     e.report()
     assert len(e.disk.reading) == 3 and len(e.book.slots) == 3  # not yet overdue: nothing given up
-    now[0] += STUCK_AFTER_S
+    now[0] += fetches[1].keep_s
     e.report()
     assert e.disk.reading == {CHAIN[0]: 1}, "fetches that never ran kept their pins"
     assert e.lv.stats()["disk_tier_reading_blocks"] == 1  # the hung read's pin, shown
     assert set(e.book.slots) == {fetches[0].slot} and e.conn.stats["levels_fetches_given_up"] == 2
     assert e.disk.match(CHAIN, 0, 3) == 3 and all(e.files.path(k).exists() for k in CHAIN[:3])  # good files kept
     assert e.lv.promote("a", CHAIN, 1, 2, e.host) == 2  # planned while the read hangs
-    e.step()
+    later = e.step().fetches
+    e.report()
+    assert len(e.disk.reading) == 3 and e.conn.stats["levels_fetches_given_up"] == 2  # counted on till their time
+    now[0] += later[0].keep_s
     e.report()
     assert e.disk.reading == {CHAIN[0]: 1} and e.conn.stats["levels_fetches_given_up"] == 4
     gate.set()

@@ -1,0 +1,74 @@
+"""What does a spill the full disk level declines cost the engine step?
+
+The FP8 host tier offers each block it evicts to the disk level (`TierLevels.on_host_evict`, in the step); on a full
+disk whose blocks cannot go (each other session's tail is being read for a restore, pinned), the disk's bookkeeping
+(`DiskDirectory.plan_writes`) looks for a block to evict, finds none and declines. The host tier then keeps that block
+while another can go, and offers it a second time when none can. Measured here on the pure bookkeeping, no file:
+`blocks` indexed blocks in sessions of `per_session` blocks, every session's tail pinned, the disk full; then
+`declines` spills of one more session's blocks, each declined. Per decline: the mean, the first, the mean of the
+others, and the worst.
+
+    python benchmarks/disk_decline.py --out benchmarks/results/disk_decline.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from kvsched.bench.common import provenance, write_json  # noqa: E402
+from kvsched.core.disk_tier import DiskDirectory  # noqa: E402
+
+
+def full_pinned(blocks: int, per_session: int) -> tuple[DiskDirectory, int]:
+    """A full disk of `blocks` blocks, sessions of `per_session`, each session's tail pinned (a restore reads it)."""
+    d = DiskDirectory(blocks, 1)
+    sessions = blocks // per_session
+    for s in range(sessions):
+        keys = [(s, i) for i in range(per_session)]
+        for k in d.plan_writes(s, keys, 0).write:
+            d.done(k, True)
+        d.claim(s, keys[-1:], per_session - 1)
+    assert d.size == d.capacity == blocks
+    return d, sessions
+
+
+def one_size(blocks: int, per_session: int, declines: int) -> dict[str, Any]:
+    d, sessions = full_pinned(blocks, per_session)
+    owner = "spiller"
+    times: list[float] = []
+    for i in range(declines):
+        t = time.perf_counter()
+        plan = d.plan_writes(owner, [(owner, i)], i)
+        times.append(time.perf_counter() - t)
+        assert not plan.write and not plan.delete, "the full pinned disk took a block"
+    rest = times[1:] or times
+    return {"blocks": blocks, "sessions": sessions, "per_session": per_session, "declines": declines,
+            "mean_us": sum(times) / len(times) * 1e6, "first_us": times[0] * 1e6, "max_us": max(times) * 1e6,
+            "after_first_mean_us": sum(rest) / len(rest) * 1e6, "searches": d.counters["eviction_searches"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--blocks", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--per-session", type=int, nargs="+", default=[10, 100])
+    p.add_argument("--declines", type=int, default=200)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    rows = []
+    for blocks in args.blocks:
+        for per in args.per_session:
+            row = one_size(blocks, per, args.declines)
+            rows.append(row)
+            print(f"{blocks:>7} blocks, {row['sessions']:>6} sessions of {per:>3}: a declined spill "
+                  f"{row['mean_us']:>10.1f} us mean, first {row['first_us']:>10.1f} us, later ones {row['after_first_mean_us']:>9.1f} "
+                  f"us mean, worst {row['max_us']:>10.1f} us")
+    write_json(args.out, {**provenance(argv), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
