@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
             row = one_size(blocks, per, args.declines)
             rows.append(row)
             print(f"{blocks:>7} blocks, {row['sessions']:>6} sessions of {per:>3}: a declined spill "
-                  f"{row['mean_us']:>10.1f} us mean, first {row['first_us']:>10.1f} us, later ones {row['after_first_mean_us']:>9.1f} "
+                  f"{row['mean_us']:>10.1f} us mean, first {row['first_us']:>10.1f} us, "
+                  f"later ones {row['after_first_mean_us']:>9.1f} "
                   f"us mean, worst {row['max_us']:>10.1f} us")
     write_json(args.out, {**provenance(argv), "rows": rows})
 

@@ -18,13 +18,13 @@ A fetch some worker has still not reported `STUCK_AFTER_S` past its deadline (a 
 stuck: its session's blocks may be evicted again (else the one fetch kept the whole session in the tier for good,
 found by review), while its slot stays held until every report is in, since the stuck read may still write it.
 
-One rule for both sides: the worker gives a fetch still queued (not yet being read) up at the same moment, `STUCK_AFTER_S`
-past its deadline. `started` sends each fetch its time (`Fetch.keep_s`, seconds from the moment it is planned: the
-worker counts them from when it queues the fetch, later, so it never gives up a fetch this book still counts on), and
-the request waits only until the deadline, before. Found by review: the worker gave queued fetches up once the read
-in front of them had run 30 s, whatever their deadlines: a fetch planned behind a read 29.9 s old was given up while
-its request still waited for it, and one queued behind slow but returning reads was kept after the book had stopped
-counting on it.
+One rule for both sides: the worker gives a fetch still queued (not yet being read) up at the same moment,
+`STUCK_AFTER_S` past its deadline. `started` sends each fetch its time (`Fetch.keep_s`, seconds from the moment it is
+planned: the worker counts them from when it queues the fetch, later, so it never gives up a fetch this book still
+counts on), and the request waits only until the deadline, before. Found by review: the worker gave queued fetches
+up once the read in front of them had run 30 s, whatever their deadlines: a fetch planned behind a read 29.9 s old was
+given up while its request still waited for it, and one queued behind slow but returning reads was kept after the
+book had stopped counting on it.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ class Spill:
 @dataclass(frozen=True, slots=True)
 class Fetch:
     """Fill host slot `slot` with block `key` from `source` (DISK or SHARED); given up unread if still queued on the
-    worker `keep_s` seconds after it got it (tier_fetches.FetchBook.started: when the scheduler stops counting on it)."""
+    worker `keep_s` seconds after it got it (tier_fetches.FetchBook.started: when the scheduler stops counting on
+    it)."""
 
     key: bytes
     slot: int

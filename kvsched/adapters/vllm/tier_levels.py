@@ -253,7 +253,8 @@ class TierLevels(ArrivalReads):
             self._unpin(set(on_disk).difference(k for k, _ in placed))
         host.hold([slot for _, slot in placed])  # no other key gets these slots until the workers' fetches landed
         fetches = [Fetch(k, slot, source[k]) for k, slot in placed]
-        if (keep_s := self.on_fetch(fetches)) is not None:  # one deadline for the step's fetches: one rule (tier_fetches)
+        # One deadline for the step's fetches: one rule (tier_fetches).
+        if (keep_s := self.on_fetch(fetches)) is not None:
             fetches = [Fetch(f.key, f.slot, f.source, keep_s) for f in fetches]
         self.ops.fetches.extend(fetches)
         for _, src in ((k, source[k]) for k, _ in placed):
