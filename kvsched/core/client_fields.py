@@ -17,6 +17,7 @@ TTL (seconds; the server caps it at KVSCHED_MAX_TTL_S):
   4. Anthropic `cache_control.ttl` on system, message or tool blocks: the longest ("5m" when a block has none)
 Role and end only come from kvsched's fields (`X-Agent-Role`, `X-Session-End` or `vllm_xargs`). A header and its
 `vllm_xargs` key (role, end, TTL) given together must agree, as kvsched's three session id fields must.
+`vllm_xargs.kvsched_infer` (0 keeps the request out of session inference) takes an end flag's values.
 
 An API field's value that is not a usable id as sent (over 128 characters, control characters) is hashed into one
 (`<prefix>sha256:<32 hex>`), since those APIs allow such values; a value of the wrong type, empty, or over 1,024
@@ -35,6 +36,7 @@ from typing import Any
 from kvsched.core.sessions import (
     InvalidSessionInput,
     SessionId,
+    shown,
     validate_end_flag,
     validate_role,
     validate_session_id,
@@ -45,6 +47,7 @@ MAX_API_VALUE_LEN = 1024
 RETENTION_TTL_S = {"in_memory": 600.0, "24h": 86_400.0}
 DEFAULT_CACHE_CONTROL_TTL_S = 300.0
 USER_PREFIX = "user:"
+INFER_KEY = "kvsched_infer"  # the engine's `compat.XARG_INFER`: 0 keeps a request out of session inference
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h)", re.ASCII)  # fullmatch: "²m" and "5m\n" are no durations
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -61,6 +64,7 @@ class SessionFields:
     ttl_source: str | None = None
     role: str | None = None
     end: bool | None = None
+    infer: bool | None = None
 
 
 def read_session_fields(payload: Mapping[str, Any], headers: Mapping[str, str],
@@ -90,10 +94,11 @@ def read_session_fields(payload: Mapping[str, Any], headers: Mapping[str, str],
     xargs = _xargs(payload)
     role = _hint(headers, xargs, "x-agent-role", "agent_role", validate_role)
     end = _hint(headers, xargs, "x-session-end", "session_end", validate_end_flag)
+    infer = validate_infer(xargs.get(INFER_KEY))
     if sid is None and (end is not None or ttl_source in ("X-Session-TTL", "vllm_xargs.ttl_s")):
         raise InvalidSessionInput("ttl_s / session_end need a session id (X-Session-Id or vllm_xargs.session_id)",
                                   field="session_id")
-    return SessionFields(sid, source, ttl, ttl_source, role, end)
+    return SessionFields(sid, source, ttl, ttl_source, role, end, infer)
 
 
 def api_session_id(prefix: str, value: str) -> SessionId:
@@ -102,6 +107,18 @@ def api_session_id(prefix: str, value: str) -> SessionId:
         return validate_session_id(prefix + value)
     except InvalidSessionInput:
         return SessionId(f"{prefix}sha256:{hashlib.sha256(value.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}")
+
+
+def validate_infer(raw: object) -> bool | None:
+    """`vllm_xargs.kvsched_infer` as a flag (None: not given), as the engine reads it (`compat.request_scope`). Found
+    by probing: "maybe", [0] or 0.5 were served and read as "infer", "false" and "no" too."""
+    if raw is None:
+        return None
+    try:
+        return validate_end_flag(raw)
+    except InvalidSessionInput:
+        raise InvalidSessionInput(f"vllm_xargs.{INFER_KEY} must be 0/1, true/false or yes/no (0 keeps the request out "
+                                  f"of session inference), got {shown(raw)}", field=f"vllm_xargs.{INFER_KEY}") from None
 
 
 def parse_duration(raw: object, field: str) -> float:

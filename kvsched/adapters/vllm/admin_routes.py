@@ -17,11 +17,11 @@ import asyncio
 import base64
 import json
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.auth import Identity
-from kvsched.adapters.vllm.http_io import HttpError, Scope, error_body, send_json, utf8_headers
+from kvsched.adapters.vllm.http_io import HttpError, Scope, error_body, refuse_repeated, send_json, utf8_headers
 from kvsched.core.sessions import InvalidSessionInput, validate_session_id
 from kvsched.core.tenancy import Caller, InvalidQuery, parse_page_query
 
@@ -81,8 +81,9 @@ async def handle(app: Any, scope: Scope, send: Any, path: str, ident: Identity, 
                  calls: EngineCalls) -> None:
     method = scope.get("method", "GET")
     try:
+        refuse_repeated(scope, (SALT_HEADER, SALT_B64_HEADER))
         caller = _caller(ident, raw_headers)
-        rest = path[len(ADMIN_PREFIX) + 1:] if path.startswith(ADMIN_PREFIX + "/") else None
+        rest = _session_path(scope, path)
         if rest is None and method == "GET":
             await _list(calls, app, scope, send, caller)
         elif rest is None and method == "DELETE":
@@ -100,6 +101,22 @@ async def handle(app: Any, scope: Scope, send: Any, path: str, ident: Identity, 
                                               "stuck); a DELETE may still apply, retry to see", code=503))
     except Exception as exc:  # the engine is gone or busy shutting down
         await send_json(send, 503, error_body(f"scheduler unavailable: {type(exc).__name__}", code=503))
+
+
+def _session_path(scope: Scope, path: str) -> str | None:
+    """The `{id}` of `/kvsched/sessions/{id}` (None for the collection). The server decodes the path's escapes with
+    U+FFFD for bytes that are no UTF-8 (found by probing: DELETE /kvsched/sessions/%ff ended the session named
+    "\ufffd"): such a path is a 400, read from `raw_path` when the server gives it."""
+    if not path.startswith(ADMIN_PREFIX + "/"):
+        return None
+    raw_path = scope.get("raw_path")
+    if "\ufffd" in path and isinstance(raw_path, bytes):
+        try:
+            unquote_to_bytes(raw_path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise HttpError(400, "the session id in the path is not UTF-8 (percent-encode the id's UTF-8 bytes)",
+                            param="session_id") from None
+    return path[len(ADMIN_PREFIX) + 1:]
 
 
 def _caller(ident: Identity, raw_headers: dict[str, bytes]) -> Caller:

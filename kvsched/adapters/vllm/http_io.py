@@ -131,6 +131,19 @@ def first_headers(scope: Scope) -> dict[str, bytes]:
     return out
 
 
+def refuse_repeated(scope: Scope, names: Iterable[str]) -> None:
+    """HttpError 400 naming the first of `names` (lower case) sent more than once with different values: kvsched, as
+    Starlette, reads the first, so the other would be dropped unsaid (found by probing: two X-Session-Id headers, one
+    a proxy's, were served 200 under the first). The same value repeated is that value."""
+    wanted = frozenset(names)
+    seen: dict[str, bytes] = {}
+    for k, v in scope.get("headers", []):
+        name = k.decode("latin-1").lower()
+        if name in wanted and seen.setdefault(name, v) != v:
+            raise HttpError(400, f"header {name} is sent more than once with different values: send it once",
+                            param=name)
+
+
 def utf8_headers(raw: dict[str, bytes], names: Iterable[str]) -> dict[str, str]:
     """The named headers decoded as UTF-8 (so `café` by header is `café` by body); invalid UTF-8 is a 400."""
     out: dict[str, str] = {}

@@ -37,6 +37,7 @@ from kvsched.adapters.vllm.http_io import (
     form_fields,
     parse_json,
     read_body,
+    refuse_repeated,
     replace_header,
     replay,
     route_path,
@@ -46,6 +47,8 @@ from kvsched.adapters.vllm.http_io import (
 from kvsched.adapters.vllm.metrics import render_metrics
 from kvsched.adapters.vllm.request_fields import (
     SESSION_HEADERS,
+    SESSION_ROUTES,
+    XARGS_ONLY_ROUTES,
     ResponseSessions,
     apply_session_fields,
     check_unhandled_body,
@@ -113,6 +116,7 @@ class KVSchedMiddleware:
             body = await read_body(scope, receive)
             payload = parse_json(body, MAX_JSON_CONTAINERS)
             if isinstance(payload, dict):  # anything else is not ours to judge: vLLM answers malformed JSON itself
+                refuse_repeated(scope, (*SESSION_HEADERS, STRATEGY_HEADER))
                 headers = utf8_headers(raw, (*SESSION_HEADERS, STRATEGY_HEADER))
                 try:
                     changed = apply_session_fields(payload, headers, tenant, path, self.responses)
@@ -168,6 +172,8 @@ class KVSchedMiddleware:
         the words of its prompt (found by review: such bodies met the generation routes' 64 MiB and 1,000,000
         containers, 413, when a prompt merely said "session"). The walk costs no step or allocation per scalar (a
         review found ~130 bytes of memory per byte of body and seconds of stall); the parse is what vLLM's own costs."""
+        if path in SESSION_ROUTES and path not in XARGS_ONLY_ROUTES:  # vLLM reads the first X-Session-Id there
+            refuse_repeated(scope, ("x-session-id",))
         body = await read_body(scope, receive, limit=SCAN_BODY_BYTES)  # a route kvsched does not limit
         if kind == "json" and not needs_scan(body, tenant, path, "x-session-id" in raw):
             return body  # nothing of kvsched's can be in it: vLLM parses it once

@@ -19,7 +19,7 @@ from typing import Any
 from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.http_io import container_items, containers
 from kvsched.core import sessions
-from kvsched.core.client_fields import SessionFields, read_session_fields
+from kvsched.core.client_fields import SessionFields, read_session_fields, validate_infer
 from kvsched.core.sessions import InvalidSessionInput, SessionId
 
 RESPONSES_PATH = "/v1/responses"
@@ -89,9 +89,11 @@ def apply_session_fields(payload: dict[str, Any], headers: Mapping[str, str], te
     changed = out != before
     if changed:
         payload["vllm_xargs"] = out
-    if path == RESPONSES_PATH and fields.session_id is not None and responses is not None:
-        rid = payload.get("request_id")
-        if not isinstance(rid, str) or not rid:
+    rid = payload.get("request_id")
+    # a request id of another type is left for vLLM to refuse (found by probing: it was replaced, and served 200)
+    if path == RESPONSES_PATH and fields.session_id is not None and responses is not None \
+            and (rid is None or isinstance(rid, str)):
+        if not rid:
             rid = payload["request_id"] = f"resp_{uuid.uuid4().hex}"
             changed = True
         responses.put(tenant, salt, rid, fields.session_id)
@@ -239,7 +241,8 @@ def _check_session_fields(items: list[Any], headers: Mapping[str, bytes]) -> Non
     for where, xargs in (x for r in items if isinstance(r, dict) for x in _request_xargs(r)):
         checks += [(f"{where}.{k}", xargs.get(k), check) for k, check in (
             (compat.XARG_SESSION_ID, sessions.validate_session_id), (compat.XARG_TTL, sessions.validate_ttl),
-            (compat.XARG_ROLE, sessions.validate_role), (compat.XARG_END, sessions.validate_end_flag))]
+            (compat.XARG_ROLE, sessions.validate_role), (compat.XARG_END, sessions.validate_end_flag),
+            (compat.XARG_INFER, validate_infer))]
     for field, value, check in checks:
         if value is not None:
             try:

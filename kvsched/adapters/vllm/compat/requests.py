@@ -108,7 +108,18 @@ def _tenant(extra: dict[str, Any]) -> str | None:
 def request_scope(request: Any) -> tuple[str | None, str | None, bool]:
     """(cache salt, tenant, may join an inferred session) of a request: where session inference may look."""
     extra = _extra_args(request)
-    return getattr(request, "cache_salt", None), _tenant(extra), extra.get(XARG_INFER, 1) not in (0, "0", False)
+    return getattr(request, "cache_salt", None), _tenant(extra), _may_infer(extra.get(XARG_INFER))
+
+
+def _may_infer(raw: Any) -> bool:
+    """`kvsched_infer` read as the API server checks it (`client_fields.validate_infer`): found by probing, "false"
+    and "no" passed the check and were read as "infer". A value no check passed (another route) infers, as before."""
+    if raw is None or raw is True or raw == 1:
+        return True
+    try:
+        return validate_end_flag(raw)
+    except InvalidSessionInput:
+        return True
 
 
 def prompt_block_hashes(request: Any) -> list[Any]:
