@@ -13,3 +13,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.gpu)
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def gpu_tiny_model():  # type: ignore[no-untyped-def]
+    """The tiny model in bfloat16, the GPUs' dtype, whatever the host CPU computes fastest. Found by review: the
+    shared fixture builds it in this CPU's fastest dtype, float32 on hosts without native bf16 (AVX2 EPYCs, Cascade
+    Lake Xeons: common A100 hosts), and vLLM serves float32 with no FlashAttention, so the GPU serve test ran on
+    another attention backend than the one it is there for."""
+    from kvsched.tiny_model import ensure_tiny_model
+
+    return ensure_tiny_model("test", dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():  # type: ignore[no-untyped-def]
+    return gpu_tiny_model()

@@ -1,0 +1,19 @@
+"""The GPU serve test's model (tests/gpu/conftest.py), checked where no GPU is: bfloat16 whatever the host CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvsched import tiny_model
+
+
+def test_the_gpu_tests_serve_a_bfloat16_model_on_a_host_whose_cpu_prefers_float32(monkeypatch, tmp_path) -> None:
+    """On a host without native bf16 the shared fixture's model is float32, which vLLM serves without FlashAttention
+    (found by review). The GPU tests' own fixture asks for bfloat16."""
+    from tests.gpu.conftest import gpu_tiny_model
+
+    built: list[str] = []
+    monkeypatch.setattr(tiny_model, "resolve_dtype", lambda d: d or "float32")  # an AVX2-only host's choice
+    monkeypatch.setattr(tiny_model, "build_model", lambda out, shape, seed, dtype: built.append(dtype) or Path(out))
+    gpu_tiny_model()
+    assert built == ["bfloat16"]
