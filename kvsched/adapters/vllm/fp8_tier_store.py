@@ -149,8 +149,8 @@ class TierStore:
                         rows: torch.Tensor = q.view(torch.uint8)
                         if self.measure_error and measure:
                             errors.append(_error_sample(cache.index_select(0, dev_sel[:1]), q[:1], s[:1]))
-                    else:
-                        rows, s = cache.index_select(0, dev_sel).view(torch.uint8), None
+                    else:  # as bytes: index ops know uint8 everywhere, not float8 (found by review, see `load`)
+                        rows, s = cache.view(torch.uint8).index_select(0, dev_sel), None
                     outs.append((rows, s))
                 if g == len(groups) - 1:
                     read = link.record()
@@ -250,8 +250,8 @@ class TierStore:
                         assert s is not None
                         scatter_dequantize_blocks(q_dev.view(FP8), s.to(self.device, non_blocking=True), view.cache,
                                                   host_ids)
-                    else:
-                        view.cache.index_copy_(0, ids, q_dev.view(view.cache.dtype))
+                    else:  # bytes into the cache viewed as bytes: torch has no index_copy_ for float8 dtypes
+                        view.cache.view(torch.uint8).index_copy_(0, ids, q_dev)
                     self.layer_events[view.name] = link.record()
         self.counters["loaded_blocks"] += len(good)
         self.counters["checksum_failures"] += len(bad)
