@@ -17,3 +17,21 @@ def test_the_gpu_tests_serve_a_bfloat16_model_on_a_host_whose_cpu_prefers_float3
     monkeypatch.setattr(tiny_model, "build_model", lambda out, shape, seed, dtype: built.append(dtype) or Path(out))
     gpu_tiny_model()
     assert built == ["bfloat16"]
+
+
+def test_the_gpu_check_refuses_a_cuda_host_without_triton(monkeypatch) -> None:
+    """Without Triton the kernel and tier modules skip themselves, and `make gpu-check` passed having run none of
+    kvsched's kernels (found by review): on a CUDA host the collection stops, saying why."""
+    import importlib.util
+
+    import pytest
+    import torch
+
+    from tests.gpu import conftest
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else object())
+    with pytest.raises(pytest.UsageError, match="Triton"):
+        conftest.pytest_collection_modifyitems(None, [])  # type: ignore[arg-type]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    conftest.pytest_collection_modifyitems(None, [])  # type: ignore[arg-type]  # a CPU host: every test skips
