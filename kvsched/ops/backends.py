@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
+from typing import Any
 
 from kvsched.ops.cpu_features import isa_cap_from_env
 
@@ -68,3 +70,14 @@ def has_triton_cuda() -> bool:
 
 def has_triton_interpreter() -> bool:
     return triton_interpreted()
+
+
+def on_device_of(tensor: Any) -> AbstractContextManager[Any]:
+    """The context a Triton launch for `tensor` runs in: its CUDA device made current. Triton launches on the current
+    device and its current stream, whatever device the arguments are on: a cache on cuda:1 while cuda:0 is current
+    ran the kernel on cuda:0 with cuda:1's pointers (found by review). Nothing to do for a CPU tensor (interpreter)."""
+    if tensor.device.type != "cuda":
+        return nullcontext()
+    import torch
+
+    return torch.cuda.device(tensor.device)

@@ -198,7 +198,8 @@ def _tk():  # type: ignore[no-untyped-def]
 def gather_quantize_blocks_triton(cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_cache(cache)
     ids = check_block_ids(block_ids, cache.shape[0], unique=False).to(cache.device, non_blocking=True)
-    return _tk().gather_quantize(cache, ids)
+    with backends.on_device_of(cache):
+        return _tk().gather_quantize(cache, ids)
 
 
 def scatter_dequantize_blocks_triton(
@@ -209,18 +210,21 @@ def scatter_dequantize_blocks_triton(
     check_writable(cache, q, scales)
     ids = check_block_ids(block_ids, cache.shape[0], unique=True).to(cache.device, non_blocking=True)
     _check_pair(q, cache, ids)
-    _tk().scatter_dequantize(q, scales, cache, ids)
+    with backends.on_device_of(cache):
+        _tk().scatter_dequantize(q, scales, cache, ids)
 
 
 def quantize_kv_fp8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_cache(x)
-    return _tk().gather_quantize(x, torch.arange(x.shape[0], dtype=torch.int64, device=x.device))
+    with backends.on_device_of(x):
+        return _tk().gather_quantize(x, torch.arange(x.shape[0], dtype=torch.int64, device=x.device))
 
 
 def dequantize_kv_fp8_triton(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     check_compact(q, scales)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
-    _tk().scatter_dequantize(q, scales, out, torch.arange(q.shape[0], dtype=torch.int64, device=q.device))
+    with backends.on_device_of(q):
+        _tk().scatter_dequantize(q, scales, out, torch.arange(q.shape[0], dtype=torch.int64, device=q.device))
     return out
 
 

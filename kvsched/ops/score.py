@@ -151,7 +151,8 @@ def retention_values_triton(*cols: torch.Tensor) -> torch.Tensor:
     # found by review: only the shapes were checked, so bool and complex columns (and columns on different devices)
     # were scored instead of refused as by the torch and C++ paths. The launcher reads the columns in their own dtype.
     _check_columns(*cols)
-    return backends.triton_kernels().score.retention_values(*cols)  # type: ignore[union-attr]
+    with backends.on_device_of(cols[0]):
+        return backends.triton_kernels().score.retention_values(*cols)  # type: ignore[union-attr]
 
 
 # Triton computes the values (one fused kernel); the selection is torch's (`select_lowest`: topk + stable sort).

@@ -84,3 +84,42 @@ def test_triton_fp8_pages_of_several_tiles_and_strided_views_on_cuda(shape, dtyp
     view.copy_(x)
     round_trip_matches_the_reference(view)
     assert not physical[..., shape[3]:].any()  # padding columns untouched
+
+
+def test_triton_launches_on_the_device_of_its_cache_not_the_current_one():
+    """Triton launches on the current device: a cache on cuda:1 while cuda:0 is current ran on cuda:0 with cuda:1's
+    pointers before the wrappers made the cache's device current (kvsched.ops.backends.on_device_of)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    x = (torch.randn(4, 2, 16, 128, generator=torch.Generator().manual_seed(1)) * 3).to(torch.bfloat16)
+    with torch.cuda.device(0):
+        round_trip_matches_the_reference(x.to("cuda:1"))
+        cols = [c.to("cuda:1") for c in _score_columns(1000)]
+        torch.testing.assert_close(score.retention_values(*cols), score.retention_values(*cols, impl="torch"),
+                                   rtol=1e-12, atol=0.0)
+
+
+def _score_columns(n: int) -> list[torch.Tensor]:
+    from kvsched.bench.kernels import _candidates
+
+    return list(_candidates(n))[:6]
+
+
+def test_triton_fp8_addresses_blocks_past_2_to_the_31_elements_on_cuda():
+    """A cache of more than 2**31 elements (one layer of a small model on an 80 GB GPU): block offsets are 64-bit
+    products. Also checked in the interpreter (tests/adapters/vllm/test_gpu_layouts_launch.py)."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < (5 << 30):
+        pytest.skip(f"needs 5 GiB of free device memory, {free >> 20} MiB free")
+    big = torch.empty(2**31 + 4096, dtype=torch.float16, device="cuda")
+    cache = big.as_strided((3, 1, 16, 64), (2**30, 1024, 64, 1))
+    cache.copy_(torch.randn(3, 1, 16, 64, generator=torch.Generator().manual_seed(2)).to("cuda", torch.float16))
+    round_trip_matches_the_reference(cache)  # reads block 2 at element 2**31 (its scatter goes to a small buffer)
+    ids = torch.tensor([2, 0])
+    q, s = fp8.gather_quantize_blocks(cache, ids, impl="torch")
+    cache[2].zero_()
+    fp8.scatter_dequantize_blocks(q[:1].contiguous(), s[:1].contiguous(), cache, ids[:1])  # Triton writes it back
+    assert torch.equal(cache[2:3], fp8.dequantize_kv_fp8(q[:1].contiguous(), s[:1].contiguous(), torch.float16,
+                                                          impl="torch"))
+    del big, cache
+    torch.cuda.empty_cache()

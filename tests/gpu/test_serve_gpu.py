@@ -17,15 +17,23 @@ def gpu_vllm() -> bool:
     return bool(current_platform.is_cuda())
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["eager", "cuda-graphs"])
+# vLLM 0.32 runs Model Runner V2 by default on CUDA (vllm/config/vllm.py: use_v2_model_runner) and the V1 runner when
+# asked (VLLM_USE_V2_MODEL_RUNNER=0) or when V2 lacks a feature the engine uses (some speculative decoding). They call
+# the connector in another order: V1 stores and prefetches (handle_preemptions) before it updates its batch state,
+# V2 after, just before the forward (found by review: only the default runner was served here).
+RUNS = [(True, "1"), (False, "1"), (False, "0")]
+
+
+@pytest.fixture(scope="module", params=RUNS, ids=["eager-runner-v2", "cuda-graphs-runner-v2", "cuda-graphs-runner-v1"])
 def tier_server(tiny_model_dir, request):
     if not gpu_vllm():
         pytest.skip("the installed vLLM is not the CUDA build (pip install 'kvsched[gpu]')")
     from kvsched.serving import ServerSpec, VllmServer
 
+    eager, runner_v2 = request.param
     with VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024, num_blocks=48,
                                block_size=16, extra_args=["--kvsched-fp8-tier-gb", "0.05"],
-                               enforce_eager=request.param)) as server:
+                               env={"VLLM_USE_V2_MODEL_RUNNER": runner_v2}, enforce_eager=eager)) as server:
         yield server
 
 

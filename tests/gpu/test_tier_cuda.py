@@ -139,3 +139,13 @@ def test_stores_and_restores_never_make_the_host_wait_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("layout", [KVCacheLayout.LBHNC, KVCacheLayout.LBNHC, KVCacheLayout.BLNHC],
+                         ids=lambda lay: lay.name)
+def test_a_float8_typed_cuda_cache_round_trips_byte_for_byte(layout):
+    """Pages of a cache typed float8_e4m3fn move as bytes (torch's CUDA index_copy_ has no float8 kernel in several
+    versions; the CPU's has none): tests/adapters/vllm/test_gpu_layouts_fp8dtype.py on the device."""
+    from tests.adapters.vllm.test_gpu_layouts_fp8dtype import byte_round_trip
+
+    byte_round_trip(layout, "cuda", CudaLink(torch.device("cuda")))

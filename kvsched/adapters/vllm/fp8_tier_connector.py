@@ -44,6 +44,7 @@ from kvsched.adapters.vllm.tier_levels import TierLevels
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_link import link_for
 from kvsched.adapters.vllm.tier_meta import TierStepMeta, TierWorkerMeta
+from kvsched.adapters.vllm.tier_worker_hooks import TierWorkerHooks
 from kvsched.core.tier import Load, TailKey, TierDirectory
 from kvsched.core.tier_config import ENV_TIER_GB, TierConfig, TierConfigError, parse_tier_gib
 
@@ -55,7 +56,7 @@ __all__ = ["CONNECTOR_NAME", "ENV_TIER_GB", "MODULE_PATH", "KVSchedFP8TierConnec
            "kv_transfer_config_json"]
 
 
-class KVSchedFP8TierConnector(KVConnectorBase_V1):
+class KVSchedFP8TierConnector(TierWorkerHooks, KVConnectorBase_V1):
     """Host-memory FP8 tier for KV blocks kvsched releases under pressure (see module docstring)."""
 
     requires_kv_delivery = property(lambda self: False)  # best effort: a lost store is a later recompute, not an error
@@ -272,6 +273,10 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
             self._step_loads = {}
         self.directory.unlock_all()
         self._matched.clear()
+        if meta.loads and scheduler_output is not None:
+            # the loads must land before this step's forward: vLLM starts them after it unless the step has sync loads
+            # (it infers that from the requests it admitted with external tokens; HiSparse's connector sets it so too)
+            scheduler_output.has_sync_kv_loads = True
         return meta
 
     def update_connector_output(self, connector_output: Any) -> None:
@@ -370,25 +375,6 @@ class KVSchedFP8TierConnector(KVConnectorBase_V1):
         self._errors.update(failed)
         self._worker_meta.loaded_blocks += len(loads) - len(failed)
         self._worker_meta.failed_blocks += len(failed)
-
-    def wait_for_layer_load(self, layer_name: str) -> None:  # `start_load_kv` fenced every load: nothing left here
-        pass
-
-    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
-        pass  # stores run in handle_preemptions
-
-    def wait_for_save(self) -> None:
-        if self.store is not None:
-            self.store.seal_ready()  # check in the stores whose copies completed during the step
-
-    def shutdown(self) -> None:
-        """Writes still queued for the disk and shared levels get a few seconds (a restart then finds them)."""
-        if self.levels_worker is not None:
-            self.levels_worker.close(flush_s=10.0)
-
-    def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self._errors = self._errors, set()
-        return errors
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         meta, self._worker_meta = self._worker_meta, TierWorkerMeta()

@@ -36,6 +36,12 @@ WEIGHT_HEAD_BYTES = 1 << 20  # a weight file's first MiB (a safetensors header: 
 WEIGHT_SAMPLES, WEIGHT_SAMPLE_BYTES = 256, 16 << 10  # then 256 evenly spaced 16 KiB samples: 5 MiB read a file
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 COMMIT = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")  # a git commit (sha1, or sha256 repositories)
+# What C of a page [H, N, C] holds on CUDA: each token's K then V (FlashAttention, FlashInfer and Triton attention
+# split C in two). vLLM's CPU backend reads the same bytes as the page's K rows then its V rows (`cpu_attn.py`: view
+# [2 * N, head_size], chunk): the same geometry, dtype and block size, another meaning. Found by review: a CPU and a
+# GPU replica sharing a store or a disk directory served each other's blocks scrambled (the CRC passes: the bytes are
+# intact, read as other tokens' K and V). Other platforms are named too, so none shares blocks with another.
+KV_ROWS_PER_TOKEN = "per-token K|V"
 _PROCESS_TOKEN = uuid.uuid4().hex  # an identity nothing else has, when the engine config carries no instance id
 _unshareable_logged = False
 
@@ -160,10 +166,23 @@ def identity_of(vllm_config: Any, geometry: Any, world_size: int) -> tuple[str, 
             "block_size": int(vllm_config.cache_config.block_size), "world_size": world_size,
             # e4m3 and e5m2 caches are both uint8 to vLLM and copied byte for byte: only this tells them apart
             "cache_dtype": str(getattr(vllm_config.cache_config, "cache_dtype", None))}
+    platform = platform_type()
+    if platform != "cpu":  # what C means differs by backend (KV_ROWS_PER_TOKEN); CPU engines' identity is as it was
+        desc["platform"], desc["kv_rows"] = platform, KV_ROWS_PER_TOKEN
     if not weights and commit is None:
         _unshareable(desc, vllm_config)
     digest = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:32]
     return digest, desc
+
+
+def platform_type() -> str:
+    """The vLLM platform's device type ("cpu", "cuda", "rocm", ...), "cpu" when vLLM cannot say."""
+    try:
+        from vllm.platforms import current_platform
+
+        return str(current_platform.device_type or "cpu")
+    except Exception:  # no platform (a test's fake config without vLLM): the CPU's identity, as before
+        return "cpu"
 
 
 def _unshareable(desc: dict[str, Any], vllm_config: Any) -> None:
