@@ -216,7 +216,11 @@ def bench_fp8(sessions: tuple[int, ...], impls: list[str], repeats: int, isas: l
         # one layer's cache with room for other sessions; the session's blocks are scattered through it
         cache = torch.randn(int(nblocks * 1.5), shape["kv_heads"], shape["block_size"], 2 * shape["head_dim"],
                             dtype=torch.bfloat16, device=DEVICE)
-        ids = torch.randperm(cache.shape[0], generator=torch.Generator().manual_seed(tokens))[:nblocks].to(DEVICE)
+        # Host ids, pinned on a GPU, as the tier passes them: device ids would make every call wait on the device
+        # (`fp8.check_block_ids` reads their range on the host). Found by review of the CUDA paths.
+        ids = torch.randperm(cache.shape[0], generator=torch.Generator().manual_seed(tokens))[:nblocks]
+        if DEVICE != "cpu":
+            ids = ids.pin_memory()
         elems = nblocks * shape["kv_heads"] * shape["block_size"] * 2 * shape["head_dim"]
         scale_bytes = nblocks * shape["kv_heads"] * 4
         q, s = fp8.gather_quantize_blocks(cache, ids, impl="torch")
