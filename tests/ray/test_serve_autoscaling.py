@@ -51,6 +51,6 @@ def test_the_policy_merges_the_replicas_ttft_buckets_reported_through_ray(tmp_pa
                 break
             time.sleep(0.2)
         assert len(merged) >= 3, rows[-5:]
-        for r in merged:  # 390 of each 400 first tokens under 0.1 s: the P95 is in that bucket (about 0.097 s)
+        for r in merged:  # 3,090 of each 3,100 first tokens under 0.1 s: the P95 is in that bucket (about 0.095 s)
             p95 = re.search(r"fleet p95 ([0-9.e+-]+) s from the merged buckets", r["reason"])
             assert r["replicas"] == 2 and p95 is not None and 0.09 < float(p95.group(1)) < 0.1, r
