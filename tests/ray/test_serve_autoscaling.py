@@ -1,7 +1,9 @@
 """kvsched's autoscaling policy on a real Ray Serve cluster: the TTFT bucket counts the engine replicas report reach
 the policy through Ray (`AutoscalingContext.raw_metrics`) and are merged into the fleet's P95. Two stand-in replicas
 (`standin_ttft.py`, no vLLM), one slow on 10% of its first tokens (its own P95 3.75 s over a 2 s target): the pool's
-P95 is under 0.1 s and the pool stays at two (the slowest replica's P95 scaled it to four)."""
+P95 is under 0.1 s and the pool stays at two (the slowest replica's P95 scaled it to four). With two CPU burners
+beside it, the slow replica ran five seconds before the other: until the other's reports reached Ray the pool's P95
+was the slow one's alone and the policy asked for four (`fleet_ttft` now gives no P95 until both have a window)."""
 
 from __future__ import annotations
 
