@@ -16,6 +16,7 @@ it follows (`Early.after`) is over. What a session never takes is stopped when i
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ import pytest
 # requests it still holds: set on the tests' own deployments, where nothing is in flight at their end.
 QUICK_DRAIN = {"graceful_shutdown_wait_loop_s": 0.1}
 RAY_MODULES = "tests.ray."
+PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"  # Ray Serve's (serve/_private/constants.py), seconds
 
 _cluster: dict[str, Any] = {}
 
@@ -44,6 +46,11 @@ def start_cluster() -> dict[str, Any]:
 
         from kvsched.serving import free_port
 
+        # Serve's controller kills its HTTP proxy after three readiness checks of 5 s each go unanswered, and
+        # `serve.start`, waiting for that proxy, raises. Ray runs the proxy at nice 15: with two CPU-bound processes
+        # at nice 0 beside it, it was not ready 17 s after it started (three checks failed, the fixture's set-up
+        # failed). The cluster's processes inherit this from the driver; `serve.start` still gives up after 60 s.
+        os.environ.setdefault(PROXY_READY_ENV, "60")
         port, metrics_port = free_port(), free_port()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
                  _system_config={"metrics_report_interval_ms": 1000})

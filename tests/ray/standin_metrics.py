@@ -6,7 +6,11 @@ vLLM's, answering `/metrics` in vLLM's exposition format and `/kvsched/sessions?
 
 While a file `rank-<rank>` exists in the block directory, that replica's server closes every connection unanswered:
 its engine metrics are unreachable. Every scrape that answers adds first tokens: rank 0 100 under 0.1 s, any other
-rank 100 in (0.5 s, 1 s], so the pool's P95 is under 0.1 s from rank 0 alone and over 0.5 s with the others in."""
+rank 1000 in (0.5 s, 1 s], so the pool's P95 is under 0.1 s from rank 0 alone and in (0.5 s, 1 s] in any window where
+another rank brought first tokens. Ten times as many, so that this holds however the replicas' polls fall: the pool
+merges each replica's rate over its own window, and the slow share stays over 5% unless rank 0 is polled 190 times
+as often per second as another rank (its polls are at most one a second). With equal counts it held only while the
+two were polled at about the same pace."""
 
 from __future__ import annotations
 
@@ -21,11 +25,12 @@ from kvsched.adapters.ray.stats import ReplicaStats
 from tests.ray.standin_engine import StandInEngine
 
 BOUNDS = ("0.1", "0.5", "1.0", "2.5", "+Inf")
+SLOW_PER_SCRAPE = 1000  # first tokens in (0.5 s, 1 s] a rank other than 0 adds per answered scrape (rank 0: 100 fast)
 
 
 def metrics_text(rank: int, scrapes: int) -> str:
     """vLLM's TTFT histogram and queue gauges after `scrapes` answered scrapes."""
-    n = 100 * scrapes
+    n = (100 if rank == 0 else SLOW_PER_SCRAPE) * scrapes
     lines = ["# TYPE vllm:time_to_first_token_seconds histogram"]
     for b in BOUNDS:
         count = n if rank == 0 or b not in ("0.1", "0.5") else 0

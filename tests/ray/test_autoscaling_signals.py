@@ -135,6 +135,22 @@ def test_eight_replicas_one_slow_scale_on_the_fleets_p95_not_the_slowest_replica
     assert "fleet p95 0.0962 s from the merged buckets of 8 of 8 replicas (800 first tokens)" in state["kvsched_reason"]
 
 
+def test_a_running_replica_with_no_ttft_buckets_in_the_window_is_waited_for_not_left_out() -> None:
+    """Found on a real Ray cluster on a loaded host (test_serve_autoscaling.py): of two running replicas only the
+    slow one (its own P95 3.75 s) had TTFT buckets in Ray's window, the other's reports had not reached Ray yet, and
+    the pool's P95 was the slow one's alone: "up: p95 ttft at 1.88x target", four replicas asked for. No fleet value
+    until each running replica has a window, as for one with a single scrape in it."""
+    window = reports({"r0": [{}, {0.1: 90, 5.0: 10}, {0.1: 180, 5.0: 20}]})
+    ctx = fleet_ctx(window, now=1000.0)
+    ctx.running_replicas, ctx.current_num_replicas, ctx.target_num_replicas = ["r0", "r1"], 2, 2  # r1: no report yet
+    n, state = QueueTTFTPolicy(min_replicas=2, max_replicas=4, ttft_p95_s=2.0)(ctx)
+    assert n == 2 and "fleet p95 none" in state["kvsched_reason"], state["kvsched_reason"]
+    assert "replica r1 has reported no TTFT buckets yet" in state["kvsched_reason"], state["kvsched_reason"]
+    ctx.running_replicas, ctx.current_num_replicas, ctx.target_num_replicas = ["r0"], 1, 1  # r0 alone: its P95 is
+    n, state = QueueTTFTPolicy(min_replicas=1, max_replicas=4, ttft_p95_s=2.0)(ctx)  # the pool's
+    assert n == 2 and "fleet p95 3.75 s from the merged buckets of 1 of 1" in state["kvsched_reason"], state
+
+
 def test_replicas_with_different_bucket_bounds_fall_back_to_the_slowest_replica_and_say_so() -> None:
     window = reports({"r0": [{}, {0.1: 100}], "r1": [{}, {0.1: 90, 5.0: 10}]})
     for scrape in window:  # r1's vLLM with other buckets (--custom-histogram-buckets): one bound moved

@@ -5,7 +5,8 @@ every connection from the start; the pool's grace is 3 s (`autoscaling: {unscrap
 `GET /kvsched/replicas` calls that replica "never read", the pool's P95 is rank 0's only (under 0.1 s, where rank 1's
 first tokens would put it over 0.5 s), the policy names it and holds the pool at two, and Ray's metrics endpoint
 exports `ray_kvsched_ttft_replicas_unscraped` (the name README gives) at 1. Then the endpoint answers again: the
-replica reads "ok", the P95 is both replicas', the gauge reads 0 and the policy asks to scale the idle pool down.
+replica reads "ok", the P95 is both replicas' (over 0.5 s in every window where rank 1 brought first tokens, which the
+policy records from Ray's raw points), the gauge reads 0 and the policy asks to scale the idle pool down.
 (Ray's downscale delay is 600 s: what is checked is the policy's decisions; the pool itself stays at two.)"""
 
 from __future__ import annotations
@@ -144,8 +145,17 @@ def test_a_replica_never_read_is_named_left_out_and_holds_the_pool_until_read_ag
         return [r for r in decisions(report)[start:] if "merged buckets of 2 of 2 replicas" in (r["reason"] or "")
                 and r["reason"].startswith("down:")]
 
-    rows = wait_for("decisions on both replicas' buckets", lambda: (lambda rs: rs if len(rs) >= 3 else None)(down()))
-    for r in rows:  # both replicas' first tokens: rank 1's (0.5-1 s) now in the P95; the idle pool may shrink
-        assert r["replicas"] == 1 and 0.5 < (fleet_p95(r["reason"]) or 0.0) <= 1.0, r
-        assert "engine metrics unread" not in r["reason"], r
+    def slow_in(r: dict[str, Any]) -> float:
+        """Rank 1's first tokens in the decision's window (Ray's raw points: `standin_ttft.window_first_tokens`)."""
+        return float(r["windows"].get(blocked_id, [0, 0.0])[1])
+
+    wait_for("decisions on both replicas' buckets, rank 1's first tokens in their window",
+             lambda: (lambda rs: rs if len(rs) >= 3 else None)([r for r in down() if slow_in(r) > 0]))
+    for r in down():  # both replicas merged; the idle pool may shrink
+        assert r["replicas"] == 1 and "engine metrics unread" not in r["reason"], r
+        # Rank 1's first tokens (0.5-1 s) now in the P95, in every window that holds some. A window may hold none:
+        # read again, rank 1's first scrape is a baseline (it adds nothing), and two reports of it before its next
+        # poll make a window of it with no first tokens (found under load: the P95 was then rank 0's, 0.095 s).
+        p95 = fleet_p95(r["reason"]) or 0.0
+        assert (0.5 < p95 <= 1.0) if slow_in(r) > 0 else p95 < 0.1, r
     wait_for("the gauge back at 0", lambda: [g for g in gauge(pool["metrics"]) if g[1] == 0.0])

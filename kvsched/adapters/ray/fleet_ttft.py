@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from kvsched.adapters.ray.stats import MIN_TTFT_SAMPLES
@@ -83,8 +84,17 @@ def fleet_ttft(ctx: Any, replicas: list[Any], grace_s: float = UNSCRAPED_GRACE_S
         raw = ctx.raw_metrics or {}
     except Exception:  # noqa: BLE001 - a Ray without raw metrics, or one failing to build them: fall back
         raw = {}
-    return fleet_quantile(replica_scrapes(raw, replicas), 0.95, min_samples=MIN_TTFT_SAMPLES,
-                          unread_s=replica_unread(raw, replicas), grace_s=grace_s)
+    windows = replica_scrapes(raw, replicas)
+    fleet = fleet_quantile(windows, 0.95, min_samples=MIN_TTFT_SAMPLES, unread_s=replica_unread(raw, replicas),
+                           grace_s=grace_s)
+    # A running replica none of whose reports in the window carries TTFT buckets (its first reports not yet pushed,
+    # or timed out) is waited for, as one with a single scrape is: found on a real Ray cluster on a loaded host, the
+    # slow replica of two had a window, the other none, and the pool asked for four replicas on the slow one's P95.
+    # (One unread past the grace stays left out and named; none with buckets at all: not merged, as before.)
+    silent = [r for r in replicas if r not in windows and str(r) not in fleet.unscraped]
+    if silent and fleet.value is not None:
+        return replace(fleet, value=None, note=f"replica {silent[0]} has reported no TTFT buckets yet; {fleet.note}")
+    return fleet
 
 
 def held_fleet_p95(state: dict[str, Any], fleet: FleetQuantile, now_s: float,
