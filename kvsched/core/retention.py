@@ -21,7 +21,6 @@ import dataclasses
 import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable
-from typing import Final
 
 from kvsched.core.config import RetentionConfig
 from kvsched.core.expiry import ExpiryQueue
@@ -46,7 +45,7 @@ BUDGET_SLACK_DIVISOR = 128  # a budget release goes 1/128 of the budget below it
 class RetentionPolicy(ReleaseValues):
     """Session table + pin decisions for one KV block pool of `total_blocks` blocks."""
 
-    TRIM_SCAN: Final = 1024  # records looked past the excess when making room in the table
+    TRIM_SCAN = 1024  # records looked past the excess when making room in the table
 
     def __init__(self, config: RetentionConfig, clock: Clock, total_blocks: int, bytes_per_token: float,
                  selector: Selector = select_lowest) -> None:
