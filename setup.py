@@ -29,31 +29,40 @@ def _compiled_spec() -> Any:
     return module
 
 
+# One mypyc translation per setup.py process, whichever build_ext instance asks first (setuptools may make several):
+# its extensions, their names and the digests of the sources it read (None: not built).
+_MYPYC: dict[str, Any] = {}
+
+
+def _mypyc_extensions() -> list[Any]:
+    if "exts" in _MYPYC:
+        return list(_MYPYC["exts"])
+    _MYPYC.update(exts=[], names=set(), manifest=None)
+    if os.environ.get("KVSCHED_MYPYC", "1") == "0":
+        return []
+    compiled = _compiled_spec()
+    try:
+        from mypyc.build import mypycify
+
+        # The digests are taken before mypyc reads the sources: an edit during the build reads as stale.
+        manifest = compiled.manifest(os.path.abspath("kvsched"))
+        exts = mypycify([compiled.source_path(m, "kvsched") for m in compiled.MODULES], group_name=compiled.GROUP)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - mypy missing, or mypyc's type errors (it exits)
+        if REQUIRE:
+            raise
+        print(f"WARNING: mypyc build skipped ({exc!r}); kvsched runs as pure Python", file=sys.stderr)
+        return []
+    _MYPYC.update(exts=exts, names={ext.name for ext in exts}, manifest=manifest)
+    return list(exts)
+
+
 class OptionalBuildExt(build_ext):
-    mypyc_names: set[str] = set()
-    mypyc_manifest: dict[str, Any] | None = None
     mypyc_failed = False
 
     def finalize_options(self) -> None:
-        if os.environ.get("KVSCHED_MYPYC", "1") != "0" and self.distribution.ext_modules == ext_modules:
-            self.distribution.ext_modules = ext_modules + self._mypyc_extensions()
+        if self.distribution.ext_modules == ext_modules:
+            self.distribution.ext_modules = ext_modules + _mypyc_extensions()
         super().finalize_options()
-
-    def _mypyc_extensions(self) -> list[Any]:
-        compiled = _compiled_spec()
-        try:
-            from mypyc.build import mypycify
-
-            # The digests are taken before mypyc reads the sources: an edit during the build reads as stale.
-            self.mypyc_manifest = compiled.manifest(os.path.abspath("kvsched"))
-            exts = mypycify([compiled.source_path(m, "kvsched") for m in compiled.MODULES], group_name=compiled.GROUP)
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - mypy missing, or mypyc's type errors (it exits)
-            if REQUIRE:
-                raise
-            print(f"WARNING: mypyc build skipped ({exc!r}); kvsched runs as pure Python", file=sys.stderr)
-            return []
-        self.mypyc_names = {ext.name for ext in exts}
-        return exts
 
     def run(self) -> None:
         try:
@@ -62,7 +71,7 @@ class OptionalBuildExt(build_ext):
             if REQUIRE:
                 raise
             print(f"WARNING: kvsched._C not built ({exc}); using the torch reference ops", file=sys.stderr)
-        if self.mypyc_manifest is not None:
+        if _MYPYC.get("manifest") is not None:
             self._finish_mypyc()
 
     def _finish_mypyc(self) -> None:
@@ -71,7 +80,7 @@ class OptionalBuildExt(build_ext):
         package = os.path.dirname(self.get_ext_fullpath("kvsched._C"))
         target = os.path.join(package, compiled.MANIFEST_NAME)
         if self.mypyc_failed:
-            for name in self.mypyc_names:
+            for name in _MYPYC["names"]:
                 path = self.get_ext_fullpath(name)
                 if os.path.exists(path):
                     os.remove(path)
@@ -79,7 +88,7 @@ class OptionalBuildExt(build_ext):
                 os.remove(target)
             return
         with open(target, "w") as f:
-            json.dump(self.mypyc_manifest, f, indent=1, sort_keys=True)
+            json.dump(_MYPYC["manifest"], f, indent=1, sort_keys=True)
             f.write("\n")
 
     def build_extension(self, ext) -> None:  # type: ignore[no-untyped-def]
@@ -88,13 +97,13 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:  # noqa: BLE001
             if REQUIRE:
                 raise
-            self.mypyc_failed |= ext.name in self.mypyc_names
+            self.mypyc_failed |= ext.name in _MYPYC.get("names", ())
             print(f"WARNING: {ext.name} not built ({exc})", file=sys.stderr)
 
     def get_outputs(self) -> list[str]:
         """The manifest goes into a wheel beside the compiled modules."""
         outputs: list[str] = super().get_outputs()
-        if self.mypyc_manifest is not None:
+        if _MYPYC.get("manifest") is not None:
             package = os.path.dirname(self.get_ext_fullpath("kvsched._C"))
             outputs.append(os.path.join(package, _compiled_spec().MANIFEST_NAME))
         return outputs
