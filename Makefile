@@ -33,9 +33,13 @@ $(STAMP): $(VENV)/bin/python pyproject.toml setup.py tools/vllm-dist/pyproject.t
 	$(BIN)/python -c "import vllm.config, vllm.v1.core.sched.async_scheduler, importlib.metadata as m; print('vllm', m.version('vllm'), 'ok')"
 	touch $@
 
-$(EXT_STAMP): $(STAMP) setup.py $(wildcard csrc/*.cpp csrc/include/kvsched/*.h)
+# The mypyc build of kvsched/compiled.py's MODULES is rebuilt when one of their sources changes (until then
+# kvsched/compiled.py's guard runs them all as pure Python, with a warning); the check below fails if it is not used.
+MYPYC_SOURCES := $(shell sed -n 's/^    "\(kvsched\.[a-z_.]*\)",.*/\1/p' kvsched/compiled.py | tr . / | sed 's/$$/.py/')
+
+$(EXT_STAMP): $(STAMP) setup.py kvsched/compiled.py $(MYPYC_SOURCES) $(wildcard csrc/*.cpp csrc/include/kvsched/*.h)
 	KVSCHED_REQUIRE_EXT=1 $(BIN)/python setup.py -q build_ext --inplace
-	$(BIN)/python -c "import kvsched._C"
+	$(BIN)/python -c "import kvsched._C, kvsched.compiled as c; assert c.mode == 'compiled', c.mode"
 	touch $@
 
 ext: $(EXT_STAMP)
@@ -87,4 +91,4 @@ traces: $(STAMP)
 	$(BIN)/kvsched trace fetch mooncake
 
 clean:
-	rm -rf build kvsched/*.so $(EXT_STAMP)
+	rm -rf build kvsched/*.so kvsched/core/*.so kvsched/_compiled_manifest.json $(EXT_STAMP)

@@ -50,6 +50,7 @@ import os
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from kvsched.core.env import env_setting
 from kvsched.core.lineage_tail import TAIL_SLACK, Opaque, Tail, repeats, repeats_last_prompt, tail_of
@@ -122,7 +123,7 @@ class Lineage:
     branch, `infer` one lookup per block hash scanned and a tail comparison per session of the hash it stops at;
     `finished` one lookup. Entries are ordered by their last finished turn (the forgetting order)."""
 
-    TRIM_SCAN = 1024  # entries looked past the excess when making room
+    TRIM_SCAN: Final = 1024  # entries looked past the excess when making room
 
     def __init__(self, config: LineageConfig, is_pinned: Callable[[SessionKey], bool] = lambda _k: False,
                  in_use: Callable[[SessionKey], bool] = lambda _k: False) -> None:

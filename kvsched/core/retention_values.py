@@ -20,9 +20,12 @@ Laplace term there too, as for first turns, cost the generated fleet 0.0007 of O
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Final
 
 from kvsched.core.config import RetentionConfig
+from kvsched.core.native_base import Weakrefable
 from kvsched.core.next_use import GapModel
 from kvsched.core.retention_records import SessionRecord
 from kvsched.core.return_model import ReturnModel, return_class
@@ -30,18 +33,18 @@ from kvsched.core.scoring import Candidate, value_of
 from kvsched.core.sessions import SessionKey
 
 
-class ReleaseValues:
+class ReleaseValues(Weakrefable):
     """The retention value of a session's pin and of its KV held elsewhere (the FP8 tier)."""
 
     config: RetentionConfig
     clock: Callable[[], float]
     bytes_per_token: float
-    sessions: Mapping[SessionKey, SessionRecord]
+    sessions: OrderedDict[SessionKey, SessionRecord]
     gaps: GapModel
     returns: ReturnModel
 
-    GAP_WINDOW = 256  # gaps remembered per class (role; role and burst phase)
-    MIN_TAIL_SAMPLES = 3  # gaps longer than the idle time needed to trust a class's mean residual wait
+    GAP_WINDOW: Final = 256  # gaps remembered per class (role; role and burst phase)
+    MIN_TAIL_SAMPLES: Final = 3  # gaps longer than the idle time needed to trust a class's mean residual wait
 
     def expected_next_use_s(self, rec: SessionRecord, idle_s: float) -> float:
         """Expected seconds from the session's last finished turn to its next one, given it has been idle `idle_s`.

@@ -38,7 +38,9 @@ GAP_EDGES_S = (30.0, 120.0, 600.0)  # time since the previous turn ended: none /
 PRIOR_STRENGTH = 10.0  # pseudo-outcomes a level borrows from its parent's mean
 INFERRED_FIRST = -1  # the gap bucket of an inferred session's first turn
 
-ReturnClass = tuple[int, int, int]  # (turn index capped, prefix block octave, gap bucket)
+# (turn index capped, prefix block octave, gap bucket). Of any length for mypyc: a fixed-length tuple is unboxed in
+# compiled code and boxed anew at every store and dict lookup, an object per finished turn (the interning undone).
+ReturnClass = tuple[int, ...]
 _GAP_0, _GAP_1, _GAP_2 = GAP_EDGES_S
 
 

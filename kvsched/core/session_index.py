@@ -13,7 +13,7 @@ it holds more than twice the table (amortized O(1) per session added).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Protocol
+from typing import Final, Protocol
 
 from kvsched.core.retention_records import SessionRecord
 from kvsched.core.sessions import SessionKey
@@ -28,7 +28,7 @@ class HasSessions(Protocol):
 class SessionIndex:
     """Owner -> its keys (an insertion-ordered set), over `policy.sessions`; call from the thread that changes it."""
 
-    REBUILD_SLACK = 1024  # stale entries tolerated beyond the table's size before a rebuild
+    REBUILD_SLACK: Final = 1024  # stale entries tolerated beyond the table's size before a rebuild
 
     def __init__(self, policy: HasSessions) -> None:
         self._policy = policy

@@ -235,8 +235,9 @@ class KVSchedPolicy(SimPolicy):
         (kept until it finishes); None past the id's branch limit."""
         tr = self.trace
         prompt = tr.blocks(i)[: self._full[i]]
-        # An array, not a list: the lineage reads 1-2 ids (len and indexing), and a numpy int hashes as the int does.
-        key = self.lineage.named(self.keys[tr.session[i]], cast(Sequence[Hashable], prompt))
+        # A view, not a list: the lineage reads 1-2 ids (len and indexing). The array's memoryview gives Python ints,
+        # whose comparisons give a bool (a numpy array's give numpy.bool, which the mypyc-compiled lineage refuses).
+        key = self.lineage.named(self.keys[tr.session[i]], cast(Sequence[Hashable], prompt.data))
         entry = self.joined[i] = None if key is None else (key, self._hints(i))
         self.anchors[i] = (len(prompt) - 1, int(prompt[-1])) if len(prompt) else None
         return entry

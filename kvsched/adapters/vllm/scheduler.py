@@ -6,13 +6,17 @@ Only hooks are overridden; scheduling itself is vLLM's. Select it with `vllm ser
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
+from kvsched import compiled
 from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.session_pins import SessionPins
 from kvsched.core.config import RetentionConfig
+
+logger = logging.getLogger("vllm.kvsched.scheduler")  # vLLM's handlers and VLLM_LOGGING_LEVEL apply
 
 
 class KVSchedScheduler(AsyncScheduler):
@@ -23,6 +27,8 @@ class KVSchedScheduler(AsyncScheduler):
             raise RuntimeError(refusal)
         super().__init__(*args, **kwargs)
         self.kvsched = SessionPins(self, RetentionConfig.from_env())
+        # "compiled", "pure" (not built) or "pure: <why>" (a stale build not used): kvsched/compiled.py
+        logger.info("kvsched: per-turn bookkeeping %s", compiled.mode)
         compat.fix_load_failure_recovery(self)
         compat.on_free_blocks(self, self.kvsched.on_request_finished)
 

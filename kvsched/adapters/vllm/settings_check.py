@@ -21,7 +21,8 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 # Read by name outside the engine (kvsched.tiny_model, kvsched.sim.mooncake: where models and traces are cached;
 # setup.py and `make test`: a failed C++ build is an error; the API server's mark for its engine: compat.ENV_KEYED)
-OTHER_SETTINGS = frozenset({"KVSCHED_CACHE_DIR", "KVSCHED_REQUIRE_EXT", "KVSCHED_KEYED_SERVER"})
+OTHER_SETTINGS = frozenset({"KVSCHED_CACHE_DIR", "KVSCHED_REQUIRE_EXT", "KVSCHED_KEYED_SERVER",
+                            "KVSCHED_PURE_PYTHON", "KVSCHED_MYPYC"})  # the last two: kvsched/compiled.py, setup.py
 
 
 def fault_every(environ: Mapping[str, str] | None = None) -> int:
