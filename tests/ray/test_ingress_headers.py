@@ -129,3 +129,16 @@ def test_the_pure_readers_refuse_with_the_headers_name() -> None:
     with pytest.raises(BadRequest) as exc:
         utf8_headers({"x-agent-role": "\xff"})
     assert exc.value.param == "x-agent-role"
+
+
+@pytest.mark.parametrize(("ctype", "status"), [
+    (b"text/plain", 415), (b"application/x-www-form-urlencoded", 415), (b"multipart/form-data; boundary=x", 415),
+    (b"application/json", 200), (b"Application/JSON; charset=utf-8", 200), (b"application/vnd.api+json", 200),
+    (None, 200)])
+def test_a_body_declared_other_than_json_is_refused_as_vllm_refuses_it(ctype: bytes | None, status: int) -> None:
+    """Found by probing: a JSON body sent as text/plain (or a form) was sent on as application/json and served 200,
+    where vLLM alone answers 422 (FastAPI reads its request models from JSON bodies only, or ones of no type)."""
+    handle = FakeHandle({"r0": {}}, "r0")
+    got, body = generate(make_ingress({"w": handle}), [] if ctype is None else [(b"content-type", ctype)])
+    assert got == status, body
+    assert status == 200 or (body["error"]["param"] == "content-type" and handle.calls == [])

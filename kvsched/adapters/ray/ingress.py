@@ -51,6 +51,7 @@ from kvsched.adapters.ray.owners import (
 )
 from kvsched.adapters.ray.requests import (
     BadRequest,
+    check_content_type,
     estimate_tokens,
     header_text,
     parse_body,
@@ -263,6 +264,7 @@ class OpenAIIngress:
     async def generate(self, request: Request, path: str) -> Response:
         headers = lower(request)
         try:
+            check_content_type(request.headers.get("content-type"))
             payload = parse_body(await read_body(request, self.config.max_body_bytes),
                                  self.config.max_body_bytes, self.config.max_json_depth)
             refuse_repeated(request.scope.get("headers", ()))  # kvsched's headers, as the engines read them

@@ -50,6 +50,18 @@ class SessionFields:
     end: bool = False
 
 
+def check_content_type(value: str | None) -> None:
+    """Refuse (415) a body that declares itself other than JSON, as vLLM does (FastAPI reads a request model from an
+    `application/json` or `application/*+json` body, or one that declares no type; others are a 422). Found by
+    probing: the ingress read any body as JSON and sent it on as `application/json`, so a `text/plain` or form body
+    was served 200 where the engine alone refuses it."""
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise BadRequest(415, f"Content-Type must be application/json, got {value[:60]!r}", param="content-type")
+
+
 def check_length(content_length: str | None, max_bytes: int = MAX_BODY_BYTES) -> None:
     """Refuse a declared body over the limit before reading it."""
     if content_length is None:
