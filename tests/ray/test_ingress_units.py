@@ -143,19 +143,21 @@ def test_fuzzed_bodies_and_headers_are_parsed_or_refused_with_a_4xx(raw: bytes, 
         assert 400 <= exc.status < 500 and exc.message
 
 
-def test_session_ids_any_character_reach_the_engine_headers_as_latin1_bytes_or_stay_in_the_body() -> None:
+def test_session_ids_any_character_reach_the_engine_headers_as_utf8_bytes() -> None:
     """A session id like "¡" or "日本" (valid: not a control character) once made every call raise in httpx, which
-    encodes str header values as ASCII: the Ray fuzz test got a 500."""
+    encodes str header values as ASCII: the Ray fuzz test got a 500. The ingress forwards its UTF-8 bytes (as the
+    latin-1 text a server decodes them to: `requests.header_text`), which kvsched's engine reads as UTF-8."""
     import httpx
 
     from kvsched.adapters.ray.engine import _forward
-    from kvsched.adapters.ray.requests import is_header_safe
+    from kvsched.adapters.ray.requests import header_text
 
-    assert is_header_safe("wf-1/worker") and is_header_safe("\u00a1") and not is_header_safe("\u65e5\u672c")
-    out = _forward({"X-Session-Id": "\u00a1", "X-Agent-Role": "worker", "Cookie": "secret"})
-    assert out == {"x-session-id": b"\xa1", "x-agent-role": b"worker", "content-type": b"application/json"}
+    assert header_text("wf-1/worker") == "wf-1/worker" and header_text("\ud800") is None
+    out = _forward({"X-Session-Id": header_text("\u00a1"), "X-Agent-Role": "worker", "Cookie": "secret"})
+    assert out == {"x-session-id": b"\xc2\xa1", "x-agent-role": b"worker", "content-type": b"application/json"}
     request = httpx.Request("POST", "http://engine/v1/chat/completions", headers=out)  # what raised before
-    assert request.headers["x-session-id"] == "\u00a1"  # httpx decodes header bytes as latin-1, as servers do
+    assert dict(request.headers.raw)[b"x-session-id"].decode("utf-8") == "\u00a1"
+    assert _forward({"x-session-id": header_text("\u65e5\u672c")})["x-session-id"].decode("utf-8") == "\u65e5\u672c"
 
 
 def test_failures_of_a_replica_are_retried_and_name_it_failures_of_the_request_are_not() -> None:
@@ -244,6 +246,7 @@ def test_an_ended_sessions_last_answer_does_not_send_the_next_session_under_its_
     class Req:
         def __init__(self, body: bytes, headers: dict[str, str]) -> None:
             self._b, self.headers = body, headers
+            self.scope = {"headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]}
 
         async def stream(self):  # type: ignore[no-untyped-def]
             yield self._b

@@ -39,6 +39,8 @@ from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.listing import RETRY_AFTER_S, ListingError, merge, parse_listing
 from kvsched.adapters.ray.opening import OpeningRoutes
 from kvsched.adapters.ray.owners import (
+    SALT_B64_HEADER,
+    SALT_HEADER,
     admin_keys,
     body_salt,
     caller_headers,
@@ -49,11 +51,16 @@ from kvsched.adapters.ray.owners import (
 )
 from kvsched.adapters.ray.requests import (
     BadRequest,
-    check_length,
-    is_header_safe,
+    check_content_type,
+    estimate_tokens,
+    header_text,
     parse_body,
+    path_is_utf8,
+    read_body,
+    refuse_repeated,
     session_fields,
     stream_flag,
+    utf8_headers,
 )
 from kvsched.core.routing_pools import PoolSelector, UnknownModel
 from kvsched.core.sessions import InvalidSessionInput, validate_session_id
@@ -62,7 +69,6 @@ logger = logging.getLogger("ray.serve")
 api = FastAPI(title="kvsched on Ray Serve")
 GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions")
 STREAM_IDLE_TIMEOUT_S = 600.0
-CHARS_PER_TOKEN = 4  # prompt size estimate before any usage is known
 T = TypeVar("T")
 
 
@@ -135,23 +141,6 @@ def lower(request: Request) -> dict[str, str]:
     return {k.lower(): v for k, v in request.headers.items()}
 
 
-def estimate_tokens(payload: dict[str, Any]) -> int:
-    text = payload.get("messages") if "messages" in payload else payload.get("prompt")
-    return len(json.dumps(text)) // CHARS_PER_TOKEN if text is not None else 0
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused (413) as soon as it is over `max_bytes`, declared or not."""
-    check_length(request.headers.get("content-length"), max_bytes)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise BadRequest(413, f"request body is over {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 @serve.ingress(api)
 class OpenAIIngress:
     def __init__(self, config: dict[str, Any], engines: dict[str, Any]) -> None:
@@ -190,8 +179,9 @@ class OpenAIIngress:
         the replicas with one cursor; the caller's query (`limit`, `cursor`, `summary`, `pinned_ids`) as the engines
         read it. When no replica answered 200, an engine's answer (401, 400) is passed on, or 503 (`listing.py`)."""
         try:
+            refuse_repeated(request.scope.get("headers", ()), (SALT_HEADER, SALT_B64_HEADER))
             listing = parse_listing(request.scope.get("query_string", b"").decode("latin-1"))
-        except ListingError as exc:
+        except (ListingError, BadRequest) as exc:
             return error(400, str(exc), param=exc.param)
         pages = {name: {"pages": listing.positions.get(name, {})} for name in self.engines} if listing.paged else None
         try:
@@ -217,9 +207,15 @@ class OpenAIIngress:
         503 when a replica failed to answer and none ended it (found by review: the failure was dropped unlogged and
         the caller told 404 while that replica kept the session); then the routers keep the session."""
         try:
+            refuse_repeated(request.scope.get("headers", ()), (SALT_HEADER, SALT_B64_HEADER))
             sid = validate_session_id(session_id)
+        except BadRequest as exc:
+            return error(400, str(exc), param=exc.param)
         except InvalidSessionInput as exc:
             return error(400, str(exc), param="session_id")
+        if not path_is_utf8(request.scope.get("raw_path")):  # the server made U+FFFD of it (requests.path_is_utf8)
+            return error(400, "the session id in the path is not UTF-8 (percent-encode the id's UTF-8 bytes)",
+                         param="session_id")
         headers = lower(request)
         path = f"/kvsched/sessions/{quote(sid, safe='')}"
         try:
@@ -268,9 +264,11 @@ class OpenAIIngress:
     async def generate(self, request: Request, path: str) -> Response:
         headers = lower(request)
         try:
+            check_content_type(request.headers.get("content-type"))
             payload = parse_body(await read_body(request, self.config.max_body_bytes),
                                  self.config.max_body_bytes, self.config.max_json_depth)
-            session = session_fields(payload, headers)
+            refuse_repeated(request.scope.get("headers", ()))  # kvsched's headers, as the engines read them
+            session = session_fields(payload, headers | utf8_headers(headers))
             stream = stream_flag(payload)
         except BadRequest as exc:
             return error(exc.status, exc.message, param=exc.param)
@@ -290,8 +288,9 @@ class OpenAIIngress:
         handle = self.engines[pool.name]
         if key or opening:
             handle = handle.options(session_id=key or opening.key)  # type: ignore[union-attr]
-        if sid is not None and is_header_safe(sid):  # else it came in the body (a header is latin-1 by construction),
-            headers["x-session-id"] = sid  # which the engine reads it from too; an opening's key goes to no engine
+        forwarded = header_text(sid) if sid is not None else None  # as the engine reads it (requests.header_text);
+        if forwarded is not None:  # an opening's key goes to no engine
+            headers["x-session-id"] = forwarded
         if session.end and sid is not None and key is not None:  # this last turn still goes where the session lives
             self._ended(key)
         extra = {"x-kvsched-pool": pool.name}

@@ -10,15 +10,17 @@ Pure functions, so the limits are fuzzed without a cluster. Every problem is a `
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from pydantic import TypeAdapter, ValidationError
 
 from kvsched.core.client_fields import read_session_fields
 from kvsched.core.sessions import InvalidSessionInput
 
+CHARS_PER_TOKEN = 4  # prompt size estimate before any usage is known
 MAX_BODY_BYTES = 64 * 1024 * 1024  # as kvsched's vLLM middleware
 # As kvsched's vLLM middleware (kvsched/adapters/vllm/http_io.py), so a body an engine takes directly passes the
 # endpoint too (found by review: 64 here refused what README's Security table promises). An OpenAI request nests
@@ -28,6 +30,9 @@ MAX_JSON_DEPTH = 128
 # Objects and arrays a body may hold: parsed, each costs ~60-200 bytes of Python objects (found by review: a 64 MiB
 # body of 22 million empty messages took ~3 GiB of the ingress). Token ids and text are cheap to parse: not counted.
 MAX_JSON_CONTAINERS = 1_000_000
+# kvsched's headers the engines read as UTF-8 and refuse sent twice with different values (`adapters.vllm.middleware`;
+# the salt headers of the session routes: `owners.AUTH_HEADERS`)
+SESSION_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction")
 # `stream` as vLLM's request models read it (`stream: bool | None`, pydantic's lax mode)
 _STREAM = TypeAdapter(bool | None)
 
@@ -43,6 +48,18 @@ class SessionFields:
     session_id: str | None = None
     role: str | None = None
     end: bool = False
+
+
+def check_content_type(value: str | None) -> None:
+    """Refuse (415) a body that declares itself other than JSON, as vLLM does (FastAPI reads a request model from an
+    `application/json` or `application/*+json` body, or one that declares no type; others are a 422). Found by
+    probing: the ingress read any body as JSON and sent it on as `application/json`, so a `text/plain` or form body
+    was served 200 where the engine alone refuses it."""
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise BadRequest(415, f"Content-Type must be application/json, got {value[:60]!r}", param="content-type")
 
 
 def check_length(content_length: str | None, max_bytes: int = MAX_BODY_BYTES) -> None:
@@ -90,12 +107,59 @@ def parse_body(raw: bytes, max_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX
     return payload
 
 
-def is_header_safe(value: str) -> bool:
-    """Can `value` travel as an HTTP header value? Servers decode header bytes as latin-1, so a value that arrived as
-    a header always can; a session id from the JSON body may hold any character (it then stays in the body)."""
+def header_text(value: str) -> str | None:
+    """`value` as the ingress forwards a header: its UTF-8 bytes, held as the latin-1 text a server decodes header
+    bytes to (`engine._forward` sends them back as those bytes), so the engine, which reads kvsched's headers as
+    UTF-8, reads `value`. None: no UTF-8 carries it (a lone surrogate; session ids refuse those). Found by probing:
+    a body's `session_id` "café" went on as the latin-1 byte 0xE9, which kvsched's engine refuses (400, "header
+    x-session-id is not valid UTF-8", a header the client never sent)."""
     try:
-        value.encode("latin-1")
+        return value.encode("utf-8").decode("latin-1")
     except UnicodeEncodeError:
+        return None
+
+
+def utf8_headers(headers: Mapping[str, str], names: Iterable[str] = SESSION_HEADERS) -> dict[str, str]:
+    """The named headers of lower-cased `headers` (decoded as latin-1 by the server) read as UTF-8, as kvsched's
+    engines read them (`adapters.vllm.http_io.utf8_headers`); invalid UTF-8 is a 400 naming the header. Found by
+    probing: read as latin-1, X-Session-Id "café" keyed the router (and its KV reports, a DELETE's forgetting) under
+    "cafÃ©", conflicted with the body's "café" (400), and "日本" was refused as holding a control character (U+0097)
+    while the engine takes all three."""
+    out: dict[str, str] = {}
+    for name in names:
+        if name in headers:
+            try:
+                out[name] = headers[name].encode("latin-1").decode("utf-8")
+            except UnicodeError:
+                raise BadRequest(400, f"header {name} is not valid UTF-8", param=name) from None
+    return out
+
+
+def refuse_repeated(raw_headers: Iterable[tuple[bytes, bytes]], names: Iterable[str] = SESSION_HEADERS) -> None:
+    """BadRequest 400 naming the first of `names` (lower case) sent more than once with different values, as
+    kvsched's engines refuse it (`adapters.vllm.http_io.refuse_repeated`). Found by probing: the ingress read the
+    last of two X-Session-Id headers (a dict of Starlette's items) and routed and forwarded that one, where the
+    engine, sent them both, would refuse them; the same held for the role, end, TTL, compaction and salt headers.
+    The same value repeated is that value."""
+    wanted = frozenset(names)
+    seen: dict[str, bytes] = {}
+    for k, v in raw_headers:
+        name = k.decode("latin-1").lower()
+        if name in wanted and seen.setdefault(name, v) != v:
+            raise BadRequest(400, f"header {name} is sent more than once with different values: send it once",
+                             param=name)
+
+
+def path_is_utf8(raw_path: object) -> bool:
+    """Whether a request's raw path (the ASGI scope's `raw_path`: escapes not yet decoded) decodes as UTF-8. The
+    server decodes `%ff` to U+FFFD: found by probing, DELETE /kvsched/sessions/%ff ended the session named "\ufffd"
+    (kvsched's engine refuses that path; the ingress forwarded the id re-encoded, which the engine takes). True when
+    the server gives no raw path."""
+    if not isinstance(raw_path, bytes):
+        return True
+    try:
+        unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
         return False
     return True
 
@@ -128,3 +192,20 @@ def stream_flag(payload: dict[str, Any]) -> bool:
         raise BadRequest(400, f"stream must be a boolean, got {shown}", param="stream") from None
     payload["stream"] = flag
     return flag
+
+
+def estimate_tokens(payload: dict[str, Any]) -> int:
+    text = payload.get("messages") if "messages" in payload else payload.get("prompt")
+    return len(json.dumps(text)) // CHARS_PER_TOKEN if text is not None else 0
+
+
+async def read_body(request: Any, max_bytes: int) -> bytes:
+    """The body, refused (413) as soon as it is over `max_bytes`, declared or not."""
+    check_length(request.headers.get("content-length"), max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise BadRequest(413, f"request body is over {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
