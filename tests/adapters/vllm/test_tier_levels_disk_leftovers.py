@@ -19,7 +19,7 @@ import pytest
 
 from kvsched.adapters.vllm.tier_fetches import STUCK_AFTER_S
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
-from tests.adapters.vllm.test_tier_levels_disk_order import CHAIN, host, levels, written
+from tests.adapters.vllm.test_tier_levels_disk_order import CHAIN, spilling, written
 from tests.adapters.vllm.test_tier_levels_disk_reads import BOUND_S, Engine
 
 MAX_FETCH_RESTARTS = 3  # tier_levels_fetch's (imported there: the module is new with the fix)
@@ -108,9 +108,7 @@ def test_fetch_threads_that_keep_dying_are_not_restarted_for_ever_then_fetches_a
 def test_a_block_the_disk_declines_twice_in_one_eviction_counts_once(tmp_path: Path) -> None:
     """The disk holds x's blocks 0-2; the full host tier holds x only and must make room: x's block 3 is offered,
     declined, kept while another may go, offered again, declined again, and dropped (as with no disk level)."""
-    lv = levels(tmp_path, blocks=3)
-    h = host(slots=4)
-    h.on_evict = lv.on_host_evict
+    lv, h = spilling(tmp_path, blocks=3, slots=4)
     lv.turn_finished("x", [(k, i) for i, k in enumerate(CHAIN[:3])], None)
     assert written(lv) == []
     h.demote("x", [(k, i) for i, k in enumerate(CHAIN[:4])], 0)

@@ -31,6 +31,13 @@ def host(slots: int) -> TierDirectory:
     return TierDirectory(TierConfig(budget_bytes=slots * BLOCK), BLOCK, value_of=lambda owner: 0.0)
 
 
+def spilling(tmp_path: Path, blocks: int, slots: int) -> tuple[TierLevels, TierDirectory]:
+    """Disk levels of `blocks` under a host tier of `slots` whose evictions spill to them."""
+    lv, h = levels(tmp_path, blocks=blocks), host(slots=slots)
+    h.on_evict = lv.on_host_evict
+    return lv, h
+
+
 def written(lv: TierLevels) -> list[bytes]:
     """The worker writes every planned block: reported written. Returns the deletes planned."""
     ops = lv.take_ops()
@@ -42,9 +49,7 @@ def test_spills_deepest_first_leave_the_disk_a_prefix_a_restore_reaches(tmp_path
     """a's turn wrote blocks 0-1; the host tier, full, evicts a's 3 then 2 (its tail first): spilled to disk. Another
     session's turn needs room on the full disk: a's block 3 goes (listed as spilled, 2 went and 3 stayed unreachable),
     and a's next request restores block 2 from disk after the host tier's 0-1."""
-    lv = levels(tmp_path, blocks=4)
-    h = host(slots=6)
-    h.on_evict = lv.on_host_evict
+    lv, h = spilling(tmp_path, blocks=4, slots=6)
     lv.turn_finished("a", [(k, i) for i, k in enumerate(CHAIN[:2])], None)
     assert written(lv) == []
     h.demote("a", [(k, i) for i, k in enumerate(CHAIN[:4])], 0)
