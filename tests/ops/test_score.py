@@ -118,7 +118,7 @@ def test_a_nan_value_sorts_last_in_the_policy_core_as_in_the_kernels(impl):
 def test_the_policy_cores_value_agrees_with_the_kernels_on_extreme_times(impl, idle_s, next_use_s):
     """Found by review: with idle_s = inf and next_use_s > ~9e307, idle_s - 2 * next_use_s is inf - inf = NaN; the
     policy core skipped exp (NaN > 0 is false) and gave a number where the kernels give NaN."""
-    fields = (100.0, 1.0, idle_s, next_use_s, 1.0, 0.0)
+    fields = (100.0, 1.0, idle_s, next_use_s, 1.0, 0)  # reuse_count an int, as every caller passes it
     want = value_of(*fields)
     got = score.retention_values(*(torch.tensor([v], dtype=torch.float64) for v in fields), impl=impl).item()
     assert got == want or (math.isnan(got) and math.isnan(want)), (got, want)

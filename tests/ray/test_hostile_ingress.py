@@ -127,20 +127,15 @@ def raw(port: int, method: str, path: bytes | str, headers: list[tuple[bytes | s
         if leave_after_s is not None:
             time.sleep(leave_after_s)
             return 0, {}, b""
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
+        answer = s.makefile("rb")  # the status line and headers line by line, then (if read) the rest to the close
+        status = int(answer.readline().split(b" ", 2)[1])
+        hdrs: dict[str, str] = {}
+        for line in iter(answer.readline, b"\r\n"):
+            if not line:
                 break
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        hdrs = {k.strip().lower().decode("latin-1"): v.strip().decode("latin-1")
-                for k, _, v in (ln.partition(b":") for ln in head.split(b"\r\n")[1:])}
-        if read:
-            while chunk := s.recv(65536):
-                rest += chunk
-        return status, hdrs, rest
+            k, _, v = line.partition(b":")
+            hdrs[k.strip().lower().decode("latin-1")] = v.strip().decode("latin-1")
+        return status, hdrs, answer.read() if read else b""
 
 
 def chat(sid: str | None = None, **fields: Any) -> bytes:
