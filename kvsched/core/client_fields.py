@@ -29,9 +29,10 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from kvsched.core.sessions import (
     InvalidSessionInput,
@@ -224,3 +225,30 @@ def _cache_control_ttl(control: object) -> float:
                                   f"{control!r}"[:200], field="cache_control")
     ttl = control.get("ttl")
     return DEFAULT_CACHE_CONTROL_TTL_S if ttl is None else parse_duration(ttl, "cache_control.ttl")
+
+
+def repeated_header(raw_headers: Iterable[tuple[bytes, bytes]], names: Iterable[str]) -> str | None:
+    """The first of `names` (lower case) sent more than once with different values, or None. A server reads one of
+    them (Starlette the first, a dict of its items the last) and the other would be dropped unsaid: found by probing,
+    two X-Session-Id headers (one a proxy's) were served 200 under one of them, by the engine and by the Ray ingress.
+    The same value repeated is that value. Both adapters answer a name with a 400."""
+    wanted = frozenset(names)
+    seen: dict[str, bytes] = {}
+    for k, v in raw_headers:
+        name = k.decode("latin-1").lower()
+        if name in wanted and seen.setdefault(name, v) != v:
+            return name
+    return None
+
+
+def raw_path_is_utf8(raw_path: object) -> bool:
+    """Whether a request's raw path (the ASGI scope's `raw_path`, escapes not decoded) decodes as UTF-8. The server
+    decodes `%ff` to U+FFFD: found by probing, DELETE /kvsched/sessions/%ff ended the session named "\ufffd". True
+    when the server gives no raw path."""
+    if not isinstance(raw_path, bytes):
+        return True
+    try:
+        unquote_to_bytes(raw_path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -55,13 +55,13 @@ from kvsched.adapters.ray.requests import (
     estimate_tokens,
     header_text,
     parse_body,
-    path_is_utf8,
     read_body,
     refuse_repeated,
     session_fields,
     stream_flag,
     utf8_headers,
 )
+from kvsched.core.client_fields import raw_path_is_utf8
 from kvsched.core.routing_pools import PoolSelector, UnknownModel
 from kvsched.core.sessions import InvalidSessionInput, validate_session_id
 
@@ -213,7 +213,7 @@ class OpenAIIngress:
             return error(400, str(exc), param=exc.param)
         except InvalidSessionInput as exc:
             return error(400, str(exc), param="session_id")
-        if not path_is_utf8(request.scope.get("raw_path")):  # the server made U+FFFD of it (requests.path_is_utf8)
+        if not raw_path_is_utf8(request.scope.get("raw_path")):  # the server made U+FFFD of it
             return error(400, "the session id in the path is not UTF-8 (percent-encode the id's UTF-8 bytes)",
                          param="session_id")
         headers = lower(request)

@@ -13,11 +13,10 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 from pydantic import TypeAdapter, ValidationError
 
-from kvsched.core.client_fields import read_session_fields
+from kvsched.core.client_fields import read_session_fields, repeated_header
 from kvsched.core.sessions import InvalidSessionInput
 
 CHARS_PER_TOKEN = 4  # prompt size estimate before any usage is known
@@ -141,27 +140,9 @@ def refuse_repeated(raw_headers: Iterable[tuple[bytes, bytes]], names: Iterable[
     last of two X-Session-Id headers (a dict of Starlette's items) and routed and forwarded that one, where the
     engine, sent them both, would refuse them; the same held for the role, end, TTL, compaction and salt headers.
     The same value repeated is that value."""
-    wanted = frozenset(names)
-    seen: dict[str, bytes] = {}
-    for k, v in raw_headers:
-        name = k.decode("latin-1").lower()
-        if name in wanted and seen.setdefault(name, v) != v:
-            raise BadRequest(400, f"header {name} is sent more than once with different values: send it once",
-                             param=name)
-
-
-def path_is_utf8(raw_path: object) -> bool:
-    """Whether a request's raw path (the ASGI scope's `raw_path`: escapes not yet decoded) decodes as UTF-8. The
-    server decodes `%ff` to U+FFFD: found by probing, DELETE /kvsched/sessions/%ff ended the session named "\ufffd"
-    (kvsched's engine refuses that path; the ingress forwarded the id re-encoded, which the engine takes). True when
-    the server gives no raw path."""
-    if not isinstance(raw_path, bytes):
-        return True
-    try:
-        unquote_to_bytes(raw_path).decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+    if (name := repeated_header(raw_headers, names)) is not None:
+        raise BadRequest(400, f"header {name} is sent more than once with different values: send it once",
+                         param=name)
 
 
 def session_fields(payload: Mapping[str, Any], headers: Mapping[str, str]) -> SessionFields:

@@ -17,11 +17,12 @@ import asyncio
 import base64
 import json
 from typing import Any
-from urllib.parse import parse_qsl, unquote_to_bytes
+from urllib.parse import parse_qsl
 
 from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.auth import Identity
 from kvsched.adapters.vllm.http_io import HttpError, Scope, error_body, refuse_repeated, send_json, utf8_headers
+from kvsched.core.client_fields import raw_path_is_utf8
 from kvsched.core.sessions import InvalidSessionInput, validate_session_id
 from kvsched.core.tenancy import Caller, InvalidQuery, parse_page_query
 
@@ -109,13 +110,9 @@ def _session_path(scope: Scope, path: str) -> str | None:
     "\ufffd"): such a path is a 400, read from `raw_path` when the server gives it."""
     if not path.startswith(ADMIN_PREFIX + "/"):
         return None
-    raw_path = scope.get("raw_path")
-    if "\ufffd" in path and isinstance(raw_path, bytes):
-        try:
-            unquote_to_bytes(raw_path).decode("utf-8")
-        except UnicodeDecodeError:
-            raise HttpError(400, "the session id in the path is not UTF-8 (percent-encode the id's UTF-8 bytes)",
-                            param="session_id") from None
+    if "\ufffd" in path and not raw_path_is_utf8(scope.get("raw_path")):
+        raise HttpError(400, "the session id in the path is not UTF-8 (percent-encode the id's UTF-8 bytes)",
+                        param="session_id")
     return path[len(ADMIN_PREFIX) + 1:]
 
 

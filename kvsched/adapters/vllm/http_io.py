@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from itertools import compress
 from typing import Any
 
+from kvsched.core.client_fields import repeated_header
+
 MAX_BODY_BYTES = 64 * 1024 * 1024
 SCAN_BODY_BYTES = 2**30  # bodies kvsched only scans for its own fields (routes it does not rewrite): vLLM's limit
 MAX_JSON_DEPTH = 128
@@ -135,13 +137,8 @@ def refuse_repeated(scope: Scope, names: Iterable[str]) -> None:
     """HttpError 400 naming the first of `names` (lower case) sent more than once with different values: kvsched, as
     Starlette, reads the first, so the other would be dropped unsaid (found by probing: two X-Session-Id headers, one
     a proxy's, were served 200 under the first). The same value repeated is that value."""
-    wanted = frozenset(names)
-    seen: dict[str, bytes] = {}
-    for k, v in scope.get("headers", []):
-        name = k.decode("latin-1").lower()
-        if name in wanted and seen.setdefault(name, v) != v:
-            raise HttpError(400, f"header {name} is sent more than once with different values: send it once",
-                            param=name)
+    if (name := repeated_header(scope.get("headers", []), names)) is not None:
+        raise HttpError(400, f"header {name} is sent more than once with different values: send it once", param=name)
 
 
 def utf8_headers(raw: dict[str, bytes], names: Iterable[str]) -> dict[str, str]:
