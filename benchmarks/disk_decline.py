@@ -9,11 +9,16 @@ while another can go, and offers it a second time when none can. Measured here o
 others, and the worst.
 
     python benchmarks/disk_decline.py --out benchmarks/results/disk_decline.json
+
+`--baseline FILE` runs the same declines, in the same invocation, on the `DiskDirectory` of another version of
+kvsched/core/disk_tier.py (e.g. `git show cc2bafc:kvsched/core/disk_tier.py > /tmp/old_disk_tier.py`, before the
+search remembered it found nothing), `--baseline-declines` of them (it may take seconds each).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -24,9 +29,9 @@ from kvsched.bench.common import provenance, write_json  # noqa: E402
 from kvsched.core.disk_tier import DiskDirectory  # noqa: E402
 
 
-def full_pinned(blocks: int, per_session: int) -> tuple[DiskDirectory, int]:
+def full_pinned(blocks: int, per_session: int, directory: Any = DiskDirectory) -> tuple[Any, int]:
     """A full disk of `blocks` blocks, sessions of `per_session`, each session's tail pinned (a restore reads it)."""
-    d = DiskDirectory(blocks, 1)
+    d = directory(blocks, 1)
     sessions = blocks // per_session
     for s in range(sessions):
         keys = [(s, i) for i in range(per_session)]
@@ -37,8 +42,8 @@ def full_pinned(blocks: int, per_session: int) -> tuple[DiskDirectory, int]:
     return d, sessions
 
 
-def one_size(blocks: int, per_session: int, declines: int) -> dict[str, Any]:
-    d, sessions = full_pinned(blocks, per_session)
+def one_size(blocks: int, per_session: int, declines: int, directory: Any = DiskDirectory) -> dict[str, Any]:
+    d, sessions = full_pinned(blocks, per_session, directory)
     owner = "spiller"
     times: list[float] = []
     for i in range(declines):
@@ -49,7 +54,22 @@ def one_size(blocks: int, per_session: int, declines: int) -> dict[str, Any]:
     rest = times[1:] or times
     return {"blocks": blocks, "sessions": sessions, "per_session": per_session, "declines": declines,
             "mean_us": sum(times) / len(times) * 1e6, "first_us": times[0] * 1e6, "max_us": max(times) * 1e6,
-            "after_first_mean_us": sum(rest) / len(rest) * 1e6, "searches": d.counters["eviction_searches"]}
+            "after_first_mean_us": sum(rest) / len(rest) * 1e6, "searches": d.counters.get("eviction_searches")}
+
+
+def baseline_directory(path: Path) -> Any:
+    """`DiskDirectory` of another version of kvsched/core/disk_tier.py, loaded from `path`."""
+    spec = importlib.util.spec_from_file_location("_disk_tier_baseline", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[module.__name__] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.DiskDirectory
+
+
+def show(side: str, row: dict[str, Any]) -> None:
+    print(f"{side:>8} {row['blocks']:>7} blocks, {row['sessions']:>6} sessions of {row['per_session']:>3}: a declined "
+          f"spill {row['mean_us']:>10.1f} us mean, first {row['first_us']:>10.1f} us, "
+          f"later ones {row['after_first_mean_us']:>9.1f} us mean, worst {row['max_us']:>10.1f} us")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,17 +78,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-session", type=int, nargs="+", default=[10, 100])
     p.add_argument("--declines", type=int, default=200)
     p.add_argument("--out", type=Path)
+    p.add_argument("--baseline", type=Path, help="another version of kvsched/core/disk_tier.py, run in this invocation")
+    p.add_argument("--baseline-declines", type=int, default=5)
     args = p.parse_args(argv)
-    rows = []
+    old = baseline_directory(args.baseline) if args.baseline else None
+    rows, baseline_rows = [], []
     for blocks in args.blocks:
         for per in args.per_session:
             row = one_size(blocks, per, args.declines)
             rows.append(row)
-            print(f"{blocks:>7} blocks, {row['sessions']:>6} sessions of {per:>3}: a declined spill "
-                  f"{row['mean_us']:>10.1f} us mean, first {row['first_us']:>10.1f} us, "
-                  f"later ones {row['after_first_mean_us']:>9.1f} "
-                  f"us mean, worst {row['max_us']:>10.1f} us")
-    write_json(args.out, {**provenance(argv), "rows": rows})
+            show("current", row)
+            if old is not None:
+                base = one_size(blocks, per, args.baseline_declines, old)
+                baseline_rows.append({**base, "mean_over_current": base["mean_us"] / row["mean_us"]})
+                show("baseline", base)
+    out: dict[str, Any] = {**provenance(argv), "rows": rows}
+    if old is not None:
+        out["baseline"] = {"file": str(args.baseline), "rows": baseline_rows}
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":
