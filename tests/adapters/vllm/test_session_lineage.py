@@ -178,7 +178,6 @@ def test_the_list_pages_in_a_stable_order(cfg, clock):
 def test_a_failure_in_session_bookkeeping_never_reaches_the_engine(cfg, clock, monkeypatch):
     from types import SimpleNamespace
 
-    from kvsched.adapters.vllm import compat
     from kvsched.core.sessions import SessionId, SessionKey, TurnHints
 
     s = _sched(cfg, clock)
@@ -186,13 +185,18 @@ def test_a_failure_in_session_bookkeeping_never_reaches_the_engine(cfg, clock, m
                           sampling_params=SimpleNamespace(extra_args=None))
     assert s.kvsched.resolver.resolve(odd) == (None, TurnHints())  # served without a session
 
-    def broken(*_a: object) -> None:
-        raise RuntimeError("bug")
+    class Broken:  # the lineage with a bug in `finished` (a mypyc-compiled Lineage's methods cannot be replaced)
+        def __init__(self, real: object) -> None:
+            self.real = real
 
-    # A bug in the turn end's bookkeeping, from here on. Through compat (looked up per call), not by replacing the
-    # resolver's lineage or a method: mypyc compiles both (kvsched/compiled.py) and checks an attribute's type.
-    monkeypatch.setattr(compat, "computed_anchor", broken)
-    s.kvsched.resolver.finished("r", SessionKey(SessionId("s")), SimpleNamespace())  # logged once, not raised
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+        def finished(self, *_a: object) -> None:
+            raise RuntimeError("bug")
+
+    monkeypatch.setattr(s.kvsched.resolver, "lineage", Broken(s.kvsched.resolver.lineage))
+    s.kvsched.resolver.finished("r", SessionKey(SessionId("s")))  # logged once, not raised
     f = RequestFactory(BLOCK)
     s.add_request(f.make(list(range(64)), 2, session_id="s"))
     run_until_idle(s)  # the engine loop goes on
