@@ -46,8 +46,7 @@ def _mypyc_extensions() -> list[Any]:
 
         # The digests are taken before mypyc reads the sources: an edit during the build reads as stale.
         manifest = compiled.manifest(os.path.abspath("kvsched"))
-        sources = [compiled.source_path(m, "kvsched") for m in compiled.MODULES]
-        exts = mypycify([*compiled.MYPY_FLAGS, *sources], group_name=compiled.GROUP)
+        exts = mypycify([compiled.source_path(m, "kvsched") for m in compiled.MODULES], group_name=compiled.GROUP)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - mypy missing, or mypyc's type errors (it exits)
         if REQUIRE:
             raise

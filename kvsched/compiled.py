@@ -38,16 +38,7 @@ MODULES: tuple[str, ...] = (
     "kvsched.core.retention_values",
     "kvsched.core.pin_ledger",
     "kvsched.core.pin_payback",
-    "kvsched.adapters.vllm.session_pins",
-    "kvsched.adapters.vllm.session_lineage",
-    "kvsched.adapters.vllm.pin_pool",
-    "kvsched.adapters.vllm.compat.requests",
 )
-# mypy's flags for the build: vLLM, torch and every other installed package are not read (their objects are `Any` to
-# the compiled adapters, as they are to their callers: attribute reads at run time), and kvsched's modules outside
-# MODULES are read for their types only (their own type errors are not the build's). Without them mypy type-checks
-# the adapters' whole import closure, vLLM and torch included (~7 min), and stops on errors there.
-MYPY_FLAGS: tuple[str, ...] = ("--no-site-packages", "--follow-imports=silent")
 # mypyc's shared library (all MODULES in one group, so their calls to each other are native): kvsched/_compiled__mypyc.
 GROUP = "kvsched._compiled"
 MANIFEST_NAME = "_compiled_manifest.json"

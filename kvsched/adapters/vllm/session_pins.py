@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from kvsched.adapters.vllm import compat
@@ -270,7 +270,7 @@ class SessionPins:
         holding blocks, `reset_running_requests` off)."""
         pool = compat.block_pool(self.scheduler)
         pins_only = sum(1 for i, n in self.block_refs.items() if pool.blocks[i].ref_cnt <= n)
-        return bool(pool.get_num_free_blocks() + pins_only >= pool.num_gpu_blocks - 1)  # the null block: always used
+        return pool.get_num_free_blocks() + pins_only >= pool.num_gpu_blocks - 1  # the null block is always used
 
     def release_all(self) -> int:
         """Release every pin before vLLM resets the prefix cache (an RLHF weight sync, `pause_generation(clear_cache=
@@ -294,7 +294,7 @@ class SessionPins:
         if directory is not None and (key in directory.keys_of or key in directory.tail_of):
             return True
         levels = getattr(self.tier, "levels", None)
-        return levels is not None and bool(levels.keeps(key))
+        return levels is not None and levels.keeps(key)
 
     def _end(self, key: SessionKey) -> None:
         self.apply(self.policy.end(key))
@@ -313,7 +313,7 @@ class SessionPins:
     def apply(self, decisions: list[Decision], pending: dict[SessionKey, list[list[Any]]] | None = None) -> None:
         self.pins.apply(decisions, pending)
 
-    def _write_trace(self, decisions: Sequence[Decision], pending: dict[SessionKey, list[list[Any]]] | None) -> None:
+    def _write_trace(self, decisions: list[Decision], pending: dict[SessionKey, list[list[Any]]] | None) -> None:
         assert self._trace is not None
         now, free = self.policy.clock(), compat.num_free_blocks(self.scheduler)
         for d in decisions:
