@@ -102,6 +102,21 @@ def stale_reason(package_dir: str = PACKAGE_DIR, modules: Sequence[str] = MODULE
     return None
 
 
+def _with_recorded(modules: Sequence[str], package_dir: str) -> list[str]:
+    """`modules` and every other module the manifest says was built whose source is there: a module since taken out
+    of MODULES keeps its compiled file beside its source until the next build, and would be imported from it (found
+    when the adapters' trial build was reverted: the finder covered MODULES only, so the taken-out modules ran the
+    stale build's code)."""
+    try:
+        with open(os.path.join(package_dir, MANIFEST_NAME)) as f:
+            recorded = json.load(f).get("modules")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    extra = [m for m in recorded if m not in modules and isinstance(m, str) and m.startswith("kvsched.")
+             and os.path.exists(source_path(m, package_dir))] if isinstance(recorded, dict) else []
+    return [*modules, *extra]
+
+
 class SourceFinder:
     """First on sys.meta_path: the `.py` source for every compiled module's name, so none of the builds is used."""
 
@@ -121,7 +136,7 @@ def install(package_dir: str = PACKAGE_DIR, modules: Sequence[str] = MODULES) ->
         if why is None:
             mode = "compiled" if os.path.exists(os.path.join(package_dir, MANIFEST_NAME)) else "pure"
             return mode
-        sys.meta_path.insert(0, SourceFinder(modules, package_dir))
+        sys.meta_path.insert(0, SourceFinder(_with_recorded(modules, package_dir), package_dir))
         mode = f"pure: {why}"
         if not why.startswith(PURE_ENV):
             warnings.warn(

@@ -32,18 +32,20 @@ def _round(tree: str, sessions: int, steps: int, trace: str) -> dict[str, Any]:
 
     if not kvsched.__file__ or not kvsched.__file__.startswith(tree):
         raise SystemExit(f"{tree}: imported kvsched from {kvsched.__file__}")
-    from kvsched.adapters.vllm import session_pins
+    from kvsched.adapters.vllm import scheduler, session_pins
     from kvsched.adapters.vllm.harness import KVSCHED_SCHEDULER
     from kvsched.bench import sched
     from kvsched.tiny_model import ensure_tiny_model
 
     now = [1000.0]
-    init = session_pins.SessionPins.__init__
+    pins_cls = session_pins.SessionPins
 
-    def stepped_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **{**kwargs, "clock": lambda: now[0]})  # the policy's clock: the step's time
+    def stepped_pins(*args: Any, **kwargs: Any) -> Any:
+        return pins_cls(*args, **{**kwargs, "clock": lambda: now[0]})  # the policy's clock: the step's time
 
-    session_pins.SessionPins.__init__ = stepped_init  # type: ignore[method-assign]
+    # The name the scheduler builds its pins by, not the class's __init__: a compiled (mypyc) class ignores a
+    # replaced __init__ (found when session_pins was compiled: its trace ran on the machine's clock).
+    scheduler.SessionPins = stepped_pins  # type: ignore[assignment,misc]
     step = sched._Round.step
 
     def timed_step(self: Any) -> float:

@@ -8,11 +8,14 @@ and prints us per step and per call. Each wrapper adds ~0.3 us per call, so nest
 figures are a profile, not a benchmark: `kvsched bench sched` gives the ratio against stock. Used for BENCHMARKS.md's
 "The 10,000 tier: where its cost is" and for the payback ghost's per-turn costs (with KVSCHED_PAYBACK_SAMPLING=8 in
 the environment). `--with-output`: the bench's `--with-output` load (each prompt carries the last turn's answer).
+With the mypyc build in use (kvsched/compiled.py) a compiled method's wrapper sees only the calls made from Python
+code, not those from other compiled code: such rows are marked; KVSCHED_PURE_PYTHON=1 times them all.
 """
 
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import sys
 import time
@@ -49,10 +52,14 @@ def main() -> int:
 
         return wrapper
 
+    native: set[str] = set()  # labels of compiled (mypyc) methods: calls from compiled code bypass the wrapper
+
     def timed(owner: Any, name: str, label: str) -> None:
         cls = type(owner)  # on the class: several of these objects have __slots__
         original = getattr(cls, name)
         cell = spent.setdefault(label, [0.0, 0])
+        if not inspect.isfunction(original):
+            native.add(label)
 
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
@@ -118,7 +125,10 @@ def main() -> int:
           f"{released} pins released at a turn's start ({released / steps:.2f}/step)")
     for label, (secs, calls) in spent.items():
         print(f"{label:36s} {secs / steps * 1e6:8.1f} us/step {calls:7d} calls "
-              f"{secs / max(calls, 1) * 1e6:7.2f} us/call")
+              f"{secs / max(calls, 1) * 1e6:7.2f} us/call" + ("  (compiled: calls from compiled code not seen)"
+                                                              if label in native else ""))
+    if native:
+        print("kvsched.compiled.mode is 'compiled': `KVSCHED_PURE_PYTHON=1` times every hook (as pure Python)")
     return 0
 
 

@@ -136,3 +136,20 @@ def test_the_finder_hands_out_the_source_for_compiled_names_only(tmp_path):
     spec = finder.find_spec("kvsched.core.a")
     assert spec is not None and spec.origin == str(pkg / "core" / "a.py")
     assert finder.find_spec("kvsched.core.other") is None
+
+
+def test_a_module_taken_out_of_the_list_runs_its_source_not_the_last_build(tmp_path, monkeypatch):
+    """Found when a trial build of more modules was reverted: the guard went pure, but its finder covered the shorter
+    list only, so the modules taken out of it were imported from the stale build's files beside their sources."""
+    pkg = _fake_build(tmp_path, ["kvsched.core.a", "kvsched.core.b"])
+    monkeypatch.delenv(compiled.PURE_ENV, raising=False)
+    monkeypatch.setattr(sys, "meta_path", [f for f in sys.meta_path if not isinstance(f, compiled.SourceFinder)])
+    monkeypatch.setattr(compiled, "mode", compiled.mode)
+    with pytest.warns(RuntimeWarning, match="the compiled module set differs"):
+        mode = compiled.install(str(pkg), ["kvsched.core.a"])
+    assert mode == "pure: the compiled module set differs from kvsched/compiled.py's"
+    finder = sys.meta_path[0]
+    assert isinstance(finder, compiled.SourceFinder)
+    spec = finder.find_spec("kvsched.core.b")
+    assert spec is not None and spec.origin == str(pkg / "core" / "b.py")
+    assert finder.find_spec("kvsched.core.other") is None
