@@ -208,9 +208,9 @@ class TierStore:
                 slots = [p.slots[i] for i in mine]
                 for v, (q, s) in enumerate(p.staged):
                     self.slots.write(v, slots, q.index_select(0, rows), s.index_select(0, rows) if s is not None else None)
-                for slot in slots:
+                for slot, crc in zip(slots, self.slots.checksums(slots), strict=True):
                     del self.latest[slot]
-                    self.crc[slot] = self.slots.checksum(slot)
+                    self.crc[slot] = crc
                     self._maybe_corrupt(slot)
             if p.error is not None:
                 self.err_sq += float(p.error[0])
@@ -231,8 +231,10 @@ class TierStore:
             keep = sorted(last.values())
             slots, block_ids = [slots[i] for i in keep], [block_ids[i] for i in keep]
         self.seal_ready(wait_for=set(slots))
-        bad = [i for i, s in enumerate(slots) if self.crc.get(s, UNSEALED) in (UNSEALED, None)
-               or self.crc[s] != self.slots.checksum(s)]
+        sealed = [i for i, s in enumerate(slots) if self.crc.get(s, UNSEALED) not in (UNSEALED, None)]
+        now = self.slots.checksums([slots[i] for i in sealed])  # one call for the whole restore
+        ok = {i for i, crc in zip(sealed, now, strict=True) if self.crc[slots[i]] == crc}
+        bad = [i for i in range(len(slots)) if i not in ok]
         bad_set = set(bad)
         good = [i for i in range(len(slots)) if i not in bad_set]
         if good:
