@@ -103,6 +103,19 @@ def slot_crc() -> SlotCrc:
     return CRC32C if checksum.has_cxx_crc32c() else ZLIB
 
 
+def carve(buf: torch.Tensor, shapes: Sequence[tuple[int, ...]], row_bytes: Sequence[int],
+          layout: ChunkLayout) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each view's `[slots, heads, rows, row_bytes]` rows and `[slots, heads]` float32 scales in `buf` (uint8, at least
+    `layout.nbytes`), where `layout` places them."""
+    out = []
+    for (heads, rows, *_), rb, (at_q, at_s) in zip(shapes, row_bytes, layout.offsets, strict=True):
+        n = layout.slots
+        q = buf[at_q:at_q + n * heads * rows * rb].view(n, heads, rows, rb)
+        s = buf[at_s:at_s + n * heads * 4].view(torch.float32).view(n, heads) if at_s is not None else None
+        out.append((q, s))
+    return out
+
+
 class HostSlots:
     """Slot rows per view, `[slots, heads, rows, content]` bytes (+ `[slots, heads]` float32 scales), in chunks
     allocated on first write."""
@@ -135,13 +148,7 @@ class HostSlots:
                 return chunk
             layout = self.layout
             buf = host_empty((layout.nbytes,), torch.uint8, self.pin)  # one allocation: see `chunk_layout`
-            chunk = []
-            for (heads, rows, _content), row_bytes, (at_q, at_s) in zip(self.shapes, self.row_bytes, layout.offsets,
-                                                                        strict=True):
-                n = layout.slots
-                q = buf[at_q:at_q + n * heads * rows * row_bytes].view(n, heads, rows, row_bytes)
-                s = buf[at_s:at_s + n * heads * 4].view(torch.float32).view(n, heads) if at_s is not None else None
-                chunk.append((q, s))
+            chunk = carve(buf, self.shapes, self.row_bytes, layout)
             self.allocated_bytes += layout.nbytes
             self.bases[c] = np.array([t.data_ptr() for q, s in chunk for t in ((s,) if s is not None else ()) + (q,)],
                                      dtype=np.uint64)
