@@ -17,7 +17,7 @@ A CRC rather than a cheaper check (a generation number, a flag) because it also 
 memory, not only stores that did not finish. It runs on the engine thread, at the seal and again before a restore's
 copies start: with zlib.crc32 (~1-2 GiB/s on a Xeon model 167) the check, not a GPU's 25-50 GB/s PCIe copy, set a
 large restore's time (found by review), hence CRC32C on the SSE4.2 instruction, all of a seal's or a restore's slots in
-one call (benchmarks/tier_checksum.py: ~4x less on the tier's own path here).
+one call (benchmarks/tier_checksum.py: 4-5x less on the tier's own path here).
 """
 
 from __future__ import annotations
