@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "kvsched/crc32c.h"
 #include "kvsched/fp8_quant.h"
 #include "kvsched/ghost_lru.h"
 #include "kvsched/score_select.h"
@@ -133,7 +134,7 @@ class Ghost {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "kvsched C++ kernels (retention scoring/selection, FP8 KV quantization); arrays as data pointers.";
+  m.doc() = "kvsched C++ kernels (retention scoring/selection, FP8 KV quantization, CRC32C); arrays as data pointers.";
 
   m.def(
       "retention_values",
@@ -221,6 +222,37 @@ PYBIND11_MODULE(_C, m) {
       "fp8_set_max_isa", [](const std::string& name) { kvsched::fp8_set_max_isa(isa_of(name)); }, py::arg("name"),
       "Cap the FP8 kernel path at 'avx512' (default: the CPU's best), 'avx2' or 'scalar' (process-wide; for tests and "
       "benchmarks of the slower paths). Raises ValueError on another name.");
+
+  m.def(
+      "crc32c",
+      [](std::uintptr_t data, int64_t n, uint32_t crc) {
+        if (n < 0) throw py::value_error("crc32c: n must be >= 0");
+        py::gil_scoped_release release;
+        return kvsched::crc32c(ptr<const void>(data), static_cast<size_t>(n), crc);
+      },
+      py::arg("data"), py::arg("n"), py::arg("crc") = 0,
+      "CRC32C (Castagnoli) of n bytes at address `data`, continuing `crc` as zlib.crc32's second argument does; the "
+      "SSE4.2 crc32 instruction where the CPU has it, else a table.");
+  m.def(
+      "crc32c_portable",
+      [](std::uintptr_t data, int64_t n, uint32_t crc) {
+        if (n < 0) throw py::value_error("crc32c_portable: n must be >= 0");
+        py::gil_scoped_release release;
+        return kvsched::crc32c_portable(ptr<const void>(data), static_cast<size_t>(n), crc);
+      },
+      py::arg("data"), py::arg("n"), py::arg("crc") = 0, "crc32c through the table path whatever the CPU (tests).");
+  m.def("crc32c_hardware", &kvsched::crc32c_hardware, "Whether crc32c runs on the SSE4.2 crc32 instruction here.");
+  m.def(
+      "crc32c_segments",
+      [](std::uintptr_t addrs, std::uintptr_t lens, int64_t items, int64_t per_item, std::uintptr_t out) {
+        if (items < 0 || per_item < 0) throw py::value_error("crc32c_segments: items and per_item must be >= 0");
+        py::gil_scoped_release release;
+        kvsched::crc32c_segments(ptr<const uint64_t>(addrs), ptr<const int64_t>(lens), items, per_item,
+                                 ptr<uint32_t>(out));
+      },
+      py::arg("addrs"), py::arg("lens"), py::arg("items"), py::arg("per_item"), py::arg("out"),
+      "Write to `out` (uint32[items]) the CRC32C of each item, item i being the segments i * per_item .. (i + 1) * "
+      "per_item - 1 in order: `addrs` (uint64) and `lens` (int64, bytes) are contiguous arrays of items * per_item.");
 
   py::class_<Ghost>(m, "GhostLru",
                     "The pin payback tracker's ghost LRU (kvsched.core.ghost_lru.LruGhost's interface), compiled.")

@@ -149,3 +149,59 @@ def test_a_float8_typed_cuda_cache_round_trips_byte_for_byte(layout):
     from tests.adapters.vllm.test_gpu_layouts_fp8dtype import byte_round_trip
 
     byte_round_trip(layout, "cuda", CudaLink(torch.device("cuda")))
+
+
+def _staged_store(blocks_per_group: int):
+    from kvsched.adapters.vllm.fp8_tier_store import TierStore
+    from kvsched.adapters.vllm.tier_layout import geometry_of, layer_views
+    from kvsched.adapters.vllm.tier_link import StagePool, stage_plan
+    from tests.adapters.vllm.tier_engine_caches import fill
+
+    config, caches = engine_caches(BACKEND_SPECS["flash_attn"], KVCacheLayout.LBNHC, NUM_BLOCKS, device="cuda")
+    fill(caches)
+    geometry = geometry_of(config, None)
+    pool = StagePool(stage_plan(4 << 20, geometry.block_bytes), pin=True, allocate=True,
+                     device_bytes=blocks_per_group * geometry.block_bytes)
+    store = TierStore(layer_views(caches, geometry, NUM_BLOCKS), "quantize", CudaLink(torch.device("cuda")),
+                      stage=pool)
+    return store, caches, pool, geometry.block_bytes
+
+
+def test_staging_is_one_pinned_allocation_and_stores_and_restores_above_two_groups_round_trip():
+    """A store and a restore of 5 groups each go through the two store and the two restore buffers of one pinned
+    allocation (counted in the tier's budget), waiting for a buffer's earlier copy where both are in flight."""
+    store, caches, pool, _ = _staged_store(1)
+    assert store.group_blocks == 1
+    original = {n: t[:5].clone() for n, t in caches.items()}
+    store.store([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])
+    assert pool.arena is not None and pool.arena.is_pinned() and pool.allocated_bytes == pool.plan.host_bytes
+    for t in caches.values():
+        t[5:10].zero_()
+    assert store.load([0, 1, 2, 3, 4], [5, 6, 7, 8, 9]) == []
+    store.fence_all()
+    torch.cuda.synchronize()
+    for name, t in caches.items():
+        for i in range(5):
+            assert _close(original[name][i], t[5 + i]), (name, i)
+    assert pool.allocated_bytes == pool.plan.host_bytes
+
+
+def test_a_large_stores_device_buffers_stay_within_a_group():
+    """The device memory a store takes beyond vLLM's profile: one group's quantized pages at a time, not the whole
+    store's (before: up to 256 MiB per worker, whatever the free memory)."""
+    store, caches, _, block = _staged_store(2)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    store.store(list(range(8)), list(range(8)))
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= 2 * block + (1 << 20)  # + ids and the error sample
+
+
+def test_the_default_device_stage_is_a_share_of_the_free_memory():
+    from kvsched.adapters.vllm.tier_link import DEFAULT_STAGE_BYTES, DEVICE_FREE_SHARE, device_stage_bytes, stage_plan
+
+    plan = stage_plan(DEFAULT_STAGE_BYTES, 1 << 20)
+    got, how = device_stage_bytes(torch.device("cuda"), plan, None)
+    free, _ = torch.cuda.mem_get_info()
+    assert 0 < got <= min(plan.buffer_bytes, free // DEVICE_FREE_SHARE + (64 << 20)) and "free" in how

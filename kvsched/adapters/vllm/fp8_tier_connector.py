@@ -42,7 +42,7 @@ from kvsched.adapters.vllm.tier_fetches import FetchBook
 from kvsched.adapters.vllm.tier_layout import TierGeometry, TierUnsupported, geometry_of, layer_views
 from kvsched.adapters.vllm.tier_levels import TierLevels
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
-from kvsched.adapters.vllm.tier_link import link_for
+from kvsched.adapters.vllm.tier_link import DEFAULT_STAGE_BYTES, link_for
 from kvsched.adapters.vllm.tier_meta import TierStepMeta, TierWorkerMeta
 from kvsched.adapters.vllm.tier_worker_hooks import TierWorkerHooks
 from kvsched.core.tier import Load, TailKey, TierDirectory
@@ -69,6 +69,7 @@ class KVSchedFP8TierConnector(TierWorkerHooks, KVConnectorBase_V1):
         requested = parse_tier_gib(extra.get("tier_gb", os.environ.get(ENV_TIER_GB)))
         self.measure_error = tier_config.measure_error_of(extra)
         self.levels_cfg = LevelsConfig.from_extra(extra)  # the disk and shared levels under the tier (optional)
+        self.stage_bytes, self.stage_set = tier_config.stage_bytes_of(extra, DEFAULT_STAGE_BYTES)
         self.world_size = int(getattr(vllm_config.parallel_config, "world_size", 1) or 1)
         if transfer.kv_load_failure_policy != "recompute":
             raise TierConfigError("kvsched's FP8 tier needs kv_load_failure_policy 'recompute' in --kv-transfer-config "
@@ -104,12 +105,14 @@ class KVSchedFP8TierConnector(TierWorkerHooks, KVConnectorBase_V1):
         self._worker_meta = TierWorkerMeta()
         self._fault_every = fault_every()
         if role == KVConnectorRole.SCHEDULER:
-            budget, ranks = 0, tier_host.ranks_on_host(vllm_config.parallel_config)  # each rank fills the slots
+            budget, ranks, staging = 0, tier_host.ranks_on_host(vllm_config.parallel_config), 0  # each rank fills
             if self.geometry is not None:
                 budget = tier_host.budget_bytes(requested, self.geometry, self.num_blocks, ranks)
+                staging = tier_host.staging_bytes(self.stage_bytes, self.geometry, tier_blob.platform_type())
             shares = compat.rank_shares(vllm_config)  # each pipeline stage holds its own layers (slots fit them all)
-            self.directory = TierDirectory(TierConfig(shares.first_rank_budget(budget, ranks)), block_bytes,
-                                           value_of=lambda owner: 0.0)
+            slots_share = max(budget - staging, 0)
+            self.directory = TierDirectory(TierConfig(shares.first_rank_budget(slots_share, ranks)), block_bytes,
+                                           value_of=lambda owner: 0.0)  # what a rank pins: slots and staging
             self.num_slots = self.directory.num_slots
             self.fetches = FetchBook(self.directory, self.world_size, block_bytes)
             if self.levels_cfg.enabled and self.geometry is not None and self.num_slots > 0:
@@ -121,7 +124,7 @@ class KVSchedFP8TierConnector(TierWorkerHooks, KVConnectorBase_V1):
                 logger.warning("kvsched disk/shared tier levels need the FP8 tier (they restore through it); off")
             least = shares.host_budget_for(block_bytes, ranks)  # the host's bytes that hold one slot
             tier_host.log_start(self.disabled_reason, self.geometry, budget, requested is None, self.num_slots,
-                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}", ranks, least, shares)
+                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}", ranks, least + staging * ranks, shares, staging)
 
     @property
     def enabled(self) -> bool:
@@ -312,7 +315,11 @@ class KVSchedFP8TierConnector(TierWorkerHooks, KVConnectorBase_V1):
             logger.warning("kvsched FP8 tier disabled on this worker: %s", exc)
             self._worker_meta.disabled = str(exc)
             return
-        self.store = TierStore(views, self.geometry.mode, link, measure_error=self.measure_error)
+        stage, how = tier_host.stage_pool(link, self.geometry, self.stage_bytes, self.stage_set)
+        self.store = TierStore(views, self.geometry.mode, link, measure_error=self.measure_error, stage=stage)
+        logger.info("kvsched FP8 tier: copies staged %d blocks at a time through %s, at most %.1f MiB of device memory "
+                    "a group (%s)", self.store.group_blocks, f"{stage.plan.host_bytes >> 20} MiB of pinned host memory "
+                    "(in the tier's budget)" if link.pin else "the kernels' outputs", stage.device_bytes / 2**20, how)
         self.store.corrupt_every = self._fault_every
         if self.levels_cfg.enabled:
             from kvsched.adapters.vllm.compat import worker_rank

@@ -5,13 +5,19 @@ scale per (block, head) (`kvsched.ops.gather_quantize_blocks`: Triton on a CUDA 
 block's bytes as they are when vLLM already quantized the cache. Host memory is taken in chunks when a slot in them is
 first written (pinned for a CUDA cache), so a large tier costs nothing at start-up.
 
-Integrity: every slot carries a CRC32 of its bytes, computed on the host copy once the copy has completed (the store's
-event; at once on the CPU), and checked before a load. A slot whose store has not completed, or was never sealed, or
+Memory: the slots' chunks, and the copies' staging (tier_link.StagePool): a store or restore moves its blocks in groups
+through a fixed set of host buffers (one pinned allocation on a GPU, counted in the tier's host budget) with at most
+one group's device buffers (`StagePool.device_bytes`, bounded at registration: vLLM has profiled its memory by then).
+
+Integrity: every slot carries a checksum of its bytes (tier_slots.SlotCrc: CRC32C, or zlib.crc32 without the C++
+extension), computed on the host copy once the copy has completed (the store's event; at once on the CPU), and
+checked before a load. A slot whose store has not completed, or was never sealed, or
 whose bytes changed since, fails the check: the load skips it, reports its block, and vLLM recomputes those tokens.
 A CRC rather than a cheaper check (a generation number, a flag) because it also catches bytes that changed in host
-memory, not only stores that did not finish. It costs the engine thread ~0.47 ms per MiB (zlib.crc32, 2.1 GiB/s on a
-Xeon model 167), at the seal and again before a restore's copies start: on a GPU, where a restore's PCIe copy runs at
-25-50 GB/s, the check before it, not the copy, sets a large restore's time (found by review; not changed here).
+memory, not only stores that did not finish. It runs on the engine thread, at the seal and again before a restore's
+copies start: with zlib.crc32 (~1-2 GiB/s on a Xeon model 167) the check, not a GPU's 25-50 GB/s PCIe copy, set a
+large restore's time (found by review), hence CRC32C on the SSE4.2 instruction, all of a seal's or a restore's slots in
+one call (benchmarks/tier_checksum.py: 4-5x less on the tier's own path here).
 """
 
 from __future__ import annotations
@@ -23,11 +29,19 @@ from dataclasses import dataclass
 import torch
 
 from kvsched.adapters.vllm.tier_layout import QUANTIZE, LayerView, view_bytes
-from kvsched.adapters.vllm.tier_link import Event, SyncLink, host_empty
-from kvsched.adapters.vllm.tier_slots import CHUNK_BYTES, HostSlots
+from kvsched.adapters.vllm.tier_link import (
+    DEFAULT_STAGE_BYTES,
+    LOAD_BUFFERS,
+    STORE_BUFFERS,
+    Event,
+    StagePool,
+    SyncLink,
+    host_empty,
+    stage_plan,
+)
+from kvsched.adapters.vllm.tier_slots import CHUNK_BYTES, HostSlots, carve, chunk_layout
 from kvsched.ops.fp8 import FP8, dequantize_kv_fp8, gather_quantize_blocks, scatter_dequantize_blocks
 
-STAGE_BYTES = 256 << 20  # device bytes a store quantizes before it copies them to the host
 UNSEALED = -1  # a CRC32 is never negative: a slot with this CRC fails every check
 
 
@@ -39,6 +53,7 @@ class PendingStore:
     slots: list[int]
     staged: list[tuple[torch.Tensor, torch.Tensor | None]]  # per view: host rows (+ scales)
     error: torch.Tensor | None = None  # sampled (|x - x'|^2, |x|^2) of the first block, on the host
+    buffer: int | None = None  # the staging buffer it holds until sealed
 
 
 @dataclass(eq=False)
@@ -46,12 +61,14 @@ class Snapshot:
     """Blocks copied out of the KV cache for a lower level: payload(i) once `event` has completed."""
 
     event: Event
-    staged: list[tuple[torch.Tensor, torch.Tensor | None]]
+    groups: list[list[tuple[torch.Tensor, torch.Tensor | None]]]  # per copy group of `per_group` blocks, per view
+    per_group: int
 
     def payload(self, i: int) -> bytes:
         self.event.synchronize()
         parts: list[bytes] = []
-        for q, s in self.staged:
+        staged, i = self.groups[i // self.per_group], i % self.per_group
+        for q, s in staged:
             if s is not None:
                 parts.append(s[i].contiguous().numpy().tobytes())
             parts.append(q[i].contiguous().numpy().tobytes())
@@ -69,7 +86,7 @@ class TierStore:
     """Slots for `views` (the tier's host memory) and the copies in and out of the KV cache."""
 
     def __init__(self, views: Sequence[LayerView], mode: str, link: object | None = None, measure_error: bool = True,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
+                 chunk_bytes: int = CHUNK_BYTES, stage: StagePool | None = None) -> None:
         self.views = list(views)
         self.quantize = mode == QUANTIZE
         self.device = self.views[0].cache.device
@@ -77,6 +94,13 @@ class TierStore:
         self.slot_bytes = view_bytes(self.views, mode)
         self.slots = HostSlots(self.views, self.quantize, self.link.pin, self.slot_bytes, chunk_bytes)
         self.crc: dict[int, int] = {}
+        one = chunk_layout(self.slots.shapes, self.slots.row_bytes, self.quantize, 1).nbytes
+        stage = stage or StagePool(stage_plan(DEFAULT_STAGE_BYTES, one), self.link.pin, allocate=self.link.pin)
+        if stage.plan.buffer_bytes < one:  # planned from the geometry: more views (kernel blocks) pad a slot more
+            stage = StagePool(stage_plan(stage.plan.host_bytes, one), stage.pin, stage.allocate, stage.device_bytes)
+        self.stage = stage
+        self.group_blocks = self._blocks_per_group()
+        self._load_events: dict[int, Event] = {}  # restore buffer -> its last copy (oldest first)
         self.pending: list[PendingStore] = []
         self.latest: dict[int, PendingStore] = {}  # slot -> the newest store writing it (only that one may seal it)
         self.layer_events: dict[str, Event] = {}
@@ -102,13 +126,16 @@ class TierStore:
             tokens = [tokens[i] for i in keep] if tokens else None
         self.seal_ready()
         partial = self.quantize and any(t > 0 for t in tokens or ())
-        read, event, staged, error = self._gather(block_ids, partial)
+        k = self.group_blocks
+        for lo in range(0, len(block_ids), k):
+            buf = self._store_buffer()  # may wait for an earlier group's copy (only a store above two buffers)
+            read, event, staged, error = self._gather(block_ids[lo:lo + k], partial, buffer=buf)
+            pending = PendingStore(event, list(slots[lo:lo + k]), staged, error, buf)
+            for slot in pending.slots:
+                self.crc[slot] = UNSEALED  # until its copy has completed and been checked in
+                self.latest[slot] = pending
+            self.pending.append(pending)
         self.link.fence_compute(read)  # the blocks may be reused by this very step: not before they have been read
-        pending = PendingStore(event, list(slots), staged, error)
-        for slot in slots:
-            self.crc[slot] = UNSEALED  # until its copy has completed and been checked in
-            self.latest[slot] = pending
-        self.pending.append(pending)
         self.counters["stored_blocks"] += len(block_ids)
         self.seal_ready()
 
@@ -116,64 +143,94 @@ class TierStore:
         """Copy (quantize) blocks out of the KV cache for the disk or shared level, without taking tier slots: the
         returned `Snapshot` yields each block's payload (as `HostSlots.payload` lays it out) once its copy completed,
         on any thread (the worker's background writer serializes it, off the engine step)."""
-        read, event, staged, _ = self._gather(block_ids, False, measure=False)
+        k, groups = self.group_blocks, []
+        for lo in range(0, len(block_ids), k):  # host tensors of its own (the writer thread holds them), device: a group
+            read, event, staged, _ = self._gather(block_ids[lo:lo + k], False, measure=False)
+            groups.append(staged)
         self.link.fence_compute(read)
         self.counters["snapshot_blocks"] += len(block_ids)
-        return Snapshot(event, staged)
+        return Snapshot(event, groups, k)
 
-    def _gather(self, block_ids: Sequence[int], partial: bool, measure: bool = True,
+    def _gather(self, block_ids: Sequence[int], partial: bool, measure: bool = True, buffer: int | None = None,
                 ) -> tuple[Event, Event, list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor | None]:
-        """Quantize (or copy) the blocks into private buffers on the cache's device, then copy those to the host.
+        """Quantize (or copy) one group's blocks into private buffers on the cache's device, then copy those to the
+        host: into staging buffer `buffer` when the pool has one (pinned, on a GPU), else to tensors of their own.
         Returns (read: the blocks have been read, so the compute stream may overwrite them; done: the host copies
         completed), the host tensors per view, and the error sample. The compute stream waits for `read` only, not for
-        the transfer to the host (found by review: the next forward stalled for the PCIe copy of every stored block).
-        The device buffers of views are staged in groups of at most STAGE_BYTES; a store larger than that has its
-        earlier groups' host copies before `read` (the side stream runs in order)."""
+        the transfer to the host (found by review: the next forward stalled for the PCIe copy of every stored block)."""
         link = self.link
-        staged: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         errors: list[torch.Tensor] = []
         host_ids = self._host_ids(block_ids)  # the kernels check host ids: no wait on the device per layer
         local = self._host_ids(range(len(block_ids))) if partial else None
-        groups = self._stage_groups(len(block_ids))
+        dest = self._staging(len(block_ids), buffer)
         with link.side():
             ids = host_ids.to(self.device, non_blocking=True)  # for torch's own indexing, on the device
             local_dev = local.to(self.device, non_blocking=True) if local is not None else None
-            for g, group in enumerate(groups):
-                outs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-                for view in group:
-                    cache, sel, dev_sel = view.cache, host_ids, ids
-                    if partial:
-                        cache = torch.nan_to_num(cache.index_select(0, ids), 0.0, 0.0, 0.0)
-                        assert local is not None and local_dev is not None
-                        sel, dev_sel = local, local_dev
-                    if self.quantize:
-                        q, s = gather_quantize_blocks(cache, sel)
-                        rows: torch.Tensor = q.view(torch.uint8)
-                        if self.measure_error and measure:
-                            errors.append(_error_sample(cache.index_select(0, dev_sel[:1]), q[:1], s[:1]))
-                    else:  # as bytes: index ops know uint8 everywhere, not float8 (found by review, see `load`)
-                        rows, s = cache.view(torch.uint8).index_select(0, dev_sel), None
-                    outs.append((rows, s))
-                if g == len(groups) - 1:
-                    read = link.record()
-                staged.extend((self._to_host(r), self._to_host(s) if s is not None else None) for r, s in outs)
+            outs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+            for view in self.views:
+                cache, sel, dev_sel = view.cache, host_ids, ids
+                if partial:
+                    cache = torch.nan_to_num(cache.index_select(0, ids), 0.0, 0.0, 0.0)
+                    assert local is not None and local_dev is not None
+                    sel, dev_sel = local, local_dev
+                if self.quantize:
+                    q, s = gather_quantize_blocks(cache, sel)
+                    rows: torch.Tensor = q.view(torch.uint8)
+                    if self.measure_error and measure:
+                        errors.append(_error_sample(cache.index_select(0, dev_sel[:1]), q[:1], s[:1]))
+                else:  # as bytes: index ops know uint8 everywhere, not float8 (found by review, see `load`)
+                    rows, s = cache.view(torch.uint8).index_select(0, dev_sel), None
+                outs.append((rows, s))
+            read = link.record()
+            if dest is None:
+                staged = [(self._to_host(r), self._to_host(s) if s is not None else None) for r, s in outs]
+            else:
+                for (r, s), (dq, ds) in zip(outs, dest, strict=True):
+                    dq.copy_(r, non_blocking=True)
+                    if s is not None and ds is not None:
+                        ds.copy_(s, non_blocking=True)
+                staged = dest
             error = self._to_host(torch.stack(errors).sum(0)) if errors else None
             event = link.record()
         return read, event, staged, error
 
-    def _stage_groups(self, blocks: int) -> list[list[LayerView]]:
-        """The views in consecutive groups whose device buffers for `blocks` blocks stay within STAGE_BYTES (at least
-        one view each)."""
-        groups: list[list[LayerView]] = [[]]
-        held = 0
-        for view, per_block in zip(self.views, self.slots.view_bytes, strict=True):
-            need = blocks * per_block
-            if groups[-1] and held + need > STAGE_BYTES:
-                groups.append([])
-                held = 0
-            groups[-1].append(view)
-            held += need
-        return groups
+    def _blocks_per_group(self) -> int:
+        """The most blocks whose host staging fits a buffer and whose device buffers fit `stage.device_bytes` (at
+        least one)."""
+        shapes, rows, quantize = self.slots.shapes, self.slots.row_bytes, self.quantize
+        limit = min(self.stage.plan.buffer_bytes, self.stage.device_bytes)
+        k = max(1, limit // max(self.slot_bytes, 1))
+        while k > 1 and chunk_layout(shapes, rows, quantize, k).nbytes > self.stage.plan.buffer_bytes:
+            k -= 1
+        return k
+
+    def _staging(self, blocks: int, buffer: int | None) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+        """Per view, host rows (and scales) for `blocks` blocks in staging buffer `buffer`; None without one."""
+        buf = self.stage.buffer(buffer) if buffer is not None else None
+        if buf is None:
+            return None
+        return carve(buf, self.slots.shapes, self.slots.row_bytes,
+                     chunk_layout(self.slots.shapes, self.slots.row_bytes, self.quantize, blocks))
+
+    def _store_buffer(self) -> int:
+        """A store buffer no pending store holds: the oldest holder's copy is waited for and sealed if need be."""
+        while True:
+            held = {p.buffer for p in self.pending}
+            free = [b for b in STORE_BUFFERS if b not in held]
+            if free:
+                return free[0]
+            self.pending[0].event.synchronize()
+            self.seal_ready()
+
+    def _load_buffer(self) -> int:
+        """A restore buffer whose last host-to-device copy has completed (the oldest waited for if none has)."""
+        for b in LOAD_BUFFERS:
+            event = self._load_events.get(b)
+            if event is None or event.query():
+                return b
+        b = next(iter(self._load_events))
+        self._load_events[b].synchronize()
+        return b
 
     def _host_ids(self, block_ids: Sequence[int] | range) -> torch.Tensor:
         """Block ids as a host tensor (pinned on a GPU: its copy to the device does not block). The kernels check ids
@@ -208,9 +265,9 @@ class TierStore:
                 slots = [p.slots[i] for i in mine]
                 for v, (q, s) in enumerate(p.staged):
                     self.slots.write(v, slots, q.index_select(0, rows), s.index_select(0, rows) if s is not None else None)
-                for slot in slots:
+                for slot, crc in zip(slots, self.slots.checksums(slots), strict=True):
                     del self.latest[slot]
-                    self.crc[slot] = self.slots.checksum(slot)
+                    self.crc[slot] = crc
                     self._maybe_corrupt(slot)
             if p.error is not None:
                 self.err_sq += float(p.error[0])
@@ -231,33 +288,48 @@ class TierStore:
             keep = sorted(last.values())
             slots, block_ids = [slots[i] for i in keep], [block_ids[i] for i in keep]
         self.seal_ready(wait_for=set(slots))
-        bad = [i for i, s in enumerate(slots) if self.crc.get(s, UNSEALED) in (UNSEALED, None)
-               or self.crc[s] != self.slots.checksum(s)]
-        bad_set = set(bad)
-        good = [i for i in range(len(slots)) if i not in bad_set]
+        sealed = [i for i, s in enumerate(slots) if self.crc.get(s, UNSEALED) not in (UNSEALED, None)]
+        now = self.slots.checksums([slots[i] for i in sealed])  # one call for the whole restore
+        ok = {i for i, crc in zip(sealed, now, strict=True) if self.crc[slots[i]] == crc}
+        bad = [i for i in range(len(slots)) if i not in ok]
+        good = sorted(ok)
         if good:
-            src = [slots[i] for i in good]
-            n = len(src)
-            link = self.link
-            host_ids = self._host_ids([block_ids[i] for i in good])
-            with link.side():
-                ids = host_ids.to(self.device, non_blocking=True)
-                for v, view in enumerate(self.views):
-                    heads, rows, row_bytes = self.slots.shapes[v][0], self.slots.shapes[v][1], self.slots.row_bytes[v]
-                    q = host_empty((n, heads, rows, row_bytes), torch.uint8, link.pin)
-                    s = host_empty((n, heads), torch.float32, link.pin) if self.quantize else None
-                    self.slots.read(v, src, q, s)
-                    q_dev = q.to(self.device, non_blocking=True)
-                    if self.quantize:
-                        assert s is not None
-                        scatter_dequantize_blocks(q_dev.view(FP8), s.to(self.device, non_blocking=True), view.cache,
-                                                  host_ids)
-                    else:  # bytes into the cache viewed as bytes: torch has no index_copy_ for float8 dtypes
-                        view.cache.view(torch.uint8).index_copy_(0, ids, q_dev)
-                    self.layer_events[view.name] = link.record()
+            src, dst = [slots[i] for i in good], [block_ids[i] for i in good]
+            k = self.group_blocks
+            for lo in range(0, len(src), k):  # the side stream runs in order: the last group's event follows them all
+                done = self._load_group(src[lo:lo + k], dst[lo:lo + k])
+            self.layer_events.update((view.name, done) for view in self.views)
         self.counters["loaded_blocks"] += len(good)
         self.counters["checksum_failures"] += len(bad)
         return [block_ids[i] for i in bad]
+
+    def _load_group(self, src: list[int], dst: list[int]) -> Event:
+        """One group of a restore: the slots' bytes into a staging buffer (or tensors of their own), to the device,
+        dequantized (or copied as bytes) into the blocks."""
+        link, n = self.link, len(src)
+        buf = self._load_buffer()
+        dest = self._staging(n, buf)
+        host_ids = self._host_ids(dst)
+        with link.side():
+            ids = host_ids.to(self.device, non_blocking=True)
+            for v, view in enumerate(self.views):
+                if dest is not None:
+                    q, s = dest[v]
+                else:
+                    heads, rows, row_bytes = self.slots.shapes[v][0], self.slots.shapes[v][1], self.slots.row_bytes[v]
+                    q = host_empty((n, heads, rows, row_bytes), torch.uint8, link.pin)
+                    s = host_empty((n, heads), torch.float32, link.pin) if self.quantize else None
+                self.slots.read(v, src, q, s)
+                q_dev = q.to(self.device, non_blocking=True)
+                if self.quantize:
+                    assert s is not None
+                    scatter_dequantize_blocks(q_dev.view(FP8), s.to(self.device, non_blocking=True), view.cache,
+                                              host_ids)
+                else:  # bytes into the cache viewed as bytes: torch has no index_copy_ for float8 dtypes
+                    view.cache.view(torch.uint8).index_copy_(0, ids, q_dev)
+            self._load_events.pop(buf, None)
+            done = self._load_events[buf] = link.record()  # the buffer is free again once this group's copies ran
+        return done
 
     # ---- lower levels (disk, shared store) -------------------------------------------------------------------
     @property

@@ -121,7 +121,13 @@ def _trace() -> None:
         raise ValueError(error)
 
 
-ENGINE_CHECKS = (_cpu_isa, _fault_every, _ghost, _levels, _record_trace, _trace)
+def _tier_stage() -> None:
+    from kvsched.adapters.vllm.tier_config import stage_bytes_of
+
+    stage_bytes_of({}, 0)
+
+
+ENGINE_CHECKS = (_cpu_isa, _fault_every, _ghost, _levels, _record_trace, _tier_stage, _trace)
 
 
 def engine_setting_errors() -> list[str]:
@@ -141,13 +147,14 @@ def known_setting_names() -> frozenset[str]:
     from kvsched.adapters.vllm import compaction_shared, trace_recorder
     from kvsched.adapters.vllm import tier_levels_config as levels
     from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB
+    from kvsched.adapters.vllm.tier_config import ENV_STAGE_MB
     from kvsched.ops.cpu_features import ISA_ENV
     from kvsched.ops.ghost import GHOST_ENV
 
     engine = {ENV_FAULT_EVERY, ENV_TRACE, ENV_TRACE_SCORES, ENV_TRACE_MAX_MB, ENV_TIER_GB, ISA_ENV, GHOST_ENV,
               compaction_shared.ENV_STORE_URL, trace_recorder.ENV_RECORD, trace_recorder.ENV_MAX_MB, levels.ENV_DISK_DIR,
               levels.ENV_DISK_GB, levels.ENV_STORE_URL, levels.ENV_KV_TTL, levels.ENV_STATE_TTL, levels.ENV_REPLICA,
-              levels.ENV_FETCH_MB}
+              levels.ENV_FETCH_MB, ENV_STAGE_MB}
     return setting_names() | engine | OTHER_SETTINGS
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -10,6 +11,8 @@ from kvsched.adapters.vllm.settings_check import FALSE_WORDS, TRUE_WORDS
 from kvsched.adapters.vllm.tier_levels_config import ENV_STORE_URL, LevelsConfig
 from kvsched.core.tier_config import TierConfigError, parse_tier_gib
 
+ENV_STAGE_MB = "KVSCHED_TIER_STAGE_MB"
+MAX_STAGE_MB = 65536.0
 CONNECTOR_NAME = "KVSchedFP8TierConnector"
 MODULE_PATH = "kvsched.adapters.vllm.fp8_tier_connector"
 
@@ -59,3 +62,23 @@ def hide_store_secret(extra: dict[str, Any]) -> dict[str, Any]:
         return extra  # resolved from the environment already (or refused there, by name)
     os.environ[ENV_STORE_URL] = str(url)  # the flag's store, for the engine and the compaction alike
     return {**extra, "store_url": redacted(str(url))}
+
+
+def stage_bytes_of(extra: dict[str, Any], default: int) -> tuple[int, bool]:
+    """The copies' host staging in bytes (tier_link.StagePlan), and whether it was set: kv_connector_extra_config's
+    `stage_mb`, else KVSCHED_TIER_STAGE_MB, else `default`. TierConfigError names the key or variable when the value
+    is not a number of MiB in (0, MAX_STAGE_MB]."""
+    raw, name = extra.get("stage_mb"), "kv_connector_extra_config.stage_mb"
+    if raw is None:
+        raw, name = os.environ.get(ENV_STAGE_MB), ENV_STAGE_MB
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return default, False
+    try:
+        if isinstance(raw, bool):
+            raise TypeError
+        mib = float(raw)
+    except (TypeError, ValueError):
+        raise TierConfigError(f"{name} must be a number of MiB, got {raw!r}") from None
+    if not (math.isfinite(mib) and 0 < mib <= MAX_STAGE_MB):
+        raise TierConfigError(f"{name} must be > 0 and at most {MAX_STAGE_MB:.0f} MiB, got {raw!r}")
+    return max(int(mib * 2**20), 1), True

@@ -89,6 +89,34 @@ def budget_bytes(requested_gib: float | None, geometry: TierGeometry, num_blocks
     return auto_budget_bytes(pool_bytes(geometry, num_blocks), available, max(engines_per_host(), ranks))
 
 
+def _slot_bound(geometry: TierGeometry) -> int:
+    """One slot's staging bytes at most (its rows and scales, each view's start aligned), the same on both sides."""
+    from kvsched.adapters.vllm.tier_slots import ALIGN
+
+    return geometry.block_bytes + 2 * ALIGN * len(geometry.layers)
+
+
+def stage_pool(link: Any, geometry: TierGeometry, stage_bytes: int, stage_set: bool) -> tuple[Any, str]:
+    """The worker's copy staging (tier_link.StagePool) for `link`'s device, planned as `staging_bytes` counts it, and
+    how its device bound was chosen (the start-up log)."""
+    from kvsched.adapters.vllm import tier_link
+
+    plan = tier_link.stage_plan(stage_bytes, _slot_bound(geometry))
+    device, how = tier_link.device_stage_bytes(link.device, plan, stage_bytes if stage_set else None)
+    return tier_link.StagePool(plan, link.pin, allocate=link.pin, device_bytes=device), how
+
+
+def staging_bytes(stage_bytes: int, geometry: TierGeometry, platform: str) -> int:
+    """The host bytes each rank pins to stage its copies (tier_link.StagePlan for this model's slots; the worker plans
+    with the same figures), counted in its budget: the slots get what is left. None on a CPU engine (`platform`, vLLM's
+    device type): nothing is pinned there, and the copies' buffers are the kernels' outputs, freed within the step."""
+    from kvsched.adapters.vllm.tier_link import stage_plan
+
+    if platform != "cuda":  # tier_link.link_for: only a CUDA cache (ROCm's too) has a pinned, copied-through link
+        return 0
+    return stage_plan(stage_bytes, _slot_bound(geometry)).host_bytes
+
+
 def layout_name(vllm_config: Any, kv_cache_config: Any) -> str | None:
     """The engine's resolved KV cache layout (vLLM 0.32's `KVCacheLayout` name), when it says."""
     name = getattr(kv_cache_config, "kv_cache_layout", None)
@@ -101,10 +129,12 @@ def layout_name(vllm_config: Any, kv_cache_config: Any) -> str | None:
 
 
 def log_start(disabled: str, geometry: TierGeometry | None, budget: int, auto: bool, num_slots: int,
-              setting: str, ranks: int = 1, least: int | None = None, shares: RankShares | None = None) -> None:
+              setting: str, ranks: int = 1, least: int | None = None, shares: RankShares | None = None,
+              staging: int = 0) -> None:
     """The tier's one start-up line: why it is off, or its size (and the rule or `setting` that gave it; one rank's
     `budget`, on each of `ranks` on this host), what each rank holds and the layout. `least`: the host's bytes that
-    hold one slot (default: a block on each of `ranks`; pipeline stages: RankShares.host_budget_for). `shares`: the
+    hold one slot (default: a block on each of `ranks`; pipeline stages: RankShares.host_budget_for). `staging`: the
+    part of each rank's `budget` its copies' staging buffers take. `shares`: the
     engine's pipeline stages, each rank holding its own layers' part of every slot (found by review: every rank was
     said to hold `budget`, though under uneven stages the stages' ranks hold different amounts, none of them that)."""
     if disabled or geometry is None:
@@ -121,6 +151,8 @@ def log_start(disabled: str, geometry: TierGeometry | None, budget: int, auto: b
         slots += " on a stage-0 rank; a rank holds " + ", ".join(
             f"{num_slots * held / 2**30:.3g} GiB in stage {s} ({n} ranks{', no layers' if not held else ''})"
             for s, (n, held) in enumerate(shares.rank_bytes(geometry.block_bytes)))
+    if staging:
+        slots += f" and {staging / 2**20:.0f} MiB of copy staging on each rank (in the budget; KVSCHED_TIER_STAGE_MB)"
     logger.info("kvsched FP8 tier: %.2f GiB of host memory (%s)%s, %s; %s layout, %s (%d layers, %d heads x %d x %d "
                 "%s per block)", budget * ranks / 2**30, "auto: " + AUTO_RULE if auto else setting, each, slots,
                 geometry.layout, geometry.mode, len(geometry.layers),

@@ -17,14 +17,30 @@ The host bytes of a store are sealed (copied into their slot, CRC computed) once
 
 On the CPU the cache is host memory: `SyncLink` runs every copy on the calling thread, so each "event" has completed
 by the time it exists, and the same store code runs with the waits as no-ops.
+
+Staging (`StagePlan`, `StagePool`): a store or restore moves its blocks in groups, each through one of STAGE_BUFFERS
+host buffers (two for stores, two for restores: one fills while the other's copy runs) and at most one group's device
+buffers. The host buffers are one pinned allocation of `StagePlan.host_bytes`, made at the first copy and counted in
+the tier's host budget (the scheduler takes it off the slots' share: what the process pins is the budget); a group
+whose buffer is still in flight waits for it (the engine thread blocks on that copy only in a store or restore larger
+than two buffers). The device buffers come after vLLM's memory profile (register_kv_caches runs once the KV cache is
+allocated, gpu_model_runner.initialize_kv_cache), so they are bounded by `device_stage_bytes`: the setting, or
+min(a buffer, 1/32 of the device's free memory at registration). On the CPU nothing is pinned and the kernels' outputs
+are the staging, taken in the same groups.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+
+DEFAULT_STAGE_BYTES = 128 << 20  # host staging per worker (KVSCHED_TIER_STAGE_MB), counted in the tier's budget
+STAGE_BUFFERS = 4  # two for stores, two for restores
+STORE_BUFFERS, LOAD_BUFFERS = (0, 1), (2, 3)
+DEVICE_FREE_SHARE = 32  # default device staging: at most this fraction of the free device memory at registration
 
 
 class Event(Protocol):
@@ -96,3 +112,61 @@ def link_for(device: torch.device) -> SyncLink | CudaLink:
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
     """A host buffer; pinned (page-locked) when it is the end of an asynchronous device copy."""
     return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(n, 1).bit_length() - 1
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlan:
+    """Host staging: STAGE_BUFFERS buffers of `buffer_bytes` (a power of two, so the one pinned allocation of
+    `host_bytes` is what torch's power-of-two pinned allocator takes), each at least one slot's staging."""
+
+    buffer_bytes: int
+
+    @property
+    def host_bytes(self) -> int:
+        return self.buffer_bytes * STAGE_BUFFERS
+
+
+def stage_plan(stage_bytes: int, slot_bytes: int) -> StagePlan:
+    """`stage_bytes` of host staging (the setting) in STAGE_BUFFERS power-of-two buffers, each rounded down to a power
+    of two but never below one slot's `slot_bytes` (rounded up then: a group moves at least one block)."""
+    per = _pow2_floor(max(stage_bytes // STAGE_BUFFERS, 1))
+    need = 1 << max(slot_bytes - 1, 0).bit_length()
+    return StagePlan(max(per, need))
+
+
+def device_stage_bytes(device: torch.device, plan: StagePlan, setting: int | None) -> tuple[int, str]:
+    """The device bytes one copy group may stage, and how that figure was chosen (for the start-up log): the setting
+    when given; on CUDA min(a buffer, 1/DEVICE_FREE_SHARE of the free memory now); a buffer elsewhere."""
+    if setting is not None:
+        return min(setting, plan.buffer_bytes), "KVSCHED_TIER_STAGE_MB"
+    if device.type != "cuda":
+        return plan.buffer_bytes, "a host buffer"
+    free, total = torch.cuda.mem_get_info(device)
+    return (min(plan.buffer_bytes, max(free // DEVICE_FREE_SHARE, 1)),
+            f"min(a host buffer, 1/{DEVICE_FREE_SHARE} of the {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB)")
+
+
+class StagePool:
+    """The host staging buffers of `plan`: one allocation (pinned when `pin`), made at the first use; None on the CPU
+    (`allocate` False), where the kernels' outputs are the staging. `device_bytes` bounds one group's device buffers."""
+
+    def __init__(self, plan: StagePlan, pin: bool, allocate: bool, device_bytes: int | None = None) -> None:
+        self.plan, self.pin, self.allocate = plan, pin, allocate
+        self.device_bytes = plan.buffer_bytes if device_bytes is None else device_bytes
+        self.arena: torch.Tensor | None = None
+
+    @property
+    def allocated_bytes(self) -> int:
+        return 0 if self.arena is None else int(self.arena.numel())
+
+    def buffer(self, i: int) -> torch.Tensor | None:
+        if not self.allocate:
+            return None
+        if self.arena is None:
+            self.arena = host_empty((self.plan.host_bytes,), torch.uint8, self.pin)
+        n = self.plan.buffer_bytes
+        return self.arena[i * n:(i + 1) * n]

@@ -328,29 +328,26 @@ def test_every_restore_of_a_step_is_fenced_before_the_forward(monkeypatch):
     assert conn._worker_meta.loaded_blocks == 3 and not conn._errors
 
 
-def test_the_compute_stream_waits_for_the_blocks_to_be_read_not_for_their_copy_to_the_host(monkeypatch):
+def test_the_compute_stream_waits_for_the_blocks_to_be_read_not_for_their_copy_to_the_host():
     """Found by review: the store's fence was recorded after the device-to-host copies, so on a GPU the next forward
     waited for the PCIe transfer of every stored block; the quantized pages are private buffers once the kernels ran.
-    Above STAGE_BYTES the views are staged in groups: the fence follows the last group's kernels."""
-    from kvsched.adapters.vllm import fp8_tier_store
+    A store larger than a copy group (tier_link.StagePool) goes in groups: the fence follows the last group's kernels,
+    and each group's copy seals its own slots."""
+    from kvsched.adapters.vllm.tier_link import StagePool, stage_plan
 
     kv = caches(layers=4)
     original = {k: v.clone() for k, v in kv.items()}
-    for stage_bytes, groups in ((256 << 20, 1), (2 * 2 * HEADS * (N * C + 4), 2)):  # 2 views of 2 blocks a group
-        monkeypatch.setattr(fp8_tier_store, "STAGE_BYTES", stage_bytes)
-        log: list[str] = []
+    slot = view_bytes(views_of(kv), QUANTIZE)
+    for device_bytes, groups in ((None, 1), (slot, 2)):  # a device stage of one block: a group per block
         link = LaterLink()
-        link.record = lambda link=link, log=log: (log.append(f"event {len(link.events)}"),  # type: ignore[method-assign]
-                                                  LaterLink.record(link))[1]
-        store = tier(kv, link=link)
-        store._to_host = lambda t, log=log: (log.append("copy"), t)[1]  # type: ignore[method-assign]
+        pool = StagePool(stage_plan(1 << 20, slot), pin=False, allocate=True, device_bytes=device_bytes)
+        store = tier(kv, link=link, stage=pool)
         store.store([3, 7], [0, 1])
-        read, copied = link.events
-        assert link.fenced == [read] and store.pending[0].event is copied
-        copies_before = log.index("event 0")
-        assert log.count("copy") == 2 * 4 + 1 and copies_before == 2 * 2 * (groups - 1)  # rows and scales, error
-        assert log[-1] == "event 1"
-        copied.done = True
+        assert len(link.events) == 2 * groups and (store.group_blocks == 1) == (groups == 2)
+        reads, copies = link.events[0::2], link.events[1::2]
+        assert link.fenced == [reads[-1]] and [p.event for p in store.pending] == copies
+        for c in copies:
+            c.done = True
         for v in kv.values():
             v.zero_()
         assert store.load([0, 1], [3, 7]) == []
