@@ -5,7 +5,8 @@ The table-driven Python below is the specification ("123456789" -> 0xE3069283); 
 (csrc/crc32c.cpp) runs the SSE4.2 crc32 instruction over three interleaved streams, ~10 GiB/s on one Xeon core
 against zlib.crc32's ~2 (BENCHMARKS.md), or a slicing-by-8 table on CPUs without it. Both continue a running `crc` as
 zlib.crc32's second argument does. Why not zlib.crc32: the tier checks a slot on the engine thread before every restore.
-CPU memory only (host slots); a tensor must be contiguous (ValueError otherwise: a strided view's bytes are not one run).
+CPU memory only (host slots); a tensor must be contiguous (ValueError otherwise: a strided view's bytes are not one
+run).
 """
 
 from __future__ import annotations

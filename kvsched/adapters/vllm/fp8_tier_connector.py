@@ -124,7 +124,8 @@ class KVSchedFP8TierConnector(TierWorkerHooks, KVConnectorBase_V1):
                 logger.warning("kvsched disk/shared tier levels need the FP8 tier (they restore through it); off")
             least = shares.host_budget_for(block_bytes, ranks)  # the host's bytes that hold one slot
             tier_host.log_start(self.disabled_reason, self.geometry, budget, requested is None, self.num_slots,
-                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}", ranks, least + staging * ranks, shares, staging)
+                                f"--kvsched-fp8-tier-gb / {ENV_TIER_GB}", ranks, least + staging * ranks, shares,
+                                staging)
 
     @property
     def enabled(self) -> bool:

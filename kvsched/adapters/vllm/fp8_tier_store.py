@@ -144,7 +144,8 @@ class TierStore:
         returned `Snapshot` yields each block's payload (as `HostSlots.payload` lays it out) once its copy completed,
         on any thread (the worker's background writer serializes it, off the engine step)."""
         k, groups = self.group_blocks, []
-        for lo in range(0, len(block_ids), k):  # host tensors of its own (the writer thread holds them), device: a group
+        # host tensors of its own (the writer thread holds them), device: a group
+        for lo in range(0, len(block_ids), k):
             read, event, staged, _ = self._gather(block_ids[lo:lo + k], False, measure=False)
             groups.append(staged)
         self.link.fence_compute(read)
