@@ -133,9 +133,10 @@ class DiskDirectory:
             self.counters["declined_unsearched"] += 1
             return plan
         mine = self._touch(owner)
-        mine_set, n0 = set(mine), len(mine)
+        mine_set, n0, settle = set(mine), len(mine), False
         for key in keys:
             if key in self.written or key in self.pending:
+                settle = settle or key in self.written  # (pending blocks change no peel: `_settle`)
                 self._claim(owner, key, mine, mine_set)
                 continue
             if self.size >= self.capacity and not self._evict(owner, plan.delete):
@@ -145,7 +146,8 @@ class DiskDirectory:
             self._claim(owner, key, mine, mine_set)
             plan.write.append(key)
         self._listed(owner, mine, n0, keys, start)
-        self._settle(owner)
+        if settle:
+            self._settle(owner)
         self.counters["planned_writes"] += len(plan.write)
         return plan
 
@@ -325,20 +327,20 @@ class DiskDirectory:
         is not live any more: O(log sessions) per session made live since the last search, not a walk of them all."""
         spared = False
         try:
-            while (victim := self._victims.pop()) is not None:
+            while (victim := self._victims.first()) is not None:
                 if victim == exclude:
+                    self._victims.pop_first()
                     spared = True
                     continue
                 keys = self.keys_of[victim]
                 freed = self._peel(victim, deleted)
+                if freed and keys:  # it stays first, live
+                    return True
+                self._victims.pop_first()  # not live: its peel changes nothing now
                 if not keys:
                     del self.keys_of[victim]
                     self.position_of.pop(victim, None)
                     self._victims.gone(victim)
-                elif freed:
-                    self._victims.mark(victim)
-                else:
-                    self._victims.drop(victim)
                 if freed:
                     return True
             return False
@@ -346,8 +348,7 @@ class DiskDirectory:
             if spared:
                 self._victims.mark(exclude)
 
-    def _mark(self, owner: Owner) -> None:
-        """`owner`'s list, a block of it written or a pin of it released: its peel may change something now."""
+    def _mark(self, owner: Owner) -> None:  # a block of its list written, forgotten or unpinned: its peel may act
         if owner in self.keys_of:
             self._victims.mark(owner)
 

@@ -11,8 +11,7 @@ Owner = Hashable
 
 class LiveQueue:
     """`touch` makes an owner the most recent; `mark` makes it live (queued at its recency), `drop` not live, `gone`
-    forgets it. `pop` takes the least recent live owner off the queue (it stays live: `mark` queues it again, `drop`
-    ends it). A heap of (recency stamp, owner) with lazy deletion: `_queued` holds each owner's current entry, the
+    forgets it. `first` is the least recent live owner, `pop_first` takes it off the queue and out of the live set. A heap of (recency stamp, owner) with lazy deletion: `_queued` holds each owner's current entry, the
     others are stale and skipped; rebuilt when mostly stale, so its size stays O(live)."""
 
     def __init__(self) -> None:
@@ -29,8 +28,9 @@ class LiveQueue:
             self._push(owner)
 
     def mark(self, owner: Owner) -> None:
-        """Live (an owner never touched cannot be: it has no place in the order)."""
-        if owner in self._stamp:
+        """Live (an owner never touched cannot be: it has no place in the order). A live owner is always queued at
+        its stamp (`touch`; `pop_first` takes it out of both), so marking it again does nothing."""
+        if owner not in self.live and owner in self._stamp:
             self.live.add(owner)
             self._push(owner)
 
@@ -41,16 +41,24 @@ class LiveQueue:
         self.live.discard(owner)
         self._stamp.pop(owner, None)
 
-    def pop(self) -> Owner | None:
-        """The least recent live owner, off the queue; None when no live owner is queued."""
-        while self._heap:
-            stamp, owner = heapq.heappop(self._heap)
-            if self._queued.get(owner) != stamp:
-                continue  # stale: the owner was touched since (queued again), or is gone
-            del self._queued[owner]
-            if owner in self.live:
+    def first(self) -> Owner | None:
+        """The least recent live owner, left queued (None: no live owner is queued); `pop_first` takes it off."""
+        heap = self._heap
+        while heap:
+            stamp, owner = heap[0]
+            current = self._queued.get(owner) == stamp
+            if current and owner in self.live:
                 return owner
+            heapq.heappop(heap)  # stale (the owner touched since, queued again, or gone) or not live any more
+            if current:
+                del self._queued[owner]
         return None
+
+    def pop_first(self) -> None:
+        """Takes the owner `first` returned off the queue and out of the live set (`mark` puts it back)."""
+        owner = heapq.heappop(self._heap)[1]
+        del self._queued[owner]
+        self.live.discard(owner)
 
     def _push(self, owner: Owner) -> None:
         stamp = self._stamp[owner]
