@@ -96,10 +96,12 @@ def _serve(args: argparse.Namespace, cfg: Any) -> int:
     from ray import serve
 
     from kvsched.adapters.ray.app import build_app
+    from kvsched.adapters.ray.proxy import controller_options
 
     if not ray.is_initialized():
         ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    # Ray's HTTP proxy reads no X-Session-Id of its own (a non-UTF-8 one was its 500): kvsched/adapters/ray/proxy.py
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, controller_options=controller_options())
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
     print(f"kvsched ray-serve: ready on {api_url(cfg)} (Ctrl-C stops it)")
     stop = threading.Event()

@@ -30,14 +30,13 @@ a prefix); with no other block to evict, the write or spill finds no room (a dec
 that block while another can go, kvsched.core.tier). A read that hangs keeps its pin, as it keeps its host slot,
 until reported; the fetches queued behind it are given up by the worker and unpinned (tier_levels_worker).
 
-A declined write costs O(1) once the disk knows it is full of blocks that cannot go: the host tier offers a declined
-block twice, each offer from the engine step, and each looked for a block to evict through the whole index. Measured
-(benchmarks/disk_decline.py: 100,000 blocks in 10,000 sessions, each session's tail pinned): 2.8 s a decline, the
-search restarting from the least recent session for each session it gave up on (O(sessions^2)). Now the search is one
-pass (O(blocks)), and a failed one is remembered (`_stuck`: nobody's blocks may go, or nobody's but one session's, the
-one it spared) until something that could free a block happens: a pin released, a write reported, a session's end, a
-block claimed or forgotten. Blocks found at start-up and never claimed are kept in their own list (`_found`), so a
-successful eviction no longer walks every written block to find that none is unclaimed.
+A declined write costs O(1) once the disk knows it is full of blocks that cannot go (the host tier offers a declined
+block twice, from the engine step): 2.8 s a decline at 100,000 blocks in 10,000 sessions, each tail pinned
+(benchmarks/disk_decline.py), when each search restarted from the least recent session for each one it gave up on. A
+failed search is remembered (`_stuck`) until something that could free a block happens (a pin released, a write
+reported, a session's end, a block claimed or forgotten), and a search visits only the sessions whose peel can change
+something (`_victims`: the tail-most written block not pinned, or marked since), not every session (the first decline
+after a change walked all 10,000: 5.3 ms). Blocks found at start-up and never claimed have their own list (`_found`).
 
 Bookkeeping only: the adapter writes, reads and deletes the files (kvsched/adapters/vllm/tier_disk.py).
 """
@@ -48,6 +47,7 @@ from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from kvsched.core.live_queue import LiveQueue
 from kvsched.core.tier_chain import list_in_order, unlist
 
 Key = Hashable
@@ -100,6 +100,7 @@ class DiskDirectory:
         # Since the last change that could free a block: _UNKNOWN; _NOBODY (no block may go); or the one owner whose
         # blocks might (a search that spared it found nothing else).
         self._stuck: object = _UNKNOWN
+        self._victims = LiveQueue()  # in `keys_of`'s order, those whose `_peel` may change something (`_search`)
 
     # ---- start-up ---------------------------------------------------------------------------------------------------
     def load_index(self, keys: Iterable[Key]) -> list[Key]:
@@ -109,6 +110,8 @@ class DiskDirectory:
             self.written[key] = None
             self._found[key] = None
         self._stuck = _UNKNOWN
+        for owner in self.keys_of:
+            self._mark(owner)
         excess: list[Key] = []
         while len(self.written) > self.capacity:
             key = next(iter(self.written))
@@ -130,9 +133,10 @@ class DiskDirectory:
             self.counters["declined_unsearched"] += 1
             return plan
         mine = self._touch(owner)
-        mine_set, n0 = set(mine), len(mine)
+        mine_set, n0, settle = set(mine), len(mine), False
         for key in keys:
             if key in self.written or key in self.pending:
+                settle = settle or key in self.written  # (pending blocks change no peel: `_settle`)
                 self._claim(owner, key, mine, mine_set)
                 continue
             if self.size >= self.capacity and not self._evict(owner, plan.delete):
@@ -142,6 +146,8 @@ class DiskDirectory:
             self._claim(owner, key, mine, mine_set)
             plan.write.append(key)
         self._listed(owner, mine, n0, keys, start)
+        if settle:
+            self._settle(owner)
         self.counters["planned_writes"] += len(plan.write)
         return plan
 
@@ -155,6 +161,8 @@ class DiskDirectory:
         self._stuck = _UNKNOWN  # a block written (it may go now) or a failed one's room
         if ok and self.owners.get(key):
             self.written[key] = None
+            for owner in self.owners[key]:
+                self._mark(owner)
             self.counters["written_blocks"] += 1
             return False
         self._unlink(key)
@@ -189,6 +197,7 @@ class DiskDirectory:
                 self._claim(owner, key, mine, mine_set)
                 self.reading[key] += 1
         self._listed(owner, mine, n0, keys, start)
+        self._settle(owner)
 
     def unpin(self, keys: Iterable[Key]) -> list[Key]:
         """The fetches of `keys` are over (filled or not) or will never run: they may go again. Returns those whose
@@ -202,6 +211,8 @@ class DiskDirectory:
                 continue
             del self.reading[key]
             self._stuck = _UNKNOWN  # it may go now
+            for owner in self.owners.get(key, ()):
+                self._mark(owner)
             if key in self.written and not self.owners.get(key):
                 del self.written[key]
                 self.owners.pop(key, None)
@@ -228,6 +239,7 @@ class DiskDirectory:
         out: list[Key] = []
         self._stuck = _UNKNOWN  # its blocks go, or may go for another session now
         self.position_of.pop(owner, None)
+        self._victims.gone(owner)
         for key in self.keys_of.pop(owner, []):
             owners = self.owners.get(key)
             if owners is None:
@@ -258,6 +270,7 @@ class DiskDirectory:
         """`owner`'s keys, `owner` now the most recent session (the last to lose blocks)."""
         mine = self.keys_of.pop(owner, [])
         self.keys_of[owner] = mine
+        self._victims.touch(owner)
         return mine
 
     def _listed(self, owner: Owner, mine: list[Key], n0: int, keys: Sequence[Key], start: int | None) -> None:
@@ -267,6 +280,7 @@ class DiskDirectory:
         else:
             del self.keys_of[owner]
             self.position_of.pop(owner, None)
+            self._victims.gone(owner)
 
     def _claim(self, owner: Owner, key: Key, mine: list[Key], mine_set: set[Key]) -> None:
         owners = self.owners.setdefault(key, set())
@@ -302,22 +316,51 @@ class DiskDirectory:
                 deleted.append(key)
                 self.counters["evicted_blocks"] += 1
                 return self._freed()
-        emptied: list[Owner] = []
-        try:
-            for victim, keys in self.keys_of.items():  # least recent first; `_peel` changes lists, not the dict
-                if victim == exclude:
-                    continue
-                freed = self._peel(victim, deleted)
-                if not keys:
-                    emptied.append(victim)
-                if freed:
-                    return self._freed()
-        finally:
-            for victim in emptied:
-                del self.keys_of[victim]
-                self.position_of.pop(victim, None)
+        if self._search(exclude, deleted):
+            return self._freed()
         self._stuck = exclude if self._stuck is _UNKNOWN else _NOBODY  # a second owner spared: both searched
         return False
+
+    def _search(self, exclude: Owner, deleted: list[Key]) -> bool:
+        """The least recent session but `exclude` that frees a block (`_peel`), visiting only the live ones (`_victims`;
+        the others: tail-most written block pinned, or none written, their peel changes nothing). One that frees nothing
+        is not live any more: O(log sessions) per session made live since the last search, not a walk of them all."""
+        spared = False
+        try:
+            while (victim := self._victims.first()) is not None:
+                if victim == exclude:
+                    self._victims.pop_first()
+                    spared = True
+                    continue
+                keys = self.keys_of[victim]
+                freed = self._peel(victim, deleted)
+                if freed and keys:  # it stays first, live
+                    return True
+                self._victims.pop_first()  # not live: its peel changes nothing now
+                if not keys:
+                    del self.keys_of[victim]
+                    self.position_of.pop(victim, None)
+                    self._victims.gone(victim)
+                if freed:
+                    return True
+            return False
+        finally:
+            if spared:
+                self._victims.mark(exclude)
+
+    def _mark(self, owner: Owner) -> None:  # a block of its list written, forgotten or unpinned: its peel may act
+        if owner in self.keys_of:
+            self._victims.mark(owner)
+
+    def _settle(self, owner: Owner) -> None:
+        """`owner` live or not, from its tail: live if its tail-most written block is not pinned."""
+        for key in reversed(self.keys_of.get(owner, ())):
+            if key in self.written:
+                if key not in self.reading:
+                    self._mark(owner)
+                    return
+                break
+        self._victims.drop(owner)
 
     def _freed(self) -> bool:
         self._stuck = _UNKNOWN
@@ -351,3 +394,7 @@ class DiskDirectory:
     def _unlink(self, key: Key) -> None:
         for owner in self.owners.pop(key, set()):
             unlist(self.keys_of, self.position_of, owner, key)
+            if owner in self.keys_of:
+                self._mark(owner)
+            else:
+                self._victims.gone(owner)

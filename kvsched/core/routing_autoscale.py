@@ -124,8 +124,24 @@ def held_while_unread(decision: ScaleDecision, current: int, unread: Sequence[st
     show the pressure."""
     if not unread or decision.replicas >= current:
         return decision
-    names = ", ".join(unread[:3]) + (" ..." if len(unread) > 3 else "")
-    return ScaleDecision(current, f"steady: no scale-down while replica(s) {names} cannot be read ({decision.reason})")
+    return ScaleDecision(current, f"steady: no scale-down while replica(s) {_names(unread)} cannot be read "
+                                  f"({decision.reason})")
+
+
+def held_while_unreported(decision: ScaleDecision, current: int, unreported: Sequence[str]) -> ScaleDecision:
+    """`decision`, but no scale-down while running replicas have reported nothing (`unreported`: none of their
+    reports reached the policy in the window: just started, their first report not carried yet, or their stats calls
+    timing out). As for an unread replica, their load is unknown: the fleet's P95 already waits for them before it
+    scales up (found by review: it did not before it scaled down, and an idle pool of two shrank to one under a
+    replica that had said nothing yet). A scale-up stands."""
+    if not unreported or decision.replicas >= current:
+        return decision
+    return ScaleDecision(current, f"steady: no scale-down while replica(s) {_names(unreported)} have reported nothing "
+                                  f"({decision.reason})")
+
+
+def _names(replicas: Sequence[str]) -> str:
+    return ", ".join(replicas[:3]) + (" ..." if len(replicas) > 3 else "")
 
 
 def _finite(loads: Iterable[ReplicaLoad]) -> list[ReplicaLoad]:

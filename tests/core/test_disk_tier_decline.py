@@ -2,9 +2,12 @@
 
 The host tier offers a declined block twice, each offer from the engine step, and each looked for a block to evict
 through the whole index: one walk of the sessions per session it gave up on (O(sessions^2); 2.8 s a decline at 100,000
-blocks in 10,000 sessions, benchmarks/disk_decline.py). Now one walk finds nothing and the disk remembers it until
-something that could free a block happens. The walks are counted on the sessions' dict itself, not by the code's own
-counter; a seeded random sequence checks that the memory never declines a write the full search would take.
+blocks in 10,000 sessions, benchmarks/disk_decline.py). Then one walk found nothing and the disk remembered it until
+something that could free a block happened; that first walk still visited every session (5.3 ms at 10,000). Now a
+search visits only the sessions whose tail-most written block is not pinned, and those made live since the last one
+(`LiveQueue`). The walks are counted on the sessions' dict itself and the visits on `_peel`, not by the code's own
+counters; seeded random sequences check that neither the memory nor the live queue ever changes a plan or the books
+against the full walk.
 """
 
 from __future__ import annotations
@@ -26,9 +29,19 @@ class Walked(dict[Any, Any]):
         return super().items()
 
 
-def _pinned_full(sessions: int, per: int) -> DiskDirectory:
+class Visited(DiskDirectory):
+    """Counts the sessions an eviction visits (`_peel`)."""
+
+    visits = 0
+
+    def _peel(self, victim: Hashable, deleted: list[Hashable]) -> bool:
+        self.visits += 1
+        return super()._peel(victim, deleted)
+
+
+def _pinned_full(sessions: int, per: int) -> Visited:
     """A full disk of `sessions` sessions of `per` blocks, each session's tail pinned by a read."""
-    d = DiskDirectory(sessions * per, 1)
+    d = Visited(sessions * per, 1)
     for s in range(sessions):
         keys = [f"s{s}k{i}" for i in range(per)]
         for k in d.plan_writes(f"s{s}", keys, 0).write:
@@ -38,16 +51,28 @@ def _pinned_full(sessions: int, per: int) -> DiskDirectory:
     return d
 
 
-def test_declined_writes_on_a_disk_full_of_pinned_blocks_walk_the_sessions_once_per_sparing_owner() -> None:
+def test_declined_writes_on_a_disk_full_of_pinned_blocks_search_once_per_sparing_owner_and_visit_no_session() -> None:
+    """Before, the first search walked the 50 sessions (visiting each: 50 peels); now none is live (each one's tail
+    is pinned, known when it was claimed), so no search walks or visits any."""
     d = _pinned_full(sessions=50, per=4)
     for i in range(20):  # the host tier's spills of x's blocks, each declined
         assert d.plan_writes("x", [f"x{i}"], i).write == []
-    assert isinstance(d.keys_of, Walked) and d.keys_of.walks == 1, f"{d.keys_of.walks} walks for 20 declines"
-    for i in range(5):  # another session's: the first search spared x's blocks (it has none here): one more walk
+    assert isinstance(d.keys_of, Walked) and d.keys_of.walks == 0 and d.visits == 0, (d.keys_of.walks, d.visits)
+    for i in range(5):  # another session's: the first search spared x's blocks (it has none here): one more search
         assert d.plan_writes("y", [f"y{i}"], i).write == []
-    assert d.keys_of.walks == 2
-    assert d.plan_writes("z", ["z0"], 0).write == [] and d.keys_of.walks == 2  # nobody's block may go: no walk
+    assert d.plan_writes("z", ["z0"], 0).write == []  # nobody's block may go: no search
     assert d.counters["writes_cut_short"] == 26 and d.counters["eviction_searches"] == 2
+    assert d.keys_of.walks == 0 and d.visits == 0
+    assert d.unpin(["s7k3"]) == [] and d.plan_writes("z", ["z0"], 0).delete == ["s7k3"]  # the one session made live
+    assert d.visits == 1 and d.keys_of.walks == 0
+
+
+def test_a_pinned_tail_found_bad_makes_its_session_live_again() -> None:
+    """Each session's tail pinned; s1's is found bad (`forget`): its block before it may go now, as a full walk finds."""
+    d = _pinned_full(sessions=3, per=2)
+    assert d.forget(["s1k1"]) == ["s1k1"]
+    assert d.plan_writes("x", ["x0"], 0).write == ["x0"]  # the room it left
+    assert d.plan_writes("x", ["x1"], 1).delete == ["s1k0"] and d.visits == 1
 
 
 def test_a_released_pin_a_written_block_or_an_ended_session_lets_the_next_write_search_again() -> None:
@@ -83,9 +108,9 @@ def test_blocks_found_at_start_up_go_first_oldest_first_and_once_claimed_stay_as
     assert d.plan_writes("b", ["b2"], 2).delete == ["f0"]  # then a's tail, as any session's
 
 
-def _ops(seed: int, n: int) -> list[tuple[str, Any]]:
+def _ops(seed: int, n: int, n_owners: int = 6) -> list[tuple[str, Any]]:
     rng = random.Random(seed)
-    owners = [f"o{i}" for i in range(6)]
+    owners = [f"o{i}" for i in range(n_owners)]
     ops: list[tuple[str, Any]] = []
     for _ in range(n):
         o, at = rng.choice(owners), rng.randrange(8)
@@ -100,6 +125,31 @@ class Searching(DiskDirectory):
 
     def _known_full(self, owner: Hashable) -> bool:
         return False
+
+
+class Walking(DiskDirectory):
+    """The same books, each search walking every session least recent first (as before the live queue)."""
+
+    def _search(self, exclude: Hashable, deleted: list[Hashable]) -> bool:
+        emptied: list[Hashable] = []
+        try:
+            for victim, keys in self.keys_of.items():
+                if victim == exclude:
+                    continue
+                freed = self._peel(victim, deleted)
+                if not keys:
+                    emptied.append(victim)
+                if freed:
+                    return True
+        finally:
+            for victim in emptied:
+                del self.keys_of[victim]
+                self.position_of.pop(victim, None)
+        return False
+
+
+class WalkingSearching(Walking, Searching):
+    """Every search a full walk: the plain algorithm, no memory, no live queue."""
 
 
 def _run(d: DiskDirectory, ops: list[tuple[str, Any]]) -> list[Any]:
@@ -131,3 +181,16 @@ def test_remembering_a_failed_search_never_changes_a_plan() -> None:
         assert _run(d, ops) == _run(Searching(6, 1), ops), f"seed {seed}"
         served += d.counters["declined_unsearched"]
     assert served > 100, f"the memory served {served} declines: too weak a sequence to tell"
+
+
+def test_the_live_queue_never_changes_a_plan_nor_the_books() -> None:
+    """Against the full walk (with and without the memory of a failed search), at two scales of sessions and disk."""
+    visits = 0
+    for seed in range(60):
+        for owners, capacity in ((6, 6), (30, 20)):
+            ops = _ops(1000 + seed, 500, owners)
+            d = Visited(capacity, 1)
+            want = _run(WalkingSearching(capacity, 1), ops)
+            assert _run(d, ops) == want == _run(Walking(capacity, 1), ops), f"seed {seed}, {owners} owners"
+            visits += d.visits
+    assert visits > 1000, f"{visits} sessions visited: too weak a sequence to tell"

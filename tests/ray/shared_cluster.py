@@ -44,6 +44,7 @@ def start_cluster() -> dict[str, Any]:
         import ray
         from ray import serve
 
+        from kvsched.adapters.ray.proxy import controller_options  # as `kvsched ray-serve` starts Serve
         from kvsched.serving import free_port
 
         # Serve's controller kills its HTTP proxy after three readiness checks of 5 s each go unanswered, and
@@ -55,7 +56,7 @@ def start_cluster() -> dict[str, Any]:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
                  _system_config={"metrics_report_interval_ms": 1000})
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=controller_options())
         except BaseException:
             ray.shutdown()
             raise

@@ -96,8 +96,8 @@ def test_a_body_session_id_reaches_the_engine_as_the_id_it_names(sid: str) -> No
 
 
 def test_a_kvsched_header_that_is_not_utf8_is_a_400_naming_it() -> None:
-    """Ray's own proxy answers 500 to X-Session-Id bytes that are no UTF-8 (it decodes that header for its own
-    routing, `serve/_private/http_util.parse_session_id_header`), before the ingress; the others reach it."""
+    """X-Session-Id too: Ray's own proxy, which decoded it for its own routing and answered 500, reads no session
+    header in the Serve kvsched starts (kvsched/adapters/ray/proxy.py; on a real cluster: test_hostile_ingress.py)."""
     for name in (b"x-agent-role", b"x-session-ttl", b"x-session-end", b"x-session-id"):
         handle = FakeHandle({"r0": {}}, "r0")
         headers = [(b"x-session-id", b"s")] if name != b"x-session-id" else []

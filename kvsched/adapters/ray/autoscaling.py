@@ -19,6 +19,8 @@ A live replica whose engine metrics went unread past the grace (its `ttft_unread
 {unscraped_grace_s}`, default 60 s) is left out of the fleet's P95 and named in the reason; while any replica is
 unread, within the grace or past it, the pool scales up on the others' signals but never down (its load is unknown;
 found by review: within the grace a replica never read counted as an idle one, and a pool of three went to two).
+A running replica none of whose reports is in Ray's window (just started, its first report not carried yet, or its
+stats calls timing out) holds a scale-down the same way, as it holds the fleet's P95 (`unreported`).
 `kvsched_ttft_replicas_unscraped` counts those past the grace in the policy's state and as a Ray gauge, which Ray's
 Prometheus endpoint names
 `ray_kvsched_ttft_replicas_unscraped` (`UNSCRAPED_GAUGE_EXPORTED`).
@@ -37,6 +39,7 @@ from kvsched.core.routing_autoscale import (
     ScaleDecision,
     desired_replicas,
     held_while_unread,
+    held_while_unreported,
 )
 from kvsched.core.ttft_histogram import FleetQuantile
 
@@ -84,8 +87,17 @@ def decide(current: int, aggregated: dict[str, dict[Any, float]], replicas: list
         return ScaleDecision(fresh.replicas, f"{fresh.reason}; {how}")
     if held.replicas >= current:
         return ScaleDecision(current, f"steady: the recent p95 ttft keeps this size ({held.reason}); {how}")
-    return held_while_unread(ScaleDecision(fresh.replicas, f"{fresh.reason}; {how}"), current,
+    down = held_while_unread(ScaleDecision(fresh.replicas, f"{fresh.reason}; {how}"), current,
                              fleet.unread if fleet is not None else ())
+    return held_while_unreported(down, current, unreported(aggregated, replicas))
+
+
+def unreported(aggregated: dict[str, dict[Any, float]], replicas: list[Any]) -> list[str]:
+    """The running replicas in none of the window's reports (`EngineReplica.record_autoscaling_stats` always reports
+    `queue_depth`, with its TTFT buckets or its unread seconds; Ray's raw and aggregated metrics come from the same
+    reports, so one missing here has no buckets either)."""
+    seen = {r for series in aggregated.values() for r in (series or {})}
+    return [str(r) for r in replicas if r not in seen]
 
 
 def _s(v: float | None) -> str:

@@ -1,0 +1,25 @@
+"""What kvsched asks of Ray Serve's HTTP proxy, which reads every request before kvsched's ingress does.
+
+Ray 2.60's proxy decodes the header named by `RAY_SERVE_SESSION_ID_HEADER_KEY` (default `x-session-id`, compared
+case-insensitively with `-` and `_` alike) as UTF-8 for its own session routing (`serve/_private/proxy.py`,
+`_matches_session_id_header` in `http_util.py`), so an `X-Session-Id` that is no UTF-8 got Ray's 500 where kvsched's
+engine answers 400. kvsched never needs that value at the proxy: its ingress reads `X-Session-Id` itself and gives its
+router the session with `handle.options(session_id=...)`. Ray reads the variable once, at the import of
+`serve/_private/constants.py` in each process, so it must be in the proxy's environment when the proxy starts: the
+Serve controller's `runtime_env.env_vars` (`controller_options`), which the proxy actors it creates inherit (checked
+on a real cluster: tests/ray/test_hostile_ingress.py); they apply only when Serve starts, not to a Serve already
+running."""
+
+from __future__ import annotations
+
+from typing import Any
+
+RAY_SESSION_HEADER_ENV = "RAY_SERVE_SESSION_ID_HEADER_KEY"
+# A name no HTTP header can have (a colon ends a header's name; spaces and parentheses are not in one either): Ray's
+# proxy then matches no header, decodes none, and passes X-Session-Id to the ingress as the client's bytes.
+RAY_SESSION_HEADER_OFF = "(none: kvsched reads X-Session-Id)"
+
+
+def controller_options() -> dict[str, Any]:
+    """`serve.start(controller_options=...)` for the Serve kvsched starts: Ray's proxy reads no session header."""
+    return {"runtime_env": {"env_vars": {RAY_SESSION_HEADER_ENV: RAY_SESSION_HEADER_OFF}}}
