@@ -11,8 +11,9 @@ Owner = Hashable
 
 class LiveQueue:
     """`touch` makes an owner the most recent; `mark` makes it live (queued at its recency), `drop` not live, `gone`
-    forgets it. `first` is the least recent live owner, `pop_first` takes it off the queue and out of the live set. A heap of (recency stamp, owner) with lazy deletion: `_queued` holds each owner's current entry, the
-    others are stale and skipped; rebuilt when mostly stale, so its size stays O(live)."""
+    forgets it. `first` is the least recent live owner, `pop_first` takes it off the queue and out of the live set.
+    A heap of (recency stamp, owner) with lazy deletion: `_queued` holds each owner's current entry, the others are
+    stale and skipped; rebuilt when mostly stale, so its size stays O(live)."""
 
     def __init__(self) -> None:
         self._clock = 0
