@@ -14,7 +14,7 @@ TORCH_INDEX_ARGS := $(if $(strip $(TORCH_INDEX)),--extra-index-url $(strip $(TOR
 STAMP := $(VENV)/.kvsched-installed
 EXT_STAMP := $(VENV)/.kvsched-ext
 
-.PHONY: install ext test test-run test-fast lint demo bench clean gpu-check redis traces
+.PHONY: install ext test test-fast lint demo bench clean gpu-check redis traces
 
 install: $(STAMP)
 
@@ -58,25 +58,8 @@ redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; } \
 	  || echo "make: could not install redis-server; the shared-store tests will be skipped"
 
-# The suite as two pytest processes at once: tests/ray (its Ray cluster and replicas mostly wait: one core idle through
-# it when it ran after the rest) beside everything else. Both run to the end; the ray process's output (kept in
-# $(TEST_LOGS)/ray.log) is printed after the other's, each with its durations, and the exit status is the worse of the
-# two. The tiny model is built first, once (both processes use it). `make test-run`: this step alone, in a built venv.
-TEST_LOGS := .test-logs
-PYTEST := KVSCHED_REQUIRE_EXT=1 $(BIN)/python -m pytest -q --durations=15
-
 test: $(EXT_STAMP) lint redis
-	@$(MAKE) --no-print-directory test-run
-
-test-run:
-	$(BIN)/python -c "from kvsched.tiny_model import ensure_tiny_model; ensure_tiny_model('test')"
-	@mkdir -p $(TEST_LOGS); \
-	$(PYTEST) -p no:cacheprovider tests/ray > $(TEST_LOGS)/ray.log 2>&1 & ray=$$!; \
-	trap 'kill $$ray 2>/dev/null' INT TERM; \
-	$(PYTEST) --ignore=tests/ray tests; rest=$$?; \
-	wait $$ray; ray_rc=$$?; \
-	echo "==== tests/ray, the second pytest process ($(TEST_LOGS)/ray.log) ===="; cat $(TEST_LOGS)/ray.log; \
-	echo "make test: tests/ray exited $$ray_rc, the rest $$rest"; exit $$(( rest > ray_rc ? rest : ray_rc ))
+	KVSCHED_REQUIRE_EXT=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: $(EXT_STAMP)
 	$(BIN)/python -m pytest -q tests -m "not integration"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,9 +84,8 @@ def test_ray_serve_stops_its_local_store_when_the_start_fails(monkeypatch: pytes
     def unreachable(*_a: object, **_k: object) -> None:
         raise ConnectionError("no Ray cluster there")
 
-    def redis_pids() -> set[str]:  # this process's own: `make test` runs tests/ray beside tests starting theirs
-        return set(subprocess.run(["pgrep", "-x", "-P", str(os.getpid()), "redis-server"], capture_output=True,
-                                  text=True).stdout.split())
+    def redis_pids() -> set[str]:
+        return set(subprocess.run(["pgrep", "-x", "redis-server"], capture_output=True, text=True).stdout.split())
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", unreachable)
