@@ -209,8 +209,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_headroom:
             model = fit(trace, args.ttl, ReplayConfig(capacity_blocks=1))  # the replay's time model (its defaults)
             per["return_classes"] = summary(trace, model)
+            auc = per["return_classes"]["auc"]  # None when no turn, or every turn, returns within --ttl (e.g. 1.5 s)
             print(f"{path.name}: {per['return_classes']['classes']} return classes, AUC "
-                  f"{per['return_classes']['auc']:.3f} (hindsight rates)", flush=True)
+                  f"{'n/a (no turn returns within --ttl, or every one does)' if auc is None else f'{auc:.3f}'} "
+                  "(hindsight rates)", flush=True)
         for p in pressures:
             m = per["pressures"][f"{p:g}"] = measure(trace, p, retention, args.ttl, not args.no_headroom, model,
                                                      None if args.no_tier else args.h2d_gbps, args.tier_eviction)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import os
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
@@ -22,6 +23,29 @@ BOOL_FIELDS = frozenset({"payback_from_start"})
 # is fed only once the pool evicts (`PinPayback.arm`), so an engine that never evicts pays nothing for it.
 AUTO_PAYBACK_SAMPLING = 8
 DEFAULT_ROLE_WEIGHTS = MappingProxyType({"orchestrator": 2.0, "planner": 1.5, "worker": 1.0})
+
+
+def _count(value: Any, name: str) -> int:
+    """An integral number (int, numpy integer, a float such as 1e5) as an int; else ValueError naming the field."""
+    if type(value) is int:
+        return value
+    try:
+        as_int = operator.index(value)
+    except TypeError:
+        as_float = _number(value, name)
+        if not as_float.is_integer():
+            raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+        as_int = int(as_float)
+    return as_int
+
+
+def _number(value: Any, name: str) -> float:
+    """A real number (int, float, numpy scalar) as a Python float; else ValueError naming the field."""
+    if type(value) is float:
+        return value
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +111,7 @@ class RetentionConfig:
     shared_pin_answers: int = DEFAULT_PIN_ANSWERS
 
     def __post_init__(self) -> None:
+        self._normalize_types()
         if not 0.0 <= self.pin_budget_fraction <= 1.0:
             raise ValueError(f"pin_budget_fraction must be in [0, 1], got {self.pin_budget_fraction}")
         for name in ("default_ttl_s", "max_ttl_s", "default_next_use_s"):
@@ -124,6 +149,28 @@ class RetentionConfig:
             raise ValueError(f"shared_pin_answers must be >= 1, got {self.shared_pin_answers}")
         if self.return_threshold is not None and not 0.0 <= self.return_threshold <= 1.0:
             raise ValueError(f"return_threshold must be in [0, 1], got {self.return_threshold}")
+
+    def _normalize_types(self) -> None:
+        """Each field as the exact Python type it declares: the mypyc-compiled policy reads these with run-time type
+        checks, so `max_sessions=1e5`, a numpy integer or float, or `payback_from_start=1`, which pure Python took,
+        raised TypeError there at the first turn (found by the type audit). Integral numbers become ints, numbers
+        floats, 0/1 bools; a count that is not a whole number is a ValueError naming the field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "role_weights":
+                new: Any = MappingProxyType({str(k): _number(w, f"role_weights[{k!r}]") for k, w in value.items()})
+            elif value is None and f.name in ("payback_sampling", "return_threshold"):
+                continue
+            elif f.name in INT_FIELDS:
+                new = _count(value, f.name)
+            elif f.name in BOOL_FIELDS:
+                if value not in (0, 1) or isinstance(value, str):
+                    raise ValueError(f"{f.name} must be true or false, got {value!r}")
+                new = bool(value)
+            else:
+                new = _number(value, f.name)
+            if new is not value:
+                object.__setattr__(self, f.name, new)
 
     def for_pool(self, tier: bool) -> RetentionConfig:
         """This configuration for a pool with (`tier`) or without the FP8 tier: an "auto" payback sampling resolved

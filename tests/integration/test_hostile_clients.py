@@ -188,3 +188,35 @@ def test_a_session_ended_while_its_turn_runs_is_not_pinned_again(secure_server, 
     assert mine(secure_server, session) is None  # its finish did not pin it again
     assert turn(secure_server, session, PROMPT).status_code == 200 and mine(secure_server, session) is not None
     request(secure_server, "DELETE", f"/kvsched/sessions/{session}", KEY, headers={"X-KVSched-Cache-Salt": SALT})
+
+
+@pytest.mark.parametrize("where, literal, status, ttl", [
+    ("body", b"300", 200, 300.0), ("body", b"300.0", 200, 300.0), ("body", b"3e2", 200, 300.0),
+    ("body", b'"300.5"', 200, 300.5), ("body", b"1000000000000000000000000000000", 200, 3600.0),
+    ("body", b"true", 400, None), ("body", b"1e400", 400, None), ("body", b"[300]", 400, None),
+    ("header", b"300.5", 200, 300.5), ("header", b"3e2", 200, 300.0), ("header", b"0x12c", 400, None),
+])
+def test_a_ttl_of_every_json_and_header_number_spelling_is_served_with_it_or_refused(secure_server, reference, where,
+                                                                                     literal, status, ttl):
+    """The type audit of the mypyc build (the compiled policy takes a TTL as a float, an end flag as a bool): a TTL
+    written 300, 300.0, 3e2, "300.5", past int64 or in a header reaches the engine as the float it means (capped at the
+    server's KVSCHED_MAX_TTL_S 3600 and at the payback ledger's cap when it has one); true, 1e400 (JSON's infinity),
+    a list or a hexadecimal header are a 400 naming the field. Never a crashed engine step: a normal turn is served
+    after each, no block leaked."""
+    session = f"hostile-ttl-{uuid.uuid4().hex[:6]}"
+    text = json.dumps([{"role": "user", "content": PROMPT}]).encode()
+    xargs = b', "vllm_xargs": {"session_id": "%s", "ttl_s": %s}' % (session.encode(), literal) if where == "body" \
+        else b""
+    body = b'{"model": "tiny", "messages": %s, "max_tokens": 2, "cache_salt": "%s"%s}' % (text, SALT.encode(), xargs)
+    headers = BASE_HEADERS + ([(b"X-Session-Id", session.encode()), (b"X-Session-TTL", literal)] if where == "header"
+                              else [])
+    got, answer = send_raw(secure_server, "POST", "/v1/chat/completions", headers, body)
+    assert got == status, answer[:300]
+    if status == 400:
+        assert json.loads(answer)["error"]["param"] == ("vllm_xargs.ttl_s" if where == "body" else "x-session-ttl")
+    else:
+        row = rows(secure_server, KEY, SALT)[(session, 0)]
+        cap = stats(secure_server).get("payback_ttl_cap_seconds") or float("inf")
+        assert row["ttl_s"] == min(ttl, cap), (row, cap)
+        request(secure_server, "DELETE", f"/kvsched/sessions/{session}", KEY, headers={"X-KVSched-Cache-Salt": SALT})
+    served_as_before(secure_server, reference)

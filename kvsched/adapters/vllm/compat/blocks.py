@@ -366,6 +366,8 @@ def wrap_allocate_slots(scheduler: Any, on_shortage: Callable[[Any, int, int], b
         num_new_tokens = args[1] if len(args) > 1 else kwargs.get("num_new_tokens", 0)
         # tokens a KV connector (the FP8 tier) loads need new blocks too
         num_new_tokens += args[5] if len(args) > 5 else kwargs.get("num_external_computed_tokens", 0)
+        if type(num_new_tokens) is not int:  # a connector's numpy count: the compiled bookkeeping takes Python ints
+            num_new_tokens = int(num_new_tokens)  # only (found by an audit: its TypeError took the engine down)
         hits = args[3] if len(args) > 3 else kwargs.get("new_computed_blocks")
         # counted before every try (as vLLM does): a release of the request's own session's pin frees its hits
         while on_shortage(request, num_new_tokens,
