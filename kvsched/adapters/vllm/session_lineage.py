@@ -68,6 +68,8 @@ class SessionResolver:
                 if tokens is None:  # prompt embeddings: nothing past the hashed blocks can be compared
                     tokens, tail = (), OPAQUE if overlaps(opaque, start, 1 << 62) else _EMPTY_TAIL
                 else:
+                    if tokens and type(tokens[0]) is not int:  # numpy ids (in-process engine): the compiled lineage
+                        tokens = [int(t) for t in tokens]  # takes exact ints (a TypeError dropped the session)
                     tail = tail_of(tokens, start, opaque)
             if key is not None:
                 named = self.lineage.named(key, hashes, tokens, block, tail, opaque)

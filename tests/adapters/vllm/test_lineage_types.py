@@ -3,9 +3,8 @@
 vLLM types `Request.prompt_token_ids` as list[int], and its multiprocess engine client cannot even send numpy scalars
 (msgpack refuses them); an in-process engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, the offline API) takes what the
 caller built. The compiled `lineage_tail.repeats` unboxes each token as an int: TypeError, which `SessionResolver`
-catches, so the turn is served without its session (pure mode joins it). The fix belongs where the tokens are read,
-`kvsched/adapters/vllm/session_lineage.py` (`SessionResolver.resolve`: `if tokens and type(tokens[0]) is not int:
-tokens = [int(t) for t in tokens]`), another helper's file this round: strict xfail until then."""
+catches, so the turn was served without its session (pure mode joins it). Fixed where the tokens are read:
+`SessionResolver.resolve` (kvsched/adapters/vllm/session_lineage.py) hands the lineage exact ints."""
 
 from __future__ import annotations
 
@@ -23,8 +22,6 @@ pytestmark = pytest.mark.skipif(compiled.mode != "compiled", reason=f"kvsched ru
                                 "the mypyc build's run-time type checks (`make ext` builds it)")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="numpy token ids: the compiled lineage's TypeError "
-                   "drops the session; fix in session_lineage.py (see the module docstring)")
 @pytest.mark.parametrize("session_id", ["named", None], ids=["named", "inferred"])
 def test_a_prompt_of_numpy_token_ids_keeps_its_session(harness_cfg, clock, session_id):
     s, f = _sched(harness_cfg, clock=clock), RequestFactory(BLOCK)
