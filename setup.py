@@ -87,6 +87,8 @@ class OptionalBuildExt(build_ext):
             if os.path.exists(target):
                 os.remove(target)
             return
+        for stale in compiled.leftover_builds(package):  # a module taken out of MODULES: its old build goes
+            os.remove(stale)
         with open(target, "w") as f:
             json.dump(_MYPYC["manifest"], f, indent=1, sort_keys=True)
             f.write("\n")

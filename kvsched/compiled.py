@@ -64,6 +64,22 @@ def manifest(package_dir: str = PACKAGE_DIR, modules: Sequence[str] = MODULES) -
     return {"group": GROUP, "modules": {m: digest(source_path(m, package_dir)) for m in modules}}
 
 
+def leftover_builds(package_dir: str = PACKAGE_DIR, modules: Sequence[str] = MODULES) -> list[str]:
+    """Compiled files (`x.*.so` beside `x.py`) of modules outside `modules`: a module taken out of MODULES keeps its
+    old build beside its source, and after the next build (whose manifest no longer names it) Python would import that
+    stale build in compiled mode. setup.py removes these after every complete mypyc build."""
+    found = []
+    for d, _, files in os.walk(package_dir):
+        names = set(files)
+        rel = os.path.relpath(d, package_dir)
+        prefix = "kvsched." if rel == "." else "kvsched." + rel.replace(os.sep, ".") + "."
+        for f in files:
+            stem = f.split(".", 1)[0]
+            if f.endswith((".so", ".pyd")) and stem + ".py" in names and prefix + stem not in modules:
+                found.append(os.path.join(d, f))
+    return sorted(found)
+
+
 def _built(package_dir: str, modules: Sequence[str]) -> bool:
     """Is any compiled module present (a build without its manifest is stale too)?"""
     dirs: dict[str, set[str]] = {}
