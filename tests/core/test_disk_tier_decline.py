@@ -68,7 +68,8 @@ def test_declined_writes_on_a_disk_full_of_pinned_blocks_search_once_per_sparing
 
 
 def test_a_pinned_tail_found_bad_makes_its_session_live_again() -> None:
-    """Each session's tail pinned; s1's is found bad (`forget`): its block before it may go now, as a full walk finds."""
+    """Each session's tail pinned; s1's is found bad (`forget`): its block before it may go now, as a full walk
+    finds."""
     d = _pinned_full(sessions=3, per=2)
     assert d.forget(["s1k1"]) == ["s1k1"]
     assert d.plan_writes("x", ["x0"], 0).write == ["x0"]  # the room it left
