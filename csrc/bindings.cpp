@@ -37,6 +37,16 @@ kvsched::KvView kv_view(std::uintptr_t data, int dtype, int64_t num_blocks, int6
           stride_block,    stride_head,                          stride_row};
 }
 
+// One binding for both CRC32C entry points (the SSE4.2 one and the table path): the same checks, the GIL released.
+template <uint32_t (*Fn)(const void*, size_t, uint32_t)>
+auto crc32c_binding(const char* name) {
+  return [name](std::uintptr_t data, int64_t n, uint32_t crc) {
+    if (n < 0) throw py::value_error(std::string(name) + ": n must be >= 0");
+    py::gil_scoped_release release;
+    return Fn(ptr<const void>(data), static_cast<size_t>(n), crc);
+  };
+}
+
 constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
 
 const char* isa_name(kvsched::Isa isa) { return kIsaNames[static_cast<int>(isa)]; }
@@ -223,24 +233,11 @@ PYBIND11_MODULE(_C, m) {
       "Cap the FP8 kernel path at 'avx512' (default: the CPU's best), 'avx2' or 'scalar' (process-wide; for tests and "
       "benchmarks of the slower paths). Raises ValueError on another name.");
 
-  m.def(
-      "crc32c",
-      [](std::uintptr_t data, int64_t n, uint32_t crc) {
-        if (n < 0) throw py::value_error("crc32c: n must be >= 0");
-        py::gil_scoped_release release;
-        return kvsched::crc32c(ptr<const void>(data), static_cast<size_t>(n), crc);
-      },
-      py::arg("data"), py::arg("n"), py::arg("crc") = 0,
-      "CRC32C (Castagnoli) of n bytes at address `data`, continuing `crc` as zlib.crc32's second argument does; the "
-      "SSE4.2 crc32 instruction where the CPU has it, else a table.");
-  m.def(
-      "crc32c_portable",
-      [](std::uintptr_t data, int64_t n, uint32_t crc) {
-        if (n < 0) throw py::value_error("crc32c_portable: n must be >= 0");
-        py::gil_scoped_release release;
-        return kvsched::crc32c_portable(ptr<const void>(data), static_cast<size_t>(n), crc);
-      },
-      py::arg("data"), py::arg("n"), py::arg("crc") = 0, "crc32c through the table path whatever the CPU (tests).");
+  m.def("crc32c", crc32c_binding<kvsched::crc32c>("crc32c"), py::arg("data"), py::arg("n"), py::arg("crc") = 0,
+        "CRC32C (Castagnoli) of n bytes at address `data`, continuing `crc` as zlib.crc32's second argument does; the "
+        "SSE4.2 crc32 instruction where the CPU has it, else a table.");
+  m.def("crc32c_portable", crc32c_binding<kvsched::crc32c_portable>("crc32c_portable"), py::arg("data"), py::arg("n"),
+        py::arg("crc") = 0, "crc32c through the table path whatever the CPU (tests).");
   m.def("crc32c_hardware", &kvsched::crc32c_hardware, "Whether crc32c runs on the SSE4.2 crc32 instruction here.");
   m.def(
       "crc32c_segments",
