@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from kvsched.bench.common import provenance, write_json  # noqa: E402
+from kvsched.bench.plots import pyplot, save_beside, save_figure  # noqa: E402
 from kvsched.core.disk_tier import DiskDirectory  # noqa: E402
 
 
@@ -118,6 +119,26 @@ def main(argv: list[str] | None = None) -> None:
     if old is not None:
         out["baseline"] = {"file": str(args.baseline), "rows": baseline_rows}
     write_json(args.out, out)
+    save_beside(args.out, lambda path: plot(out, path))
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """The first decline after a change and an evicting write per block, by disk size; the baseline beside (dashed)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    sides = [("current", result["rows"], "-")]
+    if "baseline" in result:
+        sides.append(("baseline", result["baseline"]["rows"], "--"))
+    for ax, key, title in ((axes[0], "first_us", "first decline after a change"),
+                           (axes[1], "evicting_write_us", "an evicting write, per block")):
+        for name, rows, style in sides:
+            for i, per in enumerate(sorted({r["per_session"] for r in rows})):
+                pts = sorted((r["blocks"], r[key]) for r in rows if r["per_session"] == per and key in r)
+                ax.plot([b for b, _ in pts], [v for _, v in pts], style, marker="o", color=f"C{i}",
+                        label=f"{name}, {per} blocks a session")
+        ax.set(xscale="log", yscale="log", xlabel="blocks on disk", ylabel="us", title=title)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":
