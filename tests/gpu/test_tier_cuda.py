@@ -160,7 +160,7 @@ def _staged_store(blocks_per_group: int):
     config, caches = engine_caches(BACKEND_SPECS["flash_attn"], KVCacheLayout.LBNHC, NUM_BLOCKS, device="cuda")
     fill(caches)
     geometry = geometry_of(config, None)
-    pool = StagePool(stage_plan(4 << 20, geometry.block_bytes), pin=True, allocate=True,
+    pool = StagePool(stage_plan(4 << 20), pin=True, allocate=True,
                      device_bytes=blocks_per_group * geometry.block_bytes)
     store = TierStore(layer_views(caches, geometry, NUM_BLOCKS), "quantize", CudaLink(torch.device("cuda")),
                       stage=pool)
@@ -201,7 +201,7 @@ def test_a_large_stores_device_buffers_stay_within_a_group():
 def test_the_default_device_stage_is_a_share_of_the_free_memory():
     from kvsched.adapters.vllm.tier_link import DEFAULT_STAGE_BYTES, DEVICE_FREE_SHARE, device_stage_bytes, stage_plan
 
-    plan = stage_plan(DEFAULT_STAGE_BYTES, 1 << 20)
+    plan = stage_plan(DEFAULT_STAGE_BYTES)
     got, how = device_stage_bytes(torch.device("cuda"), plan, None)
     free, _ = torch.cuda.mem_get_info()
     assert 0 < got <= min(plan.buffer_bytes, free // DEVICE_FREE_SHARE + (64 << 20)) and "free" in how
