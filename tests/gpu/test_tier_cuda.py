@@ -160,7 +160,7 @@ def _staged_store(blocks_per_group: int):
     config, caches = engine_caches(BACKEND_SPECS["flash_attn"], KVCacheLayout.LBNHC, NUM_BLOCKS, device="cuda")
     fill(caches)
     geometry = geometry_of(config, None)
-    pool = StagePool(stage_plan(4 << 20, geometry.block_bytes), pin=True, allocate=True,
+    pool = StagePool(stage_plan(4 << 20), pin=True, allocate=True,
                      device_bytes=blocks_per_group * geometry.block_bytes)
     store = TierStore(layer_views(caches, geometry, NUM_BLOCKS), "quantize", CudaLink(torch.device("cuda")),
                       stage=pool)
@@ -201,7 +201,67 @@ def test_a_large_stores_device_buffers_stay_within_a_group():
 def test_the_default_device_stage_is_a_share_of_the_free_memory():
     from kvsched.adapters.vllm.tier_link import DEFAULT_STAGE_BYTES, DEVICE_FREE_SHARE, device_stage_bytes, stage_plan
 
-    plan = stage_plan(DEFAULT_STAGE_BYTES, 1 << 20)
+    plan = stage_plan(DEFAULT_STAGE_BYTES)
     got, how = device_stage_bytes(torch.device("cuda"), plan, None)
     free, _ = torch.cuda.mem_get_info()
     assert 0 < got <= min(plan.buffer_bytes, free // DEVICE_FREE_SHARE + (64 << 20)) and "free" in how
+
+
+def _pieced_store(layers: int = 4):
+    """Pinned staging buffers that hold one layer's block but not a slot (gpustage2: copied in pieces, not grown)."""
+    from kvsched.adapters.vllm.fp8_tier_store import TierStore
+    from kvsched.adapters.vllm.tier_layout import geometry_of, layer_views
+    from kvsched.adapters.vllm.tier_link import StagePool, stage_plan
+    from tests.adapters.vllm.tier_engine_caches import fill
+
+    config, caches = engine_caches(BACKEND_SPECS["flash_attn"], KVCacheLayout.LBNHC, NUM_BLOCKS, layers=layers,
+                                   device="cuda")
+    fill(caches)
+    geometry = geometry_of(config, None)
+    buffer = 1 << (geometry.block_bytes // layers + 64 - 1).bit_length()  # a layer's block and its scales' alignment
+    pool = StagePool(stage_plan(4 * buffer), pin=True, allocate=True)
+    store = TierStore(layer_views(caches, geometry, NUM_BLOCKS), "quantize", CudaLink(torch.device("cuda")),
+                      stage=pool)
+    return store, caches, pool, 4 * buffer
+
+
+def test_a_slot_larger_than_a_pinned_buffer_round_trips_in_pieces_and_the_buffers_stay_as_counted():
+    store, caches, pool, setting = _pieced_store()
+    assert store.stage is pool and store.group_blocks == 1 and len(store.plan.spans) > 1
+    original = {n: t[:4].clone() for n, t in caches.items()}
+    store.store([0, 1, 2, 3], [0, 1, 2, 3])  # 4 blocks x several pieces through 2 store buffers
+    for t in caches.values():
+        t[4:8].zero_()
+    assert store.load([0, 1, 2, 3], [4, 5, 6, 7]) == []
+    store.fence_all()
+    torch.cuda.synchronize()
+    for name, t in caches.items():
+        for i in range(4):
+            assert _close(original[name][i], t[4 + i]), (name, i)
+    assert pool.arena is not None and pool.arena.is_pinned()
+    assert pool.allocated_bytes == pool.plan.host_bytes == setting == pool.arena.untyped_storage().nbytes()
+    snap = store.snapshot([0, 1])
+    assert [snap.payload(i) for i in range(2)] == [store.slot_payload(0), store.slot_payload(1)]
+
+
+def test_a_snapshot_pins_nothing_beyond_the_staging_buffers():
+    """gpustage2: a snapshot (the disk and shared levels' publishes) took pinned host tensors of its own per group,
+    outside the tier's budget; now it goes through the store buffers and is copied out to pageable memory."""
+    store, caches, pool, _ = _staged_store(1)
+    store.store([0], [0])  # the slots' first chunk and the staging arena are taken here, before the measure
+    torch.cuda.synchronize()
+    store.seal_ready()
+    torch.cuda.reset_peak_host_memory_stats()
+    base = torch.cuda.host_memory_stats()["active_bytes.current"]
+    snap = store.snapshot(list(range(NUM_BLOCKS)))  # NUM_BLOCKS groups through 2 store buffers
+    payloads = [snap.payload(i) for i in range(NUM_BLOCKS)]
+    grown = torch.cuda.host_memory_stats()["active_bytes.peak"] - base
+    assert grown <= 16 << 10, grown  # the groups' block ids; before, every group's pages: NUM_BLOCKS slots' bytes
+    torch.cuda.synchronize()
+    store.seal_ready()
+    assert store.pending == [] and not any(q.is_pinned() for p in snap.pieces for q, _ in p.staged)
+    store.store(list(range(NUM_BLOCKS)), list(range(NUM_BLOCKS)))
+    torch.cuda.synchronize()
+    store.seal_ready()
+    assert payloads == [store.slot_payload(i) for i in range(NUM_BLOCKS)]
+    assert pool.allocated_bytes == pool.plan.host_bytes

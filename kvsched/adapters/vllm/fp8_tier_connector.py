@@ -318,9 +318,11 @@ class KVSchedFP8TierConnector(TierWorkerHooks, KVConnectorBase_V1):
             return
         stage, how = tier_host.stage_pool(link, self.geometry, self.stage_bytes, self.stage_set)
         self.store = TierStore(views, self.geometry.mode, link, measure_error=self.measure_error, stage=stage)
-        logger.info("kvsched FP8 tier: copies staged %d blocks at a time through %s, at most %.1f MiB of device memory "
-                    "a group (%s)", self.store.group_blocks, f"{stage.plan.host_bytes >> 20} MiB of pinned host memory "
-                    "(in the tier's budget)" if link.pin else "the kernels' outputs", stage.device_bytes / 2**20, how)
+        pieces = "" if self.store.plan.whole else f" in {len(self.store.plan.spans)} pieces of its layers"
+        logger.info("kvsched FP8 tier: copies staged %d blocks at a time%s through %s, at most %.1f MiB of device "
+                    "memory a group (%s)", self.store.group_blocks, pieces, f"{stage.plan.host_bytes / 2**20:g} MiB of "
+                    "pinned host memory (in the tier's budget)" if link.pin else "the kernels' outputs",
+                    stage.device_bytes / 2**20, how)
         self.store.corrupt_every = self._fault_every
         if self.levels_cfg.enabled:
             from kvsched.adapters.vllm.compat import worker_rank

@@ -5,9 +5,11 @@ scale per (block, head) (`kvsched.ops.gather_quantize_blocks`: Triton on a CUDA 
 block's bytes as they are when vLLM already quantized the cache. Host memory is taken in chunks when a slot in them is
 first written (pinned for a CUDA cache), so a large tier costs nothing at start-up.
 
-Memory: the slots' chunks, and the copies' staging (tier_link.StagePool): a store or restore moves its blocks in groups
-through a fixed set of host buffers (one pinned allocation on a GPU, counted in the tier's host budget) with at most
-one group's device buffers (`StagePool.device_bytes`, bounded at registration: vLLM has profiled its memory by then).
+Memory: the slots' chunks, and the copies' staging (tier_link.StagePool): a store, restore or snapshot moves its blocks
+in groups through a fixed set of host buffers (one pinned allocation on a GPU, counted in the tier's host budget) with
+at most one group's device buffers (`StagePool.device_bytes`, bounded at registration: vLLM has profiled its memory by
+then). A slot larger than a buffer goes in pieces of its views (tier_pieces); a snapshot is copied out of its buffer to
+pageable memory (tier_snapshot).
 
 Integrity: every slot carries a checksum of its bytes (tier_slots.SlotCrc: CRC32C, or zlib.crc32 without the C++
 extension), computed on the host copy once the copy has completed (the store's event; at once on the CPU), and
@@ -32,6 +34,7 @@ from kvsched.adapters.vllm.tier_layout import QUANTIZE, LayerView, view_bytes
 from kvsched.adapters.vllm.tier_link import (
     DEFAULT_STAGE_BYTES,
     LOAD_BUFFERS,
+    STAGE_BUFFERS,
     STORE_BUFFERS,
     Event,
     StagePool,
@@ -39,7 +42,9 @@ from kvsched.adapters.vllm.tier_link import (
     host_empty,
     stage_plan,
 )
+from kvsched.adapters.vllm.tier_pieces import copy_plan, refuse_unless_fits
 from kvsched.adapters.vllm.tier_slots import CHUNK_BYTES, HostSlots, carve, chunk_layout
+from kvsched.adapters.vllm.tier_snapshot import SnapPiece, Snapshot, Staged
 from kvsched.ops.fp8 import FP8, dequantize_kv_fp8, gather_quantize_blocks, scatter_dequantize_blocks
 
 UNSEALED = -1  # a CRC32 is never negative: a slot with this CRC fails every check
@@ -47,32 +52,18 @@ UNSEALED = -1  # a CRC32 is never negative: a slot with this CRC fails every che
 
 @dataclass(eq=False)
 class PendingStore:
-    """A store whose device-to-host copy may still be running: sealed into its slots once `event` completes."""
+    """A piece of a store (or of a snapshot: `out`) whose device-to-host copy may still be running: sealed into its
+    slots (or copied out) once `event` completes. A group's pieces share `group`; its `last` piece takes the CRCs."""
 
     event: Event
     slots: list[int]
-    staged: list[tuple[torch.Tensor, torch.Tensor | None]]  # per view: host rows (+ scales)
+    staged: Staged  # per view of `views`: host rows (+ scales)
     error: torch.Tensor | None = None  # sampled (|x - x'|^2, |x|^2) of the first block, on the host
     buffer: int | None = None  # the staging buffer it holds until sealed
-
-
-@dataclass(eq=False)
-class Snapshot:
-    """Blocks copied out of the KV cache for a lower level: payload(i) once `event` has completed."""
-
-    event: Event
-    groups: list[list[tuple[torch.Tensor, torch.Tensor | None]]]  # per copy group of `per_group` blocks, per view
-    per_group: int
-
-    def payload(self, i: int) -> bytes:
-        self.event.synchronize()
-        parts: list[bytes] = []
-        staged, i = self.groups[i // self.per_group], i % self.per_group
-        for q, s in staged:
-            if s is not None:
-                parts.append(s[i].contiguous().numpy().tobytes())
-            parts.append(q[i].contiguous().numpy().tobytes())
-        return b"".join(parts)
+    views: tuple[int, int] = (0, 0)
+    group: object = None  # only the newest group storing a slot may seal it (TierStore.latest)
+    last: bool = True
+    out: SnapPiece | None = None
 
 
 def _error_sample(page: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -94,15 +85,15 @@ class TierStore:
         self.slot_bytes = view_bytes(self.views, mode)
         self.slots = HostSlots(self.views, self.quantize, self.link.pin, self.slot_bytes, chunk_bytes)
         self.crc: dict[int, int] = {}
-        one = chunk_layout(self.slots.shapes, self.slots.row_bytes, self.quantize, 1).nbytes
-        stage = stage or StagePool(stage_plan(DEFAULT_STAGE_BYTES, one), self.link.pin, allocate=self.link.pin)
-        if stage.plan.buffer_bytes < one:  # planned from the geometry: more views (kernel blocks) pad a slot more
-            stage = StagePool(stage_plan(stage.plan.host_bytes, one), stage.pin, stage.allocate, stage.device_bytes)
-        self.stage = stage
-        self.group_blocks = self._blocks_per_group()
+        self.stage = stage or StagePool(stage_plan(DEFAULT_STAGE_BYTES), self.link.pin, allocate=self.link.pin)
+        buffer = self.stage.plan.buffer_bytes  # never grown: a slot larger than a buffer goes in pieces
+        self.plan = copy_plan(self.slots.shapes, self.slots.row_bytes, self.quantize, buffer, self.stage.device_bytes)
+        if self.stage.allocate:
+            refuse_unless_fits(self.plan.fits, buffer, self.plan.piece_bytes, STAGE_BUFFERS)
+        self.group_blocks = self.plan.blocks
         self._load_events: dict[int, Event] = {}  # restore buffer -> its last copy (oldest first)
         self.pending: list[PendingStore] = []
-        self.latest: dict[int, PendingStore] = {}  # slot -> the newest store writing it (only that one may seal it)
+        self.latest: dict[int, object] = {}  # slot -> the newest store group writing it (only that one may seal it)
         self.layer_events: dict[str, Event] = {}
         self.measure_error = measure_error and self.quantize
         self.counters: Counter[str] = Counter()
@@ -126,15 +117,17 @@ class TierStore:
             tokens = [tokens[i] for i in keep] if tokens else None
         self.seal_ready()
         partial = self.quantize and any(t > 0 for t in tokens or ())
-        k = self.group_blocks
+        k, spans = self.group_blocks, self.plan.spans
         for lo in range(0, len(block_ids), k):
-            buf = self._store_buffer()  # may wait for an earlier group's copy (only a store above two buffers)
-            read, event, staged, error = self._gather(block_ids[lo:lo + k], partial, buffer=buf)
-            pending = PendingStore(event, list(slots[lo:lo + k]), staged, error, buf)
-            for slot in pending.slots:
-                self.crc[slot] = UNSEALED  # until its copy has completed and been checked in
-                self.latest[slot] = pending
-            self.pending.append(pending)
+            group, ids, group_slots = object(), block_ids[lo:lo + k], list(slots[lo:lo + k])
+            for slot in group_slots:
+                self.crc[slot] = UNSEALED  # until its copies have completed and been checked in
+                self.latest[slot] = group
+            for j, span in enumerate(spans):
+                buf = self._store_buffer()  # may wait for an earlier piece's copy (only a store above two buffers)
+                read, event, staged, error = self._gather(ids, partial, span, buffer=buf)
+                self.pending.append(PendingStore(event, group_slots, staged, error, buf, span, group,
+                                                 j == len(spans) - 1))
         self.link.fence_compute(read)  # the blocks may be reused by this very step: not before they have been read
         self.counters["stored_blocks"] += len(block_ids)
         self.seal_ready()
@@ -142,20 +135,26 @@ class TierStore:
     def snapshot(self, block_ids: Sequence[int]) -> Snapshot:
         """Copy (quantize) blocks out of the KV cache for the disk or shared level, without taking tier slots: the
         returned `Snapshot` yields each block's payload (as `HostSlots.payload` lays it out) once its copy completed,
-        on any thread (the worker's background writer serializes it, off the engine step)."""
-        k, groups = self.group_blocks, []
-        # host tensors of its own (the writer thread holds them), device: a group
+        on any thread (the worker's background writer serializes it, off the engine step). Its pieces go through the
+        store buffers, copied out to pageable memory once their copy completed (tier_snapshot): nothing more pinned."""
+        k, spans, pieces = self.group_blocks, self.plan.spans, []
         for lo in range(0, len(block_ids), k):
-            read, event, staged, _ = self._gather(block_ids[lo:lo + k], False, measure=False)
-            groups.append(staged)
+            for span in spans:
+                buf = self._store_buffer() if self.stage.allocate else None
+                read, event, staged, _ = self._gather(block_ids[lo:lo + k], False, span, measure=False, buffer=buf)
+                piece = SnapPiece(event, staged, span, in_buffer=buf is not None)
+                pieces.append(piece)
+                if buf is not None:  # holds the buffer until copied out (`seal_ready`, or the writer thread)
+                    self.pending.append(PendingStore(event, [], staged, None, buf, span, piece, out=piece))
         self.link.fence_compute(read)
         self.counters["snapshot_blocks"] += len(block_ids)
-        return Snapshot(event, groups, k)
+        return Snapshot(pieces, k, len(spans))
 
-    def _gather(self, block_ids: Sequence[int], partial: bool, measure: bool = True, buffer: int | None = None,
-                ) -> tuple[Event, Event, list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor | None]:
-        """Quantize (or copy) one group's blocks into private buffers on the cache's device, then copy those to the
-        host: into staging buffer `buffer` when the pool has one (pinned, on a GPU), else to tensors of their own.
+    def _gather(self, block_ids: Sequence[int], partial: bool, span: tuple[int, int], measure: bool = True,
+                buffer: int | None = None) -> tuple[Event, Event, Staged, torch.Tensor | None]:
+        """Quantize (or copy) one piece's blocks (views `span`) into private buffers on the cache's device, then copy
+        those to the host: into staging buffer `buffer` when the pool has one (pinned, on a GPU), else to tensors of
+        their own.
         Returns (read: the blocks have been read, so the compute stream may overwrite them; done: the host copies
         completed), the host tensors per view, and the error sample. The compute stream waits for `read` only, not for
         the transfer to the host (found by review: the next forward stalled for the PCIe copy of every stored block)."""
@@ -163,12 +162,12 @@ class TierStore:
         errors: list[torch.Tensor] = []
         host_ids = self._host_ids(block_ids)  # the kernels check host ids: no wait on the device per layer
         local = self._host_ids(range(len(block_ids))) if partial else None
-        dest = self._staging(len(block_ids), buffer)
+        dest = self._staging(len(block_ids), buffer, span)
         with link.side():
             ids = host_ids.to(self.device, non_blocking=True)  # for torch's own indexing, on the device
             local_dev = local.to(self.device, non_blocking=True) if local is not None else None
-            outs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-            for view in self.views:
+            outs: Staged = []
+            for view in self.views[span[0]:span[1]]:
                 cache, sel, dev_sel = view.cache, host_ids, ids
                 if partial:
                     cache = torch.nan_to_num(cache.index_select(0, ids), 0.0, 0.0, 0.0)
@@ -195,23 +194,13 @@ class TierStore:
             event = link.record()
         return read, event, staged, error
 
-    def _blocks_per_group(self) -> int:
-        """The most blocks whose host staging fits a buffer and whose device buffers fit `stage.device_bytes` (at
-        least one)."""
-        shapes, rows, quantize = self.slots.shapes, self.slots.row_bytes, self.quantize
-        limit = min(self.stage.plan.buffer_bytes, self.stage.device_bytes)
-        k = max(1, limit // max(self.slot_bytes, 1))
-        while k > 1 and chunk_layout(shapes, rows, quantize, k).nbytes > self.stage.plan.buffer_bytes:
-            k -= 1
-        return k
-
-    def _staging(self, blocks: int, buffer: int | None) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
-        """Per view, host rows (and scales) for `blocks` blocks in staging buffer `buffer`; None without one."""
+    def _staging(self, blocks: int, buffer: int | None, span: tuple[int, int]) -> Staged | None:
+        """Per view of `span`, host rows (and scales) for `blocks` blocks in staging buffer `buffer`; None without."""
         buf = self.stage.buffer(buffer) if buffer is not None else None
         if buf is None:
             return None
-        return carve(buf, self.slots.shapes, self.slots.row_bytes,
-                     chunk_layout(self.slots.shapes, self.slots.row_bytes, self.quantize, blocks))
+        shapes, rows = self.slots.shapes[span[0]:span[1]], self.slots.row_bytes[span[0]:span[1]]
+        return carve(buf, shapes, rows, chunk_layout(shapes, rows, self.quantize, blocks))
 
     def _store_buffer(self) -> int:
         """A store buffer no pending store holds: the oldest holder's copy is waited for and sealed if need be."""
@@ -247,29 +236,37 @@ class TierStore:
         return out
 
     def seal_ready(self, wait_for: set[int] | None = None) -> int:
-        """Check in the stores whose copies have completed (and, first, wait for those writing `wait_for` slots):
-        their rows go into their slots and their CRCs are computed. Returns how many stores were sealed."""
+        """Check in the store pieces whose copies have completed (and, first, wait for those writing `wait_for`
+        slots): their rows go into their slots, and a group's last piece takes the slots' CRCs, once its earlier
+        pieces are in. A snapshot's piece is copied out of its buffer. Returns how many pieces were sealed."""
         if not self.pending:
             return 0
         keep: list[PendingStore] = []
+        waiting: set[int] = set()  # groups with a piece not in yet: their later pieces wait (the CRC covers them all)
         sealed = 0
         for p in self.pending:
             if wait_for and wait_for.intersection(p.slots):
                 p.event.synchronize()
-            if not p.event.query():
+            if id(p.group) in waiting or not p.event.query():
                 keep.append(p)
+                waiting.add(id(p.group))
+                continue
+            if p.out is not None:
+                p.out.copy_out()  # unless the writer thread already did
                 continue
             # a slot stored again (or invalidated) while this copy was in flight is not this store's to seal
-            mine = [i for i, slot in enumerate(p.slots) if self.latest.get(slot) is p]
+            mine = [i for i, slot in enumerate(p.slots) if self.latest.get(slot) is p.group]
             if mine:
                 rows = torch.tensor(mine)
                 slots = [p.slots[i] for i in mine]
-                for v, (q, s) in enumerate(p.staged):
-                    self.slots.write(v, slots, q.index_select(0, rows), s.index_select(0, rows) if s is not None else None)
-                for slot, crc in zip(slots, self.slots.checksums(slots), strict=True):
-                    del self.latest[slot]
-                    self.crc[slot] = crc
-                    self._maybe_corrupt(slot)
+                for v, (q, s) in enumerate(p.staged, p.views[0]):
+                    self.slots.write(v, slots, q.index_select(0, rows),
+                                     s.index_select(0, rows) if s is not None else None)
+                if p.last:
+                    for slot, crc in zip(slots, self.slots.checksums(slots), strict=True):
+                        del self.latest[slot]
+                        self.crc[slot] = crc
+                        self._maybe_corrupt(slot)
             if p.error is not None:
                 self.err_sq += float(p.error[0])
                 self.ref_sq += float(p.error[1])
@@ -297,25 +294,26 @@ class TierStore:
         if good:
             src, dst = [slots[i] for i in good], [block_ids[i] for i in good]
             k = self.group_blocks
-            for lo in range(0, len(src), k):  # the side stream runs in order: the last group's event follows them all
-                done = self._load_group(src[lo:lo + k], dst[lo:lo + k])
+            for lo in range(0, len(src), k):  # the side stream runs in order: the last piece's event follows them all
+                for span in self.plan.spans:
+                    done = self._load_group(src[lo:lo + k], dst[lo:lo + k], span)
             self.layer_events.update((view.name, done) for view in self.views)
         self.counters["loaded_blocks"] += len(good)
         self.counters["checksum_failures"] += len(bad)
         return [block_ids[i] for i in bad]
 
-    def _load_group(self, src: list[int], dst: list[int]) -> Event:
-        """One group of a restore: the slots' bytes into a staging buffer (or tensors of their own), to the device,
-        dequantized (or copied as bytes) into the blocks."""
+    def _load_group(self, src: list[int], dst: list[int], span: tuple[int, int]) -> Event:
+        """One piece of a restore (views `span` of a group's blocks): the slots' bytes into a staging buffer (or
+        tensors of their own), to the device, dequantized (or copied as bytes) into the blocks."""
         link, n = self.link, len(src)
         buf = self._load_buffer()
-        dest = self._staging(n, buf)
+        dest = self._staging(n, buf, span)
         host_ids = self._host_ids(dst)
         with link.side():
             ids = host_ids.to(self.device, non_blocking=True)
-            for v, view in enumerate(self.views):
+            for v, view in enumerate(self.views[span[0]:span[1]], span[0]):
                 if dest is not None:
-                    q, s = dest[v]
+                    q, s = dest[v - span[0]]
                 else:
                     heads, rows, row_bytes = self.slots.shapes[v][0], self.slots.shapes[v][1], self.slots.row_bytes[v]
                     q = host_empty((n, heads, rows, row_bytes), torch.uint8, link.pin)
@@ -329,7 +327,7 @@ class TierStore:
                 else:  # bytes into the cache viewed as bytes: torch has no index_copy_ for float8 dtypes
                     view.cache.view(torch.uint8).index_copy_(0, ids, q_dev)
             self._load_events.pop(buf, None)
-            done = self._load_events[buf] = link.record()  # the buffer is free again once this group's copies ran
+            done = self._load_events[buf] = link.record()  # the buffer is free again once this piece's copies ran
         return done
 
     # ---- lower levels (disk, shared store) -------------------------------------------------------------------

@@ -89,11 +89,11 @@ def budget_bytes(requested_gib: float | None, geometry: TierGeometry, num_blocks
     return auto_budget_bytes(pool_bytes(geometry, num_blocks), available, max(engines_per_host(), ranks))
 
 
-def _slot_bound(geometry: TierGeometry) -> int:
-    """One slot's staging bytes at most (its rows and scales, each view's start aligned), the same on both sides."""
-    from kvsched.adapters.vllm.tier_slots import ALIGN
+def _layer_bound(geometry: TierGeometry) -> int:
+    """One layer's block staged alone, at most (tier_pieces.view_bound): a worker's view is a layer or less."""
+    from kvsched.adapters.vllm.tier_pieces import view_bound
 
-    return geometry.block_bytes + 2 * ALIGN * len(geometry.layers)
+    return view_bound(geometry.block_bytes // max(len(geometry.layers), 1))
 
 
 def stage_pool(link: Any, geometry: TierGeometry, stage_bytes: int, stage_set: bool) -> tuple[Any, str]:
@@ -101,20 +101,24 @@ def stage_pool(link: Any, geometry: TierGeometry, stage_bytes: int, stage_set: b
     how its device bound was chosen (the start-up log)."""
     from kvsched.adapters.vllm import tier_link
 
-    plan = tier_link.stage_plan(stage_bytes, _slot_bound(geometry))
+    plan = tier_link.stage_plan(stage_bytes)
     device, how = tier_link.device_stage_bytes(link.device, plan, stage_bytes if stage_set else None)
     return tier_link.StagePool(plan, link.pin, allocate=link.pin, device_bytes=device), how
 
 
 def staging_bytes(stage_bytes: int, geometry: TierGeometry, platform: str) -> int:
-    """The host bytes each rank pins to stage its copies (tier_link.StagePlan for this model's slots; the worker plans
-    with the same figures), counted in its budget: the slots get what is left. None on a CPU engine (`platform`, vLLM's
-    device type): nothing is pinned there, and the copies' buffers are the kernels' outputs, freed within the step."""
-    from kvsched.adapters.vllm.tier_link import stage_plan
+    """The host bytes each rank pins to stage its copies (tier_link.StagePlan: at most `stage_bytes`, whatever the
+    model's slots; the worker plans with the same figures), counted in its budget: the slots get what is left. None on
+    a CPU engine (`platform`, vLLM's device type): nothing is pinned there, and the copies' buffers are the kernels'
+    outputs, freed within the step. TierConfigError when a buffer cannot hold one layer's block (tier_pieces)."""
+    from kvsched.adapters.vllm.tier_link import STAGE_BUFFERS, stage_plan
+    from kvsched.adapters.vllm.tier_pieces import refuse_unless_fits
 
     if platform != "cuda":  # tier_link.link_for: only a CUDA cache (ROCm's too) has a pinned, copied-through link
         return 0
-    return stage_plan(stage_bytes, _slot_bound(geometry)).host_bytes
+    plan, need = stage_plan(stage_bytes), _layer_bound(geometry)
+    refuse_unless_fits(need <= plan.buffer_bytes, plan.buffer_bytes, need, STAGE_BUFFERS)
+    return plan.host_bytes
 
 
 def layout_name(vllm_config: Any, kv_cache_config: Any) -> str | None:

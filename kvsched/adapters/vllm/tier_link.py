@@ -22,11 +22,13 @@ Staging (`StagePlan`, `StagePool`): a store or restore moves its blocks in group
 host buffers (two for stores, two for restores: one fills while the other's copy runs) and at most one group's device
 buffers. The host buffers are one pinned allocation of `StagePlan.host_bytes`, made at the first copy and counted in
 the tier's host budget (the scheduler takes it off the slots' share: what the process pins is the budget); a group
-whose buffer is still in flight waits for it (the engine thread blocks on that copy only in a store or restore larger
-than two buffers). The device buffers come after vLLM's memory profile (register_kv_caches runs once the KV cache is
-allocated, gpu_model_runner.initialize_kv_cache), so they are bounded by `device_stage_bytes`: the setting, or
-min(a buffer, 1/32 of the device's free memory at registration). On the CPU nothing is pinned and the kernels' outputs
-are the staging, taken in the same groups.
+whose buffer is still in flight waits for it (the engine thread blocks on that copy only in a store, restore or
+snapshot larger than two buffers). A slot larger than a buffer goes in pieces of its views (tier_pieces); the disk and
+shared levels' snapshots go through the store buffers too and are copied out to pageable memory once their copy
+completed, so nothing else is pinned for them. The device buffers come after vLLM's memory profile
+(register_kv_caches runs once the KV cache is allocated, gpu_model_runner.initialize_kv_cache), so they are bounded by
+`device_stage_bytes`: the setting, or min(a buffer, 1/32 of the device's free memory at registration). On the CPU
+nothing is pinned and the kernels' outputs are the staging, taken in the same groups.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def _pow2_floor(n: int) -> int:
 @dataclass(frozen=True, slots=True)
 class StagePlan:
     """Host staging: STAGE_BUFFERS buffers of `buffer_bytes` (a power of two, so the one pinned allocation of
-    `host_bytes` is what torch's power-of-two pinned allocator takes), each at least one slot's staging."""
+    `host_bytes` is what torch's power-of-two pinned allocator takes). A slot larger than a buffer is copied in
+    pieces (tier_pieces), never by growing the buffers past the setting the budget counted."""
 
     buffer_bytes: int
 
@@ -130,12 +133,10 @@ class StagePlan:
         return self.buffer_bytes * STAGE_BUFFERS
 
 
-def stage_plan(stage_bytes: int, slot_bytes: int) -> StagePlan:
-    """`stage_bytes` of host staging (the setting) in STAGE_BUFFERS power-of-two buffers, each rounded down to a power
-    of two but never below one slot's `slot_bytes` (rounded up then: a group moves at least one block)."""
-    per = _pow2_floor(max(stage_bytes // STAGE_BUFFERS, 1))
-    need = 1 << max(slot_bytes - 1, 0).bit_length()
-    return StagePlan(max(per, need))
+def stage_plan(stage_bytes: int) -> StagePlan:
+    """`stage_bytes` of host staging (the setting) in STAGE_BUFFERS buffers, each a quarter rounded down to a power of
+    two: `host_bytes` is never above the setting (but for a setting below STAGE_BUFFERS bytes, refused where pinned)."""
+    return StagePlan(_pow2_floor(max(stage_bytes // STAGE_BUFFERS, 1)))
 
 
 def device_stage_bytes(device: torch.device, plan: StagePlan, setting: int | None) -> tuple[int, str]:

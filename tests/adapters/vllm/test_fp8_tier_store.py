@@ -340,7 +340,7 @@ def test_the_compute_stream_waits_for_the_blocks_to_be_read_not_for_their_copy_t
     slot = view_bytes(views_of(kv), QUANTIZE)
     for device_bytes, groups in ((None, 1), (slot, 2)):  # a device stage of one block: a group per block
         link = LaterLink()
-        pool = StagePool(stage_plan(1 << 20, slot), pin=False, allocate=True, device_bytes=device_bytes)
+        pool = StagePool(stage_plan(1 << 20), pin=False, allocate=True, device_bytes=device_bytes)
         store = tier(kv, link=link, stage=pool)
         store.store([3, 7], [0, 1])
         assert len(link.events) == 2 * groups and (store.group_blocks == 1) == (groups == 2)

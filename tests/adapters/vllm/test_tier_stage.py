@@ -20,17 +20,16 @@ from tests.adapters.vllm.test_fp8_tier_store import LaterLink, caches, tier, vie
 MIB = 1 << 20
 
 
-def test_the_plan_is_four_power_of_two_buffers_each_holding_a_slot():
-    assert stage_plan(128 * MIB, 1 * MIB).buffer_bytes == 32 * MIB
-    assert stage_plan(100 * MIB, 1 * MIB).buffer_bytes == 16 * MIB  # rounded down: what is pinned is what is counted
-    assert stage_plan(1, 3 * MIB).buffer_bytes == 4 * MIB  # never below one slot (rounded up then)
-    plan = stage_plan(128 * MIB, 1 * MIB)
+def test_the_plan_is_four_power_of_two_buffers_never_above_the_setting():
+    assert stage_plan(128 * MIB).buffer_bytes == 32 * MIB
+    assert stage_plan(100 * MIB).buffer_bytes == 16 * MIB  # rounded down: what is pinned is what is counted
+    plan = stage_plan(128 * MIB)
     assert plan.host_bytes == STAGE_BUFFERS * plan.buffer_bytes == 128 * MIB
 
 
 def _pool(kv, blocks_per_group: int, link=None):
     slot = view_bytes(views_of(kv), QUANTIZE)
-    pool = StagePool(stage_plan(1 << 30, slot), pin=False, allocate=True, device_bytes=blocks_per_group * slot)
+    pool = StagePool(stage_plan(1 << 30), pin=False, allocate=True, device_bytes=blocks_per_group * slot)
     store = tier(kv, link=link, stage=pool)
     assert store.group_blocks == blocks_per_group
     return store, pool
@@ -84,7 +83,7 @@ def test_a_restore_waits_for_a_restore_buffers_earlier_copy_only_when_both_are_i
 
 
 def test_the_device_stage_is_the_setting_or_a_share_of_the_free_memory(monkeypatch):
-    plan = stage_plan(128 * MIB, MIB)
+    plan = stage_plan(128 * MIB)
     assert tier_link.device_stage_bytes(torch.device("cpu"), plan, None) == (plan.buffer_bytes, "a host buffer")
     assert tier_link.device_stage_bytes(torch.device("cpu"), plan, 4 * MIB)[0] == 4 * MIB
     monkeypatch.setattr(tier_link.torch.cuda, "mem_get_info", lambda device=None: (320 * MIB, 80 << 30))
@@ -139,7 +138,8 @@ def test_a_gpu_engines_staging_comes_out_of_the_tiers_host_budget(harness_cfg, m
 def test_a_cpu_worker_stages_through_the_kernels_outputs_in_groups_the_setting_bounds(harness_cfg, monkeypatch,
                                                                                      caplog):
     """register_kv_caches plans the staging once and says so in one line; on the CPU nothing is pinned or allocated
-    ahead, and KVSCHED_TIER_STAGE_MB still bounds a group (here one block: every block its own group)."""
+    ahead, and KVSCHED_TIER_STAGE_MB still bounds a group (here one block's bytes: a buffer is a quarter of that, so
+    every block is its own group, its layers in pieces, and the buffers are not grown to a slot)."""
     pytest.importorskip("vllm")
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
@@ -157,7 +157,8 @@ def test_a_cpu_worker_stages_through_the_kernels_outputs_in_groups_the_setting_b
     w.register_kv_caches(kv)
     store = w.store
     assert store is not None and store.group_blocks == 1 and store.stage.allocate is False
-    assert "1 blocks at a time through the kernels' outputs" in caplog.text
+    assert store.plan.spans == ((0, 1), (1, 2)) and store.stage.plan.host_bytes <= g.block_bytes
+    assert "1 blocks at a time in 2 pieces of its layers through the kernels' outputs" in caplog.text
     original = {n: t[:3].clone() for n, t in kv.items()}
     store.store([0, 1, 2], [0, 1, 2])
     assert store.load([0, 1, 2], [10, 11, 12]) == [] and store.stage.allocated_bytes == 0
