@@ -87,9 +87,7 @@ def _net_per_hook(rnd: Any, steps: int) -> list[str]:
     count(pins.pins, "enforce_budget", "  pins.enforce_budget")
     count(pins.pins, "unpin", "pins.unpin")
     # on_request_finished is bound into vLLM's _free_blocks wrapper at start-up: rebind it to the counted one
-    cell = next(c for c in rnd.s._free_blocks.__closure__ if getattr(c.cell_contents, "__name__", "") ==
-                "on_request_finished")
-    cell.cell_contents = pins.on_request_finished
+    rnd.s.kvsched_finishes.before = pins.on_request_finished
     gc.disable()
     before = gc.get_count()[0]
     for _ in range(steps):

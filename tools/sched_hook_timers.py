@@ -103,9 +103,7 @@ def main() -> int:
         timed(policy.payback, "observe", "    payback.observe")
         timed(policy.payback, "cached", "    payback.cached")
     # on_request_finished is bound into vLLM's _free_blocks wrapper at start-up: rebind it to the timed one
-    cell = next(c for c in rnd.s._free_blocks.__closure__ if getattr(c.cell_contents, "__name__", "") ==
-                "on_request_finished")
-    cell.cell_contents = pins.on_request_finished
+    rnd.s.kvsched_finishes.before = pins.on_request_finished
     collections = [0, 0.0]  # the garbage collector's runs in the timed steps, and their seconds
 
     def on_gc(phase: str, info: dict[str, int], started: list[float] = [0.0]) -> None:  # noqa: B006 (its state)

@@ -30,7 +30,8 @@ class KVSchedScheduler(AsyncScheduler):
         # "compiled", "pure" (not built) or "pure: <why>" (a stale build not used): kvsched/compiled.py
         logger.info("kvsched: per-turn bookkeeping %s", compiled.mode)
         compat.fix_load_failure_recovery(self)
-        compat.on_free_blocks(self, self.kvsched.on_request_finished)
+        # kvsched pins a finished request's prefix just before vLLM frees its blocks; a step's finished turns together
+        compat.batch_finished_frees(self, self.kvsched.on_request_finished)
 
     def add_request(self, request: Any) -> None:
         # A streaming-input request's next chunk (or its end marker) comes with the id of a request vLLM already

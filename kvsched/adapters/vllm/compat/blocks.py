@@ -309,19 +309,6 @@ def async_scheduling(scheduler: Any) -> bool:
     return bool(getattr(getattr(scheduler, "scheduler_config", None), "async_scheduling", False))
 
 
-def on_free_blocks(scheduler: Any, before: Callable[[Any], None]) -> None:
-    """Call `before(request)` each time vLLM's scheduler is about to free a finished request's blocks
-    (`Scheduler._free_blocks`, private in vLLM 0.32: every path that ends a request goes through it, aborts included),
-    while they are still the request's: the moment to pin its reusable prefix."""
-    original = scheduler._free_blocks
-
-    def _free_blocks(request: Any) -> Any:
-        before(request)
-        return original(request)
-
-    scheduler._free_blocks = _free_blocks
-
-
 def connector_metadata(connector: Any) -> Any:
     """This step's metadata on a worker-side KV connector (`KVConnectorBase_V1._get_connector_metadata`)."""
     return connector._get_connector_metadata()
