@@ -44,7 +44,8 @@ def test_the_layouts_variable_reaches_the_server_over_the_callers(tmp_path: Path
     leaves the caller's environment alone (unset here)."""
     monkeypatch.delenv(VAR, raising=False)
     env = {VAR: "1"} if worker == "in_engine" else {}
-    server = VllmServer(EnvSpec(model=tmp_path, worker=worker, env=env), log_path=tmp_path / "log")  # type: ignore[arg-type]
+    spec = EnvSpec(model=tmp_path, worker=worker, env=env)  # type: ignore[arg-type]
+    server = VllmServer(spec, log_path=tmp_path / "log")
     server.launch()
     assert server.proc is not None and server.proc.wait(timeout=60) == 0
     assert json.loads(server.log_path.read_text()) == seen

@@ -33,8 +33,8 @@ def package_specs(model: Path, recording: Path) -> dict[str, ServerSpec]:
     reads its own requests back)."""
     specs = {
         "secure": ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48,
-                             extra_args=["--api-key", *KEYS], env={**SECURE_ENV, "KVSCHED_RECORD_TRACE": str(recording)},
-                             worker=worker()),
+                             extra_args=["--api-key", *KEYS],
+                             env={**SECURE_ENV, "KVSCHED_RECORD_TRACE": str(recording)}, worker=worker()),
         # compaction's, and the strict chat templates' (test_compaction_templates sends its templates and tools; the
         # flags change nothing for requests without them): one start-up for both modules
         "compaction": ServerSpec(model=model, scheduler="kvsched", max_model_len=COMPACTION_MAX_MODEL_LEN,
