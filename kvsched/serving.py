@@ -23,12 +23,13 @@ from typing import Any, Literal, get_args
 
 # Where vLLM's model worker runs (ServerSpec.worker): "default", where vLLM puts it (on the CPU build, a process of its
 # own beside the engine core: three processes in all); "in_engine", inside the engine-core process (two processes),
-# the layout vLLM itself picks on a GPU with one GPU per engine. Each process imports vLLM (~7-10 CPU-seconds on 2
-# cores, measured at 0ab4fbb): a start-up in_engine is one import shorter (~26 -> ~17 CPU-seconds, the tiny model).
+# the layout vLLM itself picks on a GPU with one GPU per engine. Each process imports vLLM: the tiny model's start-up
+# in_engine took 14.8 CPU-seconds and 14.5 s to serve against 21.4 and 19.5 s (tools/startup_probe.py, BENCHMARKS.md).
 Worker = Literal["default", "in_engine"]
 WORKERS: tuple[str, ...] = get_args(Worker)
 # vLLM's CPU platform replaces the `uni` executor by `mp` unless this is "0" (vllm/platforms/cpu.py, 0.32); AsyncLLM
-# (the API server) keeps its engine core in a process of its own whatever it says.
+# (the API server) keeps its engine core in a process of its own whatever it says. vLLM binds the worker's OpenMP
+# threads (VLLM_CPU_OMP_THREADS_BIND other than "nobind", VllmServer's default) only for a worker process of its own.
 IN_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 IN_ENGINE_ARGS = ["--distributed-executor-backend", "uni"]
 

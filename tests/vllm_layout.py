@@ -2,9 +2,9 @@
 
 Most run it inside the engine-core process ("in_engine": `--distributed-executor-backend uni` with
 VLLM_ENABLE_V1_MULTIPROCESSING=0): a start-up is then two processes importing vLLM one after the other instead of three,
-and the suite's time is mostly start-ups (~17 instead of ~26 CPU-seconds for the tiny model on this repository's
-2-core Xeon). It is also kvsched's production layout: vLLM runs the worker in the engine core by default on a GPU with
-one GPU per engine.
+and the suite's time is mostly start-ups (the tiny model's: 14.8 instead of 21.4 CPU-seconds on a 2-core Xeon;
+tests/integration and tests/ray 444 s instead of 562 s: BENCHMARKS.md, "Test-suite start-ups"). It is also
+kvsched's production layout: vLLM runs the worker in the engine core by default on a GPU with one GPU per engine.
 
 The CPU build's own default, the worker in a process of its own (three processes), stays covered where named
 `DEFAULT_LAYOUT`: test_fp8_tier's main tier server (and its tensor-parallel one, which needs a process per rank),
