@@ -19,7 +19,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, get_args
+
+# Where vLLM's model worker runs (ServerSpec.worker): "default", where vLLM puts it (on the CPU build, a process of its
+# own beside the engine core: three processes in all); "in_engine", inside the engine-core process (two processes),
+# the layout vLLM itself picks on a GPU with one GPU per engine. Each process imports vLLM: the tiny model's start-up
+# in_engine took 14.8 CPU-seconds and 14.5 s to serve against 21.4 and 19.5 s (tools/startup_probe.py, BENCHMARKS.md).
+Worker = Literal["default", "in_engine"]
+WORKERS: tuple[str, ...] = get_args(Worker)
+# vLLM's CPU platform replaces the `uni` executor by `mp` unless this is "0" (vllm/platforms/cpu.py, 0.32); AsyncLLM
+# (the API server) keeps its engine core in a process of its own whatever it says. vLLM binds the worker's OpenMP
+# threads (VLLM_CPU_OMP_THREADS_BIND other than "nobind", VllmServer's default) only for a worker process of its own.
+IN_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+IN_ENGINE_ARGS = ["--distributed-executor-backend", "uni"]
 
 
 @contextlib.contextmanager
@@ -71,6 +83,17 @@ class ServerSpec:
     # of its own, equal to that of the whole session that started it). False: it stays in the caller's session and
     # scheduling group and only leads a process group of its own (killed as a unit either way).
     own_session: bool = True
+    # "in_engine": the model worker inside the engine-core process (`Worker`; one worker only: no tensor or pipeline
+    # parallelism). vLLM's own default otherwise: `kvsched serve` and the demo keep it.
+    worker: Worker = "default"
+
+    def __post_init__(self) -> None:
+        if self.worker not in WORKERS:
+            raise ValueError(f"ServerSpec.worker must be one of {', '.join(WORKERS)}, got {self.worker!r}")
+
+    def worker_env(self) -> dict[str, str]:
+        """The environment the worker layout needs (laid over the caller's and `env`)."""
+        return dict(IN_ENGINE_ENV) if self.worker == "in_engine" else {}
 
     def serve_dtype(self) -> str | None:
         from kvsched.tiny_model import tiny_model_dtype
@@ -90,6 +113,8 @@ class ServerSpec:
             args += ["--num-gpu-blocks-override", str(self.num_blocks)]
         if self.api_key:
             args += ["--api-key", self.api_key]
+        if self.worker == "in_engine":
+            args += IN_ENGINE_ARGS
         return args + list(self.extra_args)
 
 
@@ -120,6 +145,7 @@ class VllmServer:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         env.update(self.spec.env)
+        env.update(self.spec.worker_env())
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process lifetime
         group: dict[str, Any] = {"start_new_session": True} if self.spec.own_session else {"process_group": 0}
         self.proc = subprocess.Popen(self.spec.argv(self.port), stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -14,6 +14,7 @@ from kvsched.ops.cpu_features import cpu_features
 from kvsched.serving import ServerSpec
 from tests.integration.secure import ENV as SECURE_ENV
 from tests.integration.secure import KEYS
+from tests.vllm_layout import worker
 
 COMPACTION_TRIGGER = 300
 COMPACTION_MAX_MODEL_LEN = 4096
@@ -32,25 +33,27 @@ def package_specs(model: Path, recording: Path) -> dict[str, ServerSpec]:
     reads its own requests back)."""
     specs = {
         "secure": ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48,
-                             extra_args=["--api-key", *KEYS], env={**SECURE_ENV, "KVSCHED_RECORD_TRACE": str(recording)}),
+                             extra_args=["--api-key", *KEYS],
+                             env={**SECURE_ENV, "KVSCHED_RECORD_TRACE": str(recording)}, worker=worker()),
         # compaction's, and the strict chat templates' (test_compaction_templates sends its templates and tools; the
         # flags change nothing for requests without them): one start-up for both modules
         "compaction": ServerSpec(model=model, scheduler="kvsched", max_model_len=COMPACTION_MAX_MODEL_LEN,
-                                 num_blocks=400, env=COMPACTION_ENV, extra_args=COMPACTION_TEMPLATE_ARGS),
+                                 num_blocks=400, env=COMPACTION_ENV, extra_args=COMPACTION_TEMPLATE_ARGS,
+                                 worker=worker()),
         # stock vLLM: `kvsched bench replay`'s prompts (test_trace_replay: one engine block per trace block), stock
         # vLLM without the flag (test_serve) and the KV pool vLLM sizes itself from 1 GiB of bf16 cache with its log
         # line at INFO (test_plan_vllm: no --num-gpu-blocks-override, the dtype the planner is checked for), and the
         # tiny model recomputed in the dtype of test_fp8_tier's tiers (what a restored turn must decode exactly like)
         "replay": ServerSpec(model=model, scheduler=None, max_model_len=1024, block_size=32, kv_cache_gib=1,
                              served_model_name="replay", dtype="bfloat16",
-                             env={"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_KVCACHE_SPACE": "1"}),
+                             env={"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_KVCACHE_SPACE": "1"}, worker=worker()),
     }
     if not cpu_features().fp8_kv_cache_refusal():  # test_fp8_kv and test_fp8_tier's fp8 test skip without it
         # test_fp8_tier's tier over an fp8 cache too: its tier, its admin key and a length that lets one request
         # take every block of the pool but one (test_fp8_tier.flood)
         specs["fp8_kv"] = ServerSpec(model=model, scheduler="kvsched", max_model_len=FP8_MAX_LEN, num_blocks=48,
                                      extra_args=["--kv-cache-dtype", "fp8", "--kvsched-fp8-tier-gb", "0.05"],
-                                     env={"KVSCHED_ADMIN_KEYS": "tier-admin"})
+                                     env={"KVSCHED_ADMIN_KEYS": "tier-admin"}, worker=worker())
     return specs
 
 
@@ -62,7 +65,7 @@ def serve_spec(model: Path) -> ServerSpec:
     INFO (its tier's start-up line is checked). conftest.serve_launched spawns it while test_plan_vllm's engine starts
     (one start-up alone keeps one core busy: three single-threaded imports one after another)."""
     return ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48, api_key=SERVE_KEY,
-                      env={"VLLM_LOGGING_LEVEL": "INFO"})
+                      env={"VLLM_LOGGING_LEVEL": "INFO"}, worker=worker())
 
 
 # `vllm serve` commands that must fail at start (each imports vLLM first, ~15 CPU-seconds): run at once the first time

@@ -14,6 +14,7 @@ openai = pytest.importorskip("openai")
 
 from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
 from tests.integration.servers import SERVED_BAD_TIER_SIZE  # noqa: E402
+from tests.vllm_layout import DEFAULT_LAYOUT, runs_worker_apart, worker  # noqa: E402
 
 pytestmark = pytest.mark.integration
 SYSTEM = "You are a careful research agent. Use the tools. " * 8
@@ -25,26 +26,30 @@ ADMIN = {"Authorization": "Bearer tier-admin"}  # sees and ends every session, s
 
 
 def serve(model, *extra):
+    """The module's main tier server, in the CPU build's own layout (the worker in a process of its own: where the
+    rest of the suite's servers run it in the engine core, tests/vllm_layout.py)."""
     return VllmServer(ServerSpec(model=model, scheduler="kvsched", max_model_len=MAX_LEN, num_blocks=POOL_BLOCKS,
                                  extra_args=["--kvsched-fp8-tier-gb", "0.05", *extra],
-                                 env={"KVSCHED_ADMIN_KEYS": "tier-admin"}))
+                                 env={"KVSCHED_ADMIN_KEYS": "tier-admin"}, worker=DEFAULT_LAYOUT))
 
 
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir):
     """Every server of this module, started at once (their start-ups overlap; one waiting idle takes no CPU): the
-    tier, a tier whose every slot is corrupted after its checksum and a tier of a tensor-parallel engine (two ranks).
+    tier (its worker in a process of its own, as the CPU build runs it), a tier whose every slot is corrupted after its
+    checksum (its worker in the engine core, as the suite's other servers: tests/vllm_layout.py) and a tier of a
+    tensor-parallel engine (two ranks: a worker process each, whatever the switch).
     The tier over an fp8 KV cache is the package's fp8 server (conftest.fp8_kv_server: test_fp8_kv's, with the same
     tier, pool and admin key); what a restored turn must decode exactly like is the package's stock vLLM
     (`plain_server`)."""
     named = {"tier": serve(tiny_model_dir),
              "faulty": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=MAX_LEN,
                                              num_blocks=POOL_BLOCKS, env={"KVSCHED_TIER_FAULT_EVERY": "1"},
-                                             extra_args=["--kvsched-fp8-tier-gb", "0.05"])),
+                                             extra_args=["--kvsched-fp8-tier-gb", "0.05"], worker=worker())),
              "tp": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024,
                                          num_blocks=POOL_BLOCKS, env={"KVSCHED_ADMIN_KEYS": "tier-admin"},
                                          extra_args=["--kvsched-fp8-tier-gb", str(TP_TIER_GIB),
-                                                     "--tensor-parallel-size", "2"]))}
+                                                     "--tensor-parallel-size", "2"], worker=DEFAULT_LAYOUT))}
     start_all(list(named.values()))
     try:
         yield named
@@ -305,3 +310,11 @@ def test_the_tiers_bytes_are_both_ranks(servers) -> None:
     whole = sessions(servers["tier"])["stats"]["kv_bytes_per_token"]
     assert m["kvsched_kv_bytes_per_token"] == s["kv_bytes_per_token"] == whole > 0
     assert m["kvsched_kv_rank_bytes_per_token"] == s["kv_rank_bytes_per_token"] == whole / 2
+
+
+def test_the_tier_servers_run_the_worker_where_they_were_told(servers) -> None:
+    """The main tier server runs vLLM's worker in a process of its own (the CPU build's default layout, kept covered);
+    the corrupting one in its engine core when the suite's switch says so (`ServerSpec.worker`: one vLLM import fewer
+    at start-up)."""
+    assert runs_worker_apart(servers["tier"].proc.pid)
+    assert runs_worker_apart(servers["faulty"].proc.pid) == (worker() == DEFAULT_LAYOUT)

@@ -20,6 +20,7 @@ from kvsched.core.planner import GIB, ModelShape, kv_capacity_tokens  # noqa: E4
 from kvsched.ops.cpu_features import cpu_features  # noqa: E402
 from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
 from tests.integration.conftest import launch_meanwhile  # noqa: E402
+from tests.vllm_layout import worker  # noqa: E402
 
 pytestmark = pytest.mark.integration
 BLOCK = 32
@@ -30,7 +31,7 @@ INFO_BLOCKS = re.compile(r'num_gpu_blocks="(\d+)"')
 def kv_spec(model_dir: Path, kv_gib: int, extra_args: list[str]) -> ServerSpec:
     return ServerSpec(model=model_dir, scheduler=None, max_model_len=512, block_size=BLOCK, kv_cache_gib=kv_gib,
                       env={"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)},
-                      dtype="bfloat16", extra_args=extra_args)
+                      dtype="bfloat16", extra_args=extra_args, worker=worker())
 
 
 def kv_tokens(server: VllmServer) -> tuple[int, int]:

@@ -20,6 +20,7 @@ openai = pytest.importorskip("openai")
 from kvsched.adapters.store.local_redis import LocalRedis, RedisUnavailable  # noqa: E402
 from kvsched.bench.delay_proxy import delayed  # noqa: E402
 from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
+from tests.vllm_layout import worker  # noqa: E402
 
 pytestmark = pytest.mark.integration
 BLOCK = 32
@@ -32,7 +33,7 @@ COMPACTION_ENV = {"KVSCHED_COMPACTION_TRIGGER_TOKENS": "150", "KVSCHED_COMPACTIO
 def spec(model, *levels, env=None):
     return ServerSpec(model=model, scheduler="kvsched", max_model_len=2048, num_blocks=160,
                       extra_args=["--kvsched-fp8-tier-gb", "0.05", "--enable-prompt-tokens-details", *levels],
-                      env=dict(env or {}))
+                      env=dict(env or {}), worker=worker())
 
 
 def chat(server, messages, session, max_tokens=8, compaction=None, stream=False):

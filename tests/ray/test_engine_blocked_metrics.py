@@ -63,9 +63,10 @@ def decide(window: list[dict[str, float]]) -> tuple[int, str]:
 
 def start_replica() -> EngineReplica:
     from kvsched.tiny_model import ensure_tiny_model
+    from tests.vllm_layout import worker
 
     cfg = EngineConfig(model=str(ensure_tiny_model("test")), served_model_name="tiny", max_model_len=512,
-                       block_size=32)
+                       block_size=32, worker=worker())
     return EngineReplica("tiny", cfg.model_dump(), poll_deadline_s=DEADLINE_S)
 
 

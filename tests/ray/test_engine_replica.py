@@ -14,6 +14,7 @@ import pytest
 from kvsched.adapters.ray.config import EngineConfig
 from kvsched.adapters.ray.engine import EngineReplica
 from tests.ray.shared_cluster import Early, early
+from tests.vllm_layout import DEFAULT_LAYOUT, runs_worker_apart
 
 pytestmark = pytest.mark.integration
 
@@ -21,8 +22,10 @@ pytestmark = pytest.mark.integration
 def start_replica() -> EngineReplica:
     from kvsched.tiny_model import ensure_tiny_model
 
+    # the CPU build's own layout (the worker in a process of its own), where the suite's other replicas run it in the
+    # engine core (tests/vllm_layout.py): the replica's process-group handling is checked with all three processes
     cfg = EngineConfig(model=str(ensure_tiny_model("test")), served_model_name="tiny", max_model_len=512,
-                       block_size=32)
+                       block_size=32, worker=DEFAULT_LAYOUT)
     return EngineReplica("tiny", cfg.model_dump())
 
 
@@ -36,6 +39,7 @@ def test_engine_replica_proxies_and_reports_pinned_sessions() -> None:
         # its own process group (stopped as a unit), in the replica's session: with a session of its own it had a CPU
         # share of its own under Linux's autogroup scheduler, and a busy engine starved the Ray processes relaying to it
         assert pid is not None and os.getpgid(pid) == pid and os.getsid(pid) == os.getsid(0)
+        assert runs_worker_apart(pid)  # API server, engine core and worker
 
         async def run() -> None:
             # Ray asks for stats from the replica's start: the first scrape is a baseline (what the engine served

@@ -53,13 +53,14 @@ def blocked_pool(serve_cluster: dict[str, Any], tiny_model_dir: Path,
     from kvsched.adapters.ray.ingress import OpenAIIngress
     from tests.ray.shared_cluster import QUICK_DRAIN, deployed
     from tests.ray.stalling_engine import ProxiedEngineReplica
+    from tests.vllm_layout import worker
 
     tmp = tmp_path_factory.mktemp("blocked")
     cfg = parse_config({"http": {"host": "127.0.0.1", "port": serve_cluster["port"]},
                         "router": {"stats_period_s": 1, "poll_deadline_s": POLL_DEADLINE_S},
                         "pools": [{"name": "w", "model": str(tiny_model_dir), "models": ["tiny"],
                                    "served_model_name": MARK, "replicas": 1, "num_cpus": 0, "max_model_len": 1024,
-                                   "block_size": 32, "kv_cache_gib": 1,
+                                   "block_size": 32, "kv_cache_gib": 1, "worker": worker(),
                                    "autoscaling": {"min_replicas": 0, "max_replicas": 2, "ttft_p95_s": 4.0}}]})
     w = cfg.pools[0]
     opts = engine_options(w, cfg)

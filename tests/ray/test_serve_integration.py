@@ -77,6 +77,7 @@ def deploy_app() -> str:
     from kvsched.adapters.ray.config import parse_config
     from kvsched.tiny_model import ensure_tiny_model
     from tests.ray.shared_cluster import start_app, start_cluster
+    from tests.vllm_layout import worker
 
     cfg = parse_config({
         "http": {"host": "127.0.0.1", "port": start_cluster()["port"]},
@@ -84,7 +85,7 @@ def deploy_app() -> str:
         "health_check_period_s": 1, "request_retries": 3, "request_deadline_s": 120, "max_body_bytes": MAX_BODY,
         "pools": [{"name": "tiny", "model": str(ensure_tiny_model("test")), "models": ["tiny"],
                    "served_model_name": MARK, "replicas": 2, "num_cpus": 0, "max_model_len": 4096, "block_size": 32,
-                   "kv_cache_gib": 1, "max_ongoing_requests": 16}],
+                   "kv_cache_gib": 1, "max_ongoing_requests": 16, "worker": worker()}],
     })
     return start_app(build_app(cfg), "kvsched")
 
@@ -353,11 +354,15 @@ def test_killed_engine_its_accepted_requests_are_retried_elsewhere_and_its_proce
 
 
 def test_one_vllm_child_per_live_replica(cluster: dict[str, Any]) -> None:
-    """After the kill and replacement: two replicas, two vLLM process groups (none left behind). The fixture's
-    teardown then checks that no process of any group this run saw is left after the app shuts down."""
+    """After the kill and replacement: two replicas, two vLLM process groups (none left behind), each running vLLM's
+    worker where the pool's `worker` said (tests/vllm_layout.py). The fixture's teardown then checks that no process
+    of any group this run saw is left after the app shuts down."""
+    from tests.vllm_layout import DEFAULT_LAYOUT, runs_worker_apart, worker
+
     wait_until(lambda: len(our_vllm_pids()) == 2, 30, "exactly two vllm children")
     live = set(our_vllm_pids())
     assert not group_members(GROUPS - live)
+    assert [runs_worker_apart(pgid) for pgid in live] == [worker() == DEFAULT_LAYOUT] * 2
 
 
 def test_killed_replica_actor_its_requests_are_retried_and_the_reaper_takes_its_engine_down(

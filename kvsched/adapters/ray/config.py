@@ -18,6 +18,7 @@ pools:
                                       #   kvsched.core.routing_autoscale.AutoscaleTargets
     max_model_len: 8192
     vllm_args: [--kv-cache-dtype, fp8]
+    worker: default                   # or in_engine: the model worker in the engine-core process (ServerSpec.worker)
 ```
 """
 
@@ -45,6 +46,7 @@ from kvsched.core.routing import RouterConfig, RoutingConfigError
 from kvsched.core.routing_autoscale import AutoscaleTargets
 from kvsched.core.routing_pools import PoolRouting, PoolRule
 from kvsched.core.shared_state import MAX_TTL_S
+from kvsched.serving import Worker
 
 TINY_PREFIX = "kvsched-tiny:"
 
@@ -83,6 +85,7 @@ class EngineConfig(_Strict):
     vllm_args: list[Word] = []
     env: dict[str, Word] = {}
     startup_timeout_s: PositiveFloat = 600.0
+    worker: Worker = "default"  # "in_engine": one vLLM process fewer a replica on the CPU build (ServerSpec.worker)
 
     @field_validator("env")
     @classmethod

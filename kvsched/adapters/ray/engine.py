@@ -82,7 +82,7 @@ def server_spec(cfg: EngineConfig) -> ServerSpec:
     return ServerSpec(model=cfg.model_path(), scheduler=cfg.scheduler, max_model_len=cfg.max_model_len,
                       block_size=cfg.block_size, num_blocks=cfg.num_blocks, kv_cache_gib=cfg.kv_cache_gib,
                       extra_args=list(cfg.vllm_args), env=dict(cfg.env), served_model_name=cfg.served_model_name,
-                      own_session=False)
+                      own_session=False, worker=cfg.worker)
 
 
 def start_with_reaper(server: VllmServer) -> None:

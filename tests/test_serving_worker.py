@@ -1,0 +1,64 @@
+"""`ServerSpec.worker`: where `vllm serve` runs its model worker. "in_engine" passes `--distributed-executor-backend
+uni` and VLLM_ENABLE_V1_MULTIPROCESSING=0 (without the variable vLLM's CPU platform swaps `uni` for `mp`); "default"
+passes neither, so `kvsched serve`, the demo and the benchmarks keep vLLM's own layout. A process that writes its
+environment stands in for `vllm serve`. The real layouts: tests/integration/test_fp8_tier.py,
+tests/ray/test_engine_replica.py and tests/ray/test_serve_integration.py count the processes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kvsched.serving import IN_ENGINE_ARGS, ServerSpec, VllmServer
+
+VAR = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def test_in_engine_asks_vllm_for_the_uni_executor_and_default_for_nothing(tmp_path: Path) -> None:
+    default = ServerSpec(model=tmp_path, extra_args=["--max-num-seqs", "4"]).argv(8000)
+    inside = ServerSpec(model=tmp_path, extra_args=["--max-num-seqs", "4"], worker="in_engine").argv(8000)
+    assert "--distributed-executor-backend" not in default and ServerSpec(model=tmp_path).worker_env() == {}
+    assert inside == default[:-2] + IN_ENGINE_ARGS + ["--max-num-seqs", "4"]  # the caller's own flags come last
+    assert ServerSpec(model=tmp_path, worker="in_engine").worker_env() == {VAR: "0"}
+
+
+def test_an_unknown_worker_layout_is_a_value_error_naming_the_choices(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="default, in_engine.*'apart'"):
+        ServerSpec(model=tmp_path, worker="apart")  # type: ignore[arg-type]
+
+
+@dataclass
+class EnvSpec(ServerSpec):
+    def argv(self, port: int) -> list[str]:
+        return [sys.executable, "-c", f"import json, os; print(json.dumps(os.environ.get({VAR!r})))"]
+
+
+@pytest.mark.parametrize("worker, seen", [("in_engine", "0"), ("default", None)])
+def test_the_layouts_variable_reaches_the_server_over_the_callers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  worker: str, seen: str | None) -> None:
+    """In_engine sets it whatever the caller's environment or `env` say (vLLM would run the worker apart); default
+    leaves the caller's environment alone (unset here)."""
+    monkeypatch.delenv(VAR, raising=False)
+    env = {VAR: "1"} if worker == "in_engine" else {}
+    spec = EnvSpec(model=tmp_path, worker=worker, env=env)  # type: ignore[arg-type]
+    server = VllmServer(spec, log_path=tmp_path / "log")
+    server.launch()
+    assert server.proc is not None and server.proc.wait(timeout=60) == 0
+    assert json.loads(server.log_path.read_text()) == seen
+
+
+def test_a_ray_pool_passes_its_worker_layout_to_its_replicas_server() -> None:
+    pytest.importorskip("ray")
+    from kvsched.adapters.ray.config import ConfigError, parse_config
+    from kvsched.adapters.ray.engine import server_spec
+
+    pool = {"name": "w", "model": "/m"}
+    assert server_spec(parse_config({"pools": [pool]}).pools[0].engine).worker == "default"
+    inside = parse_config({"pools": [dict(pool, worker="in_engine")]}).pools[0].engine
+    assert server_spec(inside).worker == "in_engine"
+    with pytest.raises(ConfigError, match=r"pools\[0\]\.worker"):
+        parse_config({"pools": [dict(pool, worker="apart")]})
