@@ -269,6 +269,32 @@ def test_an_x_session_id_that_is_no_utf8_is_kvscheds_400_not_rays_500(app: dict[
     still_sound(app, homes)
 
 
+RAYS_OWN = [("x-request-id", b"\xff"), ("X-Request-ID", b"caf\xe9"), ("serve_multiplexed_model_id", b"\xff"),
+            ("Serve-Multiplexed-Model-Id", b"a\x80b"), ("x-request-timeout-seconds", b"\xff"),
+            ("x-request-disconnect-disabled", b"\xe9")]
+
+
+def test_a_header_rays_proxy_reads_that_is_no_utf8_is_kvscheds_400_not_rays_500(app: dict[str, Any],
+                                                                                homes: dict[str, str]) -> None:
+    """Found by probing: Ray 2.60's HTTP proxy decodes X-Request-Id, serve_multiplexed_model_id (any case, `-` as
+    `_`), X-Request-Timeout-Seconds and X-Request-Disconnect-Disabled as UTF-8 for itself, and answered 500 before
+    kvsched's ingress saw the request (no variable renames them). kvsched's middleware in Ray's proxy
+    (kvsched/adapters/ray/proxy_headers.py, named by the options `kvsched ray-serve` and the package's cluster start
+    Serve with) answers 400 naming the header, on every route, a valid one sent before it or not; a UTF-8
+    X-Request-Id is served, and the sessions stay where they were."""
+    sid, home = next(iter(homes.items()))
+    for name, value in RAYS_OWN:
+        for method, path, headers, body in (
+                ("POST", "/v1/chat/completions", [JSON_TYPE, ("x-session-id", sid), (name, value)], chat()),
+                ("GET", "/kvsched/replicas", [("x-request-id", "fine"), (name, value)], b"")):
+            status, _, answer = raw(app["port"], method, path, headers, body)
+            assert status == 400, (name, value, path, status, answer[:300])
+            error = json.loads(answer)["error"]
+            assert error["param"] == name.lower() and "UTF-8" in error["message"], error
+    assert turn(app, sid, [("x-request-id", "日本/1".encode())]) == (200, home)
+    still_sound(app, homes)
+
+
 BAD = [  # (method, path, headers, body, status): bad input that was answered well before this module too
     ("POST", "/v1/chat/completions", [JSON_TYPE], b"not json", 400),
     ("POST", "/v1/chat/completions", [JSON_TYPE], b"[1, 2]", 400),

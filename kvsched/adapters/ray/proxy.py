@@ -8,18 +8,40 @@ router the session with `handle.options(session_id=...)`. Ray reads the variable
 `serve/_private/constants.py` in each process, so it must be in the proxy's environment when the proxy starts: the
 Serve controller's `runtime_env.env_vars` (`controller_options`), which the proxy actors it creates inherit (checked
 on a real cluster: tests/ray/test_hostile_ingress.py); they apply only when Serve starts, not to a Serve already
-running."""
+running.
+
+The proxy also decodes `X-Request-Id`, `serve_multiplexed_model_id` and two timeout headers of its own (no variable
+renames them): the same options name kvsched's proxy middleware (`proxy_headers.py`) as Ray's HTTP proxy callback,
+which answers kvsched's 400 to those before Ray's proxy reads them. A callback already set in the environment
+(`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`, middlewares of your own) is kept, with a warning: it can return
+`proxy_headers.middlewares()` among its own."""
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
+
+from kvsched.adapters.ray.proxy_headers import CALLBACK
+
+logger = logging.getLogger(__name__)
 
 RAY_SESSION_HEADER_ENV = "RAY_SERVE_SESSION_ID_HEADER_KEY"
 # A name no HTTP header can have (a colon ends a header's name; spaces and parentheses are not in one either): Ray's
 # proxy then matches no header, decodes none, and passes X-Session-Id to the ingress as the client's bytes.
 RAY_SESSION_HEADER_OFF = "(none: kvsched reads X-Session-Id)"
+RAY_PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 
 
 def controller_options() -> dict[str, Any]:
-    """`serve.start(controller_options=...)` for the Serve kvsched starts: Ray's proxy reads no session header."""
-    return {"runtime_env": {"env_vars": {RAY_SESSION_HEADER_ENV: RAY_SESSION_HEADER_OFF}}}
+    """`serve.start(controller_options=...)` for the Serve kvsched starts: Ray's proxy reads no session header, and
+    kvsched's middleware answers 400 to a header of Ray's own that is no UTF-8 (unless a callback of yours is set)."""
+    env = {RAY_SESSION_HEADER_ENV: RAY_SESSION_HEADER_OFF}
+    theirs = os.environ.get(RAY_PROXY_CALLBACK_ENV)
+    if theirs and theirs != CALLBACK:
+        logger.warning("%s=%s is kept: Ray's proxy answers 500 to an X-Request-Id or serve_multiplexed_model_id that "
+                       "is no UTF-8 unless it returns %s() among its middlewares", RAY_PROXY_CALLBACK_ENV, theirs,
+                       CALLBACK.replace(":", "."))
+    else:
+        env[RAY_PROXY_CALLBACK_ENV] = CALLBACK
+    return {"runtime_env": {"env_vars": env}}
