@@ -47,35 +47,6 @@ def reusable_prefix_blocks(scheduler: Any, request: Any) -> list[list[Any]]:
     return out
 
 
-def reusable_prefix(scheduler: Any, block_size: int) -> Callable[[Any], tuple[list[list[Any]], int]]:
-    """`request -> (reusable_prefix_blocks, the tokens a hit on them covers)`, bound to the scheduler's KV-cache
-    managers, which vLLM builds once with the scheduler. With one full-attention group (most models) it reads that
-    group's table of blocks directly: the same run and count as `reusable_prefix_blocks` then `block_tokens`, without
-    their look-ups per finished turn; otherwise those two calls (or `pin_hit_tokens` for several groups)."""
-    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
-    if len(managers) == 1 and not isinstance(managers[0], _SLIDING or _sliding_window_manager()):
-        table = managers[0].req_to_blocks
-
-        def one_group(request: Any) -> tuple[list[list[Any]], int]:
-            blocks = table.get(request.request_id) or []
-            end = len(blocks)
-            while end and (blocks[end - 1].block_hash is None or blocks[end - 1].is_null):
-                end -= 1
-            if not end or blocks[0].is_null or blocks[0].block_hash is None:
-                return [[]], 0
-            return [blocks[:end]], int(blocks[end - 1].block_hash_num_tokens or end * block_size)
-
-        return one_group
-
-    def groups_of(request: Any) -> tuple[list[list[Any]], int]:
-        groups = reusable_prefix_blocks(scheduler, request)
-        if len(groups) == 1:
-            return groups, block_tokens(groups[0], block_size)
-        return groups, pin_hit_tokens(scheduler, groups, block_size) if groups else 0
-
-    return groups_of
-
-
 def _hit_window(scheduler: Any, request: Any, manager: Any, blocks: Sequence[Any], end: int) -> list[Any]:
     """The sliding-window group's blocks a hit ending at block `end` needs: the request's own (those still in its
     window), then, going back, blocks that left its window but are still cached (the window's first block leaves it
