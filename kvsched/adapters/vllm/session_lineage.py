@@ -56,15 +56,13 @@ class SessionResolver:
             key, hints = compat.request_session(request, self._known)
             if key is not None and self.keyed and key.tenant is None:
                 return _NO_SESSION
-            hashes = compat.prompt_block_hashes(request)
+            hashes, tokens, opaque = compat.prompt_view(request)
             block = self.hash_block
-            tokens: Sequence[int] | None = None
             tail: Tail | None = None
-            opaque: Opaque = ()
-            if block:
+            if not block:  # no token comparisons: the hashes only
+                tokens, opaque = None, ()
+            else:
                 start = len(hashes) * block
-                opaque = compat.opaque_ranges(request)
-                tokens = getattr(request, "prompt_token_ids", None)
                 if tokens is None:  # prompt embeddings: nothing past the hashed blocks can be compared
                     tokens, tail = (), OPAQUE if overlaps(opaque, start, 1 << 62) else _EMPTY_TAIL
                 else:
@@ -116,9 +114,13 @@ class SessionResolver:
             anchor, tail = self.anchors.pop(request_id, (None, None))
             self.shared.pop(request_id, None)
             block = self.hash_block
-            computed = compat.computed_anchor(request, block) if request is not None and block else None
-            self.lineage.finished(key, anchor, tail, computed, moved,
-                                  request is None or compat.finished_normally(request))
+            if request is None:
+                computed, normal = None, True
+            elif block:
+                computed, normal = compat.finish_anchor(request, block)
+            else:
+                computed, normal = None, compat.finished_normally(request)
+            self.lineage.finished(key, anchor, tail, computed, moved, normal)
         except Exception:  # a bookkeeping bug costs inference accuracy, never the engine
             self._failed_once()
 

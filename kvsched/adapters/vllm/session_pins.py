@@ -65,6 +65,7 @@ class SessionPins:
         self._payback = self.policy.payback.enabled and self.policy.payback.armed
         self._payback_waiting = self.policy.payback.enabled and not self._payback
         self.enabled = bool(getattr(scheduler.cache_config, "enable_prefix_caching", True))
+        self._prefix = compat.reusable_prefix(scheduler, self.block_size)  # a finished request's pin and its tokens
         self.resolver = SessionResolver(self.policy, self.enabled, hash_block=hashed or 0,
                                         in_use=self._key_in_use)  # branches and inferred sessions (lineage)
         self.recorder = TraceRecorder.from_env(scheduler, self.enabled)  # KVSCHED_RECORD_TRACE: this engine's traffic
@@ -87,14 +88,16 @@ class SessionPins:
 
     # ---- hooks from the scheduler -------------------------------------------------------------------------------
     def on_request_added(self, request: Any) -> None:
-        key, hints = self.resolver.resolve(request)
+        resolver = self.resolver
+        key, hints = resolver.resolve(request)
+        rid = request.request_id
         if self.recorder is not None:
-            self.recorder.arrived(request, key, self.resolver.sharing(request.request_id)[1])
+            self.recorder.arrived(request, key, resolver.sharing(rid)[1])
         if key is None:
             return
         # The conversation kvsched's compaction rewrote is never continued: end its branch. Only when this turn began a
         # branch (most turns join one), and only a branch whose last turn's messages this rewrite's messages continue.
-        lineage = self.resolver.lineage
+        lineage = resolver.lineage
         if key == lineage.created and (conversations := compat.compacted_from(request)):
             old = lineage.superseded(key, conversations)
             if old is not None:
@@ -102,11 +105,11 @@ class SessionPins:
                 self._end(old)
         if (conversation := compat.request_conversation(request)) is not None:
             lineage.note_conversation(key, conversation)
-        self.policy.request_arrived(key, hints, *self.resolver.sharing(request.request_id))
+        self.policy.request_arrived(key, hints, rid in resolver.shared, resolver.shared.get(rid, False))  # (`sharing`)
         # One key object per session (the policy record's), not one per request: fewer objects for the GC, and
         # dict lookups by the very object the tables hold skip the dataclass __eq__.
         key = self.policy.sessions[key].key
-        self.requests[request.request_id] = (key, hints)
+        self.requests[rid] = (key, hints)
         if self.prefetcher is not None:
             self.prefetcher.on_request_added(request, key)
 
@@ -142,41 +145,38 @@ class SessionPins:
 
     def on_request_finished(self, request: Any) -> None:
         """Called before vLLM frees a finished request's blocks: pin its reusable prefix for the next turn."""
-        entry = self.requests.pop(request.request_id, None)
+        rid = request.request_id
+        entry = self.requests.pop(rid, None)
         if self.prefetcher is not None:
-            self.prefetcher.on_request_gone(request.request_id)
+            self.prefetcher.on_request_gone(rid)
         # the session ended while this request ran: no pin; it joined one another conversation shares: no end
-        hints = self.policy.finish_hints(*entry, self.resolver.shared_turn(request.request_id)) if entry else None
+        hints = self.policy.finish_hints(*entry, rid in self.resolver.shared) if entry else None  # (`shared_turn`)
         if self.recorder is not None:  # an end the engine ignored is none there too: replays serve what it served
             self.recorder.finished(request, entry[1] if entry is not None else None, hints)
         if entry is None or hints is None:
             return
         key = entry[0]
-        if request.request_id not in self.started:  # finished (aborted) before it ever ran
+        if rid not in self.started:  # finished (aborted) before it ever ran
             self.policy.request_abandoned(key)
-            self.resolver.abandoned(request.request_id, key)
+            self.resolver.abandoned(rid, key)
             if hints.end:
                 self._end(key)
             return
-        self.started.discard(request.request_id)
-        groups = compat.reusable_prefix_blocks(self.scheduler, request) if self.enabled else []
-        if len(groups) == 1:  # one KV-cache group (most models): its run is what a hit covers, no per-group look-up
-            tokens = compat.block_tokens(groups[0], self.block_size)
-        else:
-            tokens = compat.pin_hit_tokens(self.scheduler, groups, self.block_size) if groups else 0
+        self.started.discard(rid)
+        groups, tokens = self._prefix(request) if self.enabled else ([], 0)  # the blocks a hit needs, tokens covered
         if not tokens:  # no later request could hit it (a sliding-window group's window is gone): nothing to pin
             groups = [[] for _ in groups]
         if self._payback:  # the ghost LRU caches what stock vLLM would: the request's full blocks
-            self.policy.payback.reserve(-self._reserved.pop(request.request_id, 0))
+            self.policy.payback.reserve(-self._reserved.pop(rid, 0))
             self.pins.turn_finished(key, hints, groups, tokens, self._block_keys(request))
         else:
             self.pins.turn_finished(key, hints, groups, tokens)  # a last turn's tier blocks go too
         rec = self.policy.sessions.get(key)
         kept_over = rec is not None and rec.kept_over  # a side turn: the anchors, tail and copies stay the longer's
         if hints.end:
-            self.resolver.forget(key, request.request_id)
+            self.resolver.forget(key, rid)
         else:
-            self.resolver.finished(request.request_id, key, request, moved=not kept_over)
+            self.resolver.finished(rid, key, request, not kept_over)
         if self.tier is not None and hints.end:
             self.tier.end_session(key)  # the disk and shared levels forget it too
         elif self.tier is not None:

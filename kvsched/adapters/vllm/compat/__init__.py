@@ -14,6 +14,7 @@ from kvsched.adapters.vllm.compat.blocks import *  # noqa: F403
 from kvsched.adapters.vllm.compat.cli import *  # noqa: F403
 from kvsched.adapters.vllm.compat.finish_batch import *  # noqa: F403
 from kvsched.adapters.vllm.compat.load_failures import *  # noqa: F403
+from kvsched.adapters.vllm.compat.prefix import *  # noqa: F403
 from kvsched.adapters.vllm.compat.requests import *  # noqa: F403
 from kvsched.adapters.vllm.compat.server import *  # noqa: F403
 from kvsched.adapters.vllm.compat.tier_args import *  # noqa: F403

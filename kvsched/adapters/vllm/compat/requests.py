@@ -8,7 +8,6 @@ from typing import Any
 
 from kvsched.core.sessions import (
     InvalidSessionInput,
-    SessionId,
     SessionKey,
     TurnHints,
     validate_end_flag,
@@ -43,6 +42,9 @@ def _extra_args(request: Any) -> dict[str, Any]:
 
 
 _NO_HINTS = TurnHints()
+# A SessionKey built by tuple's own constructor, with the fields' defaults written out: a third of the cost of calling
+# the named tuple (its generated `__new__` and the NewType are Python calls), for the key each arrival looks up.
+_new_key: Callable[[type[SessionKey], tuple[str, str | None, str | None, int, bool]], SessionKey] = tuple.__new__
 _ROLE_HINTS: dict[str, TurnHints] = {}  # shared per role (hints are frozen), keyed by the role and by the value as
 _ROLE_HINTS_MAX = 256  # sent: one lookup, not a validation, per usual request; bounded (past it: validated each time)
 
@@ -92,7 +94,8 @@ def request_session(request: Any, known: Callable[[SessionKey], SessionKey | Non
     if type(tenant) is not str or not tenant:
         tenant = None
     try:
-        if known is not None and type(raw_id) is str and (seen := known(SessionKey(SessionId(raw_id), salt, tenant))):
+        if known is not None and type(raw_id) is str and (seen := known(_new_key(SessionKey, (raw_id, salt, tenant, 0,
+                                                                                              False)))):
             return seen, hints
         sid = validate_session_id(raw_id)
     except InvalidSessionInput:
@@ -128,6 +131,17 @@ def prompt_block_hashes(request: Any) -> list[Any]:
     return getattr(request, "block_hashes", None) or []
 
 
+def prompt_view(request: Any) -> tuple[list[Any], Sequence[int] | None, tuple[tuple[int, int], ...]]:
+    """(`prompt_block_hashes`, the prompt's token ids (None for prompt embeddings), `opaque_ranges`) of a request just
+    added: what session lineage reads of every arriving request, in one call."""
+    hashes = getattr(request, "block_hashes", None) or []
+    tokens = getattr(request, "prompt_token_ids", None)
+    if tokens is not None and not getattr(request, "mm_features", None) and getattr(request, "prompt_embeds",
+                                                                                    None) is None:
+        return hashes, tokens, ()  # a text prompt: no ranges (as `opaque_ranges`, without its call)
+    return hashes, tokens, opaque_ranges(request)
+
+
 def opaque_ranges(request: Any) -> tuple[tuple[int, int], ...]:
     """The (start, end) ranges of the request's prompt positions whose token ids do not say what they hold: a
     multimodal item's placeholders (the same ids whatever the image; its hash enters the block hashes only) or prompt
@@ -148,6 +162,17 @@ def computed_anchor(request: Any, hash_block_size: int) -> tuple[int, Any] | Non
     full = min(len(hashes), max(prompt // hash_block_size,
                                 (prompt + int(request.num_output_tokens) - 1) // hash_block_size))
     return (full - 1, hashes[full - 1]) if full > 0 else None
+
+
+def finish_anchor(request: Any, hash_block_size: int) -> tuple[tuple[int, Any] | None, bool]:
+    """(`computed_anchor`, `finished_normally`) of a finished request, in one call (lineage reads both of every
+    finished turn)."""
+    prompt = int(request.num_prompt_tokens)
+    hashes = getattr(request, "block_hashes", None) or []
+    full = min(len(hashes), max(prompt // hash_block_size,
+                                (prompt + int(request.num_output_tokens) - 1) // hash_block_size))
+    return ((full - 1, hashes[full - 1]) if full > 0 else None,
+            getattr(request, "status", None) not in (_UNANSWERED or _unanswered()))
 
 
 def keyed_server(environ: Mapping[str, str] | None = None, parent_pid: int | None = None) -> bool:
