@@ -91,7 +91,7 @@ def main() -> int:
     timed(policy.returns, "turn_finished", "      returns.turn_finished (return model)")
     timed(pins.pins, "repin", "    pins.repin")
     timed(pins.resolver, "finished", "  resolver.finished (lineage)")
-    compat.computed_anchor = wrapped(compat.computed_anchor, "    compat.computed_anchor")
+    compat.finish_anchor = wrapped(compat.finish_anchor, "    compat.finish_anchor")
     timed(pins.resolver.lineage, "finished", "    lineage.finished")
     timed(pins.pins, "enforce_budget", "  pins.enforce_budget")
     timed(policy.index, "_flush", "    release_index._flush")

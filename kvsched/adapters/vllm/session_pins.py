@@ -105,7 +105,7 @@ class SessionPins:
                 self._end(old)
         if (conversation := compat.request_conversation(request)) is not None:
             lineage.note_conversation(key, conversation)
-        self.policy.request_arrived(key, hints, rid in resolver.shared, resolver.shared.get(rid, False))  # (`sharing`)
+        self.policy.request_arrived(key, hints, *resolver.sharing(rid))
         # One key object per session (the policy record's), not one per request: fewer objects for the GC, and
         # dict lookups by the very object the tables hold skip the dataclass __eq__.
         key = self.policy.sessions[key].key
@@ -150,7 +150,7 @@ class SessionPins:
         if self.prefetcher is not None:
             self.prefetcher.on_request_gone(rid)
         # the session ended while this request ran: no pin; it joined one another conversation shares: no end
-        hints = self.policy.finish_hints(*entry, rid in self.resolver.shared) if entry else None  # (`shared_turn`)
+        hints = self.policy.finish_hints(*entry, self.resolver.shared_turn(rid)) if entry else None
         if self.recorder is not None:  # an end the engine ignored is none there too: replays serve what it served
             self.recorder.finished(request, entry[1] if entry is not None else None, hints)
         if entry is None or hints is None:

@@ -48,7 +48,7 @@ def test_a_requests_ranges_and_anchor_are_python_ints(prompt, output, offset, le
         assert type(lo) is int and type(hi) is int
     request.prompt_embeds = object()
     assert all(type(x) is int for r in compat.opaque_ranges(request) for x in r)
-    anchor = compat.computed_anchor(request, block)
+    anchor, _ = compat.finish_anchor(request, block)
     assert anchor is None or type(anchor[0]) is int
     assert all(type(x) is int for x in compat.finished_request_shape(
         SimpleNamespace(**vars(request), all_token_ids=[]), block)[:2])

@@ -23,13 +23,16 @@ _STATUS = st.sampled_from([None, RequestStatus.FINISHED_STOPPED, RequestStatus.F
 
 @given(prompt=st.integers(0, 400), output=st.integers(0, 80), hashed=st.integers(0, 40), block=st.integers(1, 32),
        status=_STATUS)
-def test_finish_anchor_is_the_computed_anchor_and_the_finish_status(prompt, output, hashed, block, status):
+def test_finish_anchor_is_the_last_computed_full_block_and_the_finish_status(prompt, output, hashed, block, status):
     request = SimpleNamespace(num_prompt_tokens=prompt, num_output_tokens=output,
                               block_hashes=[b"h%d" % i for i in range(hashed)])
     if status is not None:
         request.status = status
     anchor, normal = compat.finish_anchor(request, block)
-    assert (anchor, normal) == (compat.computed_anchor(request, block), compat.finished_normally(request))
+    computed = max(prompt, prompt + output - 1)  # every token but the last sampled one (never fed back) has KV
+    full = min(hashed, computed // block)  # full blocks computed, of those the request hashed
+    assert anchor == ((full - 1, b"h%d" % (full - 1)) if full else None)
+    assert normal == (status not in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR))
     assert anchor is None or type(anchor[0]) is int
 
 

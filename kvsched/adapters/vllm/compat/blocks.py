@@ -42,9 +42,15 @@ def reusable_prefix_blocks(scheduler: Any, request: Any) -> list[list[Any]]:
             end -= 1
         if isinstance(manager, sliding):
             out.append(_hit_window(scheduler, request, manager, blocks, end))
-        else:  # hashes form a prefix: checking the first block is enough to know the run has no gap (O(1))
-            out.append(blocks[:end] if end and not (blocks[0].is_null or blocks[0].block_hash is None) else [])
+        else:
+            out.append(hashed_run(blocks, end))
     return out
+
+
+def hashed_run(blocks: list[Any], end: int) -> list[Any]:
+    """A full-attention group's blocks a hit needs: its first `end` (hashed) blocks, or [] when the run has a gap.
+    Hashes form a prefix: checking the first block is enough to know the run has no gap (O(1))."""
+    return blocks[:end] if end and not (blocks[0].is_null or blocks[0].block_hash is None) else []
 
 
 def _hit_window(scheduler: Any, request: Any, manager: Any, blocks: Sequence[Any], end: int) -> list[Any]:

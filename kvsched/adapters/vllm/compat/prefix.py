@@ -23,9 +23,8 @@ def reusable_prefix(scheduler: Any, block_size: int) -> Callable[[Any], tuple[li
             end = len(held)
             while end and (held[end - 1].block_hash is None or held[end - 1].is_null):
                 end -= 1
-            if not end or held[0].is_null or held[0].block_hash is None:
-                return [[]], 0
-            return [held[:end]], int(held[end - 1].block_hash_num_tokens or end * block_size)
+            run = blocks.hashed_run(held, end)
+            return [run], int(run[-1].block_hash_num_tokens or end * block_size) if run else 0
 
         return one_group
 

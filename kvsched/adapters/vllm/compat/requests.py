@@ -154,25 +154,15 @@ def opaque_ranges(request: Any) -> tuple[tuple[int, int], ...]:
     return tuple((int(f.mm_position.offset), int(f.mm_position.offset) + int(f.mm_position.length)) for f in features)
 
 
-def computed_anchor(request: Any, hash_block_size: int) -> tuple[int, Any] | None:
-    """(index, hash) of the last full block of a finished request's prompt and output whose KV was computed (every
-    token but the last sampled one: it was never fed back), None if it has none."""
-    prompt = int(request.num_prompt_tokens)
-    hashes = prompt_block_hashes(request)
-    full = min(len(hashes), max(prompt // hash_block_size,
-                                (prompt + int(request.num_output_tokens) - 1) // hash_block_size))
-    return (full - 1, hashes[full - 1]) if full > 0 else None
-
-
 def finish_anchor(request: Any, hash_block_size: int) -> tuple[tuple[int, Any] | None, bool]:
-    """(`computed_anchor`, `finished_normally`) of a finished request, in one call (lineage reads both of every
-    finished turn)."""
+    """(the computed anchor, `finished_normally`) of a finished request, in one call (lineage reads both of every
+    finished turn). The anchor: (index, hash) of the last full block of its prompt and output whose KV was computed
+    (every token but the last sampled one: it was never fed back), None if it has none."""
     prompt = int(request.num_prompt_tokens)
     hashes = getattr(request, "block_hashes", None) or []
     full = min(len(hashes), max(prompt // hash_block_size,
                                 (prompt + int(request.num_output_tokens) - 1) // hash_block_size))
-    return ((full - 1, hashes[full - 1]) if full > 0 else None,
-            getattr(request, "status", None) not in (_UNANSWERED or _unanswered()))
+    return (full - 1, hashes[full - 1]) if full > 0 else None, finished_normally(request)
 
 
 def keyed_server(environ: Mapping[str, str] | None = None, parent_pid: int | None = None) -> bool:
