@@ -46,7 +46,17 @@ def _mypyc_extensions() -> list[Any]:
 
         # The digests are taken before mypyc reads the sources: an edit during the build reads as stale.
         manifest = compiled.manifest(os.path.abspath("kvsched"))
-        exts = mypycify([compiled.source_path(m, "kvsched") for m in compiled.MODULES], group_name=compiled.GROUP)
+        # A mypy cache of its own: `make test` runs this build beside `make lint`'s mypy (make -j2), and two mypy
+        # processes on one .mypy_cache/cache.db fail with "database is locked" (a fresh clone's `make test` did).
+        saved = os.environ.get("MYPY_CACHE_DIR")
+        os.environ["MYPY_CACHE_DIR"] = os.path.join("build", "mypyc_cache")
+        try:
+            exts = mypycify([compiled.source_path(m, "kvsched") for m in compiled.MODULES], group_name=compiled.GROUP)
+        finally:
+            if saved is None:
+                os.environ.pop("MYPY_CACHE_DIR", None)
+            else:
+                os.environ["MYPY_CACHE_DIR"] = saved
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - mypy missing, or mypyc's type errors (it exits)
         if REQUIRE:
             raise
