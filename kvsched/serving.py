@@ -50,9 +50,11 @@ def _count(value: str) -> int | None:
 
 def in_engine_conflict(args: Sequence[str]) -> str | None:
     """Why vLLM options `args` cannot run with the model worker in the engine core ("in_engine"), or None. Read as
-    vLLM reads them: `--name value` or `--name=value`, `_` for `-` in a long name, the short forms (-tp, -pp, -pcp)."""
-    names = {**{long: long for long in RANK_OPTIONS}, **{short: long for long, short in RANK_OPTIONS.items()},
-             EXECUTOR_OPTION: EXECUTOR_OPTION}
+    vLLM reads them: `--name value` or `--name=value`, `_` for `-` in a long name, the short forms (-tp, -pp, -pcp), and
+    a long name's abbreviation (argparse's, on in vLLM: none of these names' prefixes is another option's name, so a
+    prefix means that option or is refused by vLLM as ambiguous)."""
+    longs = (*RANK_OPTIONS, EXECUTOR_OPTION)
+    names = {**{long: long for long in longs}, **{short: long for long, short in RANK_OPTIONS.items()}}
     for i, arg in enumerate(args):
         if not arg.startswith("-"):
             continue
@@ -60,6 +62,8 @@ def in_engine_conflict(args: Sequence[str]) -> str | None:
         if name.startswith("--"):
             name = "--" + name[2:].replace("_", "-")
         option = names.get(name)
+        if option is None and name.startswith("--") and len(name) > 3:
+            option = next((long for long in longs if long.startswith(name)), None)
         if option is None:
             continue
         if not eq:

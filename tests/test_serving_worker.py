@@ -65,7 +65,7 @@ def test_a_ray_pool_passes_its_worker_layout_to_its_replicas_server() -> None:
 
 
 @pytest.mark.parametrize("args", [["--tensor-parallel-size", "2"], ["-tp", "2"], ["--tensor_parallel_size=4"],
-                                  ["-pp=2"], ["--pipeline-parallel-size", "2"], ["-pcp", "2"],
+                                  ["-pp=2"], ["--pipeline-parallel-size", "2"], ["-pcp", "2"], ["--tensor-par", "2"],
                                   ["--distributed-executor-backend", "mp"], ["--distributed_executor_backend=ray"]])
 def test_in_engine_refuses_the_vllm_arguments_it_cannot_honour(tmp_path: Path, args: list[str]) -> None:
     """Found by review: `worker="in_engine"` with `--tensor-parallel-size 2` started vLLM's uni executor with one
@@ -77,7 +77,8 @@ def test_in_engine_refuses_the_vllm_arguments_it_cannot_honour(tmp_path: Path, a
 
 
 def test_in_engine_takes_one_rank_and_its_own_executor_spelled_out(tmp_path: Path) -> None:
-    ok = ["-tp", "1", "--pipeline-parallel-size=1", "--distributed-executor-backend", "uni", "--max-num-seqs", "2"]
+    ok = ["-tp", "1", "--pipeline-parallel-size=1", "--distributed-executor-backend", "uni", "--max-num-seqs", "2",
+          "--tensor-parallel", "1", "--tokenizer", "t", "--data-parallel-size", "1"]
     assert ServerSpec(model=tmp_path, worker="in_engine", extra_args=ok).argv(8000)[-len(ok):] == ok
 
 
