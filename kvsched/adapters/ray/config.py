@@ -18,7 +18,8 @@ pools:
                                       #   kvsched.core.routing_autoscale.AutoscaleTargets
     max_model_len: 8192
     vllm_args: [--kv-cache-dtype, fp8]
-    worker: default                   # or in_engine: the model worker in the engine-core process (ServerSpec.worker)
+    worker: default                   # or in_engine: the model worker in the engine-core process (ServerSpec.worker;
+                                      #   one rank: vllm_args with -tp/-pp above 1 or another executor are refused)
 ```
 """
 
