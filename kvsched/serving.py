@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +32,50 @@ WORKERS: tuple[str, ...] = get_args(Worker)
 # threads (VLLM_CPU_OMP_THREADS_BIND other than "nobind", VllmServer's default) only for a worker process of its own.
 IN_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 IN_ENGINE_ARGS = ["--distributed-executor-backend", "uni"]
+# vLLM options (0.32's engine/arg_utils.py) that "in_engine" cannot honour: a rank count above 1 (the uni executor
+# starts one worker, which then waits for the other ranks for ever: found by review, `--tensor-parallel-size 2` hung
+# the start-up until its timeout with nothing in the log) and another executor (the caller's flags come last and win:
+# the worker ran apart, the layout asked for was ignored).
+RANK_OPTIONS = {"--tensor-parallel-size": "-tp", "--pipeline-parallel-size": "-pp",
+                "--prefill-context-parallel-size": "-pcp"}
+EXECUTOR_OPTION = "--distributed-executor-backend"
+
+
+def _count(value: str) -> int | None:
+    try:
+        return int(value)
+    except ValueError:
+        return None  # not a count: vLLM's parser refuses it itself
+
+
+def in_engine_conflict(args: Sequence[str]) -> str | None:
+    """Why vLLM options `args` cannot run with the model worker in the engine core ("in_engine"), or None. Read as
+    vLLM reads them: `--name value` or `--name=value`, `_` for `-` in a long name, the short forms (-tp, -pp, -pcp), and
+    a long name's abbreviation (argparse's, on in vLLM: none of these names' prefixes is another option's name, so a
+    prefix means that option or is refused by vLLM as ambiguous)."""
+    longs = (*RANK_OPTIONS, EXECUTOR_OPTION)
+    names = {**{long: long for long in longs}, **{short: long for long, short in RANK_OPTIONS.items()}}
+    for i, arg in enumerate(args):
+        if not arg.startswith("-"):
+            continue
+        name, eq, value = arg.partition("=")
+        if name.startswith("--"):
+            name = "--" + name[2:].replace("_", "-")
+        option = names.get(name)
+        if option is None and name.startswith("--") and len(name) > 3:
+            option = next((long for long in longs if long.startswith(name)), None)
+        if option is None:
+            continue
+        if not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if option == EXECUTOR_OPTION:
+            if value.strip() != "uni":
+                return (f"{arg if eq else f'{arg} {value}'}: worker 'in_engine' runs the model worker in the engine "
+                        f"core with vLLM's uni executor; use worker 'default' for another executor")
+        elif _count(value) not in (None, 1):
+            return (f"{arg if eq else f'{arg} {value}'}: worker 'in_engine' runs one model worker, in the engine core, "
+                    f"whose start-up would wait for the other ranks for ever; use worker 'default' (a process a rank)")
+    return None
 
 
 @contextlib.contextmanager
@@ -90,6 +134,8 @@ class ServerSpec:
     def __post_init__(self) -> None:
         if self.worker not in WORKERS:
             raise ValueError(f"ServerSpec.worker must be one of {', '.join(WORKERS)}, got {self.worker!r}")
+        if self.worker == "in_engine" and (conflict := in_engine_conflict(self.extra_args)):
+            raise ValueError(conflict)
 
     def worker_env(self) -> dict[str, str]:
         """The environment the worker layout needs (laid over the caller's and `env`)."""

@@ -62,3 +62,32 @@ def test_a_ray_pool_passes_its_worker_layout_to_its_replicas_server() -> None:
     assert server_spec(inside).worker == "in_engine"
     with pytest.raises(ConfigError, match=r"pools\[0\]\.worker"):
         parse_config({"pools": [dict(pool, worker="apart")]})
+
+
+@pytest.mark.parametrize("args", [["--tensor-parallel-size", "2"], ["-tp", "2"], ["--tensor_parallel_size=4"],
+                                  ["-pp=2"], ["--pipeline-parallel-size", "2"], ["-pcp", "2"], ["--tensor-par", "2"],
+                                  ["--distributed-executor-backend", "mp"], ["--distributed_executor_backend=ray"]])
+def test_in_engine_refuses_the_vllm_arguments_it_cannot_honour(tmp_path: Path, args: list[str]) -> None:
+    """Found by review: `worker="in_engine"` with `--tensor-parallel-size 2` started vLLM's uni executor with one
+    worker, whose start-up waited for rank 1 until the caller's timeout (180 s here, nothing in the log); another
+    executor came after kvsched's `uni` and won, running the worker apart. Both are refused naming the argument."""
+    with pytest.raises(ValueError, match=f"{args[0]}.*in_engine.*'default'"):
+        ServerSpec(model=tmp_path, worker="in_engine", extra_args=["--max-num-seqs", "4", *args])
+    ServerSpec(model=tmp_path, extra_args=args)  # vLLM's own layout: a process a rank, any executor
+
+
+def test_in_engine_takes_one_rank_and_its_own_executor_spelled_out(tmp_path: Path) -> None:
+    ok = ["-tp", "1", "--pipeline-parallel-size=1", "--distributed-executor-backend", "uni", "--max-num-seqs", "2",
+          "--tensor-parallel", "1", "--tokenizer", "t", "--data-parallel-size", "1"]
+    assert ServerSpec(model=tmp_path, worker="in_engine", extra_args=ok).argv(8000)[-len(ok):] == ok
+
+
+def test_a_ray_pool_in_engine_with_more_ranks_is_a_config_error_naming_it() -> None:
+    pytest.importorskip("ray")
+    from kvsched.adapters.ray.config import ConfigError, parse_config
+
+    pool = {"name": "w", "model": "/m", "worker": "in_engine"}
+    with pytest.raises(ConfigError, match=r"pools\[0\].*vllm_args -tp 2.*in_engine"):
+        parse_config({"pools": [dict(pool, vllm_args=["-tp", 2])]})
+    assert parse_config({"pools": [dict(pool, worker="default", vllm_args=["-tp", 2])]}).pools[0].engine.worker == \
+        "default"

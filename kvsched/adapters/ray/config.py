@@ -18,7 +18,8 @@ pools:
                                       #   kvsched.core.routing_autoscale.AutoscaleTargets
     max_model_len: 8192
     vllm_args: [--kv-cache-dtype, fp8]
-    worker: default                   # or in_engine: the model worker in the engine-core process (ServerSpec.worker)
+    worker: default                   # or in_engine: the model worker in the engine-core process (ServerSpec.worker;
+                                      #   one rank: vllm_args with -tp/-pp above 1 or another executor are refused)
 ```
 """
 
@@ -46,7 +47,7 @@ from kvsched.core.routing import RouterConfig, RoutingConfigError
 from kvsched.core.routing_autoscale import AutoscaleTargets
 from kvsched.core.routing_pools import PoolRouting, PoolRule
 from kvsched.core.shared_state import MAX_TTL_S
-from kvsched.serving import Worker
+from kvsched.serving import Worker, in_engine_conflict
 
 TINY_PREFIX = "kvsched-tiny:"
 
@@ -97,6 +98,14 @@ class EngineConfig(_Strict):
         if errors := setting_errors(env):
             raise ValueError("; ".join(errors))
         return env
+
+    @model_validator(mode="after")
+    def _layout(self) -> EngineConfig:
+        """`worker: in_engine` with vLLM arguments it cannot honour (more ranks, another executor) is refused here,
+        not left to hang every replica's start-up or be ignored (kvsched.serving.in_engine_conflict)."""
+        if self.worker == "in_engine" and (conflict := in_engine_conflict(self.vllm_args)):
+            raise ValueError(f"vllm_args {conflict}")
+        return self
 
     def model_path(self) -> Path:
         if self.model.startswith(TINY_PREFIX):

@@ -126,10 +126,10 @@ def _tier_off_without_prefix_caching(parser: Any, asked: Any, levels: dict[str, 
 
 
 def _check_user_tier(parser: Any, user: Any) -> None:
-    """A --kv-transfer-config naming the tier's connector: its size (or KVSCHED_FP8_TIER_GB without one), levels and
-    load-failure policy checked now, as the flags are. Found by review: a bad size first failed in the engine, after
+    """A --kv-transfer-config naming the tier's connector: its size (or KVSCHED_FP8_TIER_GB without one), staging,
+    levels and load-failure policy checked now, as the flags are. Found by review: a bad size first failed in the engine, after
     the model loaded, inside vLLM's tracebacks and without naming the variable."""
-    from kvsched.adapters.vllm.tier_config import measure_error_of
+    from kvsched.adapters.vllm.tier_config import measure_error_of, stage_bytes_of
     from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
     from kvsched.core.disk_tier import DiskConfigError
     from kvsched.core.tier_config import TierConfigError
@@ -144,6 +144,8 @@ def _check_user_tier(parser: Any, user: Any) -> None:
             parser.error(f"--kv-transfer-config kv_connector_extra_config.tier_gb: {exc}")
     try:
         measure_error_of(extra)
+        if extra.get("stage_mb") is not None:  # the staging's size (found by review: refused only in the engine)
+            stage_bytes_of(extra, 0)
     except TierConfigError as exc:
         parser.error(f"--kv-transfer-config: {exc}")
     try:
