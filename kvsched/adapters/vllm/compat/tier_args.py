@@ -127,8 +127,8 @@ def _tier_off_without_prefix_caching(parser: Any, asked: Any, levels: dict[str, 
 
 def _check_user_tier(parser: Any, user: Any) -> None:
     """A --kv-transfer-config naming the tier's connector: its size (or KVSCHED_FP8_TIER_GB without one), staging,
-    levels and load-failure policy checked now, as the flags are. Found by review: a bad size first failed in the engine, after
-    the model loaded, inside vLLM's tracebacks and without naming the variable."""
+    levels and load-failure policy checked now, as the flags are. Found by review: a bad size first failed in the
+    engine, after the model loaded, inside vLLM's tracebacks and without naming the variable."""
     from kvsched.adapters.vllm.tier_config import measure_error_of, stage_bytes_of
     from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
     from kvsched.core.disk_tier import DiskConfigError
