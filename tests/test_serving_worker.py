@@ -123,6 +123,16 @@ def test_in_engine_takes_a_config_file_whose_options_it_honours(tmp_path: Path, 
     ServerSpec(model=tmp_path, worker="in_engine", extra_args=["--config", str(config), *cli])
 
 
+def test_a_ray_pool_in_engine_reads_its_vllm_args_config_file(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from kvsched.adapters.ray.config import ConfigError, parse_config
+
+    (config := tmp_path / "serve.yaml").write_text("pipeline-parallel-size: 2\n")
+    pool = {"name": "w", "model": "/m", "worker": "in_engine", "vllm_args": ["--config", str(config)]}
+    with pytest.raises(ConfigError, match=r"pools\[0\].*--pipeline-parallel-size 2 \(in --config .*in_engine"):
+        parse_config({"pools": [pool]})
+
+
 def test_in_engine_refuses_a_config_file_it_cannot_read_naming_it(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"--config .*missing\.yaml.*in_engine.*cannot read"):
         ServerSpec(model=tmp_path, worker="in_engine", extra_args=["--config", str(tmp_path / "missing.yaml")])
