@@ -48,13 +48,49 @@ def _count(value: str) -> int | None:
         return None  # not a count: vLLM's parser refuses it itself
 
 
+def _config_args(path: str) -> list[str]:
+    """vLLM's reading of `--config FILE.yaml` into arguments (0.32's FlexibleArgumentParser.load_config_file): each key
+    `--key value`, a true flag `--key`, a list `--key item ...`, a mapping its JSON. ValueError if it cannot be read."""
+    import yaml
+
+    try:
+        with open(path) as file:
+            config = yaml.safe_load(file)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(str(exc)) from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"a YAML mapping of vLLM options was expected, got {type(config).__name__}")
+    args: list[str] = []
+    for key, value in config.items():
+        if isinstance(value, bool):
+            args += [f"--{key}"] if value else []  # `--no-KEY` for false: none of these options is a flag
+        elif isinstance(value, list):
+            args += [f"--{key}", *map(str, value)] if value else []
+        else:
+            args += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    return args
+
+
 def in_engine_conflict(args: Sequence[str]) -> str | None:
     """Why vLLM options `args` cannot run with the model worker in the engine core ("in_engine"), or None. Read as
-    vLLM reads them: `--name value` or `--name=value`, `_` for `-` in a long name, the short forms (-tp, -pp, -pcp), and
-    a long name's abbreviation (argparse's, on in vLLM: none of these names' prefixes is another option's name, so a
-    prefix means that option or is refused by vLLM as ambiguous)."""
+    vLLM reads them: `--name value` or `--name=value`, `_` for `-` in a long name, the short forms (-tp, -pp, -pcp), a
+    long name's abbreviation (argparse's, on in vLLM: none of these names' prefixes is another option's name, so a
+    prefix means that option or is refused by vLLM as ambiguous), the options of a `--config FILE` (vLLM places them
+    before the command line: found by review, a file's `tensor-parallel-size: 2` passed), and an option's last value
+    winning. A config file that cannot be read is refused (the check cannot see its options)."""
+    args, from_file, path = list(args), 0, ""
+    if "--config" in args[:-1]:  # vLLM reads the exact word only: `--config=FILE` is parsed and ignored
+        at = args.index("--config")
+        path = args[at + 1]
+        try:
+            config = _config_args(path)
+        except ValueError as exc:
+            return (f"--config {path}: worker 'in_engine' must check the vLLM options of this file and cannot read it "
+                    f"({exc})")
+        args, from_file = config + args[:at] + args[at + 2:], len(config)
     longs = (*RANK_OPTIONS, EXECUTOR_OPTION)
     names = {**{long: long for long in longs}, **{short: long for long, short in RANK_OPTIONS.items()}}
+    last: dict[str, tuple[str, str]] = {}  # option -> (as written, its value): argparse keeps an option's last value
     for i, arg in enumerate(args):
         if not arg.startswith("-"):
             continue
@@ -68,13 +104,16 @@ def in_engine_conflict(args: Sequence[str]) -> str | None:
             continue
         if not eq:
             value = args[i + 1] if i + 1 < len(args) else ""
+        written = arg if eq else f"{arg} {value}"
+        last[option] = (f"{written} (in --config {path})" if i < from_file else written, value)
+    for option, (written, value) in last.items():
         if option == EXECUTOR_OPTION:
             if value.strip() != "uni":
-                return (f"{arg if eq else f'{arg} {value}'}: worker 'in_engine' runs the model worker in the engine "
-                        f"core with vLLM's uni executor; use worker 'default' for another executor")
+                return (f"{written}: worker 'in_engine' runs the model worker in the engine core with vLLM's uni "
+                        f"executor; use worker 'default' for another executor")
         elif _count(value) not in (None, 1):
-            return (f"{arg if eq else f'{arg} {value}'}: worker 'in_engine' runs one model worker, in the engine core, "
-                    f"whose start-up would wait for the other ranks for ever; use worker 'default' (a process a rank)")
+            return (f"{written}: worker 'in_engine' runs one model worker, in the engine core, whose start-up would "
+                    f"wait for the other ranks for ever; use worker 'default' (a process a rank)")
     return None
 
 

@@ -91,3 +91,48 @@ def test_a_ray_pool_in_engine_with_more_ranks_is_a_config_error_naming_it() -> N
         parse_config({"pools": [dict(pool, vllm_args=["-tp", 2])]})
     assert parse_config({"pools": [dict(pool, worker="default", vllm_args=["-tp", 2])]}).pools[0].engine.worker == \
         "default"
+
+
+@pytest.mark.parametrize("yaml_text, cli, named", [
+    ("tensor-parallel-size: 2\n", [], "--tensor-parallel-size 2 [(]in --config"),
+    ("tensor_parallel_size: 4\n", [], "--tensor_parallel_size 4 [(]in --config"),
+    ("pipeline-parallel: 2\n", [], "--pipeline-parallel 2 [(]in --config"),
+    ("distributed-executor-backend: mp\n", [], "--distributed-executor-backend mp [(]in --config"),
+    ("tensor-parallel-size: 1\n", ["-tp", "2"], "-tp 2: ")])
+def test_in_engine_reads_the_options_of_vllms_config_file(tmp_path: Path, yaml_text: str, cli: list[str],
+                                                          named: str) -> None:
+    """Found by review: vLLM reads `--config FILE.yaml` into its arguments (0.32's FlexibleArgumentParser.
+    _pull_args_from_config: each key becomes `--key value`, placed before the command line, which wins), and the
+    check did not: a config file's `tensor-parallel-size: 2` passed, to hang the start-up as the flag did."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(ValueError, match=f"{named}.*in_engine.*'default'"):
+        ServerSpec(model=tmp_path, worker="in_engine", extra_args=["--config", str(config), *cli])
+    ServerSpec(model=tmp_path, extra_args=["--config", str(config), *cli])  # vLLM's own layout
+
+
+@pytest.mark.parametrize("yaml_text, cli", [("tensor-parallel-size: 2\n", ["-tp", "1"]),
+                                            ("tensor-parallel-size: 1\nmax-num-seqs: 4\nenforce-eager: true\n", []),
+                                            ("distributed-executor-backend: mp\n", ["--distributed-executor-backend",
+                                                                                    "uni"])])
+def test_in_engine_takes_a_config_file_whose_options_it_honours(tmp_path: Path, yaml_text: str,
+                                                                 cli: list[str]) -> None:
+    """As vLLM reads them: the command line after the file's options, the last value of an option winning."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml_text)
+    ServerSpec(model=tmp_path, worker="in_engine", extra_args=["--config", str(config), *cli])
+
+
+def test_a_ray_pool_in_engine_reads_its_vllm_args_config_file(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from kvsched.adapters.ray.config import ConfigError, parse_config
+
+    (config := tmp_path / "serve.yaml").write_text("pipeline-parallel-size: 2\n")
+    pool = {"name": "w", "model": "/m", "worker": "in_engine", "vllm_args": ["--config", str(config)]}
+    with pytest.raises(ConfigError, match=r"pools\[0\].*--pipeline-parallel-size 2 \(in --config .*in_engine"):
+        parse_config({"pools": [pool]})
+
+
+def test_in_engine_refuses_a_config_file_it_cannot_read_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--config .*missing\.yaml.*in_engine.*cannot read"):
+        ServerSpec(model=tmp_path, worker="in_engine", extra_args=["--config", str(tmp_path / "missing.yaml")])

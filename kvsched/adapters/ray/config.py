@@ -19,7 +19,8 @@ pools:
     max_model_len: 8192
     vllm_args: [--kv-cache-dtype, fp8]
     worker: default                   # or in_engine: the model worker in the engine-core process (ServerSpec.worker;
-                                      #   one rank: vllm_args with -tp/-pp above 1 or another executor are refused)
+                                      #   one rank: vllm_args with -tp/-pp above 1 or another executor, their
+                                      #   --config file's included, are refused)
 ```
 """
 

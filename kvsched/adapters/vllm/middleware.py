@@ -17,6 +17,7 @@ Added by the plugin to a `vllm serve` that runs kvsched's scheduler (and a stric
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from typing import Any
 from urllib.parse import parse_qs
@@ -70,6 +71,7 @@ class KVSchedMiddleware:
         self.responses = ResponseSessions()  # /v1/responses ids -> sessions, for previous_response_id
         self.compaction = Compactor(app)  # context compaction (KVSCHED_COMPACTION*), see compaction.py
         self.session_calls = admin_routes.EngineCalls()  # bounded, shared: see admin_routes
+        self._cors: Any = None  # vLLM's CORS settings, for the answers kvsched makes itself (`_reply`)
 
     def _is_active(self, scope: Scope) -> bool:
         if self._active is None:
@@ -100,18 +102,37 @@ class KVSchedMiddleware:
         ident = self.auth.identify(scope["app"], raw.get("authorization"))
         if is_admin:
             if not (ident.authenticated or ident.admin):
-                await send_json(send, 401, {"error": "Unauthorized"})
+                await send_json(self._reply(scope, raw, send), 401, {"error": "Unauthorized"})
             else:
-                await admin_routes.handle(scope["app"], scope, send, path, ident, raw, self.session_calls)
+                await admin_routes.handle(scope["app"], scope, self._reply(scope, raw, send), path, ident, raw,
+                                          self.session_calls)
         elif not ident.authenticated:  # vLLM refuses it: nothing of kvsched runs for it
             await self.app(scope, receive, send)
         else:
             await self._generate(scope, receive, send, path, raw, ident.tenant)
 
+    def _reply(self, scope: Scope, raw: dict[str, bytes], send: Any) -> Any:
+        """`send` for an answer kvsched makes itself, with the CORS headers vLLM's CORSMiddleware (`--allowed-origins`
+        and its siblings) gives its own answers: vLLM adds kvsched's middleware outside that one, so kvsched's answers
+        never passed through it (found by review: a browser UI of an allowed origin could read neither a session page
+        nor kvsched's 400 naming a bad field). Answers vLLM makes, passed through, already carry them."""
+        if "origin" not in raw:
+            return send
+        from starlette.datastructures import Headers
+        from starlette.middleware.cors import CORSMiddleware
+
+        if self._cors is None:
+            args = compat.server_args(scope["app"])
+            self._cors = CORSMiddleware(self.app, allow_origins=getattr(args, "allowed_origins", None) or (),
+                                        allow_methods=getattr(args, "allowed_methods", None) or ("GET",),
+                                        allow_headers=getattr(args, "allowed_headers", None) or (),
+                                        allow_credentials=bool(getattr(args, "allow_credentials", False)))
+        return functools.partial(self._cors.send, send=send, request_headers=Headers(scope=scope))
+
     # ---- generation requests ------------------------------------------------------------------------------------
     async def _generate(self, scope: Scope, receive: Any, send: Any, path: str, raw: dict[str, bytes],
                         tenant: str | None) -> None:
-        outcome = UNCHANGED
+        outcome, reply = UNCHANGED, self._reply(scope, raw, send)
         try:
             body = await read_body(scope, receive)
             payload = parse_json(body, MAX_JSON_CONTAINERS)
@@ -125,7 +146,7 @@ class KVSchedMiddleware:
                     raise HttpError(400, str(exc), param=exc.field or "session") from None
                 outcome = await self.compaction.prepare(scope, payload, headers, tenant)
                 if outcome.error is not None:
-                    await send_json(send, outcome.status, outcome.error)
+                    await send_json(reply, outcome.status, outcome.error)
                     return
                 if changed or outcome.changed:
                     body = json.dumps(payload).encode()
@@ -135,7 +156,7 @@ class KVSchedMiddleware:
             return
         except HttpError as exc:
             # Anthropic's clients read {"type": "error", "error": {...}}; the OpenAI shape otherwise.
-            await send_json(send, exc.status, {"type": "error", **exc.body} if path == "/v1/messages" else exc.body)
+            await send_json(reply, exc.status, {"type": "error", **exc.body} if path == "/v1/messages" else exc.body)
             return
         await outcome.forward(self.app, scope, body, receive, send)  # a refused rewrite is sent again as sent
 
@@ -157,10 +178,10 @@ class KVSchedMiddleware:
             return
         except InvalidSessionInput as exc:
             self.rejected += 1
-            await send_json(send, 400, error_body(str(exc), param=exc.field or "session"))
+            await send_json(self._reply(scope, raw, send), 400, error_body(str(exc), param=exc.field or "session"))
             return
         except HttpError as exc:
-            await send_json(send, exc.status, exc.body)
+            await send_json(self._reply(scope, raw, send), exc.status, exc.body)
             return
         await self.app(scope, replay(body, receive), send)  # what was parsed for the check is gone by now
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, Context, Decimal
 
 from kvsched.adapters.vllm.tier_slots import ALIGN, chunk_layout, view_slot_bytes
 from kvsched.core.tier_config import TierConfigError
@@ -72,10 +73,12 @@ def view_bound(layer_bytes: int) -> int:
 
 def refuse_unless_fits(plan_fits: bool, buffer_bytes: int, view_bytes: int, buffers: int) -> None:
     """TierConfigError when a staging buffer cannot hold one view's block: named by the setting, with the least
-    setting (in MiB) that holds it."""
+    setting (in MiB) that holds it, rounded UP to 6 significant figures (found by review: rounded to nearest, a small
+    block's 0.001953125 MiB read 0.00195312, itself refused)."""
     if plan_fits:
         return
     need = 1 << max(view_bytes - 1, 0).bit_length()  # buffers are powers of two
+    mib = Context(prec=6, rounding=ROUND_CEILING).divide(Decimal(need * buffers), Decimal(2**20))
     raise TierConfigError(
         f"{STAGE_SETTING} gives staging buffers of {buffer_bytes} bytes, below one layer's KV block of this model "
-        f"({view_bytes} bytes staged); give at least {need * buffers / 2**20:.6g} MiB")
+        f"({view_bytes} bytes staged); give at least {mib.normalize():f} MiB")

@@ -6,13 +6,17 @@ tests/gpu/test_tier_cuda.py runs the same on pinned buffers and a CUDA stream.""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from kvsched.adapters.vllm import tier_host
 from kvsched.adapters.vllm.fp8_tier_store import UNSEALED
+from kvsched.adapters.vllm.tier_config import stage_bytes_of
 from kvsched.adapters.vllm.tier_layout import QUANTIZE, TierGeometry
-from kvsched.adapters.vllm.tier_link import StagePool, stage_plan
+from kvsched.adapters.vllm.tier_link import STAGE_BUFFERS, StagePool, stage_plan
+from kvsched.adapters.vllm.tier_pieces import refuse_unless_fits
 from kvsched.core.tier_config import TierConfigError
 from tests.adapters.vllm.test_fp8_tier_store import LaterLink, caches, tier
 
@@ -45,6 +49,20 @@ def test_a_setting_whose_buffer_holds_no_layers_block_is_refused_naming_it():
         tier(kv, stage=StagePool(stage_plan(16 * KIB), pin=False, allocate=True))
     assert tier(kv, stage=StagePool(stage_plan(16 * KIB), pin=False, allocate=False)).plan.spans == (
         (0, 1), (1, 2), (2, 3))  # the CPU: the kernels' outputs are the staging, nothing allocated, a view a piece
+
+
+@pytest.mark.parametrize("view_bytes", [*range(1, 5000, 7), 300, 512, 513, 3 << 20, (1 << 30) + 1])
+def test_the_least_setting_a_refusal_gives_is_itself_accepted(view_bytes: int) -> None:
+    """Found by review: the least setting was printed with 6 significant figures rounded to nearest, so a small
+    layer's block (300 bytes: 2,048 bytes of setting, 0.001953125 MiB) was told 0.00195312 MiB, which makes 511-byte
+    buffers and is refused again. Rounded up, the value given holds the block."""
+    with pytest.raises(TierConfigError, match="give at least") as refused:
+        refuse_unless_fits(False, 1, view_bytes, STAGE_BUFFERS)
+    given = re.search(r"give at least (\S+) MiB", str(refused.value))[1]  # type: ignore[index]
+    setting, _ = stage_bytes_of({"stage_mb": given}, 0)
+    assert stage_plan(setting).buffer_bytes >= view_bytes
+    refuse_unless_fits(view_bytes <= stage_plan(setting).buffer_bytes, stage_plan(setting).buffer_bytes, view_bytes,
+                       STAGE_BUFFERS)
 
 
 def test_a_slot_larger_than_a_buffer_goes_in_pieces_through_the_buffers_the_setting_made():

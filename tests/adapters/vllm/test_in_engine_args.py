@@ -1,0 +1,31 @@
+"""kvsched.serving.in_engine_conflict against vLLM's own `vllm serve` parser: worker "in_engine" is refused exactly
+when the options vLLM would take (a `--config FILE.yaml`'s among them, the command line winning) ask for more than one
+rank or for an executor other than `uni`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvsched.serving import in_engine_conflict
+
+CASES = [
+    ("tensor-parallel-size: 2\n", []), ("tensor_parallel_size: 2\n", ["-tp", "1"]), ("pipeline-parallel: 2\n", []),
+    ("prefill-context-parallel-size: 3\nmax-num-seqs: 4\n", []), ("tensor-parallel-size: 1\n", ["-tp", "2"]),
+    ("distributed-executor-backend: mp\n", []), ("distributed-executor-backend: mp\n", ["--distributed-executor-backend",
+                                                                                      "uni"]),
+    ("distributed_executor_backend: uni\nenforce-eager: true\n", []), ("max-num-seqs: 4\n", ["-pp", "2", "-pp", "1"]),
+]
+
+
+@pytest.mark.parametrize("yaml_text, cli", CASES)
+def test_in_engine_refuses_what_vllms_parser_would_take(tmp_path: Path, vllm_cli, yaml_text: str,
+                                                         cli: list[str]) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml_text)
+    extra = ["--config", str(config), *cli]
+    taken = vllm_cli.parse_args(["serve", "MODEL", *extra])
+    ranks = (taken.tensor_parallel_size, taken.pipeline_parallel_size, taken.prefill_context_parallel_size)
+    wanted = taken.distributed_executor_backend not in (None, "uni") or any(n != 1 for n in ranks)
+    assert (in_engine_conflict(extra) is not None) == wanted, (ranks, taken.distributed_executor_backend)
