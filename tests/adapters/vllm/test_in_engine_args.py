@@ -13,8 +13,8 @@ from kvsched.serving import in_engine_conflict
 CASES = [
     ("tensor-parallel-size: 2\n", []), ("tensor_parallel_size: 2\n", ["-tp", "1"]), ("pipeline-parallel: 2\n", []),
     ("prefill-context-parallel-size: 3\nmax-num-seqs: 4\n", []), ("tensor-parallel-size: 1\n", ["-tp", "2"]),
-    ("distributed-executor-backend: mp\n", []), ("distributed-executor-backend: mp\n", ["--distributed-executor-backend",
-                                                                                      "uni"]),
+    ("distributed-executor-backend: mp\n", []),
+    ("distributed-executor-backend: mp\n", ["--distributed-executor-backend", "uni"]),
     ("distributed_executor_backend: uni\nenforce-eager: true\n", []), ("max-num-seqs: 4\n", ["-pp", "2", "-pp", "1"]),
 ]
 
