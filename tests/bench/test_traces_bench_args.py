@@ -1,0 +1,52 @@
+"""`kvsched bench traces` refuses what it cannot use before any replay, as one `error:` line on stderr and exit 2
+(found by review: --pressure 0, -1 or nan, a --ttl the headroom sides refuse, a malformed trace, a directory, a header
+alone and an --out naming a directory were tracebacks, some after minutes of replays)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvsched.cli import main
+from kvsched.sim.mooncake import convert_file
+
+DATA = Path(__file__).parents[1] / "sim" / "data"
+
+
+@pytest.fixture
+def trace(tmp_path: Path) -> Path:
+    path = tmp_path / "syn.jsonl"
+    convert_file(DATA / "mooncake_synthetic_slice.jsonl", path)
+    return path
+
+
+@pytest.mark.parametrize("flags", [["--pressure", "0"], ["--pressure", "-1"], ["--pressure", "nan"],
+                                   ["--pressure", "3", "--pressure", "inf"], ["--ttl", "nan"], ["--ttl", "-5"],
+                                   ["--ttl", "inf"], ["--h2d-gbps", "nan"], ["--h2d-gbps", "inf"]])
+def test_a_number_it_cannot_use_is_one_error_line(trace, tmp_path, capsys, flags):
+    out = tmp_path / "r.json"
+    assert main(["bench", "traces", str(trace), "--no-tier", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched bench traces: error: --") and err.count("\n") == 1 and flags[-2] in err
+    assert not out.exists()
+
+
+def test_a_trace_it_cannot_read_is_one_error_line_before_any_replay(trace, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kvsched_trace": 1}\n')
+    header_only = tmp_path / "empty.jsonl"
+    header_only.write_text('{"kvsched_trace": 1, "block_size": 16}\n')
+    for paths, says in (([trace, bad], "first line must be a header"), ([tmp_path], "Is a directory"),
+                        ([header_only], "no requests to replay")):
+        assert main(["bench", "traces", *map(str, paths), "--no-headroom", "--no-tier"]) == 2
+        captured = capsys.readouterr()
+        assert says in captured.err and captured.err.count("\n") == 1
+        assert "live pressure" not in captured.out  # nothing was replayed
+
+
+def test_an_out_it_cannot_write_is_refused_before_any_replay(trace, tmp_path, capsys):
+    for out, says in ((tmp_path, "is a directory"), (trace, "would overwrite the input")):
+        assert main(["bench", "traces", str(trace), "--no-headroom", "--no-tier", "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert says in captured.err and "live pressure" not in captured.out
