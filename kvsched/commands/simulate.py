@@ -31,6 +31,7 @@ FLEET_GPU_KV_GIB = 60.0
 FLEET_H2D_GBPS = 32.0
 DEFAULT_PRESSURE = 2.0
 DEFAULT_PRESET = "llama-3.1-8b"
+DEFAULT_KV_DTYPE = "fp8"
 MAX_REPLICAS = 4096  # engines in one replay: each replays its share alone (the Ray router's rings are far smaller)
 MAX_PROMPT_TOKENS = 2**24  # compaction's token counts: far past any context (a summary's ids are built one by one)
 # --kv-gib and --fp8-tier-gib are checked where they are used
@@ -70,7 +71,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--preset", default=None,
                    help=f"model shape for --kv-gib, byte figures and the tier's block size (default {DEFAULT_PRESET}; "
                         "an engine's recording: that engine's own bytes per token and per tier block)")
-    p.add_argument("--kv-dtype", default="fp8", help="with --preset: the KV cache's dtype")
+    p.add_argument("--kv-dtype", default=None,
+                   help=f"with --preset (or a trace that is not an engine's recording): the KV cache's dtype (default "
+                        f"{DEFAULT_KV_DTYPE})")
     tier = p.add_mutually_exclusive_group()
     tier.add_argument("--fp8-tier-gib", type=float, default=None,
                       help="kvsched side: FP8 demotion tier of this many GiB of host memory, the fleet's (0: "
@@ -169,8 +172,8 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
             raise ValueError(f"--kv-gib must be a positive number of GiB, not {args.kv_gib}")
         if args.preset is None and trace.recorded_bytes is not None:  # the recording engine's bytes per token
             return max(int(args.kv_gib * GIB) // (bytes_per_token * trace.block_size), 1)
-        tokens = kv_capacity_tokens(ModelShape.from_preset(args.preset or DEFAULT_PRESET), args.kv_dtype,
-                                    int(args.kv_gib * GIB), trace.block_size)
+        tokens = kv_capacity_tokens(ModelShape.from_preset(args.preset or DEFAULT_PRESET),
+                                    args.kv_dtype or DEFAULT_KV_DTYPE, int(args.kv_gib * GIB), trace.block_size)
         return max(tokens // trace.block_size, 1)
     recorded = trace.recorded_capacity_blocks  # KVSCHED_RECORD_TRACE: the recording engine's own pool
     if args.pressure is None and recorded is not None:
@@ -190,13 +193,18 @@ def engine_bytes(args: argparse.Namespace, trace: Any) -> tuple[int, int | None]
 
     recorded = trace.recorded_bytes
     if args.preset is None and recorded is not None:
+        if args.kv_dtype is not None:  # found by review: accepted, and the recording's bytes used all the same
+            raise ValueError(f"--kv-dtype {args.kv_dtype} applies to a --preset's model; this recording sizes pools "
+                             f"and bytes by its engine's own {recorded[0]} bytes per token: give --preset too, or "
+                             "no --kv-dtype")
         return recorded
     shape = ModelShape.from_preset(args.preset or DEFAULT_PRESET)
+    dtype = args.kv_dtype or DEFAULT_KV_DTYPE
     try:
-        block_bytes: int | None = fp8_tier_block_bytes(shape, args.kv_dtype, trace.block_size)
+        block_bytes: int | None = fp8_tier_block_bytes(shape, dtype, trace.block_size)
     except PlanError:  # MLA, sliding window
         block_bytes = None
-    return kv_bytes_per_token(shape, args.kv_dtype), block_bytes
+    return kv_bytes_per_token(shape, dtype), block_bytes
 
 
 def compaction_config(args: argparse.Namespace) -> Any:

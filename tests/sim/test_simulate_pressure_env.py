@@ -147,6 +147,23 @@ def test_a_recording_without_tier_bytes_keeps_its_bytes_per_token_and_refuses_a_
     assert "fp8_tier_block_bytes" in capsys.readouterr().err
 
 
+def test_a_kv_dtype_a_recording_would_ignore_is_refused(tmp_path, capsys):
+    """Found by review: `--kv-dtype bf16` on an engine's recording (no --preset) was accepted, and the pool and byte
+    figures came from the recording's own bytes per token all the same: the JSON said nothing of the dtype asked for."""
+    path, out = tmp_path / "rec.jsonl", tmp_path / "r.json"
+    write_jsonl(path, SMALL.block_size, generate_requests(SMALL), meta={"kv_bytes_per_token": 1024.0})
+    args = ["simulate", str(path), "--no-progress", "--policies", "lru", "--out", str(out)]
+    for pool in ([], ["--kv-gib", "0.01"]):
+        assert main([*args, *pool, "--kv-dtype", "bf16"]) == 2
+        assert "--kv-dtype bf16 applies to a --preset" in (err := capsys.readouterr().err) and err.count("\n") == 1
+    assert main([*args, "--kv-dtype", "bf16", "--preset", "llama-3.1-8b"]) == 0  # a named model: its dtype applies
+    assert json.loads(out.read_text())["config"]["kv_bytes_per_token"] == 131072
+    plain = tmp_path / "plain.jsonl"  # not a recording: the dtype applies to the default preset, as before
+    write_jsonl(plain, SMALL.block_size, generate_requests(SMALL))
+    assert main([*args[:1], str(plain), *args[2:], "--kv-dtype", "bf16"]) == 0
+    assert json.loads(out.read_text())["config"]["kv_bytes_per_token"] == 131072
+
+
 @pytest.mark.parametrize("recorded", [False, True])
 @pytest.mark.parametrize("gib", ["0", "-1", "nan", "inf"])
 def test_a_kv_size_that_is_not_a_positive_number_is_a_clear_error(tmp_path, capsys, recorded, gib):
