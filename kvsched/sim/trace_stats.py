@@ -46,7 +46,8 @@ def trace_stats(trace: Trace, ttls: tuple[float, ...] = DEFAULT_TTLS) -> dict[st
         if j is not None:
             gaps.append(max(float(trace.t[i] - finish[j]), 0.0))
             # of this prompt's full blocks only (found by review: a resent prompt counted its output's blocks too)
-            shared = min(_shared_prefix(trace.blocks(j), trace.blocks(i)), int(trace.prompt_tokens[i]) // trace.block_size)
+            full = int(trace.prompt_tokens[i]) // trace.block_size
+            shared = min(_shared_prefix(trace.blocks(j), trace.blocks(i)), full)
             repeated += shared * trace.block_size
         last[s] = i
     gap = np.asarray(gaps, dtype=np.float64)
