@@ -87,6 +87,25 @@ def test_replicas_keep_each_session_on_one_replica_and_sum_their_sides(tmp_path)
         replica_of_sessions(trace, 0)
 
 
+def test_a_replicas_state_is_listed_at_its_index_and_none_for_a_replica_that_served_nothing():
+    """Found by review: a replica that served no request was left out of `payback_ttl_cap_s`, so the list had fewer
+    entries than replicas and its entry k was not replica k's (`replica_requests` lists every replica)."""
+    from kvsched.sim.generator import generate
+    from kvsched.sim.replay import ReplayConfig, replay
+    from kvsched.sim.replicas import replay_replicas, replica_of_sessions
+
+    trace = generate(SMALL)
+    replicas = 4 * len(trace.sessions)  # more replicas than sessions: some serve nothing
+    owner = replica_of_sessions(trace, replicas)
+    cfg = ReplayConfig(capacity_blocks=400)
+    total, served = replay_replicas(trace, "kvsched", cfg, replicas)
+    caps = total.policy_stats["payback_ttl_cap_s"]
+    assert len(caps) == len(served) == replicas and 0 in served
+    for r in range(replicas):
+        alone = replay(trace.subset(owner[trace.session] == r), "kvsched", cfg) if served[r] else None
+        assert caps[r] == (alone.policy_stats["payback_ttl_cap_s"] if alone else None)
+
+
 def test_simulate_replicas_splits_the_pool(tmp_path):
     r = run_sim(tmp_path, "--capacity-blocks", "900", "--replicas", "3")
     c = r["config"]
