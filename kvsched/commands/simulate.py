@@ -33,6 +33,7 @@ DEFAULT_PRESSURE = 2.0
 DEFAULT_PRESET = "llama-3.1-8b"
 DEFAULT_KV_DTYPE = "fp8"
 MAX_REPLICAS = 4096  # engines in one replay: each replays its share alone (the Ray router's rings are far smaller)
+COMPACTION_DEFAULTS = {"compaction_trigger_tokens": 5000, "compaction_summary_tokens": 500, "compaction_keep_recent": 4}
 MAX_PROMPT_TOKENS = 2**24  # compaction's token counts: far past any context (a summary's ids are built one by one)
 # --kv-gib and --fp8-tier-gib are checked where they are used
 LIMITS = {"workflows": count(1, 10**6), "capacity_blocks": count(1, MAX_COUNT),
@@ -95,9 +96,9 @@ def register(subparsers: Any) -> None:
                    help="host-to-device GB/s: each tier restore adds its bytes / this to the request's TTFT")
     comp = p.add_argument_group("compaction (an extra side, kvsched on the trace as compaction serves it)")
     comp.add_argument("--compaction", choices=["summarize", "sliding_window"], default=None)
-    comp.add_argument("--compaction-trigger-tokens", type=int, default=5000)
-    comp.add_argument("--compaction-summary-tokens", type=int, default=500)
-    comp.add_argument("--compaction-keep-recent", type=int, default=4, help="newest turns kept verbatim")
+    comp.add_argument("--compaction-trigger-tokens", type=int, default=None, help="default 5000")
+    comp.add_argument("--compaction-summary-tokens", type=int, default=None, help="default 500")
+    comp.add_argument("--compaction-keep-recent", type=int, default=None, help="newest turns kept verbatim (default 4)")
     comp.add_argument("--system-tokens", type=int, default=None,
                       help="shared prefix kept by compaction (default: a generated trace's system + role prompt)")
     p.add_argument("--prefill-tok-s", type=float, default=10_000.0, help="prefill throughput for the TTFT estimate")
@@ -209,8 +210,14 @@ def engine_bytes(args: argparse.Namespace, trace: Any) -> tuple[int, int | None]
 
 def compaction_config(args: argparse.Namespace) -> Any:
     """The `--compaction*` options as the server's CompactionConfig (None without `--compaction`)."""
-    if not getattr(args, "compaction", None):
+    if not getattr(args, "compaction", None):  # found by review: these were accepted, and nothing compacted
+        if given := [f"--{d.replace('_', '-')}" for d in (*COMPACTION_DEFAULTS, "system_tokens") if getattr(args, d)
+                     is not None]:
+            raise ValueError(f"{', '.join(given)} only apply with --compaction")
         return None
+    for dest, default in COMPACTION_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
     from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy
 
     if args.compaction_summary_tokens >= args.compaction_trigger_tokens:  # as `kvsched plan` refuses it

@@ -103,6 +103,18 @@ def test_simulate_cli_compaction_flags(tmp_path):
         assert main(["simulate", "--generate", "--quick", "--compaction", "summarize", *bad]) == 2
 
 
+@pytest.mark.parametrize("flag", ["--compaction-trigger-tokens", "--compaction-summary-tokens",
+                                  "--compaction-keep-recent", "--system-tokens"])
+def test_a_compaction_flag_without_compaction_is_refused(tmp_path, capsys, flag):
+    """Found by review: accepted without --compaction, and nothing compacted (no side, no word)."""
+    from kvsched.cli import main
+
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--generate", "--quick", "--workflows", "2", "--policies", "kvsched", "--no-progress",
+                 flag, "300", "--out", str(out)]) == 2
+    assert f"{flag} only apply with --compaction" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize("strategy", [Strategy.SUMMARIZE, Strategy.SLIDING_WINDOW])
 def test_a_rewritten_turn_ends_the_branch_it_leaves_in_the_replay_as_in_the_engine(strategy):
     """Rewritten requests are marked in the trace (`compacted`, kept through a JSONL round trip); each that starts a
