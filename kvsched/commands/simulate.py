@@ -121,6 +121,8 @@ def check_outputs(args: argparse.Namespace) -> None:
         if path.is_dir():
             raise ValueError(f"{flag} {path} is a directory; give a file path")
         check_out(path, inputs)
+    if args.plot is not None and args.plot.exists() and not args.plot.is_dir():  # found by review: after the replays
+        raise ValueError(f"--plot {args.plot} is not a directory; give one (made if missing) for the PNGs")
     if args.out is not None and args.out.suffix.lower() == ".png":
         raise ValueError(f"--out {args.out} names the JSON result; its chart is written beside it as .png")
     if args.out is not None and args.write_trace is not None and args.out.resolve() == args.write_trace.resolve():

@@ -228,3 +228,15 @@ def test_plot_replays_with_the_tables_settings(tmp_path, monkeypatch):
         assert args[5] == table_args[5] and args[5][0] > 0  # the table's tier
     ws = r["config"]["working_set_blocks"]
     assert runs[-1][0][1] == ws // 2  # the whole working set over 2 replicas
+
+
+def test_a_plot_path_that_is_a_file_is_refused_before_the_replay(tmp_path, capsys):
+    """Found by review: `--plot FILE` failed only after the table's replays, with "File exists", and
+    --out was never written."""
+    path, out, plot = tmp_path / "t.jsonl", tmp_path / "r.json", tmp_path / "plots.png"
+    write_jsonl(path, SMALL.block_size, generate_requests(SMALL))
+    plot.write_text("")
+    argv = ["simulate", str(path), "--no-progress", "--policies", "lru", "--out", str(out), "--plot", str(plot)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "--plot" in captured.err and "is not a directory" in captured.err and not out.exists()
