@@ -15,9 +15,9 @@ What changes in the trace:
 - requests with nothing to rewrite keep their own blocks.
 What a recording measured is kept (found by review: dropped, so on an engine's recording this side ran the time model
 and lineage the other sides did not, and differed from the `kvsched` side with nothing rewritten): every request's
-`duration_s` (a rewritten one's too: how long its uncompacted prompt held the engine, the best figure there is), and a
-request's `tail_reuse` and `joins_pin` when it is served as sent (a rewritten prompt repeats no previous partial block
-and no shared prompt: 0 and false).
+`duration_s` (a rewritten one's too: how long its uncompacted prompt held the engine, the best figure there is), its
+`compacted` (rewritten by the recording engine's compaction), and a request's `tail_reuse` and `joins_pin` when it is
+served as sent (a rewritten prompt repeats no previous partial block and no shared prompt: 0 and false).
 Message token overheads are 0 here: the trace's counts already include the template.
 """
 
@@ -148,6 +148,7 @@ def _measured(req: TraceRequest, trace: Trace, i: int) -> None:
     if trace.tail_reuse is not None:
         req.tail_reuse = 0 if req.compacted else (int(trace.tail_reuse[i]) if trace.tail_reuse[i] >= 0 else None)
     req.joins_pin = trace.joins_pin is not None and bool(trace.joins_pin[i]) and not req.compacted
+    req.compacted = req.compacted or (trace.compacted is not None and bool(trace.compacted[i]))  # the engine's too
 
 
 def _request(t: float, sid: str, salt: str | None, prompt: int, output: int, ids: Sequence[Hashable],

@@ -40,19 +40,21 @@ def test_a_trigger_never_reached_leaves_the_trace_as_it_was():
 
 
 def test_a_trigger_never_reached_keeps_what_a_recording_measured():
-    """Found by review: the rewritten trace dropped `duration_s`, `tail_reuse` and `joins_pin`, so on an engine's
-    recording the compaction side replayed the time model and another lineage than the kvsched side, and differed from
-    it with nothing rewritten (the Mooncake conversation slice with durations: 446,578 prefill tokens, not 432,242)."""
+    """Found by review: the rewritten trace dropped `duration_s`, `tail_reuse`, `joins_pin` and `compacted`, so on an
+    engine's recording the compaction side replayed the time model and another lineage than the kvsched side, and
+    differed from it with nothing rewritten (the Mooncake conversation slice with durations: 446,578 prefill tokens,
+    not 432,242)."""
     import numpy as np
 
     trace = generate(SMALL)
     n = len(trace)
     trace = replace(trace, duration_s=0.5 + 3.0 * (np.arange(n) % 7), tail_reuse=np.arange(n) % 3 - 1,
-                    joins_pin=np.arange(n) % 5 == 0)
+                    joins_pin=np.arange(n) % 5 == 0, compacted=np.arange(n) % 11 == 3)
     same, stats = compact_trace(trace, CompactionConfig(strategy=Strategy.SUMMARIZE, trigger_tokens=10**9))
     assert stats.rewritten_requests == 0 and same.duration_s is not None
     assert same.duration_s.tolist() == trace.duration_s.tolist()
     assert same.tail_reuse.tolist() == trace.tail_reuse.tolist() and same.joins_pin.tolist() == trace.joins_pin.tolist()
+    assert same.compacted.tolist() == trace.compacted.tolist()
     cfg = ReplayConfig(capacity_blocks=math.ceil(trace.working_set_blocks() / 2), check=True, tier_bytes=2**24,
                        tier_block_bytes=2**16)
     a, b = replay(same, "kvsched", cfg), replay(trace, "kvsched", cfg)
