@@ -39,6 +39,9 @@ from kvsched.bench.plots import grouped_bars, save_beside
 from kvsched.core.tier_config import TIER_EVICTION_ORDERS
 
 PRESSURES = (1.5, 3.0)
+# the largest pool replayed: the tier side's slots (2x the pool's) are a Python list, as `kvsched simulate` keeps at most
+# 2**26 (found by review: --pressure 1e-6 was a MemoryError, 1e-300 an OverflowError)
+MAX_POOL_BLOCKS = 2**25
 
 
 def register(subparsers: Any) -> None:
@@ -204,6 +207,12 @@ def run(args: argparse.Namespace) -> int:
         traces = [Trace.load(path) for path in paths]  # a malformed trace, or a directory: before any replay
         if empty := [str(path) for path, t in zip(paths, traces, strict=True) if not len(t)]:
             raise ValueError(f"no requests to replay in {empty} (a header only)")  # else a ZeroDivisionError
+        for path, t in zip(paths, traces, strict=True):  # the pools, before any replay (found by review: tracebacks)
+            if not (live := t.peak_live_blocks()):
+                raise ValueError(f"{path}: no block is used twice (peak live set 0): no live-basis pool to size")
+            if (most := math.ceil(live / min(pressures))) > MAX_POOL_BLOCKS:
+                raise ValueError(f"--pressure {min(pressures):g} makes a pool of {most} blocks for {path}, past the "
+                                 f"replay's {MAX_POOL_BLOCKS} (its tier's slots are a list)")
     except (ValueError, OSError) as exc:
         print(f"kvsched bench traces: error: {exc}", file=sys.stderr)
         return 2

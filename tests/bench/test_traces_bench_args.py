@@ -1,6 +1,7 @@
 """`kvsched bench traces` refuses what it cannot use before any replay, as one `error:` line on stderr and exit 2
-(found by review: --pressure 0, -1 or nan, a --ttl the headroom sides refuse, a malformed trace, a directory, a header
-alone and an --out naming a directory were tracebacks, some after minutes of replays)."""
+(found by review: --pressure 0, -1, nan or 1e-6, a --ttl the headroom sides refuse, a malformed trace, a directory, a
+header alone, a trace that uses no block twice and an --out naming a directory were tracebacks, some after minutes of
+replays)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def trace(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("flags", [["--pressure", "0"], ["--pressure", "-1"], ["--pressure", "nan"],
+                                   ["--pressure", "1e-300"], ["--pressure", "3", "--pressure", "1e-6"],
                                    ["--pressure", "3", "--pressure", "inf"], ["--ttl", "nan"], ["--ttl", "-5"],
                                    ["--ttl", "inf"], ["--h2d-gbps", "nan"], ["--h2d-gbps", "inf"]])
 def test_a_number_it_cannot_use_is_one_error_line(trace, tmp_path, capsys, flags):
@@ -37,8 +39,12 @@ def test_a_trace_it_cannot_read_is_one_error_line_before_any_replay(trace, tmp_p
     bad.write_text('{"kvsched_trace": 1}\n')
     header_only = tmp_path / "empty.jsonl"
     header_only.write_text('{"kvsched_trace": 1, "block_size": 16}\n')
+    no_reuse = tmp_path / "no_reuse.jsonl"
+    no_reuse.write_text('{"kvsched_trace": 1, "block_size": 16}\n'
+                        '{"t": 0, "session": "a", "prompt_tokens": 64, "blocks": ["a", "b", "c", "d"]}\n'
+                        '{"t": 1, "session": "b", "prompt_tokens": 64, "blocks": ["e", "f", "g", "h"]}\n')
     for paths, says in (([trace, bad], "first line must be a header"), ([tmp_path], "Is a directory"),
-                        ([header_only], "no requests to replay")):
+                        ([header_only], "no requests to replay"), ([no_reuse], "no block is used twice")):
         assert main(["bench", "traces", *map(str, paths), "--no-headroom", "--no-tier"]) == 2
         captured = capsys.readouterr()
         assert says in captured.err and captured.err.count("\n") == 1
