@@ -39,8 +39,8 @@ from kvsched.bench.plots import grouped_bars, save_beside
 from kvsched.core.tier_config import TIER_EVICTION_ORDERS
 
 PRESSURES = (1.5, 3.0)
-# the largest pool replayed: the tier side's slots (2x the pool's) are a Python list, as `kvsched simulate` keeps at most
-# 2**26 (found by review: --pressure 1e-6 was a MemoryError, 1e-300 an OverflowError)
+# the largest pool replayed: the tier side's slots (2x the pool's) are a Python list, which `kvsched simulate` keeps
+# under 2**26 too (found by review: --pressure 1e-6 was a MemoryError, 1e-300 an OverflowError)
 MAX_POOL_BLOCKS = 2**25
 
 
