@@ -184,7 +184,11 @@ def run(args: argparse.Namespace) -> int:
     from kvsched.sim.replay import ReplayConfig
     from kvsched.sim.trace import Trace
 
-    paths = args.traces or default_traces()
+    try:  # the cached files are converted again first when an older converter wrote them: a bad one is refused
+        paths = args.traces or default_traces()
+    except (ValueError, OSError) as exc:  # found by review: a traceback
+        print(f"kvsched bench traces: error: {exc}", file=sys.stderr)
+        return 2
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         print(f"kvsched bench traces: error: missing {missing} (run `kvsched trace fetch mooncake`)", file=sys.stderr)

@@ -56,3 +56,13 @@ def test_an_out_it_cannot_write_is_refused_before_any_replay(trace, tmp_path, ca
         assert main(["bench", "traces", str(trace), "--no-headroom", "--no-tier", "--out", str(out)]) == 2
         captured = capsys.readouterr()
         assert says in captured.err and "live pressure" not in captured.out
+
+
+def test_a_cached_trace_it_cannot_convert_is_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KVSCHED_CACHE_DIR", str(tmp_path))
+    raw = tmp_path / "traces" / "mooncake" / "conversation_trace.jsonl"
+    raw.parent.mkdir(parents=True)
+    raw.write_text('{"timestamp": 0}\n')
+    assert main(["bench", "traces", "--no-headroom", "--no-tier"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched bench traces: error: ") and "lacks field 'hash_ids'" in err
