@@ -279,12 +279,14 @@ class Setup:
 
 
 def prepare(args: argparse.Namespace) -> Setup:
+    from kvsched.core.config import RetentionConfig
     from kvsched.sim.mooncake import cached_traces, stale_note
     from kvsched.sim.out_file import check_out
     from kvsched.sim.trace import Trace
     from kvsched.tiny_model import SIZES
 
     sides = sides_arg(args.sides)
+    RetentionConfig.from_env()  # the simulator's settings, read after the sides (found by review: a traceback then)
     if not 0 < args.pressure < math.inf:
         raise ValueError(f"--pressure must be a finite number > 0, got {args.pressure}")
     if not 0 < args.time_scale < math.inf:
