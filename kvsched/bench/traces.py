@@ -206,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--h2d-gbps must be a finite number > 0, got {args.h2d_gbps:g}")
         if args.timing < 0:
             raise ValueError("--timing must be >= 0")
+        if len({p.name for p in paths}) < len(paths):  # found by review: the JSON kept the last one's figures only
+            raise ValueError(f"two traces share a file name (the JSON keys traces by name): {[str(p) for p in paths]}")
         if args.out is not None:  # a directory, or a trace read: refused now, not after the replays
             check_out(args.out, tuple(paths))
         traces = [Trace.load(path) for path in paths]  # a malformed trace, or a directory: before any replay

@@ -66,3 +66,14 @@ def test_a_cached_trace_it_cannot_convert_is_one_error_line(tmp_path, monkeypatc
     assert main(["bench", "traces", "--no-headroom", "--no-tier"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvsched bench traces: error: ") and "lacks field 'hash_ids'" in err
+
+
+def test_two_traces_of_one_file_name_are_refused(trace, tmp_path, capsys):
+    """Found by review: the JSON keys traces by file name, so a/syn.jsonl and b/syn.jsonl left one entry for two."""
+    other = tmp_path / "b" / trace.name
+    other.parent.mkdir()
+    other.write_bytes(trace.read_bytes())
+    out = tmp_path / "r.json"
+    assert main(["bench", "traces", str(trace), str(other), "--no-headroom", "--no-tier", "--pressure", "3",
+                 "--out", str(out)]) == 2
+    assert "share a file name" in capsys.readouterr().err and not out.exists()
