@@ -279,11 +279,14 @@ class Setup:
 
 
 def prepare(args: argparse.Namespace) -> Setup:
+    from kvsched.core.config import RetentionConfig
     from kvsched.sim.mooncake import cached_traces, stale_note
+    from kvsched.sim.out_file import check_out
     from kvsched.sim.trace import Trace
     from kvsched.tiny_model import SIZES
 
     sides = sides_arg(args.sides)
+    RetentionConfig.from_env()  # the simulator's settings, read after the sides (found by review: a traceback then)
     if not 0 < args.pressure < math.inf:
         raise ValueError(f"--pressure must be a finite number > 0, got {args.pressure}")
     if not 0 < args.time_scale < math.inf:
@@ -293,6 +296,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     path = args.trace or cached_traces(["conversation_trace.jsonl"])[0]  # converted again if an older one wrote it
     if not path.exists():
         raise ValueError(f"no trace at {path} (run `kvsched trace fetch mooncake`)")
+    if args.out is not None:  # found by review: --out naming the trace overwrote it with the first side's JSON
+        check_out(args.out, (path,))
     loaded = Trace.load(path)
     if (note := stale_note(loaded.meta)) is not None:
         print(f"kvsched bench replay: warning: {path}: {note}", file=sys.stderr)

@@ -26,6 +26,7 @@ same pool, with long TTLs (`--ttl`, default 600 s):
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +39,9 @@ from kvsched.bench.plots import grouped_bars, save_beside
 from kvsched.core.tier_config import TIER_EVICTION_ORDERS
 
 PRESSURES = (1.5, 3.0)
+# the largest pool replayed: the tier side's slots (2x the pool's) are a Python list, which `kvsched simulate` keeps
+# under 2**26 too (found by review: --pressure 1e-6 was a MemoryError, 1e-300 an OverflowError)
+MAX_POOL_BLOCKS = 2**25
 
 
 def register(subparsers: Any) -> None:
@@ -176,30 +180,51 @@ def run(args: argparse.Namespace) -> int:
     from kvsched.bench.traces_classes import fit, summary
     from kvsched.core.config import RetentionConfig
     from kvsched.sim.mooncake import stale_note
+    from kvsched.sim.out_file import check_out
     from kvsched.sim.replay import ReplayConfig
     from kvsched.sim.trace import Trace
 
-    paths = args.traces or default_traces()
+    try:  # the cached files are converted again first when an older converter wrote them: a bad one is refused
+        paths = args.traces or default_traces()
+    except (ValueError, OSError) as exc:  # found by review: a traceback
+        print(f"kvsched bench traces: error: {exc}", file=sys.stderr)
+        return 2
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        print(f"kvsched bench traces: error: missing {missing} (run `kvsched trace fetch mooncake`)")
-        return 2
-    try:
-        retention = RetentionConfig.from_env()
-    except ValueError as exc:
-        print(f"kvsched bench traces: error: {exc}")
+        print(f"kvsched bench traces: error: missing {missing} (run `kvsched trace fetch mooncake`)", file=sys.stderr)
         return 2
     pressures = args.pressure or list(PRESSURES)
-    if not args.h2d_gbps > 0:
-        print("kvsched bench traces: error: --h2d-gbps must be positive")
-        return 2
-    if args.timing < 0:
-        print("kvsched bench traces: error: --timing must be >= 0")
+    try:
+        retention = RetentionConfig.from_env()
+        # found by review: --pressure 0, -1 or nan and a --ttl the headroom sides' RetentionConfig refuses were
+        # tracebacks after minutes of replays; --ttl nan with --no-headroom wrote NaN into the JSON
+        if not all(0 < p < math.inf for p in pressures):
+            raise ValueError(f"--pressure must be a finite number > 0, got {', '.join(f'{p:g}' for p in pressures)}")
+        if not 0 <= args.ttl < math.inf:
+            raise ValueError(f"--ttl must be a finite number of seconds >= 0, got {args.ttl:g}")
+        if not 0 < args.h2d_gbps < math.inf:
+            raise ValueError(f"--h2d-gbps must be a finite number > 0, got {args.h2d_gbps:g}")
+        if args.timing < 0:
+            raise ValueError("--timing must be >= 0")
+        if len({p.name for p in paths}) < len(paths):  # found by review: the JSON kept the last one's figures only
+            raise ValueError(f"two traces share a file name (the JSON keys traces by name): {[str(p) for p in paths]}")
+        if args.out is not None:  # a directory, or a trace read: refused now, not after the replays
+            check_out(args.out, tuple(paths))
+        traces = [Trace.load(path) for path in paths]  # a malformed trace, or a directory: before any replay
+        if empty := [str(path) for path, t in zip(paths, traces, strict=True) if not len(t)]:
+            raise ValueError(f"no requests to replay in {empty} (a header only)")  # else a ZeroDivisionError
+        for path, t in zip(paths, traces, strict=True):  # the pools, before any replay (found by review: tracebacks)
+            if not (live := t.peak_live_blocks()):
+                raise ValueError(f"{path}: no block is used twice (peak live set 0): no live-basis pool to size")
+            if (most := math.ceil(live / min(pressures))) > MAX_POOL_BLOCKS:
+                raise ValueError(f"--pressure {min(pressures):g} makes a pool of {most} blocks for {path}, past the "
+                                 f"replay's {MAX_POOL_BLOCKS} (its tier's slots are a list)")
+    except (ValueError, OSError) as exc:
+        print(f"kvsched bench traces: error: {exc}", file=sys.stderr)
         return 2
     result: dict[str, Any] = {"traces": {}}
     rows = []
-    for path in paths:
-        trace = Trace.load(path)
+    for path, trace in zip(paths, traces, strict=True):
         if (note := stale_note(trace.meta)) is not None:
             print(f"kvsched bench traces: warning: {path}: {note}", file=sys.stderr)
         per: dict[str, Any] = {"requests": len(trace), "sessions": len(trace.sessions), "meta": trace.meta,

@@ -36,3 +36,15 @@ def check_args(args: argparse.Namespace, **limits: Limit) -> None:
         value = getattr(args, dest)
         if value is not None:
             limit("--" + dest.replace("_", "-"), value)
+
+
+def only_with(args: argparse.Namespace, switch: str, defaults: dict[str, float]) -> None:
+    """Options that apply only with the flag `switch`: refused when given without it (found by review: accepted, and
+    nothing they size was computed), their defaults (None in the parser: not given) filled in with it."""
+    if not getattr(args, switch):
+        if given := ["--" + d.replace("_", "-") for d in defaults if getattr(args, d) is not None]:
+            raise ValueError(f"{', '.join(given)} only apply with --{switch.replace('_', '-')}")
+        return
+    for dest, default in defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kvsched.commands.args import check_args, count, number
+from kvsched.commands.args import check_args, count, number, only_with
 from kvsched.core.gpu_catalog import load_catalog
 from kvsched.core.planner import GIB, PRESETS, ModelShape, PlanError
 from kvsched.core.planner_cost import REFERENCE_PARAMS, cost, fleet_cost, replica_interactions_per_hour
@@ -18,6 +18,7 @@ from kvsched.core.planner_fleet import Levers, Plan, Topology, Workload, plan, s
 
 DEFAULT_PRESET = "llama-3.1-8b"
 DEFAULT_COST_GPU = "H100-SXM5-80GB"
+LEVERS = {"compaction_trigger": 5000, "summary_tokens": 500, "recent_tokens": 2000, "pin_budget": 1.0}  # --with-kvsched
 KV_DTYPES = {"fp16", "float16", "half", "bf16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"}
 LIMITS = {"context": count(1, 2**30), "context_p50": count(1, 2**30), "sessions": count(1, 10**9),
           "agents": count(1, 10**6), "tool_calls": count(0, 10**6), "tool_tokens": count(0, 2**30),
@@ -62,11 +63,11 @@ def register(subparsers: Any) -> None:
                         "hold a replica, the cost is left out with a note naming the GPUs that can)")
     k = p.add_argument_group("kvsched levers")
     k.add_argument("--with-kvsched", action="store_true", help="also plan with FP8 KV, compaction, retention budget")
-    k.add_argument("--compaction-trigger", type=int, default=5000, help="older tokens that trigger a summary (0 off)")
-    k.add_argument("--summary-tokens", type=int, default=500)
-    k.add_argument("--recent-tokens", type=int, default=2000, help="recent turns kept verbatim beside the summary")
-    k.add_argument("--pin-budget", type=float, default=1.0,
-                   help="retention budget: largest share of the KV pool idle sessions may keep pinned")
+    k.add_argument("--compaction-trigger", type=int, help="older tokens that trigger a summary (0 off; default 5000)")
+    k.add_argument("--summary-tokens", type=int, help="default 500")
+    k.add_argument("--recent-tokens", type=int, help="recent turns kept verbatim beside the summary (default 2000)")
+    k.add_argument("--pin-budget", type=float,
+                   help="retention budget: largest share of the KV pool idle sessions may keep pinned (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG: sessions per GPU against context length")
     p.set_defaults(func=run)
@@ -382,6 +383,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         check_args(args, **LIMITS)
+        only_with(args, "with_kvsched", LEVERS)
         result = build(args)
         if args.plot:
             plot(args, args.plot)

@@ -31,7 +31,9 @@ FLEET_GPU_KV_GIB = 60.0
 FLEET_H2D_GBPS = 32.0
 DEFAULT_PRESSURE = 2.0
 DEFAULT_PRESET = "llama-3.1-8b"
+DEFAULT_KV_DTYPE = "fp8"
 MAX_REPLICAS = 4096  # engines in one replay: each replays its share alone (the Ray router's rings are far smaller)
+COMPACTION_DEFAULTS = {"compaction_trigger_tokens": 5000, "compaction_summary_tokens": 500, "compaction_keep_recent": 4}
 MAX_PROMPT_TOKENS = 2**24  # compaction's token counts: far past any context (a summary's ids are built one by one)
 # --kv-gib and --fp8-tier-gib are checked where they are used
 LIMITS = {"workflows": count(1, 10**6), "capacity_blocks": count(1, MAX_COUNT),
@@ -70,7 +72,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--preset", default=None,
                    help=f"model shape for --kv-gib, byte figures and the tier's block size (default {DEFAULT_PRESET}; "
                         "an engine's recording: that engine's own bytes per token and per tier block)")
-    p.add_argument("--kv-dtype", default="fp8", help="with --preset: the KV cache's dtype")
+    p.add_argument("--kv-dtype", default=None,
+                   help=f"with --preset (or a trace that is not an engine's recording): the KV cache's dtype (default "
+                        f"{DEFAULT_KV_DTYPE})")
     tier = p.add_mutually_exclusive_group()
     tier.add_argument("--fp8-tier-gib", type=float, default=None,
                       help="kvsched side: FP8 demotion tier of this many GiB of host memory, the fleet's (0: "
@@ -92,9 +96,9 @@ def register(subparsers: Any) -> None:
                    help="host-to-device GB/s: each tier restore adds its bytes / this to the request's TTFT")
     comp = p.add_argument_group("compaction (an extra side, kvsched on the trace as compaction serves it)")
     comp.add_argument("--compaction", choices=["summarize", "sliding_window"], default=None)
-    comp.add_argument("--compaction-trigger-tokens", type=int, default=5000)
-    comp.add_argument("--compaction-summary-tokens", type=int, default=500)
-    comp.add_argument("--compaction-keep-recent", type=int, default=4, help="newest turns kept verbatim")
+    comp.add_argument("--compaction-trigger-tokens", type=int, default=None, help="default 5000")
+    comp.add_argument("--compaction-summary-tokens", type=int, default=None, help="default 500")
+    comp.add_argument("--compaction-keep-recent", type=int, default=None, help="newest turns kept verbatim (default 4)")
     comp.add_argument("--system-tokens", type=int, default=None,
                       help="shared prefix kept by compaction (default: a generated trace's system + role prompt)")
     p.add_argument("--prefill-tok-s", type=float, default=10_000.0, help="prefill throughput for the TTFT estimate")
@@ -117,6 +121,8 @@ def check_outputs(args: argparse.Namespace) -> None:
         if path.is_dir():
             raise ValueError(f"{flag} {path} is a directory; give a file path")
         check_out(path, inputs)
+    if args.plot is not None and args.plot.exists() and not args.plot.is_dir():  # found by review: after the replays
+        raise ValueError(f"--plot {args.plot} is not a directory; give one (made if missing) for the PNGs")
     if args.out is not None and args.out.suffix.lower() == ".png":
         raise ValueError(f"--out {args.out} names the JSON result; its chart is written beside it as .png")
     if args.out is not None and args.write_trace is not None and args.out.resolve() == args.write_trace.resolve():
@@ -169,8 +175,8 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
             raise ValueError(f"--kv-gib must be a positive number of GiB, not {args.kv_gib}")
         if args.preset is None and trace.recorded_bytes is not None:  # the recording engine's bytes per token
             return max(int(args.kv_gib * GIB) // (bytes_per_token * trace.block_size), 1)
-        tokens = kv_capacity_tokens(ModelShape.from_preset(args.preset or DEFAULT_PRESET), args.kv_dtype,
-                                    int(args.kv_gib * GIB), trace.block_size)
+        tokens = kv_capacity_tokens(ModelShape.from_preset(args.preset or DEFAULT_PRESET),
+                                    args.kv_dtype or DEFAULT_KV_DTYPE, int(args.kv_gib * GIB), trace.block_size)
         return max(tokens // trace.block_size, 1)
     recorded = trace.recorded_capacity_blocks  # KVSCHED_RECORD_TRACE: the recording engine's own pool
     if args.pressure is None and recorded is not None:
@@ -190,19 +196,30 @@ def engine_bytes(args: argparse.Namespace, trace: Any) -> tuple[int, int | None]
 
     recorded = trace.recorded_bytes
     if args.preset is None and recorded is not None:
+        if args.kv_dtype is not None:  # found by review: accepted, and the recording's bytes used all the same
+            raise ValueError(f"--kv-dtype {args.kv_dtype} applies to a --preset's model; this recording sizes pools "
+                             f"and bytes by its engine's own {recorded[0]} bytes per token: give --preset too, or "
+                             "no --kv-dtype")
         return recorded
     shape = ModelShape.from_preset(args.preset or DEFAULT_PRESET)
+    dtype = args.kv_dtype or DEFAULT_KV_DTYPE
     try:
-        block_bytes: int | None = fp8_tier_block_bytes(shape, args.kv_dtype, trace.block_size)
+        block_bytes: int | None = fp8_tier_block_bytes(shape, dtype, trace.block_size)
     except PlanError:  # MLA, sliding window
         block_bytes = None
-    return kv_bytes_per_token(shape, args.kv_dtype), block_bytes
+    return kv_bytes_per_token(shape, dtype), block_bytes
 
 
 def compaction_config(args: argparse.Namespace) -> Any:
     """The `--compaction*` options as the server's CompactionConfig (None without `--compaction`)."""
-    if not getattr(args, "compaction", None):
+    if not getattr(args, "compaction", None):  # found by review: these were accepted, and nothing compacted
+        if given := [f"--{d.replace('_', '-')}" for d in (*COMPACTION_DEFAULTS, "system_tokens") if getattr(args, d)
+                     is not None]:
+            raise ValueError(f"{', '.join(given)} only apply with --compaction")
         return None
+    for dest, default in COMPACTION_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
     from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy
 
     if args.compaction_summary_tokens >= args.compaction_trigger_tokens:  # as `kvsched plan` refuses it

@@ -85,10 +85,10 @@ def run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def fetch_file(url: str, dest: Path, size: int, sha256: str) -> None:
-    """Download `url` to `dest` unless a file with the expected digest is there; a wrong digest is an error."""
+def fetch_file(url: str, dest: Path, size: int, sha256: str) -> bool:
+    """Download `url` to `dest` unless a file with the expected digest is there (False); a wrong digest is an error."""
     if dest.exists() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha256:
-        return
+        return False
     tmp = dest.with_suffix(dest.suffix + ".part")
     try:
         with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as f:  # noqa: S310 - fixed https/file
@@ -97,6 +97,7 @@ def fetch_file(url: str, dest: Path, size: int, sha256: str) -> None:
         if digest != sha256:
             raise ValueError(f"{url}: SHA-256 {digest}, expected {sha256} (the file changed upstream?)")
         tmp.replace(dest)
+        return True
     except http.client.HTTPException as exc:  # a malformed URL or reply (found by review: a traceback)
         raise ValueError(f"{url}: {type(exc).__name__}: {exc}") from None
     finally:
@@ -104,16 +105,18 @@ def fetch_file(url: str, dest: Path, size: int, sha256: str) -> None:
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    from kvsched.sim.mooncake import current_conversion
+    from kvsched.sim.mooncake import convert_file, current_conversion
 
     directory = args.dir or traces_dir() / args.source
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for name, (size, sha) in MOONCAKE_FILES.items():
             raw = directory / name
-            fetch_file(f"{args.base_url.rstrip('/')}/{name}", raw, size, sha)
+            fetched = fetch_file(f"{args.base_url.rstrip('/')}/{name}", raw, size, sha)
             out = directory / name.replace("_trace.jsonl", ".kvsched.jsonl")
-            meta = current_conversion(raw, out)  # converted again if an older converter wrote it
+            # a file downloaded now is converted now (found by review: a conversion of the file it replaced, one of
+            # another digest, was kept); else again only if an older converter wrote it
+            meta = convert_file(raw, out) if fetched else current_conversion(raw, out)
             print(f"{out}: {meta['requests']} requests, {meta['sessions']} sessions "
                   f"({meta['single_turn_sessions']} single-turn)")
     except (ValueError, OSError) as exc:

@@ -13,6 +13,11 @@ What changes in the trace:
   hands out its job: its prompt is the conversation as served up to the cut (the session's cached prefix) plus the
   instruction, its output the summary; the summary is committed at once (the next turn comes a tool call later);
 - requests with nothing to rewrite keep their own blocks.
+What a recording measured is kept (found by review: dropped, so on an engine's recording this side ran the time model
+and lineage the other sides did not, and differed from the `kvsched` side with nothing rewritten): every request's
+`duration_s` (a rewritten one's too: how long its uncompacted prompt held the engine, the best figure there is), its
+`compacted` (rewritten by the recording engine's compaction), and a request's `tail_reuse` and `joins_pin` when it is
+served as sent (a rewritten prompt repeats no previous partial block and no shared prompt: 0 and false).
 Message token overheads are 0 here: the trace's counts already include the template.
 """
 
@@ -108,8 +113,10 @@ def compact_trace(trace: Trace, config: CompactionConfig, system_tokens: int | N
         stats.peak_prompt_tokens_per_session[sid] = max(stats.peak_prompt_tokens_per_session.get(sid, 0),
                                                        served_prompt)
         t = float(trace.t[i])
-        out.append(_request(t, sid, salt, served_prompt, output, ids, conv.served, trace.role[i],
-                            trace.ttl_s[i], bool(trace.end[i]), plan.replaced > 0))
+        req = _request(t, sid, salt, served_prompt, output, ids, conv.served, trace.role[i], trace.ttl_s[i],
+                       bool(trace.end[i]), plan.replaced > 0)
+        _measured(req, trace, i)
+        out.append(req)
         conv.served = ids
         if plan.job is not None:  # the one summary call of this checkpoint
             job = plan.job
@@ -132,6 +139,16 @@ def compact_trace(trace: Trace, config: CompactionConfig, system_tokens: int | N
                           "keep_recent_messages": cfg.keep_recent_messages,
                           "summary_target_tokens": cfg.summary_target_tokens, "system_tokens": sys_tokens}
     return Trace.from_requests(bs, out, meta=meta), stats
+
+
+def _measured(req: TraceRequest, trace: Trace, i: int) -> None:
+    """Carry request i's recorded figures to `req`, its form as served (module docstring)."""
+    if trace.duration_s is not None and trace.duration_s[i] == trace.duration_s[i]:  # NaN: not measured
+        req.duration_s = float(trace.duration_s[i])
+    if trace.tail_reuse is not None:
+        req.tail_reuse = 0 if req.compacted else (int(trace.tail_reuse[i]) if trace.tail_reuse[i] >= 0 else None)
+    req.joins_pin = trace.joins_pin is not None and bool(trace.joins_pin[i]) and not req.compacted
+    req.compacted = req.compacted or (trace.compacted is not None and bool(trace.compacted[i]))  # the engine's too
 
 
 def _request(t: float, sid: str, salt: str | None, prompt: int, output: int, ids: Sequence[Hashable],

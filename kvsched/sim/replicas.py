@@ -64,6 +64,13 @@ def replay_replicas(trace: Trace, policy: str, cfg: ReplayConfig, replicas: int,
         total.wall_s += part.wall_s
         total.stat_kinds = part.stat_kinds
     total.policy_stats = merge_stats([p.policy_stats for p in parts], *total.stat_kinds)
+    # a state listed at its replica's index, None for a replica that served nothing (found by review: left out, so
+    # the list was shorter than `served` and entry k was not replica k's)
+    ran = [r for r in range(replicas) if served[r]]
+    for k in total.stat_kinds[1] & total.policy_stats.keys():
+        if len(total.policy_stats[k]) == len(ran):
+            by_replica = dict(zip(ran, total.policy_stats[k], strict=True))
+            total.policy_stats[k] = [by_replica.get(r) for r in range(replicas)]
     total.ttft_s = np.concatenate([p.ttft_s for p in parts]) if parts else np.empty(0)
     total.wait_s = np.concatenate([p.wait_s for p in parts]) if parts else np.empty(0)
     return total, served

@@ -45,7 +45,10 @@ def trace_stats(trace: Trace, ttls: tuple[float, ...] = DEFAULT_TTLS) -> dict[st
         j = last.get(s)
         if j is not None:
             gaps.append(max(float(trace.t[i] - finish[j]), 0.0))
-            repeated += _shared_prefix(trace.blocks(j), trace.blocks(i)) * trace.block_size
+            # of this prompt's full blocks only (found by review: a resent prompt counted its output's blocks too)
+            full = int(trace.prompt_tokens[i]) // trace.block_size
+            shared = min(_shared_prefix(trace.blocks(j), trace.blocks(i)), full)
+            repeated += shared * trace.block_size
         last[s] = i
     gap = np.asarray(gaps, dtype=np.float64)
     prompt = int(trace.prompt_tokens.sum())

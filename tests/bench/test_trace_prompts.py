@@ -155,3 +155,36 @@ def test_the_pool_holds_one_request_of_max_model_len_at_any_pressure(tmp_path):
                               max_output_tokens=64, model_size="test", out=None)
     setup = prepare(args)
     assert (setup.num_blocks - 1) * BLOCK_TOKENS >= setup.max_model_len
+
+
+def test_bench_replay_refuses_an_out_naming_its_trace_before_starting_a_server(tmp_path):
+    """Found by review: only a directory was refused; --out naming the trace itself passed, and the JSON written
+    after the first side replaced the trace."""
+    import argparse
+
+    from kvsched.bench.trace_engine import prepare
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kvsched_trace": 1, "block_size": 512}\n'
+                    '{"t": 0, "session": "a", "prompt_tokens": 1024, "output_tokens": 4, "blocks": ["x", "y"]}\n')
+    args = argparse.Namespace(trace=path, start_s=0.0, seconds=300.0, time_scale=1.0, pressure=1.5, sides="stock",
+                              max_output_tokens=64, model_size="test", out=tmp_path / "." / "t.jsonl")
+    with pytest.raises(ValueError, match="would overwrite the input"):
+        prepare(args)
+
+
+def test_bench_replay_refuses_a_retention_setting_before_starting_a_server(tmp_path, monkeypatch):
+    """Found by review: the simulator read KVSCHED_* only after every side had run (`--sides stock`: stock vLLM ignores
+    them), and a malformed one was a traceback then."""
+    import argparse
+
+    from kvsched.bench.trace_engine import prepare
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kvsched_trace": 1, "block_size": 512}\n'
+                    '{"t": 0, "session": "a", "prompt_tokens": 1024, "output_tokens": 4, "blocks": ["x", "y"]}\n')
+    args = argparse.Namespace(trace=path, start_s=0.0, seconds=300.0, time_scale=1.0, pressure=1.5, sides="stock",
+                              max_output_tokens=64, model_size="test", out=None)
+    monkeypatch.setenv("KVSCHED_DEFAULT_TTL_S", "nan")
+    with pytest.raises(ValueError, match="KVSCHED_DEFAULT_TTL_S"):
+        prepare(args)

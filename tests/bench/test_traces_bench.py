@@ -96,7 +96,7 @@ def test_headroom_flags_mark_each_sessions_first_and_last_turn(tmp_path):
 def test_missing_default_traces_are_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KVSCHED_CACHE_DIR", str(tmp_path))
     assert main(["bench", "traces"]) == 2
-    assert "kvsched trace fetch mooncake" in capsys.readouterr().out
+    assert "kvsched trace fetch mooncake" in capsys.readouterr().err
 
 
 def tiny_trace() -> Trace:

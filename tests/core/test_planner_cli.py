@@ -123,3 +123,18 @@ def test_the_kv_dtype_is_read_in_any_case_and_the_serve_flags_name_it(capsys):
         assert main(["plan", "--kv-dtype", name]) == 0
         out = capsys.readouterr().out
         assert (flag in out) if flag else "--kv-cache-dtype" not in out
+
+
+@pytest.mark.parametrize("flag", ["--compaction-trigger", "--summary-tokens", "--recent-tokens", "--pin-budget"])
+def test_a_lever_without_with_kvsched_is_refused(capsys, flag):
+    """Found by review: accepted without --with-kvsched, and no lever plan was made (no word of it)."""
+    assert main(["plan", flag, "1", "--json"]) == 2
+    assert f"{flag} only apply with --with-kvsched" in capsys.readouterr().err
+    assert main(["plan", flag, "1", "--with-kvsched", "--compaction-trigger", "3000", "--json"]) == 0
+
+
+def test_the_levers_defaults_apply_with_with_kvsched(capsys):
+    assert main(["plan", "--with-kvsched", "--json"]) == 0
+    levers = json.loads(capsys.readouterr().out)["with_kvsched"]["levers"]
+    assert (levers["compaction_trigger"], levers["summary_tokens"], levers["recent_tokens"], levers["pin_budget"]) == (
+        5000, 500, 2000, 1.0)

@@ -39,6 +39,29 @@ def test_a_trigger_never_reached_leaves_the_trace_as_it_was():
     assert replay(same, "kvsched", cfg).prefill_tokens_computed == replay(trace, "kvsched", cfg).prefill_tokens_computed
 
 
+def test_a_trigger_never_reached_keeps_what_a_recording_measured():
+    """Found by review: the rewritten trace dropped `duration_s`, `tail_reuse`, `joins_pin` and `compacted`, so on an
+    engine's recording the compaction side replayed the time model and another lineage than the kvsched side, and
+    differed from it with nothing rewritten (the Mooncake conversation slice with durations: 446,578 prefill tokens,
+    not 432,242)."""
+    import numpy as np
+
+    trace = generate(SMALL)
+    n = len(trace)
+    trace = replace(trace, duration_s=0.5 + 3.0 * (np.arange(n) % 7), tail_reuse=np.arange(n) % 3 - 1,
+                    joins_pin=np.arange(n) % 5 == 0, compacted=np.arange(n) % 11 == 3)
+    same, stats = compact_trace(trace, CompactionConfig(strategy=Strategy.SUMMARIZE, trigger_tokens=10**9))
+    assert stats.rewritten_requests == 0 and same.duration_s is not None
+    assert same.duration_s.tolist() == trace.duration_s.tolist()
+    assert same.tail_reuse.tolist() == trace.tail_reuse.tolist() and same.joins_pin.tolist() == trace.joins_pin.tolist()
+    assert same.compacted.tolist() == trace.compacted.tolist()
+    cfg = ReplayConfig(capacity_blocks=math.ceil(trace.working_set_blocks() / 2), check=True, tier_bytes=2**24,
+                       tier_block_bytes=2**16)
+    a, b = replay(same, "kvsched", cfg), replay(trace, "kvsched", cfg)
+    assert (a.prefill_tokens_computed, a.restored_tokens, a.evictions) == (b.prefill_tokens_computed,
+                                                                         b.restored_tokens, b.evictions)
+
+
 def test_summarize_serves_system_summary_and_recent_turns_and_summarises_each_checkpoint_once():
     trace = generate(SMALL)
     cfg = CompactionConfig(strategy=Strategy.SUMMARIZE, trigger_tokens=1500, summary_target_tokens=200)
@@ -101,6 +124,18 @@ def test_simulate_cli_compaction_flags(tmp_path):
     assert side["prompt_tokens_total"] < result["kvsched"]["prompt_tokens_total"]
     for bad in (["--compaction-trigger-tokens", "0"], ["--compaction-keep-recent", "0"], ["--system-tokens", "-5"]):
         assert main(["simulate", "--generate", "--quick", "--compaction", "summarize", *bad]) == 2
+
+
+@pytest.mark.parametrize("flag", ["--compaction-trigger-tokens", "--compaction-summary-tokens",
+                                  "--compaction-keep-recent", "--system-tokens"])
+def test_a_compaction_flag_without_compaction_is_refused(tmp_path, capsys, flag):
+    """Found by review: accepted without --compaction, and nothing compacted (no side, no word)."""
+    from kvsched.cli import main
+
+    out = tmp_path / "sim.json"
+    assert main(["simulate", "--generate", "--quick", "--workflows", "2", "--policies", "kvsched", "--no-progress",
+                 flag, "300", "--out", str(out)]) == 2
+    assert f"{flag} only apply with --compaction" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize("strategy", [Strategy.SUMMARIZE, Strategy.SLIDING_WINDOW])

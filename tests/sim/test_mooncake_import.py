@@ -130,6 +130,32 @@ def test_fetch_checks_the_digest(tmp_path):
     assert not (tmp_path / "other.jsonl").exists()
 
 
+def test_fetch_converts_a_file_it_downloads_again_even_beside_a_current_conversion(tmp_path, monkeypatch, capsys):
+    """Found by review: a raw file of another digest (a slice put in the cache, a damaged file) was downloaded again,
+    but the conversion made from it, of the current converter version, was kept: every later command replayed the
+    other file's requests."""
+    import hashlib
+
+    import kvsched.commands.trace as trace_cmd
+
+    mirror, cache = tmp_path / "mirror", tmp_path / "cache"
+    mirror.mkdir()
+    cache.mkdir()
+    real = DATA / "mooncake_conversation_slice.jsonl"
+    (mirror / "conversation_trace.jsonl").write_bytes(real.read_bytes())
+    monkeypatch.setattr(trace_cmd, "MOONCAKE_FILES", {"conversation_trace.jsonl": (
+        real.stat().st_size, hashlib.sha256(real.read_bytes()).hexdigest())})
+    other = cache / "conversation_trace.jsonl"
+    other.write_text("".join(line + "\n" for line in CHAT))
+    assert main(["trace", "import", "--format", "mooncake", str(other), str(cache / "conversation.kvsched.jsonl")]) == 0
+    assert main(["trace", "fetch", "mooncake", "--dir", str(cache), "--base-url", mirror.as_uri()]) == 0
+    assert other.read_bytes() == real.read_bytes()
+    assert len(Trace.load(cache / "conversation.kvsched.jsonl")) == sum(1 for line in real.open() if line.strip())
+    capsys.readouterr()
+    assert main(["trace", "fetch", "mooncake", "--dir", str(cache), "--base-url", mirror.as_uri()]) == 0  # as it is
+    assert len(Trace.load(cache / "conversation.kvsched.jsonl")) == sum(1 for line in real.open() if line.strip())
+
+
 def test_import_never_replaces_a_device_fifo_or_link_with_its_output(tmp_path, capsys):
     """Found by review: OUT=/dev/null (as root) was replaced by a regular file; a FIFO too, and a link was replaced
     instead of written through. A stream (/dev/stdout, a FIFO) is written as a stream."""

@@ -87,6 +87,25 @@ def test_replicas_keep_each_session_on_one_replica_and_sum_their_sides(tmp_path)
         replica_of_sessions(trace, 0)
 
 
+def test_a_replicas_state_is_listed_at_its_index_and_none_for_a_replica_that_served_nothing():
+    """Found by review: a replica that served no request was left out of `payback_ttl_cap_s`, so the list had fewer
+    entries than replicas and its entry k was not replica k's (`replica_requests` lists every replica)."""
+    from kvsched.sim.generator import generate
+    from kvsched.sim.replay import ReplayConfig, replay
+    from kvsched.sim.replicas import replay_replicas, replica_of_sessions
+
+    trace = generate(SMALL)
+    replicas = 4 * len(trace.sessions)  # more replicas than sessions: some serve nothing
+    owner = replica_of_sessions(trace, replicas)
+    cfg = ReplayConfig(capacity_blocks=400)
+    total, served = replay_replicas(trace, "kvsched", cfg, replicas)
+    caps = total.policy_stats["payback_ttl_cap_s"]
+    assert len(caps) == len(served) == replicas and 0 in served
+    for r in range(replicas):
+        alone = replay(trace.subset(owner[trace.session] == r), "kvsched", cfg) if served[r] else None
+        assert caps[r] == (alone.policy_stats["payback_ttl_cap_s"] if alone else None)
+
+
 def test_simulate_replicas_splits_the_pool(tmp_path):
     r = run_sim(tmp_path, "--capacity-blocks", "900", "--replicas", "3")
     c = r["config"]
@@ -147,6 +166,23 @@ def test_a_recording_without_tier_bytes_keeps_its_bytes_per_token_and_refuses_a_
     assert "fp8_tier_block_bytes" in capsys.readouterr().err
 
 
+def test_a_kv_dtype_a_recording_would_ignore_is_refused(tmp_path, capsys):
+    """Found by review: `--kv-dtype bf16` on an engine's recording (no --preset) was accepted, and the pool and byte
+    figures came from the recording's own bytes per token all the same: the JSON said nothing of the dtype asked for."""
+    path, out = tmp_path / "rec.jsonl", tmp_path / "r.json"
+    write_jsonl(path, SMALL.block_size, generate_requests(SMALL), meta={"kv_bytes_per_token": 1024.0})
+    args = ["simulate", str(path), "--no-progress", "--policies", "lru", "--out", str(out)]
+    for pool in ([], ["--kv-gib", "0.01"]):
+        assert main([*args, *pool, "--kv-dtype", "bf16"]) == 2
+        assert "--kv-dtype bf16 applies to a --preset" in (err := capsys.readouterr().err) and err.count("\n") == 1
+    assert main([*args, "--kv-dtype", "bf16", "--preset", "llama-3.1-8b"]) == 0  # a named model: its dtype applies
+    assert json.loads(out.read_text())["config"]["kv_bytes_per_token"] == 131072
+    plain = tmp_path / "plain.jsonl"  # not a recording: the dtype applies to the default preset, as before
+    write_jsonl(plain, SMALL.block_size, generate_requests(SMALL))
+    assert main([*args[:1], str(plain), *args[2:], "--kv-dtype", "bf16"]) == 0
+    assert json.loads(out.read_text())["config"]["kv_bytes_per_token"] == 131072
+
+
 @pytest.mark.parametrize("recorded", [False, True])
 @pytest.mark.parametrize("gib", ["0", "-1", "nan", "inf"])
 def test_a_kv_size_that_is_not_a_positive_number_is_a_clear_error(tmp_path, capsys, recorded, gib):
@@ -192,3 +228,15 @@ def test_plot_replays_with_the_tables_settings(tmp_path, monkeypatch):
         assert args[5] == table_args[5] and args[5][0] > 0  # the table's tier
     ws = r["config"]["working_set_blocks"]
     assert runs[-1][0][1] == ws // 2  # the whole working set over 2 replicas
+
+
+def test_a_plot_path_that_is_a_file_is_refused_before_the_replay(tmp_path, capsys):
+    """Found by review: `--plot FILE` failed only after the table's replays, with "File exists", and
+    --out was never written."""
+    path, out, plot = tmp_path / "t.jsonl", tmp_path / "r.json", tmp_path / "plots.png"
+    write_jsonl(path, SMALL.block_size, generate_requests(SMALL))
+    plot.write_text("")
+    argv = ["simulate", str(path), "--no-progress", "--policies", "lru", "--out", str(out), "--plot", str(plot)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "--plot" in captured.err and "is not a directory" in captured.err and not out.exists()

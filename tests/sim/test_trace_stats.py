@@ -45,6 +45,16 @@ def test_repeated_share_counts_the_blocks_a_turn_shares_with_its_sessions_previo
     assert s["live_pressure_at_capacity"] == s["peak_live_blocks"] / 4
 
 
+def test_a_resent_prompt_repeats_its_prompt_not_the_blocks_its_output_completed():
+    """Found by review: a session's request sent again (a retry; greedy decoding gave the same answer) shares all its
+    blocks with the first, output blocks too, and those counted as repeated prompt tokens: 100% of the prompts (or
+    more) repeated where half of them did."""
+    reqs = [TraceRequest(0.0, "a", 2 * BS, 3 * BS, ["p0", "p1", "o2", "o3"]),
+            TraceRequest(9.0, "a", 2 * BS, 3 * BS, [], reuse=4)]
+    s = trace_stats(Trace.from_requests(BS, reqs))
+    assert s["repeated_prompt_share"] == 2 * BS / (4 * BS)
+
+
 def test_the_command_on_an_imported_slice_and_its_errors(tmp_path, capsys):
     out = tmp_path / "conv.jsonl"
     assert main(["trace", "import", "--format", "mooncake", str(DATA / "mooncake_conversation_slice.jsonl"),

@@ -256,9 +256,8 @@ def test_a_pool_only_the_compaction_side_fits_is_replayed(tmp_path, capsys):
     path = tmp_path / "big.jsonl"
     path.write_text("".join(lines))
     out = tmp_path / "r.json"
-    argv = ["simulate", str(path), "--no-progress", "--capacity-blocks", "100", "--system-tokens", "0",
-            "--policies", "lru", "--out", str(out)]
+    argv = ["simulate", str(path), "--no-progress", "--capacity-blocks", "100", "--policies", "lru", "--out", str(out)]
     assert main(argv) == 2 and "every request" in capsys.readouterr().err
-    assert main([*argv, "--compaction", "sliding_window", "--compaction-keep-recent", "1"]) == 0
+    assert main([*argv, "--compaction", "sliding_window", "--compaction-keep-recent", "1", "--system-tokens", "0"]) == 0
     result = json.loads(out.read_text())
     assert result["lru"]["requests"] == 0 and result["kvsched+compaction"]["requests"] > 0
