@@ -42,6 +42,8 @@ PRESSURES = (1.5, 3.0)
 # the largest pool replayed: the tier side's slots (2x the pool's) are a Python list, which `kvsched simulate` keeps
 # under 2**26 too (found by review: --pressure 1e-6 was a MemoryError, 1e-300 an OverflowError)
 MAX_POOL_BLOCKS = 2**25
+# the options' defaults, applied in `run` (None in the parser: an option given where it does not apply is refused)
+DEFAULTS = {"ttl": 600.0, "h2d_gbps": 32.0, "tier_eviction": "recency"}
 
 
 def register(subparsers: Any) -> None:
@@ -51,11 +53,11 @@ def register(subparsers: Any) -> None:
                    help="kvsched-schema traces (default: the fetched Mooncake ones, `kvsched trace fetch mooncake`)")
     p.add_argument("--pressure", type=float, action="append", default=None,
                    help="live-basis pressure (repeatable; default 1.5 and 3)")
-    p.add_argument("--ttl", type=float, default=600.0, help="TTL of the headroom sides, seconds (default 600)")
+    p.add_argument("--ttl", type=float, default=None, help="TTL of the headroom sides, seconds (default 600)")
     p.add_argument("--no-headroom", action="store_true", help="only lru, kvsched, opt and the tier side")
     p.add_argument("--no-tier", action="store_true", help="without the host-memory sides (FP8 tier, CPU offload)")
-    p.add_argument("--h2d-gbps", type=float, default=32.0, help="the tier side's host-to-device bandwidth (GB/s)")
-    p.add_argument("--tier-eviction", choices=TIER_EVICTION_ORDERS, default="recency",
+    p.add_argument("--h2d-gbps", type=float, default=None, help="the tier side's host-to-device bandwidth (GB/s)")
+    p.add_argument("--tier-eviction", choices=TIER_EVICTION_ORDERS, default=None,
                    help="the tier side's eviction order (default recency, as the engine)")
     p.add_argument("--timing", type=int, default=0, metavar="N",
                    help="also replay LRU and kvsched N more times each, alternating, and report their CPU times "
@@ -196,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
     pressures = args.pressure or list(PRESSURES)
     try:
         retention = RetentionConfig.from_env()
+        given = [f"--{k.replace('_', '-')}" for k in DEFAULTS if getattr(args, k) is not None]
+        for k, default in DEFAULTS.items():
+            if getattr(args, k) is None:
+                setattr(args, k, default)
         # found by review: --pressure 0, -1 or nan and a --ttl the headroom sides' RetentionConfig refuses were
         # tracebacks after minutes of replays; --ttl nan with --no-headroom wrote NaN into the JSON
         if not all(0 < p < math.inf for p in pressures):
@@ -206,6 +212,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--h2d-gbps must be a finite number > 0, got {args.h2d_gbps:g}")
         if args.timing < 0:
             raise ValueError("--timing must be >= 0")
+        # found by review: these were ignored, and a repeated --pressure overwrote its own JSON entry
+        if args.no_tier and (tier_flags := [f for f in given if f != "--ttl"]):
+            raise ValueError(f"{' and '.join(tier_flags)} only appl{'y' if len(tier_flags) > 1 else 'ies'} to the tier "
+                             "sides, which --no-tier leaves out")
+        if args.no_headroom and "--ttl" in given:
+            raise ValueError("--ttl only applies to the headroom sides, which --no-headroom leaves out")
+        if len({f"{p:g}" for p in pressures}) < len(pressures):
+            raise ValueError("--pressure names one value twice (the JSON keys pressures by value): "
+                             f"{', '.join(f'{p:g}' for p in pressures)}")
         if len({p.name for p in paths}) < len(paths):  # found by review: the JSON kept the last one's figures only
             raise ValueError(f"two traces share a file name (the JSON keys traces by name): {[str(p) for p in paths]}")
         if args.out is not None:  # a directory, or a trace read: refused now, not after the replays

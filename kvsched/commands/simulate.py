@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from kvsched.bench.common import provenance, table, write_json
 from kvsched.commands.args import MAX_COUNT, MAX_GIB, check_args, count, number
+from kvsched.commands.simulate_pool import DEFAULT_KV_DTYPE, DEFAULT_PRESET, engine_bytes, replica_capacity
 from kvsched.commands.simulate_tier import (
     FLEET_HOST_GIB_PER_GPU,
     MAX_TIER_BLOCKS,
@@ -29,9 +29,6 @@ POLICIES = ("lru", "kvsched", "opt", "lru+offload")  # lru+offload: stock vLLM C
 # and activations, and PCIe Gen5 x16 at half its 64 GB/s peak for host copies.
 FLEET_GPU_KV_GIB = 60.0
 FLEET_H2D_GBPS = 32.0
-DEFAULT_PRESSURE = 2.0
-DEFAULT_PRESET = "llama-3.1-8b"
-DEFAULT_KV_DTYPE = "fp8"
 MAX_REPLICAS = 4096  # engines in one replay: each replays its share alone (the Ray router's rings are far smaller)
 COMPACTION_DEFAULTS = {"compaction_trigger_tokens": 5000, "compaction_summary_tokens": 500, "compaction_keep_recent": 4}
 MAX_PROMPT_TOKENS = 2**24  # compaction's token counts: far past any context (a summary's ids are built one by one)
@@ -163,53 +160,6 @@ def load_trace(args: argparse.Namespace) -> Any:
     return generate(cfg)
 
 
-def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) -> int:
-    if args.capacity_blocks is not None:
-        if args.capacity_blocks <= 0:
-            raise ValueError("--capacity-blocks must be positive")
-        return int(args.capacity_blocks)
-    if args.kv_gib is not None:
-        from kvsched.core.planner import GIB, ModelShape, kv_capacity_tokens
-
-        if not 0 < args.kv_gib <= MAX_GIB:
-            raise ValueError(f"--kv-gib must be a positive number of GiB, not {args.kv_gib}")
-        if args.preset is None and trace.recorded_bytes is not None:  # the recording engine's bytes per token
-            return max(int(args.kv_gib * GIB) // (bytes_per_token * trace.block_size), 1)
-        tokens = kv_capacity_tokens(ModelShape.from_preset(args.preset or DEFAULT_PRESET),
-                                    args.kv_dtype or DEFAULT_KV_DTYPE, int(args.kv_gib * GIB), trace.block_size)
-        return max(tokens // trace.block_size, 1)
-    recorded = trace.recorded_capacity_blocks  # KVSCHED_RECORD_TRACE: the recording engine's own pool
-    if args.pressure is None and recorded is not None:
-        return recorded
-    pressure = DEFAULT_PRESSURE if args.pressure is None else args.pressure
-    if not 0 < pressure < math.inf:
-        raise ValueError("--pressure must be a finite number > 0")
-    basis = trace.peak_live_blocks() if args.pressure_basis == "live" else trace.working_set_blocks()
-    return max(math.ceil(basis / pressure), 1)
-
-
-def engine_bytes(args: argparse.Namespace, trace: Any) -> tuple[int, int | None]:
-    """(KV bytes per token, FP8-tier bytes per block) the replay sizes pools and tiers by: an engine's recording's own
-    unless --preset names a model, else the preset's; the tier's None for a model the FP8 tier does not serve (a
-    tier asked for on it is refused: `simulate_tier.sized_tier`)."""
-    from kvsched.core.planner import ModelShape, PlanError, fp8_tier_block_bytes, kv_bytes_per_token
-
-    recorded = trace.recorded_bytes
-    if args.preset is None and recorded is not None:
-        if args.kv_dtype is not None:  # found by review: accepted, and the recording's bytes used all the same
-            raise ValueError(f"--kv-dtype {args.kv_dtype} applies to a --preset's model; this recording sizes pools "
-                             f"and bytes by its engine's own {recorded[0]} bytes per token: give --preset too, or "
-                             "no --kv-dtype")
-        return recorded
-    shape = ModelShape.from_preset(args.preset or DEFAULT_PRESET)
-    dtype = args.kv_dtype or DEFAULT_KV_DTYPE
-    try:
-        block_bytes: int | None = fp8_tier_block_bytes(shape, dtype, trace.block_size)
-    except PlanError:  # MLA, sliding window
-        block_bytes = None
-    return kv_bytes_per_token(shape, dtype), block_bytes
-
-
 def compaction_config(args: argparse.Namespace) -> Any:
     """The `--compaction*` options as the server's CompactionConfig (None without `--compaction`)."""
     if not getattr(args, "compaction", None):  # found by review: these were accepted, and nothing compacted
@@ -308,9 +258,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"kvsched simulate: warning: {warning}", file=sys.stderr)
         trace = load_trace(args)
         bpt, block_bytes = engine_bytes(args, trace)
-        if args.replicas < 1:
-            raise ValueError("--replicas must be >= 1")
-        capacity = max(capacity_blocks(args, trace, bpt) // args.replicas, 1)
+        capacity = replica_capacity(args, trace, bpt)
         tier = sized_tier(args, block_bytes, capacity * trace.block_size * bpt, args.replicas, say)
         if "lru+offload" in policies and tier[0] < bpt * trace.block_size:  # found by review: it ran on 0 host slots
             raise ValueError("--policies lru+offload replays vLLM's CPU offloading on the host memory of kvsched's "

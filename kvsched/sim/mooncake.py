@@ -237,7 +237,12 @@ def current_conversion(raw: Path, out: Path) -> dict[str, Any]:
     else left as it is; returns its header's meta. A missing `raw` leaves `out` as it is (an error if it is missing)."""
     if (out.exists() and converted_version(out) >= CONVERTER_VERSION) or not raw.exists():
         with open(out) as f:
-            return cast(dict[str, Any], json.loads(f.readline(1 << 20)).get("meta") or {})
+            header = json.loads(f.readline(1 << 20))
+        meta = (header.get("meta") or {}) if isinstance(header, dict) else None
+        if not isinstance(meta, dict):  # found by review: an AttributeError (a traceback) for a header like `[1]`
+            raise ValueError(f"{out}: its first line is not a trace header with a meta object, and {raw} is not "
+                             "there to convert again (`kvsched trace fetch mooncake`)")
+        return cast(dict[str, Any], meta)
     return convert_file(raw, out)
 
 

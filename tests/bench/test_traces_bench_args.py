@@ -77,3 +77,18 @@ def test_two_traces_of_one_file_name_are_refused(trace, tmp_path, capsys):
     assert main(["bench", "traces", str(trace), str(other), "--no-headroom", "--no-tier", "--pressure", "3",
                  "--out", str(out)]) == 2
     assert "share a file name" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--no-tier", "--tier-eviction", "value"], "--tier-eviction only applies to the tier sides"),
+    (["--no-tier", "--h2d-gbps", "8", "--tier-eviction", "recency"], "--h2d-gbps and --tier-eviction only apply to"),
+    (["--no-headroom", "--no-tier", "--ttl", "120"], "--ttl only applies to the headroom sides"),
+    (["--no-headroom", "--no-tier", "--pressure", "3", "--pressure", "3.0"], "--pressure names one value twice")])
+def test_an_option_it_would_ignore_or_overwrite_is_one_error_line(trace, tmp_path, capsys, flags, says):
+    """Found by review: the tier's options with --no-tier and --ttl with --no-headroom changed nothing, silently, and a
+    repeated --pressure value replayed twice into one JSON entry."""
+    out = tmp_path / "r.json"
+    assert main(["bench", "traces", str(trace), *flags, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("kvsched bench traces: error: ") and captured.err.count("\n") == 1
+    assert says in captured.err and "live pressure" not in captured.out and not out.exists()

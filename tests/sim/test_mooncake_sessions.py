@@ -7,6 +7,8 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+
 from kvsched.sim import mooncake
 from kvsched.sim.mooncake import assign_sessions, convert, full_blocks, parse
 
@@ -104,3 +106,19 @@ def test_a_trace_given_by_path_from_an_older_converter_is_named(tmp_path, capsys
         assert main([*args, "--out", str(tmp_path / "r.json")]) == 0
         err = capsys.readouterr().err
         assert ("converter version 1, older than" in err) is warned, err
+
+
+@pytest.mark.parametrize("header", ["[1]\n", '"trace"\n', '{"kvsched_trace": 1, "meta": [1]}\n'])
+def test_a_cached_conversion_whose_header_is_not_an_object_is_one_error_line(tmp_path, monkeypatch, capsys, header):
+    """Found by review: with the fetched file gone, a header that is JSON but no object was an AttributeError."""
+    from kvsched.cli import main
+
+    monkeypatch.setenv("KVSCHED_CACHE_DIR", str(tmp_path))
+    out = tmp_path / "traces" / "mooncake" / "conversation.kvsched.jsonl"
+    out.parent.mkdir(parents=True)
+    out.write_text(header)
+    with pytest.raises(ValueError, match="not a trace header"):
+        mooncake.current_conversion(out.parent / "conversation_trace.jsonl", out)
+    assert main(["bench", "traces", "--no-headroom", "--no-tier"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched bench traces: error: ") and err.count("\n") == 1 and "not a trace header" in err

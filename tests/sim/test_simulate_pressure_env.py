@@ -240,3 +240,25 @@ def test_a_plot_path_that_is_a_file_is_refused_before_the_replay(tmp_path, capsy
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "--plot" in captured.err and "is not a directory" in captured.err and not out.exists()
+
+
+def test_live_basis_on_a_trace_that_reuses_no_block_says_so(tmp_path, capsys):
+    """Found by review: it replayed a one-block pool, rejected every request and said "give a lower --pressure",
+    which no pressure could help."""
+    path = tmp_path / "once.jsonl"
+    write_jsonl(path, 16, [TraceRequest(0, "a", 32, 0, [1, 2]), TraceRequest(1, "b", 48, 0, [3, 4, 5])])
+    assert main(["simulate", str(path), "--no-progress", "--pressure-basis", "live", "--policies", "lru"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "reuses no block" in err and "--pressure " not in err
+    assert main(["simulate", str(path), "--no-progress", "--policies", "lru"]) == 0  # distinct: 5 blocks
+
+
+def test_a_pool_smaller_than_its_replicas_is_refused(tmp_path, capsys):
+    """Found by review: --capacity-blocks 2 --replicas 4 replayed four one-block pools, twice the pool asked for."""
+    path = tmp_path / "t.jsonl"
+    write_jsonl(path, SMALL.block_size, generate_requests(SMALL))
+    assert main(["simulate", str(path), "--no-progress", "--capacity-blocks", "2", "--replicas", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--capacity-blocks 2 cannot be split across --replicas 4" in err
+    cfg = run_sim(tmp_path, "--capacity-blocks", "2002", "--replicas", "4", "--policies", "lru")["config"]
+    assert cfg["capacity_blocks"] == 2000 and cfg["capacity_blocks_per_replica"] == 500  # what divides, reported

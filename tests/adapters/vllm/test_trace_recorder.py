@@ -285,3 +285,30 @@ def test_an_end_the_engine_ignored_is_recorded_as_none(harness_cfg, clock, tmp_p
     # B's 90 s hint did not shorten A's 300 s pin, nor did B's last turn without one: recorded as applied, so a
     # replay keeps A's pin as long as the engine did (found by review: written as sent)
     assert [x.get("ttl_s") for x in body] == [300, 300, 300]
+
+
+def test_requests_aborted_while_they_ran_leave_nothing_behind(harness_cfg, tmp_path, monkeypatch):
+    """Checked after a review asked whether they stayed in the recording's running table: vLLM 0.32's
+    `finish_requests(..., FINISHED_ABORTED)` frees a running request's blocks through `_free_blocks`, kvsched's hook,
+    so it is written (it ran) and let go, mid-prefill (chunked) or mid-decode."""
+    import dataclasses
+
+    from vllm.v1.request import RequestStatus
+
+    from kvsched.adapters.vllm.harness import step
+
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "a.jsonl"))
+    cfg = dataclasses.replace(harness_cfg, max_num_batched_tokens=32, max_num_seqs=4)
+    s, f = _sched(cfg), RequestFactory(BLOCK)
+    reqs = [f.make(list(range(100 + 7 * i, 180 + 7 * i)), 20, session_id=f"s{i % 2}") for i in range(4)]
+    for r in reqs:
+        s.add_request(r)
+    for _ in range(4):
+        step(s)
+    assert [r.num_computed_tokens > 0 for r in reqs] == [True, True, False, False]
+    s.finish_requests([r.request_id for r in reqs[:3]], RequestStatus.FINISHED_ABORTED)
+    run_until_idle(s)
+    rec = s.kvsched.recorder.recording
+    assert not rec._live and not rec._running
+    s.kvsched.recorder.close()
+    assert len(Trace.load(s.kvsched.recorder.path).t) == 3  # the two that ran and the one served; not the waiting one
