@@ -195,13 +195,17 @@ class PinApplier(Generic[B]):
         if pinned <= self.policy.budget_blocks:  # the usual case: no closure, no call
             return
 
+        counted = [pinned]  # the distinct pinned blocks after the last release (one pool call per release)
+        observed = self.before_apply is not None or self.log is not None
+        demote = self.demote is not None
+
         def applied(release: Release) -> int:
-            before = pool.num_pinned()
-            if self.before_apply is None and self.log is None:  # no observer: straight to the blocks
-                self.unpin(release.key, release.blocks, self.demote is not None and release.reason in DEMOTE_REASONS)
-            else:
+            if observed:
                 self.apply((release,))
-            return before - pool.num_pinned()
+            else:  # no observer: straight to the blocks
+                self.unpin(release.key, release.blocks, demote and release.reason in DEMOTE_REASONS)
+            before, counted[0] = counted[0], pool.num_pinned()
+            return before - counted[0]
 
         self._releasing(ReleaseReason.BUDGET, lambda: self.policy.release_over_budget(pinned, applied))
 
@@ -353,12 +357,24 @@ class PinApplier(Generic[B]):
         start = 0  # where the released run starts in the pin (the tier's one group: the first)
         if blocks is None or blocks >= total:
             del self.pinned[key]
-            self.joined.forget(key)
-            self.others.forget(key)
-            for g in groups:
-                released.extend(reversed(g))
+            if self.joined.answers:  # (rarely any: a call saved per release)
+                self.joined.forget(key)
+            if self.others.chains:
+                self.others.forget(key)
+            if len(groups) == 1:  # one KV-cache group: its copy, reversed (a slice, in C)
+                released = groups[0][::-1]
+            else:
+                for g in groups:
+                    released.extend(reversed(g))
             if self.on_dropped is not None:
                 self.on_dropped(key)
+        elif len(groups) == 1:  # one group: its tail, in place (the pin's list is long-lived)
+            g = groups[0]
+            cut = len(g) - max(blocks, 0)
+            released = g[cut:]
+            released.reverse()
+            del g[cut:]
+            start = cut
         else:  # in place (the pin's lists are long-lived)
             for g, n in zip(groups, split_exact(blocks, [len(g) for g in groups]), strict=True):
                 if n:

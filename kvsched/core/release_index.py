@@ -35,7 +35,6 @@ core).
 
 from __future__ import annotations
 
-import functools
 import heapq
 import itertools
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -139,29 +138,40 @@ class ReleaseIndex:
         if len(self._heap) > 2 * len(self.pinned) + 64 or len(self._due) > 4 * len(self.pinned) + 64:
             self._drop_stale()
         due, pinned, dirty = self._due, self.pinned, self._dirty
+        versions = self._versions
+        rekeyed = 0
         while due and due[0][0] <= now:
             _, version, key = heapq.heappop(due)
             rec = pinned.get(key)
             if rec is not None and rec.version == version and key not in dirty:
-                rec.version = next(self._versions)  # its old entry is stale from here
+                rec.version = next(versions)  # its old entry is stale from here
                 dirty[key] = rec
-                self.counters["rekeyed"] += 1
-        push = functools.partial(heapq.heappush, self._heap)
+                rekeyed += 1
+        if rekeyed:
+            self.counters["rekeyed"] += rekeyed
+        if not dirty:
+            return
+        heap, push, score = self._heap, heapq.heappush, self.score
         queued, running = self._queued, self._running
-        for rec in dirty.values():
-            queued.pop(rec.key, None)
-            running.pop(rec.key, None)
-            if rec.pin_all_running:
-                continue  # all its running request hit: never a victim; its next event (the turn's end) keys it again
+        for key, rec in dirty.items():
+            if queued:
+                queued.pop(key, None)
+            if running:
+                running.pop(key, None)
+            # A pin all its running request hit is never a victim (`pin_all_running`): its next event, the turn's
+            # end, keys it again.
             if rec.waiting:
-                queued[rec.key] = rec
+                if not rec.active_requests or rec.pin_beyond_running:
+                    queued[key] = rec
             elif rec.active_requests:
-                running[rec.key] = rec
+                if rec.pin_beyond_running:
+                    running[key] = rec
             else:
-                push((self.score(rec, now), rec.activity, rec.version, rec.key))
+                version = rec.version
+                push(heap, (score(rec, now), rec.activity, version, key))
                 last = rec.last_finished
                 idle = now - last if last is not None and now > last else 0.0
-                heapq.heappush(due, (now + REKEY_GROWTH * idle + REKEY_FLOOR_S, rec.version, rec.key))
+                push(due, (now + REKEY_GROWTH * idle + REKEY_FLOOR_S, version, key))
         dirty.clear()
 
     def _drop_stale(self) -> None:
@@ -178,30 +188,32 @@ class ReleaseIndex:
 
     def _from_heap(self, now: float, skip: set[SessionKey]) -> Iterator[SessionKey]:
         self._flush(now)
-        heap = self._heap
+        heap, pinned, score = self._heap, self.pinned, self.score
+        pop, replace = heapq.heappop, heapq.heapreplace
         aside: list[Entry] = []  # valid entries not taken now (excluded): pushed back when the caller is done
         taken: set[SessionKey] = set()
+        pops = rescored = 0  # (added to the counters once, at the end)
         try:
             while heap:
                 value, activity, version, key = heap[0]
-                rec = self.pinned.get(key)
-                self.counters["heap_pops"] += 1
+                rec = pinned.get(key)
+                pops += 1
                 if rec is None or rec.version != version:
-                    heapq.heappop(heap)  # stale
+                    pop(heap)  # stale
                     continue
                 if key in taken or key in skip:
-                    aside.append(heapq.heappop(heap))
+                    aside.append(pop(heap))
                     continue
-                fresh = self.score(rec, now)
+                fresh = score(rec, now)
                 if fresh > value:  # its value rose since it was keyed: take its place again
-                    self.counters["rescored"] += 1
-                    heapq.heapreplace(heap, (fresh, activity, version, key))
+                    rescored += 1
+                    replace(heap, (fresh, activity, version, key))
                     continue
-                aside.append(heapq.heappop(heap))
+                aside.append(pop(heap))
                 taken.add(key)
                 yield key
             # The sessions kept apart: O(their number) for a decision that got this far (no idle pin was left).
-            dirty, score = self._dirty, self.score
+            dirty = self._dirty
             for *_, key in sorted((score(r, now), r.activity, k) for k, r in self._running.items()
                                   if k not in skip and k not in taken and k not in dirty):
                 yield key
@@ -210,5 +222,13 @@ class ReleaseIndex:
             for *_, key in queued:
                 yield key
         finally:
+            counters = self.counters
+            counters["heap_pops"] += pops
+            counters["rescored"] += rescored
+            # Only the entries still live: a session the caller released changed (a new version) or left the pins,
+            # so its entry would only be popped again as stale (or kept by a rebuild).
+            push = heapq.heappush
             for entry in aside:
-                heapq.heappush(heap, entry)
+                rec = pinned.get(entry[3])
+                if rec is not None and rec.version == entry[2]:
+                    push(heap, entry)

@@ -11,7 +11,7 @@ import pytest
 from kvsched import compiled
 from kvsched.core.config import RetentionConfig
 from kvsched.core.release_index import EXACT_LIMIT
-from kvsched.core.retention import RetentionPolicy
+from kvsched.core.retention import ReleaseReason, RetentionPolicy
 from kvsched.core.scoring import retention_value, select_lowest
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
 from tests.conftest import FakeClock
@@ -261,3 +261,24 @@ def test_dropping_stale_entries_changes_no_decision_and_scores_nothing(seed, mon
         if i % 1000 == 999:  # (a whole order takes every stale entry off as well)
             assert dropping.release_order() == keeping.release_order()
     assert dropping.index.counters["rebuilds"] > 3 and largest_drop > len(dropping.index.pinned)
+
+
+def test_a_pass_pushes_back_no_entry_of_a_session_it_released(clock):
+    """The entries a pass set aside go back to the heap only while they are live: a session it released (whole or in
+    part) changed, so its entry would only be popped again as stale. Found measuring the budget pass at `kvsched bench
+    sched`'s 10,000 sessions: every release pushed its stale entry back; sessions passed over (excluded) keep theirs."""
+    p = make(clock, exact_limit=0)
+    keys = [SessionKey(SessionId(f"s{i}")) for i in range(40)]
+    for i, k in enumerate(keys):
+        p.request_arrived(k, TurnHints())
+        p.turn_started(k, 0)
+        clock.advance(0.5)
+        p.turn_finished(k, TurnHints(), 16 * (4 + i % 7), 4 + i % 7)
+    clock.advance(2.0)
+    first = p.release_order()[0]
+    released = p.release_blocks(30, ReleaseReason.BUDGET, exclude=[first])
+    assert len(released) >= 3 and first not in {r.key for r in released}
+    live = [e for e in p.index._heap if (r := p.index.pinned.get(e[3])) is not None and r.version == e[2]]
+    assert len(p.index._heap) == len(live)  # no stale entry of a released session
+    assert first in {e[3] for e in live}  # the excluded one's entry went back
+    assert p.release_order()[0] == first
