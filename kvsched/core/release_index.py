@@ -52,13 +52,16 @@ REKEY_FLOOR_S = 1.0
 Score = Callable[[SessionRecord, float], float]
 CandidateOf = Callable[[SessionRecord, float], Candidate]
 Selector = Callable[[Sequence[Candidate], int], list[int]]
-# The heaps' entries: (value, activity, version, session) and (when its key is due again, version, session). Typed
-# as tuples of any length, not `tuple[float, int, int, SessionKey]`: compiled (mypyc), a list of fixed-length tuples
-# unboxes each entry it reads into a C struct and boxes a new tuple for each it stores, so every entry the order
-# moved (set aside and pushed back, kept by a rebuild) was allocated again, each allocation a count towards the
-# garbage collector's next run: at `kvsched bench sched`'s 10,000 sessions a rebuild made ~10,000 tuples in one
-# call, and kvsched's side ran 22 collections in 300 steps where stock vLLM's ran none (tools/sched_gc.py).
-Entry = tuple[Any, ...]
+# The heaps' entries: [value, activity, version, session] and [when its key is due again, version, session], lists
+# compared as the tuples they were. Each allocation of a container counts towards the garbage collector's next run,
+# and a rebuild freed thousands at once, more than the count held (CPython 3.11 stops its count at 0): at `kvsched
+# bench sched`'s 10,000 sessions kvsched's side ran 22 collections in 300 steps where stock vLLM's ran none, each
+# walking every young object, vLLM's new requests' token lists among them (tools/sched_gc.py). So an entry found
+# stale (popped, or left out by a rebuild) is kept and filled again by a later keying, and the heaps are typed as
+# lists of `list[Any]`: compiled (mypyc), a list of `tuple[float, int, int, SessionKey]` unboxed each entry it read
+# and boxed a new tuple for each it stored, so every entry moved (set aside and pushed back, kept by a rebuild) was
+# allocated again.
+Entry = list[Any]
 
 
 class ReleaseIndex:
@@ -77,6 +80,9 @@ class ReleaseIndex:
         self._running: dict[SessionKey, SessionRecord] = {}  # pinned beyond its running requests, none waiting
         self._dirty: dict[SessionKey, SessionRecord] = {}  # changed since the heap last looked: keyed at the next one
         self._due: list[Entry] = []  # (when its key is due again, version, session)
+        # Entries out of the heaps (found stale), refilled by later keyings: never more than a rebuild found.
+        self._spare: list[Entry] = []
+        self._spare_due: list[Entry] = []
         self._versions = itertools.count(1)
         self.counters = {"heap_pops": 0, "rescored": 0, "rebuilds": 0, "rekeyed": 0}
         self.releasable_blocks = 0  # pinned blocks of the sessions the order may offer (shared ones counted per pin)
@@ -147,13 +153,16 @@ class ReleaseIndex:
             self._drop_stale()
         due, pinned, dirty = self._due, self.pinned, self._dirty
         while due and due[0][0] <= now:
-            _, version, key = heapq.heappop(due)
+            entry = heapq.heappop(due)
+            _, version, key = entry
+            self._spare_due.append(entry)
             rec = pinned.get(key)
             if rec is not None and rec.version == version and key not in dirty:
                 rec.version = next(self._versions)  # its old entry is stale from here
                 dirty[key] = rec
                 self.counters["rekeyed"] += 1
         push = functools.partial(heapq.heappush, self._heap)
+        spare, spare_due = self._spare, self._spare_due
         queued, running = self._queued, self._running
         for rec in dirty.values():
             queued.pop(rec.key, None)
@@ -165,10 +174,14 @@ class ReleaseIndex:
             elif rec.active_requests:
                 running[rec.key] = rec
             else:
-                push((self.score(rec, now), rec.activity, rec.version, rec.key))
+                entry = spare.pop() if spare else [0.0, 0, 0, rec.key]
+                entry[0], entry[1], entry[2], entry[3] = self.score(rec, now), rec.activity, rec.version, rec.key
+                push(entry)
                 last = rec.last_finished
                 idle = now - last if last is not None and now > last else 0.0
-                heapq.heappush(due, (now + REKEY_GROWTH * idle + REKEY_FLOOR_S, rec.version, rec.key))
+                entry = spare_due.pop() if spare_due else [0.0, 0, rec.key]
+                entry[0], entry[1], entry[2] = now + REKEY_GROWTH * idle + REKEY_FLOOR_S, rec.version, rec.key
+                heapq.heappush(due, entry)
         dirty.clear()
 
     def _drop_stale(self) -> None:
@@ -178,8 +191,14 @@ class ReleaseIndex:
         get = self.pinned.get
         self.counters["rebuilds"] += 1
         # In place: a decision in progress holds the heap (and pushes back the entries it set aside when done).
-        self._heap[:] = [e for e in self._heap if (r := get(e[3])) is not None and r.version == e[2]]
-        self._due[:] = [d for d in self._due if (r := get(d[2])) is not None and r.version == d[1]]
+        heap: list[Entry] = []
+        for e in self._heap:
+            (heap if (r := get(e[3])) is not None and r.version == e[2] else self._spare).append(e)
+        self._heap[:] = heap
+        due: list[Entry] = []
+        for d in self._due:
+            (due if (r := get(d[2])) is not None and r.version == d[1] else self._spare_due).append(d)
+        self._due[:] = due
         heapq.heapify(self._heap)
         heapq.heapify(self._due)
 
@@ -194,7 +213,7 @@ class ReleaseIndex:
                 rec = self.pinned.get(key)
                 self.counters["heap_pops"] += 1
                 if rec is None or rec.version != version:
-                    heapq.heappop(heap)  # stale
+                    self._spare.append(heapq.heappop(heap))  # stale
                     continue
                 if key in taken or key in skip:
                     aside.append(heapq.heappop(heap))
@@ -202,7 +221,9 @@ class ReleaseIndex:
                 fresh = self.score(rec, now)
                 if fresh > value:  # its value rose since it was keyed: take its place again
                     self.counters["rescored"] += 1
-                    heapq.heapreplace(heap, (fresh, activity, version, key))
+                    top = heap[0]
+                    top[0] = fresh
+                    heapq.heapreplace(heap, top)
                     continue
                 aside.append(heapq.heappop(heap))
                 taken.add(key)
