@@ -8,8 +8,10 @@ vLLM's own step frees about what it allocates, so stock may run without a collec
 hooks keep (or whose free does not count: a tuple going back to its free list) brings the next one nearer, and a
 collection then walks every young object, the new requests' token lists among them. Per side: the collections by
 generation and their microseconds per step. kvsched side, second pass with the collector off: the net count of
-tracked objects (allocated less freed, `gc.get_count()[0]`) each hook leaves per call (nested labels are included in
-the ones above them). A diagnosis, not a benchmark: `kvsched bench sched` and tools/sched_ab.py give the ratios.
+tracked objects (allocated less freed, `gc.get_count()[0]`, held out of reach of 0) each hook leaves per call (nested
+labels are included in the ones above them). A net near 0 is not enough: what a collection's count sees is the order
+(an allocation counts, a free when the count is already 0 does not: a bulk free of thousands is mostly lost). A
+diagnosis, not a benchmark: `kvsched bench sched` and tools/sched_ab.py give the ratios.
 """
 
 from __future__ import annotations
@@ -89,12 +91,17 @@ def _net_per_hook(rnd: Any, steps: int) -> list[str]:
     # on_request_finished is bound into vLLM's _free_blocks wrapper at start-up: rebind it to the counted one
     rnd.s.kvsched_finishes.before = pins.on_request_finished
     gc.disable()
+    # CPython 3.11 takes a free off the count only while it is above 0: held out of reach of 0, the count is the net
+    # (before, a rebuild of the release index freeing ~7,500 stale entries at once read as nothing)
+    held = [[] for _ in range(200_000)]
     before = gc.get_count()[0]
     for _ in range(steps):
         rnd.step()
     lines = [f"  net tracked objects over {steps} more steps (collector off): {gc.get_count()[0] - before} "
              f"({(gc.get_count()[0] - before) / steps:.1f} a step)"]
     lines += [f"  {label:32s} {net[label] / max(calls[label], 1):6.2f} a call ({calls[label]} calls)" for label in net]
+    del held
+    gc.enable()
     return lines
 
 
