@@ -312,3 +312,30 @@ def test_requests_aborted_while_they_ran_leave_nothing_behind(harness_cfg, tmp_p
     assert not rec._live and not rec._running
     s.kvsched.recorder.close()
     assert len(Trace.load(s.kvsched.recorder.path).t) == 3  # the two that ran and the one served; not the waiting one
+
+
+def test_a_request_aborted_mid_prefill_is_recorded_as_far_as_the_engine_computed_it(harness_cfg, tmp_path,
+                                                                                    monkeypatch):
+    """Found by review: 16 of its 80 prompt tokens computed (chunked prefill), then aborted, it was written with all 80
+    and 5 blocks, though the engine computed and cached 1: a replay charged the whole prefill and gave the session's
+    next turn hits the engine never had. Now it is written as vLLM's computed count at the free says."""
+    import dataclasses
+
+    from vllm.v1.request import RequestStatus
+
+    from kvsched.adapters.vllm.harness import step
+
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "a.jsonl"))
+    s = _sched(dataclasses.replace(harness_cfg, max_num_batched_tokens=16, max_num_seqs=4))
+    f = RequestFactory(BLOCK)
+    r = f.make(list(range(100, 180)), 5, session_id="x")
+    s.add_request(r)
+    step(s)
+    assert r.num_computed_tokens == 16 and not r.num_output_tokens
+    s.finish_requests([r.request_id], RequestStatus.FINISHED_ABORTED)
+    _run(s, f, [list(range(100, 200))], session_id="x")  # its retry: the engine hit 1 block of it
+    s.kvsched.recorder.close()
+    body = [json.loads(x) for x in s.kvsched.recorder.path.read_text().splitlines()[1:]]
+    assert [(x["prompt_tokens"], x["output_tokens"], len(x["blocks"]), x.get("reuse", 0)) for x in body] == [
+        (16, 0, 1, 0), (100, 5, 5, 1)]
+    assert [len(Trace.load(s.kvsched.recorder.path).blocks(i)) for i in range(2)] == [1, 6]

@@ -194,9 +194,13 @@ def mark_keyed_server(args: Any, environ: MutableMapping[str, str] | None = None
 def finished_request_shape(request: Any, hash_block_size: int) -> tuple[int, int, list[Any], Sequence[int]]:
     """(prompt tokens, output tokens, hashes of the full blocks whose KV was computed, every token id) of a finished
     request. Every token but the last sampled one has KV (it was never fed back); a prompt's own full blocks always
-    count."""
+    count. A request finished (aborted) before its first output token counts only the prompt tokens whose KV the engine
+    computed or hit (`num_computed_tokens` at the free; found by review: one aborted mid-prefill was written with its
+    whole prompt). Preemption sets that count to 0: one preempted and aborted before it ran again counts none."""
     prompt = int(request.num_prompt_tokens)
     output = int(request.num_output_tokens)
+    if not output:
+        prompt = min(prompt, int(request.num_computed_tokens))
     full = max(prompt // hash_block_size, (prompt + output - 1) // hash_block_size)
     return prompt, output, list(prompt_block_hashes(request)[:full]), request.all_token_ids
 
