@@ -101,6 +101,7 @@ class TraceRecorder:
         engines = compat.data_parallel_size(scheduler)
         room = (limit - recorded_bytes(path)) // engines
         self.clock = clock
+        self.scheduler = scheduler  # its prefix cache: what a preempted request had computed (`finished`)
         self.block_size = block_size
         # Bytes are the engine's, every rank's share summed: the KV cache spec is one rank's (its heads of its layers),
         # and a tensor-parallel engine's `--kvsched-fp8-tier-gb G`, which `--fp8-tier-gib G` mirrors, is its ranks'
@@ -165,7 +166,8 @@ class TraceRecorder:
             self.recording.abandoned(request.request_id)  # written as served, its prefill counted in replays)
             return
         try:
-            prompt, output, blocks, tokens = compat.finished_request_shape(request, self.block_size)
+            computed = compat.preempted_prompt_tokens(self.scheduler, request, self.block_size)
+            prompt, output, blocks, tokens = compat.finished_request_shape(request, self.block_size, computed)
             h = hints or TurnHints()
             rec = self.recording
             rec.finished(request.request_id, self.clock(), Finished(

@@ -312,3 +312,65 @@ def test_requests_aborted_while_they_ran_leave_nothing_behind(harness_cfg, tmp_p
     assert not rec._live and not rec._running
     s.kvsched.recorder.close()
     assert len(Trace.load(s.kvsched.recorder.path).t) == 3  # the two that ran and the one served; not the waiting one
+
+
+def test_a_request_aborted_mid_prefill_is_recorded_as_far_as_the_engine_computed_it(harness_cfg, tmp_path,
+                                                                                    monkeypatch):
+    """Found by review: 16 of its 80 prompt tokens computed (chunked prefill), then aborted, it was written with all 80
+    and 5 blocks, though the engine computed and cached 1: a replay charged the whole prefill and gave the session's
+    next turn hits the engine never had. Now it is written as vLLM's computed count at the free says."""
+    import dataclasses
+
+    from vllm.v1.request import RequestStatus
+
+    from kvsched.adapters.vllm.harness import step
+
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "a.jsonl"))
+    s = _sched(dataclasses.replace(harness_cfg, max_num_batched_tokens=16, max_num_seqs=4))
+    f = RequestFactory(BLOCK)
+    r = f.make(list(range(100, 180)), 5, session_id="x")
+    s.add_request(r)
+    step(s)
+    assert r.num_computed_tokens == 16 and not r.num_output_tokens
+    s.finish_requests([r.request_id], RequestStatus.FINISHED_ABORTED)
+    _run(s, f, [list(range(100, 200))], session_id="x")  # its retry: the engine hit 1 block of it
+    s.kvsched.recorder.close()
+    body = [json.loads(x) for x in s.kvsched.recorder.path.read_text().splitlines()[1:]]
+    assert [(x["prompt_tokens"], x["output_tokens"], len(x["blocks"]), x.get("reuse", 0)) for x in body] == [
+        (16, 0, 1, 0), (100, 5, 5, 1)]
+    assert [len(Trace.load(s.kvsched.recorder.path).blocks(i)) for i in range(2)] == [1, 6]
+
+
+def test_a_request_preempted_mid_prefill_and_aborted_before_it_ran_again_counts_the_blocks_it_left_cached(
+        harness_cfg, tmp_path, monkeypatch):
+    """vLLM sets a preempted request's computed count to 0 (its blocks freed, their hashes kept): aborted before it ran
+    again, the count says nothing of the 105 tokens it had computed. It is written with the leading run of its prompt's
+    full blocks the prefix cache still holds at the free (6 here), as a replay of it would hold them."""
+    import dataclasses
+
+    from vllm.v1.request import RequestStatus
+
+    from kvsched.adapters.vllm.harness import step
+
+    monkeypatch.setenv(ENV_RECORD, str(tmp_path / "a.jsonl"))
+    s = _sched(dataclasses.replace(harness_cfg, num_blocks=12, max_num_batched_tokens=16, max_num_seqs=4))
+    f = RequestFactory(BLOCK)
+    a = f.make(list(range(100, 140)), 60, session_id="a")  # decoding: 3 blocks, then a 4th and a 5th
+    b = f.make(list(range(300, 428)), 5, session_id="b")  # 8 blocks: with a's 3 the pool's 11
+    s.add_request(a)
+    while a.num_computed_tokens < 45:
+        step(s)
+    s.add_request(b)
+    while not b.num_preemptions:  # a's 5th block preempts b mid-prefill
+        step(s)
+    assert (b.num_computed_tokens, b.num_output_tokens) == (0, 0)
+    s.finish_requests([b.request_id], RequestStatus.FINISHED_ABORTED)
+    counts = PrefillCounts()
+    s.add_request(f.make(list(range(300, 428)), 5, session_id="b"))  # its retry
+    run_until_idle(s, counts=counts)
+    s.kvsched.recorder.close()
+    body = [json.loads(x) for x in s.kvsched.recorder.path.read_text().splitlines()[1:]]
+    aborted = [x for x in body if x["output_tokens"] == 0]
+    assert [(x["prompt_tokens"], len(x["blocks"])) for x in aborted] == [(6 * BLOCK, 6)]
+    # its retry hit 4 of them: a's decode took 2 more blocks meanwhile, evicting b's last two (freed tail first)
+    assert counts.cached_tokens == 4 * BLOCK

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
+from kvsched.adapters.vllm.compat.blocks import cached_prefix
 from kvsched.core.sessions import (
     InvalidSessionInput,
     SessionKey,
@@ -191,12 +192,17 @@ def mark_keyed_server(args: Any, environ: MutableMapping[str, str] | None = None
         env.pop(ENV_KEYED, None)
 
 
-def finished_request_shape(request: Any, hash_block_size: int) -> tuple[int, int, list[Any], Sequence[int]]:
+def finished_request_shape(request: Any, hash_block_size: int, computed: int | None = None,
+                           ) -> tuple[int, int, list[Any], Sequence[int]]:
     """(prompt tokens, output tokens, hashes of the full blocks whose KV was computed, every token id) of a finished
     request. Every token but the last sampled one has KV (it was never fed back); a prompt's own full blocks always
-    count."""
+    count. A request finished (aborted) before its first output token counts only the prompt tokens whose KV the engine
+    computed or hit (`num_computed_tokens` at the free; found by review: one aborted mid-prefill was written with its
+    whole prompt); `computed` instead when given (`preempted_prompt_tokens`)."""
     prompt = int(request.num_prompt_tokens)
     output = int(request.num_output_tokens)
+    if not output:
+        prompt = min(prompt, int(request.num_computed_tokens) if computed is None else computed)
     full = max(prompt // hash_block_size, (prompt + output - 1) // hash_block_size)
     return prompt, output, list(prompt_block_hashes(request)[:full]), request.all_token_ids
 
@@ -206,6 +212,17 @@ def request_ran(request: Any) -> bool:
     preempted (its computed count goes back to 0). False for one aborted while it waited."""
     return (int(getattr(request, "num_computed_tokens", 0)) > 0 or int(getattr(request, "num_output_tokens", 0)) > 0
             or int(getattr(request, "num_preemptions", 0)) > 0)  # preempted mid-prefill, then aborted (review)
+
+
+def preempted_prompt_tokens(scheduler: Any, request: Any, hash_block_size: int) -> int | None:
+    """The prompt tokens a request preempted before its first output token, and finished before it ran again, had
+    computed: vLLM set its computed count to 0 when it freed its blocks (`_preempt_request`), their hashes kept, so the
+    leading run of its prompt's full blocks the prefix cache still holds (one evicted since is lost to the engine too).
+    None for any other request (its `num_computed_tokens` says)."""
+    if int(request.num_output_tokens) or int(request.num_computed_tokens) or not int(request.num_preemptions):
+        return None
+    limit = int(request.num_prompt_tokens) // hash_block_size
+    return len(cached_prefix(scheduler, prompt_block_hashes(request), limit)) * hash_block_size
 
 
 _UNANSWERED: tuple[Any, ...] = ()  # vLLM's aborted and failed statuses, read once (an import per finished turn cost
