@@ -74,10 +74,10 @@ def _config_args(path: str) -> list[str]:
 def in_engine_conflict(args: Sequence[str]) -> str | None:
     """Why vLLM options `args` cannot run with the model worker in the engine core ("in_engine"), or None. Read as
     vLLM reads them: `--name value` or `--name=value`, `_` for `-` in a long name, the short forms (-tp, -pp, -pcp), a
-    long name's abbreviation (argparse's, on in vLLM: none of these names' prefixes is another option's name, so a
-    prefix means that option or is refused by vLLM as ambiguous), the options of a `--config FILE` (vLLM places them
-    before the command line: found by review, a file's `tensor-parallel-size: 2` passed), and an option's last value
-    winning. A config file that cannot be read is refused (the check cannot see its options)."""
+    name's abbreviation, long or short (argparse's, on in vLLM: none of these names' prefixes is another option's name,
+    so a prefix means that option or is refused by vLLM as ambiguous: `-t 2` is `-tp 2`), the options of a `--config
+    FILE` (vLLM places them before the command line: found by review, a file's `tensor-parallel-size: 2` passed), and
+    an option's last value winning. A config file that cannot be read is refused (the check cannot see its options)."""
     args, from_file, path = list(args), 0, ""
     if "--config" in args[:-1]:  # vLLM reads the exact word only: `--config=FILE` is parsed and ignored
         at = args.index("--config")
@@ -100,6 +100,8 @@ def in_engine_conflict(args: Sequence[str]) -> str | None:
         option = names.get(name)
         if option is None and name.startswith("--") and len(name) > 3:
             option = next((long for long in longs if long.startswith(name)), None)
+        elif option is None and len(name) > 1 and name[1] != "-":  # -t, -pc: argparse's prefix of a short form too
+            option = next((long for long, short in RANK_OPTIONS.items() if short.startswith(name)), None)
         if option is None:
             continue
         if not eq:

@@ -46,6 +46,7 @@ SAME_MEMORY = 1 + AUTO_POOL_MULTIPLE  # the pool's bytes and the default tier's 
 SIDES = {"stock": (None, [], False), "kvsched-no-tier": ("kvsched", ["--kvsched-fp8-tier-gb", "0"], False),
          "kvsched": ("kvsched", [], False), "stock-same-memory": (None, [], True)}
 BLOCK_TOKENS = 32  # the CPU backend's preferred block size
+MAX_COUNT = 2**40  # a pool past any engine's (`kvsched simulate`'s MAX_COUNT): --pressure sizing it beyond is refused
 MODEL = "replay"
 MAX_WORKERS = 256  # requests in flight at once (open loop: a slow side queues in the engine, not here)
 WARMUP_REQUESTS = 4
@@ -310,7 +311,9 @@ def prepare(args: argparse.Namespace) -> Setup:
     max_model_len = math.ceil((p.longest_tokens + 1) / 256) * 256
     # vLLM refuses to start unless its usable blocks hold one request of max_model_len (found at stop 52: a short
     # window or a high pressure sized the pool by the longest request alone, below max_model_len's rounding up)
-    num_blocks = max(math.ceil(p.peak_live_blocks / args.pressure), longest_blocks + 4,
+    if not (asked := p.peak_live_blocks / args.pressure) <= MAX_COUNT:  # found by review: 1e-320 was a traceback
+        raise ValueError(f"--pressure {args.pressure:g} makes a pool of {asked:.4g} blocks, past {MAX_COUNT}")
+    num_blocks = max(math.ceil(asked), longest_blocks + 4,
                      -(-max_model_len // BLOCK_TOKENS)) + 1  # + vLLM's null block
     return Setup(args, path, trace, p, sides, num_blocks, max_model_len, shape.vocab_size)
 

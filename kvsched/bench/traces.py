@@ -231,9 +231,9 @@ def run(args: argparse.Namespace) -> int:
         for path, t in zip(paths, traces, strict=True):  # the pools, before any replay (found by review: tracebacks)
             if not (live := t.peak_live_blocks()):
                 raise ValueError(f"{path}: no block is used twice (peak live set 0): no live-basis pool to size")
-            if (most := math.ceil(live / min(pressures))) > MAX_POOL_BLOCKS:
-                raise ValueError(f"--pressure {min(pressures):g} makes a pool of {most} blocks for {path}, past the "
-                                 f"replay's {MAX_POOL_BLOCKS} (its tier's slots are a list)")
+            if not (most := live / min(pressures)) <= MAX_POOL_BLOCKS:  # (a float: 1e-320 makes it infinite)
+                raise ValueError(f"--pressure {min(pressures):g} makes a pool of {most:.4g} blocks for {path}, past "
+                                 f"the replay's {MAX_POOL_BLOCKS} (its tier's slots are a list)")
     except (ValueError, OSError) as exc:
         print(f"kvsched bench traces: error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import argparse
 import math
 from typing import Any
 
-from kvsched.commands.args import MAX_GIB
+from kvsched.commands.args import MAX_COUNT, MAX_GIB
 
 DEFAULT_PRESSURE = 2.0
 DEFAULT_PRESET = "llama-3.1-8b"
@@ -57,7 +57,9 @@ def capacity_blocks(args: argparse.Namespace, trace: Any, bytes_per_token: int) 
         raise ValueError(f"--pressure-basis {args.pressure_basis}: this trace {what} to size a pool from; give "
                          "--capacity-blocks or --kv-gib" + (", or --pressure-basis distinct"
                                                             if args.pressure_basis == "live" else ""))
-    return max(math.ceil(basis / pressure), 1)
+    if not (blocks := basis / pressure) <= MAX_COUNT:  # found by review: 1e-320 made it infinite, a traceback
+        raise ValueError(f"--pressure {pressure:g} makes a pool of {blocks:.4g} blocks, past {MAX_COUNT}")
+    return max(math.ceil(blocks), 1)
 
 
 def engine_bytes(args: argparse.Namespace, trace: Any) -> tuple[int, int | None]:

@@ -127,6 +127,21 @@ def test_bench_replay_refuses_bad_options_before_starting_a_server(tmp_path, cap
     assert err.startswith("kvsched bench replay: error: ") and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("pressure", ["1e-320", "1e-300"])
+def test_bench_replay_refuses_a_pressure_that_sizes_a_pool_past_any_count(tmp_path, capsys, pressure):
+    """Found by review: 1e-320 (the peak live blocks over it: infinity) was an OverflowError traceback; 1e-300 would
+    have started vLLM with a pool of ~10**300 blocks."""
+    from kvsched.cli import main
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kvsched_trace": 1, "block_size": 512}\n'
+                    '{"t": 0, "session": "a", "prompt_tokens": 1024, "output_tokens": 4, "blocks": ["x", "y"]}\n'
+                    '{"t": 9, "session": "a", "prompt_tokens": 1536, "output_tokens": 4, "blocks": ["x", "y", "z"]}\n')
+    assert main(["bench", "replay", str(path), "--pressure", pressure]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched bench replay: error: --pressure") and "Traceback" not in err
+
+
 def test_bench_replay_refuses_a_missing_trace_a_directory_and_an_out_directory(tmp_path, capsys):
     from kvsched.cli import main
 

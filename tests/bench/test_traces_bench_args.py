@@ -23,7 +23,8 @@ def trace(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("flags", [["--pressure", "0"], ["--pressure", "-1"], ["--pressure", "nan"],
-                                   ["--pressure", "1e-300"], ["--pressure", "3", "--pressure", "1e-6"],
+                                   ["--pressure", "1e-300"], ["--pressure", "1e-320"],
+                                   ["--pressure", "3", "--pressure", "1e-6"],
                                    ["--pressure", "3", "--pressure", "inf"], ["--ttl", "nan"], ["--ttl", "-5"],
                                    ["--ttl", "inf"], ["--h2d-gbps", "nan"], ["--h2d-gbps", "inf"]])
 def test_a_number_it_cannot_use_is_one_error_line(trace, tmp_path, capsys, flags):

@@ -194,6 +194,17 @@ def test_a_kv_size_that_is_not_a_positive_number_is_a_clear_error(tmp_path, caps
     assert "--kv-gib must be a positive number of GiB" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("pressure", ["1e-320", "1e-300"])
+def test_a_pressure_that_sizes_a_pool_past_any_count_is_a_clear_error(tmp_path, capsys, pressure):
+    """Found by review: --pressure 1e-320 (the trace's blocks over it: infinity) was an OverflowError traceback, and
+    1e-300 replayed a pool of ~10**304 blocks, where --capacity-blocks stops at MAX_COUNT."""
+    path = tmp_path / "t.jsonl"
+    write_jsonl(path, SMALL.block_size, generate_requests(SMALL))
+    assert main(["simulate", str(path), "--no-progress", "--policies", "lru", "--pressure", pressure]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvsched simulate: error: --pressure") and err.count("\n") == 1
+
+
 def test_a_negative_tail_reuse_is_refused_with_its_line(tmp_path, capsys):
     path = tmp_path / "t.jsonl"
     path.write_text('{"kvsched_trace": 1, "block_size": 4}\n{"t": 0, "session": "s", "prompt_tokens": 8, '

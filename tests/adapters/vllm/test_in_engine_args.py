@@ -29,3 +29,19 @@ def test_in_engine_refuses_what_vllms_parser_would_take(tmp_path: Path, vllm_cli
     ranks = (taken.tensor_parallel_size, taken.pipeline_parallel_size, taken.prefill_context_parallel_size)
     wanted = taken.distributed_executor_backend not in (None, "uni") or any(n != 1 for n in ranks)
     assert (in_engine_conflict(extra) is not None) == wanted, (ranks, taken.distributed_executor_backend)
+
+
+# argparse also takes a single-dash option's unambiguous prefix: `-t 2` is `-tp 2`, `-pc 2` is `-pcp 2` (found by
+# review: both passed the check and asked for two ranks).
+COMMAND_LINES = [["-t", "2"], ["-pc", "2"], ["-t=2"], ["-t", "1"], ["-pc=1"], ["-tp", "2", "-t", "1"],
+                 ["-t", "2", "-tp", "1"], ["--max-num-seqs", "2", "-t", "3"]]
+
+
+@pytest.mark.parametrize("cli", COMMAND_LINES)
+def test_in_engine_refuses_a_short_options_prefix_as_vllm_reads_it(vllm_cli, cli: list[str]) -> None:
+    try:
+        taken = vllm_cli.parse_args(["serve", "MODEL", *cli])
+    except SystemExit:  # vLLM refuses it itself: the check may pass it or refuse it
+        return
+    ranks = (taken.tensor_parallel_size, taken.pipeline_parallel_size, taken.prefill_context_parallel_size)
+    assert (in_engine_conflict(cli) is not None) == any(n != 1 for n in ranks), ranks
