@@ -180,6 +180,18 @@ class ServerSpec:
         """The environment the worker layout needs (laid over the caller's and `env`)."""
         return dict(IN_ENGINE_ENV) if self.worker == "in_engine" else {}
 
+    def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The whole environment its `vllm serve` process gets: `base` (this process's by default), vLLM's CPU
+        defaults where `base` sets none, `env`, then the worker layout's. What the engine reads its KVSCHED_* settings
+        from (`kvsched.bench.engine_settings` records them from it)."""
+        env = dict(os.environ if base is None else base)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env.update(self.env)
+        env.update(self.worker_env())
+        return env
+
     def serve_dtype(self) -> str | None:
         from kvsched.tiny_model import tiny_model_dtype
 
@@ -225,12 +237,7 @@ class VllmServer:
 
     def launch(self) -> VllmServer:
         """Spawn the process without waiting for it (`wait_ready` does): see `start_all`."""
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.spec.kv_cache_gib))
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        env.update(self.spec.env)
-        env.update(self.spec.worker_env())
+        env = self.spec.environment()
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process lifetime
         group: dict[str, Any] = {"start_new_session": True} if self.spec.own_session else {"process_group": 0}
         self.proc = subprocess.Popen(self.spec.argv(self.port), stdout=log, stderr=subprocess.STDOUT, env=env,
