@@ -71,13 +71,16 @@ def _config_args(path: str) -> list[str]:
     return args
 
 
-def in_engine_conflict(args: Sequence[str]) -> str | None:
+def in_engine_conflict(args: Sequence[str], file_elsewhere: bool = False) -> str | None:
     """Why vLLM options `args` cannot run with the model worker in the engine core ("in_engine"), or None. Read as
     vLLM reads them: `--name value` or `--name=value`, `_` for `-` in a long name, the short forms (-tp, -pp, -pcp), a
     long name's abbreviation (argparse's, on in vLLM: none of these names' prefixes is another option's name, so a
     prefix means that option or is refused by vLLM as ambiguous), the options of a `--config FILE` (vLLM places them
     before the command line: found by review, a file's `tensor-parallel-size: 2` passed), and an option's last value
-    winning. A config file that cannot be read is refused (the check cannot see its options)."""
+    winning. A config file that cannot be read is refused (the check cannot see its options), unless `file_elsewhere`:
+    the file is read where the server runs (a Ray replica's machine, which checks it again before its engine starts:
+    kvsched.adapters.ray.engine.server_spec), so only the command line, whose options win over the file's, is
+    checked here."""
     args, from_file, path = list(args), 0, ""
     if "--config" in args[:-1]:  # vLLM reads the exact word only: `--config=FILE` is parsed and ignored
         at = args.index("--config")
@@ -85,8 +88,10 @@ def in_engine_conflict(args: Sequence[str]) -> str | None:
         try:
             config = _config_args(path)
         except ValueError as exc:
-            return (f"--config {path}: worker 'in_engine' must check the vLLM options of this file and cannot read it "
-                    f"({exc})")
+            if not file_elsewhere:
+                return (f"--config {path}: worker 'in_engine' must check the vLLM options of this file and cannot "
+                        f"read it ({exc})")
+            config = []
         args, from_file = config + args[:at] + args[at + 2:], len(config)
     longs = (*RANK_OPTIONS, EXECUTOR_OPTION)
     names = {**{long: long for long in longs}, **{short: long for long, short in RANK_OPTIONS.items()}}
