@@ -79,7 +79,7 @@ def in_engine_conflict(args: Sequence[str], file_elsewhere: bool = False) -> str
     before the command line: found by review, a file's `tensor-parallel-size: 2` passed), and an option's last value
     winning. A config file that cannot be read is refused (the check cannot see its options), unless `file_elsewhere`:
     the file is read where the server runs (a Ray replica's machine, which checks it again before its engine starts:
-    kvsched.adapters.ray.engine.server_spec), so only the command line, whose options win over the file's, is
+    kvsched.adapters.ray.engine.replica_spec), so only the command line, whose options win over the file's, is
     checked here."""
     args, from_file, path = list(args), 0, ""
     if "--config" in args[:-1]:  # vLLM reads the exact word only: `--config=FILE` is parsed and ignored

@@ -106,7 +106,7 @@ class EngineConfig(_Strict):
         """`worker: in_engine` with vLLM arguments it cannot honour (more ranks, another executor) is refused here,
         not left to hang every replica's start-up or be ignored (kvsched.serving.in_engine_conflict). A `--config FILE`
         among them names a file on the replicas' machines: read here when it can be, else left to each replica, which
-        checks it before its engine starts (engine.server_spec). Found by review: a file only the replicas' machines
+        checks it before its engine starts (engine.replica_spec). Found by review: a file only the replicas' machines
         held was refused here ("cannot read it"), so such a pool could not be deployed at all."""
         if self.worker == "in_engine" and (conflict := in_engine_conflict(self.vllm_args, file_elsewhere=True)):
             raise ValueError(f"vllm_args {conflict}")
