@@ -71,13 +71,16 @@ def _config_args(path: str) -> list[str]:
     return args
 
 
-def in_engine_conflict(args: Sequence[str]) -> str | None:
+def in_engine_conflict(args: Sequence[str], file_elsewhere: bool = False) -> str | None:
     """Why vLLM options `args` cannot run with the model worker in the engine core ("in_engine"), or None. Read as
     vLLM reads them: `--name value` or `--name=value`, `_` for `-` in a long name, the short forms (-tp, -pp, -pcp), a
     name's abbreviation, long or short (argparse's, on in vLLM: none of these names' prefixes is another option's name,
     so a prefix means that option or is refused by vLLM as ambiguous: `-t 2` is `-tp 2`), the options of a `--config
     FILE` (vLLM places them before the command line: found by review, a file's `tensor-parallel-size: 2` passed), and
-    an option's last value winning. A config file that cannot be read is refused (the check cannot see its options)."""
+    an option's last value winning. A config file that cannot be read is refused (the check cannot see its options),
+    unless `file_elsewhere`: the file is read where the server runs (a Ray replica's machine, which checks it again
+    before its engine starts: kvsched.adapters.ray.engine.replica_spec), so only the command line, whose options win
+    over the file's, is checked here."""
     args, from_file, path = list(args), 0, ""
     if "--config" in args[:-1]:  # vLLM reads the exact word only: `--config=FILE` is parsed and ignored
         at = args.index("--config")
@@ -85,8 +88,10 @@ def in_engine_conflict(args: Sequence[str]) -> str | None:
         try:
             config = _config_args(path)
         except ValueError as exc:
-            return (f"--config {path}: worker 'in_engine' must check the vLLM options of this file and cannot read it "
-                    f"({exc})")
+            if not file_elsewhere:
+                return (f"--config {path}: worker 'in_engine' must check the vLLM options of this file and cannot "
+                        f"read it ({exc})")
+            config = []
         args, from_file = config + args[:at] + args[at + 2:], len(config)
     longs = (*RANK_OPTIONS, EXECUTOR_OPTION)
     names = {**{long: long for long in longs}, **{short: long for long, short in RANK_OPTIONS.items()}}
@@ -182,6 +187,18 @@ class ServerSpec:
         """The environment the worker layout needs (laid over the caller's and `env`)."""
         return dict(IN_ENGINE_ENV) if self.worker == "in_engine" else {}
 
+    def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The whole environment its `vllm serve` process gets: `base` (this process's by default), vLLM's CPU
+        defaults where `base` sets none, `env`, then the worker layout's. What the engine reads its KVSCHED_* settings
+        from (`kvsched.bench.engine_settings` records them from it)."""
+        env = dict(os.environ if base is None else base)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env.update(self.env)
+        env.update(self.worker_env())
+        return env
+
     def serve_dtype(self) -> str | None:
         from kvsched.tiny_model import tiny_model_dtype
 
@@ -227,12 +244,7 @@ class VllmServer:
 
     def launch(self) -> VllmServer:
         """Spawn the process without waiting for it (`wait_ready` does): see `start_all`."""
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.spec.kv_cache_gib))
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        env.update(self.spec.env)
-        env.update(self.spec.worker_env())
+        env = self.spec.environment()
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process lifetime
         group: dict[str, Any] = {"start_new_session": True} if self.spec.own_session else {"process_group": 0}
         self.proc = subprocess.Popen(self.spec.argv(self.port), stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -47,7 +47,7 @@ def replay_recording(path: Path, skip: int, prefill_tok_s: float, tpot_s: float,
     out: dict[str, Any] = {p: replay(trace, p, cfg).prefill_tokens_computed for p in PREDICTED}
     out.update(requests=len(trace), capacity_blocks=cfg.capacity_blocks, path=str(path),
                inputs={"skip": skip, "prefill_tok_s": prefill_tok_s, "tpot_s": tpot_s,
-                       "bytes_per_token": bytes_per_token})
+                       "bytes_per_token": bytes_per_token}, retention=cfg.retention.as_dict())
     return out
 
 

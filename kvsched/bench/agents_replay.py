@@ -69,15 +69,20 @@ def clairvoyant_replay(model_dir: Path, workflows: list[Workflow], record: RunRe
     long as it really ran (the run's own batching and queueing), from its admission in the replay (a wait for memory
     there comes on top: `kvsched.sim.replay`); `time_model` repeats the replay with the simulator's timing instead
     (every request alone at the measured prefill speed: less overlap, so less pressure)."""
+    from kvsched.core.config import RetentionConfig
+
     requests, mismatches = trace_requests(model_dir, workflows, record, block_size, ttl_s)
     trace = Trace.from_requests(block_size, requests, meta=TRACE_META)  # before write_trace rewrites their blocks
+    # kvsched's policy as the engine's sides run it: their KVSCHED_* settings (found by review: the replay ran the
+    # defaults whatever the engine read), written with the result
     cfg = ReplayConfig(capacity_blocks=capacity_blocks, prefill_tps=prefill_tok_s,
-                       tpot_s=decode_s_per_token(record), bytes_per_token=bytes_per_token)
+                       tpot_s=decode_s_per_token(record), bytes_per_token=bytes_per_token,
+                       retention=RetentionConfig.from_env())
     out: dict[str, Any] = {p: replay(trace, p, cfg).prefill_tokens_computed for p in POLICIES}
     timed_by_model = dataclasses.replace(trace, duration_s=None)
     out["time_model"] = {p: replay(timed_by_model, p, cfg).prefill_tokens_computed for p in POLICIES}
     out.update(requests=len(trace), capacity_blocks=capacity_blocks, prompt_length_mismatches=mismatches,
-               prefill_tok_s=prefill_tok_s, tpot_s=cfg.tpot_s)
+               prefill_tok_s=prefill_tok_s, tpot_s=cfg.tpot_s, retention=cfg.retention.as_dict())
     if trace_out is not None:
         write_trace(trace_out, requests, block_size)
     return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import threading
 import time
@@ -280,14 +281,16 @@ class Setup:
 
 
 def prepare(args: argparse.Namespace) -> Setup:
-    from kvsched.core.config import RetentionConfig
+    from kvsched.bench.engine_settings import engine_settings, tier_gib
     from kvsched.sim.mooncake import cached_traces, stale_note
     from kvsched.sim.out_file import check_out
     from kvsched.sim.trace import Trace
     from kvsched.tiny_model import SIZES
 
     sides = sides_arg(args.sides)
-    RetentionConfig.from_env()  # the simulator's settings, read after the sides (found by review: a traceback then)
+    # the simulator's and the engines' settings, read after the sides (found by review: a traceback then)
+    engine_settings(os.environ)
+    tier_gib((), os.environ)
     if not 0 < args.pressure < math.inf:
         raise ValueError(f"--pressure must be a finite number > 0, got {args.pressure}")
     if not 0 < args.time_scale < math.inf:
@@ -320,6 +323,8 @@ def prepare(args: argparse.Namespace) -> Setup:
 
 def run_benchmark(setup: Setup, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every side in turn, then the simulator; `checkpoint` gets the result so far after each side."""
+    from kvsched.bench.engine_settings import side_settings
+    from kvsched.core.config import RetentionConfig
     from kvsched.serving import ServerSpec, VllmServer, start_all
     from kvsched.tiny_model import ensure_tiny_model
 
@@ -342,6 +347,10 @@ def run_benchmark(setup: Setup, checkpoint: Callable[[dict[str, Any]], None] | N
                                            num_blocks=same_memory_blocks(num_blocks) if SIDES[name][2] else num_blocks,
                                            served_model_name=MODEL, extra_args=SIDES[name][1]))
                for name in setup.sides}
+    # what each side's engine reads (its KVSCHED_* settings and flags) and the simulator's policy: the JSON alone
+    # says how to run it again
+    config["sides"] = {name: side_settings(server.spec) for name, server in servers.items()}
+    config["simulator_retention"] = RetentionConfig.from_env().as_dict()
     measured_sides: dict[str, Any] = {}
     timings: dict[str, list[float | None]] = {}  # each side's per-request hold times (`predicted`'s durations)
     try:

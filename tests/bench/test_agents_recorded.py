@@ -15,6 +15,7 @@ from kvsched.bench.agents_recorded import (
     replay_with_tier,
 )
 from kvsched.cli import build_parser
+from kvsched.core.config import RetentionConfig
 from kvsched.sim.trace_record import Finished, TraceRecording
 
 BS = 16
@@ -51,6 +52,7 @@ def test_the_replay_skips_what_was_recorded_before_the_run(tmp_path):
     prompts = sum((3 + 2 * t) * BS for t in range(6))
     hits = sum((3 + 2 * (t - 1)) * BS for t in range(1, 6))
     assert out["lru"] == out["kvsched"] == out["opt"] == prompts - hits
+    assert out["retention"] == RetentionConfig.from_env().as_dict()  # kvsched's settings, with the result
     assert replay_recording(path, 0, 1000.0, 0.01, 1024.0)["requests"] == 9
 
 

@@ -120,3 +120,17 @@ def test_measured_durations_hold_blocks_longer_and_the_trace_file_replays_the_sa
     assert loaded.duration_s is not None and len(loaded) == slow["requests"]
     cfg = ReplayConfig(capacity_blocks=cap, prefill_tps=5000.0, tpot_s=slow["tpot_s"], bytes_per_token=1024.0)
     assert replay(loaded, "opt", cfg).prefill_tokens_computed == slow["opt"]
+
+
+def test_kvscheds_replay_runs_the_engines_settings_and_writes_them(model_dir, monkeypatch):
+    """Found by review: the replay's kvsched ran the default retention whatever KVSCHED_* settings the engine's sides
+    read, and the result did not say which. With every TTL capped at 0 (no pin) kvsched's order is LRU's."""
+    workflows = generate(CFG)
+    record = played(workflows)
+    tight = build_trace(model_dir, workflows, record, 16)[0].working_set_blocks() // 2
+    pinned = clairvoyant_replay(model_dir, workflows, record, 16, tight, 5000.0, 1024.0, ttl_s=60.0)
+    assert pinned["kvsched"] != pinned["lru"] and pinned["retention"]["max_ttl_s"] == 600  # the default's pins
+    monkeypatch.setenv("KVSCHED_MAX_TTL_S", "0")
+    unpinned = clairvoyant_replay(model_dir, workflows, record, 16, tight, 5000.0, 1024.0, ttl_s=60.0)
+    assert unpinned["kvsched"] == unpinned["lru"] == pinned["lru"]
+    assert unpinned["retention"]["max_ttl_s"] == 0

@@ -20,7 +20,8 @@ pools:
     vllm_args: [--kv-cache-dtype, fp8]
     worker: default                   # or in_engine: the model worker in the engine-core process (ServerSpec.worker;
                                       #   one rank: vllm_args with -tp/-pp above 1 or another executor, their
-                                      #   --config file's included, are refused)
+                                      #   --config file's included, are refused: a file only the replicas' machines
+                                      #   hold by each replica, before its engine starts)
 ```
 """
 
@@ -103,8 +104,11 @@ class EngineConfig(_Strict):
     @model_validator(mode="after")
     def _layout(self) -> EngineConfig:
         """`worker: in_engine` with vLLM arguments it cannot honour (more ranks, another executor) is refused here,
-        not left to hang every replica's start-up or be ignored (kvsched.serving.in_engine_conflict)."""
-        if self.worker == "in_engine" and (conflict := in_engine_conflict(self.vllm_args)):
+        not left to hang every replica's start-up or be ignored (kvsched.serving.in_engine_conflict). A `--config FILE`
+        among them names a file on the replicas' machines: read here when it can be, else left to each replica, which
+        checks it before its engine starts (engine.replica_spec). Found by review: a file only the replicas' machines
+        held was refused here ("cannot read it"), so such a pool could not be deployed at all."""
+        if self.worker == "in_engine" and (conflict := in_engine_conflict(self.vllm_args, file_elsewhere=True)):
             raise ValueError(f"vllm_args {conflict}")
         return self
 

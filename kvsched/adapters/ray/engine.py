@@ -39,10 +39,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
+from pydantic import ValidationError
 from ray import serve
 
 from kvsched.adapters.ray.autoscaling import FRESH_TTFT, HELD_TTFT
-from kvsched.adapters.ray.config import EngineConfig
+from kvsched.adapters.ray.config import ConfigError, EngineConfig, validation_message
 from kvsched.adapters.ray.fleet_ttft import UNREAD_TTFT, bucket_stats
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
 from kvsched.adapters.ray.owners import AUTH_HEADERS
@@ -85,6 +86,23 @@ def server_spec(cfg: EngineConfig) -> ServerSpec:
                       own_session=False, worker=cfg.worker)
 
 
+def replica_spec(pool: str, engine: dict[str, Any]) -> tuple[EngineConfig, ServerSpec]:
+    """The pool's engine, read again on the replica's machine, and its `vllm serve`: before its engine starts, and
+    where a `--config FILE` among its vllm_args is, the file's path being one on the replicas' machines. The driver's
+    check of the config leaves a file it cannot read to this one (config.EngineConfig._layout): `worker: in_engine`
+    with options it cannot honour, the file's or the command line's, is a ConfigError naming the pool and the option,
+    not a replica whose start-up waits for ranks that never come."""
+    where = f"pool {pool}, on this replica's machine"
+    try:
+        cfg = EngineConfig.model_validate(engine, strict=False)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {validation_message(exc)}") from None
+    try:
+        return cfg, server_spec(cfg)
+    except ValueError as exc:  # ServerSpec's own check: a --config file this machine cannot read either
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def start_with_reaper(server: VllmServer) -> None:
     """Start `server` (blocking until healthy) with a detached reaper watching this process for the child's group."""
     error: list[BaseException] = []
@@ -123,12 +141,11 @@ class EngineReplica:
     def __init__(self, pool: str, engine: dict[str, Any], unscraped_grace_s: float = UNSCRAPED_GRACE_S,
                  ttft_hold_s: float = TTFT_HOLD_S, *, poll_deadline_s: float = POLL_DEADLINE_S,
                  routing_wait_s: float = ROUTING_WAIT_S) -> None:
-        cfg = EngineConfig.model_validate(engine, strict=False)
+        cfg, spec = replica_spec(pool, engine)  # here, before the engine starts: see replica_spec
         self.pool = pool
         self.routing_wait_s = routing_wait_s
         self.unscraped_grace_s = unscraped_grace_s
         self.replica_id = replica_unique_id()
-        spec = server_spec(cfg)
         # The stats poll lists every session the engine holds KV for (all salts and tenants, every page): with an
         # admin key of its own, added to the operator's (KVSCHED_ADMIN_KEYS, valid on kvsched's routes only).
         stats_key = secrets.token_urlsafe(24)

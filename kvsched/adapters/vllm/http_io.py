@@ -7,6 +7,7 @@ nested deeper than MAX_JSON_DEPTH gets 400 (Python's parser would otherwise rais
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import compress
 from typing import Any
@@ -171,6 +172,23 @@ def replay(body: bytes, receive: Any) -> Any:
         return await receive()
 
     return replayed
+
+
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+def with_request_id(send: Any, request_id: bytes | None) -> Any:
+    """`send` with the `x-request-id` header vLLM's XRequestIdMiddleware (`--enable-request-id-headers`,
+    `vllm/entrypoints/serve/middleware/x_request_id.py`) appends to every answer: the client's own (`request_id`, the
+    raw value of its first X-Request-Id, as Starlette's `Headers.get` reads it), else a new `uuid.uuid4().hex`."""
+
+    async def sending(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            value = uuid.uuid4().hex.encode() if request_id is None else request_id
+            message = dict(message, headers=[*message.get("headers", ()), (REQUEST_ID_HEADER, value)])
+        await send(message)
+
+    return sending
 
 
 async def send_json(send: Any, status: int, content: Any) -> None:

@@ -44,6 +44,7 @@ from kvsched.adapters.vllm.http_io import (
     route_path,
     send_json,
     utf8_headers,
+    with_request_id,
 )
 from kvsched.adapters.vllm.metrics import render_metrics
 from kvsched.adapters.vllm.request_fields import (
@@ -72,6 +73,7 @@ class KVSchedMiddleware:
         self.compaction = Compactor(app)  # context compaction (KVSCHED_COMPACTION*), see compaction.py
         self.session_calls = admin_routes.EngineCalls()  # bounded, shared: see admin_routes
         self._cors: Any = None  # vLLM's CORS settings, for the answers kvsched makes itself (`_reply`)
+        self._request_ids: bool | None = None  # vLLM's --enable-request-id-headers, for the same answers
 
     def _is_active(self, scope: Scope) -> bool:
         if self._active is None:
@@ -112,10 +114,17 @@ class KVSchedMiddleware:
             await self._generate(scope, receive, send, path, raw, ident.tenant)
 
     def _reply(self, scope: Scope, raw: dict[str, bytes], send: Any) -> Any:
-        """`send` for an answer kvsched makes itself, with the CORS headers vLLM's CORSMiddleware (`--allowed-origins`
-        and its siblings) gives its own answers: vLLM adds kvsched's middleware outside that one, so kvsched's answers
-        never passed through it (found by review: a browser UI of an allowed origin could read neither a session page
-        nor kvsched's 400 naming a bad field). Answers vLLM makes, passed through, already carry them."""
+        """`send` for an answer kvsched makes itself, with the headers vLLM's own middleware gives its answers: vLLM
+        adds kvsched's middleware outside its own, so kvsched's answers never passed through them. The CORS headers of
+        vLLM's CORSMiddleware (`--allowed-origins` and its siblings; found by review: a browser UI of an allowed origin
+        could read neither a session page nor kvsched's 400 naming a bad field), then, as vLLM's stack orders them,
+        the X-Request-Id of its XRequestIdMiddleware (`--enable-request-id-headers`; an operator's logs and clients
+        matched every answer by it but kvsched's). Answers vLLM makes, passed through, already carry them."""
+        if self._request_ids is None:
+            args = compat.server_args(scope["app"])
+            self._request_ids = bool(getattr(args, "enable_request_id_headers", False))
+        if self._request_ids:
+            send = with_request_id(send, raw.get("x-request-id"))
         if "origin" not in raw:
             return send
         from starlette.datastructures import Headers

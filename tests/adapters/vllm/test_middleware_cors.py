@@ -20,14 +20,15 @@ from tests.adapters.vllm.test_session_admin_routes import Engine  # noqa: E402
 UI = "https://ui.example"
 
 
-def served(origins: list[str], credentials: bool = False) -> TestClient:
+def served(origins: list[str], credentials: bool = False, request_ids: bool = False) -> TestClient:
     """vLLM's API server middleware stack (its own `init_entrypoints_middleware`) over a stand-in engine core."""
     from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware
 
     app = FastAPI()
     app.state.args = Namespace(scheduler_cls="kvsched.adapters.vllm.scheduler.X", api_key=["k"],
                                allowed_origins=origins, allow_credentials=credentials, allowed_methods=["*"],
-                               allowed_headers=["*"], enable_request_id_headers=False, middleware=[MIDDLEWARE_PATH])
+                               allowed_headers=["*"], enable_request_id_headers=request_ids,
+                               middleware=[MIDDLEWARE_PATH])
     app.state.engine_client = Engine().state.engine_client
 
     @app.get("/v1/models")
