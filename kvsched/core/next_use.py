@@ -18,36 +18,6 @@ import bisect
 from collections import deque
 from collections.abc import Collection
 from itertools import accumulate, islice
-from typing import Final
-
-# Compiled by mypyc (kvsched/compiled.py): a search written out over `list[float]` compares C doubles (~10x cheaper
-# than `bisect`'s calls and object comparisons there, the larger part of a turn start's cost); run as Python it would be
-# the slower one, so the source keeps `bisect`. Both find the same index (the same comparisons, in the same order).
-_NATIVE: Final = not __file__.endswith(".py")
-
-
-def _bisect_left(s: list[float], x: float) -> int:
-    """`bisect.bisect_left(s, x)`, written out."""
-    lo, hi = 0, len(s)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if s[mid] < x:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
-def _bisect_right(s: list[float], x: float) -> int:
-    """`bisect.bisect_right(s, x)`, written out."""
-    lo, hi = 0, len(s)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if x < s[mid]:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 class GapHistory:
@@ -71,13 +41,12 @@ class GapHistory:
     def add(self, gap: float) -> None:
         s = self._sorted
         if len(self.recent) == self.recent.maxlen:
-            old = self.recent[0]
-            i = _bisect_left(s, old) if _NATIVE else bisect.bisect_left(s, old)
+            i = bisect.bisect_left(s, self.recent[0])
             del s[i]
             if len(s) - i + 1 < self._exact:  # the sums of the len(s) - i gaps above it stand
                 self._exact = len(s) - i + 1
         self.recent.append(gap)
-        i = _bisect_right(s, gap) if _NATIVE else bisect.bisect_right(s, gap)  # where bisect.insort puts it
+        i = bisect.bisect_right(s, gap)  # where bisect.insort puts it
         s.insert(i, gap)
         if len(s) - i < self._exact:
             self._exact = len(s) - i
