@@ -36,6 +36,11 @@ IN_ENGINE_ARGS = ["--distributed-executor-backend", "uni"]
 # starts one worker, which then waits for the other ranks for ever: found by review, `--tensor-parallel-size 2` hung
 # the start-up until its timeout with nothing in the log) and another executor (the caller's flags come last and win:
 # the worker ran apart, the layout asked for was ignored).
+# Data parallelism (-dp, --data-parallel-*, --nnodes, -dcp) is not refused: checked with a real `vllm serve`
+# (tools/layout_args_probe.py; BENCHMARKS.md, "Data parallelism with the worker in the engine core"), none hangs or is
+# ignored because of "in_engine": `-dp 2` runs one engine core a rank, each with its worker inside; what fails (a dense
+# model's -dp 2 at its first request, ranks left to another node, -dcp or --nnodes past the one rank) fails alike, or
+# is refused alike, in vLLM's own layout.
 RANK_OPTIONS = {"--tensor-parallel-size": "-tp", "--pipeline-parallel-size": "-pp",
                 "--prefill-context-parallel-size": "-pcp"}
 EXECUTOR_OPTION = "--distributed-executor-backend"

@@ -39,6 +39,7 @@ from kvsched.bench.agents_report import (
     unbounded_reach,
 )
 from kvsched.bench.common import percentile, provenance, write_json
+from kvsched.bench.engine_settings import side_settings
 from kvsched.bench.plots import grouped_bars, save_beside, side_ratios, ttft_chart
 from kvsched.bench.trace_engine import same_memory_blocks
 from kvsched.core.tier_config import AUTO_HOST_FRACTION, AUTO_POOL_MULTIPLE
@@ -333,6 +334,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                  num_blocks=blocks.get(name, num_blocks),
                                  served_model_name="agents", extra_args=extra,
                                  env=recorder_env(recording) if recording and name == RECORDER_SIDE else {})
+    # what each side's engine reads (its flags and KVSCHED_* settings): read now, so a malformed one stops the run
+    # before any server starts, as `kvsched bench replay` records them (engine_settings.side_settings)
+    side_config = {name: side_settings(spec) for name, spec in specs.items()}
     # Every side's server starts at once (their start-ups overlap); the sides then run one after another, each on
     # its own server while the others wait idle (no CPU), and each server stops after its side.
     servers = start_all([VllmServer(specs[name]) for name in sides])
@@ -370,7 +374,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "same_memory_num_blocks": same_blocks if (same := SAME_MEMORY_SIDE in sides) else None,
         "same_memory_pool_bytes": int(same_blocks * BLOCK_SIZE * bytes_per_token) if same else None,
         "kvsched_pool_plus_tier_bytes": int(pool_bytes + tier_bytes) if tier_bytes is not None else None,
-        "provenance": provenance(),
+        "sides": side_config, "provenance": provenance(),
     }
     result["gates"] = gates(result)
     result["unbounded_reach"] = unbounded_reach(result)

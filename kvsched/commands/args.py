@@ -5,7 +5,7 @@ traceback or a NaN figure later. (argparse `type=` would exit from inside the pa
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 MAX_COUNT = 2**40  # tokens, blocks or sessions: far past any real figure, exact in int64 and float64
 MAX_GIB = float(2**30)  # an exbibyte: any memory size past it is a typo
@@ -38,12 +38,18 @@ def check_args(args: argparse.Namespace, **limits: Limit) -> None:
             limit("--" + dest.replace("_", "-"), value)
 
 
+def only_apply(given: Sequence[str], where: str) -> str:
+    """The refusal of options `given` outside `where`: "--a only applies with ...", "--a, --b only apply with ..."
+    (found by review: one option read "only apply")."""
+    return f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} {where}"
+
+
 def only_with(args: argparse.Namespace, switch: str, defaults: dict[str, float]) -> None:
     """Options that apply only with the flag `switch`: refused when given without it (found by review: accepted, and
     nothing they size was computed), their defaults (None in the parser: not given) filled in with it."""
     if not getattr(args, switch):
         if given := ["--" + d.replace("_", "-") for d in defaults if getattr(args, d) is not None]:
-            raise ValueError(f"{', '.join(given)} only apply with --{switch.replace('_', '-')}")
+            raise ValueError(only_apply(given, f"with --{switch.replace('_', '-')}"))
         return
     for dest, default in defaults.items():
         if getattr(args, dest) is None:

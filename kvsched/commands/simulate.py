@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.bench.common import provenance, table, write_json
-from kvsched.commands.args import MAX_COUNT, MAX_GIB, check_args, count, number
+from kvsched.commands.args import MAX_COUNT, MAX_GIB, check_args, count, number, only_apply
 from kvsched.commands.simulate_pool import DEFAULT_KV_DTYPE, DEFAULT_PRESET, engine_bytes, replica_capacity
 from kvsched.commands.simulate_tier import (
     FLEET_HOST_GIB_PER_GPU,
@@ -31,6 +31,7 @@ FLEET_GPU_KV_GIB = 60.0
 FLEET_H2D_GBPS = 32.0
 MAX_REPLICAS = 4096  # engines in one replay: each replays its share alone (the Ray router's rings are far smaller)
 COMPACTION_DEFAULTS = {"compaction_trigger_tokens": 5000, "compaction_summary_tokens": 500, "compaction_keep_recent": 4}
+SUMMARY_ONLY = ("compaction_summary_tokens",)  # what only `--compaction summarize` reads (the summary call's size)
 MAX_PROMPT_TOKENS = 2**24  # compaction's token counts: far past any context (a summary's ids are built one by one)
 # --kv-gib and --fp8-tier-gib are checked where they are used
 LIMITS = {"workflows": count(1, 10**6), "capacity_blocks": count(1, MAX_COUNT),
@@ -139,7 +140,7 @@ def load_trace(args: argparse.Namespace) -> Any:
                                 ("--workflows", args.workflows), ("--seed", args.seed != 0),
                                 ("--write-trace", args.write_trace)) if v]
         if given:
-            raise ValueError(f"{', '.join(given)} only apply with --generate, not to a TRACE file")
+            raise ValueError(only_apply(given, "with --generate, not to a TRACE file"))
         trace = Trace.load(args.trace)
         if not len(trace):  # a header alone (a recording that served nothing yet): a table of zeros said nothing
             raise ValueError(f"{args.trace}: no requests to replay (a header only)")
@@ -165,14 +166,20 @@ def compaction_config(args: argparse.Namespace) -> Any:
     if not getattr(args, "compaction", None):  # found by review: these were accepted, and nothing compacted
         if given := [f"--{d.replace('_', '-')}" for d in (*COMPACTION_DEFAULTS, "system_tokens") if getattr(args, d)
                      is not None]:
-            raise ValueError(f"{', '.join(given)} only apply with --compaction")
+            raise ValueError(only_apply(given, "with --compaction"))
         return None
+    # found by review: sliding_window took a summary's size silently, and refused a trigger at or below the default
+    # summary size it never makes
+    if args.compaction != "summarize" and (given := [f"--{d.replace('_', '-')}" for d in SUMMARY_ONLY
+                                                     if getattr(args, d) is not None]):
+        raise ValueError(only_apply(given, f"with --compaction summarize: {args.compaction} makes no summary"))
     for dest, default in COMPACTION_DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
     from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput, Strategy
 
-    if args.compaction_summary_tokens >= args.compaction_trigger_tokens:  # as `kvsched plan` refuses it
+    # as `kvsched plan` refuses it
+    if args.compaction == "summarize" and args.compaction_summary_tokens >= args.compaction_trigger_tokens:
         raise ValueError(f"--compaction-summary-tokens ({args.compaction_summary_tokens}) must be smaller than "
                          f"--compaction-trigger-tokens ({args.compaction_trigger_tokens}): a summary that large "
                          "makes prompts longer, not shorter")

@@ -129,7 +129,7 @@ def test_the_kv_dtype_is_read_in_any_case_and_the_serve_flags_name_it(capsys):
 def test_a_lever_without_with_kvsched_is_refused(capsys, flag):
     """Found by review: accepted without --with-kvsched, and no lever plan was made (no word of it)."""
     assert main(["plan", flag, "1", "--json"]) == 2
-    assert f"{flag} only apply with --with-kvsched" in capsys.readouterr().err
+    assert f"{flag} only applies with --with-kvsched" in capsys.readouterr().err
     assert main(["plan", flag, "1", "--with-kvsched", "--compaction-trigger", "3000", "--json"]) == 0
 
 

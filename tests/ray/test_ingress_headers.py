@@ -142,3 +142,21 @@ def test_a_body_declared_other_than_json_is_refused_as_vllm_refuses_it(ctype: by
     got, body = generate(make_ingress({"w": handle}), [] if ctype is None else [(b"content-type", ctype)])
     assert got == status, body
     assert status == 200 or (body["error"]["param"] == "content-type" and handle.calls == [])
+
+
+def test_the_request_id_goes_to_the_engine_as_rays_proxy_and_vllm_read_it() -> None:
+    """The engine serves a request under its X-Request-Id (vLLM: the answer's `id`, its logs), so it is sent the id
+    Ray's proxy answers the client: the first of two, as Ray and vLLM read it (found by review: none was sent, and the
+    engine served under an id of its own; on a real cluster: test_serve_integration.py)."""
+    from ray.serve._private.constants import SERVE_HTTP_REQUEST_ID_HEADER
+
+    from kvsched.adapters.ray.engine import _forward
+    from kvsched.adapters.ray.requests import REQUEST_ID
+
+    assert REQUEST_ID == SERVE_HTTP_REQUEST_ID_HEADER
+    for sent, seen in (([(b"x-request-id", b"mine")], b"mine"), ([(b"x-request-id", b"a"), (b"x-request-id", b"b")],
+                                                                  b"a"), ([], None)):
+        handle = FakeHandle({"r0": {}}, "r0")
+        assert generate(make_ingress({"w": handle}), sent)[0] == 200
+        (_, _, (_, _, headers), _, _), = [c for c in handle.calls if c[0] == "remote"]
+        assert _forward(headers).get("x-request-id") == seen

@@ -85,7 +85,8 @@ def deploy_app() -> str:
         "health_check_period_s": 1, "request_retries": 3, "request_deadline_s": 120, "max_body_bytes": MAX_BODY,
         "pools": [{"name": "tiny", "model": str(ensure_tiny_model("test")), "models": ["tiny"],
                    "served_model_name": MARK, "replicas": 2, "num_cpus": 0, "max_model_len": 4096, "block_size": 32,
-                   "kv_cache_gib": 1, "max_ongoing_requests": 16, "worker": worker()}],
+                   "kv_cache_gib": 1, "max_ongoing_requests": 16, "worker": worker(),
+                   "vllm_args": ["--enable-request-id-headers"]}],
     })
     return start_app(build_app(cfg), "kvsched")
 
@@ -181,6 +182,21 @@ def test_bad_input_gets_4xx_with_a_message(cluster: dict[str, Any]) -> None:
     big = b'{"model": "tiny", "prompt": "' + b"x" * MAX_BODY + b'"}'
     status, body = http(cluster, "POST", "/v1/completions", big, {"Content-Type": "application/json"})
     assert status == 413 and b"limit" in body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_answers_request_id_is_the_clients_and_the_engines(cluster: dict[str, Any], stream: bool) -> None:
+    """Found by review: the engine (replicas with --enable-request-id-headers) never got the client's X-Request-Id
+    and served under an id of its own; Ray's proxy answers its id (the client's, else one it makes) once."""
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                       "stream": stream}).encode()
+    for sent in ({"X-Request-Id": f"mine-{uuid.uuid4().hex[:6]}"}, {}):
+        req = urllib.request.Request(cluster["base"] + "/v1/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **sent})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            ids, text = r.headers.get_all("x-request-id"), r.read().decode()
+        assert len(ids) == 1 and ids[0] == sent.get("X-Request-Id", ids[0]), ids
+        assert f'"id":"chatcmpl-{ids[0]}"' in text.replace(" ", ""), text[:300]  # the engine's id for the request
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -135,7 +135,35 @@ def test_a_compaction_flag_without_compaction_is_refused(tmp_path, capsys, flag)
     out = tmp_path / "sim.json"
     assert main(["simulate", "--generate", "--quick", "--workflows", "2", "--policies", "kvsched", "--no-progress",
                  flag, "300", "--out", str(out)]) == 2
-    assert f"{flag} only apply with --compaction" in capsys.readouterr().err and not out.exists()
+    assert f"{flag} only applies with --compaction" in capsys.readouterr().err and not out.exists()
+
+
+def test_compaction_flags_without_compaction_are_named_together(capsys):
+    from kvsched.cli import main
+
+    assert main(["simulate", "--generate", "--quick", "--workflows", "2", "--no-progress",
+                 "--compaction-keep-recent", "2", "--system-tokens", "10"]) == 2
+    assert capsys.readouterr().err == ("kvsched simulate: error: --compaction-keep-recent, --system-tokens only apply "
+                                       "with --compaction\n")
+
+
+def test_sliding_window_refuses_a_summary_size_and_takes_a_trigger_below_the_default_summary(tmp_path, capsys):
+    """Found by review: `--compaction sliding_window` took --compaction-summary-tokens silently (a window makes no
+    summary), and refused --compaction-trigger-tokens 300 for being below the default summary size it never used."""
+    from kvsched.cli import main
+
+    out = tmp_path / "sim.json"
+    argv = ["simulate", "--generate", "--quick", "--workflows", "2", "--policies", "kvsched", "--no-progress",
+            "--compaction", "sliding_window", "--out", str(out)]
+    assert main([*argv, "--compaction-summary-tokens", "300"]) == 2
+    assert capsys.readouterr().err == ("kvsched simulate: error: --compaction-summary-tokens only applies with "
+                                       "--compaction summarize: sliding_window makes no summary\n")
+    assert not out.exists()
+    assert main([*argv, "--compaction-trigger-tokens", "300"]) == 0
+    side = json.loads(out.read_text())["kvsched+compaction"]
+    assert side["compaction"]["windows"] > 0 and side["compaction"]["summaries"] == 0
+    assert main([*argv[:-4], "--compaction", "summarize", "--compaction-trigger-tokens", "300"]) == 2
+    assert "--compaction-summary-tokens (500) must be smaller than" in capsys.readouterr().err  # summarize's own
 
 
 @pytest.mark.parametrize("strategy", [Strategy.SUMMARIZE, Strategy.SLIDING_WINDOW])

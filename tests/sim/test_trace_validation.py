@@ -178,8 +178,9 @@ def test_an_id_twice_in_one_requests_new_blocks_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize(("argv", "message"), [
     (["--out", "{trace}"], "overwrite the input"),
     (["--out", "{tmp}/r.png"], "JSON result"),
-    (["--write-trace", "{tmp}/w.jsonl"], "only apply with --generate"),
-    (["--seed", "3"], "only apply with --generate"),
+    (["--write-trace", "{tmp}/w.jsonl"], "--write-trace only applies with --generate"),
+    (["--seed", "3"], "--seed only applies with --generate"),
+    (["--seed", "3", "--quick"], "--quick, --seed only apply with --generate"),
     (["--policies", "lru,lru"], "twice"),
     (["--pressure", "100"], "every request is larger than the pool"),
 ])

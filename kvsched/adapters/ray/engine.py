@@ -57,9 +57,11 @@ ADMIN_KEYS_ENV = "KVSCHED_ADMIN_KEYS"
 
 logger = logging.getLogger("ray.serve")
 # The session headers kvsched reads, and the caller's key and cache salt: found by review, a pool whose vllm serve
-# checks API keys (`--api-key`, VLLM_API_KEY) answered 401 to everything, as no key reached it.
+# checks API keys (`--api-key`, VLLM_API_KEY) answered 401 to everything, as no key reached it. And the request's id
+# (ingress.request_id): vLLM serves a request under its X-Request-Id (the answer's `id`, its logs), so the engine's
+# id is the one Ray's proxy answers the client; without it the engine made one of its own (found by review).
 FORWARD_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction", "accept",
-                   *AUTH_HEADERS)
+                   "x-request-id", *AUTH_HEADERS)
 
 
 def replica_rank() -> int:
@@ -334,5 +336,8 @@ def _forward(headers: dict[str, str]) -> dict[str, bytes]:
 
 
 def _kvsched_headers(r: httpx.Response) -> dict[str, str]:
-    """kvsched's own response headers from the engine (e.g. X-KVSched-Compacted), passed back to the client."""
+    """kvsched's own response headers from the engine (e.g. X-KVSched-Compacted), passed back to the client. Not the
+    engine's X-Request-Id (`--enable-request-id-headers`): Ray's proxy appends its own to every answer (Ray 2.60's
+    RequestIdMiddleware: the client's first X-Request-Id, else one it makes), which the engine was sent, so the
+    engine's would be a second header with the same value."""
     return {k.lower(): v for k, v in r.headers.items() if k.lower().startswith("x-kvsched-")}

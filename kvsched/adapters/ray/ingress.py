@@ -54,9 +54,11 @@ from kvsched.adapters.ray.requests import (
     check_content_type,
     estimate_tokens,
     header_text,
+    lower,
     parse_body,
     read_body,
     refuse_repeated,
+    request_id,
     session_fields,
     stream_flag,
     utf8_headers,
@@ -135,10 +137,6 @@ def served_by(answer: dict[str, Any], attempts: int) -> dict[str, str]:
     return dict(answer.get("headers") or {}) | {"x-kvsched-replica": f"slot-{answer['slot']}",
                                                  "x-kvsched-replica-id": str(answer.get("replica_id", "")),
                                                  "x-kvsched-attempts": str(attempts)}
-
-
-def lower(request: Request) -> dict[str, str]:
-    return {k.lower(): v for k, v in request.headers.items()}
 
 
 @serve.ingress(api)
@@ -291,6 +289,7 @@ class OpenAIIngress:
         forwarded = header_text(sid) if sid is not None else None  # as the engine reads it (requests.header_text);
         if forwarded is not None:  # an opening's key goes to no engine
             headers["x-session-id"] = forwarded
+        headers.update(request_id(request))  # the engine serves under the id Ray's proxy answers
         if session.end and sid is not None and key is not None:  # this last turn still goes where the session lives
             self._ended(key)
         extra = {"x-kvsched-pool": pool.name}

@@ -32,8 +32,22 @@ MAX_JSON_CONTAINERS = 1_000_000
 # kvsched's headers the engines read as UTF-8 and refuse sent twice with different values (`adapters.vllm.middleware`;
 # the salt headers of the session routes: `owners.AUTH_HEADERS`)
 SESSION_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction")
+REQUEST_ID = "x-request-id"  # Ray's proxy's request id (serve/_private/constants.py SERVE_HTTP_REQUEST_ID_HEADER)
 # `stream` as vLLM's request models read it (`stream: bool | None`, pydantic's lax mode)
 _STREAM = TypeAdapter(bool | None)
+
+
+def lower(request: Any) -> dict[str, str]:
+    """The request's headers by lower-case name (a repeated one: its last value)."""
+    return {k.lower(): v for k, v in request.headers.items()}
+
+
+def request_id(request: Any) -> dict[str, str]:
+    """The request's id, to send the engine: `x-request-id` as Ray's proxy and vLLM read it (the first, if repeated).
+    Ray 2.60's proxy puts one in every request it routes (RequestIdMiddleware: the client's X-Request-Id, else one it
+    makes) and answers it (`X-Request-ID`); vLLM serves a request under it (the answer's `id`, its logs)."""
+    value = request.headers.get(REQUEST_ID)
+    return {} if value is None else {REQUEST_ID: value}
 
 
 class BadRequest(ValueError):
