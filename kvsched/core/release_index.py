@@ -2,7 +2,7 @@
 
 The retention policy's session table holds every session it has seen (up to `max_sessions`, 100,000 by default), most
 of them without a pin; the order only concerns the pinned ones. This index keeps them apart, and a heap of (value,
-activity, version, key) entries. Any event of a session marks it (`changed`, O(1)); a decision that needs the heap
+activity, version) entries (ints: `rank`). Any event of a session marks it (`changed`, O(1)); a decision that needs the heap
 first keys the marked sessions at its own time (O(log n) each). An entry whose version is not its session's is stale
 and dropped when it reaches the top (lazy invalidation); the heap is rebuilt from its live entries when stale ones
 outnumber them.
@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import Any
 
 from kvsched.core.retention_records import SessionRecord
 from kvsched.core.scoring import Candidate, select_lowest
 from kvsched.core.sessions import SessionKey
 
+INF = math.inf
 EXACT_LIMIT = 32  # pinned sessions up to which a decision scans them all (~5 us per session, with the value)
 REKEY_GROWTH = 3.0  # a key keyed at idle time i is looked at again at idle 4i + REKEY_FLOOR_S (one quadrupling)
 REKEY_FLOOR_S = 1.0
@@ -51,16 +52,33 @@ REKEY_FLOOR_S = 1.0
 Score = Callable[[SessionRecord, float], float]
 CandidateOf = Callable[[SessionRecord, float], Candidate]
 Selector = Callable[[Sequence[Candidate], int], list[int]]
-# The heaps' entries: [value, activity, version, session] and [when its key is due again, version, session], lists
-# compared as the tuples they were. Each allocation of a container counts towards the garbage collector's next run,
-# and a rebuild freed thousands at once, more than the count held (CPython 3.11 stops its count at 0): at `kvsched
-# bench sched`'s 10,000 sessions kvsched's side ran 22 collections in 300 steps where stock vLLM's ran none, each
-# walking every young object, vLLM's new requests' token lists among them (tools/sched_gc.py). So an entry found
-# stale (popped, or left out by a rebuild) is kept and filled again by a later keying, and the heaps are typed as
-# lists of `list[Any]`: compiled (mypyc), a list of `tuple[float, int, int, SessionKey]` unboxed each entry it read
-# and boxed a new tuple for each it stored, so every entry moved (set aside and pushed back, kept by a rebuild) was
-# allocated again.
-Entry = list[Any]
+# The heaps' entries are ints, compared as the tuples they stand for: (value's rank, activity, version) in the release
+# heap, (due time's rank, version) in the due heap; a version names its session (`_keyed`). A rank keeps its float's
+# order (`rank`); activity and version are counters, each below 2**64. They were lists [value, activity, version,
+# session]: each heap step compared two lists element by element (a rich comparison each), and each list was a
+# container the garbage collector counts and walks (BENCHMARKS.md, "The release index's heap entries and the garbage
+# collector"); an int is neither.
+LOW = (1 << 64) - 1  # an entry's low 64 bits: its version
+ACTIVITY_AND_VERSION = (1 << 128) - 1
+ACTIVITY = 64  # where a release entry's activity starts; its value's rank starts at VALUE
+VALUE = 128
+TWO53 = 9007199254740992.0
+EXP_BIAS = 1100  # above -frexp's lowest exponent (-1073, subnormals): a positive finite value's rank is above 0
+INF_RANK = (2 * EXP_BIAS) << 53  # above every finite value's (frexp's highest exponent: 1024)
+NAN_RANK = INF_RANK + 1  # NaN last, as the selector orders it
+
+
+def rank(v: float) -> int:
+    """An int in the order of the float `v` (0.0 and -0.0 alike, NaN above +inf): m x 2**e, 0.5 <= m < 1, as
+    (e + EXP_BIAS, m's 53 bits), negated for a negative value."""
+    if v > 0.0:
+        if v == INF:
+            return INF_RANK
+        m, e = math.frexp(v)
+        return ((e + EXP_BIAS) << 53) | int(m * TWO53)
+    if v < 0.0:
+        return -rank(-v)
+    return 0 if v == 0.0 else NAN_RANK
 
 
 class ReleaseIndex:
@@ -74,14 +92,14 @@ class ReleaseIndex:
         self.selector = selector
         self.exact_limit = exact_limit
         self.pinned: dict[SessionKey, SessionRecord] = {}
-        self._heap: list[Entry] = []  # idle pinned sessions (no request running or waiting), keyed when last seen
+        self._heap: list[int] = []  # idle pinned sessions (no request running or waiting), keyed when last seen
         self._queued: dict[SessionKey, SessionRecord] = {}  # pinned, a request waiting
         self._running: dict[SessionKey, SessionRecord] = {}  # pinned beyond its running requests, none waiting
         self._dirty: dict[SessionKey, SessionRecord] = {}  # changed since the heap last looked: keyed at the next one
-        self._due: list[Entry] = []  # (when its key is due again, version, session)
-        # Entries out of the heaps (found stale), refilled by later keyings: never more than a rebuild found.
-        self._spare: list[Entry] = []
-        self._spare_due: list[Entry] = []
+        self._due: list[int] = []  # (when its key is due again, version)
+        # version -> its session, for the versions of the due heap's entries (each keying has one there, until it is
+        # popped or dropped): a heap entry whose version is not here, or not its session's, is stale.
+        self._keyed: dict[int, SessionRecord] = {}
         self._versions = itertools.count(1)
         self.counters = {"heap_pops": 0, "rescored": 0, "rebuilds": 0, "rekeyed": 0}
         self.releasable_blocks = 0  # pinned blocks of the sessions the order may offer (shared ones counted per pin)
@@ -150,24 +168,24 @@ class ReleaseIndex:
         first when they pile up)."""
         if len(self._heap) > 2 * len(self.pinned) + 64 or len(self._due) > 4 * len(self.pinned) + 64:
             self._drop_stale()
-        due, pinned, dirty = self._due, self.pinned, self._dirty
+        due, dirty, keyed = self._due, self._dirty, self._keyed
         versions = self._versions
         rekeyed = 0
-        while due and due[0][0] <= now:
-            entry = heapq.heappop(due)
-            _, version, key = entry
-            self._spare_due.append(entry)
-            rec = pinned.get(key)
-            if rec is not None and rec.version == version and key not in dirty:
-                rec.version = next(versions)  # its old entry is stale from here
-                dirty[key] = rec
-                rekeyed += 1
+        if due:
+            now_rank = rank(now)
+            pop = heapq.heappop
+            while due and due[0] >> 64 <= now_rank:
+                version = pop(due) & LOW
+                rec = keyed.pop(version, None)  # its release entry is stale from here, whichever way
+                if rec is not None and rec.version == version and rec.key not in dirty:
+                    rec.version = next(versions)
+                    dirty[rec.key] = rec
+                    rekeyed += 1
         if rekeyed:
             self.counters["rekeyed"] += rekeyed
         if not dirty:
             return
         heap, push, score = self._heap, heapq.heappush, self.score
-        spare, spare_due = self._spare, self._spare_due
         queued, running = self._queued, self._running
         for key, rec in dirty.items():
             if queued:
@@ -184,58 +202,65 @@ class ReleaseIndex:
                     running[key] = rec
             else:
                 version = rec.version
-                entry = spare.pop() if spare else [0.0, 0, 0, key]
-                entry[0], entry[1], entry[2], entry[3] = score(rec, now), rec.activity, version, key
-                push(heap, entry)
+                keyed[version] = rec
+                push(heap, (rank(score(rec, now)) << VALUE) | (rec.activity << ACTIVITY) | version)
                 last = rec.last_finished
                 idle = now - last if last is not None and now > last else 0.0
-                entry = spare_due.pop() if spare_due else [0.0, 0, key]
-                entry[0], entry[1], entry[2] = now + REKEY_GROWTH * idle + REKEY_FLOOR_S, version, key
-                push(due, entry)
+                push(due, (rank(now + REKEY_GROWTH * idle + REKEY_FLOOR_S) << 64) | version)
         dirty.clear()
+
+    def _live(self, entry: int) -> SessionRecord | None:
+        """The session of a heap entry still current (its session unchanged since it was keyed), else None."""
+        version = entry & LOW
+        rec = self._keyed.get(version)
+        return rec if rec is not None and rec.version == version else None
 
     def _drop_stale(self) -> None:
         """Rebuild both heaps from their current entries alone (a session's latest keying), in O(n) and without
         scoring anything: the order is the one the stale entries hid. (It used to key every pinned session again: at
         `kvsched bench sched`'s 10,000 sessions, one rebuild every ~300 steps scored ~10,000 sessions in one step.)"""
-        get = self.pinned.get
         self.counters["rebuilds"] += 1
+        keyed = self._keyed
+        due: list[int] = []
+        for d in self._due:  # (a version is in `_keyed` while its due entry is in the due heap)
+            version = d & LOW
+            if (r := keyed.get(version)) is not None:
+                if r.version == version:
+                    due.append(d)
+                else:
+                    del keyed[version]
         # In place: a decision in progress holds the heap (and pushes back the entries it set aside when done).
-        heap: list[Entry] = []
-        for e in self._heap:
-            (heap if (r := get(e[3])) is not None and r.version == e[2] else self._spare).append(e)
-        self._heap[:] = heap
-        due: list[Entry] = []
-        for d in self._due:
-            (due if (r := get(d[2])) is not None and r.version == d[1] else self._spare_due).append(d)
+        self._heap[:] = [e for e in self._heap if self._live(e) is not None]
         self._due[:] = due
         heapq.heapify(self._heap)
         heapq.heapify(self._due)
 
     def _from_heap(self, now: float, skip: set[SessionKey]) -> Iterator[SessionKey]:
         self._flush(now)
-        heap, pinned, score, spare = self._heap, self.pinned, self.score, self._spare
+        heap, score = self._heap, self.score
+        keyed = self._keyed
         pop, replace = heapq.heappop, heapq.heapreplace
-        aside: list[Entry] = []  # valid entries not taken now (excluded): pushed back when the caller is done
+        aside: list[int] = []  # valid entries not taken now (excluded): pushed back when the caller is done
         taken: set[SessionKey] = set()
         pops = rescored = 0  # (added to the counters once, at the end)
         try:
             while heap:
-                value, activity, version, key = heap[0]
-                rec = pinned.get(key)
+                top = heap[0]
+                version = top & LOW
+                rec = keyed.get(version)
                 pops += 1
                 if rec is None or rec.version != version:
-                    spare.append(pop(heap))  # stale
+                    pop(heap)  # stale
                     continue
+                key = rec.key
                 if key in taken or key in skip:
                     aside.append(pop(heap))
                     continue
-                fresh = score(rec, now)
-                if fresh > value:  # its value rose since it was keyed: take its place again
-                    rescored += 1
-                    top = heap[0]
-                    top[0] = fresh
-                    replace(heap, top)
+                fresh = rank(score(rec, now))
+                value = top >> VALUE
+                if fresh > value and fresh != NAN_RANK and value != NAN_RANK:  # its value rose since it was keyed:
+                    rescored += 1  # take its place again
+                    replace(heap, (fresh << VALUE) | (top & ACTIVITY_AND_VERSION))
                     continue
                 aside.append(pop(heap))
                 taken.add(key)
@@ -254,11 +279,8 @@ class ReleaseIndex:
             counters["heap_pops"] += pops
             counters["rescored"] += rescored
             # Only the entries still live: a session the caller released changed (a new version) or left the pins,
-            # so its entry would only be popped again as stale (or kept by a rebuild).
+            # so its entry would only be popped again as stale (or dropped by a rebuild).
             push = heapq.heappush
             for entry in aside:
-                rec = pinned.get(entry[3])
-                if rec is not None and rec.version == entry[2]:
+                if self._live(entry) is not None:
                     push(heap, entry)
-                else:
-                    spare.append(entry)

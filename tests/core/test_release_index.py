@@ -278,7 +278,7 @@ def test_a_pass_pushes_back_no_entry_of_a_session_it_released(clock):
     first = p.release_order()[0]
     released = p.release_blocks(30, ReleaseReason.BUDGET, exclude=[first])
     assert len(released) >= 3 and first not in {r.key for r in released}
-    live = [e for e in p.index._heap if (r := p.index.pinned.get(e[3])) is not None and r.version == e[2]]
+    live = [r for e in p.index._heap if (r := p.index._live(e)) is not None]
     assert len(p.index._heap) == len(live)  # no stale entry of a released session
-    assert first in {e[3] for e in live}  # the excluded one's entry went back
+    assert first in {r.key for r in live}  # the excluded one's entry went back
     assert p.release_order()[0] == first
