@@ -2,10 +2,10 @@
 
 The retention policy's session table holds every session it has seen (up to `max_sessions`, 100,000 by default), most
 of them without a pin; the order only concerns the pinned ones. This index keeps them apart, and a heap of (value,
-activity, version) entries (ints: `rank`). Any event of a session marks it (`changed`, O(1)); a decision that needs the heap
-first keys the marked sessions at its own time (O(log n) each). An entry whose version is not its session's is stale
-and dropped when it reaches the top (lazy invalidation); the heap is rebuilt from its live entries when stale ones
-outnumber them.
+activity, version) entries (ints: `rank`). Any event of a session marks it (`changed`, O(1)); a decision that needs
+the heap first keys the marked sessions at its own time (O(log n) each). An entry whose version is not its session's
+is stale and dropped when it reaches the top (lazy invalidation); the heap is rebuilt from its live entries when stale
+ones outnumber them.
 Sessions with a request waiting are kept apart (released last, latest arrival first), and so are those with a request
 running whose pin may hold blocks no running request of theirs holds (`SessionRecord.pin_beyond_running`: a turn that
 finished beside another of its session pinned its prefix): released after the idle ones, lowest value first, tail
