@@ -54,10 +54,12 @@ CandidateOf = Callable[[SessionRecord, float], Candidate]
 Selector = Callable[[Sequence[Candidate], int], list[int]]
 # The heaps' entries are ints, compared as the tuples they stand for: (value's rank, activity, version) in the release
 # heap, (due time's rank, version) in the due heap; a version names its session (`_keyed`). A rank keeps its float's
-# order (`rank`); activity and version are counters, each below 2**64. They were lists [value, activity, version,
-# session]: each heap step compared two lists element by element (a rich comparison each), and each list was a
-# container the garbage collector counts and walks (BENCHMARKS.md, "The release index's heap entries and the garbage
-# collector"); an int is neither.
+# order (`rank`); activity and version are counters, each below 2**64 (one per event of a session, or per re-keying:
+# 2**64 is ~580,000 years at a million a second). Past it, or negative, a field runs into its neighbour (found by
+# review: the sessions keyed past 2**64 versions were not offered; a negative activity read as a value just below 0),
+# so a keying refuses it (OverflowError). They were lists [value, activity, version, session]: each heap step compared
+# two lists element by element (a rich comparison each), and each list was a container the garbage collector counts
+# and walks (BENCHMARKS.md, "The release index's heap entries and the garbage collector"); an int is neither.
 LOW = (1 << 64) - 1  # an entry's low 64 bits: its version
 ACTIVITY_AND_VERSION = (1 << 128) - 1
 ACTIVITY = 64  # where a release entry's activity starts; its value's rank starts at VALUE
@@ -202,6 +204,9 @@ class ReleaseIndex:
                     running[key] = rec
             else:
                 version = rec.version
+                if (rec.activity | version) >> ACTIVITY:  # negative, or past the 64 bits an entry gives each
+                    raise OverflowError(f"session {key}: activity {rec.activity} or version {version} is outside "
+                                        "[0, 2**64): it would run into its neighbour in a heap entry")
                 keyed[version] = rec
                 push(heap, (rank(score(rec, now)) << VALUE) | (rec.activity << ACTIVITY) | version)
                 last = rec.last_finished
