@@ -209,8 +209,9 @@ class ReleaseIndex:
                 if (rec.activity | version) >> ACTIVITY:  # negative, or past the 64 bits an entry gives each
                     raise OverflowError(f"session {key}: activity {rec.activity} or version {version} is outside "
                                         "[0, 2**64): it would run into its neighbour in a heap entry")
-                keyed[version] = rec
-                push(heap, (rank(score(rec, now)) << VALUE) | (rec.activity << ACTIVITY) | version)
+                entry = (rank(score(rec, now)) << VALUE) | (rec.activity << ACTIVITY) | version
+                keyed[version] = rec  # (after the score: a score that raised left a version no due entry drops)
+                push(heap, entry)
                 last = rec.last_finished
                 idle = now - last if last is not None and now > last else 0.0
                 push(due, (rank(now + REKEY_GROWTH * idle + REKEY_FLOOR_S) << 64) | version)

@@ -117,3 +117,25 @@ def test_an_activity_outside_64_bits_is_refused_not_misordered(activity):
     ix.changed(recs[1])
     with pytest.raises(OverflowError, match="activity"):
         list(ix.order(0.0, set()))
+
+
+def test_a_score_that_raised_leaves_no_version_behind():
+    """`_keyed` holds the due heap's versions only (dropped with their due entries). A score that raised while a
+    session was keyed left its version there with no due entry: never dropped once the session changed again."""
+    fail = {"s1"}
+
+    def score(rec: SessionRecord, now: float) -> float:
+        if rec.key.session_id in fail:
+            raise ZeroDivisionError("a scorer's bug")
+        return float(rec.activity)
+
+    ix = ReleaseIndex(lambda rec, now: 0.0, score, select_lowest, exact_limit=0)
+    recs = [SessionRecord(key=SessionKey(SessionId(f"s{i}")), pinned_blocks=1, activity=i + 1) for i in range(3)]
+    for rec in recs:
+        ix.changed(rec)
+    with pytest.raises(ZeroDivisionError):
+        list(ix.order(0.0, set()))
+    fail.clear()
+    ix.changed(recs[1])  # another event of the session: a new version
+    assert list(ix.order(0.0, set())) == [r.key for r in recs]
+    assert set(ix._keyed) == {d & ((1 << 64) - 1) for d in ix._due}  # (s0 keyed twice: the pass ran again)
