@@ -54,10 +54,12 @@ CandidateOf = Callable[[SessionRecord, float], Candidate]
 Selector = Callable[[Sequence[Candidate], int], list[int]]
 # The heaps' entries are ints, compared as the tuples they stand for: (value's rank, activity, version) in the release
 # heap, (due time's rank, version) in the due heap; a version names its session (`_keyed`). A rank keeps its float's
-# order (`rank`); activity and version are counters, each below 2**64. They were lists [value, activity, version,
-# session]: each heap step compared two lists element by element (a rich comparison each), and each list was a
-# container the garbage collector counts and walks (BENCHMARKS.md, "The release index's heap entries and the garbage
-# collector"); an int is neither.
+# order (`rank`); activity and version are counters, each below 2**64 (one per event of a session, or per re-keying:
+# 2**64 is ~580,000 years at a million a second). Past it, or negative, a field runs into its neighbour (found by
+# review: the sessions keyed past 2**64 versions were not offered; a negative activity read as a value just below 0),
+# so a keying refuses it (OverflowError). They were lists [value, activity, version, session]: each heap step compared
+# two lists element by element (a rich comparison each), and each list was a container the garbage collector counts
+# and walks (BENCHMARKS.md, "The release index's heap entries and the garbage collector"); an int is neither.
 LOW = (1 << 64) - 1  # an entry's low 64 bits: its version
 ACTIVITY_AND_VERSION = (1 << 128) - 1
 ACTIVITY = 64  # where a release entry's activity starts; its value's rank starts at VALUE
@@ -129,7 +131,9 @@ class ReleaseIndex:
         """Pinned sessions not in `skip`: those with no request in flight, lowest value first (ties: least recently
         active first); then those with a request running and a pin beyond it, lowest value first; then those with a
         request waiting to be scheduled, latest arrival first. Lazy: a caller that stops early pays for what it took;
-        close the iterator when done (entries set aside go back then)."""
+        close the iterator when done (entries set aside go back then). Compiled (mypyc), a generator dropped unclosed
+        never runs that: the sessions it took or skipped are left out of the heap until their key is due again or
+        their next event (found by review; pure Python's finalizer closes it)."""
         if len(self.pinned) <= self.exact_limit:
             yield from self._scan(now, skip)
         else:
@@ -202,8 +206,12 @@ class ReleaseIndex:
                     running[key] = rec
             else:
                 version = rec.version
-                keyed[version] = rec
-                push(heap, (rank(score(rec, now)) << VALUE) | (rec.activity << ACTIVITY) | version)
+                if (rec.activity | version) >> ACTIVITY:  # negative, or past the 64 bits an entry gives each
+                    raise OverflowError(f"session {key}: activity {rec.activity} or version {version} is outside "
+                                        "[0, 2**64): it would run into its neighbour in a heap entry")
+                entry = (rank(score(rec, now)) << VALUE) | (rec.activity << ACTIVITY) | version
+                keyed[version] = rec  # (after the score: a score that raised left a version no due entry drops)
+                push(heap, entry)
                 last = rec.last_finished
                 idle = now - last if last is not None and now > last else 0.0
                 push(due, (rank(now + REKEY_GROWTH * idle + REKEY_FLOOR_S) << 64) | version)

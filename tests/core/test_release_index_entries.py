@@ -6,6 +6,7 @@ its float value goes in as `rank`, which must keep the floats' order."""
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import random
 import sys
@@ -14,8 +15,10 @@ from dataclasses import replace
 import pytest
 
 from kvsched.core.config import RetentionConfig
-from kvsched.core.release_index import rank
+from kvsched.core.release_index import ReleaseIndex, rank
 from kvsched.core.retention import RetentionPolicy
+from kvsched.core.retention_records import SessionRecord
+from kvsched.core.scoring import select_lowest
 from kvsched.core.sessions import SessionId, SessionKey, TurnHints
 from tests.conftest import FakeClock
 
@@ -81,3 +84,58 @@ def test_rank_keeps_the_order_of_floats():
 @pytest.mark.parametrize("v", [0.0, 1.0, -1.0, math.inf, -math.inf])
 def test_nan_ranks_above_every_value(v):
     assert rank(math.nan) > rank(v)
+
+
+def index_of(values: list[float]) -> tuple[ReleaseIndex, list[SessionRecord]]:
+    """Idle pinned sessions s0, s1, ... of the given values, on the heap (no scan)."""
+    ix = ReleaseIndex(lambda rec, now: 0.0, lambda rec, now: values[int(rec.key.session_id[1:])], select_lowest,
+                      exact_limit=0)
+    return ix, [SessionRecord(key=SessionKey(SessionId(f"s{i}")), pinned_blocks=1, activity=i + 1)
+                for i in range(len(values))]
+
+
+def test_versions_past_64_bits_are_refused_not_misread():
+    """Past 2**64 a version ran into the entry's activity and named no session: the order offered none of those
+    keyed past it (here s2 and s3, the lowest value among them: [s1, s0] only)."""
+    ix, recs = index_of([3.0, 1.0, 2.0, 0.5])
+    ix._versions = itertools.count(2**64 - 2)
+    for rec in recs:
+        ix.changed(rec)
+    with pytest.raises(OverflowError, match="version"):
+        list(ix.order(0.0, set()))
+
+
+@pytest.mark.parametrize("activity", [-1, 2**64])
+def test_an_activity_outside_64_bits_is_refused_not_misordered(activity):
+    """A negative activity ran into the entry's value bits, read as a value just below 0: a session of -2.0 was
+    offered after one of -1.0. One of 2**64 raised its value's rank by one."""
+    ix, recs = index_of([-1.0, -2.0, 3.0])
+    for rec in recs:
+        ix.changed(rec)
+    assert list(ix.order(0.0, set())) == [recs[1].key, recs[0].key, recs[2].key]
+    recs[1].activity = activity
+    ix.changed(recs[1])
+    with pytest.raises(OverflowError, match="activity"):
+        list(ix.order(0.0, set()))
+
+
+def test_a_score_that_raised_leaves_no_version_behind():
+    """`_keyed` holds the due heap's versions only (dropped with their due entries). A score that raised while a
+    session was keyed left its version there with no due entry: never dropped once the session changed again."""
+    fail = {"s1"}
+
+    def score(rec: SessionRecord, now: float) -> float:
+        if rec.key.session_id in fail:
+            raise ZeroDivisionError("a scorer's bug")
+        return float(rec.activity)
+
+    ix = ReleaseIndex(lambda rec, now: 0.0, score, select_lowest, exact_limit=0)
+    recs = [SessionRecord(key=SessionKey(SessionId(f"s{i}")), pinned_blocks=1, activity=i + 1) for i in range(3)]
+    for rec in recs:
+        ix.changed(rec)
+    with pytest.raises(ZeroDivisionError):
+        list(ix.order(0.0, set()))
+    fail.clear()
+    ix.changed(recs[1])  # another event of the session: a new version
+    assert list(ix.order(0.0, set())) == [r.key for r in recs]
+    assert set(ix._keyed) == {d & ((1 << 64) - 1) for d in ix._due}  # (s0 keyed twice: the pass ran again)
