@@ -112,16 +112,17 @@ def app(serve_cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def raw(port: int, method: str, path: bytes | str, headers: list[tuple[bytes | str, bytes | str]] = (),
         body: bytes = b"", read: bool = True, timeout_s: float = 30.0, leave_after_s: float | None = None,
-        ) -> tuple[int, dict[str, str], bytes]:
+        length: int | None = None) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 request as written, (status, headers, body); `read=False` returns after the status line and
-    closes the connection (a client gone mid-answer); `leave_after_s`: closes it then, answered or not (status 0)."""
+    closes the connection (a client gone mid-answer); `leave_after_s`: closes it then, answered or not (status 0);
+    `length`: the content-length declared, if not the body's."""
     def b(x: bytes | str) -> bytes:
         return x if isinstance(x, bytes) else x.encode("latin-1")
 
     lines = [b"%s %s HTTP/1.1" % (b(method), b(path)), b"host: 127.0.0.1", b"connection: close"]
     lines += [b(k) + b": " + b(v) for k, v in headers]
     if body or method in ("POST", "PUT"):
-        lines.append(b"content-length: %d" % len(body))
+        lines.append(b"content-length: %d" % (len(body) if length is None else length))
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
         s.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + body)
         if leave_after_s is not None:
@@ -327,7 +328,11 @@ def test_hostile_bodies_routes_and_listing_parameters_get_a_4xx_with_a_message(a
     """Each answer a 4xx with a message, then all is as before. Sound before this module but for a JSON body sent as
     text/plain (served 200, where vLLM alone answers 422)."""
     for method, path, headers, body, want in BAD:
-        status, _, answer = raw(app["port"], method, path, headers, body)
+        # A body refused by its declared length (413) is never read: sent, its bytes left unread made the server's
+        # close a reset, which could cut the answer short (ConnectionResetError once in stop 61's `make test`, the
+        # machine loaded): only its length is declared, the refusal the same.
+        declared = len(body) if want == 413 else None
+        status, _, answer = raw(app["port"], method, path, headers, b"" if declared else body, length=declared)
         assert status == want and answer, (method, path[:60], body[:60], status, answer[:300])
     still_sound(app, homes)
 
