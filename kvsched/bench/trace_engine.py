@@ -41,13 +41,13 @@ from kvsched.bench.common import percentile, provenance, table, write_json
 from kvsched.bench.plots import grouped_bars, save_beside
 from kvsched.bench.trace_prompts import ReplayPlan, ReplayRequest, plan, window
 from kvsched.core.tier_config import AUTO_POOL_MULTIPLE
+from kvsched.sim.trace_fields import MAX_COUNT  # a pool past it (a --pressure near 0) is refused
 
 SAME_MEMORY = 1 + AUTO_POOL_MULTIPLE  # the pool's bytes and the default tier's (2x the pool's), as bf16 pool blocks
 # side -> (scheduler, extra `vllm serve` args, pool: the window's pool or the same-memory one)
 SIDES = {"stock": (None, [], False), "kvsched-no-tier": ("kvsched", ["--kvsched-fp8-tier-gb", "0"], False),
          "kvsched": ("kvsched", [], False), "stock-same-memory": (None, [], True)}
 BLOCK_TOKENS = 32  # the CPU backend's preferred block size
-MAX_COUNT = 2**40  # a pool past any engine's (`kvsched simulate`'s MAX_COUNT): --pressure sizing it beyond is refused
 MODEL = "replay"
 MAX_WORKERS = 256  # requests in flight at once (open loop: a slow side queues in the engine, not here)
 WARMUP_REQUESTS = 4

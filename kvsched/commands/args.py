@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-MAX_COUNT = 2**40  # tokens, blocks or sessions: far past any real figure, exact in int64 and float64
+from kvsched.sim.trace_fields import MAX_COUNT  # tokens, blocks or sessions: far past any real figure
+
 MAX_GIB = float(2**30)  # an exbibyte: any memory size past it is a typo
 Limit = Callable[[str, float], None]
 
