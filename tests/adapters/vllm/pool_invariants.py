@@ -20,6 +20,8 @@ def pool_violations(s: Any) -> list[str]:
     pinned = Counter(b.block_id for groups in pins.pinned.values() for g in groups for b in g)
     if Counter(dict(pins.pool.refs)) != pinned:
         errs.append(f"pool.refs {dict(pins.pool.refs)} != blocks in the pins {dict(pinned)}")
+    if pins.pool.num_pinned() != len(pinned) or len(pins.pool.refs) != len(pinned):  # what the budget counts
+        errs.append(f"num_pinned {pins.pool.num_pinned()} / len(refs) {len(pins.pool.refs)} != {len(pinned)} blocks")
     for b in km.block_pool.blocks:
         if not b.is_null and b.ref_cnt != holders[b.block_id] + pinned[b.block_id]:
             errs.append(f"block {b.block_id}: ref_cnt {b.ref_cnt} != requests {holders[b.block_id]} + pins "

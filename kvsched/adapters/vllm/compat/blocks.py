@@ -216,6 +216,11 @@ def num_waiting(scheduler: Any) -> int:
     return len(scheduler.waiting)
 
 
+def num_block_ids(scheduler: Any) -> int:
+    """Block ids run over range(this): the pool's blocks, its null block included (fixed for the scheduler's life)."""
+    return len(block_pool(scheduler).blocks)
+
+
 def num_total_blocks(scheduler: Any) -> int:
     """Usable blocks (vLLM reserves one null block)."""
     return int(block_pool(scheduler).num_gpu_blocks) - 1
