@@ -38,7 +38,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import os
 from collections.abc import Callable, Generator, Iterator, Sequence
 
 from kvsched.core.retention_records import SessionRecord
@@ -69,9 +68,6 @@ TWO53 = 9007199254740992.0
 EXP_BIAS = 1100  # above -frexp's lowest exponent (-1073, subnormals): a positive finite value's rank is above 0
 INF_RANK = (2 * EXP_BIAS) << 53  # above every finite value's (frexp's highest exponent: 1024)
 NAN_RANK = INF_RANK + 1  # NaN last, as the selector orders it
-# EXPERIMENT (helper bucket10k, not for merge): variants of the heap's order, read once at import.
-RESCORE = os.environ.get("KVSCHED_RI_RESCORE", "1") == "1"  # 0: the top is taken on its key, never scored again
-BUCKET_SHIFT = int(os.environ.get("KVSCHED_RI_BUCKET_SHIFT", "0"))  # >0: the key's rank >> it (log-spaced buckets)
 
 
 def rank(v: float) -> int:
@@ -213,10 +209,7 @@ class ReleaseIndex:
                 if (rec.activity | version) >> ACTIVITY:  # negative, or past the 64 bits an entry gives each
                     raise OverflowError(f"session {key}: activity {rec.activity} or version {version} is outside "
                                         "[0, 2**64): it would run into its neighbour in a heap entry")
-                r = rank(score(rec, now))
-                if BUCKET_SHIFT:
-                    r >>= BUCKET_SHIFT
-                entry = (r << VALUE) | (rec.activity << ACTIVITY) | version
+                entry = (rank(score(rec, now)) << VALUE) | (rec.activity << ACTIVITY) | version
                 keyed[version] = rec  # (after the score: a score that raised left a version no due entry drops)
                 push(heap, entry)
                 last = rec.last_finished
@@ -271,15 +264,12 @@ class ReleaseIndex:
                 if key in taken or key in skip:
                     aside.append(pop(heap))
                     continue
-                if RESCORE:
-                    fresh = rank(score(rec, now))
-                    if BUCKET_SHIFT:
-                        fresh >>= BUCKET_SHIFT
-                    value = top >> VALUE
-                    if fresh > value and fresh != NAN_RANK and value != NAN_RANK:  # its value rose since it was keyed:
-                        rescored += 1  # take its place again
-                        replace(heap, (fresh << VALUE) | (top & ACTIVITY_AND_VERSION))
-                        continue
+                fresh = rank(score(rec, now))
+                value = top >> VALUE
+                if fresh > value and fresh != NAN_RANK and value != NAN_RANK:  # its value rose since it was keyed:
+                    rescored += 1  # take its place again
+                    replace(heap, (fresh << VALUE) | (top & ACTIVITY_AND_VERSION))
+                    continue
                 aside.append(pop(heap))
                 taken.add(key)
                 yield key

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 
@@ -40,8 +39,7 @@ __all__ = ["Clock", "Decision", "Pin", "Release", "ReleaseReason", "RetentionPol
 
 Clock = Callable[[], float]
 Applied = Callable[[Release], int]  # applies a release at once; returns the distinct blocks it freed
-BUDGET_SLACK_DIVISOR = int(os.environ.get("KVSCHED_X_SLACK", "128"))  # EXPERIMENT
-# # a budget release goes 1/128 of the budget below it (see budget_low_water_blocks)
+BUDGET_SLACK_DIVISOR = 128  # a budget release goes 1/128 of the budget below it (see budget_low_water_blocks)
 
 
 class RetentionPolicy(ReleaseValues):
