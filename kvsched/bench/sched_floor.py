@@ -69,11 +69,14 @@ class FloorScheduler(AsyncScheduler):
         return output
 
     def _free_blocks(self, request: Any) -> None:
-        """vLLM frees a finished (or aborted) request's blocks here: pin its hashed prefix first."""
+        """vLLM frees a finished (or aborted) request's blocks here: pin its hashed prefix first (vLLM's free runs even
+        if the pin fails: no block of the request stays held)."""
         key = self.session_of.pop(request.request_id, None)
-        if key is not None:
-            self._pin(key, request)
-        super()._free_blocks(request)
+        try:
+            if key is not None:
+                self._pin(key, request)
+        finally:
+            super()._free_blocks(request)
 
     def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
         """A reset needs every block free: the pins go first."""

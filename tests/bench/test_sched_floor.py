@@ -107,3 +107,17 @@ def test_unnamed_requests_are_never_pinned(tiny_model_dir):
     s, f = build(tiny_model_dir, FLOOR_SCHEDULER, num_blocks=64)
     serve(s, [f.make(tokens(10_000, 10 * BLOCK), 1)])
     assert not s.pins and not s.refs and not s.session_of
+
+
+def test_a_failed_pin_still_frees_the_request(tiny_model_dir, monkeypatch):
+    from kvsched.adapters.vllm.harness import free_blocks, usable_blocks
+    from kvsched.bench.sched_floor import FLOOR_SCHEDULER, FloorScheduler
+
+    def broken(self, key, request):
+        raise RuntimeError("pin failed")
+
+    monkeypatch.setattr(FloorScheduler, "_pin", broken)
+    s, f = build(tiny_model_dir, FLOOR_SCHEDULER, num_blocks=64)
+    with pytest.raises(RuntimeError, match="pin failed"):
+        serve(s, [f.make(tokens(10_000, 10 * BLOCK), 1, session_id="a")])
+    assert not s.requests and free_blocks(s) == usable_blocks(s)  # vLLM freed it: no block held
