@@ -323,7 +323,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     num_blocks = max(math.ceil(asked), longest_blocks + 4,
                      -(-max_model_len // BLOCK_TOKENS)) + 1  # + vLLM's null block
     # vLLM allocates a --num-gpu-blocks-override pool whole, whatever VLLM_CPU_KVCACHE_SPACE says (found by review:
-    # past MAX_COUNT alone, a --pressure of 0.01 asked a server for tens of GiB of a shared host's memory)
+    # under MAX_COUNT any pool passed: --pressure 1e-6 asked 183 GiB for a 3-request trace's same-memory side)
     largest = same_memory_blocks(num_blocks) if any(SIDES[s][2] for s in sides) else num_blocks
     need = largest * BLOCK_TOKENS * 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * 2
     if need > (host := host_memory_bytes()):  # K and V, 2 bytes each (bf16, the tiny models' dtype)
