@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -53,14 +54,35 @@ def _count(value: str) -> int | None:
         return None  # not a count: vLLM's parser refuses it itself
 
 
+MAX_CONFIG_BYTES = 2**20  # a file of vLLM options is a few KiB; PyYAML parses ~1 MiB a second (pure Python)
+
+
+def _read_config(path: str) -> str:
+    """The text of `--config FILE`, refused (ValueError) unless a regular file of at most MAX_CONFIG_BYTES: found by
+    review, a FIFO hung the check for ever (and what it read, vLLM would no longer find), and the check parsed any
+    size. Opened without blocking, then examined, so no file swapped in after a look can block it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory too: open() would name the descriptor, not the path
+            raise ValueError("not a regular file (what the check read from a FIFO or a device, vLLM would not)")
+        with open(fd, "rb", closefd=False) as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"over {MAX_CONFIG_BYTES} bytes, past any file of vLLM options")
+    return data.decode("utf-8")  # UnicodeDecodeError, a ValueError, as vLLM's reading fails
+
+
 def _config_args(path: str) -> list[str]:
     """vLLM's reading of `--config FILE.yaml` into arguments (0.32's FlexibleArgumentParser.load_config_file): each key
-    `--key value`, a true flag `--key`, a list `--key item ...`, a mapping its JSON. ValueError if it cannot be read."""
+    `--key value`, a true flag `--key`, a list `--key item ...`, a mapping its JSON. ValueError if it cannot be read.
+    A mapping, or a list in a list, is written "{...}" or "[...]": neither names an option nor counts ranks, and
+    written out in full a YAML of aliases (`*a`) took time and memory exponential in its size (found by review)."""
     import yaml
 
     try:
-        with open(path) as file:
-            config = yaml.safe_load(file)
+        config = yaml.safe_load(_read_config(path))
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(str(exc)) from exc
     if not isinstance(config, dict):
@@ -70,10 +92,15 @@ def _config_args(path: str) -> list[str]:
         if isinstance(value, bool):
             args += [f"--{key}"] if value else []  # `--no-KEY` for false: none of these options is a flag
         elif isinstance(value, list):
-            args += [f"--{key}", *map(str, value)] if value else []
+            args += [f"--{key}", *map(_item, value)] if value else []
         else:
-            args += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+            args += [f"--{key}", _item(value)]
     return args
+
+
+def _item(value: object) -> str:
+    """A value as vLLM writes it into an argument, a container but its shape (see _config_args)."""
+    return "{...}" if isinstance(value, dict) else "[...]" if isinstance(value, list) else str(value)
 
 
 def in_engine_conflict(args: Sequence[str], file_elsewhere: bool = False) -> str | None:

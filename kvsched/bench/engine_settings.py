@@ -7,8 +7,8 @@ Read on the environment the server's process gets (`ServerSpec.environment`), by
 it: the retention policy's `RetentionConfig.from_env` (`payback_sampling` null is "auto": the engine resolves it by
 whether its pool has the FP8 tier, `RetentionConfig.for_pool`), session lineage's `LineageConfig.from_env`, and the
 tier's size as the plugin reads it (the command's `--kvsched-fp8-tier-gb`, else KVSCHED_FP8_TIER_GB, else "auto",
-each through `parse_tier_gib`). With them, every KVSCHED_* variable set, as set (secrets redacted): set these
-again and an engine reads the same settings.
+each through `parse_tier_gib`). With them, every KVSCHED_* variable set: kvsched's as set (secrets redacted), any
+other by name alone (`set_settings`): set these again and an engine reads the same settings.
 """
 
 from __future__ import annotations
@@ -25,15 +25,35 @@ URL_SETTINGS = frozenset({"KVSCHED_STORE_URL"})  # written with their password h
 
 def set_settings(env: Mapping[str, str]) -> dict[str, str]:
     """Every KVSCHED_* variable `env` sets (blank is unset, as the engine reads it), by name: the ones kvsched reads
-    and any other (which the engine warns about at start-up, `settings_check.engine_setting_warnings`)."""
-    from kvsched.adapters.store.redis_store import redacted
+    as set, but for secrets, and any other (which the engine warns about at start-up,
+    `settings_check.engine_setting_warnings`) with its value redacted: the engine reads nothing from it, and the
+    prefix is not kvsched's alone (found by review: a Redis password, an API token or an admin key under a name of
+    the prefix kvsched does not read, a misspelling among them, was written out in full)."""
+    from kvsched.adapters.vllm.settings_check import known_setting_names
     from kvsched.core.env import env_setting
 
+    known = known_setting_names()
     out: dict[str, str] = {}
     for name in sorted(n for n in env if n.startswith(PREFIX)):
         if (raw := env_setting(env, name)) is not None:
-            out[name] = REDACTED if name in SECRET_SETTINGS else redacted(raw) if name in URL_SETTINGS else raw
+            secret = name in SECRET_SETTINGS or name not in known
+            out[name] = REDACTED if secret else url_redacted(raw) if name in URL_SETTINGS else raw
     return out
+
+
+def url_redacted(url: str) -> str:
+    """A store URL with its password hidden (`redis_store.redacted`); whole, when the URL's user part cannot be told
+    from the rest: an `@` with no `//HOST` before it (found by review: `user:secret@host:6379`, no scheme, is a scheme
+    "user" and a path, and was written as set)."""
+    from urllib.parse import urlsplit
+
+    from kvsched.adapters.store.redis_store import redacted
+
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        netloc = ""  # redacted() says it is malformed
+    return REDACTED if "@" in url and "@" not in netloc else redacted(url)
 
 
 def tier_gib(serve_args: Sequence[str], env: Mapping[str, str]) -> float | str:

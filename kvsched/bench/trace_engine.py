@@ -280,6 +280,10 @@ class Setup:
     vocab_size: int
 
 
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def prepare(args: argparse.Namespace) -> Setup:
     from kvsched.bench.engine_settings import engine_settings, tier_gib
     from kvsched.sim.mooncake import cached_traces, stale_note
@@ -318,6 +322,13 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise ValueError(f"--pressure {args.pressure:g} makes a pool of {asked:.4g} blocks, past {MAX_COUNT}")
     num_blocks = max(math.ceil(asked), longest_blocks + 4,
                      -(-max_model_len // BLOCK_TOKENS)) + 1  # + vLLM's null block
+    # vLLM allocates a --num-gpu-blocks-override pool whole, whatever VLLM_CPU_KVCACHE_SPACE says (found by review:
+    # under MAX_COUNT any pool passed: --pressure 1e-6 asked 183 GiB for a 3-request trace's same-memory side)
+    largest = same_memory_blocks(num_blocks) if any(SIDES[s][2] for s in sides) else num_blocks
+    need = largest * BLOCK_TOKENS * 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * 2
+    if need > (host := host_memory_bytes()):  # K and V, 2 bytes each (bf16, the tiny models' dtype)
+        raise ValueError(f"--pressure {args.pressure:g} makes a pool of {largest} blocks, {need / 2**30:.1f} GiB of "
+                         f"KV cache: past this host's {host / 2**30:.1f} GiB of memory")
     return Setup(args, path, trace, p, sides, num_blocks, max_model_len, shape.vocab_size)
 
 

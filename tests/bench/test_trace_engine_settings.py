@@ -111,3 +111,27 @@ def test_a_malformed_setting_is_refused_before_any_server_starts(monkeypatch, tm
                               pressure=1.0, sides="kvsched", max_output_tokens=4, model_size="test", out=None)
     assert trace_engine.run(args) == 2
     assert "must be a number of GiB" in capsys.readouterr().err
+
+
+# Found by review: only KVSCHED_ADMIN_KEYS and the user part of KVSCHED_STORE_URL were hidden; another variable of
+# the prefix (kvsched reads nothing from it; the prefix is not kvsched's alone) went out in full, and so did a store
+# URL whose user part urlsplit does not see (no `//`).
+LEAKS = {"KVSCHED_REDIS_PASSWORD": "hunter2", "KVSCHED_API_TOKEN": "tok-123", "KVSCHED_ADMIN_KEY": "adm-456",
+         "KVSCHED_MIRROR_URL": "redis://u:pw-789@mirror:6379"}
+BARE_URLS = ["default:pw-0ab@store:6379", "redis:default:pw-0ab@store:6379"]
+
+
+def test_no_other_variable_of_the_prefix_is_written_but_by_name(tmp_path):
+    got = side_settings(ServerSpec(model=Path(tmp_path)), {**LEAKS, **SETTINGS, "KVSCHED_TIER_STAGE_MB": "8"})
+    env = got["environment"]
+    assert {k: env[k] for k in LEAKS} == dict.fromkeys(LEAKS, REDACTED)
+    assert {k: env[k] for k in SETTINGS} == SETTINGS and env["KVSCHED_TIER_STAGE_MB"] == "8"  # kvsched's, as set
+    assert not any(secret in json.dumps(got) for secret in LEAKS.values())
+
+
+@pytest.mark.parametrize("url", BARE_URLS)
+def test_a_store_url_whose_user_part_cannot_be_told_is_hidden_whole(tmp_path, url: str):
+    env = side_settings(ServerSpec(model=Path(tmp_path)), {"KVSCHED_STORE_URL": url})["environment"]
+    assert "pw-0ab" not in json.dumps(env) and env["KVSCHED_STORE_URL"] == REDACTED
+    plain = side_settings(ServerSpec(model=Path(tmp_path)), {"KVSCHED_STORE_URL": "redis://cache@store:6379/1"})
+    assert plain["environment"]["KVSCHED_STORE_URL"] == "redis://cache@store:6379/1"  # a user name alone stays

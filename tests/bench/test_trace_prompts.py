@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 
@@ -140,6 +142,26 @@ def test_bench_replay_refuses_a_pressure_that_sizes_a_pool_past_any_count(tmp_pa
     assert main(["bench", "replay", str(path), "--pressure", pressure]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvsched bench replay: error: --pressure") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("sides", ["stock", "kvsched,stock-same-memory"])
+def test_bench_replay_refuses_a_pool_past_the_hosts_memory_before_any_server_starts(tmp_path, sides):
+    """Found by review: a pool under MAX_COUNT passed however large, and vLLM allocates a --num-gpu-blocks-override
+    pool whole (vllm/v1/core/kv_cache_utils.py, may_override_num_blocks): a --pressure of 1e-6 asked the same-memory
+    side of this 3-request trace for 183 GiB of KV cache (6,000,001 blocks of 32 KiB)."""
+    from kvsched.bench.trace_engine import host_memory_bytes, prepare
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"kvsched_trace": 1, "block_size": 512}\n'
+                    '{"t": 0, "session": "a", "prompt_tokens": 1024, "output_tokens": 4, "blocks": ["x", "y"]}\n'
+                    '{"t": 9, "session": "a", "prompt_tokens": 1536, "output_tokens": 4, "blocks": ["x", "y", "z"]}\n')
+    args = argparse.Namespace(trace=path, start_s=0.0, seconds=60.0, time_scale=1.0, pressure=1e-6, sides=sides,
+                              max_output_tokens=4, model_size="test", out=None)
+    with pytest.raises(ValueError, match=r"--pressure 1e-06 makes a pool of \d+ blocks, .* GiB of KV cache: past "
+                                         r"this host's .* GiB of memory"):
+        prepare(args)
+    args.pressure = 1.0
+    assert prepare(args).num_blocks * 32 * 1024 < host_memory_bytes()  # a pool that fits: taken
 
 
 def test_bench_replay_refuses_a_missing_trace_a_directory_and_an_out_directory(tmp_path, capsys):

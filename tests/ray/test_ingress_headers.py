@@ -160,3 +160,21 @@ def test_the_request_id_goes_to_the_engine_as_rays_proxy_and_vllm_read_it() -> N
         assert generate(make_ingress({"w": handle}), sent)[0] == 200
         (_, _, (_, _, headers), _, _), = [c for c in handle.calls if c[0] == "remote"]
         assert _forward(headers).get("x-request-id") == seen
+
+
+def test_a_request_id_past_the_limit_is_a_400_naming_it_and_goes_to_no_engine() -> None:
+    """Found by review: neither Ray's proxy nor vLLM's server limits a header's size, and vLLM writes the request's id
+    into every chunk it streams: a client's X-Request-Id of a MiB, sent on, came back a MiB a token."""
+    from kvsched.adapters.ray.engine import _forward
+    from kvsched.adapters.ray.requests import MAX_REQUEST_ID_BYTES
+
+    for size in (MAX_REQUEST_ID_BYTES + 1, 2**20):
+        handle = FakeHandle({"r0": {}}, "r0")
+        status, body = generate(make_ingress({"w": handle}), [(b"x-request-id", b"r" * size)])
+        assert status == 400 and body["error"]["param"] == "x-request-id", body
+        assert f"{size} bytes" in body["error"]["message"] and handle.calls == []
+    handle = FakeHandle({"r0": {}}, "r0")  # at the limit, in any bytes a header may hold: sent on as they came
+    sent = ("é" * (MAX_REQUEST_ID_BYTES // 2)).encode()
+    assert generate(make_ingress({"w": handle}), [(b"x-request-id", sent)])[0] == 200
+    (_, _, (_, _, headers), _, _), = [c for c in handle.calls if c[0] == "remote"]
+    assert _forward(headers)["x-request-id"] == sent

@@ -268,6 +268,7 @@ class OpenAIIngress:
             refuse_repeated(request.scope.get("headers", ()))  # kvsched's headers, as the engines read them
             session = session_fields(payload, headers | utf8_headers(headers))
             stream = stream_flag(payload)
+            rid = request_id(request)  # the engine serves under the id Ray's proxy answers
         except BadRequest as exc:
             return error(exc.status, exc.message, param=exc.param)
         model = payload.get("model")
@@ -289,7 +290,7 @@ class OpenAIIngress:
         forwarded = header_text(sid) if sid is not None else None  # as the engine reads it (requests.header_text);
         if forwarded is not None:  # an opening's key goes to no engine
             headers["x-session-id"] = forwarded
-        headers.update(request_id(request))  # the engine serves under the id Ray's proxy answers
+        headers.update(rid)
         if session.end and sid is not None and key is not None:  # this last turn still goes where the session lives
             self._ended(key)
         extra = {"x-kvsched-pool": pool.name}

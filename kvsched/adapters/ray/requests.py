@@ -33,6 +33,9 @@ MAX_JSON_CONTAINERS = 1_000_000
 # the salt headers of the session routes: `owners.AUTH_HEADERS`)
 SESSION_HEADERS = ("x-session-id", "x-agent-role", "x-session-ttl", "x-session-end", "x-kvsched-compaction")
 REQUEST_ID = "x-request-id"  # Ray's proxy's request id (serve/_private/constants.py SERVE_HTTP_REQUEST_ID_HEADER)
+# vLLM writes the request id into every chunk it streams (the `id` of each), so an id is bounded before it is sent:
+# a uuid is 32 to 36 characters, a W3C trace id 32, a traceparent 55
+MAX_REQUEST_ID_BYTES = 256
 # `stream` as vLLM's request models read it (`stream: bool | None`, pydantic's lax mode)
 _STREAM = TypeAdapter(bool | None)
 
@@ -45,8 +48,13 @@ def lower(request: Any) -> dict[str, str]:
 def request_id(request: Any) -> dict[str, str]:
     """The request's id, to send the engine: `x-request-id` as Ray's proxy and vLLM read it (the first, if repeated).
     Ray 2.60's proxy puts one in every request it routes (RequestIdMiddleware: the client's X-Request-Id, else one it
-    makes) and answers it (`X-Request-ID`); vLLM serves a request under it (the answer's `id`, its logs)."""
+    makes) and answers it (`X-Request-ID`); vLLM serves a request under it (the answer's `id`, its logs). One over
+    MAX_REQUEST_ID_BYTES is a 400 (found by review: neither Ray's proxy nor vLLM's server limits a header's size, and
+    vLLM repeats the id in every chunk it streams, so a client's 1 MiB id made each token a MiB of answer)."""
     value = request.headers.get(REQUEST_ID)
+    if value is not None and len(value) > MAX_REQUEST_ID_BYTES:  # a server's header text: one character a byte
+        raise BadRequest(400, f"X-Request-Id is {len(value)} bytes; the limit is {MAX_REQUEST_ID_BYTES} (the engine "
+                              f"repeats it in every chunk it streams)", param=REQUEST_ID)
     return {} if value is None else {REQUEST_ID: value}
 
 

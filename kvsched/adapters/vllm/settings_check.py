@@ -146,8 +146,8 @@ def known_setting_names() -> frozenset[str]:
     test_settings_env.py fails when a variable read somewhere is missing here)."""
     from kvsched.adapters.vllm import compaction_shared, trace_recorder
     from kvsched.adapters.vllm import tier_levels_config as levels
-    from kvsched.adapters.vllm.fp8_tier_connector import ENV_TIER_GB
     from kvsched.adapters.vllm.tier_config import ENV_STAGE_MB
+    from kvsched.core.tier_config import ENV_TIER_GB  # (the connector's, without importing vLLM)
     from kvsched.ops.cpu_features import ISA_ENV
     from kvsched.ops.ghost import GHOST_ENV
 
