@@ -86,3 +86,19 @@ def isa_cap_from_env() -> str | None:
     if value not in ISAS:
         raise ValueError(f"{ISA_ENV}={os.environ[ISA_ENV]!r}: choose one of {', '.join(ISAS)}")
     return value
+
+
+def request_amx_tiles() -> bool | None:
+    """Ask Linux for this process's permission to run AMX tile instructions (arch_prctl ARCH_REQ_XCOMP_PERM for
+    XTILEDATA, through torch's `_init_amx`): a process must hold it before its first tile instruction, or the kernel
+    kills it with SIGILL. vLLM 0.32's CPU attention runs tiles (its "amx" ISA: a bf16 model, a block size that is a
+    multiple of 32, an AMX CPU) without asking; only other kernels ask: oneDNN's matmul, made at load for any linear
+    weight over 1 MiB, and vLLM's small-weight GEMM (a linear weight of at most 1 MiB) from a 5-token batch on. So the
+    tiny model's worker died (exit code -4) at a first batch of at most 4 tokens (found by review: a first prompt
+    "hello").
+    Process-wide and idempotent. None on a CPU without AMX, else whether the process holds the permission."""
+    if not cpu_features().amx:
+        return None
+    import torch
+
+    return bool(torch.cpu._init_amx())
