@@ -4,15 +4,15 @@ load: every side's step time against stock's, measured the same minutes on the s
     python tools/sched_sides.py [--sessions N]... [--rounds R] [--steps S] [--cpu-time] [--out X.json] SIDE...
 
 SIDEs (stock is always run, first): `floor` (kvsched/bench/sched_floor.py: the least session-pin retention on vLLM's
-pool), `floor-noyield` (the floor without its shortage hook), `floor-budget1` (the floor with the whole pool as its
-budget), `stock-aa` (stock again: the run's A/A), `kvsched`, and kvsched with one feature removed by an existing knob
-(`KNOBS` below says which and what it removes). Each side runs in its own process (its own heap and collector), with
-the bench's own rounds (`kvsched.bench.sched._Round`: the same load, the same untimed warm-up of every session at
-10,000, the same timed calls); all sides step in lockstep, one step each in turn, the first side rotating by step.
-There are as many processes as sides and the sides rotate over them round by round (`--rounds` a multiple of the
-sides: each side runs in each process equally often); an untimed warm-up round runs first in every placement. Every
-round checks that every side did stock's work (tokens scheduled, turns finished, prefix hits: `_same_load`), else the
-exit status is 1.
+pool), `floor-inc` (the floor with incremental pins, as kvsched's), `floor-noyield` (the floor without its shortage
+hook), `floor-budget1` (the floor with the whole pool as its budget), `stock-aa` (stock again: the run's A/A),
+`kvsched`, and kvsched with one feature removed by an existing knob (`KNOBS` below says which and what it removes).
+Each side runs in its own process (its own heap and collector), with the bench's own rounds
+(`kvsched.bench.sched._Round`: the same load, the same untimed warm-up of every session at 10,000, the same timed
+calls); all sides step in lockstep, one step each in turn, the first side rotating by step. There are as many
+processes as sides and the sides rotate over them round by round (`--rounds` a multiple of the sides: each side runs
+in each process equally often); an untimed warm-up round runs first in every placement. Every round checks that every
+side did stock's work (tokens scheduled, turns finished, prefix hits: `_same_load`), else the exit status is 1.
 Used for BENCHMARKS.md's "The floor: what any pin policy costs on the 10,000 tier".
 
 Keep the sides few (3 or 4): the policies' clock is the wall clock, and with N sides a session's next turn comes N
@@ -39,6 +39,8 @@ KNOBS: dict[str, tuple[str, dict[str, str], str]] = {
     "stock": (STOCK, {}, "vLLM's AsyncScheduler"),
     "stock-aa": (STOCK, {}, "stock again: the run's A/A"),
     "floor": (FLOOR, {}, "the least pin retention: pin at finish, release at the next start, LRU over the budget"),
+    "floor-inc": ("kvsched.bench.sched_floor.FloorIncScheduler", {},
+                  "the floor with incremental pins: the unhit tail back at a start, the new blocks held at the finish"),
     "floor-noyield": ("kvsched.bench.sched_floor.FloorNoYieldScheduler", {}, "the floor without its shortage hook"),
     "floor-budget1": (FLOOR, {BUDGET: "1.0"}, "the floor, the whole pool its budget (no LRU release)"),
     "kvsched": (KVSCHED, {}, "kvsched as the gate runs it"),

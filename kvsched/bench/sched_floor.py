@@ -26,11 +26,13 @@ from typing import Any
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
 from kvsched.adapters.vllm import compat
+from kvsched.adapters.vllm.pin_pool import VllmPinPool
 from kvsched.core.config import RetentionConfig
 from kvsched.core.sessions import SessionKey
 
 FLOOR_SCHEDULER = "kvsched.bench.sched_floor.FloorScheduler"
 FLOOR_NO_YIELD_SCHEDULER = "kvsched.bench.sched_floor.FloorNoYieldScheduler"
+FLOOR_INC_SCHEDULER = "kvsched.bench.sched_floor.FloorIncScheduler"
 
 
 class FloorScheduler(AsyncScheduler):
@@ -40,12 +42,14 @@ class FloorScheduler(AsyncScheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        pool = compat.block_pool(self)
-        self._hold, self._give_back, _ = compat.block_pool_calls(self)
+        # kvsched's own pool of pins over vLLM's: `touch` / `free_blocks` and a count of the pins' references per
+        # block id in an array (its `refs` a read-only view: len() is the distinct blocks pinned)
+        self.pool = VllmPinPool(self)
+        self._hold, self._give_back = self.pool.hold, self.pool.give_back
         self._prefix = compat.reusable_prefix(self, int(self.cache_config.block_size))
-        self.budget = int(RetentionConfig.from_env().pin_budget_fraction * (int(pool.num_gpu_blocks) - 1))
+        self.budget = int(RetentionConfig.from_env().pin_budget_fraction * compat.num_total_blocks(self))
         self.pins: OrderedDict[SessionKey, list[Any]] = OrderedDict()  # least recently pinned first
-        self.refs: dict[int, int] = {}  # block id -> pins holding it: len() is the distinct blocks pinned
+        self.refs = self.pool.refs  # block id -> pins holding it (those held only)
         self.session_of: dict[str, SessionKey] = {}  # request id -> its named session, while the request lives
         self.released = {"turn": 0, "budget": 0, "shortage": 0}  # pins given back, by reason
         if self.YIELDS:
@@ -65,8 +69,12 @@ class FloorScheduler(AsyncScheduler):
             for new in output.scheduled_new_reqs:  # the request holds its hits now: the old pin can go
                 key = session_of.get(new.req_id)
                 if key is not None and key in pins:
-                    self._release(pins.pop(key), "turn")
+                    self._turn_started(key, new)
         return output
+
+    def _turn_started(self, key: SessionKey, new: Any) -> None:
+        """The session's next request is scheduled, holding its hits: the whole old pin goes back."""
+        self._release(self.pins.pop(key), "turn")
 
     def _free_blocks(self, request: Any) -> None:
         """vLLM frees a finished (or aborted) request's blocks here: pin its hashed prefix first (vLLM's free runs even
@@ -87,7 +95,7 @@ class FloorScheduler(AsyncScheduler):
     # ---- pins ---------------------------------------------------------------------------------------------------
     @property
     def pinned_blocks(self) -> int:
-        return len(self.refs)
+        return self.pool.distinct
 
     def _pin(self, key: SessionKey, request: Any) -> None:
         groups, tokens = self._prefix(request)
@@ -98,24 +106,15 @@ class FloorScheduler(AsyncScheduler):
             return
         blocks = groups[0] if len(groups) == 1 else [b for g in groups for b in g]  # a new list, ours to keep
         self._hold(blocks)
-        refs = self.refs
-        for b in blocks:
-            i = b.block_id
-            refs[i] = refs.get(i, 0) + 1
         self.pins[key] = blocks
-        budget = self.budget
-        while len(refs) > budget and self.pins:
-            self._release(self.pins.popitem(last=False)[1], "budget")
+        self._enforce_budget()
+
+    def _enforce_budget(self) -> None:
+        pool, budget, pins = self.pool, self.budget, self.pins
+        while pool.distinct > budget and pins:
+            self._release(pins.popitem(last=False)[1], "budget")
 
     def _release(self, blocks: list[Any], reason: str) -> None:
-        refs = self.refs
-        for b in blocks:
-            i = b.block_id
-            n = refs[i] - 1
-            if n:
-                refs[i] = n
-            else:
-                del refs[i]
         self._give_back(blocks[::-1])  # the tail is evicted first, as vLLM frees a request's blocks
         self.released[reason] += 1
 
@@ -136,3 +135,72 @@ class FloorNoYieldScheduler(FloorScheduler):
     safe where pins cannot crowd out live requests (a budget well below the pool)."""
 
     YIELDS = False
+
+
+class FloorIncScheduler(FloorScheduler):
+    """The floor with incremental pins, as kvsched's (`PinApplier.unpin` of the unhit tail, `repin`): at the session's
+    next turn start only the old pin's blocks the new request did not hit go back (tail first) and the hit ones stay
+    pinned; at the finish only the blocks past those kept are held (the pin's list extended in place) and the session
+    becomes the most recently pinned. The same budget, LRU order and shortage hook as the floor. Several KV-cache
+    groups (a hybrid model): the whole pin goes at the start and comes back at the finish, as the floor's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # request id -> the blocks it holds, with one KV-cache group (what compat.reusable_prefix reads); else None
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        self._held: dict[str, list[Any]] | None = managers[0].req_to_blocks if len(managers) == 1 else None
+
+    def _turn_started(self, key: SessionKey, new: Any) -> None:
+        """Keep the pin's leading blocks the request holds (those it hit: a pinned block is never allocated anew), give
+        the rest back. Not a count of its hit tokens: a branch (a turn that shares the session's older prefix but not
+        the pin's last blocks) hits as many tokens without hitting the pin's tail."""
+        pin = self.pins[key]
+        held = self._held.get(new.req_id) if self._held is not None else None
+        n = len(pin)
+        if held is not None and len(held) >= n and (held if len(held) == n else held[:n]) == pin:  # identity-first
+            return
+        kept = 0
+        if held is not None:
+            for a, b in zip(pin, held, strict=False):
+                if a is not b:
+                    break
+                kept += 1
+        if not kept:
+            del self.pins[key]
+            self._release(pin, "turn")
+            return
+        tail = pin[kept:]
+        del pin[kept:]  # the pin's list, cut in place
+        self._release(tail, "turn")
+
+    def _pin(self, key: SessionKey, request: Any) -> None:
+        groups, tokens = self._prefix(request)
+        blocks: list[Any] | None = groups[0] if len(groups) == 1 else None
+        if not tokens:
+            blocks = []
+        elif blocks is None:
+            blocks = [b for g in groups for b in g]
+        pins = self.pins
+        old = pins.pop(key, None)
+        common = 0
+        if old is not None:  # the blocks its turn hit (or another request of the session's pin)
+            n = len(old)
+            if len(blocks) >= n and (blocks if len(blocks) == n else blocks[:n]) == old:  # identity-first, in C
+                common = n
+            else:
+                for a, b in zip(old, blocks, strict=False):
+                    if a is not b:
+                        break
+                    common += 1
+                self._release(old[common:], "turn")
+                del old[common:]
+        if not blocks:
+            return
+        tail = blocks[common:]
+        self._hold(tail)
+        if old is None:
+            old = tail
+        else:
+            old.extend(tail)
+        pins[key] = old
+        self._enforce_budget()

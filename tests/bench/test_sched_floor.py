@@ -121,3 +121,61 @@ def test_a_failed_pin_still_frees_the_request(tiny_model_dir, monkeypatch):
     with pytest.raises(RuntimeError, match="pin failed"):
         serve(s, [f.make(tokens(10_000, 10 * BLOCK), 1, session_id="a")])
     assert not s.requests and free_blocks(s) == usable_blocks(s)  # vLLM freed it: no block held
+
+
+def pool_state(s) -> tuple[list[int], list[int], dict[str, list[int]]]:
+    """vLLM's reference count of every block, its free queue (block ids, evicted first) and each pin's block ids."""
+    from kvsched.adapters.vllm import compat
+
+    pool = compat.block_pool(s)
+    pins = {k.session_id: [b.block_id for b in blocks] for k, blocks in s.pins.items()}
+    return ([b.ref_cnt for b in pool.blocks], [b.block_id for b in pool.free_block_queue.get_all_free_blocks()], pins)
+
+
+def assert_refs_are_the_pins(s) -> None:
+    from collections import Counter
+
+    held = Counter(b.block_id for blocks in s.pins.values() for b in blocks)
+    assert dict(s.refs.items()) == dict(held) and s.pinned_blocks == len(held)
+
+
+def test_incremental_pins_leave_vllm_as_the_whole_release_does(tiny_model_dir, monkeypatch):
+    """Serial turns with partial hits, branches (a turn sharing the session's older prefix, not its pin's tail) and
+    budget releases: after every turn vLLM's reference counts, its free queue and the pins equal the floor's, and
+    while a turn runs the incremental pin is exactly the blocks the request hit."""
+    from kvsched.adapters.vllm.harness import step
+    from kvsched.bench.sched_floor import FLOOR_INC_SCHEDULER, FLOOR_SCHEDULER
+
+    monkeypatch.setenv("KVSCHED_PIN_BUDGET_FRACTION", "0.1")  # of 255 usable blocks: 25
+    (whole, fw), (inc, fi) = (build(tiny_model_dir, cls, num_blocks=256)
+                              for cls in (FLOOR_SCHEDULER, FLOOR_INC_SCHEDULER))
+    base = {sid: tokens(10_000 * (i + 1), 10 * BLOCK) for i, sid in enumerate("abcd")}
+    turns = [("a", base["a"]), ("b", base["b"][:8 * BLOCK]),
+             ("a", base["a"][:6 * BLOCK] + tokens(90_000, 40)),  # a branch at block 6: the pin's last 4 unhit
+             ("a", base["a"] + tokens(91_000, 20)),  # back on the older prefix: 10 blocks hit, the branch's 2 not
+             ("c", base["c"]),  # 10 + 8 + 10 > 25: b, the least recently pinned, goes
+             ("a", base["a"] + tokens(91_000, 20) + tokens(92_000, 3 * BLOCK)),  # the whole pin hit, 4 blocks more
+             ("d", base["d"][:9 * BLOCK]), ("c", base["c"][:3 * BLOCK] + tokens(93_000, 50)),
+             ("b", base["b"]), ("a", base["a"][:2 * BLOCK])]
+    kept: list[tuple[int, int]] = []  # (blocks kept pinned, blocks hit) at each turn's start
+    for n, (sid, prompt) in enumerate(turns):
+        rw, ri = fw.make(prompt, 2, session_id=sid), fi.make(prompt, 2, session_id=sid)
+        whole.add_request(rw)
+        inc.add_request(ri)
+        outs = [step(s)[0] for s in (whole, inc)]
+        hits = [int(o.scheduled_new_reqs[0].num_computed_tokens) for o in outs]
+        assert hits[0] == hits[1], n
+        pin = next((blocks for k, blocks in inc.pins.items() if k.session_id == sid), [])
+        held = inc.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[ri.request_id]
+        assert pin == held[:len(pin)] and len(pin) <= hits[1] // BLOCK, n  # the blocks it hit, no other
+        assert all(b.ref_cnt == 2 for b in pin), n  # the pin's and the request's
+        kept.append((len(pin), hits[1] // BLOCK))
+        assert_refs_are_the_pins(inc)
+        serve(whole, [])
+        serve(inc, [])
+        assert pool_state(whole) == pool_state(inc), n
+        assert_refs_are_the_pins(inc)
+        assert_refs_are_the_pins(whole)
+    assert whole.released["budget"] > 0 and inc.released["budget"] == whole.released["budget"]
+    assert inc.released["turn"] > 0
+    assert (6, 6) in kept and (6, 10) in kept  # a partial hit (the pin's unhit tail went) and a branch (10 hit, 6 kept)
