@@ -56,7 +56,7 @@ def main() -> int:
     Scheduler.update_from_output = wrapped(Scheduler.update_from_output, "vLLM's update_from_output() (all)")
     if cls is not None:
         for name, label in (("add_request", "add_request (all: vLLM's + session read)"),
-                            ("_free_blocks", "_free_blocks (all: pin + vLLM's free)"), ("_pin", "  _pin"),
+                            ("_finished", "_finished (the pin, before vLLM's free)"), ("_pin", "  _pin"),
                             ("_turn_started", "_turn_started (in schedule(), after vLLM's)"),
                             ("_release", "_release (turn, budget, shortage)")):
             setattr(cls, name, wrapped(getattr(cls, name), label))

@@ -52,6 +52,7 @@ class FloorScheduler(AsyncScheduler):
         self.refs = self.pool.refs  # block id -> pins holding it (those held only)
         self.session_of: dict[str, SessionKey] = {}  # request id -> its named session, while the request lives
         self.released = {"turn": 0, "budget": 0, "shortage": 0}  # pins given back, by reason
+        compat.before_each_free(self, self._finished)  # pins before vLLM frees: no private vLLM name used here
         if self.YIELDS:
             compat.wrap_allocate_slots(self, self._on_shortage)
 
@@ -76,15 +77,12 @@ class FloorScheduler(AsyncScheduler):
         """The session's next request is scheduled, holding its hits: the whole old pin goes back."""
         self._release(self.pins.pop(key), "turn")
 
-    def _free_blocks(self, request: Any) -> None:
-        """vLLM frees a finished (or aborted) request's blocks here: pin its hashed prefix first (vLLM's free runs even
-        if the pin fails: no block of the request stays held)."""
+    def _finished(self, request: Any) -> None:
+        """vLLM is about to free a finished (or aborted) request's blocks: pin its hashed prefix first (vLLM's free runs
+        even if the pin fails: `compat.before_each_free`, so no block of the request stays held)."""
         key = self.session_of.pop(request.request_id, None)
-        try:
-            if key is not None:
-                self._pin(key, request)
-        finally:
-            super()._free_blocks(request)
+        if key is not None:
+            self._pin(key, request)
 
     def reset_prefix_cache(self, *args: Any, **kwargs: Any) -> bool:
         """A reset needs every block free: the pins go first."""

@@ -99,3 +99,18 @@ def batch_finished_frees(scheduler: Any, before: Callable[[Any], None]) -> Finis
         connector.get_kv_connector_stats = batch.flushing(connector.get_kv_connector_stats)
     scheduler.kvsched_finishes = batch
     return batch
+
+
+def before_each_free(scheduler: Any, before: Callable[[Any], None]) -> None:
+    """Call `before(request)` each time vLLM's scheduler is about to free a request's blocks (`Scheduler._free_blocks`,
+    private in vLLM 0.32), one request at a time, with no batching: the benchmark floor's hook
+    (kvsched/bench/sched_floor.py). vLLM's free runs even if `before` raises, so no request's blocks stay held."""
+    free = scheduler._free_blocks  # vLLM's own
+
+    def _free_blocks(request: Any) -> None:
+        try:
+            before(request)
+        finally:
+            free(request)
+
+    scheduler._free_blocks = _free_blocks
