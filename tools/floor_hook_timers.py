@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any
 
+from hook_timing import timed as timer_of  # tools/, beside this script
+
 
 def main() -> int:
     sessions = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
@@ -38,17 +40,7 @@ def main() -> int:
     spent: dict[str, list[float]] = {}
 
     def wrapped(fn: Any, label: str) -> Any:
-        cell = spent.setdefault(label, [0.0, 0])
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                cell[0] += time.perf_counter() - t
-                cell[1] += 1
-
-        return wrapper
+        return timer_of(spent, fn, label)
 
     # Class-level wrappers, before the round's scheduler is built (its __init__ binds the pool's calls and the
     # allocate_slots wrapper: those are wrapped on the instance below).

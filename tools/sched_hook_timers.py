@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any
 
+from hook_timing import timed as timer_of  # tools/, beside this script
+
 
 def main() -> int:
     argv = [a for a in sys.argv[1:] if a != "--with-output"]
@@ -40,17 +42,7 @@ def main() -> int:
 
     def wrapped(fn: Any, label: str) -> Any:
         """`fn` timed under `label` (a module function or a bound method held by an instance)."""
-        cell = spent.setdefault(label, [0.0, 0])
-
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                cell[0] += time.perf_counter() - t
-                cell[1] += 1
-
-        return wrapper
+        return timer_of(spent, fn, label)
 
     native: set[str] = set()  # labels of compiled (mypyc) methods: calls from compiled code bypass the wrapper
 

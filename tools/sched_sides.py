@@ -119,18 +119,10 @@ def lockstep(conns: dict[str, Any], steps: int, seed: int, sessions: int) -> tup
         c.send(("round", (cls, env, seed, sessions)))
     for c in conns.values():
         c.recv()
+    from kvsched.bench.sched import run_steps
+
     order = list(conns)
-    times: dict[str, list[float]] = {side: [] for side in order}
-    for i in range(steps):
-        k = (i + seed) % len(order)
-        for side in order[k:] + order[:k]:
-            conns[side].send(("step", None))
-            times[side].append(conns[side].recv())
-    work = {}
-    for side, c in conns.items():
-        c.send(("end", None))
-        work[side] = c.recv()
-    return times, work
+    return run_steps(conns, lambda i: order[(i + seed) % len(order):] + order[:(i + seed) % len(order)], steps)
 
 
 def placements(sides: list[str], procs: list[Any]) -> list[dict[str, Any]]:

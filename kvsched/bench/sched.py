@@ -38,6 +38,7 @@ import random
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,9 +219,16 @@ def _lockstep(conns: dict[str, Any], classes: dict[str, str], steps: int, seed: 
         c.send(("round", (classes[side], seed, sessions, named, tier) + ((True,) if with_output else ())))
     for c in conns.values():
         c.recv()
+    return run_steps(conns, lambda i: SIDES if (i + seed) % 2 == 0 else SIDES[::-1], steps)
+
+
+def run_steps(conns: dict[str, Any], order_of: Callable[[int], Sequence[str]],
+              steps: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """`steps` steps of the started rounds, side by side in `order_of(step)`, one side at a time; then each round's
+    end: (side -> its step times, side -> what its round's `close` returned). Also tools/sched_sides.py's."""
     times: dict[str, list[float]] = {side: [] for side in conns}
     for i in range(steps):
-        for side in SIDES if (i + seed) % 2 == 0 else SIDES[::-1]:
+        for side in order_of(i):
             conns[side].send(("step", None))
             times[side].append(conns[side].recv())
     work = {}

@@ -3,18 +3,13 @@ process, the processes alternating between pairs, the same work enforced) and it
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tools_loader import load_tool as _load
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("sched_ab", ROOT / "tools" / "sched_ab.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load("sched_ab")
 
 
 class FakeWorker:

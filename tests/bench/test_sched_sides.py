@@ -3,17 +3,11 @@ to stock's, each side's knob given to its round (fake workers, no vLLM)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tools_loader import load_tool as _load
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("sched_sides", ROOT / "tools" / "sched_sides.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _load("sched_sides")
 
 
 WORK = {"scheduled_tokens": 100, "finished_turns": 5, "cached_prompt_tokens": 40}

@@ -5,7 +5,6 @@ Mooncake traces as branches of their own and the engine's retained-hit credit re
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import numpy as np
 from kvsched.bench.trace_prompts import block_tokens_of, plan
 from kvsched.sim import mooncake
 from kvsched.sim.trace import Trace, TraceRequest
+from tests.tools_loader import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 SLICES = ROOT / "tests" / "sim" / "data"
@@ -116,10 +116,7 @@ def test_a_salted_session_resends_its_own_last_prompt_not_the_other_salts():
 
 
 def load_tails_tool():
-    spec = importlib.util.spec_from_file_location("replay_tails", ROOT / "tools" / "replay_tails.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("replay_tails")
 
 
 def test_no_later_turn_of_the_mooncake_slices_repeats_only_the_full_blocks(tmp_path):
