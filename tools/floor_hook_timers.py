@@ -13,13 +13,12 @@ profile, not a benchmark (as tools/sched_hook_timers.py is for kvsched's hooks).
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
-import time
 from typing import Any
 
-from hook_timing import timed as timer_of  # tools/, beside this script
+from hook_timing import count_collections  # tools/, beside this script
+from hook_timing import timed as timer_of
 
 
 def main() -> int:
@@ -70,16 +69,7 @@ def main() -> int:
     for cell in spent.values():  # the warm-up's calls do not count
         cell[:] = [0.0, 0]
     rnd.work["finished_turns"] = 0
-    collections = [0, 0.0]
-
-    def on_gc(phase: str, info: dict[str, int], started: list[float] = [0.0]) -> None:  # noqa: B006 (its state)
-        if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            collections[0] += 1
-            collections[1] += time.perf_counter() - started[0]
-
-    gc.callbacks.append(on_gc)
+    collections = count_collections()  # the garbage collector's runs in the timed steps, and their seconds
     released = dict(getattr(s, "released", {}))
     total = sum(rnd.step() for _ in range(steps))
     turns = rnd.work["finished_turns"]

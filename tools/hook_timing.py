@@ -3,6 +3,7 @@ timers, ~0.3 us a call: not a benchmark)."""
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any
 
@@ -20,3 +21,19 @@ def timed(spent: dict[str, list[float]], fn: Any, label: str) -> Any:
             cell[1] += 1
 
     return wrapper
+
+
+def count_collections() -> list[float]:
+    """[collections, seconds] of the garbage collector's runs from now on (a `gc.callbacks` entry, kept for good)."""
+    collections = [0, 0.0]
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            collections[0] += 1
+            collections[1] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(on_gc)
+    return collections

@@ -14,14 +14,14 @@ code, not those from other compiled code: such rows are marked; KVSCHED_PURE_PYT
 
 from __future__ import annotations
 
-import gc
 import inspect
 import os
 import sys
 import time
 from typing import Any
 
-from hook_timing import timed as timer_of  # tools/, beside this script
+from hook_timing import count_collections  # tools/, beside this script
+from hook_timing import timed as timer_of
 
 
 def main() -> int:
@@ -96,16 +96,7 @@ def main() -> int:
         timed(policy.payback, "cached", "    payback.cached")
     # on_request_finished is bound into vLLM's _free_blocks wrapper at start-up: rebind it to the timed one
     rnd.s.kvsched_finishes.before = pins.on_request_finished
-    collections = [0, 0.0]  # the garbage collector's runs in the timed steps, and their seconds
-
-    def on_gc(phase: str, info: dict[str, int], started: list[float] = [0.0]) -> None:  # noqa: B006 (its state)
-        if phase == "start":
-            started[0] = time.perf_counter()
-        else:
-            collections[0] += 1
-            collections[1] += time.perf_counter() - started[0]
-
-    gc.callbacks.append(on_gc)
+    collections = count_collections()  # the garbage collector's runs in the timed steps, and their seconds
     total = sum(rnd.step() for _ in range(steps))
     turns = rnd.work["finished_turns"]
     released = rnd._turn_releases() - rnd._released_before
