@@ -6,8 +6,8 @@ SIDE: `floor` or `floor-inc` (kvsched/bench/sched_floor.py's FloorScheduler / Fl
 measures them against stock), or `stock` (vLLM's AsyncScheduler: only vLLM's own calls are timed, the floors' figures
 to compare them with). Wraps the floor's pin, release, turn start and session read, vLLM's `touch` / `free_blocks`
 under them (the pin pool's), the shortage wrapper around `allocate_slots`, and vLLM's own `schedule()`,
-`update_from_output()` and the requests' own `free_blocks`, with perf_counter timers, and counts the garbage collector's runs in the timed steps (after 30
-untimed ones, as tools/sched_gc.py). Each wrapper adds ~0.3 us per call, so the figures read a little high: a
+`update_from_output()` and the requests' own `free_blocks`, with perf_counter timers, and counts the garbage
+collector's runs in the timed steps (after 30 untimed ones, as tools/sched_gc.py). Each wrapper adds ~0.3 us per call, so the figures read a little high: a
 profile, not a benchmark (as tools/sched_hook_timers.py is for kvsched's hooks).
 """
 
