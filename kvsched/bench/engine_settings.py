@@ -29,6 +29,7 @@ def set_settings(env: Mapping[str, str]) -> dict[str, str]:
     `settings_check.engine_setting_warnings`) with its value redacted: the engine reads nothing from it, and the
     prefix is not kvsched's alone (found by review: a Redis password, an API token or an admin key under a name of
     the prefix kvsched does not read, a misspelling among them, was written out in full)."""
+    from kvsched.adapters.store.redis_store import redacted
     from kvsched.adapters.vllm.settings_check import known_setting_names
     from kvsched.core.env import env_setting
 
@@ -37,23 +38,8 @@ def set_settings(env: Mapping[str, str]) -> dict[str, str]:
     for name in sorted(n for n in env if n.startswith(PREFIX)):
         if (raw := env_setting(env, name)) is not None:
             secret = name in SECRET_SETTINGS or name not in known
-            out[name] = REDACTED if secret else url_redacted(raw) if name in URL_SETTINGS else raw
+            out[name] = REDACTED if secret else redacted(raw) if name in URL_SETTINGS else raw
     return out
-
-
-def url_redacted(url: str) -> str:
-    """A store URL with its password hidden (`redis_store.redacted`); whole, when the URL's user part cannot be told
-    from the rest: an `@` with no `//HOST` before it (found by review: `user:secret@host:6379`, no scheme, is a scheme
-    "user" and a path, and was written as set)."""
-    from urllib.parse import urlsplit
-
-    from kvsched.adapters.store.redis_store import redacted
-
-    try:
-        netloc = urlsplit(url).netloc
-    except ValueError:
-        netloc = ""  # redacted() says it is malformed
-    return REDACTED if "@" in url and "@" not in netloc else redacted(url)
 
 
 def tier_gib(serve_args: Sequence[str], env: Mapping[str, str]) -> float | str:

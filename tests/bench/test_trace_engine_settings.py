@@ -132,6 +132,6 @@ def test_no_other_variable_of_the_prefix_is_written_but_by_name(tmp_path):
 @pytest.mark.parametrize("url", BARE_URLS)
 def test_a_store_url_whose_user_part_cannot_be_told_is_hidden_whole(tmp_path, url: str):
     env = side_settings(ServerSpec(model=Path(tmp_path)), {"KVSCHED_STORE_URL": url})["environment"]
-    assert "pw-0ab" not in json.dumps(env) and env["KVSCHED_STORE_URL"] == REDACTED
+    assert "pw-0ab" not in json.dumps(env) and "hidden" in env["KVSCHED_STORE_URL"]  # the store's own redaction
     plain = side_settings(ServerSpec(model=Path(tmp_path)), {"KVSCHED_STORE_URL": "redis://cache@store:6379/1"})
     assert plain["environment"]["KVSCHED_STORE_URL"] == "redis://cache@store:6379/1"  # a user name alone stays

@@ -48,7 +48,10 @@ def check_url(url: str) -> str:
         parts.port  # noqa: B018 - a port that is not a number raises here, at start-up, not at the first call
     except ValueError as exc:
         raise StoreConfigError(f"the shared store URL {redacted(url)!r} is malformed ({exc})") from None
-    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+    located = parts.path if parts.scheme == "unix" else parts.hostname
+    if parts.scheme not in ("redis", "rediss", "unix") or not located:
+        # (a redis:// URL names a host: `redis:user:pw@host:6379`, no `//`, is a path to urlsplit and passed here,
+        # to fail only at redis-py's first connection, with no StoreConfigError. Found by review)
         raise StoreConfigError(f"the shared store must be a redis://HOST:PORT[/DB] URL, got {redacted(url)!r}")
     return url
 
@@ -60,6 +63,8 @@ def redacted(url: str) -> str:
         parts = urlsplit(str(url))
     except ValueError:
         return "<malformed store URL>"
+    if "@" in str(url) and "@" not in parts.netloc:  # `user:secret@host:6379`, no `//`: a scheme and a path to
+        return "<store URL without //HOST: hidden>"  # urlsplit, its password nowhere to cut out (found by review)
     user, at, host = parts.netloc.rpartition("@")
     netloc = f"{user.partition(':')[0]}:{SECRET}@{host}" if at and ":" in user else parts.netloc
     query = parts.query
