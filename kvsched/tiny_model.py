@@ -50,6 +50,11 @@ class ModelShape:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    def kv_bytes_per_token(self, dtype: str = "bfloat16") -> int:
+        """KV bytes per token in `dtype` (K and V, every layer; the KV cache takes the model's dtype)."""
+        element = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+        return element * 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+
     def num_parameters(self) -> int:
         h, i, kv = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
         per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h

@@ -312,7 +312,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     prefill_rates = {}
     shape = SIZES[args.model_size]
     dtype = tiny_model_dtype(model_dir) or "bfloat16"
-    bytes_per_token = kv_bytes_per_token(shape, dtype)
+    bytes_per_token = shape.kv_bytes_per_token(dtype)
     pool_bytes = num_blocks * BLOCK_SIZE * bytes_per_token
     tier_gb = args.fp8_tier_gb
     tier_multiple = AUTO_POOL_MULTIPLE if tier_gb is None else tier_gb * 2**30 / pool_bytes  # tier bytes / pool bytes
@@ -380,11 +380,3 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     result["unbounded_reach"] = unbounded_reach(result)
     add_naming_gates(result)
     return result
-
-
-def kv_bytes_per_token(shape: Any, dtype: str) -> int:
-    """KV bytes per token of the tiny model in `dtype` (K and V, every layer; the KV cache takes the model's dtype)."""
-    element = {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
-    return element * 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim
-
-

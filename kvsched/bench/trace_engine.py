@@ -325,8 +325,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     # vLLM allocates a --num-gpu-blocks-override pool whole, whatever VLLM_CPU_KVCACHE_SPACE says (found by review:
     # under MAX_COUNT any pool passed: --pressure 1e-6 asked 183 GiB for a 3-request trace's same-memory side)
     largest = same_memory_blocks(num_blocks) if any(SIDES[s][2] for s in sides) else num_blocks
-    need = largest * BLOCK_TOKENS * 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * 2
-    if need > (host := host_memory_bytes()):  # K and V, 2 bytes each (bf16, the tiny models' dtype)
+    need = largest * BLOCK_TOKENS * shape.kv_bytes_per_token()  # bf16, the replay models' dtype
+    if need > (host := host_memory_bytes()):
         raise ValueError(f"--pressure {args.pressure:g} makes a pool of {largest} blocks, {need / 2**30:.1f} GiB of "
                          f"KV cache: past this host's {host / 2**30:.1f} GiB of memory")
     return Setup(args, path, trace, p, sides, num_blocks, max_model_len, shape.vocab_size)
