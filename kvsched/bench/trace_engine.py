@@ -289,7 +289,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     from kvsched.sim.mooncake import cached_traces, stale_note
     from kvsched.sim.out_file import check_out
     from kvsched.sim.trace import Trace
-    from kvsched.tiny_model import SIZES
+    from kvsched.tiny_model import SIZES, resolve_dtype
 
     sides = sides_arg(args.sides)
     # the simulator's and the engines' settings, read after the sides (found by review: a traceback then)
@@ -323,12 +323,17 @@ def prepare(args: argparse.Namespace) -> Setup:
     num_blocks = max(math.ceil(asked), longest_blocks + 4,
                      -(-max_model_len // BLOCK_TOKENS)) + 1  # + vLLM's null block
     # vLLM allocates a --num-gpu-blocks-override pool whole, whatever VLLM_CPU_KVCACHE_SPACE says (found by review:
-    # under MAX_COUNT any pool passed: --pressure 1e-6 asked 183 GiB for a 3-request trace's same-memory side)
+    # under MAX_COUNT any pool passed: --pressure 1e-6 asked 183 GiB for a 3-request trace's same-memory side). Every
+    # side's server starts at once and keeps its pool until its side has run (`start_all`), in the dtype
+    # `ensure_tiny_model` builds the model in (float32 on a CPU without native bf16): the sides' pools together count
+    # (found by review: the largest pool alone, in bf16, was checked)
     largest = same_memory_blocks(num_blocks) if any(SIDES[s][2] for s in sides) else num_blocks
-    need = largest * BLOCK_TOKENS * shape.kv_bytes_per_token()  # bf16, the replay models' dtype
+    pools = sum(same_memory_blocks(num_blocks) if SIDES[s][2] else num_blocks for s in sides)
+    need = pools * BLOCK_TOKENS * shape.kv_bytes_per_token(resolve_dtype(None))
     if need > (host := host_memory_bytes()):
-        raise ValueError(f"--pressure {args.pressure:g} makes a pool of {largest} blocks, {need / 2**30:.1f} GiB of "
-                         f"KV cache: past this host's {host / 2**30:.1f} GiB of memory")
+        raise ValueError(f"--pressure {args.pressure:g} makes a pool of {largest} blocks, {pools} blocks in all (every "
+                         f"side's server runs at once), {need / 2**30:.1f} GiB of KV cache: past this host's "
+                         f"{host / 2**30:.1f} GiB of memory")
     return Setup(args, path, trace, p, sides, num_blocks, max_model_len, shape.vocab_size)
 
 
