@@ -280,12 +280,9 @@ class Setup:
     vocab_size: int
 
 
-def host_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def prepare(args: argparse.Namespace) -> Setup:
     from kvsched.bench.engine_settings import engine_settings, tier_gib
+    from kvsched.bench.replay_memory import refuse_past_host
     from kvsched.sim.mooncake import cached_traces, stale_note
     from kvsched.sim.out_file import check_out
     from kvsched.sim.trace import Trace
@@ -322,18 +319,9 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise ValueError(f"--pressure {args.pressure:g} makes a pool of {asked:.4g} blocks, past {MAX_COUNT}")
     num_blocks = max(math.ceil(asked), longest_blocks + 4,
                      -(-max_model_len // BLOCK_TOKENS)) + 1  # + vLLM's null block
-    # vLLM allocates a --num-gpu-blocks-override pool whole, whatever VLLM_CPU_KVCACHE_SPACE says (found by review:
-    # under MAX_COUNT any pool passed: --pressure 1e-6 asked 183 GiB for a 3-request trace's same-memory side). Every
-    # side's server starts at once and keeps its pool until its side has run (`start_all`), in the dtype
-    # `ensure_tiny_model` builds the model in (float32 on a CPU without native bf16): the sides' pools together count
-    # (found by review: the largest pool alone, in bf16, was checked)
-    largest = same_memory_blocks(num_blocks) if any(SIDES[s][2] for s in sides) else num_blocks
-    pools = sum(same_memory_blocks(num_blocks) if SIDES[s][2] else num_blocks for s in sides)
-    need = pools * BLOCK_TOKENS * shape.kv_bytes_per_token(resolve_dtype(None))
-    if need > (host := host_memory_bytes()):
-        raise ValueError(f"--pressure {args.pressure:g} makes a pool of {largest} blocks, {pools} blocks in all (every "
-                         f"side's server runs at once), {need / 2**30:.1f} GiB of KV cache: past this host's "
-                         f"{host / 2**30:.1f} GiB of memory")
+    # every side's pool at once, in the dtype `ensure_tiny_model` builds the model in (replay_memory)
+    refuse_past_host(args.pressure, [same_memory_blocks(num_blocks) if SIDES[s][2] else num_blocks for s in sides],
+                     BLOCK_TOKENS * shape.kv_bytes_per_token(resolve_dtype(None)))
     return Setup(args, path, trace, p, sides, num_blocks, max_model_len, shape.vocab_size)
 
 

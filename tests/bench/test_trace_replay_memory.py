@@ -1,4 +1,4 @@
-"""`kvsched bench replay`'s refusal of a pool past the host's memory (trace_engine.prepare), on what the run really
+"""`kvsched bench replay`'s refusal of a pool past the host's memory (trace_engine.prepare, replay_memory), on what the run really
 allocates: every side's server starts at once and keeps its --num-gpu-blocks-override pool (allocated whole) until its
 side has run (`serving.start_all`), in the dtype the tiny model is built in, float32 on a CPU without native bf16.
 Found by review: only the largest pool, in bf16, was checked, so the default four sides (about 6 pools' worth at
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvsched.bench import trace_engine
+from kvsched.bench import replay_memory, trace_engine
 from kvsched.ops import cpu_features as features
 from kvsched.tiny_model import SIZES
 
@@ -33,7 +33,7 @@ def test_the_sides_pools_are_counted_together_as_their_servers_run_at_once(tmp_p
     n = trace_engine.prepare(args_of(tmp_path, sides)).num_blocks
     same = trace_engine.same_memory_blocks(n)
     # a host holding the same-memory side's pool with room to spare, but not the four pools at once
-    monkeypatch.setattr(trace_engine, "host_memory_bytes", lambda: int(1.5 * same * BF16_BLOCK))
+    monkeypatch.setattr(replay_memory, "host_memory_bytes", lambda: int(1.5 * same * BF16_BLOCK))
     with pytest.raises(ValueError, match=rf"makes a pool of {same} blocks, {3 * n + same} blocks in all \(every "
                                          r"side's server runs at once\), .* GiB of KV cache: past this host's"):
         trace_engine.prepare(args_of(tmp_path, sides))
@@ -44,6 +44,6 @@ def test_a_cpu_without_native_bf16_counts_its_float32_pools_at_their_size(tmp_pa
     """On such a CPU `ensure_tiny_model` builds (and the server serves) the model in float32: 4 bytes an element."""
     monkeypatch.setattr(features, "cpu_features", lambda: features.CpuFeatures("x86_64", True, False, False, False))
     n = trace_engine.prepare(args_of(tmp_path, "stock")).num_blocks  # the real host holds it
-    monkeypatch.setattr(trace_engine, "host_memory_bytes", lambda: int(1.5 * n * BF16_BLOCK))
+    monkeypatch.setattr(replay_memory, "host_memory_bytes", lambda: int(1.5 * n * BF16_BLOCK))
     with pytest.raises(ValueError, match=rf"makes a pool of {n} blocks, {n} blocks in all"):
         trace_engine.prepare(args_of(tmp_path, "stock"))
