@@ -319,8 +319,9 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise ValueError(f"--pressure {args.pressure:g} makes a pool of {asked:.4g} blocks, past {MAX_COUNT}")
     num_blocks = max(math.ceil(asked), longest_blocks + 4,
                      -(-max_model_len // BLOCK_TOKENS)) + 1  # + vLLM's null block
-    # every side's pool at once, in the dtype `ensure_tiny_model` builds the model in (replay_memory)
-    refuse_past_host(args.pressure, [same_memory_blocks(num_blocks) if SIDES[s][2] else num_blocks for s in sides],
+    # every side's pool at once (a server a side named), in the dtype `ensure_tiny_model` builds the model in
+    refuse_past_host(args.pressure, [same_memory_blocks(num_blocks) if SIDES[s][2] else num_blocks
+                                     for s in dict.fromkeys(sides)],
                      BLOCK_TOKENS * shape.kv_bytes_per_token(resolve_dtype(None)))
     return Setup(args, path, trace, p, sides, num_blocks, max_model_len, shape.vocab_size)
 

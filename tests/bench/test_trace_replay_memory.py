@@ -47,3 +47,11 @@ def test_a_cpu_without_native_bf16_counts_its_float32_pools_at_their_size(tmp_pa
     monkeypatch.setattr(replay_memory, "host_memory_bytes", lambda: int(1.5 * n * BF16_BLOCK))
     with pytest.raises(ValueError, match=rf"makes a pool of {n} blocks, {n} blocks in all"):
         trace_engine.prepare(args_of(tmp_path, "stock"))
+
+
+def test_a_side_named_twice_is_one_server_and_one_pool(tmp_path, monkeypatch):
+    """`run_benchmark` starts one server a side name (a dict of them): "stock,stock" is one pool, not two."""
+    monkeypatch.setattr(features, "cpu_features", lambda: features.CpuFeatures("x86_64", True, True, True, False))
+    n = trace_engine.prepare(args_of(tmp_path, "stock")).num_blocks
+    monkeypatch.setattr(replay_memory, "host_memory_bytes", lambda: int(1.5 * n * BF16_BLOCK))
+    assert trace_engine.prepare(args_of(tmp_path, "stock,stock")).num_blocks == n
