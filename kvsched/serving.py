@@ -85,6 +85,9 @@ def _config_args(path: str) -> list[str]:
         config = yaml.safe_load(_read_config(path))
     except (OSError, yaml.YAMLError) as exc:
         raise ValueError(str(exc)) from exc
+    except RecursionError:  # PyYAML composes a node per nesting level, recursively (as vLLM's own read dies)
+        raise ValueError("nested too deeply to read (found by review: a few KiB of '[' was a RecursionError "
+                         "traceback)") from None
     if not isinstance(config, dict):
         raise ValueError(f"a YAML mapping of vLLM options was expected, got {type(config).__name__}")
     args: list[str] = []

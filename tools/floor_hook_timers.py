@@ -5,10 +5,11 @@
 SIDE: `floor` or `floor-inc` (kvsched/bench/sched_floor.py's FloorScheduler / FloorIncScheduler; `tools/sched_sides.py`
 measures them against stock), or `stock` (vLLM's AsyncScheduler: only vLLM's own calls are timed, the floors' figures
 to compare them with). Wraps the floor's pin, release, turn start and session read, vLLM's `touch` / `free_blocks`
-under them (the pin pool's), the shortage wrapper around `allocate_slots`, and vLLM's own `schedule()`,
-`update_from_output()` and the requests' own `free_blocks`, with perf_counter timers, and counts the garbage
-collector's runs in the timed steps (after 30 untimed ones, as tools/sched_gc.py). Each wrapper adds ~0.3 us per call, so the figures read a little high: a
-profile, not a benchmark (as tools/sched_hook_timers.py is for kvsched's hooks).
+under them (the pin pool's) and the pool's own `hold_allocated` / `give_back` (its reference counts), the shortage
+wrapper around `allocate_slots`, and vLLM's own `schedule()`, `update_from_output()` and the requests' own
+`free_blocks`, with perf_counter timers, and counts the garbage collector's runs in the timed steps (after 30 untimed
+ones, as tools/sched_gc.py). Each wrapper adds ~0.3 us per call, so the figures read a little high: a profile, not a
+benchmark (as tools/sched_hook_timers.py is for kvsched's hooks).
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def main() -> int:
                             ("_release", "_release (turn, budget, shortage)")):
             setattr(cls, name, wrapped(getattr(cls, name), label))
         compat.request_session = wrapped(compat.request_session, "  compat.request_session")
+    if cls is not None:  # the pins' reference counts: the pin's (hold_allocated) and a release's (in give_back)
+        from kvsched.adapters.vllm.pin_pool import VllmPinPool
+
+        VllmPinPool.hold_allocated = wrapped(VllmPinPool.hold_allocated, "  the pin's counts (hold_allocated)")
+        VllmPinPool.give_back = wrapped(VllmPinPool.give_back, "  give_back (counts + vLLM free_blocks)")
     rnd = _Round(cls_name, ensure_tiny_model("test"), 1, sessions, True)
     s = rnd.s
     manager = s.kv_cache_manager

@@ -170,7 +170,12 @@ class _Round:
 
     def _turn_releases(self) -> int:
         """kvsched's pins released, whole or their tail, when the session's next turn started without hitting them
-        (0 on stock): what a prompt that leaves out the last turn's output costs kvsched at each turn."""
+        (0 on stock): what a prompt that leaves out the last turn's output costs kvsched at each turn. The pin
+        floors' (kvsched/bench/sched_floor.py) are their pins given back at a turn (found by review: 0 was written
+        for them, in tools/sched_sides.py's rounds too, beside their `released_turn` of thousands)."""
+        released = getattr(self.s, "released", None)
+        if isinstance(released, dict):
+            return int(released["turn"])
         policy = getattr(getattr(self.s, "kvsched", None), "policy", None)
         if policy is None:
             return 0

@@ -280,16 +280,13 @@ class Setup:
     vocab_size: int
 
 
-def host_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def prepare(args: argparse.Namespace) -> Setup:
     from kvsched.bench.engine_settings import engine_settings, tier_gib
+    from kvsched.bench.replay_memory import refuse_past_host
     from kvsched.sim.mooncake import cached_traces, stale_note
     from kvsched.sim.out_file import check_out
     from kvsched.sim.trace import Trace
-    from kvsched.tiny_model import SIZES
+    from kvsched.tiny_model import SIZES, resolve_dtype
 
     sides = sides_arg(args.sides)
     # the simulator's and the engines' settings, read after the sides (found by review: a traceback then)
@@ -322,13 +319,10 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise ValueError(f"--pressure {args.pressure:g} makes a pool of {asked:.4g} blocks, past {MAX_COUNT}")
     num_blocks = max(math.ceil(asked), longest_blocks + 4,
                      -(-max_model_len // BLOCK_TOKENS)) + 1  # + vLLM's null block
-    # vLLM allocates a --num-gpu-blocks-override pool whole, whatever VLLM_CPU_KVCACHE_SPACE says (found by review:
-    # under MAX_COUNT any pool passed: --pressure 1e-6 asked 183 GiB for a 3-request trace's same-memory side)
-    largest = same_memory_blocks(num_blocks) if any(SIDES[s][2] for s in sides) else num_blocks
-    need = largest * BLOCK_TOKENS * shape.kv_bytes_per_token()  # bf16, the replay models' dtype
-    if need > (host := host_memory_bytes()):
-        raise ValueError(f"--pressure {args.pressure:g} makes a pool of {largest} blocks, {need / 2**30:.1f} GiB of "
-                         f"KV cache: past this host's {host / 2**30:.1f} GiB of memory")
+    # every side's pool at once (a server a side named), in the dtype `ensure_tiny_model` builds the model in
+    refuse_past_host(args.pressure, [same_memory_blocks(num_blocks) if SIDES[s][2] else num_blocks
+                                     for s in dict.fromkeys(sides)],
+                     BLOCK_TOKENS * shape.kv_bytes_per_token(resolve_dtype(None)))
     return Setup(args, path, trace, p, sides, num_blocks, max_model_len, shape.vocab_size)
 
 

@@ -149,7 +149,8 @@ def test_bench_replay_refuses_a_pool_past_the_hosts_memory_before_any_server_sta
     """Found by review: a pool under MAX_COUNT passed however large, and vLLM allocates a --num-gpu-blocks-override
     pool whole (vllm/v1/core/kv_cache_utils.py, may_override_num_blocks): a --pressure of 1e-6 asked the same-memory
     side of this 3-request trace for 183 GiB of KV cache (6,000,001 blocks of 32 KiB)."""
-    from kvsched.bench.trace_engine import host_memory_bytes, prepare
+    from kvsched.bench.replay_memory import host_memory_bytes
+    from kvsched.bench.trace_engine import prepare
 
     path = tmp_path / "t.jsonl"
     path.write_text('{"kvsched_trace": 1, "block_size": 512}\n'
