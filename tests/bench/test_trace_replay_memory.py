@@ -1,8 +1,9 @@
-"""`kvsched bench replay`'s refusal of a pool past the host's memory (trace_engine.prepare, replay_memory), on what
-the run really allocates: every side's server starts at once and keeps its --num-gpu-blocks-override pool (allocated
+"""`kvsched bench replay`'s refusal of a pool past the host's memory (trace_engine.prepare, replay_memory), on what the
+run really allocates: every side's server starts at once and keeps its --num-gpu-blocks-override pool (allocated
 whole) until its side has run (`serving.start_all`), in the dtype the tiny model is built in, float32 on a CPU
-without native bf16. Found by review: only the largest pool, in bf16, was checked, so the default four sides (about 6 pools' worth at
-once) passed on a host that held half of them, and an AVX2 host's float32 pools passed at half their size."""
+without native bf16. Found by review: only the largest pool, in bf16, was checked, so the default four sides (about 6
+pools' worth at once) passed on a host that held half of them, and an AVX2 host's float32 pools passed at half their
+size."""
 
 from __future__ import annotations
 
