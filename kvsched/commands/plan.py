@@ -374,8 +374,12 @@ def plot(args: argparse.Namespace, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    # a PNG at exactly `path` (found by review: a path without a suffix got matplotlib's ".png" appended while the
+    # result named `path`, and a directory's name became a file beside it)
+    try:
+        fig.savefig(path, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:
