@@ -374,12 +374,9 @@ def plot(args: argparse.Namespace, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    # a PNG at exactly `path` (found by review: a path without a suffix got matplotlib's ".png" appended while the
-    # result named `path`, and a directory's name became a file beside it)
-    try:
-        fig.savefig(path, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    # a PNG at exactly `path` (found by review: a name without a suffix got ".png" appended, a directory's became
+    fig.savefig(path, dpi=120, format="png")  # a file beside it, and the result named `path` all the same)
+    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:
