@@ -9,6 +9,7 @@ first token. It is a demonstration, not a benchmark run: no pass/fail lines (tho
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,17 @@ from typing import Any
 from kvsched.bench.agents import print_report, run_benchmark
 from kvsched.bench.common import RESULTS_DIR, write_json
 from kvsched.bench.plots import PlotUnavailable, ttft_chart
+from kvsched.commands.args import check_args, count
+from kvsched.sim.out_file import check_out
+
+MAX_WORKFLOWS = 1000  # a demonstration on a CPU: a thousand workflows already take hours
 
 
 def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser("demo", help="stock vLLM vs kvsched on a short agent workload")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "demo.json",
                    help="result JSON; the TTFT chart is written beside it (same name, .png)")
-    p.add_argument("--workflows", type=int, default=3)
+    p.add_argument("--workflows", type=int, default=3, help=f"agent workflows (1 to {MAX_WORKFLOWS:,})")
     p.add_argument("--rounds", type=int, default=None,
                    help="orchestrator rounds per workflow (default: the quick workload's 3); fewer: a shorter demo")
     p.add_argument("--no-progress", action="store_true")
@@ -43,7 +48,21 @@ def bench_args(args: argparse.Namespace) -> argparse.Namespace:
     return parser.parse_args(argv + (["--no-progress"] if args.no_progress else []))
 
 
+def check(args: argparse.Namespace) -> None:
+    """The options, before any server starts (found by review: --workflows 0 was a traceback and --workflows -1,
+    --rounds 0 or an --out naming a directory started both servers, the last to fail once the run was over)."""
+    check_args(args, workflows=count(1, MAX_WORKFLOWS), rounds=count(1, MAX_WORKFLOWS))
+    check_out(args.out)
+    if args.out.suffix.lower() == ".png":
+        raise ValueError(f"--out {args.out} names the result JSON; its chart is written beside it as .png")
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        check(args)
+    except ValueError as exc:
+        print(f"kvsched demo: error: {exc}", file=sys.stderr)
+        return 2
     print("kvsched demo: the same multi-agent workload (orchestrator + workers, ~2 s tool calls) through stock vLLM "
           "and through `vllm serve --scheduler kvsched`, with the same KV memory (1.5x oversubscribed).\n")
     started = time.monotonic()

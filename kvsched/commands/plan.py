@@ -374,7 +374,8 @@ def plot(args: argparse.Namespace, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # a PNG at exactly `path` (found by review: a name without a suffix got ".png" appended, a directory's became
+    fig.savefig(path, dpi=120, format="png")  # a file beside it, and the result named `path` all the same)
     plt.close(fig)
 
 

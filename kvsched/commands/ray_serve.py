@@ -52,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
     from kvsched.adapters.ray.config import ConfigError, load_config
 
     try:
+        check_cpus(args)
+    except ValueError as exc:
+        print(f"kvsched ray-serve: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         print(f"kvsched ray-serve: {exc}", file=sys.stderr)
@@ -91,6 +96,17 @@ def run(args: argparse.Namespace) -> int:
             local.stop()
 
 
+def check_cpus(args: argparse.Namespace) -> None:
+    """--num-cpus sizes the local cluster this command starts (found by review: with --address, Ray's ValueError was
+    a traceback once the config was read; a negative or NaN count was taken with --dry-run)."""
+    from kvsched.commands.args import check_args, number
+
+    check_args(args, num_cpus=number(0.0, 1e6))
+    if args.num_cpus is not None and args.address not in (None, "local"):
+        raise ValueError(f"--num-cpus sizes the local Ray cluster this command starts; the cluster at --address "
+                         f"{args.address} has its own CPUs (give one or the other)")
+
+
 def _serve(args: argparse.Namespace, cfg: Any) -> int:
     import ray
     from ray import serve
@@ -99,7 +115,11 @@ def _serve(args: argparse.Namespace, cfg: Any) -> int:
     from kvsched.adapters.ray.proxy import controller_options
 
     if not ray.is_initialized():
-        ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
+        try:
+            ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
+        except (ValueError, ConnectionError) as exc:  # a malformed address, no cluster at "auto", RAY_ADDRESS's
+            print(f"kvsched ray-serve: error: Ray: {exc}", file=sys.stderr)  # cluster with --num-cpus: one line
+            return 2
     # Ray's HTTP proxy reads no X-Session-Id of its own (a non-UTF-8 one was its 500): kvsched/adapters/ray/proxy.py
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, controller_options=controller_options())
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)

@@ -250,6 +250,10 @@ def run(args: argparse.Namespace) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     try:
         check_args(args, **LIMITS)
+        if args.kv_dtype is not None:  # found by review: fp4, int4 or int8 sized the pool at 0.5 or 1 byte an element
+            from kvsched.commands.plan import kv_cache_dtype
+
+            args.kv_dtype = kv_cache_dtype(args.kv_dtype)  # as `kvsched plan` reads it: vLLM's cache dtypes only
         unknown = [p for p in policies if p not in POLICIES]
         if unknown or not policies:
             raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,33 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+STAMP = "kvsched-tiny-model.json"  # what kvsched.tiny_model.build_model writes last into a model directory
+SEEDS = (-(2**63), 2**64 - 1)  # torch.manual_seed's range
+
+
+def checked_out(out: Path) -> Path:
+    """The directory to write: build_model replaces it whole, so one that holds anything but a tiny model is refused
+    (found by review: `--out DIR` deleted every file in an existing DIR; a file there was a traceback)."""
+    out = out.resolve()  # a symlink's target (build_model cannot remove a link to a directory)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and not (out / STAMP).is_file() and any(out.iterdir()):
+        raise ValueError(f"--out {out} holds files that are not a tiny model (no {STAMP}): the model replaces the "
+                         "directory whole; give a new or empty directory")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    dtype = resolve_dtype(args.dtype)
-    if args.out:
-        path = build_model(args.out, SIZES[args.size], args.seed, dtype)
-    else:
-        path = ensure_tiny_model(args.size, seed=args.seed, dtype=dtype)
+    try:
+        if not SEEDS[0] <= args.seed <= SEEDS[1]:  # found by review: a 20-digit seed was torch's OverflowError
+            raise ValueError(f"--seed must be an integer from {SEEDS[0]} to {SEEDS[1]}, got {str(args.seed)[:40]}")
+        dtype = resolve_dtype(args.dtype)
+        if args.out:
+            path = build_model(checked_out(args.out), SIZES[args.size], args.seed, dtype)
+        else:
+            path = ensure_tiny_model(args.size, seed=args.seed, dtype=dtype)
+    except (ValueError, OSError) as exc:
+        print(f"kvsched tiny-model: error: {exc}", file=sys.stderr)
+        return 2
     print(path)
     return 0

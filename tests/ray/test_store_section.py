@@ -92,6 +92,5 @@ def test_ray_serve_stops_its_local_store_when_the_start_fails(monkeypatch: pytes
     before = redis_pids()
     args = argparse.Namespace(config=Path(__file__).parents[2] / "examples/ray/tiny-cpu-store.yaml",
                               address="10.0.0.99:6379", num_cpus=None, dry_run=False)
-    with pytest.raises(ConnectionError):
-        ray_serve.run(args)
+    assert ray_serve.run(args) == 2  # Ray's ConnectionError: one line (tests/ray/test_ray_serve_inputs.py)
     assert redis_pids() - before == set()

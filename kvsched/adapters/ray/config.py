@@ -377,13 +377,15 @@ def load_config(path: Path | str) -> RayServeConfig:
     import yaml
 
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:  # found by review: bytes that are no UTF-8 were a traceback
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:  # found by review: YAML nested some thousand levels deep was a traceback
+        raise ConfigError(f"{path}: not valid YAML: nested too deep") from None
     return parse_config(raw)
 
 

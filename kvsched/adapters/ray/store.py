@@ -40,9 +40,11 @@ def read_store_section(path: Path | str) -> StoreSection | None:
     import yaml
 
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deep") from None
     return store_section(raw.get("store") if isinstance(raw, dict) else None)
 
 
