@@ -1,10 +1,12 @@
-"""`make gpu-check`'s venv, checked where no GPU is: a .venv-gpu that pip gave a CPU torch or vLLM's CPU build is
-refused with the cause, not as "no CUDA device" (the recipe run against this CPU venv, its install step skipped)."""
+"""`make gpu-check`'s venv check (tools/gpu_venv_check.py), run here against this CPU venv: a .venv-gpu that pip gave
+a CPU torch is refused with the cause, not as "no CUDA device". The script is run directly, never through make: make
+would install into the venv it is given when its stamp looks out of date."""
 
 from __future__ import annotations
 
-import shutil
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,26 +14,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def gpu_check(tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    stamp = tmp_path / "installed"
-    stamp.touch()  # newer than its prerequisites: make runs no install
-    return subprocess.run(["make", "-s", "--no-print-directory", "gpu-check", f"GPU_VENV={ROOT / '.venv'}",
-                           f"GPU_STAMP={stamp}"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
-
-
-def test_a_gpu_venv_with_a_cpu_torch_is_refused_naming_the_cause(tmp_path: Path) -> None:
+def test_a_gpu_venv_with_a_cpu_torch_is_refused_naming_the_cause() -> None:
     """torch's CPU wheels carry a local version (2.13.0+cpu) that pip ranks above PyPI's 2.13.0, so a find-links or
     index holding them (this image's PIP_FIND_LINKS=/opt/wheels: `pip install --dry-run torch==2.13.0` takes
     torch-2.13.0+cpu from it) gives .venv-gpu a CPU torch. Found by review: gpu-check then said "no CUDA device" on
     a machine that has one."""
-    if shutil.which("make") is None:
-        pytest.skip("no make")
     import torch
 
     if torch.version.cuda is not None or torch.version.hip is not None:
         pytest.skip("this venv's torch is a GPU build")
-    proc = gpu_check(tmp_path)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out
-    assert "CPU build" in out and torch.__version__ in out and "find-links" in out, out
-    assert "no CUDA device" not in out and "passed" not in out, out
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_venv_check.py")], capture_output=True, text=True,
+                          timeout=120, check=False, env={"PIP_FIND_LINKS": "/opt/wheels", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    out = proc.stderr
+    assert "CPU build" in out and torch.__version__ in out and "PIP_FIND_LINKS=/opt/wheels" in out, out
+    assert "no CUDA device" not in out, out
+
+
+def test_gpu_check_runs_the_venv_check_before_the_gpu_tests() -> None:
+    recipe = re.search(r"^gpu-check:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
+    assert recipe is not None
+    lines = recipe.group(1).splitlines()
+    assert "tools/gpu_venv_check.py" in lines[0] and "pytest" in lines[1], lines
