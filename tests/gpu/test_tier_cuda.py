@@ -47,7 +47,9 @@ def test_a_kernel_block_split_on_cuda():
 
 def test_the_compute_stream_waits_for_a_store_before_reusing_its_blocks():
     """A store is read on the side stream; work enqueued on the compute stream afterwards (the next step overwriting
-    the very blocks) must not overtake it."""
+    the very blocks) must not overtake it. The compute stream is busy when the store is enqueued (a step in flight):
+    the side stream's reads and the overwrite become ready together, and only the store's fence orders them (found by
+    review: with both streams idle the side stream ran first anyway, so the test passed without the fence)."""
     from kvsched.adapters.vllm.fp8_tier_store import TierStore
     from kvsched.adapters.vllm.tier_layout import geometry_of, layer_views
     from tests.adapters.vllm.tier_engine_caches import fill
@@ -57,6 +59,9 @@ def test_the_compute_stream_waits_for_a_store_before_reusing_its_blocks():
     original = {n: t[3].clone() for n, t in caches.items()}
     store = TierStore(layer_views(caches, geometry_of(config, None), NUM_BLOCKS), "quantize",
                       CudaLink(torch.device("cuda")))
+    store.store([4], [1])  # the kernels are compiled before the timed part
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # the step in flight (~0.1 s)
     store.store([3], [0])
     for t in caches.values():
         t[3].fill_(1000.0)  # enqueued on the compute stream right after the store
@@ -66,6 +71,30 @@ def test_the_compute_stream_waits_for_a_store_before_reusing_its_blocks():
     for name, t in caches.items():
         x, y = original[name].float(), t[5].float()
         assert float((x - y).norm() / x.norm()) < 0.07, name
+
+
+def test_the_forward_reads_restored_blocks_only_once_their_copies_landed():
+    """`fence_all` makes the compute stream wait for every restore (the forward, a FULL CUDA graph included, reads the
+    blocks with no per-layer wait). Read here on the compute stream right after the fence, with no host wait between:
+    without the fence the read runs as soon as the compute stream's earlier work ends, beside the side stream's copies
+    it is not ordered after, and finds the zeroed block. The same ordering on the CPU: test_fp8_tier_store.py
+    `test_every_restore_of_a_step_is_fenced_before_the_forward` (the connector fences each restore of a step)."""
+    store, caches = _store_on()
+    original = {n: t[2].clone() for n, t in caches.items()}
+    store.store([2], [0])
+    assert store.load([0], [3]) == []  # the kernels are compiled before the timed part
+    store.fence_all()
+    torch.cuda.synchronize()
+    store.seal_ready()
+    for t in caches.values():
+        t[6].zero_()
+    torch.cuda._sleep(200_000_000)  # the compute stream is busy: the restore's copies wait for it
+    assert store.load([0], [6]) == []
+    store.fence_all()
+    seen = {n: t[6].clone() for n, t in caches.items()}  # the forward's read, enqueued on the compute stream
+    torch.cuda.synchronize()
+    for name in caches:
+        assert _close(original[name][2], seen[name]), name
 
 
 def _store_on(device: str = "cuda"):
