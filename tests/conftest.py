@@ -46,14 +46,14 @@ def clock() -> FakeClock:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """A session that runs tests/integration spawns that package's shared servers and failing start-ups now, while the
-    tests collected before it keep one core busy (tests/integration/early.py)."""
+    """A session that runs tests/integration spawns that package's shared servers, failing start-ups and demo now,
+    while the tests collected before it keep one core busy (tests/integration/early.py)."""
     from tests.integration import early
 
     if early.wanted(session.items) and not session.config.option.collectonly:
         from kvsched.tiny_model import ensure_tiny_model
 
-        early.spawn(ensure_tiny_model("test"))
+        early.spawn(ensure_tiny_model("test"), session.items)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

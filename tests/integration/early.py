@@ -3,7 +3,10 @@
 integration test does: the unit tests collected before tests/integration run in one process and mostly keep one core
 busy, so these start-ups (~30 CPU-seconds per server, ~15 per failing start, single-threaded imports) take the other
 core meanwhile. The package's fixtures (conftest.launched, conftest.failed_starts) take them over; a session that
-never gets there stops them when it ends."""
+never gets there stops them when it ends.
+test_demo's `kvsched demo` starts then too (`demo_argv`; test_demo.demo_run takes it): two `vllm serve` start-ups and
+10 turns a side paced by ~2 s tool calls, a phase of ~1 busy core that ran alone in front of test_fp8_tier (57 s,
+0.8 cores busy on average), now beside the unit tests."""
 
 from __future__ import annotations
 
@@ -14,20 +17,39 @@ from typing import Any
 
 import pytest
 
-SPAWNED: dict[str, Any] = {}  # "servers": name -> VllmServer (launched), "failing": procs.Started, "recording": Path
+SPAWNED: dict[str, Any] = {}  # "servers": name -> VllmServer (launched), "failing": procs.Started, "recording": Path,
+# "demo": (procs.Started, its result file)
+DEMO_FIXTURE = "demo_run"
+
+
+def _uses(items: list[pytest.Item], *fixtures: str) -> bool:
+    return any(name in item.fixturenames for item in items for name in fixtures)
 
 
 def wanted(items: list[pytest.Item]) -> bool:
-    """Some test of this session uses the shared servers (and vLLM is there to run them)."""
-    return importlib.util.find_spec("vllm") is not None and any(
-        "launched" in item.fixturenames or "failed_starts" in item.fixturenames for item in items)
+    """Some test of this session uses the shared servers or the demo (and vLLM is there to run them)."""
+    return importlib.util.find_spec("vllm") is not None and _uses(items, "launched", "failed_starts", DEMO_FIXTURE)
 
 
-def spawn(model: Path) -> None:
+def demo_argv(out: Path) -> list[str]:
+    """test_demo's command: one workflow of one round (10 turns a side), the command end to end, not the demo's
+    figures (`make demo`)."""
+    import sys
+
+    return [sys.executable, "-m", "kvsched.cli", "demo", "--workflows", "1", "--rounds", "1", "--no-progress",
+            "--out", str(out)]
+
+
+def spawn(model: Path, items: list[pytest.Item]) -> None:
     from kvsched.serving import VllmServer
     from tests.integration.procs import start_together
     from tests.integration.servers import failing_starts, package_specs
 
+    if _uses(items, DEMO_FIXTURE):
+        out = Path(tempfile.mkdtemp(prefix="kvsched-demo-")) / "demo.json"
+        SPAWNED["demo"] = (start_together([demo_argv(out)]), out)
+    if not _uses(items, "launched", "failed_starts"):
+        return
     recording = Path(tempfile.mkdtemp(prefix="kvsched-recording-")) / "secure.jsonl"
     SPAWNED["recording"] = recording
     SPAWNED["servers"] = {name: VllmServer(spec).launch() for name, spec in package_specs(model, recording).items()}
@@ -48,4 +70,24 @@ def stop_untaken() -> None:
         server.stop()
     if (failing := SPAWNED.pop("failing", None)) is not None:
         stop(failing)
+    if (demo := SPAWNED.pop("demo", None)) is not None:
+        interrupt(demo[0])
     SPAWNED.clear()
+
+
+def interrupt(started: Any, grace_s: float = 30.0) -> None:
+    """SIGINT first (the demo's `finally` stops the `vllm serve` process groups it started; SIGKILL would leave them
+    running), then what `procs.stop` does."""
+    import signal
+    import subprocess
+
+    from tests.integration.procs import stop
+
+    for proc in started.procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+    stop(started)

@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integration import early
+from tests.integration.procs import Finished, collect, start_together
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.integration
 
 
-def test_demo_serves_both_sides_and_prints_what_kvsched_changed(tmp_path: Path) -> None:
-    out = tmp_path / "demo.json"
-    # one workflow of one round (10 turns a side): the command end to end, not the demo's figures (`make demo`)
-    proc = subprocess.run([sys.executable, "-m", "kvsched.cli", "demo", "--workflows", "1", "--rounds", "1",
-                           "--no-progress", "--out", str(out)], capture_output=True, text=True, timeout=900)
+@pytest.fixture
+def demo_run(tmp_path: Path) -> tuple[Finished, Path]:
+    """`early.demo_argv` run to its end: spawned when the session started (early.py), else now; its exit code and
+    output, and its result file."""
+    spawned = early.take("demo")
+    if spawned is None:
+        out = tmp_path / "demo.json"
+        spawned = (start_together([early.demo_argv(out)]), out)
+    started, out = spawned
+    try:
+        started.procs[0].wait(timeout=900)
+    except BaseException:  # its servers stopped too
+        early.interrupt(started)
+        raise
+    return collect(started)[0], out
+
+
+def test_demo_serves_both_sides_and_prints_what_kvsched_changed(demo_run: tuple[Finished, Path]) -> None:
+    proc, out = demo_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "What kvsched changed" in proc.stdout and "Prompt tokens the engine had to compute" in proc.stdout
     assert "FAIL" not in proc.stdout and "PASS" not in proc.stdout  # a demonstration, not a gate run
