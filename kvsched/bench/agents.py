@@ -38,7 +38,7 @@ from kvsched.bench.agents_report import (
     print_report,
     unbounded_reach,
 )
-from kvsched.bench.args import MAX_GIB, check_args, check_out_path, count, number, refuse, seed
+from kvsched.bench.args import MAX_GIB, check_args, check_out_dir, check_out_path, count, number, refuse, seed
 from kvsched.bench.common import percentile, provenance, write_json
 from kvsched.bench.engine_settings import side_settings
 from kvsched.bench.plots import grouped_bars, save_beside, side_ratios, ttft_chart
@@ -286,6 +286,7 @@ def check(args: argparse.Namespace) -> None:
     --workflows 0 or -1, --rounds 0 and --pressure -1 started the servers)."""
     check_args(args, **LIMITS)
     check_out_path("--out", args.out)
+    check_out_dir("--trace-dir", args.trace_dir)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -51,9 +51,9 @@ def check_args(args: argparse.Namespace, **limits: Limit) -> None:
 
 
 def check_out_path(flag: str, path: Path | None, inputs: tuple[Path, ...] = ()) -> None:
-    """An output file, before the run: not a directory nor an input (`check_out`), and creatable (found by review: a
-    `kvsched bench` --out under a file, /proc or a read-only directory failed once the run was over). Its directory
-    is made when the result is written (`write_json`); here the nearest existing one must take a new file."""
+    """An output file, before the run: not a directory nor an input (`check_out`), and creatable (an --out of
+    `kvsched bench` under a file, in /proc or in a read-only directory was found only once the run was over). Its
+    directory is made when the result is written (`write_json`); here the nearest existing one must take a file."""
     from kvsched.sim.out_file import check_out
 
     if path is None:
@@ -64,7 +64,20 @@ def check_out_path(flag: str, path: Path | None, inputs: tuple[Path, ...] = ()) 
         raise ValueError(f"{flag} {exc}") from None
     if path.exists() and not path.is_file():
         return  # a stream (/dev/stdout): written as it is
-    parent = path.absolute().parent
+    _creatable(flag, path, path.absolute().parent)
+
+
+def check_out_dir(flag: str, path: Path | None) -> None:
+    """An output directory, before the run: one, or made where a new file can be made."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} exists and is not a directory")
+    _creatable(flag, path, path.absolute())
+
+
+def _creatable(flag: str, path: Path, parent: Path) -> None:
+    """The nearest existing directory at or above `parent` takes a new file (the missing ones are made later)."""
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -73,7 +86,7 @@ def check_out_path(flag: str, path: Path | None, inputs: tuple[Path, ...] = ()) 
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as exc:
-        raise ValueError(f"{flag} {path}: cannot write in {parent} ({exc.strerror or exc})") from None
+        raise ValueError(f"{flag} {path}: cannot make a file in {parent} ({exc.strerror or exc})") from None
 
 
 def refuse(prog: str, exc: Exception) -> int:

@@ -8,6 +8,7 @@ from kvsched.bench.args import (
     MAX_GIB,
     Limit,
     check_args,
+    check_out_dir,
     check_out_path,
     count,
     number,
@@ -17,5 +18,5 @@ from kvsched.bench.args import (
     seed,
 )
 
-__all__ = ["MAX_COUNT", "MAX_GIB", "Limit", "check_args", "check_out_path", "count", "number", "only_apply",
-           "only_with", "refuse", "seed"]
+__all__ = ["MAX_COUNT", "MAX_GIB", "Limit", "check_args", "check_out_dir", "check_out_path", "count", "number",
+           "only_apply", "only_with", "refuse", "seed"]

@@ -104,9 +104,14 @@ def test_an_out_it_cannot_write_is_refused_before_anything_starts(bench, out, tr
     assert "--out" in refused([*argv, "--out", out], capsys)
 
 
+def test_agents_trace_dir_it_cannot_make_is_refused_before_anything_starts(trace, capsys):
+    assert "--trace-dir" in refused(["agents", "--trace-dir", f"{trace}/traces"], capsys)
+    assert "--trace-dir" in refused(["agents", "--trace-dir", "/proc/kvsched-traces"], capsys)
+
+
 @pytest.mark.parametrize(("bench", "flags"), [
     ("agents", ["--workflows", "1", "--rounds", "1", "--pressure", "0.01", "--seed", "-1"]),
-    ("agents", ["--sweep", "--workflows", "1"]),
+    ("agents", ["--sweep", "--workflows", "1", "--trace-dir", "{trace}.d/new"]),
     ("sched", ["--steps", "1", "--rounds", "1", "--sessions", "1", "--cpu", "-1"]),
     ("kernels", ["--threads", "1"]),
     ("compaction", ["--sessions", "1", "--trigger-tokens", "2", "--summary-tokens", "1", "--growth", "0.5"]),
