@@ -81,6 +81,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("sessions", "trigger_tokens", "summary_tokens", "model_size"):
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)
+    if out["sessions"] < 1 or out["trigger_tokens"] < 1 or out["summary_tokens"] < 1:  # (run: `check` first)
+        raise SystemExit("--sessions, --trigger-tokens and --summary-tokens must be >= 1")
     return out
 
 
