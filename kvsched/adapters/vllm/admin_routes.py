@@ -1,7 +1,7 @@
 """kvsched's session routes on vLLM's API server, after authentication:
 
 - `GET /kvsched/sessions?limit=&cursor=&summary=1`: the caller's sessions, paged in a stable order (default 100, at
-  most 1,000 per page; `next_cursor` continues), or counts only;
+  most 1,000 per page; `next_cursor` continues), or counts only (a parameter given twice is a 400);
 - `DELETE /kvsched/sessions/{id}`: end the caller's sessions with that id (every branch); `DELETE /kvsched/sessions`:
   end all of the caller's sessions.
 
