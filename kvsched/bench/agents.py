@@ -38,6 +38,7 @@ from kvsched.bench.agents_report import (
     print_report,
     unbounded_reach,
 )
+from kvsched.bench.args import MAX_GIB, check_args, check_out_dir, check_out_path, count, number, refuse, seed
 from kvsched.bench.common import percentile, provenance, write_json
 from kvsched.bench.engine_settings import side_settings
 from kvsched.bench.plots import grouped_bars, save_beside, side_ratios, ttft_chart
@@ -76,6 +77,11 @@ TIER_COUNTERS = ("demotions", "demoted_blocks", "evicted_blocks", "restores", "r
                  "wasted_prefetches", "prefetch_hit_tokens", "tail_restores")
 SWEEP_PRESSURES = (1.5, 3.0, 6.0)
 RATIO_METRICS = ("prefill_tokens_computed", "followup_ttft_p95_s", "ttft_p50_s", "throughput_tok_s")
+MAX_AGENTS = 1000  # workflows, workers, rounds or turns: a thousand already takes hours on a CPU (as `kvsched demo`)
+LIMITS = {"workflows": count(1, MAX_AGENTS), "workers": count(1, MAX_AGENTS), "rounds": count(1, MAX_AGENTS),
+          "worker_turns": count(1, MAX_AGENTS), "tool_words": count(0, 10**5), "brief_words": count(0, 10**5),
+          "pressure": number(0, 1e6, low_open=True), "fp8_tier_gb": number(0, MAX_GIB),
+          "fidelity_probes": count(0, 10**4), "seed": seed()}
 
 
 def register(subparsers: Any) -> None:
@@ -275,7 +281,19 @@ def run_side(name: str, server: VllmServer, cfg: WorkloadConfig, progress: bool,
     return summary, prefill_tok_s
 
 
+def check(args: argparse.Namespace) -> None:
+    """The options, before the model is built or any server starts (found by review: --pressure nan was a traceback,
+    --workflows 0 or -1, --rounds 0 and --pressure -1 started the servers)."""
+    check_args(args, **LIMITS)
+    check_out_path("--out", args.out)
+    check_out_dir("--trace-dir", args.trace_dir)
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        check(args)
+    except ValueError as exc:
+        return refuse("kvsched bench agents", exc)
     if args.sweep:
         from kvsched.bench.agents_sweep import run_sweep
 

@@ -23,6 +23,7 @@ from typing import Any
 from kvsched.bench.agents import prefill_throughput
 from kvsched.bench.agents import summarize as summarize_run
 from kvsched.bench.agents_driver import RunRecord, run_with_progress
+from kvsched.bench.args import check_args, check_out_path, count, number, refuse, seed
 from kvsched.bench.common import percentile, provenance, ratios, table, write_json
 from kvsched.bench.plots import grouped_bars, save_beside, side_ratios
 from kvsched.serving import ServerSpec, VllmServer
@@ -37,6 +38,7 @@ SIDES: dict[str, tuple[str | None, str | None]] = {  # side -> (--scheduler, KVS
 }
 QUICK = dict(sessions=4, trigger_tokens=384, summary_tokens=48, model_size="bench")
 FULL = dict(sessions=8, trigger_tokens=512, summary_tokens=64, model_size="bench")
+MAX_HISTORY_TOKENS = 2**20  # a session's uncompacted history: size_workload adds a turn at a time to reach it
 COMPACTION_METRICS = ("kvsched_compaction_summary_calls_total", "kvsched_compaction_summaries_total",
                       "kvsched_compaction_summary_failures_total", "kvsched_compaction_windows_total",
                       "kvsched_compaction_rewritten_requests_total", "kvsched_compaction_saved_tokens_total")
@@ -79,9 +81,36 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("sessions", "trigger_tokens", "summary_tokens", "model_size"):
         if getattr(args, name) is not None:
             out[name] = getattr(args, name)
-    if out["sessions"] < 1 or out["trigger_tokens"] < 1 or out["summary_tokens"] < 1:
+    if out["sessions"] < 1 or out["trigger_tokens"] < 1 or out["summary_tokens"] < 1:  # (run: `check` first)
         raise SystemExit("--sessions, --trigger-tokens and --summary-tokens must be >= 1")
     return out
+
+
+def compaction_env(s: dict[str, Any], wait_for_summary: bool) -> dict[str, str]:
+    """The compaction sides' KVSCHED_* settings (each adds its KVSCHED_COMPACTION strategy)."""
+    return {"KVSCHED_COMPACTION_TRIGGER_TOKENS": str(s["trigger_tokens"]),
+            "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": str(s["summary_tokens"]),
+            "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2",
+            "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1" if wait_for_summary else "0"}
+
+
+def check(args: argparse.Namespace) -> None:
+    """The options, before the model is built or any server starts: each in range, and the sides' compaction settings
+    as the engine reads them (a --summary-tokens not below --trigger-tokens: the server would refuse to start)."""
+    from kvsched.core.compaction_config import CompactionConfig, InvalidCompactionInput
+
+    check_args(args, sessions=count(1, 10**4), trigger_tokens=count(1, 2**24), summary_tokens=count(1, 2**24),
+               growth=number(0, 1000, low_open=True), pressure=number(0, 1e6, low_open=True),
+               tool_words=count(0, 10**5), seed=seed())
+    try:
+        CompactionConfig.from_env({**compaction_env(settings(args), args.wait_for_summary),
+                                   "KVSCHED_COMPACTION": "summarize"})
+    except InvalidCompactionInput as exc:
+        raise ValueError(f"--trigger-tokens, --summary-tokens: {exc}") from None
+    if (target := args.growth * settings(args)["trigger_tokens"]) > MAX_HISTORY_TOKENS:  # sized turn by turn
+        raise ValueError(f"--growth x --trigger-tokens is a history of {target:.4g} tokens a session, past "
+                         f"{MAX_HISTORY_TOKENS:,}")
+    check_out_path("--out", args.out)
 
 
 def workload(sessions: int, rounds: int, tool_words: int, seed: int) -> WorkloadConfig:
@@ -206,6 +235,10 @@ def run_side(name: str, spec: ServerSpec, cfg: WorkloadConfig, pool_tokens: int,
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        check(args)
+    except ValueError as exc:
+        return refuse("kvsched bench compaction", exc)
     result = run_benchmark(args)
     print_report(result)
     write_json(args.out, result)
@@ -225,10 +258,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     num_blocks = max(math.ceil(working_set / args.pressure / BLOCK_SIZE), math.ceil((max(finals) + 64) / BLOCK_SIZE) + 4)
     max_model_len = int(math.ceil((max(finals) + cfg.max_tokens + 64) / 256) * 256)
     pool_tokens = num_blocks * BLOCK_SIZE
-    env_common = {"KVSCHED_COMPACTION_TRIGGER_TOKENS": str(s["trigger_tokens"]),
-                  "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": str(s["summary_tokens"]),
-                  "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2",
-                  "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1" if args.wait_for_summary else "0"}
+    env_common = compaction_env(s, args.wait_for_summary)
     sides = parse_sides(args.sides) if isinstance(args.sides, str) else list(args.sides)
     result: dict[str, Any] = {}
     for name in sides:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kvsched.bench.args import check_args, check_out_path, count, refuse
 from kvsched.bench.common import progress_bar, provenance, table, write_json
 from kvsched.bench.plots import grouped_bars, save_beside
 
@@ -177,7 +178,7 @@ def isa_paths(choice: str) -> list[str]:
     if choice == "all":
         return supported[::-1]
     if choice not in supported:
-        raise SystemExit(f"--isa {choice}: this CPU's C++ kernels can run {', '.join(supported)}")
+        raise ValueError(f"--isa {choice}: this CPU's C++ kernels can run {', '.join(supported)}")
     return [choice]
 
 
@@ -336,7 +337,26 @@ def gates(rows: list[dict[str, Any]]) -> dict[str, bool]:
     return out
 
 
+def check(args: argparse.Namespace) -> None:
+    """The options, before any measurement (found by review: --threads -1 was a traceback, --threads 0 ran on all
+    cores, and an --isa this CPU cannot run was refused only after the copy-bandwidth measurement)."""
+    import torch
+
+    from kvsched.ops import backends
+
+    check_args(args, threads=count(1, 4096))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here")
+    if args.device == "cpu" and backends.has_cxx():
+        isa_paths(args.isa)
+    check_out_path("--out", args.out)
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        check(args)
+    except ValueError as exc:
+        return refuse("kvsched bench kernels", exc)
     result = run_benchmark(args)
     body = [[r["op"], r["impl"] + (f" [{r['isa']}]" if r.get("isa") else ""), r["size"], r.get("median_s"),
              r.get("gbps"), r.get("speedup_vs_torch"), r.get("bw_fraction")] for r in result["rows"]]

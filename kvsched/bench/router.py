@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.bench import router_policies as policies
+from kvsched.bench.args import refuse
 from kvsched.bench.common import percentile, progress_bar, provenance, table, write_json
+from kvsched.bench.router_args import check
 from kvsched.bench.router_policies import POLICIES, Policy
 from kvsched.core.routing_ring import SlotName, slot_name
 
@@ -337,6 +339,10 @@ def gates(by_size: dict[str, dict[str, Any]], load_factor: float) -> dict[str, b
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        check(args)
+    except ValueError as exc:
+        return refuse("kvsched bench router", exc)
     result = run_benchmark(args)
     rows = []
     for n, row in result.get("by_replicas", {}).items():

@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvsched.bench.args import check_args, check_out_path, count, refuse
 from kvsched.bench.common import provenance, table, write_json
 from kvsched.bench.plots import grouped_bars, save_beside
 
@@ -276,19 +277,37 @@ def summarize(pairs: list[dict[str, list[float]]]) -> dict[str, Any]:
     return out
 
 
+def check(args: argparse.Namespace) -> None:
+    """The options, before the worker processes start (found by review: --steps 0 ran the default 2,000 steps,
+    --steps -1 and --rounds 0 or -1 started both processes); --cpu names one this process may use, or -1."""
+    check_args(args, steps=count(1, 10**7), rounds=count(1, 10**4), sessions=count(1, 10**6))
+    if args.sessions and len(set(args.sessions)) < len(args.sessions):  # the JSON keys its tiers by sessions
+        raise ValueError(f"--sessions names a value twice: {', '.join(map(str, args.sessions))}")
+    allowed = sorted(os.sched_getaffinity(0))
+    if args.cpu is not None and args.cpu != -1 and args.cpu not in allowed:
+        raise ValueError(f"--cpu must be -1 (no pinning) or a CPU this process may use ({', '.join(map(str, allowed))})"
+                         f", got {str(args.cpu)[:40]}")
+    check_out_path("--out", args.out)
+
+
 def run(args: argparse.Namespace) -> int:
     import multiprocessing as mp
+
+    try:
+        check(args)
+    except ValueError as exc:
+        return refuse("kvsched bench sched", exc)
 
     from kvsched.adapters.vllm.harness import KVSCHED_SCHEDULER, STOCK_SCHEDULER
     from kvsched.tiny_model import ensure_tiny_model
 
-    steps = args.steps or (300 if args.quick else 2000)
-    rounds = args.rounds or (4 if args.quick else 6)
+    steps = args.steps if args.steps is not None else (300 if args.quick else 2000)
+    rounds = args.rounds if args.rounds is not None else (4 if args.quick else 6)
     model_dir = ensure_tiny_model("test")
     classes = {"stock": STOCK_SCHEDULER, "kvsched": STOCK_SCHEDULER if args.aa else KVSCHED_SCHEDULER}
     # Both processes on one CPU: they take turns anyway, and neither can be the one that wakes up next to other work.
     # (Measured A/A with pinning: 0.997-1.003 per pair; unpinned: 0.87-1.05 on a shared 2-core machine.)
-    cpu = max(os.sched_getaffinity(0)) if args.cpu is None else (None if args.cpu < 0 else args.cpu)
+    cpu = max(os.sched_getaffinity(0)) if args.cpu is None else (None if args.cpu == -1 else args.cpu)
     ctx = mp.get_context("spawn")  # vLLM and torch are not fork-safe once imported
     workers: list[Any] = []
     procs = []
@@ -303,8 +322,6 @@ def run(args: argparse.Namespace) -> int:
     # which core it wakes on next to other work) falls on both sides equally.
     placements = [dict(zip(SIDES, workers, strict=True)), dict(zip(SIDES, workers[::-1], strict=True))]
     tiers = args.sessions or ([CONCURRENCY, TIER_SESSIONS] if args.quick else [CONCURRENCY])
-    if any(n < 1 for n in tiers):
-        raise SystemExit("kvsched bench sched: --sessions must be positive")
     results: dict[str, Any] = {}
     try:
         warm_up(placements, classes, named=not args.unnamed, tier=args.tier, with_output=args.with_output)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvsched.bench.args import check_args, check_out_path, count, number
 from kvsched.bench.common import percentile, provenance, table, write_json
 from kvsched.bench.plots import grouped_bars, save_beside
 from kvsched.bench.trace_prompts import ReplayPlan, ReplayRequest, plan, window
@@ -284,7 +285,6 @@ def prepare(args: argparse.Namespace) -> Setup:
     from kvsched.bench.engine_settings import engine_settings, tier_gib
     from kvsched.bench.replay_memory import refuse_past_host
     from kvsched.sim.mooncake import cached_traces, stale_note
-    from kvsched.sim.out_file import check_out
     from kvsched.sim.trace import Trace
     from kvsched.tiny_model import SIZES, resolve_dtype
 
@@ -292,17 +292,14 @@ def prepare(args: argparse.Namespace) -> Setup:
     # the simulator's and the engines' settings, read after the sides (found by review: a traceback then)
     engine_settings(os.environ)
     tier_gib((), os.environ)
-    if not 0 < args.pressure < math.inf:
-        raise ValueError(f"--pressure must be a finite number > 0, got {args.pressure}")
-    if not 0 < args.time_scale < math.inf:
-        raise ValueError(f"--time-scale must be a finite number > 0, got {args.time_scale}")
-    if args.out is not None and args.out.is_dir():  # found out now, not after the sides' runs
-        raise ValueError(f"--out {args.out} is a directory; give a file path")
+    finite = sys.float_info.max  # a window past the trace's end is the whole trace (JSON has no infinity)
+    check_args(args, pressure=number(0, finite, low_open=True), time_scale=number(0, 1e6, low_open=True),
+               start_s=number(0, finite), seconds=number(0, finite, low_open=True), max_output_tokens=count(1, 2**20))
+    check_out_path("--out", args.out)  # a directory or unwritable: found out now, not after the sides' runs
     path = args.trace or cached_traces(["conversation_trace.jsonl"])[0]  # converted again if an older one wrote it
     if not path.exists():
         raise ValueError(f"no trace at {path} (run `kvsched trace fetch mooncake`)")
-    if args.out is not None:  # found by review: --out naming the trace overwrote it with the first side's JSON
-        check_out(args.out, (path,))
+    check_out_path("--out", args.out, (path,))  # found by review: --out naming the trace overwrote it
     loaded = Trace.load(path)
     if (note := stale_note(loaded.meta)) is not None:
         print(f"kvsched bench replay: warning: {path}: {note}", file=sys.stderr)

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from kvsched.bench.args import check_args, check_out_path, count
 from kvsched.bench.common import provenance, table, write_json
 from kvsched.bench.plots import grouped_bars, save_beside
 from kvsched.core.tier_config import TIER_EVICTION_ORDERS
@@ -182,7 +183,6 @@ def run(args: argparse.Namespace) -> int:
     from kvsched.bench.traces_classes import fit, summary
     from kvsched.core.config import RetentionConfig
     from kvsched.sim.mooncake import stale_note
-    from kvsched.sim.out_file import check_out
     from kvsched.sim.replay import ReplayConfig
     from kvsched.sim.trace import Trace
 
@@ -210,8 +210,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--ttl must be a finite number of seconds >= 0, got {args.ttl:g}")
         if not 0 < args.h2d_gbps < math.inf:
             raise ValueError(f"--h2d-gbps must be a finite number > 0, got {args.h2d_gbps:g}")
-        if args.timing < 0:
-            raise ValueError("--timing must be >= 0")
+        check_args(args, timing=count(0, 10**4))  # (23 digits would replay until stopped)
         # found by review: these were ignored, and a repeated --pressure overwrote its own JSON entry
         if args.no_tier and (tier_flags := [f for f in given if f != "--ttl"]):
             raise ValueError(f"{' and '.join(tier_flags)} only appl{'y' if len(tier_flags) > 1 else 'ies'} to the tier "
@@ -223,8 +222,7 @@ def run(args: argparse.Namespace) -> int:
                              f"{', '.join(f'{p:g}' for p in pressures)}")
         if len({p.name for p in paths}) < len(paths):  # found by review: the JSON kept the last one's figures only
             raise ValueError(f"two traces share a file name (the JSON keys traces by name): {[str(p) for p in paths]}")
-        if args.out is not None:  # a directory, or a trace read: refused now, not after the replays
-            check_out(args.out, tuple(paths))
+        check_out_path("--out", args.out, tuple(paths))  # a directory, a trace read or unwritable: now, not after
         traces = [Trace.load(path) for path in paths]  # a malformed trace, or a directory: before any replay
         if empty := [str(path) for path, t in zip(paths, traces, strict=True) if not len(t)]:
             raise ValueError(f"no requests to replay in {empty} (a header only)")  # else a ZeroDivisionError

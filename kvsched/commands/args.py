@@ -1,57 +1,22 @@
-"""Range checks of the commands' numeric options: a number a command cannot use (NaN, inf, negative, 300 digits) is a
-ValueError naming the flag, which `run` prints as one `kvsched CMD: error:` line with exit status 2, rather than a
-traceback or a NaN figure later. (argparse `type=` would exit from inside the parser, usage text first.)"""
+"""The commands' option checks: they live in `kvsched.bench.args`, one layer down, so that `kvsched bench` uses the same
+ones (tests/test_layering.py: bench may not import commands)."""
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable, Sequence
+from kvsched.bench.args import (
+    MAX_COUNT,
+    MAX_GIB,
+    Limit,
+    check_args,
+    check_out_dir,
+    check_out_path,
+    count,
+    number,
+    only_apply,
+    only_with,
+    refuse,
+    seed,
+)
 
-from kvsched.sim.trace_fields import MAX_COUNT  # tokens, blocks or sessions: far past any real figure
-
-MAX_GIB = float(2**30)  # an exbibyte: any memory size past it is a typo
-Limit = Callable[[str, float], None]
-
-
-def number(low: float = 0.0, high: float = 1e15, low_open: bool = False) -> Limit:
-    """A finite number in [low, high] ((low, high] with `low_open`)."""
-    def check(flag: str, value: float) -> None:
-        if not (low < value if low_open else low <= value) or not value <= high:
-            raise ValueError(f"{flag} must be a finite number {'>' if low_open else '>='} {low:.10g} and "
-                             f"<= {high:.10g}, got {value}")
-    return check
-
-
-def count(low: int = 0, high: int = MAX_COUNT) -> Limit:
-    """An integer in [low, high]."""
-    def check(flag: str, value: float) -> None:
-        if not low <= value <= high:
-            what = "a positive integer" if low == 1 else f"an integer >= {low}"
-            raise ValueError(f"{flag} must be {what} and <= {high}, got {str(value)[:40]}")
-    return check
-
-
-def check_args(args: argparse.Namespace, **limits: Limit) -> None:
-    """Apply each option's limit (options left unset, None, are skipped)."""
-    for dest, limit in limits.items():
-        value = getattr(args, dest)
-        if value is not None:
-            limit("--" + dest.replace("_", "-"), value)
-
-
-def only_apply(given: Sequence[str], where: str) -> str:
-    """The refusal of options `given` outside `where`: "--a only applies with ...", "--a, --b only apply with ..."
-    (found by review: one option read "only apply")."""
-    return f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} {where}"
-
-
-def only_with(args: argparse.Namespace, switch: str, defaults: dict[str, float]) -> None:
-    """Options that apply only with the flag `switch`: refused when given without it (found by review: accepted, and
-    nothing they size was computed), their defaults (None in the parser: not given) filled in with it."""
-    if not getattr(args, switch):
-        if given := ["--" + d.replace("_", "-") for d in defaults if getattr(args, d) is not None]:
-            raise ValueError(only_apply(given, f"with --{switch.replace('_', '-')}"))
-        return
-    for dest, default in defaults.items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, default)
+__all__ = ["MAX_COUNT", "MAX_GIB", "Limit", "check_args", "check_out_dir", "check_out_path", "count", "number",
+           "only_apply", "only_with", "refuse", "seed"]

@@ -1,7 +1,7 @@
 """kvsched's session routes on vLLM's API server, after authentication:
 
 - `GET /kvsched/sessions?limit=&cursor=&summary=1`: the caller's sessions, paged in a stable order (default 100, at
-  most 1,000 per page; `next_cursor` continues), or counts only;
+  most 1,000 per page; `next_cursor` continues), or counts only (a parameter given twice is a 400);
 - `DELETE /kvsched/sessions/{id}`: end the caller's sessions with that id (every branch); `DELETE /kvsched/sessions`:
   end all of the caller's sessions.
 
@@ -130,8 +130,14 @@ def _caller(ident: Identity, raw_headers: dict[str, bytes]) -> Caller:
 
 async def _list(calls: EngineCalls, app: Any, scope: Scope, send: Any, caller: Caller) -> None:
     try:
-        params = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True,
-                                max_num_fields=MAX_QUERY_FIELDS))
+        pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True,
+                          max_num_fields=MAX_QUERY_FIELDS)
+        params = dict(pairs)
+        names = [name for name, _ in pairs]
+        if (twice := next((name for name in names if names.count(name) > 1), None)) is not None:
+            # found by review: the last one was used unsaid (?limit=1&limit=2), where a repeated header is a 400
+            raise HttpError(400, f"query parameter {twice[:64]!r} is given more than once: give it once",
+                            param=twice[:64])
         query = parse_page_query(params)
     except InvalidQuery as exc:
         raise HttpError(400, str(exc), param=exc.param) from None
