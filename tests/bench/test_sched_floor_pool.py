@@ -14,31 +14,20 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from tests.adapters.vllm.pool_invariants import block_count_violations, count_preemptions  # noqa: E402
 from tests.bench.test_sched_floor import BLOCK, build, tokens  # noqa: E402
 
 
 def violations(s) -> list[str]:
-    from kvsched.adapters.vllm import compat
-
-    pool = compat.block_pool(s)
-    holders: Counter[int] = Counter()
-    for manager in s.kv_cache_manager.coordinator.single_type_managers:
-        for blocks in manager.req_to_blocks.values():
-            holders.update(b.block_id for b in blocks if not b.is_null)
     pinned = Counter(b.block_id for blocks in s.pins.values() for b in blocks)
-    errs = [f"block {b.block_id}: ref_cnt {b.ref_cnt} != requests {holders[b.block_id]} + pins {pinned[b.block_id]}"
-            for b in pool.blocks if not b.is_null and b.ref_cnt != holders[b.block_id] + pinned[b.block_id]]
+    errs = block_count_violations(s.kv_cache_manager, pinned)
     if dict(s.refs.items()) != dict(pinned) or s.pinned_blocks != len(pinned):
         errs.append(f"counts {dict(s.refs.items())} ({s.pinned_blocks}) != the pins' blocks {dict(pinned)}")
-    queued = [b.block_id for b in pool.free_block_queue.get_all_free_blocks()]
-    if sorted(queued) != sorted(b.block_id for b in pool.blocks if b.ref_cnt == 0 and not b.is_null):
-        errs.append(f"free queue {sorted(queued)} != the unreferenced blocks")
     return errs
 
 
 @pytest.mark.parametrize("cls", ["FloorScheduler", "FloorIncScheduler", "FloorNoYieldScheduler"])
 def test_overlapping_turns_aborts_preemption_and_resets_keep_vllms_counts(tiny_model_dir, monkeypatch, cls):
-    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import RequestStatus
 
     from kvsched.adapters.vllm.harness import step
@@ -47,13 +36,7 @@ def test_overlapping_turns_aborts_preemption_and_resets_keep_vllms_counts(tiny_m
     monkeypatch.setenv("KVSCHED_PIN_BUDGET_FRACTION", "0.9" if yields else "0.3")
     s, f = build(tiny_model_dir, f"kvsched.bench.sched_floor.{cls}", num_blocks=40)
     seen: Counter[str] = Counter()
-    preempt = Scheduler._preempt_request
-
-    def counted_preempt(self, *args, **kwargs):
-        seen["preemptions"] += 1
-        return preempt(self, *args, **kwargs)
-
-    monkeypatch.setattr(Scheduler, "_preempt_request", counted_preempt)
+    count_preemptions(monkeypatch, seen)
     rng = random.Random(5)
     history = {sid: tokens(10_000 * (i + 1), 3 * BLOCK) for i, sid in enumerate("abcde")}
     live: list[str] = []

@@ -8,24 +8,28 @@ from collections import Counter
 from typing import Any
 
 
-def pool_violations(s: Any) -> list[str]:
-    """What breaks the invariants on scheduler `s` now (empty when none does)."""
-    errs: list[str] = []
-    km = s.kv_cache_manager
+def count_preemptions(monkeypatch: Any, seen: Counter[str]) -> None:
+    """Count vLLM's preemptions in `seen["preemptions"]` (a random walk must show it reached them)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    preempt = Scheduler._preempt_request
+
+    def counted_preempt(self: Any, *args: Any, **kwargs: Any) -> Any:
+        seen["preemptions"] += 1
+        return preempt(self, *args, **kwargs)
+
+    monkeypatch.setattr(Scheduler, "_preempt_request", counted_preempt)
+
+
+def block_count_violations(km: Any, pinned: Counter[int]) -> list[str]:
+    """vLLM's side of the invariants, for any pin holder: each block's reference count is its requests' plus
+    `pinned[block id]`, and the free queue holds exactly the unreferenced blocks (KV cache manager `km`)."""
     holders: Counter[int] = Counter()
     for mgr in km.coordinator.single_type_managers:
         for blocks in mgr.req_to_blocks.values():
             holders.update(b.block_id for b in blocks if not b.is_null)
-    pins = s.kvsched.pins
-    pinned = Counter(b.block_id for groups in pins.pinned.values() for g in groups for b in g)
-    if Counter(dict(pins.pool.refs)) != pinned:
-        errs.append(f"pool.refs {dict(pins.pool.refs)} != blocks in the pins {dict(pinned)}")
-    if pins.pool.num_pinned() != len(pinned) or len(pins.pool.refs) != len(pinned):  # what the budget counts
-        errs.append(f"num_pinned {pins.pool.num_pinned()} / len(refs) {len(pins.pool.refs)} != {len(pinned)} blocks")
-    for b in km.block_pool.blocks:
-        if not b.is_null and b.ref_cnt != holders[b.block_id] + pinned[b.block_id]:
-            errs.append(f"block {b.block_id}: ref_cnt {b.ref_cnt} != requests {holders[b.block_id]} + pins "
-                        f"{pinned[b.block_id]}")
+    errs = [f"block {b.block_id}: ref_cnt {b.ref_cnt} != requests {holders[b.block_id]} + pins {pinned[b.block_id]}"
+            for b in km.block_pool.blocks if not b.is_null and b.ref_cnt != holders[b.block_id] + pinned[b.block_id]]
     q = km.block_pool.free_block_queue
     queued, node = [], q.fake_free_list_head.next_free_block
     while node is not q.fake_free_list_tail:
@@ -34,6 +38,20 @@ def pool_violations(s: Any) -> list[str]:
     zero = {b.block_id for b in km.block_pool.blocks if b.ref_cnt == 0 and not b.is_null}
     if len(queued) != q.num_free_blocks or len(set(queued)) != len(queued) or set(queued) != zero:
         errs.append(f"free queue {queued} != the unreferenced blocks {sorted(zero)}")
+    return errs
+
+
+def pool_violations(s: Any) -> list[str]:
+    """What breaks the invariants on scheduler `s` now (empty when none does)."""
+    errs: list[str] = []
+    km = s.kv_cache_manager
+    pins = s.kvsched.pins
+    pinned = Counter(b.block_id for groups in pins.pinned.values() for g in groups for b in g)
+    if Counter(dict(pins.pool.refs)) != pinned:
+        errs.append(f"pool.refs {dict(pins.pool.refs)} != blocks in the pins {dict(pinned)}")
+    if pins.pool.num_pinned() != len(pinned) or len(pins.pool.refs) != len(pinned):  # what the budget counts
+        errs.append(f"num_pinned {pins.pool.num_pinned()} / len(refs) {len(pins.pool.refs)} != {len(pinned)} blocks")
+    errs += block_count_violations(km, pinned)
     policy = s.kvsched.policy
     if policy.pinned_blocks_total != sum(r.pinned_blocks for r in policy.sessions.values()):
         errs.append("pinned_blocks_total != the sessions' sum")

@@ -18,24 +18,17 @@ pytest.importorskip("vllm")
 from kvsched.adapters.vllm import harness as h  # noqa: E402
 from tests.adapters.vllm.conftest import BLOCK  # noqa: E402
 from tests.adapters.vllm.conftest import sched as _sched  # noqa: E402
-from tests.adapters.vllm.pool_invariants import pool_violations  # noqa: E402
+from tests.adapters.vllm.pool_invariants import count_preemptions, pool_violations  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_every_path_that_moves_blocks_keeps_vllms_counts_and_the_pins_alike(harness_cfg, clock, monkeypatch, seed):
-    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.request import RequestStatus
 
     monkeypatch.setenv("KVSCHED_PIN_BUDGET_FRACTION", "0.6")
     s, f = _sched(harness_cfg, clock=clock), h.RequestFactory(BLOCK)
     seen: Counter[str] = Counter()
-    preempt = Scheduler._preempt_request
-
-    def counted_preempt(self, *args, **kwargs):
-        seen["preemptions"] += 1
-        return preempt(self, *args, **kwargs)
-
-    monkeypatch.setattr(Scheduler, "_preempt_request", counted_preempt)
+    count_preemptions(monkeypatch, seen)
     rng = random.Random(seed)
     history = {sid: list(range(1000 * (i + 1), 1000 * (i + 1) + 2 * BLOCK)) for i, sid in enumerate("abcdef")}
     live: list[str] = []
