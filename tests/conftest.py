@@ -45,15 +45,34 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """test_demo's test last: its demo runs beside the session's last, mostly waiting tests (integration/early.py)."""
+    from tests.integration import early
+
+    early.demo_last(items)
+
+
+DEMO_AT: list[str | None] = [None]  # the node id of the test whose start starts the demo (early.demo_starts_at)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """A session that runs tests/integration spawns that package's shared servers, failing start-ups and demo now,
-    while the tests collected before it keep one core busy (tests/integration/early.py)."""
+    """A session that runs tests/integration spawns that package's shared servers and failing start-ups now, while
+    the tests collected before it keep one core busy, its demo later (early.demo_starts_at, integration/early.py)."""
     from tests.integration import early
 
     if early.wanted(session.items) and not session.config.option.collectonly:
         from kvsched.tiny_model import ensure_tiny_model
 
+        DEMO_AT[0] = early.demo_starts_at(session.items)
         early.spawn(ensure_tiny_model("test"), session.items)
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    """Each test's start (before its setup, so also when a mark skips it): `DEMO_AT`'s starts the demo."""
+    if DEMO_AT[0] is not None and nodeid == DEMO_AT[0]:
+        from tests.integration import early
+
+        early.spawn_demo()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -4,9 +4,13 @@ integration test does: the unit tests collected before tests/integration run in 
 busy, so these start-ups (~30 CPU-seconds per server, ~15 per failing start, single-threaded imports) take the other
 core meanwhile. The package's fixtures (conftest.launched, conftest.failed_starts) take them over; a session that
 never gets there stops them when it ends.
-test_demo's `kvsched demo` starts then too (`demo_argv`; test_demo.demo_run takes it): two `vllm serve` start-ups and
-10 turns a side paced by ~2 s tool calls, a phase of ~1 busy core that ran alone in front of test_fp8_tier (57 s,
-0.8 cores busy on average), now beside the unit tests."""
+test_demo's `kvsched demo` (`demo_argv`; test_demo.demo_run takes it): two `vllm serve` start-ups and 10 turns a side
+paced by ~2 s tool calls, a phase of ~1 busy core (57 s, 0.8 cores busy on average). Its test runs last (`demo_last`)
+and the demo starts at `DEMO_WITH`'s first test (`demo_starts_at`): from there to the session's end (tests/ray's last
+Serve modules, waiting on scrape deadlines, then tests/sim and the top-level tests) ~75 s ran at ~1 busy core (suite67's
+sampler, Xeon model 167). Beside the unit tests at the session's start (suite66) it took CPU those tests and the
+start-ups above needed. A session without that module starts it at the first test after tests/integration and
+tests/ray (`BUSY_PACKAGES`), or with the start-ups when no test comes after them."""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import pytest
 SPAWNED: dict[str, Any] = {}  # "servers": name -> VllmServer (launched), "failing": procs.Started, "recording": Path,
 # "demo": (procs.Started, its result file)
 DEMO_FIXTURE = "demo_run"
+BUSY_PACKAGES = ("tests/integration/", "tests/ray/")  # their tests run servers and clusters: both cores busy
+DEMO_WITH = "tests/ray/test_serve_blocked_metrics.py"  # the demo starts with it: ~1 core idle from there on
 
 
 def _uses(items: list[pytest.Item], *fixtures: str) -> bool:
@@ -40,14 +46,44 @@ def demo_argv(out: Path) -> list[str]:
             "--out", str(out)]
 
 
+def _is_demo(item: pytest.Item) -> bool:
+    return DEMO_FIXTURE in getattr(item, "fixturenames", ())
+
+
+def demo_last(items: list[pytest.Item]) -> None:
+    """The demo's test after every other (it uses no package fixture, so nothing is set up twice)."""
+    items[:] = [i for i in items if not _is_demo(i)] + [i for i in items if _is_demo(i)]
+
+
+def demo_starts_at(items: list[pytest.Item]) -> str | None:
+    """The node id of the test whose start starts the demo: `DEMO_WITH`'s first, else the first after the last one in
+    `BUSY_PACKAGES` (the demo's aside); None when the session runs the demo but neither."""
+    if not _uses(items, DEMO_FIXTURE):
+        return None
+    rest = [i for i in items if not _is_demo(i)]
+    if with_it := [i for i in rest if i.nodeid.startswith(DEMO_WITH + "::")]:
+        return with_it[0].nodeid
+    busy = [n for n, i in enumerate(rest) if i.nodeid.startswith(BUSY_PACKAGES)]
+    after = rest[busy[-1] + 1:] if busy else rest
+    return after[0].nodeid if after else None
+
+
+def spawn_demo() -> None:
+    """Start the demo (`demo_argv`) unless it was started already; test_demo.demo_run takes it."""
+    from tests.integration.procs import start_together
+
+    if "demo" not in SPAWNED:
+        out = Path(tempfile.mkdtemp(prefix="kvsched-demo-")) / "demo.json"
+        SPAWNED["demo"] = (start_together([demo_argv(out)]), out)
+
+
 def spawn(model: Path, items: list[pytest.Item]) -> None:
     from kvsched.serving import VllmServer
     from tests.integration.procs import start_together
     from tests.integration.servers import failing_starts, package_specs
 
-    if _uses(items, DEMO_FIXTURE):
-        out = Path(tempfile.mkdtemp(prefix="kvsched-demo-")) / "demo.json"
-        SPAWNED["demo"] = (start_together([demo_argv(out)]), out)
+    if _uses(items, DEMO_FIXTURE) and demo_starts_at(items) is None:
+        spawn_demo()
     if not _uses(items, "launched", "failed_starts"):
         return
     recording = Path(tempfile.mkdtemp(prefix="kvsched-recording-")) / "secure.jsonl"
