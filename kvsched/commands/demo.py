@@ -9,15 +9,14 @@ first token. It is a demonstration, not a benchmark run: no pass/fail lines (tho
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from kvsched.bench.agents import print_report, run_benchmark
+from kvsched.bench.args import check_args, count, refuse
 from kvsched.bench.common import RESULTS_DIR, write_json
 from kvsched.bench.plots import PlotUnavailable, ttft_chart
-from kvsched.commands.args import check_args, count
 from kvsched.sim.out_file import check_out
 
 MAX_WORKFLOWS = 1000  # a demonstration on a CPU: a thousand workflows already take hours
@@ -61,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check(args)
     except ValueError as exc:
-        print(f"kvsched demo: error: {exc}", file=sys.stderr)
-        return 2
+        return refuse("kvsched demo", exc)
     print("kvsched demo: the same multi-agent workload (orchestrator + workers, ~2 s tool calls) through stock vLLM "
           "and through `vllm serve --scheduler kvsched`, with the same KV memory (1.5x oversubscribed).\n")
     started = time.monotonic()

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from kvsched.commands.args import check_args, count, number, only_with
+from kvsched.bench.args import check_args, count, number, only_with
 from kvsched.core.gpu_catalog import load_catalog
 from kvsched.core.planner import GIB, PRESETS, ModelShape, PlanError
 from kvsched.core.planner_cost import REFERENCE_PARAMS, cost, fleet_cost, replica_interactions_per_hour

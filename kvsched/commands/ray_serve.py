@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kvsched.bench.args import check_args, number, refuse
+
 
 def register(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
@@ -54,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_cpus(args)
     except ValueError as exc:
-        print(f"kvsched ray-serve: error: {exc}", file=sys.stderr)
-        return 2
+        return refuse("kvsched ray-serve", exc)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
@@ -99,8 +100,6 @@ def run(args: argparse.Namespace) -> int:
 def check_cpus(args: argparse.Namespace) -> None:
     """--num-cpus sizes the local cluster this command starts (found by review: with --address, Ray's ValueError was
     a traceback once the config was read; a negative or NaN count was taken with --dry-run)."""
-    from kvsched.commands.args import check_args, number
-
     check_args(args, num_cpus=number(0.0, 1e6))
     if args.num_cpus is not None and args.address not in (None, "local"):
         raise ValueError(f"--num-cpus sizes the local Ray cluster this command starts; the cluster at --address "

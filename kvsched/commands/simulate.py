@@ -13,8 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from kvsched.bench.args import MAX_COUNT, MAX_GIB, check_args, count, number, only_apply
 from kvsched.bench.common import provenance, table, write_json
-from kvsched.commands.args import MAX_COUNT, MAX_GIB, check_args, count, number, only_apply
 from kvsched.commands.simulate_pool import DEFAULT_KV_DTYPE, DEFAULT_PRESET, engine_bytes, replica_capacity
 from kvsched.commands.simulate_tier import (
     FLEET_HOST_GIB_PER_GPU,

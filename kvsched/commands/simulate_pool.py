@@ -8,7 +8,7 @@ import argparse
 import math
 from typing import Any
 
-from kvsched.commands.args import MAX_COUNT, MAX_GIB
+from kvsched.bench.args import MAX_COUNT, MAX_GIB
 
 DEFAULT_PRESSURE = 2.0
 DEFAULT_PRESET = "llama-3.1-8b"

@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 
-from kvsched.commands.args import MAX_GIB
+from kvsched.bench.args import MAX_GIB
 from kvsched.core.env import env_setting
 from kvsched.core.tier_config import ENV_TIER_GB, TierConfigError, auto_budget_bytes, parse_tier_gib
 
