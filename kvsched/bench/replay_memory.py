@@ -3,12 +3,14 @@ any server starts."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 
 def host_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """This host's memory, total bytes, as the FP8 tier's sizing reads it (`tier_host.host_memory`)."""
+    from kvsched.adapters.vllm.tier_host import host_memory
+
+    return host_memory()[0]
 
 
 def refuse_past_host(pressure: float, pools: Sequence[int], block_bytes: int) -> None:
