@@ -373,7 +373,8 @@ def parse_config(raw: Any) -> RayServeConfig:
         raise ConfigError(validation_message(exc)) from None
 
 
-def load_config(path: Path | str) -> RayServeConfig:
+def read_yaml(path: Path | str) -> Any:
+    """The config file's YAML, or a ConfigError saying why not (the config and its `store:` section read it alike)."""
     import yaml
 
     try:
@@ -381,12 +382,15 @@ def load_config(path: Path | str) -> RayServeConfig:
     except (OSError, UnicodeDecodeError) as exc:  # found by review: bytes that are no UTF-8 were a traceback
         raise ConfigError(f"cannot read {path}: {exc}") from exc
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     except RecursionError:  # found by review: YAML nested some thousand levels deep was a traceback
         raise ConfigError(f"{path}: not valid YAML: nested too deep") from None
-    return parse_config(raw)
+
+
+def load_config(path: Path | str) -> RayServeConfig:
+    return parse_config(read_yaml(path))
 
 
 def config_from_dict(data: dict[str, Any]) -> RayServeConfig:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kvsched.adapters.ray.config import ConfigError, RayServeConfig, StoreSettings, validation_message
+from kvsched.adapters.ray.config import ConfigError, RayServeConfig, StoreSettings, read_yaml, validation_message
 
 LOCAL = "local"
 StoreSection = StoreSettings  # the section as kvsched ray-serve and the app builder read it
@@ -37,14 +37,7 @@ def store_section(raw: Any) -> StoreSection | None:
 
 
 def read_store_section(path: Path | str) -> StoreSection | None:
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid YAML: nested too deep") from None
+    raw = read_yaml(path)
     return store_section(raw.get("store") if isinstance(raw, dict) else None)
 
 
