@@ -241,6 +241,13 @@ def repeated_header(raw_headers: Iterable[tuple[bytes, bytes]], names: Iterable[
     return None
 
 
+def repeated_param(pairs: Iterable[tuple[str, str]]) -> str | None:
+    """The first query parameter of `pairs` given more than once (any values), or None: one of them would be used
+    unsaid (found by review: `?limit=1&limit=2` took the last). The engine and the Ray ingress answer it with a 400."""
+    names = [name for name, _ in pairs]
+    return next((name for name in names if names.count(name) > 1), None)
+
+
 def raw_path_is_utf8(raw_path: object) -> bool:
     """Whether a request's raw path (the ASGI scope's `raw_path`, escapes not decoded) decodes as UTF-8. The server
     decodes `%ff` to U+FFFD: found by probing, DELETE /kvsched/sessions/%ff ended the session named "\ufffd". True

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+from kvsched.core.client_fields import repeated_param
 from kvsched.core.tenancy import InvalidQuery, decode_cursor, encode_cursor
 
 MAX_QUERY_FIELDS = 8  # as the engines' session routes
@@ -82,8 +83,7 @@ def parse_listing(query_string: str) -> Listing:
         params = parse_qsl(query_string, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
     except ValueError:
         raise ListingError(f"at most {MAX_QUERY_FIELDS} query parameters", "query") from None
-    names = [k for k, _ in params]  # as each engine: one of two would be used unsaid (the cursor here, else theirs)
-    if (twice := next((k for k in names if names.count(k) > 1), None)) is not None:
+    if (twice := repeated_param(params)) is not None:  # as each engine (the cursor would be one of two here)
         raise ListingError(f"query parameter {twice[:64]!r} is given more than once: give it once", twice[:64])
     cursor = dict(params).get("cursor") or None
     paged = not any(k in ("summary", "pinned_ids") and v.strip().lower() in ("1", "true") for k, v in params)

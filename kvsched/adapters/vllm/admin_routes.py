@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 from kvsched.adapters.vllm import compat
 from kvsched.adapters.vllm.auth import Identity
 from kvsched.adapters.vllm.http_io import HttpError, Scope, error_body, refuse_repeated, send_json, utf8_headers
-from kvsched.core.client_fields import raw_path_is_utf8
+from kvsched.core.client_fields import raw_path_is_utf8, repeated_param
 from kvsched.core.sessions import InvalidSessionInput, validate_session_id
 from kvsched.core.tenancy import Caller, InvalidQuery, parse_page_query
 
@@ -133,9 +133,7 @@ async def _list(calls: EngineCalls, app: Any, scope: Scope, send: Any, caller: C
         pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True,
                           max_num_fields=MAX_QUERY_FIELDS)
         params = dict(pairs)
-        names = [name for name, _ in pairs]
-        if (twice := next((name for name in names if names.count(name) > 1), None)) is not None:
-            # found by review: the last one was used unsaid (?limit=1&limit=2), where a repeated header is a 400
+        if (twice := repeated_param(pairs)) is not None:  # as a repeated header
             raise HttpError(400, f"query parameter {twice[:64]!r} is given more than once: give it once",
                             param=twice[:64])
         query = parse_page_query(params)
