@@ -77,7 +77,7 @@ def validate_session_id(raw: object) -> SessionId:
             raise InvalidSessionInput(f"session id contains a control character (U+{ord(ch):04X})")
         if 0xD800 <= ord(ch) < 0xE000:  # a lone surrogate ("\ud800" in JSON): no UTF-8 carries it to the engine
             raise InvalidSessionInput(f"session id contains a lone surrogate (U+{ord(ch):04X})")
-    if (why := unseen(raw)) is not None:  # ids that print alike must not be two sessions (kvsched/core/unseen.py)
+    if not raw.isascii() and (why := unseen(raw)) is not None:  # ids that print alike: kvsched/core/unseen.py
         raise InvalidSessionInput(why)
     if raw != raw.strip():
         raise InvalidSessionInput("session id must not start or end with white space")
