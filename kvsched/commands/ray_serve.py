@@ -71,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(describe(cfg))
     if store is not None:
-        print(f"  shared store: {'a local redis-server (started here)' if store.local else store.url} "
+        from kvsched.adapters.store.redis_store import redacted
+
+        # found by review: the URL's password (user part, ?password=, ?ssl_password=) was printed as given
+        print(f"  shared store: {'a local redis-server (started here)' if store.local else redacted(store.url)} "
               f"(KV blocks, session metadata, compaction summaries)")
     if args.dry_run:
         return 0
