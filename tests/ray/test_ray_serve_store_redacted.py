@@ -13,9 +13,9 @@ from kvsched.cli import main
 
 def test_the_dry_runs_store_line_hides_the_urls_passwords(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text('store: {url: "redis://admin:s3cret@10.0.0.5:6379/0?ssl_password=k3y"}\n'
+    path.write_text('store: {url: "rediss://admin:s3cret@10.0.0.5:6379/0?ssl_password=k3y"}\n'
                     "pools:\n  - {name: a, model: kvsched-tiny:test}\n")
     assert main(["ray-serve", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "shared store: redis://admin:***@10.0.0.5:6379/0?ssl_password=***" in out
+    assert "shared store: rediss://admin:***@10.0.0.5:6379/0?ssl_password=***" in out
     assert "s3cret" not in out and "k3y" not in out
