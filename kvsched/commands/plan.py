@@ -69,7 +69,7 @@ def register(subparsers: Any) -> None:
     k.add_argument("--pin-budget", type=float,
                    help="retention budget: largest share of the KV pool idle sessions may keep pinned (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--plot", type=Path, default=None, help="a chart of sessions per GPU by context (PNG; .svg, .pdf by suffix)")
+    p.add_argument("--plot", type=Path, default=None, help="sessions/GPU by context, a PNG (or .svg/.pdf by suffix)")
     p.set_defaults(func=run)
 
 
