@@ -37,6 +37,9 @@ SENT = {
     "devanagari conjunct": "\u0915\u094d\u200d\u0937",
     "devanagari half form": "\u0915\u094d\u200c\u0937",
     "sinhala": "\u0dc1\u0dca\u200d\u0dbb\u0dd3",
+    "bengali ra, joiner, virama": "\u09b0\u200d\u09cd\u09af\u09be\u09ac",
+    "head shaking (an arrow, Sm)": "\U0001f642\u200d\u2194\ufe0f",
+    "mongolian vowel separator": "\u1828\u1820\u1822\u182e\u1820\u180e\u1820",
     "ideographic variant": "\u845b\U000e0100",
     "arabic number sign": "\u0600\u0661\u0662",
 }
@@ -46,6 +49,8 @@ UNSEEN = {
     "joiner between letters": ("a\u200db", 0x200D),
     "joiner emoji then letter": ("\U0001f600\u200da", 0x200D),
     "non-joiner between Latin letters": ("a\u200cb", 0x200C),
+    "joiner between ASCII symbols": ("a+\u200d+", 0x200D),
+    "vowel separator outside Mongolian": ("\u00e9\u180e\u00e9", 0x180E),
     "selector after ASCII": ("wf-1\ufe0f", 0xFE0F),
     "selector alone": ("\ufe0f", 0xFE0F),
     "hangul filler": ("wf\u3164", 0x3164),
