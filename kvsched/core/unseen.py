@@ -3,8 +3,9 @@ sessions, listed, logged and deleted under what reads as one name (review67), an
 it is printed in.
 
 The rule (`unseen`): a format character (Unicode Cf: bidi controls, zero-width space, word joiner, BOM, soft hyphen,
-invisible operators), a line or paragraph separator (Zl, Zp), a blank filler (Hangul fillers, U+034F) or a variation
-selector is refused, except where it is part of a visible sequence:
+invisible operators), a line or paragraph separator (Zl, Zp), a space that prints as U+0020 or narrower (no-break,
+thin, hair: Zs but U+0020, U+1680, U+3000), a blank filler (Hangul fillers, U+034F) or a variation selector is
+refused, except where it is part of a visible sequence:
 - U+200D ZERO WIDTH JOINER between two emoji (an emoji ZWJ sequence: the family U+1F468 U+200D U+1F469 U+200D
   U+1F467, the rainbow flag, a skin-toned astronaut) or next to a virama (Indic conjuncts: Devanagari, Sinhala,
   Bengali's ra + U+200D + virama + ya);
@@ -35,6 +36,7 @@ BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u206
 VISIBLE_FORMAT = frozenset("\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u0890\u0891\u08e2\U000110bd\U000110cd")
 BLANKS = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0")  # default-ignorable letters and marks
 SEPARATORS = frozenset({"Zl", "Zp"})
+VISIBLE_SPACES = frozenset(" \u1680\u3000")  # a space, OGHAM SPACE MARK (a stroke), the ideographic space (CJK's)
 EMOJI_MODIFIERS = range(0x1F3FB, 0x1F400)  # skin tones (category Sk)
 
 
@@ -125,6 +127,8 @@ def unseen(text: str) -> str | None:
             what = "a line or paragraph separator, which splits the line the id is printed in"
         elif ch in BIDI_CONTROLS:
             what = "a bidi control, which reorders the line the id is printed in"
+        elif cat == "Zs" and ch not in VISIBLE_SPACES:
+            what = "a space that prints as a plain space or narrower, so ids that differ by it print alike"
         elif ch in BLANKS or ((cat == "Cf" or _selector(ch)) and not _shows(text, i)):
             what = ("an invisible character, so ids that differ by it print alike (joiners, tags and variation "
                     "selectors are taken only inside a visible sequence: an emoji ZWJ, flag or keycap sequence, a "

@@ -1,9 +1,11 @@
 """Session ids users send (UUIDs, e-mail addresses, URLs, non-Latin scripts with combining marks, emoji sequences)
-pass; a character that prints as nothing where it stands is refused naming it (kvsched/core/unseen.py's rule).
+pass; a character that prints as nothing where it stands, or as a plain space, is refused naming it
+(kvsched/core/unseen.py's rule).
 
 Found by review (review68): every Unicode Cf character was refused, U+200D ZERO WIDTH JOINER among them, so a family
 emoji, the rainbow flag, Scotland's flag, a Persian word (U+200C inside it) or a Devanagari conjunct (U+200D after the
-virama) was a 400; while `wf-1` + U+FE0F (prints as `wf-1`), a Hangul filler or U+034F passed as a second session."""
+virama) was a 400; while `wf-1` + U+FE0F (prints as `wf-1`), a Hangul filler, U+034F or a no-break or hair space
+(`wf 1` beside `wf 1`) passed as a second session."""
 
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ SENT = {
     "mongolian vowel separator": "\u1828\u1820\u1822\u182e\u1820\u180e\u1820",
     "ideographic variant": "\u845b\U000e0100",
     "arabic number sign": "\u0600\u0661\u0662",
+    "ideographic space": "\u5c71\u7530\u3000\u592a\u90ce",
+    "spaces inside": "my agent 7",
 }
 UNSEEN = {
     "trailing joiner": ("wf-1\u200d", 0x200D),
@@ -61,6 +65,9 @@ UNSEEN = {
     "zero-width space": ("wf-1\u200b", 0x200B),
     "bidi override": ("a\u202eb", 0x202E),
     "line separator": ("a\u2028b", 0x2028),
+    "no-break space": ("wf\u00a01", 0x00A0),
+    "hair space": ("wf\u200a-1", 0x200A),
+    "narrow no-break space": ("wf\u202f1", 0x202F),
 }
 
 
