@@ -19,8 +19,10 @@ These are IDNA's contextual rules for the joiners (RFC 5892, CONTEXTJ, its joini
 class; Bengali's joiner before the virama added) and Unicode's emoji sequences (UTS #51, an emoji read as a non-ASCII
 symbol, So or Sm). Found by review (review68): every Cf character was refused, so an id of a family emoji, a Scottish
 flag, a Persian word or a Devanagari conjunct was a 400, while U+FE0F after an ASCII letter (`wf-1` + U+FE0F prints as
-`wf-1`) and a Hangul filler passed. Known gap: a ZWNJ after an Arabic letter that joins on one side only (alef, dal,
-reh, waw) changes nothing visible, and is taken (the standard library has no joining types).
+`wf-1`) and a Hangul filler passed. Known gaps (the standard library has neither joining types nor the emoji list): a
+ZWNJ after an Arabic letter that joins on one side only (alef, dal, reh, waw) changes nothing visible, and is taken; so
+is a ZWJ between two emoji that form no sequence (U+1F600 U+200D U+1F600 prints as two faces). Canonically equivalent
+ids (U+00E9, or e + U+0301) and look-alike letters (Cyrillic a) are two sessions still.
 """
 
 from __future__ import annotations
