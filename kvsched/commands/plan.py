@@ -69,7 +69,7 @@ def register(subparsers: Any) -> None:
     k.add_argument("--pin-budget", type=float,
                    help="retention budget: largest share of the KV pool idle sessions may keep pinned (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--plot", type=Path, default=None, help="write a PNG: sessions per GPU against context length")
+    p.add_argument("--plot", type=Path, default=None, help="sessions/GPU by context, a PNG (or .svg/.pdf by suffix)")
     p.set_defaults(func=run)
 
 
@@ -374,8 +374,8 @@ def plot(args: argparse.Namespace, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    # a PNG at exactly `path` (found by review: a name without a suffix got ".png" appended, a directory's became
-    fig.savefig(path, dpi=120, format="png")  # a file beside it, and the result named `path` all the same)
+    fmt = path.suffix[1:].lower()  # at exactly `path` (review67: `chart` became chart.png), as its suffix names
+    fig.savefig(path, dpi=120, format=fmt if fmt in fig.canvas.get_supported_filetypes() else "png")  # (review68)
     plt.close(fig)
 
 

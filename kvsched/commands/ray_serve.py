@@ -4,6 +4,7 @@ OpenAI-compatible endpoint, with session-affine, load-bounded, KV-aware routing 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -71,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(describe(cfg))
     if store is not None:
-        print(f"  shared store: {'a local redis-server (started here)' if store.local else store.url} "
+        from kvsched.adapters.store.redis_store import redacted
+
+        # found by review: the URL's password (user part, ?password=, ?ssl_password=) was printed as given
+        print(f"  shared store: {'a local redis-server (started here)' if store.local else redacted(store.url)} "
               f"(KV blocks, session metadata, compaction summaries)")
     if args.dry_run:
         return 0
@@ -101,9 +105,15 @@ def check_cpus(args: argparse.Namespace) -> None:
     """--num-cpus sizes the local cluster this command starts (found by review: with --address, Ray's ValueError was
     a traceback once the config was read; a negative or NaN count was taken with --dry-run)."""
     check_args(args, num_cpus=number(0.0, 1e6))
-    if args.num_cpus is not None and args.address not in (None, "local"):
-        raise ValueError(f"--num-cpus sizes the local Ray cluster this command starts; the cluster at --address "
-                         f"{args.address} has its own CPUs (give one or the other)")
+    # found by review: a fraction, and --num-cpus with RAY_ADDRESS set (ray.init joins that cluster, as --address),
+    # passed --dry-run, then were Ray's ValueError once the config was read and a local store started
+    if args.num_cpus is not None and not float(args.num_cpus).is_integer():
+        raise ValueError(f"--num-cpus must be a whole number (Ray's resource quantities are), got {args.num_cpus:g}")
+    address = args.address if args.address is not None else os.environ.get("RAY_ADDRESS") or None
+    if args.num_cpus is not None and address not in (None, "local"):
+        where = "--address" if args.address is not None else "RAY_ADDRESS"
+        raise ValueError(f"--num-cpus sizes the local Ray cluster this command starts; the cluster at {where} "
+                         f"{address} has its own CPUs (give one or the other)")
 
 
 def _serve(args: argparse.Namespace, cfg: Any) -> int:

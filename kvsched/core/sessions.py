@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from dataclasses import dataclass
 from typing import NamedTuple, NewType
+
+from kvsched.core.unseen import unseen
 
 SessionId = NewType("SessionId", str)
 
 MAX_SESSION_ID_LEN = 128
-_UNSEEN = frozenset({"Cf", "Zl", "Zp"})  # format (bidi, zero-width), line and paragraph separators
 KNOWN_ROLES = ("orchestrator", "worker", "planner", "critic", "summarizer")
 
 
@@ -77,12 +77,8 @@ def validate_session_id(raw: object) -> SessionId:
             raise InvalidSessionInput(f"session id contains a control character (U+{ord(ch):04X})")
         if 0xD800 <= ord(ch) < 0xE000:  # a lone surrogate ("\ud800" in JSON): no UTF-8 carries it to the engine
             raise InvalidSessionInput(f"session id contains a lone surrogate (U+{ord(ch):04X})")
-    if not raw.isascii():  # ids that print alike must not be two sessions (an ASCII id has no such character)
-        for ch in raw:
-            if unicodedata.category(ch) in _UNSEEN:
-                raise InvalidSessionInput(f"session id contains an invisible or line-separating character "
-                                          f"(U+{ord(ch):04X}: bidi controls, zero-width characters and line "
-                                          f"separators make different ids print alike)")
+    if not raw.isascii() and (why := unseen(raw)) is not None:  # ids that print alike: kvsched/core/unseen.py
+        raise InvalidSessionInput(why)
     if raw != raw.strip():
         raise InvalidSessionInput("session id must not start or end with white space")
     return SessionId(raw)

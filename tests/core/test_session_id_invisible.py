@@ -2,7 +2,8 @@
 (U+202E), a zero-width space (U+200B) or a line separator (U+2028) was accepted, so `wf-1` and `wf-1` + U+200B were two
 sessions listed, logged and deleted under what reads as one name, and U+202E reverses what a log line shows after it.
 Such characters (Unicode categories Cf, Zl, Zp) are refused like control characters: HTTP 400 through every entry
-point, since each reads the id through `validate_session_id`. Visible non-ASCII ids (accents, CJK, emoji) still pass."""
+point, since each reads the id through `validate_session_id`. Visible non-ASCII ids (accents, CJK, emoji) still pass,
+and so do joiners inside a visible sequence (review68: tests/core/test_session_id_visible_sequences.py)."""
 
 from __future__ import annotations
 

@@ -58,8 +58,36 @@ def check_url(url: str) -> str:
         # to fail only at redis-py's first connection, with no StoreConfigError. Found by review. And redis-py refuses
         # a URL without the `//` of its scheme, `unix:/run/redis.sock` too, as the engine opens the store: found by
         # review, that one passed the Ray config's and the engine's start-up checks)
-        raise StoreConfigError(f"the shared store must be a redis://HOST:PORT[/DB] URL, got {redacted(url)!r}")
+        raise StoreConfigError(f"the shared store must be a redis://HOST:PORT[/DB], rediss://HOST:PORT[/DB] or "
+                               f"unix:///PATH URL, got {redacted(url)!r}")
+    if parts.scheme == "unix" and parts.hostname not in (None, "localhost"):
+        # (redis-py reads the path alone: `unix://run/redis.sock` is the socket /redis.sock. Found by review)
+        raise StoreConfigError(f"the shared store URL {redacted(url)!r} names the socket {parts.path!r}, not "
+                               f"{parts.hostname + parts.path!r}: a unix socket's URL is unix:///PATH")
+    if parts.scheme != "unix" and parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        # (redis-py reads a path that is no number as database 0, unsaid: found by review)
+        raise StoreConfigError(f"the shared store URL {redacted(url)!r}: its path names the database, a number "
+                               f"(redis://HOST:PORT/0), got {parts.path[:64]!r}")
+    _redis_reads(url)
     return url
+
+
+def _redis_reads(url: str) -> None:
+    """redis-py's own reading of `url`: its parse and the connection it would make, no I/O. Found by review: a query
+    parameter redis-py has no use for (a typo, `?pasword=`) passed the check, then every store call raised TypeError,
+    neither an outage nor an error reply, out of the engine's call; a bad `?db=` or `?socket_timeout=` raised
+    ValueError only when the engine opened the store."""
+    try:
+        import redis
+    except ImportError:  # the engine's store needs it; a driver checking a config may not have it
+        return
+    try:
+        redis.ConnectionPool.from_url(url).make_connection()
+    except (TypeError, ValueError) as exc:  # every query value hidden: a misspelt ?password= holds the password
+        parts = urlsplit(redacted(url))
+        hidden = urlencode([(k, SECRET) for k, _ in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+        raise StoreConfigError(f"the shared store URL {urlunsplit(parts._replace(query=hidden))!r} is not one "
+                               f"redis-py can use ({exc})") from None
 
 
 def redacted(url: str) -> str:

@@ -23,11 +23,17 @@ AUTO_RULE = (f"min({AUTO_POOL_MULTIPLE:g} x the KV pool's bytes, {AUTO_HOST_FRAC
 
 
 def host_memory() -> tuple[int, int]:
-    """(total, available) bytes of host memory."""
+    """(total, available) bytes of host memory: at most this process's cgroup limit (a container's: found by review,
+    the machine's whole memory was read inside a smaller container; the group's own use is not subtracted)."""
     import psutil
 
+    from kvsched.adapters.vllm.cgroup_memory import cgroup_memory_limit
+
     vm = psutil.virtual_memory()
-    return int(vm.total), int(vm.available)
+    total, available = int(vm.total), int(vm.available)
+    if (limit := cgroup_memory_limit()) is not None and limit < total:
+        return limit, min(available, limit)
+    return total, available
 
 
 def engines_per_host() -> int:
