@@ -79,12 +79,18 @@ demo: $(EXT_STAMP)
 GPU_VENV := .venv-gpu
 GPU_BIN := $(GPU_VENV)/bin
 GPU_STAMP := $(GPU_VENV)/.kvsched-gpu-installed
+# Its pip reads no pip config file and neither PIP_FIND_LINKS nor PIP_EXTRA_INDEX_URL: a find-links or extra index
+# holding torch's CPU wheels (this image's /opt/wheels, named in PIP_FIND_LINKS and in ~/.config/pip/pip.conf) gave it
+# torch 2.13.0+cpu, which pip ranks above PyPI's CUDA 2.13.0 (`PIP_FIND_LINKS=` empty is no cure: pip drops an empty
+# setting and keeps the config file's). It installs from PIP_INDEX_URL, else PyPI; tools/gpu_venv_check.py still
+# refuses a CPU torch that comes from there.
+GPU_PIP := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null $(GPU_BIN)/python -m pip
 
 $(GPU_STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/include/kvsched/*.h)
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
 	test -x $(GPU_BIN)/python || $(PY) -m venv $(GPU_VENV)
-	$(GPU_BIN)/python -m pip install -q --upgrade pip
-	KVSCHED_MYPYC=0 $(GPU_BIN)/python -m pip install -e '.[gpu,dev]'  # mypyc: built in place next, as in `install`
+	$(GPU_PIP) install -q --upgrade pip
+	KVSCHED_MYPYC=0 $(GPU_PIP) install -e '.[gpu,dev]'  # mypyc: built in place next, as in `install`
 	KVSCHED_REQUIRE_EXT=1 $(GPU_BIN)/python setup.py -q build_ext --inplace
 	touch $@
 

@@ -21,7 +21,9 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvsched", description=__doc__)
+    from kvsched.bench.args import Parser  # (a number option given text: one error line, as a number out of range)
+
+    parser = Parser(prog="kvsched", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:

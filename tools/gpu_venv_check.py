@@ -3,8 +3,9 @@ CUDA (or ROCm) build, vLLM not its CPU build, and a device visible. Each refusal
 
 torch's CPU wheels carry a local version (2.13.0+cpu) that pip ranks above PyPI's 2.13.0, so a find-links or index
 that holds them (PIP_FIND_LINKS or a pip config: the CPU install's wheel directory, /opt/wheels on kvsched's images)
-gives .venv-gpu a CPU torch whatever vLLM's CUDA wheel asks for (found by review: gpu-check then said "no CUDA device"
-on a machine that had one)."""
+gave .venv-gpu a CPU torch whatever vLLM's CUDA wheel asks for (found by review: gpu-check then said "no CUDA device"
+on a machine that had one). The Makefile's install now reads none of them (GPU_PIP); this check is the second line of
+defence, for an index (PIP_INDEX_URL) of CPU wheels or a .venv-gpu made before."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ def problem() -> str | None:
     import torch
 
     if torch.version.cuda is None and torch.version.hip is None:
-        links = os.environ.get("PIP_FIND_LINKS")
-        return (f"the GPU venv's torch {torch.__version__} is a CPU build: pip took it from a find-links or index "
-                f"holding CPU wheels{f' (PIP_FIND_LINKS={links})' if links else ''}, whose +cpu local version it ranks "
-                "above PyPI's CUDA build; drop that source for this install (`pip config list` shows the configured "
-                "ones), remove .venv-gpu and run make gpu-check again")
+        named = ", ".join(f"{k}={os.environ[k]}" for k in ("PIP_INDEX_URL", "PIP_FIND_LINKS") if os.environ.get(k))
+        return (f"the GPU venv's torch {torch.__version__} is a CPU build: pip took it from an index or find-links "
+                f"holding CPU wheels{f' ({named})' if named else ''}, whose +cpu local version it ranks above PyPI's "
+                "CUDA build. make gpu-check installs from PIP_INDEX_URL, else PyPI, reading no pip config file, "
+                "find-links or extra index (a .venv-gpu made before it did may not): point PIP_INDEX_URL at CUDA "
+                "wheels or unset it, remove .venv-gpu and run make gpu-check again")
     if (cpu_vllm := cpu_build_of_vllm()) is not None:
         return (f"the GPU venv holds vLLM's CPU build ({cpu_vllm}): remove .venv-gpu and run make gpu-check again")
     if not torch.cuda.is_available():

@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from kvsched.bench.agents_driver import TTL_HINT_S, RunRecord, prompt_messages, run_with_progress
+from kvsched.bench.agents_driver import TTL_HINT_S, RunRecord, run_with_progress
 from kvsched.bench.agents_naming import add_naming_gates, naming_of, parse_namings, with_naming_sides
 from kvsched.bench.agents_recorded import (
     RECORDER_SIDE,
@@ -38,14 +38,16 @@ from kvsched.bench.agents_report import (
     print_report,
     unbounded_reach,
 )
+from kvsched.bench.agents_sizing import count_tokens, refuse_past_host
 from kvsched.bench.args import MAX_GIB, check_args, check_out_dir, check_out_path, count, number, refuse, seed
 from kvsched.bench.common import percentile, provenance, write_json
 from kvsched.bench.engine_settings import side_settings
 from kvsched.bench.plots import grouped_bars, save_beside, side_ratios, ttft_chart
+from kvsched.bench.replay_memory import HostMemoryError
 from kvsched.bench.trace_engine import same_memory_blocks
 from kvsched.core.tier_config import AUTO_HOST_FRACTION, AUTO_POOL_MULTIPLE
 from kvsched.serving import ServerSpec, VllmServer, start_all
-from kvsched.sim.workload import Topology, Workflow, WorkloadConfig, generate
+from kvsched.sim.workload import Topology, WorkloadConfig, generate
 from kvsched.tiny_model import SIZES, ensure_tiny_model, tiny_model_dtype
 
 QUICK = WorkloadConfig(workflows=3, topology=Topology.HIERARCHICAL, workers=3, rounds=3, worker_turns=3, tool_words=60)
@@ -146,28 +148,6 @@ def workload_config(args: argparse.Namespace) -> WorkloadConfig:
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     return replace(cfg, **overrides)
-
-
-def count_tokens(model_dir: Path, workflows: list[Workflow]) -> tuple[int, int]:
-    """(working set, longest context) in tokens: every agent's final request rendered with the chat template, the
-    shared system prompt counted once (prefix caching stores it once)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    total = longest = sessions = 0
-    system = ""
-    for wf in workflows:
-        for agent in wf.agents():
-            last = prompt_messages(agent.system, agent.turns, len(agent.turns) - 1)
-            text = tok.apply_chat_template(last, add_generation_prompt=True, tokenize=False)
-            n = len(tok(text, add_special_tokens=False)["input_ids"])
-            total += n
-            longest = max(longest, n)
-            sessions += 1
-            system = agent.system
-    shared = len(tok(tok.apply_chat_template([{"role": "system", "content": system}], tokenize=False),
-                     add_special_tokens=False)["input_ids"])
-    return total - max(sessions - 1, 0) * shared, longest
 
 
 def prefill_throughput(server: VllmServer, model: str, max_model_len: int) -> float:
@@ -294,11 +274,14 @@ def run(args: argparse.Namespace) -> int:
         check(args)
     except ValueError as exc:
         return refuse("kvsched bench agents", exc)
-    if args.sweep:
-        from kvsched.bench.agents_sweep import run_sweep
+    try:
+        if args.sweep:  # (its first pressure, the lowest, needs the most memory: refused there, before any server)
+            from kvsched.bench.agents_sweep import run_sweep
 
-        return run_sweep(args)
-    result = run_benchmark(args)
+            return run_sweep(args)
+        result = run_benchmark(args)
+    except HostMemoryError as exc:  # the sides' KV memory past this host's, found before any server starts
+        return refuse("kvsched bench agents", exc)
     print_report(result)
     write_json(args.out, result)
     save_beside(args.out, lambda path: plot_run(result, path))
@@ -355,6 +338,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     # what each side's engine reads (its flags and KVSCHED_* settings): read now, so a malformed one stops the run
     # before any server starts, as `kvsched bench replay` records them (engine_settings.side_settings)
     side_config = {name: side_settings(spec) for name, spec in specs.items()}
+    refuse_past_host(args.pressure, sides, specs, side_config, shape, dtype)  # every pool and tier: the host holds them
     # Every side's server starts at once (their start-ups overlap); the sides then run one after another, each on
     # its own server while the others wait idle (no CPU), and each server stops after its side.
     servers = start_all([VllmServer(specs[name]) for name in sides])

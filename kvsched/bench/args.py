@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from kvsched.sim.trace_fields import MAX_COUNT  # tokens, blocks or sessions: far past any real figure
 
@@ -87,6 +88,49 @@ def _creatable(flag: str, path: Path, parent: Path) -> None:
             pass
     except OSError as exc:
         raise ValueError(f"{flag} {path}: cannot make a file in {parent} ({exc.strerror or exc})") from None
+
+
+class NotANumber(argparse.ArgumentTypeError):
+    """Text given to a `type=int` or `type=float` option of a `Parser`."""
+
+    def __init__(self, text: str, what: str) -> None:
+        super().__init__(f"must be {what}, got {text[:40]!r}")
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise NotANumber(text, "an integer") from None
+
+
+def _real(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise NotANumber(text, "a number") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """The `kvsched` command's parser, and so every subcommand's (`cli.build_parser`; a subparser takes its parent's
+    class): text that is not a number, given to any `type=int` or `type=float` option, is refused as the checks above
+    refuse a number, one `PROG: error: --flag must be an integer, got 'abc'` line with exit status 2. Found by review:
+    argparse printed its usage line first, then `argument --steps: invalid int value: 'abc'`. Other parse errors are
+    argparse's own."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"exit_on_error": False, **kwargs})  # parse_known_args reports its errors
+        self.register("type", int, _integer)  # (argument groups convert through their parser's registry)
+        self.register("type", float, _real)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        try:
+            return super().parse_known_args(args, namespace)
+        except argparse.ArgumentError as exc:
+            if isinstance(exc.__context__, NotANumber):
+                self.exit(2, f"{self.prog}: error: {exc.argument_name} {exc.message}\n")
+            self.error(str(exc))
 
 
 def refuse(prog: str, exc: Exception) -> int:

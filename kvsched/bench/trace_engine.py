@@ -283,7 +283,7 @@ class Setup:
 
 def prepare(args: argparse.Namespace) -> Setup:
     from kvsched.bench.engine_settings import engine_settings, tier_gib
-    from kvsched.bench.replay_memory import refuse_past_host
+    from kvsched.bench.replay_memory import refuse_past_host, side_memory
     from kvsched.sim.mooncake import cached_traces, stale_note
     from kvsched.sim.trace import Trace
     from kvsched.tiny_model import SIZES, resolve_dtype
@@ -316,10 +316,13 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise ValueError(f"--pressure {args.pressure:g} makes a pool of {asked:.4g} blocks, past {MAX_COUNT}")
     num_blocks = max(math.ceil(asked), longest_blocks + 4,
                      -(-max_model_len // BLOCK_TOKENS)) + 1  # + vLLM's null block
-    # every side's pool at once (a server a side named), in the dtype `ensure_tiny_model` builds the model in
-    refuse_past_host(args.pressure, [same_memory_blocks(num_blocks) if SIDES[s][2] else num_blocks
-                                     for s in dict.fromkeys(sides)],
-                     BLOCK_TOKENS * shape.kv_bytes_per_token(resolve_dtype(None)))
+    # every side's pool at once (a server a side named) and a kvsched side's FP8 tier as it runs, in the dtype
+    # `ensure_tiny_model` builds the model in
+    dtype = resolve_dtype(None)
+    refuse_past_host(args.pressure, [
+        side_memory(s, same_memory_blocks(num_blocks) if SIDES[s][2] else num_blocks,
+                    tier_gib(SIDES[s][1], os.environ) if SIDES[s][0] else None, shape, dtype, BLOCK_TOKENS)
+        for s in dict.fromkeys(sides)], BLOCK_TOKENS * shape.kv_bytes_per_token(dtype))
     return Setup(args, path, trace, p, sides, num_blocks, max_model_len, shape.vocab_size)
 
 
