@@ -57,4 +57,4 @@ def test_host_memory_and_the_replay_refusal_read_the_containers_limit(tmp_path, 
     total, available = tier_host.host_memory()
     assert (total, available <= 2 * GIB) == (2 * GIB, True)
     with pytest.raises(ValueError, match=r"3 blocks in all .* past this host's 2.0 GiB of memory"):
-        replay_memory.refuse_past_host(1.0, [3], GIB)  # 3 GiB of pools: past the container, not the machine
+        replay_memory.refuse_past_host(1.0, [replay_memory.SideMemory("stock", 3)], GIB)  # past the container only
