@@ -17,6 +17,7 @@ from kvsched.bench.agents import print_report, run_benchmark
 from kvsched.bench.args import check_args, check_out_path, count, refuse
 from kvsched.bench.common import RESULTS_DIR, write_json
 from kvsched.bench.plots import PlotUnavailable, ttft_chart
+from kvsched.bench.replay_memory import HostMemoryError
 
 MAX_WORKFLOWS = 1000  # a demonstration on a CPU: a thousand workflows already take hours
 
@@ -65,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
     print("kvsched demo: the same multi-agent workload (orchestrator + workers, ~2 s tool calls) through stock vLLM "
           "and through `vllm serve --scheduler kvsched`, with the same KV memory (1.5x oversubscribed).\n")
     started = time.monotonic()
-    result = run_benchmark(bench_args(args))
+    try:
+        result = run_benchmark(bench_args(args))
+    except HostMemoryError as exc:  # its servers' pools past this host's memory, found before either starts
+        return refuse("kvsched demo", exc)
     write_json(args.out, result)
     chart = args.out.with_suffix(".png")
     try:
