@@ -329,7 +329,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         recording.unlink(missing_ok=True)  # a previous run's: the engine would record beside it, not over it
     for name in sides:
         extra = {TIER_SIDE: ["--kvsched-fp8-tier-gb", f"{tier_gb:.6f}"] if tier_gb is not None else [],
-                 NO_TIER_SIDE: ["--kvsched-fp8-tier-gb", "0"], RECORDER_SIDE: ["--kvsched-fp8-tier-gb", "0"]}.get(name, [])
+                 NO_TIER_SIDE: ["--kvsched-fp8-tier-gb", "0"], RECORDER_SIDE: ["--kvsched-fp8-tier-gb", "0"],
+                 }.get(name if naming_of(name) == "header" else TIER_SIDE, [])  # kvsched:<naming>: kvsched's tier
         specs[name] = ServerSpec(model=model_dir, scheduler=SIDES.get(name, "kvsched"), max_model_len=max_model_len,
                                  block_size=BLOCK_SIZE,
                                  num_blocks=blocks.get(name, num_blocks),
