@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -109,6 +110,28 @@ def test_a_body_that_does_not_arrive_is_a_408_that_closes_the_connection(port: i
         assert f"within {BODY_TIMEOUT_S:g} s" in error["error"]["message"], error
         assert BODY_TIMEOUT_S <= took < BODY_TIMEOUT_S + 10, took
         serves(port)
+
+
+def test_slow_bodies_filling_the_ingress_hold_it_only_for_the_body_timeout(port: int) -> None:
+    """Before: four clients sending their bodies a byte a second held the ingress's four ongoing requests (its
+    `max_ongoing_requests` here) for as long as they liked, and a good request waited behind them in Ray's proxy.
+    Now each is a 408 after `body_timeout_s`, and the good request is served."""
+    slow: list[tuple[bytes, str | None]] = []
+
+    def drip() -> None:
+        slow.append(exchange(port, PATH, [b"content-length: %d" % len(GOOD)],
+                             [GOOD[i:i + 1] for i in range(len(GOOD))], every_s=1.0, timeout_s=30))
+
+    threads = [threading.Thread(target=drip, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    begun = time.monotonic()
+    serves(port)
+    assert time.monotonic() - begun < BODY_TIMEOUT_S + 10
+    for t in threads:
+        t.join(40)
+    assert [answered(answer)[0] for answer, _ in slow] == [408] * 4, slow
 
 
 def test_a_compressed_body_is_a_415_naming_its_encoding_and_never_expanded(port: int) -> None:
