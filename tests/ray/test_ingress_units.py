@@ -248,8 +248,8 @@ def test_an_ended_sessions_last_answer_does_not_send_the_next_session_under_its_
             self._b, self.headers = body, headers
             self.scope = {"headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]}
 
-        async def stream(self):  # type: ignore[no-untyped-def]
-            yield self._b
+        async def receive(self):  # type: ignore[no-untyped-def]
+            return {"type": "http.request", "body": self._b, "more_body": False}
 
     def turn(content: str, end: bool = False) -> None:
         h = {"content-type": "application/json", "x-session-id": "wf1", **({"x-session-end": "1"} if end else {})}

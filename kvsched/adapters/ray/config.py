@@ -43,6 +43,7 @@ from pydantic import (
     model_validator,
 )
 
+from kvsched.adapters.http_body import BODY_TIMEOUT_S
 from kvsched.adapters.ray.poll_settings import POLL_DEADLINE_S, ROUTING_WAIT_S, poll_problems
 from kvsched.adapters.ray.requests import MAX_BODY_BYTES, MAX_JSON_DEPTH
 from kvsched.core.routing import RouterConfig, RoutingConfigError
@@ -295,6 +296,7 @@ class RayServeConfig(_Strict):
     request_deadline_s: PositiveFloat = 300.0  # arrival to answer (or first streamed bytes), retries included
     max_body_bytes: PositiveInt = MAX_BODY_BYTES  # 64 MiB, as kvsched's vLLM middleware
     max_json_depth: PositiveInt = MAX_JSON_DEPTH  # 128, as kvsched's vLLM middleware
+    body_timeout_s: PositiveFloat = BODY_TIMEOUT_S  # a body not all arrived by then: 408 (ingress_body.py)
     store: StoreSettings | None = None
 
     @field_validator("route_prefix")

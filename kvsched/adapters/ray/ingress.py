@@ -1,6 +1,6 @@
-"""The OpenAI-compatible HTTP ingress: reads the body within size and depth limits (413/400), picks the pool (model,
-`X-Agent-Role`, session length), hands the request to that pool's engine deployment with the session id (so kvsched's
-router sees it), and ends a stream that fails midway with an OpenAI error event instead of hanging.
+"""The OpenAI-compatible HTTP ingress: reads the body within size, time and depth limits (413/408/400: ingress_body.py),
+picks the pool (model, `X-Agent-Role`, session length), hands the request to that pool's engine deployment with the
+session id (so kvsched's router sees it), and ends a stream that fails midway with an OpenAI error event.
 
 Failures: a request whose replica fails before any byte of the answer reached the client (its engine died, the replica
 actor died, the connection was refused or cut) is retried on another replica: the router sends it back to one that
@@ -36,6 +36,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from kvsched.adapters.ray.admin import broadcast_all
 from kvsched.adapters.ray.config import config_from_dict
 from kvsched.adapters.ray.hints import EngineUnavailable, RouteHints
+from kvsched.adapters.ray.ingress_body import RequestBody
 from kvsched.adapters.ray.listing import RETRY_AFTER_S, ListingError, merge, parse_listing
 from kvsched.adapters.ray.opening import OpeningRoutes
 from kvsched.adapters.ray.owners import (
@@ -56,7 +57,6 @@ from kvsched.adapters.ray.requests import (
     header_text,
     lower,
     parse_body,
-    read_body,
     refuse_repeated,
     request_id,
     session_fields,
@@ -80,8 +80,9 @@ class NoReplicaAnswered(Exception):
         self.status = status
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status, headers)
 
 
 def sse_error(message: str) -> bytes:
@@ -261,16 +262,17 @@ class OpenAIIngress:
     # ---- one generation request ---------------------------------------------------------------------------------
     async def generate(self, request: Request, path: str) -> Response:
         headers = lower(request)
+        body_in = RequestBody(request)
         try:
             check_content_type(request.headers.get("content-type"))
-            payload = parse_body(await read_body(request, self.config.max_body_bytes),
+            payload = parse_body(await body_in.read(self.config.max_body_bytes, self.config.body_timeout_s),
                                  self.config.max_body_bytes, self.config.max_json_depth)
             refuse_repeated(request.scope.get("headers", ()))  # kvsched's headers, as the engines read them
             session = session_fields(payload, headers | utf8_headers(headers))
             stream = stream_flag(payload)
             rid = request_id(request)  # the engine serves under the id Ray's proxy answers
-        except BadRequest as exc:
-            return error(exc.status, exc.message, param=exc.param)
+        except BadRequest as exc:  # answered once the rest of the body is drained, if need be (ingress_body.py)
+            return error(exc.status, exc.message, param=exc.param, headers=await body_in.before_refusal(exc))
         model = payload.get("model")
         if model is not None and not isinstance(model, str):
             return error(400, "model must be a string", param="model")

@@ -83,6 +83,18 @@ def check_content_type(value: str | None) -> None:
         raise BadRequest(415, f"Content-Type must be application/json, got {value[:60]!r}", param="content-type")
 
 
+def check_content_encoding(value: str | None) -> None:
+    """Refuse (415) a body sent compressed (any Content-Encoding but `identity`): neither the ingress nor kvsched's
+    engines decompress one. Found by probing: a gzip body was "not valid JSON" (400), which hid the cause; a zip bomb
+    never expands here (nothing decompresses it)."""
+    if value is None:
+        return
+    codings = [c.strip().lower() for c in value.split(",") if c.strip()]
+    if any(c != "identity" for c in codings):
+        raise BadRequest(415, f"Content-Encoding {value[:40]!r} is not supported: send the JSON body uncompressed",
+                         param="content-encoding")
+
+
 def check_length(content_length: str | None, max_bytes: int = MAX_BODY_BYTES) -> None:
     """Refuse a declared body over the limit before reading it."""
     if content_length is None:
@@ -200,15 +212,3 @@ def stream_flag(payload: dict[str, Any]) -> bool:
 def estimate_tokens(payload: dict[str, Any]) -> int:
     text = payload.get("messages") if "messages" in payload else payload.get("prompt")
     return len(json.dumps(text)) // CHARS_PER_TOKEN if text is not None else 0
-
-
-async def read_body(request: Any, max_bytes: int) -> bytes:
-    """The body, refused (413) as soon as it is over `max_bytes`, declared or not."""
-    check_length(request.headers.get("content-length"), max_bytes)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise BadRequest(413, f"request body is over {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)

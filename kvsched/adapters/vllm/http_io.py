@@ -1,17 +1,24 @@
 """ASGI plumbing for kvsched's middleware: bounded body reading, bounded JSON parsing, header decoding, JSON answers.
 
 Limits are what a hostile client meets first: a body over MAX_BODY_BYTES gets 413 (never read past the limit), JSON
-nested deeper than MAX_JSON_DEPTH gets 400 (Python's parser would otherwise raise RecursionError, a 500).
+nested deeper than MAX_JSON_DEPTH gets 400 (Python's parser would otherwise raise RecursionError, a 500), a body not
+all arrived within BODY_TIMEOUT_S 408 (found by probing: a Content-Length larger than the body sent, or a byte a
+second, held the request for as long as the client kept the connection; uvicorn has no body timeout), a compressed
+body on the generation routes 415 (neither kvsched nor vLLM decompresses one: vLLM answered "There was an error
+parsing the body"). A body refused before it was all read, on a connection that closes after the answer, is drained
+(within bounds) before the answer goes, or the client gets a reset instead (`adapters/http_body.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import compress
 from typing import Any
 
+from kvsched.adapters.http_body import BODY_TIMEOUT_S, closes_after_answer, drain
 from kvsched.core.client_fields import repeated_header
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -25,14 +32,18 @@ Scope = dict[str, Any]
 class HttpError(Exception):
     """An answer to send instead of forwarding the request: status + OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | int | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | int | None = None,
+                 unread: bool = False, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.body = error_body(message, param, status if code is None else code)
+        self.unread = unread  # refused before the whole body was read: drained first on a closing connection
+        self.close = close  # answered with `Connection: close` (the rest of the body is not read)
 
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
-               405: "MethodNotAllowed", 413: "RequestTooLarge", 503: "ServiceUnavailable"}
+               405: "MethodNotAllowed", 408: "RequestTimeout", 413: "RequestTooLarge", 415: "UnsupportedMediaType",
+               503: "ServiceUnavailable"}
 
 
 def error_body(message: str, param: str | None = None, code: str | int = 400) -> dict[str, Any]:
@@ -55,23 +66,48 @@ def declared_length(scope: Scope) -> int | None:
     return None
 
 
-async def read_body(scope: Scope, receive: Any, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The whole request body, refusing (413) as soon as the declared or received size passes `limit`."""
+async def read_body(scope: Scope, receive: Any, limit: int = MAX_BODY_BYTES,
+                    timeout_s: float | None = BODY_TIMEOUT_S) -> bytes:
+    """The whole request body, refusing (413) as soon as the declared or received size passes `limit`, and (408) if it
+    has not all arrived within `timeout_s` (None: no limit)."""
     declared = declared_length(scope)
     if declared is not None and declared > limit:
-        raise HttpError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+        raise HttpError(413, f"request body of {declared} bytes is over the limit of {limit} bytes", unread=True)
     chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise Disconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise Disconnected
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise HttpError(413, f"request body is over the limit of {limit} bytes",
+                                    unread=bool(message.get("more_body", False)))
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise HttpError(408, f"the request body did not arrive within {timeout_s:g} s (received {size} bytes)",
+                        close=True) from None
+
+
+def check_content_encoding(raw: dict[str, bytes]) -> None:
+    """HttpError 415 for a body sent compressed (a Content-Encoding but `identity`): nothing decompresses it, so a zip
+    bomb never expands, and the client is told why its body is refused."""
+    value = raw.get("content-encoding")
+    if value is not None and any(c.strip().lower() not in (b"", b"identity") for c in value.split(b",")):
+        raise HttpError(415, f"Content-Encoding {value[:40].decode('latin-1')!r} is not supported: send the JSON body "
+                             f"uncompressed", param="content-encoding", unread=True)
+
+
+async def refuse(scope: Scope, receive: Any, send: Any, exc: HttpError, content: Any) -> None:
+    """Answer `exc` with `content`: a body left unread on a connection that closes after the answer is drained first
+    (`http_body.drain`), and a 408 closes the connection."""
+    if exc.unread and closes_after_answer(scope):
+        await drain(receive)
+    await send_json(send, exc.status, content, [(b"connection", b"close")] if exc.close else [])
 
 
 def parse_json(body: bytes, max_containers: int | None = None) -> Any:
@@ -191,10 +227,11 @@ def with_request_id(send: Any, request_id: bytes | None) -> Any:
     return sending
 
 
-async def send_json(send: Any, status: int, content: Any) -> None:
+async def send_json(send: Any, status: int, content: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps(content).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or ())]})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -6,7 +6,8 @@ Added by the plugin to a `vllm serve` that runs kvsched's scheduler (and a stric
 - generation requests (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/messages`) get their session
   fields validated (HTTP 400 naming the field) and written canonically into `vllm_xargs`, which is how they reach the
   engine-core scheduler (`request_fields.py`; precedence in `kvsched.core.client_fields`), plus the caller's tenant;
-  bodies over 64 MiB get 413 and JSON nested too deep 400 (`http_io.py`);
+  bodies over 64 MiB get 413, JSON nested too deep 400, a body not all arrived within 60 s 408 and a compressed one
+  415 (`http_io.py`); a refused body is drained before the answer on a closing connection (`adapters/http_body.py`);
 - chat requests may be compacted (`compaction.py`), as the operator's settings allow; one that vLLM refuses for
   what the rewrite may have caused is sent again as the client sent it (`compaction_outcome.py`);
 - `GET /kvsched/sessions` and `DELETE /kvsched/sessions[/{id}]` are served, scoped to the caller (`admin_routes.py`);
@@ -22,6 +23,7 @@ import json
 from typing import Any
 from urllib.parse import parse_qs
 
+from kvsched.adapters.http_body import BODY_TIMEOUT_S
 from kvsched.adapters.vllm import admin_routes, compat
 from kvsched.adapters.vllm.auth import Auth
 from kvsched.adapters.vllm.compaction import STRATEGY_HEADER, Compactor
@@ -33,11 +35,13 @@ from kvsched.adapters.vllm.http_io import (
     HttpError,
     Scope,
     body_kind,
+    check_content_encoding,
     error_body,
     first_headers,
     form_fields,
     parse_json,
     read_body,
+    refuse,
     refuse_repeated,
     replace_header,
     replay,
@@ -68,6 +72,7 @@ class KVSchedMiddleware:
         self.app = app
         self._active: bool | None = None
         self.rejected = 0  # requests refused for malformed session input (exported as a metric)
+        self.body_timeout_s = BODY_TIMEOUT_S  # a generation request's body not all arrived by then: 408 (http_io.py)
         self.auth = Auth()
         self.responses = ResponseSessions()  # /v1/responses ids -> sessions, for previous_response_id
         self.compaction = Compactor(app)  # context compaction (KVSCHED_COMPACTION*), see compaction.py
@@ -143,7 +148,8 @@ class KVSchedMiddleware:
                         tenant: str | None) -> None:
         outcome, reply = UNCHANGED, self._reply(scope, raw, send)
         try:
-            body = await read_body(scope, receive)
+            check_content_encoding(raw)
+            body = await read_body(scope, receive, timeout_s=self.body_timeout_s)
             payload = parse_json(body, MAX_JSON_CONTAINERS)
             if isinstance(payload, dict):  # anything else is not ours to judge: vLLM answers malformed JSON itself
                 refuse_repeated(scope, (*SESSION_HEADERS, STRATEGY_HEADER))
@@ -165,7 +171,8 @@ class KVSchedMiddleware:
             return
         except HttpError as exc:
             # Anthropic's clients read {"type": "error", "error": {...}}; the OpenAI shape otherwise.
-            await send_json(reply, exc.status, {"type": "error", **exc.body} if path == "/v1/messages" else exc.body)
+            content = {"type": "error", **exc.body} if path == "/v1/messages" else exc.body
+            await refuse(scope, receive, reply, exc, content)
             return
         await outcome.forward(self.app, scope, body, receive, send)  # a refused rewrite is sent again as sent
 
@@ -190,7 +197,7 @@ class KVSchedMiddleware:
             await send_json(self._reply(scope, raw, send), 400, error_body(str(exc), param=exc.field or "session"))
             return
         except HttpError as exc:
-            await send_json(self._reply(scope, raw, send), exc.status, exc.body)
+            await refuse(scope, receive, self._reply(scope, raw, send), exc, exc.body)
             return
         await self.app(scope, replay(body, receive), send)  # what was parsed for the check is gone by now
 
@@ -204,7 +211,8 @@ class KVSchedMiddleware:
         review found ~130 bytes of memory per byte of body and seconds of stall); the parse is what vLLM's own costs."""
         if path in SESSION_ROUTES and path not in XARGS_ONLY_ROUTES:  # vLLM reads the first X-Session-Id there
             refuse_repeated(scope, ("x-session-id",))
-        body = await read_body(scope, receive, limit=SCAN_BODY_BYTES)  # a route kvsched does not limit
+        # a route kvsched does not limit, in size or time (vLLM's own, up to a GiB: its audio forms, say)
+        body = await read_body(scope, receive, limit=SCAN_BODY_BYTES, timeout_s=None)
         if kind == "json" and not needs_scan(body, tenant, path, "x-session-id" in raw):
             return body  # nothing of kvsched's can be in it: vLLM parses it once
         fields = [parse_json(body)] if kind == "json" else await form_fields(scope, body) or []
