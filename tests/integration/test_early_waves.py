@@ -85,3 +85,33 @@ def test_the_plan_engine_spawns_at_the_first_test_after_the_fp8_tier_modules(wav
     assert early.take(early.PLAN) is not None
     early.spawn_later(IDS[3])
     assert early.PLAN not in early.SPAWNED
+
+
+def test_a_module_whose_servers_were_not_spawned_starts_its_own_and_stops_them(
+        wave: dict[str, bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest.started_early, nothing spawned under the key: each launched, waited for, and stopped at the end."""
+    from tests.integration.conftest import started_early
+
+    events: list[str] = []
+
+    class Ready(Server):
+        def launch(self) -> Ready:
+            events.append(f"launch {self.spec}")
+            return super().launch()  # type: ignore[return-value]
+
+        def wait_ready(self) -> Ready:
+            events.append(f"ready {self.spec}")
+            return self
+
+        def stop(self) -> None:
+            events.append(f"stop {self.spec}")
+
+    import kvsched.serving
+
+    monkeypatch.setattr(kvsched.serving, "VllmServer", Ready)
+    with started_early(early.FP8_TIER, {"a": "x", "b": "y"}) as named:
+        assert sorted(named) == ["a", "b"] and events == ["launch x", "launch y", "ready x", "ready y"]
+    assert events[4:] == ["stop x", "stop y"]
+    wave["now"] = True
+    early.spawn_later(IDS[1])
+    assert early.FP8_TIER not in early.SPAWNED  # taken (nothing): no copy spawned behind it
