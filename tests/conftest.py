@@ -68,11 +68,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
-    """Each test's start (before its setup, so also when a mark skips it): `DEMO_AT`'s starts the demo."""
-    if DEMO_AT[0] is not None and nodeid == DEMO_AT[0]:
-        from tests.integration import early
+    """Each test's start (before its setup, so also when a mark skips it): `DEMO_AT`'s starts the demo; the
+    integration package's second wave of start-ups begins at the first after its first is over (early.spawn_later)."""
+    from tests.integration import early
 
+    if DEMO_AT[0] is not None and nodeid == DEMO_AT[0]:
         early.spawn_demo()
+    early.spawn_later(nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -6,6 +6,8 @@ stock vLLM's and the fp8 KV cache's (servers.py)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 
 from tests.integration import early
@@ -39,11 +41,16 @@ def launched(tiny_model_dir, secure_recording):
 
 
 def ready(launched, name):
-    """`launched[name]`, serving. One whose port was taken before it bound it (picked free at its launch, which may be
-    long before: early.py) is launched again on another port, once."""
+    """`launched[name]`, serving (`ready_server`; the one launched again replaces it in `launched`)."""
+    launched[name] = ready_server(launched[name])
+    return launched[name]
+
+
+def ready_server(server):
+    """`server`, serving. One whose port was taken before it bound it (picked free at its launch, which may be long
+    before: early.py) is launched again on another port, once: that one is returned."""
     from kvsched.serving import VllmServer
 
-    server = launched[name]
     for attempt in (1, 2):
         try:
             return server.wait_ready()
@@ -51,8 +58,29 @@ def ready(launched, name):
             server.stop()
             if attempt == 2 or not isinstance(exc, RuntimeError) or "address already in use" not in str(exc).lower():
                 raise
-        server = launched[name] = VllmServer(server.spec).launch()
+        server = VllmServer(server.spec).launch()
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def started_early(key, specs):
+    """A module's own servers, serving, by name: those early.py spawned under `key` (once the session's first
+    start-ups were over), else launched now, together; all stopped at the block's end (a failed start-up stops them
+    too, and raises)."""
+    pytest.importorskip("vllm")
+    from kvsched.serving import VllmServer
+
+    named = early.take(key) or {name: VllmServer(spec) for name, spec in specs.items()}
+    try:
+        for server in named.values():
+            if server.proc is None:
+                server.launch()
+        for name in named:
+            named[name] = ready_server(named[name])
+        yield named
+    finally:
+        for server in named.values():
+            server.stop()
 
 
 @pytest.fixture(scope="package")

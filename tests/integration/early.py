@@ -10,7 +10,14 @@ and the demo starts at `DEMO_WITH`'s first test (`demo_starts_at`): from there t
 Serve modules, waiting on scrape deadlines, then tests/sim and the top-level tests) ~75 s ran at ~1 busy core (suite67's
 sampler, Xeon model 167). Beside the unit tests at the session's start (suite66) it took CPU those tests and the
 start-ups above needed. A session without that module starts it at the first test after tests/integration and
-tests/ray (`BUSY_PACKAGES`), or with the start-ups when no test comes after them."""
+tests/ray (`BUSY_PACKAGES`), or with the start-ups when no test comes after them.
+A second wave (`LATER`: test_fp8_tier's three servers, servers.fp8_tier_specs) is spawned once the first is over (its
+servers answer /health, its failing start-ups have exited: `first_wave_over`, checked at a test's start every
+`WAVE_CHECK_S`), not beside it nor in front of its module: where its set-up waited 43 s for them (helper suite68), they
+start while the unit phase's last tests, whose first-wave start-ups are done, leave a core idle, and the first
+integration modules run. The wave's memory is that of the module's servers beside the package's, as when it runs.
+test_plan_vllm's own engine (`PLAN`, servers.plan_specs) is spawned at the first test after test_fp8_tier's (their
+memory back), its start-up beside the light modules between, where it kept that module's set-up waiting 18-24 s."""
 
 from __future__ import annotations
 
@@ -21,11 +28,19 @@ from typing import Any
 
 import pytest
 
-SPAWNED: dict[str, Any] = {}  # "servers": name -> VllmServer (launched), "failing": procs.Started, "recording": Path,
-# "demo": (procs.Started, its result file)
+SPAWNED: dict[str, Any] = {}  # "servers" and `FP8_TIER`: name -> VllmServer (launched), "failing": procs.Started,
+# "recording": Path, "demo": (procs.Started, its result file)
 DEMO_FIXTURE = "demo_run"
 BUSY_PACKAGES = ("tests/integration/", "tests/ray/")  # their tests run servers and clusters: both cores busy
 DEMO_WITH = "tests/ray/test_serve_blocked_metrics.py"  # the demo starts with it: ~1 core idle from there on
+FP8_TIER = "fp8_tier"  # SPAWNED's key of test_fp8_tier's servers (its `servers` fixture takes them)
+PLAN = "plan"  # test_plan_vllm's engine (its `engines` fixture takes it), spawned at the first test after FP8_TIER's
+LATER = {FP8_TIER: "tests/integration/test_fp8_tier.py::", PLAN: "tests/integration/test_plan_vllm.py::"}  # key ->
+# the node ids that use it
+WAVE_CHECK_S = 2.0
+_wave: dict[str, Any] = {}  # "due": the `LATER` keys not spawned yet nor taken, "model": the tiny model, "first": the
+# first wave's servers and failing start-ups (kept when the fixtures take them), "checked": when `first_wave_over` last
+# looked, "plan_at": the node id whose start spawns PLAN's
 
 
 def _uses(items: list[pytest.Item], *fixtures: str) -> bool:
@@ -92,18 +107,78 @@ def spawn(model: Path, items: list[pytest.Item]) -> None:
     starts = failing_starts(model)
     SPAWNED["failing_names"] = list(starts)
     SPAWNED["failing"] = start_together([argv for argv, _ in starts.values()], [env for _, env in starts.values()])
+    _wave["first"] = (list(SPAWNED["servers"].values()), SPAWNED["failing"])
+    plan_later(model, items)
+
+
+def plan_later(model: Path, items: list[pytest.Item]) -> None:
+    """What `spawn_later` will spawn for these items: test_fp8_tier's servers, and test_plan_vllm's engine at the first
+    test after test_fp8_tier's."""
+    ids = [item.nodeid for item in items]
+    if any(n.startswith(LATER[FP8_TIER]) for n in ids):
+        _wave["model"], _wave["due"] = model, {FP8_TIER}
+        last = max(i for i, n in enumerate(ids) if n.startswith(LATER[FP8_TIER]))
+        if any(n.startswith(LATER[PLAN]) for n in ids[last:]) and last + 1 < len(ids):
+            _wave["plan_at"] = ids[last + 1]
+            _wave["due"].add(PLAN)
+
+
+def first_wave_over() -> bool:
+    """Every failing start-up of the first wave has exited and each of its servers answers /health (or has exited:
+    a fixture stopped it, or its start failed and its fixture says so)."""
+    import urllib.request
+
+    servers, failing = _wave["first"]
+    if any(proc.poll() is None for proc in failing.procs):
+        return False
+    for server in servers:
+        if server.proc is not None and server.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(server.base + "/health", timeout=1) as r:
+                    if r.status != 200:
+                        return False
+            except OSError:
+                return False
+    return True
+
+
+def spawn_later(nodeid: str) -> None:
+    """At a test's start: the second wave, if one is due and the first is over (looked at every `WAVE_CHECK_S`); at
+    the first test after test_fp8_tier's (its three servers stopped: their memory back), test_plan_vllm's engine, so
+    that its start-up overlaps the light modules between (test_fuzz, test_hostile_clients)."""
+    import tempfile
+    import time
+
+    from kvsched.serving import VllmServer
+    from tests.integration.servers import fp8_tier_specs, plan_specs
+
+    due = _wave.get("due", set())
+    if PLAN in due and nodeid == _wave["plan_at"]:
+        due.discard(PLAN)
+        specs, _ = plan_specs(_wave["model"], Path(tempfile.mkdtemp(prefix="kvsched-config-only-")))
+        SPAWNED[PLAN] = {name: VllmServer(spec).launch() for name, spec in specs.items()}
+    if FP8_TIER not in due or time.monotonic() - _wave.get("checked", 0.0) < WAVE_CHECK_S:
+        return
+    _wave["checked"] = time.monotonic()
+    if first_wave_over():
+        due.discard(FP8_TIER)
+        SPAWNED[FP8_TIER] = {name: VllmServer(spec).launch() for name, spec in fp8_tier_specs(_wave["model"]).items()}
 
 
 def take(key: str) -> Any:
-    """What `spawn` left under `key`, once (None if nothing was spawned): the fixture taking it owns it from then."""
+    """What `spawn` (or `spawn_later`) left under `key`, once (None if nothing was spawned: then nothing will be, the
+    fixture taking it starts its own): the fixture taking it owns it from then."""
+    _wave.get("due", set()).discard(key)
     return SPAWNED.pop(key, None)
 
 
 def stop_untaken() -> None:
     from tests.integration.procs import stop
 
-    for server in (SPAWNED.pop("servers", None) or {}).values():
-        server.stop()
+    for key in ("servers", *LATER):
+        for server in (SPAWNED.pop(key, None) or {}).values():
+            server.stop()
+    _wave.clear()
     if (failing := SPAWNED.pop("failing", None)) is not None:
         stop(failing)
     if (demo := SPAWNED.pop("demo", None)) is not None:

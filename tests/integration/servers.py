@@ -14,7 +14,7 @@ from kvsched.ops.cpu_features import cpu_features
 from kvsched.serving import ServerSpec
 from tests.integration.secure import ENV as SECURE_ENV
 from tests.integration.secure import KEYS
-from tests.vllm_layout import worker
+from tests.vllm_layout import DEFAULT_LAYOUT, worker
 
 COMPACTION_TRIGGER = 300
 COMPACTION_MAX_MODEL_LEN = 4096
@@ -23,7 +23,9 @@ COMPACTION_ENV = {
     "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2", "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "48",
     "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1", "KVSCHED_COMPACTION_CAP_TOKENS": "1000",
     "KVSCHED_COMPACTION_RETRY_AFTER_S": "600", "KVSCHED_COMPACTION_CLIENT_STRATEGIES": "sliding_window,cap"}
-FP8_MAX_LEN = (48 - 1) * 32  # test_fp8_tier.MAX_LEN: one request may fill every block of the 48 but one
+FP8_POOL_BLOCKS = 48
+FP8_MAX_LEN = (FP8_POOL_BLOCKS - 1) * 32  # test_fp8_tier.MAX_LEN: one request may fill every block of the 48 but one
+FP8_TP_TIER_GIB = 0.05
 COMPACTION_TEMPLATE_ARGS = ["--trust-request-chat-template", "--enable-auto-tool-choice", "--tool-call-parser",
                             "pythonic"]
 
@@ -56,6 +58,59 @@ def package_specs(model: Path, recording: Path) -> dict[str, ServerSpec]:
                                      extra_args=["--kv-cache-dtype", "fp8", "--kvsched-fp8-tier-gb", "0.05"],
                                      env={"KVSCHED_ADMIN_KEYS": "tier-admin"}, worker=worker())
     return specs
+
+
+def fp8_tier_specs(model: Path) -> dict[str, ServerSpec]:
+    """test_fp8_tier's own servers (its `servers` fixture), started together: the tier (its worker in a process of its
+    own, as the CPU build runs it), a tier whose every slot is corrupted after its checksum (its worker in the engine
+    core, as the suite's other servers: tests/vllm_layout.py) and a tier of a tensor-parallel engine (two ranks: a
+    worker process each, whatever the switch). Spawned once the session's first start-ups are over (early.py), else by
+    the fixture."""
+    tier = ["--kvsched-fp8-tier-gb", "0.05"]
+    admin = {"KVSCHED_ADMIN_KEYS": "tier-admin"}
+    return {
+        "tier": ServerSpec(model=model, scheduler="kvsched", max_model_len=FP8_MAX_LEN, num_blocks=FP8_POOL_BLOCKS,
+                           extra_args=tier, env=admin, worker=DEFAULT_LAYOUT),
+        "faulty": ServerSpec(model=model, scheduler="kvsched", max_model_len=FP8_MAX_LEN, num_blocks=FP8_POOL_BLOCKS,
+                             env={"KVSCHED_TIER_FAULT_EVERY": "1"}, extra_args=tier, worker=worker()),
+        "tp": ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=FP8_POOL_BLOCKS, env=admin,
+                         extra_args=["--kvsched-fp8-tier-gb", str(FP8_TP_TIER_GIB), "--tensor-parallel-size", "2"],
+                         worker=DEFAULT_LAYOUT)}
+
+
+PLAN_BLOCK = 32
+
+
+def plan_kv_spec(model_dir: Path, kv_gib: int, extra_args: list[str]) -> ServerSpec:
+    """test_plan_vllm's stock vLLM sizing its KV pool from `kv_gib` (VLLM_CPU_KVCACHE_SPACE), its log at INFO."""
+    return ServerSpec(model=model_dir, scheduler=None, max_model_len=512, block_size=PLAN_BLOCK, kv_cache_gib=kv_gib,
+                      env={"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)},
+                      dtype="bfloat16", extra_args=extra_args, worker=worker())
+
+
+def config_only_llama(tiny_model_dir: Path, out: Path) -> Path:
+    """A Llama shape vLLM has never seen, with no weights (`--load-format dummy` fills them)."""
+    import json
+    import shutil
+
+    for f in tiny_model_dir.iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg.update(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, num_hidden_layers=6,
+               intermediate_size=2048)
+    cfg.pop("head_dim", None)  # derived: hidden / heads = 64
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def plan_specs(tiny_model_dir: Path, out: Path) -> tuple[dict[str, ServerSpec], str]:
+    """test_plan_vllm's own engine (the config-only Llama written to `out`, 2 GiB of FP8 KV cache where the CPU backend
+    supports one, else bf16) by name, and that KV dtype. Spawned when test_fp8_tier's servers are stopped (early.py),
+    else by its fixture."""
+    kv_dtype = "fp8" if cpu_features().fp8_kv_cache else "bf16"
+    extra = ["--load-format", "dummy", "--kv-cache-dtype", "fp8"] if kv_dtype == "fp8" else ["--load-format", "dummy"]
+    return {"config-only": plan_kv_spec(config_only_llama(tiny_model_dir, out), 2, extra)}, kv_dtype
 
 
 SERVE_KEY = "test-key"

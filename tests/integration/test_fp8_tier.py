@@ -12,50 +12,35 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from kvsched.serving import ServerSpec, VllmServer, start_all  # noqa: E402
-from tests.integration.servers import SERVED_BAD_TIER_SIZE  # noqa: E402
+from tests.integration import early  # noqa: E402
+from tests.integration.conftest import started_early  # noqa: E402
+from tests.integration.servers import (  # noqa: E402
+    FP8_MAX_LEN,
+    FP8_POOL_BLOCKS,
+    FP8_TP_TIER_GIB,
+    SERVED_BAD_TIER_SIZE,
+    fp8_tier_specs,
+)
 from tests.vllm_layout import DEFAULT_LAYOUT, runs_worker_apart, worker  # noqa: E402
 
 pytestmark = pytest.mark.integration
 SYSTEM = "You are a careful research agent. Use the tools. " * 8
-POOL_BLOCKS = 48
-MAX_LEN = (POOL_BLOCKS - 1) * 32  # vLLM keeps one block back (the null block): a request may fill the rest (`flood`)
+POOL_BLOCKS = FP8_POOL_BLOCKS
+MAX_LEN = FP8_MAX_LEN  # vLLM keeps one block back (the null block): a request may fill the rest (`flood`)
 GIB = 2**30
-TP_TIER_GIB = 0.05
+TP_TIER_GIB = FP8_TP_TIER_GIB
 ADMIN = {"Authorization": "Bearer tier-admin"}  # sees and ends every session, salted or inferred too
-
-
-def serve(model, *extra):
-    """The module's main tier server, in the CPU build's own layout (the worker in a process of its own: where the
-    rest of the suite's servers run it in the engine core, tests/vllm_layout.py)."""
-    return VllmServer(ServerSpec(model=model, scheduler="kvsched", max_model_len=MAX_LEN, num_blocks=POOL_BLOCKS,
-                                 extra_args=["--kvsched-fp8-tier-gb", "0.05", *extra],
-                                 env={"KVSCHED_ADMIN_KEYS": "tier-admin"}, worker=DEFAULT_LAYOUT))
 
 
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir):
-    """Every server of this module, started at once (their start-ups overlap; one waiting idle takes no CPU): the
-    tier (its worker in a process of its own, as the CPU build runs it), a tier whose every slot is corrupted after its
-    checksum (its worker in the engine core, as the suite's other servers: tests/vllm_layout.py) and a tier of a
-    tensor-parallel engine (two ranks: a worker process each, whatever the switch).
-    The tier over an fp8 KV cache is the package's fp8 server (conftest.fp8_kv_server: test_fp8_kv's, with the same
-    tier, pool and admin key); what a restored turn must decode exactly like is the package's stock vLLM
-    (`plain_server`)."""
-    named = {"tier": serve(tiny_model_dir),
-             "faulty": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=MAX_LEN,
-                                             num_blocks=POOL_BLOCKS, env={"KVSCHED_TIER_FAULT_EVERY": "1"},
-                                             extra_args=["--kvsched-fp8-tier-gb", "0.05"], worker=worker())),
-             "tp": VllmServer(ServerSpec(model=tiny_model_dir, scheduler="kvsched", max_model_len=1024,
-                                         num_blocks=POOL_BLOCKS, env={"KVSCHED_ADMIN_KEYS": "tier-admin"},
-                                         extra_args=["--kvsched-fp8-tier-gb", str(TP_TIER_GIB),
-                                                     "--tensor-parallel-size", "2"], worker=DEFAULT_LAYOUT))}
-    start_all(list(named.values()))
-    try:
+    """Every server of this module (servers.fp8_tier_specs: the tier in the CPU build's own layout, a tier corrupting
+    every slot, a tensor-parallel tier), spawned together once the session's first start-ups were over (early.py),
+    else now; one waiting idle takes no CPU. The tier over an fp8 KV cache is the package's fp8 server
+    (conftest.fp8_kv_server: test_fp8_kv's, with the same tier, pool and admin key); what a restored turn must decode
+    exactly like is the package's stock vLLM (`plain_server`)."""
+    with started_early(early.FP8_TIER, fp8_tier_specs(tiny_model_dir)) as named:
         yield named
-    finally:
-        for server in named.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ vLLM reports its pool twice at start-up: the INFO log line "CPU KV cache size: N
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,21 +15,19 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvsched.core.planner import GIB, ModelShape, kv_capacity_tokens  # noqa: E402
-from kvsched.ops.cpu_features import cpu_features  # noqa: E402
 from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
-from tests.integration.conftest import launch_meanwhile  # noqa: E402
-from tests.vllm_layout import worker  # noqa: E402
+from tests.integration import early  # noqa: E402
+from tests.integration.conftest import launch_meanwhile, started_early  # noqa: E402
+from tests.integration.servers import PLAN_BLOCK, config_only_llama, plan_kv_spec, plan_specs  # noqa: E402, F401
 
 pytestmark = pytest.mark.integration
-BLOCK = 32
+BLOCK = PLAN_BLOCK
 LOG_LINE = re.compile(r"KV cache size: ([\d,]+) tokens")
 INFO_BLOCKS = re.compile(r'num_gpu_blocks="(\d+)"')
 
 
 def kv_spec(model_dir: Path, kv_gib: int, extra_args: list[str]) -> ServerSpec:
-    return ServerSpec(model=model_dir, scheduler=None, max_model_len=512, block_size=BLOCK, kv_cache_gib=kv_gib,
-                      env={"VLLM_LOGGING_LEVEL": "INFO", "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)},
-                      dtype="bfloat16", extra_args=extra_args, worker=worker())
+    return plan_kv_spec(model_dir, kv_gib, extra_args)
 
 
 def kv_tokens(server: VllmServer) -> tuple[int, int]:
@@ -45,32 +41,18 @@ def kv_tokens(server: VllmServer) -> tuple[int, int]:
     return int(match.group(1).replace(",", "")), blocks.pop() * BLOCK
 
 
-def config_only_llama(tiny_model_dir: Path, out: Path) -> Path:
-    """A Llama shape vLLM has never seen, with no weights (`--load-format dummy` fills them)."""
-    for f in tiny_model_dir.iterdir():
-        if f.suffix != ".safetensors" and f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    cfg = json.loads((tiny_model_dir / "config.json").read_text())
-    cfg.update(hidden_size=1024, num_attention_heads=16, num_key_value_heads=4, num_hidden_layers=6,
-               intermediate_size=2048)
-    cfg.pop("head_dim", None)  # derived: hidden / heads = 64
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out
-
-
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir, tmp_path_factory, stock_server, request):
     """The tiny model with 1 GiB of bf16 KV cache (the package's stock vLLM, conftest.stock_server: its pool sized by
     vLLM, INFO log), and the config-only Llama with 2 GiB of FP8 KV cache where the CPU backend supports one (AVX-512
-    or AMX), else bf16."""
-    config_only = config_only_llama(tiny_model_dir, tmp_path_factory.mktemp("config-only-llama"))
-    kv_dtype = "fp8" if cpu_features().fp8_kv_cache else "bf16"
-    extra = ["--load-format", "dummy", "--kv-cache-dtype", "fp8"] if kv_dtype == "fp8" else ["--load-format", "dummy"]
+    or AMX), else bf16 (servers.plan_specs: spawned as test_fp8_tier's servers stopped, early.py, else now)."""
+    specs, kv_dtype = plan_specs(tiny_model_dir, tmp_path_factory.mktemp("config-only-llama"))
     assert stock_server.spec.env["VLLM_CPU_KVCACHE_SPACE"] == "1" and stock_server.spec.num_blocks is None
     assert stock_server.spec.dtype == "bfloat16" and stock_server.spec.block_size == BLOCK
     launch_meanwhile(request, "serve_launched")  # test_serve's server: its start-up overlaps this one's
-    with VllmServer(kv_spec(config_only, 2, extra)) as other:
-        yield {"tiny": kv_tokens(stock_server), "config-only": (config_only, kv_dtype, kv_tokens(other))}
+    with started_early(early.PLAN, specs) as named:
+        other = named["config-only"]
+        yield {"tiny": kv_tokens(stock_server), "config-only": (other.spec.model, kv_dtype, kv_tokens(other))}
 
 
 def check(shape: ModelShape, kv_dtype: str, kv_gib: int, logged: int, from_metrics: int) -> None:
