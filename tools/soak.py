@@ -93,6 +93,10 @@ def verdict(log: Log, tol: float | None = None) -> dict[str, Any]:
         if verdict_ == "mismatch":
             out["mismatches"].append({"messages": messages, "subject": a.tokens, "stock": b.tokens,
                                       "subject_text": a.text, "stock_text": b.text, "drift": drift, "gap": gap})
+    # the check's power on this model: each turn against stock's answer to another turn's prompt (wrong KV's kind)
+    subject = [(a, b) for kind, a, b, _ in log.pairs if kind == "subject"]
+    control = [judge(a, subject[i - 1][1], tol)[0] for i, (a, _) in enumerate(subject) if len(subject) > 1]
+    out.update(control_pairs=len(control), control_caught=sum(k == "mismatch" for k in control))
     drifts.sort()
     out.update(compared=sum(kinds.values()), exact=kinds["exact"], flips=kinds["flip"],
                mismatch_count=kinds["mismatch"], divergence_gaps=sorted(gaps), drift_max=drifts[-1] if drifts else 0.0,
@@ -163,7 +167,7 @@ ADMIN, KEY = "soak-admin", "soak-key"
 
 def cpu() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v for k, v in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
     return " ".join(fields.get(k, "?").strip() for k in ("model name", "cpu family", "model"))
 
 
