@@ -14,6 +14,10 @@ from tests.tools_loader import load_tool  # noqa: E402
 pytestmark = pytest.mark.integration
 SECONDS = 30.0
 SESSIONS = 4
+# Stock's own logprob noise on this CPU build, from an A/A run (`tools/soak.py --aa`: stock against stock under the same
+# soak; BENCHMARKS.md, "A mixed soak against stock vLLM"): 30 s of this test sends too few turns to stock twice to
+# measure it (it may see no divergence at all, then take a one-step near tie for a mismatch).
+AA_TOL = 0.00797
 
 
 def test_a_short_soak_decodes_as_stock_and_leaves_no_pin_block_or_tier_slot(secure_server, stock_server):
@@ -26,7 +30,7 @@ def test_a_short_soak_decodes_as_stock_and_leaves_no_pin_block_or_tier_slot(secu
     soak = load_tool("soak")
     report = soak.soak(soak.Target("kvsched", secure_server.base, "tiny", KEYS[0], ADMIN),
                        soak.Target("stock", stock_server.base, stock_server.spec.served_model_name),
-                       SECONDS, SESSIONS, seed=68)
+                       SECONDS, SESSIONS, seed=68, tol=AA_TOL)
     verdict, counts = report["verdict"], report["counts"]
     assert not report["failures"], report["failures"][:5]
     assert not verdict["mismatches"], verdict["mismatches"][:3]
