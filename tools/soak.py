@@ -82,7 +82,7 @@ def verdict(log: Log, tol: float | None = None) -> dict[str, Any]:
                            "stock_max_drift": measured, "tol": tol, "mismatches": []}
     kinds: Counter[str] = Counter()
     drifts, gaps = [], []
-    for kind, a, b, messages in log.pairs:
+    for kind, a, b, request in log.pairs:
         if kind != "subject":
             continue
         verdict_, drift, gap = judge(a, b, tol)
@@ -91,7 +91,7 @@ def verdict(log: Log, tol: float | None = None) -> dict[str, Any]:
         if verdict_ != "exact":
             gaps.append(round(gap, 5))
         if verdict_ == "mismatch":
-            out["mismatches"].append({"messages": messages, "subject": a.tokens, "stock": b.tokens,
+            out["mismatches"].append({"request": request, "subject": a.tokens, "stock": b.tokens,
                                       "subject_text": a.text, "stock_text": b.text, "drift": drift, "gap": gap})
     # the check's power on this model: each turn against stock's answer to another turn's prompt (wrong KV's kind)
     subject = [(a, b) for kind, a, b, _ in log.pairs if kind == "subject"]
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         start_all(list(named.values()))
         stock = Target("stock", named["stock"].base, "tiny")
         kv = Target("stock-aa" if args.aa else "kvsched", named["kvsched"].base, "tiny", KEY, ADMIN, not args.aa)
-        extra = [] if args.no_compaction or args.aa else [(Target("compaction", named["compaction"].base, "tiny", None, ADMIN),
-                                                args.compaction_sessions)]
+        extra = [] if args.no_compaction or args.aa else [
+            (Target("compaction", named["compaction"].base, "tiny", None, ADMIN), args.compaction_sessions)]
         report = soak(kv, stock, args.minutes * 60, args.sessions, args.seed, extra, args.tol)
         report["metrics"] = {name: {k: v for k, v in s.metrics().items() if k.startswith("kvsched_") and "{" not in k}
                              for name, s in named.items() if name != "stock"}

@@ -50,7 +50,7 @@ class Log:
     """What every thread reports, under one lock."""
     counts: Counter[str] = field(default_factory=Counter)
     failures: list[dict[str, Any]] = field(default_factory=list)
-    pairs: list[tuple[str, Reply, Reply, list[dict[str, Any]]]] = field(default_factory=list)  # (kind, a, b, prompt)
+    pairs: list[tuple[str, Reply, Reply, dict[str, Any]]] = field(default_factory=list)  # (kind, a, b, stock's request)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count(self, what: str, n: int = 1) -> None:
@@ -61,9 +61,9 @@ class Log:
         with self.lock:
             self.failures.append({"what": what, **detail})
 
-    def pair(self, kind: str, a: Reply, b: Reply, messages: list[dict[str, Any]]) -> None:
+    def pair(self, kind: str, a: Reply, b: Reply, request: dict[str, Any]) -> None:
         with self.lock:
-            self.pairs.append((kind, a, b, messages))
+            self.pairs.append((kind, a, b, request))
 
 
 def body(target: Target, messages: list[dict[str, Any]], max_tokens: int, stream: bool = False) -> dict[str, Any]:
@@ -202,11 +202,11 @@ class Soak:
             first = chat(client, self.stock, self.log, messages, max_tokens)
             if first is None:
                 return None
-            self.log.pair("subject", reply, first, messages)
+            self.log.pair("subject", reply, first, body(self.stock, messages, max_tokens))
             if rng.random() < self.stock_twice:
                 again = chat(client, self.stock, self.log, messages, max_tokens)
                 if again is not None:
-                    self.log.pair("stock", again, first, messages)
+                    self.log.pair("stock", again, first, body(self.stock, messages, max_tokens))
         return reply
 
 
