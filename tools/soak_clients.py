@@ -1,0 +1,271 @@
+"""The soak's clients (tools/soak.py): agent sessions with churn, bad requests and scrapes against one server,
+each reporting to a shared `Log`. A script's module of its own, beside tools/soak.py, which imports it."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+SYSTEM = "You are a careful research agent. Use the tools. " * 8  # ~3 blocks of 32 tokens, shared by every session
+WORDS = ("rows", "table", "index", "query", "latency", "error", "page", "cache", "shard", "owner", "retry", "join")
+MAX_PROMPT = 700  # tokens: a session ends (X-Session-End) past it, well inside max_model_len 1024
+CHURN = ("plain",) * 10 + ("disconnect", "disconnect", "abort", "abort", "delete", "delete")
+TOP = 3  # top logprobs per token
+
+
+@dataclass
+class Target:
+    """One server as the soak calls it: `key` its API key (or None), `admin` a KVSCHED_ADMIN_KEYS key (kvsched's)."""
+    name: str
+    base: str
+    model: str
+    key: str | None = None
+    admin: str | None = None
+    kvsched: bool = True  # False: a stock server as the soak's subject (an A/A run: stock against stock)
+
+    def auth(self, admin: bool = False) -> dict[str, str]:
+        key = self.admin if admin else self.key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+@dataclass
+class Reply:
+    tokens: list[int]
+    logprobs: list[float]
+    tops: list[dict[int, float]]
+    text: str
+    prompt_tokens: int
+
+
+@dataclass
+class Log:
+    """What every thread reports, under one lock."""
+    counts: Counter[str] = field(default_factory=Counter)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    pairs: list[tuple[str, Reply, Reply, dict[str, Any]]] = field(default_factory=list)  # (kind, a, b, stock's request)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[what] += n
+
+    def fail(self, what: str, **detail: Any) -> None:
+        with self.lock:
+            self.failures.append({"what": what, **detail})
+
+    def pair(self, kind: str, a: Reply, b: Reply, request: dict[str, Any]) -> None:
+        with self.lock:
+            self.pairs.append((kind, a, b, request))
+
+
+def body(target: Target, messages: list[dict[str, Any]], max_tokens: int, stream: bool = False) -> dict[str, Any]:
+    return {"model": target.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0,
+            "logprobs": True, "top_logprobs": TOP, "return_tokens_as_token_ids": True, "stream": stream}
+
+
+def parse(reply: dict[str, Any]) -> Reply:
+    choice = reply["choices"][0]
+    content = (choice.get("logprobs") or {}).get("content") or []
+    ids = [int(c["token"].split(":", 1)[1]) for c in content]
+    tops = [{int(t["token"].split(":", 1)[1]): float(t["logprob"]) for t in c["top_logprobs"]} for c in content]
+    return Reply(ids, [float(c["logprob"]) for c in content], tops, choice["message"]["content"] or "",
+                 int(reply["usage"]["prompt_tokens"]))
+
+
+def post(client: httpx.Client, target: Target, log: Log, payload: Any, headers: dict[str, str] | None = None,
+         what: str = "turn", timeout: float = 120.0) -> httpx.Response:
+    r = client.post(target.base + "/v1/chat/completions", json=payload, timeout=timeout,
+                    headers={**target.auth(), **(headers or {})})
+    if r.status_code >= 500:
+        log.fail(f"{target.name}: {what} answered {r.status_code}", body=r.text[:500], request=payload,
+                 headers=headers)
+    return r
+
+
+def chat(client: httpx.Client, target: Target, log: Log, messages: list[dict[str, Any]], max_tokens: int,
+         headers: dict[str, str] | None = None) -> Reply | None:
+    r = post(client, target, log, body(target, messages, max_tokens), headers)
+    if r.status_code != 200:
+        if r.status_code < 500:
+            log.fail(f"{target.name}: a good turn answered {r.status_code}", body=r.text[:500], headers=headers)
+        return None
+    return parse(r.json())
+
+
+def stream_and_leave(client: httpx.Client, target: Target, log: Log, messages: list[dict[str, Any]],
+                     headers: dict[str, str]) -> None:
+    """A client that leaves after the first streamed chunk (vLLM aborts the request when the connection closes)."""
+    with client.stream("POST", target.base + "/v1/chat/completions", json=body(target, messages, 16, stream=True),
+                       headers={**target.auth(), **headers}, timeout=120) as r:
+        if r.status_code >= 500:
+            log.fail(f"{target.name}: a stream answered {r.status_code}", request=messages)
+        for _ in r.iter_raw():
+            break
+
+
+def abort(client: httpx.Client, target: Target, log: Log, messages: list[dict[str, Any]], headers: dict[str, str],
+          rng: random.Random) -> str:
+    try:
+        post(client, target, log, body(target, messages, 16), headers, "aborted turn", timeout=rng.uniform(0.02, 0.4))
+        return "completed"
+    except httpx.TimeoutException:
+        return "left"
+
+
+def delete(client: httpx.Client, target: Target, log: Log, sid: str) -> int:
+    r = client.delete(f"{target.base}/kvsched/sessions/{sid}", headers=target.auth(admin=True), timeout=60)
+    if r.status_code not in ((200, 404) if target.kvsched else (404,)):  # stock has no such route
+        log.fail(f"{target.name}: DELETE of a session answered {r.status_code}", body=r.text[:500], session=sid)
+    return r.status_code
+
+
+@dataclass
+class Soak:
+    kvsched: Target
+    stock: Target | None  # None: invariants only (the compaction server)
+    log: Log
+    seed: int = 0
+    stock_twice: float = 0.25  # the share of turns stock answers twice: its own noise, the tolerance
+
+    def count(self, what: str) -> None:
+        self.log.count(f"{self.kvsched.name}:{what}")
+
+    def session(self, idx: int, deadline: float) -> None:
+        rng, gen = random.Random(self.seed * 1000 + idx), 0
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                try:
+                    self.conversation(client, rng, idx, gen, deadline)
+                except Exception as exc:  # noqa: BLE001 - a refused connection is an engine gone: the report's
+                    self.log.fail(f"{self.kvsched.name}: session {idx} raised {type(exc).__name__}: {exc}",
+                                  trace=traceback.format_exc()[-2000:])
+                    return
+                gen += 1
+
+    def conversation(self, client: httpx.Client, rng: random.Random, idx: int, gen: int, deadline: float) -> None:
+        role = "orchestrator" if idx % 4 == 0 else "worker"
+        sid = f"soak{self.seed}-wf{idx // 4}/{role}-{idx % 4}-g{gen}"
+        ttl = rng.random() < 0.25  # a session whose 1 s TTL runs out while it idles between some turns
+        headers = {"X-Session-Id": sid, "X-Agent-Role": role, **({"X-Session-TTL": "1"} if ttl else {})}
+        messages = [{"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": f"task {idx}.{gen}: " + " ".join(rng.choices(WORDS, k=30))}]
+        turns = rng.randint(2, 7)
+        for t in range(turns):
+            last = t == turns - 1 or time.monotonic() >= deadline
+            hdrs = {**headers, **({"X-Session-End": "1"} if last else {})}
+            churn = rng.choice(CHURN)
+            self.count(f"churn_{churn}")
+            if churn == "disconnect":
+                stream_and_leave(client, self.kvsched, self.log, messages, headers)
+            elif churn == "abort":
+                self.count(f"abort_{abort(client, self.kvsched, self.log, messages, headers, rng)}")
+            reply = self.turn(client, rng, messages, hdrs, sid, churn == "delete")
+            if reply is None:
+                return
+            if last or reply.prompt_tokens > MAX_PROMPT:
+                self.count("sessions_ended" if last else "sessions_left_open")
+                return
+            messages = messages + [{"role": "assistant", "content": reply.text},
+                                   {"role": "tool", "tool_call_id": f"call_{t}",
+                                    "content": f"result {t}: " + " ".join(rng.choices(WORDS, k=rng.randint(10, 90)))}]
+            if ttl and rng.random() < 0.5:
+                self.count("ttl_idles")
+                time.sleep(rng.uniform(1.2, 2.0))
+
+    def turn(self, client: httpx.Client, rng: random.Random, messages: list[dict[str, Any]], hdrs: dict[str, str],
+             sid: str, delete_meanwhile: bool) -> Reply | None:
+        max_tokens = rng.randint(3, 12)
+        if delete_meanwhile:  # the session's DELETE while its turn runs: the turn must still decode right
+            out: list[Reply | None] = []
+            runner = threading.Thread(target=lambda: out.append(chat(client, self.kvsched, self.log, messages,
+                                                                      max_tokens, hdrs)))
+            runner.start()
+            time.sleep(rng.uniform(0.0, 0.3))
+            with httpx.Client() as other:
+                self.count(f"delete_{delete(other, self.kvsched, self.log, sid)}")
+            runner.join()
+            reply = out[0] if out else None
+        else:
+            reply = chat(client, self.kvsched, self.log, messages, max_tokens, hdrs)
+        if reply is None:
+            return None
+        self.count("turns")
+        if self.stock is not None:
+            first = chat(client, self.stock, self.log, messages, max_tokens)
+            if first is None:
+                return None
+            self.log.pair("subject", reply, first, body(self.stock, messages, max_tokens))
+            if rng.random() < self.stock_twice:
+                again = chat(client, self.stock, self.log, messages, max_tokens)
+                if again is not None:
+                    self.log.pair("stock", again, first, body(self.stock, messages, max_tokens))
+        return reply
+
+
+def bad_requests(target: Target, log: Log, deadline: float, seed: int) -> None:
+    """Malformed requests between the turns: each must be refused with a 4xx (or served: an unknown session's end)."""
+    rng, n = random.Random(seed), 0
+    good = body(target, [{"role": "user", "content": "hi"}], 2)
+    cases: list[tuple[str, dict[str, Any] | bytes, dict[str, str], tuple[int, ...]]] = [
+        ("messages_not_a_list", {**good, "messages": "hello"}, {}, (400, 422)),
+        ("max_tokens_a_string", {**good, "max_tokens": "many"}, {}, (400, 422)),
+        ("temperature_a_string", {**good, "temperature": "hot"}, {}, (400, 422)),
+        ("content_a_number", {**good, "messages": [{"role": "user", "content": 5}]}, {}, (400, 422)),
+        ("too_long_prompt", {**good, "messages": [{"role": "user", "content": "word " * 3000}]}, {}, (400,)),
+        ("not_json", b"{not json", {"Content-Type": "application/json"}, (400, 422)),
+        ("bad_ttl", good, {"X-Session-Id": "soak-bad", "X-Session-TTL": "soon"}, (400,)),
+        ("long_session_id", good, {"X-Session-Id": "x" * 129}, (400,)),
+    ]
+    with httpx.Client() as client:
+        while time.monotonic() < deadline:
+            n += 1
+            kind, payload, headers, ok = rng.choice(cases if target.kvsched else cases[:6])  # stock: no headers
+            try:
+                if rng.random() < 0.2:
+                    kind, ok = "unknown_session_end", (200,)
+                    r = client.post(target.base + "/v1/chat/completions", json=good, timeout=120, headers={
+                        **target.auth(), "X-Session-Id": f"soak-never-{seed}-{n}", "X-Session-End": "1"})
+                elif rng.random() < 0.1 and target.kvsched:
+                    kind, ok = "delete_unknown_session", (404,)
+                    r = client.delete(f"{target.base}/kvsched/sessions/soak-never-{seed}-{n}",
+                                      headers=target.auth(admin=True), timeout=60)
+                else:
+                    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                    r = client.post(target.base + "/v1/chat/completions", content=data, timeout=120,
+                                    headers={**target.auth(), "Content-Type": "application/json", **headers})
+            except httpx.HTTPError as exc:
+                log.fail(f"{target.name}: bad request {kind} raised {type(exc).__name__}")
+                continue
+            log.count(f"{target.name}:bad_{kind}_{r.status_code}")
+            if r.status_code not in ok:
+                log.fail(f"{target.name}: bad request {kind} answered {r.status_code}", body=r.text[:300])
+            time.sleep(rng.uniform(0.1, 0.5))
+
+
+def scrape(target: Target, log: Log, deadline: float) -> None:
+    """/metrics and the admin listing, over and over while the soak runs: 200s whose figures stay in the pool."""
+    with httpx.Client() as client:
+        while time.monotonic() < deadline:
+            try:
+                m = client.get(target.base + "/metrics", timeout=60)
+                s = client.get(target.base + ("/kvsched/sessions?limit=1" if target.kvsched else "/health"),
+                               headers=target.auth(admin=True), timeout=60)
+            except httpx.HTTPError as exc:
+                log.fail(f"{target.name}: scrape raised {type(exc).__name__}")
+                time.sleep(0.5)
+                continue
+            log.count(f"{target.name}:scrapes")
+            if m.status_code != 200 or s.status_code != 200:
+                log.fail(f"{target.name}: scrape answered {m.status_code}/{s.status_code}", body=s.text[:300])
+            elif target.kvsched and not (0 <= (st := s.json()["stats"])["pinned_blocks"] <= st["total_blocks"]
+                                         and 0 <= st["free_blocks"] <= st["total_blocks"]):
+                log.fail(f"{target.name}: stats out of the pool mid-run", stats=st)
+            time.sleep(0.3)
