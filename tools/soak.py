@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its clients, tools/soak_clients.py (a script's sibling)
-from soak_clients import Log, Reply, Soak, Target, bad_requests, scrape  # noqa: E402
+from soak_clients import Log, Reply, Soak, Target, Until, bad_requests, scrape  # noqa: E402
 
 
 def settle(target: Target, log: Log, timeout_s: float = 30.0) -> dict[str, Any]:
@@ -106,18 +106,20 @@ def verdict(log: Log, tol: float | None = None) -> dict[str, Any]:
 
 
 def soak(kvsched: Target, stock: Target | None, seconds: float, sessions: int, seed: int = 0,
-         extra: list[tuple[Target, int]] | None = None, tol: float | None = None) -> dict[str, Any]:
+         extra: list[tuple[Target, int]] | None = None, tol: float | None = None, min_compared: int = 0,
+         cap_s: float | None = None) -> dict[str, Any]:
     """Run the soak for `seconds` and judge it: `sessions` sessions on `kvsched` compared with `stock`, plus for each
     (target, n) of `extra` n sessions on that target checked for invariants only. The report's `failures` and
-    `verdict.mismatches` are empty when everything held."""
+    `verdict.mismatches` are empty when everything held. With `min_compared`, it runs on past `seconds` until that
+    many turns were compared, up to `cap_s` (`soak_clients.Until`)."""
     log = Log()
-    deadline = time.monotonic() + seconds
+    until = Until(log, seconds, min_compared, cap_s)
     runs = [(Soak(kvsched, stock, log, seed), sessions)] + [(Soak(t, None, log, seed + 1 + i), n)
                                                            for i, (t, n) in enumerate(extra or [])]
-    threads = [threading.Thread(target=run.session, args=(i, deadline)) for run, n in runs for i in range(n)]
+    threads = [threading.Thread(target=run.session, args=(i, until)) for run, n in runs for i in range(n)]
     for i, (run, _) in enumerate(runs):
-        threads += [threading.Thread(target=bad_requests, args=(run.kvsched, log, deadline, seed * 7 + i)),
-                    threading.Thread(target=scrape, args=(run.kvsched, log, deadline))]
+        threads += [threading.Thread(target=bad_requests, args=(run.kvsched, log, until, seed * 7 + i)),
+                    threading.Thread(target=scrape, args=(run.kvsched, log, until))]
     started = time.monotonic()
     for t in threads:
         t.start()

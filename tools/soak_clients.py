@@ -66,6 +66,26 @@ class Log:
             self.pairs.append((kind, a, b, request))
 
 
+class Until:
+    """When the soak's clients stop: `seconds` after it starts, and not before `min_compared` of the subject's turns
+    were compared with stock's, unless `cap_s` passed (so a slow machine's short soak still compares enough turns; its
+    report says how long it ran)."""
+
+    def __init__(self, log: Log, seconds: float, min_compared: int = 0, cap_s: float | None = None) -> None:
+        self.log, self.start = log, time.monotonic()
+        self.end, self.cap = self.start + seconds, self.start + max(seconds, cap_s or seconds)
+        self.min_compared = min_compared
+
+    def over(self) -> bool:
+        now = time.monotonic()
+        if now < self.end:
+            return False
+        if now >= self.cap:
+            return True
+        with self.log.lock:
+            return sum(kind == "subject" for kind, *_ in self.log.pairs) >= self.min_compared
+
+
 def body(target: Target, messages: list[dict[str, Any]], max_tokens: int, stream: bool = False) -> dict[str, Any]:
     return {"model": target.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0,
             "logprobs": True, "top_logprobs": TOP, "return_tokens_as_token_ids": True, "stream": stream}
@@ -138,19 +158,19 @@ class Soak:
     def count(self, what: str) -> None:
         self.log.count(f"{self.kvsched.name}:{what}")
 
-    def session(self, idx: int, deadline: float) -> None:
+    def session(self, idx: int, until: Until) -> None:
         rng, gen = random.Random(self.seed * 1000 + idx), 0
         with httpx.Client() as client:
-            while time.monotonic() < deadline:
+            while not until.over():
                 try:
-                    self.conversation(client, rng, idx, gen, deadline)
+                    self.conversation(client, rng, idx, gen, until)
                 except Exception as exc:  # noqa: BLE001 - a refused connection is an engine gone: the report's
                     self.log.fail(f"{self.kvsched.name}: session {idx} raised {type(exc).__name__}: {exc}",
                                   trace=traceback.format_exc()[-2000:])
                     return
                 gen += 1
 
-    def conversation(self, client: httpx.Client, rng: random.Random, idx: int, gen: int, deadline: float) -> None:
+    def conversation(self, client: httpx.Client, rng: random.Random, idx: int, gen: int, until: Until) -> None:
         role = "orchestrator" if idx % 4 == 0 else "worker"
         sid = f"soak{self.seed}-wf{idx // 4}/{role}-{idx % 4}-g{gen}"
         ttl = rng.random() < 0.25  # a session whose 1 s TTL runs out while it idles between some turns
@@ -159,7 +179,7 @@ class Soak:
                     {"role": "user", "content": f"task {idx}.{gen}: " + " ".join(rng.choices(WORDS, k=30))}]
         turns = rng.randint(2, 7)
         for t in range(turns):
-            last = t == turns - 1 or time.monotonic() >= deadline
+            last = t == turns - 1 or until.over()
             hdrs = {**headers, **({"X-Session-End": "1"} if last else {})}
             churn = rng.choice(CHURN)
             self.count(f"churn_{churn}")
@@ -210,7 +230,7 @@ class Soak:
         return reply
 
 
-def bad_requests(target: Target, log: Log, deadline: float, seed: int) -> None:
+def bad_requests(target: Target, log: Log, until: Until, seed: int) -> None:
     """Malformed requests between the turns: each must be refused with a 4xx (or served: an unknown session's end)."""
     rng, n = random.Random(seed), 0
     good = body(target, [{"role": "user", "content": "hi"}], 2)
@@ -225,7 +245,7 @@ def bad_requests(target: Target, log: Log, deadline: float, seed: int) -> None:
         ("long_session_id", good, {"X-Session-Id": "x" * 129}, (400,)),
     ]
     with httpx.Client() as client:
-        while time.monotonic() < deadline:
+        while not until.over():
             n += 1
             kind, payload, headers, ok = rng.choice(cases if target.kvsched else cases[:6])  # stock: no headers
             try:
@@ -250,10 +270,10 @@ def bad_requests(target: Target, log: Log, deadline: float, seed: int) -> None:
             time.sleep(rng.uniform(0.1, 0.5))
 
 
-def scrape(target: Target, log: Log, deadline: float) -> None:
+def scrape(target: Target, log: Log, until: Until) -> None:
     """/metrics and the admin listing, over and over while the soak runs: 200s whose figures stay in the pool."""
     with httpx.Client() as client:
-        while time.monotonic() < deadline:
+        while not until.over():
             try:
                 m = client.get(target.base + "/metrics", timeout=60)
                 s = client.get(target.base + ("/kvsched/sessions?limit=1" if target.kvsched else "/health"),
