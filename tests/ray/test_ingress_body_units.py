@@ -11,20 +11,12 @@ import pytest
 
 from kvsched.adapters.ray.ingress_body import RequestBody
 from kvsched.adapters.ray.requests import BadRequest
+from tests.asgi_parts import body_parts
 
 
 def fake(parts: list[bytes], headers: dict[str, str], hang: bool = False, http_version: str = "1.1") -> Any:
     """A request whose body comes in `parts` (then, if `hang`, never ends); `left`: the parts not read."""
-    messages = [{"type": "http.request", "body": p, "more_body": hang or i < len(parts) - 1}
-                for i, p in enumerate(parts)]
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop(0)
-        if hang:
-            await asyncio.sleep(3600)
-        return {"type": "http.disconnect"}
-
+    messages, receive = body_parts(parts, hang)
     scope = {"headers": [(k.encode(), v.encode()) for k, v in headers.items()], "http_version": http_version}
     return SimpleNamespace(scope=scope, receive=receive, headers=headers, left=messages)
 

@@ -13,6 +13,7 @@ from kvsched.adapters.http_body import closes_after_answer
 from kvsched.adapters.vllm.http_io import MAX_BODY_BYTES
 from kvsched.adapters.vllm.middleware import KVSchedMiddleware
 from tests.adapters.vllm.test_middleware import FakeVllm
+from tests.asgi_parts import body_parts
 
 AUTH = (b"authorization", b"Bearer secret")
 JSON = (b"content-type", b"application/json")
@@ -25,17 +26,9 @@ def run(mw: KVSchedMiddleware, app: FakeVllm, headers: list[tuple[bytes, bytes]]
     headers, answer JSON, parts left unread when the answer started)."""
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": "", "query_string": b"",
              "app": app, "headers": [AUTH, JSON, *headers], "http_version": http_version}
-    messages = [{"type": "http.request", "body": p, "more_body": hang or i < len(parts) - 1}
-                for i, p in enumerate(parts)]
+    messages, receive = body_parts(parts, hang)
     sent: list[dict[str, Any]] = []
     left: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop(0)
-        if hang:
-            await asyncio.sleep(3600)
-        return {"type": "http.disconnect"}
 
     async def send(m: dict[str, Any]) -> None:
         if m["type"] == "http.response.start":
