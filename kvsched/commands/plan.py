@@ -39,7 +39,8 @@ def register(subparsers: Any) -> None:
     orch = p.add_mutually_exclusive_group()
     orch.add_argument("--orchestrator-preset", help="hierarchical: the orchestrator runs this model in its own pool")
     orch.add_argument("--orchestrator-model", type=Path, help="hierarchical: the orchestrator's HF model dir/config")
-    p.add_argument("--kv-dtype", default="fp16", help="KV cache dtype: fp16 | bf16 | fp8 (default fp16)")
+    p.add_argument("--kv-dtype", default="fp16",
+                   help="KV cache dtype: fp16 | bf16 | fp8 | auto (the model's, as vLLM's default) (default fp16)")
     p.add_argument("--weight-dtype", default=None,
                    help="bf16 | fp16 | fp8 | int8 | int4 (default: the checkpoint's; a preset's is bf16); fp8 on a "
                         "16-bit checkpoint is served with --quantization fp8")
@@ -85,19 +86,23 @@ def orchestrator_of(args: argparse.Namespace) -> ModelShape | None:
     return ModelShape.from_preset(args.orchestrator_preset) if args.orchestrator_preset else None
 
 
-def kv_cache_dtype(name: str) -> str:
+def kv_cache_dtype(name: str, model_dtype: str = "bf16") -> str:
     """The KV dtype as vLLM's --kv-cache-dtype can serve it (the planner's table also holds weight dtypes: int8 or
-    fp4 KV was sized at 1 or 0.5 bytes, then served in 16 bits)."""
+    fp4 KV was sized at 1 or 0.5 bytes, then served in 16 bits). `auto`, vLLM's default, is the model's 16-bit dtype:
+    fp16 for a float16 checkpoint, else bf16 (a quantized checkpoint's activations; both 2 bytes an element; found by
+    review: `--kv-dtype auto`, what an operator copies from vLLM's flags, was refused)."""
     dtype = name.strip().lower()
+    if dtype == "auto":
+        return "fp16" if model_dtype.strip().lower() in ("fp16", "float16", "half") else "bf16"
     if dtype not in KV_DTYPES:
         raise PlanError(f"--kv-dtype {name!r}: unknown dtype for vLLM's KV cache; choose from "
-                        f"{', '.join(sorted(KV_DTYPES))}")
+                        f"{', '.join(sorted(KV_DTYPES | {'auto'}))}")
     return dtype
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
-    args.kv_dtype = kv_cache_dtype(args.kv_dtype)
     shape, orchestrator = model_of(args), orchestrator_of(args)
+    args.kv_dtype = kv_cache_dtype(args.kv_dtype, shape.weight_dtype)
     workload = Workload(workflows=args.sessions, topology=Topology(args.topology), agents=args.agents,
                         context=args.context, context_p50=args.context_p50, tool_calls=args.tool_calls,
                         tool_tokens=args.tool_tokens)

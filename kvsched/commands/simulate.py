@@ -71,8 +71,8 @@ def register(subparsers: Any) -> None:
                    help=f"model shape for --kv-gib, byte figures and the tier's block size (default {DEFAULT_PRESET}; "
                         "an engine's recording: that engine's own bytes per token and per tier block)")
     p.add_argument("--kv-dtype", default=None,
-                   help=f"with --preset (or a trace that is not an engine's recording): the KV cache's dtype (default "
-                        f"{DEFAULT_KV_DTYPE})")
+                   help=f"with --preset (or a trace that is not an engine's recording): the KV cache's dtype, as "
+                        f"vLLM's --kv-cache-dtype (auto: the presets' bf16) (default {DEFAULT_KV_DTYPE})")
     tier = p.add_mutually_exclusive_group()
     tier.add_argument("--fp8-tier-gib", type=float, default=None,
                       help="kvsched side: FP8 demotion tier of this many GiB of host memory, the fleet's (0: "
