@@ -27,6 +27,50 @@ DRAIN_MAX_BYTES = 256 * 1024 * 1024
 DRAIN_MAX_S = 5.0
 
 
+class BodyRefused(Exception):
+    """A body refused while it was read: 413 (over the limit) or 408 (not all arrived in time); `unread`: some of it
+    may still be on the connection."""
+
+    def __init__(self, status: int, message: str, unread: bool) -> None:
+        super().__init__(message)
+        self.status, self.message, self.unread = status, message, unread
+
+
+class ClientLeft(Exception):
+    """The client disconnected before its body ended."""
+
+
+def encoding_refusal(value: str | None) -> str | None:
+    """Why a body sent with this Content-Encoding is refused (415), or None: any coding but `identity`, since neither
+    front nor vLLM decompresses one (found by probing: a gzip body was "not valid JSON", which hid the cause; a zip
+    bomb never expands here)."""
+    if value is None or all(c.strip().lower() in ("", "identity") for c in value.split(",")):
+        return None
+    return f"Content-Encoding {value[:40]!r} is not supported: send the JSON body uncompressed"
+
+
+async def read_limited(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int, timeout_s: float | None) -> bytes:
+    """The whole body from ASGI `receive`: BodyRefused 413 as soon as more than `limit` bytes came, 408 if it has not
+    all arrived within `timeout_s` (None: no limit); ClientLeft if the client disconnected first."""
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":  # http.disconnect
+                    raise ClientLeft
+                chunk, more = message.get("body", b""), bool(message.get("more_body", False))
+                size += len(chunk)
+                if size > limit:
+                    raise BodyRefused(413, f"request body is over the limit of {limit} bytes", unread=more)
+                chunks.append(bytes(chunk))
+                if not more:
+                    return b"".join(chunks)
+    except TimeoutError:
+        raise BodyRefused(408, f"the request body did not arrive within {timeout_s:g} s (received {size} bytes)",
+                          unread=True) from None
+
+
 def closes_after_answer(scope: dict[str, Any]) -> bool:
     """Whether the server closes the connection once this request is answered: `Connection: close`, or HTTP/1.0
     without `Connection: keep-alive` (as httptools' `should_keep_alive` decides it for uvicorn)."""

@@ -14,10 +14,16 @@ own as fast as the client sends it (`proxy.py`, `proxy_asgi_receive`), whatever 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
-from kvsched.adapters.http_body import BODY_TIMEOUT_S, closes_after_answer, drain
+from kvsched.adapters.http_body import (
+    BODY_TIMEOUT_S,
+    BodyRefused,
+    ClientLeft,
+    closes_after_answer,
+    drain,
+    read_limited,
+)
 from kvsched.adapters.ray.requests import BadRequest, check_content_encoding, check_length
 
 
@@ -30,39 +36,23 @@ class RequestBody:
         self.receive = request.receive
         self.headers = request.headers
         self.complete = False
-        self.read_bytes = 0
-
-    async def _next(self) -> bytes | None:
-        """The next chunk of the body, or None once the client disconnected."""
-        message = await self.receive()
-        if message["type"] != "http.request":  # http.disconnect
-            self.complete = True
-            return None
-        chunk = message.get("body", b"")
-        self.read_bytes += len(chunk)
-        if not message.get("more_body", False):
-            self.complete = True
-        return bytes(chunk)
 
     async def read(self, max_bytes: int, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
-        """The whole body; BadRequest 415 if it is compressed, 413 as soon as it is over `max_bytes` (declared or
-        received), 408 if it has not all arrived within `timeout_s`, 400 if the client left before it ended."""
+        """The whole body (`http_body.read_limited`); BadRequest 415 if it is compressed, 413 as soon as it is over
+        `max_bytes` (declared or received), 408 if it has not all arrived within `timeout_s`, 400 if the client left
+        before it ended."""
         check_content_encoding(self.headers.get("content-encoding"))
         check_length(self.headers.get("content-length"), max_bytes)
-        chunks: list[bytes] = []
         try:
-            async with asyncio.timeout(timeout_s):
-                while not self.complete:
-                    chunk = await self._next()
-                    if chunk is None:
-                        raise BadRequest(400, "the client closed the connection before the request body ended")
-                    if self.read_bytes > max_bytes:
-                        raise BadRequest(413, f"request body is over {max_bytes} bytes")
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise BadRequest(408, f"the request body did not arrive within {timeout_s:g} s (received "
-                                  f"{self.read_bytes} bytes)") from None
-        return b"".join(chunks)
+            body = await read_limited(self.receive, max_bytes, timeout_s)
+        except BodyRefused as exc:
+            self.complete = not exc.unread
+            raise BadRequest(exc.status, exc.message) from None
+        except ClientLeft:
+            self.complete = True
+            raise BadRequest(400, "the client closed the connection before the request body ended") from None
+        self.complete = True
+        return body
 
     async def before_refusal(self, exc: BadRequest) -> dict[str, str] | None:
         """Before the answer to a request refused while or before its body was read: a 408 closes the connection

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from kvsched.adapters.http_body import encoding_refusal
 from kvsched.core.client_fields import read_session_fields, repeated_header
 from kvsched.core.sessions import InvalidSessionInput
 
@@ -84,15 +85,9 @@ def check_content_type(value: str | None) -> None:
 
 
 def check_content_encoding(value: str | None) -> None:
-    """Refuse (415) a body sent compressed (any Content-Encoding but `identity`): neither the ingress nor kvsched's
-    engines decompress one. Found by probing: a gzip body was "not valid JSON" (400), which hid the cause; a zip bomb
-    never expands here (nothing decompresses it)."""
-    if value is None:
-        return
-    codings = [c.strip().lower() for c in value.split(",") if c.strip()]
-    if any(c != "identity" for c in codings):
-        raise BadRequest(415, f"Content-Encoding {value[:40]!r} is not supported: send the JSON body uncompressed",
-                         param="content-encoding")
+    """Refuse (415) a body sent compressed (`http_body.encoding_refusal`)."""
+    if (why := encoding_refusal(value)) is not None:
+        raise BadRequest(415, why, param="content-encoding")
 
 
 def check_length(content_length: str | None, max_bytes: int = MAX_BODY_BYTES) -> None:

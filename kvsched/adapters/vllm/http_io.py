@@ -11,14 +11,21 @@ parsing the body"). A body refused before it was all read, on a connection that 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import compress
 from typing import Any
 
-from kvsched.adapters.http_body import BODY_TIMEOUT_S, closes_after_answer, drain
+from kvsched.adapters.http_body import (
+    BODY_TIMEOUT_S,
+    BodyRefused,
+    ClientLeft,
+    closes_after_answer,
+    drain,
+    encoding_refusal,
+    read_limited,
+)
 from kvsched.core.client_fields import repeated_header
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -73,33 +80,20 @@ async def read_body(scope: Scope, receive: Any, limit: int = MAX_BODY_BYTES,
     declared = declared_length(scope)
     if declared is not None and declared > limit:
         raise HttpError(413, f"request body of {declared} bytes is over the limit of {limit} bytes", unread=True)
-    chunks, size = [], 0
     try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise Disconnected
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise HttpError(413, f"request body is over the limit of {limit} bytes",
-                                    unread=bool(message.get("more_body", False)))
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-    except TimeoutError:
-        raise HttpError(408, f"the request body did not arrive within {timeout_s:g} s (received {size} bytes)",
-                        close=True) from None
+        return await read_limited(receive, limit, timeout_s)
+    except BodyRefused as exc:
+        raise HttpError(exc.status, exc.message, unread=exc.unread, close=exc.status == 408) from None
+    except ClientLeft:
+        raise Disconnected from None
 
 
 def check_content_encoding(raw: dict[str, bytes]) -> None:
     """HttpError 415 for a body sent compressed (a Content-Encoding but `identity`): nothing decompresses it, so a zip
     bomb never expands, and the client is told why its body is refused."""
     value = raw.get("content-encoding")
-    if value is not None and any(c.strip().lower() not in (b"", b"identity") for c in value.split(b",")):
-        raise HttpError(415, f"Content-Encoding {value[:40].decode('latin-1')!r} is not supported: send the JSON body "
-                             f"uncompressed", param="content-encoding", unread=True)
+    if (why := encoding_refusal(None if value is None else value.decode("latin-1"))) is not None:
+        raise HttpError(415, why, param="content-encoding", unread=True)
 
 
 async def refuse(scope: Scope, receive: Any, send: Any, exc: HttpError, content: Any) -> None:
