@@ -12,14 +12,13 @@ from typing import Any
 
 from kvsched.bench.args import check_args, count, number, only_with
 from kvsched.core.gpu_catalog import load_catalog
-from kvsched.core.planner import GIB, PRESETS, ModelShape, PlanError
+from kvsched.core.planner import GIB, PRESETS, ModelShape, PlanError, kv_cache_dtype
 from kvsched.core.planner_cost import REFERENCE_PARAMS, cost, fleet_cost, replica_interactions_per_hour
 from kvsched.core.planner_fleet import Levers, Plan, Topology, Workload, plan, summary_calls, with_levers
 
 DEFAULT_PRESET = "llama-3.1-8b"
 DEFAULT_COST_GPU = "H100-SXM5-80GB"
 LEVERS = {"compaction_trigger": 5000, "summary_tokens": 500, "recent_tokens": 2000, "pin_budget": 1.0}  # --with-kvsched
-KV_DTYPES = {"fp16", "float16", "half", "bf16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"}
 LIMITS = {"context": count(1, 2**30), "context_p50": count(1, 2**30), "sessions": count(1, 10**9),
           "agents": count(1, 10**6), "tool_calls": count(0, 10**6), "tool_tokens": count(0, 2**30),
           "overhead": number(0, 1), "ceiling": number(0, 1, low_open=True),
@@ -84,20 +83,6 @@ def orchestrator_of(args: argparse.Namespace) -> ModelShape | None:
     if args.orchestrator_model:
         return ModelShape.from_hf_config(args.orchestrator_model)
     return ModelShape.from_preset(args.orchestrator_preset) if args.orchestrator_preset else None
-
-
-def kv_cache_dtype(name: str, model_dtype: str = "bf16") -> str:
-    """The KV dtype as vLLM's --kv-cache-dtype can serve it (the planner's table also holds weight dtypes: int8 or
-    fp4 KV was sized at 1 or 0.5 bytes, then served in 16 bits). `auto`, vLLM's default, is the model's 16-bit dtype:
-    fp16 for a float16 checkpoint, else bf16 (a quantized checkpoint's activations; both 2 bytes an element; found by
-    review: `--kv-dtype auto`, what an operator copies from vLLM's flags, was refused)."""
-    dtype = name.strip().lower()
-    if dtype == "auto":
-        return "fp16" if model_dtype.strip().lower() in ("fp16", "float16", "half") else "bf16"
-    if dtype not in KV_DTYPES:
-        raise PlanError(f"--kv-dtype {name!r}: unknown dtype for vLLM's KV cache; choose from "
-                        f"{', '.join(sorted(KV_DTYPES | {'auto'}))}")
-    return dtype
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:

@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_args(args, **LIMITS)
         if args.kv_dtype is not None:  # found by review: fp4, int4 or int8 sized the pool at 0.5 or 1 byte an element
-            from kvsched.commands.plan import kv_cache_dtype
+            from kvsched.core.planner import kv_cache_dtype
 
             args.kv_dtype = kv_cache_dtype(args.kv_dtype)  # as `kvsched plan` reads it: vLLM's cache dtypes only
         unknown = [p for p in policies if p not in POLICIES]

@@ -52,8 +52,23 @@ DTYPE_BYTES: dict[str, float] = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 
 OUT_OF_SCOPE_KEYS = {"attn_layer_period": "Jamba-style attention/Mamba hybrid", "ssm_cfg": "state-space (Mamba)",
                      "hybrid_override_pattern": "attention/Mamba hybrid", "layers_block_type": "attention/Mamba hybrid",
                      "attention_chunk_size": "chunked local attention (Llama 4)"}
+KV_DTYPES = {"fp16", "float16", "half", "bf16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"}  # --kv-cache-dtype
 # Configs whose KV heads vLLM reads from elsewhere (DBRX: attn_config.kv_n_heads; Nemotron-NAS: per block)
 UNREAD_KV_KEYS = {"attn_config": "DBRX/MPT attn_config", "block_configs": "per-block attention (Nemotron-NAS)"}
+
+
+def kv_cache_dtype(name: str, model_dtype: str = "bf16") -> str:
+    """The KV dtype as vLLM's --kv-cache-dtype can serve it (the planner's table also holds weight dtypes: int8 or
+    fp4 KV was sized at 1 or 0.5 bytes, then served in 16 bits). `auto`, vLLM's default, is the model's 16-bit dtype:
+    fp16 for a float16 checkpoint, else bf16 (a quantized checkpoint's activations; both 2 bytes an element; found by
+    review: `--kv-dtype auto`, what an operator copies from vLLM's flags, was refused)."""
+    dtype = name.strip().lower()
+    if dtype == "auto":
+        return "fp16" if model_dtype.strip().lower() in ("fp16", "float16", "half") else "bf16"
+    if dtype not in KV_DTYPES:
+        raise PlanError(f"--kv-dtype {name!r}: unknown dtype for vLLM's KV cache; choose from "
+                        f"{', '.join(sorted(KV_DTYPES | {'auto'}))}")
+    return dtype
 
 
 def weight_dtype_name(name: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvsched.cli import main
-from kvsched.commands.plan import kv_cache_dtype
+from kvsched.core.planner import kv_cache_dtype
 
 PLAN = ["plan", "--preset", "llama-3.1-8b", "--context", "8192", "--sessions", "100", "--json"]
 
