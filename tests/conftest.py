@@ -58,12 +58,15 @@ RAY_AT: list[str | None] = [None]  # the node id of the test whose set-up begins
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """A session that runs tests/integration spawns that package's shared servers and failing start-ups now, while
-    the tests collected before it keep one core busy, its demo later (early.demo_starts_at, integration/early.py)."""
+    the tests collected before it keep one core busy, its demo later (early.demo_starts_at, integration/early.py);
+    the unit tests' sub-processes (`AHEAD`, tests/ahead.py) start now too."""
+    from tests import ahead
     from tests.integration import early
     from tests.ray import shared_cluster
 
     if not session.config.option.collectonly:
         RAY_AT[0] = shared_cluster.begins_at(session.items)
+        ahead.begin(session.items)
     if early.wanted(session.items) and not session.config.option.collectonly:
         from kvsched.tiny_model import ensure_tiny_model
 
@@ -92,9 +95,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests import ahead
     from tests.integration import early
 
     early.stop_untaken()
+    ahead.stop_untaken()
 
 
 @pytest.fixture(scope="session")
