@@ -53,13 +53,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 DEMO_AT: list[str | None] = [None]  # the node id of the test whose start starts the demo (early.demo_starts_at)
+RAY_AT: list[str | None] = [None]  # the node id of the test whose set-up begins tests/ray's start-ups (its conftest)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """A session that runs tests/integration spawns that package's shared servers and failing start-ups now, while
-    the tests collected before it keep one core busy, its demo later (early.demo_starts_at, integration/early.py)."""
+    the tests collected before it keep one core busy, its demo later (early.demo_starts_at, integration/early.py);
+    the unit tests' sub-processes (`AHEAD`, tests/ahead.py) start now too."""
+    from tests import ahead
     from tests.integration import early
+    from tests.ray import shared_cluster
 
+    if not session.config.option.collectonly:
+        RAY_AT[0] = shared_cluster.begins_at(session.items)
+        ahead.begin(session.items)
     if early.wanted(session.items) and not session.config.option.collectonly:
         from kvsched.tiny_model import ensure_tiny_model
 
@@ -77,10 +84,22 @@ def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) 
     early.spawn_later(nodeid)
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`RAY_AT`'s set-up begins tests/ray's cluster and early start-ups (shared_cluster.begins_at), after the
+    integration package's tests, not at tests/ray's first module with start-ups (its conftest, a session without
+    tests/integration)."""
+    if RAY_AT[0] is not None and item.nodeid == RAY_AT[0]:
+        from tests.ray import shared_cluster
+
+        shared_cluster.begin_early(item.session.items)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests import ahead
     from tests.integration import early
 
     early.stop_untaken()
+    ahead.stop_untaken()
 
 
 @pytest.fixture(scope="session")

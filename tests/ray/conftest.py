@@ -31,10 +31,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """The first test of a module with start-ups (`EARLY`): those of all the session's tests/ray modules begin. (Not
-    at the package's first test: its unit tests, a reaper's start among them, ran beside them on a loaded host.)"""
+    """The first test of a module with start-ups (`EARLY`): those of all the session's tests/ray modules begin, unless
+    they began after tests/integration's tests (tests/conftest.py `RAY_AT`); each test's module: the start-ups waiting
+    for the modules before it (`Early.once_over`) begin."""
     if getattr(getattr(item, "module", None), "EARLY", None):
         shared_cluster.begin_early(item.session.items)
+    shared_cluster.module_begins(getattr(item, "module", None))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -126,12 +126,14 @@ def deployed(app: Any, name: str = "kvsched", route_prefix: str | None = "/") ->
 class Early:
     """A start-up begun before its module's tests: `start()` (in a thread of its own unless `main_thread`), and
     `stop(what it returned)` should no test take it. `after` ("module:name"): it begins when that start-up is taken
-    (its CPU-bound start over), not beside it, if the session has it."""
+    (its CPU-bound start over), not beside it, if the session has it. `once_over` (a module's name): it begins at the
+    first test after that module's tests (its engines stopped), if the session has them."""
 
     start: Callable[[], Any]
     stop: Callable[[Any], None]
     main_thread: bool = False
     after: str | None = None
+    once_over: str | None = None
 
 
 class Started:
@@ -171,6 +173,8 @@ class Started:
 
 _early: dict[str, Started] = {}  # by "module:name"
 _after: dict[str, list[tuple[str, Early]]] = {}  # "module:name" -> the start-ups that begin once it is taken
+_once_over: dict[str, list[tuple[str, Early]]] = {}  # a module's name -> the start-ups that begin after its tests
+_ran: list[str] = []  # the tests/ray modules whose tests have begun, in order
 _early_begun: list[bool] = []
 
 
@@ -178,6 +182,16 @@ def ray_modules(items: list[pytest.Item]) -> list[Any]:
     """The tests/ray modules of these items, in their order."""
     mods = [getattr(i, "module", None) for i in items]
     return list(dict.fromkeys(m for m in mods if m is not None and m.__name__.startswith(RAY_MODULES)))
+
+
+def begins_at(items: list[pytest.Item]) -> str | None:
+    """The node id of the test whose set-up begins the start-ups (`begin_early`) in a session that runs tests/ray's
+    after tests/integration: the first test after the integration package's (tests/ops, tests/ray's unit tests: ~1
+    core idle for ~18 s, suite69's sampler), None if there is no such test."""
+    first = next((n for n, i in enumerate(items) if getattr(getattr(i, "module", None), "EARLY", None)
+                  and i.module.__name__.startswith(RAY_MODULES)), None)
+    last = max((n for n, i in enumerate(items[:first or 0]) if i.nodeid.startswith("tests/integration/")), default=None)
+    return None if first is None or last is None else items[last + 1].nodeid
 
 
 def begin_early(items: list[pytest.Item]) -> None:
@@ -194,10 +208,23 @@ def begin_early(items: list[pytest.Item]) -> None:
         from kvsched.tiny_model import ensure_tiny_model
 
         ensure_tiny_model("test")
+    modules = {mod.__name__ for mod in ray_modules(items)}
     for key, how in todo.items():
         if how.after in todo:
             _after.setdefault(how.after, []).append((key, how))
+        elif how.once_over in modules:
+            _once_over.setdefault(how.once_over, []).append((key, how))
         else:
+            _early[key] = Started(how)
+
+
+def module_begins(module: Any) -> None:
+    """At each tests/ray test's set-up: the start-ups waiting for the modules before this one (`once_over`) begin."""
+    name = getattr(module, "__name__", "")
+    if not _ran or _ran[-1] != name:
+        _ran.append(name)
+    for done in [m for m in _once_over if m in _ran[:-1]]:
+        for key, how in _once_over.pop(done):
             _early[key] = Started(how)
 
 
@@ -206,6 +233,8 @@ def early(module: Any, name: str) -> Any:
     for it begin."""
     key = f"{module.__name__}:{name}"
     started = _early.pop(key, None)
+    for waiting in _once_over.values():  # taken before its turn came: not started a second time
+        waiting[:] = [(k, how) for k, how in waiting if k != key]
     try:
         return module.EARLY[name].start() if started is None else started.result()
     finally:
@@ -216,6 +245,7 @@ def early(module: Any, name: str) -> Any:
 def stop_untaken() -> None:
     """Stops the early start-ups no test took (a session stopped before their tests ran)."""
     _after.clear()
+    _once_over.clear()
     while _early:
         _, started = _early.popitem()
         try:

@@ -261,6 +261,19 @@ def test_a_held_ttft_keeps_an_idle_pool_from_scaling_down_but_never_scales_it_up
 
 
 # ---- reaper ----------------------------------------------------------------------------------------------------
+def detached_reaper(pgid: int) -> bool:
+    """Whether a reaper of `pgid` runs in a session of its own (`reaper.main` after its fork and setsid)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            sid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3]
+        except OSError:
+            continue
+        if b"kvsched.adapters.ray.reaper" in cmd and str(pgid).encode() in cmd and sid == pid:
+            return True
+    return False
+
+
 def test_reaper_stops_the_whole_group_when_its_parent_dies(tmp_path: Path) -> None:
     """A parent (a shell) starts a group of two sleepers (leader and a grandchild, like vLLM's API server and engine
     core) and the reaper, then is SIGKILLed together with the leader: the orphaned grandchild must go too."""
@@ -279,7 +292,9 @@ def test_reaper_stops_the_whole_group_when_its_parent_dies(tmp_path: Path) -> No
         while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
             time.sleep(0.05)
         pgid = int(pidfile.read_text())
-        time.sleep(1.0)  # the reaper is watching
+        deadline = time.monotonic() + 60  # the reaper detached (setsid: killpg below cannot reach it) and watching
+        while not detached_reaper(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # (a 1 s sleep here: on a loaded host the reaper had not started, killed with bash)
         os.killpg(parent.pid, signal.SIGKILL)  # like Ray: the worker and its direct children
         os.kill(pgid, signal.SIGKILL)  # the group leader (vLLM's API server) dies; its child is orphaned
         parent.wait()
@@ -371,7 +386,7 @@ def test_the_stats_poll_reports_every_salts_sessions_in_one_call() -> None:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Engine)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         st = ReplicaStats(base, admin_key="k")

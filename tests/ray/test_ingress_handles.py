@@ -273,7 +273,7 @@ def test_the_engine_replica_passes_the_callers_key_and_salt_to_vllm() -> None:
             pass
 
     server = HTTPServer(("127.0.0.1", 0), Upstream)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     cls = getattr(EngineReplica, "func_or_class", EngineReplica)
 
     async def run() -> None:

@@ -57,7 +57,7 @@ class _Server(ThreadingHTTPServer):
 def engine() -> Iterator[_Server]:
     server = _Server(("127.0.0.1", 0), _Engine)
     server.behaviour = Behaviour(released=threading.Event())
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         yield server
     finally:

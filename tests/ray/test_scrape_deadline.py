@@ -37,7 +37,7 @@ def proxy() -> Iterator[StallingProxy]:
     """The engine's stand-in behind a proxy that drips /metrics while blocked (a byte every DRIP_S)."""
     engine = ThreadingHTTPServer(("127.0.0.1", 0), _Engine)
     engine.daemon_threads = True
-    threading.Thread(target=engine.serve_forever, daemon=True).start()
+    threading.Thread(target=engine.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     p = StallingProxy(engine.server_address[1], drip_s=DRIP_S)
     try:
         yield p

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests.ray.shared_cluster import Early
 from tests.ray.test_serve_unscraped import decisions, replicas, wait_for
 
 pytestmark = pytest.mark.integration
@@ -42,23 +44,29 @@ def vllm_groups() -> set[int]:
     return out
 
 
-@pytest.fixture(scope="module")
-def blocked_pool(serve_cluster: dict[str, Any], tiny_model_dir: Path,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+APP = "blocked"  # its Serve app and route prefix: deployed early (`EARLY`) beside the other modules' apps at "/"
+
+
+def deploy_blocked() -> dict[str, Any]:
+    """The app (deployed, not waited for), its files and URL: the module's fixture takes it (`EARLY`)."""
+    import tempfile
+
     from ray import serve
     from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
 
     from kvsched.adapters.ray.app import engine_args, engine_kwargs, engine_options
     from kvsched.adapters.ray.config import parse_config
     from kvsched.adapters.ray.ingress import OpenAIIngress
-    from tests.ray.shared_cluster import QUICK_DRAIN, deployed
+    from kvsched.tiny_model import ensure_tiny_model
+    from tests.ray.shared_cluster import QUICK_DRAIN, start_app, start_cluster
     from tests.ray.stalling_engine import ProxiedEngineReplica
     from tests.vllm_layout import worker
 
-    tmp = tmp_path_factory.mktemp("blocked")
-    cfg = parse_config({"http": {"host": "127.0.0.1", "port": serve_cluster["port"]},
+    cluster = start_cluster()
+    tmp = Path(tempfile.mkdtemp(prefix="blocked-"))
+    cfg = parse_config({"http": {"host": "127.0.0.1", "port": cluster["port"]}, "route_prefix": f"/{APP}",
                         "router": {"stats_period_s": 1, "poll_deadline_s": POLL_DEADLINE_S},
-                        "pools": [{"name": "w", "model": str(tiny_model_dir), "models": ["tiny"],
+                        "pools": [{"name": "w", "model": str(ensure_tiny_model("test")), "models": ["tiny"],
                                    "served_model_name": MARK, "replicas": 1, "num_cpus": 0, "max_model_len": 1024,
                                    "block_size": 32, "kv_cache_gib": 1, "worker": worker(),
                                    "autoscaling": {"min_replicas": 0, "max_replicas": 2, "ttft_p95_s": 4.0}}]})
@@ -70,22 +78,51 @@ def blocked_pool(serve_cluster: dict[str, Any], tiny_model_dir: Path,
         look_back_period_s=5, metrics_interval_s=1,
         policy=AutoscalingPolicy(policy_function="tests.ray.standin_ttft:RecordingPolicy",
                                  policy_kwargs={**auto.policy.policy_kwargs, "report_path": str(tmp / "decisions")}))
-    groups: set[int] = set()
+    engine = serve.deployment(ProxiedEngineReplica).options(**opts, **QUICK_DRAIN).bind(
+        *engine_args(w), str(tmp / "block"), str(tmp / "proxy.json"), **engine_kwargs(cfg))
+    ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
+                                                      ray_actor_options={"num_cpus": 0}, **QUICK_DRAIN)
+    start_app(ingress.bind(cfg.to_dict(), {"w": engine}), APP, route_prefix=f"/{APP}")
+    return {"base": f"{cluster['base']}/{APP}", "block": tmp / "block", "proxy": tmp / "proxy.json",
+            "report": tmp / "decisions"}
+
+
+def delete_blocked(pool: dict[str, Any] | None = None) -> None:
+    """The app deleted, this run's `vllm serve` groups killed should its deletion have left any (not into the rest of
+    the session), its files removed."""
+    import shutil
+
+    from tests.ray.shared_cluster import delete_app
+
+    groups = vllm_groups()
     try:
-        engine = serve.deployment(ProxiedEngineReplica).options(**opts, **QUICK_DRAIN).bind(
-            *engine_args(w), str(tmp / "block"), str(tmp / "proxy.json"), **engine_kwargs(cfg))
-        ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
-                                                          ray_actor_options={"num_cpus": 0}, **QUICK_DRAIN)
-        with deployed(ingress.bind(cfg.to_dict(), {"w": engine})):
-            groups = vllm_groups()
-            yield {"base": serve_cluster["base"], "block": tmp / "block", "proxy": tmp / "proxy.json",
-                   "report": tmp / "decisions"}
+        delete_app(APP)
     finally:
-        for pgid in groups | vllm_groups():  # should the app's deletion have left any: not into the rest of the session
+        for pgid in groups | vllm_groups():
             try:
                 os.killpg(pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if pool is not None:
+            shutil.rmtree(pool["block"].parent, ignore_errors=True)
+
+
+# deployed at the first test after test_serve_integration's (its app's engines down), its engine's start-up beside the
+# light modules between, which leave a core idle (where this module's set-up waited ~26 s for it)
+EARLY = {"app": Early(deploy_blocked, delete_blocked, main_thread=True, once_over="tests.ray.test_serve_integration")}
+
+
+@pytest.fixture(scope="module")
+def blocked_pool(serve_cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    from tests.ray.shared_cluster import early, wait_running
+
+    pool = None
+    try:
+        pool = early(sys.modules[__name__], "app")
+        wait_running(APP)
+        yield pool
+    finally:
+        delete_blocked(pool)
 
 
 def chat(base: str) -> int:

@@ -5,6 +5,8 @@ import pytest
 pytest.importorskip("vllm")
 
 from kvsched.adapters.vllm import compat  # noqa: E402
+from tests import ahead  # noqa: E402
+from tests.ahead import Run  # noqa: E402
 from tests.integration.servers import BAD_TIER_SIZES  # noqa: E402
 
 
@@ -144,17 +146,26 @@ def test_a_layer_partition_vllm_cannot_serve_is_refused_before_the_engine_starts
     assert serve(vllm_cli, "--scheduler", "kvsched", "--pipeline-parallel-size", "2").pipeline_parallel_size == 2
 
 
-def test_register_pulls_no_api_server_modules_into_engine_processes():
-    """register() runs in every engine-core and worker process. Found by review: importing compat read vLLM's auth
-    middleware's paths at import time, pulling FastAPI, Starlette and pydantic's extras into each (~100 modules)."""
-    import subprocess
+def register_probe() -> Run:
     import sys
 
     probe = ("import sys, vllm.engine.arg_utils\nbefore = set(sys.modules)\n"
              "from kvsched.adapters.vllm import plugin\nplugin.register()\n"
              "print(sorted({m.split('.')[0] for m in set(sys.modules) - before}), "
              "[m for m in set(sys.modules) - before if m.startswith('vllm.entrypoints')])")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    return Run([sys.executable, "-c", probe])
+
+
+AHEAD = {"test_register_pulls_no_api_server_modules_into_engine_processes": register_probe}  # tests/ahead.py
+
+
+def test_register_pulls_no_api_server_modules_into_engine_processes():
+    """register() runs in every engine-core and worker process. Found by review: importing compat read vLLM's auth
+    middleware's paths at import time, pulling FastAPI, Starlette and pydantic's extras into each (~100 modules)."""
+    import sys
+
+    out = ahead.result(sys.modules[__name__], "test_register_pulls_no_api_server_modules_into_engine_processes",
+                       timeout_s=300, check=True)
     assert out.stdout.strip().splitlines()[-1] == "['kvsched'] []", out.stdout
 
 

@@ -7,12 +7,15 @@ In Triton's CPU interpreter, in a process of its own (TRITON_INTERPRET is read w
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import ahead
+from tests.ahead import Run
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -57,13 +60,22 @@ print(launches.count("gather_quantize"), launches.count("scatter_dequantize"))
 """
 
 
+def round_trips() -> Run | None:
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("vllm") is None:
+        return None  # the test skips
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]))
+    return Run([sys.executable, "-c", SCRIPT], env=env, cwd=str(ROOT))
+
+
+AHEAD = {"test_the_tier_round_trips_every_backend_layout_through_the_triton_kernels": round_trips}  # tests/ahead.py
+
+
 def test_the_tier_round_trips_every_backend_layout_through_the_triton_kernels() -> None:
     pytest.importorskip("triton")
     pytest.importorskip("vllm")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
-                          check=False, cwd=ROOT)
+    proc = ahead.result(sys.modules[__name__], "test_the_tier_round_trips_every_backend_layout_through_the_triton_kernels",
+                        timeout_s=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gathers, scatters = map(int, proc.stdout.split()[-2:])
     # the float specs' stores quantize (a gather per layer view, and the error sample's dequantize) and restore

@@ -8,12 +8,14 @@ process-wide and, once held, cannot be dropped."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
 from kvsched.ops.cpu_features import cpu_features
+from tests import ahead
+from tests.ahead import Run
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.skipif(not cpu_features().amx, reason="needs an AMX CPU (vLLM's 'amx' attention ISA)")
@@ -47,13 +49,17 @@ print("attention ran")
 REGISTER = "from kvsched.adapters.vllm.plugin import register\nregister()\n"
 
 
-def run(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+def run(code: str) -> Callable[[], Run | None]:
+    return lambda: Run([sys.executable, "-c", code]) if cpu_features().amx else None
+
+
+TEST = "test_vllm_attention_dies_without_the_permission_and_runs_after_the_plugin_loads"
+AHEAD = {f"{TEST}:bare": run(ATTENTION), f"{TEST}:loaded": run(REGISTER + ATTENTION)}  # tests/ahead.py
 
 
 def test_vllm_attention_dies_without_the_permission_and_runs_after_the_plugin_loads() -> None:
-    bare = run(ATTENTION)
+    bare = ahead.result(sys.modules[__name__], f"{TEST}:bare", timeout_s=120)
     # vLLM still runs its tiles unasked: if this fails, vLLM asks for itself now and _allow_amx_tiles can go
     assert bare.returncode == -signal.SIGILL, (bare.returncode, bare.stderr[-2000:])
-    loaded = run(REGISTER + ATTENTION)
+    loaded = ahead.result(sys.modules[__name__], f"{TEST}:loaded", timeout_s=120)
     assert loaded.returncode == 0 and "attention ran" in loaded.stdout, loaded.stderr[-2000:]
