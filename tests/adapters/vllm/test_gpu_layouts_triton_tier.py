@@ -74,8 +74,8 @@ AHEAD = {"test_the_tier_round_trips_every_backend_layout_through_the_triton_kern
 def test_the_tier_round_trips_every_backend_layout_through_the_triton_kernels() -> None:
     pytest.importorskip("triton")
     pytest.importorskip("vllm")
-    proc = ahead.result(sys.modules[__name__], "test_the_tier_round_trips_every_backend_layout_through_the_triton_kernels",
-                        timeout_s=600)
+    name = "test_the_tier_round_trips_every_backend_layout_through_the_triton_kernels"
+    proc = ahead.result(sys.modules[__name__], name, timeout_s=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gathers, scatters = map(int, proc.stdout.split()[-2:])
     # the float specs' stores quantize (a gather per layer view, and the error sample's dequantize) and restore
