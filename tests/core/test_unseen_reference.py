@@ -106,6 +106,14 @@ def test_the_rule_as_written_and_the_fast_path_agree_on_random_ids(text):
         assert KINDS[kind] in got, (ascii(text), got, want)
 
 
+@settings(max_examples=3000, deadline=None)
+@given(st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=16))
+def test_the_fast_path_agrees_with_the_scan_on_any_characters(text):
+    assert unseen(text) == scan(text), ascii(text)
+    want = reference(text)
+    assert (unseen(text) is None) == (want is None), (ascii(text), unseen(text), want)
+
+
 @pytest.mark.parametrize("text", ["\u203c\ufe0f", "run-\u2049\ufe0f", "\u3030\ufe0f", "\u303d\ufe0f",
                                   "\u3001\ufe00"])
 def test_emoji_and_variants_after_punctuation_pass(text):
