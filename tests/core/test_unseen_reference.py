@@ -114,6 +114,17 @@ def test_the_fast_path_agrees_with_the_scan_on_any_characters(text):
     assert (unseen(text) is None) == (want is None), (ascii(text), unseen(text), want)
 
 
+@pytest.mark.parametrize("text", ["https://example.com/runs/a%20b?q=%E2%9C%93&x=1", "user+tag@example.co.uk",
+                                  "urn:uuid:f81d4fae-7dec-11d0-a765-00a0c91e6bf6", "\U0001f44d\U0001f3fd-run",
+                                  "\U0001f1ef\U0001f1f5-\U0001f1fa\U0001f1e6", "#\ufe0f\u20e3-*\ufe0f\u20e3",
+                                  "\u0915\u094d\u0937\u0924\u094d\u0930\u093f\u092f",
+                                  "\u0645\u064f\u062d\u064e\u0645\u0651\u064e\u062f", "\u4f1a\u8bdd\uff1a\u7b2c\u4e00",
+                                  "\U0001f469\U0001f3fb\u200d\U0001f91d\u200d\U0001f468\U0001f3ff",
+                                  "\u2139\ufe0f-info"])
+def test_more_ids_clients_send_pass(text):
+    assert validate_session_id(text) == text and reference(text) is None
+
+
 @pytest.mark.parametrize("text", ["\u203c\ufe0f", "run-\u2049\ufe0f", "\u3030\ufe0f", "\u303d\ufe0f",
                                   "\u3001\ufe00"])
 def test_emoji_and_variants_after_punctuation_pass(text):
