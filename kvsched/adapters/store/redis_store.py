@@ -82,12 +82,34 @@ def _redis_reads(url: str) -> None:
     except ImportError:  # the engine's store needs it; a driver checking a config may not have it
         return
     try:
-        redis.ConnectionPool.from_url(url).make_connection()
-    except (TypeError, ValueError) as exc:  # every query value hidden: a misspelt ?password= holds the password
+        why = _unusable(redis.ConnectionPool.from_url(url).make_connection())
+    except (TypeError, ValueError) as exc:
+        why = str(exc)
+    if why is not None:  # every query value hidden: a misspelt ?password= holds the password
         parts = urlsplit(redacted(url))
         hidden = urlencode([(k, SECRET) for k, _ in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
         raise StoreConfigError(f"the shared store URL {urlunsplit(parts._replace(query=hidden))!r} is not one "
-                               f"redis-py can use ({exc})") from None
+                               f"redis-py can use ({why})") from None
+
+
+def _unusable(connection: Any) -> str | None:
+    """Why a connection redis-py made from the URL's parameters cannot serve kvsched's store, or None. Found by review
+    (review69): `?decode_responses=true` made every read of a KV block raise UnicodeDecodeError, `?encoding=` of no
+    codec LookupError and `?socket_timeout=-1` ValueError, out of the engine's store call (neither an outage nor an
+    error reply); `?socket_timeout=0` (a non-blocking socket) made every call an outage."""
+    import codecs
+
+    if connection.encoder.decode_responses:
+        return "decode_responses: the store holds KV blocks as bytes, which redis-py would decode as text; leave it out"
+    try:
+        codecs.lookup(connection.encoder.encoding)
+    except LookupError:
+        return "encoding: no such codec"
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        seconds = getattr(connection, name, None)
+        if seconds is not None and not 0 < seconds < float("inf"):
+            return f"{name} must be a number of seconds > 0"
+    return None
 
 
 def redacted(url: str) -> str:

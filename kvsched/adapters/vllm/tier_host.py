@@ -23,16 +23,18 @@ AUTO_RULE = (f"min({AUTO_POOL_MULTIPLE:g} x the KV pool's bytes, {AUTO_HOST_FRAC
 
 
 def host_memory() -> tuple[int, int]:
-    """(total, available) bytes of host memory: at most this process's cgroup limit (a container's: found by review,
-    the machine's whole memory was read inside a smaller container; the group's own use is not subtracted)."""
+    """(total, available) bytes of host memory: at most this process's cgroup limit, and at most the room its cgroups
+    have left (a container's: found by review, the machine's whole memory was read inside a smaller container; then
+    (review69) the container's limit was read as available however much of it was in use: `cgroup_memory`)."""
     import psutil
 
-    from kvsched.adapters.vllm.cgroup_memory import cgroup_memory_limit
+    from kvsched.adapters.vllm.cgroup_memory import cgroup_memory
 
     vm = psutil.virtual_memory()
     total, available = int(vm.total), int(vm.available)
-    if (limit := cgroup_memory_limit()) is not None and limit < total:
-        return limit, min(available, limit)
+    if (found := cgroup_memory()) is not None:
+        limit, room = found
+        return min(total, limit), min(available, room)
     return total, available
 
 
