@@ -127,9 +127,9 @@ def test_other_scopes_pass_untouched() -> None:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         seen.append(scope["type"])
 
-    for kind in ("websocket", "lifespan"):
-        asyncio.run(ProxyBodyLimit(app, LIMIT)({"type": kind, "headers": []}, None, None))
-    assert seen == ["websocket", "lifespan"]
+    for kind in ("websocket", "lifespan", "http"):  # http: a request without a length or an encoding has no body
+        asyncio.run(ProxyBodyLimit(app, LIMIT)({"type": kind, "headers": [(b"host", b"x")]}, None, None))
+    assert seen == ["websocket", "lifespan", "http"]
 
 
 def test_the_limit_comes_from_the_proxys_environment_and_a_bad_one_is_named() -> None:

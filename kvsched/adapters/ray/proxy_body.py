@@ -47,12 +47,16 @@ def proxy_max_body_bytes(environ: Mapping[str, str] | None = None) -> int:
     return int(word)
 
 
-def declared_length(scope: Scope) -> int | None:
-    """The first Content-Length as a number (uvicorn's parser refuses a malformed one before the app sees it)."""
+def body_framing(scope: Scope) -> tuple[int | None, bool]:
+    """(the first Content-Length as a number, whether a Transfer-Encoding is sent): an HTTP/1.1 request with neither
+    has no body (RFC 9112 6.3). uvicorn's parser refuses a malformed length, or both at once, before the app."""
+    length, encoded = None, False
     for name, value in scope.get("headers", ()):
-        if name.lower() == b"content-length":
-            return int(value) if value.strip().isdigit() else None
-    return None
+        name = name.lower()
+        if name == b"content-length" and length is None:
+            length = int(value) if value.strip().isdigit() else None
+        encoded = encoded or name == b"transfer-encoding"
+    return length, encoded
 
 
 def waits_for_continue(scope: Scope) -> bool:
@@ -67,7 +71,8 @@ def too_large(message: str) -> bytes:
 
 class ProxyBodyLimit:
     """Refuses (413) an HTTP request whose body is over `max_bytes`, declared or as it arrives; passes every other
-    request and scope on untouched (a declared length within the limit: not even its messages are wrapped)."""
+    request and scope on untouched (one with a declared length within the limit, or no body: not even its messages
+    are wrapped)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -77,7 +82,7 @@ class ProxyBodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = declared_length(scope)
+        declared, encoded = body_framing(scope)
         if declared is not None and declared > self.max_bytes:
             message = f"request body of {declared} bytes is over the limit of {self.max_bytes} bytes"
             if waits_for_continue(scope):  # its body is not sent until the proxy asks for it: not asked
@@ -85,7 +90,7 @@ class ProxyBodyLimit:
             else:
                 await self._refuse(scope, receive, send, message)
             return
-        if declared is not None:  # uvicorn delivers no more than the declared bytes
+        if declared is not None or not encoded:  # uvicorn delivers no more than the declared bytes (or none)
             await self.app(scope, receive, send)
             return
         await self._counted(scope, receive, send)
