@@ -49,18 +49,19 @@ def proxy_max_body_bytes(environ: Mapping[str, str] | None = None) -> int:
 
 def body_framing(scope: Scope) -> tuple[int | None, bool]:
     """(the first Content-Length as a number, whether a Transfer-Encoding is sent): an HTTP/1.1 request with neither
-    has no body (RFC 9112 6.3). uvicorn's parser refuses a malformed length, or both at once, before the app."""
+    has no body (RFC 9112 6.3). uvicorn's parser refuses a malformed length, or both at once, before the app, and
+    gives header names in lower case (as ASGI asks)."""
     length, encoded = None, False
     for name, value in scope.get("headers", ()):
-        name = name.lower()
         if name == b"content-length" and length is None:
             length = int(value) if value.strip().isdigit() else None
-        encoded = encoded or name == b"transfer-encoding"
+        elif name == b"transfer-encoding":
+            encoded = True
     return length, encoded
 
 
 def waits_for_continue(scope: Scope) -> bool:
-    return any(k.lower() == b"expect" and v.strip().lower() == b"100-continue" for k, v in scope.get("headers", ()))
+    return any(k == b"expect" and v.strip().lower() == b"100-continue" for k, v in scope.get("headers", ()))
 
 
 def too_large(message: str) -> bytes:
