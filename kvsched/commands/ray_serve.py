@@ -146,8 +146,10 @@ def _serve(args: argparse.Namespace, cfg: Any) -> int:
         except (ValueError, ConnectionError) as exc:  # a malformed address, no cluster at "auto", RAY_ADDRESS's
             print(f"kvsched ray-serve: error: Ray: {exc}", file=sys.stderr)  # cluster with --num-cpus: one line
             return 2
-    # Ray's HTTP proxy reads no X-Session-Id of its own (a non-UTF-8 one was its 500): kvsched/adapters/ray/proxy.py
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, controller_options=controller_options())
+    # Ray's HTTP proxy reads no X-Session-Id of its own (a non-UTF-8 one was its 500) and refuses a body over the
+    # limit before it queues it: kvsched/adapters/ray/proxy.py
+    serve.start(http_options={"host": cfg.host, "port": cfg.port},
+                controller_options=controller_options(cfg.max_body_bytes))
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
     print(f"kvsched ray-serve: ready on {api_url(cfg)} (Ctrl-C stops it)")
     stop = threading.Event()

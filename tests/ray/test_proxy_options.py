@@ -19,7 +19,9 @@ from kvsched.adapters.ray.proxy import (
     RAY_SESSION_HEADER_OFF,
     controller_options,
 )
+from kvsched.adapters.ray.proxy_body import ENV_PROXY_MAX_BODY
 from kvsched.adapters.ray.proxy_headers import CALLBACK
+from kvsched.adapters.ray.requests import MAX_BODY_BYTES
 
 
 def test_no_http_header_can_carry_the_name_rays_proxy_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,6 +30,7 @@ def test_no_http_header_can_carry_the_name_rays_proxy_is_given(monkeypatch: pyte
     token = set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
     assert not set(RAY_SESSION_HEADER_OFF) <= token
     assert controller_options() == {"runtime_env": {"env_vars": {RAY_SESSION_HEADER_ENV: RAY_SESSION_HEADER_OFF,
+                                                                 ENV_PROXY_MAX_BODY: str(MAX_BODY_BYTES),
                                                                  RAY_PROXY_CALLBACK_ENV: CALLBACK}}}
     from ray.serve.config import ControllerOptions
 
@@ -50,9 +53,11 @@ def test_kvsched_ray_serve_starts_serve_with_them(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(threading.Event, "wait", lambda self, timeout=None: True)  # Ctrl-C at once
     monkeypatch.setattr(ray_serve.signal, "signal", lambda *a: None)
     monkeypatch.setattr("kvsched.adapters.ray.app.build_app", lambda cfg: "app")
-    cfg = parse_config({"pools": [{"name": "w", "model": "/m", "models": ["w"], "replicas": 1}]})
+    cfg = parse_config({"pools": [{"name": "w", "model": "/m", "models": ["w"], "replicas": 1}],
+                        "max_body_bytes": 4096})
     assert ray_serve._serve(argparse.Namespace(address=None, num_cpus=None), cfg) == 0
-    assert started["controller_options"] == controller_options(), started
+    assert started["controller_options"] == controller_options(4096), started  # the proxy's body limit: the config's
+    assert started["controller_options"]["runtime_env"]["env_vars"][ENV_PROXY_MAX_BODY] == "4096"
 
 
 def asgi_call(app: Any, scope: dict[str, Any]) -> list[dict[str, Any]]:
@@ -179,5 +184,6 @@ def test_ray_loads_the_callback_and_runs_it_before_its_own_middleware() -> None:
 def test_a_proxy_callback_of_the_users_is_kept(monkeypatch: pytest.MonkeyPatch,
                                                caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv(RAY_PROXY_CALLBACK_ENV, "mine:middlewares")
-    assert controller_options() == {"runtime_env": {"env_vars": {RAY_SESSION_HEADER_ENV: RAY_SESSION_HEADER_OFF}}}
+    assert controller_options() == {"runtime_env": {"env_vars": {RAY_SESSION_HEADER_ENV: RAY_SESSION_HEADER_OFF,
+                                                                 ENV_PROXY_MAX_BODY: str(MAX_BODY_BYTES)}}}
     assert "mine:middlewares is kept" in caplog.text

@@ -10,7 +10,9 @@ neither uvicorn (no body timeout) nor Ray 2.60's proxy (`http_options.request_ti
 reading, answered with `Connection: close` (the rest of the body, if it comes, is not read). No engine replica is
 involved before the body is read: a slow body holds no router slot, only one of the ingress's ongoing requests
 (`max_ongoing_requests`), for at most `body_timeout_s`. Ray's proxy reads the body from uvicorn into a queue of its
-own as fast as the client sends it (`proxy.py`, `proxy_asgi_receive`), whatever this replica has read."""
+own as fast as the client sends it (`proxy.py`, `proxy_asgi_receive`), whatever this replica has read: kvsched's
+middleware there (`proxy_body.py`) refuses a body over the limit before it is queued; this replica's limit still
+applies (a Serve started by other means, a proxy limit above the config's)."""
 
 from __future__ import annotations
 

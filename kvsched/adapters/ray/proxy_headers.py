@@ -29,6 +29,8 @@ from ray.serve._private.constants import (
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from kvsched.adapters.ray.proxy_body import ProxyBodyLimit, proxy_max_body_bytes
+
 CALLBACK = "kvsched.adapters.ray.proxy_headers:middlewares"  # for RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
 # Compared as Ray's proxy compares them: these exactly (the server gives header names in lower case) ...
 EXACT = frozenset({SERVE_HTTP_REQUEST_ID_HEADER, SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER,
@@ -92,5 +94,6 @@ class RayHeadersUtf8:
 
 def middlewares() -> list[Middleware]:
     """Ray's HTTP proxy callback (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`): the proxy's middlewares, the last in
-    the list running first. A callback of your own can return `[*yours, *middlewares()]` to keep both."""
-    return [Middleware(RayHeadersUtf8)]
+    the list running first: the body limit (`proxy_body.py`, KVSCHED_PROXY_MAX_BODY_BYTES), then the headers. A
+    callback of your own can return `[*yours, *middlewares()]` to keep both."""
+    return [Middleware(RayHeadersUtf8), Middleware(ProxyBodyLimit, max_bytes=proxy_max_body_bytes())]

@@ -6,8 +6,9 @@ Added by the plugin to a `vllm serve` that runs kvsched's scheduler (and a stric
 - generation requests (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/messages`) get their session
   fields validated (HTTP 400 naming the field) and written canonically into `vllm_xargs`, which is how they reach the
   engine-core scheduler (`request_fields.py`; precedence in `kvsched.core.client_fields`), plus the caller's tenant;
-  bodies over 64 MiB get 413, JSON nested too deep 400, a body not all arrived within 60 s 408 and a compressed one
-  415 (`http_io.py`); a refused body is drained before the answer on a closing connection (`adapters/http_body.py`);
+  bodies over 64 MiB get 413, JSON nested too deep 400, a body not all arrived within 60 s (KVSCHED_BODY_TIMEOUT_S)
+  408 and a compressed one 415 (`http_io.py`); a refused body is drained before the answer on a closing connection
+  (`adapters/http_body.py`);
 - chat requests may be compacted (`compaction.py`), as the operator's settings allow; one that vLLM refuses for
   what the rewrite may have caused is sent again as the client sent it (`compaction_outcome.py`);
 - `GET /kvsched/sessions` and `DELETE /kvsched/sessions[/{id}]` are served, scoped to the caller (`admin_routes.py`);
@@ -60,6 +61,7 @@ from kvsched.adapters.vllm.request_fields import (
     check_unhandled_body,
     needs_scan,
 )
+from kvsched.adapters.vllm.settings_check import body_timeout_s
 from kvsched.core.sessions import InvalidSessionInput
 
 GENERATE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
@@ -72,7 +74,10 @@ class KVSchedMiddleware:
         self.app = app
         self._active: bool | None = None
         self.rejected = 0  # requests refused for malformed session input (exported as a metric)
-        self.body_timeout_s = BODY_TIMEOUT_S  # a generation request's body not all arrived by then: 408 (http_io.py)
+        try:  # a generation request's body not all arrived by then: 408 (http_io.py); KVSCHED_BODY_TIMEOUT_S
+            self.body_timeout_s = body_timeout_s()
+        except ValueError:  # refused at start by kvsched's server; a stock one (all passed on) reads no body
+            self.body_timeout_s = BODY_TIMEOUT_S
         self.auth = Auth()
         self.responses = ResponseSessions()  # /v1/responses ids -> sessions, for previous_response_id
         self.compaction = Compactor(app)  # context compaction (KVSCHED_COMPACTION*), see compaction.py

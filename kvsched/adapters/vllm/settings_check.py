@@ -1,8 +1,8 @@
 """Every KVSCHED_* setting `vllm serve --scheduler kvsched` reads, checked once before an engine starts: the policy
-core's (kvsched.core.settings_check) and the engine side's (the kernels' instruction-set cap, the FP8 tier's fault
-injection, the disk and shared levels, the trace files). A malformed one is refused at start-up with a line naming the
-variable, the same way for each, never later in a running engine. A KVSCHED_* variable nothing reads (a misspelling)
-is warned about, not refused."""
+core's (kvsched.core.settings_check) and the engine side's (the API server's body timeout, the kernels' instruction-set
+cap, the FP8 tier's fault injection, the disk and shared levels, the trace files). A malformed one is refused at
+start-up with a line naming the variable, the same way for each, never later in a running engine. A KVSCHED_*
+variable nothing reads (a misspelling) is warned about, not refused."""
 
 from __future__ import annotations
 
@@ -10,19 +10,22 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from kvsched.adapters.http_body import BODY_TIMEOUT_S
 from kvsched.core.settings_check import setting_errors, setting_names, unknown_setting_warnings
 
 ENV_FAULT_EVERY = "KVSCHED_TIER_FAULT_EVERY"
 ENV_TRACE = "KVSCHED_TRACE"
 ENV_TRACE_SCORES = "KVSCHED_TRACE_SCORES"
 ENV_TRACE_MAX_MB = "KVSCHED_TRACE_MAX_MB"
+ENV_BODY_TIMEOUT = "KVSCHED_BODY_TIMEOUT_S"  # the API server's: a generation request's body not all arrived by then
 DEFAULT_TRACE_MAX_MB = 1024.0  # a decision is ~100 bytes of trace: ten million, then the trace stops (logged)
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 # Read by name outside the engine (kvsched.tiny_model, kvsched.sim.mooncake: where models and traces are cached;
 # setup.py and `make test`: a failed C++ build is an error; the API server's mark for its engine: compat.ENV_KEYED)
 OTHER_SETTINGS = frozenset({"KVSCHED_CACHE_DIR", "KVSCHED_REQUIRE_EXT", "KVSCHED_KEYED_SERVER",
-                            "KVSCHED_PURE_PYTHON", "KVSCHED_MYPYC"})  # the last two: kvsched/compiled.py, setup.py
+                            "KVSCHED_PURE_PYTHON", "KVSCHED_MYPYC",  # these two: kvsched/compiled.py, setup.py
+                            "KVSCHED_PROXY_MAX_BODY_BYTES"})  # Ray's HTTP proxy's (kvsched/adapters/ray/proxy_body.py)
 
 
 def fault_every(environ: Mapping[str, str] | None = None) -> int:
@@ -56,6 +59,22 @@ def size_limit_mb(name: str, default: float, environ: Mapping[str, str] | None =
     return value
 
 
+def body_timeout_s(environ: Mapping[str, str] | None = None) -> float:
+    """KVSCHED_BODY_TIMEOUT_S: seconds the API server waits for a generation request's whole body before its 408
+    (`http_io.read_body`; unset or blank: `http_body.BODY_TIMEOUT_S`, 60); ValueError naming it unless a finite number
+    above 0."""
+    raw = (os.environ if environ is None else environ).get(ENV_BODY_TIMEOUT, "").strip()
+    if not raw:
+        return BODY_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{ENV_BODY_TIMEOUT}={raw!r}: a number of seconds above 0 (default {BODY_TIMEOUT_S:g})")
+    return value
+
+
 def trace_max_mb(environ: Mapping[str, str] | None = None) -> float:
     """KVSCHED_TRACE_MAX_MB: the decision trace stops once its file reaches this size (the bytes already in it too)."""
     return size_limit_mb(ENV_TRACE_MAX_MB, DEFAULT_TRACE_MAX_MB, environ)
@@ -83,6 +102,10 @@ def trace_path_error(environ: Mapping[str, str] | None = None) -> str | None:
     if not os.access(file if file.exists() else file.parent, os.W_OK):
         return f"{where}: {'the file' if file.exists() else 'its directory'} is not writable"
     return None
+
+
+def _body_timeout() -> None:
+    body_timeout_s()
 
 
 def _fault_every() -> None:
@@ -127,7 +150,7 @@ def _tier_stage() -> None:
     stage_bytes_of({}, 0)
 
 
-ENGINE_CHECKS = (_cpu_isa, _fault_every, _ghost, _levels, _record_trace, _tier_stage, _trace)
+ENGINE_CHECKS = (_body_timeout, _cpu_isa, _fault_every, _ghost, _levels, _record_trace, _tier_stage, _trace)
 
 
 def engine_setting_errors() -> list[str]:
@@ -151,8 +174,9 @@ def known_setting_names() -> frozenset[str]:
     from kvsched.ops.cpu_features import ISA_ENV
     from kvsched.ops.ghost import GHOST_ENV
 
-    engine = {ENV_FAULT_EVERY, ENV_TRACE, ENV_TRACE_SCORES, ENV_TRACE_MAX_MB, ENV_TIER_GB, ISA_ENV, GHOST_ENV,
-              compaction_shared.ENV_STORE_URL, trace_recorder.ENV_RECORD, trace_recorder.ENV_MAX_MB, levels.ENV_DISK_DIR,
+    engine = {ENV_BODY_TIMEOUT, ENV_FAULT_EVERY, ENV_TRACE, ENV_TRACE_SCORES, ENV_TRACE_MAX_MB, ENV_TIER_GB, ISA_ENV,
+              GHOST_ENV, compaction_shared.ENV_STORE_URL, trace_recorder.ENV_RECORD, trace_recorder.ENV_MAX_MB,
+              levels.ENV_DISK_DIR,
               levels.ENV_DISK_GB, levels.ENV_STORE_URL, levels.ENV_KV_TTL, levels.ENV_STATE_TTL, levels.ENV_REPLICA,
               levels.ENV_FETCH_MB, ENV_STAGE_MB}
     return setting_names() | engine | OTHER_SETTINGS
