@@ -142,7 +142,8 @@ def failing_starts(model: Path) -> dict[str, tuple[list[str], dict[str, str] | N
 
     serve = [*vllm_command(), "serve", str(model)]
     malformed = dict(os.environ, KVSCHED_INFER_SESSIONS="maybe", KVSCHED_COMPACTION_CLIENT_STRATEGIES="shrink",
-                     KVSCHED_CPU_ISA="sse9", KVSCHED_STORE_KV_TTL_S="-1")
+                     KVSCHED_CPU_ISA="sse9", KVSCHED_STORE_KV_TTL_S="-1",
+                     KVSCHED_BODY_TIMEOUT_S="0")
     starts: dict[str, tuple[list[str], dict[str, str] | None]] = {
         "serve:malformed": ([*serve, "--scheduler", "kvsched"], malformed),  # test_serve
         "serve:unknown": ([*serve, "--scheduler", "nonsense"], None),

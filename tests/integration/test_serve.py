@@ -169,6 +169,7 @@ def test_a_malformed_kvsched_setting_stops_the_server_at_start_naming_it(failed_
     assert "kvsched: KVSCHED_COMPACTION_CLIENT_STRATEGIES='shrink'" in proc.stderr
     assert "kvsched: KVSCHED_CPU_ISA='sse9'" in proc.stderr  # the engine side's settings, the same way
     assert "kvsched: KVSCHED_STORE_KV_TTL_S must be > 0" in proc.stderr
+    assert "KVSCHED_BODY_TIMEOUT_S='0': a number of seconds above 0" in proc.stderr  # the API server's
 
 
 def test_unknown_scheduler_fails_at_start_with_the_choices(failed_starts):
