@@ -24,13 +24,18 @@ AA_TOL = 0.00797
 
 def test_a_short_soak_decodes_as_stock_and_leaves_no_pin_block_or_tier_slot(secure_server, stock_server):
     """Concurrent sessions with churn (clients leaving, aborts, DELETEs in flight, X-Session-End, expired TTLs), bad
-    requests and scrapes: no 5xx, every completed turn decodes as stock decodes it (or breaks a near tie stock itself
-    sees), and once every session is ended no pin, every block free and the tier empty; the engine serves on. The
-    server's other sessions end too (its modules each use their own ids and keep nothing across modules)."""
+    requests and scrapes, as the server's two tenants (API keys), half the conversations under a cache_salt of their
+    own (their first prompt sent first under another tenant and salt), and turns of every shape (the next turn sent
+    before the answer, another task under the same session id, an earlier message edited, a prompt near the context
+    limit or past it): no 5xx, every completed turn decodes as stock decodes it (or breaks a near tie stock itself
+    sees), a refused one is refused by stock too, and once every session is ended no pin, every block free and the
+    tier empty; the engine serves on. The server's other sessions end too (its modules each use their own ids and keep
+    nothing across modules). This server reports no cached tokens per request (tools/soak.py's servers do: the salts'
+    isolation is checked there)."""
     assert secure_server.spec.serve_dtype() == stock_server.spec.serve_dtype()
     assert secure_server.spec.max_model_len == stock_server.spec.max_model_len
     soak = load_tool("soak")
-    report = soak.soak(soak.Target("kvsched", secure_server.base, "tiny", KEYS[0], ADMIN),
+    report = soak.soak(soak.Target("kvsched", secure_server.base, "tiny", KEYS[0], ADMIN, tenants=KEYS),
                        soak.Target("stock", stock_server.base, stock_server.spec.served_model_name),
                        SECONDS, SESSIONS, seed=68, tol=AA_TOL, min_compared=MIN_COMPARED, cap_s=CAP_S)
     verdict, counts = report["verdict"], report["counts"]
