@@ -188,8 +188,14 @@ class Soak:
             other = [messages[0], {"role": "user", "content": "other task: " + " ".join(rng.choices(WORDS, k=30))}]
         side_rng = random.Random(rng.getrandbits(32))
         headers = {k: v for k, v in hdrs.items() if k != "X-Session-End"}
-        runner = threading.Thread(target=lambda: self.turn(client, side_rng, other, headers, conv, False,
-                                                           side_rng.randint(3, 12)))
+        def run() -> None:
+            try:
+                self.turn(client, side_rng, other, headers, conv, False, side_rng.randint(3, 12))
+            except Exception as exc:  # noqa: BLE001 - the report's, as a session's own
+                self.log.fail(f"{self.kvsched.name}: a {shape} turn raised {type(exc).__name__}: {exc}",
+                              trace=traceback.format_exc()[-2000:])
+
+        runner = threading.Thread(target=run)
         runner.start()
         time.sleep(rng.uniform(0.0, 0.05))
         return runner
