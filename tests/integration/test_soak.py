@@ -12,7 +12,7 @@ from tests.integration.secure import ADMIN, KEYS  # noqa: E402
 from tests.tools_loader import load_tool  # noqa: E402
 
 pytestmark = pytest.mark.integration
-SECONDS = 15.0
+SECONDS = 12.0  # 15 before the tenants, salts and turn shapes (their extra requests)
 SESSIONS = 4
 MIN_COMPARED = 12  # run on past SECONDS until this many turns were compared (a slow CPU), ...
 CAP_S = 180.0  # ... up to this
@@ -42,6 +42,10 @@ def test_a_short_soak_decodes_as_stock_and_leaves_no_pin_block_or_tier_slot(secu
     assert not report["failures"], report["failures"][:5]
     assert not verdict["mismatches"], verdict["mismatches"][:3]
     assert verdict["compared"] >= 10 and counts["kvsched:scrapes"] >= 10, (verdict, counts)
+    # the new traffic ran (seed 68, 12 s here: 3 twins, 1 scope check, every shape once or twice, one turn past the
+    # limit refused by both)
+    assert counts.get("kvsched:salt_twins", 0) >= 1, counts
+    assert sum(n for k, n in counts.items() if k.startswith("kvsched:shape_") and k != "kvsched:shape_plain"), counts
     # the comparison has teeth: most turns judged against stock's answer to another turn's prompt are mismatches (not
     # all: the random-weight model's few greedy tokens for two prompts sometimes coincide; 61 of 71 in a first run)
     assert verdict["control_caught"] >= 0.5 * verdict["control_pairs"], verdict
