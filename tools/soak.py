@@ -4,8 +4,11 @@ after turn, greedy decoding) with churn (clients leaving mid-stream, aborted req
 runs, X-Session-End, sessions idle past a 1 s TTL), bad requests and /metrics scrapes interleaved. Checked: every
 turn kvsched completes decodes the tokens stock decodes for the same prompt (a divergence only where stock itself sees
 a near tie: within twice the logprob noise measured stock against stock in the same run), no 5xx anywhere, and, once
-every session is ended, no pin, every block free and the tier empty, the engine still serving. A third server runs
-kvsched's compaction (summarize: prompts rewritten by design), checked for the invariants only.
+every session is ended, no pin, every block free and the tier empty (its disk level too), the engine still serving. A
+third server runs kvsched's compaction (summarize: prompts rewritten by design), checked for the invariants only.
+The sessions (tools/soak_sessions.py) call as several tenants (API keys), half of them under a cache_salt of their own
+(the first request under a salt may get no cached token: `usage.prompt_tokens_details`), and take turn shapes besides
+plain turns: two turns of one session at once, an edited history, prompts near and past the context limit.
 
     flock /tmp/kv/heavy.lock .venv/bin/python tools/soak.py --minutes 10 --sessions 8 --out /tmp/soak.json
 
