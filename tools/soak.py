@@ -4,8 +4,11 @@ after turn, greedy decoding) with churn (clients leaving mid-stream, aborted req
 runs, X-Session-End, sessions idle past a 1 s TTL), bad requests and /metrics scrapes interleaved. Checked: every
 turn kvsched completes decodes the tokens stock decodes for the same prompt (a divergence only where stock itself sees
 a near tie: within twice the logprob noise measured stock against stock in the same run), no 5xx anywhere, and, once
-every session is ended, no pin, every block free and the tier empty, the engine still serving. A third server runs
-kvsched's compaction (summarize: prompts rewritten by design), checked for the invariants only.
+every session is ended, no pin, every block free and the tier empty (its disk level too), the engine still serving. A
+third server runs kvsched's compaction (summarize: prompts rewritten by design), checked for the invariants only.
+The sessions (tools/soak_sessions.py) call as several tenants (API keys), half of them under a cache_salt of their own
+(the first request under a salt may get no cached token: `usage.prompt_tokens_details`), and take turn shapes besides
+plain turns: two turns of one session at once, an edited history, prompts near and past the context limit.
 
     flock /tmp/kv/heavy.lock .venv/bin/python tools/soak.py --minutes 10 --sessions 8 --out /tmp/soak.json
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -28,11 +32,13 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its clients, tools/soak_clients.py (a script's sibling)
-from soak_clients import Log, Reply, Soak, Target, Until, bad_requests, scrape  # noqa: E402
+from soak_clients import Log, Reply, Target, Until, bad_requests, scrape  # noqa: E402
+from soak_sessions import SHAPES, Conv, Soak  # noqa: E402
 
 
 def settle(target: Target, log: Log, timeout_s: float = 30.0) -> dict[str, Any]:
-    """End every session (admin), then wait for pins 0, every block free and the tier empty; a failure if not."""
+    """End every session (admin), then wait for pins 0, every block free and the tier empty (its disk level too: an
+    ended session's blocks leave it); a failure if not."""
     if not target.kvsched:
         return {}
     r = httpx.delete(target.base + "/kvsched/sessions", headers=target.auth(admin=True), timeout=60)
@@ -43,11 +49,13 @@ def settle(target: Target, log: Log, timeout_s: float = 30.0) -> dict[str, Any]:
     while True:
         st = httpx.get(target.base + "/kvsched/sessions?limit=1", headers=target.auth(admin=True), timeout=60).json()
         st = st["stats"]
-        clean = st["pinned_blocks"] == 0 and st["free_blocks"] == st["total_blocks"] and st.get("tier_blocks", 0) == 0
+        clean = st["pinned_blocks"] == 0 and st["free_blocks"] == st["total_blocks"] and st.get("tier_blocks", 0) == 0 \
+            and st.get("disk_tier_blocks", 0) == 0
         if clean or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    keys = ("pinned_blocks", "free_blocks", "total_blocks", "tier_blocks", "tier_bytes", "active_sessions")
+    keys = ("pinned_blocks", "free_blocks", "total_blocks", "tier_blocks", "tier_bytes", "disk_tier_blocks",
+            "active_sessions")
     out = {"ended": ended, **{k: st.get(k) for k in keys}}
     if not clean:
         log.fail(f"{target.name}: not clean after every session ended", stats=out)
@@ -107,15 +115,16 @@ def verdict(log: Log, tol: float | None = None) -> dict[str, Any]:
 
 def soak(kvsched: Target, stock: Target | None, seconds: float, sessions: int, seed: int = 0,
          extra: list[tuple[Target, int]] | None = None, tol: float | None = None, min_compared: int = 0,
-         cap_s: float | None = None) -> dict[str, Any]:
+         cap_s: float | None = None, shapes: frozenset[str] = frozenset(SHAPES), salted: float = 0.5) -> dict[str, Any]:
     """Run the soak for `seconds` and judge it: `sessions` sessions on `kvsched` compared with `stock`, plus for each
     (target, n) of `extra` n sessions on that target checked for invariants only. The report's `failures` and
     `verdict.mismatches` are empty when everything held. With `min_compared`, it runs on past `seconds` until that
-    many turns were compared, up to `cap_s` (`soak_clients.Until`)."""
+    many turns were compared, up to `cap_s` (`soak_clients.Until`). `shapes`: which of soak_sessions.SHAPES the
+    sessions' turns take besides plain ones; `salted`: the share of conversations with a cache_salt of their own."""
     log = Log()
     until = Until(log, seconds, min_compared, cap_s)
-    runs = [(Soak(kvsched, stock, log, seed), sessions)] + [(Soak(t, None, log, seed + 1 + i), n)
-                                                           for i, (t, n) in enumerate(extra or [])]
+    runs = [(Soak(kvsched, stock, log, seed, shapes=shapes, salted=salted), sessions)] + [
+        (Soak(t, None, log, seed + 1 + i, shapes=shapes, salted=salted), n) for i, (t, n) in enumerate(extra or [])]
     threads = [threading.Thread(target=run.session, args=(i, until)) for run, n in runs for i in range(n)]
     for i, (run, _) in enumerate(runs):
         threads += [threading.Thread(target=bad_requests, args=(run.kvsched, log, until, seed * 7 + i)),
@@ -132,8 +141,9 @@ def soak(kvsched: Target, stock: Target | None, seconds: float, sessions: int, s
         report["end"][run.kvsched.name] = settle(run.kvsched, log)
         with httpx.Client() as client:  # the engine still serves, and decodes as stock does
             probe = Soak(run.kvsched, run.stock, log, seed)
-            if probe.turn(client, random.Random(seed), [{"role": "user", "content": "still there?"}],
-                          {"X-Session-Id": f"soak{seed}-probe", "X-Session-End": "1"}, "", False) is None:
+            hdrs = {"X-Session-Id": f"soak{seed}-probe", "X-Session-End": "1"}
+            if probe.turn(client, random.Random(seed), [{"role": "user", "content": "still there?"}], hdrs,
+                          Conv(run.kvsched.as_tenant(0), hdrs["X-Session-Id"], hdrs, None), False, 8) is None:
                 log.fail(f"{run.kvsched.name}: the final turn failed")
         report["end"][run.kvsched.name]["after_probe"] = settle(run.kvsched, log)
     report["verdict"] = verdict(log, tol)
@@ -142,29 +152,42 @@ def soak(kvsched: Target, stock: Target | None, seconds: float, sessions: int, s
 
 
 def servers(args: argparse.Namespace) -> dict[str, Any]:
-    """The soak's `vllm serve` processes (not started): stock, kvsched (FP8 tier on, `--blocks` blocks of KV) and,
-    unless --no-compaction, kvsched with compaction (summarize; as tests/integration/servers.py's)."""
+    """The soak's `vllm serve` processes (not started), each reporting its prefix-cache hits per request
+    (--enable-prompt-tokens-details): stock, kvsched (FP8 tier on, `--blocks` blocks of KV, the tier's disk level
+    unless --disk-gb 0, `--tenants` API keys) and, unless --no-compaction, kvsched with compaction (summarize; as
+    tests/integration/servers.py's)."""
+    import tempfile
+
     from kvsched.serving import ServerSpec, VllmServer
     from kvsched.tiny_model import ensure_tiny_model
 
     model = ensure_tiny_model("test")
     common: dict[str, Any] = {"model": model, "max_model_len": 1024, "dtype": "bfloat16"}
+    details = ["--enable-prompt-tokens-details"]
     admin = {"KVSCHED_ADMIN_KEYS": ADMIN}
-    subject = ServerSpec(scheduler=None, num_blocks=args.blocks, api_key=KEY, **common) if args.aa else \
-        ServerSpec(scheduler="kvsched", num_blocks=args.blocks, api_key=KEY, env=admin,
-                   extra_args=["--kvsched-fp8-tier-gb", str(args.tier_gb)], **common)
-    out = {"stock": VllmServer(ServerSpec(scheduler=None, worker="in_engine", **common)),
+    keys = ["--api-key", *tenant_keys(args.tenants)]
+    args.disk_dir = tempfile.mkdtemp(prefix="soak-disk-") if args.disk_gb and not args.aa else None
+    disk = ["--kvsched-disk-tier-dir", args.disk_dir, "--kvsched-disk-tier-gb", str(args.disk_gb)] \
+        if args.disk_dir else []
+    subject = ServerSpec(scheduler=None, num_blocks=args.blocks, extra_args=keys + details, **common) if args.aa \
+        else ServerSpec(scheduler="kvsched", num_blocks=args.blocks, env=admin,
+                        extra_args=["--kvsched-fp8-tier-gb", str(args.tier_gb), *disk, *keys, *details], **common)
+    out = {"stock": VllmServer(ServerSpec(scheduler=None, worker="in_engine", extra_args=details, **common)),
            "kvsched": VllmServer(subject)}
     if not args.no_compaction and not args.aa:
         env = {**admin, "KVSCHED_COMPACTION": "summarize", "KVSCHED_COMPACTION_TRIGGER_TOKENS": "300",
                "KVSCHED_COMPACTION_KEEP_RECENT_MESSAGES": "2", "KVSCHED_COMPACTION_SUMMARY_TARGET_TOKENS": "48",
                "KVSCHED_COMPACTION_WAIT_FOR_SUMMARY": "1", "KVSCHED_COMPACTION_RETRY_AFTER_S": "5"}
         out["compaction"] = VllmServer(ServerSpec(scheduler="kvsched", num_blocks=args.blocks * 2, env=env,
-                                                  worker="in_engine", **common))
+                                                  worker="in_engine", extra_args=details, **common))
     return out
 
 
-ADMIN, KEY = "soak-admin", "soak-key"
+ADMIN = "soak-admin"
+
+
+def tenant_keys(n: int) -> tuple[str, ...]:
+    return tuple(f"soak-key-{i}" for i in range(max(1, n)))
 
 
 def cpu() -> str:
@@ -182,25 +205,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compaction-sessions", type=int, default=3)
     p.add_argument("--blocks", type=int, default=40, help="kvsched's KV pool (--num-gpu-blocks-override)")
     p.add_argument("--tier-gb", type=float, default=0.003, help="kvsched's FP8 tier (--kvsched-fp8-tier-gb)")
+    p.add_argument("--disk-gb", type=float, default=0.01, help="the tier's disk level (a temporary directory; 0: off)")
+    p.add_argument("--tenants", type=int, default=2, help="kvsched's API keys, each a tenant")
+    p.add_argument("--salted", type=float, default=0.5, help="the share of conversations with a cache_salt")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"turn shapes besides plain ones, of {','.join(SHAPES)}"
+                   " (race: next turn before the answer; fanout: two tasks, one id; edit: history rewritten; long: "
+                   "near the context limit); '' for none")
     p.add_argument("--no-compaction", action="store_true")
     p.add_argument("--aa", action="store_true", help="A/A: a second stock server (its --blocks pool) as the subject")
     p.add_argument("--tol", type=float, help="stock's logprob noise, from an --aa run (default: measured in the run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    shapes = frozenset(s for s in args.shapes.split(",") if s)
+    if shapes - set(SHAPES):
+        p.error(f"--shapes: unknown {sorted(shapes - set(SHAPES))}; known: {', '.join(SHAPES)}")
     named = servers(args)
     try:
         start_all(list(named.values()))
         stock = Target("stock", named["stock"].base, "tiny")
-        kv = Target("stock-aa" if args.aa else "kvsched", named["kvsched"].base, "tiny", KEY, ADMIN, not args.aa)
+        keys = tenant_keys(args.tenants)
+        kv = Target("stock-aa" if args.aa else "kvsched", named["kvsched"].base, "tiny", keys[0], ADMIN, not args.aa,
+                    keys)
         extra = [] if args.no_compaction or args.aa else [
             (Target("compaction", named["compaction"].base, "tiny", None, ADMIN), args.compaction_sessions)]
-        report = soak(kv, stock, args.minutes * 60, args.sessions, args.seed, extra, args.tol)
+        report = soak(kv, stock, args.minutes * 60, args.sessions, args.seed, extra, args.tol, shapes=shapes,
+                      salted=args.salted)
         report["metrics"] = {name: {k: v for k, v in s.metrics().items() if k.startswith("kvsched_") and "{" not in k}
                              for name, s in named.items() if name != "stock"}
     finally:
         for server in named.values():
             server.stop()
+        if args.disk_dir:
+            shutil.rmtree(args.disk_dir, ignore_errors=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     report.update(commit=commit, cpu=cpu(), argv=sys.argv[1:], logs={n: str(s.log_path) for n, s in named.items()})

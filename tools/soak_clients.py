@@ -1,5 +1,6 @@
-"""The soak's clients (tools/soak.py): agent sessions with churn, bad requests and scrapes against one server,
-each reporting to a shared `Log`. A script's module of its own, beside tools/soak.py, which imports it."""
+"""The soak's clients (tools/soak.py): the requests its sessions (tools/soak_sessions.py) send, churn among them, bad
+requests and scrapes against one server, each reporting to a shared `Log`. A script's module of its own, beside
+tools/soak.py, which imports it."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import json
 import random
 import threading
 import time
-import traceback
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -30,10 +30,15 @@ class Target:
     key: str | None = None
     admin: str | None = None
     kvsched: bool = True  # False: a stock server as the soak's subject (an A/A run: stock against stock)
+    tenants: tuple[str, ...] = ()  # the server's API keys, each a tenant (kvsched scopes sessions by key); () : `key`
 
     def auth(self, admin: bool = False) -> dict[str, str]:
         key = self.admin if admin else self.key
         return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def as_tenant(self, i: int) -> Target:
+        """This server as its `i`-th tenant (modulo their number) calls it."""
+        return replace(self, key=self.tenants[i % len(self.tenants)]) if self.tenants else self
 
 
 @dataclass
@@ -43,6 +48,9 @@ class Reply:
     tops: list[dict[int, float]]
     text: str
     prompt_tokens: int
+    cached: int | None = None  # usage.prompt_tokens_details.cached_tokens (--enable-prompt-tokens-details), else None
+    finish: str = ""
+    status: int = 200
 
 
 @dataclass
@@ -86,9 +94,13 @@ class Until:
             return sum(kind == "subject" for kind, *_ in self.log.pairs) >= self.min_compared
 
 
-def body(target: Target, messages: list[dict[str, Any]], max_tokens: int, stream: bool = False) -> dict[str, Any]:
-    return {"model": target.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0,
-            "logprobs": True, "top_logprobs": TOP, "return_tokens_as_token_ids": True, "stream": stream}
+def body(target: Target, messages: list[dict[str, Any]], max_tokens: int | None, stream: bool = False,
+         salt: str | None = None) -> dict[str, Any]:
+    """A greedy turn; `max_tokens` None: up to the context limit; `salt`: vLLM's `cache_salt`."""
+    return {"model": target.model, "messages": messages, "temperature": 0.0, "seed": 0,
+            "logprobs": True, "top_logprobs": TOP, "return_tokens_as_token_ids": True, "stream": stream,
+            **({} if max_tokens is None else {"max_tokens": max_tokens}),
+            **({} if salt is None else {"cache_salt": salt})}
 
 
 def parse(reply: dict[str, Any]) -> Reply:
@@ -96,8 +108,11 @@ def parse(reply: dict[str, Any]) -> Reply:
     content = (choice.get("logprobs") or {}).get("content") or []
     ids = [int(c["token"].split(":", 1)[1]) for c in content]
     tops = [{int(t["token"].split(":", 1)[1]): float(t["logprob"]) for t in c["top_logprobs"]} for c in content]
+    details = reply["usage"].get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens")
     return Reply(ids, [float(c["logprob"]) for c in content], tops, choice["message"]["content"] or "",
-                 int(reply["usage"]["prompt_tokens"]))
+                 int(reply["usage"]["prompt_tokens"]), None if cached is None else int(cached),
+                 choice.get("finish_reason") or "")
 
 
 def post(client: httpx.Client, target: Target, log: Log, payload: Any, headers: dict[str, str] | None = None,
@@ -110,9 +125,13 @@ def post(client: httpx.Client, target: Target, log: Log, payload: Any, headers: 
     return r
 
 
-def chat(client: httpx.Client, target: Target, log: Log, messages: list[dict[str, Any]], max_tokens: int,
-         headers: dict[str, str] | None = None) -> Reply | None:
-    r = post(client, target, log, body(target, messages, max_tokens), headers)
+def chat(client: httpx.Client, target: Target, log: Log, messages: list[dict[str, Any]], max_tokens: int | None,
+         headers: dict[str, str] | None = None, salt: str | None = None, refused: tuple[int, ...] = ()) -> Reply | None:
+    """The turn's reply; None if not answered 200 (a failure unless its status is one of `refused`: then a Reply
+    with no tokens and that status)."""
+    r = post(client, target, log, body(target, messages, max_tokens, salt=salt), headers)
+    if r.status_code in refused:
+        return Reply([], [], [], r.text[:200], 0, status=r.status_code)
     if r.status_code != 200:
         if r.status_code < 500:
             log.fail(f"{target.name}: a good turn answered {r.status_code}", body=r.text[:500], headers=headers)
@@ -121,9 +140,10 @@ def chat(client: httpx.Client, target: Target, log: Log, messages: list[dict[str
 
 
 def stream_and_leave(client: httpx.Client, target: Target, log: Log, messages: list[dict[str, Any]],
-                     headers: dict[str, str]) -> None:
+                     headers: dict[str, str], salt: str | None = None) -> None:
     """A client that leaves after the first streamed chunk (vLLM aborts the request when the connection closes)."""
-    with client.stream("POST", target.base + "/v1/chat/completions", json=body(target, messages, 16, stream=True),
+    with client.stream("POST", target.base + "/v1/chat/completions",
+                       json=body(target, messages, 16, stream=True, salt=salt),
                        headers={**target.auth(), **headers}, timeout=120) as r:
         if r.status_code >= 500:
             log.fail(f"{target.name}: a stream answered {r.status_code}", request=messages)
@@ -132,9 +152,10 @@ def stream_and_leave(client: httpx.Client, target: Target, log: Log, messages: l
 
 
 def abort(client: httpx.Client, target: Target, log: Log, messages: list[dict[str, Any]], headers: dict[str, str],
-          rng: random.Random) -> str:
+          rng: random.Random, salt: str | None = None) -> str:
     try:
-        post(client, target, log, body(target, messages, 16), headers, "aborted turn", timeout=rng.uniform(0.02, 0.4))
+        post(client, target, log, body(target, messages, 16, salt=salt), headers, "aborted turn",
+             timeout=rng.uniform(0.02, 0.4))
         return "completed"
     except httpx.TimeoutException:
         return "left"
@@ -145,89 +166,6 @@ def delete(client: httpx.Client, target: Target, log: Log, sid: str) -> int:
     if r.status_code not in ((200, 404) if target.kvsched else (404,)):  # stock has no such route
         log.fail(f"{target.name}: DELETE of a session answered {r.status_code}", body=r.text[:500], session=sid)
     return r.status_code
-
-
-@dataclass
-class Soak:
-    kvsched: Target
-    stock: Target | None  # None: invariants only (the compaction server)
-    log: Log
-    seed: int = 0
-    stock_twice: float = 0.25  # the share of turns stock answers twice: its own noise, the tolerance
-
-    def count(self, what: str) -> None:
-        self.log.count(f"{self.kvsched.name}:{what}")
-
-    def session(self, idx: int, until: Until) -> None:
-        rng, gen = random.Random(self.seed * 1000 + idx), 0
-        with httpx.Client() as client:
-            while not until.over():
-                try:
-                    self.conversation(client, rng, idx, gen, until)
-                except Exception as exc:  # noqa: BLE001 - a refused connection is an engine gone: the report's
-                    self.log.fail(f"{self.kvsched.name}: session {idx} raised {type(exc).__name__}: {exc}",
-                                  trace=traceback.format_exc()[-2000:])
-                    return
-                gen += 1
-
-    def conversation(self, client: httpx.Client, rng: random.Random, idx: int, gen: int, until: Until) -> None:
-        role = "orchestrator" if idx % 4 == 0 else "worker"
-        sid = f"soak{self.seed}-wf{idx // 4}/{role}-{idx % 4}-g{gen}"
-        ttl = rng.random() < 0.25  # a session whose 1 s TTL runs out while it idles between some turns
-        headers = {"X-Session-Id": sid, "X-Agent-Role": role, **({"X-Session-TTL": "1"} if ttl else {})}
-        messages = [{"role": "system", "content": SYSTEM},
-                    {"role": "user", "content": f"task {idx}.{gen}: " + " ".join(rng.choices(WORDS, k=30))}]
-        turns = rng.randint(2, 7)
-        for t in range(turns):
-            last = t == turns - 1 or until.over()
-            hdrs = {**headers, **({"X-Session-End": "1"} if last else {})}
-            churn = rng.choice(CHURN)
-            self.count(f"churn_{churn}")
-            if churn == "disconnect":
-                stream_and_leave(client, self.kvsched, self.log, messages, headers)
-            elif churn == "abort":
-                self.count(f"abort_{abort(client, self.kvsched, self.log, messages, headers, rng)}")
-            reply = self.turn(client, rng, messages, hdrs, sid, churn == "delete")
-            if reply is None:
-                return
-            if last or reply.prompt_tokens > MAX_PROMPT:
-                self.count("sessions_ended" if last else "sessions_left_open")
-                return
-            messages = messages + [{"role": "assistant", "content": reply.text},
-                                   {"role": "tool", "tool_call_id": f"call_{t}",
-                                    "content": f"result {t}: " + " ".join(rng.choices(WORDS, k=rng.randint(10, 90)))}]
-            if ttl and rng.random() < 0.5:
-                self.count("ttl_idles")
-                time.sleep(rng.uniform(1.2, 2.0))
-
-    def turn(self, client: httpx.Client, rng: random.Random, messages: list[dict[str, Any]], hdrs: dict[str, str],
-             sid: str, delete_meanwhile: bool) -> Reply | None:
-        max_tokens = rng.randint(3, 12)
-        if delete_meanwhile:  # the session's DELETE while its turn runs: the turn must still decode right
-            out: list[Reply | None] = []
-            runner = threading.Thread(target=lambda: out.append(chat(client, self.kvsched, self.log, messages,
-                                                                      max_tokens, hdrs)))
-            runner.start()
-            time.sleep(rng.uniform(0.0, 0.3))
-            with httpx.Client() as other:
-                self.count(f"delete_{delete(other, self.kvsched, self.log, sid)}")
-            runner.join()
-            reply = out[0] if out else None
-        else:
-            reply = chat(client, self.kvsched, self.log, messages, max_tokens, hdrs)
-        if reply is None:
-            return None
-        self.count("turns")
-        if self.stock is not None:
-            first = chat(client, self.stock, self.log, messages, max_tokens)
-            if first is None:
-                return None
-            self.log.pair("subject", reply, first, body(self.stock, messages, max_tokens))
-            if rng.random() < self.stock_twice:
-                again = chat(client, self.stock, self.log, messages, max_tokens)
-                if again is not None:
-                    self.log.pair("stock", again, first, body(self.stock, messages, max_tokens))
-        return reply
 
 
 def bad_requests(target: Target, log: Log, until: Until, seed: int) -> None:

@@ -12,7 +12,7 @@ from tests.integration.secure import ADMIN, KEYS  # noqa: E402
 from tests.tools_loader import load_tool  # noqa: E402
 
 pytestmark = pytest.mark.integration
-SECONDS = 15.0
+SECONDS = 12.0  # 15 before the tenants, salts and turn shapes (their extra requests)
 SESSIONS = 4
 MIN_COMPARED = 12  # run on past SECONDS until this many turns were compared (a slow CPU), ...
 CAP_S = 180.0  # ... up to this
@@ -24,19 +24,28 @@ AA_TOL = 0.00797
 
 def test_a_short_soak_decodes_as_stock_and_leaves_no_pin_block_or_tier_slot(secure_server, stock_server):
     """Concurrent sessions with churn (clients leaving, aborts, DELETEs in flight, X-Session-End, expired TTLs), bad
-    requests and scrapes: no 5xx, every completed turn decodes as stock decodes it (or breaks a near tie stock itself
-    sees), and once every session is ended no pin, every block free and the tier empty; the engine serves on. The
-    server's other sessions end too (its modules each use their own ids and keep nothing across modules)."""
+    requests and scrapes, as the server's two tenants (API keys), half the conversations under a cache_salt of their
+    own (their first prompt sent first under another tenant and salt), and turns of every shape (the next turn sent
+    before the answer, another task under the same session id, an earlier message edited, a prompt near the context
+    limit or past it): no 5xx, every completed turn decodes as stock decodes it (or breaks a near tie stock itself
+    sees), a refused one is refused by stock too, and once every session is ended no pin, every block free and the
+    tier empty; the engine serves on. The server's other sessions end too (its modules each use their own ids and keep
+    nothing across modules). This server reports no cached tokens per request (tools/soak.py's servers do: the salts'
+    isolation is checked there)."""
     assert secure_server.spec.serve_dtype() == stock_server.spec.serve_dtype()
     assert secure_server.spec.max_model_len == stock_server.spec.max_model_len
     soak = load_tool("soak")
-    report = soak.soak(soak.Target("kvsched", secure_server.base, "tiny", KEYS[0], ADMIN),
+    report = soak.soak(soak.Target("kvsched", secure_server.base, "tiny", KEYS[0], ADMIN, tenants=KEYS),
                        soak.Target("stock", stock_server.base, stock_server.spec.served_model_name),
                        SECONDS, SESSIONS, seed=68, tol=AA_TOL, min_compared=MIN_COMPARED, cap_s=CAP_S)
     verdict, counts = report["verdict"], report["counts"]
     assert not report["failures"], report["failures"][:5]
     assert not verdict["mismatches"], verdict["mismatches"][:3]
     assert verdict["compared"] >= 10 and counts["kvsched:scrapes"] >= 10, (verdict, counts)
+    # the new traffic ran (seed 68, 12 s here: 3 twins, 1 scope check, every shape once or twice, one turn past the
+    # limit refused by both)
+    assert counts.get("kvsched:salt_twins", 0) >= 1, counts
+    assert sum(n for k, n in counts.items() if k.startswith("kvsched:shape_") and k != "kvsched:shape_plain"), counts
     # the comparison has teeth: most turns judged against stock's answer to another turn's prompt are mismatches (not
     # all: the random-weight model's few greedy tokens for two prompts sometimes coincide; 61 of 71 in a first run)
     assert verdict["control_caught"] >= 0.5 * verdict["control_pairs"], verdict

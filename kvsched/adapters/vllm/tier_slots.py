@@ -147,8 +147,11 @@ class HostSlots:
             if chunk is not None:
                 return chunk
             layout = self.layout
-            buf = host_empty((layout.nbytes,), torch.uint8, self.pin)  # one allocation: see `chunk_layout`
-            chunk = carve(buf, self.shapes, self.row_bytes, layout)
+            # A normal tensor even when a demotion (the forward pass's inference mode) takes the chunk: the levels'
+            # fetch thread, outside inference mode, fills its slots too (found by the soak: every disk fill failed)
+            with torch.inference_mode(False):
+                buf = host_empty((layout.nbytes,), torch.uint8, self.pin)  # one allocation: see `chunk_layout`
+                chunk = carve(buf, self.shapes, self.row_bytes, layout)
             self.allocated_bytes += layout.nbytes
             self.bases[c] = np.array([t.data_ptr() for q, s in chunk for t in ((s,) if s is not None else ()) + (q,)],
                                      dtype=np.uint64)

@@ -53,3 +53,39 @@ def test_a_power_of_two_chunk_holds_every_slot_that_fits_with_its_padding():
         assert layout.nbytes & (layout.nbytes - 1) == 0
         assert chunk_layout(shapes, row_bytes, True, layout.slots).nbytes <= layout.nbytes
         assert chunk_layout(shapes, row_bytes, True, layout.slots + 1).nbytes > layout.nbytes, slots
+
+
+def test_a_slot_first_written_in_inference_mode_is_filled_from_disk_by_a_thread_outside_it():
+    """Found by the soak (tools/soak.py with the disk level on): a chunk first written by a demotion, in the forward
+    pass's inference mode, was an inference tensor, and the levels' fetch thread (no inference mode: it is per thread)
+    could not fill a slot of it ("Inplace update to inference tensor outside InferenceMode"): every disk read failed,
+    none restored. A chunk is now a normal tensor wherever it is first taken."""
+    import threading
+
+    from kvsched.adapters.vllm import tier_slots
+
+    kv = {f"layer.{i}": torch.zeros(2, 2, 4, 8, dtype=torch.bfloat16) for i in range(2)}
+    slots = tier_slots.HostSlots(views_of(kv), True, False, view_bytes(views_of(kv), QUANTIZE))
+    q = torch.randint(0, 255, (1, 2, 4, 8), dtype=torch.uint8)
+    with torch.inference_mode():  # a demotion: the worker's save path, inside the forward pass
+        for v in range(2):
+            slots.write(v, [0], q + v, torch.full((1, 2), float(v)))
+    payload = slots.payload(0)
+    errors: list[BaseException] = []
+
+    def fill() -> None:  # the levels' fetch thread: a block read from disk into another slot of the same chunk
+        try:
+            slots.put_payload(1, payload)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    thread = threading.Thread(target=fill)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert slots.payload(1) == payload
+    with torch.inference_mode():  # and a demotion writes the chunk on as before
+        slots.write(0, [1], q + 9, torch.full((1, 2), 9.0))
+    out_q, out_s = torch.empty_like(q), torch.empty(1, 2)
+    slots.read(0, [1], out_q, out_s)
+    assert torch.equal(out_q, q + 9) and torch.equal(out_s, torch.full((1, 2), 9.0))
