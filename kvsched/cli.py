@@ -19,7 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "kvsched.commands.ray_serve",
 )
 
-# What `pip install kvsched` without an extra leaves out (pyproject.toml's `cpu` and `gpu` extras): a command that
+# What `pip install .` without an extra leaves out (pyproject.toml's `cpu` and `gpu` extras): a command that
 # needs one says so in a line instead of a traceback (found by a fresh venv's user: `kvsched tiny-model` after
 # `pip install .` ended in "ModuleNotFoundError: No module named 'torch'").
 EXTRA_MODULES = frozenset({"torch", "vllm", "ray", "triton", "matplotlib"})
@@ -32,8 +32,8 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
     top = (exc.name or "").partition(".")[0]
     if top not in EXTRA_MODULES:
         return None
-    return (f"needs {top}, which `pip install kvsched` without an extra does not install: install "
-            "'kvsched[cpu]' on a CPU machine or 'kvsched[gpu]' with CUDA (README, \"Installing\")")
+    return (f"needs {top}, which kvsched's install without an extra leaves out: in kvsched's clone, `pip install "
+            "-e '.[cpu]'` on a CPU machine or `pip install -e '.[gpu]'` with CUDA (README, \"Installing\")")
 
 
 def build_parser() -> argparse.ArgumentParser:
