@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, get_args
 
+from kvsched.install_check import IncompleteInstall, vllm_install_problem
+
 # Where vLLM's model worker runs (ServerSpec.worker): "default", where vLLM puts it (on the CPU build, a process of its
 # own beside the engine core: three processes in all); "in_engine", inside the engine-core process (two processes),
 # the layout vLLM itself picks on a GPU with one GPU per engine. Each process imports vLLM: the tiny model's start-up
@@ -279,6 +281,8 @@ class VllmServer:
 
     def launch(self) -> VllmServer:
         """Spawn the process without waiting for it (`wait_ready` does): see `start_all`."""
+        if (why := vllm_install_problem()) is not None:
+            raise IncompleteInstall(why)
         env = self.spec.environment()
         log = open(self.log_path, "wb")  # noqa: SIM115 - owned by the process lifetime
         group: dict[str, Any] = {"start_new_session": True} if self.spec.own_session else {"process_group": 0}

@@ -37,6 +37,15 @@ def test_every_setting_the_code_reads_is_in_the_readme_table() -> None:
     assert len(settings_in_code()) > 20  # the scan itself found the settings
 
 
+def test_every_variable_in_the_readme_table_is_read_by_the_code() -> None:
+    """The other direction: a row whose variable nothing reads (renamed, or removed) would mislead an operator."""
+    table = set(re.findall(r"^\| `(KVSCHED_[A-Z0-9_]*[A-Z0-9])", settings_table(), re.M))
+    table |= set(re.findall(r"^\| `KVSCHED_[A-Z0-9_]+` / `(KVSCHED_[A-Z0-9_]*[A-Z0-9])`", settings_table(), re.M))
+    assert len(table) > 60
+    unread = sorted(table - settings_in_code())
+    assert not unread, f"README rows the code never reads: {unread}"
+
+
 def test_the_readme_says_vllm_plugins_must_name_kvsched() -> None:
     """Found by review: with `VLLM_PLUGINS` set (vLLM's allow-list, for every plugin group) without kvsched, the plugin
     never loads and `--scheduler kvsched` fails as an ambiguous prefix of `--scheduler-cls`. The name it must hold is
