@@ -24,29 +24,39 @@ class StoreHealth:
     outages: int = 0
     failures: int = 0
     next_try: float = 0.0
+    epoch: int = 0  # one more at every change of `up`: a call's outcome moves the state only in the epoch it began in
     _delay: float = field(default=0.0)
 
     def may_try(self) -> bool:
         """True if a call should be made now (the store is up, or a reconnect attempt is due)."""
         return self.up or self.clock() >= self.next_try
 
-    def failed(self) -> bool:
-        """A call failed. True if the store just went down (log it); the next attempt waits out the backoff."""
+    def failed(self, began: int | None = None) -> bool:
+        """A call failed. True if the store just went down (log it); the next attempt waits out the backoff.
+        `began`: the `epoch` the call began in; a call that began before the last change (it hung through an outage
+        and the reconnect) is counted but changes nothing."""
         self.failures += 1
+        if began is not None and began != self.epoch:
+            return False
         self._delay = self.base_s if self.up else min(self.max_s, max(self._delay, self.base_s) * 2)
         self.next_try = self.clock() + self._delay
         if self.up:
             self.up = False
             self.outages += 1
+            self.epoch += 1
             return True
         return False
 
-    def succeeded(self) -> bool:
-        """A call worked. True if the store was down until now (log the reconnect)."""
-        if self.up:
+    def succeeded(self, began: int | None = None) -> bool:
+        """A call worked. True if the store was down until now (log the reconnect). `began` as for `failed`: a call
+        answered from before the outage (another thread's call failed while it was on the wire: found by a fresh
+        clone's `make test`, a store killed mid-run read as back at once and down again, two outages) says nothing
+        about the store now."""
+        if self.up or (began is not None and began != self.epoch):
             return False
         self.up = True
         self._delay = 0.0
+        self.epoch += 1
         return True
 
     @property

@@ -190,12 +190,13 @@ class RedisStore:
             if not self.health.may_try():
                 self.counters["skipped_calls"] += 1
                 return default
+            began = self.health.epoch  # other threads' calls run meanwhile: see StoreHealth.succeeded
         try:
             out = fn()
         except self.outage_errors as exc:
             with self._lock:
                 self.counters["failed_calls"] += 1
-                went_down = self.health.failed()
+                went_down = self.health.failed(began)
             if went_down:
                 self._down_since = time.monotonic()
                 logger.warning("kvsched shared store %s unreachable (%s): serving without it (recomputing what it "
@@ -205,7 +206,7 @@ class RedisStore:
             with self._lock:
                 self.counters["error_replies"] += 1
                 first = self.counters["error_replies"] == 1
-                back = self.health.succeeded()
+                back = self.health.succeeded(began)
             if first:
                 logger.warning("kvsched shared store %s answered with an error (%s): that call went on without the "
                                "store; the store stays in use (further error replies are counted in "
@@ -214,7 +215,7 @@ class RedisStore:
             return default
         with self._lock:
             self.counters["calls"] += 1
-            back = self.health.succeeded()
+            back = self.health.succeeded(began)
         self._log_back(back)
         return out
 
