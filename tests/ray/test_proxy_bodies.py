@@ -14,41 +14,19 @@ import pytest
 
 from kvsched.adapters.ray.requests import MAX_BODY_BYTES
 from tests.raw_http import answered, chunked, exchange
+from tests.ray.standin_bodies import GOOD, PATH, bodies_app, serves
 
 pytestmark = pytest.mark.integration
 PROXY_LIMIT = MAX_BODY_BYTES  # the package's cluster's proxy: controller_options()'s default
 INGRESS_LIMIT = 2 * MAX_BODY_BYTES
-PATH = "/v1/chat/completions"
 BIG = json.dumps({"model": "w", "messages": [{"role": "user", "content": "a" * (PROXY_LIMIT + (1 << 20))}]}).encode()
-GOOD = json.dumps({"model": "w", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
 @pytest.fixture(scope="module")
 def port(serve_cluster: dict[str, Any]) -> Iterator[int]:
     """The ingress as `build_app` deploys it, with a 128 MiB body limit, over one stand-in engine replica."""
-    from ray import serve
-
-    from kvsched.adapters.ray.app import engine_options
-    from kvsched.adapters.ray.config import parse_config
-    from kvsched.adapters.ray.ingress import OpenAIIngress
-    from tests.ray.shared_cluster import QUICK_DRAIN, deployed
-    from tests.ray.standin_engine import StandInEngine
-
-    cfg = parse_config({"http": {"host": "127.0.0.1", "port": serve_cluster["port"]}, "router": {"stats_period_s": 1},
-                        "request_deadline_s": 30, "max_body_bytes": INGRESS_LIMIT, "body_timeout_s": 20,
-                        "pools": [{"name": "w", "model": "/m", "models": ["w"], "replicas": 1, "num_cpus": 0}]})
-    engines = {p.name: serve.deployment(StandInEngine).options(**engine_options(p, cfg), **QUICK_DRAIN).bind(
-        p.name, p.engine.model_dump()) for p in cfg.pools}
-    ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1, max_ongoing_requests=4,
-                                                      ray_actor_options={"num_cpus": 0}, **QUICK_DRAIN)
-    with deployed(ingress.bind(cfg.to_dict(), engines), name="proxybodies"):
-        yield serve_cluster["port"]
-
-
-def serves(port: int) -> None:
-    """A good turn after the probe: 200."""
-    answer, failure = exchange(port, PATH, [b"connection: close", b"content-length: %d" % len(GOOD)], [GOOD])
-    assert failure is None and answered(answer)[0] == 200, (failure, answer[:300])
+    with bodies_app(serve_cluster, "proxybodies", INGRESS_LIMIT, 20) as port:
+        yield port
 
 
 def proxys_413(answer: bytes) -> dict[str, str]:

@@ -45,8 +45,9 @@ def trace_path(environ: Mapping[str, str] | None = None) -> str | None:
     return os.path.expanduser(raw) if raw else None
 
 
-def size_limit_mb(name: str, default: float, environ: Mapping[str, str] | None = None) -> float:
-    """A size limit in MB from `name` (unset or blank: `default`); ValueError naming the variable if malformed."""
+def positive_number(name: str, default: float, what: str, environ: Mapping[str, str] | None = None) -> float:
+    """A finite number above 0 from `name` (unset or blank: `default`); ValueError naming the variable and `what` it
+    is ("a size in MB") if malformed."""
     raw = (os.environ if environ is None else environ).get(name, "").strip()
     if not raw:
         return default
@@ -55,24 +56,20 @@ def size_limit_mb(name: str, default: float, environ: Mapping[str, str] | None =
     except ValueError:
         value = -1.0
     if not 0 < value < float("inf"):
-        raise ValueError(f"{name}={raw!r}: a size in MB above 0 (default {default:g})")
+        raise ValueError(f"{name}={raw!r}: {what} above 0 (default {default:g})")
     return value
+
+
+def size_limit_mb(name: str, default: float, environ: Mapping[str, str] | None = None) -> float:
+    """A size limit in MB from `name` (unset or blank: `default`); ValueError naming the variable if malformed."""
+    return positive_number(name, default, "a size in MB", environ)
 
 
 def body_timeout_s(environ: Mapping[str, str] | None = None) -> float:
     """KVSCHED_BODY_TIMEOUT_S: seconds the API server waits for a generation request's whole body before its 408
     (`http_io.read_body`; unset or blank: `http_body.BODY_TIMEOUT_S`, 60); ValueError naming it unless a finite number
     above 0."""
-    raw = (os.environ if environ is None else environ).get(ENV_BODY_TIMEOUT, "").strip()
-    if not raw:
-        return BODY_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{ENV_BODY_TIMEOUT}={raw!r}: a number of seconds above 0 (default {BODY_TIMEOUT_S:g})")
-    return value
+    return positive_number(ENV_BODY_TIMEOUT, BODY_TIMEOUT_S, "a number of seconds", environ)
 
 
 def trace_max_mb(environ: Mapping[str, str] | None = None) -> float:
