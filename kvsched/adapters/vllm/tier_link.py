@@ -112,8 +112,16 @@ def link_for(device: torch.device) -> SyncLink | CudaLink:
 
 
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """A host buffer; pinned (page-locked) when it is the end of an asynchronous device copy."""
-    return torch.empty(shape, dtype=dtype, pin_memory=pin)
+    """A host buffer; pinned (page-locked) when it is the end of an asynchronous device copy. Always a normal tensor:
+    vLLM runs the connector's worker hooks in `torch.inference_mode()` (execute_model), where a new tensor is an
+    inference tensor, which nothing outside that mode may write in place; the mode is per thread, and the levels'
+    writer and fetch threads run outside it (found by the soak: host slot chunks first taken by a demotion could not
+    be filled from disk). Every host buffer of the tier comes from here, whichever thread takes it first. A view made
+    in that mode with another dtype (`.view(torch.float32)`) is an inference tensor even of a normal buffer: one that
+    another thread writes is made outside the mode too (tier_slots.HostSlots carves its chunks so); the staging
+    buffers' views are made and written in the step only (the writer thread reads them)."""
+    with torch.inference_mode(False):
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
 
 def _pow2_floor(n: int) -> int:
