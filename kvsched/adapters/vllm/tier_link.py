@@ -112,16 +112,19 @@ def link_for(device: torch.device) -> SyncLink | CudaLink:
 
 
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """A host buffer; pinned (page-locked) when it is the end of an asynchronous device copy. Always a normal tensor:
-    vLLM runs the connector's worker hooks in `torch.inference_mode()` (execute_model), where a new tensor is an
-    inference tensor, which nothing outside that mode may write in place; the mode is per thread, and the levels'
-    writer and fetch threads run outside it (found by the soak: host slot chunks first taken by a demotion could not
-    be filled from disk). Every host buffer of the tier comes from here, whichever thread takes it first. A view made
-    in that mode with another dtype (`.view(torch.float32)`) is an inference tensor even of a normal buffer: one that
-    another thread writes is made outside the mode too (tier_slots.HostSlots carves its chunks so); the staging
-    buffers' views are made and written in the step only (the writer thread reads them)."""
-    with torch.inference_mode(False):
-        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+    """A host buffer; pinned (page-locked) when it is the end of an asynchronous device copy. Taken in vLLM's forward
+    pass (its `torch.inference_mode()`), it is an inference tensor, which nothing outside that mode may write in place
+    (the levels' writer and fetch threads run outside it: the mode is per thread). A buffer that lives on and that
+    another thread may write is taken with `normal_tensors()` (the slot chunks, the staging arena); a per-copy one is
+    left plain: the context costs ~1.5 us a call (Xeon model 167), and such buffers are written in the step only."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+
+def normal_tensors() -> AbstractContextManager[Any]:
+    """Tensors made in this context are normal ones even in vLLM's forward pass (found by the soak: host slot chunks
+    first taken by a demotion could not be filled from disk). Views too: a view with another dtype made in inference
+    mode (`.view(torch.float32)`) is an inference tensor even of a normal buffer, so carve inside the context."""
+    return torch.inference_mode(False)
 
 
 def _pow2_floor(n: int) -> int:
@@ -175,7 +178,8 @@ class StagePool:
     def buffer(self, i: int) -> torch.Tensor | None:
         if not self.allocate:
             return None
-        if self.arena is None:
-            self.arena = host_empty((self.plan.host_bytes,), torch.uint8, self.pin)
+        if self.arena is None:  # a normal tensor: it outlives the step that takes it first
+            with normal_tensors():
+                self.arena = host_empty((self.plan.host_bytes,), torch.uint8, self.pin)
         n = self.plan.buffer_bytes
         return self.arena[i * n:(i + 1) * n]

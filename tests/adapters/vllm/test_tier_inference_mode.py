@@ -21,7 +21,7 @@ from kvsched.adapters.vllm.tier_fetches import FetchBook
 from kvsched.adapters.vllm.tier_levels import DISK
 from kvsched.adapters.vllm.tier_levels_config import LevelsConfig
 from kvsched.adapters.vllm.tier_levels_worker import TierLevelsWorker
-from kvsched.adapters.vllm.tier_link import StagePool, host_empty, stage_plan
+from kvsched.adapters.vllm.tier_link import StagePool, stage_plan
 from tests.adapters.vllm.test_fp8_tier_store import caches, views_of
 from tests.adapters.vllm.test_tier_levels_disk_order import BLOCK, CHAIN, IDENT, host, levels
 from tests.adapters.vllm.test_tier_levels_disk_reads import BOUND_S, Engine
@@ -73,20 +73,19 @@ def test_blocks_written_and_read_back_by_the_levels_threads_around_inference_mod
     assert tier.counters["filled_slots"] == 1 and tier.slot_payload(fetch.slot) is not None
 
 
-def test_every_host_buffer_the_tier_takes_in_a_step_is_writable_from_another_thread() -> None:
-    """`host_empty` is the tier's one host allocator (slot chunks, staging buffers, device copies' host ends, a
-    snapshot's pageable copies): whichever thread and mode take a buffer first, the levels' threads may write it, and
-    every view of a slot chunk (its float32 scales included: a dtype view made in inference mode is an inference
-    tensor, whatever its base). No thread but the engine's writes a staging buffer today (the writer thread only
-    reads a snapshot's): hardening, so that the next buffer a thread fills cannot fail as the slots did."""
+def test_every_host_buffer_that_outlives_the_step_taking_it_is_writable_from_another_thread() -> None:
+    """The buffers that outlive a step (the slot chunks and every view of them, the staging arena) are normal tensors
+    whoever takes them first (tier_link.normal_tensors): the levels' threads may write them. A dtype view made in
+    inference mode is an inference tensor whatever its base, hence the chunks' float32 scales carved in the context
+    too. No thread but the engine's writes the staging arena today (the writer thread only reads a snapshot's):
+    hardening, so that the next buffer a thread fills cannot fail as the slots did."""
     with torch.inference_mode():
-        taken = host_empty((64,), torch.uint8, pin=False)
         kv = caches(seed=3)
         store = TierStore(views_of(kv), "quantize", stage=StagePool(stage_plan(1 << 20), pin=False, allocate=True))
         store.store([1, 2], [0, 1])
         store.load([0], [4])
-    buffers = [taken, store.stage.arena, *(t for chunk in store.slots.chunks.values() for q, s in chunk
-                                           for t in (q, s) if t is not None)]
+    buffers = [store.stage.arena, *(t for chunk in store.slots.chunks.values() for q, s in chunk
+                                     for t in (q, s) if t is not None)]
     errors: list[BaseException] = []
 
     def write() -> None:  # outside inference mode, as the levels' threads run
