@@ -38,28 +38,53 @@ from soak_sessions import SHAPES, Conv, Soak  # noqa: E402
 
 def settle(target: Target, log: Log, timeout_s: float = 30.0) -> dict[str, Any]:
     """End every session (admin), then wait for pins 0, every block free and the tier empty (its disk level too: an
-    ended session's blocks leave it); a failure if not."""
+    ended session's blocks leave it); a failure if not, or if the sessions' listing cannot be read (an error status,
+    a body without its stats, the server gone: retried until `timeout_s`, then reported with what it answered, found
+    by review: it raised KeyError and the run's report was lost)."""
     if not target.kvsched:
         return {}
-    r = httpx.delete(target.base + "/kvsched/sessions", headers=target.auth(admin=True), timeout=60)
-    if r.status_code != 200:
-        log.fail(f"{target.name}: DELETE of every session answered {r.status_code}", body=r.text[:300])
-    ended = r.json().get("ended", 0) if r.status_code == 200 else 0
+    ended = 0
+    try:
+        r = httpx.delete(target.base + "/kvsched/sessions", headers=target.auth(admin=True), timeout=60)
+        if r.status_code != 200:
+            log.fail(f"{target.name}: DELETE of every session answered {r.status_code}", body=r.text[:300])
+        else:
+            ended = r.json().get("ended", 0)
+    except (httpx.HTTPError, ValueError) as exc:
+        log.fail(f"{target.name}: DELETE of every session failed ({type(exc).__name__}: {exc})")
     deadline = time.monotonic() + timeout_s
+    st: dict[str, Any] | None = None
+    error = ""
     while True:
-        st = httpx.get(target.base + "/kvsched/sessions?limit=1", headers=target.auth(admin=True), timeout=60).json()
-        st = st["stats"]
-        clean = st["pinned_blocks"] == 0 and st["free_blocks"] == st["total_blocks"] and st.get("tier_blocks", 0) == 0 \
-            and st.get("disk_tier_blocks", 0) == 0
+        st, error = _stats(target)
+        clean = st is not None and st["pinned_blocks"] == 0 and st["free_blocks"] == st["total_blocks"] \
+            and st.get("tier_blocks", 0) == 0 and st.get("disk_tier_blocks", 0) == 0
         if clean or time.monotonic() > deadline:
             break
         time.sleep(0.5)
+    if st is None:
+        log.fail(f"{target.name}: the sessions' stats could not be read after every session ended", error=error)
+        return {"ended": ended, "error": error}
     keys = ("pinned_blocks", "free_blocks", "total_blocks", "tier_blocks", "tier_bytes", "disk_tier_blocks",
             "active_sessions")
     out = {"ended": ended, **{k: st.get(k) for k in keys}}
     if not clean:
         log.fail(f"{target.name}: not clean after every session ended", stats=out)
     return out
+
+
+def _stats(target: Target) -> tuple[dict[str, Any] | None, str]:
+    """GET /kvsched/sessions' stats, or (None, what went wrong)."""
+    try:
+        r = httpx.get(target.base + "/kvsched/sessions?limit=1", headers=target.auth(admin=True), timeout=60)
+        if r.status_code != 200:
+            return None, f"status {r.status_code}: {r.text[:300]}"
+        st = r.json().get("stats")
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if not isinstance(st, dict) or not all(k in st for k in ("pinned_blocks", "free_blocks", "total_blocks")):
+        return None, f"no stats in the answer: {r.text[:300]}"
+    return st, ""
 
 
 def judge(a: Reply, b: Reply, tol: float) -> tuple[str, float, float]:
@@ -197,6 +222,7 @@ def cpu() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kvsched.bench.args import check_out_path
     from kvsched.serving import start_all
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -217,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    try:  # before the servers and the run: a bad path was found only once the run was over, its report lost
+        check_out_path("--out", args.out)
+    except ValueError as exc:
+        p.error(str(exc))
     shapes = frozenset(s for s in args.shapes.split(",") if s)
     if shapes - set(SHAPES):
         p.error(f"--shapes: unknown {sorted(shapes - set(SHAPES))}; known: {', '.join(SHAPES)}")
@@ -241,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     report.update(commit=commit, cpu=cpu(), argv=sys.argv[1:], logs={n: str(s.log_path) for n, s in named.items()})
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # as the bench commands' --out (check_out_path allowed it)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     v = report["verdict"]
     print(json.dumps({"counts": report["counts"], "end": report["end"], "failures": len(report["failures"]),

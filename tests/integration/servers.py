@@ -34,9 +34,12 @@ def package_specs(model: Path, recording: Path) -> dict[str, ServerSpec]:
     """`recording`: where the shared server records the requests it serves (KVSCHED_RECORD_TRACE; test_trace_recording
     reads its own requests back)."""
     specs = {
-        # with vLLM's request-id headers (test_request_ids: kvsched's own answers carry them as vLLM's do)
+        # with vLLM's request-id headers (test_request_ids: kvsched's own answers carry them as vLLM's do) and each
+        # request's prefix-cache hits in its usage (test_soak checks that a fresh cache_salt's first request gets none;
+        # the flag only adds usage.prompt_tokens_details)
         "secure": ServerSpec(model=model, scheduler="kvsched", max_model_len=1024, num_blocks=48,
-                             extra_args=["--api-key", *KEYS, "--enable-request-id-headers"],
+                             extra_args=["--api-key", *KEYS, "--enable-request-id-headers",
+                                         "--enable-prompt-tokens-details"],
                              env={**SECURE_ENV, "KVSCHED_RECORD_TRACE": str(recording)}, worker=worker()),
         # compaction's, and the strict chat templates' (test_compaction_templates sends its templates and tools; the
         # flags change nothing for requests without them): one start-up for both modules

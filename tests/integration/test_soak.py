@@ -30,8 +30,8 @@ def test_a_short_soak_decodes_as_stock_and_leaves_no_pin_block_or_tier_slot(secu
     limit or past it): no 5xx, every completed turn decodes as stock decodes it (or breaks a near tie stock itself
     sees), a refused one is refused by stock too, and once every session is ended no pin, every block free and the
     tier empty; the engine serves on. The server's other sessions end too (its modules each use their own ids and keep
-    nothing across modules). This server reports no cached tokens per request (tools/soak.py's servers do: the salts'
-    isolation is checked there)."""
+    nothing across modules). The server reports each request's cached tokens (--enable-prompt-tokens-details): the
+    first request under a fresh salt gets none (another salt's KV would be a failure of the soak's)."""
     assert secure_server.spec.serve_dtype() == stock_server.spec.serve_dtype()
     assert secure_server.spec.max_model_len == stock_server.spec.max_model_len
     soak = load_tool("soak")
@@ -45,6 +45,8 @@ def test_a_short_soak_decodes_as_stock_and_leaves_no_pin_block_or_tier_slot(secu
     # the new traffic ran (seed 68, 12 s here: 3 twins, 1 scope check, every shape once or twice, one turn past the
     # limit refused by both)
     assert counts.get("kvsched:salt_twins", 0) >= 1, counts
+    # salt isolation judged: fresh salts' first requests answered with their cached tokens (0, else a failure above)
+    assert counts.get("kvsched:salt_fresh_checked", 0) >= 1 and "kvsched:salted_cached_tokens" in counts, counts
     assert sum(n for k, n in counts.items() if k.startswith("kvsched:shape_") and k != "kvsched:shape_plain"), counts
     # the comparison has teeth: most turns judged against stock's answer to another turn's prompt are mismatches (not
     # all: the random-weight model's few greedy tokens for two prompts sometimes coincide; 61 of 71 in a first run)

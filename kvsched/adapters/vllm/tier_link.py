@@ -112,8 +112,19 @@ def link_for(device: torch.device) -> SyncLink | CudaLink:
 
 
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """A host buffer; pinned (page-locked) when it is the end of an asynchronous device copy."""
+    """A host buffer; pinned (page-locked) when it is the end of an asynchronous device copy. Taken in vLLM's forward
+    pass (its `torch.inference_mode()`), it is an inference tensor, which nothing outside that mode may write in place
+    (the levels' writer and fetch threads run outside it: the mode is per thread). A buffer that lives on and that
+    another thread may write is taken with `normal_tensors()` (the slot chunks, the staging arena); a per-copy one is
+    left plain: the context costs ~1.5 us a call (Xeon model 167), and such buffers are written in the step only."""
     return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+
+def normal_tensors() -> AbstractContextManager[Any]:
+    """Tensors made in this context are normal ones even in vLLM's forward pass (found by the soak: host slot chunks
+    first taken by a demotion could not be filled from disk). Views too: a view with another dtype made in inference
+    mode (`.view(torch.float32)`) is an inference tensor even of a normal buffer, so carve inside the context."""
+    return torch.inference_mode(False)
 
 
 def _pow2_floor(n: int) -> int:
@@ -167,7 +178,8 @@ class StagePool:
     def buffer(self, i: int) -> torch.Tensor | None:
         if not self.allocate:
             return None
-        if self.arena is None:
-            self.arena = host_empty((self.plan.host_bytes,), torch.uint8, self.pin)
+        if self.arena is None:  # a normal tensor: it outlives the step that takes it first
+            with normal_tensors():
+                self.arena = host_empty((self.plan.host_bytes,), torch.uint8, self.pin)
         n = self.plan.buffer_bytes
         return self.arena[i * n:(i + 1) * n]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kvsched.adapters.vllm.tier_layout import LayerView
-from kvsched.adapters.vllm.tier_link import host_empty
+from kvsched.adapters.vllm.tier_link import host_empty, normal_tensors
 from kvsched.ops import checksum
 
 CHUNK_BYTES = 64 << 20  # host memory is taken this much at a time
@@ -149,7 +149,7 @@ class HostSlots:
             layout = self.layout
             # A normal tensor even when a demotion (the forward pass's inference mode) takes the chunk: the levels'
             # fetch thread, outside inference mode, fills its slots too (found by the soak: every disk fill failed)
-            with torch.inference_mode(False):
+            with normal_tensors():
                 buf = host_empty((layout.nbytes,), torch.uint8, self.pin)  # one allocation: see `chunk_layout`
                 chunk = carve(buf, self.shapes, self.row_bytes, layout)
             self.allocated_bytes += layout.nbytes
