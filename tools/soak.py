@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its clients, tools/soak_clients.py (a script's sibling)
-from soak_clients import Log, Reply, Target, Until, bad_requests, scrape  # noqa: E402
+from soak_clients import Log, Reply, Target, Until, bad_requests, scrape, soak_client  # noqa: E402
 from soak_sessions import SHAPES, Conv, Soak  # noqa: E402
 
 
@@ -164,7 +164,7 @@ def soak(kvsched: Target, stock: Target | None, seconds: float, sessions: int, s
                               "counts": dict(sorted(log.counts.items())), "end": {}}
     for run, _ in runs:
         report["end"][run.kvsched.name] = settle(run.kvsched, log)
-        with httpx.Client() as client:  # the engine still serves, and decodes as stock does
+        with soak_client() as client:  # the engine still serves, and decodes as stock does
             probe = Soak(run.kvsched, run.stock, log, seed)
             hdrs = {"X-Session-Id": f"soak{seed}-probe", "X-Session-End": "1"}
             if probe.turn(client, random.Random(seed), [{"role": "user", "content": "still there?"}], hdrs,

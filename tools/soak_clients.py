@@ -19,6 +19,15 @@ WORDS = ("rows", "table", "index", "query", "latency", "error", "page", "cache",
 MAX_PROMPT = 700  # tokens: a session ends (X-Session-End) past it, well inside max_model_len 1024
 CHURN = ("plain",) * 10 + ("disconnect", "disconnect", "abort", "abort", "delete", "delete")
 TOP = 3  # top logprobs per token
+# A pooled connection is dropped after 2 s idle, below vLLM's keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s): a client
+# that sends on a connection as the server closes it gets a reset or "Server disconnected" (a POST is not retried).
+# Reproduced on stock vLLM (8 clients idling 4.97-5.03 s between POSTs: 2 resets in 162); seen once in a 10-minute soak.
+POOL = httpx.Limits(keepalive_expiry=2.0)
+
+
+def soak_client() -> httpx.Client:
+    """An HTTP client whose idle connections never meet the server's keep-alive close (`POOL`)."""
+    return httpx.Client(limits=POOL)
 
 
 @dataclass
@@ -182,7 +191,7 @@ def bad_requests(target: Target, log: Log, until: Until, seed: int) -> None:
         ("bad_ttl", good, {"X-Session-Id": "soak-bad", "X-Session-TTL": "soon"}, (400,)),
         ("long_session_id", good, {"X-Session-Id": "x" * 129}, (400,)),
     ]
-    with httpx.Client() as client:
+    with soak_client() as client:
         while not until.over():
             n += 1
             kind, payload, headers, ok = rng.choice(cases if target.kvsched else cases[:6])  # stock: no headers
@@ -210,7 +219,7 @@ def bad_requests(target: Target, log: Log, until: Until, seed: int) -> None:
 
 def scrape(target: Target, log: Log, until: Until) -> None:
     """/metrics and the admin listing, over and over while the soak runs: 200s whose figures stay in the pool."""
-    with httpx.Client() as client:
+    with soak_client() as client:
         while not until.over():
             try:
                 m = client.get(target.base + "/metrics", timeout=60)

@@ -35,6 +35,7 @@ from soak_clients import (
     body,
     chat,
     delete,
+    soak_client,
     stream_and_leave,
 )
 
@@ -86,7 +87,7 @@ class Soak:
 
     def session(self, idx: int, until: Until) -> None:
         rng, gen = random.Random(self.seed * 1000 + idx), 0
-        with httpx.Client() as client:
+        with soak_client() as client:
             while not until.over():
                 try:
                     self.conversation(client, rng, idx, gen, until)
@@ -254,7 +255,7 @@ class Soak:
                                                                       hdrs, salt, refused)))
             runner.start()
             time.sleep(rng.uniform(0.0, 0.3))
-            with httpx.Client() as other:
+            with soak_client() as other:
                 self.count(f"delete_{delete(other, kv, self.log, conv.sid)}")
             runner.join()
             reply = out[0] if out else None
