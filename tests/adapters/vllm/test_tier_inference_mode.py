@@ -9,7 +9,6 @@ writer and fetch threads outside it, the staging buffers allocated (as on a GPU,
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +24,7 @@ from kvsched.adapters.vllm.tier_link import StagePool, stage_plan
 from tests.adapters.vllm.test_fp8_tier_store import caches, views_of
 from tests.adapters.vllm.test_tier_levels_disk_order import BLOCK, CHAIN, IDENT, host, levels
 from tests.adapters.vllm.test_tier_levels_disk_reads import BOUND_S, Engine
+from tests.plain_thread import raised_on_a_thread
 
 
 class StagedEngine(Engine):
@@ -86,17 +86,11 @@ def test_every_host_buffer_that_outlives_the_step_taking_it_is_writable_from_ano
         store.load([0], [4])
     buffers = [store.stage.arena, *(t for chunk in store.slots.chunks.values() for q, s in chunk
                                      for t in (q, s) if t is not None)]
-    errors: list[BaseException] = []
 
     def write() -> None:  # outside inference mode, as the levels' threads run
-        try:
-            for b in buffers:
-                assert b is not None
-                b.view(-1)[:1].zero_()
-        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
-            errors.append(exc)
+        for b in buffers:
+            assert b is not None
+            b.view(-1)[:1].zero_()
 
-    thread = threading.Thread(target=write)
-    thread.start()
-    thread.join()
+    errors = raised_on_a_thread(write)
     assert not errors, errors

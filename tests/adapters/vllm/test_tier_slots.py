@@ -7,6 +7,7 @@ import torch
 
 from kvsched.adapters.vllm.tier_layout import QUANTIZE, view_bytes
 from tests.adapters.vllm.test_fp8_tier_store import views_of
+from tests.plain_thread import raised_on_a_thread
 
 
 def test_a_pinned_chunk_is_one_power_of_two_allocation_holding_every_slot_that_fits(monkeypatch):
@@ -60,7 +61,6 @@ def test_a_slot_first_written_in_inference_mode_is_filled_from_disk_by_a_thread_
     pass's inference mode, was an inference tensor, and the levels' fetch thread (no inference mode: it is per thread)
     could not fill a slot of it ("Inplace update to inference tensor outside InferenceMode"): every disk read failed,
     none restored. A chunk is now a normal tensor wherever it is first taken."""
-    import threading
 
     from kvsched.adapters.vllm import tier_slots
 
@@ -71,17 +71,8 @@ def test_a_slot_first_written_in_inference_mode_is_filled_from_disk_by_a_thread_
         for v in range(2):
             slots.write(v, [0], q + v, torch.full((1, 2), float(v)))
     payload = slots.payload(0)
-    errors: list[BaseException] = []
-
-    def fill() -> None:  # the levels' fetch thread: a block read from disk into another slot of the same chunk
-        try:
-            slots.put_payload(1, payload)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
-            errors.append(exc)
-
-    thread = threading.Thread(target=fill)
-    thread.start()
-    thread.join()
+    # the levels' fetch thread: a block read from disk into another slot of the same chunk
+    errors = raised_on_a_thread(lambda: slots.put_payload(1, payload))
     assert not errors, errors
     assert slots.payload(1) == payload
     with torch.inference_mode():  # and a demotion writes the chunk on as before
