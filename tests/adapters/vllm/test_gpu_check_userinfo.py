@@ -24,4 +24,5 @@ def test_a_password_with_an_at_sign_is_hidden_whole(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "CPU build" in proc.stderr, proc.stderr
     assert "s3cret" not in proc.stderr and "a@b@" not in proc.stderr, proc.stderr
     assert "PIP_INDEX_URL=https://***@idx.example/simple/@scope?x=a@b" in proc.stderr, proc.stderr  # path: as given
-    assert "PIP_FIND_LINKS=/opt/wheels https://***@fury.example/me/ https://plain.example/@x" in proc.stderr, proc.stderr
+    links = "PIP_FIND_LINKS=/opt/wheels https://***@fury.example/me/ https://plain.example/@x"
+    assert links in proc.stderr, proc.stderr
