@@ -51,8 +51,9 @@ def cpu_build_of_vllm() -> str | None:
 def redacted(value: str) -> str:
     """`value` (a URL, or PIP_FIND_LINKS' space-separated list) with each URL's user part `***` (found by review69: an
     index's token, https://__token__:SECRET@host/simple or Gemfury's https://TOKEN@host/, was printed as given, into
-    make's output and a CI log)."""
-    return re.sub(r"(?<=://)[^/@\s]*@", "***@", value)
+    make's output and a CI log). The user part runs to the authority's last `@`, as pip (urllib) reads it: a password
+    holding an unescaped `@` was cut at its first and the rest printed (review70)."""
+    return re.sub(r"(?<=://)[^/?#\s]*@", "***@", value)
 
 
 if __name__ == "__main__":

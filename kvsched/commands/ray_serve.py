@@ -120,17 +120,32 @@ def check_cpus(args: argparse.Namespace) -> None:
                          f"{address} has its own CPUs (give one or the other)")
 
 
+RAY_RESOURCE_UNITS = 10_000  # Ray counts a resource in fixed point, 1e-4 of a unit (ray._raylet.RESOURCE_UNIT_SCALING)
+
+
+def start_replicas(pool: Any) -> int:
+    """The replicas a pool is deployed with, as `adapters/ray/app.engine_options` deploys it (autoscaling: its
+    initial_replicas, the config's `replicas` within min_replicas..max_replicas); not imported from there, which
+    imports Ray Serve (~1-4 s)."""
+    t = pool.autoscaling
+    return int(pool.replicas) if t is None else min(max(pool.replicas, t.min_replicas), t.max_replicas)
+
+
 def check_pool_cpus(cfg: Any, num_cpus: float | None) -> None:
-    """The pools' replicas at start (`replicas` x `num_cpus` each; the ingress asks none) fit in the local cluster
+    """The pools' replicas at start (`start_replicas` x `num_cpus` each; the ingress asks none) fit in the local cluster
     --num-cpus sizes. Found by review (review69): `--num-cpus 1` beside a pool of 2 replicas asking 1 CPU each passed
-    --dry-run, then Ray Serve waited for the second replica's CPU for ever, `serve.run` never returning."""
+    --dry-run, then Ray Serve waited for the second replica's CPU for ever, `serve.run` never returning. Counted as
+    Ray counts (in 1e-4 units, so 10 x 1.1 CPU fit in 11) and with the replicas Ray starts (review70: 10 x 1.1 read as
+    11.000000000000002 and an autoscaling pool's `replicas` above its max_replicas counted in full were refused; its
+    `replicas` below min_replicas (0, say) counted as given, so too few CPUs passed)."""
     if num_cpus is None:
         return
-    need = sum(p.num_cpus * p.replicas for p in cfg.pools)
-    if need > num_cpus:
-        asks = ", ".join(f"{p.name} {p.replicas} x {p.num_cpus:g}" for p in cfg.pools if p.num_cpus)
-        raise ValueError(f"--num-cpus {num_cpus:g} is fewer CPUs than the pools' replicas ask at start, {need:g} "
-                         f"(replicas x num_cpus: {asks}); Ray Serve would wait for them for ever")
+    need = sum(round(p.num_cpus * RAY_RESOURCE_UNITS) * start_replicas(p) for p in cfg.pools)
+    if need > round(num_cpus * RAY_RESOURCE_UNITS):
+        asks = ", ".join(f"{p.name} {start_replicas(p)} x {p.num_cpus:g}" for p in cfg.pools if p.num_cpus)
+        raise ValueError(f"--num-cpus {num_cpus:g} is fewer CPUs than the pools' replicas ask at start, "
+                         f"{need / RAY_RESOURCE_UNITS:g} (replicas x num_cpus: {asks}); Ray Serve would wait for them "
+                         f"for ever")
 
 
 def _serve(args: argparse.Namespace, cfg: Any) -> int:

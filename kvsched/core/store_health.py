@@ -32,11 +32,17 @@ class StoreHealth:
         return self.up or self.clock() >= self.next_try
 
     def failed(self, began: int | None = None) -> bool:
-        """A call failed. True if the store just went down (log it); the next attempt waits out the backoff.
-        `began`: the `epoch` the call began in; a call that began before the last change (it hung through an outage
-        and the reconnect) is counted but changes nothing."""
+        """A call failed. True if the store just went down (log it); the next attempt waits out the backoff, twice
+        the last one's for each window of attempts that all failed. `began`: the `epoch` the call began in; a call
+        that began before the last change (it hung through an outage and the reconnect) is counted but changes
+        nothing."""
         self.failures += 1
         if began is not None and began != self.epoch:
+            return False
+        if not self.up and self.clock() < self.next_try:
+            # down, and another attempt of this one's window failed first and set the next: one doubling a window
+            # (found by review70: every call is an attempt once the backoff is out, so under load the attempts made
+            # at once against a hung store each doubled it, to the 30 s cap within one window)
             return False
         self._delay = self.base_s if self.up else min(self.max_s, max(self._delay, self.base_s) * 2)
         self.next_try = self.clock() + self._delay

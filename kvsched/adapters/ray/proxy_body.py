@@ -49,8 +49,10 @@ def proxy_max_body_bytes(environ: Mapping[str, str] | None = None) -> int:
 
 def body_framing(scope: Scope) -> tuple[int | None, bool]:
     """(the first Content-Length as a number, whether a Transfer-Encoding is sent): an HTTP/1.1 request with neither
-    has no body (RFC 9112 6.3). uvicorn's parser refuses a malformed length, or both at once, before the app, and
-    gives header names in lower case (as ASGI asks)."""
+    has no body, and one with a Transfer-Encoding is read by it whatever length it declares (RFC 9112 6.3). uvicorn
+    refuses a malformed length before the app, and gives header names in lower case (as ASGI asks); its httptools
+    parser refuses both headers at once, its h11 parser (where httptools is not installed) reads the body chunked
+    (found by review70: a chunked body declaring `Content-Length: 0` passed the limit uncounted)."""
     length, encoded = None, False
     for name, value in scope.get("headers", ()):
         if name == b"content-length" and length is None:
@@ -84,6 +86,9 @@ class ProxyBodyLimit:
             await self.app(scope, receive, send)
             return
         declared, encoded = body_framing(scope)
+        if encoded:  # its length beside it means nothing (RFC 9112 6.3): h11 reads such a body chunked (review70)
+            await self._counted(scope, receive, send)
+            return
         if declared is not None and declared > self.max_bytes:
             message = f"request body of {declared} bytes is over the limit of {self.max_bytes} bytes"
             if waits_for_continue(scope):  # its body is not sent until the proxy asks for it: not asked
@@ -91,10 +96,7 @@ class ProxyBodyLimit:
             else:
                 await self._refuse(scope, receive, send, message)
             return
-        if declared is not None or not encoded:  # uvicorn delivers no more than the declared bytes (or none)
-            await self.app(scope, receive, send)
-            return
-        await self._counted(scope, receive, send)
+        await self.app(scope, receive, send)  # uvicorn delivers no more than the declared bytes (or none)
 
     async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app with the body counted as it arrives: past the limit, before any answer began, the app is told the
