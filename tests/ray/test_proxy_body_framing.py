@@ -48,8 +48,9 @@ def uvicorn_port(request: pytest.FixtureRequest) -> Iterator[int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(ProxyBodyLimit(RayLike(), LIMIT), host="127.0.0.1", port=port, http=request.param,
-                                           lifespan="off", log_level="critical", access_log=False))
+    config = uvicorn.Config(ProxyBodyLimit(RayLike(), LIMIT), host="127.0.0.1", port=port, http=request.param,
+                            lifespan="off", log_level="critical", access_log=False)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
