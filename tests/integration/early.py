@@ -17,7 +17,9 @@ servers answer /health, its failing start-ups have exited: `first_wave_over`, ch
 start while the unit phase's last tests, whose first-wave start-ups are done, leave a core idle, and the first
 integration modules run. The wave's memory is that of the module's servers beside the package's, as when it runs.
 test_plan_vllm's own engine (`PLAN`, servers.plan_specs) is spawned at the first test after test_fp8_tier's (their
-memory back), its start-up beside the light modules between, where it kept that module's set-up waiting 18-24 s."""
+memory back), its start-up beside the light modules between, where it kept that module's set-up waiting 18-24 s.
+Every start-up spawned here but the demo's runs in the background (tests/background.py: a lower CPU priority) until a
+fixture takes it (`take`): it takes what the tests running meanwhile leave idle, not a share of their cores."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests import background
 
 SPAWNED: dict[str, Any] = {}  # "servers" and `FP8_TIER`: name -> VllmServer (launched), "failing": procs.Started,
 # "recording": Path, "demo": (procs.Started, its result file)
@@ -104,10 +108,12 @@ def spawn(model: Path, items: list[pytest.Item]) -> None:
         return
     recording = Path(tempfile.mkdtemp(prefix="kvsched-recording-")) / "secure.jsonl"
     SPAWNED["recording"] = recording
-    SPAWNED["servers"] = {name: VllmServer(spec).launch() for name, spec in package_specs(model, recording).items()}
+    SPAWNED["servers"] = {name: background.lower(VllmServer(spec).launch())
+                          for name, spec in package_specs(model, recording).items()}
     starts = failing_starts(model)
     SPAWNED["failing_names"] = list(starts)
-    SPAWNED["failing"] = start_together([argv for argv, _ in starts.values()], [env for _, env in starts.values()])
+    SPAWNED["failing"] = background.lower(
+        start_together([argv for argv, _ in starts.values()], [env for _, env in starts.values()]))
     _wave["first"] = (list(SPAWNED["servers"].values()), SPAWNED["failing"])
     plan_later(model, items)
 
@@ -157,20 +163,21 @@ def spawn_later(nodeid: str) -> None:
     if PLAN in due and nodeid == _wave["plan_at"]:
         due.discard(PLAN)
         specs, _ = plan_specs(_wave["model"], Path(tempfile.mkdtemp(prefix="kvsched-config-only-")))
-        SPAWNED[PLAN] = {name: VllmServer(spec).launch() for name, spec in specs.items()}
+        SPAWNED[PLAN] = {name: background.lower(VllmServer(spec).launch()) for name, spec in specs.items()}
     if FP8_TIER not in due or time.monotonic() - _wave.get("checked", 0.0) < WAVE_CHECK_S:
         return
     _wave["checked"] = time.monotonic()
     if first_wave_over():
         due.discard(FP8_TIER)
-        SPAWNED[FP8_TIER] = {name: VllmServer(spec).launch() for name, spec in fp8_tier_specs(_wave["model"]).items()}
+        SPAWNED[FP8_TIER] = {name: background.lower(VllmServer(spec).launch())
+                             for name, spec in fp8_tier_specs(_wave["model"]).items()}
 
 
 def take(key: str) -> Any:
     """What `spawn` (or `spawn_later`) left under `key`, once (None if nothing was spawned: then nothing will be, the
-    fixture taking it starts its own): the fixture taking it owns it from then."""
+    fixture taking it starts its own): the fixture taking it owns it from then, at the tests' own CPU priority."""
     _wave.get("due", set()).discard(key)
-    return SPAWNED.pop(key, None)
+    return background.restore(SPAWNED.pop(key, None))
 
 
 def stop_untaken() -> None:
