@@ -79,6 +79,61 @@ def restore(things: Any) -> Any:
     return things
 
 
+def descendants(root: int) -> list[int]:
+    """`root` and every live process under it (from /proc's parent ids), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+class Tree:
+    """A process whose descendants start sessions of their own (`kvsched demo`: its `vllm serve` children, each in
+    its own session and so its own autogroup, at nice 0): every session under it lowered, looked at every `period_s`
+    on a thread of this process, until `restore`."""
+
+    def __init__(self, root: int, period_s: float = 0.5) -> None:
+        import threading
+
+        self.root, self.period_s = root, period_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sweep, name="background-tree", daemon=True)
+        self._thread.start()
+
+    def _sweep(self) -> None:
+        while not self._done.is_set():
+            for pid in descendants(self.root):
+                if _leads_session(pid) and nice_of(pid) != NICE:
+                    _set(pid, NICE)
+            self._done.wait(self.period_s)
+
+    def restore(self) -> None:
+        """Stops lowering; every session under the root at the tests' priority again."""
+        self._done.set()
+        self._thread.join()
+        for pid in descendants(self.root):
+            if _leads_session(pid):
+                _set(pid, 0)
+
+
+def _leads_session(pid: int) -> bool:
+    try:
+        return os.getsid(pid) == pid
+    except OSError:
+        return False
+
+
 def nice_of(pid: int) -> int | None:
     """The autogroup nice value of `pid` (None: no autogroup to read)."""
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,3 +65,24 @@ def test_the_tests_taking_a_run_go_after_their_directorys_others_in_their_order(
     assert [i.nodeid for i in items] == [
         "tests/a/test_m.py::test_x", "tests/a/test_n.py::test_y", "tests/a/test_m.py::test_t",
         "tests/a/test_m.py::test_u[1]", "tests/b/test_o.py::test_t", "tests/test_p.py::test_z"]
+
+
+def test_a_tree_lowers_the_sessions_its_root_starts_later_until_restored() -> None:
+    autogroups()
+    code = ("import subprocess, sys, time; time.sleep(0.3); "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
+            "time.sleep(60)")
+    root = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        tree = background.Tree(root.pid, period_s=0.05)
+        deadline = time.monotonic() + 30
+        while len(kids := background.descendants(root.pid)[1:]) < 1 or background.nice_of(kids[0]) != background.NICE:
+            assert time.monotonic() < deadline, kids
+            time.sleep(0.05)
+        assert os.getsid(kids[0]) == kids[0] and background.nice_of(root.pid) == background.NICE
+        tree.restore()
+        assert background.nice_of(root.pid) == background.nice_of(kids[0]) == 0
+    finally:
+        for pid in reversed(background.descendants(root.pid)):
+            os.kill(pid, 9)
+        root.wait()
