@@ -6,7 +6,10 @@ Why: those tests (a sub-process each importing torch and vLLM: ~9-15 CPU-seconds
 integration package's start-ups (tests/integration/early.py), the session's one process blocked on each, which got
 its share of two busy cores (test_compat's probe: ~9 CPU-seconds in 47-49 s). Started ahead, each runs while the
 session's process goes on with the next tests. What a run reads of the environment is read at the session's start, as
-the tests' own processes inherit it (tests/conftest.py fails a test that leaves a KVSCHED_* setting changed)."""
+the tests' own processes inherit it (tests/conftest.py fails a test that leaves a KVSCHED_* setting changed).
+Each run leads a session of its own, in the background (tests/background.py: a lower CPU priority, so that the unit
+tests go on at one core's pace) until its test takes it, and the tests that take one run after the other tests of
+their directory (`takers_last`), so that their runs have that directory's other tests' time to finish."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import pytest
+
+from tests import background
 
 
 @dataclass(frozen=True)
@@ -31,9 +36,12 @@ class _Started:
         self.run = run
         self.out: IO[str] = tempfile.TemporaryFile("w+")  # files, not pipes: nobody reads them until the test
         self.err: IO[str] = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(run.argv, env=run.env, cwd=run.cwd, stdout=self.out, stderr=self.err, text=True)
+        self.proc = subprocess.Popen(run.argv, env=run.env, cwd=run.cwd, stdout=self.out, stderr=self.err, text=True,
+                                     start_new_session=True)
+        background.lower(self.proc)
 
     def wait(self, timeout_s: float) -> subprocess.CompletedProcess[str]:
+        background.restore(self.proc)  # its test waits for it now
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -50,6 +58,35 @@ class _Started:
 
 
 _started: dict[str, _Started] = {}  # by "module:key"
+
+
+def _takes_a_run(item: pytest.Item) -> bool:
+    module = getattr(item, "module", None)
+    name = getattr(item, "originalname", None)
+    return any(key.split(":")[0] == name for key in getattr(module, "AHEAD", {}))
+
+
+def takers_last(items: list[pytest.Item]) -> None:
+    """Each test that takes a run (its module's `AHEAD`) after the other tests of its directory, in their order: the
+    tests before it give its run time to finish (a module-scoped fixture it used would be set up again for it; none
+    of today's uses one)."""
+    def directory(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0].rpartition("/")[0]
+
+    last: dict[str, int] = {directory(item): n for n, item in enumerate(items)}
+    moved: dict[int, list[pytest.Item]] = {}
+    for item in items:
+        if _takes_a_run(item):
+            moved.setdefault(last[directory(item)], []).append(item)
+    if not moved:
+        return
+    takers = {id(item) for group in moved.values() for item in group}
+    out: list[pytest.Item] = []
+    for n, item in enumerate(items):
+        if id(item) not in takers:
+            out.append(item)
+        out.extend(moved.get(n, []))
+    items[:] = out
 
 
 def begin(items: list[pytest.Item]) -> None:

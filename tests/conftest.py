@@ -46,9 +46,12 @@ def clock() -> FakeClock:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """test_demo's test last: its demo runs beside the session's last, mostly waiting tests (integration/early.py)."""
+    """The tests taking a run started ahead after the other tests of their directory (tests/ahead.py); test_demo's
+    test last: its demo runs beside the session's last, mostly waiting tests (integration/early.py)."""
+    from tests import ahead
     from tests.integration import early
 
+    ahead.takers_last(items)
     early.demo_last(items)
 
 

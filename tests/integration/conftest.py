@@ -131,13 +131,15 @@ def stock_server(launched):
 @pytest.fixture(scope="package")
 def serve_launched(tiny_model_dir):
     """test_serve's server (servers.serve_spec), spawned without waiting: by test_plan_vllm (launch_meanwhile), so that
-    its start-up overlaps that module's, or by test_serve itself; stopped when test_serve ends (its kvsched_server)."""
+    its start-up overlaps that module's (in the background until test_serve takes it: tests/background.py), or by
+    test_serve itself; stopped when test_serve ends (its kvsched_server)."""
     pytest.importorskip("vllm")
     from kvsched.serving import VllmServer
+    from tests import background
 
     server = VllmServer(serve_spec(tiny_model_dir))
     try:
-        yield server.launch()
+        yield background.lower(server.launch())
     finally:
         server.stop()
 

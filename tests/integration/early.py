@@ -17,7 +17,10 @@ servers answer /health, its failing start-ups have exited: `first_wave_over`, ch
 start while the unit phase's last tests, whose first-wave start-ups are done, leave a core idle, and the first
 integration modules run. The wave's memory is that of the module's servers beside the package's, as when it runs.
 test_plan_vllm's own engine (`PLAN`, servers.plan_specs) is spawned at the first test after test_fp8_tier's (their
-memory back), its start-up beside the light modules between, where it kept that module's set-up waiting 18-24 s."""
+memory back), its start-up beside the light modules between, where it kept that module's set-up waiting 18-24 s.
+Every start-up spawned here runs in the background (tests/background.py: a lower CPU priority) until a fixture takes
+it (`take`): it takes what the tests running meanwhile leave idle, not a share of their cores; the demo's `vllm serve`
+children, each in a session of its own, too (`background.Tree`)."""
 
 from __future__ import annotations
 
@@ -28,12 +31,15 @@ from typing import Any
 
 import pytest
 
+from tests import background
+
 SPAWNED: dict[str, Any] = {}  # "servers" and `FP8_TIER`: name -> VllmServer (launched), "failing": procs.Started,
 # "recording": Path, "demo": (procs.Started, its result file)
 DEMO_FIXTURE = "demo_run"
 BUSY_PACKAGES = ("tests/integration/", "tests/ray/")  # their tests run servers and clusters: both cores busy
-DEMO_WITH = "tests/ray/test_serve_admin_routes.py"  # the demo starts with it: ~1 core idle from there on (suite69:
-# two modules before test_serve_blocked_metrics, whose set-up no longer waits ~26 s for its engine there)
+DEMO_WITH = "tests/ray/test_hostile_ingress.py"  # the demo starts with it, in the background (tests/background.py:
+# the deadline tests after it keep their cores): the first module after test_serve_integration, from where ~1 core
+# idled until test_serve_admin_routes (suite70's sampler: 0.9-1.3 busy cores over ~60 s)
 FP8_TIER = "fp8_tier"  # SPAWNED's key of test_fp8_tier's servers (its `servers` fixture takes them)
 PLAN = "plan"  # test_plan_vllm's engine (its `engines` fixture takes it), spawned at the first test after FP8_TIER's
 LATER = {FP8_TIER: "tests/integration/test_fp8_tier.py::", PLAN: "tests/integration/test_plan_vllm.py::"}  # key ->
@@ -91,6 +97,7 @@ def spawn_demo() -> None:
     if "demo" not in SPAWNED:
         out = Path(tempfile.mkdtemp(prefix="kvsched-demo-")) / "demo.json"
         SPAWNED["demo"] = (start_together([demo_argv(out)]), out)
+        _wave["demo_tree"] = background.Tree(SPAWNED["demo"][0].procs[0].pid)  # its servers' sessions too
 
 
 def spawn(model: Path, items: list[pytest.Item]) -> None:
@@ -104,10 +111,12 @@ def spawn(model: Path, items: list[pytest.Item]) -> None:
         return
     recording = Path(tempfile.mkdtemp(prefix="kvsched-recording-")) / "secure.jsonl"
     SPAWNED["recording"] = recording
-    SPAWNED["servers"] = {name: VllmServer(spec).launch() for name, spec in package_specs(model, recording).items()}
+    SPAWNED["servers"] = {name: background.lower(VllmServer(spec).launch())
+                          for name, spec in package_specs(model, recording).items()}
     starts = failing_starts(model)
     SPAWNED["failing_names"] = list(starts)
-    SPAWNED["failing"] = start_together([argv for argv, _ in starts.values()], [env for _, env in starts.values()])
+    SPAWNED["failing"] = background.lower(
+        start_together([argv for argv, _ in starts.values()], [env for _, env in starts.values()]))
     _wave["first"] = (list(SPAWNED["servers"].values()), SPAWNED["failing"])
     plan_later(model, items)
 
@@ -157,20 +166,23 @@ def spawn_later(nodeid: str) -> None:
     if PLAN in due and nodeid == _wave["plan_at"]:
         due.discard(PLAN)
         specs, _ = plan_specs(_wave["model"], Path(tempfile.mkdtemp(prefix="kvsched-config-only-")))
-        SPAWNED[PLAN] = {name: VllmServer(spec).launch() for name, spec in specs.items()}
+        SPAWNED[PLAN] = {name: background.lower(VllmServer(spec).launch()) for name, spec in specs.items()}
     if FP8_TIER not in due or time.monotonic() - _wave.get("checked", 0.0) < WAVE_CHECK_S:
         return
     _wave["checked"] = time.monotonic()
     if first_wave_over():
         due.discard(FP8_TIER)
-        SPAWNED[FP8_TIER] = {name: VllmServer(spec).launch() for name, spec in fp8_tier_specs(_wave["model"]).items()}
+        SPAWNED[FP8_TIER] = {name: background.lower(VllmServer(spec).launch())
+                             for name, spec in fp8_tier_specs(_wave["model"]).items()}
 
 
 def take(key: str) -> Any:
     """What `spawn` (or `spawn_later`) left under `key`, once (None if nothing was spawned: then nothing will be, the
-    fixture taking it starts its own): the fixture taking it owns it from then."""
+    fixture taking it starts its own): the fixture taking it owns it from then, at the tests' own CPU priority."""
     _wave.get("due", set()).discard(key)
-    return SPAWNED.pop(key, None)
+    if key == "demo" and (tree := _wave.pop("demo_tree", None)) is not None:
+        tree.restore()
+    return background.restore(SPAWNED.pop(key, None))
 
 
 def stop_untaken() -> None:
@@ -179,6 +191,8 @@ def stop_untaken() -> None:
     for key in ("servers", *LATER):
         for server in (SPAWNED.pop(key, None) or {}).values():
             server.stop()
+    if (tree := _wave.get("demo_tree")) is not None:
+        tree.restore()
     _wave.clear()
     if (failing := SPAWNED.pop("failing", None)) is not None:
         stop(failing)

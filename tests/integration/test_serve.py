@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
+from tests import background  # noqa: E402
 from tests.integration.servers import SERVE_KEY  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -22,7 +23,7 @@ SYSTEM = "You are a careful research agent. Use the tools. " * 8
 def kvsched_server(serve_launched):
     """kvsched's server (servers.serve_spec; spawned while test_plan_vllm's engine started); stock vLLM's is the
     package's (conftest.stock_server, served as "replay")."""
-    yield serve_launched.start()  # waits: launched already
+    yield background.restore(serve_launched).start()  # waits: launched already (in the background until now)
     serve_launched.stop()
 
 

@@ -20,6 +20,7 @@ openai = pytest.importorskip("openai")
 from kvsched.adapters.store.local_redis import LocalRedis, RedisUnavailable  # noqa: E402
 from kvsched.bench.delay_proxy import delayed  # noqa: E402
 from kvsched.serving import ServerSpec, VllmServer  # noqa: E402
+from tests import background  # noqa: E402
 from tests.vllm_layout import worker  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -107,8 +108,9 @@ def redis():
 
 # ---- the disk level ---------------------------------------------------------------------------------------------
 def launch_meanwhile(request, fixture):
-    """Launch a later test's servers now (the fixture launches them without waiting), so that their start-ups overlap
-    this test's own: one start-up alone leaves a core idle. None without a store (those tests skip)."""
+    """Launch a later test's servers now (the fixture launches them without waiting, in the background: a lower CPU
+    priority until their test takes them, tests/background.py), so that their start-ups overlap this test's own and
+    take the CPU its engines leave idle. None without a store (those tests skip)."""
     try:
         request.getfixturevalue(fixture)
     except pytest.skip.Exception:
@@ -178,8 +180,8 @@ def replicas_launched(tiny_model_dir, redis):
     b, c = (VllmServer(spec(tiny_model_dir, "--kvsched-store-url", redis.url,
                             env=COMPACTION_ENV | {"KVSCHED_REPLICA_NAME": name})) for name in ("b", "c"))
     try:
-        b.launch()
-        c.launch()
+        background.lower(b.launch())
+        background.lower(c.launch())
         yield b, c
     finally:
         c.stop()
@@ -189,7 +191,7 @@ def replicas_launched(tiny_model_dir, redis):
 @pytest.fixture(scope="module")
 def replicas(replicas_launched):
     for server in replicas_launched:
-        server.start()  # waits: launched already
+        background.restore(server).start()  # waits: launched already
     return replicas_launched
 
 
@@ -201,7 +203,7 @@ def slow_store_replica(tiny_model_dir, redis):
         d = VllmServer(spec(tiny_model_dir, "--kvsched-store-url", f"redis://127.0.0.1:{port}/0",
                             env={"KVSCHED_REPLICA_NAME": "d"}))
         try:
-            yield d.launch()
+            yield background.lower(d.launch())
         finally:
             d.stop()
 
@@ -237,7 +239,7 @@ def test_a_moved_session_is_restored_through_a_slow_store_read_off_the_scheduler
     """The store 10 ms away (a delaying proxy on loopback): the first arrival's reads find it slow, and the next
     arrivals' reads run on the lookup thread, the request waiting for its answer; a moved session still gets its KV."""
     b, _ = replicas
-    d = slow_store_replica.start()  # waits: launched already
+    d = background.restore(slow_store_replica).start()  # waits: launched already
     try:  # stopped when done (its memory back for the next tests)
         chat(d, history("warm-up", words=40), "warm-up")  # read inline: the store is found slow
         msgs = history("moved-slow", words=120)

@@ -5,13 +5,28 @@ would install into the venv it is given when its stamp looks out of date."""
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests import ahead
+from tests.ahead import Run
+
 ROOT = Path(__file__).resolve().parents[3]
+TEST = "test_a_gpu_venv_with_a_cpu_torch_is_refused_naming_the_cause"
+
+
+def venv_check() -> Run | None:
+    import torch
+
+    if torch.version.cuda is not None or torch.version.hip is not None:
+        return None  # the test skips
+    return Run([sys.executable, str(ROOT / "tools" / "gpu_venv_check.py")],
+               env={"PIP_FIND_LINKS": "/opt/wheels", "PATH": "/usr/bin:/bin"})
+
+
+AHEAD = {TEST: venv_check}  # tests/ahead.py
 
 
 def test_a_gpu_venv_with_a_cpu_torch_is_refused_naming_the_cause() -> None:
@@ -23,8 +38,7 @@ def test_a_gpu_venv_with_a_cpu_torch_is_refused_naming_the_cause() -> None:
 
     if torch.version.cuda is not None or torch.version.hip is not None:
         pytest.skip("this venv's torch is a GPU build")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_venv_check.py")], capture_output=True, text=True,
-                          timeout=120, check=False, env={"PIP_FIND_LINKS": "/opt/wheels", "PATH": "/usr/bin:/bin"})
+    proc = ahead.result(sys.modules[__name__], TEST, timeout_s=120)
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
     out = proc.stderr
     assert "CPU build" in out and torch.__version__ in out and "PIP_FIND_LINKS=/opt/wheels" in out, out

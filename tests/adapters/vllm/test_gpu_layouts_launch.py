@@ -5,7 +5,6 @@ stride wraps there and reads or writes another block's memory, or faults)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +14,8 @@ import pytest
 import torch
 
 from kvsched.ops import backends, fp8, score
+from tests import ahead
+from tests.ahead import Run
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -88,12 +89,23 @@ print("ok")
 """
 
 
+def large_offsets() -> Run | None:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return None  # the test skips
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]))
+    return Run([sys.executable, "-c", LARGE], env=env)
+
+
+LARGE_TEST = "test_the_fp8_kernels_address_blocks_past_2_to_the_31_elements"
+AHEAD = {LARGE_TEST: large_offsets}  # tests/ahead.py
+
+
 def test_the_fp8_kernels_address_blocks_past_2_to_the_31_elements() -> None:
     """In Triton's interpreter (its own process: TRITON_INTERPRET is read when triton is imported). With the block id
     loaded as int32 instead of int64 the process dies of a segmentation fault (checked)."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels"), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", LARGE], env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+    proc = ahead.result(sys.modules[__name__], LARGE_TEST, timeout_s=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
