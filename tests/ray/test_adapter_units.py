@@ -281,9 +281,10 @@ def test_reaper_stops_the_whole_group_when_its_parent_dies(tmp_path: Path) -> No
 
     script = tmp_path / "parent.sh"
     pidfile = tmp_path / "group.pid"
+    err = tmp_path / "reaper.err"
     script.write_text(f"setsid bash -c 'sleep 300 & sleep 300' & echo $! > {pidfile}\n"
                       f"while [ ! -s {pidfile} ]; do sleep 0.05; done\n"
-                      f"{sys.executable} -m kvsched.adapters.ray.reaper $(cat {pidfile}) $$\n"
+                      f"{sys.executable} -m kvsched.adapters.ray.reaper $(cat {pidfile}) $$ 2> {err}\n"
                       "sleep 300\n")
     parent = subprocess.Popen(["bash", str(script)], start_new_session=True)
     pgid = 0
@@ -295,6 +296,9 @@ def test_reaper_stops_the_whole_group_when_its_parent_dies(tmp_path: Path) -> No
         deadline = time.monotonic() + 60  # the reaper detached (setsid: killpg below cannot reach it) and watching
         while not detached_reaper(pgid) and time.monotonic() < deadline:
             time.sleep(0.05)  # (a 1 s sleep here: on a loaded host the reaper had not started, killed with bash)
+        # once in a loaded whole run (stop 66) it was not seen in 60 s and the group was left: say what was there
+        said = err.read_text() if err.exists() else None
+        assert detached_reaper(pgid), f"no reaper of {pgid} in 60 s: parent {parent.poll()}, stderr {said!r}"
         os.killpg(parent.pid, signal.SIGKILL)  # like Ray: the worker and its direct children
         os.kill(pgid, signal.SIGKILL)  # the group leader (vLLM's API server) dies; its child is orphaned
         parent.wait()
