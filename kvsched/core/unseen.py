@@ -36,7 +36,8 @@ U+3030 and U+303D (punctuation) were refused with their U+FE0F (UTS #51's emoji-
 Found by leftovers70: U+202F, which Mongolian writes before its suffixes, was refused in Mongolian text; a selector
 after any non-ASCII letter, number, symbol or mark passed (`café` + U+FE0F prints as `café`, a second session). Known
 gaps: an ideograph takes every selector of U+E0100..U+E01EF, registered or not (the IVD is too large to carry), and a
-Mongolian letter every free variation selector (Unicode's Mongolian variants, UTN #57, outgrew StandardizedVariants.txt).
+Mongolian letter every free variation selector (Unicode's Mongolian variants, UTN #57, outgrew
+StandardizedVariants.txt).
 """
 
 from __future__ import annotations
