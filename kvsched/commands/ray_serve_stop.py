@@ -8,11 +8,13 @@ grace, or at a second Ctrl-C, it is forced. Then `ray.shutdown()`: it stops the 
 from a joined one), and whatever is left of the engines' process groups on this machine (a `vllm serve` and its
 engine core) is killed, so that no engine outlives the command.
 
-Found by leftovers70: Ctrl-C took ~66 s. Serve's own shutdown removes the deployments one tier after another (the
-ingress, then the engines), each replica sleeping Ray's `graceful_shutdown_wait_loop_s` (2 s) before it first counts
-its requests and draining in-flight ones for up to its `graceful_shutdown_timeout_s` (the engines' 30 s, kept for an
-autoscaling scale-down, where a replica's requests must finish), and `serve.shutdown()` waits up to 30 s for Serve's
-controller; nothing made a second Ctrl-C force it.
+Found by leftovers70 (reported: ~66 s to stop, not reproduced here). What bounded nothing before: Serve's own shutdown
+removes the deployments one tier after another (the ingress, then the engines), each replica sleeping Ray's
+`graceful_shutdown_wait_loop_s` (2 s) before it first counts its requests and draining in-flight ones for up to its
+`graceful_shutdown_timeout_s` (the engines' 30 s, kept for an autoscaling scale-down, where a replica's requests must
+finish), `serve.shutdown()` waits up to 30 s for Serve's controller, and a second Ctrl-C changed nothing. Measured
+(one tiny CPU replica, Ctrl-C to the command's process group, Xeon model 167, 2 shared cores): before, 8.5-8.6 s idle
+and 8.9-11.6 s with two streams in flight; now 4.6-5.7 s idle and 8.7 s under load (tests/ray/test_ray_serve_stop.py).
 """
 
 from __future__ import annotations
