@@ -35,8 +35,10 @@ from kvsched.bench.agents_report import (
     clairvoyant_bound,
     compare,
     gates,
+    gates_not_applicable,
     print_report,
     unbounded_reach,
+    verdict,
 )
 from kvsched.bench.agents_sizing import count_tokens, refuse_past_host
 from kvsched.bench.args import MAX_GIB, check_args, check_out_dir, check_out_path, count, number, refuse, seed
@@ -285,7 +287,9 @@ def run(args: argparse.Namespace) -> int:
     print_report(result)
     write_json(args.out, result)
     save_beside(args.out, lambda path: plot_run(result, path))
-    return 0  # gates are reported, not enforced here
+    code, line = verdict(result)  # the last line: a failed gate is the exit code, not a line among the table's
+    print(line)
+    return code
 
 
 def plot_run(result: dict[str, Any], path: Path) -> Path:
@@ -380,6 +384,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "sides": side_config, "provenance": provenance(),
     }
     result["gates"] = gates(result)
+    result["gates_not_applicable"] = gates_not_applicable(result)
     result["unbounded_reach"] = unbounded_reach(result)
     add_naming_gates(result)
     return result

@@ -10,7 +10,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from kvsched.bench.agents_report import NO_TIER_SIDE, TIER_SIDE, gates, print_report
+from kvsched.bench.agents_report import NO_TIER_SIDE, TIER_SIDE, gates, gates_not_applicable, print_report, verdict
 from kvsched.bench.common import RESULTS_DIR, provenance, write_json
 from kvsched.bench.plots import PlotUnavailable, pyplot, save_figure
 
@@ -30,6 +30,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         runs[str(pressure)] = result
     out: dict[str, Any] = {"pressures": runs, "summary": summary(runs), "provenance": provenance()}
     out["gates"] = sweep_gates(runs)
+    out["gates_not_applicable"] = sweep_not_applicable(runs)
     path = args.out or RESULTS_DIR / ("agents_sweep_quick.json" if args.quick else "agents_sweep.json")
     write_json(path, out)
     try:
@@ -39,7 +40,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     print_summary(out["summary"])
     for gate, ok in out["gates"].items():
         print(f"  [{'PASS' if ok else 'FAIL'}] {gate}")
-    return 0
+    for gate, why in out["gates_not_applicable"].items():
+        print(f"  [N/A]  {gate}: {why}")
+    code, line = verdict(out)
+    print(line)
+    return code
 
 
 def summary(runs: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None]]]:
@@ -58,6 +63,16 @@ def sweep_gates(runs: dict[str, Any]) -> dict[str, bool]:
         if float(pressure) == SWEEP_GATE_PRESSURE:
             g = gates(result, prefill=0.5, ttft=0.35)
             out.update({f"{pressure}x_{k}": v for k, v in g.items() if "throughput" not in k})
+    return out
+
+
+def sweep_not_applicable(runs: dict[str, Any]) -> dict[str, str]:
+    """The sweep gates that do not apply (agents_report.gates_not_applicable at the gate's pressure)."""
+    out: dict[str, str] = {}
+    for pressure, result in runs.items():
+        if float(pressure) == SWEEP_GATE_PRESSURE:
+            na = gates_not_applicable(result, prefill=0.5, ttft=0.35)
+            out.update({f"{pressure}x_{k}": v for k, v in na.items() if "throughput" not in k})
     return out
 
 

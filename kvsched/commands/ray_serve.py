@@ -155,6 +155,8 @@ def _serve(args: argparse.Namespace, cfg: Any) -> int:
     from kvsched.adapters.ray.app import build_app
     from kvsched.adapters.ray.proxy import controller_options
 
+    address = args.address if args.address is not None else os.environ.get("RAY_ADDRESS") or None
+    started = not ray.is_initialized() and address in (None, "local")  # a local cluster, this command's to stop
     if not ray.is_initialized():
         try:
             ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
@@ -171,10 +173,9 @@ def _serve(args: argparse.Namespace, cfg: Any) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    print("kvsched ray-serve: shutting down")
-    serve.shutdown()
-    ray.shutdown()
-    return 0
+    from kvsched.commands.ray_serve_stop import shut_down
+
+    return shut_down(cfg.app_name, started)  # within seconds; a second Ctrl-C forces it (ray_serve_stop.py)
 
 
 def api_url(cfg: Any) -> str:

@@ -12,10 +12,16 @@ is refused, except where it is part of a visible sequence:
   U+1F467, the rainbow flag, a skin-toned astronaut) or next to a virama (Indic conjuncts: Devanagari, Sinhala,
   Bengali's ra + U+200D + virama + ya);
 - U+200C ZERO WIDTH NON-JOINER next to a virama, or between two Arabic-script letters (Persian writes it inside words);
-- U+180E MONGOLIAN VOWEL SEPARATOR between two Mongolian letters;
+- U+180E MONGOLIAN VOWEL SEPARATOR between two Mongolian letters, and U+202F NARROW NO-BREAK SPACE there (before
+  a Mongolian suffix, whose letter forms it selects: the suffix then prints unlike after a plain space);
 - tag characters in an emoji tag sequence (U+1F3F4 then tags then U+E007F CANCEL TAG: the flags of Scotland, Wales);
-- a variation selector after a non-ASCII letter, number, symbol or punctuation mark (the emoji form of U+2764 or of
-  U+203C, an ideographic variant, CJK punctuation's positional variants), or U+FE0F in a keycap (1 U+FE0F U+20E3);
+- a variation selector in a variation sequence Unicode defines, the only ones that change how their base prints
+  (StandardizedVariants.txt says so): U+FE00..U+FE0F after a base StandardizedVariants.txt or UTS #51's
+  emoji-variation-sequences.txt gives it (variation_data.py: the emoji form of U+2764 or of U+203C, CJK punctuation's
+  positional variants, a mathematical symbol's variant), U+E0100..U+E01EF after a CJK unified ideograph (the
+  Ideographic Variation Database's sequences, a Japanese name's variant of U+845B), Mongolian's free variation
+  selectors after a Mongolian letter, and U+FE0F in a keycap (1 U+FE0F U+20E3); no other selector after an ASCII
+  character (`0` + U+FE00, a short-stroke zero, prints as `0` in a log's font);
 - the prepended concatenation marks (U+0600 ARABIC NUMBER SIGN ...), which are Cf but print a sign.
 These are IDNA's contextual rules for the joiners (RFC 5892, CONTEXTJ, its joining types read as the Arabic-letter bidi
 class; Bengali's joiner before the virama added) and Unicode's emoji sequences (UTS #51, an emoji read as a non-ASCII
@@ -27,12 +33,19 @@ is a ZWJ between two emoji that form no sequence (U+1F600 U+200D U+1F600 prints 
 ids (U+00E9, or e + U+0301) and look-alike letters (Cyrillic a) are two sessions still. Found by review (review69):
 U+2800 (an id of it alone prints blank) and the unassigned default-ignorables passed, and the emoji U+203C, U+2049,
 U+3030 and U+303D (punctuation) were refused with their U+FE0F (UTS #51's emoji-variation-sequences list them).
+Found by leftovers70: U+202F, which Mongolian writes before its suffixes, was refused in Mongolian text; a selector
+after any non-ASCII letter, number, symbol or mark passed (`café` + U+FE0F prints as `café`, a second session). Known
+gaps: an ideograph takes every selector of U+E0100..U+E01EF, registered or not (the IVD is too large to carry), and a
+Mongolian letter every free variation selector (Unicode's Mongolian variants, UTN #57, outgrew
+StandardizedVariants.txt).
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+
+from kvsched.core.variation_data import VARIATION_BASES
 
 ZWNJ, ZWJ = "\u200c", "\u200d"
 KEYCAP = "\u20e3"
@@ -43,6 +56,7 @@ VISIBLE_FORMAT = frozenset("\u0600\u0601\u0602\u0603\u0604\u0605\u06dd\u070f\u08
 BLANKS = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0")  # default-ignorable letters and marks
 SEPARATORS = frozenset({"Zl", "Zp"})
 VISIBLE_SPACES = frozenset(" \u1680\u3000")  # a space, OGHAM SPACE MARK (a stroke), the ideographic space (CJK's)
+NNBSP = "\u202f"  # NARROW NO-BREAK SPACE: Mongolian writes it before a suffix, which it shapes
 BRAILLE_BLANK = "\u2800"  # So, but prints as a space: refused as the spaces narrower than the ideographic one
 EMOJI_MODIFIERS = range(0x1F3FB, 0x1F400)  # skin tones (category Sk)
 
@@ -85,6 +99,35 @@ def _mongolian(ch: str) -> bool:
     return bool(ch) and 0x1820 <= ord(ch) <= 0x18AF
 
 
+def _mongolian_before(text: str, i: int) -> bool:
+    """The character before `i`, past its free variation selector, is a Mongolian letter."""
+    i -= 1
+    if i >= 0 and _selector(text[i]) and 0x180B <= ord(text[i]) <= 0x180F:
+        i -= 1
+    return i >= 0 and _mongolian(text[i])
+
+
+def _ideograph(ch: str) -> bool:
+    """A CJK unified ideograph: the bases of the Ideographic Variation Database's sequences (U+E0100..U+E01EF)."""
+    return unicodedata.name(ch, "").startswith("CJK UNIFIED IDEOGRAPH-")
+
+
+def _variation_sequence(before: str, ch: str, after: str) -> bool:
+    """`before` + the selector `ch` is a variation sequence Unicode defines (StandardizedVariants.txt, UTS #51's
+    emoji-variation-sequences.txt: variation_data.py; an ideographic one; Mongolian's free variation selectors after
+    a Mongolian letter), or U+FE0F in a keycap. An ASCII base takes none but the keycap's."""
+    o = ord(ch)
+    if not before:
+        return False
+    if before.isascii():
+        return ch == "\ufe0f" and before in "0123456789#*" and after == KEYCAP
+    if 0xFE00 <= o <= 0xFE0F:
+        return ord(before) in VARIATION_BASES.get(o, ())
+    if 0xE0100 <= o <= 0xE01EF:
+        return _ideograph(before)
+    return _mongolian(before)  # U+180B..U+180D, U+180F: the Mongolian script's free variation selectors
+
+
 def _arabic_letter(text: str, i: int, step: int) -> bool:
     """The letter next to `i` (step -1: before, +1: after), past combining marks, is of a joining (Arabic) script."""
     i += step
@@ -124,10 +167,14 @@ def _shows(text: str, i: int) -> bool:
     if _tag(ch) or ch == CANCEL_TAG:
         return _in_tag_sequence(text, i)
     if _selector(ch):
-        if ch == "\ufe0f" and before in tuple("0123456789#*") and after == KEYCAP:
-            return True
-        return bool(before) and not before.isascii() and unicodedata.category(before)[0] in "LNSP"
+        return _variation_sequence(before, ch, after)
     return False
+
+
+def _mongolian_suffix(text: str, i: int) -> bool:
+    """`text[i]` is U+202F between two Mongolian letters: the narrow no-break space before a Mongolian suffix, which
+    selects the suffix's letter forms (so it prints unlike a plain space there)."""
+    return text[i] == NNBSP and _mongolian_before(text, i) and i + 1 < len(text) and _mongolian(text[i + 1])
 
 
 def unseen(text: str) -> str | None:
@@ -145,12 +192,12 @@ def scan(text: str) -> str | None:
             what = "a line or paragraph separator, which splits the line the id is printed in"
         elif ch in BIDI_CONTROLS:
             what = "a bidi control, which reorders the line the id is printed in"
-        elif (cat == "Zs" and ch not in VISIBLE_SPACES) or ch == BRAILLE_BLANK:
+        elif (cat == "Zs" and ch not in VISIBLE_SPACES and not _mongolian_suffix(text, i)) or ch == BRAILLE_BLANK:
             what = "a space that prints as a plain space or narrower, so ids that differ by it print alike"
         elif ch in BLANKS or _unassigned_ignorable(ch) or ((cat == "Cf" or _selector(ch)) and not _shows(text, i)):
             what = ("an invisible character, so ids that differ by it print alike (joiners, tags and variation "
                     "selectors are taken only inside a visible sequence: an emoji ZWJ, flag or keycap sequence, a "
-                    "joiner after a virama or between Arabic-script letters)")
+                    "variation sequence Unicode defines, a joiner after a virama or between Arabic-script letters)")
         else:
             continue
         name = unicodedata.name(ch, "")

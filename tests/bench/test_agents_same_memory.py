@@ -49,9 +49,10 @@ def test_the_same_memory_side_runs_by_default_with_the_pool_and_default_tier_byt
     cfg = result["config"]
     assert cfg["same_memory_num_blocks"] == 3 * (n - 1) + 1
     assert cfg["same_memory_pool_bytes"] == pytest.approx(3 * cfg["kv_pool_bytes"], rel=0.01)
-    g = result["gates"]  # judged against stock-same-memory: 400 > 0.45 x 430, 0.23 > 0.3 x 0.2
-    assert not g["prefill_le_0.45x_stock_same_memory"] and not g["followup_ttft_p95_le_0.3x_stock_same_memory"]
-    assert not any(k.endswith("x_stock") or "unequal" in k for k in g)
+    g, na = result["gates"], result["gates_not_applicable"]  # judged against stock-same-memory, whose pool holds
+    assert "prefill_le_0.45x_stock_same_memory" in na and "prefill_le_0.45x_stock_same_memory" not in g  # it all
+    assert na["followup_ttft_p95_le_0.3x_stock_same_memory"].startswith("not applicable (stock-same-memory's pool")
+    assert not any(k.endswith("x_stock") or "unequal" in k for k in [*g, *na])
     assert result["ratio"]["kvsched"]["prefill_tokens_computed"] == 0.4  # kept: over stock, unequal memory
     assert result["ratio_same_memory"]["prefill_tokens_computed"] == pytest.approx(400 / 430)
     assert result["unbounded_reach"]["base"] == "stock-same-memory"
@@ -60,7 +61,18 @@ def test_the_same_memory_side_runs_by_default_with_the_pool_and_default_tier_byt
     print_report(result)
     out = capsys.readouterr().out
     assert "kvsched/stock (unequal memory)" in out and "kvsched/stock-same-memory" in out
-    assert "[FAIL] prefill_le_0.45x_stock_same_memory" in out
+    assert "[N/A]  prefill_le_0.45x_stock_same_memory: not applicable (" in out
+
+
+def test_where_the_same_memory_pool_falls_short_the_tier_gates_are_judged(monkeypatch, tmp_path, capsys):
+    result, _ = fake_run(monkeypatch, tmp_path, ["--pressure", "3"])  # 3 x 117 blocks: short of the working set
+    g = result["gates"]  # 400 > 0.45 x 430, 0.23 > 0.3 x 0.2
+    assert not g["prefill_le_0.45x_stock_same_memory"] and not g["followup_ttft_p95_le_0.3x_stock_same_memory"]
+    assert result["gates_not_applicable"] == {}
+    from kvsched.bench.agents_report import print_report
+
+    print_report(result)
+    assert "[FAIL] prefill_le_0.45x_stock_same_memory" in capsys.readouterr().out
 
 
 def test_an_explicit_tier_size_sizes_the_same_memory_pool(monkeypatch, tmp_path):

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from kvsched.core.sessions import InvalidSessionInput, validate_session_id
 from kvsched.core.unseen import scan, unseen
+from kvsched.core.variation_data import VARIATION_BASES
 
 ZWJ, ZWNJ, FE0F, KEYCAP, CANCEL = "\u200d", "\u200c", "\ufe0f", "\u20e3", "\U000e007f"
 SELECTORS = "[\ufe00-\ufe0f\U000e0100-\U000e01ef\u180b-\u180d\u180f]"
@@ -60,9 +61,26 @@ def visible(text: str) -> set[int]:
         elif re.fullmatch(SELECTORS, ch):
             if ch == FE0F and before and before in "0123456789#*" and after == KEYCAP:
                 ok.add(i)
-            elif before and not before.isascii() and unicodedata.category(before)[0] in "LNSP":
+            elif before and not before.isascii() and sequence(before, ch):
                 ok.add(i)
     return ok
+
+
+def sequence(base: str, selector: str) -> bool:
+    """Unicode defines `base` + `selector` (a non-ASCII base): the generated table for U+FE00..U+FE0F, an ideograph's
+    IVD selectors, a Mongolian letter's free variation selectors."""
+    o = ord(selector)
+    if o >= 0xE0100:
+        return "CJK UNIFIED IDEOGRAPH-" in unicodedata.name(base, "")
+    if o >= 0xFE00:
+        return ord(base) in VARIATION_BASES[o] if o in VARIATION_BASES else False
+    return 0x1820 <= ord(base) <= 0x18AF
+
+
+def mongolian_suffix(text: str, i: int) -> bool:
+    """U+202F after a Mongolian letter (past one free variation selector) and before one."""
+    head = re.sub("[\u180b-\u180d\u180f]\\Z", "", text[:i])
+    return bool(head) and 0x1820 <= ord(head[-1]) <= 0x18AF and re.match("[\u1820-\u18af]", text[i + 1:]) is not None
 
 
 def reference(text: str) -> tuple[int, str] | None:
@@ -74,7 +92,8 @@ def reference(text: str) -> tuple[int, str] | None:
             return i, "separator"
         if ch in "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069":
             return i, "bidi control"
-        if (cat == "Zs" and ch not in " \u1680\u3000") or ch == "\u2800":
+        if (cat == "Zs" and ch not in " \u1680\u3000" and not (ch == "\u202f" and mongolian_suffix(text, i))) \
+                or ch == "\u2800":
             return i, "space"
         ignorable = cat == "Cn" and (o == 0x2065 or 0xFFF0 <= o <= 0xFFF8 or 0xE0000 <= o <= 0xE0FFF)
         if ch in BLANKS or ignorable or ((cat == "Cf" or re.fullmatch(SELECTORS, ch)) and i not in ok):
@@ -87,7 +106,8 @@ KINDS = {"separator": "line or paragraph separator", "bidi control": "bidi contr
 ALPHABET = ("a1#* -.", "\u00e9\u00a9\u2122\u2139\u203c\u3030\u3001", "\u2764\u2b1b\u2194\u2640",
             "\U0001f468\U0001f469\U0001f3f4\U0001f3f3\U0001f525\U0001f3fd", ZWJ + ZWNJ, FE0F + "\ufe0e\ufe00",
             "\U000e0100\u180b\u180f" + KEYCAP, "\U000e0067\U000e0062\U000e0073" + CANCEL + "\U000e0001",
-            "\u0915\u094d\u0937\u09b0\u09cd", "\u0645\u06cc\u064e\u0627\u062e", "\u1820\u1828\u180e",
+            "\u0915\u094d\u0937\u09b0\u09cd", "\u0645\u06cc\u064e\u0627\u062e", "\u1820\u1828\u180e\u202f\u180b",
+            "\u845b\u2229\u0030\u00ae",
             "\u200b\u00ad\u2060\ufeff\u202e\u2066\u2028", "\u00a0\u200a\u202f\u3000\u1680\u2800",
             BLANKS, "\u0600\u0661\u2065\ufff0\U000e0080\U0001fa77", "\u65e5\uc138\U0001d173")
 CHARS = st.sampled_from("".join(ALPHABET))

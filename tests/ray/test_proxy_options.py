@@ -50,6 +50,7 @@ def test_kvsched_ray_serve_starts_serve_with_them(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(serve, "start", lambda **kw: started.update(kw))
     monkeypatch.setattr(serve, "run", lambda *a, **kw: None)
     monkeypatch.setattr(serve, "shutdown", lambda: None)
+    monkeypatch.setattr(serve, "delete", lambda *a, **kw: None)  # (Ray initialized already: a joined cluster's stop)
     monkeypatch.setattr(threading.Event, "wait", lambda self, timeout=None: True)  # Ctrl-C at once
     monkeypatch.setattr(ray_serve.signal, "signal", lambda *a: None)
     monkeypatch.setattr("kvsched.adapters.ray.app.build_app", lambda cfg: "app")

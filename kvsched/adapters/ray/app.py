@@ -22,6 +22,9 @@ from kvsched.adapters.ray.poll_settings import routing_stats_timeout_s
 from kvsched.core.ttft_histogram import TTFT_HOLD_S, UNSCRAPED_GRACE_S
 
 ROUTER_PATH = "kvsched.adapters.ray.router:KVSchedRequestRouter"
+# How often a stopping replica counts the requests it still holds (Ray's graceful_shutdown_wait_loop_s, 2 s by
+# default, slept once before the first count even when none is in flight: 2 s per deployment tier at every stop).
+DRAIN_POLL_S = 0.2
 # Ray's own routers, for comparisons in the same cluster (`kvsched bench router --real`).
 BASELINE_ROUTERS = {
     "consistent_hash": "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter",
@@ -44,7 +47,8 @@ def engine_options(pool: PoolConfig, cfg: RayServeConfig, router_path: str = ROU
             request_routing_stats_timeout_s=routing_stats_timeout_s(cfg.stats_period_s)),
         "health_check_period_s": cfg.health_check_period_s,
         "health_check_timeout_s": cfg.health_check_timeout_s,
-        "graceful_shutdown_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": 30.0,  # a replica taken out by a scale-down: its requests finish within it
+        "graceful_shutdown_wait_loop_s": DRAIN_POLL_S,
     }
     t = pool.autoscaling
     if t is None:
@@ -94,6 +98,7 @@ def build_app(cfg: RayServeConfig, router_path: str = ROUTER_PATH, version: str 
         *engine_args(p), **engine_kwargs(cfg)) for p in cfg.pools}
     ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
                                                       max_ongoing_requests=ingress_max_ongoing(cfg),
+                                                      graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
                                                       ray_actor_options={"num_cpus": 0})
     return ingress.bind(cfg.to_dict(), engines)
 

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from kvsched.core.env import env_setting
 from kvsched.core.shared_state import MAX_TTL_S
@@ -64,12 +64,30 @@ def check_url(url: str) -> str:
         # (redis-py reads the path alone: `unix://run/redis.sock` is the socket /redis.sock. Found by review)
         raise StoreConfigError(f"the shared store URL {redacted(url)!r} names the socket {parts.path!r}, not "
                                f"{parts.hostname + parts.path!r}: a unix socket's URL is unix:///PATH")
-    if parts.scheme != "unix" and parts.path.strip("/") and not parts.path.strip("/").isdigit():
-        # (redis-py reads a path that is no number as database 0, unsaid: found by review)
-        raise StoreConfigError(f"the shared store URL {redacted(url)!r}: its path names the database, a number "
-                               f"(redis://HOST:PORT/0), got {parts.path[:64]!r}")
+    if parts.scheme != "unix":
+        _check_database(url, parts)
     _redis_reads(url)
     return url
+
+
+def _check_database(url: str, parts: SplitResult) -> None:
+    """The URL's path names the database as redis-py reads it (`parse_url`: the path percent-decoded, its slashes
+    dropped, then int()): ASCII digits, percent-encoded or not (`/%31` is database 1). Refused: a path that is no
+    number, which redis-py reads as database 0, unsaid (found by review), and int()'s other readings (`/²`, which
+    str.isdigit passed, read as database 0; `/1/2` read as 12; `/+1`, `/1_0`), and a path naming another database
+    than `?db=`, which redis-py takes instead, ignoring the path (found by leftovers70: `/%31` was refused)."""
+    name = unquote(parts.path).strip("/")
+    if name and not (name.isascii() and name.isdigit()):
+        try:
+            read = f"database {int(unquote(parts.path).replace('/', ''))}"
+        except ValueError:
+            read = "database 0, the default"
+        raise StoreConfigError(f"the shared store URL {redacted(url)!r}: its path names the database, a number "
+                               f"(redis://HOST:PORT/0), got {parts.path[:64]!r} (redis-py would read {read})")
+    given = [v for k, v in parse_qsl(parts.query) if k == "db"][:1]  # redis-py's parse_qs: the first non-empty one
+    if name and given and given[0].strip().lstrip("+").isdigit() and int(given[0]) != int(name):
+        raise StoreConfigError(f"the shared store URL {redacted(url)!r} names database {int(name)} in its path and "
+                               f"{int(given[0])} in ?db=, which redis-py takes (it ignores the path): give one")
 
 
 def _redis_reads(url: str) -> None:
@@ -105,6 +123,8 @@ def _unusable(connection: Any) -> str | None:
         codecs.lookup(connection.encoder.encoding)
     except LookupError:
         return "encoding: no such codec"
+    if isinstance(connection.db, int) and connection.db < 0:  # (?db=-1: Redis refuses the SELECT at each connect)
+        return "db must be a database number >= 0"
     for name in ("socket_timeout", "socket_connect_timeout"):
         seconds = getattr(connection, name, None)
         if seconds is not None and not 0 < seconds < float("inf"):
