@@ -9,6 +9,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,6 +41,9 @@ class Target:
     admin: str | None = None
     kvsched: bool = True  # False: a stock server as the soak's subject (an A/A run: stock against stock)
     tenants: tuple[str, ...] = ()  # the server's API keys, each a tenant (kvsched scopes sessions by key); () : `key`
+    # Sees every turn's answer (its request's body and headers): tools/soak_ray.py records which replica served it.
+    # True: a 5xx it expected (a replica lost meanwhile, answered with a message), not the soak's failure.
+    observe: Callable[[dict[str, Any], dict[str, str], httpx.Response], bool] | None = None
 
     def auth(self, admin: bool = False) -> dict[str, str]:
         key = self.admin if admin else self.key
@@ -126,8 +130,10 @@ def parse(reply: dict[str, Any]) -> Reply:
 
 def post(client: httpx.Client, target: Target, log: Log, payload: Any, headers: dict[str, str] | None = None,
          what: str = "turn", timeout: float = 120.0) -> httpx.Response:
-    r = client.post(target.base + "/v1/chat/completions", json=payload, timeout=timeout,
-                    headers={**target.auth(), **(headers or {})})
+    sent = {**target.auth(), **(headers or {})}
+    r = client.post(target.base + "/v1/chat/completions", json=payload, timeout=timeout, headers=sent)
+    if target.observe is not None and target.observe(payload, sent, r):
+        return r
     if r.status_code >= 500:
         log.fail(f"{target.name}: {what} answered {r.status_code}", body=r.text[:500], request=payload,
                  headers=headers)
