@@ -40,3 +40,18 @@ def test_moves_off_a_lost_replica_are_failovers_others_need_the_routers_reason(t
     assert p.moves(router_moves(tmp_path))["counts"] == {"stayed": 1, "moved_overflow": 1}
     p.losses.append({"kind": "actor", "t": 0.0, "replica_id": "a"})
     assert p.moves({})["counts"] == {"stayed": 1, "moved_failover": 1}
+
+
+def test_a_delete_answered_503_at_a_loss_is_no_failure_but_one_before_it_is() -> None:
+    """The ingress answers a DELETE 503 (with a message: retry) when a replica failed to answer and none ended the
+    session: seen in the Ray soak at its engine kill, a bad request's DELETE of an unknown session."""
+    from soak_clients import Log, Target, delete
+
+    err = '{"error": {"message": "1 engine replica(s) did not answer", "type": "server_error"}}'
+    client = httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(503, text=err)))
+    p, log = Placements(), Log()
+    target = Target("ray", "http://ingress", "tiny", observe=p.observe)
+    assert delete(client, target, log, "s") == 503 and len(log.failures) == 1
+    p.losses.append({"kind": "engine", "t": 0.0, "replica_id": "a"})
+    assert delete(client, target, log, "s") == 503 and len(log.failures) == 1
+    assert p.counts["status_503_at_loss"] == 1

@@ -74,7 +74,8 @@ class RayServe:
 
     @property
     def logs(self) -> Path:
-        return self.dir / "ray" / "session_latest" / "logs" / "serve"
+        """Serve's logs of this run's cluster (Ray puts its sessions in RAY_TMPDIR/ray)."""
+        return self.dir / "ray" / "ray" / "session_latest" / "logs" / "serve"
 
     def start(self, timeout_s: float = 900.0) -> None:
         env = {**os.environ, "RAY_TMPDIR": str(self.dir / "ray")}
@@ -238,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.start()
         stock = Target("stock", stock_server.base, "tiny")
         placements = Placements()
-        ingress = Target("ray", ray.base, MODEL, admin=ADMIN, tenants=tenant_keys(args.tenants),
-                         observe=placements.observe)
+        keys = tenant_keys(args.tenants)  # (`key`: the bad requests', which are refused 401 without one)
+        ingress = Target("ray", ray.base, MODEL, keys[0], ADMIN, tenants=keys, observe=placements.observe)
         monitor = Monitor(ray.base, ADMIN, args.load_factor, args.load_floor)
         kills = (None, None) if args.no_kill else (args.engine_kill * seconds, args.actor_kill * seconds)
         report |= soak_ray(ingress, stock, monitor, placements, seconds, args.sessions, args.seed, *kills,

@@ -77,7 +77,8 @@ def test_a_short_soak_through_the_ingress_decodes_as_stock_and_ends_clean(server
     from soak_ray_watch import Monitor, Placements
 
     placements = Placements()
-    ingress = Target("ray", servers["base"], MODEL, admin=ADMIN, tenants=tenant_keys(2), observe=placements.observe)
+    keys = tenant_keys(2)
+    ingress = Target("ray", servers["base"], MODEL, keys[0], ADMIN, tenants=keys, observe=placements.observe)
     report = soak_ray(ingress, Target("stock", servers["stock"].base, "tiny"), Monitor(servers["base"], ADMIN, 1.25, 6),
                       placements, 8.0, 3, seed=3, logs=servers["logs"], bad=False)
     assert not report["failures"], report["failures"]
