@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     stock_server = VllmServer(ServerSpec(model=model, scheduler=None, worker="in_engine", max_model_len=1024,
                                          extra_args=DETAILS))
     ray = RayServe(ray_config(free_port(), marker, args), marker)
-    report: dict[str, Any] = {"cpu": cpu(), "args": {k: str(v) for k, v in vars(args).items()}}
+    report: dict[str, Any] = {"cpu": cpu(), "args": {k: str(v) for k, v in vars(args).items()},
+                              "logs": str(ray.dir)}  # ray-serve's output and Ray's logs, left for a look
     try:
         stock_server.start()
         ray.start()
