@@ -1,0 +1,57 @@
+"""tools/soak_ray_watch.py's judgement, on made-up answers: which replica each turn's answer names, a 5xx at a loss,
+and a session's moves (failover off a lost replica, a move the router logged, anything else unexplained)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from soak_ray_watch import Placements, router_moves  # noqa: E402
+
+SID = {"X-Session-Id": "wf0/worker-1", "Authorization": "Bearer k0"}
+
+
+def answer(replica: str, status: int = 200, body: str = "{}") -> httpx.Response:
+    return httpx.Response(status, text=body, headers={"x-kvsched-replica-id": replica, "x-kvsched-replica": replica,
+                                                      "x-kvsched-attempts": "1"})
+
+
+def test_a_5xx_is_the_losss_only_near_it_and_with_a_message() -> None:
+    p = Placements()
+    err = '{"error": {"message": "replica died", "type": "server_error"}}'
+    assert p.observe({}, SID, answer("a", 503, err)) is False  # no loss yet: the soak's failure
+    p.losses.append({"kind": "engine", "t": 0.0, "replica_id": "a"})
+    assert p.observe({}, SID, answer("a", 503, "Internal Server Error")) is False  # no message
+    assert p.observe({}, SID, answer("a", 503, err)) is True
+    assert p.counts["status_503_at_loss"] == 1 and p.counts["status_503"] == 2
+
+
+def test_moves_off_a_lost_replica_are_failovers_others_need_the_routers_reason(tmp_path: Path) -> None:
+    p = Placements()
+    for rid in ("a", "a", "b"):
+        p.observe({}, SID, answer(rid))
+    key = next(iter(p.turns))
+    assert p.moves({})["counts"] == {"stayed": 1, "moved_unexplained": 1}
+    (tmp_path / "replica_x_ingress_1.log").write_text(
+        f"INFO kvsched router: session {key} moved slot-0 -> slot-1 (overflow, chosen slot-1, in flight {{}})\n")
+    assert p.moves(router_moves(tmp_path))["counts"] == {"stayed": 1, "moved_overflow": 1}
+    p.losses.append({"kind": "actor", "t": 0.0, "replica_id": "a"})
+    assert p.moves({})["counts"] == {"stayed": 1, "moved_failover": 1}
+
+
+def test_a_delete_answered_503_at_a_loss_is_no_failure_but_one_before_it_is() -> None:
+    """The ingress answers a DELETE 503 (with a message: retry) when a replica failed to answer and none ended the
+    session: seen in the Ray soak at its engine kill, a bad request's DELETE of an unknown session."""
+    from soak_clients import Log, Target, delete
+
+    err = '{"error": {"message": "1 engine replica(s) did not answer", "type": "server_error"}}'
+    client = httpx.Client(transport=httpx.MockTransport(lambda _: httpx.Response(503, text=err)))
+    p, log = Placements(), Log()
+    target = Target("ray", "http://ingress", "tiny", observe=p.observe)
+    assert delete(client, target, log, "s") == 503 and len(log.failures) == 1
+    p.losses.append({"kind": "engine", "t": 0.0, "replica_id": "a"})
+    assert delete(client, target, log, "s") == 503 and len(log.failures) == 1
+    assert p.counts["status_503_at_loss"] == 1
