@@ -44,3 +44,24 @@ def test_tenants_and_edits() -> None:
     edited = soak.edit(random.Random(0), history)
     assert len(edited) == 4 and edited[-1] == history[-1] and edited[0] == history[0]
     assert edited[1]["content"].startswith("edited: ") and history[1]["content"] == "u"
+
+
+def test_a_turn_beside_its_sessions_delete_that_raises_is_a_reported_failure(monkeypatch) -> None:
+    """The turn of a session whose DELETE runs meanwhile is sent on a thread of its own: an error there (a reset
+    connection) must be the soak's failure, not a line on stderr and a conversation that quietly ends (review70)."""
+    import httpx
+
+    log = load_tool("soak").Log()
+    soak, clients = soak_with(log)
+    sessions = __import__("soak_sessions")
+
+    def reset(*_args, **_kwargs):
+        raise httpx.ReadError("Connection reset by peer")
+
+    monkeypatch.setattr(sessions, "chat", reset)
+    monkeypatch.setattr(sessions, "delete", lambda *_args: 200)
+    conv = sessions.Conv(soak.kvsched, "sid", {}, None)
+    with httpx.Client() as client:
+        assert soak.turn(client, random.Random(0), [{"role": "user", "content": "hi"}], {}, conv, True, 4) is None
+    assert [f["what"] for f in log.failures] == ["kv: a turn beside its session's DELETE raised ReadError: "
+                                                 "Connection reset by peer"]

@@ -88,3 +88,28 @@ def test_an_out_path_that_cannot_be_written_is_refused_before_any_server(tmp_pat
     assert exc.value.code == 2
     assert "--out" in capsys.readouterr().err
     assert not Path("/proc/soak.json").exists()
+
+
+@pytest.mark.parametrize("salted", ["-0.1", "1.5", "nan"])
+def test_a_salted_share_outside_0_to_1_is_refused_before_any_server(tmp_path, monkeypatch, capsys, salted) -> None:
+    soak = load_tool("soak")
+    monkeypatch.setattr(soak, "servers", lambda args: pytest.fail(f"servers made with --salted {args.salted}"))
+    with pytest.raises(SystemExit) as exc:
+        soak.main(["--minutes", "0", "--salted", salted, "--out", str(tmp_path / "soak.json")])
+    assert exc.value.code == 2 and "--salted" in capsys.readouterr().err
+
+
+def test_the_disk_levels_directory_goes_when_a_server_cannot_be_built(tmp_path, monkeypatch) -> None:
+    """servers() makes the directory, then builds the servers: a failure there must not leave it (review70)."""
+    soak = load_tool("soak")
+    made = tmp_path / "soak-disk"
+
+    def servers(args):
+        made.mkdir()
+        args.disk_dir = str(made)
+        raise RuntimeError("no such model")
+
+    monkeypatch.setattr(soak, "servers", servers)
+    with pytest.raises(RuntimeError, match="no such model"):
+        soak.main(["--minutes", "0", "--out", str(tmp_path / "soak.json")])
+    assert not made.exists()

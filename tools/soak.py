@@ -250,8 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     shapes = frozenset(s for s in args.shapes.split(",") if s)
     if shapes - set(SHAPES):
         p.error(f"--shapes: unknown {sorted(shapes - set(SHAPES))}; known: {', '.join(SHAPES)}")
-    named = servers(args)
-    try:
+    if not 0.0 <= args.salted <= 1.0:  # a share: outside it every conversation salted or none, silently
+        p.error(f"--salted: a share of conversations between 0 and 1, not {args.salted}")
+    named: dict[str, Any] = {}
+    args.disk_dir = None
+    try:  # servers() makes the disk level's directory first: removed below even if a server cannot be built
+        named = servers(args)
         start_all(list(named.values()))
         stock = Target("stock", named["stock"].base, "tiny")
         keys = tenant_keys(args.tenants)

@@ -235,6 +235,8 @@ class Soak:
             if abs(n - want) <= 2:
                 break
             k = max(0, k + round((want - n) / per))
+        else:  # k moved after the last count: count what is sent (review70: the label read the count before)
+            n = self.tokens(client, padded(k))[0]
         over = n >= limit
         self.count("long_over_limit" if over else "long_near_limit")
         max_tokens = rng.choice([None, rng.randint(1, 8), 64])
@@ -251,8 +253,15 @@ class Soak:
         kv, salt = conv.kv, conv.salt
         if delete_meanwhile:  # the session's DELETE while its turn runs: the turn must still decode right
             out: list[Reply | None] = []
-            runner = threading.Thread(target=lambda: out.append(chat(client, kv, self.log, messages, max_tokens,
-                                                                      hdrs, salt, refused)))
+
+            def run() -> None:  # an error here is the soak's failure, as on the turn's own thread
+                try:
+                    out.append(chat(client, kv, self.log, messages, max_tokens, hdrs, salt, refused))
+                except Exception as exc:  # noqa: BLE001 - reported, not left to threading's excepthook
+                    self.log.fail(f"{kv.name}: a turn beside its session's DELETE raised {type(exc).__name__}: {exc}",
+                                  trace=traceback.format_exc()[-2000:])
+
+            runner = threading.Thread(target=run)
             runner.start()
             time.sleep(rng.uniform(0.0, 0.3))
             with soak_client() as other:
