@@ -29,7 +29,7 @@ def bodies_app(serve_cluster: dict[str, Any], name: str, max_body_bytes: int, bo
     cfg = parse_config({"http": {"host": "127.0.0.1", "port": serve_cluster["port"]}, "router": {"stats_period_s": 1},
                         "request_deadline_s": 30, "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout_s,
                         "pools": [{"name": "w", "model": "/m", "models": ["w"], "replicas": 1, "num_cpus": 0}]})
-    engines = {p.name: serve.deployment(StandInEngine).options(**engine_options(p, cfg), **QUICK_DRAIN).bind(
+    engines = {p.name: serve.deployment(StandInEngine).options(**{**engine_options(p, cfg), **QUICK_DRAIN}).bind(
         p.name, p.engine.model_dump()) for p in cfg.pools}
     ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1, max_ongoing_requests=4,
                                                       ray_actor_options={"num_cpus": 0}, **QUICK_DRAIN)

@@ -101,7 +101,7 @@ def app(serve_cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
     cfg = parse_config({"http": {"host": "127.0.0.1", "port": serve_cluster["port"]}, "router": {"stats_period_s": 1},
                         "request_deadline_s": 30, "max_body_bytes": 1 << 20,
                         "pools": [{"name": "w", "model": "/m", "models": ["w"], "replicas": 2, "num_cpus": 0}]})
-    engines = {p.name: serve.deployment(SlowStandIn).options(**engine_options(p, cfg), **QUICK_DRAIN).bind(
+    engines = {p.name: serve.deployment(SlowStandIn).options(**{**engine_options(p, cfg), **QUICK_DRAIN}).bind(
         p.name, p.engine.model_dump()) for p in cfg.pools}
     ingress = serve.deployment(probed_ingress()).options(name="ingress", num_replicas=1,
                                                          ray_actor_options={"num_cpus": 0}, **QUICK_DRAIN)

@@ -34,7 +34,7 @@ def base(serve_cluster: dict[str, Any]) -> Iterator[str]:
                             dict(pool, name="k", models=["k"], replicas=1, vllm_args=["--api-key", "k1", "k2"],
                                  env={"KVSCHED_ADMIN_KEYS": "adm"}),
                             dict(pool, name="z", models=["z"], autoscaling={"min_replicas": 0, "max_replicas": 1})]})
-    engines = {p.name: serve.deployment(StandInEngine).options(**engine_options(p, cfg), **QUICK_DRAIN).bind(
+    engines = {p.name: serve.deployment(StandInEngine).options(**{**engine_options(p, cfg), **QUICK_DRAIN}).bind(
         p.name, p.engine.model_dump()) for p in cfg.pools}
     ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
                                                       ray_actor_options={"num_cpus": 0}, **QUICK_DRAIN)

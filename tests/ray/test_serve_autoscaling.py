@@ -40,7 +40,8 @@ def test_the_policy_merges_the_replicas_ttft_buckets_reported_through_ray(tmp_pa
         downscale_delay_s=600, look_back_period_s=5, metrics_interval_s=1,
         policy=AutoscalingPolicy(policy_function="tests.ray.standin_ttft:RecordingPolicy",
                                  policy_kwargs={**auto.policy.policy_kwargs, "report_path": str(report)}))
-    app = serve.deployment(TTFTStandInEngine).options(**opts, **QUICK_DRAIN).bind(pool.name, pool.engine.model_dump())
+    app = serve.deployment(TTFTStandInEngine).options(**{**opts, **QUICK_DRAIN}).bind(pool.name,
+                                                                                      pool.engine.model_dump())
     with deployed(app, name="kvsched-autoscale", route_prefix=None):
         merged: list[dict] = []
         deadline = time.monotonic() + 120

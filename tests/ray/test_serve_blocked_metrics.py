@@ -78,7 +78,7 @@ def deploy_blocked() -> dict[str, Any]:
         look_back_period_s=5, metrics_interval_s=1,
         policy=AutoscalingPolicy(policy_function="tests.ray.standin_ttft:RecordingPolicy",
                                  policy_kwargs={**auto.policy.policy_kwargs, "report_path": str(tmp / "decisions")}))
-    engine = serve.deployment(ProxiedEngineReplica).options(**opts, **QUICK_DRAIN).bind(
+    engine = serve.deployment(ProxiedEngineReplica).options(**{**opts, **QUICK_DRAIN}).bind(
         *engine_args(w), str(tmp / "block"), str(tmp / "proxy.json"), **engine_kwargs(cfg))
     ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
                                                       ray_actor_options={"num_cpus": 0}, **QUICK_DRAIN)

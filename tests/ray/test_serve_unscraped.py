@@ -70,7 +70,7 @@ def pool(serve_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
         downscale_delay_s=600, look_back_period_s=5, metrics_interval_s=1,
         policy=AutoscalingPolicy(policy_function="tests.ray.standin_ttft:RecordingPolicy",
                                  policy_kwargs={**auto.policy.policy_kwargs, "report_path": str(report)}))
-    engine = serve.deployment(MetricsStandInEngine).options(**opts, **QUICK_DRAIN).bind(*engine_args(w), str(tmp))
+    engine = serve.deployment(MetricsStandInEngine).options(**{**opts, **QUICK_DRAIN}).bind(*engine_args(w), str(tmp))
     ingress = serve.deployment(OpenAIIngress).options(name="ingress", num_replicas=1,
                                                       ray_actor_options={"num_cpus": 0}, **QUICK_DRAIN)
     with deployed(ingress.bind(cfg.to_dict(), {"w": engine})):
