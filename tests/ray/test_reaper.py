@@ -32,7 +32,10 @@ def test_reaper_stops_the_whole_group_when_its_parent_dies(tmp_path: Path) -> No
     script = tmp_path / "parent.sh"
     pidfile = tmp_path / "group.pid"
     err = tmp_path / "reaper.err"
-    script.write_text(f"setsid bash -c 'sleep 300 & sleep 300' & echo $! > {pidfile}\n"
+    # The group's id is written from inside the new session: `$!` is known before the child has called setsid, and a
+    # reaper started that early found no group and ended at once, silently (suite70's hold 1 looked like that: no
+    # reaper seen in 60 s, no stderr, the CPU ~80% idle meanwhile, the group left running).
+    script.write_text(f"setsid bash -c 'echo $$ > {pidfile}; sleep 300 & sleep 300' &\n"
                       f"while [ ! -s {pidfile} ]; do sleep 0.05; done\n"
                       f"{sys.executable} -m kvsched.adapters.ray.reaper $(cat {pidfile}) $$ 2> {err}\n"
                       "sleep 300\n")
@@ -64,6 +67,17 @@ def test_reaper_stops_the_whole_group_when_its_parent_dies(tmp_path: Path) -> No
                     os.killpg(target, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_pgid_naming_no_group_is_refused_before_the_reaper_detaches() -> None:
+    """A group not created yet (or gone): the reaper says so and exits 1, where its watch ended at once, silently,
+    after the detach (exit 0): how the group test's reaper vanished when started before its group's setsid."""
+    done = subprocess.Popen(["true"])  # its pid names no group once it is reaped
+    done.wait()
+    r = subprocess.run([sys.executable, "-m", "kvsched.adapters.ray.reaper", str(done.pid), str(os.getpid())],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and f"no process group {done.pid}" in r.stderr, (r.returncode, r.stderr)
+    assert not detached_reaper(done.pid)
 
 
 def test_reaper_rejects_bad_arguments() -> None:

@@ -8,6 +8,9 @@ pid (with its start time, so a reused pid does not fool it) and stops the group:
 is already gone (nothing is left to shut down cleanly; Ray kills the replica's direct children with it), else SIGINT,
 then SIGKILL after 5 s. Either way the group is gone well within 10 s of the replica's death.
 
+A PGID that names no process group (not created yet: its leader has not called setsid) is refused with exit
+status 1 and a message, before the detach: a watch of it would end at once, silently.
+
 Usage: python -m kvsched.adapters.ray.reaper PGID PARENT_PID
 """
 
@@ -76,6 +79,9 @@ def main(argv: list[str]) -> int:
         print("usage: python -m kvsched.adapters.ray.reaper PGID PARENT_PID", file=sys.stderr)
         return 2
     pgid, parent = int(argv[1]), int(argv[2])
+    if not group_alive(pgid):  # its watch would end at once, silently: say so, to whoever started the reaper
+        print(f"reaper: no process group {pgid} (not started yet, or gone): nothing to watch", file=sys.stderr)
+        return 1
     parent_started = start_time(parent)
     if os.fork() != 0:  # detach: the first child exits, the grandchild (re-parented to init) watches
         return 0
