@@ -4,7 +4,9 @@ A real `kvsched ray-serve` of one tiny replica on loopback, in a session of its 
 a terminal sends it. The bound (30 s) is generous, no timing of its speed. Reported by leftovers70's brief: ~66 s;
 on this machine before the fix it stopped in 8.5-8.6 s idle and 8.9-11.6 s under load (these two tests passed), and a
 second Ctrl-C changed nothing (the third failed: no "forced"); the stop had no bound of its own (kvsched/commands/
-ray_serve_stop.py)."""
+ray_serve_stop.py). One real start (~70 s of a whole run each, stop 66): the idle stop and the second Ctrl-C, each
+a real start of their own at first, are tests/ray/test_ray_serve_stop_units.py's (exit 0 within the grace, the forced
+stop), the stop under load here the real signal path, its exit 0 and nothing left."""
 
 from __future__ import annotations
 
@@ -159,14 +161,6 @@ def stop(proc: subprocess.Popen[bytes], log: Path, mark: str, presses: int) -> f
     return took
 
 
-def test_ctrl_c_stops_it_within_seconds_leaving_no_engine_and_no_cluster(tmp_path: Path) -> None:
-    proc, log, mark, port = start(tmp_path)
-    ask(port, mark)  # an engine that has served a request, its connections kept alive
-    took = stop(proc, log, mark, presses=1)
-    assert proc.returncode == 0, log.read_text(errors="replace")[-2000:]
-    print(f"stopped in {took:.1f} s")
-
-
 def test_ctrl_c_under_load_stops_it_within_seconds_too(tmp_path: Path) -> None:
     """Requests streaming when Ctrl-C comes and arriving while it stops (an operator stopping a busy server)."""
     proc, log, mark, port = start(tmp_path)
@@ -179,10 +173,6 @@ def test_ctrl_c_under_load_stops_it_within_seconds_too(tmp_path: Path) -> None:
         done.set()
         for t in threads:
             t.join(timeout=70)
-    print(f"stopped under load in {took:.1f} s (exit {proc.returncode})")
+    assert proc.returncode == 0, log.read_text(errors="replace")[-2000:]  # drained within the grace, not forced
+    print(f"stopped under load in {took:.1f} s")
 
-
-def test_a_second_ctrl_c_forces_it(tmp_path: Path) -> None:
-    proc, log, mark, _ = start(tmp_path)
-    stop(proc, log, mark, presses=2)
-    assert "forced" in log.read_text(errors="replace")
