@@ -38,10 +38,20 @@ def main(argv: list[str]) -> int:
           'tools/variation_data.py from\n' + ", ".join(sources) + ' (Unicode 15.0);\ndo not edit). '
           'kvsched/core/unseen.py takes a selector after these bases only."""')
     print("\nfrom __future__ import annotations\n")
+    texts = {selector: " ".join(f"{b:X}" for b in sorted(merged[selector])) for selector in sorted(merged)}
+    shared = texts.get(0xFE0E) if texts.get(0xFE0E) == texts.get(0xFE0F) else None
+    if shared:
+        print("# emoji-variation-sequences.txt gives every emoji base both U+FE0E and U+FE0F: one list for both")
+        print("_EMOJI = (")
+        for chunk in textwrap.wrap(shared, 100):
+            print(f'    "{chunk} "')
+        print(")")
     print("# selector -> its bases, as hexadecimal code points")
     print("_BASES = {")
-    for selector in sorted(merged):
-        text = " ".join(f"{b:X}" for b in sorted(merged[selector]))
+    for selector, text in texts.items():
+        if shared and text == shared:
+            print(f"    0x{selector:X}: _EMOJI,")
+            continue
         print(f"    0x{selector:X}: (")
         for chunk in textwrap.wrap(text, 100):
             print(f'        "{chunk} "')
