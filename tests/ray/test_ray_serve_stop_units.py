@@ -59,27 +59,44 @@ def test_a_second_ctrl_c_forces_it(no_ray: list[str], capsys: pytest.CaptureFixt
     hang.set()
 
 
+SLEEP = "import time; time.sleep(60)"
+ENGINE = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {SLEEP!r}]); time.sleep(60)"
+RAYLET = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {ENGINE!r}], process_group=0); "
+          "print('engine', p.pid, flush=True); time.sleep(60)")
+LEADER = ("import subprocess, sys, time; r = subprocess.Popen([sys.executable, '-c', {sleep!r}], "
+          "start_new_session=True); print({name!r}, r.pid, flush=True); time.sleep(60)")
+COMMAND = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {RAYLET!r}]); " + LEADER.format(
+    sleep=SLEEP, name="redis")
+
+
 def test_the_groups_its_childrens_children_lead_are_killed_its_childrens_own_kept() -> None:
-    """A child (as Ray's raylet) whose child leads a process group (as a replica's `vllm serve`) with a member of its
-    own (its engine core); and a child leading a group itself (as the local redis-server)."""
-    script = ("import subprocess, sys, time\n"
-              "p = subprocess.Popen([sys.executable, '-c', 'import subprocess, sys, time; "
-              "subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(60)\"]); time.sleep(60)'], "
-              "process_group=0)\n"
-              "print(p.pid, flush=True); time.sleep(60)\n")
-    raylet = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    redis = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    """A command (as `kvsched ray-serve`) with a child (as Ray's raylet) whose child leads a process group (as a
+    replica's `vllm serve`) with a member of its own (its engine core), and a child leading a group itself (as the
+    local redis-server). Only the command's tree is searched: a group led by a grandchild of the test process outside
+    it (as a background `kvsched demo`'s `vllm serve`: this test's first version searched from the test process and
+    killed the demo's two servers in two full runs) is left running."""
+    command = subprocess.Popen([sys.executable, "-c", COMMAND], stdout=subprocess.PIPE, text=True, process_group=0)
+    bystander = subprocess.Popen([sys.executable, "-c", LEADER.format(sleep=SLEEP, name="other")],
+                                 stdout=subprocess.PIPE, text=True, process_group=0)
+    pids: dict[str, int] = {}
     try:
-        engine = int(raylet.stdout.readline())  # type: ignore[union-attr]
+        for out in (command.stdout, command.stdout, bystander.stdout):
+            name, pid = out.readline().split()  # type: ignore[union-attr]
+            pids[name] = int(pid)
         deadline = time.monotonic() + 10
-        while sum(g == engine for _, g in rs.process_table().values()) < 2 and time.monotonic() < deadline:
+        while sum(g == pids["engine"] for _, g in rs.process_table().values()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        groups = rs.started_groups(os.getpid())
-        assert engine in groups and redis.pid not in groups
+        groups = rs.started_groups(command.pid)
+        assert pids["engine"] in groups and pids["redis"] not in groups and pids["other"] not in groups, (pids, groups)
         assert rs.kill_groups(groups) == []
-        assert not any(g == engine for _, g in rs.process_table().values())
-        assert redis.poll() is None
+        table = rs.process_table()
+        assert not any(g == pids["engine"] for _, g in table.values())
+        assert pids["redis"] in table and pids["other"] in table  # the command's own child; the group outside it
     finally:
-        for p in (raylet, redis):
-            p.kill()
+        for group in [command.pid, bystander.pid, *pids.values()]:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in (command, bystander):
             p.wait()
