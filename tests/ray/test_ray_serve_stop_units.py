@@ -5,6 +5,7 @@ command: tests/ray/test_ray_serve_stop.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,27 +60,71 @@ def test_a_second_ctrl_c_forces_it(no_ray: list[str], capsys: pytest.CaptureFixt
     hang.set()
 
 
+SLEEP = "import time; time.sleep(60)"
+
+
+PRELUDE = ("import os, subprocess, sys, time\n"
+           "def spawn(code, **kw):\n"
+           "    return subprocess.Popen([sys.executable, '-c', os.environ['PRELUDE'] + code], **kw)\n"
+           "def say(*pids): print(*pids, flush=True)\n")
+
+
+def tree(script: str, **popen: Any) -> tuple[subprocess.Popen[str], list[int]]:
+    """A process running `script` (PRELUDE's `spawn(code, **popen)` starts another, `say(*pids)` tells them), and the
+    pids it told."""
+    proc = subprocess.Popen([sys.executable, "-c", PRELUDE + script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PRELUDE": PRELUDE}, **popen)
+    return proc, [int(p) for p in proc.stdout.readline().split()]  # type: ignore[union-attr]
+
+
+def wait_members(group: int, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while sum(g == group for _, g, _ in rs.process_table().values()) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_the_groups_its_childrens_children_lead_are_killed_its_childrens_own_kept() -> None:
-    """A child (as Ray's raylet) whose child leads a process group (as a replica's `vllm serve`) with a member of its
-    own (its engine core); and a child leading a group itself (as the local redis-server)."""
-    script = ("import subprocess, sys, time\n"
-              "p = subprocess.Popen([sys.executable, '-c', 'import subprocess, sys, time; "
-              "subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(60)\"]); time.sleep(60)'], "
-              "process_group=0)\n"
-              "print(p.pid, flush=True); time.sleep(60)\n")
-    raylet = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    redis = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    """A command (as `kvsched ray-serve`) with a child (as Ray's raylet) whose child leads a process group (as a
+    replica's `vllm serve`) with a member of its own (its engine core), and a child leading a group itself (as the local
+    redis-server). Rooted in a process of its own, the groups of other processes' children left alone: found by
+    review71, rooted at pytest's own process this test SIGKILLed every group led by pytest's grandchildren (the demo's
+    `vllm serve` started in the background by tests/integration/early.py, dying without a word in its log; the shared
+    cluster's engines)."""
+    bystander, (demo_server,) = tree(f"p = spawn({SLEEP!r}, start_new_session=True); say(p.pid); time.sleep(60)",
+                                     start_new_session=True)  # as `kvsched demo` and its `vllm serve`
+    engine_tree = f"spawn({SLEEP!r}); time.sleep(60)"
+    raylet = f"p = spawn({engine_tree!r}, process_group=0); say(p.pid); time.sleep(60)"
+    command, (redis, engine) = tree(
+        f"r = spawn({SLEEP!r}, start_new_session=True); p = spawn({raylet!r}, stdout=subprocess.PIPE, text=True); "
+        f"say(r.pid, p.stdout.readline()); time.sleep(60)", start_new_session=True)
     try:
-        engine = int(raylet.stdout.readline())  # type: ignore[union-attr]
-        deadline = time.monotonic() + 10
-        while sum(g == engine for _, g in rs.process_table().values()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        groups = rs.started_groups(os.getpid())
-        assert engine in groups and redis.pid not in groups
+        wait_members(engine, 2)
+        groups = rs.started_groups(command.pid)
+        assert set(groups) == {engine} and len(groups[engine]) == 2, groups
         assert rs.kill_groups(groups) == []
-        assert not any(g == engine for _, g in rs.process_table().values())
-        assert redis.poll() is None
+        assert not any(g == engine for _, g, _ in rs.process_table().values())
+        assert redis in rs.process_table() and demo_server in rs.process_table()
     finally:
-        for p in (raylet, redis):
-            p.kill()
+        for p in (command, bystander):
+            os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+        for pid in (redis, demo_server):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_group_none_of_whose_recorded_members_is_left_is_not_signalled() -> None:
+    """The groups are recorded at the first Ctrl-C and killed after the graceful stop (up to 10 s later): a group whose
+    recorded members have all gone may hold a new process under the same number by then (Linux hands a group's number
+    out again once the group is empty). Such a record (here: the group's number with another start time) kills
+    nothing; the same group recorded with its members is killed. Found by review71: killed by number alone."""
+    group = subprocess.Popen([sys.executable, "-c", SLEEP], start_new_session=True)
+    try:
+        wait_members(group.pid, 1)
+        stale = {group.pid: {(group.pid, "0")}}
+        assert rs.kill_groups(stale, wait_s=0.2) == [] and group.poll() is None
+        assert rs.kill_groups(rs.merge(stale, {group.pid: {(group.pid, rs.process_table()[group.pid][2])}})) == []
+        assert group.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        group.kill()
+        group.wait()
