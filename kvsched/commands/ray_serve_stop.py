@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 STOP_GRACE_S = 10.0  # Serve's graceful shutdown, in-flight requests finishing within it; then forced
 KILL_WAIT_S = 5.0  # how long the engines' process groups are given to go after SIGKILL
@@ -67,9 +67,13 @@ def started_groups(pid: int) -> dict[int, set[Member]]:
             if child not in found:
                 found.add(child)
                 todo.append(child)
-    leaders = {p for p in found if table[p][1] == p and table[p][0] != pid and p != os.getpgrp()}
+    return groups_of({p for p in found if table[p][1] == p and table[p][0] != pid and p != os.getpgrp()}, table)
+
+
+def groups_of(leaders: Iterable[int], table: dict[int, tuple[int, int, str]] | None = None) -> dict[int, set[Member]]:
+    """The groups these processes lead, each with its members now (`table`: process_table's, read if None)."""
     groups: dict[int, set[Member]] = {g: set() for g in leaders}
-    for member, (_, group, started) in table.items():
+    for member, (_, group, started) in (process_table() if table is None else table).items():
         if group in groups:
             groups[group].add((member, started))
     return groups
@@ -81,20 +85,22 @@ def merge(groups: dict[int, set[Member]], more: dict[int, set[Member]]) -> dict[
     return groups
 
 
-def kill_groups(groups: Mapping[int, Collection[Member]], wait_s: float = KILL_WAIT_S) -> list[int]:
-    """SIGKILL every group of `groups` that still holds one of the members recorded with it; the groups killed that
-    are still alive after `wait_s` (none, but for a process stuck in the kernel). A group none of whose recorded
-    members is left is not signalled: it may be gone, and Linux hands its number out again once it is empty (found by
-    review71: a group recorded before the 10-s graceful stop was killed after it by number alone, whatever held the
-    number by then)."""
-    def members() -> dict[int, set[Member]]:
-        out: dict[int, set[Member]] = {}
-        for pid, (_, group, started) in process_table().items():
-            if group in groups:
-                out.setdefault(group, set()).add((pid, started))
-        return out
+def holding(groups: Mapping[int, Collection[Member]]) -> dict[int, set[Member]]:
+    """The members now of each group of `groups` that still holds one of the members recorded with it. A group none
+    of whose recorded members is left may be gone: Linux hands its number out again once it is empty."""
+    now: dict[int, set[Member]] = {}
+    for pid, (_, group, started) in process_table().items():
+        if group in groups:
+            now.setdefault(group, set()).add((pid, started))
+    return {g: members for g, members in now.items() if members & set(groups[g])}
 
-    ours = {g for g, now in members().items() if now & set(groups[g])}
+
+def kill_groups(groups: Mapping[int, Collection[Member]], wait_s: float = KILL_WAIT_S) -> list[int]:
+    """SIGKILL every group of `groups` that still holds one of the members recorded with it (`holding`); the groups
+    killed that are still alive after `wait_s` (none, but for a process stuck in the kernel). Found by review71: a
+    group recorded before the 10-s graceful stop was killed after it by number alone, whatever held the number by
+    then."""
+    ours = set(holding(groups))
     for group in ours:
         try:
             os.killpg(group, signal.SIGKILL)
@@ -104,7 +110,7 @@ def kill_groups(groups: Mapping[int, Collection[Member]], wait_s: float = KILL_W
     deadline = time.monotonic() + wait_s
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = ours & set(members())
+        left = ours & {group for _, group, _ in process_table().values()}
     return sorted(left)
 
 
