@@ -148,7 +148,10 @@ def shut_down(app_name: str, started: bool, grace_s: float = STOP_GRACE_S,
     if forced:
         why = "a second Ctrl-C" if force.is_set() else f"Serve still stopping after {grace_s:g} s"
         print(f"kvsched ray-serve: forced ({why}): stopping Ray and the engines now", file=sys.stderr, flush=True)
-    ray.shutdown()  # the local cluster's processes stopped (a joined cluster: disconnected only)
+    try:
+        ray.shutdown()  # the local cluster's processes stopped (a joined cluster: disconnected only)
+    except Exception as exc:  # noqa: BLE001 - the engines' groups are killed anyway (review71: they were skipped)
+        print(f"kvsched ray-serve: Ray's shutdown failed ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
     if started:
         merge(groups, started_groups(os.getpid()))
         left = kill_groups(groups)

@@ -128,3 +128,22 @@ def test_a_group_none_of_whose_recorded_members_is_left_is_not_signalled() -> No
     finally:
         group.kill()
         group.wait()
+
+
+def test_an_error_in_rays_shutdown_still_kills_the_engines_groups(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by review71: an exception from ray.shutdown() ended the stop there, a traceback, the engines' process
+    groups recorded before it left running (their replicas' reapers aside)."""
+    import ray
+
+    def broken() -> None:
+        raise RuntimeError("GCS unreachable")
+
+    killed: list[dict[int, set[rs.Member]]] = []
+    monkeypatch.setattr(ray, "shutdown", broken)
+    monkeypatch.setattr(rs.signal, "signal", lambda *_: None)
+    monkeypatch.setattr(rs, "started_groups", lambda pid: {4242: {(4242, "7")}})  # (not pytest's own: see above)
+    monkeypatch.setattr(rs, "kill_groups", lambda groups: killed.append(groups) or [])
+    assert rs.shut_down("app", True, grace_s=5, graceful_stop=lambda *a: None) == 0
+    assert killed == [{4242: {(4242, "7")}}]
+    assert "Ray's shutdown failed (RuntimeError: GCS unreachable)" in capsys.readouterr().err
