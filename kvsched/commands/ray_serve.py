@@ -167,6 +167,11 @@ def _serve(args: argparse.Namespace, cfg: Any) -> int:
     # limit before it queues it: kvsched/adapters/ray/proxy.py
     serve.start(http_options={"host": cfg.host, "port": cfg.port},
                 controller_options=controller_options(cfg.max_body_bytes))
+    if not started and cfg.app_name in serve.status().applications:  # a joined cluster's: another's, or one left
+        print(f"kvsched ray-serve: error: the cluster already runs an application named {cfg.app_name!r}: serving "
+              f"would replace it, and Ctrl-C delete it; give this config another app_name, or delete that application "
+              f"first (serve.delete({cfg.app_name!r}))", file=sys.stderr)  # (found by review71: it replaced it)
+        return 2
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
     print(f"kvsched ray-serve: ready on {api_url(cfg)} (Ctrl-C stops it)")
     stop = threading.Event()
