@@ -55,3 +55,33 @@ def test_a_delete_answered_503_at_a_loss_is_no_failure_but_one_before_it_is() ->
     p.losses.append({"kind": "engine", "t": 0.0, "replica_id": "a"})
     assert delete(client, target, log, "s") == 503 and len(log.failures) == 1
     assert p.counts["status_503_at_loss"] == 1
+
+
+def test_the_killer_takes_no_replica_whose_engine_is_gone() -> None:
+    """A listed engine_pid whose engine is gone (its replica not replaced yet) may be another process's number by
+    now: not killed; the slot's replica with its engine running is, once listed. Found by review71: the first
+    replica listed in the slot was SIGKILLed by that number whatever its engine's state."""
+    import subprocess
+    import threading
+    from types import SimpleNamespace
+
+    import pytest
+    from soak_ray_watch import Killer
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    bystander = subprocess.Popen(sleep)  # holds the number a gone engine had
+    engine = subprocess.Popen(sleep, start_new_session=True)  # a running engine, leading its group
+    listings = [[{"slot": 0, "engine_pid": bystander.pid, "engine_alive": False, "replica_id": "gone"}]]
+    listings.append(listings[0] + [{"slot": 0, "engine_pid": engine.pid, "engine_alive": True, "replica_id": "up"}])
+    monitor = SimpleNamespace(live=lambda: listings.pop(0) if len(listings) > 1 else listings[0],
+                              stop=threading.Event())
+    placements = Placements()
+    try:
+        with pytest.raises(TimeoutError, match="no replacement"):  # (none comes here)
+            Killer(monitor, placements, None, None, join_timeout_s=0).kill("engine", 0)  # type: ignore[arg-type]
+        assert engine.wait(timeout=10) == -9 and bystander.poll() is None
+        assert placements.losses[0]["replica_id"] == "up"
+    finally:
+        for p in (bystander, engine):
+            p.kill()
+            p.wait()

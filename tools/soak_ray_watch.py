@@ -211,8 +211,14 @@ class Killer:
         except Exception as exc:  # noqa: BLE001 - the report's
             self.error = f"{type(exc).__name__}: {exc}"
 
-    def kill(self, kind: str, slot: int) -> None:
-        victim = next(r for r in self.monitor.live() if r["slot"] == slot)
+    def kill(self, kind: str, slot: int, wait_s: float = 60.0) -> None:
+        """The slot's replica with its engine running (a listed `engine_pid` whose engine is gone may be another
+        process's number by now: found by review71, it was SIGKILLed whatever its state; waited for up to `wait_s`)."""
+        deadline = time.monotonic() + wait_s
+        while (victim := next((r for r in self.monitor.live() if r["slot"] == slot and r["engine_alive"]), None)) \
+                is None:
+            if time.monotonic() > deadline or self.monitor.stop.wait(1.0):
+                raise RuntimeError(f"no replica in slot {slot} with its engine running to kill ({kind})")
         pid = int(victim["engine_pid"] if kind == "engine" else victim["replica_pid"])
         engine_group = int(victim["engine_pid"])
         loss: dict[str, Any] = {"kind": kind, "slot": slot, "replica_id": victim["replica_id"], "pid": pid}

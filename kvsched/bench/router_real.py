@@ -124,7 +124,12 @@ class Killer:
 
     def _run(self, t0: float, stopper: Any) -> None:
         time.sleep(max(0.0, t0 + self.kill_at_s - time.monotonic()))
-        self.victim = next(r for r in replicas(self.base) if r["slot"] == 0)
+        # its engine running: a listed engine_pid whose engine is gone may be another process's number by now (found
+        # by review71: it was SIGKILLed whatever the engine's state)
+        victim = next((r for r in replicas(self.base) if r["slot"] == 0 and r["engine_alive"]), None)
+        if victim is None:
+            raise RuntimeError("no replica in slot 0 with its engine running to kill")
+        self.victim = victim
         pgid = int(self.victim["engine_pid"])  # vLLM runs in its own session: its pid is the group id
         os.kill(pgid, signal.SIGKILL)
         t_kill = time.monotonic()

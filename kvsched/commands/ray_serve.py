@@ -155,11 +155,13 @@ def _serve(args: argparse.Namespace, cfg: Any) -> int:
     from kvsched.adapters.ray.app import build_app
     from kvsched.adapters.ray.proxy import controller_options
 
-    address = args.address if args.address is not None else os.environ.get("RAY_ADDRESS") or None
-    started = not ray.is_initialized() and address in (None, "local")  # a local cluster, this command's to stop
+    # "local" where none is given: Ray's own default (None) joins a cluster `ray start` left on this machine (its
+    # address file), which this command would then take for its own and stop Serve on (found by review71)
+    address = (args.address if args.address is not None else os.environ.get("RAY_ADDRESS")) or "local"
+    started = not ray.is_initialized() and address == "local"  # a local cluster, this command's to stop
     if not ray.is_initialized():
         try:
-            ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False)
+            ray.init(address=address, num_cpus=args.num_cpus, include_dashboard=False)
         except (ValueError, ConnectionError) as exc:  # a malformed address, no cluster at "auto", RAY_ADDRESS's
             print(f"kvsched ray-serve: error: Ray: {exc}", file=sys.stderr)  # cluster with --num-cpus: one line
             return 2
@@ -167,6 +169,11 @@ def _serve(args: argparse.Namespace, cfg: Any) -> int:
     # limit before it queues it: kvsched/adapters/ray/proxy.py
     serve.start(http_options={"host": cfg.host, "port": cfg.port},
                 controller_options=controller_options(cfg.max_body_bytes))
+    if not started and cfg.app_name in serve.status().applications:  # a joined cluster's: another's, or one left
+        print(f"kvsched ray-serve: error: the cluster already runs an application named {cfg.app_name!r}: serving "
+              f"would replace it, and Ctrl-C delete it; give this config another app_name, or delete that application "
+              f"first (serve.delete({cfg.app_name!r}))", file=sys.stderr)  # (found by review71: it replaced it)
+        return 2
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
     print(f"kvsched ray-serve: ready on {api_url(cfg)} (Ctrl-C stops it)")
     stop = threading.Event()

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 STOP_GRACE_S = 10.0  # Serve's graceful shutdown, in-flight requests finishing within it; then forced
 KILL_WAIT_S = 5.0  # how long the engines' process groups are given to go after SIGKILL
@@ -33,8 +33,11 @@ KILL_WAIT_S = 5.0  # how long the engines' process groups are given to go after 
 logger = logging.getLogger("kvsched.ray_serve")
 
 
-def process_table() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, process group) of every live (non-zombie) process, from /proc."""
+Member = tuple[int, str]  # (pid, start time in clock ticks since boot): a pid names one process only with its start
+
+
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, start time) of every live (non-zombie) process, from /proc."""
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -45,17 +48,18 @@ def process_table() -> dict[int, tuple[int, int]]:
         except OSError:
             continue
         if fields[0] != "Z":
-            out[int(entry)] = (int(fields[1]), int(fields[2]))
+            out[int(entry)] = (int(fields[1]), int(fields[2]), fields[19])
     return out
 
 
-def started_groups(pid: int) -> set[int]:
+def started_groups(pid: int) -> dict[int, set[Member]]:
     """The process groups led by processes `pid`'s children started, at any depth (on the local cluster: each
-    replica's `vllm serve`, which leads its engine core's and workers' group; Ray's own workers). Not those of its
-    own children: the redis-server of `store: {url: local}`, which the command stops itself."""
+    replica's `vllm serve`, which leads its engine core's and workers' group; Ray's own workers), each with its
+    members now. Not those of its own children: the redis-server of `store: {url: local}`, which the command stops
+    itself."""
     table = process_table()
     children: dict[int, list[int]] = {}
-    for child, (parent, _) in table.items():
+    for child, (parent, _, _) in table.items():
         children.setdefault(parent, []).append(child)
     found, todo = set(), [pid]
     while todo:
@@ -63,25 +67,50 @@ def started_groups(pid: int) -> set[int]:
             if child not in found:
                 found.add(child)
                 todo.append(child)
-    return {p for p in found if table[p][1] == p and table[p][0] != pid and p != os.getpgrp()}
+    return groups_of({p for p in found if table[p][1] == p and table[p][0] != pid and p != os.getpgrp()}, table)
 
 
-def kill_groups(groups: set[int], wait_s: float = KILL_WAIT_S) -> list[int]:
-    """SIGKILL every process left in `groups`; the groups still alive after `wait_s` (none, but for a process stuck
-    in the kernel)."""
-    def members() -> set[int]:
-        return {g for _, g in process_table().values() if g in groups}
+def groups_of(leaders: Iterable[int], table: dict[int, tuple[int, int, str]] | None = None) -> dict[int, set[Member]]:
+    """The groups these processes lead, each with its members now (`table`: process_table's, read if None)."""
+    groups: dict[int, set[Member]] = {g: set() for g in leaders}
+    for member, (_, group, started) in (process_table() if table is None else table).items():
+        if group in groups:
+            groups[group].add((member, started))
+    return groups
 
-    left = members()
-    for group in left:
+
+def merge(groups: dict[int, set[Member]], more: dict[int, set[Member]]) -> dict[int, set[Member]]:
+    for group, members in more.items():
+        groups.setdefault(group, set()).update(members)
+    return groups
+
+
+def holding(groups: Mapping[int, Collection[Member]]) -> dict[int, set[Member]]:
+    """The members now of each group of `groups` that still holds one of the members recorded with it. A group none
+    of whose recorded members is left may be gone: Linux hands its number out again once it is empty."""
+    now: dict[int, set[Member]] = {}
+    for pid, (_, group, started) in process_table().items():
+        if group in groups:
+            now.setdefault(group, set()).add((pid, started))
+    return {g: members for g, members in now.items() if members & set(groups[g])}
+
+
+def kill_groups(groups: Mapping[int, Collection[Member]], wait_s: float = KILL_WAIT_S) -> list[int]:
+    """SIGKILL every group of `groups` that still holds one of the members recorded with it (`holding`); the groups
+    killed that are still alive after `wait_s` (none, but for a process stuck in the kernel). Found by review71: a
+    group recorded before the 10-s graceful stop was killed after it by number alone, whatever held the number by
+    then."""
+    ours = set(holding(groups))
+    for group in ours:
         try:
             os.killpg(group, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    left = ours
     deadline = time.monotonic() + wait_s
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = members()
+        left = ours & {group for _, group, _ in process_table().values()}
     return sorted(left)
 
 
@@ -109,7 +138,7 @@ def shut_down(app_name: str, started: bool, grace_s: float = STOP_GRACE_S,
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: force.set())
     print(f"kvsched ray-serve: shutting down (at most {grace_s:g} s; Ctrl-C again to force)", flush=True)
-    groups = started_groups(os.getpid()) if started else set()
+    groups = started_groups(os.getpid()) if started else {}
     worker = threading.Thread(target=graceful_stop, args=(app_name, started), name="serve-shutdown", daemon=True)
     worker.start()
     deadline = time.monotonic() + grace_s
@@ -119,9 +148,12 @@ def shut_down(app_name: str, started: bool, grace_s: float = STOP_GRACE_S,
     if forced:
         why = "a second Ctrl-C" if force.is_set() else f"Serve still stopping after {grace_s:g} s"
         print(f"kvsched ray-serve: forced ({why}): stopping Ray and the engines now", file=sys.stderr, flush=True)
-    ray.shutdown()  # the local cluster's processes stopped (a joined cluster: disconnected only)
+    try:
+        ray.shutdown()  # the local cluster's processes stopped (a joined cluster: disconnected only)
+    except Exception as exc:  # noqa: BLE001 - the engines' groups are killed anyway (review71: they were skipped)
+        print(f"kvsched ray-serve: Ray's shutdown failed ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
     if started:
-        groups |= started_groups(os.getpid())
+        merge(groups, started_groups(os.getpid()))
         left = kill_groups(groups)
         if left:
             print(f"kvsched ray-serve: process groups {left} did not stop", file=sys.stderr, flush=True)

@@ -40,6 +40,7 @@ def test_no_http_header_can_carry_the_name_rays_proxy_is_given(monkeypatch: pyte
 def test_kvsched_ray_serve_starts_serve_with_them(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
     from ray import serve
+    from ray.serve.schema import ServeStatus
 
     from kvsched.adapters.ray.config import parse_config
     from kvsched.commands import ray_serve
@@ -49,6 +50,7 @@ def test_kvsched_ray_serve_starts_serve_with_them(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.setattr(serve, "start", lambda **kw: started.update(kw))
     monkeypatch.setattr(serve, "run", lambda *a, **kw: None)
+    monkeypatch.setattr(serve, "status", lambda: ServeStatus())  # (no other application on the cluster)
     monkeypatch.setattr(serve, "shutdown", lambda: None)
     monkeypatch.setattr(serve, "delete", lambda *a, **kw: None)  # (Ray initialized already: a joined cluster's stop)
     monkeypatch.setattr(threading.Event, "wait", lambda self, timeout=None: True)  # Ctrl-C at once

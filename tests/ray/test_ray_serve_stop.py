@@ -31,8 +31,8 @@ START_TIMEOUT_S = 600.0
 SETTLE_S = 3.0  # how long a process it started may take to be gone once it exited
 
 
-def processes() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, process group, command line) of every live process, from /proc."""
+def processes() -> dict[int, tuple[int, int, str, str]]:
+    """pid -> (parent pid, process group, command line, start time) of every live process, from /proc."""
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -45,31 +45,38 @@ def processes() -> dict[int, tuple[int, int, str]]:
         except OSError:
             continue
         if fields[0] != "Z":
-            out[int(entry)] = (int(fields[1]), int(fields[2]), cmd)
+            out[int(entry)] = (int(fields[1]), int(fields[2]), cmd, fields[19])
     return out
 
 
 def started_by(pid: int) -> dict[int, str]:
     """Every process `pid` started (its descendants), the process groups they lead (a `vllm serve` and its engine
-    core), and the replicas' detached reapers: pid -> command line."""
+    core), and the replicas' detached reapers: pid -> command line (STARTS: their start times)."""
     table = processes()
     found, todo = {}, [pid]
     while todo:
         parent = todo.pop()
-        for child, (ppid, _, cmd) in table.items():
+        for child, (ppid, _, cmd, _) in table.items():
             if ppid == parent and child not in found:
                 found[child] = cmd
                 todo.append(child)
     groups = {p for p in found if table[p][1] == p}
-    found |= {p: cmd for p, (_, pgid, cmd) in table.items() if pgid in groups}
-    found |= {p: cmd for p, (_, _, cmd) in table.items()
+    found |= {p: cmd for p, (_, pgid, cmd, _) in table.items() if pgid in groups}
+    found |= {p: cmd for p, (_, _, cmd, _) in table.items()
               if "kvsched.adapters.ray.reaper" in cmd and any(str(g) in cmd.split() for g in groups)}
+    STARTS.update({p: table[p][3] for p in found})
     return found
 
 
+STARTS: dict[int, str] = {}  # the start time of each process started_by found
+
+
 def alive(pids: dict[int, str]) -> dict[int, str]:
+    """Those of `pids` still running: the same pid and start time (review71: they were matched by command line, but a
+    pid of a process gone is another's once pids wrap, and a Ray worker's command line, `ray::IDLE`, is every idle
+    worker's; a process that set its title since, as a worker taking an actor does, counted as gone)."""
     now = processes()
-    return {p: cmd for p, cmd in pids.items() if p in now and now[p][2] == cmd}
+    return {p: cmd for p, cmd in pids.items() if p in now and now[p][3] == STARTS.get(p)}
 
 
 def start(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, str, int]:

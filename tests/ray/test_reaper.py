@@ -84,3 +84,24 @@ def test_reaper_rejects_bad_arguments() -> None:
     from kvsched.adapters.ray.reaper import main as reaper_main
 
     assert reaper_main(["reaper"]) == 2 and reaper_main(["reaper", "1", "x"]) == 2
+
+
+def test_a_group_whose_number_names_another_leader_is_neither_watched_nor_stopped() -> None:
+    """The reaper polls its group every 0.5 s, and stops it for up to 10 s after its SIGINT: once the group is gone its
+    number may be a new group's (Linux hands it out again when the group is empty). The leader's start time, read
+    before the detach, tells them apart: a live group whose leader started at another time than the one recorded (as
+    a new group under an old number) is left alone though the parent is gone; recorded with its leader's start time, it
+    is stopped. Found by review71: the watch and the stop went by the number alone."""
+    import threading
+
+    from kvsched.adapters.ray.reaper import group_alive, start_time, watch
+
+    group = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    threading.Thread(target=group.wait, daemon=True).start()  # reaped at once (a zombie is a live group to killpg)
+    try:
+        watch(group.pid, os.getpid(), "gone", period_s=0.05, leader_started="0")
+        assert group.poll() is None and group_alive(group.pid)
+        watch(group.pid, os.getpid(), "gone", period_s=0.05, leader_started=start_time(group.pid))
+        assert not group_alive(group.pid)
+    finally:
+        group.kill()

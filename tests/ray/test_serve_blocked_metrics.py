@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import urllib.request
 import uuid
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from kvsched.commands.ray_serve_stop import groups_of, kill_groups, merge
 from tests.ray.shared_cluster import Early
 from tests.ray.test_serve_unscraped import decisions, replicas, wait_for
 
@@ -94,15 +94,11 @@ def delete_blocked(pool: dict[str, Any] | None = None) -> None:
 
     from tests.ray.shared_cluster import delete_app
 
-    groups = vllm_groups()
+    groups = groups_of(vllm_groups())
     try:
         delete_app(APP)
-    finally:
-        for pgid in groups | vllm_groups():
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    finally:  # each group only while it holds a member recorded with it (review71: its number may name another's)
+        kill_groups(merge(groups, groups_of(vllm_groups())), wait_s=1.0)
         if pool is not None:
             shutil.rmtree(pool["block"].parent, ignore_errors=True)
 

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from kvsched.commands.ray_serve_stop import groups_of, holding, kill_groups, merge
 from tests.ray.shared_cluster import Early, delete_app, early, wait_running
 
 pytestmark = pytest.mark.integration
@@ -42,13 +43,17 @@ def command_lines() -> dict[int, str]:
 
 
 def our_vllm_pids() -> list[int]:
-    """This run's `vllm serve` API servers (their served-model-name is MARK); each leads its own process group."""
+    """This run's `vllm serve` API servers (their served-model-name is MARK); each leads its own process group,
+    recorded in GROUPS with its members now."""
     pids = [pid for pid, cmd in command_lines().items() if MARK in cmd and " serve " in cmd]
-    GROUPS.update(pids)
+    merge(GROUPS, groups_of(pids))
     return pids
 
 
-GROUPS: set[int] = set()  # every vLLM process group this run has seen
+# Every vLLM process group this run has seen, with the members seen in it (pid, start time). Found by review71: the
+# teardown SIGKILLed every group number seen in the module, minutes after some had gone, when Linux may have handed
+# the number to another group (pids wrap in ~30 min here): a group is this run's only while it holds a member seen.
+GROUPS: dict[int, set[tuple[int, str]]] = {}
 
 
 def group_members(pgids: set[int]) -> list[int]:
@@ -107,15 +112,11 @@ def cluster(serve_cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
         if name:
             delete_app(name)
         our_vllm_pids()
-        left = []
+        left = {}
         deadline = time.monotonic() + 45
-        while time.monotonic() < deadline and (left := group_members(GROUPS)):
+        while time.monotonic() < deadline and (left := holding(GROUPS)):
             time.sleep(0.2)
-        for pgid in GROUPS:  # do not leak into the rest of the session, but fail (as a teardown error)
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_groups(GROUPS)  # do not leak into the rest of the session, but fail (as a teardown error)
         assert not left, f"vLLM processes left running after the app's deletion: {left}"
 
 
@@ -377,7 +378,7 @@ def test_one_vllm_child_per_live_replica(cluster: dict[str, Any]) -> None:
 
     wait_until(lambda: len(our_vllm_pids()) == 2, 30, "exactly two vllm children")
     live = set(our_vllm_pids())
-    assert not group_members(GROUPS - live)
+    assert not holding({g: m for g, m in GROUPS.items() if g not in live})
     assert [runs_worker_apart(pgid) for pgid in live] == [worker() == DEFAULT_LAYOUT] * 2
 
 

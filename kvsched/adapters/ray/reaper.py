@@ -4,7 +4,8 @@
 process group that can be signalled as a whole. When Ray kills a replica it also SIGKILLs the replica's direct
 children (`RAY_kill_child_processes_on_worker_exit`), which would leave vLLM's engine core and workers orphaned.
 So the reaper detaches itself (double fork: not a child of the replica, not killed with it), watches the replica's
-pid (with its start time, so a reused pid does not fool it) and stops the group: SIGKILL at once when the API server
+pid (with its start time, so a reused pid does not fool it; the group's leader's too, so that a group gone whose
+number a new group took is neither watched nor stopped) and stops the group: SIGKILL at once when the API server
 is already gone (nothing is left to shut down cleanly; Ray kills the replica's direct children with it), else SIGINT,
 then SIGKILL after 5 s. Either way the group is gone well within 10 s of the replica's death.
 
@@ -42,10 +43,20 @@ def group_alive(pgid: int) -> bool:
         return True
 
 
-def stop_group(pgid: int, grace_s: float = 10.0) -> None:
-    """SIGINT the whole group, SIGKILL whatever is left after `grace_s` (at once when it is 0)."""
+def renumbered(pgid: int, leader_started: str | None) -> bool:
+    """Whether `pgid` names another process than the group's leader seen at `leader_started` (None: not seen): then
+    the group is gone (Linux hands a group's number out again only once the group is empty) and the number may lead
+    another's group. Found by review71: the watch and the stop went by the number alone."""
+    return leader_started is not None and start_time(pgid) not in (None, leader_started)
+
+
+def stop_group(pgid: int, grace_s: float = 10.0, leader_started: str | None = None) -> None:
+    """SIGINT the whole group, SIGKILL whatever is left after `grace_s` (at once when it is 0); nothing once the
+    group's number names another process than its leader seen at `leader_started` (`renumbered`)."""
     steps = ((signal.SIGINT, grace_s), (signal.SIGKILL, 5.0)) if grace_s > 0 else ((signal.SIGKILL, 5.0),)
     for sig, wait_s in steps:
+        if renumbered(pgid, leader_started):
+            return
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
@@ -66,10 +77,11 @@ def leader_alive(pgid: int) -> bool:
         return False
 
 
-def watch(pgid: int, parent: int, parent_started: str | None, period_s: float = 0.5) -> None:
-    while group_alive(pgid):
+def watch(pgid: int, parent: int, parent_started: str | None, period_s: float = 0.5,
+          leader_started: str | None = None) -> None:
+    while group_alive(pgid) and not renumbered(pgid, leader_started):
         if parent_started is None or start_time(parent) != parent_started:
-            stop_group(pgid, grace_s=5.0 if leader_alive(pgid) else 0.0)
+            stop_group(pgid, grace_s=5.0 if leader_alive(pgid) else 0.0, leader_started=leader_started)
             return
         time.sleep(period_s)
 
@@ -82,11 +94,11 @@ def main(argv: list[str]) -> int:
     if not group_alive(pgid):  # its watch would end at once, silently: say so, to whoever started the reaper
         print(f"reaper: no process group {pgid} (not started yet, or gone): nothing to watch", file=sys.stderr)
         return 1
-    parent_started = start_time(parent)
+    parent_started, leader_started = start_time(parent), start_time(pgid)
     if os.fork() != 0:  # detach: the first child exits, the grandchild (re-parented to init) watches
         return 0
     os.setsid()
-    watch(pgid, parent, parent_started)
+    watch(pgid, parent, parent_started, leader_started=leader_started)
     return 0
 
 
