@@ -7,6 +7,17 @@ once when the store is back. Timeouts are short (a loopback or same-rack Redis a
 so a hung store costs one timeout per backoff period, not one per request. redis-py's own retries are off: the
 backoff is ours.
 
+The URL cannot lengthen those bounds: redis-py lets a URL's query win over the client's arguments, so
+`?socket_timeout=600` would make one hung store call stall the engine's step (the scheduler's or the tier worker's)
+for 600 s. A `?socket_timeout=` above SOCKET_TIMEOUT_S or a `?socket_connect_timeout=` above CONNECT_TIMEOUT_S is
+refused at start-up (StoreConfigError naming the parameter, its value and the bound), never clamped in silence; a
+shorter one is used. `?retry=` (and the other parameters redis-py wants as objects, which a URL can only give as text)
+is refused too. What a URL may set and still keeps a call within the bound (measured against a SIGSTOPped
+redis-server, redis-py 8.2): `?retry_on_timeout=` and `?retry_on_error=` (they add errors to the client's Retry, whose
+retries stay 0), `?health_check_interval=` (a PING before a call, bounded by the same timeout, and the call fails if
+it does not answer), `?socket_keepalive=` (TCP probes of an idle socket), `?max_connections=` (redis-py's plain pool
+raises when it is exhausted, it never waits). The same holds for unix:// and rediss:// URLs (one parse for all three).
+
 One client per URL per process (`open_store`): the scheduler and the worker of one engine share it, and its outage
 log.
 
@@ -40,6 +51,12 @@ SECRET = "***"  # what a password becomes in a redacted URL
 # private key's (redis-py's own repr hides both: ConnectionPool.SENSITIVE_REPR_KEYS; found by review: the second was
 # logged and written to a benchmark's JSON as given)
 SECRET_PARAMS = frozenset({"password", "ssl_password"})
+# redis-py parameters that must be objects (a Retry, a callable, a provider, ...): from a URL they are text, and every
+# call raises (AttributeError / TypeError, neither an outage nor an error reply), or the pool raises as it is made
+OBJECT_PARAMS = frozenset({"retry", "redis_connect_func", "credential_provider", "command_packer", "event_dispatcher",
+                           "socket_keepalive_options", "socket_type", "cache", "cache_config", "cache_factory",
+                           "maint_notifications_config", "oss_cluster_maint_notifications_handler", "parser_class",
+                           "connection_class", "driver_info"})
 
 
 class StoreConfigError(ValueError):
@@ -100,14 +117,41 @@ def _redis_reads(url: str) -> None:
     except ImportError:  # the engine's store needs it; a driver checking a config may not have it
         return
     try:
-        why = _unusable(redis.ConnectionPool.from_url(url).make_connection())
-    except (TypeError, ValueError) as exc:
+        why = (_objects([k for k, _ in parse_qsl(urlsplit(url).query)])
+               or _unusable(redis.ConnectionPool.from_url(url).make_connection())
+               or _beyond_bounds(redis.connection.parse_url(url)))
+    except (TypeError, ValueError, AttributeError, redis.RedisError) as exc:  # (`?cache_config=x`: AttributeError)
         why = str(exc)
     if why is not None:  # every query value hidden: a misspelt ?password= holds the password
-        parts = urlsplit(redacted(url))
-        hidden = urlencode([(k, SECRET) for k, _ in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
-        raise StoreConfigError(f"the shared store URL {urlunsplit(parts._replace(query=hidden))!r} is not one "
-                               f"redis-py can use ({why})") from None
+        base, _, query = url.partition("?")  # (not urlunsplit, which writes unix:///PATH as unix:/PATH)
+        hidden = urlencode([(k, SECRET) for k, _ in parse_qsl(query, keep_blank_values=True)], safe="*")
+        raise StoreConfigError(f"the shared store URL {redacted(base) + '?' + hidden!r} is not one "
+                               f"kvsched's store can use ({why})") from None
+
+
+def _beyond_bounds(options: Mapping[str, Any]) -> str | None:
+    """Why redis-py's reading of a URL (`options`, its `parse_url`) would make a store call wait beyond the store's
+    own bounds, or None. Found by leftovers71: the URL's query wins over the client's arguments, so
+    `?socket_timeout=600` made a call to a hung store wait 600 s on the engine's step."""
+    for name, bound in (("socket_timeout", SOCKET_TIMEOUT_S), ("socket_connect_timeout", CONNECT_TIMEOUT_S)):
+        seconds = options.get(name)
+        if isinstance(seconds, float) and seconds > bound:
+            return (f"{name}={seconds:g} s is above the store's bound of {bound:g} s: the store's calls are on the "
+                    f"engine's latency path, so a hung store would stall an engine's step that long; give at most "
+                    f"{bound:g} or leave it out")
+    return None
+
+
+def _objects(names: Sequence[str]) -> str | None:
+    """Why the query's parameters `names` cannot be given in a URL, or None: OBJECT_PARAMS. Found by leftovers71:
+    `?retry=3` passed the check, then every store call raised AttributeError (redis-py called the text as its Retry
+    object); `?credential_provider=x` likewise, or DataError out of the check itself with a password."""
+    objects = sorted(OBJECT_PARAMS.intersection(names))
+    if objects:
+        why = "; the store makes no retries of its own: its backoff is StoreHealth's" if objects[0] == "retry" else ""
+        return (f"{objects[0]}: redis-py takes it as an object, which a URL can only give as text (every store call "
+                f"would raise){why}")
+    return None
 
 
 def _unusable(connection: Any) -> str | None:
