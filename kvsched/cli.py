@@ -28,10 +28,15 @@ NEEDS_VLLM = frozenset({"tiny-model", "demo", "bench"})
 
 
 def missing_extra(exc: ModuleNotFoundError) -> str | None:
-    """The one-line error for a command that imported a module only an extra installs; None for any other."""
+    """The one-line error for a command that imported a module only an extra installs; None for any other. A
+    submodule missing from a package that is installed is another version of it, said so (install_check)."""
     top = (exc.name or "").partition(".")[0]
     if top not in EXTRA_MODULES:
         return None
+    from kvsched.install_check import version_mismatch
+
+    if (mismatch := version_mismatch(exc.name or "")) is not None:  # the package is there, not that module of it
+        return mismatch
     return (f"needs {top}, which kvsched's install without an extra leaves out: in kvsched's clone, `pip install "
             "-e '.[cpu]'` on a CPU machine or `pip install -e '.[gpu]'` with CUDA (README, \"Installing\")")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -85,3 +86,77 @@ def test_the_killer_takes_no_replica_whose_engine_is_gone() -> None:
         for p in (bystander, engine):
             p.kill()
             p.wait()
+
+
+# ---- a failover's sessions find their KV in the shared store (soak_ray_watch.store_failovers) --------------------
+def counters(moved: float, restored: float, blocks: float, up: float = 1.0) -> dict[str, float]:
+    return {"kvsched_moved_sessions_total": moved, "kvsched_moved_sessions_restored_total": restored,
+            "kvsched_shared_tier_restored_blocks_total": blocks, "kvsched_store_up": up}
+
+
+def failed_over(to: str = "b") -> Placements:
+    """Session s on replica a, a lost at t 1, its next turn on `to`."""
+    from soak_ray_watch import Seen
+
+    p = Placements()
+    p.turns["s"] = [Seen(0.5, "a", "slot-0", 1), Seen(2.0, to, "slot-1", 1)]
+    p.losses.append({"kind": "engine", "slot": 0, "t": 1.0, "replica_id": "a"})
+    return p
+
+
+def verdict_of(p: Placements, samples: list[tuple[float, str, dict[str, float]]]) -> dict[str, Any]:
+    from soak_ray_watch import failovers, store_failovers
+
+    (row,) = store_failovers(p.losses, failovers(p), samples, 10.0)
+    return row
+
+
+def test_a_failover_whose_sessions_read_their_kv_from_the_store_is_a_hit() -> None:
+    before = [(0.9, "a", counters(0, 0, 0)), (0.9, "b", counters(3, 1, 4))]
+    row = verdict_of(failed_over(), [*before, (3.0, "b", counters(4, 2, 9))])
+    assert row["verdict"] == "hit" and row["to"] == ["b"] and row["sessions_moved"] == 1, row
+    assert row["rise"] == {"moved_sessions": 1, "moved_sessions_restored": 1, "shared_tier_restored_blocks": 5}
+    # blocks read alone (a moved session counted as moved at an earlier arrival) is a hit too
+    assert verdict_of(failed_over(), [*before, (3.0, "b", counters(3, 1, 6))])["verdict"] == "hit"
+
+
+def test_moved_sessions_whose_records_were_in_the_store_but_none_read_their_kv_is_a_miss() -> None:
+    row = verdict_of(failed_over(), [(0.9, "a", counters(0, 0, 0)), (0.9, "b", counters(3, 1, 4)),
+                                     (3.0, "b", counters(5, 1, 4))])
+    assert row["verdict"] == "miss", row  # soak_ray fails the run on it
+
+
+def test_kv_never_written_to_the_store_is_told_apart_from_a_miss() -> None:
+    # no record of any moved session in the store: the lost engine wrote none
+    assert verdict_of(failed_over(), [(0.9, "b", counters(3, 1, 4)), (3.0, "b", counters(3, 1, 4))])["verdict"] == \
+        "not written"
+    # the lost engine's store was down at its last sample: its turns' KV was not published
+    row = verdict_of(failed_over(), [(0.9, "a", counters(0, 0, 0, up=0.0)), (0.9, "b", counters(3, 1, 4)),
+                                     (3.0, "b", counters(5, 1, 4))])
+    assert row["verdict"] == "not written" and row["lost_store_up"] == 0, row
+
+
+def test_no_failover_or_no_sample_after_it_is_no_verdict_on_the_store() -> None:
+    p = failed_over(to="a")  # the session came back to "a"'s id: no move
+    assert verdict_of(p, [(0.9, "b", counters(3, 1, 4))])["verdict"] == "none moved"
+    assert verdict_of(failed_over(), [(0.9, "b", counters(3, 1, 4))])["verdict"] == "unseen"
+
+
+def test_only_the_window_up_to_the_next_loss_counts() -> None:
+    from soak_ray_watch import failovers, store_failovers
+
+    p = failed_over()
+    p.losses.append({"kind": "actor", "slot": 1, "t": 2.5, "replica_id": "b"})
+    samples = [(0.9, "b", counters(3, 1, 4)), (2.2, "b", counters(4, 1, 4)), (4.0, "b", counters(6, 3, 9))]
+    first, second = store_failovers(p.losses, failovers(p), samples, 10.0)
+    assert first["verdict"] == "miss" and second["verdict"] == "none moved", (first, second)
+
+
+def test_the_store_counters_are_read_from_an_engines_metrics_page() -> None:
+    from soak_ray_watch import store_counters
+
+    page = ("# HELP kvsched_moved_sessions_total Sessions ...\n# TYPE kvsched_moved_sessions_total counter\n"
+            "kvsched_moved_sessions_total 3.0\nkvsched_moved_sessions_restored_total 2.0\n"
+            "kvsched_shared_tier_restored_blocks_total 17.0\nkvsched_store_up 1.0\nkvsched_store_upx 5\n"
+            'vllm:num_requests_running{engine="0"} 1.0\n')
+    assert store_counters(page) == counters(3, 2, 17)

@@ -7,7 +7,8 @@ tolerance). Mid-run one replica's engine is SIGKILLed, and once its replacement 
 at a loss, no hang (bounded client timeouts), a session's turns on one replica between losses (moves: failover off a
 lost replica, or a move the router logged with its reason), the engines' load within the router's bound, each
 replacement joining, and at the end, every session ended, each replica clean (no pin, every block free, the tier
-empty: soak.settle on each engine's admin routes) and still answering as stock does.
+empty: soak.settle on each engine's admin routes) and still answering as stock does; and the sessions that failed over
+off a loss finding their KV in the shared store (soak_ray_watch.store_failovers).
 
     flock /tmp/kv/heavy.lock .venv/bin/python tools/soak_ray.py --minutes 8 --sessions 6 --out /tmp/soak_ray.json
 
@@ -35,7 +36,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the soak's modules (a script's siblings)
 from soak import ADMIN, cpu, settle, tenant_keys, verdict  # noqa: E402
 from soak_clients import Log, Target, Until, bad_requests, soak_client  # noqa: E402
-from soak_ray_watch import Killer, Monitor, Placements, router_moves  # noqa: E402
+from soak_ray_watch import Killer, Monitor, Placements, failovers, router_moves, store_failovers  # noqa: E402
 from soak_sessions import SHAPES, Conv, Soak  # noqa: E402
 
 MODEL = "tiny"  # the pool's model name at the ingress
@@ -167,6 +168,13 @@ def soak_ray(ingress: Target, stock: Target, monitor: Monitor, placements: Place
         log.fail("a session moved between losses with no reason the router logged", **bad_move)
     for over in monitor.over_bound[:5]:
         log.fail("an engine held more requests than the router's bound", **over)
+    with monitor.lock:  # (Monitor's clock is time.monotonic(), Placements' seconds from its t0)
+        samples = [(t - placements.t0, rid, c) for t, rid, c in monitor.store_samples]
+    report["store_failovers"] = store_failovers(placements.losses, failovers(placements), samples, placements.now())
+    for row in report["store_failovers"]:
+        if row["verdict"] == "miss":
+            log.fail(f"sessions failed over off the {row['kind']} kill found none of their KV in the shared store",
+                     **row)
     for loss in placements.losses:
         if "joined_t" not in loss:
             log.fail(f"no replacement joined after the {loss['kind']} kill", loss=loss)

@@ -134,6 +134,7 @@ class Monitor:
         self.samples = 0
         self.max_load: Counter[str] = Counter()
         self.over_bound: list[dict[str, Any]] = []
+        self.store_samples: list[tuple[float, str, dict[str, float]]] = []  # (monotonic, replica id, STORE_COUNTERS)
         self.errors: Counter[str] = Counter()
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -153,11 +154,13 @@ class Monitor:
         while not self.stop.wait(self.period_s):
             try:
                 reps = [r for r in self.live() if r["engine_alive"]]
-                loads = {}
+                loads, stored = {}, {}
                 for rep in reps:
-                    g = read_metrics(httpx.get(rep["engine_url"] + "/metrics", timeout=10).text).gauges
+                    text = httpx.get(rep["engine_url"] + "/metrics", timeout=10).text
+                    g = read_metrics(text).gauges
                     loads[rep["replica_id"]] = int(g.get("vllm:num_requests_running", 0)
                                                    + g.get("vllm:num_requests_waiting", 0))
+                    stored[rep["replica_id"]] = store_counters(text)
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 self.errors[type(exc).__name__] += 1  # a replica dying between the list and its /metrics
                 continue
@@ -166,6 +169,8 @@ class Monitor:
             bound = max(self.load_floor, math.ceil(self.load_factor * sum(loads.values()) / len(loads)))
             with self.lock:
                 self.samples += 1
+                now = time.monotonic()
+                self.store_samples.extend((now, rid, c) for rid, c in stored.items())
                 for rid, n in loads.items():
                     self.max_load[rid] = max(self.max_load[rid], n)
                     if n > bound + self.slack:
@@ -177,6 +182,87 @@ class Monitor:
                     "over_bound_count": len(self.over_bound), "poll_errors": dict(self.errors),
                     "replicas_seen": {rid: {k: r.get(k) for k in ("slot", "replica_pid", "engine_pid")}
                                       for rid, r in self.replicas.items()}}
+
+
+# An engine's /metrics series that say whether a session moved to it found its KV in the shared store (kvsched's
+# adapters/vllm/metrics.py): sessions whose first request here had last been served by another replica per the
+# store's session record (written at each turn's end, beside its blocks), those of them whose KV was read from the
+# store, the blocks read, and whether the store was up
+STORE_COUNTERS = ("kvsched_moved_sessions_total", "kvsched_moved_sessions_restored_total",
+                  "kvsched_shared_tier_restored_blocks_total", "kvsched_store_up")
+
+
+def store_counters(text: str) -> dict[str, float]:
+    """STORE_COUNTERS' values in an engine's /metrics page (absent: no store configured)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in STORE_COUNTERS:
+            try:
+                out[name] = float(value.split()[0])
+            except (ValueError, IndexError):
+                pass
+    return out
+
+
+def failovers(placements: Placements) -> list[dict[str, Any]]:
+    """Each session's failover (Placements.moves' rule: its turn after a loss answered by another replica than the
+    lost one that answered its turn before): the session, the lost replica, the replica that took it, when."""
+    dead = {loss["replica_id"]: loss["t"] for loss in placements.losses}
+    out = []
+    with placements.lock:
+        for key, seen in placements.turns.items():
+            for a, b in zip(seen, seen[1:], strict=False):
+                if a.replica_id != b.replica_id and a.replica_id in dead and b.t >= dead[a.replica_id]:
+                    out.append({"session": key, "lost": a.replica_id, "to": b.replica_id, "t": b.t})
+    return out
+
+
+def store_failovers(losses: list[dict[str, Any]], moved: list[dict[str, Any]],
+                    samples: list[tuple[float, str, dict[str, float]]], end_t: float) -> list[dict[str, Any]]:
+    """For each loss: did the sessions that failed over off it find their KV in the shared store? Times are
+    Placements' (seconds from its t0). On the replicas that took them, between the loss and the next loss (or
+    `end_t`), from each one's last sample before the loss: the rise of kvsched_moved_sessions (moved sessions whose
+    record the store held), kvsched_moved_sessions_restored and kvsched_shared_tier_restored_blocks (KV read from the
+    store). Verdict per loss: "hit" if either of the last two rose; "none moved" (no session failed over); "not
+    written" if the moved sessions' KV never reached the store, told by the lost replica's last sample before the
+    loss showing the store down (kvsched_store_up 0), or by no rise of kvsched_moved_sessions (the store held no
+    record naming another replica for any session that arrived: the record is written at a turn's end beside the
+    turn's blocks, while the store is up); "unseen" if no sample of those replicas came after the loss; else "miss",
+    a failure: the moved sessions' records were in the store and none of their KV was read from it."""
+    out = []
+    ordered = sorted(losses, key=lambda loss: loss["t"])
+    for i, loss in enumerate(ordered):
+        until = ordered[i + 1]["t"] if i + 1 < len(ordered) else end_t
+        took = sorted({m["to"] for m in moved if m["lost"] == loss["replica_id"] and loss["t"] <= m["t"] < until})
+        row: dict[str, Any] = {"kind": loss["kind"], "slot": loss.get("slot"), "t": round(loss["t"], 1),
+                               "sessions_moved": sum(1 for m in moved if m["lost"] == loss["replica_id"]
+                                                     and loss["t"] <= m["t"] < until), "to": took}
+        lost_before = [c for t, rid, c in samples if rid == loss["replica_id"] and t < loss["t"]]
+        row["lost_store_up"] = lost_before[-1].get("kvsched_store_up") if lost_before else None
+        rise: Counter[str] = Counter()
+        seen_after = False
+        for rid in took:
+            before = [c for t, r, c in samples if r == rid and t < loss["t"]]
+            after = [c for t, r, c in samples if r == rid and loss["t"] <= t < until]
+            if not after:
+                continue
+            seen_after = True
+            for name in STORE_COUNTERS[:3]:
+                rise[name] += after[-1].get(name, 0.0) - (before[-1].get(name, 0.0) if before else 0.0)
+        row["rise"] = {k.removeprefix("kvsched_").removesuffix("_total"): v for k, v in rise.items()}
+        if not took:
+            row["verdict"] = "none moved"
+        elif not seen_after:
+            row["verdict"] = "unseen"
+        elif rise["kvsched_moved_sessions_restored_total"] > 0 or rise["kvsched_shared_tier_restored_blocks_total"] > 0:
+            row["verdict"] = "hit"
+        elif row["lost_store_up"] == 0 or rise["kvsched_moved_sessions_total"] <= 0:
+            row["verdict"] = "not written"
+        else:
+            row["verdict"] = "miss"
+        out.append(row)
+    return out
 
 
 def group_alive(pgid: int) -> bool:

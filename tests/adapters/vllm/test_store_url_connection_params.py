@@ -35,7 +35,7 @@ def test_a_store_opened_with_them_no_longer_raises_out_of_its_calls(redis_server
         store.get_blocks(["k"])
 
 
-@pytest.mark.parametrize("query", ["socket_timeout=2.5", "socket_connect_timeout=0.1", "encoding=latin-1",
+@pytest.mark.parametrize("query", ["socket_timeout=0.3", "socket_connect_timeout=0.1", "encoding=latin-1",
                                    "decode_responses=", "protocol=3"])
 def test_usable_values_pass(query: str) -> None:
     assert check_url(f"redis://127.0.0.1:1/0?{query}") == f"redis://127.0.0.1:1/0?{query}"
