@@ -123,6 +123,9 @@ class ServerSpec:
         return args + list(self.extra_args)
 
 
+ENGINE_DIED = b"engine core exited unexpectedly"  # vLLM 0.32 (v1/engine/core_client.py), its API server's log
+
+
 class ServerExited(RuntimeError):
     """A `vllm serve` child that exited while starting or while in use."""
 
@@ -180,11 +183,25 @@ class VllmServer:
                                    f"({self.log_path}) ends:\n{self.log_tail()}")
             if self._serves_our_model():
                 return self
+            if self._engine_died():
+                self.stop()
+                raise ServerExited(f"vllm serve's engine core died while starting (its API server stays up, never "
+                                   f"serving); its log ({self.log_path}) ends:\n{self.log_tail()}")
             if time.monotonic() >= self._deadline:
                 break
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"vllm serve not ready after {self.startup_timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def _engine_died(self) -> bool:
+        """vLLM 0.32's API server, its engine core gone before the start-up ended, logs ENGINE_DIED and waits for ever
+        (a shared test server waited out its 300 s so, the suite with it)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+                return ENGINE_DIED in f.read()
+        except OSError:
+            return False
 
     def _serves_our_model(self) -> bool:
         """/health answers and /v1/models names this server's model: the port is picked free and then released, so

@@ -121,3 +121,17 @@ def test_a_server_killed_while_in_use_is_named_with_its_signal_and_log(tmp_path:
             server.metrics()
     finally:
         server.stop()
+
+
+def test_an_engine_core_dead_before_the_start_up_ended_fails_it_at_once(tmp_path: Path) -> None:
+    """vLLM's API server outlives its engine core, never serving: the start-up fails when the log says so, not at its
+    timeout (a shared test server held the suite 300 s so)."""
+    server = stand_in(tmp_path, serves=False)
+    (tmp_path / "log").write_text("(APIServer pid=1) WARNING [core_client.py:817] [shutdown] MPClient: engine core "
+                                  "exited unexpectedly; starting cleanup\n")
+    server._deadline = time.monotonic() + 60
+    began = time.monotonic()
+    with pytest.raises(ServerExited, match="engine core died while starting"):
+        server.wait_ready()
+    assert time.monotonic() - began < 30
+    assert server.proc is not None and server.proc.poll() is not None  # stopped, not left running
