@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -16,149 +15,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, get_args
+from typing import Any
 
 from kvsched.install_check import IncompleteInstall, vllm_install_problem
-
-# Where vLLM's model worker runs (ServerSpec.worker): "default", where vLLM puts it (on the CPU build, a process of its
-# own beside the engine core: three processes in all); "in_engine", inside the engine-core process (two processes),
-# the layout vLLM itself picks on a GPU with one GPU per engine. Each process imports vLLM: the tiny model's start-up
-# in_engine took 14.8 CPU-seconds and 14.5 s to serve against 21.4 and 19.5 s (tools/startup_probe.py, BENCHMARKS.md).
-Worker = Literal["default", "in_engine"]
-WORKERS: tuple[str, ...] = get_args(Worker)
-# vLLM's CPU platform replaces the `uni` executor by `mp` unless this is "0" (vllm/platforms/cpu.py, 0.32); AsyncLLM
-# (the API server) keeps its engine core in a process of its own whatever it says. vLLM binds the worker's OpenMP
-# threads (VLLM_CPU_OMP_THREADS_BIND other than "nobind", VllmServer's default) only for a worker process of its own.
-IN_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-IN_ENGINE_ARGS = ["--distributed-executor-backend", "uni"]
-# vLLM options (0.32's engine/arg_utils.py) that "in_engine" cannot honour: a rank count above 1 (the uni executor
-# starts one worker, which then waits for the other ranks for ever: found by review, `--tensor-parallel-size 2` hung
-# the start-up until its timeout with nothing in the log) and another executor (the caller's flags come last and win:
-# the worker ran apart, the layout asked for was ignored).
-# Data parallelism (-dp, --data-parallel-*, --nnodes, -dcp) is not refused: checked with a real `vllm serve`
-# (tools/layout_args_probe.py; BENCHMARKS.md, "Data parallelism with the worker in the engine core"), none hangs or is
-# ignored because of "in_engine": `-dp 2` runs one engine core a rank, each with its worker inside; what fails (a dense
-# model's -dp 2 at its first request, ranks left to another node, -dcp or --nnodes past the one rank) fails alike, or
-# is refused alike, in vLLM's own layout.
-RANK_OPTIONS = {"--tensor-parallel-size": "-tp", "--pipeline-parallel-size": "-pp",
-                "--prefill-context-parallel-size": "-pcp"}
-EXECUTOR_OPTION = "--distributed-executor-backend"
-
-
-def _count(value: str) -> int | None:
-    try:
-        return int(value)
-    except ValueError:
-        return None  # not a count: vLLM's parser refuses it itself
-
-
-MAX_CONFIG_BYTES = 2**20  # a file of vLLM options is a few KiB; PyYAML parses ~1 MiB a second (pure Python)
-
-
-def _read_config(path: str) -> str:
-    """The text of `--config FILE`, refused (ValueError) unless a regular file of at most MAX_CONFIG_BYTES: found by
-    review, a FIFO hung the check for ever (and what it read, vLLM would no longer find), and the check parsed any
-    size. Opened without blocking, then examined, so no file swapped in after a look can block it."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory too: open() would name the descriptor, not the path
-            raise ValueError("not a regular file (what the check read from a FIFO or a device, vLLM would not)")
-        with open(fd, "rb", closefd=False) as file:
-            data = file.read(MAX_CONFIG_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ValueError(f"over {MAX_CONFIG_BYTES} bytes, past any file of vLLM options")
-    return data.decode("utf-8")  # UnicodeDecodeError, a ValueError, as vLLM's reading fails
-
-
-def _config_args(path: str) -> list[str]:
-    """vLLM's reading of `--config FILE.yaml` into arguments (0.32's FlexibleArgumentParser.load_config_file): each key
-    `--key value`, a true flag `--key`, a list `--key item ...`, a mapping its JSON. ValueError if it cannot be read.
-    A mapping, or a list in a list, is written "{...}" or "[...]": neither names an option nor counts ranks, and
-    written out in full a YAML of aliases (`*a`) took time and memory exponential in its size (found by review)."""
-    import yaml
-
-    try:
-        config = yaml.safe_load(_read_config(path))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(str(exc)) from exc
-    except RecursionError:  # PyYAML composes a node per nesting level, recursively (as vLLM's own read dies)
-        raise ValueError("nested too deeply to read (found by review: a few KiB of '[' was a RecursionError "
-                         "traceback)") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"a YAML mapping of vLLM options was expected, got {type(config).__name__}")
-    args: list[str] = []
-    for key, value in config.items():
-        if isinstance(value, bool):
-            args += [f"--{key}"] if value else []  # `--no-KEY` for false: none of these options is a flag
-        elif isinstance(value, list):
-            args += [f"--{key}", *map(_item, value)] if value else []
-        else:
-            args += [f"--{key}", _item(value)]
-    return args
-
-
-def _item(value: object) -> str:
-    """A value as vLLM writes it into an argument, a container but its shape (see _config_args)."""
-    return "{...}" if isinstance(value, dict) else "[...]" if isinstance(value, list) else str(value)
-
-
-def in_engine_conflict(args: Sequence[str], file_elsewhere: bool = False) -> str | None:
-    """Why vLLM options `args` cannot run with the model worker in the engine core ("in_engine"), or None. Read as
-    vLLM reads them: `--name value` or `--name=value`, `_` for `-` in a long name, the short forms (-tp, -pp, -pcp), a
-    name's abbreviation, long or short (argparse's, on in vLLM: none of these names' prefixes is another option's name,
-    so a prefix means that option or is refused by vLLM as ambiguous: `-t 2` is `-tp 2`), the options of a `--config
-    FILE` (vLLM places them before the command line: found by review, a file's `tensor-parallel-size: 2` passed), and
-    an option's last value winning. A config file that cannot be read is refused (the check cannot see its options),
-    unless `file_elsewhere`: the file is read where the server runs (a Ray replica's machine, which checks it again
-    before its engine starts: kvsched.adapters.ray.engine.replica_spec), so only the command line, whose options win
-    over the file's, is checked here."""
-    args, from_file, path = list(args), 0, ""
-    if "--config" in args[:-1]:  # vLLM reads the exact word only: `--config=FILE` is parsed and ignored
-        at = args.index("--config")
-        path = args[at + 1]
-        try:
-            config = _config_args(path)
-        except ValueError as exc:
-            if not file_elsewhere:
-                return (f"--config {path}: worker 'in_engine' must check the vLLM options of this file and cannot "
-                        f"read it ({exc})")
-            config = []
-        args, from_file = config + args[:at] + args[at + 2:], len(config)
-    longs = (*RANK_OPTIONS, EXECUTOR_OPTION)
-    names = {**{long: long for long in longs}, **{short: long for long, short in RANK_OPTIONS.items()}}
-    last: dict[str, tuple[str, str]] = {}  # option -> (as written, its value): argparse keeps an option's last value
-    for i, arg in enumerate(args):
-        if not arg.startswith("-"):
-            continue
-        name, eq, value = arg.partition("=")
-        if name.startswith("--"):
-            name = "--" + name[2:].replace("_", "-")
-        option = names.get(name)
-        if option is None and name.startswith("--") and len(name) > 3:
-            option = next((long for long in longs if long.startswith(name)), None)
-        elif option is None and len(name) > 1 and name[1] != "-":  # -t, -pc: argparse's prefix of a short form too
-            option = next((long for long, short in RANK_OPTIONS.items() if short.startswith(name)), None)
-        if option is None:
-            continue
-        if not eq:
-            value = args[i + 1] if i + 1 < len(args) else ""
-        written = arg if eq else f"{arg} {value}"
-        last[option] = (f"{written} (in --config {path})" if i < from_file else written, value)
-    for option, (written, value) in last.items():
-        if option == EXECUTOR_OPTION:
-            if value.strip() != "uni":
-                return (f"{written}: worker 'in_engine' runs the model worker in the engine core with vLLM's uni "
-                        f"executor; use worker 'default' for another executor")
-        elif _count(value) not in (None, 1):
-            return (f"{written}: worker 'in_engine' runs one model worker, in the engine core, whose start-up would "
-                    f"wait for the other ranks for ever; use worker 'default' (a process a rank)")
-    return None
+from kvsched.serving_in_engine import IN_ENGINE_ARGS, IN_ENGINE_ENV, WORKERS, Worker, in_engine_conflict
 
 
 @contextlib.contextmanager
@@ -259,6 +123,23 @@ class ServerSpec:
         return args + list(self.extra_args)
 
 
+ENGINE_DIED = b"engine core exited unexpectedly"  # vLLM 0.32 (v1/engine/core_client.py), its API server's log
+
+
+class ServerExited(RuntimeError):
+    """A `vllm serve` child that exited while starting or while in use."""
+
+
+def exit_status(code: int) -> str:
+    """A child's return code as words: a negative one is the signal that killed it."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
 class VllmServer:
     """A `vllm serve` child process. Use as a context manager; `url` is its OpenAI base URL."""
 
@@ -298,14 +179,29 @@ class VllmServer:
         assert self.proc is not None, "launch() first"
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+                raise ServerExited(f"vllm serve {exit_status(self.proc.returncode)} while starting; its log "
+                                   f"({self.log_path}) ends:\n{self.log_tail()}")
             if self._serves_our_model():
                 return self
+            if self._engine_died():
+                self.stop()
+                raise ServerExited(f"vllm serve's engine core died while starting (its API server stays up, never "
+                                   f"serving); its log ({self.log_path}) ends:\n{self.log_tail()}")
             if time.monotonic() >= self._deadline:
                 break
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"vllm serve not ready after {self.startup_timeout_s:.0f}s:\n{self.log_tail()}")
+
+    def _engine_died(self) -> bool:
+        """vLLM 0.32's API server, its engine core gone before the start-up ended, logs ENGINE_DIED and waits for ever
+        (a shared test server waited out its 300 s so, the suite with it)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+                return ENGINE_DIED in f.read()
+        except OSError:
+            return False
 
     def _serves_our_model(self) -> bool:
         """/health answers and /v1/models names this server's model: the port is picked free and then released, so
@@ -346,9 +242,20 @@ class VllmServer:
 
     def metrics(self) -> dict[str, float]:
         """vLLM's and kvsched's Prometheus samples, summed over labels (name -> value)."""
-        with urllib.request.urlopen(self.base + "/metrics", timeout=10) as r:
-            text = r.read().decode()
+        try:
+            with urllib.request.urlopen(self.base + "/metrics", timeout=10) as r:
+                text = r.read().decode()
+        except OSError as exc:
+            self.raise_if_exited(exc)
+            raise
         return parse_prometheus(text)
+
+    def raise_if_exited(self, cause: BaseException) -> None:
+        """ServerExited (naming how the process ended and its log) when the server is gone: a call that failed on it
+        says why, not only `Connection refused` (test_demo's failure did, when another test killed its servers)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise ServerExited(f"vllm serve (port {self.port}) {exit_status(self.proc.returncode)} while in use "
+                               f"({cause}); its log ({self.log_path}) ends:\n{self.log_tail()}") from cause
 
     def __enter__(self) -> VllmServer:
         return self.start()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "kvsched"
-LAYERS = {"core": 0, "ops": 1, "sim": 2, "tiny_model": 2, "serving": 2, "install_check": 2, "adapters": 3, "bench": 4,
-          "commands": 5, "cli": 6, "__init__": 0, "_C": 1}
+LAYERS = {"core": 0, "ops": 1, "sim": 2, "tiny_model": 2, "serving": 2, "serving_in_engine": 2, "install_check": 2,
+          "adapters": 3, "bench": 4, "commands": 5, "cli": 6, "__init__": 0, "_C": 1}
 MAX_LINES = 400
 
 

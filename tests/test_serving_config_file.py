@@ -1,7 +1,7 @@
-"""Worker "in_engine"'s check of a `--config FILE` (kvsched.serving.in_engine_conflict) on files that are no plain
-YAML of options: found by review, a FIFO blocked the check for ever (a Ray driver's config parse, a replica's start),
-and a few hundred bytes of YAML aliases took the check minutes and gigabytes. Each case runs in a child process with
-a deadline, so a hang fails the test instead of the suite."""
+"""Worker "in_engine"'s check of a `--config FILE` (kvsched.serving_in_engine.in_engine_conflict) on files that are no
+plain YAML of options: found by review, a FIFO blocked the check for ever (a Ray driver's config parse, a replica's
+start), and a few hundred bytes of YAML aliases took the check minutes and gigabytes. Each case runs in a child process
+with a deadline, so a hang fails the test instead of the suite."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from kvsched.serving import MAX_CONFIG_BYTES
+from kvsched.serving_in_engine import MAX_CONFIG_BYTES
 
 DEADLINE_S = 20  # the checks below take milliseconds; the failures they guard against never ended
 MEMORY = 2 * 2**30  # bytes the child may map (the alias YAML went past it)
 CHECK = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))
-from kvsched.serving import in_engine_conflict
+from kvsched.serving_in_engine import in_engine_conflict
 print(in_engine_conflict(["--config", sys.argv[1]], file_elsewhere=sys.argv[2] == "elsewhere"))
 """
 

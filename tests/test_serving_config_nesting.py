@@ -1,8 +1,8 @@
-"""Worker "in_engine"'s check of a `--config FILE` (kvsched.serving.in_engine_conflict) on a YAML nested deeper than
-PyYAML's recursive composer can read: found by review, a few KiB of '[' raised RecursionError out of the check (a
-traceback from `kvsched serve` or a Ray driver's config parse, where an unreadable file is a refusal naming it). vLLM's
-own read of such a file dies the same way, so the check refuses it; on a Ray driver (the file read where the server
-runs) it is left to the replica, as any unreadable file is. Each case in a child process, as
+"""Worker "in_engine"'s check of a `--config FILE` (kvsched.serving_in_engine.in_engine_conflict) on a YAML nested
+deeper than PyYAML's recursive composer can read: found by review, a few KiB of '[' raised RecursionError out of the
+check (a traceback from `kvsched serve` or a Ray driver's config parse, where an unreadable file is a refusal naming
+it). vLLM's own read of such a file dies the same way, so the check refuses it; on a Ray driver (the file read where the
+server runs) it is left to the replica, as any unreadable file is. Each case in a child process, as
 tests/test_serving_config_file.py runs them."""
 
 from __future__ import annotations

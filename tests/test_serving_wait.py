@@ -4,6 +4,8 @@ never serves fails with the start-up timeout. A small HTTP process stands in for
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvsched.serving import ServerSpec, VllmServer
+from kvsched.serving import ServerExited, ServerSpec, VllmServer
 
 # Stand-ins take SIGINT as vllm serve does (it installs its own handler): a shell that runs the suite in the background
 # starts it with SIGINT ignored, which Python would inherit, and `stop()` would then wait its 30 s for the SIGKILL.
@@ -75,7 +77,7 @@ def test_start_on_a_launched_server_that_died_raises_instead_of_launching_again(
     server = VllmServer(ServerSpec(model=tmp_path), log_path=tmp_path / "log", startup_timeout_s=5.0)
     server.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], start_new_session=True)
     server.proc.wait()
-    with pytest.raises(RuntimeError, match="exited with 3"):
+    with pytest.raises(RuntimeError, match="exited with status 3"):
         server.start()
 
 
@@ -102,3 +104,34 @@ def test_a_server_whose_models_need_a_key_it_was_not_given_is_ready_on_its_healt
         assert server.wait_ready() is server
     finally:
         server.stop()
+
+
+def test_a_server_killed_while_in_use_is_named_with_its_signal_and_log(tmp_path: Path) -> None:
+    """A metrics read of a server another process killed says so, with its log, not only `Connection refused` (how
+    test_demo failed when a test killed the demo's servers)."""
+    server = stand_in(tmp_path, serves=True)
+    (tmp_path / "log").write_text("Application startup complete.\n")
+    try:
+        server._deadline = time.monotonic() + 20
+        server.wait_ready()
+        assert server.proc is not None
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        with pytest.raises(ServerExited, match=r"(?s)was killed by SIGKILL while in use \(.*refused.*startup complete"):
+            server.metrics()
+    finally:
+        server.stop()
+
+
+def test_an_engine_core_dead_before_the_start_up_ended_fails_it_at_once(tmp_path: Path) -> None:
+    """vLLM's API server outlives its engine core, never serving: the start-up fails when the log says so, not at its
+    timeout (a shared test server held the suite 300 s so)."""
+    server = stand_in(tmp_path, serves=False)
+    (tmp_path / "log").write_text("(APIServer pid=1) WARNING [core_client.py:817] [shutdown] MPClient: engine core "
+                                  "exited unexpectedly; starting cleanup\n")
+    server._deadline = time.monotonic() + 60
+    began = time.monotonic()
+    with pytest.raises(ServerExited, match="engine core died while starting"):
+        server.wait_ready()
+    assert time.monotonic() - began < 30
+    assert server.proc is not None and server.proc.poll() is not None  # stopped, not left running

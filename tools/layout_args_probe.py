@@ -1,9 +1,9 @@
 """What a real `vllm serve` of the tiny test model does with vLLM options in a worker layout (`ServerSpec.worker`):
 ready or not within the timeout (a hang), exited (vLLM's or kvsched's refusal: its last log lines), and once ready its
 processes (a `VLLM::Worker` of its own means the worker ran apart) and one completion's answer. How
-`kvsched.serving.in_engine_conflict`'s choice of options was checked (BENCHMARKS.md, "Data parallelism with the worker
-in the engine core"). Start it under `flock /tmp/kv/heavy.lock` on a shared machine; `--stock` serves with stock
-vLLM's scheduler, else `--scheduler kvsched`. Each ARGS is one command line's options, quoted.
+`kvsched.serving_in_engine.in_engine_conflict`'s choice of options was checked (BENCHMARKS.md, "Data parallelism with
+the worker in the engine core"). Start it under `flock /tmp/kv/heavy.lock` on a shared machine; `--stock` serves with
+stock vLLM's scheduler, else `--scheduler kvsched`. Each ARGS is one command line's options, quoted.
 
     python tools/layout_args_probe.py [--stock] default|in_engine ARGS [ARGS ...]
 """

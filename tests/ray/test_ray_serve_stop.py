@@ -86,7 +86,8 @@ def start(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path, str, int]:
     config = tmp_path / "one.yaml"
     config.write_text(f"http: {{host: 127.0.0.1, port: {port}}}\nhealth_check_period_s: 2\npools:\n"
                       f"  - {{name: tiny, model: 'kvsched-tiny:test', models: [{mark}], device: cpu, num_cpus: 0, "
-                      f"replicas: 1, max_model_len: 512, block_size: 32, kv_cache_gib: 1, max_ongoing_requests: 4}}\n")
+                      f"replicas: 1, max_model_len: 512, block_size: 32, kv_cache_gib: 1, max_ongoing_requests: 4, "
+                      f"worker: in_engine}}\n")
     log = tmp_path / "ray-serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
     with open(log, "wb") as out:  # a session of its own: its process group is the terminal's foreground one

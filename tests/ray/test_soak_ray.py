@@ -27,7 +27,8 @@ def _tools() -> None:
 
 
 def deploy() -> dict[str, Any]:
-    """The app (not waited for) and the stock server (started: a thread of its own would race Ray's driver calls)."""
+    """The app and the stock server, neither waited for (the fixture waits: here, in the main thread, the stock
+    server's start-up held the session's next module's set-up, test_hostile_ingress', 77 s in a full run)."""
     import argparse
 
     from kvsched.adapters.ray.app import build_app
@@ -45,7 +46,7 @@ def deploy() -> dict[str, Any]:
     start_app(build_app(parse_config(raw)), APP, route_prefix=f"/{APP}")
     stock = VllmServer(ServerSpec(model=ensure_tiny_model("test"), scheduler=None, worker="in_engine",
                                   max_model_len=1024, extra_args=soak_ray.DETAILS))
-    stock.start()
+    stock.launch()
     return {"stock": stock}
 
 
@@ -62,6 +63,7 @@ def servers(serve_cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
     started: dict[str, Any] = {}
     try:
         started = early(sys.modules[__name__], "app")
+        started["stock"].wait_ready()
         wait_running(APP)
         yield {**started, "base": f"{serve_cluster['base']}/{APP}", "logs": serve_cluster["logs"]}
     finally:

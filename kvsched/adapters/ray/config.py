@@ -50,7 +50,7 @@ from kvsched.core.routing import RouterConfig, RoutingConfigError
 from kvsched.core.routing_autoscale import AutoscaleTargets
 from kvsched.core.routing_pools import PoolRouting, PoolRule
 from kvsched.core.shared_state import MAX_TTL_S
-from kvsched.serving import Worker, in_engine_conflict
+from kvsched.serving_in_engine import Worker, in_engine_conflict
 
 TINY_PREFIX = "kvsched-tiny:"
 
@@ -105,10 +105,10 @@ class EngineConfig(_Strict):
     @model_validator(mode="after")
     def _layout(self) -> EngineConfig:
         """`worker: in_engine` with vLLM arguments it cannot honour (more ranks, another executor) is refused here,
-        not left to hang every replica's start-up or be ignored (kvsched.serving.in_engine_conflict). A `--config FILE`
-        among them names a file on the replicas' machines: read here when it can be, else left to each replica, which
-        checks it before its engine starts (engine.replica_spec). Found by review: a file only the replicas' machines
-        held was refused here ("cannot read it"), so such a pool could not be deployed at all."""
+        not left to hang every replica's start-up or be ignored (kvsched.serving_in_engine.in_engine_conflict). A
+        `--config FILE` among them names a file on the replicas' machines: read here when it can be, else left to each
+        replica, which checks it before its engine starts (engine.replica_spec). Found by review: a file only the
+        replicas' machines held was refused here ("cannot read it"), so such a pool could not be deployed at all."""
         if self.worker == "in_engine" and (conflict := in_engine_conflict(self.vllm_args, file_elsewhere=True)):
             raise ValueError(f"vllm_args {conflict}")
         return self

@@ -1,6 +1,6 @@
-"""kvsched.serving.in_engine_conflict against vLLM's own `vllm serve` parser: worker "in_engine" is refused exactly
-when the options vLLM would take (a `--config FILE.yaml`'s among them, the command line winning) ask for more than one
-rank or for an executor other than `uni`."""
+"""kvsched.serving_in_engine.in_engine_conflict against vLLM's own `vllm serve` parser: worker "in_engine" is refused
+exactly when the options vLLM would take (a `--config FILE.yaml`'s among them, the command line winning) ask for more
+than one rank or for an executor other than `uni`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvsched.serving import in_engine_conflict
+from kvsched.serving_in_engine import in_engine_conflict
 
 CASES = [
     ("tensor-parallel-size: 2\n", []), ("tensor_parallel_size: 2\n", ["-tp", "1"]), ("pipeline-parallel: 2\n", []),
