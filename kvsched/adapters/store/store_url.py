@@ -202,6 +202,6 @@ def unredacted(url: str, env: str) -> str:
         raise StoreConfigError(f"{url!r} stands for a store URL with a password, which the engine takes from {env}; "
                                f"{env} {'names another store' if real else 'is not set'} in this process (a Ray "
                                f"worker on another node gets KVSCHED_* only through "
-                               f"VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY=KVSCHED_, which `vllm serve --scheduler kvsched` "
-                               f"sets on a Ray backend)")
+                               f"VLLM_RAY_EXTRA_ENV_VAR_PREFIXES_TO_COPY=KVSCHED_, which `vllm serve --scheduler "
+                               f"kvsched` sets on a Ray backend)")
     return real
