@@ -81,7 +81,8 @@ def _check_database(url: str, parts: SplitResult) -> None:
         raise StoreConfigError(f"the shared store URL {redacted(url)!r}: its path names the database, a number "
                                f"(redis://HOST:PORT/0), got {parts.path[:64]!r} (redis-py would read {read})")
     given = [v for k, v in parse_qsl(parts.query) if k == "db"][:1]  # redis-py's parse_qs: the first non-empty one
-    if name and given and given[0].strip().lstrip("+").isdigit() and int(given[0]) != int(name):
+    number = given[0].strip().lstrip("+") if given else ""  # (`²` is no number: redis-py's reading refuses it)
+    if name and number.isascii() and number.isdigit() and int(number) != int(name):
         raise StoreConfigError(f"the shared store URL {redacted(url)!r} names database {int(name)} in its path and "
                                f"{int(given[0])} in ?db=, which redis-py takes (it ignores the path): give one")
 

@@ -36,6 +36,7 @@ REFUSED = {  # URL -> what the refusal says
     "redis://cache.internal/%31?db=%32": "names database 1 in its path and 2 in ?db=",
     "redis://cache.internal/?db=-1": "db must be a database number >= 0",
     "redis://cache.internal/?db=%C2%B2": "Invalid value for 'db'",
+    "redis://cache.internal/1?db=%C2%B2": "Invalid value for 'db'",  # was int()'s ValueError (found by review71)
 }
 
 
