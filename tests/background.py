@@ -106,13 +106,18 @@ class Tree:
     def __init__(self, root: int, period_s: float = 0.5) -> None:
         import threading
 
-        self.root, self.period_s = root, period_s
+        self.root, self.period_s, self.started = root, period_s, _start_time(root)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sweep, name="background-tree", daemon=True)
         self._thread.start()
 
+    def _alive(self) -> bool:
+        """The root still runs (its number not handed to another process since: found by review71, a sweep outliving
+        the demo could lower a stranger's sessions)."""
+        return self.started is not None and _start_time(self.root) == self.started
+
     def _sweep(self) -> None:
-        while not self._done.is_set():
+        while not self._done.is_set() and self._alive():
             for pid in descendants(self.root):
                 if _leads_session(pid) and nice_of(pid) != NICE:
                     _set(pid, NICE)
@@ -122,9 +127,20 @@ class Tree:
         """Stops lowering; every session under the root at the tests' priority again."""
         self._done.set()
         self._thread.join()
+        if not self._alive():
+            return
         for pid in descendants(self.root):
             if _leads_session(pid):
                 _set(pid, 0)
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def _leads_session(pid: int) -> bool:
