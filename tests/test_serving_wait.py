@@ -126,9 +126,12 @@ def test_a_server_killed_while_in_use_is_named_with_its_signal_and_log(tmp_path:
 def test_an_engine_core_dead_before_the_start_up_ended_fails_it_at_once(tmp_path: Path) -> None:
     """vLLM's API server outlives its engine core, never serving: the start-up fails when the log says so, not at its
     timeout (a shared test server held the suite 300 s so)."""
-    server = stand_in(tmp_path, serves=False)
-    (tmp_path / "log").write_text("(APIServer pid=1) WARNING [core_client.py:817] [shutdown] MPClient: engine core "
-                                  "exited unexpectedly; starting cleanup\n")
+    server = VllmServer(ServerSpec(model=tmp_path), log_path=tmp_path / "log", startup_timeout_s=60.0)
+    line = "(APIServer pid=1) WARNING [core_client.py:817] [shutdown] MPClient: engine core exited unexpectedly\n"
+    # the line written once the stand-in takes SIGINT (run in the background, a suite starts with SIGINT ignored:
+    # stopped before its handler, it waited out stop()'s 30 s in a fresh clone's run)
+    code = SIGINT + f"open({str(tmp_path / 'log')!r}, 'a').write({line!r})\nimport time; time.sleep(60)\n"
+    server.proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     server._deadline = time.monotonic() + 60
     began = time.monotonic()
     with pytest.raises(ServerExited, match="engine core died while starting"):
