@@ -137,7 +137,13 @@ def check_pool_cpus(cfg: Any, num_cpus: float | None) -> None:
     --dry-run, then Ray Serve waited for the second replica's CPU for ever, `serve.run` never returning. Counted as
     Ray counts (in 1e-4 units, so 10 x 1.1 CPU fit in 11) and with the replicas Ray starts (review70: 10 x 1.1 read as
     11.000000000000002 and an autoscaling pool's `replicas` above its max_replicas counted in full were refused; its
-    `replicas` below min_replicas (0, say) counted as given, so too few CPUs passed)."""
+    `replicas` below min_replicas (0, say) counted as given, so too few CPUs passed). A pool's num_cpus or num_gpus
+    between 0 and Ray's 1e-4 unit is refused here, as Ray refuses it at deploy (review71: --dry-run passed it)."""
+    for p in cfg.pools:
+        for name, quantity in (("num_cpus", p.num_cpus), ("num_gpus", p.num_gpus)):
+            if quantity > 0 and int(quantity * RAY_RESOURCE_UNITS) == 0:
+                raise ValueError(f"pool {p.name}: {name} {quantity:g} is below Ray's smallest quantity, 0.0001 "
+                                 f"(Ray refuses it at deploy): use 0 or at least 0.0001")
     if num_cpus is None:
         return
     need = sum(round(p.num_cpus * RAY_RESOURCE_UNITS) * start_replicas(p) for p in cfg.pools)

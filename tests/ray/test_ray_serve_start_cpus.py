@@ -55,3 +55,20 @@ def test_start_replicas_is_what_the_deployment_asks(tmp_path: Path) -> None:
         opts = engine_options(pool, cfg)
         deployed = opts["num_replicas"] if "num_replicas" in opts else opts["autoscaling_config"].initial_replicas
         assert start_replicas(pool) == deployed, replicas
+
+
+@pytest.mark.parametrize(("example", "old", "new"), [
+    (EXAMPLE, "num_cpus: 0 ", "num_cpus: 0.00004 "),
+    (EXAMPLE.with_name("agents-gpu.yaml"), "num_gpus: 2", "num_gpus: 0.00009"),
+])
+def test_a_quantity_below_rays_smallest_is_refused_at_the_dry_run(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, example: Path, old: str,
+        new: str) -> None:
+    """Ray refuses a resource quantity between 0 and 0.0001 when it deploys (found by review71: --dry-run passed)."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = tmp_path / "pools.yaml"
+    assert old in (text := example.read_text())
+    config.write_text(text.replace(old, new, 1))
+    assert main(["ray-serve", str(config), "--dry-run"]) == 2
+    name, value = new.split(": ")
+    assert f"{name} {float(value):g} is below Ray's smallest quantity, 0.0001" in capsys.readouterr().err
